@@ -1,0 +1,3 @@
+from fleet_ingress.cli import main
+
+raise SystemExit(main())
