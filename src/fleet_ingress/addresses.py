@@ -1,0 +1,82 @@
+"""Parsing and formatting of `host:port` addresses (listeners, upstreams, fleet URLs)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+# One DNS label (letters, digits, hyphen; underscore too, since internal names use it).
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_FORMS = "write it as HOST:PORT or [IPv6]:PORT, e.g. 0.0.0.0:443 or [::]:443"
+
+
+def split_hostport(text: str) -> tuple[str, int | None]:
+    """Split `host[:port]` or `[v6][:port]`; the port is None when absent.
+
+    Raises ValueError with the bare problem (no advice), so callers can phrase the fix
+    in their own terms (a listener address, a fleet URL).
+    """
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("has '[' without a closing ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"has {rest!r} after the ']'")
+        port_text = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"has {host!r} in brackets, which is not an IPv6 address") from None
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            host, port_text = text, None
+        if ":" in host:
+            raise ValueError("is an IPv6 address without brackets")
+        _check_host(host)
+    return host, None if port_text is None else _port(port_text)
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("has an empty host")
+    labels = host.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels) or len(host) > 253:
+        raise ValueError(f"has {host!r}, which is not a host name or IPv4 address")
+    # All-numeric names are IPv4 addresses to every resolver, so they must be valid ones.
+    if all(label.isdigit() for label in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"has {host!r}, which is not a valid IPv4 address") from None
+
+
+def _port(text: str) -> int:
+    if not text:
+        raise ValueError("has ':' but no port after it")
+    # int() would also take "+80", " 80" and "8_0"; a port is plain ASCII digits.
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise ValueError(f"has port {text!r}; a port is a number from 1 to 65535")
+    return int(text)
+
+
+def parse_hostport(text: str, *, what: str) -> tuple[str, int]:
+    """Parse `host:port` or `[v6]:port` into (host without brackets, port).
+
+    Port 0 is accepted: it asks the OS for any free port (tests and the demo rely on it).
+    """
+    try:
+        host, port = split_hostport(text)
+    except ValueError as exc:
+        raise ValueError(f"{what} {text!r} {exc}; {_FORMS}") from None
+    if port is None:
+        raise ValueError(f"{what} {text!r} has no port; {_FORMS}")
+    return host, port
+
+
+def format_hostport(host: str, port: int | None) -> str:
+    """Inverse of split_hostport: brackets around IPv6 hosts, no port when None."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"

@@ -1,0 +1,114 @@
+"""`fleet-ingress check`: validate what `haproxy -c` never could, before a start or reload."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from fleet_ingress.config import ConfigError, IngressConfig, load_config
+from fleet_ingress.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from fleet_ingress.tls import (
+    TLSSetupError,
+    certificate_not_after,
+    fleet_ssl_context,
+    server_ssl_context,
+)
+
+WARNING = "warning: "  # lines with this prefix are reported but do not fail the check
+# certbot renews at 30 days left; two weeks left means renewal has been failing for weeks.
+EXPIRY_WARNING_DAYS = 14
+
+
+def check_configuration(path: Path) -> list[str]:
+    """Problems found in the configuration at `path`; lines starting with WARNING are not."""
+    return _check(path)[2]
+
+
+def run_check(path: Path, out: TextIO | None = None) -> int:
+    """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not."""
+    out = out or sys.stdout
+    config, fleets, lines = _check(path)
+    for line in lines:
+        print(line, file=out)
+    problems = [line for line in lines if not line.startswith(WARNING)]
+    if config is None or problems:
+        print(f"check failed: {len(problems)} problem(s)", file=out)
+        return 1
+    plural = "" if len(fleets) == 1 else "s"
+    print(f"OK: {len(fleets)} fleet{plural}, listening on {_listeners(config)}", file=out)
+    return 0
+
+
+def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]]:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return None, [], exc.problems
+    fleets: list[FleetSpec] = []
+    lines: list[str] = []
+    try:
+        fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    except FleetsFileError as exc:
+        lines.append(str(exc))
+    else:
+        if not fleets:
+            lines.append(
+                f"{config.fleets.file}: no fleets listed; "
+                "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N]"
+            )
+    lines += _check_certificate(config, str(path))
+    fleets_cfg = config.fleets
+    if fleets_cfg.ca_file is not None:
+        try:
+            fleet_ssl_context(verify=fleets_cfg.verify, ca_file=fleets_cfg.ca_file)
+        except TLSSetupError as exc:
+            lines.append(f"{path}: fleets.ca_file: {exc}")
+    if not fleets_cfg.verify:
+        lines.append(
+            f"{WARNING}{path}: fleets.verify = false: fleet certificates are not checked, "
+            "so anyone on the path to a fleet can read and alter calls; "
+            "prefer fleets.ca_file for a private CA"
+        )
+    return config, fleets, lines
+
+
+def _check_certificate(config: IngressConfig, source: str) -> list[str]:
+    problems = []
+    for name, file in (("tls.cert", config.tls.cert), ("tls.key", config.tls.key)):
+        if file is None:
+            problems.append(f"{source}: {name}: not set; the carrier listener needs it")
+        elif reason := _unreadable(file):
+            problems.append(f"{source}: {name}: cannot read {file}: {reason}")
+    cert, key = config.tls.cert, config.tls.key
+    if problems or cert is None or key is None:
+        return problems
+    try:
+        server_ssl_context(cert, key, config.tls.min_version)
+        days_left = (certificate_not_after(cert) - time.time()) / 86400
+    except TLSSetupError as exc:
+        return [f"{source}: tls.cert, tls.key: {exc}"]
+    if days_left < EXPIRY_WARNING_DAYS:
+        state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
+        return [f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?"]
+    return []
+
+
+def _unreadable(path: Path) -> str | None:
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _listeners(config: IngressConfig) -> str:
+    listen = config.listen
+    named = {
+        "wss": listen.wss,
+        "acme": listen.acme,
+        "stats": listen.stats,
+        "admin": listen.admin_socket,
+    }
+    return ", ".join(f"{name} {where}" for name, where in named.items() if where)

@@ -1,0 +1,377 @@
+"""Configuration: a TOML file, overridden by FLEET_INGRESS_<SECTION>__<KEY> variables.
+
+Every problem is reported at once, each as `<file>: <section.key>: <problem>`, so an
+operator fixes a broken file in one pass rather than one error per reload attempt.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings.exceptions import SettingsError
+
+from fleet_ingress.addresses import parse_hostport
+
+ENV_PREFIX = "FLEET_INGRESS_"
+RETRY_WORDS = ("conn-failure", "empty-response", "junk-response", "response-timeout")
+# sun_path holds 108 bytes including the terminating NUL.
+_MAX_UNIX_PATH = 107
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+class ConfigError(Exception):
+    """An unusable configuration; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _address(value: str) -> str:
+    parse_hostport(value, what="address")
+    return value
+
+
+def _optional_address(value: str) -> str:
+    return value and _address(value)
+
+
+Address = Annotated[str, AfterValidator(_address)]
+OptionalAddress = Annotated[str, AfterValidator(_optional_address)]  # "" disables
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenSection(_Section):
+    wss: str = "0.0.0.0:443"
+    acme: OptionalAddress = "0.0.0.0:80"
+    stats: OptionalAddress = "127.0.0.1:8404"
+    admin_socket: str = "/run/fleet-ingress/admin.sock"  # a Unix socket path; "" disables
+
+    @field_validator("wss")
+    @classmethod
+    def _wss_required(cls, value: str) -> str:
+        if not value:
+            raise ValueError(
+                "cannot be empty: the carrier listener is the ingress; "
+                "write HOST:PORT, e.g. 0.0.0.0:443"
+            )
+        return _address(value)
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> Self:
+        # Caught here, the clash names both keys; at bind time it is a bare EADDRINUSE.
+        seen: dict[int, tuple[str, str]] = {}
+        for key in ("wss", "acme", "stats"):
+            if not (value := getattr(self, key)):
+                continue
+            host, port = parse_hostport(value, what="address")
+            other = seen.setdefault(port, (key, host))
+            if port and other[0] != key and (host == other[1] or {host, other[1]} & _WILDCARDS):
+                raise ValueError(f"{key} and {other[0]} both use port {port}; give each its own")
+        return self
+
+
+class TLSSection(_Section):
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _floor(cls, value: Any) -> Any:
+        if value not in ("TLSv1.2", "TLSv1.3"):
+            raise ValueError(
+                f"{value!r} is not allowed: the floor is TLS 1.2; use 'TLSv1.2' or 'TLSv1.3'"
+            )
+        return value
+
+
+class RoutesSection(_Section):
+    proxy: list[str] = Field(default_factory=lambda: ["/ws/", "/exotel/"], min_length=1)
+    health: str = "/haproxy-health"
+
+    @field_validator("proxy")
+    @classmethod
+    def _prefixes(cls, value: list[str]) -> list[str]:
+        for prefix in value:
+            # The trailing "/" keeps "/ws/" from also catching "/wsfoo".
+            if not (prefix.startswith("/") and prefix.endswith("/")):
+                raise ValueError(f"{prefix!r} must start and end with '/', e.g. '/ws/'")
+        return value
+
+    @field_validator("health")
+    @classmethod
+    def _health_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/', e.g. '/haproxy-health'")
+        return value
+
+    @model_validator(mode="after")
+    def _health_not_proxied(self) -> Self:
+        for prefix in self.proxy:
+            if self.health.startswith(prefix):
+                raise ValueError(
+                    f"health {self.health!r} is under the proxied prefix {prefix!r}; "
+                    "the local probe would be sent to a fleet"
+                )
+        return self
+
+
+class FleetsSection(_Section):
+    file: Path = Path("fleets.txt")
+    maxconn: int = Field(16, ge=1)
+    verify: bool = True
+    ca_file: Path | None = None
+    health_path: str = "/health/fleet"
+    capacity_key: str = Field("fleet_available", min_length=1)
+    capacity_aware: bool = True
+    check_interval: Seconds = 1.0
+    check_timeout: Seconds = 1.0
+    fall: int = Field(2, ge=1)
+    rise: int = Field(2, ge=1)
+
+    @field_validator("health_path")
+    @classmethod
+    def _absolute_path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must start with '/', e.g. '/health/fleet'")
+        return value
+
+
+class RetrySection(_Section):
+    retries: int = Field(3, ge=0)
+    retry_on: list[str | int] = Field(
+        default_factory=lambda: ["conn-failure", "empty-response", "response-timeout"]
+    )
+
+    @field_validator("retry_on", mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value  # let the type check name the problem
+        seen: list[str | int] = []
+        for item in value:
+            norm = _retry_condition(item)
+            if norm not in seen:
+                seen.append(norm)
+        return seen
+
+    @property
+    def retry_conditions(self) -> frozenset[str]:
+        return frozenset(item for item in self.retry_on if isinstance(item, str))
+
+    @property
+    def retry_statuses(self) -> frozenset[int]:
+        return frozenset(item for item in self.retry_on if isinstance(item, int))
+
+
+def _retry_condition(item: Any) -> str | int:
+    if isinstance(item, str) and item.lower() in RETRY_WORDS:
+        return item.lower()
+    text = str(item)
+    # bool is an int subclass: `true` in the list is a mistake, not status 1.
+    if not isinstance(item, bool) and isinstance(item, int | str) and text.isdigit():
+        if 400 <= int(text) <= 599:
+            return int(text)
+    raise ValueError(
+        f"{item!r} is not a retry condition; use {', '.join(RETRY_WORDS)} "
+        "or an HTTP status from 400 to 599"
+    )
+
+
+class TimeoutsSection(_Section):
+    connect: Seconds = 3.0
+    response: Seconds = 5.0
+    request: Seconds = 10.0
+    queue: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0  # 0 = no queueing
+    tunnel: Seconds = 3600.0
+    drain: Seconds = 300.0
+
+
+class LimitsSection(_Section):
+    max_header_bytes: int = Field(16384, ge=1024)
+    max_queue: int = Field(256, ge=0)
+    max_connections: int = Field(10000, ge=1)
+
+
+class AcmeSection(_Section):
+    upstream: Address = "127.0.0.1:8888"
+    redirect_https: bool = True
+
+
+class LogSection(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access: bool = True
+
+
+@dataclass(frozen=True)
+class _Load:
+    toml_file: Path | None = None
+    base_dir: Path | None = None
+
+
+# pydantic-settings builds sources inside the constructor, with no argument to carry the
+# file or base directory of this one load, so they travel in a context variable.
+_DEFAULT_LOAD = _Load()
+_LOAD: ContextVar[_Load] = ContextVar("_LOAD", default=_DEFAULT_LOAD)
+
+
+class IngressConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid"
+    )
+
+    listen: ListenSection = Field(default_factory=ListenSection)
+    tls: TLSSection = Field(default_factory=TLSSection)
+    routes: RoutesSection = Field(default_factory=RoutesSection)
+    fleets: FleetsSection = Field(default_factory=FleetsSection)
+    retry: RetrySection = Field(default_factory=RetrySection)
+    timeouts: TimeoutsSection = Field(default_factory=TimeoutsSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    acme: AcmeSection = Field(default_factory=AcmeSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier wins: the environment overrides what the file (or caller's dict) says.
+        toml_file = _LOAD.get().toml_file
+        if toml_file is None:
+            return env_settings, init_settings
+        return env_settings, init_settings, TomlConfigSettingsSource(settings_cls, toml_file)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Self:
+        # Resolved once, so a reload after a chdir, or the admin client run from another
+        # directory, finds the same files and socket as the server.
+        base = (_LOAD.get().base_dir or Path.cwd()).absolute()
+        tls, fleets, listen = self.tls, self.fleets, self.listen
+        # Copies, not in-place edits: a section passed in by the caller stays untouched.
+        self.tls = tls.model_copy(
+            update={"cert": _absolute(tls.cert, base), "key": _absolute(tls.key, base)}
+        )
+        self.fleets = fleets.model_copy(
+            update={
+                "file": _absolute(fleets.file, base),
+                "ca_file": _absolute(fleets.ca_file, base),
+            }
+        )
+        if listen.admin_socket:
+            socket_path = str(_absolute(Path(listen.admin_socket), base))
+            if len(os.fsencode(socket_path)) > _MAX_UNIX_PATH:
+                raise ValueError(
+                    f"listen.admin_socket {socket_path} is longer than the {_MAX_UNIX_PATH} "
+                    "bytes a Unix socket path can have; choose a shorter path"
+                )
+            self.listen = listen.model_copy(update={"admin_socket": socket_path})
+        return self
+
+
+def _absolute(path: Path | None, base: Path) -> Path | None:
+    # No resolve(): certbot's live/ files are symlinks that renewal repoints, and
+    # following them now would pin the old certificate across reloads.
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def load_config(path: Path | None) -> IngressConfig:
+    """Load a TOML file (None: defaults) with environment overrides; raise ConfigError."""
+    if path is None:
+        return _build({}, _Load(), "configuration")
+    # TomlConfigSettingsSource silently skips a missing file; a typo'd -c must not mean defaults.
+    if not path.is_file():
+        raise ConfigError([f"{path}: cannot read the configuration file: no such file"])
+    return _build({}, _Load(toml_file=path, base_dir=path.parent), str(path))
+
+
+def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> IngressConfig:
+    """Build a config in code with the same validation, path resolution and env overrides."""
+    return _build(data, _Load(base_dir=base_dir), "configuration")
+
+
+def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
+    token = _LOAD.set(load)
+    try:
+        return IngressConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(error, source) for error in exc.errors()]) from None
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+        raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError([f"{source}: cannot read the configuration file: {reason}"]) from None
+    except SettingsError as exc:  # e.g. an environment variable that is not valid JSON
+        raise ConfigError([f"{source}: {exc}"]) from None
+    finally:
+        _LOAD.reset(token)
+
+
+def _describe(error: Any, source: str) -> str:
+    loc: tuple[str | int, ...] = error["loc"]
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if error["type"] == "extra_forbidden":
+        problem = f"unknown key '{dotted}'{_did_you_mean(loc)}"
+    else:
+        problem = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":  # our own messages already quote the value
+            problem += f" (got {error['input']!r})"
+    problem += _env_hint(loc)
+    return f"{source}: {dotted}: {problem}" if dotted else f"{source}: {problem}"
+
+
+def _did_you_mean(loc: tuple[str | int, ...]) -> str:
+    sections = {name: field.annotation for name, field in IngressConfig.model_fields.items()}
+    options: dict[str, str] = {}
+    if len(loc) == 1:
+        options = {name: name for name in sections}
+        # A key written above its [section] header lands at the top level.
+        for section, model in sections.items():
+            for key in model.model_fields:  # type: ignore[union-attr]
+                options.setdefault(key, f"{section}.{key}")
+    elif len(loc) == 2 and loc[0] in sections:
+        options = {key: key for key in sections[str(loc[0])].model_fields}  # type: ignore[union-attr]
+    match = difflib.get_close_matches(str(loc[-1]), options, n=1)
+    return f"; did you mean '{options[match[0]]}'?" if match else ""
+
+
+def _env_hint(loc: tuple[str | int, ...]) -> str:
+    set_names = {name.upper() for name in os.environ}
+    for depth in (2, 1):
+        name = ENV_PREFIX + "__".join(str(p) for p in loc[:depth]).upper()
+        if len(loc) >= depth and name in set_names:
+            return f" (from environment variable {name})"
+    return ""

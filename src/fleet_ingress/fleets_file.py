@@ -1,0 +1,149 @@
+"""The fleets file: one fleet a line, `URL [name=NAME] [maxconn=N]`, `#` starts a comment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fleet_ingress.addresses import format_hostport, split_hostport
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_URL_FORM = "write it as https://HOST[:PORT]"
+# A name is typed in admin commands and shown in metrics labels: no spaces, and no
+# leading '-' so it is never mistaken for a command-line option. The default name
+# (host[:port], v6 in brackets) must fit too.
+_NAME = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*")
+
+
+class FleetsFileError(ValueError):
+    """An unreadable fleets file or a bad line; the message says where, what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    url: str  # normalised: scheme://host_header, without the trailing "/"
+    name: str
+    scheme: str  # "http" | "https"
+    host: str  # no brackets; the TLS SNI and certificate name for https
+    port: int  # explicit, else 80/443
+    host_header: str  # host[:port] as sent in Host: port only if the URL has one
+    maxconn: int
+
+
+class _BadToken(Exception):
+    def __init__(self, token: str, problem: str) -> None:
+        self.token, self.problem = token, problem
+
+
+def parse_fleets_text(
+    text: str, *, default_maxconn: int, source: str = "fleets file"
+) -> list[FleetSpec]:
+    specs: list[FleetSpec] = []
+    name_lines: dict[str, int] = {}
+    endpoint_lines: dict[tuple[str, int], int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        tokens = line.split("#", 1)[0].split()
+        if not tokens:
+            continue
+        try:
+            spec, name_token = _parse_line(tokens, default_maxconn)
+            # The same host twice (even as https://x and https://x:443) would silently
+            # double its share of calls and its maxconn.
+            if (endpoint := (spec.host, spec.port)) in endpoint_lines:
+                first = endpoint_lines[endpoint]
+                raise _BadToken(tokens[0], f"is already listed on line {first}; list it once")
+            if spec.name in name_lines:
+                raise _BadToken(
+                    name_token,
+                    f"repeats the name of the fleet on line {name_lines[spec.name]}; "
+                    "give each fleet a unique name=NAME",
+                )
+        except _BadToken as bad:
+            raise FleetsFileError(f"{source} line {lineno}: {bad.token!r} {bad.problem}") from None
+        name_lines[spec.name] = endpoint_lines[endpoint] = lineno
+        specs.append(spec)
+    return specs
+
+
+def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str]:
+    """Return the fleet and the token its name came from (for duplicate-name errors)."""
+    url_token, *options = tokens
+    scheme, host, port, host_header = _parse_url(url_token)
+    name, name_token, maxconn = host_header, url_token, default_maxconn
+    given: set[str] = set()
+    for token in options:
+        key, eq, value = token.partition("=")
+        if not eq or key not in ("name", "maxconn"):
+            raise _BadToken(token, "is not an option; the options are name=NAME and maxconn=N")
+        if key in given:
+            raise _BadToken(token, f"gives {key}= a second time; give it once")
+        given.add(key)
+        if key == "name":
+            if not _NAME.fullmatch(value):
+                raise _BadToken(
+                    token, "is not a valid name; use letters, digits and . _ : - (e.g. name=fleet1)"
+                )
+            name, name_token = value, token
+        else:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
+                raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
+            maxconn = int(value)
+    url = f"{scheme}://{host_header}"
+    return FleetSpec(url, name, scheme, host, port, host_header, maxconn), name_token
+
+
+def _parse_url(token: str) -> tuple[str, str, int, str]:
+    try:
+        parts = urlsplit(token)
+    except ValueError:  # e.g. an unclosed '[' in the host
+        raise _BadToken(token, f"is not a valid URL; {_URL_FORM}") from None
+    if parts.scheme not in _DEFAULT_PORTS or not token.lower().startswith(parts.scheme + "://"):
+        raise _BadToken(token, f"is not an http:// or https:// URL; {_URL_FORM}")
+    if "@" in parts.netloc:
+        raise _BadToken(token, f"has a user name or password, which fleets never take; {_URL_FORM}")
+    # The carrier's path and query are forwarded as they are, so a fleet URL cannot add its own.
+    if parts.path not in ("", "/") or "?" in token:
+        raise _BadToken(
+            token, f"has a path or query; the carrier's path is forwarded as is, so {_URL_FORM}"
+        )
+    try:
+        host, port = split_hostport(parts.netloc)
+    except ValueError as exc:
+        raise _BadToken(token, f"{exc}; {_URL_FORM}") from None
+    if port == 0:
+        raise _BadToken(token, f"has port 0; {_URL_FORM} with PORT from 1 to 65535")
+    # Host names are case-insensitive; lower case keeps names, SNI and duplicates consistent.
+    host = host.lower()
+    return parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme], format_hostport(host, port)
+
+
+def load_fleets_file(path: Path, *, default_maxconn: int) -> list[FleetSpec]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise FleetsFileError(
+            f"{path}: cannot read the fleets file: {reason}; "
+            "create it with one fleet URL a line, or point fleets.file at it"
+        ) from None
+    return parse_fleets_text(text, default_maxconn=default_maxconn, source=str(path))
+
+
+def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | None = None) -> str:
+    """Render specs so that parse_fleets_text gives them back.
+
+    With default_maxconn, a fleet at the default gets no `maxconn=`, so it keeps following
+    `fleets.maxconn` when that changes later instead of being pinned to today's value.
+    """
+    lines = []
+    for spec in specs:
+        words = [spec.url]
+        if spec.name != spec.host_header:
+            words.append(f"name={spec.name}")
+        if spec.maxconn != default_maxconn:
+            words.append(f"maxconn={spec.maxconn}")
+        lines.append(" ".join(words))
+    return "".join(line + "\n" for line in lines)

@@ -1,0 +1,69 @@
+import pytest
+
+from fleet_ingress.addresses import format_hostport, parse_hostport, split_hostport
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:443", ("0.0.0.0", 443)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),  # any free port: tests and the demo bind this
+        ("localhost:8404", ("localhost", 8404)),
+        ("fleet_1.internal:65535", ("fleet_1.internal", 65535)),
+        ("[::1]:8404", ("::1", 8404)),
+        ("[::]:443", ("::", 443)),
+        ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+    ],
+)
+def test_parse_good(text: str, expected: tuple[str, int]) -> None:
+    assert parse_hostport(text, what="listen address") == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("0.0.0.0", "has no port"),
+        ("[::1]", "has no port"),
+        ("", "has an empty host"),
+        (":443", "has an empty host"),
+        ("host:", "no port after it"),
+        ("host:65536", "a port is a number from 1 to 65535"),
+        ("host:+80", "a port is a number"),
+        ("host: 80", "a port is a number"),
+        ("host:http", "a port is a number"),
+        ("::1:443", "IPv6 address without brackets"),
+        ("[::1:443", "without a closing ']'"),
+        ("[::1]443", "after the ']'"),
+        ("[nothex]:443", "not an IPv6 address"),
+        ("a..b:443", "not a host name"),
+        ("-host:443", "not a host name"),
+        ("bad host:443", "not a host name"),
+        ("1.2.3.999:443", "not a valid IPv4 address"),
+    ],
+)
+def test_parse_bad_names_what_text_and_fix(text: str, problem: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_hostport(text, what="stats address")
+    message = str(caught.value)
+    assert message.startswith(f"stats address {text!r} ")
+    assert problem in message
+    assert "write it as HOST:PORT or [IPv6]:PORT" in message
+
+
+def test_split_reports_absent_port_as_none() -> None:
+    assert split_hostport("fleet1.example.com") == ("fleet1.example.com", None)
+    assert split_hostport("[2001:db8::1]") == ("2001:db8::1", None)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "text"),
+    [
+        ("0.0.0.0", 443, "0.0.0.0:443"),
+        ("::1", 8404, "[::1]:8404"),
+        ("fleet1.example.com", None, "fleet1.example.com"),
+        ("2001:db8::1", None, "[2001:db8::1]"),
+    ],
+)
+def test_format_round_trips(host: str, port: int | None, text: str) -> None:
+    assert format_hostport(host, port) == text
+    assert split_hostport(text) == (host, port)

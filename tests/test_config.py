@@ -1,0 +1,275 @@
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_ingress.config import ConfigError, IngressConfig, config_from_dict, load_config
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("FLEET_INGRESS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "ingress.toml"
+    path.write_text(text)
+    return path
+
+
+def problems(data: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config_from_dict(data)
+    return caught.value.problems
+
+
+def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
+    assert load_config(None).model_dump() == {
+        "listen": {
+            "wss": "0.0.0.0:443",
+            "acme": "0.0.0.0:80",
+            "stats": "127.0.0.1:8404",
+            "admin_socket": "/run/fleet-ingress/admin.sock",
+        },
+        "tls": {"cert": None, "key": None, "min_version": "TLSv1.2"},
+        "routes": {"proxy": ["/ws/", "/exotel/"], "health": "/haproxy-health"},
+        "fleets": {
+            "file": tmp_path / "fleets.txt",
+            "maxconn": 16,
+            "verify": True,
+            "ca_file": None,
+            "health_path": "/health/fleet",
+            "capacity_key": "fleet_available",
+            "capacity_aware": True,
+            "check_interval": 1.0,
+            "check_timeout": 1.0,
+            "fall": 2,
+            "rise": 2,
+        },
+        "retry": {"retries": 3, "retry_on": ["conn-failure", "empty-response", "response-timeout"]},
+        "timeouts": {
+            "connect": 3.0,
+            "response": 5.0,
+            "request": 10.0,
+            "queue": 3.0,
+            "tunnel": 3600.0,
+            "drain": 300.0,
+        },
+        "limits": {"max_header_bytes": 16384, "max_queue": 256, "max_connections": 10000},
+        "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
+        "log": {"level": "info", "format": "json", "access": True},
+    }
+
+
+def test_toml_overrides_only_what_it_names(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[listen]\nstats = ""\n[fleets]\nmaxconn = 32\nverify = false\n'
+        '[timeouts]\nqueue = 0\n[log]\nformat = "text"\n',
+    )
+    config = load_config(path)
+    assert (config.listen.stats, config.listen.wss) == ("", "0.0.0.0:443")
+    assert (config.fleets.maxconn, config.fleets.verify, config.fleets.fall) == (32, False, 2)
+    assert (config.timeouts.queue, config.timeouts.connect) == (0, 3.0)
+    assert config.log.format == "text"
+
+
+def test_env_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[fleets]\nmaxconn = 8\nfall = 3\n")
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "32")
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__PROXY", '["/ws/"]')
+    config = load_config(path)
+    assert (config.fleets.maxconn, config.fleets.fall) == (32, 3)
+    assert config.routes.proxy == ["/ws/"]
+    assert config_from_dict({"fleets": {"maxconn": 8}}).fleets.maxconn == 32
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "0")
+    assert problems({}) == [
+        "configuration: fleets.maxconn: Input should be greater than or equal to 1 (got '0')"
+        " (from environment variable FLEET_INGRESS_FLEETS__MAXCONN)"
+    ]
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__PROXY", "/ws/")  # lists come as JSON
+    assert "routes" in "\n".join(problems({}))
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, "maxconn = 4\n[fleets]\nmaxcon = 32\n[fleet]\n[limits]\nfoo = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert sorted(caught.value.problems) == sorted(
+        [
+            f"{path}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?",
+            f"{path}: maxconn: unknown key 'maxconn'; did you mean 'fleets.maxconn'?",
+            f"{path}: fleet: unknown key 'fleet'; did you mean 'fleets'?",
+            f"{path}: limits.foo: unknown key 'limits.foo'",
+        ]
+    )
+
+
+def test_wrong_type_names_the_key_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, '[fleets]\nmaxconn = "lots"\n[log]\naccess = "maybe"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = caught.value.problems
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{path}: fleets.maxconn: Input should be a valid integer")
+    assert lines[0].endswith("(got 'lots')")
+    assert lines[1].startswith(f"{path}: log.access: Input should be a valid boolean")
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    path = write(tmp_path, "[fleets]\nmaxconn = \n")
+    with pytest.raises(ConfigError, match=r"TOML syntax error: .*\(at line 2, column 11\)"):
+        load_config(path)
+
+
+def test_missing_file_is_an_error_not_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.toml: cannot read the configuration file"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("version", ["TLSv1.1", "TLSv1", "SSLv3", "tls1.2"])
+def test_min_version_below_the_floor_is_refused(version: str) -> None:
+    assert problems({"tls": {"min_version": version}}) == [
+        f"configuration: tls.min_version: {version!r} is not allowed: the floor is TLS 1.2; "
+        "use 'TLSv1.2' or 'TLSv1.3'"
+    ]
+
+
+def test_min_version_tls13_is_accepted() -> None:
+    assert config_from_dict({"tls": {"min_version": "TLSv1.3"}}).tls.min_version == "TLSv1.3"
+
+
+def test_retry_on_is_normalised() -> None:
+    retry = config_from_dict(
+        {"retry": {"retry_on": ["Conn-Failure", "junk-response", "429", 503, 429]}}
+    ).retry
+    assert retry.retry_on == ["conn-failure", "junk-response", 429, 503]
+    assert retry.retry_conditions == frozenset({"conn-failure", "junk-response"})
+    assert retry.retry_statuses == frozenset({429, 503})
+    assert config_from_dict({}).retry.retry_statuses == frozenset()  # 429 passes through
+
+
+@pytest.mark.parametrize("item", ["retry-everything", "200", 399, 600, True, 4.5])
+def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
+    (line,) = problems({"retry": {"retry_on": ["conn-failure", item]}})
+    assert line.startswith(f"configuration: retry.retry_on: {item!r} is not a retry condition")
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("listen", "wss", ""),
+        ("listen", "wss", "0.0.0.0"),
+        ("listen", "acme", "[::1]80"),
+        ("listen", "stats", "localhost:99999"),
+        ("acme", "upstream", "127.0.0.1"),
+        ("routes", "proxy", ["/ws"]),
+        ("routes", "proxy", []),
+        ("routes", "health", "haproxy-health"),
+        ("fleets", "maxconn", 0),
+        ("fleets", "health_path", "health/fleet"),
+        ("fleets", "capacity_key", ""),
+        ("fleets", "check_interval", 0),
+        ("fleets", "check_timeout", -1),
+        ("fleets", "fall", 0),
+        ("fleets", "rise", 0),
+        ("retry", "retries", -1),
+        ("timeouts", "connect", 0),
+        ("timeouts", "tunnel", float("inf")),
+        ("timeouts", "queue", -1),
+        ("limits", "max_header_bytes", 1000),
+        ("limits", "max_queue", -1),
+        ("limits", "max_connections", 0),
+        ("log", "level", "verbose"),
+        ("log", "format", "xml"),
+    ],
+)
+def test_bad_value_is_named(section: str, key: str, value: object) -> None:
+    (line,) = problems({section: {key: value}})
+    assert line.startswith(f"configuration: {section}.{key}: ")
+
+
+@pytest.mark.parametrize(
+    ("section", "value"),
+    [
+        ("listen", {"acme": "", "stats": "", "admin_socket": ""}),  # optional listeners off
+        ("listen", {"wss": "[::]:8443", "stats": "127.0.0.1:0", "acme": "127.0.0.1:0"}),
+        ("timeouts", {"queue": 0}),  # no queueing
+        ("limits", {"max_queue": 0}),
+        ("retry", {"retries": 0, "retry_on": []}),
+    ],
+)
+def test_edge_values_are_accepted(section: str, value: dict[str, Any]) -> None:
+    config = config_from_dict({section: value})
+    assert getattr(config, section).model_dump().items() >= value.items()
+
+
+def test_listeners_on_one_port_clash() -> None:
+    assert problems({"listen": {"acme": "0.0.0.0:443"}}) == [
+        "configuration: listen: acme and wss both use port 443; give each its own"
+    ]
+    assert problems({"listen": {"wss": "127.0.0.1:8404"}}) == [
+        "configuration: listen: stats and wss both use port 8404; give each its own"
+    ]
+    config_from_dict({"listen": {"wss": "127.0.0.1:8443", "stats": "127.0.0.2:8443"}})
+
+
+def test_health_route_under_a_proxied_prefix_is_refused() -> None:
+    (line,) = problems({"routes": {"proxy": ["/"]}})
+    assert line.startswith("configuration: routes: health '/haproxy-health' is under")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    lines = problems({"fleets": {"maxconn": 0, "fall": 0}, "log": {"level": "loud"}})
+    assert [line.split(": ")[1] for line in lines] == ["fleets.maxconn", "fleets.fall", "log.level"]
+
+
+def test_relative_paths_resolve_against_the_config_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    path = conf_dir / "ingress.toml"
+    path.write_text(
+        '[tls]\ncert = "certs/fullchain.pem"\nkey = "/abs/privkey.pem"\n'
+        '[fleets]\nca_file = "ca.pem"\n[listen]\nadmin_socket = "admin.sock"\n'
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(path)
+    assert config.tls.cert == conf_dir / "certs/fullchain.pem"
+    assert config.tls.key == Path("/abs/privkey.pem")
+    assert config.fleets.file == conf_dir / "fleets.txt"
+    assert config.fleets.ca_file == conf_dir / "ca.pem"
+    assert config.listen.admin_socket == str(conf_dir / "admin.sock")
+
+    built = config_from_dict({"fleets": {"file": "f.txt"}}, base_dir=conf_dir)
+    assert built.fleets.file == conf_dir / "f.txt"
+    assert config_from_dict({}).fleets.file == elsewhere / "fleets.txt"
+
+
+def test_certbot_symlinks_are_not_followed(tmp_path: Path) -> None:
+    # Following live/ -> archive/ now would pin the old certificate after renewal.
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "cert1.pem").write_text("")
+    (tmp_path / "live").mkdir()
+    (tmp_path / "live" / "cert.pem").symlink_to(tmp_path / "archive" / "cert1.pem")
+    config = config_from_dict({"tls": {"cert": "live/cert.pem"}}, base_dir=tmp_path)
+    assert config.tls.cert == tmp_path / "live" / "cert.pem"
+
+
+def test_admin_socket_path_must_fit_a_unix_socket() -> None:
+    (line,) = problems({"listen": {"admin_socket": "/run/" + "x" * 120}})
+    assert "listen.admin_socket" in line and "107 bytes" in line
+
+
+def test_direct_construction_resolves_paths_too(tmp_path: Path) -> None:
+    assert IngressConfig(fleets={"file": "f.txt"}).fleets.file == tmp_path / "f.txt"

@@ -1,0 +1,182 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from fleet_ingress.fleets_file import (
+    FleetsFileError,
+    FleetSpec,
+    format_fleets_text,
+    load_fleets_file,
+    parse_fleets_text,
+)
+
+
+def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
+    return parse_fleets_text(text, default_maxconn=default_maxconn, source="fleets.txt")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (
+            "https://fleet1.example.com",
+            FleetSpec(
+                url="https://fleet1.example.com",
+                name="fleet1.example.com",
+                scheme="https",
+                host="fleet1.example.com",
+                port=443,
+                host_header="fleet1.example.com",
+                maxconn=16,
+            ),
+        ),
+        (
+            "http://10.0.0.5:8080/ name=lan maxconn=32",
+            FleetSpec("http://10.0.0.5:8080", "lan", "http", "10.0.0.5", 8080, "10.0.0.5:8080", 32),
+        ),
+        (
+            "http://fleet3",
+            FleetSpec("http://fleet3", "fleet3", "http", "fleet3", 80, "fleet3", 16),
+        ),
+        (
+            # The Host header carries the port only when the URL names one.
+            "https://fleet2.example.com:443",
+            FleetSpec(
+                "https://fleet2.example.com:443",
+                "fleet2.example.com:443",
+                "https",
+                "fleet2.example.com",
+                443,
+                "fleet2.example.com:443",
+                16,
+            ),
+        ),
+        (
+            "https://[2001:db8::1]:8443 maxconn=4",
+            FleetSpec(
+                "https://[2001:db8::1]:8443",
+                "[2001:db8::1]:8443",
+                "https",
+                "2001:db8::1",
+                8443,
+                "[2001:db8::1]:8443",
+                4,
+            ),
+        ),
+        (
+            "  HTTPS://Fleet4.Example.COM/   name=f4   # scaled to 32 workers maxconn=1",
+            FleetSpec(
+                "https://fleet4.example.com",
+                "f4",
+                "https",
+                "fleet4.example.com",
+                443,
+                "fleet4.example.com",
+                16,
+            ),
+        ),
+    ],
+)
+def test_good_line(line: str, expected: FleetSpec) -> None:
+    assert parse(line) == [expected]
+
+
+def test_comments_and_blank_lines_are_skipped_but_counted() -> None:
+    text = "# fleets\n\nhttps://a.example.com  # first\n   \n# https://commented.example.com\nftp://b\n"
+    with pytest.raises(FleetsFileError, match=r"^fleets\.txt line 6: 'ftp://b' "):
+        parse(text)
+    assert [spec.name for spec in parse(text.replace("ftp://b", ""))] == ["a.example.com"]
+
+
+def test_default_maxconn_applies_to_fleets_without_their_own() -> None:
+    specs = parse("https://a.example.com\nhttps://b.example.com maxconn=8\n", default_maxconn=32)
+    assert [spec.maxconn for spec in specs] == [32, 8]
+
+
+def test_empty_text_has_no_fleets() -> None:
+    assert parse("# nothing yet\n\n") == []
+
+
+def test_message_names_source_line_token_and_fix() -> None:
+    with pytest.raises(FleetsFileError) as caught:
+        parse("https://a.example.com\n\nftp://x\n")
+    assert str(caught.value) == (
+        "fleets.txt line 3: 'ftp://x' is not an http:// or https:// URL; "
+        "write it as https://HOST[:PORT]"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "token", "problem"),
+    [
+        ("ftp://x", "ftp://x", "is not an http:// or https:// URL"),
+        ("fleet1.example.com", "fleet1.example.com", "is not an http:// or https:// URL"),
+        ("https:fleet1.example.com", "https:fleet1.example.com", "is not an http:// or https://"),
+        ("https://", "https://", "has an empty host"),
+        ("https://:8443", "https://:8443", "has an empty host"),
+        ("https://user:pw@fleet", "https://user:pw@fleet", "user name or password"),
+        ("https://fleet/ws/", "https://fleet/ws/", "has a path or query"),
+        ("https://fleet/?x=1", "https://fleet/?x=1", "has a path or query"),
+        ("https://fleet:0", "https://fleet:0", "has port 0"),
+        ("https://fleet:70000", "https://fleet:70000", "a port is a number from 1 to 65535"),
+        ("https://fleet:https", "https://fleet:https", "a port is a number"),
+        ("https://[::1", "https://[::1", "is not a valid URL"),
+        ("https://bad_host!", "https://bad_host!", "not a host name"),
+        ("https://fleet fast", "fast", "is not an option; the options are name=NAME and maxconn=N"),
+        ("https://fleet mxconn=3", "mxconn=3", "is not an option"),
+        (
+            "https://fleet maxconn=0",
+            "maxconn=0",
+            "is not a valid maxconn; write maxconn=N with N >= 1",
+        ),
+        ("https://fleet maxconn=lots", "maxconn=lots", "is not a valid maxconn"),
+        ("https://fleet maxconn=-1", "maxconn=-1", "is not a valid maxconn"),
+        ("https://fleet name=", "name=", "is not a valid name"),
+        ("https://fleet name=-x", "name=-x", "is not a valid name"),
+        ("https://fleet name=a name=b", "name=b", "gives name= a second time"),
+        ("https://a name=x\nhttps://b name=x", "name=x", "repeats the name of the fleet on line 1"),
+        ("https://a\nhttps://b name=a", "name=a", "repeats the name of the fleet on line 1"),
+        ("https://a\nhttp://b\nhttps://a/", "https://a/", "is already listed on line 1"),
+        ("https://a\nhttps://a:443 name=a2", "https://a:443", "is already listed on line 1"),
+    ],
+)
+def test_bad_line(text: str, token: str, problem: str) -> None:
+    with pytest.raises(FleetsFileError) as caught:
+        parse(text)
+    message = str(caught.value)
+    lineno = text.count("\n") + 1  # every case has its error on its last line
+    assert message.startswith(f"fleets.txt line {lineno}: {token!r} ")
+    assert problem in message
+
+
+def test_format_round_trips_and_omits_defaults() -> None:
+    text = (
+        "https://fleet1.example.com\n"
+        "https://fleet2.example.com name=fleet2\n"
+        "http://[2001:db8::1]:8080 name=lab maxconn=32\n"
+    )
+    specs = parse(text)
+    assert format_fleets_text(specs, default_maxconn=16) == text
+    assert parse(format_fleets_text(specs)) == specs
+    # Without a default every maxconn is written, so the file alone says what each gets.
+    assert format_fleets_text(specs[:1]) == "https://fleet1.example.com maxconn=16\n"
+
+
+def test_load_reads_the_file_and_names_it_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / "fleets.txt"
+    path.write_text("https://fleet1.example.com\n")
+    assert [spec.name for spec in load_fleets_file(path, default_maxconn=16)] == [
+        "fleet1.example.com"
+    ]
+    path.write_text("https://fleet1.example.com bogus\n")
+    with pytest.raises(FleetsFileError, match=f"^{re.escape(str(path))} line 1: 'bogus' "):
+        load_fleets_file(path, default_maxconn=16)
+
+
+def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(
+        FleetsFileError, match=f"^{re.escape(str(missing))}: cannot read the fleets file: No such"
+    ):
+        load_fleets_file(missing, default_maxconn=16)
