@@ -1,0 +1,122 @@
+"""Which fleet gets the next call: leastconn over eligible fleets. No I/O.
+
+A fleet is eligible when its health is UP, its admin state READY, its active
+calls below maxconn and, when capacity-aware, its estimated free workers
+above 0. `Balancer.pick()` says which fleet, or why none: NO_FLEET_UP
+(answer 503 at once) or NO_CAPACITY (the call may queue).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+
+from .fleets_file import FleetSpec
+
+
+class Health(enum.Enum):
+    INIT = "INIT"  # not probed yet
+    UP = "UP"
+    DOWN = "DOWN"
+
+
+class Admin(enum.Enum):
+    READY = "READY"
+    DRAIN = "DRAIN"  # no new calls, probes go on, calls kept
+    MAINT = "MAINT"  # no new calls, no probes, calls kept
+
+
+class Verdict(enum.Enum):
+    PICKED = "picked"
+    NO_FLEET_UP = "no_fleet_up"
+    NO_CAPACITY = "no_capacity"
+
+
+@dataclass(slots=True)
+class FleetState:
+    spec: FleetSpec
+    health: Health = Health.UP
+    admin: Admin = Admin.READY
+    active: int = 0  # calls (and call attempts) this ingress has open there
+    opened_total: int = 0
+    # Capacity the fleet last reported, and `opened_total` when that probe was
+    # sent: calls opened since then are not in the fleet's number yet.
+    reported_available: int | None = None
+    opened_at_probe: int = 0
+    capacity_aware: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def maxconn(self) -> int:
+        return self.spec.maxconn
+
+    @property
+    def estimated_available(self) -> int | None:
+        if self.reported_available is None:
+            return None
+        return self.reported_available - (self.opened_total - self.opened_at_probe)
+
+    @property
+    def full(self) -> bool:
+        """The fleet's own word says no worker is free (SPEC 4: FULL)."""
+        estimate = self.estimated_available
+        return self.capacity_aware and estimate is not None and estimate <= 0
+
+    @property
+    def up(self) -> bool:
+        return self.health is Health.UP and self.admin is Admin.READY
+
+    @property
+    def has_room(self) -> bool:
+        return self.active < self.maxconn and not self.full
+
+
+@dataclass(slots=True)
+class Pick:
+    verdict: Verdict
+    fleet: FleetState | None = None
+
+
+@dataclass
+class Balancer:
+    fleets: list[FleetState] = field(default_factory=list)
+    _next: int = 0  # round-robin cursor for ties
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[FleetSpec], *, capacity_aware: bool = True) -> Balancer:
+        return cls([FleetState(spec, capacity_aware=capacity_aware) for spec in specs])
+
+    def get(self, name: str) -> FleetState | None:
+        return next((f for f in self.fleets if f.name == name), None)
+
+    def pick(self, avoid: Collection[str] = ()) -> Pick:
+        """The eligible fleet with the fewest active calls, preferring fleets
+        not in `avoid` (already tried for this call); ties go round-robin."""
+        up = [f for f in self.fleets if f.up]
+        if not up:
+            return Pick(Verdict.NO_FLEET_UP)
+        eligible = [f for f in up if f.has_room]
+        if not eligible:
+            return Pick(Verdict.NO_CAPACITY)
+        fresh = [f for f in eligible if f.name not in avoid]
+        candidates = fresh or eligible
+        least = min(f.active for f in candidates)
+        tied = [f for f in candidates if f.active == least]
+        n = len(self.fleets)
+        position = {id(f): i for i, f in enumerate(self.fleets)}
+        chosen = min(tied, key=lambda f: (position[id(f)] - self._next) % n)
+        self._next = (position[id(chosen)] + 1) % n
+        return Pick(Verdict.PICKED, chosen)
+
+    def open(self, fleet: FleetState) -> None:
+        fleet.active += 1
+        fleet.opened_total += 1
+
+    def close(self, fleet: FleetState) -> None:
+        if fleet.active <= 0:
+            raise RuntimeError(f"fleet {fleet.name}: close() without a matching open()")
+        fleet.active -= 1

@@ -1,0 +1,117 @@
+"""The registry of live carrier connections and calls.
+
+It is the one source that stats, metrics, admin commands, drain and shutdown
+read: nothing about a live call is counted twice elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .balancer import FleetState
+    from .proxy import CarrierProtocol, FleetProtocol
+
+
+class EndReason(enum.Enum):
+    CARRIER_CLOSED = "carrier closed"
+    FLEET_CLOSED = "fleet closed"
+    TIMEOUT = "timeout"  # tunnel idle past timeouts.tunnel
+    DRAIN = "drain"  # shutdown drain time ran out
+    REMOVED = "removed"  # fleet removed with --force
+    REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
+    ERROR = "error"
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Call:
+    """One carrier request on a call route, from its head to its end."""
+
+    carrier: CarrierProtocol
+    client_ip: str
+    route: str  # the call prefix, e.g. "/ws/"
+    bot_id: str
+    id: int = field(default_factory=lambda: next(_ids))
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    fleet: FleetState | None = None  # holds a slot there while set
+    fleet_side: FleetProtocol | None = None
+    attempts: int = 0
+    status: int | None = None  # what the carrier was answered
+    handshake_ms: float | None = None  # head received -> 101 relayed
+    tunnel_since: float | None = None
+    end_reason: EndReason | None = None
+    hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
+
+    @property
+    def in_tunnel(self) -> bool:
+        return self.tunnel_since is not None and self.end_reason is None
+
+    @property
+    def bytes_from_carrier(self) -> int:
+        return self.carrier.bytes_received
+
+    @property
+    def bytes_to_carrier(self) -> int:
+        return self.fleet_side.bytes_received if self.fleet_side else 0
+
+    def access_record(self) -> dict[str, Any]:
+        return {
+            "call_id": self.id,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "client_ip": self.client_ip,
+            "route": self.route,
+            "bot_id": self.bot_id,
+            "fleet": self.fleet.name if self.fleet else None,
+            "status": self.status,
+            "attempts": self.attempts,
+            "handshake_ms": None if self.handshake_ms is None else round(self.handshake_ms, 1),
+            "duration_s": round(time.monotonic() - self.started_mono, 3),
+            "bytes_from_carrier": self.bytes_from_carrier,
+            "bytes_to_carrier": self.bytes_to_carrier,
+            "end_reason": self.end_reason.value if self.end_reason else None,
+        }
+
+
+@dataclass
+class Registry:
+    connections: set[CarrierProtocol] = field(default_factory=set)
+    calls: set[Call] = field(default_factory=set)
+    _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add_call(self, call: Call) -> None:
+        self.calls.add(call)
+        self._no_calls.clear()
+
+    def remove_call(self, call: Call) -> bool:
+        """Take a call out; False when it was already out."""
+        if call not in self.calls:
+            return False
+        self.calls.discard(call)
+        if not self.calls:
+            self._no_calls.set()
+        return True
+
+    async def wait_no_calls(self) -> None:
+        if self.calls:
+            await self._no_calls.wait()
+
+    def tunnels(self) -> list[Call]:
+        return [c for c in self.calls if c.in_tunnel]
+
+    def calls_on(self, fleet_name: str) -> list[Call]:
+        return [c for c in self.calls if c.fleet is not None and c.fleet.name == fleet_name]
+
+    def buffered_bytes(self) -> int:
+        """Bytes the ingress holds for all connections (flow-control bound)."""
+        carriers = sum(conn.buffered_bytes() for conn in self.connections)
+        fleets = sum(c.fleet_side.buffered_bytes() for c in self.calls if c.fleet_side)
+        return carriers + fleets

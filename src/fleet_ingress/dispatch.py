@@ -1,0 +1,130 @@
+"""Hands each call a fleet slot, queueing FIFO while fleets are up but full.
+
+The thin asyncio layer around `Balancer`: a slot is taken with `acquire()` and
+given back with `release()`. A waiter woken from the queue is handed a slot
+already taken for it, so nobody arriving later can steal it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .balancer import Balancer, FleetState, Verdict
+
+
+class NoFleetAvailable(Exception):
+    """Answer 503: `reason` says why (no fleet up, queue full, queue timeout)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[FleetState]
+    avoid: Collection[str]
+
+
+class Lease:
+    """A slot taken on a fleet for one call attempt; `release()` is idempotent."""
+
+    __slots__ = ("_dispatcher", "fleet")
+
+    def __init__(self, dispatcher: Dispatcher, fleet: FleetState) -> None:
+        self.fleet = fleet
+        self._dispatcher: Dispatcher | None = dispatcher
+
+    @property
+    def held(self) -> bool:
+        return self._dispatcher is not None
+
+    def release(self) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            dispatcher.release(self.fleet)
+
+
+class Dispatcher:
+    def __init__(self, balancer: Balancer, *, queue_timeout: float, max_queue: int) -> None:
+        self.balancer = balancer
+        self.queue_timeout = queue_timeout
+        self.max_queue = max_queue
+        self._queue: deque[_Waiter] = deque()
+        self.queue_timeouts = 0  # count, for metrics
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    async def lease(self, avoid: Collection[str] = ()) -> Lease:
+        """A slot on the best fleet for this call, or `NoFleetAvailable`."""
+        return Lease(self, await self.acquire(avoid))
+
+    async def acquire(self, avoid: Collection[str] = ()) -> FleetState:
+        """A fleet with a slot taken for this call, or `NoFleetAvailable`."""
+        if not self._queue:  # FIFO: nobody overtakes a waiting call
+            pick = self.balancer.pick(avoid)
+            if pick.fleet is not None:
+                self.balancer.open(pick.fleet)
+                return pick.fleet
+            if pick.verdict is Verdict.NO_FLEET_UP:
+                raise NoFleetAvailable("no fleet is up")
+        elif not any(f.up for f in self.balancer.fleets):
+            raise NoFleetAvailable("no fleet is up")
+        if self.queue_timeout <= 0:
+            raise NoFleetAvailable("every fleet is at capacity and queueing is off")
+        if len(self._queue) >= self.max_queue:
+            raise NoFleetAvailable("every fleet is at capacity and the queue is full")
+        return await self._wait(avoid)
+
+    async def _wait(self, avoid: Collection[str]) -> FleetState:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), avoid)
+        self._queue.append(waiter)
+        timer = loop.call_later(self.queue_timeout, self._expire, waiter)
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            # Cancelled (the carrier left) after a slot was handed over: give it back.
+            fut = waiter.future
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self.release(fut.result())
+            raise
+        finally:
+            timer.cancel()
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            self.queue_timeouts += 1
+            waiter.future.set_exception(
+                NoFleetAvailable(f"no fleet had room within {self.queue_timeout:g}s in the queue")
+            )
+
+    def release(self, fleet: FleetState) -> None:
+        self.balancer.close(fleet)
+        self.wake()
+
+    def wake(self) -> None:
+        """Hand freed slots to waiters in order. Call whenever room may have
+        appeared (a call ended, a probe reported capacity, a fleet came up)."""
+        while self._queue:
+            waiter = self._queue[0]
+            if waiter.future.done():
+                self._queue.popleft()
+                continue
+            pick = self.balancer.pick(waiter.avoid)
+            if pick.verdict is Verdict.NO_FLEET_UP:
+                self._queue.popleft()
+                waiter.future.set_exception(NoFleetAvailable("no fleet is up"))
+                continue
+            if pick.fleet is None:
+                return
+            self._queue.popleft()
+            self.balancer.open(pick.fleet)
+            waiter.future.set_result(pick.fleet)

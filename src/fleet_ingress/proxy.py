@@ -1,0 +1,538 @@
+"""The asyncio layer of a call: one Protocol per side, linked as peers.
+
+A carrier connection reads one request head (`RequestHeadReader`), takes a
+route (`Router`), and for a call gets a fleet slot (`Dispatcher`), sends the
+rebuilt head (`FleetExchange`) and reads the answer, retrying per
+`RetryPolicy`. On 101 the two protocols are linked: from then on each
+`data_received` writes straight to the peer transport, nothing more. When a
+side's write buffer passes its high-water mark, the other side stops being
+read until it drains, so a call holds a bounded number of bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .calls import Call, EndReason, Registry
+from .dispatch import Dispatcher, Lease, NoFleetAvailable
+from .fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
+from .forwarding import fleet_request_headers
+from .logs import fields
+from .request_head import RequestHead, RequestHeadReader, RequestRefused
+from .responses import local_response
+from .retry import GIVE_UP_ANSWER, Failure, RetryPolicy
+from .routing import RouteKind, Router
+
+log = logging.getLogger("fleet_ingress.proxy")
+access_log = logging.getLogger("fleet_ingress.access")
+
+# A side stops reading its peer when its own write buffer passes this.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+# Bytes a side may send before the other side is linked (a carrier's first
+# frames before the fleet's 101, a fleet's first frames before we relay it).
+MAX_EARLY_BYTES = 64 * 1024
+# The most a transport delivers in one read (uvloop and asyncio's SSL layer
+# read 256 KiB at most); one read may land on a buffer just under the mark.
+MAX_READ_CHUNK = 256 * 1024
+# What one call can hold, both directions together: the bound flow control keeps.
+MAX_BUFFERED_PER_CALL = 2 * (WRITE_HIGH_WATER + MAX_READ_CHUNK) + 2 * MAX_EARLY_BYTES
+# A WebSocket close frame (FIN + opcode 8) fits in 131 bytes (125 payload,
+# 2 header, 4 mask). Seeing one alone in a read tells who hung up: in a normal
+# close the fleet (the server) ends TCP first whoever asked, so TCP alone
+# would blame the fleet for every carrier hang-up.
+_CLOSE_FRAME_FIRST_BYTE = 0x88
+_MAX_CLOSE_FRAME = 131
+# A closing transport may wait this long for its peer to take pending bytes.
+CLOSE_FLUSH_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ProxyContext:
+    """What a connection needs to serve; swapped as a whole on reload."""
+
+    router: Router
+    dispatcher: Dispatcher
+    registry: Registry
+    retry: RetryPolicy
+    fleet_ssl: ssl.SSLContext
+    connect_timeout: float
+    response_timeout: float
+    request_timeout: float
+    tunnel_timeout: float
+    max_head_bytes: int
+    max_connections: int
+    access_log: bool = True
+
+
+class _Side(asyncio.Protocol):
+    """What both sides share: the link to the peer and flow control."""
+
+    transport: asyncio.Transport | None = None
+    # The peer's transport once linked: the hot path writes straight to it.
+    peer: asyncio.Transport | None = None
+    peer_side: _Side | None = None
+    bytes_received = 0
+    lost = False
+    _reading_paused = False
+    _abort_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports duck-type asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
+    # Flow control: my write buffer is full, so stop reading what fills it.
+    def pause_writing(self) -> None:
+        if self.peer_side is not None:
+            self.peer_side.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer_side is not None:
+            self.peer_side.resume_reading()
+
+    def pause_reading(self) -> None:
+        t = self.transport
+        if not self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        t = self.transport
+        if self._reading_paused and t is not None and not t.is_closing():
+            self._reading_paused = False
+            t.resume_reading()
+
+    def close(self) -> None:
+        """Close after pending bytes are flushed (TLS cannot half-close), but
+        never wait longer than CLOSE_FLUSH_TIMEOUT on a peer that does not read."""
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return
+        t.close()
+        if t.get_write_buffer_size():
+            self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+
+    def buffered_bytes(self) -> int:
+        t = self.transport
+        return 0 if t is None or self.lost else t.get_write_buffer_size()
+
+
+class CarrierState(enum.Enum):
+    HEAD = "head"  # reading the request head
+    CONNECTING = "connecting"  # finding a fleet; carrier not read meanwhile
+    TUNNEL = "tunnel"
+    ANSWERING = "answering"  # a local answer or a fleet's non-101 being sent
+
+
+class CarrierProtocol(_Side):
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.state = CarrierState.HEAD
+        self.client_ip = ""
+        self.call: Call | None = None
+        self._reader = RequestHeadReader(ctx.max_head_bytes)
+        self._early = bytearray()
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._setup: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peername = transport.get_extra_info("peername")
+        self.client_ip = peername[0] if peername else "unknown"
+        registry = self.ctx.registry
+        registry.connections.add(self)
+        if len(registry.connections) > self.ctx.max_connections:
+            self.answer(503, "the ingress is at its connection limit; retry shortly")
+            return
+        self._head_timer = asyncio.get_running_loop().call_later(
+            self.ctx.request_timeout, self._head_timed_out
+        )
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:  # the hot path
+            self.bytes_received += len(data)
+            peer.write(data)
+            if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+                _note_close_frame(self.call, EndReason.CARRIER_CLOSED)
+            return
+        if self.state is CarrierState.HEAD:
+            self._on_head_bytes(data)
+        elif self.state is CarrierState.CONNECTING:
+            self._early += data
+            if len(self._early) > MAX_EARLY_BYTES:
+                self._abandon_setup()
+                self.answer(400, "too many bytes sent before the WebSocket upgrade completed")
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; the fleet side follows in connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.ctx.registry.connections.discard(self)
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        call = self.call
+        if call is None:
+            return
+        if call.end_reason is None:
+            call.end_reason = call.hung_up_by or (
+                EndReason.CARRIER_CLOSED if exc is None else EndReason.ERROR
+            )
+        self._abandon_setup()
+        fleet_side = call.fleet_side
+        if fleet_side is not None:
+            fleet_side.close()
+        _finish_if_done(self.ctx, call)
+
+    def _head_timed_out(self) -> None:
+        if self.state is CarrierState.HEAD:
+            self.answer(408, "request head not received in time")
+
+    def _on_head_bytes(self, data: bytes) -> None:
+        try:
+            head = self._reader.feed(data)
+        except RequestRefused as refused:
+            self.answer(refused.status, refused.reason)
+            return
+        if head is None:
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        route = self.ctx.router.route(head.path.decode("latin-1"))
+        if route.kind is RouteKind.HEALTH:
+            if head.method in (b"GET", b"HEAD"):
+                self.answer(200, "ok", head_only=head.method == b"HEAD")
+            else:
+                self.answer(405, "the health route answers GET and HEAD")
+        elif route.kind is RouteKind.NOT_FOUND:
+            self.answer(404, "no such route on this ingress")
+        elif not head.is_websocket_upgrade:
+            self.answer(400, "a call route accepts only a GET WebSocket upgrade")
+        else:
+            self.state = CarrierState.CONNECTING
+            self.pause_reading()
+            self._early += head.trailing
+            call = Call(self, self.client_ip, route.prefix, route.bot_id)
+            self.call = call
+            self.ctx.registry.add_call(call)
+            self._setup = asyncio.get_running_loop().create_task(
+                _connect_call(self.ctx, call, head)
+            )
+
+    def _abandon_setup(self) -> None:
+        setup, self._setup = self._setup, None
+        if setup is not None and not setup.done():
+            setup.cancel()
+
+    def answer(self, status: int, text: str, *, head_only: bool = False) -> None:
+        """Answer locally and close (every local answer ends the connection)."""
+        self.state = CarrierState.ANSWERING
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if self.call is not None:
+            self.call.status = status
+            self.call.end_reason = EndReason.REFUSED
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(local_response(status, text, head_only=head_only))
+        self.close()
+
+    def take_early_bytes(self) -> bytes:
+        early = bytes(self._early)
+        self._early.clear()
+        return early
+
+    def buffered_bytes(self) -> int:
+        return super().buffered_bytes() + len(self._early) + self._reader.buffered
+
+
+class FleetProtocol(_Side):
+    """The fleet side of one call attempt."""
+
+    def __init__(self, exchange: FleetExchange, lease: Lease) -> None:
+        self.exchange = exchange
+        self.lease = lease
+        self.head_received: asyncio.Future[ResponseHead] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending = bytearray()  # raw bytes from the fleet, until linked
+        self._relaying = False  # passing a non-101 answer through
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        self.transport.write(self.exchange.request_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:  # the hot path
+            self.bytes_received += len(data)
+            peer.write(data)
+            if self._relaying:
+                self._relay_progress(self.exchange.feed(data))
+            elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+                carrier = self.peer_side
+                if isinstance(carrier, CarrierProtocol):
+                    _note_close_frame(carrier.call, EndReason.FLEET_CLOSED)
+            return
+        self._pending += data
+        if self.head_received.done():
+            # Head read, not linked yet: hold what came with it, read no more.
+            self.pause_reading()
+            return
+        try:
+            progress = self.exchange.feed(data)
+        except ResponseError as exc:
+            self.head_received.set_exception(exc)
+            return
+        if progress is not Progress.NEED_DATA:
+            assert self.exchange.head is not None
+            self.pause_reading()
+            self.head_received.set_result(self.exchange.head)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.lease.release()
+        if not self.head_received.done():
+            try:
+                self.exchange.feed_eof()
+            except ResponseError as error:
+                self.head_received.set_exception(error)
+            else:  # pragma: no cover - feed_eof raises when no head was read
+                self.head_received.set_exception(ResponseError("empty-response", "closed"))
+            return
+        if self._relaying and self.peer_side is not None:
+            self._relay_progress(Progress.BODY_COMPLETE)
+        carrier = self.peer_side
+        if isinstance(carrier, CarrierProtocol) and carrier.call is not None:
+            call = carrier.call
+            if call.end_reason is None:
+                call.end_reason = call.hung_up_by or (
+                    EndReason.FLEET_CLOSED if exc is None else EndReason.ERROR
+                )
+            carrier.close()
+            _finish_if_done(carrier.ctx, call)
+
+    def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
+        """Relay everything the fleet sent so far and what it sends from now on."""
+        assert carrier.transport is not None
+        carrier.transport.write(bytes(self._pending))
+        self._pending.clear()
+        self._relaying = relaying
+        self.peer_side = carrier
+        self.peer = carrier.transport
+        self.resume_reading()
+        if relaying:
+            self._relay_progress(self.exchange.advance())
+
+    def _relay_progress(self, progress: Progress) -> None:
+        if progress is Progress.BODY_COMPLETE:
+            self._relaying = False
+            self.close()
+            if self.peer_side is not None:
+                self.peer_side.close()
+
+    def buffered_bytes(self) -> int:
+        return super().buffered_bytes() + len(self._pending)
+
+
+def _note_close_frame(call: Call | None, side: EndReason) -> None:
+    if call is not None and call.hung_up_by is None:
+        call.hung_up_by = side
+
+
+def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
+    """End the call once both sides are gone: access log, out of the registry."""
+    fleet_side = call.fleet_side
+    if not call.carrier.lost or (fleet_side is not None and not fleet_side.lost):
+        return
+    if not ctx.registry.remove_call(call):
+        return
+    if ctx.access_log:
+        access_log.info("call ended", extra=fields(**call.access_record()))
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, failure: Failure, detail: str) -> None:
+        super().__init__(f"{failure.value}: {detail}")
+        self.failure = failure
+        self.detail = detail
+
+
+async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> None:
+    """Find a fleet that answers and link the call to it, or answer the carrier."""
+    carrier = call.carrier
+    received_at = time.monotonic()
+    tried: list[str] = []
+    failure: Failure | None = None
+    lease: Lease | None = None
+    try:
+        while True:
+            try:
+                lease = await ctx.dispatcher.lease(avoid=tried)
+            except NoFleetAvailable as exc:
+                if failure is None:
+                    carrier.answer(503, exc.reason)
+                else:
+                    carrier.answer(*GIVE_UP_ANSWER[failure])
+                return
+            call.attempts += 1
+            call.fleet = lease.fleet
+            tried.append(lease.fleet.name)
+            try:
+                fleet_side = await _attempt(ctx, call, head, lease)
+            except _AttemptFailed as exc:
+                lease.release()
+                failure = exc.failure
+                log.warning(
+                    "fleet attempt failed",
+                    extra=fields(
+                        call_id=call.id,
+                        fleet=lease.fleet.name,
+                        attempt=call.attempts,
+                        failure=exc.failure.value,
+                        detail=exc.detail,
+                    ),
+                )
+                if ctx.retry.retry_failure(exc.failure, call.attempts):
+                    continue
+                carrier.answer(*GIVE_UP_ANSWER[exc.failure])
+                return
+            response = fleet_side.head_received.result()
+            if not response.switched and ctx.retry.retry_status(response.status, call.attempts):
+                fleet_side.abort()
+                lease.release()
+                continue
+            call.status = response.status
+            call.fleet_side = fleet_side
+            if response.switched:
+                call.handshake_ms = (time.monotonic() - received_at) * 1000
+                call.tunnel_since = time.monotonic()
+                fleet_side.link(carrier, relaying=False)
+                _link_carrier(carrier, fleet_side)
+                _IdleWatch(ctx, call).start()
+            else:
+                carrier.state = CarrierState.ANSWERING
+                call.end_reason = EndReason.REFUSED
+                fleet_side.link(carrier, relaying=True)
+            if fleet_side.lost:  # the fleet closed right after answering
+                carrier.close()
+                _finish_if_done(ctx, call)
+            return
+    except asyncio.CancelledError:
+        # The carrier left mid-setup: a slot not yet tied to a fleet
+        # connection goes back now (release is idempotent).
+        if lease is not None and call.fleet_side is None:
+            lease.release()
+        raise
+    except Exception:
+        log.exception("call setup failed", extra=fields(call_id=call.id))
+        carrier.answer(502, "internal error while connecting the call")
+
+
+def _link_carrier(carrier: CarrierProtocol, fleet_side: FleetProtocol) -> None:
+    carrier.state = CarrierState.TUNNEL
+    assert fleet_side.transport is not None
+    early = carrier.take_early_bytes()
+    if early:
+        carrier.bytes_received += len(early)
+        fleet_side.transport.write(early)
+    carrier.peer_side = fleet_side
+    carrier.peer = fleet_side.transport
+    carrier.resume_reading()
+
+
+async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Lease) -> FleetProtocol:
+    """One attempt on one fleet: connect, send the head, read the answer's head."""
+    spec = lease.fleet.spec
+    exchange = FleetExchange(
+        head.method,
+        head.target,
+        fleet_request_headers(head, fleet_host=spec.host_header, client_ip=call.client_ip),
+        max_head_bytes=ctx.max_head_bytes,
+    )
+    loop = asyncio.get_running_loop()
+    tls: dict[str, Any] = {}
+    if spec.scheme == "https":
+        tls = {"ssl": ctx.fleet_ssl, "server_hostname": spec.host}
+    try:
+        async with asyncio.timeout(ctx.connect_timeout):
+            _, fleet_side = await loop.create_connection(
+                lambda: FleetProtocol(exchange, lease), spec.host, spec.port, **tls
+            )
+    except TimeoutError:
+        raise _AttemptFailed(
+            Failure.CONN_FAILURE, f"no connection within {ctx.connect_timeout:g}s"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise _AttemptFailed(Failure.CONN_FAILURE, str(exc) or type(exc).__name__) from None
+    try:
+        async with asyncio.timeout(ctx.response_timeout):
+            await fleet_side.head_received
+    except TimeoutError:
+        fleet_side.head_received.cancel()
+        fleet_side.abort()
+        raise _AttemptFailed(
+            Failure.RESPONSE_TIMEOUT, f"no response head within {ctx.response_timeout:g}s"
+        ) from None
+    except ResponseError as exc:
+        fleet_side.abort()
+        raise _AttemptFailed(Failure(exc.kind), exc.detail) from None
+    except asyncio.CancelledError:
+        fleet_side.head_received.cancel()
+        fleet_side.abort()
+        raise
+    return fleet_side
+
+
+class _IdleWatch:
+    """Closes a tunnel with no bytes either way for `tunnel_timeout` seconds.
+
+    Checks the call's byte counters a few times per timeout instead of
+    touching a timer on every message: the hot path stays a write."""
+
+    def __init__(self, ctx: ProxyContext, call: Call) -> None:
+        self.ctx = ctx
+        self.call = call
+        self.period = ctx.tunnel_timeout / 4
+        self.last_total = -1
+        self.last_change = time.monotonic()
+
+    def start(self) -> None:
+        asyncio.get_running_loop().call_later(self.period, self.check)
+
+    def check(self) -> None:
+        call = self.call
+        if not call.in_tunnel:
+            return
+        total = call.bytes_from_carrier + call.bytes_to_carrier
+        now = time.monotonic()
+        if total != self.last_total:
+            self.last_total, self.last_change = total, now
+        elif now - self.last_change >= self.ctx.tunnel_timeout:
+            call.end_reason = EndReason.TIMEOUT
+            call.carrier.close()
+            if call.fleet_side is not None:
+                call.fleet_side.close()
+            return
+        asyncio.get_running_loop().call_later(self.period, self.check)

@@ -1,0 +1,156 @@
+"""The carrier's request head: read, check and parse, with no I/O.
+
+Bytes go in through `RequestHeadReader.feed()`; out comes a `RequestHead` once
+the head is complete, or a `RequestRefused` carrying the status to answer
+(400, 431). h11 does the HTTP/1.1 grammar. On top of it we refuse what h11
+tolerates but a proxy must not forward: a fleet's nginx may read an ambiguous
+head differently from us (request smuggling), so anything ambiguous is refused,
+never repaired.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import h11
+
+Header = tuple[bytes, bytes]
+
+# A head line that starts with SP/HTAB continues the previous one (obs-fold,
+# RFC 9112 section 5.2). h11 unfolds it; we refuse it, as the RFC allows.
+_OBS_FOLD = re.compile(rb"\r\n[ \t]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_HEAD_END = b"\r\n\r\n"
+# h11 merges repeated identical Content-Length headers; we must see them.
+_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
+# "." or ".." as a path segment, literally or percent-encoded: a fleet's
+# nginx normalizes them, so "/ws/../attach" would reach a route the ingress
+# refuses. Nothing legitimate on a call route needs them.
+_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+
+
+class RequestRefused(Exception):
+    """The head cannot be served: answer `status` with `reason` and close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    headers: list[Header]  # names in the carrier's casing, in order
+    trailing: bytes = field(default=b"", repr=False)  # bytes after the head
+
+    @property
+    def path(self) -> bytes:
+        return self.target.partition(b"?")[0]
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        name = name.lower()
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def get(self, name: bytes) -> bytes | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def tokens(self, name: bytes) -> set[bytes]:
+        """The comma-separated tokens of every `name` header, lowercased."""
+        found: set[bytes] = set()
+        for value in self.get_all(name):
+            found.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        return found
+
+    @property
+    def host(self) -> bytes:
+        return self.get(b"host") or b""
+
+    @property
+    def is_websocket_upgrade(self) -> bool:
+        return (
+            self.method == b"GET"
+            and b"websocket" in self.tokens(b"upgrade")
+            and b"upgrade" in self.tokens(b"connection")
+        )
+
+    @property
+    def has_body(self) -> bool:
+        if self.get_all(b"transfer-encoding"):
+            return True
+        return any(value.strip() != b"0" for value in self.get_all(b"content-length"))
+
+
+class RequestHeadReader:
+    """Accumulates bytes until one complete, acceptable request head.
+
+    `feed()` returns None while more bytes are needed, the `RequestHead` once
+    complete, or raises `RequestRefused`. Nothing is buffered past
+    `max_head_bytes`: a longer head is refused with 431 at once.
+    """
+
+    def __init__(self, max_head_bytes: int) -> None:
+        self._max = max_head_bytes
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> RequestHead | None:
+        self._buf += data
+        end = self._buf.find(_HEAD_END)
+        if end < 0:
+            if len(self._buf) > self._max:
+                raise RequestRefused(431, "request head larger than the limit")
+            if _BARE_LF.search(self._buf):
+                # Without this a head using bare LF would never complete and
+                # would only be answered by the request timeout.
+                raise RequestRefused(400, "malformed request: line ending without CR")
+            return None
+        head_len = end + len(_HEAD_END)
+        if head_len > self._max:
+            raise RequestRefused(431, "request head larger than the limit")
+        raw = bytes(self._buf[:head_len])
+        trailing = bytes(self._buf[head_len:])
+        self._buf.clear()
+        return parse_request_head(raw, trailing)
+
+
+def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
+    """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`."""
+    if _BARE_LF.search(raw) or _BARE_CR.search(raw):
+        raise RequestRefused(400, "malformed request: line ending without CR")
+    if _OBS_FOLD.search(raw):
+        raise RequestRefused(400, "malformed request: folded header line")
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(raw) + 1)
+    conn.receive_data(raw)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise RequestRefused(400, f"malformed request: {exc}") from None
+    if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
+        raise RequestRefused(400, "malformed request")
+    if event.http_version != b"1.1":
+        raise RequestRefused(400, "only HTTP/1.1 requests are served")
+    if not event.target.startswith(b"/"):
+        raise RequestRefused(400, "request target must be a path (origin-form)")
+    if any(b in event.target for b in (b"#", b"\\")):
+        raise RequestRefused(400, "request target has characters a path cannot hold")
+    head = RequestHead(
+        method=event.method,
+        target=event.target,
+        headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
+        trailing=trailing,
+    )
+    if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1:
+        raise RequestRefused(400, "malformed request: more than one Content-Length")
+    if head.has_body:
+        raise RequestRefused(400, "a request with a body is not served")
+    if _DOT_SEGMENT.search(head.path):
+        raise RequestRefused(400, "request path has '.' or '..' segments")
+    return head

@@ -1,0 +1,100 @@
+"""Shared fixtures: a test CA (trustme), TLS files, and an in-process ingress
+on loopback. Async tests run on both asyncio's loop and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+
+from fleet_ingress.config import config_from_dict
+from fleet_ingress.fleets_file import parse_fleets_text
+from fleet_ingress.server import Ingress
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    # Behaviour can differ between the two (transports, SSL, flow control).
+    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: trustme.CA
+    ca_pem: Path
+    ingress_cert: Path
+    ingress_key: Path
+    fleet_cert: trustme.LeafCert
+
+    def client_context(self, **kw: Any) -> ssl.SSLContext:
+        """What a carrier uses: trusts the test CA."""
+        ctx = ssl.create_default_context(**kw)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def fleet_server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.fleet_cert.configure_cert(ctx)
+        return ctx
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    ca = trustme.CA()
+    d = tmp_path_factory.mktemp("tls")
+    ca_pem = d / "ca.pem"
+    ca.cert_pem.write_to_path(ca_pem)
+    ingress = ca.issue_cert("127.0.0.1", "localhost", "calls.test")
+    cert, key = d / "ingress.pem", d / "ingress.key"
+    for blob in ingress.cert_chain_pems:
+        blob.write_to_path(cert, append=True)
+    ingress.private_key_pem.write_to_path(key)
+    return TLSFiles(ca, ca_pem, cert, key, ca.issue_cert("127.0.0.1", "localhost"))
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+StartIngress = Callable[..., Awaitable[Ingress]]
+
+
+@pytest.fixture
+async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
+    """start_ingress(["https://127.0.0.1:PORT name=a", ...], timeouts={...}) -> Ingress"""
+    started: list[Ingress] = []
+
+    async def start(fleet_lines: list[str], **sections: Any) -> Ingress:
+        data = _merge(
+            {
+                "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
+                "tls": {"cert": str(tls_files.ingress_cert), "key": str(tls_files.ingress_key)},
+                "fleets": {"ca_file": str(tls_files.ca_pem)},
+                "log": {"access": True},
+            },
+            sections,
+        )
+        config = config_from_dict(data)
+        fleets = parse_fleets_text("\n".join(fleet_lines), default_maxconn=config.fleets.maxconn)
+        ingress = Ingress(config, fleets)
+        await ingress.start()
+        started.append(ingress)
+        return ingress
+
+    yield start
+    for ingress in started:
+        await ingress.stop(drain_timeout=0)
+
+
+def wss_url(ingress: Ingress, path: str = "/ws/bot-1") -> str:
+    host, port = ingress.wss_address
+    return f"wss://{host}:{port}{path}"

@@ -1,0 +1,145 @@
+"""Fleet stand-ins for the call-path tests, each a real TLS server on loopback.
+
+`WsFleet` is a `websockets` server (echo, close codes, subprotocols, what it
+saw). `RawFleet` runs a scripted reaction per connection: a fixed answer,
+silence, an immediate close... for the retry and relay cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+
+class WsFleet:
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None, *, subprotocols: list[str] | None = None
+    ):
+        self.ssl_context = ssl_context
+        self.subprotocols = subprotocols
+        self.requests: list[Any] = []  # websockets Request objects
+        self.peer_close_codes: list[int | None] = []
+        self.active = 0
+        self._server: Any = None
+
+    async def start(self) -> WsFleet:
+        self._server = await serve(
+            self._handler,
+            "127.0.0.1",
+            0,
+            ssl=self.ssl_context,
+            subprotocols=self.subprotocols,  # type: ignore[arg-type]
+            max_size=None,
+            process_request=self._record,
+        )
+        return self
+
+    async def stop(self) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    def line(self, name: str, extra: str = "") -> str:
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port} name={name} {extra}".strip()
+
+    def _record(self, connection: ServerConnection, request: Any) -> None:
+        self.requests.append(request)
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.active += 1
+        try:
+            async for message in ws:
+                if isinstance(message, str) and message.startswith("close:"):
+                    await ws.close(int(message.removeprefix("close:")), "asked to")
+                    break
+                await ws.send(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.peer_close_codes.append(ws.close_code)
+            self.active -= 1
+
+
+Reaction = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def answer(raw: bytes) -> Reaction:
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(raw)
+        await writer.drain()
+
+    return react
+
+
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+
+
+async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+    await asyncio.sleep(3600)
+
+
+class RawFleet:
+    def __init__(self, ssl_context: ssl.SSLContext | None, react: Reaction):
+        self.ssl_context = ssl_context
+        self.react = react
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> RawFleet:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def line(self, name: str, extra: str = "") -> str:
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.port} name={name} {extra}".strip()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.react(reader, writer)
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+async def free_port() -> int:
+    """A loopback port with nothing listening on it."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port

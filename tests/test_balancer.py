@@ -1,0 +1,110 @@
+"""leastconn, eligibility and capacity, without sockets."""
+
+from collections import Counter
+
+import pytest
+
+from fleet_ingress.balancer import Admin, Balancer, Health, Verdict
+from fleet_ingress.fleets_file import parse_fleets_text
+
+
+def _balancer(text: str = "https://a.test name=a\nhttps://b.test name=b\n", maxconn: int = 16):
+    return Balancer.from_specs(parse_fleets_text(text, default_maxconn=maxconn))
+
+
+def _take(balancer: Balancer, n: int, avoid=()):
+    names = []
+    for _ in range(n):
+        pick = balancer.pick(avoid)
+        assert pick.fleet is not None, pick.verdict
+        balancer.open(pick.fleet)
+        names.append(pick.fleet.name)
+    return names
+
+
+def test_leastconn_splits_evenly_and_ties_go_round_robin():
+    b = _balancer()
+    assert _take(b, 4) == ["a", "b", "a", "b"]
+    assert Counter(_take(b, 16)) == {"a": 8, "b": 8}
+
+
+def test_leastconn_prefers_the_fleet_with_fewer_calls():
+    b = _balancer()
+    a = b.get("a")
+    assert a is not None
+    for _ in range(3):
+        b.open(a)
+    assert _take(b, 3) == ["b", "b", "b"]
+    assert _take(b, 2) == ["a", "b"]
+
+
+def test_ties_rotate_over_three_fleets():
+    b = _balancer("https://a.test name=a\nhttps://b.test name=b\nhttps://c.test name=c\n")
+    names = []
+    for _ in range(6):
+        pick = b.pick()
+        assert pick.fleet is not None
+        names.append(pick.fleet.name)  # no open(): all stay tied at 0
+    assert names == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_maxconn_per_fleet_then_no_capacity():
+    b = _balancer("https://a.test name=a maxconn=1\nhttps://b.test name=b maxconn=2\n")
+    assert Counter(_take(b, 3)) == {"a": 1, "b": 2}
+    assert b.pick().verdict is Verdict.NO_CAPACITY
+    a = b.get("a")
+    assert a is not None
+    b.close(a)
+    assert _take(b, 1) == ["a"]
+
+
+def test_avoid_prefers_untried_fleets_but_falls_back_to_the_best():
+    b = _balancer()
+    assert _take(b, 1, avoid={"a"}) == ["b"]
+    assert _take(b, 1, avoid={"a", "b"}) == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("health", "admin", "verdict"),
+    [
+        (Health.DOWN, Admin.READY, Verdict.NO_FLEET_UP),
+        (Health.INIT, Admin.READY, Verdict.NO_FLEET_UP),
+        (Health.UP, Admin.DRAIN, Verdict.NO_FLEET_UP),
+        (Health.UP, Admin.MAINT, Verdict.NO_FLEET_UP),
+        (Health.UP, Admin.READY, Verdict.PICKED),
+    ],
+)
+def test_only_up_and_ready_fleets_are_eligible(health, admin, verdict):
+    b = _balancer("https://a.test name=a\n")
+    fleet = b.fleets[0]
+    fleet.health, fleet.admin = health, admin
+    assert b.pick().verdict is verdict
+
+
+def test_capacity_estimate_counts_calls_opened_since_the_probe_was_sent():
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    b.open(a)  # before the probe: already in the fleet's own number
+    a.opened_at_probe = a.opened_total
+    b.open(a)  # sent after the probe left: not in its number
+    a.reported_available = 3
+    assert a.estimated_available == 2
+    assert not a.full
+    _take(b, 2)
+    assert a.estimated_available == 0 and a.full
+    assert b.pick().verdict is Verdict.NO_CAPACITY
+
+
+def test_capacity_ignored_when_not_capacity_aware():
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    a.capacity_aware = False
+    a.reported_available = 0
+    assert not a.full
+    assert b.pick().fleet is a
+
+
+def test_close_without_open_is_a_bug_that_names_the_fleet():
+    b = _balancer("https://a.test name=a\n")
+    with pytest.raises(RuntimeError, match="fleet a"):
+        b.close(b.fleets[0])

@@ -1,0 +1,71 @@
+"""The head a fleet receives, rebuilt from parsed fields (no sockets)."""
+
+from fleet_ingress.fleet_exchange import FleetExchange
+from fleet_ingress.forwarding import fleet_request_headers
+from fleet_ingress.request_head import parse_request_head
+
+
+def _head(extra: bytes = b""):
+    return parse_request_head(
+        b"GET /exotel/bot?sid=1&x=%20y HTTP/1.1\r\n"
+        b"Host: calls.example.com\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade, X-Secret\r\n"
+        b"Sec-WebSocket-Key: k==\r\n"
+        b"Sec-WebSocket-Protocol: audio.v1, audio.v2\r\n"
+        b"X-Secret: hop\r\n"
+        b"Keep-Alive: timeout=5\r\n" + extra + b"\r\n"
+    )
+
+
+def _as_dict(headers):
+    out: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+def test_host_and_forwarded_headers_are_set():
+    h = _as_dict(fleet_request_headers(_head(), fleet_host="fleet1:8443", client_ip="203.0.113.9"))
+    assert h[b"host"] == [b"fleet1:8443"]
+    assert h[b"x-forwarded-for"] == [b"203.0.113.9"]
+    assert h[b"x-forwarded-proto"] == [b"https"]
+    assert h[b"x-forwarded-host"] == [b"calls.example.com"]
+    assert h[b"upgrade"] == [b"websocket"]
+    assert h[b"connection"] == [b"Upgrade"]
+    assert h[b"sec-websocket-protocol"] == [b"audio.v1, audio.v2"]
+    assert h[b"sec-websocket-key"] == [b"k=="]
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped():
+    h = _as_dict(fleet_request_headers(_head(), fleet_host="f", client_ip="1.2.3.4"))
+    assert b"x-secret" not in h
+    assert b"keep-alive" not in h
+
+
+def test_existing_forwarded_for_gets_the_carrier_appended_and_others_replaced():
+    extra = (
+        b"X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2\r\n"
+        b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: evil\r\n"
+    )
+    h = _as_dict(fleet_request_headers(_head(extra), fleet_host="f", client_ip="10.0.0.7"))
+    assert h[b"x-forwarded-for"] == [b"198.51.100.1, 198.51.100.2, 10.0.0.7"]
+    assert h[b"x-forwarded-proto"] == [b"https"]
+    assert h[b"x-forwarded-host"] == [b"calls.example.com"]
+
+
+def test_serialized_request_keeps_method_target_and_header_casing():
+    head = _head()
+    exchange = FleetExchange(
+        head.method,
+        head.target,
+        fleet_request_headers(head, fleet_host="fleet1", client_ip="::1"),
+        max_head_bytes=16384,
+    )
+    raw = exchange.request_bytes
+    assert raw.startswith(b"GET /exotel/bot?sid=1&x=%20y HTTP/1.1\r\nHost: fleet1\r\n")
+    assert b"\r\nSec-WebSocket-Key: k==\r\n" in raw
+    assert b"\r\nX-Forwarded-For: ::1\r\n" in raw
+    reparsed = parse_request_head(raw)
+    assert reparsed.target == head.target
+    assert reparsed.is_websocket_upgrade
