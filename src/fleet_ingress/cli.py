@@ -29,6 +29,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--calls", type=int, default=6, help="simulated carrier calls")
     demo.add_argument("--duration", type=float, default=3.0, help="seconds each call streams")
+    demo.add_argument(
+        "--profile",
+        default="binary",
+        choices=["binary", "twilio-like", "exotel"],
+        help="carrier audio profile",
+    )
     return parser
 
 
@@ -43,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(calls=args.calls, duration=args.duration)
+        return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 

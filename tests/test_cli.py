@@ -1,0 +1,97 @@
+"""The command line as an operator runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from websockets.asyncio.client import connect
+
+from fleet_ingress.sim import SimulatedFleet
+
+from .conftest import TLSFiles
+from .fleets import free_port
+
+CLI = [sys.executable, "-m", "fleet_ingress"]
+
+
+def test_demo_exits_0_and_reports_calls_per_fleet():
+    done = subprocess.run(
+        [*CLI, "demo", "--calls", "4", "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "demo: OK" in done.stdout
+    assert "fleet-a          2 ok" in done.stdout and "fleet-b          2 ok" in done.stdout
+    assert " 0 lost" in done.stdout
+
+
+def _write_config(tmp_path: Path, tls_files: TLSFiles, wss_port: int, fleets: str) -> Path:
+    (tmp_path / "fleets.txt").write_text(fleets)
+    config = tmp_path / "ingress.toml"
+    config.write_text(
+        f"""
+[listen]
+wss = "127.0.0.1:{wss_port}"
+acme = ""
+stats = ""
+admin_socket = ""
+
+[tls]
+cert = "{tls_files.ingress_cert}"
+key = "{tls_files.ingress_key}"
+
+[fleets]
+ca_file = "{tls_files.ca_pem}"
+"""
+    )
+    return config
+
+
+def test_check_exits_nonzero_naming_the_problem(tmp_path: Path, tls_files: TLSFiles):
+    config = _write_config(tmp_path, tls_files, 8443, "ftp://fleet1.example.com\n")
+    done = subprocess.run([*CLI, "check", "-c", str(config)], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "line 1" in done.stdout + done.stderr and "ftp://" in done.stdout + done.stderr
+    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:9 name=a\n")
+    done = subprocess.run([*CLI, "check", "-c", str(config)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_run_serves_calls_and_exits_0_on_sigterm(tmp_path: Path, tls_files: TLSFiles):
+    async with SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context()) as fleet:
+        port = await free_port()
+        config = _write_config(tmp_path, tls_files, port, f"{fleet.url} name=a\n")
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            "run",
+            "-c",
+            str(config),
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "FLEET_INGRESS_LOG__FORMAT": "json"},
+        )
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        ws = await connect(
+                            f"wss://127.0.0.1:{port}/ws/bot", ssl=tls_files.client_context()
+                        )
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.1)
+            await ws.send("through the real process")
+            assert await ws.recv() == "through the real process"
+            await ws.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(10):
+                _, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert b'"event": "listening"' in stderr
