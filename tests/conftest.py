@@ -21,6 +21,9 @@ from fleet_ingress.server import Ingress
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     # Behaviour can differ between the two (transports, SSL, flow control).
+    # Long waits that test no loop-specific behaviour run once, on uvloop.
+    if item.get_closest_marker("uvloop_only"):
+        return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
@@ -70,10 +73,15 @@ StartIngress = Callable[..., Awaitable[Ingress]]
 
 @pytest.fixture
 async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
-    """start_ingress(["https://127.0.0.1:PORT name=a", ...], timeouts={...}) -> Ingress"""
+    """start_ingress(["https://127.0.0.1:PORT name=a", ...], timeouts={...}) -> Ingress
+
+    Without `health_checks=True` every fleet counts as UP and none is probed:
+    the call-path tests use fleet stand-ins that serve no /health/fleet."""
     started: list[Ingress] = []
 
-    async def start(fleet_lines: list[str], **sections: Any) -> Ingress:
+    async def start(
+        fleet_lines: list[str], *, health_checks: bool = False, **sections: Any
+    ) -> Ingress:
         data = _merge(
             {
                 "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
@@ -85,7 +93,7 @@ async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
         )
         config = config_from_dict(data)
         fleets = parse_fleets_text("\n".join(fleet_lines), default_maxconn=config.fleets.maxconn)
-        ingress = Ingress(config, fleets)
+        ingress = Ingress(config, fleets, health_checks=health_checks)
         await ingress.start()
         started.append(ingress)
         return ingress

@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from .fleets_file import FleetSpec
+from .probe import ProbeResult
 
 
 class Health(enum.Enum):
@@ -45,6 +46,13 @@ class FleetState:
     reported_available: int | None = None
     opened_at_probe: int = 0
     capacity_aware: bool = True
+    # Health checking (kept here so stats read one record per fleet).
+    health_streak: int = 0  # consecutive probes pushing toward a change
+    last_probe: ProbeResult | None = None
+    last_probe_at: float | None = None  # wall clock, when its answer came
+    last_probe_seconds: float | None = None
+    probes_total: int = 0
+    check_failures: int = 0
 
     @property
     def name(self) -> str:
@@ -87,8 +95,18 @@ class Balancer:
     _next: int = 0  # round-robin cursor for ties
 
     @classmethod
-    def from_specs(cls, specs: Iterable[FleetSpec], *, capacity_aware: bool = True) -> Balancer:
-        return cls([FleetState(spec, capacity_aware=capacity_aware) for spec in specs])
+    def from_specs(
+        cls,
+        specs: Iterable[FleetSpec],
+        *,
+        capacity_aware: bool = True,
+        health: Health = Health.UP,
+    ) -> Balancer:
+        """`health` is where fleets start: INIT when probes will judge them,
+        UP when nothing probes them (every fleet then counts as up)."""
+        return cls(
+            [FleetState(spec, health=health, capacity_aware=capacity_aware) for spec in specs]
+        )
 
     def get(self, name: str) -> FleetState | None:
         return next((f for f in self.fleets if f.name == name), None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import TextIO
 
 from fleet_ingress.config import ConfigError, IngressConfig, load_config
 from fleet_ingress.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from fleet_ingress.poller import ProbeSettings, health_session, probe_fleet
+from fleet_ingress.probe import ProbeResult, judge_health_response
 from fleet_ingress.tls import (
     TLSSetupError,
     certificate_not_after,
@@ -26,19 +29,70 @@ def check_configuration(path: Path) -> list[str]:
     return _check(path)[2]
 
 
-def run_check(path: Path, out: TextIO | None = None) -> int:
-    """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not."""
+def run_check(path: Path, out: TextIO | None = None, *, probe: bool = False) -> int:
+    """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not.
+
+    `probe` also sends one health probe to every fleet and judges it as the
+    running ingress would: the check `haproxy -c` could never do."""
     out = out or sys.stdout
     config, fleets, lines = _check(path)
     for line in lines:
         print(line, file=out)
     problems = [line for line in lines if not line.startswith(WARNING)]
-    if config is None or problems:
+    if config is None:
+        print(f"check failed: {len(problems)} problem(s)", file=out)
+        return 1
+    if probe and fleets:
+        failures = asyncio.run(_probe_all(config, fleets, out))
+        if failures:
+            problems.append(f"{failures} fleet(s) failed the health probe")
+    if problems:
         print(f"check failed: {len(problems)} problem(s)", file=out)
         return 1
     plural = "" if len(fleets) == 1 else "s"
     print(f"OK: {len(fleets)} fleet{plural}, listening on {_listeners(config)}", file=out)
     return 0
+
+
+def run_body_check(body_file: Path, config_path: Path | None, out: TextIO | None = None) -> int:
+    """Judge a captured /health/fleet body (status 200 assumed) as the poller would."""
+    out = out or sys.stdout
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=out)
+        return 1
+    try:
+        body = body_file.read_bytes()
+    except OSError as exc:
+        print(f"{body_file}: cannot read the captured body: {exc.strerror}", file=out)
+        return 1
+    result = judge_health_response(200, body, config.fleets.capacity_key)
+    print(f"{body_file}: {result.describe(config.fleets.capacity_key)}", file=out)
+    return 0 if result.passed else 1
+
+
+async def _probe_all(config: IngressConfig, fleets: list[FleetSpec], out: TextIO) -> int:
+    f = config.fleets
+    settings = ProbeSettings(
+        f.health_path, f.capacity_key, f.check_interval, f.check_timeout, f.fall, f.rise
+    )
+    try:
+        fleet_ssl = fleet_ssl_context(verify=f.verify, ca_file=f.ca_file)
+    except TLSSetupError as exc:
+        print(f"fleets.ca_file: {exc}", file=out)
+        return len(fleets)
+
+    async def one(spec: FleetSpec) -> ProbeResult:
+        async with health_session(fleet_ssl, settings) as session:
+            return await probe_fleet(session, spec, settings)
+
+    results = await asyncio.gather(*(one(spec) for spec in fleets))
+    width = max(len(spec.name) for spec in fleets)
+    for spec, result in zip(fleets, results, strict=True):
+        where = f"{spec.scheme}://{spec.host_header}{f.health_path}"
+        print(f"probe {spec.name:<{width}}  {result.describe(f.capacity_key)}  ({where})", file=out)
+    return sum(not r.passed for r in results)
 
 
 def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]]:

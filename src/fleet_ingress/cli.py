@@ -22,7 +22,16 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", type=Path, required=True, help="ingress.toml")
 
     check = sub.add_parser("check", help="validate the configuration and fleets file")
-    check.add_argument("-c", "--config", type=Path, required=True, help="ingress.toml")
+    check.add_argument("-c", "--config", type=Path, help="ingress.toml")
+    check.add_argument(
+        "--probe", action="store_true", help="also probe every fleet's health endpoint now"
+    )
+    check.add_argument(
+        "--body",
+        type=Path,
+        metavar="FILE",
+        help="judge a captured /health/fleet body instead (pass/fail and the capacity read)",
+    )
 
     demo = sub.add_parser(
         "demo", help="local fleets + ingress + simulated carrier calls, all on loopback"
@@ -43,9 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "check":
-        from .check import run_check
+        from .check import run_body_check, run_check
 
-        return run_check(args.config)
+        if args.body is not None:
+            return run_body_check(args.body, args.config)
+        if args.config is None:
+            print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)
+            return 2
+        return run_check(args.config, probe=args.probe)
     if args.command == "demo":
         from .demo import run_demo
 

@@ -61,6 +61,8 @@ async def demo(*, calls: int, duration: float, profile: str, out: TextIO) -> boo
             )
             ingress = Ingress(config, specs, server_ssl=ingress_ssl)
             await ingress.start()
+            assert ingress.poller is not None
+            await ingress.poller.wait_first_probes(timeout=5)
             host, port = ingress.wss_address
             url = f"wss://{host}:{port}"
             print(f"fleets:  {', '.join(f'{f.name} {f.url}' for f in fleets)}", file=out)

@@ -9,12 +9,13 @@ import ssl
 from collections.abc import Sequence
 
 from .addresses import parse_hostport
-from .balancer import Balancer
+from .balancer import Balancer, Health
 from .calls import EndReason, Registry
 from .config import IngressConfig
 from .dispatch import Dispatcher
 from .fleets_file import FleetSpec
 from .logs import fields
+from .poller import HealthPoller, ProbeSettings
 from .proxy import CarrierProtocol, ProxyContext
 from .retry import RetryPolicy
 from .routing import Router
@@ -33,7 +34,10 @@ class Ingress:
         *,
         server_ssl: ssl.SSLContext | None = None,
         fleet_ssl: ssl.SSLContext | None = None,
+        health_checks: bool = True,
     ) -> None:
+        """`health_checks=False` counts every fleet as UP and probes none
+        (tests of the call path alone; never what `run` does)."""
         self.config = config
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
@@ -44,10 +48,29 @@ class Ingress:
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
             )
         self.server_ssl = server_ssl
-        self.balancer = Balancer.from_specs(fleets, capacity_aware=config.fleets.capacity_aware)
+        self.balancer = Balancer.from_specs(
+            fleets,
+            capacity_aware=config.fleets.capacity_aware,
+            health=Health.INIT if health_checks else Health.UP,
+        )
         self.dispatcher = Dispatcher(
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
+        self.poller: HealthPoller | None = None
+        if health_checks:
+            f = config.fleets
+            self.poller = HealthPoller(
+                self.dispatcher,
+                fleet_ssl,
+                ProbeSettings(
+                    health_path=f.health_path,
+                    capacity_key=f.capacity_key,
+                    interval=f.check_interval,
+                    timeout=f.check_timeout,
+                    fall=f.fall,
+                    rise=f.rise,
+                ),
+            )
         self.registry = Registry()
         self.ctx = ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
@@ -70,6 +93,9 @@ class Ingress:
         self._wss: asyncio.Server | None = None
 
     async def start(self) -> None:
+        if self.poller is not None:
+            for fleet in self.balancer.fleets:
+                self.poller.start(fleet)
         host, port = parse_hostport(self.config.listen.wss, what="listen.wss")
         loop = asyncio.get_running_loop()
         self._wss = await loop.create_server(
@@ -99,6 +125,8 @@ class Ingress:
         """Stop accepting; let calls end for up to `drain_timeout`; close the rest."""
         if self._wss is not None:
             self._wss.close()
+        if self.poller is not None:
+            await self.poller.close()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         try:
             async with asyncio.timeout(timeout):

@@ -1,0 +1,184 @@
+"""The health poller: `GET /health/fleet` on every fleet, every check_interval.
+
+The asyncio layer around `probe.judge_health_response` (the verdict) and
+`health.observe` (fall/rise). One aiohttp session per fleet holding one
+kept-alive connection, with the call path's TLS settings (SNI, verification,
+fleets.ca_file). A passing probe also reports the fleet's free workers; FULL
+follows from that at once, without fall/rise: it is the fleet's own word.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from .balancer import Admin, FleetState, Health
+from .dispatch import Dispatcher
+from .fleets_file import FleetSpec
+from .health import observe
+from .logs import fields
+from .probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
+
+log = logging.getLogger("fleet_ingress.health")
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    health_path: str
+    capacity_key: str
+    interval: float
+    timeout: float
+    fall: int
+    rise: int
+
+
+def health_session(fleet_ssl: ssl.SSLContext, settings: ProbeSettings) -> aiohttp.ClientSession:
+    """A session that keeps one connection to one fleet alive between probes."""
+    connector = aiohttp.TCPConnector(
+        limit=1,
+        ssl=fleet_ssl,
+        # Longer than the probe interval, or every probe pays a new handshake.
+        keepalive_timeout=max(30.0, settings.interval * 3),
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(connector=connector, auto_decompress=False, trust_env=False)
+
+
+async def probe_fleet(
+    session: aiohttp.ClientSession, spec: FleetSpec, settings: ProbeSettings
+) -> ProbeResult:
+    """Probe once; never raises for what a fleet or the network does."""
+    url = f"{spec.scheme}://{spec.host_header}{settings.health_path}"
+    try:
+        async with asyncio.timeout(settings.timeout):
+            async with session.get(
+                url,
+                allow_redirects=False,
+                headers={"Host": spec.host_header, "Accept": "application/json"},
+            ) as response:
+                body = await response.content.read(MAX_HEALTH_BODY + 1)
+                return judge_health_response(response.status, body, settings.capacity_key)
+    except TimeoutError:
+        return failed(f"timeout after {settings.timeout:g}s")
+    except aiohttp.ClientConnectorCertificateError as exc:
+        return failed(f"TLS error: certificate not trusted ({exc.certificate_error})")
+    except aiohttp.ClientSSLError as exc:
+        return failed(f"TLS error: {exc}")
+    except aiohttp.ClientConnectorError as exc:
+        reason = "refused" if isinstance(exc.os_error, ConnectionRefusedError) else "connect failed"
+        return failed(f"{reason}: {exc.os_error.strerror or exc.os_error}")
+    except aiohttp.ServerDisconnectedError:
+        return failed("fleet closed the connection without answering")
+    except (aiohttp.ClientError, OSError) as exc:
+        return failed(f"{type(exc).__name__}: {exc}")
+
+
+class HealthPoller:
+    """One probe loop per fleet; results go into the fleet's record."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, fleet_ssl: ssl.SSLContext, settings: ProbeSettings
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.fleet_ssl = fleet_ssl
+        self.settings = settings
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._first_probe: dict[str, asyncio.Event] = {}
+
+    def start(self, fleet: FleetState) -> None:
+        if fleet.name not in self._loops:
+            self._first_probe[fleet.name] = asyncio.Event()
+            self._loops[fleet.name] = asyncio.get_running_loop().create_task(
+                self._run(fleet), name=f"health:{fleet.name}"
+            )
+
+    async def stop(self, name: str) -> None:
+        task = self._loops.pop(name, None)
+        self._first_probe.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def wait_first_probes(self, timeout: float) -> bool:
+        """Wait (at most `timeout`) until every polled fleet has had a verdict."""
+        waits = [event.wait() for event in self._first_probe.values()]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        for name in list(self._loops):
+            await self.stop(name)
+
+    async def _run(self, fleet: FleetState) -> None:
+        loop = asyncio.get_running_loop()
+        async with health_session(self.fleet_ssl, self.settings) as session:
+            next_at = loop.time()
+            while True:
+                if fleet.admin is not Admin.MAINT:  # MAINT: not probed at all
+                    await self._probe(session, fleet)
+                # Fixed rate: a probe that took its whole timeout does not
+                # push every later probe back.
+                next_at = max(next_at + self.settings.interval, loop.time())
+                await asyncio.sleep(next_at - loop.time())
+
+    async def _probe(self, session: aiohttp.ClientSession, fleet: FleetState) -> None:
+        opened_before = fleet.opened_total  # calls opened after this are not in its number
+        started = time.monotonic()
+        result = await probe_fleet(session, fleet.spec, self.settings)
+        self.record(fleet, result, opened_before, time.monotonic() - started)
+
+    def record(
+        self, fleet: FleetState, result: ProbeResult, opened_before: int, seconds: float
+    ) -> None:
+        """Apply one probe's result to the fleet (health, capacity) and wake the queue."""
+        fleet.last_probe, fleet.last_probe_at, fleet.last_probe_seconds = (
+            result,
+            time.time(),
+            seconds,
+        )
+        fleet.probes_total += 1
+        if not result.passed:
+            fleet.check_failures += 1
+        was_full = fleet.full
+        if result.passed:
+            fleet.reported_available = result.capacity
+            fleet.opened_at_probe = opened_before
+        before = fleet.health
+        fleet.health, fleet.health_streak = observe(
+            before,
+            fleet.health_streak,
+            result.passed,
+            fall=self.settings.fall,
+            rise=self.settings.rise,
+        )
+        if fleet.health is not before:
+            level = logging.WARNING if fleet.health is Health.DOWN else logging.INFO
+            log.log(
+                level,
+                f"fleet {fleet.health.value}",
+                extra=fields(
+                    fleet=fleet.name,
+                    before=before.value,
+                    after=fleet.health.value,
+                    reason=result.reason,
+                    capacity=result.capacity,
+                ),
+            )
+        if fleet.full != was_full:
+            log.info(
+                "fleet full" if fleet.full else "fleet has room",
+                extra=fields(fleet=fleet.name, estimated_available=fleet.estimated_available),
+            )
+        self.dispatcher.wake()
+        first = self._first_probe.get(fleet.name)
+        if first is not None:
+            first.set()

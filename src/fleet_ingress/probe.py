@@ -1,0 +1,55 @@
+"""The verdict on one `/health/fleet` answer. No I/O.
+
+The body is parsed as JSON, never pattern-matched: the HAProxy regex check
+this replaces broke when the key moved to the front of the object, matched
+decoys such as `prev_fleet_available` when anchored wrongly, and marked a
+fleet scaled past 16 workers DOWN. Here the key is looked up in the top-level
+object, any integer >= 0 passes, and there is no upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+# A health body is a few hundred bytes; anything this large is not one.
+MAX_HEALTH_BODY = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    passed: bool
+    capacity: int | None = None  # the fleet's free workers, when it passed
+    reason: str = ""  # why it failed (or "ok")
+
+    def describe(self, capacity_key: str = "fleet_available") -> str:
+        if self.passed:
+            return f"pass: {capacity_key}={self.capacity}"
+        return f"fail: {self.reason}"
+
+
+def failed(reason: str) -> ProbeResult:
+    return ProbeResult(False, None, reason)
+
+
+def judge_health_response(status: int, body: bytes, capacity_key: str) -> ProbeResult:
+    """Pass when the status is 200 and the body is a JSON object whose
+    `capacity_key` is an integer >= 0 (a boolean is not an integer here)."""
+    if status != 200:
+        return failed(f"status {status}")
+    if len(body) > MAX_HEALTH_BODY:
+        return failed(f"body larger than {MAX_HEALTH_BODY} bytes")
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return failed("body not JSON")
+    if not isinstance(document, dict):
+        return failed(f"body is a JSON {type(document).__name__}, not an object")
+    if capacity_key not in document:
+        return failed(f"key {capacity_key!r} missing")
+    value = document[capacity_key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        return failed(f"key {capacity_key!r} not an integer: {json.dumps(value)[:40]}")
+    if value < 0:
+        return failed(f"key {capacity_key!r} is negative: {value}")
+    return ProbeResult(True, value, "ok")

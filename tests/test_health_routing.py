@@ -1,0 +1,303 @@
+"""Health checks steering calls, end to end with real fleets on loopback (issue #3)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.balancer import Health
+from fleet_ingress.server import Ingress
+from fleet_ingress.sim import SimulatedFleet
+
+from .conftest import StartIngress, TLSFiles, wss_url
+
+
+@pytest.fixture
+async def sim_fleets(tls_files: TLSFiles):
+    fleets = [
+        SimulatedFleet(name=name, ssl_context=tls_files.fleet_server_context(), capacity=64)
+        for name in ("a", "b")
+    ]
+    for fleet in fleets:
+        await fleet.start()
+    yield fleets
+    for fleet in fleets:
+        await fleet.stop()
+
+
+def lines(*fleets: SimulatedFleet, extra: str = "") -> list[str]:
+    return [f"{f.url} name={f.name} {extra}".strip() for f in fleets]
+
+
+async def started(start_ingress: StartIngress, fleet_lines: list[str], **sections) -> Ingress:
+    ingress = await start_ingress(fleet_lines, health_checks=True, **sections)
+    assert ingress.poller is not None
+    assert await ingress.poller.wait_first_probes(timeout=3)
+    return ingress
+
+
+async def open_calls(ingress: Ingress, tls_files: TLSFiles, n: int) -> list[ClientConnection]:
+    ctx = tls_files.client_context()
+    return list(await asyncio.gather(*(connect(wss_url(ingress), ssl=ctx) for _ in range(n))))
+
+
+def fleet_of(ws: ClientConnection) -> str:
+    assert ws.response is not None
+    return ws.response.headers["X-Fleet"]
+
+
+async def eventually(predicate, timeout: float = 5.0) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+async def test_no_call_before_a_fleet_passes_a_probe(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, _ = sim_fleets
+    a.health_status = 503
+    ingress = await start_ingress(lines(a), health_checks=True)
+    assert ingress.balancer.fleets[0].health is Health.INIT
+    with pytest.raises(InvalidStatus) as info:
+        await connect(wss_url(ingress), ssl=tls_files.client_context())
+    assert info.value.response.status_code == 503
+    assert a.calls_total == 0
+
+
+# -- 3. DOWN within fall x interval + timeout, calls kept, back UP after rise --------
+
+
+async def test_failing_fleet_goes_down_keeps_its_calls_and_comes_back(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, b = sim_fleets
+    ingress = await started(start_ingress, lines(a, b))  # defaults: 1 s, fall 2, rise 2
+    fleet_a = ingress.balancer.get("a")
+    assert fleet_a is not None and fleet_a.health is Health.UP
+    call = (await open_calls(ingress, tls_files, 1))[0]
+    assert fleet_of(call) == "a"
+    streamed = 0
+
+    async def keep_streaming() -> None:
+        nonlocal streamed
+        while True:
+            await call.send(b"frame-%d" % streamed)
+            assert await call.recv() == b"frame-%d" % streamed
+            streamed += 1
+            await asyncio.sleep(0.02)
+
+    streamer = asyncio.create_task(keep_streaming())
+    a.health_status = 503
+    went_down = await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
+    assert went_down <= 3.5
+    assert fleet_a.last_probe is not None and fleet_a.last_probe.reason == "status 503"
+    new_calls = await open_calls(ingress, tls_files, 4)
+    assert {fleet_of(ws) for ws in new_calls} == {"b"}
+    a.health_status = 200
+    await eventually(lambda: fleet_a.health is Health.UP, timeout=4)
+    assert not streamer.done(), "the call on the DOWN fleet stopped streaming"
+    streamer.cancel()
+    assert streamed > 100  # ~20 ms frames over the whole DOWN/UP cycle
+    await call.send(b"after")
+    assert await call.recv() == b"after"
+    for ws in [call, *new_calls]:
+        await ws.close()
+
+
+# -- 4. FULL: no new call, not DOWN; queue then 503 when all are FULL ------------------
+
+
+async def test_full_fleet_gets_no_new_call_and_is_not_down(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, b = sim_fleets
+    ingress = await started(
+        start_ingress,
+        lines(a, b),
+        fleets={"check_interval": 0.2, "check_timeout": 0.5},
+        timeouts={"queue": 0.5},
+    )
+    fleet_a, fleet_b = ingress.balancer.fleets
+    a.available_override = 0
+    await eventually(lambda: fleet_a.full)
+    calls = await open_calls(ingress, tls_files, 10)
+    assert Counter(fleet_of(ws) for ws in calls) == {"b": 10}
+    assert fleet_a.health is Health.UP and a.calls_total == 0
+
+    b.available_override = 0
+    await eventually(lambda: fleet_b.full)
+    loop = asyncio.get_running_loop()
+    started_at = loop.time()
+    with pytest.raises(InvalidStatus) as info:
+        await connect(wss_url(ingress), ssl=tls_files.client_context())
+    assert info.value.response.status_code == 503
+    assert loop.time() - started_at >= 0.45  # it queued first
+    assert ingress.dispatcher.queue_timeouts == 1
+
+    # Room reported again: a queued call is served as soon as the probe says so.
+    waiting = asyncio.ensure_future(connect(wss_url(ingress), ssl=tls_files.client_context()))
+    await eventually(lambda: ingress.dispatcher.queue_length == 1)
+    a.available_override = None
+    ws = await waiting
+    assert fleet_of(ws) == "a"
+    for c in [*calls, ws]:
+        await c.close()
+
+
+# -- 5. the estimate: reported minus calls opened since the probe was sent -------------
+
+
+async def test_a_fleet_reporting_3_free_gets_at_most_3_calls_before_its_next_probe(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, _ = sim_fleets
+    a.available_override = 3
+    ingress = await started(
+        start_ingress,
+        lines(a),
+        fleets={"check_interval": 30, "maxconn": 16},  # no second probe during the test
+        timeouts={"queue": 0.3},
+    )
+    ctx = tls_files.client_context()
+    burst = await asyncio.gather(
+        *(connect(wss_url(ingress), ssl=ctx) for _ in range(6)), return_exceptions=True
+    )
+    connected = [ws for ws in burst if isinstance(ws, ClientConnection)]
+    refused = [e for e in burst if isinstance(e, InvalidStatus)]
+    assert len(connected) == 3 and len(refused) == 3
+    assert {e.response.status_code for e in refused} == {503}
+    assert a.calls_total == 3
+    for ws in connected:
+        await ws.close()
+
+
+# -- 6. no upper bound: 40 workers, maxconn 40 -----------------------------------------
+
+
+async def test_a_fleet_with_40_workers_takes_40_calls(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    big = SimulatedFleet(name="big", ssl_context=tls_files.fleet_server_context(), capacity=40)
+    async with big:
+        ingress = await started(start_ingress, lines(big, extra="maxconn=40"))
+        fleet = ingress.balancer.fleets[0]
+        assert fleet.health is Health.UP and fleet.last_probe is not None
+        assert fleet.last_probe.capacity == 40
+        calls = await open_calls(ingress, tls_files, 40)
+        assert big.active_calls == 40 and fleet.active == 40
+        for ws in calls:
+            await ws.close()
+
+
+# -- 7. a slow probe fails, alone it does not take the fleet DOWN ----------------------
+
+
+async def test_one_slow_probe_fails_but_does_not_take_the_fleet_down(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, _ = sim_fleets
+    ingress = await started(
+        start_ingress, lines(a), fleets={"check_interval": 1.0, "check_timeout": 0.3}
+    )
+    fleet = ingress.balancer.fleets[0]
+    a.health_delay = 0.6
+    await eventually(lambda: fleet.check_failures == 1)
+    a.health_delay = 0
+    assert fleet.last_probe is not None and "timeout" in fleet.last_probe.reason
+    probes = fleet.probes_total
+    await eventually(lambda: fleet.probes_total >= probes + 2, timeout=3)
+    assert fleet.check_failures == 1
+    assert fleet.health is Health.UP
+
+
+# -- 8. probes reuse one kept-alive connection -----------------------------------------
+
+
+@pytest.mark.uvloop_only
+async def test_probes_reuse_their_connection_over_10_seconds(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    a, _ = sim_fleets
+    ingress = await started(start_ingress, lines(a))
+    await asyncio.sleep(10)
+    fleet = ingress.balancer.fleets[0]
+    assert fleet.probes_total >= 10
+    assert a.health_probes >= 10
+    assert a.health_connections <= 2
+
+
+async def test_maint_fleet_is_not_probed(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    from fleet_ingress.balancer import Admin
+
+    a, _ = sim_fleets
+    ingress = await started(start_ingress, lines(a), fleets={"check_interval": 0.1})
+    fleet = ingress.balancer.fleets[0]
+    fleet.admin = Admin.MAINT
+    await asyncio.sleep(0.15)
+    seen = a.health_probes
+    await asyncio.sleep(0.5)
+    assert a.health_probes == seen
+    fleet.admin = Admin.READY
+    await eventually(lambda: a.health_probes > seen)
+
+
+# -- 9. check --body and check --probe -------------------------------------------------
+
+CLI = [sys.executable, "-m", "fleet_ingress"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "says"),
+    [
+        (b'{"prev_fleet_available": 0, "fleet_available": 40}', 0, "pass: fleet_available=40"),
+        (b'{"fleet_available": 0}', 0, "pass: fleet_available=0"),
+        (b'{"fleet_available": "5"}', 1, "fail: key 'fleet_available' not an integer"),
+        (b"<html>fleet_available</html>", 1, "fail: body not JSON"),
+    ],
+)
+def test_check_body_agrees_with_the_verdict(tmp_path: Path, body, code, says):
+    captured = tmp_path / "health.json"
+    captured.write_bytes(body)
+    done = subprocess.run([*CLI, "check", "--body", str(captured)], capture_output=True, text=True)
+    assert done.returncode == code, done.stdout + done.stderr
+    assert says in done.stdout
+
+
+async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
+    tmp_path: Path, tls_files: TLSFiles, sim_fleets
+):
+    a, b = sim_fleets
+    b.health_status = 503
+    (tmp_path / "fleets.txt").write_text("\n".join(lines(a, b)))
+    config = tmp_path / "ingress.toml"
+    config.write_text(
+        f'[listen]\nwss = "127.0.0.1:8443"\nacme = ""\nstats = ""\nadmin_socket = ""\n'
+        f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
+        f'[fleets]\nca_file = "{tls_files.ca_pem}"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "check", "-c", str(config), "--probe", stdout=asyncio.subprocess.PIPE
+    )
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 1, out
+    assert "probe a  pass: fleet_available=64" in out
+    assert "probe b  fail: status 503" in out
+    b.health_status = 200
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "check", "-c", str(config), "--probe", stdout=asyncio.subprocess.PIPE
+    )
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, out
