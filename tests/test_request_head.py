@@ -101,6 +101,10 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/%2e%2E/attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"GET /ws/./x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"NOT A REQUEST\r\n\r\n", 400, "malformed"),
+        (b"GET /ws/x/..%2fattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
+        (b"GET /ws/x/%2E%2E%2Fattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, ""),
+        (b"GET /ws/..%2F..%2Flivekit/dispatch HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
+        (b"GET /ws/x%5c..%5cattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
     ],
 )
 def test_ambiguous_or_malformed_heads_are_refused(raw, status, words):
@@ -141,3 +145,17 @@ def test_a_head_at_the_limit_is_accepted():
 def test_dots_inside_a_segment_are_fine():
     head = parse_request_head(b"GET /ws/bot.v2..x/a.b HTTP/1.1\r\nHost: h\r\n\r\n")
     assert head.path == b"/ws/bot.v2..x/a.b"
+
+
+def test_a_head_trickled_byte_by_byte_is_read_whole():
+    raw = b"GET /ws/x HTTP/1.1\r\nHost: h\r\nX-Pad: " + b"p" * 8000 + b"\r\n\r\nafter"
+    reader = RequestHeadReader(16384)
+    results = [reader.feed(raw[i : i + 1]) for i in range(len(raw) - 5)]
+    assert all(r is None for r in results[:-1])
+    head = results[-1]
+    assert head is not None and head.get(b"x-pad") == b"p" * 8000
+
+
+def test_query_string_may_hold_encoded_slashes():
+    head = parse_request_head(b"GET /ws/x?next=%2Fa%2e HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert head.target == b"/ws/x?next=%2Fa%2e"

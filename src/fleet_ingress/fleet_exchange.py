@@ -40,6 +40,7 @@ class FleetExchange:
     def __init__(
         self, method: bytes, target: bytes, headers: list[Header], *, max_head_bytes: int
     ) -> None:
+        self.max_head_bytes = max_head_bytes
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
         request = h11.Request(method=method, target=target, headers=headers)
         self.request_bytes = (self._conn.send(request) or b"") + (

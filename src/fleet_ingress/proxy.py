@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+from .balancer import FleetState
 from .calls import Call, EndReason, Registry
 from .dispatch import Dispatcher, Lease, NoFleetAvailable
 from .fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
@@ -144,6 +145,7 @@ class CarrierProtocol(_Side):
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.state = CarrierState.HEAD
+        self.route_label = "-"  # for metrics: "-" until a head is routed
         self.client_ip = ""
         self.call: Call | None = None
         self._reader = RequestHeadReader(ctx.max_head_bytes)
@@ -157,6 +159,7 @@ class CarrierProtocol(_Side):
         self.client_ip = peername[0] if peername else "unknown"
         registry = self.ctx.registry
         registry.connections.add(self)
+        registry.connections_total += 1
         if len(registry.connections) > self.ctx.max_connections:
             self.answer(503, "the ingress is at its connection limit; retry shortly")
             return
@@ -175,10 +178,12 @@ class CarrierProtocol(_Side):
         if self.state is CarrierState.HEAD:
             self._on_head_bytes(data)
         elif self.state is CarrierState.CONNECTING:
+            # Kept reading while a fleet is found, so a carrier that hangs up
+            # is noticed at once; what it sends early waits, within a bound.
             self._early += data
-            if len(self._early) > MAX_EARLY_BYTES:
-                self._abandon_setup()
-                self.answer(400, "too many bytes sent before the WebSocket upgrade completed")
+            if len(self._early) >= MAX_EARLY_BYTES:
+                self.pause_reading()
+        # ANSWERING: bytes are dropped; reading goes on only to see the carrier leave.
 
     def eof_received(self) -> bool:
         return False  # close our side too; the fleet side follows in connection_lost
@@ -216,6 +221,7 @@ class CarrierProtocol(_Side):
         if self._head_timer is not None:
             self._head_timer.cancel()
         route = self.ctx.router.route(head.path.decode("latin-1"))
+        self.route_label = route.label
         if route.kind is RouteKind.HEALTH:
             if head.method in (b"GET", b"HEAD"):
                 self.answer(200, "ok", head_only=head.method == b"HEAD")
@@ -227,8 +233,9 @@ class CarrierProtocol(_Side):
             self.answer(400, "a call route accepts only a GET WebSocket upgrade")
         else:
             self.state = CarrierState.CONNECTING
-            self.pause_reading()
             self._early += head.trailing
+            if len(self._early) >= MAX_EARLY_BYTES:
+                self.pause_reading()
             call = Call(self, self.client_ip, route.prefix, route.bot_id)
             self.call = call
             self.ctx.registry.add_call(call)
@@ -246,6 +253,7 @@ class CarrierProtocol(_Side):
         self.state = CarrierState.ANSWERING
         if self._head_timer is not None:
             self._head_timer.cancel()
+        self.ctx.registry.count_request(self.route_label, status)
         if self.call is not None:
             self.call.status = status
             self.call.end_reason = EndReason.REFUSED
@@ -306,6 +314,11 @@ class FleetProtocol(_Side):
             assert self.exchange.head is not None
             self.pause_reading()
             self.head_received.set_result(self.exchange.head)
+        elif len(self._pending) > self.exchange.max_head_bytes:
+            # Complete 1xx heads escape h11's size limit: bound them all here.
+            self.head_received.set_exception(
+                ResponseError("junk-response", "response head larger than the limit")
+            )
 
     def eof_received(self) -> bool:
         return False
@@ -334,14 +347,20 @@ class FleetProtocol(_Side):
             _finish_if_done(carrier.ctx, call)
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
-        """Relay everything the fleet sent so far and what it sends from now on."""
+        """Relay everything the fleet sent so far and what it sends from now on.
+
+        Flow control is wired first, so the carrier's buffer filling up
+        (even with these first bytes) stops the fleet being read."""
         assert carrier.transport is not None
-        carrier.transport.write(bytes(self._pending))
-        self._pending.clear()
         self._relaying = relaying
         self.peer_side = carrier
         self.peer = carrier.transport
-        self.resume_reading()
+        carrier.peer_side = self
+        pending = bytes(self._pending)
+        self._pending.clear()
+        carrier.transport.write(pending)
+        if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+            self.resume_reading()
         if relaying:
             self._relay_progress(self.exchange.advance())
 
@@ -368,6 +387,8 @@ def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
         return
     if not ctx.registry.remove_call(call):
         return
+    if call.idle_watch is not None:
+        call.idle_watch.cancel()
     if ctx.access_log:
         access_log.info("call ended", extra=fields(**call.access_record()))
 
@@ -386,6 +407,7 @@ async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> Non
     tried: list[str] = []
     failure: Failure | None = None
     lease: Lease | None = None
+    retried_from: FleetState | None = None  # the fleet the last attempt failed on
     try:
         while True:
             try:
@@ -396,6 +418,9 @@ async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> Non
                 else:
                     carrier.answer(*GIVE_UP_ANSWER[failure])
                 return
+            if retried_from is not None and retried_from is not lease.fleet:
+                retried_from.redispatches += 1
+            retried_from = None
             call.attempts += 1
             call.fleet = lease.fleet
             tried.append(lease.fleet.name)
@@ -415,25 +440,36 @@ async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> Non
                     ),
                 )
                 if ctx.retry.retry_failure(exc.failure, call.attempts):
+                    lease.fleet.retries += 1
+                    retried_from = lease.fleet
                     continue
                 carrier.answer(*GIVE_UP_ANSWER[exc.failure])
                 return
             response = fleet_side.head_received.result()
+            lease.fleet.responses[response.status] += 1
             if not response.switched and ctx.retry.retry_status(response.status, call.attempts):
                 fleet_side.abort()
                 lease.release()
+                lease.fleet.retries += 1
+                retried_from = lease.fleet
                 continue
             call.status = response.status
             call.fleet_side = fleet_side
+            ctx.registry.count_request(carrier.route_label, response.status)
             if response.switched:
                 call.handshake_ms = (time.monotonic() - received_at) * 1000
                 call.tunnel_since = time.monotonic()
+                lease.fleet.calls_total += 1
                 fleet_side.link(carrier, relaying=False)
                 _link_carrier(carrier, fleet_side)
-                _IdleWatch(ctx, call).start()
+                IdleWatch(call, ctx.tunnel_timeout)
+                ctx.registry.call_linked(call)
             else:
                 carrier.state = CarrierState.ANSWERING
                 call.end_reason = EndReason.REFUSED
+                # A fleet that stalls in the middle of its answer must not
+                # hold the call (and its slot) forever.
+                IdleWatch(call, ctx.response_timeout)
                 fleet_side.link(carrier, relaying=True)
             if fleet_side.lost:  # the fleet closed right after answering
                 carrier.close()
@@ -447,7 +483,12 @@ async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> Non
         raise
     except Exception:
         log.exception("call setup failed", extra=fields(call_id=call.id))
+        if call.fleet_side is not None:
+            call.fleet_side.abort()
+        elif lease is not None:
+            lease.release()
         carrier.answer(502, "internal error while connecting the call")
+        call.end_reason = EndReason.ERROR
 
 
 def _link_carrier(carrier: CarrierProtocol, fleet_side: FleetProtocol) -> None:
@@ -457,9 +498,9 @@ def _link_carrier(carrier: CarrierProtocol, fleet_side: FleetProtocol) -> None:
     if early:
         carrier.bytes_received += len(early)
         fleet_side.transport.write(early)
-    carrier.peer_side = fleet_side
     carrier.peer = fleet_side.transport
-    carrier.resume_reading()
+    if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+        carrier.resume_reading()
 
 
 async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Lease) -> FleetProtocol:
@@ -505,34 +546,39 @@ async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Leas
     return fleet_side
 
 
-class _IdleWatch:
-    """Closes a tunnel with no bytes either way for `tunnel_timeout` seconds.
+class IdleWatch:
+    """Closes a call with no bytes either way for `timeout` seconds.
 
     Checks the call's byte counters a few times per timeout instead of
-    touching a timer on every message: the hot path stays a write."""
+    touching a timer on every message: the hot path stays a write. Closes
+    between `timeout` and 1.25 x `timeout` after the last byte."""
 
-    def __init__(self, ctx: ProxyContext, call: Call) -> None:
-        self.ctx = ctx
+    def __init__(self, call: Call, timeout: float) -> None:
         self.call = call
-        self.period = ctx.tunnel_timeout / 4
-        self.last_total = -1
+        self.timeout = timeout
+        self.period = timeout / 4
+        self.last_total = self._total()
         self.last_change = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.period, self.check)
+        call.idle_watch = self
 
-    def start(self) -> None:
-        asyncio.get_running_loop().call_later(self.period, self.check)
+    def _total(self) -> int:
+        return self.call.bytes_from_carrier + self.call.bytes_to_carrier
+
+    def cancel(self) -> None:
+        self._timer.cancel()
 
     def check(self) -> None:
         call = self.call
-        if not call.in_tunnel:
-            return
-        total = call.bytes_from_carrier + call.bytes_to_carrier
+        total = self._total()
         now = time.monotonic()
         if total != self.last_total:
             self.last_total, self.last_change = total, now
-        elif now - self.last_change >= self.ctx.tunnel_timeout:
-            call.end_reason = EndReason.TIMEOUT
+        elif now - self.last_change >= self.timeout:
+            if call.end_reason is None:
+                call.end_reason = EndReason.TIMEOUT
             call.carrier.close()
             if call.fleet_side is not None:
                 call.fleet_side.close()
             return
-        asyncio.get_running_loop().call_later(self.period, self.check)
+        self._timer = asyncio.get_running_loop().call_later(self.period, self.check)

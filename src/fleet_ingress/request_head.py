@@ -29,6 +29,9 @@ _CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
 # nginx normalizes them, so "/ws/../attach" would reach a route the ingress
 # refuses. Nothing legitimate on a call route needs them.
 _DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# nginx decodes %2F before it resolves dot segments, so "/ws/x/..%2fattach"
+# reaches /attach. Encoded '/', '\\' and '.' have no business in a call path.
+_ENCODED_SEPARATOR = re.compile(rb"%(?:2f|5c|2e)", re.IGNORECASE)
 
 
 class RequestRefused(Exception):
@@ -96,6 +99,7 @@ class RequestHeadReader:
     def __init__(self, max_head_bytes: int) -> None:
         self._max = max_head_bytes
         self._buf = bytearray()
+        self._scanned = 0  # bytes already searched: a trickled head costs O(n), not O(n^2)
 
     @property
     def buffered(self) -> int:
@@ -103,14 +107,17 @@ class RequestHeadReader:
 
     def feed(self, data: bytes) -> RequestHead | None:
         self._buf += data
-        end = self._buf.find(_HEAD_END)
+        # Look back a few bytes: the CRLF CRLF may straddle two reads.
+        start = max(0, self._scanned - len(_HEAD_END) + 1)
+        end = self._buf.find(_HEAD_END, start)
         if end < 0:
             if len(self._buf) > self._max:
                 raise RequestRefused(431, "request head larger than the limit")
-            if _BARE_LF.search(self._buf):
+            if _BARE_LF.search(self._buf, max(0, self._scanned - 1)):
                 # Without this a head using bare LF would never complete and
                 # would only be answered by the request timeout.
                 raise RequestRefused(400, "malformed request: line ending without CR")
+            self._scanned = len(self._buf)
             return None
         head_len = end + len(_HEAD_END)
         if head_len > self._max:
@@ -118,6 +125,7 @@ class RequestHeadReader:
         raw = bytes(self._buf[:head_len])
         trailing = bytes(self._buf[head_len:])
         self._buf.clear()
+        self._scanned = 0
         return parse_request_head(raw, trailing)
 
 
@@ -153,4 +161,6 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         raise RequestRefused(400, "a request with a body is not served")
     if _DOT_SEGMENT.search(head.path):
         raise RequestRefused(400, "request path has '.' or '..' segments")
+    if _ENCODED_SEPARATOR.search(head.path):
+        raise RequestRefused(400, "request path has an encoded '/', '\\' or '.'")
     return head
