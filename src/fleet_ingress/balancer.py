@@ -9,6 +9,7 @@ above 0. `Balancer.pick()` says which fleet, or why none: NO_FLEET_UP
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ class FleetState:
     spec: FleetSpec
     health: Health = Health.UP
     admin: Admin = Admin.READY
+    removing: bool = False  # removed by the operator; goes once it carries no call
     active: int = 0  # calls (and call attempts) this ingress has open there
     opened_total: int = 0
     # Capacity the fleet last reported, and `opened_total` when that probe was
@@ -53,6 +55,11 @@ class FleetState:
     last_probe_seconds: float | None = None
     probes_total: int = 0
     check_failures: int = 0
+    # Call counters, for stats and metrics (read at scrape time).
+    calls_total: int = 0  # calls tunneled to this fleet
+    responses: Counter[int] = field(default_factory=Counter)  # fleet answers by status
+    retries: int = 0  # failed attempts here that were tried again
+    redispatches: int = 0  # ...and that went to another fleet
 
     @property
     def name(self) -> str:

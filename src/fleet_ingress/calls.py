@@ -10,12 +10,14 @@ import asyncio
 import enum
 import itertools
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .balancer import FleetState
-    from .proxy import CarrierProtocol, FleetProtocol
+    from .proxy import CarrierProtocol, FleetProtocol, IdleWatch
 
 
 class EndReason(enum.Enum):
@@ -49,7 +51,9 @@ class Call:
     handshake_ms: float | None = None  # head received -> 101 relayed
     tunnel_since: float | None = None
     end_reason: EndReason | None = None
+    ended_mono: float | None = None
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
+    idle_watch: IdleWatch | None = None
 
     @property
     def in_tunnel(self) -> bool:
@@ -74,11 +78,14 @@ class Call:
             "status": self.status,
             "attempts": self.attempts,
             "handshake_ms": None if self.handshake_ms is None else round(self.handshake_ms, 1),
-            "duration_s": round(time.monotonic() - self.started_mono, 3),
+            "duration_s": round((self.ended_mono or time.monotonic()) - self.started_mono, 3),
             "bytes_from_carrier": self.bytes_from_carrier,
             "bytes_to_carrier": self.bytes_to_carrier,
             "end_reason": self.end_reason.value if self.end_reason else None,
         }
+
+
+CallHook = Callable[[Call], None]
 
 
 @dataclass
@@ -86,6 +93,30 @@ class Registry:
     connections: set[CarrierProtocol] = field(default_factory=set)
     calls: set[Call] = field(default_factory=set)
     _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
+    # Frontend totals (live calls add theirs when read: see relayed_bytes()).
+    connections_total: int = 0
+    tls_handshake_failures: int = 0
+    requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
+    ended_bytes_from_carrier: int = 0
+    ended_bytes_to_carrier: int = 0
+    # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
+    on_call_linked: list[CallHook] = field(default_factory=list)
+    on_call_ended: list[CallHook] = field(default_factory=list)
+
+    def count_request(self, route: str, status: int) -> None:
+        self.requests[(route, status)] += 1
+
+    def call_linked(self, call: Call) -> None:
+        for hook in self.on_call_linked:
+            hook(call)
+
+    def relayed_bytes(self) -> tuple[int, int]:
+        """(carrier -> fleet, fleet -> carrier) since start, live calls included."""
+        live = list(self.calls)
+        return (
+            self.ended_bytes_from_carrier + sum(c.bytes_from_carrier for c in live),
+            self.ended_bytes_to_carrier + sum(c.bytes_to_carrier for c in live),
+        )
 
     def add_call(self, call: Call) -> None:
         self.calls.add(call)
@@ -96,8 +127,13 @@ class Registry:
         if call not in self.calls:
             return False
         self.calls.discard(call)
+        call.ended_mono = time.monotonic()
+        self.ended_bytes_from_carrier += call.bytes_from_carrier
+        self.ended_bytes_to_carrier += call.bytes_to_carrier
         if not self.calls:
             self._no_calls.set()
+        for hook in self.on_call_ended:
+            hook(call)
         return True
 
     async def wait_no_calls(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from .balancer import Balancer, FleetState, Verdict
@@ -55,6 +55,8 @@ class Dispatcher:
         self.max_queue = max_queue
         self._queue: deque[_Waiter] = deque()
         self.queue_timeouts = 0  # count, for metrics
+        # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
+        self.on_release: list[Callable[[FleetState], None]] = []
 
     @property
     def queue_length(self) -> int:
@@ -108,6 +110,8 @@ class Dispatcher:
 
     def release(self, fleet: FleetState) -> None:
         self.balancer.close(fleet)
+        for hook in self.on_release:
+            hook(fleet)
         self.wake()
 
     def wake(self) -> None:

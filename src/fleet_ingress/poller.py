@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -82,13 +83,21 @@ class HealthPoller:
     """One probe loop per fleet; results go into the fleet's record."""
 
     def __init__(
-        self, dispatcher: Dispatcher, fleet_ssl: ssl.SSLContext, settings: ProbeSettings
+        self,
+        dispatcher: Dispatcher,
+        fleet_ssl: ssl.SSLContext,
+        settings: ProbeSettings,
+        *,
+        on_probe: Callable[[str, float], None] | None = None,
     ) -> None:
+        """`on_probe(fleet, seconds)` hears of every probe (for the duration histogram)."""
         self.dispatcher = dispatcher
+        self.on_probe = on_probe
         self.fleet_ssl = fleet_ssl
         self.settings = settings
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._first_probe: dict[str, asyncio.Event] = {}
+        self._probed = asyncio.Condition()  # notified after every recorded probe
 
     def start(self, fleet: FleetState) -> None:
         if fleet.name not in self._loops:
@@ -114,6 +123,17 @@ class HealthPoller:
             return False
         return True
 
+    async def wait_for(
+        self, fleet: FleetState, predicate: Callable[[FleetState], bool], timeout: float
+    ) -> bool:
+        """Wait (at most `timeout`) until a probe leaves `fleet` matching `predicate`."""
+        try:
+            async with asyncio.timeout(timeout), self._probed:
+                await self._probed.wait_for(lambda: predicate(fleet))
+        except TimeoutError:
+            return False
+        return True
+
     async def close(self) -> None:
         for name in list(self._loops):
             await self.stop(name)
@@ -135,6 +155,8 @@ class HealthPoller:
         started = time.monotonic()
         result = await probe_fleet(session, fleet.spec, self.settings)
         self.record(fleet, result, opened_before, time.monotonic() - started)
+        async with self._probed:
+            self._probed.notify_all()
 
     def record(
         self, fleet: FleetState, result: ProbeResult, opened_before: int, seconds: float
@@ -146,6 +168,8 @@ class HealthPoller:
             seconds,
         )
         fleet.probes_total += 1
+        if self.on_probe is not None:
+            self.on_probe(fleet.name, seconds)
         if not result.passed:
             fleet.check_failures += 1
         was_full = fleet.full
