@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 from . import __version__
 
@@ -32,6 +33,30 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="judge a captured /health/fleet body instead (pass/fail and the capacity read)",
     )
+
+    def admin_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text)
+        where = cmd.add_mutually_exclusive_group()
+        where.add_argument("-c", "--config", type=Path, help="find the admin socket from this")
+        where.add_argument("--admin-socket", type=Path, help="the admin socket's path")
+        return cmd
+
+    stat = admin_command("stat", "show fleets and calls, like HAProxy's 'show stat'")
+    stat.add_argument("--json", action="store_true", help="the full snapshot as JSON")
+    for state, what in (
+        ("drain", "stop new calls to a fleet; its calls go on"),
+        ("ready", "let a fleet take new calls again"),
+        ("maint", "stop new calls and health checks for a fleet; its calls go on"),
+    ):
+        admin_command(state, what).add_argument("name", help="the fleet's name")
+    add = admin_command("add-fleet", "add a fleet live (pre-checked, persisted, rolled back)")
+    add.add_argument("url", help="https://HOST[:PORT]")
+    add.add_argument("--name", help="default: the URL's host[:port]")
+    add.add_argument("--maxconn", type=int, help="default: fleets.maxconn")
+    add.add_argument("--dry-run", action="store_true", help="show what would change")
+    remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
+    remove.add_argument("name", help="the fleet's name")
+    remove.add_argument("--force", action="store_true", help="close its calls now")
 
     demo = sub.add_parser(
         "demo", help="local fleets + ingress + simulated carrier calls, all on loopback"
@@ -60,11 +85,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)
             return 2
         return run_check(args.config, probe=args.probe)
+    if args.command in ADMIN_COMMANDS:
+        return _admin(args)
     if args.command == "demo":
         from .demo import run_demo
 
         return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+ADMIN_COMMANDS = {"stat", "drain", "ready", "maint", "add-fleet", "remove-fleet"}
+
+
+def _admin(args: argparse.Namespace) -> int:
+    from .admin_client import DEFAULT_ADMIN_SOCKET, run_admin
+
+    socket_path = args.admin_socket or DEFAULT_ADMIN_SOCKET
+    if args.config is not None:
+        from .config import ConfigError, load_config
+
+        try:
+            configured = load_config(args.config).listen.admin_socket
+        except ConfigError as exc:
+            print(f"fleet-ingress: {exc}", file=sys.stderr)
+            return 2
+        if not configured:
+            print(f"fleet-ingress: {args.config}: listen.admin_socket is disabled", file=sys.stderr)
+            return 2
+        socket_path = Path(configured)
+    if args.command == "stat":
+        return run_admin(socket_path, "GET", "/stat", None, as_json=args.json)
+    if args.command in ("drain", "ready", "maint"):
+        return run_admin(
+            socket_path,
+            "POST",
+            f"/fleets/{quote(args.name, safe='')}/state",
+            {"state": args.command},
+        )
+    if args.command == "add-fleet":
+        payload = {
+            "url": args.url,
+            "name": args.name,
+            "maxconn": args.maxconn,
+            "dry_run": args.dry_run,
+        }
+        return run_admin(socket_path, "POST", "/fleets", payload)
+    query = "?force=1" if args.force else ""
+    return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
 def _run(config_path: Path) -> int:

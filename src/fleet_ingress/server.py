@@ -6,20 +6,30 @@ import asyncio
 import logging
 import signal
 import ssl
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
 
 from .addresses import parse_hostport
+from .admin_server import admin_app, bind_admin_socket
 from .balancer import Balancer, Health
 from .calls import EndReason, Registry
 from .config import IngressConfig
 from .dispatch import Dispatcher
+from .fleet_ops import FleetOps
 from .fleets_file import FleetSpec
 from .logs import fields
+from .metrics import IngressMetrics
 from .poller import HealthPoller, ProbeSettings
 from .proxy import CarrierProtocol, ProxyContext
 from .retry import RetryPolicy
 from .routing import Router
-from .tls import fleet_ssl_context, server_ssl_context
+from .snapshot import snapshot
+from .stats_server import stats_app
+from .tls import certificate_not_after, fleet_ssl_context, server_ssl_context
 
 log = logging.getLogger("fleet_ingress.server")
 
@@ -56,6 +66,22 @@ class Ingress:
         self.dispatcher = Dispatcher(
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
+        self.registry = Registry()
+        self.started_at = time.time()
+        self.certificate_not_after: float | None = None
+        if config.tls.cert is not None:
+            try:
+                self.certificate_not_after = certificate_not_after(config.tls.cert)
+            except (OSError, ValueError):
+                pass  # shown as unknown; `check` names the problem
+        self.metrics = IngressMetrics(
+            self.balancer,
+            self.registry,
+            self.dispatcher,
+            certificate_not_after=lambda: self.certificate_not_after,
+        )
+        self.ops = FleetOps(self)
+        self.dispatcher.on_release.append(self.ops.reap)
         self.poller: HealthPoller | None = None
         if health_checks:
             f = config.fleets
@@ -70,8 +96,8 @@ class Ingress:
                     fall=f.fall,
                     rise=f.rise,
                 ),
+                on_probe=self.metrics.check_observed,
             )
-        self.registry = Registry()
         self.ctx = ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
             dispatcher=self.dispatcher,
@@ -91,6 +117,9 @@ class Ingress:
             access_log=config.log.access,
         )
         self._wss: asyncio.Server | None = None
+        self._web_runners: list[web.AppRunner] = []
+        self.stats_address: tuple[str, int] | None = None
+        self.admin_socket: Path | None = None
 
     async def start(self) -> None:
         if self.poller is not None:
@@ -114,6 +143,37 @@ class Ingress:
                 listener="wss", address=self.wss_address, fleets=len(self.balancer.fleets)
             ),
         )
+        listen = self.config.listen
+        if listen.stats:
+            host, port = parse_hostport(listen.stats, what="listen.stats")
+            runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
+            sock = runner.addresses[0]
+            self.stats_address = (sock[0], sock[1])
+            log.info("listening", extra=fields(listener="stats", address=self.stats_address))
+        if listen.admin_socket:
+            path = Path(listen.admin_socket)
+            sock = bind_admin_socket(path)
+            await self._serve_web(admin_app(self), web.SockSite, sock=sock)
+            self.admin_socket = path
+            log.info("listening", extra=fields(listener="admin", address=str(path)))
+
+    async def _serve_web(
+        self, app: web.Application, site_type: type[web.BaseSite], **where: Any
+    ) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await site_type(runner, **where).start()
+        self._web_runners.append(runner)
+        return runner
+
+    def snapshot(self) -> dict[str, Any]:
+        return snapshot(
+            self.balancer,
+            self.registry,
+            self.dispatcher,
+            started_at=self.started_at,
+            certificate_not_after=self.certificate_not_after,
+        )
 
     @property
     def wss_address(self) -> tuple[str, int]:
@@ -127,6 +187,11 @@ class Ingress:
             self._wss.close()
         if self.poller is not None:
             await self.poller.close()
+        for runner in self._web_runners:
+            await runner.cleanup()
+        self._web_runners.clear()
+        if self.admin_socket is not None:
+            self.admin_socket.unlink(missing_ok=True)
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         try:
             async with asyncio.timeout(timeout):

@@ -1,0 +1,109 @@
+"""The admin API, served on a Unix socket only (mode 0660): every write.
+
+    GET    /stat                      the same snapshot as /stats.json
+    POST   /fleets/{name}/state       {"state": "ready" | "drain" | "maint"}
+    POST   /fleets                    {"url", "name"?, "maxconn"?, "dry_run"?}
+    DELETE /fleets/{name}?force=1
+
+Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from .fleet_ops import FleetChangeError
+
+if TYPE_CHECKING:
+    from .server import Ingress
+
+SOCKET_MODE = 0o660
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except FleetChangeError as exc:
+        return web.json_response({"error": exc.message}, status=exc.status)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FleetChangeError(400, "the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise FleetChangeError(400, "the request body must be a JSON object")
+    return body
+
+
+def admin_app(ingress: Ingress) -> web.Application:
+    ops = ingress.ops
+
+    async def stat(request: web.Request) -> web.Response:
+        return web.json_response(ingress.snapshot())
+
+    async def set_state(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        return web.json_response(
+            ops.set_admin_state(request.match_info["name"], str(body.get("state", "")))
+        )
+
+    async def add(request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        if not isinstance(body.get("url"), str):
+            raise FleetChangeError(400, "add-fleet needs a URL, e.g. https://fleet3.example.com")
+        maxconn = body.get("maxconn")
+        if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
+            raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
+        result = await ops.add_fleet(
+            body["url"], name=body.get("name"), maxconn=maxconn, dry_run=bool(body.get("dry_run"))
+        )
+        return web.json_response(result)
+
+    async def remove(request: web.Request) -> web.Response:
+        force = request.query.get("force", "") in ("1", "true", "yes")
+        return web.json_response(await ops.remove_fleet(request.match_info["name"], force=force))
+
+    app = web.Application(middlewares=[_errors])
+    app.router.add_get("/stat", stat)
+    app.router.add_post("/fleets/{name}/state", set_state)
+    app.router.add_post("/fleets", add)
+    app.router.add_delete("/fleets/{name}", remove)
+    return app
+
+
+def bind_admin_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0660; a stale one is replaced,
+    a live one (another ingress) is an error naming it."""
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left behind by a process that died
+        else:
+            raise OSError(f"admin socket {path} is in use: is another fleet-ingress running?")
+        finally:
+            probe.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # never world-accessible, not even for an instant
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock

@@ -1,0 +1,198 @@
+"""Live fleet changes an operator makes: admin state, add a fleet, remove one.
+
+Each change either happens whole or not at all, and says why not. There are
+no server lines to hand-edit: the fleets file is written here, atomically,
+with a backup, keeping the operator's comments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .balancer import Admin, FleetState, Health
+from .calls import EndReason
+from .fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
+from .fleets_store import text_with_fleet, text_without_fleet, write_atomically
+from .logs import fields
+from .poller import health_session, probe_fleet
+
+if TYPE_CHECKING:
+    from .server import Ingress
+
+log = logging.getLogger("fleet_ingress.admin")
+
+
+class FleetChangeError(Exception):
+    """A refused change; `status` is the HTTP status the admin API answers."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class FleetOps:
+    ingress: Ingress
+
+    @property
+    def fleets_file(self) -> Path:
+        return self.ingress.config.fleets.file
+
+    def _fleet(self, name: str) -> FleetState:
+        fleet = self.ingress.balancer.get(name)
+        if fleet is None:
+            known = ", ".join(f.name for f in self.ingress.balancer.fleets) or "none"
+            raise FleetChangeError(404, f"no fleet named {name!r} (fleets: {known})")
+        return fleet
+
+    def set_admin_state(self, name: str, state: str) -> dict[str, Any]:
+        fleet = self._fleet(name)
+        try:
+            admin = Admin(state.upper())
+        except ValueError:
+            raise FleetChangeError(
+                400, f"unknown state {state!r}: use ready, drain or maint"
+            ) from None
+        if fleet.removing and admin is not Admin.DRAIN:
+            raise FleetChangeError(409, f"fleet {name!r} is being removed; it stays in DRAIN")
+        before, fleet.admin = fleet.admin, admin
+        log.info(
+            "fleet admin state",
+            extra=fields(fleet=name, before=before.value, after=admin.value),
+        )
+        self.ingress.dispatcher.wake()
+        return {"fleet": name, "admin": admin.value, "was": before.value, "calls": fleet.active}
+
+    def _read_fleets_text(self) -> str:
+        try:
+            return self.fleets_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return ""
+        except OSError as exc:
+            raise FleetChangeError(
+                500, f"cannot read the fleets file {self.fleets_file}: {exc.strerror}"
+            ) from None
+
+    def _persist(self, text: str) -> Path | None:
+        try:
+            return write_atomically(self.fleets_file, text)
+        except OSError as exc:
+            raise FleetChangeError(
+                500, f"cannot write the fleets file {self.fleets_file}: {exc.strerror or exc}"
+            ) from None
+
+    async def add_fleet(
+        self, url: str, *, name: str | None, maxconn: int | None, dry_run: bool
+    ) -> dict[str, Any]:
+        config = self.ingress.config
+        default_maxconn = config.fleets.maxconn
+        line = " ".join(
+            [url, *([f"name={name}"] if name else []), *([f"maxconn={maxconn}"] if maxconn else [])]
+        )
+        try:
+            (spec,) = parse_fleets_text(line, default_maxconn=default_maxconn, source="add-fleet")
+        except (FleetsFileError, ValueError) as exc:
+            raise FleetChangeError(400, str(exc)) from None
+        self._refuse_duplicate(spec)
+        # Pre-check: the fleet must pass the same probe the poller will send.
+        poller = self.ingress.poller
+        assert poller is not None, "fleet changes need the health poller"
+        async with health_session(poller.fleet_ssl, poller.settings) as session:
+            precheck = await probe_fleet(session, spec, poller.settings)
+        if not precheck.passed:
+            raise FleetChangeError(
+                422,
+                f"health pre-check of {spec.url}{poller.settings.health_path} failed: "
+                f"{precheck.reason}; nothing changed",
+            )
+        new_text = text_with_fleet(self._read_fleets_text(), spec, default_maxconn=default_maxconn)
+        plan = {
+            "fleet": spec.name,
+            "url": spec.url,
+            "maxconn": spec.maxconn,
+            "precheck": precheck.describe(poller.settings.capacity_key),
+            "fleets_file": str(self.fleets_file),
+            "line": new_text.splitlines()[-1],
+        }
+        if dry_run:
+            return {"dry_run": True, **plan}
+        fleet = FleetState(spec, health=Health.INIT, capacity_aware=config.fleets.capacity_aware)
+        self.ingress.balancer.fleets.append(fleet)
+        poller.start(fleet)
+        settings = poller.settings
+        wait = settings.timeout + settings.interval * (settings.rise + 1) + 1
+        if not await poller.wait_for(fleet, lambda f: f.health is Health.UP, timeout=wait):
+            last = fleet.last_probe.describe() if fleet.last_probe else "no probe answered"
+            await self._drop(fleet)
+            raise FleetChangeError(
+                422, f"fleet {spec.name!r} did not read UP within {wait:g}s ({last}); rolled back"
+            )
+        try:
+            backup = self._persist(new_text)
+        except FleetChangeError as exc:
+            await self._drop(fleet)
+            raise FleetChangeError(exc.status, f"{exc.message}; rolled back") from None
+        log.info("fleet added", extra=fields(fleet=spec.name, url=spec.url, maxconn=spec.maxconn))
+        return {**plan, "health": fleet.health.value, "backup": str(backup) if backup else None}
+
+    def _refuse_duplicate(self, spec: FleetSpec) -> None:
+        for other in self.ingress.balancer.fleets:
+            if other.name == spec.name:
+                raise FleetChangeError(409, f"a fleet named {spec.name!r} exists already")
+            if (other.spec.host, other.spec.port) == (spec.host, spec.port):
+                raise FleetChangeError(
+                    409, f"{spec.url} is already in the ingress as fleet {other.name!r}"
+                )
+
+    async def remove_fleet(self, name: str, *, force: bool) -> dict[str, Any]:
+        fleet = self._fleet(name)
+        text = self._read_fleets_text()
+        try:
+            new_text: str | None = text_without_fleet(
+                text, name, default_maxconn=self.ingress.config.fleets.maxconn
+            )
+        except FleetsFileError:
+            new_text = None  # not in the file (added by hand elsewhere): nothing to persist
+        backup = self._persist(new_text) if new_text is not None else None
+        fleet.admin, fleet.removing = Admin.DRAIN, True
+        closed = 0
+        if force:
+            for call in self.ingress.registry.calls_on(name):
+                call.end_reason = EndReason.REMOVED
+                call.carrier.close()
+                if call.fleet_side is not None:
+                    call.fleet_side.close()
+                closed += 1
+        calls = fleet.active
+        log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
+        self.reap(fleet)
+        return {
+            "fleet": name,
+            "removed": fleet not in self.ingress.balancer.fleets,
+            "draining_calls": 0 if force else calls,
+            "closed_calls": closed,
+            "fleets_file": str(self.fleets_file) if new_text is not None else None,
+            "backup": str(backup) if backup else None,
+        }
+
+    def reap(self, fleet: FleetState) -> None:
+        """Take a removed fleet out once it carries no call."""
+        if fleet.removing and fleet.active == 0 and fleet in self.ingress.balancer.fleets:
+            self.ingress.balancer.fleets.remove(fleet)
+            asyncio.get_running_loop().create_task(self._forget(fleet))
+            log.info("fleet gone", extra=fields(fleet=fleet.name))
+
+    async def _drop(self, fleet: FleetState) -> None:
+        if fleet in self.ingress.balancer.fleets:
+            self.ingress.balancer.fleets.remove(fleet)
+        await self._forget(fleet)
+
+    async def _forget(self, fleet: FleetState) -> None:
+        if self.ingress.poller is not None:
+            await self.ingress.poller.stop(fleet.name)
+        self.ingress.metrics.fleet_removed(fleet.name)

@@ -1,0 +1,103 @@
+"""The `/stats` HTML page: what an operator reads at a glance. No I/O.
+
+Rendered from the same snapshot as `/stats.json` and `fleet-ingress stat`.
+It refreshes itself; it has no script and loads nothing from elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from html import escape
+from typing import Any
+
+REFRESH_SECONDS = 2
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
+h1{font-size:1.3em;margin:0 0 .2em} .sub{color:#667;margin-bottom:1em}
+table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002;margin-bottom:1.2em}
+th,td{padding:.35em .7em;border-bottom:1px solid #e4e6ea;text-align:right;white-space:nowrap}
+th{background:#eef0f3;font-weight:600} td.l,th.l{text-align:left}
+.state{display:inline-block;min-width:4.5em;text-align:center;border-radius:3px;
+ padding:0 .4em;font-weight:600;color:#fff}
+.UP{background:#2e9e44}.DOWN{background:#d0342c}.INIT{background:#8a8f98}
+.FULL{background:#e08a00}.READY{background:#3b6fd6}.DRAIN{background:#e08a00}
+.MAINT{background:#7a4fc0}.fail{color:#d0342c}.muted{color:#8a8f98}
+"""
+
+
+def _cell(value: Any, cls: str = "") -> str:
+    text = "-" if value is None else escape(str(value))
+    return f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>"
+
+
+def _badge(state: str) -> str:
+    return f'<span class="state {escape(state)}">{escape(state)}</span>'
+
+
+def render_stats_page(snap: dict[str, Any]) -> str:
+    rows = []
+    for f in snap["fleets"]:
+        health = "FULL" if f["health"] == "UP" and f["full"] else f["health"]
+        check = f["last_check"] or "no probe yet"
+        age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
+        check_cls = "l fail" if f["last_check_passed"] is False else "l"
+        rows.append(
+            "<tr>"
+            f'<td class="l"><b>{escape(f["name"])}</b><br>'
+            f'<span class="muted">{escape(f["url"])}</span></td>'
+            f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
+            f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}</td>"
+            f"<td>{f['active']}/{f['maxconn']}</td>"
+            + _cell(f["reported_available"])
+            + _cell(f["estimated_available"])
+            + f'<td class="{check_cls}">{escape(check)}'
+            f'<span class="muted">{escape(age)}</span></td>'
+            + _cell(f["calls_total"])
+            + _cell(f["responses_429"])
+            + _cell(f["retries"])
+            + _cell(f["check_failures"])
+            + "</tr>"
+        )
+    fe = snap["frontend"]
+    requests = ", ".join(
+        f"{escape(route)} " + " ".join(f"{code}:{n}" for code, n in codes.items())
+        for route, codes in fe["requests"].items()
+    )
+    not_after = snap.get("certificate_not_after")
+    cert = (
+        "-"
+        if not_after is None
+        else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+        + f" ({(not_after - snap['time']) / 86400:.0f} days)"
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{REFRESH_SECONDS}">
+<title>fleet-ingress stats</title><style>{_CSS}</style></head>
+<body>
+<h1>fleet-ingress</h1>
+<div class="sub">version {escape(snap["version"])} &middot; up {snap["uptime_s"]:.0f}s &middot;
+{time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap["time"]))} &middot;
+refreshes every {REFRESH_SECONDS}s</div>
+<table id="fleets">
+<tr><th class="l">fleet</th><th>health</th><th>admin</th><th>calls/maxconn</th>
+<th>reported free</th><th>estimated free</th><th class="l">last check</th>
+<th>calls total</th><th>429s</th><th>retries</th><th>check failures</th></tr>
+{"".join(rows) or '<tr><td class="l" colspan="11">no fleets configured</td></tr>'}
+</table>
+<table id="frontend">
+<tr><th class="l">frontend</th><th class="l"></th></tr>
+<tr><td class="l">active calls</td><td class="l">{fe["active_calls"]}</td></tr>
+<tr><td class="l">open connections</td><td class="l">{fe["connections"]}
+ <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
+<tr><td class="l">queue</td><td class="l">{fe["queue_length"]} waiting,
+ {fe["queue_timeouts"]} timed out</td></tr>
+<tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>
+<tr><td class="l">bytes relayed</td><td class="l">{fe["bytes_from_carrier"]} from carriers,
+ {fe["bytes_to_carrier"]} to carriers</td></tr>
+<tr><td class="l">certificate expires</td><td class="l">{escape(cert)}</td></tr>
+</table>
+<div class="muted">/stats.json and /metrics hold the same data.</div>
+</body></html>
+"""
