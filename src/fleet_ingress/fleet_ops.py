@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,9 +35,14 @@ class FleetChangeError(Exception):
         self.message = message
 
 
+# --force closes calls; their sockets take a moment to go.
+FORCED_REMOVAL_WAIT = 5.0
+
+
 @dataclass
 class FleetOps:
     ingress: Ingress
+    _gone: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
     def fleets_file(self) -> Path:
@@ -160,6 +165,7 @@ class FleetOps:
             new_text = None  # not in the file (added by hand elsewhere): nothing to persist
         backup = self._persist(new_text) if new_text is not None else None
         fleet.admin, fleet.removing = Admin.DRAIN, True
+        gone = self._gone.setdefault(name, asyncio.Event())
         closed = 0
         if force:
             for call in self.ingress.registry.calls_on(name):
@@ -171,6 +177,12 @@ class FleetOps:
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
         self.reap(fleet)
+        if force:
+            try:
+                async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                    await gone.wait()
+            except TimeoutError:
+                pass  # reported below as not yet removed
         return {
             "fleet": name,
             "removed": fleet not in self.ingress.balancer.fleets,
@@ -185,6 +197,8 @@ class FleetOps:
         if fleet.removing and fleet.active == 0 and fleet in self.ingress.balancer.fleets:
             self.ingress.balancer.fleets.remove(fleet)
             asyncio.get_running_loop().create_task(self._forget(fleet))
+            if (gone := self._gone.pop(fleet.name, None)) is not None:
+                gone.set()
             log.info("fleet gone", extra=fields(fleet=fleet.name))
 
     async def _drop(self, fleet: FleetState) -> None:

@@ -1,0 +1,58 @@
+"""Persisting fleet changes: comments kept, atomic replace, backup. No sockets."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fleet_ingress.fleets_file import FleetsFileError, parse_fleets_text
+from fleet_ingress.fleets_store import text_with_fleet, text_without_fleet, write_atomically
+
+TEXT = (
+    "# production fleets\n"
+    "https://fleet1.example.com  # first\n"
+    "https://fleet2.example.com:8443 name=two maxconn=32\n"
+    "\n"
+)
+
+
+def test_adding_appends_one_line_and_keeps_everything_else():
+    (spec,) = parse_fleets_text("https://fleet3.example.com name=three", default_maxconn=16)
+    new = text_with_fleet(TEXT, spec, default_maxconn=16)
+    assert new == TEXT + "https://fleet3.example.com name=three\n"
+    (big,) = parse_fleets_text("https://f4.example.com maxconn=40", default_maxconn=16)
+    assert text_with_fleet("x.txt-no-newline", big, default_maxconn=16).endswith(
+        "x.txt-no-newline\nhttps://f4.example.com maxconn=40\n"
+    )
+
+
+def test_removing_drops_exactly_the_named_line():
+    new = text_without_fleet(TEXT, "two", default_maxconn=16)
+    assert new == "# production fleets\nhttps://fleet1.example.com  # first\n\n"
+    new = text_without_fleet(TEXT, "fleet1.example.com", default_maxconn=16)
+    assert "fleet1" not in new and "name=two" in new and new.startswith("# production")
+
+
+def test_removing_an_unlisted_fleet_says_so():
+    with pytest.raises(FleetsFileError, match="'nope' 0 times"):
+        text_without_fleet(TEXT, "nope", default_maxconn=16)
+
+
+def test_write_atomically_keeps_a_backup_and_leaves_no_temp(tmp_path: Path):
+    path = tmp_path / "fleets.txt"
+    assert write_atomically(path, "one\n") is None  # no old file, no backup
+    backup = write_atomically(path, "two\n")
+    assert backup == tmp_path / "fleets.txt.bak"
+    assert path.read_text() == "two\n" and backup.read_text() == "one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "fleets.txt.bak"]
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path: Path):
+    path = tmp_path / "fleets.txt"
+    path.write_text("old\n")
+    # The temp file cannot be created (a directory has its name): works as root too.
+    (tmp_path / f".fleets.txt.tmp-{os.getpid()}").mkdir()
+    with pytest.raises(OSError):
+        write_atomically(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert not (tmp_path / "fleets.txt.bak").exists()

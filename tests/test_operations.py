@@ -1,0 +1,388 @@
+"""Operating the ingress through the admin socket and the CLI (issue #4).
+
+Real processes for the CLI, a real Unix socket, real fleets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from fleet_ingress.balancer import Admin, Health
+from fleet_ingress.config import config_from_dict
+from fleet_ingress.fleets_file import load_fleets_file
+from fleet_ingress.logs import JsonFormatter
+from fleet_ingress.server import Ingress
+from fleet_ingress.sim import SimulatedFleet, run_call
+
+from .conftest import TLSFiles, wss_url
+
+CLI = [sys.executable, "-m", "fleet_ingress"]
+
+
+@dataclass
+class Deployment:
+    ingress: Ingress
+    fleets: dict[str, SimulatedFleet]
+    home: Path
+    tls_files: TLSFiles
+
+    @property
+    def fleets_file(self) -> Path:
+        return self.home / "fleets.txt"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "ingress.toml"
+
+    async def cli(self, *args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            *args,
+            "-c",
+            str(self.config_file),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    async def call(self) -> ClientConnection:
+        return await connect(wss_url(self.ingress), ssl=self.tls_files.client_context())
+
+    def fleet(self, name: str):
+        fleet = self.ingress.balancer.get(name)
+        assert fleet is not None, name
+        return fleet
+
+
+def fleet_of(ws: ClientConnection) -> str:
+    assert ws.response is not None
+    return ws.response.headers["X-Fleet"]
+
+
+async def eventually(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def _config_text(home: Path, tls_files: TLSFiles) -> str:
+    # A short directory: a Unix socket path must fit in 107 bytes.
+    return f"""
+[listen]
+wss = "127.0.0.1:0"
+acme = ""
+stats = "127.0.0.1:0"
+admin_socket = "{home / "admin.sock"}"
+
+[tls]
+cert = "{tls_files.ingress_cert}"
+key = "{tls_files.ingress_key}"
+
+[fleets]
+file = "fleets.txt"
+ca_file = "{tls_files.ca_pem}"
+check_interval = 0.2
+check_timeout = 0.5
+"""
+
+
+async def _start(home: Path, tls_files: TLSFiles) -> Ingress:
+    import tomllib
+
+    config = config_from_dict(tomllib.loads(_config_text(home, tls_files)), base_dir=home)
+    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    ingress = Ingress(config, fleets)
+    await ingress.start()
+    assert ingress.poller is not None
+    assert await ingress.poller.wait_first_probes(timeout=3)
+    return ingress
+
+
+@pytest.fixture
+async def deployment(tls_files: TLSFiles) -> AsyncIterator[Deployment]:
+    home = Path(tempfile.mkdtemp(prefix="fi-"))
+    fleets = {
+        name: SimulatedFleet(name=name, ssl_context=tls_files.fleet_server_context(), capacity=32)
+        for name in ("a", "b", "c")
+    }
+    for fleet in fleets.values():
+        await fleet.start()
+    (home / "fleets.txt").write_text(
+        "# fleets behind this ingress\n"
+        f"{fleets['a'].url} name=a\n"
+        f"{fleets['b'].url} name=b  # the second one\n"
+    )
+    (home / "ingress.toml").write_text(_config_text(home, tls_files))
+    ingress = await _start(home, tls_files)
+    yield Deployment(ingress, fleets, home, tls_files)
+    await ingress.stop(drain_timeout=0)
+    for fleet in fleets.values():
+        await fleet.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+# -- 2. drain / ready / maint ---------------------------------------------------------
+
+
+async def test_drain_sends_new_calls_elsewhere_and_keeps_established_ones(
+    deployment: Deployment,
+):
+    d = deployment
+    host, port = d.ingress.wss_address
+    url = f"wss://{host}:{port}"
+    ctx = d.tls_files.client_context()
+    streaming = asyncio.create_task(run_call(url, ssl_context=ctx, duration=2.0))
+    await eventually(lambda: d.fleet("a").active == 1)  # round robin starts at a
+
+    code, out, err = await d.cli("drain", "a")
+    assert code == 0, err
+    assert "READY -> DRAIN" in out
+    calls = [await d.call() for _ in range(4)]
+    assert {fleet_of(ws) for ws in calls} == {"b"}
+    result = await streaming
+    assert result.ok and result.fleet == "a" and result.lost_frames == 0
+    assert result.frames_received >= 90
+
+    code, out, _ = await d.cli("ready", "a")
+    assert code == 0 and "DRAIN -> READY" in out
+    more = [await d.call() for _ in range(4)]
+    assert {fleet_of(ws) for ws in more} == {"a"}  # a has fewest calls: leastconn
+    for ws in calls + more:
+        await ws.close()
+
+    code, _, _ = await d.cli("maint", "a")
+    assert code == 0
+    await asyncio.sleep(0.3)  # a probe already under way may still land
+    seen = d.fleets["a"].health_probes
+    await asyncio.sleep(1.0)
+    assert d.fleets["a"].health_probes == seen  # MAINT: no probes at all
+    assert d.fleets["b"].health_probes > 0
+    code, _, _ = await d.cli("ready", "a")
+    await eventually(lambda: d.fleets["a"].health_probes > seen)
+
+
+async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
+    deployment: Deployment, tmp_path: Path
+):
+    code, _, err = await deployment.cli("drain", "nope")
+    assert code == 1
+    assert "no fleet named 'nope' (fleets: a, b)" in err
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "stat",
+        "--admin-socket",
+        str(tmp_path / "absent.sock"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err_b = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"cannot reach the admin socket" in err_b and b"Is fleet-ingress running?" in err_b
+
+
+async def test_stat_prints_a_table_and_json(deployment: Deployment):
+    ws = await deployment.call()
+    code, out, _ = await deployment.cli("stat")
+    assert code == 0
+    header, row_a, row_b = out.splitlines()[:3]
+    assert header.split()[:4] == ["fleet", "health", "admin", "cur/max"]
+    assert row_a.split()[:4] == ["a", "UP", "READY", "1/16"]
+    assert row_b.split()[:4] == ["b", "UP", "READY", "0/16"]
+    code, out, _ = await deployment.cli("stat", "--json")
+    snap = json.loads(out)
+    assert [f["name"] for f in snap["fleets"]] == ["a", "b"]
+    assert snap["frontend"]["active_calls"] == 1
+    await ws.close()
+
+
+# -- 3. add-fleet ----------------------------------------------------------------------
+
+
+async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deployment):
+    d = deployment
+    before = d.fleets_file.read_bytes()
+    c = d.fleets["c"]
+
+    code, out, _ = await d.cli("add-fleet", "--dry-run", c.url, "--name", "c", "--maxconn", "40")
+    assert code == 0 and "nothing changed" in out and "pass: fleet_available=32" in out
+    assert d.fleets_file.read_bytes() == before
+    assert d.ingress.balancer.get("c") is None
+
+    c.health_status = 503
+    code, _, err = await d.cli("add-fleet", c.url, "--name", "c")
+    assert code == 1
+    assert "health pre-check" in err and "failed: status 503" in err
+    assert "nothing changed" in err
+    assert d.fleets_file.read_bytes() == before
+    assert [f.name for f in d.ingress.balancer.fleets] == ["a", "b"]
+
+    c.health_status = 200
+    code, out, err = await d.cli("add-fleet", c.url, "--name", "c", "--maxconn", "40")
+    assert code == 0, err
+    assert "added fleet c" in out
+    fleet_c = d.fleet("c")
+    assert fleet_c.health is Health.UP and fleet_c.maxconn == 40
+    text = d.fleets_file.read_text()
+    assert text.startswith(before.decode())  # comments and lines kept
+    assert f"{c.url} name=c maxconn=40" in text
+    assert (d.home / "fleets.txt.bak").read_bytes() == before
+
+    for name in ("a", "b"):
+        d.ingress.ops.set_admin_state(name, "drain")
+    ws = await d.call()
+    assert fleet_of(ws) == "c"
+    await ws.close()
+
+    code, _, err = await d.cli("add-fleet", c.url, "--name", "c2")
+    assert code == 1 and "already in the ingress as fleet 'c'" in err
+
+    # Restart: the fleet is still there.
+    await d.ingress.stop(drain_timeout=0)
+    d.ingress = await _start(d.home, d.tls_files)
+    assert [f.name for f in d.ingress.balancer.fleets] == ["a", "b", "c"]
+    assert d.fleet("c").health is Health.UP
+
+
+# -- 4. remove-fleet -------------------------------------------------------------------
+
+
+async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment):
+    d = deployment
+    ws = await d.call()
+    assert fleet_of(ws) == "a"
+    code, out, err = await d.cli("remove-fleet", "a")
+    assert code == 0, err
+    assert "draining" in out and "1 calls" in out
+    assert "name=a" not in d.fleets_file.read_text()
+    assert "# fleets behind this ingress" in d.fleets_file.read_text()
+    fleet_a = d.fleet("a")
+    assert fleet_a.admin is Admin.DRAIN and fleet_a.removing
+    other = await d.call()
+    assert fleet_of(other) == "b"
+    await ws.send("still talking")
+    assert await ws.recv() == "still talking"
+    await ws.close()
+    await eventually(lambda: d.ingress.balancer.get("a") is None)
+    probes = d.fleets["a"].health_probes
+    await asyncio.sleep(0.5)
+    assert d.fleets["a"].health_probes == probes  # no longer probed
+    await other.close()
+
+
+async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplog):
+    d = deployment
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    calls = [await d.call() for _ in range(2)]
+    on_b = [ws for ws in calls if fleet_of(ws) == "b"]
+    assert len(on_b) == 1
+    code, out, err = await d.cli("remove-fleet", "b", "--force")
+    assert code == 0, err
+    assert "removed fleet b (1 calls closed)" in out
+    with pytest.raises(ConnectionClosed):
+        async with asyncio.timeout(3):
+            await on_b[0].recv()
+    await eventually(lambda: d.ingress.balancer.get("b") is None)
+    await eventually(lambda: any(_access(caplog, "end_reason") == "removed" for _ in [0]))
+    for ws in calls:
+        await ws.close()
+
+
+def _access_entries(caplog) -> list[dict]:
+    return [
+        json.loads(JsonFormatter().format(r))
+        for r in caplog.records
+        if r.name == "fleet_ingress.access"
+    ]
+
+
+def _access(caplog, key: str):
+    entries = _access_entries(caplog)
+    return entries[-1][key] if entries else None
+
+
+# -- 5. where writes can come from -----------------------------------------------------
+
+
+async def test_admin_socket_is_0660_and_stats_listener_is_read_only(deployment: Deployment):
+    d = deployment
+    assert d.ingress.admin_socket is not None
+    mode = os.stat(d.ingress.admin_socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    host, port = d.ingress.stats_address or ("", 0)
+    async with aiohttp.ClientSession() as http:
+        for path in ("/stats", "/stats.json", "/metrics"):
+            async with http.get(f"http://{host}:{port}{path}") as response:
+                assert response.status == 200
+            for method in ("POST", "PUT", "DELETE", "PATCH"):
+                async with http.request(method, f"http://{host}:{port}{path}") as response:
+                    assert response.status == 405, (method, path)
+        async with http.post(f"http://{host}:{port}/fleets", json={"url": "x"}) as response:
+            assert response.status == 404
+        async with http.post(f"http://{host}:{port}/fleets/a/state", json={"state": "drain"}) as r:
+            assert r.status == 404
+    assert d.fleet("a").admin is Admin.READY
+
+
+async def test_a_second_ingress_refuses_a_live_admin_socket(deployment: Deployment):
+    with pytest.raises(OSError, match="in use"):
+        await _start(deployment.home, deployment.tls_files)
+
+
+# -- 7. the access log -----------------------------------------------------------------
+
+
+async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, caplog):
+    d = deployment
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ws = await d.call()
+    await ws.send(os.urandom(200))  # incompressible: permessage-deflate is on
+    await ws.recv()
+    await ws.close()
+    await eventually(lambda: len(_access_entries(caplog)) == 1)
+    normal = _access_entries(caplog)[0]
+    assert normal["event"] == "call ended" and normal["level"] == "info"
+    assert normal["fleet"] == "a" and normal["status"] == 101 and normal["attempts"] == 1
+    assert normal["end_reason"] == "carrier closed" and normal["client_ip"] == "127.0.0.1"
+    assert normal["bytes_from_carrier"] >= 200 and normal["bytes_to_carrier"] >= 200
+    assert normal["route"] == "/ws/" and normal["bot_id"] == "bot-1"
+    for key in ("time", "started", "handshake_ms", "duration_s", "call_id"):
+        assert key in normal
+
+    # The fleet's nginx is full before its health report says so: its 429 passes through.
+    d.ingress.ops.set_admin_state("b", "drain")
+    a = d.fleets["a"]
+    a.capacity, a.available_override = 0, 5
+    await eventually(lambda: d.fleet("a").reported_available == 5)
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as info:
+        await d.call()
+    assert info.value.response.status_code == 429
+    await eventually(lambda: len(_access_entries(caplog)) == 2)
+    refused = _access_entries(caplog)[1]
+    assert (refused["status"], refused["fleet"], refused["end_reason"]) == (429, "a", "refused")
+
+    d.ingress.ops.set_admin_state("a", "drain")
+    with pytest.raises(InvalidStatus) as info:
+        await d.call()
+    assert info.value.response.status_code == 503
+    await eventually(lambda: len(_access_entries(caplog)) == 3)
+    no_fleet = _access_entries(caplog)[2]
+    assert (no_fleet["status"], no_fleet["fleet"], no_fleet["attempts"]) == (503, None, 0)
+    assert no_fleet["end_reason"] == "refused"
