@@ -139,6 +139,7 @@ def _run(config_path: Path) -> int:
 
     from .config import ConfigError, load_config
     from .fleets_file import FleetsFileError, load_fleets_file
+    from .lifecycle import run_service
     from .logs import configure_logging
     from .server import Ingress
     from .tls import TLSSetupError
@@ -151,5 +152,9 @@ def _run(config_path: Path) -> int:
     except (ConfigError, FleetsFileError, TLSSetupError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
-    uvloop.run(ingress.serve_until_signalled())
+    try:
+        uvloop.run(run_service(ingress, config_path))
+    except OSError as exc:  # a listener that cannot bind, most often
+        print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -96,11 +96,13 @@ class HealthPoller:
         self.fleet_ssl = fleet_ssl
         self.settings = settings
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._fleets: dict[str, FleetState] = {}
         self._first_probe: dict[str, asyncio.Event] = {}
         self._probed = asyncio.Condition()  # notified after every recorded probe
 
     def start(self, fleet: FleetState) -> None:
         if fleet.name not in self._loops:
+            self._fleets[fleet.name] = fleet
             self._first_probe[fleet.name] = asyncio.Event()
             self._loops[fleet.name] = asyncio.get_running_loop().create_task(
                 self._run(fleet), name=f"health:{fleet.name}"
@@ -109,6 +111,7 @@ class HealthPoller:
     async def stop(self, name: str) -> None:
         task = self._loops.pop(name, None)
         self._first_probe.pop(name, None)
+        self._fleets.pop(name, None)
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -133,6 +136,21 @@ class HealthPoller:
         except TimeoutError:
             return False
         return True
+
+    async def reconfigure(self, fleet_ssl: ssl.SSLContext, settings: ProbeSettings) -> None:
+        """New probe settings or fleet TLS: restart every loop with them. Health
+        state lives in the fleet records, so nothing is forgotten."""
+        if fleet_ssl is self.fleet_ssl and settings == self.settings:
+            return
+        self.fleet_ssl, self.settings = fleet_ssl, settings
+        for name, task in list(self._loops.items()):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            fleet = self._fleets.get(name)
+            if fleet is not None:
+                self._loops[name] = asyncio.get_running_loop().create_task(
+                    self._run(fleet), name=f"health:{name}"
+                )
 
     async def close(self) -> None:
         for name in list(self._loops):

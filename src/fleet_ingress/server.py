@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import ssl
 import time
 from collections.abc import Sequence
@@ -13,14 +12,15 @@ from typing import Any
 
 from aiohttp import web
 
+from .acme import AcmeProtocol, AcmeSettings
 from .addresses import parse_hostport
 from .admin_server import admin_app, bind_admin_socket
-from .balancer import Balancer, Health
+from .balancer import Admin, Balancer, FleetState, Health
 from .calls import EndReason, Registry
-from .config import IngressConfig
+from .config import ConfigError, IngressConfig, load_config
 from .dispatch import Dispatcher
 from .fleet_ops import FleetOps
-from .fleets_file import FleetSpec
+from .fleets_file import FleetsFileError, FleetSpec, load_fleets_file
 from .logs import fields
 from .metrics import IngressMetrics
 from .poller import HealthPoller, ProbeSettings
@@ -29,7 +29,7 @@ from .retry import RetryPolicy
 from .routing import Router
 from .snapshot import snapshot
 from .stats_server import stats_app
-from .tls import certificate_not_after, fleet_ssl_context, server_ssl_context
+from .tls import TLSSetupError, certificate_not_after, fleet_ssl_context, server_ssl_context
 
 log = logging.getLogger("fleet_ingress.server")
 
@@ -84,21 +84,21 @@ class Ingress:
         self.dispatcher.on_release.append(self.ops.reap)
         self.poller: HealthPoller | None = None
         if health_checks:
-            f = config.fleets
             self.poller = HealthPoller(
                 self.dispatcher,
                 fleet_ssl,
-                ProbeSettings(
-                    health_path=f.health_path,
-                    capacity_key=f.capacity_key,
-                    interval=f.check_interval,
-                    timeout=f.check_timeout,
-                    fall=f.fall,
-                    rise=f.rise,
-                ),
+                _probe_settings(config),
                 on_probe=self.metrics.check_observed,
             )
-        self.ctx = ProxyContext(
+        self.ctx = self._proxy_context(config, fleet_ssl)
+        self._wss: asyncio.Server | None = None
+        self._acme: asyncio.Server | None = None
+        self._web_runners: list[web.AppRunner] = []
+        self.stats_address: tuple[str, int] | None = None
+        self.admin_socket: Path | None = None
+
+    def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
+        return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
             dispatcher=self.dispatcher,
             registry=self.registry,
@@ -116,10 +116,6 @@ class Ingress:
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
         )
-        self._wss: asyncio.Server | None = None
-        self._web_runners: list[web.AppRunner] = []
-        self.stats_address: tuple[str, int] | None = None
-        self.admin_socket: Path | None = None
 
     async def start(self) -> None:
         if self.poller is not None:
@@ -144,6 +140,12 @@ class Ingress:
             ),
         )
         listen = self.config.listen
+        if listen.acme:
+            host, port = parse_hostport(listen.acme, what="listen.acme")
+            self._acme = await loop.create_server(
+                lambda: AcmeProtocol(self._acme_settings), host, port, reuse_address=True
+            )
+            log.info("listening", extra=fields(listener="acme", address=self.acme_address))
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
@@ -181,23 +183,130 @@ class Ingress:
         sockname = self._wss.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting; let calls end for up to `drain_timeout`; close the rest."""
-        if self._wss is not None:
-            self._wss.close()
+    @property
+    def acme_address(self) -> tuple[str, int]:
+        assert self._acme is not None, "listen.acme is off, or start() first"
+        sockname = self._acme.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    @property
+    def _acme_settings(self) -> AcmeSettings:
+        config = self.config
+        host, port = parse_hostport(config.acme.upstream, what="acme.upstream")
+        return AcmeSettings(
+            upstream_host=host,
+            upstream_port=port,
+            redirect_https=config.acme.redirect_https,
+            request_timeout=config.timeouts.request,
+            connect_timeout=config.timeouts.connect,
+            response_timeout=config.timeouts.response,
+            max_head_bytes=config.limits.max_header_bytes,
+        )
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= and logs: calls and fleets at a glance."""
+        fleets = self.balancer.fleets
+        up = sum(1 for f in fleets if f.health is Health.UP)
+        eligible = sum(1 for f in fleets if f.up and f.has_room)
+        return (
+            f"{len(self.registry.tunnels())} calls, {up}/{len(fleets)} fleets up, "
+            f"{eligible} taking calls, queue {self.dispatcher.queue_length}"
+        )
+
+    async def reload(self, config_path: Path) -> str:
+        """Reload configuration, fleets file and certificate in place.
+
+        Everything is read and validated first; any error refuses the whole
+        reload (raises ReloadRefused) and the running configuration stays.
+        Established calls are never touched: they keep the context they
+        started with."""
+        try:
+            config = load_config(config_path)
+            specs = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+            if config.tls.cert is None or config.tls.key is None:
+                raise ReloadRefused("tls.cert and tls.key must be set")
+            server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
+            fleet_ssl = fleet_ssl_context(
+                verify=config.fleets.verify, ca_file=config.fleets.ca_file
+            )
+        except (ConfigError, FleetsFileError, TLSSetupError) as exc:
+            raise ReloadRefused(str(exc)) from None
+        notes = []
+        old = self.config
+        for key in ("wss", "acme", "stats", "admin_socket"):
+            if getattr(old.listen, key) != getattr(config.listen, key):
+                notes.append(f"listen.{key} changed: takes effect at the next restart")
+        # New handshakes get the new certificate; live TLS sessions keep theirs.
+        self.server_ssl.load_cert_chain(config.tls.cert, config.tls.key)
+        self.server_ssl.minimum_version = server_ssl_context(
+            config.tls.cert, config.tls.key, config.tls.min_version
+        ).minimum_version
+        self.certificate_not_after = certificate_not_after(config.tls.cert)
+        self.config = config
+        self.ctx = self._proxy_context(config, fleet_ssl)
+        self.dispatcher.queue_timeout = config.timeouts.queue
+        self.dispatcher.max_queue = config.limits.max_queue
+        notes += self._apply_fleets(specs, config)
         if self.poller is not None:
-            await self.poller.close()
-        for runner in self._web_runners:
-            await runner.cleanup()
-        self._web_runners.clear()
-        if self.admin_socket is not None:
-            self.admin_socket.unlink(missing_ok=True)
+            await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
+        self.dispatcher.wake()
+        return "; ".join(notes) or "no fleet changes"
+
+    def _apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
+        """Fleets diff: new ones start probing, removed ones drain, maxconn applies at once."""
+        notes: list[str] = []
+        wanted = {spec.name: spec for spec in specs}
+        for fleet in list(self.balancer.fleets):
+            fleet.capacity_aware = config.fleets.capacity_aware
+            spec = wanted.pop(fleet.name, None)
+            if spec is None or (spec.host, spec.port, spec.scheme) != (
+                fleet.spec.host,
+                fleet.spec.port,
+                fleet.spec.scheme,
+            ):
+                if not fleet.removing:
+                    fleet.admin, fleet.removing = Admin.DRAIN, True
+                    notes.append(f"fleet {fleet.name} removed: draining {fleet.active} calls")
+                    self.ops.reap(fleet)
+                if spec is not None:
+                    wanted[spec.name] = spec  # moved: a new fleet of the same name
+                continue
+            if spec != fleet.spec:
+                notes.append(f"fleet {fleet.name}: maxconn {fleet.maxconn} -> {spec.maxconn}")
+                fleet.spec = spec
+        for spec in wanted.values():
+            if self.balancer.get(spec.name) is not None:
+                notes.append(f"fleet {spec.name}: still draining its old address; not added")
+                continue
+            fleet = FleetState(
+                spec,
+                health=Health.INIT if self.poller else Health.UP,
+                capacity_aware=config.fleets.capacity_aware,
+            )
+            self.balancer.fleets.append(fleet)
+            if self.poller is not None:
+                self.poller.start(fleet)
+            notes.append(f"fleet {spec.name} added")
+        return notes
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting at once; let calls end for up to `drain_timeout`;
+        close what remains. Stats and admin stay up while calls drain."""
+        for server in (self._wss, self._acme):
+            if server is not None:
+                server.close()
+        for conn in list(self.registry.connections):
+            if conn.call is None:  # no call yet: nothing to keep
+                conn.abort()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         try:
             async with asyncio.timeout(timeout):
                 await self.registry.wait_no_calls()
         except TimeoutError:
-            pass
+            log.warning(
+                "drain time is up: closing calls",
+                extra=fields(calls=len(self.registry.calls), drain_s=timeout),
+            )
         for call in list(self.registry.calls):
             if call.end_reason is None:
                 call.end_reason = EndReason.DRAIN
@@ -206,23 +315,27 @@ class Ingress:
                 call.fleet_side.close()
         for conn in list(self.registry.connections):
             conn.abort()
+        if self.poller is not None:
+            await self.poller.close()
+        for runner in self._web_runners:
+            await runner.cleanup()
+        self._web_runners.clear()
+        if self.admin_socket is not None:
+            self.admin_socket.unlink(missing_ok=True)
         await asyncio.sleep(0)
 
-    async def serve_until_signalled(self) -> None:
-        """`run`: serve until SIGTERM/SIGINT; a second signal stops at once."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
 
-        def on_signal(signum: int) -> None:
-            if stop.is_set():
-                log.warning("second signal: stopping now", extra=fields(signal=signum))
-                raise SystemExit(0)
-            log.info("stopping: draining calls", extra=fields(signal=signum))
-            stop.set()
+class ReloadRefused(Exception):
+    """The new configuration is invalid; the running one stays in force."""
 
-        for sig in signals:
-            loop.add_signal_handler(sig, on_signal, sig)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+
+def _probe_settings(config: IngressConfig) -> ProbeSettings:
+    f = config.fleets
+    return ProbeSettings(
+        health_path=f.health_path,
+        capacity_key=f.capacity_key,
+        interval=f.check_interval,
+        timeout=f.check_timeout,
+        fall=f.fall,
+        rise=f.rise,
+    )

@@ -17,7 +17,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f
 h1{font-size:1.3em;margin:0 0 .2em} .sub{color:#667;margin-bottom:1em}
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px #0002;margin-bottom:1.2em}
 th,td{padding:.35em .7em;border-bottom:1px solid #e4e6ea;text-align:right;white-space:nowrap}
-th{background:#eef0f3;font-weight:600} td.l,th.l{text-align:left}
+th{background:#eef0f3;font-weight:600;white-space:normal;vertical-align:bottom}
+td.l,th.l{text-align:left}
 .state{display:inline-block;min-width:4.5em;text-align:center;border-radius:3px;
  padding:0 .4em;font-weight:600;color:#fff}
 .UP{background:#2e9e44}.DOWN{background:#d0342c}.INIT{background:#8a8f98}

@@ -1,0 +1,145 @@
+"""The plain-HTTP listener (`:80`): ACME HTTP-01 passthrough, else a redirect.
+
+certbot's standalone authenticator listens on `acme.upstream`
+(127.0.0.1:8888) only while it renews; `/.well-known/acme-challenge/<token>`
+is forwarded there and its answer relayed byte for byte, and 503 says when
+nothing listens. Everything else gets 301 to https (or 404). The head is read
+with the same checks, size limit and timeout as on the carrier listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import cast
+
+from .fleet_exchange import FleetExchange, Progress, ResponseError
+from .logs import fields
+from .request_head import RequestHead, RequestHeadReader, RequestRefused
+from .responses import local_response
+
+log = logging.getLogger("fleet_ingress.acme")
+
+CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+# A challenge answer is a token and a key thumbprint: tiny. Anything larger is refused.
+MAX_ACME_RESPONSE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    upstream_host: str
+    upstream_port: int
+    redirect_https: bool
+    request_timeout: float
+    connect_timeout: float
+    response_timeout: float
+    max_head_bytes: int
+
+
+def host_without_port(host: bytes) -> bytes:
+    """`calls.example.com:80` -> `calls.example.com`; `[::1]:80` -> `[::1]`."""
+    if host.startswith(b"["):
+        return host.partition(b"]")[0] + b"]"
+    return host.partition(b":")[0]
+
+
+class AcmeProtocol(asyncio.Protocol):
+    def __init__(self, settings: AcmeSettings) -> None:
+        self.settings = settings
+        self.transport: asyncio.Transport | None = None
+        self._reader = RequestHeadReader(settings.max_head_bytes)
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.settings.request_timeout, self._answer, 408, "request head not received in time"
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            head = self._reader.feed(data)
+        except RequestRefused as refused:
+            self._answer(refused.status, refused.reason)
+            return
+        if head is not None:
+            self._done = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._route(head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _route(self, head: RequestHead) -> None:
+        if head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
+            if head.method not in (b"GET", b"HEAD"):
+                self._answer(405, "ACME challenges are fetched with GET")
+                return
+            self._task = asyncio.get_running_loop().create_task(self._forward(head))
+        elif self.settings.redirect_https and head.host:
+            self._write(
+                b"HTTP/1.1 301 Moved Permanently\r\n"
+                b"Location: https://" + host_without_port(head.host) + head.target + b"\r\n"
+                b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        else:
+            self._answer(404, "this listener serves ACME challenges only")
+
+    async def _forward(self, head: RequestHead) -> None:
+        s = self.settings
+        where = f"{s.upstream_host}:{s.upstream_port}"
+        exchange = FleetExchange(
+            head.method,
+            head.target,
+            [(b"Host", head.host or where.encode()), (b"Connection", b"close")],
+            max_head_bytes=s.max_head_bytes,
+        )
+        try:
+            async with asyncio.timeout(s.connect_timeout):
+                reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
+        except (OSError, TimeoutError) as exc:
+            log.warning("acme upstream unreachable", extra=fields(upstream=where, error=str(exc)))
+            self._answer(503, f"no ACME responder is listening on {where}")
+            return
+        answer = bytearray()
+        try:
+            writer.write(exchange.request_bytes)
+            async with asyncio.timeout(s.response_timeout):
+                while True:
+                    chunk = await reader.read(65536)
+                    answer += chunk
+                    if len(answer) > MAX_ACME_RESPONSE:
+                        raise ResponseError("junk-response", "ACME answer too large")
+                    progress = exchange.feed(chunk) if chunk else exchange.feed_eof()
+                    if progress is Progress.BODY_COMPLETE or not chunk:
+                        break
+                    if progress is Progress.HEAD_COMPLETE and exchange.advance() is (
+                        Progress.BODY_COMPLETE
+                    ):
+                        break
+        except (OSError, TimeoutError, ResponseError) as exc:
+            log.warning("acme upstream failed", extra=fields(upstream=where, error=str(exc)))
+            self._answer(502, f"the ACME responder on {where} did not answer properly")
+            return
+        finally:
+            writer.close()
+        self._write(bytes(answer))
+
+    def _answer(self, status: int, text: str) -> None:
+        self._done = True
+        self._write(local_response(status, text))
+
+    def _write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+            t.close()

@@ -1,0 +1,107 @@
+"""`fleet-ingress run`: the process around an `Ingress`, driven by signals.
+
+SIGHUP reloads in place (configuration, fleets file, certificate) and never
+touches an established call; an invalid new configuration is refused whole.
+SIGTERM/SIGINT stop accepting at once, let calls finish for up to
+`timeouts.drain`, close the rest and exit 0; a second signal exits at once.
+systemd hears READY=1, RELOADING=1, STOPPING=1, STATUS= and WATCHDOG=1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from .logs import fields
+from .sdnotify import Notifier
+from .server import Ingress, ReloadRefused
+
+log = logging.getLogger("fleet_ingress.lifecycle")
+
+# READY=1 waits for every fleet's first probe, but never longer than this:
+# a fleet that does not answer must not keep the ingress from serving the others.
+FIRST_PROBE_WAIT = 5.0
+STATUS_EVERY = 10.0
+
+
+class _Stop(Exception):
+    pass
+
+
+async def run_service(
+    ingress: Ingress, config_path: Path, notifier: Notifier | None = None
+) -> None:
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now", extra=fields(signal=signum))
+            os._exit(0)  # the operator means it: no more draining
+        log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+
+    await ingress.start()
+    if ingress.poller is not None:
+        await ingress.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
+    notifier.notify("READY=1", f"STATUS={ingress.status_line()}", f"MAINPID={os.getpid()}")
+    log.info("ready", extra=fields(status=ingress.status_line()))
+    background = [
+        loop.create_task(_reload_on_signal(ingress, config_path, reloads, notifier)),
+        loop.create_task(_keep_systemd_informed(ingress, notifier)),
+    ]
+    await stop.wait()
+    notifier.notify("STOPPING=1", f"STATUS=draining: {ingress.status_line()}")
+    for task in background:
+        task.cancel()
+    await ingress.stop()
+    log.info("stopped")
+    notifier.close()
+
+
+async def _reload_on_signal(
+    ingress: Ingress, config_path: Path, reloads: asyncio.Queue[None], notifier: Notifier
+) -> None:
+    while True:
+        await reloads.get()
+        monotonic_usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+        notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        try:
+            summary = await ingress.reload(config_path)
+        except ReloadRefused as exc:
+            log.error(
+                "reload refused: the running configuration stays",
+                extra=fields(config=str(config_path), error=str(exc)),
+            )
+            notifier.notify(
+                "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
+            )
+            continue
+        except Exception:  # a bug must not take the serving process down
+            log.exception("reload failed", extra=fields(config=str(config_path)))
+            notifier.notify("READY=1", "STATUS=reload failed; see the log")
+            continue
+        log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
+        notifier.notify("READY=1", f"STATUS={ingress.status_line()}")
+
+
+async def _keep_systemd_informed(ingress: Ingress, notifier: Notifier) -> None:
+    """STATUS= every few seconds, and WATCHDOG=1 at half of WatchdogSec: the
+    ping comes from the event loop itself, so a stuck loop stops it."""
+    interval = min(STATUS_EVERY, notifier.watchdog_interval or STATUS_EVERY)
+    while True:
+        lines = [f"STATUS={ingress.status_line()}"]
+        if notifier.watchdog_interval is not None:
+            lines.append("WATCHDOG=1")
+        notifier.notify(*lines)
+        await asyncio.sleep(interval)

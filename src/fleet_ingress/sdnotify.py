@@ -1,0 +1,63 @@
+"""systemd's notify protocol, spoken directly: one datagram per message to
+`$NOTIFY_SOCKET` (no libsystemd). Without `$NOTIFY_SOCKET` every call is a
+no-op, so the ingress runs the same under systemd, a terminal or a test.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Mapping
+
+from .logs import fields
+
+log = logging.getLogger("fleet_ingress.systemd")
+
+
+class Notifier:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        path = env.get("NOTIFY_SOCKET", "")
+        # "@name" is a socket in the abstract namespace.
+        self.address = "\0" + path[1:] if path.startswith("@") else path
+        self._sock: socket.socket | None = None
+        self._warned = False
+        self.watchdog_interval = _watchdog_interval(env)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address)
+
+    def notify(self, *lines: str) -> None:
+        """Send e.g. notify("READY=1", "STATUS=serving"); never raises."""
+        if not self.address:
+            return
+        message = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8")
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock.sendto(message, self.address)
+        except OSError as exc:
+            if not self._warned:  # once: a missing socket must not flood the log
+                self._warned = True
+                log.warning(
+                    "cannot notify systemd", extra=fields(socket=self.address, error=str(exc))
+                )
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _watchdog_interval(env: Mapping[str, str]) -> float | None:
+    """Half of WatchdogSec, as systemd recommends; None when no watchdog is asked."""
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2 / 1_000_000
+    except ValueError:
+        return None

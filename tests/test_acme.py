@@ -1,0 +1,119 @@
+"""The :80 listener: ACME HTTP-01 passthrough to certbot, else redirect (issue #5)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp import web
+
+from .conftest import StartIngress
+from .fleets import free_port
+
+TOKEN = "Xy7-abc_DEF0123456789"
+KEY_AUTH = f"{TOKEN}.nT4rpzJvQJY3_thumbprint-of-the-account-key"
+
+
+async def plain_exchange(address: tuple[str, int], request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(request)
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def certbot_standin():
+    """What certbot's standalone authenticator serves on 127.0.0.1:8888 while renewing."""
+    seen: list[str] = []
+
+    async def challenge(request: web.Request) -> web.Response:
+        seen.append(request.match_info["token"])
+        if request.match_info["token"] != TOKEN:
+            return web.Response(status=404, text="unknown token")
+        return web.Response(body=KEY_AUTH.encode(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/.well-known/acme-challenge/{token}", challenge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = await free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield port, seen, runner
+    await runner.cleanup()
+
+
+async def _ingress(start_ingress: StartIngress, upstream_port: int, **acme):
+    return await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{upstream_port}", **acme},
+    )
+
+
+async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
+    start_ingress: StartIngress, certbot_standin
+):
+    port, seen, runner = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+    got = await plain_exchange(ingress.acme_address, request.encode())
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert body == KEY_AUTH.encode()
+    assert seen == [TOKEN]
+
+    got = await plain_exchange(
+        ingress.acme_address,
+        b"GET /.well-known/acme-challenge/other HTTP/1.1\r\nHost: calls.test\r\n\r\n",
+    )
+    assert got.startswith(b"HTTP/1.1 404 ") and got.endswith(b"unknown token")
+
+    await runner.cleanup()  # certbot finished: nothing listens on its port
+    got = await plain_exchange(ingress.acme_address, request.encode())
+    assert got.startswith(b"HTTP/1.1 503 ")
+    assert f"127.0.0.1:{port}".encode() in got
+
+
+@pytest.mark.parametrize(
+    ("host", "target", "location"),
+    [
+        ("calls.test", "/ws/bot?x=1", "https://calls.test/ws/bot?x=1"),
+        ("calls.test:80", "/", "https://calls.test/"),
+        ("[::1]:80", "/a", "https://[::1]/a"),
+    ],
+)
+async def test_everything_else_is_redirected_to_https(
+    start_ingress: StartIngress, certbot_standin, host, target, location
+):
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    got = await plain_exchange(
+        ingress.acme_address, f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    )
+    assert got.startswith(b"HTTP/1.1 301 ")
+    assert f"\r\nLocation: {location}\r\n".encode() in got
+    assert certbot_standin[1] == []
+
+
+async def test_redirect_off_gives_404_and_limits_hold(start_ingress: StartIngress, certbot_standin):
+    ingress = await _ingress(start_ingress, certbot_standin[0], redirect_https=False)
+    got = await plain_exchange(ingress.acme_address, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 404 ")
+    big = b"GET /x HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
+    assert (await plain_exchange(ingress.acme_address, big)).startswith(b"HTTP/1.1 431 ")
+    post = b"POST /.well-known/acme-challenge/t HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
+    assert (await plain_exchange(ingress.acme_address, post)).startswith(b"HTTP/1.1 405 ")
+
+
+async def test_a_silent_head_gets_408(start_ingress: StartIngress, certbot_standin):
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{certbot_standin[0]}"},
+        timeouts={"request": 0.3},
+    )
+    got = await plain_exchange(ingress.acme_address, b"GET /.well-known/acme")
+    assert got.startswith(b"HTTP/1.1 408 ")
