@@ -346,6 +346,7 @@ async def test_tls_floor_is_1_2(
     if not accepted:
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             await asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost")
+        await _eventually(lambda: ingress.registry.tls_handshake_failures == 1)
         return
     _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost")
     ssl_object = writer.get_extra_info("ssl_object")
@@ -379,6 +380,7 @@ async def test_plain_http_on_the_tls_port_is_dropped_and_calls_go_on(
         writer.close()
         await ws.send("still here")
         assert await ws.recv() == "still here"
+    assert ingress.registry.tls_handshake_failures == 1
 
 
 # -- 7. flow control ----------------------------------------------------------------------

@@ -103,6 +103,9 @@ class Registry:
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
 
+    def count_tls_handshake_failure(self) -> None:
+        self.tls_handshake_failures += 1
+
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
 

@@ -29,7 +29,13 @@ from .retry import RetryPolicy
 from .routing import Router
 from .snapshot import snapshot
 from .stats_server import stats_app
-from .tls import TLSSetupError, certificate_not_after, fleet_ssl_context, server_ssl_context
+from .tls import (
+    TLSSetupError,
+    certificate_not_after,
+    count_handshake_failures,
+    fleet_ssl_context,
+    server_ssl_context,
+)
 
 log = logging.getLogger("fleet_ingress.server")
 
@@ -67,6 +73,7 @@ class Ingress:
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
         self.registry = Registry()
+        count_handshake_failures(server_ssl, self.registry.count_tls_handshake_failure)
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
