@@ -386,3 +386,21 @@ async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, c
     no_fleet = _access_entries(caplog)[2]
     assert (no_fleet["status"], no_fleet["fleet"], no_fleet["attempts"]) == (503, None, 0)
     assert no_fleet["end_reason"] == "refused"
+
+
+async def test_metrics_count_ended_calls_by_reason_and_failed_handshakes(deployment: Deployment):
+    d = deployment
+    ws = await d.call()
+    await ws.close()
+    await eventually(lambda: d.ingress.registry.ended["carrier closed"] == 1)
+    host, port = d.ingress.stats_address or ("", 0)
+    _, writer = await asyncio.open_connection(*d.ingress.wss_address)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP on the TLS port
+    await eventually(lambda: d.ingress.registry.tls_handshake_failures == 1)
+    writer.close()
+    async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as r:
+        text = await r.text()
+    assert 'fleet_ingress_calls_ended_total{reason="carrier closed"} 1.0' in text
+    assert "fleet_ingress_tls_handshake_failures_total 1.0" in text
+    assert 'fleet_ingress_requests_total{code="101",route="/ws/"} 1.0' in text
+    assert "process_open_fds " in text

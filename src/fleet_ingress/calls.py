@@ -99,6 +99,7 @@ class Registry:
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0
+    ended: Counter[str] = field(default_factory=Counter)  # calls ended, by end reason
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
@@ -133,6 +134,7 @@ class Registry:
         call.ended_mono = time.monotonic()
         self.ended_bytes_from_carrier += call.bytes_from_carrier
         self.ended_bytes_to_carrier += call.bytes_to_carrier
+        self.ended[call.end_reason.value if call.end_reason else "unknown"] += 1
         if not self.calls:
             self._no_calls.set()
         for hook in self.on_call_ended:

@@ -8,9 +8,9 @@ happen, since no record keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -18,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from . import __version__
 from .balancer import Admin, Balancer, Health
 from .calls import Call, Registry
 from .dispatch import Dispatcher
@@ -33,8 +34,11 @@ class IngressMetrics:
         dispatcher: Dispatcher,
         *,
         certificate_not_after: Callable[[], float | None] = lambda: None,
+        reloads: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
+        # Memory, descriptors, CPU, start time: restarts and fd leaks show here.
+        ProcessCollector(registry=self.prometheus)
         self.handshake_seconds = Histogram(
             f"{PREFIX}_handshake_duration_seconds",
             "Carrier request head received to the fleet's 101 relayed.",
@@ -55,7 +59,7 @@ class IngressMetrics:
             registry=self.prometheus,
         )
         self.prometheus.register(
-            _StateCollector(balancer, registry, dispatcher, certificate_not_after)
+            _StateCollector(balancer, registry, dispatcher, certificate_not_after, reloads)
         )
         registry.on_call_linked.append(self._call_linked)
         registry.on_call_ended.append(self._call_ended)
@@ -85,11 +89,13 @@ class _StateCollector(Collector):
         registry: Registry,
         dispatcher: Dispatcher,
         certificate_not_after: Callable[[], float | None],
+        reloads: Callable[[], Mapping[str, int]],
     ) -> None:
         self.balancer = balancer
         self.registry = registry
         self.dispatcher = dispatcher
         self.certificate_not_after = certificate_not_after
+        self.reloads = reloads
 
     def collect(self) -> Iterator[Metric]:
         yield from self._fleets()
@@ -194,6 +200,23 @@ class _StateCollector(Collector):
         relayed.add_metric(["carrier_to_fleet"], to_fleet)
         relayed.add_metric(["fleet_to_carrier"], to_carrier)
         yield relayed
+        ended = CounterMetricFamily(
+            f"{PREFIX}_calls_ended", "Calls ended, by why they ended.", labels=["reason"]
+        )
+        for reason, n in sorted(reg.ended.items()):
+            ended.add_metric([reason], n)
+        yield ended
+        reloads = CounterMetricFamily(
+            f"{PREFIX}_reloads", "SIGHUP reloads, by result (applied, refused).", labels=["result"]
+        )
+        for result, n in sorted(self.reloads().items()):
+            reloads.add_metric([result], n)
+        yield reloads
+        build = GaugeMetricFamily(
+            f"{PREFIX}_build_info", "Always 1; the version is a label.", labels=["version"]
+        )
+        build.add_metric([__version__], 1)
+        yield build
         not_after = self.certificate_not_after()
         if not_after is not None:
             yield GaugeMetricFamily(

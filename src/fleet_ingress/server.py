@@ -6,6 +6,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,13 @@ class Ingress:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
             except (OSError, ValueError):
                 pass  # shown as unknown; `check` names the problem
+        self.reloads: Counter[str] = Counter()  # "applied" / "refused"
         self.metrics = IngressMetrics(
             self.balancer,
             self.registry,
             self.dispatcher,
             certificate_not_after=lambda: self.certificate_not_after,
+            reloads=lambda: self.reloads,
         )
         self.ops = FleetOps(self)
         self.dispatcher.on_release.append(self.ops.reap)
@@ -236,7 +239,8 @@ class Ingress:
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
             )
-        except (ConfigError, FleetsFileError, TLSSetupError) as exc:
+        except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
+            self.reloads["refused"] += 1
             raise ReloadRefused(str(exc)) from None
         notes = []
         old = self.config
@@ -257,6 +261,7 @@ class Ingress:
         if self.poller is not None:
             await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
         self.dispatcher.wake()
+        self.reloads["applied"] += 1
         return "; ".join(notes) or "no fleet changes"
 
     def _apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
