@@ -12,18 +12,21 @@ Everything runs on 127.0.0.1 with TLS on both sides:
 - the carriers (``run_calls``) in this process, on ``--loop``.
 
 Procedure, per target: wait until it completes a TLS handshake; read VmRSS
-(baseline); start ``--calls`` calls of ``--duration`` s, ramping in over
-``RAMP`` s; at ``RAMP + SETTLE`` s read VmRSS again (all calls established:
-``(rss - baseline) / calls`` = RSS per call) and open the steady window, closed
-``TAIL`` s before the calls end. Over the window: the target's utime+stime
+(baseline); start ``--calls`` calls of ``--duration`` s, ramping in over about
+``RAMP`` s (start phases spread evenly over the frame interval, as real calls'
+are, not bunched into one burst: see ``stagger``); ``SETTLE`` s after the last
+call started, read VmRSS again (all calls established: ``(rss - baseline) /
+calls`` = RSS per call) and open the steady window, closed ``TAIL`` s before
+the calls end. Over the window: the target's utime+stime
 (``/proc/PID/stat``) and the messages it relayed, both directions (a frame and
 its echo are 2 messages), counted by the carriers as they send and receive and
 estimated from the call rate (``calls * 2 * window / interval``). The whole run
 is cross-checked with ``summarize()`` totals.
 
-The generator's own CPU, the fleets' and the whole host's are reported too: a
-saturated generator or host understates what the target could do, and is
-flagged. Usage::
+The generator's own CPU, the fleets', the whole host's and other processes'
+are reported too, and flagged when they may distort the figures: a saturated
+generator or host, or other work on the machine. Exits 1 if a call failed or
+a frame was lost or corrupted. Usage::
 
     .venv/bin/python bench/measure_call_path.py [--calls 100] [--duration 20]
         [--profile twilio-like] [--target both] [--loop uvloop] [--json-out FILE]
@@ -33,13 +36,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
+import hashlib
 import json
+import math
 import os
 import platform
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +58,7 @@ from typing import Any
 import trustme
 import uvloop
 
+import fleet_ingress
 from fleet_ingress.sim import (
     PROFILES,
     Profile,
@@ -63,13 +71,13 @@ from fleet_ingress.sim import (
 HOST = "127.0.0.1"
 BARE_SPLICE = Path(__file__).resolve().with_name("bare_splice.py")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-RAMP = 2.0  # seconds over which the calls start
+RAMP = 2.0  # seconds over which the calls start (about: see ``stagger``)
 SETTLE = 1.0  # after the ramp, before the RSS sample and the window start
 TAIL = 1.0  # the window ends this long before the calls do
 READY_TIMEOUT = 20.0  # for a child process to start serving
 STOP_TIMEOUT = 5.0  # for a child process to exit on SIGTERM before SIGKILL
 GENERATOR_SATURATED = 0.8  # of one core
-OTHER_LOAD = 0.15  # cores busy with work that is not this benchmark's
+OTHER_LOAD = 0.1  # cores used by processes that are not this benchmark's
 TARGET_NAMES = {"ingress": "fleet-ingress", "bare": "bare-splice"}
 
 Frame = str | bytes
@@ -78,11 +86,41 @@ Frame = str | bytes
 # -- /proc -------------------------------------------------------------------
 
 
+def _read_stat(pid: int | str) -> tuple[str, list[str]]:
+    """/proc/PID/stat: comm (field 2, may hold spaces) and the fields from 3 (state) on."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds (clock-tick resolution)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields 3.. ; comm may hold spaces
+    _, fields = _read_stat(pid)
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def others_cpu_seconds(exclude: set[int]) -> dict[str, float]:
+    """CPU seconds of every other live user-space process, keyed "comm[pid]".
+
+    Kernel threads are left out (some work for us: softirq, memory reclaim), and so is
+    reaped children's time (cutime): it lands all at once, however long the child ran."""
+    found: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            comm, fields = _read_stat(entry)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+        if entry == "2" or fields[1] == "2":  # kthreadd and its children
+            continue
+        found[f"{comm}[{entry}]"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return found
+
+
+def others_busy(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each other process used between two ``others_cpu_seconds``, busiest first."""
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in used.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 def rss_kib(pid: int) -> int:
@@ -104,6 +142,25 @@ async def busy_cores(seconds: float) -> float:
     before = host_busy_seconds()
     await asyncio.sleep(seconds)
     return round((host_busy_seconds() - before) / seconds, 3)
+
+
+def code_version() -> dict[str, Any]:
+    """Which fleet_ingress was measured: the commit, and the source as it was on disk."""
+    src = Path(fleet_ingress.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(src.rglob("*.py")):
+        digest.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
+    git = ["git", "-C", str(src)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True
+    )
+    return {
+        "package_dir": str(src),
+        "src_sha256": digest.hexdigest()[:16],
+        "git_head": head.stdout.strip() or None,
+        "src_uncommitted_changes": len(dirty.stdout.splitlines()),
+    }
 
 
 def cpu_model() -> str:
@@ -218,20 +275,19 @@ class Children:
     @staticmethod
     async def stop(proc: asyncio.subprocess.Process) -> int:
         if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await proc.wait()
             except TimeoutError:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
         return await proc.wait()
 
     async def stop_all(self) -> None:
         for proc in self.procs:
-            try:
-                await self.stop(proc)
-            except ProcessLookupError:
-                pass
+            await self.stop(proc)
 
 
 async def start_fleets(
@@ -348,6 +404,8 @@ class Sample:
     fleets_cpu: float
     own_cpu: float
     host_busy: float
+    target_syscalls: int
+    others_cpu: dict[str, float]
     sent: int
     received: int
 
@@ -359,9 +417,32 @@ class Sample:
             cpu_seconds(fleets_pid),
             time.process_time(),
             host_busy_seconds(),
+            io_syscalls(pid),
+            others_cpu_seconds({pid, fleets_pid, os.getpid()}),
             counter.sent,
             counter.received,
         )
+
+
+def stagger(calls: int, interval: float, ramp: float = RAMP) -> float:
+    """Delay between call starts, ~``ramp / calls``, chosen so the calls' frame clocks
+    fall at ``calls`` distinct, evenly spaced phases of ``interval``.
+
+    ``ramp / calls`` itself can be a multiple of the interval (100 calls over 2 s
+    with 20 ms frames), which puts every call's frames in the same burst. With
+    ``stagger = m * interval / calls`` and ``m`` prime to ``calls``, call ``i``
+    starts at phase ``i * m mod calls`` (in ``interval / calls`` units): each once.
+    """
+    m = max(1, round(ramp / interval))
+    while math.gcd(m, calls) != 1:
+        m += 1
+    return m * interval / calls
+
+
+def io_syscalls(pid: int) -> int:
+    """Read and write system calls a process made (/proc/PID/io syscr + syscw)."""
+    counts = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(counts["syscr"]) + int(counts["syscw"])
 
 
 def _ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
@@ -380,6 +461,8 @@ async def measure(
     duration: float,
 ) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
+    gap = stagger(calls, profile.interval)
+    ramp = gap * (calls - 1)  # when the last call starts
     counter.reset()
     rss_baseline = rss_kib(pid)
     first = Sample.take(pid, fleets_pid, counter)
@@ -391,7 +474,7 @@ async def measure(
             ssl_context=carrier_ssl,
             profile=profile.name,
             duration=duration,
-            stagger=RAMP / calls,
+            stagger=gap,
         )
     )
 
@@ -399,7 +482,7 @@ async def measure(
         await asyncio.sleep(max(0.0, t0 + offset - loop.time()))
 
     try:
-        await at(RAMP + SETTLE)
+        await at(ramp + SETTLE)
         rss_with_calls = rss_kib(pid)
         established = counter.calls_started
         start = Sample.take(pid, fleets_pid, counter)
@@ -420,6 +503,7 @@ async def measure(
     estimated = calls * 2 * window / profile.interval
     run_msgs = s["frames_sent"] + s["frames_received"]
     run_cpu = last.target_cpu - first.target_cpu
+    others = others_busy(start.others_cpu, end.others_cpu)
     return {
         "target": name,
         "pid": pid,
@@ -444,6 +528,7 @@ async def measure(
         "msgs_window_estimated": round(estimated),
         "cpu_s_per_1000_msgs": _ratio(cpu * 1000, counted, 5),
         "cpu_s_per_1000_msgs_rate_estimate": _ratio(cpu * 1000, estimated, 5),
+        "syscalls_per_msg": _ratio(end.target_syscalls - start.target_syscalls, counted),
         "msgs_run_summarize": run_msgs,
         "msgs_run_expected": calls * 2 * max(1, round(duration / profile.interval)),
         "cpu_s_run": round(run_cpu, 3),
@@ -455,14 +540,9 @@ async def measure(
         "generator_cpu_share": _ratio(end.own_cpu - start.own_cpu, window),
         "fleets_cpu_share": _ratio(end.fleets_cpu - start.fleets_cpu, window),
         "host_busy_cores": _ratio(end.host_busy - start.host_busy, window),
-        # Busy CPU that is none of the three above: other work on the host (tick-sampled).
-        "other_load_cores": _ratio(
-            (end.host_busy - start.host_busy)
-            - cpu
-            - (end.fleets_cpu - start.fleets_cpu)
-            - (end.own_cpu - start.own_cpu),
-            window,
-        ),
+        # Processes that are none of the three above: other work on the host.
+        "other_procs_cores": _ratio(sum(others.values()), window),
+        "other_procs_busiest": {k: _ratio(v, window) for k, v in list(others.items())[:3]},
     }
 
 
@@ -484,10 +564,10 @@ def anomalies(r: dict[str, Any], nproc: int) -> list[str]:
         )
     if (r["host_busy_cores"] or 0) > 0.9 * nproc:
         out.append(f"{name}: host busy {r['host_busy_cores']:.2f}/{nproc} cores: saturated")
-    if (r["other_load_cores"] or 0) > OTHER_LOAD:
+    if (r["other_procs_cores"] or 0) > OTHER_LOAD:
         out.append(
-            f"{name}: {r['other_load_cores']:.2f} cores busy with other work on the host "
-            "during the window: figures disturbed"
+            f"{name}: other processes used {r['other_procs_cores']:.2f} cores on the host "
+            f"during the window ({r['other_procs_busiest']}): figures disturbed"
         )
     gap = _ratio(r["msgs_window_counted"], r["msgs_window_estimated"])
     if gap is not None and abs(gap - 1) > 0.02:
@@ -536,6 +616,8 @@ async def run_target(
         exit_code = await Children.stop(proc)
     lines = log.read_text(errors="replace").splitlines()
     result.update(exit_code=exit_code, log_lines=len(lines), log_first=lines[0] if lines else None)
+    if lines:
+        result["log_tail"] = lines[-20:]
     return result
 
 
@@ -560,16 +642,21 @@ def human(r: dict[str, Any], nproc: int) -> str:
             f"handshake p50 {ms(r['handshake_ms_p50'])}, p99 {ms(r['handshake_ms_p99'])}",
             f"  load generator {r['generator_cpu_share']} of a core, fleets "
             f"{r['fleets_cpu_share']}, host busy {r['host_busy_cores']}/{nproc} cores "
-            f"(other work {r['other_load_cores']})",
+            f"(other processes {r['other_procs_cores']})",
         ]
     )
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
+async def bench(args: argparse.Namespace, code: dict[str, Any]) -> dict[str, Any]:
+    this = asyncio.current_task()
+    assert this is not None
+    # SIGTERM cancels the run, so the children are stopped and the temp dir removed.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, this.cancel)
     nproc = os.cpu_count() or 1
     targets = ["ingress", "bare"] if args.target == "both" else [args.target]
     counter = FrameCounter()
     profile = counted_profile(PROFILES[args.profile], counter)
+    interval = profile.interval
     report: dict[str, Any] = {
         "machine": {
             "nproc": nproc,
@@ -578,13 +665,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "busy_cores_before_start": await busy_cores(1.0),
         },
+        "code": code,
         "params": {
             "calls": args.calls,
             "duration_s": args.duration,
             "profile": args.profile,
-            "frame_interval_ms": PROFILES[args.profile].interval * 1000,
-            "ramp_s": RAMP,
-            "window_s": [RAMP + SETTLE, args.duration - TAIL],
+            "frame_interval_ms": interval * 1000,
+            "stagger_ms": round(stagger(args.calls, interval) * 1000, 3),
+            "window_s": [
+                round(stagger(args.calls, interval) * (args.calls - 1) + SETTLE, 3),
+                args.duration - TAIL,
+            ],
             "generator_loop": args.loop,
             "tls": "both sides",
         },
@@ -658,7 +749,11 @@ def main() -> int:
     if args.serve_fleets is not None:
         _run(args.loop, serve_fleets(TLSFiles.at(args.serve_fleets), args.fleet_capacity))
         return 0
-    report = _run(args.loop, bench(args))
+    try:
+        report = _run(args.loop, bench(args, code_version()))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: child processes stopped", file=sys.stderr)
+        return 130
     text = json.dumps(report, indent=2)
     print(text)
     if args.json_out is not None:
