@@ -136,7 +136,7 @@ class _Side(asyncio.Protocol):
 
 class CarrierState(enum.Enum):
     HEAD = "head"  # reading the request head
-    CONNECTING = "connecting"  # finding a fleet; carrier not read meanwhile
+    CONNECTING = "connecting"  # finding a fleet; early carrier bytes wait, bounded
     TUNNEL = "tunnel"
     ANSWERING = "answering"  # a local answer or a fleet's non-101 being sent
 
