@@ -68,7 +68,7 @@ def test_avoid_prefers_untried_fleets_but_falls_back_to_the_best():
     ("health", "admin", "verdict"),
     [
         (Health.DOWN, Admin.READY, Verdict.NO_FLEET_UP),
-        (Health.INIT, Admin.READY, Verdict.NO_FLEET_UP),
+        (Health.INIT, Admin.READY, Verdict.NO_CAPACITY),  # not probed yet: wait
         (Health.UP, Admin.DRAIN, Verdict.NO_FLEET_UP),
         (Health.UP, Admin.MAINT, Verdict.NO_FLEET_UP),
         (Health.UP, Admin.READY, Verdict.PICKED),
@@ -108,3 +108,14 @@ def test_close_without_open_is_a_bug_that_names_the_fleet():
     b = _balancer("https://a.test name=a\n")
     with pytest.raises(RuntimeError, match="fleet a"):
         b.close(b.fleets[0])
+
+
+def test_fleets_not_yet_probed_make_calls_wait_not_fail():
+    b = _balancer()
+    for f in b.fleets:
+        f.health = Health.INIT
+    assert b.pick().verdict is Verdict.NO_CAPACITY
+    b.fleets[0].health = Health.DOWN
+    assert b.pick().verdict is Verdict.NO_CAPACITY  # b may still come up
+    b.fleets[1].admin = Admin.MAINT
+    assert b.pick().verdict is Verdict.NO_FLEET_UP  # nothing could serve

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from fleet_ingress.atomic import FileExists, write_atomically
 from fleet_ingress.fleets_file import FleetsFileError, parse_fleets_text
-from fleet_ingress.fleets_store import text_with_fleet, text_without_fleet, write_atomically
+from fleet_ingress.fleets_store import text_with_fleet, text_without_fleet
 
 TEXT = (
     "# production fleets\n"
@@ -56,3 +57,12 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path):
         write_atomically(path, "new\n")
     assert path.read_text() == "old\n"
     assert not (tmp_path / "fleets.txt.bak").exists()
+
+
+def test_no_clobber_mode_refuses_an_existing_file(tmp_path: Path):
+    path = tmp_path / "ingress.toml"
+    path.write_text("mine\n")
+    with pytest.raises(FileExists):
+        write_atomically(path, "theirs\n", replace=False)
+    assert path.read_text() == "mine\n"
+    assert write_atomically(tmp_path / "new.toml", "x\n", replace=False) is None

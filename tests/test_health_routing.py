@@ -62,17 +62,27 @@ async def eventually(predicate, timeout: float = 5.0) -> float:
     return loop.time() - start
 
 
-async def test_no_call_before_a_fleet_passes_a_probe(
+async def test_a_call_before_the_first_probe_waits_for_its_verdict(
     start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
 ):
-    a, _ = sim_fleets
+    a, b = sim_fleets
     a.health_status = 503
-    ingress = await start_ingress(lines(a), health_checks=True)
+    ingress = await start_ingress(
+        lines(a), health_checks=True, fleets={"check_interval": 0.3}, timeouts={"queue": 3}
+    )
     assert ingress.balancer.fleets[0].health is Health.INIT
-    with pytest.raises(InvalidStatus) as info:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(InvalidStatus) as info:  # it never passes: DOWN after fall 2
         await connect(wss_url(ingress), ssl=tls_files.client_context())
     assert info.value.response.status_code == 503
+    assert 0.2 < loop.time() - started < 2.5  # refused once DOWN, not at queue timeout
     assert a.calls_total == 0
+
+    ingress = await start_ingress(lines(b), health_checks=True)
+    assert ingress.balancer.fleets[0].health is Health.INIT
+    async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+        assert fleet_of(ws) == "b"  # served once its first probe passed
 
 
 # -- 3. DOWN within fall x interval + timeout, calls kept, back UP after rise --------

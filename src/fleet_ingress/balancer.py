@@ -3,7 +3,8 @@
 A fleet is eligible when its health is UP, its admin state READY, its active
 calls below maxconn and, when capacity-aware, its estimated free workers
 above 0. `Balancer.pick()` says which fleet, or why none: NO_FLEET_UP
-(answer 503 at once) or NO_CAPACITY (the call may queue).
+(answer 503 at once) or NO_CAPACITY (the call may queue: fleets are up but
+full, or not yet probed).
 """
 
 from __future__ import annotations
@@ -115,6 +116,16 @@ class Balancer:
             [FleetState(spec, health=health, capacity_aware=capacity_aware) for spec in specs]
         )
 
+    @property
+    def starting(self) -> bool:
+        """Some fleet that could take calls has not had its first verdict yet."""
+        return any(f.health is Health.INIT and f.admin is Admin.READY for f in self.fleets)
+
+    @property
+    def may_serve(self) -> bool:
+        """Some fleet is UP and READY, or may soon be: queueing can pay off."""
+        return self.starting or any(f.up for f in self.fleets)
+
     def get(self, name: str) -> FleetState | None:
         return next((f for f in self.fleets if f.name == name), None)
 
@@ -123,7 +134,9 @@ class Balancer:
         not in `avoid` (already tried for this call); ties go round-robin."""
         up = [f for f in self.fleets if f.up]
         if not up:
-            return Pick(Verdict.NO_FLEET_UP)
+            # A fleet not yet probed (just started, just added) may be UP in a
+            # moment: worth queueing for, not a reason to refuse at once.
+            return Pick(Verdict.NO_CAPACITY if self.starting else Verdict.NO_FLEET_UP)
         eligible = [f for f in up if f.has_room]
         if not eligible:
             return Pick(Verdict.NO_CAPACITY)

@@ -58,6 +58,12 @@ def _build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
 
+    from .init_deploy import add_init_arguments
+
+    add_init_arguments(
+        sub.add_parser("init", help="write one deployment's ingress.toml and fleets.txt")
+    )
+
     demo = sub.add_parser(
         "demo", help="local fleets + ingress + simulated carrier calls, all on loopback"
     )
@@ -85,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)
             return 2
         return run_check(args.config, probe=args.probe)
+    if args.command == "init":
+        from .init_deploy import main_init
+
+        return main_init(args)
     if args.command in ADMIN_COMMANDS:
         return _admin(args)
     if args.command == "demo":

@@ -75,7 +75,7 @@ class Dispatcher:
                 return pick.fleet
             if pick.verdict is Verdict.NO_FLEET_UP:
                 raise NoFleetAvailable("no fleet is up")
-        elif not any(f.up for f in self.balancer.fleets):
+        elif not self.balancer.may_serve:
             raise NoFleetAvailable("no fleet is up")
         if self.queue_timeout <= 0:
             raise NoFleetAvailable("every fleet is at capacity and queueing is off")

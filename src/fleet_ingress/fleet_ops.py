@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import write_atomically
 from .balancer import Admin, FleetState, Health
 from .calls import EndReason
 from .fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
-from .fleets_store import text_with_fleet, text_without_fleet, write_atomically
+from .fleets_store import text_with_fleet, text_without_fleet
 from .logs import fields
 from .poller import health_session, probe_fleet
 

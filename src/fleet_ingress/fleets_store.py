@@ -1,16 +1,11 @@
-"""Persisting live fleet changes to the fleets file, atomically, with a backup.
+"""Live fleet changes as edits of the fleets file's text.
 
 An edit keeps the operator's comments and layout: adding appends a line,
-removing drops the one line that names the fleet. The new text is written to
-a temp file beside the real one, fsynced, the old file copied to `NAME.bak`,
-then renamed over it: a crash leaves either the old file or the new one.
+removing drops the one line that names the fleet. `write_atomically` (from
+`atomic`) then replaces the file, keeping the old one as `NAME.bak`.
 """
 
 from __future__ import annotations
-
-import os
-import shutil
-from pathlib import Path
 
 from .fleets_file import FleetsFileError, FleetSpec, format_fleets_text, parse_fleets_text
 
@@ -33,26 +28,3 @@ def text_without_fleet(text: str, name: str, *, default_maxconn: int) -> str:
     if removed != 1:
         raise FleetsFileError(f"fleets file names {name!r} {removed} times, expected once")
     return "".join(kept)
-
-
-def write_atomically(path: Path, text: str) -> Path | None:
-    """Replace `path` with `text`; returns the backup path (None when there was no file)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    backup = None
-    try:
-        with open(temp, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        if path.exists():
-            backup = path.with_name(path.name + ".bak")
-            shutil.copy2(path, backup)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
-    return backup

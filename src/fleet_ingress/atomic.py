@@ -1,0 +1,48 @@
+"""Writing a file so that a crash leaves the old one or the new one, never half.
+
+The text goes to a temp file beside the target, is fsynced, then renamed over
+the target (the old one kept as NAME.bak) or, when nothing may be replaced,
+hard-linked into place (which fails if the name appeared meanwhile). The
+directory is fsynced so the rename itself survives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+class FileExists(FileExistsError):
+    pass
+
+
+def write_atomically(path: Path, text: str, *, replace: bool = True) -> Path | None:
+    """Write `text` to `path`; returns the backup of the old file, if one was kept."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    backup = None
+    # Mode 0666 minus the umask, as an editor would create it (not mkstemp's 0600).
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        if replace:
+            if path.exists():
+                backup = path.with_name(path.name + ".bak")
+                shutil.copy2(path, backup)
+            os.replace(temp, path)
+        else:
+            try:
+                os.link(temp, path)  # never clobbers, even a file that appeared just now
+            except FileExistsError:
+                raise FileExists(f"{path} already exists") from None
+    finally:
+        temp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return backup
