@@ -94,8 +94,11 @@ class Registry:
     calls: set[Call] = field(default_factory=set)
     _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
     # Frontend totals (live calls add theirs when read: see relayed_bytes()).
-    connections_total: int = 0
+    connections_total: int = 0  # carriers through their TLS handshake
+    handshaking: int = 0  # accepted, TLS handshake under way
     tls_handshake_failures: int = 0
+    refused_connections: int = 0  # over limits.max_connections: reset at accept
+    accept_failures: int = 0  # accept() failed for lack of descriptors or memory
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0
@@ -103,9 +106,6 @@ class Registry:
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
-
-    def count_tls_handshake_failure(self) -> None:
-        self.tls_handshake_failures += 1
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1

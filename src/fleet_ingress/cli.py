@@ -144,6 +144,30 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
+def _raise_descriptor_limit(max_connections: int) -> None:
+    """Use every descriptor the hard limit allows: a call holds two (carrier and
+    fleet), and running out silently drops new carriers at accept."""
+    import logging
+    import resource
+
+    from .logs import fields
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = 2 * max_connections + 64  # both sides of each call, listeners, probes, logs
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        logging.getLogger("fleet_ingress.server").warning(
+            "descriptor limit below what limits.max_connections needs: raise LimitNOFILE "
+            "(systemd) or ulimit -n, or lower limits.max_connections",
+            extra=fields(nofile=soft, needed=needed, max_connections=max_connections),
+        )
+
+
 def _run(config_path: Path) -> int:
     import uvloop
 
@@ -162,6 +186,7 @@ def _run(config_path: Path) -> int:
     except (ConfigError, FleetsFileError, TLSSetupError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
+    _raise_descriptor_limit(config.limits.max_connections)
     try:
         uvloop.run(run_service(ingress, config_path))
     except OSError as exc:  # a listener that cannot bind, most often

@@ -174,6 +174,21 @@ class _StateCollector(Collector):
             "Carrier TLS handshakes that failed.",
             value=reg.tls_handshake_failures,
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_refused_connections",
+            "Carrier connections reset at accept: limits.max_connections was reached.",
+            value=reg.refused_connections,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_accept_failures",
+            "accept() failures for lack of descriptors or memory (retried).",
+            value=reg.accept_failures,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_tls_handshakes_in_progress",
+            "Carrier connections accepted and still in their TLS handshake.",
+            value=reg.handshaking,
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}_active_calls", "Calls tunneled now.", value=len(reg.tunnels())
         )

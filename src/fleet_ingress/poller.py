@@ -62,8 +62,14 @@ async def probe_fleet(
                 allow_redirects=False,
                 headers={"Host": spec.host_header, "Accept": "application/json"},
             ) as response:
-                body = await response.content.read(MAX_HEALTH_BODY + 1)
-                return judge_health_response(response.status, body, settings.capacity_key)
+                # read(n) returns what has arrived so far: a body flushed in
+                # pieces must be read whole, but never past the bound.
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > MAX_HEALTH_BODY:
+                        break
+                return judge_health_response(response.status, bytes(body), settings.capacity_key)
     except TimeoutError:
         return failed(f"timeout after {settings.timeout:g}s")
     except aiohttp.ClientConnectorCertificateError as exc:

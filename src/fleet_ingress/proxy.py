@@ -160,9 +160,6 @@ class CarrierProtocol(_Side):
         registry = self.ctx.registry
         registry.connections.add(self)
         registry.connections_total += 1
-        if len(registry.connections) > self.ctx.max_connections:
-            self.answer(503, "the ingress is at its connection limit; retry shortly")
-            return
         self._head_timer = asyncio.get_running_loop().call_later(
             self.ctx.request_timeout, self._head_timed_out
         )

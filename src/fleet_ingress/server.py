@@ -22,10 +22,11 @@ from .config import ConfigError, IngressConfig, load_config
 from .dispatch import Dispatcher
 from .fleet_ops import FleetOps
 from .fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from .listener import CarrierListener, bind_tcp
 from .logs import fields
 from .metrics import IngressMetrics
 from .poller import HealthPoller, ProbeSettings
-from .proxy import CarrierProtocol, ProxyContext
+from .proxy import ProxyContext
 from .retry import RetryPolicy
 from .routing import Router
 from .snapshot import snapshot
@@ -33,7 +34,6 @@ from .stats_server import stats_app
 from .tls import (
     TLSSetupError,
     certificate_not_after,
-    count_handshake_failures,
     fleet_ssl_context,
     server_ssl_context,
 )
@@ -74,7 +74,6 @@ class Ingress:
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
         self.registry = Registry()
-        count_handshake_failures(server_ssl, self.registry.count_tls_handshake_failure)
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
@@ -101,7 +100,7 @@ class Ingress:
                 on_probe=self.metrics.check_observed,
             )
         self.ctx = self._proxy_context(config, fleet_ssl)
-        self._wss: asyncio.Server | None = None
+        self._wss: CarrierListener | None = None
         self._acme: asyncio.Server | None = None
         self._web_runners: list[web.AppRunner] = []
         self.stats_address: tuple[str, int] | None = None
@@ -133,16 +132,8 @@ class Ingress:
                 self.poller.start(fleet)
         host, port = parse_hostport(self.config.listen.wss, what="listen.wss")
         loop = asyncio.get_running_loop()
-        self._wss = await loop.create_server(
-            lambda: CarrierProtocol(self.ctx),
-            host,
-            port,
-            ssl=self.server_ssl,
-            # A TLS handshake that never completes is a request that never came.
-            ssl_handshake_timeout=self.config.timeouts.request,
-            backlog=1024,
-            reuse_address=True,
-        )
+        self._wss = CarrierListener(bind_tcp(host, port), lambda: self.ctx, self.server_ssl)
+        self._wss.start()
         log.info(
             "listening",
             extra=fields(
@@ -190,8 +181,7 @@ class Ingress:
     @property
     def wss_address(self) -> tuple[str, int]:
         assert self._wss is not None, "start() first"
-        sockname = self._wss.sockets[0].getsockname()
-        return sockname[0], sockname[1]
+        return self._wss.address
 
     @property
     def acme_address(self) -> tuple[str, int]:
@@ -304,9 +294,10 @@ class Ingress:
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting at once; let calls end for up to `drain_timeout`;
         close what remains. Stats and admin stay up while calls drain."""
-        for server in (self._wss, self._acme):
-            if server is not None:
-                server.close()
+        if self._wss is not None:
+            self._wss.close()
+        if self._acme is not None:
+            self._acme.close()
         for conn in list(self.registry.connections):
             if conn.call is None:  # no call yet: nothing to keep
                 conn.abort()

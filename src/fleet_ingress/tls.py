@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable
 from pathlib import Path
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -83,25 +82,3 @@ def certificate_not_after(cert: Path) -> float:
         return x509.load_pem_x509_certificate(data).not_valid_after_utc.timestamp()
     except ValueError:
         raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
-
-
-def count_handshake_failures(context: ssl.SSLContext, on_failure: Callable[[], None]) -> None:
-    """Call `on_failure` for every TLS handshake on `context` that fails.
-
-    asyncio and uvloop drop a failed server-side handshake silently (no
-    callback reaches the protocol), yet an operator needs the number: a
-    carrier whose TLS stack we reject shows up here first. Both loops drive
-    the handshake through the context's `sslobject_class`, so a subclass
-    sees each failure where it happens."""
-
-    class CountingSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            try:
-                super().do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                raise  # not a failure: the handshake needs more bytes
-            except ssl.SSLError:
-                on_failure()
-                raise
-
-    context.sslobject_class = CountingSSLObject

@@ -1,0 +1,152 @@
+"""The carrier listener's accept loop, run by us rather than by create_server.
+
+Accepting ourselves lets the ingress (1) count a connection against
+`limits.max_connections` before spending any TLS work on it, refusing the
+excess at once; (2) survive running out of descriptors with a log line and a
+retry, where the loop's own accept path is silent (uvloop) or logs free text;
+(3) see every failed TLS handshake, which asyncio otherwise swallows.
+Each accepted socket then goes through `loop.connect_accepted_socket` with
+TLS: from there on, the call path is the same as with create_server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+
+from .logs import fields
+from .proxy import CarrierProtocol, ProxyContext
+
+log = logging.getLogger("fleet_ingress.listener")
+
+# Out of descriptors or kernel memory: wait and try again (HAProxy does the same).
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+# The peer gave up before we accepted: nothing to do.
+_GONE_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET}
+ACCEPT_RETRY_FIRST = 0.05
+ACCEPT_RETRY_MAX = 1.0
+# One warning per kind per this many seconds: a flood must not flood the log too.
+WARN_EVERY = 5.0
+
+
+def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    sock = socket.create_server(infos[0][4][:2], family=family, backlog=backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class CarrierListener:
+    def __init__(
+        self,
+        sock: socket.socket,
+        context: Callable[[], ProxyContext],
+        server_ssl: ssl.SSLContext,
+    ) -> None:
+        self.sock = sock
+        self.context = context  # read per connection: a reload swaps it
+        self.server_ssl = server_ssl
+        self._task: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
+        self._warned_at: dict[str, float] = {}
+
+    @property
+    def address(self) -> tuple[str, int]:
+        name = self.sock.getsockname()
+        return name[0], name[1]
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def close(self) -> None:
+        """Stop accepting: new connections are refused by the kernel at once."""
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._handshakes:
+            task.cancel()
+        self.sock.close()
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        retry_in = ACCEPT_RETRY_FIRST
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    continue
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                registry = self.context().registry
+                registry.accept_failures += 1
+                self._warn(
+                    "accept",
+                    "cannot accept connections: out of resources; retrying. Raise "
+                    "LimitNOFILE (systemd) or ulimit -n, or lower limits.max_connections",
+                    error=exc.strerror,
+                    open_connections=len(registry.connections),
+                    retry_in_s=retry_in,
+                )
+                await asyncio.sleep(retry_in)
+                retry_in = min(retry_in * 2, ACCEPT_RETRY_MAX)
+                continue
+            retry_in = ACCEPT_RETRY_FIRST
+            ctx = self.context()
+            registry = ctx.registry
+            if len(registry.connections) + registry.handshaking >= ctx.max_connections:
+                registry.refused_connections += 1
+                self._warn(
+                    "limit",
+                    "connection refused: limits.max_connections reached; raise it if the "
+                    "host has room, or add an ingress",
+                    max_connections=ctx.max_connections,
+                    refused_total=registry.refused_connections,
+                )
+                _reset(conn)
+                continue
+            registry.handshaking += 1
+            task = loop.create_task(self._handshake(conn, ctx))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket, ctx: ProxyContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: CarrierProtocol(ctx),
+                conn,
+                ssl=self.server_ssl,
+                # A handshake that never completes is a request that never came.
+                ssl_handshake_timeout=ctx.request_timeout,
+            )
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except Exception as exc:  # any way a carrier's TLS fails: count it, drop it
+            ctx.registry.tls_handshake_failures += 1
+            log.debug("tls handshake failed", extra=fields(error=repr(exc)))
+            conn.close()
+        finally:
+            ctx.registry.handshaking -= 1
+
+    def _warn(self, kind: str, message: str, **values: object) -> None:
+        now = time.monotonic()
+        if now - self._warned_at.get(kind, -WARN_EVERY) >= WARN_EVERY:
+            self._warned_at[kind] = now
+            log.warning(message, extra=fields(**values))
+
+
+def _reset(conn: socket.socket) -> None:
+    """Close with RST: the carrier learns at once, and no TLS work is spent."""
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    conn.close()

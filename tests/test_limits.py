@@ -1,0 +1,616 @@
+"""Limits (issue #7, "Limits"): the connection limit, running out of file
+descriptors, and a bound on every buffer the ingress keeps, each pushed past
+its edge with real sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import resource
+import ssl
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp.client_proto
+import pytest
+from aiohttp import web
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.balancer import Health
+from fleet_ingress.probe import MAX_HEALTH_BODY
+from fleet_ingress.proxy import (
+    MAX_BUFFERED_PER_CALL,
+    MAX_EARLY_BYTES,
+    MAX_READ_CHUNK,
+    WRITE_HIGH_WATER,
+)
+from fleet_ingress.sim import SimulatedFleet
+
+from .conftest import StartIngress, TLSFiles, wss_url
+from .fleets import RawFleet, WsFleet, free_port, read_head
+from .test_call_path import UPGRADE
+from .test_faults import SWITCHING, eventually
+
+MiB = 1024 * 1024
+
+
+async def _tls_open(port: int, tls_files: TLSFiles, timeout: float = 3.0):
+    async with asyncio.timeout(timeout):
+        return await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+
+
+def _held_by_server(port: int) -> int:
+    """Established TCP connections to `port` that the listening process has
+    accepted (a socket still in the kernel's accept queue has inode 0)."""
+    held = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local_port = int(parts[1].rsplit(":", 1)[1], 16)
+        if local_port == port and parts[3] == "01" and parts[9] != "0":
+            held += 1
+    return held
+
+
+class PeakRSS:
+    """Peak RSS growth of this process over a block (VmHWM reset via clear_refs)."""
+
+    def __init__(self) -> None:
+        self.growth_kib: int | None = None
+
+    @staticmethod
+    def _status(key: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+        assert match is not None
+        return int(match.group(1))
+
+    def __enter__(self) -> PeakRSS:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to VmRSS
+        except OSError:
+            self._base = None
+        else:
+            self._base = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._base is not None:
+            self.growth_kib = self._status("VmHWM") - self._base
+
+
+# -- 7. limits.max_connections -----------------------------------------------------------
+
+
+async def test_max_connections_resets_the_excess_at_accept_and_serves_once_a_slot_frees(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """Over the limit a connection is reset before any TLS work (a flood must not
+    burn the CPU that relays live calls); the operator is told in the log and
+    in fleet_ingress_refused_connections_total."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    limit = 3
+    calls: list[ClientConnection] = []
+    caplog.set_level(logging.WARNING, logger="fleet_ingress.listener")
+    try:
+        ingress = await start_ingress([fleet.line("a")], limits={"max_connections": limit})
+        ctx = tls_files.client_context()
+        calls = [await connect(wss_url(ingress, f"/ws/kept-{n}"), ssl=ctx) for n in range(limit)]
+        for n in range(3):
+            with pytest.raises((ConnectionResetError, ssl.SSLError, OSError)):
+                await connect(wss_url(ingress, f"/ws/over-{n}"), ssl=ctx)
+        assert ingress.registry.refused_connections == 3
+        assert ingress.registry.tls_handshake_failures == 0  # refused before any TLS
+        warnings = [r for r in caplog.records if r.name == "fleet_ingress.listener"]
+        assert len(warnings) == 1  # rate-limited: one line for the burst
+        assert "limits.max_connections" in warnings[0].getMessage()
+        for n, ws in enumerate(calls):  # established calls never noticed
+            await ws.send(f"still here {n}")
+            assert await ws.recv() == f"still here {n}"
+        assert len(fleet.requests) == limit  # nothing over the limit reached the fleet
+
+        await calls.pop(0).close()
+        await eventually(lambda: len(ingress.registry.connections) == limit - 1)
+        ws = await connect(wss_url(ingress, "/ws/next"), ssl=ctx)
+        calls.append(ws)
+        await ws.send("served")
+        assert await ws.recv() == "served"
+    finally:
+        for ws in calls:
+            await ws.close()
+        await fleet.stop()
+
+
+async def test_connections_in_their_tls_handshake_count_toward_max_connections(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    limit, silent_count = 2, 30
+    calls: list[ClientConnection] = []
+    silent: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        ingress = await start_ingress([fleet.line("a")], limits={"max_connections": limit})
+        port = ingress.wss_address[1]
+        ctx = tls_files.client_context()
+        calls = [await connect(wss_url(ingress), ssl=ctx) for _ in range(limit)]
+        for _ in range(silent_count):  # TCP only: no ClientHello, ever
+            silent.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.5)
+        held = _held_by_server(port)
+        assert held <= limit, f"{held} carrier sockets held with max_connections={limit}"
+    finally:
+        for _, writer in silent:
+            writer.close()
+        for ws in calls:
+            await ws.close()
+        await fleet.stop()
+
+
+# -- 8. a low `ulimit -n`: accept failures survived, logged, service resumes ------------
+
+NOFILE = 64
+
+
+@dataclass
+class IngressProcess:
+    proc: asyncio.subprocess.Process
+    port: int
+    lines: list[str] = field(default_factory=list)
+
+    def json_lines(self) -> list[dict]:
+        out = []
+        for line in self.lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+@pytest.fixture
+async def low_nofile_ingress(
+    tls_files: TLSFiles, tmp_path: Path
+) -> AsyncIterator[tuple[IngressProcess, SimulatedFleet]]:
+    """`fleet-ingress run` (uvloop, as in production) with RLIMIT_NOFILE = 64."""
+    fleet = SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context(), capacity=64)
+    await fleet.start()
+    port = await free_port()
+    (tmp_path / "fleets.txt").write_text(f"{fleet.url} name=a\n")
+    config = tmp_path / "ingress.toml"
+    config.write_text(
+        f"""
+[listen]
+wss = "127.0.0.1:{port}"
+acme = ""
+stats = ""
+admin_socket = ""
+
+[tls]
+cert = "{tls_files.ingress_cert}"
+key = "{tls_files.ingress_key}"
+
+[fleets]
+ca_file = "{tls_files.ca_pem}"
+check_interval = 0.2
+
+[timeouts]
+request = 30
+
+[log]
+format = "json"
+"""
+    )
+
+    def lower_nofile() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleet_ingress",
+        "run",
+        "-c",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=lower_nofile,
+    )
+    service = IngressProcess(proc, port)
+
+    async def collect() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            service.lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    collector = asyncio.create_task(collect())
+    try:
+        await eventually(
+            lambda: (
+                any(e.get("event") == "ready" for e in service.json_lines())
+                or proc.returncode is not None
+            ),
+            timeout=15,
+        )
+        assert proc.returncode is None, "\n".join(service.lines)
+        yield service, fleet
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        async with asyncio.timeout(10):
+            await proc.wait()
+            await collector
+        await fleet.stop()
+
+
+async def _exhaust_descriptors(service: IngressProcess, tls_files: TLSFiles):
+    """Open TLS connections until the ingress fails to accept; the open ones."""
+    held: list[asyncio.StreamWriter] = []
+    failures = 0
+    for _ in range(4 * NOFILE):
+        try:
+            _, writer = await _tls_open(service.port, tls_files, timeout=3)
+        except (OSError, ssl.SSLError, TimeoutError):
+            failures += 1
+            if failures >= 3:
+                break
+        else:
+            held.append(writer)
+    return held, failures
+
+
+async def _call(port: int, tls_files: TLSFiles, text: str) -> None:
+    async with connect(
+        f"wss://127.0.0.1:{port}/ws/fd", ssl=tls_files.client_context(), open_timeout=3
+    ) as ws:
+        await ws.send(text)
+        assert await ws.recv() == text
+
+
+@pytest.mark.uvloop_only
+async def test_low_nofile_accept_failures_are_survived_and_service_resumes(
+    low_nofile_ingress, tls_files: TLSFiles
+):
+    service, fleet = low_nofile_ingress
+    await _call(service.port, tls_files, "before")
+    established = await connect(
+        f"wss://127.0.0.1:{service.port}/ws/established", ssl=tls_files.client_context()
+    )
+    held, failures = await _exhaust_descriptors(service, tls_files)
+    try:
+        assert failures >= 3 and len(held) >= 10, (len(held), failures)
+        assert len(held) < NOFILE  # the limit applied: it was the ingress that ran out
+        assert service.proc.returncode is None
+        await established.send("out of descriptors, still talking")  # a call up before is kept
+        assert await established.recv() == "out of descriptors, still talking"
+    finally:
+        for writer in held:
+            writer.close()
+    loop = asyncio.get_running_loop()
+    freed_at = loop.time()
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await _call(service.port, tls_files, "after")
+                break
+            except (OSError, ssl.SSLError, TimeoutError, InvalidStatus):
+                await asyncio.sleep(0.1)
+    resumed_after = loop.time() - freed_at
+    assert service.proc.returncode is None
+    assert fleet.calls_total == 3
+    await established.close()
+    print(
+        f"RLIMIT_NOFILE={NOFILE}: {len(held)} TLS connections accepted, then accepts failed; "
+        f"a call went through {resumed_after:.2f} s after they were closed"
+    )
+
+
+@pytest.mark.uvloop_only
+async def test_low_nofile_accept_failures_are_logged(low_nofile_ingress, tls_files: TLSFiles):
+    service, _ = low_nofile_ingress
+    held, failures = await _exhaust_descriptors(service, tls_files)
+    try:
+        assert failures >= 3
+        await asyncio.sleep(1.0)  # time for a periodic check to notice, if that is the design
+        said = [
+            e
+            for e in service.json_lines()
+            if e.get("level") in ("warning", "error", "critical")
+            and re.search(r"accept|descriptor|emfile|nofile|too many open files", str(e), re.I)
+        ]
+        assert said, "no JSON log line about failed accepts:\n" + "\n".join(service.lines)
+    finally:
+        for writer in held:
+            writer.close()
+
+
+# -- 9. every buffer is bounded ------------------------------------------------------------
+
+
+async def test_carrier_bytes_before_the_fleet_answers_are_bounded_and_none_lost(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    payload = os.urandom(4 * MiB)
+    delivered = asyncio.get_running_loop().create_future()
+
+    async def slow_to_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await asyncio.sleep(1.0)  # the carrier's early bytes wait in the ingress meanwhile
+        writer.write(SWITCHING)
+        await writer.drain()
+        data = await reader.readexactly(len(payload))
+        writer.write(b"got it")
+        await writer.drain()
+        delivered.set_result(data)
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), slow_to_answer).start()
+    peak_before_answer = peak = 0
+    try:
+        ingress = await start_ingress([fleet.line("slow")])
+        reader, writer = await _tls_open(ingress.wss_address[1], tls_files)
+        writer.write(UPGRADE.format(path="/ws/eager").encode() + payload)  # all at once
+        answered = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+        async with asyncio.timeout(10):
+            while not answered.done():
+                peak_before_answer = max(peak_before_answer, ingress.registry.buffered_bytes())
+                await asyncio.sleep(0.002)
+            assert (await answered).startswith(b"HTTP/1.1 101 ")
+            while not delivered.done():
+                peak = max(peak, ingress.registry.buffered_bytes())
+                await asyncio.sleep(0.002)
+        assert delivered.result() == payload  # every early byte, in order
+        assert await reader.readexactly(6) == b"got it"
+        writer.close()
+        # It held early bytes (the bound was reached), and no more than one read past it.
+        assert MAX_EARLY_BYTES <= peak_before_answer <= MAX_EARLY_BYTES + MAX_READ_CHUNK
+        assert peak <= MAX_BUFFERED_PER_CALL
+        print(f"pre-connect: peak {peak_before_answer} B held before the 101, {peak} B after")
+    finally:
+        await fleet.stop()
+
+
+async def test_fleet_to_slow_carrier_is_bounded_and_flushed_in_full(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    total = 32 * MiB
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+        chunk = b"\x02" * (256 * 1024)
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        # then hang up: what the ingress still holds must reach the carrier first
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), firehose).start()
+    peak = 0
+    sampler: asyncio.Task[None] | None = None
+    try:
+        ingress = await start_ingress([fleet.line("loud")])
+
+        async def sample() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, ingress.registry.buffered_bytes())
+                await asyncio.sleep(0.002)
+
+        sampler = asyncio.create_task(sample())
+        reader, writer = await _tls_open(ingress.wss_address[1], tls_files)
+        writer.write(UPGRADE.format(path="/ws/slow-listener").encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        received = 0
+        async with asyncio.timeout(60):
+            while chunk := await reader.read(64 * 1024):
+                received += len(chunk)
+                await asyncio.sleep(0.001)  # a carrier slower than its fleet
+        writer.close()
+        assert received == total
+        assert WRITE_HIGH_WATER <= peak <= MAX_BUFFERED_PER_CALL, peak
+        print(f"fleet->carrier: peak {peak} B buffered for {total} B relayed")
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+        await fleet.stop()
+
+
+async def test_queue_is_bounded_by_max_queue(start_ingress: StartIngress, tls_files: TLSFiles):
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    max_queue = 2
+    holder: ClientConnection | None = None
+    queued: list[asyncio.Future[ClientConnection]] = []
+    try:
+        ingress = await start_ingress(
+            [fleet.line("one", "maxconn=1")],
+            limits={"max_queue": max_queue},
+            timeouts={"queue": 10},
+        )
+        ctx = tls_files.client_context()
+        holder = await connect(wss_url(ingress, "/ws/holder"), ssl=ctx)
+        for n in range(max_queue):
+            queued.append(asyncio.ensure_future(connect(wss_url(ingress, f"/ws/q{n}"), ssl=ctx)))
+            await eventually(lambda n=n: ingress.dispatcher.queue_length == n + 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(InvalidStatus) as info:
+            await connect(wss_url(ingress, "/ws/one-too-many"), ssl=ctx)
+        refused_in = loop.time() - started
+        assert info.value.response.status_code == 503
+        assert b"queue is full" in info.value.response.body
+        assert refused_in < 0.5  # at once, not after timeouts.queue
+        assert ingress.dispatcher.queue_length == max_queue
+        assert not any(task.done() for task in queued)
+
+        await holder.close()  # a slot frees: the first queued call, and only it, is served
+        async with asyncio.timeout(3):
+            first = await queued[0]
+        assert not queued[1].done()
+        await first.send("first in")
+        assert await first.recv() == "first in"
+        await first.close()
+        async with asyncio.timeout(3):
+            second = await queued[1]
+        await second.close()
+        assert [r.path for r in fleet.requests] == ["/ws/holder", "/ws/q0", "/ws/q1"]
+        print(f"queue: call {max_queue + 1} refused in {refused_in * 1000:.0f} ms")
+    finally:
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        await fleet.stop()
+
+
+async def test_a_10_mib_health_body_fails_the_probe_and_is_not_read(
+    start_ingress: StartIngress, tls_files: TLSFiles, monkeypatch
+):
+    body = b'{"fleet_available": 3, "pad": "' + b"x" * (10 * MiB) + b'"}'
+    sent: list[int] = []
+
+    async def huge_health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        view, done = memoryview(body), 0
+        try:
+            while done < len(body):
+                writer.write(view[done : done + 65536])
+                await writer.drain()
+                done += len(view[done : done + 65536])
+        finally:
+            sent.append(done)
+
+    # What the poller read, per connection (aiohttp's protocol sees the plaintext).
+    read_by_connection: Counter[int] = Counter()
+    original = aiohttp.client_proto.ResponseHandler.data_received
+
+    def counting(self, data: bytes) -> None:
+        read_by_connection[id(self)] += len(data)
+        original(self, data)
+
+    monkeypatch.setattr(aiohttp.client_proto.ResponseHandler, "data_received", counting)
+    stand_in = await RawFleet(tls_files.fleet_server_context(), huge_health).start()
+    try:
+        with PeakRSS() as rss:
+            ingress = await start_ingress(
+                [stand_in.line("bloated")],
+                health_checks=True,
+                fleets={"check_interval": 0.2, "check_timeout": 3},
+            )
+            fleet = ingress.balancer.fleets[0]
+            await eventually(lambda: fleet.probes_total >= 3, timeout=10)
+        assert fleet.health is not Health.UP
+        assert fleet.last_probe is not None
+        assert fleet.last_probe.reason == f"body larger than {MAX_HEALTH_BODY} bytes"
+        assert fleet.check_failures == fleet.probes_total
+        most = max(read_by_connection.values())
+        assert most <= 1 * MiB, f"the poller read {most} B of a 10 MiB body"
+        if rss.growth_kib is not None:
+            assert rss.growth_kib < 5 * 1024, f"peak RSS grew {rss.growth_kib} KiB"
+        print(
+            f"health body: read at most {most} B per probe; the stand-in got "
+            f"{max(sent, default=0)} B into its socket; peak RSS +{rss.growth_kib} KiB"
+        )
+    finally:
+        await stand_in.stop()
+
+
+async def test_a_health_body_arriving_in_pieces_is_read_whole(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    async def split(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write(b'{"status": "ok", ')
+        await asyncio.sleep(0.05)  # a proxy or a slow app flushing twice
+        await response.write(b'"fleet_available": 7}')
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/health/fleet", split)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls_files.fleet_server_context())
+    await site.start()
+    try:
+        ingress = await start_ingress(
+            [f"https://127.0.0.1:{runner.addresses[0][1]} name=chunky"],
+            health_checks=True,
+            fleets={"check_interval": 0.2},
+        )
+        assert ingress.poller is not None
+        assert await ingress.poller.wait_first_probes(timeout=3)
+        fleet = ingress.balancer.fleets[0]
+        assert fleet.last_probe is not None
+        assert fleet.last_probe.passed, fleet.last_probe.reason
+        assert fleet.last_probe.capacity == 7 and fleet.health is Health.UP
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_10_mib_acme_answer_gets_502_and_is_not_buffered(
+    start_ingress: StartIngress,
+):
+    body = b"k" * (10 * MiB)
+    upstream_sent: list[int] = []
+
+    async def huge_challenge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        done = 0
+        try:
+            await read_head(reader)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body)
+            )
+            view = memoryview(body)
+            while done < len(body):
+                writer.write(view[done : done + 65536])
+                await writer.drain()
+                done += 65536
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            upstream_sent.append(done)
+            writer.close()
+
+    upstream = await asyncio.start_server(huge_challenge, "127.0.0.1", 0)
+    try:
+        ingress = await start_ingress(
+            ["https://127.0.0.1:9 name=unused"],
+            listen={"acme": "127.0.0.1:0"},
+            acme={"upstream": f"127.0.0.1:{upstream.sockets[0].getsockname()[1]}"},
+        )
+        with PeakRSS() as rss:
+            started = time.monotonic()
+            reader, writer = await asyncio.open_connection(*ingress.acme_address)
+            writer.write(
+                b"GET /.well-known/acme-challenge/tok HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+            )
+            async with asyncio.timeout(5):
+                got = await reader.read(-1)
+            answered_in = time.monotonic() - started
+            writer.close()
+            async with asyncio.timeout(5):
+                while not upstream_sent:
+                    await asyncio.sleep(0.01)
+        assert got.startswith(b"HTTP/1.1 502 ")
+        assert b"k" * 1024 not in got  # none of the oversized answer is relayed
+        assert answered_in < 1.0
+        assert upstream_sent[0] < len(body), "the ingress read the whole 10 MiB answer"
+        if rss.growth_kib is not None:
+            assert rss.growth_kib < 4 * 1024, f"peak RSS grew {rss.growth_kib} KiB"
+        print(
+            f"ACME: 502 in {answered_in * 1000:.0f} ms; upstream got {upstream_sent[0]} B "
+            f"into its socket before the ingress hung up; peak RSS +{rss.growth_kib} KiB"
+        )
+    finally:
+        upstream.close()
