@@ -101,6 +101,11 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/%2e%2E/attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"GET /ws/./x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"NOT A REQUEST\r\n\r\n", 400, "malformed"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h\r\nContent-Length: 0, 0\r\n\r\n", 400, "Content-Length"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h\r\nX-T: a\x01b\r\n\r\n", 400, "control"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h\r\nX-T: a\x7fb\r\n\r\n", 400, "control"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: a.test, b.test\r\n\r\n", 400, "Host"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: a.test/ws?\r\n\r\n", 400, "Host"),
         (b"GET /ws/x/..%2fattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
         (b"GET /ws/x/%2E%2E%2Fattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, ""),
         (b"GET /ws/..%2F..%2Flivekit/dispatch HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
@@ -159,3 +164,11 @@ def test_a_head_trickled_byte_by_byte_is_read_whole():
 def test_query_string_may_hold_encoded_slashes():
     head = parse_request_head(b"GET /ws/x?next=%2Fa%2e HTTP/1.1\r\nHost: h\r\n\r\n")
     assert head.target == b"/ws/x?next=%2Fa%2e"
+
+
+@pytest.mark.parametrize(
+    "host", [b"calls.test", b"calls.test:443", b"[::1]:8443", b"127.0.0.1", b""]
+)
+def test_valid_hosts_and_tabs_in_values_pass(host):
+    head = parse_request_head(b"GET /ws/x HTTP/1.1\r\nHost: " + host + b"\r\nX-T: a\tb\r\n\r\n")
+    assert head.host == host and head.get(b"x-t") == b"a\tb"

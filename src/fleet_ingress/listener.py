@@ -27,8 +27,21 @@ log = logging.getLogger("fleet_ingress.listener")
 
 # Out of descriptors or kernel memory: wait and try again (HAProxy does the same).
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-# The peer gave up before we accepted: nothing to do.
-_GONE_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.ECONNRESET}
+# The peer gave up before we accepted, or (Linux accept(2)) a pending network
+# error surfaced on the listening socket: accept again.
+_GONE_ERRNOS = {
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.ECONNRESET,
+    errno.EHOSTUNREACH,
+    errno.EHOSTDOWN,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.ENONET,
+    errno.ENOPROTOOPT,
+    errno.EOPNOTSUPP,
+    errno.ETIMEDOUT,
+}
 ACCEPT_RETRY_FIRST = 0.05
 ACCEPT_RETRY_MAX = 1.0
 # One warning per kind per this many seconds: a flood must not flood the log too.
@@ -83,7 +96,10 @@ class CarrierListener:
                 if exc.errno in _GONE_ERRNOS:
                     continue
                 if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
+                    # Unknown: never let one odd error stop the listener for good.
+                    self._warn("error", "accept failed; retrying", error=repr(exc))
+                    await asyncio.sleep(ACCEPT_RETRY_FIRST)
+                    continue
                 registry = self.context().registry
                 registry.accept_failures += 1
                 self._warn(

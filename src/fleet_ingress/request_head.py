@@ -23,8 +23,15 @@ _OBS_FOLD = re.compile(rb"\r\n[ \t]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 _HEAD_END = b"\r\n\r\n"
-# h11 merges repeated identical Content-Length headers; we must see them.
+# h11 merges repeated identical Content-Length headers, and "0, 0" lists: we
+# must see both, to refuse them rather than repair them.
 _CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
+_CONTENT_LENGTH_LIST = re.compile(rb"\r\ncontent-length[ \t]*:[^\r]*,", re.IGNORECASE)
+# h11 refuses only NUL, CR and LF in values; a fleet may read the other
+# controls differently from us. HTAB stays allowed (RFC 9110 field-vchar rules).
+_CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9112 3.2: a Host that is not uri-host[:port] gets 400.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+;=]*)(?::[0-9]*)?")
 # "." or ".." as a path segment, literally or percent-encoded: a fleet's
 # nginx normalizes them, so "/ws/../attach" would reach a route the ingress
 # refuses. Nothing legitimate on a call route needs them.
@@ -155,8 +162,12 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
         trailing=trailing,
     )
-    if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1:
+    if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1 or _CONTENT_LENGTH_LIST.search(raw):
         raise RequestRefused(400, "malformed request: more than one Content-Length")
+    if any(_CONTROL_IN_VALUE.search(value) for _, value in head.headers):
+        raise RequestRefused(400, "malformed request: control character in a header value")
+    if not _HOST.fullmatch(head.host):
+        raise RequestRefused(400, "malformed request: Host is not host[:port]")
     if head.has_body:
         raise RequestRefused(400, "a request with a body is not served")
     if _DOT_SEGMENT.search(head.path):

@@ -1,0 +1,957 @@
+"""Hostile input on the carrier listener (issue #7, "Hostile input").
+
+Real TLS connections to a real listener: smuggling attempts and malformed
+heads are refused with 400 and never reach a fleet; a property-based test of
+the head check and the head rewrite (no sockets); slowloris and 10,000 idle
+TLS connections; random bytes instead of TLS and after it. Every loop is
+bounded in count and time, and all traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.fleet_exchange import FleetExchange
+from fleet_ingress.forwarding import fleet_request_headers
+from fleet_ingress.request_head import (
+    RequestHead,
+    RequestHeadReader,
+    RequestRefused,
+    parse_request_head,
+)
+from fleet_ingress.routing import Router
+from fleet_ingress.server import Ingress
+
+from .conftest import StartIngress, TLSFiles, wss_url
+from .fleets import RawFleet, WsFleet, free_port
+
+# What a fleet answers if a head ever reaches it: the carrier would see 418,
+# never the 400 the ingress owes it, and the fleet counts the connection.
+FORWARDED = b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+UPGRADE_HEADERS = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def upgrade(extra: bytes = b"", *, target: bytes = b"/ws/bot-1", host: bytes = b"calls.test"):
+    """A WebSocket upgrade head the ingress forwards, plus `extra` header lines."""
+    return b"GET %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (target, host, UPGRADE_HEADERS, extra)
+
+
+def with_version(version: bytes) -> bytes:
+    return upgrade().replace(b" HTTP/1.1\r\n", b" " + version + b"\r\n", 1)
+
+
+async def _eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def raw_exchange(
+    ingress: Ingress, tls_files: TLSFiles, request: bytes, *, timeout: float = 5.0
+) -> bytes:
+    """Send raw bytes over one TLS connection; read until the ingress closes."""
+    host, port = ingress.wss_address
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(request)
+        try:
+            return await reader.read(-1)
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def teapot(tls_files: TLSFiles):
+    """A fleet that counts connections and answers 418 to whatever reaches it."""
+    heads: list[bytes] = []
+
+    async def record_and_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(FORWARDED)
+        await writer.drain()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), record_and_answer).start()
+    fleet.heads = heads
+    yield fleet
+    await fleet.stop()
+
+
+# -- 1. smuggling and malformed heads through the real listener ---------------------------
+
+
+# Beyond h11's own checks (found by this file): control characters in header
+# values (h11 lets \x01-\x08, \x0e-\x1f and DEL through), a Host that is not
+# uri-host[:port] (RFC 9112 3.2), and "Content-Length: 0, 0" (h11 merges it).
+def _case(raw: bytes, case_id: str) -> Any:
+    return pytest.param(raw, id=case_id)
+
+
+SMUGGLING = [
+    # Content-Length: a GET upgrade has no body, and two lengths are two framings.
+    pytest.param(upgrade(b"Content-Length: 0\r\nContent-Length: 0\r\n"), id="cl-0-twice"),
+    pytest.param(upgrade(b"Content-Length: 0\r\nContent-Length: 5\r\n"), id="cl-0-and-5"),
+    pytest.param(upgrade(b"Content-Length: 5\r\ncontent-length: 5\r\n"), id="cl-5-twice"),
+    pytest.param(upgrade(b"Content-Length: 5\r\n"), id="cl-5"),
+    pytest.param(upgrade(b"Content-Length: 0,5\r\n"), id="cl-list-differs"),
+    pytest.param(upgrade(b"Content-Length: +0\r\n"), id="cl-signed"),
+    pytest.param(upgrade(b"Content-Length: \r\n"), id="cl-empty"),
+    _case(upgrade(b"Content-Length: 0, 0\r\n"), "cl-list-same"),
+    # Transfer-Encoding, alone or with Content-Length: any TE is a body.
+    pytest.param(upgrade(b"Content-Length: 0\r\nTransfer-Encoding: chunked\r\n"), id="cl-te"),
+    pytest.param(upgrade(b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n"), id="te-cl"),
+    pytest.param(upgrade(b"Transfer-Encoding: chunked\r\n"), id="te-chunked"),
+    pytest.param(upgrade(b"Transfer-Encoding: identity\r\n"), id="te-identity"),
+    pytest.param(upgrade(b"Transfer-Encoding: gzip, chunked\r\n"), id="te-gzip-chunked"),
+    pytest.param(upgrade(b"Transfer-Encoding:chunked\r\n"), id="te-no-space"),
+    pytest.param(upgrade(b"Transfer-Encoding: \x0bchunked\r\n"), id="te-vtab"),
+    pytest.param(upgrade(b"Transfer-Encoding:\r\n"), id="te-empty"),
+    pytest.param(
+        upgrade(b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n"), id="te-twice"
+    ),
+    # obs-fold, in any line.
+    pytest.param(upgrade(b"X-Trace: a\r\n folded\r\n"), id="fold-space"),
+    pytest.param(upgrade(b"X-Trace: a\r\n\tfolded\r\n"), id="fold-tab"),
+    pytest.param(upgrade(b"Transfer-Encoding: x\r\n chunked\r\n"), id="fold-te"),
+    pytest.param(
+        b"GET /ws/bot-1 HTTP/1.1\r\n Host: calls.test\r\n" + UPGRADE_HEADERS + b"\r\n",
+        id="fold-first-line",
+    ),
+    # Whitespace between the name and the colon (RFC 9112 5.1: MUST 400).
+    pytest.param(upgrade(b"Transfer-Encoding : chunked\r\n"), id="space-before-colon-te"),
+    pytest.param(upgrade(b"X-Trace\t: a\r\n"), id="tab-before-colon"),
+    pytest.param(upgrade().replace(b"Host: ", b"Host : "), id="space-before-colon-host"),
+    # Malformed header lines.
+    pytest.param(upgrade(b"X Trace: a\r\n"), id="space-in-name"),
+    pytest.param(upgrade(b": a\r\n"), id="empty-name"),
+    pytest.param(upgrade(b"X-Trace\r\n"), id="no-colon"),
+    pytest.param(upgrade(b"X-Trace: a\rX-Other: b\r\n"), id="bare-cr"),
+    pytest.param(upgrade().replace(b"\r\n", b"\n"), id="bare-lf"),
+    pytest.param(upgrade(b"X-Trace: a\nX-Other: b\r\n"), id="bare-lf-in-one-line"),
+    # NUL and other control characters in names, values and the target.
+    pytest.param(upgrade(b"X-Trace: a\x00b\r\n"), id="nul-in-value"),
+    pytest.param(upgrade(b"X-Tr\x00ce: a\r\n"), id="nul-in-name"),
+    pytest.param(upgrade(target=b"/ws/bot\x00-1"), id="nul-in-target"),
+    pytest.param(upgrade(b"X-Tr\x01ce: a\r\n"), id="ctl-01-in-name"),
+    pytest.param(upgrade(b"X-Tr\x7fce: a\r\n"), id="del-in-name"),
+    pytest.param(upgrade(b"X-Trace: a\x0bb\r\n"), id="vt-in-value"),
+    pytest.param(upgrade(b"X-Trace: a\x0cb\r\n"), id="ff-in-value"),
+    pytest.param(upgrade(target=b"/ws/bot\x01-1"), id="ctl-01-in-target"),
+    pytest.param(upgrade(target=b"/ws/bot\x7f-1"), id="del-in-target"),
+    pytest.param(upgrade(target=b"/ws/bot\t-1"), id="tab-in-target"),
+    pytest.param(upgrade(target=b"/ws/bot\xff-1"), id="obs-text-in-target"),
+    pytest.param(upgrade(target=b"/ws/bot -1"), id="space-in-target"),
+    pytest.param(b"G\x00T /ws/bot-1 HTTP/1.1\r\nHost: calls.test\r\n\r\n", id="nul-in-method"),
+    _case(upgrade(b"X-Trace: a\x01b\r\n"), "ctl-01-in-value"),
+    _case(upgrade(b"X-Trace: a\x1bb\r\n"), "esc-in-value"),
+    _case(upgrade(b"X-Trace: a\x7fb\r\n"), "del-in-value"),
+    _case(upgrade(host=b"calls.test\x08"), "ctl-08-in-host"),
+    # Host: exactly one, and a valid one.
+    pytest.param(upgrade(b"Host: evil.test\r\n"), id="host-twice"),
+    pytest.param(upgrade(b"Host: calls.test\r\n"), id="host-twice-same"),
+    pytest.param(upgrade(b"host: evil.test\r\n"), id="host-twice-case"),
+    pytest.param(upgrade().replace(b"Host: calls.test\r\n", b""), id="host-missing"),
+    _case(upgrade(host=b"calls.test, evil.test"), "host-list"),
+    _case(upgrade(host=b"calls.test evil.test"), "host-space"),
+    _case(upgrade(host=b"evil.test/ws/x?"), "host-path"),
+    # Versions: HTTP/1.1 only (an HTTP/1.0 upgrade is no WebSocket handshake).
+    pytest.param(with_version(b"HTTP/1.0"), id="http-1.0-upgrade"),
+    pytest.param(b"GET /ws/bot-1 HTTP/1.0\r\n\r\n", id="http-1.0-no-host"),
+    pytest.param(with_version(b"HTTP/1.2"), id="http-1.2"),
+    pytest.param(with_version(b"HTTP/2.0"), id="http-2.0"),
+    pytest.param(with_version(b"HTTP/0.9"), id="http-0.9-label"),
+    pytest.param(b"GET /ws/bot-1\r\n\r\n", id="http-0.9-style"),
+    pytest.param(with_version(b"HTTP/1.10"), id="http-1.10"),
+    pytest.param(with_version(b"HTTP/11"), id="http-11"),
+    pytest.param(with_version(b"http/1.1"), id="http-lowercase"),
+    pytest.param(with_version(b"HTTP/1.1 "), id="version-trailing-space"),
+    pytest.param(upgrade().replace(b"GET ", b"GET  ", 1), id="double-space"),
+    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2-preface"),
+    pytest.param(b"\r\n" + upgrade(), id="leading-crlf"),
+    # Targets other than origin-form.
+    pytest.param(upgrade(target=b"http://fleet.internal/ws/bot-1"), id="absolute-form-http"),
+    pytest.param(upgrade(target=b"https://calls.test/ws/bot-1"), id="absolute-form-https"),
+    pytest.param(upgrade(target=b"ws://calls.test/ws/bot-1"), id="absolute-form-ws"),
+    pytest.param(upgrade(target=b"calls.test:443"), id="authority-form"),
+    pytest.param(
+        b"CONNECT fleet.internal:443 HTTP/1.1\r\nHost: fleet.internal:443\r\n\r\n", id="connect"
+    ),
+    pytest.param(upgrade(target=b"*"), id="asterisk-form"),
+    pytest.param(upgrade(target=b"/ws/bot-1#frag"), id="fragment"),
+    pytest.param(upgrade(target=b"/ws/x\\..\\attach"), id="backslash"),
+    # Dot segments and encoded separators: a fleet's nginx would normalize
+    # them to a route the ingress refuses (/attach, /livekit/*).
+    pytest.param(upgrade(target=b"/ws/../attach"), id="dot-dot"),
+    pytest.param(upgrade(target=b"/ws/./bot-1"), id="dot"),
+    pytest.param(upgrade(target=b"/ws/bot-1/.."), id="dot-dot-at-end"),
+    pytest.param(upgrade(target=b"/ws/%2e%2e/attach"), id="enc-dot-dot"),
+    pytest.param(upgrade(target=b"/ws/%2E./attach"), id="enc-mixed-dot-dot"),
+    pytest.param(upgrade(target=b"/ws/.%2E/attach"), id="mixed-enc-dot-dot"),
+    pytest.param(upgrade(target=b"/ws/bot-1/%2e"), id="enc-dot-at-end"),
+    pytest.param(upgrade(target=b"/ws/x/..%2fattach"), id="enc-slash"),
+    pytest.param(upgrade(target=b"/ws/x%2F..%2Fattach"), id="enc-slash-upper"),
+    pytest.param(upgrade(target=b"/ws/..%2F..%2Flivekit/dispatch"), id="enc-slash-livekit"),
+    pytest.param(upgrade(target=b"/ws/x%5c..%5cattach"), id="enc-backslash"),
+    pytest.param(upgrade(target=b"/ws/x%2fattach?q=1"), id="enc-slash-with-query"),
+]
+
+
+async def test_the_harness_sees_a_forwarded_head(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    """The control case: a good upgrade does reach the fleet (and comes back 418)."""
+    ingress = await start_ingress([teapot.line("teapot")])
+    got = await raw_exchange(ingress, tls_files, upgrade(b"Content-Length: 0\r\n"))
+    assert got == FORWARDED
+    assert teapot.connections == 1
+
+
+@pytest.mark.parametrize("raw", SMUGGLING)
+async def test_smuggling_and_malformed_heads_get_400_and_never_reach_a_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, raw: bytes
+):
+    ingress = await start_ingress([teapot.line("teapot")])
+    got = await raw_exchange(ingress, tls_files, raw)
+    await asyncio.sleep(0.02)  # a forwarded head would have connected by now
+    await _eventually(lambda: len(teapot.heads) == teapot.connections)
+    assert teapot.connections == 0, f"the fleet got: {teapot.heads}"
+    assert got.startswith(b"HTTP/1.1 400 "), got[:80]
+    assert b"\r\nConnection: close\r\n" in got
+    assert ingress.registry.calls == set()
+    assert ingress.registry.requests == {("-", 400): 1}
+
+
+async def test_a_pipelined_request_after_a_refused_answer_never_reaches_the_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """Bytes after a head are carrier WebSocket frames, sent on only after a
+    101: when the fleet answers anything else, they are dropped, so a second
+    request smuggled behind a good head never reaches the fleet's HTTP parser."""
+    seen: list[bytes] = []
+
+    async def refuse_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        try:
+            async with asyncio.timeout(0.5):
+                seen.append(await reader.read(65536))  # b"" when the ingress closes
+        except TimeoutError:
+            pass
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), refuse_then_listen).start()
+    ingress = await start_ingress([fleet.line("busy")])
+    smuggled = b"GET /attach HTTP/1.1\r\nHost: calls.test\r\nContent-Length: 0\r\n\r\n"
+    got = await raw_exchange(ingress, tls_files, upgrade() + smuggled)
+    assert got.startswith(b"HTTP/1.1 429 ")
+    await _eventually(lambda: len(seen) == 2)
+    assert seen[0].startswith(b"GET /ws/bot-1 HTTP/1.1\r\n")
+    assert seen[1] == b""  # nothing after the head, then the ingress closed
+    await fleet.stop()
+
+
+# -- 2. property: the head check and the head rewrite ------------------------------------
+
+# Set by the ingress (SPEC 3.2), or hop-by-hop (RFC 9110 7.6.1, and the
+# proxy-* pair): the documented rewrites. Everything else goes through as is.
+SET_BY_INGRESS = {b"host", b"connection", b"upgrade"} | {
+    b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
+}
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+}
+FLEET_HOST = "fleet-1.internal:8443"
+CLIENT_IP = "203.0.113.7"
+ROUTER = Router(["/ws/", "/exotel/"], "/haproxy-health")
+
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_tokens = st.lists(st.sampled_from(list(_TCHAR)), min_size=1, max_size=10).map(bytes)
+_NAMES = [
+    b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding",
+    b"Connection", b"connection", b"Upgrade", b"Keep-Alive", b"TE", b"Trailer",
+    b"Proxy-Connection", b"Proxy-Authorization", b"Proxy-Authenticate", b"X-Forwarded-For",
+    b"x-forwarded-for", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Sec-WebSocket-Key",
+    b"Sec-WebSocket-Protocol", b"X-Trace", b"Expect", b"Cookie",
+]  # fmt: skip
+_VALUE_PIECES = [
+    b"a", b"websocket", b"Upgrade", b"keep-alive", b"close", b"X-Trace", b"te", b"cookie",
+    b"0", b"5", b"chunked", b"identity", b",", b", ", b" ", b"\t", b"\r", b"\n", b"\r\n",
+    b"\r\n ", b"\r\n\t", b"\x00", b"\x01", b"\x0b", b"\x7f", b"\xff", b":", b";", b"=",
+    b"1.2.3.4", b"calls.test", b"%0d%0a", b"\r\n\r\nGET /attach HTTP/1.1\r\n",
+]  # fmt: skip
+_names = st.one_of(st.sampled_from(_NAMES), _tokens, st.binary(max_size=6))
+_values = st.one_of(
+    st.lists(st.sampled_from(_VALUE_PIECES), max_size=6).map(b"".join), st.binary(max_size=12)
+)
+_SEPARATORS = [b": "] * 8 + [b":", b":\t", b" : ", b"\t:", b":  "]
+_EOLS = [b"\r\n"] * 12 + [b"\n", b"\r", b"\n\r", b"\r\r\n"]
+_SEGMENTS = [
+    b"bot-1", b"x", b"", b".", b"..", b"%2e", b"%2E%2e", b"%2f", b"%5c", b"a%20b",
+    b"..;", b"attach", b"haproxy-health", b"\x00", b"#", b"\\", b"@", b"\xff", b" ",
+]  # fmt: skip
+_PREFIXES = [b"/ws/"] * 4 + [b"/exotel/", b"/", b"//", b"http://fleet/ws/", b"*", b""]
+_QUERIES = [b"", b"", b"?a=1", b"?next=%2F..%2f", b"?x=/../attach", b"?q=\r\n"]
+_targets = st.one_of(
+    st.tuples(
+        st.sampled_from(_PREFIXES),
+        st.lists(st.sampled_from(_SEGMENTS), max_size=4).map(b"/".join),
+        st.sampled_from(_QUERIES),
+    ).map(b"".join),
+    st.binary(max_size=12),
+)
+_METHODS = [b"GET"] * 6 + [b"POST", b"get", b"CONNECT", b"OPTIONS", b"HEAD"]
+_VERSIONS = [b"HTTP/1.1"] * 8 + [b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"HTTP/0.9", b"", b"x"]
+
+
+_LEGAL_PIECES = [p for p in _VALUE_PIECES if not {0x00, 0x0A, 0x0B, 0x0D} & set(p)]
+_LEGAL_SEGMENTS = [s for s in _SEGMENTS if s not in (b"\x00", b"#", b"\\", b"\xff", b" ")]
+
+
+@st.composite
+def request_heads(draw: st.DrawFn) -> bytes:
+    """Valid-ish heads: the grammar's shape with hostile tokens, bytes and repeats.
+
+    Half are "clean" (CRLF endings, tokens for names, no CR/LF/NUL in values,
+    a GET upgrade on a call route), so that many are accepted and their
+    rewrite is checked; the other half take any piece anywhere."""
+    clean = draw(st.booleans())
+    if clean:
+        method = draw(st.sampled_from([b"GET"] * 4 + [b"POST", b"HEAD"]))
+        path = b"/".join(draw(st.lists(st.sampled_from(_LEGAL_SEGMENTS), max_size=3)))
+        prefix = draw(st.sampled_from([b"/ws/", b"/exotel/", b"/"]))
+        target = prefix + b"bot" + path + draw(st.sampled_from(_QUERIES[:-1]))
+        line = method + b" " + target + b" HTTP/1.1"
+        names = st.one_of(st.sampled_from(_NAMES), _tokens)
+        values = st.lists(st.sampled_from(_LEGAL_PIECES), max_size=6).map(b"".join)
+        separators = st.sampled_from([b": ", b":", b":\t", b":  "])
+        eols = st.just(b"\r\n")
+    else:
+        method = draw(st.one_of(st.sampled_from(_METHODS), _tokens))
+        space = draw(st.sampled_from([b" "] * 10 + [b"  ", b"\t"]))
+        line = method + space + draw(_targets) + b" " + draw(st.sampled_from(_VERSIONS))
+        names, values = _names, _values
+        separators, eols = st.sampled_from(_SEPARATORS), st.sampled_from(_EOLS)
+    lines: list[bytes] = []
+    if clean or draw(st.booleans()):
+        lines += [b"Host: calls.test", b"Upgrade: websocket", b"Connection: Upgrade"]
+    for _ in range(draw(st.integers(0, 8))):
+        lines.append(draw(names) + draw(separators) + draw(values))
+    lines = draw(st.permutations(lines))
+    ends = [draw(eols) for _ in range(len(lines) + 2)]
+    head = line + ends[0] + b"".join(h + e for h, e in zip(lines, ends[1:], strict=False))
+    return head + ends[-1]
+
+
+def _judge(
+    reader: RequestHeadReader, pieces: list[bytes]
+) -> tuple[RequestHead | RequestRefused | None, bytes]:
+    """Feed pieces until a verdict: (verdict, the bytes after the head, unfed too)."""
+    try:
+        for i, piece in enumerate(pieces):
+            head = reader.feed(piece)
+            if head is not None:
+                return head, head.trailing + b"".join(pieces[i + 1 :])
+    except RequestRefused as refused:
+        return refused, b""
+    return None, b""
+
+
+def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
+    """What the fleet would get for `head`, checked; returns the bytes."""
+    headers = fleet_request_headers(head, fleet_host=FLEET_HOST, client_ip=CLIENT_IP)
+    raw = FleetExchange(head.method, head.target, headers, max_head_bytes=max_head_bytes)
+    sent = raw.request_bytes
+    # One head, nothing after it; no CR, LF or NUL inside any line.
+    assert sent.endswith(b"\r\n\r\n") and sent.count(b"\r\n\r\n") == 1
+    for line in sent[:-4].split(b"\r\n"):
+        assert not {0x0D, 0x0A, 0x00} & set(line), line
+    # h11 as the fleet's server reads one request, no body, nothing left over.
+    fleet = h11.Connection(h11.SERVER)
+    fleet.receive_data(sent)
+    request = fleet.next_event()
+    assert isinstance(request, h11.Request)
+    assert isinstance(fleet.next_event(), h11.EndOfMessage)
+    assert fleet.trailing_data == (b"", False)
+    assert (request.method, request.target, request.http_version) == (
+        head.method,
+        head.target,
+        b"1.1",
+    )
+    got = [(bytes(k), bytes(v)) for k, v in request.headers.raw_items()]
+    # Same headers as the carrier's, in order and casing, but the documented rewrites.
+    dropped = SET_BY_INGRESS | HOP_BY_HOP | head.tokens(b"connection")
+    assert [(k, v) for k, v in got if k.lower() not in SET_BY_INGRESS] == [
+        (k, v) for k, v in head.headers if k.lower() not in dropped
+    ]
+    by_name = _by_name(got)
+    prior = [v.strip() for v in head.get_all(b"x-forwarded-for") if v.strip()]
+    assert by_name[b"host"] == [FLEET_HOST.encode()]
+    assert by_name[b"x-forwarded-for"] == [b", ".join([*prior, CLIENT_IP.encode()])]
+    assert by_name[b"x-forwarded-proto"] == [b"https"]
+    assert by_name[b"x-forwarded-host"] == [head.host]
+    assert by_name[b"connection"] == [b"Upgrade"]
+    assert by_name.get(b"upgrade", []) == head.get_all(b"upgrade")
+    assert not (HOP_BY_HOP - {b"connection", b"upgrade"}) & by_name.keys()
+    # The ingress's own check reads it the same way, to the same route.
+    again = parse_request_head(sent)
+    assert (again.method, again.target) == (head.method, head.target)
+    assert ROUTER.route(again.path.decode("latin-1")) == ROUTER.route(head.path.decode("latin-1"))
+    assert again.is_websocket_upgrade == head.is_websocket_upgrade
+    return sent
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    database=None,  # failures print their example; no .hypothesis/ in the work tree
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+@given(
+    raw=request_heads(),
+    trailing=st.sampled_from([b"", b"\x81\x05hello", b"GET /attach HTTP/1.1\r\n\r\n"]),
+    cuts=st.lists(st.integers(1, 40), max_size=12),
+    limit=st.sampled_from([16384, 16384, 16384, 128]),
+)
+def test_heads_are_refused_400_431_or_forwarded_in_a_shape_that_reparses_the_same(
+    raw: bytes, trailing: bytes, cuts: list[int], limit: int
+):
+    data = raw + trailing
+    whole, _ = _judge(RequestHeadReader(limit), [data])
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(data[at : at + cut])
+        at += cut
+    pieces.append(data[at:])
+    trickled, after = _judge(RequestHeadReader(limit), [p for p in pieces if p])
+    # However the bytes arrive, the verdict is the same.
+    assert type(whole) is type(trickled)
+    if isinstance(whole, RequestRefused):
+        event(f"refused {whole.status}")
+        assert whole.status in (400, 431)
+        assert isinstance(trickled, RequestRefused) and trickled.status in (400, 431)
+        if whole.status == 431:
+            assert len(data) > limit
+        return
+    if whole is None:  # no CRLF CRLF yet: the request timeout answers it
+        event("incomplete")
+        assert b"\r\n\r\n" not in data and len(data) <= limit
+        return
+    event("accepted: call upgrade" if whole.is_websocket_upgrade else "accepted")
+    assert isinstance(trickled, RequestHead)
+    assert (trickled.method, trickled.target, trickled.headers) == (
+        whole.method,
+        whole.target,
+        whole.headers,
+    )
+    assert whole.trailing == after == data[data.index(b"\r\n\r\n") + 4 :]
+    check_forwarded(whole, limit)
+
+
+# -- 3. slowloris and idle connections -----------------------------------------------------
+
+
+class Probe(asyncio.Protocol):
+    """One client connection: when it opened and closed, what it received."""
+
+    def __init__(self, first_bytes: bytes = b"", *, hang_up: bool = False) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.first_bytes = first_bytes
+        self.hang_up = hang_up
+        self.transport: asyncio.Transport | None = None
+        self.opened = 0.0
+        self.closed: float | None = None
+        self.received = bytearray()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # For TLS this runs once the handshake is complete.
+        self.transport = transport  # type: ignore[assignment]
+        self.opened = self.loop.time()
+        if self.first_bytes:
+            self.transport.write(self.first_bytes)  # type: ignore[union-attr]
+        if self.hang_up:
+            self.transport.close()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.loop.time()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    @property
+    def status(self) -> int | None:
+        if self.received[:9] != b"HTTP/1.1 " or len(self.received) < 12:
+            return None
+        return int(self.received[9:12])
+
+
+async def open_probes(
+    n: int,
+    batch: int,
+    port: int,
+    make: Callable[[], Probe],
+    *,
+    ssl_context: ssl.SSLContext | None,
+) -> tuple[list[Probe], list[BaseException]]:
+    """Open `n` connections, `batch` handshakes at a time."""
+    loop = asyncio.get_running_loop()
+    tls: dict[str, Any] = {"ssl": ssl_context, "server_hostname": "localhost"}
+    opened: list[Probe] = []
+    errors: list[BaseException] = []
+    for start in range(0, n, batch):
+        results = await asyncio.gather(
+            *(
+                loop.create_connection(make, "127.0.0.1", port, **(tls if ssl_context else {}))
+                for _ in range(min(batch, n - start))
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                errors.append(result)
+            else:
+                opened.append(result[1])
+    return opened, errors
+
+
+def open_fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    assert hard == resource.RLIM_INFINITY or hard >= needed, (
+        f"RLIMIT_NOFILE hard limit {hard} < {needed}: raise it (ulimit -Hn) to run this test"
+    )
+
+
+async def real_calls_until(
+    stop: asyncio.Event, ingress_url: str, tls_files: TLSFiles, *, limit: int = 200
+) -> list[float]:
+    """Real WebSocket calls one after another until `stop`: each one's seconds."""
+    took: list[float] = []
+    loop = asyncio.get_running_loop()
+    while not stop.is_set() and len(took) < limit:
+        started = loop.time()
+        async with connect(ingress_url, ssl=tls_files.client_context(), open_timeout=5) as ws:
+            await ws.send("still here")
+            assert await ws.recv() == "still here"
+        took.append(loop.time() - started)
+        await asyncio.sleep(0.05)
+    return took
+
+
+SLOW_HEAD = b"GET /ws/slow HTTP/1.1\r\nHost: calls.test\r\nX-Slow: "
+
+
+async def test_slowloris_1000_trickling_heads_are_closed_at_the_request_timeout(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    raise_fd_limit(4096)
+    request_timeout = 2.0
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    ingress = await start_ingress([fleet.line("a")], timeouts={"request": request_timeout})
+    _, port = ingress.wss_address
+    loop = asyncio.get_running_loop()
+    fds_before = open_fds()
+    stop_calls = asyncio.Event()
+    calls = asyncio.create_task(real_calls_until(stop_calls, wss_url(ingress), tls_files))
+
+    probes: list[Probe] = []
+
+    async def trickle() -> None:  # one byte per connection every 0.3 s: never a whole head
+        async with asyncio.timeout(30):
+            while True:
+                await asyncio.sleep(0.3)
+                for probe in probes:
+                    if probe.closed is None and probe.transport is not None:
+                        probe.transport.write(b"a")
+
+    trickler = asyncio.create_task(trickle())
+    try:
+        started = loop.time()
+        opened, errors = await open_probes(
+            1000, 100, port, lambda: Probe(SLOW_HEAD), ssl_context=tls_files.client_context()
+        )
+        probes += opened
+        opening_s = loop.time() - started
+        fds_peak = open_fds()
+        assert errors == [] and len(opened) == 1000
+        async with asyncio.timeout(request_timeout + 15):
+            await asyncio.gather(*(p.done for p in probes))
+    finally:
+        trickler.cancel()
+        stop_calls.set()
+    took = await calls
+
+    lived = sorted(p.closed - p.opened for p in probes if p.closed is not None)
+    statuses = {p.status for p in probes}
+    print(
+        f"\nslowloris: 1000 TLS opened in {opening_s:.2f}s; closed after "
+        f"{lived[0]:.2f}..{lived[-1]:.2f}s (p50 {lived[500]:.2f}); "
+        f"{len(took)} real calls, slowest {max(took):.3f}s"
+    )
+    assert statuses == {408}
+    assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + 2.0
+    assert len(took) >= 3 and max(took) < 3.0
+    assert len(fleet.requests) == len(took)  # only the real calls reached the fleet
+    assert ingress.registry.requests[("-", 408)] == 1000
+    await _eventually(lambda: not ingress.registry.connections and open_fds() <= fds_before)
+    print(f"slowloris: test process fds {fds_before} -> {fds_peak} -> {open_fds()}")
+    await fleet.stop()
+
+
+def _service_config(tls_files: TLSFiles, port: int, stats_port: int, timeout: float) -> str:
+    return f"""
+[listen]
+wss = "127.0.0.1:{port}"
+acme = ""
+stats = "127.0.0.1:{stats_port}"
+admin_socket = ""
+
+[tls]
+cert = "{tls_files.ingress_cert}"
+key = "{tls_files.ingress_key}"
+
+[fleets]
+ca_file = "{tls_files.ca_pem}"
+check_interval = 0.5
+
+[timeouts]
+request = {timeout}
+
+[limits]
+max_connections = 10100
+
+[log]
+level = "warning"
+access = false
+"""
+
+
+async def _stats(port: int) -> dict[str, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /stats.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    raw = await reader.read(-1)
+    writer.close()
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+# The fleet in a process of its own: the test process is busy with 10k handshakes.
+FLEET_PROCESS = """
+import asyncio, ssl, sys, uvloop
+from fleet_ingress.sim import SimulatedFleet
+
+async def main():
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(sys.argv[1])
+    fleet = SimulatedFleet(name="a", ssl_context=ctx)
+    await fleet.start()
+    print(fleet.url, flush=True)
+    await asyncio.sleep(300)
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.uvloop_only
+async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_timeout(
+    tls_files: TLSFiles,
+):
+    """The ingress as a real process (its fds apart from the client's)."""
+    raise_fd_limit(10_500)
+    n, request_timeout = 10_000, 20.0  # opening takes 8-12 s on 2 cores: all are held at once
+    home = Path(tempfile.mkdtemp(prefix="fi-idle-"))
+    tls_files.fleet_cert.private_key_and_cert_chain_pem.write_to_path(home / "fleet.pem")
+    fleet = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLEET_PROCESS, str(home / "fleet.pem"), stdout=asyncio.subprocess.PIPE
+    )
+    assert fleet.stdout is not None
+    fleet_url = (await fleet.stdout.readline()).decode().strip()
+    assert fleet_url.startswith("https://"), "the fleet process did not start"
+    port, stats_port = await free_port(), await free_port()
+    (home / "fleets.txt").write_text(f"{fleet_url} name=a\n")
+    (home / "ingress.toml").write_text(
+        _service_config(tls_files, port, stats_port, request_timeout)
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "fleet_ingress", "run", "-c", str(home / "ingress.toml")
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    if (await _stats(stats_port))["fleets"][0]["health"] == "UP":
+                        break
+                except (OSError, ValueError, KeyError, IndexError):
+                    pass
+                await asyncio.sleep(0.1)
+        fds_before = open_fds(proc.pid)
+
+        started = loop.time()
+        probes, errors = await open_probes(
+            n, 1000, port, Probe, ssl_context=tls_files.client_context()
+        )
+        opening_s = loop.time() - started
+        assert errors == [] and len(probes) == n
+        fds_peak = open_fds(proc.pid)
+        # All held at once, and the service still serves a real call.
+        early = [p for p in probes if p.closed is not None]
+        assert not early, (
+            f"{len(early)} closed before all {n} were open ({opening_s:.1f}s): "
+            f"{early[0].received[:40]!r} after {early[0].closed - early[0].opened:.2f}s"
+        )
+        assert (await _stats(stats_port))["frontend"]["connections"] == n
+        url = f"wss://127.0.0.1:{port}/ws/during-idle"
+        try:
+            async with connect(url, ssl=tls_files.client_context(), open_timeout=5) as ws:
+                await ws.send("x")
+                assert await ws.recv() == "x"
+        except InvalidStatus as exc:
+            fleet_row = (await _stats(stats_port))["fleets"][0]
+            pytest.fail(
+                f"a real call got {exc.response.status_code} {exc.response.body!r}: {fleet_row}"
+            )
+
+        async with asyncio.timeout(request_timeout + 20):
+            await asyncio.gather(*(p.done for p in probes))
+        closing_s = loop.time() - started
+        lived = sorted(p.closed - p.opened for p in probes if p.closed is not None)
+        async with asyncio.timeout(10):
+            while (fds_after := open_fds(proc.pid)) > fds_before:
+                await asyncio.sleep(0.1)
+        stats = await _stats(stats_port)
+        print(
+            f"\n10k idle: opened {n} TLS in {opening_s:.2f}s ({n / opening_s:.0f}/s); "
+            f"ingress fds {fds_before} -> {fds_peak} -> {fds_after}; closed after "
+            f"{lived[0]:.2f}..{lived[-1]:.2f}s (p50 {lived[n // 2]:.2f}), "
+            f"all gone {closing_s:.1f}s after the first connect; fleet probes failed: "
+            f"{stats['fleets'][0]['check_failures']}/{stats['fleets'][0]['checks_total']}"
+        )
+        assert fds_peak >= fds_before + n
+        assert {p.status for p in probes} == {408}
+        assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + 3.0
+        assert stats["frontend"]["connections"] == 0
+        assert stats["frontend"]["requests"]["-"] == {"408": n}
+        assert proc.returncode is None
+        assert stats["fleets"][0]["calls_total"] == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            fleet.kill()
+        await fleet.wait()
+        shutil.rmtree(home, ignore_errors=True)
+    assert proc.returncode == 0
+
+
+# -- 4. random bytes instead of TLS, and after it ------------------------------------------
+
+
+async def test_random_bytes_instead_of_tls_by_the_thousand(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    raise_fd_limit(4096)
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    ingress = await start_ingress([fleet.line("a")], timeouts={"request": 2})
+    _, port = ingress.wss_address
+    fds_before = open_fds()
+    rng = random.Random(7)
+
+    async def storm(payloads: list[bytes], hang_up: Callable[[], bool]) -> None:
+        sent = iter(payloads)
+        probes, errors = await open_probes(
+            len(payloads), 200, port, lambda: Probe(next(sent), hang_up=hang_up()), ssl_context=None
+        )
+        assert errors == []
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(p.done for p in probes))
+        # Dropped with at most a TLS alert; never an HTTP answer.
+        assert all(p.received == b"" or p.received.startswith(b"\x15\x03") for p in probes)
+
+    # 1. Bytes OpenSSL can judge at once: neither a record header (a version
+    #    byte 0x03 second) nor an SSLv2-style one (high bit first), either of
+    #    which may announce more bytes to wait for. Half hang up at once, half
+    #    wait to be dropped: each one is counted.
+    n = 2000
+    first_bytes = [b for b in range(0x80) if b != 0x16]
+    second_bytes = [b for b in range(0x100) if b != 0x03]
+    judged = [
+        bytes([rng.choice(first_bytes), rng.choice(second_bytes)])
+        + rng.randbytes(rng.randint(16, 2048))
+        for _ in range(n)
+    ]
+    await storm(judged, lambda: rng.random() < 0.5)
+    await _eventually(lambda: ingress.registry.tls_handshake_failures >= n, timeout=10)
+    assert ingress.registry.tls_handshake_failures == n
+    # 2. Any bytes at all, then hang-up: some stall OpenSSL, which waits for
+    #    more; the hang-up fails those handshakes, and they count too.
+    m = 500
+    await storm([rng.randbytes(rng.randint(1, 2048)) for _ in range(m)], lambda: True)
+    await _eventually(lambda: ingress.registry.tls_handshake_failures >= n + m, timeout=10)
+    assert ingress.registry.tls_handshake_failures == n + m
+    assert ingress.registry.connections_total == 0  # none ever became a carrier connection
+    await _after_the_storm(ingress, tls_files, fleet, fds_before)
+
+
+def _half_a_client_hello(tls_files: TLSFiles) -> bytes:
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = tls_files.client_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    hello = outgoing.read()
+    return hello[: len(hello) // 2]
+
+
+async def test_tls_handshakes_cut_short_or_stalled_are_dropped_and_counted(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A record header promising more then EOF, the same in SSLv2 form, and
+    half a ClientHello then silence (dropped at timeouts.request): each one
+    a failed handshake, counted, nothing left open."""
+    ingress = await start_ingress(
+        [f"https://127.0.0.1:{await free_port()} name=none"], timeouts={"request": 0.5}
+    )
+    _, port = ingress.wss_address
+    fds_before = open_fds()
+    cut_short = iter([b"\x16\x03\x01\x02\x00" + b"\x01" * 10, b"\x80\xff\x01\x03\x01" + b"\0" * 10])
+    hung_up, _ = await open_probes(
+        2, 2, port, lambda: Probe(next(cut_short), hang_up=True), ssl_context=None
+    )
+    stalled, _ = await open_probes(
+        20, 20, port, lambda: Probe(_half_a_client_hello(tls_files)), ssl_context=None
+    )
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(p.done for p in hung_up + stalled))
+    lived = [p.closed - p.opened for p in stalled if p.closed is not None]
+    assert 0.45 <= min(lived) and max(lived) < 2.0
+    await _eventually(lambda: ingress.registry.tls_handshake_failures == 22)
+    assert ingress.registry.connections_total == 0
+    await _eventually(lambda: ingress.registry.handshaking == 0 and open_fds() <= fds_before)
+
+
+async def test_a_network_error_passed_up_by_accept_does_not_stop_the_listener(
+    start_ingress: StartIngress, tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+):
+    """Linux accept(2) hands up pending network errors of the new connection
+    (ENETDOWN, EHOSTUNREACH, ENETUNREACH, ...) and says to retry as for EAGAIN.
+    One such error must not leave the ingress serving but never accepting."""
+    ingress = await start_ingress([f"https://127.0.0.1:{await free_port()} name=none"])
+    listening = ingress._wss.sock.fileno()  # type: ignore[union-attr]
+    real_accept = socket.socket.accept
+    raised: list[int] = []
+
+    def accept(sock: socket.socket) -> tuple[socket.socket, Any]:
+        if sock.fileno() == listening and not raised:
+            raised.append(errno.EHOSTUNREACH)
+            raise OSError(errno.EHOSTUNREACH, os.strerror(errno.EHOSTUNREACH))
+        return real_accept(sock)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    request = b"GET /haproxy-health HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+    for _ in range(2):  # the first connection meets the error; both must be served
+        got = await raw_exchange(ingress, tls_files, request, timeout=2)
+        assert got.startswith(b"HTTP/1.1 200 ")
+    assert raised == [errno.EHOSTUNREACH]
+
+
+async def test_random_bytes_after_a_tls_handshake_by_the_thousand(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    raise_fd_limit(4096)
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    ingress = await start_ingress([fleet.line("a")], timeouts={"request": 1})
+    _, port = ingress.wss_address
+    fds_before = open_fds()
+    rng = random.Random(11)
+    n = 2000
+    sizes = [rng.choice([1, 64, 1024, 4096, 20000]) for _ in range(n)]
+    payloads = iter([rng.randbytes(size) for size in sizes])
+
+    def noise() -> Probe:  # half hang up at once, half wait for the answer
+        return Probe(next(payloads), hang_up=rng.random() < 0.5)
+
+    probes, errors = await open_probes(n, 100, port, noise, ssl_context=tls_files.client_context())
+    assert errors == []
+    async with asyncio.timeout(30):
+        await asyncio.gather(*(p.done for p in probes))
+    answered = [p.status for p in probes if p.received]
+    assert set(answered) <= {400, 408, 431}, set(answered)
+    assert ingress.registry.tls_handshake_failures == 0
+    assert ingress.registry.connections_total == n
+    assert sum(ingress.registry.requests.values()) <= n
+    await _after_the_storm(ingress, tls_files, fleet, fds_before)
+
+
+async def _after_the_storm(
+    ingress: Ingress, tls_files: TLSFiles, fleet: WsFleet, fds_before: int
+) -> None:
+    """No leak (fds, registry), nothing reached the fleet, and a real call works."""
+    await _eventually(
+        lambda: not ingress.registry.connections and open_fds() <= fds_before, timeout=10
+    )
+    print(f"\nafter the storm: test process fds {fds_before} -> {open_fds()}")
+    assert ingress.registry.calls == set()
+    assert ingress.registry.handshaking == 0
+    assert fleet.requests == []
+    async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+        await ws.send("after the storm")
+        assert await ws.recv() == "after the storm"
+    assert len(fleet.requests) == 1
+    await fleet.stop()
