@@ -13,6 +13,14 @@ Run it as its own process (``measure_call_path.py --target bare`` does)::
         --ca ca.pem --fleet 127.0.0.1:9001 --fleet 127.0.0.1:9002
 
 It serves until SIGTERM or SIGINT.
+
+``BARE_SPLICE_BUFFERED=1`` (or ``--buffered``) makes both sides
+``asyncio.BufferedProtocol``s reading into one buffer shared by every
+connection (each read is copied out and written to the peer at once). uvloop's
+SSL layer then decrypts straight into that buffer (``_do_read__buffered``)
+instead of allocating a 256 KiB ``bytes`` per read and shrinking it
+(``_do_read__copied``, what a plain ``Protocol`` gets): the experiment behind
+bench/README.md's advice on memory per call.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import signal
 import ssl
 from collections.abc import Iterator, Sequence
@@ -30,7 +39,7 @@ import uvloop
 Address = tuple[str, int]
 
 
-class _Side(asyncio.Protocol):
+class _Side(asyncio.BaseProtocol):
     """One TLS connection of a call; ``peer`` is the other one once linked."""
 
     def __init__(self) -> None:
@@ -65,6 +74,8 @@ class _Side(asyncio.Protocol):
 
 
 class CarrierSide(_Side):
+    fleet_side: type[_Side]  # set below: the same flavour as this side
+
     def __init__(self, fleets: Iterator[Address], fleet_ssl: ssl.SSLContext) -> None:
         super().__init__()
         self._fleets = fleets
@@ -92,7 +103,7 @@ class CarrierSide(_Side):
         loop = asyncio.get_running_loop()
         try:
             _, fleet = await loop.create_connection(
-                FleetSide, host, port, ssl=self._fleet_ssl, server_hostname=host
+                self.fleet_side, host, port, ssl=self._fleet_ssl, server_hostname=host
             )
         except OSError:
             self.close()
@@ -110,7 +121,49 @@ class FleetSide(_Side):
     pass
 
 
-async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[Address]) -> None:
+class PlainCarrierSide(CarrierSide, asyncio.Protocol):
+    pass
+
+
+class PlainFleetSide(FleetSide, asyncio.Protocol):
+    pass
+
+
+# One read buffer for every connection: what a read delivers is copied out and
+# written to the peer before the next read can happen (one thread, one loop).
+_SHARED = memoryview(bytearray(256 * 1024))
+
+
+# uvloop's SSL layer takes the buffered path only for a protocol that is not an
+# asyncio.Protocol, hence the two flavours of each side.
+class _Buffered(asyncio.BufferedProtocol):
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _SHARED
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_SHARED[:nbytes]))  # type: ignore[attr-defined]
+
+
+class BufferedCarrierSide(CarrierSide, _Buffered):
+    pass
+
+
+class BufferedFleetSide(FleetSide, _Buffered):
+    pass
+
+
+PlainCarrierSide.fleet_side = PlainFleetSide
+BufferedCarrierSide.fleet_side = BufferedFleetSide
+
+
+async def serve(
+    listen: Address,
+    cert: str,
+    key: str,
+    ca: str,
+    fleets: Sequence[Address],
+    buffered: bool = False,
+) -> None:
     server_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ssl.set_alpn_protocols(["http/1.1"])
     server_ssl.load_cert_chain(cert, key)
@@ -123,8 +176,9 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     round_robin = itertools.cycle(fleets)
+    carrier: type[CarrierSide] = BufferedCarrierSide if buffered else PlainCarrierSide
     server = await loop.create_server(
-        lambda: CarrierSide(round_robin, fleet_ssl), *listen, ssl=server_ssl, backlog=1024
+        lambda: carrier(round_robin, fleet_ssl), *listen, ssl=server_ssl, backlog=1024
     )
     async with server:
         await stop.wait()
@@ -144,8 +198,14 @@ def main() -> None:
     parser.add_argument(
         "--fleet", type=_address, action="append", required=True, help="HOST:PORT (repeat)"
     )
+    parser.add_argument(
+        "--buffered",
+        action="store_true",
+        default=os.environ.get("BARE_SPLICE_BUFFERED") == "1",
+        help="BufferedProtocol sides sharing one read buffer (also BARE_SPLICE_BUFFERED=1)",
+    )
     args = parser.parse_args()
-    uvloop.run(serve(args.listen, args.cert, args.key, args.ca, args.fleet))
+    uvloop.run(serve(args.listen, args.cert, args.key, args.ca, args.fleet, args.buffered))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""What /proc says about processes and the host: CPU seconds, RSS, memory maps.
+
+Everything here reads Linux's /proc and nothing else, so the same figures come
+out for a Python ingress, HAProxy (C) or a load generator.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def read_stat(pid: int | str) -> tuple[str, list[str]]:
+    """/proc/PID/stat: comm (field 2, may hold spaces) and the fields from 3 (state) on."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds (clock-tick resolution)."""
+    try:
+        _, fields = read_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every live process below it (HAProxy master/worker, helpers)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            _, fields = read_stat(entry)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, ()))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live descendants, summed."""
+    return sum(cpu_seconds(p) for p in descendants(pid))
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def tree_rss_kib(pid: int) -> int:
+    """RSS of ``pid`` and its live descendants, summed (shared pages counted twice)."""
+    return sum(rss_kib(p) for p in descendants(pid))
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in KiB: Rss, Anonymous, Private_Dirty, ..."""
+    out: dict[str, int] = {}
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for line in lines[1:]:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0])
+    return out
+
+
+def rss_by_mapping(pid: int) -> dict[str, int]:
+    """Rss in KiB per kind of mapping: [heap], anonymous mmaps, [stack], files (summed)."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    name = "?"
+    for line in text.splitlines():
+        first = line.split(maxsplit=6)
+        if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
+            path = first[5] if len(first) > 5 else ""
+            name = path if path.startswith("[") else ("file" if path else "anon-mmap")
+        elif line.startswith("Rss:"):
+            out[name] = out.get(name, 0) + int(line.split()[1])
+    return out
+
+
+def io_syscalls(pid: int) -> int:
+    """Read and write system calls a process made (/proc/PID/io syscr + syscw)."""
+    try:
+        text = Path(f"/proc/{pid}/io").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    counts = dict(line.split(": ") for line in text.splitlines())
+    return int(counts["syscr"]) + int(counts["syscw"])
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the host spent busy (all cores, idle and iowait excluded)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = values
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def others_cpu_seconds(exclude: set[int]) -> dict[str, float]:
+    """CPU seconds of every other live user-space process, keyed "comm[pid]".
+
+    Kernel threads are left out (some work for us: softirq, memory reclaim), and so is
+    reaped children's time (cutime): it lands all at once, however long the child ran."""
+    found: dict[str, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        try:
+            comm, fields = read_stat(entry)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if entry == "2" or fields[1] == "2":  # kthreadd and its children
+            continue
+        found[f"{comm}[{entry}]"] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return found
+
+
+def others_busy(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each other process used between two ``others_cpu_seconds``, busiest first."""
+    used = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in used.items() if v > 0), key=lambda kv: -kv[1]))
+
+
+def describe(key: str, chars: int = 60) -> str:
+    """ "comm[pid]" with the start of its command line, to tell whose process it is."""
+    pid = key[key.rindex("[") + 1 : -1]
+    try:
+        cmd = (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    except (FileNotFoundError, ProcessLookupError):
+        return key
+    return f"{key} {cmd.strip()[:chars]}"
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def mem_total_mib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0

@@ -1,0 +1,157 @@
+"""Profilers on a target during a measurement window, and what their samples say.
+
+- py-spy (Python targets): ``record`` runs ``py-spy record`` (blocking: py-spy
+  pauses the target for each sample, so that run's CPU and latency figures are
+  disturbed) and ``summarize`` folds the collapsed stacks into the Python
+  functions that use the time, self (leaf) and inclusive. ``--native`` would
+  show C frames, but py-spy 0.3.14 cannot merge uvloop's Cython frames ("Failed
+  to merge native and python frames"), and 0.4.x cannot read this Python's
+  version at all: native time is seen with perf instead.
+- perf (any target, HAProxy too): ``perf record -e cpu-clock`` (no call
+  graphs: cheap) and the share of samples per shared object (libcrypto,
+  libssl, libpython, uvloop, the kernel, haproxy) and per symbol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .children import Children
+
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
+BUCKETS = (
+    ("OpenSSL (libssl/libcrypto)", ("libssl", "libcrypto")),
+    ("kernel I/O (send/recv/epoll)", ("libc.so", "epoll", "__libc_send", "__libc_recv")),
+    ("uvloop / libuv", ("uvloop", "loop.cpython", "libuv", "uv__")),
+    ("fleet_ingress", ("fleet_ingress",)),
+    ("asyncio", ("asyncio",)),
+    ("ssl module", ("ssl.py", "_ssl.cpython")),
+)
+
+
+def py_spy() -> str | None:
+    return shutil.which("py-spy") or next(
+        (str(p) for p in (Path(__file__).resolve().parents[1] / ".venv/bin/py-spy",) if p.exists()),
+        None,
+    )
+
+
+async def record(
+    children: Children, pid: int, seconds: float, out: Path, rate: int = 100
+) -> Path | None:
+    binary = py_spy()
+    if binary is None:
+        return None
+    argv = [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
+    argv += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
+    log = out.with_suffix(".log")
+    with log.open("wb") as err:
+        proc = await children.spawn(argv, stdout=err, stderr=err)
+    try:
+        async with asyncio.timeout(seconds + 30):
+            await proc.wait()
+    except TimeoutError:
+        await Children.stop(proc)
+    return out
+
+
+def _frames(stack: str) -> list[tuple[str, str]]:
+    out = []
+    for frame in stack.split(";"):
+        m = _FRAME.match(frame.strip())
+        func, where = (m["func"], m["where"]) if m else (frame.strip(), "")
+        out.append((func, where.rsplit(":", 1)[0]))
+    return out
+
+
+def summarize(path: Path, top: int = 25) -> dict[str, Any]:
+    if not path.exists():
+        log = path.with_suffix(".log")
+        return {"error": log.read_text(errors="replace")[-500:] if log.exists() else "no output"}
+    self_time: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    buckets: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit() or not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = _frames(stack)
+        leaf_func, leaf_where = frames[-1]
+        leaf = f"{leaf_func} ({Path(leaf_where).name})"
+        self_time[leaf] = self_time.get(leaf, 0) + n
+        for name in {f"{f} ({Path(w).name})" for f, w in frames}:
+            inclusive[name] = inclusive.get(name, 0) + n
+        bucket = "Python interpreter / other"
+        for label, needles in BUCKETS:
+            if any(s in leaf_where or s in leaf_func for s in needles):
+                bucket = label
+                break
+        buckets[bucket] = buckets.get(bucket, 0) + n
+
+    def pct(d: dict[str, int]) -> dict[str, float]:
+        items = sorted(d.items(), key=lambda kv: -kv[1])[:top]
+        return {k: round(100 * v / total, 1) for k, v in items} if total else {}
+
+    return {
+        "samples": total,
+        "leaf_bucket_pct": pct(buckets),
+        "self_pct": pct(self_time),
+        "inclusive_pct": pct(inclusive),
+    }
+
+
+async def perf_record(children: Children, pid: int, seconds: float, out: Path) -> Path | None:
+    binary = shutil.which("perf")
+    if binary is None:
+        return None
+    argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(out)]
+    argv += ["--", "sleep", str(max(1, round(seconds)))]
+    log = out.with_suffix(".log")
+    with log.open("wb") as err:
+        proc = await children.spawn(argv, stdout=err, stderr=err)
+    try:
+        async with asyncio.timeout(seconds + 30):
+            await proc.wait()
+    except TimeoutError:
+        await Children.stop(proc)
+    return out
+
+
+async def perf_summary(path: Path, top: int = 25) -> dict[str, Any]:
+    binary = shutil.which("perf")
+    if binary is None:
+        return {"error": "no perf"}
+    out: dict[str, Any] = {}
+    for key, sort in (("dso_pct", "dso"), ("symbol_pct", "dso,sym")):
+        proc = await asyncio.create_subprocess_exec(
+            binary,
+            "report",
+            "-i",
+            str(path),
+            "--no-children",
+            "--sort",
+            sort,
+            "--stdio",
+            "-q",
+            "--percent-limit",
+            "0.5",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        text, err = await proc.communicate()
+        rows = {}
+        for line in text.decode(errors="replace").splitlines():
+            parts = line.split(None, 1)
+            if len(parts) == 2 and parts[0].endswith("%"):
+                rows[" ".join(parts[1].split())] = float(parts[0].rstrip("%"))
+        out[key] = dict(list(rows.items())[:top])
+        if not rows:
+            out["error"] = err.decode(errors="replace")[-300:]
+    return out

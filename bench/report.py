@@ -1,0 +1,345 @@
+"""From the results of a run to figures: summary over rounds, ratios, Markdown, PNG."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .targets import base, label
+
+# (key, header, digits) of the steady table, read from each target's result.
+STEADY_COLUMNS = [
+    ("cpu_s_per_1000_msgs", "CPU s / 1000 msgs", 5),
+    ("proxy_cores", "proxy cores", 3),
+    ("rss_kib_per_call", "RSS KiB / call", 1),
+    ("handshake_ms_p50", "handshake p50 ms", 2),
+    ("handshake_ms_p99", "handshake p99 ms", 2),
+    ("rtt_ms_p50", "RTT p50 ms", 2),
+    ("rtt_ms_p99", "RTT p99 ms", 2),
+    ("added_rtt_ms_p50", "added p50 ms", 2),
+    ("added_rtt_ms_p99", "added p99 ms", 2),
+    ("failed", "failed calls", 0),
+    ("lost_frames", "lost frames", 0),
+    ("corrupt_frames", "corrupt", 0),
+]
+IDLE_COLUMNS = [
+    ("rss_kib_per_call", "RSS KiB / call", 1),
+    ("established_at_sample", "calls held", 0),
+    ("rss_kib_baseline", "RSS baseline KiB", 0),
+    ("rss_kib_with_calls", "RSS with calls KiB", 0),
+    ("idle_cpu_ms_per_call_minute", "idle CPU ms / call / min", 2),
+    ("handshake_ms_p50", "handshake p50 ms", 2),
+    ("handshake_ms_p99", "handshake p99 ms", 2),
+    ("failed", "failed calls", 0),
+    ("lost_frames", "lost frames", 0),
+]
+CHURN_COLUMNS = [
+    ("cpu_ms_per_call", "CPU ms / call", 3),
+    ("proxy_cores", "proxy cores", 3),
+    ("handshake_ms_p50", "handshake p50 ms", 2),
+    ("handshake_ms_p99", "handshake p99 ms", 2),
+    ("added_handshake_ms_p50", "added handshake p50 ms", 2),
+    ("added_handshake_ms_p99", "added handshake p99 ms", 2),
+    ("rtt_ms_p99", "RTT p99 ms", 2),
+    ("failed", "failed calls", 0),
+    ("lost_frames", "lost frames", 0),
+]
+LOAD_COLUMNS = [
+    ("generator_cores", "generator cores"),
+    ("generator_max_process_cores", "busiest generator process"),
+    ("generator_processes", "generator processes"),
+    ("fleets_cores", "fleets cores"),
+    ("host_busy_cores", "host busy cores"),
+    ("other_procs_cores", "other processes' cores"),
+]
+RATIO_KEYS = {
+    "steady": ["cpu_s_per_1000_msgs", "rss_kib_per_call", "handshake_ms_p50", "rtt_ms_p99"],
+    "idle": ["rss_kib_per_call"],
+    "churn": ["cpu_ms_per_call", "handshake_ms_p50", "handshake_ms_p99"],
+}
+COLUMNS = {"steady": STEADY_COLUMNS, "idle": IDLE_COLUMNS, "churn": CHURN_COLUMNS}
+
+
+def value(r: dict[str, Any], key: str) -> Any:
+    if key in r:
+        return r[key]
+    return r.get("loads", {}).get(key)
+
+
+def add_relative(rounds: list[dict[str, dict[str, Any]]]) -> None:
+    """Per round: each proxy's added round trip (and handshake) over direct's."""
+    for rnd in rounds:
+        direct = rnd.get("direct")
+        for r in rnd.values():
+            for src, dst in (
+                ("rtt_ms_p50", "added_rtt_ms_p50"),
+                ("rtt_ms_p99", "added_rtt_ms_p99"),
+                ("handshake_ms_p50", "added_handshake_ms_p50"),
+                ("handshake_ms_p99", "added_handshake_ms_p99"),
+            ):
+                a, b = r.get(src), (direct or {}).get(src)
+                r[dst] = None if a is None or b is None else round(a - b, 3)
+
+
+def stats(values: list[Any]) -> dict[str, Any]:
+    nums = [v for v in values if isinstance(v, int | float)]
+    if not nums:
+        return {"median": None, "min": None, "max": None, "values": values}
+    return {
+        "median": round(statistics.median(nums), 6),
+        "min": min(nums),
+        "max": max(nums),
+        "spread_pct": round(100 * (max(nums) - min(nums)) / statistics.median(nums), 1)
+        if statistics.median(nums)
+        else None,
+        "values": values,
+    }
+
+
+def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    cols = [k for k, _, _ in COLUMNS.get(scenario, [])] + [k for k, _ in LOAD_COLUMNS]
+    targets = list(dict.fromkeys(t for rnd in rounds for t in rnd))
+    summary = {
+        t: {k: stats([value(rnd[t], k) for rnd in rounds if t in rnd]) for k in cols}
+        for t in targets
+    }
+    ratios: dict[str, Any] = {}
+    pairs = [("ingress", "haproxy"), ("ingress", "bare")]
+    pairs += [(t, base(t)) for t in targets if "@" in t and base(t) in targets]
+    pairs += [(t, "haproxy") for t in targets if "@" in t and base(t) == "ingress"]
+    for num, den in pairs:
+        if num in targets and den in targets:
+            per_key = {}
+            for key in RATIO_KEYS.get(scenario, []):
+                per_round = []
+                for rnd in rounds:
+                    a, b = value(rnd.get(num, {}), key), value(rnd.get(den, {}), key)
+                    per_round.append(None if a is None or not b else round(a / b, 3))
+                per_key[key] = stats(per_round)
+            ratios[f"{num}/{den}"] = per_key
+    return {"summary": summary, "ratios": ratios}
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if digits else f"{v:.0f}"
+    return str(v)
+
+
+def _cell(st: dict[str, Any], digits: int) -> str:
+    med = st.get("median")
+    if med is None:
+        return "-"
+    text = _fmt(float(med), digits)
+    if len([v for v in st["values"] if v is not None]) > 1 and st["min"] != st["max"]:
+        text += f" ({_fmt(float(st['min']), digits)}-{_fmt(float(st['max']), digits)})"
+    return text
+
+
+def targets_check(scenario: str, report: dict[str, Any]) -> list[str]:
+    """The issue's targets, judged on what was measured (never adjusted)."""
+    out: list[str] = []
+    if scenario not in ("steady", "idle"):
+        return out
+    summ, ratios = report["summary"], report["ratios"].get("ingress/haproxy", {})
+    p = report["params"]
+    if scenario == "steady" and "ingress" in summ:
+        cpu = ratios.get("cpu_s_per_1000_msgs", {})
+        if cpu.get("median") is not None:
+            ok = cpu["max"] <= 1.3
+            out.append(
+                f"CPU per relayed message <= 1.3x HAProxy (nbthread {p['haproxy_nbthread']}) at "
+                f"{p['calls']} calls {p['profile']}: ingress/HAProxy = {cpu['median']} "
+                f"(rounds {cpu['values']}) -> {'MET' if ok else 'MISSED'}"
+            )
+        failed = summ["ingress"]["failed"]["values"]
+        lost = summ["ingress"]["lost_frames"]["values"]
+        ok = not any(failed) and not any(lost)
+        out.append(
+            f"zero lost frames and failed calls at {p['calls']} calls: failed {failed}, "
+            f"lost {lost} -> {'MET' if ok else 'MISSED'}"
+        )
+    if "ingress" in summ:
+        rss = summ["ingress"]["rss_kib_per_call"]
+        if rss["median"] is not None:
+            ok = rss["max"] <= 64
+            hap = summ.get("haproxy", {}).get("rss_kib_per_call", {}).get("median")
+            out.append(
+                f"RSS <= 64 KiB per established call ({scenario}): fleet-ingress "
+                f"{rss['median']} KiB (HAProxy {hap}) -> {'MET' if ok else 'MISSED'}"
+            )
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sc = report["scenario"]
+    p, m = report["params"], report["machine"]
+    lines = [
+        f"## {sc}: {report['title']}",
+        "",
+        f"- command: `{report['command']}`",
+        f"- machine: {m['nproc']} cores ({m['cpu_model']}), {m['mem_total_mib']} MiB, "
+        f"kernel {m['kernel']}, Python {m['python']}, {m['haproxy']}, "
+        f"{m['busy_cores_before_start']} cores busy before the start",
+        f"- code: fleet_ingress {report['code'].get('git_head')} "
+        f"(src sha256 {report['code'].get('src_sha256')}, "
+        f"{report['code'].get('src_uncommitted_changes')} uncommitted files in src/)",
+        f"- TLS both sides; profile {p['profile']}; rounds {p['repeat']} "
+        f"(targets interleaved each round); CPU pinning {'on' if p['pin'] else 'off'}",
+        "",
+    ]
+    if sc in COLUMNS:
+        cols = COLUMNS[sc]
+        lines.append(
+            "cells: median over rounds (min-max when rounds differ); added = target - direct "
+            "in the same round"
+        )
+        lines.append("")
+        lines.append("| target | " + " | ".join(h for _, h, _ in cols) + " |")
+        lines.append("|---|" + "---|" * len(cols))
+        for t, st in report["summary"].items():
+            cells = [_cell(st.get(k, {}), d) for k, _, d in cols]
+            lines.append(f"| {label(t)} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for name, per_key in report["ratios"].items():
+            parts = [
+                f"{k} {v['median']} (rounds {v['values']})"
+                for k, v in per_key.items()
+                if v.get("median") is not None
+            ]
+            if parts:
+                lines.append(f"- ratio {name}: " + "; ".join(parts))
+        lines += ["", "Load during the measurement windows (cores, median over rounds):", ""]
+        lines.append("| target | " + " | ".join(h for _, h in LOAD_COLUMNS) + " |")
+        lines.append("|---|" + "---|" * len(LOAD_COLUMNS))
+        for t, st in report["summary"].items():
+            cells = [_cell(st.get(k, {}), 3) for k, _ in LOAD_COLUMNS]
+            lines.append(f"| {label(t)} | " + " | ".join(cells) + " |")
+    if sc == "ramp":
+        budget = p.get("budget_ms")
+        lines.append(
+            f"Added p99 budget: {budget} ms (one frame interval); added = target p99 - direct "
+            "p99 at the same number of calls."
+        )
+        lines.append("")
+        for rnd_i, rnd in enumerate(report["rounds"], 1):
+            direct = {lv["calls"]: lv for lv in rnd.get("direct", {}).get("levels", [])}
+            for t, r in rnd.items():
+                lines.append(f"### round {rnd_i}: {label(t)} (stopped: {r['stop_reason']})")
+                lines.append("")
+                lines.append(
+                    "| calls | RTT p50 ms | RTT p99 ms | added p99 ms | proxy cores | "
+                    "CPU s / 1000 msgs | RSS KiB / call | generator cores | fleets cores | "
+                    "host busy |"
+                )
+                lines.append("|---|---|---|---|---|---|---|---|---|---|")
+                for lv in r["levels"]:
+                    d = direct.get(lv["calls"], {})
+                    added = (
+                        round(lv["rtt_ms_p99"] - d["rtt_ms_p99"], 2)
+                        if lv.get("rtt_ms_p99") is not None and d.get("rtt_ms_p99") is not None
+                        else None
+                    )
+                    ld = lv["loads"]
+                    lines.append(
+                        f"| {lv['calls']} | {_fmt(lv['rtt_ms_p50'], 2)} | "
+                        f"{_fmt(lv['rtt_ms_p99'], 2)} | {_fmt(added, 2)} | "
+                        f"{_fmt(ld['proxy_cores'], 3)} | {_fmt(lv['cpu_s_per_1000_msgs'], 5)} | "
+                        f"{_fmt(lv['rss_kib_per_call'], 1)} | {_fmt(ld['generator_cores'], 3)} | "
+                        f"{_fmt(ld['fleets_cores'], 3)} | {_fmt(ld['host_busy_cores'], 2)} |"
+                    )
+                lines.append("")
+        for t, s in report.get("ramp_summary", {}).items():
+            lines.append(f"- {label(t)}: {s}")
+    lines.append("")
+    for line in report.get("targets_check", []):
+        lines.append(f"- target: {line}")
+    if report.get("warnings"):
+        lines += ["", "Warnings:", ""]
+        lines += [f"- {w}" for w in report["warnings"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> Path | None:
+    """Latency and proxy CPU against concurrent calls, one series per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sc = report["scenario"]
+    series: dict[str, dict[str, list[float]]] = {}
+
+    def add(t: str, x: float, lat: Any, cpu: Any, cpu_per: Any) -> None:
+        s = series.setdefault(t, {"x": [], "lat": [], "cpu": [], "cpu_per": []})
+        s["x"].append(x)
+        s["lat"].append(float("nan") if lat is None else lat)
+        s["cpu"].append(float("nan") if cpu is None else cpu)
+        s["cpu_per"].append(float("nan") if cpu_per is None else cpu_per)
+
+    for rnd in report["rounds"]:
+        for t, r in rnd.items():
+            if sc == "ramp":
+                for lv in r["levels"]:
+                    add(
+                        t,
+                        lv["calls"],
+                        lv["rtt_ms_p99"],
+                        lv["loads"]["proxy_cores"],
+                        lv["cpu_s_per_1000_msgs"],
+                    )
+            elif sc == "churn":
+                add(
+                    t,
+                    r["concurrent_calls"],
+                    r["handshake_ms_p99"],
+                    r["loads"]["proxy_cores"],
+                    r.get("cpu_ms_per_call"),
+                )
+            elif sc == "idle":
+                add(
+                    t,
+                    r["calls"],
+                    r.get("handshake_ms_p99"),
+                    r["loads"]["proxy_cores"],
+                    r.get("rss_kib_per_call"),
+                )
+            else:
+                add(
+                    t,
+                    r["calls"],
+                    r["rtt_ms_p99"],
+                    r["loads"]["proxy_cores"],
+                    r["cpu_s_per_1000_msgs"],
+                )
+    lat_label = {"churn": "handshake p99 (ms)", "idle": "handshake p99 (ms)"}.get(
+        sc, "round trip p99 (ms)"
+    )
+    per_label = {"churn": "proxy CPU ms per call", "idle": "proxy RSS KiB per call"}.get(
+        sc, "proxy CPU s per 1000 msgs"
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    style = "o-" if sc == "ramp" else "o"
+    for t, s in series.items():
+        order = sorted(range(len(s["x"])), key=lambda i: s["x"][i])
+        xs = [s["x"][i] for i in order]
+        for ax, key in zip(axes, ("lat", "cpu", "cpu_per"), strict=True):
+            ax.plot(xs, [s[key][i] for i in order], style, label=label(t))
+    for ax, ylabel in zip(axes, (lat_label, "proxy CPU (cores)", per_label), strict=True):
+        ax.set_xlabel("concurrent calls")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    if sc == "ramp" and report["params"].get("budget_ms"):
+        axes[0].set_title(f"budget: direct + {report['params']['budget_ms']} ms")
+    fig.suptitle(f"{sc}: {report['title']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,332 @@
+"""What the carriers call: a fleet directly, fleet-ingress, HAProxy, or the bare splice.
+
+Both proxies are configured from one :class:`Settings`, so they balance,
+check, retry and time out alike (the reference design's HAProxy ingress):
+leastconn, ``maxconn`` per fleet, a health check of ``GET /health/fleet`` every
+second with fall 2 / rise 2, three retries on conn-failure, empty-response and
+response-timeout with redispatch, TLS on both sides (TLS 1.2 floor, ALPN
+http/1.1 to carriers, fleet certificates verified against the CA with SNI),
+tunnel timeout 1 h, no access log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .carrier import FramePool, Recorder, open_call
+from .children import HOST, Children, child_env, free_port, python_module
+from .tlsfiles import TLSFiles
+
+BARE_SPLICE = Path(__file__).resolve().with_name("bare_splice.py")
+READY_TIMEOUT = 20.0
+TARGETS = ("direct", "ingress", "haproxy", "bare")
+LABELS = {
+    "direct": "direct",
+    "ingress": "fleet-ingress",
+    "haproxy": "HAProxy",
+    "bare": "bare splice",
+}
+
+
+def base(name: str) -> str:
+    """``ingress@mmap128`` -> ``ingress``: a variant runs the same program, other environment."""
+    return name.partition("@")[0]
+
+
+def label(name: str) -> str:
+    b, _, variant = name.partition("@")
+    return LABELS.get(b, b) + (f"@{variant}" if variant else "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ingress settings both proxies are rendered from (SPEC defaults unless noted)."""
+
+    maxconn: int = 16  # per fleet; the bench raises it to the fleets' capacity
+    retries: int = 3
+    retry_on: tuple[str, ...] = ("conn-failure", "empty-response", "response-timeout")
+    health_path: str = "/health/fleet"
+    capacity_key: str = "fleet_available"
+    check_interval: float = 1.0
+    check_timeout: float = 1.0
+    fall: int = 2
+    rise: int = 2
+    connect: float = 3.0
+    response: float = 5.0
+    request: float = 10.0
+    queue: float = 3.0
+    tunnel: float = 3600.0
+    max_connections: int = 8000
+    proxy_routes: tuple[str, ...] = ("/ws/", "/exotel/")
+    health_route: str = "/haproxy-health"
+    tls_min: str = "TLSv1.2"
+    haproxy_nbthread: int = 1
+    haproxy_extra: tuple[str, ...] = ()  # lines added to ``defaults`` (experiments only)
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def render_ingress(
+    settings: Settings, tls: TLSFiles, port: int, fleet_ports: list[int], directory: Path
+) -> Path:
+    q = json.dumps  # a JSON string is a valid TOML basic string
+    s = settings
+    fleets_file = directory / "fleets.txt"
+    fleets_file.write_text(
+        "".join(
+            f"https://{HOST}:{p} name=fleet-{'abcdefgh'[i]}\n" for i, p in enumerate(fleet_ports)
+        )
+    )
+    config = directory / "ingress.toml"
+    config.write_text(
+        f"""# rendered by bench/targets.py from {s}
+[listen]
+wss = {q(f"{HOST}:{port}")}
+acme = ""
+stats = ""
+admin_socket = ""
+
+[tls]
+cert = {q(str(tls.server_cert))}
+key = {q(str(tls.server_key))}
+min_version = {q(s.tls_min)}
+
+[routes]
+proxy = {q(list(s.proxy_routes))}
+health = {q(s.health_route)}
+
+[fleets]
+file = {q(str(fleets_file))}
+maxconn = {s.maxconn}
+ca_file = {q(str(tls.ca))}
+health_path = {q(s.health_path)}
+capacity_key = {q(s.capacity_key)}
+check_interval = {s.check_interval}
+check_timeout = {s.check_timeout}
+fall = {s.fall}
+rise = {s.rise}
+
+[retry]
+retries = {s.retries}
+retry_on = {q(list(s.retry_on))}
+
+[timeouts]
+connect = {s.connect}
+response = {s.response}
+request = {s.request}
+queue = {s.queue}
+tunnel = {s.tunnel}
+drain = 2.0
+
+[limits]
+max_connections = {s.max_connections}
+
+[log]
+level = "warning"
+access = false
+"""
+    )
+    return config
+
+
+def haproxy_check_regex(key: str) -> str:
+    """The design's body match without its upper bound (1..16 coupled to maxconn 16), and
+    with an optional space after the colon: the simulated fleet writes ``"key": 12``."""
+    return f'\\"{key}\\": ?[1-9][0-9]*[,}}]'
+
+
+def ms(seconds: float) -> str:
+    """HAProxy durations take integers: 1.5 s is written 1500ms."""
+    return f"{round(seconds * 1000)}ms"
+
+
+def render_haproxy(
+    settings: Settings, tls: TLSFiles, port: int, fleet_ports: list[int], directory: Path
+) -> Path:
+    s = settings
+    retry_on = " ".join(s.retry_on)
+    routes = " ".join(s.proxy_routes)
+    servers = "\n".join(
+        f"    server fleet-{'abcdefgh'[i]} {HOST}:{p}" for i, p in enumerate(fleet_ports)
+    )
+    checks = f"check inter {ms(s.check_interval)} fall {s.fall} rise {s.rise} maxconn {s.maxconn}"
+    server_tls = f"ssl verify required ca-file {tls.ca} sni str(localhost) check-sni localhost"
+    extra = "".join(f"    {line}\n" for line in s.haproxy_extra)
+    cfg = directory / "haproxy.cfg"
+    cfg.write_text(
+        f"""# rendered by bench/targets.py from {s}
+global
+    nbthread {s.haproxy_nbthread}
+    maxconn {s.max_connections}
+    ssl-server-verify required
+
+defaults
+    mode http
+    timeout connect {ms(s.connect)}
+    timeout client {ms(s.request)}
+    timeout http-request {ms(s.request)}
+    timeout server {ms(s.response)}
+    timeout queue {ms(s.queue)}
+    timeout tunnel {ms(s.tunnel)}
+    timeout check {ms(s.check_timeout)}
+    retries {s.retries}
+    retry-on {retry_on}
+    option redispatch
+{extra}
+frontend carriers
+    bind {HOST}:{port} ssl crt {tls.server_combined} alpn http/1.1 ssl-min-ver {s.tls_min}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    http-request return status 200 content-type text/plain string ok if {{ path {s.health_route} }}
+    acl call_route path_beg {routes}
+    http-request deny deny_status 404 unless call_route
+    default_backend fleets
+
+backend fleets
+    balance leastconn
+    option httpchk GET {s.health_path}
+    http-check send hdr Host {HOST}
+    http-check expect rstring "{haproxy_check_regex(s.capacity_key)}"
+    default-server {checks} {server_tls}
+{servers}
+"""
+    )
+    return cfg
+
+
+@dataclass
+class Target:
+    name: str
+    urls: list[tuple[str, int]]
+    proc: asyncio.subprocess.Process | None = None
+    log: Path | None = None
+    config: Path | None = None
+    ready_s: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def label(self) -> str:
+        return label(self.name)
+
+    @property
+    def kind(self) -> str:
+        return base(self.name)
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
+    )
+
+
+def haproxy_version() -> str | None:
+    binary = haproxy_binary()
+    if binary is None:
+        return None
+    out = subprocess.run([binary, "-v"], capture_output=True, text=True).stdout
+    return out.splitlines()[0] if out else None
+
+
+async def start_target(
+    name: str,
+    children: Children,
+    tls: TLSFiles,
+    settings: Settings,
+    fleet_ports: list[int],
+    directory: Path,
+    *,
+    cpus: set[int] | None = None,
+    env: dict[str, str] | None = None,
+) -> Target:
+    kind = base(name)
+    if kind == "direct":
+        return Target(name, [(HOST, p) for p in fleet_ports])
+    port = free_port()
+    directory = directory / name.replace("@", "-")
+    directory.mkdir(exist_ok=True)
+    config = None
+    if kind == "ingress":
+        config = render_ingress(settings, tls, port, fleet_ports, directory)
+        argv = python_module("fleet_ingress", "run", "-c", str(config))
+    elif kind == "haproxy":
+        binary = haproxy_binary()
+        if binary is None:
+            raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
+        config = render_haproxy(settings, tls, port, fleet_ports, directory)
+        argv = [binary, "-db", "-f", str(config)]
+    elif kind == "bare":
+        argv = [sys.executable, str(BARE_SPLICE), "--listen", f"{HOST}:{port}"]
+        argv += ["--cert", str(tls.server_cert), "--key", str(tls.server_key), "--ca", str(tls.ca)]
+        for p in fleet_ports:
+            argv += ["--fleet", f"{HOST}:{p}"]
+    else:
+        raise ValueError(name)
+    log = directory / "stderr.log"
+    with log.open("wb") as err:
+        proc = await children.spawn(
+            argv,
+            stdout=err,
+            stderr=err,
+            cpus=cpus,
+            env=child_env(env),
+        )
+    target = Target(name, [(HOST, port)], proc, log, config, env=dict(env or {}))
+    started = time.monotonic()
+    await wait_ready(target, tls.carrier_context(), settings.proxy_routes[0])
+    target.ready_s = round(time.monotonic() - started, 2)
+    return target
+
+
+async def wait_ready(target: Target, ctx: ssl.SSLContext, route: str) -> None:
+    """Until a real call (TLS, upgrade, 101 from a fleet) goes through the target."""
+    assert target.proc is not None
+    pool = FramePool.build("binary")
+    deadline = time.monotonic() + READY_TIMEOUT
+    for _ in range(int(READY_TIMEOUT / 0.2)):
+        if target.proc.returncode is not None or time.monotonic() > deadline:
+            break
+        call = await open_call(Recorder(), pool, target.urls[0], f"{route}ready", ctx, 0, 2.0)
+        if call is not None:
+            await call.finish(1.0, 2.0)
+            return
+        await asyncio.sleep(0.2)
+    tail = target.log.read_text(errors="replace")[-2000:] if target.log else ""
+    raise RuntimeError(
+        f"{target.label} not serving calls after {READY_TIMEOUT:g} s "
+        f"(exit {target.proc.returncode}):\n{tail}"
+    )
+
+
+async def fleet_available(port: int, ctx: ssl.SSLContext) -> int | None:
+    """The fleet's own ``fleet_available`` (GET /health/fleet), None if it does not answer."""
+    try:
+        async with asyncio.timeout(2.0):
+            reader, writer = await asyncio.open_connection(
+                HOST, port, ssl=ctx, server_hostname=HOST
+            )
+            writer.write(
+                f"GET /health/fleet HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = await reader.read()
+            writer.close()
+    except (OSError, TimeoutError, ssl.SSLError):
+        return None
+    body = data.partition(b"\r\n\r\n")[2]
+    try:
+        return int(json.loads(body)["fleet_available"])
+    except (ValueError, KeyError, TypeError):
+        return None

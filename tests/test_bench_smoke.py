@@ -1,0 +1,67 @@
+"""The load benchmark (``python -m bench``) still runs end to end, in a tiny configuration.
+
+A few calls for a second, directly, through fleet-ingress and through HAProxy
+(when installed; CI installs it), checking only that it works and writes its
+results, not what it measures: figures from a run this small mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(90)
+def test_bench_steady_tiny(tmp_path: Path) -> None:
+    targets = ["direct", "ingress"]
+    if shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists() or os.environ.get("CI"):
+        targets.append("haproxy")  # in CI a missing haproxy fails the run, as it should
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "steady",
+            "--calls",
+            "4",
+            "--seconds",
+            "1",
+            "--ramp-seconds",
+            "0.5",
+            "--targets",
+            ",".join(targets),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=80,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    (rnd,) = report["rounds"]
+    assert list(rnd) == targets
+    for name, r in rnd.items():
+        assert r["established"] == 4, (name, r["errors"])
+        assert r["failed"] == 0 and r["lost_frames"] == 0 and r["corrupt_frames"] == 0, name
+        assert r["msgs_window"] > 0, name
+        if name != "direct":
+            assert r["cpu_s_per_1000_msgs"] is not None and r["rss_kib_per_call"] is not None
+    if "haproxy" in rnd:
+        assert report["ratios"]["ingress/haproxy"]["cpu_s_per_1000_msgs"]["median"] is not None
+    assert "| fleet-ingress |" in (out / "results.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "results.png").stat().st_size > 0
