@@ -144,22 +144,6 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
-def _pin_malloc_mmap_threshold() -> None:
-    """Keep glibc's mmap threshold at 128 KiB. glibc raises it when a large
-    block is freed, after which every TLS layer's 256 KiB buffer lands in the
-    heap and leaves ~60 KiB of pages resident per call (bench/README.md). A
-    no-op where the C library is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3  # from glibc's malloc.h
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, 128 * 1024)
-    except (OSError, AttributeError):
-        pass
-
-
 def _raise_descriptor_limit(max_connections: int) -> None:
     """Use every descriptor the hard limit allows: a call holds two (carrier and
     fleet), and running out silently drops new carriers at accept."""
@@ -187,6 +171,7 @@ def _raise_descriptor_limit(max_connections: int) -> None:
 def _run(config_path: Path) -> int:
     import uvloop
 
+    from . import glibc_malloc
     from .config import ConfigError, load_config
     from .fleets_file import FleetsFileError, load_fleets_file
     from .lifecycle import run_service
@@ -203,7 +188,7 @@ def _run(config_path: Path) -> int:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     _raise_descriptor_limit(config.limits.max_connections)
-    _pin_malloc_mmap_threshold()
+    glibc_malloc.pin_mmap_threshold()
     try:
         uvloop.run(run_service(ingress, config_path))
     except OSError as exc:  # a listener that cannot bind, most often

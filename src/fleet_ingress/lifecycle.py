@@ -16,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+from . import glibc_malloc
 from .logs import fields
 from .sdnotify import Notifier
 from .server import Ingress, ReloadRefused
@@ -59,6 +60,7 @@ async def run_service(
     background = [
         loop.create_task(_reload_on_signal(ingress, config_path, reloads, notifier)),
         loop.create_task(_keep_systemd_informed(ingress, notifier)),
+        loop.create_task(_trim_heap()),
     ]
     await stop.wait()
     notifier.notify("STOPPING=1", f"STATUS=draining: {ingress.status_line()}")
@@ -93,6 +95,12 @@ async def _reload_on_signal(
             continue
         log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
         notifier.notify("READY=1", f"STATUS={ingress.status_line()}")
+
+
+async def _trim_heap() -> None:
+    while True:
+        await asyncio.sleep(glibc_malloc.TRIM_EVERY)
+        glibc_malloc.trim()
 
 
 async def _keep_systemd_informed(ingress: Ingress, notifier: Notifier) -> None:
