@@ -399,6 +399,18 @@ def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
         call.idle_watch.cancel()
     if ctx.access_log:
         access_log.info("call ended", extra=fields(**call.access_record()))
+    _break_cycles(call)
+
+
+def _break_cycles(call: Call) -> None:
+    """An ended call's objects point at each other (sides, transports, the
+    call, its idle watch): left as cycles, they and their TLS state wait for a
+    full garbage collection, minutes under load (the soak's RSS growth)."""
+    for side in (call.carrier, call.fleet_side):
+        if side is not None:
+            side.peer = side.peer_side = side.transport = None
+    call.carrier.call = None
+    call.idle_watch = None
 
 
 class _AttemptFailed(Exception):
