@@ -26,26 +26,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import h11
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from fleet_ingress.fleet_exchange import FleetExchange
-from fleet_ingress.forwarding import fleet_request_headers
-from fleet_ingress.request_head import (
-    RequestHead,
-    RequestHeadReader,
-    RequestRefused,
-    parse_request_head,
-)
-from fleet_ingress.routing import Router
+from fleet_ingress.request_head import RequestRefused
 from fleet_ingress.server import Ingress
 
 from .conftest import StartIngress, TLSFiles, wss_url
 from .fleets import RawFleet, WsFleet, free_port
+from .head_oracle import check_forwarded, check_verdicts
 
 # What a fleet answers if a head ever reaches it: the carrier would see 418,
 # never the 400 the ingress owes it, and the fleet counts the connection.
@@ -279,26 +271,6 @@ async def test_a_pipelined_request_after_a_refused_answer_never_reaches_the_flee
 
 # -- 2. property: the head check and the head rewrite ------------------------------------
 
-# Set by the ingress (SPEC 3.2), or hop-by-hop (RFC 9110 7.6.1, and the
-# proxy-* pair): the documented rewrites. Everything else goes through as is.
-SET_BY_INGRESS = {b"host", b"connection", b"upgrade"} | {
-    b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
-}
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-    b"proxy-authorization",
-    b"proxy-authenticate",
-}
-FLEET_HOST = "fleet-1.internal:8443"
-CLIENT_IP = "203.0.113.7"
-ROUTER = Router(["/ws/", "/exotel/"], "/haproxy-health")
-
 _TCHAR = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _tokens = st.lists(st.sampled_from(list(_TCHAR)), min_size=1, max_size=10).map(bytes)
 _NAMES = [
@@ -377,71 +349,6 @@ def request_heads(draw: st.DrawFn) -> bytes:
     return head + ends[-1]
 
 
-def _judge(
-    reader: RequestHeadReader, pieces: list[bytes]
-) -> tuple[RequestHead | RequestRefused | None, bytes]:
-    """Feed pieces until a verdict: (verdict, the bytes after the head, unfed too)."""
-    try:
-        for i, piece in enumerate(pieces):
-            head = reader.feed(piece)
-            if head is not None:
-                return head, head.trailing + b"".join(pieces[i + 1 :])
-    except RequestRefused as refused:
-        return refused, b""
-    return None, b""
-
-
-def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
-    out: dict[bytes, list[bytes]] = {}
-    for name, value in headers:
-        out.setdefault(name.lower(), []).append(value)
-    return out
-
-
-def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
-    """What the fleet would get for `head`, checked; returns the bytes."""
-    headers = fleet_request_headers(head, fleet_host=FLEET_HOST, client_ip=CLIENT_IP)
-    raw = FleetExchange(head.method, head.target, headers, max_head_bytes=max_head_bytes)
-    sent = raw.request_bytes
-    # One head, nothing after it; no CR, LF or NUL inside any line.
-    assert sent.endswith(b"\r\n\r\n") and sent.count(b"\r\n\r\n") == 1
-    for line in sent[:-4].split(b"\r\n"):
-        assert not {0x0D, 0x0A, 0x00} & set(line), line
-    # h11 as the fleet's server reads one request, no body, nothing left over.
-    fleet = h11.Connection(h11.SERVER)
-    fleet.receive_data(sent)
-    request = fleet.next_event()
-    assert isinstance(request, h11.Request)
-    assert isinstance(fleet.next_event(), h11.EndOfMessage)
-    assert fleet.trailing_data == (b"", False)
-    assert (request.method, request.target, request.http_version) == (
-        head.method,
-        head.target,
-        b"1.1",
-    )
-    got = [(bytes(k), bytes(v)) for k, v in request.headers.raw_items()]
-    # Same headers as the carrier's, in order and casing, but the documented rewrites.
-    dropped = SET_BY_INGRESS | HOP_BY_HOP | head.tokens(b"connection")
-    assert [(k, v) for k, v in got if k.lower() not in SET_BY_INGRESS] == [
-        (k, v) for k, v in head.headers if k.lower() not in dropped
-    ]
-    by_name = _by_name(got)
-    prior = [v.strip() for v in head.get_all(b"x-forwarded-for") if v.strip()]
-    assert by_name[b"host"] == [FLEET_HOST.encode()]
-    assert by_name[b"x-forwarded-for"] == [b", ".join([*prior, CLIENT_IP.encode()])]
-    assert by_name[b"x-forwarded-proto"] == [b"https"]
-    assert by_name[b"x-forwarded-host"] == [head.host]
-    assert by_name[b"connection"] == [b"Upgrade"]
-    assert by_name.get(b"upgrade", []) == head.get_all(b"upgrade")
-    assert not (HOP_BY_HOP - {b"connection", b"upgrade"}) & by_name.keys()
-    # The ingress's own check reads it the same way, to the same route.
-    again = parse_request_head(sent)
-    assert (again.method, again.target) == (head.method, head.target)
-    assert ROUTER.route(again.path.decode("latin-1")) == ROUTER.route(head.path.decode("latin-1"))
-    assert again.is_websocket_upgrade == head.is_websocket_upgrade
-    return sent
-
-
 @settings(
     max_examples=400,
     deadline=None,
@@ -457,36 +364,15 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
 def test_heads_are_refused_400_431_or_forwarded_in_a_shape_that_reparses_the_same(
     raw: bytes, trailing: bytes, cuts: list[int], limit: int
 ):
-    data = raw + trailing
-    whole, _ = _judge(RequestHeadReader(limit), [data])
-    pieces, at = [], 0
-    for cut in cuts:
-        pieces.append(data[at : at + cut])
-        at += cut
-    pieces.append(data[at:])
-    trickled, after = _judge(RequestHeadReader(limit), [p for p in pieces if p])
-    # However the bytes arrive, the verdict is the same.
-    assert type(whole) is type(trickled)
-    if isinstance(whole, RequestRefused):
-        event(f"refused {whole.status}")
-        assert whole.status in (400, 431)
-        assert isinstance(trickled, RequestRefused) and trickled.status in (400, 431)
-        if whole.status == 431:
-            assert len(data) > limit
-        return
-    if whole is None:  # no CRLF CRLF yet: the request timeout answers it
+    # However the bytes arrive, the verdict is the same (head_oracle.check_verdicts).
+    verdict = check_verdicts(raw + trailing, cuts, limit)
+    if isinstance(verdict, RequestRefused):
+        event(f"refused {verdict.status}")
+    elif verdict is None:
         event("incomplete")
-        assert b"\r\n\r\n" not in data and len(data) <= limit
-        return
-    event("accepted: call upgrade" if whole.is_websocket_upgrade else "accepted")
-    assert isinstance(trickled, RequestHead)
-    assert (trickled.method, trickled.target, trickled.headers) == (
-        whole.method,
-        whole.target,
-        whole.headers,
-    )
-    assert whole.trailing == after == data[data.index(b"\r\n\r\n") + 4 :]
-    check_forwarded(whole, limit)
+    else:
+        event("accepted: call upgrade" if verdict.is_websocket_upgrade else "accepted")
+        check_forwarded(verdict, limit)
 
 
 # -- 3. slowloris and idle connections -----------------------------------------------------

@@ -1,0 +1,153 @@
+"""The oracle for a carrier's request head: what the ingress must do with any bytes.
+
+Shared by the hypothesis property test (``tests/test_hostile_input.py``) and
+the atheris harness (``fuzz/fuzz_request_head.py``), so that both check the
+same invariants. No sockets.
+
+- :func:`check_verdicts`: the bytes fed whole and fed in pieces get the same
+  verdict: refused (400, or 431 only past the size limit), incomplete (no
+  CRLF CRLF yet, within the limit), or the same head with the same bytes
+  after it.
+- :func:`check_forwarded`: an accepted head forwards as exactly one head, no
+  control character but HTAB inside a line, that h11 as the fleet's server and
+  the ingress's own check both read back to the same method, target and
+  route, with the carrier's headers but the documented rewrites (SPEC 3.2:
+  Host replaced, X-Forwarded-* set; RFC 9110 7.6.1: hop-by-hop dropped).
+"""
+
+from __future__ import annotations
+
+import re
+
+import h11
+
+from fleet_ingress.fleet_exchange import FleetExchange
+from fleet_ingress.forwarding import fleet_request_headers
+from fleet_ingress.request_head import (
+    RequestHead,
+    RequestHeadReader,
+    RequestRefused,
+    parse_request_head,
+)
+from fleet_ingress.routing import Router
+
+# Set by the ingress, or hop-by-hop (and the proxy-* pair). Stated here on
+# their own, not imported, so that a change to the ingress's sets shows up.
+SET_BY_INGRESS = {b"host", b"connection", b"upgrade"} | {
+    b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
+}
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"proxy-authorization",
+    b"proxy-authenticate",
+}
+FLEET_HOST = "fleet-1.internal:8443"
+CLIENT_IP = "203.0.113.7"
+ROUTER = Router(["/ws/", "/exotel/"], "/haproxy-health")
+# RFC 9110 field-vchar: inside a forwarded line, no control character but HTAB.
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+Verdict = RequestHead | RequestRefused | None
+
+
+def judge(limit: int, pieces: list[bytes]) -> tuple[Verdict, bytes]:
+    """Feed pieces until a verdict: (verdict, the bytes after the head, unfed too)."""
+    reader = RequestHeadReader(limit)
+    try:
+        for i, piece in enumerate(pieces):
+            head = reader.feed(piece)
+            if head is not None:
+                return head, head.trailing + b"".join(pieces[i + 1 :])
+    except RequestRefused as refused:
+        return refused, b""
+    return None, b""
+
+
+def cut(data: bytes, lengths: list[int]) -> list[bytes]:
+    """`data` in pieces of these lengths, the rest as the last piece; no empty piece."""
+    pieces, at = [], 0
+    for length in lengths:
+        pieces.append(data[at : at + length])
+        at += length
+    pieces.append(data[at:])
+    return [p for p in pieces if p]
+
+
+def check_verdicts(data: bytes, cuts: list[int], limit: int) -> Verdict:
+    """The verdict on `data`, checked to be the same when it arrives in pieces."""
+    whole, _ = judge(limit, [data])
+    trickled, after = judge(limit, cut(data, cuts))
+    assert type(whole) is type(trickled), (whole, trickled)
+    if isinstance(whole, RequestRefused):
+        assert whole.status in (400, 431), whole.status
+        assert isinstance(trickled, RequestRefused) and trickled.status in (400, 431)
+        assert whole.status != 431 or len(data) > limit
+        return whole
+    if whole is None:  # no CRLF CRLF yet: the request timeout answers it
+        assert b"\r\n\r\n" not in data and len(data) <= limit
+        return None
+    assert isinstance(trickled, RequestHead)
+    assert (trickled.method, trickled.target, trickled.headers) == (
+        whole.method,
+        whole.target,
+        whole.headers,
+    )
+    assert whole.trailing == after == data[data.index(b"\r\n\r\n") + 4 :]
+    return whole
+
+
+def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
+    """What the fleet would get for `head`, checked; returns the bytes."""
+    headers = fleet_request_headers(head, fleet_host=FLEET_HOST, client_ip=CLIENT_IP)
+    exchange = FleetExchange(head.method, head.target, headers, max_head_bytes=max_head_bytes)
+    sent = exchange.request_bytes
+    # One head, nothing after it; no control character but HTAB inside any line.
+    assert sent.endswith(b"\r\n\r\n") and sent.count(b"\r\n\r\n") == 1, sent
+    for line in sent[:-4].split(b"\r\n"):
+        assert not _CONTROL.search(line), line
+    # h11 as the fleet's server reads one request, no body, nothing left over.
+    fleet = h11.Connection(h11.SERVER)
+    fleet.receive_data(sent)
+    request = fleet.next_event()
+    assert isinstance(request, h11.Request), request
+    assert isinstance(fleet.next_event(), h11.EndOfMessage)
+    assert fleet.trailing_data == (b"", False)
+    assert (request.method, request.target, request.http_version) == (
+        head.method,
+        head.target,
+        b"1.1",
+    )
+    got = [(bytes(k), bytes(v)) for k, v in request.headers.raw_items()]
+    # Same headers as the carrier's, in order and casing, but the documented rewrites.
+    dropped = SET_BY_INGRESS | HOP_BY_HOP | head.tokens(b"connection")
+    assert [(k, v) for k, v in got if k.lower() not in SET_BY_INGRESS] == [
+        (k, v) for k, v in head.headers if k.lower() not in dropped
+    ], (got, head)
+    by_name = _by_name(got)
+    prior = [v.strip() for v in head.get_all(b"x-forwarded-for") if v.strip()]
+    assert by_name[b"host"] == [FLEET_HOST.encode()]
+    assert by_name[b"x-forwarded-for"] == [b", ".join([*prior, CLIENT_IP.encode()])]
+    assert by_name[b"x-forwarded-proto"] == [b"https"]
+    assert by_name[b"x-forwarded-host"] == [head.host]
+    assert by_name[b"connection"] == [b"Upgrade"]
+    assert by_name.get(b"upgrade", []) == head.get_all(b"upgrade")
+    assert not (HOP_BY_HOP - {b"connection", b"upgrade"}) & by_name.keys()
+    # The ingress's own check reads it the same way, to the same route.
+    again = parse_request_head(sent)
+    assert (again.method, again.target) == (head.method, head.target)
+    assert ROUTER.route(again.path.decode("latin-1")) == ROUTER.route(head.path.decode("latin-1"))
+    assert again.is_websocket_upgrade == head.is_websocket_upgrade
+    return sent
