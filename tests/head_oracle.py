@@ -12,7 +12,8 @@ same invariants. No sockets.
   control character but HTAB inside a line, that h11 as the fleet's server and
   the ingress's own check both read back to the same method, target and
   route, with the carrier's headers but the documented rewrites (SPEC 3.2:
-  Host replaced, X-Forwarded-* set; RFC 9110 7.6.1: hop-by-hop dropped).
+  Host replaced, X-Forwarded-* set; RFC 9110 7.6.1: hop-by-hop dropped; and
+  the underscore spellings of those names dropped).
 """
 
 from __future__ import annotations
@@ -132,9 +133,17 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     )
     got = [(bytes(k), bytes(v)) for k, v in request.headers.raw_items()]
     # Same headers as the carrier's, in order and casing, but the documented rewrites.
-    dropped = SET_BY_INGRESS | HOP_BY_HOP | head.tokens(b"connection")
+    # A name's underscore spelling of a header the ingress sets or drops is dropped too
+    # (a WSGI/CGI fleet reads X_Forwarded_For as X-Forwarded-For).
+    dropped = SET_BY_INGRESS | HOP_BY_HOP
+    named = head.tokens(b"connection")
+
+    def is_dropped(name: bytes) -> bool:
+        lower = name.lower()
+        return lower in named or lower.replace(b"_", b"-") in dropped
+
     assert [(k, v) for k, v in got if k.lower() not in SET_BY_INGRESS] == [
-        (k, v) for k, v in head.headers if k.lower() not in dropped
+        (k, v) for k, v in head.headers if not is_dropped(k)
     ], (got, head)
     by_name = _by_name(got)
     prior = [v.strip() for v in head.get_all(b"x-forwarded-for") if v.strip()]

@@ -278,7 +278,8 @@ _NAMES = [
     b"Connection", b"connection", b"Upgrade", b"Keep-Alive", b"TE", b"Trailer",
     b"Proxy-Connection", b"Proxy-Authorization", b"Proxy-Authenticate", b"X-Forwarded-For",
     b"x-forwarded-for", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Sec-WebSocket-Key",
-    b"Sec-WebSocket-Protocol", b"X-Trace", b"Expect", b"Cookie",
+    b"Sec-WebSocket-Protocol", b"X-Trace", b"Expect", b"Cookie", b"X_Forwarded_For",
+    b"x_forwarded-host", b"Transfer_Encoding", b"Keep_Alive", b"X_Trace",
 ]  # fmt: skip
 _VALUE_PIECES = [
     b"a", b"websocket", b"Upgrade", b"keep-alive", b"close", b"X-Trace", b"te", b"cookie",

@@ -27,6 +27,17 @@ _HOP_BY_HOP = frozenset(
 )
 # Set by us; a carrier's own copies must not reach the fleet.
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# A fleet behind WSGI/CGI reads "X_Forwarded_For" and "X-Forwarded-For" as the
+# same variable (HTTP_X_FORWARDED_FOR), so a carrier's underscore spelling of a
+# header we set or drop could stand in for ours: it is dropped too.
+_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED
+
+
+def _is_dropped(name: bytes, named_by_connection: set[bytes]) -> bool:
+    lower = name.lower()
+    if lower in _NOT_FORWARDED or lower in named_by_connection:
+        return True
+    return b"_" in lower and lower.replace(b"_", b"-") in _NOT_FORWARDED
 
 
 def fleet_request_headers(
@@ -34,10 +45,9 @@ def fleet_request_headers(
 ) -> list[Header]:
     """Headers for the fleet: the carrier's, with Host and X-Forwarded-* set."""
     named_by_connection = head.tokens(b"connection")
-    dropped = _HOP_BY_HOP | _REPLACED | named_by_connection
     headers: list[Header] = [(b"Host", fleet_host.encode("ascii"))]
     for name, value in head.headers:
-        if name.lower() not in dropped:
+        if not _is_dropped(name, named_by_connection):
             headers.append((name, value))
     # Upgrade is re-sent with the carrier's own value (e.g. "websocket").
     headers.append((b"Connection", b"Upgrade"))
