@@ -209,6 +209,8 @@ SMUGGLING = [
     pytest.param(upgrade(target=b"/ws/bot-1/%2e"), id="enc-dot-at-end"),
     pytest.param(upgrade(target=b"/ws/x/..%2fattach"), id="enc-slash"),
     pytest.param(upgrade(target=b"/ws/x%2F..%2Fattach"), id="enc-slash-upper"),
+    pytest.param(upgrade(target=b"/ws/bot%00.php"), id="enc-nul-in-path"),
+    pytest.param(upgrade(target=b"/ws/bot%0D%0AX-Injected:%201"), id="enc-crlf-in-path"),
     pytest.param(upgrade(target=b"/ws/..%2F..%2Flivekit/dispatch"), id="enc-slash-livekit"),
     pytest.param(upgrade(target=b"/ws/x%5c..%5cattach"), id="enc-backslash"),
     pytest.param(upgrade(target=b"/ws/x%2fattach?q=1"), id="enc-slash-with-query"),

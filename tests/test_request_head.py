@@ -110,6 +110,10 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/x/%2E%2E%2Fattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, ""),
         (b"GET /ws/..%2F..%2Flivekit/dispatch HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
         (b"GET /ws/x%5c..%5cattach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
+        (b"GET /ws/bot%00.php HTTP/1.1\r\nHost: h\r\n\r\n", 400, "control character"),
+        (b"GET /ws/x%0d%0aSet-Cookie:a HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
+        (b"GET /ws/x%1F HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
+        (b"GET /ws/x%7f HTTP/1.1\r\nHost: h\r\n\r\n", 400, "encoded"),
     ],
 )
 def test_ambiguous_or_malformed_heads_are_refused(raw, status, words):
@@ -159,6 +163,13 @@ def test_a_head_trickled_byte_by_byte_is_read_whole():
     assert all(r is None for r in results[:-1])
     head = results[-1]
     assert head is not None and head.get(b"x-pad") == b"p" * 8000
+
+
+def test_other_percent_encodings_in_the_path_are_kept():
+    # Only '/', '\\', '.' and control characters are refused encoded; a bot name may hold
+    # spaces, dashes or UTF-8 (and %2 followed by a letter but f or e is not a separator).
+    raw = b"GET /ws/bot%20one%2D%C3%A9%2A HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert parse_request_head(raw).target == b"/ws/bot%20one%2D%C3%A9%2A"
 
 
 def test_query_string_may_hold_encoded_slashes():

@@ -37,8 +37,10 @@ _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+;=]*)(?::[0-
 # refuses. Nothing legitimate on a call route needs them.
 _DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 # nginx decodes %2F before it resolves dot segments, so "/ws/x/..%2fattach"
-# reaches /attach. Encoded '/', '\\' and '.' have no business in a call path.
-_ENCODED_SEPARATOR = re.compile(rb"%(?:2f|5c|2e)", re.IGNORECASE)
+# reaches /attach. Encoded '/', '\\' and '.' have no business in a call path,
+# nor have encoded control characters: "%00" truncates a path in C code and
+# "%0d%0a" splits the lines of a fleet's log or redirect.
+_ENCODED_FORBIDDEN = re.compile(rb"%(?:2f|5c|2e|[01][0-9a-f]|7f)", re.IGNORECASE)
 
 
 class RequestRefused(Exception):
@@ -172,6 +174,6 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         raise RequestRefused(400, "a request with a body is not served")
     if _DOT_SEGMENT.search(head.path):
         raise RequestRefused(400, "request path has '.' or '..' segments")
-    if _ENCODED_SEPARATOR.search(head.path):
-        raise RequestRefused(400, "request path has an encoded '/', '\\' or '.'")
+    if _ENCODED_FORBIDDEN.search(head.path):
+        raise RequestRefused(400, "request path has an encoded '/', '\\', '.' or control character")
     return head
