@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import shlex
 import signal
 import sys
@@ -182,14 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def machine() -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": procfs.cpu_model(),
-        "mem_total_mib": procfs.mem_total_mib(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "haproxy": haproxy_version() or "no haproxy",
-    }
+    return {**procfs.machine(), "haproxy": haproxy_version() or "no haproxy"}
 
 
 def params(args: argparse.Namespace) -> dict[str, Any]:

@@ -87,3 +87,46 @@ class Children:
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(p) for p in self.procs), return_exceptions=True)
         self.procs.clear()
+
+
+# -- the generator protocol: a child streams until it reads ``stop`` on stdin -----------
+
+
+def stop_on_request(stop: asyncio.Event) -> asyncio.Task[None]:
+    """In a generator: set ``stop`` on SIGTERM, SIGINT, a ``stop`` line or EOF on stdin.
+
+    Returns the stdin watcher's task, for the caller to cancel when done."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_stdin() -> None:
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while True:
+            line = await reader.readline()
+            if not line or line.strip() == b"stop":
+                stop.set()
+                return
+
+    return loop.create_task(watch_stdin())
+
+
+async def stop_generators(procs: list[asyncio.subprocess.Process], timeout: float) -> bool:
+    """Ask each generator to stop (``stop`` on its stdin); after ``timeout``, stop them.
+
+    True when every one finished by itself within ``timeout``."""
+    for proc in procs:
+        if proc.stdin is not None and proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                proc.stdin.write(b"stop\n")
+                await proc.stdin.drain()
+    finished = True
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(p.wait() for p in procs))
+    except TimeoutError:
+        finished = False
+    for proc in procs:
+        await Children.stop(proc, 2.0)
+    return finished

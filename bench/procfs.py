@@ -166,3 +166,14 @@ def mem_total_mib() -> int:
         if line.startswith("MemTotal:"):
             return int(line.split()[1]) // 1024
     return 0
+
+
+def machine() -> dict[str, object]:
+    """The machine a result was measured on."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "mem_total_mib": mem_total_mib(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }

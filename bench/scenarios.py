@@ -27,7 +27,7 @@ from typing import Any
 
 from . import memory, procfs, profile
 from .carrier import Recorder
-from .children import HOST, Children, python_module
+from .children import HOST, Children, python_module, stop_generators
 from .targets import Settings, Target, fleet_available, start_target
 from .tlsfiles import TLSFiles
 from .worker import hist_upper
@@ -139,18 +139,8 @@ class Generators:
         return None
 
     async def stop(self, timeout: float) -> list[Recorder]:
-        for proc in self.procs:
-            if proc.stdin is not None and proc.returncode is None:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    proc.stdin.write(b"stop\n")
-                    await proc.stdin.drain()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(p.wait() for p in self.procs))
-        except TimeoutError:
+        if not await stop_generators(self.procs, timeout):
             log("a generator did not finish in time: stopped")
-        for proc in self.procs:
-            await Children.stop(proc, 2.0)
         for reader in self.readers:
             reader.cancel()
         recs = []

@@ -43,7 +43,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import signal
@@ -60,7 +59,16 @@ from fleet_ingress.sim import PROFILES
 
 from . import memory, procfs
 from .carrier import FramePool, LeanCall, Recorder, open_call
-from .children import HOST, REPO, Children, child_env, free_port, python_module
+from .children import (
+    HOST,
+    REPO,
+    Children,
+    child_env,
+    free_port,
+    python_module,
+    stop_generators,
+    stop_on_request,
+)
 from .scenarios import Run
 from .targets import Target, render_ingress, wait_ready
 from .versions import code_version
@@ -125,19 +133,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     ``--max-seconds``; every slot replaces its call as soon as it has closed."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def watch_stdin() -> None:
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while True:
-            line = await reader.readline()
-            if not line or line.strip() == b"stop":
-                stop.set()
-                return
-
-    stdin_task = loop.create_task(watch_stdin())
+    stdin_task = stop_on_request(stop)
     stop_task = loop.create_task(stop.wait())
     ctx = ssl.create_default_context(cafile=args.ca)
     ctx.set_alpn_protocols(["http/1.1"])
@@ -330,18 +326,8 @@ class Generators:
         return rtt, hs
 
     async def stop(self, timeout: float) -> None:
-        for proc in self.procs:
-            if proc.stdin is not None and proc.returncode is None:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    proc.stdin.write(b"stop\n")
-                    await proc.stdin.drain()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(p.wait() for p in self.procs))
-        except TimeoutError:
+        if not await stop_generators(self.procs, timeout):
             log("a generator did not finish in time: stopped")
-        for proc in self.procs:
-            await Children.stop(proc, 2.0)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await asyncio.gather(*self.readers, return_exceptions=True)
@@ -1062,16 +1048,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": procfs.cpu_model(),
-        "mem_total_mib": procfs.mem_total_mib(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
 async def soak(args: argparse.Namespace, rep: dict[str, Any]) -> dict[str, Any]:
     this = asyncio.current_task()
     assert this is not None
@@ -1236,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         "scenario": "soak",
         "command": "python -m bench.soak " + shlex.join(argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": machine(),
+        "machine": procfs.machine(),
         "code": code_version(),
         "params": params,
         "samples": [],

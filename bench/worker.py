@@ -19,9 +19,7 @@ import contextlib
 import json
 import math
 import pickle
-import signal
 import ssl
-import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,6 +28,7 @@ from typing import Any
 import uvloop
 
 from .carrier import FramePool, LeanCall, Recorder, open_call
+from .children import stop_on_request
 
 HIST_FLOOR = 0.01  # ms
 HIST_BASE = 1.05
@@ -58,19 +57,7 @@ def _address(text: str) -> tuple[str, int]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def watch_stdin() -> None:
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while True:
-            line = await reader.readline()
-            if not line or line.strip() == b"stop":
-                stop.set()
-                return
-
-    stdin_task = loop.create_task(watch_stdin())
+    stdin_task = stop_on_request(stop)
     ssl_ctx = None
     if args.ca:
         ssl_ctx = ssl.create_default_context(cafile=args.ca)
