@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from fleet_ingress.fleets_file import (
+    Admin,
     FleetsFileError,
     FleetSpec,
     format_fleets_text,
@@ -123,7 +124,13 @@ def test_message_names_source_line_token_and_fix() -> None:
         ("https://fleet:https", "https://fleet:https", "a port is a number"),
         ("https://[::1", "https://[::1", "is not a valid URL"),
         ("https://bad_host!", "https://bad_host!", "not a host name"),
-        ("https://fleet fast", "fast", "is not an option; the options are name=NAME and maxconn=N"),
+        (
+            "https://fleet fast",
+            "fast",
+            "is not an option; the options are name=NAME, maxconn=N and admin=drain|maint",
+        ),
+        ("https://fleet admin=off", "admin=off", "is not an admin state; write admin=drain"),
+        ("https://fleet admin=drain admin=maint", "admin=maint", "gives admin= a second time"),
         ("https://fleet mxconn=3", "mxconn=3", "is not an option"),
         (
             "https://fleet maxconn=0",
@@ -155,8 +162,12 @@ def test_format_round_trips_and_omits_defaults() -> None:
         "https://fleet1.example.com\n"
         "https://fleet2.example.com name=fleet2\n"
         "http://[2001:db8::1]:8080 name=lab maxconn=32\n"
+        "https://fleet3.example.com admin=drain\n"
+        "https://fleet4.example.com name=four admin=maint\n"
     )
     specs = parse(text)
+    assert [s.admin for s in specs] == [Admin.READY] * 3 + [Admin.DRAIN, Admin.MAINT]
+    assert parse("https://f admin=Drain")[0].admin is Admin.DRAIN  # the value, any case
     assert format_fleets_text(specs, default_maxconn=16) == text
     assert parse(format_fleets_text(specs)) == specs
     # Without a default every maxconn is written, so the file alone says what each gets.

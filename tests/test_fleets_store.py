@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from fleet_ingress.atomic import FileExists, write_atomically
-from fleet_ingress.fleets_file import FleetsFileError, parse_fleets_text
-from fleet_ingress.fleets_store import text_with_fleet, text_without_fleet
+from fleet_ingress.fleets_file import Admin, FleetsFileError, parse_fleets_text
+from fleet_ingress.fleets_store import text_with_admin_state, text_with_fleet, text_without_fleet
 
 TEXT = (
     "# production fleets\n"
@@ -37,6 +37,33 @@ def test_removing_drops_exactly_the_named_line():
 def test_removing_an_unlisted_fleet_says_so():
     with pytest.raises(FleetsFileError, match="'nope' 0 times"):
         text_without_fleet(TEXT, "nope", default_maxconn=16)
+
+
+def test_an_admin_state_rewrites_only_the_admin_option_of_the_named_line():
+    drained = text_with_admin_state(TEXT, "fleet1.example.com", Admin.DRAIN, default_maxconn=16)
+    assert drained == TEXT.replace(
+        "fleet1.example.com  # first", "fleet1.example.com admin=drain  # first"
+    )
+    maint = text_with_admin_state(drained, "fleet1.example.com", Admin.MAINT, default_maxconn=16)
+    assert maint == TEXT.replace(
+        "fleet1.example.com  # first", "fleet1.example.com admin=maint  # first"
+    )
+    two = text_with_admin_state(maint, "two", Admin.DRAIN, default_maxconn=16)
+    assert "name=two maxconn=32 admin=drain\n" in two
+    specs = {s.name: s.admin for s in parse_fleets_text(two, default_maxconn=16)}
+    assert specs == {"fleet1.example.com": Admin.MAINT, "two": Admin.DRAIN}
+    # Back to READY: the option goes, and the file is as it was.
+    ready = text_with_admin_state(two, "two", Admin.READY, default_maxconn=16)
+    ready = text_with_admin_state(ready, "fleet1.example.com", Admin.READY, default_maxconn=16)
+    assert ready == TEXT
+
+
+def test_an_admin_state_keeps_a_line_without_a_newline_and_says_when_a_fleet_is_unlisted():
+    text = "  https://f.example.com#c"
+    drained = text_with_admin_state(text, "f.example.com", Admin.DRAIN, default_maxconn=16)
+    assert drained == "  https://f.example.com admin=drain #c"
+    with pytest.raises(FleetsFileError, match="'nope' 0 times"):
+        text_with_admin_state(TEXT, "nope", Admin.DRAIN, default_maxconn=16)
 
 
 def test_write_atomically_keeps_a_backup_and_leaves_no_temp(tmp_path: Path):

@@ -130,9 +130,9 @@ async def deployment(tls_files: TLSFiles) -> AsyncIterator[Deployment]:
         f"{fleets['b'].url} name=b  # the second one\n"
     )
     (home / "ingress.toml").write_text(_config_text(home, tls_files))
-    ingress = await _start(home, tls_files)
-    yield Deployment(ingress, fleets, home, tls_files)
-    await ingress.stop(drain_timeout=0)
+    d = Deployment(await _start(home, tls_files), fleets, home, tls_files)
+    yield d
+    await d.ingress.stop(drain_timeout=0)  # the one running now (a test may restart it)
     for fleet in fleets.values():
         await fleet.stop()
     shutil.rmtree(home, ignore_errors=True)
@@ -176,6 +176,58 @@ async def test_drain_sends_new_calls_elsewhere_and_keeps_established_ones(
     assert d.fleets["b"].health_probes > 0
     code, _, _ = await d.cli("ready", "a")
     await eventually(lambda: d.fleets["a"].health_probes > seen)
+
+
+async def test_admin_states_are_saved_in_the_fleets_file_and_hold_across_a_restart(
+    deployment: Deployment,
+):
+    d = deployment
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0, err
+    assert f"READY -> DRAIN (0 calls); saved to {d.fleets_file}" in out
+    code, _, err = await d.cli("maint", "a")
+    assert code == 0, err
+    text = d.fleets_file.read_text()
+    # Only the admin option is added; the operator's comments and layout stay.
+    assert text == (
+        "# fleets behind this ingress\n"
+        f"{d.fleets['a'].url} name=a admin=maint\n"
+        f"{d.fleets['b'].url} name=b admin=drain  # the second one\n"
+    )
+    # A restart (a new process reading the same files) keeps the states.
+    await d.ingress.stop(drain_timeout=0)
+    d.ingress = await _start(d.home, d.tls_files)
+    assert (d.fleet("a").admin, d.fleet("b").admin) == (Admin.MAINT, Admin.DRAIN)
+    seen = d.fleets["a"].health_probes
+    await asyncio.sleep(0.5)
+    assert d.fleets["a"].health_probes == seen  # still MAINT: not probed
+    code, out, err = await d.cli("ready", "a")
+    assert code == 0 and "MAINT -> READY" in out, err
+    assert " admin=" not in d.fleets_file.read_text().splitlines()[1]
+    await eventually(lambda: d.fleet("a").health is Health.UP)
+    ws = await d.call()
+    assert fleet_of(ws) == "a"  # b still drained
+    await ws.close()
+    # An operator's edit of the file applies at a reload; the live state is otherwise kept.
+    d.fleets_file.write_text(d.fleets_file.read_text().replace(" admin=drain", ""))
+    note = await d.ingress.reload(d.config_file)
+    assert "fleet b: admin DRAIN -> READY" in note
+    assert d.fleet("b").admin is Admin.READY and d.fleet("a").admin is Admin.READY
+
+
+async def test_an_admin_state_that_cannot_be_saved_still_applies_and_says_so(
+    deployment: Deployment,
+):
+    d = deployment
+    # The file no longer names fleet b (edited by hand, not reloaded yet).
+    d.fleets_file.write_text(f"{d.fleets['a'].url} name=a\n")
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0, err
+    assert "READY -> DRAIN" in out
+    assert "warning: not saved to the fleets file" in out and "'b' 0 times" in out
+    assert "a restart will not keep it" in out
+    assert d.fleet("b").admin is Admin.DRAIN
+    assert d.fleets_file.read_text() == f"{d.fleets['a'].url} name=a\n"
 
 
 async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(

@@ -71,7 +71,12 @@ def run_admin(
 
 def describe_result(body: dict[str, Any]) -> str:
     if "admin" in body:
-        return f"fleet {body['fleet']}: {body['was']} -> {body['admin']} ({body['calls']} calls)"
+        line = f"fleet {body['fleet']}: {body['was']} -> {body['admin']} ({body['calls']} calls)"
+        if body.get("fleets_file"):
+            return f"{line}; saved to {body['fleets_file']}"
+        if body.get("not_saved"):
+            return f"{line}\nwarning: not saved to the fleets file: {body['not_saved']}"
+        return line
     if body.get("dry_run"):
         return (
             f"dry run: would add fleet {body['fleet']} ({body['url']}, maxconn {body['maxconn']});"

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from .fleets_file import FleetSpec
+from .fleets_file import Admin, FleetSpec
 from .probe import ProbeResult
 
 
@@ -22,12 +22,6 @@ class Health(enum.Enum):
     INIT = "INIT"  # not probed yet
     UP = "UP"
     DOWN = "DOWN"
-
-
-class Admin(enum.Enum):
-    READY = "READY"
-    DRAIN = "DRAIN"  # no new calls, probes go on, calls kept
-    MAINT = "MAINT"  # no new calls, no probes, calls kept
 
 
 class Verdict(enum.Enum):
@@ -113,7 +107,10 @@ class Balancer:
         """`health` is where fleets start: INIT when probes will judge them,
         UP when nothing probes them (every fleet then counts as up)."""
         return cls(
-            [FleetState(spec, health=health, capacity_aware=capacity_aware) for spec in specs]
+            [
+                FleetState(spec, health=health, admin=spec.admin, capacity_aware=capacity_aware)
+                for spec in specs
+            ]
         )
 
     @property

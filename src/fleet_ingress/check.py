@@ -110,7 +110,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
         if not fleets:
             lines.append(
                 f"{config.fleets.file}: no fleets listed; "
-                "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N]"
+                "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N] [admin=drain|maint]"
             )
     lines += _check_certificate(config, str(path))
     fleets_cfg = config.fleets

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from .atomic import write_atomically
 from .balancer import Admin, FleetState, Health
 from .calls import EndReason
 from .fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
-from .fleets_store import text_with_fleet, text_without_fleet
+from .fleets_store import text_with_admin_state, text_with_fleet, text_without_fleet
 from .logs import fields
 from .poller import health_session, probe_fleet
 
@@ -67,12 +67,42 @@ class FleetOps:
         if fleet.removing and admin is not Admin.DRAIN:
             raise FleetChangeError(409, f"fleet {name!r} is being removed; it stays in DRAIN")
         before, fleet.admin = fleet.admin, admin
+        self.ingress.dispatcher.wake()
+        saved = self._save_admin_state(fleet, admin)
         log.info(
             "fleet admin state",
-            extra=fields(fleet=name, before=before.value, after=admin.value),
+            extra=fields(fleet=name, before=before.value, after=admin.value, **saved),
         )
-        self.ingress.dispatcher.wake()
-        return {"fleet": name, "admin": admin.value, "was": before.value, "calls": fleet.active}
+        return {
+            "fleet": name,
+            "admin": admin.value,
+            "was": before.value,
+            "calls": fleet.active,
+            **saved,
+        }
+
+    def _save_admin_state(self, fleet: FleetState, admin: Admin) -> dict[str, Any]:
+        """Record `admin` on the fleet's line of the fleets file, so that it holds across
+        reloads and restarts. The state applies at once either way: a drain must not wait
+        for, or fail on, the file; when it cannot be written, the answer says so."""
+        if fleet.removing:
+            return {}  # its line is gone already
+        try:
+            new_text = text_with_admin_state(
+                self._read_fleets_text(),
+                fleet.name,
+                admin,
+                default_maxconn=self.ingress.config.fleets.maxconn,
+            )
+            self._persist(new_text)
+        except (FleetsFileError, FleetChangeError) as exc:
+            log.warning(
+                "fleet admin state not saved",
+                extra=fields(fleet=fleet.name, fleets_file=str(self.fleets_file), error=str(exc)),
+            )
+            return {"not_saved": f"{exc}; it applies now, but a restart will not keep it"}
+        fleet.spec = replace(fleet.spec, admin=admin)
+        return {"fleets_file": str(self.fleets_file)}
 
     def _read_fleets_text(self) -> str:
         try:

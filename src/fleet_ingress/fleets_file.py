@@ -1,7 +1,13 @@
-"""The fleets file: one fleet a line, `URL [name=NAME] [maxconn=N]`, `#` starts a comment."""
+"""The fleets file: one fleet a line, `URL [name=NAME] [maxconn=N] [admin=STATE]`.
+
+`#` starts a comment. `admin=drain` or `admin=maint` records an operator's
+admin state (see `fleet_ops`), so that it holds across reloads and restarts;
+a fleet without it is READY.
+"""
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +24,14 @@ _URL_FORM = "write it as https://HOST[:PORT]"
 _NAME = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*")
 
 
+class Admin(enum.Enum):
+    """An operator's admin state of a fleet (SPEC 7)."""
+
+    READY = "READY"
+    DRAIN = "DRAIN"  # no new calls, probes go on, calls kept
+    MAINT = "MAINT"  # no new calls, no probes, calls kept
+
+
 class FleetsFileError(ValueError):
     """An unreadable fleets file or a bad line; the message says where, what and how to fix it."""
 
@@ -31,6 +45,7 @@ class FleetSpec:
     port: int  # explicit, else 80/443
     host_header: str  # host[:port] as sent in Host: port only if the URL has one
     maxconn: int
+    admin: Admin = Admin.READY  # as the file records it
 
 
 class _BadToken(Exception):
@@ -73,11 +88,15 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
     url_token, *options = tokens
     scheme, host, port, host_header = _parse_url(url_token)
     name, name_token, maxconn = host_header, url_token, default_maxconn
+    admin = Admin.READY
     given: set[str] = set()
     for token in options:
         key, eq, value = token.partition("=")
-        if not eq or key not in ("name", "maxconn"):
-            raise _BadToken(token, "is not an option; the options are name=NAME and maxconn=N")
+        if not eq or key not in ("name", "maxconn", "admin"):
+            raise _BadToken(
+                token,
+                "is not an option; the options are name=NAME, maxconn=N and admin=drain|maint",
+            )
         if key in given:
             raise _BadToken(token, f"gives {key}= a second time; give it once")
         given.add(key)
@@ -87,12 +106,19 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
                     token, "is not a valid name; use letters, digits and . _ : - (e.g. name=fleet1)"
                 )
             name, name_token = value, token
+        elif key == "admin":
+            try:
+                admin = Admin(value.upper())
+            except ValueError:
+                raise _BadToken(
+                    token, "is not an admin state; write admin=drain or admin=maint, or drop it"
+                ) from None
         else:
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
             maxconn = int(value)
     url = f"{scheme}://{host_header}"
-    return FleetSpec(url, name, scheme, host, port, host_header, maxconn), name_token
+    return FleetSpec(url, name, scheme, host, port, host_header, maxconn, admin), name_token
 
 
 def _parse_url(token: str) -> tuple[str, str, int, str]:
@@ -145,5 +171,11 @@ def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | Non
             words.append(f"name={spec.name}")
         if spec.maxconn != default_maxconn:
             words.append(f"maxconn={spec.maxconn}")
+        if spec.admin is not Admin.READY:
+            words.append(admin_token(spec.admin))
         lines.append(" ".join(words))
     return "".join(line + "\n" for line in lines)
+
+
+def admin_token(admin: Admin) -> str:
+    return f"admin={admin.value.lower()}"

@@ -123,8 +123,13 @@ class HealthPoller:
             await asyncio.gather(task, return_exceptions=True)
 
     async def wait_first_probes(self, timeout: float) -> bool:
-        """Wait (at most `timeout`) until every polled fleet has had a verdict."""
-        waits = [event.wait() for event in self._first_probe.values()]
+        """Wait (at most `timeout`) until every polled fleet has had a verdict
+        (a fleet in MAINT is not probed, so it is not waited for)."""
+        waits = [
+            event.wait()
+            for name, event in self._first_probe.items()
+            if (fleet := self._fleets.get(name)) is None or fleet.admin is not Admin.MAINT
+        ]
         try:
             async with asyncio.timeout(timeout):
                 await asyncio.gather(*waits)

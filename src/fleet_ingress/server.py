@@ -273,9 +273,15 @@ class Ingress:
                 if spec is not None:
                     wanted[spec.name] = spec  # moved: a new fleet of the same name
                 continue
-            if spec != fleet.spec:
+            if spec.maxconn != fleet.spec.maxconn:
                 notes.append(f"fleet {fleet.name}: maxconn {fleet.maxconn} -> {spec.maxconn}")
-                fleet.spec = spec
+            # The file's admin state applies when the file changed it (an operator's
+            # edit); otherwise the live state stays (it was saved to the file).
+            changed = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
+            if changed and not fleet.removing:
+                notes.append(f"fleet {fleet.name}: admin {fleet.admin.value} -> {spec.admin.value}")
+                fleet.admin = spec.admin
+            fleet.spec = spec
         for spec in wanted.values():
             if self.balancer.get(spec.name) is not None:
                 notes.append(f"fleet {spec.name}: still draining its old address; not added")
@@ -283,6 +289,7 @@ class Ingress:
             fleet = FleetState(
                 spec,
                 health=Health.INIT if self.poller else Health.UP,
+                admin=spec.admin,
                 capacity_aware=config.fleets.capacity_aware,
             )
             self.balancer.fleets.append(fleet)
