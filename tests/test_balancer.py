@@ -119,3 +119,20 @@ def test_fleets_not_yet_probed_make_calls_wait_not_fail():
     assert b.pick().verdict is Verdict.NO_CAPACITY  # b may still come up
     b.fleets[1].admin = Admin.MAINT
     assert b.pick().verdict is Verdict.NO_FLEET_UP  # nothing could serve
+
+
+def test_fleets_start_in_the_admin_state_the_fleets_file_records():
+    b = Balancer.from_specs(
+        parse_fleets_text(
+            "https://a.test name=a admin=maint\nhttps://b.test name=b admin=drain\n"
+            "https://c.test name=c\n",
+            default_maxconn=16,
+        ),
+        health=Health.INIT,
+    )
+    assert [f.admin for f in b.fleets] == [Admin.MAINT, Admin.DRAIN, Admin.READY]
+    assert b.starting  # c, READY and not yet probed: calls wait for it
+    b.fleets[2].health = Health.DOWN
+    # a (MAINT, never probed) and b (DRAIN) could not take a call: no waiting for them.
+    assert not b.starting and not b.may_serve
+    assert b.pick().verdict is Verdict.NO_FLEET_UP

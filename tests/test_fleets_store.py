@@ -7,7 +7,12 @@ import pytest
 
 from fleet_ingress.atomic import FileExists, write_atomically
 from fleet_ingress.fleets_file import Admin, FleetsFileError, parse_fleets_text
-from fleet_ingress.fleets_store import text_with_admin_state, text_with_fleet, text_without_fleet
+from fleet_ingress.fleets_store import (
+    FleetNotListed,
+    text_with_admin_state,
+    text_with_fleet,
+    text_without_fleet,
+)
 
 TEXT = (
     "# production fleets\n"
@@ -35,8 +40,19 @@ def test_removing_drops_exactly_the_named_line():
 
 
 def test_removing_an_unlisted_fleet_says_so():
-    with pytest.raises(FleetsFileError, match="'nope' 0 times"):
-        text_without_fleet(TEXT, "nope", default_maxconn=16)
+    with pytest.raises(FleetNotListed, match="FLEETS has no line for fleet 'nope'"):
+        text_without_fleet(TEXT, "nope", default_maxconn=16, source="FLEETS")
+
+
+def test_an_edit_names_the_line_of_an_error_anywhere_in_the_file():
+    bad = TEXT + "https://fleet3.example.com maxconn=lots\n"
+    for edit in (
+        lambda: text_without_fleet(bad, "two", default_maxconn=16, source="FLEETS"),
+        lambda: text_with_admin_state(bad, "two", Admin.DRAIN, default_maxconn=16, source="FLEETS"),
+    ):
+        with pytest.raises(FleetsFileError, match=r"^FLEETS line 5: 'maxconn=lots'") as info:
+            edit()
+        assert not isinstance(info.value, FleetNotListed)
 
 
 def test_an_admin_state_rewrites_only_the_admin_option_of_the_named_line():
@@ -62,7 +78,7 @@ def test_an_admin_state_keeps_a_line_without_a_newline_and_says_when_a_fleet_is_
     text = "  https://f.example.com#c"
     drained = text_with_admin_state(text, "f.example.com", Admin.DRAIN, default_maxconn=16)
     assert drained == "  https://f.example.com admin=drain #c"
-    with pytest.raises(FleetsFileError, match="'nope' 0 times"):
+    with pytest.raises(FleetNotListed, match="has no line for fleet 'nope'"):
         text_with_admin_state(TEXT, "nope", Admin.DRAIN, default_maxconn=16)
 
 

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.balancer import Admin, Health
 from fleet_ingress.config import config_from_dict
+from fleet_ingress.fleet_ops import FleetChangeError
 from fleet_ingress.fleets_file import load_fleets_file
 from fleet_ingress.logs import JsonFormatter
 from fleet_ingress.server import Ingress
@@ -224,10 +225,37 @@ async def test_an_admin_state_that_cannot_be_saved_still_applies_and_says_so(
     code, out, err = await d.cli("drain", "b")
     assert code == 0, err
     assert "READY -> DRAIN" in out
-    assert "warning: not saved to the fleets file" in out and "'b' 0 times" in out
+    assert "warning: not saved to the fleets file" in out
+    assert f"{d.fleets_file} has no line for fleet 'b'" in out
     assert "a restart will not keep it" in out
     assert d.fleet("b").admin is Admin.DRAIN
     assert d.fleets_file.read_text() == f"{d.fleets['a'].url} name=a\n"
+    # A line with an error elsewhere: the warning names the file and that line.
+    d.fleets_file.write_text(
+        f"{d.fleets['a'].url} name=a\n{d.fleets['b'].url} name=b admin=drian\n"
+    )
+    code, out, err = await d.cli("maint", "a")
+    assert code == 0, err
+    assert f"{d.fleets_file} line 2: 'admin=drian' is not an admin state" in out
+    assert d.fleet("a").admin is Admin.MAINT
+
+
+async def test_a_live_state_the_file_does_not_record_is_kept_by_a_reload(
+    deployment: Deployment,
+):
+    d = deployment
+    text = d.fleets_file.read_text()
+    d.fleets_file.unlink()
+    d.fleets_file.mkdir()  # unreadable as a file, even for root: the save fails
+    try:
+        result = d.ingress.ops.set_admin_state("a", "drain")
+    finally:
+        d.fleets_file.rmdir()
+        d.fleets_file.write_text(text)
+    assert "cannot read the fleets file" in result["not_saved"]
+    note = await d.ingress.reload(d.config_file)
+    assert "admin" not in note  # the file did not change a's state: the live one stays
+    assert d.fleet("a").admin is Admin.DRAIN
 
 
 async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
@@ -309,6 +337,38 @@ async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deploy
     d.ingress = await _start(d.home, d.tls_files)
     assert [f.name for f in d.ingress.balancer.fleets] == ["a", "b", "c"]
     assert d.fleet("c").health is Health.UP
+
+
+async def test_changes_made_while_add_fleet_waits_for_up_are_kept(deployment: Deployment):
+    """add-fleet waits for the new fleet to read UP before it writes the file: an admin
+    state saved, or a reload, in that window must neither be lost nor lose the fleet."""
+    d = deployment
+    c = d.fleets["c"]
+    c.health_delay = 0.3  # each probe of c (the pre-check too) takes 0.3 s: the window
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)
+    d.ingress.ops.set_admin_state("a", "drain")
+    note = await d.ingress.reload(d.config_file)
+    assert note == "no fleet changes"  # c is not taken out for missing from the file
+    with pytest.raises(FleetChangeError) as refused:
+        d.ingress.ops.set_admin_state("c", "maint")
+    assert refused.value.status == 409 and "being added" in refused.value.message
+    assert "c" in d.ingress.ops.adding  # all of this happened inside the window
+    result = await adding
+    assert result["health"] == "UP"
+    text = d.fleets_file.read_text()
+    assert f"{d.fleets['a'].url} name=a admin=drain\n" in text
+    assert text.endswith(f"{c.url} name=c\n")
+    assert "admin" not in await d.ingress.reload(d.config_file)
+    assert d.fleet("a").admin is Admin.DRAIN and d.fleet("c").admin is Admin.READY
+    # An admin state is one option, undone by the opposite command: it takes no backup,
+    # so the backup from before the add is still there.
+    backup = (d.home / "fleets.txt.bak").read_text()
+    d.ingress.ops.set_admin_state("a", "ready")
+    assert (d.home / "fleets.txt.bak").read_text() == backup
+    assert "name=c" not in backup
 
 
 # -- 4. remove-fleet -------------------------------------------------------------------

@@ -17,10 +17,13 @@ class FileExists(FileExistsError):
     pass
 
 
-def write_atomically(path: Path, text: str, *, replace: bool = True) -> Path | None:
-    """Write `text` to `path`; returns the backup of the old file, if one was kept."""
+def write_atomically(
+    path: Path, text: str, *, replace: bool = True, backup: bool = True
+) -> Path | None:
+    """Write `text` to `path`; returns the backup of the old file (`NAME.bak`), if one
+    was kept (`backup` and an old file to replace)."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    backup = None
+    kept = None
     # Mode 0666 minus the umask, as an editor would create it (not mkstemp's 0600).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
@@ -29,9 +32,9 @@ def write_atomically(path: Path, text: str, *, replace: bool = True) -> Path | N
             out.flush()
             os.fsync(out.fileno())
         if replace:
-            if path.exists():
-                backup = path.with_name(path.name + ".bak")
-                shutil.copy2(path, backup)
+            if backup and path.exists():
+                kept = path.with_name(path.name + ".bak")
+                shutil.copy2(path, kept)
             os.replace(temp, path)
         else:
             try:
@@ -45,4 +48,4 @@ def write_atomically(path: Path, text: str, *, replace: bool = True) -> Path | N
         os.fsync(directory)
     finally:
         os.close(directory)
-    return backup
+    return kept

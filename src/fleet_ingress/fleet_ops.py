@@ -17,7 +17,12 @@ from .atomic import write_atomically
 from .balancer import Admin, FleetState, Health
 from .calls import EndReason
 from .fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
-from .fleets_store import text_with_admin_state, text_with_fleet, text_without_fleet
+from .fleets_store import (
+    FleetNotListed,
+    text_with_admin_state,
+    text_with_fleet,
+    text_without_fleet,
+)
 from .logs import fields
 from .poller import health_session, probe_fleet
 
@@ -44,6 +49,8 @@ FORCED_REMOVAL_WAIT = 5.0
 class FleetOps:
     ingress: Ingress
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
+    # Fleets an add-fleet is bringing in: in the balancer, not yet in the fleets file.
+    adding: set[str] = field(default_factory=set)
 
     @property
     def fleets_file(self) -> Path:
@@ -54,6 +61,10 @@ class FleetOps:
         if fleet is None:
             known = ", ".join(f.name for f in self.ingress.balancer.fleets) or "none"
             raise FleetChangeError(404, f"no fleet named {name!r} (fleets: {known})")
+        if name in self.adding:
+            raise FleetChangeError(
+                409, f"fleet {name!r} is being added; try again once add-fleet has finished"
+            )
         return fleet
 
     def set_admin_state(self, name: str, state: str) -> dict[str, Any]:
@@ -93,8 +104,11 @@ class FleetOps:
                 fleet.name,
                 admin,
                 default_maxconn=self.ingress.config.fleets.maxconn,
+                source=str(self.fleets_file),
             )
-            self._persist(new_text)
+            # No backup: the edit is one option, undone by the opposite command, and a
+            # backup taken here would replace the one kept by an add or a remove.
+            self._persist(new_text, backup=False)
         except (FleetsFileError, FleetChangeError) as exc:
             log.warning(
                 "fleet admin state not saved",
@@ -114,9 +128,9 @@ class FleetOps:
                 500, f"cannot read the fleets file {self.fleets_file}: {exc.strerror}"
             ) from None
 
-    def _persist(self, text: str) -> Path | None:
+    def _persist(self, text: str, *, backup: bool = True) -> Path | None:
         try:
-            return write_atomically(self.fleets_file, text)
+            return write_atomically(self.fleets_file, text, backup=backup)
         except OSError as exc:
             raise FleetChangeError(
                 500, f"cannot write the fleets file {self.fleets_file}: {exc.strerror or exc}"
@@ -158,21 +172,31 @@ class FleetOps:
         if dry_run:
             return {"dry_run": True, **plan}
         fleet = FleetState(spec, health=Health.INIT, capacity_aware=config.fleets.capacity_aware)
-        self.ingress.balancer.fleets.append(fleet)
-        poller.start(fleet)
-        settings = poller.settings
-        wait = settings.timeout + settings.interval * (settings.rise + 1) + 1
-        if not await poller.wait_for(fleet, lambda f: f.health is Health.UP, timeout=wait):
-            last = fleet.last_probe.describe() if fleet.last_probe else "no probe answered"
-            await self._drop(fleet)
-            raise FleetChangeError(
-                422, f"fleet {spec.name!r} did not read UP within {wait:g}s ({last}); rolled back"
-            )
+        self.adding.add(spec.name)
         try:
-            backup = self._persist(new_text)
-        except FleetChangeError as exc:
-            await self._drop(fleet)
-            raise FleetChangeError(exc.status, f"{exc.message}; rolled back") from None
+            self.ingress.balancer.fleets.append(fleet)
+            poller.start(fleet)
+            settings = poller.settings
+            wait = settings.timeout + settings.interval * (settings.rise + 1) + 1
+            if not await poller.wait_for(fleet, lambda f: f.health is Health.UP, timeout=wait):
+                last = fleet.last_probe.describe() if fleet.last_probe else "no probe answered"
+                await self._drop(fleet)
+                raise FleetChangeError(
+                    422,
+                    f"fleet {spec.name!r} did not read UP within {wait:g}s ({last}); rolled back",
+                )
+            try:
+                # Read again: the file may have changed while the fleet came up (an admin
+                # state saved, another fleet removed), and those changes must stay.
+                new_text = text_with_fleet(
+                    self._read_fleets_text(), spec, default_maxconn=default_maxconn
+                )
+                backup = self._persist(new_text)
+            except FleetChangeError as exc:
+                await self._drop(fleet)
+                raise FleetChangeError(exc.status, f"{exc.message}; rolled back") from None
+        finally:
+            self.adding.discard(spec.name)
         log.info("fleet added", extra=fields(fleet=spec.name, url=spec.url, maxconn=spec.maxconn))
         return {**plan, "health": fleet.health.value, "backup": str(backup) if backup else None}
 
@@ -190,10 +214,15 @@ class FleetOps:
         text = self._read_fleets_text()
         try:
             new_text: str | None = text_without_fleet(
-                text, name, default_maxconn=self.ingress.config.fleets.maxconn
+                text,
+                name,
+                default_maxconn=self.ingress.config.fleets.maxconn,
+                source=str(self.fleets_file),
             )
-        except FleetsFileError:
-            new_text = None  # not in the file (added by hand elsewhere): nothing to persist
+        except FleetNotListed:
+            new_text = None  # not in the file (taken out by hand): nothing to persist
+        except FleetsFileError as exc:
+            raise FleetChangeError(409, f"{exc}; fix it, then remove again") from None
         backup = self._persist(new_text) if new_text is not None else None
         fleet.admin, fleet.removing = Admin.DRAIN, True
         gone = self._gone.setdefault(name, asyncio.Event())

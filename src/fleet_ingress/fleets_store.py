@@ -20,17 +20,25 @@ from .fleets_file import (
 )
 
 
+class FleetNotListed(FleetsFileError):
+    """The fleets file has no line for the fleet (edited since the last reload)."""
+
+
 def text_with_fleet(text: str, spec: FleetSpec, *, default_maxconn: int) -> str:
     if text and not text.endswith("\n"):
         text += "\n"
     return text + format_fleets_text([spec], default_maxconn=default_maxconn)
 
 
-def text_without_fleet(text: str, name: str, *, default_maxconn: int) -> str:
-    return _edit_fleet_line(text, name, lambda line: "", default_maxconn=default_maxconn)
+def text_without_fleet(
+    text: str, name: str, *, default_maxconn: int, source: str = "fleets file"
+) -> str:
+    return _edit_fleet_line(text, name, lambda line: "", default_maxconn, source)
 
 
-def text_with_admin_state(text: str, name: str, admin: Admin, *, default_maxconn: int) -> str:
+def text_with_admin_state(
+    text: str, name: str, admin: Admin, *, default_maxconn: int, source: str = "fleets file"
+) -> str:
     """The fleet's line with `admin=` set to `admin` (none for READY); the rest as it was."""
 
     def edit(line: str) -> str:
@@ -44,21 +52,29 @@ def text_with_admin_state(text: str, name: str, admin: Admin, *, default_maxconn
         gap = code[len(code.rstrip()) :] or (" " if hash_ else "")  # before a comment
         return indent + " ".join(tokens) + gap + hash_ + comment + ending
 
-    return _edit_fleet_line(text, name, edit, default_maxconn=default_maxconn)
+    return _edit_fleet_line(text, name, edit, default_maxconn, source)
 
 
 def _edit_fleet_line(
-    text: str, name: str, edit: Callable[[str], str], *, default_maxconn: int
+    text: str, name: str, edit: Callable[[str], str], default_maxconn: int, source: str
 ) -> str:
-    """`text` with the one line that names fleet `name` replaced by `edit(line)`."""
+    """`text` with the line that names fleet `name` replaced by `edit(line)`.
+
+    The whole text is checked first, so that an error names the line it is on;
+    a valid text names each fleet at most once."""
+    parse_fleets_text(text, default_maxconn=default_maxconn, source=source)
     out: list[str] = []
-    found = 0
+    found = False
     for line in text.splitlines(keepends=True):
         specs = parse_fleets_text(line, default_maxconn=default_maxconn)
         if specs and specs[0].name == name:
-            found += 1
+            found = True
             line = edit(line)
         out.append(line)
-    if found != 1:
-        raise FleetsFileError(f"fleets file names {name!r} {found} times, expected once")
+    if not found:
+        raise FleetNotListed(
+            f"{source} has no line for fleet {name!r} (edited since the last reload?); "
+            f"run `systemctl reload fleet-ingress` to apply the file, or add the fleet's "
+            f"line back (URL name={name})"
+        )
     return "".join(out)

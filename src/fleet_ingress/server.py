@@ -260,6 +260,9 @@ class Ingress:
         wanted = {spec.name: spec for spec in specs}
         for fleet in list(self.balancer.fleets):
             fleet.capacity_aware = config.fleets.capacity_aware
+            if fleet.name in self.ops.adding:  # add-fleet writes its line once it is UP
+                wanted.pop(fleet.name, None)
+                continue
             spec = wanted.pop(fleet.name, None)
             if spec is None or (spec.host, spec.port, spec.scheme) != (
                 fleet.spec.host,
