@@ -90,11 +90,13 @@ async def test_everything_else_is_redirected_to_https(
     start_ingress: StartIngress, certbot_standin, host, target, location
 ):
     ingress = await _ingress(start_ingress, certbot_standin[0])
-    got = await plain_exchange(
-        ingress.acme_address, f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    )
-    assert got.startswith(b"HTTP/1.1 301 ")
-    assert f"\r\nLocation: {location}\r\n".encode() in got
+    for version in ("1.1", "1.0"):  # old HTTP/1.0 clients are redirected too
+        got = await plain_exchange(
+            ingress.acme_address,
+            f"GET {target} HTTP/{version}\r\nHost: {host}\r\n\r\n".encode(),
+        )
+        assert got.startswith(b"HTTP/1.1 301 ")
+        assert f"\r\nLocation: {location}\r\n".encode() in got
     assert certbot_standin[1] == []
 
 

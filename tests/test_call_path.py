@@ -276,6 +276,13 @@ async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
     ("request_bytes", "status"),
     [
         (b"GET /haproxy-health HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        # Monitors moved over from HAProxy (monitor-uri): HTTP/1.0, no Host, any method.
+        (b"GET /haproxy-health HTTP/1.0\r\n\r\n", 200),
+        (b"OPTIONS /haproxy-health HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        (
+            b"GET /ws/x HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            400,
+        ),
         (b"GET /attach HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         (b"POST /livekit/dialout HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 404),
         (b"GET /livekit/widget HTTP/1.1\r\nHost: x\r\n\r\n", 404),
@@ -301,6 +308,15 @@ async def test_local_answers(
         assert got.endswith(b"\r\n\r\nok")
         assert b"Content-Type: text/plain" in got
     assert a.requests == []
+
+
+async def test_a_head_probe_of_the_health_route_gets_200_without_a_body(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
+):
+    a, _ = ws_fleets
+    ingress = await start_ingress([a.line("a")])
+    got = await raw_exchange(ingress, tls_files, b"HEAD /haproxy-health HTTP/1.0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n")
 
 
 async def test_a_trickled_head_gets_408(

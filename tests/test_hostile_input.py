@@ -239,7 +239,10 @@ async def test_smuggling_and_malformed_heads_get_400_and_never_reach_a_fleet(
     assert got.startswith(b"HTTP/1.1 400 "), got[:80]
     assert b"\r\nConnection: close\r\n" in got
     assert ingress.registry.calls == set()
-    assert ingress.registry.requests == {("-", 400): 1}
+    # One request counted, as a 400: on no route when the head is unreadable, on the call
+    # route when it reads but is no call (an HTTP/1.0 upgrade).
+    ((route, status),) = ingress.registry.requests.elements()
+    assert status == 400 and route in ("-", "/ws/")
 
 
 async def test_a_pipelined_request_after_a_refused_answer_never_reaches_the_fleet(

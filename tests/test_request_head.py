@@ -87,11 +87,6 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/\x00x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "malformed"),
         (b"GET /ws/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "Host"),
         (b"GET /ws/x HTTP/1.1\r\n\r\n", 400, "Host"),
-        (
-            b"GET /ws/x HTTP/1.0\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            400,
-            "HTTP/1.1",
-        ),
         (b"GET /ws/x HTTP/2.0\r\nHost: h\r\n\r\n", 400, "HTTP/1.1"),
         (b"GET /ws/x HTTP/1.1\nHost: h\n\n", 400, "CR"),
         (b"GET /ws/x HTTP/1.1\r\nHost: h\rX: y\r\n\r\n", 400, ""),
@@ -170,6 +165,16 @@ def test_other_percent_encodings_in_the_path_are_kept():
     # spaces, dashes or UTF-8 (and %2 followed by a letter but f or e is not a separator).
     raw = b"GET /ws/bot%20one%2D%C3%A9%2A HTTP/1.1\r\nHost: h\r\n\r\n"
     assert parse_request_head(raw).target == b"/ws/bot%20one%2D%C3%A9%2A"
+
+
+def test_http_1_0_is_read_but_is_never_a_websocket_upgrade():
+    # A monitor's probe may be HTTP/1.0 (without Host); a call cannot (RFC 6455 4.1).
+    head = parse_request_head(
+        b"GET /ws/x HTTP/1.0\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    assert head.http_version == b"1.0" and not head.is_websocket_upgrade
+    assert parse_request_head(b"GET /haproxy-health HTTP/1.0\r\n\r\n").host == b""
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").http_version == b"1.1"
 
 
 def test_query_string_may_hold_encoded_slashes():

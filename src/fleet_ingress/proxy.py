@@ -234,12 +234,12 @@ class CarrierProtocol(_Side):
         route = self.ctx.router.route(head.path.decode("latin-1"))
         self.route_label = route.label
         if route.kind is RouteKind.HEALTH:
-            if head.method in (b"GET", b"HEAD"):
-                self.answer(200, "ok", head_only=head.method == b"HEAD")
-            else:
-                self.answer(405, "the health route answers GET and HEAD")
+            # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
+            self.answer(200, "ok", head_only=head.method == b"HEAD")
         elif route.kind is RouteKind.NOT_FOUND:
             self.answer(404, "no such route on this ingress")
+        elif head.http_version != b"1.1":
+            self.answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1")
         elif not head.is_websocket_upgrade:
             self.answer(400, "a call route accepts only a GET WebSocket upgrade")
         else:

@@ -58,6 +58,7 @@ class RequestHead:
     target: bytes
     headers: list[Header]  # names in the carrier's casing, in order
     trailing: bytes = field(default=b"", repr=False)  # bytes after the head
+    http_version: bytes = b"1.1"  # or b"1.0": a monitor's probe, never a call
 
     @property
     def path(self) -> bytes:
@@ -86,6 +87,7 @@ class RequestHead:
     def is_websocket_upgrade(self) -> bool:
         return (
             self.method == b"GET"
+            and self.http_version == b"1.1"  # RFC 6455 4.1
             and b"websocket" in self.tokens(b"upgrade")
             and b"upgrade" in self.tokens(b"connection")
         )
@@ -152,8 +154,10 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         raise RequestRefused(400, f"malformed request: {exc}") from None
     if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
         raise RequestRefused(400, "malformed request")
-    if event.http_version != b"1.1":
-        raise RequestRefused(400, "only HTTP/1.1 requests are served")
+    # HTTP/1.0 is read (monitors still probe /haproxy-health with it, and port 80
+    # redirects it); a call needs HTTP/1.1, which the call route checks.
+    if event.http_version not in (b"1.1", b"1.0"):
+        raise RequestRefused(400, "only HTTP/1.1 requests are served (and 1.0 for probes)")
     if not event.target.startswith(b"/"):
         raise RequestRefused(400, "request target must be a path (origin-form)")
     if any(b in event.target for b in (b"#", b"\\")):
@@ -163,6 +167,7 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         target=event.target,
         headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
         trailing=trailing,
+        http_version=bytes(event.http_version),
     )
     if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1 or _CONTENT_LENGTH_LIST.search(raw):
         raise RequestRefused(400, "malformed request: more than one Content-Length")
