@@ -4,6 +4,7 @@ notify protocol on a real datagram socket, live calls throughout (issue #5)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -117,7 +118,7 @@ async def _start(
         "-c",
         str(home / "ingress.toml"),
         env=env,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=(home / "stderr.log").open("wb"),  # the JSON log lines
     )
     service = Service(proc, home, port)
     loop = asyncio.get_running_loop()
@@ -281,5 +282,11 @@ async def test_drain_time_runs_out_and_a_second_signal_exits_at_once(tls_files: 
             code = await service.proc.wait()
         assert code == 0
         await ws.close()
+        # The call cut by the second signal still has its access-log line.
+        logged = [
+            json.loads(line) for line in (service.home / "stderr.log").read_text().splitlines()
+        ]
+        ended = [e for e in logged if e.get("event") == "call ended"]
+        assert [(e["bot_id"], e["end_reason"]) for e in ended] == [("long", "drain")], logged
     finally:
         await _finish(service)

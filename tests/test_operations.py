@@ -288,7 +288,27 @@ async def test_stat_prints_a_table_and_json(deployment: Deployment):
     snap = json.loads(out)
     assert [f["name"] for f in snap["fleets"]] == ["a", "b"]
     assert snap["frontend"]["active_calls"] == 1
+    assert snap["state"] == "serving"
     await ws.close()
+
+
+async def test_stat_and_the_stats_page_say_when_the_ingress_is_stopping(deployment: Deployment):
+    d = deployment
+    ws = await d.call()
+    stopping = asyncio.create_task(d.ingress.stop(drain_timeout=30))
+    await eventually(lambda: d.ingress.stopping)
+    code, out, err = await d.cli("stat")
+    assert code == 0, err
+    assert "STOPPING: new calls are refused" in out and "1 calls" in out
+    host, port = d.ingress.stats_address or ("", 0)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{host}:{port}/stats.json") as r:
+            assert (await r.json())["state"] == "draining"
+        async with http.get(f"http://{host}:{port}/stats") as r:
+            assert 'id="stopping"' in await r.text()
+    await ws.close()  # the last call ends: the stop completes
+    async with asyncio.timeout(5):
+        await stopping
 
 
 # -- 3. add-fleet ----------------------------------------------------------------------

@@ -140,6 +140,11 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         f"queue {fe['queue_length']} ({fe['queue_timeouts']} timed out)"
         + ("   * = being removed" if any(f["removing"] for f in snap["fleets"]) else "")
     )
+    lines.append(
+        "free = reported by the fleet's last probe / estimated now (reported - calls since)"
+    )
+    if snap.get("state") == "draining":
+        lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     return "\n".join(lines)
 
 

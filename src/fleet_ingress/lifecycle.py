@@ -27,6 +27,7 @@ log = logging.getLogger("fleet_ingress.lifecycle")
 # a fleet that does not answer must not keep the ingress from serving the others.
 FIRST_PROBE_WAIT = 5.0
 STATUS_EVERY = 10.0
+SECOND_SIGNAL_GRACE = 3.0  # after a second SIGTERM, exit at once if closing calls hangs
 
 
 class _Stop(Exception):
@@ -43,8 +44,14 @@ async def run_service(
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
-            log.warning("second signal: exiting now", extra=fields(signal=signum))
-            os._exit(0)  # the operator means it: no more draining
+            # The operator means it: no more draining. The calls are closed (each
+            # still gets its access-log line); if that hangs, exit regardless.
+            log.warning(
+                "second signal: closing every call and exiting", extra=fields(signal=signum)
+            )
+            ingress.cut_drain()
+            loop.call_later(SECOND_SIGNAL_GRACE, os._exit, 0)
+            return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
         stop.set()
 

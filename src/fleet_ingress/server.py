@@ -90,6 +90,8 @@ class Ingress:
             reloads=lambda: self.reloads,
         )
         self.ops = FleetOps(self)
+        self.stopping = False  # a stop has begun: listeners closed, calls draining
+        self._drain_cut = asyncio.Event()
         self.dispatcher.on_release.append(self.ops.reap)
         self.poller: HealthPoller | None = None
         if health_checks:
@@ -176,6 +178,8 @@ class Ingress:
             self.dispatcher,
             started_at=self.started_at,
             certificate_not_after=self.certificate_not_after,
+            capacity_key=self.config.fleets.capacity_key,
+            stopping=self.stopping,
         )
 
     @property
@@ -301,6 +305,10 @@ class Ingress:
             notes.append(f"fleet {spec.name} added")
         return notes
 
+    def cut_drain(self) -> None:
+        """Stop waiting for calls to end: `stop` closes them now (each still logged)."""
+        self._drain_cut.set()
+
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Stop accepting at once; let calls end for up to `drain_timeout`;
         close what remains. Stats and admin stay up while calls drain."""
@@ -312,12 +320,21 @@ class Ingress:
             if conn.call is None:  # no call yet: nothing to keep
                 conn.abort()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
+        self.stopping = True
+        drained = asyncio.ensure_future(self.registry.wait_no_calls())
+        cut = asyncio.ensure_future(self._drain_cut.wait())
         try:
-            async with asyncio.timeout(timeout):
-                await self.registry.wait_no_calls()
-        except TimeoutError:
+            done, _ = await asyncio.wait(
+                {drained, cut}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            drained.cancel()
+            cut.cancel()
+        if drained not in done:
             log.warning(
-                "drain time is up: closing calls",
+                "drain cut short: closing calls"
+                if cut in done
+                else "drain time is up: closing calls",
                 extra=fields(calls=len(self.registry.calls), drain_s=timeout),
             )
         for call in list(self.registry.calls):

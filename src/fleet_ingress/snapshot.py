@@ -15,7 +15,9 @@ from .calls import Registry
 from .dispatch import Dispatcher
 
 
-def fleet_row(fleet: FleetState, now: float) -> dict[str, Any]:
+def fleet_row(
+    fleet: FleetState, now: float, capacity_key: str = "fleet_available"
+) -> dict[str, Any]:
     probe = fleet.last_probe
     return {
         "name": fleet.name,
@@ -29,7 +31,7 @@ def fleet_row(fleet: FleetState, now: float) -> dict[str, Any]:
         "maxconn": fleet.maxconn,
         "reported_available": fleet.reported_available,
         "estimated_available": fleet.estimated_available,
-        "last_check": None if probe is None else probe.describe(),
+        "last_check": None if probe is None else probe.describe(capacity_key),
         "last_check_passed": None if probe is None else probe.passed,
         "last_check_age_s": (
             None if fleet.last_probe_at is None else round(now - fleet.last_probe_at, 1)
@@ -54,6 +56,8 @@ def snapshot(
     *,
     started_at: float,
     certificate_not_after: float | None = None,
+    capacity_key: str = "fleet_available",
+    stopping: bool = False,
 ) -> dict[str, Any]:
     now = time.time()
     to_fleet, to_carrier = registry.relayed_bytes()
@@ -64,6 +68,8 @@ def snapshot(
         "version": __version__,
         "time": now,
         "uptime_s": round(now - started_at, 1),
+        # "draining" once a stop has begun: no new calls, the live ones may finish.
+        "state": "draining" if stopping else "serving",
         "certificate_not_after": certificate_not_after,
         "frontend": {
             "connections": len(registry.connections),
@@ -75,5 +81,5 @@ def snapshot(
             "bytes_from_carrier": to_fleet,
             "bytes_to_carrier": to_carrier,
         },
-        "fleets": [fleet_row(f, now) for f in balancer.fleets],
+        "fleets": [fleet_row(f, now, capacity_key) for f in balancer.fleets],
     }

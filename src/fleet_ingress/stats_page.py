@@ -24,6 +24,7 @@ td.l,th.l{text-align:left}
 .UP{background:#2e9e44}.DOWN{background:#d0342c}.INIT{background:#8a8f98}
 .FULL{background:#e08a00}.READY{background:#3b6fd6}.DRAIN{background:#e08a00}
 .MAINT{background:#7a4fc0}.fail{color:#d0342c}.muted{color:#8a8f98}
+.stopping{background:#fde2e1;border-left:4px solid #d0342c;padding:.4em .8em}
 """
 
 
@@ -34,6 +35,12 @@ def _cell(value: Any, cls: str = "") -> str:
 
 def _badge(state: str) -> str:
     return f'<span class="state {escape(state)}">{escape(state)}</span>'
+
+
+_STOPPING = (
+    '<p class="stopping" id="stopping"><b>Stopping:</b> new calls are refused; '
+    "the calls below may finish (timeouts.drain).</p>"
+)
 
 
 def render_stats_page(snap: dict[str, Any]) -> str:
@@ -81,6 +88,7 @@ def render_stats_page(snap: dict[str, Any]) -> str:
 <div class="sub">version {escape(snap["version"])} &middot; up {snap["uptime_s"]:.0f}s &middot;
 {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap["time"]))} &middot;
 refreshes every {REFRESH_SECONDS}s</div>
+{_STOPPING if snap.get("state") == "draining" else ""}
 <table id="fleets">
 <tr><th class="l">fleet</th><th>health</th><th>admin</th><th>calls/maxconn</th>
 <th>reported free</th><th>estimated free</th><th class="l">last check</th>
