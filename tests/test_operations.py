@@ -26,7 +26,7 @@ from fleet_ingress.config import config_from_dict
 from fleet_ingress.fleet_ops import FleetChangeError
 from fleet_ingress.fleets_file import load_fleets_file
 from fleet_ingress.logs import JsonFormatter
-from fleet_ingress.server import Ingress
+from fleet_ingress.server import Ingress, ReloadRefused
 from fleet_ingress.sim import SimulatedFleet, run_call
 
 from .conftest import TLSFiles, wss_url
@@ -433,6 +433,24 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     await eventually(lambda: any(_access(caplog, "end_reason") == "removed" for _ in [0]))
     for ws in calls:
         await ws.close()
+
+
+async def test_the_last_fleet_cannot_be_removed_and_a_reload_to_no_fleets_is_refused(
+    deployment: Deployment,
+):
+    d = deployment
+    code, _, err = await d.cli("remove-fleet", "b")
+    assert code == 0, err
+    before = d.fleets_file.read_text()
+    code, _, err = await d.cli("remove-fleet", "a", "--force")
+    assert code == 1
+    assert "fleet 'a' is the last fleet" in err and "add its replacement first" in err
+    assert d.fleets_file.read_text() == before and d.fleet("a").admin is Admin.READY
+    # Emptied by hand: the reload is refused, as `check` would refuse it.
+    d.fleets_file.write_text("# nothing\n")
+    with pytest.raises(ReloadRefused, match="no fleets listed"):
+        await d.ingress.reload(d.config_file)
+    assert d.fleet("a").health is Health.UP and not d.fleet("a").removing
 
 
 def _access_entries(caplog) -> list[dict]:

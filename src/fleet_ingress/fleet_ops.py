@@ -211,6 +211,14 @@ class FleetOps:
 
     async def remove_fleet(self, name: str, *, force: bool) -> dict[str, Any]:
         fleet = self._fleet(name)
+        staying = [f for f in self.ingress.balancer.fleets if not f.removing and f is not fleet]
+        if not fleet.removing and not staying:
+            raise FleetChangeError(
+                409,
+                f"fleet {name!r} is the last fleet: without one every call gets 503, and "
+                "`fleet-ingress check` (run before every start and reload) fails; add its "
+                "replacement first (fleet-ingress add-fleet URL), then remove it",
+            )
         text = self._read_fleets_text()
         try:
             new_text: str | None = text_without_fleet(

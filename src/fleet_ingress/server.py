@@ -227,6 +227,8 @@ class Ingress:
         try:
             config = load_config(config_path)
             specs = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+            if not specs:  # as `check` says: every call would get 503
+                raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
             if config.tls.cert is None or config.tls.key is None:
                 raise ReloadRefused("tls.cert and tls.key must be set")
             server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
