@@ -253,14 +253,29 @@ def test_the_command_line(tmp_path: Path) -> None:
     done = subprocess.run(
         [*cmd, *_fleet_args(FLEETS), "--out", str(tmp_path)], capture_output=True, text=True
     )
-    if "invalid choice: 'init'" in done.stderr:
-        pytest.skip("cli.py does not route `init` to init_deploy.main_init yet")
     assert done.returncode == OK, done.stdout + done.stderr
     assert (tmp_path / "ingress.toml").is_file() and (tmp_path / "fleets.txt").is_file()
     done = subprocess.run(
         [*cmd, *_fleet_args(FLEETS), "--out", str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == NOT_WRITTEN and "already exist" in done.stderr
+
+
+def test_the_command_line_takes_the_fleets_after_one_flag_as_spec_8_writes_it(
+    tmp_path: Path,
+) -> None:
+    cmd = [sys.executable, "-m", "fleet_ingress", "init", "--domain", DOMAIN]
+    one = tmp_path / "one"
+    done = subprocess.run(
+        [*cmd, "--fleet", *FLEETS, "--out", str(one)], capture_output=True, text=True
+    )
+    assert done.returncode == OK, done.stdout + done.stderr
+    repeated = tmp_path / "repeated"
+    subprocess.run([*cmd, *_fleet_args(FLEETS), "--out", str(repeated)], check=True)
+    assert (one / "fleets.txt").read_text() == (repeated / "fleets.txt").read_text()
+    assert len(parse_fleets_text((one / "fleets.txt").read_text(), default_maxconn=16)) == len(
+        FLEETS
+    )
 
 
 def _fleet_args(fleets: list[str]) -> list[str]:

@@ -184,11 +184,12 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fleet",
-        action="append",
+        action="extend",
+        nargs="+",
         required=True,
         metavar="URL",
-        help="a fleet, https://HOST[:PORT]; repeat for each fleet "
-        "(a quoted 'URL name=NAME maxconn=N' sets those too)",
+        help="the fleets, https://HOST[:PORT] each: --fleet URL URL... or --fleet URL "
+        "--fleet URL (a quoted 'URL name=NAME maxconn=N' sets those too)",
     )
     parser.add_argument(
         "--out",
