@@ -95,3 +95,37 @@ async def test_run_serves_calls_and_exits_0_on_sigterm(tmp_path: Path, tls_files
                 _, stderr = await proc.communicate()
         assert proc.returncode == 0, stderr.decode()
         assert b'"event": "listening"' in stderr
+
+
+def test_run_names_the_listener_whose_port_is_taken_and_how_to_find_who_has_it(
+    tmp_path: Path, tls_files: TLSFiles
+):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = _write_config(tmp_path, tls_files, port, "https://127.0.0.1:9 name=a\n")
+        done = subprocess.run(
+            [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+        )
+    assert done.returncode == 1
+    assert (
+        f"cannot start: listen.wss = '127.0.0.1:{port}': cannot listen: Address already in use;"
+        in done.stderr
+    )
+    assert f"ss -ltnp 'sport = :{port}'" in done.stderr
+
+
+def test_run_warns_at_start_when_fleet_certificates_are_not_checked(
+    tmp_path: Path, tls_files: TLSFiles
+):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # fails right after the warning
+        port = taken.getsockname()[1]
+        config = _write_config(tmp_path, tls_files, port, "https://127.0.0.1:9 name=a\n")
+        config.write_text(config.read_text() + "verify = false\n")
+        done = subprocess.run(
+            [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+        )
+    assert "fleets.verify = false: fleet certificates are not checked" in done.stderr

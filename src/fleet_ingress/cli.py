@@ -191,7 +191,7 @@ def _run(config_path: Path) -> int:
     glibc_malloc.pin_mmap_threshold()
     try:
         uvloop.run(run_service(ingress, config_path))
-    except OSError as exc:  # a listener that cannot bind, most often
+    except OSError as exc:  # a listener that cannot bind (ListenError says which), most often
         print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0

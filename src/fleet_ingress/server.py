@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import os
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +135,16 @@ class Ingress:
         if self.poller is not None:
             for fleet in self.balancer.fleets:
                 self.poller.start(fleet)
-        host, port = parse_hostport(self.config.listen.wss, what="listen.wss")
+        if not self.config.fleets.verify:
+            log.warning(
+                "fleets.verify = false: fleet certificates are not checked, so anyone on the "
+                "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
+            )
+        listen = self.config.listen
         loop = asyncio.get_running_loop()
-        self._wss = CarrierListener(bind_tcp(host, port), lambda: self.ctx, self.server_ssl)
+        host, port = parse_hostport(listen.wss, what="listen.wss")
+        with _listening("wss", listen.wss):
+            self._wss = CarrierListener(bind_tcp(host, port), lambda: self.ctx, self.server_ssl)
         self._wss.start()
         log.info(
             "listening",
@@ -142,16 +152,17 @@ class Ingress:
                 listener="wss", address=self.wss_address, fleets=len(self.balancer.fleets)
             ),
         )
-        listen = self.config.listen
         if listen.acme:
             host, port = parse_hostport(listen.acme, what="listen.acme")
-            self._acme = await loop.create_server(
-                lambda: AcmeProtocol(self._acme_settings), host, port, reuse_address=True
-            )
+            with _listening("acme", listen.acme):
+                self._acme = await loop.create_server(
+                    lambda: AcmeProtocol(self._acme_settings), host, port, reuse_address=True
+                )
             log.info("listening", extra=fields(listener="acme", address=self.acme_address))
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
-            runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
+            with _listening("stats", listen.stats):
+                runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
             log.info("listening", extra=fields(listener="stats", address=self.stats_address))
@@ -355,6 +366,34 @@ class Ingress:
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         await asyncio.sleep(0)
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the config key and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def _listening(key: str, address: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            port = address.rpartition(":")[2]
+            hint = f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which)"
+        elif exc.errno == errno.EACCES:
+            hint = "a port below 1024 needs root or CAP_NET_BIND_SERVICE (the unit file grants it)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "no interface of this machine has that address"
+        else:
+            hint = "check the address"
+        raise ListenError(
+            exc.errno,
+            f"listen.{key} = {address!r}: cannot listen: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}; {hint}",
+        ) from None
 
 
 class ReloadRefused(Exception):
