@@ -88,6 +88,18 @@ def test_env_beats_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert config_from_dict({"fleets": {"maxconn": 8}}).fleets.maxconn == 32
 
 
+def test_an_env_variable_naming_no_section_is_an_error_not_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLEET_INGRESS_FLEET__MAXCONN", "32")  # FLEETS, misspelled
+    (line,) = problems({})
+    assert line.startswith("environment: FLEET_INGRESS_FLEET__MAXCONN: 'fleet' is not a section")
+    assert "listen, tls, routes, fleets" in line and "FLEET_INGRESS_FLEETS__MAXCONN" in line
+    monkeypatch.delenv("FLEET_INGRESS_FLEET__MAXCONN")
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCON", "32")  # a key misspelled: also an error
+    assert "maxcon" in "\n".join(problems({}))
+
+
 def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "0")
     assert problems({}) == [

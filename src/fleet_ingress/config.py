@@ -323,7 +323,27 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> I
     return _build(data, _Load(base_dir=base_dir), "configuration")
 
 
+def _unknown_env_sections() -> list[str]:
+    """pydantic-settings reads only the variables that name a field, so a misspelled
+    section (FLEET_INGRESS_FLEET__MAXCONN) would be ignored without a word."""
+    sections = IngressConfig.model_fields
+    problems = []
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        section = name[len(ENV_PREFIX) :].partition("__")[0].lower()
+        if section not in sections:
+            problems.append(
+                f"environment: {name}: {section!r} is not a section; the sections are "
+                f"{', '.join(sections)} (write {ENV_PREFIX}<SECTION>__<KEY>, e.g. "
+                f"{ENV_PREFIX}FLEETS__MAXCONN)"
+            )
+    return problems
+
+
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
+    if problems := _unknown_env_sections():
+        raise ConfigError(problems)
     token = _LOAD.set(load)
     try:
         return IngressConfig(**data)
