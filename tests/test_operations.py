@@ -276,6 +276,23 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     assert b"cannot reach the admin socket" in err_b and b"Is fleet-ingress running?" in err_b
 
 
+async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is_broken(
+    deployment: Deployment,
+):
+    d = deployment
+    good = d.config_file.read_text()
+    d.config_file.write_text(good.replace("check_interval", "check_intervall"))  # a typo
+    code, out, err = await d.cli("stat")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:2] == ["a", "UP"]
+    assert "has problems (`fleet-ingress check -c" in err and str(d.home / "admin.sock") in err
+    code, out, err = await d.cli("drain", "a")
+    assert code == 0 and "READY -> DRAIN" in out, err
+    d.config_file.write_text("[listen\n")  # not even TOML: say how to reach it instead
+    code, _, err = await d.cli("stat")
+    assert code == 2 and "TOML syntax error" in err and "--admin-socket" in err
+
+
 async def test_stat_prints_a_table_and_json(deployment: Deployment):
     ws = await deployment.call()
     code, out, _ = await deployment.cli("stat")

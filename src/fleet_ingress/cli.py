@@ -107,6 +107,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 ADMIN_COMMANDS = {"stat", "drain", "ready", "maint", "add-fleet", "remove-fleet"}
 
 
+def _admin_socket_leniently(config_path: Path) -> str | None:
+    """listen.admin_socket from a config that does not validate as a whole: the
+    environment's override, else the file's value (relative to the file), else the
+    default; None when the file cannot even be read as TOML."""
+    import os
+    import tomllib
+
+    from .admin_client import DEFAULT_ADMIN_SOCKET
+    from .config import ENV_PREFIX
+
+    override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
+    if override is not None:
+        return override
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    listen = data.get("listen")
+    value = listen.get("admin_socket") if isinstance(listen, dict) else None
+    if value is None:
+        return str(DEFAULT_ADMIN_SOCKET)
+    if not isinstance(value, str):
+        return None
+    return str(config_path.parent / value) if value else ""
+
+
 def _admin(args: argparse.Namespace) -> int:
     from .admin_client import DEFAULT_ADMIN_SOCKET, run_admin
 
@@ -117,8 +143,21 @@ def _admin(args: argparse.Namespace) -> int:
         try:
             configured = load_config(args.config).listen.admin_socket
         except ConfigError as exc:
-            print(f"fleet-ingress: {exc}", file=sys.stderr)
-            return 2
+            # The file on disk may be broken while the running ingress is fine (a reload
+            # was just refused): that is when stat and drain are needed most.
+            configured = _admin_socket_leniently(args.config)
+            if configured is None:
+                print(
+                    f"fleet-ingress: {exc}\nfleet-ingress: pass the running ingress's socket "
+                    f"with --admin-socket (default {DEFAULT_ADMIN_SOCKET})",
+                    file=sys.stderr,
+                )
+                return 2
+            print(
+                f"fleet-ingress: note: {args.config} has problems (`fleet-ingress check -c "
+                f"{args.config}` lists them); using its admin socket {configured or '(none)'}",
+                file=sys.stderr,
+            )
         if not configured:
             print(f"fleet-ingress: {args.config}: listen.admin_socket is disabled", file=sys.stderr)
             return 2
