@@ -290,3 +290,39 @@ async def test_drain_time_runs_out_and_a_second_signal_exits_at_once(tls_files: 
         assert [(e["bot_id"], e["end_reason"]) for e in ended] == [("long", "drain")], logged
     finally:
         await _finish(service)
+
+
+@pytest.mark.uvloop_only
+async def test_sighup_applies_log_settings_and_warns_that_listeners_need_a_restart(
+    tls_files: TLSFiles, fleets
+):
+    a = fleets["a"]
+    service = await _start(tls_files, [f"{a.url} name=a"])
+    try:
+        config = service.home / "ingress.toml"
+        good = config.read_text()
+        config.write_text(
+            good.replace('stats = ""', 'stats = "127.0.0.1:9"').replace(
+                'format = "json"', 'format = "text"'
+            )
+        )
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=2)
+        lines = (service.home / "stderr.log").read_text().splitlines()
+        warning = json.loads(next(line for line in lines if "listener not moved" in line))
+        assert (warning["level"], warning["key"], warning["configured"]) == (
+            "warning",
+            "listen.stats",
+            "127.0.0.1:9",
+        )
+        # The reload's own line already comes in the new format.
+        assert lines[-1].startswith("info    fleet_ingress.lifecycle: reloaded "), lines[-1]
+        assert "listen.stats changed: takes effect at the next restart" in lines[-1]
+        # Back to what is bound: nothing to warn about.
+        config.write_text(good)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=3)
+        last = (service.home / "stderr.log").read_text().splitlines()[-1]
+        assert json.loads(last)["changes"] == "no fleet changes"
+    finally:
+        await _finish(service)

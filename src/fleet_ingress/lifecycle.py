@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import glibc_malloc
-from .logs import fields
+from .logs import configure_logging, fields
 from .sdnotify import Notifier
 from .server import Ingress, ReloadRefused
 
@@ -81,6 +81,7 @@ async def run_service(
 async def _reload_on_signal(
     ingress: Ingress, config_path: Path, reloads: asyncio.Queue[None], notifier: Notifier
 ) -> None:
+    logging_in_use = (ingress.config.log.level, ingress.config.log.format)
     while True:
         await reloads.get()
         monotonic_usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
@@ -100,6 +101,10 @@ async def _reload_on_signal(
             log.exception("reload failed", extra=fields(config=str(config_path)))
             notifier.notify("READY=1", "STATUS=reload failed; see the log")
             continue
+        log_config = ingress.config.log
+        if (log_config.level, log_config.format) != logging_in_use:
+            logging_in_use = (log_config.level, log_config.format)
+            configure_logging(*logging_in_use)
         log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
         notifier.notify("READY=1", f"STATUS={ingress.status_line()}")
 

@@ -94,6 +94,7 @@ class Ingress:
         )
         self.ops = FleetOps(self)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
+        self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
         self.dispatcher.on_release.append(self.ops.reap)
         self.poller: HealthPoller | None = None
@@ -250,10 +251,16 @@ class Ingress:
             self.reloads["refused"] += 1
             raise ReloadRefused(str(exc)) from None
         notes = []
-        old = self.config
+        # Listeners stay bound where they were bound at start: compared with that, not
+        # with the last reload, so that putting an address back says nothing.
         for key in ("wss", "acme", "stats", "admin_socket"):
-            if getattr(old.listen, key) != getattr(config.listen, key):
+            bound, wanted = getattr(self.bound_listen, key), getattr(config.listen, key)
+            if bound != wanted:
                 notes.append(f"listen.{key} changed: takes effect at the next restart")
+                log.warning(
+                    "listener not moved by a reload: restart to apply",
+                    extra=fields(key=f"listen.{key}", listening=bound, configured=wanted),
+                )
         # New handshakes get the new certificate; live TLS sessions keep theirs.
         self.server_ssl.load_cert_chain(config.tls.cert, config.tls.key)
         self.server_ssl.minimum_version = server_ssl_context(
