@@ -112,6 +112,7 @@ async def test_failing_fleet_goes_down_keeps_its_calls_and_comes_back(
     went_down = await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
     assert went_down <= 3.5
     assert fleet_a.last_probe is not None and fleet_a.last_probe.reason == "status 503"
+    assert fleet_a.reported_available is None  # a DOWN fleet's old free count is not shown
     new_calls = await open_calls(ingress, tls_files, 4)
     assert {fleet_of(ws) for ws in new_calls} == {"b"}
     a.health_status = 200

@@ -175,8 +175,13 @@ async def test_drain_sends_new_calls_elsewhere_and_keeps_established_ones(
     await asyncio.sleep(1.0)
     assert d.fleets["a"].health_probes == seen  # MAINT: no probes at all
     assert d.fleets["b"].health_probes > 0
-    code, _, _ = await d.cli("ready", "a")
+    # Out of MAINT, the fleet is judged afresh: its old verdict and capacity are stale.
+    result = d.ingress.ops.set_admin_state("a", "ready")
+    assert result["was"] == "MAINT"
+    assert d.fleet("a").health is Health.INIT and d.fleet("a").reported_available is None
     await eventually(lambda: d.fleets["a"].health_probes > seen)
+    await eventually(lambda: d.fleet("a").health is Health.UP)
+    assert d.fleet("a").reported_available == 32
 
 
 async def test_admin_states_are_saved_in_the_fleets_file_and_hold_across_a_restart(

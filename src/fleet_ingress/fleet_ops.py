@@ -78,6 +78,11 @@ class FleetOps:
         if fleet.removing and admin is not Admin.DRAIN:
             raise FleetChangeError(409, f"fleet {name!r} is being removed; it stays in DRAIN")
         before, fleet.admin = fleet.admin, admin
+        if before is Admin.MAINT and admin is not Admin.MAINT:
+            # Not probed while in MAINT: what it said before is stale. It starts over
+            # like a fleet just added (UP on its first passing probe; calls wait for it).
+            fleet.health, fleet.health_streak = Health.INIT, 0
+            fleet.reported_available = None
         self.ingress.dispatcher.wake()
         saved = self._save_admin_state(fleet, admin)
         log.info(

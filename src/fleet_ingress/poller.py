@@ -213,6 +213,8 @@ class HealthPoller:
             fall=self.settings.fall,
             rise=self.settings.rise,
         )
+        if fleet.health is Health.DOWN:
+            fleet.reported_available = None  # what a dead fleet last said is no longer known
         if fleet.health is not before:
             level = logging.WARNING if fleet.health is Health.DOWN else logging.INFO
             log.log(
