@@ -290,6 +290,15 @@ def test_check_body_agrees_with_the_verdict(tmp_path: Path, body, code, says):
     assert says in done.stdout
 
 
+def test_check_body_with_probe_says_to_give_one(tmp_path: Path):
+    captured = tmp_path / "health.json"
+    captured.write_bytes(b'{"fleet_available": 1}')
+    done = subprocess.run(
+        [*CLI, "check", "--body", str(captured), "--probe"], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "give one of them" in done.stderr
+
+
 async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     tmp_path: Path, tls_files: TLSFiles, sim_fleets
 ):

@@ -373,6 +373,11 @@ async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deploy
 
     code, _, err = await d.cli("add-fleet", c.url, "--name", "c2")
     assert code == 1 and "already in the ingress as fleet 'c'" in err
+    for name in ("x#y", "x maxconn=2"):  # would become a comment, or another option
+        code, _, err = await d.cli("add-fleet", c.url, "--name", name)
+        assert code == 1 and "holds a space or '#'" in err, err
+    code, _, err = await d.cli("add-fleet", c.url, "--name", "bad!name")
+    assert code == 1 and "add-fleet: 'name=bad!name' is not a valid name" in err, err
 
     # Restart: the fleet is still there.
     await d.ingress.stop(drain_timeout=0)
@@ -427,6 +432,8 @@ async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment
     assert "# fleets behind this ingress" in d.fleets_file.read_text()
     fleet_a = d.fleet("a")
     assert fleet_a.admin is Admin.DRAIN and fleet_a.removing
+    code, out, err = await d.cli("remove-fleet", "a")  # again, while it drains
+    assert code == 0 and "not in the fleets file any more" in out, err
     other = await d.call()
     assert fleet_of(other) == "b"
     await ws.send("still talking")

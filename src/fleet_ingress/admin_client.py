@@ -90,9 +90,14 @@ def describe_result(body: dict[str, Any]) -> str:
         )
     if body.get("removed"):
         return f"removed fleet {body['fleet']} ({body['closed_calls']} calls closed)"
+    where = (
+        f"already gone from {body['fleets_file']}"
+        if body.get("fleets_file")
+        else "not in the fleets file any more"
+    )
     return (
         f"fleet {body['fleet']} is draining: removed once its "
-        f"{body['draining_calls']} calls end; already gone from {body['fleets_file']}"
+        f"{body['draining_calls']} calls end; {where}"
     )
 
 

@@ -86,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .check import run_body_check, run_check
 
         if args.body is not None:
+            if args.probe:
+                print(
+                    "fleet-ingress check: --body judges a saved health answer and --probe "
+                    "asks the fleets now; give one of them",
+                    file=sys.stderr,
+                )
+                return 2
             return run_body_check(args.body, args.config)
         if args.config is None:
             print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)

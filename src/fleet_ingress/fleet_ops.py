@@ -146,13 +146,22 @@ class FleetOps:
     ) -> dict[str, Any]:
         config = self.ingress.config
         default_maxconn = config.fleets.maxconn
+        # The options are pasted into a fleets-file line: a space or '#' would turn part
+        # of a name into another option or a comment.
+        for what, value in (("URL", url), ("--name", name or "")):
+            if any(c.isspace() or c == "#" for c in value):
+                raise FleetChangeError(
+                    400, f"{what} {value!r} holds a space or '#'; a fleet's {what} has neither"
+                )
         line = " ".join(
             [url, *([f"name={name}"] if name else []), *([f"maxconn={maxconn}"] if maxconn else [])]
         )
         try:
             (spec,) = parse_fleets_text(line, default_maxconn=default_maxconn, source="add-fleet")
         except (FleetsFileError, ValueError) as exc:
-            raise FleetChangeError(400, str(exc)) from None
+            # One line, built from the options: its number would mean nothing here.
+            message = str(exc).replace("add-fleet line 1: ", "add-fleet: ")
+            raise FleetChangeError(400, message) from None
         self._refuse_duplicate(spec)
         # Pre-check: the fleet must pass the same probe the poller will send.
         poller = self.ingress.poller
