@@ -418,6 +418,47 @@ async def test_changes_made_while_add_fleet_waits_for_up_are_kept(deployment: De
     assert "name=c" not in backup
 
 
+async def test_add_fleet_rolls_back_when_the_fleet_never_reads_up_or_the_file_cannot_be_written(
+    deployment: Deployment,
+):
+    d = deployment
+    c = d.fleets["c"]
+    before = d.fleets_file.read_text()
+    c.health_delay = 0.2  # each answer is read 0.2 s after the probe arrives
+
+    # 1. The pre-check passes, then every probe fails: not UP in time, rolled back.
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)  # the pre-check has passed
+    c.health_status = 503
+    with pytest.raises(FleetChangeError) as failed:
+        await adding
+    assert failed.value.status == 422
+    assert "fleet 'c' did not read UP within" in failed.value.message
+    assert "status 503" in failed.value.message and "rolled back" in failed.value.message
+    assert d.ingress.balancer.get("c") is None and d.fleets_file.read_text() == before
+    assert not d.ingress.ops.adding
+
+    # 2. The fleet reads UP, but the fleets file cannot be written: rolled back too.
+    c.health_status = 200
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)
+    d.fleets_file.unlink()
+    d.fleets_file.mkdir()  # unreadable as a file, even for root
+    try:
+        with pytest.raises(FleetChangeError) as failed:
+            await adding
+    finally:
+        d.fleets_file.rmdir()
+        d.fleets_file.write_text(before)
+    assert "cannot read the fleets file" in failed.value.message
+    assert failed.value.message.endswith("rolled back")
+    assert d.ingress.balancer.get("c") is None
+
+
 # -- 4. remove-fleet -------------------------------------------------------------------
 
 
