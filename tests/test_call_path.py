@@ -79,6 +79,26 @@ async def test_messages_fragments_ping_and_close_codes_pass_through(
 # -- 2. what the fleet sees --------------------------------------------------------------
 
 
+async def test_a_fleet_named_by_host_name_gets_that_name_as_sni_and_host(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A fleet URL with a DNS name: TLS sends it as SNI and checks the certificate
+    against it, and the fleet's Host is that name (the fleet's cert is for localhost)."""
+    server_names: list[str | None] = []
+    ctx = tls_files.fleet_server_context()
+    ctx.sni_callback = lambda _obj, name, _ctx: server_names.append(name)  # type: ignore[assignment,misc,return-value]
+    fleet = await WsFleet(ctx).start()
+    try:
+        ingress = await start_ingress([f"https://localhost:{fleet.port} name=a"])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("by name")
+            assert await ws.recv() == "by name"
+        assert "localhost" in server_names
+        assert fleet.requests[0].headers["Host"] == f"localhost:{fleet.port}"
+    finally:
+        await fleet.stop()
+
+
 async def test_fleet_sees_its_host_forwarded_headers_query_and_subprotocol(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
