@@ -191,3 +191,13 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
         FleetsFileError, match=f"^{re.escape(str(missing))}: cannot read the fleets file: No such"
     ):
         load_fleets_file(missing, default_maxconn=16)
+
+
+def test_every_bad_line_is_reported_not_only_the_first() -> None:
+    with pytest.raises(FleetsFileError) as caught:
+        parse("https://a\nhttps://b maxconn=0\nhttps://c\nftp://d\n")
+    assert str(caught.value).splitlines() == [
+        "fleets.txt line 2: 'maxconn=0' is not a valid maxconn; write maxconn=N with N >= 1",
+        "fleets.txt line 4: 'ftp://d' is not an http:// or https:// URL; write it as "
+        "https://HOST[:PORT]",
+    ]

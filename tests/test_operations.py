@@ -191,6 +191,8 @@ async def test_admin_states_are_saved_in_the_fleets_file_and_hold_across_a_resta
     code, out, err = await d.cli("drain", "b")
     assert code == 0, err
     assert f"READY -> DRAIN (0 calls); saved to {d.fleets_file}" in out
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0 and "fleet b: already DRAIN (0 calls)" in out, err
     code, _, err = await d.cli("maint", "a")
     assert code == 0, err
     text = d.fleets_file.read_text()
@@ -321,7 +323,7 @@ async def test_stat_and_the_stats_page_say_when_the_ingress_is_stopping(deployme
     await eventually(lambda: d.ingress.stopping)
     code, out, err = await d.cli("stat")
     assert code == 0, err
-    assert "STOPPING: new calls are refused" in out and "1 calls" in out
+    assert "STOPPING: new calls are refused" in out and "frontend: 1 call," in out
     host, port = d.ingress.stats_address or ("", 0)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://{host}:{port}/stats.json") as r:
@@ -468,7 +470,7 @@ async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment
     assert fleet_of(ws) == "a"
     code, out, err = await d.cli("remove-fleet", "a")
     assert code == 0, err
-    assert "draining" in out and "1 calls" in out
+    assert "draining" in out and "its 1 call ends;" in out
     assert "name=a" not in d.fleets_file.read_text()
     assert "# fleets behind this ingress" in d.fleets_file.read_text()
     fleet_a = d.fleet("a")
@@ -495,7 +497,7 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     assert len(on_b) == 1
     code, out, err = await d.cli("remove-fleet", "b", "--force")
     assert code == 0, err
-    assert "removed fleet b (1 calls closed)" in out
+    assert "removed fleet b (1 call closed)" in out
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(3):
             await on_b[0].recv()

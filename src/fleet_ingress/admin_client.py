@@ -71,7 +71,12 @@ def run_admin(
 
 def describe_result(body: dict[str, Any]) -> str:
     if "admin" in body:
-        line = f"fleet {body['fleet']}: {body['was']} -> {body['admin']} ({body['calls']} calls)"
+        change = (
+            f"already {body['admin']}"
+            if body["was"] == body["admin"]
+            else f"{body['was']} -> {body['admin']}"
+        )
+        line = f"fleet {body['fleet']}: {change} ({_calls(body['calls'])})"
         if body.get("fleets_file"):
             return f"{line}; saved to {body['fleets_file']}"
         if body.get("not_saved"):
@@ -89,7 +94,7 @@ def describe_result(body: dict[str, Any]) -> str:
             f"saved to {body['fleets_file']} (backup {body['backup']})"
         )
     if body.get("removed"):
-        return f"removed fleet {body['fleet']} ({body['closed_calls']} calls closed)"
+        return f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed)"
     where = (
         f"already gone from {body['fleets_file']}"
         if body.get("fleets_file")
@@ -97,7 +102,8 @@ def describe_result(body: dict[str, Any]) -> str:
     )
     return (
         f"fleet {body['fleet']} is draining: removed once its "
-        f"{body['draining_calls']} calls end; {where}"
+        f"{_calls(body['draining_calls'])} {'ends' if body['draining_calls'] == 1 else 'end'}; "
+        f"{where}"
     )
 
 
@@ -141,7 +147,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     ]
     fe = snap["frontend"]
     lines.append(
-        f"frontend: {fe['active_calls']} calls, {fe['connections']} connections, "
+        f"frontend: {_calls(fe['active_calls'])}, {fe['connections']} connections, "
         f"queue {fe['queue_length']} ({fe['queue_timeouts']} timed out)"
         + ("   * = being removed" if any(f["removing"] for f in snap["fleets"]) else "")
     )
@@ -151,6 +157,10 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     return "\n".join(lines)
+
+
+def _calls(n: int) -> str:
+    return "1 call" if n == 1 else f"{n} calls"
 
 
 def _dash(value: Any) -> str:

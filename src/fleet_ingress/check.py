@@ -105,7 +105,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
     try:
         fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
     except FleetsFileError as exc:
-        lines.append(str(exc))
+        lines += str(exc).splitlines()  # one line per bad fleets-file line
     else:
         if not fleets:
             lines.append(

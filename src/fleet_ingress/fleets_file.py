@@ -57,6 +57,7 @@ def parse_fleets_text(
     text: str, *, default_maxconn: int, source: str = "fleets file"
 ) -> list[FleetSpec]:
     specs: list[FleetSpec] = []
+    problems: list[str] = []  # every bad line, as the config check reports every problem
     name_lines: dict[str, int] = {}
     endpoint_lines: dict[tuple[str, int], int] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -77,9 +78,12 @@ def parse_fleets_text(
                     "give each fleet a unique name=NAME",
                 )
         except _BadToken as bad:
-            raise FleetsFileError(f"{source} line {lineno}: {bad.token!r} {bad.problem}") from None
+            problems.append(f"{source} line {lineno}: {bad.token!r} {bad.problem}")
+            continue
         name_lines[spec.name] = endpoint_lines[endpoint] = lineno
         specs.append(spec)
+    if problems:
+        raise FleetsFileError("\n".join(problems))
     return specs
 
 
