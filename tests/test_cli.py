@@ -129,3 +129,18 @@ def test_run_warns_at_start_when_fleet_certificates_are_not_checked(
             [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
         )
     assert "fleets.verify = false: fleet certificates are not checked" in done.stderr
+
+
+def test_a_listen_host_name_that_does_not_resolve_says_so():
+    import socket
+
+    import pytest
+
+    from fleet_ingress.server import ListenError, _listening
+
+    with pytest.raises(ListenError) as info, _listening("wss", "calls.invalid:8443"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    assert str(info.value) == (
+        "listen.wss = 'calls.invalid:8443': Name or service not known; "
+        "use an address or a host name this machine resolves"
+    )

@@ -223,6 +223,23 @@ async def test_admin_states_are_saved_in_the_fleets_file_and_hold_across_a_resta
     assert d.fleet("b").admin is Admin.READY and d.fleet("a").admin is Admin.READY
 
 
+async def test_a_reload_that_takes_a_fleet_out_of_maint_has_it_judged_afresh(
+    deployment: Deployment,
+):
+    d = deployment
+    d.ingress.ops.set_admin_state("a", "maint")
+    await d.fleets["a"].stop()  # while in MAINT (not probed) its server goes away
+    d.fleets_file.write_text(d.fleets_file.read_text().replace(" admin=maint", ""))
+    note = await d.ingress.reload(d.config_file)
+    assert "fleet a: admin MAINT -> READY" in note
+    fleet_a = d.fleet("a")
+    assert fleet_a.health is Health.INIT and fleet_a.reported_available is None
+    assert not fleet_a.up  # no call goes to it on the strength of its old verdict
+    ws = await d.call()
+    assert fleet_of(ws) == "b"
+    await ws.close()
+
+
 async def test_an_admin_state_that_cannot_be_saved_still_applies_and_says_so(
     deployment: Deployment,
 ):
@@ -459,6 +476,18 @@ async def test_add_fleet_rolls_back_when_the_fleet_never_reads_up_or_the_file_ca
     assert "cannot read the fleets file" in failed.value.message
     assert failed.value.message.endswith("rolled back")
     assert d.ingress.balancer.get("c") is None
+
+    # 3. The same fleet written into the file by hand meanwhile: no duplicate line.
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)
+    by_hand = before + f"{c.url} name=c-by-hand\n"
+    d.fleets_file.write_text(by_hand)
+    with pytest.raises(FleetChangeError) as failed:
+        await adding
+    assert failed.value.status == 409 and "is already listed on line" in failed.value.message
+    assert d.fleets_file.read_text() == by_hand and d.ingress.balancer.get("c") is None
 
 
 # -- 4. remove-fleet -------------------------------------------------------------------

@@ -60,6 +60,15 @@ class FleetState:
     def name(self) -> str:
         return self.spec.name
 
+    def set_admin(self, admin: Admin) -> None:
+        """A fleet leaving MAINT was not probed meanwhile: what it said before is
+        stale, so it starts over like a fleet just added (UP on its first passing
+        probe, capacity unknown; calls wait for it)."""
+        if self.admin is Admin.MAINT and admin is not Admin.MAINT:
+            self.health, self.health_streak = Health.INIT, 0
+            self.reported_available = None
+        self.admin = admin
+
     @property
     def maxconn(self) -> int:
         return self.spec.maxconn

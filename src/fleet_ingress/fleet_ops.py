@@ -77,12 +77,8 @@ class FleetOps:
             ) from None
         if fleet.removing and admin is not Admin.DRAIN:
             raise FleetChangeError(409, f"fleet {name!r} is being removed; it stays in DRAIN")
-        before, fleet.admin = fleet.admin, admin
-        if before is Admin.MAINT and admin is not Admin.MAINT:
-            # Not probed while in MAINT: what it said before is stale. It starts over
-            # like a fleet just added (UP on its first passing probe; calls wait for it).
-            fleet.health, fleet.health_streak = Health.INIT, 0
-            fleet.reported_available = None
+        before = fleet.admin
+        fleet.set_admin(admin)
         self.ingress.dispatcher.wake()
         saved = self._save_admin_state(fleet, admin)
         log.info(
@@ -205,6 +201,12 @@ class FleetOps:
                 new_text = text_with_fleet(
                     self._read_fleets_text(), spec, default_maxconn=default_maxconn
                 )
+                try:  # e.g. the same fleet written in by hand meanwhile
+                    parse_fleets_text(
+                        new_text, default_maxconn=default_maxconn, source=str(self.fleets_file)
+                    )
+                except FleetsFileError as exc:
+                    raise FleetChangeError(409, f"{exc} (after adding the fleet's line)") from None
                 backup = self._persist(new_text)
             except FleetChangeError as exc:
                 await self._drop(fleet)

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+import socket
 import ssl
 import time
 from collections import Counter
@@ -307,7 +308,7 @@ class Ingress:
             changed = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
             if changed and not fleet.removing:
                 notes.append(f"fleet {fleet.name}: admin {fleet.admin.value} -> {spec.admin.value}")
-                fleet.admin = spec.admin
+                fleet.set_admin(spec.admin)
             fleet.spec = spec
         for spec in wanted.values():
             if self.balancer.get(spec.name) is not None:
@@ -387,6 +388,12 @@ def _listening(key: str, address: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            raise ListenError(
+                exc.errno,
+                f"listen.{key} = {address!r}: {exc.strerror}; use an address or a "
+                "host name this machine resolves",
+            ) from None
         if exc.errno == errno.EADDRINUSE:
             port = address.rpartition(":")[2]
             hint = f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which)"
