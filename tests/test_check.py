@@ -106,7 +106,7 @@ def bad_listener(path: Path) -> None:
 
 BREAKAGES = [
     (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
-    (wrong_type, "{config}: timeouts.connect: Input should be a valid number"),
+    (wrong_type, "{config}: timeouts.connect: 'soon' is a string; write a number, unquoted"),
     (missing_cert, "{config}: tls.cert: cannot read {dir}/cert.pem: No such file or directory"),
     (
         mismatched_key,

@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import os
 import tomllib
+import types
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -341,14 +342,72 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+# What a TOML value must be for a field of each Python type. pydantic would turn
+# "no" into False or "32" into 32; a config file says what it means, so a quoted
+# number or a word for a boolean is a mistake to point out. (The environment stays
+# lax: its values are all strings.)
+_TOML_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "a whole number, unquoted"),
+    float: ((int, float), "a number, unquoted"),
+    str: ((str,), "a quoted string"),
+    Path: ((str,), "a quoted path"),
+    list: ((list,), "a list, e.g. [...]"),
+}
+_TOML_TYPE_NAMES = {bool: "a boolean", int: "a number", float: "a decimal number", str: "a string"}
+
+
+def _toml_kind(annotation: Any) -> tuple[tuple[type, ...], str] | None:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _toml_kind(get_args(annotation)[0])
+    if origin is Literal:
+        return (str,), "one of " + ", ".join(repr(v) for v in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        kinds = [_toml_kind(a) for a in get_args(annotation) if a is not type(None)]
+        return kinds[0] if len(kinds) == 1 else None
+    return _TOML_KINDS.get(origin or annotation)
+
+
+def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
+    """{"section.key": the problem's line} for values of the wrong TOML type."""
+    problems = {}
+    for section, values in data.items():
+        field = IngressConfig.model_fields.get(section)
+        if field is None or not isinstance(values, dict):
+            continue  # pydantic names these
+        model = field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for key, value in values.items():
+            key_field = model.model_fields.get(key)
+            kind = None if key_field is None else _toml_kind(key_field.annotation)
+            if kind is None or type(value) in kind[0]:
+                continue
+            what = _TOML_TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            dotted = f"{section}.{key}"
+            problems[dotted] = f"{source}: {dotted}: {shown} is {what}; write {kind[1]}"
+    return problems
+
+
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     if problems := _unknown_env_sections():
         raise ConfigError(problems)
+    toml_data: dict[str, Any] = {}
+    if load.toml_file is not None:
+        try:
+            toml_data = tomllib.loads(load.toml_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            pass  # reported below, as pydantic-settings reads the file
+    wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)
     token = _LOAD.set(load)
     try:
-        return IngressConfig(**data)
+        config = IngressConfig(**data)
     except ValidationError as exc:
-        raise ConfigError([_describe(error, source) for error in exc.errors()]) from None
+        others = [_describe(error, source) for error in exc.errors()]
+        # A key with a wrong type is named once, by the clearer of the two messages.
+        others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
+        raise ConfigError([*wrong_types.values(), *others]) from None
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -358,6 +417,9 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         raise ConfigError([f"{source}: {exc}"]) from None
     finally:
         _LOAD.reset(token)
+    if wrong_types:
+        raise ConfigError(list(wrong_types.values()))
+    return config
 
 
 def _describe(error: Any, source: str) -> str:
