@@ -34,7 +34,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from tests.head_oracle import ROUTER, check_forwarded, check_verdicts
+    from tests.head_oracle import ROUTER, check_accepted, check_verdicts
 
     from fleet_ingress.request_head import RequestRefused
 
@@ -85,7 +85,7 @@ def test_one_input(data: bytes) -> None:
     if verdict is None or isinstance(verdict, RequestRefused):
         return
     ROUTER.route(verdict.path.decode("latin-1"))
-    check_forwarded(verdict, limit)
+    check_accepted(verdict, limit)
 
 
 def main() -> None:

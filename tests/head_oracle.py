@@ -8,6 +8,8 @@ same invariants. No sockets.
   verdict: refused (400, or 431 only past the size limit), incomplete (no
   CRLF CRLF yet, within the limit), or the same head with the same bytes
   after it.
+- :func:`check_accepted`: an HTTP/1.0 head is never a call; an HTTP/1.1 one
+  goes to :func:`check_forwarded`.
 - :func:`check_forwarded`: an accepted head forwards as exactly one head, no
   control character but HTAB inside a line, that h11 as the fleet's server and
   the ingress's own check both read back to the same method, target and
@@ -108,6 +110,15 @@ def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
     for name, value in headers:
         out.setdefault(name.lower(), []).append(value)
     return out
+
+
+def check_accepted(head: RequestHead, max_head_bytes: int) -> bytes | None:
+    """An accepted head: an HTTP/1.0 one is never a call, so never forwarded (the
+    health route and port 80 answer it); an HTTP/1.1 one is checked as forwarded."""
+    if head.http_version != b"1.1":
+        assert head.http_version == b"1.0" and not head.is_websocket_upgrade, head
+        return None
+    return check_forwarded(head, max_head_bytes)
 
 
 def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
