@@ -28,9 +28,11 @@ from .fleets import free_port
 CLI = [sys.executable, "-m", "fleet_ingress"]
 
 
-def _write_cert(ca: trustme.CA, home: Path) -> str:
+def _write_cert(
+    ca: trustme.CA, home: Path, key_type: trustme.KeyType = trustme.KeyType.ECDSA
+) -> str:
     """Issue a fresh leaf into cert.pem/key.pem (as certbot's renewal does); its serial."""
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=key_type)
     cert, key = home / "cert.pem", home / "key.pem"
     tmp_cert, tmp_key = home / "cert.pem.new", home / "key.pem.new"
     tmp_cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
@@ -183,8 +185,9 @@ async def test_sighup_renews_cert_refuses_bad_config_and_changes_fleets_with_cal
         assert a.active_calls == 10 and b.active_calls == 10
         old_serial = await _peer_serial(service, tls_files)
 
-        # 1. certbot renewed: new handshakes see the new certificate.
-        new_serial = _write_cert(tls_files.ca, service.home).lstrip("0")
+        # 1. certbot renewed, from ECDSA to RSA (`--key-type rsa`): new handshakes see
+        # the new certificate, not the old ECDSA one beside it.
+        new_serial = _write_cert(tls_files.ca, service.home, trustme.KeyType.RSA).lstrip("0")
         assert new_serial != old_serial
         service.proc.send_signal(signal.SIGHUP)
         await service.wait_for("RELOADING=1")

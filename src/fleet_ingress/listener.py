@@ -61,11 +61,11 @@ class CarrierListener:
         self,
         sock: socket.socket,
         context: Callable[[], ProxyContext],
-        server_ssl: ssl.SSLContext,
+        server_ssl: Callable[[], ssl.SSLContext],
     ) -> None:
         self.sock = sock
         self.context = context  # read per connection: a reload swaps it
-        self.server_ssl = server_ssl
+        self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
         self._task: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
         self._warned_at: dict[str, float] = {}
@@ -138,7 +138,7 @@ class CarrierListener:
             await loop.connect_accepted_socket(
                 lambda: CarrierProtocol(ctx),
                 conn,
-                ssl=self.server_ssl,
+                ssl=self.server_ssl(),
                 # A handshake that never completes is a request that never came.
                 ssl_handshake_timeout=ctx.request_timeout,
             )

@@ -146,7 +146,9 @@ class Ingress:
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(listen.wss, what="listen.wss")
         with _listening("wss", listen.wss):
-            self._wss = CarrierListener(bind_tcp(host, port), lambda: self.ctx, self.server_ssl)
+            self._wss = CarrierListener(
+                bind_tcp(host, port), lambda: self.ctx, lambda: self.server_ssl
+            )
         self._wss.start()
         log.info(
             "listening",
@@ -244,7 +246,7 @@ class Ingress:
                 raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
             if config.tls.cert is None or config.tls.key is None:
                 raise ReloadRefused("tls.cert and tls.key must be set")
-            server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
+            server_ssl = server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
             )
@@ -262,11 +264,10 @@ class Ingress:
                     "listener not moved by a reload: restart to apply",
                     extra=fields(key=f"listen.{key}", listening=bound, configured=wanted),
                 )
-        # New handshakes get the new certificate; live TLS sessions keep theirs.
-        self.server_ssl.load_cert_chain(config.tls.cert, config.tls.key)
-        self.server_ssl.minimum_version = server_ssl_context(
-            config.tls.cert, config.tls.key, config.tls.min_version
-        ).minimum_version
+        # New handshakes get a new context, live TLS sessions keep theirs. A new one,
+        # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
+        # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
+        self.server_ssl = server_ssl
         self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.config = config
         self.ctx = self._proxy_context(config, fleet_ssl)
