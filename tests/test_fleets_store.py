@@ -1,6 +1,8 @@
 """Persisting fleet changes: comments kept, atomic replace, backup. No sockets."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,36 @@ def test_write_atomically_keeps_a_backup_and_leaves_no_temp(tmp_path: Path):
     assert backup == tmp_path / "fleets.txt.bak"
     assert path.read_text() == "two\n" and backup.read_text() == "one\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "fleets.txt.bak"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two users")
+def test_a_backup_left_by_another_user_is_replaced_not_written_into():
+    """`init --force` as root leaves a root-owned fleets.txt.bak; the service (another
+    user, with the directory writable) must still be able to keep its backup."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="fi-"))  # pytest's tmp_path is root's alone (0700)
+    base.chmod(0o755)
+    try:
+        home = base / "etc"
+        home.mkdir()
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        (home / "fleets.txt").write_text("current\n")
+        os.chown(home / "fleets.txt", nobody.pw_uid, nobody.pw_gid)
+        (home / "fleets.txt.bak").write_text("root's\n")  # root-owned, 0644
+        os.setegid(nobody.pw_gid)
+        os.seteuid(nobody.pw_uid)  # the service's user, for this write only
+        try:
+            write_atomically(home / "fleets.txt", "new\n")
+        finally:
+            os.seteuid(0)
+            os.setegid(0)
+        assert (home / "fleets.txt").read_text() == "new\n"
+        assert (home / "fleets.txt.bak").read_text() == "current\n"
+        assert (home / "fleets.txt.bak").stat().st_uid == nobody.pw_uid
+    finally:
+        shutil.rmtree(base)
 
 
 def test_a_failed_write_leaves_the_old_file(tmp_path: Path):

@@ -34,7 +34,15 @@ def write_atomically(
         if replace:
             if backup and path.exists():
                 kept = path.with_name(path.name + ".bak")
-                shutil.copy2(path, kept)
+                # Through a new file and a rename, like the file itself: an old backup
+                # owned by someone else (root, after `init --force`) is replaced, not
+                # written into.
+                kept_temp = path.with_name(f".{kept.name}.tmp-{os.getpid()}")
+                try:
+                    shutil.copy2(path, kept_temp)
+                    os.replace(kept_temp, kept)
+                finally:
+                    kept_temp.unlink(missing_ok=True)
             os.replace(temp, path)
         else:
             try:

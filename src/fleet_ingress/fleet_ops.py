@@ -133,8 +133,12 @@ class FleetOps:
         try:
             return write_atomically(self.fleets_file, text, backup=backup)
         except OSError as exc:
+            # Name the file that failed: the fleets file, its backup or a temporary file
+            # beside them (the directory must be writable by the service).
+            where = f" ({exc.filename})" if exc.filename else ""
             raise FleetChangeError(
-                500, f"cannot write the fleets file {self.fleets_file}: {exc.strerror or exc}"
+                500,
+                f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}",
             ) from None
 
     async def add_fleet(
