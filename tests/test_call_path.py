@@ -79,6 +79,21 @@ async def test_messages_fragments_ping_and_close_codes_pass_through(
 # -- 2. what the fleet sees --------------------------------------------------------------
 
 
+async def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_carriers_on_one_listener(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
+):
+    a, _ = ws_fleets
+    ingress = await start_ingress([a.line("a")], listen={"wss": "[::]:0"})
+    _, port = ingress.wss_address
+    for host in ("127.0.0.1", "[::1]"):
+        url = f"wss://{host}:{port}/ws/bot-1"
+        async with connect(url, ssl=tls_files.client_context(), server_hostname="localhost") as ws:
+            await ws.send(host)
+            assert await ws.recv() == host
+    # An IPv4 carrier is named as IPv4 to the fleet, not as "::ffff:127.0.0.1".
+    assert [r.headers["X-Forwarded-For"] for r in a.requests] == ["127.0.0.1", "::1"]
+
+
 async def test_a_fleet_named_by_host_name_gets_that_name_as_sni_and_host(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):

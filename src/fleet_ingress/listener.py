@@ -49,9 +49,13 @@ WARN_EVERY = 5.0
 
 
 def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A listening socket; "::" (the IPv6 wildcard) takes IPv4 too, as one socket."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    sock = socket.create_server(infos[0][4][:2], family=family, backlog=backlog)
+    dualstack = host == "::" and socket.has_dualstack_ipv6()
+    sock = socket.create_server(
+        infos[0][4][:2], family=family, backlog=backlog, dualstack_ipv6=dualstack
+    )
     sock.setblocking(False)
     return sock
 

@@ -173,7 +173,7 @@ class CarrierProtocol(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peername = transport.get_extra_info("peername")
-        self.client_ip = peername[0] if peername else "unknown"
+        self.client_ip = _client_ip(peername[0]) if peername else "unknown"
         registry = self.ctx.registry
         registry.connections.add(self)
         registry.connections_total += 1
@@ -400,6 +400,13 @@ def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
     if ctx.access_log:
         access_log.info("call ended", extra=fields(**call.access_record()))
     _break_cycles(call)
+
+
+def _client_ip(address: str) -> str:
+    """An IPv4 carrier on a dual-stack listener ("::ffff:203.0.113.7") as IPv4."""
+    if address.startswith("::ffff:") and "." in address:
+        return address.removeprefix("::ffff:")
+    return address
 
 
 def _break_cycles(call: Call) -> None:

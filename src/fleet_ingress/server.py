@@ -160,7 +160,7 @@ class Ingress:
             host, port = parse_hostport(listen.acme, what="listen.acme")
             with _listening("acme", listen.acme):
                 self._acme = await loop.create_server(
-                    lambda: AcmeProtocol(self._acme_settings), host, port, reuse_address=True
+                    lambda: AcmeProtocol(self._acme_settings), sock=bind_tcp(host, port)
                 )
             log.info("listening", extra=fields(listener="acme", address=self.acme_address))
         if listen.stats:
