@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .balancer import FleetState
+    from .dispatch import Lease
     from .proxy import CarrierProtocol, FleetProtocol, IdleWatch
 
 
@@ -44,7 +45,8 @@ class Call:
     id: int = field(default_factory=lambda: next(_ids))
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
-    fleet: FleetState | None = None  # holds a slot there while set
+    fleet: FleetState | None = None  # of the last attempt (the access log's "fleet")
+    lease: Lease | None = None  # the slot held now, if any (on `fleet`)
     fleet_side: FleetProtocol | None = None
     attempts: int = 0
     status: int | None = None  # what the carrier was answered
@@ -149,7 +151,12 @@ class Registry:
         return [c for c in self.calls if c.in_tunnel]
 
     def calls_on(self, fleet_name: str) -> list[Call]:
-        return [c for c in self.calls if c.fleet is not None and c.fleet.name == fleet_name]
+        """Calls holding a slot on the fleet now (not those that only tried it)."""
+        return [
+            c
+            for c in self.calls
+            if c.lease is not None and c.lease.held and c.lease.fleet.name == fleet_name
+        ]
 
     def buffered_bytes(self) -> int:
         """Bytes the ingress holds for all connections (flow-control bound)."""

@@ -284,6 +284,10 @@ class FleetOps:
         """Take a removed fleet out once it carries no call."""
         if fleet.removing and fleet.active == 0 and fleet in self.ingress.balancer.fleets:
             self.ingress.balancer.fleets.remove(fleet)
+            # Its probes stop now, not in a task that could run after a fleet of the same
+            # name (moved to a new address) has started probing.
+            if self.ingress.poller is not None:
+                self.ingress.poller.stop_probing(fleet)
             asyncio.get_running_loop().create_task(self._forget(fleet))
             if (gone := self._gone.pop(fleet.name, None)) is not None:
                 gone.set()
@@ -296,5 +300,6 @@ class FleetOps:
 
     async def _forget(self, fleet: FleetState) -> None:
         if self.ingress.poller is not None:
-            await self.ingress.poller.stop(fleet.name)
-        self.ingress.metrics.fleet_removed(fleet.name)
+            await self.ingress.poller.stop(fleet)
+        if self.ingress.balancer.get(fleet.name) is None:  # not replaced by a moved fleet
+            self.ingress.metrics.fleet_removed(fleet.name)

@@ -107,19 +107,31 @@ class HealthPoller:
         self._probed = asyncio.Condition()  # notified after every recorded probe
 
     def start(self, fleet: FleetState) -> None:
-        if fleet.name not in self._loops:
-            self._fleets[fleet.name] = fleet
-            self._first_probe[fleet.name] = asyncio.Event()
-            self._loops[fleet.name] = asyncio.get_running_loop().create_task(
-                self._run(fleet), name=f"health:{fleet.name}"
-            )
+        if self._fleets.get(fleet.name) is fleet:
+            return
+        # A fleet record of the same name still probed (an old address, going away):
+        # this one replaces it at once.
+        if (old := self._fleets.get(fleet.name)) is not None:
+            self.stop_probing(old)
+        self._fleets[fleet.name] = fleet
+        self._first_probe[fleet.name] = asyncio.Event()
+        self._loops[fleet.name] = asyncio.get_running_loop().create_task(
+            self._run(fleet), name=f"health:{fleet.name}"
+        )
 
-    async def stop(self, name: str) -> None:
-        task = self._loops.pop(name, None)
-        self._first_probe.pop(name, None)
-        self._fleets.pop(name, None)
-        if task is not None:
-            task.cancel()
+    def stop_probing(self, fleet: FleetState) -> asyncio.Task[None] | None:
+        """Stop probing this fleet record (never another one of the same name, such as
+        the fleet that replaced it); returns the cancelled loop, to be awaited."""
+        if self._fleets.get(fleet.name) is not fleet:
+            return None
+        del self._fleets[fleet.name]
+        self._first_probe.pop(fleet.name, None)
+        task = self._loops.pop(fleet.name)
+        task.cancel()
+        return task
+
+    async def stop(self, fleet: FleetState) -> None:
+        if (task := self.stop_probing(fleet)) is not None:
             await asyncio.gather(task, return_exceptions=True)
 
     async def wait_first_probes(self, timeout: float) -> bool:
@@ -164,8 +176,8 @@ class HealthPoller:
                 )
 
     async def close(self) -> None:
-        for name in list(self._loops):
-            await self.stop(name)
+        for fleet in list(self._fleets.values()):
+            await self.stop(fleet)
 
     async def _run(self, fleet: FleetState) -> None:
         loop = asyncio.get_running_loop()

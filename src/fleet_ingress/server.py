@@ -44,6 +44,9 @@ from .tls import (
 
 log = logging.getLogger("fleet_ingress.server")
 
+# After the drain, how long closed calls may take to finish their TLS close.
+CLOSE_AT_STOP_TIMEOUT = 1.0
+
 
 class Ingress:
     """One ingress process's serving state, built from a config and fleets."""
@@ -273,14 +276,14 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self.dispatcher.queue_timeout = config.timeouts.queue
         self.dispatcher.max_queue = config.limits.max_queue
-        notes += self._apply_fleets(specs, config)
+        notes += self.apply_fleets(specs, config)
         if self.poller is not None:
             await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
         self.dispatcher.wake()
         self.reloads["applied"] += 1
         return "; ".join(notes) or "no fleet changes"
 
-    def _apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
+    def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
         """Fleets diff: new ones start probing, removed ones drain, maxconn applies at once."""
         notes: list[str] = []
         wanted = {spec.name: spec for spec in specs}
@@ -307,7 +310,11 @@ class Ingress:
             # The file's admin state applies when the file changed it (an operator's
             # edit); otherwise the live state stays (it was saved to the file).
             changed = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
-            if changed and not fleet.removing:
+            if fleet.removing:  # listed again while it drained: it stays
+                fleet.removing = False
+                fleet.set_admin(spec.admin)
+                notes.append(f"fleet {fleet.name} listed again: kept, {spec.admin.value}")
+            elif changed:
                 notes.append(f"fleet {fleet.name}: admin {fleet.admin.value} -> {spec.admin.value}")
                 fleet.set_admin(spec.admin)
             fleet.spec = spec
@@ -365,8 +372,19 @@ class Ingress:
             call.carrier.close()
             if call.fleet_side is not None:
                 call.fleet_side.close()
+        # Each call ends (and is logged) once both its sides are gone: give the TLS
+        # close a moment, then cut what is left, so that no call goes unrecorded.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_AT_STOP_TIMEOUT):
+                await self.registry.wait_no_calls()
+        for call in list(self.registry.calls):
+            call.carrier.abort()
+            if call.fleet_side is not None:
+                call.fleet_side.abort()
         for conn in list(self.registry.connections):
             conn.abort()
+        for _ in range(3):  # abort's connection_lost callbacks run on the next turns
+            await asyncio.sleep(0)
         if self.poller is not None:
             await self.poller.close()
         for runner in self._web_runners:
