@@ -327,6 +327,7 @@ async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
         (b"GET /unknown/path HTTP/1.1\r\nHost: x\r\n\r\n", 404),
         (UPGRADE.format(path="/ws/x").replace("GET", "POST").encode(), 400),
         (b"GET /ws/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /ws/x HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n", 400),
         (b"GET /ws/x HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20480 + b"\r\n\r\n", 431),
         (b"\x00\x01garbage\r\n\r\n", 400),
     ],

@@ -369,6 +369,13 @@ def request_heads(draw: st.DrawFn) -> bytes:
 )
 # Always tried: an HTTP/1.0 upgrade is read (monitors probe with 1.0) but is never a call.
 @example(raw=with_version(b"HTTP/1.0"), trailing=b"", cuts=[7], limit=16384)
+# Found by the atheris harness: Upgrade without Connection: Upgrade is no call (400).
+@example(
+    raw=b"GET /ws/bot-1 HTTP/1.1\r\nHost:\tchunked\r\nUpgrade:\twebsocket\r\nX-Trace: a\r\n\r\n",
+    trailing=b"",
+    cuts=[],
+    limit=16384,
+)
 def test_heads_are_refused_400_431_or_forwarded_in_a_shape_that_reparses_the_same(
     raw: bytes, trailing: bytes, cuts: list[int], limit: int
 ):
