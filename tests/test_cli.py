@@ -136,9 +136,9 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
 
     import pytest
 
-    from fleet_ingress.server import ListenError, _listening
+    from fleet_ingress.listener import ListenError, bind_errors_named
 
-    with pytest.raises(ListenError) as info, _listening("wss", "calls.invalid:8443"):
+    with pytest.raises(ListenError) as info, bind_errors_named("wss", "calls.invalid:8443"):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     assert str(info.value) == (
         "listen.wss = 'calls.invalid:8443': Name or service not known; "

@@ -45,8 +45,7 @@ class Call:
     id: int = field(default_factory=lambda: next(_ids))
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
-    fleet: FleetState | None = None  # of the last attempt (the access log's "fleet")
-    lease: Lease | None = None  # the slot held now, if any (on `fleet`)
+    lease: Lease | None = None  # the last attempt's slot (held while `lease.held`)
     fleet_side: FleetProtocol | None = None
     attempts: int = 0
     status: int | None = None  # what the carrier was answered
@@ -56,6 +55,11 @@ class Call:
     ended_mono: float | None = None
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     idle_watch: IdleWatch | None = None
+
+    @property
+    def fleet(self) -> FleetState | None:
+        """The fleet of the last attempt (the access log's "fleet")."""
+        return None if self.lease is None else self.lease.fleet
 
     @property
     def in_tunnel(self) -> bool:

@@ -12,13 +12,15 @@ TLS: from there on, the call path is the same as with create_server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .logs import fields
 from .proxy import CarrierProtocol, ProxyContext
@@ -58,6 +60,42 @@ def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     )
     sock.setblocking(False)
     return sock
+
+
+class ListenError(OSError):
+    """A listener could not bind; the message names the config key and the fix."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+@contextlib.contextmanager
+def bind_errors_named(key: str, address: str) -> Iterator[None]:
+    """Around binding the listener of config key `listen.<key>`: an OSError becomes a
+    ListenError naming the key, the address, the reason and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):
+            raise ListenError(
+                exc.errno,
+                f"listen.{key} = {address!r}: {exc.strerror}; use an address or a "
+                "host name this machine resolves",
+            ) from None
+        if exc.errno == errno.EADDRINUSE:
+            port = address.rpartition(":")[2]
+            hint = f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which)"
+        elif exc.errno == errno.EACCES:
+            hint = "a port below 1024 needs root or CAP_NET_BIND_SERVICE (the unit file grants it)"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "no interface of this machine has that address"
+        else:
+            hint = "check the address"
+        raise ListenError(
+            exc.errno,
+            f"listen.{key} = {address!r}: cannot listen: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}; {hint}",
+        ) from None
 
 
 class CarrierListener:

@@ -445,15 +445,15 @@ async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> Non
                 else:
                     carrier.answer(*GIVE_UP_ANSWER[failure])
                 return
-            if lease.fleet.removing or lease.fleet.admin is not Admin.READY:
-                # Drained or removed between the queue's hand-off and this turn.
+            if lease.fleet.admin is not Admin.READY:
+                # Drained (or removed) between the queue's hand-off and this turn.
                 lease.release()
                 continue
             if retried_from is not None and retried_from is not lease.fleet:
                 retried_from.redispatches += 1
             retried_from = None
             call.attempts += 1
-            call.fleet, call.lease = lease.fleet, lease
+            call.lease = lease
             tried.append(lease.fleet.name)
             try:
                 fleet_side = await _attempt(ctx, call, head, lease)

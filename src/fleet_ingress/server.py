@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
-import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from .config import ConfigError, IngressConfig, load_config
 from .dispatch import Dispatcher
 from .fleet_ops import FleetOps
 from .fleets_file import FleetsFileError, FleetSpec, load_fleets_file
-from .listener import CarrierListener, bind_tcp
+from .listener import CarrierListener, bind_errors_named, bind_tcp
 from .logs import fields
 from .metrics import IngressMetrics
 from .poller import HealthPoller, ProbeSettings
@@ -148,7 +145,7 @@ class Ingress:
         listen = self.config.listen
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(listen.wss, what="listen.wss")
-        with _listening("wss", listen.wss):
+        with bind_errors_named("wss", listen.wss):
             self._wss = CarrierListener(
                 bind_tcp(host, port), lambda: self.ctx, lambda: self.server_ssl
             )
@@ -161,14 +158,14 @@ class Ingress:
         )
         if listen.acme:
             host, port = parse_hostport(listen.acme, what="listen.acme")
-            with _listening("acme", listen.acme):
+            with bind_errors_named("acme", listen.acme):
                 self._acme = await loop.create_server(
                     lambda: AcmeProtocol(self._acme_settings), sock=bind_tcp(host, port)
                 )
             log.info("listening", extra=fields(listener="acme", address=self.acme_address))
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
-            with _listening("stats", listen.stats):
+            with bind_errors_named("stats", listen.stats):
                 runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
@@ -378,10 +375,9 @@ class Ingress:
             async with asyncio.timeout(CLOSE_AT_STOP_TIMEOUT):
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
-            call.carrier.abort()
             if call.fleet_side is not None:
                 call.fleet_side.abort()
-        for conn in list(self.registry.connections):
+        for conn in list(self.registry.connections):  # every carrier, with or without a call
             conn.abort()
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
             await asyncio.sleep(0)
@@ -393,40 +389,6 @@ class Ingress:
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         await asyncio.sleep(0)
-
-
-class ListenError(OSError):
-    """A listener could not bind; the message names the config key and the fix."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-@contextlib.contextmanager
-def _listening(key: str, address: str) -> Iterator[None]:
-    try:
-        yield
-    except OSError as exc:
-        if isinstance(exc, socket.gaierror):
-            raise ListenError(
-                exc.errno,
-                f"listen.{key} = {address!r}: {exc.strerror}; use an address or a "
-                "host name this machine resolves",
-            ) from None
-        if exc.errno == errno.EADDRINUSE:
-            port = address.rpartition(":")[2]
-            hint = f"another process listens there (`ss -ltnp 'sport = :{port}'` shows which)"
-        elif exc.errno == errno.EACCES:
-            hint = "a port below 1024 needs root or CAP_NET_BIND_SERVICE (the unit file grants it)"
-        elif exc.errno == errno.EADDRNOTAVAIL:
-            hint = "no interface of this machine has that address"
-        else:
-            hint = "check the address"
-        raise ListenError(
-            exc.errno,
-            f"listen.{key} = {address!r}: cannot listen: "
-            f"{os.strerror(exc.errno) if exc.errno else exc}; {hint}",
-        ) from None
 
 
 class ReloadRefused(Exception):
