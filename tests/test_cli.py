@@ -144,3 +144,17 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
         "listen.wss = 'calls.invalid:8443': Name or service not known; "
         "use an address or a host name this machine resolves"
     )
+
+
+def test_a_listen_address_no_interface_has_says_so():
+    import pytest
+
+    from fleet_ingress.listener import ListenError, bind_errors_named, bind_tcp
+
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: the bind fails, nothing is sent.
+    with pytest.raises(ListenError) as info, bind_errors_named("stats", "192.0.2.1:8404"):
+        bind_tcp("192.0.2.1", 0)
+    assert str(info.value) == (
+        "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
+        "no interface of this machine has that address"
+    )
