@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 with atheris.instrument_imports():
     from tests.head_oracle import ROUTER, check_accepted, check_verdicts
 
-    from fleet_ingress.request_head import RequestRefused
+    from fleet_ingress.core.request_head import RequestRefused
 
 # Index 0 of each list is the valid choice: an exhausted input picks it.
 METHODS = [b"GET", b"GET", b"POST", b"HEAD", b"get", b"CONNECT"]

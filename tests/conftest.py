@@ -14,9 +14,9 @@ import pytest
 import trustme
 import uvloop
 
-from fleet_ingress.config import config_from_dict
-from fleet_ingress.fleets_file import parse_fleets_text
-from fleet_ingress.server import Ingress
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.service.ingress import Ingress
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

@@ -24,15 +24,15 @@ import re
 
 import h11
 
-from fleet_ingress.fleet_exchange import FleetExchange
-from fleet_ingress.forwarding import fleet_request_headers
-from fleet_ingress.request_head import (
+from fleet_ingress.core.fleet_exchange import FleetExchange
+from fleet_ingress.core.forwarding import fleet_request_headers
+from fleet_ingress.core.request_head import (
     RequestHead,
     RequestHeadReader,
     RequestRefused,
     parse_request_head,
 )
-from fleet_ingress.routing import Router
+from fleet_ingress.core.routing import Router
 
 # Set by the ingress, or hop-by-hop (and the proxy-* pair). Stated here on
 # their own, not imported, so that a change to the ingress's sets shows up.

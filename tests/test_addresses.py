@@ -1,6 +1,6 @@
 import pytest
 
-from fleet_ingress.addresses import format_hostport, parse_hostport, split_hostport
+from fleet_ingress.core.addresses import format_hostport, parse_hostport, split_hostport
 
 
 @pytest.mark.parametrize(

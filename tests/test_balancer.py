@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from fleet_ingress.balancer import Admin, Balancer, Health, Verdict
-from fleet_ingress.fleets_file import parse_fleets_text
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Admin, Balancer, Health, Verdict
 
 
 def _balancer(text: str = "https://a.test name=a\nhttps://b.test name=b\n", maxconn: int = 16):

@@ -441,7 +441,7 @@ async def test_plain_http_on_the_tls_port_is_dropped_and_calls_go_on(
 async def test_flow_control_bounds_what_the_ingress_buffers(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    from fleet_ingress.proxy import MAX_BUFFERED_PER_CALL
+    from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL
 
     total = 50 * 1024 * 1024
     received = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fleet_ingress.proxy import MAX_BUFFERED_PER_CALL
+from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL
 
 from .conftest import StartIngress, TLSFiles
 from .fleets import RawFleet, WsFleet, read_head

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from fleet_ingress.check import WARNING, check_configuration, run_check
-from fleet_ingress.config import IngressConfig, load_config
+from fleet_ingress.config.check import WARNING, check_configuration, run_check
+from fleet_ingress.config.settings import IngressConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "ingress.toml"
 GOOD_TOML = """\

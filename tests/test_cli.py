@@ -136,7 +136,7 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
 
     import pytest
 
-    from fleet_ingress.listener import ListenError, bind_errors_named
+    from fleet_ingress.net.listener import ListenError, bind_errors_named
 
     with pytest.raises(ListenError) as info, bind_errors_named("wss", "calls.invalid:8443"):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -149,7 +149,7 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
 def test_a_listen_address_no_interface_has_says_so():
     import pytest
 
-    from fleet_ingress.listener import ListenError, bind_errors_named, bind_tcp
+    from fleet_ingress.net.listener import ListenError, bind_errors_named, bind_tcp
 
     # 192.0.2.1 (TEST-NET-1) is on no interface here: the bind fails, nothing is sent.
     with pytest.raises(ListenError) as info, bind_errors_named("stats", "192.0.2.1:8404"):

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from fleet_ingress.config import ConfigError, IngressConfig, config_from_dict, load_config
+from fleet_ingress.config.settings import ConfigError, IngressConfig, config_from_dict, load_config
 
 
 @pytest.fixture(autouse=True)

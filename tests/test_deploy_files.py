@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import pytest
 
-from fleet_ingress.config import ListenSection, TimeoutsSection
+from fleet_ingress.config.settings import ListenSection, TimeoutsSection
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -26,7 +26,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
-from fleet_ingress.server import Ingress
+from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
 
 from .conftest import StartIngress, TLSFiles, wss_url

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from fleet_ingress.balancer import Balancer, Health
-from fleet_ingress.dispatch import Dispatcher, NoFleetAvailable
-from fleet_ingress.fleets_file import parse_fleets_text
-from fleet_ingress.retry import Failure, RetryPolicy
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer, Health
+from fleet_ingress.core.retry import Failure, RetryPolicy
+from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 
 
 def _dispatcher(maxconn=1, queue_timeout=1.0, max_queue=8):

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 from websockets.asyncio.client import connect
 
-from fleet_ingress.balancer import Health
-from fleet_ingress.calls import EndReason
-from fleet_ingress.fleets_file import parse_fleets_text
-from fleet_ingress.server import Ingress
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Health
+from fleet_ingress.net.calls import EndReason
+from fleet_ingress.service.ingress import Ingress
 
 from .conftest import StartIngress, TLSFiles, wss_url
 from .fleets import RawFleet, WsFleet, never_answer, read_head

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fleet_ingress.fleet_exchange import FleetExchange, Progress, ResponseError
+from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
 
 HEADERS = [(b"Host", b"f"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from fleet_ingress.fleets_file import (
+from fleet_ingress.config.fleets_file import (
     Admin,
     FleetsFileError,
     FleetSpec,

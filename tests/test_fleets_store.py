@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet_ingress.atomic import FileExists, write_atomically
-from fleet_ingress.fleets_file import Admin, FleetsFileError, parse_fleets_text
-from fleet_ingress.fleets_store import (
+from fleet_ingress.config.atomic import FileExists, write_atomically
+from fleet_ingress.config.fleets_file import Admin, FleetsFileError, parse_fleets_text
+from fleet_ingress.config.fleets_store import (
     FleetNotListed,
     text_with_admin_state,
     text_with_fleet,

@@ -1,8 +1,8 @@
 """The head a fleet receives, rebuilt from parsed fields (no sockets)."""
 
-from fleet_ingress.fleet_exchange import FleetExchange
-from fleet_ingress.forwarding import fleet_request_headers
-from fleet_ingress.request_head import parse_request_head
+from fleet_ingress.core.fleet_exchange import FleetExchange
+from fleet_ingress.core.forwarding import fleet_request_headers
+from fleet_ingress.core.request_head import parse_request_head
 
 
 def _head(extra: bytes = b""):

@@ -4,7 +4,7 @@ import platform
 
 import pytest
 
-from fleet_ingress import glibc_malloc
+from fleet_ingress.service import glibc_malloc
 
 
 def _rss_kib() -> int:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from fleet_ingress.balancer import Health
-from fleet_ingress.health import observe
+from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import observe
 
 UP, DOWN, INIT = Health.UP, Health.DOWN, Health.INIT
 

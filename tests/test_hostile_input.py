@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from fleet_ingress.request_head import RequestRefused
-from fleet_ingress.server import Ingress
+from fleet_ingress.core.request_head import RequestRefused
+from fleet_ingress.service.ingress import Ingress
 
 from .conftest import StartIngress, TLSFiles, wss_url
 from .fleets import RawFleet, WsFleet, free_port

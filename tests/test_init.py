@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from fleet_ingress.check import run_check
-from fleet_ingress.fleets_file import parse_fleets_text
-from fleet_ingress.init_deploy import (
+from fleet_ingress.config.check import run_check
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.config.init_deploy import (
     CHECK_FAILED,
     NOT_WRITTEN,
     OK,
@@ -28,7 +28,7 @@ from fleet_ingress.init_deploy import (
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_DIR = ROOT / "config"
-PACKAGED_DIR = ROOT / "src" / "fleet_ingress" / "templates"
+PACKAGED_DIR = ROOT / "src" / "fleet_ingress" / "config" / "templates"
 DOMAIN = "calls.example.com"
 FLEETS = ["https://fleet1.example.com", "https://fleet2.example.com:8443"]
 

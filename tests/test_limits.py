@@ -24,9 +24,9 @@ from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from fleet_ingress.balancer import Health
-from fleet_ingress.probe import MAX_HEALTH_BODY
-from fleet_ingress.proxy import (
+from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.probe import MAX_HEALTH_BODY
+from fleet_ingress.net.proxy import (
     MAX_BUFFERED_PER_CALL,
     MAX_EARLY_BYTES,
     MAX_READ_CHUNK,

@@ -21,12 +21,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from fleet_ingress.balancer import Admin, Health
-from fleet_ingress.config import config_from_dict
-from fleet_ingress.fleet_ops import FleetChangeError
-from fleet_ingress.fleets_file import load_fleets_file
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.core.balancer import Admin, Health
 from fleet_ingress.logs import JsonFormatter
-from fleet_ingress.server import Ingress, ReloadRefused
+from fleet_ingress.ops.fleet_ops import FleetChangeError
+from fleet_ingress.service.ingress import Ingress, ReloadRefused
 from fleet_ingress.sim import SimulatedFleet, run_call
 
 from .conftest import TLSFiles, wss_url

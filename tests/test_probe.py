@@ -2,7 +2,7 @@
 
 import pytest
 
-from fleet_ingress.probe import judge_health_response
+from fleet_ingress.core.probe import judge_health_response
 
 KEY = "fleet_available"
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fleet_ingress.request_head import RequestHeadReader, RequestRefused, parse_request_head
+from fleet_ingress.core.request_head import RequestHeadReader, RequestRefused, parse_request_head
 
 UPGRADE = (
     b"GET /ws/bot-1?call=42&lang=en HTTP/1.1\r\n"

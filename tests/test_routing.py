@@ -1,6 +1,6 @@
 import pytest
 
-from fleet_ingress.routing import RouteKind, Router
+from fleet_ingress.core.routing import RouteKind, Router
 
 ROUTER = Router(["/ws/", "/exotel/"], "/haproxy-health")
 

@@ -11,7 +11,7 @@ start-up (``sitecustomize``) in the fleet-ingress process. Then:
   writes ``NAME.json`` (glibc ``mallinfo2``, RSS by mapping, live objects by
   type, tracemalloc totals) and, with tracemalloc on, ``NAME.snapshot``.
 
-- ``BENCH_PATCH_BUFFERED=1`` turns fleet_ingress.proxy's ``_Side`` (both call
+- ``BENCH_PATCH_BUFFERED=1`` turns fleet_ingress.net.proxy's ``_Side`` (both call
   sides) into an ``asyncio.BufferedProtocol`` reading into one buffer shared by
   every connection, each read copied out and handed to its ``data_received``:
   the change bench/README.md proposes, tried on the real ingress without
@@ -114,10 +114,10 @@ def _watch(directory: str) -> None:
 
 
 class _PatchProxy:
-    """Import hook: patch fleet_ingress.proxy right after it is executed."""
+    """Import hook: patch fleet_ingress.net.proxy right after it is executed."""
 
     def find_spec(self, name: str, path: object, target: object = None) -> object:
-        if name != "fleet_ingress.proxy":
+        if name != "fleet_ingress.net.proxy":
             return None
         import importlib.util
         import sys

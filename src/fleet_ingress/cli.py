@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from . import __version__
+from fleet_ingress import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
 
-    from .init_deploy import add_init_arguments
+    from fleet_ingress.config.init_deploy import add_init_arguments
 
     add_init_arguments(
         sub.add_parser("init", help="write one deployment's ingress.toml and fleets.txt")
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "check":
-        from .check import run_body_check, run_check
+        from fleet_ingress.config.check import run_body_check, run_check
 
         if args.body is not None:
             if args.probe:
@@ -99,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return run_check(args.config, probe=args.probe)
     if args.command == "init":
-        from .init_deploy import main_init
+        from fleet_ingress.config.init_deploy import main_init
 
         return main_init(args)
     if args.command in ADMIN_COMMANDS:
         return _admin(args)
     if args.command == "demo":
-        from .demo import run_demo
+        from fleet_ingress.demo import run_demo
 
         return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
@@ -121,8 +121,8 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
     import os
     import tomllib
 
-    from .admin_client import DEFAULT_ADMIN_SOCKET
-    from .config import ENV_PREFIX
+    from fleet_ingress.config.settings import ENV_PREFIX
+    from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET
 
     override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
     if override is not None:
@@ -141,11 +141,11 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from .admin_client import DEFAULT_ADMIN_SOCKET, run_admin
+    from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET, run_admin
 
     socket_path = args.admin_socket or DEFAULT_ADMIN_SOCKET
     if args.config is not None:
-        from .config import ConfigError, load_config
+        from fleet_ingress.config.settings import ConfigError, load_config
 
         try:
             configured = load_config(args.config).listen.admin_socket
@@ -196,7 +196,7 @@ def _raise_descriptor_limit(max_connections: int) -> None:
     import logging
     import resource
 
-    from .logs import fields
+    from fleet_ingress.logs import fields
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -217,13 +217,13 @@ def _raise_descriptor_limit(max_connections: int) -> None:
 def _run(config_path: Path) -> int:
     import uvloop
 
-    from . import glibc_malloc
-    from .config import ConfigError, load_config
-    from .fleets_file import FleetsFileError, load_fleets_file
-    from .lifecycle import run_service
-    from .logs import configure_logging
-    from .server import Ingress
-    from .tls import TLSSetupError
+    from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
+    from fleet_ingress.config.settings import ConfigError, load_config
+    from fleet_ingress.logs import configure_logging
+    from fleet_ingress.net.tls import TLSSetupError
+    from fleet_ingress.service import glibc_malloc
+    from fleet_ingress.service.ingress import Ingress
+    from fleet_ingress.service.lifecycle import run_service
 
     try:
         config = load_config(config_path)

@@ -17,11 +17,11 @@ from typing import Any, TextIO
 import trustme
 import uvloop
 
-from .config import config_from_dict
-from .fleets_file import parse_fleets_text
-from .logs import configure_logging
-from .server import Ingress
-from .sim import PROFILES, SimulatedFleet, run_calls, summarize
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.logs import configure_logging
+from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.sim import PROFILES, SimulatedFleet, run_calls, summarize
 
 FLEET_CAPACITY = 16
 

@@ -14,30 +14,30 @@ from typing import Any
 
 from aiohttp import web
 
-from .acme import AcmeProtocol, AcmeSettings
-from .addresses import parse_hostport
-from .admin_server import admin_app, bind_admin_socket
-from .balancer import Admin, Balancer, FleetState, Health
-from .calls import EndReason, Registry
-from .config import ConfigError, IngressConfig, load_config
-from .dispatch import Dispatcher
-from .fleet_ops import FleetOps
-from .fleets_file import FleetsFileError, FleetSpec, load_fleets_file
-from .listener import CarrierListener, bind_errors_named, bind_tcp
-from .logs import fields
-from .metrics import IngressMetrics
-from .poller import HealthPoller, ProbeSettings
-from .proxy import ProxyContext
-from .retry import RetryPolicy
-from .routing import Router
-from .snapshot import snapshot
-from .stats_server import stats_app
-from .tls import (
+from fleet_ingress.config.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.balancer import Admin, Balancer, FleetState, Health
+from fleet_ingress.core.retry import RetryPolicy
+from fleet_ingress.core.routing import Router
+from fleet_ingress.logs import fields
+from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
+from fleet_ingress.net.calls import EndReason, Registry
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
+from fleet_ingress.net.poller import HealthPoller, ProbeSettings
+from fleet_ingress.net.proxy import ProxyContext
+from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
     fleet_ssl_context,
     server_ssl_context,
 )
+from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.ops.fleet_ops import FleetOps
+from fleet_ingress.ops.metrics import IngressMetrics
+from fleet_ingress.ops.snapshot import snapshot
+from fleet_ingress.ops.stats_server import stats_app
 
 log = logging.getLogger("fleet_ingress.server")
 

@@ -7,7 +7,7 @@ into its head cannot reach the fleet in a shape the fleet reads differently.
 
 from __future__ import annotations
 
-from .request_head import Header, RequestHead
+from fleet_ingress.core.request_head import Header, RequestHead
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1) belong to the carrier's
 # connection, not to the fleet's. Connection and Upgrade are re-sent below for

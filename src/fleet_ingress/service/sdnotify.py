@@ -10,7 +10,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-from .logs import fields
+from fleet_ingress.logs import fields
 
 log = logging.getLogger("fleet_ingress.systemd")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fleet_ingress.addresses import format_hostport, split_hostport
+from fleet_ingress.core.addresses import format_hostport, split_hostport
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _URL_FORM = "write it as https://HOST[:PORT]"

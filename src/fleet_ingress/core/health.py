@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 
-from .balancer import Health
+from fleet_ingress.core.balancer import Health
 
 
 class Event(enum.Enum):

@@ -32,7 +32,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from fleet_ingress.addresses import parse_hostport
+from fleet_ingress.core.addresses import parse_hostport
 
 ENV_PREFIX = "FLEET_INGRESS_"
 RETRY_WORDS = ("conn-failure", "empty-response", "junk-response", "response-timeout")

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .stats_page import render_stats_page
+from fleet_ingress.ops.stats_page import render_stats_page
 
 if TYPE_CHECKING:
-    from .server import Ingress
+    from fleet_ingress.service.ingress import Ingress
 
 
 def stats_app(ingress: Ingress) -> web.Application:

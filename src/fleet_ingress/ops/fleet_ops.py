@@ -13,21 +13,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import write_atomically
-from .balancer import Admin, FleetState, Health
-from .calls import EndReason
-from .fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
-from .fleets_store import (
+from fleet_ingress.config.atomic import write_atomically
+from fleet_ingress.config.fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
+from fleet_ingress.config.fleets_store import (
     FleetNotListed,
     text_with_admin_state,
     text_with_fleet,
     text_without_fleet,
 )
-from .logs import fields
-from .poller import health_session, probe_fleet
+from fleet_ingress.core.balancer import Admin, FleetState, Health
+from fleet_ingress.logs import fields
+from fleet_ingress.net.calls import EndReason
+from fleet_ingress.net.poller import health_session, probe_fleet
 
 if TYPE_CHECKING:
-    from .server import Ingress
+    from fleet_ingress.service.ingress import Ingress
 
 log = logging.getLogger("fleet_ingress.admin")
 

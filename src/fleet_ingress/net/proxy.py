@@ -19,16 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .balancer import Admin, FleetState
-from .calls import Call, EndReason, Registry
-from .dispatch import Dispatcher, Lease, NoFleetAvailable
-from .fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
-from .forwarding import fleet_request_headers
-from .logs import fields
-from .request_head import RequestHead, RequestHeadReader, RequestRefused
-from .responses import local_response
-from .retry import GIVE_UP_ANSWER, Failure, RetryPolicy
-from .routing import RouteKind, Router
+from fleet_ingress.core.balancer import Admin, FleetState
+from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
+from fleet_ingress.core.forwarding import fleet_request_headers
+from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
+from fleet_ingress.core.responses import local_response
+from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
+from fleet_ingress.core.routing import RouteKind, Router
+from fleet_ingress.logs import fields
+from fleet_ingress.net.calls import Call, EndReason, Registry
+from fleet_ingress.net.dispatch import Dispatcher, Lease, NoFleetAvailable
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import __version__
-from .balancer import Balancer, FleetState
-from .calls import Registry
-from .dispatch import Dispatcher
+from fleet_ingress import __version__
+from fleet_ingress.core.balancer import Balancer, FleetState
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.dispatch import Dispatcher
 
 
 def fleet_row(

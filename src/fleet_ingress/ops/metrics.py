@@ -18,10 +18,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .balancer import Admin, Balancer, Health
-from .calls import Call, Registry
-from .dispatch import Dispatcher
+from fleet_ingress import __version__
+from fleet_ingress.core.balancer import Admin, Balancer, Health
+from fleet_ingress.net.calls import Call, Registry
+from fleet_ingress.net.dispatch import Dispatcher
 
 PREFIX = "fleet_ingress"
 

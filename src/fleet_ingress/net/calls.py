@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .balancer import FleetState
-    from .dispatch import Lease
-    from .proxy import CarrierProtocol, FleetProtocol, IdleWatch
+    from fleet_ingress.core.balancer import FleetState
+    from fleet_ingress.net.dispatch import Lease
+    from fleet_ingress.net.proxy import CarrierProtocol, FleetProtocol, IdleWatch
 
 
 class EndReason(enum.Enum):

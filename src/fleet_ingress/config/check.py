@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from fleet_ingress.config import ConfigError, IngressConfig, load_config
-from fleet_ingress.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
-from fleet_ingress.poller import ProbeSettings, health_session, probe_fleet
-from fleet_ingress.probe import ProbeResult, judge_health_response
-from fleet_ingress.tls import (
+from fleet_ingress.config.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.core.probe import ProbeResult, judge_health_response
+from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
+from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
     fleet_ssl_context,

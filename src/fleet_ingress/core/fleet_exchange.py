@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import h11
 
-from .request_head import Header
+from fleet_ingress.core.request_head import Header
 
 
 class ResponseError(Exception):

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .fleet_ops import FleetChangeError
+from fleet_ingress.ops.fleet_ops import FleetChangeError
 
 if TYPE_CHECKING:
-    from .server import Ingress
+    from fleet_ingress.service.ingress import Ingress
 
 SOCKET_MODE = 0o660
 

@@ -14,10 +14,10 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
-from .fleet_exchange import FleetExchange, Progress, ResponseError
-from .logs import fields
-from .request_head import RequestHead, RequestHeadReader, RequestRefused
-from .responses import local_response
+from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
+from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
+from fleet_ingress.core.responses import local_response
+from fleet_ingress.logs import fields
 
 log = logging.getLogger("fleet_ingress.acme")
 

@@ -23,8 +23,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from fleet_ingress.atomic import FileExists, write_atomically
-from fleet_ingress.fleets_file import FleetsFileError, format_fleets_text, parse_fleets_text
+from fleet_ingress.config.atomic import FileExists, write_atomically
+from fleet_ingress.config.fleets_file import FleetsFileError, format_fleets_text, parse_fleets_text
 
 CONFIG_NAME = "ingress.toml"
 FLEETS_NAME = "fleets.txt"
@@ -123,8 +123,8 @@ def render_deployment(
 def check_deployment(config_path: Path) -> DeploymentCheck:
     """Run `fleet-ingress check` on the written files; missing cert/key files are
     sorted out of `problems` (certbot has not issued the certificate yet)."""
-    from fleet_ingress.check import WARNING, check_configuration
-    from fleet_ingress.config import ConfigError, load_config
+    from fleet_ingress.config.check import WARNING, check_configuration
+    from fleet_ingress.config.settings import ConfigError, load_config
 
     lines = check_configuration(config_path)
     missing: list[Path] = []
@@ -247,9 +247,8 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
 
 def _read_templates(template_dir: Path | None) -> dict[str, tuple[str, str]]:
     """name -> (where it came from, text)."""
-    base: Traversable = (
-        template_dir if template_dir is not None else resources.files("fleet_ingress") / "templates"
-    )
+    packaged = resources.files("fleet_ingress.config") / "templates"
+    base: Traversable = template_dir if template_dir is not None else packaged
     templates = {}
     for name in TEMPLATE_NAMES:
         source = base / name

@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from .fleets_file import Admin, FleetSpec
-from .probe import ProbeResult
+from fleet_ingress.config.fleets_file import Admin, FleetSpec
+from fleet_ingress.core.probe import ProbeResult
 
 
 class Health(enum.Enum):

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from .balancer import Balancer, FleetState, Verdict
+from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
 
 
 class NoFleetAvailable(Exception):

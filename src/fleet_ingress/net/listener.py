@@ -22,8 +22,8 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 
-from .logs import fields
-from .proxy import CarrierProtocol, ProxyContext
+from fleet_ingress.logs import fields
+from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext
 
 log = logging.getLogger("fleet_ingress.listener")
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from .balancer import Admin, FleetState, Health
-from .dispatch import Dispatcher
-from .fleets_file import FleetSpec
-from .health import observe
-from .logs import fields
-from .probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
+from fleet_ingress.config.fleets_file import FleetSpec
+from fleet_ingress.core.balancer import Admin, FleetState, Health
+from fleet_ingress.core.health import observe
+from fleet_ingress.core.probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
+from fleet_ingress.logs import fields
+from fleet_ingress.net.dispatch import Dispatcher
 
 log = logging.getLogger("fleet_ingress.health")
 

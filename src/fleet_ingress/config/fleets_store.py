@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .fleets_file import (
+from fleet_ingress.config.fleets_file import (
     Admin,
     FleetsFileError,
     FleetSpec,

@@ -16,10 +16,10 @@ import signal
 import time
 from pathlib import Path
 
-from . import glibc_malloc
-from .logs import configure_logging, fields
-from .sdnotify import Notifier
-from .server import Ingress, ReloadRefused
+from fleet_ingress.logs import configure_logging, fields
+from fleet_ingress.service import glibc_malloc
+from fleet_ingress.service.ingress import Ingress, ReloadRefused
+from fleet_ingress.service.sdnotify import Notifier
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
