@@ -5,7 +5,9 @@ from collections import Counter
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
-from fleet_ingress.core.balancer import Admin, Balancer, Health, Verdict
+from fleet_ingress.core.balancer import Balancer, Verdict
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
 
 
 def _balancer(text: str = "https://a.test name=a\nhttps://b.test name=b\n", maxconn: int = 16):

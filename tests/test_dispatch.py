@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
-from fleet_ingress.core.balancer import Balancer, Health
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from websockets.asyncio.client import connect
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
-from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import Health
 from fleet_ingress.net.calls import EndReason
 from fleet_ingress.service.ingress import Ingress
 

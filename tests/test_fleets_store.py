@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from fleet_ingress.config.atomic import FileExists, write_atomically
-from fleet_ingress.config.fleets_file import Admin, FleetsFileError, parse_fleets_text
+from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text
 from fleet_ingress.config.fleets_store import (
     FleetNotListed,
     text_with_admin_state,
     text_with_fleet,
     text_without_fleet,
 )
+from fleet_ingress.core.fleet_spec import Admin
 
 TEXT = (
     "# production fleets\n"

@@ -2,8 +2,7 @@
 
 import pytest
 
-from fleet_ingress.core.balancer import Health
-from fleet_ingress.core.health import observe
+from fleet_ingress.core.health import Health, observe
 
 UP, DOWN, INIT = Health.UP, Health.DOWN, Health.INIT
 

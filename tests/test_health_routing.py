@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import Health
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
 
@@ -254,7 +254,7 @@ async def test_probes_reuse_their_connection_over_10_seconds(
 async def test_maint_fleet_is_not_probed(
     start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
 ):
-    from fleet_ingress.core.balancer import Admin
+    from fleet_ingress.core.fleet_spec import Admin
 
     a, _ = sim_fleets
     ingress = await started(start_ingress, lines(a), fleets={"check_interval": 0.1})

@@ -24,7 +24,7 @@ from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import MAX_HEALTH_BODY
 from fleet_ingress.net.proxy import (
     MAX_BUFFERED_PER_CALL,

@@ -23,7 +23,8 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import config_from_dict
-from fleet_ingress.core.balancer import Admin, Health
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
 from fleet_ingress.logs import JsonFormatter
 from fleet_ingress.ops.fleet_ops import FleetChangeError
 from fleet_ingress.service.ingress import Ingress, ReloadRefused

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 
-from fleet_ingress.core.balancer import Health
+from fleet_ingress.core.health import Health
 from fleet_ingress.sim import SimulatedFleet
 
 from .conftest import StartIngress, TLSFiles, wss_url

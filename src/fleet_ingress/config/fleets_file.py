@@ -7,14 +7,13 @@ a fleet without it is READY.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from fleet_ingress.core.addresses import format_hostport, split_hostport
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _URL_FORM = "write it as https://HOST[:PORT]"
@@ -24,28 +23,8 @@ _URL_FORM = "write it as https://HOST[:PORT]"
 _NAME = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*")
 
 
-class Admin(enum.Enum):
-    """An operator's admin state of a fleet (SPEC 7)."""
-
-    READY = "READY"
-    DRAIN = "DRAIN"  # no new calls, probes go on, calls kept
-    MAINT = "MAINT"  # no new calls, no probes, calls kept
-
-
 class FleetsFileError(ValueError):
     """An unreadable fleets file or a bad line; the message says where, what and how to fix it."""
-
-
-@dataclass(frozen=True)
-class FleetSpec:
-    url: str  # normalised: scheme://host_header, without the trailing "/"
-    name: str
-    scheme: str  # "http" | "https"
-    host: str  # no brackets; the TLS SNI and certificate name for https
-    port: int  # explicit, else 80/443
-    host_header: str  # host[:port] as sent in Host: port only if the URL has one
-    maxconn: int
-    admin: Admin = Admin.READY  # as the file records it
 
 
 class _BadToken(Exception):

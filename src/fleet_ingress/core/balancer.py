@@ -14,14 +14,9 @@ from collections import Counter
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
-from fleet_ingress.config.fleets_file import Admin, FleetSpec
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult
-
-
-class Health(enum.Enum):
-    INIT = "INIT"  # not probed yet
-    UP = "UP"
-    DOWN = "DOWN"
 
 
 class Verdict(enum.Enum):

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import enum
 
-from fleet_ingress.core.balancer import Health
+
+class Health(enum.Enum):
+    INIT = "INIT"  # not probed yet
+    UP = "UP"
+    DOWN = "DOWN"
 
 
 class Event(enum.Enum):

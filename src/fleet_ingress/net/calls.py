@@ -13,12 +13,33 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
     from fleet_ingress.net.dispatch import Lease
-    from fleet_ingress.net.proxy import CarrierProtocol, FleetProtocol, IdleWatch
+
+
+class Side(Protocol):
+    """One side of a call as the registry sees it (the call pump's protocols in
+    `net.proxy` are the real ones; the registry needs no more than this)."""
+
+    bytes_received: int
+    lost: bool
+
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def buffered_bytes(self) -> int: ...
+    def unlink(self) -> None:
+        """Drop the references to the peer and the transport (an ended call)."""
+
+
+class CarrierSide(Side, Protocol):
+    call: Call | None
+
+
+class Watch(Protocol):
+    def cancel(self) -> None: ...
 
 
 class EndReason(enum.Enum):
@@ -38,7 +59,7 @@ _ids = itertools.count(1)
 class Call:
     """One carrier request on a call route, from its head to its end."""
 
-    carrier: CarrierProtocol
+    carrier: CarrierSide
     client_ip: str
     route: str  # the call prefix, e.g. "/ws/"
     bot_id: str
@@ -46,7 +67,7 @@ class Call:
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     lease: Lease | None = None  # the last attempt's slot (held while `lease.held`)
-    fleet_side: FleetProtocol | None = None
+    fleet_side: Side | None = None
     attempts: int = 0
     status: int | None = None  # what the carrier was answered
     handshake_ms: float | None = None  # head received -> 101 relayed
@@ -54,7 +75,7 @@ class Call:
     end_reason: EndReason | None = None
     ended_mono: float | None = None
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
-    idle_watch: IdleWatch | None = None
+    idle_watch: Watch | None = None
 
     @property
     def fleet(self) -> FleetState | None:
@@ -96,7 +117,7 @@ CallHook = Callable[[Call], None]
 
 @dataclass
 class Registry:
-    connections: set[CarrierProtocol] = field(default_factory=set)
+    connections: set[CarrierSide] = field(default_factory=set)
     calls: set[Call] = field(default_factory=set)
     _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
     # Frontend totals (live calls add theirs when read: see relayed_bytes()).

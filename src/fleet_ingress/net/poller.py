@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from fleet_ingress.config.fleets_file import FleetSpec
-from fleet_ingress.core.balancer import Admin, FleetState, Health
-from fleet_ingress.core.health import observe
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.health import Health, observe
 from fleet_ingress.core.probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import Dispatcher

@@ -19,8 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from fleet_ingress.core.balancer import Admin, FleetState
+from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
+from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.forwarding import fleet_request_headers
 from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
 from fleet_ingress.core.responses import local_response
@@ -150,6 +151,9 @@ class _Side(asyncio.BufferedProtocol):
         t = self.transport
         return 0 if t is None or self.lost else t.get_write_buffer_size()
 
+    def unlink(self) -> None:
+        self.peer = self.peer_side = self.transport = None
+
 
 class CarrierState(enum.Enum):
     HEAD = "head"  # reading the request head
@@ -251,7 +255,7 @@ class CarrierProtocol(_Side):
             self.call = call
             self.ctx.registry.add_call(call)
             self._setup = asyncio.get_running_loop().create_task(
-                _connect_call(self.ctx, call, head)
+                _connect_call(self.ctx, self, call, head)
             )
 
     def _abandon_setup(self) -> None:
@@ -415,7 +419,7 @@ def _break_cycles(call: Call) -> None:
     full garbage collection, minutes under load (the soak's RSS growth)."""
     for side in (call.carrier, call.fleet_side):
         if side is not None:
-            side.peer = side.peer_side = side.transport = None
+            side.unlink()
     call.carrier.call = None
     call.idle_watch = None
 
@@ -427,9 +431,10 @@ class _AttemptFailed(Exception):
         self.detail = detail
 
 
-async def _connect_call(ctx: ProxyContext, call: Call, head: RequestHead) -> None:
+async def _connect_call(
+    ctx: ProxyContext, carrier: CarrierProtocol, call: Call, head: RequestHead
+) -> None:
     """Find a fleet that answers and link the call to it, or answer the carrier."""
-    carrier = call.carrier
     received_at = time.monotonic()
     tried: list[str] = []
     failure: Failure | None = None

@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleet_ingress.config.atomic import write_atomically
-from fleet_ingress.config.fleets_file import FleetsFileError, FleetSpec, parse_fleets_text
+from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text
 from fleet_ingress.config.fleets_store import (
     FleetNotListed,
     text_with_admin_state,
     text_with_fleet,
     text_without_fleet,
 )
-from fleet_ingress.core.balancer import Admin, FleetState, Health
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import EndReason
 from fleet_ingress.net.poller import health_session, probe_fleet

@@ -19,7 +19,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from fleet_ingress import __version__
-from fleet_ingress.core.balancer import Admin, Balancer, Health
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import Dispatcher
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from fleet_ingress.config.fleets_file import FleetsFileError, FleetSpec, load_fleets_file
+from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import parse_hostport
-from fleet_ingress.core.balancer import Admin, Balancer, FleetState, Health
+from fleet_ingress.core.balancer import Balancer, FleetState
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.logs import fields
