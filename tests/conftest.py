@@ -4,10 +4,7 @@ on loopback. Async tests run on both asyncio's loop and uvloop."""
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,6 +14,7 @@ import uvloop
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.service.ingress import Ingress
+from tests.support import StartIngress, TLSFiles
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -25,26 +23,6 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     if item.get_closest_marker("uvloop_only"):
         return {"uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    ca: trustme.CA
-    ca_pem: Path
-    ingress_cert: Path
-    ingress_key: Path
-    fleet_cert: trustme.LeafCert
-
-    def client_context(self, **kw: Any) -> ssl.SSLContext:
-        """What a carrier uses: trusts the test CA."""
-        ctx = ssl.create_default_context(**kw)
-        self.ca.configure_trust(ctx)
-        return ctx
-
-    def fleet_server_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.fleet_cert.configure_cert(ctx)
-        return ctx
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +44,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and key in out else value
     return out
-
-
-StartIngress = Callable[..., Awaitable[Ingress]]
 
 
 @pytest.fixture
@@ -101,8 +76,3 @@ async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
     yield start
     for ingress in started:
         await ingress.stop(drain_timeout=0)
-
-
-def wss_url(ingress: Ingress, path: str = "/ws/bot-1") -> str:
-    host, port = ingress.wss_address
-    return f"wss://{host}:{port}{path}"

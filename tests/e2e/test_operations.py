@@ -29,8 +29,7 @@ from fleet_ingress.logs import JsonFormatter
 from fleet_ingress.ops.fleet_ops import FleetChangeError
 from fleet_ingress.service.ingress import Ingress, ReloadRefused
 from fleet_ingress.sim import SimulatedFleet, run_call
-
-from .conftest import TLSFiles, wss_url
+from tests.support import TLSFiles, eventually, wss_url
 
 CLI = [sys.executable, "-m", "fleet_ingress"]
 
@@ -76,12 +75,6 @@ class Deployment:
 def fleet_of(ws: ClientConnection) -> str:
     assert ws.response is not None
     return ws.response.headers["X-Fleet"]
-
-
-async def eventually(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def _config_text(home: Path, tls_files: TLSFiles) -> str:

@@ -26,7 +26,7 @@ from fleet_ingress.config.init_deploy import (
     render_deployment,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = ROOT / "config"
 PACKAGED_DIR = ROOT / "src" / "fleet_ingress" / "config" / "templates"
 DOMAIN = "calls.example.com"

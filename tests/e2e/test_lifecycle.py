@@ -21,9 +21,7 @@ import trustme
 from websockets.asyncio.client import connect
 
 from fleet_ingress.sim import SimulatedFleet, run_calls
-
-from .conftest import TLSFiles
-from .fleets import free_port
+from tests.support import TLSFiles, free_port
 
 CLI = [sys.executable, "-m", "fleet_ingress"]
 

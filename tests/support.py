@@ -1,8 +1,10 @@
-"""Fleet stand-ins for the call-path tests, each a real TLS server on loopback.
+"""What the tests share: TLS files, the in-process ingress's handles, bounded
+waits, raw requests, and fleet stand-ins (each a real server on loopback).
 
 `WsFleet` is a `websockets` server (echo, close codes, subprotocols, what it
 saw). `RawFleet` runs a scripted reaction per connection: a fixed answer,
-silence, an immediate close... for the retry and relay cases.
+silence, an immediate close... for the retry and relay cases. Fixtures live in
+conftest.py; test modules import helpers from here only, never from each other.
 """
 
 from __future__ import annotations
@@ -10,10 +12,83 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pytest
+import trustme
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+
+from fleet_ingress.service.ingress import Ingress
+
+# A carrier's WebSocket upgrade, as raw bytes (format with path=...).
+UPGRADE = (
+    "GET {path} HTTP/1.1\r\nHost: calls.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+# A fleet's answer to it.
+SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: trustme.CA
+    ca_pem: Path
+    ingress_cert: Path
+    ingress_key: Path
+    fleet_cert: trustme.LeafCert
+
+    def client_context(self, **kw: Any) -> ssl.SSLContext:
+        """What a carrier uses: trusts the test CA."""
+        ctx = ssl.create_default_context(**kw)
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def fleet_server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.fleet_cert.configure_cert(ctx)
+        return ctx
+
+
+StartIngress = Callable[..., Awaitable[Ingress]]
+
+
+def wss_url(ingress: Ingress, path: str = "/ws/bot-1") -> str:
+    host, port = ingress.wss_address
+    return f"wss://{host}:{port}{path}"
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Wait (bounded) until `predicate()`; the seconds it took."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+    return loop.time() - started
+
+
+async def raw_exchange(
+    ingress: Ingress, tls_files: TLSFiles, request: bytes, *, timeout: float = 5.0
+) -> bytes:
+    """Send raw bytes over one TLS connection; read until the ingress closes."""
+    host, port = ingress.wss_address
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(request)
+        try:
+            return await reader.read(-1)
+        finally:
+            writer.close()
+
+
+def access_entries(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The access-log lines captured, as their structured fields."""
+    return [r.fields for r in caplog.records if r.name == "fleet_ingress.access"]  # type: ignore[attr-defined]
 
 
 class WsFleet:

@@ -34,10 +34,17 @@ from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.core.request_head import RequestRefused
 from fleet_ingress.service.ingress import Ingress
-
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import RawFleet, WsFleet, free_port
-from .head_oracle import check_accepted, check_verdicts
+from tests.head_oracle import check_accepted, check_verdicts
+from tests.support import (
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    free_port,
+    raw_exchange,
+    wss_url,
+)
 
 # What a fleet answers if a head ever reaches it: the carrier would see 418,
 # never the 400 the ingress owes it, and the fleet counts the connection.
@@ -56,28 +63,6 @@ def upgrade(extra: bytes = b"", *, target: bytes = b"/ws/bot-1", host: bytes = b
 
 def with_version(version: bytes) -> bytes:
     return upgrade().replace(b" HTTP/1.1\r\n", b" " + version + b"\r\n", 1)
-
-
-async def _eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
-async def raw_exchange(
-    ingress: Ingress, tls_files: TLSFiles, request: bytes, *, timeout: float = 5.0
-) -> bytes:
-    """Send raw bytes over one TLS connection; read until the ingress closes."""
-    host, port = ingress.wss_address
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(request)
-        try:
-            return await reader.read(-1)
-        finally:
-            writer.close()
 
 
 @pytest.fixture
@@ -234,7 +219,7 @@ async def test_smuggling_and_malformed_heads_get_400_and_never_reach_a_fleet(
     ingress = await start_ingress([teapot.line("teapot")])
     got = await raw_exchange(ingress, tls_files, raw)
     await asyncio.sleep(0.02)  # a forwarded head would have connected by now
-    await _eventually(lambda: len(teapot.heads) == teapot.connections)
+    await eventually(lambda: len(teapot.heads) == teapot.connections)
     assert teapot.connections == 0, f"the fleet got: {teapot.heads}"
     assert got.startswith(b"HTTP/1.1 400 "), got[:80]
     assert b"\r\nConnection: close\r\n" in got
@@ -268,7 +253,7 @@ async def test_a_pipelined_request_after_a_refused_answer_never_reaches_the_flee
     smuggled = b"GET /attach HTTP/1.1\r\nHost: calls.test\r\nContent-Length: 0\r\n\r\n"
     got = await raw_exchange(ingress, tls_files, upgrade() + smuggled)
     assert got.startswith(b"HTTP/1.1 429 ")
-    await _eventually(lambda: len(seen) == 2)
+    await eventually(lambda: len(seen) == 2)
     assert seen[0].startswith(b"GET /ws/bot-1 HTTP/1.1\r\n")
     assert seen[1] == b""  # nothing after the head, then the ingress closed
     await fleet.stop()
@@ -546,7 +531,7 @@ async def test_slowloris_1000_trickling_heads_are_closed_at_the_request_timeout(
     assert len(took) >= 3 and max(took) < 3.0
     assert len(fleet.requests) == len(took)  # only the real calls reached the fleet
     assert ingress.registry.requests[("-", 408)] == 1000
-    await _eventually(lambda: not ingress.registry.connections and open_fds() <= fds_before)
+    await eventually(lambda: not ingress.registry.connections and open_fds() <= fds_before)
     print(f"slowloris: test process fds {fds_before} -> {fds_peak} -> {open_fds()}")
     await fleet.stop()
 
@@ -739,13 +724,13 @@ async def test_random_bytes_instead_of_tls_by_the_thousand(
         for _ in range(n)
     ]
     await storm(judged, lambda: rng.random() < 0.5)
-    await _eventually(lambda: ingress.registry.tls_handshake_failures >= n, timeout=10)
+    await eventually(lambda: ingress.registry.tls_handshake_failures >= n, timeout=10)
     assert ingress.registry.tls_handshake_failures == n
     # 2. Any bytes at all, then hang-up: some stall OpenSSL, which waits for
     #    more; the hang-up fails those handshakes, and they count too.
     m = 500
     await storm([rng.randbytes(rng.randint(1, 2048)) for _ in range(m)], lambda: True)
-    await _eventually(lambda: ingress.registry.tls_handshake_failures >= n + m, timeout=10)
+    await eventually(lambda: ingress.registry.tls_handshake_failures >= n + m, timeout=10)
     assert ingress.registry.tls_handshake_failures == n + m
     assert ingress.registry.connections_total == 0  # none ever became a carrier connection
     await _after_the_storm(ingress, tls_files, fleet, fds_before)
@@ -782,9 +767,9 @@ async def test_tls_handshakes_cut_short_or_stalled_are_dropped_and_counted(
         await asyncio.gather(*(p.done for p in hung_up + stalled))
     lived = [p.closed - p.opened for p in stalled if p.closed is not None]
     assert 0.45 <= min(lived) and max(lived) < 2.0
-    await _eventually(lambda: ingress.registry.tls_handshake_failures == 22)
+    await eventually(lambda: ingress.registry.tls_handshake_failures == 22)
     assert ingress.registry.connections_total == 0
-    await _eventually(lambda: ingress.registry.handshaking == 0 and open_fds() <= fds_before)
+    await eventually(lambda: ingress.registry.handshaking == 0 and open_fds() <= fds_before)
 
 
 async def test_a_network_error_passed_up_by_accept_does_not_stop_the_listener(
@@ -844,7 +829,7 @@ async def _after_the_storm(
     ingress: Ingress, tls_files: TLSFiles, fleet: WsFleet, fds_before: int
 ) -> None:
     """No leak (fds, registry), nothing reached the fleet, and a real call works."""
-    await _eventually(
+    await eventually(
         lambda: not ingress.registry.connections and open_fds() <= fds_before, timeout=10
     )
     print(f"\nafter the storm: test process fds {fds_before} -> {open_fds()}")

@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 
 from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL
-
-from .conftest import StartIngress, TLSFiles
-from .fleets import RawFleet, WsFleet, read_head
-from .test_call_path import UPGRADE, _eventually, raw_exchange
+from tests.support import (
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    raw_exchange,
+    read_head,
+)
 
 
 async def _open(ingress, tls_files: TLSFiles):
@@ -61,7 +67,7 @@ async def test_a_fleet_stalling_mid_answer_is_cut_off_and_frees_its_slot(
     got = await raw_exchange(ingress, tls_files, UPGRADE.format(path="/ws/x").encode())
     assert got.startswith(b"HTTP/1.1 429 ") and got.endswith(b"0123456789")
     assert asyncio.get_running_loop().time() - started < 2
-    await _eventually(lambda: not ingress.registry.calls)
+    await eventually(lambda: not ingress.registry.calls)
     assert ingress.balancer.fleets[0].active == 0
     await fleet.stop()
 
@@ -73,15 +79,15 @@ async def test_a_carrier_hanging_up_in_the_queue_leaves_it_and_never_reaches_a_f
     ingress = await start_ingress([fleet.line("f", "maxconn=1")], timeouts={"queue": 5})
     from websockets.asyncio.client import connect
 
-    from .conftest import wss_url
+    from tests.support import wss_url
 
     first = await connect(wss_url(ingress), ssl=tls_files.client_context())
     _, writer = await _open(ingress, tls_files)
     writer.write(UPGRADE.format(path="/ws/queued").encode())
-    await _eventually(lambda: ingress.dispatcher.queue_length == 1)
+    await eventually(lambda: ingress.dispatcher.queue_length == 1)
     writer.close()
-    await _eventually(lambda: ingress.dispatcher.queue_length == 0, timeout=1)
-    await _eventually(lambda: len(ingress.registry.calls) == 1, timeout=1)
+    await eventually(lambda: ingress.dispatcher.queue_length == 0, timeout=1)
+    await eventually(lambda: len(ingress.registry.calls) == 1, timeout=1)
     await first.close()
     await asyncio.sleep(0.2)
     assert [r.path for r in fleet.requests] == ["/ws/bot-1"]

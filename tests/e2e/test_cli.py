@@ -12,9 +12,7 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from fleet_ingress.sim import SimulatedFleet
-
-from .conftest import TLSFiles
-from .fleets import free_port
+from tests.support import TLSFiles, free_port
 
 CLI = [sys.executable, "-m", "fleet_ingress"]
 

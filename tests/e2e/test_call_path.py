@@ -12,29 +12,20 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import RawFleet, WsFleet, answer, close_at_once, free_port, never_answer
-
-UPGRADE = (
-    "GET {path} HTTP/1.1\r\nHost: calls.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+from tests.support import (
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    answer,
+    close_at_once,
+    eventually,
+    free_port,
+    never_answer,
+    raw_exchange,
+    wss_url,
 )
-
-
-async def raw_exchange(
-    ingress, tls_files: TLSFiles, request: bytes, *, timeout: float = 5.0
-) -> bytes:
-    """Send raw bytes over TLS and read everything until the ingress closes."""
-    host, port = ingress.wss_address
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-    )
-    writer.write(request)
-    try:
-        async with asyncio.timeout(timeout):
-            return await reader.read(-1)
-    finally:
-        writer.close()
 
 
 @pytest.fixture
@@ -67,7 +58,7 @@ async def test_messages_fragments_ping_and_close_codes_pass_through(
         async with asyncio.timeout(2):
             await pong
         await ws.close(4002, "carrier hangs up")
-    await _eventually(lambda: 4002 in a.peer_close_codes + b.peer_close_codes)
+    await eventually(lambda: 4002 in a.peer_close_codes + b.peer_close_codes)
 
     async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
         await ws.send("close:4001")
@@ -273,7 +264,7 @@ async def test_twenty_calls_split_ten_ten(
     assert [f.active for f in ingress.balancer.fleets] == [10, 10]
     for ws in calls:
         await ws.close()
-    await _eventually(lambda: sum(f.active for f in ingress.balancer.fleets) == 0)
+    await eventually(lambda: sum(f.active for f in ingress.balancer.fleets) == 0)
 
 
 async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
@@ -286,7 +277,7 @@ async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
     ctx = tls_files.client_context()
     calls = [await connect(wss_url(ingress), ssl=ctx) for _ in range(4)]
     fifth = asyncio.ensure_future(connect(wss_url(ingress), ssl=ctx))
-    await _eventually(lambda: ingress.dispatcher.queue_length == 1)
+    await eventually(lambda: ingress.dispatcher.queue_length == 1)
     assert not fifth.done()
     await calls[0].close()
     async with asyncio.timeout(1):
@@ -398,7 +389,7 @@ async def test_tls_floor_is_1_2(
     if not accepted:
         with pytest.raises((ssl.SSLError, ConnectionResetError)):
             await asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost")
-        await _eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+        await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
         return
     _, writer = await asyncio.open_connection(host, port, ssl=ctx, server_hostname="localhost")
     ssl_object = writer.get_extra_info("ssl_object")
@@ -482,7 +473,7 @@ async def test_flow_control_bounds_what_the_ingress_buffers(
         for _ in range(total // len(chunk)):
             writer.write(chunk)
             await writer.drain()
-        await _eventually(lambda: received >= total, timeout=30)
+        await eventually(lambda: received >= total, timeout=30)
     sampler.cancel()
     writer.close()
     await fleet.stop()
@@ -502,7 +493,7 @@ async def test_one_access_line_per_call_with_why_it_ended(
     async with connect(wss_url(ingress, "/ws/bot-9"), ssl=tls_files.client_context()) as ws:
         await ws.send(os.urandom(100))  # incompressible: permessage-deflate is on
         await ws.recv()
-    await _eventually(lambda: any(r.name == "fleet_ingress.access" for r in caplog.records))
+    await eventually(lambda: any(r.name == "fleet_ingress.access" for r in caplog.records))
     record = next(r for r in caplog.records if r.name == "fleet_ingress.access")
     entry = record.fields  # type: ignore[attr-defined]
     json.dumps(entry)
@@ -511,12 +502,6 @@ async def test_one_access_line_per_call_with_why_it_ended(
     assert entry["end_reason"] == "carrier closed"
     assert entry["bytes_from_carrier"] > 100 and entry["bytes_to_carrier"] > 100
     assert entry["handshake_ms"] > 0
-
-
-async def _eventually(predicate, timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 async def test_a_fleet_hang_up_is_logged_as_fleet_closed(
@@ -529,6 +514,6 @@ async def test_a_fleet_hang_up_is_logged_as_fleet_closed(
         await ws.send("close:4001")
         with pytest.raises(ConnectionClosed):
             await ws.recv()
-    await _eventually(lambda: any(r.name == "fleet_ingress.access" for r in caplog.records))
+    await eventually(lambda: any(r.name == "fleet_ingress.access" for r in caplog.records))
     record = next(r for r in caplog.records if r.name == "fleet_ingress.access")
     assert record.fields["end_reason"] == "fleet closed"  # type: ignore[attr-defined]

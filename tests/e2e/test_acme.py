@@ -7,8 +7,7 @@ import asyncio
 import pytest
 from aiohttp import web
 
-from .conftest import StartIngress
-from .fleets import free_port
+from tests.support import StartIngress, free_port
 
 TOKEN = "Xy7-abc_DEF0123456789"
 KEY_AUTH = f"{TOKEN}.nT4rpzJvQJY3_thumbprint-of-the-account-key"

@@ -21,10 +21,9 @@ from websockets.asyncio.client import connect
 
 from fleet_ingress.core.health import Health
 from fleet_ingress.sim import SimulatedFleet
+from tests.support import StartIngress, TLSFiles, eventually, wss_url
 
-from .conftest import StartIngress, TLSFiles, wss_url
-
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 SCREENSHOT = ARTIFACTS / "stats-page.png"
 APT = "apt-get install -y --no-install-recommends chromium fonts-dejavu-core"
 CHROMIUM_TIMEOUT = 60.0
@@ -109,12 +108,6 @@ class Tables(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._cell is not None:
             self._cell.append(data)
-
-
-async def eventually(predicate, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 @pytest.mark.uvloop_only

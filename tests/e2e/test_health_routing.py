@@ -15,8 +15,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.core.health import Health
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
-
-from .conftest import StartIngress, TLSFiles, wss_url
+from tests.support import StartIngress, TLSFiles, eventually, wss_url
 
 
 @pytest.fixture
@@ -51,15 +50,6 @@ async def open_calls(ingress: Ingress, tls_files: TLSFiles, n: int) -> list[Clie
 def fleet_of(ws: ClientConnection) -> str:
     assert ws.response is not None
     return ws.response.headers["X-Fleet"]
-
-
-async def eventually(predicate, timeout: float = 5.0) -> float:
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    return loop.time() - start
 
 
 async def test_a_call_before_the_first_probe_waits_for_its_verdict(

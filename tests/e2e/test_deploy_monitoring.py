@@ -28,10 +28,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
+from tests.support import StartIngress, TLSFiles, wss_url
 
-from .conftest import StartIngress, TLSFiles, wss_url
-
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = PROMETHEUS_DIR / "fleet-ingress-alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "fleet-ingress-alerts.test.yml"

@@ -9,23 +9,14 @@ counting can free them, so a cycle left behind keeps these objects alive.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import weakref
-from collections.abc import Callable
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import WsFleet
-
-
-async def _eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+from tests.support import StartIngress, TLSFiles, WsFleet, eventually, wss_url
 
 
 @pytest.fixture
@@ -60,9 +51,9 @@ async def test_an_ended_call_is_freed_without_a_garbage_collection(
                 await ws.send("close:4001")
                 with pytest.raises(ConnectionClosed):
                     await ws.recv()
-        await _eventually(lambda: not ingress.registry.calls)
+        await eventually(lambda: not ingress.registry.calls)
         try:
-            await _eventually(lambda: all(ref() is None for ref in kept.values()))
+            await eventually(lambda: all(ref() is None for ref in kept.values()))
         except TimeoutError:
             alive = [name for name, ref in kept.items() if ref() is not None]
             pytest.fail(f"still alive after the call ended, with the collector off: {alive}")

@@ -22,7 +22,7 @@ import pytest
 
 from fleet_ingress.config.settings import ListenSection, TimeoutsSection
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 UNIT = DEPLOY / "systemd" / "fleet-ingress.service"
 SYSUSERS = DEPLOY / "systemd" / "fleet-ingress.sysusers.conf"

@@ -11,7 +11,7 @@ import trustme
 from fleet_ingress.config.check import WARNING, check_configuration, run_check
 from fleet_ingress.config.settings import IngressConfig, load_config
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "ingress.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ingress.toml"
 GOOD_TOML = """\
 [listen]
 admin_socket = ""

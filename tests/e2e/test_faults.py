@@ -10,13 +10,12 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -25,29 +24,23 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
+from tests.support import (
+    SWITCHING,
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    access_entries,
+    eventually,
+    never_answer,
+    read_head,
+    wss_url,
+)
 
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import RawFleet, WsFleet, never_answer, read_head
-from .test_call_path import UPGRADE
-
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 # A TLS application-data record whose MAC cannot check out: whoever reads it
 # gets an SSL error ("bad record mac"), not bytes.
 TLS_JUNK = b"\x17\x03\x03\x00\x40" + bytes(range(64))
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> float:
-    """Wait (bounded) until `predicate()`; the seconds it took."""
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    return loop.time() - started
-
-
-def access_entries(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [r.fields for r in caplog.records if r.name == "fleet_ingress.access"]  # type: ignore[attr-defined]
 
 
 async def open_carrier(ingress: Ingress, tls_files: TLSFiles, bot: str = "bot"):

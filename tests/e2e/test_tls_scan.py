@@ -22,8 +22,7 @@ from sslyze import (
     ServerScanStatusEnum,
 )
 
-from .conftest import StartIngress
-from .fleets import free_port
+from tests.support import StartIngress, free_port
 
 PROTOCOLS = {
     "SSL 2.0": ScanCommand.SSL_2_0_CIPHER_SUITES,

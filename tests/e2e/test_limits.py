@@ -33,11 +33,18 @@ from fleet_ingress.net.proxy import (
     WRITE_HIGH_WATER,
 )
 from fleet_ingress.sim import SimulatedFleet
-
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import RawFleet, WsFleet, free_port, read_head
-from .test_call_path import UPGRADE
-from .test_faults import SWITCHING, eventually
+from tests.support import (
+    SWITCHING,
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    free_port,
+    read_head,
+    wss_url,
+)
 
 MiB = 1024 * 1024
 

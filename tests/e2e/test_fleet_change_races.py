@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 
 from websockets.asyncio.client import connect
 
@@ -17,21 +16,22 @@ from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.calls import EndReason
 from fleet_ingress.service.ingress import Ingress
+from tests.support import (
+    SWITCHING,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    never_answer,
+    read_head,
+    wss_url,
+)
 
-from .conftest import StartIngress, TLSFiles, wss_url
-from .fleets import RawFleet, WsFleet, never_answer, read_head
-
-SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 UPGRADE = (
     b"GET /ws/bot HTTP/1.1\r\nHost: calls.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def reload_with(ingress: Ingress, *lines: str) -> list[str]:
