@@ -1,0 +1,177 @@
+"""The call pump (net/proxy.py) without TLS: the carrier side on one end of a
+socketpair, a plain-HTTP fleet on loopback, no listener, no service around it.
+
+What TLS does not change is tested here, cheaply: answers and their counts,
+the relay both ways, flow control's bound, who hangs up, slots given back.
+The same behaviour with real TLS and real WebSocket clients is in tests/e2e/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.retry import RetryPolicy
+from fleet_ingress.core.routing import Router
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL, CarrierProtocol, ProxyContext
+from tests.support import SWITCHING, UPGRADE, eventually, read_head
+
+FleetHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class Pump:
+    ctx: ProxyContext
+    balancer: Balancer
+
+    async def carrier(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A carrier connection: our end of a socketpair whose other end the pump serves."""
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: CarrierProtocol(self.ctx), theirs)
+        return await asyncio.open_connection(sock=ours)
+
+
+@pytest.fixture
+async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[Pump]]]:
+    servers: list[asyncio.Server] = []
+
+    async def make(handler: FleetHandler) -> Pump:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        specs = parse_fleets_text(f"http://127.0.0.1:{port} name=a", default_maxconn=16)
+        balancer = Balancer.from_specs(specs)
+        dispatcher = Dispatcher(balancer, queue_timeout=1.0, max_queue=8)
+        ctx = ProxyContext(
+            router=Router(["/ws/", "/exotel/"], "/haproxy-health"),
+            dispatcher=dispatcher,
+            registry=Registry(),
+            retry=RetryPolicy(retries=0, conditions=frozenset(), statuses=frozenset()),
+            fleet_ssl=ssl.create_default_context(),
+            connect_timeout=2.0,
+            response_timeout=2.0,
+            request_timeout=2.0,
+            tunnel_timeout=60.0,
+            max_head_bytes=16384,
+            max_connections=100,
+            access_log=False,
+        )
+        return Pump(ctx, balancer)
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+async def echo_after_switching(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await read_head(reader)
+    writer.write(SWITCHING)
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_the_health_route_is_answered_and_counted_without_a_fleet(pump_with_fleet):
+    pump = await pump_with_fleet(echo_after_switching)
+    reader, writer = await pump.carrier()
+    writer.write(b"GET /haproxy-health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"ok")
+    assert pump.ctx.registry.requests[("health", 200)] == 1
+    assert pump.balancer.fleets[0].opened_total == 0
+    writer.close()
+
+
+async def test_a_call_is_relayed_both_ways_unchanged_and_its_slot_comes_back(pump_with_fleet):
+    pump = await pump_with_fleet(echo_after_switching)
+    fleet = pump.balancer.fleets[0]
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5) == SWITCHING
+    assert fleet.active == 1
+    payload = bytes(range(256)) * 64
+    writer.write(payload)
+    assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+    (call,) = pump.ctx.registry.calls
+    writer.close()
+    await eventually(lambda: not pump.ctx.registry.calls)
+    assert fleet.active == 0
+    assert call.end_reason is not None and call.end_reason.value == "carrier closed"
+    # Tunnel bytes each way (the fleet's 101 head is not counted as relayed).
+    assert (call.bytes_from_carrier, call.bytes_to_carrier) == (len(payload), len(payload))
+
+
+async def test_a_fleet_hang_up_closes_the_carrier_and_is_the_fleets(pump_with_fleet):
+    async def switch_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(SWITCHING + b"bye")
+        await writer.drain()
+        writer.close()
+
+    pump = await pump_with_fleet(switch_then_close)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/exotel/bot-2").encode())
+    assert await asyncio.wait_for(reader.read(-1), 5) == SWITCHING + b"bye"
+    await eventually(lambda: not pump.ctx.registry.calls)
+    assert pump.ctx.registry.ended["fleet closed"] == 1
+    assert pump.balancer.fleets[0].active == 0
+    writer.close()
+
+
+async def test_a_fleet_that_stops_reading_stops_the_carrier_being_read(pump_with_fleet):
+    """Flow control: what the call holds stays under its bound, however much
+    the carrier sends, while the fleet reads nothing."""
+    reading = asyncio.Event()
+
+    async def switch_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(SWITCHING)
+        await reading.wait()
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    pump = await pump_with_fleet(switch_then_stall)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-3").encode())
+    await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5)
+    chunk = b"x" * 65536
+    peak = 0
+    for _ in range(400):  # at most 25 MiB offered; the kernel's buffers take some
+        writer.write(chunk)
+        await asyncio.sleep(0.005)
+        peak = max(peak, pump.ctx.registry.buffered_bytes())
+        if writer.transport.get_write_buffer_size() > 1024 * 1024:
+            break  # the pump has stopped reading us
+    assert writer.transport.get_write_buffer_size() > 1024 * 1024, "never held back"
+    assert 0 < peak <= MAX_BUFFERED_PER_CALL
+    reading.set()
+    writer.close()
+    await eventually(lambda: not pump.ctx.registry.calls)
+
+
+async def test_a_carrier_that_leaves_while_the_fleet_is_silent_gives_its_slot_back(
+    pump_with_fleet,
+):
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.read(-1)
+        writer.close()
+
+    pump = await pump_with_fleet(never_answer)
+    fleet = pump.balancer.fleets[0]
+    _, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-4").encode())
+    await eventually(lambda: fleet.active == 1)
+    writer.close()
+    await eventually(lambda: fleet.active == 0 and not pump.ctx.registry.calls)
