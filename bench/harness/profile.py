@@ -35,7 +35,7 @@ BUCKETS = (
 
 def py_spy() -> str | None:
     return shutil.which("py-spy") or next(
-        (str(p) for p in (Path(__file__).resolve().parents[1] / ".venv/bin/py-spy",) if p.exists()),
+        (str(p) for p in (Path(__file__).resolve().parents[2] / ".venv/bin/py-spy",) if p.exists()),
         None,
     )
 

@@ -25,7 +25,7 @@ from .carrier import FramePool, Recorder, open_call
 from .children import HOST, Children, child_env, free_port, python_module
 from .tlsfiles import TLSFiles
 
-BARE_SPLICE = Path(__file__).resolve().with_name("bare_splice.py")
+BARE_SPLICE = Path(__file__).resolve().parents[1] / "bare_splice.py"
 READY_TIMEOUT = 20.0
 TARGETS = ("direct", "ingress", "haproxy", "bare")
 LABELS = {
@@ -76,8 +76,15 @@ class Settings:
 
 
 def render_ingress(
-    settings: Settings, tls: TLSFiles, port: int, fleet_ports: list[int], directory: Path
+    settings: Settings,
+    tls: TLSFiles,
+    port: int,
+    fleet_ports: list[int],
+    directory: Path,
+    stats_port: int | None = None,
 ) -> Path:
+    """fleet-ingress's config; its stats listener only with ``stats_port`` (the soak reads
+    ``/stats.json``; the side-by-side runs leave it off, as HAProxy has none)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     s = settings
     fleets_file = directory / "fleets.txt"
@@ -92,7 +99,7 @@ def render_ingress(
 [listen]
 wss = {q(f"{HOST}:{port}")}
 acme = ""
-stats = ""
+stats = {q(f"{HOST}:{stats_port}" if stats_port else "")}
 admin_socket = ""
 
 [tls]
@@ -251,7 +258,9 @@ async def start_target(
     *,
     cpus: set[int] | None = None,
     env: dict[str, str] | None = None,
+    stats_port: int | None = None,
 ) -> Target:
+    """Start ``name`` (``direct`` starts nothing) and wait until a real call goes through."""
     kind = base(name)
     if kind == "direct":
         return Target(name, [(HOST, p) for p in fleet_ports])
@@ -260,7 +269,7 @@ async def start_target(
     directory.mkdir(exist_ok=True)
     config = None
     if kind == "ingress":
-        config = render_ingress(settings, tls, port, fleet_ports, directory)
+        config = render_ingress(settings, tls, port, fleet_ports, directory, stats_port)
         argv = python_module("fleet_ingress", "run", "-c", str(config))
     elif kind == "haproxy":
         binary = haproxy_binary()
