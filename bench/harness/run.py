@@ -413,14 +413,16 @@ class Memory:
         }
 
 
+def who(target: Target) -> dict[str, Any]:
+    return {"target": target.name, "label": target.label, "pid": target.pid}
+
+
 def call_figures(target: Target, calls: int, recs: list[Recorder], **before: Any) -> dict[str, Any]:
     """What every scenario reports of its calls: who, how many, and the carriers' records
     merged; a call that never got to open counts as failed."""
     m = merged_record(recs)
     return {
-        "target": target.name,
-        "label": target.label,
-        "pid": target.pid,
+        **who(target),
         "calls": calls,
         **before,
         **m,

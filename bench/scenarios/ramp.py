@@ -23,6 +23,7 @@ from ..harness.run import (
     merged_record,
     msgs_between,
     rtts_between,
+    who,
 )
 from ..harness.stats import diff, percentile, ratio, stagger
 from ..harness.targets import Target
@@ -124,13 +125,5 @@ async def ramp(
                 "loads": loads,
             }
         )
-    m = merged_record(recs)
-    return {
-        "target": target.name,
-        "label": target.label,
-        "pid": target.pid,
-        "levels": levels,
-        "stop_reason": stop_reason,
-        **m,
-        "failed": m["failed"],
-    }
+    # failed: what the carriers recorded (a ramp has no fixed number of calls to hold it to).
+    return {**who(target), "levels": levels, "stop_reason": stop_reason, **merged_record(recs)}
