@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .carrier import FramePool, Recorder, open_call
 from .children import HOST, Children, child_env, free_port, python_module
@@ -320,22 +321,45 @@ async def wait_ready(target: Target, ctx: ssl.SSLContext, route: str) -> None:
     )
 
 
-async def fleet_available(port: int, ctx: ssl.SSLContext) -> int | None:
-    """The fleet's own ``fleet_available`` (GET /health/fleet), None if it does not answer."""
+async def get_json(
+    port: int, path: str, ctx: ssl.SSLContext | None = None
+) -> dict[str, Any] | None:
+    """``GET path`` on 127.0.0.1:``port`` (TLS with ``ctx``) as a JSON object; None if it
+    does not answer in 2 s, or not with JSON. At most 4 MiB is read."""
     try:
         async with asyncio.timeout(2.0):
             reader, writer = await asyncio.open_connection(
-                HOST, port, ssl=ctx, server_hostname=HOST
+                HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
             )
             writer.write(
-                f"GET /health/fleet HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
             )
-            data = await reader.read()
+            data = b""
+            while len(data) < 4 << 20 and (chunk := await reader.read(65536)):
+                data += chunk
             writer.close()
     except (OSError, TimeoutError, ssl.SSLError):
         return None
-    body = data.partition(b"\r\n\r\n")[2]
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if not size:
+                break
+            out, rest = out + rest[:size], rest[size + 2 :]
+        body = out
     try:
-        return int(json.loads(body)["fleet_available"])
+        return dict(json.loads(body))
+    except (ValueError, TypeError):
+        return None
+
+
+async def fleet_available(port: int, ctx: ssl.SSLContext) -> int | None:
+    """The fleet's own ``fleet_available`` (GET /health/fleet), None if it does not answer."""
+    health = await get_json(port, "/health/fleet", ctx)
+    try:
+        return int(health["fleet_available"])  # type: ignore[index]
     except (ValueError, KeyError, TypeError):
         return None

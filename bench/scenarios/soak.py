@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import shlex
 import signal
@@ -52,7 +51,7 @@ import uvloop
 from fleet_ingress.sim import PROFILES
 
 from ..harness import memory, procfs
-from ..harness.children import HOST, REPO, Children, free_port, log, log_as
+from ..harness.children import REPO, Children, free_port, log, log_as
 from ..harness.generator import (
     CLOSE_WAIT,
     ECHO_WAIT,
@@ -64,42 +63,12 @@ from ..harness.generator import (
 from ..harness.report import write_json
 from ..harness.run import Run, target_env
 from ..harness.stats import hist_percentile, mean, round_or_none
-from ..harness.targets import Target
+from ..harness.targets import Target, get_json
 from ..harness.versions import code_version
 from .soak_verdict import FD_SLACK_IDLE, judge
 
 AFTER_WAIT = 15.0  # at most, after the last call, for descriptors to return to baseline
 SPREAD_MAX = 0.9
-
-
-async def fetch_stats(port: int) -> dict[str, Any] | None:
-    """The ingress's ``/stats.json`` (plain HTTP on loopback), None if it does not answer."""
-    try:
-        async with asyncio.timeout(2.0):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(
-                f"GET /stats.json HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
-            )
-            data = b""
-            while len(data) < 4 << 20 and (chunk := await reader.read(65536)):
-                data += chunk
-            writer.close()
-    except (OSError, TimeoutError):
-        return None
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0] or b"0", 16)
-            if not size:
-                break
-            out, rest = out + rest[:size], rest[size + 2 :]
-        body = out
-    try:
-        return dict(json.loads(body))
-    except (ValueError, TypeError):
-        return None
 
 
 @dataclass
@@ -122,19 +91,7 @@ class Sampler:
             return None
         self.probes += 1
         snap = await memory.probe(Path(directory), f"sample-{self.probes}", timeout=10.0)
-        if snap is None or "error" in snap:
-            return {"error": (snap or {}).get("error", "no answer")}
-        mi = snap["mallinfo2"]
-        types = snap["gc_objects_by_type"]
-        return {
-            "malloc_in_use_kib": (mi["uordblks"] + mi["hblkhd"]) // 1024,
-            "malloc_free_kib": mi["fordblks"] // 1024,
-            "heap_arena_kib": mi["arena"] // 1024,
-            "mmapped_chunks_kib": mi["hblkhd"] // 1024,
-            "gc_objects_top60": sum(types.values()),
-            "gc_objects_by_type": types,
-            "tracemalloc_current": snap.get("tracemalloc_current"),
-        }
+        return memory.heap(snap)
 
     def _cpu(self) -> tuple[float, float, float, float, float]:
         pid = self.target.pid
@@ -164,7 +121,7 @@ class Sampler:
                 used = cpu[i] - self.last[i]
                 cores[name] = round(used / window, 3) if window and not math.isnan(used) else None
         self.last = cpu
-        stats = await fetch_stats(self.stats_port) if self.stats_port else None
+        stats = await get_json(self.stats_port, "/stats.json") if self.stats_port else None
         hook = await self._memhook()
         front = (stats or {}).get("frontend")
         g = self.gens
