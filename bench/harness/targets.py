@@ -96,7 +96,7 @@ def render_ingress(
     )
     config = directory / "ingress.toml"
     config.write_text(
-        f"""# rendered by bench/targets.py from {s}
+        f"""# rendered by bench/harness/targets.py from {s}
 [listen]
 wss = {q(f"{HOST}:{port}")}
 acme = ""
@@ -171,7 +171,7 @@ def render_haproxy(
     extra = "".join(f"    {line}\n" for line in s.haproxy_extra)
     cfg = directory / "haproxy.cfg"
     cfg.write_text(
-        f"""# rendered by bench/targets.py from {s}
+        f"""# rendered by bench/harness/targets.py from {s}
 global
     nbthread {s.haproxy_nbthread}
     maxconn {s.max_connections}
