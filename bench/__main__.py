@@ -3,7 +3,7 @@
 Each round runs the scenario directly against the fleets, through
 fleet-ingress (``python -m fleet_ingress run -c CONFIG``) and through HAProxy
 (``haproxy -db -f CONFIG``, nbthread 1), both rendered from the same settings
-(:mod:`bench.targets`), TLS on both sides. Writes ``results.json``,
+(:mod:`bench.harness.targets`), TLS on both sides. Writes ``results.json``,
 ``results.md`` and ``results.png`` to ``--out`` and progress lines to stderr.
 
     python -m bench steady --calls 100 --seconds 20 --profile twilio-like --repeat 2
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shlex
 import signal
 import sys
@@ -31,11 +30,12 @@ import uvloop
 
 from fleet_ingress.sim import PROFILES
 
-from . import procfs, report, scenarios
-from .children import REPO
-from .scenarios import Run, log
-from .targets import TARGETS, base, haproxy_version, label
-from .versions import code_version
+from . import scenarios
+from .harness import procfs, report
+from .harness.children import REPO, log
+from .harness.run import OTHER_LOAD, Run, target_env, warnings_for
+from .harness.targets import TARGETS, base, haproxy_version, label
+from .harness.versions import code_version
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,18 +195,6 @@ def params(args: argparse.Namespace) -> dict[str, Any]:
     return keep
 
 
-def ingress_env(args: argparse.Namespace, hook_dir: Path) -> dict[str, str]:
-    env = {}
-    if args.memhook:
-        env["PYTHONPATH"] = str(REPO / "bench" / "memhook")
-        env["BENCH_MEMHOOK_DIR"] = str(hook_dir)
-        env["BENCH_TRACEMALLOC"] = str(args.tracemalloc)
-    for item in args.ingress_env:
-        key, _, val = item.partition("=")
-        env[key] = val.replace("{repo}", str(REPO))
-    return env
-
-
 async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     this = asyncio.current_task()
     assert this is not None
@@ -234,8 +222,9 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 direct_p99: dict[int, float] = {}
                 for name in args.targets:
                     log(f"round {rnd + 1}/{args.repeat}: {args.scenario} via {label(name)}")
+                    hook_dir = run.dir / f"memhook-{name}-{rnd + 1}" if args.memhook else None
                     env = (
-                        ingress_env(args, run.dir / f"memhook-{name}-{rnd + 1}")
+                        target_env(args.ingress_env, hook_dir, args.tracemalloc)
                         if base(name) in ("ingress", "bare")
                         else {}
                     )
@@ -257,7 +246,7 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     gen_cpus = len(run.load_cpus) if run.load_cpus else run.nproc
                     rep["warnings"] += [
                         f"round {rnd + 1}: {w}"
-                        for w in scenarios.warnings_for(label(name), r, run.nproc, gen_cpus)
+                        for w in warnings_for(label(name), r, run.nproc, gen_cpus)
                     ]
                     rep["warnings"] += [f"round {rnd + 1}: {label(name)}: {n}" for n in r["notes"]]
                 rep["rounds"].append(results)
@@ -265,7 +254,7 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                 finish(rep, out, partial=rnd + 1 < args.repeat)
         finally:
             await run.close()
-    if rep["machine"]["busy_cores_before_start"] > scenarios.OTHER_LOAD:
+    if rep["machine"]["busy_cores_before_start"] > OTHER_LOAD:
         rep["warnings"].insert(
             0, f"host already {rep['machine']['busy_cores_before_start']} cores busy before start"
         )
@@ -357,7 +346,7 @@ def finish(rep: dict[str, Any], out: Path, *, partial: bool = False) -> None:
         rep["summary"], rep["ratios"] = {}, {}
         rep["ramp_summary"] = ramp_summary(rep)
     rep["partial"] = partial
-    (out / "results.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    report.write_json(rep, out / "results.json")
     (out / "results.md").write_text(report.markdown(rep))
     if not partial:
         png = report.plot(rep, out / "results.png")

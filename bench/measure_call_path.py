@@ -8,7 +8,7 @@ twilio-like] [--target both] [--json-out FILE]`` runs::
 (fleet-ingress and the bare uvloop TLS splice, with their ratio), which
 measures what this script did, the same way (TLS both sides, calls started at
 evenly spread frame phases, CPU from /proc over a steady window, RSS per call),
-with the lean generator of :mod:`bench.carrier` instead of websockets. See
+with the lean generator of :mod:`bench.harness.carrier` instead of websockets. See
 bench/README.md.
 """
 

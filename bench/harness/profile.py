@@ -35,7 +35,7 @@ BUCKETS = (
 
 def py_spy() -> str | None:
     return shutil.which("py-spy") or next(
-        (str(p) for p in (Path(__file__).resolve().parents[1] / ".venv/bin/py-spy",) if p.exists()),
+        (str(p) for p in (Path(__file__).resolve().parents[2] / ".venv/bin/py-spy",) if p.exists()),
         None,
     )
 
@@ -48,8 +48,12 @@ async def record(
         return None
     argv = [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
     argv += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
-    log = out.with_suffix(".log")
-    with log.open("wb") as err:
+    return await _profile(children, argv, seconds, out)
+
+
+async def _profile(children: Children, argv: list[str], seconds: float, out: Path) -> Path:
+    """Run a profiler for ``seconds`` (stopped if it overstays), its stderr beside ``out``."""
+    with out.with_suffix(".log").open("wb") as err:
         proc = await children.spawn(argv, stdout=err, stderr=err)
     try:
         async with asyncio.timeout(seconds + 30):
@@ -113,15 +117,7 @@ async def perf_record(children: Children, pid: int, seconds: float, out: Path) -
         return None
     argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(out)]
     argv += ["--", "sleep", str(max(1, round(seconds)))]
-    log = out.with_suffix(".log")
-    with log.open("wb") as err:
-        proc = await children.spawn(argv, stdout=err, stderr=err)
-    try:
-        async with asyncio.timeout(seconds + 30):
-            await proc.wait()
-    except TimeoutError:
-        await Children.stop(proc)
-    return out
+    return await _profile(children, argv, seconds, out)
 
 
 async def perf_summary(path: Path, top: int = 25) -> dict[str, Any]:

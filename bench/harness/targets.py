@@ -20,12 +20,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .carrier import FramePool, Recorder, open_call
 from .children import HOST, Children, child_env, free_port, python_module
 from .tlsfiles import TLSFiles
 
-BARE_SPLICE = Path(__file__).resolve().with_name("bare_splice.py")
+BARE_SPLICE = Path(__file__).resolve().parents[1] / "bare_splice.py"
 READY_TIMEOUT = 20.0
 TARGETS = ("direct", "ingress", "haproxy", "bare")
 LABELS = {
@@ -76,8 +77,15 @@ class Settings:
 
 
 def render_ingress(
-    settings: Settings, tls: TLSFiles, port: int, fleet_ports: list[int], directory: Path
+    settings: Settings,
+    tls: TLSFiles,
+    port: int,
+    fleet_ports: list[int],
+    directory: Path,
+    stats_port: int | None = None,
 ) -> Path:
+    """fleet-ingress's config; its stats listener only with ``stats_port`` (the soak reads
+    ``/stats.json``; the side-by-side runs leave it off, as HAProxy has none)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     s = settings
     fleets_file = directory / "fleets.txt"
@@ -88,11 +96,11 @@ def render_ingress(
     )
     config = directory / "ingress.toml"
     config.write_text(
-        f"""# rendered by bench/targets.py from {s}
+        f"""# rendered by bench/harness/targets.py from {s}
 [listen]
 wss = {q(f"{HOST}:{port}")}
 acme = ""
-stats = ""
+stats = {q(f"{HOST}:{stats_port}" if stats_port else "")}
 admin_socket = ""
 
 [tls]
@@ -163,7 +171,7 @@ def render_haproxy(
     extra = "".join(f"    {line}\n" for line in s.haproxy_extra)
     cfg = directory / "haproxy.cfg"
     cfg.write_text(
-        f"""# rendered by bench/targets.py from {s}
+        f"""# rendered by bench/harness/targets.py from {s}
 global
     nbthread {s.haproxy_nbthread}
     maxconn {s.max_connections}
@@ -251,7 +259,9 @@ async def start_target(
     *,
     cpus: set[int] | None = None,
     env: dict[str, str] | None = None,
+    stats_port: int | None = None,
 ) -> Target:
+    """Start ``name`` (``direct`` starts nothing) and wait until a real call goes through."""
     kind = base(name)
     if kind == "direct":
         return Target(name, [(HOST, p) for p in fleet_ports])
@@ -260,7 +270,7 @@ async def start_target(
     directory.mkdir(exist_ok=True)
     config = None
     if kind == "ingress":
-        config = render_ingress(settings, tls, port, fleet_ports, directory)
+        config = render_ingress(settings, tls, port, fleet_ports, directory, stats_port)
         argv = python_module("fleet_ingress", "run", "-c", str(config))
     elif kind == "haproxy":
         binary = haproxy_binary()
@@ -311,22 +321,45 @@ async def wait_ready(target: Target, ctx: ssl.SSLContext, route: str) -> None:
     )
 
 
-async def fleet_available(port: int, ctx: ssl.SSLContext) -> int | None:
-    """The fleet's own ``fleet_available`` (GET /health/fleet), None if it does not answer."""
+async def get_json(
+    port: int, path: str, ctx: ssl.SSLContext | None = None
+) -> dict[str, Any] | None:
+    """``GET path`` on 127.0.0.1:``port`` (TLS with ``ctx``) as a JSON object; None if it
+    does not answer in 2 s, or not with JSON. At most 4 MiB is read."""
     try:
         async with asyncio.timeout(2.0):
             reader, writer = await asyncio.open_connection(
-                HOST, port, ssl=ctx, server_hostname=HOST
+                HOST, port, ssl=ctx, server_hostname=HOST if ctx else None
             )
             writer.write(
-                f"GET /health/fleet HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
             )
-            data = await reader.read()
+            data = b""
+            while len(data) < 4 << 20 and (chunk := await reader.read(65536)):
+                data += chunk
             writer.close()
     except (OSError, TimeoutError, ssl.SSLError):
         return None
-    body = data.partition(b"\r\n\r\n")[2]
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if not size:
+                break
+            out, rest = out + rest[:size], rest[size + 2 :]
+        body = out
     try:
-        return int(json.loads(body)["fleet_available"])
+        return dict(json.loads(body))
+    except (ValueError, TypeError):
+        return None
+
+
+async def fleet_available(port: int, ctx: ssl.SSLContext) -> int | None:
+    """The fleet's own ``fleet_available`` (GET /health/fleet), None if it does not answer."""
+    health = await get_json(port, "/health/fleet", ctx)
+    try:
+        return int(health["fleet_available"])  # type: ignore[index]
     except (ValueError, KeyError, TypeError):
         return None

@@ -100,6 +100,14 @@ def rss_by_mapping(pid: int) -> dict[str, int]:
     return out
 
 
+def fd_count(pid: int) -> int | None:
+    """Open descriptors of a process (/proc/PID/fd); None once it is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+
+
 def io_syscalls(pid: int) -> int:
     """Read and write system calls a process made (/proc/PID/io syscr + syscw)."""
     try:

@@ -1,6 +1,6 @@
 """One simulated fleet (``fleet_ingress.sim.SimulatedFleet``, TLS, echo) in its own process.
 
-``python -m bench.fleets --tls DIR --name fleet-a --capacity N`` prints
+``python -m bench.harness.fleets --tls DIR --name fleet-a --capacity N`` prints
 ``{"port": P}`` once serving and runs until SIGTERM. One process per fleet, so
 the fleets' CPU is theirs (not the proxy's or the generator's) and two fleets
 can run on two cores.

@@ -9,12 +9,23 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STOP_TIMEOUT = 5.0  # for a child to exit on SIGTERM before SIGKILL
+_log_name = ["bench"]
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr, ``[bench HH:MM:SS] ...`` (``[soak ...]`` in the soak)."""
+    print(f"[{_log_name[0]} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def log_as(name: str) -> None:
+    _log_name[0] = name
 
 
 def die_with_parent() -> None:

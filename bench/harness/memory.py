@@ -33,6 +33,23 @@ async def probe(directory: Path, name: str, timeout: float = 60.0) -> dict[str, 
     return None
 
 
+def heap(snap: dict[str, Any] | None) -> dict[str, Any]:
+    """glibc's heap (in use / free) and live objects by type, from one snapshot."""
+    if snap is None or "error" in snap:
+        return {"error": (snap or {}).get("error", "no answer")}
+    mi = snap["mallinfo2"]
+    types = snap["gc_objects_by_type"]
+    return {
+        "malloc_in_use_kib": (mi["uordblks"] + mi["hblkhd"]) // 1024,
+        "malloc_free_kib": mi["fordblks"] // 1024,
+        "heap_arena_kib": mi["arena"] // 1024,
+        "mmapped_chunks_kib": mi["hblkhd"] // 1024,
+        "gc_objects_top60": sum(types.values()),
+        "gc_objects_by_type": types,
+        "tracemalloc_current": snap.get("tracemalloc_current"),
+    }
+
+
 def per_call(before: dict[str, Any], after: dict[str, Any], calls: int, directory: Path) -> dict:
     calls = max(calls, 1)
     mb, ma = before["mallinfo2"], after["mallinfo2"]

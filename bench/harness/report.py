@@ -1,7 +1,8 @@
-"""From the results of a run to figures: summary over rounds, ratios, Markdown, PNG."""
+"""From the results of a run to figures: summary over rounds, ratios, JSON, Markdown, PNG."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ RATIO_KEYS = {
     "churn": ["cpu_ms_per_call", "handshake_ms_p50", "handshake_ms_p99"],
 }
 COLUMNS = {"steady": STEADY_COLUMNS, "idle": IDLE_COLUMNS, "churn": CHURN_COLUMNS}
+
+
+def write_json(rep: dict[str, Any], path: Path) -> None:
+    """The whole report, as every run writes it (``default=str``: paths and the like)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rep, indent=2, default=str) + "\n")
 
 
 def value(r: dict[str, Any], key: str) -> Any:
