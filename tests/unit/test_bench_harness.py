@@ -31,7 +31,7 @@ from bench.scenarios import soak
 from bench.scenarios.ramp import why_over
 from bench.scenarios.soak_verdict import FD_DRIFT, FD_SLACK_IDLE, judge
 
-RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 
 # -- statistics ------------------------------------------------------------------------
 
