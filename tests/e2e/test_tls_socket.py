@@ -582,6 +582,25 @@ async def test_an_echo_of_views_of_the_shared_read_buffer_survives_backpressure(
     assert handler.data == sent
 
 
+async def test_a_write_keeps_the_bytes_it_was_given_even_from_a_view_that_changes(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A view over several records that cannot all go out is kept as a copy:
+    the records not yet encrypted must be the bytes given, not what the
+    buffer holds later (a pump's read buffer is overwritten by the next read)."""
+    srv = server()
+    srv.reading = False
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    backing = bytearray(b"o" * (16 << 20))
+    conn.write(memoryview(backing))
+    assert conn.get_write_buffer_size() > 0
+    backing[:] = b"X" * len(backing)
+    srv.handlers[0].conn.resume_reading()
+    await eventually(lambda: len(srv.handlers[0].data) == 16 << 20, timeout=20)
+    assert srv.handlers[0].data.count(b"o") == 16 << 20
+
+
 async def test_a_writer_that_ignores_pause_writing_is_cut_at_the_buffer_limit(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
@@ -658,14 +677,16 @@ async def test_a_key_update_mid_stream_with_a_full_socket(
     await eventually(lambda: peer.data.endswith(b"more"))
 
 
-class _WantsOnce(ssl.SSLSocket):
-    """A real SSLSocket whose next send / recv_into first asks for the other
-    direction, as OpenSSL does mid-renegotiation or key update. OpenSSL 3.0 did
-    not produce these on demand here (the tests above show why), yet they are
+class _Wants(ssl.SSLSocket):
+    """A real SSLSocket that can ask for the other direction, as OpenSSL does
+    mid-renegotiation or key update: its next send wants a read; its reads want
+    a write for as long as the socket is not writable. OpenSSL 3.0 did not
+    produce these on demand here (the pins above show why), yet they are
     documented outcomes that a driver must handle."""
 
     want_read_on_send = False
     want_write_on_read = False
+    reads_refused = 0
 
     def send(self, data: object, flags: int = 0) -> int:
         if type(self).want_read_on_send:
@@ -675,8 +696,10 @@ class _WantsOnce(ssl.SSLSocket):
 
     def recv_into(self, buffer: object, nbytes: int | None = None, flags: int = 0) -> int:
         if type(self).want_write_on_read:
+            if not select.select([], [self], [], 0)[1]:
+                type(self).reads_refused += 1
+                raise ssl.SSLWantWriteError("injected")
             type(self).want_write_on_read = False
-            raise ssl.SSLWantWriteError("injected")
         return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
 
 
@@ -685,14 +708,14 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
 ) -> None:
     srv = server()
     ctx = tls_files.client_context()
-    ctx.sslsocket_class = _WantsOnce
+    ctx.sslsocket_class = _Wants
     conn, handler = await _client(tls_files, srv.port, ctx=ctx)
     conn.write(b"first")
     await eventually(lambda: len(srv.handlers) == 1 and srv.handlers[0].data == b"first")
     peer = srv.handlers[0]
 
     # The write waits for readability, then is retried; later writes queue behind it.
-    _WantsOnce.want_read_on_send = True
+    _Wants.want_read_on_send = True
     conn.write(b"ping")
     conn.write(b"+more")
     assert conn.get_write_buffer_size() == len(b"ping+more")
@@ -701,8 +724,17 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
     peer.conn.write(b"pong")  # makes the client's socket readable
     await eventually(lambda: peer.data == b"firstping+more" and handler.data == b"pong")
 
-    # The read waits for writability, then goes on.
-    _WantsOnce.want_write_on_read = True
+    # The read waits for writability without spinning on readable events, then goes on.
+    peer.conn.pause_reading()
+    big = b"B" * (16 << 20)
+    conn.write(big)
+    assert conn.get_write_buffer_size() > 0
+    _Wants.want_write_on_read = True
     peer.conn.write(b"again")
-    await eventually(lambda: handler.data == b"pongagain")
-    assert not _WantsOnce.want_write_on_read
+    await asyncio.sleep(0.1)
+    assert handler.data == b"pong"
+    assert 1 <= _Wants.reads_refused <= 3
+    peer.conn.resume_reading()
+    await eventually(lambda: handler.data == b"pongagain", timeout=10)
+    await eventually(lambda: len(peer.data) == len(b"firstping+more") + len(big), timeout=10)
+    assert not _Wants.want_write_on_read
