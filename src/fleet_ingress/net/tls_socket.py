@@ -50,7 +50,6 @@ from typing import Protocol
 # OpenSSL returns at most one record (16 KiB of plaintext) per read.
 READ_BUFFER_SIZE = 64 * 1024
 _READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
-_RECORD_PLAINTEXT = 16 * 1024
 # Reads per readable callback at most, so one busy connection cannot hold the loop.
 MAX_READS_PER_WAKE = 16
 # Flow control, the same marks as net/proxy.py's transports.
@@ -354,6 +353,7 @@ class TLSConnection:
     def _read(self) -> None:
         sock = self._sock
         buf = _READ_BUFFER
+        size = len(buf)
         for _ in range(MAX_READS_PER_WAKE):
             try:
                 n = sock.recv_into(buf)
@@ -382,9 +382,12 @@ class TLSConnection:
                 handler.data_received(buf[:n])
             if self._paused or self._state is not _State.OPEN:
                 return
-            # A short record with nothing decrypted behind it: more data, if
-            # any, is on the socket and the (level-triggered) poll says so.
-            if n < _RECORD_PLAINTEXT and not sock.pending():
+            # A read that did not fill the buffer took its record whole, and
+            # OpenSSL (no read-ahead in CPython) holds nothing more: what
+            # follows is on the socket, and the level-triggered poll says so.
+            # One read per wake keeps the hot path free of the SSLWantReadError
+            # a second read would raise.
+            if n < size or not sock.pending():
                 return
         if sock.pending():
             self._loop.call_soon(self._on_readable)
