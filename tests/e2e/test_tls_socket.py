@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
+import os
+import resource
 import select
 import socket
 import ssl
@@ -740,3 +742,45 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
     await eventually(lambda: handler.data == b"pongagain", timeout=10)
     await eventually(lambda: len(peer.data) == len(b"firstping+more") + len(big), timeout=10)
     assert not _Wants.want_write_on_read
+
+
+async def test_the_acceptor_pauses_when_out_of_descriptors_instead_of_spinning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    accepted: list[socket.socket] = []
+    wakes = 0
+
+    class Counting(Acceptor):
+        RETRY_DELAY = 0.2
+
+        def _accept(self) -> None:
+            nonlocal wakes
+            wakes += 1
+            super()._accept()
+
+    acceptor = Counting(loop, socket.create_server(("127.0.0.1", 0)), accepted.append)
+    port = acceptor._listener.getsockname()[1]
+    client = socket.socket()
+    client.setblocking(False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, hard))
+        for _ in range(highest + 1):  # take the free numbers below the limit too
+            try:
+                fillers.append(os.dup(0))
+            except OSError:
+                break
+        client.connect_ex(("127.0.0.1", port))
+        await asyncio.sleep(0.1)
+        assert accepted == [] and 1 <= wakes <= 3  # EMFILE once, then paused
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    await eventually(lambda: len(accepted) == 1)
+    accepted[0].close()
+    client.close()
+    acceptor.close()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import socket
 import ssl
 from collections.abc import Callable
@@ -619,6 +620,10 @@ class Acceptor:
     """Accepts on a listening socket from a reader callback, a bounded number per wake."""
 
     MAX_ACCEPTS_PER_WAKE = 64
+    # Out of descriptors or memory: the backlog stays readable, so accepting
+    # again at once would spin. Pause, as asyncio's own accept loop does.
+    RETRY_DELAY = 1.0
+    _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
     def __init__(
         self,
@@ -631,6 +636,7 @@ class Acceptor:
         self._listener = listener
         self._fd = listener.fileno()
         self._on_accept = on_accept
+        self._retry: asyncio.TimerHandle | None = None
         loop.add_reader(self._fd, self._accept)
 
     def _accept(self) -> None:
@@ -639,14 +645,25 @@ class Acceptor:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                # EMFILE, ECONNABORTED...: the next wake tries again.
-                return
+            except OSError as exc:
+                if exc.errno in self._RESOURCE_ERRORS:
+                    self._loop.remove_reader(self._fd)
+                    self._retry = self._loop.call_later(self.RETRY_DELAY, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that connection is gone
             self._on_accept(sock)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._fd >= 0:
+            self._loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
+            if self._retry is not None:
+                self._retry.cancel()
+            else:
+                self._loop.remove_reader(self._fd)
             self._fd = -1
             self._listener.close()
 
