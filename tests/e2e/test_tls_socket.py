@@ -784,3 +784,26 @@ async def test_the_acceptor_pauses_when_out_of_descriptors_instead_of_spinning(
     accepted[0].close()
     client.close()
     acceptor.close()
+
+
+async def test_connect_failures_a_refused_port_and_a_silent_server() -> None:
+    """What a retry policy sees: OSError for a refused connection, TimeoutError
+    for a server that accepts TCP but never answers the handshake (the one
+    timeout covers TCP and TLS)."""
+    ctx = ssl.create_default_context()
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        await connect("127.0.0.1", port, ctx, server_hostname="localhost", timeout=5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await connect(
+                "127.0.0.1",
+                silent.getsockname()[1],
+                ctx,
+                server_hostname="localhost",
+                timeout=0.3,
+            )
+        assert 0.25 <= time.monotonic() - started < 3
