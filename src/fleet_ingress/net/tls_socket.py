@@ -16,21 +16,27 @@ with a view of the shared buffer (valid only during the call),
 
 What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.py):
 
-- OpenSSL may hold decrypted bytes (``pending()``) the poller cannot see:
-  after a read, and when reading resumes, they are read without waiting.
+- OpenSSL may hold decrypted bytes (``pending()``) the poller cannot see
+  when a read filled the buffer: they are read on at once, and when reading
+  resumes. A read that did not fill it took its record whole, and with no
+  read-ahead (CPython never sets it) OpenSSL holds nothing more: one read per
+  readable event, no SSLWantReadError on the hot path. OpenSSL reads the socket
+  twice per record (header, then body).
 - A read may need the socket writable (``SSLWantWriteError``) and a write
-  readable (``SSLWantReadError``): TLS 1.3 key updates, session tickets.
+  readable (``SSLWantReadError``): renegotiation, key updates. OpenSSL 3.0
+  answers a peer's key update with our next write instead; both are handled.
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
-  be on the wire and the write must be retried with the same bytes. CPython
-  sets ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER`` (``newPySSLSocket`` in
-  ``Modules/_ssl.c``), so a copy of the same bytes may be passed; bytes written
-  later wait behind it, bounded.
+  be on the wire and the write must be retried with the same bytes (fewer is
+  fatal: BAD_LENGTH). CPython sets ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``
+  (``newPySSLSocket`` in ``Modules/_ssl.c``), so a copy of the same bytes may
+  be passed; bytes written later wait behind it, bounded.
 - A failed handshake: OpenSSL has written its alert to the socket already, so
   the peer learns why (a memory-BIO transport drops it: issue #12, point 2).
 - ``unwrap()`` on a non-blocking socket sends close_notify and raises
   ``SSLWantReadError`` while the peer's has not come; the peer's close_notify
-  reads as 0 bytes, a TCP FIN without one as ``SSLEOFError``.
+  reads as 0 bytes (``SSLZeroReturnError`` once ours is sent), a TCP FIN
+  without one as ``SSLEOFError`` (with ``suppress_ragged_eofs=False``).
 - The reader and writer are registered by file descriptor and always removed
   before the socket closes: uvloop keeps a registered socket *object* open
   (``_io_refs``), asyncio's selector would keep a closed descriptor's entry.
