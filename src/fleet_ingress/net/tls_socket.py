@@ -296,6 +296,8 @@ class TLSConnection:
         """Send now if the socket takes it, else keep it (bounded) and send when writable.
         Writes after close() are dropped, as a closing transport drops them."""
         if self._state is not _State.OPEN or not data:
+            if self._state is _State.HANDSHAKE:
+                raise RuntimeError("write before the TLS handshake finished")
             return
         if self._out is not None:
             if len(self._more) + len(data) > self._max_buffer:
