@@ -19,7 +19,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -385,7 +385,7 @@ class Server:
 
 
 @pytest.fixture
-async def server(tls_files: TLSFiles) -> Iterator[Callable[..., Server]]:
+async def server(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Server]]:
     made: list[Server] = []
 
     def make(**kw: object) -> Server:
@@ -393,7 +393,7 @@ async def server(tls_files: TLSFiles) -> Iterator[Callable[..., Server]]:
         made.append(s)
         return s
 
-    yield make  # type: ignore[misc]
+    yield make
     for s in made:
         s.close()
 
