@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--targets",
         default="direct,ingress,haproxy",
         help="comma-separated, run in this order each round: direct, ingress, haproxy, bare "
-        "(bench/bare_splice.py); default direct,ingress,haproxy",
+        "(bench/bare_splice.py), bare-bio (bench/bare_bio_splice.py); default "
+        "direct,ingress,haproxy",
     )
     common.add_argument("--profile", default="twilio-like", choices=sorted(PROFILES))
     common.add_argument(

@@ -27,13 +27,16 @@ from .children import HOST, Children, child_env, free_port, python_module
 from .tlsfiles import TLSFiles
 
 BARE_SPLICE = Path(__file__).resolve().parents[1] / "bare_splice.py"
+# The bare relays by target: uvloop's SSL transports, or socket BIOs (net/tls_socket.py).
+BARE_SPLICES = {"bare": BARE_SPLICE, "bare-bio": BARE_SPLICE.with_name("bare_bio_splice.py")}
 READY_TIMEOUT = 20.0
-TARGETS = ("direct", "ingress", "haproxy", "bare")
+TARGETS = ("direct", "ingress", "haproxy", "bare", "bare-bio")
 LABELS = {
     "direct": "direct",
     "ingress": "fleet-ingress",
     "haproxy": "HAProxy",
     "bare": "bare splice",
+    "bare-bio": "bare socket-BIO splice",
 }
 
 
@@ -278,8 +281,8 @@ async def start_target(
             raise RuntimeError("haproxy is not installed (apt-get install haproxy)")
         config = render_haproxy(settings, tls, port, fleet_ports, directory)
         argv = [binary, "-db", "-f", str(config)]
-    elif kind == "bare":
-        argv = [sys.executable, str(BARE_SPLICE), "--listen", f"{HOST}:{port}"]
+    elif kind in BARE_SPLICES:
+        argv = [sys.executable, str(BARE_SPLICES[kind]), "--listen", f"{HOST}:{port}"]
         argv += ["--cert", str(tls.server_cert), "--key", str(tls.server_key), "--ca", str(tls.ca)]
         for p in fleet_ports:
             argv += ["--fleet", f"{HOST}:{p}"]

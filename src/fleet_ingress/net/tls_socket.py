@@ -1,0 +1,681 @@
+"""TLS on socket BIOs: a non-blocking ``ssl.SSLSocket`` driven by the loop's reader/writer.
+
+With asyncio's and uvloop's SSL transports every record goes socket ->
+memory BIO -> plaintext -> memory BIO -> socket, and each connection holds
+buffers of its own. Here OpenSSL reads and writes the socket itself, as
+HAProxy does: a relayed record is one ``recv_into`` into a buffer shared by
+every connection and one ``send``; CPython sets ``SSL_MODE_RELEASE_BUFFERS`` on
+every context, so an idle connection holds no record buffers.
+
+One :class:`TLSConnection` per socket, no task per connection: the loop calls
+``_on_readable`` / ``_on_writable``; the connection calls its handler
+(:class:`TLSHandler`, the shape of an ``asyncio.Protocol``): ``data_received``
+with a view of the shared buffer (valid only during the call),
+``eof_received``, ``connection_lost``, and ``pause_writing`` /
+``resume_writing`` when its write buffer crosses the high / low water marks.
+
+What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.py):
+
+- OpenSSL may hold decrypted bytes (``pending()``) the poller cannot see
+  when a read filled the buffer: they are read on at once, and when reading
+  resumes. A read that did not fill it took its record whole, and with no
+  read-ahead (CPython never sets it) OpenSSL holds nothing more: one read per
+  readable event, no SSLWantReadError on the hot path. OpenSSL reads the socket
+  twice per record (header, then body).
+- A read may need the socket writable (``SSLWantWriteError``) and a write
+  readable (``SSLWantReadError``): renegotiation, key updates. OpenSSL 3.0
+  answers a peer's key update with our next write instead; both are handled.
+- ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
+  it) is all or nothing: after ``SSLWantWriteError`` some records may already
+  be on the wire and the write must be retried with the same bytes (fewer is
+  fatal: BAD_LENGTH). CPython sets ``SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER``
+  (``newPySSLSocket`` in ``Modules/_ssl.c``), so a copy of the same bytes may
+  be passed; bytes written later wait behind it, bounded.
+- A failed handshake: OpenSSL has written its alert to the socket already, so
+  the peer learns why (a memory-BIO transport drops it: issue #12, point 2).
+- ``unwrap()`` on a non-blocking socket sends close_notify and raises
+  ``SSLWantReadError`` while the peer's has not come; the peer's close_notify
+  reads as 0 bytes (``SSLZeroReturnError`` once ours is sent), a TCP FIN
+  without one as ``SSLEOFError`` (with ``suppress_ragged_eofs=False``).
+- The reader and writer are registered by file descriptor and always removed
+  before the socket closes: uvloop keeps a registered socket *object* open
+  (``_io_refs``), asyncio's selector would keep a closed descriptor's entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Protocol
+
+# One read buffer for every connection in the process: a read is handed to
+# the handler and consumed (written on, or copied) before the next read.
+# OpenSSL returns at most one record (16 KiB of plaintext) per read.
+READ_BUFFER_SIZE = 64 * 1024
+_READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
+# Reads per readable callback at most, so one busy connection cannot hold the loop.
+MAX_READS_PER_WAKE = 16
+# Flow control, the same marks as net/proxy.py's transports.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = 16 * 1024
+# What may queue behind a write that could not finish: a handler that stops
+# reading at pause_writing overshoots the high-water mark by a read or two.
+# More is a handler ignoring flow control, and the connection fails
+# (WriteBufferFull) rather than grow without bound.
+MAX_WRITE_BUFFER = WRITE_HIGH_WATER + 4 * READ_BUFFER_SIZE
+# A closing connection may wait this long for its peer to take pending bytes
+# and answer close_notify (uvloop's own SSL shutdown waits 30 s).
+CLOSE_TIMEOUT = 10.0
+
+Buffer = bytes | bytearray | memoryview
+
+
+class TLSHandler(Protocol):
+    """What a connection calls; the call pump implements it (one per side)."""
+
+    def data_received(self, data: memoryview) -> None:
+        """Plaintext; a view of the shared read buffer, valid only during this call."""
+
+    def eof_received(self) -> bool:
+        """The peer ended its side (close_notify or TCP FIN); True keeps ours open for writes."""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The socket is closed; None after an orderly close."""
+
+    def pause_writing(self) -> None:
+        """The write buffer passed the high-water mark: stop feeding it."""
+
+    def resume_writing(self) -> None:
+        """The write buffer drained below the low-water mark."""
+
+
+class HandshakeTimeout(TimeoutError):
+    pass
+
+
+class WriteBufferFull(OSError):
+    """A handler kept writing past MAX_WRITE_BUFFER: it ignored pause_writing."""
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSING = "closing"  # close() called: flushing what is buffered
+    SHUTDOWN = "shutdown"  # close_notify sent: waiting (bounded) for the peer's
+    CLOSED = "closed"
+
+
+class TLSConnection:
+    """One TLS connection on a non-blocking ``ssl.SSLSocket``.
+
+    Lifecycle: ``start_handshake`` (or ``await handshake()``), then
+    ``start(handler)``; ``write``, ``pause_reading`` / ``resume_reading``;
+    ``close()`` (flush, close_notify, then close) or ``abort()``.
+    """
+
+    __slots__ = (
+        "_close_timer",
+        "_eof",
+        "_fd",
+        "_handler",
+        "_high_water",
+        "_hs_done",
+        "_hs_read",
+        "_loop",
+        "_low_water",
+        "_max_buffer",
+        "_more",
+        "_out",
+        "_paused",
+        "_reader_on",
+        "_shutdown_wants_write",
+        "_sock",
+        "_state",
+        "_timer",
+        "_want_read_for_write",
+        "_want_write_for_read",
+        "_writer_on",
+        "_writing_paused",
+        "peer_ended_cleanly",
+        "peername",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: ssl.SSLSocket,
+        *,
+        high_water: int = WRITE_HIGH_WATER,
+        low_water: int = WRITE_LOW_WATER,
+        max_buffer: int = MAX_WRITE_BUFFER,
+    ) -> None:
+        if sock.gettimeout() != 0.0:
+            raise ValueError("a TLSConnection needs a non-blocking SSLSocket")
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        try:
+            self.peername: tuple[str, int] | None = sock.getpeername()[:2]
+        except OSError:
+            self.peername = None
+        self._state = _State.HANDSHAKE
+        self._handler: TLSHandler | None = None
+        self._hs_done: Callable[[BaseException | None], None] | None = None
+        self._hs_read = True
+        self._timer: asyncio.TimerHandle | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+        self._reader_on = self._writer_on = False
+        # A write OpenSSL could not finish: retried with these same bytes.
+        self._out: Buffer | None = None
+        # Written after _out could not finish; sent once it has.
+        self._more = bytearray()
+        self._paused = False  # pause_reading()
+        self._eof = False  # the peer ended (no more reads)
+        # After the peer ended: True for its close_notify, False for a bare TCP FIN.
+        self.peer_ended_cleanly: bool | None = None
+        self._writing_paused = False  # told the handler to pause_writing
+        self._want_read_for_write = False  # a write/shutdown got SSLWantReadError
+        self._want_write_for_read = False  # a read got SSLWantWriteError
+        self._shutdown_wants_write = False
+        self._high_water = high_water
+        self._low_water = low_water
+        self._max_buffer = max_buffer
+
+    # -- what the pump sees --------------------------------------------------
+
+    @property
+    def ssl_socket(self) -> ssl.SSLSocket:
+        """For version(), cipher(), selected_alpn_protocol(), getpeercert()."""
+        return self._sock
+
+    @property
+    def is_closing(self) -> bool:
+        return self._state in (_State.CLOSING, _State.SHUTDOWN, _State.CLOSED)
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    def get_write_buffer_size(self) -> int:
+        out = self._out
+        return 0 if out is None else len(out) + len(self._more)
+
+    # -- handshake -----------------------------------------------------------
+
+    def start_handshake(self, timeout: float, done: Callable[[BaseException | None], None]) -> None:
+        """Drive the handshake; ``done(None)`` or ``done(error)`` once. After an error
+        the socket is closed (OpenSSL has sent its alert, if it had one)."""
+        if self._state is not _State.HANDSHAKE or self._hs_done is not None:
+            raise RuntimeError("handshake already started")
+        self._hs_done = done
+        self._timer = self._loop.call_later(timeout, self._handshake_timed_out, timeout)
+        self._handshake_step()
+
+    async def handshake(self, timeout: float) -> None:
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def done(exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+        self.start_handshake(timeout, done)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+    def _handshake_step(self) -> None:
+        try:
+            self._sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._hs_read = True
+        except ssl.SSLWantWriteError:
+            self._hs_read = False
+        except (ssl.SSLError, OSError) as exc:
+            self._handshake_finished(exc)
+            return
+        else:
+            self._state = _State.OPEN
+            self._handshake_finished(None)
+            return
+        self._sync_io()
+
+    def _handshake_timed_out(self, timeout: float) -> None:
+        self._timer = None
+        self._handshake_finished(HandshakeTimeout(f"TLS handshake not done within {timeout:g}s"))
+
+    def _handshake_finished(self, exc: BaseException | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done, self._hs_done = self._hs_done, None
+        if exc is not None:
+            self._finish(None)
+        else:
+            self._sync_io()
+        if done is not None:
+            done(exc)
+
+    # -- data ------------------------------------------------------------------
+
+    def start(self, handler: TLSHandler, *, reading: bool = True) -> None:
+        """Hand reads to ``handler`` from now on (after a successful handshake)."""
+        if self._state is not _State.OPEN:
+            raise RuntimeError(f"cannot start a connection in state {self._state.value}")
+        self._handler = handler
+        self._paused = not reading
+        self._sync_io()
+        if reading and self._sock.pending():
+            self._loop.call_soon(self._on_readable)
+
+    def pause_reading(self) -> None:
+        if not self._paused:
+            self._paused = True
+            if self._state is _State.OPEN:
+                self._sync_io()
+
+    def resume_reading(self) -> None:
+        if self._paused:
+            self._paused = False
+            if self._state is _State.OPEN:
+                self._sync_io()
+                # Bytes OpenSSL already decrypted make no poll event: read them now.
+                if self._sock.pending():
+                    self._loop.call_soon(self._on_readable)
+
+    def write(self, data: Buffer) -> None:
+        """Send now if the socket takes it, else keep it (bounded) and send when writable.
+        Writes after close() are dropped, as a closing transport drops them."""
+        if self._state is not _State.OPEN or not data:
+            if self._state is _State.HANDSHAKE:
+                raise RuntimeError("write before the TLS handshake finished")
+            return
+        if self._out is not None:
+            if len(self._more) + len(data) > self._max_buffer:
+                self._finish(WriteBufferFull(f"TLS write buffer over {self._max_buffer} bytes"))
+                return
+            self._more += data
+            self._buffered()
+            return
+        try:
+            self._sock.send(data)
+            return
+        except ssl.SSLWantWriteError:
+            pass
+        except ssl.SSLWantReadError:
+            self._want_read_for_write = True
+        except OSError as exc:  # ssl.SSLError included
+            self._finish(exc)
+            return
+        # Some records may be on the wire already: the retry must pass the same
+        # bytes. A copy is fine (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER), and needed
+        # when `data` is a view of a read buffer that the next read overwrites.
+        self._out = data if isinstance(data, bytes) else bytes(data)
+        self._sync_io()
+        self._buffered()
+
+    def _buffered(self) -> None:
+        if self.get_write_buffer_size() > self._high_water and not self._writing_paused:
+            self._writing_paused = True
+            if self._handler is not None:
+                self._handler.pause_writing()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        while (out := self._out) is not None:
+            try:
+                sock.send(out)
+            except ssl.SSLWantWriteError:
+                self._sync_io()
+                return
+            except ssl.SSLWantReadError:
+                self._want_read_for_write = True
+                self._sync_io()
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            more = self._more
+            if more:
+                # `more` becomes the retried buffer and is not appended to again.
+                self._out, self._more = more, bytearray()
+            else:
+                self._out = None
+        if self._state is _State.CLOSING:
+            self._shutdown()
+            return
+        self._sync_io()
+        if self._writing_paused:
+            self._writing_paused = False
+            if self._handler is not None:
+                self._handler.resume_writing()
+
+    def _read(self) -> None:
+        sock = self._sock
+        buf = _READ_BUFFER
+        size = len(buf)
+        for _ in range(MAX_READS_PER_WAKE):
+            try:
+                n = sock.recv_into(buf)
+            except ssl.SSLWantReadError:
+                return
+            except ssl.SSLWantWriteError:
+                # OpenSSL must write before it can read on (a key update's answer):
+                # stop polling for reads, which would fire again at once.
+                self._want_write_for_read = True
+                self._sync_io()
+                return
+            except ssl.SSLEOFError:
+                self._peer_ended(clean=False)
+                return
+            except ssl.SSLZeroReturnError:  # close_notify after we sent ours
+                self._peer_ended(clean=True)
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if n == 0:  # the peer's close_notify
+                self._peer_ended(clean=True)
+                return
+            handler = self._handler
+            if handler is not None:
+                handler.data_received(buf[:n])
+            if self._paused or self._state is not _State.OPEN:
+                return
+            # A read that did not fill the buffer took its record whole, and
+            # OpenSSL (no read-ahead in CPython) holds nothing more: what
+            # follows is on the socket, and the level-triggered poll says so.
+            # One read per wake keeps the hot path free of the SSLWantReadError
+            # a second read would raise.
+            if n < size or not sock.pending():
+                return
+        if sock.pending():
+            self._loop.call_soon(self._on_readable)
+
+    def _peer_ended(self, *, clean: bool) -> None:
+        self._eof = True
+        self.peer_ended_cleanly = clean
+        self._sync_io()
+        handler = self._handler
+        keep_open = handler.eof_received() if handler is not None else False
+        if self._state is not _State.OPEN:
+            return
+        if not clean:
+            # A TCP FIN without close_notify is fatal to the TLS session: nothing
+            # more can be written, and SSL_shutdown must not be called.
+            self._finish(None)
+        elif not keep_open:
+            self.close()
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush what is buffered, send close_notify, close; abort after CLOSE_TIMEOUT."""
+        state = self._state
+        if state is _State.HANDSHAKE:
+            self.abort()
+            return
+        if state is not _State.OPEN:
+            return
+        self._state = _State.CLOSING
+        self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
+        if self._out is None:
+            self._shutdown()
+        else:
+            self._sync_io()
+
+    def abort(self) -> None:
+        """Close now, without close_notify; what is buffered is lost."""
+        if self._state is _State.HANDSHAKE and self._hs_done is not None:
+            self._handshake_finished(ConnectionAbortedError("TLS handshake aborted"))
+            return
+        self._finish(None)
+
+    def _shutdown(self) -> None:
+        self._state = _State.SHUTDOWN
+        self._shutdown_wants_write = False
+        try:
+            self._sock.unwrap()
+        except ssl.SSLWantReadError:
+            # close_notify is sent; the peer's has not come. Wait for it (or its
+            # FIN), reading on: closing with unread bytes would reset the
+            # connection, and the peer could lose what we sent last.
+            if not self._eof:
+                self._sync_io()
+                return
+        except ssl.SSLWantWriteError:
+            self._shutdown_wants_write = True
+            self._sync_io()
+            return
+        except OSError:
+            pass
+        self._finish(None)
+
+    def _drain_after_close_notify(self) -> None:
+        for _ in range(MAX_READS_PER_WAKE):
+            try:
+                if self._sock.recv_into(_READ_BUFFER) == 0:
+                    break
+            except ssl.SSLWantReadError:
+                return
+            except OSError:
+                break
+        else:
+            return
+        self._finish(None)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        for timer in (self._timer, self._close_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._close_timer = None
+        self._sync_io()  # unregister before the descriptor can be reused
+        self._sock.close()
+        self._out = None
+        self._more = bytearray()
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.connection_lost(exc)
+
+    # -- the loop's callbacks ----------------------------------------------------
+
+    def _sync_io(self) -> None:
+        """Register for exactly the events the current state waits on."""
+        state = self._state
+        if state is _State.OPEN:
+            reading = (
+                not self._paused and not self._eof and not self._want_write_for_read
+            ) or self._want_read_for_write
+            writing = (
+                self._out is not None and not self._want_read_for_write
+            ) or self._want_write_for_read
+        elif state is _State.HANDSHAKE:
+            reading, writing = self._hs_read, not self._hs_read
+        elif state is _State.CLOSING:
+            reading = self._want_read_for_write
+            writing = self._out is not None and not self._want_read_for_write
+        elif state is _State.SHUTDOWN:
+            reading, writing = not self._shutdown_wants_write, self._shutdown_wants_write
+        else:
+            reading = writing = False
+        loop, fd = self._loop, self._fd
+        if reading != self._reader_on:
+            self._reader_on = reading
+            if reading:
+                loop.add_reader(fd, self._on_readable)
+            else:
+                loop.remove_reader(fd)
+        if writing != self._writer_on:
+            self._writer_on = writing
+            if writing:
+                loop.add_writer(fd, self._on_writable)
+            else:
+                loop.remove_writer(fd)
+
+    def _on_readable(self) -> None:
+        state = self._state
+        if state is _State.OPEN:
+            if self._want_read_for_write:
+                self._want_read_for_write = False
+                self._flush()
+                if self._state is not _State.OPEN:
+                    return
+            if not self._paused and not self._eof and not self._want_write_for_read:
+                self._read()
+            else:
+                self._sync_io()
+        elif state is _State.HANDSHAKE:
+            self._handshake_step()
+        elif state is _State.CLOSING:
+            if self._want_read_for_write:
+                self._want_read_for_write = False
+                self._flush()
+        elif state is _State.SHUTDOWN:
+            self._drain_after_close_notify()
+
+    def _on_writable(self) -> None:
+        state = self._state
+        if state is _State.OPEN or state is _State.CLOSING:
+            if self._want_write_for_read:
+                self._want_write_for_read = False
+                if state is _State.OPEN and not self._paused:
+                    self._read()
+                    if self._state is not state:
+                        return
+            if self._out is not None:
+                self._flush()
+            else:
+                self._sync_io()
+        elif state is _State.HANDSHAKE:
+            self._handshake_step()
+        elif state is _State.SHUTDOWN:
+            self._shutdown()
+
+
+def wrap_accepted(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SSLContext, **kw: int
+) -> TLSConnection:
+    """The server side of an accepted TCP socket (handshake not started)."""
+    sock.setblocking(False)
+    _nodelay(sock)
+    ssock = ctx.wrap_socket(
+        sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+    )
+    return TLSConnection(loop, ssock, **kw)
+
+
+async def connect(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    *,
+    server_hostname: str | None,
+    timeout: float,
+    **kw: int,
+) -> TLSConnection:
+    """TCP connect (each address in turn) and the client handshake, all within ``timeout``.
+    ``server_hostname`` is sent as SNI and checked against the certificate
+    (if the context checks hostnames)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError | None = None
+        for family, type_, proto, _, address in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, address)
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            break
+        else:
+            raise error or OSError(f"no address for {host}:{port}")
+        _nodelay(sock)
+        try:
+            ssock = ctx.wrap_socket(
+                sock,
+                server_hostname=server_hostname,
+                do_handshake_on_connect=False,
+                # A TCP FIN without close_notify must read as SSLEOFError, not as 0.
+                suppress_ragged_eofs=False,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        conn = TLSConnection(loop, ssock, **kw)
+        await conn.handshake(timeout)  # the outer timeout is the one that counts
+    return conn
+
+
+class Acceptor:
+    """Accepts on a listening socket from a reader callback, a bounded number per wake."""
+
+    MAX_ACCEPTS_PER_WAKE = 64
+    # Out of descriptors or memory: the backlog stays readable, so accepting
+    # again at once would spin. Pause, as asyncio's own accept loop does.
+    RETRY_DELAY = 1.0
+    _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: socket.socket,
+        on_accept: Callable[[socket.socket], None],
+    ) -> None:
+        listener.setblocking(False)
+        self._loop = loop
+        self._listener = listener
+        self._fd = listener.fileno()
+        self._on_accept = on_accept
+        self._retry: asyncio.TimerHandle | None = None
+        loop.add_reader(self._fd, self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(self.MAX_ACCEPTS_PER_WAKE):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in self._RESOURCE_ERRORS:
+                    self._loop.remove_reader(self._fd)
+                    self._retry = self._loop.call_later(self.RETRY_DELAY, self._resume)
+                    return
+                continue  # ECONNABORTED and the like: that connection is gone
+            self._on_accept(sock)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self._fd >= 0:
+            self._loop.add_reader(self._fd, self._accept)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            if self._retry is not None:
+                self._retry.cancel()
+            else:
+                self._loop.remove_reader(self._fd)
+            self._fd = -1
+            self._listener.close()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
