@@ -4,7 +4,8 @@ on loopback. Async tests run on both asyncio's loop and uvloop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import uvloop
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.service.ingress import Ingress
-from tests.support import StartIngress, TLSFiles
+from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
@@ -76,3 +77,19 @@ async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
     yield start
     for ingress in started:
         await ingress.stop(drain_timeout=0)
+
+
+@pytest.fixture
+def netlab() -> Iterator[NetLab]:
+    """Network namespaces for one test, all removed after it, whatever happened.
+    Skipped without root or iproute2, unless CI is set: there it is a failure."""
+    why = netns_unavailable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must run the network-namespace tests (as root, with iproute2)")
+        pytest.skip(f"{why} (CI unset)")
+    lab = NetLab()
+    try:
+        yield lab
+    finally:
+        lab.remove()

@@ -10,7 +10,13 @@ conftest.py; test modules import helpers from here only, never from each other.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import os
+import shutil
+import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,3 +224,106 @@ async def free_port() -> int:
     server.close()
     await server.wait_closed()
     return port
+
+
+# -- network namespaces ---------------------------------------------------------------
+# The dead-peer tests take a link down under a live call, which loopback cannot do:
+# they build namespaces joined by veth pairs, using documentation addresses
+# (192.0.2.0/24) only inside them, and remove everything they made.
+
+_CLONE_NEWNET = 0x40000000
+
+
+class NetLab:
+    """Network namespaces made (and removed) by one test; names carry the pid."""
+
+    def __init__(self) -> None:
+        self.prefix = f"fi{os.getpid()}"
+        self.made: list[str] = []
+
+    def ip(self, *args: str) -> None:
+        result = subprocess.run(
+            ["ip", *args], capture_output=True, text=True, timeout=10, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+    def namespace(self, role: str) -> str:
+        name = f"{self.prefix}-{role}"
+        self.ip("netns", "add", name)
+        self.made.append(name)
+        self.ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def link(self, a: str, a_dev: str, a_addr: str, b: str, b_dev: str, b_addr: str) -> None:
+        """A veth pair between namespaces a and b; addresses as "192.0.2.1/30"."""
+        self.ip("-n", a, "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", b)
+        for ns, dev, addr in ((a, a_dev, a_addr), (b, b_dev, b_addr)):
+            self.ip("-n", ns, "addr", "add", addr, "dev", dev)
+            self.ip("-n", ns, "link", "set", dev, "up")
+
+    def link_down(self, ns: str, dev: str) -> None:
+        """No FIN, no RST: the host behind it is simply gone."""
+        self.ip("-n", ns, "link", "set", dev, "down")
+
+    def exec_argv(self, ns: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def socket_in(self, ns: str, make: Callable[[], socket.socket]) -> socket.socket:
+        """A socket created inside namespace `ns` (it keeps that namespace for
+        life) by this thread entering it for the call to `make` alone."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            if libc.setns(target, _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {ns}")
+            try:
+                return make()
+            finally:
+                if libc.setns(home, _CLONE_NEWNET) != 0:  # pragma: no cover
+                    # Every later socket would be made in the wrong namespace.
+                    print(f"cannot leave network namespace {ns}", file=sys.stderr)
+                    os._exit(70)
+        finally:
+            os.close(home)
+            os.close(target)
+
+    async def connect(self, ns: str, host: str, port: int) -> socket.socket:
+        """A TCP connection from inside `ns`, ready for asyncio (`sock=`)."""
+        sock = self.socket_in(ns, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def listen(self, ns: str, host: str, port: int) -> socket.socket:
+        def make() -> socket.socket:
+            sock = socket.create_server((host, port), backlog=128)
+            sock.setblocking(False)
+            return sock
+
+        return self.socket_in(ns, make)
+
+    def remove(self) -> None:
+        for name in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+        self.made.clear()
+
+
+def netns_unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    probe = f"fi{os.getpid()}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"`ip netns add` failed: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None

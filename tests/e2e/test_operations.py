@@ -637,7 +637,10 @@ async def test_metrics_count_ended_calls_by_reason_and_failed_handshakes(deploym
     d = deployment
     ws = await d.call()
     await ws.close()
-    await eventually(lambda: d.ingress.registry.ended["carrier closed"] == 1)
+    ended = d.ingress.registry.ended
+    await eventually(lambda: sum(ended.values()) == 1)
+    [(fleet, reason)] = ended
+    assert reason == "carrier closed" and fleet in d.fleets
     host, port = d.ingress.stats_address or ("", 0)
     _, writer = await asyncio.open_connection(*d.ingress.wss_address)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP on the TLS port
@@ -645,7 +648,7 @@ async def test_metrics_count_ended_calls_by_reason_and_failed_handshakes(deploym
     writer.close()
     async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as r:
         text = await r.text()
-    assert 'fleet_ingress_calls_ended_total{reason="carrier closed"} 1.0' in text
+    assert f'fleet_ingress_calls_ended_total{{fleet="{fleet}",reason="carrier closed"}} 1.0' in text
     assert "fleet_ingress_tls_handshake_failures_total 1.0" in text
     assert 'fleet_ingress_requests_total{code="101",route="/ws/"} 1.0' in text
     assert "process_open_fds " in text

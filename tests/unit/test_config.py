@@ -36,7 +36,12 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "admin_socket": "/run/fleet-ingress/admin.sock",
         },
         "tls": {"cert": None, "key": None, "min_version": "TLSv1.2"},
-        "routes": {"proxy": ["/ws/", "/exotel/"], "health": "/haproxy-health"},
+        "routes": {
+            "proxy": ["/ws/", "/exotel/"],
+            "health": "/haproxy-health",
+            "carrier_silence": {},
+            "fleet_silence": {},
+        },
         "fleets": {
             "file": tmp_path / "fleets.txt",
             "maxconn": 16,
@@ -58,8 +63,18 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "queue": 3.0,
             "tunnel": 3600.0,
             "drain": 300.0,
+            "carrier_silence": 30.0,
+            "fleet_silence": 0.0,
+            "tcp_user_timeout": 20.0,
+            "keepalive_idle": 10.0,
+            "keepalive_interval": 5.0,
         },
-        "limits": {"max_header_bytes": 16384, "max_queue": 256, "max_connections": 10000},
+        "limits": {
+            "max_header_bytes": 16384,
+            "max_queue": 256,
+            "max_connections": 10000,
+            "keepalive_probes": 3,
+        },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},
     }
@@ -315,3 +330,36 @@ def test_admin_socket_path_must_fit_a_unix_socket() -> None:
 
 def test_direct_construction_resolves_paths_too(tmp_path: Path) -> None:
     assert IngressConfig(fleets={"file": "f.txt"}).fleets.file == tmp_path / "f.txt"
+
+
+def test_silence_overrides_per_route_name_a_call_prefix() -> None:
+    config = config_from_dict(
+        {"routes": {"carrier_silence": {"/exotel/": 120}, "fleet_silence": {"/ws/": 0}}}
+    )
+    assert config.routes.carrier_silence == {"/exotel/": 120.0}
+    assert config.routes.fleet_silence == {"/ws/": 0.0}
+    [problem] = problems({"routes": {"carrier_silence": {"/voice/": 60}}})
+    assert "routes: carrier_silence: '/voice/' is not a call prefix" in problem
+    assert "'/ws/', '/exotel/'" in problem
+    [problem] = problems({"routes": {"fleet_silence": {"/ws/": -1}}})
+    assert "routes.fleet_silence./ws/" in problem
+
+
+def test_liveness_keys_refuse_what_the_kernel_cannot_take() -> None:
+    assert any(
+        "timeouts.carrier_silence" in p for p in problems({"timeouts": {"carrier_silence": -1}})
+    )
+    assert any(
+        "timeouts.keepalive_interval" in p
+        for p in problems({"timeouts": {"keepalive_interval": 0}})
+    )
+    assert any(
+        "timeouts.keepalive_idle" in p for p in problems({"timeouts": {"keepalive_idle": 40000}})
+    )
+    assert any(
+        "limits.keepalive_probes" in p for p in problems({"limits": {"keepalive_probes": 0}})
+    )
+    off = config_from_dict(
+        {"timeouts": {"carrier_silence": 0, "tcp_user_timeout": 0, "keepalive_idle": 0}}
+    )
+    assert (off.timeouts.carrier_silence, off.timeouts.tcp_user_timeout) == (0, 0)

@@ -61,6 +61,9 @@ def _optional_address(value: str) -> str:
 Address = Annotated[str, AfterValidator(_address)]
 OptionalAddress = Annotated[str, AfterValidator(_optional_address)]  # "" disables
 Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+OffOrSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # 0 turns it off
+# The kernel counts keepalive times in whole seconds, 1 to 32767.
+KeepaliveSeconds = Annotated[float, Field(ge=0, le=32767, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
@@ -115,6 +118,9 @@ class TLSSection(_Section):
 class RoutesSection(_Section):
     proxy: list[str] = Field(default_factory=lambda: ["/ws/", "/exotel/"], min_length=1)
     health: str = "/haproxy-health"
+    # Per call prefix, instead of timeouts.carrier_silence / fleet_silence (0: off there).
+    carrier_silence: dict[str, OffOrSeconds] = Field(default_factory=dict)
+    fleet_silence: dict[str, OffOrSeconds] = Field(default_factory=dict)
 
     @field_validator("proxy")
     @classmethod
@@ -140,6 +146,17 @@ class RoutesSection(_Section):
                     f"health {self.health!r} is under the proxied prefix {prefix!r}; "
                     "the local probe would be sent to a fleet"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _overrides_name_call_routes(self) -> Self:
+        for key in ("carrier_silence", "fleet_silence"):
+            for prefix in getattr(self, key):
+                if prefix not in self.proxy:
+                    raise ValueError(
+                        f"{key}: {prefix!r} is not a call prefix; use one of routes.proxy "
+                        f"({', '.join(repr(p) for p in self.proxy)})"
+                    )
         return self
 
 
@@ -212,12 +229,18 @@ class TimeoutsSection(_Section):
     queue: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0  # 0 = no queueing
     tunnel: Seconds = 3600.0
     drain: Seconds = 300.0
+    carrier_silence: OffOrSeconds = 30.0
+    fleet_silence: OffOrSeconds = 0.0
+    tcp_user_timeout: OffOrSeconds = 20.0
+    keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
+    keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
 
 
 class LimitsSection(_Section):
     max_header_bytes: int = Field(16384, ge=1024)
     max_queue: int = Field(256, ge=0)
     max_connections: int = Field(10000, ge=1)
+    keepalive_probes: int = Field(3, ge=1, le=127)
 
 
 class AcmeSection(_Section):

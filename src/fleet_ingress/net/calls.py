@@ -1,7 +1,9 @@
 """The registry of live carrier connections and calls.
 
 It is the one source that stats, metrics, admin commands, drain and shutdown
-read: nothing about a live call is counted twice elsewhere.
+read: nothing about a live call is counted twice elsewhere. `Call.end` is the
+one way a call is ended from outside its two sides (a silent side, a drain, a
+forced removal), and `SilenceSweep` the one timer that looks for silent calls.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
@@ -26,6 +31,7 @@ class Side(Protocol):
 
     bytes_received: int
     lost: bool
+    reading_paused: bool  # by flow control: the peer is not taking this side's bytes
 
     def close(self) -> None: ...
     def abort(self) -> None: ...
@@ -38,19 +44,27 @@ class CarrierSide(Side, Protocol):
     call: Call | None
 
 
-class Watch(Protocol):
-    def cancel(self) -> None: ...
-
-
 class EndReason(enum.Enum):
     CARRIER_CLOSED = "carrier closed"
     FLEET_CLOSED = "fleet closed"
     TIMEOUT = "timeout"  # tunnel idle past timeouts.tunnel
+    # A side that vanished without a FIN: silent past timeouts.carrier_silence /
+    # fleet_silence, or failed by TCP (user timeout, keepalive, unreachable).
+    CARRIER_SILENT = "carrier_silent"
+    FLEET_SILENT = "fleet_silent"
+    CARRIER_LOST = "carrier_lost"
+    FLEET_LOST = "fleet_lost"
     DRAIN = "drain"  # shutdown drain time ran out
     REMOVED = "removed"  # fleet removed with --force
     REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
     ERROR = "error"
 
+
+_SILENCE_REASON = {
+    Silence.IDLE: EndReason.TIMEOUT,
+    Silence.CARRIER: EndReason.CARRIER_SILENT,
+    Silence.FLEET: EndReason.FLEET_SILENT,
+}
 
 _ids = itertools.count(1)
 
@@ -75,7 +89,7 @@ class Call:
     end_reason: EndReason | None = None
     ended_mono: float | None = None
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
-    idle_watch: Watch | None = None
+    quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
 
     @property
     def fleet(self) -> FleetState | None:
@@ -93,6 +107,45 @@ class Call:
     @property
     def bytes_to_carrier(self) -> int:
         return self.fleet_side.bytes_received if self.fleet_side else 0
+
+    def end(self, reason: EndReason) -> None:
+        """End the call: say why (unless a reason is already known) and close
+        both sides. A side found silent is gone, so it is aborted rather than
+        left to wait for a TLS close it will never answer; the other side is
+        closed cleanly (pending bytes flushed, TLS close_notify, then TCP), so
+        a bot or a carrier hears at once that the call is over. The call itself
+        ends (access log, out of the registry) when both sides are gone."""
+        if self.end_reason is None:
+            self.end_reason = reason
+        self.quiet = None
+        fleet_side = self.fleet_side
+        if reason is EndReason.CARRIER_SILENT:
+            self.carrier.abort()
+        else:
+            self.carrier.close()
+        if fleet_side is not None:
+            if reason is EndReason.FLEET_SILENT:
+                fleet_side.abort()
+            else:
+                fleet_side.close()
+
+    def watch_silence(self, limits: SilenceLimits, now: float) -> None:
+        self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
+
+    def check_silence(self, now: float) -> EndReason | None:
+        """Why the sweep should end this call now, if it should."""
+        quiet = self.quiet
+        if quiet is None:
+            return None
+        fleet_side = self.fleet_side
+        silence = quiet.check(
+            self.bytes_from_carrier,
+            self.bytes_to_carrier,
+            now,
+            carrier_held=self.carrier.reading_paused,
+            fleet_held=fleet_side is not None and fleet_side.reading_paused,
+        )
+        return None if silence is None else _SILENCE_REASON[silence]
 
     def access_record(self) -> dict[str, Any]:
         return {
@@ -129,10 +182,15 @@ class Registry:
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0
-    ended: Counter[str] = field(default_factory=Counter)  # calls ended, by end reason
+    # Calls ended, by (fleet, end reason); fleet "" for a call no fleet answered.
+    ended: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
+    sweep: SilenceSweep = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sweep = SilenceSweep(self)
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
@@ -161,7 +219,9 @@ class Registry:
         call.ended_mono = time.monotonic()
         self.ended_bytes_from_carrier += call.bytes_from_carrier
         self.ended_bytes_to_carrier += call.bytes_to_carrier
-        self.ended[call.end_reason.value if call.end_reason else "unknown"] += 1
+        fleet = call.fleet
+        reason = call.end_reason.value if call.end_reason else "unknown"
+        self.ended[(fleet.name if fleet else "", reason)] += 1
         if not self.calls:
             self._no_calls.set()
         for hook in self.on_call_ended:
@@ -188,3 +248,45 @@ class Registry:
         carriers = sum(conn.buffered_bytes() for conn in self.connections)
         fleets = sum(c.fleet_side.buffered_bytes() for c in self.calls if c.fleet_side)
         return carriers + fleets
+
+
+class SilenceSweep:
+    """One timer for every call: a coarse pass over the registry that ends the
+    calls gone silent (`core.silence`). The relay touches no timer per message;
+    the pass runs at a quarter of the shortest limit any watched call has, so
+    a call ends between its limit and 1.25 x it, and stops when none is watched."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = math.inf  # loop time of the next pass
+
+    def watch(self, call: Call, limits: SilenceLimits) -> None:
+        loop = asyncio.get_running_loop()
+        call.watch_silence(limits, time.monotonic())
+        self._schedule(loop, limits.sweep_period)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._due = None, math.inf
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, period: float) -> None:
+        due = loop.time() + period
+        if due < self._due:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer, self._due = loop.call_at(due, self.sweep), due
+
+    def sweep(self) -> None:
+        self._timer, self._due = None, math.inf
+        now = time.monotonic()
+        period = math.inf
+        for call in list(self.registry.calls):
+            reason = call.check_silence(now)
+            if reason is not None:
+                call.end(reason)
+            elif call.quiet is not None:
+                period = min(period, call.quiet.limits.sweep_period)
+        if period < math.inf:
+            self._schedule(asyncio.get_running_loop(), period)

@@ -176,6 +176,9 @@ class CarrierListener:
 
     async def _handshake(self, conn: socket.socket, ctx: ProxyContext) -> None:
         loop = asyncio.get_running_loop()
+        # Before TLS: a carrier that vanishes mid-call (no FIN) fails its socket
+        # within seconds instead of holding a fleet slot for minutes.
+        ctx.liveness.apply(conn)
         try:
             await loop.connect_accepted_socket(
                 lambda: CarrierProtocol(ctx),

@@ -27,9 +27,11 @@ from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, Requ
 from fleet_ingress.core.responses import local_response
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
 from fleet_ingress.core.routing import RouteKind, Router
+from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Call, EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher, Lease, NoFleetAvailable
+from fleet_ingress.net.liveness import TcpLiveness, peer_gone
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")
@@ -72,7 +74,8 @@ class ProxyContext:
     connect_timeout: float
     response_timeout: float
     request_timeout: float
-    tunnel_timeout: float
+    silence: SilencePolicy  # timeouts.tunnel, carrier_silence, fleet_silence, per route
+    liveness: TcpLiveness  # TCP user timeout and keepalive, both sides
     max_head_bytes: int
     max_connections: int
     access_log: bool = True
@@ -87,7 +90,7 @@ class _Side(asyncio.BufferedProtocol):
     peer_side: _Side | None = None
     bytes_received = 0
     lost = False
-    _reading_paused = False
+    reading_paused = False  # by flow control (the peer's buffer is full)
     _abort_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,14 +121,14 @@ class _Side(asyncio.BufferedProtocol):
 
     def pause_reading(self) -> None:
         t = self.transport
-        if not self._reading_paused and t is not None and not t.is_closing():
-            self._reading_paused = True
+        if not self.reading_paused and t is not None and not t.is_closing():
+            self.reading_paused = True
             t.pause_reading()
 
     def resume_reading(self) -> None:
         t = self.transport
-        if self._reading_paused and t is not None and not t.is_closing():
-            self._reading_paused = False
+        if self.reading_paused and t is not None and not t.is_closing():
+            self.reading_paused = False
             t.resume_reading()
 
     def close(self) -> None:
@@ -212,8 +215,8 @@ class CarrierProtocol(_Side):
         if call is None:
             return
         if call.end_reason is None:
-            call.end_reason = call.hung_up_by or (
-                EndReason.CARRIER_CLOSED if exc is None else EndReason.ERROR
+            call.end_reason = call.hung_up_by or _lost_reason(
+                exc, EndReason.CARRIER_CLOSED, EndReason.CARRIER_LOST
             )
         self._abandon_setup()
         fleet_side = call.fleet_side
@@ -352,8 +355,8 @@ class FleetProtocol(_Side):
         if isinstance(carrier, CarrierProtocol) and carrier.call is not None:
             call = carrier.call
             if call.end_reason is None:
-                call.end_reason = call.hung_up_by or (
-                    EndReason.FLEET_CLOSED if exc is None else EndReason.ERROR
+                call.end_reason = call.hung_up_by or _lost_reason(
+                    exc, EndReason.FLEET_CLOSED, EndReason.FLEET_LOST
                 )
             carrier.close()
             _finish_if_done(carrier.ctx, call)
@@ -387,6 +390,14 @@ class FleetProtocol(_Side):
         return super().buffered_bytes() + len(self._pending)
 
 
+def _lost_reason(exc: Exception | None, closed: EndReason, lost: EndReason) -> EndReason:
+    """Why a side's connection ended: closed by its peer, gone without a word
+    (TCP user timeout, keepalive, unreachable), or another error."""
+    if exc is None:
+        return closed
+    return lost if peer_gone(exc) else EndReason.ERROR
+
+
 def _note_close_frame(call: Call | None, side: EndReason) -> None:
     if call is not None and call.hung_up_by is None:
         call.hung_up_by = side
@@ -399,8 +410,7 @@ def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
         return
     if not ctx.registry.remove_call(call):
         return
-    if call.idle_watch is not None:
-        call.idle_watch.cancel()
+    call.quiet = None
     if ctx.access_log:
         access_log.info("call ended", extra=fields(**call.access_record()))
     _break_cycles(call)
@@ -421,7 +431,6 @@ def _break_cycles(call: Call) -> None:
         if side is not None:
             side.unlink()
     call.carrier.call = None
-    call.idle_watch = None
 
 
 class _AttemptFailed(Exception):
@@ -498,14 +507,14 @@ async def _connect_call(
                 lease.fleet.calls_total += 1
                 fleet_side.link(carrier, relaying=False)
                 _link_carrier(carrier, fleet_side)
-                IdleWatch(call, ctx.tunnel_timeout)
+                ctx.registry.sweep.watch(call, ctx.silence.for_route(call.route))
                 ctx.registry.call_linked(call)
             else:
                 carrier.state = CarrierState.ANSWERING
                 call.end_reason = EndReason.REFUSED
                 # A fleet that stalls in the middle of its answer must not
                 # hold the call (and its slot) forever.
-                IdleWatch(call, ctx.response_timeout)
+                ctx.registry.sweep.watch(call, SilenceLimits(idle=ctx.response_timeout))
                 fleet_side.link(carrier, relaying=True)
             if fleet_side.lost:  # the fleet closed right after answering
                 carrier.close()
@@ -554,7 +563,7 @@ async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Leas
         tls = {"ssl": ctx.fleet_ssl, "server_hostname": spec.host}
     try:
         async with asyncio.timeout(ctx.connect_timeout):
-            _, fleet_side = await loop.create_connection(
+            transport, fleet_side = await loop.create_connection(
                 lambda: FleetProtocol(exchange, lease), spec.host, spec.port, **tls
             )
     except TimeoutError:
@@ -563,6 +572,10 @@ async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Leas
         ) from None
     except (OSError, ssl.SSLError) as exc:
         raise _AttemptFailed(Failure.CONN_FAILURE, str(exc) or type(exc).__name__) from None
+    # A fleet host that vanishes from here on fails this socket within
+    # seconds, not after the kernel's 15 minutes of retransmissions.
+    if (sock := transport.get_extra_info("socket")) is not None:
+        ctx.liveness.apply(sock)
     try:
         async with asyncio.timeout(ctx.response_timeout):
             await fleet_side.head_received
@@ -580,41 +593,3 @@ async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Leas
         fleet_side.abort()
         raise
     return fleet_side
-
-
-class IdleWatch:
-    """Closes a call with no bytes either way for `timeout` seconds.
-
-    Checks the call's byte counters a few times per timeout instead of
-    touching a timer on every message: the hot path stays a write. Closes
-    between `timeout` and 1.25 x `timeout` after the last byte."""
-
-    def __init__(self, call: Call, timeout: float) -> None:
-        self.call = call
-        self.timeout = timeout
-        self.period = timeout / 4
-        self.last_total = self._total()
-        self.last_change = time.monotonic()
-        self._timer = asyncio.get_running_loop().call_later(self.period, self.check)
-        call.idle_watch = self
-
-    def _total(self) -> int:
-        return self.call.bytes_from_carrier + self.call.bytes_to_carrier
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-    def check(self) -> None:
-        call = self.call
-        total = self._total()
-        now = time.monotonic()
-        if total != self.last_total:
-            self.last_total, self.last_change = total, now
-        elif now - self.last_change >= self.timeout:
-            if call.end_reason is None:
-                call.end_reason = EndReason.TIMEOUT
-            call.carrier.close()
-            if call.fleet_side is not None:
-                call.fleet_side.close()
-            return
-        self._timer = asyncio.get_running_loop().call_later(self.period, self.check)

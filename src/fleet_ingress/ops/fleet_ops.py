@@ -259,10 +259,7 @@ class FleetOps:
         closed = 0
         if force:
             for call in self.ingress.registry.calls_on(name):
-                call.end_reason = EndReason.REMOVED
-                call.carrier.close()
-                if call.fleet_side is not None:
-                    call.fleet_side.close()
+                call.end(EndReason.REMOVED)
                 closed += 1
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))

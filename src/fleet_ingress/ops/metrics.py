@@ -218,10 +218,12 @@ class _StateCollector(Collector):
         relayed.add_metric(["fleet_to_carrier"], to_carrier)
         yield relayed
         ended = CounterMetricFamily(
-            f"{PREFIX}_calls_ended", "Calls ended, by why they ended.", labels=["reason"]
+            f"{PREFIX}_calls_ended",
+            "Calls ended, by fleet (empty: none answered) and why they ended.",
+            labels=["fleet", "reason"],
         )
-        for reason, n in sorted(reg.ended.items()):
-            ended.add_metric([reason], n)
+        for (fleet, reason), n in sorted(reg.ended.items()):
+            ended.add_metric([fleet, reason], n)
         yield ended
         reloads = CounterMetricFamily(
             f"{PREFIX}_reloads", "SIGHUP reloads, by result (applied, refused).", labels=["result"]

@@ -22,11 +22,13 @@ from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
+from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
+from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
 from fleet_ingress.net.proxy import ProxyContext
 from fleet_ingress.net.tls import (
@@ -129,10 +131,22 @@ class Ingress:
             connect_timeout=config.timeouts.connect,
             response_timeout=config.timeouts.response,
             request_timeout=config.timeouts.request,
-            tunnel_timeout=config.timeouts.tunnel,
+            silence=SilencePolicy(
+                tunnel=config.timeouts.tunnel,
+                carrier=config.timeouts.carrier_silence,
+                fleet=config.timeouts.fleet_silence,
+                route_carrier=dict(config.routes.carrier_silence),
+                route_fleet=dict(config.routes.fleet_silence),
+            ),
             max_head_bytes=config.limits.max_header_bytes,
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
+            liveness=TcpLiveness(
+                user_timeout=config.timeouts.tcp_user_timeout,
+                keepalive_idle=config.timeouts.keepalive_idle,
+                keepalive_interval=config.timeouts.keepalive_interval,
+                keepalive_probes=config.limits.keepalive_probes,
+            ),
         )
 
     async def start(self) -> None:
@@ -366,11 +380,7 @@ class Ingress:
                 extra=fields(calls=len(self.registry.calls), drain_s=timeout),
             )
         for call in list(self.registry.calls):
-            if call.end_reason is None:
-                call.end_reason = EndReason.DRAIN
-            call.carrier.close()
-            if call.fleet_side is not None:
-                call.fleet_side.close()
+            call.end(EndReason.DRAIN)
         # Each call ends (and is logged) once both its sides are gone: give the TLS
         # close a moment, then cut what is left, so that no call goes unrecorded.
         with contextlib.suppress(TimeoutError):
@@ -383,6 +393,7 @@ class Ingress:
             conn.abort()
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
             await asyncio.sleep(0)
+        self.registry.sweep.stop()
         if self.poller is not None:
             await self.poller.close()
         for runner in self._web_runners:

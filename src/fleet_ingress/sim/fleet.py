@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,7 +60,10 @@ class SimulatedFleet:
         ssl_context: ssl.SSLContext | None = None,
         subprotocols: Sequence[str] = (),
         routes: Sequence[str] = ("/ws/", "/exotel/"),
+        sock: socket.socket | None = None,
     ) -> None:
+        """`sock`: a listening socket to serve on instead of binding `host:port`
+        (one made in another network namespace, say)."""
         self.name = name
         self.host = host
         self.capacity = capacity
@@ -67,6 +71,7 @@ class SimulatedFleet:
         self.subprotocols = tuple(subprotocols)
         self.routes = tuple(routes)
         self._port = port
+        self._sock = sock
 
         # Test knobs for GET /health/fleet; change them at any time.
         self.health_status: int = 200
@@ -110,7 +115,11 @@ class SimulatedFleet:
             app, handle_signals=False, access_log=None, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self.ssl_context)
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(self._runner, self._sock, ssl_context=self.ssl_context)
+        else:
+            site = web.TCPSite(self._runner, self.host, self._port, ssl_context=self.ssl_context)
         await site.start()
         self._port = self._runner.addresses[0][1]
 

@@ -1,0 +1,113 @@
+"""Which call has gone quiet, and which side: the I/O-free half of the sweep.
+
+A carrier on a call route streams media all the time (a frame every 20-100
+ms, silence included), so a carrier that sends nothing for
+`timeouts.carrier_silence` has gone, whatever TCP says. A bot may rightly say
+nothing while the caller talks, so `timeouts.fleet_silence` is off unless
+set. `timeouts.tunnel` is the old rule: no byte either way.
+
+Nothing here runs per message: the relay only adds to its byte counters, and
+a coarse periodic sweep (`net.calls.SilenceSweep`) hands each call's counters
+and `now` to `QuietWatch.check`, which compares them with what the last sweep
+saw. A side whose reading is paused by flow control (its peer is not taking
+its bytes) is not silent: its clock is held, so the side that stopped reading
+is not blamed on the one that was stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+# Sweeps per shortest limit: a call is ended between its limit and 1.25 x it.
+SWEEPS_PER_LIMIT = 4
+
+
+class Silence(enum.Enum):
+    IDLE = "idle"  # no byte either way for `idle`
+    CARRIER = "carrier"  # no byte from the carrier for `carrier`
+    FLEET = "fleet"  # no byte from the fleet for `fleet`
+
+
+@dataclass(frozen=True)
+class SilenceLimits:
+    """Seconds of silence that end a call; 0 turns a per-side limit off."""
+
+    idle: float
+    carrier: float = 0.0
+    fleet: float = 0.0
+
+    @property
+    def shortest(self) -> float:
+        return min(s for s in (self.idle, self.carrier, self.fleet) if s > 0)
+
+    @property
+    def sweep_period(self) -> float:
+        return self.shortest / SWEEPS_PER_LIMIT
+
+
+@dataclass(frozen=True)
+class SilencePolicy:
+    """The configured limits, with per-route overrides of the per-side ones."""
+
+    tunnel: float
+    carrier: float = 0.0
+    fleet: float = 0.0
+    route_carrier: Mapping[str, float] = field(default_factory=dict)
+    route_fleet: Mapping[str, float] = field(default_factory=dict)
+
+    def for_route(self, route: str) -> SilenceLimits:
+        return SilenceLimits(
+            idle=self.tunnel,
+            carrier=self.route_carrier.get(route, self.carrier),
+            fleet=self.route_fleet.get(route, self.fleet),
+        )
+
+
+@dataclass
+class QuietWatch:
+    """One call's counters as the last sweep saw them, and since when each held still."""
+
+    limits: SilenceLimits
+    from_carrier: int
+    to_carrier: int
+    carrier_moved: float  # when the carrier's count last moved
+    fleet_moved: float
+    carrier_since: float  # the same, or when its reading was last held by flow control
+    fleet_since: float
+
+    @classmethod
+    def start(
+        cls, limits: SilenceLimits, from_carrier: int, to_carrier: int, now: float
+    ) -> QuietWatch:
+        return cls(limits, from_carrier, to_carrier, now, now, now, now)
+
+    def check(
+        self,
+        from_carrier: int,
+        to_carrier: int,
+        now: float,
+        *,
+        carrier_held: bool = False,
+        fleet_held: bool = False,
+    ) -> Silence | None:
+        """What has gone silent for its limit by `now`, if anything.
+
+        `carrier_held`: the carrier is not being read (flow control: the fleet
+        is not taking its bytes), so its silence is not its own. The idle rule
+        counts bytes alone, held or not, as `timeouts.tunnel` always has."""
+        if from_carrier != self.from_carrier:
+            self.from_carrier, self.carrier_moved = from_carrier, now
+        if to_carrier != self.to_carrier:
+            self.to_carrier, self.fleet_moved = to_carrier, now
+        self.carrier_since = now if carrier_held else max(self.carrier_since, self.carrier_moved)
+        self.fleet_since = now if fleet_held else max(self.fleet_since, self.fleet_moved)
+        limits = self.limits
+        if limits.carrier > 0 and now - self.carrier_since >= limits.carrier:
+            return Silence.CARRIER
+        if limits.fleet > 0 and now - self.fleet_since >= limits.fleet:
+            return Silence.FLEET
+        if now - max(self.carrier_moved, self.fleet_moved) >= limits.idle:
+            return Silence.IDLE
+        return None

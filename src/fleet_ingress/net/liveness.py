@@ -1,0 +1,79 @@
+"""TCP options that find a peer gone without a FIN, on both sides of a call.
+
+A carrier or fleet host that vanishes (link down, crash, a NAT forgetting the
+flow) sends no FIN or RST; left to the kernel's defaults, a socket with data
+in flight notices after about 15 minutes of retransmissions, and an idle one
+never. Two options shorten that to seconds:
+
+- `TCP_USER_TIMEOUT`: data left unacknowledged this long fails the connection
+  (ETIMEDOUT). It catches the peer that vanished while we were sending to it:
+  the carrier's audio toward a dead fleet, the bot's toward a dead carrier.
+- keepalive (`SO_KEEPALIVE`, `TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`):
+  after `idle` seconds with nothing received, a probe every `interval`; it
+  catches a dead peer while nothing is in flight. With a user timeout set,
+  Linux ends such a connection once `user_timeout` has passed since the last
+  thing received (and a probe is out) rather than after `probes` probes.
+
+Linux options: where the platform lacks one it is left unset.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from fleet_ingress.logs import fields
+
+log = logging.getLogger("fleet_ingress.liveness")
+
+# The errors a connection fails with when its peer vanished without a word:
+# the user timeout or keepalive ran out (ETIMEDOUT), or, when ICMP or a dead
+# neighbour said so on the way, the host or network was unreachable.
+_GONE_ERRNOS = frozenset(
+    {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN}
+)
+
+
+@dataclass(frozen=True)
+class TcpLiveness:
+    """Seconds (0 turns an option off) and the probes keepalive sends."""
+
+    user_timeout: float = 20.0
+    keepalive_idle: float = 10.0
+    keepalive_interval: float = 5.0
+    keepalive_probes: int = 3
+
+    def apply(self, sock: Any) -> None:
+        """Set the options on a connected TCP socket (or a transport's socket-like
+        object); a refusal is logged, never fatal: the call works without them."""
+        try:
+            if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _ms(self.user_timeout))
+            if self.keepalive_idle > 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                for name, value in (
+                    ("TCP_KEEPIDLE", _whole_seconds(self.keepalive_idle)),
+                    ("TCP_KEEPINTVL", _whole_seconds(self.keepalive_interval)),
+                    ("TCP_KEEPCNT", self.keepalive_probes),
+                ):
+                    if hasattr(socket, name):
+                        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        except OSError as exc:
+            log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
+
+
+def peer_gone(exc: BaseException | None) -> bool:
+    """Whether a connection failed because its peer vanished (no FIN, no RST)."""
+    return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _whole_seconds(seconds: float) -> int:
+    # The kernel counts keepalive in whole seconds, from 1.
+    return max(1, round(seconds))

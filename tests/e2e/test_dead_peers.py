@@ -1,0 +1,230 @@
+"""Dead peers on loopback (issue #16, must-show 3 and 4): a carrier that stays
+connected but stops sending is ended at `timeouts.carrier_silence`; a call whose
+bot is silent for longer than that while the carrier streams is not; the TCP
+liveness options are on both sides' sockets. Real TLS both sides, real sockets.
+The link-down cases need network namespaces: `test_dead_peers_netns.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import pytest
+from prometheus_client import generate_latest
+
+from fleet_ingress.service.ingress import Ingress
+from tests.support import (
+    SWITCHING,
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    access_entries,
+    eventually,
+    read_head,
+)
+
+FRAME = b"a" * 160  # stands for a 20 ms media frame (the ingress never parses frames)
+
+
+async def carrier(ingress: Ingress, tls_files: TLSFiles, path: str = "/ws/bot"):
+    """A raw TLS carrier with its upgrade sent (the 101 not yet read)."""
+    host, port = ingress.wss_address
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+    )
+    writer.write(UPGRADE.format(path=path).encode())
+    return reader, writer
+
+
+async def switched(reader: asyncio.StreamReader, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+class Bot:
+    """A fleet connection's behaviour after its 101: talks (`talking`) or thinks,
+    swallows what the carrier sends, and notes when the ingress closed it."""
+
+    def __init__(self, *, talking: bool = True) -> None:
+        self.talking = talking
+        self.received = 0
+        self.closed_at: list[float] = []
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+        talk = asyncio.get_running_loop().create_task(self._talk(writer))
+        try:
+            while data := await reader.read(65536):
+                self.received += len(data)
+        finally:
+            self.closed_at.append(time.monotonic())
+            talk.cancel()
+
+    async def _talk(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            if self.talking:
+                writer.write(FRAME)
+            await asyncio.sleep(0.02)
+
+
+async def stream(writer: asyncio.StreamWriter, seconds: float) -> float:
+    """Send a frame every 20 ms for `seconds`; when the last one went."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        writer.write(FRAME)
+        await asyncio.sleep(0.02)
+    return time.monotonic()
+
+
+async def drain(reader: asyncio.StreamReader) -> bytes:
+    """Read until the ingress closes; the last read (b"" for a clean close)."""
+    try:
+        while data := await reader.read(65536):
+            pass
+        return data
+    except (ConnectionError, OSError) as exc:
+        return repr(exc).encode()
+
+
+# -- 3. a carrier that stays connected but stops sending -----------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_silent_carrier_is_ended_and_its_slot_goes_to_the_queued_call(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    silence = 0.5
+    bot = Bot(talking=True)  # the bot keeps talking: the tunnel is not idle
+    fleet = await RawFleet(tls_files.fleet_server_context(), bot).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a", "maxconn=1")],
+            timeouts={"carrier_silence": silence, "queue": 10},
+        )
+        reader, writer = await carrier(ingress, tls_files)
+        await switched(reader)
+        reading = asyncio.get_running_loop().create_task(drain(reader))
+        last_frame = await stream(writer, 0.3)
+        # A second call waits in the queue for the one slot.
+        queued_reader, queued_writer = await carrier(ingress, tls_files, "/ws/next")
+        await eventually(lambda: ingress.dispatcher.queue_length == 1)
+
+        # The first carrier now sends nothing, but stays connected and reads.
+        await switched(queued_reader, timeout=silence * 4)
+        given_slot = time.monotonic() - last_frame
+        await eventually(lambda: bool(bot.closed_at), timeout=2)
+        assert bot.closed_at[0] - last_frame >= silence
+        async with asyncio.timeout(2):
+            await reading  # the silent carrier is disconnected too
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+        [entry] = access_entries(caplog)
+        assert (entry["end_reason"], entry["fleet"], entry["bot_id"]) == (
+            "carrier_silent",
+            "a",
+            "bot",
+        )
+        assert ingress.registry.ended[("a", "carrier_silent")] == 1
+        metrics = generate_latest(ingress.metrics.prometheus).decode()
+        assert 'fleet_ingress_calls_ended_total{fleet="a",reason="carrier_silent"} 1.0' in metrics
+        print(f"silent carrier ended; queued call in {given_slot:.2f} s after the last frame")
+        queued_writer.close()
+        writer.close()
+    finally:
+        await fleet.stop()
+
+
+# -- 4. the bot thinking: long silence from the fleet while the carrier streams ------
+
+
+@pytest.mark.timeout(30)
+async def test_a_bot_thinking_longer_than_carrier_silence_is_not_ended(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    silence = 0.3
+    bot = Bot(talking=False)
+    fleet = await RawFleet(tls_files.fleet_server_context(), bot).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a")], timeouts={"carrier_silence": silence, "tunnel": 60}
+        )
+        reader, writer = await carrier(ingress, tls_files)
+        await switched(reader)
+        await stream(writer, silence * 5)  # the bot says nothing all this time
+        bot.talking = True
+        async with asyncio.timeout(2):
+            assert await reader.readexactly(len(FRAME)) == FRAME  # ... and then answers
+        await stream(writer, silence * 2)
+        assert not bot.closed_at and len(ingress.registry.tunnels()) == 1
+        assert access_entries(caplog) == []
+        writer.close()
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+        assert access_entries(caplog)[0]["end_reason"] == "carrier closed"
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_fleet_silence_when_set_and_per_route_overrides(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fleet_silence ends a call whose fleet says nothing; routes.carrier_silence
+    turns the carrier's check off on one route while it stays on elsewhere."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    bot = Bot(talking=False)
+    fleet = await RawFleet(tls_files.fleet_server_context(), bot).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a")],
+            timeouts={"carrier_silence": 0.4, "fleet_silence": 0.4},
+            routes={"carrier_silence": {"/exotel/": 0}, "fleet_silence": {"/exotel/": 0}},
+        )
+        ws_reader, ws_writer = await carrier(ingress, tls_files, "/ws/streaming")
+        ex_reader, ex_writer = await carrier(ingress, tls_files, "/exotel/quiet")
+        await switched(ws_reader)
+        await switched(ex_reader)
+        await stream(ws_writer, 1.5)  # the /ws/ carrier streams; its bot never answers
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+        [entry] = access_entries(caplog)
+        assert (entry["bot_id"], entry["end_reason"]) == ("streaming", "fleet_silent")
+        # The /exotel/ call, silent both ways, is left to timeouts.tunnel.
+        assert [c.bot_id for c in ingress.registry.tunnels()] == ["quiet"]
+        ws_writer.close()
+        ex_writer.close()
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_tcp_liveness_options_are_set_on_both_sides(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    fleet = await RawFleet(tls_files.fleet_server_context(), Bot(talking=False)).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a")], timeouts={"tcp_user_timeout": 7.5, "keepalive_idle": 4}
+        )
+        reader, writer = await carrier(ingress, tls_files)
+        await switched(reader)
+        [call] = ingress.registry.tunnels()
+        assert call.fleet_side is not None
+        for side in (call.carrier, call.fleet_side):
+            sock = side.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            opts = (
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            )
+            assert opts == (7500, 1, 4, 5, 3), type(side).__name__
+        writer.close()
+    finally:
+        await fleet.stop()

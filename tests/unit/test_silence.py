@@ -1,0 +1,96 @@
+"""Which call the silence sweep ends, and when: counters and `now` in, a verdict out. No sockets."""
+
+import pytest
+
+from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
+
+# Defaults: timeouts.tunnel 3600, carrier_silence 30, fleet_silence off.
+DEFAULT = SilenceLimits(idle=3600.0, carrier=30.0)
+BOTH = SilenceLimits(idle=3600.0, carrier=30.0, fleet=10.0)
+IDLE_ONLY = SilenceLimits(idle=5.0)  # a non-101 answer being relayed: timeouts.response
+
+
+def _run(limits: SilenceLimits, sweeps: list[tuple[float, int, int, str]]) -> list[Silence | None]:
+    """Each sweep: (now, bytes from carrier, bytes to carrier, held) with held one of
+    "", "c" (carrier's reading paused by flow control), "f" (the fleet's)."""
+    watch = QuietWatch.start(limits, 0, 0, now=0.0)
+    return [
+        watch.check(c, f, now, carrier_held="c" in held, fleet_held="f" in held)
+        for now, c, f, held in sweeps
+    ]
+
+
+CARRIER, FLEET, IDLE = Silence.CARRIER, Silence.FLEET, Silence.IDLE
+
+
+@pytest.mark.parametrize(
+    ("limits", "sweeps", "verdicts"),
+    [
+        # A carrier streaming, the fleet answering: never ended.
+        (DEFAULT, [(7.5 * i, 100 * i, 90 * i, "") for i in range(1, 20)], [None] * 19),
+        # The carrier stops at 7.5 s (its link went down): ended at the first sweep
+        # 30 s after the last one that saw its count move, whatever the fleet sends.
+        (
+            DEFAULT,
+            [(7.5, 100, 50, ""), (15, 100, 60, ""), (30, 100, 70, ""), (37.5, 100, 80, "")],
+            [None, None, None, CARRIER],
+        ),
+        # The bot thinking: the fleet silent for minutes while the carrier streams.
+        (DEFAULT, [(30.0 * i, 100 * i, 5, "") for i in range(1, 11)], [None] * 10),
+        # ... unless fleet_silence is set: then the fleet's silence ends it.
+        (BOTH, [(5, 10, 0, ""), (10, 20, 0, ""), (15, 30, 0, "")], [None, FLEET, FLEET]),
+        # The carrier silent only because flow control stopped reading it (the fleet
+        # is not taking its bytes): not the carrier's silence.
+        (DEFAULT, [(15, 100, 0, "c"), (40, 100, 0, "c"), (60, 100, 0, "c")], [None] * 3),
+        # ... and its clock starts again from the last held sweep once reading resumes.
+        (DEFAULT, [(20, 100, 0, "c"), (45, 100, 0, ""), (50, 100, 0, "")], [None, None, CARRIER]),
+        # The same for the fleet when the carrier does not read.
+        (BOTH, [(8, 10, 0, "f"), (16, 20, 0, "f"), (20, 30, 0, "")], [None, None, None]),
+        # Nothing either way: the idle rule (here the relay of a non-101 answer).
+        (IDLE_ONLY, [(2, 0, 0, ""), (4.9, 0, 0, ""), (5.0, 0, 0, "")], [None, None, IDLE]),
+        (IDLE_ONLY, [(4, 0, 7, ""), (8, 0, 7, ""), (9, 0, 7, "")], [None, None, IDLE]),
+        # The idle rule counts bytes, held or not (timeouts.tunnel as it always was).
+        (IDLE_ONLY, [(3, 0, 0, "c"), (6, 0, 0, "c")], [None, IDLE]),
+        # carrier_silence off (0): a silent carrier is left to the idle rule.
+        (
+            SilenceLimits(idle=60.0),
+            [(30, 0, 5, ""), (59, 0, 5, ""), (89, 0, 5, ""), (90, 0, 5, "")],
+            [None, None, None, IDLE],
+        ),
+        # Both silent: the more telling reason wins (the carrier's, then the fleet's).
+        (BOTH, [(31, 0, 0, "")], [CARRIER]),
+    ],
+)
+def test_which_call_is_silent_and_when(limits, sweeps, verdicts):
+    assert _run(limits, sweeps) == verdicts
+
+
+def test_idle_counts_from_the_last_byte_either_way():
+    watch = QuietWatch.start(SilenceLimits(idle=10.0), 0, 0, now=0.0)
+    assert watch.check(5, 0, 4.0) is None  # the carrier spoke at (about) 4 s
+    assert watch.check(5, 0, 13.9) is None
+    assert watch.check(5, 0, 14.0) is Silence.IDLE
+
+
+@pytest.mark.parametrize(
+    ("limits", "period"),
+    [
+        (DEFAULT, 7.5),  # a quarter of carrier_silence
+        (BOTH, 2.5),
+        (IDLE_ONLY, 1.25),
+        (SilenceLimits(idle=3600.0), 900.0),  # carrier_silence off: the tunnel's quarter
+    ],
+)
+def test_sweep_period_is_a_quarter_of_the_shortest_limit(limits, period):
+    assert limits.sweep_period == period
+
+
+def test_per_route_overrides():
+    policy = SilencePolicy(
+        tunnel=3600.0,
+        carrier=30.0,
+        route_carrier={"/exotel/": 0.0},
+        route_fleet={"/exotel/": 120.0},
+    )
+    assert policy.for_route("/ws/") == SilenceLimits(idle=3600.0, carrier=30.0, fleet=0.0)
+    assert policy.for_route("/exotel/") == SilenceLimits(idle=3600.0, carrier=0.0, fleet=120.0)
