@@ -20,8 +20,10 @@ from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
+from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL, CarrierProtocol, ProxyContext
 from tests.support import SWITCHING, UPGRADE, eventually, read_head
 
@@ -61,7 +63,8 @@ async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[
             connect_timeout=2.0,
             response_timeout=2.0,
             request_timeout=2.0,
-            tunnel_timeout=60.0,
+            silence=SilencePolicy(tunnel=60.0, carrier=30.0),
+            liveness=TcpLiveness(),
             max_head_bytes=16384,
             max_connections=100,
             access_log=False,
@@ -124,7 +127,7 @@ async def test_a_fleet_hang_up_closes_the_carrier_and_is_the_fleets(pump_with_fl
     writer.write(UPGRADE.format(path="/exotel/bot-2").encode())
     assert await asyncio.wait_for(reader.read(-1), 5) == SWITCHING + b"bye"
     await eventually(lambda: not pump.ctx.registry.calls)
-    assert pump.ctx.registry.ended["fleet closed"] == 1
+    assert pump.ctx.registry.ended[("a", "fleet closed")] == 1
     assert pump.balancer.fleets[0].active == 0
     writer.close()
 
