@@ -299,7 +299,8 @@ def _verify_as_client(cert: Path, key: Path, ca_file: Path | None) -> tuple[int 
         try:
             client.load_verify_locations(cafile=ca_file)
         except OSError as exc:
-            reason = "it holds no PEM certificate" if isinstance(exc, ssl.SSLError) else exc
+            pem = isinstance(exc, ssl.SSLError)
+            reason = "it holds no PEM certificate" if pem else exc.strerror
             raise TLSSetupError(f"CA file {ca_file} cannot be used: {reason}") from None
     else:
         client.load_default_certs(ssl.Purpose.SERVER_AUTH)
@@ -314,11 +315,13 @@ def _verify_as_client(cert: Path, key: Path, ca_file: Path | None) -> tuple[int 
             return exc.verify_code, exc.verify_message
         except ssl.SSLWantReadError:
             server_in.write(client_out.read())
+        except ssl.SSLError:
+            return None, ""  # not a verdict on the chain
         try:
             server_side.do_handshake()
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLError:
-            return None, ""  # not a verdict on the chain; the real listener would say
+            return None, ""
         client_in.write(server_out.read())
     return None, ""
