@@ -427,10 +427,12 @@ def _warn_about_chain(config: IngressConfig) -> None:
         return
     try:
         problem = chain_problem(tls.cert, tls.key, tls.ca_file)
-    except TLSSetupError as exc:  # tls.ca_file unusable
-        problem = f"tls.ca_file: {exc}"
+        problem = problem and f"{tls.cert} {problem}"
+        key = "tls.cert"
+    except TLSSetupError as exc:  # tls.ca_file unusable: the chain cannot be judged
+        problem, key = str(exc), "tls.ca_file"
     if problem:
         log.warning(
             "carriers may fail to verify the certificate chain; fleet-ingress check says how",
-            extra=fields(key="tls.cert", cert=str(tls.cert), problem=f"{tls.cert} {problem}"),
+            extra=fields(key=key, cert=str(tls.cert), problem=problem),
         )
