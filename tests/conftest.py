@@ -61,7 +61,11 @@ async def start_ingress(tls_files: TLSFiles) -> AsyncIterator[StartIngress]:
         data = _merge(
             {
                 "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
-                "tls": {"cert": str(tls_files.ingress_cert), "key": str(tls_files.ingress_key)},
+                "tls": {
+                    "cert": str(tls_files.ingress_cert),
+                    "key": str(tls_files.ingress_key),
+                    "ca_file": str(tls_files.ca_pem),  # carriers are given the test CA
+                },
                 "fleets": {"ca_file": str(tls_files.ca_pem)},
                 "log": {"access": True},
             },

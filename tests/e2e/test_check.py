@@ -16,8 +16,8 @@ GOOD_TOML = """\
 [listen]
 admin_socket = ""
 [tls]
-cert = "cert.pem"
-key = "key.pem"
+cert = "fullchain.pem"
+key = "privkey.pem"
 """
 
 
@@ -29,16 +29,36 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
+    """A root CA in "the system trust store": OpenSSL reads SSL_CERT_FILE as its
+    default bundle, so a client with default certificates trusts it (and the
+    public roots in the default directory still)."""
+    root = trustme.CA()
+    root.cert_pem.write_to_path(tmp_path / "system-roots.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system-roots.pem"))
+    return root
+
+
+@pytest.fixture
+def ca(root: trustme.CA) -> trustme.CA:
+    """The issuing intermediate, as Let's Encrypt's R10 or E5 under ISRG Root X1."""
+    return root.create_child_ca()
+
+
+def write_certbot_files(directory: Path, leaf: trustme.LeafCert) -> None:
+    """certbot's live/ files: cert.pem (leaf alone), chain.pem, fullchain.pem, privkey.pem."""
+    leaf_pem, *intermediates = (blob.bytes() for blob in leaf.cert_chain_pems)
+    (directory / "cert.pem").write_bytes(leaf_pem)
+    (directory / "chain.pem").write_bytes(b"".join(intermediates))
+    (directory / "fullchain.pem").write_bytes(leaf_pem + b"".join(intermediates))
+    leaf.private_key_pem.write_to_path(directory / "privkey.pem")
 
 
 @pytest.fixture
 def deployment(tmp_path: Path, ca: trustme.CA) -> Path:
-    """A valid config directory: cert and key, one fleet; returns the config path."""
-    leaf = ca.issue_cert("calls.example.com")
-    leaf.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    leaf.private_key_pem.write_to_path(tmp_path / "key.pem")
+    """A valid config directory: certbot's files (fullchain.pem used), one fleet;
+    returns the config path."""
+    write_certbot_files(tmp_path, ca.issue_cert("calls.example.com"))
     (tmp_path / "fleets.txt").write_text("https://fleet1.example.com\n")
     path = tmp_path / "ingress.toml"
     path.write_text(GOOD_TOML)
@@ -71,12 +91,12 @@ def wrong_type(path: Path) -> None:
 
 
 def missing_cert(path: Path) -> None:
-    (path.parent / "cert.pem").unlink()
+    (path.parent / "fullchain.pem").unlink()
 
 
 def mismatched_key(path: Path) -> None:
     trustme.CA().issue_cert("other.example.com").private_key_pem.write_to_path(
-        path.parent / "key.pem"
+        path.parent / "privkey.pem"
     )
 
 
@@ -93,7 +113,7 @@ def missing_fleets_file(path: Path) -> None:
 
 
 def cert_unset(path: Path) -> None:
-    path.write_text(GOOD_TOML.replace('cert = "cert.pem"\n', ""))
+    path.write_text(GOOD_TOML.replace('cert = "fullchain.pem"\n', ""))
 
 
 def missing_ca_file(path: Path) -> None:
@@ -107,11 +127,14 @@ def bad_listener(path: Path) -> None:
 BREAKAGES = [
     (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
     (wrong_type, "{config}: timeouts.connect: 'soon' is a string; write a number, unquoted"),
-    (missing_cert, "{config}: tls.cert: cannot read {dir}/cert.pem: No such file or directory"),
+    (
+        missing_cert,
+        "{config}: tls.cert: cannot read {dir}/fullchain.pem: No such file or directory",
+    ),
     (
         mismatched_key,
-        "{config}: tls.cert, tls.key: certificate {dir}/cert.pem and key {dir}/key.pem "
-        "do not match",
+        "{config}: tls.cert, tls.key: certificate {dir}/fullchain.pem and key "
+        "{dir}/privkey.pem do not match",
     ),
     (
         bad_fleet_url,
@@ -152,8 +175,7 @@ def test_verify_false_warns_but_passes(deployment: Path) -> None:
 
 def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None:
     leaf = ca.issue_cert("calls.example.com", not_after=datetime.now(UTC) + timedelta(days=3))
-    leaf.cert_chain_pems[0].write_to_path(deployment.parent / "cert.pem")
-    leaf.private_key_pem.write_to_path(deployment.parent / "key.pem")
+    write_certbot_files(deployment.parent, leaf)
     (line,) = check_configuration(deployment)
     assert line.startswith(f"{WARNING}{deployment}: tls.cert: ")
     assert "expires in" in line
@@ -172,7 +194,8 @@ def test_example_config_spells_out_every_default() -> None:
     written = tomllib.loads(EXAMPLE.read_text())
     for section, field in IngressConfig.model_fields.items():
         keys = set(field.annotation.model_fields)  # type: ignore[union-attr]
-        optional = {"ca_file"} if section == "fleets" else set()  # no TOML spelling for None
+        # No TOML spelling for None.
+        optional = {"ca_file"} if section in ("fleets", "tls") else set()
         assert set(written[section]) == keys - optional, section
     example = load_config(EXAMPLE).model_dump()
     default = load_config(None).model_dump()
@@ -180,3 +203,132 @@ def test_example_config_spells_out_every_default() -> None:
         dump["tls"].update(cert=None, key=None)
         dump["fleets"]["file"] = Path("fleets.txt").absolute()
     assert example == default
+
+
+# -- the certificate chain (issue #12) --------------------------------------------------
+
+
+def use_tls(path: Path, cert: str, key: str = "privkey.pem", ca_file: str | None = None) -> None:
+    tls = f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
+    if ca_file is not None:
+        tls += f'ca_file = "{ca_file}"\n'
+    path.write_text(GOOD_TOML.replace('[tls]\ncert = "fullchain.pem"\nkey = "privkey.pem"\n', tls))
+
+
+def only_problem(path: Path) -> str:
+    (line,) = check_configuration(path)
+    status, output = run(path)
+    assert (status, output) == (1, f"{line}\ncheck failed: 1 problem(s)\n")
+    return line
+
+
+def test_certbots_cert_pem_is_refused_naming_fullchain_pem(deployment: Path) -> None:
+    use_tls(deployment, "cert.pem")
+    line = only_problem(deployment)
+    directory = deployment.parent
+    assert line.startswith(
+        f"{deployment}: tls.cert: {directory}/cert.pem holds the server's certificate alone"
+    )
+    assert "is not in the system trust store" in line
+    assert f"With certbot, use {directory}/fullchain.pem, not cert.pem" in line
+
+
+def test_a_chain_in_the_wrong_order_is_named_so_not_a_key_mismatch(deployment: Path) -> None:
+    directory = deployment.parent
+    (directory / "reversed.pem").write_bytes(
+        (directory / "chain.pem").read_bytes() + (directory / "cert.pem").read_bytes()
+    )
+    use_tls(deployment, "reversed.pem")
+    line = only_problem(deployment)
+    assert line.startswith(
+        f"{deployment}: tls.cert, tls.key: certificate {directory}/reversed.pem has its "
+        f"certificates in the wrong order: the key {directory}/privkey.pem belongs to "
+        "certificate 2 of 2"
+    )
+    assert "do not match" not in line and "fullchain.pem" in line
+
+
+def test_intermediates_out_of_order_are_named(deployment: Path, ca: trustme.CA) -> None:
+    """root -> ca -> sub -> leaf, written leaf, ca, sub: the leaf is first (so the
+    key pairs up) but its issuer does not follow it."""
+    leaf = ca.create_child_ca().issue_cert("calls.example.com")
+    leaf_pem, sub_pem, ca_pem = (b.bytes() for b in leaf.cert_chain_pems)
+    directory = deployment.parent
+    (directory / "shuffled.pem").write_bytes(leaf_pem + ca_pem + sub_pem)
+    leaf.private_key_pem.write_to_path(directory / "privkey.pem")
+    use_tls(deployment, "shuffled.pem")
+    line = only_problem(deployment)
+    assert line.startswith(f"{deployment}: tls.cert: {directory}/shuffled.pem is not in order: ")
+    assert "certificate 2 (" in line and "did not issue certificate 1 (" in line
+    # In order it passes: the same three certificates are a good chain.
+    (directory / "shuffled.pem").write_bytes(leaf_pem + sub_pem + ca_pem)
+    assert check_configuration(deployment) == []
+
+
+def test_a_missing_intermediate_between_two_is_named(deployment: Path, ca: trustme.CA) -> None:
+    leaf = ca.create_child_ca().issue_cert("calls.example.com")
+    leaf_pem, sub_pem, _ = (b.bytes() for b in leaf.cert_chain_pems)
+    directory = deployment.parent
+    (directory / "fullchain.pem").write_bytes(leaf_pem + sub_pem)
+    leaf.private_key_pem.write_to_path(directory / "privkey.pem")
+    line = only_problem(deployment)
+    assert line.startswith(f"{deployment}: tls.cert: {directory}/fullchain.pem stops at ")
+    assert "an intermediate certificate is missing" in line
+
+
+def test_a_private_ca_passes_once_the_operator_names_it(deployment: Path, ca: trustme.CA) -> None:
+    private = trustme.CA()  # not in the (test's) system trust store
+    directory = deployment.parent
+    leaf = private.issue_cert("calls.example.com")
+    leaf.cert_chain_pems[0].write_to_path(directory / "fullchain.pem")
+    leaf.private_key_pem.write_to_path(directory / "privkey.pem")
+    line = only_problem(deployment)
+    assert "set tls.ca_file to its certificate" in line
+    private.cert_pem.write_to_path(directory / "carrier-ca.pem")
+    use_tls(deployment, "fullchain.pem", ca_file="carrier-ca.pem")
+    assert check_configuration(deployment) == []
+    # Named, the private CA is what carriers trust: the system's roots no longer count.
+    write_certbot_files(directory, ca.issue_cert("calls.example.com"))
+    assert f"nor in tls.ca_file {directory}/carrier-ca.pem" in only_problem(deployment)
+
+
+def test_a_self_signed_certificate_passes_only_when_named(deployment: Path) -> None:
+    self_signed = trustme.CA()  # a CA's own certificate is self-signed
+    directory = deployment.parent
+    self_signed.cert_pem.write_to_path(directory / "self.pem")
+    self_signed.private_key_pem.write_to_path(directory / "privkey.pem")
+    use_tls(deployment, "self.pem")
+    assert f"{directory}/self.pem is self-signed" in only_problem(deployment)
+    use_tls(deployment, "self.pem", ca_file="self.pem")
+    assert check_configuration(deployment) == []
+
+
+def test_a_chain_ending_at_an_untrusted_root_is_named(deployment: Path) -> None:
+    other_root = trustme.CA()
+    leaf = other_root.create_child_ca().issue_cert("calls.example.com")
+    directory = deployment.parent
+    blobs = [b.bytes() for b in leaf.cert_chain_pems] + [other_root.cert_pem.bytes()]
+    (directory / "fullchain.pem").write_bytes(b"".join(blobs))
+    leaf.private_key_pem.write_to_path(directory / "privkey.pem")
+    line = only_problem(deployment)
+    assert f"{directory}/fullchain.pem ends at the root " in line
+    assert "which is not in the system trust store" in line
+
+
+def test_an_unreadable_tls_ca_file_is_named(deployment: Path) -> None:
+    use_tls(deployment, "fullchain.pem", ca_file="nope.pem")
+    assert only_problem(deployment) == (
+        f"{deployment}: tls.ca_file: cannot read {deployment.parent}/nope.pem: "
+        "No such file or directory"
+    )
+    (deployment.parent / "nope.pem").write_text("not a certificate\n")
+    assert only_problem(deployment).startswith(
+        f"{deployment}: tls.ca_file: CA file {deployment.parent}/nope.pem cannot be used: "
+        "it holds no PEM certificate"
+    )
+
+
+@pytest.mark.parametrize("profile", ["intermediate", "modern", "openssl"])
+def test_each_tls_profile_passes_check(deployment: Path, profile: str) -> None:
+    append(deployment, f'profile = "{profile}"\n')
+    assert check_configuration(deployment) == []

@@ -44,6 +44,7 @@ admin_socket = ""
 [tls]
 cert = "{tls_files.ingress_cert}"
 key = "{tls_files.ingress_key}"
+ca_file = "{tls_files.ca_pem}"
 
 [fleets]
 ca_file = "{tls_files.ca_pem}"

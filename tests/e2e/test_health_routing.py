@@ -299,6 +299,7 @@ async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     config.write_text(
         f'[listen]\nwss = "127.0.0.1:8443"\nacme = ""\nstats = ""\nadmin_socket = ""\n'
         f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
+        f'ca_file = "{tls_files.ca_pem}"\n'
         f'[fleets]\nca_file = "{tls_files.ca_pem}"\n'
     )
     proc = await asyncio.create_subprocess_exec(

@@ -41,12 +41,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def templates_with_cert(tmp_path: Path) -> Path:
+def templates_with_cert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The packaged templates, with certbot's live/ directory moved under tmp_path
-    and holding a real (trustme) certificate for DOMAIN."""
+    and holding a real (trustme) certificate for DOMAIN, issued by an intermediate
+    under a root that OpenSSL's default bundle (SSL_CERT_FILE) trusts, as Let's
+    Encrypt's are."""
     live = tmp_path / "letsencrypt" / "live" / DOMAIN
     live.mkdir(parents=True)
-    leaf = trustme.CA().issue_cert(DOMAIN)
+    root = trustme.CA()
+    root.cert_pem.write_to_path(tmp_path / "system-roots.pem")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "system-roots.pem"))
+    leaf = root.create_child_ca().issue_cert(DOMAIN)
     for blob in leaf.cert_chain_pems:
         blob.write_to_path(live / "fullchain.pem", append=True)
     leaf.private_key_pem.write_to_path(live / "privkey.pem")

@@ -35,7 +35,13 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "stats": "127.0.0.1:8404",
             "admin_socket": "/run/fleet-ingress/admin.sock",
         },
-        "tls": {"cert": None, "key": None, "min_version": "TLSv1.2"},
+        "tls": {
+            "cert": None,
+            "key": None,
+            "min_version": "TLSv1.2",
+            "profile": "intermediate",
+            "ca_file": None,
+        },
         "routes": {
             "proxy": ["/ws/", "/exotel/"],
             "health": "/haproxy-health",
@@ -201,6 +207,19 @@ def test_min_version_below_the_floor_is_refused(version: str) -> None:
 
 def test_min_version_tls13_is_accepted() -> None:
     assert config_from_dict({"tls": {"min_version": "TLSv1.3"}}).tls.min_version == "TLSv1.3"
+
+
+def test_an_unknown_tls_profile_names_the_three() -> None:
+    assert problems({"tls": {"profile": "old"}}) == [
+        "configuration: tls.profile: Input should be 'intermediate', 'modern' or 'openssl' "
+        "(got 'old')"
+    ]
+
+
+def test_tls_ca_file_is_resolved_beside_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "ingress.toml"
+    path.write_text('[tls]\nca_file = "carrier-ca.pem"\n')
+    assert load_config(path).tls.ca_file == tmp_path / "carrier-ca.pem"
 
 
 def test_retry_on_is_normalised() -> None:

@@ -16,6 +16,7 @@ from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
 from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
+    chain_problem,
     fleet_ssl_context,
     server_ssl_context,
 )
@@ -139,11 +140,20 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
     cert, key = config.tls.cert, config.tls.key
     if problems or cert is None or key is None:
         return problems
+    if (ca_file := config.tls.ca_file) is not None and (reason := _unreadable(ca_file)):
+        return [f"{source}: tls.ca_file: cannot read {ca_file}: {reason}"]
     try:
-        server_ssl_context(cert, key, config.tls.min_version)
+        server_ssl_context(cert, key, config.tls.min_version, config.tls.profile)
         days_left = (certificate_not_after(cert) - time.time()) / 86400
     except TLSSetupError as exc:
         return [f"{source}: tls.cert, tls.key: {exc}"]
+    try:
+        # A chain clients cannot follow is an error here though `run` serves it (with a
+        # warning): browsers fetch a missing intermediate, carriers' TLS stacks do not.
+        if problem := chain_problem(cert, key, ca_file):
+            return [f"{source}: tls.cert: {cert} {problem}"]
+    except TLSSetupError as exc:
+        return [f"{source}: tls.ca_file: {exc}"]
     if days_left < EXPIRY_WARNING_DAYS:
         state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
         return [f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?"]

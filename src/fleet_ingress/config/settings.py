@@ -104,6 +104,12 @@ class TLSSection(_Section):
     cert: Path | None = None
     key: Path | None = None
     min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    # Mozilla's server-side TLS guidelines (net/tls.py PROFILES); min_version is a floor
+    # on top, so "modern" is TLS 1.3 only whatever it says.
+    profile: Literal["intermediate", "modern", "openssl"] = "intermediate"
+    # What carriers trust for this certificate, when not the system trust store:
+    # a private CA, or the certificate itself when self-signed. Judged by `check`.
+    ca_file: Path | None = None
 
     @field_validator("min_version", mode="before")
     @classmethod
@@ -304,7 +310,11 @@ class IngressConfig(BaseSettings):
         tls, fleets, listen = self.tls, self.fleets, self.listen
         # Copies, not in-place edits: a section passed in by the caller stays untouched.
         self.tls = tls.model_copy(
-            update={"cert": _absolute(tls.cert, base), "key": _absolute(tls.key, base)}
+            update={
+                "cert": _absolute(tls.cert, base),
+                "key": _absolute(tls.key, base),
+                "ca_file": _absolute(tls.ca_file, base),
+            }
         )
         self.fleets = fleets.model_copy(
             update={

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import ssl
+from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
+log = logging.getLogger("fleet_ingress.tls")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 _ALPN = ["http/1.1"]  # WebSocket upgrades are HTTP/1.1 only; never let a peer pick h2
@@ -14,16 +24,63 @@ class TLSSetupError(ValueError):
     """A certificate, key or CA file that cannot be used; the message names the files."""
 
 
-def server_ssl_context(cert: Path, key: Path, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+@dataclass(frozen=True)
+class TLSProfile:
+    """One `tls.profile`: what the carrier listener offers."""
+
+    floor: ssl.TLSVersion
+    ciphers: str  # the TLS 1.2 list; TLS 1.3's three AEAD suites are OpenSSL's default
+    groups: str | None  # key exchange groups; None: OpenSSL's default list
+    server_order: bool  # the server's cipher order wins over the client's
+
+
+# Mozilla's server-side TLS guidelines 5.7, "intermediate", minus its three DHE-RSA
+# suites: every client Mozilla lists for intermediate (Android 4.4.2, Java 8u31,
+# IE 11 on Windows 7, OpenSSL 1.0.1, ...) has ECDHE, and a DHE handshake costs the
+# server a 2048-bit modular exponentiation a client can ask for cheaply (D(HE)at,
+# CVE-2002-20001) on the event loop every call shares. No CBC (LUCKY13), no static
+# RSA key exchange (no forward secrecy, ROBOT).
+_MOZILLA_TLS12 = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+_MOZILLA_GROUPS = "X25519:P-256:P-384"
+PROFILES = {
+    # Mozilla leaves the choice to the client (server_preferred_order false): with only
+    # strong suites, a phone without AES hardware picks ChaCha20.
+    "intermediate": TLSProfile(ssl.TLSVersion.TLSv1_2, _MOZILLA_TLS12, _MOZILLA_GROUPS, False),
+    "modern": TLSProfile(ssl.TLSVersion.TLSv1_3, _MOZILLA_TLS12, _MOZILLA_GROUPS, False),
+    # What the listener did before profiles existed (and the HAProxy it replaced):
+    # OpenSSL's DEFAULT list, CBC and static-RSA suites included, for a carrier whose
+    # TLS 1.2 stack has nothing better.
+    "openssl": TLSProfile(ssl.TLSVersion.TLSv1_2, "DEFAULT", None, True),
+}
+
+
+def server_ssl_context(
+    cert: Path, key: Path, min_version: str = "TLSv1.2", profile: str = "intermediate"
+) -> ssl.SSLContext:
     if min_version not in _VERSIONS:
         raise TLSSetupError(f"TLS minimum version {min_version!r}: the floor is TLSv1.2")
+    if profile not in PROFILES:
+        raise TLSSetupError(f"TLS profile {profile!r}: use one of {', '.join(PROFILES)}")
+    chosen = PROFILES[profile]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # Set explicitly rather than trusting the OS OpenSSL policy, as the HAProxy bind did.
-    ctx.minimum_version = _VERSIONS[min_version]
-    # Python narrows the cipher list below OpenSSL's default (no SHA-1 CBC suites, for
-    # one); older carrier TLS 1.2 stacks may need those, and rejecting a carrier's
-    # handshake costs calls. The TLS 1.2 floor is what keeps the weak ones out.
-    ctx.set_ciphers("DEFAULT")
+    # Both are floors, so the higher wins: "modern" is TLS 1.3 whatever min_version says.
+    ctx.minimum_version = max(_VERSIONS[min_version], chosen.floor)
+    # Set even for "openssl": Python narrows the cipher list below OpenSSL's default.
+    ctx.set_ciphers(chosen.ciphers)
+    if chosen.groups is not None:
+        _set_groups(ctx, chosen.groups)
+    if not chosen.server_order:
+        ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     ctx.options |= ssl.OP_NO_COMPRESSION | getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     ctx.set_alpn_protocols(_ALPN)
     try:
@@ -33,6 +90,8 @@ def server_ssl_context(cert: Path, key: Path, min_version: str = "TLSv1.2") -> s
     except OSError as exc:
         # ssl.SSLError is an OSError too; only KEY_VALUES_MISMATCH means "both fine, not a pair".
         if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            if misordered := _misordered(cert, key):
+                raise TLSSetupError(f"certificate {cert} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
         elif isinstance(exc, ssl.SSLError):
             problem = "cannot be read: each must be PEM, and the key not encrypted"
@@ -41,6 +100,44 @@ def server_ssl_context(cert: Path, key: Path, min_version: str = "TLSv1.2") -> s
             problem = f"cannot be read: {exc.strerror} ({unreadable or cert})"
         raise TLSSetupError(f"certificate {cert} and key {key} {problem}") from None
     return ctx
+
+
+# SSL_CTRL_SET_GROUPS_LIST, the control behind SSL_CTX_set1_groups_list (OpenSSL >= 1.1.1).
+_SET_GROUPS_LIST = 92
+_groups_fallback_logged = False
+
+
+def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    """Limit key exchange to `groups`. Python before 3.15 has only set_ecdh_curve,
+    which allows one group: P-256 alone would cost every TLS 1.3 client that sends an
+    X25519 key share (OpenSSL, Chrome, Firefox) a HelloRetryRequest, one more round
+    trip before each call. So OpenSSL's own call is made on the context's SSL_CTX,
+    after checking that the pointer read is that SSL_CTX (its options read back)."""
+    global _groups_fallback_logged
+    try:
+        import _ssl
+
+        libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
+        get_options = libssl.SSL_CTX_get_options
+        get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
+        control = libssl.SSL_CTX_ctrl
+        control.restype = ctypes.c_long
+        control.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+        # PySSLContext is PyObject_HEAD then SSL_CTX *ctx.
+        ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if ssl.OPENSSL_VERSION_INFO >= (1, 1, 1) and ssl_ctx:
+            if get_options(ssl_ctx) == int(ctx.options):
+                if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
+                    return
+    except (OSError, AttributeError, ImportError):
+        pass
+    ctx.set_ecdh_curve("prime256v1")  # within every profile's list, at one round trip's cost
+    if not _groups_fallback_logged:
+        _groups_fallback_logged = True
+        log.warning(
+            "TLS key exchange limited to P-256: this Python cannot set a list of groups; "
+            "TLS 1.3 clients that lead with X25519 take one more round trip"
+        )
 
 
 def fleet_ssl_context(*, verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -82,3 +179,149 @@ def certificate_not_after(cert: Path) -> float:
         return x509.load_pem_x509_certificate(data).not_valid_after_utc.timestamp()
     except ValueError:
         raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
+
+
+# How clients judge the chain the listener serves: OpenSSL's verification, as a
+# carrier's TLS stack would run it, without the host name (check does not know which
+# name carriers dial) and without the clock (expiry has its own warning).
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+_FULLCHAIN_HINT = "certbot's fullchain.pem holds the certificate and its intermediates, in order"
+
+
+def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | None:
+    """What keeps a client from verifying the chain in `cert`, or None when nothing does.
+
+    The chain must run leaf first, each certificate followed by its issuer, and end at
+    (or just below) a root in the system trust store, or in `ca_file` when the operator
+    names one: a private CA that carriers are given, or a self-signed certificate."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert.read_bytes())
+    except (OSError, ValueError):
+        return None  # unreadable or not PEM: server_ssl_context names that
+    if problem := _misordered(cert, key):
+        return problem
+    for i, (subject, issuer) in enumerate(pairwise(chain), start=1):
+        if not _issued_by(subject, issuer):
+            return (
+                f"is not in order: certificate {i + 1} ({_name(issuer)}) did not issue "
+                f"certificate {i} ({_name(subject)}); each certificate must be followed by "
+                f"its issuer ({_FULLCHAIN_HINT})"
+            )
+    code, message = _verify_as_client(cert, key, ca_file)
+    if code is None:
+        return None
+    trusted = f"tls.ca_file {ca_file}" if ca_file else "the system trust store"
+    last = chain[-1]
+    private = (
+        "; for a private CA that carriers are given, set tls.ca_file to its certificate"
+        if ca_file is None
+        else ""
+    )
+    if code == 18:  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+        return (
+            f"is self-signed and not in {trusted}: carriers refuse it unless they were given "
+            "it; use a CA-issued certificate, or set tls.ca_file to this one if carriers "
+            "trust it"
+        )
+    if code == 19:  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+        return (
+            f"ends at the root {_name(last)}, which is not in {trusted}: carriers refuse "
+            f"the chain{private}"
+        )
+    if code in (2, 20):  # unable to get (local) issuer certificate
+        if len(chain) == 1:
+            fullchain = cert.with_name("fullchain.pem")
+            use = f"use {fullchain}" if fullchain.is_file() else "use fullchain.pem"
+            return (
+                f"holds the server's certificate alone, and its issuer ({_name_of(last.issuer)})"
+                f" is not in {trusted}: the intermediate certificate(s) linking it to a "
+                f"trusted root are missing, so carriers fail to verify it. With certbot, "
+                f"{use}, not cert.pem ({_FULLCHAIN_HINT}){private}"
+            )
+        return (
+            f"stops at {_name(last)}, whose issuer ({_name_of(last.issuer)}) is neither in "
+            f"the file nor in {trusted}: an intermediate certificate is missing, so carriers "
+            f"fail to verify it ({_FULLCHAIN_HINT}){private}"
+        )
+    return f"cannot be verified against {trusted}: {message}"
+
+
+def _misordered(cert: Path, key: Path) -> str | None:
+    """When the key belongs to a certificate other than the first: say so, rather
+    than "do not match" (OpenSSL pairs the key with the first certificate only)."""
+    try:
+        chain = x509.load_pem_x509_certificates(cert.read_bytes())
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):
+        return None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    mine = private.public_key().public_bytes(*spki)
+    found = [i for i, c in enumerate(chain) if c.public_key().public_bytes(*spki) == mine]
+    if not found or found[0] == 0:
+        return None
+    return (
+        f"has its certificates in the wrong order: the key {key} belongs to certificate "
+        f"{found[0] + 1} of {len(chain)} ({_name(chain[found[0]])}), and the server's "
+        f"certificate must come first, then each issuer ({_FULLCHAIN_HINT})"
+    )
+
+
+def _issued_by(subject: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        subject.verify_directly_issued_by(issuer)
+    except (ValueError, InvalidSignature):
+        return False
+    except (TypeError, UnsupportedAlgorithm):  # a signature scheme it cannot check
+        return subject.issuer == issuer.subject
+    return True
+
+
+def _name(certificate: x509.Certificate) -> str:
+    return _name_of(certificate.subject)
+
+
+def _name_of(name: x509.Name) -> str:
+    return name.rfc4514_string() or "an empty name"
+
+
+def _verify_as_client(cert: Path, key: Path, ca_file: Path | None) -> tuple[int | None, str]:
+    """A TLS handshake in memory, the listener's chain against a client that trusts
+    what carriers trust: (OpenSSL's verify code, its message), or (None, "")."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        server.load_cert_chain(cert, key, password=lambda: b"")
+    except OSError:
+        return None, ""  # server_ssl_context names that problem
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
+    if ca_file is not None:
+        try:
+            client.load_verify_locations(cafile=ca_file)
+        except OSError as exc:
+            pem = isinstance(exc, ssl.SSLError)
+            reason = "it holds no PEM certificate" if pem else exc.strerror
+            raise TLSSetupError(f"CA file {ca_file} cannot be used: {reason}") from None
+    else:
+        client.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client_side = client.wrap_bio(client_in, client_out)
+    server_side = server.wrap_bio(server_in, server_out, server_side=True)
+    for _ in range(4):  # a TLS 1.3 handshake takes two flights each way
+        try:
+            client_side.do_handshake()
+            return None, ""
+        except ssl.SSLCertVerificationError as exc:
+            return exc.verify_code, exc.verify_message
+        except ssl.SSLWantReadError:
+            server_in.write(client_out.read())
+        except ssl.SSLError:
+            return None, ""  # not a verdict on the chain
+        try:
+            server_side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            return None, ""
+        client_in.write(server_out.read())
+    return None, ""

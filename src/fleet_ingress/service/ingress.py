@@ -34,6 +34,7 @@ from fleet_ingress.net.proxy import ProxyContext
 from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
+    chain_problem,
     fleet_ssl_context,
     server_ssl_context,
 )
@@ -67,7 +68,7 @@ class Ingress:
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
                 raise ValueError("tls.cert and tls.key must be set to serve the carrier listener")
-            server_ssl = server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
+            server_ssl = _server_ssl(config)
         if fleet_ssl is None:
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
@@ -158,6 +159,7 @@ class Ingress:
                 "fleets.verify = false: fleet certificates are not checked, so anyone on the "
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
+        _warn_about_chain(self.config)
         listen = self.config.listen
         loop = asyncio.get_running_loop()
         host, port = parse_hostport(listen.wss, what="listen.wss")
@@ -262,7 +264,7 @@ class Ingress:
                 raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
             if config.tls.cert is None or config.tls.key is None:
                 raise ReloadRefused("tls.cert and tls.key must be set")
-            server_ssl = server_ssl_context(config.tls.cert, config.tls.key, config.tls.min_version)
+            server_ssl = _server_ssl(config)
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
             )
@@ -294,6 +296,9 @@ class Ingress:
             await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
         self.dispatcher.wake()
         self.reloads["applied"] += 1
+        # A renewal is what usually brings a new chain; judged off the loop (reading the
+        # system trust store takes tens of milliseconds) and never a reason to refuse.
+        await asyncio.to_thread(_warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 
     def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
@@ -418,3 +423,29 @@ def _probe_settings(config: IngressConfig) -> ProbeSettings:
         fall=f.fall,
         rise=f.rise,
     )
+
+
+def _server_ssl(config: IngressConfig) -> ssl.SSLContext:
+    tls = config.tls
+    if tls.cert is None or tls.key is None:
+        raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
+    return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
+
+
+def _warn_about_chain(config: IngressConfig) -> None:
+    """Serve anyway: the chain `check` refuses still works for carriers that hold the
+    missing intermediate, and refusing to start would drop every call."""
+    tls = config.tls
+    if tls.cert is None or tls.key is None:
+        return
+    try:
+        problem = chain_problem(tls.cert, tls.key, tls.ca_file)
+        problem = problem and f"{tls.cert} {problem}"
+        key = "tls.cert"
+    except TLSSetupError as exc:  # tls.ca_file unusable: the chain cannot be judged
+        problem, key = str(exc), "tls.ca_file"
+    if problem:
+        log.warning(
+            "carriers may fail to verify the certificate chain; fleet-ingress check says how",
+            extra=fields(key=key, cert=str(tls.cert), problem=problem),
+        )
