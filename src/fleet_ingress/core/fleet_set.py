@@ -6,7 +6,7 @@ below, whichever asked (a reload, add-fleet, remove-fleet, a call's end).
 
     (start, reload)      -> LISTED
     (add-fleet)          -> ADDING
-    ADDING   --added-->     LISTED     its line is in the fleets file
+    ADDING   --finish adding--> LISTED its line is in the fleets file
     ADDING   --roll back--> GONE       it never read UP, or the file could not take it
     LISTED   --remove-->    DRAINING   unlisted by a reload, moved, or remove-fleet
     DRAINING --remove-->    DRAINING   removed again: nothing more to do
@@ -34,7 +34,7 @@ from fleet_ingress.core.health import Health
 
 
 class Move(enum.Enum):
-    ADDED = "added"
+    ADDED = "finish adding"
     ROLL_BACK = "roll back"
     REMOVE = "remove"
     LIST_AGAIN = "list again"
@@ -267,7 +267,7 @@ class FleetSet:
 
     def _move(self, fleet: FleetState, move: Move) -> None:
         after = TRANSITIONS[fleet.membership].get(move)
-        if after is None or fleet not in self:
+        if after is None:
             raise MembershipError(
                 f"fleet {fleet.name!r}: cannot {move.value} while {fleet.membership.value}"
             )
