@@ -453,3 +453,24 @@ def test_remove_fleet_force_closes_only_the_calls_holding_a_slot_there():
     assert not fleets.remove(a) and a.removing  # Y still holds a slot
     held.release()  # Y closed by --force
     assert a.membership is Membership.GONE and fleets.get("a") is None
+
+
+def test_a_reload_plan_names_each_record_it_changed():
+    fleets = FleetSet.from_specs(specs("a@1", "b@2", "c@3", "d@4", "f@7"), health=Health.UP)
+    balancer = Balancer(fleets)
+    for name in ("a", "c"):
+        balancer.open(fleets.get(name))  # type: ignore[arg-type]
+    c = fleets.get("c")
+    assert c is not None and not fleets.remove(c)
+    plan = fleets.apply(
+        specs("a@5", "b@2 maxconn=4", "c@3", "e@6", "f@7 admin=maint"),
+        capacity_aware=False,
+        health=Health.INIT,
+    )
+    assert [ref(f) for f in plan.drained] == ["a@1", "d@4"]
+    assert [ref(f) for f in plan.gone] == ["d@4"]
+    assert [f"{s.name}@{s.port}" for s in plan.waiting] == ["a@5"]
+    assert [ref(f) for f in plan.relisted] == ["c@3"]
+    assert [ref(f) for f in plan.changed] == ["b@2", "f@7"]
+    assert [ref(f) for f in plan.added] == ["e@6"]
+    assert [f.capacity_aware for f in fleets.fleets] == [False] * 5

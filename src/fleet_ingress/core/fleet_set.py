@@ -229,24 +229,25 @@ class FleetSet:
                 if spec is not None:
                     wanted[spec.name] = spec  # moved: a new fleet of the same name
                 continue
-            if spec.maxconn != fleet.spec.maxconn:
+            changed = spec.maxconn != fleet.spec.maxconn
+            if changed:
                 plan.notes.append(f"fleet {fleet.name}: maxconn {fleet.maxconn} -> {spec.maxconn}")
-                plan.changed.append(fleet)
             # The file's admin state applies when the file changed it (an operator's
             # edit); otherwise the live state stays (it was saved to the file).
-            changed = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
+            edited = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
             if fleet.removing:  # listed again while it drained: it stays
                 self._move(fleet, Move.LIST_AGAIN)
                 fleet.set_admin(spec.admin)
                 plan.relisted.append(fleet)
                 plan.notes.append(f"fleet {fleet.name} listed again: kept, {spec.admin.value}")
-            elif changed:
+            elif edited:
                 plan.notes.append(
                     f"fleet {fleet.name}: admin {fleet.admin.value} -> {spec.admin.value}"
                 )
                 fleet.set_admin(spec.admin)
-                if fleet not in plan.changed:
-                    plan.changed.append(fleet)
+                changed = True
+            if changed:
+                plan.changed.append(fleet)
             fleet.spec = spec
         for spec in wanted.values():
             if self.get(spec.name) is not None:
@@ -273,7 +274,8 @@ class FleetSet:
             )
         fleet.membership = after
         if after is Membership.GONE:
-            self._fleets.remove(fleet)
+            # By identity: a record of the same name (moved) may be in the set too.
+            del self._fleets[next(i for i, f in enumerate(self._fleets) if f is fleet)]
 
     def __contains__(self, fleet: object) -> bool:
         return any(f is fleet for f in self._fleets)

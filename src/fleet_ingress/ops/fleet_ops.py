@@ -8,8 +8,9 @@ with a backup, keeping the operator's comments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,13 @@ REFUSED_STATUS: dict[type[Refused], int] = {
 }
 
 
-def _refused(exc: Refused) -> FleetChangeError:
-    return FleetChangeError(REFUSED_STATUS[type(exc)], str(exc))
+@contextlib.contextmanager
+def _answered() -> Iterator[None]:
+    """A refusal of the fleet set, as the admin API answers it."""
+    try:
+        yield
+    except Refused as exc:
+        raise FleetChangeError(REFUSED_STATUS[type(exc)], str(exc)) from None
 
 
 @dataclass
@@ -94,10 +100,8 @@ class FleetOps:
         return self.fleets.adding
 
     def _fleet(self, name: str) -> FleetState:
-        try:
+        with _answered():
             return self.fleets.member(name)
-        except Refused as exc:
-            raise _refused(exc) from None
 
     def set_admin_state(self, name: str, state: str) -> dict[str, Any]:
         fleet = self._fleet(name)
@@ -108,10 +112,8 @@ class FleetOps:
                 400, f"unknown state {state!r}: use ready, drain or maint"
             ) from None
         before = fleet.admin
-        try:
+        with _answered():
             self.fleets.set_admin(fleet, admin)
-        except Refused as exc:
-            raise _refused(exc) from None
         self.dispatcher.wake()
         saved = self._save_admin_state(fleet, admin)
         log.info(
@@ -195,10 +197,8 @@ class FleetOps:
             # One line, built from the options: its number would mean nothing here.
             message = str(exc).replace("add-fleet line 1: ", "add-fleet: ")
             raise FleetChangeError(400, message) from None
-        try:
+        with _answered():
             self.fleets.check_new(spec)
-        except Refused as exc:
-            raise _refused(exc) from None
         # Pre-check: the fleet must pass the same probe the poller will send.
         poller = self.poller
         assert poller is not None, "fleet changes need the health poller"
@@ -221,10 +221,8 @@ class FleetOps:
         }
         if dry_run:
             return {"dry_run": True, **plan}
-        try:
+        with _answered():  # again: another add-fleet of it may have come in meanwhile
             fleet = self.fleets.add(spec, capacity_aware=settings.capacity_aware)
-        except Refused as exc:  # another add-fleet of it came in during the pre-check
-            raise _refused(exc) from None
         poller.start(fleet)
         probing = poller.settings
         wait = probing.timeout + probing.interval * (probing.rise + 1) + 1
@@ -262,10 +260,8 @@ class FleetOps:
 
     async def remove_fleet(self, name: str, *, force: bool) -> dict[str, Any]:
         fleet = self._fleet(name)
-        try:
+        with _answered():
             self.fleets.check_removable(fleet)
-        except Refused as exc:
-            raise _refused(exc) from None
         text = self._read_fleets_text()
         try:
             new_text: str | None = text_without_fleet(
