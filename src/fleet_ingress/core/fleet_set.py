@@ -4,14 +4,14 @@ All fleet membership lives here: the list the balancer picks from is this
 set's, and a record enters it, drains and leaves it only through the moves
 below, whichever asked (a reload, add-fleet, remove-fleet, a call's end).
 
-    (start, reload)      -> LISTED
-    (add-fleet)          -> ADDING
-    ADDING   --finish adding--> LISTED its line is in the fleets file
-    ADDING   --roll back--> GONE       it never read UP, or the file could not take it
-    LISTED   --remove-->    DRAINING   unlisted by a reload, moved, or remove-fleet
-    DRAINING --remove-->    DRAINING   removed again: nothing more to do
-    DRAINING --list again-> LISTED     a reload lists it again before it has gone
-    DRAINING --reap-->      GONE       its last call has ended
+    (start, reload) ----------> LISTED
+    (add-fleet) --------------> ADDING
+    ADDING   --finish adding--> LISTED    its line is in the fleets file
+    ADDING   --roll back------> GONE      never UP, the file refused it, or cancelled
+    LISTED   --remove---------> DRAINING  unlisted by a reload, moved, or remove-fleet
+    DRAINING --remove---------> DRAINING  removed again: nothing more to do
+    DRAINING --list again-----> LISTED    a reload lists it again before it has gone
+    DRAINING --reap-----------> GONE      its last call has ended
 
 A DRAINING fleet is always in admin DRAIN (no new call goes to it) and
 refuses any other admin state. An illegal move raises `MembershipError`
