@@ -34,7 +34,7 @@ from fleet_ingress.core.health import Health
 
 
 class Move(enum.Enum):
-    ADDED = "finish adding"
+    FINISH_ADDING = "finish adding"
     ROLL_BACK = "roll back"
     REMOVE = "remove"
     LIST_AGAIN = "list again"
@@ -42,7 +42,7 @@ class Move(enum.Enum):
 
 
 TRANSITIONS: dict[Membership, dict[Move, Membership]] = {
-    Membership.ADDING: {Move.ADDED: Membership.LISTED, Move.ROLL_BACK: Membership.GONE},
+    Membership.ADDING: {Move.FINISH_ADDING: Membership.LISTED, Move.ROLL_BACK: Membership.GONE},
     Membership.LISTED: {Move.REMOVE: Membership.DRAINING},
     Membership.DRAINING: {
         Move.REMOVE: Membership.DRAINING,
@@ -169,7 +169,7 @@ class FleetSet:
         return fleet
 
     def added(self, fleet: FleetState) -> None:
-        self._move(fleet, Move.ADDED)
+        self._move(fleet, Move.FINISH_ADDING)
 
     def roll_back(self, fleet: FleetState) -> None:
         self._move(fleet, Move.ROLL_BACK)
