@@ -1,7 +1,9 @@
 """Fleet changes and stops that meet calls in flight (found by a race review).
 
 Real TLS fleets and carriers on loopback. `Ingress.apply_fleets` is what a
-reload does with a new fleets file once it has been read and checked.
+reload does with a new fleets file once it has been read and checked. The
+membership side of these races is table-tested without sockets in
+tests/unit/test_fleet_set.py.
 """
 
 from __future__ import annotations

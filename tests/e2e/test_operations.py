@@ -484,6 +484,26 @@ async def test_add_fleet_rolls_back_when_the_fleet_never_reads_up_or_the_file_ca
     assert d.fleets_file.read_text() == by_hand and d.ingress.balancer.get("c") is None
 
 
+async def test_add_fleet_cancelled_while_it_waits_for_up_leaves_no_fleet_behind(
+    deployment: Deployment,
+):
+    """E.g. the ingress stops meanwhile: the change happens whole or not at all."""
+    d = deployment
+    c = d.fleets["c"]
+    before = d.fleets_file.read_text()
+    c.health_delay = 0.3
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)
+    adding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await adding
+    assert d.ingress.balancer.get("c") is None and not d.ingress.ops.adding
+    assert d.fleets_file.read_text() == before
+    assert "no fleet changes" == await d.ingress.reload(d.config_file)
+
+
 # -- 4. remove-fleet -------------------------------------------------------------------
 
 

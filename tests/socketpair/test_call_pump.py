@@ -18,6 +18,7 @@ import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
@@ -52,7 +53,7 @@ async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[
         servers.append(server)
         port = server.sockets[0].getsockname()[1]
         specs = parse_fleets_text(f"http://127.0.0.1:{port} name=a", default_maxconn=16)
-        balancer = Balancer.from_specs(specs)
+        balancer = Balancer(FleetSet.from_specs(specs))
         dispatcher = Dispatcher(balancer, queue_timeout=1.0, max_queue=8)
         ctx = ProxyContext(
             router=Router(["/ws/", "/exotel/"], "/haproxy-health"),

@@ -6,12 +6,13 @@ import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer, Verdict
+from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 
 
 def _balancer(text: str = "https://a.test name=a\nhttps://b.test name=b\n", maxconn: int = 16):
-    return Balancer.from_specs(parse_fleets_text(text, default_maxconn=maxconn))
+    return Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=maxconn)))
 
 
 def _take(balancer: Balancer, n: int, avoid=()):
@@ -124,13 +125,15 @@ def test_fleets_not_yet_probed_make_calls_wait_not_fail():
 
 
 def test_fleets_start_in_the_admin_state_the_fleets_file_records():
-    b = Balancer.from_specs(
-        parse_fleets_text(
-            "https://a.test name=a admin=maint\nhttps://b.test name=b admin=drain\n"
-            "https://c.test name=c\n",
-            default_maxconn=16,
-        ),
-        health=Health.INIT,
+    b = Balancer(
+        FleetSet.from_specs(
+            parse_fleets_text(
+                "https://a.test name=a admin=maint\nhttps://b.test name=b admin=drain\n"
+                "https://c.test name=c\n",
+                default_maxconn=16,
+            ),
+            health=Health.INIT,
+        )
     )
     assert [f.admin for f in b.fleets] == [Admin.MAINT, Admin.DRAIN, Admin.READY]
     assert b.starting  # c, READY and not yet probed: calls wait for it

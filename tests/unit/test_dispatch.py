@@ -6,6 +6,7 @@ import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
@@ -15,7 +16,9 @@ def _dispatcher(maxconn=1, queue_timeout=1.0, max_queue=8):
     specs = parse_fleets_text(
         "https://a.test name=a\nhttps://b.test name=b\n", default_maxconn=maxconn
     )
-    return Dispatcher(Balancer.from_specs(specs), queue_timeout=queue_timeout, max_queue=max_queue)
+    return Dispatcher(
+        Balancer(FleetSet.from_specs(specs)), queue_timeout=queue_timeout, max_queue=max_queue
+    )
 
 
 async def test_waiters_are_served_first_in_first_out_as_slots_free():

@@ -1,5 +1,8 @@
 """Which fleet gets the next call: leastconn over eligible fleets. No I/O.
 
+The fleets are read from their one owner, `core.fleet_set.FleetSet`; the
+balancer never adds or removes one.
+
 A fleet is eligible when its health is UP, its admin state READY, its active
 calls below maxconn and, when capacity-aware, its estimated free workers
 above 0. `Balancer.pick()` says which fleet, or why none: NO_FLEET_UP
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
@@ -25,12 +29,21 @@ class Verdict(enum.Enum):
     NO_CAPACITY = "no_capacity"
 
 
+class Membership(enum.Enum):
+    """Where a fleet stands in the ingress's fleet set (moves: `core.fleet_set`)."""
+
+    ADDING = "adding"  # add-fleet is bringing it in: taking calls, not yet in the file
+    LISTED = "listed"
+    DRAINING = "draining"  # removed: no new calls; goes once it carries none
+    GONE = "gone"  # out of the set
+
+
 @dataclass(slots=True)
 class FleetState:
     spec: FleetSpec
     health: Health = Health.UP
     admin: Admin = Admin.READY
-    removing: bool = False  # removed by the operator; goes once it carries no call
+    membership: Membership = Membership.LISTED  # set by FleetSet alone
     active: int = 0  # calls (and call attempts) this ingress has open there
     opened_total: int = 0
     # Capacity the fleet last reported, and `opened_total` when that probe was
@@ -65,6 +78,11 @@ class FleetState:
         self.admin = admin
 
     @property
+    def removing(self) -> bool:
+        """Removed by the operator (or a reload); goes once it carries no call."""
+        return self.membership is Membership.DRAINING
+
+    @property
     def maxconn(self) -> int:
         return self.spec.maxconn
 
@@ -95,27 +113,21 @@ class Pick:
     fleet: FleetState | None = None
 
 
+class Members(Protocol):
+    """The fleets to pick from, as their owner (`FleetSet`) has them now."""
+
+    @property
+    def fleets(self) -> Sequence[FleetState]: ...
+
+
 @dataclass
 class Balancer:
-    fleets: list[FleetState] = field(default_factory=list)
+    members: Members
     _next: int = 0  # round-robin cursor for ties
 
-    @classmethod
-    def from_specs(
-        cls,
-        specs: Iterable[FleetSpec],
-        *,
-        capacity_aware: bool = True,
-        health: Health = Health.UP,
-    ) -> Balancer:
-        """`health` is where fleets start: INIT when probes will judge them,
-        UP when nothing probes them (every fleet then counts as up)."""
-        return cls(
-            [
-                FleetState(spec, health=health, admin=spec.admin, capacity_aware=capacity_aware)
-                for spec in specs
-            ]
-        )
+    @property
+    def fleets(self) -> Sequence[FleetState]:
+        return self.members.fleets
 
     @property
     def starting(self) -> bool:
@@ -133,7 +145,8 @@ class Balancer:
     def pick(self, avoid: Collection[str] = ()) -> Pick:
         """The eligible fleet with the fewest active calls, preferring fleets
         not in `avoid` (already tried for this call); ties go round-robin."""
-        up = [f for f in self.fleets if f.up]
+        fleets = self.fleets
+        up = [f for f in fleets if f.up]
         if not up:
             # A fleet not yet probed (just started, just added) may be UP in a
             # moment: worth queueing for, not a reason to refuse at once.
@@ -145,8 +158,8 @@ class Balancer:
         candidates = fresh or eligible
         least = min(f.active for f in candidates)
         tied = [f for f in candidates if f.active == least]
-        n = len(self.fleets)
-        position = {id(f): i for i, f in enumerate(self.fleets)}
+        n = len(fleets)
+        position = {id(f): i for i, f in enumerate(fleets)}
         chosen = min(tied, key=lambda f: (position[id(f)] - self._next) % n)
         self._next = (position[id(chosen)] + 1) % n
         return Pick(Verdict.PICKED, chosen)

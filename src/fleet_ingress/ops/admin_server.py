@@ -15,14 +15,11 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from fleet_ingress.ops.fleet_ops import FleetChangeError
-
-if TYPE_CHECKING:
-    from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 
 SOCKET_MODE = 0o660
 
@@ -47,11 +44,11 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def admin_app(ingress: Ingress) -> web.Application:
-    ops = ingress.ops
+def admin_app(ops: FleetOps, snapshot: Callable[[], dict[str, Any]]) -> web.Application:
+    """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the changes."""
 
     async def stat(request: web.Request) -> web.Response:
-        return web.json_response(ingress.snapshot())
+        return web.json_response(snapshot())
 
     async def set_state(request: web.Request) -> web.Response:
         body = await _json_body(request)

@@ -8,10 +8,12 @@ with a backup, keeping the operator's comments.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fleet_ingress.config.atomic import write_atomically
 from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text
@@ -21,15 +23,24 @@ from fleet_ingress.config.fleets_store import (
     text_with_fleet,
     text_without_fleet,
 )
-from fleet_ingress.core.balancer import FleetState
-from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.config.settings import FleetsSection
+from fleet_ingress.core.balancer import FleetState, Membership
+from fleet_ingress.core.fleet_set import (
+    FleetBeingAdded,
+    FleetExists,
+    FleetSet,
+    LastFleet,
+    NoSuchFleet,
+    Refused,
+    StaysInDrain,
+)
+from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
-from fleet_ingress.net.calls import EndReason
-from fleet_ingress.net.poller import health_session, probe_fleet
-
-if TYPE_CHECKING:
-    from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.net.calls import EndReason, Registry
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.poller import HealthPoller, health_session, probe_fleet
+from fleet_ingress.ops.metrics import IngressMetrics
 
 log = logging.getLogger("fleet_ingress.admin")
 
@@ -47,27 +58,50 @@ class FleetChangeError(Exception):
 FORCED_REMOVAL_WAIT = 5.0
 
 
+# The admin API's answer to each refusal of the fleet set.
+REFUSED_STATUS: dict[type[Refused], int] = {
+    NoSuchFleet: 404,
+    FleetBeingAdded: 409,
+    FleetExists: 409,
+    LastFleet: 409,
+    StaysInDrain: 409,
+}
+
+
+@contextlib.contextmanager
+def _answered() -> Iterator[None]:
+    """A refusal of the fleet set, as the admin API answers it."""
+    try:
+        yield
+    except Refused as exc:
+        raise FleetChangeError(REFUSED_STATUS[type(exc)], str(exc)) from None
+
+
 @dataclass
 class FleetOps:
-    ingress: Ingress
+    """Carries out an operator's fleet changes: the fleet set decides membership,
+    this writes the fleets file and does the I/O (probes, the queue, calls)."""
+
+    fleets: FleetSet
+    dispatcher: Dispatcher
+    registry: Registry
+    poller: HealthPoller | None
+    settings: Callable[[], FleetsSection]  # the running config's: a reload swaps it
+    metrics: IngressMetrics
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
-    # Fleets an add-fleet is bringing in: in the balancer, not yet in the fleets file.
-    adding: set[str] = field(default_factory=set)
 
     @property
     def fleets_file(self) -> Path:
-        return self.ingress.config.fleets.file
+        return self.settings().file
+
+    @property
+    def adding(self) -> set[str]:
+        """Fleets an add-fleet is bringing in: in the balancer, not yet in the file."""
+        return self.fleets.adding
 
     def _fleet(self, name: str) -> FleetState:
-        fleet = self.ingress.balancer.get(name)
-        if fleet is None:
-            known = ", ".join(f.name for f in self.ingress.balancer.fleets) or "none"
-            raise FleetChangeError(404, f"no fleet named {name!r} (fleets: {known})")
-        if name in self.adding:
-            raise FleetChangeError(
-                409, f"fleet {name!r} is being added; try again once add-fleet has finished"
-            )
-        return fleet
+        with _answered():
+            return self.fleets.member(name)
 
     def set_admin_state(self, name: str, state: str) -> dict[str, Any]:
         fleet = self._fleet(name)
@@ -77,11 +111,10 @@ class FleetOps:
             raise FleetChangeError(
                 400, f"unknown state {state!r}: use ready, drain or maint"
             ) from None
-        if fleet.removing and admin is not Admin.DRAIN:
-            raise FleetChangeError(409, f"fleet {name!r} is being removed; it stays in DRAIN")
         before = fleet.admin
-        fleet.set_admin(admin)
-        self.ingress.dispatcher.wake()
+        with _answered():
+            self.fleets.set_admin(fleet, admin)
+        self.dispatcher.wake()
         saved = self._save_admin_state(fleet, admin)
         log.info(
             "fleet admin state",
@@ -106,7 +139,7 @@ class FleetOps:
                 self._read_fleets_text(),
                 fleet.name,
                 admin,
-                default_maxconn=self.ingress.config.fleets.maxconn,
+                default_maxconn=self.settings().maxconn,
                 source=str(self.fleets_file),
             )
             # No backup: the edit is one option, undone by the opposite command, and a
@@ -146,8 +179,8 @@ class FleetOps:
     async def add_fleet(
         self, url: str, *, name: str | None, maxconn: int | None, dry_run: bool
     ) -> dict[str, Any]:
-        config = self.ingress.config
-        default_maxconn = config.fleets.maxconn
+        settings = self.settings()
+        default_maxconn = settings.maxconn
         # The options are pasted into a fleets-file line: a space or '#' would turn part
         # of a name into another option or a comment.
         for what, value in (("URL", url), ("--name", name or "")):
@@ -164,9 +197,10 @@ class FleetOps:
             # One line, built from the options: its number would mean nothing here.
             message = str(exc).replace("add-fleet line 1: ", "add-fleet: ")
             raise FleetChangeError(400, message) from None
-        self._refuse_duplicate(spec)
+        with _answered():
+            self.fleets.check_new(spec)
         # Pre-check: the fleet must pass the same probe the poller will send.
-        poller = self.ingress.poller
+        poller = self.poller
         assert poller is not None, "fleet changes need the health poller"
         async with health_session(poller.fleet_ssl, poller.settings) as session:
             precheck = await probe_fleet(session, spec, poller.settings)
@@ -187,13 +221,12 @@ class FleetOps:
         }
         if dry_run:
             return {"dry_run": True, **plan}
-        fleet = FleetState(spec, health=Health.INIT, capacity_aware=config.fleets.capacity_aware)
-        self.adding.add(spec.name)
+        with _answered():  # again: another add-fleet of it may have come in meanwhile
+            fleet = self.fleets.add(spec, capacity_aware=settings.capacity_aware)
+        poller.start(fleet)
+        probing = poller.settings
+        wait = probing.timeout + probing.interval * (probing.rise + 1) + 1
         try:
-            self.ingress.balancer.fleets.append(fleet)
-            poller.start(fleet)
-            settings = poller.settings
-            wait = settings.timeout + settings.interval * (settings.rise + 1) + 1
             if not await poller.wait_for(fleet, lambda f: f.health is Health.UP, timeout=wait):
                 last = fleet.last_probe.describe() if fleet.last_probe else "no probe answered"
                 await self._drop(fleet)
@@ -217,36 +250,24 @@ class FleetOps:
             except FleetChangeError as exc:
                 await self._drop(fleet)
                 raise FleetChangeError(exc.status, f"{exc.message}; rolled back") from None
-        finally:
-            self.adding.discard(spec.name)
+        except BaseException:
+            if fleet.membership is Membership.ADDING:  # e.g. cancelled: not left half-added
+                await self._drop(fleet)
+            raise
+        self.fleets.added(fleet)
         log.info("fleet added", extra=fields(fleet=spec.name, url=spec.url, maxconn=spec.maxconn))
         return {**plan, "health": fleet.health.value, "backup": str(backup) if backup else None}
 
-    def _refuse_duplicate(self, spec: FleetSpec) -> None:
-        for other in self.ingress.balancer.fleets:
-            if other.name == spec.name:
-                raise FleetChangeError(409, f"a fleet named {spec.name!r} exists already")
-            if (other.spec.host, other.spec.port) == (spec.host, spec.port):
-                raise FleetChangeError(
-                    409, f"{spec.url} is already in the ingress as fleet {other.name!r}"
-                )
-
     async def remove_fleet(self, name: str, *, force: bool) -> dict[str, Any]:
         fleet = self._fleet(name)
-        staying = [f for f in self.ingress.balancer.fleets if not f.removing and f is not fleet]
-        if not fleet.removing and not staying:
-            raise FleetChangeError(
-                409,
-                f"fleet {name!r} is the last fleet: without one every call gets 503, and "
-                "`fleet-ingress check` (run before every start and reload) fails; add its "
-                "replacement first (fleet-ingress add-fleet URL), then remove it",
-            )
+        with _answered():
+            self.fleets.check_removable(fleet)
         text = self._read_fleets_text()
         try:
             new_text: str | None = text_without_fleet(
                 text,
                 name,
-                default_maxconn=self.ingress.config.fleets.maxconn,
+                default_maxconn=self.settings().maxconn,
                 source=str(self.fleets_file),
             )
         except FleetNotListed:
@@ -254,16 +275,17 @@ class FleetOps:
         except FleetsFileError as exc:
             raise FleetChangeError(409, f"{exc}; fix it, then remove again") from None
         backup = self._persist(new_text) if new_text is not None else None
-        fleet.admin, fleet.removing = Admin.DRAIN, True
+        gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
         closed = 0
         if force:
-            for call in self.ingress.registry.calls_on(name):
+            for call in self.registry.calls_on(name):
                 call.end(EndReason.REMOVED)
                 closed += 1
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
-        self.reap(fleet)
+        if gone_now:
+            self.gone(fleet)
         if force:
             try:
                 async with asyncio.timeout(FORCED_REMOVAL_WAIT):
@@ -272,7 +294,7 @@ class FleetOps:
                 pass  # reported below as not yet removed
         return {
             "fleet": name,
-            "removed": fleet not in self.ingress.balancer.fleets,
+            "removed": fleet not in self.fleets,
             "draining_calls": 0 if force else calls,
             "closed_calls": closed,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
@@ -280,25 +302,27 @@ class FleetOps:
         }
 
     def reap(self, fleet: FleetState) -> None:
-        """Take a removed fleet out once it carries no call."""
-        if fleet.removing and fleet.active == 0 and fleet in self.ingress.balancer.fleets:
-            self.ingress.balancer.fleets.remove(fleet)
-            # Its probes stop now, not in a task that could run after a fleet of the same
-            # name (moved to a new address) has started probing.
-            if self.ingress.poller is not None:
-                self.ingress.poller.stop_probing(fleet)
-            asyncio.get_running_loop().create_task(self._forget(fleet))
-            if (gone := self._gone.pop(fleet.name, None)) is not None:
-                gone.set()
-            log.info("fleet gone", extra=fields(fleet=fleet.name))
+        """A slot on `fleet` was given back: a removed fleet goes with its last call."""
+        if self.fleets.reap(fleet):
+            self.gone(fleet)
+
+    def gone(self, fleet: FleetState) -> None:
+        """`fleet` has left the set (reaped by a call's end, a removal or a reload)."""
+        # Its probes stop now, not in a task that could run after a fleet of the same
+        # name (moved to a new address) has started probing.
+        if self.poller is not None:
+            self.poller.stop_probing(fleet)
+        asyncio.get_running_loop().create_task(self._forget(fleet))
+        if (gone := self._gone.pop(fleet.name, None)) is not None:
+            gone.set()
+        log.info("fleet gone", extra=fields(fleet=fleet.name))
 
     async def _drop(self, fleet: FleetState) -> None:
-        if fleet in self.ingress.balancer.fleets:
-            self.ingress.balancer.fleets.remove(fleet)
+        self.fleets.roll_back(fleet)
         await self._forget(fleet)
 
     async def _forget(self, fleet: FleetState) -> None:
-        if self.ingress.poller is not None:
-            await self.ingress.poller.stop(fleet)
-        if self.ingress.balancer.get(fleet.name) is None:  # not replaced by a moved fleet
-            self.ingress.metrics.fleet_removed(fleet.name)
+        if self.poller is not None:
+            await self.poller.stop(fleet)
+        if self.fleets.get(fleet.name) is None:  # not replaced by a moved fleet
+            self.metrics.fleet_removed(fleet.name)

@@ -6,26 +6,29 @@ and any method but GET/HEAD is answered 405.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from fleet_ingress.ops.stats_page import render_stats_page
 
-if TYPE_CHECKING:
-    from fleet_ingress.service.ingress import Ingress
 
+def stats_app(
+    snapshot: Callable[[], dict[str, Any]], prometheus: CollectorRegistry
+) -> web.Application:
+    """`snapshot` is read at each request (the page and /stats.json), `prometheus` at
+    each scrape: nothing is kept here between requests."""
 
-def stats_app(ingress: Ingress) -> web.Application:
     async def page(request: web.Request) -> web.Response:
-        return web.Response(text=render_stats_page(ingress.snapshot()), content_type="text/html")
+        return web.Response(text=render_stats_page(snapshot()), content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
-        return web.json_response(ingress.snapshot())
+        return web.json_response(snapshot())
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(ingress.metrics.prometheus)
+        body = generate_latest(prometheus)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def root(request: web.Request) -> web.Response:

@@ -17,8 +17,9 @@ from aiohttp import web
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import parse_hostport
-from fleet_ingress.core.balancer import Balancer, FleetState
-from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
@@ -74,11 +75,14 @@ class Ingress:
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
             )
         self.server_ssl = server_ssl
-        self.balancer = Balancer.from_specs(
+        # The one owner of fleet membership; the balancer, reloads and fleet changes
+        # all go through it.
+        self.fleet_set = FleetSet.from_specs(
             fleets,
             capacity_aware=config.fleets.capacity_aware,
             health=Health.INIT if health_checks else Health.UP,
         )
+        self.balancer = Balancer(self.fleet_set)
         self.dispatcher = Dispatcher(
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
@@ -98,11 +102,9 @@ class Ingress:
             certificate_not_after=lambda: self.certificate_not_after,
             reloads=lambda: self.reloads,
         )
-        self.ops = FleetOps(self)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
         self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
-        self.dispatcher.on_release.append(self.ops.reap)
         self.poller: HealthPoller | None = None
         if health_checks:
             self.poller = HealthPoller(
@@ -111,6 +113,15 @@ class Ingress:
                 _probe_settings(config),
                 on_probe=self.metrics.check_observed,
             )
+        self.ops = FleetOps(
+            self.fleet_set,
+            self.dispatcher,
+            self.registry,
+            self.poller,
+            settings=lambda: self.config.fleets,
+            metrics=self.metrics,
+        )
+        self.dispatcher.on_release.append(self.ops.reap)
         self.ctx = self._proxy_context(config, fleet_ssl)
         self._wss: CarrierListener | None = None
         self._acme: asyncio.Server | None = None
@@ -184,14 +195,15 @@ class Ingress:
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
-                runner = await self._serve_web(stats_app(self), web.TCPSite, host=host, port=port)
+                app = stats_app(self.snapshot, self.metrics.prometheus)
+                runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
             log.info("listening", extra=fields(listener="stats", address=self.stats_address))
         if listen.admin_socket:
             path = Path(listen.admin_socket)
             sock = bind_admin_socket(path)
-            await self._serve_web(admin_app(self), web.SockSite, sock=sock)
+            await self._serve_web(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
             self.admin_socket = path
             log.info("listening", extra=fields(listener="admin", address=str(path)))
 
@@ -303,54 +315,18 @@ class Ingress:
 
     def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
         """Fleets diff: new ones start probing, removed ones drain, maxconn applies at once."""
-        notes: list[str] = []
-        wanted = {spec.name: spec for spec in specs}
-        for fleet in list(self.balancer.fleets):
-            fleet.capacity_aware = config.fleets.capacity_aware
-            if fleet.name in self.ops.adding:  # add-fleet writes its line once it is UP
-                wanted.pop(fleet.name, None)
-                continue
-            spec = wanted.pop(fleet.name, None)
-            if spec is None or (spec.host, spec.port, spec.scheme) != (
-                fleet.spec.host,
-                fleet.spec.port,
-                fleet.spec.scheme,
-            ):
-                if not fleet.removing:
-                    fleet.admin, fleet.removing = Admin.DRAIN, True
-                    notes.append(f"fleet {fleet.name} removed: draining {fleet.active} calls")
-                    self.ops.reap(fleet)
-                if spec is not None:
-                    wanted[spec.name] = spec  # moved: a new fleet of the same name
-                continue
-            if spec.maxconn != fleet.spec.maxconn:
-                notes.append(f"fleet {fleet.name}: maxconn {fleet.maxconn} -> {spec.maxconn}")
-            # The file's admin state applies when the file changed it (an operator's
-            # edit); otherwise the live state stays (it was saved to the file).
-            changed = spec.admin is not fleet.spec.admin and spec.admin is not fleet.admin
-            if fleet.removing:  # listed again while it drained: it stays
-                fleet.removing = False
-                fleet.set_admin(spec.admin)
-                notes.append(f"fleet {fleet.name} listed again: kept, {spec.admin.value}")
-            elif changed:
-                notes.append(f"fleet {fleet.name}: admin {fleet.admin.value} -> {spec.admin.value}")
-                fleet.set_admin(spec.admin)
-            fleet.spec = spec
-        for spec in wanted.values():
-            if self.balancer.get(spec.name) is not None:
-                notes.append(f"fleet {spec.name}: still draining its old address; not added")
-                continue
-            fleet = FleetState(
-                spec,
-                health=Health.INIT if self.poller else Health.UP,
-                admin=spec.admin,
-                capacity_aware=config.fleets.capacity_aware,
-            )
-            self.balancer.fleets.append(fleet)
-            if self.poller is not None:
+        plan = self.fleet_set.apply(
+            specs,
+            capacity_aware=config.fleets.capacity_aware,
+            health=Health.INIT if self.poller else Health.UP,
+        )
+        # Gone first: their probes stop before a fleet of the same name (moved) starts.
+        for fleet in plan.gone:
+            self.ops.gone(fleet)
+        if self.poller is not None:
+            for fleet in plan.added:
                 self.poller.start(fleet)
-            notes.append(f"fleet {spec.name} added")
-        return notes
+        return plan.notes
 
     def cut_drain(self) -> None:
         """Stop waiting for calls to end: `stop` closes them now (each still logged)."""
