@@ -120,7 +120,7 @@ def test_renders_keepalived_conf_beside_ingress_toml(tmp_path: Path) -> None:
     command = script.pop("script").strip('"')
     assert script == {
         "interval": "1",
-        "timeout": "2",
+        "timeout": "3",
         "fall": "2",
         "rise": "2",
         "init_fail": "",

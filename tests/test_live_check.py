@@ -13,8 +13,15 @@ from typing import Any
 
 import pytest
 
+from fleet_ingress.config.settings import load_config
 from fleet_ingress.core.balancer import Admin
-from fleet_ingress.ops.live_check import judge_fleets, live_check, local_target
+from fleet_ingress.ops.live_check import (
+    LiveSettings,
+    judge_fleets,
+    live_check,
+    live_settings,
+    local_target,
+)
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
 
@@ -245,13 +252,54 @@ async def test_a_listener_that_never_answers_fails_within_the_deadline(
     assert f"wss 127.0.0.1:{port}: no answer within 0.8 s" in line, line
 
 
-def test_a_broken_config_is_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[listen\n", "not valid TOML"),
+        ("[listen]\nwss = 'nowhere'\n", "listen.wss 'nowhere' has no port"),
+        ("[listen]\nwss = 443\n", "listen.wss: 443 is not a quoted string"),
+        ("[listen]\nstats = 'localhost:'\n", "listen.stats 'localhost:' has ':' but no port"),
+    ],
+)
+def test_the_keys_it_needs_are_named_when_unreadable(tmp_path: Path, text: str, says: str) -> None:
     path = tmp_path / "ingress.toml"
-    path.write_text("[listen]\nwss = 'nowhere'\n[fleets]\nmaxconn = 'x'\n")
+    path.write_text(text)
     result = live_check(path)
     assert not result.live and "\n" not in result.line
-    assert result.line.startswith(f"not live: {path}: ")
-    assert f"more; `fleet-ingress check -c {path}` lists them" in result.line
+    assert result.line.startswith(f"not live: {path}: ") and says in result.line, result.line
+
+
+def test_a_mistake_elsewhere_in_the_file_does_not_fail_a_running_host(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    # Not yet reloaded, it changes nothing in the running ingress; judged by the full
+    # check it would take the address off both hosts at once if pushed to both.
+    path = write_config(tmp_path / "ingress.toml", tls_files, wss="127.0.0.1:1", stats="")
+    path.write_text(path.read_text() + "[fleets]\nmaxconn = 'x'\nno_such_key = 1\n")
+    assert live_settings(path).wss == "127.0.0.1:1"
+
+
+def test_defaults_and_overrides_are_the_ingress_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ingress.toml"
+    path.write_text("[listen]\nadmin_socket = 'run/admin.sock'\n")
+    config = load_config(path)
+    assert live_settings(path) == LiveSettings(
+        wss=config.listen.wss,
+        stats=config.listen.stats,
+        admin_socket=config.listen.admin_socket,
+        health=config.routes.health,
+    )
+    assert live_settings(path).admin_socket == str(tmp_path / "run" / "admin.sock")
+    monkeypatch.setenv("FLEET_INGRESS_LISTEN__STATS", "127.0.0.1:9404")
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__HEALTH", "/hc")
+    settings = live_settings(path)
+    assert (settings.stats, settings.health) == ("127.0.0.1:9404", "/hc")
+    assert (settings.stats, settings.health) == (
+        load_config(path).listen.stats,
+        load_config(path).routes.health,
+    )
 
 
 def test_no_snapshot_source_is_named(tls_files: TLSFiles, tmp_path: Path) -> None:

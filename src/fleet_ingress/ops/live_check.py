@@ -21,6 +21,13 @@ next one):
   right to change anything; only when `listen.stats` is disabled, `/stat` over the
   admin socket (the script user then needs the admin socket's group).
 
+The configuration is read leniently: only the four keys the check needs
+(`listen.wss`, `listen.stats`, `listen.admin_socket`, `routes.health`, with their
+environment overrides), not validated as a whole. A mistake elsewhere in the file,
+not yet reloaded, does not make the running ingress any less fit, and a full
+validation would let one typo pushed to both hosts take the address off both.
+It also keeps pydantic out of a command that starts every second.
+
 Reads only: no file is written and nothing in the ingress changes.
 """
 
@@ -31,13 +38,13 @@ import json
 import os
 import ssl
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import h11
 
-from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 
 # The whole check, network included, within this: keepalived starts it every second,
@@ -46,6 +53,57 @@ LIVE_TIMEOUT = 0.8
 # A snapshot of thousands of fleets is still far below this; anything bigger is not ours.
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 _LOOPBACK = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+ENV_PREFIX = "FLEET_INGRESS_"  # as config.settings, which this does not import (pydantic)
+# The defaults of config.settings (a test keeps them equal).
+DEFAULTS = {
+    ("listen", "wss"): "0.0.0.0:443",
+    ("listen", "stats"): "127.0.0.1:8404",
+    ("listen", "admin_socket"): "/run/fleet-ingress/admin.sock",
+    ("routes", "health"): "/haproxy-health",
+}
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """What the check needs to know of the configuration, nothing more."""
+
+    wss: str
+    stats: str  # "" disabled
+    admin_socket: str  # "" disabled; absolute
+    health: str
+
+
+class LiveConfigError(Exception):
+    """The keys the check needs cannot be read; the message is one line."""
+
+
+def live_settings(path: Path, environ: dict[str, str] | None = None) -> LiveSettings:
+    """The four keys, from the file and FLEET_INGRESS_<SECTION>__<KEY> overrides."""
+    environ = dict(os.environ) if environ is None else environ
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise LiveConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LiveConfigError(f"{path}: not valid TOML: {exc}") from None
+    values: dict[str, str] = {}
+    for (section, key), default in DEFAULTS.items():
+        table = data.get(section, {})
+        value = table.get(key, default) if isinstance(table, dict) else default
+        value = environ.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}", value)
+        if not isinstance(value, str):
+            raise LiveConfigError(f"{path}: {section}.{key}: {value!r} is not a quoted string")
+        values[key] = value
+    for key in ("wss", "stats"):
+        if values[key] or key == "wss":
+            try:
+                parse_hostport(values[key], what=f"listen.{key}")
+            except ValueError as exc:
+                raise LiveConfigError(f"{path}: {exc}") from None
+    admin = values["admin_socket"]
+    if admin and not Path(admin).is_absolute():
+        admin = str(path.parent.absolute() / admin)  # relative to the file, as settings does
+    return LiveSettings(values["wss"], values["stats"], admin, values["health"])
 
 
 class NotLive(Exception):
@@ -108,16 +166,14 @@ def run_live_check(
 
 def live_check(config_path: Path, *, timeout: float = LIVE_TIMEOUT) -> LiveResult:
     try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        more = len(exc.problems) - 1
-        tail = f" (+{more} more; `fleet-ingress check -c {config_path}` lists them)" if more else ""
-        return LiveResult(False, f"not live: {exc.problems[0]}{tail}")
+        config = live_settings(config_path)
+    except LiveConfigError as exc:
+        return LiveResult(False, f"not live: {exc}")
     return asyncio.run(_live(config, timeout))
 
 
-async def _live(config: IngressConfig, timeout: float) -> LiveResult:
-    health = _bounded(_health_route(config), timeout, f"wss {_shown(config.listen.wss)}")
+async def _live(config: LiveSettings, timeout: float) -> LiveResult:
+    health = _bounded(_health_route(config), timeout, f"wss {_shown(config.wss)}")
     fleets = _bounded(_snapshot(config), timeout, _snapshot_source(config))
     answers = await asyncio.gather(health, fleets, return_exceptions=True)
     reasons = [str(a) for a in answers if isinstance(a, NotLive)]
@@ -129,8 +185,8 @@ async def _live(config: IngressConfig, timeout: float) -> LiveResult:
         assert isinstance(snapshot, dict)
         ok, why = judge_fleets(snapshot)
         if ok:
-            where = _shown(config.listen.wss)
-            return LiveResult(True, f"live: wss {where} answers {config.routes.health}; {why}")
+            where = _shown(config.wss)
+            return LiveResult(True, f"live: wss {where} answers {config.health}; {why}")
         reasons.append(why)
     return LiveResult(False, "not live: " + "; ".join(reasons))
 
@@ -155,32 +211,31 @@ def _shown(address: str) -> str:
     return format_hostport(*local_target(address))
 
 
-def _snapshot_source(config: IngressConfig) -> str:
-    if config.listen.stats:
-        return f"stats {_shown(config.listen.stats)}"
-    if config.listen.admin_socket:
-        return f"admin socket {config.listen.admin_socket}"
+def _snapshot_source(config: LiveSettings) -> str:
+    if config.stats:
+        return f"stats {_shown(config.stats)}"
+    if config.admin_socket:
+        return f"admin socket {config.admin_socket}"
     return "fleets"
 
 
-async def _health_route(config: IngressConfig) -> None:
-    host, port = local_target(config.listen.wss)
+async def _health_route(config: LiveSettings) -> None:
+    host, port = local_target(config.wss)
     context = ssl.create_default_context()
     # Loopback is not the name on the certificate; the handshake itself is the test.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     reader, writer = await asyncio.open_connection(host, port, ssl=context)
-    status, body = await _get(reader, writer, format_hostport(host, port), config.routes.health)
+    status, body = await _get(reader, writer, format_hostport(host, port), config.health)
     if status != 200:
         shown = body[:60].decode("utf-8", "replace").strip()
         raise NotLive(
-            f"wss {format_hostport(host, port)}: {config.routes.health} answered {status}"
+            f"wss {format_hostport(host, port)}: {config.health} answered {status}"
             + (f" {shown!r}" if shown else "")
         )
 
 
-async def _snapshot(config: IngressConfig) -> dict[str, Any]:
-    listen = config.listen
+async def _snapshot(listen: LiveSettings) -> dict[str, Any]:
     if listen.stats:
         host, port = local_target(listen.stats)
         reader, writer = await asyncio.open_connection(host, port)
