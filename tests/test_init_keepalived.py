@@ -36,7 +36,7 @@ from fleet_ingress.config.init_deploy import (
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGED = ROOT / "src" / "fleet_ingress" / "config" / "templates" / "keepalived.conf"
-EXAMPLE = ROOT / "deploy" / "keepalived" / "keepalived.conf.example"
+EXAMPLE = ROOT / "deploy" / "keepalived" / "keepalived.example.conf"
 DOMAIN = "calls.example.com"
 FLEETS = ["https://fleet1.example.com", "https://fleet2.example.com"]
 # What docs/INSTALL.md installs; the example in deploy/ is rendered with these.
