@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -340,3 +341,25 @@ def test_live_takes_a_config_and_nothing_else(extra: list[str], tmp_path: Path) 
         argv += ["-c", str(tmp_path / "ingress.toml")]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--live asks the running ingress" in done.stderr
+
+
+async def test_a_listener_that_hangs_up_after_the_handshake_is_named(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.ingress_cert, tls_files.ingress_key)
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = write_config(tmp_path / "ingress.toml", tls_files, wss=f"127.0.0.1:{port}")
+        ok, line = await live(path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not ok
+    assert line.startswith(
+        f"not live: wss 127.0.0.1:{port}: closed the connection without an answer"
+    )

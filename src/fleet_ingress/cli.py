@@ -67,7 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     from fleet_ingress.config.init_deploy import add_init_arguments
 
     add_init_arguments(
-        sub.add_parser("init", help="write one deployment's ingress.toml and fleets.txt")
+        sub.add_parser(
+            "init",
+            help="write one deployment's ingress.toml and fleets.txt "
+            "(and with --vip this host's keepalived.conf)",
+        )
     )
 
     demo = sub.add_parser(

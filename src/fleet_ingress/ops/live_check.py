@@ -110,6 +110,10 @@ class NotLive(Exception):
     """One part of the check failed; the message is the reason, one line."""
 
 
+class _HungUp(Exception):
+    """The listener closed the connection before any answer."""
+
+
 @dataclass(frozen=True)
 class LiveResult:
     live: bool
@@ -203,6 +207,8 @@ async def _bounded(work: Any, timeout: float, what: str) -> Any:
         why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
         hint = " (is fleet-ingress running?)" if isinstance(exc, ConnectionRefusedError) else ""
         raise NotLive(f"{what}: {why}{hint}") from None
+    except _HungUp:
+        raise NotLive(f"{what}: closed the connection without an answer") from None
     except h11.ProtocolError as exc:
         raise NotLive(f"{what}: not an HTTP answer: {exc}") from None
 
@@ -279,6 +285,8 @@ async def _get(
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 data = await reader.read(65536)
+                if not data and not status:
+                    raise _HungUp
                 size += len(data)
                 if size > MAX_ANSWER_BYTES:
                     raise NotLive(f"{host}{path}: answer larger than {MAX_ANSWER_BYTES} bytes")
