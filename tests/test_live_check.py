@@ -18,9 +18,11 @@ from fleet_ingress.config.settings import load_config
 from fleet_ingress.core.balancer import Admin
 from fleet_ingress.ops.live_check import (
     LiveSettings,
+    is_this_hosts,
     judge_fleets,
     live_check,
     live_settings,
+    local_addresses,
     local_target,
 )
 from fleet_ingress.service.ingress import Ingress
@@ -90,6 +92,52 @@ def test_judge_fleets(snapshot: dict[str, Any], live: bool, says: str) -> None:
 )
 def test_a_wildcard_listener_is_reached_on_loopback(address: str, target: tuple) -> None:
     assert local_target(address) == target
+
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 192.0.2.0/24 2 0 2
+           |-- 192.0.2.0
+              /24 link UNICAST
+           |-- 192.0.2.10
+              /32 host LOCAL
+           |-- 192.0.2.11
+              /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.1
+              /32 host LOCAL
+"""
+IF_INET6 = """\
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000000000000000000000011 02 40 00 80     eth0
+"""
+
+
+def test_the_addresses_of_this_host_are_read_from_the_kernel_tables() -> None:
+    # Not the network, broadcast or route entries. (tests/test_two_hosts.py has the
+    # real thing: the shared address counts on the host holding it, not on the other.)
+    assert local_addresses(FIB_TRIE, IF_INET6) == {
+        "192.0.2.10",
+        "192.0.2.11",
+        "127.0.0.1",
+        "::1",
+        "2001:db8::11",
+    }
+
+
+def test_loopback_is_always_this_hosts_and_the_kernel_tables_are_readable() -> None:
+    assert is_this_hosts("127.0.0.1") and is_this_hosts("::1") and is_this_hosts("127.0.0.2")
+    mine = local_addresses(
+        Path("/proc/net/fib_trie").read_text(), Path("/proc/net/if_inet6").read_text()
+    )
+    assert "127.0.0.1" in mine and "::1" in mine
 
 
 def write_config(

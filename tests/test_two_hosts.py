@@ -214,6 +214,15 @@ class Lab:
         argv = ["ip", "netns", "exec", self.ns[role], *script.group(1).split()]
         return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
 
+    def check_live_at(self, role: str, wss: str) -> subprocess.CompletedProcess[str]:
+        """`check --live` on a copy of the host's ingress.toml listening on `wss`."""
+        config = self.home / role / "ingress.toml"
+        other = self.home / role / "ingress-at.toml"
+        other.write_text(re.sub(r'(?m)^wss = ".*"$', f'wss = "{wss}"', config.read_text()))
+        cli = str(Path(sys.executable).parent / "fleet-ingress")
+        argv = ["ip", "netns", "exec", self.ns[role], cli, "check", "-c", str(other), "--live"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
     def stop(self, proc: Proc, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> None:
         if proc.popen.poll() is None:
             proc.popen.send_signal(sig)
@@ -356,6 +365,12 @@ def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
     # priority (A, 110) takes the address.
     until(lab, f"host a holds {VIP}", lambda: lab.holds_vip("a"), 20)
     assert lab.holder() == "a"
+    # A check pointed at the shared address itself would pass on the backup (host a
+    # answers it): it must see that the address is not the backup's.
+    for role, live in (("a", True), ("b", False)):
+        done = lab.check_live_at(role, f"{VIP}:443")
+        assert (done.returncode == 0) is live, done
+    assert "not an address of this host" in done.stdout
 
     calling = [*helper, "carrier", f"wss://{VIP}", str(ca_file), str(LIFETIME)]
     carrier = lab.start("carrier", "carrier", calling, read_lines=True)

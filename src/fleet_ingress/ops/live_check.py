@@ -34,6 +34,7 @@ Reads only: no file is written and nothing in the ingress changes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import ssl
@@ -125,6 +126,41 @@ def local_target(address: str) -> tuple[str, int]:
     reached on loopback (the listener accepts there too)."""
     host, port = parse_hostport(address, what="address")
     return _LOOPBACK.get(host, host), port
+
+
+def local_addresses(fib_trie: str, if_inet6: str) -> set[str]:
+    """The addresses of this host (this network namespace), from the kernel's
+    /proc/net/fib_trie (IPv4: "/32 host LOCAL" under an address) and
+    /proc/net/if_inet6 (IPv6: the first field, 32 hex digits). Pure."""
+    found: set[str] = set()
+    last = ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|-- "):
+            last = text[4:]
+        elif text.startswith("/32 host LOCAL") and last:
+            found.add(last)
+    for line in if_inet6.splitlines():
+        if (field := line.split()[:1]) and len(field[0]) == 32:
+            found.add(str(ipaddress.IPv6Address(int(field[0], 16))))
+    return found
+
+
+def is_this_hosts(host: str) -> bool:
+    """Would a connection to `host` stay on this host? Loopback does; a named
+    address only while this host has it. Unknown (a name, no /proc): assume so."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    if address.is_loopback:
+        return True
+    try:
+        fib = Path("/proc/net/fib_trie").read_text()
+        inet6 = Path("/proc/net/if_inet6").read_text() if address.version == 6 else ""
+    except OSError:
+        return True
+    return str(address) in local_addresses(fib, inet6)
 
 
 def judge_fleets(snapshot: dict[str, Any]) -> tuple[bool, str]:
@@ -231,6 +267,13 @@ async def _health_route(config: LiveSettings) -> None:
     # Loopback is not the name on the certificate; the handshake itself is the test.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if not is_this_hosts(host):
+        # listen.wss naming the shared address itself (bound with ip_nonlocal_bind):
+        # on the backup host the other host would answer, and this one look fit.
+        raise NotLive(
+            f"wss {format_hostport(host, port)}: not an address of this host now, so "
+            'another host would answer; listen on a wildcard, listen.wss = "0.0.0.0:443"'
+        )
     reader, writer = await asyncio.open_connection(host, port, ssl=context)
     status, body = await _get(reader, writer, format_hostport(host, port), config.health)
     if status != 200:
