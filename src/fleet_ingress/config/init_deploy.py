@@ -145,7 +145,7 @@ def two_hosts(
             f"--interface {interface!r} is not a network interface name (ip -br link lists them)"
         )
     if not 1 <= priority <= 254:
-        raise InitError(f"--priority {priority}: give 1 to 254 (higher wins when both start)")
+        raise InitError(f"--priority {priority}: give 1 to 254 (higher wins a simultaneous start)")
     if router_id is not None and not 1 <= router_id <= 255:
         raise InitError(f"--vrid {router_id}: give 1 to 255, the same on both hosts")
     if not _USER.fullmatch(script_user):
@@ -390,7 +390,7 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help=f"1-254 (default {DEFAULT_PRIORITY}): the higher one takes the address when both "
-        "start; give the hosts different ones",
+        "start at the same moment; give the hosts different ones",
     )
     pair.add_argument(
         "--vrid",
