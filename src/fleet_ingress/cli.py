@@ -33,6 +33,12 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="judge a captured /health/fleet body instead (pass/fail and the capacity read)",
     )
+    check.add_argument(
+        "--live",
+        action="store_true",
+        help="instead: does the ingress running here answer its health route over TLS and "
+        "have a fleet UP? (keepalived's track script; one line, exit 0 or 1, under 1 s)",
+    )
 
     def admin_command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
@@ -61,7 +67,11 @@ def _build_parser() -> argparse.ArgumentParser:
     from fleet_ingress.config.init_deploy import add_init_arguments
 
     add_init_arguments(
-        sub.add_parser("init", help="write one deployment's ingress.toml and fleets.txt")
+        sub.add_parser(
+            "init",
+            help="write one deployment's ingress.toml and fleets.txt "
+            "(and with --vip this host's keepalived.conf)",
+        )
     )
 
     demo = sub.add_parser(
@@ -83,6 +93,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "check":
+        if args.live:
+            if args.probe or args.body is not None or args.config is None:
+                print(
+                    "fleet-ingress check: --live asks the running ingress; give it -c CONFIG "
+                    "and neither --probe nor --body",
+                    file=sys.stderr,
+                )
+                return 2
+            from fleet_ingress.ops.live_check import run_live_check
+
+            return run_live_check(args.config)
         from fleet_ingress.config.check import run_body_check, run_check
 
         if args.body is not None:

@@ -353,10 +353,8 @@ def test_every_deploy_file_the_docs_name_exists() -> None:
     for doc in (ROOT / "docs" / "INSTALL.md", DEPLOY / "README.md"):
         text = doc.read_text()
         named = set(re.findall(r"deploy/[\w./-]+\.(?:service|conf|sh|yml|json|md)", text))
-        named |= {
-            f"deploy/{m}"
-            for m in re.findall(r"`((?:systemd|certbot|prometheus|grafana)/[\w.-]+)`", text)
-        }
+        kinds = "systemd|certbot|prometheus|grafana|keepalived"
+        named |= {f"deploy/{m}" for m in re.findall(rf"`((?:{kinds})/[\w.-]+)`", text)}
         assert named, doc
         missing = sorted(n for n in named if not (ROOT / n).exists())
         assert not missing, f"{doc} names files that do not exist: {missing}"

@@ -1,4 +1,5 @@
-"""`fleet-ingress init`: write one deployment's ingress.toml and fleets.txt.
+"""`fleet-ingress init`: write one deployment's ingress.toml and fleets.txt (and,
+with `--vip`, this host's keepalived.conf: SPEC section 14).
 
 The old design's `render.sh`: the brand-agnostic example (shipped in the package,
 a copy of `config/`) with `__INGRESS_DOMAIN__` filled in and the example fleets
@@ -15,7 +16,10 @@ from `add_init_arguments` on every invocation.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -37,6 +41,36 @@ FLEETS_PLACEHOLDER = "__FLEET_SERVERS__"
 FILLED = (DOMAIN_PLACEHOLDER, FLEETS_PLACEHOLDER)
 DEFAULT_MAXCONN = 16  # fleets.maxconn when the template does not set it
 
+# Two hosts sharing one address (SPEC section 14): keepalived.conf beside ingress.toml.
+KEEPALIVED_NAME = "keepalived.conf"
+KEEPALIVED_FILLED = (
+    DOMAIN_PLACEHOLDER,
+    "__VIRTUAL_ADDRESS__",
+    "__INTERFACE__",
+    "__PEER__",
+    "__PRIORITY__",
+    "__VIRTUAL_ROUTER_ID__",
+    "__LIVE_CHECK__",
+    "__SCRIPT_USER__",
+)
+DEFAULT_PRIORITY = 100
+DEFAULT_SCRIPT_USER = "fleet-ingress"  # the service's own user: it can read ingress.toml
+# A Linux interface name (IFNAMSIZ 16 with the NUL) and a Unix user name.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,14}")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# keepalived -t (2.2) ends by SIGTERM-ing itself even on a clean file; its verdict is
+# what it prints.
+_KEEPALIVED_CLEAN_EXITS = (0, -15, 143)
+# What keepalived's words mean for an operator of this file.
+_KEEPALIVED_HINTS = {
+    "script uid/gid": "hint: --script-user must name a user of this host (docs/INSTALL.md, "
+    "section 1 creates fleet-ingress)",
+    "doesn't exist": "hint: run init on the host this file is for; `ip -br link` lists "
+    "its interfaces",
+    "insecure": "hint: with enable_script_security every directory of the check's path "
+    "must be root's and writable by root only",
+}
+
 # A DNS name certbot can get an HTTP-01 certificate for: it becomes a path under
 # /etc/letsencrypt/live/ and a TOML string, so nothing else may slip through.
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -47,6 +81,91 @@ OK, CHECK_FAILED, NOT_WRITTEN = 0, 1, 2
 
 class InitError(Exception):
     """Nothing was written; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class TwoHosts:
+    """This host's part in a pair sharing one address with keepalived (VRRP)."""
+
+    vip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    interface: str
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address
+    priority: int = DEFAULT_PRIORITY
+    router_id: int = 0  # 0: derived from the address, so both hosts agree untold
+    script_user: str = DEFAULT_SCRIPT_USER
+
+    @property
+    def virtual_router_id(self) -> int:
+        return self.router_id or self.vip.ip.packed[-1] or 255
+
+
+def two_hosts(
+    vip: str,
+    interface: str,
+    peer: str,
+    *,
+    priority: int = DEFAULT_PRIORITY,
+    router_id: int | None = None,
+    script_user: str = DEFAULT_SCRIPT_USER,
+) -> TwoHosts:
+    """Checked values for keepalived.conf; InitError naming the option otherwise."""
+    if "/" not in vip:
+        raise InitError(
+            f"--vip {vip!r}: give the shared address with its prefix, e.g. --vip 192.0.2.10/24 "
+            "(the prefix of the network it is on)"
+        )
+    try:
+        address = ipaddress.ip_interface(vip)
+    except ValueError:
+        raise InitError(f"--vip {vip!r} is not ADDRESS/PREFIX, e.g. 192.0.2.10/24") from None
+    ip, net = address.ip, address.network
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+        raise InitError(
+            f"--vip {vip}: carriers cannot reach a loopback, multicast or link-local address"
+        )
+    if net.num_addresses > 2 and ip in (net.network_address, net.broadcast_address):
+        raise InitError(
+            f"--vip {vip}: {ip} is the network's own or broadcast address; pick a host address"
+        )
+    try:
+        peer_ip = ipaddress.ip_address(peer)
+    except ValueError:
+        raise InitError(
+            f"--peer {peer!r}: give the other ingress host's address on --interface, an IP "
+            "address (VRRP adverts go to it by unicast)"
+        ) from None
+    if peer_ip.version != ip.version:
+        raise InitError(f"--peer {peer} and --vip {vip}: give both as IPv{ip.version} addresses")
+    if peer_ip == ip:
+        raise InitError(
+            f"--peer {peer}: that is the shared address; give the other host's own address"
+        )
+    if not _IFNAME.fullmatch(interface):
+        raise InitError(
+            f"--interface {interface!r} is not a network interface name (ip -br link lists them)"
+        )
+    if not 1 <= priority <= 254:
+        raise InitError(f"--priority {priority}: give 1 to 254 (higher wins a simultaneous start)")
+    if router_id is not None and not 1 <= router_id <= 255:
+        raise InitError(f"--vrid {router_id}: give 1 to 255, the same on both hosts")
+    if not _USER.fullmatch(script_user):
+        raise InitError(f"--script-user {script_user!r} is not a user name")
+    return TwoHosts(address, interface, peer_ip, priority, router_id or 0, script_user)
+
+
+def live_check_command(config_path: Path) -> str:
+    """The track script keepalived runs: this installation's `fleet-ingress check
+    -c CONFIG --live`, by absolute path (keepalived has no PATH to speak of)."""
+    script = Path(sys.executable).parent / "fleet-ingress"
+    argv = [str(script)] if script.is_file() else [sys.executable, "-m", "fleet_ingress"]
+    argv += ["check", "-c", str(config_path), "--live"]
+    # keepalived splits the script line on spaces and has its own quoting.
+    if odd := [a for a in argv if re.search(r"[\s'\"\\]", a)]:
+        raise InitError(
+            f"{odd[0]!r}: keepalived's script line cannot hold spaces or quotes; install "
+            "fleet-ingress and choose --out under paths without them"
+        )
+    return " ".join(argv)
 
 
 @dataclass(frozen=True)
@@ -70,8 +189,10 @@ def render_deployment(
     *,
     template_dir: Path | None = None,
     force: bool = False,
+    pair: TwoHosts | None = None,
 ) -> list[Path]:
-    """Write out_dir/ingress.toml and out_dir/fleets.txt; return their paths.
+    """Write out_dir/ingress.toml and out_dir/fleets.txt (and with `pair`
+    out_dir/keepalived.conf); return their paths.
 
     Each `fleet_urls` item is one fleets-file line, `URL [name=NAME] [maxconn=N]`.
     Raises InitError, with nothing written, on a bad domain or fleet, a surviving
@@ -79,13 +200,19 @@ def render_deployment(
     is kept as NAME.bak). Each file is replaced atomically.
     """
     domain = normalise_domain(domain)
-    templates = _read_templates(template_dir)
+    names = TEMPLATE_NAMES + ((KEEPALIVED_NAME,) if pair is not None else ())
+    templates = _read_templates(template_dir, names)
     _refuse_unknown_placeholders(templates)
     config_text = templates[CONFIG_NAME][1].replace(DOMAIN_PLACEHOLDER, domain)
     maxconn = _default_maxconn(config_text, templates[CONFIG_NAME][0])
     fleet_lines = _fleet_lines(fleet_urls, maxconn)
     fleets_text = _render_fleets(templates[FLEETS_NAME][1], fleet_lines, domain)
     rendered = {CONFIG_NAME: config_text, FLEETS_NAME: fleets_text}
+    if pair is not None:
+        check = live_check_command(out_dir.absolute() / CONFIG_NAME)
+        rendered[KEEPALIVED_NAME] = render_keepalived(
+            templates[KEEPALIVED_NAME][1], domain, pair, check
+        )
     for name, text in rendered.items():  # e.g. a fleet named "a__B__"
         if survivor := PLACEHOLDER.search(text):
             raise InitError(
@@ -118,6 +245,55 @@ def render_deployment(
             f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}{done}"
         ) from None
     return written
+
+
+def render_keepalived(template: str, domain: str, pair: TwoHosts, live_check: str) -> str:
+    values = {
+        DOMAIN_PLACEHOLDER: domain,
+        "__VIRTUAL_ADDRESS__": str(pair.vip),
+        "__INTERFACE__": pair.interface,
+        "__PEER__": str(pair.peer),
+        "__PRIORITY__": str(pair.priority),
+        "__VIRTUAL_ROUTER_ID__": str(pair.virtual_router_id),
+        "__LIVE_CHECK__": live_check,
+        "__SCRIPT_USER__": pair.script_user,
+    }
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(), m.group()), template)
+
+
+def keepalived_binary() -> str | None:
+    # /usr/sbin is not on every PATH (sudo -u, cron), and keepalived lives there.
+    return shutil.which("keepalived") or shutil.which("keepalived", path="/usr/sbin:/sbin")
+
+
+def check_keepalived(path: Path, keepalived: str) -> list[str]:
+    """`keepalived -t -f path`: its complaints, one a line (none: it accepts the file).
+
+    It checks the file against this host (the interface exists, script_user
+    exists, the script's path is safe), so run it on the host the file is for."""
+    try:
+        done = subprocess.run(
+            [keepalived, "-t", "-f", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [f"keepalived -t -f {path}: could not run it: {exc}"]
+    said = [
+        line.strip()
+        for line in (done.stdout + done.stderr).splitlines()
+        if line.strip() and line.strip() != "Terminated"
+    ]
+    if done.returncode in _KEEPALIVED_CLEAN_EXITS and not said:
+        return []
+    said = said or [f"exit status {done.returncode}"]
+    text = "\n".join(said)
+    for words, hint in _KEEPALIVED_HINTS.items():
+        if words in text:
+            said.append(hint)
+    return [f"keepalived -t -f {path}: {line}" for line in said]
 
 
 def check_deployment(config_path: Path) -> DeploymentCheck:
@@ -201,6 +377,34 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace existing files (keeping NAME.bak)"
     )
+    pair = parser.add_argument_group(
+        "two hosts sharing one address (keepalived.conf, written beside ingress.toml)"
+    )
+    pair.add_argument(
+        "--vip", metavar="ADDR/PREFIX", help="the shared address carriers call, e.g. 192.0.2.10/24"
+    )
+    pair.add_argument("--interface", metavar="IF", help="the interface it lives on, e.g. eth0")
+    pair.add_argument("--peer", metavar="ADDR", help="the other ingress host's address on IF")
+    pair.add_argument(
+        "--priority",
+        type=int,
+        metavar="N",
+        help=f"1-254 (default {DEFAULT_PRIORITY}): the higher one takes the address when both "
+        "start at the same moment; give the hosts different ones",
+    )
+    pair.add_argument(
+        "--vrid",
+        type=int,
+        metavar="N",
+        help="VRRP virtual router id, 1-255, the same on both hosts (default: the last byte "
+        "of --vip); change it if another VRRP router on the network uses it",
+    )
+    pair.add_argument(
+        "--script-user",
+        metavar="USER",
+        help=f"who keepalived runs the check as (default {DEFAULT_SCRIPT_USER}, the service's "
+        "user: it must read ingress.toml)",
+    )
 
 
 def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> int:
@@ -208,8 +412,14 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     missing: certbot comes next), 1 written but the check found problems,
     2 nothing written. `args` as parsed by add_init_arguments."""
     try:
+        pair = _pair_from(args)
         paths = render_deployment(
-            args.domain, args.fleet, args.out, template_dir=template_dir, force=args.force
+            args.domain,
+            args.fleet,
+            args.out,
+            template_dir=template_dir,
+            force=args.force,
+            pair=pair,
         )
     except InitError as exc:
         print(f"fleet-ingress init: {exc}", file=sys.stderr)
@@ -226,11 +436,14 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
             f"check: no certificate yet at {files}: expected until certbot has issued it "
             "(docs/INSTALL.md, 'First certificate')"
         )
-    if not result.ok:
-        for line in result.problems:
+    problems = list(result.problems)
+    if pair is not None:
+        problems += _report_keepalived(args.out / KEEPALIVED_NAME)
+    if problems:
+        for line in problems:
             print(f"check: {line}")
         print(
-            f"fleet-ingress init: written, but check found {len(result.problems)} problem(s); "
+            f"fleet-ingress init: written, but check found {len(problems)} problem(s); "
             f"fix them, then run: fleet-ingress check -c {config_path}",
             file=sys.stderr,
         )
@@ -245,12 +458,57 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     return OK
 
 
-def _read_templates(template_dir: Path | None) -> dict[str, tuple[str, str]]:
+def _pair_from(args: argparse.Namespace) -> TwoHosts | None:
+    given = {"--vip": args.vip, "--interface": args.interface, "--peer": args.peer}
+    extras = {
+        "--priority": args.priority,
+        "--vrid": args.vrid,
+        "--script-user": args.script_user,
+    }
+    if not any(v is not None for v in given.values()):
+        if named := [k for k, v in extras.items() if v is not None]:
+            raise InitError(
+                f"{' and '.join(named)}: only with --vip, --interface and --peer "
+                "(keepalived.conf); nothing was written"
+            )
+        return None
+    if missing := [k for k, v in given.items() if v is None]:
+        raise InitError(
+            f"keepalived.conf needs --vip, --interface and --peer together; "
+            f"{' and '.join(missing)} missing; nothing was written"
+        )
+    return two_hosts(
+        args.vip,
+        args.interface,
+        args.peer,
+        priority=DEFAULT_PRIORITY if args.priority is None else args.priority,
+        router_id=args.vrid,
+        script_user=args.script_user or DEFAULT_SCRIPT_USER,
+    )
+
+
+def _report_keepalived(path: Path) -> list[str]:
+    keepalived = keepalived_binary()
+    if keepalived is None:
+        print(
+            f"check: keepalived is not installed here, so {path.absolute()} is unchecked; "
+            f"after apt-get install keepalived run: keepalived -t -f {path.absolute()}"
+        )
+        return []
+    problems = check_keepalived(path.absolute(), keepalived)
+    if not problems:
+        print(f"check: keepalived -t accepts {path.absolute()}")
+    return problems
+
+
+def _read_templates(
+    template_dir: Path | None, names: tuple[str, ...] = TEMPLATE_NAMES
+) -> dict[str, tuple[str, str]]:
     """name -> (where it came from, text)."""
     packaged = resources.files("fleet_ingress.config") / "templates"
     base: Traversable = template_dir if template_dir is not None else packaged
     templates = {}
-    for name in TEMPLATE_NAMES:
+    for name in names:
         source = base / name
         try:
             templates[name] = (str(source), source.read_text(encoding="utf-8"))
@@ -261,18 +519,17 @@ def _read_templates(template_dir: Path | None) -> dict[str, tuple[str, str]]:
 
 
 def _refuse_unknown_placeholders(templates: dict[str, tuple[str, str]]) -> None:
-    found = []
-    for source, text in templates.values():
+    found, fills = [], set()
+    for name, (source, text) in templates.items():
+        filled = KEEPALIVED_FILLED if name == KEEPALIVED_NAME else FILLED
         for lineno, line in enumerate(text.splitlines(), start=1):
-            found += [
-                f"{source} line {lineno}: placeholder {match.group()}"
-                for match in PLACEHOLDER.finditer(line)
-                if match.group() not in FILLED
-            ]
+            unknown = [m.group() for m in PLACEHOLDER.finditer(line) if m.group() not in filled]
+            found += [f"{source} line {lineno}: placeholder {p}" for p in unknown]
+            fills.update(filled if unknown else ())
     if found:
         raise InitError(
-            "\n".join(found) + f"\ninit fills only {' and '.join(FILLED)}; nothing was written. "
-            "Replace the placeholder(s) above in the template."
+            "\n".join(found) + f"\ninit fills only {' and '.join(sorted(fills))}; "
+            "nothing was written. Replace the placeholder(s) above in the template."
         )
 
 

@@ -1,0 +1,411 @@
+"""`fleet-ingress check -c CONFIG --live`, keepalived's track script (SPEC section 14):
+exit 0 only when the ingress running here completes a TLS handshake, answers its
+health route and has a fleet UP and READY; one line saying why otherwise."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.balancer import Admin
+from fleet_ingress.ops.live_check import (
+    LiveSettings,
+    is_this_hosts,
+    judge_fleets,
+    live_check,
+    live_settings,
+    local_addresses,
+    local_target,
+)
+from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import StartIngress, TLSFiles, free_port
+
+CLI = [sys.executable, "-m", "fleet_ingress"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("FLEET_INGRESS_"):
+            monkeypatch.delenv(name)
+
+
+def fleet(name: str, health: str = "UP", admin: str = "READY", **more: Any) -> dict[str, Any]:
+    return {"name": name, "health": health, "admin": admin, "removing": False, **more}
+
+
+@pytest.mark.parametrize(
+    ("snapshot", "live", "says"),
+    [
+        ({"state": "serving", "fleets": [fleet("a")]}, True, "1 of 1 fleets UP (a)"),
+        (
+            {"state": "serving", "fleets": [fleet("a", "DOWN"), fleet("b", full=True)]},
+            True,
+            "1 of 2 fleets UP (b FULL)",  # FULL is capacity: the peer sees the same fleets
+        ),
+        (
+            {"state": "serving", "fleets": [fleet("a", "DOWN"), fleet("b", "INIT")]},
+            False,
+            "no fleet UP and READY (a DOWN, b INIT)",
+        ),
+        (
+            {"state": "serving", "fleets": [fleet("a", admin="DRAIN"), fleet("b", admin="MAINT")]},
+            False,
+            "no fleet UP and READY (a UP DRAIN, b UP MAINT)",
+        ),
+        (
+            {"state": "serving", "fleets": [fleet("a", admin="DRAIN", removing=True)]},
+            False,
+            "(a UP DRAIN being removed)",
+        ),
+        ({"state": "draining", "fleets": [fleet("a")]}, False, "stopping (draining)"),
+        ({"state": "serving", "fleets": []}, False, "reports no fleet"),
+        ({"state": "serving"}, False, "reports no fleet"),
+    ],
+)
+def test_judge_fleets(snapshot: dict[str, Any], live: bool, says: str) -> None:
+    ok, line = judge_fleets(snapshot)
+    assert ok is live
+    assert says in line
+
+
+@pytest.mark.parametrize(
+    ("address", "target"),
+    [
+        ("0.0.0.0:443", ("127.0.0.1", 443)),
+        ("[::]:443", ("::1", 443)),
+        ("192.0.2.10:8443", ("192.0.2.10", 8443)),
+        ("[2001:db8::1]:443", ("2001:db8::1", 443)),
+        ("127.0.0.1:8404", ("127.0.0.1", 8404)),
+    ],
+)
+def test_a_wildcard_listener_is_reached_on_loopback(address: str, target: tuple) -> None:
+    assert local_target(address) == target
+
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 192.0.2.0/24 2 0 2
+           |-- 192.0.2.0
+              /24 link UNICAST
+           |-- 192.0.2.10
+              /32 host LOCAL
+           |-- 192.0.2.11
+              /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.1
+              /32 host LOCAL
+"""
+IF_INET6 = """\
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000000000000000000000011 02 40 00 80     eth0
+"""
+
+
+def test_the_addresses_of_this_host_are_read_from_the_kernel_tables() -> None:
+    # Not the network, broadcast or route entries. (tests/test_two_hosts.py has the
+    # real thing: the shared address counts on the host holding it, not on the other.)
+    assert local_addresses(FIB_TRIE, IF_INET6) == {
+        "192.0.2.10",
+        "192.0.2.11",
+        "127.0.0.1",
+        "::1",
+        "2001:db8::11",
+    }
+
+
+def test_loopback_is_always_this_hosts_and_the_kernel_tables_are_readable() -> None:
+    assert is_this_hosts("127.0.0.1") and is_this_hosts("::1") and is_this_hosts("127.0.0.2")
+    mine = local_addresses(
+        Path("/proc/net/fib_trie").read_text(), Path("/proc/net/if_inet6").read_text()
+    )
+    assert "127.0.0.1" in mine and "::1" in mine
+
+
+def write_config(
+    path: Path,
+    tls_files: TLSFiles,
+    *,
+    wss: str,
+    stats: str = "",
+    admin_socket: str = "",
+    health: str = "/haproxy-health",
+) -> Path:
+    path.write_text(
+        f"""
+[listen]
+wss = "{wss}"
+acme = ""
+stats = "{stats}"
+admin_socket = "{admin_socket}"
+[tls]
+cert = "{tls_files.ingress_cert}"
+key = "{tls_files.ingress_key}"
+[routes]
+health = "{health}"
+"""
+    )
+    return path
+
+
+def config_for(ingress: Ingress, path: Path, tls_files: TLSFiles) -> Path:
+    """A config file naming the listeners `ingress` really has (ports chosen by the OS)."""
+    host, port = ingress.wss_address
+    stats = "" if ingress.stats_address is None else "{}:{}".format(*ingress.stats_address)
+    admin = "" if ingress.admin_socket is None else str(ingress.admin_socket)
+    return write_config(path, tls_files, wss=f"{host}:{port}", stats=stats, admin_socket=admin)
+
+
+async def live(path: Path) -> tuple[bool, str]:
+    # live_check runs its own event loop, as the command does.
+    result = await asyncio.to_thread(live_check, path)
+    return result.live, result.line
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def sim(tls_files: TLSFiles) -> Any:
+    async with SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context()) as fleet:
+        yield fleet
+
+
+@pytest.mark.parametrize("source", ["stats", "admin_socket"])
+async def test_live_follows_the_running_ingress(
+    start_ingress: StartIngress,
+    sim: SimulatedFleet,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    source: str,
+) -> None:
+    listen = (
+        {"stats": "127.0.0.1:0"}
+        if source == "stats"
+        else {"admin_socket": str(tmp_path / "admin.sock")}
+    )
+    ingress = await start_ingress(
+        [f"{sim.url} name=a"],
+        health_checks=True,
+        listen=listen,
+        fleets={"check_interval": 0.05, "check_timeout": 1.0},
+    )
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    await until(lambda: ingress.balancer.fleets[0].up)
+    ok, line = await live(path)
+    assert ok, line
+    host, port = ingress.wss_address
+    assert line == f"live: wss {host}:{port} answers /haproxy-health; 1 of 1 fleets UP (a)"
+
+    # The fleet fails its probes: DOWN after fall, and the host is no longer fit.
+    sim.health_status = 503
+    await until(lambda: not ingress.balancer.fleets[0].up)
+    ok, line = await live(path)
+    assert not ok and line == "not live: no fleet UP and READY (a DOWN)"
+
+    sim.health_status = 200
+    await until(lambda: ingress.balancer.fleets[0].up)
+    ingress.balancer.fleets[0].set_admin(Admin.MAINT)
+    ok, line = await live(path)
+    assert not ok and line.endswith("(a UP MAINT)"), line
+
+
+async def test_a_stopped_ingress_is_not_live(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"})
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    assert (await live(path))[0]
+    host, port = ingress.wss_address
+    stats_port = ingress.stats_address[1]
+    await ingress.stop(drain_timeout=0)
+    ok, line = await live(path)
+    refused = "Connection refused (is fleet-ingress running?)"
+    assert not ok
+    # Both parts say what they found.
+    stats = f"stats 127.0.0.1:{stats_port}"
+    assert line == f"not live: wss {host}:{port}: {refused}; {stats}: {refused}"
+
+
+async def test_a_health_route_that_is_not_served_is_named(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"})
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    # The running ingress serves /haproxy-health; a config saying otherwise must not pass.
+    text = path.read_text().replace("/haproxy-health", "/other-health")
+    path.write_text(text)
+    ok, line = await live(path)
+    host, port = ingress.wss_address
+    assert not ok and line.startswith(f"not live: wss {host}:{port}: /other-health answered 404")
+
+
+async def test_a_listener_that_speaks_no_tls_fails_the_handshake(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    async def plain_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(plain_http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = write_config(tmp_path / "ingress.toml", tls_files, wss=f"127.0.0.1:{port}")
+        ok, line = await live(path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not ok and f"wss 127.0.0.1:{port}: TLS handshake failed" in line, line
+
+
+async def test_a_listener_that_never_answers_fails_within_the_deadline(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never speaks TLS back
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stats = await free_port()
+    try:
+        wss, stats_at = f"127.0.0.1:{port}", f"127.0.0.1:{stats}"
+        path = write_config(tmp_path / "ingress.toml", tls_files, wss=wss, stats=stats_at)
+        ok, line = await live(path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not ok
+    assert f"wss 127.0.0.1:{port}: no answer within 0.8 s" in line, line
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[listen\n", "not valid TOML"),
+        ("[listen]\nwss = 'nowhere'\n", "listen.wss 'nowhere' has no port"),
+        ("[listen]\nwss = 443\n", "listen.wss: 443 is not a quoted string"),
+        ("[listen]\nstats = 'localhost:'\n", "listen.stats 'localhost:' has ':' but no port"),
+    ],
+)
+def test_the_keys_it_needs_are_named_when_unreadable(tmp_path: Path, text: str, says: str) -> None:
+    path = tmp_path / "ingress.toml"
+    path.write_text(text)
+    result = live_check(path)
+    assert not result.live and "\n" not in result.line
+    assert result.line.startswith(f"not live: {path}: ") and says in result.line, result.line
+
+
+def test_a_mistake_elsewhere_in_the_file_does_not_fail_a_running_host(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    # Not yet reloaded, it changes nothing in the running ingress; judged by the full
+    # check it would take the address off both hosts at once if pushed to both.
+    path = write_config(tmp_path / "ingress.toml", tls_files, wss="127.0.0.1:1", stats="")
+    path.write_text(path.read_text() + "[fleets]\nmaxconn = 'x'\nno_such_key = 1\n")
+    assert live_settings(path).wss == "127.0.0.1:1"
+
+
+def test_defaults_and_overrides_are_the_ingress_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "ingress.toml"
+    path.write_text("[listen]\nadmin_socket = 'run/admin.sock'\n")
+    config = load_config(path)
+    assert live_settings(path) == LiveSettings(
+        wss=config.listen.wss,
+        stats=config.listen.stats,
+        admin_socket=config.listen.admin_socket,
+        health=config.routes.health,
+    )
+    assert live_settings(path).admin_socket == str(tmp_path / "run" / "admin.sock")
+    monkeypatch.setenv("FLEET_INGRESS_LISTEN__STATS", "127.0.0.1:9404")
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__HEALTH", "/hc")
+    settings = live_settings(path)
+    assert (settings.stats, settings.health) == ("127.0.0.1:9404", "/hc")
+    assert (settings.stats, settings.health) == (
+        load_config(path).listen.stats,
+        load_config(path).routes.health,
+    )
+
+
+def test_no_snapshot_source_is_named(tls_files: TLSFiles, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "ingress.toml", tls_files, wss="127.0.0.1:1")
+    result = live_check(path)
+    assert not result.live
+    assert "listen.stats and listen.admin_socket are both disabled" in result.line
+
+
+async def test_the_command_prints_one_line_and_writes_nothing(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"})
+    home = tmp_path / "etc"
+    home.mkdir()
+    path = config_for(ingress, home / "ingress.toml", tls_files)
+    before = sorted(p.name for p in home.iterdir())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "check", "-c", str(path), "--live", env=env, stdout=subprocess.PIPE, cwd=home
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    assert out.decode().count("\n") == 1 and out.startswith(b"live: ")
+    await ingress.stop(drain_timeout=0)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "check", "-c", str(path), "--live", env=env, stdout=subprocess.PIPE, cwd=home
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 1 and out.startswith(b"not live: ") and out.count(b"\n") == 1
+    assert sorted(p.name for p in home.iterdir()) == before
+
+
+@pytest.mark.parametrize("extra", [["--probe"], ["--body", "x.json"], []])
+def test_live_takes_a_config_and_nothing_else(extra: list[str], tmp_path: Path) -> None:
+    argv = [*CLI, "check", "--live", *extra]
+    if extra:
+        argv += ["-c", str(tmp_path / "ingress.toml")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--live asks the running ingress" in done.stderr
+
+
+async def test_a_listener_that_hangs_up_after_the_handshake_is_named(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_files.ingress_cert, tls_files.ingress_key)
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = write_config(tmp_path / "ingress.toml", tls_files, wss=f"127.0.0.1:{port}")
+        ok, line = await live(path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not ok
+    assert line.startswith(
+        f"not live: wss 127.0.0.1:{port}: closed the connection without an answer"
+    )

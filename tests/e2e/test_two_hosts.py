@@ -1,0 +1,423 @@
+"""Two ingress hosts behind one address, for real (SPEC section 14, issue #15).
+
+Network namespaces that this test makes and removes, joined by a bridge, with
+documentation addresses (192.0.2.0/24) only inside them:
+
+    ingress A 192.0.2.11 ─┐                    ┌─ fleets  192.0.2.20 (simulated fleet)
+    ingress B 192.0.2.12 ─┼── bridge (lan) ────┼─ carrier 192.0.2.30
+    shared    192.0.2.10 ─┘   (held by A or B)
+
+Each ingress host runs `fleet-ingress run` and keepalived with the keepalived.conf
+that `fleet-ingress init --vip` rendered for it, unchanged. The carrier calls
+wss://192.0.2.10 again and again. Kill the active host's ingress (SIGKILL): new
+calls succeed again within 6 s, on the other host. Bring it back: the address
+stays where it is (nopreempt). Stop keepalived on the active host: the same.
+
+Needs root, `ip netns` and keepalived: without them it skips on a developer's
+machine and fails under CI (CI set), where all three are there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import trustme
+
+from fleet_ingress.config.init_deploy import add_init_arguments, keepalived_binary, main_init
+
+ROLES = Path(__file__).resolve().parent / "netns_roles.py"
+VIP, PREFIX = "192.0.2.10", 24
+HOSTS = {"a": "192.0.2.11", "b": "192.0.2.12"}
+FLEETS_IP, CARRIER_IP, FLEET_PORT = "192.0.2.20", "192.0.2.30", 8080
+DOMAIN = "calls.example.com"
+FAILOVER_BUDGET = 6.0  # seconds from the failure to the first new call that succeeds
+# How long "the address stays where it is" is watched: longer than VRRP's master-down
+# interval (3 x advert_int + skew, about 3.6 s), after which a host that would preempt
+# has done so.
+HOLD = 6.0
+LIFETIME = 150  # no helper process outlives this, whatever happens to the test
+NS_PREFIX = "fik"  # fleet-ingress keepalived test
+
+
+def _require(what: str, ok: bool) -> None:
+    if ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI=true: {what}; CI must run this test", pytrace=False)
+    pytest.skip(what)
+
+
+def _ip_netns_works() -> bool:
+    name = f"{NS_PREFIX}{os.getpid()}-probe"
+    try:
+        added = subprocess.run(["ip", "netns", "add", name], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+    return added.returncode == 0
+
+
+def _die_with_parent() -> None:
+    # If pytest itself is killed, the helpers go too (the namespaces are swept by
+    # the next run, see _sweep_stale).
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _run(*argv: str) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _sweep_stale() -> None:
+    """Namespaces left by an earlier run of this test that was killed outright."""
+    for line in _run("ip", "netns", "list").splitlines():
+        match = re.match(rf"({NS_PREFIX}(\d+)-\S+)", line)
+        if match and not Path(f"/proc/{match.group(2)}").exists():
+            _delete_namespace(match.group(1))
+
+
+def _delete_namespace(name: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    for pid in pids.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    lines: list[str] = field(default_factory=list)  # stdout lines, for the roles that print
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return f"--- {self.name} ({self.log}) ---\n" + "\n".join(text.splitlines()[-n:])
+
+
+class Lab:
+    """The namespaces, the files and every process started in them; `close` undoes all."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        tag = f"{NS_PREFIX}{os.getpid()}"
+        self.ns = {role: f"{tag}-{role}" for role in ("lan", "a", "b", "fleets", "carrier")}
+        self.procs: list[Proc] = []
+        self.created: list[str] = []
+
+    # -- network -------------------------------------------------------------
+
+    def build(self) -> None:
+        for name in self.ns.values():
+            _run("ip", "netns", "add", name)
+            self.created.append(name)
+            _run("ip", "-n", name, "link", "set", "lo", "up")
+        lan = self.ns["lan"]
+        _run("ip", "-n", lan, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", lan, "link", "set", "br0", "up")
+        addresses = {**HOSTS, "fleets": FLEETS_IP, "carrier": CARRIER_IP}
+        for role, address in addresses.items():
+            ns, port = self.ns[role], f"p-{role}"
+            # Both ends are made inside their namespaces: nothing appears on the host.
+            _run(
+                "ip", "link", "add", "eth0", "netns", ns,
+                "type", "veth", "peer", "name", port, "netns", lan,
+            )  # fmt: skip
+            _run("ip", "-n", lan, "link", "set", port, "master", "br0", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{address}/{PREFIX}", "dev", "eth0")
+            _run("ip", "-n", ns, "link", "set", "eth0", "up")
+
+    def holds_vip(self, role: str) -> bool:
+        out = _run("ip", "-n", self.ns[role], "-4", "-o", "addr", "show", "dev", "eth0")
+        return f" {VIP}/" in out
+
+    def holder(self) -> str | None:
+        holders = [role for role in HOSTS if self.holds_vip(role)]
+        assert len(holders) <= 1, f"both hosts hold {VIP}"
+        return holders[0] if holders else None
+
+    # -- processes -----------------------------------------------------------
+
+    def start(self, name: str, role: str, argv: list[str], *, read_lines: bool = False) -> Proc:
+        log = self.home / f"{name}.log"
+        out: IO[bytes] | int = subprocess.PIPE if read_lines else log.open("ab")
+        popen = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[role], *argv],
+            stdin=subprocess.PIPE,  # closed at the end: the roles stop on EOF
+            stdout=out,
+            stderr=log.open("ab"),
+            preexec_fn=_die_with_parent,
+        )
+        proc = Proc(name, popen, log)
+        if read_lines:
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def _read(proc: Proc) -> None:
+        assert proc.popen.stdout is not None
+        for raw in proc.popen.stdout:
+            proc.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def keepalived(self, role: str) -> Proc:
+        run = self.home / role
+        return self.start(
+            f"keepalived-{role}",
+            role,
+            [
+                keepalived_binary() or "keepalived",
+                "--use-file", str(run / "keepalived.conf"),
+                "--dont-fork", "--log-console", "--log-detail", "--no-syslog", "--vrrp",
+                # Pid files of our own: the defaults in /run belong to the host's keepalived.
+                "--pid", str(run / "keepalived.pid"),
+                "--vrrp_pid", str(run / "vrrp.pid"),
+                "--checkers_pid", str(run / "checkers.pid"),
+                "--bfd_pid", str(run / "bfd.pid"),
+            ],
+        )  # fmt: skip
+
+    def ingress(self, role: str) -> Proc:
+        cli = str(Path(sys.executable).parent / "fleet-ingress")
+        config = str(self.home / role / "ingress.toml")
+        return self.start(f"ingress-{role}", role, [cli, "run", "-c", config])
+
+    def live(self, role: str) -> bool:
+        """The track script keepalived runs, run by hand."""
+        conf = (self.home / role / "keepalived.conf").read_text()
+        script = re.search(r'script "([^"]+)"', conf)
+        assert script is not None
+        argv = ["ip", "netns", "exec", self.ns[role], *script.group(1).split()]
+        return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
+
+    def check_live_at(self, role: str, wss: str) -> subprocess.CompletedProcess[str]:
+        """`check --live` on a copy of the host's ingress.toml listening on `wss`."""
+        config = self.home / role / "ingress.toml"
+        other = self.home / role / "ingress-at.toml"
+        other.write_text(re.sub(r'(?m)^wss = ".*"$', f'wss = "{wss}"', config.read_text()))
+        cli = str(Path(sys.executable).parent / "fleet-ingress")
+        argv = ["ip", "netns", "exec", self.ns[role], cli, "check", "-c", str(other), "--live"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+    def stop(self, proc: Proc, sig: signal.Signals = signal.SIGTERM, timeout: float = 10) -> None:
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(sig)
+        try:
+            proc.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait(5)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.popen.stdin is not None:
+                try:
+                    proc.popen.stdin.close()
+                except OSError:
+                    pass
+            self.stop(proc, signal.SIGTERM, timeout=5)
+        for name in reversed(self.created):
+            _delete_namespace(name)
+
+    def logs(self) -> str:
+        return "\n".join(proc.tail() for proc in self.procs)
+
+
+def until(lab: Lab, what: str, predicate: Callable[[], bool], timeout: float) -> float:
+    """Seconds it took; fails with every process's log tail if it never happens."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}\n{lab.logs()}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def attempts(carrier: Proc) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in list(carrier.lines) if line.startswith("{")]
+
+
+def first_success_after(carrier: Proc, t: float) -> float | None:
+    """When the first call started after `t` succeeded (its end), or None."""
+    for call in attempts(carrier):
+        if call["start"] >= t and call["ok"]:
+            return call["end"]
+    return None
+
+
+def failed_since(carrier: Proc, t: float) -> list[dict[str, Any]]:
+    return [c for c in attempts(carrier) if c["start"] >= t and not c["ok"]]
+
+
+def script_user() -> str:
+    """keepalived runs the check as this user: nobody, when nobody can run this
+    interpreter (a venv from Debian's python3 in /opt, as docs/INSTALL.md does); root
+    when the interpreter lives where nobody may not go (pyenv under /root)."""
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import fleet_ingress.ops.live_check"],
+            user="nobody",
+            capture_output=True,
+            timeout=30,
+            cwd="/",
+        )
+    except PermissionError:
+        return "root"
+    return "nobody" if probe.returncode == 0 else "root"
+
+
+def render_host(home: Path, role: str, ca: trustme.CA, user: str) -> None:
+    """`fleet-ingress init --vip` for this host, as an operator runs it; then only
+    what a lab must change in ingress.toml: its certificate and an admin socket of
+    its own (the default path is shared by every process of the machine)."""
+    import argparse
+
+    out = home / role
+    peer = HOSTS["b" if role == "a" else "a"]
+    parser = argparse.ArgumentParser()
+    add_init_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--domain", DOMAIN, "--fleet", f"http://{FLEETS_IP}:{FLEET_PORT} name=fleet",
+            "--out", str(out), "--vip", f"{VIP}/{PREFIX}", "--interface", "eth0",
+            "--peer", peer, "--priority", "110" if role == "a" else "100",
+            "--script-user", user,
+        ]
+    )  # fmt: skip
+    # keepalived -t runs on this (outer) host, which has no eth0 of the lab's: 1 is expected.
+    main_init(args)
+    leaf = ca.issue_cert(DOMAIN, VIP)
+    cert, key = out / "cert.pem", out / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(key)
+    os.chmod(key, 0o600)
+    toml = (out / "ingress.toml").read_text()
+    toml = re.sub(r'(?m)^cert = ".*"$', f'cert = "{cert}"', toml)
+    toml = re.sub(r'(?m)^key = ".*"$', f'key = "{key}"', toml)
+    toml = re.sub(r'(?m)^admin_socket = ".*"$', f'admin_socket = "{out / "admin.sock"}"', toml)
+    (out / "ingress.toml").write_text(toml)
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    _require("needs root (network namespaces, keepalived)", os.geteuid() == 0)
+    _require("`ip netns` is unavailable here", shutil.which("ip") is not None and _ip_netns_works())
+    _require("keepalived is not installed (apt-get install keepalived)", bool(keepalived_binary()))
+    _sweep_stale()
+    # World-readable (0755): keepalived's script user reads the configuration.
+    home = Path(tempfile.mkdtemp(prefix="fik-", dir="/tmp"))
+    home.chmod(0o755)
+    lab = Lab(home)
+    try:
+        lab.build()
+        yield lab
+    finally:
+        lab.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.timeout(150)
+def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
+    lab: Lab,
+) -> None:
+    ca = trustme.CA()
+    ca_file = lab.home / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    user = script_user()
+    for role in HOSTS:
+        render_host(lab.home, role, ca, user)
+        # The file keepalived runs is the one init wrote, unchanged.
+        assert f"script_user {user}" in (lab.home / role / "keepalived.conf").read_text()
+
+    helper = [sys.executable, str(ROLES)]
+    serving = [*helper, "fleet", FLEETS_IP, str(FLEET_PORT), str(LIFETIME)]
+    fleet = lab.start("fleet", "fleets", serving, read_lines=True)
+    until(lab, "the simulated fleet listens", lambda: "ready" in fleet.lines, 20)
+    ingress = {role: lab.ingress(role) for role in HOSTS}
+    for role in HOSTS:
+        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), 20)
+    # As docs/INSTALL.md says: A first; it takes the address once its check has
+    # passed and no other host advertises (the master-down interval), then B.
+    keepalived = {"a": lab.keepalived("a")}
+    until(lab, f"host a holds {VIP}", lambda: lab.holds_vip("a"), 20)
+    keepalived["b"] = lab.keepalived("b")
+    until(lab, "keepalived b is BACKUP", lambda: _backups(keepalived["b"]) > 0, 15)
+    assert lab.holder() == "a"
+    # A check pointed at the shared address itself would pass on the backup (host a
+    # answers it): it must see that the address is not the backup's.
+    for role, live in (("a", True), ("b", False)):
+        done = lab.check_live_at(role, f"{VIP}:443")
+        assert (done.returncode == 0) is live, done
+    assert "not an address of this host" in done.stdout
+
+    calling = [*helper, "carrier", f"wss://{VIP}", str(ca_file), str(LIFETIME)]
+    carrier = lab.start("carrier", "carrier", calling, read_lines=True)
+    until(lab, "calls through a succeed", lambda: first_success_after(carrier, 0) is not None, 20)
+
+    # 1. The active host's ingress dies outright.
+    t = time.monotonic()
+    ingress["a"].popen.send_signal(signal.SIGKILL)
+    until(lab, f"host b holds {VIP}", lambda: lab.holder() == "b", 10)
+    until(lab, "a new call succeeds", lambda: first_success_after(carrier, t) is not None, 10)
+    recovered = first_success_after(carrier, t)
+    assert recovered is not None and recovered - t <= FAILOVER_BUDGET, (recovered, t, lab.logs())
+    print(f"ingress SIGKILLed: new calls succeed again after {recovered - t:.1f} s")
+
+    # 2. It comes back: keepalived on a sees it live again, and the address stays on b.
+    backups = _backups(keepalived["a"])
+    ingress["a"] = lab.ingress("a")
+    until(lab, "ingress a is live again", lambda: lab.live("a"), 20)
+    until(lab, "keepalived a is BACKUP again", lambda: _backups(keepalived["a"]) > backups, 10)
+    t = time.monotonic()
+    time.sleep(HOLD)
+    assert lab.holder() == "b", lab.logs()
+    assert failed_since(carrier, t) == [], lab.logs()  # nothing was cut or refused meanwhile
+
+    # 3. keepalived stops on the active host (b): a takes the address.
+    t = time.monotonic()
+    lab.stop(keepalived["b"])
+    until(lab, f"host a holds {VIP}", lambda: lab.holder() == "a", 10)
+    until(lab, "a new call succeeds", lambda: first_success_after(carrier, t) is not None, 10)
+    recovered = first_success_after(carrier, t)
+    assert recovered is not None and recovered - t <= FAILOVER_BUDGET, (recovered, t, lab.logs())
+    print(f"keepalived stopped: new calls succeed again after {recovered - t:.1f} s")
+
+    # 4. keepalived comes back on b: the address stays on a.
+    keepalived["b"] = lab.keepalived("b")
+    until(lab, "keepalived b is BACKUP", lambda: _backups(keepalived["b"]) > 0, 15)
+    t = time.monotonic()
+    time.sleep(HOLD)
+    assert lab.holder() == "a", lab.logs()
+    assert failed_since(carrier, t) == [], lab.logs()
+
+
+def _backups(keepalived: Proc) -> int:
+    """How often this keepalived has entered BACKUP (its log, which it writes anew on start)."""
+    try:
+        return keepalived.log.read_text(errors="replace").count("Entering BACKUP STATE")
+    except OSError:
+        return 0
