@@ -59,7 +59,12 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "tunnel": 3600.0,
             "drain": 300.0,
         },
-        "limits": {"max_header_bytes": 16384, "max_queue": 256, "max_connections": 10000},
+        "limits": {
+            "max_header_bytes": 16384,
+            "max_header_count": 100,
+            "max_queue": 256,
+            "max_connections": 10000,
+        },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},
     }
@@ -227,6 +232,9 @@ def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
         ("timeouts", "tunnel", float("inf")),
         ("timeouts", "queue", -1),
         ("limits", "max_header_bytes", 1000),
+        ("limits", "max_header_count", 0),
+        ("limits", "max_header_count", 100000),
+        ("limits", "max_header_count", "100"),
         ("limits", "max_queue", -1),
         ("limits", "max_connections", 0),
         ("log", "level", "verbose"),

@@ -35,6 +35,7 @@ class AcmeSettings:
     connect_timeout: float
     response_timeout: float
     max_head_bytes: int
+    max_header_count: int
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -48,7 +49,7 @@ class AcmeProtocol(asyncio.Protocol):
     def __init__(self, settings: AcmeSettings) -> None:
         self.settings = settings
         self.transport: asyncio.Transport | None = None
-        self._reader = RequestHeadReader(settings.max_head_bytes)
+        self._reader = RequestHeadReader(settings.max_head_bytes, settings.max_header_count)
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = False

@@ -74,6 +74,7 @@ class ProxyContext:
     request_timeout: float
     tunnel_timeout: float
     max_head_bytes: int
+    max_header_count: int
     max_connections: int
     access_log: bool = True
 
@@ -169,7 +170,7 @@ class CarrierProtocol(_Side):
         self.route_label = "-"  # for metrics: "-" until a head is routed
         self.client_ip = ""
         self.call: Call | None = None
-        self._reader = RequestHeadReader(ctx.max_head_bytes)
+        self._reader = RequestHeadReader(ctx.max_head_bytes, ctx.max_header_count)
         self._early = bytearray()
         self._head_timer: asyncio.TimerHandle | None = None
         self._setup: asyncio.Task[None] | None = None

@@ -131,6 +131,7 @@ class Ingress:
             request_timeout=config.timeouts.request,
             tunnel_timeout=config.timeouts.tunnel,
             max_head_bytes=config.limits.max_header_bytes,
+            max_header_count=config.limits.max_header_count,
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
         )
@@ -222,6 +223,7 @@ class Ingress:
             connect_timeout=config.timeouts.connect,
             response_timeout=config.timeouts.response,
             max_head_bytes=config.limits.max_header_bytes,
+            max_header_count=config.limits.max_header_count,
         )
 
     def status_line(self) -> str:
