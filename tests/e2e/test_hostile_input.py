@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import random
 import resource
@@ -281,6 +282,75 @@ async def test_the_header_line_limit_is_configurable(
     ingress = await start_ingress([teapot.line("teapot")], limits={"max_header_count": 20})
     assert (await raw_exchange(ingress, tls_files, many_lines(21))).startswith(b"HTTP/1.1 431 ")
     assert await raw_exchange(ingress, tls_files, many_lines(20)) == FORWARDED
+
+
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == "fleet_ingress.refused"]  # type: ignore[attr-defined]
+
+
+async def test_each_refused_head_is_logged_with_who_where_what_and_why(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")], timeouts={"request": 0.3})
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    await raw_exchange(ingress, tls_files, upgrade(target=b"/nowhere"))
+    await raw_exchange(ingress, tls_files, b"GET /ws/bot-1 HTTP/1.1\r\nHost: calls.test\r\n\r\n")
+    await raw_exchange(ingress, tls_files, b"GET /ws/bot-1 HTTP/1.1\r\n")  # then silence: 408
+    await raw_exchange(ingress, tls_files, upgrade())  # forwarded: an access-log line, not this
+    await eventually(lambda: len(refused_lines(caplog)) == 4)
+    assert [(f["status"], f["route"], f["target"]) for f in refused_lines(caplog)] == [
+        (431, "-", ""),
+        (404, "not_found", "/nowhere"),
+        (400, "/ws/", "/ws/bot-1"),
+        (408, "-", ""),
+    ]
+    for line in refused_lines(caplog):
+        assert line["client_ip"] == "127.0.0.1" and line["listener"] == "wss"
+    assert "more than 100 header lines" in refused_lines(caplog)[0]["reason"]
+    record = next(r for r in caplog.records if r.name == "fleet_ingress.refused")
+    assert record.getMessage() == "request refused"
+
+
+async def test_a_flood_of_refused_heads_is_logged_at_a_bounded_rate(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")])
+    now = [1000.0]
+    ingress.refusals.clock = lambda: now[0]  # one second, however long the handshakes take
+    flood = [upgrade(target=b"/nowhere")] * (ingress.refusals.per_second + 5)
+    await asyncio.gather(*(raw_exchange(ingress, tls_files, raw) for raw in flood))
+    assert len(refused_lines(caplog)) == ingress.refusals.per_second
+    now[0] += 1.0
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    assert refused_lines(caplog)[-1]["suppressed"] == 5
+    assert refused_lines(caplog)[-1]["status"] == 431
+
+
+async def test_refused_heads_on_port_80_are_logged_too(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"], listen={"acme": "127.0.0.1:0"}
+    )
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + b"X: a\r\n" * 101 + b"\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.read(-1)).startswith(b"HTTP/1.1 431 ")
+    writer.close()
+    ((line),) = refused_lines(caplog)
+    assert (line["listener"], line["status"], line["client_ip"]) == ("acme", 431, "127.0.0.1")
+
+
+async def test_log_access_false_writes_no_refused_lines(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")], log={"access": False})
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    assert refused_lines(caplog) == []
 
 
 @pytest.mark.parametrize("raw", SMUGGLING)

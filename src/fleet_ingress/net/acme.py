@@ -17,7 +17,7 @@ from typing import cast
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
 from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
 from fleet_ingress.core.responses import local_response
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
 
 log = logging.getLogger("fleet_ingress.acme")
 
@@ -36,6 +36,7 @@ class AcmeSettings:
     response_timeout: float
     max_head_bytes: int
     max_header_count: int
+    refusals: RateLimitedLog | None = None  # the carrier listener's, shared
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -53,9 +54,13 @@ class AcmeProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = False
+        self.client_ip = "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.client_ip = peername[0]
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
         )
@@ -137,6 +142,16 @@ class AcmeProtocol(asyncio.Protocol):
 
     def _answer(self, status: int, text: str) -> None:
         self._done = True
+        refusals = self.settings.refusals
+        if 400 <= status < 500 and refusals is not None:
+            refusals.info(
+                "request refused",
+                client_ip=self.client_ip,
+                listener="acme",
+                route="acme",
+                status=status,
+                reason=text,
+            )
         self._write(local_response(status, text))
 
     def _write(self, data: bytes) -> None:

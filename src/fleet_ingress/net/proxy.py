@@ -27,12 +27,18 @@ from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, Requ
 from fleet_ingress.core.responses import local_response
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
 from fleet_ingress.core.routing import RouteKind, Router
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher, Lease, NoFleetAvailable
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")
+# Beside the access log (same handler, same JSON lines): one line per refused
+# head, so a scan or a misbehaving carrier shows (HAProxy logs <BADREQ>).
+refused_log = logging.getLogger("fleet_ingress.refused")
+# Lines a second at most: a flood of bad heads is counted, not written out.
+REFUSED_LINES_PER_SECOND = 20
+_LOGGED_TARGET = 256
 
 # A side stops reading its peer when its own write buffer passes this.
 WRITE_HIGH_WATER = 64 * 1024
@@ -77,6 +83,8 @@ class ProxyContext:
     max_header_count: int
     max_connections: int
     access_log: bool = True
+    # One per ingress, kept across reloads; None writes no refused-request lines.
+    refusals: RateLimitedLog | None = None
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -168,6 +176,7 @@ class CarrierProtocol(_Side):
         self.ctx = ctx
         self.state = CarrierState.HEAD
         self.route_label = "-"  # for metrics: "-" until a head is routed
+        self.target = ""  # the head's target once read (for the refused-request line)
         self.client_ip = ""
         self.call: Call | None = None
         self._reader = RequestHeadReader(ctx.max_head_bytes, ctx.max_header_count)
@@ -238,6 +247,8 @@ class CarrierProtocol(_Side):
             self._head_timer.cancel()
         route = self.ctx.router.route(head.path.decode("latin-1"))
         self.route_label = route.label
+        # Bounded: a scanner's 16 KiB target would make a 16 KiB log line.
+        self.target = head.target[:_LOGGED_TARGET].decode("latin-1")
         if route.kind is RouteKind.HEALTH:
             # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
             self.answer(200, "ok", head_only=head.method == b"HEAD")
@@ -273,6 +284,18 @@ class CarrierProtocol(_Side):
         if self.call is not None:
             self.call.status = status
             self.call.end_reason = EndReason.REFUSED
+        elif status >= 400 and self.ctx.refusals is not None and self.ctx.access_log:
+            # A call that is refused has its access-log line; a head that never
+            # became a call has this one.
+            self.ctx.refusals.info(
+                "request refused",
+                client_ip=self.client_ip,
+                listener="wss",
+                route=self.route_label,
+                target=self.target,
+                status=status,
+                reason=text,
+            )
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(local_response(status, text, head_only=head_only))

@@ -22,13 +22,13 @@ from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
-from fleet_ingress.net.proxy import ProxyContext
+from fleet_ingress.net.proxy import REFUSED_LINES_PER_SECOND, ProxyContext, refused_log
 from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
@@ -80,6 +80,7 @@ class Ingress:
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
         self.registry = Registry()
+        self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
@@ -134,6 +135,7 @@ class Ingress:
             max_header_count=config.limits.max_header_count,
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
+            refusals=self.refusals,
         )
 
     async def start(self) -> None:
@@ -224,6 +226,7 @@ class Ingress:
             response_timeout=config.timeouts.response,
             max_head_bytes=config.limits.max_header_bytes,
             max_header_count=config.limits.max_header_count,
+            refusals=self.refusals if config.log.access else None,
         )
 
     def status_line(self) -> str:
