@@ -60,6 +60,14 @@ class IngressMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.prometheus,
         )
+        # Carriers stream 20 ms frames: lag of a few ms is audible jitter.
+        self.loop_lag_seconds = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the event loop ran a timer (probed every 0.2 s): what every "
+            "call's frames wait while the loop is busy.",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.prometheus,
+        )
         self.prometheus.register(
             _StateCollector(balancer, registry, dispatcher, certificate_not_after, reloads)
         )
@@ -73,6 +81,9 @@ class IngressMetrics:
     def _call_ended(self, call: Call) -> None:
         if call.tunnel_since is not None and call.ended_mono is not None:
             self.call_seconds.observe(call.ended_mono - call.tunnel_since)
+
+    def loop_lag_observed(self, seconds: float) -> None:
+        self.loop_lag_seconds.observe(seconds)
 
     def check_observed(self, fleet: str, seconds: float) -> None:
         self.check_seconds.labels(fleet).observe(seconds)

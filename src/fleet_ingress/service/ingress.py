@@ -27,6 +27,7 @@ from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
+from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
 from fleet_ingress.net.proxy import REFUSED_LINES_PER_SECOND, ProxyContext, refused_log
 from fleet_ingress.net.tls import (
@@ -97,6 +98,7 @@ class Ingress:
             reloads=lambda: self.reloads,
         )
         self.ops = FleetOps(self)
+        self.loop_lag = LoopLagProbe(self.metrics.loop_lag_observed)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
         self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
@@ -181,6 +183,7 @@ class Ingress:
             await self._serve_web(admin_app(self), web.SockSite, sock=sock)
             self.admin_socket = path
             log.info("listening", extra=fields(listener="admin", address=str(path)))
+        self.loop_lag.start()
 
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
@@ -395,6 +398,7 @@ class Ingress:
         self._web_runners.clear()
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
+        self.loop_lag.stop()
         await asyncio.sleep(0)
 
 
