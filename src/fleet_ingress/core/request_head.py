@@ -32,7 +32,9 @@ _CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
 _CONTENT_LENGTH_LIST = re.compile(rb"\r\ncontent-length[ \t]*:[^\r]*,", re.IGNORECASE)
 # h11 refuses only NUL, CR and LF in values; a fleet may read the other
 # controls differently from us. HTAB stays allowed (RFC 9110 field-vchar rules).
-_CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Searched once over the raw head, not per value: h11 has already refused them
+# in the request line and in names, and a CR or LF not in a CRLF before that.
+_CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # RFC 9112 3.2: a Host that is not uri-host[:port] gets 400 (and so does a
 # port a TCP connection cannot have: a fleet reading "99999999" modulo 2^16
 # would see another port than we do).
@@ -72,6 +74,11 @@ class RequestHead:
     headers: list[Header]  # names in the carrier's casing, in order
     trailing: bytes = field(default=b"", repr=False)  # bytes after the head
     http_version: bytes = b"1.1"  # or b"1.0": a monitor's probe, never a call
+    # Lowercased once: a head is looked up about ten times, each over every line.
+    _names: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", tuple(k.lower() for k, _ in self.headers))
 
     @property
     def path(self) -> bytes:
@@ -79,7 +86,7 @@ class RequestHead:
 
     def get_all(self, name: bytes) -> list[bytes]:
         name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return [h[1] for key, h in zip(self._names, self.headers, strict=True) if key == name]
 
     def get(self, name: bytes) -> bytes | None:
         values = self.get_all(name)
@@ -87,9 +94,12 @@ class RequestHead:
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated tokens of every `name` header, lowercased."""
+        # One lower() per value and one strip() per token: a 16 KiB list of tokens
+        # is read on every head (Connection, twice), so this is on the loop's clock.
         found: set[bytes] = set()
         for value in self.get_all(name):
-            found.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            found.update({t.strip(b" \t") for t in value.lower().split(b",")})
+        found.discard(b"")
         return found
 
     @property
@@ -229,7 +239,7 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     )
     if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1 or _CONTENT_LENGTH_LIST.search(raw):
         raise RequestRefused(400, "malformed request: more than one Content-Length")
-    if any(_CONTROL_IN_VALUE.search(value) for _, value in head.headers):
+    if _CONTROL_IN_HEAD.search(raw):
         raise RequestRefused(400, "malformed request: control character in a header value")
     if not _valid_host(head.host):
         raise RequestRefused(400, "malformed request: Host is not host[:port]")
