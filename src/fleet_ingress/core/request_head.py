@@ -23,13 +23,14 @@ Header = tuple[bytes, bytes]
 # A head line that starts with SP/HTAB continues the previous one (obs-fold,
 # RFC 9112 section 5.2). h11 unfolds it; we refuse it, as the RFC allows.
 _OBS_FOLD = re.compile(rb"\r\n[ \t]")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_BARE_CR = re.compile(rb"\r(?!\n)")
+# A bare CR or LF is found by counting (CRs and LFs against CRLFs): a regex
+# with a look-behind has no literal to skip to, so it steps through a 16 KiB
+# head byte by byte.
 _HEAD_END = b"\r\n\r\n"
 # h11 merges repeated identical Content-Length headers, and "0, 0" lists: we
-# must see both, to refuse them rather than repair them.
-_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
-_CONTENT_LENGTH_LIST = re.compile(rb"\r\ncontent-length[ \t]*:[^\r]*,", re.IGNORECASE)
+# must see both, to refuse them rather than repair them. Looked for in the
+# lowercased head once h11 has read it, so no space can precede the colon.
+_CONTENT_LENGTH_LINE = b"\r\ncontent-length:"
 # h11 refuses only NUL, CR and LF in values; a fleet may read the other
 # controls differently from us. HTAB stays allowed (RFC 9110 field-vchar rules).
 # Searched once over the raw head, not per value: h11 has already refused them
@@ -150,6 +151,13 @@ class RequestHeadReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> RequestHead | None:
+        taken = self.take(data)
+        return None if taken is None else parse_request_head(*taken)
+
+    def take(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """As `feed`, but the complete head is returned unparsed, with the bytes
+        after it: (raw head, trailing) for `parse_request_head`, which the caller
+        may run later. The limits are checked here, as the bytes arrive."""
         buf = self._buf
         buf += data
         if not self._request_line_started and not self._skip_empty_lines():
@@ -161,9 +169,11 @@ class RequestHeadReader:
             if len(buf) > self._max:
                 raise RequestRefused(431, "request head larger than the limit")
             # Every LF but the request line's ends a header line.
-            line_ends = self._line_ends + buf.count(b"\n", scanned)
+            new_line_ends = buf.count(b"\n", scanned)
+            line_ends = self._line_ends + new_line_ends
             self._check_header_lines(line_ends - 1)
-            if _BARE_LF.search(buf, max(0, scanned - 1)):
+            # A CRLF may straddle two reads: its CR is looked for one byte back.
+            if new_line_ends != buf.count(b"\r\n", max(0, scanned - 1)):
                 # Without this a head using bare LF would never complete and
                 # would only be answered by the request timeout.
                 raise RequestRefused(400, "malformed request: line ending without CR")
@@ -181,7 +191,7 @@ class RequestHeadReader:
         self._scanned = self._line_ends = 0
         self._request_line_started = False
         self._empty_lines = 0
-        return parse_request_head(raw, trailing)
+        return raw, trailing
 
     def _skip_empty_lines(self) -> bool:
         """Drop CRLFs before the request line; True once it has begun."""
@@ -208,7 +218,8 @@ class RequestHeadReader:
 
 def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`."""
-    if _BARE_LF.search(raw) or _BARE_CR.search(raw):
+    crlfs = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlfs or raw.count(b"\r") != crlfs:
         raise RequestRefused(400, "malformed request: line ending without CR")
     if _OBS_FOLD.search(raw):
         raise RequestRefused(400, "malformed request: folded header line")
@@ -237,8 +248,11 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         trailing=trailing,
         http_version=bytes(event.http_version),
     )
-    if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1 or _CONTENT_LENGTH_LIST.search(raw):
-        raise RequestRefused(400, "malformed request: more than one Content-Length")
+    lowered = raw.lower()
+    if (at := lowered.find(_CONTENT_LENGTH_LINE)) >= 0:
+        line = lowered[at + 2 : lowered.find(b"\r\n", at + 2)]
+        if b"," in line or lowered.find(_CONTENT_LENGTH_LINE, at + 2) >= 0:
+            raise RequestRefused(400, "malformed request: more than one Content-Length")
     if _CONTROL_IN_HEAD.search(raw):
         raise RequestRefused(400, "malformed request: control character in a header value")
     if not _valid_host(head.host):

@@ -26,6 +26,7 @@ from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
 from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
@@ -82,6 +83,7 @@ class Ingress:
         )
         self.registry = Registry()
         self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
+        self.heads = HeadQueue()  # both listeners' heads, parsed a bounded amount per turn
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
@@ -138,6 +140,7 @@ class Ingress:
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
             refusals=self.refusals,
+            heads=self.heads,
         )
 
     async def start(self) -> None:
@@ -230,6 +233,7 @@ class Ingress:
             max_head_bytes=config.limits.max_header_bytes,
             max_header_count=config.limits.max_header_count,
             refusals=self.refusals if config.log.access else None,
+            heads=self.heads,
         )
 
     def status_line(self) -> str:
