@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -351,6 +353,33 @@ async def test_log_access_false_writes_no_refused_lines(
     ingress = await start_ingress([teapot.line("teapot")], log={"access": False})
     await raw_exchange(ingress, tls_files, many_lines(101))
     assert refused_lines(caplog) == []
+
+
+async def test_a_refused_connection_is_freed_without_the_cyclic_collector(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    """Left as cycles, refused connections pile up for the collector, whose pauses
+    under a flood (10-20 ms) hold every live call's frames."""
+    ingress = await start_ingress([teapot.line("teapot")])
+    host, port = ingress.wss_address
+    gc.disable()
+    try:
+        gc.collect()
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        await eventually(lambda: len(ingress.registry.connections) == 1)
+        (carrier,) = ingress.registry.connections
+        freed = weakref.ref(carrier)
+        del carrier
+        writer.write(many_lines(101))
+        async with asyncio.timeout(5):
+            assert (await reader.read(-1)).startswith(b"HTTP/1.1 431 ")
+        writer.close()
+        await eventually(lambda: not ingress.registry.connections)
+        await eventually(lambda: freed() is None)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("raw", SMUGGLING)
