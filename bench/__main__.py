@@ -10,6 +10,7 @@ fleet-ingress (``python -m fleet_ingress run -c CONFIG``) and through HAProxy
     python -m bench ramp --ramp-start 50 --ramp-step 50 --ramp-max 400 --hold 6
     python -m bench idle --calls 1000 --hold 5
     python -m bench churn --rate 20 --seconds 20 --call-seconds 1
+    python -m bench hostile --calls 20 --seconds 10      (bench/scenarios/hostile.py)
 
 See bench/README.md for what each figure means and the figures measured.
 """
@@ -356,6 +357,11 @@ def finish(rep: dict[str, Any], out: Path, *, partial: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["hostile"]:  # its own module and options: bench/scenarios/hostile.py
+        from .scenarios.hostile import main as hostile
+
+        return hostile(argv[1:])
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     out = args.out or REPO / "bench" / "results" / (

@@ -5,9 +5,10 @@ the atheris harness (``fuzz/fuzz_request_head.py``), so that both check the
 same invariants. No sockets.
 
 - :func:`check_verdicts`: the bytes fed whole and fed in pieces get the same
-  verdict: refused (400, or 431 only past the size limit), incomplete (no
-  CRLF CRLF yet, within the limit), or the same head with the same bytes
-  after it.
+  verdict: refused (400, or 431 only past the size or header-line limit),
+  incomplete (no CRLF CRLF yet, within the limits), or the same head with the
+  same bytes after it. Empty lines before the request line are skipped
+  (RFC 9112 2.2), a few of them.
 - :func:`check_accepted`: an HTTP/1.0 head is never a call; an HTTP/1.1 one
   goes to :func:`check_forwarded`.
 - :func:`check_forwarded`: an accepted head forwards as exactly one head, no
@@ -27,6 +28,8 @@ import h11
 from fleet_ingress.core.fleet_exchange import FleetExchange
 from fleet_ingress.core.forwarding import fleet_request_headers
 from fleet_ingress.core.request_head import (
+    DEFAULT_MAX_HEADER_COUNT,
+    MAX_LEADING_EMPTY_LINES,
     RequestHead,
     RequestHeadReader,
     RequestRefused,
@@ -59,9 +62,11 @@ _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 Verdict = RequestHead | RequestRefused | None
 
 
-def judge(limit: int, pieces: list[bytes]) -> tuple[Verdict, bytes]:
+def judge(
+    limit: int, pieces: list[bytes], max_lines: int = DEFAULT_MAX_HEADER_COUNT
+) -> tuple[Verdict, bytes]:
     """Feed pieces until a verdict: (verdict, the bytes after the head, unfed too)."""
-    reader = RequestHeadReader(limit)
+    reader = RequestHeadReader(limit, max_lines)
     try:
         for i, piece in enumerate(pieces):
             head = reader.feed(piece)
@@ -82,18 +87,34 @@ def cut(data: bytes, lengths: list[int]) -> list[bytes]:
     return [p for p in pieces if p]
 
 
-def check_verdicts(data: bytes, cuts: list[int], limit: int) -> Verdict:
+def _header_lines(head: bytes) -> int:
+    """Header lines in a head, or so far in an incomplete one (bare LFs count too)."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        return head.count(b"\n") - 1
+    return head[: end + 4].count(b"\n") - 2
+
+
+def check_verdicts(
+    data: bytes, cuts: list[int], limit: int, max_lines: int = DEFAULT_MAX_HEADER_COUNT
+) -> Verdict:
     """The verdict on `data`, checked to be the same when it arrives in pieces."""
-    whole, _ = judge(limit, [data])
-    trickled, after = judge(limit, cut(data, cuts))
+    whole, _ = judge(limit, [data], max_lines)
+    trickled, after = judge(limit, cut(data, cuts), max_lines)
     assert type(whole) is type(trickled), (whole, trickled)
+    empty_lines = 0
+    while data.startswith(b"\r\n", 2 * empty_lines):
+        empty_lines += 1
+    head = data[2 * empty_lines :]
     if isinstance(whole, RequestRefused):
         assert whole.status in (400, 431), whole.status
         assert isinstance(trickled, RequestRefused) and trickled.status in (400, 431)
-        assert whole.status != 431 or len(data) > limit
+        assert whole.status != 431 or len(head) > limit or _header_lines(head) > max_lines
         return whole
+    assert empty_lines <= MAX_LEADING_EMPTY_LINES
     if whole is None:  # no CRLF CRLF yet: the request timeout answers it
-        assert b"\r\n\r\n" not in data and len(data) <= limit
+        assert b"\r\n\r\n" not in head and len(head) <= limit
+        assert _header_lines(head) <= max_lines
         return None
     assert isinstance(trickled, RequestHead)
     assert (trickled.method, trickled.target, trickled.headers) == (
@@ -101,7 +122,8 @@ def check_verdicts(data: bytes, cuts: list[int], limit: int) -> Verdict:
         whole.target,
         whole.headers,
     )
-    assert whole.trailing == after == data[data.index(b"\r\n\r\n") + 4 :]
+    assert whole.trailing == after == head[head.index(b"\r\n\r\n") + 4 :]
+    assert _header_lines(head) <= max_lines and len(head) - len(after) <= limit
     return whole
 
 
@@ -147,11 +169,15 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     # A name's underscore spelling of a header the ingress sets or drops is dropped too
     # (a WSGI/CGI fleet reads X_Forwarded_For as X-Forwarded-For).
     dropped = SET_BY_INGRESS | HOP_BY_HOP
+    # ...and of a header the ingress judges the head by (Content-Length is forwarded).
+    underscore_dropped = dropped | {b"content-length"}
     named = head.tokens(b"connection")
 
     def is_dropped(name: bytes) -> bool:
         lower = name.lower()
-        return lower in named or lower.replace(b"_", b"-") in dropped
+        if lower in named or lower in dropped:
+            return True
+        return b"_" in lower and lower.replace(b"_", b"-") in underscore_dropped
 
     assert [(k, v) for k, v in got if k.lower() not in SET_BY_INGRESS] == [
         (k, v) for k, v in head.headers if not is_dropped(k)

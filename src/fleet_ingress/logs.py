@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _FIELDS = "fields"
@@ -16,6 +17,45 @@ _FIELDS = "fields"
 
 def fields(**values: Any) -> dict[str, dict[str, Any]]:
     return {_FIELDS: values}
+
+
+class RateLimitedLog:
+    """At most `per_second` lines a second; the rest are counted, not written.
+
+    For lines a stranger can cause (a refused request head): a flood of them
+    must not become a flood of log lines, costing disk, the log shipper and the
+    event loop. The next line that gets through carries `suppressed`, the
+    number dropped since the last line written."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        per_second: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.per_second = per_second
+        self.clock = clock
+        self.suppressed_total = 0
+        self._window = -1.0
+        self._written = 0
+        self._suppressed = 0
+
+    def info(self, event: str, **values: Any) -> bool:
+        """Write the line, or count it; True if written."""
+        now = self.clock()
+        if now - self._window >= 1.0:
+            self._window, self._written = now, 0
+        if self._written >= self.per_second:
+            self._suppressed += 1
+            self.suppressed_total += 1
+            return False
+        self._written += 1
+        if self._suppressed:
+            values["suppressed"] = self._suppressed
+            self._suppressed = 0
+        self.logger.info(event, extra=fields(**values))
+        return True
 
 
 class JsonFormatter(logging.Formatter):

@@ -83,6 +83,8 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
         ("calls.test", "/ws/bot?x=1", "https://calls.test/ws/bot?x=1"),
         ("calls.test:80", "/", "https://calls.test/"),
         ("[::1]:80", "/a", "https://[::1]/a"),
+        # RFC 9112 3.2.2: absolute-form is accepted, and redirected by its path.
+        ("calls.test", "http://calls.test/ws/bot?x=1", "https://calls.test/ws/bot?x=1"),
     ],
 )
 async def test_everything_else_is_redirected_to_https(
@@ -105,6 +107,9 @@ async def test_redirect_off_gives_404_and_limits_hold(start_ingress: StartIngres
     assert got.startswith(b"HTTP/1.1 404 ")
     big = b"GET /x HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 20000 + b"\r\n\r\n"
     assert (await plain_exchange(ingress.acme_address, big)).startswith(b"HTTP/1.1 431 ")
+    many = b"GET /x HTTP/1.1\r\nHost: h\r\n" + b"X: a\r\n" * 100 + b"\r\n"
+    got = await plain_exchange(ingress.acme_address, many)
+    assert got.startswith(b"HTTP/1.1 431 ") and got.endswith(b"more than 100 header lines")
     post = b"POST /.well-known/acme-challenge/t HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n"
     assert (await plain_exchange(ingress.acme_address, post)).startswith(b"HTTP/1.1 405 ")
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -378,6 +379,30 @@ async def test_dashboard_and_alerts_read_only_metrics_the_ingress_exports(
         if not (name == "up" and where.startswith("alert "))  # Prometheus's own series
     ]
     assert missing == [], "metrics the ingress does not export:\n" + "\n".join(missing)
+
+
+async def test_event_loop_lag_is_exported_while_the_ingress_runs(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"], listen={"stats": "127.0.0.1:0"}
+    )
+    assert ingress.loop_lag.running
+    time.sleep(0.5)  # noqa: ASYNC251 - the loop held on purpose: the next probe fires late
+    async with asyncio.timeout(5):
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(await scrape(ingress))}
+            lag = families["fleet_ingress_event_loop_lag_seconds"]
+            counts = {
+                s.labels.get("le"): s.value for s in lag.samples if s.name.endswith("_bucket")
+            }
+            if counts["+Inf"] >= 1:
+                break
+            await asyncio.sleep(0.1)
+    # Late by at least the hold less one probe interval (0.2 s).
+    assert counts["+Inf"] > counts["0.25"]
+    await ingress.stop(drain_timeout=0)
+    assert not ingress.loop_lag.running
 
 
 # -- a real Prometheus scraping a live ingress ----------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
+import logging
 import os
 import random
 import resource
@@ -22,6 +24,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,6 +161,9 @@ SMUGGLING = [
     _case(upgrade(host=b"calls.test, evil.test"), "host-list"),
     _case(upgrade(host=b"calls.test evil.test"), "host-space"),
     _case(upgrade(host=b"evil.test/ws/x?"), "host-path"),
+    _case(upgrade(host=b"calls.test:99999999"), "host-port-out-of-range"),
+    _case(upgrade(host=b"calls.test:65536"), "host-port-65536"),
+    _case(upgrade(host=b"calls.test:https"), "host-port-not-numeric"),
     # Versions: HTTP/1.1 only (an HTTP/1.0 upgrade is no WebSocket handshake).
     pytest.param(with_version(b"HTTP/1.0"), id="http-1.0-upgrade"),
     pytest.param(b"GET /ws/bot-1 HTTP/1.0\r\n\r\n", id="http-1.0-no-host"),
@@ -171,11 +177,13 @@ SMUGGLING = [
     pytest.param(with_version(b"HTTP/1.1 "), id="version-trailing-space"),
     pytest.param(upgrade().replace(b"GET ", b"GET  ", 1), id="double-space"),
     pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", id="h2-preface"),
-    pytest.param(b"\r\n" + upgrade(), id="leading-crlf"),
+    pytest.param(b"\r\n" * 9 + upgrade(), id="many-leading-crlf"),
     # Targets other than origin-form.
     pytest.param(upgrade(target=b"http://fleet.internal/ws/bot-1"), id="absolute-form-http"),
-    pytest.param(upgrade(target=b"https://calls.test/ws/bot-1"), id="absolute-form-https"),
-    pytest.param(upgrade(target=b"ws://calls.test/ws/bot-1"), id="absolute-form-ws"),
+    pytest.param(upgrade(target=b"https://evil.test/ws/bot-1"), id="absolute-form-other-host"),
+    pytest.param(upgrade(target=b"https://x@calls.test/ws/bot-1"), id="absolute-form-userinfo"),
+    pytest.param(upgrade(target=b"https://calls.test/ws/../attach"), id="absolute-form-dot-dot"),
+    pytest.param(upgrade(target=b"ftp://calls.test/ws/bot-1"), id="absolute-form-ftp"),
     pytest.param(upgrade(target=b"calls.test:443"), id="authority-form"),
     pytest.param(
         b"CONNECT fleet.internal:443 HTTP/1.1\r\nHost: fleet.internal:443\r\n\r\n", id="connect"
@@ -210,6 +218,168 @@ async def test_the_harness_sees_a_forwarded_head(
     got = await raw_exchange(ingress, tls_files, upgrade(b"Content-Length: 0\r\n"))
     assert got == FORWARDED
     assert teapot.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "target"),
+    [
+        # RFC 9112 2.2: empty lines before the request line are skipped (SHOULD).
+        pytest.param(b"\r\n" + upgrade(), b"/ws/bot-1", id="leading-crlf"),
+        pytest.param(b"\r\n\r\n" + upgrade(), b"/ws/bot-1", id="two-leading-crlf"),
+        # RFC 9112 3.2.2: absolute-form is accepted (MUST), routed by its path, and the
+        # fleet gets origin-form.
+        pytest.param(
+            upgrade(target=b"https://calls.test/ws/bot-1?x=1"), b"/ws/bot-1?x=1", id="absolute"
+        ),
+        pytest.param(
+            upgrade(target=b"wss://CALLS.test:443/exotel/b"), b"/exotel/b", id="absolute-wss"
+        ),
+    ],
+)
+async def test_lenient_but_unambiguous_heads_reach_the_fleet_in_origin_form(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, raw: bytes, target: bytes
+):
+    ingress = await start_ingress([teapot.line("teapot")])
+    got = await raw_exchange(ingress, tls_files, raw)
+    assert got == FORWARDED
+    (head,) = teapot.heads
+    assert head.startswith(b"GET " + target + b" HTTP/1.1\r\n"), head
+    assert b"\r\nX-Forwarded-Host: calls.test" in head
+
+
+async def test_underscore_content_length_is_not_forwarded(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    ingress = await start_ingress([teapot.line("teapot")])
+    extra = b"Content_Length: 5\r\nTransfer_Encoding: chunked\r\nX_Trace: kept\r\n"
+    assert await raw_exchange(ingress, tls_files, upgrade(extra)) == FORWARDED
+    (head,) = teapot.heads
+    assert b"X_Trace: kept\r\n" in head
+    assert b"_Length" not in head and b"_Encoding" not in head
+
+
+def many_lines(count: int) -> bytes:
+    """An upgrade head with `count` header lines in all."""
+    extra = b"".join(b"X-%d: v\r\n" % i for i in range(count - 5))
+    return upgrade(extra)
+
+
+async def test_more_header_lines_than_the_limit_get_431_and_never_reach_a_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    ingress = await start_ingress([teapot.line("teapot")])
+    assert await raw_exchange(ingress, tls_files, many_lines(100)) == FORWARDED
+    got = await raw_exchange(ingress, tls_files, many_lines(101))
+    assert got.startswith(b"HTTP/1.1 431 "), got[:80]
+    assert b"more than 100 header lines" in got
+    # 4,000 tiny lines in 16 KiB: refused as they arrive.
+    tiny = b"GET /ws/bot-1 HTTP/1.1\r\nHost: calls.test\r\n" + b"a:\r\n" * 4000 + b"\r\n"
+    assert (await raw_exchange(ingress, tls_files, tiny)).startswith(b"HTTP/1.1 431 ")
+    assert teapot.connections == 1
+
+
+async def test_the_header_line_limit_is_configurable(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    ingress = await start_ingress([teapot.line("teapot")], limits={"max_header_count": 20})
+    assert (await raw_exchange(ingress, tls_files, many_lines(21))).startswith(b"HTTP/1.1 431 ")
+    assert await raw_exchange(ingress, tls_files, many_lines(20)) == FORWARDED
+
+
+def refused_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.name == "fleet_ingress.refused"]  # type: ignore[attr-defined]
+
+
+async def test_each_refused_head_is_logged_with_who_where_what_and_why(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")], timeouts={"request": 0.3})
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    await raw_exchange(ingress, tls_files, upgrade(target=b"/nowhere"))
+    await raw_exchange(ingress, tls_files, b"GET /ws/bot-1 HTTP/1.1\r\nHost: calls.test\r\n\r\n")
+    await raw_exchange(ingress, tls_files, b"GET /ws/bot-1 HTTP/1.1\r\n")  # then silence: 408
+    await raw_exchange(ingress, tls_files, upgrade())  # forwarded: an access-log line, not this
+    await eventually(lambda: len(refused_lines(caplog)) == 4)
+    assert [(f["status"], f["route"], f["target"]) for f in refused_lines(caplog)] == [
+        (431, "-", ""),
+        (404, "not_found", "/nowhere"),
+        (400, "/ws/", "/ws/bot-1"),
+        (408, "-", ""),
+    ]
+    for line in refused_lines(caplog):
+        assert line["client_ip"] == "127.0.0.1" and line["listener"] == "wss"
+    assert "more than 100 header lines" in refused_lines(caplog)[0]["reason"]
+    record = next(r for r in caplog.records if r.name == "fleet_ingress.refused")
+    assert record.getMessage() == "request refused"
+
+
+async def test_a_flood_of_refused_heads_is_logged_at_a_bounded_rate(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")])
+    now = [1000.0]
+    ingress.refusals.clock = lambda: now[0]  # one second, however long the handshakes take
+    flood = [upgrade(target=b"/nowhere")] * (ingress.refusals.per_second + 5)
+    await asyncio.gather(*(raw_exchange(ingress, tls_files, raw) for raw in flood))
+    assert len(refused_lines(caplog)) == ingress.refusals.per_second
+    now[0] += 1.0
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    assert refused_lines(caplog)[-1]["suppressed"] == 5
+    assert refused_lines(caplog)[-1]["status"] == 431
+
+
+async def test_refused_heads_on_port_80_are_logged_too(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"], listen={"acme": "127.0.0.1:0"}
+    )
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + b"X: a\r\n" * 101 + b"\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.read(-1)).startswith(b"HTTP/1.1 431 ")
+    writer.close()
+    ((line),) = refused_lines(caplog)
+    assert (line["listener"], line["status"], line["client_ip"]) == ("acme", 431, "127.0.0.1")
+
+
+async def test_log_access_false_writes_no_refused_lines(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")], log={"access": False})
+    await raw_exchange(ingress, tls_files, many_lines(101))
+    assert refused_lines(caplog) == []
+
+
+async def test_a_refused_connection_is_freed_without_the_cyclic_collector(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    """Left as cycles, refused connections pile up for the collector, whose pauses
+    under a flood (10-20 ms) hold every live call's frames."""
+    ingress = await start_ingress([teapot.line("teapot")])
+    host, port = ingress.wss_address
+    gc.disable()
+    try:
+        gc.collect()
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        await eventually(lambda: len(ingress.registry.connections) == 1)
+        (carrier,) = ingress.registry.connections
+        freed = weakref.ref(carrier)
+        del carrier
+        writer.write(many_lines(101))
+        async with asyncio.timeout(5):
+            assert (await reader.read(-1)).startswith(b"HTTP/1.1 431 ")
+        writer.close()
+        await eventually(lambda: not ingress.registry.connections)
+        await eventually(lambda: freed() is None)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("raw", SMUGGLING)
@@ -269,7 +439,7 @@ _NAMES = [
     b"Proxy-Connection", b"Proxy-Authorization", b"Proxy-Authenticate", b"X-Forwarded-For",
     b"x-forwarded-for", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Sec-WebSocket-Key",
     b"Sec-WebSocket-Protocol", b"X-Trace", b"Expect", b"Cookie", b"X_Forwarded_For",
-    b"x_forwarded-host", b"Transfer_Encoding", b"Keep_Alive", b"X_Trace",
+    b"x_forwarded-host", b"Transfer_Encoding", b"Keep_Alive", b"X_Trace", b"Content_Length",
 ]  # fmt: skip
 _VALUE_PIECES = [
     b"a", b"websocket", b"Upgrade", b"keep-alive", b"close", b"X-Trace", b"te", b"cookie",
@@ -287,7 +457,10 @@ _SEGMENTS = [
     b"bot-1", b"x", b"", b".", b"..", b"%2e", b"%2E%2e", b"%2f", b"%5c", b"a%20b",
     b"..;", b"attach", b"haproxy-health", b"\x00", b"#", b"\\", b"@", b"\xff", b" ",
 ]  # fmt: skip
-_PREFIXES = [b"/ws/"] * 4 + [b"/exotel/", b"/", b"//", b"http://fleet/ws/", b"*", b""]
+_PREFIXES = [b"/ws/"] * 4 + [b"/exotel/", b"/", b"//", b"http://fleet/ws/", b"*", b""] + [
+    b"https://calls.test/ws/", b"HTTP://Calls.Test:80/exotel/", b"wss://u@calls.test/ws/",
+    b"https://calls.test:99999/ws/", b"https://calls.test",
+]  # fmt: skip
 _QUERIES = [b"", b"", b"?a=1", b"?next=%2F..%2f", b"?x=/../attach", b"?q=\r\n"]
 _targets = st.one_of(
     st.tuples(
@@ -316,7 +489,7 @@ def request_heads(draw: st.DrawFn) -> bytes:
     if clean:
         method = draw(st.sampled_from([b"GET"] * 4 + [b"POST", b"HEAD"]))
         path = b"/".join(draw(st.lists(st.sampled_from(_LEGAL_SEGMENTS), max_size=3)))
-        prefix = draw(st.sampled_from([b"/ws/", b"/exotel/", b"/"]))
+        prefix = draw(st.sampled_from([b"/ws/", b"/exotel/", b"/", b"https://calls.test/ws/"]))
         target = prefix + b"bot" + path + draw(st.sampled_from(_QUERIES[:-1]))
         line = method + b" " + target + b" HTTP/1.1"
         names = st.one_of(st.sampled_from(_NAMES), _tokens)
@@ -337,7 +510,9 @@ def request_heads(draw: st.DrawFn) -> bytes:
     lines = draw(st.permutations(lines))
     ends = [draw(eols) for _ in range(len(lines) + 2)]
     head = line + ends[0] + b"".join(h + e for h, e in zip(lines, ends[1:], strict=False))
-    return head + ends[-1]
+    # RFC 9112 2.2: empty lines before the request line are skipped, a few of them.
+    empty = draw(st.sampled_from([0] * 6 + [1, 2, 9]))
+    return b"\r\n" * empty + head + ends[-1]
 
 
 @settings(
@@ -351,21 +526,23 @@ def request_heads(draw: st.DrawFn) -> bytes:
     trailing=st.sampled_from([b"", b"\x81\x05hello", b"GET /attach HTTP/1.1\r\n\r\n"]),
     cuts=st.lists(st.integers(1, 40), max_size=12),
     limit=st.sampled_from([16384, 16384, 16384, 128]),
+    max_lines=st.sampled_from([100, 100, 100, 3]),
 )
 # Always tried: an HTTP/1.0 upgrade is read (monitors probe with 1.0) but is never a call.
-@example(raw=with_version(b"HTTP/1.0"), trailing=b"", cuts=[7], limit=16384)
+@example(raw=with_version(b"HTTP/1.0"), trailing=b"", cuts=[7], limit=16384, max_lines=100)
 # Found by the atheris harness: Upgrade without Connection: Upgrade is no call (400).
 @example(
     raw=b"GET /ws/bot-1 HTTP/1.1\r\nHost:\tchunked\r\nUpgrade:\twebsocket\r\nX-Trace: a\r\n\r\n",
     trailing=b"",
     cuts=[],
     limit=16384,
+    max_lines=100,
 )
 def test_heads_are_refused_400_431_or_forwarded_in_a_shape_that_reparses_the_same(
-    raw: bytes, trailing: bytes, cuts: list[int], limit: int
+    raw: bytes, trailing: bytes, cuts: list[int], limit: int, max_lines: int
 ):
     # However the bytes arrive, the verdict is the same (head_oracle.check_verdicts).
-    verdict = check_verdicts(raw + trailing, cuts, limit)
+    verdict = check_verdicts(raw + trailing, cuts, limit, max_lines)
     if isinstance(verdict, RequestRefused):
         event(f"refused {verdict.status}")
     elif verdict is None:

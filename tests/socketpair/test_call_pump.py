@@ -67,6 +67,7 @@ async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[
             silence=SilencePolicy(tunnel=60.0, carrier=30.0),
             liveness=TcpLiveness(),
             max_head_bytes=16384,
+            max_header_count=100,
             max_connections=100,
             access_log=False,
         )

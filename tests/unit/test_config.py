@@ -77,6 +77,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         },
         "limits": {
             "max_header_bytes": 16384,
+            "max_header_count": 100,
             "max_queue": 256,
             "max_connections": 10000,
             "keepalive_probes": 3,
@@ -261,6 +262,9 @@ def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
         ("timeouts", "tunnel", float("inf")),
         ("timeouts", "queue", -1),
         ("limits", "max_header_bytes", 1000),
+        ("limits", "max_header_count", 0),
+        ("limits", "max_header_count", 100000),
+        ("limits", "max_header_count", "100"),
         ("limits", "max_queue", -1),
         ("limits", "max_connections", 0),
         ("log", "level", "verbose"),

@@ -90,7 +90,18 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/x HTTP/2.0\r\nHost: h\r\n\r\n", 400, "HTTP/1.1"),
         (b"GET /ws/x HTTP/1.1\nHost: h\n\n", 400, "CR"),
         (b"GET /ws/x HTTP/1.1\r\nHost: h\rX: y\r\n\r\n", 400, ""),
-        (b"GET http://fleet/ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "origin-form"),
+        (b"GET http://fleet/ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "differs from Host"),
+        (b"GET ftp://h/ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "absolute-form"),
+        (b"GET https://u:p@h/ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "authority"),
+        (b"GET https:///ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "authority"),
+        (b"GET https://h:70000/ws/x HTTP/1.1\r\nHost: h:70000\r\n\r\n", 400, "authority"),
+        (b"GET https://h/ws/x HTTP/1.1\r\n\r\n", 400, "Host"),
+        (b"GET https://h/ws/../attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
+        (b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", 400, "origin-form"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h:99999999\r\n\r\n", 400, "Host"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h:65536\r\n\r\n", 400, "Host"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: h:https\r\n\r\n", 400, "Host"),
+        (b"GET /ws/x HTTP/1.1\r\nHost: [::1]:99999\r\n\r\n", 400, "Host"),
         (b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", 400, "origin-form"),
         (b"GET /ws/../attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"GET /ws/%2e%2E/attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
@@ -183,8 +194,98 @@ def test_query_string_may_hold_encoded_slashes():
 
 
 @pytest.mark.parametrize(
-    "host", [b"calls.test", b"calls.test:443", b"[::1]:8443", b"127.0.0.1", b""]
+    "host",
+    [b"calls.test", b"calls.test:443", b"[::1]:8443", b"127.0.0.1", b"", b"h:65535", b"h:"],
 )
 def test_valid_hosts_and_tabs_in_values_pass(host):
     head = parse_request_head(b"GET /ws/x HTTP/1.1\r\nHost: " + host + b"\r\nX-T: a\tb\r\n\r\n")
     assert head.host == host and head.get(b"x-t") == b"a\tb"
+
+
+# -- header-line limit: counted as the bytes arrive, before any parsing ------------------
+
+
+def _with_headers(count: int) -> bytes:
+    lines = b"".join(b"X-%d: v\r\n" % i for i in range(count - 1))
+    return b"GET /ws/x HTTP/1.1\r\nHost: h\r\n" + lines + b"\r\n"
+
+
+def test_a_head_with_the_most_header_lines_allowed_is_accepted():
+    head = RequestHeadReader(16384, 100).feed(_with_headers(100))
+    assert head is not None and len(head.headers) == 100
+
+
+def test_one_header_line_over_the_limit_gets_431_naming_the_limit():
+    with pytest.raises(RequestRefused) as info:
+        RequestHeadReader(16384, 100).feed(_with_headers(101))
+    assert info.value.status == 431
+    assert "more than 100 header lines" in info.value.reason
+
+
+def test_header_lines_over_the_limit_get_431_before_the_head_ends():
+    # 4,000 tiny lines fit in 16 KiB; they are refused as they arrive, not parsed.
+    reader = RequestHeadReader(16384, 100)
+    assert reader.feed(b"GET /ws/x HTTP/1.1\r\nHost: h\r\n") is None
+    assert reader.feed(b"a:\r\n" * 99) is None
+    with pytest.raises(RequestRefused) as info:
+        reader.feed(b"a:\r\n")
+    assert info.value.status == 431
+
+
+def test_header_lines_are_counted_the_same_however_the_bytes_arrive():
+    raw = _with_headers(100) + b"\x81\x05after\n\n\n"  # LFs after the head are not counted
+    for size in (1, 2, 3, 7, 64, len(raw)):
+        reader = RequestHeadReader(16384, 100)
+        head = None
+        for i in range(0, len(raw), size):
+            if (head := reader.feed(raw[i : i + size])) is not None:
+                break
+        assert head is not None and len(head.headers) == 100, size
+    with pytest.raises(RequestRefused):
+        reader = RequestHeadReader(16384, 100)
+        for i in range(len(_with_headers(101))):
+            reader.feed(_with_headers(101)[i : i + 1])
+
+
+def test_the_reader_starts_afresh_after_a_head():
+    reader = RequestHeadReader(16384, 3)
+    assert reader.feed(_with_headers(3)) is not None
+    assert reader.feed(_with_headers(3)) is not None
+
+
+# -- RFC 9112 details ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pieces", [[b"\r\n" + UPGRADE], [b"\r\n\r\n\r", b"\n" + UPGRADE]])
+def test_empty_lines_before_the_request_line_are_ignored(pieces):
+    # RFC 9112 2.2: a server SHOULD ignore at least one empty line before the request line.
+    reader = RequestHeadReader(16384)
+    heads = [reader.feed(p) for p in pieces]
+    assert heads[:-1] == [None] * (len(pieces) - 1)
+    assert heads[-1] is not None and heads[-1].target == b"/ws/bot-1?call=42&lang=en"
+
+
+def test_many_empty_lines_before_the_request_line_are_refused():
+    reader = RequestHeadReader(16384)
+    assert reader.feed(b"\r\n" * 8) is None
+    with pytest.raises(RequestRefused) as info:
+        reader.feed(b"\r\n")
+    assert info.value.status == 400 and "empty lines" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "origin"),
+    [
+        (b"https://calls.example.com/ws/bot?x=1", b"calls.example.com", b"/ws/bot?x=1"),
+        (b"HTTPS://Calls.Example.com:443/ws/bot", b"calls.example.com", b"/ws/bot"),
+        (b"http://calls.example.com/ws/bot", b"calls.example.com:80", b"/ws/bot"),
+        (b"wss://[::1]:8443/exotel/b", b"[::1]:8443", b"/exotel/b"),
+        (b"https://calls.example.com", b"calls.example.com", b"/"),
+        (b"https://calls.example.com?q", b"calls.example.com", b"/?q"),
+    ],
+)
+def test_an_absolute_form_target_is_accepted_as_its_origin_form(target, host, origin):
+    # RFC 9112 3.2.2: a server MUST accept the absolute-form; the fleet gets origin-form.
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.target == origin
+    assert head.host == host

@@ -244,6 +244,9 @@ class TimeoutsSection(_Section):
 
 class LimitsSection(_Section):
     max_header_bytes: int = Field(16384, ge=1024)
+    # HAProxy's order (it refuses more than 101). Each line costs the event loop a
+    # parse every live call waits on; a call's head has about 10.
+    max_header_count: int = Field(100, ge=16, le=1000)
     max_queue: int = Field(256, ge=0)
     max_connections: int = Field(10000, ge=1)
     keepalive_probes: int = Field(3, ge=1, le=127)

@@ -27,17 +27,19 @@ _HOP_BY_HOP = frozenset(
 )
 # Set by us; a carrier's own copies must not reach the fleet.
 _REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED
 # A fleet behind WSGI/CGI reads "X_Forwarded_For" and "X-Forwarded-For" as the
 # same variable (HTTP_X_FORWARDED_FOR), so a carrier's underscore spelling of a
-# header we set or drop could stand in for ours: it is dropped too.
-_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED
+# header we set, drop or judge the head by could stand in for ours: it is
+# dropped too. (Content-Length itself is forwarded: only "0" gets this far.)
+_UNDERSCORE_DROPPED = _NOT_FORWARDED | {b"content-length"}
 
 
 def _is_dropped(name: bytes, named_by_connection: set[bytes]) -> bool:
     lower = name.lower()
     if lower in _NOT_FORWARDED or lower in named_by_connection:
         return True
-    return b"_" in lower and lower.replace(b"_", b"-") in _NOT_FORWARDED
+    return b"_" in lower and lower.replace(b"_", b"-") in _UNDERSCORE_DROPPED
 
 
 def fleet_request_headers(

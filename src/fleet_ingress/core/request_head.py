@@ -2,7 +2,10 @@
 
 Bytes go in through `RequestHeadReader.feed()`; out comes a `RequestHead` once
 the head is complete, or a `RequestRefused` carrying the status to answer
-(400, 431). h11 does the HTTP/1.1 grammar. On top of it we refuse what h11
+(400, 431). The size and the number of header lines are bounded while the
+bytes arrive, before any parsing: a parse costs the event loop time in
+proportion to the lines, and every live call shares that loop. h11 does the
+HTTP/1.1 grammar. On top of it we refuse what h11
 tolerates but a proxy must not forward: a fleet's nginx may read an ambiguous
 head differently from us (request smuggling), so anything ambiguous is refused,
 never repaired.
@@ -20,18 +23,31 @@ Header = tuple[bytes, bytes]
 # A head line that starts with SP/HTAB continues the previous one (obs-fold,
 # RFC 9112 section 5.2). h11 unfolds it; we refuse it, as the RFC allows.
 _OBS_FOLD = re.compile(rb"\r\n[ \t]")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_BARE_CR = re.compile(rb"\r(?!\n)")
+# A bare CR or LF is found by counting (CRs and LFs against CRLFs): a regex
+# with a look-behind has no literal to skip to, so it steps through a 16 KiB
+# head byte by byte.
 _HEAD_END = b"\r\n\r\n"
 # h11 merges repeated identical Content-Length headers, and "0, 0" lists: we
-# must see both, to refuse them rather than repair them.
-_CONTENT_LENGTH_LINE = re.compile(rb"\r\ncontent-length[ \t]*:", re.IGNORECASE)
-_CONTENT_LENGTH_LIST = re.compile(rb"\r\ncontent-length[ \t]*:[^\r]*,", re.IGNORECASE)
+# must see both, to refuse them rather than repair them. Looked for in the
+# lowercased head once h11 has read it, so no space can precede the colon.
+_CONTENT_LENGTH_LINE = b"\r\ncontent-length:"
 # h11 refuses only NUL, CR and LF in values; a fleet may read the other
 # controls differently from us. HTAB stays allowed (RFC 9110 field-vchar rules).
-_CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-# RFC 9112 3.2: a Host that is not uri-host[:port] gets 400.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+;=]*)(?::[0-9]*)?")
+# Searched once over the raw head, not per value: h11 has already refused them
+# in the request line and in names, and a CR or LF not in a CRLF before that.
+_CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# RFC 9112 3.2: a Host that is not uri-host[:port] gets 400 (and so does a
+# port a TCP connection cannot have: a fleet reading "99999999" modulo 2^16
+# would see another port than we do).
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+;=]*)(?::([0-9]*))?")
+_MAX_PORT = 65535
+# RFC 9112 3.2.2: a server MUST accept the absolute-form ("GET https://host/ws/x").
+# Its authority is kept to compare with Host; the path and query go on as origin-form.
+_ABSOLUTE_FORM = re.compile(rb"(?i:(https?|wss?))://([^/?]*)([^?]*)(\?.*)?", re.DOTALL)
+_DEFAULT_PORTS = {b"http": b"80", b"ws": b"80", b"https": b"443", b"wss": b"443"}
+# RFC 9112 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
+# request line (clients that end a body with an extra CRLF). A few, not a stream.
+MAX_LEADING_EMPTY_LINES = 8
 # "." or ".." as a path segment, literally or percent-encoded: a fleet's
 # nginx normalizes them, so "/ws/../attach" would reach a route the ingress
 # refuses. Nothing legitimate on a call route needs them.
@@ -59,6 +75,11 @@ class RequestHead:
     headers: list[Header]  # names in the carrier's casing, in order
     trailing: bytes = field(default=b"", repr=False)  # bytes after the head
     http_version: bytes = b"1.1"  # or b"1.0": a monitor's probe, never a call
+    # Lowercased once: a head is looked up about ten times, each over every line.
+    _names: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", tuple(k.lower() for k, _ in self.headers))
 
     @property
     def path(self) -> bytes:
@@ -66,7 +87,7 @@ class RequestHead:
 
     def get_all(self, name: bytes) -> list[bytes]:
         name = name.lower()
-        return [value for key, value in self.headers if key.lower() == name]
+        return [h[1] for key, h in zip(self._names, self.headers, strict=True) if key == name]
 
     def get(self, name: bytes) -> bytes | None:
         values = self.get_all(name)
@@ -74,9 +95,12 @@ class RequestHead:
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated tokens of every `name` header, lowercased."""
+        # One lower() per value and one strip() per token: a 16 KiB list of tokens
+        # is read on every head (Connection, twice), so this is on the loop's clock.
         found: set[bytes] = set()
         for value in self.get_all(name):
-            found.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            found.update({t.strip(b" \t") for t in value.lower().split(b",")})
+        found.discard(b"")
         return found
 
     @property
@@ -99,50 +123,103 @@ class RequestHead:
         return any(value.strip() != b"0" for value in self.get_all(b"content-length"))
 
 
+DEFAULT_MAX_HEADER_COUNT = 100
+
+
 class RequestHeadReader:
     """Accumulates bytes until one complete, acceptable request head.
 
     `feed()` returns None while more bytes are needed, the `RequestHead` once
     complete, or raises `RequestRefused`. Nothing is buffered past
-    `max_head_bytes`: a longer head is refused with 431 at once.
+    `max_head_bytes`, and no head of more than `max_header_count` header
+    lines is parsed: either is refused with 431 as soon as the bytes show it.
     """
 
-    def __init__(self, max_head_bytes: int) -> None:
+    def __init__(
+        self, max_head_bytes: int, max_header_count: int = DEFAULT_MAX_HEADER_COUNT
+    ) -> None:
         self._max = max_head_bytes
+        self._max_lines = max_header_count
         self._buf = bytearray()
         self._scanned = 0  # bytes already searched: a trickled head costs O(n), not O(n^2)
+        self._line_ends = 0  # LFs in _buf[:_scanned], counted once each
+        self._request_line_started = False
+        self._empty_lines = 0  # CRLFs skipped before the request line
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
 
     def feed(self, data: bytes) -> RequestHead | None:
-        self._buf += data
+        taken = self.take(data)
+        return None if taken is None else parse_request_head(*taken)
+
+    def take(self, data: bytes) -> tuple[bytes, bytes] | None:
+        """As `feed`, but the complete head is returned unparsed, with the bytes
+        after it: (raw head, trailing) for `parse_request_head`, which the caller
+        may run later. The limits are checked here, as the bytes arrive."""
+        buf = self._buf
+        buf += data
+        if not self._request_line_started and not self._skip_empty_lines():
+            return None
+        scanned = self._scanned
         # Look back a few bytes: the CRLF CRLF may straddle two reads.
-        start = max(0, self._scanned - len(_HEAD_END) + 1)
-        end = self._buf.find(_HEAD_END, start)
+        end = buf.find(_HEAD_END, max(0, scanned - len(_HEAD_END) + 1))
         if end < 0:
-            if len(self._buf) > self._max:
+            if len(buf) > self._max:
                 raise RequestRefused(431, "request head larger than the limit")
-            if _BARE_LF.search(self._buf, max(0, self._scanned - 1)):
+            # Every LF but the request line's ends a header line.
+            new_line_ends = buf.count(b"\n", scanned)
+            line_ends = self._line_ends + new_line_ends
+            self._check_header_lines(line_ends - 1)
+            # A CRLF may straddle two reads: its CR is looked for one byte back.
+            if new_line_ends != buf.count(b"\r\n", max(0, scanned - 1)):
                 # Without this a head using bare LF would never complete and
                 # would only be answered by the request timeout.
                 raise RequestRefused(400, "malformed request: line ending without CR")
-            self._scanned = len(self._buf)
+            self._line_ends = line_ends
+            self._scanned = len(buf)
             return None
         head_len = end + len(_HEAD_END)
         if head_len > self._max:
             raise RequestRefused(431, "request head larger than the limit")
-        raw = bytes(self._buf[:head_len])
-        trailing = bytes(self._buf[head_len:])
-        self._buf.clear()
-        self._scanned = 0
-        return parse_request_head(raw, trailing)
+        # The request line's LF and the empty line's are no header lines.
+        self._check_header_lines(self._line_ends + buf.count(b"\n", scanned, head_len) - 2)
+        raw = bytes(buf[:head_len])
+        trailing = bytes(buf[head_len:])
+        buf.clear()
+        self._scanned = self._line_ends = 0
+        self._request_line_started = False
+        self._empty_lines = 0
+        return raw, trailing
+
+    def _skip_empty_lines(self) -> bool:
+        """Drop CRLFs before the request line; True once it has begun."""
+        buf = self._buf
+        skip = 0
+        while buf.startswith(b"\r\n", skip):
+            skip += 2
+        if skip:
+            del buf[:skip]
+            self._empty_lines += skip // 2
+            if self._empty_lines > MAX_LEADING_EMPTY_LINES:
+                raise RequestRefused(
+                    400, "malformed request: too many empty lines before the request line"
+                )
+        if not buf or buf == b"\r":  # a CRLF may be cut between two reads
+            return False
+        self._request_line_started = True
+        return True
+
+    def _check_header_lines(self, lines: int) -> None:
+        if lines > self._max_lines:
+            raise RequestRefused(431, f"request head has more than {self._max_lines} header lines")
 
 
 def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`."""
-    if _BARE_LF.search(raw) or _BARE_CR.search(raw):
+    crlfs = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlfs or raw.count(b"\r") != crlfs:
         raise RequestRefused(400, "malformed request: line ending without CR")
     if _OBS_FOLD.search(raw):
         raise RequestRefused(400, "malformed request: folded header line")
@@ -158,22 +235,27 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     # redirects it); a call needs HTTP/1.1, which the call route checks.
     if event.http_version not in (b"1.1", b"1.0"):
         raise RequestRefused(400, "only HTTP/1.1 requests are served (and 1.0 for probes)")
-    if not event.target.startswith(b"/"):
-        raise RequestRefused(400, "request target must be a path (origin-form)")
-    if any(b in event.target for b in (b"#", b"\\")):
+    headers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
+    target = bytes(event.target)
+    if not target.startswith(b"/"):
+        target = _origin_form(target, headers)
+    if any(b in target for b in (b"#", b"\\")):
         raise RequestRefused(400, "request target has characters a path cannot hold")
     head = RequestHead(
         method=event.method,
-        target=event.target,
-        headers=[(bytes(k), bytes(v)) for k, v in event.headers.raw_items()],
+        target=target,
+        headers=headers,
         trailing=trailing,
         http_version=bytes(event.http_version),
     )
-    if len(_CONTENT_LENGTH_LINE.findall(raw)) > 1 or _CONTENT_LENGTH_LIST.search(raw):
-        raise RequestRefused(400, "malformed request: more than one Content-Length")
-    if any(_CONTROL_IN_VALUE.search(value) for _, value in head.headers):
+    lowered = raw.lower()
+    if (at := lowered.find(_CONTENT_LENGTH_LINE)) >= 0:
+        line = lowered[at + 2 : lowered.find(b"\r\n", at + 2)]
+        if b"," in line or lowered.find(_CONTENT_LENGTH_LINE, at + 2) >= 0:
+            raise RequestRefused(400, "malformed request: more than one Content-Length")
+    if _CONTROL_IN_HEAD.search(raw):
         raise RequestRefused(400, "malformed request: control character in a header value")
-    if not _HOST.fullmatch(head.host):
+    if not _valid_host(head.host):
         raise RequestRefused(400, "malformed request: Host is not host[:port]")
     if head.has_body:
         raise RequestRefused(400, "a request with a body is not served")
@@ -182,3 +264,37 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     if _ENCODED_FORBIDDEN.search(head.path):
         raise RequestRefused(400, "request path has an encoded '/', '\\', '.' or control character")
     return head
+
+
+def _valid_host(host: bytes) -> bool:
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = match.group(1)
+    return not port or int(port) <= _MAX_PORT
+
+
+def _origin_form(target: bytes, headers: list[Header]) -> bytes:
+    """An absolute-form target as origin-form, once its authority matches Host.
+
+    RFC 9112 3.2.2 has an origin server use the target's authority over Host;
+    as a gateway we forward Host (as X-Forwarded-Host) and the path, so the two
+    must agree, or a fleet could be told one host while we routed for another.
+    A client MUST send them identical (RFC 9112 3.2), so a mismatch is refused."""
+    match = _ABSOLUTE_FORM.fullmatch(target)
+    if match is None:
+        raise RequestRefused(
+            400, "request target must be a path (origin-form) or an http(s) URL (absolute-form)"
+        )
+    scheme, authority, path, query = match.groups()
+    if not authority or b"@" in authority or not _valid_host(authority):
+        raise RequestRefused(400, "request target's authority is not host[:port]")
+    hosts = [value for name, value in headers if name.lower() == b"host"]
+    if len(hosts) == 1 and _same_authority(scheme.lower(), authority, hosts[0]):
+        return (path or b"/") + (query or b"")
+    raise RequestRefused(400, "request target's authority differs from Host")
+
+
+def _same_authority(scheme: bytes, a: bytes, b: bytes) -> bool:
+    default = b":" + _DEFAULT_PORTS[scheme]
+    return a.lower().removesuffix(default) == b.lower().removesuffix(default)

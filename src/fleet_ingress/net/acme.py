@@ -15,9 +15,15 @@ from dataclasses import dataclass
 from typing import cast
 
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
-from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
+from fleet_ingress.core.request_head import (
+    RequestHead,
+    RequestHeadReader,
+    RequestRefused,
+    parse_request_head,
+)
 from fleet_ingress.core.responses import local_response
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
+from fleet_ingress.net.head_queue import HeadQueue
 
 log = logging.getLogger("fleet_ingress.acme")
 
@@ -35,6 +41,9 @@ class AcmeSettings:
     connect_timeout: float
     response_timeout: float
     max_head_bytes: int
+    max_header_count: int
+    refusals: RateLimitedLog | None = None  # the carrier listener's, shared
+    heads: HeadQueue | None = None  # the carrier listener's queue (None: parse at once)
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -48,13 +57,17 @@ class AcmeProtocol(asyncio.Protocol):
     def __init__(self, settings: AcmeSettings) -> None:
         self.settings = settings
         self.transport: asyncio.Transport | None = None
-        self._reader = RequestHeadReader(settings.max_head_bytes)
+        self._reader = RequestHeadReader(settings.max_head_bytes, settings.max_header_count)
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._done = False
+        self.client_ip = "unknown"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.client_ip = peername[0]
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
         )
@@ -63,21 +76,38 @@ class AcmeProtocol(asyncio.Protocol):
         if self._done:
             return
         try:
-            head = self._reader.feed(data)
+            taken = self._reader.take(data)
         except RequestRefused as refused:
             self._answer(refused.status, refused.reason)
             return
-        if head is not None:
+        if taken is not None:
             self._done = True
             if self._timer is not None:
                 self._timer.cancel()
-            self._route(head)
+            # Port 80 is as open as 443: its heads wait their turn like the carriers'.
+            if self.settings.heads is None:
+                self._parse(taken[0])
+            else:
+                self.settings.heads.add(lambda: self._parse(taken[0]))
+
+    def _parse(self, raw: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        try:
+            head = parse_request_head(raw)
+        except RequestRefused as refused:
+            self._answer(refused.status, refused.reason)
+            return
+        self._route(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+        # No cycles through this protocol (see CarrierProtocol.connection_lost).
+        self._timer = self.transport = None
 
     def _route(self, head: RequestHead) -> None:
         if head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
@@ -136,6 +166,16 @@ class AcmeProtocol(asyncio.Protocol):
 
     def _answer(self, status: int, text: str) -> None:
         self._done = True
+        refusals = self.settings.refusals
+        if 400 <= status < 500 and refusals is not None:
+            refusals.info(
+                "request refused",
+                client_ip=self.client_ip,
+                listener="acme",
+                route="acme",
+                status=status,
+                reason=text,
+            )
         self._write(local_response(status, text))
 
     def _write(self, data: bytes) -> None:

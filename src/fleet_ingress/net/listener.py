@@ -173,6 +173,10 @@ class CarrierListener:
             task = loop.create_task(self._handshake(conn, ctx))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
+            # One accept per loop turn: a burst of new connections (a flood) then
+            # starts its TLS handshakes over many turns, between the calls' frames,
+            # instead of all in one turn that every live call would wait for.
+            await asyncio.sleep(0)
 
     async def _handshake(self, conn: socket.socket, ctx: ProxyContext) -> None:
         loop = asyncio.get_running_loop()

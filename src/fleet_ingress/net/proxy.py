@@ -16,25 +16,37 @@ import enum
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.forwarding import fleet_request_headers
-from fleet_ingress.core.request_head import RequestHead, RequestHeadReader, RequestRefused
+from fleet_ingress.core.request_head import (
+    RequestHead,
+    RequestHeadReader,
+    RequestRefused,
+    parse_request_head,
+)
 from fleet_ingress.core.responses import local_response
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
 from fleet_ingress.core.routing import RouteKind, Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher, Lease, NoFleetAvailable
+from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")
+# Beside the access log (same handler, same JSON lines): one line per refused
+# head, so a scan or a misbehaving carrier shows (HAProxy logs <BADREQ>).
+refused_log = logging.getLogger("fleet_ingress.refused")
+# Lines a second at most: a flood of bad heads is counted, not written out.
+REFUSED_LINES_PER_SECOND = 20
+_LOGGED_TARGET = 256
 
 # A side stops reading its peer when its own write buffer passes this.
 WRITE_HIGH_WATER = 64 * 1024
@@ -77,8 +89,13 @@ class ProxyContext:
     silence: SilencePolicy  # timeouts.tunnel, carrier_silence, fleet_silence, per route
     liveness: TcpLiveness  # TCP user timeout and keepalive, both sides
     max_head_bytes: int
+    max_header_count: int
     max_connections: int
     access_log: bool = True
+    # One per ingress, kept across reloads; None writes no refused-request lines.
+    refusals: RateLimitedLog | None = None
+    # One per ingress: where complete heads wait for their parse (net/head_queue.py).
+    heads: HeadQueue = field(default_factory=HeadQueue)
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -160,6 +177,7 @@ class _Side(asyncio.BufferedProtocol):
 
 class CarrierState(enum.Enum):
     HEAD = "head"  # reading the request head
+    PARSING = "parsing"  # the head is complete, queued for its parse; later bytes wait
     CONNECTING = "connecting"  # finding a fleet; early carrier bytes wait, bounded
     TUNNEL = "tunnel"
     ANSWERING = "answering"  # a local answer or a fleet's non-101 being sent
@@ -170,9 +188,10 @@ class CarrierProtocol(_Side):
         self.ctx = ctx
         self.state = CarrierState.HEAD
         self.route_label = "-"  # for metrics: "-" until a head is routed
+        self.target = ""  # the head's target once read (for the refused-request line)
         self.client_ip = ""
         self.call: Call | None = None
-        self._reader = RequestHeadReader(ctx.max_head_bytes)
+        self._reader = RequestHeadReader(ctx.max_head_bytes, ctx.max_header_count)
         self._early = bytearray()
         self._head_timer: asyncio.TimerHandle | None = None
         self._setup: asyncio.Task[None] | None = None
@@ -198,7 +217,7 @@ class CarrierProtocol(_Side):
             return
         if self.state is CarrierState.HEAD:
             self._on_head_bytes(data)
-        elif self.state is CarrierState.CONNECTING:
+        elif self.state is CarrierState.CONNECTING or self.state is CarrierState.PARSING:
             # Kept reading while a fleet is found, so a carrier that hangs up
             # is noticed at once; what it sends early waits, within a bound.
             self._early += data
@@ -213,6 +232,11 @@ class CarrierProtocol(_Side):
             self._head_timer.cancel()
         call = self.call
         if call is None:
+            # Protocol, transport, TLS state and head timer point at each other: left
+            # as cycles, every refused connection waits for the cyclic collector, whose
+            # pauses under a flood (10-20 ms, measured) are jitter on every live call.
+            self._head_timer = None
+            self.unlink()
             return
         if call.end_reason is None:
             call.end_reason = call.hung_up_by or _lost_reason(
@@ -230,16 +254,37 @@ class CarrierProtocol(_Side):
 
     def _on_head_bytes(self, data: bytes) -> None:
         try:
-            head = self._reader.feed(data)
+            taken = self._reader.take(data)
         except RequestRefused as refused:
             self.answer(refused.status, refused.reason)
             return
-        if head is None:
+        if taken is None:
             return
         if self._head_timer is not None:
             self._head_timer.cancel()
+        # Parsed on a later loop turn, a bounded number per turn (net/head_queue.py):
+        # a flood of large heads must not hold the calls' frames. What the carrier
+        # sends meanwhile (its first frames) waits with what came after the head.
+        raw, trailing = taken
+        self.state = CarrierState.PARSING
+        self._early += trailing
+        if len(self._early) >= MAX_EARLY_BYTES:
+            self.pause_reading()
+        self.ctx.heads.add(lambda: self._parse_head(raw))
+
+    def _parse_head(self, raw: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing() or self.state is not CarrierState.PARSING:
+            return  # the carrier left, or the ingress is stopping
+        try:
+            head = parse_request_head(raw)
+        except RequestRefused as refused:
+            self.answer(refused.status, refused.reason)
+            return
         route = self.ctx.router.route(head.path.decode("latin-1"))
         self.route_label = route.label
+        # Bounded: a scanner's 16 KiB target would make a 16 KiB log line.
+        self.target = head.target[:_LOGGED_TARGET].decode("latin-1")
         if route.kind is RouteKind.HEALTH:
             # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
             self.answer(200, "ok", head_only=head.method == b"HEAD")
@@ -251,9 +296,6 @@ class CarrierProtocol(_Side):
             self.answer(400, "a call route accepts only a GET WebSocket upgrade")
         else:
             self.state = CarrierState.CONNECTING
-            self._early += head.trailing
-            if len(self._early) >= MAX_EARLY_BYTES:
-                self.pause_reading()
             call = Call(self, self.client_ip, route.prefix, route.bot_id)
             self.call = call
             self.ctx.registry.add_call(call)
@@ -275,6 +317,18 @@ class CarrierProtocol(_Side):
         if self.call is not None:
             self.call.status = status
             self.call.end_reason = EndReason.REFUSED
+        elif status >= 400 and self.ctx.refusals is not None and self.ctx.access_log:
+            # A call that is refused has its access-log line; a head that never
+            # became a call has this one.
+            self.ctx.refusals.info(
+                "request refused",
+                client_ip=self.client_ip,
+                listener="wss",
+                route=self.route_label,
+                target=self.target,
+                status=status,
+                reason=text,
+            )
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(local_response(status, text, head_only=head_only))

@@ -24,14 +24,16 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import EndReason, Registry
 from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
 from fleet_ingress.net.liveness import TcpLiveness
+from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
-from fleet_ingress.net.proxy import ProxyContext
+from fleet_ingress.net.proxy import REFUSED_LINES_PER_SECOND, ProxyContext, refused_log
 from fleet_ingress.net.tls import (
     TLSSetupError,
     certificate_not_after,
@@ -87,6 +89,8 @@ class Ingress:
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
         self.registry = Registry()
+        self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
+        self.heads = HeadQueue()  # both listeners' heads, parsed a bounded amount per turn
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
@@ -102,6 +106,7 @@ class Ingress:
             certificate_not_after=lambda: self.certificate_not_after,
             reloads=lambda: self.reloads,
         )
+        self.loop_lag = LoopLagProbe(self.metrics.loop_lag_observed)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
         self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
@@ -151,6 +156,7 @@ class Ingress:
                 route_fleet=dict(config.routes.fleet_silence),
             ),
             max_head_bytes=config.limits.max_header_bytes,
+            max_header_count=config.limits.max_header_count,
             max_connections=config.limits.max_connections,
             access_log=config.log.access,
             liveness=TcpLiveness(
@@ -159,6 +165,8 @@ class Ingress:
                 keepalive_interval=config.timeouts.keepalive_interval,
                 keepalive_probes=config.limits.keepalive_probes,
             ),
+            refusals=self.refusals,
+            heads=self.heads,
         )
 
     async def start(self) -> None:
@@ -206,6 +214,7 @@ class Ingress:
             await self._serve_web(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
             self.admin_socket = path
             log.info("listening", extra=fields(listener="admin", address=str(path)))
+        self.loop_lag.start()
 
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
@@ -250,6 +259,9 @@ class Ingress:
             connect_timeout=config.timeouts.connect,
             response_timeout=config.timeouts.response,
             max_head_bytes=config.limits.max_header_bytes,
+            max_header_count=config.limits.max_header_count,
+            refusals=self.refusals if config.log.access else None,
+            heads=self.heads,
         )
 
     def status_line(self) -> str:
@@ -382,6 +394,7 @@ class Ingress:
         self._web_runners.clear()
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
+        self.loop_lag.stop()
         await asyncio.sleep(0)
 
 

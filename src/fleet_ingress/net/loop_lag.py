@@ -1,0 +1,52 @@
+"""How late the event loop runs a timer: the jitter every live call feels.
+
+Every call's frames, every handshake and every scrape share one event loop;
+work that holds it (a large head's parse, a TLS handshake, a stats page)
+delays every call's next 20 ms audio frame by as much. A timer set every
+`interval` seconds and measured on firing shows that delay directly, at the
+cost of one callback per interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+DEFAULT_INTERVAL = 0.2
+
+
+class LoopLagProbe:
+    def __init__(
+        self, observe: Callable[[float], None], interval: float = DEFAULT_INTERVAL
+    ) -> None:
+        self.observe = observe
+        self.interval = interval
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None
+
+    def start(self) -> None:
+        if self._handle is None:
+            self._loop = asyncio.get_running_loop()
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _schedule(self) -> None:
+        assert self._loop is not None
+        self._due = self._loop.time() + self.interval
+        self._handle = self._loop.call_at(self._due, self._fire)
+
+    def _fire(self) -> None:
+        assert self._loop is not None
+        # A timer never fires early, but the loop's clock granularity can make
+        # it look a hair early: no negative lag.
+        self.observe(max(0.0, self._loop.time() - self._due))
+        self._schedule()

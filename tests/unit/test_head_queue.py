@@ -1,0 +1,46 @@
+"""The queue complete heads wait in for their parse (a real loop, no sockets)."""
+
+import asyncio
+import itertools
+import time
+
+from fleet_ingress.net.head_queue import HeadQueue
+
+
+def _busy(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def test_heavy_heads_are_parsed_one_per_turn_in_arrival_order():
+    queue = HeadQueue(budget=0.0005)
+    done: list[int] = []
+    turns: list[int] = []  # how many heads had been parsed at each turn of a frame's probe
+
+    def head(i: int) -> None:
+        _busy(0.002)  # a head that costs four budgets
+        done.append(i)
+
+    async def frames() -> None:  # a call's frames: a callback every turn
+        while len(done) < 5:
+            turns.append(len(done))
+            await asyncio.sleep(0)
+
+    for i in range(5):
+        queue.add(lambda i=i: head(i))
+    await asyncio.wait_for(frames(), 5)
+    assert done == [0, 1, 2, 3, 4]
+    # Between two heads the loop came round: the frames never waited for two parses.
+    assert all(later - earlier <= 1 for earlier, later in itertools.pairwise(turns))
+    assert queue.turns_deferred == 4 and len(queue) == 0
+
+
+async def test_cheap_heads_are_all_parsed_in_one_turn():
+    queue = HeadQueue(budget=0.05)
+    done: list[int] = []
+    for i in range(20):
+        queue.add(lambda i=i: done.append(i))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert done == list(range(20)) and queue.turns_deferred == 0
