@@ -133,6 +133,10 @@ class HostSlots:
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def queued(self) -> list[tuple[WorkerKey, int]]:
+        """(worker, lease) of every waiter, first in line first."""
+        return [(w.worker, w.lease) for w in self._queue]
+
     def waiting(self, worker: WorkerKey) -> int:
         return sum(1 for w in self._queue if w.worker == worker)
 
