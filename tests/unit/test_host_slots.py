@@ -359,3 +359,84 @@ def test_a_woken_retry_goes_to_a_fleet_it_has_not_tried():
     _say_room(slots, "b", 5)
     # leastconn alone would say a (1 call against 2): the retry avoids it.
     _play(slots, [("wake", ["w2#1>b"])])
+
+
+def _fresh(maxconn: int = 2) -> HostSlots:
+    """The table of a supervisor just re-executed: nobody has joined yet."""
+    specs = parse_fleets_text(TWO_FLEETS, default_maxconn=maxconn)
+    slots = HostSlots(Balancer.from_specs(specs), queue_timeout=TIMEOUT, max_queue=8)
+    slots.paused = True
+    return slots
+
+
+def test_a_table_rebuilt_from_the_workers_counts_what_they_hold_and_queues_in_age_order():
+    slots = _fresh()
+    now = 10.0
+    assert (
+        slots.restore(
+            "w1",
+            pid=101,
+            generation=1,
+            held=[(1, "a"), (2, "a"), (3, "b")],
+            waiting=[(4, (), 0.5)],
+            now=now,
+        )
+        == []
+    )
+    slots.restore("w2", pid=102, generation=1, held=[(1, "b")], waiting=[(2, ["b"], 1.0)], now=now)
+    slots.join("new", pid=201, generation=2)
+    _play(
+        slots,
+        [
+            ("active", {"a": 2, "b": 2}),
+            ("acquire", "new", 1, (), now, "wait"),
+            ("deadline", now - 1.0 + TIMEOUT),  # w2's: it has waited longest
+        ],
+    )
+    assert slots.queued() == [("w2", 2), ("w1", 4), ("new", 1)]
+    assert [_render(a) for a in slots.resume()] == []  # full: nothing to grant yet
+    _play(
+        slots,
+        [
+            ("release", "w1", 1, ["w2#2>a"]),  # avoids b... and only a has room
+            ("release", "w2", 1, ["w1#4>b"]),
+            ("release", "w1", 3, ["new#1>b"]),
+            ("expire", 100.0, []),
+        ],
+    )
+    rows = {r.worker: (r.pid, r.generation, r.calls) for r in slots.workers}
+    assert rows == {"w1": (101, 1, 2), "w2": (102, 1, 1), "new": (201, 2, 1)}
+
+
+def test_nothing_is_granted_while_paused_even_with_room_then_in_order():
+    slots = _fresh(maxconn=16)
+    slots.restore("w1", pid=1, generation=1, held=[(1, "a")], waiting=[], now=0.0)
+    _play(slots, [("acquire", "w1", 2, (), 0.0, "wait"), ("wake", [])])
+    slots.restore("w2", pid=2, generation=1, held=[], waiting=[(1, (), 0.2)], now=0.1)
+    assert [_render(a) for a in slots.resume()] == ["w2#1>b", "w1#2>a"]
+
+
+def test_held_leases_count_past_maxconn_and_unknown_fleets_count_nowhere():
+    slots = _fresh(maxconn=2)
+    unknown = slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a"), (2, "a"), (3, "a"), (4, "gone")],
+        waiting=[],
+        now=0.0,
+    )
+    assert unknown == ["gone"]
+    slots.resume()
+    _play(
+        slots,
+        [
+            ("active", {"a": 3, "b": 0}),
+            ("acquire", "w1", 5, (), 0.0, "b"),
+            ("acquire", "w1", 6, (), 0.0, "b"),
+            ("acquire", "w1", 7, (), 0.0, "wait"),
+            ("release", "w1", 1, []),  # a at 2 of 2: still no room
+            ("release", "w1", 4, []),  # the removed fleet's call ends: nothing to free
+            ("release", "w1", 2, ["w1#7>a"]),
+        ],
+    )

@@ -15,12 +15,18 @@ a slot is held by a *lease*, keyed by (worker, lease id), so that
 Time is passed in as `now`; the queue's timer is the caller's, armed at
 `next_deadline()` and fired through `expire(now)`. Every change returns the
 answers to send (`Granted`, `Refused`) rather than sending them.
+
+The table is a cache of what the workers hold; the workers are the truth.
+After the supervisor re-executes (an upgrade), a fresh table is rebuilt from
+each worker's own account (`restore`: the leases it holds, the requests it
+still waits on and for how long), `paused` meanwhile so that nothing is
+granted against a count not yet complete.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
@@ -81,6 +87,7 @@ class _Waiter:
     worker: WorkerKey
     lease: int
     avoid: frozenset[str]
+    since: float  # when it asked: the queue is in this order
     deadline: float
 
 
@@ -95,6 +102,9 @@ class HostSlots:
         self._queue: deque[_Waiter] = deque()
         # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
         self.on_release: list[Callable[[FleetState], None]] = []
+        # While paused nothing is granted (requests queue): the table is being
+        # rebuilt from the workers after a re-execution (`restore`, `resume`).
+        self.paused = False
 
     # -- workers ---------------------------------------------------------------
 
@@ -116,6 +126,47 @@ class HostSlots:
         for fleet in row.held.values():
             self._close(fleet)
         return row, self.wake()
+
+    def restore(
+        self,
+        worker: WorkerKey,
+        *,
+        pid: int,
+        generation: int,
+        held: Iterable[tuple[int, str]],
+        waiting: Iterable[tuple[int, Collection[str], float]],
+        now: float,
+    ) -> list[str]:
+        """Join a worker that was already running, with what it says it has:
+        `held` (lease id, fleet name) and `waiting` (lease id, avoid-list,
+        seconds it has waited so far). Held leases count even past maxconn:
+        those calls exist. Returns the fleet names this table does not know
+        (removed meanwhile): their calls count against no fleet. A waiter
+        keeps its place by how long it has waited, and its deadline."""
+        row = self.join(worker, pid=pid, generation=generation)
+        unknown: list[str] = []
+        for lease, name in held:
+            fleet = self.balancer.get(name)
+            if fleet is None:
+                unknown.append(name)
+                continue
+            if lease in row.held:
+                raise SlotProtocolError(f"worker {worker!r} holds lease id {lease} twice")
+            fleet.active += 1
+            row.held[lease] = fleet
+        for lease, avoid, waited in waiting:
+            since = now - max(0.0, waited)
+            waiter = _Waiter(worker, lease, frozenset(avoid), since, since + self.queue_timeout)
+            position = next(
+                (i for i, w in enumerate(self._queue) if w.since > since), len(self._queue)
+            )
+            self._queue.insert(position, waiter)
+        return unknown
+
+    def resume(self) -> list[Answer]:
+        """Every worker has told what it holds: grant again."""
+        self.paused = False
+        return self.wake()
 
     @property
     def workers(self) -> list[WorkerRow]:
@@ -149,7 +200,9 @@ class HostSlots:
         row = self.row(worker)
         if lease in row.held or any(w.worker == worker and w.lease == lease for w in self._queue):
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
-        if not self._queue:  # FIFO: nobody overtakes a waiting call
+        if self.paused:
+            pass  # queue, whatever the fleets say: the count is not complete yet
+        elif not self._queue:  # FIFO: nobody overtakes a waiting call
             pick = self.balancer.pick(avoid)
             if pick.fleet is not None:
                 return self._grant(row, lease, pick.fleet)
@@ -161,7 +214,7 @@ class HostSlots:
             return Refused(worker, lease, QUEUE_OFF)
         if len(self._queue) >= self.max_queue:
             return Refused(worker, lease, QUEUE_FULL)
-        self._queue.append(_Waiter(worker, lease, frozenset(avoid), now + self.queue_timeout))
+        self._queue.append(_Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout))
         return None
 
     def release(self, worker: WorkerKey, lease: int) -> list[Answer]:
@@ -182,7 +235,7 @@ class HostSlots:
         """Hand free slots to waiters in order. Call whenever room may have
         appeared (a slot came back, a probe reported capacity, a fleet came up)."""
         answers: list[Answer] = []
-        while self._queue:
+        while self._queue and not self.paused:
             waiter = self._queue[0]
             pick = self.balancer.pick(waiter.avoid)
             if pick.verdict is Verdict.NO_FLEET_UP:
