@@ -203,3 +203,82 @@ async def test_the_call_path_interface_is_the_same(host, kind):
     assert not first.held
     third = await source.lease(avoid=["b"])
     assert third.fleet.name == first.fleet.name
+
+
+async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_workers(host):
+    h = host(maxconn=2)
+    w1, w2 = await h.worker(), await h.worker()
+    held1 = [await w1.lease(), await w1.lease(), await w1.lease()]  # a, b, a
+    await w2.lease()  # b
+    first = asyncio.create_task(w2.lease(avoid=["b"]))
+    await eventually(lambda: h.slots.queue_length == 1)
+    second = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 2)
+
+    kept = h.server.handover()  # the old image stops reading here, then execs
+    assert sorted(kept) == sorted(f"worker.{w.pid}.1" for w in (w1, w2))
+    # The old image may have read half a line: the new one reads its tail.
+    assert w2._transport is not None
+    w2._transport.write(b'ase","id":99}\n')
+    # During the exec a call ends and another asks: it waits in the kernel.
+    held1[0].release()
+    third = asyncio.create_task(w1.lease())
+    await asyncio.sleep(0.05)
+    assert not (first.done() or second.done() or third.done())
+
+    slots = HostSlots(_balancer(2), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        for sock in kept.values():
+            await server.adopt(sock, restoring=True)
+        assert await server.finish_restore(2.0) == []
+        # The one free slot (a, freed during the exec) went to the first in line.
+        assert (await asyncio.wait_for(first, 2)).fleet.name == "a"
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 2, "b": 2}
+        rows = {r.pid: (r.generation, r.calls) for r in slots.workers}
+        assert rows == {w1.pid: (1, 2), w2.pid: (1, 2)}
+        assert not (w1.lost.done() or w2.lost.done())  # the channels never closed
+        # A new generation's worker asks the same table: it queues behind.
+        ours, theirs = socket.socketpair()
+        await server.adopt(ours)
+        w3 = await SlotClient.connect(sock=theirs, pid=3, generation=2, answer_timeout=10)
+        fourth = asyncio.create_task(w3.lease())
+        await eventually(lambda: slots.queue_length == 3)
+        held1[1].release()  # b
+        assert (await asyncio.wait_for(second, 2)).fleet.name == "b"
+        held1[2].release()  # a
+        assert (await asyncio.wait_for(third, 2)).fleet.name == "a"
+        assert not fourth.done()
+        fourth.cancel()
+        w3.close()
+    finally:
+        await server.close()
+
+
+async def test_a_worker_silent_after_the_reexecution_is_cut_off_and_the_rest_go_on(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()
+    kept = h.server.handover()
+    silent_ours, silent_theirs = socket.socketpair()  # a hung worker: never answers "sync"
+    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        for sock in kept.values():
+            await server.adopt(sock, restoring=True)
+        silent = await server.adopt(silent_ours, restoring=True)
+        assert await server.finish_restore(0.3) == [silent]
+        assert not slots.paused
+        loop = asyncio.get_running_loop()
+        silent_theirs.setblocking(False)
+        received = b""
+        async with asyncio.timeout(2):
+            while chunk := await loop.sock_recv(silent_theirs, 1024):
+                received += chunk
+        assert received == b'{"op":"sync"}\n'  # asked, then cut off
+        assert (await w1.lease()).fleet.name == "b"  # w1's held slot on a still counts
+    finally:
+        silent_theirs.close()
+        await server.close()

@@ -12,6 +12,10 @@ or no answer in time) sends `release`, which the coordinator reads after the
 become: a queued request is withdrawn, a slot granted meanwhile comes back.
 A grant that arrives for a lease nobody waits for any more is dropped, as
 its release is already on the way.
+
+After the supervisor re-executes, the channel is the same socket; the new
+image asks `sync` and this end answers with what it holds and waits for
+(`state`), from which the host's table is rebuilt.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import time
 from collections.abc import Collection
 from typing import Any, cast
 
@@ -66,6 +71,8 @@ class SlotClient(asyncio.Protocol):
         self._decoder = LineDecoder()
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
+        self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
+        self._held: dict[int, str] = {}  # lease id -> fleet name
 
     @classmethod
     async def connect(
@@ -103,6 +110,7 @@ class SlotClient(asyncio.Protocol):
         lease_id = next(self._ids)
         future: asyncio.Future[FleetState] = asyncio.get_running_loop().create_future()
         self._pending[lease_id] = future
+        self._asked[lease_id] = (list(avoid), time.monotonic())
         self._write({"op": "acquire", "id": lease_id, "avoid": list(avoid)})
         try:
             async with asyncio.timeout(self.answer_timeout):
@@ -119,12 +127,15 @@ class SlotClient(asyncio.Protocol):
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
         self._pending.pop(lease_id, None)
+        self._asked.pop(lease_id, None)
         if future.done() and not future.cancelled() and future.exception() is None:
             future.result().active -= 1  # granted, never used: ours no more
+            self._held.pop(lease_id, None)
         self._write({"op": "release", "id": lease_id})
 
     def _release(self, lease: RemoteLease) -> None:
         lease.fleet.active -= 1
+        self._held.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
     def close(self) -> None:
@@ -152,6 +163,7 @@ class SlotClient(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
         pending, self._pending = self._pending, {}
+        self._asked.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(NoFleetAvailable(COORDINATOR_GONE))
@@ -163,21 +175,42 @@ class SlotClient(asyncio.Protocol):
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
+        if op == "sync":
+            self._write(self._state())
+            return
         lease_id = field(message, "id", int)
         if op == "granted":
             fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
             future = self._pending.pop(lease_id, None)
+            self._asked.pop(lease_id, None)
             if future is None or future.done():
                 return  # given up on: its release is already on the wire
             fleet.active += 1
             fleet.opened_total += 1
+            self._held[lease_id] = fleet.name
             future.set_result(fleet)
         elif op == "refused":
+            self._asked.pop(lease_id, None)
             future = self._pending.pop(lease_id, None)
             if future is not None and not future.done():
                 future.set_exception(NoFleetAvailable(field(message, "reason", str)))
         else:
             raise WireError(f"unknown op {op!r}")
+
+    def _state(self) -> dict[str, Any]:
+        """What this worker holds and waits for: the truth the coordinator's
+        table is rebuilt from after the supervisor re-executed."""
+        now = time.monotonic()
+        return {
+            "op": "state",
+            "pid": self.pid,
+            "generation": self.generation,
+            "held": [[lease, name] for lease, name in self._held.items()],
+            "waiting": [
+                [lease, avoid, round(now - since, 6)]
+                for lease, (avoid, since) in self._asked.items()
+            ],
+        }
 
     def _fleet(self, name: str, spec: Any) -> FleetState:
         fleet = self.fleets.get(name)

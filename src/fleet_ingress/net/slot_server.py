@@ -7,13 +7,21 @@ worker exited, crashed, was SIGKILLed; the kernel closes its end) every slot
 the worker held comes back at once and its waiters leave the queue. Nothing
 here decides: frames in, `HostSlots` decides, answers out, one timer for the
 queue's next deadline.
+
+Across the supervisor's own re-execution (an upgrade) the channels stay open:
+`handover` gives their sockets for the exec (`service.listen_fds`), the new
+image `adopt`s them with `restoring=True`, asks each worker what it holds
+(`sync`), rebuilds the table from the answers and grants nothing until every
+worker has answered or `finish_restore`'s timeout has passed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import socket
 from typing import Any, cast
 
@@ -27,21 +35,27 @@ log = logging.getLogger("fleet_ingress.slots")
 
 
 class _Channel(asyncio.Protocol):
-    def __init__(self, server: SlotServer, key: int) -> None:
+    def __init__(self, server: SlotServer, key: int, *, restoring: bool = False) -> None:
         self.server = server
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.decoder = LineDecoder()
         self.joined = False
+        self.restoring = restoring  # kept across a re-execution: waits for "state"
+        self.handed_over = False  # its socket went on to the next image
+        self.pid: int | None = None
+        self.generation: int | None = None
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.server._channels[self.key] = self
+        if self.restoring:
+            self.send({"op": "sync"})
 
     def data_received(self, data: bytes) -> None:
         try:
-            for message in self.decoder.feed(data):
+            for message in self.decoder.feed(data, skip_bad=self.restoring):
                 self.server._handle(self, message)
         except WireError as exc:
             log.error(
@@ -52,7 +66,8 @@ class _Channel(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.server._gone(self)
+        if not self.handed_over:
+            self.server._gone(self)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -67,13 +82,63 @@ class SlotServer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._servers: list[asyncio.Server] = []
+        self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
+        self._restored = asyncio.Event()
 
-    async def adopt(self, sock: socket.socket) -> int:
-        """Serve the supervisor's end of a worker's socketpair; returns its channel key."""
+    async def adopt(self, sock: socket.socket, *, restoring: bool = False) -> int:
+        """Serve the supervisor's end of a worker's socketpair; returns its
+        channel key. `restoring`: a channel kept over this process's
+        re-execution; the worker is asked what it holds (pause `slots` first)."""
         loop = asyncio.get_running_loop()
         key = next(self._keys)
-        await loop.connect_accepted_socket(lambda: _Channel(self, key), sock)
+        if restoring:
+            self._restoring.add(key)
+            self._restored.clear()
+        await loop.connect_accepted_socket(lambda: _Channel(self, key, restoring=restoring), sock)
         return key
+
+    async def finish_restore(self, timeout: float) -> list[int]:
+        """Wait until every kept channel has told what it holds, then grant
+        again. A worker silent for `timeout` is cut off (its channel closed:
+        its slots are not counted, and it will see its coordinator gone);
+        returns their channel keys."""
+        if self._restoring:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._restored.wait()
+        silent = sorted(self._restoring)
+        for key in silent:
+            log.error(
+                "worker did not say what it holds after the re-execution: cut off",
+                extra=fields(channel=key, timeout=timeout),
+            )
+            channel = self._channels.get(key)
+            if channel is not None and channel.transport is not None:
+                channel.transport.abort()
+        self._restoring.clear()
+        self._send(self.slots.resume())
+        return silent
+
+    def handover(self) -> dict[str, socket.socket]:
+        """Stop serving and give each joined worker's channel as a socket to
+        keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
+        after this: what workers send meanwhile waits in the kernel for the
+        next image, which counts it through their "state"."""
+        kept: dict[str, socket.socket] = {}
+        for channel in list(self._channels.values()):
+            if channel.transport is None or not channel.joined:
+                continue
+            channel.transport.pause_reading()
+            fd = channel.transport.get_extra_info("socket").fileno()
+            kept[f"worker.{channel.pid}.{channel.generation}"] = socket.socket(fileno=os.dup(fd))
+            channel.handed_over = True
+            # Our descriptor closes, the duplicate keeps the channel open: the
+            # worker sees no end of file.
+            channel.transport.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, None
+        return kept
 
     async def serve_unix(self, path: str) -> asyncio.Server:
         """Accept workers on a listening Unix socket (a worker started by hand,
@@ -101,12 +166,17 @@ class SlotServer:
 
     def _handle(self, channel: _Channel, message: dict[str, Any]) -> None:
         op = message["op"]
+        if channel.restoring:
+            if op == "state":
+                self._restore(channel, message)
+            return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
                 raise WireError(f"{op!r} before 'hello'")
             pid, generation = field(message, "pid", int), field(message, "generation", int)
             self.slots.join(channel.key, pid=pid, generation=generation)
             channel.joined = True
+            channel.pid, channel.generation = pid, generation
             log.info(
                 "worker joined the slot coordinator",
                 extra=fields(channel=channel.key, pid=pid, generation=generation),
@@ -132,8 +202,44 @@ class SlotServer:
         else:
             raise WireError(f"unknown op {op!r}")
 
+    def _restore(self, channel: _Channel, message: dict[str, Any]) -> None:
+        pid, generation = field(message, "pid", int), field(message, "generation", int)
+        try:
+            held = [(int(lease), str(name)) for lease, name in field(message, "held", list)]
+            waiting = [
+                (int(lease), [str(a) for a in avoid], float(waited))
+                for lease, avoid, waited in field(message, "waiting", list)
+            ]
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"'state' message: {exc}") from exc
+        now = asyncio.get_running_loop().time()
+        unknown = self.slots.restore(
+            channel.key, pid=pid, generation=generation, held=held, waiting=waiting, now=now
+        )
+        channel.restoring, channel.joined = False, True
+        channel.pid, channel.generation = pid, generation
+        log.info(
+            "worker rejoined the slot coordinator",
+            extra=fields(
+                channel=channel.key,
+                pid=pid,
+                generation=generation,
+                held=len(held),
+                waiting=len(waiting),
+                unknown_fleets=sorted(set(unknown)),
+            ),
+        )
+        self._restoring.discard(channel.key)
+        if not self._restoring:
+            self._restored.set()
+        self._arm()
+
     def _gone(self, channel: _Channel) -> None:
         self._channels.pop(channel.key, None)
+        if channel.key in self._restoring:
+            self._restoring.discard(channel.key)
+            if not self._restoring:
+                self._restored.set()
         row, answers = self.slots.leave(channel.key)
         if row is not None:
             held: dict[str, int] = {}

@@ -12,6 +12,14 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                                  has not seen it yet
       {"op": "refused", "id": 7, "reason": "no fleet is up"}    answer 503 with it
 
+    after the supervisor re-executed (an upgrade), on every channel it kept:
+    coordinator -> worker   {"op": "sync"}
+    worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
+                             "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...]}
+    The worker is the truth: what it sent before "state" is already counted
+    in it, so the coordinator skips everything before (a line the old image
+    had half read included).
+
 Lines, not length prefixes: a human can read a capture (`socat -v`), and a
 line is bounded (`MAX_LINE`), so a confused peer cannot make either end
 buffer without end. A stream socket keeps order both ways, which the lease
@@ -44,12 +52,18 @@ class LineDecoder:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+        """`skip_bad`: drop lines that are not messages rather than raise
+        (the tail of a line the previous image of the peer had half read)."""
         self._buffer += data
         messages: list[dict[str, Any]] = []
         start = 0
         while (end := self._buffer.find(b"\n", start)) >= 0:
-            messages.append(_decode(bytes(self._buffer[start:end])))
+            try:
+                messages.append(_decode(bytes(self._buffer[start:end])))
+            except WireError:
+                if not skip_bad:
+                    raise
             start = end + 1
         del self._buffer[:start]
         if len(self._buffer) > MAX_LINE:
