@@ -1,6 +1,7 @@
 """A stand-in worker process for test_slot_workers.py (run as a program, never imported).
 
-It inherits its end of a socketpair to the slot coordinator (fd in argv) and
+It inherits its end of a socketpair to the slot coordinator (fd in argv), or
+connects to the coordinator's Unix socket (its path in argv), and
 takes commands on stdin, one JSON object a line:
     {"cmd": "lease", "n": 20}          start 20 calls, each asking for a slot
     {"cmd": "release", "n": 3}         give back the slots of the first 3 calls holding one
@@ -30,9 +31,13 @@ def say(**event: object) -> None:
     sys.stdout.flush()
 
 
-async def main(fd: int, generation: int) -> None:
+async def main(where: str, generation: int) -> None:
+    if where.isdigit():
+        connect: dict = {"sock": socket.socket(fileno=int(where))}
+    else:
+        connect = {"path": where}
     client = await SlotClient.connect(
-        sock=socket.socket(fileno=fd), pid=os.getpid(), generation=generation, answer_timeout=30
+        **connect, pid=os.getpid(), generation=generation, answer_timeout=30
     )
     held: list[RemoteLease] = []
     tags = iter(range(1_000_000))
@@ -67,4 +72,4 @@ async def main(fd: int, generation: int) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1]), int(sys.argv[2])))
+    uvloop.run(main(sys.argv[1], int(sys.argv[2])))

@@ -27,6 +27,7 @@ from fleet_ingress.service.listen_fds import (
     describe,
     handover_env,
     pass_fds,
+    worker_key,
 )
 from tests.support import eventually
 
@@ -238,3 +239,22 @@ def test_adopt_names_the_key_and_the_fix_when_an_fd_is_not_a_listener(make, mess
 def test_a_key_that_cannot_be_named_is_refused():
     with socket.socket() as s, pytest.raises(ValueError, match="cannot be named"):
         describe({"a,b": s})
+
+
+def test_worker_channels_go_over_by_pid_and_generation_and_must_be_connected():
+    ours, theirs = socket.socketpair()
+    tcp = bind_tcp("127.0.0.1", 0)
+    try:
+        env = _env({"worker.4242.3": ours, "listen.wss": tcp})
+        socks = adopt(env)
+        assert sorted(socks) == ["listen.wss", "worker.4242.3"]
+        assert worker_key("worker.4242.3") == (4242, 3) and worker_key("listen.wss") is None
+        for sock in socks.values():
+            sock.detach()
+        with pytest.raises(ListenFdsError, match="not a connected Unix socket to a worker"):
+            adopt(_env({"worker.1.1": tcp}))
+        with pytest.raises(ListenFdsError, match=r"is not worker\.PID\.GENERATION"):
+            adopt({LISTEN_FDS: f"worker.x={ours.fileno()}"})
+    finally:
+        for s in (ours, theirs, tcp):
+            s.close()

@@ -5,8 +5,6 @@ of a socketpair it inherited (slot_worker_child.py)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import signal
 import socket
@@ -14,7 +12,6 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,29 +19,10 @@ from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.net.slot_server import SlotServer
-from tests.support import eventually
+from tests.support import EventChild, eventually
 
 CHILD = Path(__file__).with_name("slot_worker_child.py")
 FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
-
-
-class Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.events: list[dict[str, Any]] = []
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.events.append(json.loads(line))
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["ev"] == kind]
-
-    def send(self, **command: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
 
 
 class Host:
@@ -53,7 +31,7 @@ class Host:
         balancer = Balancer.from_specs(specs)
         self.slots = HostSlots(balancer, queue_timeout=queue_timeout, max_queue=256)
         self.server = SlotServer(self.slots)
-        self.workers: list[Worker] = []
+        self.workers: list[EventChild] = []
         # The most calls any fleet held at once, sampled at every grant.
         self.peak: Counter[str] = Counter()
         self.slots.balancer.open = self._open_and_watch  # type: ignore[method-assign]
@@ -62,20 +40,18 @@ class Host:
         Balancer.open(self.slots.balancer, fleet)
         self.peak[fleet.name] = max(self.peak[fleet.name], fleet.active)
 
-    async def spawn(self, generation: int = 1) -> Worker:
+    async def spawn(self, generation: int = 1) -> EventChild:
         ours, theirs = socket.socketpair()
         await self.server.adopt(ours)
-        proc = await asyncio.create_subprocess_exec(
+        worker = await EventChild.start(
             sys.executable,
             str(CHILD),
             str(theirs.fileno()),
             str(generation),
             pass_fds=[theirs.fileno()],
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
         )
         theirs.close()  # the child's now: when it dies, the channel closes
-        worker = Worker(proc)
+        proc = worker.proc
         self.workers.append(worker)
         await eventually(lambda: worker.of("ready"), timeout=20)
         await eventually(lambda: proc.pid in {r.pid for r in self.slots.workers})
@@ -86,10 +62,7 @@ class Host:
 
     async def close(self) -> None:
         for worker in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
-            await asyncio.wait_for(worker.proc.wait(), 10)
-            worker.reader.cancel()
+            await worker.kill()
         await self.server.close()
 
 

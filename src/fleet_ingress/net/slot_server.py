@@ -140,11 +140,15 @@ class SlotServer:
             self._timer, self._timer_at = None, None
         return kept
 
-    async def serve_unix(self, path: str) -> asyncio.Server:
-        """Accept workers on a listening Unix socket (a worker started by hand,
-        or one that must find the coordinator again by name)."""
+    async def serve_unix(
+        self, path: str | None = None, *, sock: socket.socket | None = None
+    ) -> asyncio.Server:
+        """Accept workers on a listening Unix socket, bound at `path` or given
+        (`sock`: kept over a re-execution)."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _Channel(self, next(self._keys)), path)
+        server = await loop.create_unix_server(
+            lambda: _Channel(self, next(self._keys)), path, sock=sock
+        )
         self._servers.append(server)
         return server
 

@@ -17,6 +17,11 @@ connecting during the exec waits a few hundred milliseconds for its accept,
 and is never refused. (Closing and re-binding instead leaves a window in which
 a SYN meets no socket and gets RST: a refused call.)
 
+The supervisor's channels to its workers (`net.slot_server`) go over the
+exec the same way, named `worker.PID.GENERATION`: connected Unix stream
+sockets rather than listeners, so the new image knows its workers and keeps
+the one lock each of them holds on its slots.
+
 `adopt` unsets the variables, as `sd_listen_fds(1)` does: a process the
 worker starts must not claim fds it never received.
 """
@@ -31,6 +36,17 @@ from typing import NoReturn
 
 LISTEN_FDS = "FLEET_INGRESS_LISTEN_FDS"
 LISTEN_PID = "FLEET_INGRESS_LISTEN_PID"
+WORKER_PREFIX = "worker."  # worker.PID.GENERATION: a worker's slot channel
+
+
+def worker_key(key: str) -> tuple[int, int] | None:
+    """(pid, generation) of a worker channel's key, None for a listener's."""
+    if not key.startswith(WORKER_PREFIX):
+        return None
+    pid, _, generation = key.removeprefix(WORKER_PREFIX).partition(".")
+    if not (pid.isdigit() and generation.isdigit()):
+        raise ValueError(f"{key!r} is not {WORKER_PREFIX}PID.GENERATION")
+    return int(pid), int(generation)
 
 
 class ListenFdsError(RuntimeError):
@@ -42,6 +58,7 @@ def describe(socks: Mapping[str, socket.socket]) -> str:
     for key in socks:
         if not key or any(c in key for c in ",= "):
             raise ValueError(f"listener key {key!r} cannot be named in {LISTEN_FDS}")
+        worker_key(key)
     return ",".join(f"{key}={sock.fileno()}" for key, sock in socks.items())
 
 
@@ -83,8 +100,9 @@ def reexec(
 
 
 def adopt(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
-    """The listeners handed to this process, by config key (empty when none
-    were). Checks that each is a listening socket; unsets the variables."""
+    """The sockets handed to this process, by key (empty when none were):
+    listeners by config key, worker channels by `worker.PID.GENERATION`.
+    Checks that each is what its key says; unsets the variables."""
     env = os.environ if environ is None else environ
     value = env.pop(LISTEN_FDS, None)
     owner = env.pop(LISTEN_PID, None)
@@ -100,11 +118,15 @@ def adopt(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.s
                 f"{LISTEN_FDS}={value!r}: {item!r} is not KEY=FD (or repeats a key); "
                 f"unset {LISTEN_FDS} unless fleet-ingress's supervisor started this process"
             )
-        socks[key] = _listening(key, int(fd_text))
+        try:
+            channel = worker_key(key) is not None
+        except ValueError as exc:  # a malformed worker.PID.GENERATION
+            raise ListenFdsError(f"{LISTEN_FDS}={value!r}: {exc}") from exc
+        socks[key] = _inherited(key, int(fd_text), channel=channel)
     return socks
 
 
-def _listening(key: str, fd: int) -> socket.socket:
+def _inherited(key: str, fd: int, *, channel: bool) -> socket.socket:
     fix = f"unset {LISTEN_FDS} unless fleet-ingress's supervisor started this process"
     try:
         sock = socket.socket(fileno=fd)
@@ -112,8 +134,15 @@ def _listening(key: str, fd: int) -> socket.socket:
         raise ListenFdsError(
             f"{key}: inherited fd {fd} is not a socket ({exc.strerror}); {fix}"
         ) from exc
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        sock.detach()  # not ours to close
+    listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if channel:
+        if listening or sock.family != socket.AF_UNIX:
+            sock.detach()  # not ours to close
+            raise ListenFdsError(
+                f"{key}: inherited fd {fd} is not a connected Unix socket to a worker; {fix}"
+            )
+    elif not listening:
+        sock.detach()
         raise ListenFdsError(f"{key}: inherited fd {fd} is a socket but not listening; {fix}")
     # Ours now: a process we start later gets it only when passed explicitly.
     os.set_inheritable(fd, False)
