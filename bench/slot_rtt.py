@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -35,6 +36,11 @@ from fleet_ingress.net.slot_server import SlotServer
 
 FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
 WARMUP = 500
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _summary(turns_ns: list[int]) -> dict[str, float]:
@@ -80,6 +86,7 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
     specs = parse_fleets_text(FLEETS, default_maxconn=16)
     server = SlotServer(HostSlots(Balancer.from_specs(specs), queue_timeout=3.0, max_queue=256))
     children = []
+    cpu_before = _cpu_seconds()
     for _ in range(args.workers):
         ours, theirs = socket.socketpair()
         await server.adopt(ours)
@@ -95,7 +102,9 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
     outputs = await asyncio.wait_for(
         asyncio.gather(*(c.communicate() for c in children)), args.seconds + 30
     )
+    coordinator_cpu = _cpu_seconds() - cpu_before
     per_worker = [_summary(json.loads(out)) for out, _ in outputs]
+    turns = sum(w["n"] + WARMUP + 1 for w in per_worker)
     inproc = Dispatcher(Balancer.from_specs(specs), queue_timeout=3.0, max_queue=256)
     local = _summary(await _turns(inproc, args.iterations, args.seconds))
     await server.close()
@@ -103,6 +112,9 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         "loop": args.loop,
         "workers": args.workers,
         "coordinator_per_worker": per_worker,
+        # This process's CPU while the workers ran (spawning them included),
+        # per lease+release: what the supervisor pays per call attempt.
+        "coordinator_cpu_us_per_turn": round(coordinator_cpu / turns * 1e6, 1),
         "dispatcher_in_process": local,
     }
 
