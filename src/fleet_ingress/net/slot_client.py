@@ -61,7 +61,8 @@ class RemoteLease:
 class SlotClient(asyncio.Protocol):
     def __init__(self, *, pid: int, generation: int, answer_timeout: float) -> None:
         """`answer_timeout` bounds a wait for the coordinator's answer; set it
-        above the queue timeout, which the coordinator enforces itself."""
+        above the queue timeout (which the coordinator enforces itself) plus
+        the time the supervisor takes to re-execute."""
         self.pid = pid
         self.generation = generation
         self.answer_timeout = answer_timeout
@@ -101,7 +102,7 @@ class SlotClient(asyncio.Protocol):
     @property
     def held(self) -> int:
         """Slots this worker holds now."""
-        return sum(f.active for f in self.fleets.values())
+        return len(self._held)
 
     async def lease(self, avoid: Collection[str] = ()) -> RemoteLease:
         """A slot on the best fleet of the host for this call, or `NoFleetAvailable`."""

@@ -89,7 +89,9 @@ def reexec(
     """Replace this process's image with `executable argv[1:]` (same PID),
     keeping `socks` open across the exec and named in the environment.
     Every other descriptor is closed by the exec (Python opens them
-    non-inheritable), so nothing else leaks into the new image."""
+    non-inheritable), so nothing else leaks into the new image. When the
+    exec itself fails (OSError: no such interpreter...), this process goes
+    on, its sockets untouched: the caller keeps serving and says why."""
     for sock in socks.values():
         os.set_inheritable(sock.fileno(), True)
     env = handover_env(socks, pid=os.getpid())
