@@ -30,17 +30,26 @@ def say(**event: object) -> None:
     sys.stdout.flush()
 
 
-async def accept_loop(sock: socket.socket, generation: int) -> None:
-    loop = asyncio.get_running_loop()
-    sock.setblocking(False)
+def start_accepting(sock: socket.socket, generation: int) -> None:
+    """Accept and answer in one callback: stopping (`remove_reader`) can never
+    drop a connection already taken from the backlog, as cancelling an
+    `await sock_accept()` between its accept and its resumption would."""
     greeting = f"{generation} {os.getpid()}\n".encode()
-    while True:
-        conn, _ = await loop.sock_accept(sock)
-        try:
-            conn.sendall(greeting)  # small: fits the socket buffer, never blocks
-        except OSError:
-            pass  # the client left at once: only its connect counted
-        conn.close()
+    sock.setblocking(False)
+
+    def on_readable() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            try:
+                conn.sendall(greeting)  # small: fits the socket buffer
+            except OSError:
+                pass  # the client left at once: only its connect counted
+            conn.close()
+
+    asyncio.get_running_loop().add_reader(sock.fileno(), on_readable)
 
 
 async def stdin_closed() -> None:
@@ -52,7 +61,8 @@ async def stdin_closed() -> None:
 
 async def serve(socks: dict[str, socket.socket], generation: int) -> None:
     loop = asyncio.get_running_loop()
-    accepting = [asyncio.create_task(accept_loop(s, generation)) for s in socks.values()]
+    for sock in socks.values():
+        start_accepting(sock, generation)
     upgrade = asyncio.Event()
     loop.add_signal_handler(signal.SIGUSR2, upgrade.set)
     ended = asyncio.create_task(stdin_closed())
@@ -60,9 +70,8 @@ async def serve(socks: dict[str, socket.socket], generation: int) -> None:
     await asyncio.wait([ended, upgrading], return_when=asyncio.FIRST_COMPLETED)
     if upgrade.is_set():
         # Stop accepting, close nothing: the sockets go on through the exec.
-        for task in accepting:
-            task.cancel()
-        await asyncio.gather(*accepting, return_exceptions=True)
+        for sock in socks.values():
+            loop.remove_reader(sock.fileno())
         say(ev="exec", pid=os.getpid(), generation=generation)
         reexec([sys.executable, SCRIPT, "supervisor", str(generation + 1), ""], socks)
 
