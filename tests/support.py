@@ -10,7 +10,9 @@ conftest.py; test modules import helpers from here only, never from each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import json
 import os
 import shutil
 import socket
@@ -327,3 +329,39 @@ def netns_unavailable() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+class EventChild:
+    """A child process (asyncio) that takes JSON commands on stdin and reports
+    JSON events on stdout, one object a line (the tests' stand-in workers and
+    supervisors)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, *argv: str, **popen: Any) -> EventChild:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, **popen
+        )
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.events.append(json.loads(line))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["ev"] == kind]
+
+    def send(self, **command: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        await asyncio.wait_for(self.proc.wait(), 10)
+        self.reader.cancel()

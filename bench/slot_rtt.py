@@ -1,0 +1,141 @@
+"""What the host slot coordinator adds to each call's setup: one lease + release.
+
+    python -m bench.slot_rtt --iterations 20000 --workers 1 --loop uvloop
+
+The coordinator (`net.slot_server`) runs in this process; each worker is a
+child process with the other end of a socketpair (as the supervisor's
+workers will have), running `SlotClient.lease()` then `release()` in a loop,
+one call at a time. A loop turn is the whole price: the next `lease` is read
+by the coordinator after the previous `release`, so it waits for it. Prints
+the median, p99, p99.9 and max of a turn, and of `Dispatcher.lease()` +
+`release()` in-process for comparison. Bounded: `--iterations` turns per
+worker and `--seconds` of wall clock, whichever ends first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import uvloop
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_server import SlotServer
+
+FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
+WARMUP = 500
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _summary(turns_ns: list[int]) -> dict[str, float]:
+    turns = sorted(turns_ns)
+    at = lambda q: turns[min(len(turns) - 1, int(q * len(turns)))] / 1000  # noqa: E731
+    return {
+        "n": len(turns),
+        "median_us": round(statistics.median(turns) / 1000, 1),
+        "p99_us": round(at(0.99), 1),
+        "p999_us": round(at(0.999), 1),
+        "max_us": round(turns[-1] / 1000, 1),
+    }
+
+
+async def _turns(source, iterations: int, seconds: float) -> list[int]:
+    for _ in range(WARMUP):
+        (await source.lease()).release()
+    turns: list[int] = []
+    stop = time.monotonic() + seconds
+    clock = time.perf_counter_ns
+    for _ in range(iterations):
+        t0 = clock()
+        lease = await source.lease()
+        lease.release()
+        turns.append(clock() - t0)
+        if time.monotonic() > stop:
+            break
+    return turns
+
+
+async def _worker(fd: int, iterations: int, seconds: float) -> None:
+    client = await SlotClient.connect(
+        sock=socket.socket(fileno=fd), pid=os.getpid(), generation=1, answer_timeout=5.0
+    )
+    turns = await _turns(client, iterations, seconds)
+    # The last release must be read before we leave, or it counts as a crash.
+    (await client.lease()).release()
+    print(json.dumps(turns))
+    client.close()
+
+
+async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
+    specs = parse_fleets_text(FLEETS, default_maxconn=16)
+    server = SlotServer(
+        HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
+    )
+    children = []
+    cpu_before = _cpu_seconds()
+    for _ in range(args.workers):
+        ours, theirs = socket.socketpair()
+        await server.adopt(ours)
+        cmd = [sys.executable, "-m", "bench.slot_rtt", "--child-fd", str(theirs.fileno())]
+        cmd += ["--iterations", str(args.iterations), "--seconds", str(args.seconds)]
+        cmd += ["--loop", args.loop]
+        children.append(
+            await asyncio.create_subprocess_exec(
+                *cmd, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
+            )
+        )
+        theirs.close()
+    outputs = await asyncio.wait_for(
+        asyncio.gather(*(c.communicate() for c in children)), args.seconds + 30
+    )
+    coordinator_cpu = _cpu_seconds() - cpu_before
+    per_worker = [_summary(json.loads(out)) for out, _ in outputs]
+    turns = sum(w["n"] + WARMUP + 1 for w in per_worker)
+    inproc = Dispatcher(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
+    local = _summary(await _turns(inproc, args.iterations, args.seconds))
+    await server.close()
+    return {
+        "loop": args.loop,
+        "workers": args.workers,
+        "coordinator_per_worker": per_worker,
+        # This process's CPU while the workers ran (spawning them included),
+        # per lease+release: what the supervisor pays per call attempt.
+        "coordinator_cpu_us_per_turn": round(coordinator_cpu / turns * 1e6, 1),
+        "dispatcher_in_process": local,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=20000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    run = uvloop.run if args.loop == "uvloop" else asyncio.run
+    if args.child_fd is not None:
+        run(_worker(args.child_fd, args.iterations, args.seconds))
+        return
+    print(json.dumps(run(_coordinator(args)), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""One host's fleet slots, shared by every worker process. No I/O.
+
+The supervisor's coordinator owns this table; workers ask it for a slot per
+call attempt and give it back when the attempt or the call ends. It is the
+host-wide counterpart of `net.dispatch.Dispatcher`: the same `Balancer`
+(leastconn, maxconn, FULL, avoid-list), the same FIFO queue and answers, but
+a slot is held by a *lease*, keyed by (worker, lease id), so that
+
+- a worker that is gone (crashed, SIGKILL: its channel closed) gives back
+  every slot it held at once (`leave`): a lock that dies with its holder;
+- a release is idempotent, and a release of a lease still waiting in the
+  queue withdraws it (the worker's call left): one message for both, so the
+  worker never needs to know whether its grant crossed its release on the wire.
+
+Time is passed in as `now`; the queue's timer is the caller's, armed at
+`next_deadline()` and fired through `expire(now)`. Every change returns the
+answers to send (`Granted`, `Refused`) rather than sending them.
+
+The table is a cache of what the workers hold; the workers are the truth.
+After the supervisor re-executes (an upgrade), a fresh table is rebuilt from
+each worker's own account (`restore`: the leases it holds, the requests it
+still waits on and for how long), `paused` meanwhile so that nothing is
+granted against a count not yet complete.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Collection, Hashable, Iterable
+from dataclasses import dataclass, field
+
+from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
+
+WorkerKey = Hashable  # whatever names a worker's channel to the caller
+
+NO_FLEET_UP = "no fleet is up"
+QUEUE_OFF = "every fleet is at capacity and queueing is off"
+QUEUE_FULL = "every fleet is at capacity and the queue is full"
+
+
+def queue_timeout_reason(seconds: float) -> str:
+    return f"no fleet had room within {seconds:g}s in the queue"
+
+
+class SlotProtocolError(ValueError):
+    """A worker asked for something the table cannot mean (unknown worker,
+    a lease id it already uses): a bug in the worker, named for its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    worker: WorkerKey
+    lease: int
+    fleet: FleetState
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Answer 503 with `reason` (SPEC 4: no fleet up, queue full, queue timeout)."""
+
+    worker: WorkerKey
+    lease: int
+    reason: str
+
+
+Answer = Granted | Refused
+
+
+@dataclass(slots=True)
+class WorkerRow:
+    """One worker as the host's stats show it (SPEC 13: pid, generation, calls)."""
+
+    worker: WorkerKey
+    pid: int
+    generation: int
+    held: dict[int, FleetState] = field(default_factory=dict)  # lease id -> fleet
+    granted_total: int = 0  # slots granted over its life (call attempts)
+
+    @property
+    def calls(self) -> int:
+        """Slots held now: one per call attempt or live call of this worker."""
+        return len(self.held)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    worker: WorkerKey
+    lease: int
+    avoid: frozenset[str]
+    since: float  # when it asked: the queue is in this order
+    deadline: float
+
+
+class HostSlots:
+    def __init__(self, balancer: Balancer, *, queue_timeout: float, max_queue: int) -> None:
+        self.balancer = balancer
+        self.queue_timeout = queue_timeout
+        self.max_queue = max_queue
+        self.queue_timeouts = 0  # count, for metrics
+        self.reclaimed_total = 0  # slots taken back from workers that were gone
+        self._rows: dict[WorkerKey, WorkerRow] = {}
+        self._queue: deque[_Waiter] = deque()
+        # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
+        self.on_release: list[Callable[[FleetState], None]] = []
+        # While paused nothing is granted (requests queue): the table is being
+        # rebuilt from the workers after a re-execution (`restore`, `resume`).
+        self.paused = False
+
+    # -- workers ---------------------------------------------------------------
+
+    def join(self, worker: WorkerKey, *, pid: int, generation: int) -> WorkerRow:
+        if worker in self._rows:
+            raise SlotProtocolError(f"worker {worker!r} joined twice")
+        row = self._rows[worker] = WorkerRow(worker, pid, generation)
+        return row
+
+    def leave(self, worker: WorkerKey) -> tuple[WorkerRow | None, list[Answer]]:
+        """The worker is gone: every slot it held comes back and its waiters
+        leave the queue (nobody is left to answer). Returns its last row (for
+        the log: what was lost) and the grants its slots made possible."""
+        row = self._rows.pop(worker, None)
+        self._queue = deque(w for w in self._queue if w.worker != worker)
+        if row is None:
+            return None, []
+        self.reclaimed_total += len(row.held)
+        for fleet in row.held.values():
+            self._close(fleet)
+        return row, self.wake()
+
+    def restore(
+        self,
+        worker: WorkerKey,
+        *,
+        pid: int,
+        generation: int,
+        held: Iterable[tuple[int, str]],
+        waiting: Iterable[tuple[int, Collection[str], float]],
+        now: float,
+    ) -> list[str]:
+        """Join a worker that was already running, with what it says it has:
+        `held` (lease id, fleet name) and `waiting` (lease id, avoid-list,
+        seconds it has waited so far). Held leases count even past maxconn:
+        those calls exist. Returns the fleet names this table does not know
+        (removed meanwhile): their calls count against no fleet. A waiter
+        keeps its place by how long it has waited, and its deadline."""
+        row = self.join(worker, pid=pid, generation=generation)
+        unknown: list[str] = []
+        for lease, name in held:
+            fleet = self.balancer.get(name)
+            if fleet is None:
+                unknown.append(name)
+                continue
+            if lease in row.held:
+                raise SlotProtocolError(f"worker {worker!r} holds lease id {lease} twice")
+            fleet.active += 1
+            row.held[lease] = fleet
+        for lease, avoid, waited in waiting:
+            since = now - max(0.0, waited)
+            waiter = _Waiter(worker, lease, frozenset(avoid), since, since + self.queue_timeout)
+            position = next(
+                (i for i, w in enumerate(self._queue) if w.since > since), len(self._queue)
+            )
+            self._queue.insert(position, waiter)
+        return unknown
+
+    def resume(self) -> list[Answer]:
+        """Every worker has told what it holds: grant again."""
+        self.paused = False
+        return self.wake()
+
+    @property
+    def workers(self) -> list[WorkerRow]:
+        return list(self._rows.values())
+
+    def row(self, worker: WorkerKey) -> WorkerRow:
+        try:
+            return self._rows[worker]
+        except KeyError:
+            raise SlotProtocolError(f"worker {worker!r} has not joined") from None
+
+    # -- slots -----------------------------------------------------------------
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def queued(self) -> list[tuple[WorkerKey, int]]:
+        """(worker, lease) of every waiter, first in line first."""
+        return [(w.worker, w.lease) for w in self._queue]
+
+    def waiting(self, worker: WorkerKey) -> int:
+        return sum(1 for w in self._queue if w.worker == worker)
+
+    def acquire(
+        self, worker: WorkerKey, lease: int, avoid: Collection[str], now: float
+    ) -> Answer | None:
+        """A slot for lease `lease` of `worker` now (Granted), a refusal now
+        (Refused), or None: it waits in the queue until `wake` or `expire`
+        answers it."""
+        row = self.row(worker)
+        if lease in row.held or any(w.worker == worker and w.lease == lease for w in self._queue):
+            raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
+        if self.paused:
+            pass  # queue, whatever the fleets say: the count is not complete yet
+        elif not self._queue:  # FIFO: nobody overtakes a waiting call
+            pick = self.balancer.pick(avoid)
+            if pick.fleet is not None:
+                return self._grant(row, lease, pick.fleet)
+            if pick.verdict is Verdict.NO_FLEET_UP:
+                return Refused(worker, lease, NO_FLEET_UP)
+        elif not self.balancer.may_serve:
+            return Refused(worker, lease, NO_FLEET_UP)
+        if self.queue_timeout <= 0:
+            return Refused(worker, lease, QUEUE_OFF)
+        if len(self._queue) >= self.max_queue:
+            return Refused(worker, lease, QUEUE_FULL)
+        self._queue.append(_Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout))
+        return None
+
+    def release(self, worker: WorkerKey, lease: int) -> list[Answer]:
+        """Give lease `lease` back: its slot if held, its place if still
+        queued; nothing if already given back or never known (idempotent)."""
+        row = self._rows.get(worker)
+        fleet = None if row is None else row.held.pop(lease, None)
+        if fleet is None:
+            for i, waiter in enumerate(self._queue):
+                if waiter.worker == worker and waiter.lease == lease:
+                    del self._queue[i]
+                    break
+            return []
+        self._close(fleet)
+        return self.wake()
+
+    def wake(self) -> list[Answer]:
+        """Hand free slots to waiters in order. Call whenever room may have
+        appeared (a slot came back, a probe reported capacity, a fleet came up)."""
+        answers: list[Answer] = []
+        while self._queue and not self.paused:
+            waiter = self._queue[0]
+            pick = self.balancer.pick(waiter.avoid)
+            if pick.verdict is Verdict.NO_FLEET_UP:
+                self._queue.popleft()
+                answers.append(Refused(waiter.worker, waiter.lease, NO_FLEET_UP))
+                continue
+            if pick.fleet is None:
+                break
+            self._queue.popleft()
+            answers.append(self._grant(self._rows[waiter.worker], waiter.lease, pick.fleet))
+        return answers
+
+    def expire(self, now: float) -> list[Answer]:
+        """Refuse every waiter whose deadline has come."""
+        answers: list[Answer] = []
+        kept: deque[_Waiter] = deque()
+        for waiter in self._queue:
+            if waiter.deadline <= now:
+                self.queue_timeouts += 1
+                reason = queue_timeout_reason(self.queue_timeout)
+                answers.append(Refused(waiter.worker, waiter.lease, reason))
+            else:
+                kept.append(waiter)
+        self._queue = kept
+        return answers
+
+    def next_deadline(self) -> float | None:
+        """When `expire` has something to do next (the caller's one timer)."""
+        return min((w.deadline for w in self._queue), default=None)
+
+    def _grant(self, row: WorkerRow, lease: int, fleet: FleetState) -> Granted:
+        self.balancer.open(fleet)
+        row.held[lease] = fleet
+        row.granted_total += 1
+        return Granted(row.worker, lease, fleet)
+
+    def _close(self, fleet: FleetState) -> None:
+        self.balancer.close(fleet)
+        for hook in self.on_release:
+            hook(fleet)

@@ -1,0 +1,232 @@
+"""A worker's end of the slot coordinator: fleet slots from the supervisor.
+
+`SlotClient.lease(avoid)` and `RemoteLease.release()` are `Dispatcher.lease`
+and `Lease.release` over a Unix socket: the call path can use either. A
+lease's `fleet` is this worker's own record of that fleet (`FleetState`: its
+spec and the counters the worker's stats read); the host-wide count behind
+maxconn and leastconn lives in the supervisor only.
+
+Leaving is one message whatever the state: a call that gives up (cancelled,
+or no answer in time) sends `release`, which the coordinator reads after the
+`acquire` (one stream, in order) and applies to whatever that lease has
+become: a queued request is withdrawn, a slot granted meanwhile comes back.
+A grant that arrives for a lease nobody waits for any more is dropped, as
+its release is already on the way.
+
+After the supervisor re-executes, the channel is the same socket; the new
+image asks `sync` and this end answers with what it holds and waits for
+(`state`), from which the host's table is rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Collection
+from typing import Any, cast
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.logs import fields
+from fleet_ingress.net.dispatch import NoFleetAvailable
+from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_from_wire
+
+log = logging.getLogger("fleet_ingress.slots")
+
+COORDINATOR_GONE = "the supervisor's slot coordinator is gone"
+
+
+class RemoteLease:
+    """A slot held through the coordinator; `release()` is idempotent."""
+
+    __slots__ = ("_client", "fleet", "id")
+
+    def __init__(self, client: SlotClient, lease_id: int, fleet: FleetState) -> None:
+        self.id = lease_id
+        self.fleet = fleet
+        self._client: SlotClient | None = client
+
+    @property
+    def held(self) -> bool:
+        return self._client is not None
+
+    def release(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client._release(self)
+
+
+class SlotClient(asyncio.Protocol):
+    def __init__(self, *, pid: int, generation: int, answer_timeout: float) -> None:
+        """`answer_timeout` bounds a wait for the coordinator's answer; set it
+        above the queue timeout (which the coordinator enforces itself) plus
+        the time the supervisor takes to re-execute."""
+        self.pid = pid
+        self.generation = generation
+        self.answer_timeout = answer_timeout
+        self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
+        self.lost = asyncio.get_running_loop().create_future()  # set when the channel closes
+        self._transport: asyncio.Transport | None = None
+        self._decoder = LineDecoder()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[FleetState]] = {}
+        self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
+        self._held: dict[int, str] = {}  # lease id -> fleet name
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        sock: socket.socket | None = None,
+        path: str | None = None,
+        pid: int,
+        generation: int,
+        answer_timeout: float,
+    ) -> SlotClient:
+        """Over an inherited socket (`sock`, the worker's end of a socketpair)
+        or to the coordinator's listening Unix socket (`path`)."""
+        loop = asyncio.get_running_loop()
+        make = lambda: cls(pid=pid, generation=generation, answer_timeout=answer_timeout)  # noqa: E731
+        if sock is not None:
+            _, client = await loop.create_unix_connection(make, sock=sock)
+        else:
+            _, client = await loop.create_unix_connection(make, path)
+        return client
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self.lost.done()
+
+    @property
+    def held(self) -> int:
+        """Slots this worker holds now."""
+        return len(self._held)
+
+    async def lease(self, avoid: Collection[str] = ()) -> RemoteLease:
+        """A slot on the best fleet of the host for this call, or `NoFleetAvailable`."""
+        if not self.connected:
+            raise NoFleetAvailable(COORDINATOR_GONE)
+        lease_id = next(self._ids)
+        future: asyncio.Future[FleetState] = asyncio.get_running_loop().create_future()
+        self._pending[lease_id] = future
+        self._asked[lease_id] = (list(avoid), time.monotonic())
+        self._write({"op": "acquire", "id": lease_id, "avoid": list(avoid)})
+        try:
+            async with asyncio.timeout(self.answer_timeout):
+                fleet = await future
+        except TimeoutError:
+            self._give_up(lease_id, future)
+            raise NoFleetAvailable(
+                f"the slot coordinator did not answer within {self.answer_timeout:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            self._give_up(lease_id, future)
+            raise
+        return RemoteLease(self, lease_id, fleet)
+
+    def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
+        self._pending.pop(lease_id, None)
+        self._asked.pop(lease_id, None)
+        if future.done() and not future.cancelled() and future.exception() is None:
+            future.result().active -= 1  # granted, never used: ours no more
+            self._held.pop(lease_id, None)
+        self._write({"op": "release", "id": lease_id})
+
+    def _release(self, lease: RemoteLease) -> None:
+        lease.fleet.active -= 1
+        self._held.pop(lease.id, None)
+        self._write({"op": "release", "id": lease.id})
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    # -- the channel -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for message in self._decoder.feed(data):
+                self._handle(message)
+        except WireError as exc:
+            log.error("slot channel broken", extra=fields(error=str(exc)))
+            assert self._transport is not None
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Held slots need no release: the coordinator reclaimed them as it
+        # saw this channel close (or it is gone itself).
+        if not self.lost.done():
+            self.lost.set_result(None)
+        pending, self._pending = self._pending, {}
+        self._asked.clear()
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(NoFleetAvailable(COORDINATOR_GONE))
+        if pending or self.held:
+            log.error(
+                "slot coordinator lost",
+                extra=fields(waiting=len(pending), held=self.held, error=str(exc or "")),
+            )
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "sync":
+            self._write(self._state())
+            return
+        lease_id = field(message, "id", int)
+        if op == "granted":
+            fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
+            future = self._pending.pop(lease_id, None)
+            self._asked.pop(lease_id, None)
+            if future is None or future.done():
+                return  # given up on: its release is already on the wire
+            fleet.active += 1
+            fleet.opened_total += 1
+            self._held[lease_id] = fleet.name
+            future.set_result(fleet)
+        elif op == "refused":
+            self._asked.pop(lease_id, None)
+            future = self._pending.pop(lease_id, None)
+            if future is not None and not future.done():
+                future.set_exception(NoFleetAvailable(field(message, "reason", str)))
+        else:
+            raise WireError(f"unknown op {op!r}")
+
+    def _state(self) -> dict[str, Any]:
+        """What this worker holds and waits for: the truth the coordinator's
+        table is rebuilt from after the supervisor re-executed."""
+        now = time.monotonic()
+        return {
+            "op": "state",
+            "pid": self.pid,
+            "generation": self.generation,
+            "held": [[lease, name] for lease, name in self._held.items()],
+            "waiting": [
+                [lease, avoid, round(now - since, 6)]
+                for lease, (avoid, since) in self._asked.items()
+            ],
+        }
+
+    def _fleet(self, name: str, spec: Any) -> FleetState:
+        fleet = self.fleets.get(name)
+        if spec is not None:
+            new = spec_from_wire(spec)
+            if fleet is None:
+                # READY whatever the file says: the coordinator grants only on a
+                # READY fleet, and the call path releases a lease on any other.
+                fleet = self.fleets[name] = FleetState(new)
+            else:
+                fleet.spec = new
+        if fleet is None:
+            raise WireError(f"granted fleet {name!r} without its spec")
+        return fleet
+
+    def _write(self, message: dict[str, Any]) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(encode(message))

@@ -1,0 +1,302 @@
+"""The supervisor's slot coordinator: `HostSlots` behind Unix stream sockets.
+
+One channel per worker: the supervisor's end of a socketpair the worker
+inherited (`adopt`), or a connection to a listening Unix socket
+(`serve_unix`). The channel *is* the worker's lock: when it closes (the
+worker exited, crashed, was SIGKILLed; the kernel closes its end) every slot
+the worker held comes back at once and its waiters leave the queue. Nothing
+here decides: frames in, `HostSlots` decides, answers out, one timer for the
+queue's next deadline.
+
+Across the supervisor's own re-execution (an upgrade) the channels stay open:
+`handover` gives their sockets for the exec (`service.listen_fds`), the new
+image `adopt`s them with `restoring=True`, asks each worker what it holds
+(`sync`), rebuilds the table from the answers and grants nothing until every
+worker has answered or `finish_restore`'s timeout has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from typing import Any, cast
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError
+from fleet_ingress.logs import fields
+from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_to_wire
+
+log = logging.getLogger("fleet_ingress.slots")
+
+
+class _Channel(asyncio.Protocol):
+    def __init__(self, server: SlotServer, key: int, *, restoring: bool = False) -> None:
+        self.server = server
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.decoder = LineDecoder()
+        self.joined = False
+        self.restoring = restoring  # kept across a re-execution: waits for "state"
+        self.handed_over = False  # its socket went on to the next image
+        self.pid: int | None = None
+        self.generation: int | None = None
+        self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        self.server._channels[self.key] = self
+        if self.restoring:
+            self.send({"op": "sync"})
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for message in self.decoder.feed(data, skip_bad=self.restoring):
+                self.server._handle(self, message)
+        except WireError as exc:
+            log.error(
+                "slot channel closed: the worker broke the protocol",
+                extra=fields(channel=self.key, error=str(exc)),
+            )
+            assert self.transport is not None
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handed_over:
+            self.server._gone(self)
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(encode(message))
+
+
+class SlotServer:
+    def __init__(self, slots: HostSlots) -> None:
+        self.slots = slots
+        self._channels: dict[int, _Channel] = {}
+        self._keys = itertools.count(1)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._servers: list[asyncio.Server] = []
+        self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
+        self._restored = asyncio.Event()
+
+    async def adopt(self, sock: socket.socket, *, restoring: bool = False) -> int:
+        """Serve the supervisor's end of a worker's socketpair; returns its
+        channel key. `restoring`: a channel kept over this process's
+        re-execution; the worker is asked what it holds (pause `slots` first)."""
+        loop = asyncio.get_running_loop()
+        key = next(self._keys)
+        if restoring:
+            self._restoring.add(key)
+            self._restored.clear()
+        await loop.connect_accepted_socket(lambda: _Channel(self, key, restoring=restoring), sock)
+        return key
+
+    async def finish_restore(self, timeout: float) -> list[int]:
+        """Wait until every kept channel has told what it holds, then grant
+        again. A worker silent for `timeout` is cut off (its channel closed:
+        its slots are not counted, and it will see its coordinator gone);
+        returns their channel keys."""
+        if self._restoring:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._restored.wait()
+        silent = sorted(self._restoring)
+        for key in silent:
+            log.error(
+                "worker did not say what it holds after the re-execution: cut off",
+                extra=fields(channel=key, timeout=timeout),
+            )
+            channel = self._channels.get(key)
+            if channel is not None and channel.transport is not None:
+                channel.transport.abort()
+        self._restoring.clear()
+        self._send(self.slots.resume())
+        return silent
+
+    def handover(self) -> dict[str, socket.socket]:
+        """Stop serving and give each joined worker's channel as a socket to
+        keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
+        after this: what workers send meanwhile waits in the kernel for the
+        next image, which counts it through their "state"."""
+        kept: dict[str, socket.socket] = {}
+        for channel in list(self._channels.values()):
+            if channel.transport is None or not channel.joined:
+                continue
+            channel.transport.pause_reading()
+            fd = channel.transport.get_extra_info("socket").fileno()
+            kept[f"worker.{channel.pid}.{channel.generation}"] = socket.socket(fileno=os.dup(fd))
+            channel.handed_over = True
+            # Our descriptor closes, the duplicate keeps the channel open: the
+            # worker sees no end of file.
+            channel.transport.abort()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, None
+        return kept
+
+    async def serve_unix(
+        self, path: str | None = None, *, sock: socket.socket | None = None
+    ) -> asyncio.Server:
+        """Accept workers on a listening Unix socket, bound at `path` or given
+        (`sock`: kept over a re-execution)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(
+            lambda: _Channel(self, next(self._keys)), path, sock=sock
+        )
+        self._servers.append(server)
+        return server
+
+    def wake(self) -> None:
+        """Room may have appeared (a probe, a fleet up, an admin change)."""
+        self._send(self.slots.wake())
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for channel in list(self._channels.values()):
+            if channel.transport is not None:
+                channel.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        await asyncio.sleep(0)  # let connection_lost run
+
+    # -- frames in -------------------------------------------------------------
+
+    def _handle(self, channel: _Channel, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if channel.restoring:
+            if op == "state":
+                self._restore(channel, message)
+            return  # sent before the worker read "sync": counted in its "state"
+        if not channel.joined:
+            if op != "hello":
+                raise WireError(f"{op!r} before 'hello'")
+            pid, generation = field(message, "pid", int), field(message, "generation", int)
+            self.slots.join(channel.key, pid=pid, generation=generation)
+            channel.joined = True
+            channel.pid, channel.generation = pid, generation
+            log.info(
+                "worker joined the slot coordinator",
+                extra=fields(channel=channel.key, pid=pid, generation=generation),
+            )
+            return
+        if op == "acquire":
+            lease = field(message, "id", int)
+            avoid = field(message, "avoid", list) if "avoid" in message else []
+            now = asyncio.get_running_loop().time()
+            try:
+                answer = self.slots.acquire(channel.key, lease, [str(a) for a in avoid], now)
+            except SlotProtocolError as exc:
+                # A worker bug: refuse this one call, keep the worker's other calls.
+                log.error("slot request refused", extra=fields(channel=channel.key, error=str(exc)))
+                channel.send({"op": "refused", "id": lease, "reason": f"internal error: {exc}"})
+                return
+            if answer is None:
+                self._arm()
+            else:
+                self._send([answer])
+        elif op == "release":
+            self._send(self.slots.release(channel.key, field(message, "id", int)))
+        else:
+            raise WireError(f"unknown op {op!r}")
+
+    def _restore(self, channel: _Channel, message: dict[str, Any]) -> None:
+        pid, generation = field(message, "pid", int), field(message, "generation", int)
+        try:
+            held = [(int(lease), str(name)) for lease, name in field(message, "held", list)]
+            waiting = [
+                (int(lease), [str(a) for a in avoid], float(waited))
+                for lease, avoid, waited in field(message, "waiting", list)
+            ]
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"'state' message: {exc}") from exc
+        now = asyncio.get_running_loop().time()
+        unknown = self.slots.restore(
+            channel.key, pid=pid, generation=generation, held=held, waiting=waiting, now=now
+        )
+        channel.restoring, channel.joined = False, True
+        channel.pid, channel.generation = pid, generation
+        log.info(
+            "worker rejoined the slot coordinator",
+            extra=fields(
+                channel=channel.key,
+                pid=pid,
+                generation=generation,
+                held=len(held),
+                waiting=len(waiting),
+                unknown_fleets=sorted(set(unknown)),
+            ),
+        )
+        self._restoring.discard(channel.key)
+        if not self._restoring:
+            self._restored.set()
+        self._arm()
+
+    def _gone(self, channel: _Channel) -> None:
+        self._channels.pop(channel.key, None)
+        if channel.key in self._restoring:
+            self._restoring.discard(channel.key)
+            if not self._restoring:
+                self._restored.set()
+        row, answers = self.slots.leave(channel.key)
+        if row is not None:
+            held: dict[str, int] = {}
+            for fleet in row.held.values():
+                held[fleet.name] = held.get(fleet.name, 0) + 1
+            log.log(
+                logging.WARNING if held else logging.INFO,
+                "worker left the slot coordinator",
+                extra=fields(
+                    channel=channel.key,
+                    pid=row.pid,
+                    generation=row.generation,
+                    slots_reclaimed=row.calls,
+                    fleets=held,
+                ),
+            )
+        self._send(answers)
+
+    # -- answers out -----------------------------------------------------------
+
+    def _send(self, answers: list[Answer]) -> None:
+        for answer in answers:
+            channel = self._channels.get(answer.worker)  # type: ignore[call-overload]
+            if channel is None:
+                continue
+            if isinstance(answer, Granted):
+                channel.send(self._granted(channel, answer.lease, answer.fleet))
+            else:
+                channel.send({"op": "refused", "id": answer.lease, "reason": answer.reason})
+        self._arm()
+
+    @staticmethod
+    def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": "granted", "id": lease, "fleet": fleet.name}
+        if channel.sent_specs.get(fleet.name) != fleet.spec:
+            channel.sent_specs[fleet.name] = fleet.spec
+            message["spec"] = spec_to_wire(fleet.spec)
+        return message
+
+    def _arm(self) -> None:
+        """One timer, at the queue's next deadline."""
+        deadline = self.slots.next_deadline()
+        if deadline == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = deadline
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        # The loop may run a timer a clock tick early: it is due all the same.
+        now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
+        self._timer, self._timer_at = None, None
+        self._send(self.slots.expire(now))

@@ -1,0 +1,120 @@
+"""The slot coordinator's wire: one JSON object a line over a Unix stream socket.
+
+Workers speak to the supervisor's coordinator (`net.slot_server`) through
+`net.slot_client`; both ends frame with `LineDecoder` and `encode`. Messages:
+
+    worker -> coordinator
+      {"op": "hello", "pid": 1234, "generation": 1}       first, once
+      {"op": "acquire", "id": 7, "avoid": ["a"]}           a slot for one call attempt
+      {"op": "release", "id": 7}                           give it back (or leave the queue)
+    coordinator -> worker
+      {"op": "granted", "id": 7, "fleet": "a", "spec": {...}}   "spec" when the worker
+                                                                 has not seen it yet
+      {"op": "refused", "id": 7, "reason": "no fleet is up"}    answer 503 with it
+
+    after the supervisor re-executed (an upgrade), on every channel it kept:
+    coordinator -> worker   {"op": "sync"}
+    worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
+                             "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...]}
+    The worker is the truth: what it sent before "state" is already counted
+    in it, so the coordinator skips everything before (a line the old image
+    had half read included).
+
+Lines, not length prefixes: a human can read a capture (`socat -v`), and a
+line is bounded (`MAX_LINE`), so a confused peer cannot make either end
+buffer without end. A stream socket keeps order both ways, which the lease
+protocol relies on: a release sent after an acquire is read after it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+
+MAX_LINE = 64 * 1024  # an avoid-list of every fleet's name fits many times over
+
+
+class WireError(ValueError):
+    """The peer sent something that is not this protocol; the channel is closed."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+class LineDecoder:
+    """Bytes in, messages out; keeps a partial line between feeds."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes, *, skip_bad: bool = False) -> list[dict[str, Any]]:
+        """`skip_bad`: drop lines that are not messages rather than raise
+        (the tail of a line the previous image of the peer had half read)."""
+        self._buffer += data
+        messages: list[dict[str, Any]] = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            try:
+                messages.append(_decode(bytes(self._buffer[start:end])))
+            except WireError:
+                if not skip_bad:
+                    raise
+            start = end + 1
+        del self._buffer[:start]
+        if len(self._buffer) > MAX_LINE:
+            raise WireError(f"a line longer than {MAX_LINE} bytes")
+        return messages
+
+
+def _decode(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise WireError(f"not JSON: {line[:80]!r}") from exc
+    if not isinstance(message, dict) or not isinstance(message.get("op"), str):
+        raise WireError(f"not a message (an object with an 'op'): {line[:80]!r}")
+    return message
+
+
+def field(message: dict[str, Any], name: str, kind: type) -> Any:
+    """`message[name]` when it has type `kind`, else WireError naming it."""
+    value = message.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise WireError(f"{message.get('op')!r} message: {name!r} must be {kind.__name__}")
+    return value
+
+
+def spec_to_wire(spec: FleetSpec) -> dict[str, Any]:
+    return {
+        "url": spec.url,
+        "name": spec.name,
+        "scheme": spec.scheme,
+        "host": spec.host,
+        "port": spec.port,
+        "host_header": spec.host_header,
+        "maxconn": spec.maxconn,
+        "admin": spec.admin.value,
+    }
+
+
+def spec_from_wire(data: Any) -> FleetSpec:
+    if not isinstance(data, dict):
+        raise WireError("'spec' must be an object")
+    try:
+        return FleetSpec(
+            url=str(data["url"]),
+            name=str(data["name"]),
+            scheme=str(data["scheme"]),
+            host=str(data["host"]),
+            port=int(data["port"]),
+            host_header=str(data["host_header"]),
+            maxconn=int(data["maxconn"]),
+            admin=Admin(data["admin"]),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise WireError(f"'spec' is not a fleet: {exc}") from exc

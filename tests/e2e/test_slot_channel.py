@@ -1,0 +1,285 @@
+"""The slot coordinator and its worker client over real Unix socketpairs, one
+process (the multi-process cases are in test_slot_workers.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections import Counter
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
+from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
+from fleet_ingress.net.slot_client import COORDINATOR_GONE, SlotClient
+from fleet_ingress.net.slot_server import SlotServer
+from tests.support import eventually
+
+TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
+
+
+def _balancer(maxconn: int) -> Balancer:
+    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(TWO_FLEETS, default_maxconn=maxconn)))
+    for fleet in balancer.fleets:
+        fleet.set_admin(fleet.admin.READY)  # the file's drain is stale: READY live
+        fleet.health = Health.UP
+    return balancer
+
+
+class Host:
+    """A coordinator and the clients of its workers, each on a socketpair."""
+
+    def __init__(self, maxconn: int = 2, queue_timeout: float = 5.0, max_queue: int = 8) -> None:
+        self.slots = HostSlots(_balancer(maxconn), queue_timeout=queue_timeout, max_queue=max_queue)
+        self.server = SlotServer(self.slots)
+        self.clients: list[SlotClient] = []
+
+    async def worker(self, generation: int = 1, answer_timeout: float = 10.0) -> SlotClient:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        await self.server.adopt(ours)
+        client = await SlotClient.connect(
+            sock=theirs,
+            pid=os.getpid() * 10 + len(self.clients),
+            generation=generation,
+            answer_timeout=answer_timeout,
+        )
+        self.clients.append(client)
+        await eventually(lambda: len(self.slots.workers) == len(self.clients))
+        return client
+
+    def active(self) -> dict[str, int]:
+        return {f.name: f.active for f in self.slots.balancer.fleets}
+
+    async def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        await self.server.close()
+
+
+@pytest.fixture
+async def host():
+    made: list[Host] = []
+
+    def make(**kw) -> Host:
+        made.append(Host(**kw))
+        return made[-1]
+
+    yield make
+    for h in made:
+        await h.close()
+
+
+async def test_two_workers_share_one_maxconn_and_a_release_wakes_the_first_waiter(host):
+    h = host(maxconn=2)
+    w1, w2 = await h.worker(), await h.worker()
+    leases = [await w1.lease(), await w2.lease(), await w1.lease(), await w2.lease()]
+    assert Counter(lease.fleet.name for lease in leases) == {"a": 2, "b": 2}
+    first = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    second = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 2)
+    assert h.active() == {"a": 2, "b": 2}
+    leases[0].release()
+    granted = await asyncio.wait_for(first, 2)
+    assert granted.fleet.name == leases[0].fleet.name and not second.done()
+    assert (w1.held, w2.held) == (1, 3)
+    granted.release()
+    assert (await asyncio.wait_for(second, 2)).fleet.name == granted.fleet.name
+
+
+async def test_a_waiter_gets_the_503_reason_at_the_queue_timeout(host):
+    h = host(maxconn=1, queue_timeout=0.3)
+    w1 = await h.worker()
+    await w1.lease()
+    await w1.lease()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(NoFleetAvailable) as caught:
+        await w1.lease()
+    assert caught.value.reason == queue_timeout_reason(0.3)
+    assert 0.29 <= loop.time() - started < 2.0
+    assert h.slots.queue_timeouts == 1 and h.slots.queue_length == 0
+
+
+async def test_a_closed_channel_gives_back_every_slot_and_a_waiter_gets_one(host):
+    h = host(maxconn=2)
+    w1, w2 = await h.worker(), await h.worker()
+    for _ in range(4):
+        await w1.lease()
+    waiting = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    w1.close()
+    assert (await asyncio.wait_for(waiting, 2)).fleet.name in {"a", "b"}
+    await eventually(lambda: h.active() in ({"a": 1, "b": 0}, {"a": 0, "b": 1}))
+    assert h.slots.reclaimed_total == 4
+    assert [r.pid for r in h.slots.workers] == [w2.pid]
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_a_slot_granted_meanwhile_comes_back(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    held = [await w1.lease(), await w1.lease()]
+    waiting = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    waiting.cancel()
+    await eventually(lambda: h.slots.queue_length == 0)
+    # Now the race: a grant on the wire while its call gives up.
+    racing = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    held[0].release()
+    await asyncio.sleep(0)  # the release is written; the grant has not been read
+    racing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await racing
+    await eventually(lambda: sum(h.active().values()) == 1 and w1.held == 1)
+    assert h.slots.queue_length == 0
+
+
+async def test_release_is_idempotent_and_a_late_grant_to_nobody_is_given_back(host):
+    h = host(maxconn=4)
+    w1 = await h.worker()
+    lease = await w1.lease()
+    lease.release()
+    lease.release()
+    assert not lease.held
+    await eventually(lambda: sum(h.active().values()) == 0)
+    assert w1.held == 0
+
+
+async def test_the_coordinator_gone_fails_waiters_and_new_requests_with_the_reason(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()
+    await w1.lease()
+    waiting = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    await h.server.close()
+    with pytest.raises(NoFleetAvailable, match=COORDINATOR_GONE):
+        await asyncio.wait_for(waiting, 2)
+    assert w1.lost.done()
+    with pytest.raises(NoFleetAvailable, match=COORDINATOR_GONE):
+        await w1.lease()
+
+
+async def test_a_worker_breaking_the_protocol_is_cut_off_and_its_slots_come_back(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()
+    assert w1._transport is not None
+    w1._transport.write(b"this is not json\n")
+    await asyncio.wait_for(w1.lost, 2)
+    await eventually(lambda: sum(h.active().values()) == 0 and not h.slots.workers)
+
+
+async def test_the_grant_carries_the_fleet_once_and_the_worker_sees_it_ready(host):
+    h = host(maxconn=4)
+    w1 = await h.worker()
+    a1, b1, a2 = await w1.lease(), await w1.lease(), await w1.lease()
+    assert a1.fleet is a2.fleet and a1.fleet is not b1.fleet
+    assert a1.fleet.spec == h.slots.balancer.fleets[0].spec
+    assert a1.fleet.admin is a1.fleet.admin.READY  # the file said drain; live it is READY
+
+
+@pytest.mark.parametrize("kind", ["dispatcher", "slot client"])
+async def test_the_call_path_interface_is_the_same(host, kind):
+    """What net/proxy.py uses: lease(avoid) -> .fleet / .held / .release(),
+    NoFleetAvailable.reason when nothing is left."""
+    if kind == "dispatcher":
+        source = Dispatcher(_balancer(1), queue_timeout=0, max_queue=8)
+    else:
+        source = await host(maxconn=1, queue_timeout=0).worker()
+    first = await source.lease()
+    second = await source.lease(avoid=[first.fleet.name])
+    assert {first.fleet.name, second.fleet.name} == {"a", "b"} and first.held
+    with pytest.raises(NoFleetAvailable) as caught:
+        await source.lease()
+    assert caught.value.reason == "every fleet is at capacity and queueing is off"
+    first.release()
+    first.release()
+    assert not first.held
+    third = await source.lease(avoid=["b"])
+    assert third.fleet.name == first.fleet.name
+
+
+async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_workers(host):
+    h = host(maxconn=2)
+    w1, w2 = await h.worker(), await h.worker()
+    held1 = [await w1.lease(), await w1.lease(), await w1.lease()]  # a, b, a
+    await w2.lease()  # b
+    first = asyncio.create_task(w2.lease(avoid=["b"]))
+    await eventually(lambda: h.slots.queue_length == 1)
+    second = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 2)
+
+    kept = h.server.handover()  # the old image stops reading here, then execs
+    assert sorted(kept) == sorted(f"worker.{w.pid}.1" for w in (w1, w2))
+    # The old image may have read half a line: the new one reads its tail.
+    assert w2._transport is not None
+    w2._transport.write(b'ase","id":99}\n')
+    # During the exec a call ends and another asks: it waits in the kernel.
+    held1[0].release()
+    third = asyncio.create_task(w1.lease())
+    await asyncio.sleep(0.05)
+    assert not (first.done() or second.done() or third.done())
+
+    slots = HostSlots(_balancer(2), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        for sock in kept.values():
+            await server.adopt(sock, restoring=True)
+        assert await server.finish_restore(2.0) == []
+        # The one free slot (a, freed during the exec) went to the first in line.
+        assert (await asyncio.wait_for(first, 2)).fleet.name == "a"
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 2, "b": 2}
+        rows = {r.pid: (r.generation, r.calls) for r in slots.workers}
+        assert rows == {w1.pid: (1, 2), w2.pid: (1, 2)}
+        assert not (w1.lost.done() or w2.lost.done())  # the channels never closed
+        # A new generation's worker asks the same table: it queues behind.
+        ours, theirs = socket.socketpair()
+        await server.adopt(ours)
+        w3 = await SlotClient.connect(sock=theirs, pid=3, generation=2, answer_timeout=10)
+        fourth = asyncio.create_task(w3.lease())
+        await eventually(lambda: slots.queue_length == 3)
+        held1[1].release()  # b
+        assert (await asyncio.wait_for(second, 2)).fleet.name == "b"
+        held1[2].release()  # a
+        assert (await asyncio.wait_for(third, 2)).fleet.name == "a"
+        assert not fourth.done()
+        fourth.cancel()
+        w3.close()
+    finally:
+        await server.close()
+
+
+async def test_a_worker_silent_after_the_reexecution_is_cut_off_and_the_rest_go_on(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()
+    kept = h.server.handover()
+    silent_ours, silent_theirs = socket.socketpair()  # a hung worker: never answers "sync"
+    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        for sock in kept.values():
+            await server.adopt(sock, restoring=True)
+        silent = await server.adopt(silent_ours, restoring=True)
+        assert await server.finish_restore(0.3) == [silent]
+        assert not slots.paused
+        loop = asyncio.get_running_loop()
+        silent_theirs.setblocking(False)
+        received = b""
+        async with asyncio.timeout(2):
+            while chunk := await loop.sock_recv(silent_theirs, 1024):
+                received += chunk
+        assert received == b'{"op":"sync"}\n'  # asked, then cut off
+        assert (await w1.lease()).fleet.name == "b"  # w1's held slot on a still counts
+    finally:
+        silent_theirs.close()
+        await server.close()

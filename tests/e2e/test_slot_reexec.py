@@ -1,0 +1,97 @@
+"""maxconn holds across the supervisor's re-execution, with real processes:
+a stand-in supervisor (slot_supervisor_child.py) runs the slot coordinator,
+workers (slot_worker_child.py) connect to it; the supervisor re-executes
+itself (same PID) keeping their channels, and rebuilds the host's table
+from what they say they hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import EventChild, eventually
+
+HERE = Path(__file__).parent
+SUPERVISOR = HERE / "slot_supervisor_child.py"
+WORKER = HERE / "slot_worker_child.py"
+
+
+async def _stats(sup: EventChild) -> dict:
+    seen = len(sup.of("stats"))
+    sup.send(cmd="stats")
+    await eventually(lambda: len(sup.of("stats")) > seen)
+    return sup.of("stats")[-1]
+
+
+async def _stats_when(sup: EventChild, predicate, timeout: float = 5.0) -> dict:
+    """The supervisor's table once `predicate(table)` holds (asked again and
+    again, bounded)."""
+    async with asyncio.timeout(timeout):
+        while not predicate(stats := await _stats(sup)):
+            await asyncio.sleep(0.02)
+    return stats
+
+
+@pytest.mark.uvloop_only
+async def test_maxconn_holds_across_the_supervisor_reexecution(tmp_path):
+    path = str(tmp_path / "slots.sock")
+    children: list[EventChild] = []
+    try:
+        sup = await EventChild.start(sys.executable, str(SUPERVISOR), path)
+        children.append(sup)
+        await eventually(lambda: sup.of("ready"), timeout=20)
+        old = []
+        for _ in range(2):
+            w = await EventChild.start(sys.executable, str(WORKER), path, "1")
+            children.append(w)
+            old.append(w)
+            await eventually(lambda w=w: w.of("ready"), timeout=20)
+        w1, w2 = old
+        w1.send(cmd="lease", n=20)
+        await eventually(lambda: len(w1.of("granted")) == 20)
+        w2.send(cmd="lease", n=14)  # 12 granted, 2 queued
+        await eventually(lambda: len(w2.of("granted")) == 12)
+        stats = await _stats(sup)
+        assert stats["active"] == {"a": 16, "b": 16} and stats["queue"] == 2
+
+        os.kill(sup.proc.pid, signal.SIGUSR2)
+        await eventually(lambda: sup.of("exec"))
+        # While the supervisor re-executes, a call of w1 ends.
+        w1.send(cmd="release", n=1)
+        await eventually(lambda: w1.of("released"))
+        await eventually(lambda: sup.of("restored"), timeout=20)
+        (restored,) = sup.of("restored")
+        assert restored["pid"] == sup.proc.pid and restored["silent"] == []
+        # 19 + 12 held, and the freed slot went to w2's first waiter: 32 again.
+        assert restored["active"] == {"a": 16, "b": 16}
+        assert restored["queue"] == 1
+        await eventually(lambda: len(w2.of("granted")) == 13)
+        assert restored["workers"] == sorted([[w1.proc.pid, 1, 19], [w2.proc.pid, 1, 13]])
+
+        # The new generation asks the same table: it waits behind w2's waiter.
+        w3 = await EventChild.start(sys.executable, str(WORKER), path, "2")
+        children.append(w3)
+        await eventually(lambda: w3.of("ready"), timeout=20)
+        w3.send(cmd="lease", n=1)
+        stats = await _stats_when(sup, lambda st: st["queue"] == 2)
+        assert stats["active"] == {"a": 16, "b": 16} and not w3.of("granted")
+        w1.send(cmd="release", n=2)
+        await eventually(lambda: len(w2.of("granted")) == 14 and len(w3.of("granted")) == 1)
+        stats = await _stats(sup)
+        assert stats["active"] == {"a": 16, "b": 16} and stats["queue"] == 0
+        assert stats["workers"] == sorted(
+            [[w1.proc.pid, 1, 17], [w2.proc.pid, 1, 14], [w3.proc.pid, 2, 1]]
+        )
+        # An old worker killed after the exec still gives its slots back.
+        await w1.kill()
+        await eventually(lambda: w1.proc.returncode is not None)
+        await _stats_when(sup, lambda st: sum(st["active"].values()) == 15, timeout=1)
+        assert not any(e["ev"] == "refused" for c in children[1:] for e in c.events)
+    finally:
+        for child in reversed(children):
+            await child.kill()

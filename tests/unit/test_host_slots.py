@@ -1,0 +1,445 @@
+"""The host-wide slot table (`core.host_slots`): transcripts, no sockets.
+
+Each scenario is a list of steps and what the table must answer. A grant
+reads `w1#3>a` (worker w1's lease 3 got fleet a), a refusal `w1#3!reason`;
+`acquire` answers `wait` when the lease is queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import (
+    NO_FLEET_UP,
+    QUEUE_FULL,
+    QUEUE_OFF,
+    Answer,
+    Granted,
+    HostSlots,
+    SlotProtocolError,
+    queue_timeout_reason,
+)
+
+TWO_FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
+TIMEOUT = 3.0
+EXPIRED = "!" + queue_timeout_reason(TIMEOUT)
+
+
+def _slots(maxconn: int = 2, *, queue_timeout: float = TIMEOUT, max_queue: int = 8) -> HostSlots:
+    specs = parse_fleets_text(TWO_FLEETS, default_maxconn=maxconn)
+    slots = HostSlots(
+        Balancer(FleetSet.from_specs(specs)), queue_timeout=queue_timeout, max_queue=max_queue
+    )
+    slots.join("w1", pid=101, generation=1)
+    slots.join("w2", pid=102, generation=1)
+    return slots
+
+
+def _render(answer: Answer | None) -> str:
+    if answer is None:
+        return "wait"
+    if isinstance(answer, Granted):
+        return f"{answer.worker}#{answer.lease}>{answer.fleet.name}"
+    return f"{answer.worker}#{answer.lease}!{answer.reason}"
+
+
+def _short(answer: Answer | None) -> str:
+    """What `acquire` answered, without the worker and lease it was asked for."""
+    text = _render(answer)
+    return text.split(">", 1)[1] if ">" in text else text.split("#", 1)[-1].lstrip("0123456789")
+
+
+def _play(slots: HostSlots, steps: list[tuple[Any, ...]]) -> None:
+    for i, (op, *args, expected) in enumerate(steps):
+        if op == "acquire":
+            worker, lease, avoid, now = args
+            got: Any = _short(slots.acquire(worker, lease, avoid, now))
+        elif op == "release":
+            got = [_render(a) for a in slots.release(*args)]
+        elif op == "leave":
+            got = [_render(a) for a in slots.leave(*args)[1]]
+        elif op == "expire":
+            got = [_render(a) for a in slots.expire(*args)]
+        elif op == "wake":
+            got = [_render(a) for a in slots.wake()]
+        elif op == "active":
+            got = {f.name: f.active for f in slots.balancer.fleets}
+        elif op == "deadline":
+            got = slots.next_deadline()
+        else:
+            raise AssertionError(f"unknown step {op}")
+        assert got == expected, f"step {i} {op}{tuple(args)}: got {got!r}, want {expected!r}"
+
+
+def _down(slots: HostSlots) -> None:
+    for f in slots.balancer.fleets:
+        f.health = Health.DOWN
+
+
+SCENARIOS: dict[str, list[tuple[Any, ...]]] = {
+    "leastconn spreads two workers' calls over the fleets, ties round-robin": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("acquire", "w2", 1, (), 0.0, "b"),
+        ("acquire", "w2", 2, (), 0.0, "a"),
+        ("acquire", "w1", 2, (), 0.0, "b"),
+        ("active", {"a": 2, "b": 2}),
+    ],
+    "maxconn holds for the host: the fifth call of four slots waits": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("acquire", "w1", 2, (), 0.0, "b"),
+        ("acquire", "w2", 1, (), 0.0, "a"),
+        ("acquire", "w2", 2, (), 0.0, "b"),
+        ("acquire", "w1", 3, (), 0.0, "wait"),
+        ("active", {"a": 2, "b": 2}),
+    ],
+    "waiters of both workers are served first in, first out as slots free": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("acquire", "w2", 1, (), 0.1, "wait"),
+        ("acquire", "w1", 5, (), 0.2, "wait"),
+        ("acquire", "w2", 2, (), 0.3, "wait"),
+        ("release", "w1", 3, ["w2#1>a"]),
+        ("release", "w1", 1, ["w1#5>a"]),
+        ("release", "w1", 2, ["w2#2>b"]),
+        ("release", "w1", 4, []),
+        ("active", {"a": 2, "b": 1}),
+    ],
+    "a newcomer does not overtake the queue while waiters remain": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("acquire", "w1", 5, (), 0.0, "wait"),
+        ("acquire", "w2", 1, (), 0.0, "wait"),
+        ("release", "w1", 1, ["w1#5>a"]),
+        ("release", "w1", 2, ["w2#1>b"]),
+        ("release", "w1", 3, []),  # queue empty: the slot stays free...
+        ("acquire", "w2", 2, (), 0.0, "a"),  # ...for whoever comes next
+    ],
+    "a waiter's deadline is returned, and it is refused at it, not before": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("acquire", "w2", 1, (), 1.0, "wait"),
+        ("acquire", "w2", 2, (), 2.0, "wait"),
+        ("deadline", 1.0 + TIMEOUT),
+        ("expire", 1.0 + TIMEOUT - 0.001, []),
+        ("expire", 1.0 + TIMEOUT, ["w2#1" + EXPIRED]),
+        ("deadline", 2.0 + TIMEOUT),
+        ("expire", 10.0, ["w2#2" + EXPIRED]),
+        ("deadline", None),
+        ("release", "w1", 1, []),  # nobody left waiting
+    ],
+    "a release withdraws a lease still queued: it is never granted": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("acquire", "w2", 1, (), 0.0, "wait"),
+        ("acquire", "w2", 2, (), 0.0, "wait"),
+        ("release", "w2", 1, []),  # the carrier left while queued
+        ("release", "w1", 1, ["w2#2>a"]),
+        ("expire", 100.0, []),
+    ],
+    "releases are idempotent: twice, unknown lease, unknown worker": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("acquire", "w1", 2, (), 0.0, "b"),
+        ("release", "w1", 1, []),
+        ("release", "w1", 1, []),
+        ("release", "w1", 99, []),
+        ("release", "w9", 2, []),
+        ("release", "w2", 2, []),  # w2 cannot give back w1's lease 2
+        ("active", {"a": 0, "b": 1}),
+    ],
+    "a worker gone gives back every slot it held at once; waiters get them in order": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("acquire", "w1", 2, (), 0.0, "b"),
+        ("acquire", "w1", 3, (), 0.0, "a"),
+        ("acquire", "w2", 1, (), 0.0, "b"),
+        ("acquire", "w2", 2, (), 0.0, "wait"),
+        ("acquire", "w1", 4, (), 0.0, "wait"),  # w1's own waiter leaves with it
+        ("acquire", "w2", 3, (), 0.0, "wait"),
+        ("leave", "w1", ["w2#2>a", "w2#3>b"]),
+        ("active", {"a": 1, "b": 2}),
+        ("leave", "w1", []),
+        ("release", "w1", 2, []),  # a late release from the dead worker: no-op
+        ("active", {"a": 1, "b": 2}),
+        ("expire", 100.0, []),
+    ],
+    "a retry avoids the fleet it tried when another has room, else takes it": [
+        ("acquire", "w1", 1, ["a"], 0.0, "b"),
+        ("acquire", "w1", 2, ["b"], 0.0, "a"),
+        ("acquire", "w1", 3, ["a"], 0.0, "b"),
+        ("acquire", "w1", 4, ["b"], 0.0, "a"),  # b is full: a although tried
+    ],
+    "a queued retry keeps its avoid-list when woken": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("release", "w1", 1, []),
+        ("release", "w1", 2, []),
+        ("acquire", "w2", 1, ["a"], 0.0, "b"),
+        ("acquire", "w2", 2, ["b"], 0.0, "a"),
+        ("acquire", "w2", 3, ["a"], 0.0, "wait"),
+        ("release", "w2", 2, ["w2#3>a"]),  # only a had room: it goes there
+    ],
+}
+
+
+@pytest.mark.parametrize("steps", list(SCENARIOS.values()), ids=list(SCENARIOS))
+def test_transcript(steps):
+    _play(_slots(), steps)
+
+
+@pytest.mark.parametrize(
+    ("setup", "kwargs", "reason"),
+    [
+        ("full", {"max_queue": 1}, QUEUE_FULL),
+        ("full", {"queue_timeout": 0}, QUEUE_OFF),
+        ("down", {}, NO_FLEET_UP),
+    ],
+)
+def test_refusals_at_once(setup, kwargs, reason):
+    slots = _slots(maxconn=1, **kwargs)
+    if setup == "full":
+        for lease in (1, 2):
+            assert slots.acquire("w1", lease, (), 0.0) is not None
+        if kwargs.get("max_queue") == 1:
+            assert slots.acquire("w1", 3, (), 0.0) is None
+    else:
+        _down(slots)
+    assert _short(slots.acquire("w2", 9, (), 0.0)) == "!" + reason
+
+
+def test_no_fleet_up_fails_the_waiters_on_wake():
+    slots = _slots(maxconn=1)
+    for lease, fleet in ((1, "a"), (2, "b"), (3, "wait"), (4, "wait")):
+        assert _short(slots.acquire("w1", lease, (), 0.0)) == fleet
+    _down(slots)
+    _play(slots, [("wake", ["w1#3!" + NO_FLEET_UP, "w1#4!" + NO_FLEET_UP])])
+    # While the queue is empty a DOWN host refuses at once, as when it is not.
+    assert _short(slots.acquire("w2", 1, (), 0.0)) == "!" + NO_FLEET_UP
+
+
+def test_a_full_fleet_by_its_own_word_makes_calls_wait_until_a_probe_says_room():
+    slots = _slots(maxconn=16)
+    for f in slots.balancer.fleets:
+        f.reported_available, f.opened_at_probe = 1, 0
+    _play(
+        slots,
+        [
+            ("acquire", "w1", 1, (), 0.0, "a"),
+            ("acquire", "w2", 1, (), 0.0, "b"),
+            ("acquire", "w2", 2, (), 0.0, "wait"),
+        ],
+    )
+    a = slots.balancer.get("a")
+    assert a is not None
+    a.reported_available, a.opened_at_probe = 3, a.opened_total  # a probe says room
+    _play(slots, [("wake", ["w2#2>a"])])
+
+
+def test_a_drained_fleet_gets_no_new_call_and_keeps_its_slots():
+    slots = _slots(maxconn=2)
+    _play(slots, [("acquire", "w1", 1, (), 0.0, "a")])
+    a = slots.balancer.get("a")
+    assert a is not None
+    a.set_admin(Admin.DRAIN)
+    _play(
+        slots,
+        [
+            ("acquire", "w1", 2, (), 0.0, "b"),
+            ("acquire", "w1", 3, (), 0.0, "b"),
+            ("acquire", "w1", 4, (), 0.0, "wait"),
+            ("release", "w1", 1, []),  # a's slot back, but a is drained
+            ("active", {"a": 0, "b": 2}),
+        ],
+    )
+
+
+def test_stats_per_worker_pid_generation_calls():
+    slots = _slots(maxconn=16)
+    slots.join("w3", pid=303, generation=2)
+    for lease in range(3):
+        slots.acquire("w1", lease, (), 0.0)
+    slots.acquire("w3", 1, (), 0.0)
+    slots.release("w1", 0)
+    rows = {r.worker: (r.pid, r.generation, r.calls, r.granted_total) for r in slots.workers}
+    assert rows == {"w1": (101, 1, 2, 3), "w2": (102, 1, 0, 0), "w3": (303, 2, 1, 1)}
+    row, _ = slots.leave("w1")
+    assert row is not None and row.calls == 2 and sorted(row.held) == [1, 2]
+    assert slots.reclaimed_total == 2
+    assert [r.worker for r in slots.workers] == ["w2", "w3"]
+
+
+def test_generations_share_one_maxconn():
+    """An upgrade's new generation takes slots from the same table the old
+    one still holds: maxconn holds across them."""
+    slots = _slots(maxconn=2)
+    slots.join("new", pid=201, generation=2)
+    for lease in range(4):
+        slots.acquire("w1", lease, (), 0.0)
+    assert _short(slots.acquire("new", 1, (), 0.0)) == "wait"
+    slots.leave("w2")  # an old worker with nothing held exits: nothing frees
+    assert slots.queue_length == 1
+    assert [_render(a) for a in slots.release("w1", 0)] == ["new#1>a"]
+
+
+def test_release_hooks_run_for_slots_given_back_and_reclaimed():
+    slots = _slots(maxconn=2)
+    seen: list[str] = []
+    slots.on_release.append(lambda fleet: seen.append(fleet.name))
+    slots.acquire("w1", 1, (), 0.0)
+    slots.acquire("w1", 2, (), 0.0)
+    slots.release("w1", 1)
+    slots.release("w1", 1)
+    slots.leave("w1")
+    assert seen == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "message"),
+    [
+        ([("w1", 1), ("w1", 1)], "reused lease id 1"),
+        ([("w9", 1)], "has not joined"),
+    ],
+)
+def test_protocol_errors_name_the_worker_and_the_lease(steps, message):
+    slots = _slots(maxconn=1)
+    with pytest.raises(SlotProtocolError, match=message):
+        for worker, lease in steps:
+            slots.acquire(worker, lease, (), 0.0)
+
+
+def test_a_queued_lease_id_cannot_be_reused_either():
+    slots = _slots(maxconn=1)
+    slots.acquire("w1", 1, (), 0.0)
+    slots.acquire("w1", 2, (), 0.0)
+    assert slots.acquire("w1", 3, (), 0.0) is None
+    with pytest.raises(SlotProtocolError, match="reused lease id 3"):
+        slots.acquire("w1", 3, (), 0.0)
+
+
+def test_joining_twice_is_refused():
+    slots = _slots()
+    with pytest.raises(SlotProtocolError, match="joined twice"):
+        slots.join("w1", pid=1, generation=1)
+
+
+def _say_room(slots: HostSlots, name: str, available: int) -> None:
+    """A probe of fleet `name` reports `available` free workers."""
+    fleet = slots.balancer.get(name)
+    assert fleet is not None
+    fleet.reported_available, fleet.opened_at_probe = available, fleet.opened_total
+
+
+def test_room_from_a_probe_goes_to_the_waiters_before_a_newcomer():
+    slots = _slots(maxconn=16)
+    _say_room(slots, "a", 1)
+    _say_room(slots, "b", 1)
+    _play(
+        slots,
+        [
+            ("acquire", "w1", 1, (), 0.0, "a"),
+            ("acquire", "w1", 2, (), 0.0, "b"),
+            ("acquire", "w1", 3, (), 0.0, "wait"),
+        ],
+    )
+    _say_room(slots, "a", 1)  # room appeared; the caller has not called wake() yet
+    _play(slots, [("acquire", "w2", 1, (), 0.0, "wait"), ("wake", ["w1#3>a"])])
+
+
+def test_a_woken_retry_goes_to_a_fleet_it_has_not_tried():
+    slots = _slots(maxconn=16)
+    _say_room(slots, "a", 1)
+    _say_room(slots, "b", 2)
+    _play(
+        slots,
+        [
+            ("acquire", "w1", 1, (), 0.0, "a"),
+            ("acquire", "w1", 2, (), 0.0, "b"),
+            ("acquire", "w1", 3, (), 0.0, "b"),
+            ("acquire", "w2", 1, ["a"], 0.0, "wait"),
+        ],
+    )
+    _say_room(slots, "a", 5)
+    _say_room(slots, "b", 5)
+    # leastconn alone would say a (1 call against 2): the retry avoids it.
+    _play(slots, [("wake", ["w2#1>b"])])
+
+
+def _fresh(maxconn: int = 2) -> HostSlots:
+    """The table of a supervisor just re-executed: nobody has joined yet."""
+    specs = parse_fleets_text(TWO_FLEETS, default_maxconn=maxconn)
+    slots = HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=TIMEOUT, max_queue=8)
+    slots.paused = True
+    return slots
+
+
+def test_a_table_rebuilt_from_the_workers_counts_what_they_hold_and_queues_in_age_order():
+    slots = _fresh()
+    now = 10.0
+    assert (
+        slots.restore(
+            "w1",
+            pid=101,
+            generation=1,
+            held=[(1, "a"), (2, "a"), (3, "b")],
+            waiting=[(4, (), 0.5)],
+            now=now,
+        )
+        == []
+    )
+    slots.restore("w2", pid=102, generation=1, held=[(1, "b")], waiting=[(2, ["b"], 1.0)], now=now)
+    slots.join("new", pid=201, generation=2)
+    _play(
+        slots,
+        [
+            ("active", {"a": 2, "b": 2}),
+            ("acquire", "new", 1, (), now, "wait"),
+            ("deadline", now - 1.0 + TIMEOUT),  # w2's: it has waited longest
+        ],
+    )
+    assert slots.queued() == [("w2", 2), ("w1", 4), ("new", 1)]
+    assert [_render(a) for a in slots.resume()] == []  # full: nothing to grant yet
+    _play(
+        slots,
+        [
+            ("release", "w1", 1, ["w2#2>a"]),  # avoids b... and only a has room
+            ("release", "w2", 1, ["w1#4>b"]),
+            ("release", "w1", 3, ["new#1>b"]),
+            ("expire", 100.0, []),
+        ],
+    )
+    rows = {r.worker: (r.pid, r.generation, r.calls) for r in slots.workers}
+    assert rows == {"w1": (101, 1, 2), "w2": (102, 1, 1), "new": (201, 2, 1)}
+
+
+def test_nothing_is_granted_while_paused_even_with_room_then_in_order():
+    slots = _fresh(maxconn=16)
+    slots.restore("w1", pid=1, generation=1, held=[(1, "a")], waiting=[], now=0.0)
+    _play(slots, [("acquire", "w1", 2, (), 0.0, "wait"), ("wake", [])])
+    slots.restore("w2", pid=2, generation=1, held=[], waiting=[(1, (), 0.2)], now=0.1)
+    assert [_render(a) for a in slots.resume()] == ["w2#1>b", "w1#2>a"]
+
+
+def test_held_leases_count_past_maxconn_and_unknown_fleets_count_nowhere():
+    slots = _fresh(maxconn=2)
+    unknown = slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a"), (2, "a"), (3, "a"), (4, "gone")],
+        waiting=[],
+        now=0.0,
+    )
+    assert unknown == ["gone"]
+    slots.resume()
+    _play(
+        slots,
+        [
+            ("active", {"a": 3, "b": 0}),
+            ("acquire", "w1", 5, (), 0.0, "b"),
+            ("acquire", "w1", 6, (), 0.0, "b"),
+            ("acquire", "w1", 7, (), 0.0, "wait"),
+            ("release", "w1", 1, []),  # a at 2 of 2: still no room
+            ("release", "w1", 4, []),  # the removed fleet's call ends: nothing to free
+            ("release", "w1", 2, ["w1#7>a"]),
+        ],
+    )

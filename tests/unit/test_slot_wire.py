@@ -1,0 +1,58 @@
+"""The slot coordinator's framing: one JSON object a line, bounded."""
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.net.slot_wire import (
+    MAX_LINE,
+    LineDecoder,
+    WireError,
+    encode,
+    field,
+    spec_from_wire,
+    spec_to_wire,
+)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "messages"),
+    [
+        ([b'{"op":"release","id":1}\n'], [[{"op": "release", "id": 1}]]),
+        ([b'{"op":"rel', b'ease","id":1}\n'], [[], [{"op": "release", "id": 1}]]),
+        ([b'{"op":"a"}\n{"op":"b"}\n{"op"'], [[{"op": "a"}, {"op": "b"}]]),
+        ([b'{"op":"a"}\n{"op"', b':"b"}\n'], [[{"op": "a"}], [{"op": "b"}]]),
+    ],
+)
+def test_lines_are_split_wherever_the_reads_cut_them(chunks, messages):
+    decoder = LineDecoder()
+    assert [decoder.feed(chunk) for chunk in chunks] == messages
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"not json\n", "not JSON"),
+        (b"[1, 2]\n", "not a message"),
+        (b'{"id": 1}\n', "not a message"),
+        (b"x" * (MAX_LINE + 1), "longer than"),
+    ],
+)
+def test_what_is_not_the_protocol_is_named(data, error):
+    with pytest.raises(WireError, match=error):
+        LineDecoder().feed(data)
+
+
+def test_a_message_round_trips_and_a_field_of_the_wrong_type_is_named():
+    message = {"op": "acquire", "id": 3, "avoid": ["a", "b"]}
+    assert LineDecoder().feed(encode(message)) == [message]
+    with pytest.raises(WireError, match="'id' must be int"):
+        field({"op": "acquire", "id": True}, "id", int)
+
+
+def test_a_fleet_spec_round_trips():
+    (spec,) = parse_fleets_text(
+        "https://[::1]:8443 name=x maxconn=32 admin=maint", default_maxconn=16
+    )
+    assert spec_from_wire(spec_to_wire(spec)) == spec
+    with pytest.raises(WireError, match="not a fleet"):
+        spec_from_wire({"name": "x"})
