@@ -98,6 +98,19 @@ async def test_the_health_route_is_answered_and_counted_without_a_fleet(pump_wit
     writer.close()
 
 
+async def test_a_host_port_too_long_for_int_is_answered_400_not_left_hanging(pump_with_fleet):
+    """Python's int() refuses more than 4,300 digits with a ValueError: raised out of
+    the queued parse, it left the connection open with no head timer, unanswered."""
+    pump = await pump_with_fleet(echo_after_switching)
+    reader, writer = await pump.carrier()
+    writer.write(b"GET /ws/bot HTTP/1.1\r\nHost: h:" + b"9" * 5000 + b"\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert pump.ctx.registry.requests[("-", 400)] == 1
+    await eventually(lambda: not pump.ctx.registry.connections)
+    writer.close()
+
+
 async def test_a_call_is_relayed_both_ways_unchanged_and_its_slot_comes_back(pump_with_fleet):
     pump = await pump_with_fleet(echo_after_switching)
     fleet = pump.balancer.fleets[0]

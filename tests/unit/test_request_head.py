@@ -102,6 +102,9 @@ def _refusal(raw: bytes) -> RequestRefused:
         (b"GET /ws/x HTTP/1.1\r\nHost: h:65536\r\n\r\n", 400, "Host"),
         (b"GET /ws/x HTTP/1.1\r\nHost: h:https\r\n\r\n", 400, "Host"),
         (b"GET /ws/x HTTP/1.1\r\nHost: [::1]:99999\r\n\r\n", 400, "Host"),
+        # More digits than int() converts (4300): refused, not a ValueError out of the parse.
+        (b"GET /ws/x HTTP/1.1\r\nHost: h:" + b"9" * 5000 + b"\r\n\r\n", 400, "Host"),
+        (b"GET https://h:" + b"1" * 5000 + b"/ws/x HTTP/1.1\r\nHost: h\r\n\r\n", 400, "authority"),
         (b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", 400, "origin-form"),
         (b"GET /ws/../attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
         (b"GET /ws/%2e%2E/attach HTTP/1.1\r\nHost: h\r\n\r\n", 400, "segments"),
@@ -195,7 +198,10 @@ def test_query_string_may_hold_encoded_slashes():
 
 @pytest.mark.parametrize(
     "host",
-    [b"calls.test", b"calls.test:443", b"[::1]:8443", b"127.0.0.1", b"", b"h:65535", b"h:"],
+    [
+        *(b"calls.test", b"calls.test:443", b"[::1]:8443", b"127.0.0.1", b"", b"h:65535"),
+        *(b"h:", b"h:000443", b"h:0"),
+    ],
 )
 def test_valid_hosts_and_tabs_in_values_pass(host):
     head = parse_request_head(b"GET /ws/x HTTP/1.1\r\nHost: " + host + b"\r\nX-T: a\tb\r\n\r\n")

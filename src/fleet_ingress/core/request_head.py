@@ -270,8 +270,10 @@ def _valid_host(host: bytes) -> bool:
     match = _HOST.fullmatch(host)
     if match is None:
         return False
-    port = match.group(1)
-    return not port or int(port) <= _MAX_PORT
+    # Compared by length first: int() refuses more than 4,300 digits with a ValueError,
+    # which a stranger's Host could otherwise raise out of the parse.
+    port = (match.group(1) or b"").lstrip(b"0")
+    return len(port) <= len(b"%d" % _MAX_PORT) and int(port or b"0") <= _MAX_PORT
 
 
 def _origin_form(target: bytes, headers: list[Header]) -> bytes:
