@@ -44,3 +44,22 @@ async def test_cheap_heads_are_all_parsed_in_one_turn():
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert done == list(range(20)) and queue.turns_deferred == 0
+
+
+async def test_a_parse_that_raises_is_logged_and_the_heads_behind_it_still_run(caplog):
+    """A bug in one head's parse must not strand the heads queued behind it
+    (they would wait, unanswered, for some later head to restart the queue)."""
+    queue = HeadQueue(budget=0.05)
+    done: list[int] = []
+
+    def broken() -> None:
+        raise ValueError("a parse bug")
+
+    queue.add(broken)
+    for i in range(3):
+        queue.add(lambda i=i: done.append(i))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert done == [0, 1, 2] and len(queue) == 0
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert record.name == "fleet_ingress.proxy" and "a parse bug" in caplog.text

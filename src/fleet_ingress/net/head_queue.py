@@ -15,9 +15,12 @@ so a few at a time are all parsed in the same turn.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
+
+log = logging.getLogger("fleet_ingress.proxy")
 
 # About one worst-case head (bench/head_cost.py): what a live frame may wait.
 DEFAULT_BUDGET = 0.0005
@@ -45,7 +48,13 @@ class HeadQueue:
         waiting = self._waiting
         deadline = time.perf_counter() + self.budget
         while waiting:
-            waiting.popleft()()
+            parse = waiting.popleft()
+            try:
+                parse()
+            except Exception:
+                # A bug in one head's parse: the heads behind it still get theirs
+                # (raised out of here, they would wait for some later head).
+                log.exception("request head parse failed")
             if time.perf_counter() >= deadline:
                 break
         if waiting:
