@@ -146,6 +146,23 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
     )
 
 
+def test_a_key_written_under_the_wrong_section_names_the_right_one(tmp_path: Path) -> None:
+    """The keepalive keys are split (timeouts.keepalive_idle, limits.keepalive_probes),
+    so writing one under the other section is an easy slip: the suggestion must be the
+    key where it lives, not its neighbour in the wrong section."""
+    path = write(tmp_path, "[timeouts]\nkeepalive_probes = 5\n[limits]\ntcp_user_timeout = 10.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert sorted(caught.value.problems) == sorted(
+        [
+            f"{path}: timeouts.keepalive_probes: unknown key 'timeouts.keepalive_probes'; "
+            "did you mean 'limits.keepalive_probes'?",
+            f"{path}: limits.tcp_user_timeout: unknown key 'limits.tcp_user_timeout'; "
+            "did you mean 'timeouts.tcp_user_timeout'?",
+        ]
+    )
+
+
 def test_wrong_type_names_the_key_and_value(tmp_path: Path) -> None:
     path = write(tmp_path, '[fleets]\nmaxconn = "lots"\n[log]\naccess = "maybe"\n')
     with pytest.raises(ConfigError) as caught:

@@ -481,6 +481,11 @@ def _did_you_mean(loc: tuple[str | int, ...]) -> str:
             for key in model.model_fields:  # type: ignore[union-attr]
                 options.setdefault(key, f"{section}.{key}")
     elif len(loc) == 2 and loc[0] in sections:
+        # The same key in another section first: related keys live apart
+        # (timeouts.keepalive_idle, limits.keepalive_probes), an easy slip.
+        for section, model in sections.items():
+            if loc[1] in model.model_fields:  # type: ignore[union-attr]
+                return f"; did you mean '{section}.{loc[1]}'?"
         options = {key: key for key in sections[str(loc[0])].model_fields}  # type: ignore[union-attr]
     match = difflib.get_close_matches(str(loc[-1]), options, n=1)
     return f"; did you mean '{options[match[0]]}'?" if match else ""
