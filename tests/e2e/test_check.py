@@ -332,3 +332,19 @@ def test_an_unreadable_tls_ca_file_is_named(deployment: Path) -> None:
 def test_each_tls_profile_passes_check(deployment: Path, profile: str) -> None:
     append(deployment, f'profile = "{profile}"\n')
     assert check_configuration(deployment) == []
+
+
+def test_an_empty_system_trust_store_is_named_not_blamed_on_the_chain(
+    deployment: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host without the ca-certificates package (a minimal image) has no roots at all:
+    every good fullchain.pem then reads as "an intermediate is missing", and the operator
+    goes hunting for an intermediate that is not missing."""
+    empty = tmp_path / "no-roots"
+    empty.mkdir()
+    monkeypatch.setenv("SSL_CERT_FILE", str(empty / "none.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(empty))
+    line = only_problem(deployment)
+    assert "system trust store is empty" in line and "ca-certificates" in line
+    assert f"no {empty}/none.pem, no certificate in {empty}" in line
+    assert "intermediate certificate is missing" not in line

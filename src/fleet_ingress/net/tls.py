@@ -211,6 +211,12 @@ def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | N
     if code is None:
         return None
     trusted = f"tls.ca_file {ca_file}" if ca_file else "the system trust store"
+    if ca_file is None and code in (2, 19, 20) and (where := _empty_trust_store()):
+        # No root at all: any chain would read as incomplete; say what is really missing.
+        return (
+            f"cannot be verified here: the system trust store is empty ({where}); install "
+            "the ca-certificates package (or set tls.ca_file to the CA carriers trust)"
+        )
     last = chain[-1]
     private = (
         "; for a private CA that carriers are given, set tls.ca_file to its certificate"
@@ -244,6 +250,23 @@ def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | N
             f"fail to verify it ({_FULLCHAIN_HINT}){private}"
         )
     return f"cannot be verified against {trusted}: {message}"
+
+
+def _empty_trust_store() -> str | None:
+    """Where OpenSSL looks for the system's roots, when it finds none there (no bundle
+    file, no certificate in the directory); None when it has some."""
+    paths = ssl.get_default_verify_paths()
+    if paths.cafile is not None:  # set only when the file exists
+        return None
+    directory = Path(paths.capath) if paths.capath else None
+    try:
+        if directory is not None and any(directory.iterdir()):
+            return None
+    except OSError:
+        pass
+    cafile = os.environ.get(paths.openssl_cafile_env, paths.openssl_cafile)
+    capath = os.environ.get(paths.openssl_capath_env, paths.openssl_capath)
+    return f"no {cafile}, no certificate in {capath}"
 
 
 def _misordered(cert: Path, key: Path) -> str | None:
