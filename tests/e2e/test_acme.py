@@ -123,3 +123,21 @@ async def test_a_silent_head_gets_408(start_ingress: StartIngress, certbot_stand
     )
     got = await plain_exchange(ingress.acme_address, b"GET /.well-known/acme")
     assert got.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_a_head_whose_parse_fails_is_answered_not_left_open(
+    start_ingress: StartIngress, certbot_standin, monkeypatch: pytest.MonkeyPatch
+):
+    """Port 80 is as open as 443: a Host port too long for int() (it raised ValueError
+    out of the queued parse), or any other error in the parse, still gets an answer
+    and a close, not a connection held open with its head timer gone."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    long_port = b"GET /x HTTP/1.1\r\nHost: h:" + b"9" * 5000 + b"\r\n\r\n"
+    assert (await plain_exchange(ingress.acme_address, long_port)).startswith(b"HTTP/1.1 400 ")
+
+    def parse_bug(raw: bytes) -> None:
+        raise RuntimeError("a bug in the parse")
+
+    monkeypatch.setattr("fleet_ingress.net.acme.parse_request_head", parse_bug)
+    got = await plain_exchange(ingress.acme_address, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 400 ")

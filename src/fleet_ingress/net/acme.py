@@ -99,6 +99,12 @@ class AcmeProtocol(asyncio.Protocol):
         except RequestRefused as refused:
             self._answer(refused.status, refused.reason)
             return
+        except Exception:
+            # A bug in the parse: answered and closed all the same, never left open
+            # with its head timer gone (a stranger could hold descriptors that way).
+            log.exception("request head parse failed", extra=fields(client_ip=self.client_ip))
+            self._answer(400, "malformed request")
+            return
         self._route(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
