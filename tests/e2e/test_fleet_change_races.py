@@ -78,6 +78,35 @@ async def test_a_fleet_moved_to_a_new_address_is_probed_there(
             await fleet.stop()
 
 
+async def test_the_only_fleet_moved_while_it_carries_a_call_takes_calls_there_once_it_ends(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """Review finding: the new address used to wait for another reload, so every call
+    got 503 once the old address had drained."""
+    old, new = [await WsFleet(tls_files.fleet_server_context()).start() for _ in "ab"]
+    try:
+        ingress = await start_ingress([old.line("a")])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+            notes = reload_with(ingress, new.line("a"))
+            assert notes == [
+                "fleet a removed: draining 1 calls",
+                "fleet a: still draining its old address; joins at the new one when its "
+                "last call there ends",
+            ]
+        await eventually(
+            lambda: (f := ingress.balancer.get("a")) is not None and f.spec.port == new.port
+        )
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("y")
+            assert await ws.recv() == "y"
+        assert len(new.requests) == 1 and len(old.requests) == 1
+    finally:
+        for fleet in (old, new):
+            await fleet.stop()
+
+
 async def test_a_fleet_listed_again_while_it_drains_stays(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):

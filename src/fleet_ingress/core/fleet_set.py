@@ -94,7 +94,8 @@ class ReloadPlan:
     drained: list[FleetState] = field(default_factory=list)  # unlisted or moved: draining
     relisted: list[FleetState] = field(default_factory=list)  # listed again while draining
     changed: list[FleetState] = field(default_factory=list)  # maxconn or admin state
-    # Moved to a new address while the old one still carries calls: not added (yet).
+    # Moved to a new address while the old one still carries calls: added when the
+    # old record goes (`FleetSet.join_waiting`), not by another reload.
     waiting: list[FleetSpec] = field(default_factory=list)
 
 
@@ -103,6 +104,9 @@ class FleetSet:
 
     def __init__(self, fleets: Iterable[FleetState] = ()) -> None:
         self._fleets: list[FleetState] = []
+        # A fleet moved to a new address by the last reload while its old record still
+        # carries calls: joins at the new address once the old record has gone.
+        self._waiting: dict[str, FleetState] = {}
         for fleet in fleets:
             self._enter(fleet, Membership.LISTED)
 
@@ -198,6 +202,16 @@ class FleetSet:
             return True
         return False
 
+    def join_waiting(self, name: str) -> FleetState | None:
+        """The old record of `name` has gone: the fleet a reload moved to a new address
+        joins there now (start probing it). None when nothing waits, or when the name
+        was taken meanwhile (add-fleet)."""
+        fleet = self._waiting.pop(name, None)
+        if fleet is None or self.get(name) is not None:
+            return None
+        self._enter(fleet, Membership.LISTED)
+        return fleet
+
     # -- a reload ------------------------------------------------------------------------
 
     def apply(
@@ -209,6 +223,7 @@ class FleetSet:
         apply at once. Fleets add-fleet is bringing in are left alone: it writes
         their line once they are UP."""
         plan = ReloadPlan()
+        self._waiting.clear()  # this reload says anew what waits
         wanted = {spec.name: spec for spec in specs}
         for fleet in list(self._fleets):
             fleet.capacity_aware = capacity_aware
@@ -252,7 +267,13 @@ class FleetSet:
         for spec in wanted.values():
             if self.get(spec.name) is not None:
                 plan.waiting.append(spec)
-                plan.notes.append(f"fleet {spec.name}: still draining its old address; not added")
+                self._waiting[spec.name] = FleetState(
+                    spec, health=health, admin=spec.admin, capacity_aware=capacity_aware
+                )
+                plan.notes.append(
+                    f"fleet {spec.name}: still draining its old address; joins at the new "
+                    "one when its last call there ends"
+                )
                 continue
             fleet = FleetState(spec, health=health, admin=spec.admin, capacity_aware=capacity_aware)
             self._enter(fleet, Membership.LISTED)

@@ -316,6 +316,14 @@ class FleetOps:
         if (gone := self._gone.pop(fleet.name, None)) is not None:
             gone.set()
         log.info("fleet gone", extra=fields(fleet=fleet.name))
+        moved = self.fleets.join_waiting(fleet.name)
+        if moved is not None:  # a reload moved it while it carried calls
+            if self.poller is not None:
+                self.poller.start(moved)
+            log.info(
+                "fleet joined at its new address",
+                extra=fields(fleet=moved.name, url=moved.spec.url),
+            )
 
     async def _drop(self, fleet: FleetState) -> None:
         self.fleets.roll_back(fleet)
