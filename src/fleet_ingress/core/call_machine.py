@@ -314,7 +314,7 @@ _LOST_REASON = {
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CallMachine:
     rules: CallRules
     state: State = State.HEAD
@@ -331,6 +331,7 @@ class CallMachine:
     status: int | None = None  # what the carrier was answered
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     end_reason: EndReason | None = None
+    _out: Commands = field(default_factory=list, repr=False)  # what the event being fed brings
 
     TRANSITIONS: ClassVar[dict[State, dict[type[Event], Callable[[CallMachine, Event], None]]]]
 
@@ -342,7 +343,7 @@ class CallMachine:
         handler = self.TRANSITIONS[self.state].get(type(event))
         if handler is None:
             raise IllegalEvent(self.state, event)
-        self._out: Commands = []
+        self._out = []
         handler(self, event)
         return self._out
 

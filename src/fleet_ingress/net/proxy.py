@@ -1,12 +1,18 @@
-"""The asyncio layer of a call: one Protocol per side, linked as peers.
+"""The asyncio layer of a call: the pump of its machine, one Protocol per side.
 
-A carrier connection reads one request head (`RequestHeadReader`), takes a
-route (`Router`), and for a call gets a fleet slot (`Dispatcher`), sends the
-rebuilt head (`FleetExchange`) and reads the answer, retrying per
-`RetryPolicy`. On 101 the two protocols are linked: from then on each
-`data_received` writes straight to the peer transport, nothing more. When a
-side's write buffer passes its high-water mark, the other side stops being
-read until it drains, so a call holds a bounded number of bytes.
+Where a call stands and what happens next is decided by its machine
+(`core.call_machine`): the carrier protocol feeds it events (the head read,
+a slot granted or refused, the fleet connected, its answer's head, a timer,
+a side gone, an end asked from outside) and carries out its commands (answer,
+take or give back a slot, connect, send the head, link, close, abort, time).
+The head reader (`RequestHeadReader`) and the fleet exchange (`FleetExchange`)
+are fed here, and what they find is reported to the machine.
+
+Outside the machine, on purpose: the tunnel's hot path. Once linked, each
+`data_received` adds to a counter and writes straight to the peer transport;
+only a lone WebSocket close frame is reported. When a side's write buffer
+passes its high-water mark, the other side stops being read until it drains,
+so a call holds a bounded number of bytes.
 """
 
 from __future__ import annotations
@@ -503,6 +509,7 @@ class CarrierProtocol(_Side):
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
+        self._head = None  # no further attempt: the head need not be kept
         ctx.registry.count_request(self.machine.route_label, command.status)
         now = time.monotonic()
         call.handshake_ms = (now - self._received_at) * 1000
@@ -524,6 +531,7 @@ class CarrierProtocol(_Side):
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None
         call.fleet_side = fleet_side
+        self._head = None
         ctx.registry.count_request(self.machine.route_label, command.status)
         self._early.clear()
         # A fleet that stalls in the middle of its answer must not
