@@ -236,6 +236,10 @@ class _Side(asyncio.BufferedProtocol):
         self.peer = self.peer_side = self.transport = None
 
 
+# Before the 101, what a carrier sends after its head waits (bounded) for the tunnel.
+_EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, State.AWAITING})
+
+
 class CarrierProtocol(_Side):
     """The carrier side, and the pump of its call's machine (`core.call_machine`):
     it feeds the machine what the transports, the dispatcher and the timers say,
@@ -282,12 +286,7 @@ class CarrierProtocol(_Side):
         state = self.machine.state
         if state is State.HEAD:
             self._on_head_bytes(data)
-        elif (
-            state is State.PARSING
-            or state is State.LEASING
-            or state is State.CONNECTING
-            or (state is State.AWAITING)
-        ):
+        elif state in _EARLY_BYTES_KEPT:
             # Kept reading while a fleet is found, so a carrier that hangs up
             # is noticed at once; what it sends early waits, within a bound.
             self._early += data
@@ -321,7 +320,7 @@ class CarrierProtocol(_Side):
         try:
             self._run(self.machine.feed(event))
             while self._events:
-                self._run(self.machine.feed(self._events.pop(0)))
+                self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
         finally:
             self._feeding = False
 
