@@ -9,7 +9,6 @@ forced removal), and `SilenceSweep` the one timer that looks for silent calls.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import math
 import time
@@ -18,7 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
+
+__all__ = ["Call", "CallHook", "CarrierSide", "EndReason", "Registry", "Side", "SilenceSweep"]
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
@@ -43,21 +45,8 @@ class Side(Protocol):
 class CarrierSide(Side, Protocol):
     call: Call | None
 
-
-class EndReason(enum.Enum):
-    CARRIER_CLOSED = "carrier closed"
-    FLEET_CLOSED = "fleet closed"
-    TIMEOUT = "timeout"  # tunnel idle past timeouts.tunnel
-    # A side that vanished without a FIN: silent past timeouts.carrier_silence /
-    # fleet_silence, or failed by TCP (user timeout, keepalive, unreachable).
-    CARRIER_SILENT = "carrier_silent"
-    FLEET_SILENT = "fleet_silent"
-    CARRIER_LOST = "carrier_lost"
-    FLEET_LOST = "fleet_lost"
-    DRAIN = "drain"  # shutdown drain time ran out
-    REMOVED = "removed"  # fleet removed with --force
-    REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
-    ERROR = "error"
+    def request_end(self, reason: EndReason) -> None:
+        """Tell the call's machine to end it (it decides how and why)."""
 
 
 _SILENCE_REASON = {
@@ -82,14 +71,25 @@ class Call:
     started_mono: float = field(default_factory=time.monotonic)
     lease: Lease | None = None  # the last attempt's slot (held while `lease.held`)
     fleet_side: Side | None = None
-    attempts: int = 0
-    status: int | None = None  # what the carrier was answered
     handshake_ms: float | None = None  # head received -> 101 relayed
     tunnel_since: float | None = None
-    end_reason: EndReason | None = None
     ended_mono: float | None = None
-    hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
+    # Where the call stands, and why it ended: its machine is the one source.
+    machine: CallMachine | None = None
+
+    @property
+    def end_reason(self) -> EndReason | None:
+        return None if self.machine is None else self.machine.end_reason
+
+    @property
+    def status(self) -> int | None:
+        """What the carrier was answered."""
+        return None if self.machine is None else self.machine.status
+
+    @property
+    def attempts(self) -> int:
+        return 0 if self.machine is None else self.machine.attempt
 
     @property
     def fleet(self) -> FleetState | None:
@@ -109,25 +109,11 @@ class Call:
         return self.fleet_side.bytes_received if self.fleet_side else 0
 
     def end(self, reason: EndReason) -> None:
-        """End the call: say why (unless a reason is already known) and close
-        both sides. A side found silent is gone, so it is aborted rather than
-        left to wait for a TLS close it will never answer; the other side is
-        closed cleanly (pending bytes flushed, TLS close_notify, then TCP), so
-        a bot or a carrier hears at once that the call is over. The call itself
-        ends (access log, out of the registry) when both sides are gone."""
-        if self.end_reason is None:
-            self.end_reason = reason
+        """End the call (a silent side, a drain, a forced removal): its machine
+        decides how each side is closed and keeps the first reason given. The
+        call itself ends (access log, out of the registry) when both sides are gone."""
         self.quiet = None
-        fleet_side = self.fleet_side
-        if reason is EndReason.CARRIER_SILENT:
-            self.carrier.abort()
-        else:
-            self.carrier.close()
-        if fleet_side is not None:
-            if reason is EndReason.FLEET_SILENT:
-                fleet_side.abort()
-            else:
-                fleet_side.close()
+        self.carrier.request_end(reason)
 
     def watch_silence(self, limits: SilenceLimits, now: float) -> None:
         self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)

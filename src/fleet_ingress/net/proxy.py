@@ -1,27 +1,76 @@
-"""The asyncio layer of a call: one Protocol per side, linked as peers.
+"""The asyncio layer of a call: the pump of its machine, one Protocol per side.
 
-A carrier connection reads one request head (`RequestHeadReader`), takes a
-route (`Router`), and for a call gets a fleet slot (`Dispatcher`), sends the
-rebuilt head (`FleetExchange`) and reads the answer, retrying per
-`RetryPolicy`. On 101 the two protocols are linked: from then on each
-`data_received` writes straight to the peer transport, nothing more. When a
-side's write buffer passes its high-water mark, the other side stops being
-read until it drains, so a call holds a bounded number of bytes.
+Where a call stands and what happens next is decided by its machine
+(`core.call_machine`): the carrier protocol feeds it events (the head read,
+a slot granted or refused, the fleet connected, its answer's head, a timer,
+a side gone, an end asked from outside) and carries out its commands (answer,
+take or give back a slot, connect, send the head, link, close, abort, time).
+The head reader (`RequestHeadReader`) and the fleet exchange (`FleetExchange`)
+are fed here, and what they find is reported to the machine.
+
+Outside the machine, on purpose: the tunnel's hot path. Once linked, each
+`data_received` adds to a counter and writes straight to the peer transport;
+only a lone WebSocket close frame is reported. When a side's write buffer
+passes its high-water mark, the other side stops being read until it drains,
+so a call holds a bounded number of bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from fleet_ingress.core.balancer import FleetState
-from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError, ResponseHead
-from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.call_machine import (
+    AbortSide,
+    Answer,
+    CallEnded,
+    CallMachine,
+    CallRules,
+    CancelSlotWait,
+    CancelTimer,
+    CarrierLost,
+    CloseFrameSeen,
+    CloseSide,
+    Command,
+    ConnectFleet,
+    DropFleet,
+    EndReason,
+    EndRequested,
+    Event,
+    FleetAnswerComplete,
+    FleetConnected,
+    FleetConnectFailed,
+    FleetError,
+    FleetHead,
+    FleetLost,
+    HeadComplete,
+    HeadParsed,
+    HeadRefused,
+    Link,
+    LogAttemptFailed,
+    Lost,
+    OpenCall,
+    ParseHead,
+    Relay,
+    ReleaseSlot,
+    SendHead,
+    SetupFailed,
+    Side,
+    SlotGranted,
+    SlotRefused,
+    StartTimer,
+    State,
+    TakeSlot,
+    Timer,
+    TimerFired,
+)
+from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
+from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.forwarding import fleet_request_headers
 from fleet_ingress.core.request_head import (
     RequestHead,
@@ -30,12 +79,12 @@ from fleet_ingress.core.request_head import (
     parse_request_head,
 )
 from fleet_ingress.core.responses import local_response
-from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
-from fleet_ingress.core.routing import RouteKind, Router
+from fleet_ingress.core.retry import Failure, RetryPolicy
+from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
-from fleet_ingress.net.calls import Call, EndReason, Registry
-from fleet_ingress.net.dispatch import Dispatcher, Lease, NoFleetAvailable
+from fleet_ingress.net.calls import Call, Registry
+from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
 
@@ -96,6 +145,18 @@ class ProxyContext:
     refusals: RateLimitedLog | None = None
     # One per ingress: where complete heads wait for their parse (net/head_queue.py).
     heads: HeadQueue = field(default_factory=HeadQueue)
+    # What each call's machine consults (built from the fields above).
+    rules: CallRules = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rules = CallRules(
+            router=self.router,
+            retry=self.retry,
+            request_timeout=self.request_timeout,
+            connect_timeout=self.connect_timeout,
+            response_timeout=self.response_timeout,
+        )
+        object.__setattr__(self, "rules", rules)
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -175,26 +236,35 @@ class _Side(asyncio.BufferedProtocol):
         self.peer = self.peer_side = self.transport = None
 
 
-class CarrierState(enum.Enum):
-    HEAD = "head"  # reading the request head
-    PARSING = "parsing"  # the head is complete, queued for its parse; later bytes wait
-    CONNECTING = "connecting"  # finding a fleet; early carrier bytes wait, bounded
-    TUNNEL = "tunnel"
-    ANSWERING = "answering"  # a local answer or a fleet's non-101 being sent
+# Before the 101, what a carrier sends after its head waits (bounded) for the tunnel.
+_EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, State.AWAITING})
 
 
 class CarrierProtocol(_Side):
+    """The carrier side, and the pump of its call's machine (`core.call_machine`):
+    it feeds the machine what the transports, the dispatcher and the timers say,
+    and carries out what the machine commands. It decides nothing itself."""
+
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
-        self.state = CarrierState.HEAD
-        self.route_label = "-"  # for metrics: "-" until a head is routed
+        self.machine = CallMachine(ctx.rules)
         self.target = ""  # the head's target once read (for the refused-request line)
         self.client_ip = ""
         self.call: Call | None = None
+        self.fleet_side: FleetProtocol | None = None  # the current attempt's
         self._reader = RequestHeadReader(ctx.max_head_bytes, ctx.max_header_count)
+        self._raw_head = b""
         self._early = bytearray()
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._setup: asyncio.Task[None] | None = None
+        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
+        self._head: RequestHead | None = None
+        self._received_at = 0.0
+        self._feeding = False
+        self._events: list[Event] = []  # fed while commands run: they wait their turn
+
+    @property
+    def route_label(self) -> str:
+        return self.machine.route_label
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -203,9 +273,7 @@ class CarrierProtocol(_Side):
         registry = self.ctx.registry
         registry.connections.add(self)
         registry.connections_total += 1
-        self._head_timer = asyncio.get_running_loop().call_later(
-            self.ctx.request_timeout, self._head_timed_out
-        )
+        self._run(self.machine.start())
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -213,152 +281,355 @@ class CarrierProtocol(_Side):
             self.bytes_received += len(data)
             peer.write(data)
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                _note_close_frame(self.call, EndReason.CARRIER_CLOSED)
+                self.feed(CloseFrameSeen(Side.CARRIER))
             return
-        if self.state is CarrierState.HEAD:
+        state = self.machine.state
+        if state is State.HEAD:
             self._on_head_bytes(data)
-        elif self.state is CarrierState.CONNECTING or self.state is CarrierState.PARSING:
+        elif state in _EARLY_BYTES_KEPT:
             # Kept reading while a fleet is found, so a carrier that hangs up
             # is noticed at once; what it sends early waits, within a bound.
             self._early += data
             if len(self._early) >= MAX_EARLY_BYTES:
                 self.pause_reading()
-        # ANSWERING: bytes are dropped; reading goes on only to see the carrier leave.
+        # Otherwise (answering, closing): bytes are dropped; reading goes on
+        # only to see the carrier leave.
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.ctx.registry.connections.discard(self)
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        call = self.call
-        if call is None:
-            # Protocol, transport, TLS state and head timer point at each other: left
+        self.feed(CarrierLost(_lost_kind(exc)))
+        if self.call is None:
+            # Protocol, transport, TLS state and timers point at each other: left
             # as cycles, every refused connection waits for the cyclic collector, whose
             # pauses under a flood (10-20 ms, measured) are jitter on every live call.
-            self._head_timer = None
             self.unlink()
-            return
-        if call.end_reason is None:
-            call.end_reason = call.hung_up_by or _lost_reason(
-                exc, EndReason.CARRIER_CLOSED, EndReason.CARRIER_LOST
-            )
-        self._abandon_setup()
-        fleet_side = call.fleet_side
-        if fleet_side is not None:
-            fleet_side.close()
-        _finish_if_done(self.ctx, call)
 
-    def _head_timed_out(self) -> None:
-        if self.state is CarrierState.HEAD:
-            self.answer(408, "request head not received in time")
+    def request_end(self, reason: EndReason) -> None:
+        """End the call from outside (silence sweep, drain, forced removal)."""
+        self.feed(EndRequested(reason))
+
+    def feed(self, event: Event) -> None:
+        """Hand the machine an event and carry out its commands. An event raised
+        while commands run (a relayed answer that completes as it is linked)
+        waits for them, so commands run in the order the machine gave them."""
+        if self._feeding:
+            self._events.append(event)
+            return
+        self._feeding = True
+        try:
+            self._run(self.machine.feed(event))
+            while self._events:
+                self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
+        finally:
+            self._feeding = False
 
     def _on_head_bytes(self, data: bytes) -> None:
         try:
             taken = self._reader.take(data)
         except RequestRefused as refused:
-            self.answer(refused.status, refused.reason)
+            self.feed(HeadRefused(refused.status, refused.reason))
             return
         if taken is None:
             return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
         # Parsed on a later loop turn, a bounded number per turn (net/head_queue.py):
         # a flood of large heads must not hold the calls' frames. What the carrier
         # sends meanwhile (its first frames) waits with what came after the head.
-        raw, trailing = taken
-        self.state = CarrierState.PARSING
+        self._raw_head, trailing = taken
         self._early += trailing
         if len(self._early) >= MAX_EARLY_BYTES:
             self.pause_reading()
-        self.ctx.heads.add(lambda: self._parse_head(raw))
+        self.feed(HeadComplete())
 
-    def _parse_head(self, raw: bytes) -> None:
+    def _parse_head(self) -> None:
         t = self.transport
-        if t is None or t.is_closing() or self.state is not CarrierState.PARSING:
+        if t is None or t.is_closing() or self.machine.state is not State.PARSING:
             return  # the carrier left, or the ingress is stopping
+        raw, self._raw_head = self._raw_head, b""
         try:
             head = parse_request_head(raw)
         except RequestRefused as refused:
-            self.answer(refused.status, refused.reason)
+            self.feed(HeadRefused(refused.status, refused.reason))
             return
-        route = self.ctx.router.route(head.path.decode("latin-1"))
-        self.route_label = route.label
         # Bounded: a scanner's 16 KiB target would make a 16 KiB log line.
         self.target = head.target[:_LOGGED_TARGET].decode("latin-1")
-        if route.kind is RouteKind.HEALTH:
-            # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
-            self.answer(200, "ok", head_only=head.method == b"HEAD")
-        elif route.kind is RouteKind.NOT_FOUND:
-            self.answer(404, "no such route on this ingress")
-        elif head.http_version != b"1.1":
-            self.answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1")
-        elif not head.is_websocket_upgrade:
-            self.answer(400, "a call route accepts only a GET WebSocket upgrade")
-        else:
-            self.state = CarrierState.CONNECTING
-            call = Call(self, self.client_ip, route.prefix, route.bot_id)
-            self.call = call
-            self.ctx.registry.add_call(call)
-            self._setup = asyncio.get_running_loop().create_task(
-                _connect_call(self.ctx, self, call, head)
-            )
+        self._head = head
+        self.feed(HeadParsed(head))
 
-    def _abandon_setup(self) -> None:
-        setup, self._setup = self._setup, None
-        if setup is not None and not setup.done():
-            setup.cancel()
+    # The commands ----------------------------------------------------------
 
-    def answer(self, status: int, text: str, *, head_only: bool = False) -> None:
-        """Answer locally and close (every local answer ends the connection)."""
-        self.state = CarrierState.ANSWERING
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self.ctx.registry.count_request(self.route_label, status)
-        if self.call is not None:
-            self.call.status = status
-            self.call.end_reason = EndReason.REFUSED
-        elif status >= 400 and self.ctx.refusals is not None and self.ctx.access_log:
-            # A call that is refused has its access-log line; a head that never
-            # became a call has this one.
-            self.ctx.refusals.info(
-                "request refused",
-                client_ip=self.client_ip,
-                listener="wss",
-                route=self.route_label,
-                target=self.target,
-                status=status,
-                reason=text,
-            )
+    def _run(self, commands: list[Command]) -> None:
+        for command in commands:
+            _COMMANDS[type(command)](self, command)
+
+    def _answer(self, command: Command) -> None:
+        assert isinstance(command, Answer)
+        status = command.status
+        self.ctx.registry.count_request(self.machine.route_label, status)
+        if self.call is None and status >= 400 and self.ctx.refusals is not None:
+            if self.ctx.access_log:
+                # A call that is refused has its access-log line; a head that never
+                # became a call has this one.
+                self.ctx.refusals.info(
+                    "request refused",
+                    client_ip=self.client_ip,
+                    listener="wss",
+                    route=self.machine.route_label,
+                    target=self.target,
+                    status=status,
+                    reason=command.text,
+                )
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(local_response(status, text, head_only=head_only))
-        self.close()
+            t.write(local_response(status, command.text, head_only=command.head_only))
 
-    def take_early_bytes(self) -> bytes:
+    def _parse_head_later(self, command: Command) -> None:
+        self.ctx.heads.add(self._parse_head)
+
+    def _open_call(self, command: Command) -> None:
+        assert isinstance(command, OpenCall)
+        call = Call(self, self.client_ip, command.route, command.bot_id, machine=self.machine)
+        self.call = call
+        self._received_at = time.monotonic()
+        self.ctx.registry.add_call(call)
+
+    def _take_slot(self, command: Command) -> None:
+        assert isinstance(command, TakeSlot)
+        self._task = asyncio.get_running_loop().create_task(self._lease(command.avoid))
+
+    async def _lease(self, avoid: tuple[str, ...]) -> None:
+        try:
+            lease = await self.ctx.dispatcher.lease(avoid=avoid)
+        except NoFleetAvailable as exc:
+            self._task = None
+            self.feed(SlotRefused(exc.reason))
+            return
+        except Exception as exc:
+            self._task = None
+            self._setup_failed(exc)
+            return
+        self._task = None
+        assert self.call is not None
+        self.call.lease = lease
+        self.feed(SlotGranted(lease.fleet))
+
+    def _cancel_slot_wait(self, command: Command) -> None:
+        # Cancelled after the queue handed a slot over, the dispatcher gives it back.
+        self._cancel_task()
+
+    def _release_slot(self, command: Command) -> None:
+        call = self.call
+        if call is not None and call.lease is not None:
+            call.lease.release()
+
+    def _connect_fleet(self, command: Command) -> None:
+        assert isinstance(command, ConnectFleet)
+        call = self.call
+        assert call is not None
+        head = self._head
+        assert head is not None
+        spec = command.fleet.spec
+        exchange = FleetExchange(
+            head.method,
+            head.target,
+            fleet_request_headers(head, fleet_host=spec.host_header, client_ip=call.client_ip),
+            max_head_bytes=self.ctx.max_head_bytes,
+        )
+        fleet_side = FleetProtocol(self, exchange)
+        self.fleet_side = fleet_side
+        self._task = asyncio.get_running_loop().create_task(self._connect(fleet_side, spec))
+
+    async def _connect(self, fleet_side: FleetProtocol, spec: FleetSpec) -> None:
+        """The connection alone: its timer is the machine's, and the fleet side
+        reports itself connected (`connection_made`)."""
+        ctx = self.ctx
+        tls: dict[str, Any] = {}
+        if spec.scheme == "https":
+            tls = {"ssl": ctx.fleet_ssl, "server_hostname": spec.host}
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: fleet_side, spec.host, spec.port, **tls)
+        except (OSError, ssl.SSLError) as exc:
+            if self._task is asyncio.current_task():
+                self._task = None
+                self.feed(FleetConnectFailed(str(exc) or type(exc).__name__))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._task is asyncio.current_task():
+                self._task = None
+                self._setup_failed(exc)
+            return
+        if self._task is asyncio.current_task():
+            self._task = None
+
+    def _setup_failed(self, exc: Exception) -> None:
+        call_id = None if self.call is None else self.call.id
+        log.error("call setup failed", exc_info=exc, extra=fields(call_id=call_id))
+        self.feed(SetupFailed(str(exc)))
+
+    def _send_head(self, command: Command) -> None:
+        fleet_side = self.fleet_side
+        assert fleet_side is not None and fleet_side.transport is not None
+        # A fleet host that vanishes from here on fails this socket within
+        # seconds, not after the kernel's 15 minutes of retransmissions.
+        if (sock := fleet_side.transport.get_extra_info("socket")) is not None:
+            self.ctx.liveness.apply(sock)
+        fleet_side.transport.write(fleet_side.exchange.request_bytes)
+
+    def _drop_fleet(self, command: Command) -> None:
+        self._cancel_task()
+        fleet_side, self.fleet_side = self.fleet_side, None
+        if fleet_side is not None:
+            fleet_side.pump = None  # nothing more from this attempt reaches the machine
+            fleet_side.abort()
+
+    def _cancel_task(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    def _log_attempt_failed(self, command: Command) -> None:
+        assert isinstance(command, LogAttemptFailed)
+        log.warning(
+            "fleet attempt failed",
+            extra=fields(
+                call_id=None if self.call is None else self.call.id,
+                fleet=command.fleet,
+                attempt=command.attempt,
+                failure=command.failure.value,
+                detail=command.detail,
+            ),
+        )
+
+    def _link(self, command: Command) -> None:
+        assert isinstance(command, Link)
+        call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
+        assert call is not None and fleet_side is not None and fleet_side.transport is not None
+        call.fleet_side = fleet_side
+        self._head = None  # no further attempt: the head need not be kept
+        ctx.registry.count_request(self.machine.route_label, command.status)
+        now = time.monotonic()
+        call.handshake_ms = (now - self._received_at) * 1000
+        call.tunnel_since = now
+        fleet_side.link(self, relaying=False)
         early = bytes(self._early)
         self._early.clear()
-        return early
+        if early:
+            self.bytes_received += len(early)
+            fleet_side.transport.write(early)
+        self.peer = fleet_side.transport
+        if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+            self.resume_reading()
+        ctx.registry.sweep.watch(call, ctx.silence.for_route(call.route))
+        ctx.registry.call_linked(call)
+
+    def _relay(self, command: Command) -> None:
+        assert isinstance(command, Relay)
+        call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
+        assert call is not None and fleet_side is not None
+        call.fleet_side = fleet_side
+        self._head = None
+        ctx.registry.count_request(self.machine.route_label, command.status)
+        self._early.clear()
+        # A fleet that stalls in the middle of its answer must not
+        # hold the call (and its slot) forever.
+        ctx.registry.sweep.watch(call, SilenceLimits(idle=ctx.response_timeout))
+        fleet_side.link(self, relaying=True)
+
+    def _close_side(self, command: Command) -> None:
+        assert isinstance(command, CloseSide)
+        side = self if command.side is Side.CARRIER else self.fleet_side
+        if side is not None:
+            side.close()
+
+    def _abort_side(self, command: Command) -> None:
+        assert isinstance(command, AbortSide)
+        side = self if command.side is Side.CARRIER else self.fleet_side
+        if side is not None:
+            side.abort()
+
+    def _start_timer(self, command: Command) -> None:
+        assert isinstance(command, StartTimer)
+        old = self._timers.pop(command.timer, None)
+        if old is not None:
+            old.cancel()
+        self._timers[command.timer] = asyncio.get_running_loop().call_later(
+            command.seconds, self._timer_fired, command.timer
+        )
+
+    def _timer_fired(self, timer: Timer) -> None:
+        self._timers.pop(timer, None)
+        self.feed(TimerFired(timer))
+
+    def _cancel_timer(self, command: Command) -> None:
+        assert isinstance(command, CancelTimer)
+        handle = self._timers.pop(command.timer, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _call_ended(self, command: Command) -> None:
+        """Both sides are gone: access log, out of the registry."""
+        call, ctx = self.call, self.ctx
+        assert call is not None
+        self._cancel_task()
+        if not ctx.registry.remove_call(call):
+            return
+        call.quiet = None
+        if ctx.access_log:
+            access_log.info("call ended", extra=fields(**call.access_record()))
+        _break_cycles(call)
 
     def buffered_bytes(self) -> int:
         return super().buffered_bytes() + len(self._early) + self._reader.buffered
 
+    def unlink(self) -> None:
+        super().unlink()
+        self.fleet_side = None
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+
+_COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
+    Answer: CarrierProtocol._answer,
+    ParseHead: CarrierProtocol._parse_head_later,
+    OpenCall: CarrierProtocol._open_call,
+    TakeSlot: CarrierProtocol._take_slot,
+    CancelSlotWait: CarrierProtocol._cancel_slot_wait,
+    ReleaseSlot: CarrierProtocol._release_slot,
+    ConnectFleet: CarrierProtocol._connect_fleet,
+    SendHead: CarrierProtocol._send_head,
+    DropFleet: CarrierProtocol._drop_fleet,
+    LogAttemptFailed: CarrierProtocol._log_attempt_failed,
+    Link: CarrierProtocol._link,
+    Relay: CarrierProtocol._relay,
+    CloseSide: CarrierProtocol._close_side,
+    AbortSide: CarrierProtocol._abort_side,
+    StartTimer: CarrierProtocol._start_timer,
+    CancelTimer: CarrierProtocol._cancel_timer,
+    CallEnded: CarrierProtocol._call_ended,
+}
+
 
 class FleetProtocol(_Side):
-    """The fleet side of one call attempt."""
+    """The fleet side of one call attempt: reports to its carrier's pump."""
 
-    def __init__(self, exchange: FleetExchange, lease: Lease) -> None:
+    def __init__(self, pump: CarrierProtocol, exchange: FleetExchange) -> None:
+        # None once the attempt is dropped: a late word from it goes nowhere.
+        self.pump: CarrierProtocol | None = pump
         self.exchange = exchange
-        self.lease = lease
-        self.head_received: asyncio.Future[ResponseHead] = (
-            asyncio.get_running_loop().create_future()
-        )
         self._pending = bytearray()  # raw bytes from the fleet, until linked
+        self._head_read = False
         self._relaying = False  # passing a non-101 answer through
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        assert self.transport is not None
-        self.transport.write(self.exchange.request_bytes)
+        if self.pump is not None:
+            self.pump.feed(FleetConnected())
+        else:  # dropped while its connection was made
+            self.abort()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -368,52 +639,48 @@ class FleetProtocol(_Side):
             if self._relaying:
                 self._relay_progress(self.exchange.feed(data))
             elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                carrier = self.peer_side
-                if isinstance(carrier, CarrierProtocol):
-                    _note_close_frame(carrier.call, EndReason.FLEET_CLOSED)
+                if self.pump is not None:
+                    self.pump.feed(CloseFrameSeen(Side.FLEET))
             return
         self._pending += data
-        if self.head_received.done():
+        if self._head_read or self.pump is None:
             # Head read, not linked yet: hold what came with it, read no more.
             self.pause_reading()
             return
         try:
             progress = self.exchange.feed(data)
         except ResponseError as exc:
-            self.head_received.set_exception(exc)
+            self._head_read = True
+            self.pump.feed(FleetError(Failure(exc.kind), exc.detail))
             return
         if progress is not Progress.NEED_DATA:
-            assert self.exchange.head is not None
+            head = self.exchange.head
+            assert head is not None
+            self._head_read = True
             self.pause_reading()
-            self.head_received.set_result(self.exchange.head)
+            self.pump.feed(FleetHead(head.status, head.switched))
         elif len(self._pending) > self.exchange.max_head_bytes:
             # Complete 1xx heads escape h11's size limit: bound them all here.
-            self.head_received.set_exception(
-                ResponseError("junk-response", "response head larger than the limit")
-            )
+            self._head_read = True
+            self.pump.feed(FleetError(Failure.JUNK_RESPONSE, "response head larger than the limit"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        self.lease.release()
-        if not self.head_received.done():
+        pump = self.pump
+        if pump is None:
+            return
+        if not self._head_read:
+            self._head_read = True
             try:
                 self.exchange.feed_eof()
             except ResponseError as error:
-                self.head_received.set_exception(error)
+                pump.feed(FleetError(Failure(error.kind), error.detail))
             else:  # pragma: no cover - feed_eof raises when no head was read
-                self.head_received.set_exception(ResponseError("empty-response", "closed"))
+                pump.feed(FleetError(Failure.EMPTY_RESPONSE, "closed"))
             return
         if self._relaying and self.peer_side is not None:
             self._relay_progress(Progress.BODY_COMPLETE)
-        carrier = self.peer_side
-        if isinstance(carrier, CarrierProtocol) and carrier.call is not None:
-            call = carrier.call
-            if call.end_reason is None:
-                call.end_reason = call.hung_up_by or _lost_reason(
-                    exc, EndReason.FLEET_CLOSED, EndReason.FLEET_LOST
-                )
-            carrier.close()
-            _finish_if_done(carrier.ctx, call)
+        pump.feed(FleetLost(_lost_kind(exc)))
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
         """Relay everything the fleet sent so far and what it sends from now on.
@@ -436,38 +703,23 @@ class FleetProtocol(_Side):
     def _relay_progress(self, progress: Progress) -> None:
         if progress is Progress.BODY_COMPLETE:
             self._relaying = False
-            self.close()
-            if self.peer_side is not None:
-                self.peer_side.close()
+            if self.pump is not None:
+                self.pump.feed(FleetAnswerComplete())
 
     def buffered_bytes(self) -> int:
         return super().buffered_bytes() + len(self._pending)
 
+    def unlink(self) -> None:
+        super().unlink()
+        self.pump = None
 
-def _lost_reason(exc: Exception | None, closed: EndReason, lost: EndReason) -> EndReason:
-    """Why a side's connection ended: closed by its peer, gone without a word
+
+def _lost_kind(exc: Exception | None) -> Lost:
+    """How a side's connection ended: closed by its peer, gone without a word
     (TCP user timeout, keepalive, unreachable), or another error."""
     if exc is None:
-        return closed
-    return lost if peer_gone(exc) else EndReason.ERROR
-
-
-def _note_close_frame(call: Call | None, side: EndReason) -> None:
-    if call is not None and call.hung_up_by is None:
-        call.hung_up_by = side
-
-
-def _finish_if_done(ctx: ProxyContext, call: Call) -> None:
-    """End the call once both sides are gone: access log, out of the registry."""
-    fleet_side = call.fleet_side
-    if not call.carrier.lost or (fleet_side is not None and not fleet_side.lost):
-        return
-    if not ctx.registry.remove_call(call):
-        return
-    call.quiet = None
-    if ctx.access_log:
-        access_log.info("call ended", extra=fields(**call.access_record()))
-    _break_cycles(call)
+        return Lost.CLOSED
+    return Lost.GONE if peer_gone(exc) else Lost.ERROR
 
 
 def _client_ip(address: str) -> str:
@@ -485,165 +737,3 @@ def _break_cycles(call: Call) -> None:
         if side is not None:
             side.unlink()
     call.carrier.call = None
-
-
-class _AttemptFailed(Exception):
-    def __init__(self, failure: Failure, detail: str) -> None:
-        super().__init__(f"{failure.value}: {detail}")
-        self.failure = failure
-        self.detail = detail
-
-
-async def _connect_call(
-    ctx: ProxyContext, carrier: CarrierProtocol, call: Call, head: RequestHead
-) -> None:
-    """Find a fleet that answers and link the call to it, or answer the carrier."""
-    received_at = time.monotonic()
-    tried: list[str] = []
-    failure: Failure | None = None
-    lease: Lease | None = None
-    retried_from: FleetState | None = None  # the fleet the last attempt failed on
-    try:
-        while True:
-            try:
-                lease = await ctx.dispatcher.lease(avoid=tried)
-            except NoFleetAvailable as exc:
-                if failure is None:
-                    carrier.answer(503, exc.reason)
-                else:
-                    carrier.answer(*GIVE_UP_ANSWER[failure])
-                return
-            if lease.fleet.admin is not Admin.READY:
-                # Drained (or removed) between the queue's hand-off and this turn.
-                lease.release()
-                continue
-            if retried_from is not None and retried_from is not lease.fleet:
-                retried_from.redispatches += 1
-            retried_from = None
-            call.attempts += 1
-            call.lease = lease
-            tried.append(lease.fleet.name)
-            try:
-                fleet_side = await _attempt(ctx, call, head, lease)
-            except _AttemptFailed as exc:
-                lease.release()
-                failure = exc.failure
-                log.warning(
-                    "fleet attempt failed",
-                    extra=fields(
-                        call_id=call.id,
-                        fleet=lease.fleet.name,
-                        attempt=call.attempts,
-                        failure=exc.failure.value,
-                        detail=exc.detail,
-                    ),
-                )
-                if ctx.retry.retry_failure(exc.failure, call.attempts):
-                    lease.fleet.retries += 1
-                    retried_from = lease.fleet
-                    continue
-                carrier.answer(*GIVE_UP_ANSWER[exc.failure])
-                return
-            response = fleet_side.head_received.result()
-            lease.fleet.responses[response.status] += 1
-            if not response.switched and ctx.retry.retry_status(response.status, call.attempts):
-                fleet_side.abort()
-                lease.release()
-                lease.fleet.retries += 1
-                retried_from = lease.fleet
-                continue
-            call.status = response.status
-            call.fleet_side = fleet_side
-            ctx.registry.count_request(carrier.route_label, response.status)
-            if response.switched:
-                call.handshake_ms = (time.monotonic() - received_at) * 1000
-                call.tunnel_since = time.monotonic()
-                lease.fleet.calls_total += 1
-                fleet_side.link(carrier, relaying=False)
-                _link_carrier(carrier, fleet_side)
-                ctx.registry.sweep.watch(call, ctx.silence.for_route(call.route))
-                ctx.registry.call_linked(call)
-            else:
-                carrier.state = CarrierState.ANSWERING
-                call.end_reason = EndReason.REFUSED
-                # A fleet that stalls in the middle of its answer must not
-                # hold the call (and its slot) forever.
-                ctx.registry.sweep.watch(call, SilenceLimits(idle=ctx.response_timeout))
-                fleet_side.link(carrier, relaying=True)
-            if fleet_side.lost:  # the fleet closed right after answering
-                carrier.close()
-                _finish_if_done(ctx, call)
-            return
-    except asyncio.CancelledError:
-        # The carrier left mid-setup: a slot not yet tied to a fleet
-        # connection goes back now (release is idempotent).
-        if lease is not None and call.fleet_side is None:
-            lease.release()
-        raise
-    except Exception:
-        log.exception("call setup failed", extra=fields(call_id=call.id))
-        if call.fleet_side is not None:
-            call.fleet_side.abort()
-        elif lease is not None:
-            lease.release()
-        carrier.answer(502, "internal error while connecting the call")
-        call.end_reason = EndReason.ERROR
-
-
-def _link_carrier(carrier: CarrierProtocol, fleet_side: FleetProtocol) -> None:
-    carrier.state = CarrierState.TUNNEL
-    assert fleet_side.transport is not None
-    early = carrier.take_early_bytes()
-    if early:
-        carrier.bytes_received += len(early)
-        fleet_side.transport.write(early)
-    carrier.peer = fleet_side.transport
-    if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
-        carrier.resume_reading()
-
-
-async def _attempt(ctx: ProxyContext, call: Call, head: RequestHead, lease: Lease) -> FleetProtocol:
-    """One attempt on one fleet: connect, send the head, read the answer's head."""
-    spec = lease.fleet.spec
-    exchange = FleetExchange(
-        head.method,
-        head.target,
-        fleet_request_headers(head, fleet_host=spec.host_header, client_ip=call.client_ip),
-        max_head_bytes=ctx.max_head_bytes,
-    )
-    loop = asyncio.get_running_loop()
-    tls: dict[str, Any] = {}
-    if spec.scheme == "https":
-        tls = {"ssl": ctx.fleet_ssl, "server_hostname": spec.host}
-    try:
-        async with asyncio.timeout(ctx.connect_timeout):
-            transport, fleet_side = await loop.create_connection(
-                lambda: FleetProtocol(exchange, lease), spec.host, spec.port, **tls
-            )
-    except TimeoutError:
-        raise _AttemptFailed(
-            Failure.CONN_FAILURE, f"no connection within {ctx.connect_timeout:g}s"
-        ) from None
-    except (OSError, ssl.SSLError) as exc:
-        raise _AttemptFailed(Failure.CONN_FAILURE, str(exc) or type(exc).__name__) from None
-    # A fleet host that vanishes from here on fails this socket within
-    # seconds, not after the kernel's 15 minutes of retransmissions.
-    if (sock := transport.get_extra_info("socket")) is not None:
-        ctx.liveness.apply(sock)
-    try:
-        async with asyncio.timeout(ctx.response_timeout):
-            await fleet_side.head_received
-    except TimeoutError:
-        fleet_side.head_received.cancel()
-        fleet_side.abort()
-        raise _AttemptFailed(
-            Failure.RESPONSE_TIMEOUT, f"no response head within {ctx.response_timeout:g}s"
-        ) from None
-    except ResponseError as exc:
-        fleet_side.abort()
-        raise _AttemptFailed(Failure(exc.kind), exc.detail) from None
-    except asyncio.CancelledError:
-        fleet_side.head_received.cancel()
-        fleet_side.abort()
-        raise
-    return fleet_side

@@ -1,0 +1,717 @@
+"""The life of one carrier connection and its call, as one state machine. No I/O.
+
+Everything about where a call stands lives here (like h11's `_state.py`): which
+stage it is at, which attempt, whether it holds a fleet slot, who hung up, and
+why it ended. The asyncio pump (`net/proxy.py`) feeds it events (bytes seen,
+a slot granted, a fleet connected, a timer fired, a side gone) and carries out
+the commands it returns (answer, take a slot, connect, link, close, time).
+Timers are commands too, so a transcript test drives time by firing them.
+
+Not here, on purpose: the tunnel's hot path. Once linked, each side's
+`data_received` adds to a counter and writes to its peer without a word to the
+machine; only a lone WebSocket close frame is reported (`CloseFrameSeen`), the
+rare event that tells who hung up. The retry policy (`core.retry`), the
+router (`core.routing`) and the fleet exchange (`core.fleet_exchange`, fed by
+the pump, which reports the head it finds) stay where they are.
+
+The transition table `TRANSITIONS` says, for each state, which events are
+legal and what handles them; an event a state does not list raises
+`IllegalEvent`, naming both. The end reason is written in one place, `_end`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeAlias
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.request_head import RequestHead
+from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
+from fleet_ingress.core.routing import RouteKind, Router
+
+
+class EndReason(enum.Enum):
+    CARRIER_CLOSED = "carrier closed"
+    FLEET_CLOSED = "fleet closed"
+    TIMEOUT = "timeout"  # tunnel idle past timeouts.tunnel
+    # A side that vanished without a FIN: silent past timeouts.carrier_silence /
+    # fleet_silence, or failed by TCP (user timeout, keepalive, unreachable).
+    CARRIER_SILENT = "carrier_silent"
+    FLEET_SILENT = "fleet_silent"
+    CARRIER_LOST = "carrier_lost"
+    FLEET_LOST = "fleet_lost"
+    DRAIN = "drain"  # shutdown drain time ran out
+    REMOVED = "removed"  # fleet removed with --force
+    REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
+    ERROR = "error"
+
+
+class State(enum.Enum):
+    HEAD = "head"  # reading the request head (the request timer runs)
+    PARSING = "parsing"  # the head is complete, queued for its parse
+    LEASING = "leasing"  # a call: waiting for a fleet slot
+    CONNECTING = "connecting"  # a slot held; connecting to its fleet (the connect timer runs)
+    AWAITING = "awaiting"  # the head sent; waiting for the fleet's answer (the response timer)
+    TUNNEL = "tunnel"  # 101 relayed: the two sides are linked
+    RELAYING = "relaying"  # a fleet's non-101 answer is being passed through
+    ANSWERING = "answering"  # a local answer written; the carrier is being closed
+    CLOSING = "closing"  # the end is decided; waiting for the sides to go
+    ENDED = "ended"
+
+
+class Side(enum.Enum):
+    CARRIER = "carrier"
+    FLEET = "fleet"
+
+
+class Lost(enum.Enum):
+    """How a side's connection ended."""
+
+    CLOSED = "closed"  # by its peer (FIN, TLS close)
+    GONE = "gone"  # without a word: TCP user timeout, keepalive, unreachable
+    ERROR = "error"  # another error (a bad TLS record, a reset...)
+
+
+class Timer(enum.Enum):
+    REQUEST = "request"  # timeouts.request: the head must be complete by then
+    CONNECT = "connect"  # timeouts.connect: one attempt's TCP (+TLS) connection
+    RESPONSE = "response"  # timeouts.response: the fleet's answer head
+
+
+# Events ---------------------------------------------------------------------
+
+
+class Event:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeadComplete(Event):
+    """The request head's last line arrived; its parse is queued."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadRefused(Event):
+    status: int  # 400, 431, ...
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeadParsed(Event):
+    head: RequestHead
+
+
+@dataclass(frozen=True, slots=True)
+class SlotGranted(Event):
+    fleet: FleetState
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRefused(Event):
+    reason: str  # no fleet up, queue full, queue timeout
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConnected(Event):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConnectFailed(Event):
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHead(Event):
+    status: int
+    switched: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FleetError(Event):
+    failure: Failure  # empty-response or junk-response
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FleetAnswerComplete(Event):
+    """A relayed non-101 answer reached its end."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseFrameSeen(Event):
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class CarrierLost(Event):
+    how: Lost
+
+
+@dataclass(frozen=True, slots=True)
+class FleetLost(Event):
+    how: Lost
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired(Event):
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class EndRequested(Event):
+    """From outside the call: the silence sweep, a drain, a forced removal."""
+
+    reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class SetupFailed(Event):
+    """The pump met an unexpected error while setting the call up."""
+
+    detail: str
+
+
+# Commands -------------------------------------------------------------------
+
+
+class Command:
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Command):
+    """Write a local answer to the carrier (then `CloseSide(CARRIER)` follows)."""
+
+    status: int
+    text: str
+    head_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ParseHead(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class OpenCall(Command):
+    """The head is a call: register it (stats, drain, the access log)."""
+
+    route: str  # the call prefix
+    bot_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TakeSlot(Command):
+    avoid: tuple[str, ...]  # fleets this call already tried
+
+
+@dataclass(frozen=True, slots=True)
+class CancelSlotWait(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseSlot(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFleet(Command):
+    fleet: FleetState
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendHead(Command):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DropFleet(Command):
+    """Give up this attempt's fleet connection: stop connecting, abort it, and
+    hear nothing more from it."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogAttemptFailed(Command):
+    fleet: str
+    attempt: int
+    failure: Failure
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Link(Command):
+    """101: link the two sides (the tunnel) and start the silence watch."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Relay(Command):
+    """Pass the fleet's non-101 answer through, watched by timeouts.response."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseSide(Command):
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class AbortSide(Command):
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer(Command):
+    timer: Timer
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer(Command):
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded(Command):
+    """Both sides are gone: log the call and take it out of the registry."""
+
+    reason: EndReason
+
+
+Commands: TypeAlias = list[Command]
+
+
+class IllegalEvent(Exception):
+    def __init__(self, state: State, event: Event) -> None:
+        super().__init__(f"call machine: event {event!r} is not expected in state {state.value}")
+        self.state = state
+        self.event = event
+
+
+@dataclass(frozen=True, slots=True)
+class CallRules:
+    """What the machine consults; one per ingress configuration."""
+
+    router: Router
+    retry: RetryPolicy
+    request_timeout: float
+    connect_timeout: float
+    response_timeout: float
+
+
+_LOST_REASON = {
+    Side.CARRIER: {Lost.CLOSED: EndReason.CARRIER_CLOSED, Lost.GONE: EndReason.CARRIER_LOST},
+    Side.FLEET: {Lost.CLOSED: EndReason.FLEET_CLOSED, Lost.GONE: EndReason.FLEET_LOST},
+}
+_HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
+
+
+@dataclass(eq=False, slots=True)
+class CallMachine:
+    rules: CallRules
+    state: State = State.HEAD
+    route_label: str = "-"  # for metrics: "-" until a head is routed
+    is_call: bool = False  # the head was a call route's upgrade (the call is registered)
+    attempt: int = 0  # attempts made on fleets, counting from 1
+    tried: list[str] = field(default_factory=list)
+    fleet: FleetState | None = None  # the current attempt's fleet
+    slot_held: bool = False
+    fleet_open: bool = False  # the current attempt's fleet connection is up (until lost)
+    carrier_open: bool = True
+    failure: Failure | None = None  # how the last failed attempt failed
+    retried_from: FleetState | None = None  # the fleet the last attempt failed on
+    status: int | None = None  # what the carrier was answered
+    hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
+    end_reason: EndReason | None = None
+    _out: Commands = field(default_factory=list, repr=False)  # what the event being fed brings
+
+    TRANSITIONS: ClassVar[dict[State, dict[type[Event], Callable[[CallMachine, Event], None]]]]
+
+    def start(self) -> Commands:
+        """The carrier is connected (its TLS handshake done): the head may come."""
+        return [StartTimer(Timer.REQUEST, self.rules.request_timeout)]
+
+    def feed(self, event: Event) -> Commands:
+        handler = self.TRANSITIONS[self.state].get(type(event))
+        if handler is None:
+            raise IllegalEvent(self.state, event)
+        self._out = []
+        handler(self, event)
+        return self._out
+
+    # The one place a call's end reason is written: the first reason stands.
+    def _end(self, reason: EndReason) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+
+    def _emit(self, *commands: Command) -> None:
+        self._out.extend(commands)
+
+    def _release_slot(self) -> None:
+        if self.slot_held:
+            self.slot_held = False
+            self._emit(ReleaseSlot())
+
+    def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
+        self.state = State.ANSWERING
+        self.status = status
+        if self.is_call:
+            self._end(EndReason.REFUSED)
+        self._emit(Answer(status, text, head_only), CloseSide(Side.CARRIER))
+
+    def _take_slot(self) -> None:
+        self.state = State.LEASING
+        self._emit(TakeSlot(tuple(self.tried)))
+
+    def _gone_if_both(self) -> None:
+        """The call ends once neither side is open."""
+        if self.carrier_open or self.fleet_open:
+            self.state = State.CLOSING
+            return
+        self.state = State.ENDED
+        if self.is_call:
+            assert self.end_reason is not None
+            self._emit(CallEnded(self.end_reason))
+
+    def _lost_reason(self, side: Side, how: Lost) -> EndReason:
+        if self.hung_up_by is not None:
+            return self.hung_up_by
+        return _LOST_REASON[side].get(how, EndReason.ERROR)
+
+    # HEAD and PARSING ------------------------------------------------------
+
+    def _head_complete(self, event: Event) -> None:
+        self.state = State.PARSING
+        self._emit(CancelTimer(Timer.REQUEST), ParseHead())
+
+    def _head_refused(self, event: Event) -> None:
+        assert isinstance(event, HeadRefused)
+        if self.state is State.HEAD:
+            self._emit(CancelTimer(Timer.REQUEST))
+        self._answer(event.status, event.reason)
+
+    def _request_timer(self, event: Event) -> None:
+        assert isinstance(event, TimerFired)
+        if event.timer is not Timer.REQUEST:
+            raise IllegalEvent(self.state, event)
+        self._answer(408, "request head not received in time")
+
+    def _carrier_lost_before_call(self, event: Event) -> None:
+        self.carrier_open = False
+        if self.state is State.HEAD:
+            self._emit(CancelTimer(Timer.REQUEST))
+        self.state = State.ENDED
+
+    def _head_parsed(self, event: Event) -> None:
+        assert isinstance(event, HeadParsed)
+        head = event.head
+        route = self.rules.router.route(head.path.decode("latin-1"))
+        self.route_label = route.label
+        if route.kind is RouteKind.HEALTH:
+            # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
+            self._answer(200, "ok", head_only=head.method == b"HEAD")
+        elif route.kind is RouteKind.NOT_FOUND:
+            self._answer(404, "no such route on this ingress")
+        elif head.http_version != b"1.1":
+            self._answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1")
+        elif not head.is_websocket_upgrade:
+            self._answer(400, "a call route accepts only a GET WebSocket upgrade")
+        else:
+            self.is_call = True
+            self._emit(OpenCall(route.prefix, route.bot_id))
+            self._take_slot()
+
+    # Finding a fleet -------------------------------------------------------
+
+    def _slot_granted(self, event: Event) -> None:
+        assert isinstance(event, SlotGranted)
+        fleet = event.fleet
+        self.slot_held = True
+        if fleet.admin is not Admin.READY:
+            # Drained (or removed) between the queue's hand-off and this turn.
+            self._release_slot()
+            self._take_slot()
+            return
+        if self.retried_from is not None and self.retried_from is not fleet:
+            self.retried_from.redispatches += 1
+        self.retried_from = None
+        self.attempt += 1
+        self.fleet = fleet
+        self.tried.append(fleet.name)
+        self.state = State.CONNECTING
+        self._emit(
+            ConnectFleet(fleet, self.attempt),
+            StartTimer(Timer.CONNECT, self.rules.connect_timeout),
+        )
+
+    def _slot_refused(self, event: Event) -> None:
+        assert isinstance(event, SlotRefused)
+        if self.failure is None:
+            self._answer(503, event.reason)
+        else:
+            self._answer(*GIVE_UP_ANSWER[self.failure])
+
+    def _fleet_connected(self, event: Event) -> None:
+        self.fleet_open = True
+        self.state = State.AWAITING
+        self._emit(
+            CancelTimer(Timer.CONNECT),
+            SendHead(),
+            StartTimer(Timer.RESPONSE, self.rules.response_timeout),
+        )
+
+    def _connect_failed(self, event: Event) -> None:
+        assert isinstance(event, FleetConnectFailed)
+        self._emit(CancelTimer(Timer.CONNECT))
+        self._attempt_failed(Failure.CONN_FAILURE, event.detail)
+
+    def _connect_timer(self, event: Event) -> None:
+        assert isinstance(event, TimerFired)
+        if event.timer is not Timer.CONNECT:
+            raise IllegalEvent(self.state, event)
+        detail = f"no connection within {self.rules.connect_timeout:g}s"
+        self._attempt_failed(Failure.CONN_FAILURE, detail)
+
+    def _response_timer(self, event: Event) -> None:
+        assert isinstance(event, TimerFired)
+        if event.timer is not Timer.RESPONSE:
+            raise IllegalEvent(self.state, event)
+        detail = f"no response head within {self.rules.response_timeout:g}s"
+        self._attempt_failed(Failure.RESPONSE_TIMEOUT, detail)
+
+    def _fleet_error(self, event: Event) -> None:
+        assert isinstance(event, FleetError)
+        self._emit(CancelTimer(Timer.RESPONSE))
+        self._attempt_failed(event.failure, event.detail)
+
+    def _attempt_failed(self, failure: Failure, detail: str) -> None:
+        fleet = self.fleet
+        assert fleet is not None
+        self.fleet_open = False
+        self._emit(DropFleet())
+        self._release_slot()
+        self.failure = failure
+        self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))
+        if self.rules.retry.retry_failure(failure, self.attempt):
+            fleet.retries += 1
+            self.retried_from = fleet
+            self._take_slot()
+        else:
+            self._answer(*GIVE_UP_ANSWER[failure])
+
+    def _fleet_head(self, event: Event) -> None:
+        assert isinstance(event, FleetHead)
+        fleet = self.fleet
+        assert fleet is not None
+        self._emit(CancelTimer(Timer.RESPONSE))
+        fleet.responses[event.status] += 1
+        if not event.switched and self.rules.retry.retry_status(event.status, self.attempt):
+            self.fleet_open = False
+            self._emit(DropFleet())
+            self._release_slot()
+            fleet.retries += 1
+            self.retried_from = fleet
+            self._take_slot()
+            return
+        self.status = event.status
+        if event.switched:
+            self.state = State.TUNNEL
+            fleet.calls_total += 1
+            self._emit(Link(event.status))
+        else:
+            self.state = State.RELAYING
+            self._end(EndReason.REFUSED)
+            self._emit(Relay(event.status))
+
+    def _setup_failed(self, event: Event) -> None:
+        if self.state in (State.CONNECTING, State.AWAITING):
+            self.fleet_open = False
+            self._emit(CancelTimer(_STAGE_TIMER[self.state]), DropFleet())
+        elif self.state is State.LEASING:
+            self._emit(CancelSlotWait())
+        self._release_slot()
+        self._end(EndReason.ERROR)  # before the answer's REFUSED: the ingress failed
+        self._answer(502, "internal error while connecting the call")
+
+    def _carrier_lost_in_setup(self, event: Event) -> None:
+        assert isinstance(event, CarrierLost)
+        self.carrier_open = False
+        self._end(self._lost_reason(Side.CARRIER, event.how))
+        if self.state is State.LEASING:
+            self._emit(CancelSlotWait())
+        else:
+            self.fleet_open = False
+            self._emit(CancelTimer(_STAGE_TIMER[self.state]), DropFleet())
+        self._release_slot()
+        self._gone_if_both()
+
+    def _end_requested_in_setup(self, event: Event) -> None:
+        assert isinstance(event, EndRequested)
+        self._end(event.reason)
+        if self.state is State.LEASING:
+            self._emit(CancelSlotWait())
+        else:
+            self.fleet_open = False
+            self._emit(CancelTimer(_STAGE_TIMER[self.state]), DropFleet())
+        # The slot goes back with the carrier (CarrierLost in CLOSING), as the
+        # call holds it until then: a forced removal waits for both.
+        self.state = State.CLOSING
+        self._close_carrier(event.reason)
+
+    # Linked: the tunnel, or a non-101 answer relayed -----------------------
+
+    def _close_frame(self, event: Event) -> None:
+        assert isinstance(event, CloseFrameSeen)
+        if self.hung_up_by is None:
+            self.hung_up_by = _HUNG_UP_BY[event.side]
+
+    def _carrier_lost_linked(self, event: Event) -> None:
+        assert isinstance(event, CarrierLost)
+        self.carrier_open = False
+        self._end(self._lost_reason(Side.CARRIER, event.how))
+        if self.fleet_open:
+            self._emit(CloseSide(Side.FLEET))
+        self._gone_if_both()
+
+    def _fleet_lost_linked(self, event: Event) -> None:
+        assert isinstance(event, FleetLost)
+        self.fleet_open = False
+        self._end(self._lost_reason(Side.FLEET, event.how))
+        self._release_slot()
+        if self.carrier_open:
+            self._emit(CloseSide(Side.CARRIER))
+        self._gone_if_both()
+
+    def _answer_complete(self, event: Event) -> None:
+        self.state = State.CLOSING
+        self._emit(CloseSide(Side.FLEET), CloseSide(Side.CARRIER))
+
+    def _end_requested_linked(self, event: Event) -> None:
+        """A silent side is gone, so it is aborted rather than left to wait for a
+        TLS close it will never answer; the other side is closed cleanly (pending
+        bytes flushed, TLS close_notify, then TCP), so a bot or a carrier hears at
+        once that the call is over."""
+        assert isinstance(event, EndRequested)
+        self._end(event.reason)
+        self.state = State.CLOSING
+        self._close_carrier(event.reason)
+        if self.fleet_open:
+            silent = event.reason is EndReason.FLEET_SILENT
+            self._emit(AbortSide(Side.FLEET) if silent else CloseSide(Side.FLEET))
+
+    def _close_carrier(self, reason: EndReason) -> None:
+        if self.carrier_open:
+            silent = reason is EndReason.CARRIER_SILENT
+            self._emit(AbortSide(Side.CARRIER) if silent else CloseSide(Side.CARRIER))
+
+    # Closing ---------------------------------------------------------------
+
+    def _carrier_lost_closing(self, event: Event) -> None:
+        assert isinstance(event, CarrierLost)
+        self.carrier_open = False
+        self._end(self._lost_reason(Side.CARRIER, event.how))
+        if not self.fleet_open:
+            self._release_slot()  # held by a call ended in its setup
+        self._gone_if_both()
+
+    def _fleet_lost_closing(self, event: Event) -> None:
+        assert isinstance(event, FleetLost)
+        self.fleet_open = False
+        self._end(self._lost_reason(Side.FLEET, event.how))
+        self._release_slot()
+        self._gone_if_both()
+
+    def _end_requested_closing(self, event: Event) -> None:
+        # Asked again (a drain after the sweep, a stop's second pass): close
+        # again, for a side that is slow to go; the first reason stands.
+        assert isinstance(event, EndRequested)
+        self._end(event.reason)
+        self._close_carrier(event.reason)
+        if self.fleet_open:
+            silent = event.reason is EndReason.FLEET_SILENT
+            self._emit(AbortSide(Side.FLEET) if silent else CloseSide(Side.FLEET))
+
+    def _ignore(self, event: Event) -> None:
+        """Legal and without effect: late news about a call already ending."""
+
+    def _slot_granted_late(self, event: Event) -> None:
+        # A slot handed over as the call ended: it goes back at once.
+        self._emit(ReleaseSlot())
+
+
+_STAGE_TIMER = {State.CONNECTING: Timer.CONNECT, State.AWAITING: Timer.RESPONSE}
+
+_M = CallMachine
+_SETUP_ENDS: dict[type[Event], Callable[[CallMachine, Event], None]] = {
+    CarrierLost: _M._carrier_lost_in_setup,
+    EndRequested: _M._end_requested_in_setup,
+    SetupFailed: _M._setup_failed,
+}
+
+
+CallMachine.TRANSITIONS = {
+    State.HEAD: {
+        HeadComplete: _M._head_complete,
+        HeadRefused: _M._head_refused,
+        TimerFired: _M._request_timer,
+        CarrierLost: _M._carrier_lost_before_call,
+    },
+    State.PARSING: {
+        HeadParsed: _M._head_parsed,
+        HeadRefused: _M._head_refused,
+        CarrierLost: _M._carrier_lost_before_call,
+    },
+    State.LEASING: {
+        SlotGranted: _M._slot_granted,
+        SlotRefused: _M._slot_refused,
+        **_SETUP_ENDS,
+    },
+    State.CONNECTING: {
+        FleetConnected: _M._fleet_connected,
+        FleetConnectFailed: _M._connect_failed,
+        TimerFired: _M._connect_timer,
+        **_SETUP_ENDS,
+    },
+    State.AWAITING: {
+        FleetHead: _M._fleet_head,
+        FleetError: _M._fleet_error,
+        TimerFired: _M._response_timer,
+        **_SETUP_ENDS,
+    },
+    State.TUNNEL: {
+        CloseFrameSeen: _M._close_frame,
+        CarrierLost: _M._carrier_lost_linked,
+        FleetLost: _M._fleet_lost_linked,
+        EndRequested: _M._end_requested_linked,
+    },
+    State.RELAYING: {
+        FleetAnswerComplete: _M._answer_complete,
+        CarrierLost: _M._carrier_lost_linked,
+        FleetLost: _M._fleet_lost_linked,
+        EndRequested: _M._end_requested_linked,
+    },
+    State.ANSWERING: {
+        CarrierLost: _M._carrier_lost_closing,
+        EndRequested: _M._end_requested_closing,
+    },
+    State.CLOSING: {
+        CarrierLost: _M._carrier_lost_closing,
+        FleetLost: _M._fleet_lost_closing,
+        EndRequested: _M._end_requested_closing,
+        CloseFrameSeen: _M._ignore,
+        FleetAnswerComplete: _M._ignore,
+        SlotGranted: _M._slot_granted_late,
+    },
+    State.ENDED: {
+        EndRequested: _M._ignore,
+        SlotGranted: _M._slot_granted_late,
+    },
+}

@@ -1,0 +1,709 @@
+"""A call's life as transcripts (core/call_machine.py), no sockets.
+
+Read like mitmproxy's playbooks: `>> event` is what the pump reports, `<< command`
+what the machine must answer, in order and nothing more. Time moves only by
+firing a timer the machine started (and did not cancel), so a transcript also
+checks the timers. Each race that docs/RELIABILITY.md and
+tests/e2e/test_fleet_change_races.py record about a call's life has its
+transcript at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.call_machine import (
+    AbortSide,
+    Answer,
+    CallEnded,
+    CallMachine,
+    CallRules,
+    CancelSlotWait,
+    CancelTimer,
+    CarrierLost,
+    CloseFrameSeen,
+    CloseSide,
+    Command,
+    ConnectFleet,
+    DropFleet,
+    EndReason,
+    EndRequested,
+    Event,
+    FleetAnswerComplete,
+    FleetConnected,
+    FleetConnectFailed,
+    FleetError,
+    FleetHead,
+    FleetLost,
+    HeadComplete,
+    HeadParsed,
+    HeadRefused,
+    IllegalEvent,
+    Link,
+    LogAttemptFailed,
+    Lost,
+    OpenCall,
+    ParseHead,
+    Relay,
+    ReleaseSlot,
+    SendHead,
+    SetupFailed,
+    Side,
+    SlotGranted,
+    SlotRefused,
+    StartTimer,
+    State,
+    TakeSlot,
+    Timer,
+    TimerFired,
+)
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.request_head import parse_request_head
+from fleet_ingress.core.retry import Failure, RetryPolicy
+from fleet_ingress.core.routing import Router
+
+REQUEST_S, CONNECT_S, RESPONSE_S = 20.0, 3.0, 5.0
+ALL_CONDITIONS = frozenset(f.value for f in Failure)
+
+
+def rules(retries: int = 1, statuses: frozenset[int] = frozenset({503})) -> CallRules:
+    return CallRules(
+        router=Router(["/ws/", "/exotel/"], "/haproxy-health"),
+        retry=RetryPolicy(retries=retries, conditions=ALL_CONDITIONS, statuses=statuses),
+        request_timeout=REQUEST_S,
+        connect_timeout=CONNECT_S,
+        response_timeout=RESPONSE_S,
+    )
+
+
+def fleets(*names: str) -> list[FleetState]:
+    text = "\n".join(f"https://fleet.test:{i + 1} name={n}" for i, n in enumerate(names))
+    return [FleetState(spec) for spec in parse_fleets_text(text, default_maxconn=16)]
+
+
+def head(path: str = "/ws/bot-1", *, upgrade: bool = True, version: str = "1.1") -> HeadParsed:
+    lines = [f"GET {path} HTTP/{version}", "Host: calls.test"]
+    if upgrade:
+        lines += ["Upgrade: websocket", "Connection: Upgrade"]
+        lines += ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+    return HeadParsed(parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode()))
+
+
+@dataclass
+class Playbook:
+    """`>>` an event, `<<` each command it must bring, then `assert playbook`."""
+
+    machine: CallMachine
+    steps: list[tuple[str, Event | Command]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    started: bool = False
+    timers: set[Timer] = field(default_factory=set)
+
+    def __rshift__(self, event: Event) -> Playbook:
+        self.steps.append((">>", event))
+        return self
+
+    def __lshift__(self, command: Command) -> Playbook:
+        self.steps.append(("<<", command))
+        return self
+
+    def __bool__(self) -> bool:
+        """Run the steps not run yet; raise with the transcript on a mismatch."""
+        expected: list[Command] = []
+        got: list[Command] = []
+        if not self.started:
+            self.started = True
+            got = self.machine.start()
+            self._track(got)
+        for kind, item in self.steps:
+            if kind == "<<":
+                assert isinstance(item, Command)
+                expected.append(item)
+                continue
+            self._check(expected, got)
+            assert isinstance(item, Event)
+            if isinstance(item, TimerFired):
+                # Time moves only by a timer the machine has running.
+                assert item.timer in self.timers, f"{item.timer} fired but is not running"
+                self.timers.discard(item.timer)
+            self.log.append(f">> {item!r}   [{self.machine.state.value}]")
+            expected, got = [], self.machine.feed(item)
+            self._track(got)
+        self._check(expected, got)
+        self.steps.clear()
+        return True
+
+    def _track(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, StartTimer):
+                self.timers.add(command.timer)
+            elif isinstance(command, CancelTimer):
+                self.timers.discard(command.timer)
+
+    def _check(self, expected: list[Command], got: list[Command]) -> None:
+        self.log.extend(f"<< {c!r}" for c in got)
+        if expected != got:
+            transcript = "\n".join(self.log)
+            raise AssertionError(
+                f"expected {expected!r}\n     got {got!r}\ntranscript:\n{transcript}"
+            )
+
+
+def new_call(
+    *, retries: int = 1, statuses: frozenset[int] = frozenset({503})
+) -> tuple[Playbook, CallMachine]:
+    machine = CallMachine(rules(retries, statuses))
+    return Playbook(machine), machine
+
+
+def up_to_slot(pb: Playbook, path: str = "/ws/bot-1") -> Playbook:
+    """A carrier's upgrade head, read and parsed: the call waits for a slot."""
+    prefix = "/" + path.split("/")[1] + "/"
+    return (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadComplete()
+        << CancelTimer(Timer.REQUEST)
+        << ParseHead()
+        >> head(path)
+        << OpenCall(prefix, path.split("/")[2])
+        << TakeSlot(())
+    )
+
+
+def attempt(pb: Playbook, fleet: FleetState, n: int, avoid: tuple[str, ...] = ()) -> Playbook:
+    """From a slot granted on `fleet` to the head sent (attempt `n`)."""
+    return (
+        pb
+        >> SlotGranted(fleet)
+        << ConnectFleet(fleet, n)
+        << StartTimer(Timer.CONNECT, CONNECT_S)
+        >> FleetConnected()
+        << CancelTimer(Timer.CONNECT)
+        << SendHead()
+        << StartTimer(Timer.RESPONSE, RESPONSE_S)
+    )
+
+
+def in_tunnel(pb: Playbook, fleet: FleetState) -> Playbook:
+    return (
+        attempt(up_to_slot(pb), fleet, 1)
+        >> FleetHead(101, True)
+        << CancelTimer(Timer.RESPONSE)
+        << Link(101)
+    )
+
+
+# The normal call -------------------------------------------------------------
+
+
+def test_a_call_from_its_head_to_its_end():
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    assert (
+        in_tunnel(pb, a)
+        >> CarrierLost(Lost.CLOSED)
+        << CloseSide(Side.FLEET)
+        >> FleetLost(Lost.CLOSED)
+        << ReleaseSlot()
+        << CallEnded(EndReason.CARRIER_CLOSED)
+    )
+    assert machine.state is State.ENDED and machine.status == 101 and machine.attempt == 1
+    assert (a.calls_total, a.responses[101], a.retries) == (1, 1, 0)
+
+
+def test_the_health_route_and_refused_heads_are_answered_without_a_call():
+    for event, answer in [
+        (head("/haproxy-health", upgrade=False), Answer(200, "ok")),
+        (head("/nope"), Answer(404, "no such route on this ingress")),
+        (
+            head("/ws/bot", version="1.0"),
+            Answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1"),
+        ),
+        (
+            head("/ws/bot", upgrade=False),
+            Answer(400, "a call route accepts only a GET WebSocket upgrade"),
+        ),
+    ]:
+        pb, machine = new_call()
+        assert (
+            pb
+            << StartTimer(Timer.REQUEST, REQUEST_S)
+            >> HeadComplete()
+            << CancelTimer(Timer.REQUEST)
+            << ParseHead()
+            >> event
+            << answer
+            << CloseSide(Side.CARRIER)
+            >> CarrierLost(Lost.CLOSED)  # no call: nothing to log
+        )
+        assert not machine.is_call and machine.state is State.ENDED
+
+
+def test_a_head_refused_as_it_arrives_or_late_is_answered():
+    pb, _ = new_call()
+    assert (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadRefused(431, "too many header lines")
+        << CancelTimer(Timer.REQUEST)
+        << Answer(431, "too many header lines")
+        << CloseSide(Side.CARRIER)
+    )
+    pb, _ = new_call()
+    assert (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> TimerFired(Timer.REQUEST)
+        << Answer(408, "request head not received in time")
+        << CloseSide(Side.CARRIER)
+    )
+
+
+# Retries and giving up ------------------------------------------------------
+
+# How attempt 1 on fleet a fails: the events, and the commands before the drop.
+FAILURES = {
+    "conn-failure": (
+        [FleetConnectFailed("connection refused")],
+        [CancelTimer(Timer.CONNECT)],
+        Failure.CONN_FAILURE,
+        "connection refused",
+    ),
+    "connect timeout": (
+        [TimerFired(Timer.CONNECT)],
+        [],
+        Failure.CONN_FAILURE,
+        f"no connection within {CONNECT_S:g}s",
+    ),
+    "empty-response": (
+        [FleetConnected(), FleetError(Failure.EMPTY_RESPONSE, "closed")],
+        [CancelTimer(Timer.RESPONSE)],
+        Failure.EMPTY_RESPONSE,
+        "closed",
+    ),
+    "junk-response": (
+        [FleetConnected(), FleetError(Failure.JUNK_RESPONSE, "not HTTP")],
+        [CancelTimer(Timer.RESPONSE)],
+        Failure.JUNK_RESPONSE,
+        "not HTTP",
+    ),
+    "response-timeout": (
+        [FleetConnected(), TimerFired(Timer.RESPONSE)],
+        [],
+        Failure.RESPONSE_TIMEOUT,
+        f"no response head within {RESPONSE_S:g}s",
+    ),
+}
+GIVE_UP = {
+    Failure.CONN_FAILURE: Answer(503, "no fleet could be reached"),
+    Failure.EMPTY_RESPONSE: Answer(502, "the fleet closed without answering"),
+    Failure.JUNK_RESPONSE: Answer(502, "the fleet sent an invalid response"),
+    Failure.RESPONSE_TIMEOUT: Answer(504, "the fleet did not answer in time"),
+}
+
+
+def fail_attempt(pb: Playbook, fleet: FleetState, n: int, how: str) -> Playbook:
+    events, before, failure, detail = FAILURES[how]
+    pb >> SlotGranted(fleet) << ConnectFleet(fleet, n) << StartTimer(Timer.CONNECT, CONNECT_S)
+    for event in events:
+        pb >> event
+        if event == FleetConnected():
+            pb << CancelTimer(Timer.CONNECT) << SendHead() << StartTimer(Timer.RESPONSE, RESPONSE_S)
+    for command in before:
+        pb << command
+    return pb << DropFleet() << ReleaseSlot() << LogAttemptFailed(fleet.name, n, failure, detail)
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_a_failed_attempt_is_retried_on_another_fleet(how: str):
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (a.retries, a.redispatches, b.retries, machine.attempt) == (1, 1, 0, 2)
+    assert machine.tried == ["a", "b"]
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_attempts_run_out_with_the_answer_for_the_last_failure(how: str):
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
+    fail_attempt(pb, b, 2, how) << GIVE_UP[FAILURES[how][2]] << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert (a.retries, b.retries) == (1, 0)  # the last failure is not retried
+    assert machine.status == GIVE_UP[FAILURES[how][2]].status
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_no_fleet_left_to_retry_on_answers_for_the_failure_not_503(how: str):
+    (a,) = fleets("a")
+    pb, _ = new_call(retries=2)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
+    pb >> SlotRefused("no fleet is up") << GIVE_UP[FAILURES[how][2]] << CloseSide(Side.CARRIER)
+    assert pb
+
+
+def test_no_slot_at_all_is_503_with_the_dispatchers_reason():
+    pb, machine = new_call()
+    up_to_slot(pb)
+    pb >> SlotRefused("every fleet is at capacity and the queue is full")
+    pb << Answer(503, "every fleet is at capacity and the queue is full")
+    pb << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.attempt == 0
+
+
+def test_a_listed_status_is_retried_and_the_answer_is_never_relayed():
+    a, b = fleets("a", "b")
+    pb, _ = new_call(retries=1, statuses=frozenset({503}))
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(503, False) << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (a.responses[503], a.retries, a.redispatches) == (1, 1, 1)
+
+
+def test_a_listed_status_on_the_last_attempt_is_relayed():
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(503, False) << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(503, False) << CancelTimer(Timer.RESPONSE) << Relay(503)
+    assert pb
+    assert machine.end_reason is EndReason.REFUSED and machine.status == 503
+
+
+def test_a_429_is_passed_through_untouched_and_not_retried():
+    (a,) = fleets("a")
+    pb, machine = new_call(retries=3)
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> FleetAnswerComplete() << CloseSide(Side.FLEET) << CloseSide(Side.CARRIER)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert (a.retries, a.calls_total, a.responses[429], machine.status) == (0, 0, 1, 429)
+
+
+def test_a_fleet_closing_mid_answer_ends_the_relay():
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> FleetLost(Lost.GONE) << ReleaseSlot() << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+
+
+def test_an_unexpected_setup_error_answers_502_and_says_error():
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    pb = up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1)
+    pb << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> SetupFailed("boom") << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+    pb << Answer(502, "internal error while connecting the call") << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.ERROR)
+    assert pb
+
+
+# The carrier leaving at each stage: the slot goes back exactly once ---------
+
+
+def _leaves_leasing(pb: Playbook, a: FleetState) -> Playbook:
+    return up_to_slot(pb) >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
+
+
+def _leaves_connecting(pb: Playbook, a: FleetState) -> Playbook:
+    pb = up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1)
+    pb << StartTimer(Timer.CONNECT, CONNECT_S)
+    return (
+        pb >> CarrierLost(Lost.CLOSED) << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+    )
+
+
+def _leaves_awaiting(pb: Playbook, a: FleetState) -> Playbook:
+    pb = attempt(up_to_slot(pb), a, 1)
+    return (
+        pb
+        >> CarrierLost(Lost.CLOSED)
+        << CancelTimer(Timer.RESPONSE)
+        << DropFleet()
+        << ReleaseSlot()
+    )
+
+
+def _leaves_retrying(pb: Playbook, a: FleetState) -> Playbook:
+    """Between attempts: the slot of the failed one already went back."""
+    pb = fail_attempt(up_to_slot(pb), a, 1, "conn-failure") << TakeSlot(("a",))
+    return pb >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
+
+
+def _leaves_relaying(pb: Playbook, a: FleetState) -> Playbook:
+    pb = attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+
+
+def _leaves_tunnel(pb: Playbook, a: FleetState) -> Playbook:
+    pb = in_tunnel(pb, a) >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+
+
+def _leaves_answering(pb: Playbook, a: FleetState) -> Playbook:
+    pb = up_to_slot(pb) >> SlotRefused("no fleet is up") << Answer(503, "no fleet is up")
+    return pb << CloseSide(Side.CARRIER) >> CarrierLost(Lost.CLOSED)
+
+
+@pytest.mark.parametrize(
+    ("stage", "script", "reason"),
+    [
+        ("leasing", _leaves_leasing, EndReason.CARRIER_CLOSED),
+        ("connecting", _leaves_connecting, EndReason.CARRIER_CLOSED),
+        ("awaiting", _leaves_awaiting, EndReason.CARRIER_CLOSED),
+        ("retrying", _leaves_retrying, EndReason.CARRIER_CLOSED),
+        ("relaying", _leaves_relaying, EndReason.REFUSED),
+        ("tunnel", _leaves_tunnel, EndReason.CARRIER_CLOSED),
+        ("answering", _leaves_answering, EndReason.REFUSED),
+    ],
+)
+def test_the_carrier_leaving_at_each_stage_gives_the_slot_back_once(stage, script, reason):
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    script(pb, a) << CallEnded(reason)
+    granted = sum(isinstance(e, SlotGranted) for k, e in pb.steps if k == ">>")
+    released = sum(isinstance(c, ReleaseSlot) for k, c in pb.steps if k == "<<")
+    assert pb
+    assert released == granted
+    assert machine.state is State.ENDED and not machine.slot_held
+
+
+@pytest.mark.parametrize("stage", ["head", "parsing"])
+def test_a_connection_that_leaves_before_its_head_is_a_call_logs_nothing(stage):
+    pb, machine = new_call()
+    pb << StartTimer(Timer.REQUEST, REQUEST_S)
+    if stage == "parsing":
+        pb >> HeadComplete() << CancelTimer(Timer.REQUEST) << ParseHead()
+        pb >> CarrierLost(Lost.CLOSED)
+    else:
+        pb >> CarrierLost(Lost.CLOSED) << CancelTimer(Timer.REQUEST)
+    assert pb
+    assert machine.state is State.ENDED
+
+
+# Who hung up ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frames", "first_lost", "reason"),
+    [
+        # A normal close: whoever asks, the fleet (the server) ends TCP first.
+        ([], "fleet", EndReason.FLEET_CLOSED),
+        ([Side.CARRIER], "fleet", EndReason.CARRIER_CLOSED),
+        ([Side.FLEET], "fleet", EndReason.FLEET_CLOSED),
+        ([Side.FLEET], "carrier", EndReason.FLEET_CLOSED),
+        ([Side.CARRIER, Side.FLEET], "fleet", EndReason.CARRIER_CLOSED),  # the first frame
+        ([Side.FLEET, Side.CARRIER], "fleet", EndReason.FLEET_CLOSED),
+        ([], "carrier", EndReason.CARRIER_CLOSED),
+    ],
+)
+def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    in_tunnel(pb, a)
+    for side in frames:
+        pb >> CloseFrameSeen(side)
+    if first_lost == "fleet":
+        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER)
+        pb >> CarrierLost(Lost.CLOSED)
+    else:
+        pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb << CallEnded(reason)
+    assert pb
+
+
+@pytest.mark.parametrize(
+    ("side", "how", "reason"),
+    [
+        ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED),
+        ("fleet", Lost.GONE, EndReason.FLEET_LOST),
+        ("fleet", Lost.ERROR, EndReason.ERROR),
+        ("carrier", Lost.GONE, EndReason.CARRIER_LOST),
+        ("carrier", Lost.ERROR, EndReason.ERROR),
+    ],
+)
+def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason):
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    in_tunnel(pb, a)
+    if side == "fleet":
+        pb >> FleetLost(how) << ReleaseSlot() << CloseSide(Side.CARRIER)
+        pb >> CarrierLost(Lost.CLOSED) << CallEnded(reason)
+    else:
+        pb >> CarrierLost(how) << CloseSide(Side.FLEET)
+        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(reason)
+    assert pb
+
+
+def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
+    (a,) = fleets("a")
+    pb, _ = new_call(retries=0)
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetError(Failure.EMPTY_RESPONSE, "fleet closed before a complete response")
+    pb << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed(
+        "a", 1, Failure.EMPTY_RESPONSE, "fleet closed before a complete response"
+    )
+    pb << Answer(502, "the fleet closed without answering") << CloseSide(Side.CARRIER)
+    assert pb
+
+
+# Ended from outside: silence, timeout, drain, removal ----------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "carrier", "fleet"),
+    [
+        (EndReason.CARRIER_SILENT, AbortSide(Side.CARRIER), CloseSide(Side.FLEET)),
+        (EndReason.FLEET_SILENT, CloseSide(Side.CARRIER), AbortSide(Side.FLEET)),
+        (EndReason.TIMEOUT, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
+        (EndReason.DRAIN, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
+        (EndReason.REMOVED, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
+    ],
+)
+def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason, carrier, fleet):
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    in_tunnel(pb, a) >> EndRequested(reason) << carrier << fleet
+    # What the sides say as they go does not change why the call ended.
+    pb >> CarrierLost(Lost.ERROR) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(reason)
+    assert pb
+
+
+def test_a_drain_during_setup_drops_the_attempt_and_keeps_the_slot_until_the_carrier_goes():
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    attempt(up_to_slot(pb), a, 1)
+    pb >> EndRequested(EndReason.DRAIN) << CancelTimer(Timer.RESPONSE) << DropFleet()
+    pb << CloseSide(Side.CARRIER)
+    assert pb
+    assert machine.slot_held  # a forced removal waits for this call's carrier
+    pb >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.DRAIN)
+    assert pb
+
+
+# Races (docs/RELIABILITY.md, tests/e2e/test_fleet_change_races.py) ----------
+
+
+def test_race_a_slot_handed_out_in_the_turn_its_fleet_is_drained_is_given_back():
+    a, b = fleets("a", "b")
+    a.admin = Admin.DRAIN  # drained between the queue's hand-off and this turn
+    pb, machine = new_call()
+    up_to_slot(pb) >> SlotGranted(a) << ReleaseSlot() << TakeSlot(())  # a was never tried
+    attempt(pb, b, 1)
+    assert pb
+    assert machine.attempt == 1 and machine.tried == ["b"]
+    assert a.retries == a.redispatches == 0
+
+
+def test_race_a_slot_handed_over_as_the_carrier_leaves_goes_back():
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    up_to_slot(pb) >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
+    pb << CallEnded(EndReason.CARRIER_CLOSED)
+    pb >> SlotGranted(a) << ReleaseSlot()  # the hand-off had already happened
+    assert pb
+
+
+def test_race_remove_fleet_force_spares_a_call_that_only_tried_that_fleet():
+    """X's attempt on a timed out and X waits to retry elsewhere; Y holds a's
+    slot. Only Y holds it (the registry's calls_on reads that), and Y ended
+    as removed gives it back once."""
+    (a,) = fleets("a")
+    x, machine_x = new_call()
+    fail_attempt(up_to_slot(x), a, 1, "response-timeout") << TakeSlot(("a",))
+    y, machine_y = new_call()
+    attempt(up_to_slot(y), a, 1)
+    assert x and y
+    assert (machine_x.slot_held, machine_y.slot_held) == (False, True)
+    y >> EndRequested(EndReason.REMOVED) << CancelTimer(Timer.RESPONSE) << DropFleet()
+    y << CloseSide(Side.CARRIER)
+    y >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.REMOVED)
+    assert y
+    assert machine_x.end_reason is None and machine_x.state is State.LEASING
+
+
+def test_race_calls_cut_at_stop_are_each_logged_even_if_the_fleet_never_reads_the_close():
+    """stop(): each call is asked to end (drain), a fleet that never reads the
+    TLS close is cut after a moment, a second ask changes nothing: logged once, as drain."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a) >> EndRequested(EndReason.DRAIN)
+    pb << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> CarrierLost(Lost.CLOSED)  # the carrier went; the fleet's close hangs
+    pb >> EndRequested(EndReason.DRAIN) << CloseSide(Side.FLEET)  # a second signal
+    pb >> FleetLost(Lost.ERROR) << ReleaseSlot() << CallEnded(EndReason.DRAIN)  # cut
+    assert pb
+    assert machine.state is State.ENDED
+
+
+def test_race_a_fleet_that_closes_right_after_its_101_closes_the_carrier():
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    in_tunnel(pb, a) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER)
+    pb >> CloseFrameSeen(Side.CARRIER)  # late news while closing: ignored
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.FLEET_CLOSED)
+    assert pb
+
+
+def test_race_the_silence_sweep_after_the_fleet_left_does_not_rename_the_end():
+    (a,) = fleets("a")
+    pb, _ = new_call()
+    in_tunnel(pb, a) >> FleetLost(Lost.GONE) << ReleaseSlot() << CloseSide(Side.CARRIER)
+    pb >> EndRequested(EndReason.CARRIER_SILENT) << AbortSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.ERROR) << CallEnded(EndReason.FLEET_LOST)
+    assert pb
+
+
+# The table itself -----------------------------------------------------------
+
+
+def test_every_state_has_its_row_in_the_table():
+    assert set(CallMachine.TRANSITIONS) == set(State)
+
+
+@pytest.mark.parametrize(
+    ("setup", "event", "state"),
+    [
+        (lambda pb: pb << StartTimer(Timer.REQUEST, REQUEST_S), FleetHead(101, True), "head"),
+        (lambda pb: up_to_slot(pb), FleetConnected(), "leasing"),
+        (
+            lambda pb: attempt(up_to_slot(pb), fleets("a")[0], 1),
+            TimerFired(Timer.CONNECT),
+            "awaiting",
+        ),
+        (lambda pb: in_tunnel(pb, fleets("a")[0]), HeadComplete(), "tunnel"),
+    ],
+)
+def test_an_illegal_event_names_the_state_and_the_event(setup, event, state):
+    pb, machine = new_call()
+    assert setup(pb)
+    with pytest.raises(IllegalEvent) as raised:
+        machine.feed(event)
+    assert raised.value.state.value == state
+    assert state in str(raised.value) and type(event).__name__ in str(raised.value)
