@@ -111,12 +111,6 @@ async def test_a_host_port_too_long_for_int_is_answered_400_not_left_hanging(pum
     writer.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="net/proxy.py: CarrierProtocol._parse_head lets an unexpected error out (the head "
-    "queue logs it); the connection stays in PARSING with its head timer cancelled, never "
-    "answered or closed (fix: answer 400 in an except Exception there)",
-)
 async def test_a_head_whose_parse_fails_unexpectedly_is_still_answered_and_closed(
     pump_with_fleet, monkeypatch
 ):
@@ -131,7 +125,7 @@ async def test_a_head_whose_parse_fails_unexpectedly_is_still_answered_and_close
         answer = await asyncio.wait_for(reader.read(-1), 3)
     finally:
         writer.close()
-    assert answer.startswith(b"HTTP/1.1 4") or answer.startswith(b"HTTP/1.1 5")
+    assert answer.startswith(b"HTTP/1.1 400 ")
 
 
 async def test_a_call_is_relayed_both_ways_unchanged_and_its_slot_comes_back(pump_with_fleet):

@@ -351,6 +351,12 @@ class CarrierProtocol(_Side):
         except RequestRefused as refused:
             self.feed(HeadRefused(refused.status, refused.reason))
             return
+        except Exception:
+            # A bug in the parse must not leave the carrier unanswered with its head
+            # timer already gone (it would hold a connection slot for good).
+            log.exception("request head parse failed", extra=fields(client_ip=self.client_ip))
+            self.feed(HeadRefused(400, "malformed request"))
+            return
         # Bounded: a scanner's 16 KiB target would make a 16 KiB log line.
         self.target = head.target[:_LOGGED_TARGET].decode("latin-1")
         self._head = head
