@@ -18,6 +18,7 @@ import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.call_machine import CallMachine, Command, Event, FleetHead, IllegalEvent
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
@@ -210,3 +211,29 @@ async def test_a_carrier_that_leaves_while_the_fleet_is_silent_gives_its_slot_ba
     await eventually(lambda: fleet.active == 1)
     writer.close()
     await eventually(lambda: fleet.active == 0 and not pump.ctx.registry.calls)
+
+
+async def test_an_event_the_call_machine_refuses_closes_both_sides_at_once(
+    pump_with_fleet, monkeypatch
+):
+    """A machine bug (an IllegalEvent) is logged and the call's sockets go, rather
+    than the connection being left open in a state nothing will leave."""
+    feed = CallMachine.feed
+
+    def refuse_fleet_head(self: CallMachine, event: Event) -> list[Command]:
+        if isinstance(event, FleetHead):
+            raise IllegalEvent(self.state, event)
+        return feed(self, event)
+
+    monkeypatch.setattr(CallMachine, "feed", refuse_fleet_head)
+    pump = await pump_with_fleet(echo_after_switching)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot").encode())
+    try:
+        await asyncio.wait_for(reader.read(-1), 1.0)  # the response timer is 2 s
+    except ConnectionResetError:
+        pass  # aborted: a reset is as good as a close here
+    finally:
+        writer.close()
+    await eventually(lambda: not pump.ctx.registry.connections, timeout=1.0)
+    assert pump.balancer.fleets[0].active == 0

@@ -51,6 +51,7 @@ from fleet_ingress.core.call_machine import (
     HeadComplete,
     HeadParsed,
     HeadRefused,
+    IllegalEvent,
     Link,
     LogAttemptFailed,
     Lost,
@@ -321,6 +322,15 @@ class CarrierProtocol(_Side):
             self._run(self.machine.feed(event))
             while self._events:
                 self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
+        except IllegalEvent:
+            # A bug: said loudly, but the call must not hang on to its sockets. Both
+            # sides go now; their losses reach the machine as events like any other.
+            log.exception("call machine refused an event; closing the call")
+            self._events.clear()
+            self._feeding = False
+            if self.fleet_side is not None:
+                self.fleet_side.abort()
+            self.abort()
         finally:
             self._feeding = False
 
