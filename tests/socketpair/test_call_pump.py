@@ -237,3 +237,69 @@ async def test_an_event_the_call_machine_refuses_closes_both_sides_at_once(
         writer.close()
     await eventually(lambda: not pump.ctx.registry.connections, timeout=1.0)
     assert pump.balancer.fleets[0].active == 0
+
+
+def _fail_building_the_fleet_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug while building the fleet's request")
+
+    monkeypatch.setattr("fleet_ingress.net.proxy.fleet_request_headers", bug)
+
+
+def _fail_sending_the_head(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(self: TcpLiveness, sock: object) -> None:
+        raise RuntimeError("a bug while tuning the fleet socket")
+
+    monkeypatch.setattr(TcpLiveness, "apply", bug)
+
+
+@pytest.mark.parametrize(
+    "inject",
+    [_fail_building_the_fleet_request, _fail_sending_the_head],
+    ids=["slot-granted", "fleet-connected"],
+)
+async def test_a_command_that_raises_during_setup_answers_502_and_gives_the_slot_back(
+    pump_with_fleet, monkeypatch, inject
+):
+    """An unexpected error while carrying out a setup command (outside the
+    slot-wait and connect coroutines' own try) was raised out of the pump: the
+    call stayed in a state whose timer had not been started, the carrier was
+    never answered and the slot was held until the carrier gave up. It is
+    answered 502 and ended as an error, like any other setup failure."""
+    inject(monkeypatch)
+    pump = await pump_with_fleet(echo_after_switching)
+    fleet = pump.balancer.fleets[0]
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot").encode())
+    try:
+        answer = await asyncio.wait_for(reader.read(-1), 1.0)  # timers are 2 s
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    await eventually(lambda: not pump.ctx.registry.calls, timeout=1.0)
+    assert fleet.active == 0
+    assert pump.ctx.registry.ended[("a", "error")] == 1
+
+
+async def test_a_command_that_raises_once_linked_ends_the_call_as_an_error(
+    pump_with_fleet,
+):
+    """An error while linking (here a linked-call hook) must not leave the call
+    half-linked: both sides are closed and the end is the ingress's, not a side's."""
+
+    def hook_bug(call: object) -> None:
+        raise RuntimeError("a bug in a linked-call hook")
+
+    pump = await pump_with_fleet(echo_after_switching)
+    pump.ctx.registry.on_call_linked.append(hook_bug)
+    fleet = pump.balancer.fleets[0]
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot").encode())
+    try:
+        answer = await asyncio.wait_for(reader.read(-1), 1.0)
+    finally:
+        writer.close()
+    assert answer == SWITCHING
+    await eventually(lambda: not pump.ctx.registry.calls, timeout=1.0)
+    assert fleet.active == 0
+    assert pump.ctx.registry.ended[("a", "error")] == 1

@@ -239,6 +239,8 @@ class _Side(asyncio.BufferedProtocol):
 
 # Before the 101, what a carrier sends after its head waits (bounded) for the tunnel.
 _EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, State.AWAITING})
+# Where a call is being set up: a failure there is answered 502 (`SetupFailed`).
+_SETUP_STATES = frozenset({State.LEASING, State.CONNECTING, State.AWAITING})
 
 
 class CarrierProtocol(_Side):
@@ -262,6 +264,7 @@ class CarrierProtocol(_Side):
         self._received_at = 0.0
         self._feeding = False
         self._events: list[Event] = []  # fed while commands run: they wait their turn
+        self._ended_after_bug = False  # tried once; a second failure aborts both sides
 
     @property
     def route_label(self) -> str:
@@ -322,17 +325,39 @@ class CarrierProtocol(_Side):
             self._run(self.machine.feed(event))
             while self._events:
                 self._run(self.machine.feed(self._events.pop(0)))  # rare, and one or two
-        except IllegalEvent:
-            # A bug: said loudly, but the call must not hang on to its sockets. Both
-            # sides go now; their losses reach the machine as events like any other.
-            log.exception("call machine refused an event; closing the call")
+        except Exception as exc:
+            # A bug (an event the machine refuses, or a command that raised): said
+            # loudly, but the call must not stay where its commands left it, with a
+            # timer never started, a carrier never answered and a slot held.
+            message = (
+                "call machine refused an event; ending the call"
+                if isinstance(exc, IllegalEvent)
+                else "call command failed; ending the call"
+            )
+            call_id = None if self.call is None else self.call.id
+            log.exception(message, extra=fields(call_id=call_id, state=self.machine.state.value))
             self._events.clear()
             self._feeding = False
-            if self.fleet_side is not None:
-                self.fleet_side.abort()
-            self.abort()
+            self._end_after_bug(str(exc) or type(exc).__name__)
         finally:
             self._feeding = False
+
+    def _end_after_bug(self, detail: str) -> None:
+        """End the call as the ingress's error: answered 502 during its setup,
+        closed on both sides once linked. Should that fail too, both sides are
+        aborted; their losses reach the machine as events like any other."""
+        state = self.machine.state
+        if not self._ended_after_bug:
+            self._ended_after_bug = True
+            if state in _SETUP_STATES:
+                self.feed(SetupFailed(detail))
+                return
+            if self.call is not None and state is not State.ENDED:
+                self.feed(EndRequested(EndReason.ERROR))
+                return
+        if self.fleet_side is not None:
+            self.fleet_side.abort()
+        self.abort()
 
     def _on_head_bytes(self, data: bytes) -> None:
         try:
