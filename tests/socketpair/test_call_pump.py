@@ -303,3 +303,24 @@ async def test_a_command_that_raises_once_linked_ends_the_call_as_an_error(
     await eventually(lambda: not pump.ctx.registry.calls, timeout=1.0)
     assert fleet.active == 0
     assert pump.ctx.registry.ended[("a", "error")] == 1
+
+
+async def test_a_route_lookup_that_raises_closes_the_connection(pump_with_fleet, monkeypatch):
+    """The route is looked up inside the machine, after the head timer is gone:
+    an error there left the connection open and unanswered for good (holding a
+    connection slot). It is logged and the connection closed."""
+
+    def route_bug(self: Router, path: str) -> None:
+        raise RuntimeError("a bug in the router")
+
+    monkeypatch.setattr(Router, "route", route_bug)
+    pump = await pump_with_fleet(echo_after_switching)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot").encode())
+    try:
+        await asyncio.wait_for(reader.read(-1), 1.0)  # the request timer is 2 s
+    except ConnectionResetError:
+        pass  # aborted: a reset is as good as a close here
+    finally:
+        writer.close()
+    await eventually(lambda: not pump.ctx.registry.connections, timeout=1.0)
