@@ -203,3 +203,43 @@ async def test_calls_closed_by_a_stop_are_each_logged_even_if_the_fleet_is_slow_
         for writer in writers:
             writer.close()
         await fleet.stop()
+
+
+async def test_remove_fleet_force_removes_a_fleet_that_never_reads_the_close(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """--force means at once: a call whose fleet never takes the TLS close is cut
+    after a short wait, so the answer can say the fleet is gone (it used to say
+    removed: false after 5 s while the close waited up to 10 s)."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+
+    async def deaf_after_101(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+        await writer.drain()
+        writer.transport.pause_reading()  # never reads the ingress's TLS close
+        await asyncio.sleep(3600)
+
+    deaf = await RawFleet(tls_files.fleet_server_context(), deaf_after_101).start()
+    b = await WsFleet(tls_files.fleet_server_context()).start()
+    writer = None
+    try:
+        ingress = await start_ingress([deaf.line("a"), b.line("b")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE)
+        assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+        await eventually(lambda: len(ingress.registry.tunnels()) == 1)
+        result = await ingress.ops.remove_fleet("a", force=True)
+        assert result["removed"] is True and result["closed_calls"] == 1
+        assert ingress.balancer.get("a") is None
+        await eventually(lambda: not ingress.registry.calls)
+        ended = [r.fields for r in caplog.records if r.name == "fleet_ingress.access"]  # type: ignore[attr-defined]
+        assert [e["end_reason"] for e in ended] == ["removed"]
+    finally:
+        if writer is not None:
+            writer.close()
+        await deaf.stop()
+        await b.stop()

@@ -115,6 +115,13 @@ class Call:
         self.quiet = None
         self.carrier.request_end(reason)
 
+    def abort(self) -> None:
+        """Cut both sides now, without waiting for a TLS close (a call `end` could
+        not close: its peer never reads). The reason given to `end` stands."""
+        if self.fleet_side is not None:
+            self.fleet_side.abort()
+        self.carrier.abort()
+
     def watch_silence(self, limits: SilenceLimits, now: float) -> None:
         self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
 
