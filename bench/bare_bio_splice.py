@@ -13,13 +13,34 @@ record is one ``recv_into`` into a buffer shared by every connection and one
         --ca ca.pem --fleet 127.0.0.1:9001 --fleet 127.0.0.1:9002
 
 It serves until SIGTERM or SIGINT.
+
+Bench variants, to see where the CPU per relayed message goes (environment,
+all off by default; ``--variant NAME:KEY=1 --targets bare-bio@NAME``). They
+replace methods of ``TLSConnection`` in this process only, nothing in src/:
+
+- ``BARE_BIO_SSLOBJ=1``: the hot path's read and write call the private
+  ``SSLSocket._sslobj.read`` / ``.write`` instead of ``recv_into`` / ``send``
+  (the public wrappers add checks and two Python frames per call).
+- ``BARE_BIO_FUSED=1``: implies SSLOBJ, and a read is written to the peer's
+  ``_sslobj`` inside the read loop (no ``data_received`` / ``write`` frames):
+  about the least Python a relayed record can cost on this layer.
+- ``BARE_BIO_DRAIN=1``: read until ``SSLWantReadError`` on each wake (bounded),
+  instead of once when the read did not fill the buffer.
+- ``BARE_BIO_READ_AHEAD=1``: ``SSL_CTX_set_read_ahead(ctx, 1)`` through ctypes
+  (CPython offers no switch): OpenSSL reads what the socket holds in one
+  ``recv`` instead of a header read and a body read per record. It may then
+  hold undecrypted bytes that neither ``pending()`` nor the poller sees, so
+  reads go on while ``SSL_has_pending`` (ctypes) says so. A bench hack: it
+  reads CPython's private struct layouts (checked against OpenSSL at start).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import itertools
+import os
 import signal
 import socket
 import ssl
@@ -27,6 +48,7 @@ from collections.abc import Iterator, Sequence
 
 import uvloop
 
+from fleet_ingress.net import tls_socket
 from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, connect, wrap_accepted
 
 Address = tuple[str, int]
@@ -37,11 +59,12 @@ CONNECT_TIMEOUT = 3.0
 class Side:
     """One TLS connection of a call; ``peer`` is the other one once linked."""
 
-    __slots__ = ("conn", "peer")
+    __slots__ = ("conn", "peer", "ssl_ptr")
 
     def __init__(self, conn: TLSConnection) -> None:
         self.conn = conn
         self.peer: Side | None = None
+        self.ssl_ptr = _ssl_pointer(conn) if _VARIANT["read_ahead"] else 0
 
     def data_received(self, data: memoryview) -> None:
         peer = self.peer
@@ -82,6 +105,7 @@ class CarrierSide(Side):
     def handshaken(self, exc: BaseException | None) -> None:
         if exc is None:
             self.conn.start(self)
+            _read_held(self)
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
     def data_received(self, data: memoryview) -> None:
@@ -114,8 +138,171 @@ class CarrierSide(Side):
         fleet = Side(fleet_conn)
         fleet.peer, self.peer = self, fleet
         fleet_conn.start(fleet)
+        _read_held(fleet)
         fleet_conn.write(bytes(self._early))
         self._early = bytearray()
+
+
+# -- bench variants (see the module docstring) ---------------------------------
+
+_VARIANT = {
+    "sslobj": os.environ.get("BARE_BIO_SSLOBJ") == "1" or os.environ.get("BARE_BIO_FUSED") == "1",
+    "fused": os.environ.get("BARE_BIO_FUSED") == "1",
+    "drain": os.environ.get("BARE_BIO_DRAIN") == "1",
+    "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1",
+}
+_OPEN = tls_socket._State.OPEN
+_libssl: ctypes.CDLL | None = None
+SSL_CTRL_GET_READ_AHEAD = 40
+SSL_CTRL_SET_READ_AHEAD = 41
+
+
+def _load_libssl() -> ctypes.CDLL:
+    """The libssl this process's ``_ssl`` module uses (already mapped)."""
+    with open("/proc/self/maps") as maps:
+        path = next(line.split()[-1] for line in maps if "/libssl.so" in line)
+    lib = ctypes.CDLL(path)
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_has_pending.argtypes = [ctypes.c_void_p]
+    lib.SSL_has_pending.restype = ctypes.c_int
+    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    return lib
+
+
+def _ctx_pointer(ctx: ssl.SSLContext) -> int:
+    # CPython's PySSLContext: PyObject_HEAD, then SSL_CTX *ctx.
+    return ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value or 0
+
+
+def _set_read_ahead(ctx: ssl.SSLContext) -> None:
+    global _libssl
+    if _libssl is None:
+        _libssl = _load_libssl()
+    ptr = _ctx_pointer(ctx)
+    before = _libssl.SSL_CTX_ctrl(ptr, SSL_CTRL_GET_READ_AHEAD, 0, None)
+    _libssl.SSL_CTX_ctrl(ptr, SSL_CTRL_SET_READ_AHEAD, 1, None)
+    if before != 0 or _libssl.SSL_CTX_ctrl(ptr, SSL_CTRL_GET_READ_AHEAD, 0, None) != 1:
+        raise SystemExit("BARE_BIO_READ_AHEAD: the SSL_CTX pointer is not where expected")
+
+
+def _ssl_pointer(conn: TLSConnection) -> int:
+    # CPython's PySSLSocket: PyObject_HEAD, PyObject *Socket, then SSL *ssl.
+    sslobj = conn.ssl_socket._sslobj  # type: ignore[attr-defined]
+    ptr = ctypes.c_void_p.from_address(id(sslobj) + object.__basicsize__ + 8).value or 0
+    assert _libssl is not None
+    if _libssl.SSL_get_SSL_CTX(ptr) != _ctx_pointer(sslobj.context):
+        raise SystemExit("BARE_BIO_READ_AHEAD: the SSL pointer is not where expected")
+    return ptr
+
+
+def _read_held(side: Side) -> None:
+    """With read-ahead the handshake may have read records past its end: no poll event
+    will say so."""
+    if side.ssl_ptr and _libssl is not None and _libssl.SSL_has_pending(side.ssl_ptr):
+        asyncio.get_running_loop().call_soon(side.conn._on_readable)
+
+
+def _write_failed(conn: TLSConnection, data: tls_socket.Buffer, exc: BaseException) -> None:
+    """``TLSConnection.write``'s handling of a send that did not finish."""
+    if isinstance(exc, ssl.SSLWantReadError):
+        conn._want_read_for_write = True
+    elif not isinstance(exc, ssl.SSLWantWriteError):
+        conn._finish(exc)
+        return
+    conn._out = data if isinstance(data, bytes) else bytes(data)
+    conn._sync_io()
+    conn._buffered()
+
+
+_write_public = TLSConnection.write
+
+
+def _write_sslobj(self: TLSConnection, data: tls_socket.Buffer) -> None:
+    if self._state is not _OPEN or not data or self._out is not None:
+        _write_public(self, data)
+        return
+    try:
+        self._sock._sslobj.write(data)
+    except OSError as exc:
+        _write_failed(self, data, exc)
+
+
+def _read_variant(self: TLSConnection) -> None:
+    """``TLSConnection._read`` with the variants' switches."""
+    sock = self._sock
+    read = sock._sslobj.read if _VARIANT["sslobj"] else None
+    buf = tls_socket._READ_BUFFER
+    size = len(buf)
+    fused, drain = _VARIANT["fused"], _VARIANT["drain"]
+    handler = self._handler
+    ssl_ptr = handler.ssl_ptr if isinstance(handler, Side) else 0
+    for _ in range(tls_socket.MAX_READS_PER_WAKE):
+        try:
+            n = read(size, buf) if read is not None else sock.recv_into(buf)
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLWantWriteError:
+            self._want_write_for_read = True
+            self._sync_io()
+            return
+        except ssl.SSLEOFError:
+            self._peer_ended(clean=False)
+            return
+        except ssl.SSLZeroReturnError:
+            self._peer_ended(clean=True)
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if n == 0:
+            self._peer_ended(clean=True)
+            return
+        handler = self._handler
+        if handler is not None:
+            peer = handler.peer if fused else None
+            if peer is not None and peer.conn._state is _OPEN and peer.conn._out is None:
+                view = buf[:n]
+                try:
+                    peer.conn._sock._sslobj.write(view)
+                except OSError as exc:
+                    _write_failed(peer.conn, view, exc)
+            else:
+                handler.data_received(buf[:n])
+        if self._paused or self._state is not _OPEN:
+            return
+        if drain:
+            continue
+        if ssl_ptr:
+            if not _libssl.SSL_has_pending(ssl_ptr):  # type: ignore[union-attr]
+                return
+            continue
+        if n < size or not sock.pending():
+            return
+    if sock.pending() or (ssl_ptr and _libssl.SSL_has_pending(ssl_ptr)):  # type: ignore[union-attr]
+        self._loop.call_soon(self._on_readable)
+
+
+_resume_public = TLSConnection.resume_reading
+
+
+def _resume_read_ahead(self: TLSConnection) -> None:
+    _resume_public(self)
+    if not self._paused and isinstance(self._handler, Side):
+        _read_held(self._handler)
+
+
+def _install_variants(*contexts: ssl.SSLContext) -> None:
+    if _VARIANT["read_ahead"]:
+        for ctx in contexts:
+            _set_read_ahead(ctx)
+        TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
+    if not any(_VARIANT.values()):
+        return
+    TLSConnection._read = _read_variant  # type: ignore[method-assign]
+    if _VARIANT["sslobj"]:
+        TLSConnection.write = _write_sslobj  # type: ignore[method-assign]
 
 
 async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[Address]) -> None:
@@ -125,6 +312,7 @@ async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[
     fleet_ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     fleet_ssl.set_alpn_protocols(["http/1.1"])
     fleet_ssl.load_verify_locations(cafile=ca)
+    _install_variants(server_ssl, fleet_ssl)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
