@@ -168,14 +168,6 @@ def certificate_not_after(cert: Path) -> float:
     except OSError as exc:
         raise TLSSetupError(f"certificate {cert} cannot be read: {exc.strerror}") from None
     try:
-        from cryptography import x509
-    except ImportError:  # not a declared dependency; the stdlib's private decoder will do
-        try:
-            decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
-        except (OSError, ValueError):
-            raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
-        return float(ssl.cert_time_to_seconds(decoded["notAfter"]))
-    try:
         return x509.load_pem_x509_certificate(data).not_valid_after_utc.timestamp()
     except ValueError:
         raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None

@@ -12,7 +12,8 @@ One :class:`TLSConnection` per socket, no task per connection: the loop calls
 (:class:`TLSHandler`, the shape of an ``asyncio.Protocol``): ``data_received``
 with a view of the shared buffer (valid only during the call),
 ``eof_received``, ``connection_lost``, and ``pause_writing`` /
-``resume_writing`` when its write buffer crosses the high / low water marks.
+``resume_writing`` when its write buffer passes the high-water mark and when
+it has drained.
 
 What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.py):
 
@@ -59,9 +60,9 @@ READ_BUFFER_SIZE = 64 * 1024
 _READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
 # Reads per readable callback at most, so one busy connection cannot hold the loop.
 MAX_READS_PER_WAKE = 16
-# Flow control, the same marks as net/proxy.py's transports.
+# Flow control: the high-water mark of net/proxy.py's transports; writing resumes
+# once the buffer has drained (a write that could not finish keeps its bytes).
 WRITE_HIGH_WATER = 64 * 1024
-WRITE_LOW_WATER = 16 * 1024
 # What may queue behind a write that could not finish: a handler that stops
 # reading at pause_writing overshoots the high-water mark by a read or two.
 # More is a handler ignoring flow control, and the connection fails
@@ -126,7 +127,6 @@ class TLSConnection:
         "_hs_done",
         "_hs_read",
         "_loop",
-        "_low_water",
         "_max_buffer",
         "_more",
         "_out",
@@ -150,7 +150,6 @@ class TLSConnection:
         sock: ssl.SSLSocket,
         *,
         high_water: int = WRITE_HIGH_WATER,
-        low_water: int = WRITE_LOW_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
     ) -> None:
         if sock.gettimeout() != 0.0:
@@ -182,7 +181,6 @@ class TLSConnection:
         self._want_write_for_read = False  # a read got SSLWantWriteError
         self._shutdown_wants_write = False
         self._high_water = high_water
-        self._low_water = low_water
         self._max_buffer = max_buffer
 
     # -- what the pump sees --------------------------------------------------
