@@ -380,9 +380,8 @@ class Ingress:
             async with asyncio.timeout(CLOSE_AT_STOP_TIMEOUT):
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
-            if call.fleet_side is not None:
-                call.fleet_side.abort()
-        for conn in list(self.registry.connections):  # every carrier, with or without a call
+            call.abort()
+        for conn in list(self.registry.connections):  # carriers with no call yet
             conn.abort()
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
             await asyncio.sleep(0)
