@@ -15,8 +15,8 @@ import logging
 from websockets.asyncio.client import connect
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.core.health import Health
-from fleet_ingress.net.calls import EndReason
 from fleet_ingress.service.ingress import Ingress
 from tests.support import (
     SWITCHING,

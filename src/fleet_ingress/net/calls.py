@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
 
-__all__ = ["Call", "CallHook", "CarrierSide", "EndReason", "Registry", "Side", "SilenceSweep"]
+__all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"]
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState

@@ -25,6 +25,7 @@ from fleet_ingress.config.fleets_store import (
 )
 from fleet_ingress.config.settings import FleetsSection
 from fleet_ingress.core.balancer import FleetState, Membership
+from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.core.fleet_set import (
     FleetBeingAdded,
     FleetExists,
@@ -37,7 +38,7 @@ from fleet_ingress.core.fleet_set import (
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
-from fleet_ingress.net.calls import EndReason, Registry
+from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.poller import HealthPoller, health_session, probe_fleet
 from fleet_ingress.ops.metrics import IngressMetrics

@@ -18,6 +18,7 @@ from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -26,7 +27,7 @@ from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
-from fleet_ingress.net.calls import EndReason, Registry
+from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
