@@ -25,7 +25,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
@@ -74,6 +74,9 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        # The supervisor's own messages beside the slots' (reload, stop,
+        # close-fleet): op -> handler(message).
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
 
     @classmethod
     async def connect(
@@ -139,6 +142,10 @@ class SlotClient(asyncio.Protocol):
         self._held.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
+    def send(self, message: dict[str, Any]) -> None:
+        """A message of the worker's own to the supervisor (an answer to one of its ops)."""
+        self._write(message)
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -178,6 +185,9 @@ class SlotClient(asyncio.Protocol):
         op = message["op"]
         if op == "sync":
             self._write(self._state())
+            return
+        if (handler := self.handlers.get(op)) is not None:
+            handler(message)
             return
         lease_id = field(message, "id", int)
         if op == "granted":

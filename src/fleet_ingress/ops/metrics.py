@@ -25,7 +25,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.calls import Call, Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 
 PREFIX = "fleet_ingress"
 
@@ -35,7 +35,7 @@ class IngressMetrics:
         self,
         balancer: Balancer,
         registry: Registry,
-        dispatcher: Dispatcher,
+        dispatcher: SlotQueue,
         *,
         certificate_not_after: Callable[[], float | None] = lambda: None,
         reloads: Callable[[], Mapping[str, int]] = dict,
@@ -150,7 +150,7 @@ class _StateCollector(Collector):
         self,
         balancer: Balancer,
         registry: Registry,
-        dispatcher: Dispatcher,
+        dispatcher: SlotQueue,
         certificate_not_after: Callable[[], float | None],
         reloads: Callable[[], Mapping[str, int]],
     ) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from fleet_ingress import __version__
 from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 
 
 def fleet_row(
@@ -52,7 +52,7 @@ def fleet_row(
 def snapshot(
     balancer: Balancer,
     registry: Registry,
-    dispatcher: Dispatcher,
+    dispatcher: SlotQueue,
     *,
     started_at: float,
     certificate_not_after: float | None = None,
