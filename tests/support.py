@@ -390,7 +390,7 @@ def write_leaf_cert(
 
 
 @dataclass
-class IngressProcess:
+class RunningIngress:
     """`python -m fleet_ingress run` in a temporary home: its config, fleets file
     and certificate there, the JSON log in home/stderr.log, sd_notify messages
     received on a real datagram socket, the stats listener on loopback."""
@@ -413,7 +413,7 @@ class IngressProcess:
         drain: float = 30,
         queue: float = 3,
         env: dict[str, str] | None = None,
-    ) -> IngressProcess:
+    ) -> RunningIngress:
         import tempfile
 
         home = Path(tempfile.mkdtemp(prefix="fi-run-"))

@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import IngressProcess, TLSFiles, write_leaf_cert
+from tests.support import RunningIngress, TLSFiles, write_leaf_cert
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -44,7 +44,7 @@ def _lines(sims: list[SimulatedFleet]) -> list[str]:
     return [f"{sim.url} name={sim.name} maxconn=16" for sim in sims]
 
 
-async def _open(service: IngressProcess, tls_files: TLSFiles, bot: str) -> ClientConnection:
+async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
     return await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
 
 
@@ -54,14 +54,14 @@ async def _echo(ws: ClientConnection, text: str = "ping") -> None:
         assert await ws.recv() == text
 
 
-async def _worker_rows(service: IngressProcess) -> list[dict[str, Any]]:
+async def _worker_rows(service: RunningIngress) -> list[dict[str, Any]]:
     return (await service.stats())["workers"]  # type: ignore[no-any-return]
 
 
 async def test_maxconn_holds_for_the_host_with_two_workers(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
-    service = await IngressProcess.start(tls_files, _lines(two_fleets), workers=2, queue=1.5)
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2, queue=1.5)
     calls: list[ClientConnection] = []
     try:
         assert len(await _worker_rows(service)) == 2
@@ -121,7 +121,7 @@ async def test_maxconn_holds_for_the_host_with_two_workers(
 async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
-    service = await IngressProcess.start(tls_files, _lines(two_fleets), workers=2)
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
     calls: list[ClientConnection] = []
     try:
         for i in range(12):  # enough that both workers hold calls
@@ -186,7 +186,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         await service.finish()
 
 
-async def _peer_serial(service: IngressProcess, tls_files: TLSFiles) -> str:
+async def _peer_serial(service: RunningIngress, tls_files: TLSFiles) -> str:
     _, writer = await asyncio.open_connection(
         "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
     )
@@ -198,7 +198,7 @@ async def _peer_serial(service: IngressProcess, tls_files: TLSFiles) -> str:
 async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
-    service = await IngressProcess.start(tls_files, _lines(two_fleets), workers=2)
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
     calls: list[ClientConnection] = []
     try:
         for i in range(6):
@@ -227,7 +227,7 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
 async def test_sigterm_drains_every_worker_then_exits_0(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
-    service = await IngressProcess.start(tls_files, _lines(two_fleets), workers=2)
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
     calls: list[ClientConnection] = []
     try:
         for i in range(6):
