@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, write_leaf_cert
+from tests.support import RunningIngress, TLSFiles, eventually, write_leaf_cert
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -255,4 +256,57 @@ async def test_sigterm_drains_every_worker_then_exits_0(
         assert len(ended) == 6 and {e["process"] for e in ended} <= {r["pid"] for r in rows}
         assert log[-1]["event"] == "stopped"
     finally:
+        await service.finish()
+
+
+async def _admin(service: RunningIngress, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleet_ingress",
+        *args,
+        "--admin-socket",
+        str(service.home / "admin.sock"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_in_every_worker(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    a, b = two_fleets
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        code, out = await _admin(service, "drain", "b")
+        assert code == 0, out
+        for i in range(8):  # b drains: every new call goes to a, from both workers
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        assert (a.active_calls, b.active_calls) == (8, 0)
+        assert all(r["calls"] > 0 for r in await _worker_rows(service))
+        code, out = await _admin(service, "ready", "b")
+        assert code == 0, out
+        started = time.monotonic()
+        code, out = await _admin(service, "remove-fleet", "a", "--force")
+        assert code == 0, out
+        assert "removed fleet a (8 calls closed)" in out, out
+        await eventually(lambda: a.active_calls == 0, 5)
+        assert time.monotonic() - started < 5
+        stats = await service.stats()
+        assert [f["name"] for f in stats["fleets"]] == ["b"]
+        assert stats["frontend"]["active_calls"] == 0
+        ended = [e for e in service.log() if e["event"] == "call ended"]
+        assert len(ended) == 8 and {e["end_reason"] for e in ended} == {"removed"}
+        assert "name=a" not in (service.home / "fleets.txt").read_text()
+        ws = await _open(service, tls_files, "after")  # b serves
+        await _echo(ws)
+        calls.append(ws)
+        assert b.active_calls == 1
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
         await service.finish()
