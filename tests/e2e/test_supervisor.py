@@ -310,3 +310,50 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
             with contextlib.suppress(Exception):
                 await ws.close()
         await service.finish()
+
+
+async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(6):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        rows = await _worker_rows(service)
+        assert all(r["calls"] > 0 for r in rows), rows
+        service.proc.kill()  # the supervisor, SIGKILL: its end of every channel closes
+        await service.proc.wait()
+        # Both workers stop accepting: no process listens any more.
+        async with asyncio.timeout(3):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+                except OSError:
+                    break
+                writer.close()
+                await asyncio.sleep(0.05)
+        for ws in calls:  # every call goes on
+            await _echo(ws)
+        alive = [r["pid"] for r in rows if _alive(r["pid"])]
+        assert alive == [r["pid"] for r in rows]  # draining, not cut
+        for ws in calls:
+            await ws.close()
+        async with asyncio.timeout(5):
+            while any(_alive(r["pid"]) for r in rows):
+                await asyncio.sleep(0.05)
+        gone = [e for e in service.log() if e["event"].startswith("the supervisor's slot")]
+        assert sorted(e["process"] for e in gone) == sorted(r["pid"] for r in rows)
+        ended = [e for e in service.log() if e["event"] == "call ended"]
+        assert len(ended) == 6
+    finally:
+        await service.finish()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
