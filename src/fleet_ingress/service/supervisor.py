@@ -177,6 +177,7 @@ class Supervisor:
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
         self.workers: dict[int, WorkerProcess] = {}  # by channel key
+        self._joined_early: set[int] = set()
         self.generation = 1
         self.stopping = False
         self.restarts_total = 0
@@ -273,6 +274,9 @@ class Supervisor:
             theirs.close()  # the worker's now; its end closing is how we see it die
         key = await self.server.adopt(ours)
         worker = self.workers[key] = WorkerProcess(proc, generation, key)
+        if key in self._joined_early:  # its hello was read before adopt() returned
+            self._joined_early.discard(key)
+            worker.joined.set()
         task = asyncio.get_running_loop().create_task(self._watch(worker))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -307,6 +311,8 @@ class Supervisor:
         worker = self.workers.get(key)
         if worker is not None:
             worker.joined.set()
+        else:
+            self._joined_early.add(key)
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
