@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config = _worker_config(args.config)
         if config is not None:
-            _raise_descriptor_limit(config.limits.max_connections)
+            _raise_descriptor_limit(config.limits.max_connections, warn=False)
         return run_worker(args.config, args.generation)
     if args.command == "check":
         if args.live:
@@ -223,9 +223,10 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
-def _raise_descriptor_limit(max_connections: int) -> None:
+def _raise_descriptor_limit(max_connections: int, *, warn: bool = True) -> None:
     """Use every descriptor the hard limit allows: a call holds two (carrier and
-    fleet), and running out silently drops new carriers at accept."""
+    fleet), and running out silently drops new carriers at accept. `warn`: the
+    supervisor says it once for its workers, which inherit its limit."""
     import logging
     import resource
 
@@ -239,7 +240,7 @@ def _raise_descriptor_limit(max_connections: int) -> None:
         except (ValueError, OSError):
             pass
     needed = 2 * max_connections + 64  # both sides of each call, listeners, probes, logs
-    if soft != resource.RLIM_INFINITY and soft < needed:
+    if warn and soft != resource.RLIM_INFINITY and soft < needed:
         logging.getLogger("fleet_ingress.server").warning(
             "descriptor limit below what limits.max_connections needs: raise LimitNOFILE "
             "(systemd) or ulimit -n, or lower limits.max_connections",
