@@ -365,11 +365,7 @@ class Supervisor:
         worker.replaced = True
         quick = time.monotonic() - worker.started_at < QUICK_DEATH
         self._quick_deaths = self._quick_deaths + 1 if quick else 0
-        delay = (
-            min(RESPAWN_DELAY_FIRST * 2 ** (self._quick_deaths - 1), RESPAWN_DELAY_MAX)
-            if self._quick_deaths > 1
-            else 0.0
-        )
+        delay = respawn_delay(self._quick_deaths)
         task = asyncio.get_running_loop().create_task(self._respawn(worker.generation, delay))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -568,6 +564,15 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def respawn_delay(quick_deaths: int) -> float:
+    """Before starting the replacement of a worker, after `quick_deaths` deaths
+    in a row each within QUICK_DEATH of its start: at once for a lone crash
+    (its calls' replacement must not wait), then doubling, capped."""
+    if quick_deaths <= 1:
+        return 0.0
+    return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
 
 
 def _exit_status(code: int | None) -> str:
