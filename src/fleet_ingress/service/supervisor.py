@@ -86,6 +86,7 @@ from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
 from fleet_ingress.service.sdnotify import Notifier
 
 log = logging.getLogger("fleet_ingress.lifecycle")
+server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
 
 # Every worker must have joined the coordinator within this at start, or `run` fails.
 WORKER_START_TIMEOUT = 30.0
@@ -211,7 +212,7 @@ class Supervisor:
                 sock = bind_tcp(host, port)
             self.listeners[f"listen.{key}"] = sock
             name = sock.getsockname()
-            log.info("listening", extra=fields(listener=key, address=(name[0], name[1])))
+            server_log.info("listening", extra=fields(listener=key, address=(name[0], name[1])))
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
@@ -219,13 +220,13 @@ class Supervisor:
                 runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
             sock_name = runner.addresses[0]
             self.stats_address = (sock_name[0], sock_name[1])
-            log.info("listening", extra=fields(listener="stats", address=self.stats_address))
+            server_log.info("listening", extra=fields(listener="stats", address=self.stats_address))
         if listen.admin_socket:
             path = Path(listen.admin_socket)
             admin_sock = bind_admin_socket(path)
             await self._serve_web(admin_app(self.ops, self.snapshot), web.SockSite, sock=admin_sock)
             self.admin_socket = path
-            log.info("listening", extra=fields(listener="admin", address=str(path)))
+            server_log.info("listening", extra=fields(listener="admin", address=str(path)))
         count = self.config.process.worker_count()
         started = [await self._spawn(self.generation) for _ in range(count)]
         await self._wait_joined(started)
