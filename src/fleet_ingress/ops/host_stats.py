@@ -27,7 +27,7 @@ Worker side::
 
     client.reporter = WorkerReporter(registry, lambda: client.fleets.values(),
                                      metrics.histograms, draining=lambda: stopping)
-    ...drained: client.send_report(final=True); client.close()
+    ...drained: client.send_report(final=True); client.close(); await client.lost
 """
 
 from __future__ import annotations
