@@ -53,6 +53,7 @@ class _Channel(asyncio.Protocol):
         self.generation: int | None = None
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
+        self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -250,6 +251,7 @@ class SlotServer:
                 extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
             )
             return
+        channel.reported = report.worker
         self.view.report(report, time.monotonic())
 
     def _restore(self, channel: _Channel, message: dict[str, Any]) -> None:
@@ -292,8 +294,13 @@ class SlotServer:
                 self._restored.set()
         if channel.asked is not None and not channel.asked.done():
             channel.asked.set_result(None)
-        if self.view is not None and channel.pid is not None and channel.generation is not None:
-            self.view.leave((channel.pid, channel.generation))
+        if self.view is not None:
+            # A channel kept over an exec that ends before its "state" is
+            # known by its reports alone.
+            if channel.pid is not None and channel.generation is not None:
+                self.view.leave((channel.pid, channel.generation))
+            elif channel.reported is not None:
+                self.view.leave(channel.reported)
         row, answers = self.slots.leave(channel.key)
         if row is not None:
             held: dict[str, int] = {}
