@@ -16,6 +16,10 @@ its release is already on the way.
 After the supervisor re-executes, the channel is the same socket; the new
 image asks `sync` and this end answers with what it holds and waits for
 (`state`), from which the host's table is rebuilt.
+
+Stats: the coordinator asks `report`; this end answers with what `reporter`
+returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
+`send_report(final=True)` as the worker exits cleanly.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
@@ -74,6 +78,10 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        # What the worker has counted, for `report` (None: nothing counted here).
+        self.reporter: Callable[[], dict[str, Any]] | None = None
+        self._reports = itertools.count(1)
+        self.started = time.time()
 
     @classmethod
     async def connect(
@@ -139,6 +147,11 @@ class SlotClient(asyncio.Protocol):
         self._held.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
+    def send_report(self, *, final: bool = False) -> None:
+        """Send what this worker has counted; `final` as it exits cleanly (then
+        close): the supervisor adds it to the host's totals as the channel ends."""
+        self._write(self._report(final=final))
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -179,6 +192,9 @@ class SlotClient(asyncio.Protocol):
         if op == "sync":
             self._write(self._state())
             return
+        if op == "report":
+            self._write(self._report(final=False))
+            return
         lease_id = field(message, "id", int)
         if op == "granted":
             fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
@@ -212,6 +228,16 @@ class SlotClient(asyncio.Protocol):
                 for lease, (avoid, since) in self._asked.items()
             ],
         }
+
+    def _report(self, *, final: bool) -> dict[str, Any]:
+        report: dict[str, Any] = {"started": self.started, "counts": {}}
+        if self.reporter is not None:
+            report.update(self.reporter())
+        report.update(
+            op="report", pid=self.pid, generation=self.generation, seq=next(self._reports)
+        )
+        report["final"] = final
+        return report
 
     def _fleet(self, name: str, spec: Any) -> FleetState:
         fleet = self.fleets.get(name)
