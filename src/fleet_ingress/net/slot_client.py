@@ -16,6 +16,10 @@ its release is already on the way.
 After the supervisor re-executes, the channel is the same socket; the new
 image asks `sync` and this end answers with what it holds and waits for
 (`state`), from which the host's table is rebuilt.
+
+Stats: the coordinator asks `report`; this end answers with what `reporter`
+returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
+`send_report(final=True)` as the worker exits cleanly.
 """
 
 from __future__ import annotations
@@ -77,6 +81,10 @@ class SlotClient(asyncio.Protocol):
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet): op -> handler(message).
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
+        # What the worker has counted, for `report` (None: nothing counted here).
+        self.reporter: Callable[[], dict[str, Any]] | None = None
+        self._reports = itertools.count(1)
+        self.started = time.time()
 
     @classmethod
     async def connect(
@@ -146,6 +154,11 @@ class SlotClient(asyncio.Protocol):
         """A message of the worker's own to the supervisor (an answer to one of its ops)."""
         self._write(message)
 
+    def send_report(self, *, final: bool = False) -> None:
+        """Send what this worker has counted; `final` as it exits cleanly (then
+        close): the supervisor adds it to the host's totals as the channel ends."""
+        self._write(self._report(final=final))
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
@@ -186,6 +199,9 @@ class SlotClient(asyncio.Protocol):
         if op == "sync":
             self._write(self._state())
             return
+        if op == "report":
+            self._write(self._report(final=False))
+            return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
             return
@@ -222,6 +238,16 @@ class SlotClient(asyncio.Protocol):
                 for lease, (avoid, since) in self._asked.items()
             ],
         }
+
+    def _report(self, *, final: bool) -> dict[str, Any]:
+        report: dict[str, Any] = {"started": self.started, "counts": {}}
+        if self.reporter is not None:
+            report.update(self.reporter())
+        report.update(
+            op="report", pid=self.pid, generation=self.generation, seq=next(self._reports)
+        )
+        report["final"] = final
+        return report
 
     def _fleet(self, name: str, spec: Any) -> FleetState:
         fleet = self.fleets.get(name)

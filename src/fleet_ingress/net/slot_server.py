@@ -13,6 +13,10 @@ Across the supervisor's own re-execution (an upgrade) the channels stay open:
 image `adopt`s them with `restoring=True`, asks each worker what it holds
 (`sync`), rebuilds the table from the answers and grants nothing until every
 worker has answered or `finish_restore`'s timeout has passed.
+
+Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
+goes into it and a worker that leaves is retired from it; `collect_reports`
+asks every worker for a fresh one and waits (bounded) for the answers.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
+from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_to_wire
 
@@ -47,6 +53,8 @@ class _Channel(asyncio.Protocol):
         self.pid: int | None = None
         self.generation: int | None = None
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
+        self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
+        self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -76,8 +84,9 @@ class _Channel(asyncio.Protocol):
 
 
 class SlotServer:
-    def __init__(self, slots: HostSlots) -> None:
+    def __init__(self, slots: HostSlots, *, view: HostView | None = None) -> None:
         self.slots = slots
+        self.view = view
         self._channels: dict[int, _Channel] = {}
         self._keys = itertools.count(1)
         self._timer: asyncio.TimerHandle | None = None
@@ -174,6 +183,23 @@ class SlotServer:
         self._servers.append(server)
         return server
 
+    async def collect_reports(self, timeout: float) -> int:
+        """Ask every worker for its report and wait until each has answered, for
+        `timeout` at most (a busy worker's last report stands meanwhile).
+        Returns how many did not answer in time."""
+        asked: list[asyncio.Future[None]] = []
+        for channel in list(self._channels.values()):
+            if not channel.joined or channel.restoring:
+                continue
+            if channel.asked is None or channel.asked.done():
+                channel.asked = asyncio.get_running_loop().create_future()
+                channel.send({"op": "report"})
+            asked.append(channel.asked)
+        if not asked:
+            return 0
+        _, pending = await asyncio.wait(asked, timeout=timeout)
+        return len(pending)
+
     def wake(self) -> None:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
@@ -192,6 +218,11 @@ class SlotServer:
 
     def _handle(self, channel: _Channel, message: dict[str, Any]) -> None:
         op = message["op"]
+        if op == "report":
+            # Whole and cumulative: taken in any state (a final one sent during
+            # an exec included), before "hello" too, as it names its worker.
+            self._report(channel, message)
+            return
         if channel.restoring:
             if op == "state":
                 self._restore(channel, message)
@@ -232,6 +263,23 @@ class SlotServer:
         else:
             raise WireError(f"unknown op {op!r}")
 
+    def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
+        if channel.asked is not None and not channel.asked.done():
+            channel.asked.set_result(None)
+        if self.view is None:
+            return
+        try:
+            report = WorkerReport.from_wire(message)
+        except ReportError as exc:
+            # Stats are not worth a worker's calls: log, keep the channel.
+            log.error(
+                "worker report ignored: not understood",
+                extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
+            )
+            return
+        channel.reported = report.worker
+        self.view.report(report, time.monotonic())
+
     def _restore(self, channel: _Channel, message: dict[str, Any]) -> None:
         pid, generation = field(message, "pid", int), field(message, "generation", int)
         try:
@@ -270,6 +318,15 @@ class SlotServer:
             self._restoring.discard(channel.key)
             if not self._restoring:
                 self._restored.set()
+        if channel.asked is not None and not channel.asked.done():
+            channel.asked.set_result(None)
+        if self.view is not None:
+            # A channel kept over an exec that ends before its "state" is
+            # known by its reports alone.
+            if channel.pid is not None and channel.generation is not None:
+                self.view.leave((channel.pid, channel.generation))
+            elif channel.reported is not None:
+                self.view.leave(channel.reported)
         row, answers = self.slots.leave(channel.key)
         if row is not None:
             held: dict[str, int] = {}

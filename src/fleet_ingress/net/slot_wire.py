@@ -23,6 +23,16 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     in it, so the coordinator skips everything before (a line the old image
     had half read included).
 
+    stats (`core.host_view`): the coordinator asks, the worker answers with
+    everything it has counted since it started; it also sends one unasked,
+    "final": true, as it exits cleanly (drained), so that nothing is lost.
+    coordinator -> worker   {"op": "report"}
+    worker -> coordinator   {"op": "report", "pid": 1234, "generation": 1, "seq": 5,
+                             "started": WALL, "calls": 3, "draining": false,
+                             "final": false, "process": {...}, "counts": {...}}
+    Reports are whole and cumulative: one read twice or lost changes nothing,
+    so they are taken in every state, while restoring after a re-execution too.
+
 Lines, not length prefixes: a human can read a capture (`socat -v`), and a
 line is bounded (`MAX_LINE`), so a confused peer cannot make either end
 buffer without end. A stream socket keeps order both ways, which the lease
@@ -36,7 +46,9 @@ from typing import Any
 
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 
-MAX_LINE = 64 * 1024  # an avoid-list of every fleet's name fits many times over
+# An avoid-list of every fleet's name fits many times over; a worker's report
+# (about 1 KiB a fleet) must fit too: a line over this cuts the channel off.
+MAX_LINE = 1024 * 1024
 
 
 class WireError(ValueError):

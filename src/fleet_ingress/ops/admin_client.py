@@ -154,9 +154,35 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
     )
+    workers = snap.get("workers")
+    if workers is not None:
+        lines.append(_workers_lines(workers))
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     return "\n".join(lines)
+
+
+def _workers_lines(workers: list[dict[str, Any]]) -> str:
+    """A row per worker process (a supervisor's snapshot)."""
+    rows = [("worker", "gen", "calls", "conns", "state", "report")]
+    for w in workers:
+        state = "-" if w["draining"] is None else ("draining" if w["draining"] else "serving")
+        age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
+        rows.append(
+            (
+                str(w["pid"]),
+                str(w["generation"]),
+                str(w["calls"]),
+                _dash(w["connections"]),
+                state,
+                age,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _calls(n: int) -> str:

@@ -44,10 +44,18 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def admin_app(ops: FleetOps, snapshot: Callable[[], dict[str, Any]]) -> web.Application:
-    """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the changes."""
+def admin_app(
+    ops: FleetOps,
+    snapshot: Callable[[], dict[str, Any]],
+    *,
+    refresh: Callable[[], Awaitable[object]] | None = None,
+) -> web.Application:
+    """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
+    changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts)."""
 
     async def stat(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         return web.json_response(snapshot())
 
     async def set_state(request: web.Request) -> web.Response:

@@ -10,24 +10,86 @@ from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from fleet_ingress import __version__
-from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_view import Counts, Key
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
+from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
 
 PREFIX = "fleet_ingress"
+
+
+# Per-call histograms: name (without the prefix) -> help, buckets. A worker
+# observes them; the supervisor renders the sum over its workers with the same
+# names and buckets.
+HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
+    HANDSHAKE: (
+        "Carrier request head received to the fleet's 101 relayed.",
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    ),
+    CALL_DURATION: (
+        "Duration of tunneled calls, 101 to end.",
+        (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+    ),
+    # Carriers stream 20 ms frames: lag of a few ms is audible jitter.
+    LOOP_LAG: (
+        "How late the event loop ran a timer (probed every 0.2 s): what every "
+        "call's frames wait while the loop is busy.",
+        (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    ),
+}
+
+
+def _histogram(key: Key, registry: CollectorRegistry) -> Histogram:
+    doc, buckets = HISTOGRAMS[key]
+    return Histogram(f"{PREFIX}_{key[0]}", doc, buckets=buckets, registry=registry)
+
+
+def check_histogram(registry: CollectorRegistry) -> Histogram:
+    """The health probes' durations, by fleet: the process that runs the poller observes it."""
+    return Histogram(
+        f"{PREFIX}_fleet_check_duration_seconds",
+        "Duration of health probes.",
+        ["fleet"],
+        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        registry=registry,
+    )
+
+
+def histogram_families(counts: Counts) -> Iterator[Metric]:
+    """The per-call histograms of `counts` (summed over workers) as Prometheus
+    histograms: the same names, help and buckets as a process's own."""
+    for key, (doc, _) in HISTOGRAMS.items():
+        histo = counts.histograms.get(key)
+        if histo is None:
+            continue
+        family = HistogramMetricFamily(f"{PREFIX}_{key[0]}", doc)
+        buckets = [
+            (_le(bound), float(n)) for bound, n in zip(histo.bounds, histo.cumulative, strict=False)
+        ]
+        buckets.append(("+Inf", float(histo.count)))
+        family.add_metric([], buckets, histo.sum)
+        yield family
+
+
+def _le(bound: float) -> str:
+    """prometheus_client's spelling of a bucket bound (1 -> "1.0")."""
+    return floatToGoString(bound)
 
 
 class IngressMetrics:
@@ -43,35 +105,24 @@ class IngressMetrics:
         self.prometheus = CollectorRegistry(auto_describe=True)
         # Memory, descriptors, CPU, start time: restarts and fd leaks show here.
         _ProcessCollector(registry=self.prometheus)
-        self.handshake_seconds = Histogram(
-            f"{PREFIX}_handshake_duration_seconds",
-            "Carrier request head received to the fleet's 101 relayed.",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=self.prometheus,
-        )
-        self.call_seconds = Histogram(
-            f"{PREFIX}_call_duration_seconds",
-            "Duration of tunneled calls, 101 to end.",
-            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
-            registry=self.prometheus,
-        )
-        self.check_seconds = Histogram(
-            f"{PREFIX}_fleet_check_duration_seconds",
-            "Duration of health probes.",
-            ["fleet"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.prometheus,
-        )
-        # Carriers stream 20 ms frames: lag of a few ms is audible jitter.
-        self.loop_lag_seconds = Histogram(
-            f"{PREFIX}_event_loop_lag_seconds",
-            "How late the event loop ran a timer (probed every 0.2 s): what every "
-            "call's frames wait while the loop is busy.",
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=self.prometheus,
-        )
+        self.handshake_seconds = _histogram(HANDSHAKE, self.prometheus)
+        self.call_seconds = _histogram(CALL_DURATION, self.prometheus)
+        self.check_seconds = check_histogram(self.prometheus)
+        self.loop_lag_seconds = _histogram(LOOP_LAG, self.prometheus)
+        # What a worker reports of its histograms (`ops.host_stats.WorkerReporter`).
+        self.histograms: dict[Key, Histogram] = {
+            HANDSHAKE: self.handshake_seconds,
+            CALL_DURATION: self.call_seconds,
+            LOOP_LAG: self.loop_lag_seconds,
+        }
         self.prometheus.register(
-            _StateCollector(balancer, registry, dispatcher, certificate_not_after, reloads)
+            _StateCollector(
+                lambda: balancer.fleets,
+                lambda: local_counts(registry, balancer.fleets),
+                lambda: (dispatcher.queue_length, dispatcher.queue_timeouts),
+                certificate_not_after,
+                reloads,
+            )
         )
         registry.on_call_linked.append(self._call_linked)
         registry.on_call_ended.append(self._call_ended)
@@ -146,25 +197,36 @@ class _ProcessCollector(Collector):
 
 
 class _StateCollector(Collector):
+    """Fleet state from `fleets` and everything counted per call from one
+    `Counts` read per scrape: this process's (one-process ingress) or the
+    sum over a host's workers (`ops.host_stats.HostMetrics`, which also has
+    the counts' histograms rendered: `histograms=True`)."""
+
     def __init__(
         self,
-        balancer: Balancer,
-        registry: Registry,
-        dispatcher: SlotQueue,
+        fleets: Callable[[], Iterable[FleetState]],
+        counts: Callable[[], Counts],
+        queue: Callable[[], tuple[int, int]],
         certificate_not_after: Callable[[], float | None],
         reloads: Callable[[], Mapping[str, int]],
+        *,
+        histograms: bool = False,
     ) -> None:
-        self.balancer = balancer
-        self.registry = registry
-        self.dispatcher = dispatcher
+        self.fleets = fleets
+        self.counts = counts
+        self.queue = queue  # (length, timeouts)
         self.certificate_not_after = certificate_not_after
         self.reloads = reloads
+        self.histograms = histograms
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._fleets()
-        yield from self._frontend()
+        counts = self.counts()
+        yield from self._fleets(counts)
+        yield from self._frontend(counts)
+        if self.histograms:
+            yield from histogram_families(counts)
 
-    def _fleets(self) -> Iterator[Metric]:
+    def _fleets(self, counts: Counts) -> Iterator[Metric]:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"{PREFIX}_fleet_{name}", doc, labels=["fleet"])
 
@@ -197,7 +259,10 @@ class _StateCollector(Collector):
         redispatches = counter("redispatches", "Retries that went to another fleet.")
         checks = counter("checks", "Health probes sent.")
         check_failures = counter("check_failures", "Health probes that failed.")
-        for f in self.balancer.fleets:
+        responses_of: dict[str, list[tuple[str, int]]] = {}
+        for (fleet_name, code), n in counts.family("fleet_responses"):
+            responses_of.setdefault(fleet_name, []).append((code, n))
+        for f in self.fleets():
             name = [f.name]
             up.add_metric(name, 1 if f.health is Health.UP else 0)
             for h in Health:
@@ -214,76 +279,78 @@ class _StateCollector(Collector):
                 estimated.add_metric(name, estimate)
             if f.last_probe_at is not None:
                 last_check.add_metric(name, f.last_probe_at)
-            calls.add_metric(name, f.calls_total)
-            for code, n in sorted(f.responses.items()):
-                responses.add_metric([f.name, str(code)], n)
-            retries.add_metric(name, f.retries)
-            redispatches.add_metric(name, f.redispatches)
+            calls.add_metric(name, counts.counter("fleet_calls", f.name))
+            for code, n in sorted(responses_of.get(f.name, []), key=lambda e: int(e[0])):
+                responses.add_metric([f.name, code], n)
+            retries.add_metric(name, counts.counter("fleet_retries", f.name))
+            redispatches.add_metric(name, counts.counter("fleet_redispatches", f.name))
             checks.add_metric(name, f.probes_total)
             check_failures.add_metric(name, f.check_failures)
         yield from (up, health, admin, eligible, full, active, maxconn, reported, estimated)
         yield from (last_check, calls, responses, retries, redispatches, checks, check_failures)
 
-    def _frontend(self) -> Iterator[Metric]:
-        reg = self.registry
+    def _frontend(self, counts: Counts) -> Iterator[Metric]:
+        gauges = counts.gauges
         yield GaugeMetricFamily(
-            f"{PREFIX}_connections", "Open carrier connections.", value=len(reg.connections)
+            f"{PREFIX}_connections",
+            "Open carrier connections.",
+            value=gauges.get(("connections",), 0),
         )
         yield CounterMetricFamily(
-            f"{PREFIX}_connections", "Carrier connections accepted.", value=reg.connections_total
+            f"{PREFIX}_connections",
+            "Carrier connections accepted.",
+            value=counts.counter("connections_total"),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_tls_handshake_failures",
             "Carrier TLS handshakes that failed.",
-            value=reg.tls_handshake_failures,
+            value=counts.counter("tls_handshake_failures"),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_refused_connections",
             "Carrier connections reset at accept: limits.max_connections was reached.",
-            value=reg.refused_connections,
+            value=counts.counter("refused_connections"),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_accept_failures",
             "accept() failures for lack of descriptors or memory (retried).",
-            value=reg.accept_failures,
+            value=counts.counter("accept_failures"),
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_tls_handshakes_in_progress",
             "Carrier connections accepted and still in their TLS handshake.",
-            value=reg.handshaking,
+            value=gauges.get(("handshaking",), 0),
         )
         yield GaugeMetricFamily(
-            f"{PREFIX}_active_calls", "Calls tunneled now.", value=len(reg.tunnels())
+            f"{PREFIX}_active_calls", "Calls tunneled now.", value=gauges.get(("active_calls",), 0)
         )
         requests = CounterMetricFamily(
             f"{PREFIX}_requests", "Carrier requests by route and answer.", labels=["route", "code"]
         )
-        for (route, status), n in sorted(reg.requests.items()):
-            requests.add_metric([route, str(status)], n)
+        for (route, status), n in counts.family("requests"):
+            requests.add_metric([route, status], n)
         yield requests
+        queue_length, queue_timeouts = self.queue()
         yield GaugeMetricFamily(
-            f"{PREFIX}_queue_length",
-            "Calls waiting for a fleet slot.",
-            value=self.dispatcher.queue_length,
+            f"{PREFIX}_queue_length", "Calls waiting for a fleet slot.", value=queue_length
         )
         yield CounterMetricFamily(
             f"{PREFIX}_queue_timeouts",
             "Calls that got 503 after waiting in the queue.",
-            value=self.dispatcher.queue_timeouts,
+            value=queue_timeouts,
         )
         relayed = CounterMetricFamily(
             f"{PREFIX}_relayed_bytes", "Bytes relayed, by direction.", labels=["direction"]
         )
-        to_fleet, to_carrier = reg.relayed_bytes()
-        relayed.add_metric(["carrier_to_fleet"], to_fleet)
-        relayed.add_metric(["fleet_to_carrier"], to_carrier)
+        relayed.add_metric(["carrier_to_fleet"], counts.counter("bytes_from_carrier"))
+        relayed.add_metric(["fleet_to_carrier"], counts.counter("bytes_to_carrier"))
         yield relayed
         ended = CounterMetricFamily(
             f"{PREFIX}_calls_ended",
             "Calls ended, by fleet (empty: none answered) and why they ended.",
             labels=["fleet", "reason"],
         )
-        for (fleet, reason), n in sorted(reg.ended.items()):
+        for (fleet, reason), n in counts.family("calls_ended"):
             ended.add_metric([fleet, reason], n)
         yield ended
         reloads = CounterMetricFamily(

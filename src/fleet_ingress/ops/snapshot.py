@@ -2,25 +2,45 @@
 
 `/stats.json`, the `/stats` page and `fleet-ingress stat` all show this, so
 they can never disagree. No I/O.
+
+`render` is the one renderer: the fleets' state (health, admin, slots,
+capacity) from the process that holds the balancer, and everything counted
+per call from a `Counts`: this process's own (`snapshot`, the one-process
+ingress) or the sum over a host's workers (`ops.host_stats.host_snapshot`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fleet_ingress import __version__
 from fleet_ingress.core.balancer import Balancer, FleetState
+from fleet_ingress.core.host_view import Counts
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
+from fleet_ingress.ops.local_counts import local_counts
 
 
 def fleet_row(
-    fleet: FleetState, now: float, capacity_key: str = "fleet_available"
+    fleet: FleetState,
+    now: float,
+    capacity_key: str = "fleet_available",
+    counts: Counts | None = None,
 ) -> dict[str, Any]:
+    """`counts`: where the fleet's call counters come from (None: the fleet's own record)."""
+    if counts is None:
+        counts = local_counts(None, [fleet])
+    name = fleet.name
+    responses = {
+        int(code): n
+        for (fleet_name, code), n in counts.family("fleet_responses")
+        if fleet_name == name
+    }
     probe = fleet.last_probe
     return {
-        "name": fleet.name,
+        "name": name,
         "url": fleet.spec.url,
         "health": fleet.health.value,
         "admin": fleet.admin.value,
@@ -41,12 +61,54 @@ def fleet_row(
         ),
         "checks_total": fleet.probes_total,
         "check_failures": fleet.check_failures,
-        "calls_total": fleet.calls_total,
-        "responses": {str(code): n for code, n in sorted(fleet.responses.items())},
-        "responses_429": fleet.responses.get(429, 0),
-        "retries": fleet.retries,
-        "redispatches": fleet.redispatches,
+        "calls_total": counts.counter("fleet_calls", name),
+        "responses": {str(code): n for code, n in sorted(responses.items())},
+        "responses_429": responses.get(429, 0),
+        "retries": counts.counter("fleet_retries", name),
+        "redispatches": counts.counter("fleet_redispatches", name),
     }
+
+
+def render(
+    fleets: Iterable[FleetState],
+    counts: Counts,
+    *,
+    queue_length: int,
+    queue_timeouts: int,
+    started_at: float,
+    certificate_not_after: float | None = None,
+    capacity_key: str = "fleet_available",
+    stopping: bool = False,
+    workers: Sequence[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """`workers`: a row per worker process (the supervisor's view); None leaves the key out."""
+    now = time.time()
+    requests: dict[str, dict[str, int]] = {}
+    for (route, status), n in counts.family("requests"):
+        requests.setdefault(route, {})[status] = n
+    gauges = counts.gauges
+    snap: dict[str, Any] = {
+        "version": __version__,
+        "time": now,
+        "uptime_s": round(now - started_at, 1),
+        # "draining" once a stop has begun: no new calls, the live ones may finish.
+        "state": "draining" if stopping else "serving",
+        "certificate_not_after": certificate_not_after,
+        "frontend": {
+            "connections": gauges.get(("connections",), 0),
+            "connections_total": counts.counter("connections_total"),
+            "active_calls": gauges.get(("active_calls",), 0),
+            "queue_length": queue_length,
+            "queue_timeouts": queue_timeouts,
+            "requests": requests,
+            "bytes_from_carrier": counts.counter("bytes_from_carrier"),
+            "bytes_to_carrier": counts.counter("bytes_to_carrier"),
+        },
+        "fleets": [fleet_row(f, now, capacity_key, counts) for f in fleets],
+    }
+    if workers is not None:
+        snap["workers"] = list(workers)
+    return snap
 
 
 def snapshot(
@@ -59,27 +121,15 @@ def snapshot(
     capacity_key: str = "fleet_available",
     stopping: bool = False,
 ) -> dict[str, Any]:
-    now = time.time()
-    to_fleet, to_carrier = registry.relayed_bytes()
-    requests: dict[str, dict[str, int]] = {}
-    for (route, status), n in sorted(registry.requests.items()):
-        requests.setdefault(route, {})[str(status)] = n
-    return {
-        "version": __version__,
-        "time": now,
-        "uptime_s": round(now - started_at, 1),
-        # "draining" once a stop has begun: no new calls, the live ones may finish.
-        "state": "draining" if stopping else "serving",
-        "certificate_not_after": certificate_not_after,
-        "frontend": {
-            "connections": len(registry.connections),
-            "connections_total": registry.connections_total,
-            "active_calls": len(registry.tunnels()),
-            "queue_length": dispatcher.queue_length,
-            "queue_timeouts": dispatcher.queue_timeouts,
-            "requests": requests,
-            "bytes_from_carrier": to_fleet,
-            "bytes_to_carrier": to_carrier,
-        },
-        "fleets": [fleet_row(f, now, capacity_key) for f in balancer.fleets],
-    }
+    """The one-process ingress: everything from this process."""
+    fleets = balancer.fleets
+    return render(
+        fleets,
+        local_counts(registry, fleets),
+        queue_length=dispatcher.queue_length,
+        queue_timeouts=dispatcher.queue_timeouts,
+        started_at=started_at,
+        certificate_not_after=certificate_not_after,
+        capacity_key=capacity_key,
+        stopping=stopping,
+    )

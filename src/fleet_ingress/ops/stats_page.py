@@ -43,6 +43,40 @@ _STOPPING = (
 )
 
 
+def _workers_table(snap: dict[str, Any]) -> str:
+    """A row per worker process (a supervisor's snapshot; none in one process)."""
+    workers = snap.get("workers")
+    if workers is None:
+        return ""
+    rows = []
+    for w in workers:
+        started = (
+            None
+            if w["started"] is None
+            else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(w["started"]))
+        )
+        state = None if w["draining"] is None else ("draining" if w["draining"] else "serving")
+        age = None if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s"
+        rows.append(
+            "<tr>"
+            + _cell(w["pid"], "l")
+            + _cell(w["generation"])
+            + _cell(w["calls"])
+            + _cell(w["connections"])
+            + _cell(state, "l")
+            + _cell(started, "l")
+            + _cell(age)
+            + "</tr>"
+        )
+    return (
+        '<table id="workers">\n<tr><th class="l">worker pid</th><th>generation</th>'
+        '<th>calls</th><th>connections</th><th class="l">state</th>'
+        '<th class="l">started (UTC)</th><th>last report</th></tr>\n'
+        + ("".join(rows) or '<tr><td class="l" colspan="7">no workers</td></tr>')
+        + "\n</table>\n"
+    )
+
+
 def render_stats_page(snap: dict[str, Any]) -> str:
     rows = []
     for f in snap["fleets"]:
@@ -107,6 +141,6 @@ refreshes every {REFRESH_SECONDS}s</div>
  {fe["bytes_to_carrier"]} to carriers</td></tr>
 <tr><td class="l">certificate expires</td><td class="l">{escape(cert)}</td></tr>
 </table>
-<div class="muted">/stats.json and /metrics hold the same data.</div>
+{_workers_table(snap)}<div class="muted">/stats.json and /metrics hold the same data.</div>
 </body></html>
 """

@@ -6,7 +6,7 @@ and any method but GET/HEAD is answered 405.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -16,18 +16,29 @@ from fleet_ingress.ops.stats_page import render_stats_page
 
 
 def stats_app(
-    snapshot: Callable[[], dict[str, Any]], prometheus: CollectorRegistry
+    snapshot: Callable[[], dict[str, Any]],
+    prometheus: CollectorRegistry,
+    *,
+    refresh: Callable[[], Awaitable[object]] | None = None,
 ) -> web.Application:
     """`snapshot` is read at each request (the page and /stats.json), `prometheus` at
-    each scrape: nothing is kept here between requests."""
+    each scrape: nothing is kept here between requests. `refresh` is awaited
+    first (a supervisor asks its workers for their counts; bounded by it)."""
+
+    async def fresh() -> None:
+        if refresh is not None:
+            await refresh()
 
     async def page(request: web.Request) -> web.Response:
+        await fresh()
         return web.Response(text=render_stats_page(snapshot()), content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
+        await fresh()
         return web.json_response(snapshot())
 
     async def metrics(request: web.Request) -> web.Response:
+        await fresh()
         body = generate_latest(prometheus)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -1,0 +1,279 @@
+"""The host-wide `stat`, `/stats`, `/stats.json` and `/metrics` of a supervisor
+with worker processes (SPEC 12, 13; docs/WORKERS.md "Stats and metrics").
+
+Workers count; the supervisor pulls their counts over the slot channel and
+sums them (`core.host_view.HostView`); the fleets' state (health, admin,
+slots, capacity, the queue) is the supervisor's own (`HostSlots`). Both are
+rendered through the same functions as the one-process ingress
+(`ops.snapshot.render`, `ops.metrics`), so names, labels and JSON keys are
+the same, plus a row per worker.
+
+Wiring, supervisor side::
+
+    view = HostView()                       # or HostView.from_json(carried, time.monotonic())
+    server = SlotServer(slots, view=view)   # every "report" goes in, a worker gone is retired
+    metrics = HostMetrics(slots, view, certificate_not_after=..., reloads=...,
+                          restarts=lambda: restarts_by_reason)
+    poller = HealthPoller(..., on_probe=metrics.check_observed)
+    puller = asyncio.create_task(pull_reports(server))          # every few seconds
+    fresh = lambda: server.collect_reports(SCRAPE_WAIT)         # at every scrape
+    snapshot = lambda: host_snapshot(slots, view, started_at=..., ...)
+    stats_app(snapshot, metrics.prometheus, refresh=fresh)
+    admin_app(ops, snapshot, refresh=fresh)
+    # re-exec: carry view.to_json(time.monotonic()); after finish_restore():
+    #   view.retire_absent({(w.pid, w.generation) for w in slots.workers})
+
+Worker side::
+
+    client.reporter = WorkerReporter(registry, lambda: client.fleets.values(),
+                                     metrics.histograms, draining=lambda: stopping)
+    ...drained: client.send_report(final=True); client.close(); await client.lost
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_view import HostView, Key, WorkerId
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.ops.local_counts import Observed, local_counts
+from fleet_ingress.ops.metrics import PREFIX, _ProcessCollector, _StateCollector, check_histogram
+from fleet_ingress.ops.snapshot import render
+
+__all__ = [
+    "PULL_EVERY",
+    "SCRAPE_WAIT",
+    "HostMetrics",
+    "HostView",
+    "WorkerReporter",
+    "host_snapshot",
+    "pull_reports",
+]
+
+# What a crash can lose is what a worker counted since its last report: at
+# most this long (and a scrape asks afresh anyway).
+PULL_EVERY = 5.0
+# How long a scrape waits for the workers' answers; a worker busy past it is
+# shown with its last report (its age is in the row and in a metric).
+SCRAPE_WAIT = 0.5
+
+_TICKS = float(os.sysconf("SC_CLK_TCK"))
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        return next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+
+
+def _process_figures() -> tuple[float, dict[str, float]]:
+    """(start time, {cpu_seconds, resident_bytes}) of this process, from /proc."""
+    with open("/proc/self/stat", "rb") as f:
+        parts = f.read().rpartition(b")")[2].split()
+    started = float(parts[19]) / _TICKS + _boot_time()
+    cpu = (float(parts[11]) + float(parts[12])) / _TICKS
+    return started, {"cpu_seconds": cpu, "resident_bytes": float(parts[21]) * _PAGE}
+
+
+class WorkerReporter:
+    """A worker's `SlotClient.reporter`: its counts, live calls, draining flag
+    and process figures, read when the supervisor asks."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        fleets: Callable[[], Iterable[FleetState]],
+        histograms: Mapping[Key, Observed],
+        *,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.registry = registry
+        self.fleets = fleets
+        self.histograms = histograms
+        self.draining = draining
+        self.started = _process_figures()[0]
+
+    def __call__(self) -> dict[str, Any]:
+        _, process = _process_figures()
+        counts = local_counts(self.registry, list(self.fleets()), self.histograms)
+        return {
+            "started": self.started,
+            "calls": len(self.registry.calls),
+            "draining": self.draining(),
+            "process": process,
+            "counts": counts.to_wire(),
+        }
+
+
+async def pull_reports(server: SlotServer, every: float = PULL_EVERY) -> None:
+    """Ask every worker for its report every `every` seconds, for ever (a task
+    the supervisor cancels as it stops): bounds what a crash loses."""
+    while True:
+        await asyncio.sleep(every)
+        await server.collect_reports(timeout=every)
+
+
+def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, Any]]:
+    """A row per live worker: the coordinator's (pid, generation, calls holding a
+    slot now) and its last report's (connections, draining, started, age)."""
+    reported = {(w.pid, w.generation): w for w in view.workers(now)}
+    held = {(r.pid, r.generation): r.calls for r in slots.workers}
+    rows = []
+    for worker in sorted(held.keys() | reported.keys()):
+        seen = reported.get(worker)
+        rows.append(
+            {
+                "pid": worker[0],
+                "generation": worker[1],
+                "calls": held.get(worker, seen.calls if seen else 0),
+                "connections": None if seen is None else seen.connections,
+                "draining": None if seen is None else seen.draining,
+                "started": None if seen is None else seen.started,
+                "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
+                "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),
+                "resident_bytes": None if seen is None else seen.process.get("resident_bytes"),
+            }
+        )
+    return rows
+
+
+def host_snapshot(
+    slots: HostSlots,
+    view: HostView,
+    *,
+    started_at: float,
+    certificate_not_after: float | None = None,
+    capacity_key: str = "fleet_available",
+    stopping: bool = False,
+) -> dict[str, Any]:
+    """`/stats.json` and `stat` for the whole host: the same keys as the
+    one-process ingress's, plus `workers` (a row per worker)."""
+    return render(
+        slots.balancer.fleets,
+        view.totals(),
+        queue_length=slots.queue_length,
+        queue_timeouts=slots.queue_timeouts,
+        started_at=started_at,
+        certificate_not_after=certificate_not_after,
+        capacity_key=capacity_key,
+        stopping=stopping,
+        workers=worker_rows(slots, view, time.monotonic()),
+    )
+
+
+class HostMetrics:
+    """`/metrics` for the whole host: the fleets' state from `slots`, the
+    workers' counters and histograms summed from `view` (the one-process
+    ingress's names and labels), per-worker gauges by pid and generation, and
+    the supervisor's own process_* and probe durations."""
+
+    def __init__(
+        self,
+        slots: HostSlots,
+        view: HostView,
+        *,
+        certificate_not_after: Callable[[], float | None] = lambda: None,
+        reloads: Callable[[], Mapping[str, int]] = dict,
+        restarts: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
+        """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1})."""
+        self.prometheus = CollectorRegistry(auto_describe=True)
+        _ProcessCollector(registry=self.prometheus)
+        self.check_seconds: Histogram = check_histogram(self.prometheus)
+        self.prometheus.register(
+            _StateCollector(
+                lambda: slots.balancer.fleets,
+                view.totals,
+                lambda: (slots.queue_length, slots.queue_timeouts),
+                certificate_not_after,
+                reloads,
+                histograms=True,
+            )
+        )
+        self.prometheus.register(_WorkersCollector(slots, view, restarts))
+
+    def check_observed(self, fleet: str, seconds: float) -> None:
+        self.check_seconds.labels(fleet).observe(seconds)
+
+    def fleet_removed(self, fleet: str) -> None:
+        try:
+            self.check_seconds.remove(fleet)
+        except KeyError:
+            pass
+
+
+class _WorkersCollector(Collector):
+    def __init__(
+        self, slots: HostSlots, view: HostView, restarts: Callable[[], Mapping[str, int]]
+    ) -> None:
+        self.slots = slots
+        self.view = view
+        self.restarts = restarts
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["pid", "generation"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"{PREFIX}_worker_{name}", doc, labels=labels)
+
+        calls = gauge("calls", "Slots a worker holds now: its call attempts and live calls.")
+        connections = gauge("connections", "Open carrier connections of a worker (last report).")
+        draining = gauge("draining", "1 when a worker has stopped accepting and finishes calls.")
+        age = gauge("report_age_seconds", "Seconds since a worker's last report was read.")
+        rss = gauge("resident_memory_bytes", "A worker's resident memory (last report).")
+        cpu = CounterMetricFamily(
+            f"{PREFIX}_worker_cpu_seconds", "A worker's CPU time (last report).", labels=labels
+        )
+        per_generation: dict[str, int] = {}
+        for row in worker_rows(self.slots, self.view, time.monotonic()):
+            key = [str(row["pid"]), str(row["generation"])]
+            per_generation[key[1]] = per_generation.get(key[1], 0) + 1
+            calls.add_metric(key, row["calls"])
+            if row["connections"] is not None:
+                connections.add_metric(key, row["connections"])
+                draining.add_metric(key, 1 if row["draining"] else 0)
+                age.add_metric(key, row["last_report_age_s"])
+            if row["resident_bytes"] is not None:
+                rss.add_metric(key, row["resident_bytes"])
+            if row["cpu_seconds"] is not None:
+                cpu.add_metric(key, row["cpu_seconds"])
+        workers = GaugeMetricFamily(
+            f"{PREFIX}_workers", "Worker processes alive, by generation.", labels=["generation"]
+        )
+        for generation, n in sorted(per_generation.items(), key=lambda e: int(e[0])):
+            workers.add_metric([generation], n)
+        yield from (workers, calls, connections, draining, age, rss, cpu)
+        restarts = CounterMetricFamily(
+            f"{PREFIX}_worker_restarts",
+            "Worker processes replaced after they died, by why.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.restarts().items()):
+            restarts.add_metric([reason], n)
+        yield restarts
+        yield CounterMetricFamily(
+            f"{PREFIX}_slots_reclaimed",
+            "Fleet slots taken back from workers that died holding them (calls lost).",
+            value=self.slots.reclaimed_total,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_workers_retired",
+            "Workers whose counters were added to the host's totals as they left.",
+            value=self.view.retired_workers,
+        )
+
+
+def present(slots: HostSlots) -> set[WorkerId]:
+    """The workers the coordinator knows (for `HostView.retire_absent`)."""
+    return {(row.pid, row.generation) for row in slots.workers}

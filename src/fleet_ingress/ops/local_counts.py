@@ -1,0 +1,91 @@
+"""What one process counted, as `core.host_view.Counts`: the one shape that
+stats, metrics and a worker's report are rendered from. No I/O.
+
+The one-process ingress renders its own counts; a worker sends them to the
+supervisor (`ops.host_stats.WorkerReporter`), which renders the sum over its
+workers through the same functions (`ops.snapshot`, `ops.metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.host_view import Counts, Histo, Key
+from fleet_ingress.net.calls import Registry
+
+# Histogram keys (metric names without the fleet_ingress_ prefix).
+HANDSHAKE = ("handshake_duration_seconds",)
+CALL_DURATION = ("call_duration_seconds",)
+LOOP_LAG = ("event_loop_lag_seconds",)
+
+
+class _Sample(Protocol):
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+class _Family(Protocol):
+    samples: list[_Sample]
+
+
+class Observed(Protocol):
+    """A prometheus_client Histogram without labels (what we need of it)."""
+
+    def collect(self) -> Iterable[_Family]: ...
+
+
+def histo_of(histogram: Observed) -> Histo:
+    """A prometheus_client Histogram's cumulative buckets, sum and count."""
+    bounds: list[float] = []
+    cumulative: list[int] = []
+    total = 0.0
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                le = float(sample.labels["le"])
+                if le != float("inf"):
+                    bounds.append(le)
+                cumulative.append(int(sample.value))
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return Histo(tuple(bounds), tuple(cumulative), total)
+
+
+def local_counts(
+    registry: Registry | None,
+    fleets: Iterable[FleetState],
+    histograms: Mapping[Key, Observed] | None = None,
+) -> Counts:
+    """The counts of this process: its registry (frontend; None: none), the
+    call counters of its fleet records, and its histograms."""
+    counts = Counts()
+    c = counts.counters
+    for fleet in fleets:
+        c[("fleet_calls", fleet.name)] = fleet.calls_total
+        for code, n in fleet.responses.items():
+            c[("fleet_responses", fleet.name, str(code))] = n
+        c[("fleet_retries", fleet.name)] = fleet.retries
+        c[("fleet_redispatches", fleet.name)] = fleet.redispatches
+    for key, histogram in (histograms or {}).items():
+        counts.histograms[key] = histo_of(histogram)
+    if registry is None:
+        return counts
+    c[("connections_total",)] = registry.connections_total
+    c[("tls_handshake_failures",)] = registry.tls_handshake_failures
+    c[("refused_connections",)] = registry.refused_connections
+    c[("accept_failures",)] = registry.accept_failures
+    for (route, status), n in registry.requests.items():
+        c[("requests", route, str(status))] = n
+    to_fleet, to_carrier = registry.relayed_bytes()
+    c[("bytes_from_carrier",)] = to_fleet
+    c[("bytes_to_carrier",)] = to_carrier
+    for (fleet_name, reason), n in registry.ended.items():
+        c[("calls_ended", fleet_name, reason)] = n
+    g = counts.gauges
+    g[("connections",)] = len(registry.connections)
+    g[("handshaking",)] = registry.handshaking
+    g[("active_calls",)] = len(registry.tunnels())
+    return counts

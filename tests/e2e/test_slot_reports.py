@@ -1,0 +1,122 @@
+"""The `report` exchange on the slot channel over real Unix socketpairs, one
+process (net.slot_server with a HostView, net.slot_client with a reporter);
+the multi-process case is test_host_stats.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_view import Counts, HostView
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_wire import encode
+from tests.support import eventually
+
+FLEETS = "https://a.test name=a\n"
+
+
+def _slots() -> HostSlots:
+    specs = parse_fleets_text(FLEETS, default_maxconn=4)
+    return HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=5, max_queue=8)
+
+
+def _reporter(n: list[int]):
+    def report() -> dict:
+        counts = Counts()
+        counts.counters[("connections_total",)] = n[0]
+        return {"started": 1.0, "counts": counts.to_wire(), "calls": 0}
+
+    return report
+
+
+async def _worker(server: SlotServer, pid: int, generation: int = 1) -> SlotClient:
+    ours, theirs = socket.socketpair()
+    await server.adopt(ours)
+    return await SlotClient.connect(sock=theirs, pid=pid, generation=generation, answer_timeout=5)
+
+
+async def test_collect_reports_waits_for_every_worker_and_a_silent_one_only_so_long():
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    n = [3]
+    w1 = await _worker(server, 11)
+    w1.reporter = _reporter(n)
+    w2 = await _worker(server, 12)  # no reporter: answers with nothing counted
+    # A worker that joined and never answers a report (stuck, or of an old version).
+    ours, theirs = socket.socketpair()
+    await server.adopt(ours)
+    theirs.sendall(encode({"op": "hello", "pid": 13, "generation": 1}))
+    try:
+        await eventually(lambda: len(slots.workers) == 3)
+        assert await server.collect_reports(timeout=0.3) == 1
+        assert view.totals().counter("connections_total") == 3
+        assert sorted(w.pid for w in view.workers(now=0)) == [11, 12]
+        n[0] = 5
+        assert await server.collect_reports(timeout=0.3) == 1
+        assert view.totals().counter("connections_total") == 5
+        lease = await w1.lease()  # the channel still serves slots
+        lease.release()
+    finally:
+        w1.close()
+        w2.close()
+        theirs.close()
+        await server.close()
+
+
+async def test_a_report_not_understood_is_logged_and_the_worker_keeps_its_slots(caplog):
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    w1 = await _worker(server, 21)
+    try:
+        lease = await w1.lease()
+        assert w1._transport is not None
+        w1._transport.write(encode({"op": "report", "pid": 21, "counts": "no"}))
+        await eventually(lambda: "worker report ignored" in caplog.text)
+        assert [(r.pid, r.calls) for r in slots.workers] == [(21, 1)]
+        assert not w1.lost.done()
+        lease.release()
+    finally:
+        w1.close()
+        await server.close()
+
+
+async def test_a_report_sent_during_the_supervisors_exec_is_counted_by_the_new_image():
+    view = HostView()
+    server = SlotServer(_slots(), view=view)
+    n = [4]
+    w1 = await _worker(server, os.getpid() * 10)
+    w1.reporter = _reporter(n)
+    await eventually(lambda: len(server.slots.workers) == 1)
+    assert await server.collect_reports(timeout=2) == 0
+    kept = server.handover()
+    carried = view.to_json(now=0.0)
+    # During the exec the worker counts 2 more and reports unasked (as a
+    # draining worker does before it exits): the line waits in the kernel and
+    # comes before its "state", which the new image skips everything before.
+    n[0] = 6
+    w1.send_report()
+
+    new_view = HostView.from_json(carried, now=0.0)
+    slots = _slots()
+    slots.paused = True
+    new = SlotServer(slots, view=new_view)
+    try:
+        for sock in kept.values():
+            await new.adopt(sock, restoring=True)
+        assert await new.finish_restore(2.0) == []
+        assert new_view.totals().counter("connections_total") == 6
+        assert new_view.retire_absent({(r.pid, r.generation) for r in slots.workers}) == []
+        w1.close()
+        await eventually(lambda: not new_view.live)
+        assert new_view.totals().counter("connections_total") == 6
+        assert new_view.retired_workers == 1
+    finally:
+        w1.close()
+        await new.close()

@@ -1,0 +1,181 @@
+"""The host-wide stats a supervisor renders (ops.host_stats), no sockets: the
+same JSON keys and metric names and labels as the one-process ingress (so
+dashboards, alert rules and `stat` keep working), the sums of the workers'
+reports, and a row per worker."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_view import HostView, WorkerReport
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.ops.admin_client import format_stat_table
+from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
+from fleet_ingress.ops.local_counts import local_counts
+from fleet_ingress.ops.metrics import IngressMetrics
+from fleet_ingress.ops.snapshot import snapshot
+from fleet_ingress.ops.stats_page import render_stats_page
+
+FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
+
+
+def balancer() -> Balancer:
+    return Balancer(FleetSet.from_specs(parse_fleets_text(FLEETS, default_maxconn=16)))
+
+
+def a_worker(seq_counts: int, pid: int, generation: int, *, draining: bool = False):
+    """A worker's registry, fleet records and histograms with `seq_counts` of
+    everything, and its report as the supervisor reads it."""
+    registry = Registry()
+    fleets = balancer().fleets
+    # Also the one-process ingress's metrics, had it counted the same.
+    metrics = IngressMetrics(
+        Balancer(FleetSet(fleets)), registry, _no_queue(), reloads=lambda: {"applied": 1}
+    )
+    n = seq_counts
+    registry.connections_total = n
+    registry.tls_handshake_failures = n
+    registry.refused_connections = 1
+    registry.requests[("/ws/", 101)] += n
+    registry.requests[("/ws/", 503)] += 1
+    registry.ended[("a", "carrier_closed")] += n
+    registry.ended_bytes_from_carrier = 1000 * n
+    registry.ended_bytes_to_carrier = 2000 * n
+    fleets[0].calls_total = n
+    fleets[0].responses[101] += n
+    fleets[0].responses[429] += 1
+    fleets[1].retries = 2
+    fleets[1].redispatches = 1
+    for _ in range(n):
+        metrics.handshake_seconds.observe(0.02)
+        metrics.call_seconds.observe(42)
+    reporter = WorkerReporter(
+        registry, lambda: fleets, metrics.histograms, draining=lambda: draining
+    )
+    wire = {"pid": pid, "generation": generation, "seq": 1, **reporter()}
+    return registry, fleets, metrics, WorkerReport.from_wire(wire)
+
+
+def _no_queue() -> Dispatcher:
+    return Dispatcher(Balancer(FleetSet.from_specs([])), queue_timeout=1, max_queue=1)
+
+
+def families(registry) -> dict[str, dict[tuple, float]]:
+    text = generate_latest(registry).decode()
+    out: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def host_with(*reports: WorkerReport) -> tuple[HostSlots, HostView]:
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    view = HostView()
+    for i, report in enumerate(reports):
+        slots.join(i, pid=report.pid, generation=report.generation)
+        view.report(report, now=0.0)
+    return slots, view
+
+
+def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summed():
+    *_, r1 = a_worker(3, pid=101, generation=1, draining=True)
+    *_, r2 = a_worker(4, pid=202, generation=2)
+    slots, view = host_with(r1, r2)
+    host = families(HostMetrics(slots, view, reloads=lambda: {"applied": 1}).prometheus)
+
+    # One process that counted both workers' worth: what the host must show.
+    registry, fleets, one, _ = a_worker(7, pid=1, generation=0)
+    registry.refused_connections = 2
+    registry.requests[("/ws/", 503)] += 1
+    fleets[0].responses[429] += 1
+    fleets[1].retries, fleets[1].redispatches = 4, 2
+    one_process = {
+        name: samples
+        for name, samples in families(one.prometheus).items()
+        if not name.endswith("_created")  # when a histogram began: per process, not summed
+    }
+
+    worker_only = {n for n in host if n.startswith("fleet_ingress_worker")}
+    worker_only |= {"fleet_ingress_slots_reclaimed_total", "fleet_ingress_workers_retired_total"}
+    assert set(host) - worker_only == set(one_process)
+    for name, samples in one_process.items():
+        if not name.startswith("process_"):
+            assert host[name] == samples, name
+    assert host["fleet_ingress_relayed_bytes_total"][(("direction", "carrier_to_fleet"),)] == 7000
+    assert host["fleet_ingress_handshake_duration_seconds_count"][()] == 7
+
+    rows = {k: v for k, v in host["fleet_ingress_worker_draining"].items()}
+    assert rows == {
+        (("generation", "1"), ("pid", "101")): 1.0,
+        (("generation", "2"), ("pid", "202")): 0.0,
+    }
+    assert host["fleet_ingress_workers"] == {
+        (("generation", "1"),): 1.0,
+        (("generation", "2"),): 1.0,
+    }
+
+
+def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
+    *_, r1 = a_worker(3, pid=101, generation=1, draining=True)
+    *_, r2 = a_worker(4, pid=202, generation=2)
+    slots, view = host_with(r1, r2)
+    slots.acquire(1, 1, [], now=0.0)  # worker 202 holds a slot
+    snap = host_snapshot(slots, view, started_at=0.0)
+
+    registry, fleets, _, _ = a_worker(7, pid=1, generation=0)
+    one = snapshot(Balancer(FleetSet(fleets)), registry, _no_queue(), started_at=0.0)
+    assert set(snap) == set(one) | {"workers"}
+    assert set(snap["frontend"]) == set(one["frontend"])
+    assert snap["frontend"]["connections_total"] == 7
+    assert snap["frontend"]["requests"] == {"/ws/": {"101": 7, "503": 2}}
+    a = next(f for f in snap["fleets"] if f["name"] == "a")
+    assert (a["calls_total"], a["responses"], a["responses_429"]) == (7, {"101": 7, "429": 2}, 2)
+    assert a["active"] + next(f["active"] for f in snap["fleets"] if f["name"] == "b") == 1
+    assert [(w["pid"], w["generation"], w["calls"], w["draining"]) for w in snap["workers"]] == [
+        (101, 1, 0, True),
+        (202, 2, 1, False),
+    ]
+
+    table = format_stat_table(snap)
+    assert "worker  gen  calls" in table
+    assert "101     1    0      0      draining" in table
+    page = render_stats_page(snap)
+    assert '<table id="workers">' in page and "<td>202</td>" not in page
+    assert '<td class="l">202</td>' in page
+    # The one-process page and table have no workers section.
+    assert "workers" not in render_stats_page(one) and "worker " not in format_stat_table(one)
+
+
+def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=3)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    assert snap["workers"] == [
+        {
+            "pid": 55,
+            "generation": 3,
+            "calls": 0,
+            "connections": None,
+            "draining": None,
+            "started": None,
+            "last_report_age_s": None,
+            "cpu_seconds": None,
+            "resident_bytes": None,
+        }
+    ]
+    format_stat_table(snap)
+    render_stats_page(snap)
+
+
+def test_local_counts_read_live_calls_bytes_too():
+    registry = Registry()
+    registry.ended_bytes_from_carrier = 10
+    counts = local_counts(registry, [])
+    assert counts.counter("bytes_from_carrier") == 10

@@ -1,0 +1,236 @@
+"""The host's counters summed over workers that come and go (core.host_view): no
+sockets. Each scenario is a transcript: worker reports and departures in, the
+host's total after each step out; and the total never goes down."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fleet_ingress.core.host_view import Counts, Histo, HostView, ReportError, WorkerReport
+
+KEY = ("connections_total",)
+
+
+def counts(n: int, *, calls: int = 0, histo: Histo | None = None) -> Counts:
+    c = Counts()
+    c.counters[KEY] = n
+    c.counters[("requests", "/ws/", "101")] = 2 * n
+    c.gauges[("connections",)] = calls
+    if histo is not None:
+        c.histograms[("handshake_duration_seconds",)] = histo
+    return c
+
+
+def report(pid, gen, seq, n, *, started=100.0, calls=0, draining=False) -> WorkerReport:
+    return WorkerReport(
+        pid=pid,
+        generation=gen,
+        seq=seq,
+        started=started,
+        counts=counts(n, calls=calls),
+        calls=calls,
+        draining=draining,
+    )
+
+
+# (step, expected host total of KEY after it). A step is
+#   ("r", pid, generation, seq, count[, started])   a report read
+#   ("x", pid, generation)                           the worker is gone
+SCENARIOS = {
+    "two workers count, one restarts after a clean exit": [
+        (("r", 1, 1, 1, 10), 10),
+        (("r", 2, 1, 1, 5), 15),
+        (("r", 1, 1, 2, 12), 17),
+        (("x", 1, 1), 17),  # its last report is kept, once
+        (("r", 3, 1, 1, 4), 21),  # the replacement starts from 0
+        (("r", 3, 1, 2, 6), 23),
+    ],
+    "a crash loses only what was counted since the last report": [
+        (("r", 1, 1, 1, 10), 10),
+        # the worker counted up to 14, then SIGKILL before its next report
+        (("x", 1, 1), 10),
+        (("r", 4, 1, 1, 1), 11),
+    ],
+    "a report read twice, or an older one after a newer, changes nothing": [
+        (("r", 1, 1, 1, 10), 10),
+        (("r", 1, 1, 1, 10), 10),
+        (("r", 1, 1, 2, 13), 13),
+        (("r", 1, 1, 1, 10), 13),
+        (("r", 1, 1, 2, 13), 13),
+    ],
+    "an old generation drains while the new one counts": [
+        (("r", 1, 1, 1, 50), 50),
+        (("r", 2, 2, 1, 3), 53),
+        (("r", 1, 1, 2, 51), 54),  # old calls still ending: counted
+        (("r", 2, 2, 2, 9), 60),
+        (("r", 1, 1, 3, 52), 61),  # its final report
+        (("x", 1, 1), 61),
+        (("r", 2, 2, 3, 10), 62),
+    ],
+    "a late report of a worker already gone is ignored": [
+        (("r", 1, 1, 2, 10), 10),
+        (("x", 1, 1), 10),
+        (("r", 1, 1, 3, 99), 10),
+        (("x", 1, 1), 10),  # leaving twice retires nothing twice
+    ],
+    "the pid comes round again for a new process": [
+        (("r", 7, 1, 5, 30), 30),
+        # its exit went unseen; a new process with the same pid reports seq 1
+        (("r", 7, 1, 1, 2, 200.0), 32),
+        (("x", 7, 1), 32),
+    ],
+    "a worker that never reported leaves nothing": [
+        (("x", 9, 1), 0),
+        (("r", 1, 1, 1, 3), 3),
+    ],
+}
+
+
+def _apply(view: HostView, step: tuple, now: float) -> None:
+    if step[0] == "r":
+        _, pid, gen, seq, n, *started = step
+        view.report(report(pid, gen, seq, n, started=started[0] if started else 100.0), now)
+    else:
+        view.leave((step[1], step[2]))
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_host_totals_never_reset_nor_double_count(name):
+    view = HostView()
+    previous = 0
+    for i, (step, expected) in enumerate(SCENARIOS[name]):
+        _apply(view, step, now=float(i))
+        total = view.totals()
+        assert total.counter(*KEY) == expected, (name, i, step)
+        assert total.counter("requests", "/ws/", "101") == 2 * expected
+        assert total.counter(*KEY) >= previous
+        previous = total.counter(*KEY)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_the_view_carried_over_a_re_execution_goes_on_from_where_it_was(name):
+    """Cut each transcript in two: the second half runs in a view rebuilt from
+    the first's JSON (as the supervisor's new image does) and ends the same."""
+    steps = SCENARIOS[name]
+    for cut in range(len(steps) + 1):
+        view = HostView()
+        for i, (step, _) in enumerate(steps[:cut]):
+            _apply(view, step, now=float(i))
+        carried = json.loads(json.dumps(view.to_json(now=float(cut))))
+        view = HostView.from_json(carried, now=1000.0)
+        for i, (step, expected) in enumerate(steps[cut:], start=cut):
+            _apply(view, step, now=1000.0 + i)
+            assert view.totals().counter(*KEY) == expected, (name, cut, i)
+
+
+def test_gauges_are_of_live_workers_only():
+    view = HostView()
+    view.report(report(1, 1, 1, 10, calls=3), now=0)
+    view.report(report(2, 2, 1, 1, calls=4), now=0)
+    assert view.totals().gauges[("connections",)] == 7
+    view.leave((1, 1))
+    total = view.totals()
+    assert total.gauges[("connections",)] == 4
+    assert total.counter(*KEY) == 11
+
+
+def test_workers_rows_show_both_generations_and_their_report_age():
+    view = HostView()
+    view.report(report(1, 1, 1, 10, calls=3, draining=True), now=10.0)
+    view.report(report(2, 2, 1, 1, calls=4), now=12.0)
+    rows = view.workers(now=13.0)
+    assert [(w.pid, w.generation, w.calls, w.draining, w.last_report_age) for w in rows] == [
+        (1, 1, 3, True, 3.0),
+        (2, 2, 4, False, 1.0),
+    ]
+
+
+def test_retire_absent_after_a_re_execution_retires_workers_whose_channel_is_gone():
+    view = HostView()
+    view.report(report(1, 1, 1, 10), now=0)
+    view.report(report(2, 1, 1, 5), now=0)
+    view = HostView.from_json(view.to_json(now=0), now=0)
+    assert view.retire_absent({(2, 1)}) == [(1, 1)]
+    assert [w.pid for w in view.workers(now=0)] == [2]
+    assert view.totals().counter(*KEY) == 15
+    assert view.retired_workers == 1
+
+
+def H(bounds, cumulative, total):
+    return Histo(tuple(bounds), tuple(cumulative), total)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "merged"),
+    [
+        # same bounds: bucket by bucket
+        (H([0.1, 1], [1, 3, 4], 2.5), H([0.1, 1], [0, 2, 2], 1.0), H([0.1, 1], [1, 5, 6], 3.5)),
+        # a worker of another version with other bounds: the shared ones, exact
+        (
+            H([0.1, 0.5, 1], [1, 2, 3, 4], 2.5),
+            H([0.1, 1, 5], [2, 2, 3, 3], 4.0),
+            H([0.1, 1], [3, 5, 7], 6.5),
+        ),
+        # nothing shared: the count and the sum still hold
+        (H([1], [1, 1], 0.5), H([2], [0, 1], 3.0), H([], [2], 3.5)),
+    ],
+)
+def test_histograms_merge_exactly_on_the_bounds_both_have(a, b, merged):
+    assert a + b == merged
+    assert b + a == merged
+    view = HostView()
+    for pid, histo in ((1, a), (2, b)):
+        view.report(
+            WorkerReport(pid, 1, 1, 1.0, counts(0, histo=histo)),
+            now=0,
+        )
+    assert view.totals().histograms[("handshake_duration_seconds",)] == merged
+    view.leave((1, 1))  # retired histograms still count
+    assert view.totals().histograms[("handshake_duration_seconds",)] == merged
+
+
+def test_a_report_survives_the_wire():
+    sent = WorkerReport(
+        4242,
+        3,
+        7,
+        1700000000.25,
+        counts(5, calls=2, histo=H([0.1, 1], [1, 2, 2], 0.7)),
+        calls=2,
+        draining=True,
+        final=True,
+        process={"cpu_seconds": 1.5},
+    )
+    assert WorkerReport.from_wire(json.loads(json.dumps(sent.to_wire()))) == sent
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {},
+        {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": []},
+        {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [["x"]]}},
+        {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [["x", -1]]}},
+        {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [[1, 2]]}},
+        {"pid": "1", "generation": 1, "seq": 1, "started": 1.0, "counts": {}},
+        {
+            "pid": 1,
+            "generation": 1,
+            "seq": 1,
+            "started": 1.0,
+            "counts": {"histograms": [["h", {"bounds": [1, 0.5], "cumulative": [1, 1, 1]}]]},
+        },
+        {
+            "pid": 1,
+            "generation": 1,
+            "seq": 1,
+            "started": 1.0,
+            "counts": {"histograms": [["h", {"bounds": [1], "cumulative": [1], "sum": 0}]]},
+        },
+    ],
+)
+def test_a_report_that_is_not_one_is_named(broken):
+    with pytest.raises(ReportError):
+        WorkerReport.from_wire(broken)
