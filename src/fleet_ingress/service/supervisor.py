@@ -10,8 +10,11 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
 
 - A worker that dies is replaced at once; its channel closing gives its
   slots back (the coordinator's lock dies with its holder), and one line says
-  what was lost. Counted in `fleet_ingress_worker_restarts_total` and
-  `fleet_ingress_worker_calls_lost_total`.
+  what was lost. Counted in `fleet_ingress_worker_restarts_total{reason}`;
+  the slots it held in `fleet_ingress_slots_reclaimed_total`.
+- Stats and metrics cover the host: the fleets' state is this process's, the
+  per-call counters are the workers', summed from their reports
+  (`ops.host_stats`: pulled every few seconds and at every scrape).
 - SIGHUP: the configuration, fleets file and certificate are checked here
   first (an invalid one is refused whole), applied to the fleet set, the
   poller and the slot table, then every worker reloads its certificate and
@@ -42,14 +45,12 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.addresses import parse_hostport
@@ -58,6 +59,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, WorkerRow
+from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
@@ -66,8 +68,7 @@ from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetOps
-from fleet_ingress.ops.metrics import PREFIX, IngressMetrics
-from fleet_ingress.ops.snapshot import snapshot
+from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.service.ingress import (
     ReloadRefused,
@@ -139,23 +140,24 @@ class Supervisor:
         self.slots = HostSlots(
             self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
         )
-        self.server = SlotServer(self.slots)
-        # No call runs here: the frontend's counters (requests, bytes, handshakes)
-        # are the workers'. The host-wide aggregation of those plugs in where
-        # `snapshot` and `self.metrics.prometheus` are read (ops/).
-        self.registry = Registry()
+        # What the workers count (requests, bytes, handshakes, histograms), summed
+        # from their reports on the slot channel (ops/host_stats.py).
+        self.view = HostView()
+        self.server = SlotServer(self.slots, view=self.view)
+        self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         with contextlib.suppress(OSError, ValueError):
             if config.tls.cert is not None:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
-        self.metrics = IngressMetrics(
-            self.balancer,
-            self.registry,
-            self.server,
+        self.restarts: Counter[str] = Counter()  # workers replaced, by why
+        self.metrics = HostMetrics(
+            self.slots,
+            self.view,
             certificate_not_after=lambda: self.certificate_not_after,
             reloads=lambda: self.reloads,
+            restarts=lambda: self.restarts,
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -181,7 +183,6 @@ class Supervisor:
         self._joined_early: set[int] = set()
         self.generation = 1
         self.stopping = False
-        self.restarts_total = 0
         self.calls_lost_total = 0
         self._quick_deaths = 0
         self._asks = itertools.count(1)
@@ -190,7 +191,7 @@ class Supervisor:
         self._web_runners: list[web.AppRunner] = []
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
-        self.metrics.prometheus.register(_WorkerCollector(self))  # reads the fields above
+        self._puller: asyncio.Task[None] | None = None
 
     # -- start -------------------------------------------------------------------
 
@@ -216,7 +217,7 @@ class Supervisor:
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
-                app = stats_app(self.snapshot, self.metrics.prometheus)
+                app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
                 runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
             sock_name = runner.addresses[0]
             self.stats_address = (sock_name[0], sock_name[1])
@@ -224,12 +225,18 @@ class Supervisor:
         if listen.admin_socket:
             path = Path(listen.admin_socket)
             admin_sock = bind_admin_socket(path)
-            await self._serve_web(admin_app(self.ops, self.snapshot), web.SockSite, sock=admin_sock)
+            await self._serve_web(
+                admin_app(self.ops, self.snapshot, refresh=self.refresh),
+                web.SockSite,
+                sock=admin_sock,
+            )
             self.admin_socket = path
             server_log.info("listening", extra=fields(listener="admin", address=str(path)))
         count = self.config.process.worker_count()
         started = [await self._spawn(self.generation) for _ in range(count)]
         await self._wait_joined(started)
+        # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
+        self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
         log.info(
             "workers serving",
             extra=fields(
@@ -346,7 +353,7 @@ class Supervisor:
                 ),
             )
             return
-        self.restarts_total += 1
+        self.restarts[_restart_reason(code)] += 1
         self.calls_lost_total += worker.calls_lost
         log.error(
             "worker died: its calls are lost; a new worker replaces it",
@@ -435,30 +442,20 @@ class Supervisor:
         """Slots held on this host now: a call attempt or a live call each."""
         return sum(row.calls for row in self.slots.workers)
 
-    def worker_rows(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "pid": row.pid,
-                "generation": row.generation,
-                "calls": row.calls,
-                "calls_total": row.granted_total,
-            }
-            for row in self.slots.workers
-        ]
+    async def refresh(self) -> None:
+        """Before a scrape or `stat`: the workers' counts as of now (bounded wait)."""
+        await self.server.collect_reports(SCRAPE_WAIT)
 
     def snapshot(self) -> dict[str, Any]:
-        picture = snapshot(
-            self.balancer,
-            self.registry,
-            self.server,
+        picture = host_snapshot(
+            self.slots,
+            self.view,
             started_at=self.started_at,
             certificate_not_after=self.certificate_not_after,
             capacity_key=self.config.fleets.capacity_key,
             stopping=self.stopping,
         )
-        picture["frontend"]["active_calls"] = self.host_calls
-        picture["workers"] = self.worker_rows()
-        picture["worker_restarts"] = self.restarts_total
+        picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
         return picture
 
@@ -551,6 +548,8 @@ class Supervisor:
             await asyncio.sleep(0)
 
     async def close(self) -> None:
+        if self._puller is not None:
+            self._puller.cancel()
         await self.poller.close()
         for runner in self._web_runners:
             await runner.cleanup()
@@ -576,6 +575,14 @@ def respawn_delay(quick_deaths: int) -> float:
     return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
 
 
+def _restart_reason(code: int | None) -> str:
+    """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: OOM
+    killer, an operator), crashed (a non-zero exit), exited (0, unasked)."""
+    if code is not None and code < 0:
+        return "killed"
+    return "crashed" if code else "exited"
+
+
 def _exit_status(code: int | None) -> str:
     if code is None:
         return "running"
@@ -584,42 +591,6 @@ def _exit_status(code: int | None) -> str:
             return f"killed by {signal.Signals(-code).name}"
         return f"killed by signal {-code}"
     return f"exit {code}"
-
-
-class _WorkerCollector(Collector):
-    """The worker rows and what dying workers cost, read at scrape time."""
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.supervisor = supervisor
-
-    def collect(self) -> Iterator[Metric]:
-        sup = self.supervisor
-        calls = GaugeMetricFamily(
-            f"{PREFIX}_worker_calls",
-            "Fleet slots each worker process holds now (a call attempt or a live call each).",
-            labels=["pid", "generation"],
-        )
-        for row in sup.slots.workers:
-            calls.add_metric([str(row.pid), str(row.generation)], row.calls)
-        yield calls
-        yield GaugeMetricFamily(
-            f"{PREFIX}_workers", "Worker processes serving carriers.", value=len(sup.slots.workers)
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_worker_restarts",
-            "Worker processes that died and were replaced.",
-            value=sup.restarts_total,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_worker_calls_lost",
-            "Calls (slots held) lost with a worker process that died.",
-            value=sup.calls_lost_total,
-        )
-        yield CounterMetricFamily(
-            f"{PREFIX}_slots_reclaimed",
-            "Slots the coordinator took back from workers that were gone.",
-            value=sup.slots.reclaimed_total,
-        )
 
 
 # -- the process -------------------------------------------------------------------

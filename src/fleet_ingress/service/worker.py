@@ -41,6 +41,7 @@ from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
+from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.ingress import Ingress, ReloadRefused
 from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE
@@ -70,6 +71,13 @@ class Worker:
         self.client = client
         self.ingress = Ingress(config, [], leases=client, sockets=listeners)
         self.stop = asyncio.Event()
+        # What this worker counts, for the supervisor's host-wide stats.
+        client.reporter = WorkerReporter(
+            self.ingress.registry,
+            lambda: client.fleets.values(),
+            self.ingress.metrics.histograms,
+            draining=self.stop.is_set,
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
         client.handlers["reload"] = lambda m: self._spawn(self._reload(m.get("id")))
@@ -165,8 +173,12 @@ class Worker:
         stopping.cancel()
         await self.ingress.stop()
         trim.cancel()
+        # Drained: what it counted goes into the host's totals as its channel ends.
+        self.client.send_report(final=True)
         self.client.close()
-        await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.client.lost
 
 
 async def _trim_heap() -> None:
