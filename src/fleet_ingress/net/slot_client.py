@@ -200,7 +200,14 @@ class SlotClient(asyncio.Protocol):
             self._write(self._state())
             return
         if op == "report":
-            self._write(self._report(final=False))
+            try:
+                report = self._report(final=False)
+            except Exception:
+                # Unanswered, the supervisor shows the last report; raised, it
+                # would close this channel and with it the worker's slots.
+                log.exception("report failed: the supervisor keeps the previous one")
+                return
+            self._write(report)
             return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
