@@ -365,3 +365,180 @@ class EventChild:
             self.proc.kill()
         await asyncio.wait_for(self.proc.wait(), 10)
         self.reader.cancel()
+
+
+# -- `fleet-ingress run` as a process ------------------------------------------------
+
+
+def write_leaf_cert(
+    ca: trustme.CA, home: Path, key_type: trustme.KeyType = trustme.KeyType.ECDSA
+) -> str:
+    """Issue a fresh leaf into home/cert.pem and key.pem (as certbot's renewal
+    replaces them); returns its serial in hex as `ssl` shows it, without leading 0s."""
+    from cryptography import x509
+
+    leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=key_type)
+    for name, data in (
+        ("key.pem", leaf.private_key_pem.bytes()),
+        ("cert.pem", b"".join(blob.bytes() for blob in leaf.cert_chain_pems)),
+    ):
+        tmp = home / f"{name}.new"
+        tmp.write_bytes(data)
+        os.replace(tmp, home / name)
+    serial = x509.load_pem_x509_certificate(leaf.cert_chain_pems[0].bytes()).serial_number
+    return f"{serial:X}".lstrip("0")
+
+
+@dataclass
+class RunningIngress:
+    """`python -m fleet_ingress run` in a temporary home: its config, fleets file
+    and certificate there, the JSON log in home/stderr.log, sd_notify messages
+    received on a real datagram socket, the stats listener on loopback."""
+
+    proc: asyncio.subprocess.Process
+    home: Path
+    port: int
+    stats_port: int
+    messages: list[str]
+    _notify: socket.socket
+
+    @classmethod
+    async def start(
+        cls,
+        tls_files: TLSFiles,
+        fleet_lines: list[str],
+        *,
+        workers: int | str = 2,
+        extra: str = "",
+        drain: float = 30,
+        queue: float = 3,
+        env: dict[str, str] | None = None,
+    ) -> RunningIngress:
+        import tempfile
+
+        home = Path(tempfile.mkdtemp(prefix="fi-run-"))
+        write_leaf_cert(tls_files.ca, home)
+        port, stats_port = await free_port(), await free_port()
+        (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
+        workers_toml = f'"{workers}"' if isinstance(workers, str) else str(workers)
+        (home / "ingress.toml").write_text(
+            f"""
+[listen]
+wss = "127.0.0.1:{port}"
+acme = ""
+stats = "127.0.0.1:{stats_port}"
+admin_socket = "admin.sock"
+
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+
+[fleets]
+ca_file = "{tls_files.ca_pem}"
+check_interval = 0.2
+
+[timeouts]
+drain = {drain}
+queue = {queue}
+
+[log]
+format = "json"
+
+[process]
+workers = {workers_toml}
+{extra}
+"""
+        )
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(home / "notify.sock"))
+        notify.setblocking(False)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "run",
+            "-c",
+            str(home / "ingress.toml"),
+            env={**os.environ, "NOTIFY_SOCKET": str(home / "notify.sock"), **(env or {})},
+            stderr=(home / "stderr.log").open("wb"),
+        )
+        service = cls(proc, home, port, stats_port, [], notify)
+        asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)
+        try:
+            await service.wait_for("READY=1", timeout=20)
+        except BaseException:
+            await service.finish()
+            raise
+        return service
+
+    def _on_datagram(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                self.messages.append(self._notify.recv(4096).decode())
+
+    def seen(self, line: str) -> int:
+        return sum(line in m.splitlines() for m in self.messages)
+
+    async def wait_for(self, line: str, count: int = 1, timeout: float = 10) -> None:
+        async with asyncio.timeout(timeout):
+            while self.seen(line) < count:
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"exited {self.proc.returncode}: {self.log_tail()}")
+                await asyncio.sleep(0.02)
+
+    def log(self) -> list[dict[str, Any]]:
+        lines = (self.home / "stderr.log").read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return (self.home / "stderr.log").read_text()[-chars:]
+
+    async def stats(self) -> dict[str, Any]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
+                return await r.json()  # type: ignore[no-any-return]
+
+    async def metrics(self) -> str:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.stats_port}/metrics") as r:
+                return await r.text()
+
+    def url(self, path: str = "/ws/bot-1") -> str:
+        return f"wss://127.0.0.1:{self.port}{path}"
+
+    async def finish(self) -> int | None:
+        """Kill what is left (its workers too) and clean up; the exit code."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        code = await asyncio.wait_for(self.proc.wait(), 10)
+        # Workers of a killed supervisor see their channel close and drain; a test
+        # leaves none behind.
+        for pid in _workers_of(self.home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._notify.fileno())
+        self._notify.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+        return code
+
+
+def _workers_of(home: Path) -> list[int]:
+    """Pids of the workers started with the config in `home`."""
+    found = []
+    mark = str(home).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in cmdline and any(mark in part for part in cmdline):
+            found.append(int(entry.name))
+    return found

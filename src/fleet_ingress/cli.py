@@ -19,8 +19,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fleet-ingress {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="serve the carrier listener")
+    run = sub.add_parser("run", help="serve: a supervisor and process.workers worker processes")
     run.add_argument("-c", "--config", type=Path, required=True, help="ingress.toml")
+
+    # Started by `run` only (it hands over the listeners and a channel): not listed.
+    worker = sub.add_parser("worker")
+    worker.add_argument("-c", "--config", type=Path, required=True)
+    worker.add_argument("--generation", type=int, default=1)
 
     check = sub.add_parser("check", help="validate the configuration and fleets file")
     check.add_argument("-c", "--config", type=Path, help="ingress.toml")
@@ -92,6 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args.config)
+    if args.command == "worker":
+        from fleet_ingress.service.worker import run_worker
+
+        config = _worker_config(args.config)
+        if config is not None:
+            _raise_descriptor_limit(config.limits.max_connections, warn=False)
+        return run_worker(args.config, args.generation)
     if args.command == "check":
         if args.live:
             if args.probe or args.body is not None or args.config is None:
@@ -211,9 +223,10 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
-def _raise_descriptor_limit(max_connections: int) -> None:
+def _raise_descriptor_limit(max_connections: int, *, warn: bool = True) -> None:
     """Use every descriptor the hard limit allows: a call holds two (carrier and
-    fleet), and running out silently drops new carriers at accept."""
+    fleet), and running out silently drops new carriers at accept. `warn`: the
+    supervisor says it once for its workers, which inherit its limit."""
     import logging
     import resource
 
@@ -227,12 +240,21 @@ def _raise_descriptor_limit(max_connections: int) -> None:
         except (ValueError, OSError):
             pass
     needed = 2 * max_connections + 64  # both sides of each call, listeners, probes, logs
-    if soft != resource.RLIM_INFINITY and soft < needed:
+    if warn and soft != resource.RLIM_INFINITY and soft < needed:
         logging.getLogger("fleet_ingress.server").warning(
             "descriptor limit below what limits.max_connections needs: raise LimitNOFILE "
             "(systemd) or ulimit -n, or lower limits.max_connections",
             extra=fields(nofile=soft, needed=needed, max_connections=max_connections),
         )
+
+
+def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
+    from fleet_ingress.config.settings import ConfigError, load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigError:
+        return None  # run_worker says why
 
 
 def _run(config_path: Path) -> int:
@@ -242,23 +264,22 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.settings import ConfigError, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError
-    from fleet_ingress.service import glibc_malloc
-    from fleet_ingress.service.ingress import Ingress
-    from fleet_ingress.service.lifecycle import run_service
+    from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
 
     try:
         config = load_config(config_path)
         fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
-        configure_logging(config.log.level, config.log.format)
-        ingress = Ingress(config, fleets)
+        configure_logging(config.log.level, config.log.format, pid=True)
+        supervisor = Supervisor(config, fleets, config_path)
     except (ConfigError, FleetsFileError, TLSSetupError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     _raise_descriptor_limit(config.limits.max_connections)
-    glibc_malloc.pin_mmap_threshold()
     try:
-        uvloop.run(run_service(ingress, config_path))
+        return uvloop.run(run_supervisor(supervisor))
+    except WorkerStartError as exc:
+        print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a listener that cannot bind (ListenError says which), most often
         print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
         return 1
-    return 0

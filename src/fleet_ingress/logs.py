@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +60,10 @@ class RateLimitedLog:
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self.pid = pid  # several processes write one stream: say which wrote each line
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -67,6 +72,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "event": record.getMessage(),
         }
+        if self.pid:  # "process": a line's own fields may name another pid (a worker's)
+            entry["process"] = os.getpid()
         entry.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -74,9 +81,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self.pid = pid
+
     def format(self, record: logging.LogRecord) -> str:
         extra = getattr(record, _FIELDS, {})
         tail = " ".join(f"{k}={v}" for k, v in extra.items())
+        if self.pid:
+            tail = f"{tail} process={os.getpid()}" if tail else f"process={os.getpid()}"
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
         line = f"{line} {tail}" if tail else line
         if record.exc_info:
@@ -84,9 +97,11 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def configure_logging(level: str = "info", fmt: str = "json", *, pid: bool = False) -> None:
+    """`pid`: every line names the process that wrote it (the supervisor and its
+    workers share stderr)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(pid=pid) if fmt == "json" else TextFormatter(pid=pid))
     root = logging.getLogger("fleet_ingress")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

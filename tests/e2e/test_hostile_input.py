@@ -794,12 +794,20 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         async with asyncio.timeout(10):
             while True:
                 try:
-                    if (await _stats(stats_port))["fleets"][0]["health"] == "UP":
+                    stats = await _stats(stats_port)
+                    workers = len(os.sched_getaffinity(0))  # process.workers = "auto"
+                    if stats["fleets"][0]["health"] == "UP" and len(stats["workers"]) == workers:
                         break
                 except (OSError, ValueError, KeyError, IndexError):
                     pass
                 await asyncio.sleep(0.1)
-        fds_before = open_fds(proc.pid)
+        # The supervisor and its workers: the connections are held in the workers.
+        pids = [proc.pid, *(w["pid"] for w in (await _stats(stats_port))["workers"])]
+
+        def ingress_fds() -> int:
+            return sum(open_fds(pid) for pid in pids)
+
+        fds_before = ingress_fds()
 
         started = loop.time()
         probes, errors = await open_probes(
@@ -807,7 +815,7 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         )
         opening_s = loop.time() - started
         assert errors == [] and len(probes) == n
-        fds_peak = open_fds(proc.pid)
+        fds_peak = ingress_fds()
         # All held at once, and the service still serves a real call.
         early = [p for p in probes if p.closed is not None]
         assert not early, (
@@ -831,7 +839,7 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         closing_s = loop.time() - started
         lived = sorted(p.closed - p.opened for p in probes if p.closed is not None)
         async with asyncio.timeout(10):
-            while (fds_after := open_fds(proc.pid)) > fds_before:
+            while (fds_after := ingress_fds()) > fds_before:
                 await asyncio.sleep(0.1)
         stats = await _stats(stats_port)
         print(

@@ -214,6 +214,11 @@ request = 30
 
 [log]
 format = "json"
+
+[process]
+# One worker: the limit under test is one process's (with N workers the host
+# holds N times as many descriptors).
+workers = 1
 """
     )
 

@@ -84,6 +84,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},
+        "process": {"workers": "auto"},
     }
 
 
@@ -286,6 +287,10 @@ def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
         ("limits", "max_connections", 0),
         ("log", "level", "verbose"),
         ("log", "format", "xml"),
+        ("process", "workers", 0),
+        ("process", "workers", "many"),
+        ("process", "workers", True),
+        ("process", "workers", 1.5),
     ],
 )
 def test_bad_value_is_named(section: str, key: str, value: object) -> None:
@@ -301,6 +306,8 @@ def test_bad_value_is_named(section: str, key: str, value: object) -> None:
         ("timeouts", {"queue": 0}),  # no queueing
         ("limits", {"max_queue": 0}),
         ("retry", {"retries": 0, "retry_on": []}),
+        ("process", {"workers": 1}),
+        ("process", {"workers": "auto"}),
     ],
 )
 def test_edge_values_are_accepted(section: str, value: dict[str, Any]) -> None:
@@ -403,3 +410,17 @@ def test_liveness_keys_refuse_what_the_kernel_cannot_take() -> None:
         {"timeouts": {"carrier_silence": 0, "tcp_user_timeout": 0, "keepalive_idle": 0}}
     )
     assert (off.timeouts.carrier_silence, off.timeouts.tcp_user_timeout) == (0, 0)
+
+
+def test_process_workers_auto_is_the_cpus_this_process_may_run_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    config = load_config(write(tmp_path, '[process]\nworkers = "auto"\n'))
+    assert config.process.worker_count() == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKERS", "3")
+    assert load_config(write(tmp_path, "")).process.worker_count() == 3
+    monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKERS", "0")
+    (line,) = problems({})
+    assert "process.workers" in line and "FLEET_INGRESS_PROCESS__WORKERS" in line, line

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -263,6 +264,31 @@ class LogSection(_Section):
     access: bool = True
 
 
+def _workers(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():  # from the environment
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f'{value!r} is not a number of workers; write "auto" (one per CPU this '
+            "process may run on) or a whole number of at least 1"
+        )
+    return value
+
+
+class ProcessSection(_Section):
+    # SPEC 13: one supervisor and this many worker processes serving carriers.
+    workers: Annotated[Literal["auto"] | int, BeforeValidator(_workers)] = "auto"
+
+    def worker_count(self) -> int:
+        """How many workers to run: "auto" is the CPUs in this process's affinity
+        mask (what taskset, cpusets and systemd's CPUAffinity= allow), not the host's."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.workers)
+
+
 @dataclass(frozen=True)
 class _Load:
     toml_file: Path | None = None
@@ -289,6 +315,7 @@ class IngressConfig(BaseSettings):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     acme: AcmeSection = Field(default_factory=AcmeSection)
     log: LogSection = Field(default_factory=LogSection)
+    process: ProcessSection = Field(default_factory=ProcessSection)
 
     @classmethod
     def settings_customise_sources(

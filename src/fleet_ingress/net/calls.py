@@ -24,7 +24,7 @@ __all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
-    from fleet_ingress.net.dispatch import Lease
+    from fleet_ingress.net.dispatch import HeldSlot
 
 
 class Side(Protocol):
@@ -69,7 +69,7 @@ class Call:
     id: int = field(default_factory=lambda: next(_ids))
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
-    lease: Lease | None = None  # the last attempt's slot (held while `lease.held`)
+    lease: HeldSlot | None = None  # the last attempt's slot (held while `lease.held`)
     fleet_side: Side | None = None
     handshake_ms: float | None = None  # head received -> 101 relayed
     tunnel_since: float | None = None

@@ -11,6 +11,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
 
@@ -21,6 +22,38 @@ class NoFleetAvailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class HeldSlot(Protocol):
+    """A slot held for one call attempt: `Lease` here, `RemoteLease` in a worker."""
+
+    @property
+    def fleet(self) -> FleetState: ...
+
+    @property
+    def held(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class SlotSource(Protocol):
+    """Where the call path gets its slots: this process's `Dispatcher`, or in a
+    worker the supervisor's coordinator through `net.slot_client.SlotClient`."""
+
+    async def lease(self, avoid: Collection[str] = ()) -> HeldSlot: ...
+
+
+class SlotQueue(Protocol):
+    """What the health poller, fleet changes, stats and metrics need of whoever
+    hands out slots: `Dispatcher`, or the supervisor's `net.slot_server.SlotServer`."""
+
+    @property
+    def queue_length(self) -> int: ...
+
+    @property
+    def queue_timeouts(self) -> int: ...
+
+    def wake(self) -> None: ...
 
 
 @dataclass(slots=True)

@@ -23,7 +23,7 @@ from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health, observe
 from fleet_ingress.core.probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
 from fleet_ingress.logs import fields
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 
 log = logging.getLogger("fleet_ingress.health")
 
@@ -90,7 +90,7 @@ class HealthPoller:
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        dispatcher: SlotQueue,
         fleet_ssl: ssl.SSLContext,
         settings: ProbeSettings,
         *,

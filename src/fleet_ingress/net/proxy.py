@@ -85,7 +85,7 @@ from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
-from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
+from fleet_ingress.net.dispatch import NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
 
@@ -129,7 +129,7 @@ class ProxyContext:
     """What a connection needs to serve; swapped as a whole on reload."""
 
     router: Router
-    dispatcher: Dispatcher
+    dispatcher: SlotSource  # this process's Dispatcher, or a worker's SlotClient
     registry: Registry
     retry: RetryPolicy
     fleet_ssl: ssl.SSLContext

@@ -78,6 +78,9 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        # The supervisor's own messages beside the slots' (reload, stop,
+        # close-fleet): op -> handler(message).
+        self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         # What the worker has counted, for `report` (None: nothing counted here).
         self.reporter: Callable[[], dict[str, Any]] | None = None
         self._reports = itertools.count(1)
@@ -147,6 +150,10 @@ class SlotClient(asyncio.Protocol):
         self._held.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
+    def send(self, message: dict[str, Any]) -> None:
+        """A message of the worker's own to the supervisor (an answer to one of its ops)."""
+        self._write(message)
+
     def send_report(self, *, final: bool = False) -> None:
         """Send what this worker has counted; `final` as it exits cleanly (then
         close): the supervisor adds it to the host's totals as the channel ends."""
@@ -193,7 +200,17 @@ class SlotClient(asyncio.Protocol):
             self._write(self._state())
             return
         if op == "report":
-            self._write(self._report(final=False))
+            try:
+                report = self._report(final=False)
+            except Exception:
+                # Unanswered, the supervisor shows the last report; raised, it
+                # would close this channel and with it the worker's slots.
+                log.exception("report failed: the supervisor keeps the previous one")
+                return
+            self._write(report)
+            return
+        if (handler := self.handlers.get(op)) is not None:
+            handler(message)
             return
         lease_id = field(message, "id", int)
         if op == "granted":

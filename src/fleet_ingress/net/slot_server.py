@@ -28,11 +28,12 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError
+from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_to_wire
@@ -93,6 +94,27 @@ class SlotServer:
         self._servers: list[asyncio.Server] = []
         self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
         self._restored = asyncio.Event()
+        # The supervisor's own messages beside the slots' (reload, stop,
+        # close-fleet and their answers): op -> handler(channel key, message).
+        self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
+        self.on_join: list[Callable[[int, int, int], None]] = []  # channel key, pid, generation
+        self.on_leave: list[Callable[[int, WorkerRow | None], None]] = []  # key, its last row
+
+    @property
+    def queue_length(self) -> int:
+        return self.slots.queue_length
+
+    @property
+    def queue_timeouts(self) -> int:
+        return self.slots.queue_timeouts
+
+    def send(self, key: int, message: dict[str, Any]) -> bool:
+        """A message of the supervisor's own to one worker; False if its channel is gone."""
+        channel = self._channels.get(key)
+        if channel is None or not channel.joined:
+            return False
+        channel.send(message)
+        return True
 
     async def adopt(self, sock: socket.socket, *, restoring: bool = False) -> int:
         """Serve the supervisor's end of a worker's socketpair; returns its
@@ -216,6 +238,8 @@ class SlotServer:
                 "worker joined the slot coordinator",
                 extra=fields(channel=channel.key, pid=pid, generation=generation),
             )
+            for hook in self.on_join:
+                hook(channel.key, pid, generation)
             return
         if op == "acquire":
             lease = field(message, "id", int)
@@ -234,6 +258,8 @@ class SlotServer:
                 self._send([answer])
         elif op == "release":
             self._send(self.slots.release(channel.key, field(message, "id", int)))
+        elif (handler := self.handlers.get(op)) is not None:
+            handler(channel.key, message)
         else:
             raise WireError(f"unknown op {op!r}")
 
@@ -317,6 +343,8 @@ class SlotServer:
                     fleets=held,
                 ),
             )
+        for hook in self.on_leave:
+            hook(channel.key, row)
         self._send(answers)
 
     # -- answers out -----------------------------------------------------------

@@ -12,6 +12,9 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                                  has not seen it yet
       {"op": "refused", "id": 7, "reason": "no fleet is up"}    answer 503 with it
 
+    the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
+    service.worker lists them): reload / reloaded, stop / stopping, close-fleet
+
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,

@@ -39,7 +39,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.poller import HealthPoller, health_session, probe_fleet
 from fleet_ingress.ops.metrics import IngressMetrics
 
@@ -87,11 +87,14 @@ class FleetOps:
     this writes the fleets file and does the I/O (probes, the queue, calls)."""
 
     fleets: FleetSet
-    dispatcher: Dispatcher
+    dispatcher: SlotQueue
     registry: Registry
     poller: HealthPoller | None
     settings: Callable[[], FleetsSection]  # the running config's: a reload swaps it
     metrics: IngressMetrics
+    # Calls run in worker processes under a supervisor: `--force` tells them
+    # to close the fleet's calls (their slots coming back reap the fleet).
+    close_elsewhere: Callable[[str], None] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
@@ -286,6 +289,9 @@ class FleetOps:
             for call in self.registry.calls_on(name):
                 call.end(EndReason.REMOVED)
                 closed += 1
+            if self.close_elsewhere is not None:
+                closed += fleet.active  # the workers' calls on it, closing now
+                self.close_elsewhere(name)
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
         if gone_now:

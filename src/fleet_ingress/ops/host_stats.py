@@ -105,7 +105,10 @@ class WorkerReporter:
         self.started = _process_figures()[0]
 
     def __call__(self) -> dict[str, Any]:
-        _, process = _process_figures()
+        try:
+            _, process = _process_figures()
+        except OSError:  # out of descriptors (EMFILE): the counts matter most then
+            process = {}
         counts = local_counts(self.registry, list(self.fleets()), self.histograms)
         return {
             "started": self.started,

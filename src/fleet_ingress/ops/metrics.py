@@ -28,7 +28,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_view import Counts, Key
 from fleet_ingress.net.calls import Call, Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
 
 PREFIX = "fleet_ingress"
@@ -97,7 +97,7 @@ class IngressMetrics:
         self,
         balancer: Balancer,
         registry: Registry,
-        dispatcher: Dispatcher,
+        dispatcher: SlotQueue,
         *,
         certificate_not_after: Callable[[], float | None] = lambda: None,
         reloads: Callable[[], Mapping[str, int]] = dict,

@@ -19,7 +19,7 @@ from fleet_ingress import __version__
 from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.host_view import Counts
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import local_counts
 
 
@@ -114,7 +114,7 @@ def render(
 def snapshot(
     balancer: Balancer,
     registry: Registry,
-    dispatcher: Dispatcher,
+    dispatcher: SlotQueue,
     *,
     started_at: float,
     certificate_not_after: float | None = None,

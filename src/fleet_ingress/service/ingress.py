@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
-from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import EndReason
@@ -28,7 +29,7 @@ from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.dispatch import Dispatcher
+from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
 from fleet_ingress.net.liveness import TcpLiveness
@@ -55,7 +56,14 @@ CLOSE_AT_STOP_TIMEOUT = 1.0
 
 
 class Ingress:
-    """One ingress process's serving state, built from a config and fleets."""
+    """One ingress process's serving state, built from a config and fleets.
+
+    In-process (tests, and the call path's own benchmarks) it is the whole
+    ingress: listeners, its own `Dispatcher`, the poller, stats and admin.
+    In a worker of `fleet-ingress run` (`leases` given) it serves carriers
+    only: its calls take slots from the supervisor's coordinator, on the
+    listeners the supervisor bound (`sockets`); the supervisor owns the
+    fleets, their health, stats and admin."""
 
     def __init__(
         self,
@@ -65,9 +73,18 @@ class Ingress:
         server_ssl: ssl.SSLContext | None = None,
         fleet_ssl: ssl.SSLContext | None = None,
         health_checks: bool = True,
+        leases: SlotSource | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         """`health_checks=False` counts every fleet as UP and probes none
-        (tests of the call path alone; never what `run` does)."""
+        (tests of the call path alone; never what `run` does). `sockets`:
+        listening sockets already bound, by config key (`listen.wss`,
+        `listen.acme`), used instead of binding."""
+        self.worker = leases is not None
+        if self.worker:
+            health_checks = False  # the supervisor probes, once for the host
+        self.leases: SlotSource | None = leases
+        self.sockets = dict(sockets or {})
         self.config = config
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
@@ -138,7 +155,7 @@ class Ingress:
     def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
         return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
-            dispatcher=self.dispatcher,
+            dispatcher=self.dispatcher if self.leases is None else self.leases,
             registry=self.registry,
             retry=RetryPolicy(
                 retries=config.retry.retries,
@@ -174,33 +191,35 @@ class Ingress:
         if self.poller is not None:
             for fleet in self.balancer.fleets:
                 self.poller.start(fleet)
-        if not self.config.fleets.verify:
+        if not self.config.fleets.verify and not self.worker:  # said once, by the supervisor
             log.warning(
                 "fleets.verify = false: fleet certificates are not checked, so anyone on the "
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
-        _warn_about_chain(self.config)
+        if not self.worker:
+            _warn_about_chain(self.config)
         listen = self.config.listen
         loop = asyncio.get_running_loop()
-        host, port = parse_hostport(listen.wss, what="listen.wss")
-        with bind_errors_named("wss", listen.wss):
-            self._wss = CarrierListener(
-                bind_tcp(host, port), lambda: self.ctx, lambda: self.server_ssl
-            )
-        self._wss.start()
-        log.info(
-            "listening",
-            extra=fields(
-                listener="wss", address=self.wss_address, fleets=len(self.balancer.fleets)
-            ),
+        self._wss = CarrierListener(
+            self._listener("wss", listen.wss), lambda: self.ctx, lambda: self.server_ssl
         )
+        self._wss.start()
+        if not self.worker:  # the supervisor says where it listens, once
+            log.info(
+                "listening",
+                extra=fields(
+                    listener="wss", address=self.wss_address, fleets=len(self.balancer.fleets)
+                ),
+            )
         if listen.acme:
-            host, port = parse_hostport(listen.acme, what="listen.acme")
-            with bind_errors_named("acme", listen.acme):
-                self._acme = await loop.create_server(
-                    lambda: AcmeProtocol(self._acme_settings), sock=bind_tcp(host, port)
-                )
-            log.info("listening", extra=fields(listener="acme", address=self.acme_address))
+            self._acme = await loop.create_server(
+                lambda: AcmeProtocol(self._acme_settings), sock=self._listener("acme", listen.acme)
+            )
+            if not self.worker:
+                log.info("listening", extra=fields(listener="acme", address=self.acme_address))
+        if self.worker:
+            self.loop_lag.start()
+            return
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
@@ -216,6 +235,16 @@ class Ingress:
             self.admin_socket = path
             log.info("listening", extra=fields(listener="admin", address=str(path)))
         self.loop_lag.start()
+
+    def _listener(self, key: str, address: str) -> socket.socket:
+        """The socket for `listen.<key>`: handed over by the supervisor, or bound here."""
+        given = self.sockets.get(f"listen.{key}")
+        if given is not None:
+            given.setblocking(False)
+            return given
+        host, port = parse_hostport(address, what=f"listen.{key}")
+        with bind_errors_named(key, address):
+            return bind_tcp(host, port)
 
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
@@ -283,30 +312,13 @@ class Ingress:
         Established calls are never touched: they keep the context they
         started with."""
         try:
-            config = load_config(config_path)
-            specs = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
-            if not specs:  # as `check` says: every call would get 503
-                raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
-            if config.tls.cert is None or config.tls.key is None:
-                raise ReloadRefused("tls.cert and tls.key must be set")
-            server_ssl = _server_ssl(config)
-            fleet_ssl = fleet_ssl_context(
-                verify=config.fleets.verify, ca_file=config.fleets.ca_file
-            )
-        except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
+            new = read_reload(config_path, fleets=not self.worker)
+        except ReloadRefused:
             self.reloads["refused"] += 1
-            raise ReloadRefused(str(exc)) from None
-        notes = []
-        # Listeners stay bound where they were bound at start: compared with that, not
-        # with the last reload, so that putting an address back says nothing.
-        for key in ("wss", "acme", "stats", "admin_socket"):
-            bound, wanted = getattr(self.bound_listen, key), getattr(config.listen, key)
-            if bound != wanted:
-                notes.append(f"listen.{key} changed: takes effect at the next restart")
-                log.warning(
-                    "listener not moved by a reload: restart to apply",
-                    extra=fields(key=f"listen.{key}", listening=bound, configured=wanted),
-                )
+            raise
+        config, specs, server_ssl, fleet_ssl = new
+        # A worker's listeners and fleets are the supervisor's, which says what changed.
+        notes = [] if self.worker else listener_notes(self.bound_listen, config)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
@@ -316,14 +328,16 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self.dispatcher.queue_timeout = config.timeouts.queue
         self.dispatcher.max_queue = config.limits.max_queue
-        notes += self.apply_fleets(specs, config)
+        if not self.worker:
+            notes += self.apply_fleets(specs, config)
         if self.poller is not None:
             await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
         self.dispatcher.wake()
         self.reloads["applied"] += 1
         # A renewal is what usually brings a new chain; judged off the loop (reading the
         # system trust store takes tens of milliseconds) and never a reason to refuse.
-        await asyncio.to_thread(_warn_about_chain, config)
+        if not self.worker:
+            await asyncio.to_thread(_warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 
     def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
@@ -345,13 +359,18 @@ class Ingress:
         """Stop waiting for calls to end: `stop` closes them now (each still logged)."""
         self._drain_cut.set()
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting at once; let calls end for up to `drain_timeout`;
-        close what remains. Stats and admin stay up while calls drain."""
+    def stop_accepting(self) -> None:
+        """Close this process's listeners (idempotent). In a worker the
+        listening sockets stay open in the supervisor and the other workers."""
         if self._wss is not None:
             self._wss.close()
         if self._acme is not None:
             self._acme.close()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting at once; let calls end for up to `drain_timeout`;
+        close what remains. Stats and admin stay up while calls drain."""
+        self.stop_accepting()
         for conn in list(self.registry.connections):
             if conn.call is None:  # no call yet: nothing to keep
                 conn.abort()
@@ -400,6 +419,45 @@ class Ingress:
 
 class ReloadRefused(Exception):
     """The new configuration is invalid; the running one stays in force."""
+
+
+def read_reload(
+    config_path: Path, *, fleets: bool = True
+) -> tuple[IngressConfig, list[FleetSpec], ssl.SSLContext, ssl.SSLContext]:
+    """Read and check everything a reload applies, before applying any of it:
+    config, fleets file (unless `fleets` is false: a worker's are the
+    supervisor's), certificate. Any problem raises ReloadRefused, naming it."""
+    try:
+        config = load_config(config_path)
+        specs: list[FleetSpec] = []
+        if fleets:
+            specs = list(
+                load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+            )
+            if not specs:  # as `check` says: every call would get 503
+                raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
+        if config.tls.cert is None or config.tls.key is None:
+            raise ReloadRefused("tls.cert and tls.key must be set")
+        server_ssl = _server_ssl(config)
+        fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+    except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
+        raise ReloadRefused(str(exc)) from None
+    return config, specs, server_ssl, fleet_ssl
+
+
+def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
+    """Listeners stay bound where they were bound at start: compared with that,
+    not with the last reload, so that putting an address back says nothing."""
+    notes = []
+    for key in ("wss", "acme", "stats", "admin_socket"):
+        listening, wanted = getattr(bound, key), getattr(config.listen, key)
+        if listening != wanted:
+            notes.append(f"listen.{key} changed: takes effect at the next restart")
+            log.warning(
+                "listener not moved by a reload: restart to apply",
+                extra=fields(key=f"listen.{key}", listening=listening, configured=wanted),
+            )
+    return notes
 
 
 def _probe_settings(config: IngressConfig) -> ProbeSettings:

@@ -1,4 +1,6 @@
-"""`fleet-ingress run`: the process around an `Ingress`, driven by signals.
+"""One in-process `Ingress` driven by signals: what `fleet-ingress run` was
+before it became a supervisor and workers (`service.supervisor`, which
+shares the timings below and the same signal semantics).
 
 SIGHUP reloads in place (configuration, fleets file, certificate) and never
 touches an established call; an invalid new configuration is refused whole.

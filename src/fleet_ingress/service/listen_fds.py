@@ -37,6 +37,7 @@ from typing import NoReturn
 LISTEN_FDS = "FLEET_INGRESS_LISTEN_FDS"
 LISTEN_PID = "FLEET_INGRESS_LISTEN_PID"
 WORKER_PREFIX = "worker."  # worker.PID.GENERATION: a worker's slot channel
+COORDINATOR = "coordinator"  # a worker's end of its channel to the supervisor
 
 
 def worker_key(key: str) -> tuple[int, int] | None:
@@ -103,7 +104,8 @@ def reexec(
 
 def adopt(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.socket]:
     """The sockets handed to this process, by key (empty when none were):
-    listeners by config key, worker channels by `worker.PID.GENERATION`.
+    listeners by config key, worker channels by `worker.PID.GENERATION`
+    (in the supervisor), the channel to the supervisor by `coordinator` (in a worker).
     Checks that each is what its key says; unsets the variables."""
     env = os.environ if environ is None else environ
     value = env.pop(LISTEN_FDS, None)
@@ -121,7 +123,7 @@ def adopt(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.s
                 f"unset {LISTEN_FDS} unless fleet-ingress's supervisor started this process"
             )
         try:
-            channel = worker_key(key) is not None
+            channel = key == COORDINATOR or worker_key(key) is not None
         except ValueError as exc:  # a malformed worker.PID.GENERATION
             raise ListenFdsError(f"{LISTEN_FDS}={value!r}: {exc}") from exc
         socks[key] = _inherited(key, int(fd_text), channel=channel)

@@ -1,0 +1,695 @@
+"""`fleet-ingress run`: the supervisor, systemd's main PID (SPEC 11, 13).
+
+It binds the carrier and ACME listeners once and keeps them open while it
+runs; `process.workers` worker processes (`service.worker`) inherit them and
+serve every carrier. Nothing of a call runs here. What is here is one
+host's view of its fleets: the slot coordinator (`HostSlots` behind
+`SlotServer`: maxconn, leastconn and the FIFO queue for the host, one
+channel per worker), the health poller (each fleet probed once per interval
+for the host), the admin socket and the stats listener, signals and sd_notify.
+
+- A worker that dies is replaced at once; its channel closing gives its
+  slots back (the coordinator's lock dies with its holder), and one line says
+  what was lost. Counted in `fleet_ingress_worker_restarts_total{reason}`;
+  the slots it held in `fleet_ingress_slots_reclaimed_total`.
+- Stats and metrics cover the host: the fleets' state is this process's, the
+  per-call counters are the workers', summed from their reports
+  (`ops.host_stats`: pulled every few seconds and at every scrape).
+- SIGHUP: the configuration, fleets file and certificate are checked here
+  first (an invalid one is refused whole), applied to the fleet set, the
+  poller and the slot table, then every worker reloads its certificate and
+  settings (`reload` on its channel, answered `reloaded`); READY=1 once all
+  have answered. Calls are untouched.
+- SIGTERM/SIGINT: every worker stops accepting (`stop`, answered
+  `stopping`), the listeners close here too, so new connections are refused;
+  the workers drain their calls for `timeouts.drain`; this process exits 0
+  after the last one. A second signal cuts every call (`stop` with `cut`).
+- `remove-fleet --force` sends `close-fleet` to every worker.
+
+Built so that an upgrade (re-executing this process with the listeners and
+channels kept, `service.listen_fds.reexec`, `SlotServer.handover`) can be
+added: the listeners are held in `self.listeners` by config key, and the
+workers by channel key with their generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots, WorkerRow
+from fleet_ingress.core.host_view import HostView
+from fleet_ingress.logs import configure_logging, fields
+from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.listener import bind_errors_named, bind_tcp
+from fleet_ingress.net.poller import HealthPoller
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
+from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.ops.fleet_ops import FleetOps
+from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
+from fleet_ingress.ops.stats_server import stats_app
+from fleet_ingress.service.ingress import (
+    ReloadRefused,
+    _probe_settings,
+    _server_ssl,
+    _warn_about_chain,
+    listener_notes,
+    read_reload,
+)
+from fleet_ingress.service.lifecycle import (
+    FIRST_PROBE_WAIT,
+    SECOND_SIGNAL_GRACE,
+    STATUS_EVERY,
+)
+from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.service.sdnotify import Notifier
+
+log = logging.getLogger("fleet_ingress.lifecycle")
+server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
+
+# Every worker must have joined the coordinator within this at start, or `run` fails.
+WORKER_START_TIMEOUT = 30.0
+# A worker's answer to `reload` (it reads the certificate and config itself).
+RELOAD_ANSWER_TIMEOUT = 10.0
+# A worker's answer to `stop`: it closes its listeners at once.
+STOP_ANSWER_TIMEOUT = 1.0
+# After the drain and the workers' own closing time, whatever worker is left is killed.
+STOP_GRACE = 5.0
+# A worker that dies sooner than this after its start is replaced after a delay
+# that doubles each time (a crash loop must not spin a core); else at once.
+QUICK_DEATH = 5.0
+RESPAWN_DELAY_FIRST = 0.1
+RESPAWN_DELAY_MAX = 10.0
+# The environment a worker must not inherit: only the main PID speaks to systemd.
+_NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class WorkerStartError(RuntimeError):
+    """Workers could not start; `run` exits non-zero with this."""
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    proc: asyncio.subprocess.Process
+    generation: int
+    key: int  # its channel in the coordinator
+    started_at: float = field(default_factory=time.monotonic)
+    joined: asyncio.Event = field(default_factory=asyncio.Event)
+    left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
+    calls_lost: int = 0  # slots it held when its channel closed
+    replaced: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Supervisor:
+    def __init__(
+        self, config: IngressConfig, fleets: Sequence[FleetSpec], config_path: Path
+    ) -> None:
+        self.config = config
+        self.config_path = config_path.absolute()  # workers read it too
+        _server_ssl(config)  # a certificate that cannot load fails `run` here, not in workers
+        self.fleet_set = FleetSet.from_specs(
+            fleets, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
+        )
+        self.balancer = Balancer(self.fleet_set)
+        self.slots = HostSlots(
+            self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
+        )
+        # What the workers count (requests, bytes, handshakes, histograms), summed
+        # from their reports on the slot channel (ops/host_stats.py).
+        self.view = HostView()
+        self.server = SlotServer(self.slots, view=self.view)
+        self.registry = Registry()  # no call runs here: always empty
+        self.started_at = time.time()
+        self.certificate_not_after: float | None = None
+        with contextlib.suppress(OSError, ValueError):
+            if config.tls.cert is not None:
+                self.certificate_not_after = certificate_not_after(config.tls.cert)
+        self.reloads: Counter[str] = Counter()
+        self.restarts: Counter[str] = Counter()  # workers replaced, by why
+        self.metrics = HostMetrics(
+            self.slots,
+            self.view,
+            certificate_not_after=lambda: self.certificate_not_after,
+            reloads=lambda: self.reloads,
+            restarts=lambda: self.restarts,
+        )
+        fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+        self.poller = HealthPoller(
+            self.server, fleet_ssl, _probe_settings(config), on_probe=self.metrics.check_observed
+        )
+        self.ops = FleetOps(
+            self.fleet_set,
+            self.server,
+            self.registry,
+            self.poller,
+            settings=lambda: self.config.fleets,
+            metrics=self.metrics,
+            close_elsewhere=self.close_fleet,
+        )
+        self.slots.on_release.append(self.ops.reap)
+        self.server.on_join.append(self._joined)
+        self.server.on_leave.append(self._left)
+        self.server.handlers["reloaded"] = self._answered
+        self.server.handlers["stopping"] = self._answered
+        self.bound_listen = config.listen
+        self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
+        self.workers: dict[int, WorkerProcess] = {}  # by channel key
+        self._joined_early: set[int] = set()
+        self.generation = 1
+        self.stopping = False
+        self.calls_lost_total = 0
+        self._quick_deaths = 0
+        self._asks = itertools.count(1)
+        self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._web_runners: list[web.AppRunner] = []
+        self.stats_address: tuple[str, int] | None = None
+        self.admin_socket: Path | None = None
+        self._puller: asyncio.Task[None] | None = None
+
+    # -- start -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for fleet in self.balancer.fleets:
+            self.poller.start(fleet)
+        if not self.config.fleets.verify:
+            log.warning(
+                "fleets.verify = false: fleet certificates are not checked, so anyone on the "
+                "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
+            )
+        _warn_about_chain(self.config)
+        listen = self.config.listen
+        for key, address in (("wss", listen.wss), ("acme", listen.acme)):
+            if not address:
+                continue
+            host, port = parse_hostport(address, what=f"listen.{key}")
+            with bind_errors_named(key, address):
+                sock = bind_tcp(host, port)
+            self.listeners[f"listen.{key}"] = sock
+            name = sock.getsockname()
+            server_log.info("listening", extra=fields(listener=key, address=(name[0], name[1])))
+        if listen.stats:
+            host, port = parse_hostport(listen.stats, what="listen.stats")
+            with bind_errors_named("stats", listen.stats):
+                app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
+                runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
+            sock_name = runner.addresses[0]
+            self.stats_address = (sock_name[0], sock_name[1])
+            server_log.info("listening", extra=fields(listener="stats", address=self.stats_address))
+        if listen.admin_socket:
+            path = Path(listen.admin_socket)
+            admin_sock = bind_admin_socket(path)
+            await self._serve_web(
+                admin_app(self.ops, self.snapshot, refresh=self.refresh),
+                web.SockSite,
+                sock=admin_sock,
+            )
+            self.admin_socket = path
+            server_log.info("listening", extra=fields(listener="admin", address=str(path)))
+        count = self.config.process.worker_count()
+        started = [await self._spawn(self.generation) for _ in range(count)]
+        await self._wait_joined(started)
+        # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
+        self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
+        log.info(
+            "workers serving",
+            extra=fields(
+                workers=[w.pid for w in started],
+                generation=self.generation,
+                configured=self.config.process.workers,
+            ),
+        )
+
+    async def _serve_web(
+        self, app: web.Application, site_type: type[web.BaseSite], **where: Any
+    ) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await site_type(runner, **where).start()
+        self._web_runners.append(runner)
+        return runner
+
+    async def _spawn(self, generation: int) -> WorkerProcess:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks = {**self.listeners, COORDINATOR: theirs}
+        env = handover_env(socks)
+        for name in _NOT_FOR_WORKERS:
+            env.pop(name, None)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "fleet_ingress",
+                "worker",
+                "-c",
+                str(self.config_path),
+                "--generation",
+                str(generation),
+                pass_fds=pass_fds(socks),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker's now; its end closing is how we see it die
+        key = await self.server.adopt(ours)
+        worker = self.workers[key] = WorkerProcess(proc, generation, key)
+        if key in self._joined_early:  # its hello was read before adopt() returned
+            self._joined_early.discard(key)
+            worker.joined.set()
+        task = asyncio.get_running_loop().create_task(self._watch(worker))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        return worker
+
+    async def _wait_joined(self, workers: Sequence[WorkerProcess]) -> None:
+        """Every worker has said hello, or `WorkerStartError` naming the first to fail."""
+        for worker in workers:
+            joined = asyncio.ensure_future(worker.joined.wait())
+            exited = asyncio.ensure_future(worker.proc.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {joined, exited}, timeout=WORKER_START_TIMEOUT, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                joined.cancel()
+                exited.cancel()
+            if worker.joined.is_set():
+                continue
+            if exited in done:
+                raise WorkerStartError(
+                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())}); "
+                    "its error is in the log above"
+                )
+            raise WorkerStartError(
+                f"worker {worker.pid} did not join within {WORKER_START_TIMEOUT:g}s"
+            )
+
+    # -- workers come and go ------------------------------------------------------
+
+    def _joined(self, key: int, pid: int, generation: int) -> None:
+        worker = self.workers.get(key)
+        if worker is not None:
+            worker.joined.set()
+        else:
+            self._joined_early.add(key)
+
+    def _left(self, key: int, row: WorkerRow | None) -> None:
+        worker = self.workers.get(key)
+        if worker is None:
+            return
+        worker.calls_lost = 0 if row is None else row.calls
+        worker.left.set()
+        for (asked, _), future in list(self._answers.items()):
+            if asked == key and not future.done():
+                future.set_result({"ok": False, "error": "the worker is gone"})
+        # Its channel is how it gets slots: without it the worker only drains.
+        self._replace(worker)
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        code = await worker.proc.wait()
+        # Its channel closes with it: let the coordinator count what it held.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await worker.left.wait()
+        self.workers.pop(worker.key, None)
+        if self.stopping:
+            log.log(
+                logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
+                "worker exited",
+                extra=fields(
+                    pid=worker.pid,
+                    generation=worker.generation,
+                    exit_status=_exit_status(code),
+                    calls_lost=worker.calls_lost,
+                ),
+            )
+            return
+        self.restarts[_restart_reason(code)] += 1
+        self.calls_lost_total += worker.calls_lost
+        log.error(
+            "worker died: its calls are lost; a new worker replaces it",
+            extra=fields(
+                pid=worker.pid,
+                generation=worker.generation,
+                exit_status=_exit_status(code),
+                calls_lost=worker.calls_lost,
+                lived_s=round(time.monotonic() - worker.started_at, 1),
+            ),
+        )
+        self._replace(worker)
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        if worker.replaced or self.stopping:
+            return
+        worker.replaced = True
+        quick = time.monotonic() - worker.started_at < QUICK_DEATH
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        delay = respawn_delay(self._quick_deaths)
+        task = asyncio.get_running_loop().create_task(self._respawn(worker.generation, delay))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _respawn(self, generation: int, delay: float) -> None:
+        if delay:
+            log.warning(
+                "workers keep dying soon after start: waiting before the next",
+                extra=fields(delay_s=delay),
+            )
+            await asyncio.sleep(delay)
+        if self.stopping:
+            return
+        try:
+            worker = await self._spawn(generation)
+        except OSError as exc:
+            log.error("cannot start a worker", extra=fields(error=str(exc)))
+            return
+        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
+
+    # -- asking workers ----------------------------------------------------------
+
+    async def ask_workers(
+        self, op: str, timeout: float, **values: Any
+    ) -> dict[int, dict[str, Any]]:
+        """Send `op` to every live worker; their answers by pid (a worker that
+        did not answer in time: `{"ok": False, "error": ...}`)."""
+        ask = next(self._asks)
+        asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        loop = asyncio.get_running_loop()
+        for key, worker in list(self.workers.items()):
+            if worker.left.is_set():
+                continue
+            future = self._answers[(key, ask)] = loop.create_future()
+            if self.server.send(key, {"op": op, "id": ask, **values}):
+                asked[worker.pid] = future
+            else:
+                del self._answers[(key, ask)]
+        try:
+            if asked:
+                await asyncio.wait(asked.values(), timeout=timeout)
+        finally:
+            for answer_key in [k for k in self._answers if k[1] == ask]:
+                del self._answers[answer_key]
+        return {
+            pid: future.result()
+            if future.done()
+            else {"ok": False, "error": f"no answer within {timeout:g}s"}
+            for pid, future in asked.items()
+        }
+
+    def _answered(self, key: int, message: dict[str, Any]) -> None:
+        future = self._answers.get((key, message.get("id", -1)))
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def close_fleet(self, name: str) -> None:
+        """`remove-fleet --force`: every worker closes its calls on `name`."""
+        for key in list(self.workers):
+            self.server.send(key, {"op": "close-fleet", "fleet": name})
+
+    # -- what it shows -----------------------------------------------------------
+
+    @property
+    def host_calls(self) -> int:
+        """Slots held on this host now: a call attempt or a live call each."""
+        return sum(row.calls for row in self.slots.workers)
+
+    async def refresh(self) -> None:
+        """Before a scrape or `stat`: the workers' counts as of now (bounded wait)."""
+        await self.server.collect_reports(SCRAPE_WAIT)
+
+    def snapshot(self) -> dict[str, Any]:
+        picture = host_snapshot(
+            self.slots,
+            self.view,
+            started_at=self.started_at,
+            certificate_not_after=self.certificate_not_after,
+            capacity_key=self.config.fleets.capacity_key,
+            stopping=self.stopping,
+        )
+        picture["worker_restarts"] = dict(self.restarts)
+        picture["worker_calls_lost"] = self.calls_lost_total
+        return picture
+
+    def status_line(self) -> str:
+        fleets = self.balancer.fleets
+        up = sum(1 for f in fleets if f.health is Health.UP)
+        eligible = sum(1 for f in fleets if f.up and f.has_room)
+        return (
+            f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
+            f"{eligible} taking calls, queue {self.slots.queue_length}, "
+            f"{len(self.slots.workers)} workers"
+        )
+
+    # -- reload and stop ---------------------------------------------------------
+
+    async def reload(self) -> str:
+        """Reload configuration, fleets file and certificate: here, then in every
+        worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
+        try:
+            config, specs, _, fleet_ssl = read_reload(self.config_path)
+        except ReloadRefused:
+            self.reloads["refused"] += 1
+            raise
+        notes = listener_notes(self.bound_listen, config)
+        if config.process.workers != self.config.process.workers:
+            notes.append("process.workers changed: takes effect at the next restart")
+        self.config = config
+        with contextlib.suppress(OSError, ValueError):
+            assert config.tls.cert is not None
+            self.certificate_not_after = certificate_not_after(config.tls.cert)
+        self.slots.queue_timeout = config.timeouts.queue
+        self.slots.max_queue = config.limits.max_queue
+        plan = self.fleet_set.apply(
+            specs, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
+        )
+        for fleet in plan.gone:
+            self.ops.gone(fleet)
+        for fleet in plan.added:
+            self.poller.start(fleet)
+        notes += plan.notes
+        await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
+        self.server.wake()
+        answers = await self.ask_workers("reload", RELOAD_ANSWER_TIMEOUT)
+        for pid, answer in answers.items():
+            if not answer.get("ok"):
+                log.error(
+                    "a worker did not reload: it serves with its previous certificate and "
+                    "settings; see its log line (pid) for why",
+                    extra=fields(pid=pid, error=answer.get("error")),
+                )
+                notes.append(f"worker {pid} did not reload: {answer.get('error')}")
+        self.reloads["applied"] += 1
+        await asyncio.to_thread(_warn_about_chain, config)
+        return "; ".join(notes) or "no fleet changes"
+
+    async def stop_accepting(self) -> None:
+        """Workers close their listeners, then this process its own: from then
+        on the kernel refuses new connections."""
+        self.stopping = True
+        await self.ask_workers("stop", STOP_ANSWER_TIMEOUT)
+        for sock in self.listeners.values():
+            # shutdown() stops the socket listening in every process that holds
+            # it, a worker that did not answer included; close() only drops ours.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def cut(self) -> None:
+        """A second signal: every worker closes its calls now."""
+        for key in list(self.workers):
+            self.server.send(key, {"op": "stop", "id": 0, "cut": True})
+
+    async def wait_workers(self, timeout: float) -> None:
+        """Until every worker has exited; after `timeout` the rest are killed."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.workers:
+                    await asyncio.gather(*(w.proc.wait() for w in list(self.workers.values())))
+                    await asyncio.sleep(0.02)  # each one's watcher logs it and lets go
+        except TimeoutError:
+            for worker in list(self.workers.values()):
+                log.error(
+                    "worker still running after the drain: killed",
+                    extra=fields(pid=worker.pid, generation=worker.generation),
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+            await asyncio.gather(*(w.proc.wait() for w in list(self.workers.values())))
+        for _ in range(3):  # the watchers log each exit
+            await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        if self._puller is not None:
+            self._puller.cancel()
+        await self.poller.close()
+        for runner in self._web_runners:
+            await runner.cleanup()
+        self._web_runners.clear()
+        if self.admin_socket is not None:
+            self.admin_socket.unlink(missing_ok=True)
+        await self.server.close()
+        for task in list(self._watchers):
+            task.cancel()
+
+    def kill_workers(self) -> None:
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+
+
+def respawn_delay(quick_deaths: int) -> float:
+    """Before starting the replacement of a worker, after `quick_deaths` deaths
+    in a row each within QUICK_DEATH of its start: at once for a lone crash
+    (its calls' replacement must not wait), then doubling, capped."""
+    if quick_deaths <= 1:
+        return 0.0
+    return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
+
+
+def _restart_reason(code: int | None) -> str:
+    """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: OOM
+    killer, an operator), crashed (a non-zero exit), exited (0, unasked)."""
+    if code is not None and code < 0:
+        return "killed"
+    return "crashed" if code else "exited"
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+# -- the process -------------------------------------------------------------------
+
+
+async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = None) -> int:
+    notifier = notifier or Notifier()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning(
+                "second signal: closing every call and exiting", extra=fields(signal=signum)
+            )
+            supervisor.cut()
+            loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
+            return
+        log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+    try:
+        await supervisor.start()
+    except BaseException:
+        supervisor.stopping = True
+        supervisor.kill_workers()
+        await supervisor.wait_workers(STOP_GRACE)
+        await supervisor.close()
+        raise
+    await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
+    gc.collect()
+    gc.freeze()
+    notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
+    log.info("ready", extra=fields(status=supervisor.status_line()))
+    background = [
+        loop.create_task(_reload_on_signal(supervisor, reloads, notifier)),
+        loop.create_task(_keep_systemd_informed(supervisor, notifier)),
+    ]
+    await stop.wait()
+    for task in background:
+        task.cancel()
+    await supervisor.stop_accepting()
+    notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
+    drain = supervisor.config.timeouts.drain
+    await supervisor.wait_workers(drain + STOP_GRACE)
+    await supervisor.close()
+    log.info("stopped")
+    notifier.close()
+    return 0
+
+
+def _exit_now(supervisor: Supervisor) -> None:
+    supervisor.kill_workers()
+    os._exit(0)
+
+
+async def _reload_on_signal(
+    supervisor: Supervisor, reloads: asyncio.Queue[None], notifier: Notifier
+) -> None:
+    config_path = supervisor.config_path
+    logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
+    while True:
+        await reloads.get()
+        monotonic_usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+        notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        try:
+            summary = await supervisor.reload()
+        except ReloadRefused as exc:
+            log.error(
+                "reload refused: the running configuration stays",
+                extra=fields(config=str(config_path), error=str(exc)),
+            )
+            notifier.notify(
+                "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
+            )
+            continue
+        except Exception:  # a bug must not take the service down
+            log.exception("reload failed", extra=fields(config=str(config_path)))
+            notifier.notify("READY=1", "STATUS=reload failed; see the log")
+            continue
+        log_config = supervisor.config.log
+        if (log_config.level, log_config.format) != logging_in_use:
+            logging_in_use = (log_config.level, log_config.format)
+            configure_logging(*logging_in_use, pid=True)
+        log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
+        notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
+
+
+async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:
+    """STATUS= every few seconds, and WATCHDOG=1 at half of WatchdogSec: the
+    ping comes from the supervisor's event loop itself, so a stuck loop stops it."""
+    interval = min(STATUS_EVERY, notifier.watchdog_interval or STATUS_EVERY)
+    while True:
+        lines = [f"STATUS={supervisor.status_line()}"]
+        if notifier.watchdog_interval is not None:
+            lines.append("WATCHDOG=1")
+        notifier.notify(*lines)
+        await asyncio.sleep(interval)

@@ -1,0 +1,233 @@
+"""A worker process of `fleet-ingress run` (SPEC 13): it serves carriers.
+
+Started by the supervisor (`service.supervisor`) as `python -m fleet_ingress
+worker -c CONFIG --generation N`, with the listening sockets and its end of
+a channel to the slot coordinator inherited (`service.listen_fds`: named in
+`FLEET_INGRESS_LISTEN_FDS`). Its `Ingress` takes every call's fleet slot
+from the coordinator (`net.slot_client.SlotClient`) and runs no poller,
+admin socket or stats listener: those are the supervisor's, once for the host.
+Its log lines (the access log too) go to the stderr it shares with the
+supervisor, each naming its pid.
+
+On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
+
+    {"op": "reload", "id": N}        reload certificate and settings; answered
+                                     {"op": "reloaded", "id": N, "ok": true} (or "error")
+    {"op": "stop", "id": N}          stop accepting, drain the calls, exit; answered
+                                     {"op": "stopping", "id": N} once the listeners closed
+    {"op": "stop", "cut": true}      (a second signal) close every call now
+    {"op": "close-fleet", "fleet": "a"}   remove-fleet --force: close that fleet's calls
+
+When the coordinator is gone (the supervisor died: its end of the channel
+closed), no slot can be had any more: the worker stops accepting, lets its
+calls finish (`timeouts.drain`) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.core.call_machine import EndReason
+from fleet_ingress.logs import configure_logging, fields
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
+from fleet_ingress.ops.host_stats import WorkerReporter
+from fleet_ingress.service import glibc_malloc
+from fleet_ingress.service.ingress import Ingress, ReloadRefused
+from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE
+
+log = logging.getLogger("fleet_ingress.worker")
+
+# How long a lease request may wait for the coordinator's answer beyond the
+# queue timeout (which the coordinator enforces itself): the supervisor's
+# re-execution in an upgrade (0.4-0.5 s measured, docs/WORKERS.md) with room
+# for a loaded host. A call waits this long at most; none is refused for it.
+REEXEC_ALLOWANCE = 10.0
+
+
+def answer_timeout(config: IngressConfig) -> float:
+    return config.timeouts.queue + REEXEC_ALLOWANCE
+
+
+class Worker:
+    def __init__(
+        self,
+        config: IngressConfig,
+        config_path: Path,
+        client: SlotClient,
+        listeners: dict[str, socket.socket],
+    ) -> None:
+        self.config_path = config_path
+        self.client = client
+        self.ingress = Ingress(config, [], leases=client, sockets=listeners)
+        self.stop = asyncio.Event()
+        # What this worker counts, for the supervisor's host-wide stats.
+        client.reporter = WorkerReporter(
+            self.ingress.registry,
+            lambda: client.fleets.values(),
+            self.ingress.metrics.histograms,
+            draining=self.stop.is_set,
+        )
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._logging = (config.log.level, config.log.format)
+        client.handlers["reload"] = lambda m: self._spawn(self._reload(m.get("id")))
+        client.handlers["stop"] = self._on_stop
+        client.handlers["close-fleet"] = lambda m: self._spawn(self.close_fleet(str(m["fleet"])))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_stop(self, message: dict[str, Any]) -> None:
+        if message.get("cut"):
+            log.warning("closing every call now (second signal)")
+            self.ingress.cut_drain()
+        self.begin_stop()
+        if "id" in message and not message.get("cut"):
+            self.client.send({"op": "stopping", "id": message["id"]})
+
+    def begin_stop(self) -> None:
+        self.ingress.stop_accepting()
+        self.stop.set()
+
+    async def _reload(self, ask: Any) -> None:
+        try:
+            await self.ingress.reload(self.config_path)
+        except ReloadRefused as exc:
+            log.error("reload refused in this worker", extra=fields(error=str(exc)))
+            answer: dict[str, Any] = {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a bug must not take the worker's calls down
+            log.exception("reload failed in this worker")
+            answer = {"ok": False, "error": repr(exc)}
+        else:
+            config = self.ingress.config
+            self.client.answer_timeout = answer_timeout(config)
+            if (config.log.level, config.log.format) != self._logging:
+                self._logging = (config.log.level, config.log.format)
+                configure_logging(*self._logging, pid=True)
+            log.debug("reloaded")
+            answer = {"ok": True}
+        if ask is not None:
+            self.client.send({"op": "reloaded", "id": ask, **answer})
+
+    async def close_fleet(self, name: str) -> None:
+        """remove-fleet --force: this worker's calls on `name` end now."""
+        registry = self.ingress.registry
+        calls = registry.calls_on(name)
+        for call in calls:
+            call.end(EndReason.REMOVED)
+        if not calls:
+            return
+        log.info("closing a removed fleet's calls", extra=fields(fleet=name, calls=len(calls)))
+        # As in-process: what does not close in time (a fleet that never reads the
+        # TLS close) is aborted, so the fleet's slots come back.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
+                    await asyncio.sleep(0.05)
+        for call in registry.calls_on(name):
+            call.abort()
+        await asyncio.sleep(min(FORCED_ABORT_WAIT, 0.1))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        signals = 0
+
+        def on_stop_signal(signum: int) -> None:
+            # The supervisor normally says `stop` on the channel; a terminal's
+            # Ctrl-C (or a signal sent to the whole group) reaches us too.
+            nonlocal signals
+            signals += 1
+            if signals > 1:
+                self.ingress.cut_drain()
+                loop.call_later(SECOND_SIGNAL_GRACE, os._exit, 0)
+            self.begin_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload(None)))
+        await self.ingress.start()
+        gc.collect()
+        gc.freeze()
+        trim = loop.create_task(_trim_heap())
+        lost = asyncio.ensure_future(self.client.lost)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({lost, stopping}, return_when="FIRST_COMPLETED")
+        if not self.stop.is_set():
+            log.error(
+                "the supervisor's slot coordinator is gone: no new calls here; "
+                "finishing the calls, then exiting",
+                extra=fields(calls=len(self.ingress.registry.calls)),
+            )
+        stopping.cancel()
+        await self.ingress.stop()
+        trim.cancel()
+        # Drained: what it counted goes into the host's totals as its channel ends.
+        self.client.send_report(final=True)
+        self.client.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await self.client.lost
+
+
+async def _trim_heap() -> None:
+    while True:
+        await asyncio.sleep(glibc_malloc.TRIM_EVERY)
+        glibc_malloc.trim()
+
+
+async def serve(
+    config: IngressConfig,
+    config_path: Path,
+    listeners: dict[str, socket.socket],
+    channel: socket.socket,
+    generation: int,
+) -> None:
+    client = await SlotClient.connect(
+        sock=channel,
+        pid=os.getpid(),
+        generation=generation,
+        answer_timeout=answer_timeout(config),
+    )
+    await Worker(config, config_path, client, listeners).run()
+
+
+def run_worker(config_path: Path, generation: int) -> int:
+    """The `worker` entry point: exits 0 once drained, 2 when it cannot start."""
+    import uvloop
+
+    from fleet_ingress.config.settings import ConfigError, load_config
+    from fleet_ingress.net.tls import TLSSetupError
+    from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
+
+    try:
+        socks = adopt()
+        channel = socks.pop(COORDINATOR, None)
+        if channel is None or "listen.wss" not in socks:
+            raise ListenFdsError(
+                "a worker runs under `fleet-ingress run`, which hands it the listeners and "
+                "its channel; start `fleet-ingress run -c CONFIG` instead"
+            )
+        config = load_config(config_path)
+        configure_logging(config.log.level, config.log.format, pid=True)
+    except (ListenFdsError, ConfigError) as exc:
+        print(f"fleet-ingress worker {os.getpid()}: {exc}", file=sys.stderr)
+        return 2
+    glibc_malloc.pin_mmap_threshold()
+    try:
+        uvloop.run(serve(config, config_path, socks, channel, generation))
+    except (TLSSetupError, ValueError, OSError) as exc:
+        log.error("worker cannot serve", extra=fields(error=str(exc)))
+        return 2
+    return 0

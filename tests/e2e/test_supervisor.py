@@ -1,0 +1,377 @@
+"""`fleet-ingress run` as a supervisor and worker processes (SPEC 13, issue #14):
+real processes, real TLS, fleets on loopback. One host, one view: maxconn and
+the queue hold for the host whatever worker a call lands on; a worker that
+dies is replaced and what it held comes back; SIGHUP and SIGTERM reach every
+worker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import RunningIngress, TLSFiles, eventually, write_leaf_cert
+
+pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+
+
+@pytest.fixture
+async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
+    sims = []
+    for name in "ab":
+        # 16 workers each: past 16 concurrent calls the fleet answers 429, so one
+        # call too many shows. It reports plenty of room, so that only maxconn
+        # (not the capacity estimate) can hold the host to 16 a fleet.
+        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
+        sim.available_override = 1000
+        await sim.start()
+        sims.append(sim)
+    yield sims
+    for sim in sims:
+        await sim.stop()
+
+
+def _lines(sims: list[SimulatedFleet]) -> list[str]:
+    return [f"{sim.url} name={sim.name} maxconn=16" for sim in sims]
+
+
+async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
+    return await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
+
+
+async def _echo(ws: ClientConnection, text: str = "ping") -> None:
+    await ws.send(text)
+    async with asyncio.timeout(5):
+        assert await ws.recv() == text
+
+
+async def _worker_rows(service: RunningIngress) -> list[dict[str, Any]]:
+    return (await service.stats())["workers"]  # type: ignore[no-any-return]
+
+
+async def test_maxconn_holds_for_the_host_with_two_workers(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2, queue=1.5)
+    calls: list[ClientConnection] = []
+    try:
+        assert len(await _worker_rows(service)) == 2
+
+        async def one(i: int) -> tuple[str, float, Any]:
+            started = time.monotonic()
+            try:
+                ws = await _open(service, tls_files, f"bot-{i}")
+            except InvalidStatus as exc:
+                return "refused", time.monotonic() - started, exc.response
+            calls.append(ws)
+            return "open", time.monotonic() - started, ws
+
+        results = await asyncio.gather(*(one(i) for i in range(40)))
+        opened = [r for r in results if r[0] == "open"]
+        refused = [r for r in results if r[0] == "refused"]
+        assert (len(opened), len(refused)) == (32, 8), [r[0] for r in results]
+        # The fleets' own count: 16 each, never a 429 for one call too many.
+        assert [s.active_calls for s in two_fleets] == [16, 16]
+        assert [s.rejected_429 for s in two_fleets] == [0, 0]
+        assert [s.calls_total for s in two_fleets] == [16, 16]
+        # The excess waited in the queue for timeouts.queue, then got 503.
+        for _, waited, response in refused:
+            assert response.status_code == 503
+            assert b"no fleet had room within 1.5s" in response.body
+            assert waited >= 1.4
+        stats = await service.stats()
+        rows = stats["workers"]
+        assert sum(r["calls"] for r in rows) == 32 == stats["frontend"]["active_calls"]
+        assert all(r["calls"] > 0 for r in rows), rows  # both workers took calls
+        assert stats["frontend"]["queue_timeouts"] == 8
+        # What the workers counted, summed for the host: 32 switched, 8 refused.
+        statuses: dict[str, int] = {}
+        for by_status in stats["frontend"]["requests"].values():
+            for status, n in by_status.items():
+                statuses[status] = statuses.get(status, 0) + n
+        assert (statuses.get("101"), statuses.get("503")) == (32, 8), stats["frontend"]
+        assert [f["active"] for f in stats["fleets"]] == [16, 16]
+
+        # FIFO for the host: two calls queue 0.2 s apart (whatever worker each
+        # lands on); the first slot freed goes to the first of them, the second
+        # still gets 503 at its deadline.
+        async def queued(bot: str) -> str:
+            try:
+                calls.append(await _open(service, tls_files, bot))
+            except InvalidStatus:
+                return "refused"
+            return "open"
+
+        first = asyncio.create_task(queued("first"))
+        await asyncio.sleep(0.2)
+        second = asyncio.create_task(queued("second"))
+        await asyncio.sleep(0.4)
+        await calls.pop(0).close()
+        assert (await first, await second) == ("open", "refused")
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()
+
+
+async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(12):  # enough that both workers hold calls
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        rows = await _worker_rows(service)
+        assert all(r["calls"] > 0 for r in rows), rows
+        victim = max(rows, key=lambda r: r["calls"])
+        survivor = next(r for r in rows if r["pid"] != victim["pid"])
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        async def slots_back() -> bool:
+            stats = await service.stats()
+            return stats["frontend"]["active_calls"] == survivor["calls"]
+
+        async with asyncio.timeout(1.0):  # the coordinator reads the channel's EOF
+            while not await slots_back():
+                await asyncio.sleep(0.02)
+        slots_back_s = time.monotonic() - killed_at
+        assert slots_back_s < 1.0
+        fleets = (await service.stats())["fleets"]
+        assert sum(f["active"] for f in fleets) == survivor["calls"]
+
+        async def replaced() -> list[dict[str, Any]]:
+            async with asyncio.timeout(10):
+                while True:
+                    rows = await _worker_rows(service)
+                    if len(rows) == 2 and victim["pid"] not in [r["pid"] for r in rows]:
+                        return rows
+                    await asyncio.sleep(0.05)
+
+        rows = await replaced()
+        replaced_s = time.monotonic() - killed_at
+        print(
+            f"\nworker SIGKILLed holding {victim['calls']} slots: all back within "
+            f"{slots_back_s * 1000:.0f} ms (as seen through /stats.json polled every 20 ms); "
+            f"a new worker joined within {replaced_s:.2f} s"
+        )
+        new = next(r for r in rows if r["pid"] != survivor["pid"])
+        assert new["generation"] == victim["generation"]
+        # New calls until the new worker has served one (the kernel hands each
+        # connection to whichever worker accepts first): bounded.
+        for i in range(30):
+            ws = await _open(service, tls_files, f"after-{i}")
+            await _echo(ws)
+            calls.append(ws)
+            rows = {r["pid"]: r for r in await _worker_rows(service)}
+            if rows[new["pid"]]["calls"] >= 1:  # the calls are kept open
+                break
+        else:
+            pytest.fail("the new worker served none of 30 calls")
+        died = [e for e in service.log() if e["event"].startswith("worker died")]
+        assert len(died) == 1, died
+        assert died[0]["pid"] == victim["pid"]
+        assert died[0]["exit_status"] == "killed by SIGKILL"
+        assert died[0]["calls_lost"] == victim["calls"]
+        metrics = await service.metrics()
+        assert 'fleet_ingress_worker_restarts_total{reason="killed"} 1.0' in metrics
+        assert f"fleet_ingress_slots_reclaimed_total {float(victim['calls'])}" in metrics
+        stats = await service.stats()
+        assert (stats["worker_restarts"], stats["worker_calls_lost"]) == (
+            {"killed": 1},
+            victim["calls"],
+        )
+        # The survivor's calls never noticed.
+        for ws in calls:
+            if ws.state.name == "OPEN":
+                with contextlib.suppress(Exception):
+                    await _echo(ws)
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()
+
+
+async def _peer_serial(service: RunningIngress, tls_files: TLSFiles) -> str:
+    _, writer = await asyncio.open_connection(
+        "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
+    )
+    serial: str = writer.get_extra_info("peercert")["serialNumber"]
+    writer.close()
+    return serial.lstrip("0")
+
+
+async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(6):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        assert all(r["calls"] > 0 for r in await _worker_rows(service))
+        old = await _peer_serial(service, tls_files)
+        new = write_leaf_cert(tls_files.ca, service.home)
+        assert new != old
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("RELOADING=1")
+        await service.wait_for("READY=1", count=2)
+        # Handshakes land on either worker: every one of them has the new certificate.
+        serials = {await _peer_serial(service, tls_files) for _ in range(12)}
+        assert serials == {new}
+        for ws in calls:  # the calls made before the reload go on, on both workers
+            await _echo(ws)
+        reloaded = [e for e in service.log() if e["event"] == "reloaded"]
+        assert len(reloaded) == 1 and reloaded[0]["changes"] == "no fleet changes"
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()
+
+
+async def test_sigterm_drains_every_worker_then_exits_0(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(6):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        rows = await _worker_rows(service)
+        assert all(r["calls"] > 0 for r in rows), rows
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for("STOPPING=1", timeout=5)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", service.port)
+        await asyncio.sleep(0.5)
+        assert service.proc.returncode is None  # draining: the calls go on
+        for ws in calls:
+            await _echo(ws)
+        for ws in calls:
+            await ws.close()
+        async with asyncio.timeout(5):
+            code = await service.proc.wait()
+        assert code == 0
+        log = service.log()
+        exited = [e for e in log if e["event"] == "worker exited"]
+        assert sorted(e["pid"] for e in exited) == sorted(r["pid"] for r in rows)
+        assert {e["exit_status"] for e in exited} == {"exit 0"}
+        ended = [e for e in log if e["event"] == "call ended"]
+        assert len(ended) == 6 and {e["process"] for e in ended} <= {r["pid"] for r in rows}
+        assert log[-1]["event"] == "stopped"
+    finally:
+        await service.finish()
+
+
+async def _admin(service: RunningIngress, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleet_ingress",
+        *args,
+        "--admin-socket",
+        str(service.home / "admin.sock"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_in_every_worker(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    a, b = two_fleets
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        code, out = await _admin(service, "drain", "b")
+        assert code == 0, out
+        for i in range(8):  # b drains: every new call goes to a, from both workers
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        assert (a.active_calls, b.active_calls) == (8, 0)
+        assert all(r["calls"] > 0 for r in await _worker_rows(service))
+        code, out = await _admin(service, "ready", "b")
+        assert code == 0, out
+        started = time.monotonic()
+        code, out = await _admin(service, "remove-fleet", "a", "--force")
+        assert code == 0, out
+        assert "removed fleet a (8 calls closed)" in out, out
+        await eventually(lambda: a.active_calls == 0, 5)
+        assert time.monotonic() - started < 5
+        stats = await service.stats()
+        assert [f["name"] for f in stats["fleets"]] == ["b"]
+        assert stats["frontend"]["active_calls"] == 0
+        ended = [e for e in service.log() if e["event"] == "call ended"]
+        assert len(ended) == 8 and {e["end_reason"] for e in ended} == {"removed"}
+        assert "name=a" not in (service.home / "fleets.txt").read_text()
+        ws = await _open(service, tls_files, "after")  # b serves
+        await _echo(ws)
+        calls.append(ws)
+        assert b.active_calls == 1
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()
+
+
+async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(6):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        rows = await _worker_rows(service)
+        assert all(r["calls"] > 0 for r in rows), rows
+        service.proc.kill()  # the supervisor, SIGKILL: its end of every channel closes
+        await service.proc.wait()
+        # Both workers stop accepting: no process listens any more.
+        async with asyncio.timeout(3):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+                except OSError:
+                    break
+                writer.close()
+                await asyncio.sleep(0.05)
+        for ws in calls:  # every call goes on
+            await _echo(ws)
+        alive = [r["pid"] for r in rows if _alive(r["pid"])]
+        assert alive == [r["pid"] for r in rows]  # draining, not cut
+        for ws in calls:
+            await ws.close()
+        async with asyncio.timeout(5):
+            while any(_alive(r["pid"]) for r in rows):
+                await asyncio.sleep(0.05)
+        gone = [e for e in service.log() if e["event"].startswith("the supervisor's slot")]
+        assert sorted(e["process"] for e in gone) == sorted(r["pid"] for r in rows)
+        ended = [e for e in service.log() if e["event"] == "call ended"]
+        assert len(ended) == 6
+    finally:
+        await service.finish()
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, exited but not yet reaped by its parent, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

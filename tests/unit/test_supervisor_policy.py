@@ -1,0 +1,31 @@
+"""The supervisor's small decisions, without processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet_ingress.service.supervisor import RESPAWN_DELAY_MAX, _exit_status, respawn_delay
+
+
+@pytest.mark.parametrize(
+    ("quick_deaths", "delay"),
+    [(0, 0.0), (1, 0.0), (2, 0.1), (3, 0.2), (4, 0.4), (9, 10.0), (50, RESPAWN_DELAY_MAX)],
+)
+def test_a_lone_crash_is_replaced_at_once_a_crash_loop_ever_slower(
+    quick_deaths: int, delay: float
+) -> None:
+    assert respawn_delay(quick_deaths) == pytest.approx(delay)
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (0, "exit 0"),
+        (2, "exit 2"),
+        (-9, "killed by SIGKILL"),
+        (-15, "killed by SIGTERM"),
+        (None, "running"),
+    ],
+)
+def test_exit_status_names_the_signal(code: int | None, said: str) -> None:
+    assert _exit_status(code) == said
