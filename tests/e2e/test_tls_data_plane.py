@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import pytest
 
+from fleet_ingress.net.tls_socket import connect as tls_connect
 from tests.support import (
     SWITCHING,
     UPGRADE,
@@ -32,6 +33,7 @@ from tests.support import (
     free_port,
     raw_exchange,
     read_head,
+    request_key_update,
 )
 
 HEALTH = b"GET /haproxy-health HTTP/1.1\r\nHost: calls.test\r\n\r\n"
@@ -248,5 +250,80 @@ async def test_a_tls_carrier_feeding_a_plain_tcp_fleet_that_lags_arrives_intact(
             await eventually(lambda: bool(received), timeout=15)
             writer.close()
         assert hashlib.sha256(received[0]).digest() == hashlib.sha256(sent).digest()
+    finally:
+        await fleet.stop()
+
+
+# -- TLS 1.3 key updates during a call, both sides -----------------------------------------
+
+
+class _Collect:
+    """A carrier on the socket-BIO layer itself (a TLSHandler)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = False
+
+    def data_received(self, data: memoryview) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A KeyUpdate asking for one back, from each end in turn: the ingress's
+    side must read it, answer it (OpenSSL 3.0: with its next write) and carry on."""
+    fleet_versions: list[str | None] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        tls = writer.get_extra_info("ssl_object")
+        fleet_versions.append(tls.version())
+        writer.write(SWITCHING)
+        while data := await reader.read(65536):
+            if data == b"fleet: update your keys":
+                request_key_update(tls)  # sent with the echo below
+            writer.write(data)
+            await writer.drain()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), echo).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        conn = await tls_connect(
+            host, port, tls_files.client_context(), server_hostname="localhost", timeout=5
+        )
+        carrier = _Collect()
+        conn.start(carrier)
+        conn.write(UPGRADE.format(path="/ws/bot-1").encode())
+        await eventually(lambda: b"\r\n\r\n" in carrier.data)
+        assert carrier.data.startswith(b"HTTP/1.1 101 ")
+        assert conn.ssl_socket.version() == "TLSv1.3" and fleet_versions == ["TLSv1.3"]
+
+        async def echoed(message: bytes) -> None:
+            carrier.data.clear()
+            conn.write(message)
+            await eventually(lambda: bytes(carrier.data) == message)
+
+        await echoed(b"before")
+        request_key_update(conn.ssl_socket)  # sent with the next write
+        await echoed(b"carrier: keys updated")
+        await echoed(b"fleet: update your keys")
+        await echoed(b"after both" * 2000)  # a few records under the new keys
+        assert not carrier.lost
+        conn.close()
+        await eventually(lambda: carrier.lost and not ingress.registry.calls)
     finally:
         await fleet.stop()
