@@ -787,3 +787,19 @@ async def test_connect_failures_a_refused_port_and_a_silent_server() -> None:
                 timeout=0.3,
             )
         assert 0.25 <= time.monotonic() - started < 3
+
+
+async def test_a_reset_is_an_error_with_its_errno_not_an_end(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """CPython 3.11 reads a reset under SSL_read as SSLEOFError without errno
+    (the kernel's error consumed): the layer must not take it for a FIN, or a
+    dead peer's call would be logged as closed by it."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    conn.abort()  # close with SO_LINGER 0: an RST
+    peer = srv.handlers[0]
+    await eventually(lambda: peer.lost)
+    assert isinstance(peer.exc, ConnectionResetError) and not peer.eof, repr(peer.exc)

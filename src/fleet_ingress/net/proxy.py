@@ -113,8 +113,9 @@ WRITE_LOW_WATER = 16 * 1024
 # Bytes a side may send before the other side is linked (a carrier's first
 # frames before the fleet's 101, a fleet's first frames before we relay it).
 MAX_EARLY_BYTES = 64 * 1024
-# The most a transport delivers in one read (uvloop and asyncio's SSL layer
-# read 256 KiB at most); one read may land on a buffer just under the mark.
+# The most a transport delivers in one read (a plain asyncio transport reads
+# 256 KiB at most here; a TLSConnection one record, 16 KiB); one read may land
+# on a buffer just under the mark.
 MAX_READ_CHUNK = 256 * 1024
 # What one call can hold, both directions together: the bound flow control keeps.
 MAX_BUFFERED_PER_CALL = 2 * (WRITE_HIGH_WATER + MAX_READ_CHUNK) + 2 * MAX_EARLY_BYTES
@@ -126,10 +127,9 @@ _CLOSE_FRAME_FIRST_BYTE = 0x88
 _MAX_CLOSE_FRAME = 131
 # A closing transport may wait this long for its peer to take pending bytes.
 CLOSE_FLUSH_TIMEOUT = 10.0
-# One read buffer for every connection in the process: the loop reads (or
-# decrypts) into it and each read is copied out at once. Without it uvloop's
-# SSL layer gives each connection's reads a 256 KiB buffer of its own, most of
-# a call's resident memory (bench/README.md: 76.5 -> 60 KiB per call).
+# One read buffer for every plain asyncio transport in the process (http://
+# fleets): the loop reads into it and each read is copied out at once. TLS sides
+# read into tls_socket's own shared buffer.
 _READ_BUFFER = memoryview(bytearray(MAX_READ_CHUNK))
 
 

@@ -359,7 +359,7 @@ class TLSConnection:
         except ssl.SSLWantReadError:
             self._want_read_for_write = True
         except OSError as exc:  # ssl.SSLError included
-            self._finish(exc)
+            self._finish(_with_errno(exc, self._sock))
             return
         # Some records may be on the wire already: the retry must pass the same
         # bytes. A copy is fine (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER), and needed
@@ -387,7 +387,7 @@ class TLSConnection:
                 self._sync_io()
                 return
             except OSError as exc:
-                self._finish(exc)
+                self._finish(_with_errno(exc, sock))
                 return
             more = self._more
             if more:
@@ -419,8 +419,11 @@ class TLSConnection:
                 self._want_write_for_read = True
                 self._sync_io()
                 return
-            except ssl.SSLEOFError:
-                self._peer_ended(clean=False)
+            except ssl.SSLEOFError as exc:
+                if exc.reason is None:  # the socket failed, not a FIN
+                    self._finish(_socket_failure(self._sock))
+                else:
+                    self._peer_ended(clean=False)
                 return
             except ssl.SSLZeroReturnError:  # close_notify after we sent ours
                 self._peer_ended(clean=True)
@@ -736,6 +739,34 @@ class Acceptor:
                 self._loop.remove_reader(self._fd)
             self._fd = -1
             self._listener.close()
+
+
+def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
+    if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
+        return _socket_failure(sock)
+    return exc
+
+
+def _socket_failure(sock: ssl.SSLSocket) -> OSError:
+    """What failed the socket under SSL_read / SSL_write.
+
+    CPython 3.11 on OpenSSL 3 reports it as SSLEOFError without a reason or the
+    errno (SSL_read_ex returns 0, read as an EOF), and the read consumed the
+    socket's error. A bare FIN is SSLEOFError with reason
+    UNEXPECTED_EOF_WHILE_READING instead. What TCP still shows tells the two
+    failures apart that the access log does (carrier_lost vs error):
+    retransmissions or keepalive probes outstanding mean the peer stopped
+    answering (the user timeout or keepalive ran out, or it is unreachable);
+    none mean it reset the connection.
+    """
+    try:
+        # struct tcp_info: state, ca_state, retransmits, probes, backoff, ...
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):
+        info = b""
+    if len(info) >= 5 and (info[2] or info[3] or info[4]):
+        return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
+    return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
 
 
 def _nodelay(sock: socket.socket) -> None:
