@@ -132,7 +132,7 @@ class CarrierSide(Side):
             return
         finally:
             self._connecting = None
-        if self.conn.is_closing:  # the carrier left while we connected
+        if self.conn.is_closing():  # the carrier left while we connected
             fleet_conn.close()
             return
         fleet = Side(fleet_conn)

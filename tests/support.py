@@ -40,6 +40,39 @@ UPGRADE = (
 SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 
 
+# -- reaching OpenSSL's own objects (tests that pin or drive OpenSSL itself) ------------
+
+LIBSSL = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # its libssl symbols
+for _name, _argtypes in {
+    "SSL_ctrl": [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
+    "SSL_CTX_ctrl": [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
+}.items():
+    getattr(LIBSSL, _name).argtypes = _argtypes
+    getattr(LIBSSL, _name).restype = ctypes.c_long
+LIBSSL.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+LIBSSL.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+LIBSSL.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+SSL_KEY_UPDATE_REQUESTED = 1
+
+
+def ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
+    # PySSLContext: PyObject_HEAD, then SSL_CTX *ctx (Modules/_ssl.c).
+    return ctypes.c_void_p.from_address(id(ctx) + 16).value or 0
+
+
+def ssl_pointer(sock: ssl.SSLSocket) -> int:
+    # PySSLSocket: PyObject_HEAD, PyObject *Socket, then SSL *ssl. Checked below
+    # against SSL_get_SSL_CTX, so a layout change fails loudly, not silently.
+    pointer = ctypes.c_void_p.from_address(id(sock._sslobj) + 24).value or 0  # type: ignore[attr-defined]
+    assert LIBSSL.SSL_get_SSL_CTX(pointer) == ssl_ctx_pointer(sock.context)
+    return pointer
+
+
+def request_key_update(sock: ssl.SSLSocket) -> None:
+    """TLS 1.3: send a KeyUpdate asking the peer for one too (with our next write)."""
+    assert LIBSSL.SSL_key_update(ssl_pointer(sock), SSL_KEY_UPDATE_REQUESTED) == 1
+
+
 @dataclass(frozen=True)
 class TLSFiles:
     ca: trustme.CA

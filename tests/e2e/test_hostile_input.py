@@ -945,9 +945,10 @@ async def test_tls_handshakes_cut_short_or_stalled_are_dropped_and_counted(
     hung_up, _ = await open_probes(
         2, 2, port, lambda: Probe(next(cut_short), hang_up=True), ssl_context=None
     )
-    stalled, _ = await open_probes(
-        20, 20, port, lambda: Probe(_half_a_client_hello(tls_files)), ssl_context=None
-    )
+    # Made once: 20 made in the probes' factory (~20 ms each, in this loop) would
+    # delay the client's connection_made (the probe's start) past the server's accept.
+    half_hello = _half_a_client_hello(tls_files)
+    stalled, _ = await open_probes(20, 20, port, lambda: Probe(half_hello), ssl_context=None)
     async with asyncio.timeout(5):
         await asyncio.gather(*(p.done for p in hung_up + stalled))
     lived = [p.closed - p.opened for p in stalled if p.closed is not None]

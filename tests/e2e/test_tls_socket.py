@@ -11,7 +11,6 @@ the alert a refused client gets), reads, flow control, close.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import os
 import resource
@@ -35,39 +34,20 @@ from fleet_ingress.net.tls_socket import (
     connect,
     wrap_accepted,
 )
-from tests.support import TLSFiles, eventually
+from tests.support import (
+    LIBSSL,
+    SSL_KEY_UPDATE_REQUESTED,
+    TLSFiles,
+    eventually,
+    ssl_ctx_pointer,
+    ssl_pointer,
+)
 
-# -- reaching OpenSSL's own objects (for the pins only) ------------------------
-
-_LIBSSL = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # its libssl symbols
-for _name, _argtypes in {
-    "SSL_ctrl": [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
-    "SSL_CTX_ctrl": [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p],
-}.items():
-    getattr(_LIBSSL, _name).argtypes = _argtypes
-    getattr(_LIBSSL, _name).restype = ctypes.c_long
-_LIBSSL.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
-_LIBSSL.SSL_get_SSL_CTX.restype = ctypes.c_void_p
-_LIBSSL.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
 SSL_CTRL_MODE = 33
 SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
 SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER = 0x2
 SSL_MODE_AUTO_RETRY = 0x4
 SSL_MODE_RELEASE_BUFFERS = 0x10
-SSL_KEY_UPDATE_REQUESTED = 1
-
-
-def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
-    # PySSLContext: PyObject_HEAD, then SSL_CTX *ctx (Modules/_ssl.c).
-    return ctypes.c_void_p.from_address(id(ctx) + 16).value or 0
-
-
-def _ssl_pointer(sock: ssl.SSLSocket) -> int:
-    # PySSLSocket: PyObject_HEAD, PyObject *Socket, then SSL *ssl. Checked below
-    # against SSL_get_SSL_CTX, so a layout change fails loudly, not silently.
-    pointer = ctypes.c_void_p.from_address(id(sock._sslobj) + 24).value or 0  # type: ignore[attr-defined]
-    assert _LIBSSL.SSL_get_SSL_CTX(pointer) == _ssl_ctx_pointer(sock.context)
-    return pointer
 
 
 # -- fixtures ----------------------------------------------------------------------
@@ -143,8 +123,8 @@ def test_cpython_modes_release_buffers_and_moving_write_buffer_without_partial_w
     no ENABLE_PARTIAL_WRITE is why send() is all or nothing."""
     with _tls_pair(tls_files) as (cs, ss):
         for sock in (cs, ss):
-            ctx_mode = _LIBSSL.SSL_CTX_ctrl(_ssl_ctx_pointer(sock.context), SSL_CTRL_MODE, 0, None)
-            mode = _LIBSSL.SSL_ctrl(_ssl_pointer(sock), SSL_CTRL_MODE, 0, None)
+            ctx_mode = LIBSSL.SSL_CTX_ctrl(ssl_ctx_pointer(sock.context), SSL_CTRL_MODE, 0, None)
+            mode = LIBSSL.SSL_ctrl(ssl_pointer(sock), SSL_CTRL_MODE, 0, None)
             assert ctx_mode & SSL_MODE_RELEASE_BUFFERS
             assert mode & SSL_MODE_RELEASE_BUFFERS
             assert mode & SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
@@ -237,7 +217,7 @@ def test_a_requested_key_update_does_not_make_the_read_want_write(tls_files: TLS
         assert cs.version() == "TLSv1.3"
         with pytest.raises(ssl.SSLWantWriteError):
             ss.send(b"y" * (16 << 20))
-        assert _LIBSSL.SSL_key_update(_ssl_pointer(cs), SSL_KEY_UPDATE_REQUESTED) == 1
+        assert LIBSSL.SSL_key_update(ssl_pointer(cs), SSL_KEY_UPDATE_REQUESTED) == 1
         cs.send(b"after the key update")  # the KeyUpdate goes out first
         got = b""
         deadline = time.monotonic() + 5
@@ -670,7 +650,7 @@ async def test_a_key_update_mid_stream_with_a_full_socket(
     await asyncio.sleep(0.05)
     assert peer.conn.get_write_buffer_size() > 0
     assert conn.ssl_socket.version() == "TLSv1.3"
-    assert _LIBSSL.SSL_key_update(_ssl_pointer(conn.ssl_socket), SSL_KEY_UPDATE_REQUESTED) == 1
+    assert LIBSSL.SSL_key_update(ssl_pointer(conn.ssl_socket), SSL_KEY_UPDATE_REQUESTED) == 1
     conn.write(b"after the key update")
     await eventually(lambda: peer.data == b"after the key update")
     peer.conn.write(b"!")
@@ -807,3 +787,19 @@ async def test_connect_failures_a_refused_port_and_a_silent_server() -> None:
                 timeout=0.3,
             )
         assert 0.25 <= time.monotonic() - started < 3
+
+
+async def test_a_reset_is_an_error_with_its_errno_not_an_end(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """CPython 3.11 reads a reset under SSL_read as SSLEOFError without errno
+    (the kernel's error consumed): the layer must not take it for a FIN, or a
+    dead peer's call would be logged as closed by it."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+    conn.abort()  # close with SO_LINGER 0: an RST
+    peer = srv.handlers[0]
+    await eventually(lambda: peer.lost)
+    assert isinstance(peer.exc, ConnectionResetError) and not peer.eof, repr(peer.exc)

@@ -4,9 +4,10 @@ Accepting ourselves lets the ingress (1) count a connection against
 `limits.max_connections` before spending any TLS work on it, refusing the
 excess at once; (2) survive running out of descriptors with a log line and a
 retry, where the loop's own accept path is silent (uvloop) or logs free text;
-(3) see every failed TLS handshake, which asyncio otherwise swallows.
-Each accepted socket then goes through `loop.connect_accepted_socket` with
-TLS: from there on, the call path is the same as with create_server.
+(3) see every failed TLS handshake.
+Each accepted socket's TLS runs on a socket BIO (`net.tls_socket`): OpenSSL
+reads and writes the socket itself, so a refused client gets its alert
+(protocol_version, handshake_failure) rather than a bare close.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 
 from fleet_ingress.logs import fields
-from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext
+from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
+from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, wrap_accepted
 
 log = logging.getLogger("fleet_ingress.listener")
 
@@ -99,6 +102,10 @@ def bind_errors_named(key: str, address: str) -> Iterator[None]:
 
 
 class CarrierListener:
+    """Accepts carriers (a reader callback, one connection per loop turn), runs
+    their TLS handshakes on socket BIOs (`net.tls_socket`) and hands each
+    connection that completes one to a `CarrierProtocol`."""
+
     def __init__(
         self,
         sock: socket.socket,
@@ -108,8 +115,10 @@ class CarrierListener:
         self.sock = sock
         self.context = context  # read per connection: a reload swaps it
         self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
-        self._task: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
+        self._acceptor: Acceptor | None = None
+        self._handshakes: set[TLSConnection] = set()
+        self._closed = False
+        self._retry_in = ACCEPT_RETRY_FIRST
         self._warned_at: dict[str, float] = {}
 
     @property
@@ -118,88 +127,94 @@ class CarrierListener:
         return name[0], name[1]
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._accept_loop())
+        # One accept per loop turn: a burst of new connections (a flood) then
+        # starts its TLS handshakes over many turns, between the calls' frames,
+        # instead of all in one turn that every live call would wait for. The
+        # listening socket's readiness is level-triggered: the rest of the backlog
+        # wakes the next turn.
+        self._acceptor = Acceptor(
+            asyncio.get_running_loop(),
+            self.sock,
+            self._accepted,
+            per_wake=1,
+            on_error=self._accept_failed,
+        )
 
     def close(self) -> None:
         """Stop accepting: new connections are refused by the kernel at once."""
-        if self._task is not None:
-            self._task.cancel()
-        for task in self._handshakes:
-            task.cancel()
-        self.sock.close()
+        self._closed = True
+        if self._acceptor is not None:
+            self._acceptor.close()
+        else:
+            self.sock.close()
+        handshakes, self._handshakes = self._handshakes, set()
+        for conn in handshakes:
+            conn.abort()  # its done callback counts it out of `handshaking`
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        retry_in = ACCEPT_RETRY_FIRST
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(self.sock)
-            except OSError as exc:
-                if exc.errno in _GONE_ERRNOS:
-                    continue
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    # Unknown: never let one odd error stop the listener for good.
-                    self._warn("error", "accept failed; retrying", error=repr(exc))
-                    await asyncio.sleep(ACCEPT_RETRY_FIRST)
-                    continue
-                registry = self.context().registry
-                registry.accept_failures += 1
-                self._warn(
-                    "accept",
-                    "cannot accept connections: out of resources; retrying. Raise "
-                    "LimitNOFILE (systemd) or ulimit -n, or lower limits.max_connections",
-                    error=exc.strerror,
-                    open_connections=len(registry.connections),
-                    retry_in_s=retry_in,
-                )
-                await asyncio.sleep(retry_in)
-                retry_in = min(retry_in * 2, ACCEPT_RETRY_MAX)
-                continue
-            retry_in = ACCEPT_RETRY_FIRST
-            ctx = self.context()
-            registry = ctx.registry
-            if len(registry.connections) + registry.handshaking >= ctx.max_connections:
-                registry.refused_connections += 1
-                self._warn(
-                    "limit",
-                    "connection refused: limits.max_connections reached; raise it if the "
-                    "host has room, or add an ingress",
-                    max_connections=ctx.max_connections,
-                    refused_total=registry.refused_connections,
-                )
-                _reset(conn)
-                continue
-            registry.handshaking += 1
-            task = loop.create_task(self._handshake(conn, ctx))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-            # One accept per loop turn: a burst of new connections (a flood) then
-            # starts its TLS handshakes over many turns, between the calls' frames,
-            # instead of all in one turn that every live call would wait for.
-            await asyncio.sleep(0)
+    def _accept_failed(self, exc: OSError) -> float:
+        """How long to stop accepting after this error (0: accept on)."""
+        if exc.errno in _GONE_ERRNOS:
+            return 0.0
+        if exc.errno not in _RESOURCE_ERRNOS:
+            # Unknown: never let one odd error stop the listener for good.
+            self._warn("error", "accept failed; retrying", error=repr(exc))
+            return ACCEPT_RETRY_FIRST
+        registry = self.context().registry
+        registry.accept_failures += 1
+        retry_in = self._retry_in
+        self._warn(
+            "accept",
+            "cannot accept connections: out of resources; retrying. Raise "
+            "LimitNOFILE (systemd) or ulimit -n, or lower limits.max_connections",
+            error=exc.strerror,
+            open_connections=len(registry.connections),
+            retry_in_s=retry_in,
+        )
+        self._retry_in = min(retry_in * 2, ACCEPT_RETRY_MAX)
+        return retry_in
 
-    async def _handshake(self, conn: socket.socket, ctx: ProxyContext) -> None:
-        loop = asyncio.get_running_loop()
+    def _accepted(self, conn: socket.socket) -> None:
+        self._retry_in = ACCEPT_RETRY_FIRST
+        ctx = self.context()
+        registry = ctx.registry
+        if len(registry.connections) + registry.handshaking >= ctx.max_connections:
+            registry.refused_connections += 1
+            self._warn(
+                "limit",
+                "connection refused: limits.max_connections reached; raise it if the "
+                "host has room, or add an ingress",
+                max_connections=ctx.max_connections,
+                refused_total=registry.refused_connections,
+            )
+            _reset(conn)
+            return
         # Before TLS: a carrier that vanishes mid-call (no FIN) fails its socket
         # within seconds instead of holding a fleet slot for minutes.
         ctx.liveness.apply(conn)
         try:
-            await loop.connect_accepted_socket(
-                lambda: CarrierProtocol(ctx),
-                conn,
-                ssl=self.server_ssl(),
-                # A handshake that never completes is a request that never came.
-                ssl_handshake_timeout=ctx.request_timeout,
-            )
-        except asyncio.CancelledError:
-            conn.close()
-            raise
-        except Exception as exc:  # any way a carrier's TLS fails: count it, drop it
-            ctx.registry.tls_handshake_failures += 1
+            tls = wrap_accepted(asyncio.get_running_loop(), conn, self.server_ssl())
+        except OSError as exc:  # the socket died under us
+            registry.tls_handshake_failures += 1
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
-        finally:
-            ctx.registry.handshaking -= 1
+            return
+        registry.handshaking += 1
+        self._handshakes.add(tls)
+        # A handshake that never completes is a request that never came. A failed
+        # one has sent its alert already: OpenSSL writes to the socket itself.
+        tls.start_handshake(ctx.request_timeout, partial(self._handshake_done, tls, ctx))
+
+    def _handshake_done(
+        self, tls: TLSConnection, ctx: ProxyContext, exc: BaseException | None
+    ) -> None:
+        ctx.registry.handshaking -= 1
+        self._handshakes.discard(tls)
+        if exc is not None:
+            if not self._closed:  # a stop cuts handshakes short: not the carrier's failure
+                ctx.registry.tls_handshake_failures += 1
+                log.debug("tls handshake failed", extra=fields(error=repr(exc)))
+            return
+        serve(tls, CarrierProtocol(ctx))
 
     def _warn(self, kind: str, message: str, **values: object) -> None:
         now = time.monotonic()

@@ -13,6 +13,14 @@ Outside the machine, on purpose: the tunnel's hot path. Once linked, each
 only a lone WebSocket close frame is reported. When a side's write buffer
 passes its high-water mark, the other side stops being read until it drains,
 so a call holds a bounded number of bytes.
+
+Both sides' TLS runs on socket BIOs (`net.tls_socket.TLSConnection`), which
+offers what the protocols use of an asyncio transport: `serve` attaches a side
+to one. A plain-TCP fleet (an `http://` URL) stays on an asyncio transport,
+and so does a plain carrier in the socketpair tests. A TLS side's reads are
+views of a buffer shared by every connection, valid only during
+`data_received`: whatever is kept is copied (`_early`, `_pending`, the head
+reader's and exchange's buffers, a TLSConnection's unfinished write).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 from fleet_ingress.core.call_machine import (
     AbortSide,
@@ -88,6 +96,7 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
+from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")
@@ -104,8 +113,9 @@ WRITE_LOW_WATER = 16 * 1024
 # Bytes a side may send before the other side is linked (a carrier's first
 # frames before the fleet's 101, a fleet's first frames before we relay it).
 MAX_EARLY_BYTES = 64 * 1024
-# The most a transport delivers in one read (uvloop and asyncio's SSL layer
-# read 256 KiB at most); one read may land on a buffer just under the mark.
+# The most a transport delivers in one read (a plain asyncio transport reads
+# 256 KiB at most here; a TLSConnection one record, 16 KiB); one read may land
+# on a buffer just under the mark.
 MAX_READ_CHUNK = 256 * 1024
 # What one call can hold, both directions together: the bound flow control keeps.
 MAX_BUFFERED_PER_CALL = 2 * (WRITE_HIGH_WATER + MAX_READ_CHUNK) + 2 * MAX_EARLY_BYTES
@@ -117,10 +127,9 @@ _CLOSE_FRAME_FIRST_BYTE = 0x88
 _MAX_CLOSE_FRAME = 131
 # A closing transport may wait this long for its peer to take pending bytes.
 CLOSE_FLUSH_TIMEOUT = 10.0
-# One read buffer for every connection in the process: the loop reads (or
-# decrypts) into it and each read is copied out at once. Without it uvloop's
-# SSL layer gives each connection's reads a 256 KiB buffer of its own, most of
-# a call's resident memory (bench/README.md: 76.5 -> 60 KiB per call).
+# One read buffer for every plain asyncio transport in the process (http://
+# fleets): the loop reads into it and each read is copied out at once. TLS sides
+# read into tls_socket's own shared buffer.
 _READ_BUFFER = memoryview(bytearray(MAX_READ_CHUNK))
 
 
@@ -183,7 +192,8 @@ class _Side(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.data_received(_READ_BUFFER[:nbytes].tobytes())
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Buffer) -> None:
+        """Bytes (asyncio transports) or a view valid only during this call (TLS)."""
         raise NotImplementedError
 
     def eof_received(self) -> bool:
@@ -236,6 +246,33 @@ class _Side(asyncio.BufferedProtocol):
     def unlink(self) -> None:
         self.peer = self.peer_side = self.transport = None
 
+    def peer_writer(self, peer: asyncio.Transport) -> asyncio.Transport:
+        """What the hot path writes this side's reads to. A TLSConnection keeps a
+        copy of what it cannot send at once; an asyncio transport may keep the
+        object it was given (asyncio's buffers the unsent view): a view of the
+        shared TLS read buffer must reach one as bytes."""
+        if isinstance(self.transport, TLSConnection) and not isinstance(peer, TLSConnection):
+            return cast(asyncio.Transport, _CopyingWriter(peer))
+        return peer
+
+
+class _CopyingWriter:
+    """A TLS side's reads written to a plain-TCP peer (an http:// fleet)."""
+
+    __slots__ = ("write",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        write = transport.write
+        self.write: Callable[[Buffer], None] = lambda data: write(bytes(data))
+
+
+def serve(conn: TLSConnection, side: _Side) -> None:
+    """Run a side on a TLS connection whose handshake is done: what an asyncio
+    loop does for a protocol with a new transport. Started first, so a side
+    that closes or aborts in `connection_made` still gets `connection_lost`."""
+    conn.start(side)
+    side.connection_made(cast(asyncio.Transport, conn))
+
 
 # Before the 101, what a carrier sends after its head waits (bounded) for the tunnel.
 _EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, State.AWAITING})
@@ -279,7 +316,7 @@ class CarrierProtocol(_Side):
         registry.connections_total += 1
         self._run(self.machine.start())
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Buffer) -> None:
         peer = self.peer
         if peer is not None:  # the hot path
             self.bytes_received += len(data)
@@ -359,7 +396,7 @@ class CarrierProtocol(_Side):
             self.fleet_side.abort()
         self.abort()
 
-    def _on_head_bytes(self, data: bytes) -> None:
+    def _on_head_bytes(self, data: Buffer) -> None:
         try:
             taken = self._reader.take(data)
         except RequestRefused as refused:
@@ -481,15 +518,27 @@ class CarrierProtocol(_Side):
         self._task = asyncio.get_running_loop().create_task(self._connect(fleet_side, spec))
 
     async def _connect(self, fleet_side: FleetProtocol, spec: FleetSpec) -> None:
-        """The connection alone: its timer is the machine's, and the fleet side
-        reports itself connected (`connection_made`)."""
+        """The connection alone: its timer is the machine's (`timeouts.connect`,
+        TCP and TLS together), and the fleet side reports itself connected
+        (`connection_made`)."""
         ctx = self.ctx
-        tls: dict[str, Any] = {}
-        if spec.scheme == "https":
-            tls = {"ssl": ctx.fleet_ssl, "server_hostname": spec.host}
-        loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: fleet_side, spec.host, spec.port, **tls)
+            if spec.scheme == "https":
+                # SNI and the certificate's name are the fleet URL's host; the
+                # context checks them (fleets.verify, fleets.ca_file). The same
+                # timeout as the machine's timer, which fires first (it started
+                # first), is a backstop only.
+                conn = await connect(
+                    spec.host,
+                    spec.port,
+                    ctx.fleet_ssl,
+                    server_hostname=spec.host,
+                    timeout=ctx.connect_timeout,
+                )
+                serve(conn, fleet_side)
+            else:
+                loop = asyncio.get_running_loop()
+                await loop.create_connection(lambda: fleet_side, spec.host, spec.port)
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None
@@ -560,7 +609,7 @@ class CarrierProtocol(_Side):
         if early:
             self.bytes_received += len(early)
             fleet_side.transport.write(early)
-        self.peer = fleet_side.transport
+        self.peer = self.peer_writer(fleet_side.transport)
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         ctx.registry.sweep.watch(call, ctx.silence.for_route(call.route))
@@ -672,7 +721,7 @@ class FleetProtocol(_Side):
         else:  # dropped while its connection was made
             self.abort()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Buffer) -> None:
         peer = self.peer
         if peer is not None:  # the hot path
             self.bytes_received += len(data)
@@ -731,7 +780,7 @@ class FleetProtocol(_Side):
         assert carrier.transport is not None
         self._relaying = relaying
         self.peer_side = carrier
-        self.peer = carrier.transport
+        self.peer = self.peer_writer(carrier.transport)
         carrier.peer_side = self
         pending = bytes(self._pending)
         self._pending.clear()

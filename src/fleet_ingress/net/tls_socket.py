@@ -34,6 +34,8 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   be passed; bytes written later wait behind it, bounded.
 - A failed handshake: OpenSSL has written its alert to the socket already, so
   the peer learns why (a memory-BIO transport drops it: issue #12, point 2).
+  What the peer sent that OpenSSL did not read is read and dropped before the
+  close, which would otherwise be a reset that can destroy the alert in flight.
 - ``unwrap()`` on a non-blocking socket sends close_notify and raises
   ``SSLWantReadError`` while the peer's has not come; the peer's close_notify
   reads as 0 bytes (``SSLZeroReturnError`` once ours is sent), a TCP FIN
@@ -190,9 +192,38 @@ class TLSConnection:
         """For version(), cipher(), selected_alpn_protocol(), getpeercert()."""
         return self._sock
 
-    @property
+    # What the call pump uses of an asyncio transport, with the same names, so
+    # its protocols serve either (plain-TCP fleets stay on asyncio transports).
+
     def is_closing(self) -> bool:
         return self._state in (_State.CLOSING, _State.SHUTDOWN, _State.CLOSED)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """The high-water mark; writing resumes once the buffer has drained, so
+        ``low`` is accepted for the transport's signature and not used."""
+        if high is not None:
+            self._high_water = high
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        """As a transport's: "ssl_object" and "socket" are the SSLSocket itself
+        (it has an SSLObject's methods and a socket's setsockopt)."""
+        sock = self._sock
+        if name in ("ssl_object", "socket"):
+            return sock
+        if name == "peername":
+            return self.peername if self.peername is not None else default
+        if name == "sslcontext":
+            return sock.context
+        if name == "peercert":
+            return sock.getpeercert()
+        if name == "cipher":
+            return sock.cipher()
+        if name == "sockname":
+            try:
+                return sock.getsockname()
+            except OSError:
+                return default
+        return default
 
     @property
     def closed(self) -> bool:
@@ -257,11 +288,26 @@ class TLSConnection:
             self._timer = None
         done, self._hs_done = self._hs_done, None
         if exc is not None:
+            self._discard_unread()
             self._finish(None)
         else:
             self._sync_io()
         if done is not None:
             done(exc)
+
+    def _discard_unread(self) -> None:
+        """Before closing after a failed handshake: read (bounded) what the peer
+        sent that OpenSSL left unread, below TLS. Closing with unread bytes
+        resets the connection, and a reset can destroy the alert OpenSSL just
+        sent before the peer reads it (plain HTTP on the TLS port would see
+        ECONNRESET instead of the alert and an EOF)."""
+        for _ in range(4):
+            try:
+                # socket.socket's own recv_into: the descriptor, not SSL_read.
+                if socket.socket.recv_into(self._sock, _READ_BUFFER) < READ_BUFFER_SIZE:
+                    return
+            except OSError:  # BlockingIOError: nothing unread
+                return
 
     # -- data ------------------------------------------------------------------
 
@@ -270,9 +316,10 @@ class TLSConnection:
         if self._state is not _State.OPEN:
             raise RuntimeError(f"cannot start a connection in state {self._state.value}")
         self._handler = handler
-        self._paused = not reading
+        if not reading:
+            self._paused = True
         self._sync_io()
-        if reading and self._sock.pending():
+        if not self._paused and self._sock.pending():
             self._loop.call_soon(self._on_readable)
 
     def pause_reading(self) -> None:
@@ -312,7 +359,7 @@ class TLSConnection:
         except ssl.SSLWantReadError:
             self._want_read_for_write = True
         except OSError as exc:  # ssl.SSLError included
-            self._finish(exc)
+            self._finish(_with_errno(exc, self._sock))
             return
         # Some records may be on the wire already: the retry must pass the same
         # bytes. A copy is fine (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER), and needed
@@ -340,7 +387,7 @@ class TLSConnection:
                 self._sync_io()
                 return
             except OSError as exc:
-                self._finish(exc)
+                self._finish(_with_errno(exc, sock))
                 return
             more = self._more
             if more:
@@ -372,8 +419,11 @@ class TLSConnection:
                 self._want_write_for_read = True
                 self._sync_io()
                 return
-            except ssl.SSLEOFError:
-                self._peer_ended(clean=False)
+            except ssl.SSLEOFError as exc:
+                if exc.reason is None:  # the socket failed, not a FIN
+                    self._finish(_socket_failure(self._sock))
+                else:
+                    self._peer_ended(clean=False)
                 return
             except ssl.SSLZeroReturnError:  # close_notify after we sent ours
                 self._peer_ended(clean=True)
@@ -623,7 +673,12 @@ async def connect(
 
 
 class Acceptor:
-    """Accepts on a listening socket from a reader callback, a bounded number per wake."""
+    """Accepts on a listening socket from a reader callback, a bounded number per wake.
+
+    ``on_error`` decides what an accept error costs: the seconds to stop
+    accepting (0: go on). By default running out of descriptors or memory
+    pauses for RETRY_DELAY and anything else (the connection is gone) goes on.
+    """
 
     MAX_ACCEPTS_PER_WAKE = 64
     # Out of descriptors or memory: the backlog stays readable, so accepting
@@ -636,25 +691,36 @@ class Acceptor:
         loop: asyncio.AbstractEventLoop,
         listener: socket.socket,
         on_accept: Callable[[socket.socket], None],
+        *,
+        per_wake: int | None = None,
+        on_error: Callable[[OSError], float] | None = None,
     ) -> None:
         listener.setblocking(False)
         self._loop = loop
         self._listener = listener
         self._fd = listener.fileno()
         self._on_accept = on_accept
+        self._per_wake = per_wake or self.MAX_ACCEPTS_PER_WAKE
+        self._on_error = on_error or self._pause_for
         self._retry: asyncio.TimerHandle | None = None
         loop.add_reader(self._fd, self._accept)
 
+    def _pause_for(self, exc: OSError) -> float:
+        return self.RETRY_DELAY if exc.errno in self._RESOURCE_ERRORS else 0.0
+
     def _accept(self) -> None:
-        for _ in range(self.MAX_ACCEPTS_PER_WAKE):
+        for _ in range(self._per_wake):
+            if self._fd < 0:  # closed by on_accept
+                return
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in self._RESOURCE_ERRORS:
+                pause = self._on_error(exc)
+                if pause > 0 and self._fd >= 0 and self._retry is None:
                     self._loop.remove_reader(self._fd)
-                    self._retry = self._loop.call_later(self.RETRY_DELAY, self._resume)
+                    self._retry = self._loop.call_later(pause, self._resume)
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             self._on_accept(sock)
@@ -668,10 +734,39 @@ class Acceptor:
         if self._fd >= 0:
             if self._retry is not None:
                 self._retry.cancel()
+                self._retry = None
             else:
                 self._loop.remove_reader(self._fd)
             self._fd = -1
             self._listener.close()
+
+
+def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
+    if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
+        return _socket_failure(sock)
+    return exc
+
+
+def _socket_failure(sock: ssl.SSLSocket) -> OSError:
+    """What failed the socket under SSL_read / SSL_write.
+
+    CPython 3.11 on OpenSSL 3 reports it as SSLEOFError without a reason or the
+    errno (SSL_read_ex returns 0, read as an EOF), and the read consumed the
+    socket's error. A bare FIN is SSLEOFError with reason
+    UNEXPECTED_EOF_WHILE_READING instead. What TCP still shows tells the two
+    failures apart that the access log does (carrier_lost vs error):
+    retransmissions or keepalive probes outstanding mean the peer stopped
+    answering (the user timeout or keepalive ran out, or it is unreachable);
+    none mean it reset the connection.
+    """
+    try:
+        # struct tcp_info: state, ca_state, retransmits, probes, backoff, ...
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):
+        info = b""
+    if len(info) >= 5 and (info[2] or info[3] or info[4]):
+        return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
+    return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
 
 
 def _nodelay(sock: socket.socket) -> None:

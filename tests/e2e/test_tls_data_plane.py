@@ -1,0 +1,329 @@
+"""The call path on socket-BIO TLS (net/tls_socket.py), through the real listener.
+
+What the wiring relies on, end to end: OpenSSL writes a refused handshake's
+alert itself (issue #12, point 2), a handshake that never completes is cut at
+`timeouts.request`, a head that arrives in the same flight as the client's
+Finished is read, a fleet's answer spread over many records arrives whole,
+and a TLS side's reads (views of one shared buffer) reach a plain-TCP fleet
+intact however its transport buffers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+
+from fleet_ingress.net.tls_socket import connect as tls_connect
+from tests.support import (
+    SWITCHING,
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    answer,
+    eventually,
+    free_port,
+    raw_exchange,
+    read_head,
+    request_key_update,
+)
+
+HEALTH = b"GET /haproxy-health HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+
+
+async def _ingress_without_fleets(start_ingress: StartIngress, **kw: object):  # type: ignore[no-untyped-def]
+    return await start_ingress([f"https://127.0.0.1:{await free_port()} name=none"], **kw)
+
+
+# -- a refused handshake: the alert, through the listener ---------------------------------
+
+
+def _tls11_only() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with pytest.warns(DeprecationWarning):
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def _no_shared_cipher() -> ssl.SSLContext:
+    # The test certificates are ECDSA (trustme's default): RSA-signed suites cannot be chosen.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    return ctx
+
+
+def _blocking_handshake(port: int, ctx: ssl.SSLContext) -> BaseException | None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            with ctx.wrap_socket(sock, server_hostname="calls.test"):
+                return None
+        except (ssl.SSLError, OSError) as exc:
+            return exc
+
+
+@pytest.mark.parametrize(
+    ("make_ctx", "alert"),
+    [
+        (_tls11_only, "TLSV1_ALERT_PROTOCOL_VERSION"),
+        (_no_shared_cipher, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+    ],
+    ids=["tls1.1-only", "no-shared-cipher"],
+)
+async def test_a_refused_client_gets_the_alert_that_says_why(
+    start_ingress: StartIngress, make_ctx: Callable[[], ssl.SSLContext], alert: str
+) -> None:
+    """curl said SSL_ERROR_SYSCALL and Node ECONNRESET: the alert was dropped."""
+    ingress = await _ingress_without_fleets(start_ingress)
+    _, port = ingress.wss_address
+    exc = await asyncio.to_thread(_blocking_handshake, port, make_ctx())
+    assert isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError), repr(exc)
+    assert exc.reason == alert
+    await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+    await eventually(lambda: ingress.registry.handshaking == 0)
+    assert ingress.registry.connections_total == 0
+
+
+async def test_openssl_s_client_reports_the_protocol_version_alert(
+    start_ingress: StartIngress,
+) -> None:
+    ingress = await _ingress_without_fleets(start_ingress)
+    host, port = ingress.wss_address
+    command = ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_1"]
+    command += ["-cipher", "DEFAULT:@SECLEVEL=0"]  # the client may offer TLS 1.1 at all
+    done = await asyncio.to_thread(
+        subprocess.run,
+        command,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    said = done.stdout + done.stderr
+    assert "alert protocol version" in said, said
+    await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+
+
+# -- the handshake's deadline -----------------------------------------------------------------
+
+
+async def test_a_client_that_never_says_hello_is_closed_at_timeouts_request(
+    start_ingress: StartIngress,
+) -> None:
+    ingress = await _ingress_without_fleets(start_ingress, timeouts={"request": 0.4})
+    host, port = ingress.wss_address
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # a FIN, not a reset: nothing was sent
+        assert time.monotonic() - started >= 0.35
+    finally:
+        writer.close()
+    assert ingress.registry.tls_handshake_failures == 1
+    assert ingress.registry.handshaking == 0
+
+
+# -- the head in the same flight as the client's Finished --------------------------------------
+
+
+def _head_with_finished(port: int, ctx: ssl.SSLContext, request: bytes) -> tuple[str, int, bytes]:
+    """A TLS 1.3 client over memory BIOs, so that its Finished and the first
+    application record leave in one send; then read the answer to its end."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("closed during the handshake") from None
+                incoming.write(data)
+        tls.write(request)
+        flight = outgoing.read()  # the Finished record, then the request's
+        sock.sendall(flight)
+        answer = bytearray()
+        while True:
+            try:
+                chunk = tls.read(65536)
+                if not chunk:  # the server's close_notify
+                    break
+                answer += chunk
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            data = sock.recv(65536)
+            if not data:
+                break
+            incoming.write(data)
+        return tls.version() or "", len(flight), bytes(answer)
+
+
+async def test_a_head_sent_with_the_finished_message_is_answered(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """The server's handshake ends on the client's Finished; the head's record
+    behind it is on the socket already and must be read, with no further
+    wake-up from the client."""
+    ingress = await _ingress_without_fleets(start_ingress)
+    _, port = ingress.wss_address
+    ctx = tls_files.client_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    version, flight, got = await asyncio.wait_for(
+        asyncio.to_thread(_head_with_finished, port, ctx, HEALTH), 10
+    )
+    assert version == "TLSv1.3"
+    assert flight > len(HEALTH) + 40  # Finished and the request went together
+    assert got.startswith(b"HTTP/1.1 200 "), got[:200]
+
+
+# -- a large answer over many records, and a TLS side feeding a plain-TCP fleet ---------------
+
+
+async def test_a_fleet_answer_over_many_records_reaches_the_carrier_whole(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    body = random.Random(5).randbytes(1024 * 1024 + 17)  # 65 records and a bit
+    raw = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+    busy = await RawFleet(tls_files.fleet_server_context(), answer(raw)).start()
+    try:
+        ingress = await start_ingress([busy.line("busy")])
+        request = (
+            b"GET /ws/bot-1 HTTP/1.1\r\nHost: calls.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        got = await raw_exchange(ingress, tls_files, request, timeout=10)
+        assert hashlib.sha256(got).hexdigest() == hashlib.sha256(raw).hexdigest()
+    finally:
+        await busy.stop()
+
+
+async def test_a_tls_carrier_feeding_a_plain_tcp_fleet_that_lags_arrives_intact(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A TLS side's reads are views of one read buffer that the next read
+    overwrites. A plain fleet's asyncio transport that cannot send at once may
+    keep what it is given as given (uvloop does): it must be given bytes."""
+    sent = random.Random(3).randbytes(16 * 1024 * 1024)  # more than the kernel buffers
+    received: list[bytes] = []
+
+    async def lagging_fleet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+        await asyncio.sleep(0.5)  # the ingress's writes back up meanwhile
+        received.append(await reader.readexactly(len(sent)))
+        writer.close()
+
+    fleet = await RawFleet(None, lagging_fleet).start()  # http:// : an asyncio transport
+    try:
+        ingress = await start_ingress([fleet.line("plain")])
+        host, port = ingress.wss_address
+        async with asyncio.timeout(20):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+            )
+            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+            writer.write(sent)  # not WebSocket frames: the tunnel relays bytes
+            await writer.drain()
+            await eventually(lambda: bool(received), timeout=15)
+            writer.close()
+        assert hashlib.sha256(received[0]).digest() == hashlib.sha256(sent).digest()
+    finally:
+        await fleet.stop()
+
+
+# -- TLS 1.3 key updates during a call, both sides -----------------------------------------
+
+
+class _Collect:
+    """A carrier on the socket-BIO layer itself (a TLSHandler)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.lost = False
+
+    def data_received(self, data: memoryview) -> None:
+        self.data += data
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+
+async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A KeyUpdate asking for one back, from each end in turn: the ingress's
+    side must read it, answer it (OpenSSL 3.0: with its next write) and carry on."""
+    fleet_versions: list[str | None] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        tls = writer.get_extra_info("ssl_object")
+        fleet_versions.append(tls.version())
+        writer.write(SWITCHING)
+        while data := await reader.read(65536):
+            if data == b"fleet: update your keys":
+                request_key_update(tls)  # sent with the echo below
+            writer.write(data)
+            await writer.drain()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), echo).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        conn = await tls_connect(
+            host, port, tls_files.client_context(), server_hostname="localhost", timeout=5
+        )
+        carrier = _Collect()
+        conn.start(carrier)
+        conn.write(UPGRADE.format(path="/ws/bot-1").encode())
+        await eventually(lambda: b"\r\n\r\n" in carrier.data)
+        assert carrier.data.startswith(b"HTTP/1.1 101 ")
+        assert conn.ssl_socket.version() == "TLSv1.3" and fleet_versions == ["TLSv1.3"]
+
+        async def echoed(message: bytes) -> None:
+            carrier.data.clear()
+            conn.write(message)
+            await eventually(lambda: bytes(carrier.data) == message)
+
+        await echoed(b"before")
+        request_key_update(conn.ssl_socket)  # sent with the next write
+        await echoed(b"carrier: keys updated")
+        await echoed(b"fleet: update your keys")
+        await echoed(b"after both" * 2000)  # a few records under the new keys
+        assert not carrier.lost
+        conn.close()
+        await eventually(lambda: carrier.lost and not ingress.registry.calls)
+    finally:
+        await fleet.stop()
