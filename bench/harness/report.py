@@ -340,9 +340,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def by_process_table(by_target: dict[str, dict[str, Any]]) -> list[str]:
     """The proxy's cores by process (fleet-ingress's supervisor and workers) or by thread
-    (HAProxy nbthread > 1), beside the load side's own, for targets of more than one part."""
-    rows = {t: v for t, v in by_target.items() if len(v["proxy"]) > 1}
-    if not rows:
+    (HAProxy nbthread > 1), beside the load side's own; only when some target has more
+    than one part."""
+    rows = {t: v for t, v in by_target.items() if v["proxy"]}
+    if not any(len(v["proxy"]) > 1 for v in rows.values()):
         return []
     lines = [
         "",
