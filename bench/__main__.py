@@ -35,7 +35,7 @@ from . import scenarios
 from .harness import procfs, report
 from .harness.children import REPO, log
 from .harness.run import OTHER_LOAD, Run, target_env, warnings_for
-from .harness.targets import TARGETS, base, haproxy_version, label
+from .harness.targets import TARGETS, base, builtin_variant, haproxy_version, label
 from .harness.versions import code_version
 
 
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="direct,ingress,haproxy",
         help="comma-separated, run in this order each round: direct, ingress, haproxy, bare "
         "(bench/bare_splice.py), bare-bio (bench/bare_bio_splice.py); default "
-        "direct,ingress,haproxy",
+        "direct,ingress,haproxy. Built-in variants: ingress@wN (N worker processes), "
+        "haproxy@ntN (nbthread N), e.g. ingress@w1,ingress@w2,haproxy@nt1,haproxy@nt2",
     )
     common.add_argument("--profile", default="twilio-like", choices=sorted(PROFILES))
     common.add_argument(
@@ -70,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     common.add_argument("--fleet-capacity", type=int, help="per fleet = maxconn per fleet")
     common.add_argument("--haproxy-nbthread", type=int, default=1)
+    common.add_argument(
+        "--ingress-workers",
+        type=workers_option,
+        default=1,
+        help='fleet-ingress\'s [process] workers: N or "auto" (default 1, beside nbthread 1)',
+    )
     common.add_argument(
         "--haproxy-option",
         action="append",
@@ -146,18 +153,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.variants = {}
-    for spec in args.variant:
-        name, _, assignment = spec.partition(":")
-        key, eq, val = assignment.partition("=")
-        if not name or not key or not eq:
-            parser.error(f"--variant {spec!r}: write NAME:KEY=VALUE")
-        args.variants.setdefault(name, {})[key] = val.replace("{repo}", str(REPO))
-    for t in args.targets:
-        if base(t) not in TARGETS:
-            parser.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
-        if "@" in t and t.partition("@")[2] not in args.variants:
-            parser.error(f"target {t!r}: no --variant {t.partition('@')[2]}:KEY=VALUE given")
+    try:
+        args.variants = parse_variants(args.variant)
+        check_targets(args.targets, args.variants)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.route is None:
         args.route = "/exotel/" if args.profile == "exotel" else "/ws/"
     if args.repeat < 1:
@@ -179,6 +179,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.py_spy = getattr(args, "py_spy", False)
     args.perf = getattr(args, "perf", False)
     return args
+
+
+def workers_option(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise argparse.ArgumentTypeError(f'{text!r}: write "auto" or a whole number of at least 1')
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``--variant NAME:KEY=VALUE`` options -> {NAME: {KEY: VALUE}} (``{repo}`` is the
+    repository); ValueError naming a malformed one."""
+    variants: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, assignment = spec.partition(":")
+        key, eq, val = assignment.partition("=")
+        if not name or not key or not eq:
+            raise ValueError(f"--variant {spec!r}: write NAME:KEY=VALUE")
+        variants.setdefault(name, {})[key] = val.replace("{repo}", str(REPO))
+    return variants
+
+
+def check_targets(targets: list[str], variants: dict[str, dict[str, str]]) -> None:
+    """Every target known, every ``TARGET@NAME`` built in (ingress@wN, haproxy@ntN) or
+    given an environment by ``--variant NAME:...``, none twice; ValueError saying which."""
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"a target is named twice in {','.join(targets)}")
+    for t in targets:
+        if base(t) not in TARGETS:
+            raise ValueError(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
+        variant = t.partition("@")[2]
+        if "@" in t and builtin_variant(t) is None and variant not in variants:
+            raise ValueError(
+                f"target {t!r}: no --variant {variant}:KEY=VALUE given (built in: "
+                "ingress@wN for N workers, haproxy@ntN for nbthread N)"
+            )
 
 
 def machine() -> dict[str, Any]:

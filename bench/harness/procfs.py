@@ -11,50 +11,85 @@ import platform
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The tree functions take ``proc`` so that the unit tests can hand them a made-up /proc.
+PROC = Path("/proc")
 
 
-def read_stat(pid: int | str) -> tuple[str, list[str]]:
+def read_stat(pid: int | str, proc: Path = PROC) -> tuple[str, list[str]]:
     """/proc/PID/stat: comm (field 2, may hold spaces) and the fields from 3 (state) on."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
+    stat = (proc / str(pid) / "stat").read_text()
     return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, proc: Path = PROC) -> float:
     """utime + stime of a process (all its threads), in seconds (clock-tick resolution)."""
     try:
-        _, fields = read_stat(pid)
+        _, fields = read_stat(pid, proc)
     except (FileNotFoundError, ProcessLookupError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every live process below it (HAProxy master/worker, helpers)."""
+def descendants(pid: int, proc: Path = PROC) -> list[int]:
+    """``pid`` and every live process below it (the ingress's supervisor and workers,
+    HAProxy master/worker, helpers), parents before their children."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir(proc):
         if not entry.isdigit():
             continue
         try:
-            _, fields = read_stat(entry)
+            _, fields = read_stat(entry, proc)
         except (FileNotFoundError, ProcessLookupError):
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
     found, todo = [], [pid]
     while todo:
-        p = todo.pop()
+        p = todo.pop(0)
         found.append(p)
-        todo.extend(children.get(p, ()))
+        todo.extend(sorted(children.get(p, ())))
     return found
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants, summed."""
-    return sum(cpu_seconds(p) for p in descendants(pid))
+def tree_cpu_seconds(pid: int, proc: Path = PROC) -> float:
+    """CPU seconds of ``pid`` and its live descendants, summed (a process that exits in
+    a window takes its seconds with it: a replaced worker's are missing, never doubled)."""
+    return sum(tree_cpu_by_process(pid, proc).values())
 
 
-def rss_kib(pid: int) -> int:
+def tree_cpu_by_process(pid: int, proc: Path = PROC) -> dict[int, float]:
+    """CPU seconds of ``pid`` and of each live descendant, by pid, parents first."""
+    return {p: cpu_seconds(p, proc) for p in descendants(pid, proc)}
+
+
+def thread_cpu_seconds(pid: int, proc: Path = PROC) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (/proc/PID/task/TID/stat), by thread id:
+    HAProxy's ``nbthread`` threads live in one process."""
+    out: dict[int, float] = {}
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        tids = os.listdir(proc / str(pid) / "task")
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for tid in sorted(tids, key=int):
+        try:
+            _, fields = read_stat(f"{pid}/task/{tid}", proc)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def cmdline(pid: int, proc: Path = PROC) -> list[str]:
+    """A process's argv ([] once it is gone)."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def rss_kib(pid: int, proc: Path = PROC) -> int:
+    try:
+        for line in (proc / str(pid) / "status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     except (FileNotFoundError, ProcessLookupError):
@@ -62,9 +97,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def tree_rss_kib(pid: int) -> int:
-    """RSS of ``pid`` and its live descendants, summed (shared pages counted twice)."""
-    return sum(rss_kib(p) for p in descendants(pid))
+def tree_rss_kib(pid: int, proc: Path = PROC) -> int:
+    """RSS of ``pid`` and its live descendants, summed (shared pages counted twice): the
+    supervisor's and each worker's own baseline are all in a fresh target's figure."""
+    return sum(rss_kib(p, proc) for p in descendants(pid, proc))
 
 
 def smaps_rollup(pid: int) -> dict[str, int]:
@@ -82,11 +118,20 @@ def smaps_rollup(pid: int) -> dict[str, int]:
     return out
 
 
-def rss_by_mapping(pid: int) -> dict[str, int]:
+def tree_rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
+    """``rss_by_mapping`` summed over ``pid`` and its live descendants."""
+    out: dict[str, int] = {}
+    for p in descendants(pid, proc):
+        for name, kib in rss_by_mapping(p, proc).items():
+            out[name] = out.get(name, 0) + kib
+    return out
+
+
+def rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
     """Rss in KiB per kind of mapping: [heap], anonymous mmaps, [stack], files (summed)."""
     out: dict[str, int] = {}
     try:
-        text = Path(f"/proc/{pid}/smaps").read_text()
+        text = (proc / str(pid) / "smaps").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return out
     name = "?"
@@ -100,18 +145,29 @@ def rss_by_mapping(pid: int) -> dict[str, int]:
     return out
 
 
-def fd_count(pid: int) -> int | None:
+def fd_count(pid: int, proc: Path = PROC) -> int | None:
     """Open descriptors of a process (/proc/PID/fd); None once it is gone."""
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
+        return len(os.listdir(proc / str(pid) / "fd"))
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
 
 
-def io_syscalls(pid: int) -> int:
+def tree_io_syscalls(pid: int, proc: Path = PROC) -> int:
+    """``io_syscalls`` summed over ``pid`` and its live descendants."""
+    return sum(io_syscalls(p, proc) for p in descendants(pid, proc))
+
+
+def tree_fd_count(pid: int, proc: Path = PROC) -> int | None:
+    """Open descriptors of ``pid`` and its live descendants; None once ``pid`` is gone."""
+    counts = [fd_count(p, proc) for p in descendants(pid, proc)]
+    return None if counts[0] is None else sum(c or 0 for c in counts)
+
+
+def io_syscalls(pid: int, proc: Path = PROC) -> int:
     """Read and write system calls a process made (/proc/PID/io syscr + syscw)."""
     try:
-        text = Path(f"/proc/{pid}/io").read_text()
+        text = (proc / str(pid) / "io").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return 0
     counts = dict(line.split(": ") for line in text.splitlines())

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .children import Children
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
@@ -43,12 +44,27 @@ def py_spy() -> str | None:
 async def record(
     children: Children, pid: int, seconds: float, out: Path, rate: int = 100
 ) -> Path | None:
+    """py-spy on ``pid`` and each process below it (fleet-ingress's supervisor and its
+    workers, where the calls run), one py-spy each, their stacks in one file ``out``
+    (py-spy's ``--subprocesses`` did not sample the workers here)."""
     binary = py_spy()
     if binary is None:
         return None
-    argv = [binary, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
-    argv += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
-    return await _profile(children, argv, seconds, out)
+    parts = []
+    for p in procfs.descendants(pid):
+        part = out.with_name(f"{out.stem}-{p}{out.suffix}")
+        argv = [binary, "record", "--pid", str(p), "--duration", str(max(1, round(seconds)))]
+        argv += ["--rate", str(rate), "--format", "raw", "--output", str(part)]
+        parts.append(_profile(children, argv, seconds, part))
+    return _concat(await asyncio.gather(*parts), out)
+
+
+def _concat(parts: list[Path], out: Path) -> Path:
+    """Collapsed stacks are one line each: files of several processes just add up."""
+    done = [part for part in parts if part.exists()]
+    if done:
+        out.write_text("".join(part.read_text(errors="replace") for part in done))
+    return out
 
 
 async def _profile(children: Children, argv: list[str], seconds: float, out: Path) -> Path:
@@ -115,7 +131,9 @@ async def perf_record(children: Children, pid: int, seconds: float, out: Path) -
     binary = shutil.which("perf")
     if binary is None:
         return None
-    argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", str(pid), "-o", str(out)]
+    # Every process of the tree (fleet-ingress's workers): -p takes a list, not children.
+    pids = ",".join(str(p) for p in procfs.descendants(pid))
+    argv = [binary, "record", "-e", "cpu-clock", "-F", "999", "-p", pids, "-o", str(out)]
     argv += ["--", "sleep", str(max(1, round(seconds)))]
     return await _profile(children, argv, seconds, out)
 

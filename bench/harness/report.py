@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .targets import base, label
+from .targets import base, builtin_variant, label
 
 # (key, header, digits) of the steady table, read from each target's result.
 STEADY_COLUMNS = [
@@ -112,10 +112,7 @@ def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> 
         for t in targets
     }
     ratios: dict[str, Any] = {}
-    pairs = [("ingress", "haproxy"), ("ingress", "bare")]
-    pairs += [(t, base(t)) for t in targets if "@" in t and base(t) in targets]
-    pairs += [(t, "haproxy") for t in targets if "@" in t and base(t) == "ingress"]
-    for num, den in pairs:
+    for num, den in ratio_pairs(targets):
         if num in targets and den in targets:
             per_key = {}
             for key in RATIO_KEYS.get(scenario, []):
@@ -125,7 +122,51 @@ def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> 
                     per_round.append(None if a is None or not b else round(a / b, 3))
                 per_key[key] = stats(per_round)
             ratios[f"{num}/{den}"] = per_key
-    return {"summary": summary, "ratios": ratios}
+    by_process = cpu_by_process(rounds)
+    return {"summary": summary, "ratios": ratios} | (
+        {"cpu_by_process": by_process} if by_process else {}
+    )
+
+
+def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
+    """Which targets to divide by which: fleet-ingress by HAProxy and by the bare splice;
+    a variant by its plain target, or else by the first variant of the same program listed
+    (ingress@w2 / ingress@w1, haproxy@nt2 / haproxy@nt1); a fleet-ingress variant by
+    HAProxy, and ingress@wN by haproxy@ntN (N processes against N threads)."""
+    pairs = [("ingress", "haproxy"), ("ingress", "bare")]
+    variants = [t for t in targets if "@" in t]
+    pairs += [(t, base(t)) for t in variants if base(t) in targets]
+    pairs += [(t, "haproxy") for t in variants if base(t) == "ingress"]
+    for t in variants:
+        first = next(u for u in targets if base(u) == base(t))
+        if base(t) not in targets and first != t:
+            pairs.append((t, first))
+        built_in = builtin_variant(t)
+        if base(t) == "ingress" and built_in is not None:
+            pairs.append((t, f"haproxy@nt{built_in[1]}"))
+    return [p for p in dict.fromkeys(pairs) if p[0] in targets and p[1] in targets]
+
+
+LOAD_SIDE = ("generator_cores", "generator_max_process_cores", "fleets_cores", "harness_cores")
+
+
+def cpu_by_process(rounds: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per target: the cores of each of its processes (or threads) and of the load side
+    (generators, fleets, this harness) during the windows, over rounds. Results written
+    before the split have none."""
+    out: dict[str, dict[str, Any]] = {}
+    targets = list(dict.fromkeys(t for rnd in rounds for t in rnd))
+    for t in targets:
+        loads = [rnd[t].get("loads", {}) for rnd in rounds if t in rnd]
+        if not any("proxy_cores_by_process" in ld for ld in loads):
+            continue
+        parts = [ld.get("proxy_cores_by_process", {}) for ld in loads]
+        roles = list(dict.fromkeys(r for p in parts for r in p))
+        out[t] = {
+            "proxy": {r: stats([p.get(r) for p in parts]) for r in roles},
+            "load": {k: stats([ld.get(k) for ld in loads]) for k in LOAD_SIDE},
+        }
+    return out
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -148,7 +189,7 @@ def _cell(st: dict[str, Any], digits: int) -> str:
 
 def targets_check(scenario: str, report: dict[str, Any]) -> list[str]:
     """The issue's targets, judged on what was measured (never adjusted)."""
-    out: list[str] = []
+    out: list[str] = workers_check(scenario, report)
     if scenario not in ("steady", "idle"):
         return out
     summ, ratios = report["summary"], report["ratios"].get("ingress/haproxy", {})
@@ -178,6 +219,32 @@ def targets_check(scenario: str, report: dict[str, Any]) -> list[str]:
                 f"RSS <= 64 KiB per established call ({scenario}): fleet-ingress "
                 f"{rss['median']} KiB (HAProxy {hap}) -> {'MET' if ok else 'MISSED'}"
             )
+    return out
+
+
+WORKERS_KEY = {"steady": ("cpu_s_per_1000_msgs", "message"), "churn": ("cpu_ms_per_call", "call")}
+WORKERS_WITHIN = 1.10  # issue #14: CPU per call and per message with 2 workers within 10 %
+
+
+def workers_check(scenario: str, report: dict[str, Any]) -> list[str]:
+    """CPU per message (steady) or per call (churn) of ingress@wN within 10 % of
+    ingress@w1's, judged on the largest per-round ratio."""
+    if scenario not in WORKERS_KEY:
+        return []
+    key, unit = WORKERS_KEY[scenario]
+    out = []
+    for name, per_key in report["ratios"].items():
+        num, _, den = name.partition("/")
+        if den != "ingress@w1" or builtin_variant(num) is None or base(num) != "ingress":
+            continue
+        cpu = per_key.get(key, {})
+        if cpu.get("median") is None:
+            continue
+        ok = cpu["max"] <= WORKERS_WITHIN
+        out.append(
+            f"CPU per {unit} with {num.partition('@w')[2]} workers within 10 % of 1 worker: "
+            f"{name} = {cpu['median']} (rounds {cpu['values']}) -> {'MET' if ok else 'MISSED'}"
+        )
     return out
 
 
@@ -225,6 +292,7 @@ def markdown(report: dict[str, Any]) -> str:
         for t, st in report["summary"].items():
             cells = [_cell(st.get(k, {}), 3) for k, _ in LOAD_COLUMNS]
             lines.append(f"| {label(t)} | " + " | ".join(cells) + " |")
+        lines += by_process_table(report.get("cpu_by_process", {}))
     if sc == "ramp":
         budget = p.get("budget_ms")
         lines.append(
@@ -268,6 +336,28 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Warnings:", ""]
         lines += [f"- {w}" for w in report["warnings"]]
     return "\n".join(lines) + "\n"
+
+
+def by_process_table(by_target: dict[str, dict[str, Any]]) -> list[str]:
+    """The proxy's cores by process (fleet-ingress's supervisor and workers) or by thread
+    (HAProxy nbthread > 1), beside the load side's own; only when some target has more
+    than one part."""
+    rows = {t: v for t, v in by_target.items() if v["proxy"]}
+    if not any(len(v["proxy"]) > 1 for v in rows.values()):
+        return []
+    lines = [
+        "",
+        "CPU by process during the windows (cores, median over rounds): the proxy's parts, "
+        "then the load generators (all, busiest process), the fleets and this harness:",
+        "",
+        "| target | proxy by part | generators | busiest generator | fleets | bench harness |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t, v in rows.items():
+        parts = ", ".join(f"{role} {_cell(st, 3)}" for role, st in v["proxy"].items())
+        load = [_cell(v["load"][k], 3) for k in LOAD_SIDE]
+        lines.append(f"| {label(t)} | {parts} | " + " | ".join(load) + " |")
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,51 @@ class Sample:
     host_busy: float
     syscalls: int
     others: dict[str, float]
+    # The target's CPU by part (a pid, or a thread id of a one-process target) and what
+    # each part is ("supervisor", "worker 1", "thread 2"); this harness's own CPU.
+    target_parts: dict[int, float] = field(default_factory=dict)
+    part_roles: dict[int, str] = field(default_factory=dict)
+    harness_cpu: float = 0.0
+
+
+def process_roles(kind: str, tree: list[tuple[int, list[str]]]) -> dict[int, str]:
+    """What each process of a target's tree is, from its argv; ``tree`` is (pid, argv),
+    the target's own process first, then the others in pid order (start order). fleet-ingress:
+    "supervisor", "worker 1", "worker 2", ...; anything else: the kind, then "child N"."""
+    out: dict[int, str] = {}
+    workers = children = 0
+    for i, (pid, argv) in enumerate(tree):
+        if i == 0:
+            out[pid] = "supervisor" if kind == "ingress" else kind
+        elif kind == "ingress" and "worker" in argv[1:]:
+            workers += 1
+            out[pid] = f"worker {workers}"
+        else:
+            children += 1
+            out[pid] = f"child {children}"
+    return out
+
+
+def cpu_parts(kind: str, pid: int) -> tuple[dict[int, float], dict[int, str]]:
+    """A target's CPU seconds by process, or by thread when it is one process with
+    several threads (HAProxy's ``nbthread``), and the role of each part."""
+    by_pid = procfs.tree_cpu_by_process(pid)
+    if len(by_pid) == 1 and kind == "haproxy":
+        threads = procfs.thread_cpu_seconds(pid)
+        if len(threads) > 1:
+            return threads, {tid: f"thread {i}" for i, tid in enumerate(threads, 1)}
+    roles = process_roles(kind, [(p, procfs.cmdline(p)) for p in by_pid])
+    return by_pid, roles
+
+
+def cores_by_role(a: Sample, b: Sample, window: float) -> dict[str, float | None]:
+    """Cores each role of the target used between two samples; a part that started in
+    the window counts from zero, one that ended takes its seconds with it."""
+    out: dict[str, float] = {}
+    for part, cpu in b.target_parts.items():
+        role = b.part_roles.get(part, str(part))
+        out[role] = out.get(role, 0.0) + cpu - a.target_parts.get(part, 0.0)
+    return {role: ratio(v, window) for role, v in out.items()}
 
 
 # -- window figures from the generators' records ----------------------------------
@@ -107,7 +152,8 @@ class Run:
     def __init__(self, args: Any, directory: Path, out: Path) -> None:
         """``args``: the command's options. A run reads ``profile``, ``route``,
         ``fleet_capacity``, ``generators`` and ``calls_per_generator``, and where the
-        command has them ``pin``, ``haproxy_nbthread`` and ``haproxy_option``."""
+        command has them ``pin``, ``haproxy_nbthread``, ``ingress_workers`` and
+        ``haproxy_option``."""
         self.args = args
         self.dir = directory
         self.out = out
@@ -116,6 +162,7 @@ class Run:
         self.settings = Settings(
             maxconn=args.fleet_capacity,
             haproxy_nbthread=getattr(args, "haproxy_nbthread", 1),
+            ingress_workers=getattr(args, "ingress_workers", 1),
             haproxy_extra=tuple(getattr(args, "haproxy_option", ())),
         )
         self.fleet_procs: list[asyncio.subprocess.Process] = []
@@ -195,6 +242,7 @@ class Run:
         finally:
             if target.proc is not None:
                 code = await Children.stop(target.proc)
+                target.close_notify()
                 if code not in (0, -15, 143):
                     target.notes.append(f"exited {code} on SIGTERM")
                 if target.log is not None and target.log.exists():
@@ -274,16 +322,22 @@ class Run:
         pids = {p.pid for g in gens for p in g.procs}
         fleet_pids = [p.pid for p in self.fleet_procs]
         exclude = pids | set(fleet_pids) | {os.getpid()}
+        parts: dict[int, float] = {}
+        roles: dict[int, str] = {}
         if target.pid is not None:
             exclude |= set(procfs.descendants(target.pid))
+            parts, roles = cpu_parts(target.kind, target.pid)
         return Sample(
             time.monotonic(),
-            procfs.tree_cpu_seconds(target.pid) if target.pid else 0.0,
+            sum(parts.values()),
             sum(procfs.cpu_seconds(p) for p in fleet_pids),
             {p: procfs.cpu_seconds(p) for p in pids},
             procfs.host_busy_seconds(),
-            procfs.io_syscalls(target.pid) if target.pid else 0,
+            procfs.tree_io_syscalls(target.pid) if target.pid else 0,
             procfs.others_cpu_seconds(exclude),
+            parts,
+            roles,
+            procfs.cpu_seconds(os.getpid()),
         )
 
     def loads(self, a: Sample, b: Sample) -> dict[str, Any]:
@@ -306,6 +360,11 @@ class Run:
                 procfs.describe(k): ratio(v, window) for k, v in list(others.items())[:3]
             },
             "proxy_syscalls": b.syscalls - a.syscalls,
+            "harness_cores": ratio(b.harness_cpu - a.harness_cpu, window),
+            # The proxy's cores by process (fleet-ingress: supervisor, worker N) or by
+            # thread (HAProxy nbthread > 1), and each generator process's.
+            "proxy_cores_by_process": cores_by_role(a, b, window),
+            "generator_cores_by_process": [ratio(v, window) for v in gen.values()],
         }
 
     @contextlib.asynccontextmanager
@@ -342,7 +401,7 @@ class Run:
         return procfs.tree_rss_kib(target.pid) if target.pid else None
 
     def mappings(self, target: Target) -> dict[str, int]:
-        return procfs.rss_by_mapping(target.pid) if target.pid else {}
+        return procfs.tree_rss_by_mapping(target.pid) if target.pid else {}
 
     async def close(self) -> None:
         await self.children.stop_all()

@@ -12,8 +12,14 @@ tunnel timeout 1 h, no access log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import itertools
 import json
+import os
+import re
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import procfs
 from .carrier import FramePool, Recorder, open_call
 from .children import HOST, Children, child_env, free_port, python_module
 from .tlsfiles import TLSFiles
@@ -43,6 +50,31 @@ LABELS = {
 def base(name: str) -> str:
     """``ingress@mmap128`` -> ``ingress``: a variant runs the same program, other environment."""
     return name.partition("@")[0]
+
+
+# Variants every run knows without ``--variant``: the process layout of each proxy.
+BUILTIN_VARIANTS = {
+    "ingress": (re.compile(r"w([1-9][0-9]?)"), "ingress_workers"),  # ingress@w2: workers = 2
+    "haproxy": (re.compile(r"nt([1-9][0-9]?)"), "haproxy_nbthread"),  # haproxy@nt2: nbthread 2
+}
+
+
+def builtin_variant(name: str) -> tuple[str, int] | None:
+    """``ingress@w2`` -> ("ingress_workers", 2), ``haproxy@nt2`` -> ("haproxy_nbthread", 2);
+    None for a plain target or a variant of the environment only (``--variant``)."""
+    kind, _, variant = name.partition("@")
+    rule = BUILTIN_VARIANTS.get(kind)
+    if rule is None or not (m := rule[0].fullmatch(variant)):
+        return None
+    return rule[1], int(m.group(1))
+
+
+def target_settings(name: str, settings: Settings) -> Settings:
+    """The run's settings with a built-in variant's setting applied (the rest shared)."""
+    built_in = builtin_variant(name)
+    if built_in is None:
+        return settings
+    return dataclasses.replace(settings, **{built_in[0]: built_in[1]})
 
 
 def label(name: str) -> str:
@@ -73,6 +105,9 @@ class Settings:
     health_route: str = "/haproxy-health"
     tls_min: str = "TLSv1.2"
     haproxy_nbthread: int = 1
+    # fleet-ingress's worker processes ([process] workers), beside a supervisor: 1 is
+    # like for like with nbthread 1; "auto" is the product's default (one per CPU).
+    ingress_workers: int | str = 1
     haproxy_extra: tuple[str, ...] = ()  # lines added to ``defaults`` (experiments only)
 
     def as_dict(self) -> dict[str, object]:
@@ -109,6 +144,7 @@ admin_socket = ""
 [tls]
 cert = {q(str(tls.server_cert))}
 key = {q(str(tls.server_key))}
+ca_file = {q(str(tls.ca))}
 min_version = {q(s.tls_min)}
 
 [routes]
@@ -140,6 +176,9 @@ drain = 2.0
 
 [limits]
 max_connections = {s.max_connections}
+
+[process]
+workers = {q(s.ingress_workers) if isinstance(s.ingress_workers, str) else s.ingress_workers}
 
 [log]
 level = "warning"
@@ -224,6 +263,16 @@ class Target:
     ready_s: float | None = None
     env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    settings: Settings | None = None
+    notify: socket.socket | None = None  # fleet-ingress's NOTIFY_SOCKET, open while it runs
+
+    def close_notify(self) -> None:
+        """After the process has exited (it notifies STOPPING=1 on the way out)."""
+        if self.notify is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self.notify)
+            self.notify.close()
+            self.notify = None
 
     @property
     def pid(self) -> int | None:
@@ -264,17 +313,22 @@ async def start_target(
     env: dict[str, str] | None = None,
     stats_port: int | None = None,
 ) -> Target:
-    """Start ``name`` (``direct`` starts nothing) and wait until a real call goes through."""
+    """Start ``name`` (``direct`` starts nothing) and wait until it is ready (fleet-ingress:
+    sd_notify READY=1, sent once every worker has joined) and a real call goes through."""
     kind = base(name)
+    settings = target_settings(name, settings)
     if kind == "direct":
-        return Target(name, [(HOST, p) for p in fleet_ports])
+        return Target(name, [(HOST, p) for p in fleet_ports], settings=settings)
     port = free_port()
     directory = directory / name.replace("@", "-")
     directory.mkdir(exist_ok=True)
     config = None
+    env = dict(env or {})
+    notify: socket.socket | None = None
     if kind == "ingress":
         config = render_ingress(settings, tls, port, fleet_ports, directory, stats_port)
         argv = python_module("fleet_ingress", "run", "-c", str(config))
+        notify, env["NOTIFY_SOCKET"] = notify_socket()
     elif kind == "haproxy":
         binary = haproxy_binary()
         if binary is None:
@@ -297,11 +351,66 @@ async def start_target(
             cpus=cpus,
             env=child_env(env),
         )
-    target = Target(name, [(HOST, port)], proc, log, config, env=dict(env or {}))
+    target = Target(name, [(HOST, port)], proc, log, config, env=env, settings=settings)
+    target.notify = notify
     started = time.monotonic()
-    await wait_ready(target, tls.carrier_context(), settings.proxy_routes[0])
+    try:
+        if notify is not None:
+            await wait_notified_ready(target, notify, started + READY_TIMEOUT)
+        await wait_ready(target, tls.carrier_context(), settings.proxy_routes[0])
+        if kind == "ingress":
+            await warm_every_worker(target, tls.carrier_context(), settings.proxy_routes[0])
+    except BaseException:
+        target.close_notify()
+        raise
     target.ready_s = round(time.monotonic() - started, 2)
     return target
+
+
+_notify_seq = itertools.count(1)
+
+
+def notify_socket() -> tuple[socket.socket, str]:
+    """systemd's side of sd_notify: a datagram socket (abstract namespace: no file, no
+    path length limit) the target's READY=1 comes to, and its NOTIFY_SOCKET value."""
+    name = f"fleet-ingress-bench-{os.getpid()}-{next(_notify_seq)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.bind("\0" + name)
+    sock.setblocking(False)
+    return sock, "@" + name
+
+
+def notify_ready(message: bytes) -> bool:
+    """Whether one sd_notify datagram says READY=1 (lines of KEY=VALUE)."""
+    return "READY=1" in message.decode(errors="replace").splitlines()
+
+
+async def wait_notified_ready(target: Target, sock: socket.socket, deadline: float) -> None:
+    """Until the target sends READY=1: a supervisor says it once every worker has joined,
+    so that no worker's start-up (its baseline RSS, its imports' CPU) falls in a window.
+    Then the socket is drained for the target's life: it keeps sending STATUS= lines, and
+    a full socket would block its sends."""
+    assert target.proc is not None
+    loop = asyncio.get_running_loop()
+    while target.proc.returncode is None and time.monotonic() < deadline:
+        try:
+            async with asyncio.timeout(min(0.5, max(0.01, deadline - time.monotonic()))):
+                if notify_ready(await loop.sock_recv(sock, 4096)):
+                    loop.add_reader(sock, _drain, sock)
+                    return
+        except TimeoutError:
+            continue
+    tail = target.log.read_text(errors="replace")[-2000:] if target.log else ""
+    raise RuntimeError(
+        f"{target.label} sent no READY=1 within {READY_TIMEOUT:g} s "
+        f"(exit {target.proc.returncode}):\n{tail}"
+    )
+
+
+def _drain(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        while sock.recv(4096):
+            pass
 
 
 async def wait_ready(target: Target, ctx: ssl.SSLContext, route: str) -> None:
@@ -321,6 +430,43 @@ async def wait_ready(target: Target, ctx: ssl.SSLContext, route: str) -> None:
     raise RuntimeError(
         f"{target.label} not serving calls after {READY_TIMEOUT:g} s "
         f"(exit {target.proc.returncode}):\n{tail}"
+    )
+
+
+WARM_ROUNDS = 6
+
+
+async def warm_every_worker(target: Target, ctx: ssl.SSLContext, route: str) -> None:
+    """Until every worker process has served a call: the kernel hands connections to
+    whichever worker accepts first, so the ready call warmed one. A worker's first call
+    faults in code and allocator pages (about 100 KiB); taken after the baseline, that
+    fixed cost would be counted as memory per call. A worker holding a call has more
+    descriptors open than idle, which tells which ones took a call; bounded rounds of
+    more calls held at once, then a note if some worker never got one."""
+    assert target.proc is not None
+    workers = procfs.descendants(target.proc.pid)[1:]
+    if len(workers) < 2:
+        return
+    idle = {w: procfs.fd_count(w) for w in workers}
+    pool = FramePool.build("binary")
+    warmed: set[int] = set()
+    for attempt in range(1, WARM_ROUNDS + 1):
+        opened = await asyncio.gather(
+            *(
+                open_call(Recorder(), pool, target.urls[0], f"{route}warm", ctx, 0, 2.0)
+                for _ in range(2 * len(workers) * attempt)
+            )
+        )
+        calls = [c for c in opened if c is not None]
+        now = {w: procfs.fd_count(w) for w in workers}
+        warmed |= {w for w in workers if (now[w] or 0) > (idle[w] or 0)}
+        await asyncio.gather(*(c.finish(1.0, 2.0) for c in calls))
+        if warmed == set(workers):
+            return
+        await asyncio.sleep(0.2)
+    target.notes.append(
+        f"workers {sorted(set(workers) - warmed)} took no warm-up call in {WARM_ROUNDS} "
+        "rounds: their first calls' memory counts as per call"
     )
 
 

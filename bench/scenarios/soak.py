@@ -100,7 +100,7 @@ class Sampler:
         fleets = sum(procfs.cpu_seconds(p.pid) for p in self.run.fleet_procs)
         return (
             time.monotonic(),
-            procfs.cpu_seconds(pid),
+            procfs.tree_cpu_seconds(pid),
             gen,
             fleets,
             procfs.host_busy_seconds(),
@@ -110,9 +110,10 @@ class Sampler:
         pid = self.target.pid
         assert pid is not None
         # Descriptors and memory before the stats request (its own socket is not counted).
-        fds = procfs.fd_count(pid)
-        rss = procfs.rss_kib(pid)
-        maps = procfs.rss_by_mapping(pid)
+        # The supervisor and its workers: the calls, and any leak, are in the workers.
+        fds = procfs.tree_fd_count(pid)
+        rss = procfs.tree_rss_kib(pid)
+        maps = procfs.tree_rss_by_mapping(pid)
         cpu = self._cpu()
         cores: dict[str, float | None] = {}
         if self.last is not None:

@@ -1,8 +1,9 @@
 """The load benchmark (``python -m bench``) still runs end to end, in a tiny configuration.
 
-A few calls for a second, directly, through fleet-ingress and through HAProxy
-(when installed; CI installs it), checking only that it works and writes its
-results, not what it measures: figures from a run this small mean nothing.
+A few calls for a second, directly, through fleet-ingress (one worker, then two:
+``ingress@w2``) and through HAProxy (when installed; CI installs it), checking only
+that it works and writes its results, not what it measures: figures from a run
+this small mean nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(110)
 def test_bench_steady_tiny(tmp_path: Path) -> None:
-    targets = ["direct", "ingress"]
+    targets = ["direct", "ingress", "ingress@w2"]
     if shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists() or os.environ.get("CI"):
         targets.append("haproxy")  # in CI a missing haproxy fails the run, as it should
     out = tmp_path / "out"
@@ -45,7 +46,7 @@ def test_bench_steady_tiny(tmp_path: Path) -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=80,
+        timeout=100,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "results.json").read_text())
@@ -59,7 +60,14 @@ def test_bench_steady_tiny(tmp_path: Path) -> None:
             assert r["cpu_s_per_1000_msgs"] is not None and r["rss_kib_per_call"] is not None
     if "haproxy" in rnd:
         assert report["ratios"]["ingress/haproxy"]["cpu_s_per_1000_msgs"]["median"] is not None
-    assert "| fleet-ingress |" in (out / "results.md").read_text()
+    # Two workers: both served (each was warmed up), and the CPU is split by process.
+    w2 = rnd["ingress@w2"]
+    assert not [n for n in w2["notes"] if "warm-up" in n], w2["notes"]
+    assert set(w2["loads"]["proxy_cores_by_process"]) == {"supervisor", "worker 1", "worker 2"}
+    assert "[process]\nworkers = 2\n" in (out / "ingress-w2.toml").read_text()
+    assert "[process]\nworkers = 1\n" in (out / "ingress.toml").read_text()
+    md = (out / "results.md").read_text()
+    assert "| fleet-ingress |" in md and "| fleet-ingress@w2 | supervisor " in md
     try:
         import matplotlib  # noqa: F401
     except ImportError:

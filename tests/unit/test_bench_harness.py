@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import json
 import random
+import tomllib
 from array import array
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from bench.__main__ import ramp_summary
-from bench.harness import report
+from bench.__main__ import check_targets, parse_args, parse_variants, ramp_summary
+from bench.harness import procfs, report, targets
 from bench.harness.carrier import Recorder
+from bench.harness.children import REPO
 from bench.harness.generator import Generators, Progress, call_bounds, merged_percentile
+from bench.harness.run import Sample, cores_by_role, process_roles
 from bench.harness.stats import (
     bucket_upper,
     count_between,
@@ -27,6 +31,7 @@ from bench.harness.stats import (
     slope_per_minute,
     stagger,
 )
+from bench.harness.tlsfiles import TLSFiles
 from bench.scenarios import soak
 from bench.scenarios.ramp import why_over
 from bench.scenarios.soak_verdict import FD_DRIFT, FD_SLACK_IDLE, judge
@@ -458,3 +463,358 @@ def test_stored_runs_summarize_and_render_as_written(path: Path) -> None:
 
 def test_every_stored_result_is_read() -> None:
     assert len(_results("soak")) >= 2 and len(_results("bench")) >= 20
+
+
+# -- targets: built-in variants, rendered settings -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("ingress@w1", ("ingress_workers", 1)),
+        ("ingress@w2", ("ingress_workers", 2)),
+        ("ingress@w16", ("ingress_workers", 16)),
+        ("haproxy@nt2", ("haproxy_nbthread", 2)),
+        ("ingress", None),
+        ("ingress@w0", None),
+        ("ingress@w", None),
+        ("ingress@nt2", None),  # threads are HAProxy's
+        ("haproxy@w2", None),  # workers are fleet-ingress's
+        ("ingress@base", None),  # an environment variant (--variant base:...)
+        ("bare@w2", None),
+    ],
+)
+def test_builtin_variants(name: str, expected: tuple[str, int] | None) -> None:
+    assert targets.builtin_variant(name) == expected
+
+
+def test_a_builtin_variant_changes_its_setting_only() -> None:
+    run = targets.Settings(maxconn=80, haproxy_nbthread=1, ingress_workers=1)
+    assert targets.target_settings("ingress@w2", run) == replace(run, ingress_workers=2)
+    assert targets.target_settings("haproxy@nt2", run) == replace(run, haproxy_nbthread=2)
+    assert targets.target_settings("ingress@base", run) is run
+    assert targets.target_settings("haproxy", run) is run
+
+
+@pytest.mark.parametrize(("workers", "expected"), [(1, 1), (2, 2), ("auto", "auto")])
+def test_rendered_ingress_runs_the_workers_asked(
+    tmp_path: Path, workers: int | str, expected: int | str
+) -> None:
+    tls = TLSFiles.at(tmp_path)
+    settings = targets.target_settings("ingress", targets.Settings(ingress_workers=workers))
+    path = targets.render_ingress(settings, tls, 4000, [4001, 4002], tmp_path)
+    config = tomllib.loads(path.read_text())
+    assert config["process"] == {"workers": expected}
+    assert config["tls"]["ca_file"] == str(tls.ca)
+
+
+def test_rendered_haproxy_runs_the_threads_asked(tmp_path: Path) -> None:
+    settings = targets.target_settings("haproxy@nt2", targets.Settings())
+    text = targets.render_haproxy(settings, TLSFiles.at(tmp_path), 4000, [4001], tmp_path)
+    assert "\n    nbthread 2\n" in text.read_text()
+
+
+def test_variant_options_parse() -> None:
+    assert parse_variants(["a:K=1", "a:L={repo}/x", "b:K=2=3"]) == {
+        "a": {"K": "1", "L": f"{REPO}/x"},
+        "b": {"K": "2=3"},
+    }
+    for bad in ("a", "a:K", ":K=1", "a:=1"):
+        with pytest.raises(ValueError, match="NAME:KEY=VALUE"):
+            parse_variants([bad])
+
+
+@pytest.mark.parametrize(
+    ("names", "variants", "error"),
+    [
+        (["ingress@w1", "ingress@w2", "haproxy@nt1", "haproxy@nt2"], {}, None),
+        (["direct", "ingress", "ingress@base", "haproxy"], {"base": {"K": "V"}}, None),
+        (["ingress@w2"], {"w2": {"K": "V"}}, None),  # built in, plus an environment
+        (["ingress@base"], {}, "no --variant base:KEY=VALUE"),
+        (["haproxy@w2"], {}, "no --variant w2:KEY=VALUE"),
+        (["nginx"], {}, "unknown target 'nginx'"),
+        (["ingress@w1", "ingress@w1"], {}, "named twice"),
+    ],
+)
+def test_target_lists_are_checked(
+    names: list[str], variants: dict[str, dict[str, str]], error: str | None
+) -> None:
+    if error is None:
+        check_targets(names, variants)
+    else:
+        with pytest.raises(ValueError, match=error):
+            check_targets(names, variants)
+
+
+def test_old_command_lines_still_parse() -> None:
+    args = parse_args(
+        ["steady", "--targets", "ingress,ingress@base,haproxy", "--variant", "base:A=1"]
+    )
+    assert args.targets == ["ingress", "ingress@base", "haproxy"]
+    assert args.variants == {"base": {"A": "1"}}
+    assert (args.ingress_workers, args.haproxy_nbthread) == (1, 1)
+    args = parse_args(["churn", "--targets", "ingress@w1,ingress@w2", "--ingress-workers", "auto"])
+    assert args.ingress_workers == "auto" and args.variants == {}
+    with pytest.raises(SystemExit):
+        parse_args(["churn", "--ingress-workers", "0"])
+
+
+def test_notify_ready_reads_one_datagram() -> None:
+    assert targets.notify_ready(b"READY=1\nSTATUS=serving\nMAINPID=7")
+    assert targets.notify_ready(b"STATUS=x\nREADY=1")
+    assert not targets.notify_ready(b"STATUS=READY=1 soon")
+    assert not targets.notify_ready(b"RELOADING=1")
+
+
+# -- a process tree in a made-up /proc ---------------------------------------------------
+
+
+def _proc(
+    root: Path,
+    pid: int,
+    ppid: int,
+    ticks: tuple[int, int],
+    rss: int,
+    comm: str = "python",
+    fds: int = 0,
+    threads: dict[int, tuple[int, int]] | None = None,
+    argv: tuple[str, ...] = (),
+    smaps: dict[str, int] | None = None,
+) -> None:
+    """/proc/PID as procfs reads it: stat (fields 14, 15 = utime, stime), status, fd/,
+    task/TID/stat, cmdline, smaps, io."""
+    d = root / str(pid)
+    fields = ["S", str(ppid)] + ["0"] * 9 + [str(ticks[0]), str(ticks[1])] + ["0"] * 30
+    (d / "fd").mkdir(parents=True)
+    (d / "stat").write_text(f"{pid} ({comm}) " + " ".join(fields) + "\n")
+    (d / "status").write_text(f"Name:\t{comm}\nVmRSS:\t{rss} kB\n")
+    for i in range(fds):
+        (d / "fd" / str(i)).write_text("")
+    for tid, (u, s) in (threads or {pid: ticks}).items():
+        (d / "task" / str(tid)).mkdir(parents=True)
+        tf = ["S", str(ppid)] + ["0"] * 9 + [str(u), str(s)] + ["0"] * 30
+        (d / "task" / str(tid) / "stat").write_text(f"{tid} ({comm}) " + " ".join(tf) + "\n")
+    (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+    maps = "".join(
+        f"7f00{i:04x}000-7f00{i:04x}fff rw-p 00000000 00:00 0 {name}\nRss: {kib} kB\n"
+        for i, (name, kib) in enumerate((smaps or {}).items())
+    )
+    (d / "smaps").write_text(maps)
+    (d / "io").write_text("syscr: 10\nsyscw: 5\n")
+
+
+@pytest.fixture
+def fake_proc(tmp_path: Path) -> Path:
+    """A supervisor (100) with two workers (102, 101), one worker's helper (103), and
+    processes outside the tree (1, and 200 whose parent is 1)."""
+    tick = procfs.CLK_TCK
+    py = ("python", "-m", "fleet_ingress")
+    _proc(tmp_path, 1, 0, (5 * tick, 0), 1000, comm="init")
+    _proc(
+        tmp_path,
+        100,
+        1,
+        (tick, tick),
+        60000,
+        fds=6,
+        argv=(*py, "run", "-c", "x"),
+        smaps={"[heap]": 100, "/usr/lib/libssl.so": 50},
+    )
+    _proc(
+        tmp_path,
+        101,
+        100,
+        (3 * tick, tick),
+        62000,
+        fds=10,
+        argv=(*py, "worker", "-c", "x"),
+        smaps={"[heap]": 300, "": 40},
+    )
+    _proc(
+        tmp_path,
+        102,
+        100,
+        (6 * tick, 2 * tick),
+        63000,
+        fds=12,
+        argv=(*py, "worker", "-c", "x"),
+        smaps={"[heap]": 200},
+    )
+    _proc(tmp_path, 103, 101, (tick, 0), 1000, comm="helper", fds=1)
+    _proc(tmp_path, 200, 1, (9 * tick, 0), 5000, comm="other")
+    (tmp_path / "self").mkdir()  # not a pid: ignored
+    return tmp_path
+
+
+def test_the_tree_is_the_supervisor_and_every_descendant(fake_proc: Path) -> None:
+    assert procfs.descendants(100, fake_proc) == [100, 101, 102, 103]
+    assert procfs.descendants(102, fake_proc) == [102]
+    assert procfs.tree_cpu_by_process(100, fake_proc) == {100: 2.0, 101: 4.0, 102: 8.0, 103: 1.0}
+    assert procfs.tree_cpu_seconds(100, fake_proc) == 15.0  # not init's, not 200's
+    assert procfs.tree_rss_kib(100, fake_proc) == 60000 + 62000 + 63000 + 1000
+    assert procfs.tree_fd_count(100, fake_proc) == 6 + 10 + 12 + 1
+    assert procfs.tree_io_syscalls(100, fake_proc) == 4 * 15
+    assert procfs.tree_rss_by_mapping(100, fake_proc) == {
+        "[heap]": 600,
+        "file": 50,
+        "anon-mmap": 40,
+    }
+
+
+def test_a_gone_process_counts_nothing(fake_proc: Path) -> None:
+    assert procfs.tree_cpu_seconds(999, fake_proc) == 0.0
+    assert procfs.tree_rss_kib(999, fake_proc) == 0
+    assert procfs.tree_fd_count(999, fake_proc) is None
+    assert procfs.thread_cpu_seconds(999, fake_proc) == {}
+    assert procfs.cmdline(999, fake_proc) == []
+
+
+def test_threads_of_one_process(tmp_path: Path) -> None:
+    tick = procfs.CLK_TCK
+    _proc(
+        tmp_path,
+        50,
+        1,
+        (5 * tick, tick),
+        20000,
+        comm="haproxy",
+        threads={50: (2 * tick, tick), 51: (3 * tick, 0)},
+    )
+    assert procfs.thread_cpu_seconds(50, tmp_path) == {50: 3.0, 51: 3.0}
+    assert procfs.tree_cpu_seconds(50, tmp_path) == 6.0  # the process's stat has all threads
+
+
+@pytest.mark.parametrize(
+    ("kind", "argvs", "roles"),
+    [
+        (
+            "ingress",
+            [
+                ["py", "-m", "fleet_ingress", "run"],
+                ["py", "-m", "fleet_ingress", "worker"],
+                ["py", "-m", "fleet_ingress", "worker"],
+            ],
+            ["supervisor", "worker 1", "worker 2"],
+        ),
+        ("ingress", [["py", "-m", "fleet_ingress", "run"]], ["supervisor"]),
+        (
+            "ingress",
+            [["py", "run"], ["py", "worker"], ["sh", "-c", "x"], ["py", "worker"]],
+            ["supervisor", "worker 1", "child 1", "worker 2"],
+        ),
+        ("haproxy", [["haproxy", "-db"], ["haproxy", "-db"]], ["haproxy", "child 1"]),
+        ("bare", [["python", "bare_splice.py", "--worker"]], ["bare"]),
+    ],
+)
+def test_process_roles(kind: str, argvs: list[list[str]], roles: list[str]) -> None:
+    tree = [(10 + i, argv) for i, argv in enumerate(argvs)]
+    assert list(process_roles(kind, tree).values()) == roles
+
+
+def _sample(t: float, parts: dict[int, float], roles: dict[int, str]) -> Sample:
+    return Sample(t, sum(parts.values()), 0.0, {}, 0.0, 0, {}, parts, roles)
+
+
+def test_cores_by_role_over_a_window() -> None:
+    roles = {1: "supervisor", 2: "worker 1", 3: "worker 2"}
+    a = _sample(10.0, {1: 1.0, 2: 5.0, 3: 4.0}, roles)
+    b = _sample(12.0, {1: 1.02, 2: 6.0, 3: 4.5}, roles)
+    assert cores_by_role(a, b, 2.0) == {"supervisor": 0.01, "worker 1": 0.5, "worker 2": 0.25}
+    # worker 2 replaced in the window by 4: the new one counts from zero, the old is gone
+    c = _sample(12.0, {1: 1.02, 2: 6.0, 4: 0.3}, {1: "supervisor", 2: "worker 1", 4: "worker 2"})
+    assert cores_by_role(a, c, 2.0) == {"supervisor": 0.01, "worker 1": 0.5, "worker 2": 0.15}
+
+
+# -- the report: pairs, the workers' check, CPU by process ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "pairs"),
+    [
+        (["direct", "ingress", "haproxy"], [("ingress", "haproxy")]),
+        (
+            ["ingress", "ingress@base", "haproxy"],
+            [("ingress", "haproxy"), ("ingress@base", "ingress"), ("ingress@base", "haproxy")],
+        ),
+        (
+            ["ingress@w1", "ingress@w2", "haproxy@nt1", "haproxy@nt2"],
+            [
+                ("ingress@w2", "ingress@w1"),
+                ("ingress@w1", "haproxy@nt1"),
+                ("ingress@w2", "haproxy@nt2"),
+                ("haproxy@nt2", "haproxy@nt1"),
+            ],
+        ),
+        (
+            ["ingress@w1", "ingress@w2", "haproxy"],
+            [("ingress@w1", "haproxy"), ("ingress@w2", "haproxy"), ("ingress@w2", "ingress@w1")],
+        ),
+    ],
+)
+def test_ratio_pairs(names: list[str], pairs: list[tuple[str, str]]) -> None:
+    assert sorted(report.ratio_pairs(names)) == sorted(pairs)
+
+
+def _round(cpu: dict[str, float], key: str) -> dict[str, dict[str, Any]]:
+    parts = {
+        "ingress@w1": {"supervisor": 0.01, "worker 1": 0.3},
+        "ingress@w2": {"supervisor": 0.01, "worker 1": 0.15, "worker 2": 0.16},
+        "haproxy@nt2": {"thread 1": 0.1, "thread 2": 0.1},
+    }
+    return {
+        t: {
+            key: v,
+            "loads": {
+                "proxy_cores": sum(parts[t].values()),
+                "proxy_cores_by_process": parts[t],
+                "generator_cores": 0.2,
+                "generator_max_process_cores": 0.2,
+                "fleets_cores": 0.3,
+                "harness_cores": 0.01,
+            },
+        }
+        for t, v in cpu.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("scenario", "key", "w2", "verdict"),
+    [
+        ("churn", "cpu_ms_per_call", [6.6, 7.0], "MET"),  # 1.1 at most
+        ("churn", "cpu_ms_per_call", [7.2, 7.0], "MISSED"),  # one round 1.2
+        ("steady", "cpu_s_per_1000_msgs", [0.02, 0.021], "MET"),
+        ("steady", "cpu_s_per_1000_msgs", [0.03, 0.03], "MISSED"),
+    ],
+)
+def test_workers_check_judges_every_round(
+    scenario: str, key: str, w2: list[float], verdict: str
+) -> None:
+    w1 = [6.0, 7.0] if scenario == "churn" else [0.02, 0.02]
+    rounds = [
+        _round({"ingress@w1": a, "ingress@w2": b, "haproxy@nt2": a}, key)
+        for a, b in zip(w1, w2, strict=True)
+    ]
+    rep: dict[str, Any] = {"params": {}}
+    rep.update(report.summarize_rounds(scenario, rounds))
+    (line,) = report.workers_check(scenario, rep)
+    assert line.startswith(f"CPU per {'call' if scenario == 'churn' else 'message'} with 2 workers")
+    assert line.endswith(verdict)
+
+
+def test_cpu_by_process_is_summarized_and_rendered() -> None:
+    rounds = [
+        _round({"ingress@w1": 6.0, "ingress@w2": 6.1, "haproxy@nt2": 4.0}, "cpu_ms_per_call")
+        for _ in range(2)
+    ]
+    summary = report.summarize_rounds("churn", rounds)
+    by = summary["cpu_by_process"]
+    assert by["ingress@w2"]["proxy"]["worker 2"]["median"] == 0.16
+    assert by["ingress@w2"]["load"]["harness_cores"]["median"] == 0.01
+    table = "\n".join(report.by_process_table(by))
+    assert "| fleet-ingress@w2 | supervisor 0.010, worker 1 0.150, worker 2 0.160 |" in table
+    assert "| HAProxy@nt2 | thread 1 0.100, thread 2 0.100 |" in table
+    # Results written before the split have no figures by process, and no table.
+    for rnd in rounds:
+        for r in rnd.values():
+            del r["loads"]["proxy_cores_by_process"]
+    assert "cpu_by_process" not in report.summarize_rounds("churn", rounds)
