@@ -117,6 +117,60 @@ async def test_openssl_s_client_reports_the_protocol_version_alert(
     await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
 
 
+def _client_hello(server_name: bytes) -> bytes:
+    """A TLS 1.2 ClientHello record offering ECDSA suites, with this SNI (any length)."""
+
+    def ext(kind: int, body: bytes) -> bytes:
+        return kind.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+    name = b"\x00" + len(server_name).to_bytes(2, "big") + server_name
+    extensions = (
+        ext(0x0000, len(name).to_bytes(2, "big") + name)  # server_name
+        + ext(0x000A, b"\x00\x02\x00\x17")  # supported_groups: secp256r1
+        + ext(0x000B, b"\x01\x00")  # ec_point_formats: uncompressed
+        + ext(0x000D, b"\x00\x04\x04\x03\x08\x04")  # signature_algorithms
+    )
+    body = (
+        b"\x03\x03"
+        + random.randbytes(32)
+        + b"\x00"  # no session id
+        + b"\x00\x04\xc0\x2b\xc0\x2f"  # ECDHE-ECDSA/RSA-AES128-GCM-SHA256
+        + b"\x01\x00"  # no compression
+        + len(extensions).to_bytes(2, "big")
+        + extensions
+    )
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
+
+
+def _first_record(port: int, hello: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(hello)
+        got = b""
+        while len(got) < 7:
+            chunk = sock.recv(7 - len(got))
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+async def test_a_hello_with_a_huge_server_name_gets_a_fatal_alert(
+    start_ingress: StartIngress,
+) -> None:
+    """Issue #12: a huge SNI saw a dropped connection. OpenSSL refuses a host
+    name over 255 bytes with a fatal alert, and now the client reads it."""
+    ingress = await _ingress_without_fleets(start_ingress)
+    _, port = ingress.wss_address
+    # The same hello with a normal name is taken: the refusal is about the name.
+    normal = await asyncio.to_thread(_first_record, port, _client_hello(b"calls.test"))
+    assert normal[:1] == b"\x16", normal  # a handshake record: ServerHello
+    record = await asyncio.to_thread(_first_record, port, _client_hello(b"a" * 2000))
+    assert record[:1] == b"\x15", record  # an alert record
+    assert record[5:6] == b"\x02", record  # level: fatal
+    await eventually(lambda: ingress.registry.tls_handshake_failures >= 1)
+
+
 # -- the handshake's deadline -----------------------------------------------------------------
 
 
