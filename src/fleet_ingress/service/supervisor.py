@@ -342,8 +342,10 @@ class Supervisor:
                 await worker.left.wait()
         self.workers.pop(worker.key, None)
         if self.stopping:
+            # One stopped before it joined (`_stop_if_starting`) had nothing to lose.
+            clean = code == 0 or not worker.joined.is_set()
             log.log(
-                logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
+                logging.INFO if clean and not worker.calls_lost else logging.ERROR,
                 "worker exited",
                 extra=fields(
                     pid=worker.pid,
@@ -391,6 +393,9 @@ class Supervisor:
             worker = await self._spawn(generation)
         except OSError as exc:
             log.error("cannot start a worker", extra=fields(error=str(exc)))
+            return
+        if self.stopping:  # the stop came while it was being started
+            self._stop_if_starting(worker)
             return
         log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
 
@@ -515,6 +520,8 @@ class Supervisor:
         """Workers close their listeners, then this process its own: from then
         on the kernel refuses new connections."""
         self.stopping = True
+        for worker in list(self.workers.values()):
+            self._stop_if_starting(worker)
         await self.ask_workers("stop", STOP_ANSWER_TIMEOUT)
         for sock in self.listeners.values():
             # shutdown() stops the socket listening in every process that holds
@@ -522,6 +529,16 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def _stop_if_starting(self, worker: WorkerProcess) -> None:
+        """A worker that has not said hello cannot hear `stop` and holds no
+        call (it has no slot): SIGTERM ends it (its handler drains nothing, or
+        Python's default exits). Else it would start serving after the stop,
+        kept until the drain's end, or fail on the listeners shut down here."""
+        if worker.joined.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
 
     def cut(self) -> None:
         """A second signal: every worker closes its calls now."""
