@@ -228,6 +228,18 @@ async def free_port() -> int:
     return port
 
 
+async def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports with nothing listening on them: each is
+    held until all are chosen (two free_port() calls in a row can return the
+    same port, as the kernel may hand a just-freed ephemeral port out again)."""
+    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # -- network namespaces ---------------------------------------------------------------
 # The dead-peer tests take a link down under a live call, which loopback cannot do:
 # they build namespaces joined by veth pairs, using documentation addresses
@@ -418,7 +430,7 @@ class RunningIngress:
 
         home = Path(tempfile.mkdtemp(prefix="fi-run-"))
         write_leaf_cert(tls_files.ca, home)
-        port, stats_port = await free_port(), await free_port()
+        port, stats_port = await free_ports(2)
         (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
         workers_toml = f'"{workers}"' if isinstance(workers, str) else str(workers)
         (home / "ingress.toml").write_text(
