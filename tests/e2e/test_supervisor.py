@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 import time
@@ -398,6 +399,41 @@ async def test_sigterm_while_a_worker_is_being_replaced_stops_the_replacement_to
         assert len(exited) == 2, service.log_tail()
         assert {e["level"] for e in exited} == {"info"}, service.log_tail()
         assert "FLEET_INGRESS_LISTEN_FDS" not in service.log_tail(), service.log_tail()
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_that_cannot_be_started_is_tried_again(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    # Fleets in maintenance: no probe opens a descriptor in the supervisor meanwhile.
+    lines = [f"{sim.url} name={sim.name} admin=maint" for sim in two_fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=2)
+    supervisor = service.proc.pid
+    try:
+        rows = await _worker_rows(service)
+        used = {int(fd) for fd in os.listdir(f"/proc/{supervisor}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        limits = resource.prlimit(supervisor, resource.RLIMIT_NOFILE)
+        # Every descriptor below the limit in use: the dead worker's channel gives
+        # one back, a new worker's channel takes two (EMFILE, as on a host at its limit).
+        resource.prlimit(supervisor, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
+        try:
+            os.kill(rows[0]["pid"], signal.SIGKILL)
+            await eventually(
+                lambda: [
+                    e for e in service.log() if e["event"].startswith("cannot start a worker")
+                ],
+                5,
+            )
+        finally:
+            resource.prlimit(supervisor, resource.RLIMIT_NOFILE, limits)
+        failed = next(e for e in service.log() if e["event"].startswith("cannot start a worker"))
+        assert failed["level"] == "error" and "Too many open files" in failed["error"], failed
+        # Once it can, the host has its two workers again.
+        joined = "worker joined the slot coordinator"
+        await eventually(lambda: len(_logged(service, joined)) == 3, 20)
+        assert len(await _worker_rows(service)) == 2
     finally:
         await service.finish()
 

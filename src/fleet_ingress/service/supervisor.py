@@ -387,13 +387,22 @@ class Supervisor:
                 extra=fields(delay_s=delay),
             )
             await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        try:
-            worker = await self._spawn(generation)
-        except OSError as exc:
-            log.error("cannot start a worker", extra=fields(error=str(exc)))
-            return
+        while True:
+            if self.stopping:
+                return
+            try:
+                worker = await self._spawn(generation)
+                break
+            except OSError as exc:
+                # Out of descriptors, memory or processes: the host serves with a
+                # worker fewer until this succeeds, so keep trying, not too often.
+                delay = min(max(delay * 2, 1.0), RESPAWN_DELAY_MAX)
+                log.error(
+                    "cannot start a worker: the host serves with one worker fewer "
+                    "until it can; check the service's LimitNOFILE, memory and tasks",
+                    extra=fields(error=str(exc), retry_in_s=delay),
+                )
+                await asyncio.sleep(delay)
         if self.stopping:  # the stop came while it was being started
             self._stop_if_starting(worker)
             return
