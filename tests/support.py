@@ -424,6 +424,7 @@ class RunningIngress:
         extra: str = "",
         drain: float = 30,
         queue: float = 3,
+        check_timeout: float = 1,
         env: dict[str, str] | None = None,
     ) -> RunningIngress:
         import tempfile
@@ -448,6 +449,7 @@ key = "key.pem"
 [fleets]
 ca_file = "{tls_files.ca_pem}"
 check_interval = 0.2
+check_timeout = {check_timeout}
 
 [timeouts]
 drain = {drain}
@@ -511,6 +513,14 @@ workers = {workers_toml}
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
                 return await r.json()  # type: ignore[no-any-return]
+
+    async def fleets_up(self, timeout: float = 10) -> None:
+        """Until every fleet is UP. READY waits for each fleet's first probe,
+        not for it to pass: on a loaded host a first probe can time out, and
+        calls are refused ("no fleet is up") until the next one passes."""
+        async with asyncio.timeout(timeout):
+            while {f["health"] for f in (await self.stats())["fleets"]} != {"UP"}:
+                await asyncio.sleep(0.05)
 
     async def metrics(self) -> str:
         import aiohttp
