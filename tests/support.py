@@ -261,6 +261,18 @@ async def free_port() -> int:
     return port
 
 
+async def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports with nothing listening on them: each is
+    held until all are chosen (two free_port() calls in a row can return the
+    same port, as the kernel may hand a just-freed ephemeral port out again)."""
+    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    try:
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 # -- network namespaces ---------------------------------------------------------------
 # The dead-peer tests take a link down under a live call, which loopback cannot do:
 # they build namespaces joined by veth pairs, using documentation addresses
@@ -445,13 +457,14 @@ class RunningIngress:
         extra: str = "",
         drain: float = 30,
         queue: float = 3,
+        check_timeout: float = 1,
         env: dict[str, str] | None = None,
     ) -> RunningIngress:
         import tempfile
 
         home = Path(tempfile.mkdtemp(prefix="fi-run-"))
         write_leaf_cert(tls_files.ca, home)
-        port, stats_port = await free_port(), await free_port()
+        port, stats_port = await free_ports(2)
         (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
         workers_toml = f'"{workers}"' if isinstance(workers, str) else str(workers)
         (home / "ingress.toml").write_text(
@@ -469,6 +482,7 @@ key = "key.pem"
 [fleets]
 ca_file = "{tls_files.ca_pem}"
 check_interval = 0.2
+check_timeout = {check_timeout}
 
 [timeouts]
 drain = {drain}
@@ -532,6 +546,14 @@ workers = {workers_toml}
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
                 return await r.json()  # type: ignore[no-any-return]
+
+    async def fleets_up(self, timeout: float = 10) -> None:
+        """Until every fleet is UP. READY waits for each fleet's first probe,
+        not for it to pass: on a loaded host a first probe can time out, and
+        calls are refused ("no fleet is up") until the next one passes."""
+        async with asyncio.timeout(timeout):
+            while {f["health"] for f in (await self.stats())["fleets"]} != {"UP"}:
+                await asyncio.sleep(0.05)
 
     async def metrics(self) -> str:
         import aiohttp

@@ -22,6 +22,7 @@ from tests.support import (
     close_at_once,
     eventually,
     free_port,
+    free_ports,
     never_answer,
     raw_exchange,
     wss_url,
@@ -199,7 +200,7 @@ def trustme_other_ca_context() -> ssl.SSLContext:
 
 
 async def test_every_fleet_unreachable_gives_503(start_ingress: StartIngress, tls_files: TLSFiles):
-    ports = [await free_port(), await free_port()]
+    ports = await free_ports(2)
     ingress = await start_ingress(
         [f"https://127.0.0.1:{p} name=f{p}" for p in ports], timeouts={"connect": 1}
     )

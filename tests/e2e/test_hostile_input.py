@@ -45,6 +45,7 @@ from tests.support import (
     WsFleet,
     eventually,
     free_port,
+    free_ports,
     raw_exchange,
     wss_url,
 )
@@ -781,7 +782,7 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
     assert fleet.stdout is not None
     fleet_url = (await fleet.stdout.readline()).decode().strip()
     assert fleet_url.startswith("https://"), "the fleet process did not start"
-    port, stats_port = await free_port(), await free_port()
+    port, stats_port = await free_ports(2)
     (home / "fleets.txt").write_text(f"{fleet_url} name=a\n")
     (home / "ingress.toml").write_text(
         _service_config(tls_files, port, stats_port, request_timeout)

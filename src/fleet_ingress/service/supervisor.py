@@ -342,8 +342,10 @@ class Supervisor:
                 await worker.left.wait()
         self.workers.pop(worker.key, None)
         if self.stopping:
+            # One stopped before it joined (`_stop_if_starting`) had nothing to lose.
+            clean = code == 0 or not worker.joined.is_set()
             log.log(
-                logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
+                logging.INFO if clean and not worker.calls_lost else logging.ERROR,
                 "worker exited",
                 extra=fields(
                     pid=worker.pid,
@@ -385,12 +387,24 @@ class Supervisor:
                 extra=fields(delay_s=delay),
             )
             await asyncio.sleep(delay)
-        if self.stopping:
-            return
-        try:
-            worker = await self._spawn(generation)
-        except OSError as exc:
-            log.error("cannot start a worker", extra=fields(error=str(exc)))
+        while True:
+            if self.stopping:
+                return
+            try:
+                worker = await self._spawn(generation)
+                break
+            except OSError as exc:
+                # Out of descriptors, memory or processes: the host serves with a
+                # worker fewer until this succeeds, so keep trying, not too often.
+                delay = min(max(delay * 2, 1.0), RESPAWN_DELAY_MAX)
+                log.error(
+                    "cannot start a worker: the host serves with one worker fewer "
+                    "until it can; check the service's LimitNOFILE, memory and tasks",
+                    extra=fields(error=str(exc), retry_in_s=delay),
+                )
+                await asyncio.sleep(delay)
+        if self.stopping:  # the stop came while it was being started
+            self._stop_if_starting(worker)
             return
         log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
 
@@ -515,6 +529,8 @@ class Supervisor:
         """Workers close their listeners, then this process its own: from then
         on the kernel refuses new connections."""
         self.stopping = True
+        for worker in list(self.workers.values()):
+            self._stop_if_starting(worker)
         await self.ask_workers("stop", STOP_ANSWER_TIMEOUT)
         for sock in self.listeners.values():
             # shutdown() stops the socket listening in every process that holds
@@ -522,6 +538,16 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def _stop_if_starting(self, worker: WorkerProcess) -> None:
+        """A worker that has not said hello cannot hear `stop` and holds no
+        call (it has no slot): SIGTERM ends it (its handler drains nothing, or
+        Python's default exits). Else it would start serving after the stop,
+        kept until the drain's end, or fail on the listeners shut down here."""
+        if worker.joined.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.send_signal(signal.SIGTERM)
 
     def cut(self) -> None:
         """A second signal: every worker closes its calls now."""
