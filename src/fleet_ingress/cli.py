@@ -267,7 +267,13 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _run(config_path: Path) -> int:
+    import signal
+
     import uvloop
+
+    # SIGUSR2 (upgrade) before the supervisor's handler is in place would end
+    # the process (its default action): ignored until then.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
     from fleet_ingress.config.settings import ConfigError, load_config

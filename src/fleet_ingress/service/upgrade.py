@@ -133,9 +133,8 @@ def take_state(environ: MutableMapping[str, str] | None = None) -> dict[str, Any
         with os.fdopen(fd, "rb") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{UPGRADE_STATE}: the previous image's state is unreadable: {exc}") from (
-            None
-        )
+        why = f"{UPGRADE_STATE}: the previous image's state is unreadable: {exc}"
+        raise ValueError(why) from None
     version = data.get("version") if isinstance(data, dict) else None
     if version != STATE_VERSION:
         raise ValueError(f"{UPGRADE_STATE}: state version {version!r} not understood")
@@ -173,19 +172,25 @@ def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, 
         fleet = by_name.get(str(entry.get("name")))
         if fleet is None:
             continue
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            fleet.health = Health[entry["health"]]
-            fleet.health_streak = int(entry["health_streak"])
-            fleet.admin = Admin[entry["admin"]]
+        try:  # all read before any is set: a malformed entry changes nothing
             available = entry["reported_available"]
-            fleet.reported_available = None if available is None else int(available)
-            fleet.opened_total = int(entry["opened_total"])
-            fleet.opened_at_probe = int(entry["opened_at_probe"])
-            fleet.last_probe_at = entry["last_probe_at"]
-            fleet.last_probe_seconds = entry["last_probe_seconds"]
-            fleet.probes_total = int(entry["probes_total"])
-            fleet.check_failures = int(entry["check_failures"])
-            restored.append(fleet.name)
+            values = {
+                "health": Health[entry["health"]],
+                "health_streak": int(entry["health_streak"]),
+                "admin": Admin[entry["admin"]],
+                "reported_available": None if available is None else int(available),
+                "opened_total": int(entry["opened_total"]),
+                "opened_at_probe": int(entry["opened_at_probe"]),
+                "last_probe_at": entry["last_probe_at"],
+                "last_probe_seconds": entry["last_probe_seconds"],
+                "probes_total": int(entry["probes_total"]),
+                "check_failures": int(entry["check_failures"]),
+            }
+        except (KeyError, TypeError, ValueError):
+            continue
+        for name, value in values.items():
+            setattr(fleet, name, value)
+        restored.append(fleet.name)
     return restored
 
 

@@ -222,6 +222,9 @@ def run_worker(config_path: Path, generation: int) -> int:
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
 
+    # Upgrades are the supervisor's; `systemctl kill -s USR2` signals every
+    # process of the unit, and SIGUSR2's default action would end this one.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         socks = adopt()
         channel = socks.pop(COORDINATOR, None)
