@@ -574,8 +574,10 @@ class Supervisor:
         Refused (FleetChangeError 409) while stopping or upgrading."""
         if self.stopping:
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
-        if self._upgrading is not None and not self._upgrading.done():
-            current = next(reversed(self.upgrades.values()))
+        # Under way: in this image (its task), or carried over the exec and not
+        # finished yet (the new image starts its workers).
+        current = next(reversed(self.upgrades.values()), None)
+        if current is not None and current["state"] not in ("done", "failed"):
             raise FleetChangeError(
                 409,
                 f"an upgrade is under way already (id {current['id']}, {current['state']}); "
