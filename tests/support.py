@@ -478,6 +478,7 @@ admin_socket = "admin.sock"
 [tls]
 cert = "cert.pem"
 key = "key.pem"
+ca_file = "{tls_files.ca_pem}"
 
 [fleets]
 ca_file = "{tls_files.ca_pem}"

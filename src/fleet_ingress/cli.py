@@ -68,6 +68,11 @@ def _build_parser() -> argparse.ArgumentParser:
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
     remove.add_argument("name", help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
+    admin_command(
+        "upgrade",
+        "serve with the code installed now: re-execute the supervisor (same PID), start new "
+        "workers on the same listeners, drain the old ones; no call cut (like SIGUSR2)",
+    )
 
     from fleet_ingress.config.init_deploy import add_init_arguments
 
@@ -144,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-ADMIN_COMMANDS = {"stat", "drain", "ready", "maint", "add-fleet", "remove-fleet"}
+ADMIN_COMMANDS = {"stat", "drain", "ready", "maint", "add-fleet", "remove-fleet", "upgrade"}
 
 
 def _admin_socket_leniently(config_path: Path) -> str | None:
@@ -204,6 +209,10 @@ def _admin(args: argparse.Namespace) -> int:
         socket_path = Path(configured)
     if args.command == "stat":
         return run_admin(socket_path, "GET", "/stat", None, as_json=args.json)
+    if args.command == "upgrade":
+        from fleet_ingress.ops.admin_client import run_upgrade
+
+        return run_upgrade(socket_path)
     if args.command in ("drain", "ready", "maint"):
         return run_admin(
             socket_path,
@@ -258,20 +267,30 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _run(config_path: Path) -> int:
+    import signal
+
     import uvloop
+
+    # SIGUSR2 (upgrade) before the supervisor's handler is in place would end
+    # the process (its default action): ignored until then.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
     from fleet_ingress.config.settings import ConfigError, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError
+    from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
+    from fleet_ingress.service.upgrade import take_state
 
     try:
+        # After an upgrade's re-execution: the previous image's sockets and state.
+        handed, carried = adopt(), take_state()
         config = load_config(config_path)
         fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
         configure_logging(config.log.level, config.log.format, pid=True)
-        supervisor = Supervisor(config, fleets, config_path)
-    except (ConfigError, FleetsFileError, TLSSetupError, ValueError) as exc:
+        supervisor = Supervisor(config, fleets, config_path, handed=handed, carried=carried)
+    except (ConfigError, FleetsFileError, TLSSetupError, ListenFdsError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     _raise_descriptor_limit(config.limits.max_connections)

@@ -199,6 +199,26 @@ def test_the_ingress_runs_under_the_units_syscall_filter_and_w_xor_x() -> None:
         text=True,
     )
     assert done.returncode != 0 and "Operation not permitted" in done.stderr, done.stderr
+    # What an upgrade does beyond serving: its state in a memfd, a worker of the
+    # previous image waited for on a pidfd and signalled through it, signals
+    # blocked over the supervisor's own execve.
+    upgrade = (
+        "import os, signal, sys\n"
+        "fd = os.memfd_create('state', 0); os.write(fd, b'{}')\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n    signal.pause()\n"
+        "pidfd = os.pidfd_open(pid); signal.pidfd_send_signal(pidfd, signal.SIGKILL)\n"
+        "os.waitpid(pid, 0)\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR2})\n"
+        "os.execv(sys.executable, [sys.executable, '-c', 'print(\"exec ok\")'])\n"
+    )
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", SANDBOX, allow, deny, sys.executable, "-c", upgrade],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and "exec ok" in done.stdout, done.stderr
 
 
 def test_the_unit_has_the_settings_the_ingress_relies_on() -> None:

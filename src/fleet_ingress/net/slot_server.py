@@ -75,7 +75,11 @@ class _Channel(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.handed_over:
+        if self.handed_over:
+            # Its socket lives on (the exec's, or adopted again): not a worker gone.
+            if self.server._channels.get(self.key) is self:
+                del self.server._channels[self.key]
+        else:
             self.server._gone(self)
 
     def send(self, message: dict[str, Any]) -> None:

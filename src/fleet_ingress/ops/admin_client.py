@@ -191,3 +191,96 @@ def _calls(n: int) -> str:
 
 def _dash(value: Any) -> str:
     return "-" if value is None else str(value)
+
+
+# -- upgrade -----------------------------------------------------------------------
+
+# The trial run (30 s at most), the re-execution, the table's rebuild (5 s at
+# most) and the new workers' start (30 s at most), with room.
+UPGRADE_TIMEOUT = 120.0
+UPGRADE_POLL = 0.2
+# The supervisor's admin socket is kept over its exec, so it answers again
+# within a second or so; this long without an answer means it is gone.
+UPGRADE_UNREACHABLE = 30.0
+
+
+async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
+    status, body = await admin_request(socket_path, "POST", "/upgrade")
+    if status >= 400:
+        print(f"fleet-ingress: upgrade refused: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    upgrade_id = body["id"]
+    print(
+        f"upgrade {upgrade_id}: supervisor {body['pid']}, generation {body['from_generation']}: "
+        "trial run of the installed code...",
+        file=out,
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + UPGRADE_TIMEOUT
+    last_answer = loop.time()
+    said = body["state"]
+    while loop.time() < deadline:
+        await asyncio.sleep(UPGRADE_POLL)
+        try:
+            # The connection drops when the supervisor re-executes: ask again.
+            status, answer = await admin_request(socket_path, "GET", "/upgrade")
+        except (TimeoutError, AdminUnreachable, aiohttp.ClientError) as exc:
+            if loop.time() - last_answer > UPGRADE_UNREACHABLE:
+                print(
+                    f"fleet-ingress: upgrade {upgrade_id}: the supervisor has not answered for "
+                    f"{UPGRADE_UNREACHABLE:g}s ({exc}); see `journalctl -u fleet-ingress` "
+                    "(or the ingress's log) for what happened",
+                    file=sys.stderr,
+                )
+                return 1
+            continue
+        last_answer = loop.time()
+        if status >= 400:
+            print(f"fleet-ingress: upgrade: {answer.get('error', answer)}", file=sys.stderr)
+            return 1
+        ours = next((u for u in answer["upgrades"] if u["id"] == upgrade_id), None)
+        if ours is None:
+            print(
+                f"fleet-ingress: upgrade {upgrade_id}: the supervisor (pid {answer['pid']}) "
+                "no longer knows this upgrade: it was restarted meanwhile; see its log",
+                file=sys.stderr,
+            )
+            return 1
+        if ours["state"] != said:
+            said = ours["state"]
+            if said not in ("done", "failed"):
+                print(f"upgrade {upgrade_id}: {said}...", file=out, flush=True)
+        if ours["state"] == "done":
+            took = ours["finished"] - ours["started"]
+            same = "unchanged" if answer["pid"] == body["pid"] else f"now {answer['pid']}"
+            print(
+                f"upgraded: generation {ours['generation']} serves (took {took:.1f}s); "
+                f"generation {ours['from_generation']} drains its calls; supervisor pid "
+                f"{answer['pid']} ({same})",
+                file=out,
+            )
+            return 0
+        if ours["state"] == "failed":
+            print(
+                f"fleet-ingress: upgrade abandoned, generation {answer['generation']} serves on: "
+                f"{ours['error']}",
+                file=sys.stderr,
+            )
+            return 1
+    print(
+        f"fleet-ingress: upgrade {upgrade_id}: no outcome within {UPGRADE_TIMEOUT:g}s (last "
+        f"state: {said}); `fleet-ingress stat` shows the generation serving",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def run_upgrade(socket_path: Path, *, out: TextIO | None = None) -> int:
+    """`fleet-ingress upgrade`: 0 once the new generation serves, 1 (with the
+    reason) when the upgrade was refused or abandoned, 2 when there is no ingress."""
+    try:
+        return asyncio.run(_await_upgrade(socket_path, out or sys.stdout))
+    except AdminUnreachable as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2

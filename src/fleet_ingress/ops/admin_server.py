@@ -4,6 +4,8 @@
     POST   /fleets/{name}/state       {"state": "ready" | "drain" | "maint"}
     POST   /fleets                    {"url", "name"?, "maxconn"?, "dry_run"?}
     DELETE /fleets/{name}?force=1
+    POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
+    GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
 
 Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 """
@@ -15,7 +17,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -24,6 +26,14 @@ from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 SOCKET_MODE = 0o660
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Upgrades(Protocol):
+    """The supervisor's upgrade, narrowly: start one, read how they went."""
+
+    def begin_upgrade(self, source: str) -> dict[str, Any]: ...  # FleetChangeError if refused
+
+    def upgrade_status(self) -> dict[str, Any]: ...
 
 
 @web.middleware
@@ -49,9 +59,26 @@ def admin_app(
     snapshot: Callable[[], dict[str, Any]],
     *,
     refresh: Callable[[], Awaitable[object]] | None = None,
+    upgrade: Upgrades | None = None,
 ) -> web.Application:
     """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
-    changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts)."""
+    changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts).
+    `upgrade`: the supervisor's (`fleet-ingress upgrade`); None in one process."""
+
+    def upgrades() -> Upgrades:
+        if upgrade is None:
+            raise FleetChangeError(
+                409,
+                "this ingress runs as one process and cannot upgrade in place; "
+                "run it with `fleet-ingress run` (a supervisor with workers)",
+            )
+        return upgrade
+
+    async def begin_upgrade(request: web.Request) -> web.Response:
+        return web.json_response(upgrades().begin_upgrade("command"), status=202)
+
+    async def upgrade_status(request: web.Request) -> web.Response:
+        return web.json_response(upgrades().upgrade_status())
 
     async def stat(request: web.Request) -> web.Response:
         if refresh is not None:
@@ -85,6 +112,8 @@ def admin_app(
     app.router.add_post("/fleets/{name}/state", set_state)
     app.router.add_post("/fleets", add)
     app.router.add_delete("/fleets/{name}", remove)
+    app.router.add_post("/upgrade", begin_upgrade)
+    app.router.add_get("/upgrade", upgrade_status)
     return app
 
 

@@ -355,28 +355,50 @@ class Ingress:
                 self.poller.start(fleet)
         return plan.notes
 
+    async def _quiet(self) -> None:
+        """No call, no connection and no handshake left."""
+        registry = self.registry
+        while True:
+            await registry.wait_no_calls()
+            if not registry.connections and registry.handshaking <= 0:
+                return
+            await asyncio.sleep(0.05)  # a head or handshake under way: bounded by its timeout
+
     def cut_drain(self) -> None:
         """Stop waiting for calls to end: `stop` closes them now (each still logged)."""
         self._drain_cut.set()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, *, keep_pending: bool = False) -> None:
         """Close this process's listeners (idempotent). In a worker the
-        listening sockets stay open in the supervisor and the other workers."""
+        listening sockets stay open in the supervisor and the other workers.
+        `keep_pending` (an old generation after an upgrade, whose carriers the
+        new one serves): TLS handshakes under way go on and become calls."""
         if self._wss is not None:
+            if keep_pending:
+                # CarrierListener.close() aborts the handshakes it tracks; hand it
+                # an empty set so that they finish (each task/connection holds its
+                # own reference). TODO(#13): a CarrierListener.stop_accepting()
+                # once net/listener.py's rewrite has landed.
+                self._wss._handshakes = set()
             self._wss.close()
         if self._acme is not None:
             self._acme.close()
 
-    async def stop(self, drain_timeout: float | None = None) -> None:
+    async def stop(self, drain_timeout: float | None = None, *, keep_pending: bool = False) -> None:
         """Stop accepting at once; let calls end for up to `drain_timeout`;
-        close what remains. Stats and admin stay up while calls drain."""
-        self.stop_accepting()
-        for conn in list(self.registry.connections):
-            if conn.call is None:  # no call yet: nothing to keep
-                conn.abort()
+        close what remains. Stats and admin stay up while calls drain.
+        `keep_pending`: connections not yet a call (handshake, head, queued)
+        are kept and waited for as calls are (an old generation's stop)."""
+        self.stop_accepting(keep_pending=keep_pending)
+        if not keep_pending:
+            for conn in list(self.registry.connections):
+                if conn.call is None:  # no call yet: nothing to keep
+                    conn.abort()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         self.stopping = True
-        drained = asyncio.ensure_future(self.registry.wait_no_calls())
+        drained = asyncio.ensure_future(
+            self._quiet() if keep_pending else self.registry.wait_no_calls()
+        )
         cut = asyncio.ensure_future(self._drain_cut.wait())
         try:
             done, _ = await asyncio.wait(

@@ -85,10 +85,15 @@ def pass_fds(socks: Mapping[str, socket.socket]) -> tuple[int, ...]:
 
 
 def reexec(
-    argv: list[str], socks: Mapping[str, socket.socket], *, executable: str | None = None
+    argv: list[str],
+    socks: Mapping[str, socket.socket],
+    *,
+    executable: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
 ) -> NoReturn:
     """Replace this process's image with `executable argv[1:]` (same PID),
-    keeping `socks` open across the exec and named in the environment.
+    keeping `socks` open across the exec and named in the environment
+    (plus `extra_env`, e.g. a state descriptor the caller made inheritable).
     Every other descriptor is closed by the exec (Python opens them
     non-inheritable), so nothing else leaks into the new image. When the
     exec itself fails (OSError: no such interpreter...), this process goes
@@ -96,6 +101,7 @@ def reexec(
     for sock in socks.values():
         os.set_inheritable(sock.fileno(), True)
     env = handover_env(socks, pid=os.getpid())
+    env.update(extra_env or {})
     # The exec discards Python's buffers: what was logged must be out first.
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

@@ -25,11 +25,18 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
   the workers drain their calls for `timeouts.drain`; this process exits 0
   after the last one. A second signal cuts every call (`stop` with `cut`).
 - `remove-fleet --force` sends `close-fleet` to every worker.
-
-Built so that an upgrade (re-executing this process with the listeners and
-channels kept, `service.listen_fds.reexec`, `SlotServer.handover`) can be
-added: the listeners are held in `self.listeners` by config key, and the
-workers by channel key with their generation.
+- Upgrade (`fleet-ingress upgrade`, SIGUSR2; docs/WORKERS.md "Upgrade"):
+  RELOADING=1; the code installed now is trial-run in a child
+  (`service.upgrade.trial_run`); a failure ends it there, the workers serving
+  on. Else this process re-executes itself (same PID) keeping the listeners,
+  the stats and admin sockets and every worker's channel
+  (`service.listen_fds.reexec`, `SlotServer.handover`), its state in a memfd.
+  The new image adopts them, rebuilds the slot table from the workers, starts
+  generation + 1 and, once every new worker serves, tells the old generation
+  to stop accepting and drain (`stop` with `upgrade`: calls and handshakes
+  under way are kept). A new generation that cannot start is stopped and the
+  old one never stopped accepting. READY=1; the outcome is kept (over the exec
+  too) for `upgrade` to read on the admin socket.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import gc
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -52,7 +60,7 @@ from typing import Any
 
 from aiohttp import web
 
-from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.config.settings import IngressConfig, ListenSection
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -67,7 +75,7 @@ from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
-from fleet_ingress.ops.fleet_ops import FleetOps
+from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.service.ingress import (
@@ -83,8 +91,23 @@ from fleet_ingress.service.lifecycle import (
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
 )
-from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.service.listen_fds import (
+    COORDINATOR,
+    handover_env,
+    pass_fds,
+    reexec,
+    worker_key,
+)
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.upgrade import (
+    UPGRADE_STATE,
+    AdoptedProcess,
+    TrialFailed,
+    fleets_to_json,
+    restore_fleets,
+    state_fd,
+    trial_run,
+)
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
@@ -104,22 +127,44 @@ RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+# After a re-execution, every kept worker says what it holds within this, or
+# is cut off (nothing is granted meanwhile: calls asking for a slot wait).
+RESTORE_TIMEOUT = 5.0
+# The signals that would kill the process if they came while no handler is
+# installed (between the exec and the new image's handlers): blocked over the
+# exec (the mask is kept by execve), so they wait and are handled after it.
+HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Upgrades whose outcome `upgrade` can still read.
+UPGRADES_KEPT = 8
 
 
 class WorkerStartError(RuntimeError):
     """Workers could not start; `run` exits non-zero with this."""
 
 
+class _ExecFailed(Exception):
+    """`execve` failed after the workers' channels were handed over (`kept`)."""
+
+    def __init__(self, error: OSError, kept: dict[str, socket.socket]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.kept = kept
+
+
 @dataclass(eq=False)
 class WorkerProcess:
-    proc: asyncio.subprocess.Process
+    proc: asyncio.subprocess.Process | AdoptedProcess  # adopted: started by the previous image
     generation: int
     key: int  # its channel in the coordinator
     started_at: float = field(default_factory=time.monotonic)
     joined: asyncio.Event = field(default_factory=asyncio.Event)
+    serving: asyncio.Event = field(default_factory=asyncio.Event)  # accepting carriers
     left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
     calls_lost: int = 0  # slots it held when its channel closed
     replaced: bool = False
+    # Of a new generation not yet known to serve: not replaced if it dies.
+    candidate: bool = False
+    retiring: bool = False  # an older generation told to drain and exit: not replaced
 
     @property
     def pid(self) -> int:
@@ -128,8 +173,16 @@ class WorkerProcess:
 
 class Supervisor:
     def __init__(
-        self, config: IngressConfig, fleets: Sequence[FleetSpec], config_path: Path
+        self,
+        config: IngressConfig,
+        fleets: Sequence[FleetSpec],
+        config_path: Path,
+        *,
+        handed: dict[str, socket.socket] | None = None,
+        carried: dict[str, Any] | None = None,
     ) -> None:
+        """`handed` and `carried`: the sockets and the state the previous image
+        kept over its re-execution (an upgrade); None at a first start."""
         self.config = config
         self.config_path = config_path.absolute()  # workers read it too
         _server_ssl(config)  # a certificate that cannot load fails `run` here, not in workers
@@ -143,6 +196,8 @@ class Supervisor:
         # What the workers count (requests, bytes, handshakes, histograms), summed
         # from their reports on the slot channel (ops/host_stats.py).
         self.view = HostView()
+        if carried is not None:
+            self.view = HostView.from_json(carried["view"], time.monotonic())
         self.server = SlotServer(self.slots, view=self.view)
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.time()
@@ -177,10 +232,12 @@ class Supervisor:
         self.server.on_leave.append(self._left)
         self.server.handlers["reloaded"] = self._answered
         self.server.handlers["stopping"] = self._answered
+        self.server.handlers["serving"] = self._serving
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
         self.workers: dict[int, WorkerProcess] = {}  # by channel key
         self._joined_early: set[int] = set()
+        self._serving_early: set[int] = set()
         self.generation = 1
         self.stopping = False
         self.calls_lost_total = 0
@@ -191,7 +248,31 @@ class Supervisor:
         self._web_runners: list[web.AppRunner] = []
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
+        self._stats_sock: socket.socket | None = None
+        self._admin_sock: socket.socket | None = None
         self._puller: asyncio.Task[None] | None = None
+        self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
+        # Upgrades by id, oldest first: what `upgrade` polls for (kept over the exec).
+        self.upgrades: dict[str, dict[str, Any]] = {}
+        self._upgrading: asyncio.Task[None] | None = None
+        self.handed = handed or {}
+        self._carried_workers: dict[int, dict[str, Any]] = {}
+        if carried is not None:
+            self._take_carried(carried)
+
+    def _take_carried(self, carried: dict[str, Any]) -> None:
+        """The previous image's state (`_state_for_exec`): what must not reset."""
+        restore_fleets(self.balancer.fleets, carried["fleets"])
+        self.generation = int(carried["generation"])
+        self.started_at = float(carried["started_at"])
+        self.reloads.update(carried["reloads"])
+        self.restarts.update(carried["restarts"])
+        self.calls_lost_total = int(carried["calls_lost_total"])
+        self.slots.queue_timeouts = int(carried["queue_timeouts"])
+        self.slots.reclaimed_total = int(carried["reclaimed_total"])
+        self.bound_listen = ListenSection.model_validate(carried["bound_listen"])
+        self.upgrades = {u["id"]: u for u in carried["upgrades"]}
+        self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
 
     # -- start -------------------------------------------------------------------
 
@@ -204,47 +285,70 @@ class Supervisor:
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
         _warn_about_chain(self.config)
-        listen = self.config.listen
+        # After a re-execution the sockets are the previous image's, never closed;
+        # they stay where they were bound (a changed listen.* waits for a restart).
+        listen = self.bound_listen if self.handed else self.config.listen
+        kept = "kept over the upgrade" if self.handed else None
         for key, address in (("wss", listen.wss), ("acme", listen.acme)):
             if not address:
                 continue
-            host, port = parse_hostport(address, what=f"listen.{key}")
-            with bind_errors_named(key, address):
-                sock = bind_tcp(host, port)
+            sock = self.handed.pop(f"listen.{key}", None)
+            if sock is None:
+                host, port = parse_hostport(address, what=f"listen.{key}")
+                with bind_errors_named(key, address):
+                    sock = bind_tcp(host, port)
             self.listeners[f"listen.{key}"] = sock
             name = sock.getsockname()
-            server_log.info("listening", extra=fields(listener=key, address=(name[0], name[1])))
+            server_log.info(
+                "listening", extra=fields(listener=key, address=(name[0], name[1]), note=kept)
+            )
         if listen.stats:
-            host, port = parse_hostport(listen.stats, what="listen.stats")
-            with bind_errors_named("stats", listen.stats):
-                app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
-                runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
-            sock_name = runner.addresses[0]
+            sock = self.handed.pop("listen.stats", None)
+            if sock is None:
+                host, port = parse_hostport(listen.stats, what="listen.stats")
+                with bind_errors_named("stats", listen.stats):
+                    sock = bind_tcp(host, port, backlog=128)
+            self._stats_sock = sock
+            app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
+            await self._serve_web(app, web.SockSite, sock=sock)
+            sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
-            server_log.info("listening", extra=fields(listener="stats", address=self.stats_address))
+            server_log.info(
+                "listening", extra=fields(listener="stats", address=self.stats_address, note=kept)
+            )
         if listen.admin_socket:
             path = Path(listen.admin_socket)
-            admin_sock = bind_admin_socket(path)
+            admin_sock = self.handed.pop("listen.admin_socket", None)
+            if admin_sock is None:
+                admin_sock = bind_admin_socket(path)
+            self._admin_sock = admin_sock
             await self._serve_web(
-                admin_app(self.ops, self.snapshot, refresh=self.refresh),
+                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self),
                 web.SockSite,
                 sock=admin_sock,
             )
             self.admin_socket = path
-            server_log.info("listening", extra=fields(listener="admin", address=str(path)))
-        count = self.config.process.worker_count()
-        started = [await self._spawn(self.generation) for _ in range(count)]
-        await self._wait_joined(started)
+            server_log.info(
+                "listening", extra=fields(listener="admin", address=str(path), note=kept)
+            )
+        if self.handed:
+            await self._adopt_workers(self.handed)
+            self.handed = {}
+            await self._finish_upgrade()
+        else:
+            count = self.config.process.worker_count()
+            started = [await self._spawn(self.generation) for _ in range(count)]
+            await self._wait_serving(started)
+            log.info(
+                "workers serving",
+                extra=fields(
+                    workers=[w.pid for w in started],
+                    generation=self.generation,
+                    configured=self.config.process.workers,
+                ),
+            )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
         self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
-        log.info(
-            "workers serving",
-            extra=fields(
-                workers=[w.pid for w in started],
-                generation=self.generation,
-                configured=self.config.process.workers,
-            ),
-        )
 
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
@@ -255,7 +359,7 @@ class Supervisor:
         self._web_runners.append(runner)
         return runner
 
-    async def _spawn(self, generation: int) -> WorkerProcess:
+    async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
         env = handover_env(socks)
@@ -281,28 +385,35 @@ class Supervisor:
         finally:
             theirs.close()  # the worker's now; its end closing is how we see it die
         key = await self.server.adopt(ours)
-        worker = self.workers[key] = WorkerProcess(proc, generation, key)
+        worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
         if key in self._joined_early:  # its hello was read before adopt() returned
             self._joined_early.discard(key)
             worker.joined.set()
+        if key in self._serving_early:
+            self._serving_early.discard(key)
+            worker.serving.set()
         task = asyncio.get_running_loop().create_task(self._watch(worker))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
         return worker
 
-    async def _wait_joined(self, workers: Sequence[WorkerProcess]) -> None:
-        """Every worker has said hello, or `WorkerStartError` naming the first to fail."""
+    async def _wait_serving(self, workers: Sequence[WorkerProcess]) -> None:
+        """Every worker has joined and accepts carriers, or `WorkerStartError`
+        naming the first to fail."""
+        deadline = asyncio.get_running_loop().time() + WORKER_START_TIMEOUT
         for worker in workers:
-            joined = asyncio.ensure_future(worker.joined.wait())
+            serving = asyncio.ensure_future(worker.serving.wait())
             exited = asyncio.ensure_future(worker.proc.wait())
             try:
                 done, _ = await asyncio.wait(
-                    {joined, exited}, timeout=WORKER_START_TIMEOUT, return_when="FIRST_COMPLETED"
+                    {serving, exited},
+                    timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
+                    return_when="FIRST_COMPLETED",
                 )
             finally:
-                joined.cancel()
+                serving.cancel()
                 exited.cancel()
-            if worker.joined.is_set():
+            if worker.serving.is_set():
                 continue
             if exited in done:
                 raise WorkerStartError(
@@ -310,7 +421,7 @@ class Supervisor:
                     "its error is in the log above"
                 )
             raise WorkerStartError(
-                f"worker {worker.pid} did not join within {WORKER_START_TIMEOUT:g}s"
+                f"worker {worker.pid} did not start serving within {WORKER_START_TIMEOUT:g}s"
             )
 
     # -- workers come and go ------------------------------------------------------
@@ -321,6 +432,13 @@ class Supervisor:
             worker.joined.set()
         else:
             self._joined_early.add(key)
+
+    def _serving(self, key: int, message: dict[str, Any]) -> None:
+        worker = self.workers.get(key)
+        if worker is not None:
+            worker.serving.set()
+        else:
+            self._serving_early.add(key)
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
@@ -341,6 +459,19 @@ class Supervisor:
             async with asyncio.timeout(1.0):
                 await worker.left.wait()
         self.workers.pop(worker.key, None)
+        if worker.retiring or worker.candidate:
+            log.log(
+                logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
+                "old-generation worker exited" if worker.retiring else "new worker exited",
+                extra=fields(
+                    pid=worker.pid,
+                    generation=worker.generation,
+                    exit_status=_exit_status(code),
+                    calls_lost=worker.calls_lost,
+                    lived_s=round(time.monotonic() - worker.started_at, 1),
+                ),
+            )
+            return
         if self.stopping:
             # One stopped before it joined (`_stop_if_starting`) had nothing to lose.
             clean = code == 0 or not worker.joined.is_set()
@@ -370,7 +501,7 @@ class Supervisor:
         self._replace(worker)
 
     def _replace(self, worker: WorkerProcess) -> None:
-        if worker.replaced or self.stopping:
+        if worker.replaced or self.stopping or worker.retiring or worker.candidate:
             return
         worker.replaced = True
         quick = time.monotonic() - worker.started_at < QUICK_DEATH
@@ -449,6 +580,268 @@ class Supervisor:
         for key in list(self.workers):
             self.server.send(key, {"op": "close-fleet", "fleet": name})
 
+    # -- upgrade -----------------------------------------------------------------
+
+    def begin_upgrade(self, source: str) -> dict[str, Any]:
+        """Start an upgrade in the background (`upgrade` on the admin socket,
+        or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
+        Refused (FleetChangeError 409) while stopping or upgrading."""
+        if self.stopping:
+            raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
+        # Under way: in this image (its task), or carried over the exec and not
+        # finished yet (the new image starts its workers).
+        current = next(reversed(self.upgrades.values()), None)
+        if current is not None and current["state"] not in ("done", "failed"):
+            raise FleetChangeError(
+                409,
+                f"an upgrade is under way already (id {current['id']}, {current['state']}); "
+                "wait for it: `fleet-ingress upgrade` again afterwards if needed",
+            )
+        status: dict[str, Any] = {
+            "id": secrets.token_hex(6),
+            "source": source,
+            "state": "checking",
+            "pid": os.getpid(),
+            "from_generation": self.generation,
+            "generation": None,
+            "started": time.time(),
+            "finished": None,
+            "error": None,
+        }
+        self.upgrades[status["id"]] = status
+        while len(self.upgrades) > UPGRADES_KEPT:
+            del self.upgrades[next(iter(self.upgrades))]
+        log.info(
+            "upgrade: trial run of the installed code",
+            extra=fields(upgrade=status["id"], source=source),
+        )
+        self._notify("RELOADING=1", _monotonic_usec(), "STATUS=upgrading: trial run")
+        self._upgrading = asyncio.get_running_loop().create_task(self._upgrade(status))
+        return status
+
+    def upgrade_status(self) -> dict[str, Any]:
+        """What `upgrade` polls: this process, its generation, recent upgrades."""
+        return {
+            "pid": os.getpid(),
+            "generation": self.generation,
+            "upgrades": list(self.upgrades.values()),
+        }
+
+    async def _upgrade(self, status: dict[str, Any]) -> None:
+        try:
+            checked = await trial_run(self.config_path)
+        except TrialFailed as exc:
+            self._upgrade_failed(status, str(exc))
+            return
+        except Exception as exc:  # a bug here must not take the service down
+            log.exception("upgrade: trial run broke")
+            self._upgrade_failed(status, f"the trial run could not be started: {exc!r}")
+            return
+        if self.stopping:
+            self._upgrade_failed(status, "the ingress began stopping during the trial run")
+            return
+        log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
+        status["state"] = "re-executing"
+        try:
+            self._reexec()
+        except _ExecFailed as failed:
+            await self._take_back(failed.kept)
+            self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
+        except OSError as exc:  # before anything was handed over: the workers serve on
+            self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
+
+    def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
+        status.update(state="failed", error=error, finished=time.time())
+        log.error(
+            "upgrade abandoned: the running generation serves on",
+            extra=fields(upgrade=status["id"], generation=self.generation, error=error),
+        )
+        self._notify("READY=1", f"STATUS=upgrade abandoned; {self.status_line()}")
+
+    def _notify(self, *lines: str) -> None:
+        if self.notifier is not None:
+            self.notifier.notify(*lines)
+
+    def _state_for_exec(self) -> dict[str, Any]:
+        """What the next image needs that no socket carries (`_take_carried`)."""
+        return {
+            "generation": self.generation,
+            "started_at": self.started_at,
+            "fleets": fleets_to_json(self.balancer.fleets),
+            "view": self.view.to_json(time.monotonic()),
+            "reloads": dict(self.reloads),
+            "restarts": dict(self.restarts),
+            "calls_lost_total": self.calls_lost_total,
+            "queue_timeouts": self.slots.queue_timeouts,
+            "reclaimed_total": self.slots.reclaimed_total,
+            "bound_listen": self.bound_listen.model_dump(),
+            "upgrades": list(self.upgrades.values()),
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
+                    "retiring": w.retiring,
+                }
+                for w in self.workers.values()
+            ],
+        }
+
+    def _reexec(self) -> None:
+        """Replace this image with the code installed now, same PID, keeping
+        every socket. Raises OSError (nothing handed over) when it cannot."""
+        if not os.access(sys.executable, os.X_OK):
+            raise OSError(f"{sys.executable} is not executable")
+        fd = state_fd(self._state_for_exec())
+        socks: dict[str, socket.socket] = dict(self.listeners)
+        if self._stats_sock is not None:
+            socks["listen.stats"] = self._stats_sock
+        if self._admin_sock is not None:
+            socks["listen.admin_socket"] = self._admin_sock
+        argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(self.config_path)]
+        # From here on nothing is read from the workers: what they send waits in
+        # the kernel for the next image, which counts it through their "state".
+        kept = self.server.handover()
+        socks.update(kept)
+        log.info(
+            "upgrade: re-executing the supervisor with the installed code",
+            extra=fields(
+                upgrade=next(reversed(self.upgrades)),
+                kept=sorted(socks),
+                executable=sys.executable,
+            ),
+        )
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+        try:
+            reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            os.close(fd)
+            raise _ExecFailed(exc, kept) from exc
+
+    async def _take_back(self, kept: dict[str, socket.socket]) -> None:
+        """The exec failed after the channels were handed over: serve them again
+        in this image, the table rebuilt from the workers as the new image would."""
+        self.slots.paused = True
+        by_pid = {w.pid: w for w in self.workers.values()}
+        for name, sock in kept.items():
+            ids = worker_key(name)
+            worker = by_pid.get(ids[0]) if ids is not None else None
+            if worker is None:
+                sock.close()
+                continue
+            row, _ = self.slots.leave(worker.key)  # paused: grants nothing
+            if row is not None:  # not reclaimed: the worker still holds them
+                self.slots.reclaimed_total -= len(row.held)
+            self.workers.pop(worker.key, None)
+            worker.key = await self.server.adopt(sock, restoring=True)
+            self.workers[worker.key] = worker
+        await self.server.finish_restore(RESTORE_TIMEOUT)
+
+    async def _adopt_workers(self, kept: dict[str, socket.socket]) -> None:
+        """The new image: serve every kept worker channel again and rebuild the
+        slot table from what the workers say they hold."""
+        self.slots.paused = True
+        for name, sock in kept.items():
+            ids = worker_key(name)
+            if ids is None:
+                log.warning("inherited socket not used", extra=fields(key=name))
+                sock.close()
+                continue
+            pid, generation = ids
+            key = await self.server.adopt(sock, restoring=True)
+            carried = self._carried_workers.get(pid, {})
+            worker = WorkerProcess(
+                AdoptedProcess(pid),
+                generation,
+                key,
+                started_at=float(carried.get("started_at", time.monotonic())),
+                retiring=bool(carried.get("retiring", False)),
+            )
+            worker.joined.set()
+            worker.serving.set()
+            self.workers[key] = worker
+            task = asyncio.get_running_loop().create_task(self._watch(worker))
+            self._watchers.add(task)
+            task.add_done_callback(self._watchers.discard)
+        silent = await self.server.finish_restore(RESTORE_TIMEOUT)
+        present = {(row.pid, row.generation) for row in self.slots.workers}
+        retired = self.view.retire_absent(present)
+        log.info(
+            "workers rejoined after the re-execution",
+            extra=fields(
+                workers=sorted(present),
+                cut_off=silent,
+                retired_from_stats=sorted(retired),
+                calls=self.host_calls,
+            ),
+        )
+
+    async def _finish_upgrade(self) -> None:
+        """The new image: start generation + 1 on the same listeners; once it
+        serves, the older generations stop accepting and drain. If it cannot
+        start, it is stopped and the running generation serves on."""
+        status = next(reversed(self.upgrades.values()), None)
+        if status is None or status["state"] != "re-executing":
+            return
+        status["state"] = "starting workers"
+        new_generation = self.generation + 1
+        count = self.config.process.worker_count()
+        candidates: list[WorkerProcess] = []
+        try:
+            for _ in range(count):
+                worker = await self._spawn(new_generation, candidate=True)
+                candidates.append(worker)
+            await self._wait_serving(candidates)
+        except (WorkerStartError, OSError) as exc:
+            for worker in candidates:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+            self._upgrade_failed(
+                status,
+                f"the new generation's workers cannot start: {exc}; the running generation "
+                f"{self.generation} serves on. Fix the cause (see the log; `fleet-ingress check "
+                f"-c {self.config_path}`), then run `fleet-ingress upgrade` again",
+            )
+            return
+        old = [w for w in self.workers.values() if w.generation < new_generation]
+        for worker in candidates:
+            worker.candidate = False
+        self.generation = new_generation
+        for worker in old:
+            self._retire(worker)
+        status.update(state="done", generation=new_generation, finished=time.time())
+        log.info(
+            "upgrade done: the new generation serves, the old one drains",
+            extra=fields(
+                upgrade=status["id"],
+                generation=new_generation,
+                workers=[w.pid for w in candidates],
+                draining=[w.pid for w in old],
+                seconds=round(status["finished"] - status["started"], 2),
+            ),
+        )
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        """Stop accepting, keep the calls (and the handshakes under way) until
+        they end or timeouts.drain; then the worker exits. Killed if still
+        there well after that."""
+        if worker.retiring and worker.left.is_set():
+            return
+        worker.retiring = True
+        self.server.send(worker.key, {"op": "stop", "id": next(self._asks), "upgrade": True})
+        grace = self.config.timeouts.drain + STOP_GRACE
+        asyncio.get_running_loop().call_later(grace, self._kill_if_left, worker)
+
+    def _kill_if_left(self, worker: WorkerProcess) -> None:
+        if worker.proc.returncode is None and not self.stopping:
+            log.error(
+                "old-generation worker still running after the drain: killed",
+                extra=fields(pid=worker.pid, generation=worker.generation),
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+
     # -- what it shows -----------------------------------------------------------
 
     @property
@@ -471,6 +864,8 @@ class Supervisor:
         )
         picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
+        picture["generation"] = self.generation
+        picture["upgrade"] = next(reversed(self.upgrades.values()), None)
         return picture
 
     def status_line(self) -> str:
@@ -480,7 +875,7 @@ class Supervisor:
         return (
             f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
-            f"{len(self.slots.workers)} workers"
+            f"{len(self.slots.workers)} workers, generation {self.generation}"
         )
 
     # -- reload and stop ---------------------------------------------------------
@@ -592,6 +987,10 @@ class Supervisor:
                 worker.proc.kill()
 
 
+def _monotonic_usec() -> str:
+    return f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)}"
+
+
 def respawn_delay(quick_deaths: int) -> float:
     """Before starting the replacement of a worker, after `quick_deaths` deaths
     in a row each within QUICK_DEATH of its start: at once for a lone crash
@@ -639,9 +1038,20 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
         stop.set()
 
+    def on_upgrade_signal() -> None:
+        try:
+            supervisor.begin_upgrade("SIGUSR2")
+        except FleetChangeError as exc:
+            log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
+
+    supervisor.notifier = notifier
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+    loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
+    # Blocked by the previous image over its exec (an upgrade): handled from now
+    # on. Before the workers start, who would inherit the mask.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
     try:
         await supervisor.start()
     except BaseException:

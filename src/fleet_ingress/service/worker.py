@@ -15,8 +15,14 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      {"op": "reloaded", "id": N, "ok": true} (or "error")
     {"op": "stop", "id": N}          stop accepting, drain the calls, exit; answered
                                      {"op": "stopping", "id": N} once the listeners closed
+    {"op": "stop", "id": N, "upgrade": true}   the same for an old generation after an
+                                     upgrade: connections accepted but not yet calls
+                                     (TLS handshake, head) are kept and become calls
     {"op": "stop", "cut": true}      (a second signal) close every call now
     {"op": "close-fleet", "fleet": "a"}   remove-fleet --force: close that fleet's calls
+
+and the worker says `{"op": "serving"}` once it accepts carriers (an upgrade
+waits for that from every new worker before the old generation stops).
 
 When the coordinator is gone (the supervisor died: its end of the channel
 closed), no slot can be had any more: the worker stops accepting, lets its
@@ -71,6 +77,7 @@ class Worker:
         self.client = client
         self.ingress = Ingress(config, [], leases=client, sockets=listeners)
         self.stop = asyncio.Event()
+        self.keep_pending = False  # an upgrade's stop: keep what was accepted
         # What this worker counts, for the supervisor's host-wide stats.
         client.reporter = WorkerReporter(
             self.ingress.registry,
@@ -93,12 +100,15 @@ class Worker:
         if message.get("cut"):
             log.warning("closing every call now (second signal)")
             self.ingress.cut_drain()
-        self.begin_stop()
+        self.begin_stop(keep_pending=bool(message.get("upgrade")) and not message.get("cut"))
         if "id" in message and not message.get("cut"):
             self.client.send({"op": "stopping", "id": message["id"]})
 
-    def begin_stop(self) -> None:
-        self.ingress.stop_accepting()
+    def begin_stop(self, *, keep_pending: bool = False) -> None:
+        if self.stop.is_set():
+            keep_pending = self.keep_pending and keep_pending  # a plain stop wins
+        self.keep_pending = keep_pending
+        self.ingress.stop_accepting(keep_pending=keep_pending)
         self.stop.set()
 
     async def _reload(self, ask: Any) -> None:
@@ -158,6 +168,7 @@ class Worker:
             loop.add_signal_handler(sig, on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload(None)))
         await self.ingress.start()
+        self.client.send({"op": "serving"})
         gc.collect()
         gc.freeze()
         trim = loop.create_task(_trim_heap())
@@ -171,7 +182,7 @@ class Worker:
                 extra=fields(calls=len(self.ingress.registry.calls)),
             )
         stopping.cancel()
-        await self.ingress.stop()
+        await self.ingress.stop(keep_pending=self.keep_pending)
         trim.cancel()
         # Drained: what it counted goes into the host's totals as its channel ends.
         self.client.send_report(final=True)
@@ -211,6 +222,9 @@ def run_worker(config_path: Path, generation: int) -> int:
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
 
+    # Upgrades are the supervisor's; `systemctl kill -s USR2` signals every
+    # process of the unit, and SIGUSR2's default action would end this one.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     try:
         socks = adopt()
         channel = socks.pop(COORDINATOR, None)

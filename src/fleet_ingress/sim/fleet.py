@@ -82,6 +82,7 @@ class SimulatedFleet:
         # What happened.
         self.requests: list[SeenRequest] = []
         self.active_calls = 0
+        self.peak_calls = 0  # most calls open at once
         self.calls_total = 0  # calls accepted (101)
         self.rejected_429 = 0
         self.health_probes = 0
@@ -191,6 +192,7 @@ class SimulatedFleet:
         )
         # Count the call before the first await so concurrent upgrades see it.
         self.active_calls += 1
+        self.peak_calls = max(self.peak_calls, self.active_calls)
         self._calls.add(ws)
         try:
             await ws.prepare(request)  # 400 here if it is not a WebSocket upgrade

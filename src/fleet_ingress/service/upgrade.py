@@ -1,0 +1,245 @@
+"""The pieces of `fleet-ingress upgrade` (SIGUSR2) that are not the supervisor
+itself (SPEC 13; docs/WORKERS.md "Upgrade: the sequence").
+
+- `trial_run`: before re-executing, the code installed now is started in a
+  child process (every module of the package imported, then `check -c
+  CONFIG`), bounded in time. An `execve` of a broken install would take the
+  supervisor, and with it the service, down; a failed trial costs nothing.
+- The supervisor's state over the exec: what is not in the kernel's sockets
+  (the fleets' health, capacity estimate and admin states, the counters that
+  must not reset, the workers' last reports, the generation and the upgrade's
+  own status) goes as JSON in an inherited memfd named in
+  `FLEET_INGRESS_UPGRADE_STATE`, read once and closed by the new image.
+- `AdoptedProcess`: a worker started by the previous image. This process is
+  still its parent (same PID), but the event loop's child watcher never
+  heard of it: it is waited for through a pidfd and reaped with `waitpid`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
+
+UPGRADE_STATE = "FLEET_INGRESS_UPGRADE_STATE"
+STATE_VERSION = 1
+# Importing the whole package and checking the config takes about a second;
+# a loaded host may take several.
+TRIAL_TIMEOUT = 30.0
+# What of the trial's output goes into the error `upgrade` prints.
+TRIAL_OUTPUT_LINES = 8
+
+# The trial: what `python -m fleet_ingress worker` and `run` will import, all
+# of it (a syntax error in any module shows here), then `check -c CONFIG`.
+_TRIAL = """\
+import importlib, pkgutil, runpy, sys
+import uvloop
+import fleet_ingress
+for module in pkgutil.walk_packages(fleet_ingress.__path__, "fleet_ingress."):
+    if module.name != "fleet_ingress.__main__":  # that one runs: below
+        importlib.import_module(module.name)
+sys.argv = ["fleet-ingress", "check", "-c", sys.argv[1]]
+runpy.run_module("fleet_ingress", run_name="__main__", alter_sys=True)
+"""
+
+# Environment the trial must not see: only the main PID speaks to systemd,
+# and the listeners are not its to claim.
+_NOT_FOR_TRIAL = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "FLEET_INGRESS_LISTEN_FDS")
+
+
+class TrialFailed(Exception):
+    """The installed code cannot serve; the message names what failed and the fix."""
+
+
+async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str:
+    """Run the code installed now (`sys.executable`, this environment) the way
+    the re-executed supervisor and its workers will: returns what `check`
+    said, or raises TrialFailed."""
+    env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_TRIAL}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _TRIAL,
+        str(config_path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await proc.communicate()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise TrialFailed(
+            f"the installed code did not finish its trial run ({sys.executable} importing "
+            f"fleet_ingress and checking {config_path}) within {timeout:g}s; the host may be "
+            "overloaded or the install broken: run `fleet-ingress check -c "
+            f"{config_path}` by hand, then `fleet-ingress upgrade` again"
+        ) from None
+    text = output.decode("utf-8", "replace").strip()
+    if proc.returncode != 0:
+        tail = "\n".join(text.splitlines()[-TRIAL_OUTPUT_LINES:])
+        raise TrialFailed(
+            f"the installed code failed its trial run (exit {proc.returncode}; {sys.executable} "
+            f"importing fleet_ingress and checking {config_path}):\n{tail}\n"
+            "fix the installation (e.g. `pip install --force-reinstall fleet-ingress==VERSION`) "
+            "or the configuration, then run `fleet-ingress upgrade` again"
+        )
+    return text.splitlines()[-1] if text else ""
+
+
+# -- the supervisor's state over the exec -----------------------------------------
+
+
+def state_fd(state: Mapping[str, Any]) -> int:
+    """A memfd holding `state` as JSON, inheritable, at offset 0: name it in
+    the exec's environment as `UPGRADE_STATE`."""
+    fd = os.memfd_create("fleet-ingress-upgrade", 0)  # no MFD_CLOEXEC: it goes over the exec
+    try:
+        os.write(fd, json.dumps({"version": STATE_VERSION, **state}).encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.set_inheritable(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def take_state(environ: MutableMapping[str, str] | None = None) -> dict[str, Any] | None:
+    """The state the previous image left (then the fd is closed and the
+    variable unset), or None when this is a first start."""
+    env = os.environ if environ is None else environ
+    value = env.pop(UPGRADE_STATE, None)
+    if value is None:
+        return None
+    try:
+        fd = int(value)
+    except ValueError:
+        raise ValueError(f"{UPGRADE_STATE}={value!r} is not a descriptor") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        why = f"{UPGRADE_STATE}: the previous image's state is unreadable: {exc}"
+        raise ValueError(why) from None
+    version = data.get("version") if isinstance(data, dict) else None
+    if version != STATE_VERSION:
+        raise ValueError(f"{UPGRADE_STATE}: state version {version!r} not understood")
+    return data
+
+
+def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
+    """What the supervisor knows of each fleet that a fleets file cannot say:
+    health and its streak, the last capacity report and what was opened since,
+    the admin state, the probe counters."""
+    return [
+        {
+            "name": f.name,
+            "health": f.health.name,
+            "health_streak": f.health_streak,
+            "admin": f.admin.name,
+            "reported_available": f.reported_available,
+            "opened_total": f.opened_total,
+            "opened_at_probe": f.opened_at_probe,
+            "last_probe_at": f.last_probe_at,
+            "last_probe_seconds": f.last_probe_seconds,
+            "probes_total": f.probes_total,
+            "check_failures": f.check_failures,
+        }
+        for f in fleets
+    ]
+
+
+def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Put the carried state back on the fleets of the same name (a fleet the
+    fleets file no longer lists is not brought back). Returns the names restored."""
+    by_name = {f.name: f for f in fleets}
+    restored = []
+    for entry in carried:
+        fleet = by_name.get(str(entry.get("name")))
+        if fleet is None:
+            continue
+        try:  # all read before any is set: a malformed entry changes nothing
+            available = entry["reported_available"]
+            values = {
+                "health": Health[entry["health"]],
+                "health_streak": int(entry["health_streak"]),
+                "admin": Admin[entry["admin"]],
+                "reported_available": None if available is None else int(available),
+                "opened_total": int(entry["opened_total"]),
+                "opened_at_probe": int(entry["opened_at_probe"]),
+                "last_probe_at": entry["last_probe_at"],
+                "last_probe_seconds": entry["last_probe_seconds"],
+                "probes_total": int(entry["probes_total"]),
+                "check_failures": int(entry["check_failures"]),
+            }
+        except (KeyError, TypeError, ValueError):
+            continue
+        for name, value in values.items():
+            setattr(fleet, name, value)
+        restored.append(fleet.name)
+    return restored
+
+
+# -- workers started by the previous image ----------------------------------------
+
+
+class AdoptedProcess:
+    """A child this process did not start in this image: `wait`, `kill` and
+    `returncode` as `asyncio.subprocess.Process` has them."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.get_running_loop().create_future()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._pidfd = None  # reaped already: cannot be ours
+            self._set(0)
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not our child after all: it is gone, status unknown
+            pid, status = self.pid, 0
+        if pid == 0:
+            return  # readable before the zombie is there: next time
+        self._close()
+        self._set(os.waitstatus_to_exitcode(status))
+
+    def _set(self, code: int) -> None:
+        self.returncode = code
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None and self._pidfd is not None:
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)

@@ -1,0 +1,326 @@
+"""`fleet-ingress upgrade` and SIGUSR2 (SPEC 13, issue #14) with real
+processes, real TLS and streaming calls on loopback: the supervisor
+re-executes itself (same PID) keeping every listener, a new generation of
+workers takes the new calls, the old one finishes its calls and exits; a
+broken install is refused before anything is touched. Every case counts
+refused connections, failed handshakes and lost frames: all must be zero."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fleet_ingress
+from fleet_ingress.sim import SimulatedFleet
+from fleet_ingress.sim.carrier import CallResult, run_call
+from tests.support import RunningIngress, TLSFiles, eventually
+
+pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+
+PROFILE = "exotel"  # a frame every 100 ms, echoed: every one is counted
+# The fleets and carriers share this test's one event loop: under a burst their
+# health answers can be late; a fleet marked DOWN by the test's own load would
+# fail calls for a reason that is not the upgrade's.
+PATIENT_PROBES = {"FLEET_INGRESS_FLEETS__CHECK_TIMEOUT": "5", "FLEET_INGRESS_FLEETS__FALL": "5"}
+
+
+@pytest.fixture
+async def fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
+    sims = []
+    for name in "ab":
+        sim = SimulatedFleet(name=name, capacity=400, ssl_context=tls_files.fleet_server_context())
+        await sim.start()
+        sims.append(sim)
+    yield sims
+    for sim in sims:
+        await sim.stop()
+
+
+async def _upgrade_command(service: RunningIngress) -> tuple[int, str, str]:
+    """`fleet-ingress upgrade --admin-socket ...`, as an operator runs it (from
+    the installed package, whatever the service runs from)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleet_ingress",
+        "upgrade",
+        "--admin-socket",
+        str(service.home / "admin.sock"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 150)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@dataclass
+class Load:
+    """Streaming calls through `service`: a batch of long ones, then a new
+    short call every `every` seconds until `stop()`, each one's result kept."""
+
+    service: RunningIngress
+    tls_files: TLSFiles
+    fleets_active: Callable[[], int]  # the fleets' own count of open calls
+    long: list[asyncio.Task[CallResult]] = field(default_factory=list)
+    arrivals: list[tuple[float, str, asyncio.Task[CallResult]]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _arriving: asyncio.Task[None] | None = None
+
+    def call(self, bot: str, duration: float, open_timeout: float = 15) -> asyncio.Task[CallResult]:
+        return asyncio.get_running_loop().create_task(
+            run_call(
+                f"wss://127.0.0.1:{self.service.port}",
+                ssl_context=self.tls_files.client_context(),
+                profile=PROFILE,
+                duration=duration,
+                bot_id=bot,
+                open_timeout=open_timeout,
+                echo_wait=3.0,
+            )
+        )
+
+    async def start_long(self, n: int, duration: float, stagger: float = 0.025) -> None:
+        """`n` calls open (the fleets count them), started `stagger` apart: this
+        one process runs the carriers and the fleets, whose health answers must
+        not starve behind a burst of handshakes."""
+        for i in range(n):
+            self.long.append(self.call(f"long-{i}", duration))
+            await asyncio.sleep(stagger)
+        await eventually(lambda: self.fleets_active() >= n, timeout=30)
+
+    def start_arrivals(self, every: float, duration: float, limit: int) -> None:
+        async def arrive() -> None:
+            for i in range(limit):
+                if self._stop.is_set():
+                    return
+                self.arrivals.append(
+                    (time.monotonic(), f"new-{i}", self.call(f"new-{i}", duration))
+                )
+                await asyncio.sleep(every)
+
+        self._arriving = asyncio.get_running_loop().create_task(arrive())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._arriving is not None:
+            await self._arriving
+
+    async def results(self, timeout: float = 60) -> list[tuple[str, CallResult]]:
+        tasks = [(f"long-{i}", t) for i, t in enumerate(self.long)] + [
+            (bot, t) for _, bot, t in self.arrivals
+        ]
+        async with asyncio.timeout(timeout):
+            done = await asyncio.gather(*(t for _, t in tasks))
+        return [(bot, r) for (bot, _), r in zip(tasks, done, strict=True)]
+
+
+def _assert_no_loss(results: list[tuple[str, CallResult]]) -> None:
+    failed = [(bot, r.status, r.error) for bot, r in results if not r.ok]
+    assert not failed, f"{len(failed)} of {len(results)} calls failed: {failed[:5]}"
+    assert all(r.status == 101 for _, r in results)
+    lost = sum(r.lost_frames for _, r in results)
+    corrupt = sum(r.corrupt_frames for _, r in results)
+    assert (lost, corrupt) == (0, 0)
+    assert all(r.frames_sent > 0 and r.close_code == 1000 for _, r in results)
+
+
+async def _rows(service: RunningIngress) -> list[dict[str, Any]]:
+    return (await service.stats())["workers"]  # type: ignore[no-any-return]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+async def _handshake_failures(service: RunningIngress) -> float:
+    for line in (await service.metrics()).splitlines():
+        if line.startswith("fleet_ingress_tls_handshake_failures"):
+            return float(line.split()[-1])
+    raise AssertionError("no handshake-failure counter in /metrics")
+
+
+async def test_upgrade_under_load_loses_nothing(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=2, drain=60, env=PATIENT_PROBES)
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        pid = service.proc.pid
+        old = {row["pid"] for row in await _rows(service)}
+        assert len(old) == 2
+        # 100 calls streaming through the whole upgrade, then new ones every 50 ms.
+        await load.start_long(100, duration=12.0)
+        load.start_arrivals(every=0.05, duration=1.0, limit=400)
+        started = time.monotonic()
+        code, out, err = await _upgrade_command(service)
+        done_at = time.monotonic()
+        assert code == 0, err
+        assert "upgraded: generation 2 serves" in out and f"supervisor pid {pid} (unchanged)" in out
+        await asyncio.sleep(1.0)  # arrivals after the upgrade too
+        await load.stop()
+
+        rows = await _rows(service)
+        new = {row["pid"] for row in rows if row["generation"] == 2}
+        assert len(new) == 2 and not new & old
+        results = await load.results()
+        _assert_no_loss(results)
+        assert await _handshake_failures(service) == 0
+
+        # Calls that arrived once the upgrade was over went to the new generation.
+        ended = {e["bot_id"]: e["process"] for e in service.log() if e.get("event") == "call ended"}
+        late = [bot for at, bot, _ in load.arrivals if at > done_at + 0.3]
+        assert late and all(ended[bot] in new for bot in late)
+        # ... and the old generation finished its 100 calls itself, then exited.
+        assert all(ended[f"long-{i}"] in old for i in range(100))
+
+        def exits() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+
+        # Each exits once its calls are over; the supervisor reaps it and says so.
+        await eventually(lambda: len(exits()) == len(old), timeout=30)
+        assert not any(_alive(p) for p in old)
+        assert sorted(e["pid"] for e in exits()) == sorted(old)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits())
+        ends = {e["end_reason"] for e in service.log() if e.get("event") == "call ended"}
+        assert "drain" not in ends
+
+        # Same PID for systemd: RELOADING=1 ... READY=1 with MAINPID unchanged.
+        assert service.proc.returncode is None
+        assert service.seen("RELOADING=1") == 1 and service.seen("READY=1") == 2
+        assert service.seen(f"MAINPID={pid}") == 2
+        upgraded = [e for e in service.log() if e.get("event", "").startswith("upgrade done")]
+        assert [e["process"] for e in upgraded] == [pid]
+        print(
+            f"upgrade under load: {len(results)} calls, upgrade command {done_at - started:.2f}s, "
+            f"upgrade itself {upgraded[0]['seconds']}s"
+        )
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+def _copy_package(into: Path) -> Path:
+    src = into / "src"
+    shutil.copytree(
+        Path(fleet_ingress.__file__).parent,
+        src / "fleet_ingress",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    return src
+
+
+async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    src = _copy_package(tmp_path)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        pid = service.proc.pid
+        before = await _rows(service)
+        # A bad release: a module every worker imports no longer parses.
+        broken = src / "fleet_ingress" / "core" / "routing.py"
+        broken.write_text(broken.read_text() + "\ndef oops(:\n")
+        await load.start_long(20, duration=6.0)
+        load.start_arrivals(every=0.05, duration=1.0, limit=200)
+        code, out, err = await _upgrade_command(service)
+        await asyncio.sleep(0.5)
+        await load.stop()
+        assert code == 1, out
+        assert "upgrade abandoned, generation 1 serves on" in err
+        assert "SyntaxError" in err and str(broken) in err
+        assert "pip install" in err  # the fix
+        _assert_no_loss(await load.results())
+        assert await _handshake_failures(service) == 0
+        # Nothing was touched: the same workers, the same generation, no exec.
+        after = await _rows(service)
+        assert [(r["pid"], r["generation"]) for r in after] == [
+            (r["pid"], r["generation"]) for r in before
+        ]
+        assert not [e for e in service.log() if "re-executing" in e.get("event", "")]
+        assert service.proc.returncode is None and service.seen("READY=1") == 2
+        failed = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(failed) == 1 and failed[0]["process"] == pid
+        # Serving still: one more call.
+        result = await load.call("after", 0.5)
+        _assert_no_loss([("after", result)])
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
+    tls_files: TLSFiles,
+) -> None:
+    # One fleet of 8: a ninth call at once would get its 429.
+    async with SimulatedFleet(
+        name="a", capacity=8, ssl_context=tls_files.fleet_server_context()
+    ) as fleet:
+        fleet.available_override = 1000  # only maxconn holds the count
+        service = await RunningIngress.start(
+            tls_files,
+            [f"{fleet.url} name=a maxconn=8"],
+            workers=2,
+            drain=30,
+            queue=30,
+            env=PATIENT_PROBES,
+        )
+        load = Load(service, tls_files, lambda: fleet.active_calls)
+        try:
+            pid = service.proc.pid
+            old = {row["pid"] for row in await _rows(service)}
+            # 8 calls hold every slot; 8 more wait in the queue (in old workers).
+            await load.start_long(8, duration=5.0)
+            queued = [load.call(f"queued-{i}", 2.0, open_timeout=40) for i in range(8)]
+            async with asyncio.timeout(10):
+                while (await service.stats())["frontend"]["queue_length"] < 8:
+                    await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGUSR2)
+            load.start_arrivals(every=0.2, duration=1.0, limit=60)
+            await service.wait_for("READY=1", count=2, timeout=60)
+            await asyncio.sleep(1.0)
+            await load.stop()
+            results = await load.results(timeout=90)
+            results += [(f"queued-{i}", await t) for i, t in enumerate(queued)]
+            _assert_no_loss(results)
+            assert fleet.peak_calls <= 8 and fleet.rejected_429 == 0
+            assert fleet.peak_calls == 8  # it was full: the test tested something
+            upgrade_lines = [e for e in service.log() if "upgrade" in e.get("event", "")]
+            assert upgrade_lines[-1]["event"].startswith("upgrade done"), upgrade_lines[-1].get(
+                "error"
+            )
+            rows = await _rows(service)
+            assert {row["generation"] for row in rows if row["pid"] not in old} == {2}
+            assert service.proc.returncode is None
+            assert service.seen("RELOADING=1") == 1 and service.seen(f"MAINPID={pid}") == 2
+            done = [e for e in service.log() if e.get("event", "").startswith("upgrade done")]
+            assert len(done) == 1 and done[0]["process"] == pid
+            assert any(
+                e.get("event") == "upgrade: trial run of the installed code"
+                and e.get("source") == "SIGUSR2"
+                for e in service.log()
+            )
+        finally:
+            await load.stop()
+            await service.finish()

@@ -1,0 +1,71 @@
+"""What the supervisor carries over its re-execution (service/upgrade.py):
+the fleets' state by name, and the memfd that holds it, read once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
+from fleet_ingress.service.upgrade import (
+    UPGRADE_STATE,
+    fleets_to_json,
+    restore_fleets,
+    state_fd,
+    take_state,
+)
+
+
+def _fleets(text: str) -> FleetSet:
+    return FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16), health=Health.INIT)
+
+
+def test_the_fleets_state_goes_over_by_name_and_no_fleet_starts_at_init() -> None:
+    before = _fleets("https://a.test name=a\nhttps://b.test name=b\nhttps://c.test name=c\n")
+    a, b, c = before.fleets
+    a.health, a.reported_available, a.opened_total, a.opened_at_probe = Health.UP, 9, 40, 35
+    a.probes_total, a.check_failures = 120, 2
+    b.health, b.health_streak, b.admin = Health.DOWN, 1, Admin.DRAIN
+    c.health = Health.UP
+    carried = fleets_to_json(before.fleets)
+    # The new image's fleets file: c removed meanwhile, d added.
+    after = _fleets("https://a.test name=a\nhttps://b.test name=b\nhttps://d.test name=d\n")
+    assert restore_fleets(after.fleets, carried) == ["a", "b"]
+    a2, b2, d2 = after.fleets
+    assert (a2.health, a2.estimated_available, a2.probes_total, a2.check_failures) == (
+        Health.UP,
+        4,
+        120,
+        2,
+    )
+    assert (b2.health, b2.health_streak, b2.admin) == (Health.DOWN, 1, Admin.DRAIN)
+    assert d2.health is Health.INIT  # new: probed as at a start
+
+
+def test_a_malformed_entry_leaves_that_fleet_as_the_file_says() -> None:
+    fleets = _fleets("https://a.test name=a\n")
+    assert restore_fleets(fleets.fleets, [{"name": "a", "health": "SIDEWAYS"}]) == []
+    assert fleets.fleets[0].health is Health.INIT
+
+
+def test_the_state_is_read_once_from_an_inherited_memfd() -> None:
+    fd = state_fd({"generation": 3})
+    assert os.get_inheritable(fd)  # it must survive the exec
+    env = {UPGRADE_STATE: str(fd)}
+    assert take_state(env) == {"version": 1, "generation": 3}
+    assert UPGRADE_STATE not in env
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed: nothing of it leaks into the workers
+    assert take_state({}) is None
+
+
+def test_a_state_from_another_version_is_refused_by_name() -> None:
+    fd = os.memfd_create("state", 0)
+    os.write(fd, b'{"version": 99}')
+    os.lseek(fd, 0, os.SEEK_SET)
+    with pytest.raises(ValueError, match="FLEET_INGRESS_UPGRADE_STATE: state version 99"):
+        take_state({UPGRADE_STATE: str(fd)})
