@@ -117,7 +117,7 @@ class CarrierListener:
         self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
         self._acceptor: Acceptor | None = None
         self._handshakes: set[TLSConnection] = set()
-        self._closed = False
+        self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
         self._warned_at: dict[str, float] = {}
 
@@ -140,13 +140,17 @@ class CarrierListener:
             on_error=self._accept_failed,
         )
 
-    def close(self) -> None:
-        """Stop accepting: new connections are refused by the kernel at once."""
-        self._closed = True
+    def close(self, *, keep_handshakes: bool = False) -> None:
+        """Stop accepting: new connections are refused by the kernel at once.
+        Handshakes under way are cut, unless `keep_handshakes` (an old
+        generation after an upgrade: they finish and become calls here)."""
         if self._acceptor is not None:
             self._acceptor.close()
         else:
             self.sock.close()
+        if keep_handshakes:
+            return
+        self._cutting = True
         handshakes, self._handshakes = self._handshakes, set()
         for conn in handshakes:
             conn.abort()  # its done callback counts it out of `handshaking`
@@ -210,7 +214,7 @@ class CarrierListener:
         ctx.registry.handshaking -= 1
         self._handshakes.discard(tls)
         if exc is not None:
-            if not self._closed:  # a stop cuts handshakes short: not the carrier's failure
+            if not self._cutting:  # a stop cuts handshakes short: not the carrier's failure
                 ctx.registry.tls_handshake_failures += 1
                 log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             return

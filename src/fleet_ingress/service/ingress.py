@@ -374,13 +374,7 @@ class Ingress:
         `keep_pending` (an old generation after an upgrade, whose carriers the
         new one serves): TLS handshakes under way go on and become calls."""
         if self._wss is not None:
-            if keep_pending:
-                # CarrierListener.close() aborts the handshakes it tracks; hand it
-                # an empty set so that they finish (each task/connection holds its
-                # own reference). TODO(#13): a CarrierListener.stop_accepting()
-                # once net/listener.py's rewrite has landed.
-                self._wss._handshakes = set()
-            self._wss.close()
+            self._wss.close(keep_handshakes=keep_pending)
         if self._acme is not None:
             self._acme.close()
 
