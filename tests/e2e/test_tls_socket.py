@@ -112,6 +112,19 @@ def _drain(sock: ssl.SSLSocket) -> bytes:
         out += buf[:n]
 
 
+def _read_past_tickets(sslobj: object, sock: ssl.SSLSocket, buf: memoryview) -> int:
+    """A read through the C object once something other than session tickets
+    (which the server sends on its first read or write) has come."""
+    deadline = time.monotonic() + 5
+    while True:
+        select.select([sock], [], [], 1)
+        try:
+            return sslobj.read(len(buf), buf)  # type: ignore[attr-defined,no-any-return]
+        except ssl.SSLWantReadError:
+            if time.monotonic() > deadline:
+                raise
+
+
 # -- CPython's ssl on a non-blocking SSLSocket --------------------------------------
 
 
@@ -149,6 +162,54 @@ def test_decrypted_bytes_openssl_holds_are_invisible_to_the_poller(tls_files: TL
         # A read that does not fill its buffer leaves nothing behind in OpenSSL.
         assert ss.recv_into(bytearray(2000)) == 900
         assert ss.pending() == 0
+
+
+def test_the_c_object_under_an_sslsocket_reads_writes_and_raises_as_its_wrappers(
+    tls_files: TLSFiles,
+) -> None:
+    """The hot path calls ``SSLSocket._sslobj.read(size, buffer)``, ``.write``
+    and ``.pending`` (CPython-private; ``recv_into`` and ``send`` wrap them in
+    Python frames), kept from the wrap of a connected socket, before its
+    handshake. Pinned: that object is there then and stays the socket's own,
+    and it reads, writes and raises as the wrappers do."""
+    client, server = _tcp_pair()
+    server.setblocking(False)
+    ss = _server_ctx(tls_files).wrap_socket(
+        server, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
+    )
+    assert type(ss._sslobj).__name__ == "_SSLSocket"  # type: ignore[attr-defined]
+    ss.close()
+    assert ss._sslobj is None  # type: ignore[attr-defined]
+    client.close()
+    with _tls_pair(tls_files) as (cs, ss):
+        c, s = cs._sslobj, ss._sslobj  # type: ignore[attr-defined]
+        assert type(c).__module__ == "_ssl" and type(c).__name__ == "_SSLSocket"
+        buf = memoryview(bytearray(2000))
+        _drain(cs)  # TLS 1.3 session tickets
+        with pytest.raises(ssl.SSLWantReadError):
+            c.read(100, buf)
+        assert c.write(memoryview(b"x" * 1000)[:999]) == 999  # one record, from a view
+        select.select([ss], [], [], 2)
+        assert s.read(100, buf) == 100  # into the buffer given
+        assert bytes(buf[:100]) == b"x" * 100
+        assert s.pending() == ss.pending() == 899
+        assert s.read(2000, buf) == 899
+        assert s.pending() == 0
+        # The peer's close_notify reads as 0; ours sent first, as SSLZeroReturnError.
+        with pytest.raises(ssl.SSLWantReadError):
+            ss.unwrap()
+        assert _read_past_tickets(c, cs, buf) == 0
+        cs.unwrap()
+        select.select([ss], [], [], 2)
+        with pytest.raises(ssl.SSLZeroReturnError):
+            s.read(100, buf)
+    with _tls_pair(tls_files) as (cs, ss):
+        s = ss._sslobj  # type: ignore[attr-defined]
+        _drain(ss)
+        cs.close()  # TCP FIN, no close_notify
+        select.select([ss], [], [], 2)
+        with pytest.raises(ssl.SSLEOFError):
+            s.read(100, buf)
 
 
 def test_a_write_that_cannot_finish_is_retried_with_the_same_bytes_even_from_a_copy(
@@ -661,45 +722,53 @@ async def test_a_key_update_mid_stream_with_a_full_socket(
     await eventually(lambda: peer.data.endswith(b"more"))
 
 
-class _Wants(ssl.SSLSocket):
-    """A real SSLSocket that can ask for the other direction, as OpenSSL does
-    mid-renegotiation or key update: its next send wants a read; its reads want
-    a write for as long as the socket is not writable. OpenSSL 3.0 did not
-    produce these on demand here (the pins above show why), yet they are
-    documented outcomes that a driver must handle."""
+class _Wants:
+    """Stands in for a connection's ``SSLSocket._sslobj``, the C object its
+    reads and writes go through, and can ask for the other direction, as
+    OpenSSL does mid-renegotiation or key update: its next write wants a read;
+    its reads want a write for as long as the socket is not writable. OpenSSL
+    3.0 did not produce these on demand here (the pins above show why), yet
+    they are documented outcomes that a driver must handle."""
 
-    want_read_on_send = False
+    want_read_on_write = False
     want_write_on_read = False
     reads_refused = 0
 
-    def send(self, data: object, flags: int = 0) -> int:
-        if type(self).want_read_on_send:
-            type(self).want_read_on_send = False
-            raise ssl.SSLWantReadError("injected")
-        return super().send(data, flags)  # type: ignore[arg-type]
+    def __init__(self, sslobj: object, fd: int) -> None:
+        self._sslobj = sslobj
+        self._fd = fd
 
-    def recv_into(self, buffer: object, nbytes: int | None = None, flags: int = 0) -> int:
-        if type(self).want_write_on_read:
-            if not select.select([], [self], [], 0)[1]:
-                type(self).reads_refused += 1
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sslobj, name)
+
+    def write(self, data: object) -> int:
+        if self.want_read_on_write:
+            self.want_read_on_write = False
+            raise ssl.SSLWantReadError("injected")
+        return self._sslobj.write(data)  # type: ignore[attr-defined,no-any-return]
+
+    def read(self, size: int, buffer: object) -> int:
+        if self.want_write_on_read:
+            if not select.select([], [self._fd], [], 0)[1]:
+                self.reads_refused += 1
                 raise ssl.SSLWantWriteError("injected")
-            type(self).want_write_on_read = False
-        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+            self.want_write_on_read = False
+        return self._sslobj.read(size, buffer)  # type: ignore[attr-defined,no-any-return]
 
 
 async def test_want_read_during_a_write_and_want_write_during_a_read(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
     srv = server()
-    ctx = tls_files.client_context()
-    ctx.sslsocket_class = _Wants
-    conn, handler = await _client(tls_files, srv.port, ctx=ctx)
+    conn, handler = await _client(tls_files, srv.port)
+    wants = _Wants(conn.ssl_socket._sslobj, conn.ssl_socket.fileno())  # type: ignore[attr-defined]
+    conn._sslobj = wants  # type: ignore[assignment]
     conn.write(b"first")
     await eventually(lambda: len(srv.handlers) == 1 and srv.handlers[0].data == b"first")
     peer = srv.handlers[0]
 
     # The write waits for readability, then is retried; later writes queue behind it.
-    _Wants.want_read_on_send = True
+    wants.want_read_on_write = True
     conn.write(b"ping")
     conn.write(b"+more")
     assert conn.get_write_buffer_size() == len(b"ping+more")
@@ -713,15 +782,15 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
     big = b"B" * (16 << 20)
     conn.write(big)
     assert conn.get_write_buffer_size() > 0
-    _Wants.want_write_on_read = True
+    wants.want_write_on_read = True
     peer.conn.write(b"again")
     await asyncio.sleep(0.1)
     assert handler.data == b"pong"
-    assert 1 <= _Wants.reads_refused <= 3
+    assert 1 <= wants.reads_refused <= 3
     peer.conn.resume_reading()
     await eventually(lambda: handler.data == b"pongagain", timeout=10)
     await eventually(lambda: len(peer.data) == len(b"firstping+more") + len(big), timeout=10)
-    assert not _Wants.want_write_on_read
+    assert not wants.want_write_on_read
 
 
 async def test_the_acceptor_pauses_when_out_of_descriptors_instead_of_spinning(

@@ -77,6 +77,16 @@ CLOSE_TIMEOUT = 10.0
 Buffer = bytes | bytearray | memoryview
 
 
+class _SSLObject(Protocol):
+    """What the hot path uses of ``SSLSocket._sslobj`` (CPython's ``_ssl._SSLSocket``)."""
+
+    def read(self, size: int, buffer: memoryview) -> int: ...
+
+    def write(self, data: Buffer) -> int: ...
+
+    def pending(self) -> int: ...
+
+
 class TLSHandler(Protocol):
     """What a connection calls; the call pump implements it (one per side)."""
 
@@ -112,6 +122,12 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+# The states as module globals: an Enum member read through its class costs a
+# metaclass lookup (about 50 ns on 3.11), and the hot path checks the state
+# three times a message.
+_HANDSHAKE, _OPEN, _CLOSING, _SHUTDOWN, _CLOSED = _State
+
+
 class TLSConnection:
     """One TLS connection on a non-blocking ``ssl.SSLSocket``.
 
@@ -136,6 +152,7 @@ class TLSConnection:
         "_reader_on",
         "_shutdown_wants_write",
         "_sock",
+        "_sslobj",
         "_state",
         "_timer",
         "_want_read_for_write",
@@ -156,14 +173,24 @@ class TLSConnection:
     ) -> None:
         if sock.gettimeout() != 0.0:
             raise ValueError("a TLSConnection needs a non-blocking SSLSocket")
+        # ``SSLSocket.recv_into`` and ``send`` are Python wrappers (three frames
+        # per read, two per write) around the C object's ``read`` and ``write``,
+        # which the hot path calls directly. CPython-private (pinned by
+        # tests/e2e/test_tls_socket.py); made with the SSLSocket when its TCP
+        # socket is connected, as both constructors below ensure, and used only
+        # while OPEN or CLOSING (``unwrap`` and ``close`` drop it).
+        sslobj: _SSLObject | None = getattr(sock, "_sslobj", None)
+        if sslobj is None:
+            raise ValueError("a TLSConnection needs an SSLSocket on a connected socket")
         self._loop = loop
         self._sock = sock
+        self._sslobj = sslobj
         self._fd = sock.fileno()
         try:
             self.peername: tuple[str, int] | None = sock.getpeername()[:2]
         except OSError:
             self.peername = None
-        self._state = _State.HANDSHAKE
+        self._state = _HANDSHAKE
         self._handler: TLSHandler | None = None
         self._hs_done: Callable[[BaseException | None], None] | None = None
         self._hs_read = True
@@ -196,7 +223,7 @@ class TLSConnection:
     # its protocols serve either (plain-TCP fleets stay on asyncio transports).
 
     def is_closing(self) -> bool:
-        return self._state in (_State.CLOSING, _State.SHUTDOWN, _State.CLOSED)
+        return self._state in (_CLOSING, _SHUTDOWN, _CLOSED)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """The high-water mark; writing resumes once the buffer has drained, so
@@ -227,7 +254,7 @@ class TLSConnection:
 
     @property
     def closed(self) -> bool:
-        return self._state is _State.CLOSED
+        return self._state is _CLOSED
 
     def get_write_buffer_size(self) -> int:
         out = self._out
@@ -238,7 +265,7 @@ class TLSConnection:
     def start_handshake(self, timeout: float, done: Callable[[BaseException | None], None]) -> None:
         """Drive the handshake; ``done(None)`` or ``done(error)`` once. After an error
         the socket is closed (OpenSSL has sent its alert, if it had one)."""
-        if self._state is not _State.HANDSHAKE or self._hs_done is not None:
+        if self._state is not _HANDSHAKE or self._hs_done is not None:
             raise RuntimeError("handshake already started")
         self._hs_done = done
         self._timer = self._loop.call_later(timeout, self._handshake_timed_out, timeout)
@@ -273,7 +300,7 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._state = _State.OPEN
+            self._state = _OPEN
             self._handshake_finished(None)
             return
         self._sync_io()
@@ -313,35 +340,35 @@ class TLSConnection:
 
     def start(self, handler: TLSHandler, *, reading: bool = True) -> None:
         """Hand reads to ``handler`` from now on (after a successful handshake)."""
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             raise RuntimeError(f"cannot start a connection in state {self._state.value}")
         self._handler = handler
         if not reading:
             self._paused = True
         self._sync_io()
-        if not self._paused and self._sock.pending():
+        if not self._paused and self._sslobj.pending():
             self._loop.call_soon(self._on_readable)
 
     def pause_reading(self) -> None:
         if not self._paused:
             self._paused = True
-            if self._state is _State.OPEN:
+            if self._state is _OPEN:
                 self._sync_io()
 
     def resume_reading(self) -> None:
         if self._paused:
             self._paused = False
-            if self._state is _State.OPEN:
+            if self._state is _OPEN:
                 self._sync_io()
                 # Bytes OpenSSL already decrypted make no poll event: read them now.
-                if self._sock.pending():
+                if self._sslobj.pending():
                     self._loop.call_soon(self._on_readable)
 
     def write(self, data: Buffer) -> None:
         """Send now if the socket takes it, else keep it (bounded) and send when writable.
         Writes after close() are dropped, as a closing transport drops them."""
-        if self._state is not _State.OPEN or not data:
-            if self._state is _State.HANDSHAKE:
+        if self._state is not _OPEN or not data:
+            if self._state is _HANDSHAKE:
                 raise RuntimeError("write before the TLS handshake finished")
             return
         if self._out is not None:
@@ -352,7 +379,7 @@ class TLSConnection:
             self._buffered()
             return
         try:
-            self._sock.send(data)
+            self._sslobj.write(data)
             return
         except ssl.SSLWantWriteError:
             pass
@@ -375,10 +402,10 @@ class TLSConnection:
                 self._handler.pause_writing()
 
     def _flush(self) -> None:
-        sock = self._sock
+        sslobj = self._sslobj
         while (out := self._out) is not None:
             try:
-                sock.send(out)
+                sslobj.write(out)
             except ssl.SSLWantWriteError:
                 self._sync_io()
                 return
@@ -387,7 +414,7 @@ class TLSConnection:
                 self._sync_io()
                 return
             except OSError as exc:
-                self._finish(_with_errno(exc, sock))
+                self._finish(_with_errno(exc, self._sock))
                 return
             more = self._more
             if more:
@@ -395,7 +422,7 @@ class TLSConnection:
                 self._out, self._more = more, bytearray()
             else:
                 self._out = None
-        if self._state is _State.CLOSING:
+        if self._state is _CLOSING:
             self._shutdown()
             return
         self._sync_io()
@@ -405,12 +432,12 @@ class TLSConnection:
                 self._handler.resume_writing()
 
     def _read(self) -> None:
-        sock = self._sock
+        sslobj = self._sslobj
         buf = _READ_BUFFER
         size = len(buf)
         for _ in range(MAX_READS_PER_WAKE):
             try:
-                n = sock.recv_into(buf)
+                n = sslobj.read(size, buf)
             except ssl.SSLWantReadError:
                 return
             except ssl.SSLWantWriteError:
@@ -437,16 +464,16 @@ class TLSConnection:
             handler = self._handler
             if handler is not None:
                 handler.data_received(buf[:n])
-            if self._paused or self._state is not _State.OPEN:
+            if self._paused or self._state is not _OPEN:
                 return
             # A read that did not fill the buffer took its record whole, and
             # OpenSSL (no read-ahead in CPython) holds nothing more: what
             # follows is on the socket, and the level-triggered poll says so.
             # One read per wake keeps the hot path free of the SSLWantReadError
             # a second read would raise.
-            if n < size or not sock.pending():
+            if n < size or not sslobj.pending():
                 return
-        if sock.pending():
+        if sslobj.pending():
             self._loop.call_soon(self._on_readable)
 
     def _peer_ended(self, *, clean: bool) -> None:
@@ -455,7 +482,7 @@ class TLSConnection:
         self._sync_io()
         handler = self._handler
         keep_open = handler.eof_received() if handler is not None else False
-        if self._state is not _State.OPEN:
+        if self._state is not _OPEN:
             return
         if not clean:
             # A TCP FIN without close_notify is fatal to the TLS session: nothing
@@ -469,12 +496,12 @@ class TLSConnection:
     def close(self) -> None:
         """Flush what is buffered, send close_notify, close; abort after CLOSE_TIMEOUT."""
         state = self._state
-        if state is _State.HANDSHAKE:
+        if state is _HANDSHAKE:
             self.abort()
             return
-        if state is not _State.OPEN:
+        if state is not _OPEN:
             return
-        self._state = _State.CLOSING
+        self._state = _CLOSING
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
         if self._out is None:
             self._shutdown()
@@ -483,13 +510,13 @@ class TLSConnection:
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
-        if self._state is _State.HANDSHAKE and self._hs_done is not None:
+        if self._state is _HANDSHAKE and self._hs_done is not None:
             self._handshake_finished(ConnectionAbortedError("TLS handshake aborted"))
             return
         self._finish(None)
 
     def _shutdown(self) -> None:
-        self._state = _State.SHUTDOWN
+        self._state = _SHUTDOWN
         self._shutdown_wants_write = False
         try:
             self._sock.unwrap()
@@ -522,9 +549,9 @@ class TLSConnection:
         self._finish(None)
 
     def _finish(self, exc: BaseException | None) -> None:
-        if self._state is _State.CLOSED:
+        if self._state is _CLOSED:
             return
-        self._state = _State.CLOSED
+        self._state = _CLOSED
         for timer in (self._timer, self._close_timer):
             if timer is not None:
                 timer.cancel()
@@ -542,19 +569,19 @@ class TLSConnection:
     def _sync_io(self) -> None:
         """Register for exactly the events the current state waits on."""
         state = self._state
-        if state is _State.OPEN:
+        if state is _OPEN:
             reading = (
                 not self._paused and not self._eof and not self._want_write_for_read
             ) or self._want_read_for_write
             writing = (
                 self._out is not None and not self._want_read_for_write
             ) or self._want_write_for_read
-        elif state is _State.HANDSHAKE:
+        elif state is _HANDSHAKE:
             reading, writing = self._hs_read, not self._hs_read
-        elif state is _State.CLOSING:
+        elif state is _CLOSING:
             reading = self._want_read_for_write
             writing = self._out is not None and not self._want_read_for_write
-        elif state is _State.SHUTDOWN:
+        elif state is _SHUTDOWN:
             reading, writing = not self._shutdown_wants_write, self._shutdown_wants_write
         else:
             reading = writing = False
@@ -574,31 +601,31 @@ class TLSConnection:
 
     def _on_readable(self) -> None:
         state = self._state
-        if state is _State.OPEN:
+        if state is _OPEN:
             if self._want_read_for_write:
                 self._want_read_for_write = False
                 self._flush()
-                if self._state is not _State.OPEN:
+                if self._state is not _OPEN:
                     return
             if not self._paused and not self._eof and not self._want_write_for_read:
                 self._read()
             else:
                 self._sync_io()
-        elif state is _State.HANDSHAKE:
+        elif state is _HANDSHAKE:
             self._handshake_step()
-        elif state is _State.CLOSING:
+        elif state is _CLOSING:
             if self._want_read_for_write:
                 self._want_read_for_write = False
                 self._flush()
-        elif state is _State.SHUTDOWN:
+        elif state is _SHUTDOWN:
             self._drain_after_close_notify()
 
     def _on_writable(self) -> None:
         state = self._state
-        if state is _State.OPEN or state is _State.CLOSING:
+        if state is _OPEN or state is _CLOSING:
             if self._want_write_for_read:
                 self._want_write_for_read = False
-                if state is _State.OPEN and not self._paused:
+                if state is _OPEN and not self._paused:
                     self._read()
                     if self._state is not state:
                         return
@@ -606,9 +633,9 @@ class TLSConnection:
                 self._flush()
             else:
                 self._sync_io()
-        elif state is _State.HANDSHAKE:
+        elif state is _HANDSHAKE:
             self._handshake_step()
-        elif state is _State.SHUTDOWN:
+        elif state is _SHUTDOWN:
             self._shutdown()
 
 
