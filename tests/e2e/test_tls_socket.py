@@ -469,6 +469,24 @@ async def test_echo_both_ways_with_sni_and_a_verified_certificate(
     assert handler.exc is None and srv.handlers[0].exc is None
 
 
+async def test_what_the_server_sends_before_the_client_starts_reading_is_kept(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """connect() returns after the handshake and the caller starts its handler
+    later: bytes that arrive in between wait in the socket, not dropped."""
+    srv = server()
+    conn = await connect(
+        "127.0.0.1", srv.port, tls_files.client_context(), server_hostname="calls.test", timeout=5
+    )
+    await eventually(lambda: len(srv.handlers) == 1)
+    srv.handlers[0].conn.write(b"greeting before the request")
+    await asyncio.sleep(0.2)  # several loop turns with the bytes readable
+    handler = Recorder(conn)
+    conn.start(handler)
+    await eventually(lambda: bytes(handler.data) == b"greeting before the request")
+    conn.close()
+
+
 async def test_a_certificate_for_another_name_fails_the_connect(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:

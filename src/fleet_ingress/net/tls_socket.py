@@ -570,8 +570,13 @@ class TLSConnection:
         """Register for exactly the events the current state waits on."""
         state = self._state
         if state is _OPEN:
+            # No handler yet (connect() returned, start() not called): what
+            # arrives waits in the socket rather than being read and lost.
             reading = (
-                not self._paused and not self._eof and not self._want_write_for_read
+                self._handler is not None
+                and not self._paused
+                and not self._eof
+                and not self._want_write_for_read
             ) or self._want_read_for_write
             writing = (
                 self._out is not None and not self._want_read_for_write
