@@ -270,6 +270,49 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         await service.finish()
 
 
+async def test_a_new_generation_that_dies_once_serving_is_abandoned(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A release that crashes on its first carriers passes the trial run (it
+    imports and checks fine): the new workers say they serve, then die. The
+    old generation must not have been told to stop accepting."""
+    src = _copy_package(tmp_path)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        before = await _rows(service)
+        worker = src / "fleet_ingress" / "service" / "worker.py"
+        serving = '        self.client.send({"op": "serving"})\n'
+        text = worker.read_text()
+        assert serving in text
+        worker.write_text(
+            text.replace(
+                serving,
+                serving + "        if '--generation' in sys.argv and sys.argv[-1] != '1':\n"
+                "            loop.call_later(0.2, os._exit, 3)\n",
+            )
+        )
+        await load.start_long(10, duration=4.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "exited just after it began serving" in err, err
+        # The old generation serves on: the same workers, and new calls.
+        await asyncio.sleep(0.5)
+        after = await _rows(service)
+        assert {(r["pid"], r["generation"]) for r in before} <= {
+            (r["pid"], r["generation"]) for r in after
+        }
+        result = await load.call("after", 0.5)
+        await load.stop()
+        _assert_no_loss([*await load.results(), ("after", result)])
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
     tls_files: TLSFiles,
 ) -> None:

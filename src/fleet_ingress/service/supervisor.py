@@ -130,6 +130,9 @@ _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 # After a re-execution, every kept worker says what it holds within this, or
 # is cut off (nothing is granted meanwhile: calls asking for a slot wait).
 RESTORE_TIMEOUT = 5.0
+# A new generation must still be there this long after it began serving before
+# the old one is told to stop accepting.
+SERVING_SETTLE = 1.0
 # The signals that would kill the process if they came while no handler is
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
@@ -256,6 +259,10 @@ class Supervisor:
         self.upgrades: dict[str, dict[str, Any]] = {}
         self._upgrading: asyncio.Task[None] | None = None
         self.handed = handed or {}
+        # Resuming an upgrade: decided here, not from what `handed` still holds
+        # once start() has taken the listeners from it (a host whose only worker
+        # was being replaced at the exec hands over no channel at all).
+        self._resumed = carried is not None
         self._carried_workers: dict[int, dict[str, Any]] = {}
         if carried is not None:
             self._take_carried(carried)
@@ -331,7 +338,7 @@ class Supervisor:
             server_log.info(
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
-        if self.handed:
+        if self._resumed:
             await self._adopt_workers(self.handed)
             self.handed = {}
             await self._finish_upgrade()
@@ -397,9 +404,9 @@ class Supervisor:
         task.add_done_callback(self._watchers.discard)
         return worker
 
-    async def _wait_serving(self, workers: Sequence[WorkerProcess]) -> None:
-        """Every worker has joined and accepts carriers, or `WorkerStartError`
-        naming the first to fail."""
+    async def _wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
+        """Every worker has joined and accepts carriers, and is still there
+        `settle` seconds later; or `WorkerStartError` naming the first to fail."""
         deadline = asyncio.get_running_loop().time() + WORKER_START_TIMEOUT
         for worker in workers:
             serving = asyncio.ensure_future(worker.serving.wait())
@@ -423,6 +430,16 @@ class Supervisor:
             raise WorkerStartError(
                 f"worker {worker.pid} did not start serving within {WORKER_START_TIMEOUT:g}s"
             )
+        # A worker that dies on its first carriers (a crash the trial run's
+        # imports could not show) fails the start here, not after the old
+        # generation was told to stop accepting.
+        await asyncio.sleep(settle)
+        for worker in workers:
+            if worker.proc.returncode is not None or worker.left.is_set():
+                raise WorkerStartError(
+                    f"worker {worker.pid} exited just after it began serving "
+                    f"({_exit_status(worker.proc.returncode)}); its error is in the log above"
+                )
 
     # -- workers come and go ------------------------------------------------------
 
@@ -792,9 +809,14 @@ class Supervisor:
             for _ in range(count):
                 worker = await self._spawn(new_generation, candidate=True)
                 candidates.append(worker)
-            await self._wait_serving(candidates)
-        except (WorkerStartError, OSError) as exc:
+            await self._wait_serving(candidates, settle=SERVING_SETTLE)
+        except Exception as exc:  # whatever stops the new generation, the old serves on
             for worker in candidates:
+                if worker.serving.is_set() and worker.proc.returncode is None:
+                    # It may hold calls already: they end on their own, as an old
+                    # generation's do.
+                    self._retire(worker)
+                    continue
                 with contextlib.suppress(ProcessLookupError):
                     worker.proc.kill()
             self._upgrade_failed(
@@ -1052,15 +1074,21 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+    # Starting can take a while (after an upgrade's exec: restoring the slot
+    # table, a new generation, first probes): systemd's watchdog must not fire
+    # meanwhile, or it kills every worker, the old generation's included.
+    watchdog = loop.create_task(_ping_watchdog(notifier))
     try:
         await supervisor.start()
     except BaseException:
+        watchdog.cancel()
         supervisor.stopping = True
         supervisor.kill_workers()
         await supervisor.wait_workers(STOP_GRACE)
         await supervisor.close()
         raise
     await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
+    watchdog.cancel()
     gc.collect()
     gc.freeze()
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
@@ -1117,6 +1145,14 @@ async def _reload_on_signal(
             configure_logging(*logging_in_use, pid=True)
         log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
         notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
+
+
+async def _ping_watchdog(notifier: Notifier) -> None:
+    if notifier.watchdog_interval is None:
+        return
+    while True:
+        notifier.notify("WATCHDOG=1")
+        await asyncio.sleep(notifier.watchdog_interval)
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:

@@ -42,9 +42,21 @@ TRIAL_OUTPUT_LINES = 8
 # The trial: what `python -m fleet_ingress worker` and `run` will import, all
 # of it (a syntax error in any module shows here), then `check -c CONFIG`.
 _TRIAL = """\
-import importlib, pkgutil, runpy, sys
+import importlib, os, pkgutil, runpy, signal, sys
+# `systemctl kill -s USR2` signals every process of the unit, this one too.
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 import uvloop
 import fleet_ingress
+from fleet_ingress.service import upgrade
+# The new image reads the state this (old) image writes: same format, or no exec.
+running = int(os.environ.pop("FLEET_INGRESS_STATE_VERSION"))  # not a config key
+installed = getattr(upgrade, "STATE_VERSION", None)
+if installed != running:
+    sys.exit(
+        f"the installed release keeps the supervisor's state over an upgrade in format "
+        f"{installed}, the running one in format {running}: this release cannot take over "
+        "by `upgrade`; restart the service instead (systemctl restart fleet-ingress)"
+    )
 for module in pkgutil.walk_packages(fleet_ingress.__path__, "fleet_ingress."):
     if module.name != "fleet_ingress.__main__":  # that one runs: below
         importlib.import_module(module.name)
@@ -66,6 +78,7 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     the re-executed supervisor and its workers will: returns what `check`
     said, or raises TrialFailed."""
     env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_TRIAL}
+    env["FLEET_INGRESS_STATE_VERSION"] = str(STATE_VERSION)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -109,7 +122,9 @@ def state_fd(state: Mapping[str, Any]) -> int:
     the exec's environment as `UPGRADE_STATE`."""
     fd = os.memfd_create("fleet-ingress-upgrade", 0)  # no MFD_CLOEXEC: it goes over the exec
     try:
-        os.write(fd, json.dumps({"version": STATE_VERSION, **state}).encode())
+        data = memoryview(json.dumps({"version": STATE_VERSION, **state}).encode())
+        while data:
+            data = data[os.write(fd, data) :]
         os.lseek(fd, 0, os.SEEK_SET)
         os.set_inheritable(fd, True)
     except BaseException:
