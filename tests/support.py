@@ -598,3 +598,37 @@ def _workers_of(home: Path) -> list[int]:
         if b"worker" in cmdline and any(mark in part for part in cmdline):
             found.append(int(entry.name))
     return found
+
+
+# -- clients a TLS server must refuse, with the alert that says why ------------------
+
+
+def tls11_only_client() -> ssl.SSLContext:
+    """A client that offers TLS 1.1 only (warns: the version is deprecated)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with pytest.warns(DeprecationWarning):
+        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def no_shared_cipher_client() -> ssl.SSLContext:
+    # The test certificates are ECDSA (trustme's default): RSA-signed suites cannot be chosen.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    return ctx
+
+
+def blocking_handshake(port: int, ctx: ssl.SSLContext) -> BaseException | None:
+    """A handshake with 127.0.0.1:port: None, or what it failed with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            with ctx.wrap_socket(sock, server_hostname="calls.test"):
+                return None
+        except (ssl.SSLError, OSError) as exc:
+            return exc

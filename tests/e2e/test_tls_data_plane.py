@@ -29,11 +29,14 @@ from tests.support import (
     StartIngress,
     TLSFiles,
     answer,
+    blocking_handshake,
     eventually,
     free_port,
+    no_shared_cipher_client,
     raw_exchange,
     read_head,
     request_key_update,
+    tls11_only_client,
 )
 
 HEALTH = b"GET /haproxy-health HTTP/1.1\r\nHost: calls.test\r\n\r\n"
@@ -46,40 +49,11 @@ async def _ingress_without_fleets(start_ingress: StartIngress, **kw: object):  #
 # -- a refused handshake: the alert, through the listener ---------------------------------
 
 
-def _tls11_only() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with pytest.warns(DeprecationWarning):
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    return ctx
-
-
-def _no_shared_cipher() -> ssl.SSLContext:
-    # The test certificates are ECDSA (trustme's default): RSA-signed suites cannot be chosen.
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
-    return ctx
-
-
-def _blocking_handshake(port: int, ctx: ssl.SSLContext) -> BaseException | None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        try:
-            with ctx.wrap_socket(sock, server_hostname="calls.test"):
-                return None
-        except (ssl.SSLError, OSError) as exc:
-            return exc
-
-
 @pytest.mark.parametrize(
     ("make_ctx", "alert"),
     [
-        (_tls11_only, "TLSV1_ALERT_PROTOCOL_VERSION"),
-        (_no_shared_cipher, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+        (tls11_only_client, "TLSV1_ALERT_PROTOCOL_VERSION"),
+        (no_shared_cipher_client, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
     ],
     ids=["tls1.1-only", "no-shared-cipher"],
 )
@@ -89,7 +63,7 @@ async def test_a_refused_client_gets_the_alert_that_says_why(
     """curl said SSL_ERROR_SYSCALL and Node ECONNRESET: the alert was dropped."""
     ingress = await _ingress_without_fleets(start_ingress)
     _, port = ingress.wss_address
-    exc = await asyncio.to_thread(_blocking_handshake, port, make_ctx())
+    exc = await asyncio.to_thread(blocking_handshake, port, make_ctx())
     assert isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError), repr(exc)
     assert exc.reason == alert
     await eventually(lambda: ingress.registry.tls_handshake_failures == 1)

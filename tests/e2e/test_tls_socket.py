@@ -38,9 +38,12 @@ from tests.support import (
     LIBSSL,
     SSL_KEY_UPDATE_REQUESTED,
     TLSFiles,
+    blocking_handshake,
     eventually,
+    no_shared_cipher_client,
     ssl_ctx_pointer,
     ssl_pointer,
+    tls11_only_client,
 )
 
 SSL_CTRL_MODE = 33
@@ -517,40 +520,11 @@ async def test_a_silent_client_is_cut_at_the_handshake_timeout(
         writer.close()
 
 
-def _tls11_only() -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    with pytest.warns(DeprecationWarning):
-        ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
-    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    return ctx
-
-
-def _no_shared_cipher() -> ssl.SSLContext:
-    # The test certificates are ECDSA (trustme's default): RSA-signed suites cannot be chosen.
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
-    return ctx
-
-
-def _blocking_handshake(port: int, ctx: ssl.SSLContext) -> BaseException | None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        try:
-            with ctx.wrap_socket(sock, server_hostname="calls.test"):
-                return None
-        except (ssl.SSLError, OSError) as exc:
-            return exc
-
-
 @pytest.mark.parametrize(
     ("make_ctx", "alert"),
     [
-        (_tls11_only, "TLSV1_ALERT_PROTOCOL_VERSION"),
-        (_no_shared_cipher, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
+        (tls11_only_client, "TLSV1_ALERT_PROTOCOL_VERSION"),
+        (no_shared_cipher_client, "SSLV3_ALERT_HANDSHAKE_FAILURE"),
     ],
     ids=["tls1.1-only", "no-shared-cipher"],
 )
@@ -559,7 +533,7 @@ async def test_a_refused_handshake_gets_a_tls_alert_not_a_bare_close(
 ) -> None:
     """Issue #12, point 2: curl reported SSL_ERROR_SYSCALL, Node ECONNRESET."""
     srv = server()
-    exc = await asyncio.to_thread(_blocking_handshake, srv.port, make_ctx())
+    exc = await asyncio.to_thread(blocking_handshake, srv.port, make_ctx())
     assert isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError), exc
     assert exc.reason == alert
     await eventually(lambda: bool(srv.errors))

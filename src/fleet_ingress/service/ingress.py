@@ -47,7 +47,7 @@ from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.snapshot import snapshot
-from fleet_ingress.ops.stats_server import stats_app
+from fleet_ingress.ops.stats_server import serve_app, stats_app
 
 log = logging.getLogger("fleet_ingress.server")
 
@@ -249,9 +249,7 @@ class Ingress:
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
     ) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await site_type(runner, **where).start()
+        runner = await serve_app(app, site_type, **where)
         self._web_runners.append(runner)
         return runner
 

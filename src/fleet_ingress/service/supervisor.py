@@ -77,7 +77,7 @@ from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
-from fleet_ingress.ops.stats_server import stats_app
+from fleet_ingress.ops.stats_server import serve_app, stats_app
 from fleet_ingress.service.ingress import (
     ReloadRefused,
     _probe_settings,
@@ -360,9 +360,7 @@ class Supervisor:
     async def _serve_web(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
     ) -> web.AppRunner:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        await site_type(runner, **where).start()
+        runner = await serve_app(app, site_type, **where)
         self._web_runners.append(runner)
         return runner
 
