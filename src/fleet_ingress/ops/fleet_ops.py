@@ -41,7 +41,7 @@ from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.poller import HealthPoller, health_session, probe_fleet
-from fleet_ingress.ops.metrics import IngressMetrics
+from fleet_ingress.ops.metrics import FleetChecks
 
 log = logging.getLogger("fleet_ingress.admin")
 
@@ -91,7 +91,7 @@ class FleetOps:
     registry: Registry
     poller: HealthPoller | None
     settings: Callable[[], FleetsSection]  # the running config's: a reload swaps it
-    metrics: IngressMetrics
+    checks: FleetChecks  # the probe-duration histogram: a removed fleet leaves it
     # Calls run in worker processes under a supervisor: `--force` tells them
     # to close the fleet's calls (their slots coming back reap the fleet).
     close_elsewhere: Callable[[str], None] | None = None
@@ -349,4 +349,4 @@ class FleetOps:
         if self.poller is not None:
             await self.poller.stop(fleet)
         if self.fleets.get(fleet.name) is None:  # not replaced by a moved fleet
-            self.metrics.fleet_removed(fleet.name)
+            self.checks.fleet_removed(fleet.name)

@@ -14,7 +14,7 @@ Wiring, supervisor side::
     server = SlotServer(slots, view=view)   # every "report" goes in, a worker gone is retired
     metrics = HostMetrics(slots, view, certificate_not_after=..., reloads=...,
                           restarts=lambda: restarts_by_reason)
-    poller = HealthPoller(..., on_probe=metrics.check_observed)
+    poller = HealthPoller(..., on_probe=metrics.checks.check_observed)
     puller = asyncio.create_task(pull_reports(server))          # every few seconds
     fresh = lambda: server.collect_reports(SCRAPE_WAIT)         # at every scrape
     snapshot = lambda: host_snapshot(slots, view, started_at=..., ...)
@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -48,7 +48,7 @@ from fleet_ingress.core.host_view import HostView, Key, WorkerId
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.local_counts import Observed, local_counts
-from fleet_ingress.ops.metrics import PREFIX, _ProcessCollector, _StateCollector, check_histogram
+from fleet_ingress.ops.metrics import PREFIX, FleetChecks, _ProcessCollector, _StateCollector
 from fleet_ingress.ops.snapshot import render
 
 __all__ = [
@@ -193,7 +193,7 @@ class HostMetrics:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1})."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
-        self.check_seconds: Histogram = check_histogram(self.prometheus)
+        self.checks = FleetChecks(self.prometheus)
         self.prometheus.register(
             _StateCollector(
                 lambda: slots.balancer.fleets,
@@ -205,15 +205,6 @@ class HostMetrics:
             )
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts))
-
-    def check_observed(self, fleet: str, seconds: float) -> None:
-        self.check_seconds.labels(fleet).observe(seconds)
-
-    def fleet_removed(self, fleet: str) -> None:
-        try:
-            self.check_seconds.remove(fleet)
-        except KeyError:
-            pass
 
 
 class _WorkersCollector(Collector):

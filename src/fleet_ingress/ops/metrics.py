@@ -60,15 +60,27 @@ def _histogram(key: Key, registry: CollectorRegistry) -> Histogram:
     return Histogram(f"{PREFIX}_{key[0]}", doc, buckets=buckets, registry=registry)
 
 
-def check_histogram(registry: CollectorRegistry) -> Histogram:
-    """The health probes' durations, by fleet: the process that runs the poller observes it."""
-    return Histogram(
-        f"{PREFIX}_fleet_check_duration_seconds",
-        "Duration of health probes.",
-        ["fleet"],
-        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        registry=registry,
-    )
+class FleetChecks:
+    """The health probes' durations, by fleet: kept by the process that runs
+    the poller (the one-process ingress, or the supervisor)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.seconds = Histogram(
+            f"{PREFIX}_fleet_check_duration_seconds",
+            "Duration of health probes.",
+            ["fleet"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+
+    def check_observed(self, fleet: str, seconds: float) -> None:
+        self.seconds.labels(fleet).observe(seconds)
+
+    def fleet_removed(self, fleet: str) -> None:
+        try:
+            self.seconds.remove(fleet)
+        except KeyError:
+            pass
 
 
 def histogram_families(counts: Counts) -> Iterator[Metric]:
@@ -107,7 +119,7 @@ class IngressMetrics:
         _ProcessCollector(registry=self.prometheus)
         self.handshake_seconds = _histogram(HANDSHAKE, self.prometheus)
         self.call_seconds = _histogram(CALL_DURATION, self.prometheus)
-        self.check_seconds = check_histogram(self.prometheus)
+        self.checks = FleetChecks(self.prometheus)
         self.loop_lag_seconds = _histogram(LOOP_LAG, self.prometheus)
         # What a worker reports of its histograms (`ops.host_stats.WorkerReporter`).
         self.histograms: dict[Key, Histogram] = {
@@ -137,15 +149,6 @@ class IngressMetrics:
 
     def loop_lag_observed(self, seconds: float) -> None:
         self.loop_lag_seconds.observe(seconds)
-
-    def check_observed(self, fleet: str, seconds: float) -> None:
-        self.check_seconds.labels(fleet).observe(seconds)
-
-    def fleet_removed(self, fleet: str) -> None:
-        try:
-            self.check_seconds.remove(fleet)
-        except KeyError:
-            pass
 
 
 class _ProcessCollector(Collector):

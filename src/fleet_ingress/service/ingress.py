@@ -134,7 +134,7 @@ class Ingress:
                 self.dispatcher,
                 fleet_ssl,
                 _probe_settings(config),
-                on_probe=self.metrics.check_observed,
+                on_probe=self.metrics.checks.check_observed,
             )
         self.ops = FleetOps(
             self.fleet_set,
@@ -142,7 +142,7 @@ class Ingress:
             self.registry,
             self.poller,
             settings=lambda: self.config.fleets,
-            metrics=self.metrics,
+            checks=self.metrics.checks,
         )
         self.dispatcher.on_release.append(self.ops.reap)
         self.ctx = self._proxy_context(config, fleet_ssl)

@@ -219,7 +219,10 @@ class Supervisor:
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
-            self.server, fleet_ssl, _probe_settings(config), on_probe=self.metrics.check_observed
+            self.server,
+            fleet_ssl,
+            _probe_settings(config),
+            on_probe=self.metrics.checks.check_observed,
         )
         self.ops = FleetOps(
             self.fleet_set,
@@ -227,7 +230,7 @@ class Supervisor:
             self.registry,
             self.poller,
             settings=lambda: self.config.fleets,
-            metrics=self.metrics,
+            checks=self.metrics.checks,
             close_elsewhere=self.close_fleet,
         )
         self.slots.on_release.append(self.ops.reap)

@@ -50,7 +50,7 @@ from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.ingress import Ingress, ReloadRefused
-from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE
+from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE, trim_heap
 
 log = logging.getLogger("fleet_ingress.worker")
 
@@ -171,7 +171,7 @@ class Worker:
         self.client.send({"op": "serving"})
         gc.collect()
         gc.freeze()
-        trim = loop.create_task(_trim_heap())
+        trim = loop.create_task(trim_heap())
         lost = asyncio.ensure_future(self.client.lost)
         stopping = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait({lost, stopping}, return_when="FIRST_COMPLETED")
@@ -190,12 +190,6 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await self.client.lost
-
-
-async def _trim_heap() -> None:
-    while True:
-        await asyncio.sleep(glibc_malloc.TRIM_EVERY)
-        glibc_malloc.trim()
 
 
 async def serve(
