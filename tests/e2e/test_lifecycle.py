@@ -327,3 +327,16 @@ async def test_sighup_applies_log_settings_and_warns_that_listeners_need_a_resta
         assert json.loads(last)["changes"] == "no fleet changes"
     finally:
         await _finish(service)
+
+
+async def test_the_watchdog_is_fed_while_the_supervisor_starts(tls_files: TLSFiles, fleets):
+    """Starting (workers, first probes; after an upgrade's exec, a new
+    generation) can outlast WatchdogSec: systemd must hear WATCHDOG=1 before
+    READY=1, or it kills the service, old workers included."""
+    a = fleets["a"]
+    service = await _start(tls_files, [f"{a.url} name=a"], watchdog_usec=400_000)
+    try:
+        lines = [line for m in service.messages for line in m.splitlines()]
+        assert "WATCHDOG=1" in lines[: lines.index("READY=1")], lines
+    finally:
+        await _finish(service)

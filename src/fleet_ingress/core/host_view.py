@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,10 +281,6 @@ class HostView:
     def live(self) -> list[WorkerReport]:
         return [report for report, _ in self._latest.values()]
 
-    def latest(self, worker: WorkerId) -> WorkerReport | None:
-        kept = self._latest.get(worker)
-        return None if kept is None else kept[0]
-
     def totals(self) -> Counts:
         """The host's counts now: retired plus every live worker's last report."""
         total = self.retired.copy()
@@ -338,10 +334,3 @@ class HostView:
                 raise
             raise ReportError(f"not a host view: {exc!r}") from None
         return view
-
-
-def sum_counts(parts: Iterable[Counts]) -> Counts:
-    total = Counts()
-    for part in parts:
-        total.add(part)
-    return total

@@ -260,6 +260,7 @@ class Supervisor:
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
         # Upgrades by id, oldest first: what `upgrade` polls for (kept over the exec).
         self.upgrades: dict[str, dict[str, Any]] = {}
+        # Held: the loop keeps only weak references to tasks.
         self._upgrading: asyncio.Task[None] | None = None
         self.handed = handed or {}
         # Resuming an upgrade: decided here, not from what `handed` still holds
