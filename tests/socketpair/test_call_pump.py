@@ -58,7 +58,7 @@ async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[
         dispatcher = Dispatcher(balancer, queue_timeout=1.0, max_queue=8)
         ctx = ProxyContext(
             router=Router(["/ws/", "/exotel/"], "/haproxy-health"),
-            dispatcher=dispatcher,
+            slots=dispatcher,
             registry=Registry(),
             retry=RetryPolicy(retries=0, conditions=frozenset(), statuses=frozenset()),
             fleet_ssl=ssl.create_default_context(),

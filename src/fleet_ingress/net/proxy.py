@@ -138,7 +138,7 @@ class ProxyContext:
     """What a connection needs to serve; swapped as a whole on reload."""
 
     router: Router
-    dispatcher: SlotSource  # this process's Dispatcher, or a worker's SlotClient
+    slots: SlotSource  # this process's Dispatcher, or a worker's SlotClient
     registry: Registry
     retry: RetryPolicy
     fleet_ssl: ssl.SSLContext
@@ -282,7 +282,7 @@ _SETUP_STATES = frozenset({State.LEASING, State.CONNECTING, State.AWAITING})
 
 class CarrierProtocol(_Side):
     """The carrier side, and the pump of its call's machine (`core.call_machine`):
-    it feeds the machine what the transports, the dispatcher and the timers say,
+    it feeds the machine what the transports, the slot source and the timers say,
     and carries out what the machine commands. It decides nothing itself."""
 
     def __init__(self, ctx: ProxyContext) -> None:
@@ -477,7 +477,7 @@ class CarrierProtocol(_Side):
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
-            lease = await self.ctx.dispatcher.lease(avoid=avoid)
+            lease = await self.ctx.slots.lease(avoid=avoid)
         except NoFleetAvailable as exc:
             self._task = None
             self.feed(SlotRefused(exc.reason))
@@ -492,7 +492,7 @@ class CarrierProtocol(_Side):
         self.feed(SlotGranted(lease.fleet))
 
     def _cancel_slot_wait(self, command: Command) -> None:
-        # Cancelled after the queue handed a slot over, the dispatcher gives it back.
+        # Cancelled after the queue handed a slot over, the slot source gives it back.
         self._cancel_task()
 
     def _release_slot(self, command: Command) -> None:

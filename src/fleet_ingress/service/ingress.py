@@ -155,7 +155,7 @@ class Ingress:
     def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
         return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
-            dispatcher=self.dispatcher if self.leases is None else self.leases,
+            slots=self.dispatcher if self.leases is None else self.leases,
             registry=self.registry,
             retry=RetryPolicy(
                 retries=config.retry.retries,
