@@ -150,6 +150,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=20.0, help="new calls per second")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--call-seconds", type=float, default=1.0)
+    p.add_argument(
+        "--perf",
+        action="store_true",
+        help="perf record (cpu-clock) every proxy during the window: share of CPU per "
+        "library and per symbol, per call set-up",
+    )
 
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]

@@ -32,6 +32,10 @@ replace methods of ``TLSConnection`` in this process only, nothing in src/:
   hold undecrypted bytes that neither ``pending()`` nor the poller sees, so
   reads go on while ``SSL_has_pending`` (ctypes) says so. A bench hack: it
   reads CPython's private struct layouts (checked against OpenSSL at start).
+- ``BARE_BIO_REUSE=1``: each fleet's TLS session is kept (taken at the fleet's
+  first bytes, when a TLS 1.3 ticket has come) and offered by the next
+  connection to it, as HAProxy does for its servers by default: what
+  resumption saves a call's set-up (churn).
 """
 
 from __future__ import annotations
@@ -123,9 +127,15 @@ class CarrierSide(Side):
 
     async def _connect(self) -> None:
         host, port = next(self._fleets)
+        session = _SESSIONS.get((host, port)) if _VARIANT["reuse"] else None
         try:
             fleet_conn = await connect(
-                host, port, self._fleet_ssl, server_hostname=host, timeout=CONNECT_TIMEOUT
+                host,
+                port,
+                self._fleet_ssl,
+                server_hostname=host,
+                timeout=CONNECT_TIMEOUT,
+                session=session,
             )
         except (OSError, TimeoutError):
             self.conn.close()
@@ -135,7 +145,7 @@ class CarrierSide(Side):
         if self.conn.is_closing():  # the carrier left while we connected
             fleet_conn.close()
             return
-        fleet = Side(fleet_conn)
+        fleet = FleetSide(fleet_conn, (host, port)) if _VARIANT["reuse"] else Side(fleet_conn)
         fleet.peer, self.peer = self, fleet
         fleet_conn.start(fleet)
         _read_held(fleet)
@@ -145,11 +155,34 @@ class CarrierSide(Side):
 
 # -- bench variants (see the module docstring) ---------------------------------
 
+# BARE_BIO_REUSE=1: the fleet's TLS session kept (after its first answer, when a
+# TLS 1.3 ticket has arrived) and offered by the next connection, as HAProxy
+# does for its servers by default.
+_SESSIONS: dict[Address, ssl.SSLSession] = {}
+
+
+class FleetSide(Side):
+    __slots__ = ("_key",)
+
+    def __init__(self, conn: TLSConnection, key: Address) -> None:
+        super().__init__(conn)
+        self._key: Address | None = key
+
+    def data_received(self, data: memoryview) -> None:
+        if self._key is not None:
+            session = self.conn.ssl_socket.session
+            if session is not None:
+                _SESSIONS[self._key] = session
+            self._key = None
+        super().data_received(data)
+
+
 _VARIANT = {
     "sslobj": os.environ.get("BARE_BIO_SSLOBJ") == "1" or os.environ.get("BARE_BIO_FUSED") == "1",
     "fused": os.environ.get("BARE_BIO_FUSED") == "1",
     "drain": os.environ.get("BARE_BIO_DRAIN") == "1",
     "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1",
+    "reuse": os.environ.get("BARE_BIO_REUSE") == "1",
 }
 _OPEN = tls_socket._State.OPEN
 _libssl: ctypes.CDLL | None = None
@@ -298,7 +331,7 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
         for ctx in contexts:
             _set_read_ahead(ctx)
         TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
-    if not any(_VARIANT.values()):
+    if not any(v for k, v in _VARIANT.items() if k != "reuse"):
         return
     TLSConnection._read = _read_variant  # type: ignore[method-assign]
     if _VARIANT["sslobj"]:

@@ -7,6 +7,7 @@ import asyncio
 import time
 from typing import Any
 
+from ..harness import profile
 from ..harness.children import log
 from ..harness.run import Run, call_figures, msgs_between, rtts_between
 from ..harness.stats import count_between, percentile, ratio
@@ -34,8 +35,17 @@ async def churn(
         # Window: from when as many calls end as start, to the last start.
         await asyncio.sleep(max(0.0, t0 + call_s + 1.0 - time.monotonic()))
         a = run.sample(target, [gens])
+        perf = None
+        if run.args.perf and target.pid:
+            run.gen_seq += 1
+            out = run.out / f"perf-{target.name.replace('@', '-')}-{run.gen_seq}.data"
+            window = t0 + seconds - time.monotonic()
+            perf = asyncio.get_running_loop().create_task(
+                profile.perf_record(run.children, target.pid, window - 1, out)
+            )
         await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
         b = run.sample(target, [gens])
+        perf_path = await perf if perf is not None else None
         rss1 = run.rss(target)
         try:
             await gens.wait_all_done(call_s + 30)
@@ -67,5 +77,8 @@ async def churn(
         "cpu_s_run": round(last.target_cpu - first.target_cpu, 3) if proxy else None,
         "rss_kib_baseline": rss0,
         "rss_kib_end": rss1,
+        "perf": {"file": perf_path.name, **(await profile.perf_summary(perf_path))}
+        if perf_path
+        else None,
         "loads": loads,
     }

@@ -472,6 +472,26 @@ async def test_echo_both_ways_with_sni_and_a_verified_certificate(
     assert handler.exc is None and srv.handlers[0].exc is None
 
 
+async def test_a_session_from_an_earlier_connection_is_offered_and_resumed(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    srv = server(echo=True)
+    ctx = tls_files.client_context()
+    first, handler = await _client(tls_files, srv.port, ctx=ctx)
+    first.write(b"ping")  # a TLS 1.3 ticket arrives after the handshake: read past it
+    await eventually(lambda: bytes(handler.data) == b"ping")
+    session = first.ssl_socket.session
+    assert session is not None and not first.ssl_socket.session_reused
+    conn = await connect(
+        "127.0.0.1", srv.port, ctx, server_hostname="calls.test", timeout=5, session=session
+    )
+    assert conn.ssl_socket.session_reused
+    fresh = await connect("127.0.0.1", srv.port, ctx, server_hostname="calls.test", timeout=5)
+    assert not fresh.ssl_socket.session_reused
+    for c in (first, conn, fresh):
+        c.abort()
+
+
 async def test_what_the_server_sends_before_the_client_starts_reading_is_kept(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:

@@ -9,17 +9,29 @@ The same behaviour with real TLS and real WebSocket clients is in tests/e2e/.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import h11
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.call_machine import CallMachine, Command, Event, FleetHead, IllegalEvent
+from fleet_ingress.core.call_machine import (
+    CallMachine,
+    Command,
+    Event,
+    FleetHead,
+    IllegalEvent,
+    Link,
+)
+from fleet_ingress.core.fleet_exchange import FleetExchange, ResponseHead
 from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.request_head import RequestHeadReader
 from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
@@ -146,6 +158,41 @@ async def test_a_call_is_relayed_both_ways_unchanged_and_its_slot_comes_back(pum
     assert call.end_reason is not None and call.end_reason.value == "carrier closed"
     # Tunnel bytes each way (the fleet's 101 head is not counted as relayed).
     assert (call.bytes_from_carrier, call.bytes_to_carrier) == (len(payload), len(payload))
+
+
+def _reachable(root: object, limit: int = 20000) -> list[object]:
+    """Objects a call holds: reachable from root without going through what
+    every call shares (the context, the loop, functions and their modules)."""
+    shared = (type, types.ModuleType, types.FunctionType, ProxyContext, asyncio.AbstractEventLoop)
+    seen: dict[int, object] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, shared):
+            continue
+        assert len(seen) < limit, "the walk left the call"
+        seen[id(obj)] = obj
+        stack.extend(gc.get_referents(obj))
+    return list(seen.values())
+
+
+async def test_a_held_tunnel_keeps_none_of_its_set_up_state(pump_with_fleet):
+    """Memory per held call (issue 13): once linked, the head reader, the
+    fleet's HTTP exchange (h11's connection, the 101's headers) and the machine's
+    last commands are let go; a thousand idle calls would carry them all."""
+    pump = await pump_with_fleet(echo_after_switching)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5) == SWITCHING
+    writer.write(b"frame")
+    assert await asyncio.wait_for(reader.readexactly(5), 5) == b"frame"
+    (call,) = pump.ctx.registry.calls
+    kept = {type(obj) for obj in _reachable(call.carrier)}
+    assert call.fleet_side in _reachable(call.carrier)  # the walk does reach the fleet side
+    for gone in (h11.Connection, RequestHeadReader, FleetExchange, ResponseHead, Link):
+        assert gone not in kept, gone.__name__
+    writer.close()
+    await eventually(lambda: not pump.ctx.registry.calls)
 
 
 async def test_a_fleet_hang_up_closes_the_carrier_and_is_the_fleets(pump_with_fleet):

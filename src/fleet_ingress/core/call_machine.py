@@ -331,7 +331,8 @@ class CallMachine:
     status: int | None = None  # what the carrier was answered
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     end_reason: EndReason | None = None
-    _out: Commands = field(default_factory=list, repr=False)  # what the event being fed brings
+    # What the event being fed brings; None between events.
+    _out: Commands | None = field(default=None, repr=False)
 
     TRANSITIONS: ClassVar[dict[State, dict[type[Event], Callable[[CallMachine, Event], None]]]]
 
@@ -343,9 +344,11 @@ class CallMachine:
         handler = self.TRANSITIONS[self.state].get(type(event))
         if handler is None:
             raise IllegalEvent(self.state, event)
-        self._out = []
+        self._out = out = []
         handler(self, event)
-        return self._out
+        # Not kept: a held call's machine would keep its last commands (memory per call).
+        self._out = None
+        return out
 
     # The one place a call's end reason is written: the first reason stands.
     def _end(self, reason: EndReason) -> None:
@@ -353,7 +356,9 @@ class CallMachine:
             self.end_reason = reason
 
     def _emit(self, *commands: Command) -> None:
-        self._out.extend(commands)
+        out = self._out
+        assert out is not None, "commands are emitted only while an event is fed"
+        out.extend(commands)
 
     def _release_slot(self) -> None:
         if self.slot_held:

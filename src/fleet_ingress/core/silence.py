@@ -57,15 +57,23 @@ class SilencePolicy:
     route_carrier: Mapping[str, float] = field(default_factory=dict)
     route_fleet: Mapping[str, float] = field(default_factory=dict)
 
+    # One SilenceLimits per route, shared by its calls (memory per held call).
+    _by_route: dict[str, SilenceLimits] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
     def for_route(self, route: str) -> SilenceLimits:
-        return SilenceLimits(
-            idle=self.tunnel,
-            carrier=self.route_carrier.get(route, self.carrier),
-            fleet=self.route_fleet.get(route, self.fleet),
-        )
+        limits = self._by_route.get(route)
+        if limits is None:
+            limits = self._by_route[route] = SilenceLimits(
+                idle=self.tunnel,
+                carrier=self.route_carrier.get(route, self.carrier),
+                fleet=self.route_fleet.get(route, self.fleet),
+            )
+        return limits
 
 
-@dataclass
+@dataclass(slots=True)
 class QuietWatch:
     """One call's counters as the last sweep saw them, and since when each held still."""
 

@@ -292,7 +292,9 @@ class CarrierProtocol(_Side):
         self.client_ip = ""
         self.call: Call | None = None
         self.fleet_side: FleetProtocol | None = None  # the current attempt's
-        self._reader = RequestHeadReader(ctx.max_head_bytes, ctx.max_header_count)
+        self._reader: RequestHeadReader | None = RequestHeadReader(
+            ctx.max_head_bytes, ctx.max_header_count
+        )
         self._raw_head = b""
         self._early = bytearray()
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
@@ -397,13 +399,17 @@ class CarrierProtocol(_Side):
         self.abort()
 
     def _on_head_bytes(self, data: Buffer) -> None:
+        reader = self._reader
+        assert reader is not None  # state HEAD: the head is not taken yet
         try:
-            taken = self._reader.take(data)
+            taken = reader.take(data)
         except RequestRefused as refused:
             self.feed(HeadRefused(refused.status, refused.reason))
             return
         if taken is None:
             return
+        # Its work is done: a held call does not keep it (memory per call).
+        self._reader = None
         # Parsed on a later loop turn, a bounded number per turn (net/head_queue.py):
         # a flood of large heads must not hold the calls' frames. What the carrier
         # sends meanwhile (its first frames) waits with what came after the head.
@@ -566,6 +572,7 @@ class CarrierProtocol(_Side):
         # seconds, not after the kernel's 15 minutes of retransmissions.
         if (sock := fleet_side.transport.get_extra_info("socket")) is not None:
             self.ctx.liveness.apply(sock)
+        assert fleet_side.exchange is not None  # not linked yet
         fleet_side.transport.write(fleet_side.exchange.request_bytes)
 
     def _drop_fleet(self, command: Command) -> None:
@@ -672,7 +679,8 @@ class CarrierProtocol(_Side):
         _break_cycles(call)
 
     def buffered_bytes(self) -> int:
-        return super().buffered_bytes() + len(self._early) + self._reader.buffered
+        reader = self._reader
+        return super().buffered_bytes() + len(self._early) + (reader.buffered if reader else 0)
 
     def unlink(self) -> None:
         super().unlink()
@@ -709,7 +717,8 @@ class FleetProtocol(_Side):
     def __init__(self, pump: CarrierProtocol, exchange: FleetExchange) -> None:
         # None once the attempt is dropped: a late word from it goes nowhere.
         self.pump: CarrierProtocol | None = pump
-        self.exchange = exchange
+        # None once a 101 is linked: nothing reads it in a tunnel.
+        self.exchange: FleetExchange | None = exchange
         self._pending = bytearray()  # raw bytes from the fleet, until linked
         self._head_read = False
         self._relaying = False  # passing a non-101 answer through
@@ -727,6 +736,7 @@ class FleetProtocol(_Side):
             self.bytes_received += len(data)
             peer.write(data)
             if self._relaying:
+                assert self.exchange is not None  # kept while relaying an answer
                 self._relay_progress(self.exchange.feed(data))
             elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if self.pump is not None:
@@ -737,19 +747,21 @@ class FleetProtocol(_Side):
             # Head read, not linked yet: hold what came with it, read no more.
             self.pause_reading()
             return
+        exchange = self.exchange
+        assert exchange is not None  # the head is not read yet
         try:
-            progress = self.exchange.feed(data)
+            progress = exchange.feed(data)
         except ResponseError as exc:
             self._head_read = True
             self.pump.feed(FleetError(Failure(exc.kind), exc.detail))
             return
         if progress is not Progress.NEED_DATA:
-            head = self.exchange.head
+            head = exchange.head
             assert head is not None
             self._head_read = True
             self.pause_reading()
             self.pump.feed(FleetHead(head.status, head.switched))
-        elif len(self._pending) > self.exchange.max_head_bytes:
+        elif len(self._pending) > exchange.max_head_bytes:
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
             self.pump.feed(FleetError(Failure.JUNK_RESPONSE, "response head larger than the limit"))
@@ -761,6 +773,7 @@ class FleetProtocol(_Side):
             return
         if not self._head_read:
             self._head_read = True
+            assert self.exchange is not None  # the head is not read yet
             try:
                 self.exchange.feed_eof()
             except ResponseError as error:
@@ -788,7 +801,12 @@ class FleetProtocol(_Side):
         if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         if relaying:
+            assert self.exchange is not None
             self._relay_progress(self.exchange.advance())
+        else:
+            # A tunnel reads the exchange no more: a held call does not keep its
+            # HTTP state and the fleet's head (memory per call).
+            self.exchange = None
 
     def _relay_progress(self, progress: Progress) -> None:
         if progress is Progress.BODY_COMPLETE:

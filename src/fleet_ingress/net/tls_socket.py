@@ -663,11 +663,14 @@ async def connect(
     *,
     server_hostname: str | None,
     timeout: float,
+    session: ssl.SSLSession | None = None,
     **kw: int,
 ) -> TLSConnection:
     """TCP connect (each address in turn) and the client handshake, all within ``timeout``.
     ``server_hostname`` is sent as SNI and checked against the certificate
-    (if the context checks hostnames)."""
+    (if the context checks hostnames). ``session``: a session of an earlier
+    connection to the same server, with the same context, offered for
+    resumption (the server may decline: a full handshake then)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -695,6 +698,7 @@ async def connect(
                 do_handshake_on_connect=False,
                 # A TCP FIN without close_notify must read as SSLEOFError, not as 0.
                 suppress_ragged_eofs=False,
+                session=session,
             )
         except BaseException:
             sock.close()
