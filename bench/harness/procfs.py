@@ -174,6 +174,31 @@ def io_syscalls(pid: int, proc: Path = PROC) -> int:
     return int(counts["syscr"]) + int(counts["syscw"])
 
 
+def tree_sleeps(pid: int, proc: Path = PROC) -> int:
+    """``sleeps`` summed over ``pid`` and its live descendants."""
+    return sum(sleeps(p, proc) for p in descendants(pid, proc))
+
+
+def sleeps(pid: int, proc: Path = PROC) -> int:
+    """Times the threads of a process went to sleep (voluntary context switches,
+    /proc/PID/task/TID/status): for an event loop, one per wait in epoll_wait
+    that found nothing ready, so each is a wake-up to come."""
+    total = 0
+    try:
+        tasks = list((proc / str(pid) / "task").iterdir())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    for task in tasks:
+        try:
+            text = (task / "status").read_text()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
 def host_busy_seconds() -> float:
     """CPU seconds the host spent busy (all cores, idle and iowait excluded)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]

@@ -14,6 +14,7 @@ STEADY_COLUMNS = [
     ("cpu_s_per_1000_msgs", "CPU s / 1000 msgs", 5),
     ("proxy_cores", "proxy cores", 3),
     ("rss_kib_per_call", "RSS KiB / call", 1),
+    ("sleeps_per_msg", "wakes / msg", 2),
     ("handshake_ms_p50", "handshake p50 ms", 2),
     ("handshake_ms_p99", "handshake p99 ms", 2),
     ("rtt_ms_p50", "RTT p50 ms", 2),
@@ -60,6 +61,8 @@ RATIO_KEYS = {
     "churn": ["cpu_ms_per_call", "handshake_ms_p50", "handshake_ms_p99"],
 }
 COLUMNS = {"steady": STEADY_COLUMNS, "idle": IDLE_COLUMNS, "churn": CHURN_COLUMNS}
+# Columns added after runs were stored: shown (and summarized) only for runs that have them.
+OPTIONAL_COLUMNS = frozenset({"sleeps_per_msg"})
 
 
 def write_json(rep: dict[str, Any], path: Path) -> None:
@@ -106,6 +109,8 @@ def stats(values: list[Any]) -> dict[str, Any]:
 
 def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
     cols = [k for k, _, _ in COLUMNS.get(scenario, [])] + [k for k, _ in LOAD_COLUMNS]
+    present = {k for rnd in rounds for result in rnd.values() for k in result}
+    cols = [k for k in cols if k not in OPTIONAL_COLUMNS or k in present]
     targets = list(dict.fromkeys(t for rnd in rounds for t in rnd))
     summary = {
         t: {k: stats([value(rnd[t], k) for rnd in rounds if t in rnd]) for k in cols}
@@ -266,7 +271,11 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if sc in COLUMNS:
-        cols = COLUMNS[sc]
+        cols = [
+            c
+            for c in COLUMNS[sc]
+            if c[0] not in OPTIONAL_COLUMNS or any(c[0] in st for st in report["summary"].values())
+        ]
         lines.append(
             "cells: median over rounds (min-max when rounds differ); added = target - direct "
             "in the same round"

@@ -57,6 +57,7 @@ class Sample:
     target_parts: dict[int, float] = field(default_factory=dict)
     part_roles: dict[int, str] = field(default_factory=dict)
     harness_cpu: float = 0.0
+    sleeps: int = 0  # the target's voluntary context switches (procfs.sleeps)
 
 
 def process_roles(kind: str, tree: list[tuple[int, list[str]]]) -> dict[int, str]:
@@ -338,6 +339,7 @@ class Run:
             parts,
             roles,
             procfs.cpu_seconds(os.getpid()),
+            procfs.tree_sleeps(target.pid) if target.pid else 0,
         )
 
     def loads(self, a: Sample, b: Sample) -> dict[str, Any]:
@@ -360,6 +362,7 @@ class Run:
                 procfs.describe(k): ratio(v, window) for k, v in list(others.items())[:3]
             },
             "proxy_syscalls": b.syscalls - a.syscalls,
+            "proxy_sleeps": b.sleeps - a.sleeps,
             "harness_cores": ratio(b.harness_cpu - a.harness_cpu, window),
             # The proxy's cores by process (fleet-ingress: supervisor, worker N) or by
             # thread (HAProxy nbthread > 1), and each generator process's.

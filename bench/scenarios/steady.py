@@ -81,6 +81,8 @@ async def steady(
         if proxy
         else None,
         "syscalls_per_msg": ratio(loads["proxy_syscalls"], msgs) if proxy else None,
+        # Wake-ups of the proxy per relayed message: below 1, a wake serves several.
+        "sleeps_per_msg": ratio(loads["proxy_sleeps"], msgs) if proxy else None,
         "rss_kib_baseline": mem.rss0,
         "rss_kib_with_calls": mem.rss1,
         "rss_kib_after": rss_after,

@@ -594,6 +594,9 @@ def _proc(
         (d / "task" / str(tid)).mkdir(parents=True)
         tf = ["S", str(ppid)] + ["0"] * 9 + [str(u), str(s)] + ["0"] * 30
         (d / "task" / str(tid) / "stat").write_text(f"{tid} ({comm}) " + " ".join(tf) + "\n")
+        (d / "task" / str(tid) / "status").write_text(
+            f"Name:\t{comm}\nvoluntary_ctxt_switches:\t{7 + u}\nnonvoluntary_ctxt_switches:\t99\n"
+        )
     (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
     maps = "".join(
         f"7f00{i:04x}000-7f00{i:04x}fff rw-p 00000000 00:00 0 {name}\nRss: {kib} kB\n"
@@ -654,6 +657,9 @@ def test_the_tree_is_the_supervisor_and_every_descendant(fake_proc: Path) -> Non
     assert procfs.tree_rss_kib(100, fake_proc) == 60000 + 62000 + 63000 + 1000
     assert procfs.tree_fd_count(100, fake_proc) == 6 + 10 + 12 + 1
     assert procfs.tree_io_syscalls(100, fake_proc) == 4 * 15
+    # Voluntary switches of every thread (7 + its utime ticks here), not the involuntary ones.
+    tick = procfs.CLK_TCK
+    assert procfs.tree_sleeps(100, fake_proc) == 4 * 7 + (1 + 3 + 6 + 1) * tick
     assert procfs.tree_rss_by_mapping(100, fake_proc) == {
         "[heap]": 600,
         "file": 50,
