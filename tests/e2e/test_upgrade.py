@@ -367,3 +367,85 @@ async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
         finally:
             await load.stop()
             await service.finish()
+
+
+def _inject(src: Path, module: str, anchor: str, before: str) -> None:
+    """Plant `before` ahead of `anchor` in the copied package's `module`: a
+    fault or a signal at an exact point of a real run."""
+    path = src / "fleet_ingress" / module
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{anchor!r} not found once in {module}"
+    path.write_text(text.replace(anchor, before + anchor))
+
+
+# The trial run has just ended (its output read): what comes next runs in the
+# same event-loop turn, up to the exec when the trial passed.
+TRIAL_ENDED = "    text = output.decode("
+
+
+async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGTERM in the same loop turn as the trial run's end: its wake-up sits
+    in the event loop's pipe, which an exec would discard. The operator asked
+    to stop: the ingress drains and exits 0, and the log says the upgrade
+    was not done for it."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        await load.start_long(2, duration=3.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))  # drained, not cut
+        events = [e.get("event", "") for e in service.log()]
+        assert not [e for e in events if "re-executing" in e]
+        abandoned = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(abandoned) == 1 and "stop" in abandoned[0]["error"], abandoned
+        assert "stopped" in events
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+def _threads_taking(pid: int, signals: tuple[signal.Signals, ...]) -> list[str]:
+    """The threads of `pid` other than its main one that do not block all of `signals`."""
+    wanted = sum(1 << (s - 1) for s in signals)
+    taking = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines())
+        if int(status["SigBlk"], 16) & wanted != wanted:
+            taking.append(f"{task.name} {status['Name']}")
+    return taking
+
+
+async def test_only_the_main_thread_can_take_a_signal_held_over_the_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor blocks SIGTERM, SIGHUP... in its main thread over the
+    exec; a helper thread (libuv's pool, the executor a reload uses) that does
+    not would take such a signal and lose it with the old image."""
+    held = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        pid = service.proc.pid
+        os.kill(pid, signal.SIGHUP)  # a reload starts the executor's thread
+        await service.wait_for("READY=1", count=2, timeout=15)
+        assert len(os.listdir(f"/proc/{pid}/task")) > 1  # it tested something
+        assert _threads_taking(pid, held) == []
+        os.kill(pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=30)
+        os.kill(pid, signal.SIGHUP)
+        await service.wait_for("READY=1", count=4, timeout=15)
+        assert _threads_taking(pid, held) == []  # the new image's threads too
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+    finally:
+        await service.finish()

@@ -54,6 +54,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,11 @@ SERVING_SETTLE = 1.0
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
 HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Once those are blocked, the event loop turns for this long before the exec:
+# a signal that came just before the block is already out of the kernel, its
+# wake-up a byte in the loop's pipe that the exec would discard. Ready work
+# runs before the loop sleeps, so this acts on every such signal.
+SIGNALS_SETTLE = 0.05
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
 
@@ -246,6 +252,8 @@ class Supervisor:
         self._serving_early: set[int] = set()
         self.generation = 1
         self.stopping = False
+        # SIGTERM/SIGINT received (run_supervisor): `stopping` follows a loop turn later.
+        self.stop_asked = False
         self.calls_lost_total = 0
         self._quick_deaths = 0
         self._asks = itertools.count(1)
@@ -605,7 +613,7 @@ class Supervisor:
         """Start an upgrade in the background (`upgrade` on the admin socket,
         or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
         Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.stopping:
+        if self.stopping or self.stop_asked:
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
@@ -660,14 +668,31 @@ class Supervisor:
             self._upgrade_failed(status, "the ingress began stopping during the trial run")
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
-        status["state"] = "re-executing"
+        # From here a stop or reload signal waits in the kernel for the next
+        # image; one that came before is acted on in this one first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
+            await asyncio.sleep(SIGNALS_SETTLE)
+            if self.stopping or self.stop_asked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._upgrade_failed(
+                    status,
+                    "a stop was asked (SIGTERM/SIGINT) as the trial run ended: not "
+                    "re-executing; the ingress stops",
+                )
+                return
+            status["state"] = "re-executing"
             self._reexec()
         except _ExecFailed as failed:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             await self._take_back(failed.kept)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
         except OSError as exc:  # before anything was handed over: the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            raise
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
         status.update(state="failed", error=error, finished=time.time())
@@ -730,11 +755,9 @@ class Supervisor:
                 executable=sys.executable,
             ),
         )
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             os.close(fd)
             raise _ExecFailed(exc, kept) from exc
 
@@ -802,6 +825,13 @@ class Supervisor:
         start, it is stopped and the running generation serves on."""
         status = next(reversed(self.upgrades.values()), None)
         if status is None or status["state"] != "re-executing":
+            return
+        if self.stop_asked:  # held over the exec: the workers adopted drain instead
+            self._upgrade_failed(
+                status,
+                "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
+                "generation is started; the ingress stops",
+            )
             return
         status["state"] = "starting workers"
         new_generation = self.generation + 1
@@ -1060,6 +1090,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
             return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
+        supervisor.stop_asked = True
         stop.set()
 
     def on_upgrade_signal() -> None:
@@ -1075,6 +1106,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
+    await _threads_without_held_signals(loop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
     # Starting can take a while (after an upgrade's exec: restoring the slot
     # table, a new generation, first probes): systemd's watchdog must not fire
@@ -1110,6 +1142,26 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     log.info("stopped")
     notifier.close()
     return 0
+
+
+def _block_held_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+
+
+async def _threads_without_held_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Every thread but this one blocks HELD_OVER_EXEC. A signal goes to any
+    thread that does not block it: one taken by a helper thread while the main
+    thread blocks them for an exec would be consumed, and lost with the old
+    image. Threads inherit the mask of the thread that starts them: the
+    executor's set it themselves, libuv's pool (uvloop's getaddrinfo, file
+    work) is started here, all at once, while this thread blocks them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+    loop.set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="supervisor", initializer=_block_held_signals)
+    )
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(2.0):  # the pool starts at the ask; the answer does not matter
+            await loop.getaddrinfo("localhost", None)
 
 
 def _exit_now(supervisor: Supervisor) -> None:
