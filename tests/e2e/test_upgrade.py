@@ -449,3 +449,67 @@ async def test_only_the_main_thread_can_take_a_signal_held_over_the_exec(
         assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
     finally:
         await service.finish()
+
+
+# Appended to the copied net/slot_server.py: its second os.dup fails as when
+# the process is out of descriptors (EMFILE), once.
+SECOND_DUP_FAILS = """
+
+class _OutOfDescriptorsOnce:
+    def __init__(self, real):
+        self._real, self._dups = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def dup(self, fd):
+        self._dups += 1
+        if self._dups == 2:
+            raise OSError(24, "Too many open files")
+        return self._real.dup(fd)
+
+
+os = _OutOfDescriptorsOnce(os)
+"""
+
+
+async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The second worker's channel cannot be kept (EMFILE): nothing is handed
+    over, both workers are served as before, `upgrade` exits 1 saying why
+    and the fix; the next upgrade then goes through with every call kept."""
+    src = _copy_package(tmp_path)
+    server = src / "fleet_ingress" / "net" / "slot_server.py"
+    server.write_text(server.read_text() + SECOND_DUP_FAILS)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        before = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        await load.start_long(6, duration=8.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "upgrade abandoned, generation 1 serves on" in err, err
+        assert "Too many open files" in err and "nothing was handed over" in err
+        assert "LimitNOFILE" in err  # the fix
+        assert not [e for e in service.log() if "re-executing" in e.get("event", "")]
+        assert {(r["pid"], r["generation"]) for r in await _rows(service)} == before
+        # Both channels still answer: calls through either worker, then an upgrade
+        # that hands both over and loses nothing.
+        for i in range(6):
+            load.long.append(load.call(f"after-{i}", 1.0))
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, err
+        _assert_no_loss(await load.results(timeout=30))
+
+        def exits() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+
+        await eventually(lambda: len(exits()) == 2, timeout=15)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits())
+    finally:
+        await load.stop()
+        await service.finish()

@@ -73,7 +73,7 @@ from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -687,6 +687,9 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             await self._take_back(failed.kept)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
+        except HandoverError as exc:  # it says why and the fix; the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            self._upgrade_failed(status, str(exc))
         except OSError as exc:  # before anything was handed over: the workers serve on
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
@@ -745,7 +748,11 @@ class Supervisor:
         argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(self.config_path)]
         # From here on nothing is read from the workers: what they send waits in
         # the kernel for the next image, which counts it through their "state".
-        kept = self.server.handover()
+        try:
+            kept = self.server.handover()  # all or nothing: HandoverError (an OSError)
+        except OSError:
+            os.close(fd)
+            raise
         socks.update(kept)
         log.info(
             "upgrade: re-executing the supervisor with the installed code",
