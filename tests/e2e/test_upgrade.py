@@ -513,3 +513,95 @@ async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
     finally:
         await load.stop()
         await service.finish()
+
+
+def _slow_replacements(src: Path, seconds: float) -> None:
+    """The copied supervisor waits `seconds` before replacing any dead worker
+    (as its crash-loop backoff does): a replacement is pending for that long."""
+    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    path.write_text(
+        path.read_text() + f"\n\ndef respawn_delay(quick_deaths):\n    return {seconds}\n"
+    )
+
+
+def _new_generation_dies(src: Path) -> None:
+    """Workers of any generation but 1 die just after they begin serving."""
+    _inject(
+        src,
+        "service/worker.py",
+        '        self.client.send({"op": "serving"})\n',
+        "        if '--generation' in sys.argv and sys.argv[-1] != '1':\n"
+        "            asyncio.get_running_loop().call_later(0.2, os._exit, 3)\n",
+    )
+
+
+async def test_a_replacement_pending_at_the_exec_is_started_by_the_new_image(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker died just before the upgrade; its replacement waits its
+    backoff when the supervisor re-executes, and the new generation then
+    fails: the host must come back to process.workers workers of the
+    generation serving, not serve one short for good."""
+    src = _copy_package(tmp_path)
+    _slow_replacements(src, 5.0)
+    _new_generation_dies(src)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        dead, kept = (r["pid"] for r in await _rows(service))
+        os.kill(dead, signal.SIGKILL)
+        await eventually(
+            lambda: any(e.get("event", "").startswith("worker died") for e in service.log())
+        )
+        code, _, err = await _upgrade_command(service)
+        assert code == 1 and "cannot start" in err, err
+        assert any("re-executing" in e.get("event", "") for e in service.log())  # exec'd
+
+        async def two_of_generation_1() -> bool:
+            rows = await _rows(service)
+            return len(rows) == 2 and {r["generation"] for r in rows} == {1}
+
+        async with asyncio.timeout(12):
+            while not await two_of_generation_1():
+                await asyncio.sleep(0.2)
+        pids = {r["pid"] for r in await _rows(service)}
+        assert kept in pids and dead not in pids
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_dead_during_an_upgrade_is_replaced_in_the_new_generation_only(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """An old-generation worker dies while the new image starts the next
+    generation; its replacement falls due after the switch. It must not start
+    a worker of the generation now draining (which nothing would ever retire)."""
+    src = _copy_package(tmp_path)
+    _slow_replacements(src, 4.0)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def rejoined() -> bool:
+            return any(
+                e.get("event") == "workers rejoined after the re-execution" for e in service.log()
+            )
+
+        await eventually(rejoined, timeout=15)
+        os.kill(old, signal.SIGKILL)
+        await service.wait_for("READY=1", count=2, timeout=15)
+        done_at = time.monotonic()
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - done_at)))  # past its due time
+        started = [e for e in service.log() if e.get("event") == "worker started"]
+        assert [e["generation"] for e in started] in ([], [2]), started
+        rows = await _rows(service)
+        assert [r["generation"] for r in rows] == [2], rows
+    finally:
+        await service.finish()

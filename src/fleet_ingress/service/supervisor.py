@@ -251,11 +251,22 @@ class Supervisor:
         self._joined_early: set[int] = set()
         self._serving_early: set[int] = set()
         self.generation = 1
+        # Workers the serving generation should have (process.workers when it
+        # started: a reload does not change it).
+        self.worker_target = 0
         self.stopping = False
         # SIGTERM/SIGINT received (run_supervisor): `stopping` follows a loop turn later.
         self.stop_asked = False
         self.calls_lost_total = 0
         self._quick_deaths = 0
+        # Replacements of dead workers not started yet, by when they are due
+        # (monotonic): carried over an exec, where their tasks would be lost.
+        self._respawns: dict[asyncio.Task[None], float] = {}
+        self._starting = 0  # workers being started by a respawn, not in `workers` yet
+        # Cleared while a new generation starts: replacements wait, then start
+        # whichever generation serves by then, if it is short of workers.
+        self._generation_settled = asyncio.Event()
+        self._generation_settled.set()
         self._asks = itertools.count(1)
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -276,6 +287,7 @@ class Supervisor:
         # was being replaced at the exec hands over no channel at all).
         self._resumed = carried is not None
         self._carried_workers: dict[int, dict[str, Any]] = {}
+        self._carried_respawns: list[float] = []
         if carried is not None:
             self._take_carried(carried)
 
@@ -283,6 +295,10 @@ class Supervisor:
         """The previous image's state (`_state_for_exec`): what must not reset."""
         restore_fleets(self.balancer.fleets, carried["fleets"])
         self.generation = int(carried["generation"])
+        # (From a release that did not carry it: as configured now.)
+        self.worker_target = int(carried.get("worker_target") or self.config.process.worker_count())
+        self._quick_deaths = int(carried.get("quick_deaths", 0))
+        self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         self.started_at = float(carried["started_at"])
         self.reloads.update(carried["reloads"])
         self.restarts.update(carried["restarts"])
@@ -351,11 +367,21 @@ class Supervisor:
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
         if self._resumed:
-            await self._adopt_workers(self.handed)
-            self.handed = {}
-            await self._finish_upgrade()
+            self._generation_settled.clear()
+            try:
+                await self._adopt_workers(self.handed)
+                self.handed = {}
+                await self._finish_upgrade()
+            finally:
+                self._generation_settled.set()
+            # Replacements the previous image had not started yet (a worker
+            # died shortly before the exec): due as they were.
+            now = time.monotonic()
+            for due in self._carried_respawns:
+                self._schedule_respawn(max(0.0, due - now))
+            self._carried_respawns = []
         else:
-            count = self.config.process.worker_count()
+            count = self.worker_target = self.config.process.worker_count()
             started = [await self._spawn(self.generation) for _ in range(count)]
             await self._wait_serving(started)
             log.info(
@@ -534,23 +560,57 @@ class Supervisor:
         quick = time.monotonic() - worker.started_at < QUICK_DEATH
         self._quick_deaths = self._quick_deaths + 1 if quick else 0
         delay = respawn_delay(self._quick_deaths)
-        task = asyncio.get_running_loop().create_task(self._respawn(worker.generation, delay))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
-
-    async def _respawn(self, generation: int, delay: float) -> None:
         if delay:
             log.warning(
                 "workers keep dying soon after start: waiting before the next",
                 extra=fields(delay_s=delay),
             )
-            await asyncio.sleep(delay)
+        self._schedule_respawn(delay)
+
+    def _schedule_respawn(self, delay: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._respawn(delay))
+        self._respawns[task] = time.monotonic() + delay
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(lambda done: self._respawns.pop(done, None))
+
+    def _short_of_workers(self) -> int:
+        """How many workers the serving generation lacks (being started counts)."""
+        serving = [
+            w
+            for w in self.workers.values()
+            if w.generation == self.generation
+            and not (w.retiring or w.candidate or w.left.is_set())
+            and w.proc.returncode is None
+        ]
+        return self.worker_target - len(serving) - self._starting
+
+    async def _respawn(self, delay: float) -> None:
+        """A worker died: start one of the generation serving by now (not of
+        a generation an upgrade retired meanwhile), if it still lacks one."""
+        await asyncio.sleep(delay)
+        await self._generation_settled.wait()
+        if self.stopping or self._short_of_workers() <= 0:
+            return
+        generation = self.generation
+        self._starting += 1
+        try:
+            worker = await self._spawn_retrying(generation, delay)
+        finally:
+            self._starting -= 1
+        if worker is None:
+            return
+        if self.stopping:  # the stop came while it was being started
+            self._stop_if_starting(worker)
+            return
+        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
+
+    async def _spawn_retrying(self, generation: int, delay: float) -> WorkerProcess | None:
         while True:
             if self.stopping:
-                return
+                return None
             try:
-                worker = await self._spawn(generation)
-                break
+                return await self._spawn(generation)
             except OSError as exc:
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
@@ -561,10 +621,6 @@ class Supervisor:
                     extra=fields(error=str(exc), retry_in_s=delay),
                 )
                 await asyncio.sleep(delay)
-        if self.stopping:  # the stop came while it was being started
-            self._stop_if_starting(worker)
-            return
-        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
 
     # -- asking workers ----------------------------------------------------------
 
@@ -723,6 +779,18 @@ class Supervisor:
             "reclaimed_total": self.slots.reclaimed_total,
             "bound_listen": self.bound_listen.model_dump(),
             "upgrades": list(self.upgrades.values()),
+            "worker_target": self.worker_target,
+            "quick_deaths": self._quick_deaths,
+            # Replacements not started yet, and workers started but not joined
+            # (their channels are not handed over: they see theirs close).
+            "respawns": [
+                *self._respawns.values(),
+                *(
+                    time.monotonic()
+                    for w in self.workers.values()
+                    if not (w.joined.is_set() or w.retiring or w.candidate)
+                ),
+            ],
             "workers": [
                 {
                     "pid": w.pid,
@@ -869,6 +937,7 @@ class Supervisor:
         for worker in candidates:
             worker.candidate = False
         self.generation = new_generation
+        self.worker_target = len(candidates)
         for worker in old:
             self._retire(worker)
         status.update(state="done", generation=new_generation, finished=time.time())
@@ -890,7 +959,9 @@ class Supervisor:
         if worker.retiring and worker.left.is_set():
             return
         worker.retiring = True
-        self.server.send(worker.key, {"op": "stop", "id": next(self._asks), "upgrade": True})
+        stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
+        if not self.server.send(worker.key, stop):
+            self._stop_if_starting(worker)  # not joined yet: it holds no call
         grace = self.config.timeouts.drain + STOP_GRACE
         asyncio.get_running_loop().call_later(grace, self._kill_if_left, worker)
 
