@@ -524,13 +524,14 @@ def _slow_replacements(src: Path, seconds: float) -> None:
     )
 
 
-def _new_generation_dies(src: Path) -> None:
-    """Workers of any generation but 1 die just after they begin serving."""
+def _new_generation_dies(src: Path, generations: str = "!= '1'") -> None:
+    """Workers whose generation is `generations` (by default: any but 1) die
+    just after they begin serving."""
     _inject(
         src,
         "service/worker.py",
         '        self.client.send({"op": "serving"})\n',
-        "        if '--generation' in sys.argv and sys.argv[-1] != '1':\n"
+        f"        if '--generation' in sys.argv and sys.argv[-1] {generations}:\n"
         "            asyncio.get_running_loop().call_later(0.2, os._exit, 3)\n",
     )
 
@@ -603,5 +604,52 @@ async def test_a_worker_dead_during_an_upgrade_is_replaced_in_the_new_generation
         assert [e["generation"] for e in started] in ([], [2]), started
         rows = await _rows(service)
         assert [r["generation"] for r in rows] == [2], rows
+    finally:
+        await service.finish()
+
+
+async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_later_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """Generation 1 ignores its stop (a hung worker); a second upgrade
+    re-executes the supervisor while it drains, and its new generation fails.
+    Generation 1's backstop (timeouts.drain + STOP_GRACE after it was retired)
+    must hold in the new image: killed, not left running for good."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/worker.py",
+        '        if message.get("cut"):\n            log.warning("closing every call now',
+        "        if message.get('upgrade') and sys.argv[-1] == '1':\n            return\n",
+    )
+    _new_generation_dies(src, "== '3'")
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=1, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        (hung,) = (r["pid"] for r in await _rows(service))
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=20)
+        retired_at = time.monotonic()
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=20)
+        failed = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(failed) == 1, failed
+        assert _alive(hung)  # it tested something: still there after the second exec
+
+        def killed() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in service.log()
+                if e.get("event") == "old-generation worker still running after the drain: killed"
+            ]
+
+        # Due 1 + 5 s after it was retired.
+        due = retired_at + 1 + 5
+        await eventually(lambda: bool(killed()), timeout=max(1.0, due + 3 - time.monotonic()))
+        assert [e["pid"] for e in killed()] == [hung]
+        await eventually(lambda: not _alive(hung), timeout=5)
     finally:
         await service.finish()

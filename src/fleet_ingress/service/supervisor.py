@@ -174,6 +174,8 @@ class WorkerProcess:
     # Of a new generation not yet known to serve: not replaced if it dies.
     candidate: bool = False
     retiring: bool = False  # an older generation told to drain and exit: not replaced
+    # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
+    retire_by: float | None = None
 
     @property
     def pid(self) -> int:
@@ -797,6 +799,7 @@ class Supervisor:
                     "generation": w.generation,
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
+                    "retire_by": w.retire_by,
                 }
                 for w in self.workers.values()
             ],
@@ -875,6 +878,16 @@ class Supervisor:
                 started_at=float(carried.get("started_at", time.monotonic())),
                 retiring=bool(carried.get("retiring", False)),
             )
+            if worker.retiring:
+                # Its backstop, as the previous image set it (a release that did
+                # not carry it: a full one from now).
+                retire_by = carried.get("retire_by")
+                worker.retire_by = (
+                    float(retire_by)
+                    if retire_by is not None
+                    else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+                )
+                self._arm_backstop(worker)
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
@@ -962,8 +975,14 @@ class Supervisor:
         stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
         if not self.server.send(worker.key, stop):
             self._stop_if_starting(worker)  # not joined yet: it holds no call
-        grace = self.config.timeouts.drain + STOP_GRACE
-        asyncio.get_running_loop().call_later(grace, self._kill_if_left, worker)
+        if worker.retire_by is None:  # told again (a later upgrade): the first deadline holds
+            worker.retire_by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+            self._arm_backstop(worker)
+
+    def _arm_backstop(self, worker: WorkerProcess) -> None:
+        assert worker.retire_by is not None
+        delay = max(0.0, worker.retire_by - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
