@@ -653,3 +653,91 @@ async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_l
         await eventually(lambda: not _alive(hung), timeout=5)
     finally:
         await service.finish()
+
+
+async def test_an_exec_that_fails_gives_the_workers_back_and_sigterm_then_drains(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """execve fails after the workers' channels were handed over: the
+    supervisor takes them back (`_take_back`: the table rebuilt from what the
+    workers hold), serves on, and a SIGTERM after it drains every call and
+    exits 0."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        "    os.execve(executable or sys.executable, argv, env)\n",
+        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
+    )
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        before = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        await load.start_long(6, duration=6.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "upgrade abandoned, generation 1 serves on" in err and "Exec format error" in err
+        assert any("re-executing" in e.get("event", "") for e in service.log())  # handed over
+        rows = await _rows(service)
+        assert {(r["pid"], r["generation"]) for r in rows} == before
+        assert sum(r["calls"] for r in rows) == 6  # every slot held is known again
+        for i in range(4):
+            load.long.append(load.call(f"after-{i}", 3.0))
+        await eventually(lambda: sum(sim.active_calls for sim in fleets) == 10, timeout=10)
+        os.kill(service.proc.pid, signal.SIGTERM)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))
+        exited = [e for e in service.log() if e.get("event") == "worker exited"]
+        assert sorted(e["pid"] for e in exited) == sorted(pid for pid, _ in before)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exited)
+        assert "stopped" in [e.get("event") for e in service.log()]
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGHUP in the same loop turn as the trial run's end; the old image's
+    reload is still waiting for its worker's answer at the exec, and the new
+    generation then fails: the reload must still be done (by the new image,
+    for the generation serving on), not lost with the old image."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGHUP)\n")
+    # The worker answers `reload` a second later: the exec comes while the old
+    # image's reload waits for it.
+    _inject(
+        src,
+        "service/worker.py",
+        "        try:\n            await self.ingress.reload(self.config_path)",
+        "        await asyncio.sleep(1.0)\n",
+    )
+    _new_generation_dies(src)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def reloaded() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "reloaded"]
+
+        def events() -> list[str]:
+            return [e.get("event", "") for e in service.log()]
+
+        # Generation 2 died: the same worker serves on.
+        await eventually(lambda: any(e.startswith("upgrade abandoned") for e in events()), 15)
+        assert any("re-executing" in e for e in events())  # the exec happened
+        # Done by whichever image it reached (the old one if it finished before
+        # the exec), once.
+        await eventually(lambda: bool(reloaded()), timeout=10)
+        assert [e["process"] for e in reloaded()] == [service.proc.pid]
+        assert 'fleet_ingress_reloads_total{result="applied"} 1.0' in await service.metrics()
+    finally:
+        await service.finish()

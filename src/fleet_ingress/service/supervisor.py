@@ -217,6 +217,10 @@ class Supervisor:
             if config.tls.cert is not None:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
+        # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
+        # one under way: either goes over an exec as a reload the new image does.
+        self.reloads_asked: asyncio.Queue[None] = asyncio.Queue()
+        self.reloading = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.metrics = HostMetrics(
             self.slots,
@@ -303,6 +307,9 @@ class Supervisor:
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         self.started_at = float(carried["started_at"])
         self.reloads.update(carried["reloads"])
+        if carried.get("reload_pending"):
+            log.info("a reload asked during the upgrade: done once this image serves")
+            self.reloads_asked.put_nowait(None)
         self.restarts.update(carried["restarts"])
         self.calls_lost_total = int(carried["calls_lost_total"])
         self.slots.queue_timeouts = int(carried["queue_timeouts"])
@@ -775,6 +782,7 @@ class Supervisor:
             "fleets": fleets_to_json(self.balancer.fleets),
             "view": self.view.to_json(time.monotonic()),
             "reloads": dict(self.reloads),
+            "reload_pending": self.reloading or not self.reloads_asked.empty(),
             "restarts": dict(self.restarts),
             "calls_lost_total": self.calls_lost_total,
             "queue_timeouts": self.slots.queue_timeouts,
@@ -1034,6 +1042,13 @@ class Supervisor:
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
         worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
+        self.reloading = True
+        try:
+            return await self._reload()
+        finally:
+            self.reloading = False
+
+    async def _reload(self) -> str:
         try:
             config, specs, _, fleet_ssl = read_reload(self.config_path)
         except ReloadRefused:
@@ -1176,7 +1191,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    reloads: asyncio.Queue[None] = asyncio.Queue()
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
@@ -1199,7 +1213,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     supervisor.notifier = notifier
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reloads_asked.put_nowait, None)
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
@@ -1225,7 +1239,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
     log.info("ready", extra=fields(status=supervisor.status_line()))
     background = [
-        loop.create_task(_reload_on_signal(supervisor, reloads, notifier)),
+        loop.create_task(_reload_on_signal(supervisor, supervisor.reloads_asked, notifier)),
         loop.create_task(_keep_systemd_informed(supervisor, notifier)),
     ]
     await stop.wait()
