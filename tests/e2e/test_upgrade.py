@@ -741,3 +741,37 @@ async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
         assert 'fleet_ingress_reloads_total{result="applied"} 1.0' in await service.metrics()
     finally:
         await service.finish()
+
+
+async def test_a_stop_held_over_the_exec_stops_the_new_image(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGTERM a moment before execve, signals blocked: it waits in the kernel
+    and the new image acts on it: no new generation, the calls drain, exit 0."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        "    os.execve(executable or sys.executable, argv, env)\n",
+        "    os.kill(os.getpid(), __import__('signal').SIGTERM)\n",
+    )
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        await load.start_long(2, duration=3.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))
+        events = [e.get("event", "") for e in service.log()]
+        assert any("re-executing" in e for e in events)
+        abandoned = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(abandoned) == 1 and "during the re-execution" in abandoned[0]["error"]
+        assert not [e for e in service.log() if e.get("event") == "worker started"]
+        assert "stopped" in events
+    finally:
+        await load.stop()
+        await service.finish()
