@@ -7,13 +7,22 @@ from what they say they hold."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import pytest
 
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from tests.support import EventChild, eventually
 
 HERE = Path(__file__).parent
@@ -95,3 +104,58 @@ async def test_maxconn_holds_across_the_supervisor_reexecution(tmp_path):
     finally:
         for child in reversed(children):
             await child.kill()
+
+
+def _up_balancer(maxconn: int) -> Balancer:
+    specs = parse_fleets_text("https://a.test name=a\n", default_maxconn=maxconn)
+    fleets = FleetSet.from_specs(specs)
+    for fleet in fleets.fleets:
+        fleet.health = Health.UP
+    return Balancer(fleets)
+
+
+async def test_a_handover_that_cannot_keep_every_channel_keeps_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of descriptors half-way through (EMFILE on the second dup): nothing
+    is handed over, no duplicate is left open, and every worker is served as
+    before (the upgrade is abandoned, the old image serving on)."""
+    server = SlotServer(HostSlots(_up_balancer(8), queue_timeout=5.0, max_queue=8))
+    clients: list[SlotClient] = []
+    try:
+        for i in range(3):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            await server.adopt(ours)
+            clients.append(
+                await SlotClient.connect(sock=theirs, pid=1000 + i, generation=1, answer_timeout=5)
+            )
+        await eventually(lambda: len(server.slots.workers) == 3)
+        held = await clients[0].lease()
+        fds = sorted(os.listdir("/proc/self/fd"))
+        dups = 0
+        real_dup = os.dup
+
+        def dup(fd: int) -> int:
+            nonlocal dups
+            dups += 1
+            if dups == 2:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            return real_dup(fd)
+
+        monkeypatch.setattr(os, "dup", dup)
+        with pytest.raises(HandoverError, match="Too many open files") as refused:
+            server.handover()
+        monkeypatch.undo()
+        assert sorted(os.listdir("/proc/self/fd")) == fds
+        # Every channel is read and answered as before.
+        for client in clients:
+            lease = await asyncio.wait_for(client.lease(), 5)
+            lease.release()
+        held.release()
+        await eventually(lambda: sum(row.calls for row in server.slots.workers) == 0)
+        assert all(client.connected for client in clients)
+        assert "LimitNOFILE" in str(refused.value)  # the fix
+    finally:
+        for client in clients:
+            client.close()
+        await server.close()

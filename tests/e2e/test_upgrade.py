@@ -367,3 +367,411 @@ async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
         finally:
             await load.stop()
             await service.finish()
+
+
+def _inject(src: Path, module: str, anchor: str, before: str) -> None:
+    """Plant `before` ahead of `anchor` in the copied package's `module`: a
+    fault or a signal at an exact point of a real run."""
+    path = src / "fleet_ingress" / module
+    text = path.read_text()
+    assert text.count(anchor) == 1, f"{anchor!r} not found once in {module}"
+    path.write_text(text.replace(anchor, before + anchor))
+
+
+# The trial run has just ended (its output read): what comes next runs in the
+# same event-loop turn, up to the exec when the trial passed.
+TRIAL_ENDED = "    text = output.decode("
+
+
+async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGTERM in the same loop turn as the trial run's end: its wake-up sits
+    in the event loop's pipe, which an exec would discard. The operator asked
+    to stop: the ingress drains and exits 0, and the log says the upgrade
+    was not done for it."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        await load.start_long(2, duration=3.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))  # drained, not cut
+        events = [e.get("event", "") for e in service.log()]
+        assert not [e for e in events if "re-executing" in e]
+        abandoned = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(abandoned) == 1 and "stop" in abandoned[0]["error"], abandoned
+        assert "stopped" in events
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+def _threads_taking(pid: int, signals: tuple[signal.Signals, ...]) -> list[str]:
+    """The threads of `pid` other than its main one that do not block all of `signals`."""
+    wanted = sum(1 << (s - 1) for s in signals)
+    taking = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines())
+        if int(status["SigBlk"], 16) & wanted != wanted:
+            taking.append(f"{task.name} {status['Name']}")
+    return taking
+
+
+async def test_only_the_main_thread_can_take_a_signal_held_over_the_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor blocks SIGTERM, SIGHUP... in its main thread over the
+    exec; a helper thread (libuv's pool, the executor a reload uses) that does
+    not would take such a signal and lose it with the old image."""
+    held = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        pid = service.proc.pid
+        os.kill(pid, signal.SIGHUP)  # a reload starts the executor's thread
+        await service.wait_for("READY=1", count=2, timeout=15)
+        assert len(os.listdir(f"/proc/{pid}/task")) > 1  # it tested something
+        assert _threads_taking(pid, held) == []
+        os.kill(pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=30)
+        os.kill(pid, signal.SIGHUP)
+        await service.wait_for("READY=1", count=4, timeout=15)
+        assert _threads_taking(pid, held) == []  # the new image's threads too
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+    finally:
+        await service.finish()
+
+
+# Appended to the copied net/slot_server.py: its second os.dup fails as when
+# the process is out of descriptors (EMFILE), once.
+SECOND_DUP_FAILS = """
+
+class _OutOfDescriptorsOnce:
+    def __init__(self, real):
+        self._real, self._dups = real, 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def dup(self, fd):
+        self._dups += 1
+        if self._dups == 2:
+            raise OSError(24, "Too many open files")
+        return self._real.dup(fd)
+
+
+os = _OutOfDescriptorsOnce(os)
+"""
+
+
+async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The second worker's channel cannot be kept (EMFILE): nothing is handed
+    over, both workers are served as before, `upgrade` exits 1 saying why
+    and the fix; the next upgrade then goes through with every call kept."""
+    src = _copy_package(tmp_path)
+    server = src / "fleet_ingress" / "net" / "slot_server.py"
+    server.write_text(server.read_text() + SECOND_DUP_FAILS)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        before = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        await load.start_long(6, duration=8.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "upgrade abandoned, generation 1 serves on" in err, err
+        assert "Too many open files" in err and "nothing was handed over" in err
+        assert "LimitNOFILE" in err  # the fix
+        assert not [e for e in service.log() if "re-executing" in e.get("event", "")]
+        assert {(r["pid"], r["generation"]) for r in await _rows(service)} == before
+        # Both channels still answer: calls through either worker, then an upgrade
+        # that hands both over and loses nothing.
+        for i in range(6):
+            load.long.append(load.call(f"after-{i}", 1.0))
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, err
+        _assert_no_loss(await load.results(timeout=30))
+
+        def exits() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+
+        await eventually(lambda: len(exits()) == 2, timeout=15)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits())
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+def _slow_replacements(src: Path, seconds: float) -> None:
+    """The copied supervisor waits `seconds` before replacing any dead worker
+    (as its crash-loop backoff does): a replacement is pending for that long."""
+    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    path.write_text(
+        path.read_text() + f"\n\ndef respawn_delay(quick_deaths):\n    return {seconds}\n"
+    )
+
+
+def _new_generation_dies(src: Path, generations: str = "!= '1'") -> None:
+    """Workers whose generation is `generations` (by default: any but 1) die
+    just after they begin serving."""
+    _inject(
+        src,
+        "service/worker.py",
+        '        self.client.send({"op": "serving"})\n',
+        f"        if '--generation' in sys.argv and sys.argv[-1] {generations}:\n"
+        "            asyncio.get_running_loop().call_later(0.2, os._exit, 3)\n",
+    )
+
+
+async def test_a_replacement_pending_at_the_exec_is_started_by_the_new_image(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker died just before the upgrade; its replacement waits its
+    backoff when the supervisor re-executes, and the new generation then
+    fails: the host must come back to process.workers workers of the
+    generation serving, not serve one short for good."""
+    src = _copy_package(tmp_path)
+    _slow_replacements(src, 5.0)
+    _new_generation_dies(src)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        dead, kept = (r["pid"] for r in await _rows(service))
+        os.kill(dead, signal.SIGKILL)
+        await eventually(
+            lambda: any(e.get("event", "").startswith("worker died") for e in service.log())
+        )
+        code, _, err = await _upgrade_command(service)
+        assert code == 1 and "cannot start" in err, err
+        assert any("re-executing" in e.get("event", "") for e in service.log())  # exec'd
+
+        async def two_of_generation_1() -> bool:
+            rows = await _rows(service)
+            return len(rows) == 2 and {r["generation"] for r in rows} == {1}
+
+        async with asyncio.timeout(12):
+            while not await two_of_generation_1():
+                await asyncio.sleep(0.2)
+        pids = {r["pid"] for r in await _rows(service)}
+        assert kept in pids and dead not in pids
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_dead_during_an_upgrade_is_replaced_in_the_new_generation_only(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """An old-generation worker dies while the new image starts the next
+    generation; its replacement falls due after the switch. It must not start
+    a worker of the generation now draining (which nothing would ever retire)."""
+    src = _copy_package(tmp_path)
+    _slow_replacements(src, 4.0)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def rejoined() -> bool:
+            return any(
+                e.get("event") == "workers rejoined after the re-execution" for e in service.log()
+            )
+
+        await eventually(rejoined, timeout=15)
+        os.kill(old, signal.SIGKILL)
+        await service.wait_for("READY=1", count=2, timeout=15)
+        done_at = time.monotonic()
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - done_at)))  # past its due time
+        started = [e for e in service.log() if e.get("event") == "worker started"]
+        assert [e["generation"] for e in started] in ([], [2]), started
+        rows = await _rows(service)
+        assert [r["generation"] for r in rows] == [2], rows
+    finally:
+        await service.finish()
+
+
+async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_later_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """Generation 1 ignores its stop (a hung worker); a second upgrade
+    re-executes the supervisor while it drains, and its new generation fails.
+    Generation 1's backstop (timeouts.drain + STOP_GRACE after it was retired)
+    must hold in the new image: killed, not left running for good."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/worker.py",
+        '        if message.get("cut"):\n            log.warning("closing every call now',
+        "        if message.get('upgrade') and sys.argv[-1] == '1':\n            return\n",
+    )
+    _new_generation_dies(src, "== '3'")
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=1, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        (hung,) = (r["pid"] for r in await _rows(service))
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=20)
+        retired_at = time.monotonic()
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=20)
+        failed = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(failed) == 1, failed
+        assert _alive(hung)  # it tested something: still there after the second exec
+
+        def killed() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in service.log()
+                if e.get("event") == "old-generation worker still running after the drain: killed"
+            ]
+
+        # Due 1 + 5 s after it was retired.
+        due = retired_at + 1 + 5
+        await eventually(lambda: bool(killed()), timeout=max(1.0, due + 3 - time.monotonic()))
+        assert [e["pid"] for e in killed()] == [hung]
+        await eventually(lambda: not _alive(hung), timeout=5)
+    finally:
+        await service.finish()
+
+
+async def test_an_exec_that_fails_gives_the_workers_back_and_sigterm_then_drains(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """execve fails after the workers' channels were handed over: the
+    supervisor takes them back (`_take_back`: the table rebuilt from what the
+    workers hold), serves on, and a SIGTERM after it drains every call and
+    exits 0."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        "    os.execve(executable or sys.executable, argv, env)\n",
+        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
+    )
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        before = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        await load.start_long(6, duration=6.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "upgrade abandoned, generation 1 serves on" in err and "Exec format error" in err
+        assert any("re-executing" in e.get("event", "") for e in service.log())  # handed over
+        rows = await _rows(service)
+        assert {(r["pid"], r["generation"]) for r in rows} == before
+        assert sum(r["calls"] for r in rows) == 6  # every slot held is known again
+        for i in range(4):
+            load.long.append(load.call(f"after-{i}", 3.0))
+        await eventually(lambda: sum(sim.active_calls for sim in fleets) == 10, timeout=10)
+        os.kill(service.proc.pid, signal.SIGTERM)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))
+        exited = [e for e in service.log() if e.get("event") == "worker exited"]
+        assert sorted(e["pid"] for e in exited) == sorted(pid for pid, _ in before)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exited)
+        assert "stopped" in [e.get("event") for e in service.log()]
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGHUP in the same loop turn as the trial run's end; the old image's
+    reload is still waiting for its worker's answer at the exec, and the new
+    generation then fails: the reload must still be done (by the new image,
+    for the generation serving on), not lost with the old image."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGHUP)\n")
+    # The worker answers `reload` a second later: the exec comes while the old
+    # image's reload waits for it.
+    _inject(
+        src,
+        "service/worker.py",
+        "        try:\n            await self.ingress.reload(self.config_path)",
+        "        await asyncio.sleep(1.0)\n",
+    )
+    _new_generation_dies(src)
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    try:
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def reloaded() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "reloaded"]
+
+        def events() -> list[str]:
+            return [e.get("event", "") for e in service.log()]
+
+        # Generation 2 died: the same worker serves on.
+        await eventually(lambda: any(e.startswith("upgrade abandoned") for e in events()), 15)
+        assert any("re-executing" in e for e in events())  # the exec happened
+        # Done by whichever image it reached (the old one if it finished before
+        # the exec), once.
+        await eventually(lambda: bool(reloaded()), timeout=10)
+        assert [e["process"] for e in reloaded()] == [service.proc.pid]
+        assert 'fleet_ingress_reloads_total{result="applied"} 1.0' in await service.metrics()
+    finally:
+        await service.finish()
+
+
+async def test_a_stop_held_over_the_exec_stops_the_new_image(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGTERM a moment before execve, signals blocked: it waits in the kernel
+    and the new image acts on it: no new generation, the calls drain, exit 0."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        "    os.execve(executable or sys.executable, argv, env)\n",
+        "    os.kill(os.getpid(), __import__('signal').SIGTERM)\n",
+    )
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
+    )
+    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    try:
+        await load.start_long(2, duration=3.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 15)
+        assert code == 0, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))
+        events = [e.get("event", "") for e in service.log()]
+        assert any("re-executing" in e for e in events)
+        abandoned = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(abandoned) == 1 and "during the re-execution" in abandoned[0]["error"]
+        assert not [e for e in service.log() if e.get("event") == "worker started"]
+        assert "stopped" in events
+    finally:
+        await load.stop()
+        await service.finish()

@@ -41,6 +41,10 @@ from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, s
 log = logging.getLogger("fleet_ingress.slots")
 
 
+class HandoverError(OSError):
+    """`handover` could not keep every channel; none was handed over."""
+
+
 class _Channel(asyncio.Protocol):
     def __init__(self, server: SlotServer, key: int, *, restoring: bool = False) -> None:
         self.server = server
@@ -158,14 +162,31 @@ class SlotServer:
         """Stop serving and give each joined worker's channel as a socket to
         keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
         after this: what workers send meanwhile waits in the kernel for the
-        next image, which counts it through their "state"."""
+        next image, which counts it through their "state".
+
+        All or nothing: when a channel cannot be duplicated (out of
+        descriptors) the ones already are closed and HandoverError raised,
+        every channel still served here."""
+        channels = [c for c in self._channels.values() if c.transport is not None and c.joined]
         kept: dict[str, socket.socket] = {}
-        for channel in list(self._channels.values()):
-            if channel.transport is None or not channel.joined:
-                continue
+        try:
+            for channel in channels:
+                assert channel.transport is not None
+                fd = channel.transport.get_extra_info("socket").fileno()
+                key = f"worker.{channel.pid}.{channel.generation}"
+                kept[key] = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            for sock in kept.values():
+                sock.close()
+            raise HandoverError(
+                f"cannot keep the workers' channels over the re-execution: {exc.strerror or exc} "
+                f"(at channel {len(kept) + 1} of {len(channels)}); nothing was handed over. "
+                "Raise the service's LimitNOFILE (or lower limits.max_connections), then "
+                "`fleet-ingress upgrade` again"
+            ) from exc
+        for channel in channels:
+            assert channel.transport is not None
             channel.transport.pause_reading()
-            fd = channel.transport.get_extra_info("socket").fileno()
-            kept[f"worker.{channel.pid}.{channel.generation}"] = socket.socket(fileno=os.dup(fd))
             channel.handed_over = True
             # Our descriptor closes, the duplicate keeps the channel open: the
             # worker sees no end of file.

@@ -54,6 +54,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -137,6 +138,11 @@ SERVING_SETTLE = 1.0
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
 HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Once those are blocked, the event loop turns for this long before the exec:
+# a signal that came just before the block is already out of the kernel, its
+# wake-up a byte in the loop's pipe that the exec would discard. Ready work
+# runs before the loop sleeps, so this acts on every such signal.
+SIGNALS_SETTLE = 0.05
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
 
@@ -168,6 +174,8 @@ class WorkerProcess:
     # Of a new generation not yet known to serve: not replaced if it dies.
     candidate: bool = False
     retiring: bool = False  # an older generation told to drain and exit: not replaced
+    # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
+    retire_by: float | None = None
 
     @property
     def pid(self) -> int:
@@ -209,6 +217,10 @@ class Supervisor:
             if config.tls.cert is not None:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
+        # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
+        # one under way: either goes over an exec as a reload the new image does.
+        self.reloads_asked: asyncio.Queue[None] = asyncio.Queue()
+        self.reloading = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.metrics = HostMetrics(
             self.slots,
@@ -245,9 +257,22 @@ class Supervisor:
         self._joined_early: set[int] = set()
         self._serving_early: set[int] = set()
         self.generation = 1
+        # Workers the serving generation should have (process.workers when it
+        # started: a reload does not change it).
+        self.worker_target = 0
         self.stopping = False
+        # SIGTERM/SIGINT received (run_supervisor): `stopping` follows a loop turn later.
+        self.stop_asked = False
         self.calls_lost_total = 0
         self._quick_deaths = 0
+        # Replacements of dead workers not started yet, by when they are due
+        # (monotonic): carried over an exec, where their tasks would be lost.
+        self._respawns: dict[asyncio.Task[None], float] = {}
+        self._starting = 0  # workers being started by a respawn, not in `workers` yet
+        # Cleared while a new generation starts: replacements wait, then start
+        # whichever generation serves by then, if it is short of workers.
+        self._generation_settled = asyncio.Event()
+        self._generation_settled.set()
         self._asks = itertools.count(1)
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -268,6 +293,7 @@ class Supervisor:
         # was being replaced at the exec hands over no channel at all).
         self._resumed = carried is not None
         self._carried_workers: dict[int, dict[str, Any]] = {}
+        self._carried_respawns: list[float] = []
         if carried is not None:
             self._take_carried(carried)
 
@@ -275,8 +301,15 @@ class Supervisor:
         """The previous image's state (`_state_for_exec`): what must not reset."""
         restore_fleets(self.balancer.fleets, carried["fleets"])
         self.generation = int(carried["generation"])
+        # (From a release that did not carry it: as configured now.)
+        self.worker_target = int(carried.get("worker_target") or self.config.process.worker_count())
+        self._quick_deaths = int(carried.get("quick_deaths", 0))
+        self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         self.started_at = float(carried["started_at"])
         self.reloads.update(carried["reloads"])
+        if carried.get("reload_pending"):
+            log.info("a reload asked during the upgrade: done once this image serves")
+            self.reloads_asked.put_nowait(None)
         self.restarts.update(carried["restarts"])
         self.calls_lost_total = int(carried["calls_lost_total"])
         self.slots.queue_timeouts = int(carried["queue_timeouts"])
@@ -343,11 +376,21 @@ class Supervisor:
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
         if self._resumed:
-            await self._adopt_workers(self.handed)
-            self.handed = {}
-            await self._finish_upgrade()
+            self._generation_settled.clear()
+            try:
+                await self._adopt_workers(self.handed)
+                self.handed = {}
+                await self._finish_upgrade()
+            finally:
+                self._generation_settled.set()
+            # Replacements the previous image had not started yet (a worker
+            # died shortly before the exec): due as they were.
+            now = time.monotonic()
+            for due in self._carried_respawns:
+                self._schedule_respawn(max(0.0, due - now))
+            self._carried_respawns = []
         else:
-            count = self.config.process.worker_count()
+            count = self.worker_target = self.config.process.worker_count()
             started = [await self._spawn(self.generation) for _ in range(count)]
             await self._wait_serving(started)
             log.info(
@@ -526,23 +569,57 @@ class Supervisor:
         quick = time.monotonic() - worker.started_at < QUICK_DEATH
         self._quick_deaths = self._quick_deaths + 1 if quick else 0
         delay = respawn_delay(self._quick_deaths)
-        task = asyncio.get_running_loop().create_task(self._respawn(worker.generation, delay))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
-
-    async def _respawn(self, generation: int, delay: float) -> None:
         if delay:
             log.warning(
                 "workers keep dying soon after start: waiting before the next",
                 extra=fields(delay_s=delay),
             )
-            await asyncio.sleep(delay)
+        self._schedule_respawn(delay)
+
+    def _schedule_respawn(self, delay: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._respawn(delay))
+        self._respawns[task] = time.monotonic() + delay
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(lambda done: self._respawns.pop(done, None))
+
+    def _short_of_workers(self) -> int:
+        """How many workers the serving generation lacks (being started counts)."""
+        serving = [
+            w
+            for w in self.workers.values()
+            if w.generation == self.generation
+            and not (w.retiring or w.candidate or w.left.is_set())
+            and w.proc.returncode is None
+        ]
+        return self.worker_target - len(serving) - self._starting
+
+    async def _respawn(self, delay: float) -> None:
+        """A worker died: start one of the generation serving by now (not of
+        a generation an upgrade retired meanwhile), if it still lacks one."""
+        await asyncio.sleep(delay)
+        await self._generation_settled.wait()
+        if self.stopping or self._short_of_workers() <= 0:
+            return
+        generation = self.generation
+        self._starting += 1
+        try:
+            worker = await self._spawn_retrying(generation, delay)
+        finally:
+            self._starting -= 1
+        if worker is None:
+            return
+        if self.stopping:  # the stop came while it was being started
+            self._stop_if_starting(worker)
+            return
+        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
+
+    async def _spawn_retrying(self, generation: int, delay: float) -> WorkerProcess | None:
         while True:
             if self.stopping:
-                return
+                return None
             try:
-                worker = await self._spawn(generation)
-                break
+                return await self._spawn(generation)
             except OSError as exc:
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
@@ -553,10 +630,6 @@ class Supervisor:
                     extra=fields(error=str(exc), retry_in_s=delay),
                 )
                 await asyncio.sleep(delay)
-        if self.stopping:  # the stop came while it was being started
-            self._stop_if_starting(worker)
-            return
-        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
 
     # -- asking workers ----------------------------------------------------------
 
@@ -605,7 +678,7 @@ class Supervisor:
         """Start an upgrade in the background (`upgrade` on the admin socket,
         or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
         Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.stopping:
+        if self.stopping or self.stop_asked:
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
@@ -660,14 +733,34 @@ class Supervisor:
             self._upgrade_failed(status, "the ingress began stopping during the trial run")
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
-        status["state"] = "re-executing"
+        # From here a stop or reload signal waits in the kernel for the next
+        # image; one that came before is acted on in this one first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
+            await asyncio.sleep(SIGNALS_SETTLE)
+            if self.stopping or self.stop_asked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._upgrade_failed(
+                    status,
+                    "a stop was asked (SIGTERM/SIGINT) as the trial run ended: not "
+                    "re-executing; the ingress stops",
+                )
+                return
+            status["state"] = "re-executing"
             self._reexec()
         except _ExecFailed as failed:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             await self._take_back(failed.kept)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
+        except HandoverError as exc:  # it says why and the fix; the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            self._upgrade_failed(status, str(exc))
         except OSError as exc:  # before anything was handed over: the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            raise
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
         status.update(state="failed", error=error, finished=time.time())
@@ -689,18 +782,32 @@ class Supervisor:
             "fleets": fleets_to_json(self.balancer.fleets),
             "view": self.view.to_json(time.monotonic()),
             "reloads": dict(self.reloads),
+            "reload_pending": self.reloading or not self.reloads_asked.empty(),
             "restarts": dict(self.restarts),
             "calls_lost_total": self.calls_lost_total,
             "queue_timeouts": self.slots.queue_timeouts,
             "reclaimed_total": self.slots.reclaimed_total,
             "bound_listen": self.bound_listen.model_dump(),
             "upgrades": list(self.upgrades.values()),
+            "worker_target": self.worker_target,
+            "quick_deaths": self._quick_deaths,
+            # Replacements not started yet, and workers started but not joined
+            # (their channels are not handed over: they see theirs close).
+            "respawns": [
+                *self._respawns.values(),
+                *(
+                    time.monotonic()
+                    for w in self.workers.values()
+                    if not (w.joined.is_set() or w.retiring or w.candidate)
+                ),
+            ],
             "workers": [
                 {
                     "pid": w.pid,
                     "generation": w.generation,
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
+                    "retire_by": w.retire_by,
                 }
                 for w in self.workers.values()
             ],
@@ -720,7 +827,11 @@ class Supervisor:
         argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(self.config_path)]
         # From here on nothing is read from the workers: what they send waits in
         # the kernel for the next image, which counts it through their "state".
-        kept = self.server.handover()
+        try:
+            kept = self.server.handover()  # all or nothing: HandoverError (an OSError)
+        except OSError:
+            os.close(fd)
+            raise
         socks.update(kept)
         log.info(
             "upgrade: re-executing the supervisor with the installed code",
@@ -730,11 +841,9 @@ class Supervisor:
                 executable=sys.executable,
             ),
         )
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             os.close(fd)
             raise _ExecFailed(exc, kept) from exc
 
@@ -777,6 +886,16 @@ class Supervisor:
                 started_at=float(carried.get("started_at", time.monotonic())),
                 retiring=bool(carried.get("retiring", False)),
             )
+            if worker.retiring:
+                # Its backstop, as the previous image set it (a release that did
+                # not carry it: a full one from now).
+                retire_by = carried.get("retire_by")
+                worker.retire_by = (
+                    float(retire_by)
+                    if retire_by is not None
+                    else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+                )
+                self._arm_backstop(worker)
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
@@ -802,6 +921,13 @@ class Supervisor:
         start, it is stopped and the running generation serves on."""
         status = next(reversed(self.upgrades.values()), None)
         if status is None or status["state"] != "re-executing":
+            return
+        if self.stop_asked:  # held over the exec: the workers adopted drain instead
+            self._upgrade_failed(
+                status,
+                "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
+                "generation is started; the ingress stops",
+            )
             return
         status["state"] = "starting workers"
         new_generation = self.generation + 1
@@ -832,6 +958,7 @@ class Supervisor:
         for worker in candidates:
             worker.candidate = False
         self.generation = new_generation
+        self.worker_target = len(candidates)
         for worker in old:
             self._retire(worker)
         status.update(state="done", generation=new_generation, finished=time.time())
@@ -853,9 +980,17 @@ class Supervisor:
         if worker.retiring and worker.left.is_set():
             return
         worker.retiring = True
-        self.server.send(worker.key, {"op": "stop", "id": next(self._asks), "upgrade": True})
-        grace = self.config.timeouts.drain + STOP_GRACE
-        asyncio.get_running_loop().call_later(grace, self._kill_if_left, worker)
+        stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
+        if not self.server.send(worker.key, stop):
+            self._stop_if_starting(worker)  # not joined yet: it holds no call
+        if worker.retire_by is None:  # told again (a later upgrade): the first deadline holds
+            worker.retire_by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+            self._arm_backstop(worker)
+
+    def _arm_backstop(self, worker: WorkerProcess) -> None:
+        assert worker.retire_by is not None
+        delay = max(0.0, worker.retire_by - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
@@ -907,6 +1042,13 @@ class Supervisor:
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
         worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
+        self.reloading = True
+        try:
+            return await self._reload()
+        finally:
+            self.reloading = False
+
+    async def _reload(self) -> str:
         try:
             config, specs, _, fleet_ssl = read_reload(self.config_path)
         except ReloadRefused:
@@ -1049,7 +1191,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    reloads: asyncio.Queue[None] = asyncio.Queue()
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
@@ -1060,6 +1201,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
             return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
+        supervisor.stop_asked = True
         stop.set()
 
     def on_upgrade_signal() -> None:
@@ -1071,10 +1213,11 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     supervisor.notifier = notifier
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, reloads.put_nowait, None)
+    loop.add_signal_handler(signal.SIGHUP, supervisor.reloads_asked.put_nowait, None)
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
+    await _threads_without_held_signals(loop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
     # Starting can take a while (after an upgrade's exec: restoring the slot
     # table, a new generation, first probes): systemd's watchdog must not fire
@@ -1096,7 +1239,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
     log.info("ready", extra=fields(status=supervisor.status_line()))
     background = [
-        loop.create_task(_reload_on_signal(supervisor, reloads, notifier)),
+        loop.create_task(_reload_on_signal(supervisor, supervisor.reloads_asked, notifier)),
         loop.create_task(_keep_systemd_informed(supervisor, notifier)),
     ]
     await stop.wait()
@@ -1110,6 +1253,26 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     log.info("stopped")
     notifier.close()
     return 0
+
+
+def _block_held_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+
+
+async def _threads_without_held_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Every thread but this one blocks HELD_OVER_EXEC. A signal goes to any
+    thread that does not block it: one taken by a helper thread while the main
+    thread blocks them for an exec would be consumed, and lost with the old
+    image. Threads inherit the mask of the thread that starts them: the
+    executor's set it themselves, libuv's pool (uvloop's getaddrinfo, file
+    work) is started here, all at once, while this thread blocks them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+    loop.set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="supervisor", initializer=_block_held_signals)
+    )
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(2.0):  # the pool starts at the ask; the answer does not matter
+            await loop.getaddrinfo("localhost", None)
 
 
 def _exit_now(supervisor: Supervisor) -> None:
