@@ -283,3 +283,81 @@ async def test_a_worker_silent_after_the_reexecution_is_cut_off_and_the_rest_go_
     finally:
         silent_theirs.close()
         await server.close()
+
+
+# -- versions meet on the channel (an upgrade): unknown ops are ignored ---------------------------
+
+
+def _unknown_ops_logged(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "fleet_ingress.slots" and "op not known" in r.getMessage()
+    ]
+
+
+async def test_an_op_the_worker_does_not_know_is_logged_once_and_the_channel_stays(host, caplog):
+    """A newer supervisor (after an upgrade) speaks to an old worker: its new op
+    must not cost the worker its channel, its slots and its accepting."""
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    held = await w1.lease()
+    key = next(iter(h.server._channels))
+    for _ in range(3):
+        assert h.server.send(key, {"op": "future-op", "what": {"nested": [1]}})
+    h.server.send(key, {"op": "other-future-op"})  # no "id", no fields it knows
+    assert await h.server.collect_reports(2.0) == 0  # read after them, in order
+    assert not w1.lost.done() and held.held
+    assert (await w1.lease()).fleet.name in {"a", "b"}
+    said = _unknown_ops_logged(caplog)
+    assert sorted(f["op"] for f in said) == ["future-op", "other-future-op"]
+    assert {f["pid"] for f in said} == {w1.pid}
+
+
+async def test_an_op_the_coordinator_does_not_know_is_logged_once_and_the_channel_stays(
+    host, caplog
+):
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    held = await w1.lease()
+    for _ in range(3):
+        w1.send({"op": "future-op", "id": 1})
+    assert (await w1.lease()).fleet.name in {"a", "b"}  # answered after the op was read
+    assert not w1.lost.done() and held.held
+    assert [r.pid for r in h.slots.workers] == [w1.pid]
+    assert [(f["op"], f["pid"]) for f in _unknown_ops_logged(caplog)] == [("future-op", w1.pid)]
+
+
+async def test_an_unknown_op_before_hello_is_ignored_but_a_known_one_breaks_the_channel(host):
+    h = host(maxconn=2)
+    await h.worker()  # the coordinator's loop is serving
+    for first, survives in ((b'{"op":"future-op"}\n', True), (b'{"op":"acquire","id":1}\n', False)):
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        await h.server.adopt(ours)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(theirs, first + b'{"op":"hello","pid":7,"generation":1}\n')
+            if survives:
+                await eventually(lambda: 7 in {r.pid for r in h.slots.workers})
+            else:
+                async with asyncio.timeout(2):
+                    assert await loop.sock_recv(theirs, 100) == b""  # closed
+                assert 7 not in {r.pid for r in h.slots.workers}
+        finally:
+            theirs.close()
+        await eventually(lambda: 7 not in {r.pid for r in h.slots.workers})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"not json\n", b'{"no-op": 1}\n', b'{"op":"granted","id":"x","fleet":"a"}\n'],
+    ids=["not-json", "no-op", "bad-field"],
+)
+async def test_what_is_not_the_protocol_still_breaks_the_workers_channel(host, line):
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    channel = next(iter(h.server._channels.values()))
+    assert channel.transport is not None
+    channel.transport.write(line)
+    await asyncio.wait_for(w1.lost, 2)

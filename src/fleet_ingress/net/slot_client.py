@@ -35,7 +35,14 @@ from typing import Any, cast
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import NoFleetAvailable
-from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_from_wire
+from fleet_ingress.net.slot_wire import (
+    LineDecoder,
+    UnknownOps,
+    WireError,
+    encode,
+    field,
+    spec_from_wire,
+)
 
 log = logging.getLogger("fleet_ingress.slots")
 
@@ -85,6 +92,7 @@ class SlotClient(asyncio.Protocol):
         self.reporter: Callable[[], dict[str, Any]] | None = None
         self._reports = itertools.count(1)
         self.started = time.time()
+        self._unknown = UnknownOps()  # a newer supervisor's ops: logged once, ignored
 
     @classmethod
     async def connect(
@@ -212,6 +220,9 @@ class SlotClient(asyncio.Protocol):
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
             return
+        if op != "granted" and op != "refused":
+            self._unknown.ignore(op, pid=self.pid)
+            return
         lease_id = field(message, "id", int)
         if op == "granted":
             fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
@@ -228,8 +239,6 @@ class SlotClient(asyncio.Protocol):
             future = self._pending.pop(lease_id, None)
             if future is not None and not future.done():
                 future.set_exception(NoFleetAvailable(field(message, "reason", str)))
-        else:
-            raise WireError(f"unknown op {op!r}")
 
     def _state(self) -> dict[str, Any]:
         """What this worker holds and waits for: the truth the coordinator's

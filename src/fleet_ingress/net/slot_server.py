@@ -36,9 +36,19 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
-from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_to_wire
+from fleet_ingress.net.slot_wire import (
+    LineDecoder,
+    UnknownOps,
+    WireError,
+    encode,
+    field,
+    spec_to_wire,
+)
 
 log = logging.getLogger("fleet_ingress.slots")
+
+# What a worker may send of the slots' own (the supervisor's are `handlers`).
+_WORKER_OPS = frozenset({"hello", "acquire", "release", "state", "report"})
 
 
 class _Channel(asyncio.Protocol):
@@ -55,6 +65,7 @@ class _Channel(asyncio.Protocol):
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
+        self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -233,7 +244,10 @@ class SlotServer:
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
-                raise WireError(f"{op!r} before 'hello'")
+                if self._known(op):
+                    raise WireError(f"{op!r} before 'hello'")
+                channel.unknown.ignore(op, channel=channel.key, pid=channel.pid)
+                return
             pid, generation = field(message, "pid", int), field(message, "generation", int)
             self.slots.join(channel.key, pid=pid, generation=generation)
             channel.joined = True
@@ -264,8 +278,13 @@ class SlotServer:
             self._send(self.slots.release(channel.key, field(message, "id", int)))
         elif (handler := self.handlers.get(op)) is not None:
             handler(channel.key, message)
+        elif self._known(op):
+            raise WireError(f"{op!r} out of place")
         else:
-            raise WireError(f"unknown op {op!r}")
+            channel.unknown.ignore(op, channel=channel.key, pid=channel.pid)
+
+    def _known(self, op: str) -> bool:
+        return op in _WORKER_OPS or op in self.handlers
 
     def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
         if channel.asked is not None and not channel.asked.done():
