@@ -127,8 +127,9 @@ RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-# After a re-execution, every kept worker says what it holds within this, or
-# is cut off (nothing is granted meanwhile: calls asking for a slot wait).
+# After a re-execution, nothing is granted (calls asking for a slot wait) until
+# every kept worker has said what it holds, or this has passed: then a worker
+# still silent keeps counted what it held before until it says.
 RESTORE_TIMEOUT = 5.0
 # A new generation must still be there this long after it began serving before
 # the old one is told to stop accepting.
@@ -683,6 +684,7 @@ class Supervisor:
 
     def _state_for_exec(self) -> dict[str, Any]:
         """What the next image needs that no socket carries (`_take_carried`)."""
+        rows = {row.worker: row for row in self.slots.workers}
         return {
             "generation": self.generation,
             "started_at": self.started_at,
@@ -701,6 +703,8 @@ class Supervisor:
                     "generation": w.generation,
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
+                    # Counted for it if it is slow to say what it holds (SlotServer.adopt).
+                    "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
                 for w in self.workers.values()
             ],
@@ -753,7 +757,12 @@ class Supervisor:
             if row is not None:  # not reclaimed: the worker still holds them
                 self.slots.reclaimed_total -= len(row.held)
             self.workers.pop(worker.key, None)
-            worker.key = await self.server.adopt(sock, restoring=True)
+            worker.key = await self.server.adopt(
+                sock,
+                restoring=True,
+                worker=(worker.pid, worker.generation),
+                held_before=[] if row is None else [f.name for f in row.held.values()],
+            )
             self.workers[worker.key] = worker
         await self.server.finish_restore(RESTORE_TIMEOUT)
 
@@ -768,8 +777,14 @@ class Supervisor:
                 sock.close()
                 continue
             pid, generation = ids
-            key = await self.server.adopt(sock, restoring=True)
             carried = self._carried_workers.get(pid, {})
+            held = carried.get("held")
+            key = await self.server.adopt(
+                sock,
+                restoring=True,
+                worker=(pid, generation),
+                held_before=[str(name) for name in held] if isinstance(held, list) else None,
+            )
             worker = WorkerProcess(
                 AdoptedProcess(pid),
                 generation,
@@ -784,13 +799,14 @@ class Supervisor:
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
-        present = {(row.pid, row.generation) for row in self.slots.workers}
+        # A worker slow to answer is still one: its stats stay its own.
+        present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
         retired = self.view.retire_absent(present)
         log.info(
             "workers rejoined after the re-execution",
             extra=fields(
                 workers=sorted(present),
-                cut_off=silent,
+                not_answered_yet=[self.workers[k].pid for k in silent if k in self.workers],
                 retired_from_stats=sorted(retired),
                 calls=self.host_calls,
             ),
