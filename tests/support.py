@@ -600,7 +600,7 @@ class RunningIngress:
         code = await asyncio.wait_for(self.proc.wait(), 10)
         # Workers of a killed supervisor see their channel close and drain; a test
         # leaves none behind.
-        for pid in _workers_of(self.home):
+        for pid in workers_of(self.home):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         loop = asyncio.get_running_loop()
@@ -610,7 +610,7 @@ class RunningIngress:
         return code
 
 
-def _workers_of(home: Path) -> list[int]:
+def workers_of(home: Path) -> list[int]:
     """Pids of the workers started with the config in `home`."""
     found = []
     mark = str(home).encode()

@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, eventually, write_leaf_cert
+from tests.support import RunningIngress, TLSFiles, eventually, workers_of, write_leaf_cert
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -472,3 +472,40 @@ def _alive(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+async def test_sighup_while_a_worker_is_starting_reaches_it_and_ready_waits_for_its_answer(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker replaced at the moment of a reload: the replacement has not
+    joined the coordinator yet (its imports take hundreds of ms; here it is
+    stopped before it can), so it cannot be told at once. It must be told once
+    it serves, and READY=1 must wait for its answer."""
+    service = await _start(tls_files, two_fleets)
+    starting = None
+    try:
+        rows = await _worker_rows(service)
+        known = {r["pid"] for r in rows}
+        os.kill(rows[0]["pid"], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (new := set(workers_of(service.home)) - known):
+                await asyncio.sleep(0.002)
+        (starting,) = new
+        os.kill(starting, signal.SIGSTOP)
+        joined = [e for e in _logged(service, "worker joined the slot coordinator")]
+        assert starting not in {e["pid"] for e in joined}, "stopped too late: it had joined"
+        write_leaf_cert(tls_files.ca, service.home)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("RELOADING=1")
+        await asyncio.sleep(1.5)  # the other worker answers in milliseconds
+        assert service.seen("READY=1") == 1, "READY=1 before the starting worker answered"
+        os.kill(starting, signal.SIGCONT)
+        await service.wait_for("READY=1", count=2, timeout=15)
+        (reloaded,) = _logged(service, "workers reloaded")
+        assert sorted(reloaded["workers"]) == sorted({rows[1]["pid"], starting}), reloaded
+        assert reloaded["failed"] == {}
+    finally:
+        if starting is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(starting, signal.SIGCONT)
+        await service.finish()
