@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -508,4 +509,61 @@ async def test_sighup_while_a_worker_is_starting_reaches_it_and_ready_waits_for_
         if starting is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(starting, signal.SIGCONT)
+        await service.finish()
+
+
+def _feed_fifo(path: Path, text: str, timeout: float = 5.0) -> bool:
+    """Give a reader blocked on the FIFO at `path` its text, putting a regular
+    file with that text in its place before the reader sees the end; False
+    when no reader came within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: nobody reads it yet
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, text.encode())
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_text(text)
+        os.replace(fresh, path)
+    finally:
+        os.close(fd)
+    return True
+
+
+async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slot(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor's event loop answers every call's slot request: the files
+    a reload reads (here the fleets file, on a "disk" that does not answer: a
+    FIFO nobody writes yet) must not hold it, and the reload ends as before."""
+    service = await _start(tls_files, two_fleets)
+    fleets = service.home / "fleets.txt"
+    text = fleets.read_text()
+    fed = False
+    try:
+        fleets.unlink()
+        os.mkfifo(fleets)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("RELOADING=1")
+        await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):  # the loop answers meanwhile: a slot, the stats
+            ws = await _open(service, tls_files, "during-the-read")
+            await _echo(ws)
+            await ws.close()
+            assert len(await _worker_rows(service)) == 2
+        assert service.seen("READY=1") == 1  # the reload still waits for its file
+        fed = await asyncio.to_thread(_feed_fifo, fleets, text)
+        assert fed
+        await service.wait_for("READY=1", count=2)
+        (reloaded,) = _logged(service, "reloaded")
+        assert reloaded["changes"] == "no fleet changes"
+    finally:
+        if not fed:
+            await asyncio.to_thread(_feed_fifo, fleets, text, 0.5)
         await service.finish()

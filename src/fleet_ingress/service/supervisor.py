@@ -1012,17 +1012,20 @@ class Supervisor:
         """Reload configuration, fleets file and certificate: here, then in every
         worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
         try:
-            config, specs, _, fleet_ssl = read_reload(self.config_path)
+            # Off the loop, which answers the workers' slot requests meanwhile:
+            # the fleets' TLS context alone reads the system's trust store (20 ms
+            # measured), and a file on a slow disk could hold every call's lease.
+            config, specs, _, fleet_ssl = await asyncio.to_thread(read_reload, self.config_path)
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
+        not_after = await asyncio.to_thread(_not_after, config)
         notes = listener_notes(self.bound_listen, config)
         if config.process.workers != self.config.process.workers:
             notes.append("process.workers changed: takes effect at the next restart")
         self.config = config
-        with contextlib.suppress(OSError, ValueError):
-            assert config.tls.cert is not None
-            self.certificate_not_after = certificate_not_after(config.tls.cert)
+        if not_after is not None:
+            self.certificate_not_after = not_after
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         plan = self.fleet_set.apply(
@@ -1117,6 +1120,14 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _not_after(config: IngressConfig) -> float | None:
+    """The certificate's expiry, None when it cannot be read (the last one known stands)."""
+    with contextlib.suppress(OSError, ValueError):
+        assert config.tls.cert is not None
+        return certificate_not_after(config.tls.cert)
+    return None
 
 
 def _monotonic_usec() -> str:
