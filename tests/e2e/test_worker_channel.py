@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,49 +49,59 @@ class LoneWorker:
 
 
 @pytest.fixture
-async def lone_worker(tls_files: TLSFiles) -> AsyncIterator[LoneWorker]:
-    fleet = SimulatedFleet(name="a", capacity=4, ssl_context=tls_files.fleet_server_context())
-    await fleet.start()
-    home = Path(tempfile.mkdtemp(prefix="fi-worker-"))
-    lines = [f"{fleet.url} name=a maxconn=4"]
-    port, _ = await write_run_home(tls_files, home, lines, workers=1)
-    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(lines[0], default_maxconn=4)))
-    balancer.fleets[0].health = Health.UP
-    slots = HostSlots(balancer, queue_timeout=2.0, max_queue=8)
-    server = SlotServer(slots)
-    serving = asyncio.Event()
-    server.handlers["serving"] = lambda key, message: serving.set()
-    listener = bind_tcp("127.0.0.1", port)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    socks = {"listen.wss": listener, COORDINATOR: theirs}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleet_ingress",
-        "worker",
-        "-c",
-        str(home / "ingress.toml"),
-        "--generation",
-        "1",
-        pass_fds=pass_fds(socks),
-        env=handover_env(socks),
-        stdin=asyncio.subprocess.DEVNULL,
-        stderr=(home / "stderr.log").open("wb"),
-    )
-    theirs.close()
-    key = await server.adopt(ours)
-    worker = LoneWorker(proc, home, port, slots, server, key)
-    try:
-        async with asyncio.timeout(20):
-            await serving.wait()
-        yield worker
-    finally:
+async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]:
+    """Starts a lone worker; `at_hello`: messages the coordinator sends it the
+    moment it reads its hello. Waits until it serves unless `wait` is false."""
+    started: list[tuple[LoneWorker, socket.socket, SimulatedFleet]] = []
+
+    async def start(*, at_hello: tuple[dict[str, Any], ...] = (), wait: bool = True) -> LoneWorker:
+        fleet = SimulatedFleet(name="a", capacity=4, ssl_context=tls_files.fleet_server_context())
+        await fleet.start()
+        home = Path(tempfile.mkdtemp(prefix="fi-worker-"))
+        lines = [f"{fleet.url} name=a maxconn=4"]
+        port, _ = await write_run_home(tls_files, home, lines, workers=1)
+        balancer = Balancer(FleetSet.from_specs(parse_fleets_text(lines[0], default_maxconn=4)))
+        balancer.fleets[0].health = Health.UP
+        slots = HostSlots(balancer, queue_timeout=2.0, max_queue=8)
+        server = SlotServer(slots)
+        serving = asyncio.Event()
+        server.handlers["serving"] = lambda key, message: serving.set()
+        server.on_join.append(lambda key, pid, generation: [server.send(key, m) for m in at_hello])
+        listener = bind_tcp("127.0.0.1", port)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks = {"listen.wss": listener, COORDINATOR: theirs}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "worker",
+            "-c",
+            str(home / "ingress.toml"),
+            "--generation",
+            "1",
+            pass_fds=pass_fds(socks),
+            env=handover_env(socks),
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=(home / "stderr.log").open("wb"),
+        )
+        theirs.close()
+        key = await server.adopt(ours)
+        worker = LoneWorker(proc, home, port, slots, server, key)
+        started.append((worker, listener, fleet))
+        if wait:
+            async with asyncio.timeout(20):
+                await serving.wait()
+        return worker
+
+    yield start
+    for worker, listener, fleet in started:
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await asyncio.wait_for(proc.wait(), 10)
-        await server.close()
+            worker.proc.kill()
+        await asyncio.wait_for(worker.proc.wait(), 10)
+        await worker.server.close()
         listener.close()
         await fleet.stop()
+        shutil.rmtree(worker.home, ignore_errors=True)
 
 
 async def _one_call(worker: LoneWorker, tls_files: TLSFiles) -> None:
@@ -110,12 +121,12 @@ async def _one_call(worker: LoneWorker, tls_files: TLSFiles) -> None:
 
 
 async def test_an_old_worker_keeps_serving_when_a_newer_supervisor_sends_an_op_it_does_not_know(
-    lone_worker: LoneWorker, tls_files: TLSFiles
+    start_worker: Callable[..., Any], tls_files: TLSFiles
 ) -> None:
     """After an upgrade, the new supervisor speaks to the old generation until
     it has drained: an op the old worker's code does not know (one a later
     version adds) must not cut its channel, which would make it stop accepting."""
-    worker = lone_worker
+    worker = await start_worker()
     await _one_call(worker, tls_files)
     for _ in range(3):
         assert worker.server.send(worker.key, {"op": "future-op", "id": 5, "x": [1, 2]})
@@ -127,3 +138,15 @@ async def test_an_old_worker_keeps_serving_when_a_newer_supervisor_sends_an_op_i
     said = [e for e in worker.log() if "op not known" in e["event"]]
     assert [(e["op"], e["pid"]) for e in said] == [("future-op", worker.proc.pid)], said
     assert not [e for e in worker.log() if e["level"] == "error"]
+
+
+async def test_a_stop_sent_the_moment_the_worker_says_hello_is_heard(
+    start_worker: Callable[..., Any],
+) -> None:
+    """The supervisor may say `stop` (SIGTERM while a worker starts) as soon as
+    it reads the worker's hello: by then the worker must listen for it (an op
+    with no handler yet would be ignored as unknown). No call: it exits at once."""
+    worker = await start_worker(at_hello=({"op": "stop", "id": 1},), wait=False)
+    async with asyncio.timeout(15):
+        assert await worker.proc.wait() == 0
+    assert not [e for e in worker.log() if "op not known" in e["event"]], worker.log()

@@ -70,11 +70,16 @@ class RemoteLease:
 
 
 class SlotClient(asyncio.Protocol):
-    def __init__(self, *, pid: int, generation: int, answer_timeout: float) -> None:
+    def __init__(
+        self, *, pid: int, generation: int, answer_timeout: float, hello: bool = True
+    ) -> None:
         """`answer_timeout` bounds a wait for the coordinator's answer; set it
         above the queue timeout (which the coordinator enforces itself) plus
-        the time the supervisor takes to re-execute."""
+        the time the supervisor takes to re-execute. `hello` False: `say_hello`
+        later, once `handlers` are in place (the coordinator's own messages
+        may follow its reading of "hello" at once)."""
         self.pid = pid
+        self._hello = hello
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
@@ -103,11 +108,14 @@ class SlotClient(asyncio.Protocol):
         pid: int,
         generation: int,
         answer_timeout: float,
+        hello: bool = True,
     ) -> SlotClient:
         """Over an inherited socket (`sock`, the worker's end of a socketpair)
         or to the coordinator's listening Unix socket (`path`)."""
         loop = asyncio.get_running_loop()
-        make = lambda: cls(pid=pid, generation=generation, answer_timeout=answer_timeout)  # noqa: E731
+        make = lambda: cls(  # noqa: E731
+            pid=pid, generation=generation, answer_timeout=answer_timeout, hello=hello
+        )
         if sock is not None:
             _, client = await loop.create_unix_connection(make, sock=sock)
         else:
@@ -173,9 +181,15 @@ class SlotClient(asyncio.Protocol):
 
     # -- the channel -----------------------------------------------------------
 
+    def say_hello(self) -> None:
+        """Join the coordinator (once; `connect` does it unless told not to)."""
+        self._hello = False
+        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+        if self._hello:
+            self.say_hello()
 
     def data_received(self, data: bytes) -> None:
         try:
