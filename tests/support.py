@@ -434,6 +434,56 @@ def write_leaf_cert(
     return f"{serial:X}".lstrip("0")
 
 
+async def write_run_home(
+    tls_files: TLSFiles,
+    home: Path,
+    fleet_lines: list[str],
+    *,
+    workers: int | str = 2,
+    extra: str = "",
+    drain: float = 30,
+    queue: float = 3,
+    check_timeout: float = 1,
+) -> tuple[int, int]:
+    """What `fleet-ingress run -c home/ingress.toml` needs in `home`: config,
+    fleets file, certificate; returns the carrier and stats ports it names."""
+    write_leaf_cert(tls_files.ca, home)
+    port, stats_port = await free_ports(2)
+    (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
+    workers_toml = f'"{workers}"' if isinstance(workers, str) else str(workers)
+    (home / "ingress.toml").write_text(
+        f"""
+[listen]
+wss = "127.0.0.1:{port}"
+acme = ""
+stats = "127.0.0.1:{stats_port}"
+admin_socket = "admin.sock"
+
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+ca_file = "{tls_files.ca_pem}"
+
+[fleets]
+ca_file = "{tls_files.ca_pem}"
+check_interval = 0.2
+check_timeout = {check_timeout}
+
+[timeouts]
+drain = {drain}
+queue = {queue}
+
+[log]
+format = "json"
+
+[process]
+workers = {workers_toml}
+{extra}
+"""
+    )
+    return port, stats_port
+
+
 @dataclass
 class RunningIngress:
     """`python -m fleet_ingress run` in a temporary home: its config, fleets file
@@ -463,39 +513,15 @@ class RunningIngress:
         import tempfile
 
         home = Path(tempfile.mkdtemp(prefix="fi-run-"))
-        write_leaf_cert(tls_files.ca, home)
-        port, stats_port = await free_ports(2)
-        (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
-        workers_toml = f'"{workers}"' if isinstance(workers, str) else str(workers)
-        (home / "ingress.toml").write_text(
-            f"""
-[listen]
-wss = "127.0.0.1:{port}"
-acme = ""
-stats = "127.0.0.1:{stats_port}"
-admin_socket = "admin.sock"
-
-[tls]
-cert = "cert.pem"
-key = "key.pem"
-ca_file = "{tls_files.ca_pem}"
-
-[fleets]
-ca_file = "{tls_files.ca_pem}"
-check_interval = 0.2
-check_timeout = {check_timeout}
-
-[timeouts]
-drain = {drain}
-queue = {queue}
-
-[log]
-format = "json"
-
-[process]
-workers = {workers_toml}
-{extra}
-"""
+        port, stats_port = await write_run_home(
+            tls_files,
+            home,
+            fleet_lines,
+            workers=workers,
+            extra=extra,
+            drain=drain,
+            queue=queue,
+            check_timeout=check_timeout,
         )
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(home / "notify.sock"))
@@ -574,7 +600,7 @@ workers = {workers_toml}
         code = await asyncio.wait_for(self.proc.wait(), 10)
         # Workers of a killed supervisor see their channel close and drain; a test
         # leaves none behind.
-        for pid in _workers_of(self.home):
+        for pid in workers_of(self.home):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
         loop = asyncio.get_running_loop()
@@ -584,7 +610,7 @@ workers = {workers_toml}
         return code
 
 
-def _workers_of(home: Path) -> list[int]:
+def workers_of(home: Path) -> list[int]:
     """Pids of the workers started with the config in `home`."""
     found = []
     mark = str(home).encode()

@@ -4,8 +4,9 @@
 
 Runs the slot coordinator (two fleets, maxconn 16, queue timeout 10 s) on the
 Unix socket PATH. On SIGUSR2 it re-executes itself, keeping that socket and
-every worker's channel (`service.listen_fds`); the new image rebuilds the
-table from what the workers say they hold. Commands on stdin, one a line:
+every worker's channel (`service.listen_fds`), and what each held (as the
+supervisor's state over the exec does); the new image rebuilds the table
+from what the workers say they hold. Commands on stdin, one a line:
 `stats` prints the table. Events on stdout, one JSON object a line.
 """
 
@@ -28,6 +29,7 @@ from fleet_ingress.service.listen_fds import adopt, reexec, worker_key
 
 SCRIPT = os.path.abspath(__file__)
 FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
+HELD = "SLOT_CHILD_HELD"  # over the exec: channel key -> the fleet of each slot it held
 
 
 def say(**event: object) -> None:
@@ -52,9 +54,11 @@ async def main(path: str) -> None:
     if kept:
         slots.paused = True
         listener = await server.serve_unix(sock=kept.pop("listen.slots"))
+        held = json.loads(os.environ.pop(HELD, "{}"))
         for key, sock in kept.items():
-            assert worker_key(key) is not None
-            await server.adopt(sock, restoring=True)
+            worker = worker_key(key)
+            assert worker is not None
+            await server.adopt(sock, restoring=True, worker=worker, held_before=held.get(key))
         silent = await server.finish_restore(2.0)
         say(ev="restored", pid=os.getpid(), silent=silent, **stats(slots))
     else:
@@ -77,10 +81,14 @@ async def main(path: str) -> None:
         say(ev="stats", **stats(slots))
     # The upgrade: keep the coordinator's socket and every worker's channel.
     (listening,) = listener.sockets
+    held = {
+        f"worker.{row.pid}.{row.generation}": [f.name for f in row.held.values()]
+        for row in slots.workers
+    }
     socks = server.handover()
     socks["listen.slots"] = socket.socket(fileno=os.dup(listening.fileno()))
     say(ev="exec", pid=os.getpid(), **stats(slots))
-    reexec([sys.executable, SCRIPT, path], socks)
+    reexec([sys.executable, SCRIPT, path], socks, extra_env={HELD: json.dumps(held)})
 
 
 if __name__ == "__main__":

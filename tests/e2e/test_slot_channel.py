@@ -257,29 +257,148 @@ async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_wor
         await server.close()
 
 
-async def test_a_worker_silent_after_the_reexecution_is_cut_off_and_the_rest_go_on(host):
-    h = host(maxconn=1)
-    w1 = await h.worker()
-    await w1.lease()
+async def _slow_after_reexec(h: Host) -> tuple[SlotServer, HostSlots, socket.socket, int]:
+    """A re-executed coordinator with `h`'s workers kept over the exec, and one
+    more that held b in the previous image and is slow to answer "sync" (the
+    test's end of it, raw)."""
     kept = h.server.handover()
-    silent_ours, silent_theirs = socket.socketpair()  # a hung worker: never answers "sync"
+    slow_ours, slow_theirs = socket.socketpair()
     slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
     slots.paused = True
     server = SlotServer(slots)
+    for sock in kept.values():
+        await server.adopt(sock, restoring=True)
+    slow = await server.adopt(slow_ours, restoring=True, worker=(77, 1), held_before=["b"])
+    slow_theirs.setblocking(False)
+    return server, slots, slow_theirs, slow
+
+
+async def test_a_worker_slow_after_the_reexecution_keeps_its_slots_counted_and_maxconn_holds(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker holds b: both fleets full
+    server, slots, slow_theirs, slow = await _slow_after_reexec(h)
+    loop = asyncio.get_running_loop()
     try:
-        for sock in kept.values():
-            await server.adopt(sock, restoring=True)
-        silent = await server.adopt(silent_ours, restoring=True)
-        assert await server.finish_restore(0.3) == [silent]
-        assert not slots.paused
-        loop = asyncio.get_running_loop()
-        silent_theirs.setblocking(False)
+        assert await server.finish_restore(0.3) == [slow]
+        assert not slots.paused  # the others are served again
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
+        waiting = asyncio.create_task(w1.lease())  # no room: b is the slow one's
+        await eventually(lambda: slots.queue_length == 1)
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        # The supervisor's own messages reach it (an old generation told to
+        # retire), read after "sync".
+        assert server.send(slow, {"op": "stop", "id": 9, "upgrade": True})
+        expected = b'{"op":"sync"}\n{"op":"stop","id":9,"upgrade":true}\n'
         received = b""
         async with asyncio.timeout(2):
-            while chunk := await loop.sock_recv(silent_theirs, 1024):
-                received += chunk
-        assert received == b'{"op":"sync"}\n'  # asked, then cut off
-        assert (await w1.lease()).fleet.name == "b"  # w1's held slot on a still counts
+            while len(received) < len(expected):
+                received += await loop.sock_recv(slow_theirs, 1024)
+        assert received == expected
+        # It answers, late; its channel was never closed.
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state)
+        await eventually(lambda: {r.pid: r.calls for r in slots.workers} == {w1.pid: 1, 77: 1})
+        assert not waiting.done() and slots.reclaimed_total == 0
+        await loop.sock_sendall(slow_theirs, b'{"op":"release","id":4}\n')
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
     finally:
-        silent_theirs.close()
+        slow_theirs.close()
         await server.close()
+
+
+async def test_a_worker_that_dies_before_it_answers_the_reexecution_gives_its_slots_back(host):
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()
+    server, slots, slow_theirs, slow = await _slow_after_reexec(h)
+    try:
+        assert await server.finish_restore(0.3) == [slow]
+        waiting = asyncio.create_task(w1.lease())
+        await eventually(lambda: slots.queue_length == 1)
+        slow_theirs.close()  # dead: the kernel closes its end
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert slots.reclaimed_total == 1 and [r.pid for r in slots.workers] == [w1.pid]
+    finally:
+        slow_theirs.close()
+        await server.close()
+
+
+# -- versions meet on the channel (an upgrade): unknown ops are ignored ---------------------------
+
+
+def _unknown_ops_logged(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "fleet_ingress.slots" and "op not known" in r.getMessage()
+    ]
+
+
+async def test_an_op_the_worker_does_not_know_is_logged_once_and_the_channel_stays(host, caplog):
+    """A newer supervisor (after an upgrade) speaks to an old worker: its new op
+    must not cost the worker its channel, its slots and its accepting."""
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    held = await w1.lease()
+    key = next(iter(h.server._channels))
+    for _ in range(3):
+        assert h.server.send(key, {"op": "future-op", "what": {"nested": [1]}})
+    h.server.send(key, {"op": "other-future-op"})  # no "id", no fields it knows
+    assert await h.server.collect_reports(2.0) == 0  # read after them, in order
+    assert not w1.lost.done() and held.held
+    assert (await w1.lease()).fleet.name in {"a", "b"}
+    said = _unknown_ops_logged(caplog)
+    assert sorted(f["op"] for f in said) == ["future-op", "other-future-op"]
+    assert {f["pid"] for f in said} == {w1.pid}
+
+
+async def test_an_op_the_coordinator_does_not_know_is_logged_once_and_the_channel_stays(
+    host, caplog
+):
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    held = await w1.lease()
+    for _ in range(3):
+        w1.send({"op": "future-op", "id": 1})
+    assert (await w1.lease()).fleet.name in {"a", "b"}  # answered after the op was read
+    assert not w1.lost.done() and held.held
+    assert [r.pid for r in h.slots.workers] == [w1.pid]
+    assert [(f["op"], f["pid"]) for f in _unknown_ops_logged(caplog)] == [("future-op", w1.pid)]
+
+
+async def test_an_unknown_op_before_hello_is_ignored_but_a_known_one_breaks_the_channel(host):
+    h = host(maxconn=2)
+    await h.worker()  # the coordinator's loop is serving
+    for first, survives in ((b'{"op":"future-op"}\n', True), (b'{"op":"acquire","id":1}\n', False)):
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        await h.server.adopt(ours)
+        try:
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(theirs, first + b'{"op":"hello","pid":7,"generation":1}\n')
+            if survives:
+                await eventually(lambda: 7 in {r.pid for r in h.slots.workers})
+            else:
+                async with asyncio.timeout(2):
+                    assert await loop.sock_recv(theirs, 100) == b""  # closed
+                assert 7 not in {r.pid for r in h.slots.workers}
+        finally:
+            theirs.close()
+        await eventually(lambda: 7 not in {r.pid for r in h.slots.workers})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"not json\n", b'{"no-op": 1}\n', b'{"op":"granted","id":"x","fleet":"a"}\n'],
+    ids=["not-json", "no-op", "bad-field"],
+)
+async def test_what_is_not_the_protocol_still_breaks_the_workers_channel(host, line):
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    channel = next(iter(h.server._channels.values()))
+    assert channel.transport is not None
+    channel.transport.write(line)
+    await asyncio.wait_for(w1.lost, 2)

@@ -7,6 +7,7 @@ from what they say they hold."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -159,3 +160,60 @@ async def test_a_handover_that_cannot_keep_every_channel_keeps_none(
         for client in clients:
             client.close()
         await server.close()
+
+
+@pytest.mark.uvloop_only
+async def test_maxconn_holds_while_a_worker_is_slow_to_answer_after_the_reexecution(tmp_path):
+    """A live worker that cannot answer "sync" in time (stopped here: a loaded
+    host, a long pause) is not forgotten: what it held stays counted, the
+    others are served again, and its late answer is taken."""
+    path = str(tmp_path / "slots.sock")
+    children: list[EventChild] = []
+    try:
+        sup = await EventChild.start(sys.executable, str(SUPERVISOR), path)
+        children.append(sup)
+        await eventually(lambda: sup.of("ready"), timeout=20)
+        for _ in range(2):
+            w = await EventChild.start(sys.executable, str(WORKER), path, "1")
+            children.append(w)
+            await eventually(lambda w=w: w.of("ready"), timeout=20)
+        w1, slow = children[1:]
+        w1.send(cmd="lease", n=20)
+        await eventually(lambda: len(w1.of("granted")) == 20)
+        slow.send(cmd="lease", n=12)
+        await eventually(lambda: len(slow.of("granted")) == 12)
+        assert (await _stats(sup))["active"] == {"a": 16, "b": 16}
+
+        os.kill(slow.proc.pid, signal.SIGSTOP)
+        os.kill(sup.proc.pid, signal.SIGUSR2)
+        await eventually(lambda: sup.of("restored"), timeout=20)  # 2 s: the restore's timeout
+        (restored,) = sup.of("restored")
+        assert restored["silent"] != [] and restored["active"] == {"a": 16, "b": 16}
+        # Granting again, the slow worker's slots counted: a newcomer waits.
+        w3 = await EventChild.start(sys.executable, str(WORKER), path, "2")
+        children.append(w3)
+        await eventually(lambda: w3.of("ready"), timeout=20)
+        w3.send(cmd="lease", n=2)
+        stats = await _stats_when(sup, lambda st: st["queue"] == 2)
+        assert stats["active"] == {"a": 16, "b": 16}
+        w1.send(cmd="release", n=1)
+        await eventually(lambda: len(w3.of("granted")) == 1)
+        await asyncio.sleep(0.2)
+        assert len(w3.of("granted")) == 1
+
+        os.kill(slow.proc.pid, signal.SIGCONT)  # its answer, late; then a call of it ends
+        slow.send(cmd="release", n=1)
+        await eventually(lambda: slow.of("released"))
+        await eventually(lambda: len(w3.of("granted")) == 2)
+        stats = await _stats_when(sup, lambda st: len(st["workers"]) == 3)
+        assert stats["active"] == {"a": 16, "b": 16} and stats["queue"] == 0
+        assert stats["workers"] == sorted(
+            [[w1.proc.pid, 1, 19], [slow.proc.pid, 1, 11], [w3.proc.pid, 2, 2]]
+        )
+        assert slow.proc.returncode is None
+        assert not any(e["ev"] == "refused" for c in children[1:] for e in c.events)
+    finally:
+        for child in reversed(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGCONT)
+            await child.kill()

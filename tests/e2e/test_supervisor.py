@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, eventually, write_leaf_cert
+from tests.support import RunningIngress, TLSFiles, eventually, workers_of, write_leaf_cert
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -472,3 +473,97 @@ def _alive(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+async def test_sighup_while_a_worker_is_starting_reaches_it_and_ready_waits_for_its_answer(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker replaced at the moment of a reload: the replacement has not
+    joined the coordinator yet (its imports take hundreds of ms; here it is
+    stopped before it can), so it cannot be told at once. It must be told once
+    it serves, and READY=1 must wait for its answer."""
+    service = await _start(tls_files, two_fleets)
+    starting = None
+    try:
+        rows = await _worker_rows(service)
+        known = {r["pid"] for r in rows}
+        os.kill(rows[0]["pid"], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (new := set(workers_of(service.home)) - known):
+                await asyncio.sleep(0.002)
+        (starting,) = new
+        os.kill(starting, signal.SIGSTOP)
+        joined = [e for e in _logged(service, "worker joined the slot coordinator")]
+        assert starting not in {e["pid"] for e in joined}, "stopped too late: it had joined"
+        write_leaf_cert(tls_files.ca, service.home)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("RELOADING=1")
+        await asyncio.sleep(1.5)  # the other worker answers in milliseconds
+        assert service.seen("READY=1") == 1, "READY=1 before the starting worker answered"
+        os.kill(starting, signal.SIGCONT)
+        await service.wait_for("READY=1", count=2, timeout=15)
+        (reloaded,) = _logged(service, "workers reloaded")
+        assert sorted(reloaded["workers"]) == sorted({rows[1]["pid"], starting}), reloaded
+        assert reloaded["failed"] == {}
+    finally:
+        if starting is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(starting, signal.SIGCONT)
+        await service.finish()
+
+
+def _feed_fifo(path: Path, text: str, timeout: float = 5.0) -> bool:
+    """Give a reader blocked on the FIFO at `path` its text, putting a regular
+    file with that text in its place before the reader sees the end; False
+    when no reader came within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:  # ENXIO: nobody reads it yet
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+    try:
+        os.set_blocking(fd, True)
+        os.write(fd, text.encode())
+        fresh = path.with_name(path.name + ".new")
+        fresh.write_text(text)
+        os.replace(fresh, path)
+    finally:
+        os.close(fd)
+    return True
+
+
+async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slot(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor's event loop answers every call's slot request: the files
+    a reload reads (here the fleets file, on a "disk" that does not answer: a
+    FIFO nobody writes yet) must not hold it, and the reload ends as before."""
+    service = await _start(tls_files, two_fleets)
+    fleets = service.home / "fleets.txt"
+    text = fleets.read_text()
+    fed = False
+    try:
+        fleets.unlink()
+        os.mkfifo(fleets)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("RELOADING=1")
+        await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):  # the loop answers meanwhile: a slot, the stats
+            ws = await _open(service, tls_files, "during-the-read")
+            await _echo(ws)
+            await ws.close()
+            assert len(await _worker_rows(service)) == 2
+        assert service.seen("READY=1") == 1  # the reload still waits for its file
+        fed = await asyncio.to_thread(_feed_fifo, fleets, text)
+        assert fed
+        await service.wait_for("READY=1", count=2)
+        (reloaded,) = _logged(service, "reloaded")
+        assert reloaded["changes"] == "no fleet changes"
+    finally:
+        if not fed:
+            await asyncio.to_thread(_feed_fifo, fleets, text, 0.5)
+        await service.finish()

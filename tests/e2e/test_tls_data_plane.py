@@ -145,6 +145,63 @@ async def test_a_hello_with_a_huge_server_name_gets_a_fatal_alert(
     await eventually(lambda: ingress.registry.tls_handshake_failures >= 1)
 
 
+# -- handshakes under way when the listener closes -------------------------------------------
+
+
+async def _handshake_under_way(ingress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # type: ignore[no-untyped-def]
+    host, port = ingress.wss_address
+    reader, writer = await asyncio.open_connection(host, port)
+    await eventually(lambda: ingress.registry.handshaking == 1)
+    return reader, writer
+
+
+def _handshake_failures_logged(caplog: pytest.LogCaptureFixture) -> int:
+    return sum(
+        r.name == "fleet_ingress.listener" and r.getMessage() == "tls handshake failed"
+        for r in caplog.records
+    )
+
+
+async def test_a_handshake_kept_over_an_upgrades_stop_that_fails_is_counted_and_logged(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An old generation stops accepting with its handshakes kept
+    (`CarrierListener.close(keep_handshakes=True)`): one of them that then
+    fails is the carrier's failure as any other, in the metric and the log."""
+    caplog.set_level("DEBUG", logger="fleet_ingress.listener")
+    ingress = await _ingress_without_fleets(start_ingress)
+    reader, writer = await _handshake_under_way(ingress)
+    try:
+        ingress.stop_accepting(keep_pending=True)
+        await asyncio.sleep(0.05)
+        assert ingress.registry.handshaking == 1  # kept, not cut
+        writer.write(b"GET / HTTP/1.1\r\nHost: calls.test\r\n\r\n")  # not TLS
+        async with asyncio.timeout(5):
+            await reader.read()  # the alert, then the close
+        await eventually(lambda: ingress.registry.handshaking == 0)
+        assert ingress.registry.tls_handshake_failures == 1
+        assert _handshake_failures_logged(caplog) == 1
+    finally:
+        writer.close()
+
+
+async def test_a_handshake_cut_by_a_plain_stop_is_not_counted_as_the_carriers_failure(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="fleet_ingress.listener")
+    ingress = await _ingress_without_fleets(start_ingress)
+    reader, writer = await _handshake_under_way(ingress)
+    try:
+        ingress.stop_accepting()
+        async with asyncio.timeout(5):
+            await reader.read()
+        await eventually(lambda: ingress.registry.handshaking == 0)
+        assert ingress.registry.tls_handshake_failures == 0
+        assert _handshake_failures_logged(caplog) == 0
+    finally:
+        writer.close()
+
+
 # -- the handshake's deadline -----------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ refused connections, failed handshakes and lost frames: all must be zero."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -775,3 +776,60 @@ async def test_a_stop_held_over_the_exec_stops_the_new_image(
     finally:
         await load.stop()
         await service.finish()
+
+
+async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
+    tls_files: TLSFiles,
+) -> None:
+    """After the exec every kept worker is asked what it holds (`sync`); one
+    that cannot answer within the restore's timeout (stopped here: a loaded
+    host, a long pause) is alive and its calls go on: its slots must stay
+    counted while the new generation is served, and its late answer taken."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async with SimulatedFleet(
+        name="a", capacity=2, ssl_context=tls_files.fleet_server_context()
+    ) as fleet:
+        fleet.available_override = 1000  # only maxconn holds the count
+        service = await RunningIngress.start(
+            tls_files, [f"{fleet.url} name=a maxconn=2"], workers=1, queue=1, env=PATIENT_PROBES
+        )
+        url = f"wss://127.0.0.1:{service.port}/ws/bot"
+        calls = []
+        (old,) = await _rows(service)
+        try:
+            for _ in range(2):
+                calls.append(await connect(url, ssl=tls_files.client_context(), open_timeout=10))
+            await eventually(lambda: fleet.active_calls == 2)
+            os.kill(old["pid"], signal.SIGSTOP)
+            os.kill(service.proc.pid, signal.SIGUSR2)
+            await service.wait_for("READY=1", count=2, timeout=40)  # restore's 5 s included
+            stats = await service.stats()
+            assert [f["active"] for f in stats["fleets"]] == [2], stats["fleets"]
+            # The new generation serves; the fleet is full with the slow worker's calls.
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url, ssl=tls_files.client_context(), open_timeout=10)
+            assert refused.value.response.status_code == 503
+            assert fleet.peak_calls == 2 and fleet.rejected_429 == 0
+            os.kill(old["pid"], signal.SIGCONT)
+            for ws in calls:  # its calls never noticed
+                await ws.send("ping")
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == "ping"
+            await calls.pop().close()
+            ws = await connect(url, ssl=tls_files.client_context(), open_timeout=10)
+            calls.append(ws)
+            rows = {row["pid"]: row for row in await _rows(service)}
+            assert rows[old["pid"]]["calls"] == 1 and sum(r["calls"] for r in rows.values()) == 2
+            assert fleet.peak_calls == 2 and fleet.rejected_429 == 0
+            rejoined = "worker rejoined the slot coordinator"
+            late = [e for e in service.log() if e.get("event") == rejoined]
+            assert [(e["pid"], e["held"], e["late"]) for e in late] == [(old["pid"], 2, True)]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(old["pid"], signal.SIGCONT)
+            for ws in calls:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            await service.finish()

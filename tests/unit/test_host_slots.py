@@ -443,3 +443,45 @@ def test_held_leases_count_past_maxconn_and_unknown_fleets_count_nowhere():
             ("release", "w1", 2, ["w1#7>a"]),
         ],
     )
+
+
+def test_a_worker_slow_to_restore_keeps_what_it_held_before_counted_until_it_says():
+    """After a re-execution the table grants again once the others answered; a
+    worker that has not yet keeps the previous table's count (an upper bound:
+    it can only have given slots back), so maxconn holds meanwhile."""
+    slots = _fresh(maxconn=2)
+    slots.restore("w1", pid=1, generation=1, held=[(1, "b")], waiting=[], now=0.0)
+    slots.reserve("slow", pid=2, generation=1, fleets=["a", "a", "b", "gone"])
+    assert [_render(a) for a in slots.resume()] == []
+    _play(
+        slots,
+        [
+            ("active", {"a": 2, "b": 2}),
+            ("acquire", "w1", 2, (), 0.0, "wait"),  # full: the slow one's slots count
+            ("acquire", "w1", 3, (), 0.0, "wait"),
+        ],
+    )
+    assert [(r.pid, r.calls, r.reserved) for r in slots.workers] == [(1, 1, False), (2, 3, True)]
+    # Its answer, late: one of its calls on a ended during the exec.
+    assert (
+        slots.restore("slow", pid=2, generation=1, held=[(7, "a"), (8, "b")], waiting=[], now=1.0)
+        == []
+    )
+    _play(slots, [("active", {"a": 1, "b": 2}), ("wake", ["w1#2>a"])])
+    assert [(r.pid, r.calls, r.reserved) for r in slots.workers] == [(1, 2, False), (2, 2, False)]
+    _play(slots, [("release", "slow", 8, ["w1#3>b"])])
+    assert slots.reclaimed_total == 0
+
+
+def test_a_worker_that_dies_before_it_restores_gives_back_what_was_kept_for_it():
+    slots = _fresh(maxconn=1)
+    slots.reserve("slow", pid=2, generation=1, fleets=["a", "b"])
+    slots.join("new", pid=3, generation=2)
+    slots.resume()
+    _play(slots, [("acquire", "new", 1, (), 0.0, "wait")])
+    row, answers = slots.leave("slow")
+    assert row is not None and row.calls == 2 and slots.reclaimed_total == 2
+    assert [_render(a) for a in answers] == ["new#1>a"]
+    _play(slots, [("active", {"a": 1, "b": 0})])
+    with pytest.raises(SlotProtocolError, match="joined twice"):
+        slots.restore("new", pid=3, generation=2, held=[], waiting=[], now=0.0)

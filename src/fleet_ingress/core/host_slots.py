@@ -20,7 +20,10 @@ The table is a cache of what the workers hold; the workers are the truth.
 After the supervisor re-executes (an upgrade), a fresh table is rebuilt from
 each worker's own account (`restore`: the leases it holds, the requests it
 still waits on and for how long), `paused` meanwhile so that nothing is
-granted against a count not yet complete.
+granted against a count not yet complete. A worker that is slow to answer
+keeps, until it does, what the previous table said it held (`reserve`): it
+can only have given slots back since, never taken more, so that count is an
+upper bound and maxconn holds while the others are granted again.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class WorkerRow:
     generation: int
     held: dict[int, FleetState] = field(default_factory=dict)  # lease id -> fleet
     granted_total: int = 0  # slots granted over its life (call attempts)
+    # Counted from the previous table (`reserve`) until the worker says what it holds.
+    reserved: bool = False
 
     @property
     def calls(self) -> int:
@@ -143,6 +148,10 @@ class HostSlots:
         those calls exist. Returns the fleet names this table does not know
         (removed meanwhile): their calls count against no fleet. A waiter
         keeps its place by how long it has waited, and its deadline."""
+        reserved = self._rows.pop(worker, None)
+        if reserved is not None and not reserved.reserved:
+            self._rows[worker] = reserved
+            raise SlotProtocolError(f"worker {worker!r} joined twice")
         row = self.join(worker, pid=pid, generation=generation)
         unknown: list[str] = []
         for lease, name in held:
@@ -161,7 +170,27 @@ class HostSlots:
                 (i for i, w in enumerate(self._queue) if w.since > since), len(self._queue)
             )
             self._queue.insert(position, waiter)
+        if reserved is not None:
+            # After its own count is in: a slot it gave back meanwhile frees up
+            # here (and a removed fleet is reaped only once idle for real).
+            for fleet in reserved.held.values():
+                self._close(fleet)
         return unknown
+
+    def reserve(
+        self, worker: WorkerKey, *, pid: int, generation: int, fleets: Iterable[str]
+    ) -> None:
+        """Count, for a worker kept over a re-execution that has not said yet
+        what it holds, the slots the previous table said it held (`fleets`:
+        a fleet name per slot), past maxconn if need be, until `restore`
+        replaces them with its own account or `leave` reclaims them."""
+        row = self.join(worker, pid=pid, generation=generation)
+        row.reserved = True
+        for i, name in enumerate(fleets, 1):
+            fleet = self.balancer.get(name)
+            if fleet is not None:
+                fleet.active += 1
+                row.held[-i] = fleet  # no lease id of the worker's own is negative
 
     def resume(self) -> list[Answer]:
         """Every worker has told what it holds: grant again."""

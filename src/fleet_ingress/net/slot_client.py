@@ -35,7 +35,14 @@ from typing import Any, cast
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import NoFleetAvailable
-from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_from_wire
+from fleet_ingress.net.slot_wire import (
+    LineDecoder,
+    UnknownOps,
+    WireError,
+    encode,
+    field,
+    spec_from_wire,
+)
 
 log = logging.getLogger("fleet_ingress.slots")
 
@@ -63,11 +70,16 @@ class RemoteLease:
 
 
 class SlotClient(asyncio.Protocol):
-    def __init__(self, *, pid: int, generation: int, answer_timeout: float) -> None:
+    def __init__(
+        self, *, pid: int, generation: int, answer_timeout: float, hello: bool = True
+    ) -> None:
         """`answer_timeout` bounds a wait for the coordinator's answer; set it
         above the queue timeout (which the coordinator enforces itself) plus
-        the time the supervisor takes to re-execute."""
+        the time the supervisor takes to re-execute. `hello` False: `say_hello`
+        later, once `handlers` are in place (the coordinator's own messages
+        may follow its reading of "hello" at once)."""
         self.pid = pid
+        self._hello = hello
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
@@ -85,6 +97,7 @@ class SlotClient(asyncio.Protocol):
         self.reporter: Callable[[], dict[str, Any]] | None = None
         self._reports = itertools.count(1)
         self.started = time.time()
+        self._unknown = UnknownOps()  # a newer supervisor's ops: logged once, ignored
 
     @classmethod
     async def connect(
@@ -95,11 +108,14 @@ class SlotClient(asyncio.Protocol):
         pid: int,
         generation: int,
         answer_timeout: float,
+        hello: bool = True,
     ) -> SlotClient:
         """Over an inherited socket (`sock`, the worker's end of a socketpair)
         or to the coordinator's listening Unix socket (`path`)."""
         loop = asyncio.get_running_loop()
-        make = lambda: cls(pid=pid, generation=generation, answer_timeout=answer_timeout)  # noqa: E731
+        make = lambda: cls(  # noqa: E731
+            pid=pid, generation=generation, answer_timeout=answer_timeout, hello=hello
+        )
         if sock is not None:
             _, client = await loop.create_unix_connection(make, sock=sock)
         else:
@@ -165,9 +181,15 @@ class SlotClient(asyncio.Protocol):
 
     # -- the channel -----------------------------------------------------------
 
+    def say_hello(self) -> None:
+        """Join the coordinator (once; `connect` does it unless told not to)."""
+        self._hello = False
+        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+        if self._hello:
+            self.say_hello()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -212,6 +234,9 @@ class SlotClient(asyncio.Protocol):
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
             return
+        if op != "granted" and op != "refused":
+            self._unknown.ignore(op, pid=self.pid)
+            return
         lease_id = field(message, "id", int)
         if op == "granted":
             fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
@@ -228,8 +253,6 @@ class SlotClient(asyncio.Protocol):
             future = self._pending.pop(lease_id, None)
             if future is not None and not future.done():
                 future.set_exception(NoFleetAvailable(field(message, "reason", str)))
-        else:
-            raise WireError(f"unknown op {op!r}")
 
     def _state(self) -> dict[str, Any]:
         """What this worker holds and waits for: the truth the coordinator's

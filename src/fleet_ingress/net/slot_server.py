@@ -12,7 +12,10 @@ Across the supervisor's own re-execution (an upgrade) the channels stay open:
 `handover` gives their sockets for the exec (`service.listen_fds`), the new
 image `adopt`s them with `restoring=True`, asks each worker what it holds
 (`sync`), rebuilds the table from the answers and grants nothing until every
-worker has answered or `finish_restore`'s timeout has passed.
+worker has answered or `finish_restore`'s timeout has passed. A worker slow
+to answer keeps its channel: what the previous table said it held stays
+counted (`HostSlots.reserve`) until its answer comes, however late, or its
+channel closes (then it is reclaimed like any worker gone).
 
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
@@ -36,9 +39,19 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
-from fleet_ingress.net.slot_wire import LineDecoder, WireError, encode, field, spec_to_wire
+from fleet_ingress.net.slot_wire import (
+    LineDecoder,
+    UnknownOps,
+    WireError,
+    encode,
+    field,
+    spec_to_wire,
+)
 
 log = logging.getLogger("fleet_ingress.slots")
+
+# What a worker may send of the slots' own (the supervisor's are `handlers`).
+_WORKER_OPS = frozenset({"hello", "acquire", "release", "state", "report"})
 
 
 class HandoverError(OSError):
@@ -46,19 +59,29 @@ class HandoverError(OSError):
 
 
 class _Channel(asyncio.Protocol):
-    def __init__(self, server: SlotServer, key: int, *, restoring: bool = False) -> None:
+    def __init__(
+        self,
+        server: SlotServer,
+        key: int,
+        *,
+        restoring: bool = False,
+        held_before: list[str] | None = None,
+    ) -> None:
         self.server = server
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.decoder = LineDecoder()
         self.joined = False
         self.restoring = restoring  # kept across a re-execution: waits for "state"
+        # What the previous image's table said it held (a fleet name a slot), if known.
+        self.held_before = held_before
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
         self.generation: int | None = None
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
+        self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -117,44 +140,74 @@ class SlotServer:
         return self.slots.queue_timeouts
 
     def send(self, key: int, message: dict[str, Any]) -> bool:
-        """A message of the supervisor's own to one worker; False if its channel is gone."""
+        """A message of the supervisor's own to one worker; False if its channel is gone.
+        A worker kept over the re-execution that has not answered "sync" yet
+        reads it after "sync": its answers come after its "state"."""
         channel = self._channels.get(key)
-        if channel is None or not channel.joined:
+        if channel is None or not (channel.joined or channel.restoring):
             return False
         channel.send(message)
         return True
 
-    async def adopt(self, sock: socket.socket, *, restoring: bool = False) -> int:
+    async def adopt(
+        self,
+        sock: socket.socket,
+        *,
+        restoring: bool = False,
+        worker: tuple[int, int] | None = None,
+        held_before: list[str] | None = None,
+    ) -> int:
         """Serve the supervisor's end of a worker's socketpair; returns its
         channel key. `restoring`: a channel kept over this process's
-        re-execution; the worker is asked what it holds (pause `slots` first)."""
+        re-execution; the worker is asked what it holds (pause `slots` first).
+        `worker` (pid, generation) and `held_before` (a fleet name per slot it
+        held in the previous image's table): counted if it is slow to answer."""
         loop = asyncio.get_running_loop()
         key = next(self._keys)
         if restoring:
             self._restoring.add(key)
             self._restored.clear()
-        await loop.connect_accepted_socket(lambda: _Channel(self, key, restoring=restoring), sock)
+
+        def channel() -> _Channel:
+            made = _Channel(self, key, restoring=restoring, held_before=held_before)
+            if worker is not None:
+                made.pid, made.generation = worker
+            return made
+
+        await loop.connect_accepted_socket(channel, sock)
         return key
 
     async def finish_restore(self, timeout: float) -> list[int]:
         """Wait until every kept channel has told what it holds, then grant
-        again. A worker silent for `timeout` is cut off (its channel closed:
-        its slots are not counted, and it will see its coordinator gone);
-        returns their channel keys."""
+        again. A worker silent for `timeout` is alive (its channel is open)
+        but slow: it keeps its channel, and what the previous table said it
+        held stays counted until its "state" comes; returns their channel keys."""
         if self._restoring:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._restored.wait()
         silent = sorted(self._restoring)
         for key in silent:
-            log.error(
-                "worker did not say what it holds after the re-execution: cut off",
-                extra=fields(channel=key, timeout=timeout),
-            )
             channel = self._channels.get(key)
-            if channel is not None and channel.transport is not None:
-                channel.transport.abort()
+            if channel is None:
+                continue
+            held, pid = channel.held_before, channel.pid
+            what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=len(held or ()))
+            if held is not None and pid is not None:
+                self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
+                log.warning(
+                    "worker has not said what it holds after the re-execution: granting "
+                    "again, with the slots it held before counted until it does",
+                    extra=what,
+                )
+            else:
+                log.error(
+                    "worker has not said what it holds after the re-execution, and what it "
+                    "held before is not known: granting again; its slots count once it says",
+                    extra=what,
+                )
         self._restoring.clear()
+        self._restored.set()
         self._send(self.slots.resume())
         return silent
 
@@ -254,7 +307,10 @@ class SlotServer:
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
-                raise WireError(f"{op!r} before 'hello'")
+                if self._known(op):
+                    raise WireError(f"{op!r} before 'hello'")
+                channel.unknown.ignore(op, channel=channel.key, pid=channel.pid)
+                return
             pid, generation = field(message, "pid", int), field(message, "generation", int)
             self.slots.join(channel.key, pid=pid, generation=generation)
             channel.joined = True
@@ -285,8 +341,13 @@ class SlotServer:
             self._send(self.slots.release(channel.key, field(message, "id", int)))
         elif (handler := self.handlers.get(op)) is not None:
             handler(channel.key, message)
+        elif self._known(op):
+            raise WireError(f"{op!r} out of place")
         else:
-            raise WireError(f"unknown op {op!r}")
+            channel.unknown.ignore(op, channel=channel.key, pid=channel.pid)
+
+    def _known(self, op: str) -> bool:
+        return op in _WORKER_OPS or op in self.handlers
 
     def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
         if channel.asked is not None and not channel.asked.done():
@@ -316,10 +377,12 @@ class SlotServer:
         except (TypeError, ValueError) as exc:
             raise WireError(f"'state' message: {exc}") from exc
         now = asyncio.get_running_loop().time()
+        late = channel.key not in self._restoring  # after finish_restore's timeout
         unknown = self.slots.restore(
             channel.key, pid=pid, generation=generation, held=held, waiting=waiting, now=now
         )
         channel.restoring, channel.joined = False, True
+        channel.held_before = None
         channel.pid, channel.generation = pid, generation
         log.info(
             "worker rejoined the slot coordinator",
@@ -330,12 +393,14 @@ class SlotServer:
                 held=len(held),
                 waiting=len(waiting),
                 unknown_fleets=sorted(set(unknown)),
+                late=late,
             ),
         )
         self._restoring.discard(channel.key)
         if not self._restoring:
             self._restored.set()
-        self._arm()
+        # Granting already (a late answer): what it no longer holds frees up now.
+        self._send([] if self.slots.paused else self.slots.wake())
 
     def _gone(self, channel: _Channel) -> None:
         self._channels.pop(channel.key, None)

@@ -33,6 +33,17 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     Reports are whole and cumulative: one read twice or lost changes nothing,
     so they are taken in every state, while restoring after a re-execution too.
 
+Versions meet on this channel: after an upgrade a newer supervisor speaks to
+the old generation's workers until they have drained (and a downgrade the
+other way round). So an op this end does not know is logged once (its name
+and the peer's pid) and ignored, on both ends, in any state: the peer is
+newer, not broken, and cutting its channel would cost a worker its slots and
+make it stop accepting. A new op must therefore be one the old end may
+ignore (an answer it would wait for is the newer end's to do without). What
+is not this protocol still closes the channel: a line that is not JSON, not
+an object with an "op", or longer than `MAX_LINE`; and a known op that is
+out of place (an "acquire" before "hello") or whose fields are wrong.
+
 Lines, not length prefixes: a human can read a capture (`socat -v`), and a
 line is bounded (`MAX_LINE`), so a confused peer cannot make either end
 buffer without end. A stream socket keeps order both ways, which the lease
@@ -42,9 +53,13 @@ protocol relies on: a release sent after an acquire is read after it.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.logs import fields
+
+log = logging.getLogger("fleet_ingress.slots")
 
 # An avoid-list of every fleet's name fits many times over; a worker's report
 # (about 1 KiB a fleet) must fit too: a line over this cuts the channel off.
@@ -53,6 +68,30 @@ MAX_LINE = 1024 * 1024
 
 class WireError(ValueError):
     """The peer sent something that is not this protocol; the channel is closed."""
+
+
+class UnknownOps:
+    """The ops a peer sent that this end does not know: each logged once per
+    channel, then ignored (see the module's docstring)."""
+
+    __slots__ = ("_seen",)
+
+    # A confused peer inventing names must not grow this without end: past
+    # this many, new names go unlogged (ignored all the same).
+    KEPT = 32
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def ignore(self, op: str, **peer: Any) -> None:
+        if op in self._seen or len(self._seen) >= self.KEPT:
+            return
+        self._seen.add(op)
+        log.warning(
+            "slot channel: op not known to this version ignored (the peer runs other "
+            "code, e.g. during an upgrade); logged once per op",
+            extra=fields(op=op[:80], **peer),
+        )
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -18,8 +18,9 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
 - SIGHUP: the configuration, fleets file and certificate are checked here
   first (an invalid one is refused whole), applied to the fleet set, the
   poller and the slot table, then every worker reloads its certificate and
-  settings (`reload` on its channel, answered `reloaded`); READY=1 once all
-  have answered. Calls are untouched.
+  settings (`reload` on its channel, answered `reloaded`); a worker still
+  starting (it may have read the configuration before it changed) is told
+  once it serves. READY=1 once all have answered. Calls are untouched.
 - SIGTERM/SIGINT: every worker stops accepting (`stop`, answered
   `stopping`), the listeners close here too, so new connections are refused;
   the workers drain their calls for `timeouts.drain`; this process exits 0
@@ -128,8 +129,9 @@ RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-# After a re-execution, every kept worker says what it holds within this, or
-# is cut off (nothing is granted meanwhile: calls asking for a slot wait).
+# After a re-execution, nothing is granted (calls asking for a slot wait) until
+# every kept worker has said what it holds, or this has passed: then a worker
+# still silent keeps counted what it held before until it says.
 RESTORE_TIMEOUT = 5.0
 # A new generation must still be there this long after it began serving before
 # the old one is told to stop accepting.
@@ -275,7 +277,10 @@ class Supervisor:
         self._generation_settled.set()
         self._asks = itertools.count(1)
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
-        self._watchers: set[asyncio.Task[None]] = set()
+        # Reload rounds begun; the one under way (its tasks by worker pid), awaited by READY=1.
+        self._reload_rounds = 0
+        self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
+        self._watchers: set[asyncio.Task[Any]] = set()
         self._web_runners: list[web.AppRunner] = []
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
@@ -412,6 +417,7 @@ class Supervisor:
         return runner
 
     async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
+        rounds = self._reload_rounds  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
         env = handover_env(socks)
@@ -447,6 +453,11 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(self._watch(worker))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+        if rounds != self._reload_rounds:
+            # Started before a reload round that did not see it: told too.
+            reloading = self._start_reload(worker)
+            if self._reload_round is not None:
+                self._reload_round[worker.pid] = reloading
         return worker
 
     async def _wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
@@ -662,6 +673,84 @@ class Supervisor:
             for pid, future in asked.items()
         }
 
+    async def _ask_one(self, worker: WorkerProcess, op: str, timeout: float) -> dict[str, Any]:
+        """Send `op` to one worker; its answer, or `{"ok": False, "error": ...}`."""
+        ask, key = next(self._asks), worker.key
+        future = self._answers[(key, ask)] = asyncio.get_running_loop().create_future()
+        try:
+            if not self.server.send(key, {"op": op, "id": ask}):
+                return {"ok": False, "error": "the worker is gone"}
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            return {"ok": False, "error": f"no answer within {timeout:g}s"}
+        finally:
+            self._answers.pop((key, ask), None)
+
+    async def _reload_workers(self) -> dict[int, dict[str, Any]]:
+        """Every worker reloads, one still starting once it serves; their
+        answers by pid, within RELOAD_ANSWER_TIMEOUT (one that has not
+        answered by then still reloads when it can, its outcome logged then)."""
+        loop = asyncio.get_running_loop()
+        self._reload_rounds += 1
+        tasks = self._reload_round = {}
+        for worker in list(self.workers.values()):
+            if not worker.left.is_set():
+                tasks[worker.pid] = self._start_reload(worker)
+        deadline = loop.time() + RELOAD_ANSWER_TIMEOUT
+        try:
+            # `tasks` may grow meanwhile: a worker whose start began before this round.
+            while pending := [t for t in tasks.values() if not t.done()]:
+                if (left := deadline - loop.time()) <= 0:
+                    break
+                await asyncio.wait(pending, timeout=left)
+        finally:
+            self._reload_round = None
+        late = {
+            "ok": False,
+            "error": f"no answer within {RELOAD_ANSWER_TIMEOUT:g}s; it reloads when it can",
+        }
+        return {pid: t.result() if t.done() else late for pid, t in tasks.items()}
+
+    def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:
+        task = asyncio.get_running_loop().create_task(self._reload_worker(worker))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(lambda done: self._reload_done(worker, done))
+        return task
+
+    async def _reload_worker(self, worker: WorkerProcess) -> dict[str, Any]:
+        if not worker.serving.is_set():
+            # Not before: it may not listen to its channel yet.
+            waits = {
+                asyncio.ensure_future(worker.serving.wait()),
+                asyncio.ensure_future(worker.left.wait()),
+            }
+            try:
+                await asyncio.wait(
+                    waits, timeout=WORKER_START_TIMEOUT, return_when="FIRST_COMPLETED"
+                )
+            finally:
+                for wait in waits:
+                    wait.cancel()
+            if worker.left.is_set() or not worker.serving.is_set():
+                return {"ok": False, "error": "the worker did not start"}
+        return await self._ask_one(worker, "reload", RELOAD_ANSWER_TIMEOUT)
+
+    def _reload_done(self, worker: WorkerProcess, task: asyncio.Task[dict[str, Any]]) -> None:
+        """A worker's reload that ended after its round (READY=1 was sent): said here."""
+        if task.cancelled() or task in (self._reload_round or {}).values():
+            return
+        answer = task.result()
+        if answer.get("ok"):
+            log.info("worker reloaded, after the others", extra=fields(pid=worker.pid))
+        else:
+            log.error(
+                "a worker did not reload: it serves with its previous certificate and "
+                "settings; see its log line (pid) for why",
+                extra=fields(pid=worker.pid, error=answer.get("error")),
+            )
+
     def _answered(self, key: int, message: dict[str, Any]) -> None:
         future = self._answers.get((key, message.get("id", -1)))
         if future is not None and not future.done():
@@ -776,6 +865,7 @@ class Supervisor:
 
     def _state_for_exec(self) -> dict[str, Any]:
         """What the next image needs that no socket carries (`_take_carried`)."""
+        rows = {row.worker: row for row in self.slots.workers}
         return {
             "generation": self.generation,
             "started_at": self.started_at,
@@ -808,6 +898,8 @@ class Supervisor:
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
+                    # Counted for it if it is slow to say what it holds (SlotServer.adopt).
+                    "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
                 for w in self.workers.values()
             ],
@@ -862,7 +954,12 @@ class Supervisor:
             if row is not None:  # not reclaimed: the worker still holds them
                 self.slots.reclaimed_total -= len(row.held)
             self.workers.pop(worker.key, None)
-            worker.key = await self.server.adopt(sock, restoring=True)
+            worker.key = await self.server.adopt(
+                sock,
+                restoring=True,
+                worker=(worker.pid, worker.generation),
+                held_before=[] if row is None else [f.name for f in row.held.values()],
+            )
             self.workers[worker.key] = worker
         await self.server.finish_restore(RESTORE_TIMEOUT)
 
@@ -877,8 +974,14 @@ class Supervisor:
                 sock.close()
                 continue
             pid, generation = ids
-            key = await self.server.adopt(sock, restoring=True)
             carried = self._carried_workers.get(pid, {})
+            held = carried.get("held")
+            key = await self.server.adopt(
+                sock,
+                restoring=True,
+                worker=(pid, generation),
+                held_before=[str(name) for name in held] if isinstance(held, list) else None,
+            )
             worker = WorkerProcess(
                 AdoptedProcess(pid),
                 generation,
@@ -903,13 +1006,14 @@ class Supervisor:
             self._watchers.add(task)
             task.add_done_callback(self._watchers.discard)
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
-        present = {(row.pid, row.generation) for row in self.slots.workers}
+        # A worker slow to answer is still one: its stats stay its own.
+        present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
         retired = self.view.retire_absent(present)
         log.info(
             "workers rejoined after the re-execution",
             extra=fields(
                 workers=sorted(present),
-                cut_off=silent,
+                not_answered_yet=[self.workers[k].pid for k in silent if k in self.workers],
                 retired_from_stats=sorted(retired),
                 calls=self.host_calls,
             ),
@@ -1050,17 +1154,20 @@ class Supervisor:
 
     async def _reload(self) -> str:
         try:
-            config, specs, _, fleet_ssl = read_reload(self.config_path)
+            # Off the loop, which answers the workers' slot requests meanwhile:
+            # the fleets' TLS context alone reads the system's trust store (20 ms
+            # measured), and a file on a slow disk could hold every call's lease.
+            config, specs, _, fleet_ssl = await asyncio.to_thread(read_reload, self.config_path)
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
+        not_after = await asyncio.to_thread(_not_after, config)
         notes = listener_notes(self.bound_listen, config)
         if config.process.workers != self.config.process.workers:
             notes.append("process.workers changed: takes effect at the next restart")
         self.config = config
-        with contextlib.suppress(OSError, ValueError):
-            assert config.tls.cert is not None
-            self.certificate_not_after = certificate_not_after(config.tls.cert)
+        if not_after is not None:
+            self.certificate_not_after = not_after
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         plan = self.fleet_set.apply(
@@ -1073,15 +1180,19 @@ class Supervisor:
         notes += plan.notes
         await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
         self.server.wake()
-        answers = await self.ask_workers("reload", RELOAD_ANSWER_TIMEOUT)
-        for pid, answer in answers.items():
-            if not answer.get("ok"):
-                log.error(
-                    "a worker did not reload: it serves with its previous certificate and "
-                    "settings; see its log line (pid) for why",
-                    extra=fields(pid=pid, error=answer.get("error")),
-                )
-                notes.append(f"worker {pid} did not reload: {answer.get('error')}")
+        answers = await self._reload_workers()
+        failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
+        for pid, error in failed.items():
+            log.error(
+                "a worker did not reload: it serves with its previous certificate and "
+                "settings; see its log line (pid) for why",
+                extra=fields(pid=pid, error=error),
+            )
+            notes.append(f"worker {pid} did not reload: {error}")
+        log.info(
+            "workers reloaded",
+            extra=fields(workers=sorted(set(answers) - set(failed)), failed=failed),
+        )
         self.reloads["applied"] += 1
         await asyncio.to_thread(_warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
@@ -1151,6 +1262,14 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _not_after(config: IngressConfig) -> float | None:
+    """The certificate's expiry, None when it cannot be read (the last one known stands)."""
+    with contextlib.suppress(OSError, ValueError):
+        assert config.tls.cert is not None
+        return certificate_not_after(config.tls.cert)
+    return None
 
 
 def _monotonic_usec() -> str:

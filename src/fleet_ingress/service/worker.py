@@ -204,8 +204,13 @@ async def serve(
         pid=os.getpid(),
         generation=generation,
         answer_timeout=answer_timeout(config),
+        hello=False,
     )
-    await Worker(config, config_path, client, listeners).run()
+    worker = Worker(config, config_path, client, listeners)
+    # Only now: the supervisor may say `stop` as soon as it reads our hello,
+    # and an op with no handler yet would be ignored (an unknown op).
+    client.say_hello()
+    await worker.run()
 
 
 def run_worker(config_path: Path, generation: int) -> int:

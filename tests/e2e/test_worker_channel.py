@@ -1,0 +1,152 @@
+"""A real worker process (`python -m fleet_ingress worker`) under a slot
+coordinator this test runs, as the supervisor does: the listener and the
+worker's end of its channel inherited, real TLS carriers, a fleet on loopback.
+The coordinator here can speak like another version of the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.net.listener import bind_tcp
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import TLSFiles, write_run_home
+
+pytestmark = pytest.mark.uvloop_only  # a process tree per test
+
+
+@dataclass
+class LoneWorker:
+    proc: asyncio.subprocess.Process
+    home: Path
+    port: int
+    slots: HostSlots
+    server: SlotServer
+    key: int  # its channel
+
+    def log(self) -> list[dict[str, Any]]:
+        text = (self.home / "stderr.log").read_text()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]:
+    """Starts a lone worker; `at_hello`: messages the coordinator sends it the
+    moment it reads its hello. Waits until it serves unless `wait` is false."""
+    started: list[tuple[LoneWorker, socket.socket, SimulatedFleet]] = []
+
+    async def start(*, at_hello: tuple[dict[str, Any], ...] = (), wait: bool = True) -> LoneWorker:
+        fleet = SimulatedFleet(name="a", capacity=4, ssl_context=tls_files.fleet_server_context())
+        await fleet.start()
+        home = Path(tempfile.mkdtemp(prefix="fi-worker-"))
+        lines = [f"{fleet.url} name=a maxconn=4"]
+        port, _ = await write_run_home(tls_files, home, lines, workers=1)
+        balancer = Balancer(FleetSet.from_specs(parse_fleets_text(lines[0], default_maxconn=4)))
+        balancer.fleets[0].health = Health.UP
+        slots = HostSlots(balancer, queue_timeout=2.0, max_queue=8)
+        server = SlotServer(slots)
+        serving = asyncio.Event()
+        server.handlers["serving"] = lambda key, message: serving.set()
+        server.on_join.append(lambda key, pid, generation: [server.send(key, m) for m in at_hello])
+        listener = bind_tcp("127.0.0.1", port)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks = {"listen.wss": listener, COORDINATOR: theirs}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "worker",
+            "-c",
+            str(home / "ingress.toml"),
+            "--generation",
+            "1",
+            pass_fds=pass_fds(socks),
+            env=handover_env(socks),
+            stdin=asyncio.subprocess.DEVNULL,
+            stderr=(home / "stderr.log").open("wb"),
+        )
+        theirs.close()
+        key = await server.adopt(ours)
+        worker = LoneWorker(proc, home, port, slots, server, key)
+        started.append((worker, listener, fleet))
+        if wait:
+            async with asyncio.timeout(20):
+                await serving.wait()
+        return worker
+
+    yield start
+    for worker, listener, fleet in started:
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
+        await asyncio.wait_for(worker.proc.wait(), 10)
+        await worker.server.close()
+        listener.close()
+        await fleet.stop()
+        shutil.rmtree(worker.home, ignore_errors=True)
+
+
+async def _one_call(worker: LoneWorker, tls_files: TLSFiles) -> None:
+    try:
+        async with connect(
+            f"wss://127.0.0.1:{worker.port}/ws/bot-1",
+            ssl=tls_files.client_context(),
+            open_timeout=10,
+        ) as ws:
+            await ws.send("ping")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "ping"
+    except (OSError, TimeoutError) as exc:
+        tail = (worker.home / "stderr.log").read_text()[-3000:]
+        said = f"the call through the worker failed: {exc!r}; its log:\n{tail}"
+        raise AssertionError(said) from exc
+
+
+async def test_an_old_worker_keeps_serving_when_a_newer_supervisor_sends_an_op_it_does_not_know(
+    start_worker: Callable[..., Any], tls_files: TLSFiles
+) -> None:
+    """After an upgrade, the new supervisor speaks to the old generation until
+    it has drained: an op the old worker's code does not know (one a later
+    version adds) must not cut its channel, which would make it stop accepting."""
+    worker = await start_worker()
+    await _one_call(worker, tls_files)
+    for _ in range(3):
+        assert worker.server.send(worker.key, {"op": "future-op", "id": 5, "x": [1, 2]})
+    # Asked after the unknown ops, answered in order: they have been read.
+    assert await worker.server.collect_reports(5.0) == 0
+    await _one_call(worker, tls_files)
+    assert [r.pid for r in worker.slots.workers] == [worker.proc.pid]
+    assert worker.proc.returncode is None
+    said = [e for e in worker.log() if "op not known" in e["event"]]
+    assert [(e["op"], e["pid"]) for e in said] == [("future-op", worker.proc.pid)], said
+    assert not [e for e in worker.log() if e["level"] == "error"]
+
+
+async def test_a_stop_sent_the_moment_the_worker_says_hello_is_heard(
+    start_worker: Callable[..., Any],
+) -> None:
+    """The supervisor may say `stop` (SIGTERM while a worker starts) as soon as
+    it reads the worker's hello: by then the worker must listen for it (an op
+    with no handler yet would be ignored as unknown). No call: it exits at once."""
+    worker = await start_worker(at_hello=({"op": "stop", "id": 1},), wait=False)
+    async with asyncio.timeout(15):
+        assert await worker.proc.wait() == 0
+    assert not [e for e in worker.log() if "op not known" in e["event"]], worker.log()
