@@ -412,35 +412,3 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         await eventually(lambda: carrier.lost and not ingress.registry.calls)
     finally:
         await fleet.stop()
-
-
-# -- TLS sessions towards a fleet are resumed, as HAProxy does by default ---------------------
-
-
-@pytest.mark.parametrize("fleet_tickets", [True, False], ids=["fleet-resumes", "fleet-declines"])
-async def test_calls_to_a_fleet_resume_its_tls_session(
-    start_ingress: StartIngress, tls_files: TLSFiles, fleet_tickets: bool
-) -> None:
-    """The first call makes a full (verified) handshake with the fleet, the next
-    ones resume its session: the fleet signs nothing. A fleet that resumes
-    nothing (no tickets, no session cache) gets full handshakes and its calls."""
-    resumed: list[bool] = []
-
-    async def switch(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_head(reader)
-        resumed.append(writer.get_extra_info("ssl_object").session_reused)
-        writer.write(SWITCHING)  # and hang up: the call ends at once
-
-    fleet_ctx = tls_files.fleet_server_context()
-    if not fleet_tickets:
-        fleet_ctx.num_tickets = 0  # TLS 1.3: no ticket, nothing to resume from
-    fleet = await RawFleet(fleet_ctx, switch).start()
-    try:
-        ingress = await start_ingress([fleet.line("a")])
-        for _ in range(3):
-            head = await raw_exchange(ingress, tls_files, UPGRADE.format(path="/ws/bot-1").encode())
-            assert head.startswith(b"HTTP/1.1 101 "), head[:100]
-        await eventually(lambda: len(resumed) == 3 and not ingress.registry.calls)
-        assert resumed == ([False, True, True] if fleet_tickets else [False, False, False])
-    finally:
-        await fleet.stop()

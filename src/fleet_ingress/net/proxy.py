@@ -155,10 +155,6 @@ class ProxyContext:
     refusals: RateLimitedLog | None = None
     # One per ingress: where complete heads wait for their parse (net/head_queue.py).
     heads: HeadQueue = field(default_factory=HeadQueue)
-    # Each TLS fleet's latest session, offered by the next connection to it.
-    # Made with `fleet_ssl` (a session works only with its own context), so a
-    # reload, which makes both anew, starts empty.
-    fleet_sessions: FleetSessions = field(default_factory=lambda: FleetSessions())
     # What each call's machine consults (built from the fields above).
     rules: CallRules = field(init=False, repr=False)
 
@@ -171,38 +167,6 @@ class ProxyContext:
             response_timeout=self.response_timeout,
         )
         object.__setattr__(self, "rules", rules)
-
-
-class FleetSessions:
-    """TLS session resumption towards the fleets, as HAProxy does by default
-    for its servers: a resumed handshake skips the certificate's signature on
-    the fleet (the costly part of its handshake) and its verification here.
-    The certificate was verified when the session was made; a fleet that
-    restarts or declines the ticket gets a full handshake, verified."""
-
-    MAX_KEPT = 1024  # fleets of this context: bounds a context that lives long
-
-    __slots__ = ("_by_fleet",)
-
-    def __init__(self) -> None:
-        self._by_fleet: dict[tuple[str, int], ssl.SSLSession] = {}
-
-    def get(self, spec: FleetSpec) -> ssl.SSLSession | None:
-        return self._by_fleet.get((spec.host, spec.port))
-
-    def keep(self, spec: FleetSpec, transport: asyncio.BaseTransport) -> None:
-        """After the fleet's first answer: a TLS 1.3 ticket comes after the
-        handshake, so a session taken any sooner could not be resumed."""
-        ssl_object = transport.get_extra_info("ssl_object")
-        session = None if ssl_object is None else ssl_object.session
-        if session is None:
-            return
-        if len(self._by_fleet) >= self.MAX_KEPT:
-            self._by_fleet.clear()
-        self._by_fleet[(spec.host, spec.port)] = session
-
-    def __len__(self) -> int:
-        return len(self._by_fleet)
 
 
 class _Side(asyncio.BufferedProtocol):
@@ -576,7 +540,6 @@ class CarrierProtocol(_Side):
                     ctx.fleet_ssl,
                     server_hostname=spec.host,
                     timeout=ctx.connect_timeout,
-                    session=ctx.fleet_sessions.get(spec),
                 )
                 serve(conn, fleet_side)
             else:
@@ -644,8 +607,6 @@ class CarrierProtocol(_Side):
         call.fleet_side = fleet_side
         self._head = None  # no further attempt: the head need not be kept
         ctx.registry.count_request(self.machine.route_label, command.status)
-        if (fleet := self.machine.fleet) is not None and fleet.spec.scheme == "https":
-            ctx.fleet_sessions.keep(fleet.spec, fleet_side.transport)
         now = time.monotonic()
         call.handshake_ms = (now - self._received_at) * 1000
         call.tunnel_since = now
