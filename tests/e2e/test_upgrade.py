@@ -162,7 +162,7 @@ async def test_upgrade_under_load_loses_nothing(
 ) -> None:
     lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
     service = await RunningIngress.start(tls_files, lines, workers=2, drain=60, env=PATIENT_PROBES)
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    load = _fleets_load(service, tls_files, fleets)
     try:
         pid = service.proc.pid
         old = {row["pid"] for row in await _rows(service)}
@@ -218,6 +218,10 @@ async def test_upgrade_under_load_loses_nothing(
         await service.finish()
 
 
+# Where the supervisor re-executes itself (service/listen_fds.py): faults go before it.
+EXECVE = "    os.execve(executable or sys.executable, argv, env)\n"
+
+
 def _copy_package(into: Path) -> Path:
     src = into / "src"
     shutil.copytree(
@@ -228,15 +232,27 @@ def _copy_package(into: Path) -> Path:
     return src
 
 
+async def _start_planted(
+    src: Path, tls_files: TLSFiles, fleets: list[SimulatedFleet], *, workers: int, drain: int
+) -> RunningIngress:
+    """`fleet-ingress run` from the copy `src` (faults planted in it); fleets at maxconn 300."""
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    env = {"PYTHONPATH": str(src), **PATIENT_PROBES}
+    return await RunningIngress.start(tls_files, lines, workers=workers, drain=drain, env=env)
+
+
+def _fleets_load(
+    service: RunningIngress, tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> Load:
+    return Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+
+
 async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
     src = _copy_package(tmp_path)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         pid = service.proc.pid
         before = await _rows(service)
@@ -278,11 +294,8 @@ async def test_a_new_generation_that_dies_once_serving_is_abandoned(
     imports and checks fine): the new workers say they serve, then die. The
     old generation must not have been told to stop accepting."""
     src = _copy_package(tmp_path)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         before = await _rows(service)
         worker = src / "fleet_ingress" / "service" / "worker.py"
@@ -393,11 +406,8 @@ async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
     was not done for it."""
     src = _copy_package(tmp_path)
     _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGTERM)\n")
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=10)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         await load.start_long(2, duration=3.0)
         os.kill(service.proc.pid, signal.SIGUSR2)
@@ -483,11 +493,8 @@ async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
     src = _copy_package(tmp_path)
     server = src / "fleet_ingress" / "net" / "slot_server.py"
     server.write_text(server.read_text() + SECOND_DUP_FAILS)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         before = {(r["pid"], r["generation"]) for r in await _rows(service)}
         await load.start_long(6, duration=8.0)
@@ -547,10 +554,7 @@ async def test_a_replacement_pending_at_the_exec_is_started_by_the_new_image(
     src = _copy_package(tmp_path)
     _slow_replacements(src, 5.0)
     _new_generation_dies(src)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
     try:
         dead, kept = (r["pid"] for r in await _rows(service))
         os.kill(dead, signal.SIGKILL)
@@ -582,10 +586,7 @@ async def test_a_worker_dead_during_an_upgrade_is_replaced_in_the_new_generation
     a worker of the generation now draining (which nothing would ever retire)."""
     src = _copy_package(tmp_path)
     _slow_replacements(src, 4.0)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=1, drain=30, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
     try:
         (old,) = (r["pid"] for r in await _rows(service))
         os.kill(service.proc.pid, signal.SIGUSR2)
@@ -624,10 +625,7 @@ async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_l
         "        if message.get('upgrade') and sys.argv[-1] == '1':\n            return\n",
     )
     _new_generation_dies(src, "== '3'")
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=1, drain=1, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=1)
     try:
         (hung,) = (r["pid"] for r in await _rows(service))
         os.kill(service.proc.pid, signal.SIGUSR2)
@@ -667,14 +665,11 @@ async def test_an_exec_that_fails_gives_the_workers_back_and_sigterm_then_drains
     _inject(
         src,
         "service/listen_fds.py",
-        "    os.execve(executable or sys.executable, argv, env)\n",
+        EXECVE,
         "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
     )
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=2, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=15)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         before = {(r["pid"], r["generation"]) for r in await _rows(service)}
         await load.start_long(6, duration=6.0)
@@ -719,10 +714,7 @@ async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
         "        await asyncio.sleep(1.0)\n",
     )
     _new_generation_dies(src)
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=1, drain=15, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=15)
     try:
         os.kill(service.proc.pid, signal.SIGUSR2)
 
@@ -753,14 +745,11 @@ async def test_a_stop_held_over_the_exec_stops_the_new_image(
     _inject(
         src,
         "service/listen_fds.py",
-        "    os.execve(executable or sys.executable, argv, env)\n",
+        EXECVE,
         "    os.kill(os.getpid(), __import__('signal').SIGTERM)\n",
     )
-    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    service = await RunningIngress.start(
-        tls_files, lines, workers=1, drain=10, env={"PYTHONPATH": str(src), **PATIENT_PROBES}
-    )
-    load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=10)
+    load = _fleets_load(service, tls_files, fleets)
     try:
         await load.start_long(2, duration=3.0)
         os.kill(service.proc.pid, signal.SIGUSR2)
