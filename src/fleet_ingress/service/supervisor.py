@@ -536,13 +536,7 @@ class Supervisor:
             log.log(
                 logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
                 "old-generation worker exited" if worker.retiring else "new worker exited",
-                extra=fields(
-                    pid=worker.pid,
-                    generation=worker.generation,
-                    exit_status=_exit_status(code),
-                    calls_lost=worker.calls_lost,
-                    lived_s=round(time.monotonic() - worker.started_at, 1),
-                ),
+                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
             return
         if self.stopping:
@@ -551,25 +545,14 @@ class Supervisor:
             log.log(
                 logging.INFO if clean and not worker.calls_lost else logging.ERROR,
                 "worker exited",
-                extra=fields(
-                    pid=worker.pid,
-                    generation=worker.generation,
-                    exit_status=_exit_status(code),
-                    calls_lost=worker.calls_lost,
-                ),
+                extra=fields(**_exit_fields(worker, code)),
             )
             return
         self.restarts[_restart_reason(code)] += 1
         self.calls_lost_total += worker.calls_lost
         log.error(
             "worker died: its calls are lost; a new worker replaces it",
-            extra=fields(
-                pid=worker.pid,
-                generation=worker.generation,
-                exit_status=_exit_status(code),
-                calls_lost=worker.calls_lost,
-                lived_s=round(time.monotonic() - worker.started_at, 1),
-            ),
+            extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
         )
         self._replace(worker)
 
@@ -1291,6 +1274,20 @@ def _restart_reason(code: int | None) -> str:
     if code is not None and code < 0:
         return "killed"
     return "crashed" if code else "exited"
+
+
+def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
+    """What every line about a worker's exit says."""
+    return {
+        "pid": worker.pid,
+        "generation": worker.generation,
+        "exit_status": _exit_status(code),
+        "calls_lost": worker.calls_lost,
+    }
+
+
+def _lived_s(worker: WorkerProcess) -> float:
+    return round(time.monotonic() - worker.started_at, 1)
 
 
 def _exit_status(code: int | None) -> str:
