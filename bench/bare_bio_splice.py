@@ -127,7 +127,7 @@ class CarrierSide(Side):
 
     async def _connect(self) -> None:
         host, port = next(self._fleets)
-        session = _SESSIONS.get((host, port)) if _VARIANT["reuse"] else None
+        session = _SESSIONS.get((host, port)) if _REUSE else None
         try:
             fleet_conn = await connect(
                 host,
@@ -145,7 +145,7 @@ class CarrierSide(Side):
         if self.conn.is_closing():  # the carrier left while we connected
             fleet_conn.close()
             return
-        fleet = FleetSide(fleet_conn, (host, port)) if _VARIANT["reuse"] else Side(fleet_conn)
+        fleet = FleetSide(fleet_conn, (host, port)) if _REUSE else Side(fleet_conn)
         fleet.peer, self.peer = self, fleet
         fleet_conn.start(fleet)
         _read_held(fleet)
@@ -182,9 +182,10 @@ _VARIANT = {
     "fused": os.environ.get("BARE_BIO_FUSED") == "1",
     "drain": os.environ.get("BARE_BIO_DRAIN") == "1",
     "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1",
-    "reuse": os.environ.get("BARE_BIO_REUSE") == "1",
 }
-_OPEN = tls_socket._State.OPEN
+# Not a replaced method, unlike the above: the fleet connection offers a session.
+_REUSE = os.environ.get("BARE_BIO_REUSE") == "1"
+_OPEN = tls_socket._OPEN
 _libssl: ctypes.CDLL | None = None
 SSL_CTRL_GET_READ_AHEAD = 40
 SSL_CTRL_SET_READ_AHEAD = 41
@@ -331,7 +332,7 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
         for ctx in contexts:
             _set_read_ahead(ctx)
         TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
-    if not any(v for k, v in _VARIANT.items() if k != "reuse"):
+    if not any(_VARIANT.values()):
         return
     TLSConnection._read = _read_variant  # type: ignore[method-assign]
     if _VARIANT["sslobj"]:

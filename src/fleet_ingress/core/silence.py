@@ -57,20 +57,25 @@ class SilencePolicy:
     route_carrier: Mapping[str, float] = field(default_factory=dict)
     route_fleet: Mapping[str, float] = field(default_factory=dict)
 
-    # One SilenceLimits per route, shared by its calls (memory per held call).
-    _by_route: dict[str, SilenceLimits] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
+    # One SilenceLimits per route with its own limits, one for every other
+    # route: shared by the calls (memory per held call).
+    _default: SilenceLimits = field(init=False, repr=False, compare=False)
+    _by_route: Mapping[str, SilenceLimits] = field(init=False, repr=False, compare=False)
 
-    def for_route(self, route: str) -> SilenceLimits:
-        limits = self._by_route.get(route)
-        if limits is None:
-            limits = self._by_route[route] = SilenceLimits(
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_default", SilenceLimits(self.tunnel, self.carrier, self.fleet))
+        by_route = {
+            route: SilenceLimits(
                 idle=self.tunnel,
                 carrier=self.route_carrier.get(route, self.carrier),
                 fleet=self.route_fleet.get(route, self.fleet),
             )
-        return limits
+            for route in {*self.route_carrier, *self.route_fleet}
+        }
+        object.__setattr__(self, "_by_route", by_route)
+
+    def for_route(self, route: str) -> SilenceLimits:
+        return self._by_route.get(route, self._default)
 
 
 @dataclass(slots=True)

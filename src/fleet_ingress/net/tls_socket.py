@@ -86,6 +86,8 @@ class _SSLObject(Protocol):
 
     def pending(self) -> int: ...
 
+    def do_handshake(self) -> None: ...
+
 
 class TLSHandler(Protocol):
     """What a connection calls; the call pump implements it (one per side)."""
@@ -125,7 +127,11 @@ class _State(enum.Enum):
 # The states as module globals: an Enum member read through its class costs a
 # metaclass lookup (about 50 ns on 3.11), and the hot path checks the state
 # three times a message.
-_HANDSHAKE, _OPEN, _CLOSING, _SHUTDOWN, _CLOSED = _State
+_HANDSHAKE = _State.HANDSHAKE
+_OPEN = _State.OPEN
+_CLOSING = _State.CLOSING
+_SHUTDOWN = _State.SHUTDOWN
+_CLOSED = _State.CLOSED
 
 
 class TLSConnection:
@@ -291,7 +297,9 @@ class TLSConnection:
 
     def _handshake_step(self) -> None:
         try:
-            self._sock.do_handshake()
+            # Not SSLSocket.do_handshake: it sets the socket's timeout again after
+            # every step (a system call), to the non-blocking mode it already has.
+            self._sslobj.do_handshake()
         except ssl.SSLWantReadError:
             self._hs_read = True
         except ssl.SSLWantWriteError:
@@ -670,7 +678,9 @@ async def connect(
     ``server_hostname`` is sent as SNI and checked against the certificate
     (if the context checks hostnames). ``session``: a session of an earlier
     connection to the same server, with the same context, offered for
-    resumption (the server may decline: a full handshake then)."""
+    resumption (the server may decline: a full handshake then). No caller in
+    src/: offering sessions to the fleets was measured and reverted (191d77b:
+    +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
