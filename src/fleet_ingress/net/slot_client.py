@@ -79,7 +79,7 @@ class SlotClient(asyncio.Protocol):
         later, once `handlers` are in place (the coordinator's own messages
         may follow its reading of "hello" at once)."""
         self.pid = pid
-        self._hello = hello
+        self._hello_on_connect = hello
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
@@ -183,12 +183,11 @@ class SlotClient(asyncio.Protocol):
 
     def say_hello(self) -> None:
         """Join the coordinator (once; `connect` does it unless told not to)."""
-        self._hello = False
         self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
-        if self._hello:
+        if self._hello_on_connect:
             self.say_hello()
 
     def data_received(self, data: bytes) -> None:
@@ -248,7 +247,7 @@ class SlotClient(asyncio.Protocol):
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
             future.set_result(fleet)
-        elif op == "refused":
+        else:  # "refused"
             self._asked.pop(lease_id, None)
             future = self._pending.pop(lease_id, None)
             if future is not None and not future.done():

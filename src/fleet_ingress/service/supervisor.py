@@ -54,11 +54,11 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -111,6 +111,7 @@ from fleet_ingress.service.upgrade import (
     trial_run,
 )
 
+_T = TypeVar("_T")
 log = logging.getLogger("fleet_ingress.lifecycle")
 server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
 
@@ -450,9 +451,7 @@ class Supervisor:
         if key in self._serving_early:
             self._serving_early.discard(key)
             worker.serving.set()
-        task = asyncio.get_running_loop().create_task(self._watch(worker))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
             reloading = self._start_reload(worker)
@@ -571,10 +570,8 @@ class Supervisor:
         self._schedule_respawn(delay)
 
     def _schedule_respawn(self, delay: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._respawn(delay))
+        task = self._keep(self._respawn(delay))
         self._respawns[task] = time.monotonic() + delay
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
         task.add_done_callback(lambda done: self._respawns.pop(done, None))
 
     def _short_of_workers(self) -> int:
@@ -695,10 +692,16 @@ class Supervisor:
         }
         return {pid: t.result() if t.done() else late for pid, t in tasks.items()}
 
-    def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:
-        task = asyncio.get_running_loop().create_task(self._reload_worker(worker))
+    def _keep(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """A task of the supervisor's own: held until done (the loop keeps weak
+        references), cancelled at exit."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+        return task
+
+    def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:
+        task = self._keep(self._reload_worker(worker))
         task.add_done_callback(lambda done: self._reload_done(worker, done))
         return task
 
@@ -728,11 +731,7 @@ class Supervisor:
         if answer.get("ok"):
             log.info("worker reloaded, after the others", extra=fields(pid=worker.pid))
         else:
-            log.error(
-                "a worker did not reload: it serves with its previous certificate and "
-                "settings; see its log line (pid) for why",
-                extra=fields(pid=worker.pid, error=answer.get("error")),
-            )
+            _log_not_reloaded(worker.pid, answer.get("error"))
 
     def _answered(self, key: int, message: dict[str, Any]) -> None:
         future = self._answers.get((key, message.get("id", -1)))
@@ -985,9 +984,7 @@ class Supervisor:
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
-            task = asyncio.get_running_loop().create_task(self._watch(worker))
-            self._watchers.add(task)
-            task.add_done_callback(self._watchers.discard)
+            self._keep(self._watch(worker))
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
         # A worker slow to answer is still one: its stats stay its own.
         present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
@@ -1166,11 +1163,7 @@ class Supervisor:
         answers = await self._reload_workers()
         failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
         for pid, error in failed.items():
-            log.error(
-                "a worker did not reload: it serves with its previous certificate and "
-                "settings; see its log line (pid) for why",
-                extra=fields(pid=pid, error=error),
-            )
+            _log_not_reloaded(pid, error)
             notes.append(f"worker {pid} did not reload: {error}")
         log.info(
             "workers reloaded",
@@ -1253,6 +1246,14 @@ def _not_after(config: IngressConfig) -> float | None:
         assert config.tls.cert is not None
         return certificate_not_after(config.tls.cert)
     return None
+
+
+def _log_not_reloaded(pid: int, error: object) -> None:
+    log.error(
+        "a worker did not reload: it serves with its previous certificate and "
+        "settings; see its log line (pid) for why",
+        extra=fields(pid=pid, error=error),
+    )
 
 
 def _monotonic_usec() -> str:
@@ -1403,8 +1404,7 @@ async def _reload_on_signal(
     logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
     while True:
         await reloads.get()
-        monotonic_usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
-        notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}")
+        notifier.notify("RELOADING=1", _monotonic_usec())
         try:
             summary = await supervisor.reload()
         except ReloadRefused as exc:
