@@ -42,6 +42,7 @@ from tests.support import (
     WsFleet,
     eventually,
     free_port,
+    raw_exchange,
     read_head,
     wss_url,
 )
@@ -164,6 +165,69 @@ async def test_connections_in_their_tls_handshake_count_toward_max_connections(
             writer.close()
         for ws in calls:
             await ws.close()
+        await fleet.stop()
+
+
+async def _burst(ingress, tls_files: TLSFiles, count: int) -> list[bytes]:
+    """`count` TLS connections at once, each asking for a route nobody serves."""
+    return await asyncio.gather(
+        *(
+            raw_exchange(ingress, tls_files, b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", timeout=20)
+            for _ in range(count)
+        )
+    )
+
+
+async def test_a_busy_worker_with_a_live_call_paces_new_connections_and_refuses_none(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """limits.accept_busy_share: a burst of handshakes into a worker that is busier
+    than its share while a call is live waits in the backlog, a pause after each
+    accept; every connection is still answered and the call keeps its frames."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        # This test's own clients share the ingress's thread: any burst is "busy".
+        ingress = await start_ingress([fleet.line("a")], limits={"accept_busy_share": 0.05})
+        ctx = tls_files.client_context()
+        async with connect(wss_url(ingress, "/ws/live"), ssl=ctx) as call:
+            answers: list[bytes] = []
+            for _ in range(10):  # bounded: stop once a pause was taken
+                answers += await _burst(ingress, tls_files, 30)
+                if ingress.registry.accepts_paused_ms > 0:
+                    break
+            assert ingress.registry.accepts_paused_ms > 0
+            assert len(answers) >= 30
+            assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)  # none refused
+            assert ingress.registry.refused_connections == 0
+            await call.send("still here")
+            assert await call.recv() == "still here"
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("limits", [{"accept_busy_share": 0.05}, {"accept_busy_share": 1.0}])
+async def test_no_pacing_without_a_live_call_or_with_a_share_of_one(
+    start_ingress: StartIngress, tls_files: TLSFiles, limits
+):
+    """A reconnect storm into an idle worker is never slowed; 1.0 turns pacing off
+    even with calls live."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], limits=limits)
+        live = limits["accept_busy_share"] == 1.0
+        call = (
+            await connect(wss_url(ingress, "/ws/live"), ssl=tls_files.client_context())
+            if live
+            else None
+        )
+        try:
+            answers = await _burst(ingress, tls_files, 60) + await _burst(ingress, tls_files, 60)
+        finally:
+            if call is not None:
+                await call.close()
+        assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)
+        assert ingress.registry.accepts_paused_ms == 0
+    finally:
         await fleet.stop()
 
 

@@ -172,6 +172,7 @@ class Registry:
     tls_handshake_failures: int = 0
     refused_connections: int = 0  # over limits.max_connections: reset at accept
     accept_failures: int = 0  # accept() failed for lack of descriptors or memory
+    accepts_paused_ms: int = 0  # accept pacing: live calls came first (whole ms: counts are)
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0

@@ -4,7 +4,9 @@ Accepting ourselves lets the ingress (1) count a connection against
 `limits.max_connections` before spending any TLS work on it, refusing the
 excess at once; (2) survive running out of descriptors with a log line and a
 retry, where the loop's own accept path is silent (uvloop) or logs free text;
-(3) see every failed TLS handshake.
+(3) see every failed TLS handshake; (4) pace accepts while a busy worker has
+live calls (`core.accept_pacing`): a flood of new connections waits in the
+backlog rather than taking the CPU the calls' frames need.
 Each accepted socket's TLS runs on a socket BIO (`net.tls_socket`): OpenSSL
 reads and writes the socket itself, so a refused client gets its alert
 (protocol_version, handshake_failure) rather than a bare close.
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 
+from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.logs import fields
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, wrap_accepted
@@ -120,6 +123,7 @@ class CarrierListener:
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
         self._warned_at: dict[str, float] = {}
+        self._pacer = AcceptPacer(busy_share=1.0)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -138,6 +142,7 @@ class CarrierListener:
             self._accepted,
             per_wake=1,
             on_error=self._accept_failed,
+            pace=self._pace,
         )
 
     def close(self, *, keep_handshakes: bool = False) -> None:
@@ -176,6 +181,18 @@ class CarrierListener:
         )
         self._retry_in = min(retry_in * 2, ACCEPT_RETRY_MAX)
         return retry_in
+
+    def _pace(self) -> float:
+        ctx = self.context()
+        pacer = self._pacer
+        pacer.busy_share = ctx.accept_busy_share  # a reload may change it
+        if not pacer.enabled:
+            return 0.0
+        # thread_time: the CPU of this loop's thread (user and system), without
+        # the helper threads' (a reload's file reads).
+        pause = pacer.after_accept(time.monotonic(), time.thread_time(), len(ctx.registry.calls))
+        ctx.registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
+        return pause
 
     def _accepted(self, conn: socket.socket) -> None:
         self._retry_in = ACCEPT_RETRY_FIRST

@@ -150,6 +150,8 @@ class ProxyContext:
     max_head_bytes: int
     max_header_count: int
     max_connections: int
+    # limits.accept_busy_share: the listener's accept pacing (core/accept_pacing.py).
+    accept_busy_share: float = 1.0
     access_log: bool = True
     # One per ingress, kept across reloads; None writes no refused-request lines.
     refusals: RateLimitedLog | None = None

@@ -724,6 +724,8 @@ class Acceptor:
     ``on_error`` decides what an accept error costs: the seconds to stop
     accepting (0: go on). By default running out of descriptors or memory
     pauses for RETRY_DELAY and anything else (the connection is gone) goes on.
+    ``pace``, called after each accepted connection, says how long to wait
+    before the next (0: go on); the backlog holds what arrives meanwhile.
     """
 
     MAX_ACCEPTS_PER_WAKE = 64
@@ -740,6 +742,7 @@ class Acceptor:
         *,
         per_wake: int | None = None,
         on_error: Callable[[OSError], float] | None = None,
+        pace: Callable[[], float] | None = None,
     ) -> None:
         listener.setblocking(False)
         self._loop = loop
@@ -748,6 +751,7 @@ class Acceptor:
         self._on_accept = on_accept
         self._per_wake = per_wake or self.MAX_ACCEPTS_PER_WAKE
         self._on_error = on_error or self._pause_for
+        self._pace = pace
         self._retry: asyncio.TimerHandle | None = None
         loop.add_reader(self._fd, self._accept)
 
@@ -763,13 +767,20 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                pause = self._on_error(exc)
-                if pause > 0 and self._fd >= 0 and self._retry is None:
-                    self._loop.remove_reader(self._fd)
-                    self._retry = self._loop.call_later(pause, self._resume)
+                if self._pause(self._on_error(exc)):
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
             self._on_accept(sock)
+            if self._pace is not None and self._pause(self._pace()):
+                return
+
+    def _pause(self, seconds: float) -> bool:
+        """Stop accepting for `seconds` (if above 0 and still open); True if paused."""
+        if seconds > 0 and self._fd >= 0 and self._retry is None:
+            self._loop.remove_reader(self._fd)
+            self._retry = self._loop.call_later(seconds, self._resume)
+            return True
+        return False
 
     def _resume(self) -> None:
         self._retry = None

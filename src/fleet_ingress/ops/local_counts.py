@@ -77,6 +77,7 @@ def local_counts(
     c[("tls_handshake_failures",)] = registry.tls_handshake_failures
     c[("refused_connections",)] = registry.refused_connections
     c[("accept_failures",)] = registry.accept_failures
+    c[("accepts_paused_ms",)] = registry.accepts_paused_ms
     for (route, status), n in registry.requests.items():
         c[("requests", route, str(status))] = n
     to_fleet, to_carrier = registry.relayed_bytes()

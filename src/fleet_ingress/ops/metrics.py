@@ -319,6 +319,13 @@ class _StateCollector(Collector):
             "accept() failures for lack of descriptors or memory (retried).",
             value=counts.counter("accept_failures"),
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}_accepts_paused_seconds",
+            "Seconds a worker with live calls waited before accepting new connections "
+            "because it was busier than limits.accept_busy_share (a flood of new "
+            "connections is held back so the calls keep the CPU).",
+            value=counts.counter("accepts_paused_ms") / 1000,
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}_tls_handshakes_in_progress",
             "Carrier connections accepted and still in their TLS handshake.",

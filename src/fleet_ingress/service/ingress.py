@@ -176,6 +176,7 @@ class Ingress:
             max_head_bytes=config.limits.max_header_bytes,
             max_header_count=config.limits.max_header_count,
             max_connections=config.limits.max_connections,
+            accept_busy_share=config.limits.accept_busy_share,
             access_log=config.log.access,
             liveness=TcpLiveness(
                 user_timeout=config.timeouts.tcp_user_timeout,
