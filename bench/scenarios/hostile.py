@@ -14,7 +14,12 @@ CPU, and for fleet-ingress its own event-loop lag histogram (scraped from
 
 Target (issue #12): live-call p99 within 5 ms of the quiet window.
 
+Target ``ingress@unpaced`` is fleet-ingress with accept pacing off
+(``limits.accept_busy_share = 1.0``), to measure what pacing does in the same
+run; fleet-ingress's seconds of paused accepts are reported per window.
+
     python -m bench hostile --calls 20 --seconds 10
+    python -m bench hostile --targets ingress,ingress@unpaced,haproxy
     python -m bench.hostile --calls 20 --seconds 10 --targets ingress,haproxy
 
 Writes results.json and results.md to ``--out`` (default bench/results/hostile-TIME/).
@@ -49,11 +54,16 @@ from ..harness.targets import haproxy_version, label
 
 TARGET_P99_MARGIN_MS = 5.0
 LAG_METRIC = "fleet_ingress_event_loop_lag_seconds"
+PAUSED_METRIC = "fleet_ingress_accepts_paused_seconds"
+TARGETS = ("ingress", "ingress@unpaced", "haproxy")
+UNPACED_ENV = {"FLEET_INGRESS_LIMITS__ACCEPT_BUSY_SHARE": "1.0"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench hostile", description=__doc__)
-    p.add_argument("--targets", default="ingress,haproxy", help="ingress, haproxy (in order)")
+    p.add_argument(
+        "--targets", default="ingress,haproxy", help=f"of {', '.join(TARGETS)} (in order)"
+    )
     p.add_argument("--calls", type=int, default=20, help="live calls streaming")
     p.add_argument("--seconds", type=float, default=10.0, help="each window (quiet, flood)")
     p.add_argument("--profile", default="twilio-like", choices=sorted(PROFILES))
@@ -66,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in args.targets:
-        if t not in ("ingress", "haproxy"):
-            p.error(f"target {t!r}: the flood is aimed at a proxy (ingress or haproxy)")
+        if t not in TARGETS:
+            p.error(f"target {t!r}: the flood is aimed at a proxy ({', '.join(TARGETS)})")
     if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 300:
         p.error("1-2000 calls and 1-300 s windows")
     # What bench.scenarios.Run reads from the other scenarios' arguments.
@@ -78,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def loop_lag(stats: tuple[str, int] | None) -> dict[str, float] | None:
-    """fleet-ingress's event-loop lag histogram now: {le: cumulative count}."""
+    """fleet-ingress's event-loop lag histogram now: {le: cumulative count}, and under
+    "paused" its seconds of paused accepts."""
     if stats is None:
         return None
     try:
@@ -89,16 +100,20 @@ async def loop_lag(stats: tuple[str, int] | None) -> dict[str, float] | None:
             text = await response.text()
     except (aiohttp.ClientError, TimeoutError):
         return None
+    found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         if family.name == LAG_METRIC:
-            return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
-    return None
+            found |= {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+        elif family.name == PAUSED_METRIC:
+            found["paused"] = family.samples[0].value
+    return found if "+Inf" in found else None
 
 
 def lag_window(before: dict[str, float] | None, after: dict[str, float] | None) -> Any:
     """Probes in the window and how many were late by more than each bucket bound."""
     if before is None or after is None:
         return None
+    paused = round(after.pop("paused", 0.0) - before.pop("paused", 0.0), 3)
     total = after["+Inf"] - before["+Inf"]
     late = {
         f"over_{le}_s": int(total - (after[le] - before.get(le, 0.0)))
@@ -109,12 +124,14 @@ def lag_window(before: dict[str, float] | None, after: dict[str, float] | None) 
     p99 = next(
         (le for le in after if le != "+Inf" and after[le] - before[le] >= 0.99 * total), "+Inf"
     )
-    return {"probes": int(total), "p99_at_most_s": p99, **late}
+    return {"probes": int(total), "p99_at_most_s": p99, **late, "accepts_paused_s": paused}
 
 
 async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    stats = (HOST, free_port()) if name == "ingress" else None
+    stats = (HOST, free_port()) if name.startswith("ingress") else None
     env = {"FLEET_INGRESS_LISTEN__STATS": f"{stats[0]}:{stats[1]}"} if stats else {}
+    if name == "ingress@unpaced":
+        env |= UNPACED_ENV
     async with run.target(name, env=env) as target:
         interval = PROFILES[args.profile].interval
         gap = stagger(args.calls, interval, 1.0)
@@ -211,8 +228,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"({rep['busy_cores_before_start']} cores busy before start): figures are noisy.",
         "",
         "| target | window | RTT p50 ms | RTT p99 ms | RTT max ms | proxy cores | host busy "
-        "| loop lag p99 <= s | probes > 5 ms late |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| loop lag p99 <= s | probes > 5 ms late | accepts paused s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
         for window, w in r["windows"].items():
@@ -221,7 +238,7 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"| {r['label']} | {window} | {w['rtt_ms_p50']} | {w['rtt_ms_p99']} | "
                 f"{w['rtt_ms_max']} | {w['loads']['proxy_cores']} | "
                 f"{w['loads']['host_busy_cores']} | {lag.get('p99_at_most_s', '-')} | "
-                f"{lag.get('over_0.005_s', '-')} |"
+                f"{lag.get('over_0.005_s', '-')} | {lag.get('accepts_paused_s', '-')} |"
             )
     lines += ["", "| target | p99 added by the flood | within 5 ms | calls failed | frames lost "
               "| flood heads/s | flood answers | slowloris opened | garbage conns/s |",
