@@ -33,6 +33,15 @@ def test_the_pause_halves_once_the_worker_is_under_its_share_then_stops():
     assert pauses == [0.008, 0.004, 0.002, 0.001, 0.0, 0.0]
 
 
+def test_after_a_quiet_spell_without_accepts_no_pause_is_left():
+    pacer = AcceptPacer(busy_share=0.5)
+    _windows(pacer, [0.9] * 6)
+    assert pacer.pause == MAX_PAUSE
+    since, cpu = pacer._since, pacer._cpu_since
+    # Ten windows without a connection, the calls alone keeping the worker at 0.2.
+    assert pacer.after_accept(since + 10 * WINDOW, cpu + 2 * WINDOW, 5) == 0.0
+
+
 def test_a_worker_under_its_share_never_pauses():
     assert _windows(AcceptPacer(busy_share=0.5), [0.49, 0.1, 0.5, 0.0]) == [0.0] * 4
 

@@ -60,10 +60,12 @@ class AcceptPacer:
             self._since, self._cpu_since = now, cpu
             if live_calls and busy > self.busy_share:
                 self.pause = min(max(2 * self.pause, self.first_pause), self.max_pause)
-            elif self.pause > self.first_pause:
-                self.pause /= 2
             else:
-                self.pause = 0.0
+                # Halved once per window that passed: after a quiet spell with no
+                # accept (the flood over), the next connection finds no pause left.
+                self.pause /= 2 ** min(int(elapsed / self.window), 32)
+                if self.pause < self.first_pause:
+                    self.pause = 0.0
         if not live_calls:
             return 0.0
         return self.pause
