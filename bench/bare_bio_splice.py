@@ -6,24 +6,28 @@ verbatim, then bytes both ways with flow control; no parsing, routing,
 balancing, retries, registry or logging), but each side is a non-blocking
 ``ssl.SSLSocket`` driven by the loop's reader/writer callbacks instead of a
 uvloop SSL transport: OpenSSL reads and writes the sockets itself, a relayed
-record is one ``recv_into`` into a buffer shared by every connection and one
-``send``. The ``bare-bio`` target of ``python -m bench`` (bench/targets.py)::
+record is one read into a buffer shared by every connection and one write. The
+``bare-bio`` target of ``python -m bench`` (bench/harness/targets.py)::
 
     python bench/bare_bio_splice.py --listen 127.0.0.1:8443 --cert c.pem --key k.pem \\
         --ca ca.pem --fleet 127.0.0.1:9001 --fleet 127.0.0.1:9002
 
 It serves until SIGTERM or SIGINT.
 
+With no variant on, every read and write is ``TLSConnection``'s own, as on
+the ingress's hot path: the C object's ``read`` and ``write``
+(``SSLSocket._sslobj``; the public ``recv_into`` / ``send`` wrappers add
+checks and Python frames per call).
+
 Bench variants, to see where the CPU per relayed message goes (environment,
 all off by default; ``--variant NAME:KEY=1 --targets bare-bio@NAME``). They
-replace methods of ``TLSConnection`` in this process only, nothing in src/:
+replace ``TLSConnection._read`` (and ``resume_reading`` for read-ahead) in this
+process only, nothing in src/; the replacement reads, and handles a read that
+fails, as ``TLSConnection._read`` does:
 
-- ``BARE_BIO_SSLOBJ=1``: the hot path's read and write call the private
-  ``SSLSocket._sslobj.read`` / ``.write`` instead of ``recv_into`` / ``send``
-  (the public wrappers add checks and two Python frames per call).
-- ``BARE_BIO_FUSED=1``: implies SSLOBJ, and a read is written to the peer's
-  ``_sslobj`` inside the read loop (no ``data_received`` / ``write`` frames):
-  about the least Python a relayed record can cost on this layer.
+- ``BARE_BIO_FUSED=1``: a read is written to the peer's ``_sslobj`` inside the
+  read loop (no ``data_received`` / ``write`` frames): about the least Python a
+  relayed record can cost on this layer.
 - ``BARE_BIO_DRAIN=1``: read until ``SSLWantReadError`` on each wake (bounded),
   instead of once when the read did not fill the buffer.
 - ``BARE_BIO_READ_AHEAD=1``: ``SSL_CTX_set_read_ahead(ctx, 1)`` through ctypes
@@ -178,7 +182,6 @@ class FleetSide(Side):
 
 
 _VARIANT = {
-    "sslobj": os.environ.get("BARE_BIO_SSLOBJ") == "1" or os.environ.get("BARE_BIO_FUSED") == "1",
     "fused": os.environ.get("BARE_BIO_FUSED") == "1",
     "drain": os.environ.get("BARE_BIO_DRAIN") == "1",
     "read_ahead": os.environ.get("BARE_BIO_READ_AHEAD") == "1",
@@ -223,7 +226,7 @@ def _set_read_ahead(ctx: ssl.SSLContext) -> None:
 
 def _ssl_pointer(conn: TLSConnection) -> int:
     # CPython's PySSLSocket: PyObject_HEAD, PyObject *Socket, then SSL *ssl.
-    sslobj = conn.ssl_socket._sslobj  # type: ignore[attr-defined]
+    sslobj = conn._sslobj
     ptr = ctypes.c_void_p.from_address(id(sslobj) + object.__basicsize__ + 8).value or 0
     assert _libssl is not None
     if _libssl.SSL_get_SSL_CTX(ptr) != _ctx_pointer(sslobj.context):
@@ -238,35 +241,28 @@ def _read_held(side: Side) -> None:
         asyncio.get_running_loop().call_soon(side.conn._on_readable)
 
 
-def _write_failed(conn: TLSConnection, data: tls_socket.Buffer, exc: BaseException) -> None:
-    """``TLSConnection.write``'s handling of a send that did not finish."""
-    if isinstance(exc, ssl.SSLWantReadError):
-        conn._want_read_for_write = True
-    elif not isinstance(exc, ssl.SSLWantWriteError):
-        conn._finish(exc)
+def _write_fused(conn: TLSConnection, data: memoryview) -> None:
+    """``TLSConnection.write`` on a connection with nothing buffered, inlined in the
+    read loop: the C object's ``write``, and the same handling of one that did not
+    finish."""
+    try:
+        conn._sslobj.write(data)
         return
-    conn._out = data if isinstance(data, bytes) else bytes(data)
+    except ssl.SSLWantWriteError:
+        pass
+    except ssl.SSLWantReadError:
+        conn._want_read_for_write = True
+    except OSError as exc:
+        conn._finish(tls_socket._with_errno(exc, conn._sock))
+        return
+    conn._out = bytes(data)  # a view of the shared buffer: the retry needs its own copy
     conn._sync_io()
     conn._buffered()
 
 
-_write_public = TLSConnection.write
-
-
-def _write_sslobj(self: TLSConnection, data: tls_socket.Buffer) -> None:
-    if self._state is not _OPEN or not data or self._out is not None:
-        _write_public(self, data)
-        return
-    try:
-        self._sock._sslobj.write(data)
-    except OSError as exc:
-        _write_failed(self, data, exc)
-
-
 def _read_variant(self: TLSConnection) -> None:
     """``TLSConnection._read`` with the variants' switches."""
-    sock = self._sock
-    read = sock._sslobj.read if _VARIANT["sslobj"] else None
+    sslobj = self._sslobj
     buf = tls_socket._READ_BUFFER
     size = len(buf)
     fused, drain = _VARIANT["fused"], _VARIANT["drain"]
@@ -274,15 +270,18 @@ def _read_variant(self: TLSConnection) -> None:
     ssl_ptr = handler.ssl_ptr if isinstance(handler, Side) else 0
     for _ in range(tls_socket.MAX_READS_PER_WAKE):
         try:
-            n = read(size, buf) if read is not None else sock.recv_into(buf)
+            n = sslobj.read(size, buf)
         except ssl.SSLWantReadError:
             return
         except ssl.SSLWantWriteError:
             self._want_write_for_read = True
             self._sync_io()
             return
-        except ssl.SSLEOFError:
-            self._peer_ended(clean=False)
+        except ssl.SSLEOFError as exc:
+            if exc.reason is None:  # the socket failed, not a FIN
+                self._finish(tls_socket._socket_failure(self._sock))
+            else:
+                self._peer_ended(clean=False)
             return
         except ssl.SSLZeroReturnError:
             self._peer_ended(clean=True)
@@ -297,11 +296,7 @@ def _read_variant(self: TLSConnection) -> None:
         if handler is not None:
             peer = handler.peer if fused else None
             if peer is not None and peer.conn._state is _OPEN and peer.conn._out is None:
-                view = buf[:n]
-                try:
-                    peer.conn._sock._sslobj.write(view)
-                except OSError as exc:
-                    _write_failed(peer.conn, view, exc)
+                _write_fused(peer.conn, buf[:n])
             else:
                 handler.data_received(buf[:n])
         if self._paused or self._state is not _OPEN:
@@ -312,9 +307,9 @@ def _read_variant(self: TLSConnection) -> None:
             if not _libssl.SSL_has_pending(ssl_ptr):  # type: ignore[union-attr]
                 return
             continue
-        if n < size or not sock.pending():
+        if n < size or not sslobj.pending():
             return
-    if sock.pending() or (ssl_ptr and _libssl.SSL_has_pending(ssl_ptr)):  # type: ignore[union-attr]
+    if sslobj.pending() or (ssl_ptr and _libssl.SSL_has_pending(ssl_ptr)):  # type: ignore[union-attr]
         self._loop.call_soon(self._on_readable)
 
 
@@ -332,11 +327,8 @@ def _install_variants(*contexts: ssl.SSLContext) -> None:
         for ctx in contexts:
             _set_read_ahead(ctx)
         TLSConnection.resume_reading = _resume_read_ahead  # type: ignore[method-assign]
-    if not any(_VARIANT.values()):
-        return
-    TLSConnection._read = _read_variant  # type: ignore[method-assign]
-    if _VARIANT["sslobj"]:
-        TLSConnection.write = _write_sslobj  # type: ignore[method-assign]
+    if any(_VARIANT.values()):
+        TLSConnection._read = _read_variant  # type: ignore[method-assign]
 
 
 async def serve(listen: Address, cert: str, key: str, ca: str, fleets: Sequence[Address]) -> None:

@@ -719,11 +719,12 @@ class FleetProtocol(_Side):
     def __init__(self, pump: CarrierProtocol, exchange: FleetExchange) -> None:
         # None once the attempt is dropped: a late word from it goes nowhere.
         self.pump: CarrierProtocol | None = pump
-        # None once a 101 is linked: nothing reads it in a tunnel.
+        # Read for the fleet's head, then, once linked, for a relayed (non-101)
+        # answer until it ends; None in a tunnel and after a relayed answer: so
+        # linked with an exchange is relaying an answer.
         self.exchange: FleetExchange | None = exchange
         self._pending = bytearray()  # raw bytes from the fleet, until linked
         self._head_read = False
-        self._relaying = False  # passing a non-101 answer through
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -737,9 +738,10 @@ class FleetProtocol(_Side):
         if peer is not None:  # the hot path
             self.bytes_received += len(data)
             peer.write(data)
-            if self._relaying:
-                assert self.exchange is not None  # kept while relaying an answer
-                self._relay_progress(self.exchange.feed(data))
+            # Read after the write: a carrier lost in it may close this side, ending the answer.
+            exchange = self.exchange
+            if exchange is not None:  # relaying an answer
+                self._relay_progress(exchange.feed(data))
             elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if self.pump is not None:
                     self.pump.feed(CloseFrameSeen(Side.FLEET))
@@ -783,7 +785,7 @@ class FleetProtocol(_Side):
             else:  # pragma: no cover - feed_eof raises when no head was read
                 pump.feed(FleetError(Failure.EMPTY_RESPONSE, "closed"))
             return
-        if self._relaying and self.peer_side is not None:
+        if self.exchange is not None and self.peer_side is not None:  # relaying an answer
             self._relay_progress(Progress.BODY_COMPLETE)
         pump.feed(FleetLost(_lost_kind(exc)))
 
@@ -793,7 +795,11 @@ class FleetProtocol(_Side):
         Flow control is wired first, so the carrier's buffer filling up
         (even with these first bytes) stops the fleet being read."""
         assert carrier.transport is not None
-        self._relaying = relaying
+        if not relaying:
+            # A tunnel reads the exchange no more: a held call does not keep its
+            # HTTP state and the fleet's head (memory per call). Let go before
+            # the link, so that linked with an exchange means relaying.
+            self.exchange = None
         self.peer_side = carrier
         self.peer = self.peer_writer(carrier.transport)
         carrier.peer_side = self
@@ -805,14 +811,10 @@ class FleetProtocol(_Side):
         if relaying:
             assert self.exchange is not None
             self._relay_progress(self.exchange.advance())
-        else:
-            # A tunnel reads the exchange no more: a held call does not keep its
-            # HTTP state and the fleet's head (memory per call).
-            self.exchange = None
 
     def _relay_progress(self, progress: Progress) -> None:
         if progress is Progress.BODY_COMPLETE:
-            self._relaying = False
+            self.exchange = None  # the answer has ended: nothing reads it again
             if self.pump is not None:
                 self.pump.feed(FleetAnswerComplete())
 

@@ -62,15 +62,3 @@ def stats_app(
         app.router.add_get(path, handler)
         app.router.add_route("*", path, read_only)
     return app
-
-
-async def serve_app(
-    app: web.Application, site_type: type[web.BaseSite], **where: Any
-) -> web.AppRunner:
-    """Serve `app` on a TCP or Unix site (`where`: host/port or sock); the
-    caller keeps the runner to clean it up. No access log, no signal handlers:
-    the service owns both."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    await site_type(runner, **where).start()
-    return runner

@@ -47,7 +47,8 @@ from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.snapshot import snapshot
-from fleet_ingress.ops.stats_server import serve_app, stats_app
+from fleet_ingress.ops.stats_server import stats_app
+from fleet_ingress.ops.web_sites import WebSites
 
 log = logging.getLogger("fleet_ingress.server")
 
@@ -148,7 +149,7 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self._wss: CarrierListener | None = None
         self._acme: asyncio.Server | None = None
-        self._web_runners: list[web.AppRunner] = []
+        self._web = WebSites()
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
 
@@ -225,14 +226,14 @@ class Ingress:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
                 app = stats_app(self.snapshot, self.metrics.prometheus)
-                runner = await self._serve_web(app, web.TCPSite, host=host, port=port)
+                runner = await self._web.serve(app, web.TCPSite, host=host, port=port)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
             log.info("listening", extra=fields(listener="stats", address=self.stats_address))
         if listen.admin_socket:
             path = Path(listen.admin_socket)
             sock = bind_admin_socket(path)
-            await self._serve_web(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
+            await self._web.serve(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
             self.admin_socket = path
             log.info("listening", extra=fields(listener="admin", address=str(path)))
         self.loop_lag.start()
@@ -246,13 +247,6 @@ class Ingress:
         host, port = parse_hostport(address, what=f"listen.{key}")
         with bind_errors_named(key, address):
             return bind_tcp(host, port)
-
-    async def _serve_web(
-        self, app: web.Application, site_type: type[web.BaseSite], **where: Any
-    ) -> web.AppRunner:
-        runner = await serve_app(app, site_type, **where)
-        self._web_runners.append(runner)
-        return runner
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(
@@ -425,9 +419,7 @@ class Ingress:
         self.registry.sweep.stop()
         if self.poller is not None:
             await self.poller.close()
-        for runner in self._web_runners:
-            await runner.cleanup()
-        self._web_runners.clear()
+        await self._web.close()
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         self.loop_lag.stop()

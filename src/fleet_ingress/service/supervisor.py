@@ -79,7 +79,8 @@ from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
-from fleet_ingress.ops.stats_server import serve_app, stats_app
+from fleet_ingress.ops.stats_server import stats_app
+from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
     ReloadRefused,
     _probe_settings,
@@ -282,7 +283,7 @@ class Supervisor:
         self._reload_rounds = 0
         self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
         self._watchers: set[asyncio.Task[Any]] = set()
-        self._web_runners: list[web.AppRunner] = []
+        self._web = WebSites()
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
         self._stats_sock: socket.socket | None = None
@@ -360,7 +361,7 @@ class Supervisor:
                     sock = bind_tcp(host, port, backlog=128)
             self._stats_sock = sock
             app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
-            await self._serve_web(app, web.SockSite, sock=sock)
+            await self._web.serve(app, web.SockSite, sock=sock)
             sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
             server_log.info(
@@ -372,7 +373,7 @@ class Supervisor:
             if admin_sock is None:
                 admin_sock = bind_admin_socket(path)
             self._admin_sock = admin_sock
-            await self._serve_web(
+            await self._web.serve(
                 admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self),
                 web.SockSite,
                 sock=admin_sock,
@@ -409,13 +410,6 @@ class Supervisor:
             )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
         self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
-
-    async def _serve_web(
-        self, app: web.Application, site_type: type[web.BaseSite], **where: Any
-    ) -> web.AppRunner:
-        runner = await serve_app(app, site_type, **where)
-        self._web_runners.append(runner)
-        return runner
 
     async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         rounds = self._reload_rounds  # it reads the configuration from now on
@@ -1225,9 +1219,7 @@ class Supervisor:
         if self._puller is not None:
             self._puller.cancel()
         await self.poller.close()
-        for runner in self._web_runners:
-            await runner.cleanup()
-        self._web_runners.clear()
+        await self._web.close()
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         await self.server.close()
