@@ -402,3 +402,34 @@ async def test_what_is_not_the_protocol_still_breaks_the_workers_channel(host, l
     assert channel.transport is not None
     channel.transport.write(line)
     await asyncio.wait_for(w1.lost, 2)
+
+
+async def test_an_exec_that_fails_after_the_handover_takes_the_channels_back_counted_all_along(
+    host,
+):
+    """`take_back` after a failed exec: the same channels, the same keys, the
+    table rebuilt from the workers; a fleet removed while a worker has a call
+    on it stays until that call ends (it was reaped at once before)."""
+    h = host(maxconn=2)
+    fleet_set = h.slots.balancer.members
+    assert isinstance(fleet_set, FleetSet)
+    reaped: list[str] = []
+    h.slots.on_release.append(lambda f: fleet_set.reap(f) and reaped.append(f.name))
+    w1, w2 = await h.worker(), await h.worker()
+    on_b = await w1.lease(avoid=["a"])
+    on_b2 = await w2.lease(avoid=["a"])
+    b = h.slots.balancer.get("b")
+    assert b is not None and on_b.fleet.name == on_b2.fleet.name == "b"
+    assert not fleet_set.remove(b)  # removed: drains its two calls
+    keys = sorted(r.worker for r in h.slots.workers)
+    kept = h.server.handover()
+    assert await h.server.take_back(kept, 2.0) == []
+    assert sorted(r.worker for r in h.slots.workers) == keys  # same channels, same keys
+    assert reaped == [] and b.active == 2 and h.slots.reclaimed_total == 0
+    assert not h.slots.paused and not (w1.lost.done() or w2.lost.done())
+    on_b.release()
+    await eventually(lambda: b.active == 1)
+    assert reaped == []
+    on_b2.release()
+    await eventually(lambda: reaped == ["b"])
+    assert (await w1.lease()).fleet.name == "a"

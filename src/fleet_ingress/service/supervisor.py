@@ -923,27 +923,9 @@ class Supervisor:
 
     async def _take_back(self, kept: dict[str, socket.socket]) -> None:
         """The exec failed after the channels were handed over: serve them again
-        in this image, the table rebuilt from the workers as the new image would."""
-        self.slots.paused = True
-        by_pid = {w.pid: w for w in self.workers.values()}
-        for name, sock in kept.items():
-            ids = worker_key(name)
-            worker = by_pid.get(ids[0]) if ids is not None else None
-            if worker is None:
-                sock.close()
-                continue
-            row, _ = self.slots.leave(worker.key)  # paused: grants nothing
-            if row is not None:  # not reclaimed: the worker still holds them
-                self.slots.reclaimed_total -= len(row.held)
-            self.workers.pop(worker.key, None)
-            worker.key = await self.server.adopt(
-                sock,
-                restoring=True,
-                worker=(worker.pid, worker.generation),
-                held_before=[] if row is None else [f.name for f in row.held.values()],
-            )
-            self.workers[worker.key] = worker
-        await self.server.finish_restore(RESTORE_TIMEOUT)
+        in this image, the table rebuilt from the workers as the new image would
+        (their slots counted meanwhile: nothing given back, nothing reaped)."""
+        await self.server.take_back(kept, RESTORE_TIMEOUT)
 
     async def _adopt_workers(self, kept: dict[str, socket.socket]) -> None:
         """The new image: serve every kept worker channel again and rebuild the
