@@ -433,3 +433,51 @@ async def test_an_exec_that_fails_after_the_handover_takes_the_channels_back_cou
     on_b2.release()
     await eventually(lambda: reaped == ["b"])
     assert (await w1.lease()).fleet.name == "a"
+
+
+async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
+    """A second upgrade while a worker kept over the first has not answered
+    "sync" yet: its channel goes on to the next image (closed, the worker
+    would take the supervisor for dead), and its answer to each image's
+    "sync" rebuilds its row once."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker holds b
+    server, _, slow_theirs, slow = await _slow_after_reexec(h)
+    loop = asyncio.get_running_loop()
+    third = SlotServer(HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8))
+    third.slots.paused = True
+    try:
+        assert await server.finish_restore(0.3) == [slow]
+        kept = server.handover()
+        assert sorted(kept) == sorted([f"worker.{w1.pid}.1", "worker.77.1"])
+        for name, sock in kept.items():
+            pid, generation = name.split(".")[1:]
+            held = ["b"] if pid == "77" else ["a"]
+            await third.adopt(
+                sock, restoring=True, worker=(int(pid), int(generation)), held_before=held
+            )
+        # It reads both images' "sync" and answers each.
+        expected = b'{"op":"sync"}\n{"op":"sync"}\n'
+        received = b""
+        async with asyncio.timeout(2):
+            while len(received) < len(expected):
+                received += await loop.sock_recv(slow_theirs, 1024)
+        assert received == expected
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state + state)
+        assert await third.finish_restore(2.0) == []
+        await eventually(
+            lambda: {r.pid: r.calls for r in third.slots.workers} == {w1.pid: 1, 77: 1}
+        )
+        waiting = asyncio.create_task(w1.lease())
+        await eventually(lambda: third.slots.queue_length == 1)
+        await asyncio.sleep(0.1)  # the second "state" read: the channel stays
+        assert 77 in {r.pid for r in third.slots.workers}
+        await loop.sock_sendall(slow_theirs, b'{"op":"release","id":4}\n')
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert third.slots.reclaimed_total == 0
+    finally:
+        slow_theirs.close()
+        await third.close()
+        await server.close()

@@ -227,12 +227,22 @@ class SlotServer:
         """Stop serving and give each joined worker's channel as a socket to
         keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
         after this: what workers send meanwhile waits in the kernel for the
-        next image, which counts it through their "state".
+        next image, which counts it through their "state". A channel kept
+        over the previous exec that has not answered "sync" yet goes on too
+        (a second upgrade soon after the first): closed, its worker would
+        take the supervisor for dead and drain.
 
         All or nothing: when a channel cannot be duplicated (out of
         descriptors) the ones already are closed and HandoverError raised,
         every channel still served here."""
-        channels = [c for c in self._channels.values() if c.transport is not None and c.joined]
+        channels = [
+            c
+            for c in self._channels.values()
+            if c.transport is not None
+            and (c.joined or c.restoring)
+            and c.pid is not None
+            and c.generation is not None
+        ]
         kept: dict[str, socket.socket] = {}
         handed: dict[str, _Channel] = {}
         try:
@@ -378,6 +388,11 @@ class SlotServer:
                 self._send([answer])
         elif op == "release":
             self._send(self.slots.release(channel.key, field(message, "id", int)))
+        elif op == "state":
+            # It went over two execs before it read the first "sync": it answers
+            # each. The first account rebuilt its row and what it sent after is
+            # counted since; this later one may lack grants still on their way.
+            log.debug("a second 'state' ignored", extra=fields(channel=channel.key))
         elif (handler := self.handlers.get(op)) is not None:
             handler(channel.key, message)
         elif self._known(op):
