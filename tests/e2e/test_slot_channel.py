@@ -481,3 +481,39 @@ async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
         slow_theirs.close()
         await third.close()
         await server.close()
+
+
+async def test_a_worker_whose_hello_is_unread_at_the_exec_goes_over_with_its_channel(host):
+    """A worker just started: the supervisor re-executes before it reads its
+    hello. Its channel goes over, named by the pid the supervisor started;
+    the new image's "sync" (and any op of its own) is read by the worker only
+    after its hello, so its "state" follows the hello and it joins."""
+    h = host(maxconn=1)
+    ours, theirs = socket.socketpair()
+    await h.server.adopt(ours, worker=(4242, 1))
+    kept = h.server.handover()
+    assert list(kept) == ["worker.4242.1"]
+    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        key = await server.adopt(
+            kept["worker.4242.1"], restoring=True, worker=(4242, 1), held_before=[]
+        )
+        client = await SlotClient.connect(
+            sock=theirs, pid=4242, generation=1, answer_timeout=10, hello=False
+        )
+        stops: list[dict] = []
+        client.handlers["stop"] = stops.append
+        assert server.send(key, {"op": "stop", "id": 1, "upgrade": True})
+        await asyncio.sleep(0.1)
+        assert stops == []  # nothing read before its hello
+        client.say_hello()
+        assert await server.finish_restore(2.0) == []
+        assert [(r.pid, r.calls) for r in slots.workers] == [(4242, 0)]
+        await eventually(lambda: len(stops) == 1)
+        assert (await client.lease()).fleet.name in {"a", "b"}
+        assert not client.lost.done()
+        client.close()
+    finally:
+        await server.close()

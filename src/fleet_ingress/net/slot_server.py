@@ -224,13 +224,15 @@ class SlotServer:
         return silent
 
     def handover(self) -> dict[str, socket.socket]:
-        """Stop serving and give each joined worker's channel as a socket to
-        keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
-        after this: what workers send meanwhile waits in the kernel for the
-        next image, which counts it through their "state". A channel kept
-        over the previous exec that has not answered "sync" yet goes on too
-        (a second upgrade soon after the first): closed, its worker would
-        take the supervisor for dead and drain.
+        """Stop serving and give each worker's channel as a socket to keep
+        over an exec, by key `worker.PID.GENERATION`. Nothing is read after
+        this: what workers send meanwhile waits in the kernel for the next
+        image, which counts it through their "state". Every channel whose
+        worker is known goes: joined; kept over the previous exec and not yet
+        answering "sync" (a second upgrade soon after the first); or not
+        joined yet, its hello unread, named by the `worker` given to `adopt`
+        (a worker just started). Closed, its worker would take the supervisor
+        for dead and drain.
 
         All or nothing: when a channel cannot be duplicated (out of
         descriptors) the ones already are closed and HandoverError raised,
@@ -238,10 +240,7 @@ class SlotServer:
         channels = [
             c
             for c in self._channels.values()
-            if c.transport is not None
-            and (c.joined or c.restoring)
-            and c.pid is not None
-            and c.generation is not None
+            if c.transport is not None and c.pid is not None and c.generation is not None
         ]
         kept: dict[str, socket.socket] = {}
         handed: dict[str, _Channel] = {}

@@ -443,7 +443,9 @@ class Supervisor:
             raise
         finally:
             theirs.close()  # the worker's now; its end closing is how we see it die
-        key = await self.server.adopt(ours)
+        # Named from the start: its channel goes over an upgrade's exec even
+        # before its hello is read.
+        key = await self.server.adopt(ours, worker=(proc.pid, generation))
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
         if key in self._joined_early:  # its hello was read before adopt() returned
             self._joined_early.discard(key)
@@ -863,16 +865,9 @@ class Supervisor:
             "upgrades": list(self.upgrades.values()),
             "worker_target": self.worker_target,
             "quick_deaths": self._quick_deaths,
-            # Replacements not started yet, and workers started but not joined
-            # (their channels are not handed over: they see theirs close).
-            "respawns": [
-                *self._respawns.values(),
-                *(
-                    time.monotonic()
-                    for w in self.workers.values()
-                    if not (w.joined.is_set() or w.retiring or w.candidate)
-                ),
-            ],
+            # Replacements not started yet (a worker started but not joined yet
+            # goes over with its channel, as the others).
+            "respawns": list(self._respawns.values()),
             "workers": [
                 {
                     "pid": w.pid,
@@ -926,6 +921,12 @@ class Supervisor:
         in this image, the table rebuilt from the workers as the new image would
         (their slots counted meanwhile: nothing given back, nothing reaped)."""
         await self.server.take_back(kept, RESTORE_TIMEOUT)
+        for worker in self.workers.values():
+            if f"worker.{worker.pid}.{worker.generation}" in kept:
+                # Its hello and "serving" may have been read by nobody: its
+                # "state" stands for them, as in the new image (_adopt_workers).
+                worker.joined.set()
+                worker.serving.set()
 
     async def _adopt_workers(self, kept: dict[str, socket.socket]) -> None:
         """The new image: serve every kept worker channel again and rebuild the
@@ -967,6 +968,7 @@ class Supervisor:
             worker.serving.set()
             self.workers[key] = worker
             self._keep(self._watch(worker))
+        self._watch_channelless()
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
         # A worker slow to answer is still one: its stats stay its own.
         present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
@@ -980,6 +982,28 @@ class Supervisor:
                 calls=self.host_calls,
             ),
         )
+
+    def _watch_channelless(self) -> None:
+        """Workers of the previous image whose channel did not come over: it
+        had closed (the worker was exiting, its slots reclaimed there and its
+        replacement carried as due) but the process was not reaped yet. Still
+        this process's children: reaped here and their exit logged and
+        counted as the previous image would have, not left as zombies."""
+        adopted = {w.pid for w in self.workers.values()}
+        for pid, carried in self._carried_workers.items():
+            if pid in adopted:
+                continue
+            worker = WorkerProcess(
+                AdoptedProcess(pid),
+                int(carried.get("generation", 0)),
+                -pid,  # no channel: a key no channel has
+                started_at=float(carried.get("started_at", time.monotonic())),
+                retiring=bool(carried.get("retiring", False)),
+                replaced=True,  # its replacement came over in "respawns"
+            )
+            worker.joined.set()
+            worker.left.set()
+            self._keep(self._watch(worker))
 
     async def _finish_upgrade(self) -> None:
         """The new image: start generation + 1 on the same listeners; once it
