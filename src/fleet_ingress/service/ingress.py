@@ -426,6 +426,9 @@ class Ingress:
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
             call.abort()
+        # Handshakes kept by an upgrade's stop that are still under way: one
+        # finishing later would be served by an ingress that has stopped.
+        self.stop_accepting()
         for conn in list(self.registry.connections):  # carriers with no call yet
             conn.abort()
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
