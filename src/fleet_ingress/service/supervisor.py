@@ -257,8 +257,9 @@ class Supervisor:
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
         self.workers: dict[int, WorkerProcess] = {}  # by channel key
-        self._joined_early: set[int] = set()
-        self._serving_early: set[int] = set()
+        # A worker's "hello" or "serving" read before adopt() returned its
+        # channel key (no WorkerProcess yet): the events to set, by key.
+        self._early: dict[int, set[str]] = {}
         self.generation = 1
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
@@ -447,12 +448,8 @@ class Supervisor:
         # before its hello is read.
         key = await self.server.adopt(ours, worker=(proc.pid, generation))
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
-        if key in self._joined_early:  # its hello was read before adopt() returned
-            self._joined_early.discard(key)
-            worker.joined.set()
-        if key in self._serving_early:
-            self._serving_early.discard(key)
-            worker.serving.set()
+        for event in self._early.pop(key, ()):
+            getattr(worker, event).set()
         self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
@@ -501,18 +498,17 @@ class Supervisor:
     # -- workers come and go ------------------------------------------------------
 
     def _joined(self, key: int, pid: int, generation: int) -> None:
-        worker = self.workers.get(key)
-        if worker is not None:
-            worker.joined.set()
-        else:
-            self._joined_early.add(key)
+        self._worker_says(key, "joined")
 
     def _serving(self, key: int, message: dict[str, Any]) -> None:
+        self._worker_says(key, "serving")
+
+    def _worker_says(self, key: int, event: str) -> None:
         worker = self.workers.get(key)
         if worker is not None:
-            worker.serving.set()
+            getattr(worker, event).set()
         else:
-            self._serving_early.add(key)
+            self._early.setdefault(key, set()).add(event)
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
