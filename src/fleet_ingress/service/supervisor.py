@@ -622,9 +622,7 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def ask_workers(
-        self, op: str, timeout: float, **values: Any
-    ) -> dict[int, dict[str, Any]]:
+    async def ask_workers(self, op: str, timeout: float) -> dict[int, dict[str, Any]]:
         """Send `op` to every live worker; their answers by pid (a worker that
         did not answer in time: `{"ok": False, "error": ...}`)."""
         ask = next(self._asks)
@@ -634,7 +632,7 @@ class Supervisor:
             if worker.left.is_set():
                 continue
             future = self._answers[(key, ask)] = loop.create_future()
-            if self.server.send(key, {"op": op, "id": ask, **values}):
+            if self.server.send(key, {"op": op, "id": ask}):
                 asked[worker.pid] = future
             else:
                 del self._answers[(key, ask)]
