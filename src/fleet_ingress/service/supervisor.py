@@ -265,8 +265,9 @@ class Supervisor:
         # started: a reload does not change it).
         self.worker_target = 0
         self.stopping = False
-        # SIGTERM/SIGINT received (run_supervisor): `stopping` follows a loop turn later.
-        self.stop_asked = False
+        # SIGTERM/SIGINT received (run_supervisor waits on it): `stopping`
+        # follows a loop turn later.
+        self.stop_asked = asyncio.Event()
         self.calls_lost_total = 0
         self._quick_deaths = 0
         # Replacements of dead workers not started yet, by when they are due
@@ -745,7 +746,7 @@ class Supervisor:
         """Start an upgrade in the background (`upgrade` on the admin socket,
         or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
         Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.stopping or self.stop_asked:
+        if self.stopping or self.stop_asked.is_set():
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
@@ -805,7 +806,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
-            if self.stopping or self.stop_asked:
+            if self.stopping or self.stop_asked.is_set():
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
                     status,
@@ -1006,7 +1007,7 @@ class Supervisor:
         status = next(reversed(self.upgrades.values()), None)
         if status is None or status["state"] != "re-executing":
             return
-        if self.stop_asked:  # held over the exec: the workers adopted drain instead
+        if self.stop_asked.is_set():  # held over the exec: the workers adopted drain instead
             self._upgrade_failed(
                 status,
                 "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
@@ -1307,7 +1308,7 @@ def _exit_status(code: int | None) -> str:
 async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = supervisor.stop_asked
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
@@ -1318,7 +1319,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
             return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
-        supervisor.stop_asked = True
         stop.set()
 
     def on_upgrade_signal() -> None:
