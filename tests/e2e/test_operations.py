@@ -12,6 +12,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import JsonFormatter
 from fleet_ingress.ops.fleet_ops import FleetChangeError
+from fleet_ingress.service import ingress as ingress_module
 from fleet_ingress.service.ingress import Ingress, ReloadRefused
 from fleet_ingress.sim import SimulatedFleet, run_call
 from tests.support import TLSFiles, eventually, wss_url
@@ -672,3 +674,39 @@ async def test_metrics_count_ended_calls_by_reason_and_failed_handshakes(deploym
     assert "fleet_ingress_tls_handshake_failures_total 1.0" in text
     assert 'fleet_ingress_requests_total{code="101",route="/ws/"} 1.0' in text
     assert "process_open_fds " in text
+
+
+async def test_reloads_in_one_process_apply_in_the_order_asked(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """Two reloads close together (the supervisor's, and a SIGHUP a
+    `systemctl kill` sends every process): each reads its files off the loop.
+    The later one must not be overtaken by the earlier's slower read: the
+    files as they are at the last reload asked are what serves."""
+    d = deployment
+    real = ingress_module.read_reload
+    first_read, release = threading.Event(), threading.Event()
+    reads = 0
+
+    def first_read_is_slow(path: Path, **kw: bool):
+        nonlocal reads
+        reads += 1
+        mine = reads
+        result = real(path, **kw)
+        if mine == 1:  # read, then slow to return (a loaded host, a slow disk)
+            first_read.set()
+            release.wait(5)
+        return result
+
+    monkeypatch.setattr(ingress_module, "read_reload", first_read_is_slow)
+    base = d.config_file.read_text()
+    d.config_file.write_text(base + "\n[timeouts]\nqueue = 7\n")
+    first = asyncio.create_task(d.ingress.reload(d.config_file))
+    assert await asyncio.to_thread(first_read.wait, 5)
+    d.config_file.write_text(base + "\n[timeouts]\nqueue = 9\n")
+    second = asyncio.create_task(d.ingress.reload(d.config_file))
+    await asyncio.wait({second}, timeout=1.0)  # unserialised, it reads and applies meanwhile
+    release.set()
+    await asyncio.gather(first, second)
+    assert d.ingress.config.timeouts.queue == 9
+    assert d.ingress.dispatcher.queue_timeout == 9

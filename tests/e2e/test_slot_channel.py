@@ -402,3 +402,118 @@ async def test_what_is_not_the_protocol_still_breaks_the_workers_channel(host, l
     assert channel.transport is not None
     channel.transport.write(line)
     await asyncio.wait_for(w1.lost, 2)
+
+
+async def test_an_exec_that_fails_after_the_handover_takes_the_channels_back_counted_all_along(
+    host,
+):
+    """`take_back` after a failed exec: the same channels, the same keys, the
+    table rebuilt from the workers; a fleet removed while a worker has a call
+    on it stays until that call ends (it was reaped at once before)."""
+    h = host(maxconn=2)
+    fleet_set = h.slots.balancer.members
+    assert isinstance(fleet_set, FleetSet)
+    reaped: list[str] = []
+    h.slots.on_release.append(lambda f: fleet_set.reap(f) and reaped.append(f.name))
+    w1, w2 = await h.worker(), await h.worker()
+    on_b = await w1.lease(avoid=["a"])
+    on_b2 = await w2.lease(avoid=["a"])
+    b = h.slots.balancer.get("b")
+    assert b is not None and on_b.fleet.name == on_b2.fleet.name == "b"
+    assert not fleet_set.remove(b)  # removed: drains its two calls
+    keys = sorted(r.worker for r in h.slots.workers)
+    kept = h.server.handover()
+    assert await h.server.take_back(kept, 2.0) == []
+    assert sorted(r.worker for r in h.slots.workers) == keys  # same channels, same keys
+    assert reaped == [] and b.active == 2 and h.slots.reclaimed_total == 0
+    assert not h.slots.paused and not (w1.lost.done() or w2.lost.done())
+    on_b.release()
+    await eventually(lambda: b.active == 1)
+    assert reaped == []
+    on_b2.release()
+    await eventually(lambda: reaped == ["b"])
+    assert (await w1.lease()).fleet.name == "a"
+
+
+async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
+    """A second upgrade while a worker kept over the first has not answered
+    "sync" yet: its channel goes on to the next image (closed, the worker
+    would take the supervisor for dead), and its answer to each image's
+    "sync" rebuilds its row once."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker holds b
+    server, _, slow_theirs, slow = await _slow_after_reexec(h)
+    loop = asyncio.get_running_loop()
+    third = SlotServer(HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8))
+    third.slots.paused = True
+    try:
+        assert await server.finish_restore(0.3) == [slow]
+        kept = server.handover()
+        assert sorted(kept) == sorted([f"worker.{w1.pid}.1", "worker.77.1"])
+        for name, sock in kept.items():
+            pid, generation = name.split(".")[1:]
+            held = ["b"] if pid == "77" else ["a"]
+            await third.adopt(
+                sock, restoring=True, worker=(int(pid), int(generation)), held_before=held
+            )
+        # It reads both images' "sync" and answers each.
+        expected = b'{"op":"sync"}\n{"op":"sync"}\n'
+        received = b""
+        async with asyncio.timeout(2):
+            while len(received) < len(expected):
+                received += await loop.sock_recv(slow_theirs, 1024)
+        assert received == expected
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state + state)
+        assert await third.finish_restore(2.0) == []
+        await eventually(
+            lambda: {r.pid: r.calls for r in third.slots.workers} == {w1.pid: 1, 77: 1}
+        )
+        waiting = asyncio.create_task(w1.lease())
+        await eventually(lambda: third.slots.queue_length == 1)
+        await asyncio.sleep(0.1)  # the second "state" read: the channel stays
+        assert 77 in {r.pid for r in third.slots.workers}
+        await loop.sock_sendall(slow_theirs, b'{"op":"release","id":4}\n')
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert third.slots.reclaimed_total == 0
+    finally:
+        slow_theirs.close()
+        await third.close()
+        await server.close()
+
+
+async def test_a_worker_whose_hello_is_unread_at_the_exec_goes_over_with_its_channel(host):
+    """A worker just started: the supervisor re-executes before it reads its
+    hello. Its channel goes over, named by the pid the supervisor started;
+    the new image's "sync" (and any op of its own) is read by the worker only
+    after its hello, so its "state" follows the hello and it joins."""
+    h = host(maxconn=1)
+    ours, theirs = socket.socketpair()
+    await h.server.adopt(ours, worker=(4242, 1))
+    kept = h.server.handover()
+    assert list(kept) == ["worker.4242.1"]
+    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    try:
+        key = await server.adopt(
+            kept["worker.4242.1"], restoring=True, worker=(4242, 1), held_before=[]
+        )
+        client = await SlotClient.connect(
+            sock=theirs, pid=4242, generation=1, answer_timeout=10, hello=False
+        )
+        stops: list[dict] = []
+        client.handlers["stop"] = stops.append
+        assert server.send(key, {"op": "stop", "id": 1, "upgrade": True})
+        await asyncio.sleep(0.1)
+        assert stops == []  # nothing read before its hello
+        client.say_hello()
+        assert await server.finish_restore(2.0) == []
+        assert [(r.pid, r.calls) for r in slots.workers] == [(4242, 0)]
+        await eventually(lambda: len(stops) == 1)
+        assert (await client.lease()).fleet.name in {"a", "b"}
+        assert not client.lost.done()
+        client.close()
+    finally:
+        await server.close()

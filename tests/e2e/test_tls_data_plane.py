@@ -202,6 +202,23 @@ async def test_a_handshake_cut_by_a_plain_stop_is_not_counted_as_the_carriers_fa
         writer.close()
 
 
+async def test_a_handshake_kept_by_an_upgrades_stop_is_cut_when_the_stop_ends(
+    start_ingress: StartIngress,
+) -> None:
+    """An old generation's stop keeps its handshakes under way; once its
+    drain is over (here cut short) nothing may be left to finish later and be
+    served by an ingress that has stopped."""
+    ingress = await _ingress_without_fleets(start_ingress)
+    reader, writer = await _handshake_under_way(ingress)
+    try:
+        await ingress.stop(drain_timeout=0.2, keep_pending=True)
+        assert ingress.registry.handshaking == 0
+        async with asyncio.timeout(2):  # closed now, not at timeouts.request
+            await reader.read()
+    finally:
+        writer.close()
+
+
 # -- the handshake's deadline -----------------------------------------------------------------
 
 

@@ -485,3 +485,36 @@ def test_a_worker_that_dies_before_it_restores_gives_back_what_was_kept_for_it()
     _play(slots, [("active", {"a": 1, "b": 0})])
     with pytest.raises(SlotProtocolError, match="joined twice"):
         slots.restore("new", pid=3, generation=2, held=[], waiting=[], now=0.0)
+
+
+def test_a_worker_taken_back_keeps_its_slots_counted_and_a_removed_fleet_is_not_reaped():
+    """An exec that fails after the hand-over: the table serves the same
+    workers again and waits for their account. A slot held meanwhile is never
+    given back (a removed fleet would be reaped with calls on it): only what
+    the worker no longer holds frees up once it says."""
+    fleet_set = FleetSet.from_specs(parse_fleets_text(TWO_FLEETS, default_maxconn=2))
+    slots = HostSlots(Balancer(fleet_set), queue_timeout=TIMEOUT, max_queue=8)
+    reaped: list[str] = []
+    slots.on_release.append(lambda fleet: fleet_set.reap(fleet) and reaped.append(fleet.name))
+    slots.join("w1", pid=101, generation=1)
+    _play(slots, [("acquire", "w1", 1, (), 0.0, "a"), ("acquire", "w1", 2, (), 0.0, "b")])
+    a = slots.balancer.get("a")
+    assert a is not None and not fleet_set.remove(a)  # removed from the file: drains its call
+    _play(slots, [("acquire", "w1", 3, (), 0.0, "b"), ("acquire", "w1", 4, (), 0.5, "wait")])
+    slots.paused = True
+    row = slots.suspend("w1")
+    assert row is not None and row.reserved and row.calls == 3
+    assert reaped == [] and slots.queue_length == 0  # its waiter is named again in its state
+    _play(slots, [("active", {"a": 1, "b": 2})])
+    # Its account: the call on b (lease 2) ended meanwhile, lease 4 still waits.
+    assert (
+        slots.restore(
+            "w1", pid=101, generation=1, held=[(1, "a"), (3, "b")], waiting=[(4, (), 1.0)], now=1.0
+        )
+        == []
+    )
+    assert reaped == [] and slots.reclaimed_total == 0
+    _play(slots, [("active", {"a": 1, "b": 1})])
+    assert [_render(x) for x in slots.resume()] == ["w1#4>b"]
+    _play(slots, [("release", "w1", 1, [])])
+    assert reaped == ["a"]

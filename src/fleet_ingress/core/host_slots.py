@@ -192,6 +192,23 @@ class HostSlots:
                 fleet.active += 1
                 row.held[-i] = fleet  # no lease id of the worker's own is negative
 
+    def suspend(self, worker: WorkerKey) -> WorkerRow | None:
+        """The worker's channel went over an exec that failed and is served
+        again: until it says again what it holds (`restore`), what this table
+        says it holds stays counted, as `reserve` counts it (`leave` reclaims
+        it). Nothing is given back meanwhile, so no release hook runs: a
+        fleet removed from the fleets file is not reaped while calls are on
+        it. Its waiters leave the queue: its "state" names them again, with
+        how long each has waited. None if it had not joined."""
+        row = self._rows.get(worker)
+        self._queue = deque(w for w in self._queue if w.worker != worker)
+        if row is not None:
+            row.reserved = True
+        return row
+
+    def get(self, worker: WorkerKey) -> WorkerRow | None:
+        return self._rows.get(worker)
+
     def resume(self) -> list[Answer]:
         """Every worker has told what it holds: grant again."""
         self.paused = False

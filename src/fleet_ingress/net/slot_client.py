@@ -77,9 +77,13 @@ class SlotClient(asyncio.Protocol):
         above the queue timeout (which the coordinator enforces itself) plus
         the time the supervisor takes to re-execute. `hello` False: `say_hello`
         later, once `handlers` are in place (the coordinator's own messages
-        may follow its reading of "hello" at once)."""
+        may follow its reading of "hello" at once). Nothing is read before
+        "hello": a supervisor re-executed before it read ours asks "sync" (and
+        more) at once, and the answer must come after the "hello", from a
+        worker whose handlers are in place."""
         self.pid = pid
         self._hello_on_connect = hello
+        self._unread: bytearray | None = None if hello else bytearray()  # until "hello"
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
@@ -184,6 +188,9 @@ class SlotClient(asyncio.Protocol):
     def say_hello(self) -> None:
         """Join the coordinator (once; `connect` does it unless told not to)."""
         self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+        unread, self._unread = self._unread, None
+        if unread:
+            self.data_received(bytes(unread))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -191,6 +198,9 @@ class SlotClient(asyncio.Protocol):
             self.say_hello()
 
     def data_received(self, data: bytes) -> None:
+        if self._unread is not None:
+            self._unread += data
+            return
         try:
             for message in self._decoder.feed(data):
                 self._handle(message)

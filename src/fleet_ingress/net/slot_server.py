@@ -124,6 +124,7 @@ class SlotServer:
         self._timer_at: float | None = None
         self._servers: list[asyncio.Server] = []
         self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
+        self._handed: dict[str, _Channel] = {}  # by `handover`'s names: for `take_back`
         self._restored = asyncio.Event()
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet and their answers): op -> handler(channel key, message).
@@ -156,14 +157,17 @@ class SlotServer:
         restoring: bool = False,
         worker: tuple[int, int] | None = None,
         held_before: list[str] | None = None,
+        key: int | None = None,
     ) -> int:
         """Serve the supervisor's end of a worker's socketpair; returns its
-        channel key. `restoring`: a channel kept over this process's
-        re-execution; the worker is asked what it holds (pause `slots` first).
+        channel key (`key`: the one it had, served again by `take_back`).
+        `restoring`: a channel kept over this process's re-execution; the
+        worker is asked what it holds (pause `slots` first).
         `worker` (pid, generation) and `held_before` (a fleet name per slot it
         held in the previous image's table): counted if it is slow to answer."""
         loop = asyncio.get_running_loop()
-        key = next(self._keys)
+        if key is None:
+            key = next(self._keys)
         if restoring:
             self._restoring.add(key)
             self._restored.clear()
@@ -192,8 +196,16 @@ class SlotServer:
             if channel is None:
                 continue
             held, pid = channel.held_before, channel.pid
-            what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=len(held or ()))
-            if held is not None and pid is not None:
+            row = self.slots.get(key)  # taken back (`take_back`): counted all along
+            kept = row.calls if row is not None else len(held or ())
+            what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=kept)
+            if row is not None:
+                log.warning(
+                    "worker has not said what it holds after the failed re-execution: "
+                    "granting again, with the slots it held counted until it does",
+                    extra=what,
+                )
+            elif held is not None and pid is not None:
                 self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
                 log.warning(
                     "worker has not said what it holds after the re-execution: granting "
@@ -212,22 +224,33 @@ class SlotServer:
         return silent
 
     def handover(self) -> dict[str, socket.socket]:
-        """Stop serving and give each joined worker's channel as a socket to
-        keep over an exec, by key `worker.PID.GENERATION`. Nothing is read
-        after this: what workers send meanwhile waits in the kernel for the
-        next image, which counts it through their "state".
+        """Stop serving and give each worker's channel as a socket to keep
+        over an exec, by key `worker.PID.GENERATION`. Nothing is read after
+        this: what workers send meanwhile waits in the kernel for the next
+        image, which counts it through their "state". Every channel whose
+        worker is known goes: joined; kept over the previous exec and not yet
+        answering "sync" (a second upgrade soon after the first); or not
+        joined yet, its hello unread, named by the `worker` given to `adopt`
+        (a worker just started). Closed, its worker would take the supervisor
+        for dead and drain.
 
         All or nothing: when a channel cannot be duplicated (out of
         descriptors) the ones already are closed and HandoverError raised,
         every channel still served here."""
-        channels = [c for c in self._channels.values() if c.transport is not None and c.joined]
+        channels = [
+            c
+            for c in self._channels.values()
+            if c.transport is not None and c.pid is not None and c.generation is not None
+        ]
         kept: dict[str, socket.socket] = {}
+        handed: dict[str, _Channel] = {}
         try:
             for channel in channels:
                 assert channel.transport is not None
                 fd = channel.transport.get_extra_info("socket").fileno()
                 key = f"worker.{channel.pid}.{channel.generation}"
                 kept[key] = socket.socket(fileno=os.dup(fd))
+                handed[key] = channel
         except OSError as exc:
             for sock in kept.values():
                 sock.close()
@@ -237,6 +260,7 @@ class SlotServer:
                 "Raise the service's LimitNOFILE (or lower limits.max_connections), then "
                 "`fleet-ingress upgrade` again"
             ) from exc
+        self._handed = handed
         for channel in channels:
             assert channel.transport is not None
             channel.transport.pause_reading()
@@ -248,6 +272,30 @@ class SlotServer:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
         return kept
+
+    async def take_back(self, kept: dict[str, socket.socket], timeout: float) -> list[int]:
+        """The exec failed after `handover`: serve the channels in `kept` again
+        (the ones `handover` gave; any other is closed), each under the key it
+        had, the table rebuilt from what the workers say as the next image
+        would rebuild it (`finish_restore`'s `timeout`: returns the silent
+        ones). What each worker held stays counted in between (never given
+        back: a removed fleet with calls on it is not reaped, HostSlots.suspend)."""
+        handed, self._handed = self._handed, {}
+        self.slots.paused = True
+        for name, sock in kept.items():
+            channel = handed.get(name)
+            if channel is None:
+                sock.close()
+                continue
+            self.slots.suspend(channel.key)
+            assert channel.pid is not None and channel.generation is not None
+            await self.adopt(
+                sock,
+                restoring=True,
+                worker=(channel.pid, channel.generation),
+                key=channel.key,
+            )
+        return await self.finish_restore(timeout)
 
     async def serve_unix(
         self, path: str | None = None, *, sock: socket.socket | None = None
@@ -339,6 +387,11 @@ class SlotServer:
                 self._send([answer])
         elif op == "release":
             self._send(self.slots.release(channel.key, field(message, "id", int)))
+        elif op == "state":
+            # It went over two execs before it read the first "sync": it answers
+            # each. The first account rebuilt its row and what it sent after is
+            # counted since; this later one may lack grants still on their way.
+            log.debug("a second 'state' ignored", extra=fields(channel=channel.key))
         elif (handler := self.handlers.get(op)) is not None:
             handler(channel.key, message)
         elif self._known(op):

@@ -118,6 +118,11 @@ class Ingress:
             except (OSError, ValueError):
                 pass  # shown as unknown; `check` names the problem
         self.reloads: Counter[str] = Counter()  # "applied" / "refused"
+        # One reload at a time, read and apply together: two asked close together
+        # (the supervisor's after a late answer, a SIGHUP sent to every process
+        # of the unit) would otherwise race their reads off the loop, and the
+        # older files could be applied last.
+        self._reload_lock = asyncio.Lock()
         self.metrics = IngressMetrics(
             self.balancer,
             self.registry,
@@ -303,7 +308,11 @@ class Ingress:
         Everything is read and validated first; any error refuses the whole
         reload (raises ReloadRefused) and the running configuration stays.
         Established calls are never touched: they keep the context they
-        started with."""
+        started with. Reloads apply in the order asked."""
+        async with self._reload_lock:
+            return await self._reload(config_path)
+
+    async def _reload(self, config_path: Path) -> str:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
             # fleets' TLS context reads the system's trust store (20 ms measured).
@@ -412,6 +421,9 @@ class Ingress:
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
             call.abort()
+        # Handshakes kept by an upgrade's stop that are still under way: one
+        # finishing later would be served by an ingress that has stopped.
+        self.stop_accepting()
         for conn in list(self.registry.connections):  # carriers with no call yet
             conn.abort()
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns

@@ -258,15 +258,17 @@ class Supervisor:
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
         self.workers: dict[int, WorkerProcess] = {}  # by channel key
-        self._joined_early: set[int] = set()
-        self._serving_early: set[int] = set()
+        # A worker's "hello" or "serving" read before adopt() returned its
+        # channel key (no WorkerProcess yet): the events to set, by key.
+        self._early: dict[int, set[str]] = {}
         self.generation = 1
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
         self.worker_target = 0
         self.stopping = False
-        # SIGTERM/SIGINT received (run_supervisor): `stopping` follows a loop turn later.
-        self.stop_asked = False
+        # SIGTERM/SIGINT received (run_supervisor waits on it): `stopping`
+        # follows a loop turn later.
+        self.stop_asked = asyncio.Event()
         self.calls_lost_total = 0
         self._quick_deaths = 0
         # Replacements of dead workers not started yet, by when they are due
@@ -437,14 +439,12 @@ class Supervisor:
             raise
         finally:
             theirs.close()  # the worker's now; its end closing is how we see it die
-        key = await self.server.adopt(ours)
+        # Named from the start: its channel goes over an upgrade's exec even
+        # before its hello is read.
+        key = await self.server.adopt(ours, worker=(proc.pid, generation))
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
-        if key in self._joined_early:  # its hello was read before adopt() returned
-            self._joined_early.discard(key)
-            worker.joined.set()
-        if key in self._serving_early:
-            self._serving_early.discard(key)
-            worker.serving.set()
+        for event in self._early.pop(key, ()):
+            getattr(worker, event).set()
         self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
@@ -493,18 +493,17 @@ class Supervisor:
     # -- workers come and go ------------------------------------------------------
 
     def _joined(self, key: int, pid: int, generation: int) -> None:
-        worker = self.workers.get(key)
-        if worker is not None:
-            worker.joined.set()
-        else:
-            self._joined_early.add(key)
+        self._worker_says(key, "joined")
 
     def _serving(self, key: int, message: dict[str, Any]) -> None:
+        self._worker_says(key, "serving")
+
+    def _worker_says(self, key: int, event: str) -> None:
         worker = self.workers.get(key)
         if worker is not None:
-            worker.serving.set()
+            getattr(worker, event).set()
         else:
-            self._serving_early.add(key)
+            self._early.setdefault(key, set()).add(event)
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
@@ -618,9 +617,7 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def ask_workers(
-        self, op: str, timeout: float, **values: Any
-    ) -> dict[int, dict[str, Any]]:
+    async def ask_workers(self, op: str, timeout: float) -> dict[int, dict[str, Any]]:
         """Send `op` to every live worker; their answers by pid (a worker that
         did not answer in time: `{"ok": False, "error": ...}`)."""
         ask = next(self._asks)
@@ -630,7 +627,7 @@ class Supervisor:
             if worker.left.is_set():
                 continue
             future = self._answers[(key, ask)] = loop.create_future()
-            if self.server.send(key, {"op": op, "id": ask, **values}):
+            if self.server.send(key, {"op": op, "id": ask}):
                 asked[worker.pid] = future
             else:
                 del self._answers[(key, ask)]
@@ -743,7 +740,7 @@ class Supervisor:
         """Start an upgrade in the background (`upgrade` on the admin socket,
         or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
         Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.stopping or self.stop_asked:
+        if self.stopping or self.stop_asked.is_set():
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
@@ -803,7 +800,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
-            if self.stopping or self.stop_asked:
+            if self.stopping or self.stop_asked.is_set():
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
                     status,
@@ -857,16 +854,9 @@ class Supervisor:
             "upgrades": list(self.upgrades.values()),
             "worker_target": self.worker_target,
             "quick_deaths": self._quick_deaths,
-            # Replacements not started yet, and workers started but not joined
-            # (their channels are not handed over: they see theirs close).
-            "respawns": [
-                *self._respawns.values(),
-                *(
-                    time.monotonic()
-                    for w in self.workers.values()
-                    if not (w.joined.is_set() or w.retiring or w.candidate)
-                ),
-            ],
+            # Replacements not started yet (a worker started but not joined yet
+            # goes over with its channel, as the others).
+            "respawns": list(self._respawns.values()),
             "workers": [
                 {
                     "pid": w.pid,
@@ -917,27 +907,15 @@ class Supervisor:
 
     async def _take_back(self, kept: dict[str, socket.socket]) -> None:
         """The exec failed after the channels were handed over: serve them again
-        in this image, the table rebuilt from the workers as the new image would."""
-        self.slots.paused = True
-        by_pid = {w.pid: w for w in self.workers.values()}
-        for name, sock in kept.items():
-            ids = worker_key(name)
-            worker = by_pid.get(ids[0]) if ids is not None else None
-            if worker is None:
-                sock.close()
-                continue
-            row, _ = self.slots.leave(worker.key)  # paused: grants nothing
-            if row is not None:  # not reclaimed: the worker still holds them
-                self.slots.reclaimed_total -= len(row.held)
-            self.workers.pop(worker.key, None)
-            worker.key = await self.server.adopt(
-                sock,
-                restoring=True,
-                worker=(worker.pid, worker.generation),
-                held_before=[] if row is None else [f.name for f in row.held.values()],
-            )
-            self.workers[worker.key] = worker
-        await self.server.finish_restore(RESTORE_TIMEOUT)
+        in this image, the table rebuilt from the workers as the new image would
+        (their slots counted meanwhile: nothing given back, nothing reaped)."""
+        await self.server.take_back(kept, RESTORE_TIMEOUT)
+        for worker in self.workers.values():
+            if f"worker.{worker.pid}.{worker.generation}" in kept:
+                # Its hello and "serving" may have been read by nobody: its
+                # "state" stands for them, as in the new image (_adopt_workers).
+                worker.joined.set()
+                worker.serving.set()
 
     async def _adopt_workers(self, kept: dict[str, socket.socket]) -> None:
         """The new image: serve every kept worker channel again and rebuild the
@@ -979,6 +957,7 @@ class Supervisor:
             worker.serving.set()
             self.workers[key] = worker
             self._keep(self._watch(worker))
+        self._watch_channelless()
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
         # A worker slow to answer is still one: its stats stay its own.
         present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
@@ -993,6 +972,28 @@ class Supervisor:
             ),
         )
 
+    def _watch_channelless(self) -> None:
+        """Workers of the previous image whose channel did not come over: it
+        had closed (the worker was exiting, its slots reclaimed there and its
+        replacement carried as due) but the process was not reaped yet. Still
+        this process's children: reaped here and their exit logged and
+        counted as the previous image would have, not left as zombies."""
+        adopted = {w.pid for w in self.workers.values()}
+        for pid, carried in self._carried_workers.items():
+            if pid in adopted:
+                continue
+            worker = WorkerProcess(
+                AdoptedProcess(pid),
+                int(carried.get("generation", 0)),
+                -pid,  # no channel: a key no channel has
+                started_at=float(carried.get("started_at", time.monotonic())),
+                retiring=bool(carried.get("retiring", False)),
+                replaced=True,  # its replacement came over in "respawns"
+            )
+            worker.joined.set()
+            worker.left.set()
+            self._keep(self._watch(worker))
+
     async def _finish_upgrade(self) -> None:
         """The new image: start generation + 1 on the same listeners; once it
         serves, the older generations stop accepting and drain. If it cannot
@@ -1000,7 +1001,7 @@ class Supervisor:
         status = next(reversed(self.upgrades.values()), None)
         if status is None or status["state"] != "re-executing":
             return
-        if self.stop_asked:  # held over the exec: the workers adopted drain instead
+        if self.stop_asked.is_set():  # held over the exec: the workers adopted drain instead
             self._upgrade_failed(
                 status,
                 "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
@@ -1299,7 +1300,7 @@ def _exit_status(code: int | None) -> str:
 async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = None) -> int:
     notifier = notifier or Notifier()
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    stop = supervisor.stop_asked
 
     def on_stop_signal(signum: int) -> None:
         if stop.is_set():
@@ -1310,7 +1311,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
             return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
-        supervisor.stop_asked = True
         stop.set()
 
     def on_upgrade_signal() -> None:

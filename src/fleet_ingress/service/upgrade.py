@@ -23,7 +23,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -156,24 +157,39 @@ def take_state(environ: MutableMapping[str, str] | None = None) -> dict[str, Any
     return data
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# What the supervisor knows of each fleet that a fleets file cannot say: health
+# and its streak, the admin state, the last capacity report and what was opened
+# since, the probe counters. Each with how it is read back (an enum by name).
+CARRIED_FLEET_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "health": Health.__getitem__,
+    "health_streak": int,
+    "admin": Admin.__getitem__,
+    "reported_available": _int_or_none,
+    "opened_total": int,
+    "opened_at_probe": int,
+    "last_probe_at": _same,
+    "last_probe_seconds": _same,
+    "probes_total": int,
+    "check_failures": int,
+}
+
+
+def _to_json(value: Any) -> Any:
+    return value.name if isinstance(value, Enum) else value
+
+
 def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
-    """What the supervisor knows of each fleet that a fleets file cannot say:
-    health and its streak, the last capacity report and what was opened since,
-    the admin state, the probe counters."""
+    """Each fleet's CARRIED_FLEET_FIELDS, by its name."""
     return [
-        {
-            "name": f.name,
-            "health": f.health.name,
-            "health_streak": f.health_streak,
-            "admin": f.admin.name,
-            "reported_available": f.reported_available,
-            "opened_total": f.opened_total,
-            "opened_at_probe": f.opened_at_probe,
-            "last_probe_at": f.last_probe_at,
-            "last_probe_seconds": f.last_probe_seconds,
-            "probes_total": f.probes_total,
-            "check_failures": f.check_failures,
-        }
+        {"name": f.name, **{key: _to_json(getattr(f, key)) for key in CARRIED_FLEET_FIELDS}}
         for f in fleets
     ]
 
@@ -188,19 +204,7 @@ def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, 
         if fleet is None:
             continue
         try:  # all read before any is set: a malformed entry changes nothing
-            available = entry["reported_available"]
-            values = {
-                "health": Health[entry["health"]],
-                "health_streak": int(entry["health_streak"]),
-                "admin": Admin[entry["admin"]],
-                "reported_available": None if available is None else int(available),
-                "opened_total": int(entry["opened_total"]),
-                "opened_at_probe": int(entry["opened_at_probe"]),
-                "last_probe_at": entry["last_probe_at"],
-                "last_probe_seconds": entry["last_probe_seconds"],
-                "probes_total": int(entry["probes_total"]),
-                "check_failures": int(entry["check_failures"]),
-            }
+            values = {key: read(entry[key]) for key, read in CARRIED_FLEET_FIELDS.items()}
         except (KeyError, TypeError, ValueError):
             continue
         for name, value in values.items():
