@@ -8,9 +8,11 @@ length while one generator process (:mod:`bench.harness.flood`) floods the proxy
 worst-case heads (4,000 tiny header lines, 100 lines of the largest size that
 fits 16 KiB, one 16 KiB line, a 20 KiB head), slowloris connections and
 handshake garbage, as fast as it can. Reported: live-call RTT p50/p99/max with
-and without the flood, the flood's rate and the answers it got, the proxy's
-CPU, and for fleet-ingress its own event-loop lag histogram (scraped from
-/metrics, the stats listener turned on through the environment).
+and without the flood, the set-up time of new calls made one at a time meanwhile
+(every 0.25 s: what a carrier dialling in during the flood waits), the flood's
+rate and the answers it got, the proxy's CPU, and for fleet-ingress its own
+event-loop lag histogram (scraped from /metrics, the stats listener turned on
+through the environment).
 
 Target (issue #12): live-call p99 within 5 ms of the quiet window.
 
@@ -47,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet_ingress.sim import PROFILES
 
 from ..harness import procfs
+from ..harness.carrier import FramePool, Recorder, open_call
 from ..harness.children import HOST, REPO, free_port, log, python_module
 from ..harness.run import SETTLE, Run, merged_record, rtts_between
 from ..harness.stats import percentile, stagger
@@ -109,6 +112,37 @@ async def loop_lag(stats: tuple[str, int] | None) -> dict[str, float] | None:
     return found if "+Inf" in found else None
 
 
+PROBE_EVERY = 0.25  # s between two new calls that measure set-up during a window
+PROBE_TIMEOUT = 10.0
+
+
+async def new_call_probes(run: Run, url: tuple[str, int], route: str, seconds: float) -> Any:
+    """New calls, one at a time, every PROBE_EVERY for `seconds`: the time from connect
+    to the fleet's 101 (what a carrier dialling in meanwhile waits), ms."""
+    pool = FramePool.build("binary")
+    ctx = run.tls.carrier_context()
+    setups: list[float] = []
+    failed = 0
+    end = time.monotonic() + seconds
+    for n in range(int(seconds / PROBE_EVERY) + 1):
+        if time.monotonic() >= end:
+            break
+        started = time.monotonic()
+        call = await open_call(Recorder(), pool, url, f"{route}probe-{n}", ctx, 0, PROBE_TIMEOUT)
+        if call is None:
+            failed += 1
+        else:
+            setups.append((time.monotonic() - started) * 1000)
+            await call.finish(0.5, 2.0)
+        await asyncio.sleep(max(0.0, started + PROBE_EVERY - time.monotonic()))
+    return {
+        "calls": len(setups) + failed,
+        "failed": failed,
+        "setup_ms_p50": percentile(setups, 50),
+        "setup_ms_max": round(max(setups), 1) if setups else None,
+    }
+
+
 def lag_window(before: dict[str, float] | None, after: dict[str, float] | None) -> Any:
     """Probes in the window and how many were late by more than each bucket bound."""
     if before is None or after is None:
@@ -149,18 +183,19 @@ async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str,
         windows: dict[str, Any] = {}
         async with run.progress(f"hostile {target.label}", target, lambda: [gens]):
             await asyncio.sleep(max(0.0, t0 + ramp + SETTLE - time.monotonic()))
+            url = target.urls[0]
             lag0 = await loop_lag(stats)
             a = run.sample(target, [gens])
-            await asyncio.sleep(args.seconds)
+            probes_quiet = await new_call_probes(run, url, args.route, args.seconds)
+            await asyncio.sleep(max(0.0, a.t + args.seconds - time.monotonic()))
             b = run.sample(target, [gens])
             lag1 = await loop_lag(stats)
             log(f"hostile {target.label}: quiet window done; flooding for {args.seconds:g} s")
-            url = f"{target.urls[0][0]}:{target.urls[0][1]}"
             flood = await run.children.spawn(
                 python_module(
                     "bench.harness.flood",
                     "--url",
-                    url,
+                    f"{url[0]}:{url[1]}",
                     "--seconds",
                     str(args.seconds + 2.0),
                     "--concurrency",
@@ -176,15 +211,16 @@ async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str,
             await asyncio.sleep(1.0)  # the flood's connections up
             lag2 = await loop_lag(stats)
             c = run.sample(target, [gens])
-            await asyncio.sleep(args.seconds)
+            probes_flood = await new_call_probes(run, url, args.route, args.seconds)
+            await asyncio.sleep(max(0.0, c.t + args.seconds - time.monotonic()))
             d = run.sample(target, [gens])
             lag3 = await loop_lag(stats)
             async with asyncio.timeout(args.seconds + 30):
                 out, _ = await flood.communicate()
             recs = await gens.stop(timeout=30)
-        for window, (start, end, lag) in {
-            "quiet": (a, b, lag_window(lag0, lag1)),
-            "flood": (c, d, lag_window(lag2, lag3)),
+        for window, (start, end, lag, probes) in {
+            "quiet": (a, b, lag_window(lag0, lag1), probes_quiet),
+            "flood": (c, d, lag_window(lag2, lag3), probes_flood),
         }.items():
             rtts = rtts_between(recs, start.t, end.t)
             windows[window] = {
@@ -193,6 +229,7 @@ async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str,
                 "rtt_ms_p99": percentile(rtts, 99),
                 "rtt_ms_max": round(max(rtts), 3) if rtts else None,
                 "event_loop_lag": lag,
+                "new_calls": probes,
                 "loads": run.loads(start, end),
             }
         try:
@@ -218,6 +255,12 @@ async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str,
     }
 
 
+def _new_calls(probes: dict[str, Any] | None) -> str:
+    if not probes:
+        return "-"
+    return f"{probes['setup_ms_p50']} / {probes['setup_ms_max']} ({probes['failed']})"
+
+
 def markdown(rep: dict[str, Any]) -> str:
     lines = [
         f"# hostile: {rep['params']['calls']} live calls, {rep['params']['seconds']:g} s "
@@ -228,8 +271,9 @@ def markdown(rep: dict[str, Any]) -> str:
         f"({rep['busy_cores_before_start']} cores busy before start): figures are noisy.",
         "",
         "| target | window | RTT p50 ms | RTT p99 ms | RTT max ms | proxy cores | host busy "
-        "| loop lag p99 <= s | probes > 5 ms late | accepts paused s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| loop lag p99 <= s | probes > 5 ms late | accepts paused s "
+        "| new calls: set-up p50 / max ms (failed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
         for window, w in r["windows"].items():
@@ -238,7 +282,8 @@ def markdown(rep: dict[str, Any]) -> str:
                 f"| {r['label']} | {window} | {w['rtt_ms_p50']} | {w['rtt_ms_p99']} | "
                 f"{w['rtt_ms_max']} | {w['loads']['proxy_cores']} | "
                 f"{w['loads']['host_busy_cores']} | {lag.get('p99_at_most_s', '-')} | "
-                f"{lag.get('over_0.005_s', '-')} | {lag.get('accepts_paused_s', '-')} |"
+                f"{lag.get('over_0.005_s', '-')} | {lag.get('accepts_paused_s', '-')} | "
+                f"{_new_calls(w.get('new_calls'))} |"
             )
     lines += ["", "| target | p99 added by the flood | within 5 ms | calls failed | frames lost "
               "| flood heads/s | flood answers | slowloris opened | garbage conns/s |",
