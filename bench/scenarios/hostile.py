@@ -8,8 +8,9 @@ length while one generator process (:mod:`bench.harness.flood`) floods the proxy
 worst-case heads (4,000 tiny header lines, 100 lines of the largest size that
 fits 16 KiB, one 16 KiB line, a 20 KiB head), slowloris connections and
 handshake garbage, as fast as it can. Reported: live-call RTT p50/p99/max with
-and without the flood, the set-up time of new calls made one at a time meanwhile
-(every 0.25 s: what a carrier dialling in during the flood waits), the flood's
+and without the flood, the set-up time of new calls made one at a time (every
+0.25 s through the flood window, and for 3 s before the quiet one: what a
+carrier dialling in during the flood waits, against no flood), the flood's
 rate and the answers it got, the proxy's CPU, and for fleet-ingress its own
 event-loop lag histogram (scraped from /metrics, the stats listener turned on
 through the environment).
@@ -114,6 +115,7 @@ async def loop_lag(stats: tuple[str, int] | None) -> dict[str, float] | None:
 
 PROBE_EVERY = 0.25  # s between two new calls that measure set-up during a window
 PROBE_TIMEOUT = 10.0
+QUIET_PROBING = 3.0  # s of new calls before the quiet window (not in it)
 
 
 async def new_call_probes(run: Run, url: tuple[str, int], route: str, seconds: float) -> Any:
@@ -184,10 +186,12 @@ async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str,
         async with run.progress(f"hostile {target.label}", target, lambda: [gens]):
             await asyncio.sleep(max(0.0, t0 + ramp + SETTLE - time.monotonic()))
             url = target.urls[0]
+            # The quiet set-up time, before the quiet window: a new call's set-up
+            # holds the loop too, and the quiet RTT is the yardstick of the flood's.
+            probes_quiet = await new_call_probes(run, url, args.route, QUIET_PROBING)
             lag0 = await loop_lag(stats)
             a = run.sample(target, [gens])
-            probes_quiet = await new_call_probes(run, url, args.route, args.seconds)
-            await asyncio.sleep(max(0.0, a.t + args.seconds - time.monotonic()))
+            await asyncio.sleep(args.seconds)
             b = run.sample(target, [gens])
             lag1 = await loop_lag(stats)
             log(f"hostile {target.label}: quiet window done; flooding for {args.seconds:g} s")
