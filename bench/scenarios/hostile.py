@@ -18,7 +18,7 @@ through the environment).
 Target (issue #12): live-call p99 within 5 ms of the quiet window.
 
 Target ``ingress@unpaced`` is fleet-ingress with accept pacing off
-(``limits.accept_busy_share = 1.0``), to measure what pacing does in the same
+(``limits.new_connection_share = 1.0``), to measure what pacing does in the same
 run; fleet-ingress's seconds of paused accepts are reported per window.
 
     python -m bench hostile --calls 20 --seconds 10
@@ -60,7 +60,7 @@ TARGET_P99_MARGIN_MS = 5.0
 LAG_METRIC = "fleet_ingress_event_loop_lag_seconds"
 PAUSED_METRIC = "fleet_ingress_accepts_paused_seconds"
 TARGETS = ("ingress", "ingress@unpaced", "haproxy")
-UNPACED_ENV = {"FLEET_INGRESS_LIMITS__ACCEPT_BUSY_SHARE": "1.0"}
+UNPACED_ENV = {"FLEET_INGRESS_LIMITS__NEW_CONNECTION_SHARE": "1.0"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

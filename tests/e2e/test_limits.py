@@ -178,16 +178,16 @@ async def _burst(ingress, tls_files: TLSFiles, count: int) -> list[bytes]:
     )
 
 
-async def test_a_busy_worker_with_a_live_call_paces_new_connections_and_refuses_none(
+async def test_a_worker_with_a_live_call_paces_costly_new_connections_and_refuses_none(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    """limits.accept_busy_share: a burst of handshakes into a worker that is busier
-    than its share while a call is live waits in the backlog, a pause after each
-    accept; every connection is still answered and the call keeps its frames."""
+    """limits.new_connection_share: a burst of handshakes and refused heads that uses
+    more than its share of a core while a call is live waits in the backlog, a
+    pause after each accept; every connection is still answered and the call
+    keeps its frames."""
     fleet = await WsFleet(tls_files.fleet_server_context()).start()
     try:
-        # This test's own clients share the ingress's thread: any burst is "busy".
-        ingress = await start_ingress([fleet.line("a")], limits={"accept_busy_share": 0.05})
+        ingress = await start_ingress([fleet.line("a")], limits={"new_connection_share": 0.02})
         ctx = tls_files.client_context()
         async with connect(wss_url(ingress, "/ws/live"), ssl=ctx) as call:
             answers: list[bytes] = []
@@ -205,21 +205,18 @@ async def test_a_busy_worker_with_a_live_call_paces_new_connections_and_refuses_
         await fleet.stop()
 
 
-@pytest.mark.parametrize("limits", [{"accept_busy_share": 0.05}, {"accept_busy_share": 1.0}])
+@pytest.mark.parametrize("limits", [{"new_connection_share": 0.02}, {"new_connection_share": 1.0}])
 async def test_no_pacing_without_a_live_call_or_with_a_share_of_one(
     start_ingress: StartIngress, tls_files: TLSFiles, limits
 ):
-    """A reconnect storm into an idle worker is never slowed; 1.0 turns pacing off
-    even with calls live."""
+    """Costly new connections into a worker with no call up are taken at full speed
+    (nothing to protect); a share of 1.0 turns pacing off even with calls live."""
     fleet = await WsFleet(tls_files.fleet_server_context()).start()
     try:
         ingress = await start_ingress([fleet.line("a")], limits=limits)
-        live = limits["accept_busy_share"] == 1.0
-        call = (
-            await connect(wss_url(ingress, "/ws/live"), ssl=tls_files.client_context())
-            if live
-            else None
-        )
+        live = limits["new_connection_share"] == 1.0
+        ctx = tls_files.client_context()
+        call = await connect(wss_url(ingress, "/ws/live"), ssl=ctx) if live else None
         try:
             answers = await _burst(ingress, tls_files, 60) + await _burst(ingress, tls_files, 60)
         finally:
@@ -227,6 +224,29 @@ async def test_no_pacing_without_a_live_call_or_with_a_share_of_one(
                 await call.close()
         assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)
         assert ingress.registry.accepts_paused_ms == 0
+    finally:
+        await fleet.stop()
+
+
+async def test_new_connections_cpu_counts_handshakes_and_heads_not_a_calls_frames(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """What pacing weighs: a call's set-up counts until it is linked, its frames
+    never; refused connections count whole. A worker busy with calls alone
+    therefore never paces."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        meter = ingress.registry.new_connection_cpu
+        async with connect(wss_url(ingress, "/ws/live"), ssl=tls_files.client_context()) as call:
+            after_set_up = meter.spent
+            assert after_set_up > 0  # its handshake and head
+            for n in range(300):
+                await call.send(b"x" * 1600 + str(n).encode())
+                assert await call.recv() == b"x" * 1600 + str(n).encode()
+            assert meter.spent == after_set_up  # 300 frames each way: nothing
+            await _burst(ingress, tls_files, 5)
+            assert meter.spent > after_set_up
     finally:
         await fleet.stop()
 

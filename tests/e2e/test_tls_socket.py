@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import resource
 import select
@@ -845,6 +846,56 @@ async def test_the_acceptor_pauses_when_out_of_descriptors_instead_of_spinning(
     accepted[0].close()
     client.close()
     acceptor.close()
+
+
+async def test_the_acceptor_waits_the_pace_it_is_given_between_accepts() -> None:
+    """`pace` (accept pacing): no accept while its pause runs, the backlog is
+    taken on after it, one connection per pause."""
+    loop = asyncio.get_running_loop()
+    accepted: list[tuple[float, socket.socket]] = []
+    acceptor = Acceptor(
+        loop,
+        socket.create_server(("127.0.0.1", 0)),
+        lambda conn: accepted.append((time.monotonic(), conn)),
+        pace=lambda: 0.1,
+    )
+    port = acceptor._listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        await eventually(lambda: len(accepted) == 3, timeout=5)
+        times = [t for t, _ in accepted]
+        assert all(later - earlier >= 0.095 for earlier, later in itertools.pairwise(times))
+    finally:
+        for _, conn in accepted:
+            conn.close()
+        for client in clients:
+            client.close()
+        acceptor.close()
+
+
+async def test_an_acceptor_closed_during_its_pause_never_accepts_again() -> None:
+    """An upgrade's or a drain's stop while a pause runs: the listening socket is
+    closed and no reader comes back when the pause would have ended."""
+    loop = asyncio.get_running_loop()
+    accepted: list[socket.socket] = []
+    acceptor = Acceptor(
+        loop, socket.create_server(("127.0.0.1", 0)), accepted.append, pace=lambda: 0.1
+    )
+    listener = acceptor._listener
+    port = listener.getsockname()[1]
+    first = socket.create_connection(("127.0.0.1", port))
+    try:
+        await eventually(lambda: len(accepted) == 1, timeout=5)
+        assert acceptor._retry is not None  # pausing
+        acceptor.close()
+        await asyncio.sleep(0.2)  # past the pause
+        assert len(accepted) == 1 and listener.fileno() == -1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        first.close()
+        for conn in accepted:
+            conn.close()
 
 
 async def test_connect_failures_a_refused_port_and_a_silent_server() -> None:

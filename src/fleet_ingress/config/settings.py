@@ -251,9 +251,9 @@ class LimitsSection(_Section):
     max_queue: int = Field(256, ge=0)
     max_connections: int = Field(10000, ge=1)
     keepalive_probes: int = Field(3, ge=1, le=127)
-    # Above this share of a core, a worker with live calls spaces its accepts
-    # (core/accept_pacing.py): new connections wait, live calls keep the CPU.
-    accept_busy_share: float = Field(0.5, gt=0.0, le=1.0)
+    # When new connections use more than this share of a core, a worker with live
+    # calls spaces its accepts (core/accept_pacing.py): they wait, calls keep the CPU.
+    new_connection_share: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class AcmeSection(_Section):

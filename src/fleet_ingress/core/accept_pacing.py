@@ -1,4 +1,4 @@
-"""When a busy worker takes its next connection: live calls before new connections.
+"""When a worker takes its next connection: live calls before new connections.
 
 A worker's live calls and its new connections share one CPU. A new
 connection costs far more than a frame (a TLS handshake, up to 16 KiB of
@@ -8,57 +8,60 @@ next frame waits for a CPU. The event loop itself stays responsive (one
 accept and a bounded parse per turn, `net/head_queue.py`): what the calls
 wait on is the processor.
 
-So while a worker has live calls and has been busier than `busy_share` of a
-core over the last window, it spaces its accepts: a pause after each,
-doubling from `first_pause` up to `max_pause`, halving again once the worker
-is below the share. New connections wait in the kernel's backlog (a closed
-loop flood slows down with them); none is refused for it. A worker with no
-live call, or under the share, accepts at full speed: a reconnect storm into
-an idle ingress is not slowed.
+So while a worker has live calls and its new connections (accepting, TLS
+handshakes, heads, refusals, closes: `Registry.new_connection_cpu`, not the
+calls' frames) used more than `share` of a core over the last window, it
+spaces its accepts: a pause after each, doubling from `first_pause` up to
+`max_pause`, halving per window once they use less. New connections wait in
+the kernel's backlog (a flood that waits for its answers slows down with
+them); none is refused for it. Connections that cost little (a TCP connect
+and close, a health check) barely count, and calls' own CPU not at all: a
+worker busy with calls still takes new calls at full speed.
 
-I/O-free: the caller passes the wall clock and the worker's CPU clock.
+I/O-free: the caller passes the wall clock and the CPU its new connections
+have used so far.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# How often the busy share is measured: long enough to average a few loop
-# turns, short enough to react within a few frames.
+# How often the share is measured: long enough to average a few loop turns,
+# short enough to react within a few frames.
 WINDOW = 0.05
 FIRST_PAUSE = 0.001
-# At most about 60 connections a second per worker while pacing: legitimate
-# call arrivals (a few a second per host) never notice; a flood is held there.
+# While pacing at the most, a worker takes about 60 connections a second.
 MAX_PAUSE = 0.016
 
 
 @dataclass
 class AcceptPacer:
-    busy_share: float  # of one core; 1.0 (or more) never paces
+    share: float  # of one core, for new connections; 1.0 (or more) never paces
     window: float = WINDOW
     first_pause: float = FIRST_PAUSE
     max_pause: float = MAX_PAUSE
     pause: float = 0.0  # what the next accept waits for while calls are live
     _since: float | None = field(default=None, repr=False)
-    _cpu_since: float = field(default=0.0, repr=False)
+    _spent_since: float = field(default=0.0, repr=False)
 
     @property
     def enabled(self) -> bool:
-        return self.busy_share < 1.0
+        return self.share < 1.0
 
-    def after_accept(self, now: float, cpu: float, live_calls: int) -> float:
-        """Seconds to wait before the next accept, given the wall clock `now`,
-        the worker's CPU seconds `cpu` (both monotonic) and its live calls."""
+    def after_accept(self, now: float, spent: float, live_calls: int) -> float:
+        """Seconds to wait before the next accept, given the wall clock `now`, the
+        CPU seconds new connections have used so far `spent` (both monotonic) and
+        the worker's live calls."""
         if not self.enabled:
             return 0.0
         if self._since is None:
-            self._since, self._cpu_since = now, cpu
+            self._since, self._spent_since = now, spent
             return 0.0
         elapsed = now - self._since
         if elapsed >= self.window:
-            busy = (cpu - self._cpu_since) / elapsed
-            self._since, self._cpu_since = now, cpu
-            if live_calls and busy > self.busy_share:
+            used = (spent - self._spent_since) / elapsed
+            self._since, self._spent_since = now, spent
+            if live_calls and used > self.share:
                 self.pause = min(max(2 * self.pause, self.first_pause), self.max_pause)
             else:
                 # Halved once per window that passed: after a quiet spell with no
@@ -66,6 +69,4 @@ class AcceptPacer:
                 self.pause /= 2 ** min(int(elapsed / self.window), 32)
                 if self.pause < self.first_pause:
                     self.pause = 0.0
-        if not live_calls:
-            return 0.0
-        return self.pause
+        return self.pause if live_calls else 0.0

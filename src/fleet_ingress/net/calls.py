@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
+from fleet_ingress.net.cpu_meter import CpuMeter
 
 __all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"]
 
@@ -173,6 +174,9 @@ class Registry:
     refused_connections: int = 0  # over limits.max_connections: reset at accept
     accept_failures: int = 0  # accept() failed for lack of descriptors or memory
     accepts_paused_ms: int = 0  # accept pacing: live calls came first (whole ms: counts are)
+    # The CPU of carrier connections until their call is linked: accept, TLS
+    # handshake, head, answer and close (what a flood costs; accept pacing reads it).
+    new_connection_cpu: CpuMeter = field(default_factory=CpuMeter)
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)  # (route, status)
     ended_bytes_from_carrier: int = 0
     ended_bytes_to_carrier: int = 0

@@ -20,6 +20,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from fleet_ingress.net.cpu_meter import CpuMeter
+
 log = logging.getLogger("fleet_ingress.proxy")
 
 # About one worst-case head (bench/head_cost.py): what a live frame may wait.
@@ -27,8 +29,9 @@ DEFAULT_BUDGET = 0.0005
 
 
 class HeadQueue:
-    def __init__(self, budget: float = DEFAULT_BUDGET) -> None:
+    def __init__(self, budget: float = DEFAULT_BUDGET, meter: CpuMeter | None = None) -> None:
         self.budget = budget
+        self.meter = meter  # where the parses' CPU is counted (new connections' work)
         self._waiting: deque[Callable[[], None]] = deque()
         self._scheduled = False
         self.turns_deferred = 0  # turns that left heads for a later turn (tests, stats)
@@ -46,6 +49,7 @@ class HeadQueue:
     def _run(self) -> None:
         self._scheduled = False
         waiting = self._waiting
+        cpu_started = time.thread_time()
         deadline = time.perf_counter() + self.budget
         while waiting:
             parse = waiting.popleft()
@@ -57,6 +61,8 @@ class HeadQueue:
                 log.exception("request head parse failed")
             if time.perf_counter() >= deadline:
                 break
+        if self.meter is not None:
+            self.meter.spent += time.thread_time() - cpu_started
         if waiting:
             self.turns_deferred += 1
             self._scheduled = True

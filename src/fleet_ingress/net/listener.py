@@ -4,9 +4,10 @@ Accepting ourselves lets the ingress (1) count a connection against
 `limits.max_connections` before spending any TLS work on it, refusing the
 excess at once; (2) survive running out of descriptors with a log line and a
 retry, where the loop's own accept path is silent (uvloop) or logs free text;
-(3) see every failed TLS handshake; (4) pace accepts while a busy worker has
-live calls (`core.accept_pacing`): a flood of new connections waits in the
-backlog rather than taking the CPU the calls' frames need.
+(3) see every failed TLS handshake; (4) count what new connections cost and
+pace accepts when they cost too much while calls are live
+(`core.accept_pacing`): a flood waits in the backlog rather than taking the
+CPU the calls' frames need.
 Each accepted socket's TLS runs on a socket BIO (`net.tls_socket`): OpenSSL
 reads and writes the socket itself, so a refused client gets its alert
 (protocol_version, handshake_failure) rather than a bare close.
@@ -28,6 +29,7 @@ from functools import partial
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.logs import fields
+from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, wrap_accepted
 
@@ -123,7 +125,7 @@ class CarrierListener:
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
         self._warned_at: dict[str, float] = {}
-        self._pacer = AcceptPacer(busy_share=1.0)
+        self._pacer = AcceptPacer(share=1.0)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -184,17 +186,26 @@ class CarrierListener:
 
     def _pace(self) -> float:
         ctx = self.context()
+        registry = ctx.registry
         pacer = self._pacer
-        pacer.busy_share = ctx.accept_busy_share  # a reload may change it
+        pacer.share = ctx.new_connection_share  # a reload may change it
         if not pacer.enabled:
             return 0.0
-        # thread_time: the CPU of this loop's thread (user and system), without
-        # the helper threads' (a reload's file reads).
-        pause = pacer.after_accept(time.monotonic(), time.thread_time(), len(ctx.registry.calls))
-        ctx.registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
+        pause = pacer.after_accept(
+            time.monotonic(), registry.new_connection_cpu.spent, len(registry.calls)
+        )
+        registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
         return pause
 
     def _accepted(self, conn: socket.socket) -> None:
+        meter = self.context().registry.new_connection_cpu
+        started = time.thread_time()
+        try:
+            self._take(conn, meter)
+        finally:
+            meter.spent += time.thread_time() - started
+
+    def _take(self, conn: socket.socket, meter: CpuMeter) -> None:
         self._retry_in = ACCEPT_RETRY_FIRST
         ctx = self.context()
         registry = ctx.registry
@@ -219,6 +230,7 @@ class CarrierListener:
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
             return
+        tls.meter(meter)  # until its call is linked: what a flood costs is counted
         registry.handshaking += 1
         self._handshakes.add(tls)
         # A handshake that never completes is a request that never came. A failed

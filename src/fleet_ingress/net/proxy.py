@@ -150,8 +150,8 @@ class ProxyContext:
     max_head_bytes: int
     max_header_count: int
     max_connections: int
-    # limits.accept_busy_share: the listener's accept pacing (core/accept_pacing.py).
-    accept_busy_share: float = 1.0
+    # limits.new_connection_share: the listener's accept pacing (core/accept_pacing.py).
+    new_connection_share: float = 1.0
     access_log: bool = True
     # One per ingress, kept across reloads; None writes no refused-request lines.
     refusals: RateLimitedLog | None = None
@@ -608,6 +608,8 @@ class CarrierProtocol(_Side):
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
         self._head = None  # no further attempt: the head need not be kept
+        if isinstance(self.transport, TLSConnection):
+            self.transport.meter(None)  # a call now: its frames are not a new connection's work
         ctx.registry.count_request(self.machine.route_label, command.status)
         now = time.monotonic()
         call.handshake_ms = (now - self._received_at) * 1000

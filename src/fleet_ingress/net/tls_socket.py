@@ -52,8 +52,11 @@ import enum
 import errno
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Protocol
+
+from fleet_ingress.net.cpu_meter import CpuMeter
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.
@@ -152,6 +155,7 @@ class TLSConnection:
         "_hs_read",
         "_loop",
         "_max_buffer",
+        "_meter",
         "_more",
         "_out",
         "_paused",
@@ -217,6 +221,42 @@ class TLSConnection:
         self._shutdown_wants_write = False
         self._high_water = high_water
         self._max_buffer = max_buffer
+        self._meter: CpuMeter | None = None  # counts this connection's work (meter())
+
+    def meter(self, meter: CpuMeter | None) -> None:
+        """Count the CPU of this connection's I/O callbacks in `meter` (None: stop).
+
+        A carrier's connection is metered until its call is linked: its TLS
+        handshake, its head and any answer and close are what a flood costs
+        (core/accept_pacing.py). The loop is given other callbacks while metered,
+        so a call's hot path pays nothing for it."""
+        self._meter = meter
+        if self._reader_on:
+            self._loop.add_reader(self._fd, self._read_callback())  # replaces the callback
+        if self._writer_on:
+            self._loop.add_writer(self._fd, self._write_callback())
+
+    def _read_callback(self) -> Callable[[], None]:
+        return self._on_readable if self._meter is None else self._on_readable_metered
+
+    def _write_callback(self) -> Callable[[], None]:
+        return self._on_writable if self._meter is None else self._on_writable_metered
+
+    def _on_readable_metered(self) -> None:
+        meter, started = self._meter, time.thread_time()
+        try:
+            self._on_readable()
+        finally:
+            if meter is not None:
+                meter.spent += time.thread_time() - started
+
+    def _on_writable_metered(self) -> None:
+        meter, started = self._meter, time.thread_time()
+        try:
+            self._on_writable()
+        finally:
+            if meter is not None:
+                meter.spent += time.thread_time() - started
 
     # -- what the pump sees --------------------------------------------------
 
@@ -602,13 +642,13 @@ class TLSConnection:
         if reading != self._reader_on:
             self._reader_on = reading
             if reading:
-                loop.add_reader(fd, self._on_readable)
+                loop.add_reader(fd, self._read_callback())
             else:
                 loop.remove_reader(fd)
         if writing != self._writer_on:
             self._writer_on = writing
             if writing:
-                loop.add_writer(fd, self._on_writable)
+                loop.add_writer(fd, self._write_callback())
             else:
                 loop.remove_writer(fd)
 

@@ -78,6 +78,7 @@ def local_counts(
     c[("refused_connections",)] = registry.refused_connections
     c[("accept_failures",)] = registry.accept_failures
     c[("accepts_paused_ms",)] = registry.accepts_paused_ms
+    c[("new_connection_cpu_ms",)] = round(registry.new_connection_cpu.spent * 1000)
     for (route, status), n in registry.requests.items():
         c[("requests", route, str(status))] = n
     to_fleet, to_carrier = registry.relayed_bytes()

@@ -320,10 +320,16 @@ class _StateCollector(Collector):
             value=counts.counter("accept_failures"),
         )
         yield CounterMetricFamily(
+            f"{PREFIX}_new_connection_cpu_seconds",
+            "CPU seconds spent on carrier connections before their call was linked: "
+            "accept, TLS handshake, request head, answer and close (a flood shows here).",
+            value=counts.counter("new_connection_cpu_ms") / 1000,
+        )
+        yield CounterMetricFamily(
             f"{PREFIX}_accepts_paused_seconds",
-            "Seconds a worker with live calls waited before accepting new connections "
-            "because it was busier than limits.accept_busy_share (a flood of new "
-            "connections is held back so the calls keep the CPU).",
+            "Pauses a worker with live calls took between accepts because its new "
+            "connections used more than limits.new_connection_share of a core (summed "
+            "over workers): new connections waited in the listen backlog meanwhile.",
             value=counts.counter("accepts_paused_ms") / 1000,
         )
         yield GaugeMetricFamily(

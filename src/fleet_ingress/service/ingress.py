@@ -109,7 +109,9 @@ class Ingress:
         )
         self.registry = Registry()
         self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
-        self.heads = HeadQueue()  # both listeners' heads, parsed a bounded amount per turn
+        # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
+        # as new connections' (accept pacing).
+        self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
         self.started_at = time.time()
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
@@ -182,7 +184,7 @@ class Ingress:
             max_head_bytes=config.limits.max_header_bytes,
             max_header_count=config.limits.max_header_count,
             max_connections=config.limits.max_connections,
-            accept_busy_share=config.limits.accept_busy_share,
+            new_connection_share=config.limits.new_connection_share,
             access_log=config.log.access,
             liveness=TcpLiveness(
                 user_timeout=config.timeouts.tcp_user_timeout,
