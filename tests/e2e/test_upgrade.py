@@ -822,3 +822,90 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
                 with contextlib.suppress(Exception):
                     await ws.close()
             await service.finish()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, zombies included (not reaped yet)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+# The trial run passed: the exec comes SIGNALS_SETTLE (50 ms) later.
+TRIAL_PASSED = '        log.info("upgrade: trial run passed"'
+
+
+def _flag_trial_passed(src: Path) -> None:
+    _inject(src, "service/supervisor.py", TRIAL_PASSED, "        self._trial_passed = True\n")
+
+
+def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
+    """In the first image, the supervisor's line holding `anchor` is preceded
+    by a wait, if `when`, until the upgrade's trial run passed and 0.3 s more:
+    across the exec, which comes 50 ms after it."""
+    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    lines = path.read_text().splitlines(keepends=True)
+    (at,) = [i for i, line in enumerate(lines) if anchor in line]
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    lines[at:at] = [
+        f"{indent}if ({when}) and not self._resumed:\n",
+        f"{indent}    while not getattr(self, '_trial_passed', False):\n",
+        f"{indent}        await asyncio.sleep(0.01)\n",
+        f"{indent}    await asyncio.sleep(0.3)\n",
+    ]
+    path.write_text("".join(lines))
+
+
+async def test_a_worker_being_started_at_the_exec_goes_over_and_is_reaped(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker died and its replacement's process exists, but its channel is
+    not served by the coordinator yet, when the supervisor re-executes. The
+    replacement must not be lost in between (its channel closed at the exec,
+    its process a zombie no image knows): it goes over, is retired with its
+    generation, exits, is reaped and its exit logged."""
+    src = _copy_package(tmp_path)
+    _flag_trial_passed(src)
+    _pause_until_trial_passed(
+        src,
+        "key = await self.server.adopt(ours, worker=(proc.pid, generation))",
+        "self._starting",  # a replacement's start, not the first start's
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=5)
+    try:
+        supervisor = service.proc.pid
+        dead, kept = (r["pid"] for r in await _rows(service))
+        os.kill(dead, signal.SIGKILL)
+
+        def starting() -> set[int]:
+            return _children(supervisor) - {dead, kept}
+
+        await eventually(lambda: bool(starting()), timeout=10)
+        (replacement,) = starting()
+        os.kill(supervisor, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=40)
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+
+        def exited() -> dict[int, dict[str, Any]]:
+            return {
+                e["pid"]: e
+                for e in service.log()
+                if e.get("event") == "old-generation worker exited"
+            }
+
+        await eventually(lambda: {kept, replacement} <= set(exited()), timeout=20)
+        assert exited()[replacement]["generation"] == 1
+        assert exited()[replacement]["exit_status"] == "exit 0"
+        assert not _children(supervisor) & {dead, kept, replacement}  # all reaped
+        assert [r["generation"] for r in await _rows(service)] == [2, 2]
+    finally:
+        await service.finish()

@@ -138,6 +138,11 @@ RESTORE_TIMEOUT = 5.0
 # A new generation must still be there this long after it began serving before
 # the old one is told to stop accepting.
 SERVING_SETTLE = 1.0
+# Before an upgrade's exec, workers being started (their process exists, their
+# channel not yet served) are waited for this long at most, so that they go
+# over with their channel; past it the upgrade is abandoned. It takes a few
+# event-loop turns.
+STARTS_SETTLE = 5.0
 # The signals that would kill the process if they came while no handler is
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
@@ -275,6 +280,10 @@ class Supervisor:
         # (monotonic): carried over an exec, where their tasks would be lost.
         self._respawns: dict[asyncio.Task[None], float] = {}
         self._starting = 0  # workers being started by a respawn, not in `workers` yet
+        # `_spawn` calls under way, any caller's: an upgrade's exec waits for none.
+        self._spawns = 0
+        self._no_spawns = asyncio.Event()
+        self._no_spawns.set()
         # Cleared while a new generation starts: replacements wait, then start
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
@@ -414,6 +423,19 @@ class Supervisor:
         self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
 
     async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
+        """Start a worker of `generation`: its process, its channel served, in
+        `workers` and watched. Counted as under way until then: from the fork
+        on it is a child that no exec may lose (`_starts_settled`)."""
+        self._spawns += 1
+        self._no_spawns.clear()
+        try:
+            return await self._start_worker(generation, candidate=candidate)
+        finally:
+            self._spawns -= 1
+            if not self._spawns:
+                self._no_spawns.set()
+
+    async def _start_worker(self, generation: int, *, candidate: bool) -> WorkerProcess:
         rounds = self._reload_rounds  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
@@ -441,7 +463,15 @@ class Supervisor:
             theirs.close()  # the worker's now; its end closing is how we see it die
         # Named from the start: its channel goes over an upgrade's exec even
         # before its hello is read.
-        key = await self.server.adopt(ours, worker=(proc.pid, generation))
+        try:
+            key = await self.server.adopt(ours, worker=(proc.pid, generation))
+        except BaseException:
+            # No channel, no worker: not left running unwatched, nor unreaped.
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            self._keep(proc.wait())
+            raise
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
         for event in self._early.pop(key, ()):
             getattr(worker, event).set()
@@ -800,6 +830,16 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
+            if not await self._starts_settled(STARTS_SETTLE):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._upgrade_failed(
+                    status,
+                    f"a worker being started did not reach its channel within "
+                    f"{STARTS_SETTLE:g}s (an overloaded host?): nothing was handed over, the "
+                    "workers serve on; run `fleet-ingress upgrade` again",
+                )
+                return
+            # Nothing awaited from here to the exec: no start can begin meanwhile.
             if self.stopping or self.stop_asked.is_set():
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
@@ -823,6 +863,17 @@ class Supervisor:
         except BaseException:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             raise
+
+    async def _starts_settled(self, timeout: float) -> bool:
+        """No worker is being started (`_spawn`), waiting `timeout` at most. One
+        whose process exists but whose channel the coordinator does not serve
+        yet would be lost at the exec: its channel closed (it drains and
+        exits), its process a child no image knows, never reaped."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._spawns:
+                    await self._no_spawns.wait()
+        return not self._spawns
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
         status.update(state="failed", error=error, finished=time.time())
@@ -855,7 +906,8 @@ class Supervisor:
             "worker_target": self.worker_target,
             "quick_deaths": self._quick_deaths,
             # Replacements not started yet (a worker started but not joined yet
-            # goes over with its channel, as the others).
+            # goes over with its channel, as the others; one being started is
+            # waited for before the exec: `_starts_settled`).
             "respawns": list(self._respawns.values()),
             "workers": [
                 {
