@@ -266,6 +266,8 @@ class Supervisor:
         # A worker's "hello" or "serving" read before adopt() returned its
         # channel key (no WorkerProcess yet): the events to set, by key.
         self._early: dict[int, set[str]] = {}
+        # A channel that ended before adopt() returned: its last row, by key.
+        self._left_early: dict[int, WorkerRow | None] = {}
         self.generation = 1
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
@@ -473,8 +475,7 @@ class Supervisor:
             self._keep(proc.wait())
             raise
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
-        for event in self._early.pop(key, ()):
-            getattr(worker, event).set()
+        self._said_early(worker)
         self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
@@ -535,17 +536,42 @@ class Supervisor:
         else:
             self._early.setdefault(key, set()).add(event)
 
+    def _said_early(self, worker: WorkerProcess) -> None:
+        """What its channel said before adopt() returned its key."""
+        for event in self._early.pop(worker.key, ()):
+            getattr(worker, event).set()
+        if worker.key in self._left_early:
+            self._worker_left(worker, self._left_early.pop(worker.key))
+
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
         if worker is None:
+            # Its channel ended before adopt() returned (no WorkerProcess yet):
+            # a worker kept over an exec that died meanwhile must still count
+            # what it held.
+            self._left_early[key] = row
             return
-        worker.calls_lost = 0 if row is None else row.calls
+        self._worker_left(worker, row)
+
+    def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
+        key = worker.key
+        worker.calls_lost = row.calls if row is not None else self._held_before_exec(worker)
         worker.left.set()
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
                 future.set_result({"ok": False, "error": "the worker is gone"})
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
+
+    def _held_before_exec(self, worker: WorkerProcess) -> int:
+        """The calls a worker of the previous image held there, by its table:
+        what it lost if its channel ends before it said what it holds (no
+        row here yet). 0 for a worker started in this image (no row: it had
+        not joined)."""
+        if not isinstance(worker.proc, AdoptedProcess):
+            return 0
+        held = self._carried_workers.get(worker.pid, {}).get("held")
+        return len(held) if isinstance(held, list) else 0
 
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
@@ -916,6 +942,10 @@ class Supervisor:
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
+                    # Reaped here already but not yet logged and counted (its
+                    # channel's end awaited): the new image does, with these.
+                    "exit_code": w.proc.returncode,
+                    "calls_lost": w.calls_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
@@ -989,7 +1019,7 @@ class Supervisor:
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
             )
             worker = WorkerProcess(
-                AdoptedProcess(pid),
+                _adopted_process(pid, carried),
                 generation,
                 key,
                 started_at=float(carried.get("started_at", time.monotonic())),
@@ -1008,6 +1038,7 @@ class Supervisor:
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
+            self._said_early(worker)
             self._keep(self._watch(worker))
         self._watch_channelless()
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
@@ -1035,10 +1066,11 @@ class Supervisor:
             if pid in adopted:
                 continue
             worker = WorkerProcess(
-                AdoptedProcess(pid),
+                _adopted_process(pid, carried),
                 int(carried.get("generation", 0)),
                 -pid,  # no channel: a key no channel has
                 started_at=float(carried.get("started_at", time.monotonic())),
+                calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
                 retiring=bool(carried.get("retiring", False)),
                 replaced=True,  # its replacement came over in "respawns"
             )
@@ -1312,6 +1344,13 @@ def respawn_delay(quick_deaths: int) -> float:
     if quick_deaths <= 1:
         return 0.0
     return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
+
+
+def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
+    """A worker of the previous image, with the exit status it read if it
+    had reaped it already (else this image waits for it)."""
+    code = carried.get("exit_code")
+    return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
 
 
 def _restart_reason(code: int | None) -> str:
