@@ -16,7 +16,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
-from fleet_ingress.net.slot_client import COORDINATOR_GONE, SlotClient
+from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
 from fleet_ingress.net.slot_server import SlotServer
 from tests.support import eventually
 
@@ -517,3 +517,38 @@ async def test_a_worker_whose_hello_is_unread_at_the_exec_goes_over_with_its_cha
         client.close()
     finally:
         await server.close()
+
+
+async def test_a_worker_flooded_before_its_hello_breaks_the_channel(caplog):
+    """Held until the hello: a few messages (a "sync" per exec, a stop, a
+    reload). A peer that sends more than HELD_BEFORE_HELLO to a worker that
+    has not joined is not this protocol: the channel is broken, as on any
+    other protocol error, and nothing held is acted on."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    loop = asyncio.get_running_loop()
+    client = await SlotClient.connect(
+        sock=theirs, pid=4343, generation=1, answer_timeout=10, hello=False
+    )
+    stops: list[dict] = []
+    client.handlers["stop"] = stops.append
+    try:
+        few = b'{"op":"sync"}\n' + b'{"op":"stop","id":1}\n'
+        await loop.sock_sendall(ours, few * (HELD_BEFORE_HELLO // 2))
+        await asyncio.sleep(0.1)
+        assert not client.lost.done()  # HELD_BEFORE_HELLO held: still fine
+        await loop.sock_sendall(ours, b'{"op":"sync"}\n')
+        async with asyncio.timeout(5):
+            await client.lost
+        broken = [
+            r
+            for r in caplog.records
+            if r.name == "fleet_ingress.slots" and r.getMessage() == "slot channel broken"
+        ]
+        assert len(broken) == 1
+        assert "before this worker's hello" in broken[0].fields["error"]  # type: ignore[attr-defined]
+        client.say_hello()
+        assert stops == []
+    finally:
+        client.close()
+        ours.close()

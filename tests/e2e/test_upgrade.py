@@ -822,3 +822,189 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
                 with contextlib.suppress(Exception):
                     await ws.close()
             await service.finish()
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid`, zombies included (not reaped yet)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+# The trial run passed: the exec comes SIGNALS_SETTLE (50 ms) later.
+TRIAL_PASSED = '        log.info("upgrade: trial run passed"'
+
+
+def _flag_trial_passed(src: Path) -> None:
+    _inject(src, "service/supervisor.py", TRIAL_PASSED, "        self._trial_passed = True\n")
+
+
+def _plant_lines(src: Path, anchor: str, code: list[str], *, after: bool = False) -> None:
+    """Plant `code` (lines, indented as a block of their own) before (or
+    after) the copied supervisor's one line holding `anchor`, at its indent."""
+    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    lines = path.read_text().splitlines(keepends=True)
+    (at,) = [i for i, line in enumerate(lines) if anchor in line]
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    at += after
+    lines[at:at] = [f"{indent}{line}\n" for line in code]
+    path.write_text("".join(lines))
+
+
+def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
+    """In the first image, the supervisor's line holding `anchor` is preceded
+    by a wait, if `when`, until the upgrade's trial run passed and 0.3 s more:
+    across the exec, which comes 50 ms after it."""
+    _plant_lines(
+        src,
+        anchor,
+        [
+            f"if ({when}) and not self._resumed:",
+            "    while not getattr(self, '_trial_passed', False):",
+            "        await asyncio.sleep(0.01)",
+            "    await asyncio.sleep(0.3)",
+        ],
+    )
+
+
+async def test_a_worker_being_started_at_the_exec_goes_over_and_is_reaped(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker died and its replacement's process exists, but its channel is
+    not served by the coordinator yet, when the supervisor re-executes. The
+    replacement must not be lost in between (its channel closed at the exec,
+    its process a zombie no image knows): it goes over, is retired with its
+    generation, exits, is reaped and its exit logged."""
+    src = _copy_package(tmp_path)
+    _flag_trial_passed(src)
+    _pause_until_trial_passed(
+        src,
+        "key = await self.server.adopt(ours, worker=(proc.pid, generation))",
+        "self._starting",  # a replacement's start, not the first start's
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=5)
+    try:
+        supervisor = service.proc.pid
+        dead, kept = (r["pid"] for r in await _rows(service))
+        os.kill(dead, signal.SIGKILL)
+
+        def starting() -> set[int]:
+            return _children(supervisor) - {dead, kept}
+
+        await eventually(lambda: bool(starting()), timeout=10)
+        (replacement,) = starting()
+        os.kill(supervisor, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=40)
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+
+        def exited() -> dict[int, dict[str, Any]]:
+            return {
+                e["pid"]: e
+                for e in service.log()
+                if e.get("event") == "old-generation worker exited"
+            }
+
+        await eventually(lambda: {kept, replacement} <= set(exited()), timeout=20)
+        assert exited()[replacement]["generation"] == 1
+        assert exited()[replacement]["exit_status"] == "exit 0"
+        assert not _children(supervisor) & {dead, kept, replacement}  # all reaped
+        assert [r["generation"] for r in await _rows(service)] == [2, 2]
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exit(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker killed with a call on it: the supervisor has reaped it (its
+    exit status read) but not yet logged and counted it when it re-executes.
+    The new image must say what the old one saw: killed by SIGKILL, one call
+    lost, a restart for reason "killed"; not "exit 0", nothing lost."""
+    src = _copy_package(tmp_path)
+    _flag_trial_passed(src)
+    _pause_until_trial_passed(
+        src, "# Its channel closes with it: let the coordinator count", "worker.generation == 1"
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        supervisor = service.proc.pid
+        ((dead, _),) = [(r["pid"], r) for r in await _rows(service)]
+        await load.start_long(1, duration=20.0)
+        os.kill(dead, signal.SIGKILL)
+        await eventually(lambda: dead not in _children(supervisor), timeout=10)  # reaped
+
+        async def replaced() -> bool:
+            return [r["pid"] != dead for r in await _rows(service)] == [True]
+
+        async with asyncio.timeout(15):
+            while not await replaced():
+                await asyncio.sleep(0.1)
+        os.kill(supervisor, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=40)
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+        assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
+            (dead, "killed by SIGKILL", 1)
+        ]
+        stats = await service.stats()
+        assert stats["worker_restarts"] == {"killed": 1}
+        assert stats["worker_calls_lost"] == 1
+    finally:
+        await load.stop()
+        for task in load.long:
+            task.cancel()
+        await service.finish()
+
+
+async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_with_its_real_exit(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The same with the worker's channel still open in the supervisor (the
+    end of it not read yet): the channel goes over, the new image sees it
+    close, and must say the exit status the old image read."""
+    src = _copy_package(tmp_path)
+    # Just before the exec: nothing more is read from the workers, the one
+    # worker is killed and reaped.
+    _plant_lines(
+        src,
+        "await asyncio.sleep(SIGNALS_SETTLE)",
+        [
+            "for channel in list(self.server._channels.values()):",
+            "    channel.transport.pause_reading()",
+            "(victim,) = self.workers.values()",
+            "victim.proc.kill()",
+            "while victim.proc.returncode is None:",
+            "    await asyncio.sleep(0.01)",
+        ],
+        after=True,
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        ((dead, _),) = [(r["pid"], r) for r in await _rows(service)]
+        await load.start_long(1, duration=20.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=40)
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+        assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
+            (dead, "killed by SIGKILL", 1)
+        ]
+        stats = await service.stats()
+        assert stats["worker_restarts"] == {"killed": 1}
+        assert stats["worker_calls_lost"] == 1
+    finally:
+        await load.stop()
+        for task in load.long:
+            task.cancel()
+        await service.finish()

@@ -48,6 +48,12 @@ log = logging.getLogger("fleet_ingress.slots")
 
 COORDINATOR_GONE = "the supervisor's slot coordinator is gone"
 
+# What a worker that has not said hello yet may be sent: a "sync" per
+# re-execution of the supervisor and a "stop", "reload" or "close-fleet" of
+# its own; a few. Held until the hello, and this many at most: past it the
+# peer floods a worker that has not joined, which is not this protocol.
+HELD_BEFORE_HELLO = 64
+
 
 class RemoteLease:
     """A slot held through the coordinator; `release()` is idempotent."""
@@ -77,13 +83,14 @@ class SlotClient(asyncio.Protocol):
         above the queue timeout (which the coordinator enforces itself) plus
         the time the supervisor takes to re-execute. `hello` False: `say_hello`
         later, once `handlers` are in place (the coordinator's own messages
-        may follow its reading of "hello" at once). Nothing is read before
+        may follow its reading of "hello" at once). Nothing is acted on before
         "hello": a supervisor re-executed before it read ours asks "sync" (and
         more) at once, and the answer must come after the "hello", from a
-        worker whose handlers are in place."""
+        worker whose handlers are in place. What comes meanwhile is held, up
+        to `HELD_BEFORE_HELLO` messages (more breaks the channel)."""
         self.pid = pid
         self._hello_on_connect = hello
-        self._unread: bytearray | None = None if hello else bytearray()  # until "hello"
+        self._held_back: list[dict[str, Any]] | None = None if hello else []  # until "hello"
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
@@ -188,9 +195,9 @@ class SlotClient(asyncio.Protocol):
     def say_hello(self) -> None:
         """Join the coordinator (once; `connect` does it unless told not to)."""
         self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
-        unread, self._unread = self._unread, None
-        if unread:
-            self.data_received(bytes(unread))
+        held, self._held_back = self._held_back, None
+        if held and self._transport is not None and not self._transport.is_closing():
+            self._take(held)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -198,16 +205,37 @@ class SlotClient(asyncio.Protocol):
             self.say_hello()
 
     def data_received(self, data: bytes) -> None:
-        if self._unread is not None:
-            self._unread += data
-            return
         try:
-            for message in self._decoder.feed(data):
+            messages = self._decoder.feed(data)
+        except WireError as exc:
+            self._broken(exc)
+            return
+        if self._held_back is None:
+            self._take(messages)
+            return
+        self._held_back += messages
+        if len(self._held_back) > HELD_BEFORE_HELLO:
+            self._broken(
+                WireError(
+                    f"the supervisor sent {len(self._held_back)} messages before this "
+                    f"worker's hello (a few are expected, at most {HELD_BEFORE_HELLO} are "
+                    "held): not this protocol"
+                )
+            )
+
+    def _take(self, messages: list[dict[str, Any]]) -> None:
+        try:
+            for message in messages:
                 self._handle(message)
         except WireError as exc:
-            log.error("slot channel broken", extra=fields(error=str(exc)))
-            assert self._transport is not None
-            self._transport.abort()
+            self._broken(exc)
+
+    def _broken(self, exc: WireError) -> None:
+        log.error("slot channel broken", extra=fields(pid=self.pid, error=str(exc)))
+        if self._held_back is not None:
+            self._held_back = []  # nothing of a broken channel is acted on
+        assert self._transport is not None
+        self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Held slots need no release: the coordinator reclaimed them as it

@@ -6,9 +6,14 @@ way; each keeps one `WebSites` and closes it when it stops.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
+
+from fleet_ingress.logs import fields
+
+log = logging.getLogger("fleet_ingress.server")
 
 
 class WebSites:
@@ -21,10 +26,23 @@ class WebSites:
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any
     ) -> web.AppRunner:
         """Serve `app` on a TCP or Unix site (`where`: host/port or sock). No
-        access log, no signal handlers: the service owns both."""
+        access log, no signal handlers: the service owns both. When the site
+        cannot start (its address in use...) the runner is cleaned up and
+        that error raised."""
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await site_type(runner, **where).start()
+        try:
+            await site_type(runner, **where).start()
+        except BaseException as exc:
+            try:
+                await runner.cleanup()
+            except Exception as cleanup:
+                # The site's error is the one to raise: it names what to fix.
+                log.warning(
+                    "web app cleanup failed after its site could not start",
+                    extra=fields(error=repr(cleanup), site_error=repr(exc)),
+                )
+            raise
         self._runners.append(runner)
         return runner
 

@@ -138,6 +138,11 @@ RESTORE_TIMEOUT = 5.0
 # A new generation must still be there this long after it began serving before
 # the old one is told to stop accepting.
 SERVING_SETTLE = 1.0
+# Before an upgrade's exec, workers being started (their process exists, their
+# channel not yet served) are waited for this long at most, so that they go
+# over with their channel; past it the upgrade is abandoned. It takes a few
+# event-loop turns.
+STARTS_SETTLE = 5.0
 # The signals that would kill the process if they came while no handler is
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
@@ -261,6 +266,8 @@ class Supervisor:
         # A worker's "hello" or "serving" read before adopt() returned its
         # channel key (no WorkerProcess yet): the events to set, by key.
         self._early: dict[int, set[str]] = {}
+        # A channel that ended before adopt() returned: its last row, by key.
+        self._left_early: dict[int, WorkerRow | None] = {}
         self.generation = 1
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
@@ -275,6 +282,10 @@ class Supervisor:
         # (monotonic): carried over an exec, where their tasks would be lost.
         self._respawns: dict[asyncio.Task[None], float] = {}
         self._starting = 0  # workers being started by a respawn, not in `workers` yet
+        # `_spawn` calls under way, any caller's: an upgrade's exec waits for none.
+        self._spawns = 0
+        self._no_spawns = asyncio.Event()
+        self._no_spawns.set()
         # Cleared while a new generation starts: replacements wait, then start
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
@@ -414,6 +425,19 @@ class Supervisor:
         self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
 
     async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
+        """Start a worker of `generation`: its process, its channel served, in
+        `workers` and watched. Counted as under way until then: from the fork
+        on it is a child that no exec may lose (`_starts_settled`)."""
+        self._spawns += 1
+        self._no_spawns.clear()
+        try:
+            return await self._start_worker(generation, candidate=candidate)
+        finally:
+            self._spawns -= 1
+            if not self._spawns:
+                self._no_spawns.set()
+
+    async def _start_worker(self, generation: int, *, candidate: bool) -> WorkerProcess:
         rounds = self._reload_rounds  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
@@ -441,10 +465,17 @@ class Supervisor:
             theirs.close()  # the worker's now; its end closing is how we see it die
         # Named from the start: its channel goes over an upgrade's exec even
         # before its hello is read.
-        key = await self.server.adopt(ours, worker=(proc.pid, generation))
+        try:
+            key = await self.server.adopt(ours, worker=(proc.pid, generation))
+        except BaseException:
+            # No channel, no worker: not left running unwatched, nor unreaped.
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            self._keep(proc.wait())
+            raise
         worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
-        for event in self._early.pop(key, ()):
-            getattr(worker, event).set()
+        self._said_early(worker)
         self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
@@ -505,17 +536,42 @@ class Supervisor:
         else:
             self._early.setdefault(key, set()).add(event)
 
+    def _said_early(self, worker: WorkerProcess) -> None:
+        """What its channel said before adopt() returned its key."""
+        for event in self._early.pop(worker.key, ()):
+            getattr(worker, event).set()
+        if worker.key in self._left_early:
+            self._worker_left(worker, self._left_early.pop(worker.key))
+
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
         if worker is None:
+            # Its channel ended before adopt() returned (no WorkerProcess yet):
+            # a worker kept over an exec that died meanwhile must still count
+            # what it held.
+            self._left_early[key] = row
             return
-        worker.calls_lost = 0 if row is None else row.calls
+        self._worker_left(worker, row)
+
+    def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
+        key = worker.key
+        worker.calls_lost = row.calls if row is not None else self._held_before_exec(worker)
         worker.left.set()
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
                 future.set_result({"ok": False, "error": "the worker is gone"})
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
+
+    def _held_before_exec(self, worker: WorkerProcess) -> int:
+        """The calls a worker of the previous image held there, by its table:
+        what it lost if its channel ends before it said what it holds (no
+        row here yet). 0 for a worker started in this image (no row: it had
+        not joined)."""
+        if not isinstance(worker.proc, AdoptedProcess):
+            return 0
+        held = self._carried_workers.get(worker.pid, {}).get("held")
+        return len(held) if isinstance(held, list) else 0
 
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
@@ -800,6 +856,16 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
+            if not await self._starts_settled(STARTS_SETTLE):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._upgrade_failed(
+                    status,
+                    f"a worker being started did not reach its channel within "
+                    f"{STARTS_SETTLE:g}s (an overloaded host?): nothing was handed over, the "
+                    "workers serve on; run `fleet-ingress upgrade` again",
+                )
+                return
+            # Nothing awaited from here to the exec: no start can begin meanwhile.
             if self.stopping or self.stop_asked.is_set():
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
@@ -823,6 +889,17 @@ class Supervisor:
         except BaseException:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             raise
+
+    async def _starts_settled(self, timeout: float) -> bool:
+        """No worker is being started (`_spawn`), waiting `timeout` at most. One
+        whose process exists but whose channel the coordinator does not serve
+        yet would be lost at the exec: its channel closed (it drains and
+        exits), its process a child no image knows, never reaped."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._spawns:
+                    await self._no_spawns.wait()
+        return not self._spawns
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
         status.update(state="failed", error=error, finished=time.time())
@@ -855,7 +932,8 @@ class Supervisor:
             "worker_target": self.worker_target,
             "quick_deaths": self._quick_deaths,
             # Replacements not started yet (a worker started but not joined yet
-            # goes over with its channel, as the others).
+            # goes over with its channel, as the others; one being started is
+            # waited for before the exec: `_starts_settled`).
             "respawns": list(self._respawns.values()),
             "workers": [
                 {
@@ -864,6 +942,10 @@ class Supervisor:
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
+                    # Reaped here already but not yet logged and counted (its
+                    # channel's end awaited): the new image does, with these.
+                    "exit_code": w.proc.returncode,
+                    "calls_lost": w.calls_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
@@ -937,7 +1019,7 @@ class Supervisor:
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
             )
             worker = WorkerProcess(
-                AdoptedProcess(pid),
+                _adopted_process(pid, carried),
                 generation,
                 key,
                 started_at=float(carried.get("started_at", time.monotonic())),
@@ -956,6 +1038,7 @@ class Supervisor:
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
+            self._said_early(worker)
             self._keep(self._watch(worker))
         self._watch_channelless()
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
@@ -983,10 +1066,11 @@ class Supervisor:
             if pid in adopted:
                 continue
             worker = WorkerProcess(
-                AdoptedProcess(pid),
+                _adopted_process(pid, carried),
                 int(carried.get("generation", 0)),
                 -pid,  # no channel: a key no channel has
                 started_at=float(carried.get("started_at", time.monotonic())),
+                calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
                 retiring=bool(carried.get("retiring", False)),
                 replaced=True,  # its replacement came over in "respawns"
             )
@@ -1260,6 +1344,13 @@ def respawn_delay(quick_deaths: int) -> float:
     if quick_deaths <= 1:
         return 0.0
     return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
+
+
+def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
+    """A worker of the previous image, with the exit status it read if it
+    had reaped it already (else this image waits for it)."""
+    code = carried.get("exit_code")
+    return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
 
 
 def _restart_reason(code: int | None) -> str:

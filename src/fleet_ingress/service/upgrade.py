@@ -218,14 +218,20 @@ def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, 
 
 class AdoptedProcess:
     """A child this process did not start in this image: `wait`, `kill` and
-    `returncode` as `asyncio.subprocess.Process` has them."""
+    `returncode` as `asyncio.subprocess.Process` has them. `returncode`: the
+    previous image reaped it already (its exit status read there): it is
+    not looked for, its pid may be another process's by now."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, returncode: int | None = None) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._exited = asyncio.get_running_loop().create_future()
+        self._pidfd: int | None = None
+        if returncode is not None:
+            self._set(returncode)
+            return
         try:
-            self._pidfd: int | None = os.pidfd_open(pid)
+            self._pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             self._pidfd = None  # reaped already: cannot be ours
             self._set(0)
