@@ -473,6 +473,35 @@ async def test_a_channel_that_cannot_be_taken_back_is_closed_and_the_host_grants
     assert "Too many open files" in said[0]["error"]
 
 
+async def test_a_never_joined_channel_taken_back_and_slow_is_not_an_unknown_hold(host, caplog):
+    """A worker whose hello was unread at the failed exec holds nothing here:
+    slow to answer the take-back's "sync", it is not logged as holding what
+    is not known; when it speaks it joins with what it says."""
+    h = host(maxconn=1)
+    ours, theirs = socket.socketpair()
+    key = await h.server.adopt(ours, worker=(4242, 1))
+    kept = h.server.handover()
+    assert list(kept) == ["worker.4242.1"]
+    assert await h.server.take_back(kept, 0.2) == [key]
+    assert not h.slots.paused
+    unknown = [
+        r
+        for r in caplog.records
+        if r.name == "fleet_ingress.slots" and "is not known" in r.getMessage()
+    ]
+    assert unknown == []
+    assert [(r.pid, r.calls) for r in h.slots.workers] == [(4242, 0)]  # counted as nothing
+    client = await SlotClient.connect(
+        sock=theirs, pid=4242, generation=1, answer_timeout=10, hello=False
+    )
+    try:
+        client.say_hello()
+        assert (await asyncio.wait_for(client.lease(), 2)).fleet.name in {"a", "b"}
+        assert [(r.pid, r.calls) for r in h.slots.workers] == [(4242, 1)]
+    finally:
+        client.close()
+
+
 async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
     """A second upgrade while a worker kept over the first has not answered
     "sync" yet: its channel goes on to the next image (closed, the worker

@@ -319,13 +319,19 @@ class SlotServer:
         return await self.finish_restore(timeout)
 
     async def _serve_again(self, channel: _Channel, sock: socket.socket) -> None:
-        self.slots.suspend(channel.key)
+        row = self.slots.suspend(channel.key)
         assert channel.pid is not None and channel.generation is not None
+        held_before = channel.held_before  # kept over an earlier exec, still silent
+        if row is None and not channel.restoring:
+            # Never joined (its hello unread): it holds nothing in this table.
+            # Said so, a slow answer is not logged as what it held being unknown.
+            held_before = []
         try:
             await self.adopt(
                 sock,
                 restoring=True,
                 worker=(channel.pid, channel.generation),
+                held_before=held_before,
                 key=channel.key,
             )
         except BaseException as exc:  # e.g. out of descriptors: this worker only
