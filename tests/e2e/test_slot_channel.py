@@ -4,6 +4,7 @@ process (the multi-process cases are in test_slot_workers.py)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 from collections import Counter
@@ -433,6 +434,72 @@ async def test_an_exec_that_fails_after_the_handover_takes_the_channels_back_cou
     on_b2.release()
     await eventually(lambda: reaped == ["b"])
     assert (await w1.lease()).fleet.name == "a"
+
+
+async def test_a_channel_that_cannot_be_taken_back_is_closed_and_the_host_grants_again(
+    host, monkeypatch, caplog
+):
+    """One kept channel cannot be served again after the failed exec (a fault
+    inside `adopt`): that worker's channel is closed (it drains), its slots
+    come back, the other worker is served again, nothing stays paused."""
+    h = host(maxconn=1)
+    w1, w2 = await h.worker(), await h.worker()
+    await w1.lease()
+    await w2.lease()  # both fleets full
+    victim = next(r.worker for r in h.slots.workers if r.pid == w1.pid)
+    channel_class = type(next(iter(h.server._channels.values())))
+    kept = h.server.handover()
+
+    class Failing(channel_class):
+        def __init__(self, server, key, **kw) -> None:
+            if key == victim:
+                raise OSError(errno.EMFILE, "Too many open files")
+            super().__init__(server, key, **kw)
+
+    monkeypatch.setattr("fleet_ingress.net.slot_server._Channel", Failing)
+    assert await h.server.take_back(kept, 2.0) == []
+    assert not h.slots.paused
+    assert all(sock.fileno() == -1 for name, sock in kept.items() if str(w1.pid) in name)
+    await asyncio.wait_for(w1.lost, 2)  # closed: it drains
+    assert [r.pid for r in h.slots.workers] == [w2.pid] and h.slots.reclaimed_total == 1
+    assert not w2.lost.done()
+    assert (await asyncio.wait_for(w2.lease(), 2)).fleet.name in {"a", "b"}  # granted again
+    said = [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.levelname == "ERROR" and "could not be served again" in r.getMessage()
+    ]
+    assert [(f["pid"], f["channel"]) for f in said] == [(w1.pid, victim)]
+    assert "Too many open files" in said[0]["error"]
+
+
+async def test_a_never_joined_channel_taken_back_and_slow_is_not_an_unknown_hold(host, caplog):
+    """A worker whose hello was unread at the failed exec holds nothing here:
+    slow to answer the take-back's "sync", it is not logged as holding what
+    is not known; when it speaks it joins with what it says."""
+    h = host(maxconn=1)
+    ours, theirs = socket.socketpair()
+    key = await h.server.adopt(ours, worker=(4242, 1))
+    kept = h.server.handover()
+    assert list(kept) == ["worker.4242.1"]
+    assert await h.server.take_back(kept, 0.2) == [key]
+    assert not h.slots.paused
+    unknown = [
+        r
+        for r in caplog.records
+        if r.name == "fleet_ingress.slots" and "is not known" in r.getMessage()
+    ]
+    assert unknown == []
+    assert [(r.pid, r.calls) for r in h.slots.workers] == [(4242, 0)]  # counted as nothing
+    client = await SlotClient.connect(
+        sock=theirs, pid=4242, generation=1, answer_timeout=10, hello=False
+    )
+    try:
+        client.say_hello()
+        assert (await asyncio.wait_for(client.lease(), 2)).fleet.name in {"a", "b"}
+        assert [(r.pid, r.calls) for r in h.slots.workers] == [(4242, 1)]
+    finally:
+        client.close()
 
 
 async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):

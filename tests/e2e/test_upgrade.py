@@ -696,6 +696,64 @@ async def test_an_exec_that_fails_gives_the_workers_back_and_sigterm_then_drains
         await service.finish()
 
 
+async def test_a_channel_that_cannot_be_taken_back_costs_one_worker_not_the_host(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The exec fails and one worker's channel cannot be served again (a fault
+    planted in the first `adopt` of the take-back): that worker drains its
+    calls and is replaced, the host grants new calls, and the upgrade is
+    marked failed: a later `upgrade` runs (not refused as under way)."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        EXECVE,
+        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
+    )
+    _inject(
+        src,
+        "net/slot_server.py",
+        "        await loop.connect_accepted_socket(channel, sock)\n",
+        "        if restoring and not getattr(SlotServer, 'planted', False):\n"
+        "            SlotServer.planted = True\n"
+        "            raise OSError(24, 'Too many open files (planted)')\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=15)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        before = {r["pid"] for r in await _rows(service)}
+        await load.start_long(4, duration=4.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+
+        def abandoned() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+
+        await eventually(lambda: bool(abandoned()), timeout=20)
+        assert "Exec format error" in abandoned()[0]["error"]
+        (cut,) = [
+            e
+            for e in service.log()
+            if "could not be served again" in e.get("event", "") and e["level"] == "error"
+        ]
+        assert cut["pid"] in before and "planted" in cut["error"]
+        for i in range(4):
+            load.long.append(load.call(f"after-{i}", 2.0))
+        await eventually(lambda: sum(sim.active_calls for sim in fleets) == 8, timeout=10)
+
+        pids: set[int] = set()
+        async with asyncio.timeout(15):  # it drained its calls, exited, was replaced
+            while len(pids) != 2 or cut["pid"] in pids:
+                await asyncio.sleep(0.1)
+                pids = {r["pid"] for r in await _rows(service)}
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "Exec format error" in err and "under way" not in err, err
+        _assert_no_loss(await load.results(timeout=20))
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:

@@ -186,42 +186,55 @@ class SlotServer:
         again. A worker silent for `timeout` is alive (its channel is open)
         but slow: it keeps its channel, and what the previous table said it
         held stays counted until its "state" comes; returns their channel keys."""
-        if self._restoring:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._restored.wait()
-        silent = sorted(self._restoring)
-        for key in silent:
-            channel = self._channels.get(key)
-            if channel is None:
-                continue
-            held, pid = channel.held_before, channel.pid
-            row = self.slots.get(key)  # taken back (`take_back`): counted all along
-            kept = row.calls if row is not None else len(held or ())
-            what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=kept)
-            if row is not None:
-                log.warning(
-                    "worker has not said what it holds after the failed re-execution: "
-                    "granting again, with the slots it held counted until it does",
-                    extra=what,
-                )
-            elif held is not None and pid is not None:
-                self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
-                log.warning(
-                    "worker has not said what it holds after the re-execution: granting "
-                    "again, with the slots it held before counted until it does",
-                    extra=what,
-                )
-            else:
-                log.error(
-                    "worker has not said what it holds after the re-execution, and what it "
-                    "held before is not known: granting again; its slots count once it says",
-                    extra=what,
-                )
-        self._restoring.clear()
-        self._restored.set()
-        self._send(self.slots.resume())
+        try:
+            if self._restoring:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._restored.wait()
+        finally:
+            # Cancelled too (the supervisor stopping): never left paused, as
+            # paused every call queues until its 503.
+            silent = self._end_restore(timeout)
         return silent
+
+    def _end_restore(self, timeout: float) -> list[int]:
+        silent = sorted(self._restoring)
+        try:
+            for key in silent:
+                self._count_silent(key, timeout)
+        finally:
+            self._restoring.clear()
+            self._restored.set()
+            self._send(self.slots.resume())
+        return silent
+
+    def _count_silent(self, key: int, timeout: float) -> None:
+        channel = self._channels.get(key)
+        if channel is None:
+            return
+        held, pid = channel.held_before, channel.pid
+        row = self.slots.get(key)  # taken back (`take_back`): counted all along
+        kept = row.calls if row is not None else len(held or ())
+        what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=kept)
+        if row is not None:
+            log.warning(
+                "worker has not said what it holds after the failed re-execution: "
+                "granting again, with the slots it held counted until it does",
+                extra=what,
+            )
+        elif held is not None and pid is not None:
+            self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
+            log.warning(
+                "worker has not said what it holds after the re-execution: granting "
+                "again, with the slots it held before counted until it does",
+                extra=what,
+            )
+        else:
+            log.error(
+                "worker has not said what it holds after the re-execution, and what it "
+                "held before is not known: granting again; its slots count once it says",
+                extra=what,
+            )
 
     def handover(self) -> dict[str, socket.socket]:
         """Stop serving and give each worker's channel as a socket to keep
@@ -279,23 +292,69 @@ class SlotServer:
         had, the table rebuilt from what the workers say as the next image
         would rebuild it (`finish_restore`'s `timeout`: returns the silent
         ones). What each worker held stays counted in between (never given
-        back: a removed fleet with calls on it is not reaped, HostSlots.suspend)."""
+        back: a removed fleet with calls on it is not reaped, HostSlots.suspend).
+        A channel that cannot be served again is closed and its worker counted
+        gone (its slots come back, `on_leave` runs: it drains and is replaced).
+        Whatever happens, no kept socket is left open and the host grants again."""
         handed, self._handed = self._handed, {}
         self.slots.paused = True
-        for name, sock in kept.items():
-            channel = handed.get(name)
-            if channel is None:
-                sock.close()
-                continue
-            self.slots.suspend(channel.key)
-            assert channel.pid is not None and channel.generation is not None
+        pending = list(kept.items())
+        finished = False
+        try:
+            while pending:
+                name, sock = pending.pop(0)
+                channel = handed.get(name)
+                if channel is None:
+                    sock.close()
+                    continue
+                await self._serve_again(channel, sock)
+            finished = True
+        finally:
+            if not finished:  # cancelled (the supervisor stopping): the rest drain
+                for name, sock in pending:
+                    sock.close()
+                    if (channel := handed.get(name)) is not None:
+                        self._gone(channel)
+                self._end_restore(timeout)
+        return await self.finish_restore(timeout)
+
+    async def _serve_again(self, channel: _Channel, sock: socket.socket) -> None:
+        row = self.slots.suspend(channel.key)
+        assert channel.pid is not None and channel.generation is not None
+        held_before = channel.held_before  # kept over an earlier exec, still silent
+        if row is None and not channel.restoring:
+            # Never joined (its hello unread): it holds nothing in this table.
+            # Said so, a slow answer is not logged as what it held being unknown.
+            held_before = []
+        try:
             await self.adopt(
                 sock,
                 restoring=True,
                 worker=(channel.pid, channel.generation),
+                held_before=held_before,
                 key=channel.key,
             )
-        return await self.finish_restore(timeout)
+        except BaseException as exc:  # e.g. out of descriptors: this worker only
+            log.error(
+                "worker's slot channel could not be served again after the failed "
+                "re-execution: closed; the worker drains its calls and a new worker "
+                "replaces it",
+                extra=fields(
+                    channel=channel.key,
+                    pid=channel.pid,
+                    generation=channel.generation,
+                    error=repr(exc),
+                ),
+            )
+            sock.close()
+            made = self._channels.get(channel.key)
+            if made is not None and made is not channel and made.transport is not None:
+                # Served after all before it failed: its end counts the worker gone.
+                made.transport.abort()
+            else:
+                self._gone(channel)
+            if not isinstance(exc, Exception):
+                raise
 
     async def serve_unix(
         self, path: str | None = None, *, sock: socket.socket | None = None

@@ -878,8 +878,14 @@ class Supervisor:
             self._reexec()
         except _ExecFailed as failed:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            await self._take_back(failed.kept)
-            self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
+            try:
+                await self._take_back(failed.kept)
+            except Exception:  # a bug here must not take the service down
+                log.exception("upgrade: taking the workers' channels back broke")
+            finally:
+                # Even if taking back broke: left "re-executing", every later
+                # upgrade would be refused as under way.
+                self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
         except HandoverError as exc:  # it says why and the fix; the workers serve on
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             self._upgrade_failed(status, str(exc))
