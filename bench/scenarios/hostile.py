@@ -18,8 +18,9 @@ through the environment).
 Target (issue #12): live-call p99 within 5 ms of the quiet window.
 
 Target ``ingress@unpaced`` is fleet-ingress with accept pacing off
-(``limits.new_connection_share = 1.0``), to measure what pacing does in the same
-run; fleet-ingress's seconds of paused accepts are reported per window.
+(``limits.new_connection_share = 1.0``), ``ingress@share0.3`` with that share,
+to measure what pacing does in the same run; fleet-ingress's seconds of paused
+accepts are reported per window.
 
     python -m bench hostile --calls 20 --seconds 10
     python -m bench hostile --targets ingress,ingress@unpaced,haproxy
@@ -59,8 +60,28 @@ from ..harness.targets import haproxy_version, label
 TARGET_P99_MARGIN_MS = 5.0
 LAG_METRIC = "fleet_ingress_event_loop_lag_seconds"
 PAUSED_METRIC = "fleet_ingress_accepts_paused_seconds"
-TARGETS = ("ingress", "ingress@unpaced", "haproxy")
-UNPACED_ENV = {"FLEET_INGRESS_LIMITS__NEW_CONNECTION_SHARE": "1.0"}
+TARGETS = ("ingress", "ingress@unpaced", "ingress@shareX", "haproxy")
+SHARE_ENV = "FLEET_INGRESS_LIMITS__NEW_CONNECTION_SHARE"
+
+
+def target_env(name: str) -> dict[str, str]:
+    """``ingress@unpaced``: pacing off; ``ingress@share0.3``: that share of a core."""
+    variant = name.partition("@")[2]
+    if variant == "unpaced":
+        return {SHARE_ENV: "1.0"}
+    if variant.startswith("share"):
+        return {SHARE_ENV: variant.removeprefix("share")}
+    return {}
+
+
+def known_target(name: str) -> bool:
+    if name in ("ingress", "ingress@unpaced", "haproxy"):
+        return True
+    share = name.removeprefix("ingress@share")
+    try:
+        return share != name and 0 < float(share) <= 1
+    except ValueError:
+        return False
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in args.targets:
-        if t not in TARGETS:
+        if not known_target(t):
             p.error(f"target {t!r}: the flood is aimed at a proxy ({', '.join(TARGETS)})")
     if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 300:
         p.error("1-2000 calls and 1-300 s windows")
@@ -166,8 +187,7 @@ def lag_window(before: dict[str, float] | None, after: dict[str, float] | None) 
 async def one_target(run: Run, name: str, args: argparse.Namespace) -> dict[str, Any]:
     stats = (HOST, free_port()) if name.startswith("ingress") else None
     env = {"FLEET_INGRESS_LISTEN__STATS": f"{stats[0]}:{stats[1]}"} if stats else {}
-    if name == "ingress@unpaced":
-        env |= UNPACED_ENV
+    env |= target_env(name)
     async with run.target(name, env=env) as target:
         interval = PROFILES[args.profile].interval
         gap = stagger(args.calls, interval, 1.0)

@@ -81,7 +81,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "max_queue": 256,
             "max_connections": 10000,
             "keepalive_probes": 3,
-            "new_connection_share": 0.5,
+            "new_connection_share": 0.3,
         },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},

@@ -253,7 +253,7 @@ class LimitsSection(_Section):
     keepalive_probes: int = Field(3, ge=1, le=127)
     # When new connections use more than this share of a core, a worker with live
     # calls spaces its accepts (core/accept_pacing.py): they wait, calls keep the CPU.
-    new_connection_share: float = Field(0.5, gt=0.0, le=1.0)
+    new_connection_share: float = Field(0.3, gt=0.0, le=1.0)
 
 
 class AcmeSection(_Section):
