@@ -258,6 +258,16 @@ async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_wor
         await server.close()
 
 
+async def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    """What a worker's end of its channel reads, `size` bytes (within 2 s)."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    async with asyncio.timeout(2):
+        while len(received) < size:
+            received += await loop.sock_recv(sock, 1024)
+    return received
+
+
 async def _slow_after_reexec(h: Host) -> tuple[SlotServer, HostSlots, socket.socket, int]:
     """A re-executed coordinator with `h`'s workers kept over the exec, and one
     more that held b in the previous image and is slow to answer "sync" (the
@@ -292,11 +302,7 @@ async def test_a_worker_slow_after_the_reexecution_keeps_its_slots_counted_and_m
         # retire), read after "sync".
         assert server.send(slow, {"op": "stop", "id": 9, "upgrade": True})
         expected = b'{"op":"sync"}\n{"op":"stop","id":9,"upgrade":true}\n'
-        received = b""
-        async with asyncio.timeout(2):
-            while len(received) < len(expected):
-                received += await loop.sock_recv(slow_theirs, 1024)
-        assert received == expected
+        assert await _read_exactly(slow_theirs, len(expected)) == expected
         # It answers, late; its channel was never closed.
         state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
         await loop.sock_sendall(slow_theirs, state)
@@ -526,11 +532,7 @@ async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
             )
         # It reads both images' "sync" and answers each.
         expected = b'{"op":"sync"}\n{"op":"sync"}\n'
-        received = b""
-        async with asyncio.timeout(2):
-            while len(received) < len(expected):
-                received += await loop.sock_recv(slow_theirs, 1024)
-        assert received == expected
+        assert await _read_exactly(slow_theirs, len(expected)) == expected
         state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
         await loop.sock_sendall(slow_theirs, state + state)
         assert await third.finish_restore(2.0) == []

@@ -383,6 +383,18 @@ async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
             await service.finish()
 
 
+def _package_whose_exec_fails(tmp_path: Path) -> Path:
+    """A copy of the package whose execve fails after the hand-over (ENOEXEC)."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/listen_fds.py",
+        EXECVE,
+        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
+    )
+    return src
+
+
 def _inject(src: Path, module: str, anchor: str, before: str) -> None:
     """Plant `before` ahead of `anchor` in the copied package's `module`: a
     fault or a signal at an exact point of a real run."""
@@ -661,13 +673,7 @@ async def test_an_exec_that_fails_gives_the_workers_back_and_sigterm_then_drains
     supervisor takes them back (`_take_back`: the table rebuilt from what the
     workers hold), serves on, and a SIGTERM after it drains every call and
     exits 0."""
-    src = _copy_package(tmp_path)
-    _inject(
-        src,
-        "service/listen_fds.py",
-        EXECVE,
-        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
-    )
+    src = _package_whose_exec_fails(tmp_path)
     service = await _start_planted(src, tls_files, fleets, workers=2, drain=15)
     load = _fleets_load(service, tls_files, fleets)
     try:
@@ -703,13 +709,7 @@ async def test_a_channel_that_cannot_be_taken_back_costs_one_worker_not_the_host
     planted in the first `adopt` of the take-back): that worker drains its
     calls and is replaced, the host grants new calls, and the upgrade is
     marked failed: a later `upgrade` runs (not refused as under way)."""
-    src = _copy_package(tmp_path)
-    _inject(
-        src,
-        "service/listen_fds.py",
-        EXECVE,
-        "    raise OSError(8, 'Exec format error', executable or sys.executable)\n",
-    )
+    src = _package_whose_exec_fails(tmp_path)
     _inject(
         src,
         "net/slot_server.py",
@@ -1008,20 +1008,31 @@ async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exi
             while not await replaced():
                 await asyncio.sleep(0.1)
         os.kill(supervisor, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=40)
-        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
-        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
-        assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
-            (dead, "killed by SIGKILL", 1)
-        ]
-        stats = await service.stats()
-        assert stats["worker_restarts"] == {"killed": 1}
-        assert stats["worker_calls_lost"] == 1
+        await _upgraded_with_one_worker_killed(service, dead)
     finally:
-        await load.stop()
-        for task in load.long:
-            task.cancel()
-        await service.finish()
+        await _stop_with_long_calls(load, service)
+
+
+async def _stop_with_long_calls(load: Any, service: Any) -> None:
+    """The load stopped, its long calls cancelled, the service finished."""
+    await load.stop()
+    for task in load.long:
+        task.cancel()
+    await service.finish()
+
+
+async def _upgraded_with_one_worker_killed(service: Any, dead: int) -> None:
+    """The upgrade is done, and the log and the host's counts say worker `dead`
+    was killed with one call."""
+    await service.wait_for("READY=1", count=2, timeout=40)
+    assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+    died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+    assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
+        (dead, "killed by SIGKILL", 1)
+    ]
+    stats = await service.stats()
+    assert stats["worker_restarts"] == {"killed": 1}
+    assert stats["worker_calls_lost"] == 1
 
 
 async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_with_its_real_exit(
@@ -1052,17 +1063,6 @@ async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_wi
         ((dead, _),) = [(r["pid"], r) for r in await _rows(service)]
         await load.start_long(1, duration=20.0)
         os.kill(service.proc.pid, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=40)
-        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
-        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
-        assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
-            (dead, "killed by SIGKILL", 1)
-        ]
-        stats = await service.stats()
-        assert stats["worker_restarts"] == {"killed": 1}
-        assert stats["worker_calls_lost"] == 1
+        await _upgraded_with_one_worker_killed(service, dead)
     finally:
-        await load.stop()
-        for task in load.long:
-            task.cancel()
-        await service.finish()
+        await _stop_with_long_calls(load, service)

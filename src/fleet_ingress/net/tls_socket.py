@@ -243,19 +243,17 @@ class TLSConnection:
         return self._on_writable if self._meter is None else self._on_writable_metered
 
     def _on_readable_metered(self) -> None:
-        meter, started = self._meter, time.thread_time()
-        try:
-            self._on_readable()
-        finally:
-            if meter is not None:
-                meter.spent += time.thread_time() - started
+        self._metered(self._on_readable)
 
     def _on_writable_metered(self) -> None:
+        self._metered(self._on_writable)
+
+    def _metered(self, callback: Callable[[], None]) -> None:
         meter, started = self._meter, time.thread_time()
         try:
-            self._on_writable()
+            callback()
         finally:
-            if meter is not None:
+            if meter is not None:  # the meter as it was: unmetered inside counts
                 meter.spent += time.thread_time() - started
 
     # -- what the pump sees --------------------------------------------------
