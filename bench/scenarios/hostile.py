@@ -60,7 +60,7 @@ from ..harness.targets import haproxy_version, label
 TARGET_P99_MARGIN_MS = 5.0
 LAG_METRIC = "fleet_ingress_event_loop_lag_seconds"
 PAUSED_METRIC = "fleet_ingress_accepts_paused_seconds"
-TARGETS = ("ingress", "ingress@unpaced", "ingress@shareX", "haproxy")
+TARGETS = ("ingress", "ingress@unpaced", "haproxy")  # and ingress@share<0-1>
 SHARE_ENV = "FLEET_INGRESS_LIMITS__NEW_CONNECTION_SHARE"
 
 
@@ -75,7 +75,7 @@ def target_env(name: str) -> dict[str, str]:
 
 
 def known_target(name: str) -> bool:
-    if name in ("ingress", "ingress@unpaced", "haproxy"):
+    if name in TARGETS:
         return True
     share = name.removeprefix("ingress@share")
     try:
@@ -87,7 +87,9 @@ def known_target(name: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench hostile", description=__doc__)
     p.add_argument(
-        "--targets", default="ingress,haproxy", help=f"of {', '.join(TARGETS)} (in order)"
+        "--targets",
+        default="ingress,haproxy",
+        help=f"of {', '.join(TARGETS)}, ingress@share0.3 (in order)",
     )
     p.add_argument("--calls", type=int, default=20, help="live calls streaming")
     p.add_argument("--seconds", type=float, default=10.0, help="each window (quiet, flood)")
@@ -102,7 +104,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for t in args.targets:
         if not known_target(t):
-            p.error(f"target {t!r}: the flood is aimed at a proxy ({', '.join(TARGETS)})")
+            p.error(
+                f"target {t!r}: the flood is aimed at a proxy "
+                f"({', '.join(TARGETS)}, ingress@share<0-1>)"
+            )
     if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 300:
         p.error("1-2000 calls and 1-300 s windows")
     # What bench.scenarios.Run reads from the other scenarios' arguments.

@@ -8,9 +8,23 @@ do real work (a TLS handshake step, a head's parse), not a call's frames.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
 
 class CpuMeter:
     __slots__ = ("spent",)
 
     def __init__(self) -> None:
         self.spent = 0.0  # seconds, since start
+
+    def run(self, work: Callable[..., _T], *args: object) -> _T:
+        """`work(*args)`, its CPU added to `spent` (raised or not)."""
+        started = time.thread_time()
+        try:
+            return work(*args)
+        finally:
+            self.spent += time.thread_time() - started

@@ -48,8 +48,13 @@ class HeadQueue:
 
     def _run(self) -> None:
         self._scheduled = False
+        if self.meter is None:
+            self._parse_this_turn()
+        else:
+            self.meter.run(self._parse_this_turn)
+
+    def _parse_this_turn(self) -> None:
         waiting = self._waiting
-        cpu_started = time.thread_time()
         deadline = time.perf_counter() + self.budget
         while waiting:
             parse = waiting.popleft()
@@ -61,8 +66,6 @@ class HeadQueue:
                 log.exception("request head parse failed")
             if time.perf_counter() >= deadline:
                 break
-        if self.meter is not None:
-            self.meter.spent += time.thread_time() - cpu_started
         if waiting:
             self.turns_deferred += 1
             self._scheduled = True

@@ -29,7 +29,6 @@ from functools import partial
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.logs import fields
-from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, wrap_accepted
 
@@ -187,27 +186,19 @@ class CarrierListener:
     def _pace(self) -> float:
         ctx = self.context()
         registry = ctx.registry
-        pacer = self._pacer
-        pacer.share = ctx.new_connection_share  # a reload may change it
-        if not pacer.enabled:
-            return 0.0
-        pause = pacer.after_accept(
+        self._pacer.share = ctx.new_connection_share  # a reload may change it
+        pause = self._pacer.after_accept(
             time.monotonic(), registry.new_connection_cpu.spent, len(registry.calls)
         )
         registry.accepts_paused_ms += round(pause * 1000)  # whole ms: 1, 2, 4, 8, 16
         return pause
 
     def _accepted(self, conn: socket.socket) -> None:
-        meter = self.context().registry.new_connection_cpu
-        started = time.thread_time()
-        try:
-            self._take(conn, meter)
-        finally:
-            meter.spent += time.thread_time() - started
-
-    def _take(self, conn: socket.socket, meter: CpuMeter) -> None:
-        self._retry_in = ACCEPT_RETRY_FIRST
         ctx = self.context()
+        ctx.registry.new_connection_cpu.run(self._take, conn, ctx)
+
+    def _take(self, conn: socket.socket, ctx: ProxyContext) -> None:
+        self._retry_in = ACCEPT_RETRY_FIRST
         registry = ctx.registry
         if len(registry.connections) + registry.handshaking >= ctx.max_connections:
             registry.refused_connections += 1
@@ -230,7 +221,7 @@ class CarrierListener:
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
             return
-        tls.meter(meter)  # until its call is linked: what a flood costs is counted
+        tls.meter(registry.new_connection_cpu)  # until its call is linked: a flood's cost
         registry.handshaking += 1
         self._handshakes.add(tls)
         # A handshake that never completes is a request that never came. A failed

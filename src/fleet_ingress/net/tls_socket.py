@@ -52,7 +52,6 @@ import enum
 import errno
 import socket
 import ssl
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -249,12 +248,13 @@ class TLSConnection:
         self._metered(self._on_writable)
 
     def _metered(self, callback: Callable[[], None]) -> None:
-        meter, started = self._meter, time.thread_time()
-        try:
+        # The meter as the callback starts: one that links the call (meter(None))
+        # still counts, the set-up being a new connection's work to its end.
+        meter = self._meter
+        if meter is None:  # unmetered after the loop had picked this callback
             callback()
-        finally:
-            if meter is not None:  # the meter as it was: unmetered inside counts
-                meter.spent += time.thread_time() - started
+        else:
+            meter.run(callback)
 
     # -- what the pump sees --------------------------------------------------
 
