@@ -5,6 +5,7 @@ its edge with real sockets on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -135,6 +136,29 @@ async def test_max_connections_resets_the_excess_at_accept_and_serves_once_a_slo
     finally:
         for ws in calls:
             await ws.close()
+        await fleet.stop()
+
+
+async def test_connections_reset_at_accept_count_as_new_connections_cpu(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A connection refused over limits.max_connections never starts TLS, yet
+    its accept is a new connection's work: what a flood of them costs counts
+    toward accept pacing."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], limits={"max_connections": 1})
+        async with connect(wss_url(ingress, "/ws/kept"), ssl=tls_files.client_context()):
+            meter = ingress.registry.new_connection_cpu
+            before = meter.spent
+            for _ in range(3):
+                with contextlib.suppress(ConnectionResetError):  # the reset may come first
+                    _, writer = await asyncio.open_connection(*ingress.wss_address)
+                    writer.close()
+            await eventually(lambda: ingress.registry.refused_connections == 3)
+            assert ingress.registry.tls_handshake_failures == 0  # no TLS was started
+            assert meter.spent > before
+    finally:
         await fleet.stop()
 
 

@@ -4,6 +4,7 @@ import asyncio
 import itertools
 import time
 
+from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.head_queue import HeadQueue
 
 
@@ -63,3 +64,27 @@ async def test_a_parse_that_raises_is_logged_and_the_heads_behind_it_still_run(c
     assert done == [0, 1, 2] and len(queue) == 0
     (record,) = [r for r in caplog.records if r.exc_info]
     assert record.name == "fleet_ingress.proxy" and "a parse bug" in caplog.text
+
+
+def _spend_cpu(seconds: float) -> None:
+    """Work until this thread has used `seconds` of CPU (not of wall: preemption
+    on a busy host does not shorten it)."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_the_parses_cpu_is_counted_in_its_meter():
+    """Accept pacing weighs the heads' parses as new connections' work."""
+    meter = CpuMeter()
+    queue = HeadQueue(budget=0.05, meter=meter)
+    done: list[int] = []
+    for i in range(3):
+        queue.add(lambda i=i: (_spend_cpu(0.002), done.append(i)))
+    await asyncio.wait_for(_until(lambda: len(done) == 3), 5)
+    assert meter.spent >= 0.006
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0)

@@ -43,6 +43,7 @@ def a_worker(seq_counts: int, pid: int, generation: int, *, draining: bool = Fal
     registry.tls_handshake_failures = n
     registry.refused_connections = 1
     registry.accepts_paused_ms = 250 * n
+    registry.new_connection_cpu.spent = 0.5 * n
     registry.requests[("/ws/", 101)] += n
     registry.requests[("/ws/", 503)] += 1
     registry.ended[("a", "carrier_closed")] += n
@@ -112,6 +113,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     assert host["fleet_ingress_relayed_bytes_total"][(("direction", "carrier_to_fleet"),)] == 7000
     assert host["fleet_ingress_handshake_duration_seconds_count"][()] == 7
     assert host["fleet_ingress_accepts_paused_seconds_total"][()] == 1.75  # seconds, summed
+    assert host["fleet_ingress_new_connection_cpu_seconds_total"][()] == 3.5
 
     rows = {k: v for k, v in host["fleet_ingress_worker_draining"].items()}
     assert rows == {
