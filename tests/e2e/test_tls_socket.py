@@ -397,7 +397,14 @@ class Recorder:
 class Server:
     """The accepting side on the layer: handshake, then a Recorder per connection."""
 
-    def __init__(self, ctx: ssl.SSLContext, *, echo: bool = False, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        *,
+        echo: bool = False,
+        timeout: float = 5.0,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.ctx = ctx
         self.echo = echo
         self.timeout = timeout
@@ -406,7 +413,8 @@ class Server:
         self.conns: list[TLSConnection] = []
         self.reading = True
         loop = asyncio.get_running_loop()
-        listener = socket.create_server(("127.0.0.1", 0))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family)
         self.port = listener.getsockname()[1]
         self._acceptor = Acceptor(loop, listener, self._accepted)
 
@@ -491,6 +499,30 @@ async def test_a_session_from_an_earlier_connection_is_offered_and_resumed(
     assert not fresh.ssl_socket.session_reused
     for c in (first, conn, fresh):
         c.abort()
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("127.0.0.1", "localhost")],
+    ids=["ipv4-literal", "ipv6-literal", "name"],
+)
+async def test_a_fleet_is_reached_by_an_ip_literal_of_either_family_or_by_name(
+    tls_files: TLSFiles, server: Callable[..., Server], listen: str, address: str
+) -> None:
+    """Literals skip the lookup (core.addresses.ip_literal_version), names go
+    through the loop's getaddrinfo: all three reach the server."""
+    if ":" in listen and not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    srv = server(echo=True, host=listen)
+    conn = await connect(
+        address, srv.port, tls_files.client_context(), server_hostname="calls.test", timeout=5
+    )
+    handler = Recorder(conn)
+    conn.start(handler)
+    conn.write(b"ping")
+    await eventually(lambda: bytes(handler.data) == b"ping")
+    assert conn.peername is not None and conn.peername[0] == listen
+    conn.close()
 
 
 async def test_what_the_server_sends_before_the_client_starts_reading_is_kept(

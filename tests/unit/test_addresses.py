@@ -1,6 +1,11 @@
 import pytest
 
-from fleet_ingress.core.addresses import format_hostport, parse_hostport, split_hostport
+from fleet_ingress.core.addresses import (
+    format_hostport,
+    ip_literal_version,
+    parse_hostport,
+    split_hostport,
+)
 
 
 @pytest.mark.parametrize(
@@ -67,3 +72,22 @@ def test_split_reports_absent_port_as_none() -> None:
 def test_format_round_trips(host: str, port: int | None, text: str) -> None:
     assert format_hostport(host, port) == text
     assert split_hostport(text) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("host", "version"),
+    [
+        ("127.0.0.1", 4),
+        ("10.0.0.7", 4),
+        ("::1", 6),
+        ("2001:db8::1", 6),
+        ("fe80::1%eth0", None),  # scoped: getaddrinfo knows the interface's index
+        ("fleet1.example.com", None),
+        ("localhost", None),
+        ("127.1", None),  # inet_aton's shorthand: left to getaddrinfo
+    ],
+)
+def test_ip_literal_version_answers_literals_and_leaves_names_to_a_lookup(
+    host: str, version: int | None
+) -> None:
+    assert ip_literal_version(host) == version
