@@ -202,10 +202,14 @@ class Supervisor:
         *,
         handed: dict[str, socket.socket] | None = None,
         carried: dict[str, Any] | None = None,
+        starts_settle: float = STARTS_SETTLE,
     ) -> None:
         """`handed` and `carried`: the sockets and the state the previous image
-        kept over its re-execution (an upgrade); None at a first start."""
+        kept over its re-execution (an upgrade); None at a first start.
+        `starts_settle`: how long an upgrade's exec waits for workers being
+        started (STARTS_SETTLE; tests shorten it)."""
         self.config = config
+        self.starts_settle = starts_settle
         self.config_path = config_path.absolute()  # workers read it too
         _server_ssl(config)  # a certificate that cannot load fails `run` here, not in workers
         self.fleet_set = FleetSet.from_specs(
@@ -861,12 +865,12 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
-            if not await self._starts_settled(STARTS_SETTLE):
+            if not await self._starts_settled(self.starts_settle):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
                     status,
                     f"a worker being started did not reach its channel within "
-                    f"{STARTS_SETTLE:g}s (an overloaded host?): nothing was handed over, the "
+                    f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
                     "workers serve on; run `fleet-ingress upgrade` again",
                 )
                 return
