@@ -29,9 +29,11 @@ from fleet_ingress.config.settings import load_config
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.service.supervisor import HELD_OVER_EXEC, Supervisor
+from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import RunningIngress, TLSFiles, eventually, write_run_home
@@ -1078,6 +1080,61 @@ async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_wi
         await _stop_with_long_calls(load, service)
 
 
+# -- the supervisor object in this process: its upgrade's own steps, without an exec --------------
+
+
+def _supervisor(home: Path, **kw: Any) -> Supervisor:
+    """A Supervisor as `run` builds it from `home` (`write_run_home`), not
+    started (no listeners, no workers of its own), its one fleet up."""
+    config = load_config(home / "ingress.toml")
+    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, fleets, home / "ingress.toml", **kw)
+    for fleet in supervisor.balancer.fleets:
+        fleet.health, fleet.admin = Health.UP, Admin.READY
+    return supervisor
+
+
+async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The old image had read the head of a worker's report when it handed the
+    channel over (`_reexec`'s steps but the exec itself): the head goes in
+    the carried state, through the memfd, and the new image's `_adopt_workers`
+    reads it before the rest: the report counts in the host's view."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))  # alive as long as the test
+    worker = await SlotClient.connect(sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5)
+    new: Supervisor | None = None
+    try:
+        await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
+        worker.reporter = lambda: {"counts": {"counters": [["requests", "/ws/", "101", 7]]}}
+        line = encode(worker._report(final=False))
+        assert worker._transport is not None
+        worker._transport.write(line[:50])
+        (channel,) = old.server._channels.values()
+        await eventually(lambda: channel.decoder.pending == line[:50])
+        fd = state_fd(old._state_for_exec())
+        kept = old.server.handover()
+        worker._transport.write(line[50:])  # during the exec
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new._adopt_workers(new.handed)
+        requests = lambda: new.view.totals().counter("requests", "/ws/", "101")  # noqa: E731
+        await eventually(lambda: requests() == 7)
+        assert [(r.pid, r.calls) for r in new.slots.workers] == [(os.getpid(), 0)]
+        assert not worker.lost.done()
+    finally:
+        worker.close()
+        if new is not None:
+            await new.close()
+            for adopted in new.workers.values():  # this process, "adopted": its pidfd
+                assert isinstance(adopted.proc, AdoptedProcess)
+                adopted.proc._close()
+        await old.close()
+
+
 async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -1090,11 +1147,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
     its own, no 5 s wait): its real trial run, its admin socket, the
     `upgrade` command's client awaited here."""
     await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
-    config = load_config(tmp_path / "ingress.toml")
-    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
-    supervisor = Supervisor(config, fleets, tmp_path / "ingress.toml", starts_settle=0.3)
-    (fleet,) = supervisor.balancer.fleets
-    fleet.health, fleet.admin = Health.UP, Admin.READY
+    supervisor = _supervisor(tmp_path, starts_settle=0.3)
     # What would go over the exec: never, here. Were the give-up broken, the
     # test process would be replaced by the supervisor: it records instead.
     reexecs: list[bool] = []
