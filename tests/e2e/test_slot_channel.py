@@ -16,9 +16,11 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
+from fleet_ingress.core.host_view import HostView
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
 from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_wire import encode
 from tests.support import eventually
 
 TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
@@ -621,3 +623,126 @@ async def test_a_worker_flooded_before_its_hello_breaks_the_channel(caplog):
     finally:
         client.close()
         ours.close()
+
+
+# -- a line the old image had half read when it handed the channel over --------------------------
+
+
+def _reporting(client: SlotClient, requests: int) -> bytes:
+    """`client`'s next report as it goes on the wire, counting `requests`."""
+    client.reporter = lambda: {"counts": {"counters": [["requests", "/ws/", "101", requests]]}}
+    return encode(client._report(final=False))
+
+
+def _requests(view: HostView) -> int:
+    return view.totals().counter("requests", "/ws/", "101")
+
+
+async def _half_read(server: SlotServer, pid: int, line: bytes, sent: bytes) -> None:
+    """Wait until `server` has read `line` (of worker `pid`) up to where `sent` ends."""
+    channel = next(c for c in server._channels.values() if c.pid == pid)
+    await eventually(lambda: channel.decoder.pending == sent)
+    assert line.startswith(sent) and b"\n" not in sent
+
+
+async def test_a_line_cut_by_the_exec_is_read_whole_by_the_next_image(host):
+    """The old image had read the head of a worker's report when it handed the
+    channel over; the rest came meanwhile. The head goes over the exec
+    (`unread`), the new image reads it first: the report counts. (Before, the
+    new image read the tail alone, not a message: skipped, the report lost.)"""
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    line = _reporting(w1, requests=7)
+    assert w1._transport is not None
+    w1._transport.write(line[:40])
+    await _half_read(h.server, w1.pid, line, line[:40])
+    unread = h.server.unread()
+    kept = h.server.handover()
+    assert unread == {f"worker.{w1.pid}.1": line[:40]}
+    w1._transport.write(line[40:])  # during the exec: waits in the kernel
+    view = HostView()
+    slots = HostSlots(_balancer(2), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots, view=view)
+    try:
+        for name, sock in kept.items():
+            await server.adopt(
+                sock, restoring=True, worker=(w1.pid, 1), held_before=[], unread=unread[name]
+            )
+        assert await server.finish_restore(2.0) == []
+        await eventually(lambda: _requests(view) == 7)
+        assert [r.pid for r in slots.workers] == [w1.pid]
+        assert not w1.lost.done()  # nothing the channel could not read
+    finally:
+        await server.close()
+
+
+async def test_a_state_cut_by_a_second_exec_rebuilds_the_row_without_waiting(host):
+    """A worker answered the first new image's "sync" and that image had read
+    half of its "state" when it re-executed again. Carried, the head and the
+    rest make the whole "state" in the third image, which rebuilds the row
+    from it at once, however long the worker takes to read the third image's
+    "sync"; its answer to that one is then a second "state", ignored. (Before,
+    the half was lost: the row waited for that second answer, silent until the
+    restore timeout.)"""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a
+    server, _, slow_theirs, _ = await _slow_after_reexec(h)  # 77 held b
+    loop = asyncio.get_running_loop()
+    third = SlotServer(HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8))
+    third.slots.paused = True
+    try:
+        assert await _read_exactly(slow_theirs, len(b'{"op":"sync"}\n')) == b'{"op":"sync"}\n'
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state[:30])
+        await _half_read(server, 77, state, state[:30])
+        unread = server.unread()
+        kept = server.handover()
+        assert unread == {"worker.77.1": state[:30]}
+        await loop.sock_sendall(slow_theirs, state[30:])
+        for name, sock in kept.items():
+            pid, generation = (int(n) for n in name.split(".")[1:])
+            held = ["b"] if pid == 77 else ["a"]
+            await third.adopt(
+                sock,
+                restoring=True,
+                worker=(pid, generation),
+                held_before=held,
+                unread=unread.get(name, b""),
+            )
+        # The worker does not answer the third image's "sync" (busy): no need.
+        assert await third.finish_restore(1.0) == []
+        assert {r.pid: r.calls for r in third.slots.workers} == {w1.pid: 1, 77: 1}
+        assert not any(r.reserved for r in third.slots.workers)  # its own account
+        # Its answer comes late: a second "state", ignored; nothing counted twice.
+        await loop.sock_sendall(slow_theirs, state)
+        await asyncio.sleep(0.1)
+        assert {f.name: f.active for f in third.slots.balancer.fleets} == {"a": 1, "b": 1}
+        waiting = asyncio.create_task(w1.lease())
+        await eventually(lambda: third.slots.queue_length == 1)
+        await loop.sock_sendall(slow_theirs, b'{"op":"release","id":4}\n')
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert {f.name: f.active for f in third.slots.balancer.fleets} == {"a": 1, "b": 1}
+        assert third.slots.reclaimed_total == 0
+    finally:
+        slow_theirs.close()
+        await third.close()
+        await server.close()
+
+
+async def test_a_line_cut_by_an_exec_that_failed_is_read_whole_when_taken_back(host):
+    """The exec failed after the hand-over: `take_back` serves the channel
+    again in this process, the head of the line this image had read first."""
+    h = host(maxconn=2)
+    view = h.server.view = HostView()
+    w1 = await h.worker()
+    line = _reporting(w1, requests=5)
+    assert w1._transport is not None
+    w1._transport.write(line[:25])
+    await _half_read(h.server, w1.pid, line, line[:25])
+    kept = h.server.handover()
+    w1._transport.write(line[25:])
+    assert await h.server.take_back(kept, 2.0) == []
+    await eventually(lambda: _requests(view) == 5)
+    assert [r.pid for r in h.slots.workers] == [w1.pid] and not w1.lost.done()

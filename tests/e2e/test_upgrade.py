@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +21,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 import fleet_ingress
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
+from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_wire import encode
+from fleet_ingress.ops.admin_client import _await_upgrade
+from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.service.supervisor import HELD_OVER_EXEC, Supervisor
+from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
-from tests.support import RunningIngress, TLSFiles, eventually
+from tests.support import RunningIngress, TLSFiles, eventually, write_run_home
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -1066,3 +1078,138 @@ async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_wi
         await _upgraded_with_one_worker_killed(service, dead)
     finally:
         await _stop_with_long_calls(load, service)
+
+
+# -- the supervisor object in this process: its upgrade's own steps, without an exec --------------
+
+
+def _supervisor(home: Path, **kw: Any) -> Supervisor:
+    """A Supervisor as `run` builds it from `home` (`write_run_home`), not
+    started (no listeners, no workers of its own), its one fleet up."""
+    config = load_config(home / "ingress.toml")
+    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, fleets, home / "ingress.toml", **kw)
+    for fleet in supervisor.balancer.fleets:
+        fleet.health, fleet.admin = Health.UP, Admin.READY
+    return supervisor
+
+
+async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The old image had read the head of a worker's report when it handed the
+    channel over (`_reexec`'s steps but the exec itself): the head goes in
+    the carried state, through the memfd, and the new image's `_adopt_workers`
+    reads it before the rest: the report counts in the host's view."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))  # alive as long as the test
+    worker = await SlotClient.connect(sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5)
+    new: Supervisor | None = None
+    try:
+        await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
+        worker.reporter = lambda: {"counts": {"counters": [["requests", "/ws/", "101", 7]]}}
+        line = encode(worker._report(final=False))
+        assert worker._transport is not None
+        worker._transport.write(line[:50])
+        (channel,) = old.server._channels.values()
+        await eventually(lambda: channel.decoder.pending == line[:50])
+        fd = state_fd(old._state_for_exec())
+        kept = old.server.handover()
+        worker._transport.write(line[50:])  # during the exec
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new._adopt_workers(new.handed)
+        requests = lambda: new.view.totals().counter("requests", "/ws/", "101")  # noqa: E731
+        await eventually(lambda: requests() == 7)
+        assert [(r.pid, r.calls) for r in new.slots.workers] == [(os.getpid(), 0)]
+        assert not worker.lost.done()
+    finally:
+        worker.close()
+        if new is not None:
+            await new.close()
+            for adopted in new.workers.values():  # this process, "adopted": its pidfd
+                assert isinstance(adopted.proc, AdoptedProcess)
+                adopted.proc._close()
+        await old.close()
+
+
+async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Before its exec the supervisor waits for workers being started (their
+    process may exist, their channel not served yet: lost at the exec). One
+    whose start never ends: past the wait (STARTS_SETTLE, passed in short
+    here) the upgrade is abandoned with nothing handed over, the signals held
+    for the exec unblocked, the workers' channels served on, and `upgrade`
+    exits 1 saying why. The supervisor object in this process (no workers of
+    its own, no 5 s wait): its real trial run, its admin socket, the
+    `upgrade` command's client awaited here."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    supervisor = _supervisor(tmp_path, starts_settle=0.3)
+    # What would go over the exec: never, here. Were the give-up broken, the
+    # test process would be replaced by the supervisor: it records instead.
+    reexecs: list[bool] = []
+    handovers: list[bool] = []
+
+    def reexec() -> None:
+        reexecs.append(True)
+        raise OSError("re-executed although a worker start had not settled")
+
+    def handover() -> dict[str, socket.socket]:
+        handovers.append(True)
+        return {}
+
+    monkeypatch.setattr(supervisor, "_reexec", reexec)
+    monkeypatch.setattr(supervisor.server, "handover", handover)
+    # A start that never ends: its process there (say), its channel never served.
+    never = asyncio.Event()
+
+    async def start_worker(generation: int, *, candidate: bool) -> Any:
+        await never.wait()
+
+    monkeypatch.setattr(supervisor, "_start_worker", start_worker)
+    admin = tmp_path / "admin.sock"
+    app = admin_app(
+        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor
+    )
+    await supervisor._web.serve(
+        app,
+        web.SockSite,
+        sock=bind_admin_socket(admin),
+    )
+    # A worker already serving: its channel must stay this image's.
+    ours, theirs = socket.socketpair()
+    await supervisor.server.adopt(ours, worker=(4242, 1))
+    worker = await SlotClient.connect(sock=theirs, pid=4242, generation=1, answer_timeout=5)
+    starting = asyncio.create_task(supervisor._spawn(1))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        await eventually(lambda: supervisor._spawns == 1)
+        async with asyncio.timeout(40):  # the trial run: a second or a few
+            code = await _await_upgrade(admin, sys.stdout)
+        said = capsys.readouterr().err
+        assert code == 1
+        assert "upgrade abandoned, generation 1 serves on" in said
+        assert "a worker being started did not reach its channel within 0.3s" in said
+        assert "nothing was handed over" in said
+        (status,) = supervisor.upgrade_status()["upgrades"]
+        assert status["state"] == "failed"
+        assert (reexecs, handovers) == ([], [])
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
+        assert not set(HELD_OVER_EXEC) & mask
+        assert not starting.done() and supervisor._spawns == 1  # left to finish
+        # The coordinator reads and grants as before; the channel never closed.
+        assert (await worker.lease()).fleet.name == "a"
+        assert not worker.lost.done() and not supervisor.slots.paused
+        # Once the start has ended, an upgrade may go on again (here: to the guard).
+        never.set()
+        await starting
+        assert supervisor._spawns == 0
+        assert await supervisor._starts_settled(0.3)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # whatever happened: not this test's
+        starting.cancel()
+        worker.close()
+        await supervisor.close()

@@ -17,6 +17,8 @@ from fleet_ingress.service.upgrade import (
     restore_fleets,
     state_fd,
     take_state,
+    unread_from_json,
+    unread_to_json,
 )
 
 
@@ -69,3 +71,26 @@ def test_a_state_from_another_version_is_refused_by_name() -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     with pytest.raises(ValueError, match="FLEET_INGRESS_UPGRADE_STATE: state version 99"):
         take_state({UPGRADE_STATE: str(fd)})
+
+
+def test_the_head_of_a_line_cut_by_the_exec_goes_over_byte_for_byte() -> None:
+    # A worker's bytes need not be text (a newer worker, a cut inside a character).
+    unread = {"worker.12.1": b'{"op":"report","counts":{"coun', "worker.13.2": b"\xff\xfe{"}
+    fd = state_fd({"unread": unread_to_json(unread)})
+    carried = take_state({UPGRADE_STATE: str(fd)})
+    assert carried is not None
+    assert unread_from_json(carried["unread"]) == unread
+
+
+@pytest.mark.parametrize(
+    ("carried", "kept"),
+    [
+        (None, {}),  # a release that carried none
+        ([], {}),
+        ({"worker.1.1": "e30="}, {"worker.1.1": b"{}"}),
+        ({"worker.1.1": "not base64!", "worker.2.1": "e30="}, {"worker.2.1": b"{}"}),
+        ({"worker.1.1": 7}, {}),
+    ],
+)
+def test_unread_bytes_that_are_not_base64_are_left_out_not_misread(carried, kept) -> None:
+    assert unread_from_json(carried) == kept

@@ -66,11 +66,13 @@ class _Channel(asyncio.Protocol):
         *,
         restoring: bool = False,
         held_before: list[str] | None = None,
+        unread: bytes = b"",
     ) -> None:
         self.server = server
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.decoder = LineDecoder()
+        # `unread`: the head of a line the previous reader of this socket had read.
+        self.decoder = LineDecoder(unread)
         self.joined = False
         self.restoring = restoring  # kept across a re-execution: waits for "state"
         # What the previous image's table said it held (a fleet name a slot), if known.
@@ -158,13 +160,16 @@ class SlotServer:
         worker: tuple[int, int] | None = None,
         held_before: list[str] | None = None,
         key: int | None = None,
+        unread: bytes = b"",
     ) -> int:
         """Serve the supervisor's end of a worker's socketpair; returns its
         channel key (`key`: the one it had, served again by `take_back`).
         `restoring`: a channel kept over this process's re-execution; the
         worker is asked what it holds (pause `slots` first).
         `worker` (pid, generation) and `held_before` (a fleet name per slot it
-        held in the previous image's table): counted if it is slow to answer."""
+        held in the previous image's table): counted if it is slow to answer.
+        `unread`: what the previous image had read of a line not yet whole
+        (its `unread()`): read before what the socket brings, the rest of it."""
         loop = asyncio.get_running_loop()
         if key is None:
             key = next(self._keys)
@@ -173,7 +178,7 @@ class SlotServer:
             self._restored.clear()
 
         def channel() -> _Channel:
-            made = _Channel(self, key, restoring=restoring, held_before=held_before)
+            made = _Channel(self, key, restoring=restoring, held_before=held_before, unread=unread)
             if worker is not None:
                 made.pid, made.generation = worker
             return made
@@ -236,6 +241,27 @@ class SlotServer:
                 extra=what,
             )
 
+    def _to_hand_over(self) -> dict[str, _Channel]:
+        """The channels `handover` gives, by the name each goes under."""
+        return {
+            f"worker.{c.pid}.{c.generation}": c
+            for c in self._channels.values()
+            if c.transport is not None and c.pid is not None and c.generation is not None
+        }
+
+    def unread(self) -> dict[str, bytes]:
+        """Of each channel `handover` would give (same names), what was read
+        of a line the worker has not finished sending: the next image's
+        `adopt(unread=...)` reads it before the rest, so the line is read
+        whole (a "report", a "state"). Channels with none are left out. Ask
+        in the same step as `handover`, with no await between: a read in
+        between would make it stale."""
+        return {
+            name: pending
+            for name, channel in self._to_hand_over().items()
+            if (pending := channel.decoder.pending)
+        }
+
     def handover(self) -> dict[str, socket.socket]:
         """Stop serving and give each worker's channel as a socket to keep
         over an exec, by key `worker.PID.GENERATION`. Nothing is read after
@@ -249,19 +275,17 @@ class SlotServer:
 
         All or nothing: when a channel cannot be duplicated (out of
         descriptors) the ones already are closed and HandoverError raised,
-        every channel still served here."""
-        channels = [
-            c
-            for c in self._channels.values()
-            if c.transport is not None and c.pid is not None and c.generation is not None
-        ]
+        every channel still served here. What was read of a line not yet
+        whole stays with each channel (`unread`: for the exec; `take_back`
+        reads it first)."""
+        to_hand = self._to_hand_over()
+        channels = list(to_hand.values())
         kept: dict[str, socket.socket] = {}
         handed: dict[str, _Channel] = {}
         try:
-            for channel in channels:
+            for key, channel in to_hand.items():
                 assert channel.transport is not None
                 fd = channel.transport.get_extra_info("socket").fileno()
-                key = f"worker.{channel.pid}.{channel.generation}"
                 kept[key] = socket.socket(fileno=os.dup(fd))
                 handed[key] = channel
         except OSError as exc:
@@ -333,6 +357,8 @@ class SlotServer:
                 worker=(channel.pid, channel.generation),
                 held_before=held_before,
                 key=channel.key,
+                # Nothing was read after `handover`: the line it had begun goes on.
+                unread=channel.decoder.pending,
             )
         except BaseException as exc:  # e.g. out of descriptors: this worker only
             log.error(

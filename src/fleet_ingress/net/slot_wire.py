@@ -20,8 +20,12 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
                              "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...]}
     The worker is the truth: what it sent before "state" is already counted
-    in it, so the coordinator skips everything before (a line the old image
-    had half read included).
+    in it, so the coordinator acts on nothing before but a "report" (and a
+    "state" that answered the image before). A line the old image had half
+    read when it handed the channel over is not lost: it carries what it had
+    read of it over the exec (`SlotServer.unread`) and the new image reads
+    that first, then the rest, the line whole. (From an old image that did
+    not carry it, the tail is not a message and is skipped.)
 
     stats (`core.host_view`): the coordinator asks, the worker answers with
     everything it has counted since it started; it also sends one unasked,
@@ -103,12 +107,21 @@ class LineDecoder:
 
     __slots__ = ("_buffer",)
 
-    def __init__(self) -> None:
-        self._buffer = bytearray()
+    def __init__(self, pending: bytes = b"") -> None:
+        """`pending`: the head of the stream as another decoder had it (its
+        `pending`), when this one takes the stream over from it: the line it
+        had begun is read whole here."""
+        self._buffer = bytearray(pending)
+
+    @property
+    def pending(self) -> bytes:
+        """What was fed and is not a whole line yet."""
+        return bytes(self._buffer)
 
     def feed(self, data: bytes, *, skip_bad: bool = False) -> list[dict[str, Any]]:
-        """`skip_bad`: drop lines that are not messages rather than raise
-        (the tail of a line the previous image of the peer had half read)."""
+        """`skip_bad`: drop lines that are not messages rather than raise (the
+        tail of a line the previous image of the peer had half read and, from
+        an older release, did not carry over: see `pending`)."""
         self._buffer += data
         messages: list[dict[str, Any]] = []
         start = 0

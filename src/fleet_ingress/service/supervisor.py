@@ -110,6 +110,8 @@ from fleet_ingress.service.upgrade import (
     restore_fleets,
     state_fd,
     trial_run,
+    unread_from_json,
+    unread_to_json,
 )
 
 _T = TypeVar("_T")
@@ -200,10 +202,14 @@ class Supervisor:
         *,
         handed: dict[str, socket.socket] | None = None,
         carried: dict[str, Any] | None = None,
+        starts_settle: float = STARTS_SETTLE,
     ) -> None:
         """`handed` and `carried`: the sockets and the state the previous image
-        kept over its re-execution (an upgrade); None at a first start."""
+        kept over its re-execution (an upgrade); None at a first start.
+        `starts_settle`: how long an upgrade's exec waits for workers being
+        started (STARTS_SETTLE; tests shorten it)."""
         self.config = config
+        self.starts_settle = starts_settle
         self.config_path = config_path.absolute()  # workers read it too
         _server_ssl(config)  # a certificate that cannot load fails `run` here, not in workers
         self.fleet_set = FleetSet.from_specs(
@@ -313,6 +319,7 @@ class Supervisor:
         # was being replaced at the exec hands over no channel at all).
         self._resumed = carried is not None
         self._carried_workers: dict[int, dict[str, Any]] = {}
+        self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
         self._carried_respawns: list[float] = []
         if carried is not None:
             self._take_carried(carried)
@@ -337,6 +344,8 @@ class Supervisor:
         self.bound_listen = ListenSection.model_validate(carried["bound_listen"])
         self.upgrades = {u["id"]: u for u in carried["upgrades"]}
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
+        # (From a release that did not carry it: none; a line cut there is skipped.)
+        self._carried_unread = unread_from_json(carried.get("unread"))
 
     # -- start -------------------------------------------------------------------
 
@@ -856,12 +865,12 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
-            if not await self._starts_settled(STARTS_SETTLE):
+            if not await self._starts_settled(self.starts_settle):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
                     status,
                     f"a worker being started did not reach its channel within "
-                    f"{STARTS_SETTLE:g}s (an overloaded host?): nothing was handed over, the "
+                    f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
                     "workers serve on; run `fleet-ingress upgrade` again",
                 )
                 return
@@ -941,6 +950,10 @@ class Supervisor:
             # goes over with its channel, as the others; one being started is
             # waited for before the exec: `_starts_settled`).
             "respawns": list(self._respawns.values()),
+            # Of each channel handed over, what was read of a line not yet whole:
+            # read first by the next image (built in `_reexec`, the handover's
+            # step: nothing is read in between).
+            "unread": unread_to_json(self.server.unread()),
             "workers": [
                 {
                     "pid": w.pid,
@@ -964,6 +977,8 @@ class Supervisor:
         every socket. Raises OSError (nothing handed over) when it cannot."""
         if not os.access(sys.executable, os.X_OK):
             raise OSError(f"{sys.executable} is not executable")
+        # No await from the state to the handover (this is no coroutine): the
+        # channels' unread bytes it carries are the ones handed over.
         fd = state_fd(self._state_for_exec())
         socks: dict[str, socket.socket] = dict(self.listeners)
         if self._stats_sock is not None:
@@ -1023,6 +1038,7 @@ class Supervisor:
                 restoring=True,
                 worker=(pid, generation),
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
+                unread=self._carried_unread.pop(name, b""),
             )
             worker = WorkerProcess(
                 _adopted_process(pid, carried),

@@ -10,6 +10,9 @@ itself (SPEC 13; docs/WORKERS.md "Upgrade: the sequence").
   must not reset, the workers' last reports, the generation and the upgrade's
   own status) goes as JSON in an inherited memfd named in
   `FLEET_INGRESS_UPGRADE_STATE`, read once and closed by the new image.
+  That includes the head of a line a worker was sending, read by the old
+  image from a channel it handed over (`unread_to_json`): the new image reads
+  it before the rest, so no message is cut in two by the exec.
 - `AdoptedProcess`: a worker started by the previous image. This process is
   still its parent (same PID), but the event loop's child watcher never
   heard of it: it is waited for through a pidfd and reaped with `waitpid`.
@@ -18,6 +21,8 @@ itself (SPEC 13; docs/WORKERS.md "Upgrade: the sequence").
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -211,6 +216,29 @@ def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, 
             setattr(fleet, name, value)
         restored.append(fleet.name)
     return restored
+
+
+def unread_to_json(unread: Mapping[str, bytes]) -> dict[str, str]:
+    """Each channel's bytes read of a line not yet whole (`SlotServer.unread`),
+    by its handover name: base64, as a worker's bytes need not be text."""
+    return {name: base64.b64encode(data).decode("ascii") for name, data in unread.items()}
+
+
+def unread_from_json(carried: Any) -> dict[str, bytes]:
+    """`unread_to_json`'s bytes back. An entry that is not base64 is left out:
+    that channel's line is then read from its tail, which is skipped (as from
+    a release that carried nothing), not misread."""
+    if not isinstance(carried, dict):
+        return {}
+    unread: dict[str, bytes] = {}
+    for name, text in carried.items():
+        if not isinstance(text, str):
+            continue
+        try:
+            unread[str(name)] = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            continue
+    return unread
 
 
 # -- workers started by the previous image ----------------------------------------
