@@ -649,7 +649,10 @@ async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_l
         "        if message.get('upgrade') and sys.argv[-1] == '1':\n            return\n",
     )
     _new_generation_dies(src, "== '3'")
-    service = await _start_planted(src, tls_files, fleets, workers=1, drain=1)
+    # The drain leaves the second upgrade time to fail first on a loaded host
+    # (at drain 1 the backstop, due 6 s after the retirement, once came before).
+    drain = 4
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=drain)
     try:
         (hung,) = (r["pid"] for r in await _rows(service))
         os.kill(service.proc.pid, signal.SIGUSR2)
@@ -669,8 +672,8 @@ async def test_an_old_generation_that_never_ends_is_cut_at_its_deadline_over_a_l
                 if e.get("event") == "old-generation worker still running after the drain: killed"
             ]
 
-        # Due 1 + 5 s after it was retired.
-        due = retired_at + 1 + 5
+        # Due drain + STOP_GRACE (5 s) after it was retired.
+        due = retired_at + drain + 5
         await eventually(lambda: bool(killed()), timeout=max(1.0, due + 3 - time.monotonic()))
         assert [e["pid"] for e in killed()] == [hung]
         await eventually(lambda: not _alive(hung), timeout=5)
