@@ -226,6 +226,8 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
             pytest.fail("the new worker served none of 30 calls")
         died = [e for e in service.log() if e["event"].startswith("worker died")]
         assert len(died) == 1, died
+        # Its channel closed a moment before it could be reaped: a death all the same.
+        assert not _lost_channel_lines(service)
         assert died[0]["pid"] == victim["pid"]
         assert died[0]["exit_status"] == "killed by SIGKILL"
         assert died[0]["calls_lost"] == victim["calls"]
@@ -601,6 +603,14 @@ async def _one_worker_at_maxconn_2(
     return service
 
 
+def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in service.log()
+        if e["event"].startswith("worker's slot channel was lost while it runs")
+    ]
+
+
 async def _cut_and_replaced(service: RunningIngress, pid: int) -> None:
     """Cut worker `pid`'s slot channel (the supervisor reads a protocol
     violation on it) and wait until its replacement has joined."""
@@ -638,6 +648,8 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         assert (rows[old["pid"]]["calls"], rows[old["pid"]]["channel_lost"]) == (2, True), rows
         assert rows[old["pid"]]["draining"] is True
         assert _alive(old["pid"])
+        said = _lost_channel_lines(service)
+        assert [(e["pid"], e["slots_kept"]) for e in said] == [(old["pid"], 2)], said
         for ws in calls:  # the old worker's calls go on
             await _echo(ws)
 
@@ -655,9 +667,7 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         await _echo(calls[0])
         assert not _alive(old["pid"])
         assert roomy_fleet.active_calls == 1 and roomy_fleet.calls_total == 3
-        back = _logged(
-            service, "worker whose slot channel was lost has exited: its slots came back"
-        )
+        back = _logged(service, "worker exited: the slots kept since its channel closed came back")
         assert [(e["pid"], e["slots_reclaimed"]) for e in back] == [(old["pid"], 2)]
         metrics = await service.metrics()
         assert "fleet_ingress_slots_reclaimed_total 2.0" in metrics

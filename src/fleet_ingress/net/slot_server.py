@@ -558,10 +558,11 @@ class SlotServer:
         )
         row, answers = self.slots.leave(channel.key, keep_held=keep)
         if row is not None and row.channel_lost:
+            # Also a worker that died: the kernel closes its channel a moment
+            # before the process can be reaped. The supervisor tells them apart.
             log.warning(
-                "worker's slot channel closed while its process runs: it takes no new "
-                "call and finishes its calls; the slots it holds stay counted until it "
-                "exits (killed if still running after timeouts.drain + 5 s)",
+                "worker's slot channel closed before its process exited: the slots it "
+                "holds stay counted until it has",
                 extra=fields(
                     channel=channel.key,
                     pid=row.pid,
@@ -593,8 +594,8 @@ class SlotServer:
         when nothing was kept for `key`."""
         row, answers = self.slots.release_kept(key)
         if row is not None:
-            log.warning(
-                "worker whose slot channel was lost has exited: its slots came back",
+            log.info(
+                "worker exited: the slots kept since its channel closed came back",
                 extra=fields(
                     channel=key,
                     pid=row.pid,

@@ -130,6 +130,10 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 STOP_ANSWER_TIMEOUT = 1.0
 # After the drain and the workers' own closing time, whatever worker is left is killed.
 STOP_GRACE = 5.0
+# A worker's channel closes a moment before the process of a worker that
+# dies can be reaped: one still running this long after is said to have lost
+# its channel (its slots are kept either way until it exits).
+LOST_CHANNEL_CONFIRM = 0.5
 # A worker that dies sooner than this after its start is replaced after a delay
 # that doubles each time (a crash loop must not spin a core); else at once.
 QUICK_DEATH = 5.0
@@ -562,6 +566,24 @@ class Supervisor:
             return
         self._worker_left(worker, row)
 
+    def _channel_lost(self, worker: WorkerProcess) -> None:
+        """Its channel closed a while ago and it still runs: not a death but a
+        channel lost (cut by either end); said once, and its exit said so."""
+        if worker.proc.returncode is not None or not _running(worker.pid):
+            return  # it died: its exit is logged and counted as a death
+        worker.channel_lost = True
+        log.error(
+            "worker's slot channel was lost while it runs: it takes no new call and "
+            "finishes its calls; the slots it holds stay counted until it exits "
+            "(killed if still running after timeouts.drain + 5 s); a new worker replaces it",
+            extra=fields(
+                pid=worker.pid,
+                generation=worker.generation,
+                slots_kept=worker.calls_lost,
+                kill_in_s=round((worker.retire_by or time.monotonic()) - time.monotonic(), 1),
+            ),
+        )
+
     def _still_running(self, key: int, pid: int) -> bool:
         """Whether the worker behind channel `key` (pid `pid`) still runs as
         its channel ends: then its slots stay counted until `_watch` sees it
@@ -576,12 +598,13 @@ class Supervisor:
         worker.calls_lost = row.calls if row is not None else 0
         worker.left.set()
         if row is not None and row.channel_lost and worker.proc.returncode is None:
-            # It cannot hear `stop` any more: its own drain ends it, this bounds it.
-            worker.channel_lost = True
+            # Its slots are kept until it exits. Without a channel it cannot hear
+            # `stop`: its own drain ends it, this bounds it.
             by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
             if worker.retire_by is None or by < worker.retire_by:
                 worker.retire_by = by
                 self._arm_backstop(worker)
+            asyncio.get_running_loop().call_later(LOST_CHANNEL_CONFIRM, self._channel_lost, worker)
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
                 future.set_result({"ok": False, "error": "the worker is gone"})
@@ -973,7 +996,7 @@ class Supervisor:
                     "exit_code": w.proc.returncode,
                     "calls_lost": w.calls_lost,
                     # Its channel ended, its process runs: "held" stays counted until it exits.
-                    "channel_lost": w.channel_lost,
+                    "channel_lost": rows[w.key].channel_lost if w.key in rows else False,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
