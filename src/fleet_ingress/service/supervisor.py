@@ -1146,6 +1146,9 @@ class Supervisor:
                     else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
                 )
                 self._arm_backstop(worker)
+                # Known as the others are: a stop waits for it (killed at its
+                # end), a later exec carries it and its slots again.
+                self.workers[worker.key] = worker
             self._keep(self._watch(worker))
 
     async def _finish_upgrade(self) -> None:
