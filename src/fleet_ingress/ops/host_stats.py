@@ -261,7 +261,8 @@ class _WorkersCollector(Collector):
         yield restarts
         yield CounterMetricFamily(
             f"{PREFIX}_slots_reclaimed",
-            "Fleet slots taken back from workers that died holding them (calls lost).",
+            "Fleet slots taken back from workers gone holding them (died, or exited after "
+            "their slot channel was lost): calls lost.",
             value=self.slots.reclaimed_total,
         )
         yield CounterMetricFamily(
