@@ -626,6 +626,32 @@ def workers_of(home: Path) -> list[int]:
     return found
 
 
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture (the generic table)
+
+
+def break_worker_channel(pid: int) -> None:
+    """Make the supervisor cut worker `pid`'s slot channel while the worker
+    runs on, through the path production takes on a worker bug: a message
+    the protocol forbids ("hello" from a worker that has joined) arrives on
+    the worker's end of its channel, so the supervisor logs "the worker broke
+    the protocol" and closes it. Written from this process into a duplicate
+    of the worker's descriptor (pidfd_getfd(2): an ancestor may, as a
+    debugger may), so nothing in the worker or the supervisor is a test hook."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    fds = next(e for e in environ if e.startswith(b"FLEET_INGRESS_LISTEN_FDS="))
+    named = dict(kv.split("=") for kv in fds.decode().partition("=")[2].split(","))
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(named["coordinator"]), 0)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), f"pidfd_getfd of worker {pid}'s channel")
+    finally:
+        os.close(pidfd)
+    with socket.socket(fileno=fd) as channel:
+        channel.sendall(b'{"op": "hello", "pid": 1, "generation": 1}\n')
+
+
 # -- clients a TLS server must refuse, with the alert that says why ------------------
 
 

@@ -746,3 +746,70 @@ async def test_a_line_cut_by_an_exec_that_failed_is_read_whole_when_taken_back(h
     assert await h.server.take_back(kept, 2.0) == []
     await eventually(lambda: _requests(view) == 5)
     assert [r.pid for r in h.slots.workers] == [w1.pid] and not w1.lost.done()
+
+
+# -- a channel that ends while its worker's process runs on ------------------------
+
+
+async def test_a_channel_cut_while_its_worker_runs_keeps_its_slots_until_the_process_exits(host):
+    """The supervisor cuts a worker's channel (it broke the protocol) while
+    its process runs on with its calls: those slots count for the host until
+    the process has exited (`keeps_slots` says it runs; `release_kept` as it
+    exits), then go to the queue first."""
+    h = host(maxconn=1)
+    w1, w2 = await h.worker(), await h.worker()
+    await w1.lease()
+    await w1.lease()  # both fleets full
+    key = next(r.worker for r in h.slots.workers if r.pid == w1.pid)
+    asked: list[tuple[int, int]] = []
+    h.server.keeps_slots = lambda k, pid: asked.append((k, pid)) or pid == w1.pid
+    waiting = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    w1.send({"op": "hello", "pid": w1.pid, "generation": 1})  # joined already: a worker bug
+    await asyncio.wait_for(w1.lost, 2)
+    await asyncio.sleep(0.1)
+    assert asked == [(key, w1.pid)]
+    assert not waiting.done() and h.active() == {"a": 1, "b": 1}
+    rows = {r.pid: (r.calls, r.channel_lost) for r in h.slots.workers}
+    assert rows == {w1.pid: (2, True), w2.pid: (0, False)}
+    assert h.slots.reclaimed_total == 0
+    assert h.server.release_kept(key) is not None  # its process exited
+    assert (await asyncio.wait_for(waiting, 2)).fleet.name in {"a", "b"}
+    assert h.slots.reclaimed_total == 2 and [r.pid for r in h.slots.workers] == [w2.pid]
+    assert h.server.release_kept(key) is None
+
+
+@pytest.mark.parametrize("runs_on", [False, True], ids=["exited", "still-running"])
+async def test_a_worker_kept_over_the_exec_whose_channel_ends_before_its_state_counts_what_it_held(
+    host, runs_on
+):
+    """The previous image's table said it held b; its channel ends before it
+    answered "sync". Its slot is counted reclaimed (it was not: the calls it
+    lost were counted, their slots not), and kept counted until its process
+    exits if it runs on."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker held b
+    server, slots, slow_theirs, slow = await _slow_after_reexec(h)
+    server.keeps_slots = lambda key, pid: runs_on
+    try:
+        slow_theirs.close()  # before its "state"
+        assert await server.finish_restore(2.0) == []
+        if runs_on:
+            assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
+            waiting = asyncio.create_task(w1.lease())
+            await eventually(lambda: slots.queue_length == 1)
+            assert {r.pid: (r.calls, r.channel_lost) for r in slots.workers} == {
+                w1.pid: (1, False),
+                77: (1, True),
+            }
+            assert slots.reclaimed_total == 0
+            server.release_kept(slow)  # its process exited
+            assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        else:
+            assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 0}
+        assert slots.reclaimed_total == 1
+        assert 77 not in {r.pid for r in slots.workers}
+    finally:
+        slow_theirs.close()
+        await server.close()

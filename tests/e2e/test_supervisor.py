@@ -22,7 +22,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, eventually, workers_of, write_leaf_cert
+from tests.support import (
+    RunningIngress,
+    TLSFiles,
+    break_worker_channel,
+    eventually,
+    workers_of,
+    write_leaf_cert,
+)
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -219,6 +226,8 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
             pytest.fail("the new worker served none of 30 calls")
         died = [e for e in service.log() if e["event"].startswith("worker died")]
         assert len(died) == 1, died
+        # Its channel closed a moment before it could be reaped: a death all the same.
+        assert not _lost_channel_lines(service)
         assert died[0]["pid"] == victim["pid"]
         assert died[0]["exit_status"] == "killed by SIGKILL"
         assert died[0]["calls_lost"] == victim["calls"]
@@ -574,4 +583,141 @@ async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slo
     finally:
         if not fed:
             await asyncio.to_thread(_feed_fifo, fleets, text, 0.5)
+        await service.finish()
+
+
+@pytest.fixture
+async def roomy_fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    """One fleet with room for 16 calls: past the ingress's maxconn (2 in
+    these tests) only the host's count of slots can refuse a call."""
+    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    sim.available_override = 1000
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+async def _one_worker_at_maxconn_2(
+    tls_files: TLSFiles, sim: SimulatedFleet, **options: Any
+) -> RunningIngress:
+    service = await RunningIngress.start(
+        tls_files, [f"{sim.url} name=a maxconn=2"], workers=1, check_timeout=5, **options
+    )
+    try:
+        await service.fleets_up()
+    except BaseException:
+        await service.finish()
+        raise
+    return service
+
+
+def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in service.log()
+        if e["event"].startswith("worker's slot channel was lost while it runs")
+    ]
+
+
+async def _cut_and_replaced(service: RunningIngress, pid: int) -> None:
+    """Cut worker `pid`'s slot channel (the supervisor reads a protocol
+    violation on it) and wait until its replacement has joined."""
+    break_worker_channel(pid)
+    await eventually(
+        lambda: _logged(service, "slot channel closed: the worker broke the protocol"), 5
+    )
+    await eventually(lambda: len(_logged(service, "worker joined the slot coordinator")) == 2, 15)
+
+
+async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_exits(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """Issue 14's "a fleet never holds more than its maxconn calls from this
+    host": a worker whose channel the supervisor cut finishes its calls
+    without a channel; until it has exited, its slots count for the host."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, queue=3)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        await _cut_and_replaced(service, old["pid"])
+        # A third call: the new worker asks for a slot, the fleet is at maxconn
+        # by the old worker's calls: it queues, then 503 (it was admitted).
+        with pytest.raises(InvalidStatus) as refused:
+            await _open(service, tls_files, "one-too-many")
+        assert refused.value.response.status_code == 503
+        assert b"no fleet had room within 3s" in refused.value.response.body
+        assert roomy_fleet.active_calls == 2 and roomy_fleet.calls_total == 2
+        stats = await service.stats()
+        assert [f["active"] for f in stats["fleets"]] == [2]
+        rows = {r["pid"]: r for r in stats["workers"]}
+        assert len(rows) == 2, rows  # a new worker serves new calls at once
+        assert (rows[old["pid"]]["calls"], rows[old["pid"]]["channel_lost"]) == (2, True), rows
+        assert rows[old["pid"]]["draining"] is True
+        assert _alive(old["pid"])
+        said = _lost_channel_lines(service)
+        assert [(e["pid"], e["slots_kept"]) for e in said] == [(old["pid"], 2)], said
+        for ws in calls:  # the old worker's calls go on
+            await _echo(ws)
+
+        # A call queued as the old calls end gets a slot once that worker exits.
+        waiting = asyncio.ensure_future(_open(service, tls_files, "queued"))
+        try:
+            async with asyncio.timeout(2):
+                while (await service.stats())["frontend"]["queue_length"] != 1:
+                    await asyncio.sleep(0.02)
+            for ws in calls:
+                await ws.close()
+            calls = [await asyncio.wait_for(waiting, 10)]
+        finally:
+            waiting.cancel()
+        await _echo(calls[0])
+        assert not _alive(old["pid"])
+        assert roomy_fleet.active_calls == 1 and roomy_fleet.calls_total == 3
+        back = _logged(service, "worker exited: the slots kept since its channel closed came back")
+        assert [(e["pid"], e["slots_reclaimed"]) for e in back] == [(old["pid"], 2)]
+        metrics = await service.metrics()
+        assert "fleet_ingress_slots_reclaimed_total 2.0" in metrics
+        stats = await service.stats()
+        assert [r["pid"] for r in stats["workers"]] != [old["pid"]]
+        assert [f["active"] for f in stats["fleets"]] == [1]
+        assert stats["worker_calls_lost"] == 2
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()
+
+
+async def test_a_worker_without_channel_that_hangs_is_killed_after_the_drain(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """It cannot hear `stop` any more: at timeouts.drain + 5 s the supervisor
+    kills it, so a hung worker does not hold its slots for ever."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, drain=1)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await _open(service, tls_files, "bot-0"))
+        [old] = await _worker_rows(service)
+        os.kill(old["pid"], signal.SIGSTOP)  # hung: its own drain never ends it
+        await _cut_and_replaced(service, old["pid"])
+        cut_at = time.monotonic()
+        assert [f["active"] for f in (await service.stats())["fleets"]] == [1]
+        killed = (
+            "worker whose slot channel was lost still running after the drain: "
+            "killed, its slots come back"
+        )
+        await eventually(lambda: _logged(service, killed), 15)
+        killed_after = time.monotonic() - cut_at
+        await eventually(lambda: not _alive(old["pid"]), 2)
+        stats = await service.stats()
+        assert [f["active"] for f in stats["fleets"]] == [0]
+        assert [r["pid"] for r in stats["workers"]] != [old["pid"]]
+        assert stats["worker_restarts"] == {"killed": 1}
+        print(f"\nchannel-lost worker killed {killed_after:.1f} s after its channel was cut")
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), 1)
         await service.finish()

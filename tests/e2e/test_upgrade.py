@@ -36,7 +36,13 @@ from fleet_ingress.service.supervisor import HELD_OVER_EXEC, Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
-from tests.support import RunningIngress, TLSFiles, eventually, write_run_home
+from tests.support import (
+    RunningIngress,
+    TLSFiles,
+    break_worker_channel,
+    eventually,
+    write_run_home,
+)
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -891,6 +897,62 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old["pid"], signal.SIGCONT)
+            for ws in calls:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            await service.finish()
+
+
+async def test_a_worker_whose_channel_was_lost_keeps_its_slots_counted_over_an_upgrade(
+    tls_files: TLSFiles,
+) -> None:
+    """A worker whose channel the supervisor cut finishes its calls without a
+    channel: no channel goes over the exec for it, but the new image still
+    counts its slots (from the previous image's table) until it exits."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async with SimulatedFleet(
+        name="a", capacity=16, ssl_context=tls_files.fleet_server_context()
+    ) as fleet:
+        fleet.available_override = 1000  # only maxconn holds the count
+        service = await RunningIngress.start(
+            tls_files, [f"{fleet.url} name=a maxconn=2"], workers=1, queue=1, env=PATIENT_PROBES
+        )
+        url = f"wss://127.0.0.1:{service.port}/ws/bot"
+        calls = []
+        (old,) = await _rows(service)
+        try:
+            await service.fleets_up()
+            for _ in range(2):
+                calls.append(await connect(url, ssl=tls_files.client_context(), open_timeout=10))
+            break_worker_channel(old["pid"])
+            joined = "worker joined the slot coordinator"
+            await eventually(
+                lambda: sum(e.get("event") == joined for e in service.log()) == 2, timeout=15
+            )
+            code, out, err = await _upgrade_command(service)
+            assert code == 0, (out, err)
+            stats = await service.stats()
+            assert [f["active"] for f in stats["fleets"]] == [2], stats["fleets"]
+            rows = {r["pid"]: r for r in stats["workers"]}
+            assert (rows[old["pid"]]["calls"], rows[old["pid"]]["channel_lost"]) == (2, True)
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(url, ssl=tls_files.client_context(), open_timeout=10)
+            assert refused.value.response.status_code == 503
+            assert fleet.active_calls == 2 and fleet.calls_total == 2
+            for ws in calls:  # its calls go on; then they end and it exits
+                await ws.send("ping")
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == "ping"
+                await ws.close()
+            await eventually(lambda: not _alive(old["pid"]), timeout=10)
+            async with asyncio.timeout(5):
+                while [f["active"] for f in (await service.stats())["fleets"]] != [0]:
+                    await asyncio.sleep(0.05)
+            assert "fleet_ingress_slots_reclaimed_total 2.0" in await service.metrics()
+            calls = [await connect(url, ssl=tls_files.client_context(), open_timeout=10)]
+        finally:
             for ws in calls:
                 with contextlib.suppress(Exception):
                     await ws.close()

@@ -65,6 +65,14 @@ def _play(slots: HostSlots, steps: list[tuple[Any, ...]]) -> None:
             got = [_render(a) for a in slots.release(*args)]
         elif op == "leave":
             got = [_render(a) for a in slots.leave(*args)[1]]
+        elif op == "lose":  # its channel ended, its process runs on
+            got = [_render(a) for a in slots.leave(*args, keep_held=True)[1]]
+        elif op == "exited":  # the process of a worker whose channel was lost
+            got = [_render(a) for a in slots.release_kept(*args)[1]]
+        elif op == "reclaimed":
+            got = slots.reclaimed_total
+        elif op == "rows":
+            got = {r.worker: (r.calls, r.channel_lost) for r in slots.workers}
         elif op == "expire":
             got = [_render(a) for a in slots.expire(*args)]
         elif op == "wake":
@@ -180,6 +188,64 @@ SCENARIOS: dict[str, list[tuple[Any, ...]]] = {
         ("release", "w2", 2, ["w2#3>a"]),  # only a had room: it goes there
     ],
 }
+
+
+# A worker's channel ends while its process lives on (the supervisor cut it):
+# its calls go on without a channel, so its slots count until it exits.
+LOST_CHANNEL: dict[str, list[tuple[Any, ...]]] = {
+    "a lost channel's slots stay counted: maxconn holds until its process exits": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("acquire", "w1", 2, (), 0.0, "b"),
+        ("acquire", "w1", 3, (), 0.0, "a"),
+        ("acquire", "w2", 1, (), 0.0, "b"),
+        ("lose", "w1", []),
+        ("active", {"a": 2, "b": 2}),
+        ("rows", {"w1": (3, True), "w2": (1, False)}),
+        ("acquire", "w2", 2, (), 0.5, "wait"),  # beyond maxconn: queued, not admitted
+        ("reclaimed", 0),
+        ("exited", "w1", ["w2#2>a"]),  # the queue first, in order
+        ("active", {"a": 1, "b": 1}),
+        ("rows", {"w2": (2, False)}),
+        ("reclaimed", 3),
+        ("exited", "w1", []),  # once only
+        ("reclaimed", 3),
+    ],
+    "a lost channel's waiters leave the queue at once: nobody is left to answer": [
+        *[("acquire", "w1", n, (), 0.0, f) for n, f in ((1, "a"), (2, "b"), (3, "a"), (4, "b"))],
+        ("acquire", "w1", 5, (), 0.0, "wait"),
+        ("acquire", "w2", 1, (), 0.1, "wait"),
+        ("lose", "w1", []),
+        ("deadline", 0.1 + TIMEOUT),  # w2's only
+        ("expire", 100.0, ["w2#1" + EXPIRED]),
+    ],
+    "a worker that held nothing is just gone, nothing kept": [
+        ("acquire", "w2", 1, (), 0.0, "a"),
+        ("lose", "w1", []),
+        ("rows", {"w2": (1, False)}),
+        ("exited", "w1", []),
+        ("reclaimed", 0),
+    ],
+    "an exit seen for a worker whose channel is open takes nothing back": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("exited", "w1", []),
+        ("rows", {"w1": (1, False), "w2": (0, False)}),
+        ("active", {"a": 1, "b": 0}),
+    ],
+    "a lost channel told twice stays kept; a plain leave reclaims it": [
+        ("acquire", "w1", 1, (), 0.0, "a"),
+        ("lose", "w1", []),
+        ("lose", "w1", []),  # told twice: still kept
+        ("active", {"a": 1, "b": 0}),
+        ("leave", "w1", []),  # a plain leave of a kept row reclaims it
+        ("reclaimed", 1),
+        ("active", {"a": 0, "b": 0}),
+    ],
+}
+
+
+@pytest.mark.parametrize("steps", list(LOST_CHANNEL.values()), ids=list(LOST_CHANNEL))
+def test_lost_channel(steps):
+    _play(_slots(), steps)
 
 
 @pytest.mark.parametrize("steps", list(SCENARIOS.values()), ids=list(SCENARIOS))
@@ -518,3 +584,25 @@ def test_a_worker_taken_back_keeps_its_slots_counted_and_a_removed_fleet_is_not_
     assert [_render(x) for x in slots.resume()] == ["w1#4>b"]
     _play(slots, [("release", "w1", 1, [])])
     assert reaped == ["a"]
+
+
+def test_a_worker_silent_since_the_exec_whose_channel_is_lost_keeps_what_it_held_before():
+    """Kept over a re-execution, it never said what it holds; its channel ends
+    while it runs: the previous table's count stays until it exits, then
+    comes back counted reclaimed (it was not, before: the calls it lost were
+    counted, their slots not)."""
+    slots = _fresh(maxconn=2)
+    slots.join("new", pid=3, generation=2)
+    slots.reserve("old", pid=2, generation=1, fleets=["a", "a", "b"])
+    slots.resume()
+    _play(
+        slots,
+        [
+            ("lose", "old", []),
+            ("rows", {"new": (0, False), "old": (3, True)}),
+            ("acquire", "new", 1, (), 0.0, "b"),
+            ("acquire", "new", 2, (), 0.0, "wait"),
+            ("exited", "old", ["new#2>a"]),
+            ("reclaimed", 3),
+        ],
+    )

@@ -168,6 +168,7 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "calls": 0,
             "connections": None,
             "draining": None,
+            "channel_lost": False,
             "started": None,
             "last_report_age_s": None,
             "cpu_seconds": None,
@@ -176,6 +177,22 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
     ]
     format_stat_table(snap)
     render_stats_page(snap)
+
+
+def test_a_worker_whose_channel_was_lost_shows_its_slots_and_draining_until_it_exits():
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=3)
+    assert slots.acquire("k", 1, (), 0.0) is not None
+    slots.leave("k", keep_held=True)  # its process runs on
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    assert [(w["pid"], w["calls"], w["draining"], w["channel_lost"]) for w in snap["workers"]] == [
+        (55, 1, True, True)
+    ]
+    assert sum(f["active"] for f in snap["fleets"]) == 1
+    assert "draining, channel lost" in format_stat_table(snap)
+    assert "draining, channel lost" in render_stats_page(snap)
+    slots.release_kept("k")  # it exited
+    assert host_snapshot(slots, HostView(), started_at=0.0)["workers"] == []
 
 
 def test_local_counts_read_live_calls_bytes_too():

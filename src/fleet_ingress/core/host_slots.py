@@ -8,6 +8,12 @@ a slot is held by a *lease*, keyed by (worker, lease id), so that
 
 - a worker that is gone (crashed, SIGKILL: its channel closed) gives back
   every slot it held at once (`leave`): a lock that dies with its holder;
+- but a channel can end while its worker's process lives on (the supervisor
+  cut it: a protocol violation, a failed take-back after a failed exec). That
+  worker finishes its calls without a channel, so its slots stay counted
+  (`leave(..., keep_held=True)`, the row marked `channel_lost`) until the
+  supervisor sees the process exit (`release_kept`): maxconn holds for the
+  host meanwhile;
 - a release is idempotent, and a release of a lease still waiting in the
   queue withdraws it (the worker's call left): one message for both, so the
   worker never needs to know whether its grant crossed its release on the wire.
@@ -80,6 +86,8 @@ class WorkerRow:
     granted_total: int = 0  # slots granted over its life (call attempts)
     # Counted from the previous table (`reserve`) until the worker says what it holds.
     reserved: bool = False
+    # Its channel ended while its process runs: `held` counts until `release_kept`.
+    channel_lost: bool = False
 
     @property
     def calls(self) -> int:
@@ -119,18 +127,42 @@ class HostSlots:
         row = self._rows[worker] = WorkerRow(worker, pid, generation)
         return row
 
-    def leave(self, worker: WorkerKey) -> tuple[WorkerRow | None, list[Answer]]:
-        """The worker is gone: every slot it held comes back and its waiters
-        leave the queue (nobody is left to answer). Returns its last row (for
-        the log: what was lost) and the grants its slots made possible."""
-        row = self._rows.pop(worker, None)
+    def leave(
+        self, worker: WorkerKey, *, keep_held: bool = False
+    ) -> tuple[WorkerRow | None, list[Answer]]:
+        """The worker's channel ended: its waiters leave the queue (nobody is
+        left to answer) and every slot it held comes back. Returns its last
+        row (for the log: what was lost) and the grants its slots made possible.
+
+        `keep_held`: its process still runs (its calls go on without a
+        channel): the slots stay counted, its row stays (`channel_lost`, shown
+        in stats) until `release_kept`. A row with nothing held just goes."""
+        row = self._rows.get(worker)
         self._queue = deque(w for w in self._queue if w.worker != worker)
         if row is None:
             return None, []
+        if keep_held and row.held:
+            row.channel_lost = True
+            return row, []
+        del self._rows[worker]
+        return row, self._reclaim(row)
+
+    def release_kept(self, worker: WorkerKey) -> tuple[WorkerRow | None, list[Answer]]:
+        """The process of a worker whose channel was lost has exited: what
+        `leave(..., keep_held=True)` kept comes back (counted reclaimed: its
+        calls ended with it or before). (None, []) if nothing is kept for it:
+        a worker whose channel is open is not touched."""
+        row = self._rows.get(worker)
+        if row is None or not row.channel_lost:
+            return None, []
+        del self._rows[worker]
+        return row, self._reclaim(row)
+
+    def _reclaim(self, row: WorkerRow) -> list[Answer]:
         self.reclaimed_total += len(row.held)
         for fleet in row.held.values():
             self._close(fleet)
-        return row, self.wake()
+        return self.wake()
 
     def restore(
         self,

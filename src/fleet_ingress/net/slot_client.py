@@ -238,8 +238,9 @@ class SlotClient(asyncio.Protocol):
         self._transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Held slots need no release: the coordinator reclaimed them as it
-        # saw this channel close (or it is gone itself).
+        # Held slots need no release: the coordinator reclaims them as it sees
+        # this channel close, or, while this process runs on to finish its
+        # calls, as it exits (or it is gone itself).
         if not self.lost.done():
             self.lost.set_result(None)
         pending, self._pending = self._pending, {}

@@ -4,9 +4,12 @@ One channel per worker: the supervisor's end of a socketpair the worker
 inherited (`adopt`), or a connection to a listening Unix socket
 (`serve_unix`). The channel *is* the worker's lock: when it closes (the
 worker exited, crashed, was SIGKILLed; the kernel closes its end) every slot
-the worker held comes back at once and its waiters leave the queue. Nothing
-here decides: frames in, `HostSlots` decides, answers out, one timer for the
-queue's next deadline.
+the worker held comes back at once and its waiters leave the queue. Unless
+its process still runs (`keeps_slots`, the supervisor's answer: this end cut
+the channel, on a protocol violation or a failed take-back): that worker
+finishes its calls without a channel, so what it held stays counted until
+`release_kept` (the process exited). Nothing here decides: frames in,
+`HostSlots` decides, answers out, one timer for the queue's next deadline.
 
 Across the supervisor's own re-execution (an upgrade) the channels stay open:
 `handover` gives their sockets for the exec (`service.listen_fds`), the new
@@ -133,6 +136,10 @@ class SlotServer:
         self.handlers: dict[str, Callable[[int, dict[str, Any]], None]] = {}
         self.on_join: list[Callable[[int, int, int], None]] = []  # channel key, pid, generation
         self.on_leave: list[Callable[[int, WorkerRow | None], None]] = []  # key, its last row
+        # (channel key, pid) -> whether that worker's process still runs as its
+        # channel ends: its slots then stay counted until `release_kept`. None:
+        # every channel's end gives its slots back at once (no process known).
+        self.keeps_slots: Callable[[int, int], bool] | None = None
 
     @property
     def queue_length(self) -> int:
@@ -555,11 +562,43 @@ class SlotServer:
                 self.view.leave((channel.pid, channel.generation))
             elif channel.reported is not None:
                 self.view.leave(channel.reported)
-        row, answers = self.slots.leave(channel.key)
-        if row is not None:
-            held: dict[str, int] = {}
-            for fleet in row.held.values():
-                held[fleet.name] = held.get(fleet.name, 0) + 1
+        if (
+            self.slots.get(channel.key) is None
+            and channel.held_before
+            and channel.pid is not None
+            and channel.generation is not None
+        ):
+            # Kept over an exec, ended before its "state": what the previous
+            # image's table said it held is what it takes with it (counted
+            # reclaimed, or kept while its process runs).
+            self.slots.reserve(
+                channel.key,
+                pid=channel.pid,
+                generation=channel.generation,
+                fleets=channel.held_before,
+            )
+        keep = (
+            self.keeps_slots is not None
+            and channel.pid is not None
+            and self.keeps_slots(channel.key, channel.pid)
+        )
+        row, answers = self.slots.leave(channel.key, keep_held=keep)
+        if row is not None and row.channel_lost:
+            # Also a worker that died: the kernel closes its channel a moment
+            # before the process can be reaped. The supervisor tells them apart.
+            log.warning(
+                "worker's slot channel closed before its process exited: the slots it "
+                "holds stay counted until it has",
+                extra=fields(
+                    channel=channel.key,
+                    pid=row.pid,
+                    generation=row.generation,
+                    slots_kept=row.calls,
+                    fleets=_by_fleet(row),
+                ),
+            )
+        elif row is not None:
+            held = _by_fleet(row)
             log.log(
                 logging.WARNING if held else logging.INFO,
                 "worker left the slot coordinator",
@@ -574,6 +613,25 @@ class SlotServer:
         for hook in self.on_leave:
             hook(channel.key, row)
         self._send(answers)
+
+    def release_kept(self, key: int) -> WorkerRow | None:
+        """The process of a worker whose channel ended while it ran has exited:
+        the slots kept for it come back (to the queue first). Its row, or None
+        when nothing was kept for `key`."""
+        row, answers = self.slots.release_kept(key)
+        if row is not None:
+            log.info(
+                "worker exited: the slots kept since its channel closed came back",
+                extra=fields(
+                    channel=key,
+                    pid=row.pid,
+                    generation=row.generation,
+                    slots_reclaimed=row.calls,
+                    fleets=_by_fleet(row),
+                ),
+            )
+        self._send(answers)
+        return row
 
     # -- answers out -----------------------------------------------------------
 
@@ -613,3 +671,11 @@ class SlotServer:
         now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
         self._timer, self._timer_at = None, None
         self._send(self.slots.expire(now))
+
+
+def _by_fleet(row: WorkerRow) -> dict[str, int]:
+    """Slots a row holds, by fleet name (for the log)."""
+    held: dict[str, int] = {}
+    for fleet in row.held.values():
+        held[fleet.name] = held.get(fleet.name, 0) + 1
+    return held

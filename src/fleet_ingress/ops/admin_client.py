@@ -167,6 +167,8 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
     rows = [("worker", "gen", "calls", "conns", "state", "report")]
     for w in workers:
         state = "-" if w["draining"] is None else ("draining" if w["draining"] else "serving")
+        if w.get("channel_lost"):
+            state = "draining, channel lost"
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
         rows.append(
             (

@@ -132,6 +132,8 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     slot now) and its last report's (connections, draining, started, age)."""
     reported = {(w.pid, w.generation): w for w in view.workers(now)}
     held = {(r.pid, r.generation): r.calls for r in slots.workers}
+    # Its channel ended while it runs: it finishes its calls, its slots still counted.
+    lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
     rows = []
     for worker in sorted(held.keys() | reported.keys()):
         seen = reported.get(worker)
@@ -141,7 +143,8 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "generation": worker[1],
                 "calls": held.get(worker, seen.calls if seen else 0),
                 "connections": None if seen is None else seen.connections,
-                "draining": None if seen is None else seen.draining,
+                "draining": True if worker in lost else None if seen is None else seen.draining,
+                "channel_lost": worker in lost,
                 "started": None if seen is None else seen.started,
                 "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),
@@ -258,7 +261,8 @@ class _WorkersCollector(Collector):
         yield restarts
         yield CounterMetricFamily(
             f"{PREFIX}_slots_reclaimed",
-            "Fleet slots taken back from workers that died holding them (calls lost).",
+            "Fleet slots taken back from workers gone holding them (died, or exited after "
+            "their slot channel was lost): calls lost.",
             value=self.slots.reclaimed_total,
         )
         yield CounterMetricFamily(

@@ -12,6 +12,12 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
   slots back (the coordinator's lock dies with its holder), and one line says
   what was lost. Counted in `fleet_ingress_worker_restarts_total{reason}`;
   the slots it held in `fleet_ingress_slots_reclaimed_total`.
+- A worker whose channel ends while its process runs (this process cut it: a
+  protocol violation, a failed take-back after a failed exec) is replaced at
+  once too, but its calls go on there without a channel: the slots it held
+  stay counted (maxconn holds for the host) until its process exits, which it
+  does once its calls end or `timeouts.drain` passes; still running at
+  `timeouts.drain + STOP_GRACE` (it cannot hear `stop` any more), it is killed.
 - Stats and metrics cover the host: the fleets' state is this process's, the
   per-call counters are the workers', summed from their reports
   (`ops.host_stats`: pulled every few seconds and at every scrape).
@@ -126,6 +132,10 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 STOP_ANSWER_TIMEOUT = 1.0
 # After the drain and the workers' own closing time, whatever worker is left is killed.
 STOP_GRACE = 5.0
+# A worker's channel closes a moment before the process of a worker that
+# dies can be reaped: one still running this long after is said to have lost
+# its channel (its slots are kept either way until it exits).
+LOST_CHANNEL_CONFIRM = 0.5
 # A worker that dies sooner than this after its start is replaced after a delay
 # that doubles each time (a crash loop must not spin a core); else at once.
 QUICK_DEATH = 5.0
@@ -181,6 +191,8 @@ class WorkerProcess:
     serving: asyncio.Event = field(default_factory=asyncio.Event)  # accepting carriers
     left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
     calls_lost: int = 0  # slots it held when its channel closed
+    # Its channel ended while its process ran: its slots stay counted until it exits.
+    channel_lost: bool = False
     replaced: bool = False
     # Of a new generation not yet known to serve: not replaced if it dies.
     candidate: bool = False
@@ -263,6 +275,7 @@ class Supervisor:
         self.slots.on_release.append(self.ops.reap)
         self.server.on_join.append(self._joined)
         self.server.on_leave.append(self._left)
+        self.server.keeps_slots = self._still_running
         self.server.handlers["reloaded"] = self._answered
         self.server.handlers["stopping"] = self._answered
         self.server.handlers["serving"] = self._serving
@@ -562,25 +575,50 @@ class Supervisor:
             return
         self._worker_left(worker, row)
 
+    def _channel_lost(self, worker: WorkerProcess) -> None:
+        """Its channel closed a while ago and it still runs: not a death but a
+        channel lost (cut by either end); said once, and its exit said so."""
+        if worker.proc.returncode is not None or not _running(worker.pid):
+            return  # it died: its exit is logged and counted as a death
+        worker.channel_lost = True
+        log.error(
+            "worker's slot channel was lost while it runs: it takes no new call and "
+            "finishes its calls; the slots it holds stay counted until it exits "
+            "(killed if still running after timeouts.drain + 5 s); a new worker replaces it",
+            extra=fields(
+                pid=worker.pid,
+                generation=worker.generation,
+                slots_kept=worker.calls_lost,
+                kill_in_s=round((worker.retire_by or time.monotonic()) - time.monotonic(), 1),
+            ),
+        )
+
+    def _still_running(self, key: int, pid: int) -> bool:
+        """Whether the worker behind channel `key` (pid `pid`) still runs as
+        its channel ends: then its slots stay counted until `_watch` sees it
+        exit. A dead one (SIGKILL, crash) is a zombie by then or already reaped."""
+        worker = self.workers.get(key)
+        if worker is not None and worker.proc.returncode is not None:
+            return False
+        return _running(pid)
+
     def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
         key = worker.key
-        worker.calls_lost = row.calls if row is not None else self._held_before_exec(worker)
+        worker.calls_lost = row.calls if row is not None else 0
         worker.left.set()
+        if row is not None and row.channel_lost and worker.proc.returncode is None:
+            # Its slots are kept until it exits. Without a channel it cannot hear
+            # `stop`: its own drain ends it, this bounds it.
+            by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+            if worker.retire_by is None or by < worker.retire_by:
+                worker.retire_by = by
+                self._arm_backstop(worker)
+            asyncio.get_running_loop().call_later(LOST_CHANNEL_CONFIRM, self._channel_lost, worker)
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
                 future.set_result({"ok": False, "error": "the worker is gone"})
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
-
-    def _held_before_exec(self, worker: WorkerProcess) -> int:
-        """The calls a worker of the previous image held there, by its table:
-        what it lost if its channel ends before it said what it holds (no
-        row here yet). 0 for a worker started in this image (no row: it had
-        not joined)."""
-        if not isinstance(worker.proc, AdoptedProcess):
-            return 0
-        held = self._carried_workers.get(worker.pid, {}).get("held")
-        return len(held) if isinstance(held, list) else 0
 
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
@@ -588,6 +626,8 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await worker.left.wait()
+        # Its channel ended before it exited: what it held was kept until now.
+        self.server.release_kept(worker.key)
         self.workers.pop(worker.key, None)
         if worker.retiring or worker.candidate:
             log.log(
@@ -608,7 +648,10 @@ class Supervisor:
         self.restarts[_restart_reason(code)] += 1
         self.calls_lost_total += worker.calls_lost
         log.error(
-            "worker died: its calls are lost; a new worker replaces it",
+            "worker whose slot channel was lost exited: the calls it had then are "
+            "counted lost, its slots came back; a new worker replaced it"
+            if worker.channel_lost
+            else "worker died: its calls are lost; a new worker replaces it",
             extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
         )
         self._replace(worker)
@@ -965,6 +1008,8 @@ class Supervisor:
                     # channel's end awaited): the new image does, with these.
                     "exit_code": w.proc.returncode,
                     "calls_lost": w.calls_lost,
+                    # Its channel ended, its process runs: "held" stays counted until it exits.
+                    "channel_lost": rows[w.key].channel_lost if w.key in rows else False,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
@@ -1080,16 +1125,20 @@ class Supervisor:
     def _watch_channelless(self) -> None:
         """Workers of the previous image whose channel did not come over: it
         had closed (the worker was exiting, its slots reclaimed there and its
-        replacement carried as due) but the process was not reaped yet. Still
+        replacement carried as due; or the channel was lost while it ran, its
+        slots kept counted there) but the process was not reaped yet. Still
         this process's children: reaped here and their exit logged and
-        counted as the previous image would have, not left as zombies."""
+        counted as the previous image would have, not left as zombies; the
+        slots of one whose channel was lost stay counted here too until then,
+        its kill deadline re-armed."""
         adopted = {w.pid for w in self.workers.values()}
         for pid, carried in self._carried_workers.items():
             if pid in adopted:
                 continue
+            generation = int(carried.get("generation", 0))
             worker = WorkerProcess(
                 _adopted_process(pid, carried),
-                int(carried.get("generation", 0)),
+                generation,
                 -pid,  # no channel: a key no channel has
                 started_at=float(carried.get("started_at", time.monotonic())),
                 calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
@@ -1098,6 +1147,24 @@ class Supervisor:
             )
             worker.joined.set()
             worker.left.set()
+            held = carried.get("held")
+            if carried.get("channel_lost") and worker.proc.returncode is None:
+                worker.channel_lost = True
+                if isinstance(held, list) and held:
+                    self.slots.reserve(
+                        worker.key, pid=pid, generation=generation, fleets=map(str, held)
+                    )
+                    self.slots.leave(worker.key, keep_held=True)
+                retire_by = carried.get("retire_by")
+                worker.retire_by = (
+                    float(retire_by)
+                    if retire_by is not None
+                    else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+                )
+                self._arm_backstop(worker)
+                # Known as the others are: a stop waits for it (killed at its
+                # end), a later exec carries it and its slots again.
+                self.workers[worker.key] = worker
             self._keep(self._watch(worker))
 
     async def _finish_upgrade(self) -> None:
@@ -1180,7 +1247,10 @@ class Supervisor:
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
             log.error(
-                "old-generation worker still running after the drain: killed",
+                "worker whose slot channel was lost still running after the drain: "
+                "killed, its slots come back"
+                if worker.channel_lost
+                else "old-generation worker still running after the drain: killed",
                 extra=fields(pid=worker.pid, generation=worker.generation),
             )
             with contextlib.suppress(ProcessLookupError):
@@ -1373,6 +1443,15 @@ def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
     had reaped it already (else this image waits for it)."""
     code = carried.get("exit_code")
     return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
+
+
+def _running(pid: int) -> bool:
+    """Whether child `pid` still runs: not exited (a zombie not reaped yet
+    has; the exit status is left for its watcher to read), nor reaped."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return False
 
 
 def _restart_reason(code: int | None) -> str:
