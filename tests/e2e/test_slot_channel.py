@@ -335,6 +335,42 @@ async def test_a_worker_that_dies_before_it_answers_the_reexecution_gives_its_sl
         await server.close()
 
 
+async def test_a_worker_whose_state_names_a_lease_twice_is_cut_off_and_its_slots_come_back(
+    host, caplog
+):
+    """A "state" the table cannot mean (a lease id twice), late after the
+    re-execution: the channel closes with a log naming the worker, and what
+    the previous table said it held is given back, not counted for ever."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker holds b: both fleets full
+    server, slots, slow_theirs, slow = await _slow_after_reexec(h)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await server.finish_restore(0.3) == [slow]
+        assert await _read_exactly(slow_theirs, len(b'{"op":"sync"}\n')) == b'{"op":"sync"}\n'
+        waiting = asyncio.create_task(w1.lease())  # no room: b is the slow one's
+        await eventually(lambda: slots.queue_length == 1)
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"],[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state)
+        async with asyncio.timeout(2):
+            assert await loop.sock_recv(slow_theirs, 100) == b""  # closed
+        # Up to maxconn again: the waiter gets b, the slow one's slot.
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
+        assert [r.pid for r in slots.workers] == [w1.pid] and slots.reclaimed_total == 1
+        said = [
+            r.fields  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.name == "fleet_ingress.slots" and "broke the protocol" in r.getMessage()
+        ]
+        assert [(f["pid"], f["generation"], f["channel"]) for f in said] == [(77, 1, slow)]
+        assert "lease id 4 twice" in said[0]["error"]
+    finally:
+        slow_theirs.close()
+        await server.close()
+
+
 # -- versions meet on the channel (an upgrade): unknown ops are ignored ---------------------------
 
 

@@ -95,10 +95,15 @@ class _Channel(asyncio.Protocol):
         try:
             for message in self.decoder.feed(data, skip_bad=self.restoring):
                 self.server._handle(self, message)
-        except WireError as exc:
+        except (WireError, SlotProtocolError) as exc:
+            # A message the table cannot mean (a "state" naming a lease twice)
+            # is as broken as one that is not the protocol: the channel closes
+            # and the worker counts as gone (`_gone`: its slots come back).
             log.error(
                 "slot channel closed: the worker broke the protocol",
-                extra=fields(channel=self.key, error=str(exc)),
+                extra=fields(
+                    channel=self.key, pid=self.pid, generation=self.generation, error=str(exc)
+                ),
             )
             assert self.transport is not None
             self.transport.abort()
