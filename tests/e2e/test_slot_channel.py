@@ -19,7 +19,7 @@ from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
-from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.slot_wire import encode
 from tests.support import eventually
 
@@ -333,6 +333,99 @@ async def test_a_worker_that_dies_before_it_answers_the_reexecution_gives_its_sl
     finally:
         slow_theirs.close()
         await server.close()
+
+
+async def test_a_worker_whose_state_names_a_lease_twice_is_cut_off_and_its_slots_come_back(
+    host, caplog
+):
+    """A "state" the table cannot mean (a lease id twice), late after the
+    re-execution: the channel closes with a log naming the worker, and what
+    the previous table said it held is given back, not counted for ever."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    await w1.lease()  # a; the slow worker holds b: both fleets full
+    server, slots, slow_theirs, slow = await _slow_after_reexec(h)
+    loop = asyncio.get_running_loop()
+    try:
+        assert await server.finish_restore(0.3) == [slow]
+        assert await _read_exactly(slow_theirs, len(b'{"op":"sync"}\n')) == b'{"op":"sync"}\n'
+        waiting = asyncio.create_task(w1.lease())  # no room: b is the slow one's
+        await eventually(lambda: slots.queue_length == 1)
+        state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"],[4,"b"]],"waiting":[]}\n'
+        await loop.sock_sendall(slow_theirs, state)
+        async with asyncio.timeout(2):
+            assert await loop.sock_recv(slow_theirs, 100) == b""  # closed
+        # Up to maxconn again: the waiter gets b, the slow one's slot.
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name == "b"
+        assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
+        assert [r.pid for r in slots.workers] == [w1.pid] and slots.reclaimed_total == 1
+        said = [
+            r.fields  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.name == "fleet_ingress.slots" and "broke the protocol" in r.getMessage()
+        ]
+        assert [(f["pid"], f["generation"], f["channel"]) for f in said] == [(77, 1, slow)]
+        assert "lease id 4 twice" in said[0]["error"]
+    finally:
+        slow_theirs.close()
+        await server.close()
+
+
+async def test_a_handover_waits_for_a_worker_not_reading_and_refuses_rather_than_cut_a_line(host):
+    """What the supervisor sent a worker that is not reading sits in the
+    transport's buffer; aborted by the hand-over it would be lost, the worker
+    reading a line cut short. `handover` refuses, nothing handed over, every
+    channel served on; once the worker reads (`flushed`), it goes through
+    and the worker reads every line whole."""
+    h = host(maxconn=2)
+    w1 = await h.worker()
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    key = await h.server.adopt(ours)
+    sent = b""
+    try:
+        await loop.sock_sendall(theirs, b'{"op":"hello","pid":4242,"generation":1}\n')
+        await eventually(lambda: 4242 in {r.pid for r in h.slots.workers})
+        channel = h.server._channels[key]
+        assert channel.transport is not None
+        for i in range(64):  # the socket's buffers hold a few hundred KiB
+            message = {"op": "future-op", "n": i, "pad": "x" * 65536}
+            assert h.server.send(key, message)
+            sent += encode(message)
+            if channel.transport.get_write_buffer_size():
+                break
+        assert channel.transport.get_write_buffer_size() > 0
+        assert not await h.server.flushed(0.1)
+        with pytest.raises(HandoverError) as caught:
+            h.server.handover()
+        said = str(caught.value)
+        assert "pid 4242" in said and "not reading" in said
+        assert "nothing was handed over" in said and "`fleet-ingress upgrade` again" in said
+        assert str(w1.pid) not in said  # the worker that reads is not named
+        # Every channel served on: nothing aborted, the reader granted.
+        assert not any(c.handed_over for c in h.server._channels.values())
+        assert not channel.transport.is_closing() and not w1.lost.done()
+        assert (await asyncio.wait_for(w1.lease(), 2)).fleet.name in {"a", "b"}
+
+        async def read_all() -> bytes:
+            received = b""
+            while len(received) < len(sent):
+                received += await loop.sock_recv(theirs, 65536)
+            return received
+
+        reading = asyncio.create_task(read_all())
+        assert await h.server.flushed(2.0)
+        kept = h.server.handover()
+        try:
+            assert sorted(kept) == sorted([f"worker.{w1.pid}.1", "worker.4242.1"])
+            received = await asyncio.wait_for(reading, 5)
+            assert received == sent  # every line whole, none cut by the hand-over
+        finally:
+            for sock in kept.values():
+                sock.close()
+    finally:
+        theirs.close()
 
 
 # -- versions meet on the channel (an upgrade): unknown ops are ignored ---------------------------

@@ -1278,3 +1278,71 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         starting.cancel()
         worker.close()
         await supervisor.close()
+
+
+async def test_an_upgrade_with_a_worker_not_reading_its_channel_is_abandoned_whole(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """What the supervisor sent a worker that does not read stays in its
+    channel's write buffer; the hand-over would drop it (the worker reading a
+    line cut short, then "sync": it would drain). The supervisor waits a
+    moment (HANDOVER_FLUSH), then abandons the upgrade with nothing handed
+    over, `upgrade` exiting 1 naming the worker and the fix; the channel is
+    served on and the worker reads every line whole. The supervisor object in
+    this process, as in the test above: its real trial run and admin socket."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    supervisor = _supervisor(tmp_path)
+    reexecs: list[bool] = []
+
+    def reexec(*args: Any, **kw: Any) -> None:  # were the refusal broken: no exec here
+        reexecs.append(True)
+        raise OSError("re-executed although a channel had bytes unwritten")
+
+    monkeypatch.setattr("fleet_ingress.service.supervisor.reexec", reexec)
+    admin = tmp_path / "admin.sock"
+    app = admin_app(
+        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor
+    )
+    await supervisor._web.serve(app, web.SockSite, sock=bind_admin_socket(admin))
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    key = await supervisor.server.adopt(ours, worker=(4242, 1))
+    sent = b""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        await loop.sock_sendall(theirs, b'{"op":"hello","pid":4242,"generation":1}\n')
+        await eventually(lambda: [r.pid for r in supervisor.slots.workers] == [4242])
+        channel = supervisor.server._channels[key]
+        assert channel.transport is not None
+        for i in range(64):  # the socket's buffers hold a few hundred KiB
+            message = {"op": "future-op", "n": i, "pad": "x" * 65536}
+            assert supervisor.server.send(key, message)
+            sent += encode(message)
+            if channel.transport.get_write_buffer_size():
+                break
+        assert channel.transport.get_write_buffer_size() > 0
+        async with asyncio.timeout(40):  # the trial run: a second or a few
+            code = await _await_upgrade(admin, sys.stdout)
+        said = capsys.readouterr().err
+        assert code == 1
+        assert "upgrade abandoned, generation 1 serves on" in said
+        assert "pid 4242" in said and "not reading its slot channel" in said
+        assert "nothing was handed over" in said and "`fleet-ingress upgrade` again" in said
+        assert reexecs == []
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
+        assert not channel.handed_over and not channel.transport.is_closing()
+        received = b""
+        async with asyncio.timeout(5):
+            while len(received) < len(sent):
+                received += await loop.sock_recv(theirs, 65536)
+        assert received == sent
+        # Still this image's channel: it is read and answered.
+        await loop.sock_sendall(theirs, b'{"op":"acquire","id":1}\n')
+        async with asyncio.timeout(5):
+            answer = await loop.sock_recv(theirs, 65536)
+        assert answer.startswith(b'{"op":"granted","id":1,"fleet":"a"')
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # whatever happened: not this test's
+        theirs.close()
+        await supervisor.close()

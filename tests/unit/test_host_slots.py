@@ -606,3 +606,60 @@ def test_a_worker_silent_since_the_exec_whose_channel_is_lost_keeps_what_it_held
             ("reclaimed", 3),
         ],
     )
+
+
+def _table(slots: HostSlots) -> tuple[Any, ...]:
+    """Everything `restore` may change, to compare before and after."""
+    rows = {
+        r.worker: (r.pid, r.generation, r.reserved, {k: f.name for k, f in r.held.items()})
+        for r in slots.workers
+    }
+    active = {f.name: f.active for f in slots.balancer.fleets}
+    return rows, active, slots.queued(), slots.reclaimed_total
+
+
+@pytest.mark.parametrize(
+    ("held", "waiting"),
+    [
+        ([(1, "a"), (2, "b"), (1, "b")], []),
+        ([(1, "gone"), (1, "a")], []),  # a fleet it does not know does not hide the clash
+        ([(1, "a")], [(1, (), 0.1)]),
+        ([], [(3, (), 0.1), (3, ("a",), 0.2)]),
+    ],
+    ids=["held-twice", "held-twice-unknown-fleet", "held-and-waiting", "waiting-twice"],
+)
+def test_an_account_with_a_lease_twice_changes_nothing_and_what_was_kept_is_given_back(
+    held, waiting
+):
+    """A worker's "state" the table cannot mean is refused whole: what was
+    counted for it before (the previous image's table, `reserve`) stays
+    counted, so its channel closing gives it back (it was counted for ever)."""
+    slots = _fresh(maxconn=2)
+    slots.restore("w1", pid=1, generation=1, held=[(1, "b")], waiting=[(2, (), 0.0)], now=0.0)
+    slots.reserve("slow", pid=2, generation=1, fleets=["a", "b"])
+    before = _table(slots)
+    with pytest.raises(SlotProtocolError, match=r"lease id \d+ twice"):
+        slots.restore("slow", pid=2, generation=1, held=held, waiting=waiting, now=1.0)
+    assert _table(slots) == before
+    row, _ = slots.leave("slow")
+    assert row is not None and row.calls == 2
+    _play(slots, [("active", {"a": 0, "b": 1})])
+    assert [_render(a) for a in slots.resume()] == ["w1#2>a"]
+    # Up to maxconn again: 2 on a, 2 on b.
+    granted = [_short(slots.acquire("w1", lease, (), 1.0)) for lease in (3, 4, 5)]
+    assert sorted(granted) == ["a", "b", "wait"]
+
+
+def test_an_account_with_a_lease_twice_after_a_take_back_changes_nothing():
+    slots = _fresh(maxconn=2)
+    slots.join("w1", pid=1, generation=1)
+    slots.resume()
+    _play(slots, [("acquire", "w1", 1, (), 0.0, "a"), ("acquire", "w1", 2, (), 0.0, "b")])
+    slots.paused = True
+    slots.suspend("w1")
+    before = _table(slots)
+    with pytest.raises(SlotProtocolError, match=r"lease id \d+ twice"):
+        slots.restore("w1", pid=1, generation=1, held=[(1, "a"), (1, "a")], waiting=[], now=1.0)
+    assert _table(slots) == before
+    slots.leave("w1")
+    _play(slots, [("active", {"a": 0, "b": 0})])

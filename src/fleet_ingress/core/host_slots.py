@@ -179,11 +179,25 @@ class HostSlots:
         seconds it has waited so far). Held leases count even past maxconn:
         those calls exist. Returns the fleet names this table does not know
         (removed meanwhile): their calls count against no fleet. A waiter
-        keeps its place by how long it has waited, and its deadline."""
-        reserved = self._rows.pop(worker, None)
+        keeps its place by how long it has waited, and its deadline.
+
+        All or nothing: an account it cannot mean (a lease id twice) raises
+        SlotProtocolError with the table as it was, what was counted for the
+        worker meanwhile (`reserve`, `suspend`) still counted, so that `leave`
+        gives it back; taken out first, it would be counted for ever."""
+        held, waiting = list(held), list(waiting)
+        reserved = self._rows.get(worker)
         if reserved is not None and not reserved.reserved:
-            self._rows[worker] = reserved
             raise SlotProtocolError(f"worker {worker!r} joined twice")
+        seen: set[int] = set()
+        for lease in [lease for lease, _ in held] + [lease for lease, _, _ in waiting]:
+            if lease in seen:
+                raise SlotProtocolError(
+                    f"worker {worker!r} says it has lease id {lease} twice (held or waiting)"
+                )
+            seen.add(lease)
+        # Nothing below raises: the account is whole.
+        self._rows.pop(worker, None)
         row = self.join(worker, pid=pid, generation=generation)
         unknown: list[str] = []
         for lease, name in held:
@@ -191,8 +205,6 @@ class HostSlots:
             if fleet is None:
                 unknown.append(name)
                 continue
-            if lease in row.held:
-                raise SlotProtocolError(f"worker {worker!r} holds lease id {lease} twice")
             fleet.active += 1
             row.held[lease] = fleet
         for lease, avoid, waited in waiting:

@@ -98,10 +98,15 @@ class _Channel(asyncio.Protocol):
         try:
             for message in self.decoder.feed(data, skip_bad=self.restoring):
                 self.server._handle(self, message)
-        except WireError as exc:
+        except (WireError, SlotProtocolError) as exc:
+            # A message the table cannot mean (a "state" naming a lease twice)
+            # is as broken as one that is not the protocol: the channel closes
+            # and the worker counts as gone (`_gone`: its slots come back).
             log.error(
                 "slot channel closed: the worker broke the protocol",
-                extra=fields(channel=self.key, error=str(exc)),
+                extra=fields(
+                    channel=self.key, pid=self.pid, generation=self.generation, error=str(exc)
+                ),
             )
             assert self.transport is not None
             self.transport.abort()
@@ -256,6 +261,30 @@ class SlotServer:
             if c.transport is not None and c.pid is not None and c.generation is not None
         }
 
+    def _unwritten(self) -> dict[int, int]:
+        """Of the channels `handover` would give, what is still in this
+        process's write buffer (pid -> bytes): the hand-over would drop it."""
+        unwritten: dict[int, int] = {}
+        for channel in self._to_hand_over().values():
+            assert channel.transport is not None and channel.pid is not None
+            if size := channel.transport.get_write_buffer_size():
+                unwritten[channel.pid] = size
+        return unwritten
+
+    async def flushed(self, timeout: float) -> bool:
+        """Wait, `timeout` at most, until every channel `handover` would give
+        has written all it was asked to (a buffer fills only while a worker
+        does not read: rare and short). True when none has bytes left."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Polled: a transport says when its buffer passes a high-water mark,
+        # not when it is empty, and this runs once an upgrade, for a second.
+        while self._unwritten():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
     def unread(self) -> dict[str, bytes]:
         """Of each channel `handover` would give (same names), what was read
         of a line the worker has not finished sending: the next image's
@@ -282,11 +311,24 @@ class SlotServer:
 
         All or nothing: when a channel cannot be duplicated (out of
         descriptors) the ones already are closed and HandoverError raised,
-        every channel still served here. What was read of a line not yet
+        every channel still served here; so too, before anything, when a
+        channel still has bytes to write (its worker is not reading; wait
+        with `flushed` first). What was read of a line not yet
         whole stays with each channel (`unread`: for the exec; `take_back`
         reads it first)."""
         to_hand = self._to_hand_over()
         channels = list(to_hand.values())
+        if unwritten := self._unwritten():
+            # Aborted, the transport would drop it: the worker would read a line
+            # cut short, then the next image's "sync", take that for a broken
+            # channel and drain.
+            pids = ", ".join(f"pid {pid} ({size} bytes)" for pid, size in sorted(unwritten.items()))
+            raise HandoverError(
+                f"a worker is not reading its slot channel, so what the supervisor sent it "
+                f"is not all written yet: {pids}; nothing was handed over. Run "
+                "`fleet-ingress upgrade` again; if it keeps failing, that worker is stuck "
+                "(`fleet-ingress stat` lists it; a worker that exits is replaced)"
+            )
         kept: dict[str, socket.socket] = {}
         handed: dict[str, _Channel] = {}
         try:

@@ -164,6 +164,10 @@ HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 # wake-up a byte in the loop's pipe that the exec would discard. Ready work
 # runs before the loop sleeps, so this acts on every such signal.
 SIGNALS_SETTLE = 0.05
+# Before an upgrade's exec, what the supervisor has sent and a worker has not
+# read yet (its socket buffer full) is waited for this long at most: the
+# hand-over would cut it (`SlotServer.handover` refuses then).
+HANDOVER_FLUSH = 1.0
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
 
@@ -903,6 +907,9 @@ class Supervisor:
             self._upgrade_failed(status, "the ingress began stopping during the trial run")
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
+        # A worker slow to read its channel gets a moment to, signals not held
+        # meanwhile; one still not reading makes the hand-over refuse.
+        await self.server.flushed(HANDOVER_FLUSH)
         # From here a stop or reload signal waits in the kernel for the next
         # image; one that came before is acted on in this one first.
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
