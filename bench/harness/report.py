@@ -148,7 +148,8 @@ def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
             pairs.append((t, first))
         built_in = builtin_variant(t)
         if base(t) == "ingress" and built_in is not None:
-            pairs.append((t, f"haproxy@nt{built_in[1]}"))
+            pinned = "pin" if built_in.get("ingress_pinned") else ""
+            pairs.append((t, f"haproxy@nt{built_in['ingress_workers']}{pinned}"))
     return [p for p in dict.fromkeys(pairs) if p[0] in targets and p[1] in targets]
 
 
@@ -240,14 +241,16 @@ def workers_check(scenario: str, report: dict[str, Any]) -> list[str]:
     out = []
     for name, per_key in report["ratios"].items():
         num, _, den = name.partition("/")
-        if den != "ingress@w1" or builtin_variant(num) is None or base(num) != "ingress":
+        built_in = builtin_variant(num)
+        if den != "ingress@w1" or built_in is None or base(num) != "ingress":
             continue
         cpu = per_key.get(key, {})
         if cpu.get("median") is None:
             continue
         ok = cpu["max"] <= WORKERS_WITHIN
         out.append(
-            f"CPU per {unit} with {num.partition('@w')[2]} workers within 10 % of 1 worker: "
+            f"CPU per {unit} with {built_in['ingress_workers']} workers"
+            f"{' (pinned)' if built_in.get('ingress_pinned') else ''} within 10 % of 1 worker: "
             f"{name} = {cpu['median']} (rounds {cpu['values']}) -> {'MET' if ok else 'MISSED'}"
         )
     return out

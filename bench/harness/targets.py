@@ -52,29 +52,33 @@ def base(name: str) -> str:
     return name.partition("@")[0]
 
 
-# Variants every run knows without ``--variant``: the process layout of each proxy.
+# Variants every run knows without ``--variant``: the process layout of each proxy, and
+# "pin" for a worker (thread) per CPU: fleet-ingress's process.cpu_affinity = "auto",
+# HAProxy's cpu-map.
 BUILTIN_VARIANTS = {
-    "ingress": (re.compile(r"w([1-9][0-9]?)"), "ingress_workers"),  # ingress@w2: workers = 2
-    "haproxy": (re.compile(r"nt([1-9][0-9]?)"), "haproxy_nbthread"),  # haproxy@nt2: nbthread 2
+    "ingress": (re.compile(r"w([1-9][0-9]?)(pin)?"), "ingress_workers", "ingress_pinned"),
+    "haproxy": (re.compile(r"nt([1-9][0-9]?)(pin)?"), "haproxy_nbthread", "haproxy_pinned"),
 }
 
 
-def builtin_variant(name: str) -> tuple[str, int] | None:
-    """``ingress@w2`` -> ("ingress_workers", 2), ``haproxy@nt2`` -> ("haproxy_nbthread", 2);
-    None for a plain target or a variant of the environment only (``--variant``)."""
+def builtin_variant(name: str) -> dict[str, int | bool] | None:
+    """``ingress@w2`` -> {"ingress_workers": 2}, ``haproxy@nt2pin`` ->
+    {"haproxy_nbthread": 2, "haproxy_pinned": True}; None for a plain target or
+    a variant of the environment only (``--variant``)."""
     kind, _, variant = name.partition("@")
     rule = BUILTIN_VARIANTS.get(kind)
     if rule is None or not (m := rule[0].fullmatch(variant)):
         return None
-    return rule[1], int(m.group(1))
+    count, pinned = rule[1], rule[2]
+    return {count: int(m.group(1)), **({pinned: True} if m.group(2) else {})}
 
 
 def target_settings(name: str, settings: Settings) -> Settings:
-    """The run's settings with a built-in variant's setting applied (the rest shared)."""
+    """The run's settings with a built-in variant's settings applied (the rest shared)."""
     built_in = builtin_variant(name)
     if built_in is None:
         return settings
-    return dataclasses.replace(settings, **{built_in[0]: built_in[1]})
+    return dataclasses.replace(settings, **built_in)  # type: ignore[arg-type]
 
 
 def label(name: str) -> str:
@@ -108,6 +112,8 @@ class Settings:
     # fleet-ingress's worker processes ([process] workers), beside a supervisor: 1 is
     # like for like with nbthread 1; "auto" is the product's default (one per CPU).
     ingress_workers: int | str = 1
+    ingress_pinned: bool = False  # [process] cpu_affinity = "auto"
+    haproxy_pinned: bool = False  # cpu-map: thread N on the Nth CPU
     haproxy_extra: tuple[str, ...] = ()  # lines added to ``defaults`` (experiments only)
 
     def as_dict(self) -> dict[str, object]:
@@ -179,6 +185,7 @@ max_connections = {s.max_connections}
 
 [process]
 workers = {q(s.ingress_workers) if isinstance(s.ingress_workers, str) else s.ingress_workers}
+{'cpu_affinity = "auto"' if s.ingress_pinned else ""}
 
 [log]
 level = "warning"
@@ -211,12 +218,18 @@ def render_haproxy(
     checks = f"check inter {ms(s.check_interval)} fall {s.fall} rise {s.rise} maxconn {s.maxconn}"
     server_tls = f"ssl verify required ca-file {tls.ca} sni str(localhost) check-sni localhost"
     extra = "".join(f"    {line}\n" for line in s.haproxy_extra)
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu_map = (
+        "".join(f"    cpu-map 1/{t + 1} {cpus[t % len(cpus)]}\n" for t in range(s.haproxy_nbthread))
+        if s.haproxy_pinned
+        else ""
+    )
     cfg = directory / "haproxy.cfg"
     cfg.write_text(
         f"""# rendered by bench/harness/targets.py from {s}
 global
     nbthread {s.haproxy_nbthread}
-    maxconn {s.max_connections}
+{cpu_map}    maxconn {s.max_connections}
     ssl-server-verify required
 
 defaults

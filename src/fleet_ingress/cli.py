@@ -26,6 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker")
     worker.add_argument("-c", "--config", type=Path, required=True)
     worker.add_argument("--generation", type=int, default=1)
+    worker.add_argument("--cpu", type=int, default=None)  # process.cpu_affinity
 
     check = sub.add_parser("check", help="validate the configuration and fleets file")
     check.add_argument("-c", "--config", type=Path, help="ingress.toml")
@@ -108,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _worker_config(args.config)
         if config is not None:
             _raise_descriptor_limit(config.limits.max_connections, warn=False)
-        return run_worker(args.config, args.generation)
+        return run_worker(args.config, args.generation, cpu=args.cpu)
     if args.command == "check":
         if args.live:
             if args.probe or args.body is not None or args.config is None:

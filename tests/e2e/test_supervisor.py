@@ -721,3 +721,46 @@ async def test_a_worker_without_channel_that_hangs_is_killed_after_the_drain(
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), 1)
         await service.finish()
+
+
+def _cpus_of(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of `pid`."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """process.cpu_affinity = "auto": worker N on the Nth CPU of the
+    supervisor's mask, every thread of it (pinned before any starts); a
+    replacement takes the CPU of the worker it replaces; calls are served."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs 2 CPUs")
+    service = await _start(tls_files, two_fleets, extra='cpu_affinity = "auto"')
+    calls: list[ClientConnection] = []
+    try:
+        rows = await _worker_rows(service)
+        pinned = {r["pid"]: _cpus_of(r["pid"]) for r in rows}
+        assert sorted(pinned.values(), key=sorted) == [{frozenset({c})} for c in cpus[:2]]
+        assert _cpus_of(service.proc.pid) == {frozenset(cpus)}  # the supervisor is not pinned
+        victim = rows[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while True:
+                new = [r["pid"] for r in await _worker_rows(service) if r["pid"] not in pinned]
+                if new:
+                    break
+                await asyncio.sleep(0.05)
+        assert _cpus_of(new[0]) == pinned[victim]
+        await _open_on_both(service, tls_files, calls, 2)
+        for ws in calls:
+            await _echo(ws)
+        (victim_cpu,) = next(iter(pinned[victim]))
+        started = [e for e in service.log() if e["event"] == "worker started"]  # replacements
+        assert [(e["pid"], e["cpu"]) for e in started] == [(new[0], victim_cpu)]
+    finally:
+        for ws in calls:
+            with contextlib.suppress(Exception):
+                await ws.close()
+        await service.finish()

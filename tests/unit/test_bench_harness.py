@@ -5,6 +5,7 @@ bench/results/ (still read, judged and rendered as they were written)."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import tomllib
 from array import array
@@ -471,10 +472,14 @@ def test_every_stored_result_is_read() -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("ingress@w1", ("ingress_workers", 1)),
-        ("ingress@w2", ("ingress_workers", 2)),
-        ("ingress@w16", ("ingress_workers", 16)),
-        ("haproxy@nt2", ("haproxy_nbthread", 2)),
+        ("ingress@w1", {"ingress_workers": 1}),
+        ("ingress@w2", {"ingress_workers": 2}),
+        ("ingress@w16", {"ingress_workers": 16}),
+        ("haproxy@nt2", {"haproxy_nbthread": 2}),
+        ("ingress@w2pin", {"ingress_workers": 2, "ingress_pinned": True}),
+        ("haproxy@nt2pin", {"haproxy_nbthread": 2, "haproxy_pinned": True}),
+        ("ingress@pin", None),
+        ("ingress@w2pinned", None),
         ("ingress", None),
         ("ingress@w0", None),
         ("ingress@w", None),
@@ -484,7 +489,7 @@ def test_every_stored_result_is_read() -> None:
         ("bare@w2", None),
     ],
 )
-def test_builtin_variants(name: str, expected: tuple[str, int] | None) -> None:
+def test_builtin_variants(name: str, expected: dict[str, object] | None) -> None:
     assert targets.builtin_variant(name) == expected
 
 
@@ -492,6 +497,9 @@ def test_a_builtin_variant_changes_its_setting_only() -> None:
     run = targets.Settings(maxconn=80, haproxy_nbthread=1, ingress_workers=1)
     assert targets.target_settings("ingress@w2", run) == replace(run, ingress_workers=2)
     assert targets.target_settings("haproxy@nt2", run) == replace(run, haproxy_nbthread=2)
+    assert targets.target_settings("ingress@w2pin", run) == replace(
+        run, ingress_workers=2, ingress_pinned=True
+    )
     assert targets.target_settings("ingress@base", run) is run
     assert targets.target_settings("haproxy", run) is run
 
@@ -512,6 +520,19 @@ def test_rendered_haproxy_runs_the_threads_asked(tmp_path: Path) -> None:
     settings = targets.target_settings("haproxy@nt2", targets.Settings())
     text = targets.render_haproxy(settings, TLSFiles.at(tmp_path), 4000, [4001], tmp_path)
     assert "\n    nbthread 2\n" in text.read_text()
+    assert "cpu-map" not in text.read_text()
+
+
+def test_pinned_variants_render_a_cpu_per_worker_or_thread(tmp_path: Path) -> None:
+    tls = TLSFiles.at(tmp_path)
+    ingress = targets.target_settings("ingress@w2pin", targets.Settings())
+    config = tomllib.loads(targets.render_ingress(ingress, tls, 4000, [4001], tmp_path).read_text())
+    assert config["process"] == {"workers": 2, "cpu_affinity": "auto"}
+    haproxy = targets.target_settings("haproxy@nt2pin", targets.Settings())
+    text = targets.render_haproxy(haproxy, tls, 4000, [4001], tmp_path).read_text()
+    cpus = sorted(os.sched_getaffinity(0))
+    assert f"    cpu-map 1/1 {cpus[0]}\n" in text
+    assert f"    cpu-map 1/2 {cpus[1 % len(cpus)]}\n" in text
 
 
 def test_variant_options_parse() -> None:

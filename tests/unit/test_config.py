@@ -85,7 +85,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
         },
         "acme": {"upstream": "127.0.0.1:8888", "redirect_https": True},
         "log": {"level": "info", "format": "json", "access": True},
-        "process": {"workers": "auto"},
+        "process": {"workers": "auto", "cpu_affinity": "off"},
     }
 
 
@@ -425,3 +425,11 @@ def test_process_workers_auto_is_the_cpus_this_process_may_run_on(
     monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKERS", "0")
     (line,) = problems({})
     assert "process.workers" in line and "FLEET_INGRESS_PROCESS__WORKERS" in line, line
+
+
+def test_process_cpu_affinity_is_off_or_auto(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "")).process.cpu_affinity == "off"
+    config = load_config(write(tmp_path, '[process]\ncpu_affinity = "auto"\n'))
+    assert config.process.cpu_affinity == "auto"
+    (line,) = problems({"process": {"cpu_affinity": "0-3"}})
+    assert "process.cpu_affinity" in line and "auto" in line, line

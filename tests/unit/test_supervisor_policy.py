@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_ingress.service.supervisor import RESPAWN_DELAY_MAX, _exit_status, respawn_delay
+from fleet_ingress.service.supervisor import (
+    RESPAWN_DELAY_MAX,
+    _exit_status,
+    pick_cpu,
+    respawn_delay,
+)
 
 
 @pytest.mark.parametrize(
@@ -29,3 +34,20 @@ def test_a_lone_crash_is_replaced_at_once_a_crash_loop_ever_slower(
 )
 def test_exit_status_names_the_signal(code: int | None, said: str) -> None:
     assert _exit_status(code) == said
+
+
+@pytest.mark.parametrize(
+    ("allowed", "taken", "cpu"),
+    [
+        ([0, 1], [], 0),
+        ([0, 1], [0], 1),
+        ([0, 1], [0, 1], 0),  # more workers than CPUs: round-robin
+        ([0, 1], [1], 0),  # a replacement takes the CPU its predecessor freed
+        ([2, 5, 7], [2, 5], 7),  # the affinity mask's CPUs, not 0..N-1
+        ([2, 5], [0, 1, 1, 2], 5),  # CPUs no longer allowed count for nothing
+    ],
+)
+def test_a_new_worker_goes_to_the_least_taken_allowed_cpu(
+    allowed: list[int], taken: list[int], cpu: int
+) -> None:
+    assert pick_cpu(allowed, taken) == cpu

@@ -60,7 +60,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +203,7 @@ class WorkerProcess:
     retiring: bool = False  # an older generation told to drain and exit: not replaced
     # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
     retire_by: float | None = None
+    cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
 
     @property
     def pid(self) -> int:
@@ -307,6 +308,8 @@ class Supervisor:
         self._starting = 0  # workers being started by a respawn, not in `workers` yet
         # `_spawn` calls under way, any caller's: an upgrade's exec waits for none.
         self._spawns = 0
+        # (generation, CPU) of the workers being started (process.cpu_affinity).
+        self._cpus_starting: list[tuple[int, int]] = []
         self._no_spawns = asyncio.Event()
         self._no_spawns.set()
         # Cleared while a new generation starts: replacements wait, then start
@@ -456,14 +459,21 @@ class Supervisor:
         on it is a child that no exec may lose (`_starts_settled`)."""
         self._spawns += 1
         self._no_spawns.clear()
+        cpu = self._cpu_for(generation)
+        if cpu is not None:
+            self._cpus_starting.append((generation, cpu))
         try:
-            return await self._start_worker(generation, candidate=candidate)
+            return await self._start_worker(generation, candidate=candidate, cpu=cpu)
         finally:
+            if cpu is not None:
+                self._cpus_starting.remove((generation, cpu))
             self._spawns -= 1
             if not self._spawns:
                 self._no_spawns.set()
 
-    async def _start_worker(self, generation: int, *, candidate: bool) -> WorkerProcess:
+    async def _start_worker(
+        self, generation: int, *, candidate: bool, cpu: int | None
+    ) -> WorkerProcess:
         rounds = self._reload_rounds  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
@@ -480,6 +490,7 @@ class Supervisor:
                 str(self.config_path),
                 "--generation",
                 str(generation),
+                *(() if cpu is None else ("--cpu", str(cpu))),
                 pass_fds=pass_fds(socks),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -500,7 +511,9 @@ class Supervisor:
                 proc.kill()
             self._keep(proc.wait())
             raise
-        worker = self.workers[key] = WorkerProcess(proc, generation, key, candidate=candidate)
+        worker = self.workers[key] = WorkerProcess(
+            proc, generation, key, candidate=candidate, cpu=cpu
+        )
         self._said_early(worker)
         self._keep(self._watch(worker))
         if rounds != self._reload_rounds:
@@ -509,6 +522,19 @@ class Supervisor:
             if self._reload_round is not None:
                 self._reload_round[worker.pid] = reloading
         return worker
+
+    def _cpu_for(self, generation: int) -> int | None:
+        """process.cpu_affinity = "auto": the CPU for a new worker of
+        `generation`, the least taken by its live workers (a replacement takes
+        the CPU of the one it replaces). None: unpinned."""
+        if self.config.process.cpu_affinity != "auto":
+            return None
+        taken = [
+            w.cpu
+            for w in self.workers.values()
+            if w.generation == generation and w.cpu is not None and not w.replaced
+        ] + [cpu for g, cpu in self._cpus_starting if g == generation]
+        return pick_cpu(sorted(os.sched_getaffinity(0)), taken)
 
     async def _wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
         """Every worker has joined and accepts carriers, and is still there
@@ -708,7 +734,14 @@ class Supervisor:
         if self.stopping:  # the stop came while it was being started
             self._stop_if_starting(worker)
             return
-        log.info("worker started", extra=fields(pid=worker.pid, generation=generation))
+        log.info(
+            "worker started",
+            extra=fields(
+                pid=worker.pid,
+                generation=generation,
+                **({} if worker.cpu is None else {"cpu": worker.cpu}),
+            ),
+        )
 
     async def _spawn_retrying(self, generation: int, delay: float) -> WorkerProcess | None:
         while True:
@@ -1434,6 +1467,14 @@ def _log_not_reloaded(pid: int, error: object) -> None:
 
 def _monotonic_usec() -> str:
     return f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)}"
+
+
+def pick_cpu(allowed: Sequence[int], taken: Iterable[int]) -> int:
+    """The CPU of `allowed` with the fewest workers on it (`taken`: a CPU per
+    live worker), the first in `allowed` on a tie; CPUs no longer allowed count
+    for nothing."""
+    load = Counter(cpu for cpu in taken if cpu in allowed)
+    return min(allowed, key=lambda cpu: load[cpu])
 
 
 def respawn_delay(quick_deaths: int) -> float:

@@ -213,8 +213,9 @@ async def serve(
     await worker.run()
 
 
-def run_worker(config_path: Path, generation: int) -> int:
-    """The `worker` entry point: exits 0 once drained, 2 when it cannot start."""
+def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) -> int:
+    """The `worker` entry point: exits 0 once drained, 2 when it cannot start.
+    `cpu`: run on that CPU only (process.cpu_affinity), before any thread starts."""
     import uvloop
 
     from fleet_ingress.config.settings import ConfigError, load_config
@@ -238,9 +239,26 @@ def run_worker(config_path: Path, generation: int) -> int:
         print(f"fleet-ingress worker {os.getpid()}: {exc}", file=sys.stderr)
         return 2
     glibc_malloc.pin_mmap_threshold()
+    if cpu is not None:
+        _pin_to(cpu)
     try:
         uvloop.run(serve(config, config_path, socks, channel, generation))
     except (TLSSetupError, ValueError, OSError) as exc:
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2
     return 0
+
+
+def _pin_to(cpu: int) -> None:
+    """process.cpu_affinity: this worker on `cpu` only. A CPU that went away
+    since the supervisor chose it (a cpuset or hotplug change) is not worth
+    refusing to serve for: the worker runs where the kernel puts it."""
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as exc:
+        log.warning(
+            "cannot pin this worker to its CPU (process.cpu_affinity): it runs unpinned",
+            extra=fields(cpu=cpu, error=exc.strerror or str(exc)),
+        )
+        return
+    log.info("worker pinned to its CPU (process.cpu_affinity)", extra=fields(cpu=cpu))
