@@ -906,3 +906,31 @@ async def test_a_worker_kept_over_the_exec_whose_channel_ends_before_its_state_c
     finally:
         slow_theirs.close()
         await server.close()
+
+
+async def test_a_channel_whose_hello_named_pid_0_still_gives_its_slots_back(host):
+    """Review (session 7): the supervisor's `keeps_slots` (`_still_running`)
+    asks `os.waitid(P_PID, channel.pid, ...)` with the pid the worker *said*
+    in its hello; for pid 0 (or negative) waitid raises EINVAL, an OSError
+    that `_running` does not catch (only ChildProcessError). It escapes
+    `_gone` (connection_lost): `slots.leave` and `on_leave` never run, the
+    slots stay counted for ever and the waiter never gets one."""
+    from fleet_ingress.service.supervisor import _running
+
+    h = host(maxconn=1)
+    h.server.keeps_slots = lambda key, pid: _running(pid)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await h.server.adopt(ours)
+    bad = await SlotClient.connect(sock=theirs, pid=0, generation=1, answer_timeout=5)
+    h.clients.append(bad)
+    await eventually(lambda: [r.pid for r in h.slots.workers] == [0])
+    w2 = await h.worker()
+    await bad.lease()
+    await bad.lease()  # both fleets full
+    waiting = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    bad.close()
+    try:
+        assert (await asyncio.wait_for(waiting, 2)).fleet.name in {"a", "b"}
+    finally:
+        waiting.cancel()

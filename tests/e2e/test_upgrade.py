@@ -1346,3 +1346,56 @@ async def test_an_upgrade_with_a_worker_not_reading_its_channel_is_abandoned_who
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # whatever happened: not this test's
         theirs.close()
         await supervisor.close()
+
+
+async def test_a_channel_lost_worker_retired_by_an_upgrade_still_counts_its_exit(
+    tls_files: TLSFiles,
+) -> None:
+    """Review (session 7): without an upgrade, a worker whose channel was lost
+    counts, as it exits, in worker_restarts and worker_calls_lost
+    (test_supervisor's cut test asserts worker_calls_lost == 2). Over an
+    upgrade the new image's `_finish_upgrade` retires it (it is an old
+    generation in `self.workers`), and `_watch` then counts a retiring worker's
+    exit nowhere: the same event, counted or not depending on an upgrade."""
+    from websockets.asyncio.client import connect
+
+    async with SimulatedFleet(
+        name="a", capacity=16, ssl_context=tls_files.fleet_server_context()
+    ) as fleet:
+        fleet.available_override = 1000
+        service = await RunningIngress.start(
+            tls_files, [f"{fleet.url} name=a maxconn=2"], workers=1, queue=1, env=PATIENT_PROBES
+        )
+        url = f"wss://127.0.0.1:{service.port}/ws/bot"
+        calls = []
+        (old,) = await _rows(service)
+        try:
+            await service.fleets_up()
+            for _ in range(2):
+                calls.append(await connect(url, ssl=tls_files.client_context(), open_timeout=10))
+            break_worker_channel(old["pid"])
+            joined = "worker joined the slot coordinator"
+            await eventually(
+                lambda: sum(e.get("event") == joined for e in service.log()) == 2, timeout=15
+            )
+            code, out, err = await _upgrade_command(service)
+            assert code == 0, (out, err)
+            for ws in calls:
+                await ws.close()
+            await eventually(lambda: not _alive(old["pid"]), timeout=10)
+            await asyncio.sleep(0.5)
+            stats = await service.stats()
+            exits = [
+                (e.get("event"), e.get("pid"))
+                for e in service.log()
+                if e.get("pid") == old["pid"] and "exited" in str(e.get("event"))
+            ]
+            print("\nexit lines:", exits)
+            print("worker_calls_lost:", stats["worker_calls_lost"])
+            print("worker_restarts:", stats["worker_restarts"])
+            assert stats["worker_calls_lost"] == 2, (stats["worker_calls_lost"], exits)
+        finally:
+            for ws in calls:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+            await service.finish()

@@ -628,8 +628,10 @@ class Supervisor:
         its channel ends: then its slots stay counted until `_watch` sees it
         exit. A dead one (SIGKILL, crash) is a zombie by then or already reaped."""
         worker = self.workers.get(key)
-        if worker is not None and worker.proc.returncode is not None:
-            return False
+        if worker is not None:
+            if worker.proc.returncode is not None:
+                return False
+            pid = worker.pid  # the process we know, not the pid its channel claimed
         return _running(pid)
 
     def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
@@ -659,7 +661,9 @@ class Supervisor:
         # Its channel ended before it exited: what it held was kept until now.
         self.server.release_kept(worker.key)
         self.workers.pop(worker.key, None)
-        if worker.retiring or worker.candidate:
+        # A retired worker whose channel was lost before (carried over an exec)
+        # is counted as the loss it was, not as an old generation ending.
+        if worker.candidate or (worker.retiring and not worker.channel_lost):
             log.log(
                 logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
                 "old-generation worker exited" if worker.retiring else "new worker exited",
@@ -1496,9 +1500,11 @@ def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
 def _running(pid: int) -> bool:
     """Whether child `pid` still runs: not exited (a zombie not reaped yet
     has; the exit status is left for its watcher to read), nor reaped."""
+    if pid <= 0:  # a channel that claimed no real pid: nothing to wait for
+        return False
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except ChildProcessError:
+    except OSError:  # ChildProcessError: not our child (any more)
         return False
 
 
