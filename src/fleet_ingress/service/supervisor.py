@@ -1137,15 +1137,7 @@ class Supervisor:
                 retiring=bool(carried.get("retiring", False)),
             )
             if worker.retiring:
-                # Its backstop, as the previous image set it (a release that did
-                # not carry it: a full one from now).
-                retire_by = carried.get("retire_by")
-                worker.retire_by = (
-                    float(retire_by)
-                    if retire_by is not None
-                    else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
-                )
-                self._arm_backstop(worker)
+                self._arm_carried_backstop(worker, carried)
             worker.joined.set()
             worker.serving.set()
             self.workers[key] = worker
@@ -1199,13 +1191,7 @@ class Supervisor:
                         worker.key, pid=pid, generation=generation, fleets=map(str, held)
                     )
                     self.slots.leave(worker.key, keep_held=True)
-                retire_by = carried.get("retire_by")
-                worker.retire_by = (
-                    float(retire_by)
-                    if retire_by is not None
-                    else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
-                )
-                self._arm_backstop(worker)
+                self._arm_carried_backstop(worker, carried)
                 # Known as the others are: a stop waits for it (killed at its
                 # end), a later exec carries it and its slots again.
                 self.workers[worker.key] = worker
@@ -1287,6 +1273,17 @@ class Supervisor:
         assert worker.retire_by is not None
         delay = max(0.0, worker.retire_by - time.monotonic())
         asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
+
+    def _arm_carried_backstop(self, worker: WorkerProcess, carried: dict[str, Any]) -> None:
+        """A worker of the previous image's: its backstop as that image set it
+        (a release that did not carry it: a full one from now)."""
+        retire_by = carried.get("retire_by")
+        worker.retire_by = (
+            float(retire_by)
+            if retire_by is not None
+            else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+        )
+        self._arm_backstop(worker)
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
