@@ -29,6 +29,8 @@ import trustme
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.service.ingress import Ingress
 
 # A carrier's WebSocket upgrade, as raw bytes (format with path=...).
@@ -650,6 +652,23 @@ def break_worker_channel(pid: int) -> None:
         os.close(pidfd)
     with socket.socket(fileno=fd) as channel:
         channel.sendall(b'{"op": "hello", "pid": 1, "generation": 1}\n')
+
+
+def fill_unread_channel(server: SlotServer, key: int) -> bytes:
+    """Send channel `key`, whose worker end nobody reads, ops of a later
+    version until `server`'s transport holds some unwritten (a worker not
+    reading its channel): the bytes sent, as they go on the wire."""
+    channel = server._channels[key]
+    assert channel.transport is not None
+    sent = b""
+    for i in range(64):  # the socket's buffers hold a few hundred KiB
+        message = {"op": "future-op", "n": i, "pad": "x" * 65536}
+        assert server.send(key, message)
+        sent += encode(message)
+        if channel.transport.get_write_buffer_size():
+            break
+    assert channel.transport.get_write_buffer_size() > 0
+    return sent
 
 
 # -- clients a TLS server must refuse, with the alert that says why ------------------

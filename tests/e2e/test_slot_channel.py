@@ -21,7 +21,7 @@ from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.slot_wire import encode
-from tests.support import eventually
+from tests.support import eventually, fill_unread_channel
 
 TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
 
@@ -383,19 +383,12 @@ async def test_a_handover_waits_for_a_worker_not_reading_and_refuses_rather_than
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     key = await h.server.adopt(ours)
-    sent = b""
     try:
         await loop.sock_sendall(theirs, b'{"op":"hello","pid":4242,"generation":1}\n')
         await eventually(lambda: 4242 in {r.pid for r in h.slots.workers})
+        sent = fill_unread_channel(h.server, key)
         channel = h.server._channels[key]
         assert channel.transport is not None
-        for i in range(64):  # the socket's buffers hold a few hundred KiB
-            message = {"op": "future-op", "n": i, "pad": "x" * 65536}
-            assert h.server.send(key, message)
-            sent += encode(message)
-            if channel.transport.get_write_buffer_size():
-                break
-        assert channel.transport.get_write_buffer_size() > 0
         assert not await h.server.flushed(0.1)
         with pytest.raises(HandoverError) as caught:
             h.server.handover()

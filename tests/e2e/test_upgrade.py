@@ -41,6 +41,7 @@ from tests.support import (
     TLSFiles,
     break_worker_channel,
     eventually,
+    fill_unread_channel,
     write_run_home,
 )
 
@@ -1308,20 +1309,13 @@ async def test_an_upgrade_with_a_worker_not_reading_its_channel_is_abandoned_who
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     key = await supervisor.server.adopt(ours, worker=(4242, 1))
-    sent = b""
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     try:
         await loop.sock_sendall(theirs, b'{"op":"hello","pid":4242,"generation":1}\n')
         await eventually(lambda: [r.pid for r in supervisor.slots.workers] == [4242])
+        sent = fill_unread_channel(supervisor.server, key)
         channel = supervisor.server._channels[key]
         assert channel.transport is not None
-        for i in range(64):  # the socket's buffers hold a few hundred KiB
-            message = {"op": "future-op", "n": i, "pad": "x" * 65536}
-            assert supervisor.server.send(key, message)
-            sent += encode(message)
-            if channel.transport.get_write_buffer_size():
-                break
-        assert channel.transport.get_write_buffer_size() > 0
         async with asyncio.timeout(40):  # the trial run: a second or a few
             code = await _await_upgrade(admin, sys.stdout)
         said = capsys.readouterr().err
