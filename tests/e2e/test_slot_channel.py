@@ -230,9 +230,8 @@ async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_wor
     await asyncio.sleep(0.05)
     assert not (first.done() or second.done() or third.done())
 
-    slots = HostSlots(_balancer(2), queue_timeout=5.0, max_queue=8)
-    slots.paused = True
-    server = SlotServer(slots)
+    server = _next_image(2)
+    slots = server.slots
     try:
         for sock in kept.values():
             await server.adopt(sock, restoring=True)
@@ -270,20 +269,44 @@ async def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return received
 
 
+def _next_image(maxconn: int, *, view: HostView | None = None) -> SlotServer:
+    """The coordinator of the image a re-execution starts: paused until the
+    channels kept over the exec are restored."""
+    slots = HostSlots(_balancer(maxconn), queue_timeout=5.0, max_queue=8)
+    slots.paused = True
+    return SlotServer(slots, view=view)
+
+
+async def _third_image_adopts(
+    third: SlotServer, kept: dict[str, socket.socket], unread: dict[str, bytes] | None = None
+) -> None:
+    """`third` adopts the channels a second image (`_slow_after_reexec`'s)
+    handed over, each with what the carried table says it held: worker 77 b,
+    the other worker a."""
+    for name, sock in kept.items():
+        pid, generation = (int(n) for n in name.split(".")[1:])
+        held = ["b"] if pid == 77 else ["a"]
+        await third.adopt(
+            sock,
+            restoring=True,
+            worker=(pid, generation),
+            held_before=held,
+            unread=(unread or {}).get(name, b""),
+        )
+
+
 async def _slow_after_reexec(h: Host) -> tuple[SlotServer, HostSlots, socket.socket, int]:
     """A re-executed coordinator with `h`'s workers kept over the exec, and one
     more that held b in the previous image and is slow to answer "sync" (the
     test's end of it, raw)."""
     kept = h.server.handover()
     slow_ours, slow_theirs = socket.socketpair()
-    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
-    slots.paused = True
-    server = SlotServer(slots)
+    server = _next_image(1)
     for sock in kept.values():
         await server.adopt(sock, restoring=True)
     slow = await server.adopt(slow_ours, restoring=True, worker=(77, 1), held_before=["b"])
     slow_theirs.setblocking(False)
-    return server, slots, slow_theirs, slow
+    return server, server.slots, slow_theirs, slow
 
 
 async def test_a_worker_slow_after_the_reexecution_keeps_its_slots_counted_and_maxconn_holds(host):
@@ -606,18 +629,12 @@ async def test_a_channel_not_yet_restored_goes_over_a_second_exec_too(host):
     await w1.lease()  # a; the slow worker holds b
     server, _, slow_theirs, slow = await _slow_after_reexec(h)
     loop = asyncio.get_running_loop()
-    third = SlotServer(HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8))
-    third.slots.paused = True
+    third = _next_image(1)
     try:
         assert await server.finish_restore(0.3) == [slow]
         kept = server.handover()
         assert sorted(kept) == sorted([f"worker.{w1.pid}.1", "worker.77.1"])
-        for name, sock in kept.items():
-            pid, generation = name.split(".")[1:]
-            held = ["b"] if pid == "77" else ["a"]
-            await third.adopt(
-                sock, restoring=True, worker=(int(pid), int(generation)), held_before=held
-            )
+        await _third_image_adopts(third, kept)
         # It reads both images' "sync" and answers each.
         expected = b'{"op":"sync"}\n{"op":"sync"}\n'
         assert await _read_exactly(slow_theirs, len(expected)) == expected
@@ -650,9 +667,8 @@ async def test_a_worker_whose_hello_is_unread_at_the_exec_goes_over_with_its_cha
     await h.server.adopt(ours, worker=(4242, 1))
     kept = h.server.handover()
     assert list(kept) == ["worker.4242.1"]
-    slots = HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8)
-    slots.paused = True
-    server = SlotServer(slots)
+    server = _next_image(1)
+    slots = server.slots
     try:
         key = await server.adopt(
             kept["worker.4242.1"], restoring=True, worker=(4242, 1), held_before=[]
@@ -747,9 +763,8 @@ async def test_a_line_cut_by_the_exec_is_read_whole_by_the_next_image(host):
     assert unread == {f"worker.{w1.pid}.1": line[:40]}
     w1._transport.write(line[40:])  # during the exec: waits in the kernel
     view = HostView()
-    slots = HostSlots(_balancer(2), queue_timeout=5.0, max_queue=8)
-    slots.paused = True
-    server = SlotServer(slots, view=view)
+    server = _next_image(2, view=view)
+    slots = server.slots
     try:
         for name, sock in kept.items():
             await server.adopt(
@@ -776,8 +791,7 @@ async def test_a_state_cut_by_a_second_exec_rebuilds_the_row_without_waiting(hos
     await w1.lease()  # a
     server, _, slow_theirs, _ = await _slow_after_reexec(h)  # 77 held b
     loop = asyncio.get_running_loop()
-    third = SlotServer(HostSlots(_balancer(1), queue_timeout=5.0, max_queue=8))
-    third.slots.paused = True
+    third = _next_image(1)
     try:
         assert await _read_exactly(slow_theirs, len(b'{"op":"sync"}\n')) == b'{"op":"sync"}\n'
         state = b'{"op":"state","pid":77,"generation":1,"held":[[4,"b"]],"waiting":[]}\n'
@@ -787,16 +801,7 @@ async def test_a_state_cut_by_a_second_exec_rebuilds_the_row_without_waiting(hos
         kept = server.handover()
         assert unread == {"worker.77.1": state[:30]}
         await loop.sock_sendall(slow_theirs, state[30:])
-        for name, sock in kept.items():
-            pid, generation = (int(n) for n in name.split(".")[1:])
-            held = ["b"] if pid == 77 else ["a"]
-            await third.adopt(
-                sock,
-                restoring=True,
-                worker=(pid, generation),
-                held_before=held,
-                unread=unread.get(name, b""),
-            )
+        await _third_image_adopts(third, kept, unread)
         # The worker does not answer the third image's "sync" (busy): no need.
         assert await third.finish_restore(1.0) == []
         assert {r.pid: r.calls for r in third.slots.workers} == {w1.pid: 1, 77: 1}
