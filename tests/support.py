@@ -19,13 +19,14 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -111,6 +112,14 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
         while not predicate():
             await asyncio.sleep(0.01)
     return loop.time() - started
+
+
+async def close_calls(calls: Iterable[ClientConnection]) -> None:
+    """Close a test's calls as it cleans up, whatever state each is in (a
+    test that failed half way may leave them broken)."""
+    for ws in calls:
+        with contextlib.suppress(Exception):
+            await ws.close()
 
 
 async def raw_exchange(

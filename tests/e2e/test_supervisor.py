@@ -26,6 +26,7 @@ from tests.support import (
     RunningIngress,
     TLSFiles,
     break_worker_channel,
+    close_calls,
     eventually,
     workers_of,
     write_leaf_cert,
@@ -54,6 +55,17 @@ def _lines(sims: list[SimulatedFleet]) -> list[str]:
     return [f"{sim.url} name={sim.name} maxconn=16" for sim in sims]
 
 
+async def _fleets_up_or_finished(service: RunningIngress) -> RunningIngress:
+    """`service` once every fleet is UP; finished (nothing left running) if
+    they do not come up."""
+    try:
+        await service.fleets_up()
+    except BaseException:
+        await service.finish()
+        raise
+    return service
+
+
 async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet], **options: Any) -> RunningIngress:
     """Two workers, both fleets UP (calls are refused until then). The fleets
     run in this test's process, which a burst of TLS handshakes can keep from
@@ -62,12 +74,7 @@ async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet], **options: Any
     service = await RunningIngress.start(
         tls_files, _lines(sims), workers=2, check_timeout=5, **options
     )
-    try:
-        await service.fleets_up()
-    except BaseException:
-        await service.finish()
-        raise
-    return service
+    return await _fleets_up_or_finished(service)
 
 
 async def _open_on_both(
@@ -165,9 +172,7 @@ async def test_maxconn_holds_for_the_host_with_two_workers(
         await calls.pop(0).close()
         assert (await first, await second) == ("open", "refused")
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()
 
 
@@ -245,9 +250,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
                 with contextlib.suppress(Exception):
                     await _echo(ws)
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()
 
 
@@ -281,9 +284,7 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         reloaded = [e for e in service.log() if e["event"] == "reloaded"]
         assert len(reloaded) == 1 and reloaded[0]["changes"] == "no fleet changes"
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()
 
 
@@ -375,9 +376,7 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
         calls.append(ws)
         assert b.active_calls == 1
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()
 
 
@@ -603,12 +602,7 @@ async def _one_worker_at_maxconn_2(
     service = await RunningIngress.start(
         tls_files, [f"{sim.url} name=a maxconn=2"], workers=1, check_timeout=5, **options
     )
-    try:
-        await service.fleets_up()
-    except BaseException:
-        await service.finish()
-        raise
-    return service
+    return await _fleets_up_or_finished(service)
 
 
 def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:
@@ -684,9 +678,7 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         assert [f["active"] for f in stats["fleets"]] == [1]
         assert stats["worker_calls_lost"] == 2
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()
 
 
@@ -760,7 +752,5 @@ async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
         started = [e for e in service.log() if e["event"] == "worker started"]  # replacements
         assert [(e["pid"], e["cpu"]) for e in started] == [(new[0], victim_cpu)]
     finally:
-        for ws in calls:
-            with contextlib.suppress(Exception):
-                await ws.close()
+        await close_calls(calls)
         await service.finish()

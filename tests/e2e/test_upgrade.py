@@ -40,6 +40,7 @@ from tests.support import (
     RunningIngress,
     TLSFiles,
     break_worker_channel,
+    close_calls,
     eventually,
     fill_unread_channel,
     write_run_home,
@@ -898,9 +899,7 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(old["pid"], signal.SIGCONT)
-            for ws in calls:
-                with contextlib.suppress(Exception):
-                    await ws.close()
+            await close_calls(calls)
             await service.finish()
 
 
@@ -954,9 +953,7 @@ async def test_a_worker_whose_channel_was_lost_keeps_its_slots_counted_over_an_u
             assert "fleet_ingress_slots_reclaimed_total 2.0" in await service.metrics()
             calls = [await connect(url, ssl=tls_files.client_context(), open_timeout=10)]
         finally:
-            for ws in calls:
-                with contextlib.suppress(Exception):
-                    await ws.close()
+            await close_calls(calls)
             await service.finish()
 
 
@@ -1389,7 +1386,5 @@ async def test_a_channel_lost_worker_retired_by_an_upgrade_still_counts_its_exit
             print("worker_restarts:", stats["worker_restarts"])
             assert stats["worker_calls_lost"] == 2, (stats["worker_calls_lost"], exits)
         finally:
-            for ws in calls:
-                with contextlib.suppress(Exception):
-                    await ws.close()
+            await close_calls(calls)
             await service.finish()
