@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from websockets.asyncio.client import ClientConnection
 
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
@@ -903,24 +904,25 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
             await service.finish()
 
 
-async def test_a_worker_whose_channel_was_lost_keeps_its_slots_counted_over_an_upgrade(
+@contextlib.asynccontextmanager
+async def _channel_lost_then_upgraded(
     tls_files: TLSFiles,
-) -> None:
-    """A worker whose channel the supervisor cut finishes its calls without a
-    channel: no channel goes over the exec for it, but the new image still
-    counts its slots (from the previous image's table) until it exits."""
+) -> AsyncIterator[tuple[RunningIngress, SimulatedFleet, dict[str, Any], list[ClientConnection]]]:
+    """One worker at maxconn 2 (only maxconn holds the count) with two calls,
+    whose slot channel the supervisor cut (it runs on); then an upgrade,
+    which succeeded: the service, its fleet, the old worker's row and its
+    calls (closed, with the service finished, at the end)."""
     from websockets.asyncio.client import connect
-    from websockets.exceptions import InvalidStatus
 
     async with SimulatedFleet(
         name="a", capacity=16, ssl_context=tls_files.fleet_server_context()
     ) as fleet:
-        fleet.available_override = 1000  # only maxconn holds the count
+        fleet.available_override = 1000
         service = await RunningIngress.start(
             tls_files, [f"{fleet.url} name=a maxconn=2"], workers=1, queue=1, env=PATIENT_PROBES
         )
         url = f"wss://127.0.0.1:{service.port}/ws/bot"
-        calls = []
+        calls: list[ClientConnection] = []
         (old,) = await _rows(service)
         try:
             await service.fleets_up()
@@ -933,28 +935,42 @@ async def test_a_worker_whose_channel_was_lost_keeps_its_slots_counted_over_an_u
             )
             code, out, err = await _upgrade_command(service)
             assert code == 0, (out, err)
-            stats = await service.stats()
-            assert [f["active"] for f in stats["fleets"]] == [2], stats["fleets"]
-            rows = {r["pid"]: r for r in stats["workers"]}
-            assert (rows[old["pid"]]["calls"], rows[old["pid"]]["channel_lost"]) == (2, True)
-            with pytest.raises(InvalidStatus) as refused:
-                await connect(url, ssl=tls_files.client_context(), open_timeout=10)
-            assert refused.value.response.status_code == 503
-            assert fleet.active_calls == 2 and fleet.calls_total == 2
-            for ws in calls:  # its calls go on; then they end and it exits
-                await ws.send("ping")
-                async with asyncio.timeout(5):
-                    assert await ws.recv() == "ping"
-                await ws.close()
-            await eventually(lambda: not _alive(old["pid"]), timeout=10)
-            async with asyncio.timeout(5):
-                while [f["active"] for f in (await service.stats())["fleets"]] != [0]:
-                    await asyncio.sleep(0.05)
-            assert "fleet_ingress_slots_reclaimed_total 2.0" in await service.metrics()
-            calls = [await connect(url, ssl=tls_files.client_context(), open_timeout=10)]
+            yield service, fleet, old, calls
         finally:
             await close_calls(calls)
             await service.finish()
+
+
+async def test_a_worker_whose_channel_was_lost_keeps_its_slots_counted_over_an_upgrade(
+    tls_files: TLSFiles,
+) -> None:
+    """A worker whose channel the supervisor cut finishes its calls without a
+    channel: no channel goes over the exec for it, but the new image still
+    counts its slots (from the previous image's table) until it exits."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    async with _channel_lost_then_upgraded(tls_files) as (service, fleet, old, calls):
+        url = f"wss://127.0.0.1:{service.port}/ws/bot"
+        stats = await service.stats()
+        assert [f["active"] for f in stats["fleets"]] == [2], stats["fleets"]
+        rows = {r["pid"]: r for r in stats["workers"]}
+        assert (rows[old["pid"]]["calls"], rows[old["pid"]]["channel_lost"]) == (2, True)
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(url, ssl=tls_files.client_context(), open_timeout=10)
+        assert refused.value.response.status_code == 503
+        assert fleet.active_calls == 2 and fleet.calls_total == 2
+        for ws in calls:  # its calls go on; then they end and it exits
+            await ws.send("ping")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "ping"
+            await ws.close()
+        await eventually(lambda: not _alive(old["pid"]), timeout=10)
+        async with asyncio.timeout(5):
+            while [f["active"] for f in (await service.stats())["fleets"]] != [0]:
+                await asyncio.sleep(0.05)
+        assert "fleet_ingress_slots_reclaimed_total 2.0" in await service.metrics()
+        calls[:] = [await connect(url, ssl=tls_files.client_context(), open_timeout=10)]
 
 
 def _children(pid: int) -> set[int]:
@@ -1348,43 +1364,18 @@ async def test_a_channel_lost_worker_retired_by_an_upgrade_still_counts_its_exit
     upgrade the new image's `_finish_upgrade` retires it (it is an old
     generation in `self.workers`), and `_watch` then counts a retiring worker's
     exit nowhere: the same event, counted or not depending on an upgrade."""
-    from websockets.asyncio.client import connect
-
-    async with SimulatedFleet(
-        name="a", capacity=16, ssl_context=tls_files.fleet_server_context()
-    ) as fleet:
-        fleet.available_override = 1000
-        service = await RunningIngress.start(
-            tls_files, [f"{fleet.url} name=a maxconn=2"], workers=1, queue=1, env=PATIENT_PROBES
-        )
-        url = f"wss://127.0.0.1:{service.port}/ws/bot"
-        calls = []
-        (old,) = await _rows(service)
-        try:
-            await service.fleets_up()
-            for _ in range(2):
-                calls.append(await connect(url, ssl=tls_files.client_context(), open_timeout=10))
-            break_worker_channel(old["pid"])
-            joined = "worker joined the slot coordinator"
-            await eventually(
-                lambda: sum(e.get("event") == joined for e in service.log()) == 2, timeout=15
-            )
-            code, out, err = await _upgrade_command(service)
-            assert code == 0, (out, err)
-            for ws in calls:
-                await ws.close()
-            await eventually(lambda: not _alive(old["pid"]), timeout=10)
-            await asyncio.sleep(0.5)
-            stats = await service.stats()
-            exits = [
-                (e.get("event"), e.get("pid"))
-                for e in service.log()
-                if e.get("pid") == old["pid"] and "exited" in str(e.get("event"))
-            ]
-            print("\nexit lines:", exits)
-            print("worker_calls_lost:", stats["worker_calls_lost"])
-            print("worker_restarts:", stats["worker_restarts"])
-            assert stats["worker_calls_lost"] == 2, (stats["worker_calls_lost"], exits)
-        finally:
-            await close_calls(calls)
-            await service.finish()
+    async with _channel_lost_then_upgraded(tls_files) as (service, _, old, calls):
+        for ws in calls:
+            await ws.close()
+        await eventually(lambda: not _alive(old["pid"]), timeout=10)
+        await asyncio.sleep(0.5)
+        stats = await service.stats()
+        exits = [
+            (e.get("event"), e.get("pid"))
+            for e in service.log()
+            if e.get("pid") == old["pid"] and "exited" in str(e.get("event"))
+        ]
+        print("\nexit lines:", exits)
+        print("worker_calls_lost:", stats["worker_calls_lost"])
+        print("worker_restarts:", stats["worker_restarts"])
+        assert stats["worker_calls_lost"] == 2, (stats["worker_calls_lost"], exits)
