@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pytest
 
+from fleet_ingress.logs import _FIELDS
 from fleet_ingress.service.supervisor import (
     RESPAWN_DELAY_MAX,
     _exit_status,
     pick_cpu,
     respawn_delay,
 )
+from fleet_ingress.service.worker import _pin_to
 
 
 @pytest.mark.parametrize(
@@ -51,3 +56,19 @@ def test_a_new_worker_goes_to_the_least_taken_allowed_cpu(
     allowed: list[int], taken: list[int], cpu: int
 ) -> None:
     assert pick_cpu(allowed, taken) == cpu
+
+
+def test_a_worker_whose_cpu_is_gone_runs_unpinned_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """process.cpu_affinity: a CPU the worker cannot run on (a cpuset or
+    hotplug change since the supervisor chose it) is a warning, not a refusal
+    to serve; the affinity stays what it was."""
+    before = os.sched_getaffinity(0)
+    no_such_cpu = max(before) + 4096
+    with caplog.at_level(logging.INFO, logger="fleet_ingress.worker"):
+        _pin_to(no_such_cpu)
+    assert os.sched_getaffinity(0) == before
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and "runs unpinned" in record.getMessage()
+    assert getattr(record, _FIELDS)["cpu"] == no_such_cpu

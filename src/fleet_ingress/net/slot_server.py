@@ -34,7 +34,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
@@ -261,11 +262,12 @@ class SlotServer:
             if c.transport is not None and c.pid is not None and c.generation is not None
         }
 
-    def _unwritten(self) -> dict[int, int]:
-        """Of the channels `handover` would give, what is still in this
-        process's write buffer (pid -> bytes): the hand-over would drop it."""
+    @staticmethod
+    def _unwritten(channels: Iterable[_Channel]) -> dict[int, int]:
+        """Of `channels` (the ones `handover` would give), what is still in
+        this process's write buffer (pid -> bytes): the hand-over would drop it."""
         unwritten: dict[int, int] = {}
-        for channel in self._to_hand_over().values():
+        for channel in channels:
             assert channel.transport is not None and channel.pid is not None
             if size := channel.transport.get_write_buffer_size():
                 unwritten[channel.pid] = size
@@ -279,7 +281,7 @@ class SlotServer:
         deadline = loop.time() + timeout
         # Polled: a transport says when its buffer passes a high-water mark,
         # not when it is empty, and this runs once an upgrade, for a second.
-        while self._unwritten():
+        while self._unwritten(self._to_hand_over().values()):
             if loop.time() >= deadline:
                 return False
             await asyncio.sleep(0.01)
@@ -318,7 +320,7 @@ class SlotServer:
         reads it first)."""
         to_hand = self._to_hand_over()
         channels = list(to_hand.values())
-        if unwritten := self._unwritten():
+        if unwritten := self._unwritten(channels):
             # Aborted, the transport would drop it: the worker would read a line
             # cut short, then the next image's "sync", take that for a broken
             # channel and drain.
@@ -717,7 +719,4 @@ class SlotServer:
 
 def _by_fleet(row: WorkerRow) -> dict[str, int]:
     """Slots a row holds, by fleet name (for the log)."""
-    held: dict[str, int] = {}
-    for fleet in row.held.values():
-        held[fleet.name] = held.get(fleet.name, 0) + 1
-    return held
+    return dict(Counter(fleet.name for fleet in row.held.values()))
