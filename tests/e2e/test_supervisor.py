@@ -682,6 +682,51 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         await service.finish()
 
 
+async def test_a_forced_removal_says_which_calls_a_worker_without_channel_keeps(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """`remove-fleet --force` cannot reach the calls of a worker whose slot
+    channel was lost: the answer says so, with how many, instead of counting
+    them closed and saying the fleet goes once its 0 calls end. They go on;
+    the fleet goes when that worker has finished them."""
+    other = SimulatedFleet(name="b", capacity=16, ssl_context=tls_files.fleet_server_context())
+    await other.start()
+    service = await _fleets_up_or_finished(
+        await RunningIngress.start(
+            tls_files,
+            [f"{roomy_fleet.url} name=a maxconn=2", f"{other.url} name=b"],
+            workers=1,
+            check_timeout=5,
+        )
+    )
+    calls: list[ClientConnection] = []
+    try:
+        code, out = await _admin(service, "drain", "b")  # the calls go to a
+        assert code == 0, out
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        await _cut_and_replaced(service, old["pid"])
+        code, out = await _admin(service, "remove-fleet", "a", "--force")
+        assert code == 0, out
+        assert "fleet a is draining: removed once its 2 calls end" in out, out
+        assert "2 calls on a worker that lost its slot channel could not be told" in out, out
+        assert "closed" not in out.split("could not")[0], out
+        for ws in calls:  # untouched
+            await _echo(ws)
+        assert roomy_fleet.active_calls == 2
+        await close_calls(calls)
+        calls = []
+        await eventually(lambda: not _alive(old["pid"]), 10)
+        async with asyncio.timeout(5):
+            while [f["name"] for f in (await service.stats())["fleets"]] != ["b"]:
+                await asyncio.sleep(0.1)
+    finally:
+        await close_calls(calls)
+        await service.finish()
+        await other.stop()
+
+
 async def test_a_worker_without_channel_that_hangs_is_killed_after_the_drain(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:
@@ -703,8 +748,11 @@ async def test_a_worker_without_channel_that_hangs_is_killed_after_the_drain(
         await eventually(lambda: _logged(service, killed), 15)
         killed_after = time.monotonic() - cut_at
         await eventually(lambda: not _alive(old["pid"]), 2)
+        # Not alive once a zombie; its slots come back as the supervisor reaps it.
+        async with asyncio.timeout(2):
+            while [f["active"] for f in (await service.stats())["fleets"]] != [0]:
+                await asyncio.sleep(0.05)
         stats = await service.stats()
-        assert [f["active"] for f in stats["fleets"]] == [0]
         assert [r["pid"] for r in stats["workers"]] != [old["pid"]]
         assert stats["worker_restarts"] == {"killed": 1}
         print(f"\nchannel-lost worker killed {killed_after:.1f} s after its channel was cut")

@@ -1217,6 +1217,82 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         await old.close()
 
 
+def _carried_with(home: Path, **worker: Any) -> dict[str, Any]:
+    """The state an image hands its exec (`_state_for_exec`), with one worker
+    whose channel did not come over: `worker`'s fields over a live one's."""
+    state = _supervisor(home)._state_for_exec()
+    state["workers"] = [
+        {
+            "generation": 1,
+            "started_at": time.monotonic(),
+            "retiring": False,
+            "retire_by": None,
+            "exit_code": None,
+            "calls_lost": 0,
+            "channel_lost": False,
+            "held": [],
+            **worker,
+        }
+    ]
+    return state
+
+
+async def test_a_worker_exiting_at_the_exec_is_one_of_the_new_images_workers(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker of the previous image whose channel had closed as it exited,
+    its process not reaped yet: the new image knows it as its other workers,
+    not only as a child to reap. A stop's wait kills it at its end (before,
+    the stop did not wait for it and it ran on), and a later exec carries it."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    child = await asyncio.create_subprocess_exec("sleep", "30")
+    new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=child.pid))
+    try:
+        await new._adopt_workers({})
+        (worker,) = new.workers.values()
+        assert worker.pid == child.pid and worker.left.is_set()
+        assert [w["pid"] for w in new._state_for_exec()["workers"]] == [child.pid]
+        await new.wait_workers(0.2)  # as a stop does, after its drain
+        assert worker.proc.returncode == -signal.SIGKILL
+        assert not new.workers
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await new.close()
+
+
+async def test_a_channel_lost_worker_holding_nothing_keeps_its_kill_deadline_over_a_second_exec(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker whose channel was lost while it ran, carried over an exec
+    holding no slot (no row kept for it): the next exec still carries it as
+    channel-lost, with its kill deadline. Before, it went over as a worker
+    exiting, and the image after the second exec never killed it."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    child = await asyncio.create_subprocess_exec("sleep", "30")
+    deadline = time.monotonic() + 60
+    carried = _carried_with(tmp_path, pid=child.pid, channel_lost=True, retire_by=deadline)
+    new = _supervisor(tmp_path, carried=carried)
+    try:
+        await new._adopt_workers({})
+        (worker,) = new.workers.values()
+        assert worker.channel_lost and worker.retire_by == deadline
+        assert not new.slots.workers  # it held nothing: no row
+        (again,) = new._state_for_exec()["workers"]
+        assert (again["pid"], again["channel_lost"], again["retire_by"]) == (
+            child.pid,
+            True,
+            deadline,
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await new.close()
+        for adopted in new.workers.values():
+            assert isinstance(adopted.proc, AdoptedProcess)
+            adopted.proc._close()
+
+
 async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

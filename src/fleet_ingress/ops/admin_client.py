@@ -100,10 +100,19 @@ def describe_result(body: dict[str, Any]) -> str:
         if body.get("fleets_file")
         else "not in the fleets file any more"
     )
+    unreachable = body.get("unreachable_calls") or 0
+    cannot = (
+        f"; {_calls(unreachable)} on a worker that lost its slot channel could not be "
+        "told to close: they end on their own, by timeouts.drain at the latest "
+        '(`fleet-ingress stat` shows that worker as "draining, channel lost")'
+        if unreachable
+        else ""
+    )
+    closed = f"{_calls(body['closed_calls'])} closed; " if body.get("closed_calls") else ""
     return (
-        f"fleet {body['fleet']} is draining: removed once its "
+        f"fleet {body['fleet']} is draining: {closed}removed once its "
         f"{_calls(body['draining_calls'])} {'ends' if body['draining_calls'] == 1 else 'end'}; "
-        f"{where}"
+        f"{where}{cannot}"
     )
 
 

@@ -93,8 +93,9 @@ class FleetOps:
     settings: Callable[[], FleetsSection]  # the running config's: a reload swaps it
     checks: FleetChecks  # the probe-duration histogram: a removed fleet leaves it
     # Calls run in worker processes under a supervisor: `--force` tells them
-    # to close the fleet's calls (their slots coming back reap the fleet).
-    close_elsewhere: Callable[[str], None] | None = None
+    # to close the fleet's calls (their slots coming back reap the fleet); it
+    # answers how many of them no worker can be told to close (see Supervisor.close_fleet).
+    close_elsewhere: Callable[[str], int] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
 
     @property
@@ -284,14 +285,16 @@ class FleetOps:
         backup = self._persist(new_text) if new_text is not None else None
         gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
-        closed = 0
+        closed = unreachable = 0
         if force:
             for call in self.registry.calls_on(name):
                 call.end(EndReason.REMOVED)
                 closed += 1
             if self.close_elsewhere is not None:
-                closed += fleet.active  # the workers' calls on it, closing now
-                self.close_elsewhere(name)
+                # The workers' calls on it close now, but those of a worker
+                # without its slot channel, which cannot be told.
+                unreachable = self.close_elsewhere(name)
+                closed += fleet.active - unreachable
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
         if gone_now:
@@ -308,11 +311,15 @@ class FleetOps:
                         await gone.wait()
                 except TimeoutError:
                     pass  # reported below as not yet removed
+        removed = fleet not in self.fleets
         return {
             "fleet": name,
-            "removed": fleet not in self.fleets,
-            "draining_calls": 0 if force else calls,
+            "removed": removed,
+            # Forced: what still holds a slot on it after the wait (a call its
+            # worker could not be told to close, or one slow to go).
+            "draining_calls": (0 if removed else fleet.active) if force else calls,
             "closed_calls": closed,
+            "unreachable_calls": unreachable,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
             "backup": str(backup) if backup else None,
         }

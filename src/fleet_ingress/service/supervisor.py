@@ -878,10 +878,19 @@ class Supervisor:
         if future is not None and not future.done():
             future.set_result(message)
 
-    def close_fleet(self, name: str) -> None:
-        """`remove-fleet --force`: every worker closes its calls on `name`."""
+    def close_fleet(self, name: str) -> int:
+        """`remove-fleet --force`: every worker closes its calls on `name`. The
+        calls on it of a worker whose slot channel was lost cannot be told: it
+        finishes them on its own (killed at its deadline). Returns how many."""
         for key in list(self.workers):
             self.server.send(key, {"op": "close-fleet", "fleet": name})
+        return sum(
+            1
+            for row in self.slots.workers
+            if row.channel_lost
+            for fleet in row.held.values()
+            if fleet.name == name
+        )
 
     # -- upgrade -----------------------------------------------------------------
 
@@ -1052,8 +1061,11 @@ class Supervisor:
                     # channel's end awaited): the new image does, with these.
                     "exit_code": w.proc.returncode,
                     "calls_lost": w.calls_lost,
-                    # Its channel ended, its process runs: "held" stays counted until it exits.
-                    "channel_lost": rows[w.key].channel_lost if w.key in rows else False,
+                    # Its channel ended, its process runs: "held" stays counted until it
+                    # exits. Known by the row, or by the worker alone when it came over
+                    # an exec holding nothing (no row was kept for it then).
+                    "channel_lost": w.channel_lost
+                    or (rows[w.key].channel_lost if w.key in rows else False),
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                 }
@@ -1166,7 +1178,9 @@ class Supervisor:
         this process's children: reaped here and their exit logged and
         counted as the previous image would have, not left as zombies; the
         slots of one whose channel was lost stay counted here too until then,
-        its kill deadline re-armed."""
+        its kill deadline re-armed. Each is known as the other workers are
+        (`workers`): a stop waits for it and kills it at its end, and a later
+        exec carries it again."""
         adopted = {w.pid for w in self.workers.values()}
         for pid, carried in self._carried_workers.items():
             if pid in adopted:
@@ -1192,9 +1206,7 @@ class Supervisor:
                     )
                     self.slots.leave(worker.key, keep_held=True)
                 self._arm_carried_backstop(worker, carried)
-                # Known as the others are: a stop waits for it (killed at its
-                # end), a later exec carries it and its slots again.
-                self.workers[worker.key] = worker
+            self.workers[worker.key] = worker
             self._keep(self._watch(worker))
 
     async def _finish_upgrade(self) -> None:
