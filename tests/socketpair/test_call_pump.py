@@ -212,6 +212,90 @@ async def test_a_fleet_hang_up_closes_the_carrier_and_is_the_fleets(pump_with_fl
     writer.close()
 
 
+async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hung_up(
+    pump_with_fleet,
+):
+    """Who hung up is told by a read that is one whole close frame. A binary
+    message's payload read on its own may start with 0x88 too (here the
+    carrier's masked payload): it is not a close frame, so the fleet's close
+    frame, which follows, says the fleet hung up."""
+    got_payload = asyncio.Event()
+
+    async def close_after_a_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(SWITCHING)
+        await reader.readexactly(2 + 4 + 100)
+        got_payload.set()
+        writer.write(b"\x88\x02\x0f\xa1")  # close 4001, unmasked: the fleet is the server
+        await writer.drain()
+        writer.close()
+
+    pump = await pump_with_fleet(close_after_a_message)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5) == SWITCHING
+    writer.write(b"\x82\xe4" + bytes(4))  # binary, masked, 100 bytes; a zero mask
+    await writer.drain()
+    await asyncio.sleep(0.05)  # read by the ingress apart from its payload
+    writer.write(b"\x88" + bytes(99))  # the payload, starting as a close frame would
+    await asyncio.wait_for(got_payload.wait(), 5)
+    assert await asyncio.wait_for(reader.read(-1), 5) == b"\x88\x02\x0f\xa1"
+    await eventually(lambda: not pump.ctx.registry.calls)
+    assert dict(pump.ctx.registry.ended) == {("a", "fleet closed"): 1}
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "answer, after_head",
+    [
+        (SWITCHING, b"\x81\x05first"),  # a tunnel's first frame in the 101's read
+        (b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 5\r\n\r\n", b"slow!"),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 2\r\n\r\n", b"no"),
+    ],
+)
+async def test_bytes_to_the_carrier_count_what_follows_the_fleets_head_in_its_first_read(
+    pump_with_fleet, answer, after_head
+):
+    """What came in the same read as the fleet's head (a body, a tunnel's
+    first frame) is relayed with it and counts as relayed, as the reads after
+    it do; the head itself does not (nor the carrier's head the other way)."""
+
+    async def answer_in_one_write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(answer + after_head)
+        await writer.drain()
+        writer.close()
+
+    pump = await pump_with_fleet(answer_in_one_write)
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    assert await asyncio.wait_for(reader.read(-1), 5) == answer + after_head
+    await eventually(lambda: not pump.ctx.registry.calls)
+    assert pump.ctx.registry.ended_bytes_to_carrier == len(after_head)
+    writer.close()
+
+
+async def test_a_fleet_answering_something_else_than_http_gets_502_at_once(pump_with_fleet):
+    """A stream that cannot start an HTTP answer is refused as it arrives,
+    not when the response timeout (2 s here) has passed."""
+
+    async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # and holds the connection
+        writer.close()
+
+    pump = await pump_with_fleet(ssh_banner)
+    reader, writer = await pump.carrier()
+    started = asyncio.get_running_loop().time()
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    answer = await asyncio.wait_for(reader.read(-1), 5)
+    assert answer.startswith(b"HTTP/1.1 502 "), answer
+    assert asyncio.get_running_loop().time() - started < 1.0
+    writer.close()
+
+
 async def test_a_fleet_that_stops_reading_stops_the_carrier_being_read(pump_with_fleet):
     """Flow control: what the call holds stays under its bound, however much
     the carrier sends, while the fleet reads nothing."""

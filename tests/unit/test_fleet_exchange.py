@@ -84,3 +84,37 @@ def test_a_response_head_over_the_limit_is_junk():
     with pytest.raises(ResponseError) as info:
         ex.feed(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 5000)
     assert info.value.kind == "junk-response"
+
+
+@pytest.mark.parametrize(
+    "first", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTP/2 200\r\n", b"HTTP/1.1 abc\r\n", b"\r\n"]
+)
+def test_an_answer_that_cannot_be_http_is_junk_as_its_first_bytes_arrive(first):
+    """Not only once a head is whole (h11): a fleet that sends a banner and
+    holds the line is answered at once, not after the response timeout."""
+    with pytest.raises(ResponseError) as info:
+        _exchange().feed(first)
+    assert info.value.kind == "junk-response"
+
+
+def test_a_status_line_arriving_byte_by_byte_is_judged_once_it_can_be():
+    ex = _exchange()
+    answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    for i in range(len(answer) - 1):
+        assert ex.feed(answer[i : i + 1]) is Progress.NEED_DATA
+    assert ex.feed(answer[-1:]) is Progress.HEAD_COMPLETE
+    assert ex.head_bytes == len(answer)
+
+
+@pytest.mark.parametrize(
+    "heads, rest",
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", b"\x81\x02hi"),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Slow\r\nContent-Length: 4\r\n\r\n", b"ab"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", b""),
+    ],
+)
+def test_head_bytes_is_where_what_follows_the_answers_heads_begins(heads, rest):
+    ex = _exchange()
+    assert ex.feed(heads + rest) is Progress.HEAD_COMPLETE
+    assert ex.head_bytes == len(heads)

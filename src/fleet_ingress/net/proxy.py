@@ -326,7 +326,8 @@ class CarrierProtocol(_Side):
             self.bytes_received += len(data)
             peer.write(data)
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                self.feed(CloseFrameSeen(Side.CARRIER))
+                if _is_close_frame(data, masked=True):
+                    self.feed(CloseFrameSeen(Side.CARRIER))
             return
         state = self.machine.state
         if state is State.HEAD:
@@ -745,7 +746,7 @@ class FleetProtocol(_Side):
             if exchange is not None:  # relaying an answer
                 self._relay_progress(exchange.feed(data))
             elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                if self.pump is not None:
+                if self.pump is not None and _is_close_frame(data, masked=False):
                     self.pump.feed(CloseFrameSeen(Side.FLEET))
             return
         self._pending += data
@@ -797,6 +798,8 @@ class FleetProtocol(_Side):
         Flow control is wired first, so the carrier's buffer filling up
         (even with these first bytes) stops the fleet being read."""
         assert carrier.transport is not None
+        exchange = self.exchange
+        assert exchange is not None  # its head is read: linked once
         if not relaying:
             # A tunnel reads the exchange no more: a held call does not keep its
             # HTTP state and the fleet's head (memory per call). Let go before
@@ -807,6 +810,9 @@ class FleetProtocol(_Side):
         carrier.peer_side = self
         pending = bytes(self._pending)
         self._pending.clear()
+        # What came after the fleet's head counts as relayed (the head is not),
+        # as every later read does: a body, or the first frames of a tunnel.
+        self.bytes_received += len(pending) - exchange.head_bytes
         carrier.transport.write(pending)
         if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
@@ -826,6 +832,20 @@ class FleetProtocol(_Side):
     def unlink(self) -> None:
         super().unlink()
         self.pump = None
+
+
+def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
+    """Whether a read is one whole WebSocket close frame (opcode 8, FIN), as a
+    side sends it alone as it hangs up (masked from the carrier, a client; not
+    from the fleet). Only the first byte was looked at on the hot path; a
+    record of a message's payload may start with 0x88 too, and is not one."""
+    if len(data) < 2:
+        return False
+    second = data[1]
+    length = second & 0x7F
+    if bool(second & 0x80) is not masked or length > 125:
+        return False
+    return len(data) == 2 + (4 if masked else 0) + length
 
 
 def _lost_kind(exc: Exception | None) -> Lost:
