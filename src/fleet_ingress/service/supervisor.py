@@ -680,14 +680,25 @@ class Supervisor:
             )
             return
         self.restarts[_restart_reason(code)] += 1
-        self.calls_lost_total += worker.calls_lost
-        log.error(
-            "worker whose slot channel was lost exited: the calls it had then are "
-            "counted lost, its slots came back; a new worker replaced it"
-            if worker.channel_lost
-            else "worker died: its calls are lost; a new worker replaces it",
-            extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
-        )
+        if worker.channel_lost and code == 0:
+            # Without its channel it drained on its own and exited cleanly: each
+            # of its calls ended and was logged there with how it ended (its
+            # counts since its last report could not reach the host's stats).
+            worker.calls_lost = 0
+            log.warning(
+                "worker whose slot channel was lost finished its calls and exited: "
+                "its slots came back; a new worker replaced it",
+                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+            )
+        else:
+            self.calls_lost_total += worker.calls_lost
+            log.error(
+                "worker whose slot channel was lost exited: the calls it had then are "
+                "counted lost, its slots came back; a new worker replaced it"
+                if worker.channel_lost
+                else "worker died: its calls are lost; a new worker replaces it",
+                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+            )
         self._replace(worker)
 
     def _replace(self, worker: WorkerProcess) -> None:
