@@ -1293,6 +1293,27 @@ async def test_a_channel_lost_worker_holding_nothing_keeps_its_kill_deadline_ove
             adopted.proc._close()
 
 
+async def test_a_channel_lost_worker_reaped_clean_just_before_the_exec_loses_no_call(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Review (session 8): the previous image had reaped a worker whose slot
+    channel was lost (exit 0: it finished its calls itself) but not yet
+    counted its exit. The new image counts it as that image would have: a
+    restart, no call lost. Before, it counted its 2 calls lost."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    carried = _carried_with(
+        tmp_path, pid=2**22 + 7, channel_lost=True, exit_code=0, calls_lost=2, held=["a", "a"]
+    )
+    new = _supervisor(tmp_path, carried=carried)
+    try:
+        await new._adopt_workers({})
+        await eventually(lambda: not new.workers)  # its exit counted
+        assert (new.calls_lost_total, dict(new.restarts)) == (0, {"exited": 1})
+        assert [f.active for f in new.balancer.fleets] == [0]  # nothing kept for it
+    finally:
+        await new.close()
+
+
 async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

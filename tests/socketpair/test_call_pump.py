@@ -217,8 +217,9 @@ async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hu
 ):
     """Who hung up is told by a read that is one whole close frame. A binary
     message's payload read on its own may start with 0x88 too (here the
-    carrier's masked payload): it is not a close frame, so the fleet's close
-    frame, which follows, says the fleet hung up."""
+    carrier's masked payload): it is not a close frame. The fleet's close
+    frame, which follows, is: the fleet hung up, though the carrier's TCP
+    close then comes first (the fleet waits for it)."""
     got_payload = asyncio.Event()
 
     async def close_after_a_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -228,6 +229,7 @@ async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hu
         got_payload.set()
         writer.write(b"\x88\x02\x0f\xa1")  # close 4001, unmasked: the fleet is the server
         await writer.drain()
+        await reader.read()  # until the carrier's side is closed
         writer.close()
 
     pump = await pump_with_fleet(close_after_a_message)
@@ -239,10 +241,10 @@ async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hu
     await asyncio.sleep(0.05)  # read by the ingress apart from its payload
     writer.write(b"\x88" + bytes(99))  # the payload, starting as a close frame would
     await asyncio.wait_for(got_payload.wait(), 5)
-    assert await asyncio.wait_for(reader.read(-1), 5) == b"\x88\x02\x0f\xa1"
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x0f\xa1"
+    writer.close()  # the carrier answers a close by closing: TCP goes from its side first
     await eventually(lambda: not pump.ctx.registry.calls)
     assert dict(pump.ctx.registry.ended) == {("a", "fleet closed"): 1}
-    writer.close()
 
 
 @pytest.mark.parametrize(
@@ -272,27 +274,6 @@ async def test_bytes_to_the_carrier_count_what_follows_the_fleets_head_in_its_fi
     assert await asyncio.wait_for(reader.read(-1), 5) == answer + after_head
     await eventually(lambda: not pump.ctx.registry.calls)
     assert pump.ctx.registry.ended_bytes_to_carrier == len(after_head)
-    writer.close()
-
-
-async def test_a_fleet_answering_something_else_than_http_gets_502_at_once(pump_with_fleet):
-    """A stream that cannot start an HTTP answer is refused as it arrives,
-    not when the response timeout (2 s here) has passed."""
-
-    async def ssh_banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        await read_head(reader)
-        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)  # and holds the connection
-        writer.close()
-
-    pump = await pump_with_fleet(ssh_banner)
-    reader, writer = await pump.carrier()
-    started = asyncio.get_running_loop().time()
-    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
-    answer = await asyncio.wait_for(reader.read(-1), 5)
-    assert answer.startswith(b"HTTP/1.1 502 "), answer
-    assert asyncio.get_running_loop().time() - started < 1.0
     writer.close()
 
 

@@ -86,18 +86,7 @@ def test_a_response_head_over_the_limit_is_junk():
     assert info.value.kind == "junk-response"
 
 
-@pytest.mark.parametrize(
-    "first", [b"SSH-2.0-OpenSSH_9.6\r\n", b"S", b"HTTP/2 200\r\n", b"HTTP/1.1 abc\r\n", b"\r\n"]
-)
-def test_an_answer_that_cannot_be_http_is_junk_as_its_first_bytes_arrive(first):
-    """Not only once a head is whole (h11): a fleet that sends a banner and
-    holds the line is answered at once, not after the response timeout."""
-    with pytest.raises(ResponseError) as info:
-        _exchange().feed(first)
-    assert info.value.kind == "junk-response"
-
-
-def test_a_status_line_arriving_byte_by_byte_is_judged_once_it_can_be():
+def test_an_answer_arriving_byte_by_byte_has_its_head_bytes():
     ex = _exchange()
     answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
     for i in range(len(answer) - 1):

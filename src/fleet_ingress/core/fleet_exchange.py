@@ -8,7 +8,6 @@ the fleet's own bytes, unchanged (SPEC: relayed exactly as the fleet sent it).
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 import h11
@@ -23,16 +22,6 @@ class ResponseError(Exception):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind  # "empty-response" or "junk-response"
         self.detail = detail
-
-
-# How every HTTP/1.x answer starts (RFC 9112 4: HTTP-version SP 3DIGIT, then SP,
-# or CRLF where a reason phrase is left out). A stream that cannot start so is
-# refused as its first bytes arrive, as HAProxy does: not after the response
-# timeout (h11 judges a head once it is whole), nor retried as an empty answer
-# when the fleet then closes.
-_ANSWER_START = b"HTTP/1."
-_STATUS_LINE_START = re.compile(rb"HTTP/1\.[0-9] [0-9]{3}[ \r]")
-_STATUS_LINE_START_LEN = len(b"HTTP/1.1 200 ")
 
 
 class Progress(enum.Enum):
@@ -62,29 +51,12 @@ class FleetExchange:
         # what follows the head is what the carrier is relayed as the call's.
         self._fed = 0
         self.head_bytes = 0
-        self._start: bytes | None = b""  # the answer's first bytes, until judged
 
     def feed(self, data: bytes) -> Progress:
         """Feed bytes from the fleet and say how far the answer got."""
-        if self._start is not None:
-            self._judge_start(data)
         self._fed += len(data)
         self._conn.receive_data(data)
         return self.advance()
-
-    def _judge_start(self, data: bytes) -> None:
-        start = self._start
-        assert start is not None
-        start += bytes(data[: _STATUS_LINE_START_LEN - len(start)])
-        if len(start) >= _STATUS_LINE_START_LEN:
-            self._start = None
-            if _STATUS_LINE_START.match(start) is None:
-                raise ResponseError("junk-response", f"not an HTTP response: {start!r}")
-        elif not _ANSWER_START.startswith(start[: len(_ANSWER_START)]):
-            self._start = None
-            raise ResponseError("junk-response", f"not an HTTP response: {start!r}")
-        else:
-            self._start = start
 
     def feed_eof(self) -> Progress:
         """The fleet closed its side."""

@@ -103,7 +103,8 @@ def describe_result(body: dict[str, Any]) -> str:
     unreachable = body.get("unreachable_calls") or 0
     cannot = (
         f"; {_calls(unreachable)} on a worker that lost its slot channel could not be "
-        "told to close: they end on their own, by timeouts.drain at the latest "
+        "told to close: they end on their own, or as that worker is killed at "
+        "timeouts.drain + 5 s after its channel was lost "
         '(`fleet-ingress stat` shows that worker as "draining, channel lost")'
         if unreachable
         else ""

@@ -261,8 +261,8 @@ class _WorkersCollector(Collector):
         yield restarts
         yield CounterMetricFamily(
             f"{PREFIX}_slots_reclaimed",
-            "Fleet slots taken back from workers gone holding them (died, or exited after "
-            "their slot channel was lost): calls lost.",
+            "Fleet slots taken back from workers gone holding them: died (their calls "
+            "lost), or exited after their slot channel was lost (kept counted until then).",
             value=self.slots.reclaimed_total,
         )
         yield CounterMetricFamily(

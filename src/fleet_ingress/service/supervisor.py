@@ -1209,8 +1209,10 @@ class Supervisor:
             worker.joined.set()
             worker.left.set()
             held = carried.get("held")
-            if carried.get("channel_lost") and worker.proc.returncode is None:
-                worker.channel_lost = True
+            # Reaped there already, its exit not yet counted: still a worker
+            # whose channel was lost (a clean exit then loses no call).
+            worker.channel_lost = bool(carried.get("channel_lost"))
+            if worker.channel_lost and worker.proc.returncode is None:
                 if isinstance(held, list) and held:
                     self.slots.reserve(
                         worker.key, pid=pid, generation=generation, fleets=map(str, held)
