@@ -39,7 +39,9 @@ fails, as ``TLSConnection._read`` does:
 - ``BARE_BIO_REUSE=1``: each fleet's TLS session is kept (taken at the fleet's
   first bytes, when a TLS 1.3 ticket has come) and offered by the next
   connection to it, as HAProxy does for its servers by default: what
-  resumption saves a call's set-up (churn).
+  resumption saves a call's set-up (churn). With ``BARE_BIO_REUSE_KEEP=1``
+  too, a fleet's first session is kept for good and offered by every later
+  connection, none taken after it.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class FleetSide(Side):
         self._key: Address | None = key
 
     def data_received(self, data: memoryview) -> None:
-        if self._key is not None:
+        if self._key is not None and not (_REUSE_KEEP and self._key in _SESSIONS):
             session = self.conn.ssl_socket.session
             if session is not None:
                 _SESSIONS[self._key] = session
@@ -188,6 +190,9 @@ _VARIANT = {
 }
 # Not a replaced method, unlike the above: the fleet connection offers a session.
 _REUSE = os.environ.get("BARE_BIO_REUSE") == "1"
+# With it: a fleet's first session is kept and offered by every later
+# connection (none taken after it: the getter copies the session each time).
+_REUSE_KEEP = os.environ.get("BARE_BIO_REUSE_KEEP") == "1"
 _OPEN = tls_socket._OPEN
 _libssl: ctypes.CDLL | None = None
 SSL_CTRL_GET_READ_AHEAD = 40
