@@ -1201,12 +1201,19 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         kept = old.server.handover()
         worker._transport.write(line[50:])  # during the exec
         carried = take_state({UPGRADE_STATE: str(fd)})
+        assert carried is not None
+        # As the old image would have said of it, had it started it pinned to CPU 1.
+        (entry,) = _carried_with(tmp_path, pid=os.getpid(), cpu=1)["workers"]
+        carried["workers"] = [entry]
         new = _supervisor(tmp_path, handed=kept, carried=carried)
         await new._adopt_workers(new.handed)
         requests = lambda: new.view.totals().counter("requests", "/ws/", "101")  # noqa: E731
         await eventually(lambda: requests() == 7)
         assert [(r.pid, r.calls) for r in new.slots.workers] == [(os.getpid(), 0)]
         assert not worker.lost.done()
+        # Its CPU goes over too: a replacement started later takes another.
+        assert [w.cpu for w in new.workers.values()] == [1]
+        assert new._state_for_exec()["workers"][0]["cpu"] == 1
     finally:
         worker.close()
         if new is not None:

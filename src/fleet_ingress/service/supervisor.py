@@ -1079,6 +1079,8 @@ class Supervisor:
                     or (rows[w.key].channel_lost if w.key in rows else False),
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
+                    # process.cpu_affinity: a replacement started later takes another CPU.
+                    "cpu": w.cpu,
                 }
                 for w in self.workers.values()
             ],
@@ -1158,6 +1160,8 @@ class Supervisor:
                 key,
                 started_at=float(carried.get("started_at", time.monotonic())),
                 retiring=bool(carried.get("retiring", False)),
+                # None from a release that did not carry it: that worker's CPU is free to take.
+                cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
             if worker.retiring:
                 self._arm_carried_backstop(worker, carried)
