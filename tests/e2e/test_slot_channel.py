@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import socket
 from collections import Counter
@@ -16,7 +17,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
-from fleet_ingress.core.host_view import HostView
+from fleet_ingress.core.host_view import Counts, HostView, WorkerReport
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
@@ -338,6 +339,41 @@ async def test_a_worker_slow_after_the_reexecution_keeps_its_slots_counted_and_m
         assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
     finally:
         slow_theirs.close()
+        await server.close()
+
+
+def _report_line(pid: int, ended: int, *, seq: int, final: bool = False) -> bytes:
+    counts = Counts()
+    counts.counters[("calls_ended", "carrier closed")] = ended
+    wire = WorkerReport(pid, 2, seq, 100.0, counts, final=final).to_wire()
+    return encode({**wire, "op": "report"})
+
+
+@pytest.mark.parametrize("final", [True, False])
+async def test_a_worker_that_exits_during_the_exec_is_read_before_it_is_written_to(final):
+    """Found by an independent check (session 8): a worker whose last calls end
+    during the supervisor's exec sends their releases and its final report and
+    exits. The next image wrote "sync" first: the write failed (EPIPE) and the
+    transport closed unread, so the host lost what that worker had counted
+    since its last report (calls_ended short for good) and counted its
+    released slots reclaimed. Now what waits is read first. A worker that
+    dies instead (no final report) still takes what it held with it."""
+    view = HostView()
+    view.report(WorkerReport.from_wire(json.loads(_report_line(4242, 10, seq=5))), 0.0)
+    server = _next_image(4, view=view)
+    ours, theirs = socket.socketpair()
+    sent = encode({"op": "release", "id": 7}) + encode({"op": "release", "id": 8})
+    if final:
+        sent += _report_line(4242, 12, seq=6, final=True)
+    theirs.sendall(sent)
+    theirs.close()  # exited
+    try:
+        await server.adopt(ours, restoring=True, worker=(4242, 2), held_before=["b", "b"])
+        await eventually(lambda: not server._channels)
+        ended = view.totals().counter("calls_ended", "carrier closed")
+        assert (ended, server.slots.reclaimed_total) == ((12, 0) if final else (10, 2))
+        assert server.slots.workers == []
+    finally:
         await server.close()
 
 

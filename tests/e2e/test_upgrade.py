@@ -1321,6 +1321,26 @@ async def test_a_channel_lost_worker_reaped_clean_just_before_the_exec_loses_no_
         await new.close()
 
 
+async def test_a_worker_whose_channel_came_over_is_not_watched_twice_once_reaped(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Found by an independent check (session 8): a worker whose channel came
+    over the exec but which exited meanwhile can be reaped by its watcher,
+    and gone from `workers`, before the new image looks for the workers whose
+    channel did not come over. Those are found by the channels adopted, not
+    by `workers`: else it got a second watcher and its exit was logged (and,
+    for a death, counted) twice."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=2**22 + 9, exit_code=1))
+    try:
+        new._watch_channelless(adopted={2**22 + 9})  # its channel came over; reaped since
+        assert not new.workers
+        await asyncio.sleep(0.05)
+        assert dict(new.restarts) == {}  # counted by its own watcher alone (none here)
+    finally:
+        await new.close()
+
+
 async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

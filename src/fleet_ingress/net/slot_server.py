@@ -54,6 +54,10 @@ from fleet_ingress.net.slot_wire import (
 
 log = logging.getLogger("fleet_ingress.slots")
 
+# Read at once from a channel kept over an exec: a few reports' worth; more
+# waits for the transport.
+_WAITING_READ_MAX = 4 * 1024 * 1024
+
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset({"hello", "acquire", "release", "state", "report"})
 
@@ -71,12 +75,20 @@ class _Channel(asyncio.Protocol):
         restoring: bool = False,
         held_before: list[str] | None = None,
         unread: bytes = b"",
+        waiting: bytes = b"",
+        ended: bool = False,
     ) -> None:
         self.server = server
         self.key = key
         self.transport: asyncio.Transport | None = None
         # `unread`: the head of a line the previous reader of this socket had read.
         self.decoder = LineDecoder(unread)
+        # Kept over an exec: what the worker sent meanwhile, read before this end
+        # writes, and whether it had closed its end (exited) by then.
+        self._waiting = waiting
+        self._ended = ended
+        # Its final report was read: it had ended its calls and given their slots back.
+        self.drained = False
         self.joined = False
         self.restoring = restoring  # kept across a re-execution: waits for "state"
         # What the previous image's table said it held (a fleet name a slot), if known.
@@ -92,7 +104,19 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.server._channels[self.key] = self
-        if self.restoring:
+        if not self.restoring:
+            return
+        # What a worker sent during the exec is read before "sync" is written: a
+        # worker that exited meanwhile (its final report, then its end closed)
+        # makes that write fail, and the transport then closes unread.
+        waiting, self._waiting = self._waiting, b""
+        if waiting:
+            self.data_received(waiting)
+        if self.transport.is_closing():
+            return  # it broke the protocol: closed there
+        if self._ended:
+            self.transport.close()  # nobody to ask: gone (connection_lost follows)
+        else:
             self.send({"op": "sync"})
 
     def data_received(self, data: bytes) -> None:
@@ -190,8 +214,18 @@ class SlotServer:
             self._restoring.add(key)
             self._restored.clear()
 
+        waiting, ended = _take_waiting(sock) if restoring else (b"", False)
+
         def channel() -> _Channel:
-            made = _Channel(self, key, restoring=restoring, held_before=held_before, unread=unread)
+            made = _Channel(
+                self,
+                key,
+                restoring=restoring,
+                held_before=held_before,
+                unread=unread,
+                waiting=waiting,
+                ended=ended,
+            )
             if worker is not None:
                 made.pid, made.generation = worker
             return made
@@ -541,6 +575,8 @@ class SlotServer:
     def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
         if channel.asked is not None and not channel.asked.done():
             channel.asked.set_result(None)
+        if message.get("final") is True:
+            channel.drained = True
         if self.view is None:
             return
         try:
@@ -609,12 +645,14 @@ class SlotServer:
         if (
             self.slots.get(channel.key) is None
             and channel.held_before
+            and not channel.drained
             and channel.pid is not None
             and channel.generation is not None
         ):
             # Kept over an exec, ended before its "state": what the previous
             # image's table said it held is what it takes with it (counted
-            # reclaimed, or kept while its process runs).
+            # reclaimed, or kept while its process runs). Not so when its final
+            # report came first: it had ended every call and released its slots.
             self.slots.reserve(
                 channel.key,
                 pid=channel.pid,
@@ -715,6 +753,26 @@ class SlotServer:
         now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
         self._timer, self._timer_at = None, None
         self._send(self.slots.expire(now))
+
+
+def _take_waiting(sock: socket.socket) -> tuple[bytes, bool]:
+    """What a channel kept over an exec holds unread now, and whether its peer
+    has closed its end (read as far as that; bounded: the rest is read as usual)."""
+    sock.setblocking(False)
+    chunks: list[bytes] = []
+    size = 0
+    while size < _WAITING_READ_MAX:
+        try:
+            chunk = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return b"".join(chunks), False
+        except OSError:
+            return b"".join(chunks), True  # reset: gone as surely as closed
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), False
 
 
 def _by_fleet(row: WorkerRow) -> dict[str, int]:

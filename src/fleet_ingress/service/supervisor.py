@@ -1138,6 +1138,7 @@ class Supervisor:
         """The new image: serve every kept worker channel again and rebuild the
         slot table from what the workers say they hold."""
         self.slots.paused = True
+        adopted: set[int] = set()
         for name, sock in kept.items():
             ids = worker_key(name)
             if ids is None:
@@ -1145,6 +1146,7 @@ class Supervisor:
                 sock.close()
                 continue
             pid, generation = ids
+            adopted.add(pid)
             carried = self._carried_workers.get(pid, {})
             held = carried.get("held")
             key = await self.server.adopt(
@@ -1170,7 +1172,9 @@ class Supervisor:
             self.workers[key] = worker
             self._said_early(worker)
             self._keep(self._watch(worker))
-        self._watch_channelless()
+        # By the pids adopted, not by `workers`: one whose channel came over
+        # may have exited and been reaped already (its watcher runs meanwhile).
+        self._watch_channelless(adopted)
         silent = await self.server.finish_restore(RESTORE_TIMEOUT)
         # A worker slow to answer is still one: its stats stay its own.
         present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
@@ -1185,7 +1189,7 @@ class Supervisor:
             ),
         )
 
-    def _watch_channelless(self) -> None:
+    def _watch_channelless(self, adopted: set[int]) -> None:
         """Workers of the previous image whose channel did not come over: it
         had closed (the worker was exiting, its slots reclaimed there and its
         replacement carried as due; or the channel was lost while it ran, its
@@ -1196,7 +1200,6 @@ class Supervisor:
         its kill deadline re-armed. Each is known as the other workers are
         (`workers`): a stop waits for it and kills it at its end, and a later
         exec carries it again."""
-        adopted = {w.pid for w in self.workers.values()}
         for pid, carried in self._carried_workers.items():
             if pid in adopted:
                 continue
