@@ -111,13 +111,11 @@ class _Channel(asyncio.Protocol):
         # makes that write fail, and the transport then closes unread.
         waiting, self._waiting = self._waiting, b""
         if waiting:
-            self.data_received(waiting)
-        if self.transport.is_closing():
-            return  # it broke the protocol: closed there
+            self.data_received(waiting)  # one that breaks the protocol is closed there
         if self._ended:
             self.transport.close()  # nobody to ask: gone (connection_lost follows)
         else:
-            self.send({"op": "sync"})
+            self.send({"op": "sync"})  # not to a channel closed meanwhile
 
     def data_received(self, data: bytes) -> None:
         try:

@@ -311,13 +311,13 @@ class FleetOps:
                         await gone.wait()
                 except TimeoutError:
                     pass  # reported below as not yet removed
-        removed = fleet not in self.fleets
         return {
             "fleet": name,
-            "removed": removed,
+            "removed": fleet not in self.fleets,
             # Forced: what still holds a slot on it after the wait (a call its
-            # worker could not be told to close, or one slow to go).
-            "draining_calls": (0 if removed else fleet.active) if force else calls,
+            # worker could not be told to close, or one slow to go); none once
+            # it is removed, which it is only at its last slot.
+            "draining_calls": fleet.active if force else calls,
             "closed_calls": closed,
             "unreachable_calls": unreachable,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
