@@ -1071,18 +1071,29 @@ async def test_a_worker_being_started_at_the_exec_goes_over_and_is_reaped(
         await service.finish()
 
 
+@pytest.mark.parametrize("channel_first", [False, True], ids=["zombie-first", "channel-first"])
 async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exit(
-    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path, channel_first: bool
 ) -> None:
     """A worker killed with a call on it: the supervisor has reaped it (its
     exit status read) but not yet logged and counted it when it re-executes.
     The new image must say what the old one saw: killed by SIGKILL, one call
-    lost, a restart for reason "killed"; not "exit 0", nothing lost."""
+    lost, a restart for reason "killed"; not "exit 0", nothing lost. With
+    `channel_first`, its channel's end is read while it still reads as running
+    (as when the kernel makes it a zombie a moment later): its slots are kept
+    until it is reaped, and it is still a death, not a channel lost."""
     src = _copy_package(tmp_path)
     _flag_trial_passed(src)
     _pause_until_trial_passed(
         src, "# Its channel closes with it: let the coordinator count", "worker.generation == 1"
     )
+    if channel_first:
+        _plant_lines(
+            src,
+            "def _still_running(self, key: int, pid: int) -> bool:",
+            ["    if not self._resumed:", "        return True"],
+            after=True,
+        )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     load = _fleets_load(service, tls_files, fleets)
     try:

@@ -1072,11 +1072,14 @@ class Supervisor:
                     # channel's end awaited): the new image does, with these.
                     "exit_code": w.proc.returncode,
                     "calls_lost": w.calls_lost,
-                    # Its channel ended, its process runs: "held" stays counted until it
-                    # exits. Known by the row, or by the worker alone when it came over
-                    # an exec holding nothing (no row was kept for it then).
-                    "channel_lost": w.channel_lost
+                    # Its channel ended while its process ran: "held" stays counted
+                    # until it exits. Known by the row, or by the worker alone when it
+                    # came over an exec holding nothing (no row was kept for it then).
+                    "slots_kept": w.channel_lost
                     or (rows[w.key].channel_lost if w.key in rows else False),
+                    # Still running LOST_CHANNEL_CONFIRM after (`_channel_lost`): a
+                    # channel lost, not a death whose channel ended a moment first.
+                    "channel_lost": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                     # process.cpu_affinity: a replacement started later takes another CPU.
@@ -1217,15 +1220,21 @@ class Supervisor:
             worker.left.set()
             held = carried.get("held")
             # Reaped there already, its exit not yet counted: still a worker
-            # whose channel was lost (a clean exit then loses no call).
+            # whose channel was lost (a clean exit then loses no call). A release
+            # that carried no "slots_kept" said both in "channel_lost".
             worker.channel_lost = bool(carried.get("channel_lost"))
-            if worker.channel_lost and worker.proc.returncode is None:
+            kept = bool(carried.get("slots_kept", worker.channel_lost))
+            if kept and worker.proc.returncode is None:
                 if isinstance(held, list) and held:
                     self.slots.reserve(
                         worker.key, pid=pid, generation=generation, fleets=map(str, held)
                     )
                     self.slots.leave(worker.key, keep_held=True)
                 self._arm_carried_backstop(worker, carried)
+                if not worker.channel_lost:  # its channel ended just before the exec
+                    asyncio.get_running_loop().call_later(
+                        LOST_CHANNEL_CONFIRM, self._channel_lost, worker
+                    )
             self.workers[worker.key] = worker
             self._keep(self._watch(worker))
 
