@@ -1011,8 +1011,9 @@ def _plant_lines(src: Path, anchor: str, code: list[str], *, after: bool = False
 
 def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
     """In the first image, the supervisor's line holding `anchor` is preceded
-    by a wait, if `when`, until the upgrade's trial run passed and 0.3 s more:
-    across the exec, which comes 50 ms after it."""
+    by a wait, if `when`, until the upgrade's trial run passed and 0.6 s more:
+    across the exec, which comes 0.15-0.2 s after it (the stats and admin
+    listeners quiet: QUIESCE_SETTLE, SIGNALS_SETTLE)."""
     _plant_lines(
         src,
         anchor,
@@ -1020,7 +1021,7 @@ def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
             f"if ({when}) and not self._resumed:",
             "    while not getattr(self, '_trial_passed', False):",
             "        await asyncio.sleep(0.01)",
-            "    await asyncio.sleep(0.3)",
+            "    await asyncio.sleep(0.6)",
         ],
     )
 
@@ -1518,3 +1519,77 @@ async def test_a_channel_lost_worker_retired_by_an_upgrade_still_counts_its_exit
         print("worker_calls_lost:", stats["worker_calls_lost"])
         print("worker_restarts:", stats["worker_restarts"])
         assert (stats["worker_calls_lost"], stats["worker_restarts"]) == (0, {"exited": 1}), exits
+
+
+async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """Scrapes of /stats.json and /metrics and admin `GET /stat` run back to
+    back through an upgrade, each taking 0.2 s in the first image (so one is
+    always in flight when it re-executes): every one is answered whole, by the
+    old image or by the new one, none cut by the exec. Asked over a connection
+    each with no retry: HTTP clients (aiohttp, Go's net/http) ask a GET again
+    when the connection drops, which would hide a cut."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/supervisor.py",
+        "        await self.server.collect_reports(SCRAPE_WAIT)\n",
+        "        if not self._resumed:\n            await asyncio.sleep(0.2)\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
+    answered: list[tuple[str, bytes]] = []
+    failed: list[tuple[str, str]] = []
+    done = asyncio.Event()
+    admin_path = str(service.home / "admin.sock")
+
+    async def ask_once(path: str, unix: bool) -> bytes:
+        if unix:
+            reader, writer = await asyncio.open_unix_connection(admin_path)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.stats_port)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = [
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ]
+        if not head or length != [len(body)]:
+            raise AssertionError(f"cut: {len(answer)} bytes, head {head[:80]!r}")
+        return head.split(b"\r\n")[0]
+
+    async def ask(path: str, unix: bool = False) -> None:
+        while not done.is_set():
+            try:
+                answered.append((path, await ask_once(path, unix)))
+            except (AssertionError, OSError, TimeoutError) as exc:
+                failed.append((path, repr(exc)))
+            await asyncio.sleep(0.01)
+
+    try:
+        askers = [
+            asyncio.ensure_future(ask("/stats.json")),
+            asyncio.ensure_future(ask("/metrics")),
+            asyncio.ensure_future(ask("/stat", unix=True)),
+        ]
+        await asyncio.sleep(0.5)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=40)
+        await asyncio.sleep(0.5)
+        done.set()
+        await asyncio.gather(*askers)
+        assert not failed, failed
+        assert {path for path, _ in answered} == {"/stats.json", "/metrics", "/stat"}
+        assert {status for _, status in answered} == {b"HTTP/1.1 200 OK"}
+        assert [r["generation"] for r in await _rows(service)] == [2]
+        quiet = [
+            e for e in service.log() if e.get("event", "").startswith("upgrade: stats and admin")
+        ]
+        assert len(quiet) == 1 and quiet[0]["connections"] >= 1, quiet
+    finally:
+        await service.finish()

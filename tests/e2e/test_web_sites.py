@@ -10,6 +10,8 @@ from aiohttp import web
 
 from fleet_ingress.ops.web_sites import WebSites
 
+WHO = web.AppKey("who", str)
+
 
 async def test_a_site_that_cannot_start_is_cleaned_up_and_its_error_raised() -> None:
     """The stats port is taken (another process listens on it): `serve` must
@@ -41,3 +43,69 @@ async def test_a_site_that_cannot_start_is_cleaned_up_and_its_error_raised() -> 
         taken.close()
         await sites.close()
     assert cleaned == ["cleanup"]
+
+
+async def test_quiesce_answers_requests_in_flight_and_leaves_new_ones_to_the_next_owner() -> None:
+    """Before an exec the supervisor quiets its kept sites: a request in flight
+    is answered whole, an idle keep-alive connection is closed, and a request
+    that comes meanwhile waits in the listening socket's backlog (the socket
+    stays open) until whoever serves it next (here another `WebSites`, as the
+    new image would) answers it."""
+    import asyncio
+
+    import aiohttp
+
+    started = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.sleep(0.4)
+        return web.Response(text="slow done")
+
+    async def fast(request: web.Request) -> web.Response:
+        return web.Response(text=request.app[WHO])
+
+    def app(who: str) -> web.Application:
+        application = web.Application()
+        application[WHO] = who
+        application.router.add_get("/slow", slow)
+        application.router.add_get("/fast", fast)
+        return application
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    old, new = WebSites(), WebSites()
+    try:
+        await old.serve_kept(app("old"), sock)
+        async with aiohttp.ClientSession() as idle, aiohttp.ClientSession() as session:
+            async with idle.get(f"{url}/fast") as r:  # leaves an idle keep-alive connection
+                assert await r.text() == "old"
+            in_flight = asyncio.ensure_future(session.get(f"{url}/slow"))
+            await started.wait()
+            quiet = asyncio.ensure_future(old.quiesce(2.0))
+            await asyncio.sleep(0.2)  # the sites have stopped accepting
+            assert sock.fileno() >= 0
+            meanwhile = asyncio.ensure_future(session.get(f"{url}/fast"))
+            closed = await quiet
+            assert closed == 2  # the idle one and the one in flight
+            response = await in_flight
+            assert (response.status, await response.text()) == (200, "slow done")
+            await asyncio.sleep(0.2)
+            assert not meanwhile.done()  # nobody accepts: it waits in the backlog
+            await new.serve_kept(app("new"), sock)
+            response = await asyncio.wait_for(meanwhile, 5)
+            assert (response.status, await response.text()) == (200, "new")
+            # Not resumed, the old one stays quiet; resumed, it serves again.
+            await old.resume()
+            answers = set()
+            for _ in range(20):
+                async with aiohttp.ClientSession() as fresh:
+                    async with fresh.get(f"{url}/fast") as r:
+                        answers.add(await r.text())
+            assert answers <= {"old", "new"} and "old" in answers
+    finally:
+        await old.close()
+        await new.close()
+        sock.close()

@@ -2,11 +2,19 @@
 
 The in-process ingress and the supervisor serve the same two apps the same
 way; each keeps one `WebSites` and closes it when it stops.
+
+The supervisor re-executes itself keeping its listening sockets (`serve_kept`):
+before that it stops accepting and lets the requests in flight be answered
+(`quiesce`). Connections that arrive meanwhile wait in the socket's backlog for
+the next image; a scrape is not cut by the exec.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -16,11 +24,65 @@ from fleet_ingress.logs import fields
 log = logging.getLogger("fleet_ingress.server")
 
 
+# After the sites stop accepting, a connection accepted just before gets this
+# long for its request to arrive and be taken up before idle ones are closed.
+QUIESCE_SETTLE = 0.1
+
+
+@dataclass
+class _KeptSite:
+    """A site served on a duplicate of a listening socket its caller keeps."""
+
+    runner: web.AppRunner
+    sock: socket.socket
+    site: web.SockSite | None
+
+
 class WebSites:
     """The runners of the web apps a service serves, cleaned up together."""
 
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
+        self._kept: list[_KeptSite] = []
+
+    async def serve_kept(self, app: web.Application, sock: socket.socket) -> web.AppRunner:
+        """Serve `app` on listening socket `sock`, which stays the caller's (an
+        exec hands it over): the site listens on a duplicate, so stopping it
+        (`quiesce`) leaves `sock` listening and its backlog kept."""
+        dup = sock.dup()
+        try:
+            runner = await self.serve(app, web.SockSite, sock=dup)
+        except BaseException:
+            dup.close()
+            raise
+        (site,) = runner.sites
+        assert isinstance(site, web.SockSite)
+        self._kept.append(_KeptSite(runner, sock, site))
+        return runner
+
+    async def quiesce(self, timeout: float) -> int:
+        """Stop accepting on the kept sockets and answer the requests in
+        flight, waiting `timeout` at most for them; idle connections are
+        closed. Returns how many connections were open as it stopped accepting."""
+        servers = [k.runner.server for k in self._kept if k.runner.server is not None]
+        open_ = sum(len(server.connections) for server in servers)
+        for kept in self._kept:
+            if kept.site is not None:
+                await kept.site.stop()  # closes the duplicate only
+                kept.site = None
+        await asyncio.sleep(QUIESCE_SETTLE)
+        for server in servers:
+            server.pre_shutdown()
+        await asyncio.gather(*(server.shutdown(timeout) for server in servers))
+        return open_
+
+    async def resume(self) -> None:
+        """Accept again on the kept sockets (the exec did not happen)."""
+        for kept in self._kept:
+            if kept.site is None:
+                site = web.SockSite(kept.runner, sock=kept.sock.dup())
+                await site.start()
+                kept.site = site
 
     async def serve(
         self, app: web.Application, site_type: type[web.BaseSite], **where: Any

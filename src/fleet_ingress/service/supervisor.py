@@ -66,8 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from fleet_ingress.config.settings import IngressConfig, ListenSection
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -168,6 +166,9 @@ SIGNALS_SETTLE = 0.05
 # read yet (its socket buffer full) is waited for this long at most: the
 # hand-over would cut it (`SlotServer.handover` refuses then).
 HANDOVER_FLUSH = 1.0
+# Before an upgrade's exec, a stats or admin request in flight is given this
+# long to be answered (a scrape's refresh waits SCRAPE_WAIT at most).
+WEB_QUIESCE = 2.0
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
 
@@ -403,7 +404,7 @@ class Supervisor:
                     sock = bind_tcp(host, port, backlog=128)
             self._stats_sock = sock
             app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
-            await self._web.serve(app, web.SockSite, sock=sock)
+            await self._web.serve_kept(app, sock)
             sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
             server_log.info(
@@ -415,10 +416,8 @@ class Supervisor:
             if admin_sock is None:
                 admin_sock = bind_admin_socket(path)
             self._admin_sock = admin_sock
-            await self._web.serve(
-                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self),
-                web.SockSite,
-                sock=admin_sock,
+            await self._web.serve_kept(
+                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self), admin_sock
             )
             self.admin_socket = path
             server_log.info(
@@ -967,6 +966,26 @@ class Supervisor:
         # A worker slow to read its channel gets a moment to, signals not held
         # meanwhile; one still not reading makes the hand-over refuse.
         await self.server.flushed(HANDOVER_FLUSH)
+        # The stats and admin listeners stop accepting (what comes now waits in
+        # their backlog for the next image) and answer what was asked: the exec
+        # would cut it.
+        began = time.monotonic()
+        open_ = await self._web.quiesce(WEB_QUIESCE)
+        log.info(
+            "upgrade: stats and admin requests answered, their listeners wait for the new image",
+            extra=fields(
+                upgrade=status["id"],
+                connections=open_,
+                took_s=round(time.monotonic() - began, 3),
+            ),
+        )
+        try:
+            await self._reexec_or_give_up(status)
+        finally:  # reached only when this image serves on
+            await self._web.resume()
+
+    async def _reexec_or_give_up(self, status: dict[str, Any]) -> None:
+        """Re-execute (never returns then), or say why not and serve on."""
         # From here a stop or reload signal waits in the kernel for the next
         # image; one that came before is acted on in this one first.
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
@@ -1479,6 +1498,9 @@ class Supervisor:
             self._puller.cancel()
         await self.poller.close()
         await self._web.close()
+        for sock in (self._stats_sock, self._admin_sock):
+            if sock is not None:
+                sock.close()
         if self.admin_socket is not None:
             self.admin_socket.unlink(missing_ok=True)
         await self.server.close()
