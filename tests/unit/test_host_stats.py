@@ -142,10 +142,9 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     a = next(f for f in snap["fleets"] if f["name"] == "a")
     assert (a["calls_total"], a["responses"], a["responses_429"]) == (7, {"101": 7, "429": 2}, 2)
     assert a["active"] + next(f["active"] for f in snap["fleets"] if f["name"] == "b") == 1
-    assert [(w["pid"], w["generation"], w["calls"], w["draining"]) for w in snap["workers"]] == [
-        (101, 1, 0, True),
-        (202, 2, 1, False),
-    ]
+    assert [
+        (w["pid"], w["generation"], w["calls"], w["draining"], w["state"]) for w in snap["workers"]
+    ] == [(101, 1, 0, True, "draining"), (202, 2, 1, False, "serving")]
 
     table = format_stat_table(snap)
     assert "worker  gen  calls" in table
@@ -169,6 +168,7 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "connections": None,
             "draining": None,
             "channel_lost": False,
+            "state": None,
             "started": None,
             "last_report_age_s": None,
             "cpu_seconds": None,
@@ -185,9 +185,10 @@ def test_a_worker_whose_channel_was_lost_shows_its_slots_and_draining_until_it_e
     assert slots.acquire("k", 1, (), 0.0) is not None
     slots.leave("k", keep_held=True)  # its process runs on
     snap = host_snapshot(slots, HostView(), started_at=0.0)
-    assert [(w["pid"], w["calls"], w["draining"], w["channel_lost"]) for w in snap["workers"]] == [
-        (55, 1, True, True)
-    ]
+    assert [
+        (w["pid"], w["calls"], w["draining"], w["channel_lost"], w["state"])
+        for w in snap["workers"]
+    ] == [(55, 1, True, True, "draining, channel lost")]
     assert sum(f["active"] for f in snap["fleets"]) == 1
     assert "draining, channel lost" in format_stat_table(snap)
     assert "draining, channel lost" in render_stats_page(snap)

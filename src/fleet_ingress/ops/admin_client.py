@@ -176,9 +176,7 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
     """A row per worker process (a supervisor's snapshot)."""
     rows = [("worker", "gen", "calls", "conns", "state", "report")]
     for w in workers:
-        state = "-" if w["draining"] is None else ("draining" if w["draining"] else "serving")
-        if w.get("channel_lost"):
-            state = "draining, channel lost"
+        state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
         rows.append(
             (

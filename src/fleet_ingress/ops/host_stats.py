@@ -127,6 +127,15 @@ async def pull_reports(server: SlotServer, every: float = PULL_EVERY) -> None:
         await server.collect_reports(timeout=every)
 
 
+def worker_state(draining: bool | None, *, channel_lost: bool) -> str | None:
+    """What `stat` and /stats say a worker does: serving, draining (an old
+    generation, or a stop), draining with its slot channel lost; None before
+    its first report."""
+    if channel_lost:
+        return "draining, channel lost"
+    return None if draining is None else "draining" if draining else "serving"
+
+
 def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, Any]]:
     """A row per live worker: the coordinator's (pid, generation, calls holding a
     slot now) and its last report's (connections, draining, started, age)."""
@@ -137,14 +146,16 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     rows = []
     for worker in sorted(held.keys() | reported.keys()):
         seen = reported.get(worker)
+        draining = True if worker in lost else None if seen is None else seen.draining
         rows.append(
             {
                 "pid": worker[0],
                 "generation": worker[1],
                 "calls": held.get(worker, seen.calls if seen else 0),
                 "connections": None if seen is None else seen.connections,
-                "draining": True if worker in lost else None if seen is None else seen.draining,
+                "draining": draining,
                 "channel_lost": worker in lost,
+                "state": worker_state(draining, channel_lost=worker in lost),
                 "started": None if seen is None else seen.started,
                 "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),

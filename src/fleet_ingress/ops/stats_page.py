@@ -55,9 +55,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
             if w["started"] is None
             else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(w["started"]))
         )
-        state = None if w["draining"] is None else ("draining" if w["draining"] else "serving")
-        if w.get("channel_lost"):
-            state = "draining, channel lost"
+        state = w.get("state")
         age = None if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s"
         rows.append(
             "<tr>"
