@@ -138,7 +138,8 @@ def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
     a variant by its plain target, or else by the first variant of the same program listed
     (ingress@w2 / ingress@w1, haproxy@nt2 / haproxy@nt1); a fleet-ingress variant by
     HAProxy, and ingress@wN by haproxy@ntN (N processes against N threads)."""
-    pairs = [("ingress", "haproxy"), ("ingress", "bare")]
+    pairs = [("ingress", "haproxy"), ("ingress", "bare"), ("ingress1p", "haproxy")]
+    pairs += [(t, "ingress1p") for t in targets if base(t) == "ingress"]
     variants = [t for t in targets if "@" in t]
     pairs += [(t, base(t)) for t in variants if base(t) in targets]
     pairs += [(t, "haproxy") for t in variants if base(t) == "ingress"]

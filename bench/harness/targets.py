@@ -37,10 +37,13 @@ BARE_SPLICE = Path(__file__).resolve().parents[1] / "bare_splice.py"
 # The bare relays by target: uvloop's SSL transports, or socket BIOs (net/tls_socket.py).
 BARE_SPLICES = {"bare": BARE_SPLICE, "bare-bio": BARE_SPLICE.with_name("bare_bio_splice.py")}
 READY_TIMEOUT = 20.0
-TARGETS = ("direct", "ingress", "haproxy", "bare", "bare-bio")
+TARGETS = ("direct", "ingress", "ingress1p", "haproxy", "bare", "bare-bio")
+# fleet-ingress's Ingress in one process, no supervisor (its slot table in-process).
+ONE_PROCESS_INGRESS = Path(__file__).resolve().parent.parent / "one_process_ingress.py"
 LABELS = {
     "direct": "direct",
     "ingress": "fleet-ingress",
+    "ingress1p": "fleet-ingress in one process (bench floor: no supervisor)",
     "haproxy": "HAProxy",
     "bare": "bare splice",
     "bare-bio": "bare socket-BIO splice",
@@ -342,6 +345,9 @@ async def start_target(
         config = render_ingress(settings, tls, port, fleet_ports, directory, stats_port)
         argv = python_module("fleet_ingress", "run", "-c", str(config))
         notify, env["NOTIFY_SOCKET"] = notify_socket()
+    elif kind == "ingress1p":
+        config = render_ingress(settings, tls, port, fleet_ports, directory, stats_port)
+        argv = [sys.executable, str(ONE_PROCESS_INGRESS), "-c", str(config)]
     elif kind == "haproxy":
         binary = haproxy_binary()
         if binary is None:

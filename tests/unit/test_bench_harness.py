@@ -776,6 +776,10 @@ def test_cores_by_role_over_a_window() -> None:
             ["ingress@w1", "ingress@w2", "haproxy"],
             [("ingress@w1", "haproxy"), ("ingress@w2", "haproxy"), ("ingress@w2", "ingress@w1")],
         ),
+        (  # the one-process floor: against HAProxy, and what the supervisor adds over it
+            ["ingress@w1", "ingress1p", "haproxy"],
+            [("ingress@w1", "haproxy"), ("ingress1p", "haproxy"), ("ingress@w1", "ingress1p")],
+        ),
     ],
 )
 def test_ratio_pairs(names: list[str], pairs: list[tuple[str, str]]) -> None:
