@@ -989,7 +989,8 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-# The trial run passed: the exec comes SIGNALS_SETTLE (50 ms) later.
+# The trial run passed: the exec comes about 0.35 s later (the web sites'
+# QUIESCE_SETTLE, then SIGNALS_SETTLE).
 TRIAL_PASSED = '        log.info("upgrade: trial run passed"'
 
 
@@ -1011,9 +1012,8 @@ def _plant_lines(src: Path, anchor: str, code: list[str], *, after: bool = False
 
 def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
     """In the first image, the supervisor's line holding `anchor` is preceded
-    by a wait, if `when`, until the upgrade's trial run passed and 0.6 s more:
-    across the exec, which comes 0.15-0.2 s after it (the stats and admin
-    listeners quiet: QUIESCE_SETTLE, SIGNALS_SETTLE)."""
+    by a wait, if `when`, until the upgrade's trial run passed and 1.2 s more:
+    across the exec, which comes about 0.35 s after it (TRIAL_PASSED)."""
     _plant_lines(
         src,
         anchor,
@@ -1021,7 +1021,7 @@ def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
             f"if ({when}) and not self._resumed:",
             "    while not getattr(self, '_trial_passed', False):",
             "        await asyncio.sleep(0.01)",
-            "    await asyncio.sleep(0.6)",
+            "    await asyncio.sleep(1.2)",
         ],
     )
 
@@ -1079,22 +1079,22 @@ async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exi
     """A worker killed with a call on it: the supervisor has reaped it (its
     exit status read) but not yet logged and counted it when it re-executes.
     The new image must say what the old one saw: killed by SIGKILL, one call
-    lost, a restart for reason "killed"; not "exit 0", nothing lost. With
-    `channel_first`, its channel's end is read while it still reads as running
-    (as when the kernel makes it a zombie a moment later): its slots are kept
-    until it is reaped, and it is still a death, not a channel lost."""
+    lost, a restart for reason "killed"; not "exit 0", nothing lost. Either
+    order is forced: with `channel_first` its channel's end is read while it
+    still reads as running (the kernel makes it a zombie a moment later): its
+    slots are kept until it is reaped, and it is still a death, not a channel
+    lost; else it reads as exited by then (its slots given back at once)."""
     src = _copy_package(tmp_path)
     _flag_trial_passed(src)
     _pause_until_trial_passed(
         src, "# Its channel closes with it: let the coordinator count", "worker.generation == 1"
     )
-    if channel_first:
-        _plant_lines(
-            src,
-            "def _still_running(self, key: int, pid: int) -> bool:",
-            ["    if not self._resumed:", "        return True"],
-            after=True,
-        )
+    _plant_lines(
+        src,
+        "def _still_running(self, key: int, pid: int) -> bool:",
+        ["    if not self._resumed:", f"        return {channel_first}"],
+        after=True,
+    )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     load = _fleets_load(service, tls_files, fleets)
     try:
@@ -1132,10 +1132,14 @@ async def _upgraded_with_one_worker_killed(service: Any, dead: int) -> None:
     was killed with one call."""
     await service.wait_for("READY=1", count=2, timeout=40)
     assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
-    died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+    log = service.log()
+    died = [e for e in log if e.get("event", "").startswith("worker died")]
     assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in died] == [
         (dead, "killed by SIGKILL", 1)
     ]
+    # Said by the new image (its watcher in the old one was held past the exec).
+    (exec_at,) = [i for i, e in enumerate(log) if "re-executing" in e.get("event", "")]
+    assert log.index(died[0]) > exec_at
     stats = await service.stats()
     assert stats["worker_restarts"] == {"killed": 1}
     assert stats["worker_calls_lost"] == 1
@@ -1593,3 +1597,115 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
         assert len(quiet) == 1 and quiet[0]["connections"] >= 1, quiet
     finally:
         await service.finish()
+
+
+async def test_stats_and_admin_answer_while_the_exec_waits_for_a_worker_start(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker start under way at the upgrade (a respawn): the exec waits for
+    it (STARTS_SETTLE, 2 s here), then gives up. The admin socket must answer
+    all the while: the listeners go quiet only once no start is under way,
+    just before the exec, not for the whole wait."""
+    from fleet_ingress.ops.admin_client import admin_request
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    supervisor = _supervisor(tmp_path, starts_settle=2.0)
+
+    def reexec() -> None:
+        raise OSError("re-executed although a worker start had not settled")
+
+    monkeypatch.setattr(supervisor, "_reexec", reexec)
+    never = asyncio.Event()
+
+    async def start_worker(generation: int, *, candidate: bool, cpu: int | None) -> Any:
+        await never.wait()
+
+    monkeypatch.setattr(supervisor, "_start_worker", start_worker)
+    admin = tmp_path / "admin.sock"
+    sock = bind_admin_socket(admin)
+    supervisor._admin_sock = sock
+    app = admin_app(
+        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor
+    )
+    await supervisor._web.serve_kept(app, sock)  # as Supervisor.start() does
+    ours, theirs = socket.socketpair()
+    await supervisor.server.adopt(ours, worker=(4242, 1))
+    worker = await SlotClient.connect(sock=theirs, pid=4242, generation=1, answer_timeout=5)
+    starting = asyncio.create_task(supervisor._spawn(1))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        await eventually(lambda: supervisor._spawns == 1)
+        status, body = await admin_request(admin, "POST", "/upgrade")
+        assert status == 202, body
+        waits: list[float] = []
+        async with asyncio.timeout(40):
+            while True:
+                began = time.monotonic()
+                status, answer = await admin_request(admin, "GET", "/upgrade")
+                waits.append(time.monotonic() - began)
+                if answer["upgrades"][-1]["state"] == "failed":
+                    break
+                await asyncio.sleep(0.05)
+        assert "did not reach its channel" in answer["upgrades"][-1]["error"]
+        assert max(waits) < 1.0, f"the admin socket answered nothing for {max(waits):.2f} s"
+        assert supervisor._web._kept[0].site is not None  # accepting again
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        never.set()
+        starting.cancel()
+        worker.close()
+        await supervisor.close()
+
+
+async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepting(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop (SIGTERM) while the upgrade waits for a slow `stat` before the
+    exec: the stop's close() must not wait for the web runner's own timeout
+    (60 s), and the abandoned upgrade must not make its site accept again
+    after close() (a listener left on a duplicate of a closed socket)."""
+    from fleet_ingress.ops.admin_client import admin_request
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    supervisor = _supervisor(tmp_path)
+
+    def reexec() -> None:
+        raise OSError("re-executed although a stop was asked")
+
+    monkeypatch.setattr(supervisor, "_reexec", reexec)
+
+    async def slow_refresh() -> None:
+        await asyncio.sleep(3.0)
+
+    admin = tmp_path / "admin.sock"
+    sock = bind_admin_socket(admin)
+    supervisor._admin_sock = sock
+    app = admin_app(supervisor.ops, supervisor.snapshot, refresh=slow_refresh, upgrade=supervisor)
+    await supervisor._web.serve_kept(app, sock)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    pending: list[asyncio.Future[Any]] = []
+    try:
+        status, body = await admin_request(admin, "POST", "/upgrade")
+        assert status == 202, body
+        # `stat`s in flight when the trial run ends (it takes a second or more).
+        async with asyncio.timeout(30):
+            while supervisor._web._kept[0].site is not None:
+                pending.append(asyncio.ensure_future(admin_request(admin, "GET", "/stat")))
+                await asyncio.sleep(0.5)
+        # Quiet: the stop comes (run_supervisor: the workers exit at once having
+        # no calls, then close()).
+        supervisor.stop_asked.set()
+        supervisor.stopping = True
+        began = time.monotonic()
+        await asyncio.wait_for(supervisor.close(), 30)
+        assert time.monotonic() - began < 15  # WEB_QUIESCE at most, not 60 s more
+        assert supervisor._upgrading is not None
+        await asyncio.wait_for(supervisor._upgrading, 10)
+        assert supervisor.upgrades[next(reversed(supervisor.upgrades))]["state"] == "failed"
+        assert supervisor._web._kept[0].site is None, "a site accepting after close()"
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for request in pending:
+            request.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await supervisor.close()

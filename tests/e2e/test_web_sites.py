@@ -109,3 +109,46 @@ async def test_quiesce_answers_requests_in_flight_and_leaves_new_ones_to_the_nex
         await old.close()
         await new.close()
         sock.close()
+
+
+async def test_a_close_during_quiesce_waits_for_it_and_not_for_the_runners_own_timeout() -> None:
+    """A stop (close) while an upgrade's quiesce waits for a request slower
+    than its timeout: close must wait for the quiesce (it cancels the request
+    at its timeout), not shut the same connection down a second time, which
+    waits for the runner's own shutdown timeout (60 s). Nor may a resume after
+    it start accepting again."""
+    import asyncio
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(4)
+        return web.Response(text="slow")
+
+    application = web.Application()
+    application.router.add_get("/slow", slow)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sites = WebSites()
+    loop = asyncio.get_running_loop()
+    try:
+        runner = await sites.serve_kept(application, sock)
+        # A plain client: aiohttp's would ask again on a dropped connection.
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            while runner.server is None or not runner.server.connections:
+                await asyncio.sleep(0.01)
+        quiet = asyncio.ensure_future(sites.quiesce(1.0))
+        await asyncio.sleep(0.3)
+        began = loop.time()
+        async with asyncio.timeout(20):
+            await sites.close()
+        assert loop.time() - began < 4.0
+        assert await quiet == 1
+        await sites.resume()  # the upgrade's `finally`, after the stop's close
+        assert not runner.sites
+        # Cancelled at the quiesce's timeout: the connection drops, unanswered.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        sock.close()

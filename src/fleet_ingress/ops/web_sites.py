@@ -12,6 +12,7 @@ the next image; a scrape is not cut by the exec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ log = logging.getLogger("fleet_ingress.server")
 
 # After the sites stop accepting, a connection accepted just before gets this
 # long for its request to arrive and be taken up before idle ones are closed.
-QUIESCE_SETTLE = 0.1
+QUIESCE_SETTLE = 0.25
 
 
 @dataclass
@@ -44,6 +45,8 @@ class WebSites:
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
         self._kept: list[_KeptSite] = []
+        self._quieting: asyncio.Future[int] | None = None
+        self._closed = False
 
     async def serve_kept(self, app: web.Application, sock: socket.socket) -> web.AppRunner:
         """Serve `app` on listening socket `sock`, which stays the caller's (an
@@ -62,8 +65,13 @@ class WebSites:
 
     async def quiesce(self, timeout: float) -> int:
         """Stop accepting on the kept sockets and answer the requests in
-        flight, waiting `timeout` at most for them; idle connections are
-        closed. Returns how many connections were open as it stopped accepting."""
+        flight, waiting `timeout` at most for them (then they are cancelled);
+        idle connections are closed. Returns how many connections were open
+        as it stopped accepting. A `close` meanwhile waits for it."""
+        self._quieting = asyncio.ensure_future(self._quiesce(timeout))
+        return await asyncio.shield(self._quieting)
+
+    async def _quiesce(self, timeout: float) -> int:
         servers = [k.runner.server for k in self._kept if k.runner.server is not None]
         open_ = sum(len(server.connections) for server in servers)
         for kept in self._kept:
@@ -77,9 +85,10 @@ class WebSites:
         return open_
 
     async def resume(self) -> None:
-        """Accept again on the kept sockets (the exec did not happen)."""
+        """Accept again on the kept sockets (the exec did not happen); not
+        once closing."""
         for kept in self._kept:
-            if kept.site is None:
+            if kept.site is None and not self._closed:
                 site = web.SockSite(kept.runner, sock=kept.sock.dup())
                 await site.start()
                 kept.site = site
@@ -109,6 +118,12 @@ class WebSites:
         return runner
 
     async def close(self) -> None:
+        self._closed = True
+        if self._quieting is not None:
+            # Its shutdown of the connections first: a second one on the same
+            # connections would wait for the runner's own timeout (60 s).
+            with contextlib.suppress(Exception):
+                await self._quieting
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()

@@ -167,8 +167,9 @@ SIGNALS_SETTLE = 0.05
 # hand-over would cut it (`SlotServer.handover` refuses then).
 HANDOVER_FLUSH = 1.0
 # Before an upgrade's exec, a stats or admin request in flight is given this
-# long to be answered (a scrape's refresh waits SCRAPE_WAIT at most).
-WEB_QUIESCE = 2.0
+# long to be answered (a scrape's refresh waits SCRAPE_WAIT at most; an
+# add-fleet waits for the fleet's health to read UP, about 6 s by default).
+WEB_QUIESCE = 10.0
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
 
@@ -966,6 +967,11 @@ class Supervisor:
         # A worker slow to read its channel gets a moment to, signals not held
         # meanwhile; one still not reading makes the hand-over refuse.
         await self.server.flushed(HANDOVER_FLUSH)
+        # A worker being started is waited for before the web sites go quiet
+        # (again just before the exec: one may begin meanwhile).
+        if not await self._starts_settled(self.starts_settle):
+            self._starts_not_settled(status)
+            return
         # The stats and admin listeners stop accepting (what comes now waits in
         # their backlog for the next image) and answer what was asked: the exec
         # would cut it.
@@ -993,12 +999,7 @@ class Supervisor:
             await asyncio.sleep(SIGNALS_SETTLE)
             if not await self._starts_settled(self.starts_settle):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-                self._upgrade_failed(
-                    status,
-                    f"a worker being started did not reach its channel within "
-                    f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
-                    "workers serve on; run `fleet-ingress upgrade` again",
-                )
+                self._starts_not_settled(status)
                 return
             # Nothing awaited from here to the exec: no start can begin meanwhile.
             if self.stopping or self.stop_asked.is_set():
@@ -1041,6 +1042,14 @@ class Supervisor:
                 while self._spawns:
                     await self._no_spawns.wait()
         return not self._spawns
+
+    def _starts_not_settled(self, status: dict[str, Any]) -> None:
+        self._upgrade_failed(
+            status,
+            f"a worker being started did not reach its channel within "
+            f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
+            "workers serve on; run `fleet-ingress upgrade` again",
+        )
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
         status.update(state="failed", error=error, finished=time.time())
@@ -1094,11 +1103,11 @@ class Supervisor:
                     # Its channel ended while its process ran: "held" stays counted
                     # until it exits. Known by the row, or by the worker alone when it
                     # came over an exec holding nothing (no row was kept for it then).
-                    "slots_kept": w.channel_lost
+                    "channel_lost": w.channel_lost
                     or (rows[w.key].channel_lost if w.key in rows else False),
                     # Still running LOST_CHANNEL_CONFIRM after (`_channel_lost`): a
                     # channel lost, not a death whose channel ended a moment first.
-                    "channel_lost": w.channel_lost,
+                    "lost_confirmed": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                     # process.cpu_affinity: a replacement started later takes another CPU.
@@ -1240,9 +1249,9 @@ class Supervisor:
             held = carried.get("held")
             # Reaped there already, its exit not yet counted: still a worker
             # whose channel was lost (a clean exit then loses no call). A release
-            # that carried no "slots_kept" said both in "channel_lost".
-            worker.channel_lost = bool(carried.get("channel_lost"))
-            kept = bool(carried.get("slots_kept", worker.channel_lost))
+            # that carried no "lost_confirmed" counted every kept one as lost.
+            kept = bool(carried.get("channel_lost"))
+            worker.channel_lost = bool(carried.get("lost_confirmed", kept))
             if kept and worker.proc.returncode is None:
                 if isinstance(held, list) and held:
                     self.slots.reserve(
