@@ -4,6 +4,7 @@ the multi-process case is test_host_stats.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
@@ -12,6 +13,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import Counts, HostView
+from fleet_ingress.net import slot_server
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
@@ -119,4 +121,109 @@ async def test_a_report_sent_during_the_supervisors_exec_is_counted_by_the_new_i
         assert new_view.retired_workers == 1
     finally:
         w1.close()
+        await new.close()
+
+
+def _report_line(pid: int, seq: int, n: int, *, final: bool = False) -> bytes:
+    counts = Counts()
+    counts.counters[("connections_total",)] = n
+    return encode(
+        {
+            "op": "report",
+            "pid": pid,
+            "generation": 1,
+            "seq": seq,
+            "started": 1.0,
+            "counts": counts.to_wire(),
+            "final": final,
+        }
+    )
+
+
+async def _holding_a_slot(server: SlotServer, pid: int) -> tuple[int, socket.socket]:
+    """A worker on a raw socketpair: joined, reported (3), holding one slot."""
+    ours, theirs = socket.socketpair()
+    key = await server.adopt(ours)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(
+        theirs,
+        encode({"op": "hello", "pid": pid, "generation": 1})
+        + _report_line(pid, 1, 3)
+        + encode({"op": "acquire", "id": 1, "avoid": []}),
+    )
+    async with asyncio.timeout(5):
+        assert b'"granted"' in await loop.sock_recv(theirs, 65536)
+    return key, theirs
+
+
+async def test_a_final_report_waiting_when_a_write_to_its_channel_fails_is_counted():
+    """A drained worker sends its last release and final report, closes its end
+    and exits; the supervisor writes to that channel before its loop has read
+    it (a scrape's `report`, sent to every worker every 0.2 s in the e2e check;
+    a grant; a `reload`). The write fails (EPIPE) and the transport closed at
+    once, unread: the worker's final counts never reached the host's totals
+    (calls_ended_total ended 8 short after back-to-back upgrades, 1 run in 14)
+    and its slot counted as reclaimed. What waits is read first now."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    pid = os.getpid() * 10 + 1
+    key, theirs = await _holding_a_slot(server, pid)
+    try:
+        assert [(r.pid, r.calls) for r in slots.workers] == [(pid, 1)]
+        theirs.sendall(encode({"op": "release", "id": 1}) + _report_line(pid, 2, 11, final=True))
+        theirs.close()
+        # No await since: this loop has not read the channel yet.
+        assert server.send(key, {"op": "report"})
+        await eventually(lambda: not view.live and not slots.workers)
+        assert view.totals().counter("connections_total") == 11
+        assert view.retired_workers == 1
+        assert slots.reclaimed_total == 0  # its release was read: nothing reclaimed
+    finally:
+        theirs.close()
+        await server.close()
+
+
+async def test_a_worker_gone_between_the_new_images_read_and_its_sync_is_counted(monkeypatch):
+    """After the supervisor's exec, a kept channel is read (`_take_waiting`)
+    before "sync" is written to it. A worker that sends its final report and
+    exits between that read and that write made the write fail, and its report
+    was dropped unread (the window WORKERS.md left, planted here)."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    pid = os.getpid() * 10 + 2
+    _, theirs = await _holding_a_slot(server, pid)
+    await eventually(lambda: len(view.live) == 1)
+    kept = server.handover()
+    carried = view.to_json(now=0.0)
+    theirs.setblocking(True)
+
+    def exits_after_the_read(sock: socket.socket) -> tuple[bytes, bool]:
+        waiting = take_waiting(sock)
+        if theirs.fileno() >= 0:  # the first read (adopt's) only
+            theirs.sendall(
+                encode({"op": "release", "id": 1}) + _report_line(pid, 2, 11, final=True)
+            )
+            theirs.close()
+        return waiting
+
+    take_waiting = slot_server._take_waiting
+    monkeypatch.setattr(slot_server, "_take_waiting", exits_after_the_read)
+    new_view = HostView.from_json(carried, now=0.0)
+    new_slots = _slots()
+    new_slots.paused = True
+    new = SlotServer(new_slots, view=new_view)
+    try:
+        [sock] = kept.values()
+        await new.adopt(sock, restoring=True, worker=(pid, 1), held_before=["a"])
+        await new.finish_restore(2.0)
+        await eventually(lambda: not new_view.live)
+        assert new_view.totals().counter("connections_total") == 11
+        assert new_view.retired_workers == 1
+        # Its final report came first: it had released its slot, none reclaimed.
+        assert new_slots.reclaimed_total == 0
+    finally:
+        theirs.close()
         await new.close()

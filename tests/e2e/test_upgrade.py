@@ -495,25 +495,40 @@ async def test_only_the_main_thread_can_take_a_signal_held_over_the_exec(
         await service.finish()
 
 
-# Appended to the copied net/slot_server.py: its second os.dup fails as when
-# the process is out of descriptors (EMFILE), once.
+# Appended to the copied net/slot_server.py: the second os.dup of the first
+# handover fails as when the process is out of descriptors (EMFILE), once (a
+# channel's own spare descriptor, dup'ed as it is served, is not counted).
 SECOND_DUP_FAILS = """
 
 class _OutOfDescriptorsOnce:
     def __init__(self, real):
         self._real, self._dups = real, 0
+        self.handing_over = False
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def dup(self, fd):
-        self._dups += 1
-        if self._dups == 2:
-            raise OSError(24, "Too many open files")
+        if self.handing_over:
+            self._dups += 1
+            if self._dups == 2:
+                raise OSError(24, "Too many open files")
         return self._real.dup(fd)
 
 
 os = _OutOfDescriptorsOnce(os)
+_real_handover = SlotServer.handover
+
+
+def _handover(self):
+    os.handing_over = True
+    try:
+        return _real_handover(self)
+    finally:
+        os.handing_over = False
+
+
+SlotServer.handover = _handover
 """
 
 

@@ -87,6 +87,9 @@ class _Channel(asyncio.Protocol):
         # writes, and whether it had closed its end (exited) by then.
         self._waiting = waiting
         self._ended = ended
+        # A second descriptor of this end: what the worker sent before it closed
+        # its end is read through it when a write fails (`connection_lost`).
+        self._spare: socket.socket | None = None
         # Its final report was read: it had ended its calls and given their slots back.
         self.drained = False
         self.joined = False
@@ -104,6 +107,9 @@ class _Channel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
         self.server._channels[self.key] = self
+        with contextlib.suppress(OSError):  # out of descriptors: no spare, as before
+            fd = self.transport.get_extra_info("socket").fileno()
+            self._spare = socket.socket(fileno=os.dup(fd))
         if not self.restoring:
             return
         # What a worker sent during the exec is read before "sync" is written: a
@@ -135,12 +141,32 @@ class _Channel(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        spare, self._spare = self._spare, None
+        try:
+            if spare is not None and isinstance(exc, OSError) and not self.handed_over:
+                self._read_rest(spare)
+        except Exception:  # a bug here must not keep the worker from counting as gone
+            log.exception("slot channel: reading what was left after a failed write broke")
+        finally:
+            if spare is not None:
+                spare.close()
         if self.handed_over:
             # Its socket lives on (the exec's, or adopted again): not a worker gone.
             if self.server._channels.get(self.key) is self:
                 del self.server._channels[self.key]
         else:
             self.server._gone(self)
+
+    def _read_rest(self, spare: socket.socket) -> None:
+        """A write to this channel failed (EPIPE, ECONNRESET): the worker had
+        closed its end, having sent, unread here yet, its last releases and
+        final report (a scrape's `report` or a grant written a moment after a
+        drained worker exited). The transport closed without reading them: read
+        them now, as a read before that write would have, so that its final
+        counts reach the host's totals and its releases are not reclaims."""
+        rest, _ = _take_waiting(spare)
+        if rest:
+            self.data_received(rest)  # a line that is not the protocol: logged, dropped
 
     def send(self, message: dict[str, Any]) -> None:
         if self.transport is not None and not self.transport.is_closing():
