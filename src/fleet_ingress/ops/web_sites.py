@@ -72,6 +72,8 @@ class WebSites:
         return await asyncio.shield(self._quieting)
 
     async def _quiesce(self, timeout: float) -> int:
+        if not self._kept:  # no stats nor admin listener: nothing to wait for
+            return 0
         servers = [k.runner.server for k in self._kept if k.runner.server is not None]
         open_ = sum(len(server.connections) for server in servers)
         for kept in self._kept:
