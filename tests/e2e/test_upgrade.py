@@ -33,7 +33,7 @@ from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
-from fleet_ingress.service.supervisor import HELD_OVER_EXEC, Supervisor
+from fleet_ingress.service.supervisor import HELD_OVER_EXEC, LOST_CHANNEL_CONFIRM, Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
@@ -1678,3 +1678,41 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
             request.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         await supervisor.close()
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "died"])
+async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lost_by_the_new_image(
+    tls_files: TLSFiles, tmp_path: Path, running: bool
+) -> None:
+    """The previous image kept a worker's slot counted (its channel ended while
+    it ran) but had not yet confirmed the channel lost (LOST_CHANNEL_CONFIRM)
+    when it re-executed. The new image keeps the slot and confirms it itself:
+    lost if the process still runs then, not if it died meanwhile (a death
+    whose channel ended a moment first)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    child = await asyncio.create_subprocess_exec("sleep", "30")
+    carried = _carried_with(
+        tmp_path, pid=child.pid, channel_lost=True, lost_confirmed=False, held=["a"]
+    )
+    new = _supervisor(tmp_path, carried=carried)
+    try:
+        await new._adopt_workers({})
+        (worker,) = new.workers.values()
+        assert not worker.channel_lost
+        assert [(r.pid, r.calls, r.channel_lost) for r in new.slots.workers] == [
+            (child.pid, 1, True)
+        ]
+        if not running:
+            os.kill(child.pid, signal.SIGKILL)
+        await asyncio.sleep(LOST_CHANNEL_CONFIRM + 0.3)
+        assert worker.channel_lost is running
+        if running:
+            (again,) = new._state_for_exec()["workers"]
+            assert (again["channel_lost"], again["lost_confirmed"]) == (True, True)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await new.close()
+        for adopted in new.workers.values():
+            assert isinstance(adopted.proc, AdoptedProcess)
+            adopted.proc._close()

@@ -780,8 +780,11 @@ class SlotServer:
 
 
 def _take_waiting(sock: socket.socket) -> tuple[bytes, bool]:
-    """What a channel kept over an exec holds unread now, and whether its peer
-    has closed its end (read as far as that; bounded: the rest is read as usual)."""
+    """What a channel's socket holds unread now, and whether its peer has
+    closed its end (read as far as that; bounded: the rest is read as usual).
+    For a channel kept over an exec, before anything is written to it
+    (`adopt`), and through a channel's spare descriptor after a failed write
+    (`_Channel._read_rest`)."""
     sock.setblocking(False)
     chunks: list[bytes] = []
     size = 0
