@@ -33,8 +33,9 @@ from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
-from fleet_ingress.service.supervisor import HELD_OVER_EXEC, LOST_CHANNEL_CONFIRM, Supervisor
+from fleet_ingress.service.supervisor import LOST_CHANNEL_CONFIRM, Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
+from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import (
@@ -1012,13 +1013,21 @@ TRIAL_PASSED = '        log.info("upgrade: trial run passed"'
 
 
 def _flag_trial_passed(src: Path) -> None:
-    _inject(src, "service/supervisor.py", TRIAL_PASSED, "        self._trial_passed = True\n")
+    _inject(src, "service/upgrade_sequence.py", TRIAL_PASSED, "        self._trial_passed = True\n")
 
 
-def _plant_lines(src: Path, anchor: str, code: list[str], *, after: bool = False) -> None:
+def _plant_lines(
+    src: Path,
+    anchor: str,
+    code: list[str],
+    *,
+    after: bool = False,
+    module: str = "service/supervisor.py",
+) -> None:
     """Plant `code` (lines, indented as a block of their own) before (or
-    after) the copied supervisor's one line holding `anchor`, at its indent."""
-    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    after) the one line holding `anchor` in the copied package's `module`
+    (the supervisor's by default), at its indent."""
+    path = src / "fleet_ingress" / module
     lines = path.read_text().splitlines(keepends=True)
     (at,) = [i for i, line in enumerate(lines) if anchor in line]
     indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
@@ -1035,8 +1044,8 @@ def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
         src,
         anchor,
         [
-            f"if ({when}) and not self._resumed:",
-            "    while not getattr(self, '_trial_passed', False):",
+            f"if ({when}) and not self.upgrade.resumed:",
+            "    while not getattr(self.upgrade, '_trial_passed', False):",
             "        await asyncio.sleep(0.01)",
             "    await asyncio.sleep(1.2)",
         ],
@@ -1109,7 +1118,7 @@ async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exi
     _plant_lines(
         src,
         "def _still_running(self, key: int, pid: int) -> bool:",
-        ["    if not self._resumed:", f"        return {channel_first}"],
+        ["    if not self.upgrade.resumed:", f"        return {channel_first}"],
         after=True,
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
@@ -1175,14 +1184,15 @@ async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_wi
         src,
         "await asyncio.sleep(SIGNALS_SETTLE)",
         [
-            "for channel in list(self.server._channels.values()):",
+            "for channel in list(self.supervisor.server._channels.values()):",
             "    channel.transport.pause_reading()",
-            "(victim,) = self.workers.values()",
+            "(victim,) = self.supervisor.workers.values()",
             "victim.proc.kill()",
             "while victim.proc.returncode is None:",
             "    await asyncio.sleep(0.01)",
         ],
         after=True,
+        module="service/upgrade_sequence.py",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     load = _fleets_load(service, tls_files, fleets)
@@ -1214,7 +1224,7 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
 ) -> None:
     """The old image had read the head of a worker's report when it handed the
     channel over (`_reexec`'s steps but the exec itself): the head goes in
-    the carried state, through the memfd, and the new image's `_adopt_workers`
+    the carried state, through the memfd, and the new image's `adopt_workers`
     reads it before the rest: the report counts in the host's view."""
     await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
     old = _supervisor(tmp_path)
@@ -1230,7 +1240,7 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         worker._transport.write(line[:50])
         (channel,) = old.server._channels.values()
         await eventually(lambda: channel.decoder.pending == line[:50])
-        fd = state_fd(old._state_for_exec())
+        fd = state_fd(old.upgrade._state_for_exec())
         kept = old.server.handover()
         worker._transport.write(line[50:])  # during the exec
         carried = take_state({UPGRADE_STATE: str(fd)})
@@ -1239,14 +1249,14 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         (entry,) = _carried_with(tmp_path, pid=os.getpid(), cpu=1)["workers"]
         carried["workers"] = [entry]
         new = _supervisor(tmp_path, handed=kept, carried=carried)
-        await new._adopt_workers(new.handed)
+        await new.upgrade.adopt_workers(new.handed)
         requests = lambda: new.view.totals().counter("requests", "/ws/", "101")  # noqa: E731
         await eventually(lambda: requests() == 7)
         assert [(r.pid, r.calls) for r in new.slots.workers] == [(os.getpid(), 0)]
         assert not worker.lost.done()
         # Its CPU goes over too: a replacement started later takes another.
         assert [w.cpu for w in new.workers.values()] == [1]
-        assert new._state_for_exec()["workers"][0]["cpu"] == 1
+        assert new.upgrade._state_for_exec()["workers"][0]["cpu"] == 1
     finally:
         worker.close()
         if new is not None:
@@ -1260,7 +1270,7 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
 def _carried_with(home: Path, **worker: Any) -> dict[str, Any]:
     """The state an image hands its exec (`_state_for_exec`), with one worker
     whose channel did not come over: `worker`'s fields over a live one's."""
-    state = _supervisor(home)._state_for_exec()
+    state = _supervisor(home).upgrade._state_for_exec()
     state["workers"] = [
         {
             "generation": 1,
@@ -1288,10 +1298,10 @@ async def test_a_worker_exiting_at_the_exec_is_one_of_the_new_images_workers(
     child = await asyncio.create_subprocess_exec("sleep", "30")
     new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=child.pid))
     try:
-        await new._adopt_workers({})
+        await new.upgrade.adopt_workers({})
         (worker,) = new.workers.values()
         assert worker.pid == child.pid and worker.left.is_set()
-        assert [w["pid"] for w in new._state_for_exec()["workers"]] == [child.pid]
+        assert [w["pid"] for w in new.upgrade._state_for_exec()["workers"]] == [child.pid]
         await new.wait_workers(0.2)  # as a stop does, after its drain
         assert worker.proc.returncode == -signal.SIGKILL
         assert not new.workers
@@ -1314,11 +1324,11 @@ async def test_a_channel_lost_worker_holding_nothing_keeps_its_kill_deadline_ove
     carried = _carried_with(tmp_path, pid=child.pid, channel_lost=True, retire_by=deadline)
     new = _supervisor(tmp_path, carried=carried)
     try:
-        await new._adopt_workers({})
+        await new.upgrade.adopt_workers({})
         (worker,) = new.workers.values()
         assert worker.channel_lost and worker.retire_by == deadline
         assert not new.slots.workers  # it held nothing: no row
-        (again,) = new._state_for_exec()["workers"]
+        (again,) = new.upgrade._state_for_exec()["workers"]
         assert (again["pid"], again["channel_lost"], again["retire_by"]) == (
             child.pid,
             True,
@@ -1346,7 +1356,7 @@ async def test_a_channel_lost_worker_reaped_clean_just_before_the_exec_loses_no_
     )
     new = _supervisor(tmp_path, carried=carried)
     try:
-        await new._adopt_workers({})
+        await new.upgrade.adopt_workers({})
         await eventually(lambda: not new.workers)  # its exit counted
         assert (new.calls_lost_total, dict(new.restarts)) == (0, {"exited": 1})
         assert [f.active for f in new.balancer.fleets] == [0]  # nothing kept for it
@@ -1366,7 +1376,7 @@ async def test_a_worker_whose_channel_came_over_is_not_watched_twice_once_reaped
     await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
     new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=2**22 + 9, exit_code=1))
     try:
-        new._watch_channelless(adopted={2**22 + 9})  # its channel came over; reaped since
+        new.upgrade._watch_channelless(adopted={2**22 + 9})  # its channel came over; reaped since
         assert not new.workers
         await asyncio.sleep(0.05)
         assert dict(new.restarts) == {}  # counted by its own watcher alone (none here)
@@ -1400,7 +1410,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         handovers.append(True)
         return {}
 
-    monkeypatch.setattr(supervisor, "_reexec", reexec)
+    monkeypatch.setattr(supervisor.upgrade, "_reexec", reexec)
     monkeypatch.setattr(supervisor.server, "handover", handover)
     # A start that never ends: its process there (say), its channel never served.
     never = asyncio.Event()
@@ -1411,14 +1421,14 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
     monkeypatch.setattr(supervisor, "_start_worker", start_worker)
     admin = tmp_path / "admin.sock"
     app = admin_app(
-        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor
+        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor.upgrade
     )
     await supervisor._web.serve_kept(app, bind_admin_socket(admin))  # as start() does
     # A worker already serving: its channel must stay this image's.
     ours, theirs = socket.socketpair()
     await supervisor.server.adopt(ours, worker=(4242, 1))
     worker = await SlotClient.connect(sock=theirs, pid=4242, generation=1, answer_timeout=5)
-    starting = asyncio.create_task(supervisor._spawn(1))
+    starting = asyncio.create_task(supervisor.spawn(1))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     waits: list[float] = []
 
@@ -1443,7 +1453,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         assert "upgrade abandoned, generation 1 serves on" in said
         assert "a worker being started did not reach its channel within 2s" in said
         assert "nothing was handed over" in said
-        (status,) = supervisor.upgrade_status()["upgrades"]
+        (status,) = supervisor.upgrade.upgrade_status()["upgrades"]
         assert status["state"] == "failed"
         assert (reexecs, handovers) == ([], [])
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
@@ -1456,7 +1466,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         never.set()
         await starting
         assert supervisor._spawns == 0
-        assert await supervisor._starts_settled(0.3)
+        assert await supervisor.starts_settled(0.3)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # whatever happened: not this test's
         asking.cancel()
@@ -1483,10 +1493,10 @@ async def test_an_upgrade_with_a_worker_not_reading_its_channel_is_abandoned_who
         reexecs.append(True)
         raise OSError("re-executed although a channel had bytes unwritten")
 
-    monkeypatch.setattr("fleet_ingress.service.supervisor.reexec", reexec)
+    monkeypatch.setattr("fleet_ingress.service.upgrade_sequence.reexec", reexec)
     admin = tmp_path / "admin.sock"
     app = admin_app(
-        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor
+        supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor.upgrade
     )
     await supervisor._web.serve(app, web.SockSite, sock=bind_admin_socket(admin))
     loop = asyncio.get_running_loop()
@@ -1532,7 +1542,7 @@ async def test_a_channel_lost_worker_retired_by_an_upgrade_still_counts_its_exit
     """Review (session 7): without an upgrade, a worker whose channel was lost
     counts, as it exits, in worker_restarts (and, unless it exits cleanly
     having finished its calls itself, worker_calls_lost: test_supervisor's
-    cut test). Over an upgrade the new image's `_finish_upgrade` retires it
+    cut test). Over an upgrade the new image's `finish_upgrade` retires it
     (it is an old generation in `self.workers`), and `_watch` counted a
     retiring worker's exit nowhere: the same event, counted or not depending
     on an upgrade. Its calls end normally here: a restart, none lost."""
@@ -1567,7 +1577,7 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
         src,
         "service/supervisor.py",
         "        await self.server.collect_reports(SCRAPE_WAIT)\n",
-        "        if not self._resumed:\n            await asyncio.sleep(0.2)\n",
+        "        if not self.upgrade.resumed:\n            await asyncio.sleep(0.2)\n",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     answered: list[tuple[str, bytes]] = []
@@ -1641,7 +1651,7 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
     def reexec() -> None:
         raise OSError("re-executed although a stop was asked")
 
-    monkeypatch.setattr(supervisor, "_reexec", reexec)
+    monkeypatch.setattr(supervisor.upgrade, "_reexec", reexec)
 
     async def slow_refresh() -> None:
         await asyncio.sleep(3.0)
@@ -1649,7 +1659,9 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
     admin = tmp_path / "admin.sock"
     sock = bind_admin_socket(admin)
     supervisor._admin_sock = sock
-    app = admin_app(supervisor.ops, supervisor.snapshot, refresh=slow_refresh, upgrade=supervisor)
+    app = admin_app(
+        supervisor.ops, supervisor.snapshot, refresh=slow_refresh, upgrade=supervisor.upgrade
+    )
     await supervisor._web.serve_kept(app, sock)
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     pending: list[asyncio.Future[Any]] = []
@@ -1668,9 +1680,10 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
         began = time.monotonic()
         await asyncio.wait_for(supervisor.close(), 30)
         assert time.monotonic() - began < 15  # WEB_QUIESCE at most, not 60 s more
-        assert supervisor._upgrading is not None
-        await asyncio.wait_for(supervisor._upgrading, 10)
-        assert supervisor.upgrades[next(reversed(supervisor.upgrades))]["state"] == "failed"
+        assert supervisor.upgrade._running is not None
+        await asyncio.wait_for(supervisor.upgrade._running, 10)
+        statuses = supervisor.upgrade.statuses
+        assert statuses[next(reversed(statuses))]["state"] == "failed"
         assert supervisor._web._kept[0].site is None, "a site accepting after close()"
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -1696,7 +1709,7 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
     )
     new = _supervisor(tmp_path, carried=carried)
     try:
-        await new._adopt_workers({})
+        await new.upgrade.adopt_workers({})
         (worker,) = new.workers.values()
         assert not worker.channel_lost
         assert [(r.pid, r.calls, r.channel_lost) for r in new.slots.workers] == [
@@ -1707,7 +1720,7 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
         await asyncio.sleep(LOST_CHANNEL_CONFIRM + 0.3)
         assert worker.channel_lost is running
         if running:
-            (again,) = new._state_for_exec()["workers"]
+            (again,) = new.upgrade._state_for_exec()["workers"]
             assert (again["channel_lost"], again["lost_confirmed"]) == (True, True)
     finally:
         with contextlib.suppress(ProcessLookupError):

@@ -90,7 +90,7 @@ class Ingress:
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
                 raise ValueError("tls.cert and tls.key must be set to serve the carrier listener")
-            server_ssl = _server_ssl(config)
+            server_ssl = carrier_ssl_context(config)
         if fleet_ssl is None:
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
@@ -141,7 +141,7 @@ class Ingress:
             self.poller = HealthPoller(
                 self.dispatcher,
                 fleet_ssl,
-                _probe_settings(config),
+                probe_settings(config),
                 on_probe=self.metrics.checks.check_observed,
             )
         self.ops = FleetOps(
@@ -206,7 +206,7 @@ class Ingress:
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
         if not self.worker:
-            _warn_about_chain(self.config)
+            warn_about_chain(self.config)
         listen = self.config.listen
         loop = asyncio.get_running_loop()
         self._wss = CarrierListener(
@@ -337,13 +337,13 @@ class Ingress:
         if not self.worker:
             notes += self.apply_fleets(specs, config)
         if self.poller is not None:
-            await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
+            await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         self.dispatcher.wake()
         self.reloads["applied"] += 1
         # A renewal is what usually brings a new chain; judged off the loop (reading the
         # system trust store takes tens of milliseconds) and never a reason to refuse.
         if not self.worker:
-            await asyncio.to_thread(_warn_about_chain, config)
+            await asyncio.to_thread(warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 
     def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
@@ -461,7 +461,7 @@ def read_reload(
                 raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
         if config.tls.cert is None or config.tls.key is None:
             raise ReloadRefused("tls.cert and tls.key must be set")
-        server_ssl = _server_ssl(config)
+        server_ssl = carrier_ssl_context(config)
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
     except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
         raise ReloadRefused(str(exc)) from None
@@ -483,7 +483,8 @@ def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
     return notes
 
 
-def _probe_settings(config: IngressConfig) -> ProbeSettings:
+def probe_settings(config: IngressConfig) -> ProbeSettings:
+    """How fleets are probed, from `[fleets]` (the ingress's poller, or the supervisor's)."""
     f = config.fleets
     return ProbeSettings(
         health_path=f.health_path,
@@ -495,14 +496,15 @@ def _probe_settings(config: IngressConfig) -> ProbeSettings:
     )
 
 
-def _server_ssl(config: IngressConfig) -> ssl.SSLContext:
+def carrier_ssl_context(config: IngressConfig) -> ssl.SSLContext:
+    """The carrier listener's TLS context, from `[tls]`; TLSSetupError if it cannot load."""
     tls = config.tls
     if tls.cert is None or tls.key is None:
         raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
     return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
 
 
-def _warn_about_chain(config: IngressConfig) -> None:
+def warn_about_chain(config: IngressConfig) -> None:
     """Serve anyway: the chain `check` refuses still works for carriers that hold the
     missing intermediate, and refusing to start would drop every call."""
     tls = config.tls

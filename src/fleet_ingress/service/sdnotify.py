@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 from fleet_ingress.logs import fields
@@ -49,6 +50,11 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def monotonic_usec() -> str:
+    """The `MONOTONIC_USEC=` line systemd wants beside `RELOADING=1`."""
+    return f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)}"
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:

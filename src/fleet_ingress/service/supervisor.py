@@ -32,18 +32,11 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
   the workers drain their calls for `timeouts.drain`; this process exits 0
   after the last one. A second signal cuts every call (`stop` with `cut`).
 - `remove-fleet --force` sends `close-fleet` to every worker.
-- Upgrade (`fleet-ingress upgrade`, SIGUSR2; docs/WORKERS.md "Upgrade"):
-  RELOADING=1; the code installed now is trial-run in a child
-  (`service.upgrade.trial_run`); a failure ends it there, the workers serving
-  on. Else this process re-executes itself (same PID) keeping the listeners,
-  the stats and admin sockets and every worker's channel
-  (`service.listen_fds.reexec`, `SlotServer.handover`), its state in a memfd.
-  The new image adopts them, rebuilds the slot table from the workers, starts
-  generation + 1 and, once every new worker serves, tells the old generation
-  to stop accepting and drain (`stop` with `upgrade`: calls and handshakes
-  under way are kept). A new generation that cannot start is stopped and the
-  old one never stopped accepting. READY=1; the outcome is kept (over the exec
-  too) for `upgrade` to read on the admin socket.
+- Upgrade (`fleet-ingress upgrade`, SIGUSR2): this process re-executes
+  itself (same PID), its workers serving on, and starts a new generation.
+  The sequence, both images' sides of it, is `service.upgrade_sequence`
+  (`UpgradeSequence`, `self.upgrade`); it has the supervisor start, watch
+  and retire the workers (`spawn`, `add_worker`, `retire`).
 """
 
 from __future__ import annotations
@@ -54,7 +47,6 @@ import gc
 import itertools
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -62,11 +54,10 @@ import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.settings import IngressConfig, ListenSection
+from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -78,7 +69,7 @@ from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.slot_server import HandoverError, SlotServer
+from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -87,36 +78,21 @@ from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
     ReloadRefused,
-    _probe_settings,
-    _server_ssl,
-    _warn_about_chain,
+    carrier_ssl_context,
     listener_notes,
+    probe_settings,
     read_reload,
+    warn_about_chain,
 )
 from fleet_ingress.service.lifecycle import (
     FIRST_PROBE_WAIT,
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
 )
-from fleet_ingress.service.listen_fds import (
-    COORDINATOR,
-    handover_env,
-    pass_fds,
-    reexec,
-    worker_key,
-)
-from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import (
-    UPGRADE_STATE,
-    AdoptedProcess,
-    TrialFailed,
-    fleets_to_json,
-    restore_fleets,
-    state_fd,
-    trial_run,
-    unread_from_json,
-    unread_to_json,
-)
+from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
+from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC, STARTS_SETTLE, UpgradeSequence
+from fleet_ingress.service.worker_process import WorkerProcess
 
 _T = TypeVar("_T")
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -141,75 +117,10 @@ RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
-# After a re-execution, nothing is granted (calls asking for a slot wait) until
-# every kept worker has said what it holds, or this has passed: then a worker
-# still silent keeps counted what it held before until it says.
-RESTORE_TIMEOUT = 5.0
-# A new generation must still be there this long after it began serving before
-# the old one is told to stop accepting.
-SERVING_SETTLE = 1.0
-# Before an upgrade's exec, workers being started (their process exists, their
-# channel not yet served) are waited for this long at most, so that they go
-# over with their channel; past it the upgrade is abandoned. It takes a few
-# event-loop turns.
-STARTS_SETTLE = 5.0
-# The signals that would kill the process if they came while no handler is
-# installed (between the exec and the new image's handlers): blocked over the
-# exec (the mask is kept by execve), so they wait and are handled after it.
-HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
-# Once those are blocked, the event loop turns for this long before the exec:
-# a signal that came just before the block is already out of the kernel, its
-# wake-up a byte in the loop's pipe that the exec would discard. Ready work
-# runs before the loop sleeps, so this acts on every such signal.
-SIGNALS_SETTLE = 0.05
-# Before an upgrade's exec, what the supervisor has sent and a worker has not
-# read yet (its socket buffer full) is waited for this long at most: the
-# hand-over would cut it (`SlotServer.handover` refuses then).
-HANDOVER_FLUSH = 1.0
-# Before an upgrade's exec, a stats or admin request in flight is given this
-# long to be answered (a scrape's refresh waits SCRAPE_WAIT at most; an
-# add-fleet waits for the fleet's health to read UP, about 6 s by default).
-WEB_QUIESCE = 10.0
-# Upgrades whose outcome `upgrade` can still read.
-UPGRADES_KEPT = 8
 
 
 class WorkerStartError(RuntimeError):
     """Workers could not start; `run` exits non-zero with this."""
-
-
-class _ExecFailed(Exception):
-    """`execve` failed after the workers' channels were handed over (`kept`)."""
-
-    def __init__(self, error: OSError, kept: dict[str, socket.socket]) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.kept = kept
-
-
-@dataclass(eq=False)
-class WorkerProcess:
-    proc: asyncio.subprocess.Process | AdoptedProcess  # adopted: started by the previous image
-    generation: int
-    key: int  # its channel in the coordinator
-    started_at: float = field(default_factory=time.monotonic)
-    joined: asyncio.Event = field(default_factory=asyncio.Event)
-    serving: asyncio.Event = field(default_factory=asyncio.Event)  # accepting carriers
-    left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
-    calls_lost: int = 0  # slots it held when its channel closed
-    # Its channel ended while its process ran: its slots stay counted until it exits.
-    channel_lost: bool = False
-    replaced: bool = False
-    # Of a new generation not yet known to serve: not replaced if it dies.
-    candidate: bool = False
-    retiring: bool = False  # an older generation told to drain and exit: not replaced
-    # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
-    retire_by: float | None = None
-    cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
 
 class Supervisor:
@@ -228,9 +139,9 @@ class Supervisor:
         `starts_settle`: how long an upgrade's exec waits for workers being
         started (STARTS_SETTLE; tests shorten it)."""
         self.config = config
-        self.starts_settle = starts_settle
         self.config_path = config_path.absolute()  # workers read it too
-        _server_ssl(config)  # a certificate that cannot load fails `run` here, not in workers
+        # A certificate that cannot load fails `run` here, not in workers.
+        carrier_ssl_context(config)
         self.fleet_set = FleetSet.from_specs(
             fleets, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
         )
@@ -267,7 +178,7 @@ class Supervisor:
         self.poller = HealthPoller(
             self.server,
             fleet_ssl,
-            _probe_settings(config),
+            probe_settings(config),
             on_probe=self.metrics.checks.check_observed,
         )
         self.ops = FleetOps(
@@ -303,12 +214,12 @@ class Supervisor:
         # follows a loop turn later.
         self.stop_asked = asyncio.Event()
         self.calls_lost_total = 0
-        self._quick_deaths = 0
+        self.quick_deaths = 0
         # Replacements of dead workers not started yet, by when they are due
         # (monotonic): carried over an exec, where their tasks would be lost.
         self._respawns: dict[asyncio.Task[None], float] = {}
         self._starting = 0  # workers being started by a respawn, not in `workers` yet
-        # `_spawn` calls under way, any caller's: an upgrade's exec waits for none.
+        # `spawn` calls under way, any caller's: an upgrade's exec waits for none.
         self._spawns = 0
         # (generation, CPU) of the workers being started (process.cpu_affinity).
         self._cpus_starting: list[tuple[int, int]] = []
@@ -331,43 +242,11 @@ class Supervisor:
         self._admin_sock: socket.socket | None = None
         self._puller: asyncio.Task[None] | None = None
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
-        # Upgrades by id, oldest first: what `upgrade` polls for (kept over the exec).
-        self.upgrades: dict[str, dict[str, Any]] = {}
-        # Held: the loop keeps only weak references to tasks.
-        self._upgrading: asyncio.Task[None] | None = None
         self.handed = handed or {}
-        # Resuming an upgrade: decided here, not from what `handed` still holds
-        # once start() has taken the listeners from it (a host whose only worker
-        # was being replaced at the exec hands over no channel at all).
-        self._resumed = carried is not None
-        self._carried_workers: dict[int, dict[str, Any]] = {}
-        self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
-        self._carried_respawns: list[float] = []
-        if carried is not None:
-            self._take_carried(carried)
-
-    def _take_carried(self, carried: dict[str, Any]) -> None:
-        """The previous image's state (`_state_for_exec`): what must not reset."""
-        restore_fleets(self.balancer.fleets, carried["fleets"])
-        self.generation = int(carried["generation"])
-        # (From a release that did not carry it: as configured now.)
-        self.worker_target = int(carried.get("worker_target") or self.config.process.worker_count())
-        self._quick_deaths = int(carried.get("quick_deaths", 0))
-        self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
-        self.started_at = float(carried["started_at"])
-        self.reloads.update(carried["reloads"])
-        if carried.get("reload_pending"):
-            log.info("a reload asked during the upgrade: done once this image serves")
-            self.reloads_asked.put_nowait(None)
-        self.restarts.update(carried["restarts"])
-        self.calls_lost_total = int(carried["calls_lost_total"])
-        self.slots.queue_timeouts = int(carried["queue_timeouts"])
-        self.slots.reclaimed_total = int(carried["reclaimed_total"])
-        self.bound_listen = ListenSection.model_validate(carried["bound_listen"])
-        self.upgrades = {u["id"]: u for u in carried["upgrades"]}
-        self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
-        # (From a release that did not carry it: none; a line cut there is skipped.)
-        self._carried_unread = unread_from_json(carried.get("unread"))
+        # Last: it puts the carried state back on what is built above.
+        self.upgrade = UpgradeSequence(
+            self, self._web, carried=carried, starts_settle=starts_settle
+        )
 
     # -- start -------------------------------------------------------------------
 
@@ -379,7 +258,7 @@ class Supervisor:
                 "fleets.verify = false: fleet certificates are not checked, so anyone on the "
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
-        _warn_about_chain(self.config)
+        warn_about_chain(self.config)
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
         listen = self.bound_listen if self.handed else self.config.listen
@@ -418,30 +297,30 @@ class Supervisor:
                 admin_sock = bind_admin_socket(path)
             self._admin_sock = admin_sock
             await self._web.serve_kept(
-                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self), admin_sock
+                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self.upgrade),
+                admin_sock,
             )
             self.admin_socket = path
             server_log.info(
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
-        if self._resumed:
+        if self.upgrade.resumed:
             self._generation_settled.clear()
             try:
-                await self._adopt_workers(self.handed)
+                await self.upgrade.adopt_workers(self.handed)
                 self.handed = {}
-                await self._finish_upgrade()
+                await self.upgrade.finish_upgrade()
             finally:
                 self._generation_settled.set()
             # Replacements the previous image had not started yet (a worker
             # died shortly before the exec): due as they were.
             now = time.monotonic()
-            for due in self._carried_respawns:
+            for due in self.upgrade.take_carried_respawns():
                 self._schedule_respawn(max(0.0, due - now))
-            self._carried_respawns = []
         else:
             count = self.worker_target = self.config.process.worker_count()
-            started = [await self._spawn(self.generation) for _ in range(count)]
-            await self._wait_serving(started)
+            started = [await self.spawn(self.generation) for _ in range(count)]
+            await self.wait_serving(started)
             log.info(
                 "workers serving",
                 extra=fields(
@@ -453,10 +332,20 @@ class Supervisor:
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
         self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
 
-    async def _spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
+    def sockets_to_keep(self) -> dict[str, socket.socket]:
+        """The listeners, stats and admin sockets, by the name the next image
+        takes them by (an upgrade's exec keeps them)."""
+        socks: dict[str, socket.socket] = dict(self.listeners)
+        if self._stats_sock is not None:
+            socks["listen.stats"] = self._stats_sock
+        if self._admin_sock is not None:
+            socks["listen.admin_socket"] = self._admin_sock
+        return socks
+
+    async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         """Start a worker of `generation`: its process, its channel served, in
         `workers` and watched. Counted as under way until then: from the fork
-        on it is a child that no exec may lose (`_starts_settled`)."""
+        on it is a child that no exec may lose (`starts_settled`)."""
         self._spawns += 1
         self._no_spawns.clear()
         cpu = self._cpu_for(generation)
@@ -470,6 +359,17 @@ class Supervisor:
             self._spawns -= 1
             if not self._spawns:
                 self._no_spawns.set()
+
+    async def starts_settled(self, timeout: float) -> bool:
+        """No worker is being started (`spawn`), waiting `timeout` at most. One
+        whose process exists but whose channel the coordinator does not serve
+        yet would be lost at an upgrade's exec: its channel closed (it drains
+        and exits), its process a child no image knows, never reaped."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while self._spawns:
+                    await self._no_spawns.wait()
+        return not self._spawns
 
     async def _start_worker(
         self, generation: int, *, candidate: bool, cpu: int | None
@@ -511,11 +411,8 @@ class Supervisor:
                 proc.kill()
             self._keep(proc.wait())
             raise
-        worker = self.workers[key] = WorkerProcess(
-            proc, generation, key, candidate=candidate, cpu=cpu
-        )
-        self._said_early(worker)
-        self._keep(self._watch(worker))
+        worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
+        self.add_worker(worker)
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
             reloading = self._start_reload(worker)
@@ -536,7 +433,7 @@ class Supervisor:
         ] + [cpu for g, cpu in self._cpus_starting if g == generation]
         return pick_cpu(sorted(os.sched_getaffinity(0)), taken)
 
-    async def _wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
+    async def wait_serving(self, workers: Sequence[WorkerProcess], *, settle: float = 0.0) -> None:
         """Every worker has joined and accepts carriers, and is still there
         `settle` seconds later; or `WorkerStartError` naming the first to fail."""
         deadline = asyncio.get_running_loop().time() + WORKER_START_TIMEOUT
@@ -588,6 +485,14 @@ class Supervisor:
         else:
             self._early.setdefault(key, set()).add(event)
 
+    def add_worker(self, worker: WorkerProcess) -> None:
+        """One of this supervisor's workers from now on (started here, or
+        adopted from the previous image): in `workers`, what its channel said
+        before its key was known applied, its exit watched."""
+        self.workers[worker.key] = worker
+        self._said_early(worker)
+        self._keep(self._watch(worker))
+
     def _said_early(self, worker: WorkerProcess) -> None:
         """What its channel said before adopt() returned its key."""
         for event in self._early.pop(worker.key, ()):
@@ -604,6 +509,11 @@ class Supervisor:
             self._left_early[key] = row
             return
         self._worker_left(worker, row)
+
+    def confirm_channel_lost_later(self, worker: WorkerProcess) -> None:
+        """Its channel has just ended: LOST_CHANNEL_CONFIRM from now, if it
+        still runs, its channel is said lost (`_channel_lost`)."""
+        asyncio.get_running_loop().call_later(LOST_CHANNEL_CONFIRM, self._channel_lost, worker)
 
     def _channel_lost(self, worker: WorkerProcess) -> None:
         """Its channel closed a while ago and it still runs: not a death but a
@@ -644,8 +554,8 @@ class Supervisor:
             by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
             if worker.retire_by is None or by < worker.retire_by:
                 worker.retire_by = by
-                self._arm_backstop(worker)
-            asyncio.get_running_loop().call_later(LOST_CHANNEL_CONFIRM, self._channel_lost, worker)
+                self.arm_backstop(worker)
+            self.confirm_channel_lost_later(worker)
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
                 future.set_result({"ok": False, "error": "the worker is gone"})
@@ -706,8 +616,8 @@ class Supervisor:
             return
         worker.replaced = True
         quick = time.monotonic() - worker.started_at < QUICK_DEATH
-        self._quick_deaths = self._quick_deaths + 1 if quick else 0
-        delay = respawn_delay(self._quick_deaths)
+        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        delay = respawn_delay(self.quick_deaths)
         if delay:
             log.warning(
                 "workers keep dying soon after start: waiting before the next",
@@ -719,6 +629,10 @@ class Supervisor:
         task = self._keep(self._respawn(delay))
         self._respawns[task] = time.monotonic() + delay
         task.add_done_callback(lambda done: self._respawns.pop(done, None))
+
+    def respawns_due(self) -> list[float]:
+        """When each replacement not started yet is due (monotonic)."""
+        return list(self._respawns.values())
 
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
@@ -763,7 +677,7 @@ class Supervisor:
             if self.stopping:
                 return None
             try:
-                return await self._spawn(generation)
+                return await self.spawn(generation)
             except OSError as exc:
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
@@ -903,428 +817,9 @@ class Supervisor:
             if fleet.name == name
         )
 
-    # -- upgrade -----------------------------------------------------------------
+    # -- retiring workers (an upgrade's old generation) -----------------------------
 
-    def begin_upgrade(self, source: str) -> dict[str, Any]:
-        """Start an upgrade in the background (`upgrade` on the admin socket,
-        or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
-        Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.stopping or self.stop_asked.is_set():
-            raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
-        # Under way: in this image (its task), or carried over the exec and not
-        # finished yet (the new image starts its workers).
-        current = next(reversed(self.upgrades.values()), None)
-        if current is not None and current["state"] not in ("done", "failed"):
-            raise FleetChangeError(
-                409,
-                f"an upgrade is under way already (id {current['id']}, {current['state']}); "
-                "wait for it: `fleet-ingress upgrade` again afterwards if needed",
-            )
-        status: dict[str, Any] = {
-            "id": secrets.token_hex(6),
-            "source": source,
-            "state": "checking",
-            "pid": os.getpid(),
-            "from_generation": self.generation,
-            "generation": None,
-            "started": time.time(),
-            "finished": None,
-            "error": None,
-        }
-        self.upgrades[status["id"]] = status
-        while len(self.upgrades) > UPGRADES_KEPT:
-            del self.upgrades[next(iter(self.upgrades))]
-        log.info(
-            "upgrade: trial run of the installed code",
-            extra=fields(upgrade=status["id"], source=source),
-        )
-        self._notify("RELOADING=1", _monotonic_usec(), "STATUS=upgrading: trial run")
-        self._upgrading = asyncio.get_running_loop().create_task(self._upgrade(status))
-        return status
-
-    def upgrade_status(self) -> dict[str, Any]:
-        """What `upgrade` polls: this process, its generation, recent upgrades."""
-        return {
-            "pid": os.getpid(),
-            "generation": self.generation,
-            "upgrades": list(self.upgrades.values()),
-        }
-
-    async def _upgrade(self, status: dict[str, Any]) -> None:
-        try:
-            checked = await trial_run(self.config_path)
-        except TrialFailed as exc:
-            self._upgrade_failed(status, str(exc))
-            return
-        except Exception as exc:  # a bug here must not take the service down
-            log.exception("upgrade: trial run broke")
-            self._upgrade_failed(status, f"the trial run could not be started: {exc!r}")
-            return
-        if self.stopping:
-            self._upgrade_failed(status, "the ingress began stopping during the trial run")
-            return
-        log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
-        # A worker slow to read its channel gets a moment to, signals not held
-        # meanwhile; one still not reading makes the hand-over refuse.
-        await self.server.flushed(HANDOVER_FLUSH)
-        # A worker being started is waited for before the web sites go quiet
-        # (again just before the exec: one may begin meanwhile).
-        if not await self._starts_settled(self.starts_settle):
-            self._starts_not_settled(status)
-            return
-        # The stats and admin listeners stop accepting (what comes now waits in
-        # their backlog for the next image) and answer what was asked: the exec
-        # would cut it.
-        began = time.monotonic()
-        open_ = await self._web.quiesce(WEB_QUIESCE)
-        log.info(
-            "upgrade: stats and admin requests answered, their listeners wait for the new image",
-            extra=fields(
-                upgrade=status["id"],
-                connections=open_,
-                took_s=round(time.monotonic() - began, 3),
-            ),
-        )
-        try:
-            await self._reexec_or_give_up(status)
-        finally:  # reached only when this image serves on
-            await self._web.resume()
-
-    async def _reexec_or_give_up(self, status: dict[str, Any]) -> None:
-        """Re-execute (never returns then), or say why not and serve on."""
-        # From here a stop or reload signal waits in the kernel for the next
-        # image; one that came before is acted on in this one first.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
-        try:
-            await asyncio.sleep(SIGNALS_SETTLE)
-            if not await self._starts_settled(self.starts_settle):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-                self._starts_not_settled(status)
-                return
-            # Nothing awaited from here to the exec: no start can begin meanwhile.
-            if self.stopping or self.stop_asked.is_set():
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-                self._upgrade_failed(
-                    status,
-                    "a stop was asked (SIGTERM/SIGINT) as the trial run ended: not "
-                    "re-executing; the ingress stops",
-                )
-                return
-            status["state"] = "re-executing"
-            self._reexec()
-        except _ExecFailed as failed:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            try:
-                await self._take_back(failed.kept)
-            except Exception:  # a bug here must not take the service down
-                log.exception("upgrade: taking the workers' channels back broke")
-            finally:
-                # Even if taking back broke: left "re-executing", every later
-                # upgrade would be refused as under way.
-                self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
-        except HandoverError as exc:  # it says why and the fix; the workers serve on
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            self._upgrade_failed(status, str(exc))
-        except OSError as exc:  # before anything was handed over: the workers serve on
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            raise
-
-    async def _starts_settled(self, timeout: float) -> bool:
-        """No worker is being started (`_spawn`), waiting `timeout` at most. One
-        whose process exists but whose channel the coordinator does not serve
-        yet would be lost at the exec: its channel closed (it drains and
-        exits), its process a child no image knows, never reaped."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while self._spawns:
-                    await self._no_spawns.wait()
-        return not self._spawns
-
-    def _starts_not_settled(self, status: dict[str, Any]) -> None:
-        self._upgrade_failed(
-            status,
-            f"a worker being started did not reach its channel within "
-            f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
-            "workers serve on; run `fleet-ingress upgrade` again",
-        )
-
-    def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
-        status.update(state="failed", error=error, finished=time.time())
-        log.error(
-            "upgrade abandoned: the running generation serves on",
-            extra=fields(upgrade=status["id"], generation=self.generation, error=error),
-        )
-        self._notify("READY=1", f"STATUS=upgrade abandoned; {self.status_line()}")
-
-    def _notify(self, *lines: str) -> None:
-        if self.notifier is not None:
-            self.notifier.notify(*lines)
-
-    def _state_for_exec(self) -> dict[str, Any]:
-        """What the next image needs that no socket carries (`_take_carried`)."""
-        rows = {row.worker: row for row in self.slots.workers}
-        return {
-            "generation": self.generation,
-            "started_at": self.started_at,
-            "fleets": fleets_to_json(self.balancer.fleets),
-            "view": self.view.to_json(time.monotonic()),
-            "reloads": dict(self.reloads),
-            "reload_pending": self.reloading or not self.reloads_asked.empty(),
-            "restarts": dict(self.restarts),
-            "calls_lost_total": self.calls_lost_total,
-            "queue_timeouts": self.slots.queue_timeouts,
-            "reclaimed_total": self.slots.reclaimed_total,
-            "bound_listen": self.bound_listen.model_dump(),
-            "upgrades": list(self.upgrades.values()),
-            "worker_target": self.worker_target,
-            "quick_deaths": self._quick_deaths,
-            # Replacements not started yet (a worker started but not joined yet
-            # goes over with its channel, as the others; one being started is
-            # waited for before the exec: `_starts_settled`).
-            "respawns": list(self._respawns.values()),
-            # Of each channel handed over, what was read of a line not yet whole:
-            # read first by the next image (built in `_reexec`, the handover's
-            # step: nothing is read in between).
-            "unread": unread_to_json(self.server.unread()),
-            "workers": [
-                {
-                    "pid": w.pid,
-                    "generation": w.generation,
-                    "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
-                    "retiring": w.retiring,
-                    "retire_by": w.retire_by,
-                    # Reaped here already but not yet logged and counted (its
-                    # channel's end awaited): the new image does, with these.
-                    "exit_code": w.proc.returncode,
-                    "calls_lost": w.calls_lost,
-                    # Its channel ended while its process ran: "held" stays counted
-                    # until it exits. Known by the row, or by the worker alone when it
-                    # came over an exec holding nothing (no row was kept for it then).
-                    "channel_lost": w.channel_lost
-                    or (rows[w.key].channel_lost if w.key in rows else False),
-                    # Still running LOST_CHANNEL_CONFIRM after (`_channel_lost`): a
-                    # channel lost, not a death whose channel ended a moment first.
-                    "lost_confirmed": w.channel_lost,
-                    # Counted for it if it is slow to say what it holds (SlotServer.adopt).
-                    "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
-                    # process.cpu_affinity: a replacement started later takes another CPU.
-                    "cpu": w.cpu,
-                }
-                for w in self.workers.values()
-            ],
-        }
-
-    def _reexec(self) -> None:
-        """Replace this image with the code installed now, same PID, keeping
-        every socket. Raises OSError (nothing handed over) when it cannot."""
-        if not os.access(sys.executable, os.X_OK):
-            raise OSError(f"{sys.executable} is not executable")
-        # No await from the state to the handover (this is no coroutine): the
-        # channels' unread bytes it carries are the ones handed over.
-        fd = state_fd(self._state_for_exec())
-        socks: dict[str, socket.socket] = dict(self.listeners)
-        if self._stats_sock is not None:
-            socks["listen.stats"] = self._stats_sock
-        if self._admin_sock is not None:
-            socks["listen.admin_socket"] = self._admin_sock
-        argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(self.config_path)]
-        # From here on nothing is read from the workers: what they send waits in
-        # the kernel for the next image, which counts it through their "state".
-        try:
-            kept = self.server.handover()  # all or nothing: HandoverError (an OSError)
-        except OSError:
-            os.close(fd)
-            raise
-        socks.update(kept)
-        log.info(
-            "upgrade: re-executing the supervisor with the installed code",
-            extra=fields(
-                upgrade=next(reversed(self.upgrades)),
-                kept=sorted(socks),
-                executable=sys.executable,
-            ),
-        )
-        try:
-            reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
-        except OSError as exc:
-            os.close(fd)
-            raise _ExecFailed(exc, kept) from exc
-
-    async def _take_back(self, kept: dict[str, socket.socket]) -> None:
-        """The exec failed after the channels were handed over: serve them again
-        in this image, the table rebuilt from the workers as the new image would
-        (their slots counted meanwhile: nothing given back, nothing reaped)."""
-        await self.server.take_back(kept, RESTORE_TIMEOUT)
-        for worker in self.workers.values():
-            if f"worker.{worker.pid}.{worker.generation}" in kept:
-                # Its hello and "serving" may have been read by nobody: its
-                # "state" stands for them, as in the new image (_adopt_workers).
-                worker.joined.set()
-                worker.serving.set()
-
-    async def _adopt_workers(self, kept: dict[str, socket.socket]) -> None:
-        """The new image: serve every kept worker channel again and rebuild the
-        slot table from what the workers say they hold."""
-        self.slots.paused = True
-        adopted: set[int] = set()
-        for name, sock in kept.items():
-            ids = worker_key(name)
-            if ids is None:
-                log.warning("inherited socket not used", extra=fields(key=name))
-                sock.close()
-                continue
-            pid, generation = ids
-            adopted.add(pid)
-            carried = self._carried_workers.get(pid, {})
-            held = carried.get("held")
-            key = await self.server.adopt(
-                sock,
-                restoring=True,
-                worker=(pid, generation),
-                held_before=[str(name) for name in held] if isinstance(held, list) else None,
-                unread=self._carried_unread.pop(name, b""),
-            )
-            worker = WorkerProcess(
-                _adopted_process(pid, carried),
-                generation,
-                key,
-                started_at=float(carried.get("started_at", time.monotonic())),
-                retiring=bool(carried.get("retiring", False)),
-                # None from a release that did not carry it: that worker's CPU is free to take.
-                cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
-            )
-            if worker.retiring:
-                self._arm_carried_backstop(worker, carried)
-            worker.joined.set()
-            worker.serving.set()
-            self.workers[key] = worker
-            self._said_early(worker)
-            self._keep(self._watch(worker))
-        # By the pids adopted, not by `workers`: one whose channel came over
-        # may have exited and been reaped already (its watcher runs meanwhile).
-        self._watch_channelless(adopted)
-        silent = await self.server.finish_restore(RESTORE_TIMEOUT)
-        # A worker slow to answer is still one: its stats stay its own.
-        present = {(w.pid, w.generation) for w in self.workers.values() if not w.left.is_set()}
-        retired = self.view.retire_absent(present)
-        log.info(
-            "workers rejoined after the re-execution",
-            extra=fields(
-                workers=sorted(present),
-                not_answered_yet=[self.workers[k].pid for k in silent if k in self.workers],
-                retired_from_stats=sorted(retired),
-                calls=self.host_calls,
-            ),
-        )
-
-    def _watch_channelless(self, adopted: set[int]) -> None:
-        """Workers of the previous image whose channel did not come over: it
-        had closed (the worker was exiting, its slots reclaimed there and its
-        replacement carried as due; or the channel was lost while it ran, its
-        slots kept counted there) but the process was not reaped yet. Still
-        this process's children: reaped here and their exit logged and
-        counted as the previous image would have, not left as zombies; the
-        slots of one whose channel was lost stay counted here too until then,
-        its kill deadline re-armed. Each is known as the other workers are
-        (`workers`): a stop waits for it and kills it at its end, and a later
-        exec carries it again."""
-        for pid, carried in self._carried_workers.items():
-            if pid in adopted:
-                continue
-            generation = int(carried.get("generation", 0))
-            worker = WorkerProcess(
-                _adopted_process(pid, carried),
-                generation,
-                -pid,  # no channel: a key no channel has
-                started_at=float(carried.get("started_at", time.monotonic())),
-                calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
-                retiring=bool(carried.get("retiring", False)),
-                replaced=True,  # its replacement came over in "respawns"
-            )
-            worker.joined.set()
-            worker.left.set()
-            held = carried.get("held")
-            # Reaped there already, its exit not yet counted: still a worker
-            # whose channel was lost (a clean exit then loses no call). A release
-            # that carried no "lost_confirmed" counted every kept one as lost.
-            kept = bool(carried.get("channel_lost"))
-            worker.channel_lost = bool(carried.get("lost_confirmed", kept))
-            if kept and worker.proc.returncode is None:
-                if isinstance(held, list) and held:
-                    self.slots.reserve(
-                        worker.key, pid=pid, generation=generation, fleets=map(str, held)
-                    )
-                    self.slots.leave(worker.key, keep_held=True)
-                self._arm_carried_backstop(worker, carried)
-                if not worker.channel_lost:  # its channel ended just before the exec
-                    asyncio.get_running_loop().call_later(
-                        LOST_CHANNEL_CONFIRM, self._channel_lost, worker
-                    )
-            self.workers[worker.key] = worker
-            self._keep(self._watch(worker))
-
-    async def _finish_upgrade(self) -> None:
-        """The new image: start generation + 1 on the same listeners; once it
-        serves, the older generations stop accepting and drain. If it cannot
-        start, it is stopped and the running generation serves on."""
-        status = next(reversed(self.upgrades.values()), None)
-        if status is None or status["state"] != "re-executing":
-            return
-        if self.stop_asked.is_set():  # held over the exec: the workers adopted drain instead
-            self._upgrade_failed(
-                status,
-                "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
-                "generation is started; the ingress stops",
-            )
-            return
-        status["state"] = "starting workers"
-        new_generation = self.generation + 1
-        count = self.config.process.worker_count()
-        candidates: list[WorkerProcess] = []
-        try:
-            for _ in range(count):
-                worker = await self._spawn(new_generation, candidate=True)
-                candidates.append(worker)
-            await self._wait_serving(candidates, settle=SERVING_SETTLE)
-        except Exception as exc:  # whatever stops the new generation, the old serves on
-            for worker in candidates:
-                if worker.serving.is_set() and worker.proc.returncode is None:
-                    # It may hold calls already: they end on their own, as an old
-                    # generation's do.
-                    self._retire(worker)
-                    continue
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.kill()
-            self._upgrade_failed(
-                status,
-                f"the new generation's workers cannot start: {exc}; the running generation "
-                f"{self.generation} serves on. Fix the cause (see the log; `fleet-ingress check "
-                f"-c {self.config_path}`), then run `fleet-ingress upgrade` again",
-            )
-            return
-        old = [w for w in self.workers.values() if w.generation < new_generation]
-        for worker in candidates:
-            worker.candidate = False
-        self.generation = new_generation
-        self.worker_target = len(candidates)
-        for worker in old:
-            self._retire(worker)
-        status.update(state="done", generation=new_generation, finished=time.time())
-        log.info(
-            "upgrade done: the new generation serves, the old one drains",
-            extra=fields(
-                upgrade=status["id"],
-                generation=new_generation,
-                workers=[w.pid for w in candidates],
-                draining=[w.pid for w in old],
-                seconds=round(status["finished"] - status["started"], 2),
-            ),
-        )
-
-    def _retire(self, worker: WorkerProcess) -> None:
+    def retire(self, worker: WorkerProcess) -> None:
         """Stop accepting, keep the calls (and the handshakes under way) until
         they end or timeouts.drain; then the worker exits. Killed if still
         there well after that."""
@@ -1335,24 +830,15 @@ class Supervisor:
         if not self.server.send(worker.key, stop):
             self._stop_if_starting(worker)  # not joined yet: it holds no call
         if worker.retire_by is None:  # told again (a later upgrade): the first deadline holds
-            worker.retire_by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
-            self._arm_backstop(worker)
+            self.arm_backstop(worker)
 
-    def _arm_backstop(self, worker: WorkerProcess) -> None:
-        assert worker.retire_by is not None
+    def arm_backstop(self, worker: WorkerProcess) -> None:
+        """`worker` is killed if still there at its `retire_by`; none set yet:
+        a full drain from now (timeouts.drain + STOP_GRACE)."""
+        if worker.retire_by is None:
+            worker.retire_by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
         delay = max(0.0, worker.retire_by - time.monotonic())
         asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
-
-    def _arm_carried_backstop(self, worker: WorkerProcess, carried: dict[str, Any]) -> None:
-        """A worker of the previous image's: its backstop as that image set it
-        (a release that did not carry it: a full one from now)."""
-        retire_by = carried.get("retire_by")
-        worker.retire_by = (
-            float(retire_by)
-            if retire_by is not None
-            else time.monotonic() + self.config.timeouts.drain + STOP_GRACE
-        )
-        self._arm_backstop(worker)
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
@@ -1389,7 +875,7 @@ class Supervisor:
         picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["generation"] = self.generation
-        picture["upgrade"] = next(reversed(self.upgrades.values()), None)
+        picture["upgrade"] = self.upgrade.latest
         return picture
 
     def status_line(self) -> str:
@@ -1439,7 +925,7 @@ class Supervisor:
         for fleet in plan.added:
             self.poller.start(fleet)
         notes += plan.notes
-        await self.poller.reconfigure(fleet_ssl, _probe_settings(config))
+        await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         self.server.wake()
         answers = await self._reload_workers()
         failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
@@ -1451,7 +937,7 @@ class Supervisor:
             extra=fields(workers=sorted(set(answers) - set(failed)), failed=failed),
         )
         self.reloads["applied"] += 1
-        await asyncio.to_thread(_warn_about_chain, config)
+        await asyncio.to_thread(warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 
     async def stop_accepting(self) -> None:
@@ -1538,10 +1024,6 @@ def _log_not_reloaded(pid: int, error: object) -> None:
     )
 
 
-def _monotonic_usec() -> str:
-    return f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)}"
-
-
 def pick_cpu(allowed: Sequence[int], taken: Iterable[int]) -> int:
     """The CPU of `allowed` with the fewest workers on it (`taken`: a CPU per
     live worker), the first in `allowed` on a tie; CPUs no longer allowed count
@@ -1557,13 +1039,6 @@ def respawn_delay(quick_deaths: int) -> float:
     if quick_deaths <= 1:
         return 0.0
     return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
-
-
-def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
-    """A worker of the previous image, with the exit status it read if it
-    had reaped it already (else this image waits for it)."""
-    code = carried.get("exit_code")
-    return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
 
 
 def _running(pid: int) -> bool:
@@ -1630,7 +1105,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
 
     def on_upgrade_signal() -> None:
         try:
-            supervisor.begin_upgrade("SIGUSR2")
+            supervisor.upgrade.begin_upgrade("SIGUSR2")
         except FleetChangeError as exc:
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
@@ -1711,7 +1186,7 @@ async def _reload_on_signal(
     logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
     while True:
         await reloads.get()
-        notifier.notify("RELOADING=1", _monotonic_usec())
+        notifier.notify("RELOADING=1", monotonic_usec())
         try:
             summary = await supervisor.reload()
         except ReloadRefused as exc:

@@ -1,5 +1,6 @@
-"""The pieces of `fleet-ingress upgrade` (SIGUSR2) that are not the supervisor
-itself (SPEC 13; docs/WORKERS.md "Upgrade: the sequence").
+"""The pieces of `fleet-ingress upgrade` (SIGUSR2) that are no step of its
+sequence (`service.upgrade_sequence`; SPEC 13; docs/WORKERS.md "Upgrade: the
+sequence").
 
 - `trial_run`: before re-executing, the code installed now is started in a
   child process (every module of the package imported, then `check -c

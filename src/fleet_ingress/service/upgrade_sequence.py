@@ -1,0 +1,652 @@
+"""The supervisor's upgrade in place (`fleet-ingress upgrade`, SIGUSR2; SPEC
+13; docs/WORKERS.md "Upgrade: the sequence"), both images' sides of it.
+
+RELOADING=1; the code installed now is trial-run in a child
+(`service.upgrade.trial_run`); a failure ends it there, the workers serving
+on. Else the supervisor re-executes itself (same PID) keeping the listeners,
+the stats and admin sockets and every worker's channel
+(`service.listen_fds.reexec`, `SlotServer.handover`), its state in a memfd.
+The new image adopts them, rebuilds the slot table from the workers, starts
+generation + 1 and, once every new worker serves, tells the old generation
+to stop accepting and drain (`stop` with `upgrade`: calls and handshakes
+under way are kept). A new generation that cannot start is stopped and the
+old one never stopped accepting. READY=1; the outcome is kept (over the exec
+too) for `upgrade` to read on the admin socket.
+
+`UpgradeSequence` is the supervisor's (`service.supervisor`: it starts,
+watches, replaces and retires the workers, the sequence asks it to);
+`Upgradable` is what the sequence needs of it. `service.upgrade` holds the
+pieces that are no step of the sequence: the trial run, the memfd and the
+fleets' part of the state, a worker process adopted from the previous image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from fleet_ingress.config.settings import IngressConfig, ListenSection
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_view import HostView
+from fleet_ingress.logs import fields
+from fleet_ingress.net.slot_server import HandoverError, SlotServer
+from fleet_ingress.ops.fleet_ops import FleetChangeError
+from fleet_ingress.ops.web_sites import WebSites
+from fleet_ingress.service.listen_fds import reexec, worker_key
+from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
+from fleet_ingress.service.upgrade import (
+    UPGRADE_STATE,
+    AdoptedProcess,
+    TrialFailed,
+    fleets_to_json,
+    restore_fleets,
+    state_fd,
+    trial_run,
+    unread_from_json,
+    unread_to_json,
+)
+from fleet_ingress.service.worker_process import WorkerProcess
+
+log = logging.getLogger("fleet_ingress.lifecycle")
+
+# After a re-execution, nothing is granted (calls asking for a slot wait) until
+# every kept worker has said what it holds, or this has passed: then a worker
+# still silent keeps counted what it held before until it says.
+RESTORE_TIMEOUT = 5.0
+# A new generation must still be there this long after it began serving before
+# the old one is told to stop accepting.
+SERVING_SETTLE = 1.0
+# Before an upgrade's exec, workers being started (their process exists, their
+# channel not yet served) are waited for this long at most, so that they go
+# over with their channel; past it the upgrade is abandoned. It takes a few
+# event-loop turns.
+STARTS_SETTLE = 5.0
+# The signals that would kill the process if they came while no handler is
+# installed (between the exec and the new image's handlers): blocked over the
+# exec (the mask is kept by execve), so they wait and are handled after it.
+HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+# Once those are blocked, the event loop turns for this long before the exec:
+# a signal that came just before the block is already out of the kernel, its
+# wake-up a byte in the loop's pipe that the exec would discard. Ready work
+# runs before the loop sleeps, so this acts on every such signal.
+SIGNALS_SETTLE = 0.05
+# Before an upgrade's exec, what the supervisor has sent and a worker has not
+# read yet (its socket buffer full) is waited for this long at most: the
+# hand-over would cut it (`SlotServer.handover` refuses then).
+HANDOVER_FLUSH = 1.0
+# Before an upgrade's exec, a stats or admin request in flight is given this
+# long to be answered (a scrape's refresh waits SCRAPE_WAIT at most; an
+# add-fleet waits for the fleet's health to read UP, about 6 s by default).
+WEB_QUIESCE = 10.0
+# Upgrades whose outcome `upgrade` can still read.
+UPGRADES_KEPT = 8
+
+
+class _ExecFailed(Exception):
+    """`execve` failed after the workers' channels were handed over (`kept`)."""
+
+    def __init__(self, error: OSError, kept: dict[str, socket.socket]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.kept = kept
+
+
+class Upgradable(Protocol):
+    """The supervisor as its upgrade sees it (`service.supervisor.Supervisor`):
+    the state that goes over the exec, and the workers' lifecycle that the
+    sequence drives."""
+
+    config: IngressConfig
+    config_path: Path
+    generation: int
+    worker_target: int  # workers the serving generation should have
+    started_at: float
+    stopping: bool
+    stop_asked: asyncio.Event
+    notifier: Notifier | None
+    bound_listen: ListenSection
+    balancer: Balancer
+    slots: HostSlots
+    view: HostView
+    server: SlotServer
+    workers: dict[int, WorkerProcess]
+    reloads: Counter[str]
+    reloading: bool
+    reloads_asked: asyncio.Queue[None]
+    restarts: Counter[str]
+    calls_lost_total: int
+    quick_deaths: int
+
+    @property
+    def host_calls(self) -> int: ...
+
+    def status_line(self) -> str: ...
+
+    def respawns_due(self) -> list[float]: ...
+
+    def sockets_to_keep(self) -> dict[str, socket.socket]: ...
+
+    async def starts_settled(self, timeout: float) -> bool: ...
+
+    async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess: ...
+
+    async def wait_serving(
+        self, workers: Sequence[WorkerProcess], *, settle: float = 0.0
+    ) -> None: ...
+
+    def add_worker(self, worker: WorkerProcess) -> None: ...
+
+    def retire(self, worker: WorkerProcess) -> None: ...
+
+    def arm_backstop(self, worker: WorkerProcess) -> None: ...
+
+    def confirm_channel_lost_later(self, worker: WorkerProcess) -> None: ...
+
+
+class UpgradeSequence:
+    def __init__(
+        self,
+        supervisor: Upgradable,
+        web: WebSites,
+        *,
+        carried: dict[str, Any] | None,
+        starts_settle: float = STARTS_SETTLE,
+    ) -> None:
+        """`web`: the supervisor's stats and admin sites, quiet over the exec.
+        `carried`: the state the previous image kept over its re-execution
+        (an upgrade), put back on `supervisor` here; None at a first start.
+        `starts_settle`: how long an exec waits for workers being started
+        (STARTS_SETTLE; tests shorten it)."""
+        self.supervisor = supervisor
+        self.web = web
+        self.starts_settle = starts_settle
+        # Upgrades by id, oldest first: what `upgrade` polls for (kept over the exec).
+        self.statuses: dict[str, dict[str, Any]] = {}
+        # The upgrade under way in this image. Held: the loop keeps only weak
+        # references to tasks.
+        self._running: asyncio.Task[None] | None = None
+        # Resuming an upgrade: decided here, not from what the sockets handed
+        # over still hold once the supervisor's start() has taken the listeners
+        # from them (a host whose only worker was being replaced at the exec
+        # hands over no channel at all).
+        self.resumed = carried is not None
+        self._carried_workers: dict[int, dict[str, Any]] = {}
+        self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
+        self._carried_respawns: list[float] = []
+        if carried is not None:
+            self._take_carried(carried)
+
+    def _take_carried(self, carried: dict[str, Any]) -> None:
+        """The previous image's state (`_state_for_exec`): what must not reset.
+        Its "view" is read by the supervisor itself, whose coordinator is built
+        on it before this runs."""
+        supervisor = self.supervisor
+        restore_fleets(supervisor.balancer.fleets, carried["fleets"])
+        supervisor.generation = int(carried["generation"])
+        # (From a release that did not carry it: as configured now.)
+        supervisor.worker_target = int(
+            carried.get("worker_target") or supervisor.config.process.worker_count()
+        )
+        supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
+        self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
+        supervisor.started_at = float(carried["started_at"])
+        supervisor.reloads.update(carried["reloads"])
+        if carried.get("reload_pending"):
+            log.info("a reload asked during the upgrade: done once this image serves")
+            supervisor.reloads_asked.put_nowait(None)
+        supervisor.restarts.update(carried["restarts"])
+        supervisor.calls_lost_total = int(carried["calls_lost_total"])
+        supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
+        supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
+        supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
+        self.statuses = {u["id"]: u for u in carried["upgrades"]}
+        self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
+        # (From a release that did not carry it: none; a line cut there is skipped.)
+        self._carried_unread = unread_from_json(carried.get("unread"))
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        """The last upgrade's status; None before any."""
+        return next(reversed(self.statuses.values()), None)
+
+    def take_carried_respawns(self) -> list[float]:
+        """When the replacements the previous image had not started yet are
+        due (a worker died shortly before the exec); given once."""
+        respawns, self._carried_respawns = self._carried_respawns, []
+        return respawns
+
+    # -- the running image: check, then re-execute ---------------------------------
+
+    def begin_upgrade(self, source: str) -> dict[str, Any]:
+        """Start an upgrade in the background (`upgrade` on the admin socket,
+        or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
+        Refused (FleetChangeError 409) while stopping or upgrading."""
+        if self.supervisor.stopping or self.supervisor.stop_asked.is_set():
+            raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
+        # Under way: in this image (its task), or carried over the exec and not
+        # finished yet (the new image starts its workers).
+        current = self.latest
+        if current is not None and current["state"] not in ("done", "failed"):
+            raise FleetChangeError(
+                409,
+                f"an upgrade is under way already (id {current['id']}, {current['state']}); "
+                "wait for it: `fleet-ingress upgrade` again afterwards if needed",
+            )
+        status: dict[str, Any] = {
+            "id": secrets.token_hex(6),
+            "source": source,
+            "state": "checking",
+            "pid": os.getpid(),
+            "from_generation": self.supervisor.generation,
+            "generation": None,
+            "started": time.time(),
+            "finished": None,
+            "error": None,
+        }
+        self.statuses[status["id"]] = status
+        while len(self.statuses) > UPGRADES_KEPT:
+            del self.statuses[next(iter(self.statuses))]
+        log.info(
+            "upgrade: trial run of the installed code",
+            extra=fields(upgrade=status["id"], source=source),
+        )
+        self._notify("RELOADING=1", monotonic_usec(), "STATUS=upgrading: trial run")
+        self._running = asyncio.get_running_loop().create_task(self._upgrade(status))
+        return status
+
+    def upgrade_status(self) -> dict[str, Any]:
+        """What `upgrade` polls: this process, its generation, recent upgrades."""
+        return {
+            "pid": os.getpid(),
+            "generation": self.supervisor.generation,
+            "upgrades": list(self.statuses.values()),
+        }
+
+    async def _upgrade(self, status: dict[str, Any]) -> None:
+        supervisor = self.supervisor
+        try:
+            checked = await trial_run(supervisor.config_path)
+        except TrialFailed as exc:
+            self._upgrade_failed(status, str(exc))
+            return
+        except Exception as exc:  # a bug here must not take the service down
+            log.exception("upgrade: trial run broke")
+            self._upgrade_failed(status, f"the trial run could not be started: {exc!r}")
+            return
+        if supervisor.stopping:
+            self._upgrade_failed(status, "the ingress began stopping during the trial run")
+            return
+        log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
+        # A worker slow to read its channel gets a moment to, signals not held
+        # meanwhile; one still not reading makes the hand-over refuse.
+        await supervisor.server.flushed(HANDOVER_FLUSH)
+        # A worker being started is waited for before the web sites go quiet
+        # (again just before the exec: one may begin meanwhile).
+        if not await supervisor.starts_settled(self.starts_settle):
+            self._starts_not_settled(status)
+            return
+        # The stats and admin listeners stop accepting (what comes now waits in
+        # their backlog for the next image) and answer what was asked: the exec
+        # would cut it.
+        began = time.monotonic()
+        open_ = await self.web.quiesce(WEB_QUIESCE)
+        log.info(
+            "upgrade: stats and admin requests answered, their listeners wait for the new image",
+            extra=fields(
+                upgrade=status["id"],
+                connections=open_,
+                took_s=round(time.monotonic() - began, 3),
+            ),
+        )
+        try:
+            await self._reexec_or_give_up(status)
+        finally:  # reached only when this image serves on
+            await self.web.resume()
+
+    async def _reexec_or_give_up(self, status: dict[str, Any]) -> None:
+        """Re-execute (never returns then), or say why not and serve on."""
+        # From here a stop or reload signal waits in the kernel for the next
+        # image; one that came before is acted on in this one first.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
+        try:
+            await asyncio.sleep(SIGNALS_SETTLE)
+            if not await self.supervisor.starts_settled(self.starts_settle):
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._starts_not_settled(status)
+                return
+            # Nothing awaited from here to the exec: no start can begin meanwhile.
+            if self.supervisor.stopping or self.supervisor.stop_asked.is_set():
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+                self._upgrade_failed(
+                    status,
+                    "a stop was asked (SIGTERM/SIGINT) as the trial run ended: not "
+                    "re-executing; the ingress stops",
+                )
+                return
+            status["state"] = "re-executing"
+            self._reexec()
+        except _ExecFailed as failed:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            try:
+                await self._take_back(failed.kept)
+            except Exception:  # a bug here must not take the service down
+                log.exception("upgrade: taking the workers' channels back broke")
+            finally:
+                # Even if taking back broke: left "re-executing", every later
+                # upgrade would be refused as under way.
+                self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
+        except HandoverError as exc:  # it says why and the fix; the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            self._upgrade_failed(status, str(exc))
+        except OSError as exc:  # before anything was handed over: the workers serve on
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+            raise
+
+    def _starts_not_settled(self, status: dict[str, Any]) -> None:
+        self._upgrade_failed(
+            status,
+            f"a worker being started did not reach its channel within "
+            f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
+            "workers serve on; run `fleet-ingress upgrade` again",
+        )
+
+    def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
+        status.update(state="failed", error=error, finished=time.time())
+        log.error(
+            "upgrade abandoned: the running generation serves on",
+            extra=fields(upgrade=status["id"], generation=self.supervisor.generation, error=error),
+        )
+        self._notify("READY=1", f"STATUS=upgrade abandoned; {self.supervisor.status_line()}")
+
+    def _notify(self, *lines: str) -> None:
+        if self.supervisor.notifier is not None:
+            self.supervisor.notifier.notify(*lines)
+
+    def _state_for_exec(self) -> dict[str, Any]:
+        """What the next image needs that no socket carries (`_take_carried`)."""
+        supervisor = self.supervisor
+        rows = {row.worker: row for row in supervisor.slots.workers}
+        return {
+            "generation": supervisor.generation,
+            "started_at": supervisor.started_at,
+            "fleets": fleets_to_json(supervisor.balancer.fleets),
+            "view": supervisor.view.to_json(time.monotonic()),
+            "reloads": dict(supervisor.reloads),
+            "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
+            "restarts": dict(supervisor.restarts),
+            "calls_lost_total": supervisor.calls_lost_total,
+            "queue_timeouts": supervisor.slots.queue_timeouts,
+            "reclaimed_total": supervisor.slots.reclaimed_total,
+            "bound_listen": supervisor.bound_listen.model_dump(),
+            "upgrades": list(self.statuses.values()),
+            "worker_target": supervisor.worker_target,
+            "quick_deaths": supervisor.quick_deaths,
+            # Replacements not started yet (a worker started but not joined yet
+            # goes over with its channel, as the others; one being started is
+            # waited for before the exec: `starts_settled`).
+            "respawns": supervisor.respawns_due(),
+            # Of each channel handed over, what was read of a line not yet whole:
+            # read first by the next image (built in `_reexec`, the handover's
+            # step: nothing is read in between).
+            "unread": unread_to_json(supervisor.server.unread()),
+            "workers": [
+                {
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
+                    "retiring": w.retiring,
+                    "retire_by": w.retire_by,
+                    # Reaped here already but not yet logged and counted (its
+                    # channel's end awaited): the new image does, with these.
+                    "exit_code": w.proc.returncode,
+                    "calls_lost": w.calls_lost,
+                    # Its channel ended while its process ran: "held" stays counted
+                    # until it exits. Known by the row, or by the worker alone when it
+                    # came over an exec holding nothing (no row was kept for it then).
+                    "channel_lost": w.channel_lost
+                    or (rows[w.key].channel_lost if w.key in rows else False),
+                    # Still running LOST_CHANNEL_CONFIRM after (the supervisor's
+                    # `_channel_lost`): a channel lost, not a death whose channel
+                    # ended a moment first.
+                    "lost_confirmed": w.channel_lost,
+                    # Counted for it if it is slow to say what it holds (SlotServer.adopt).
+                    "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
+                    # process.cpu_affinity: a replacement started later takes another CPU.
+                    "cpu": w.cpu,
+                }
+                for w in supervisor.workers.values()
+            ],
+        }
+
+    def _reexec(self) -> None:
+        """Replace this image with the code installed now, same PID, keeping
+        every socket. Raises OSError (nothing handed over) when it cannot."""
+        if not os.access(sys.executable, os.X_OK):
+            raise OSError(f"{sys.executable} is not executable")
+        # No await from the state to the handover (this is no coroutine): the
+        # channels' unread bytes it carries are the ones handed over.
+        fd = state_fd(self._state_for_exec())
+        socks = self.supervisor.sockets_to_keep()
+        config_path = str(self.supervisor.config_path)
+        argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", config_path]
+        # From here on nothing is read from the workers: what they send waits in
+        # the kernel for the next image, which counts it through their "state".
+        try:
+            kept = self.supervisor.server.handover()  # all or nothing: HandoverError (an OSError)
+        except OSError:
+            os.close(fd)
+            raise
+        socks.update(kept)
+        log.info(
+            "upgrade: re-executing the supervisor with the installed code",
+            extra=fields(
+                upgrade=next(reversed(self.statuses)),
+                kept=sorted(socks),
+                executable=sys.executable,
+            ),
+        )
+        try:
+            reexec(argv, socks, extra_env={UPGRADE_STATE: str(fd)})
+        except OSError as exc:
+            os.close(fd)
+            raise _ExecFailed(exc, kept) from exc
+
+    async def _take_back(self, kept: dict[str, socket.socket]) -> None:
+        """The exec failed after the channels were handed over: serve them again
+        in this image, the table rebuilt from the workers as the new image would
+        (their slots counted meanwhile: nothing given back, nothing reaped)."""
+        await self.supervisor.server.take_back(kept, RESTORE_TIMEOUT)
+        for worker in self.supervisor.workers.values():
+            if f"worker.{worker.pid}.{worker.generation}" in kept:
+                # Its hello and "serving" may have been read by nobody: its
+                # "state" stands for them, as in the new image (adopt_workers).
+                worker.joined.set()
+                worker.serving.set()
+
+    # -- the new image: take over, then the new generation -------------------------
+
+    async def adopt_workers(self, kept: dict[str, socket.socket]) -> None:
+        """The new image: serve every kept worker channel again and rebuild the
+        slot table from what the workers say they hold."""
+        supervisor = self.supervisor
+        supervisor.slots.paused = True
+        adopted: set[int] = set()
+        for name, sock in kept.items():
+            ids = worker_key(name)
+            if ids is None:
+                log.warning("inherited socket not used", extra=fields(key=name))
+                sock.close()
+                continue
+            pid, generation = ids
+            adopted.add(pid)
+            carried = self._carried_workers.get(pid, {})
+            held = carried.get("held")
+            key = await supervisor.server.adopt(
+                sock,
+                restoring=True,
+                worker=(pid, generation),
+                held_before=[str(name) for name in held] if isinstance(held, list) else None,
+                unread=self._carried_unread.pop(name, b""),
+            )
+            worker = WorkerProcess(
+                _adopted_process(pid, carried),
+                generation,
+                key,
+                started_at=float(carried.get("started_at", time.monotonic())),
+                retiring=bool(carried.get("retiring", False)),
+                # None from a release that did not carry it: that worker's CPU is free to take.
+                cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
+            )
+            if worker.retiring:
+                self._arm_carried_backstop(worker, carried)
+            worker.joined.set()
+            worker.serving.set()
+            supervisor.add_worker(worker)
+        # By the pids adopted, not by `workers`: one whose channel came over
+        # may have exited and been reaped already (its watcher runs meanwhile).
+        self._watch_channelless(adopted)
+        silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
+        # A worker slow to answer is still one: its stats stay its own.
+        workers = supervisor.workers
+        present = {(w.pid, w.generation) for w in workers.values() if not w.left.is_set()}
+        retired = supervisor.view.retire_absent(present)
+        log.info(
+            "workers rejoined after the re-execution",
+            extra=fields(
+                workers=sorted(present),
+                not_answered_yet=[workers[k].pid for k in silent if k in workers],
+                retired_from_stats=sorted(retired),
+                calls=supervisor.host_calls,
+            ),
+        )
+
+    def _watch_channelless(self, adopted: set[int]) -> None:
+        """Workers of the previous image whose channel did not come over: it
+        had closed (the worker was exiting, its slots reclaimed there and its
+        replacement carried as due; or the channel was lost while it ran, its
+        slots kept counted there) but the process was not reaped yet. Still
+        this process's children: reaped here and their exit logged and
+        counted as the previous image would have, not left as zombies; the
+        slots of one whose channel was lost stay counted here too until then,
+        its kill deadline re-armed. Each is known as the other workers are
+        (`workers`): a stop waits for it and kills it at its end, and a later
+        exec carries it again."""
+        for pid, carried in self._carried_workers.items():
+            if pid in adopted:
+                continue
+            generation = int(carried.get("generation", 0))
+            worker = WorkerProcess(
+                _adopted_process(pid, carried),
+                generation,
+                -pid,  # no channel: a key no channel has
+                started_at=float(carried.get("started_at", time.monotonic())),
+                calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
+                retiring=bool(carried.get("retiring", False)),
+                replaced=True,  # its replacement came over in "respawns"
+            )
+            worker.joined.set()
+            worker.left.set()
+            held = carried.get("held")
+            # Reaped there already, its exit not yet counted: still a worker
+            # whose channel was lost (a clean exit then loses no call). A release
+            # that carried no "lost_confirmed" counted every kept one as lost.
+            kept = bool(carried.get("channel_lost"))
+            worker.channel_lost = bool(carried.get("lost_confirmed", kept))
+            if kept and worker.proc.returncode is None:
+                if isinstance(held, list) and held:
+                    slots = self.supervisor.slots
+                    slots.reserve(worker.key, pid=pid, generation=generation, fleets=map(str, held))
+                    slots.leave(worker.key, keep_held=True)
+                self._arm_carried_backstop(worker, carried)
+                if not worker.channel_lost:  # its channel ended just before the exec
+                    self.supervisor.confirm_channel_lost_later(worker)
+            self.supervisor.add_worker(worker)
+
+    async def finish_upgrade(self) -> None:
+        """The new image: start generation + 1 on the same listeners; once it
+        serves, the older generations stop accepting and drain. If it cannot
+        start, it is stopped and the running generation serves on."""
+        supervisor = self.supervisor
+        status = self.latest
+        if status is None or status["state"] != "re-executing":
+            return
+        if supervisor.stop_asked.is_set():  # held over the exec: the workers adopted drain instead
+            self._upgrade_failed(
+                status,
+                "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
+                "generation is started; the ingress stops",
+            )
+            return
+        status["state"] = "starting workers"
+        new_generation = supervisor.generation + 1
+        count = supervisor.config.process.worker_count()
+        candidates: list[WorkerProcess] = []
+        try:
+            for _ in range(count):
+                worker = await supervisor.spawn(new_generation, candidate=True)
+                candidates.append(worker)
+            await supervisor.wait_serving(candidates, settle=SERVING_SETTLE)
+        except Exception as exc:  # whatever stops the new generation, the old serves on
+            for worker in candidates:
+                if worker.serving.is_set() and worker.proc.returncode is None:
+                    # It may hold calls already: they end on their own, as an old
+                    # generation's do.
+                    supervisor.retire(worker)
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    worker.proc.kill()
+            self._upgrade_failed(
+                status,
+                f"the new generation's workers cannot start: {exc}; the running generation "
+                f"{supervisor.generation} serves on. Fix the cause (see the log; `fleet-ingress "
+                f"check -c {supervisor.config_path}`), then run `fleet-ingress upgrade` again",
+            )
+            return
+        old = [w for w in supervisor.workers.values() if w.generation < new_generation]
+        for worker in candidates:
+            worker.candidate = False
+        supervisor.generation = new_generation
+        supervisor.worker_target = len(candidates)
+        for worker in old:
+            supervisor.retire(worker)
+        status.update(state="done", generation=new_generation, finished=time.time())
+        log.info(
+            "upgrade done: the new generation serves, the old one drains",
+            extra=fields(
+                upgrade=status["id"],
+                generation=new_generation,
+                workers=[w.pid for w in candidates],
+                draining=[w.pid for w in old],
+                seconds=round(status["finished"] - status["started"], 2),
+            ),
+        )
+
+    def _arm_carried_backstop(self, worker: WorkerProcess, carried: dict[str, Any]) -> None:
+        """A worker of the previous image's: its backstop as that image set it
+        (a release that did not carry it: a full one from now)."""
+        retire_by = carried.get("retire_by")
+        if retire_by is not None:
+            worker.retire_by = float(retire_by)
+        self.supervisor.arm_backstop(worker)
+
+
+def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
+    """A worker of the previous image, with the exit status it read if it
+    had reaped it already (else this image waits for it)."""
+    code = carried.get("exit_code")
+    return AdoptedProcess(pid, returncode=int(code) if code is not None else None)

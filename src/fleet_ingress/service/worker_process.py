@@ -1,0 +1,39 @@
+"""The supervisor's record of one worker process: what it is (its process,
+generation, channel key, CPU) and where it is in its life (joined, serving,
+left, retiring). Kept by the workers' lifecycle (`service.supervisor`), and
+made by the upgrade's sequence (`service.upgrade_sequence`) for the workers
+the previous image started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from fleet_ingress.service.upgrade import AdoptedProcess
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    proc: asyncio.subprocess.Process | AdoptedProcess  # adopted: started by the previous image
+    generation: int
+    key: int  # its channel in the coordinator
+    started_at: float = field(default_factory=time.monotonic)
+    joined: asyncio.Event = field(default_factory=asyncio.Event)
+    serving: asyncio.Event = field(default_factory=asyncio.Event)  # accepting carriers
+    left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
+    calls_lost: int = 0  # slots it held when its channel closed
+    # Its channel ended while its process ran: its slots stay counted until it exits.
+    channel_lost: bool = False
+    replaced: bool = False
+    # Of a new generation not yet known to serve: not replaced if it dies.
+    candidate: bool = False
+    retiring: bool = False  # an older generation told to drain and exit: not replaced
+    # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
+    retire_by: float | None = None
+    cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
