@@ -191,8 +191,9 @@ def test_alert_rules_pass_promtool_check() -> None:
 
 def test_alert_rules_fire_on_synthetic_series() -> None:
     """promtool's unit tests: fleet DOWN (not when in MAINT), certificate expiry,
-    no capacity, all fleets down, 503 rate (with its volume guard), queue timeouts
-    and the scrape target down each fire, and stay quiet when they should."""
+    no capacity, all fleets down, 503 rate (with its volume guard), queue timeouts,
+    a worker dying with calls and the scrape target down each fire, and stay quiet
+    when they should."""
     tests = yaml.safe_load(ALERTS_TEST.read_text())
     firing = {
         case["alertname"]
@@ -200,7 +201,11 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         for case in group.get("alert_rule_test", [])
         if case.get("exp_alerts")
     }
-    assert {"FleetIngressFleetDown", "FleetIngressCertificateExpiringSoon"} <= firing
+    assert {
+        "FleetIngressFleetDown",
+        "FleetIngressCertificateExpiringSoon",
+        "FleetIngressWorkerDied",
+    } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
@@ -216,6 +221,7 @@ def test_every_alert_tells_the_operator_what_to_do() -> None:
         "FleetIngressCapacityExhausted",
         "FleetIngressHigh503Rate",
         "FleetIngressQueueTimeouts",
+        "FleetIngressWorkerDied",
         "FleetIngressCertificateExpiringSoon",
     } <= names
     assert len(names) == len(rules), "duplicate alert names"

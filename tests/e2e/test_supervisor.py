@@ -239,6 +239,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         metrics = await service.metrics()
         assert 'fleet_ingress_worker_restarts_total{reason="killed"} 1.0' in metrics
         assert f"fleet_ingress_slots_reclaimed_total {float(victim['calls'])}" in metrics
+        assert f"fleet_ingress_worker_calls_lost_total {float(victim['calls'])}" in metrics
         stats = await service.stats()
         assert (stats["worker_restarts"], stats["worker_calls_lost"]) == (
             {"killed": 1},
@@ -673,6 +674,8 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         assert [(e["pid"], e["slots_reclaimed"]) for e in back] == [(old["pid"], 2)]
         metrics = await service.metrics()
         assert "fleet_ingress_slots_reclaimed_total 2.0" in metrics
+        # Its slots came back, but none of its calls was lost.
+        assert "fleet_ingress_worker_calls_lost_total 0.0" in metrics
         stats = await service.stats()
         assert [r["pid"] for r in stats["workers"]] != [old["pid"]]
         assert [f["active"] for f in stats["fleets"]] == [1]

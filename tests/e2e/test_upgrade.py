@@ -1169,6 +1169,7 @@ async def _upgraded_with_one_worker_killed(service: Any, dead: int) -> None:
     stats = await service.stats()
     assert stats["worker_restarts"] == {"killed": 1}
     assert stats["worker_calls_lost"] == 1
+    assert "fleet_ingress_worker_calls_lost_total 1.0" in await service.metrics()
 
 
 async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_with_its_real_exit(

@@ -90,7 +90,9 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     *_, r1 = a_worker(3, pid=101, generation=1, draining=True)
     *_, r2 = a_worker(4, pid=202, generation=2)
     slots, view = host_with(r1, r2)
-    host = families(HostMetrics(slots, view, reloads=lambda: {"applied": 1}).prometheus)
+    host = families(
+        HostMetrics(slots, view, reloads=lambda: {"applied": 1}, calls_lost=lambda: 3).prometheus
+    )
 
     # One process that counted both workers' worth: what the host must show.
     registry, fleets, one, _ = a_worker(7, pid=1, generation=0)
@@ -114,6 +116,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     assert host["fleet_ingress_handshake_duration_seconds_count"][()] == 7
     assert host["fleet_ingress_accepts_paused_seconds_total"][()] == 1.75  # seconds, summed
     assert host["fleet_ingress_new_connection_cpu_seconds_total"][()] == 3.5
+    assert host["fleet_ingress_worker_calls_lost_total"][()] == 3  # the supervisor's count
 
     rows = {k: v for k, v in host["fleet_ingress_worker_draining"].items()}
     assert rows == {

@@ -203,8 +203,10 @@ class HostMetrics:
         certificate_not_after: Callable[[], float | None] = lambda: None,
         reloads: Callable[[], Mapping[str, int]] = dict,
         restarts: Callable[[], Mapping[str, int]] = dict,
+        calls_lost: Callable[[], int] = lambda: 0,
     ) -> None:
-        """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1})."""
+        """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
+        `calls_lost`: the calls those workers took with them."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -218,16 +220,21 @@ class HostMetrics:
                 histograms=True,
             )
         )
-        self.prometheus.register(_WorkersCollector(slots, view, restarts))
+        self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost))
 
 
 class _WorkersCollector(Collector):
     def __init__(
-        self, slots: HostSlots, view: HostView, restarts: Callable[[], Mapping[str, int]]
+        self,
+        slots: HostSlots,
+        view: HostView,
+        restarts: Callable[[], Mapping[str, int]],
+        calls_lost: Callable[[], int],
     ) -> None:
         self.slots = slots
         self.view = view
         self.restarts = restarts
+        self.calls_lost = calls_lost
 
     def collect(self) -> Iterator[Metric]:
         labels = ["pid", "generation"]
@@ -270,6 +277,12 @@ class _WorkersCollector(Collector):
         for reason, n in sorted(self.restarts().items()):
             restarts.add_metric([reason], n)
         yield restarts
+        yield CounterMetricFamily(
+            f"{PREFIX}_worker_calls_lost",
+            "Calls cut because their worker process died (killed or crashed; or, its slot "
+            "channel lost, exited unclean): the slots it held as it went.",
+            value=self.calls_lost(),
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_slots_reclaimed",
             "Fleet slots taken back from workers gone holding them: died (their calls "

@@ -301,7 +301,7 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_connections",
-            "Carrier connections accepted.",
+            "Carrier connections accepted that completed their TLS handshake.",
             value=counts.counter("connections_total"),
         )
         yield CounterMetricFamily(

@@ -167,12 +167,14 @@ class Supervisor:
         self.reloads_asked: asyncio.Queue[None] = asyncio.Queue()
         self.reloading = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
+        self.calls_lost_total = 0  # the calls they took with them
         self.metrics = HostMetrics(
             self.slots,
             self.view,
             certificate_not_after=lambda: self.certificate_not_after,
             reloads=lambda: self.reloads,
             restarts=lambda: self.restarts,
+            calls_lost=lambda: self.calls_lost_total,
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -213,7 +215,6 @@ class Supervisor:
         # SIGTERM/SIGINT received (run_supervisor waits on it): `stopping`
         # follows a loop turn later.
         self.stop_asked = asyncio.Event()
-        self.calls_lost_total = 0
         self.quick_deaths = 0
         # Replacements of dead workers not started yet, by when they are due
         # (monotonic): carried over an exec, where their tasks would be lost.
