@@ -455,6 +455,7 @@ async def write_run_home(
     drain: float = 30,
     queue: float = 3,
     check_timeout: float = 1,
+    check_interval: float = 0.2,
 ) -> tuple[int, int]:
     """What `fleet-ingress run -c home/ingress.toml` needs in `home`: config,
     fleets file, certificate; returns the carrier and stats ports it names."""
@@ -477,7 +478,7 @@ ca_file = "{tls_files.ca_pem}"
 
 [fleets]
 ca_file = "{tls_files.ca_pem}"
-check_interval = 0.2
+check_interval = {check_interval}
 check_timeout = {check_timeout}
 
 [timeouts]
@@ -519,6 +520,7 @@ class RunningIngress:
         drain: float = 30,
         queue: float = 3,
         check_timeout: float = 1,
+        check_interval: float = 0.2,
         env: dict[str, str] | None = None,
     ) -> RunningIngress:
         import tempfile
@@ -533,6 +535,7 @@ class RunningIngress:
             drain=drain,
             queue=queue,
             check_timeout=check_timeout,
+            check_interval=check_interval,
         )
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(home / "notify.sock"))

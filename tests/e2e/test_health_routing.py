@@ -186,6 +186,34 @@ async def test_a_fleet_reporting_3_free_gets_at_most_3_calls_before_its_next_pro
         await ws.close()
 
 
+async def test_a_fleet_that_answers_429_gets_no_more_calls_until_its_next_probe(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    """Its probe said room; traffic that bypasses the ingress filled it since. Its
+    429 goes to the carrier as is (SPEC 3), and says it is full now: the calls
+    after it go to the other fleet, not to the same answer."""
+    a, b = sim_fleets
+    ingress = await started(
+        start_ingress,
+        lines(a, b),
+        fleets={"check_interval": 30},  # no second probe during the test
+    )
+    fleet_a = ingress.balancer.fleets[0]
+    assert fleet_a.estimated_available == 64 and not fleet_a.full
+    a.capacity = 0  # its workers all taken from outside
+    ctx = tls_files.client_context()
+    with pytest.raises(InvalidStatus) as info:
+        await connect(wss_url(ingress), ssl=ctx)  # a first: ties go round-robin from a
+    assert info.value.response.status_code == 429
+    assert fleet_a.full
+    # a holds no call and b more and more: leastconn alone would send a every other one.
+    calls = [await connect(wss_url(ingress), ssl=ctx) for _ in range(4)]
+    assert [fleet_of(ws) for ws in calls] == ["b"] * 4
+    assert (a.rejected_429, b.calls_total) == (1, 4)
+    for ws in calls:
+        await ws.close()
+
+
 # -- 6. no upper bound: 40 workers, maxconn 40 -----------------------------------------
 
 

@@ -210,6 +210,34 @@ async def test_the_call_path_interface_is_the_same(host, kind):
     assert third.fleet.name == first.fleet.name
 
 
+@pytest.mark.parametrize("kind", ["dispatcher", "slot client"])
+async def test_a_fleets_429_makes_it_full_where_slots_are_handed_out(host, kind):
+    """`fleet_said_full()` on a held slot (the fleet answered its call 429): the
+    fleet gets no call until a probe says it has room, in this process
+    (`Dispatcher`) or in the supervisor's table for a worker (op `full`)."""
+    balancer = _balancer(8)
+    if kind == "dispatcher":
+        source: Dispatcher | SlotClient = Dispatcher(balancer, queue_timeout=0, max_queue=8)
+    else:
+        h = host(maxconn=8, queue_timeout=0)
+        balancer = h.slots.balancer
+        source = await h.worker()
+    a, b = balancer.fleets
+    for fleet in (a, b):  # probed: 5 free each
+        fleet.reported_available, fleet.opened_at_probe = 5, fleet.opened_total
+    first = await source.lease()
+    assert first.fleet.name == "a"
+    first.fleet_said_full()
+    await eventually(lambda: a.full)
+    first.release()
+    await eventually(lambda: a.active == 0)
+    assert a.estimated_available == 0
+    # a carries no call and b one, yet every new call goes to b.
+    assert [(await source.lease()).fleet.name for _ in range(3)] == ["b", "b", "b"]
+    a.reported_available, a.opened_at_probe = 3, a.opened_total  # its next probe
+    assert (await source.lease()).fleet.name == "a"
+
+
 async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_workers(host):
     h = host(maxconn=2)
     w1, w2 = await h.worker(), await h.worker()

@@ -176,6 +176,36 @@ async def test_maxconn_holds_for_the_host_with_two_workers(
         await service.finish()
 
 
+async def test_a_fleets_429_in_any_worker_makes_it_full_for_the_host(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+):
+    """Fleet a's probe said room, then traffic from outside took its workers: it
+    answers 429. The worker whose call got it tells the supervisor (`full`), and
+    no worker sends a call there until a's next probe: the calls after go to b."""
+    a, b = two_fleets
+    service = await _start(tls_files, two_fleets, check_interval=30)  # one probe each
+    calls: list[ClientConnection] = []
+    try:
+        a.capacity = 0
+        refused = 0
+        for i in range(8):
+            try:
+                calls.append(await _open(service, tls_files, f"bot-{i}"))
+            except InvalidStatus as exc:
+                assert exc.response.status_code == 429
+                refused += 1
+        # leastconn alone sends a every other call (it never holds one); after its
+        # first 429 none, whichever of the two workers takes each connection.
+        assert (refused, a.rejected_429, b.calls_total) == (1, 1, 7)
+        fleet_a = (await service.stats())["fleets"][0]
+        assert (fleet_a["name"], fleet_a["estimated_available"]) == ("a", 0)
+        said = "fleet full: it answered a call 429; no new call goes there until its next probe"
+        assert [e["fleet"] for e in _logged(service, said)] == ["a"]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -98,6 +98,37 @@ def test_capacity_estimate_counts_calls_opened_since_the_probe_was_sent():
     assert b.pick().verdict is Verdict.NO_CAPACITY
 
 
+def test_a_429_makes_a_fleet_full_until_its_next_probe_says_otherwise():
+    b = _balancer()
+    a = b.get("a")
+    assert a is not None
+    a.reported_available, a.opened_at_probe = 5, a.opened_total  # its last probe: 5 free
+    _take(b, 2)  # one each
+    assert a.estimated_available == 4
+    # Traffic that bypasses the ingress took the rest: the fleet answers 429.
+    assert a.said_full()
+    assert a.full and a.estimated_available == 0
+    assert _take(b, 3) == ["b", "b", "b"]  # not a, though it has fewer calls
+    assert not a.said_full()  # already full: nothing new to say
+    # Its next probe is the truth again (as the poller records one).
+    a.reported_available, a.opened_at_probe = 2, a.opened_total
+    assert not a.full
+    assert _take(b, 1) == ["a"]
+
+
+@pytest.mark.parametrize("tracked", ["not capacity-aware", "never probed"])
+def test_a_429_changes_nothing_where_capacity_is_not_tracked(tracked: str):
+    """No probe would ever lift a FULL it set there."""
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    if tracked == "not capacity-aware":
+        a.capacity_aware = False
+        a.reported_available = 3
+    assert not a.said_full()
+    assert not a.full
+    assert b.pick().fleet is a
+
+
 def test_capacity_ignored_when_not_capacity_aware():
     b = _balancer("https://a.test name=a\n")
     a = b.fleets[0]

@@ -37,6 +37,7 @@ from fleet_ingress.core.call_machine import (
     FleetConnected,
     FleetConnectFailed,
     FleetError,
+    FleetFull,
     FleetHead,
     FleetLost,
     HeadComplete,
@@ -391,7 +392,7 @@ def test_a_429_is_passed_through_untouched_and_not_retried():
     (a,) = fleets("a")
     pb, machine = new_call(retries=3)
     attempt(up_to_slot(pb), a, 1)
-    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> FleetAnswerComplete() << CloseSide(Side.FLEET) << CloseSide(Side.CARRIER)
     pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
@@ -399,11 +400,33 @@ def test_a_429_is_passed_through_untouched_and_not_retried():
     assert (a.retries, a.calls_total, a.responses[429], machine.status) == (0, 0, 1, 429)
 
 
+def test_a_429_listed_in_retry_on_takes_its_fleet_as_full_then_tries_another():
+    """The fleet's 429 says it is full now: FULL (`FleetFull`, acted on the slot
+    the attempt holds) before that slot goes back for the retry."""
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1, statuses=frozenset({429}))
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << DropFleet()
+    pb << ReleaseSlot() << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (a.retries, a.responses[429], b.calls_total, machine.status) == (1, 1, 1, 101)
+
+
+def test_only_a_429_says_its_fleet_is_full():
+    (a,) = fleets("a")
+    for status in (503, 404, 200):
+        pb, _ = new_call(retries=0, statuses=frozenset())
+        attempt(up_to_slot(pb), a, 1)
+        pb >> FleetHead(status, False) << CancelTimer(Timer.RESPONSE) << Relay(status)
+        assert pb
+
+
 def test_a_fleet_closing_mid_answer_ends_the_relay():
     (a,) = fleets("a")
     pb, _ = new_call()
     attempt(up_to_slot(pb), a, 1)
-    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> FleetLost(Lost.GONE) << ReleaseSlot() << CloseSide(Side.CARRIER)
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
     assert pb
@@ -454,7 +477,7 @@ def _leaves_retrying(pb: Playbook, a: FleetState) -> Playbook:
 
 def _leaves_relaying(pb: Playbook, a: FleetState) -> Playbook:
     pb = attempt(up_to_slot(pb), a, 1)
-    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << Relay(429)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
     return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
 

@@ -92,6 +92,18 @@ class FleetState:
             return None
         return self.reported_available - (self.opened_total - self.opened_at_probe)
 
+    def said_full(self) -> bool:
+        """The fleet answered a call `429`: no worker free now, in its own word,
+        as a probe reporting 0 would say (SPEC 4: FULL at once). Until its next
+        probe, no new call is sent there to get the same answer. True if that
+        made it FULL; nothing when capacity is not tracked (not capacity-aware,
+        or no probe has reported: no probe would ever lift it)."""
+        if not self.capacity_aware or self.reported_available is None or self.full:
+            return False
+        self.reported_available = 0
+        self.opened_at_probe = self.opened_total
+        return True
+
     @property
     def full(self) -> bool:
         """The fleet's own word says no worker is free (SPEC 4: FULL)."""

@@ -220,6 +220,12 @@ class ReleaseSlot(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class FleetFull(Command):
+    """The fleet answered this attempt `429`: take it as FULL until its next
+    probe (`FleetState.said_full`), on the slot this attempt holds."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectFleet(Command):
     fleet: FleetState
     attempt: int
@@ -518,6 +524,8 @@ class CallMachine:
         assert fleet is not None
         self._emit(CancelTimer(Timer.RESPONSE))
         fleet.responses[event.status] += 1
+        if event.status == 429 and not event.switched:
+            self._emit(FleetFull())  # before its slot may go back (a retry)
         if not event.switched and self.rules.retry.retry_status(event.status, self.attempt):
             self.fleet_open = False
             self._emit(DropFleet())

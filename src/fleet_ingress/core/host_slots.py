@@ -321,6 +321,11 @@ class HostSlots:
         self._close(fleet)
         return self.wake()
 
+    def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
+        """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""
+        row = self._rows.get(worker)
+        return None if row is None else row.held.get(lease)
+
     def wake(self) -> list[Answer]:
         """Hand free slots to waiters in order. Call whenever room may have
         appeared (a slot came back, a probe reported capacity, a fleet came up)."""

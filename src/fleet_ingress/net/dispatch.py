@@ -8,12 +8,16 @@ already taken for it, so nobody arriving later can steal it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
+from fleet_ingress.logs import fields
+
+log = logging.getLogger("fleet_ingress.slots")
 
 
 class NoFleetAvailable(Exception):
@@ -34,6 +38,8 @@ class HeldSlot(Protocol):
     def held(self) -> bool: ...
 
     def release(self) -> None: ...
+
+    def fleet_said_full(self) -> None: ...
 
 
 class SlotSource(Protocol):
@@ -79,6 +85,20 @@ class Lease:
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             dispatcher.release(self.fleet)
+
+    def fleet_said_full(self) -> None:
+        """The fleet answered this call `429`: FULL until its next probe."""
+        take_as_full(self.fleet)
+
+
+def take_as_full(fleet: FleetState) -> None:
+    """A fleet's `429` to a call: FULL until its next probe (`said_full`), logged
+    when that is news (here, or in the supervisor for a worker's call)."""
+    if fleet.said_full():
+        log.info(
+            "fleet full: it answered a call 429; no new call goes there until its next probe",
+            extra=fields(fleet=fleet.name),
+        )
 
 
 class Dispatcher:

@@ -54,6 +54,7 @@ from fleet_ingress.core.call_machine import (
     FleetConnected,
     FleetConnectFailed,
     FleetError,
+    FleetFull,
     FleetHead,
     FleetLost,
     HeadComplete,
@@ -509,6 +510,11 @@ class CarrierProtocol(_Side):
         if call is not None and call.lease is not None:
             call.lease.release()
 
+    def _fleet_full(self, command: Command) -> None:
+        call = self.call
+        if call is not None and call.lease is not None and call.lease.held:
+            call.lease.fleet_said_full()
+
     def _connect_fleet(self, command: Command) -> None:
         assert isinstance(command, ConnectFleet)
         call = self.call
@@ -702,6 +708,7 @@ _COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
     TakeSlot: CarrierProtocol._take_slot,
     CancelSlotWait: CarrierProtocol._cancel_slot_wait,
     ReleaseSlot: CarrierProtocol._release_slot,
+    FleetFull: CarrierProtocol._fleet_full,
     ConnectFleet: CarrierProtocol._connect_fleet,
     SendHead: CarrierProtocol._send_head,
     DropFleet: CarrierProtocol._drop_fleet,

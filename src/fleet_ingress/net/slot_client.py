@@ -74,6 +74,12 @@ class RemoteLease:
         if client is not None:
             client._release(self)
 
+    def fleet_said_full(self) -> None:
+        """The fleet answered this call `429`: the coordinator takes it as FULL
+        until its next probe (`full`: a supervisor before it ignores the op)."""
+        if self._client is not None:
+            self._client._write({"op": "full", "id": self.id})
+
 
 class SlotClient(asyncio.Protocol):
     def __init__(

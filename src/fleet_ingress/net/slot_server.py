@@ -43,6 +43,7 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
+from fleet_ingress.net.dispatch import take_as_full
 from fleet_ingress.net.slot_wire import (
     LineDecoder,
     UnknownOps,
@@ -59,7 +60,7 @@ log = logging.getLogger("fleet_ingress.slots")
 _WAITING_READ_MAX = 4 * 1024 * 1024
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
-_WORKER_OPS = frozenset({"hello", "acquire", "release", "state", "report"})
+_WORKER_OPS = frozenset({"hello", "acquire", "release", "full", "state", "report"})
 
 
 class HandoverError(OSError):
@@ -581,6 +582,10 @@ class SlotServer:
                 self._send([answer])
         elif op == "release":
             self._send(self.slots.release(channel.key, field(message, "id", int)))
+        elif op == "full":  # the fleet answered that lease's call 429
+            fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
+            if fleet is not None:  # not if given back meanwhile: nothing to say then
+                take_as_full(fleet)
         elif op == "state":
             # It went over two execs before it read the first "sync": it answers
             # each. The first account rebuilt its row and what it sent after is

@@ -7,6 +7,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
       {"op": "hello", "pid": 1234, "generation": 1}       first, once
       {"op": "acquire", "id": 7, "avoid": ["a"]}           a slot for one call attempt
       {"op": "release", "id": 7}                           give it back (or leave the queue)
+      {"op": "full", "id": 7}                              its fleet answered the call 429:
+                                                           FULL until its next probe
     coordinator -> worker
       {"op": "granted", "id": 7, "fleet": "a", "spec": {...}}   "spec" when the worker
                                                                  has not seen it yet
