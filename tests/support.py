@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -112,6 +113,15 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
         while not predicate():
             await asyncio.sleep(0.01)
     return loop.time() - started
+
+
+def metric_samples(exposition: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A `/metrics` text as {sample name: {sorted label pairs: value}}."""
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
 
 
 async def close_calls(calls: Iterable[ClientConnection]) -> None:

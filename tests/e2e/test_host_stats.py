@@ -21,7 +21,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
@@ -31,7 +30,7 @@ from fleet_ingress.core.host_view import HostView
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.host_stats import HostMetrics, host_snapshot, pull_reports
 from fleet_ingress.ops.stats_server import stats_app
-from tests.support import EventChild, eventually
+from tests.support import EventChild, eventually, metric_samples
 
 CHILD = Path(__file__).with_name("host_stats_worker_child.py")
 FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
@@ -106,12 +105,7 @@ async def supervisor():
 
 
 async def scrape(s: Supervisor) -> dict[str, dict[tuple, float]]:
-    text = await s.get("/metrics")
-    out: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+    return metric_samples(await s.get("/metrics"))
 
 
 def host_figures(m: dict[str, dict[tuple, float]]) -> dict[str, float]:

@@ -45,6 +45,7 @@ from tests.support import (
     close_calls,
     eventually,
     fill_unread_channel,
+    metric_samples,
     write_run_home,
 )
 
@@ -224,6 +225,26 @@ async def test_upgrade_under_load_loses_nothing(
         assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits())
         ends = {e["end_reason"] for e in service.log() if e.get("event") == "call ended"}
         assert "drain" not in ends
+
+        # The host's counters over both generations: every call counted once
+        # (the old workers' final reports in, the new ones' read at the scrape).
+        async def counted() -> tuple[float, float, float]:
+            m = metric_samples(await service.metrics())
+            return (
+                sum(m["fleet_ingress_fleet_calls_total"].values()),
+                sum(m["fleet_ingress_calls_ended_total"].values()),
+                sum(
+                    n
+                    for labels, n in m["fleet_ingress_requests_total"].items()
+                    if ("code", "101") in labels
+                ),
+            )
+
+        async with asyncio.timeout(10):
+            while (figures := await counted()) != (len(results),) * 3:
+                assert all(n <= len(results) for n in figures), figures  # never twice
+                await asyncio.sleep(0.2)
+        assert sum(sim.calls_total for sim in fleets) == len(results)
 
         # Same PID for systemd: RELOADING=1 ... READY=1 with MAINPID unchanged.
         assert service.proc.returncode is None
