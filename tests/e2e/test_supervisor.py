@@ -285,6 +285,44 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         await service.finish()
 
 
+async def test_each_fleet_is_probed_once_per_interval_for_the_host_not_per_worker(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Issue 14: "Each fleet is probed once per interval for the host". With
+    3 workers and fleets.check_interval = 0.25 s, each fleet counts about one
+    probe per interval over a window, on one kept-alive connection: not one
+    per worker (3 or 4 times as many, on a connection each)."""
+    interval = 0.25
+    service = await _fleets_up_or_finished(
+        await RunningIngress.start(
+            tls_files,
+            _lines(two_fleets),
+            workers=3,
+            check_timeout=5,
+            env={"FLEET_INGRESS_FLEETS__CHECK_INTERVAL": str(interval)},
+        )
+    )
+    try:
+        assert len(await _worker_rows(service)) == 3
+        before = [sim.health_probes for sim in two_fleets]
+        started = time.monotonic()
+        await asyncio.sleep(4.0)
+        seconds = time.monotonic() - started
+        probes = [sim.health_probes - n for sim, n in zip(two_fleets, before, strict=True)]
+        per_interval = seconds / interval  # 16
+        print(f"\n3 workers, {seconds:.1f}s at {interval}s: probes per fleet {probes}")
+        # The probe loop keeps a fixed rate and never catches up on a late turn:
+        # at most one an interval, plus one at each edge of the window. A late
+        # loop on a loaded host costs some, not half. One poller per worker would
+        # make at least 3 x 16 = 48.
+        for n in probes:
+            assert per_interval / 2 <= n <= per_interval + 2, (probes, per_interval)
+        # All of them over the supervisor's one connection to each fleet.
+        assert [sim.health_connections for sim in two_fleets] == [1, 1]
+    finally:
+        await service.finish()
+
+
 async def _peer_serial(service: RunningIngress, tls_files: TLSFiles) -> str:
     _, writer = await asyncio.open_connection(
         "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import ClientConnection, connect
 
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
@@ -424,6 +424,112 @@ async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
         finally:
             await load.stop()
             await service.finish()
+
+
+async def test_sigterm_drains_every_generation_then_exits_0(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """Issue 14's "SIGTERM drains every generation": generation 1 drains calls
+    held over an upgrade, generation 2 streams calls of its own, then SIGTERM.
+    New connections are refused from STOPPING=1; every call of both
+    generations goes on until it ends on its own with a clean close, none cut,
+    well within timeouts.drain; generation 2 ends first and the supervisor
+    waits for generation 1 too; every worker of both generations exits 0, then
+    the supervisor does."""
+    # Longer than generation 1 needs from its stop (at the upgrade) to its calls'
+    # end, on a loaded host too; the test ends with its calls, well before it.
+    drain = 15
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=drain, env=PATIENT_PROBES
+    )
+    load = _fleets_load(service, tls_files, fleets)
+    held: list[ClientConnection] = []
+    try:
+        old = {row["pid"] for row in await _rows(service)}
+        # Generation 1's calls: held open by this test, so that they outlast the
+        # upgrade whatever it takes on a loaded host, and end only after SIGTERM;
+        # opened until both workers hold some (the kernel picks the worker).
+        for i in range(12):
+            held.append(
+                await connect(
+                    service.url(f"/ws/old-{i}"), ssl=tls_files.client_context(), open_timeout=15
+                )
+            )
+            if i >= 3 and all(r["calls"] for r in await _rows(service)):
+                break
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
+        # Generation 2's calls: streaming, each ending on its own 4 s after it opened.
+        for i in range(4):
+            load.long.append(load.call(f"new-{i}", 4.0))
+        await eventually(lambda: load.fleets_active() == len(held) + 4, timeout=15)
+
+        def held_by(rows: list[dict[str, Any]], generation: int) -> int:
+            return sum(r["calls"] for r in rows if r["generation"] == generation)
+
+        try:
+            async with asyncio.timeout(5):  # each worker reports what it holds on its own time
+                while True:
+                    rows = await _rows(service)
+                    if (held_by(rows, 1), held_by(rows, 2)) == (len(held), 4):
+                        break
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            pytest.fail(f"not {len(held)} calls in generation 1 and 4 in generation 2: {rows}")
+        new = {r["pid"] for r in rows if r["generation"] == 2}
+        draining = [r for r in rows if r["generation"] == 1]
+        assert {r["pid"] for r in draining} == old, rows  # both hold calls: neither exited
+        assert all(r["draining"] and r["calls"] for r in draining), rows
+        assert len(new) == 2 and not new & old
+
+        service.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        await service.wait_for("STOPPING=1", timeout=5)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", service.port)
+        # Both generations drain: every worker holding calls runs on, the calls go on.
+        assert service.proc.returncode is None
+        assert all(_alive(r["pid"]) for r in rows if r["calls"]), rows
+        assert not any(task.done() for task in load.long), "generation 2's calls ended early"
+        # Generation 2's calls end on their own; its workers exit once they have...
+        _assert_no_loss(await load.results(timeout=drain))
+        await eventually(lambda: not any(_alive(pid) for pid in new), timeout=5)
+        # ... while generation 1 drains on, and the supervisor waits for it too.
+        await asyncio.sleep(0.5)
+        assert service.proc.returncode is None, "exited with generation 1 still draining"
+        assert all(_alive(pid) for pid in old)
+        for i, ws in enumerate(held):
+            await ws.send(f"still here {i}")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == f"still here {i}"
+        for ws in held:
+            await ws.close()
+            assert ws.close_code == 1000  # the fleet's close came back through the tunnel
+        code = await asyncio.wait_for(service.proc.wait(), drain)
+        stopped_s = time.monotonic() - stopped_at
+        assert code == 0, service.log_tail()
+        assert stopped_s < drain, f"exited {stopped_s:.1f}s after SIGTERM: waited for the drain"
+
+        log = service.log()
+        ended = {e["bot_id"]: e for e in log if e.get("event") == "call ended"}
+        olds = [f"old-{i}" for i in range(len(held))]
+        assert sorted(ended) == sorted([*olds, *(f"new-{i}" for i in range(4))])
+        assert {e["end_reason"] for e in ended.values()} == {"carrier closed"}  # none cut
+        assert all(ended[bot]["process"] in old for bot in olds)
+        assert all(ended[f"new-{i}"]["process"] in new for i in range(4))
+        for event, pids in (("old-generation worker exited", old), ("worker exited", new)):
+            exited = [e for e in log if e.get("event") == event]
+            assert sorted(e["pid"] for e in exited) == sorted(pids), (event, exited)
+            assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exited)
+        assert not [e for e in log if "killed" in e.get("event", "")]
+        assert log[-1]["event"] == "stopped"
+        print(f"\nSIGTERM with two generations draining: exited 0 after {stopped_s:.1f}s")
+    finally:
+        await close_calls(held)
+        await load.stop()
+        await service.finish()
 
 
 def _package_whose_exec_fails(tmp_path: Path) -> Path:
