@@ -299,7 +299,7 @@ async def test_each_fleet_is_probed_once_per_interval_for_the_host_not_per_worke
             _lines(two_fleets),
             workers=3,
             check_timeout=5,
-            env={"FLEET_INGRESS_FLEETS__CHECK_INTERVAL": str(interval)},
+            check_interval=interval,
         )
     )
     try:
