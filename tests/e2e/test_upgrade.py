@@ -302,7 +302,8 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         # A bad release: a module every worker imports no longer parses.
         broken = src / "fleet_ingress" / "core" / "routing.py"
         broken.write_text(broken.read_text() + "\ndef oops(:\n")
-        await load.start_long(20, duration=6.0)
+        # The load of the upgrade under load: 100 streaming calls, then new ones every 50 ms.
+        await load.start_long(100, duration=10.0)
         load.start_arrivals(every=0.05, duration=1.0, limit=200)
         code, out, err = await _upgrade_command(service)
         await asyncio.sleep(0.5)
