@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rounds))
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps([asdict(r) for r in rounds], indent=2) + "\n")
     return 0
 
