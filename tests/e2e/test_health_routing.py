@@ -214,6 +214,34 @@ async def test_a_fleet_that_answers_429_gets_no_more_calls_until_its_next_probe(
         await ws.close()
 
 
+async def test_calls_still_connecting_when_a_probe_is_answered_are_not_sent_twice(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    """The fleet takes a call 0.6 s after its request (a slow bot start), and
+    answers probes meanwhile without the calls on their way. Each probe's 5 free
+    must not let 5 more calls through on top of the 5 still connecting: exactly
+    5 are admitted, none meets a 429, the rest wait and get 503."""
+    a, _ = sim_fleets
+    a.capacity, a.call_delay = 5, 0.6
+    ingress = await started(
+        start_ingress,
+        lines(a),
+        fleets={"check_interval": 0.2, "maxconn": 50},
+        timeouts={"queue": 1.5},
+    )
+    ctx = tls_files.client_context()
+    burst = await asyncio.gather(
+        *(connect(wss_url(ingress), ssl=ctx) for _ in range(12)), return_exceptions=True
+    )
+    connected = [ws for ws in burst if isinstance(ws, ClientConnection)]
+    statuses = Counter(e.response.status_code for e in burst if isinstance(e, InvalidStatus))
+    assert (len(connected), statuses) == (5, {503: 7})
+    assert (a.calls_total, a.rejected_429, a.peak_calls) == (5, 0, 5)
+    assert a.health_probes >= 4  # several probes came and went while 5 were connecting
+    for ws in connected:
+        await ws.close()
+
+
 # -- 6. no upper bound: 40 workers, maxconn 40 -----------------------------------------
 
 

@@ -19,7 +19,12 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.core.host_view import Counts, HostView, WorkerReport
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
-from fleet_ingress.net.slot_client import COORDINATOR_GONE, HELD_BEFORE_HELLO, SlotClient
+from fleet_ingress.net.slot_client import (
+    ANSWERS_FLUSH,
+    COORDINATOR_GONE,
+    HELD_BEFORE_HELLO,
+    SlotClient,
+)
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.slot_wire import encode
 from tests.support import eventually, fill_unread_channel
@@ -236,6 +241,44 @@ async def test_a_fleets_429_makes_it_full_where_slots_are_handed_out(host, kind)
     assert [(await source.lease()).fleet.name for _ in range(3)] == ["b", "b", "b"]
     a.reported_available, a.opened_at_probe = 3, a.opened_total  # its next probe
     assert (await source.lease()).fleet.name == "a"
+
+
+async def test_a_worker_tells_when_fleets_answer_its_calls_with_its_next_message(host):
+    """A lease is in flight in the supervisor's table until the worker says the
+    fleet answered its call: with the next message it sends (here a release),
+    or on its own after ANSWERS_FLUSH."""
+    h = host(maxconn=8)
+    w1 = await h.worker()
+
+    def in_flight() -> set[object]:
+        return set().union(*(fleet.pending for fleet in h.slots.balancer.fleets))
+
+    first, second = await w1.lease(), await w1.lease()
+    assert in_flight() == {(1, first.id), (1, second.id)}
+    first.fleet_answered(1.0)
+    second.fleet_answered(2.0)
+    other = await w1.lease()  # its acquire carries both answers
+    await eventually(lambda: in_flight() == {(1, other.id)})
+    loop = asyncio.get_running_loop()
+    other.fleet_answered(3.0)
+    told_at = loop.time()
+    await eventually(lambda: not in_flight())  # nothing else sent: the timer tells
+    assert loop.time() - told_at >= ANSWERS_FLUSH * 0.9
+
+
+async def test_an_older_worker_that_does_not_tell_answers_leaves_nothing_in_flight(host):
+    h = host(maxconn=8)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await h.server.adopt(ours)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    hello = {"op": "hello", "pid": 4242, "generation": 1}  # no "answers": an older release
+    await loop.sock_sendall(theirs, encode(hello) + encode({"op": "acquire", "id": 1}))
+    async with asyncio.timeout(5):
+        assert b'"granted"' in await loop.sock_recv(theirs, 65536)
+    fleets = h.slots.balancer.fleets
+    assert sum(f.active for f in fleets) == 1 and not any(f.pending for f in fleets)
+    theirs.close()
 
 
 async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_workers(host):

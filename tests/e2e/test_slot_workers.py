@@ -37,8 +37,8 @@ class Host:
         self.peak: Counter[str] = Counter()
         self.slots.balancer.open = self._open_and_watch  # type: ignore[method-assign]
 
-    def _open_and_watch(self, fleet):
-        Balancer.open(self.slots.balancer, fleet)
+    def _open_and_watch(self, fleet, lease=None):
+        Balancer.open(self.slots.balancer, fleet, lease)
         self.peak[fleet.name] = max(self.peak[fleet.name], fleet.active)
 
     async def spawn(self, generation: int = 1) -> EventChild:

@@ -13,6 +13,7 @@ import resource
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,41 @@ async def test_a_fleets_429_in_any_worker_makes_it_full_for_the_host(
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_calls_still_connecting_in_any_worker_when_a_probe_is_answered_count(
+    tls_files: TLSFiles,
+):
+    """A fleet of 5 that takes each call 0.6 s after its request, probed every
+    0.2 s: its probes leave out the calls on their way, which the workers tell
+    the supervisor about only once the fleet has answered them. Exactly 5 calls
+    get through, none meets a 429; the rest wait and get 503."""
+    sim = SimulatedFleet(name="a", capacity=5, ssl_context=tls_files.fleet_server_context())
+    sim.call_delay = 0.6
+    await sim.start()
+    service = await _fleets_up_or_finished(
+        await RunningIngress.start(
+            tls_files,
+            [f"{sim.url} name=a maxconn=50"],
+            workers=2,
+            queue=1.5,
+            check_timeout=5,
+            check_interval=0.2,
+        )
+    )
+    calls: list[ClientConnection] = []
+    try:
+        burst = await asyncio.gather(
+            *(_open(service, tls_files, f"bot-{i}") for i in range(12)), return_exceptions=True
+        )
+        calls = [ws for ws in burst if isinstance(ws, ClientConnection)]
+        refused = Counter(e.response.status_code for e in burst if isinstance(e, InvalidStatus))
+        assert (len(calls), refused) == (5, {503: 7}), burst
+        assert (sim.calls_total, sim.rejected_429, sim.peak_calls) == (5, 0, 5)
+    finally:
+        await close_calls(calls)
+        await service.finish()
+        await sim.stop()
 
 
 async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(

@@ -129,6 +129,39 @@ def test_a_429_changes_nothing_where_capacity_is_not_tracked(tracked: str):
     assert b.pick().fleet is a
 
 
+def test_calls_in_flight_when_a_probe_leaves_are_not_in_its_number():
+    """A probe that overtakes calls still being set up (granted, not yet answered
+    by the fleet) gets a number without them: the estimate leaves them out too,
+    until the fleet's answer to a call is known to have come before the probe
+    left, or the call is given back."""
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    a.probe_counted(5, a.probe_sending(now=0.0))
+    for key in ("x", "y", "z"):
+        b.open(a, key)  # three calls on their way to the fleet
+    assert a.estimated_available == 2
+    opened_before = a.probe_sending(now=10.0)  # x, y, z still in flight
+    a.lease_answered("x", at=9.5)  # x's 101 came before the probe left, told late
+    b.open(a, "w")  # after it left: counted as opened since
+    a.probe_counted(5, opened_before)  # the fleet says 5 free: x in it, not y, z or w
+    assert a.unseen == {"y", "z"}
+    assert a.estimated_available == 5 - 1 - 2
+    a.lease_answered("y", at=10.2)  # after the probe left: it may not be in its number
+    assert a.estimated_available == 2
+    a.lease_answered("z", at=9.9)  # before it left, told late: it is
+    assert a.estimated_available == 3
+    b.close(a, "y")  # y ends: gone either way
+    assert a.unseen == set() and a.pending == {"w"}
+
+
+def test_calls_in_flight_count_only_for_holders_that_say_when_the_fleet_answers():
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    b.open(a)  # no key: a holder that will not say (a worker of an older release)
+    a.probe_counted(5, a.probe_sending(now=1.0))
+    assert a.estimated_available == 5 and not a.pending
+
+
 def test_capacity_ignored_when_not_capacity_aware():
     b = _balancer("https://a.test name=a\n")
     a = b.fleets[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +50,17 @@ class FleetState:
     # sent: calls opened since then are not in the fleet's number yet.
     reported_available: int | None = None
     opened_at_probe: int = 0
+    # Calls in flight: granted here and not yet answered by the fleet as far as
+    # the slot owner has heard (by lease). Of those in flight when the last
+    # counted probe was sent, `unseen` are the ones not known to have been
+    # answered before it left: the fleet's number may leave them out, so the
+    # estimate does (a call whose connection is still being set up when a probe
+    # overtakes it). `_probing`: the same for a probe still out.
+    pending: set[Hashable] = field(default_factory=set)
+    unseen: set[Hashable] = field(default_factory=set)
+    _unseen_since: float = 0.0  # when the probe behind `unseen` was sent (monotonic)
+    _probing: set[Hashable] | None = None
+    _probe_sent_at: float = 0.0
     capacity_aware: bool = True
     # Health checking (kept here so stats read one record per fleet).
     health_streak: int = 0  # consecutive probes pushing toward a change
@@ -90,7 +101,41 @@ class FleetState:
     def estimated_available(self) -> int | None:
         if self.reported_available is None:
             return None
-        return self.reported_available - (self.opened_total - self.opened_at_probe)
+        opened_since = self.opened_total - self.opened_at_probe
+        return self.reported_available - opened_since - len(self.unseen)
+
+    def probe_sending(self, now: float) -> int:
+        """A probe leaves now (monotonic): what it counts is set against the
+        calls opened (returned: `opened_total`) and in flight now."""
+        self._probing = set(self.pending)
+        self._probe_sent_at = now
+        return self.opened_total
+
+    def probe_counted(self, capacity: int | None, opened_before: int) -> None:
+        """A probe sent when `opened_total` was `opened_before` says `capacity`
+        workers are free: the estimate starts over from it."""
+        self.reported_available = capacity
+        self.opened_at_probe = opened_before
+        self.unseen = self._probing if self._probing is not None else set()
+        self._unseen_since = self._probe_sent_at
+        self._probing = None
+
+    def lease_answered(self, key: Hashable, at: float) -> None:
+        """The fleet answered the call of lease `key` (its `101` read at `at`,
+        monotonic): no longer in flight. Answered before a probe left, it is in
+        that probe's number (the fleet took it before it answered the probe)."""
+        self.pending.discard(key)
+        if self._probing is not None and at < self._probe_sent_at:
+            self._probing.discard(key)
+        if at < self._unseen_since:
+            self.unseen.discard(key)
+
+    def lease_ended(self, key: Hashable) -> None:
+        """Lease `key` is given back (or its holder can no longer tell): not in flight."""
+        self.pending.discard(key)
+        if self._probing is not None:
+            self._probing.discard(key)
+        self.unseen.discard(key)
 
     def said_full(self) -> bool:
         """The fleet answered a call `429`: no worker free now, in its own word,
@@ -176,11 +221,17 @@ class Balancer:
         self._next = (position[id(chosen)] + 1) % n
         return Pick(Verdict.PICKED, chosen)
 
-    def open(self, fleet: FleetState) -> None:
+    def open(self, fleet: FleetState, lease: Hashable | None = None) -> None:
+        """A slot taken on `fleet`; `lease`: its key, in flight until its holder
+        says the fleet answered (`FleetState.lease_answered`), if it will say."""
         fleet.active += 1
         fleet.opened_total += 1
+        if lease is not None:
+            fleet.pending.add(lease)
 
-    def close(self, fleet: FleetState) -> None:
+    def close(self, fleet: FleetState, lease: Hashable | None = None) -> None:
         if fleet.active <= 0:
             raise RuntimeError(f"fleet {fleet.name}: close() without a matching open()")
         fleet.active -= 1
+        if lease is not None:
+            fleet.lease_ended(lease)

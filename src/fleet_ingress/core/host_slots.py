@@ -84,6 +84,9 @@ class WorkerRow:
     generation: int
     held: dict[int, FleetState] = field(default_factory=dict)  # lease id -> fleet
     granted_total: int = 0  # slots granted over its life (call attempts)
+    # It says when a fleet answered each call ("answered"): its leases are in
+    # flight until then (`FleetState.pending`). A worker of an older release does not.
+    tells_answers: bool = False
     # Counted from the previous table (`reserve`) until the worker says what it holds.
     reserved: bool = False
     # Its channel ended while its process runs: `held` counts until `release_kept`.
@@ -121,10 +124,13 @@ class HostSlots:
 
     # -- workers ---------------------------------------------------------------
 
-    def join(self, worker: WorkerKey, *, pid: int, generation: int) -> WorkerRow:
+    def join(
+        self, worker: WorkerKey, *, pid: int, generation: int, tells_answers: bool = False
+    ) -> WorkerRow:
         if worker in self._rows:
             raise SlotProtocolError(f"worker {worker!r} joined twice")
         row = self._rows[worker] = WorkerRow(worker, pid, generation)
+        row.tells_answers = tells_answers
         return row
 
     def leave(
@@ -143,6 +149,8 @@ class HostSlots:
             return None, []
         if keep_held and row.held:
             row.channel_lost = True
+            for lease, fleet in row.held.items():
+                fleet.lease_ended((worker, lease))  # it can no longer say: not in flight
             return row, []
         del self._rows[worker]
         return row, self._reclaim(row)
@@ -160,8 +168,8 @@ class HostSlots:
 
     def _reclaim(self, row: WorkerRow) -> list[Answer]:
         self.reclaimed_total += len(row.held)
-        for fleet in row.held.values():
-            self._close(fleet)
+        for lease, fleet in row.held.items():
+            self._close(fleet, (row.worker, lease))
         return self.wake()
 
     def restore(
@@ -173,6 +181,7 @@ class HostSlots:
         held: Iterable[tuple[int, str]],
         waiting: Iterable[tuple[int, Collection[str], float]],
         now: float,
+        tells_answers: bool = False,
     ) -> list[str]:
         """Join a worker that was already running, with what it says it has:
         `held` (lease id, fleet name) and `waiting` (lease id, avoid-list,
@@ -198,7 +207,9 @@ class HostSlots:
             seen.add(lease)
         # Nothing below raises: the account is whole.
         self._rows.pop(worker, None)
-        row = self.join(worker, pid=pid, generation=generation)
+        # What it holds counts as answered: a call still in flight now is not
+        # told apart (it would take a fleet's answer to come within the exec).
+        row = self.join(worker, pid=pid, generation=generation, tells_answers=tells_answers)
         unknown: list[str] = []
         for lease, name in held:
             fleet = self.balancer.get(name)
@@ -217,8 +228,8 @@ class HostSlots:
         if reserved is not None:
             # After its own count is in: a slot it gave back meanwhile frees up
             # here (and a removed fleet is reaped only once idle for real).
-            for fleet in reserved.held.values():
-                self._close(fleet)
+            for lease, fleet in reserved.held.items():
+                self._close(fleet, (worker, lease))
         return unknown
 
     def reserve(
@@ -318,13 +329,20 @@ class HostSlots:
                     del self._queue[i]
                     break
             return []
-        self._close(fleet)
+        self._close(fleet, (worker, lease))
         return self.wake()
 
     def fleet_of(self, worker: WorkerKey, lease: int) -> FleetState | None:
         """The fleet lease `lease` of `worker` holds a slot on, if it holds one."""
         row = self._rows.get(worker)
         return None if row is None else row.held.get(lease)
+
+    def answered(self, worker: WorkerKey, lease: int, at: float) -> None:
+        """The fleet answered the call of `worker`'s lease `lease` at `at`
+        (monotonic, this host's clock): out of flight."""
+        fleet = self.fleet_of(worker, lease)
+        if fleet is not None:
+            fleet.lease_answered((worker, lease), at)
 
     def wake(self) -> list[Answer]:
         """Hand free slots to waiters in order. Call whenever room may have
@@ -362,12 +380,12 @@ class HostSlots:
         return min((w.deadline for w in self._queue), default=None)
 
     def _grant(self, row: WorkerRow, lease: int, fleet: FleetState) -> Granted:
-        self.balancer.open(fleet)
+        self.balancer.open(fleet, (row.worker, lease) if row.tells_answers else None)
         row.held[lease] = fleet
         row.granted_total += 1
         return Granted(row.worker, lease, fleet)
 
-    def _close(self, fleet: FleetState) -> None:
-        self.balancer.close(fleet)
+    def _close(self, fleet: FleetState, key: tuple[WorkerKey, int]) -> None:
+        self.balancer.close(fleet, key)
         for hook in self.on_release:
             hook(fleet)

@@ -39,6 +39,8 @@ class HeldSlot(Protocol):
 
     def release(self) -> None: ...
 
+    def fleet_answered(self, at: float) -> None: ...
+
     def fleet_said_full(self) -> None: ...
 
 
@@ -64,17 +66,28 @@ class SlotQueue(Protocol):
 
 @dataclass(slots=True)
 class _Waiter:
-    future: asyncio.Future[FleetState]
+    future: asyncio.Future[_Grant]
     avoid: Collection[str]
+
+
+@dataclass(eq=False, slots=True)
+class _Grant:
+    """A slot taken on `fleet`: its key while the call is in flight (`Balancer.open`)."""
+
+    fleet: FleetState
 
 
 class Lease:
     """A slot taken on a fleet for one call attempt; `release()` is idempotent."""
 
-    __slots__ = ("_dispatcher", "fleet")
+    __slots__ = ("_dispatcher", "_grant", "fleet")
 
-    def __init__(self, dispatcher: Dispatcher, fleet: FleetState) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, fleet: FleetState, grant: _Grant | None = None
+    ) -> None:
+        """`grant`: its key in the fleet's calls in flight (`Dispatcher.lease`)."""
         self.fleet = fleet
+        self._grant = grant
         self._dispatcher: Dispatcher | None = dispatcher
 
     @property
@@ -84,7 +97,12 @@ class Lease:
     def release(self) -> None:
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
-            dispatcher.release(self.fleet)
+            dispatcher.release(self.fleet, self._grant)
+
+    def fleet_answered(self, at: float) -> None:
+        """The fleet answered this call `101` at `at` (monotonic): out of flight."""
+        if self._grant is not None:
+            self.fleet.lease_answered(self._grant, at)
 
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: FULL until its next probe."""
@@ -117,15 +135,26 @@ class Dispatcher:
 
     async def lease(self, avoid: Collection[str] = ()) -> Lease:
         """A slot on the best fleet for this call, or `NoFleetAvailable`."""
-        return Lease(self, await self.acquire(avoid))
+        grant = await self._acquire(avoid)
+        return Lease(self, grant.fleet, grant)
 
     async def acquire(self, avoid: Collection[str] = ()) -> FleetState:
-        """A fleet with a slot taken for this call, or `NoFleetAvailable`."""
+        """A fleet with a slot taken for this call, or `NoFleetAvailable`
+        (given back with `release(fleet)`; `lease` also follows the call's flight)."""
+        grant = await self._acquire(avoid)
+        grant.fleet.lease_ended(grant)  # nobody will say when the fleet answered
+        return grant.fleet
+
+    def _open(self, fleet: FleetState) -> _Grant:
+        grant = _Grant(fleet)
+        self.balancer.open(fleet, grant)
+        return grant
+
+    async def _acquire(self, avoid: Collection[str]) -> _Grant:
         if not self._queue:  # FIFO: nobody overtakes a waiting call
             pick = self.balancer.pick(avoid)
             if pick.fleet is not None:
-                self.balancer.open(pick.fleet)
-                return pick.fleet
+                return self._open(pick.fleet)
             if pick.verdict is Verdict.NO_FLEET_UP:
                 raise NoFleetAvailable("no fleet is up")
         elif not self.balancer.may_serve:
@@ -136,7 +165,7 @@ class Dispatcher:
             raise NoFleetAvailable("every fleet is at capacity and the queue is full")
         return await self._wait(avoid)
 
-    async def _wait(self, avoid: Collection[str]) -> FleetState:
+    async def _wait(self, avoid: Collection[str]) -> _Grant:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), avoid)
         self._queue.append(waiter)
@@ -147,7 +176,8 @@ class Dispatcher:
             # Cancelled (the carrier left) after a slot was handed over: give it back.
             fut = waiter.future
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.release(fut.result())
+                grant = fut.result()
+                self.release(grant.fleet, grant)
             raise
         finally:
             timer.cancel()
@@ -161,8 +191,8 @@ class Dispatcher:
                 NoFleetAvailable(f"no fleet had room within {self.queue_timeout:g}s in the queue")
             )
 
-    def release(self, fleet: FleetState) -> None:
-        self.balancer.close(fleet)
+    def release(self, fleet: FleetState, grant: _Grant | None = None) -> None:
+        self.balancer.close(fleet, grant)
         for hook in self.on_release:
             hook(fleet)
         self.wake()
@@ -183,5 +213,4 @@ class Dispatcher:
             if pick.fleet is None:
                 return
             self._queue.popleft()
-            self.balancer.open(pick.fleet)
-            waiter.future.set_result(pick.fleet)
+            waiter.future.set_result(self._open(pick.fleet))

@@ -192,8 +192,9 @@ class HealthPoller:
                 await asyncio.sleep(next_at - loop.time())
 
     async def _probe(self, session: aiohttp.ClientSession, fleet: FleetState) -> None:
-        opened_before = fleet.opened_total  # calls opened after this are not in its number
         started = time.monotonic()
+        # Calls opened after this are not in its number, nor may those in flight now be.
+        opened_before = fleet.probe_sending(started)
         result = await probe_fleet(session, fleet.spec, self.settings)
         self.record(fleet, result, opened_before, time.monotonic() - started)
         async with self._probed:
@@ -215,8 +216,7 @@ class HealthPoller:
             fleet.check_failures += 1
         was_full = fleet.full
         if result.passed:
-            fleet.reported_available = result.capacity
-            fleet.opened_at_probe = opened_before
+            fleet.probe_counted(result.capacity, opened_before)
         before = fleet.health
         fleet.health, fleet.health_streak = observe(
             before,

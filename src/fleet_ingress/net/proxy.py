@@ -619,6 +619,8 @@ class CarrierProtocol(_Side):
             self.transport.meter(None)  # a call now: its frames are not a new connection's work
         ctx.registry.count_request(self.machine.route_label, command.status)
         now = time.monotonic()
+        if call.lease is not None and call.lease.held:
+            call.lease.fleet_answered(now)  # the fleet has this call: out of flight
         call.handshake_ms = (now - self._received_at) * 1000
         call.tunnel_since = now
         fleet_side.link(self, relaying=False)

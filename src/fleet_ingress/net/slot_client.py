@@ -53,6 +53,11 @@ COORDINATOR_GONE = "the supervisor's slot coordinator is gone"
 # its own; a few. Held until the hello, and this many at most: past it the
 # peer floods a worker that has not joined, which is not this protocol.
 HELD_BEFORE_HELLO = 64
+# A fleet's answer to a call (its 101) is told to the coordinator with the next
+# message this worker sends, or after this long: one message for many calls.
+# Until then the coordinator counts the call in flight (`FleetState.pending`):
+# its estimate of the fleet's free workers errs low meanwhile, never high.
+ANSWERS_FLUSH = 0.2
 
 
 class RemoteLease:
@@ -73,6 +78,12 @@ class RemoteLease:
         client, self._client = self._client, None
         if client is not None:
             client._release(self)
+
+    def fleet_answered(self, at: float) -> None:
+        """The fleet answered this call `101` at `at` (monotonic): the coordinator
+        counts it out of flight (`answered`: a supervisor before it ignores the op)."""
+        if self._client is not None:
+            self._client._answered(self.id, at)
 
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: the coordinator takes it as FULL
@@ -107,6 +118,8 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        self._answers: list[list[float]] = []  # [lease id, when] not told yet
+        self._answers_timer: asyncio.TimerHandle | None = None
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet): op -> handler(message).
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
@@ -183,6 +196,17 @@ class SlotClient(asyncio.Protocol):
         self._held.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
+    def _answered(self, lease_id: int, at: float) -> None:
+        self._answers.append([lease_id, at])
+        if self._answers_timer is None:
+            self._answers_timer = asyncio.get_running_loop().call_later(
+                ANSWERS_FLUSH, self._write_answers
+            )
+
+    def _write_answers(self) -> None:
+        self._answers_timer = None
+        self._write(None)
+
     def send(self, message: dict[str, Any]) -> None:
         """A message of the worker's own to the supervisor (an answer to one of its ops)."""
         self._write(message)
@@ -200,7 +224,9 @@ class SlotClient(asyncio.Protocol):
 
     def say_hello(self) -> None:
         """Join the coordinator (once; `connect` does it unless told not to)."""
-        self._write({"op": "hello", "pid": self.pid, "generation": self.generation})
+        self._write(
+            {"op": "hello", "pid": self.pid, "generation": self.generation, "answers": True}
+        )
         held, self._held_back = self._held_back, None
         if held and self._transport is not None and not self._transport.is_closing():
             self._take(held)
@@ -249,6 +275,10 @@ class SlotClient(asyncio.Protocol):
         # calls, as it exits (or it is gone itself).
         if not self.lost.done():
             self.lost.set_result(None)
+        if self._answers_timer is not None:
+            self._answers_timer.cancel()
+            self._answers_timer = None
+        self._answers.clear()
         pending, self._pending = self._pending, {}
         self._asked.clear()
         for future in pending.values():
@@ -306,6 +336,7 @@ class SlotClient(asyncio.Protocol):
             "op": "state",
             "pid": self.pid,
             "generation": self.generation,
+            "answers": True,  # it says when fleets answer its calls ("answered")
             "held": [[lease, name] for lease, name in self._held.items()],
             "waiting": [
                 [lease, avoid, round(now - since, 6)]
@@ -337,6 +368,18 @@ class SlotClient(asyncio.Protocol):
             raise WireError(f"granted fleet {name!r} without its spec")
         return fleet
 
-    def _write(self, message: dict[str, Any]) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(encode(message))
+    def _write(self, message: dict[str, Any] | None) -> None:
+        """Send `message` (None: nothing but what follows), the fleets' answers
+        not told yet going first, in the same write."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        data = b"" if message is None else encode(message)
+        if self._answers:
+            data = encode({"op": "answered", "leases": self._answers}) + data
+            self._answers = []
+            if self._answers_timer is not None:
+                self._answers_timer.cancel()
+                self._answers_timer = None
+        if data:
+            transport.write(data)

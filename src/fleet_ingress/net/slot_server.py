@@ -60,7 +60,7 @@ log = logging.getLogger("fleet_ingress.slots")
 _WAITING_READ_MAX = 4 * 1024 * 1024
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
-_WORKER_OPS = frozenset({"hello", "acquire", "release", "full", "state", "report"})
+_WORKER_OPS = frozenset({"hello", "acquire", "release", "answered", "full", "state", "report"})
 
 
 class HandoverError(OSError):
@@ -555,7 +555,8 @@ class SlotServer:
                 channel.unknown.ignore(op, channel=channel.key, pid=channel.pid)
                 return
             pid, generation = field(message, "pid", int), field(message, "generation", int)
-            self.slots.join(channel.key, pid=pid, generation=generation)
+            answers = message.get("answers") is True  # an older worker does not say
+            self.slots.join(channel.key, pid=pid, generation=generation, tells_answers=answers)
             channel.joined = True
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -582,6 +583,13 @@ class SlotServer:
                 self._send([answer])
         elif op == "release":
             self._send(self.slots.release(channel.key, field(message, "id", int)))
+        elif op == "answered":  # fleets answered these leases' calls (101), each at its time
+            try:
+                answers = [(int(lease), float(at)) for lease, at in field(message, "leases", list)]
+            except (TypeError, ValueError) as exc:
+                raise WireError(f"'answered' message: {exc}") from exc
+            for lease, at in answers:
+                self.slots.answered(channel.key, lease, at)
         elif op == "full":  # the fleet answered that lease's call 429
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             if fleet is not None:  # not if given back meanwhile: nothing to say then
@@ -633,7 +641,13 @@ class SlotServer:
         now = asyncio.get_running_loop().time()
         late = channel.key not in self._restoring  # after finish_restore's timeout
         unknown = self.slots.restore(
-            channel.key, pid=pid, generation=generation, held=held, waiting=waiting, now=now
+            channel.key,
+            pid=pid,
+            generation=generation,
+            held=held,
+            waiting=waiting,
+            now=now,
+            tells_answers=message.get("answers") is True,
         )
         channel.restoring, channel.joined = False, True
         channel.held_before = None

@@ -4,9 +4,14 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 `net.slot_client`; both ends frame with `LineDecoder` and `encode`. Messages:
 
     worker -> coordinator
-      {"op": "hello", "pid": 1234, "generation": 1}       first, once
+      {"op": "hello", "pid": 1234, "generation": 1, "answers": true}   first, once
+                                                           ("answers": it sends "answered")
       {"op": "acquire", "id": 7, "avoid": ["a"]}           a slot for one call attempt
       {"op": "release", "id": 7}                           give it back (or leave the queue)
+      {"op": "answered", "leases": [[7, 5012.25], ...]}    their fleets answered the calls
+                                                           (101) then (monotonic): out of
+                                                           flight; sent with the next message
+                                                           or within 0.2 s
       {"op": "full", "id": 7}                              its fleet answered the call 429:
                                                            FULL until its next probe
     coordinator -> worker

@@ -78,6 +78,9 @@ class SimulatedFleet:
         self.health_body: bytes | None = None  # raw body, replaces the JSON
         self.health_delay: float = 0.0  # seconds to wait before answering
         self.available_override: int | None = None  # reported instead of the real value
+        # Seconds a call request waits before the fleet takes it (counts it, or
+        # answers 429): a bot slow to start; its health meanwhile leaves it out.
+        self.call_delay: float = 0.0
 
         # What happened.
         self.requests: list[SeenRequest] = []
@@ -178,6 +181,8 @@ class SimulatedFleet:
         if self._ws_transports.is_new(transport):
             self.ws_connections += 1
 
+        if self.call_delay > 0:
+            await asyncio.sleep(self.call_delay)
         if self.active_calls >= self.capacity:
             self.rejected_429 += 1
             return web.Response(
