@@ -56,6 +56,7 @@ for _name, _argtypes in {
 LIBSSL.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
 LIBSSL.SSL_get_SSL_CTX.restype = ctypes.c_void_p
 LIBSSL.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
+LIBSSL.SSL_shutdown.argtypes = [ctypes.c_void_p]  # once: sends close_notify, reads nothing
 SSL_KEY_UPDATE_REQUESTED = 1
 
 

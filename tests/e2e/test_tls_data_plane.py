@@ -11,6 +11,7 @@ intact however its transport buffers them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import socket
@@ -23,6 +24,7 @@ import pytest
 
 from fleet_ingress.net.tls_socket import connect as tls_connect
 from tests.support import (
+    LIBSSL,
     SWITCHING,
     UPGRADE,
     RawFleet,
@@ -36,6 +38,7 @@ from tests.support import (
     raw_exchange,
     read_head,
     request_key_update,
+    ssl_pointer,
     tls11_only_client,
 )
 
@@ -352,6 +355,75 @@ async def test_a_tls_carrier_feeding_a_plain_tcp_fleet_that_lags_arrives_intact(
             await eventually(lambda: bool(received), timeout=15)
             writer.close()
         assert hashlib.sha256(received[0]).digest() == hashlib.sha256(sent).digest()
+    finally:
+        await fleet.stop()
+
+
+async def test_a_call_ending_while_its_fleet_still_sends_delivers_the_carriers_last_bytes(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """The carrier sends its last 4 MiB and closes (close_notify) while the fleet
+    streams to it and reads nothing for a while. The ingress closes the fleet's
+    side once it has the carrier's bytes flushed, with the fleet's own bytes
+    unread there: every byte reaches the fleet, then a clean end. Before, that
+    close reset the connection and the fleet lost the tail (SPEC 3: "the other
+    is closed after its pending bytes are flushed")."""
+    sent = random.Random(5).randbytes(4 * 1024 * 1024)
+    got: list[bytes | BaseException] = []
+
+    async def streaming_fleet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+
+        async def stream() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(1024):  # until the call ends (64 MiB at most)
+                    writer.write(b"m" * 65536)  # the carrier reads none of it
+                    await writer.drain()
+
+        streaming = asyncio.ensure_future(stream())
+        await asyncio.sleep(1.0)  # reads nothing meanwhile: the ingress's writes back up
+        received = bytearray()
+        try:
+            while chunk := await reader.read(65536):
+                received += chunk
+                await asyncio.sleep(0.002)  # slower than the ingress writes: bytes queue there
+            got.append(bytes(received))
+        except OSError as exc:
+            got.append(exc)
+        streaming.cancel()
+        writer.close()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), streaming_fleet).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+
+        def carrier() -> None:
+            raw = socket.create_connection((host, port), timeout=15)
+            ctx = tls_files.client_context()
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += tls.recv(1)  # the head only: the fleet's stream stays unread
+                assert head.startswith(b"HTTP/1.1 101 ")
+                tls.sendall(sent)
+                # close_notify once (asyncio's and CPython's unwrap() would read
+                # on, and fail on the fleet's stream as the ingress did), then
+                # the socket read and dropped until the ingress closes it.
+                LIBSSL.SSL_shutdown(ssl_pointer(tls))
+                while socket.socket.recv(tls, 1 << 16):  # below TLS
+                    pass
+
+        async with asyncio.timeout(20):
+            await asyncio.to_thread(carrier)
+            await eventually(lambda: bool(got), timeout=15)
+        assert not isinstance(got[0], BaseException), got[0]
+        assert (len(got[0]), hashlib.sha256(got[0]).digest()) == (
+            len(sent),
+            hashlib.sha256(sent).digest(),
+        )
     finally:
         await fleet.stop()
 

@@ -272,6 +272,23 @@ def test_close_notify_reads_as_zero_and_a_bare_fin_as_eof_error(tls_files: TLSFi
             ss.recv_into(bytearray(100))
 
 
+def test_unwrap_with_the_peers_data_unread_fails_after_sending_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """OpenSSL 3 reads on in the second SSL_shutdown that `unwrap()` makes: the
+    peer's application data there is fatal (APPLICATION_DATA_AFTER_CLOSE_NOTIFY),
+    though our close_notify went out first. The layer then drains below TLS."""
+    with _tls_pair(tls_files) as (cs, ss):
+        cs.sendall(b"still talking")  # unread by ss when it closes
+        select.select([ss], [], [], 2)
+        with pytest.raises(ssl.SSLError) as caught:
+            ss.unwrap()
+        assert caught.value.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY"
+        buf = memoryview(bytearray(100))
+        assert _read_past_tickets(cs._sslobj, cs, buf) == 0  # type: ignore[attr-defined]
+        # ss's close_notify came (a FIN would raise SSLEOFError).
+
+
 def test_a_requested_key_update_does_not_make_the_read_want_write(tls_files: TLSFiles) -> None:
     """OpenSSL 3.0 queues the answer to a KeyUpdate(update_requested) for the
     next write: the read that meets it, with our socket's send buffer full,
@@ -726,6 +743,46 @@ async def test_close_flushes_then_sends_close_notify_and_waits_for_the_peers(
     # The server's handler closes on EOF: its close_notify ends ours.
     await eventually(lambda: handler.lost and peer.lost)
     assert handler.exc is None and peer.exc is None
+
+
+async def test_close_delivers_everything_while_the_peer_still_sends(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A side closed while its peer still sends (a call's other side ended
+    while this one's bytes were unread, its reading paused): every byte written
+    before the close reaches the peer, then close_notify, not a reset. Before,
+    the failed second SSL_shutdown closed the socket with the peer's bytes
+    unread; Linux then resets the connection and drops what it had not sent."""
+    srv = server()
+    srv.reading = False  # what the peer sends stays unread, as in a paused call side
+    payload = os.urandom(1 << 20) * 8
+
+    def peer() -> tuple[int, str]:
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        with tls_files.client_context().wrap_socket(raw, server_hostname="calls.test") as tls:
+            tls.sendall(b"x" * (256 << 10))
+            digest, got = hashlib.sha256(), 0
+            while True:
+                try:
+                    chunk = tls.recv(65536)
+                except OSError as exc:
+                    return got, f"{type(exc).__name__}: {exc}"
+                if not chunk:
+                    return (got, "close_notify") if digest.digest() == want else (got, "bad")
+                digest.update(chunk)
+                got += len(chunk)
+                time.sleep(0.0005)  # a reader slower than the writer: bytes queue on our side
+
+    want = hashlib.sha256(payload).digest()
+    reading = asyncio.ensure_future(asyncio.to_thread(peer))
+    await eventually(lambda: len(srv.handlers) == 1)
+    conn = srv.handlers[0].conn
+    conn.write(payload)
+    conn.close()
+    async with asyncio.timeout(30):
+        got, end = await reading
+    assert (got, end) == (len(payload), "close_notify")
+    await eventually(lambda: conn.closed)
 
 
 async def test_a_bare_fin_is_an_unclean_end(

@@ -39,7 +39,11 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
 - ``unwrap()`` on a non-blocking socket sends close_notify and raises
   ``SSLWantReadError`` while the peer's has not come; the peer's close_notify
   reads as 0 bytes (``SSLZeroReturnError`` once ours is sent), a TCP FIN
-  without one as ``SSLEOFError`` (with ``suppress_ragged_eofs=False``).
+  without one as ``SSLEOFError`` (with ``suppress_ragged_eofs=False``). With
+  the peer's application data waiting unread, ``unwrap()`` sends close_notify
+  and then fails (``APPLICATION_DATA_AFTER_CLOSE_NOTIFY``: OpenSSL 3 reads on
+  in its second ``SSL_shutdown``): the rest is read and dropped below TLS until
+  the peer's FIN, so that the close is no reset (which would drop our last bytes).
 - The reader and writer are registered by file descriptor and always removed
   before the socket closes: uvloop keeps a registered socket *object* open
   (``_io_refs``), asyncio's selector would keep a closed descriptor's entry.
@@ -147,6 +151,7 @@ class TLSConnection:
 
     __slots__ = (
         "_close_timer",
+        "_drain_below_tls",
         "_eof",
         "_fd",
         "_handler",
@@ -219,6 +224,9 @@ class TLSConnection:
         self._want_read_for_write = False  # a write/shutdown got SSLWantReadError
         self._want_write_for_read = False  # a read got SSLWantWriteError
         self._shutdown_wants_write = False
+        # close_notify sent, the TLS session failed on what the peer kept sending:
+        # its bytes are read and dropped from the socket itself until its FIN.
+        self._drain_below_tls = False
         self._high_water = high_water
         self._max_buffer = max_buffer
         self._meter: CpuMeter | None = None  # counts this connection's work (meter())
@@ -582,16 +590,32 @@ class TLSConnection:
             self._shutdown_wants_write = True
             self._sync_io()
             return
+        except ssl.SSLError as exc:
+            if exc.reason == "APPLICATION_DATA_AFTER_CLOSE_NOTIFY" and not self._eof:
+                # close_notify is sent (after everything written before it), but
+                # the peer's data was waiting unread (its reading paused, say): the
+                # second SSL_shutdown read it and failed the session (OpenSSL 3).
+                # Closing now would reset the connection, and Linux would drop
+                # what it has not sent yet. Drop the peer's bytes below TLS until
+                # its FIN instead (bounded by CLOSE_TIMEOUT, as waiting is).
+                self._drain_below_tls = True
+                self._sync_io()
+                return
         except OSError:
             pass
         self._finish(None)
 
     def _drain_after_close_notify(self) -> None:
+        below_tls = self._drain_below_tls
         for _ in range(MAX_READS_PER_WAKE):
             try:
-                if self._sock.recv_into(_READ_BUFFER) == 0:
+                if below_tls:
+                    n = socket.socket.recv_into(self._sock, _READ_BUFFER)
+                else:
+                    n = self._sock.recv_into(_READ_BUFFER)
+                if n == 0:
                     break
-            except ssl.SSLWantReadError:
+            except (ssl.SSLWantReadError, BlockingIOError):
                 return
             except OSError:
                 break
