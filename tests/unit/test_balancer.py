@@ -116,6 +116,39 @@ def test_a_429_makes_a_fleet_full_until_its_next_probe_says_otherwise():
     assert _take(b, 1) == ["a"]
 
 
+def test_a_429_keeps_a_fleet_full_that_only_its_calls_in_flight_made_full():
+    """The fleet read FULL only because a call was in flight at its probe (in
+    `unseen`); that call meets a 429 and ends. FULL must outlive it: the fleet
+    said so itself. (Before, the call's end gave the fleet room again at once.)"""
+    b = _balancer()
+    a, other = b.get("a"), b.get("b")
+    assert a is not None and other is not None
+    b.open(other)
+    b.open(other)  # b holds two calls: leastconn prefers a
+    b.open(a, "c1")  # c1 granted on a, its connection still being set up
+    a.probe_counted(1, a.probe_sending(now=10.0))  # 1 free: c1 not in it
+    assert a.unseen == {"c1"} and a.full
+    assert a.said_full()  # news: the fleet's number had said room
+    b.close(a, "c1")  # c1's 429 is relayed, its slot goes back
+    assert a.full and b.pick().fleet is other
+
+
+def test_a_probe_out_when_a_429_comes_does_not_lift_full():
+    """Its number may have been taken before the fleet filled: FULL stands
+    until the next probe's."""
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    a.probe_counted(5, a.probe_sending(now=0.0))
+    opened_before = a.probe_sending(now=1.0)  # the next probe is out
+    b.open(a, "c1")
+    a.said_full()  # c1 meets a 429 meanwhile
+    b.close(a, "c1")
+    a.probe_counted(5, opened_before)
+    assert a.full and a.estimated_available == 0
+    a.probe_counted(2, a.probe_sending(now=2.0))  # the next one is the truth again
+    assert not a.full and a.estimated_available == 2
+
+
 @pytest.mark.parametrize("tracked", ["not capacity-aware", "never probed"])
 def test_a_429_changes_nothing_where_capacity_is_not_tracked(tracked: str):
     """No probe would ever lift a FULL it set there."""

@@ -61,6 +61,7 @@ class FleetState:
     _unseen_since: float = 0.0  # when the probe behind `unseen` was sent (monotonic)
     _probing: set[Hashable] | None = None
     _probe_sent_at: float = 0.0
+    _probe_overtaken: bool = False  # a 429 came while that probe was out: its number is older
     capacity_aware: bool = True
     # Health checking (kept here so stats read one record per fleet).
     health_streak: int = 0  # consecutive probes pushing toward a change
@@ -109,16 +110,21 @@ class FleetState:
         calls opened (returned: `opened_total`) and in flight now."""
         self._probing = set(self.pending)
         self._probe_sent_at = now
+        self._probe_overtaken = False
         return self.opened_total
 
     def probe_counted(self, capacity: int | None, opened_before: int) -> None:
         """A probe sent when `opened_total` was `opened_before` says `capacity`
-        workers are free: the estimate starts over from it."""
+        workers are free: the estimate starts over from it. Not if a `429`
+        came while it was out (`said_full`): FULL stands until the next one."""
+        probing, self._probing = self._probing, None
+        if self._probe_overtaken:
+            self._probe_overtaken = False
+            return
         self.reported_available = capacity
         self.opened_at_probe = opened_before
-        self.unseen = self._probing if self._probing is not None else set()
+        self.unseen = probing if probing is not None else set()
         self._unseen_since = self._probe_sent_at
-        self._probing = None
 
     def lease_answered(self, key: Hashable, at: float) -> None:
         """The fleet answered the call of lease `key` (its `101` read at `at`,
@@ -140,14 +146,20 @@ class FleetState:
     def said_full(self) -> bool:
         """The fleet answered a call `429`: no worker free now, in its own word,
         as a probe reporting 0 would say (SPEC 4: FULL at once). Until its next
-        probe, no new call is sent there to get the same answer. True if that
-        made it FULL; nothing when capacity is not tracked (not capacity-aware,
-        or no probe has reported: no probe would ever lift it)."""
-        if not self.capacity_aware or self.reported_available is None or self.full:
+        probe, no new call is sent there to get the same answer: not the next
+        probe's if it was already out (its number may be older). True if that is
+        news (the fleet's last number, less the calls opened since, said room);
+        nothing when capacity is not tracked (not capacity-aware, or no probe
+        has reported: no probe would ever lift it). It holds even when calls in
+        flight (`unseen`) already made the fleet read FULL: they end on their own."""
+        if not self.capacity_aware or self.reported_available is None:
             return False
+        news = self.reported_available > self.opened_total - self.opened_at_probe
         self.reported_available = 0
         self.opened_at_probe = self.opened_total
-        return True
+        if self._probing is not None:
+            self._probe_overtaken = True
+        return news
 
     @property
     def full(self) -> bool:
