@@ -116,6 +116,23 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
     return loop.time() - started
 
 
+async def admin_command(service: RunningIngress, *args: str) -> tuple[int, str]:
+    """`fleet-ingress ARGS --admin-socket ...` against `service`: its exit code
+    and what it printed (stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "fleet_ingress",
+        *args,
+        "--admin-socket",
+        str(service.home / "admin.sock"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    return proc.returncode or 0, out.decode()
+
+
 def metric_samples(exposition: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     """A `/metrics` text as {sample name: {sorted label pairs: value}}."""
     out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}

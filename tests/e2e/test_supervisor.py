@@ -11,7 +11,6 @@ import contextlib
 import os
 import resource
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    admin_command,
     break_worker_channel,
     close_calls,
     eventually,
@@ -426,21 +426,6 @@ async def test_sigterm_drains_every_worker_then_exits_0(
         await service.finish()
 
 
-async def _admin(service: RunningIngress, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleet_ingress",
-        *args,
-        "--admin-socket",
-        str(service.home / "admin.sock"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    return proc.returncode or 0, out.decode()
-
-
 async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_in_every_worker(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
@@ -448,16 +433,16 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        code, out = await _admin(service, "drain", "b")
+        code, out = await admin_command(service, "drain", "b")
         assert code == 0, out
         # b drains: every new call goes to a, from both workers
         await _open_on_both(service, tls_files, calls, 8)
         opened = len(calls)
         assert (a.active_calls, b.active_calls) == (opened, 0)
-        code, out = await _admin(service, "ready", "b")
+        code, out = await admin_command(service, "ready", "b")
         assert code == 0, out
         started = time.monotonic()
-        code, out = await _admin(service, "remove-fleet", "a", "--force")
+        code, out = await admin_command(service, "remove-fleet", "a", "--force")
         assert code == 0, out
         assert f"removed fleet a ({opened} calls closed)" in out, out
         await eventually(lambda: a.active_calls == 0, 5)
@@ -816,13 +801,13 @@ async def test_a_forced_removal_says_which_calls_a_worker_without_channel_keeps(
     )
     calls: list[ClientConnection] = []
     try:
-        code, out = await _admin(service, "drain", "b")  # the calls go to a
+        code, out = await admin_command(service, "drain", "b")  # the calls go to a
         assert code == 0, out
         for i in range(2):
             calls.append(await _open(service, tls_files, f"bot-{i}"))
         [old] = await _worker_rows(service)
         await _cut_and_replaced(service, old["pid"])
-        code, out = await _admin(service, "remove-fleet", "a", "--force")
+        code, out = await admin_command(service, "remove-fleet", "a", "--force")
         assert code == 0, out
         assert "fleet a is draining: removed once its 2 calls end" in out, out
         assert "2 calls on a worker that lost its slot channel could not be told" in out, out

@@ -41,6 +41,7 @@ from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    admin_command,
     break_worker_channel,
     close_calls,
     eventually,
@@ -256,6 +257,46 @@ async def test_upgrade_under_load_loses_nothing(
             f"upgrade under load: {len(results)} calls, upgrade command {done_at - started:.2f}s, "
             f"upgrade itself {upgraded[0]['seconds']}s"
         )
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_a_fleet_being_removed_keeps_its_calls_and_maxconn_over_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """remove-fleet b while it carries calls, then upgrade: b is out of the fleets
+    file, but the new image keeps it draining, its calls counted against its
+    maxconn for the host (add-fleet b is refused as before the exec), and it
+    goes with its last call. Before, the new image dropped it: its calls counted
+    against no fleet, and b added again took 2 more calls at maxconn 2."""
+    a, b = fleets
+    lines = [f"{a.url} name=a maxconn=50", f"{b.url} name=b maxconn=2"]
+    service = await RunningIngress.start(tls_files, lines, workers=2, drain=60, env=PATIENT_PROBES)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        code, out = await admin_command(service, "drain", "a")  # both calls go to b
+        assert code == 0, out
+        await load.start_long(2, duration=30.0)
+        assert b.active_calls == 2
+        code, out = await admin_command(service, "remove-fleet", "b")
+        assert code == 0 and "draining" in out, out
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        stats = await service.stats()
+        (row,) = [f for f in stats["fleets"] if f["name"] == "b"]
+        assert (row["admin"], row["active"]) == ("DRAIN", 2), row
+        code, out = await admin_command(service, "add-fleet", b.url, "--name", "b")
+        assert code != 0 and "exists already" in out, out
+        assert "b" not in (service.home / "fleets.txt").read_text()
+        for task in load.long:
+            task.cancel()
+        await asyncio.gather(*load.long, return_exceptions=True)
+        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 15)
+        (exec_at,) = [i for i, e in enumerate(service.log()) if "re-executing" in e["event"]]
+        gone = [i for i, e in enumerate(service.log()) if e.get("event") == "fleet gone"]
+        assert gone and gone[0] > exec_at  # by the new image, with b's last call
+        assert [f["name"] for f in (await service.stats())["fleets"]] == ["a"]
     finally:
         await load.stop()
         await service.finish()

@@ -8,12 +8,13 @@ import os
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
-from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_set import FleetExists, FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
     fleets_to_json,
+    removing_specs,
     restore_fleets,
     state_fd,
     take_state,
@@ -46,6 +47,33 @@ def test_the_fleets_state_goes_over_by_name_and_no_fleet_starts_at_init() -> Non
     )
     assert (b2.health, b2.health_streak, b2.admin) == (Health.DOWN, 1, Admin.DRAIN)
     assert d2.health is Health.INIT  # new: probed as at a start
+
+
+def test_a_fleet_being_removed_goes_over_draining_and_leaves_with_its_last_call() -> None:
+    """remove-fleet c while it carries calls: c is out of the fleets file but
+    must still count them (its maxconn holds for the host) after an exec, and
+    go once they end. Before, the new image dropped it: its calls counted
+    against no fleet, and c added again could take maxconn more."""
+    before = _fleets("https://a.test name=a\nhttps://c.test name=c maxconn=2\n")
+    _, c = before.fleets
+    c.health, c.active = Health.UP, 2
+    assert not before.remove(c)  # draining: 2 calls left
+    carried = fleets_to_json(before.fleets)
+    after = _fleets("https://a.test name=a\n")  # the file the new image reads
+    (spec,) = removing_specs(carried)
+    c2 = after.carry_removing(spec, capacity_aware=True)
+    assert c2 is not None and c2.removing and c2.admin is Admin.DRAIN
+    assert (c2.spec.url, c2.maxconn) == ("https://c.test", 2)
+    assert restore_fleets(after.fleets, carried) == ["a", "c"]
+    assert c2.health is Health.UP
+    with pytest.raises(FleetExists):  # add-fleet c meanwhile: as before the exec
+        after.check_new(spec)
+    c2.active = 2  # the workers' accounts name it (HostSlots.restore)
+    assert not after.reap(c2)
+    c2.active = 0
+    assert after.reap(c2) and after.get("c") is None
+    # Listed again by the new image's file: that record stands, nothing carried over it.
+    assert _fleets("https://c.test name=c\n").carry_removing(spec, capacity_aware=True) is None
 
 
 def test_a_malformed_entry_leaves_that_fleet_as_the_file_says() -> None:

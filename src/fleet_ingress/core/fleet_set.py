@@ -12,6 +12,7 @@ below, whichever asked (a reload, add-fleet, remove-fleet, a call's end).
     DRAINING --remove---------> DRAINING  removed again: nothing more to do
     DRAINING --list again-----> LISTED    a reload lists it again before it has gone
     DRAINING --reap-----------> GONE      its last call has ended
+    (an upgrade's exec) ------> DRAINING  removed in the previous image, calls left on it
 
 A DRAINING fleet is always in admin DRAIN (no new call goes to it) and
 refuses any other admin state. An illegal move raises `MembershipError`
@@ -201,6 +202,19 @@ class FleetSet:
             self._move(fleet, Move.REAP)
             return True
         return False
+
+    def carry_removing(self, spec: FleetSpec, *, capacity_aware: bool) -> FleetState | None:
+        """A fleet the previous image was removing (out of the fleets file, calls
+        still on it) enters again, draining: its calls count against its maxconn
+        (the workers' accounts name it), it takes no new one, and it goes with
+        its last call. None when a fleet of that name is in the set already."""
+        if self.get(spec.name) is not None:
+            return None
+        fleet = FleetState(
+            spec, health=Health.INIT, admin=Admin.DRAIN, capacity_aware=capacity_aware
+        )
+        self._enter(fleet, Membership.DRAINING)
+        return fleet
 
     def join_waiting(self, name: str) -> FleetState | None:
         """The old record of `name` has gone: the fleet a reload moved to a new address

@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from fleet_ingress.core.balancer import FleetState
-from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 
 UPGRADE_STATE = "FLEET_INGRESS_UPGRADE_STATE"
 STATE_VERSION = 1
@@ -193,11 +194,29 @@ def _to_json(value: Any) -> Any:
 
 
 def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
-    """Each fleet's CARRIED_FLEET_FIELDS, by its name."""
-    return [
-        {"name": f.name, **{key: _to_json(getattr(f, key)) for key in CARRIED_FLEET_FIELDS}}
-        for f in fleets
-    ]
+    """Each fleet's CARRIED_FLEET_FIELDS, by its name; a fleet being removed
+    (no longer in the fleets file) with its spec too, so that it comes back."""
+    carried = []
+    for f in fleets:
+        entry = {"name": f.name, **{key: _to_json(getattr(f, key)) for key in CARRIED_FLEET_FIELDS}}
+        if f.removing:
+            entry["removing"] = spec_to_wire(f.spec)
+        carried.append(entry)
+    return carried
+
+
+def removing_specs(carried: Iterable[Mapping[str, Any]]) -> list[FleetSpec]:
+    """The fleets the previous image was removing (`fleets_to_json`): the new
+    image keeps them, draining, until their calls end (`FleetSet.carry_removing`).
+    An entry it cannot read is left out (its calls then count against no fleet)."""
+    specs = []
+    for entry in carried:
+        if "removing" in entry:
+            try:
+                specs.append(spec_from_wire(entry["removing"]))
+            except WireError:
+                continue
+    return specs
 
 
 def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -38,11 +38,12 @@ from typing import Any, Protocol
 
 from fleet_ingress.config.settings import IngressConfig, ListenSection
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
-from fleet_ingress.ops.fleet_ops import FleetChangeError
+from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
@@ -51,6 +52,7 @@ from fleet_ingress.service.upgrade import (
     AdoptedProcess,
     TrialFailed,
     fleets_to_json,
+    removing_specs,
     restore_fleets,
     state_fd,
     trial_run,
@@ -118,6 +120,8 @@ class Upgradable(Protocol):
     notifier: Notifier | None
     bound_listen: ListenSection
     balancer: Balancer
+    fleet_set: FleetSet
+    ops: FleetOps
     slots: HostSlots
     view: HostView
     server: SlotServer
@@ -193,6 +197,10 @@ class UpgradeSequence:
         Its "view" is read by the supervisor itself, whose coordinator is built
         on it before this runs."""
         supervisor = self.supervisor
+        for spec in removing_specs(carried["fleets"]):  # out of the file, calls still on it
+            supervisor.fleet_set.carry_removing(
+                spec, capacity_aware=supervisor.config.fleets.capacity_aware
+            )
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
         supervisor.generation = int(carried["generation"])
         # (From a release that did not carry it: as configured now.)
@@ -521,6 +529,9 @@ class UpgradeSequence:
         # may have exited and been reaped already (its watcher runs meanwhile).
         self._watch_channelless(adopted)
         silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
+        # A fleet being removed whose calls all ended over the exec goes now.
+        for fleet in list(supervisor.fleet_set.fleets):
+            supervisor.ops.reap(fleet)
         # A worker slow to answer is still one: its stats stay its own.
         workers = supervisor.workers
         present = {(w.pid, w.generation) for w in workers.values() if not w.left.is_set()}
