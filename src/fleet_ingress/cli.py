@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command in ("run", "worker"):
+        return _dispatch(args)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # Its reader went away (`fleet-ingress stat | head -1`): nothing is wrong
+        # here. Quiet, as Python's docs advise: the exit's flush must not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args.config)
     if args.command == "worker":

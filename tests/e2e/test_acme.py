@@ -77,6 +77,28 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
     assert f"127.0.0.1:{port}".encode() in got
 
 
+async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+):
+    """Before, the warning's `error` was empty: a timeout has no text."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        ingress = await start_ingress(
+            ["https://127.0.0.1:9 name=unused"],
+            listen={"acme": "127.0.0.1:0"},
+            acme={"upstream": f"127.0.0.1:{port}"},
+            timeouts={"response": 0.3},
+        )
+        request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        got = await plain_exchange(ingress.acme_address, request.encode())
+        assert got.startswith(b"HTTP/1.1 502 ")
+        failed = [r for r in caplog.records if r.getMessage() == "acme upstream failed"]
+        assert [r.fields["error"] for r in failed] == ["no answer in time (timed out)"]  # type: ignore[attr-defined]
+    finally:
+        silent.close()
+
+
 @pytest.mark.parametrize(
     ("host", "target", "location"),
     [

@@ -63,6 +63,20 @@ def test_check_exits_nonzero_naming_the_problem(tmp_path: Path, tls_files: TLSFi
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, tls_files: TLSFiles):
+    """`fleet-ingress check ... | head -1`: the reader goes before the writer
+    writes. No traceback, as with any shell tool."""
+    config = _write_config(tmp_path, tls_files, 8443, "https://fleet1.example.com\n")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    with os.fdopen(write, "wb") as stdout:
+        done = subprocess.run(
+            [*CLI, "check", "-c", str(config)], stdout=stdout, stderr=subprocess.PIPE, text=True
+        )
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
+    assert done.returncode == 0
+
+
 async def test_run_serves_calls_and_exits_0_on_sigterm(tmp_path: Path, tls_files: TLSFiles):
     async with SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context()) as fleet:
         port = await free_port()

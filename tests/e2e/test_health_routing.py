@@ -365,6 +365,8 @@ async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     assert proc.returncode == 1, out
     assert "probe a  pass: fleet_available=64" in out
     assert "probe b  fail: status 503" in out
+    # The count the summary gives is said too, not a bare "1 problem(s)".
+    assert out.endswith("1 fleet(s) failed the health probe\ncheck failed: 1 problem(s)\n"), out
     b.health_status = 200
     proc = await asyncio.create_subprocess_exec(
         *CLI, "check", "-c", str(config), "--probe", stdout=asyncio.subprocess.PIPE

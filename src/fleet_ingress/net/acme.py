@@ -143,7 +143,7 @@ class AcmeProtocol(asyncio.Protocol):
             async with asyncio.timeout(s.connect_timeout):
                 reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
         except (OSError, TimeoutError) as exc:
-            log.warning("acme upstream unreachable", extra=fields(upstream=where, error=str(exc)))
+            log.warning("acme upstream unreachable", extra=fields(upstream=where, error=_said(exc)))
             self._answer(503, f"no ACME responder is listening on {where}")
             return
         answer = bytearray()
@@ -163,7 +163,7 @@ class AcmeProtocol(asyncio.Protocol):
                     ):
                         break
         except (OSError, TimeoutError, ResponseError) as exc:
-            log.warning("acme upstream failed", extra=fields(upstream=where, error=str(exc)))
+            log.warning("acme upstream failed", extra=fields(upstream=where, error=_said(exc)))
             self._answer(502, f"the ACME responder on {where} did not answer properly")
             return
         finally:
@@ -189,3 +189,10 @@ class AcmeProtocol(asyncio.Protocol):
         if t is not None and not t.is_closing():
             t.write(data)
             t.close()
+
+
+def _said(exc: BaseException) -> str:
+    """An error for the log: a timeout has no text of its own."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time (timed out)"
+    return str(exc) or type(exc).__name__
