@@ -116,9 +116,15 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
     return loop.time() - started
 
 
-async def admin_command(service: RunningIngress, *args: str) -> tuple[int, str]:
-    """`fleet-ingress ARGS --admin-socket ...` against `service`: its exit code
-    and what it printed (stdout and stderr)."""
+async def run_cli(
+    service: RunningIngress, *args: str, timeout: float = 20, installed: bool = False
+) -> tuple[int, str, str]:
+    """`fleet-ingress ARGS --admin-socket ...` against `service`: its exit code,
+    stdout and stderr. `installed`: from the installed package, whatever
+    PYTHONPATH the service runs from (as an operator's shell has it)."""
+    env = None
+    if installed:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -127,10 +133,18 @@ async def admin_command(service: RunningIngress, *args: str) -> tuple[int, str]:
         "--admin-socket",
         str(service.home / "admin.sock"),
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    return proc.returncode or 0, out.decode()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def admin_command(service: RunningIngress, *args: str) -> tuple[int, str]:
+    """`run_cli`'s exit code and all it printed (stdout, then stderr)."""
+    code, out, err = await run_cli(service, *args)
+    return code, out + err
 
 
 def metric_samples(exposition: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:

@@ -47,6 +47,7 @@ from tests.support import (
     eventually,
     fill_unread_channel,
     metric_samples,
+    run_cli,
     write_run_home,
 )
 
@@ -74,21 +75,7 @@ async def fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
 async def _upgrade_command(service: RunningIngress) -> tuple[int, str, str]:
     """`fleet-ingress upgrade --admin-socket ...`, as an operator runs it (from
     the installed package, whatever the service runs from)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleet_ingress",
-        "upgrade",
-        "--admin-socket",
-        str(service.home / "admin.sock"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 150)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(service, "upgrade", timeout=150, installed=True)
 
 
 @dataclass
@@ -1430,11 +1417,17 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
     finally:
         worker.close()
         if new is not None:
-            await new.close()
-            for adopted in new.workers.values():  # this process, "adopted": its pidfd
-                assert isinstance(adopted.proc, AdoptedProcess)
-                adopted.proc._close()
+            await _close_adopting(new)
         await old.close()
+
+
+async def _close_adopting(new: Supervisor) -> None:
+    """Close a supervisor that adopted workers in this test and each adoption's
+    pidfd (the workers are this process's children, not its)."""
+    await new.close()
+    for adopted in new.workers.values():
+        assert isinstance(adopted.proc, AdoptedProcess)
+        adopted.proc._close()
 
 
 def _carried_with(home: Path, **worker: Any) -> dict[str, Any]:
@@ -1507,10 +1500,7 @@ async def test_a_channel_lost_worker_holding_nothing_keeps_its_kill_deadline_ove
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
-        await new.close()
-        for adopted in new.workers.values():
-            assert isinstance(adopted.proc, AdoptedProcess)
-            adopted.proc._close()
+        await _close_adopting(new)
 
 
 async def test_a_channel_lost_worker_reaped_clean_just_before_the_exec_loses_no_call(
@@ -1895,7 +1885,4 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
-        await new.close()
-        for adopted in new.workers.values():
-            assert isinstance(adopted.proc, AdoptedProcess)
-            adopted.proc._close()
+        await _close_adopting(new)

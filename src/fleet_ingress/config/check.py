@@ -44,14 +44,12 @@ def run_check(path: Path, out: TextIO | None = None, *, probe: bool = False) -> 
     if config is None:
         print(f"check failed: {len(problems)} problem(s)", file=out)
         return 1
-    failures = 0
     if probe and fleets:
         failures = asyncio.run(_probe_all(config, fleets, out))
         if failures:
             problems.append(f"{failures} fleet(s) failed the health probe")
+            print(problems[-1], file=out)  # below each fleet's own line
     if problems:
-        if probe and failures:
-            print(problems[-1], file=out)  # each fleet's line is above; the count here
         print(f"check failed: {len(problems)} problem(s)", file=out)
         return 1
     plural = "" if len(fleets) == 1 else "s"
