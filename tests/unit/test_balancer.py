@@ -84,6 +84,26 @@ def test_only_up_and_ready_fleets_are_eligible(health, admin, verdict):
     assert b.pick().verdict is verdict
 
 
+def test_why_no_fleet_is_up_counts_the_fleets_by_what_keeps_them_out():
+    b = _balancer("".join(f"https://{n}.test name={n}\n" for n in "abcdef"))
+    states = [
+        (Health.UP, Admin.DRAIN),
+        (Health.DOWN, Admin.DRAIN),  # an operator's state is named before health
+        (Health.UP, Admin.MAINT),
+        (Health.DOWN, Admin.READY),
+        (Health.DOWN, Admin.READY),
+        (Health.INIT, Admin.MAINT),
+    ]
+    for fleet, (health, admin) in zip(b.fleets, states, strict=True):
+        fleet.health, fleet.admin = health, admin
+    assert b.pick().verdict is Verdict.NO_FLEET_UP
+    assert b.none_up_reason() == "no fleet is up (2 drained, 2 in maintenance, 2 down)"
+    b.fleets[3].health = Health.INIT
+    assert b.none_up_reason() == (
+        "no fleet is up (2 drained, 2 in maintenance, 1 down, 1 not probed yet)"
+    )
+
+
 def test_capacity_estimate_counts_calls_opened_since_the_probe_was_sent():
     b = _balancer("https://a.test name=a\n")
     a = b.fleets[0]

@@ -86,9 +86,9 @@ async def test_no_fleet_up_is_refused_at_once_and_fails_waiters():
     for f in d.balancer.fleets:
         f.health = Health.DOWN
     d.wake()
-    with pytest.raises(NoFleetAvailable, match="no fleet is up"):
+    with pytest.raises(NoFleetAvailable, match=r"^no fleet is up \(2 down\)$"):
         await waiting
-    with pytest.raises(NoFleetAvailable, match="no fleet is up"):
+    with pytest.raises(NoFleetAvailable, match=r"^no fleet is up \(2 down\)$"):
         await d.acquire()
 
 

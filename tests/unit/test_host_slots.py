@@ -17,7 +17,6 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import (
-    NO_FLEET_UP,
     QUEUE_FULL,
     QUEUE_OFF,
     Answer,
@@ -30,6 +29,7 @@ from fleet_ingress.core.host_slots import (
 TWO_FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
 TIMEOUT = 3.0
 EXPIRED = "!" + queue_timeout_reason(TIMEOUT)
+BOTH_DOWN = "no fleet is up (2 down)"  # the refusal says why, by count
 
 
 def _slots(maxconn: int = 2, *, queue_timeout: float = TIMEOUT, max_queue: int = 8) -> HostSlots:
@@ -258,7 +258,7 @@ def test_transcript(steps):
     [
         ("full", {"max_queue": 1}, QUEUE_FULL),
         ("full", {"queue_timeout": 0}, QUEUE_OFF),
-        ("down", {}, NO_FLEET_UP),
+        ("down", {}, BOTH_DOWN),
     ],
 )
 def test_refusals_at_once(setup, kwargs, reason):
@@ -278,9 +278,9 @@ def test_no_fleet_up_fails_the_waiters_on_wake():
     for lease, fleet in ((1, "a"), (2, "b"), (3, "wait"), (4, "wait")):
         assert _short(slots.acquire("w1", lease, (), 0.0)) == fleet
     _down(slots)
-    _play(slots, [("wake", ["w1#3!" + NO_FLEET_UP, "w1#4!" + NO_FLEET_UP])])
+    _play(slots, [("wake", ["w1#3!" + BOTH_DOWN, "w1#4!" + BOTH_DOWN])])
     # While the queue is empty a DOWN host refuses at once, as when it is not.
-    assert _short(slots.acquire("w2", 1, (), 0.0)) == "!" + NO_FLEET_UP
+    assert _short(slots.acquire("w2", 1, (), 0.0)) == "!" + BOTH_DOWN
 
 
 def test_a_full_fleet_by_its_own_word_makes_calls_wait_until_a_probe_says_room():

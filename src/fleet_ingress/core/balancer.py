@@ -22,6 +22,10 @@ from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult
 
+# What a refused call is told when no fleet takes calls; `Balancer.none_up_reason`
+# says why after it.
+NO_FLEET_UP = "no fleet is up"
+
 
 class Verdict(enum.Enum):
     PICKED = "picked"
@@ -207,6 +211,24 @@ class Balancer:
     def may_serve(self) -> bool:
         """Some fleet is UP and READY, or may soon be: queueing can pay off."""
         return self.starting or any(f.up for f in self.fleets)
+
+    def none_up_reason(self) -> str:
+        """Why no fleet takes calls, by count (no fleet's name: the 503 that
+        says it goes to the carrier), e.g. ``no fleet is up (2 drained, 1 down)``.
+        An operator's state is named before health: a drained fleet that is
+        also DOWN counts as drained."""
+        counts = {"drained": 0, "in maintenance": 0, "down": 0, "not probed yet": 0}
+        for f in self.fleets:
+            if f.admin is Admin.DRAIN:
+                counts["drained"] += 1
+            elif f.admin is Admin.MAINT:
+                counts["in maintenance"] += 1
+            elif f.health is Health.DOWN:
+                counts["down"] += 1
+            elif f.health is Health.INIT:
+                counts["not probed yet"] += 1
+        parts = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        return f"{NO_FLEET_UP} ({parts or 'none configured'})"
 
     def get(self, name: str) -> FleetState | None:
         return next((f for f in self.fleets if f.name == name), None)

@@ -42,7 +42,6 @@ from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
 
 WorkerKey = Hashable  # whatever names a worker's channel to the caller
 
-NO_FLEET_UP = "no fleet is up"
 QUEUE_OFF = "every fleet is at capacity and queueing is off"
 QUEUE_FULL = "every fleet is at capacity and the queue is full"
 
@@ -308,9 +307,9 @@ class HostSlots:
             if pick.fleet is not None:
                 return self._grant(row, lease, pick.fleet)
             if pick.verdict is Verdict.NO_FLEET_UP:
-                return Refused(worker, lease, NO_FLEET_UP)
+                return Refused(worker, lease, self.balancer.none_up_reason())
         elif not self.balancer.may_serve:
-            return Refused(worker, lease, NO_FLEET_UP)
+            return Refused(worker, lease, self.balancer.none_up_reason())
         if self.queue_timeout <= 0:
             return Refused(worker, lease, QUEUE_OFF)
         if len(self._queue) >= self.max_queue:
@@ -353,7 +352,7 @@ class HostSlots:
             pick = self.balancer.pick(waiter.avoid)
             if pick.verdict is Verdict.NO_FLEET_UP:
                 self._queue.popleft()
-                answers.append(Refused(waiter.worker, waiter.lease, NO_FLEET_UP))
+                answers.append(Refused(waiter.worker, waiter.lease, self.balancer.none_up_reason()))
                 continue
             if pick.fleet is None:
                 break

@@ -156,9 +156,9 @@ class Dispatcher:
             if pick.fleet is not None:
                 return self._open(pick.fleet)
             if pick.verdict is Verdict.NO_FLEET_UP:
-                raise NoFleetAvailable("no fleet is up")
+                raise NoFleetAvailable(self.balancer.none_up_reason())
         elif not self.balancer.may_serve:
-            raise NoFleetAvailable("no fleet is up")
+            raise NoFleetAvailable(self.balancer.none_up_reason())
         if self.queue_timeout <= 0:
             raise NoFleetAvailable("every fleet is at capacity and queueing is off")
         if len(self._queue) >= self.max_queue:
@@ -208,7 +208,7 @@ class Dispatcher:
             pick = self.balancer.pick(waiter.avoid)
             if pick.verdict is Verdict.NO_FLEET_UP:
                 self._queue.popleft()
-                waiter.future.set_exception(NoFleetAvailable("no fleet is up"))
+                waiter.future.set_exception(NoFleetAvailable(self.balancer.none_up_reason()))
                 continue
             if pick.fleet is None:
                 return
