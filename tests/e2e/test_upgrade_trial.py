@@ -3,10 +3,12 @@ supervisor will run it, before anything is handed over (service/upgrade.py)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+import fleet_ingress
 from fleet_ingress.service import upgrade
 
 
@@ -33,3 +35,29 @@ async def test_the_same_release_passes_the_format_check_and_reaches_check(tmp_pa
     said = str(failed.value)
     assert "not_a_key" in said  # `check` ran and named the bad key
     assert "format" not in said
+    # The configuration is named as what failed, not the installation.
+    assert said.startswith(f"the configuration does not pass `fleet-ingress check -c {config}`")
+    assert "the installed code itself imports" in said and "pip install" not in said
+    assert upgrade.TRIAL_CODE_IMPORTED not in said
+
+
+async def test_a_release_that_does_not_import_is_named_as_the_installation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of the package with a syntax error planted in one module: the
+    fix is the install, and the configuration is never checked."""
+    broken = tmp_path / "site"
+    package = broken / "fleet_ingress"
+    shutil.copytree(
+        Path(fleet_ingress.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (package / "ops" / "metrics.py").write_text("def f(:\n")
+    monkeypatch.setenv("PYTHONPATH", str(broken))
+    config = tmp_path / "ingress.toml"
+    config.write_text("")
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    assert said.startswith("the installed code failed its trial run")
+    assert "does not import" in said and "pip install --force-reinstall" in said
+    assert "configuration does not pass" not in said

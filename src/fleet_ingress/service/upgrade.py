@@ -68,9 +68,15 @@ if installed != running:
 for module in pkgutil.walk_packages(fleet_ingress.__path__, "fleet_ingress."):
     if module.name != "fleet_ingress.__main__":  # that one runs: below
         importlib.import_module(module.name)
+print(CODE_IMPORTED, flush=True)
 sys.argv = ["fleet-ingress", "check", "-c", sys.argv[1]]
 runpy.run_module("fleet_ingress", run_name="__main__", alter_sys=True)
 """
+
+# What the trial prints once the installed code is imported, before it checks the
+# config: a failure after it is the configuration's, not the installation's.
+TRIAL_CODE_IMPORTED = "fleet-ingress trial: the installed code imports"
+_TRIAL = f"CODE_IMPORTED = {TRIAL_CODE_IMPORTED!r}\n" + _TRIAL
 
 # Environment the trial must not see: only the main PID speaks to systemd,
 # and the listeners are not its to claim.
@@ -110,16 +116,29 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "overloaded or the install broken: run `fleet-ingress check -c "
             f"{config_path}` by hand, then `fleet-ingress upgrade` again"
         ) from None
-    text = output.decode("utf-8", "replace").strip()
+    lines = output.decode("utf-8", "replace").strip().splitlines()
+    imported = TRIAL_CODE_IMPORTED in lines
+    if imported:
+        lines = lines[lines.index(TRIAL_CODE_IMPORTED) + 1 :]
+    if proc.returncode != 0 and imported:
+        tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])
+        raise TrialFailed(
+            f"the configuration does not pass `fleet-ingress check -c {config_path}` with "
+            f"the installed code (exit {proc.returncode}):\n{tail}\n"
+            "the installed code itself imports: fix what check names, then run "
+            "`fleet-ingress upgrade` again (nothing was handed over; the running "
+            "generation serves on)"
+        )
     if proc.returncode != 0:
-        tail = "\n".join(text.splitlines()[-TRIAL_OUTPUT_LINES:])
+        tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])
         raise TrialFailed(
             f"the installed code failed its trial run (exit {proc.returncode}; {sys.executable} "
             f"importing fleet_ingress and checking {config_path}):\n{tail}\n"
-            "fix the installation (e.g. `pip install --force-reinstall fleet-ingress==VERSION`) "
-            "or the configuration, then run `fleet-ingress upgrade` again"
+            "the installed code does not import: fix the installation (e.g. `pip install "
+            "--force-reinstall fleet-ingress==VERSION`), then run `fleet-ingress upgrade` "
+            "again (nothing was handed over; the running generation serves on)"
         )
-    return text.splitlines()[-1] if text else ""
+    return lines[-1] if lines else ""
 
 
 # -- the supervisor's state over the exec -----------------------------------------
