@@ -568,6 +568,15 @@ async def test_the_last_fleet_cannot_be_removed_and_a_reload_to_no_fleets_is_ref
     with pytest.raises(ReloadRefused, match="no fleets listed"):
         await d.ingress.reload(d.config_file)
     assert d.fleet("a").health is Health.UP and not d.fleet("a").removing
+    # `stat` and systemd's status line say so until a reload applies.
+    code, out, _ = await d.cli("stat")
+    assert code == 0 and "LAST RELOAD REFUSED" in out and "no fleets listed" in out
+    assert "LAST RELOAD REFUSED" in d.ingress.status_line()
+    d.fleets_file.write_text(before)
+    await d.ingress.reload(d.config_file)
+    code, out, _ = await d.cli("stat")
+    assert code == 0 and "RELOAD REFUSED" not in out
+    assert d.ingress.snapshot()["last_reload"]["result"] == "applied"
 
 
 def _access_entries(caplog) -> list[dict]:

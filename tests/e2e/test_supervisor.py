@@ -393,6 +393,66 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         await service.finish()
 
 
+async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A SIGHUP whose fleets file has a bad line is refused whole; the journal
+    line scrolls away, so `stat`, /stats.json and systemd's STATUS= (rewritten
+    every few seconds) keep saying so until a reload applies."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        fleets_file = service.home / "fleets.txt"
+        good = fleets_file.read_text()
+        fleets_file.write_text(good + "https://127.0.0.1:9 nmae=c\n")
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=2)
+        code, printed = await admin_command(service, "stat")
+        assert code == 0
+        warning = next(line for line in printed.splitlines() if "RELOAD REFUSED" in line)
+        assert "'nmae=c' is not an option" in warning and "previous configuration" in warning
+        last = (await service.stats())["last_reload"]
+        assert last["result"] == "refused" and "nmae=c" in last["error"]
+        assert abs(last["time"] - time.time()) < 30
+        assert "RELOAD REFUSED" in await _stats_page(service)
+        # The periodic STATUS= line (not only the one sent with the refusal) says it.
+        status = [s for m in service.messages for s in m.splitlines() if s.startswith("STATUS=")]
+        n = len(status)
+        service.proc.send_signal(signal.SIGHUP)  # refused again: a fresh STATUS= line
+        await service.wait_for("READY=1", count=3)
+        await eventually(
+            lambda: any(
+                "LAST RELOAD REFUSED" in s and "fleets up" in s
+                for m in service.messages[n:]
+                for s in m.splitlines()
+            ),
+            timeout=15,
+        )
+
+        fleets_file.write_text(good)
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=4)
+        code, printed = await admin_command(service, "stat")
+        assert code == 0 and "RELOAD REFUSED" not in printed
+        last = (await service.stats())["last_reload"]
+        assert (last["result"], last["error"], last["changes"]) == (
+            "applied",
+            None,
+            "no fleet changes",
+        )
+        html = await _stats_page(service)
+        assert "RELOAD REFUSED" not in html
+    finally:
+        await service.finish()
+
+
+async def _stats_page(service: RunningIngress) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as r:
+            return await r.text()
+
+
 async def test_sigterm_drains_every_worker_then_exits_0(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

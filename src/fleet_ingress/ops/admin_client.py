@@ -12,6 +12,8 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from fleet_ingress.ops.reload_outcome import reload_warning
+
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
 # add-fleet waits for the new fleet to read UP; leave it time to.
 REQUEST_TIMEOUT = 60.0
@@ -169,6 +171,9 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(_workers_lines(workers))
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
+    warning = reload_warning(snap)
+    if warning is not None:
+        lines.append(warning)
     return "\n".join(lines)
 
 

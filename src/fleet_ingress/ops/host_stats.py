@@ -173,6 +173,7 @@ def host_snapshot(
     certificate_not_after: float | None = None,
     capacity_key: str = "fleet_available",
     stopping: bool = False,
+    last_reload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`/stats.json` and `stat` for the whole host: the same keys as the
     one-process ingress's, plus `workers` (a row per worker)."""
@@ -186,6 +187,7 @@ def host_snapshot(
         capacity_key=capacity_key,
         stopping=stopping,
         workers=worker_rows(slots, view, time.monotonic()),
+        last_reload=last_reload,
     )
 
 

@@ -80,8 +80,10 @@ def render(
     capacity_key: str = "fleet_available",
     stopping: bool = False,
     workers: Sequence[dict[str, Any]] | None = None,
+    last_reload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`workers`: a row per worker process (the supervisor's view); None leaves the key out."""
+    """`workers`: a row per worker process (the supervisor's view); None leaves the key out.
+    `last_reload`: the outcome of the last reload (`reload_outcome`), None before any."""
     now = time.time()
     requests: dict[str, dict[str, int]] = {}
     for (route, status), n in counts.family("requests"):
@@ -94,6 +96,7 @@ def render(
         # "draining" once a stop has begun: no new calls, the live ones may finish.
         "state": "draining" if stopping else "serving",
         "certificate_not_after": certificate_not_after,
+        "last_reload": last_reload,
         "frontend": {
             "connections": gauges.get(("connections",), 0),
             "connections_total": counts.counter("connections_total"),
@@ -120,6 +123,7 @@ def snapshot(
     certificate_not_after: float | None = None,
     capacity_key: str = "fleet_available",
     stopping: bool = False,
+    last_reload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The one-process ingress: everything from this process."""
     fleets = balancer.fleets
@@ -132,4 +136,5 @@ def snapshot(
         certificate_not_after=certificate_not_after,
         capacity_key=capacity_key,
         stopping=stopping,
+        last_reload=last_reload,
     )

@@ -10,6 +10,8 @@ import time
 from html import escape
 from typing import Any
 
+from fleet_ingress.ops.reload_outcome import reload_warning
+
 REFRESH_SECONDS = 2
 
 _CSS = """
@@ -41,6 +43,11 @@ _STOPPING = (
     '<p class="stopping" id="stopping"><b>Stopping:</b> new calls are refused; '
     "the calls below may finish (timeouts.drain).</p>"
 )
+
+
+def _refused_reload(snap: dict[str, Any]) -> str:
+    warning = reload_warning(snap)
+    return "" if warning is None else f'<p class="stopping" id="reload">{escape(warning)}</p>'
 
 
 def _workers_table(snap: dict[str, Any]) -> str:
@@ -122,7 +129,7 @@ def render_stats_page(snap: dict[str, Any]) -> str:
 <div class="sub">version {escape(snap["version"])} &middot; up {snap["uptime_s"]:.0f}s &middot;
 {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(snap["time"]))} &middot;
 refreshes every {REFRESH_SECONDS}s</div>
-{_STOPPING if snap.get("state") == "draining" else ""}
+{_STOPPING if snap.get("state") == "draining" else ""}{_refused_reload(snap)}
 <table id="fleets">
 <tr><th class="l">fleet</th><th>health</th><th>admin</th><th>calls/maxconn</th>
 <th>reported free</th><th>estimated free</th><th class="l">last check</th>

@@ -46,6 +46,7 @@ from fleet_ingress.net.tls import (
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
+from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
 from fleet_ingress.ops.snapshot import snapshot
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
@@ -120,6 +121,7 @@ class Ingress:
             except (OSError, ValueError):
                 pass  # shown as unknown; `check` names the problem
         self.reloads: Counter[str] = Counter()  # "applied" / "refused"
+        self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # One reload at a time, read and apply together: two asked close together
         # (the supervisor's after a late answer, a SIGHUP sent to every process
         # of the unit) would otherwise race their reads off the loop, and the
@@ -264,6 +266,7 @@ class Ingress:
             certificate_not_after=self.certificate_not_after,
             capacity_key=self.config.fleets.capacity_key,
             stopping=self.stopping,
+            last_reload=self.last_reload,
         )
 
     @property
@@ -302,6 +305,7 @@ class Ingress:
         return (
             f"{len(self.registry.tunnels())} calls, {up}/{len(fleets)} fleets up, "
             f"{eligible} taking calls, queue {self.dispatcher.queue_length}"
+            + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
         )
 
     async def reload(self, config_path: Path) -> str:
@@ -312,7 +316,13 @@ class Ingress:
         Established calls are never touched: they keep the context they
         started with. Reloads apply in the order asked."""
         async with self._reload_lock:
-            return await self._reload(config_path)
+            try:
+                changes = await self._reload(config_path)
+            except ReloadRefused as exc:
+                self.last_reload = reload_outcome(str(exc))
+                raise
+            self.last_reload = reload_outcome(None, changes)
+            return changes
 
     async def _reload(self, config_path: Path) -> str:
         try:

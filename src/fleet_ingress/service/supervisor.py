@@ -74,6 +74,7 @@ from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
+from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
@@ -162,6 +163,7 @@ class Supervisor:
             if config.tls.cert is not None:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
+        self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
         self.reloads_asked: asyncio.Queue[None] = asyncio.Queue()
@@ -872,6 +874,7 @@ class Supervisor:
             certificate_not_after=self.certificate_not_after,
             capacity_key=self.config.fleets.capacity_key,
             stopping=self.stopping,
+            last_reload=self.last_reload,
         )
         picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
@@ -887,6 +890,7 @@ class Supervisor:
             f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
             f"{len(self.slots.workers)} workers, generation {self.generation}"
+            + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
         )
 
     # -- reload and stop ---------------------------------------------------------
@@ -896,9 +900,14 @@ class Supervisor:
         worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
         self.reloading = True
         try:
-            return await self._reload()
+            changes = await self._reload()
+        except ReloadRefused as exc:
+            self.last_reload = reload_outcome(str(exc))
+            raise
         finally:
             self.reloading = False
+        self.last_reload = reload_outcome(None, changes)
+        return changes
 
     async def _reload(self) -> str:
         try:

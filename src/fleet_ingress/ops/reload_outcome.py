@@ -1,0 +1,41 @@
+"""The outcome of the last reload, as `stat`, `/stats.json`, the stats page and
+systemd's STATUS= show it: a refused reload stays in sight until one applies
+(the journal line alone scrolls away). No I/O, no imports of the ingress: the
+CLI's `stat` formats it too."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def reload_outcome(error: str | None, changes: str | None = None) -> dict[str, Any]:
+    """What `last_reload` says of a reload that ended now: applied (with what it
+    changed) or refused (with why: the running configuration stays)."""
+    return {
+        "result": "refused" if error is not None else "applied",
+        "time": time.time(),
+        "error": error,
+        "changes": changes,
+    }
+
+
+# Added to systemd's STATUS= line while the last reload was refused: the line is
+# rewritten every few seconds, and the refusal must not scroll away with it.
+REFUSED_RELOAD_STATUS = "; LAST RELOAD REFUSED: see `fleet-ingress stat` or the journal"
+
+
+def was_refused(last_reload: dict[str, Any] | None) -> bool:
+    return last_reload is not None and last_reload.get("result") == "refused"
+
+
+def reload_warning(snap: dict[str, Any]) -> str | None:
+    """One line for `stat` and the stats page while the last reload was refused."""
+    last = snap.get("last_reload")
+    if last is None or not was_refused(last):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
+    return (
+        f"LAST RELOAD REFUSED ({when}): {last['error']}; the previous configuration "
+        "still serves: fix it, then reload again"
+    )
