@@ -11,6 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView, WorkerReport
 from fleet_ingress.net.calls import Registry
@@ -19,6 +21,7 @@ from fleet_ingress.ops.admin_client import format_stat_table
 from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
 from fleet_ingress.ops.local_counts import local_counts
 from fleet_ingress.ops.metrics import IngressMetrics
+from fleet_ingress.ops.reload_outcome import reload_outcome
 from fleet_ingress.ops.snapshot import snapshot
 from fleet_ingress.ops.stats_page import render_stats_page
 
@@ -204,3 +207,38 @@ def test_local_counts_read_live_calls_bytes_too():
     registry.ended_bytes_from_carrier = 10
     counts = local_counts(registry, [])
     assert counts.counter("bytes_from_carrier") == 10
+
+
+def test_a_fleet_in_maint_shows_no_stale_health_or_free_count():
+    """MAINT stops its probes: what the last one said is not shown as now."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    a, b = slots.balancer.fleets
+    for f in (a, b):
+        f.health, f.reported_available = Health.UP, 9
+    b.set_admin(Admin.MAINT)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    rows = {line.split()[0]: line.split() for line in format_stat_table(snap).splitlines()[1:3]}
+    assert rows["a"][1:3] == ["UP", "READY"] and rows["a"][4] == "9/9"
+    assert rows["b"][1:3] == ["-", "MAINT"] and rows["b"][4] == "-/-"
+    assert "MAINT: not probed" in format_stat_table(snap)
+    page = render_stats_page(snap)
+    b_row = page[page.index("<b>b</b>") :].split("</tr>")[0]
+    assert ">UP<" not in b_row and "<td>9</td>" not in b_row
+    a_row = page[page.index("<b>a</b>") :].split("</tr>")[0]
+    assert ">UP<" in a_row and "<td>9</td>" in a_row
+    # The raw figures stay in /stats.json, where the age of the last check shows.
+    assert next(f for f in snap["fleets"] if f["name"] == "b")["health"] == "UP"
+
+
+def test_a_refused_reload_is_shown_until_one_applies():
+    slots, view = host_with()
+    refused = reload_outcome("fleets.txt line 3: 'nmae=x' is not an option")
+    snap = host_snapshot(slots, view, started_at=0.0, last_reload=refused)
+    assert snap["last_reload"]["result"] == "refused"
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "LAST RELOAD REFUSED" in shown and "nmae=x" in shown
+    applied = host_snapshot(
+        slots, view, started_at=0.0, last_reload=reload_outcome(None, "fleet c added")
+    )
+    for shown in (format_stat_table(applied), render_stats_page(applied)):
+        assert "RELOAD REFUSED" not in shown

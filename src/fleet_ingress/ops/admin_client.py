@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
@@ -135,8 +136,9 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     )
     rows = [header]
     for f in snap["fleets"]:
-        health = "FULL" if f["health"] == "UP" and f["full"] else f["health"]
-        free = f"{_dash(f['reported_available'])}/{_dash(f['estimated_available'])}"
+        health = shown_health(f)
+        reported, estimated = shown_free(f)
+        free = f"{_dash(reported)}/{_dash(estimated)}"
         age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
         rows.append(
             (
@@ -165,6 +167,11 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     )
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
+        + (
+            "; MAINT: not probed, health and free not known"
+            if any(not probed(f) for f in snap["fleets"])
+            else ""
+        )
     )
     workers = snap.get("workers")
     if workers is not None:

@@ -10,6 +10,7 @@ import time
 from html import escape
 from typing import Any
 
+from fleet_ingress.ops.fleet_display import shown_free, shown_health
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 REFRESH_SECONDS = 2
@@ -87,7 +88,8 @@ def _workers_table(snap: dict[str, Any]) -> str:
 def render_stats_page(snap: dict[str, Any]) -> str:
     rows = []
     for f in snap["fleets"]:
-        health = "FULL" if f["health"] == "UP" and f["full"] else f["health"]
+        health = shown_health(f)
+        reported, estimated = shown_free(f)
         check = f["last_check"] or "no probe yet"
         age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
         check_cls = "l fail" if f["last_check_passed"] is False else "l"
@@ -98,8 +100,8 @@ def render_stats_page(snap: dict[str, Any]) -> str:
             f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
             f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}</td>"
             f"<td>{f['active']}/{f['maxconn']}</td>"
-            + _cell(f["reported_available"])
-            + _cell(f["estimated_available"])
+            + _cell(reported)
+            + _cell(estimated)
             + f'<td class="{check_cls}">{escape(check)}'
             f'<span class="muted">{escape(age)}</span></td>'
             + _cell(f["calls_total"])
