@@ -8,7 +8,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import ssl
+import struct
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -170,13 +172,38 @@ async def test_fleet_killed_mid_call_closes_the_carrier_within_1s(
     (entry,) = access_entries(caplog)
     assert entry["fleet"] == "doomed" and entry["status"] == 101 and entry["bot_id"] == "killed"
     # The fleet vanished without a WebSocket close: "fleet closed" (FIN) or
-    # "error" (RST), never the carrier's doing, never unknown.
-    assert entry["end_reason"] in ("fleet closed", "error"), entry
+    # "fleet_reset" (RST), never the carrier's doing, never unknown.
+    assert entry["end_reason"] in ("fleet closed", "fleet_reset"), entry
     assert entry["bytes_to_carrier"] > 0
     print(f"carrier closed {closed_after * 1000:.0f} ms after SIGKILL; {entry['end_reason']}")
 
 
 # -- 2. fleet accepts and never answers: response-timeout, then another fleet -----------
+
+
+async def test_a_carrier_that_resets_mid_call_is_logged_as_its_reset_not_an_error(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A carrier's TCP reset is the carrier's doing: `carrier_reset`, and the
+    fleet side is closed, its slot back."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    good = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([good.line("good")])
+        _, writer = await open_carrier(ingress, tls_files, "abrupt")
+        fleet = ingress.balancer.fleets[0]
+        await eventually(lambda: fleet.active == 1 and good.active == 1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # SO_LINGER 0: an RST, no TLS close, no FIN
+        await eventually(lambda: fleet.active == 0 and good.active == 0, timeout=3)
+        await eventually(lambda: bool(access_entries(caplog)))
+        (entry,) = access_entries(caplog)
+        assert (entry["fleet"], entry["status"]) == ("good", 101)
+        assert entry["end_reason"] == "carrier_reset", entry
+        assert ingress.registry.ended[("good", "carrier_reset")] == 1
+    finally:
+        await good.stop()
 
 
 async def test_fleet_stalling_before_its_answer_times_out_and_the_call_lands_elsewhere(

@@ -565,8 +565,10 @@ def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
     [
         ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED),
         ("fleet", Lost.GONE, EndReason.FLEET_LOST),
+        ("fleet", Lost.RESET, EndReason.FLEET_RESET),
         ("fleet", Lost.ERROR, EndReason.ERROR),
         ("carrier", Lost.GONE, EndReason.CARRIER_LOST),
+        ("carrier", Lost.RESET, EndReason.CARRIER_RESET),
         ("carrier", Lost.ERROR, EndReason.ERROR),
     ],
 )

@@ -43,6 +43,9 @@ class EndReason(enum.Enum):
     FLEET_SILENT = "fleet_silent"
     CARRIER_LOST = "carrier_lost"
     FLEET_LOST = "fleet_lost"
+    # A side's TCP reset (RST): its peer ended the connection abruptly, not the ingress.
+    CARRIER_RESET = "carrier_reset"
+    FLEET_RESET = "fleet_reset"
     DRAIN = "drain"  # shutdown drain time ran out
     REMOVED = "removed"  # fleet removed with --force
     REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
@@ -72,7 +75,8 @@ class Lost(enum.Enum):
 
     CLOSED = "closed"  # by its peer (FIN, TLS close)
     GONE = "gone"  # without a word: TCP user timeout, keepalive, unreachable
-    ERROR = "error"  # another error (a bad TLS record, a reset...)
+    RESET = "reset"  # its peer reset the connection (TCP RST)
+    ERROR = "error"  # another error (a bad TLS record...)
 
 
 class Timer(enum.Enum):
@@ -314,8 +318,16 @@ class CallRules:
 
 
 _LOST_REASON = {
-    Side.CARRIER: {Lost.CLOSED: EndReason.CARRIER_CLOSED, Lost.GONE: EndReason.CARRIER_LOST},
-    Side.FLEET: {Lost.CLOSED: EndReason.FLEET_CLOSED, Lost.GONE: EndReason.FLEET_LOST},
+    Side.CARRIER: {
+        Lost.CLOSED: EndReason.CARRIER_CLOSED,
+        Lost.GONE: EndReason.CARRIER_LOST,
+        Lost.RESET: EndReason.CARRIER_RESET,
+    },
+    Side.FLEET: {
+        Lost.CLOSED: EndReason.FLEET_CLOSED,
+        Lost.GONE: EndReason.FLEET_LOST,
+        Lost.RESET: EndReason.FLEET_RESET,
+    },
 }
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
 

@@ -859,10 +859,12 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 
 def _lost_kind(exc: Exception | None) -> Lost:
     """How a side's connection ended: closed by its peer, gone without a word
-    (TCP user timeout, keepalive, unreachable), or another error."""
+    (TCP user timeout, keepalive, unreachable), reset by its peer, or another error."""
     if exc is None:
         return Lost.CLOSED
-    return Lost.GONE if peer_gone(exc) else Lost.ERROR
+    if peer_gone(exc):
+        return Lost.GONE
+    return Lost.RESET if isinstance(exc, ConnectionResetError) else Lost.ERROR
 
 
 def _client_ip(address: str) -> str:
