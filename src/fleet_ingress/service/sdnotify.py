@@ -24,6 +24,7 @@ class Notifier:
         self.address = "\0" + path[1:] if path.startswith("@") else path
         self._sock: socket.socket | None = None
         self._warned = False
+        self.dropped = 0  # messages the receiver had no room for
         self.watchdog_interval = _watchdog_interval(env)
 
     @property
@@ -37,8 +38,19 @@ class Notifier:
         message = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8")
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: this runs on the event loop, and a receiver that
+                # stops reading (its queue full) must not stop every call with it.
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto(message, self.address)
+        except BlockingIOError:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 100 == 0:
+                log.warning(
+                    "systemd is not reading its notify socket: a message was dropped",
+                    extra=fields(socket=self.address, dropped=self.dropped, message=message[:80]),
+                )
         except OSError as exc:
             if not self._warned:  # once: a missing socket must not flood the log
                 self._warned = True
