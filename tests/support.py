@@ -757,3 +757,51 @@ def blocking_handshake(port: int, ctx: ssl.SSLContext) -> BaseException | None:
                 return None
         except (ssl.SSLError, OSError) as exc:
             return exc
+
+
+class TcpDoor:
+    """A TCP door in front of a fleet on loopback: it forwards every connection
+    it has taken, and once shut takes no new one (they are refused) while those
+    already through, a probe's kept-alive one among them, go on. `open` again
+    on the same port."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def shut(self) -> None:
+        assert self._server is not None
+        self._server.close()  # the listening socket only: what came through stays
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in self._pipes:
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self._pipes.add(task)
+            task.add_done_callback(self._pipes.discard)

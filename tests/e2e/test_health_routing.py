@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -15,7 +16,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.core.health import Health
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import StartIngress, TLSFiles, eventually, wss_url
+from tests.support import StartIngress, TcpDoor, TLSFiles, eventually, wss_url
 
 
 @pytest.fixture
@@ -373,3 +374,55 @@ async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     )
     out = (await proc.communicate())[0].decode()
     assert proc.returncode == 0, out
+
+
+async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_down_by_its_calls(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, caplog
+):
+    """The probe's kept-alive connection works, new ones are refused: before,
+    the fleet stayed UP and leastconn sent it every call's first attempt (it
+    holds no call), each one failing before it was tried elsewhere. Now `fall`
+    calls in a row that cannot connect take it DOWN at once, its probes open
+    new connections while it is DOWN, and it comes back only when they work."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    a, b = sim_fleets
+    door = TcpDoor(a.port)
+    await door.open()
+    try:
+        # Probes far apart: what takes it DOWN within the test is its calls.
+        ingress = await started(
+            start_ingress,
+            [f"https://localhost:{door.port} name=a", f"{b.url} name=b"],
+            fleets={"check_interval": 3.0, "fall": 2, "rise": 1},
+        )
+        fleet_a = ingress.balancer.get("a")
+        assert fleet_a is not None and fleet_a.health is Health.UP
+        door.shut()
+        ctx = tls_files.client_context()
+        served = []
+        for n in range(6):  # one at a time: a holds no call, leastconn favours it
+            async with connect(wss_url(ingress, f"/ws/bot-{n}"), ssl=ctx) as ws:
+                served.append(fleet_of(ws))
+        assert served == ["b"] * 6
+        assert fleet_a.health is Health.DOWN
+        assert fleet_a.retries == 2  # the two calls that found it shut, and no more
+        downs = [
+            r.fields  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.getMessage() == "fleet DOWN" and r.fields.get("fleet") == "a"  # type: ignore[attr-defined]
+        ]
+        assert len(downs) == 1 and "2 calls in a row could not connect" in downs[0]["reason"]
+
+        # Its probes, each on a new connection while it is DOWN, keep it DOWN
+        # while the door is shut (the kept connection alone would pass)...
+        probes = fleet_a.probes_total
+        await eventually(lambda: fleet_a.probes_total >= probes + 1, timeout=8)
+        assert fleet_a.health is Health.DOWN and fleet_a.last_probe is not None
+        assert not fleet_a.last_probe.passed
+        # ...and bring it back once new connections work again.
+        await door.open()
+        await eventually(lambda: fleet_a.health is Health.UP, timeout=8)
+        async with connect(wss_url(ingress, "/ws/after"), ssl=ctx) as ws:
+            assert fleet_of(ws) in ("a", "b")
+    finally:
+        await door.close()

@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
+    TcpDoor,
     TLSFiles,
     admin_command,
     break_worker_channel,
@@ -240,6 +241,40 @@ async def test_calls_still_connecting_in_any_worker_when_a_probe_is_answered_cou
         await close_calls(calls)
         await service.finish()
         await sim.stop()
+
+
+async def test_calls_in_any_worker_that_cannot_connect_take_a_fleet_down_for_the_host(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Fleet a's probe passes on its kept-alive connection while new ones are
+    refused: the calls that find it shut, in either worker, tell the
+    supervisor (op `unreachable`), which takes it DOWN for the host after
+    `fleets.fall` (2) in a row, long before a probe would notice."""
+    a, b = two_fleets
+    door = TcpDoor(a.port)
+    await door.open()
+    lines = [f"https://localhost:{door.port} name=a maxconn=16", f"{b.url} name=b maxconn=16"]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, check_timeout=5, check_interval=3.0
+    )
+    try:
+        await _fleets_up_or_finished(service)
+        door.shut()
+        served = []
+        for n in range(8):  # one at a time: a holds no call, leastconn favours it
+            ws = await _open(service, tls_files, f"bot-{n}")
+            served.append(ws.response.headers["X-Fleet"] if ws.response else None)
+            await ws.close()
+        assert served == ["b"] * 8
+        fleets = {f["name"]: f for f in (await service.stats())["fleets"]}
+        assert fleets["a"]["health"] == "DOWN" and fleets["b"]["health"] == "UP"
+        # Two attempts found it shut, then no call tried it again.
+        assert fleets["a"]["retries"] == 2, fleets["a"]
+        downs = [e for e in service.log() if e["event"] == "fleet DOWN" and e["fleet"] == "a"]
+        assert len(downs) == 1 and "2 calls in a row could not connect" in downs[0]["reason"]
+    finally:
+        await service.finish()
+        await door.close()
 
 
 async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(

@@ -258,3 +258,27 @@ def test_fleets_start_in_the_admin_state_the_fleets_file_records():
     # a (MAINT, never probed) and b (DRAIN) could not take a call: no waiting for them.
     assert not b.starting and not b.may_serve
     assert b.pick().verdict is Verdict.NO_FLEET_UP
+
+
+def test_calls_that_cannot_connect_take_an_up_fleet_down_after_fall_in_a_row():
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    a.reported_available = 5
+    assert not a.call_unreachable(fall=3) and a.fresh_probe  # its next probe: a new connection
+    assert not a.call_unreachable(fall=3)
+    a.call_connected()  # one got through: the streak starts over
+    assert not a.call_unreachable(fall=3) and not a.call_unreachable(fall=3)
+    assert a.health is Health.UP
+    assert a.call_unreachable(fall=3)  # the third in a row
+    assert (a.health, a.reported_available, a.call_failures) == (Health.DOWN, None, 0)
+    assert b.pick().verdict is Verdict.NO_FLEET_UP
+    assert not a.call_unreachable(fall=3)  # already DOWN: no news
+    assert a.health is Health.DOWN
+
+
+def test_calls_that_cannot_connect_are_not_observed_where_no_probe_runs():
+    b = _balancer("https://a.test name=a\n")
+    a = b.fleets[0]
+    for _ in range(5):
+        assert not a.call_unreachable(fall=0)
+    assert a.health is Health.UP and a.call_failures == 0 and not a.fresh_probe

@@ -40,6 +40,7 @@ from fleet_ingress.core.call_machine import (
     FleetFull,
     FleetHead,
     FleetLost,
+    FleetUnreachable,
     HeadComplete,
     HeadParsed,
     HeadRefused,
@@ -275,6 +276,13 @@ FAILURES = {
         Failure.CONN_FAILURE,
         "connection refused",
     ),
+    # This host out of descriptors: retried, not held against the fleet.
+    "local conn-failure": (
+        [FleetConnectFailed("Too many open files", local=True)],
+        [CancelTimer(Timer.CONNECT)],
+        Failure.CONN_FAILURE,
+        "Too many open files",
+    ),
     "connect timeout": (
         [TimerFired(Timer.CONNECT)],
         [],
@@ -317,7 +325,11 @@ def fail_attempt(pb: Playbook, fleet: FleetState, n: int, how: str) -> Playbook:
             pb << CancelTimer(Timer.CONNECT) << SendHead() << StartTimer(Timer.RESPONSE, RESPONSE_S)
     for command in before:
         pb << command
-    return pb << DropFleet() << ReleaseSlot() << LogAttemptFailed(fleet.name, n, failure, detail)
+    pb << DropFleet()
+    local = any(isinstance(e, FleetConnectFailed) and e.local for e in events)
+    if failure is Failure.CONN_FAILURE and not local:
+        pb << FleetUnreachable()  # the fleet's fault: counted on the slot it holds, first
+    return pb << ReleaseSlot() << LogAttemptFailed(fleet.name, n, failure, detail)
 
 
 @pytest.mark.parametrize("how", FAILURES)

@@ -74,6 +74,10 @@ class FleetState:
     last_probe_seconds: float | None = None
     probes_total: int = 0
     check_failures: int = 0
+    # Passive health (a call's attempts): calls in a row that could not connect
+    # since one did, and whether the next probe must open a new connection.
+    call_failures: int = 0
+    fresh_probe: bool = False
     # Call counters, for stats and metrics (read at scrape time).
     calls_total: int = 0  # calls tunneled to this fleet
     responses: Counter[int] = field(default_factory=Counter)  # fleet answers by status
@@ -146,6 +150,31 @@ class FleetState:
         if self._probing is not None:
             self._probing.discard(key)
         self.unseen.discard(key)
+
+    def call_unreachable(self, fall: int) -> bool:
+        """A call's attempt could not connect (refused, reset, timed out, TLS
+        failed). The probe may pass on a connection kept open from before (a
+        fleet taking no new connection, or serving a bad certificate on new
+        ones) while leastconn favours this fleet, which holds no call: so its
+        next probe opens a new connection, and `fall` such calls in a row take
+        an UP fleet DOWN at once, as that many failed probes would. It rises
+        again by its probes (`rise`), each on a new connection while it is DOWN.
+        `fall` 0: not observed (no probe would ever bring it back). True if it
+        went DOWN now."""
+        if fall < 1:
+            return False
+        self.call_failures += 1
+        self.fresh_probe = True
+        if self.health is not Health.UP or self.call_failures < fall:
+            return False
+        self.health, self.health_streak = Health.DOWN, 0
+        self.reported_available = None  # as a DOWN fleet's: no longer known
+        self.call_failures = 0
+        return True
+
+    def call_connected(self) -> None:
+        """A call's attempt connected (its fleet answered it): the streak ends."""
+        self.call_failures = 0
 
     def said_full(self) -> bool:
         """The fleet answered a call `429`: no worker free now, in its own word,

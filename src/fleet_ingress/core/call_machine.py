@@ -126,6 +126,9 @@ class FleetConnected(Event):
 @dataclass(frozen=True, slots=True)
 class FleetConnectFailed(Event):
     detail: str
+    # This host's own failure (out of descriptors, memory or local ports), not
+    # the fleet's: retried as any, and not held against the fleet's health.
+    local: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,12 @@ class ReleaseSlot(Command):
 class FleetFull(Command):
     """The fleet answered this attempt `429`: take it as FULL until its next
     probe (`FleetState.said_full`), on the slot this attempt holds."""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetUnreachable(Command):
+    """This attempt could not connect to its fleet (its fault): counted toward
+    taking it DOWN (`FleetState.call_unreachable`), on the slot this attempt holds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +505,7 @@ class CallMachine:
     def _connect_failed(self, event: Event) -> None:
         assert isinstance(event, FleetConnectFailed)
         self._emit(CancelTimer(Timer.CONNECT))
-        self._attempt_failed(Failure.CONN_FAILURE, event.detail)
+        self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
     def _connect_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
@@ -517,11 +526,13 @@ class CallMachine:
         self._emit(CancelTimer(Timer.RESPONSE))
         self._attempt_failed(event.failure, event.detail)
 
-    def _attempt_failed(self, failure: Failure, detail: str) -> None:
+    def _attempt_failed(self, failure: Failure, detail: str, *, fleets_fault: bool = True) -> None:
         fleet = self.fleet
         assert fleet is not None
         self.fleet_open = False
         self._emit(DropFleet())
+        if failure is Failure.CONN_FAILURE and fleets_fault:
+            self._emit(FleetUnreachable())  # before its slot goes back
         self._release_slot()
         self.failure = failure
         self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))

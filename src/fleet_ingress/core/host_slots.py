@@ -107,10 +107,15 @@ class _Waiter:
 
 
 class HostSlots:
-    def __init__(self, balancer: Balancer, *, queue_timeout: float, max_queue: int) -> None:
+    def __init__(
+        self, balancer: Balancer, *, queue_timeout: float, max_queue: int, fall: int = 0
+    ) -> None:
+        """`fall`: calls in a row that cannot connect to a fleet take it DOWN
+        (`FleetState.call_unreachable`; 0: not observed)."""
         self.balancer = balancer
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue
+        self.fall = fall
         self.queue_timeouts = 0  # count, for metrics
         self.reclaimed_total = 0  # slots taken back from workers that were gone
         self._rows: dict[WorkerKey, WorkerRow] = {}
@@ -341,6 +346,7 @@ class HostSlots:
         (monotonic, this host's clock): out of flight."""
         fleet = self.fleet_of(worker, lease)
         if fleet is not None:
+            fleet.call_connected()
             fleet.lease_answered((worker, lease), at)
 
     def wake(self) -> list[Answer]:

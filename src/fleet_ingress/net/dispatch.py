@@ -43,6 +43,8 @@ class HeldSlot(Protocol):
 
     def fleet_said_full(self) -> None: ...
 
+    def fleet_unreachable(self) -> None: ...
+
 
 class SlotSource(Protocol):
     """Where the call path gets its slots: this process's `Dispatcher`, or in a
@@ -101,12 +103,18 @@ class Lease:
 
     def fleet_answered(self, at: float) -> None:
         """The fleet answered this call `101` at `at` (monotonic): out of flight."""
+        self.fleet.call_connected()
         if self._grant is not None:
             self.fleet.lease_answered(self._grant, at)
 
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: FULL until its next probe."""
         take_as_full(self.fleet)
+
+    def fleet_unreachable(self) -> None:
+        """This call's attempt could not connect to the fleet (its fault, not this host's)."""
+        if self._dispatcher is not None and take_as_unreachable(self.fleet, self._dispatcher.fall):
+            self._dispatcher.wake()
 
 
 def take_as_full(fleet: FleetState) -> None:
@@ -119,11 +127,35 @@ def take_as_full(fleet: FleetState) -> None:
         )
 
 
+def take_as_unreachable(fleet: FleetState, fall: int) -> bool:
+    """A call's attempt on `fleet` could not connect: counted toward taking it
+    DOWN (`FleetState.call_unreachable`), logged when it went DOWN now (here, or
+    in the supervisor for a worker's call). True then: waiters may need waking."""
+    if not fleet.call_unreachable(fall):
+        return False
+    log.warning(
+        "fleet DOWN",
+        extra=fields(
+            fleet=fleet.name,
+            before="UP",
+            after="DOWN",
+            reason=f"{fall} calls in a row could not connect to it (its probes now "
+            "open a new connection each, and bring it back UP as they pass)",
+        ),
+    )
+    return True
+
+
 class Dispatcher:
-    def __init__(self, balancer: Balancer, *, queue_timeout: float, max_queue: int) -> None:
+    def __init__(
+        self, balancer: Balancer, *, queue_timeout: float, max_queue: int, fall: int = 0
+    ) -> None:
+        """`fall`: calls in a row that cannot connect to a fleet take it DOWN
+        (`fleets.fall`; 0 where no probe would bring it back)."""
         self.balancer = balancer
         self.queue_timeout = queue_timeout
         self.max_queue = max_queue
+        self.fall = fall
         self._queue: deque[_Waiter] = deque()
         self.queue_timeouts = 0  # count, for metrics
         # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).

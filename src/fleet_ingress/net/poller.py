@@ -3,8 +3,10 @@
 The asyncio layer around `probe.judge_health_response` (the verdict) and
 `health.observe` (fall/rise). One aiohttp session per fleet holding one
 kept-alive connection, with the call path's TLS settings (SNI, verification,
-fleets.ca_file). A passing probe also reports the fleet's free workers; FULL
-follows from that at once, without fall/rise: it is the fleet's own word.
+fleets.ca_file); a new connection for each probe while the fleet is DOWN, and
+for the next one after a call could not connect (`FleetState.call_unreachable`).
+A passing probe also reports the fleet's free workers; FULL follows from that
+at once, without fall/rise: it is the fleet's own word.
 """
 
 from __future__ import annotations
@@ -181,15 +183,24 @@ class HealthPoller:
 
     async def _run(self, fleet: FleetState) -> None:
         loop = asyncio.get_running_loop()
-        async with health_session(self.fleet_ssl, self.settings) as session:
+        session = health_session(self.fleet_ssl, self.settings)
+        try:
             next_at = loop.time()
             while True:
                 if fleet.admin is not Admin.MAINT:  # MAINT: not probed at all
+                    if fleet.fresh_probe or fleet.health is Health.DOWN:
+                        # On a new connection, as a call makes: the kept one may
+                        # work where new ones fail (FleetState.call_unreachable).
+                        fleet.fresh_probe = False
+                        await session.close()
+                        session = health_session(self.fleet_ssl, self.settings)
                     await self._probe(session, fleet)
                 # Fixed rate: a probe that took its whole timeout does not
                 # push every later probe back.
                 next_at = max(next_at + self.settings.interval, loop.time())
                 await asyncio.sleep(next_at - loop.time())
+        finally:
+            await session.close()
 
     async def _probe(self, session: aiohttp.ClientSession, fleet: FleetState) -> None:
         started = time.monotonic()

@@ -26,6 +26,7 @@ reader's and exchange's buffers, a TLSConnection's unfinished write).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import ssl
 import time
@@ -57,6 +58,7 @@ from fleet_ingress.core.call_machine import (
     FleetFull,
     FleetHead,
     FleetLost,
+    FleetUnreachable,
     HeadComplete,
     HeadParsed,
     HeadRefused,
@@ -515,6 +517,11 @@ class CarrierProtocol(_Side):
         if call is not None and call.lease is not None and call.lease.held:
             call.lease.fleet_said_full()
 
+    def _fleet_unreachable(self, command: Command) -> None:
+        call = self.call
+        if call is not None and call.lease is not None and call.lease.held:
+            call.lease.fleet_unreachable()
+
     def _connect_fleet(self, command: Command) -> None:
         assert isinstance(command, ConnectFleet)
         call = self.call
@@ -557,7 +564,8 @@ class CarrierProtocol(_Side):
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None
-                self.feed(FleetConnectFailed(str(exc) or type(exc).__name__))
+                local = not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
+                self.feed(FleetConnectFailed(str(exc) or type(exc).__name__, local=local))
             return
         except asyncio.CancelledError:
             raise
@@ -711,6 +719,7 @@ _COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
     CancelSlotWait: CarrierProtocol._cancel_slot_wait,
     ReleaseSlot: CarrierProtocol._release_slot,
     FleetFull: CarrierProtocol._fleet_full,
+    FleetUnreachable: CarrierProtocol._fleet_unreachable,
     ConnectFleet: CarrierProtocol._connect_fleet,
     SendHead: CarrierProtocol._send_head,
     DropFleet: CarrierProtocol._drop_fleet,
@@ -855,6 +864,13 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
     if bool(second & 0x80) is not masked or length > 125:
         return False
     return len(data) == 2 + (4 if masked else 0) + length
+
+
+# A fleet connection that failed for want of this host's own resources: not
+# the fleet's failure (every fleet would be held for this host's trouble).
+_LOCAL_CONNECT_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
+)
 
 
 def _lost_kind(exc: Exception | None) -> Lost:

@@ -91,6 +91,13 @@ class RemoteLease:
         if self._client is not None:
             self._client._write({"op": "full", "id": self.id})
 
+    def fleet_unreachable(self) -> None:
+        """This call's attempt could not connect to the fleet: the coordinator
+        counts it toward taking the fleet DOWN (`unreachable`: a supervisor
+        before it ignores the op)."""
+        if self._client is not None:
+            self._client._write({"op": "unreachable", "id": self.id})
+
 
 class SlotClient(asyncio.Protocol):
     def __init__(

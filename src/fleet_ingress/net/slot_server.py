@@ -43,7 +43,7 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
-from fleet_ingress.net.dispatch import take_as_full
+from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
 from fleet_ingress.net.slot_wire import (
     LineDecoder,
     UnknownOps,
@@ -60,7 +60,9 @@ log = logging.getLogger("fleet_ingress.slots")
 _WAITING_READ_MAX = 4 * 1024 * 1024
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
-_WORKER_OPS = frozenset({"hello", "acquire", "release", "answered", "full", "state", "report"})
+_WORKER_OPS = frozenset(
+    {"hello", "acquire", "release", "answered", "full", "unreachable", "state", "report"}
+)
 
 
 class HandoverError(OSError):
@@ -594,6 +596,10 @@ class SlotServer:
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             if fleet is not None:  # not if given back meanwhile: nothing to say then
                 take_as_full(fleet)
+        elif op == "unreachable":  # that lease's call could not connect to its fleet
+            fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
+            if fleet is not None and take_as_unreachable(fleet, self.slots.fall):
+                self.wake()
         elif op == "state":
             # It went over two execs before it read the first "sync": it answers
             # each. The first account rebuilt its row and what it sent after is

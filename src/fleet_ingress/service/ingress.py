@@ -106,8 +106,13 @@ class Ingress:
         )
         self.balancer = Balancer(self.fleet_set)
         self.dispatcher = Dispatcher(
-            self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
+            self.balancer,
+            queue_timeout=config.timeouts.queue,
+            max_queue=config.limits.max_queue,
+            # Calls that cannot connect take a fleet DOWN only where probes bring it back.
+            fall=config.fleets.fall if health_checks else 0,
         )
+        self._observe_calls = health_checks
         self.registry = Registry()
         self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
@@ -344,6 +349,7 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self.dispatcher.queue_timeout = config.timeouts.queue
         self.dispatcher.max_queue = config.limits.max_queue
+        self.dispatcher.fall = config.fleets.fall if self._observe_calls else 0
         if not self.worker:
             notes += self.apply_fleets(specs, config)
         if self.poller is not None:

@@ -148,7 +148,10 @@ class Supervisor:
         )
         self.balancer = Balancer(self.fleet_set)
         self.slots = HostSlots(
-            self.balancer, queue_timeout=config.timeouts.queue, max_queue=config.limits.max_queue
+            self.balancer,
+            queue_timeout=config.timeouts.queue,
+            max_queue=config.limits.max_queue,
+            fall=config.fleets.fall,
         )
         # What the workers count (requests, bytes, handshakes, histograms), summed
         # from their reports on the slot channel (ops/host_stats.py).
@@ -927,6 +930,7 @@ class Supervisor:
             self.certificate_not_after = not_after
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
+        self.slots.fall = config.fleets.fall
         plan = self.fleet_set.apply(
             specs, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
         )
