@@ -1078,6 +1078,48 @@ async def test_maxconn_holds_while_an_old_worker_is_slow_to_say_what_it_holds(
             await service.finish()
 
 
+async def test_a_fleet_change_asked_of_the_new_image_waits_until_every_worker_said_what_it_holds(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """The new image answers its admin socket before the kept workers have all
+    said what they hold. remove-fleet b then, with b's calls on a worker slow
+    to say so (stopped here), found b idle: removed at once, its calls told to
+    no worker, and b added again took more than its maxconn (an audit: 6 at
+    maxconn 3). Now the change waits for the table (RESTORE_TIMEOUT at most)."""
+    a, b = fleets
+    lines = [f"{a.url} name=a maxconn=50", f"{b.url} name=b maxconn=2"]
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=PATIENT_PROBES)
+    load = _fleets_load(service, tls_files, fleets)
+    (old,) = await _rows(service)
+    try:
+        code, out = await admin_command(service, "drain", "a")  # both calls go to b
+        assert code == 0, out
+        await load.start_long(2, duration=30.0)
+        assert b.active_calls == 2
+        os.kill(old["pid"], signal.SIGSTOP)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await eventually(
+            lambda: any("re-executing" in e["event"] for e in service.log()), timeout=30
+        )
+        code, out = await admin_command(service, "remove-fleet", "b")
+        os.kill(old["pid"], signal.SIGCONT)
+        assert code == 0 and "draining" in out and "2 calls" in out, out
+        code, out = await admin_command(service, "add-fleet", b.url, "--name", "b")
+        assert code != 0 and "exists already" in out, out
+        (row,) = [f for f in (await service.stats())["fleets"] if f["name"] == "b"]
+        assert (row["admin"], row["active"]) == ("DRAIN", 2), row
+        for task in load.long:
+            task.cancel()
+        await asyncio.gather(*load.long, return_exceptions=True)
+        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 15)
+        assert b.peak_calls == 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old["pid"], signal.SIGCONT)
+        await load.stop()
+        await service.finish()
+
+
 @contextlib.asynccontextmanager
 async def _channel_lost_then_upgraded(
     tls_files: TLSFiles,

@@ -60,10 +60,17 @@ def admin_app(
     *,
     refresh: Callable[[], Awaitable[object]] | None = None,
     upgrade: Upgrades | None = None,
+    changes_wait: Callable[[], Awaitable[object]] | None = None,
 ) -> web.Application:
     """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
     changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts).
-    `upgrade`: the supervisor's (`fleet-ingress upgrade`); None in one process."""
+    `upgrade`: the supervisor's (`fleet-ingress upgrade`); None in one process.
+    `changes_wait`: awaited before a fleet change (the slot table rebuilt after
+    an upgrade's re-execution)."""
+
+    async def ready_for_changes() -> None:
+        if changes_wait is not None:
+            await changes_wait()
 
     def upgrades() -> Upgrades:
         if upgrade is None:
@@ -87,6 +94,7 @@ def admin_app(
 
     async def set_state(request: web.Request) -> web.Response:
         body = await _json_body(request)
+        await ready_for_changes()
         return web.json_response(
             ops.set_admin_state(request.match_info["name"], str(body.get("state", "")))
         )
@@ -98,6 +106,7 @@ def admin_app(
         maxconn = body.get("maxconn")
         if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
             raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
+        await ready_for_changes()
         result = await ops.add_fleet(
             body["url"], name=body.get("name"), maxconn=maxconn, dry_run=bool(body.get("dry_run"))
         )
@@ -105,6 +114,7 @@ def admin_app(
 
     async def remove(request: web.Request) -> web.Response:
         force = request.query.get("force", "") in ("1", "true", "yes")
+        await ready_for_changes()
         return web.json_response(await ops.remove_fleet(request.match_info["name"], force=force))
 
     app = web.Application(middlewares=[_errors])

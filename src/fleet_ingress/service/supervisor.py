@@ -303,7 +303,13 @@ class Supervisor:
                 admin_sock = bind_admin_socket(path)
             self._admin_sock = admin_sock
             await self._web.serve_kept(
-                admin_app(self.ops, self.snapshot, refresh=self.refresh, upgrade=self.upgrade),
+                admin_app(
+                    self.ops,
+                    self.snapshot,
+                    refresh=self.refresh,
+                    upgrade=self.upgrade,
+                    changes_wait=self.upgrade.wait_table_restored,
+                ),
                 admin_sock,
             )
             self.admin_socket = path
@@ -318,6 +324,7 @@ class Supervisor:
                 await self.upgrade.finish_upgrade()
             finally:
                 self._generation_settled.set()
+                self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
             # Replacements the previous image had not started yet (a worker
             # died shortly before the exec): due as they were.
             now = time.monotonic()

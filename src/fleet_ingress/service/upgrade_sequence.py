@@ -186,6 +186,11 @@ class UpgradeSequence:
         # from them (a host whose only worker was being replaced at the exec
         # hands over no channel at all).
         self.resumed = carried is not None
+        # Set once the slot table holds what every kept worker says it holds:
+        # an operator's fleet change waits for it (`wait_table_restored`).
+        self.table_restored = asyncio.Event()
+        if not self.resumed:
+            self.table_restored.set()
         self._carried_workers: dict[int, dict[str, Any]] = {}
         self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
         self._carried_respawns: list[float] = []
@@ -532,6 +537,7 @@ class UpgradeSequence:
         # A fleet being removed whose calls all ended over the exec goes now.
         for fleet in list(supervisor.fleet_set.fleets):
             supervisor.ops.reap(fleet)
+        self.table_restored.set()
         # A worker slow to answer is still one: its stats stay its own.
         workers = supervisor.workers
         present = {(w.pid, w.generation) for w in workers.values() if not w.left.is_set()}
@@ -587,6 +593,14 @@ class UpgradeSequence:
                 if not worker.channel_lost:  # its channel ended just before the exec
                     self.supervisor.confirm_channel_lost_later(worker)
             self.supervisor.add_worker(worker)
+
+    async def wait_table_restored(self) -> None:
+        """Before an operator's fleet change (drain, maint, ready, add, remove):
+        after a re-execution the admin socket answers before the kept workers
+        have all said what they hold, and a fleet whose calls are on one not
+        heard yet would read as idle (removed at once, its calls told to no
+        worker, its maxconn open to new calls). Bounded by RESTORE_TIMEOUT."""
+        await self.table_restored.wait()
 
     async def finish_upgrade(self) -> None:
         """The new image: start generation + 1 on the same listeners; once it
