@@ -289,6 +289,45 @@ async def test_a_fleet_being_removed_keeps_its_calls_and_maxconn_over_an_upgrade
         await service.finish()
 
 
+async def test_a_fleet_a_reload_moved_joins_at_its_new_address_after_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """A reload moves x to a new address while 2 calls run at the old one;
+    then an upgrade. Before, x came back at the new address DRAIN (the old
+    record's state, carried by name) and stayed so: every call refused until
+    an operator said `ready x`. Now the old address drains over the exec and
+    x joins at the new one, READY, with its last call there."""
+    old, new = fleets
+    service = await RunningIngress.start(
+        tls_files, [f"{old.url} name=x maxconn=3"], workers=2, drain=60, env=PATIENT_PROBES
+    )
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        await service.fleets_up()
+        await load.start_long(2, duration=30.0)
+        assert old.active_calls == 2
+        (service.home / "fleets.txt").write_text(f"{new.url} name=x maxconn=3\n")
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=2)
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        (row,) = (await service.stats())["fleets"]
+        assert (row["url"], row["admin"], row["active"]) == (old.url, "DRAIN", 2), row
+        for task in load.long:
+            task.cancel()
+        await asyncio.gather(*load.long, return_exceptions=True)
+        joined = "fleet joined at its new address"
+        await eventually(lambda: any(e.get("event") == joined for e in service.log()), 15)
+        await service.fleets_up()
+        (row,) = (await service.stats())["fleets"]
+        assert (row["url"], row["admin"], row["active"]) == (new.url, "READY", 0), row
+        call = await load.call("after", duration=0.5)
+        assert call.ok and new.calls_total == 1, call
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 # Where the supervisor re-executes itself (service/listen_fds.py): faults go before it.
 EXECVE = "    os.execve(executable or sys.executable, argv, env)\n"
 

@@ -76,6 +76,37 @@ def test_a_fleet_being_removed_goes_over_draining_and_leaves_with_its_last_call(
     assert _fleets("https://c.test name=c\n").carry_removing(spec, capacity_aware=True) is None
 
 
+def test_a_fleet_a_reload_moved_drains_its_old_address_over_an_exec_and_joins_at_the_new() -> None:
+    """A reload moved x to a new address while calls ran at the old one; then an
+    upgrade. Before, the new address took the old record's DRAIN (carried by
+    name) and kept it, calls refused: now the old address drains, its calls
+    counted against it, and the new one joins, READY, once it goes."""
+    before = _fleets("https://a.test name=a\nhttps://x-old.test name=x maxconn=3\n")
+    x_old = before.fleets[1]
+    x_old.health, x_old.active = Health.UP, 3
+    plan = before.apply(
+        parse_fleets_text("https://a.test name=a\nhttps://x-new.test name=x\n", default_maxconn=16),
+        capacity_aware=True,
+        health=Health.INIT,
+    )
+    assert plan.waiting and x_old.removing and x_old.admin is Admin.DRAIN
+    carried = fleets_to_json(before.fleets)
+    after = _fleets("https://a.test name=a\nhttps://x-new.test name=x\n")  # the file now
+    (spec,) = removing_specs(carried)
+    x2 = after.carry_removing(spec, capacity_aware=True)
+    assert x2 is not None and (x2.spec.url, x2.maxconn) == ("https://x-old.test", 3)
+    assert [f.spec.url for f in after.fleets] == ["https://a.test", "https://x-old.test"]
+    assert restore_fleets(after.fleets, carried) == ["a", "x"]
+    assert x2.admin is Admin.DRAIN and x2.removing
+    x2.active = 3  # the workers' accounts name x (HostSlots.restore)
+    assert not after.reap(x2)
+    x2.active = 0
+    assert after.reap(x2)
+    joined = after.join_waiting("x")
+    assert joined is not None and joined.spec.url == "https://x-new.test"
+    assert joined.admin is Admin.READY and not joined.removing and after.get("x") is joined
+
+
 def test_a_malformed_entry_leaves_that_fleet_as_the_file_says() -> None:
     fleets = _fleets("https://a.test name=a\n")
     assert restore_fleets(fleets.fleets, [{"name": "a", "health": "SIDEWAYS"}]) == []

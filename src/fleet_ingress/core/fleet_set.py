@@ -207,9 +207,27 @@ class FleetSet:
         """A fleet the previous image was removing (out of the fleets file, calls
         still on it) enters again, draining: its calls count against its maxconn
         (the workers' accounts name it), it takes no new one, and it goes with
-        its last call. None when a fleet of that name is in the set already."""
-        if self.get(spec.name) is not None:
-            return None
+        its last call. None when a fleet of that name is in the set already, at
+        that address.
+
+        The file listing it at another address is a move a reload made before
+        the exec: as in the previous image, the old address drains (the calls
+        there are counted against it, and its carried state is its own) and the
+        new one waits to join until the old goes (`join_waiting`). Before, the
+        new address took the old one's DRAIN and kept it."""
+        listed = self.get(spec.name)
+        if listed is not None:
+            if _address(listed.spec) == _address(spec) or listed.membership is not (
+                Membership.LISTED
+            ):
+                return None
+            del self._fleets[next(i for i, f in enumerate(self._fleets) if f is listed)]
+            self._waiting[spec.name] = FleetState(
+                listed.spec,
+                health=listed.health,
+                admin=listed.spec.admin,
+                capacity_aware=capacity_aware,
+            )
         fleet = FleetState(
             spec, health=Health.INIT, admin=Admin.DRAIN, capacity_aware=capacity_aware
         )
@@ -245,11 +263,7 @@ class FleetSet:
                 wanted.pop(fleet.name, None)
                 continue
             spec = wanted.pop(fleet.name, None)
-            if spec is None or (spec.host, spec.port, spec.scheme) != (
-                fleet.spec.host,
-                fleet.spec.port,
-                fleet.spec.scheme,
-            ):
+            if spec is None or _address(spec) != _address(fleet.spec):
                 if not fleet.removing:
                     plan.drained.append(fleet)
                     plan.notes.append(f"fleet {fleet.name} removed: draining {fleet.active} calls")
@@ -314,3 +328,8 @@ class FleetSet:
 
     def __contains__(self, fleet: object) -> bool:
         return any(f is fleet for f in self._fleets)
+
+
+def _address(spec: FleetSpec) -> tuple[str, int, str]:
+    """Where a fleet is: a fleet of the same name elsewhere is a move."""
+    return spec.host, spec.port, spec.scheme
