@@ -511,6 +511,40 @@ def test_held_leases_count_past_maxconn_and_unknown_fleets_count_nowhere():
     )
 
 
+def test_leases_a_worker_says_are_still_in_flight_stay_out_of_the_estimate_after_an_exec():
+    """The new image's probe may overtake calls granted before the exec that
+    their fleet has not taken yet: they are left out of its number until the
+    worker says when the fleet answered them. A worker of an older release
+    (no "answers") says none."""
+    slots = _fresh(maxconn=16)
+    a = slots.balancer.get("a")
+    assert a is not None
+    slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a"), (2, "a"), (3, "a")],
+        waiting=[],
+        now=0.0,
+        tells_answers=True,
+        in_flight={2, 3},
+    )
+    slots.resume()
+    opened = a.probe_sending(10.0)  # the new image's first probe
+    a.probe_counted(5, opened)  # the fleet says 5 free: calls 2 and 3 not taken yet
+    assert a.estimated_available == 3
+    slots.answered("w1", 2, 9.0)  # before that probe left: in its number
+    assert a.estimated_available == 4
+    slots.answered("w1", 3, 11.0)  # after: out until the next probe, as any call
+    assert a.estimated_available == 4
+    # An older worker's leases count as answered, whatever it says.
+    b = slots.balancer.get("b")
+    assert b is not None
+    slots.restore("old", pid=2, generation=1, held=[(1, "b")], waiting=[], now=0.0, in_flight={1})
+    b.probe_counted(5, b.probe_sending(10.0))
+    assert b.estimated_available == 5
+
+
 def test_a_worker_slow_to_restore_keeps_what_it_held_before_counted_until_it_says():
     """After a re-execution the table grants again once the others answered; a
     worker that has not yet keeps the previous table's count (an upper bound:

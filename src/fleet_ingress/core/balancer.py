@@ -144,6 +144,17 @@ class FleetState:
         if at < self._unseen_since:
             self.unseen.discard(key)
 
+    def lease_restored_in_flight(self, key: Hashable) -> None:
+        """Lease `key`, carried over a re-execution, whose call the fleet had not
+        answered when its worker said what it holds: in flight, and left out of
+        the estimate from the probe counted last and from one still out (it was
+        granted before either left, so either may have missed it), until its
+        holder says when the fleet answered it or it ends."""
+        self.pending.add(key)
+        self.unseen.add(key)
+        if self._probing is not None:
+            self._probing.add(key)
+
     def lease_ended(self, key: Hashable) -> None:
         """Lease `key` is given back (or its holder can no longer tell): not in flight."""
         self.pending.discard(key)

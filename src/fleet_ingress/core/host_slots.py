@@ -186,6 +186,7 @@ class HostSlots:
         waiting: Iterable[tuple[int, Collection[str], float]],
         now: float,
         tells_answers: bool = False,
+        in_flight: Collection[int] = (),
     ) -> list[str]:
         """Join a worker that was already running, with what it says it has:
         `held` (lease id, fleet name) and `waiting` (lease id, avoid-list,
@@ -211,8 +212,8 @@ class HostSlots:
             seen.add(lease)
         # Nothing below raises: the account is whole.
         self._rows.pop(worker, None)
-        # What it holds counts as answered: a call still in flight now is not
-        # told apart (it would take a fleet's answer to come within the exec).
+        # What it holds counts as answered but for the leases it says are still in
+        # flight (`in_flight`: a worker of an older release says none).
         row = self.join(worker, pid=pid, generation=generation, tells_answers=tells_answers)
         unknown: list[str] = []
         for lease, name in held:
@@ -222,6 +223,8 @@ class HostSlots:
                 continue
             fleet.active += 1
             row.held[lease] = fleet
+            if tells_answers and lease in in_flight:
+                fleet.lease_restored_in_flight((worker, lease))
         for lease, avoid, waited in waiting:
             since = now - max(0.0, waited)
             waiter = _Waiter(worker, lease, frozenset(avoid), since, since + self.queue_timeout)

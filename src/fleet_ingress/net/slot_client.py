@@ -125,6 +125,7 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        self._in_flight: set[int] = set()  # held, its call not answered by its fleet yet
         self._answers: list[list[float]] = []  # [lease id, when] not told yet
         self._answers_timer: asyncio.TimerHandle | None = None
         # The supervisor's own messages beside the slots' (reload, stop,
@@ -196,14 +197,17 @@ class SlotClient(asyncio.Protocol):
         if future.done() and not future.cancelled() and future.exception() is None:
             future.result().active -= 1  # granted, never used: ours no more
             self._held.pop(lease_id, None)
+            self._in_flight.discard(lease_id)
         self._write({"op": "release", "id": lease_id})
 
     def _release(self, lease: RemoteLease) -> None:
         lease.fleet.active -= 1
         self._held.pop(lease.id, None)
+        self._in_flight.discard(lease.id)
         self._write({"op": "release", "id": lease.id})
 
     def _answered(self, lease_id: int, at: float) -> None:
+        self._in_flight.discard(lease_id)
         self._answers.append([lease_id, at])
         if self._answers_timer is None:
             self._answers_timer = asyncio.get_running_loop().call_later(
@@ -328,6 +332,7 @@ class SlotClient(asyncio.Protocol):
             fleet.active += 1
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
+            self._in_flight.add(lease_id)
             future.set_result(fleet)
         else:  # "refused"
             self._asked.pop(lease_id, None)
@@ -345,6 +350,7 @@ class SlotClient(asyncio.Protocol):
             "generation": self.generation,
             "answers": True,  # it says when fleets answer its calls ("answered")
             "held": [[lease, name] for lease, name in self._held.items()],
+            "in_flight": sorted(self._in_flight),
             "waiting": [
                 [lease, avoid, round(now - since, 6)]
                 for lease, (avoid, since) in self._asked.items()

@@ -642,6 +642,8 @@ class SlotServer:
                 (int(lease), [str(a) for a in avoid], float(waited))
                 for lease, avoid, waited in field(message, "waiting", list)
             ]
+            # Leases whose call its fleet has not answered yet (not sent by an older worker).
+            in_flight = {int(lease) for lease in message.get("in_flight", [])}
         except (TypeError, ValueError) as exc:
             raise WireError(f"'state' message: {exc}") from exc
         now = asyncio.get_running_loop().time()
@@ -654,6 +656,7 @@ class SlotServer:
             waiting=waiting,
             now=now,
             tells_answers=message.get("answers") is True,
+            in_flight=in_flight,
         )
         channel.restoring, channel.joined = False, True
         channel.held_before = None

@@ -14,6 +14,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            or within 0.2 s
       {"op": "full", "id": 7}                              its fleet answered the call 429:
                                                            FULL until its next probe
+      {"op": "unreachable", "id": 7}                       the call could not connect to its
+                                                           fleet: fleets.fall in a row, DOWN
     coordinator -> worker
       {"op": "granted", "id": 7, "fleet": "a", "spec": {...}}   "spec" when the worker
                                                                  has not seen it yet
@@ -25,7 +27,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
-                             "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...]}
+                             "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...],
+                             "in_flight": [7]}     held, its fleet's answer not read yet
     The worker is the truth: what it sent before "state" is already counted
     in it, so the coordinator acts on nothing before but a "report" (and a
     "state" that answered the image before). A line the old image had half
