@@ -65,8 +65,8 @@ class Deployment:
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
 
-    async def call(self) -> ClientConnection:
-        return await connect(wss_url(self.ingress), ssl=self.tls_files.client_context())
+    async def call(self, path: str = "/ws/bot-1") -> ClientConnection:
+        return await connect(wss_url(self.ingress, path), ssl=self.tls_files.client_context())
 
     def fleet(self, name: str):
         fleet = self.ingress.balancer.get(name)
@@ -640,6 +640,13 @@ async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, c
     for key in ("time", "started", "handshake_ms", "duration_s", "call_id"):
         assert key in normal
 
+    # A bot id of 5,000 characters reaches the fleet whole; its access line keeps 256.
+    long_bot = "b" * 5000
+    ws = await d.call(f"/ws/{long_bot}")
+    await ws.close()
+    await eventually(lambda: len(_access_entries(caplog)) == 2)
+    assert _access_entries(caplog)[1]["bot_id"] == long_bot[:256]
+
     # The fleet's nginx is full before its health report says so: its 429 passes through.
     d.ingress.ops.set_admin_state("b", "drain")
     a = d.fleets["a"]
@@ -650,8 +657,8 @@ async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, c
     with pytest.raises(InvalidStatus) as info:
         await d.call()
     assert info.value.response.status_code == 429
-    await eventually(lambda: len(_access_entries(caplog)) == 2)
-    refused = _access_entries(caplog)[1]
+    await eventually(lambda: len(_access_entries(caplog)) == 3)
+    refused = _access_entries(caplog)[2]
     assert (refused["status"], refused["fleet"], refused["end_reason"]) == (429, "a", "refused")
     assert refused["detail"] is None and normal["detail"] is None  # not the ingress's answer
 
@@ -661,8 +668,8 @@ async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, c
     assert info.value.response.status_code == 503
     # Both drained by the operator: the carrier and the access line say so.
     assert b"no fleet is up (2 drained)" in info.value.response.body
-    await eventually(lambda: len(_access_entries(caplog)) == 3)
-    no_fleet = _access_entries(caplog)[2]
+    await eventually(lambda: len(_access_entries(caplog)) == 4)
+    no_fleet = _access_entries(caplog)[3]
     assert (no_fleet["status"], no_fleet["fleet"], no_fleet["attempts"]) == (503, None, 0)
     assert no_fleet["end_reason"] == "refused"
     assert no_fleet["detail"] == "no fleet is up (2 drained)"

@@ -216,6 +216,18 @@ class RequestHeadReader:
             raise RequestRefused(431, f"request head has more than {self._max_lines} header lines")
 
 
+# What of h11's words a refusal keeps: its reason, never the bytes it quotes
+# (the carrier's own line, up to the head's limit, echoed into the answer and
+# the log: 14 KiB sent, 56 KiB answered, a 70 KB log line).
+_QUOTED = re.compile(r":?\s*(?:bytearray\()?b['\"].*", re.DOTALL)
+_REASON_CHARS = 120
+
+
+def _what_h11_said(exc: h11.RemoteProtocolError) -> str:
+    said = _QUOTED.sub("", str(exc)).strip()
+    return said[:_REASON_CHARS] or "not HTTP/1.1"
+
+
 def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`."""
     crlfs = raw.count(b"\r\n")
@@ -228,7 +240,7 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise RequestRefused(400, f"malformed request: {exc}") from None
+        raise RequestRefused(400, f"malformed request: {_what_h11_said(exc)}") from None
     if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
         raise RequestRefused(400, "malformed request")
     # HTTP/1.0 is read (monitors still probe /haproxy-health with it, and port 80

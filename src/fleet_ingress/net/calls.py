@@ -50,6 +50,9 @@ class CarrierSide(Side, Protocol):
         """Tell the call's machine to end it (it decides how and why)."""
 
 
+# Characters of a bot id an access line keeps.
+LOGGED_BOT_ID = 256
+
 _SILENCE_REASON = {
     Silence.IDLE: EndReason.TIMEOUT,
     Silence.CARRIER: EndReason.CARRIER_SILENT,
@@ -147,7 +150,9 @@ class Call:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
             "client_ip": self.client_ip,
             "route": self.route,
-            "bot_id": self.bot_id,
+            # Bounded, as the refused-request line's target: a 15 KB bot id in
+            # the path would make a 15 KB access line (the fleet still gets it whole).
+            "bot_id": self.bot_id[:LOGGED_BOT_ID],
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
             "attempts": self.attempts,
