@@ -370,6 +370,31 @@ async def test_calls_still_connecting_at_the_exec_are_not_counted_free_by_the_ne
             await service.finish()
 
 
+async def test_a_changed_worker_count_takes_effect_at_the_next_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """process.workers 1 -> 2: a reload notes it and changes nothing; the
+    next upgrade's generation has 2 workers, and says so."""
+    lines = [f"{sim.url} name={sim.name}" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        config = service.home / "ingress.toml"
+        config.write_text(config.read_text().replace("workers = 1", "workers = 2"))
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=2)
+        (reloaded,) = [e for e in service.log() if e["event"] == "reloaded"]
+        assert "process.workers changed: takes effect at the next" in reloaded["changes"]
+        assert len(await _rows(service)) == 1
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        rows = await _rows(service)
+        assert sorted(r["generation"] for r in rows if r["state"] == "serving") == [2, 2], rows
+        said = [e for e in service.log() if "process.workers changed" in e["event"]]
+        assert [(e["workers_before"], e["workers"]) for e in said] == [(1, 2)]
+    finally:
+        await service.finish()
+
+
 # Where the supervisor re-executes itself (service/listen_fds.py): faults go before it.
 EXECVE = "    os.execve(executable or sys.executable, argv, env)\n"
 

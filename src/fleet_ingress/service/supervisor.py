@@ -931,7 +931,10 @@ class Supervisor:
         not_after = await asyncio.to_thread(_not_after, config)
         notes = listener_notes(self.bound_listen, config)
         if config.process.workers != self.config.process.workers:
-            notes.append("process.workers changed: takes effect at the next restart")
+            notes.append(
+                "process.workers changed: takes effect at the next `fleet-ingress upgrade` "
+                "(its new generation) or restart"
+            )
         self.config = config
         if not_after is not None:
             self.certificate_not_after = not_after

@@ -619,7 +619,16 @@ class UpgradeSequence:
             return
         status["state"] = "starting workers"
         new_generation = supervisor.generation + 1
+        # As the configuration says now: an upgrade is where a changed
+        # process.workers takes effect (a reload only notes it).
         count = supervisor.config.process.worker_count()
+        if count != supervisor.worker_target:
+            log.info(
+                "upgrade: process.workers changed: the new generation has a different count",
+                extra=fields(
+                    upgrade=status["id"], workers_before=supervisor.worker_target, workers=count
+                ),
+            )
         candidates: list[WorkerProcess] = []
         try:
             for _ in range(count):
