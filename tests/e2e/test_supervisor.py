@@ -277,6 +277,62 @@ async def test_calls_in_any_worker_that_cannot_connect_take_a_fleet_down_for_the
         await door.close()
 
 
+async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker whose event loop no longer runs (stopped here) holds its slots
+    and freezes its calls, while the host shows it serving. It is shown
+    unresponsive once it has answered no report request twice, and at
+    process.worker_hang_timeout it is killed: its slots come back, its calls
+    are counted lost, a new worker takes its place, and the other worker's
+    calls never notice."""
+    service = await _start(tls_files, two_fleets, extra="worker_hang_timeout = 3")
+    calls: list[ClientConnection] = []
+    victim: dict[str, Any] = {}
+    try:
+        await _open_on_both(service, tls_files, calls, 6)
+        rows = await _worker_rows(service)
+        victim = max(rows, key=lambda r: r["calls"])
+        survivor = next(r for r in rows if r["pid"] != victim["pid"])
+        os.kill(victim["pid"], signal.SIGSTOP)
+
+        async def state() -> str | None:
+            rows = {r["pid"]: r for r in await _worker_rows(service)}
+            return rows[victim["pid"]]["state"] if victim["pid"] in rows else "gone"
+
+        async with asyncio.timeout(3):
+            while await state() != "unresponsive":
+                await asyncio.sleep(0.05)
+        code, out = await admin_command(service, "stat")
+        assert code == 0 and "unresponsive" in out, out
+        await eventually(
+            lambda: any(e["event"] == "worker hung: killed" for e in service.log()), timeout=10
+        )
+        async with asyncio.timeout(10):
+            while True:
+                rows = await _worker_rows(service)
+                if len(rows) == 2 and victim["pid"] not in [r["pid"] for r in rows]:
+                    break
+                await asyncio.sleep(0.05)
+        stats = await service.stats()
+        assert stats["worker_restarts"] == {"hung": 1}
+        assert stats["worker_calls_lost"] == victim["calls"]
+        assert sum(f["active"] for f in stats["fleets"]) == survivor["calls"]
+        metrics = await service.metrics()
+        assert 'fleet_ingress_worker_restarts_total{reason="hung"} 1.0' in metrics
+        (warned,) = [e for e in service.log() if e["event"].startswith("worker unresponsive")]
+        assert warned["pid"] == victim["pid"] and "after 3s" in warned["event"]
+        # The survivor's calls go on; the victim's were cut with it.
+        by_pid = {r["pid"]: r["calls"] for r in rows}
+        assert by_pid[survivor["pid"]] == survivor["calls"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if victim:
+                os.kill(victim["pid"], signal.SIGCONT)
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -288,6 +288,11 @@ class ProcessSection(_Section):
     # worker_cpu_affinity do; "off": where the kernel puts it. Measured on 2 CPUs
     # with 2 workers: 8 % less CPU per relayed message pinned (bench/README).
     cpu_affinity: Literal["off", "auto"] = "off"
+    # A worker that answers none of the supervisor's report requests for this
+    # long (its event loop stuck: every call it carries frozen) is killed and
+    # replaced, as one that died; shown "unresponsive" from a third of it.
+    # 0: never killed. Read at start (a reload notes a change).
+    worker_hang_timeout: float = Field(60.0, ge=0)
 
     def worker_count(self) -> int:
         """How many workers to run: "auto" is the CPUs in this process's affinity

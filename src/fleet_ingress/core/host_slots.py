@@ -74,6 +74,13 @@ class Refused:
 Answer = Granted | Refused
 
 
+# Report requests in a row (`ops.host_stats.pull_reports`) a worker may leave
+# unanswered before it is shown unresponsive, and before the supervisor kills
+# it as hung (process.worker_hang_timeout sets how far apart they are).
+UNRESPONSIVE_PULLS = 2
+HUNG_PULLS = 6
+
+
 @dataclass(slots=True)
 class WorkerRow:
     """One worker as the host's stats show it (SPEC 13: pid, generation, calls)."""
@@ -90,6 +97,13 @@ class WorkerRow:
     reserved: bool = False
     # Its channel ended while its process runs: `held` counts until `release_kept`.
     channel_lost: bool = False
+    # The supervisor's report requests in a row it has not answered (its loop
+    # stuck, or the process stopped): UNRESPONSIVE_PULLS make it "unresponsive".
+    silent_pulls: int = 0
+
+    @property
+    def unresponsive(self) -> bool:
+        return self.silent_pulls >= UNRESPONSIVE_PULLS
 
     @property
     def calls(self) -> int:
@@ -285,6 +299,9 @@ class HostSlots:
             return self._rows[worker]
         except KeyError:
             raise SlotProtocolError(f"worker {worker!r} has not joined") from None
+
+    def find_row(self, worker: WorkerKey) -> WorkerRow | None:
+        return self._rows.get(worker)
 
     # -- slots -----------------------------------------------------------------
 

@@ -523,6 +523,24 @@ class SlotServer:
         _, pending = await asyncio.wait(asked, timeout=timeout)
         return len(pending)
 
+    def count_silent(self) -> list[tuple[int, int]]:
+        """After a round of report requests: each joined worker that has not
+        answered its request has one more silent pull, one that has starts
+        over. Returns (channel key, silent pulls) of the silent ones."""
+        silent = []
+        for channel in list(self._channels.values()):
+            if not channel.joined or channel.restoring:
+                continue
+            row = self.slots.find_row(channel.key)
+            if row is None:
+                continue
+            if channel.asked is not None and not channel.asked.done():
+                row.silent_pulls += 1
+                silent.append((channel.key, row.silent_pulls))
+            else:
+                row.silent_pulls = 0
+        return silent
+
     def wake(self) -> None:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
@@ -618,6 +636,8 @@ class SlotServer:
     def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
         if channel.asked is not None and not channel.asked.done():
             channel.asked.set_result(None)
+        if (row := self.slots.find_row(channel.key)) is not None:
+            row.silent_pulls = 0
         if message.get("final") is True:
             channel.drained = True
         if self.view is None:

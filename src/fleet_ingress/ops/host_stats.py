@@ -119,20 +119,35 @@ class WorkerReporter:
         }
 
 
-async def pull_reports(server: SlotServer, every: float = PULL_EVERY) -> None:
+async def pull_reports(
+    server: SlotServer,
+    every: float = PULL_EVERY,
+    on_silent: Callable[[int, int], None] | None = None,
+) -> None:
     """Ask every worker for its report every `every` seconds, for ever (a task
-    the supervisor cancels as it stops): bounds what a crash loses."""
+    the supervisor cancels as it stops): bounds what a crash loses. A worker
+    that has not answered by the end of a round is told to `on_silent`
+    (channel key, requests in a row unanswered): a round waits `every` more
+    for it, so each is about 2 x `every` apart. A supervisor that was itself
+    stopped asked nothing meanwhile: its workers are not counted silent for it."""
     while True:
         await asyncio.sleep(every)
         await server.collect_reports(timeout=every)
+        for key, pulls in server.count_silent():
+            if on_silent is not None:
+                on_silent(key, pulls)
 
 
-def worker_state(draining: bool | None, *, channel_lost: bool) -> str | None:
+def worker_state(
+    draining: bool | None, *, channel_lost: bool, unresponsive: bool = False
+) -> str | None:
     """What `stat` and /stats say a worker does: serving, draining (an old
-    generation, or a stop), draining with its slot channel lost; None before
-    its first report."""
+    generation, or a stop), draining with its slot channel lost, unresponsive
+    (it answers no report request: hung or stopped); None before its first report."""
     if channel_lost:
         return "draining, channel lost"
+    if unresponsive:
+        return "unresponsive"
     return None if draining is None else "draining" if draining else "serving"
 
 
@@ -143,6 +158,7 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     held = {(r.pid, r.generation): r.calls for r in slots.workers}
     # Its channel ended while it runs: it finishes its calls, its slots still counted.
     lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
+    stuck = {(r.pid, r.generation) for r in slots.workers if r.unresponsive}
     rows = []
     for worker in sorted(held.keys() | reported.keys()):
         seen = reported.get(worker)
@@ -155,7 +171,9 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "connections": None if seen is None else seen.connections,
                 "draining": draining,
                 "channel_lost": worker in lost,
-                "state": worker_state(draining, channel_lost=worker in lost),
+                "state": worker_state(
+                    draining, channel_lost=worker in lost, unresponsive=worker in stuck
+                ),
                 "started": None if seen is None else seen.started,
                 "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),

@@ -63,7 +63,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
-from fleet_ingress.core.host_slots import HostSlots, WorkerRow
+from fleet_ingress.core.host_slots import HUNG_PULLS, UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
@@ -73,7 +73,13 @@ from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
-from fleet_ingress.ops.host_stats import SCRAPE_WAIT, HostMetrics, host_snapshot, pull_reports
+from fleet_ingress.ops.host_stats import (
+    PULL_EVERY,
+    SCRAPE_WAIT,
+    HostMetrics,
+    host_snapshot,
+    pull_reports,
+)
 from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
@@ -343,7 +349,9 @@ class Supervisor:
                 ),
             )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
-        self._puller = asyncio.get_running_loop().create_task(pull_reports(self.server))
+        self._puller = asyncio.get_running_loop().create_task(
+            pull_reports(self.server, every=self._pull_every, on_silent=self._worker_silent)
+        )
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image
@@ -557,6 +565,41 @@ class Supervisor:
             pid = worker.pid  # the process we know, not the pid its channel claimed
         return _running(pid)
 
+    @property
+    def _pull_every(self) -> float:
+        """How far apart the workers are asked for their reports: PULL_EVERY, or
+        closer where process.worker_hang_timeout must be kept (a round with a
+        silent worker takes twice this: HUNG_PULLS of them make the timeout)."""
+        hang = self.config.process.worker_hang_timeout
+        return min(PULL_EVERY, hang / (2 * HUNG_PULLS)) if hang > 0 else PULL_EVERY
+
+    def _worker_silent(self, key: int, pulls: int) -> None:
+        """Worker `key` has answered none of the last `pulls` report requests:
+        its event loop is stuck (or the process stopped), and with it every call
+        it carries. Said once it is unresponsive; killed as hung at HUNG_PULLS
+        (process.worker_hang_timeout, a minute by default), its slots back and a
+        new worker in its place, as for a worker that died: its frozen calls are
+        lost either way."""
+        worker = self.workers.get(key)
+        if worker is None or worker.hung or worker.proc.returncode is not None:
+            return
+        silent_s = round(pulls * 2 * self._pull_every, 1)
+        hang = self.config.process.worker_hang_timeout
+        if pulls == UNRESPONSIVE_PULLS:
+            log.warning(
+                "worker unresponsive: it answers no report request; its calls are likely "
+                "frozen" + (f"; killed as hung if still so after {hang:g}s" if hang > 0 else ""),
+                extra=fields(pid=worker.pid, generation=worker.generation, silent_s=silent_s),
+            )
+        if hang > 0 and pulls >= HUNG_PULLS:
+            worker.hung = True
+            log.error(
+                "worker hung: killed",
+                extra=fields(pid=worker.pid, generation=worker.generation, silent_s=silent_s),
+            )
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.kill()
+
     def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
         key = worker.key
         worker.calls_lost = row.calls if row is not None else 0
@@ -602,7 +645,7 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code)),
             )
             return
-        self.restarts[_restart_reason(code)] += 1
+        self.restarts["hung" if worker.hung else _restart_reason(code)] += 1
         if worker.channel_lost and code == 0:
             # Without its channel it drained on its own and exited cleanly: each
             # of its calls ended and was logged there with how it ended (its
@@ -1078,7 +1121,8 @@ def _running(pid: int) -> bool:
 
 def _restart_reason(code: int | None) -> str:
     """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: OOM
-    killer, an operator), crashed (a non-zero exit), exited (0, unasked)."""
+    killer, an operator), crashed (a non-zero exit), exited (0, unasked); and
+    hung (killed by the supervisor itself: `_worker_silent`), said by its caller."""
     if code is not None and code < 0:
         return "killed"
     return "crashed" if code else "exited"

@@ -33,6 +33,7 @@ class WorkerProcess:
     # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
     retire_by: float | None = None
     cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
+    hung: bool = False  # killed by the supervisor: it answered no report request for a minute
 
     @property
     def pid(self) -> int:
