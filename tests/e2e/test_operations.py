@@ -296,6 +296,36 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     assert b"cannot reach the admin socket" in err_b and b"Is fleet-ingress running?" in err_b
 
 
+async def test_an_admin_connection_closed_before_its_answer_is_said_plainly(tmp_path: Path):
+    """The ingress closes the connection after reading the request (an upgrade
+    cut it): the CLI says so and what to check, not a ServerDisconnectedError
+    traceback (the exec audit)."""
+    path = tmp_path / "admin.sock"
+
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_unix_server(read_then_hang_up, path=str(path))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            "drain",
+            "a",
+            "--admin-socket",
+            str(path),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        server.close()
+    assert proc.returncode == 2
+    text = err.decode()
+    assert "Traceback" not in text, text
+    assert "closed the admin connection before answering POST /fleets/a/state" in text
+    assert "fleet-ingress stat" in text
+
+
 async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is_broken(
     deployment: Deployment,
 ):

@@ -152,3 +152,42 @@ async def test_a_close_during_quiesce_waits_for_it_and_not_for_the_runners_own_t
         writer.close()
     finally:
         sock.close()
+
+
+async def test_quiesce_waits_its_timeout_at_most_for_a_request_that_will_not_end() -> None:
+    """An admin request that outlasts the quiet period (an add-fleet waiting
+    for slow probes) and does not end when cancelled: the exec must not wait
+    twice the timeout and more (aiohttp waits it for the handler, then again
+    after cancelling it; an audit measured 20 s for 10), and the request's
+    connection is closed, not left open."""
+    import asyncio
+
+    started = asyncio.Event()
+
+    async def stubborn(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.shield(asyncio.sleep(30))
+        return web.Response(text="never")
+
+    application = web.Application()
+    application.router.add_get("/stubborn", stubborn)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sites = WebSites()
+    loop = asyncio.get_running_loop()
+    writer = None
+    try:
+        await sites.serve_kept(application, sock)
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        writer.write(b"GET /stubborn HTTP/1.1\r\nHost: x\r\n\r\n")
+        await started.wait()
+        began = loop.time()
+        await sites.quiesce(1.0)
+        took = loop.time() - began
+        assert took < 1.0 + 0.6, took  # QUIESCE_SETTLE and the loop's slack
+        assert await asyncio.wait_for(reader.read(), 2) == b""  # cut: closed, no answer
+    finally:
+        if writer is not None:
+            writer.close()
+        sock.close()

@@ -38,6 +38,19 @@ async def admin_request(
             f"cannot reach the admin socket {socket_path}: {_why(exc)}. Is fleet-ingress "
             "running? Point at its socket with --admin-socket PATH or -c CONFIG."
         ) from None
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
+        # After the request was sent: what it did, if anything, is not known here.
+        raise AdminUnreachable(
+            f"the ingress closed the admin connection before answering {method} {path}: "
+            "it stopped, or an upgrade re-executed it while the request ran (a request "
+            "still running after 10 s is cut then). Whether the change was made: "
+            "`fleet-ingress stat`; then run the command again if it was not"
+        ) from None
+    except TimeoutError:
+        raise AdminUnreachable(
+            f"no answer to {method} {path} within {REQUEST_TIMEOUT:g}s: whether the change "
+            "was made: `fleet-ingress stat`"
+        ) from None
 
 
 def _why(exc: BaseException) -> str:

@@ -83,7 +83,20 @@ class WebSites:
         await asyncio.sleep(QUIESCE_SETTLE)
         for server in servers:
             server.pre_shutdown()
-        await asyncio.gather(*(server.shutdown(timeout) for server in servers))
+        # aiohttp waits its timeout for the handlers, then cancels them and waits
+        # as long again (each rounded up to a whole second): half each, and the
+        # whole bounded here, so the exec waits `timeout` at most.
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(server.shutdown(timeout / 2) for server in servers))
+        except TimeoutError:
+            for server in servers:
+                for connection in list(server.connections):
+                    connection.force_close()
+            log.warning(
+                "requests still running at the quiet period's end were cut",
+                extra=fields(timeout_s=timeout),
+            )
         return open_
 
     async def resume(self) -> None:
