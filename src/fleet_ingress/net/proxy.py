@@ -433,6 +433,8 @@ class CarrierProtocol(_Side):
         try:
             head = parse_request_head(raw)
         except RequestRefused as refused:
+            # What the log line can name of a head that did not parse: its first line.
+            self.target = _first_line(raw)
             self.feed(HeadRefused(refused.status, refused.reason))
             return
         except Exception:
@@ -871,6 +873,13 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 _LOCAL_CONNECT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
+
+
+def _first_line(raw: bytes) -> str:
+    """A refused head's first line for its log line: bounded, and every byte
+    that is not printable ASCII escaped (the log is read in a terminal)."""
+    line = raw.split(b"\n", 1)[0].rstrip(b"\r")[:_LOGGED_TARGET]
+    return line.decode("ascii", "backslashreplace").encode("unicode_escape").decode("ascii")
 
 
 def _lost_kind(exc: Exception | None) -> Lost:
