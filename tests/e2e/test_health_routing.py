@@ -6,6 +6,7 @@ import asyncio
 import logging
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -411,7 +412,7 @@ async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_do
             for r in caplog.records
             if r.getMessage() == "fleet DOWN" and r.fields.get("fleet") == "a"  # type: ignore[attr-defined]
         ]
-        assert len(downs) == 1 and "2 calls in a row could not connect" in downs[0]["reason"]
+        assert len(downs) == 1 and "2 calls in a row were refused by it" in downs[0]["reason"]
 
         # Its probes, each on a new connection while it is DOWN, keep it DOWN
         # while the door is shut (the kept connection alone would pass)...
@@ -426,3 +427,42 @@ async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_do
             assert fleet_of(ws) in ("a", "b")
     finally:
         await door.close()
+
+
+@pytest.mark.uvloop_only
+async def test_this_hosts_own_stall_does_not_take_healthy_fleets_down(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
+):
+    """This host overloaded (its event loop in 0.6 s stalls, past
+    timeouts.connect 0.5 s) while 8 calls connect: their connect timers fire
+    before the connections they waited for are seen, and each attempt "fails"
+    at healthy fleets. Counted as refusals, they took both fleets DOWN in a
+    review's runs (503s to carriers); a timeout now only asks for a probe on
+    a new connection, which passes."""
+    a, b = sim_fleets
+    ingress = await started(
+        start_ingress,
+        lines(a, b),
+        fleets={"check_interval": 5.0, "fall": 2, "rise": 2},
+        timeouts={"connect": 0.5},
+    )
+    ctx = tls_files.client_context()
+
+    async def hog() -> None:
+        for _ in range(8):
+            await asyncio.sleep(0.02)
+            time.sleep(0.6)  # noqa: ASYNC251 - the point: this host's loop stalls
+
+    async def call(n: int) -> int:
+        try:
+            async with connect(wss_url(ingress, f"/ws/bot-{n}"), ssl=ctx, open_timeout=30) as ws:
+                assert ws.response is not None
+                return ws.response.status_code
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    stalls = asyncio.create_task(hog())
+    results = await asyncio.gather(*(call(n) for n in range(8)))
+    await stalls
+    assert {f.name: f.health for f in ingress.balancer.fleets} == {"a": Health.UP, "b": Health.UP}
+    assert 503 not in results, results

@@ -271,7 +271,7 @@ async def test_calls_in_any_worker_that_cannot_connect_take_a_fleet_down_for_the
         # Two attempts found it shut, then no call tried it again.
         assert fleets["a"]["retries"] == 2, fleets["a"]
         downs = [e for e in service.log() if e["event"] == "fleet DOWN" and e["fleet"] == "a"]
-        assert len(downs) == 1 and "2 calls in a row could not connect" in downs[0]["reason"]
+        assert len(downs) == 1 and "2 calls in a row were refused by it" in downs[0]["reason"]
     finally:
         await service.finish()
         await door.close()

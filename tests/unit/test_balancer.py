@@ -260,25 +260,32 @@ def test_fleets_start_in_the_admin_state_the_fleets_file_records():
     assert b.pick().verdict is Verdict.NO_FLEET_UP
 
 
-def test_calls_that_cannot_connect_take_an_up_fleet_down_after_fall_in_a_row():
+def test_calls_the_fleet_refuses_take_it_down_after_fall_in_a_row():
     b = _balancer("https://a.test name=a\n")
     a = b.fleets[0]
     a.reported_available = 5
-    assert not a.call_unreachable(fall=3) and a.fresh_probe  # its next probe: a new connection
-    assert not a.call_unreachable(fall=3)
+    assert not a.call_unreachable(3, 1.0) and a.fresh_probe  # its next probe: a new connection
+    assert not a.call_unreachable(3, 1.0)
     a.call_connected()  # one got through: the streak starts over
-    assert not a.call_unreachable(fall=3) and not a.call_unreachable(fall=3)
+    assert not a.call_unreachable(3, 2.0) and not a.call_unreachable(3, 2.0)
+    # Timed out: maybe this host's own stall, not counted (the probe tells).
+    for _ in range(5):
+        assert not a.call_unreachable(3, 2.5, refused=False)
     assert a.health is Health.UP
-    assert a.call_unreachable(fall=3)  # the third in a row
+    assert a.call_unreachable(3, 3.0)  # the third refused in a row
     assert (a.health, a.reported_available, a.call_failures) == (Health.DOWN, None, 0)
     assert b.pick().verdict is Verdict.NO_FLEET_UP
-    assert not a.call_unreachable(fall=3)  # already DOWN: no news
-    assert a.health is Health.DOWN
+    # Refused while DOWN: nothing counted, so the streak starts from 0 once UP again.
+    for _ in range(5):
+        assert not a.call_unreachable(3, 4.0)
+    assert a.call_failures == 0
+    # A probe sent before it went DOWN may pass on the old connection: not a verdict.
+    assert a.probe_predates_down(2.9) and not a.probe_predates_down(3.1)
 
 
 def test_calls_that_cannot_connect_are_not_observed_where_no_probe_runs():
     b = _balancer("https://a.test name=a\n")
     a = b.fleets[0]
     for _ in range(5):
-        assert not a.call_unreachable(fall=0)
+        assert not a.call_unreachable(0, 1.0)
     assert a.health is Health.UP and a.call_failures == 0 and not a.fresh_probe

@@ -328,7 +328,10 @@ def fail_attempt(pb: Playbook, fleet: FleetState, n: int, how: str) -> Playbook:
     pb << DropFleet()
     local = any(isinstance(e, FleetConnectFailed) and e.local for e in events)
     if failure is Failure.CONN_FAILURE and not local:
-        pb << FleetUnreachable()  # the fleet's fault: counted on the slot it holds, first
+        # On the slot it holds, first: counted if the fleet refused it; a timeout
+        # (maybe this host's stall) only asks for a probe on a new connection.
+        refused = not any(isinstance(e, TimerFired) for e in events)
+        pb << FleetUnreachable(refused)
     return pb << ReleaseSlot() << LogAttemptFailed(fleet.name, n, failure, detail)
 
 

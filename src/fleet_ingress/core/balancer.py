@@ -78,6 +78,7 @@ class FleetState:
     # since one did, and whether the next probe must open a new connection.
     call_failures: int = 0
     fresh_probe: bool = False
+    down_by_calls_at: float = 0.0  # monotonic: when refused calls last took it DOWN
     # Call counters, for stats and metrics (read at scrape time).
     calls_total: int = 0  # calls tunneled to this fleet
     responses: Counter[int] = field(default_factory=Counter)  # fleet answers by status
@@ -162,30 +163,44 @@ class FleetState:
             self._probing.discard(key)
         self.unseen.discard(key)
 
-    def call_unreachable(self, fall: int) -> bool:
-        """A call's attempt could not connect (refused, reset, timed out, TLS
-        failed). The probe may pass on a connection kept open from before (a
-        fleet taking no new connection, or serving a bad certificate on new
-        ones) while leastconn favours this fleet, which holds no call: so its
-        next probe opens a new connection, and `fall` such calls in a row take
-        an UP fleet DOWN at once, as that many failed probes would. It rises
-        again by its probes (`rise`), each on a new connection while it is DOWN.
-        `fall` 0: not observed (no probe would ever bring it back). True if it
-        went DOWN now."""
+    def call_unreachable(self, fall: int, now: float, *, refused: bool = True) -> bool:
+        """A call's attempt could not connect. The probe may pass on a
+        connection kept open from before (a fleet taking no new connection, or
+        serving a bad certificate on new ones) while leastconn favours this
+        fleet, which holds no call: so its next probe opens a new connection,
+        and `fall` attempts in a row that the fleet `refused` (TCP refused or
+        reset, TLS failed: its own answer) take an UP fleet DOWN at once, as
+        that many failed probes would. One that timed out (`timeouts.connect`)
+        only asks for the new connection: this host's own stall (its event loop
+        blocked past the timer) looks the same, and must not take healthy
+        fleets DOWN; the probe tells. It rises again by its probes (`rise`),
+        each on a new connection while DOWN, none sent before `now` (monotonic)
+        counted (`probe_predates_down`). `fall` 0: not observed (no probe would
+        ever bring it back). True if it went DOWN now."""
         if fall < 1:
             return False
-        self.call_failures += 1
         self.fresh_probe = True
-        if self.health is not Health.UP or self.call_failures < fall:
+        if not refused or self.health is not Health.UP:
+            return False
+        self.call_failures += 1
+        if self.call_failures < fall:
             return False
         self.health, self.health_streak = Health.DOWN, 0
         self.reported_available = None  # as a DOWN fleet's: no longer known
         self.call_failures = 0
+        self.down_by_calls_at = now
         return True
 
     def call_connected(self) -> None:
-        """A call's attempt connected (its fleet answered it): the streak ends."""
+        """A call's attempt reached the fleet (it answered: 101, or 429): the
+        streak of refused attempts ends."""
         self.call_failures = 0
+
+    def probe_predates_down(self, sent_at: float) -> bool:
+        """A probe sent at `sent_at` (monotonic) left before calls took the fleet
+        DOWN: its pass may come over the old kept-alive connection, and does not
+        count toward `rise`."""
+        return sent_at < self.down_by_calls_at
 
     def said_full(self) -> bool:
         """The fleet answered a call `429`: no worker free now, in its own word,

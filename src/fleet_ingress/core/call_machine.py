@@ -234,8 +234,12 @@ class FleetFull(Command):
 
 @dataclass(frozen=True, slots=True)
 class FleetUnreachable(Command):
-    """This attempt could not connect to its fleet (its fault): counted toward
-    taking it DOWN (`FleetState.call_unreachable`), on the slot this attempt holds."""
+    """This attempt could not connect to its fleet, not for this host's own
+    lack of resources: `refused` (its answer: TCP refused or reset, TLS
+    failed) counts toward taking it DOWN; timed out, it asks for a probe on a
+    new connection (`FleetState.call_unreachable`). On the slot this attempt holds."""
+
+    refused: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +516,7 @@ class CallMachine:
         if event.timer is not Timer.CONNECT:
             raise IllegalEvent(self.state, event)
         detail = f"no connection within {self.rules.connect_timeout:g}s"
-        self._attempt_failed(Failure.CONN_FAILURE, detail)
+        self._attempt_failed(Failure.CONN_FAILURE, detail, refused=False)
 
     def _response_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
@@ -526,13 +530,15 @@ class CallMachine:
         self._emit(CancelTimer(Timer.RESPONSE))
         self._attempt_failed(event.failure, event.detail)
 
-    def _attempt_failed(self, failure: Failure, detail: str, *, fleets_fault: bool = True) -> None:
+    def _attempt_failed(
+        self, failure: Failure, detail: str, *, fleets_fault: bool = True, refused: bool = True
+    ) -> None:
         fleet = self.fleet
         assert fleet is not None
         self.fleet_open = False
         self._emit(DropFleet())
         if failure is Failure.CONN_FAILURE and fleets_fault:
-            self._emit(FleetUnreachable())  # before its slot goes back
+            self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
         self.failure = failure
         self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))

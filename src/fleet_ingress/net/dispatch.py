@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class HeldSlot(Protocol):
 
     def fleet_said_full(self) -> None: ...
 
-    def fleet_unreachable(self) -> None: ...
+    def fleet_unreachable(self, *, refused: bool = True) -> None: ...
 
 
 class SlotSource(Protocol):
@@ -111,15 +112,20 @@ class Lease:
         """The fleet answered this call `429`: FULL until its next probe."""
         take_as_full(self.fleet)
 
-    def fleet_unreachable(self) -> None:
-        """This call's attempt could not connect to the fleet (its fault, not this host's)."""
-        if self._dispatcher is not None and take_as_unreachable(self.fleet, self._dispatcher.fall):
-            self._dispatcher.wake()
+    def fleet_unreachable(self, *, refused: bool = True) -> None:
+        """This call's attempt could not connect to the fleet: `refused` by it,
+        or timed out (`FleetState.call_unreachable`)."""
+        dispatcher = self._dispatcher
+        if dispatcher is not None and take_as_unreachable(
+            self.fleet, dispatcher.fall, refused=refused
+        ):
+            dispatcher.wake()
 
 
 def take_as_full(fleet: FleetState) -> None:
     """A fleet's `429` to a call: FULL until its next probe (`said_full`), logged
     when that is news (here, or in the supervisor for a worker's call)."""
+    fleet.call_connected()  # it answered: it takes connections
     if fleet.said_full():
         log.info(
             "fleet full: it answered a call 429; no new call goes there until its next probe",
@@ -127,11 +133,11 @@ def take_as_full(fleet: FleetState) -> None:
         )
 
 
-def take_as_unreachable(fleet: FleetState, fall: int) -> bool:
+def take_as_unreachable(fleet: FleetState, fall: int, *, refused: bool) -> bool:
     """A call's attempt on `fleet` could not connect: counted toward taking it
     DOWN (`FleetState.call_unreachable`), logged when it went DOWN now (here, or
     in the supervisor for a worker's call). True then: waiters may need waking."""
-    if not fleet.call_unreachable(fall):
+    if not fleet.call_unreachable(fall, time.monotonic(), refused=refused):
         return False
     log.warning(
         "fleet DOWN",
@@ -139,8 +145,8 @@ def take_as_unreachable(fleet: FleetState, fall: int) -> bool:
             fleet=fleet.name,
             before="UP",
             after="DOWN",
-            reason=f"{fall} calls in a row could not connect to it (its probes now "
-            "open a new connection each, and bring it back UP as they pass)",
+            reason=f"{fall} calls in a row were refused by it (TCP or TLS; its probes "
+            "now open a new connection each, and bring it back UP as they pass)",
         ),
     )
     return True

@@ -207,14 +207,22 @@ class HealthPoller:
         # Calls opened after this are not in its number, nor may those in flight now be.
         opened_before = fleet.probe_sending(started)
         result = await probe_fleet(session, fleet.spec, self.settings)
-        self.record(fleet, result, opened_before, time.monotonic() - started)
+        self.record(fleet, result, opened_before, time.monotonic() - started, sent_at=started)
         async with self._probed:
             self._probed.notify_all()
 
     def record(
-        self, fleet: FleetState, result: ProbeResult, opened_before: int, seconds: float
+        self,
+        fleet: FleetState,
+        result: ProbeResult,
+        opened_before: int,
+        seconds: float,
+        *,
+        sent_at: float | None = None,
     ) -> None:
-        """Apply one probe's result to the fleet (health, capacity) and wake the queue."""
+        """Apply one probe's result to the fleet (health, capacity) and wake the
+        queue. A pass sent (`sent_at`, monotonic) before refused calls took the
+        fleet DOWN is counted as a probe, not as a verdict."""
         fleet.last_probe, fleet.last_probe_at, fleet.last_probe_seconds = (
             result,
             time.time(),
@@ -226,19 +234,23 @@ class HealthPoller:
         if not result.passed:
             fleet.check_failures += 1
         was_full = fleet.full
-        if result.passed:
-            fleet.probe_counted(result.capacity, opened_before)
         before = fleet.health
-        fleet.health, fleet.health_streak = observe(
-            before,
-            fleet.health_streak,
-            result.passed,
-            fall=self.settings.fall,
-            rise=self.settings.rise,
-        )
+        if result.passed and sent_at is not None and fleet.probe_predates_down(sent_at):
+            pass  # over the old connection, maybe: the next probe, on a new one, tells
+        else:
+            if result.passed:
+                fleet.probe_counted(result.capacity, opened_before)
+            fleet.health, fleet.health_streak = observe(
+                before,
+                fleet.health_streak,
+                result.passed,
+                fall=self.settings.fall,
+                rise=self.settings.rise,
+            )
         if fleet.health is Health.DOWN:
             fleet.reported_available = None  # what a dead fleet last said is no longer known
         if fleet.health is not before:
+            fleet.call_failures = 0  # a streak of refused calls is of the state before
             level = logging.WARNING if fleet.health is Health.DOWN else logging.INFO
             log.log(
                 level,

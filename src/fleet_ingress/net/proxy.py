@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -520,9 +521,10 @@ class CarrierProtocol(_Side):
             call.lease.fleet_said_full()
 
     def _fleet_unreachable(self, command: Command) -> None:
+        assert isinstance(command, FleetUnreachable)
         call = self.call
         if call is not None and call.lease is not None and call.lease.held:
-            call.lease.fleet_unreachable()
+            call.lease.fleet_unreachable(refused=command.refused)
 
     def _connect_fleet(self, command: Command) -> None:
         assert isinstance(command, ConnectFleet)
@@ -566,7 +568,9 @@ class CarrierProtocol(_Side):
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None
-                local = not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
+                local = isinstance(exc, socket.gaierror) or (
+                    not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
+                )
                 self.feed(FleetConnectFailed(str(exc) or type(exc).__name__, local=local))
             return
         except asyncio.CancelledError:
@@ -869,7 +873,9 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 
 
 # A fleet connection that failed for want of this host's own resources: not
-# the fleet's failure (every fleet would be held for this host's trouble).
+# the fleet's failure (every fleet would be held for this host's trouble). A
+# name that does not resolve (socket.gaierror) is not held against it either:
+# this host's resolver may be what failed.
 _LOCAL_CONNECT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
@@ -889,7 +895,9 @@ def _lost_kind(exc: Exception | None) -> Lost:
         return Lost.CLOSED
     if peer_gone(exc):
         return Lost.GONE
-    return Lost.RESET if isinstance(exc, ConnectionResetError) else Lost.ERROR
+    # A write to a side its peer has reset fails EPIPE rather than ECONNRESET.
+    reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
+    return Lost.RESET if reset else Lost.ERROR
 
 
 def _client_ip(address: str) -> str:

@@ -91,12 +91,12 @@ class RemoteLease:
         if self._client is not None:
             self._client._write({"op": "full", "id": self.id})
 
-    def fleet_unreachable(self) -> None:
+    def fleet_unreachable(self, *, refused: bool = True) -> None:
         """This call's attempt could not connect to the fleet: the coordinator
         counts it toward taking the fleet DOWN (`unreachable`: a supervisor
         before it ignores the op)."""
         if self._client is not None:
-            self._client._write({"op": "unreachable", "id": self.id})
+            self._client._write({"op": "unreachable", "id": self.id, "refused": refused})
 
 
 class SlotClient(asyncio.Protocol):

@@ -616,7 +616,8 @@ class SlotServer:
                 take_as_full(fleet)
         elif op == "unreachable":  # that lease's call could not connect to its fleet
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
-            if fleet is not None and take_as_unreachable(fleet, self.slots.fall):
+            refused = message.get("refused", True) is not False
+            if fleet is not None and take_as_unreachable(fleet, self.slots.fall, refused=refused):
                 self.wake()
         elif op == "state":
             # It went over two execs before it read the first "sync": it answers

@@ -14,8 +14,10 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            or within 0.2 s
       {"op": "full", "id": 7}                              its fleet answered the call 429:
                                                            FULL until its next probe
-      {"op": "unreachable", "id": 7}                       the call could not connect to its
-                                                           fleet: fleets.fall in a row, DOWN
+      {"op": "unreachable", "id": 7, "refused": true}      the call could not connect to its
+                                                           fleet: fleets.fall refused in a
+                                                           row, DOWN; timed out: a probe on
+                                                           a new connection
     coordinator -> worker
       {"op": "granted", "id": 7, "fleet": "a", "spec": {...}}   "spec" when the worker
                                                                  has not seen it yet
