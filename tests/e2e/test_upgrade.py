@@ -690,7 +690,7 @@ def _inject(src: Path, module: str, anchor: str, before: str) -> None:
 
 # The trial run has just ended (its output read): what comes next runs in the
 # same event-loop turn, up to the exec when the trial passed.
-TRIAL_ENDED = "    text = output.decode("
+TRIAL_ENDED = "    lines = output.decode("
 
 
 async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
