@@ -379,9 +379,7 @@ async def test_health_failing_every_other_probe_never_goes_down_with_fall_2(
         seen: list[tuple[bool, Health]] = []
         record = poller.record
 
-        def observed(
-            f: Any, result: ProbeResult, opened: int, seconds: float, **kw: Any
-        ) -> None:
+        def observed(f: Any, result: ProbeResult, opened: int, seconds: float, **kw: Any) -> None:
             record(f, result, opened, seconds, **kw)
             seen.append((result.passed, f.health))
 

@@ -395,6 +395,45 @@ async def test_a_changed_worker_count_takes_effect_at_the_next_upgrade(
         await service.finish()
 
 
+async def test_a_worker_hung_at_the_exec_is_killed_by_the_new_image(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """A worker hung (stopped) as the supervisor re-executes never answers the
+    new image's `sync`, and is asked no report: before, it was never shown
+    unresponsive nor killed, its slots held until its retire deadline (a
+    review). Now its silence counts from the restore's timeout."""
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, drain=120, env=PATIENT_PROBES, extra="worker_hang_timeout = 6"
+    )
+    load = _fleets_load(service, tls_files, fleets)
+    victim: dict[str, Any] = {}
+    try:
+        await load.start_long(4, duration=60.0)
+        victim = max(await _rows(service), key=lambda r: r["calls"])
+        os.kill(victim["pid"], signal.SIGSTOP)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await eventually(lambda: any("re-executing" in e["event"] for e in service.log()), 30)
+        exec_at = len(service.log())
+
+        def killed() -> list[dict[str, Any]]:
+            return [e for e in service.log()[exec_at:] if e["event"] == "worker hung: killed"]
+
+        await eventually(lambda: bool(killed()), timeout=30)
+        assert killed()[0]["pid"] == victim["pid"]
+        await eventually(lambda: not _alive(victim["pid"]), timeout=10)
+        assert victim["pid"] not in [r["pid"] for r in await _rows(service)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            if victim:
+                os.kill(victim["pid"], signal.SIGCONT)
+        for task in load.long:
+            task.cancel()
+        await asyncio.gather(*load.long, return_exceptions=True)
+        await load.stop()
+        await service.finish()
+
+
 # Where the supervisor re-executes itself (service/listen_fds.py): faults go before it.
 EXECVE = "    os.execve(executable or sys.executable, argv, env)\n"
 

@@ -291,7 +291,7 @@ class ProcessSection(_Section):
     # A worker that answers none of the supervisor's report requests for this
     # long (its event loop stuck: every call it carries frozen) is killed and
     # replaced, as one that died; shown "unresponsive" from a third of it.
-    # 0: never killed. Read at start (a reload notes a change).
+    # 0: never killed. Read at start: a reload notes a change, an upgrade applies it.
     worker_hang_timeout: float = Field(60.0, ge=0)
 
     def worker_count(self) -> int:

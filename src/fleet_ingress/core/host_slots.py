@@ -75,10 +75,9 @@ Answer = Granted | Refused
 
 
 # Report requests in a row (`ops.host_stats.pull_reports`) a worker may leave
-# unanswered before it is shown unresponsive, and before the supervisor kills
-# it as hung (process.worker_hang_timeout sets how far apart they are).
+# unanswered before it is shown unresponsive (and logged); the supervisor kills
+# it as hung once it has been so for process.worker_hang_timeout.
 UNRESPONSIVE_PULLS = 2
-HUNG_PULLS = 6
 
 
 @dataclass(slots=True)
@@ -98,8 +97,10 @@ class WorkerRow:
     # Its channel ended while its process runs: `held` counts until `release_kept`.
     channel_lost: bool = False
     # The supervisor's report requests in a row it has not answered (its loop
-    # stuck, or the process stopped): UNRESPONSIVE_PULLS make it "unresponsive".
+    # stuck, or the process stopped): UNRESPONSIVE_PULLS make it "unresponsive";
+    # since when (monotonic, the first found unanswered), for the hang timeout.
     silent_pulls: int = 0
+    silent_since: float | None = None
 
     @property
     def unresponsive(self) -> bool:

@@ -523,22 +523,28 @@ class SlotServer:
         _, pending = await asyncio.wait(asked, timeout=timeout)
         return len(pending)
 
-    def count_silent(self) -> list[tuple[int, int]]:
+    def count_silent(self, now: float) -> list[tuple[int, int, float]]:
         """After a round of report requests: each joined worker that has not
         answered its request has one more silent pull, one that has starts
-        over. Returns (channel key, silent pulls) of the silent ones."""
+        over; so has a worker kept over an exec that has not said what it
+        holds since the restore's timeout (a worker hung at the exec never
+        will: it is asked no report). Returns (channel key, silent pulls,
+        seconds since first found silent) of the silent ones; `now` monotonic."""
         silent = []
         for channel in list(self._channels.values()):
-            if not channel.joined or channel.restoring:
+            unanswered_sync = channel.restoring and channel.key not in self._restoring
+            if not (channel.joined or unanswered_sync):
                 continue
             row = self.slots.find_row(channel.key)
             if row is None:
                 continue
-            if channel.asked is not None and not channel.asked.done():
+            if unanswered_sync or (channel.asked is not None and not channel.asked.done()):
                 row.silent_pulls += 1
-                silent.append((channel.key, row.silent_pulls))
+                if row.silent_since is None:
+                    row.silent_since = now
+                silent.append((channel.key, row.silent_pulls, now - row.silent_since))
             else:
-                row.silent_pulls = 0
+                row.silent_pulls, row.silent_since = 0, None
         return silent
 
     def wake(self) -> None:
@@ -638,7 +644,7 @@ class SlotServer:
         if channel.asked is not None and not channel.asked.done():
             channel.asked.set_result(None)
         if (row := self.slots.find_row(channel.key)) is not None:
-            row.silent_pulls = 0
+            row.silent_pulls, row.silent_since = 0, None
         if message.get("final") is True:
             channel.drained = True
         if self.view is None:

@@ -122,20 +122,20 @@ class WorkerReporter:
 async def pull_reports(
     server: SlotServer,
     every: float = PULL_EVERY,
-    on_silent: Callable[[int, int], None] | None = None,
+    on_silent: Callable[[int, int, float], None] | None = None,
 ) -> None:
     """Ask every worker for its report every `every` seconds, for ever (a task
     the supervisor cancels as it stops): bounds what a crash loses. A worker
     that has not answered by the end of a round is told to `on_silent`
-    (channel key, requests in a row unanswered): a round waits `every` more
-    for it, so each is about 2 x `every` apart. A supervisor that was itself
-    stopped asked nothing meanwhile: its workers are not counted silent for it."""
+    (channel key, requests in a row unanswered, seconds since it was first
+    found so). A supervisor that was itself stopped asked nothing meanwhile:
+    its workers' silence starts when it asks again."""
     while True:
         await asyncio.sleep(every)
         await server.collect_reports(timeout=every)
-        for key, pulls in server.count_silent():
+        for key, pulls, silent_for in server.count_silent(time.monotonic()):
             if on_silent is not None:
-                on_silent(key, pulls)
+                on_silent(key, pulls, silent_for)
 
 
 def worker_state(

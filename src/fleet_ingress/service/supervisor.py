@@ -63,7 +63,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
-from fleet_ingress.core.host_slots import HUNG_PULLS, UNRESPONSIVE_PULLS, HostSlots, WorkerRow
+from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import configure_logging, fields
 from fleet_ingress.net.calls import Registry
@@ -172,6 +172,8 @@ class Supervisor:
             if config.tls.cert is not None:
                 self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
+        # process.worker_hang_timeout as read at start (the report puller's pace).
+        self.hang_timeout = config.process.worker_hang_timeout
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
@@ -568,30 +570,29 @@ class Supervisor:
     @property
     def _pull_every(self) -> float:
         """How far apart the workers are asked for their reports: PULL_EVERY, or
-        closer where process.worker_hang_timeout must be kept (a round with a
-        silent worker takes twice this: HUNG_PULLS of them make the timeout)."""
-        hang = self.config.process.worker_hang_timeout
-        return min(PULL_EVERY, hang / (2 * HUNG_PULLS)) if hang > 0 else PULL_EVERY
+        closer where process.worker_hang_timeout asks it (a sixth of it)."""
+        hang = self.hang_timeout
+        return min(PULL_EVERY, hang / 6) if hang > 0 else PULL_EVERY
 
-    def _worker_silent(self, key: int, pulls: int) -> None:
+    def _worker_silent(self, key: int, pulls: int, silent_for: float) -> None:
         """Worker `key` has answered none of the last `pulls` report requests:
         its event loop is stuck (or the process stopped), and with it every call
-        it carries. Said once it is unresponsive; killed as hung at HUNG_PULLS
-        (process.worker_hang_timeout, a minute by default), its slots back and a
-        new worker in its place, as for a worker that died: its frozen calls are
-        lost either way."""
+        it carries. Said once it is unresponsive; killed as hung once it has
+        been silent `silent_for` process.worker_hang_timeout (a minute by
+        default, as read at start), its slots back and a new worker in its
+        place, as for a worker that died: its frozen calls are lost either way."""
         worker = self.workers.get(key)
         if worker is None or worker.hung or worker.proc.returncode is not None:
             return
-        silent_s = round(pulls * 2 * self._pull_every, 1)
-        hang = self.config.process.worker_hang_timeout
+        silent_s = round(silent_for, 1)
+        hang = self.hang_timeout
         if pulls == UNRESPONSIVE_PULLS:
             log.warning(
                 "worker unresponsive: it answers no report request; its calls are likely "
                 "frozen" + (f"; killed as hung if still so after {hang:g}s" if hang > 0 else ""),
                 extra=fields(pid=worker.pid, generation=worker.generation, silent_s=silent_s),
             )
-        if hang > 0 and pulls >= HUNG_PULLS:
+        if hang > 0 and silent_for >= hang:
             worker.hung = True
             log.error(
                 "worker hung: killed",
@@ -973,6 +974,11 @@ class Supervisor:
             raise
         not_after = await asyncio.to_thread(_not_after, config)
         notes = listener_notes(self.bound_listen, config)
+        if config.process.worker_hang_timeout != self.config.process.worker_hang_timeout:
+            notes.append(
+                "process.worker_hang_timeout changed: takes effect at the next "
+                "`fleet-ingress upgrade` or restart"
+            )
         if config.process.workers != self.config.process.workers:
             notes.append(
                 "process.workers changed: takes effect at the next `fleet-ingress upgrade` "
