@@ -61,3 +61,26 @@ async def test_a_release_that_does_not_import_is_named_as_the_installation(
     assert said.startswith("the installed code failed its trial run")
     assert "does not import" in said and "pip install --force-reinstall" in said
     assert "configuration does not pass" not in said
+
+
+async def test_a_check_that_crashes_after_the_imports_is_named_as_the_installation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every module imports, but the installed `check` raises: a bug in the
+    release, not a configuration to fix."""
+    broken = tmp_path / "site"
+    package = broken / "fleet_ingress"
+    shutil.copytree(
+        Path(fleet_ingress.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    check = package / "config" / "check.py"
+    crash = "\n\ndef run_check(*a, **k):\n    raise RuntimeError('bug')\n"
+    check.write_text(check.read_text() + crash)
+    monkeypatch.setenv("PYTHONPATH", str(broken))
+    config = tmp_path / "ingress.toml"
+    config.write_text("")
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    assert said.startswith("the installed code failed its trial run"), said
+    assert "RuntimeError" in said

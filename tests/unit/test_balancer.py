@@ -98,10 +98,8 @@ def test_why_no_fleet_is_up_counts_the_fleets_by_what_keeps_them_out():
         fleet.health, fleet.admin = health, admin
     assert b.pick().verdict is Verdict.NO_FLEET_UP
     assert b.none_up_reason() == "no fleet is up (2 drained, 2 in maintenance, 2 down)"
-    b.fleets[3].health = Health.INIT
-    assert b.none_up_reason() == (
-        "no fleet is up (2 drained, 2 in maintenance, 1 down, 1 not probed yet)"
-    )
+    b.fleets[3].health = Health.INIT  # a READY fleet not probed yet: calls wait for it
+    assert b.pick().verdict is Verdict.NO_CAPACITY
 
 
 def test_capacity_estimate_counts_calls_opened_since_the_probe_was_sent():

@@ -272,7 +272,7 @@ class Balancer:
         says it goes to the carrier), e.g. ``no fleet is up (2 drained, 1 down)``.
         An operator's state is named before health: a drained fleet that is
         also DOWN counts as drained."""
-        counts = {"drained": 0, "in maintenance": 0, "down": 0, "not probed yet": 0}
+        counts = {"drained": 0, "in maintenance": 0, "down": 0}
         for f in self.fleets:
             if f.admin is Admin.DRAIN:
                 counts["drained"] += 1
@@ -280,8 +280,7 @@ class Balancer:
                 counts["in maintenance"] += 1
             elif f.health is Health.DOWN:
                 counts["down"] += 1
-            elif f.health is Health.INIT:
-                counts["not probed yet"] += 1
+            # (A READY fleet not probed yet is never here: calls wait for its verdict.)
         parts = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         return f"{NO_FLEET_UP} ({parts or 'none configured'})"
 

@@ -120,7 +120,9 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     imported = TRIAL_CODE_IMPORTED in lines
     if imported:
         lines = lines[lines.index(TRIAL_CODE_IMPORTED) + 1 :]
-    if proc.returncode != 0 and imported:
+    # A traceback after the imports is the installed check's own crash: the install's.
+    crashed = any(line.startswith("Traceback") for line in lines)
+    if proc.returncode != 0 and imported and not crashed:
         tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])
         raise TrialFailed(
             f"the configuration does not pass `fleet-ingress check -c {config_path}` with "
