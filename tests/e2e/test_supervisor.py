@@ -106,6 +106,13 @@ async def _worker_rows(service: RunningIngress) -> list[dict[str, Any]]:
     return (await service.stats())["workers"]  # type: ignore[no-any-return]
 
 
+async def _victim_and_survivor(service: RunningIngress) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rows of the worker holding the most calls and of the other one."""
+    rows = await _worker_rows(service)
+    victim = max(rows, key=lambda r: r["calls"])
+    return victim, next(r for r in rows if r["pid"] != victim["pid"])
+
+
 async def test_maxconn_holds_for_the_host_with_two_workers(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
@@ -291,9 +298,7 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
     victim: dict[str, Any] = {}
     try:
         await _open_on_both(service, tls_files, calls, 6)
-        rows = await _worker_rows(service)
-        victim = max(rows, key=lambda r: r["calls"])
-        survivor = next(r for r in rows if r["pid"] != victim["pid"])
+        victim, survivor = await _victim_and_survivor(service)
         os.kill(victim["pid"], signal.SIGSTOP)
 
         async def state() -> str | None:
@@ -340,9 +345,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
     calls: list[ClientConnection] = []
     try:
         await _open_on_both(service, tls_files, calls, 12)
-        rows = await _worker_rows(service)
-        victim = max(rows, key=lambda r: r["calls"])
-        survivor = next(r for r in rows if r["pid"] != victim["pid"])
+        victim, survivor = await _victim_and_survivor(service)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
 

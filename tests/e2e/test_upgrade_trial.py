@@ -4,6 +4,7 @@ supervisor will run it, before anything is handed over (service/upgrade.py)."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,23 +42,35 @@ async def test_the_same_release_passes_the_format_check_and_reaches_check(tmp_pa
     assert upgrade.TRIAL_CODE_IMPORTED not in said
 
 
-async def test_a_release_that_does_not_import_is_named_as_the_installation(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A copy of the package with a syntax error planted in one module: the
-    fix is the install, and the configuration is never checked."""
+async def _trial_of_a_broken_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_it: Callable[[Path], None]
+) -> str:
+    """The trial run of a copy of the package that `break_it` changed (given
+    the copy's package directory): what it failed with."""
     broken = tmp_path / "site"
     package = broken / "fleet_ingress"
     shutil.copytree(
         Path(fleet_ingress.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
     )
-    (package / "ops" / "metrics.py").write_text("def f(:\n")
+    break_it(package)
     monkeypatch.setenv("PYTHONPATH", str(broken))
     config = tmp_path / "ingress.toml"
     config.write_text("")
     with pytest.raises(upgrade.TrialFailed) as failed:
         await upgrade.trial_run(config, timeout=60)
-    said = str(failed.value)
+    return str(failed.value)
+
+
+async def test_a_release_that_does_not_import_is_named_as_the_installation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of the package with a syntax error planted in one module: the
+    fix is the install, and the configuration is never checked."""
+
+    def syntax_error(package: Path) -> None:
+        (package / "ops" / "metrics.py").write_text("def f(:\n")
+
+    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, syntax_error)
     assert said.startswith("the installed code failed its trial run")
     assert "does not import" in said and "pip install --force-reinstall" in said
     assert "configuration does not pass" not in said
@@ -68,19 +81,12 @@ async def test_a_check_that_crashes_after_the_imports_is_named_as_the_installati
 ) -> None:
     """Every module imports, but the installed `check` raises: a bug in the
     release, not a configuration to fix."""
-    broken = tmp_path / "site"
-    package = broken / "fleet_ingress"
-    shutil.copytree(
-        Path(fleet_ingress.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__")
-    )
-    check = package / "config" / "check.py"
-    crash = "\n\ndef run_check(*a, **k):\n    raise RuntimeError('bug')\n"
-    check.write_text(check.read_text() + crash)
-    monkeypatch.setenv("PYTHONPATH", str(broken))
-    config = tmp_path / "ingress.toml"
-    config.write_text("")
-    with pytest.raises(upgrade.TrialFailed) as failed:
-        await upgrade.trial_run(config, timeout=60)
-    said = str(failed.value)
+
+    def crashing_check(package: Path) -> None:
+        check = package / "config" / "check.py"
+        crash = "\n\ndef run_check(*a, **k):\n    raise RuntimeError('bug')\n"
+        check.write_text(check.read_text() + crash)
+
+    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, crashing_check)
     assert said.startswith("the installed code failed its trial run"), said
     assert "RuntimeError" in said
