@@ -89,6 +89,36 @@ async def test_a_report_not_understood_is_logged_and_the_worker_keeps_its_slots(
         await server.close()
 
 
+async def test_a_worker_whose_report_fails_says_so_and_is_not_taken_for_hung(caplog):
+    """Building its report raises (a bug in a counter): the worker answers that
+    it could not, its last report stands, and its silence count stays 0, so
+    the supervisor does not kill a serving worker as hung (a review)."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    n = [3]
+    w1 = await _worker(server, 31)
+    w1.reporter = _reporter(n)
+    try:
+        await eventually(lambda: len(slots.workers) == 1)
+        assert await server.collect_reports(timeout=1) == 0
+        assert view.totals().counter("connections_total") == 3
+
+        def broken() -> dict:
+            raise RuntimeError("a counter's bug")
+
+        w1.reporter = broken
+        for _ in range(3):
+            assert await server.collect_reports(timeout=1) == 0  # answered
+            assert server.count_silent(now=0.0) == []
+        assert slots.find_row(slots.workers[0].worker).silent_pulls == 0
+        assert view.totals().counter("connections_total") == 3  # the last report stands
+        assert "could not build its report" in caplog.text and "a counter's bug" in caplog.text
+    finally:
+        w1.close()
+        await server.close()
+
+
 async def test_a_report_sent_during_the_supervisors_exec_is_counted_by_the_new_image():
     view = HostView()
     server = SlotServer(_slots(), view=view)

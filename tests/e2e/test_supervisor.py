@@ -293,7 +293,7 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
     process.worker_hang_timeout it is killed: its slots come back, its calls
     are counted lost, a new worker takes its place, and the other worker's
     calls never notice."""
-    service = await _start(tls_files, two_fleets, extra="worker_hang_timeout = 3")
+    service = await _start(tls_files, two_fleets, extra="worker_hang_timeout = 5")
     calls: list[ClientConnection] = []
     victim: dict[str, Any] = {}
     try:
@@ -305,7 +305,7 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
             rows = {r["pid"]: r for r in await _worker_rows(service)}
             return rows[victim["pid"]]["state"] if victim["pid"] in rows else "gone"
 
-        async with asyncio.timeout(3):
+        async with asyncio.timeout(10):
             while await state() != "unresponsive":
                 await asyncio.sleep(0.05)
         code, out = await admin_command(service, "stat")
@@ -326,7 +326,7 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
         metrics = await service.metrics()
         assert 'fleet_ingress_worker_restarts_total{reason="hung"} 1.0' in metrics
         (warned,) = [e for e in service.log() if e["event"].startswith("worker unresponsive")]
-        assert warned["pid"] == victim["pid"] and "after 3s" in warned["event"]
+        assert warned["pid"] == victim["pid"] and "after 5s" in warned["event"]
         # The survivor's calls go on; the victim's were cut with it.
         by_pid = {r["pid"]: r["calls"] for r in rows}
         assert by_pid[survivor["pid"]] == survivor["calls"]

@@ -422,7 +422,12 @@ async def test_a_worker_hung_at_the_exec_is_killed_by_the_new_image(
         await eventually(lambda: bool(killed()), timeout=30)
         assert killed()[0]["pid"] == victim["pid"]
         await eventually(lambda: not _alive(victim["pid"]), timeout=10)
-        assert victim["pid"] not in [r["pid"] for r in await _rows(service)]
+
+        async def gone_from_the_rows() -> None:
+            while victim["pid"] in [r["pid"] for r in await _rows(service)]:
+                await asyncio.sleep(0.1)
+
+        await asyncio.wait_for(gone_from_the_rows(), 10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             if victim:

@@ -433,3 +433,12 @@ def test_process_cpu_affinity_is_off_or_auto(tmp_path: Path) -> None:
     assert config.process.cpu_affinity == "auto"
     (line,) = problems({"process": {"cpu_affinity": "0-3"}})
     assert "process.cpu_affinity" in line and "auto" in line, line
+
+
+def test_a_worker_hang_timeout_is_0_or_at_least_5_seconds(tmp_path: Path) -> None:
+    for ok in (0, 5, 600):
+        path = tmp_path / f"ok-{ok}.toml"
+        path.write_text(f"[process]\nworker_hang_timeout = {ok}\n")
+        assert load_config(path).process.worker_hang_timeout == ok
+    said = " ".join(problems({"process": {"worker_hang_timeout": 0.5}}))
+    assert "process.worker_hang_timeout" in said and "at least 5 seconds" in said

@@ -280,6 +280,10 @@ def _workers(value: Any) -> Any:
     return value
 
 
+# process.worker_hang_timeout's least value but 0 (never).
+MIN_HANG_TIMEOUT = 5.0
+
+
 class ProcessSection(_Section):
     # SPEC 13: one supervisor and this many worker processes serving carriers.
     workers: Annotated[Literal["auto"] | int, BeforeValidator(_workers)] = "auto"
@@ -290,9 +294,20 @@ class ProcessSection(_Section):
     cpu_affinity: Literal["off", "auto"] = "off"
     # A worker that answers none of the supervisor's report requests for this
     # long (its event loop stuck: every call it carries frozen) is killed and
-    # replaced, as one that died; shown "unresponsive" from a third of it.
-    # 0: never killed. Read at start: a reload notes a change, an upgrade applies it.
+    # replaced, as one that died; shown "unresponsive" after two unanswered.
+    # 0: never killed; else at least 5 s (a shorter stall is not a hang). Read
+    # at start: a reload notes a change, an upgrade applies it.
     worker_hang_timeout: float = Field(60.0, ge=0)
+
+    @field_validator("worker_hang_timeout")
+    @classmethod
+    def _hang_timeout_floor(cls, value: float) -> float:
+        if 0 < value < MIN_HANG_TIMEOUT:
+            raise ValueError(
+                f"must be 0 (never kill a hung worker) or at least {MIN_HANG_TIMEOUT:g} "
+                "seconds: a shorter stall of a busy worker is not a hang"
+            )
+        return value
 
     def worker_count(self) -> int:
         """How many workers to run: "auto" is the CPUs in this process's affinity

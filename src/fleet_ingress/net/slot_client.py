@@ -309,11 +309,17 @@ class SlotClient(asyncio.Protocol):
         if op == "report":
             try:
                 report = self._report(final=False)
-            except Exception:
-                # Unanswered, the supervisor shows the last report; raised, it
-                # would close this channel and with it the worker's slots.
+            except Exception as exc:
+                # Raised, it would close this channel and with it the worker's
+                # slots; unanswered, the supervisor would take this worker for
+                # hung. It answers that it could not: the previous report stands.
                 log.exception("report failed: the supervisor keeps the previous one")
-                return
+                report = {
+                    "op": "report",
+                    "pid": self.pid,
+                    "generation": self.generation,
+                    "failed": repr(exc)[:200],
+                }
             self._write(report)
             return
         if (handler := self.handlers.get(op)) is not None:

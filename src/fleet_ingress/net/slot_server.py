@@ -645,6 +645,12 @@ class SlotServer:
             channel.asked.set_result(None)
         if (row := self.slots.find_row(channel.key)) is not None:
             row.silent_pulls, row.silent_since = 0, None
+        if "failed" in message:  # alive, but could not count: its last report stands
+            log.warning(
+                "worker could not build its report: its previous one stands",
+                extra=fields(channel=channel.key, pid=channel.pid, error=str(message["failed"])),
+            )
+            return
         if message.get("final") is True:
             channel.drained = True
         if self.view is None:
