@@ -466,3 +466,39 @@ async def test_this_hosts_own_stall_does_not_take_healthy_fleets_down(
     await stalls
     assert {f.name: f.health for f in ingress.balancer.fleets} == {"a": Health.UP, "b": Health.UP}
     assert 503 not in results, results
+
+
+async def test_a_fleet_whose_renewed_certificate_fails_verification_goes_down_by_its_calls(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A fleet's certificate renewal gone wrong (a certificate for another
+    name) while the probe's kept-alive connection, made before, still passes:
+    each call's TLS handshake fails verification, and two in a row take the
+    fleet DOWN; its probes, on new connections, keep it DOWN until it serves
+    the right certificate again."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    context = tls_files.fleet_server_context()
+    a = SimulatedFleet(name="a", ssl_context=context, capacity=64)
+    b = SimulatedFleet(name="b", ssl_context=tls_files.fleet_server_context(), capacity=64)
+    async with a, b:
+        ingress = await started(
+            start_ingress,
+            [f"https://localhost:{a.port} name=a", f"{b.url} name=b"],
+            fleets={"check_interval": 0.5, "fall": 2, "rise": 2},
+        )
+        fleet_a = ingress.balancer.get("a")
+        assert fleet_a is not None and fleet_a.health is Health.UP
+        tls_files.ca.issue_cert("other.test").configure_cert(context)  # new handshakes only
+        ctx = tls_files.client_context()
+        served = []
+        for n in range(6):  # one at a time: leastconn favours a, which holds no call
+            async with connect(wss_url(ingress, f"/ws/bot-{n}"), ssl=ctx) as ws:
+                served.append(fleet_of(ws))
+        assert served == ["b"] * 6
+        assert fleet_a.health is Health.DOWN and fleet_a.retries == 2
+        await eventually(lambda: fleet_a.probes_total >= 3, timeout=5)
+        await asyncio.sleep(1.2)  # two more probes, each on a new connection: DOWN
+        assert fleet_a.health is Health.DOWN
+        assert fleet_a.last_probe is not None and not fleet_a.last_probe.passed
+        tls_files.fleet_cert.configure_cert(context)  # the right one again
+        await eventually(lambda: fleet_a.health is Health.UP, timeout=8)
