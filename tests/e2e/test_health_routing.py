@@ -377,13 +377,24 @@ async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     assert proc.returncode == 0, out
 
 
+async def _served_one_at_a_time(ingress: Ingress, tls_files: TLSFiles, n: int) -> list[str]:
+    """The fleet of each of `n` calls made one after the other (each closed
+    before the next: a fleet holding no call is the one leastconn favours)."""
+    ctx = tls_files.client_context()
+    served = []
+    for i in range(n):
+        async with connect(wss_url(ingress, f"/ws/bot-{i}"), ssl=ctx) as ws:
+            served.append(fleet_of(ws))
+    return served
+
+
 async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_down_by_its_calls(
     start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, caplog
 ):
     """The probe's kept-alive connection works, new ones are refused: before,
     the fleet stayed UP and leastconn sent it every call's first attempt (it
     holds no call), each one failing before it was tried elsewhere. Now `fall`
-    calls in a row that cannot connect take it DOWN at once, its probes open
+    calls in a row that it refuses take it DOWN at once, its probes open
     new connections while it is DOWN, and it comes back only when they work."""
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     a, b = sim_fleets
@@ -399,12 +410,7 @@ async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_do
         fleet_a = ingress.balancer.get("a")
         assert fleet_a is not None and fleet_a.health is Health.UP
         door.shut()
-        ctx = tls_files.client_context()
-        served = []
-        for n in range(6):  # one at a time: a holds no call, leastconn favours it
-            async with connect(wss_url(ingress, f"/ws/bot-{n}"), ssl=ctx) as ws:
-                served.append(fleet_of(ws))
-        assert served == ["b"] * 6
+        assert await _served_one_at_a_time(ingress, tls_files, 6) == ["b"] * 6
         assert fleet_a.health is Health.DOWN
         assert fleet_a.retries == 2  # the two calls that found it shut, and no more
         downs = [
@@ -423,7 +429,7 @@ async def test_a_fleet_whose_new_connections_fail_while_its_probe_passes_goes_do
         # ...and bring it back once new connections work again.
         await door.open()
         await eventually(lambda: fleet_a.health is Health.UP, timeout=8)
-        async with connect(wss_url(ingress, "/ws/after"), ssl=ctx) as ws:
+        async with connect(wss_url(ingress, "/ws/after"), ssl=tls_files.client_context()) as ws:
             assert fleet_of(ws) in ("a", "b")
     finally:
         await door.close()
@@ -489,12 +495,7 @@ async def test_a_fleet_whose_renewed_certificate_fails_verification_goes_down_by
         fleet_a = ingress.balancer.get("a")
         assert fleet_a is not None and fleet_a.health is Health.UP
         tls_files.ca.issue_cert("other.test").configure_cert(context)  # new handshakes only
-        ctx = tls_files.client_context()
-        served = []
-        for n in range(6):  # one at a time: leastconn favours a, which holds no call
-            async with connect(wss_url(ingress, f"/ws/bot-{n}"), ssl=ctx) as ws:
-                served.append(fleet_of(ws))
-        assert served == ["b"] * 6
+        assert await _served_one_at_a_time(ingress, tls_files, 6) == ["b"] * 6
         assert fleet_a.health is Health.DOWN and fleet_a.retries == 2
         await eventually(lambda: fleet_a.probes_total >= 3, timeout=5)
         await asyncio.sleep(1.2)  # two more probes, each on a new connection: DOWN

@@ -74,11 +74,12 @@ class FleetState:
     last_probe_seconds: float | None = None
     probes_total: int = 0
     check_failures: int = 0
-    # Passive health (a call's attempts): calls in a row that could not connect
-    # since one did, and whether the next probe must open a new connection.
+    # Passive health (a call's attempts): attempts in a row the fleet refused
+    # while UP, whether the next probe must open a new connection, and when
+    # refused attempts last took it DOWN.
     call_failures: int = 0
     fresh_probe: bool = False
-    down_by_calls_at: float = 0.0  # monotonic: when refused calls last took it DOWN
+    down_by_calls_at: float = 0.0  # monotonic
     # Call counters, for stats and metrics (read at scrape time).
     calls_total: int = 0  # calls tunneled to this fleet
     responses: Counter[int] = field(default_factory=Counter)  # fleet answers by status

@@ -360,7 +360,7 @@ class CallMachine:
     failure: Failure | None = None  # how the last failed attempt failed
     retried_from: FleetState | None = None  # the fleet the last attempt failed on
     status: int | None = None  # what the carrier was answered
-    answered_why: str | None = None  # the text of a local answer (503 "no fleet is up ...")
+    answer_text: str | None = None  # the text of a local answer (503 "no fleet is up ...")
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     end_reason: EndReason | None = None
     # What the event being fed brings; None between events.
@@ -400,7 +400,7 @@ class CallMachine:
     def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
         self.state = State.ANSWERING
         self.status = status
-        self.answered_why = text
+        self.answer_text = text
         if self.is_call:
             self._end(EndReason.REFUSED)
         self._emit(Answer(status, text, head_only), CloseSide(Side.CARRIER))

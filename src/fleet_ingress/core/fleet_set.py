@@ -221,13 +221,9 @@ class FleetSet:
                 Membership.LISTED
             ):
                 return None
+            # Just read from the file, it carries nothing yet: it waits as it is.
             del self._fleets[next(i for i, f in enumerate(self._fleets) if f is listed)]
-            self._waiting[spec.name] = FleetState(
-                listed.spec,
-                health=listed.health,
-                admin=listed.spec.admin,
-                capacity_aware=capacity_aware,
-            )
+            self._waiting[spec.name] = listed
         fleet = FleetState(
             spec, health=Health.INIT, admin=Admin.DRAIN, capacity_aware=capacity_aware
         )

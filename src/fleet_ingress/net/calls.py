@@ -162,7 +162,7 @@ class Call:
             "bytes_to_carrier": self.bytes_to_carrier,
             "end_reason": self.end_reason.value if self.end_reason else None,
             # The ingress's own answer, for a call it refused (which 503, which 502).
-            "detail": None if self.machine is None else self.machine.answered_why,
+            "detail": None if self.machine is None else self.machine.answer_text,
         }
 
 

@@ -235,9 +235,9 @@ class HealthPoller:
             fleet.check_failures += 1
         was_full = fleet.full
         before = fleet.health
-        if result.passed and sent_at is not None and fleet.probe_predates_down(sent_at):
-            pass  # over the old connection, maybe: the next probe, on a new one, tells
-        else:
+        # A pass over the old connection, maybe: the next probe, on a new one, tells.
+        stale = result.passed and sent_at is not None and fleet.probe_predates_down(sent_at)
+        if not stale:
             if result.passed:
                 fleet.probe_counted(result.capacity, opened_before)
             fleet.health, fleet.health_streak = observe(

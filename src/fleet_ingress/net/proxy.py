@@ -97,7 +97,7 @@ from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
-from fleet_ingress.net.dispatch import NoFleetAvailable, SlotSource
+from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
@@ -515,16 +515,20 @@ class CarrierProtocol(_Side):
         if call is not None and call.lease is not None:
             call.lease.release()
 
-    def _fleet_full(self, command: Command) -> None:
+    def _held_lease(self) -> HeldSlot | None:
+        """The slot this call's attempt holds, if it holds one."""
         call = self.call
-        if call is not None and call.lease is not None and call.lease.held:
-            call.lease.fleet_said_full()
+        lease = None if call is None else call.lease
+        return lease if lease is not None and lease.held else None
+
+    def _fleet_full(self, command: Command) -> None:
+        if (lease := self._held_lease()) is not None:
+            lease.fleet_said_full()
 
     def _fleet_unreachable(self, command: Command) -> None:
         assert isinstance(command, FleetUnreachable)
-        call = self.call
-        if call is not None and call.lease is not None and call.lease.held:
-            call.lease.fleet_unreachable(refused=command.refused)
+        if (lease := self._held_lease()) is not None:
+            lease.fleet_unreachable(refused=command.refused)
 
     def _connect_fleet(self, command: Command) -> None:
         assert isinstance(command, ConnectFleet)

@@ -109,10 +109,8 @@ class Ingress:
             self.balancer,
             queue_timeout=config.timeouts.queue,
             max_queue=config.limits.max_queue,
-            # Calls that cannot connect take a fleet DOWN only where probes bring it back.
-            fall=config.fleets.fall if health_checks else 0,
+            fall=_passive_fall(config, probed=health_checks),
         )
-        self._observe_calls = health_checks
         self.registry = Registry()
         self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
@@ -349,7 +347,7 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self.dispatcher.queue_timeout = config.timeouts.queue
         self.dispatcher.max_queue = config.limits.max_queue
-        self.dispatcher.fall = config.fleets.fall if self._observe_calls else 0
+        self.dispatcher.fall = _passive_fall(config, probed=self.poller is not None)
         if not self.worker:
             notes += self.apply_fleets(specs, config)
         if self.poller is not None:
@@ -537,3 +535,9 @@ def warn_about_chain(config: IngressConfig) -> None:
             "carriers may fail to verify the certificate chain; fleet-ingress check says how",
             extra=fields(key=key, cert=str(tls.cert), problem=problem),
         )
+
+
+def _passive_fall(config: IngressConfig, *, probed: bool) -> int:
+    """Refused calls in a row that take a fleet DOWN (`FleetState.call_unreachable`):
+    `fleets.fall` where probes run to bring it back, else 0 (not observed)."""
+    return config.fleets.fall if probed else 0
