@@ -572,10 +572,8 @@ class CarrierProtocol(_Side):
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None
-                local = isinstance(exc, socket.gaierror) or (
-                    not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
-                )
-                self.feed(FleetConnectFailed(str(exc) or type(exc).__name__, local=local))
+                detail = str(exc) or type(exc).__name__
+                self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
             return
         except asyncio.CancelledError:
             raise
@@ -883,6 +881,14 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 _LOCAL_CONNECT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
+
+
+def _this_hosts_failure(exc: OSError) -> bool:
+    """A fleet connection that failed for this host's own want (descriptors,
+    memory, local ports, name resolution), not for the fleet's answer."""
+    if isinstance(exc, socket.gaierror):
+        return True
+    return not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
 
 
 def _first_line(raw: bytes) -> str:

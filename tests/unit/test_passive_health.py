@@ -1,0 +1,87 @@
+"""Passive health's pieces outside the call machine and FleetState (whose
+transcripts are in test_call_machine.py and test_balancer.py): how a failed
+connection is classed, how a probe's verdict meets calls that took a fleet
+DOWN, and what ends a streak of refused calls. No sockets."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+
+import pytest
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.call_machine import Lost
+from fleet_ingress.core.fleet_set import FleetSet
+from fleet_ingress.core.health import Health
+from fleet_ingress.core.probe import ProbeResult
+from fleet_ingress.net.dispatch import take_as_full
+from fleet_ingress.net.poller import HealthPoller, ProbeSettings
+from fleet_ingress.net.proxy import _lost_kind, _this_hosts_failure
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (None, Lost.CLOSED),
+        (TimeoutError(errno.ETIMEDOUT, "user timeout"), Lost.GONE),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), Lost.RESET),
+        (BrokenPipeError(errno.EPIPE, "a write to a side its peer reset"), Lost.RESET),
+        (ssl.SSLError(1, "bad record mac"), Lost.ERROR),
+    ],
+)
+def test_how_a_side_was_lost(exc, kind):
+    assert _lost_kind(exc) is kind
+
+
+@pytest.mark.parametrize(
+    ("exc", "hosts"),
+    [
+        (OSError(errno.EMFILE, "Too many open files"), True),
+        (OSError(errno.EADDRNOTAVAIL, "no local port"), True),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), False),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+    ],
+)
+def test_this_hosts_own_failures_are_not_held_against_a_fleet(exc, hosts):
+    assert _this_hosts_failure(exc) is hosts
+
+
+class _Queue:
+    queue_length = 0
+    queue_timeouts = 0
+
+    def wake(self) -> None:
+        pass
+
+
+def _fleet_and_poller():
+    balancer = Balancer(
+        FleetSet.from_specs(parse_fleets_text("https://a.test name=a\n", default_maxconn=16))
+    )
+    settings = ProbeSettings("/health/fleet", "fleet_available", 1.0, 1.0, fall=2, rise=1)
+    poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
+    return balancer.fleets[0], poller
+
+
+def test_a_pass_from_a_probe_sent_before_calls_took_the_fleet_down_is_no_verdict():
+    fleet, poller = _fleet_and_poller()
+    passed = ProbeResult(passed=True, reason="ok", capacity=5)
+    assert fleet.call_unreachable(1, 10.0)  # refused: DOWN at 10.0
+    poller.record(fleet, passed, 0, 0.01, sent_at=9.9)  # over the old connection, maybe
+    assert fleet.health is Health.DOWN and fleet.probes_total == 1
+    poller.record(fleet, passed, 0, 0.01, sent_at=10.5)  # sent after: rise 1
+    assert fleet.health is Health.UP and fleet.reported_available == 5
+
+
+def test_a_429_ends_a_streak_of_refused_calls():
+    fleet, _ = _fleet_and_poller()
+    fleet.health = Health.UP
+    assert not fleet.call_unreachable(2, 1.0)
+    take_as_full(fleet)  # it answered a call: it takes connections
+    assert not fleet.call_unreachable(2, 2.0)
+    assert fleet.health is Health.UP
