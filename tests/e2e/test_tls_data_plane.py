@@ -501,3 +501,61 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         await eventually(lambda: carrier.lost and not ingress.registry.calls)
     finally:
         await fleet.stop()
+
+
+# -- who hung up, through TLS on both sides -----------------------------------------------
+
+
+@pytest.mark.parametrize("closer", ["fleet", "carrier"])
+async def test_a_close_frame_through_tls_says_who_hung_up_and_a_payload_like_one_does_not(
+    start_ingress: StartIngress, tls_files: TLSFiles, closer: str
+) -> None:
+    """A read that is one whole close frame says who hung up, whichever side's
+    TCP close comes first (tests/socketpair has it without TLS, where a read is
+    not a record). A binary message's payload read on its own that starts with
+    0x88 is relayed and is not one. The side that did not send the close frame
+    closes TCP first here, so the TCP order alone would name the wrong side."""
+    payload_seen = asyncio.Event()
+    carrier_close = b"\x88\x82" + bytes(4) + b"\x03\xe8"  # close 1000, masked (zero mask)
+    fleet_close = b"\x88\x02\x0f\xa1"  # close 4001, unmasked: the fleet is the server
+
+    async def fleet_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(SWITCHING)
+        assert await reader.readexactly(2 + 4 + 100) == b"\x82\xe4" + bytes(4) + b"\x88" + bytes(99)
+        payload_seen.set()
+        if closer == "fleet":
+            writer.write(fleet_close)
+            await writer.drain()
+            await reader.read()  # until the carrier's side is closed
+        else:
+            assert await reader.readexactly(len(carrier_close)) == carrier_close
+            writer.write(fleet_close)  # the answering close frame, then TCP: the fleet first
+            await writer.drain()
+        writer.close()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), fleet_side).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+            )
+            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+            writer.write(b"\x82\xe4" + bytes(4))  # binary, masked, 100 bytes: a record
+            await writer.drain()
+            await asyncio.sleep(0.05)  # read by the ingress apart from its payload
+            writer.write(b"\x88" + bytes(99))  # the payload, starting as a close frame would
+            await payload_seen.wait()
+            if closer == "carrier":
+                writer.write(carrier_close)
+            assert await reader.readexactly(len(fleet_close)) == fleet_close
+            if closer == "fleet":
+                writer.close()  # the carrier answers by closing: its TCP goes first
+            await eventually(lambda: not ingress.registry.calls)
+            writer.close()
+        assert dict(ingress.registry.ended) == {("a", f"{closer} closed"): 1}
+    finally:
+        await fleet.stop()
