@@ -26,21 +26,29 @@ class RateLimitedLog:
     For lines a stranger can cause (a refused request head): a flood of them
     must not become a flood of log lines, costing disk, the log shipper and the
     event loop. The next line that gets through carries `suppressed`, the
-    number dropped since the last line written."""
+    number dropped since the last line written; if none comes by the end of the
+    second (the flood has stopped), a line `"log lines suppressed"` says how
+    many of which event were dropped, so that a burst's size is always in the
+    log within a second (given `call_later`, the loop's, to be woken then)."""
+
+    SUMMARY = "log lines suppressed"
 
     def __init__(
         self,
         logger: logging.Logger,
         per_second: int,
         clock: Callable[[], float] = time.monotonic,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self.logger = logger
         self.per_second = per_second
         self.clock = clock
+        self.call_later = call_later
         self.suppressed_total = 0
         self._window = -1.0
         self._written = 0
         self._suppressed = 0
+        self._suppressed_event = ""
 
     def info(self, event: str, **values: Any) -> bool:
         """Write the line, or count it; True if written."""
@@ -48,7 +56,10 @@ class RateLimitedLog:
         if now - self._window >= 1.0:
             self._window, self._written = now, 0
         if self._written >= self.per_second:
+            if not self._suppressed and self.call_later is not None:
+                self.call_later(self._window + 1.0 - now, self.flush)
             self._suppressed += 1
+            self._suppressed_event = event
             self.suppressed_total += 1
             return False
         self._written += 1
@@ -57,6 +68,14 @@ class RateLimitedLog:
             self._suppressed = 0
         self.logger.info(event, extra=fields(**values))
         return True
+
+    def flush(self) -> None:
+        """Say how many lines were dropped since the last one written, if any were."""
+        if self._suppressed:
+            count, self._suppressed = self._suppressed, 0
+            self.logger.info(
+                self.SUMMARY, extra=fields(suppressed=count, of=self._suppressed_event)
+            )
 
 
 class JsonFormatter(logging.Formatter):

@@ -325,6 +325,7 @@ async def test_a_flood_of_refused_heads_is_logged_at_a_bounded_rate(
     ingress = await start_ingress([teapot.line("teapot")])
     now = [1000.0]
     ingress.refusals.clock = lambda: now[0]  # one second, however long the handshakes take
+    ingress.refusals.call_later = lambda delay, then: None  # its end-of-second line: below
     flood = [upgrade(target=b"/nowhere")] * (ingress.refusals.per_second + 5)
     await asyncio.gather(*(raw_exchange(ingress, tls_files, raw) for raw in flood))
     assert len(refused_lines(caplog)) == ingress.refusals.per_second
@@ -332,6 +333,26 @@ async def test_a_flood_of_refused_heads_is_logged_at_a_bounded_rate(
     await raw_exchange(ingress, tls_files, many_lines(101))
     assert refused_lines(caplog)[-1]["suppressed"] == 5
     assert refused_lines(caplog)[-1]["status"] == 431
+
+
+async def test_a_flood_of_refused_heads_that_stops_is_counted_within_a_second(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet, caplog
+):
+    """No next line comes to carry the count of the lines dropped: a line at the
+    end of the second says it (before, it waited for the next refused request,
+    which could be hours later)."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    ingress = await start_ingress([teapot.line("teapot")])
+    ingress.refusals.per_second = 3
+    flood = [upgrade(target=b"/nowhere")] * 8
+    await asyncio.gather(*(raw_exchange(ingress, tls_files, raw) for raw in flood))
+    summary = lambda: [f for f in refused_lines(caplog) if "status" not in f]  # noqa: E731
+    await eventually(lambda: bool(summary()), timeout=2.5)
+    counted = sum(f.get("suppressed", 0) for f in refused_lines(caplog))
+    written = [f for f in refused_lines(caplog) if "status" in f]
+    assert len(written) + counted == 8 and counted >= 1
+    assert summary()[0]["of"] == "request refused"
+    assert any(r.getMessage() == "log lines suppressed" for r in caplog.records)
 
 
 async def test_refused_heads_on_port_80_are_logged_too(

@@ -51,6 +51,49 @@ def test_a_steady_flood_gets_per_second_lines_each_second(lines):
     assert suppressed + log._suppressed == 10 * 1000 - 50
 
 
+def test_a_burst_that_stops_is_counted_in_a_line_at_the_end_of_its_second(lines):
+    """A flood that stops leaves no next line to carry its count: the timer set
+    when the first line is dropped writes it at the end of that second, once."""
+    clock = Clock()
+    timers: list[tuple[float, object]] = []
+    log = RateLimitedLog(
+        logging.getLogger("test.refused"),
+        per_second=3,
+        clock=clock,
+        call_later=lambda delay, then: timers.append((delay, then)),
+    )
+    log.info("request refused", status=400)
+    clock.now += 0.25
+    for _ in range(9):
+        log.info("request refused", status=431)
+    assert [delay for delay, _ in timers] == [0.75]  # one timer, at the second's end
+    clock.now += 0.75
+    timers[0][1]()  # type: ignore[operator]
+    assert lines()[-1] == {"suppressed": 7, "of": "request refused"}
+    assert [r for r in lines() if "status" in r] == [{"status": 400}] + [{"status": 431}] * 2
+    timers[0][1]()  # type: ignore[operator]  # a second call finds nothing to say
+    assert len(lines()) == 4
+    assert log.info("request refused", status=400)
+    assert "suppressed" not in lines()[-1]  # counted once
+
+
+def test_a_count_carried_by_the_next_line_is_not_written_again(lines):
+    clock = Clock()
+    timers: list[object] = []
+    log = RateLimitedLog(
+        logging.getLogger("test.refused"),
+        per_second=1,
+        clock=clock,
+        call_later=lambda delay, then: timers.append(then),
+    )
+    log.info("request refused")
+    log.info("request refused")  # dropped: a timer
+    clock.now += 1.0
+    log.info("request refused")  # the next second's line carries the count
+    timers[0]()  # type: ignore[operator]
+    assert lines() == [{}, {"suppressed": 1}]
+
+
 def test_the_line_is_one_json_object_with_its_fields(caplog):
     caplog.set_level(logging.INFO, logger="test.refused")
     RateLimitedLog(logging.getLogger("test.refused"), per_second=1).info(

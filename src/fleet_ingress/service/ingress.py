@@ -112,7 +112,11 @@ class Ingress:
             fall=_passive_fall(config, probed=health_checks),
         )
         self.registry = Registry()
-        self.refusals = RateLimitedLog(refused_log, REFUSED_LINES_PER_SECOND)
+        self.refusals = RateLimitedLog(
+            refused_log,
+            REFUSED_LINES_PER_SECOND,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+        )
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
