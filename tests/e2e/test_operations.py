@@ -697,12 +697,12 @@ async def test_access_log_lines_for_normal_429_and_503(deployment: Deployment, c
         await d.call()
     assert info.value.response.status_code == 503
     # Both drained by the operator: the carrier and the access line say so.
-    assert b"no fleet is up (2 drained)" in info.value.response.body
+    assert b"no fleet takes calls (2 drained)" in info.value.response.body
     await eventually(lambda: len(_access_entries(caplog)) == 4)
     no_fleet = _access_entries(caplog)[3]
     assert (no_fleet["status"], no_fleet["fleet"], no_fleet["attempts"]) == (503, None, 0)
     assert no_fleet["end_reason"] == "refused"
-    assert no_fleet["detail"] == "no fleet is up (2 drained)"
+    assert no_fleet["detail"] == "no fleet takes calls (2 drained)"
 
 
 async def test_metrics_count_ended_calls_by_reason_and_failed_handshakes(deployment: Deployment):

@@ -97,7 +97,14 @@ def test_why_no_fleet_is_up_counts_the_fleets_by_what_keeps_them_out():
     for fleet, (health, admin) in zip(b.fleets, states, strict=True):
         fleet.health, fleet.admin = health, admin
     assert b.pick().verdict is Verdict.NO_FLEET_UP
-    assert b.none_up_reason() == "no fleet is up (2 drained, 2 in maintenance, 2 down)"
+    assert b.none_up_reason() == "no fleet takes calls (2 drained, 2 in maintenance, 2 down)"
+    for fleet in b.fleets:  # health alone: "is up" names it
+        fleet.health, fleet.admin = Health.DOWN, Admin.READY
+    assert b.none_up_reason() == "no fleet is up (6 down)"
+    b.fleets[0].admin = Admin.MAINT
+    assert b.none_up_reason() == "no fleet takes calls (1 in maintenance, 5 down)"
+    for fleet, (health, admin) in zip(b.fleets, states, strict=True):
+        fleet.health, fleet.admin = health, admin
     b.fleets[3].health = Health.INIT  # a READY fleet not probed yet: calls wait for it
     assert b.pick().verdict is Verdict.NO_CAPACITY
 

@@ -25,6 +25,7 @@ from fleet_ingress.core.probe import ProbeResult
 # What a refused call is told when no fleet takes calls; `Balancer.none_up_reason`
 # says why after it.
 NO_FLEET_UP = "no fleet is up"
+NO_FLEET_TAKES_CALLS = "no fleet takes calls"  # some left drained or in maintenance
 
 
 class Verdict(enum.Enum):
@@ -270,9 +271,11 @@ class Balancer:
 
     def none_up_reason(self) -> str:
         """Why no fleet takes calls, by count (no fleet's name: the 503 that
-        says it goes to the carrier), e.g. ``no fleet is up (2 drained, 1 down)``.
-        An operator's state is named before health: a drained fleet that is
-        also DOWN counts as drained."""
+        says it goes to the carrier), e.g. ``no fleet takes calls (2 drained, 1
+        down)``; ``no fleet is up (2 down)`` when health alone is why (an operator
+        reading "is up" looks at health, not at the fleets left drained). An
+        operator's state is named before health: a drained fleet that is also
+        DOWN counts as drained."""
         counts = {"drained": 0, "in maintenance": 0, "down": 0}
         for f in self.fleets:
             if f.admin is Admin.DRAIN:
@@ -283,7 +286,10 @@ class Balancer:
                 counts["down"] += 1
             # (A READY fleet not probed yet is never here: calls wait for its verdict.)
         parts = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-        return f"{NO_FLEET_UP} ({parts or 'none configured'})"
+        by_operator = counts["drained"] or counts["in maintenance"]
+        return (
+            f"{NO_FLEET_TAKES_CALLS if by_operator else NO_FLEET_UP} ({parts or 'none configured'})"
+        )
 
     def get(self, name: str) -> FleetState | None:
         return next((f for f in self.fleets if f.name == name), None)
