@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import subprocess
 import sys
 import time
@@ -11,10 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
+from fleet_ingress.net.tls import fleet_ssl_context
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import StartIngress, TcpDoor, TLSFiles, eventually, wss_url
@@ -503,3 +508,32 @@ async def test_a_fleet_whose_renewed_certificate_fails_verification_goes_down_by
         assert fleet_a.last_probe is not None and not fleet_a.last_probe.passed
         tls_files.fleet_cert.configure_cert(context)  # the right one again
         await eventually(lambda: fleet_a.health is Health.UP, timeout=8)
+
+
+async def test_a_probe_of_a_fleet_that_requires_a_client_certificate_says_it_may(
+    tls_files: TLSFiles,
+) -> None:
+    """fleet-ingress sends no client certificate. Under TLS 1.3 a fleet that
+    requires one alerts after the handshake, which aiohttp reads as a plain
+    disconnect: the probe's reason asks the question an operator needs (the TLS
+    audit of session 12 saw only 'closed the connection without answering')."""
+    server_ctx = tls_files.fleet_server_context()
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    server_ctx.load_verify_locations(cafile=str(tls_files.ca_pem))
+    app = web.Application()
+    app.router.add_get("/health/fleet", lambda _: web.json_response({"fleet_available": 3}))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        (spec,) = parse_fleets_text(f"https://127.0.0.1:{port} name=m", default_maxconn=16)
+        settings = ProbeSettings("/health/fleet", "fleet_available", 1.0, 2.0, 2, 2)
+        fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
+        async with health_session(fleet_ssl, settings) as session:
+            result = await probe_fleet(session, spec, settings)
+        assert not result.passed
+        assert "client certificate" in result.reason, result
+    finally:
+        await runner.cleanup()

@@ -82,6 +82,13 @@ async def probe_fleet(
         reason = "refused" if isinstance(exc.os_error, ConnectionRefusedError) else "connect failed"
         return failed(f"{reason}: {exc.os_error.strerror or exc.os_error}")
     except aiohttp.ServerDisconnectedError:
+        if spec.scheme == "https":
+            # TLS 1.3: a server that requires a client certificate says so with an
+            # alert after the handshake, which reads as this disconnect.
+            return failed(
+                "fleet closed the connection without answering (does it require a "
+                "client certificate? fleet-ingress sends none)"
+            )
         return failed("fleet closed the connection without answering")
     except (aiohttp.ClientError, OSError) as exc:
         return failed(f"{type(exc).__name__}: {exc}")
