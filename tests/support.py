@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import json
 import os
 import shutil
@@ -469,13 +470,19 @@ class EventChild:
 
 
 def write_leaf_cert(
-    ca: trustme.CA, home: Path, key_type: trustme.KeyType = trustme.KeyType.ECDSA
+    ca: trustme.CA,
+    home: Path,
+    key_type: trustme.KeyType = trustme.KeyType.ECDSA,
+    *,
+    names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
 ) -> str:
     """Issue a fresh leaf into home/cert.pem and key.pem (as certbot's renewal
     replaces them); returns its serial in hex as `ssl` shows it, without leading 0s."""
     from cryptography import x509
 
-    leaf = ca.issue_cert("127.0.0.1", "localhost", key_type=key_type)
+    leaf = ca.issue_cert(*names, key_type=key_type, not_before=not_before, not_after=not_after)
     for name, data in (
         ("key.pem", leaf.private_key_pem.bytes()),
         ("cert.pem", b"".join(blob.bytes() for blob in leaf.cert_chain_pems)),

@@ -12,7 +12,9 @@
 # (tls.cert = .../live/<domain>/fullchain.pem, tls.key = .../privkey.pem). Renewal
 # repoints those symlinks at the new files, and SIGHUP makes the ingress load them:
 # new handshakes get the new certificate, established calls are untouched, and a
-# certificate that does not load is refused with the old one kept serving. The
+# certificate that does not load, or that carriers could not use (expired, not valid
+# yet, for none of the names of the one in use), is refused with the old one kept
+# serving. The
 # HAProxy design had to concatenate fullchain and key into one combined PEM first,
 # atomically, in a directory HAProxy could read; that copy step (and the stale copy
 # it left behind when it failed) is gone.

@@ -182,6 +182,20 @@ def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None
     assert run(deployment)[0] == 0
 
 
+def test_a_certificate_not_valid_yet_warns_naming_the_clock(
+    deployment: Path, ca: trustme.CA
+) -> None:
+    """Said, not refused: `run` starts with it (its :80 listener lets certbot renew);
+    a reload refuses it in place of a certificate carriers can use."""
+    start = datetime.now(UTC) + timedelta(days=1)
+    leaf = ca.issue_cert("calls.example.com", not_before=start, not_after=start + timedelta(90))
+    write_certbot_files(deployment.parent, leaf)
+    (line,) = check_configuration(deployment)
+    assert line.startswith(f"{WARNING}{deployment}: tls.cert: ")
+    assert "is not valid until" in line and "clock" in line
+    assert run(deployment)[0] == 0
+
+
 def test_example_config_only_lacks_its_certificate_files() -> None:
     placeholder = "/etc/letsencrypt/live/__INGRESS_DOMAIN__"
     assert check_configuration(EXAMPLE) == [

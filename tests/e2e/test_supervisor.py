@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import resource
 import signal
@@ -482,6 +483,46 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
             await _echo(ws)
         reloaded = [e for e in service.log() if e["event"] == "reloaded"]
         assert len(reloaded) == 1 and reloaded[0]["changes"] == "no fleet changes"
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old_one_serving(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """load_cert_chain takes an expired certificate, one not valid yet and one for
+    another name: applied, each would fail every new carrier's handshake, the good
+    certificate gone (a renewal gone wrong; the TLS audit of session 12). Each is
+    refused, in every worker, the certificate in use serving on; then a good
+    renewal applies. Calls made before go on throughout."""
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    now = datetime.datetime.now(datetime.UTC)
+    day = datetime.timedelta(days=1)
+    try:
+        await _open_on_both(service, tls_files, calls, 4)
+        old = await _peer_serial(service, tls_files)
+        wrong = [
+            ({"not_before": now - 90 * day, "not_after": now - day}, "expired on"),
+            ({"not_before": now + day, "not_after": now + 90 * day}, "is not valid until"),
+            ({"names": ("calls.other.test",)}, "none of the names of the certificate in use"),
+        ]
+        for n, (issue, why) in enumerate(wrong, start=2):
+            write_leaf_cert(tls_files.ca, service.home, **issue)  # type: ignore[arg-type]
+            service.proc.send_signal(signal.SIGHUP)
+            await service.wait_for("READY=1", count=n)
+            last = (await service.stats())["last_reload"]
+            assert last["result"] == "refused" and why in last["error"], last
+            assert "the certificate in use stays" in last["error"]
+            assert {await _peer_serial(service, tls_files) for _ in range(8)} == {old}
+        new = write_leaf_cert(tls_files.ca, service.home, names=("localhost", "calls.test"))
+        service.proc.send_signal(signal.SIGHUP)  # shares "localhost" with the one in use
+        await service.wait_for("READY=1", count=len(wrong) + 2)
+        assert (await service.stats())["last_reload"]["result"] == "applied"
+        assert {await _peer_serial(service, tls_files) for _ in range(8)} == {new}
+        for ws in calls:
+            await _echo(ws)
     finally:
         await close_calls(calls)
         await service.finish()

@@ -10,6 +10,7 @@ from typing import TextIO
 
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.core.certificate_change import CLOCK_SKEW
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.probe import ProbeResult, judge_health_response
 from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
@@ -18,6 +19,7 @@ from fleet_ingress.net.tls import (
     certificate_not_after,
     chain_problem,
     fleet_ssl_context,
+    leaf_facts,
     server_ssl_context,
 )
 
@@ -155,9 +157,18 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
             return [f"{source}: tls.cert: {cert} {problem}"]
     except TLSSetupError as exc:
         return [f"{source}: tls.ca_file: {exc}"]
+    # Warnings, not errors: `run` must start with such a certificate, since its :80
+    # listener is what lets certbot renew it. A reload refuses one (certificate_change).
     if days_left < EXPIRY_WARNING_DAYS:
         state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
         return [f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?"]
+    not_before = leaf_facts(cert).not_before
+    if time.time() < not_before - CLOCK_SKEW:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
+        return [
+            f"{WARNING}{source}: tls.cert: {cert} is not valid until {when}: carriers "
+            "will refuse it until then (is this host's clock right?)"
+        ]
     return []
 
 

@@ -14,6 +14,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from fleet_ingress.core.certificate_change import LeafFacts
+
 log = logging.getLogger("fleet_ingress.tls")
 
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -171,6 +173,33 @@ def certificate_not_after(cert: Path) -> float:
         return x509.load_pem_x509_certificate(data).not_valid_after_utc.timestamp()
     except ValueError:
         raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
+
+
+def leaf_facts(cert: Path) -> LeafFacts:
+    """The first certificate of a PEM file (the leaf, in fullchain.pem): its validity
+    and the names it is for (its subjectAltName; its common name if it has none)."""
+    try:
+        data = cert.read_bytes()
+    except OSError as exc:
+        raise TLSSetupError(f"certificate {cert} cannot be read: {exc.strerror}") from None
+    try:
+        leaf = x509.load_pem_x509_certificate(data)
+    except ValueError:
+        raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+        names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        names = [
+            str(attr.value).lower()
+            for attr in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        ]
+    return LeafFacts(
+        not_before=leaf.not_valid_before_utc.timestamp(),
+        not_after=leaf.not_valid_after_utc.timestamp(),
+        names=frozenset(names),
+    )
 
 
 # How clients judge the chain the listener serves: OpenSSL's verification, as a

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -20,6 +20,7 @@ from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSect
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import EndReason
+from fleet_ingress.core.certificate_change import LeafFacts, renewal_problem
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -41,6 +42,7 @@ from fleet_ingress.net.tls import (
     certificate_not_after,
     chain_problem,
     fleet_ssl_context,
+    leaf_facts,
     server_ssl_context,
 )
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
@@ -121,6 +123,7 @@ class Ingress:
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
         self.started_at = time.time()
+        self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
         self.certificate_not_after: float | None = None
         if config.tls.cert is not None:
             try:
@@ -335,17 +338,20 @@ class Ingress:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
             # fleets' TLS context reads the system's trust store (20 ms measured).
-            new = await asyncio.to_thread(read_reload, config_path, fleets=not self.worker)
+            new = await asyncio.to_thread(
+                read_reload, config_path, fleets=not self.worker, serving=self.serving_leaf
+            )
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
-        config, specs, server_ssl, fleet_ssl = new
+        config, specs, server_ssl, fleet_ssl, leaf = new
         # A worker's listeners and fleets are the supervisor's, which says what changed.
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
         self.server_ssl = server_ssl
+        self.serving_leaf = leaf
         self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.config = config
         self.ctx = self._proxy_context(config, fleet_ssl)
@@ -462,12 +468,23 @@ class ReloadRefused(Exception):
     """The new configuration is invalid; the running one stays in force."""
 
 
+class ReadReload(NamedTuple):
+    """Everything a reload applies, read and checked."""
+
+    config: IngressConfig
+    specs: list[FleetSpec]
+    server_ssl: ssl.SSLContext
+    fleet_ssl: ssl.SSLContext
+    leaf: LeafFacts  # the carrier listener's certificate
+
+
 def read_reload(
-    config_path: Path, *, fleets: bool = True
-) -> tuple[IngressConfig, list[FleetSpec], ssl.SSLContext, ssl.SSLContext]:
+    config_path: Path, *, fleets: bool = True, serving: LeafFacts | None = None
+) -> ReadReload:
     """Read and check everything a reload applies, before applying any of it:
     config, fleets file (unless `fleets` is false: a worker's are the
-    supervisor's), certificate. Any problem raises ReloadRefused, naming it."""
+    supervisor's), certificate (against `serving`, the one carriers get now:
+    core/certificate_change.py). Any problem raises ReloadRefused, naming it."""
     try:
         config = load_config(config_path)
         specs: list[FleetSpec] = []
@@ -480,10 +497,25 @@ def read_reload(
         if config.tls.cert is None or config.tls.key is None:
             raise ReloadRefused("tls.cert and tls.key must be set")
         server_ssl = carrier_ssl_context(config)
+        leaf = leaf_facts(config.tls.cert)
+        if problem := renewal_problem(leaf, serving, time.time()):
+            raise ReloadRefused(
+                f"tls.cert: {config.tls.cert} {problem}; the certificate in use stays"
+            )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
     except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
         raise ReloadRefused(str(exc)) from None
-    return config, specs, server_ssl, fleet_ssl
+    return ReadReload(config, specs, server_ssl, fleet_ssl, leaf)
+
+
+def serving_leaf(config: IngressConfig) -> LeafFacts | None:
+    """The certificate loaded at start, as a reload judges its successor; None when
+    it cannot be read (a reload's then judged on its own)."""
+    if config.tls.cert is None:
+        return None
+    with contextlib.suppress(TLSSetupError):
+        return leaf_facts(config.tls.cert)
+    return None
 
 
 def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:

@@ -89,6 +89,7 @@ from fleet_ingress.service.ingress import (
     listener_notes,
     probe_settings,
     read_reload,
+    serving_leaf,
     warn_about_chain,
 )
 from fleet_ingress.service.lifecycle import (
@@ -167,6 +168,7 @@ class Supervisor:
         self.server = SlotServer(self.slots, view=self.view)
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.time()
+        self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
         self.certificate_not_after: float | None = None
         with contextlib.suppress(OSError, ValueError):
             if config.tls.cert is not None:
@@ -968,7 +970,9 @@ class Supervisor:
             # Off the loop, which answers the workers' slot requests meanwhile:
             # the fleets' TLS context alone reads the system's trust store (20 ms
             # measured), and a file on a slow disk could hold every call's lease.
-            config, specs, _, fleet_ssl = await asyncio.to_thread(read_reload, self.config_path)
+            config, specs, _, fleet_ssl, leaf = await asyncio.to_thread(
+                read_reload, self.config_path, serving=self.serving_leaf
+            )
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
@@ -985,6 +989,7 @@ class Supervisor:
                 "(its new generation) or restart"
             )
         self.config = config
+        self.serving_leaf = leaf
         if not_after is not None:
             self.certificate_not_after = not_after
         self.slots.queue_timeout = config.timeouts.queue

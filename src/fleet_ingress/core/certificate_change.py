@@ -1,0 +1,77 @@
+"""Whether a reload may swap the carrier listener's certificate for a new one (no I/O).
+
+`load_cert_chain` refuses what OpenSSL cannot load (a key that does not match,
+a truncated PEM). It takes anything else, and a reload that applies it drops
+the certificate in use for good: a renewal gone wrong (certbot's live/ pointed
+at an expired certificate, one not valid yet, or one issued for another name)
+then fails every new carrier's handshake until someone notices. Those are
+refused here, the certificate in use kept serving. A certificate that covers
+only some of the names of the one in use is taken: moving names between
+certificates is an operator's choice, and carriers dialing a name it still
+covers are served.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+# A certificate a few minutes from valid is served: this host's clock or the CA's
+# may be a little off, as certbot's own renewals issue certificates valid from "now".
+CLOCK_SKEW = 300.0
+
+
+@dataclass(frozen=True)
+class LeafFacts:
+    """What a reload judges of a certificate (the first of its PEM file)."""
+
+    not_before: float  # epoch seconds
+    not_after: float
+    names: frozenset[str]  # DNS names (lowercase, wildcards kept) and IP addresses it is for
+
+
+def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> str | None:
+    """Why `new` must not replace `serving` (the certificate carriers get now), or None."""
+    if now < new.not_before - CLOCK_SKEW:
+        return (
+            f"is not valid until {_utc(new.not_before)}: carriers would refuse it "
+            "(is this host's clock right?)"
+        )
+    if now > new.not_after:
+        return f"expired on {_utc(new.not_after)}"
+    # A certificate in use that has expired serves no carrier: any names may follow it.
+    if serving is not None and serving.names and new.names and now <= serving.not_after:
+        if not any(_overlap(a, b) for a in serving.names for b in new.names):
+            return (
+                f"is for {_listed(new.names)}, none of the names of the certificate in "
+                f"use ({_listed(serving.names)}): carriers dialing those would fail to "
+                "verify it (to move to other names, serve one certificate for both "
+                "while carriers move)"
+            )
+    return None
+
+
+def covers(pattern: str, name: str) -> bool:
+    """Whether a certificate name matches `name` as a client checks it (RFC 6125):
+    exactly, or a wildcard `*.` standing for one whole leftmost label."""
+    pattern, name = pattern.lower(), name.lower()
+    if pattern == name:
+        return True
+    if pattern.startswith("*.") and not name.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return False
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether some host name is covered by both certificate names."""
+    return covers(a, b) or covers(b, a)
+
+
+def _listed(names: frozenset[str]) -> str:
+    shown = sorted(names)
+    return ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))

@@ -1,0 +1,90 @@
+"""Which certificate a reload may put in place of the one carriers get (no sockets, no files)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet_ingress.core.certificate_change import (
+    CLOCK_SKEW,
+    LeafFacts,
+    covers,
+    renewal_problem,
+)
+
+NOW = 1_800_000_000.0
+DAY = 86400.0
+
+
+def leaf(*names: str, valid_from: float = NOW - DAY, valid_to: float = NOW + 60 * DAY) -> LeafFacts:
+    return LeafFacts(not_before=valid_from, not_after=valid_to, names=frozenset(names))
+
+
+SERVING = leaf("calls.example.com")
+
+
+def test_a_renewal_for_the_same_name_is_taken() -> None:
+    assert renewal_problem(leaf("calls.example.com"), SERVING, NOW) is None
+
+
+def test_an_expired_certificate_is_refused_with_its_date() -> None:
+    problem = renewal_problem(leaf("calls.example.com", valid_to=NOW - 1), SERVING, NOW)
+    assert problem is not None and problem.startswith("expired on 2027-01-15")
+
+
+def test_one_not_valid_yet_is_refused_unless_within_the_clock_skew() -> None:
+    later = leaf("calls.example.com", valid_from=NOW + CLOCK_SKEW + 1)
+    problem = renewal_problem(later, SERVING, NOW)
+    assert problem is not None and "not valid until" in problem and "clock" in problem
+    assert renewal_problem(leaf("calls.example.com", valid_from=NOW + 60), SERVING, NOW) is None
+
+
+def test_one_for_other_names_only_is_refused_naming_both() -> None:
+    problem = renewal_problem(leaf("calls.other.test"), SERVING, NOW)
+    assert problem is not None
+    assert "calls.other.test" in problem and "(calls.example.com)" in problem
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("calls.example.com", "calls2.example.com"),  # a name added
+        ("calls2.example.com", "calls.example.com"),
+        ("*.example.com",),  # a wildcard that covers it
+    ],
+)
+def test_one_that_still_covers_a_name_in_use_is_taken(names: tuple[str, ...]) -> None:
+    assert renewal_problem(leaf(*names), SERVING, NOW) is None
+
+
+def test_dropping_some_names_of_several_is_the_operators_choice() -> None:
+    serving = leaf("a.example.com", "b.example.com")
+    assert renewal_problem(leaf("b.example.com"), serving, NOW) is None
+    # From a wildcard to one name it covered: carriers dialing that name are served.
+    assert renewal_problem(leaf("calls.example.com"), leaf("*.example.com"), NOW) is None
+    assert renewal_problem(leaf("calls.other.test"), leaf("*.example.com"), NOW) is not None
+
+
+def test_after_an_expired_certificate_in_use_any_names_may_follow() -> None:
+    expired = leaf("old.example.com", valid_from=NOW - 90 * DAY, valid_to=NOW - DAY)
+    assert renewal_problem(leaf("new.example.com"), expired, NOW) is None
+
+
+def test_with_nothing_known_of_the_one_in_use_only_the_dates_are_judged() -> None:
+    assert renewal_problem(leaf("anything.test"), None, NOW) is None
+    assert renewal_problem(leaf("anything.test", valid_to=NOW - 1), None, NOW) is not None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "name", "covered"),
+    [
+        ("calls.example.com", "CALLS.example.com", True),
+        ("*.example.com", "calls.example.com", True),
+        ("*.example.com", "a.calls.example.com", False),  # one label only
+        ("*.example.com", "example.com", False),
+        ("*.example.com", "*.example.com", True),  # the same wildcard
+        ("calls.example.com", "*.example.com", False),
+        ("127.0.0.1", "127.0.0.1", True),
+    ],
+)
+def test_what_a_name_covers(pattern: str, name: str, covered: bool) -> None:
+    assert covers(pattern, name) is covered
