@@ -11,6 +11,7 @@ the alert a refused client gets), reads, flow control, close.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import itertools
 import os
@@ -18,6 +19,7 @@ import resource
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -1024,3 +1026,96 @@ async def test_a_reset_is_an_error_with_its_errno_not_an_end(
     peer = srv.handlers[0]
     await eventually(lambda: peer.lost)
     assert isinstance(peer.exc, ConnectionResetError) and not peer.eof, repr(peer.exc)
+
+
+async def test_a_peer_that_stops_reading_past_the_user_timeout_is_gone_not_a_reset(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A live peer that stops reading (a stuck bot) closes its TCP window; Linux
+    gives the connection up after TCP_USER_TIMEOUT though the peer acknowledges
+    every zero-window probe, and the kernel's retransmit and probe counts are
+    back to 0. It was taken for a reset (the pair audit of session 12: a stalled
+    fleet logged as fleet_reset); the window closed on bytes still to send says
+    the peer stopped taking them."""
+    srv = server()
+    srv.reading = False  # the server side never reads: its window closes
+    conn, handler = await _client(tls_files, srv.port)
+    conn.ssl_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+    await eventually(lambda: len(srv.handlers) == 1)
+    block = b"x" * 16384
+    for _ in range(2000):  # 32 MiB at most: until the kernel's buffers and ours are full
+        if handler.pauses:
+            break
+        conn.write(block)
+        await asyncio.sleep(0)
+    assert handler.pauses == 1
+    await eventually(lambda: handler.lost, timeout=10)
+    assert isinstance(handler.exc, TimeoutError), repr(handler.exc)
+    assert handler.exc.errno == errno.ETIMEDOUT
+
+
+def test_a_read_after_the_kernel_gave_up_on_a_closed_window_is_classed_as_gone(
+    tls_files: TLSFiles,
+) -> None:
+    """The read path of the same failure: CPython reports SSL_read on a socket the
+    kernel aborted as SSLEOFError with neither reason nor errno (pinned here), and
+    the retransmit, probe and backoff counts the layer reads to tell a timeout from
+    a reset are back to 0 after acknowledged zero-window probes. What says it: the
+    peer's window is closed on bytes still unsent."""
+    with _tls_pair(tls_files) as (cs, ss):
+        cs.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+        block = b"y" * 16384
+        for _ in range(4000):  # 64 MiB at most; the server never reads
+            try:
+                cs.send(block)
+            except ssl.SSLWantWriteError:
+                break
+        deadline = time.monotonic() + 10
+        failure: BaseException | None = None
+        while failure is None and time.monotonic() < deadline:
+            select.select([cs], [], [], 0.5)
+            try:
+                cs.recv(100)
+            except ssl.SSLWantReadError:
+                continue
+            except OSError as exc:
+                failure = exc
+        assert isinstance(failure, ssl.SSLEOFError) and failure.reason is None, repr(failure)
+        classed = tls_socket._with_errno(failure, cs)
+        assert isinstance(classed, TimeoutError) and classed.errno == errno.ETIMEDOUT, classed
+        del ss
+
+
+def _tcp_info(
+    *,
+    retransmits: int = 0,
+    probes: int = 0,
+    backoff: int = 0,
+    notsent: int = 0,
+    snd_wnd: int = 65536,
+) -> bytes:
+    info = bytearray(280)
+    info[2:5] = bytes((retransmits, probes, backoff))
+    struct.pack_into("=I", info, 144, notsent)
+    struct.pack_into("=I", info, 228, snd_wnd)
+    return bytes(info)
+
+
+@pytest.mark.parametrize(
+    ("info", "gone"),
+    [
+        (_tcp_info(), False),  # a reset: nothing outstanding, the window open
+        (_tcp_info(retransmits=3), True),  # the user timeout on unacknowledged data
+        (_tcp_info(probes=2), True),  # keepalive or window probes unanswered
+        # A live peer that stopped reading, every window probe acknowledged (the
+        # pair audit's figures: 803,640 bytes queued): was a reset before.
+        (_tcp_info(snd_wnd=0, notsent=803_640), True),
+        (_tcp_info(snd_wnd=0, notsent=0), False),  # closed window, nothing waiting
+        (_tcp_info()[:8], False),  # an old kernel's short struct: the counts only
+        (_tcp_info(probes=1)[:8], True),
+    ],
+)
+def test_what_tcp_shows_of_a_failed_socket_tells_a_vanished_peer_from_a_reset(
+    info: bytes, gone: bool
+) -> None:
+    assert tls_socket.peer_stopped_answering(info) is gone

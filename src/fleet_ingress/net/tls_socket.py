@@ -56,6 +56,7 @@ import enum
 import errno
 import socket
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Protocol
 
@@ -880,19 +881,43 @@ def _socket_failure(sock: ssl.SSLSocket) -> OSError:
     errno (SSL_read_ex returns 0, read as an EOF), and the read consumed the
     socket's error. A bare FIN is SSLEOFError with reason
     UNEXPECTED_EOF_WHILE_READING instead. What TCP still shows tells the two
-    failures apart that the access log does (carrier_lost vs error):
-    retransmissions or keepalive probes outstanding mean the peer stopped
-    answering (the user timeout or keepalive ran out, or it is unreachable);
-    none mean it reset the connection.
+    failures apart that the access log does (carrier_lost vs carrier_reset):
+    see `peer_stopped_answering`.
     """
     try:
-        # struct tcp_info: state, ca_state, retransmits, probes, backoff, ...
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
     except (OSError, AttributeError):
         info = b""
-    if len(info) >= 5 and (info[2] or info[3] or info[4]):
+    if peer_stopped_answering(info):
         return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
     return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
+
+
+# struct tcp_info (linux/tcp.h): offsets of what peer_stopped_answering reads.
+_TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
+_TCPI_NOTSENT_BYTES = 144  # u32
+_TCPI_SND_WND = 228  # u32, Linux 5.19 and later
+_TCP_INFO_READ = _TCPI_SND_WND + 4
+
+
+def peer_stopped_answering(info: bytes) -> bool:
+    """From a failed socket's TCP_INFO: did the kernel give the connection up (the
+    user timeout or keepalive ran out), rather than the peer resetting it?
+
+    Retransmissions, keepalive or window probes outstanding say the peer stopped
+    answering. So does a window the peer closed on bytes still to send: a live peer
+    that stops reading (a stuck bot) acknowledges every zero-window probe, which
+    puts those counts back to 0, and Linux still gives up at TCP_USER_TIMEOUT (the
+    pair audit of session 12 saw that taken for a reset). None of these: a reset."""
+    if len(info) >= _TCPI_BACKOFF + 1 and (
+        info[_TCPI_RETRANSMITS] or info[_TCPI_PROBES] or info[_TCPI_BACKOFF]
+    ):
+        return True
+    if len(info) >= _TCP_INFO_READ:
+        (notsent,) = struct.unpack_from("=I", info, _TCPI_NOTSENT_BYTES)
+        (snd_wnd,) = struct.unpack_from("=I", info, _TCPI_SND_WND)
+        return snd_wnd == 0 and notsent > 0
+    return False
 
 
 _AddrInfo = tuple[int, int, int, str, tuple[str, int] | tuple[str, int, int, int]]
