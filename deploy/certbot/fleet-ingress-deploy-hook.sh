@@ -36,9 +36,11 @@ if ! systemctl is-active --quiet "$SERVICE"; then
     exit 0
 fi
 
-# ExecReload runs `fleet-ingress check` as the service user first, so an unreadable
-# key or a broken configuration makes this fail, certbot reports the hook's failure,
-# and the ingress goes on serving the previous certificate.
+# ExecReload runs `fleet-ingress check` as the service user, then `fleet-ingress
+# reload`, which waits for the ingress's own verdict: an unreadable key, a broken
+# configuration or a certificate carriers could not use (expired, not valid yet, for
+# other names) makes this fail, certbot reports the hook's failure, and the ingress
+# goes on serving the previous certificate.
 if systemctl reload "$SERVICE"; then
     log "$lineage: new certificate; $SERVICE reloaded, new handshakes use it"
 else

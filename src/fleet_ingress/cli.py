@@ -71,6 +71,11 @@ def _build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
     admin_command(
+        "reload",
+        "reload the configuration, fleets file and certificate as SIGHUP does, and say "
+        "how it went: exit 1 when refused (the previous ones serve on)",
+    )
+    admin_command(
         "upgrade",
         "serve with the code installed now: re-execute the supervisor (same PID), start new "
         "workers on the same listeners, drain the old ones; no call cut (like SIGUSR2)",
@@ -163,7 +168,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-ADMIN_COMMANDS = {"stat", "drain", "ready", "maint", "add-fleet", "remove-fleet", "upgrade"}
+ADMIN_COMMANDS = {
+    "stat",
+    "drain",
+    "ready",
+    "maint",
+    "add-fleet",
+    "remove-fleet",
+    "reload",
+    "upgrade",
+}
 
 
 def _admin_socket_leniently(config_path: Path) -> str | None:
@@ -227,6 +241,10 @@ def _admin(args: argparse.Namespace) -> int:
         from fleet_ingress.ops.admin_client import run_upgrade
 
         return run_upgrade(socket_path)
+    if args.command == "reload":
+        from fleet_ingress.ops.admin_client import run_reload
+
+        return run_reload(socket_path)
     if args.command in ("drain", "ready", "maint"):
         return run_admin(
             socket_path,

@@ -226,10 +226,11 @@ def test_the_unit_has_the_settings_the_ingress_relies_on() -> None:
     assert one(s, "Service.Type") == "notify" and one(s, "Service.NotifyAccess") == "main"
     assert one(s, "Service.ExecStartPre") == f"{INSTALLED_CLI} check -c {CONFIG_PATH}"
     assert one(s, "Service.ExecStart") == f"{INSTALLED_CLI} run -c {CONFIG_PATH}"
-    # The check first, so a bad file fails `systemctl reload`; then the in-process reload.
+    # The check first, so a bad file fails `systemctl reload`; then the in-process
+    # reload, waited for: a refusal there fails it too.
     assert s["Service.ExecReload"] == [
         f"{INSTALLED_CLI} check -c {CONFIG_PATH}",
-        "/bin/kill -HUP $MAINPID",
+        f"{INSTALLED_CLI} reload -c {CONFIG_PATH}",
     ]
     assert one(s, "Service.User") == one(s, "Service.Group") == "fleet-ingress"
     assert one(s, "Service.AmbientCapabilities") == "CAP_NET_BIND_SERVICE"

@@ -528,6 +528,39 @@ async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old
         await service.finish()
 
 
+async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """`fleet-ingress reload` (the unit's ExecReload, so `systemctl reload` and
+    certbot's hook): a SIGHUP's reload, answered when done. Refused (here an expired
+    certificate that `check` only warns about), it exits 1 saying why; applied, 0.
+    Before, the hook said 'reloaded, new handshakes use it' for a refused reload."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        now = datetime.datetime.now(datetime.UTC)
+        old = await _peer_serial(service, tls_files)
+        write_leaf_cert(
+            tls_files.ca,
+            service.home,
+            not_before=now - datetime.timedelta(days=90),
+            not_after=now - datetime.timedelta(days=1),
+        )
+        code, printed = await admin_command(service, "reload")
+        assert code == 1, printed
+        assert "reload refused: tls.cert:" in printed and "expired on" in printed
+        assert "previous configuration and certificate are still served" in printed
+        assert await _peer_serial(service, tls_files) == old
+        new = write_leaf_cert(tls_files.ca, service.home)
+        code, printed = await admin_command(service, "reload")
+        assert (code, printed.strip()) == (0, "reloaded: no fleet changes")
+        assert await _peer_serial(service, tls_files) == new
+        # As a SIGHUP does: RELOADING=1 then READY=1, each time.
+        await service.wait_for("RELOADING=1", count=2)
+        await service.wait_for("READY=1", count=3)
+    finally:
+        await service.finish()
+
+
 async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

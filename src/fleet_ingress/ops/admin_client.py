@@ -85,6 +85,31 @@ def run_admin(
     return 0
 
 
+def run_reload(socket_path: Path, *, out: TextIO | None = None) -> int:
+    """`fleet-ingress reload`: as SIGHUP, but answered once done. Exit 0 when it
+    applied, 1 when it was refused (the previous configuration and certificate
+    serve on), 2 when the ingress could not be asked: for `systemctl reload` and
+    certbot's deploy hook, which must not report a refused reload as done."""
+    out = out or sys.stdout
+    try:
+        _status, body = asyncio.run(admin_request(socket_path, "POST", "/reload"))
+    except AdminUnreachable as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    if body.get("result") == "applied":
+        print(f"reloaded: {body.get('changes') or 'no changes'}", file=out)
+        return 0
+    if body.get("result") == "refused":
+        print(
+            f"fleet-ingress: reload refused: {body.get('error')}; the previous configuration "
+            "and certificate are still served",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+    return 1
+
+
 def describe_result(body: dict[str, Any]) -> str:
     if "admin" in body:
         change = (

@@ -4,6 +4,8 @@
     POST   /fleets/{name}/state       {"state": "ready" | "drain" | "maint"}
     POST   /fleets                    {"url", "name"?, "maxconn"?, "dry_run"?}
     DELETE /fleets/{name}?force=1
+    POST   /reload                    reload as SIGHUP does (a supervisor only), answered
+                                      when done: last_reload's {"result", "error", ...}
     POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
     GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
 
@@ -61,12 +63,14 @@ def admin_app(
     refresh: Callable[[], Awaitable[object]] | None = None,
     upgrade: Upgrades | None = None,
     changes_wait: Callable[[], Awaitable[object]] | None = None,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> web.Application:
     """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
     changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts).
     `upgrade`: the supervisor's (`fleet-ingress upgrade`); None in one process.
     `changes_wait`: awaited before a fleet change (the slot table rebuilt after
-    an upgrade's re-execution)."""
+    an upgrade's re-execution). `reload`: the supervisor's, answering with the
+    outcome; None in one process."""
 
     async def ready_for_changes() -> None:
         if changes_wait is not None:
@@ -86,6 +90,14 @@ def admin_app(
 
     async def upgrade_status(request: web.Request) -> web.Response:
         return web.json_response(upgrades().upgrade_status())
+
+    async def do_reload(request: web.Request) -> web.Response:
+        if reload is None:
+            raise FleetChangeError(
+                409, "this ingress runs as one process; reload it with SIGHUP (kill -HUP PID)"
+            )
+        outcome = await reload()
+        return web.json_response(outcome, status=200 if outcome["result"] == "applied" else 422)
 
     async def stat(request: web.Request) -> web.Response:
         if refresh is not None:
@@ -122,6 +134,7 @@ def admin_app(
     app.router.add_post("/fleets/{name}/state", set_state)
     app.router.add_post("/fleets", add)
     app.router.add_delete("/fleets/{name}", remove)
+    app.router.add_post("/reload", do_reload)
     app.router.add_post("/upgrade", begin_upgrade)
     app.router.add_get("/upgrade", upgrade_status)
     return app

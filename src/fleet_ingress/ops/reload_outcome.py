@@ -5,8 +5,13 @@ CLI's `stat` formats it too."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
+
+# A reload asked of the supervisor: by SIGHUP (None), or by `fleet-ingress reload`,
+# which waits on the future for the outcome (reload_outcome's dict).
+ReloadAsked = asyncio.Future[dict[str, Any]] | None
 
 
 def reload_outcome(error: str | None, changes: str | None = None) -> dict[str, Any]:

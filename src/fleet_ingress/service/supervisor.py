@@ -80,7 +80,12 @@ from fleet_ingress.ops.host_stats import (
     host_snapshot,
     pull_reports,
 )
-from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
+from fleet_ingress.ops.reload_outcome import (
+    REFUSED_RELOAD_STATUS,
+    ReloadAsked,
+    reload_outcome,
+    was_refused,
+)
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
@@ -179,7 +184,8 @@ class Supervisor:
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
-        self.reloads_asked: asyncio.Queue[None] = asyncio.Queue()
+        # Each a SIGHUP (None) or `fleet-ingress reload` (a future for its outcome).
+        self.reloads_asked: asyncio.Queue[ReloadAsked] = asyncio.Queue()
         self.reloading = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
@@ -319,6 +325,7 @@ class Supervisor:
                     refresh=self.refresh,
                     upgrade=self.upgrade,
                     changes_wait=self.upgrade.wait_table_restored,
+                    reload=self.reload_and_wait,
                 ),
                 admin_sock,
             )
@@ -951,6 +958,13 @@ class Supervisor:
 
     # -- reload and stop ---------------------------------------------------------
 
+    async def reload_and_wait(self) -> dict[str, Any]:
+        """`fleet-ingress reload`: a reload asked as SIGHUP asks it (in turn with
+        them, RELOADING=1 and READY=1 to systemd), and how it went."""
+        asked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.reloads_asked.put_nowait(asked)
+        return await asked
+
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
         worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
@@ -1259,12 +1273,14 @@ def _exit_now(supervisor: Supervisor) -> None:
 
 
 async def _reload_on_signal(
-    supervisor: Supervisor, reloads: asyncio.Queue[None], notifier: Notifier
+    supervisor: Supervisor, reloads: asyncio.Queue[ReloadAsked], notifier: Notifier
 ) -> None:
+    """Each reload asked (SIGHUP, `fleet-ingress reload`), one at a time, in order;
+    who asked with a future is told how it went (`reload_outcome`'s dict)."""
     config_path = supervisor.config_path
     logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
     while True:
-        await reloads.get()
+        asked = await reloads.get()
         notifier.notify("RELOADING=1", monotonic_usec())
         try:
             summary = await supervisor.reload()
@@ -1276,10 +1292,12 @@ async def _reload_on_signal(
             notifier.notify(
                 "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
             )
+            _tell(asked, supervisor.last_reload)
             continue
         except Exception:  # a bug must not take the service down
             log.exception("reload failed", extra=fields(config=str(config_path)))
             notifier.notify("READY=1", "STATUS=reload failed; see the log")
+            _tell(asked, reload_outcome("the reload failed: a bug, logged as 'reload failed'"))
             continue
         log_config = supervisor.config.log
         if (log_config.level, log_config.format) != logging_in_use:
@@ -1287,6 +1305,12 @@ async def _reload_on_signal(
             configure_logging(*logging_in_use, pid=True)
         log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
         notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
+        _tell(asked, supervisor.last_reload)
+
+
+def _tell(asked: ReloadAsked, outcome: dict[str, Any] | None) -> None:
+    if asked is not None and not asked.done():  # its asker may have gone
+        asked.set_result(outcome or reload_outcome("no outcome recorded"))
 
 
 async def _ping_watchdog(notifier: Notifier) -> None:

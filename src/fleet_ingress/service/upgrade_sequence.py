@@ -44,6 +44,7 @@ from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
+from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
@@ -128,7 +129,7 @@ class Upgradable(Protocol):
     workers: dict[int, WorkerProcess]
     reloads: Counter[str]
     reloading: bool
-    reloads_asked: asyncio.Queue[None]
+    reloads_asked: asyncio.Queue[ReloadAsked]
     restarts: Counter[str]
     calls_lost_total: int
     quick_deaths: int
