@@ -132,6 +132,23 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     }
 
 
+def test_a_handshake_of_a_few_milliseconds_has_a_bucket_of_its_own():
+    """Fleets near the ingress answer in 1-3 ms (the docs audit of session 12: every
+    handshake in its first bucket, 5 ms, and the dashboard's p50 and p99 made up
+    by interpolation inside it)."""
+    registry = Registry()
+    metrics = IngressMetrics(Balancer(FleetSet([])), registry, _no_queue())
+    for seconds in (0.0011, 0.0015, 0.0029, 0.02):
+        metrics.handshake_seconds.observe(seconds)
+    samples = {
+        s.labels["le"]: s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.prometheus).decode())
+        for s in family.samples
+        if s.name == "fleet_ingress_handshake_duration_seconds_bucket"
+    }
+    assert (samples["0.001"], samples["0.002"], samples["0.003"], samples["0.005"]) == (0, 2, 3, 3)
+
+
 def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     *_, r1 = a_worker(3, pid=101, generation=1, draining=True)
     *_, r2 = a_worker(4, pid=202, generation=2)
@@ -217,17 +234,35 @@ def test_a_fleet_in_maint_shows_no_stale_health_or_free_count():
         f.health, f.reported_available = Health.UP, 9
     b.set_admin(Admin.MAINT)
     snap = host_snapshot(slots, HostView(), started_at=0.0)
+    for row in snap["fleets"]:  # both probed before b went into MAINT
+        row["last_check"], row["last_check_age_s"] = "pass: fleet_available=9", 30.0
     rows = {line.split()[0]: line.split() for line in format_stat_table(snap).splitlines()[1:3]}
     assert rows["a"][1:3] == ["UP", "READY"] and rows["a"][4] == "9/9"
     assert rows["b"][1:3] == ["-", "MAINT"] and rows["b"][4] == "-/-"
+    assert " ".join(rows["a"]).endswith("pass: fleet_available=9 30.0s ago")
+    assert "pass:" not in " ".join(rows["b"]) and rows["b"][-1] == "-"
     assert "MAINT: not probed" in format_stat_table(snap)
     page = render_stats_page(snap)
     b_row = page[page.index("<b>b</b>") :].split("</tr>")[0]
-    assert ">UP<" not in b_row and "<td>9</td>" not in b_row
+    assert ">UP<" not in b_row and "<td>9</td>" not in b_row and "pass:" not in b_row
     a_row = page[page.index("<b>a</b>") :].split("</tr>")[0]
     assert ">UP<" in a_row and "<td>9</td>" in a_row
     # The raw figures stay in /stats.json, where the age of the last check shows.
     assert next(f for f in snap["fleets"] if f["name"] == "b")["health"] == "UP"
+
+
+def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page():
+    """Before, only /stats.json and /metrics said a worker had been killed (the docs
+    audit of session 12: a kill -9 showed in stat as a new pid, nothing more)."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    assert "replaced" not in format_stat_table(snap)
+    assert 'id="replaced"' not in render_stats_page(snap)
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"killed": 1, "hung": 0, "crashed": 2}, 5
+    line = "workers replaced since start: crashed 2, killed 1; 5 calls lost with them"
+    assert line in format_stat_table(snap)
+    assert line in render_stats_page(snap)
 
 
 def test_a_refused_reload_is_shown_until_one_applies():

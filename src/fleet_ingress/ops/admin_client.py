@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health
+from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health, workers_replaced
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
@@ -166,7 +166,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         "admin",
         "cur/max",
         "free",
-        "calls",
+        "total",
         "429",
         "retries",
         "chkfail",
@@ -189,7 +189,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
                 str(f["responses_429"]),
                 str(f["retries"]),
                 str(f["check_failures"]),
-                (f["last_check"] or "-") + age,
+                # MAINT: no probe; what the last one said before it is stale.
+                (f["last_check"] or "-") + age if probed(f) else "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -214,6 +215,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     workers = snap.get("workers")
     if workers is not None:
         lines.append(_workers_lines(workers))
+        if (replaced := workers_replaced(snap)) is not None:
+            lines.append(replaced)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)
@@ -224,7 +227,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
 
 def _workers_lines(workers: list[dict[str, Any]]) -> str:
     """A row per worker process (a supervisor's snapshot)."""
-    rows = [("worker", "gen", "calls", "conns", "state", "report")]
+    rows = [("worker", "gen", "calls", "conns", "state", "report")]  # calls: held now
     for w in workers:
         state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"

@@ -1,5 +1,5 @@
-"""How `stat` and the stats page show a fleet's row of `/stats.json`: one
-rule for both. No imports of the ingress: the CLI uses it too."""
+"""How `stat` and the stats page show a fleet's row of `/stats.json`, and the
+workers replaced: one rule for both. No imports of the ingress: the CLI uses it too."""
 
 from __future__ import annotations
 
@@ -25,3 +25,17 @@ def shown_free(row: dict[str, Any]) -> tuple[int | None, int | None]:
     if not probed(row):
         return None, None
     return row["reported_available"], row["estimated_available"]
+
+
+def workers_replaced(snap: dict[str, Any]) -> str | None:
+    """One line while any worker was replaced since the start (killed, crashed,
+    hung), with the calls they took with them; None when none was."""
+    restarts = snap.get("worker_restarts") or {}
+    if not any(restarts.values()):
+        return None
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(restarts.items()) if n)
+    lost = snap.get("worker_calls_lost", 0)
+    return (
+        f"workers replaced since start: {why}; "
+        f"{'1 call' if lost == 1 else f'{lost} calls'} lost with them"
+    )

@@ -10,7 +10,7 @@ import time
 from html import escape
 from typing import Any
 
-from fleet_ingress.ops.fleet_display import shown_free, shown_health
+from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health, workers_replaced
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 REFRESH_SECONDS = 2
@@ -56,6 +56,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     workers = snap.get("workers")
     if workers is None:
         return ""
+    replaced = workers_replaced(snap)
     rows = []
     for w in workers:
         started = (
@@ -82,6 +83,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         '<th class="l">started (UTC)</th><th>last report</th></tr>\n'
         + ("".join(rows) or '<tr><td class="l" colspan="7">no workers</td></tr>')
         + "\n</table>\n"
+        + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
     )
 
 
@@ -93,6 +95,8 @@ def render_stats_page(snap: dict[str, Any]) -> str:
         check = f["last_check"] or "no probe yet"
         age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
         check_cls = "l fail" if f["last_check_passed"] is False else "l"
+        if not probed(f):  # MAINT: what its last probe said is stale
+            check, age, check_cls = "not probed (MAINT)", "", "l"
         rows.append(
             "<tr>"
             f'<td class="l"><b>{escape(f["name"])}</b><br>'
