@@ -196,6 +196,39 @@ def test_a_certificate_not_valid_yet_warns_naming_the_clock(
     assert run(deployment)[0] == 0
 
 
+@pytest.mark.parametrize(
+    ("section", "names"),
+    [
+        ('[retry]\nretry_on = [429]\n', ['retry.retry_on lacks "conn-failure"', "add to it"]),
+        ("[timeouts]\nconnect = 3000\n", ["timeouts.connect = 3000 seconds", "milliseconds?"]),
+        ("[timeouts]\nresponse = 5000\n", ["timeouts.response = 5000 seconds"]),
+        (
+            "[fleets]\ncheck_interval = 1.0\ncheck_timeout = 5.0\n",
+            ["fleets.check_timeout (5 s) is longer than fleets.check_interval (1 s)"],
+        ),
+        ("[timeouts]\ndrain = 900\n", ["timeouts.drain = 900 s", "TimeoutStopSec=330"]),
+    ],
+)
+def test_a_valid_setting_that_is_likely_a_mistake_is_named_and_passes(
+    deployment: Path, section: str, names: list[str]
+) -> None:
+    """The docs audit of session 12 wrote each of these and got a bare OK: [429]
+    alone stopped refused connections being retried elsewhere, milliseconds where
+    seconds are meant made every timeout 1,000 times too long."""
+    deployment.write_text(deployment.read_text() + "\n" + section)
+    (line,) = check_configuration(deployment)
+    assert line.startswith(f"{WARNING}{deployment}: ")
+    for name in names:
+        assert name in line, line
+    assert run(deployment)[0] == 0
+
+
+def test_the_defaults_raise_no_doubt(deployment: Path) -> None:
+    retry = '[retry]\nretry_on = ["conn-failure", "empty-response", "response-timeout", 429]\n'
+    deployment.write_text(deployment.read_text() + "\n" + retry)
+    assert check_configuration(deployment) == []
+
+
 def test_example_config_only_lacks_its_certificate_files() -> None:
     placeholder = "/etc/letsencrypt/live/__INGRESS_DOMAIN__"
     assert check_configuration(EXAMPLE) == [

@@ -130,7 +130,50 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
             "so anyone on the path to a fleet can read and alter calls; "
             "prefer fleets.ca_file for a private CA"
         )
+    lines += [f"{WARNING}{path}: {doubt}" for doubt in doubtful_settings(config)]
     return config, fleets, lines
+
+
+# Timeouts above this many seconds were likely written in milliseconds.
+MILLISECONDS_LIKELY = 100.0
+# The shipped unit's TimeoutStopSec: systemd kills what still drains after it.
+UNIT_STOP_TIMEOUT = 330.0
+
+
+def doubtful_settings(config: IngressConfig) -> list[str]:
+    """Valid settings that are likely mistakes an operator would want named: each
+    says what it does and what was probably meant (warnings: `check` passes)."""
+    doubts = []
+    if "conn-failure" not in config.retry.retry_conditions:
+        doubts.append(
+            'retry.retry_on lacks "conn-failure": a call whose fleet refuses the '
+            "connection is not tried on another fleet (a list given replaces the default "
+            '["conn-failure", "empty-response", "response-timeout"]: add to it)'
+        )
+    t, f = config.timeouts, config.fleets
+    for key, value in (
+        ("timeouts.connect", t.connect),
+        ("timeouts.response", t.response),
+        ("timeouts.request", t.request),
+        ("timeouts.queue", t.queue),
+        ("fleets.check_interval", f.check_interval),
+        ("fleets.check_timeout", f.check_timeout),
+    ):
+        if value >= MILLISECONDS_LIKELY:
+            doubts.append(f"{key} = {value:g} seconds: seconds were meant, not milliseconds?")
+    if f.check_timeout > f.check_interval:
+        doubts.append(
+            f"fleets.check_timeout ({f.check_timeout:g} s) is longer than fleets.check_interval "
+            f"({f.check_interval:g} s): a fleet that answers slowly is probed less often than "
+            "the interval says, and found DOWN later"
+        )
+    if t.drain + 5 > UNIT_STOP_TIMEOUT:
+        doubts.append(
+            f"timeouts.drain = {t.drain:g} s: with the shipped unit, systemd kills the calls "
+            f"still draining at TimeoutStopSec={UNIT_STOP_TIMEOUT:g}; raise it in a drop-in "
+            "(systemctl edit fleet-ingress) above timeouts.drain"
+        )
+    return doubts
 
 
 def _check_certificate(config: IngressConfig, source: str) -> list[str]:
