@@ -205,6 +205,9 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressFleetDown",
         "FleetIngressCertificateExpiringSoon",
         "FleetIngressWorkerDied",
+        "FleetIngressReloadRefused",
+        "FleetIngressConnectionsRefused",
+        "FleetIngressAcceptFailures",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -64,6 +64,8 @@ __all__ = [
 # What a crash can lose is what a worker counted since its last report: at
 # most this long (and a scrape asks afresh anyway).
 PULL_EVERY = 5.0
+# fleet_ingress_worker_restarts_total{reason}: the supervisor's _restart_reason and hung.
+RESTART_REASONS = ("crashed", "exited", "hung", "killed")
 # How long a scrape waits for the workers' answers; a worker busy past it is
 # shown with its last report (its age is in the row and in a metric).
 SCRAPE_WAIT = 0.5
@@ -294,8 +296,10 @@ class _WorkersCollector(Collector):
             "Worker processes replaced after they died, by why.",
             labels=["reason"],
         )
-        for reason, n in sorted(self.restarts().items()):
-            restarts.add_metric([reason], n)
+        # Every reason from the start, 0 until it happens: a panel or rate() needs a series.
+        counted = self.restarts()
+        for reason in sorted({*RESTART_REASONS, *counted}):
+            restarts.add_metric([reason], counted.get(reason, 0))
         yield restarts
         yield CounterMetricFamily(
             f"{PREFIX}_worker_calls_lost",

@@ -376,8 +376,11 @@ class _StateCollector(Collector):
         reloads = CounterMetricFamily(
             f"{PREFIX}_reloads", "SIGHUP reloads, by result (applied, refused).", labels=["result"]
         )
-        for result, n in sorted(self.reloads().items()):
-            reloads.add_metric([result], n)
+        # Both results from the start, 0 until one happens: an alert or a panel on
+        # `refused` would otherwise have no series to read before the first refusal.
+        counted = self.reloads()
+        for result in sorted({"applied", "refused", *counted}):
+            reloads.add_metric([result], counted.get(result, 0))
         yield reloads
         build = GaugeMetricFamily(
             f"{PREFIX}_build_info", "Always 1; the version is a label.", labels=["version"]
