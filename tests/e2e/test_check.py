@@ -199,7 +199,7 @@ def test_a_certificate_not_valid_yet_warns_naming_the_clock(
 @pytest.mark.parametrize(
     ("section", "names"),
     [
-        ('[retry]\nretry_on = [429]\n', ['retry.retry_on lacks "conn-failure"', "add to it"]),
+        ("[retry]\nretry_on = [429]\n", ['retry.retry_on lacks "conn-failure"', "add to it"]),
         ("[timeouts]\nconnect = 3000\n", ["timeouts.connect = 3000 seconds", "milliseconds?"]),
         ("[timeouts]\nresponse = 5000\n", ["timeouts.response = 5000 seconds"]),
         (
