@@ -94,13 +94,20 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="local fleets + ingress + simulated carrier calls, all on loopback"
     )
-    demo.add_argument("--calls", type=int, default=6, help="simulated carrier calls")
-    demo.add_argument("--duration", type=float, default=3.0, help="seconds each call streams")
+    demo.add_argument(
+        "--calls", type=int, default=6, help="simulated carrier calls (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=3.0,
+        help="seconds each call streams (default: %(default)s)",
+    )
     demo.add_argument(
         "--profile",
         default="binary",
         choices=["binary", "twilio-like", "exotel"],
-        help="carrier audio profile",
+        help="carrier audio profile (default: %(default)s)",
     )
     return parser
 

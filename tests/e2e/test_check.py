@@ -126,7 +126,11 @@ def bad_listener(path: Path) -> None:
 
 BREAKAGES = [
     (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
-    (wrong_type, "{config}: timeouts.connect: 'soon' is a string; write a number, unquoted"),
+    (
+        wrong_type,
+        "{config}: timeouts.connect: 'soon' is a string; write a number of seconds, unquoted, "
+        "e.g. 10",
+    ),
     (
         missing_cert,
         "{config}: tls.cert: cannot read {dir}/fullchain.pem: No such file or directory",
@@ -278,6 +282,19 @@ def test_certbots_cert_pem_is_refused_naming_fullchain_pem(deployment: Path) -> 
     )
     assert "is not in the system trust store" in line
     assert f"With certbot, use {directory}/fullchain.pem, not cert.pem" in line
+
+
+def test_a_fullchain_pem_holding_one_certificate_is_not_told_to_use_fullchain_pem(
+    deployment: Path,
+) -> None:
+    """Told 'With certbot, use .../fullchain.pem, not cert.pem' when tls.cert already
+    was fullchain.pem (the docs audit of session 12): it names what is wrong instead."""
+    directory = deployment.parent
+    (directory / "fullchain.pem").write_bytes((directory / "cert.pem").read_bytes())
+    line = only_problem(deployment)
+    assert "holds the server's certificate alone" in line
+    assert "not cert.pem" not in line
+    assert "named fullchain.pem but holds one certificate" in line
 
 
 def test_a_chain_in_the_wrong_order_is_named_so_not_a_key_mismatch(deployment: Path) -> None:

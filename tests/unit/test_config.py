@@ -127,11 +127,44 @@ def test_an_env_variable_naming_no_section_is_an_error_not_ignored(
 def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "0")
     assert problems({}) == [
-        "configuration: fleets.maxconn: Input should be greater than or equal to 1 (got '0')"
+        "configuration: fleets.maxconn: must be at least 1 (got '0')"
         " (from environment variable FLEET_INGRESS_FLEETS__MAXCONN)"
     ]
     monkeypatch.setenv("FLEET_INGRESS_ROUTES__PROXY", "/ws/")  # lists come as JSON
     assert "routes" in "\n".join(problems({}))
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        # The docs audit of session 12: pydantic's words, no unit, no meaning of 0.
+        (
+            "[timeouts]\nqueue = -1\n",
+            "timeouts.queue: must be at least 0 seconds (got -1); 0 turns queueing off",
+        ),
+        ("[timeouts]\nconnect = 0\n", "timeouts.connect: must be more than 0 seconds (got 0)"),
+        (
+            "[limits]\nmax_header_bytes = 512\n",
+            "limits.max_header_bytes: must be at least 1024 (got 512)",
+        ),
+        (
+            '[timeouts]\nconnect = "10s"\n',
+            "timeouts.connect: '10s' is a string; write a number of seconds, unquoted, e.g. 10",
+        ),
+    ],
+)
+def test_a_bound_or_a_unit_is_said_in_an_operators_words(
+    tmp_path: Path, toml: str, line: str
+) -> None:
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: {line}"]
+
+
+def test_log_level_is_taken_in_capitals_as_logging_spells_it(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[log]\nlevel = "INFO"\nformat = "Text"\n'))
+    assert (config.log.level, config.log.format) == ("info", "text")
 
 
 def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:

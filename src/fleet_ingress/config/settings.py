@@ -7,6 +7,7 @@ operator fixes a broken file in one pass rather than one error per reload attemp
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import tomllib
 import types
@@ -261,9 +262,16 @@ class AcmeSection(_Section):
     redirect_https: bool = True
 
 
+def _lowercase(value: Any) -> Any:
+    """`level = "INFO"` is what Python's logging spells: take it as "info"."""
+    return value.lower() if isinstance(value, str) else value
+
+
 class LogSection(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "text"] = "json"
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lowercase)] = (
+        "info"
+    )
+    format: Annotated[Literal["json", "text"], BeforeValidator(_lowercase)] = "json"
     access: bool = True
 
 
@@ -477,7 +485,8 @@ def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
             what = _TOML_TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
             shown = str(value).lower() if isinstance(value, bool) else repr(value)
             dotted = f"{section}.{key}"
-            problems[dotted] = f"{source}: {dotted}: {shown} is {what}; write {kind[1]}"
+            write = "a number of seconds, unquoted, e.g. 10" if _unit(dotted) else kind[1]
+            problems[dotted] = f"{source}: {dotted}: {shown} is {what}; write {write}"
     return problems
 
 
@@ -513,11 +522,53 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     return config
 
 
+# pydantic's bound errors, in an operator's words (the bound from the error's context).
+_BOUNDS = {
+    "greater_than_equal": ("ge", "at least"),
+    "greater_than": ("gt", "more than"),
+    "less_than_equal": ("le", "at most"),
+    "less_than": ("lt", "less than"),
+}
+# What a bound's edge means, where it means something.
+_ZERO_MEANS = {
+    "timeouts.queue": "0 turns queueing off",
+    "timeouts.carrier_silence": "0 turns it off",
+    "timeouts.fleet_silence": "0 turns it off",
+    "timeouts.tcp_user_timeout": "0 leaves the kernel's default",
+    "timeouts.keepalive_idle": "0 turns keepalive off",
+    "process.worker_hang_timeout": "0 never kills a hung worker",
+}
+
+
+@functools.cache
+def _seconds_keys() -> frozenset[str]:
+    """The keys whose numbers are seconds: every float of [timeouts], and the
+    intervals, timeouts and silences of the other sections."""
+    keys = set()
+    for section, field in IngressConfig.model_fields.items():
+        for key, sub in field.annotation.model_fields.items():  # type: ignore[union-attr]
+            timed = any(w in key for w in ("interval", "timeout", "silence"))
+            if sub.annotation is float and (section == "timeouts" or timed):
+                keys.add(f"{section}.{key}")
+    return frozenset(keys)
+
+
+def _unit(dotted: str) -> str:
+    return " seconds" if dotted in _seconds_keys() else ""
+
+
 def _describe(error: Any, source: str) -> str:
     loc: tuple[str | int, ...] = error["loc"]
     dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if error["type"] == "extra_forbidden":
         problem = f"unknown key '{dotted}'{_did_you_mean(loc)}"
+    elif error["type"] in _BOUNDS and (ctx := error.get("ctx")):
+        bound, words = _BOUNDS[error["type"]]
+        edge = ctx[bound]
+        edge = f"{edge:g}" if isinstance(edge, int | float) else edge
+        problem = f"must be {words} {edge}{_unit(dotted)} (got {error['input']!r})"
+        if dotted in _ZERO_MEANS:
+            problem += f"; {_ZERO_MEANS[dotted]}"
     else:
         problem = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":  # our own messages already quote the value

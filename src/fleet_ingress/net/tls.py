@@ -259,11 +259,17 @@ def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | N
         if len(chain) == 1:
             fullchain = cert.with_name("fullchain.pem")
             use = f"use {fullchain}" if fullchain.is_file() else "use fullchain.pem"
+            # Already fullchain.pem: certbot's advice would send the operator in a circle.
+            hint = (
+                "; the file is named fullchain.pem but holds one certificate: put the "
+                "intermediates after it, in order"
+                if cert.name == "fullchain.pem"
+                else f". With certbot, {use}, not cert.pem ({_FULLCHAIN_HINT})"
+            )
             return (
                 f"holds the server's certificate alone, and its issuer ({_name_of(last.issuer)})"
                 f" is not in {trusted}: the intermediate certificate(s) linking it to a "
-                f"trusted root are missing, so carriers fail to verify it. With certbot, "
-                f"{use}, not cert.pem ({_FULLCHAIN_HINT}){private}"
+                f"trusted root are missing, so carriers fail to verify it{hint}{private}"
             )
         return (
             f"stops at {_name(last)}, whose issuer ({_name_of(last.issuer)}) is neither in "
