@@ -12,6 +12,7 @@ import os
 import resource
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,6 +33,10 @@ from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
 
 PREFIX = "fleet_ingress"
+
+# No `*_created` series: the host's histograms are sums over workers, which have no
+# one start time, and the probes' histogram alone showed one (as its own gauge family).
+prometheus_client.disable_created_metrics()
 
 
 # Per-call histograms: name (without the prefix) -> help, buckets. A worker
