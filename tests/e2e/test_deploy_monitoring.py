@@ -208,6 +208,7 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressReloadRefused",
         "FleetIngressConnectionsRefused",
         "FleetIngressAcceptFailures",
+        "FleetIngressFleetCertificateExpiringSoon",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -360,6 +361,26 @@ def sample_names(exposition: str) -> set[str]:
     """Every series name in a scrape: gauges, counters' `_total`, histograms'
     `_bucket`/`_sum`/`_count` (what PromQL can select)."""
     return {s.name for family in text_string_to_metric_families(exposition) for s in family.samples}
+
+
+async def test_each_fleets_certificate_expiry_is_exported_from_its_probes(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A fleet's certificate running out takes every call to it down at once (the
+    TLS audit of session 12: seen only when it fails). Its probe's connection
+    holds the certificate: its expiry is a gauge per fleet, which an alert watches."""
+    from cryptography import x509
+
+    leaf = x509.load_pem_x509_certificate(tls_files.fleet_cert.cert_chain_pems[0].bytes())
+    async with running_fleets(tls_files, "a") as fleets:
+        ingress = await started_with_stats(start_ingress, fleets)
+        samples = {
+            s.labels.get("fleet"): s.value
+            for family in text_string_to_metric_families(await scrape(ingress))
+            for s in family.samples
+            if s.name == "fleet_ingress_fleet_certificate_expiry_timestamp_seconds"
+        }
+    assert samples == {"a": leaf.not_valid_after_utc.timestamp()}
 
 
 async def test_dashboard_and_alerts_read_only_metrics_the_ingress_exports(

@@ -18,6 +18,7 @@ from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.health import Health
+from fleet_ingress.net import poller as poller_module
 from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
 from fleet_ingress.net.tls import fleet_ssl_context
 from fleet_ingress.service.ingress import Ingress
@@ -302,6 +303,24 @@ async def test_probes_reuse_their_connection_over_10_seconds(
     assert fleet.probes_total >= 10
     assert a.health_probes >= 10
     assert a.health_connections <= 2
+
+
+async def test_a_kept_probe_connection_is_renewed_so_its_certificate_is_current(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, monkeypatch
+):
+    """The fleet's certificate expiry is noted at each probe connection's handshake
+    (fleet_ingress_fleet_certificate_expiry_timestamp_seconds); a connection kept for
+    days would keep a renewed fleet's old date and raise a false alarm. It is
+    replaced every RECONNECT_EVERY (an hour; here 0.6 s), probes at 0.2 s."""
+    monkeypatch.setattr(poller_module, "RECONNECT_EVERY", 0.6)
+    a, _ = sim_fleets
+    ingress = await started(
+        start_ingress, lines(a), fleets={"check_interval": 0.2, "check_timeout": 0.2}
+    )
+    await asyncio.sleep(2.2)
+    assert a.health_probes >= 8
+    assert 3 <= a.health_connections <= 5, a.health_connections
+    assert ingress.balancer.fleets[0].certificate_not_after is not None
 
 
 async def test_maint_fleet_is_not_probed(

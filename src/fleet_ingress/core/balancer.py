@@ -73,6 +73,7 @@ class FleetState:
     last_probe: ProbeResult | None = None
     last_probe_at: float | None = None  # wall clock, when its answer came
     last_probe_seconds: float | None = None
+    certificate_not_after: float | None = None  # the fleet's, as its last probe saw it
     probes_total: int = 0
     check_failures: int = 0
     # Passive health (a call's attempts): attempts in a row the fleet refused

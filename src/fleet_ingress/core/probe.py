@@ -21,6 +21,9 @@ class ProbeResult:
     passed: bool
     capacity: int | None = None  # the fleet's free workers, when it passed
     reason: str = ""  # why it failed (or "ok")
+    # When the certificate the fleet served to this probe expires (epoch seconds);
+    # None for http:// fleets, unverified ones, or when no connection was read.
+    certificate_not_after: float | None = None
 
     def describe(self, capacity_key: str = "fleet_available") -> str:
         if self.passed:

@@ -12,11 +12,14 @@ at once, without fall/rise: it is the fleet's own word.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -40,9 +43,29 @@ class ProbeSettings:
     rise: int
 
 
+# A probe's kept-alive connection is replaced this often (seconds) even when it
+# works: the certificate it noted at its handshake is then at most this old.
+RECONNECT_EVERY = 3600.0
+
+
+class _CertificateNotingConnector(aiohttp.TCPConnector):
+    """Notes the expiry of the certificate each new connection's handshake got: the
+    probe's response has let go of its connection by the time its body is read,
+    and one connection serves many probes. If aiohttp stops calling this (a private
+    method), the expiry is simply not known; the connection is made as before."""
+
+    certificate_not_after: float | None = None
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        made = await super()._wrap_create_connection(*args, **kwargs)
+        with contextlib.suppress(Exception):  # only the noting: the connection stands
+            self.certificate_not_after = _not_after(made[0].get_extra_info("peercert"))
+        return made
+
+
 def health_session(fleet_ssl: ssl.SSLContext, settings: ProbeSettings) -> aiohttp.ClientSession:
     """A session that keeps one connection to one fleet alive between probes."""
-    connector = aiohttp.TCPConnector(
+    connector = _CertificateNotingConnector(
         limit=1,
         ssl=fleet_ssl,
         # Longer than the probe interval, or every probe pays a new handshake.
@@ -71,7 +94,10 @@ async def probe_fleet(
                     body += chunk
                     if len(body) > MAX_HEALTH_BODY:
                         break
-                return judge_health_response(response.status, bytes(body), settings.capacity_key)
+                verdict = judge_health_response(response.status, bytes(body), settings.capacity_key)
+                connector = session.connector
+                not_after = getattr(connector, "certificate_not_after", None)
+                return dataclasses.replace(verdict, certificate_not_after=not_after)
     except TimeoutError:
         return failed(f"timeout after {settings.timeout:g}s")
     except aiohttp.ClientConnectorCertificateError as exc:
@@ -92,6 +118,16 @@ async def probe_fleet(
         return failed("fleet closed the connection without answering")
     except (aiohttp.ClientError, OSError) as exc:
         return failed(f"{type(exc).__name__}: {exc}")
+
+
+def _not_after(cert: Any) -> float | None:
+    """The expiry of a peer certificate as `getpeercert()` decodes it."""
+    if not cert or "notAfter" not in cert:  # http://, or verify = false (an empty dict)
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(cert["notAfter"]))
+    except ValueError:
+        return None
 
 
 class HealthPoller:
@@ -191,16 +227,20 @@ class HealthPoller:
     async def _run(self, fleet: FleetState) -> None:
         loop = asyncio.get_running_loop()
         session = health_session(self.fleet_ssl, self.settings)
+        session_since = loop.time()
         try:
             next_at = loop.time()
             while True:
                 if fleet.admin is not Admin.MAINT:  # MAINT: not probed at all
-                    if fleet.fresh_probe or fleet.health is Health.DOWN:
+                    renew = loop.time() - session_since >= RECONNECT_EVERY
+                    if fleet.fresh_probe or fleet.health is Health.DOWN or renew:
                         # On a new connection, as a call makes: the kept one may
-                        # work where new ones fail (FleetState.call_unreachable).
+                        # work where new ones fail (FleetState.call_unreachable),
+                        # and serve a certificate the fleet has since renewed.
                         fleet.fresh_probe = False
                         await session.close()
                         session = health_session(self.fleet_ssl, self.settings)
+                        session_since = loop.time()
                     await self._probe(session, fleet)
                 # Fixed rate: a probe that took its whole timeout does not
                 # push every later probe back.
@@ -236,6 +276,8 @@ class HealthPoller:
             seconds,
         )
         fleet.probes_total += 1
+        if result.certificate_not_after is not None:
+            fleet.certificate_not_after = result.certificate_not_after
         if self.on_probe is not None:
             self.on_probe(fleet.name, seconds)
         if not result.passed:

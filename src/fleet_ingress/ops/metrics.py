@@ -265,6 +265,10 @@ class _StateCollector(Collector):
             "estimated_available", "Reported free workers less calls opened since that probe."
         )
         last_check = gauge("last_check_timestamp_seconds", "When the last probe answered.")
+        cert_expiry = gauge(
+            "certificate_expiry_timestamp_seconds",
+            "When the certificate the fleet served to its last probe expires (https, verified).",
+        )
         calls = counter("calls", "Calls tunneled to the fleet.")
         responses = counter("responses", "Fleet answers to call requests by status.", ("code",))
         retries = counter("retries", "Failed attempts on the fleet that were tried again.")
@@ -291,6 +295,8 @@ class _StateCollector(Collector):
                 estimated.add_metric(name, estimate)
             if f.last_probe_at is not None:
                 last_check.add_metric(name, f.last_probe_at)
+            if f.certificate_not_after is not None:
+                cert_expiry.add_metric(name, f.certificate_not_after)
             calls.add_metric(name, counts.counter("fleet_calls", f.name))
             for code, n in sorted(responses_of.get(f.name, []), key=lambda e: int(e[0])):
                 responses.add_metric([f.name, code], n)
@@ -299,7 +305,8 @@ class _StateCollector(Collector):
             checks.add_metric(name, f.probes_total)
             check_failures.add_metric(name, f.check_failures)
         yield from (up, health, admin, eligible, full, active, maxconn, reported, estimated)
-        yield from (last_check, calls, responses, retries, redispatches, checks, check_failures)
+        yield from (last_check, cert_expiry, calls, responses, retries, redispatches)
+        yield from (checks, check_failures)
 
     def _frontend(self, counts: Counts) -> Iterator[Metric]:
         gauges = counts.gauges

@@ -59,6 +59,7 @@ def fleet_row(
         "last_check_ms": (
             None if fleet.last_probe_seconds is None else round(fleet.last_probe_seconds * 1000, 1)
         ),
+        "certificate_not_after": fleet.certificate_not_after,
         "checks_total": fleet.probes_total,
         "check_failures": fleet.check_failures,
         "calls_total": counts.counter("fleet_calls", name),
