@@ -163,3 +163,32 @@ async def test_a_head_whose_parse_fails_is_answered_not_left_open(
     monkeypatch.setattr("fleet_ingress.net.acme.parse_request_head", parse_bug)
     got = await plain_exchange(ingress.acme_address, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 400 ")
+
+
+async def test_idle_connections_to_port_80_are_bounded_and_the_rest_reset(
+    start_ingress: StartIngress, certbot_standin
+):
+    """Each idle :80 connection is held up to timeouts.request for its head, outside
+    limits.max_connections: unbounded, a flood of them could take the descriptors
+    carriers need (the TLS audit of session 12: 3,000 held). Past the bound (256 a
+    worker; 3 here) new ones are reset at accept and counted; one freed is usable."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    ingress.registry.acme.limit = 3
+    host, port = ingress.acme_address
+    held = [await asyncio.open_connection(host, port) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 3
+    reader, writer = await asyncio.open_connection(host, port)
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        await asyncio.wait_for(reader.readexactly(1), 2)
+    writer.close()
+    assert ingress.registry.acme.refused == 1
+    held[0][1].close()
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 2
+    got = await plain_exchange(ingress.acme_address, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 301 ")
+    for _, w in held[1:]:
+        w.close()
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 0

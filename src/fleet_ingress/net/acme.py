@@ -5,6 +5,11 @@ certbot's standalone authenticator listens on `acme.upstream`
 is forwarded there and its answer relayed byte for byte, and 503 says when
 nothing listens. Everything else gets 301 to https (or 404). The head is read
 with the same checks, size limit and timeout as on the carrier listener.
+
+At most ACME_MAX_CONNECTIONS are open at once per worker; more are reset at
+accept. Each is held up to `timeouts.request` for its head: without a bound, a
+flood of idle connections to `:80` could take the descriptors the carrier
+listener needs (`limits.max_connections` counts carriers only).
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ from fleet_ingress.net.head_queue import HeadQueue
 
 log = logging.getLogger("fleet_ingress.acme")
 
+# Connections open on the plain-HTTP listener at once, per worker: challenge
+# fetches and redirects are a handful; the rest of a flood is reset at accept.
+ACME_MAX_CONNECTIONS = 256
+
+
+@dataclass
+class AcmeConnections:
+    """The plain-HTTP listener's count, one per ingress (kept across reloads)."""
+
+    open: int = 0
+    refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open
+    limit: int = ACME_MAX_CONNECTIONS
+
+
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 # A challenge answer is a token and a key thumbprint: tiny. Anything larger is refused.
 MAX_ACME_RESPONSE = 64 * 1024
@@ -44,6 +63,7 @@ class AcmeSettings:
     max_header_count: int
     refusals: RateLimitedLog | None = None  # the carrier listener's, shared
     heads: HeadQueue | None = None  # the carrier listener's queue (None: parse at once)
+    connections: AcmeConnections | None = None  # None: no bound (tests of one protocol)
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -62,8 +82,18 @@ class AcmeProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._done = False
         self.client_ip = "unknown"
+        self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        count = self.settings.connections
+        if count is not None:
+            if count.open >= count.limit:
+                count.refused += 1
+                self._done = True
+                transport.abort()  # its connection_lost follows; nothing was counted open
+                return
+            count.open += 1
+            self._counted = True
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         if peername:
@@ -108,6 +138,9 @@ class AcmeProtocol(asyncio.Protocol):
         self._route(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted and self.settings.connections is not None:
+            self._counted = False
+            self.settings.connections.open -= 1
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:

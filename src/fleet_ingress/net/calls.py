@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
+from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 
 __all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"]
@@ -181,6 +182,7 @@ class Registry:
     refused_connections: int = 0  # over limits.max_connections: reset at accept
     accept_failures: int = 0  # accept() failed for lack of descriptors or memory
     accepts_paused_ms: int = 0  # accept pacing: live calls came first (whole ms: counts are)
+    acme: AcmeConnections = field(default_factory=AcmeConnections)  # the :80 listener's
     # The CPU of carrier connections until their call is linked: accept, TLS
     # handshake, head, answer and close (what a flood costs; accept pacing reads it).
     new_connection_cpu: CpuMeter = field(default_factory=CpuMeter)

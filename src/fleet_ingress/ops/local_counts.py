@@ -77,6 +77,7 @@ def local_counts(
     c[("tls_handshake_failures",)] = registry.tls_handshake_failures
     c[("refused_connections",)] = registry.refused_connections
     c[("accept_failures",)] = registry.accept_failures
+    c[("acme_refused_connections",)] = registry.acme.refused
     c[("accepts_paused_ms",)] = registry.accepts_paused_ms
     c[("new_connection_cpu_ms",)] = round(registry.new_connection_cpu.spent * 1000)
     for (route, status), n in registry.requests.items():
@@ -89,5 +90,6 @@ def local_counts(
     g = counts.gauges
     g[("connections",)] = len(registry.connections)
     g[("handshaking",)] = registry.handshaking
+    g[("acme_connections",)] = registry.acme.open
     g[("active_calls",)] = len(registry.tunnels())
     return counts

@@ -325,6 +325,16 @@ class _StateCollector(Collector):
             "Carrier TLS handshakes that failed.",
             value=counts.counter("tls_handshake_failures"),
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_acme_connections",
+            "Connections open on the plain-HTTP listener (:80: ACME and redirects).",
+            value=gauges.get(("acme_connections",), 0),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_acme_refused_connections",
+            "Plain-HTTP (:80) connections reset at accept: 256 per worker were open.",
+            value=counts.counter("acme_refused_connections"),
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_refused_connections",
             "Carrier connections reset at accept: limits.max_connections was reached.",

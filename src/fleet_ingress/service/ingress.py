@@ -305,6 +305,7 @@ class Ingress:
             max_header_count=config.limits.max_header_count,
             refusals=self.refusals if config.log.access else None,
             heads=self.heads,
+            connections=self.registry.acme,
         )
 
     def status_line(self) -> str:
