@@ -213,6 +213,30 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
     return str(config_path.parent / value) if value else ""
 
 
+def _sighup_under_systemd() -> int | None:
+    """`reload` as the unit's ExecReload, with no admin socket to ask (disabled, or
+    moved by the file being reloaded): SIGHUP to the service's main process, as the
+    unit did before, its outcome in the journal and `stat` only. None outside systemd
+    (no $MAINPID): then the caller says the socket cannot be reached."""
+    import os
+    import signal
+
+    main_pid = os.environ.get("MAINPID", "")
+    if not main_pid.isdigit():
+        return None
+    try:
+        os.kill(int(main_pid), signal.SIGHUP)
+    except OSError as exc:
+        print(f"fleet-ingress: cannot signal MAINPID {main_pid}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(
+        f"fleet-ingress: no admin socket to ask: sent SIGHUP to {main_pid}; whether the "
+        "reload applied is in the journal and `fleet-ingress stat`",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _admin(args: argparse.Namespace) -> int:
     from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET, run_admin
 
@@ -239,6 +263,8 @@ def _admin(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if not configured:
+            if args.command == "reload" and (sent := _sighup_under_systemd()) is not None:
+                return sent
             print(f"fleet-ingress: {args.config}: listen.admin_socket is disabled", file=sys.stderr)
             return 2
         socket_path = Path(configured)
@@ -251,7 +277,10 @@ def _admin(args: argparse.Namespace) -> int:
     if args.command == "reload":
         from fleet_ingress.ops.admin_client import run_reload
 
-        return run_reload(socket_path)
+        code = run_reload(socket_path)
+        if code == 2 and (sent := _sighup_under_systemd()) is not None:
+            return sent  # the socket moved in the new file, or is gone: reload as before
+        return code
     if args.command in ("drain", "ready", "maint"):
         return run_admin(
             socket_path,

@@ -171,3 +171,72 @@ def test_a_listen_address_no_interface_has_says_so():
         "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
         "no interface of this machine has that address"
     )
+
+
+# -- `reload`: the unit's ExecReload -------------------------------------------------------
+
+
+def test_reload_with_no_admin_socket_under_systemd_sends_sighup_to_the_main_pid(
+    tmp_path: Path,
+) -> None:
+    """With listen.admin_socket = "" the shipped ExecReload would always fail, and
+    certbot's renewals would never load (the review of session 12): under systemd
+    ($MAINPID) it signals the service as the unit did before; elsewhere it says why."""
+    config = tmp_path / "ingress.toml"
+    config.write_text('[listen]\nadmin_socket = ""\n')
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys, time\n"
+            "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(20)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        env = {**os.environ, "MAINPID": str(child.pid)}
+        done = subprocess.run(
+            [*CLI, "reload", "-c", str(config)], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"sent SIGHUP to {child.pid}" in done.stderr
+        assert child.wait(10) == 0 and child.stdout.read() == "HUP\n"
+    finally:
+        child.kill()
+    env = {k: v for k, v in os.environ.items() if k != "MAINPID"}
+    done = subprocess.run(
+        [*CLI, "reload", "-c", str(config)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2 and "listen.admin_socket is disabled" in done.stderr
+
+
+async def test_reload_exits_1_when_a_worker_did_not_reload_or_it_failed(tmp_path: Path) -> None:
+    """What the supervisor answers is judged whole: applied in the supervisor but
+    refused by a worker (it serves its previous certificate) is no success for
+    certbot's hook; nor is a reload that broke halfway."""
+    from aiohttp import web
+
+    from fleet_ingress.ops.admin_client import run_reload
+
+    answers = iter(
+        [
+            {"result": "applied", "changes": "no fleet changes", "workers_failed": {"42": "no"}},
+            {"result": "failed", "error": "the reload failed: a bug"},
+            {"result": "applied", "changes": "no fleet changes"},
+        ]
+    )
+    app = web.Application()
+    app.router.add_post("/reload", lambda _: web.json_response(next(answers)))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = tmp_path / "admin.sock"
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        codes = [await asyncio.to_thread(run_reload, path) for _ in range(3)]
+    finally:
+        await runner.cleanup()
+    assert codes == [1, 1, 0]

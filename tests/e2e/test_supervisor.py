@@ -561,6 +561,72 @@ async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
         await service.finish()
 
 
+async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_worker_or_an_upgrade(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker started later, and the image an upgrade starts, read the certificate
+    file themselves, with no reload to judge it: one a reload refused would come
+    back that way (the review of session 12: a replacement worker served another
+    name to a third of the handshakes). The replacement refuses to serve it and is
+    retried; the upgrade is refused; a good renewal then brings the host whole."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        old = await _peer_serial(service, tls_files)
+        write_leaf_cert(tls_files.ca, service.home, names=("calls.other.test",))
+        code, printed = await admin_command(service, "reload")
+        assert code == 1 and "none of the names" in printed, printed
+        victim = (await _worker_rows(service))[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        await eventually(
+            lambda: any(e["event"].startswith("worker cannot serve") for e in service.log()),
+            timeout=15,
+        )
+        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {old}
+        code, printed = await admin_command(service, "upgrade")
+        assert code != 0 and "a reload refused it" in printed, printed
+        assert {await _peer_serial(service, tls_files) for _ in range(6)} == {old}
+        new = write_leaf_cert(tls_files.ca, service.home)
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+
+        async def two_serving() -> bool:
+            rows = await _worker_rows(service)
+            return len(rows) == 2 and all(r["state"] == "serving" for r in rows)
+
+        for _ in range(150):  # the replacement is retried with a growing delay (10 s at most)
+            if await two_serving():
+                break
+            await asyncio.sleep(0.1)
+        assert await two_serving()
+        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {new}
+    finally:
+        await service.finish()
+
+
+async def test_a_reload_asked_while_draining_is_answered_at_once(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A stopping ingress reloads nothing: `fleet-ingress reload` said nothing for
+    60 s, its request holding the supervisor's exit as long (the review of
+    session 12). It is answered at once, and the drain ends when its call does."""
+    service = await _start(tls_files, two_fleets)
+    ws = await _open(service, tls_files, "draining")
+    try:
+        await _echo(ws)
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for("STOPPING=1", timeout=5)
+        started = time.monotonic()
+        code, printed = await admin_command(service, "reload")
+        assert time.monotonic() - started < 10
+        assert code == 1 and "stopping" in printed, printed
+        await _echo(ws)  # the call goes on
+        await ws.close()
+        async with asyncio.timeout(15):
+            assert await service.proc.wait() == 0
+    finally:
+        await service.finish()
+
+
 async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

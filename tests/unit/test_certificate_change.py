@@ -88,3 +88,12 @@ def test_with_nothing_known_of_the_one_in_use_only_the_dates_are_judged() -> Non
 )
 def test_what_a_name_covers(pattern: str, name: str, covered: bool) -> None:
     assert covers(pattern, name) is covered
+
+
+def test_the_certificate_in_use_again_is_never_refused_even_expired() -> None:
+    """A reload that changes only the fleets file, while the certificate in use has
+    expired (renewal failing: the incident where fleets need changing most)."""
+    expired = leaf("calls.example.com", valid_from=NOW - 90 * DAY, valid_to=NOW - DAY)
+    assert renewal_problem(expired, expired, NOW) is None
+    other_expired = leaf("calls.example.com", valid_from=NOW - 91 * DAY, valid_to=NOW - DAY)
+    assert renewal_problem(other_expired, expired, NOW) is not None

@@ -144,7 +144,8 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
     """Valid settings that are likely mistakes an operator would want named: each
     says what it does and what was probably meant (warnings: `check` passes)."""
     doubts = []
-    if "conn-failure" not in config.retry.retry_conditions:
+    retry_on = config.retry.retry_on
+    if retry_on and "conn-failure" not in config.retry.retry_conditions:  # [] asks for none
         doubts.append(
             'retry.retry_on lacks "conn-failure": a call whose fleet refuses the '
             "connection is not tried on another fleet (a list given replaces the default "

@@ -31,7 +31,11 @@ class LeafFacts:
 
 
 def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> str | None:
-    """Why `new` must not replace `serving` (the certificate carriers get now), or None."""
+    """Why `new` must not replace `serving` (the certificate carriers get now), or None.
+    The one in use again is never refused: an expired one must not block a reload
+    that changes only the fleets (the review of session 12)."""
+    if new == serving:
+        return None
     if now < new.not_before - CLOCK_SKEW:
         return (
             f"is not valid until {_utc(new.not_before)}: carriers would refuse it "

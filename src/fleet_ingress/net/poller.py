@@ -276,7 +276,9 @@ class HealthPoller:
             seconds,
         )
         fleet.probes_total += 1
-        if result.certificate_not_after is not None:
+        if result.passed or result.certificate_not_after is not None:
+            # A pass over a connection with no verified certificate (http://, or
+            # fleets.verify turned off by a reload) says no date is known now.
             fleet.certificate_not_after = result.certificate_not_after
         if self.on_probe is not None:
             self.on_probe(fleet.name, seconds)

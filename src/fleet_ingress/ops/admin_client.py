@@ -96,9 +96,27 @@ def run_reload(socket_path: Path, *, out: TextIO | None = None) -> int:
     except AdminUnreachable as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
+    if body.get("result") == "applied" and body.get("workers_failed"):
+        failed = "; ".join(
+            f"worker {pid}: {error}" for pid, error in body["workers_failed"].items()
+        )
+        print(
+            f"fleet-ingress: reloaded in the supervisor, but not in every worker ({failed}); "
+            "those serve their previous configuration and certificate: `fleet-ingress "
+            "upgrade` replaces them with workers that read the files again",
+            file=sys.stderr,
+        )
+        return 1
     if body.get("result") == "applied":
         print(f"reloaded: {body.get('changes') or 'no changes'}", file=out)
         return 0
+    if body.get("result") == "failed":
+        print(
+            f"fleet-ingress: {body.get('error')}; part of it may be applied: "
+            "`fleet-ingress stat` and the journal say what serves",
+            file=sys.stderr,
+        )
+        return 1
     if body.get("result") == "refused":
         print(
             f"fleet-ingress: reload refused: {body.get('error')}; the previous configuration "

@@ -46,7 +46,9 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
     # From 1 ms: a fleet in the same data centre answers in 1-3 ms, which a first
     # bucket of 5 ms could only put at its midpoint (histogram_quantile). The old
     # bounds are all kept: a host view merges workers of an upgrade on the bounds
-    # they share (core/host_view.py).
+    # they share (core/host_view.py), so after an upgrade from a release without
+    # them the finer buckets show only from the next restart (retired workers'
+    # totals keep the old bounds).
     HANDSHAKE: (
         "Carrier request head received to the fleet's 101 relayed.",
         (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

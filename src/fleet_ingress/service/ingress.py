@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import ssl
@@ -507,6 +508,44 @@ def read_reload(
     except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
         raise ReloadRefused(str(exc)) from None
     return ReadReload(config, specs, server_ssl, fleet_ssl, leaf)
+
+
+def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> str | None:
+    """Why the certificate `config` names on disk must not be served in place of
+    `serving` (the one the supervisor serves: a reload refused it), or None. For a
+    process that would read it without a reload: a worker started to replace
+    another, and the image an upgrade starts."""
+    if serving is None or config.tls.cert is None:
+        return None
+    try:
+        leaf = leaf_facts(config.tls.cert)
+    except TLSSetupError:
+        return None  # unreadable: loading it says so
+    problem = renewal_problem(leaf, serving, time.time())
+    return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
+
+
+def serving_leaf_to_env(leaf: LeafFacts | None) -> str:
+    """`serving` for a worker's environment (SERVING_CERTIFICATE_ENV)."""
+    if leaf is None:
+        return ""
+    return json.dumps(
+        {"not_before": leaf.not_before, "not_after": leaf.not_after, "names": sorted(leaf.names)}
+    )
+
+
+def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
+    try:
+        data = json.loads(value or "")
+        return LeafFacts(
+            float(data["not_before"]), float(data["not_after"]), frozenset(data["names"])
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+# Set by the supervisor for a worker it starts: the certificate it serves (JSON).
+SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
 
 
 def serving_leaf(config: IngressConfig) -> LeafFacts | None:

@@ -89,12 +89,14 @@ from fleet_ingress.ops.reload_outcome import (
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
+    SERVING_CERTIFICATE_ENV,
     ReloadRefused,
     carrier_ssl_context,
     listener_notes,
     probe_settings,
     read_reload,
     serving_leaf,
+    serving_leaf_to_env,
     warn_about_chain,
 )
 from fleet_ingress.service.lifecycle import (
@@ -174,6 +176,8 @@ class Supervisor:
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.time()
         self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
+        self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
+        self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
         self.certificate_not_after: float | None = None
         with contextlib.suppress(OSError, ValueError):
             if config.tls.cert is not None:
@@ -412,6 +416,9 @@ class Supervisor:
         env = handover_env(socks)
         for name in _NOT_FOR_WORKERS:
             env.pop(name, None)
+        # A worker reads the certificate file itself: one a reload refused (it
+        # may be on disk since) must not be served by a worker started now.
+        env[SERVING_CERTIFICATE_ENV] = serving_leaf_to_env(self.serving_leaf)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -961,9 +968,19 @@ class Supervisor:
     async def reload_and_wait(self) -> dict[str, Any]:
         """`fleet-ingress reload`: a reload asked as SIGHUP asks it (in turn with
         them, RELOADING=1 and READY=1 to systemd), and how it went."""
+        if self.stopping or self.stop_asked.is_set():
+            raise FleetChangeError(409, "the ingress is stopping: nothing is reloaded")
         asked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.reloads_asked.put_nowait(asked)
         return await asked
+
+    def answer_pending_reloads(self, why: str) -> None:
+        """At stop: every `fleet-ingress reload` still waiting is told, rather than
+        holding its admin request (and the supervisor's exit) until it times out."""
+        outcome = {**reload_outcome(why), "result": "failed"}
+        _tell(self.reload_in_hand, outcome)
+        while not self.reloads_asked.empty():
+            _tell(self.reloads_asked.get_nowait(), outcome)
 
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
@@ -977,6 +994,10 @@ class Supervisor:
         finally:
             self.reloading = False
         self.last_reload = reload_outcome(None, changes)
+        if self.workers_not_reloaded:  # `fleet-ingress reload` must not say it all applied
+            self.last_reload["workers_failed"] = {
+                str(pid): str(error) for pid, error in self.workers_not_reloaded.items()
+            }
         return changes
 
     async def _reload(self) -> str:
@@ -1021,6 +1042,7 @@ class Supervisor:
         self.server.wake()
         answers = await self._reload_workers()
         failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
+        self.workers_not_reloaded = failed
         for pid, error in failed.items():
             _log_not_reloaded(pid, error)
             notes.append(f"worker {pid} did not reload: {error}")
@@ -1237,6 +1259,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     await stop.wait()
     for task in background:
         task.cancel()
+    supervisor.answer_pending_reloads("the ingress is stopping: not reloaded")
     await supervisor.stop_accepting()
     notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
     drain = supervisor.config.timeouts.drain
@@ -1280,7 +1303,7 @@ async def _reload_on_signal(
     config_path = supervisor.config_path
     logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
     while True:
-        asked = await reloads.get()
+        asked = supervisor.reload_in_hand = await reloads.get()
         notifier.notify("RELOADING=1", monotonic_usec())
         try:
             summary = await supervisor.reload()
@@ -1297,7 +1320,8 @@ async def _reload_on_signal(
         except Exception:  # a bug must not take the service down
             log.exception("reload failed", extra=fields(config=str(config_path)))
             notifier.notify("READY=1", "STATUS=reload failed; see the log")
-            _tell(asked, reload_outcome("the reload failed: a bug, logged as 'reload failed'"))
+            outcome = reload_outcome("the reload failed: a bug, logged as 'reload failed'")
+            _tell(asked, {**outcome, "result": "failed"})
             continue
         log_config = supervisor.config.log
         if (log_config.level, log_config.format) != logging_in_use:

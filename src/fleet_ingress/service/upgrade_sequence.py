@@ -36,8 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleet_ingress.config.settings import IngressConfig, ListenSection
+from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
@@ -46,6 +47,7 @@ from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
+from fleet_ingress.service.ingress import certificate_not_taken
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -130,6 +132,7 @@ class Upgradable(Protocol):
     reloads: Counter[str]
     reloading: bool
     reloads_asked: asyncio.Queue[ReloadAsked]
+    serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
     restarts: Counter[str]
     calls_lost_total: int
     quick_deaths: int
@@ -301,6 +304,22 @@ class UpgradeSequence:
             return
         if supervisor.stopping:
             self._upgrade_failed(status, "the ingress began stopping during the trial run")
+            return
+        # The new image reads the certificate file at its start, with no reload to
+        # judge it: one a reload refused must not come back this way.
+        try:
+            config = await asyncio.to_thread(load_config, supervisor.config_path)
+            problem = await asyncio.to_thread(
+                certificate_not_taken, config, supervisor.serving_leaf
+            )
+        except ConfigError:
+            problem = None  # the trial run passed it: read it again, the new image will say
+        if problem is not None:
+            self._upgrade_failed(
+                status,
+                f"{problem}; the new image would serve it (a reload refused it): fix the "
+                "certificate and reload, then upgrade",
+            )
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
         # A worker slow to read its channel gets a moment to, signals not held

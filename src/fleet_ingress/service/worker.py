@@ -49,7 +49,13 @@ from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.service import glibc_malloc
-from fleet_ingress.service.ingress import Ingress, ReloadRefused
+from fleet_ingress.service.ingress import (
+    SERVING_CERTIFICATE_ENV,
+    Ingress,
+    ReloadRefused,
+    certificate_not_taken,
+    serving_leaf_from_env,
+)
 from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE, trim_heap
 
 log = logging.getLogger("fleet_ingress.worker")
@@ -237,6 +243,14 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
         configure_logging(config.log.level, config.log.format, pid=True)
     except (ListenFdsError, ConfigError) as exc:
         print(f"fleet-ingress worker {os.getpid()}: {exc}", file=sys.stderr)
+        return 2
+    serving = serving_leaf_from_env(os.environ.get(SERVING_CERTIFICATE_ENV))
+    if (problem := certificate_not_taken(config, serving)) is not None:
+        log.error(
+            "worker cannot serve: a reload refused the certificate on disk, which the "
+            "other workers do not serve; fix it and reload",
+            extra=fields(error=problem),
+        )
         return 2
     glibc_malloc.pin_mmap_threshold()
     if cpu is not None:
