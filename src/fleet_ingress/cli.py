@@ -224,6 +224,12 @@ def _sighup_under_systemd() -> int | None:
     main_pid = os.environ.get("MAINPID", "")
     if not main_pid.isdigit():
         return None
+    try:  # the unit's main process must be an ingress: SIGHUP ends most others
+        command = Path(f"/proc/{main_pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if b"fleet_ingress" not in command and b"fleet-ingress" not in command:
+        return None
     try:
         os.kill(int(main_pid), signal.SIGHUP)
     except OSError as exc:
@@ -277,10 +283,9 @@ def _admin(args: argparse.Namespace) -> int:
     if args.command == "reload":
         from fleet_ingress.ops.admin_client import run_reload
 
-        code = run_reload(socket_path)
-        if code == 2 and (sent := _sighup_under_systemd()) is not None:
-            return sent  # the socket moved in the new file, or is gone: reload as before
-        return code
+        # Not reached (the socket moved in the file being reloaded, or is gone):
+        # under systemd, reload as the unit did before.
+        return run_reload(socket_path, not_reached=_sighup_under_systemd)
     if args.command in ("drain", "ready", "maint"):
         return run_admin(
             socket_path,

@@ -192,6 +192,7 @@ def test_reload_with_no_admin_socket_under_systemd_sends_sighup_to_the_main_pid(
             "signal.signal(signal.SIGHUP, lambda *a: (print('HUP', flush=True), sys.exit(0)))\n"
             "print('ready', flush=True)\n"
             "time.sleep(20)\n",
+            "fleet-ingress",  # in its command line, as the unit's main process has it
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -212,6 +213,19 @@ def test_reload_with_no_admin_socket_under_systemd_sends_sighup_to_the_main_pid(
         [*CLI, "reload", "-c", str(config)], env=env, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 2 and "listen.admin_socket is disabled" in done.stderr
+    # A $MAINPID that is no ingress (another unit's process) is never signalled.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+    try:
+        done = subprocess.run(
+            [*CLI, "reload", "-c", str(config)],
+            env={**env, "MAINPID": str(other.pid)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2 and other.poll() is None
+    finally:
+        other.kill()
 
 
 async def test_reload_exits_1_when_a_worker_did_not_reload_or_it_failed(tmp_path: Path) -> None:

@@ -577,13 +577,19 @@ async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_wor
         assert code == 1 and "none of the names" in printed, printed
         victim = (await _worker_rows(service))[0]["pid"]
         os.kill(victim, signal.SIGKILL)
+        # Held back by the supervisor, said once, and no process started in a loop.
         await eventually(
-            lambda: any(e["event"].startswith("worker cannot serve") for e in service.log()),
+            lambda: any(e["event"].startswith("a worker is not started") for e in service.log()),
             timeout=15,
         )
+        code, printed = await admin_command(service, "stat")
+        assert "A WORKER IS NOT STARTED" in printed and "none of the names" in printed
         assert {await _peer_serial(service, tls_files) for _ in range(10)} == {old}
+        await asyncio.sleep(1)
+        assert len(await _worker_rows(service)) == 1
+        assert (await service.stats())["worker_restarts"] == {"killed": 1}  # nothing "crashed"
         code, printed = await admin_command(service, "upgrade")
-        assert code != 0 and "a reload refused it" in printed, printed
+        assert code != 0 and "would serve it in place of the one in use" in printed, printed
         assert {await _peer_serial(service, tls_files) for _ in range(6)} == {old}
         new = write_leaf_cert(tls_files.ca, service.home)
         code, printed = await admin_command(service, "reload")
@@ -593,11 +599,12 @@ async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_wor
             rows = await _worker_rows(service)
             return len(rows) == 2 and all(r["state"] == "serving" for r in rows)
 
-        for _ in range(150):  # the replacement is retried with a growing delay (10 s at most)
+        for _ in range(100):  # started as the reload applies
             if await two_serving():
                 break
             await asyncio.sleep(0.1)
         assert await two_serving()
+        assert "NOT STARTED" not in (await admin_command(service, "stat"))[1]
         assert {await _peer_serial(service, tls_files) for _ in range(10)} == {new}
     finally:
         await service.finish()
@@ -624,6 +631,28 @@ async def test_a_reload_asked_while_draining_is_answered_at_once(
         async with asyncio.timeout(15):
             assert await service.proc.wait() == 0
     finally:
+        await service.finish()
+
+
+async def test_a_reload_under_way_when_the_stop_comes_is_answered(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A reload waiting on a worker (stopped here: it answers after 10 s at most)
+    when SIGTERM comes: `fleet-ingress reload` is told at once that the ingress is
+    stopping, not left to its 60 s timeout (the second review of session 12)."""
+    service = await _start(tls_files, two_fleets)
+    stopped = (await _worker_rows(service))[0]["pid"]
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        asked = asyncio.ensure_future(admin_command(service, "reload"))
+        await service.wait_for("RELOADING=1", timeout=5)
+        started = time.monotonic()
+        service.proc.send_signal(signal.SIGTERM)
+        code, printed = await asyncio.wait_for(asked, 20)
+        assert time.monotonic() - started < 8
+        assert code == 1 and "stopping" in printed, printed
+    finally:
+        os.kill(stopped, signal.SIGCONT)
         await service.finish()
 
 

@@ -7,12 +7,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
 
-from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health, workers_replaced
+from fleet_ingress.ops.fleet_display import (
+    probed,
+    shown_free,
+    shown_health,
+    worker_not_started,
+    workers_replaced,
+)
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
@@ -22,6 +29,10 @@ REQUEST_TIMEOUT = 60.0
 
 class AdminUnreachable(Exception):
     pass
+
+
+class AdminNotReached(AdminUnreachable):
+    """Nothing was sent: the socket is not there, or nothing accepts on it."""
 
 
 async def admin_request(
@@ -34,7 +45,7 @@ async def admin_request(
             async with session.request(method, f"http://ingress{path}", json=payload) as response:
                 return response.status, await response.json(content_type=None)
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
-        raise AdminUnreachable(
+        raise AdminNotReached(
             f"cannot reach the admin socket {socket_path}: {_why(exc)}. Is fleet-ingress "
             "running? Point at its socket with --admin-socket PATH or -c CONFIG."
         ) from None
@@ -85,7 +96,12 @@ def run_admin(
     return 0
 
 
-def run_reload(socket_path: Path, *, out: TextIO | None = None) -> int:
+def run_reload(
+    socket_path: Path,
+    *,
+    out: TextIO | None = None,
+    not_reached: Callable[[], int | None] | None = None,
+) -> int:
     """`fleet-ingress reload`: as SIGHUP, but answered once done. Exit 0 when it
     applied, 1 when it was refused (the previous configuration and certificate
     serve on), 2 when the ingress could not be asked: for `systemctl reload` and
@@ -93,7 +109,13 @@ def run_reload(socket_path: Path, *, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         _status, body = asyncio.run(admin_request(socket_path, "POST", "/reload"))
-    except AdminUnreachable as exc:
+    except AdminNotReached as exc:
+        # Nothing was asked: `not_reached` may ask another way (the unit's SIGHUP).
+        if not_reached is not None and (code := not_reached()) is not None:
+            return code
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    except AdminUnreachable as exc:  # asked, the outcome not known: never asked again
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     if body.get("result") == "applied" and body.get("workers_failed"):
@@ -109,7 +131,7 @@ def run_reload(socket_path: Path, *, out: TextIO | None = None) -> int:
         return 1
     if body.get("result") == "applied":
         print(f"reloaded: {body.get('changes') or 'no changes'}", file=out)
-        return 0
+        return 0  # a worker that did not answer in time is in `changes`, and reloads later
     if body.get("result") == "failed":
         print(
             f"fleet-ingress: {body.get('error')}; part of it may be applied: "
@@ -235,6 +257,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(_workers_lines(workers))
         if (replaced := workers_replaced(snap)) is not None:
             lines.append(replaced)
+        if (held := worker_not_started(snap)) is not None:
+            lines.append(held)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)

@@ -10,7 +10,13 @@ import time
 from html import escape
 from typing import Any
 
-from fleet_ingress.ops.fleet_display import probed, shown_free, shown_health, workers_replaced
+from fleet_ingress.ops.fleet_display import (
+    probed,
+    shown_free,
+    shown_health,
+    worker_not_started,
+    workers_replaced,
+)
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 REFRESH_SECONDS = 2
@@ -56,7 +62,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     workers = snap.get("workers")
     if workers is None:
         return ""
-    replaced = workers_replaced(snap)
+    replaced, held = workers_replaced(snap), worker_not_started(snap)
     rows = []
     for w in workers:
         started = (
@@ -84,6 +90,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + ("".join(rows) or '<tr><td class="l" colspan="7">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
+        + (f'<p class="stopping" id="held">{escape(held)}</p>\n' if held else "")
     )
 
 

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -92,6 +92,7 @@ from fleet_ingress.service.ingress import (
     SERVING_CERTIFICATE_ENV,
     ReloadRefused,
     carrier_ssl_context,
+    certificate_not_taken,
     listener_notes,
     probe_settings,
     read_reload,
@@ -128,6 +129,10 @@ LOST_CHANNEL_CONFIRM = 0.5
 # A worker that dies sooner than this after its start is replaced after a delay
 # that doubles each time (a crash loop must not spin a core); else at once.
 QUICK_DEATH = 5.0
+# A replacement held back by a certificate not taken: its file is read again this
+# often (seconds), beside each applied reload.
+CERTIFICATE_RECHECK = 60.0
+NOT_STARTED_STATUS = "; A WORKER IS NOT STARTED: see `fleet-ingress stat`"
 RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
@@ -178,6 +183,9 @@ class Supervisor:
         self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
+        # Set (and replaced) at each applied reload: a replacement held back waits on it.
+        self._reload_applied = asyncio.Event()
+        self.worker_start_blocked: str | None = None  # why a replacement waits (stat)
         self.certificate_not_after: float | None = None
         with contextlib.suppress(OSError, ValueError):
             if config.tls.cert is not None:
@@ -459,6 +467,34 @@ class Supervisor:
                 self._reload_round[worker.pid] = reloading
         return worker
 
+    async def _certificate_takeable(self) -> None:
+        """Before a worker is started to replace one: it reads the certificate file
+        itself, and one not taken in place of the one in use (a reload refused it,
+        or it was written since) must not be served by it. Wait, with one log line
+        and `stat` saying so, for a reload that applies (or the file fixed)."""
+        while not self.stopping:
+            problem = await asyncio.to_thread(self._certificate_on_disk_problem)
+            if problem is None:
+                break
+            if problem != self.worker_start_blocked:
+                log.error(
+                    "a worker is not started: the certificate on disk is not taken in place "
+                    "of the one in use; fix it and reload (the host serves with a worker "
+                    "fewer until then)",
+                    extra=fields(error=problem),
+                )
+            self.worker_start_blocked = problem
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_applied.wait(), CERTIFICATE_RECHECK)
+        self.worker_start_blocked = None
+
+    def _certificate_on_disk_problem(self) -> str | None:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError:
+            return None  # the worker says why it cannot start
+        return certificate_not_taken(config, self.serving_leaf)
+
     def _cpu_for(self, generation: int) -> int | None:
         """process.cpu_affinity = "auto": the CPU for a new worker of
         `generation`, the least taken by its live workers (a replacement takes
@@ -723,6 +759,7 @@ class Supervisor:
         a generation an upgrade retired meanwhile), if it still lacks one."""
         await asyncio.sleep(delay)
         await self._generation_settled.wait()
+        await self._certificate_takeable()
         if self.stopping or self._short_of_workers() <= 0:
             return
         generation = self.generation
@@ -797,11 +834,11 @@ class Supervisor:
         future = self._answers[(key, ask)] = asyncio.get_running_loop().create_future()
         try:
             if not self.server.send(key, {"op": op, "id": ask}):
-                return {"ok": False, "error": "the worker is gone"}
+                return {"ok": False, "error": "the worker is gone", "unknown": True}
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            return {"ok": False, "error": f"no answer within {timeout:g}s"}
+            return {"ok": False, "error": f"no answer within {timeout:g}s", "unknown": True}
         finally:
             self._answers.pop((key, ask), None)
 
@@ -827,6 +864,7 @@ class Supervisor:
         late = {
             "ok": False,
             "error": f"no answer within {RELOAD_ANSWER_TIMEOUT:g}s; it reloads when it can",
+            "unknown": True,  # not a refusal: its outcome is logged when it comes
         }
         return {pid: t.result() if t.done() else late for pid, t in tasks.items()}
 
@@ -858,7 +896,8 @@ class Supervisor:
                 for wait in waits:
                     wait.cancel()
             if worker.left.is_set() or not worker.serving.is_set():
-                return {"ok": False, "error": "the worker did not start"}
+                # Its replacement reads the files as they are now: nothing refused.
+                return {"ok": False, "error": "the worker did not start", "unknown": True}
         return await self._ask_one(worker, "reload", RELOAD_ANSWER_TIMEOUT)
 
     def _reload_done(self, worker: WorkerProcess, task: asyncio.Task[dict[str, Any]]) -> None:
@@ -947,6 +986,7 @@ class Supervisor:
             last_reload=self.last_reload,
         )
         picture["worker_restarts"] = dict(self.restarts)
+        picture["worker_start_blocked"] = self.worker_start_blocked
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
@@ -961,6 +1001,11 @@ class Supervisor:
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
             f"{len(self.slots.workers)} workers, generation {self.generation}"
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
+            + (
+                "; A WORKER IS NOT STARTED: see `fleet-ingress stat`"
+                if self.worker_start_blocked
+                else ""
+            )
         )
 
     # -- reload and stop ---------------------------------------------------------
@@ -1042,7 +1087,13 @@ class Supervisor:
         self.server.wake()
         answers = await self._reload_workers()
         failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
-        self.workers_not_reloaded = failed
+        # What `fleet-ingress reload` fails on: a worker that answered it did not
+        # reload (it serves its previous files), not one whose outcome is not known.
+        self.workers_not_reloaded = {
+            pid: a.get("error")
+            for pid, a in answers.items()
+            if not a.get("ok") and not a.get("unknown")
+        }
         for pid, error in failed.items():
             _log_not_reloaded(pid, error)
             notes.append(f"worker {pid} did not reload: {error}")
@@ -1051,6 +1102,8 @@ class Supervisor:
             extra=fields(workers=sorted(set(answers) - set(failed)), failed=failed),
         )
         self.reloads["applied"] += 1
+        self._reload_applied.set()
+        self._reload_applied = asyncio.Event()
         await asyncio.to_thread(warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 

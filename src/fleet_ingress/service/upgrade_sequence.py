@@ -317,8 +317,8 @@ class UpgradeSequence:
         if problem is not None:
             self._upgrade_failed(
                 status,
-                f"{problem}; the new image would serve it (a reload refused it): fix the "
-                "certificate and reload, then upgrade",
+                f"{problem}; the new image would serve it in place of the one in use: fix "
+                "the certificate and reload, then upgrade",
             )
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))

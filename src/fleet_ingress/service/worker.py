@@ -247,8 +247,8 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     serving = serving_leaf_from_env(os.environ.get(SERVING_CERTIFICATE_ENV))
     if (problem := certificate_not_taken(config, serving)) is not None:
         log.error(
-            "worker cannot serve: a reload refused the certificate on disk, which the "
-            "other workers do not serve; fix it and reload",
+            "worker cannot serve: the certificate on disk is not taken in place of the "
+            "one in use (the other workers serve it); fix it and reload",
             extra=fields(error=problem),
         )
         return 2
