@@ -16,7 +16,6 @@ from fleet_ingress.core.probe import ProbeResult, judge_health_response
 from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
 from fleet_ingress.net.tls import (
     TLSSetupError,
-    certificate_not_after,
     chain_problem,
     fleet_ssl_context,
     leaf_facts,
@@ -191,7 +190,7 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
         return [f"{source}: tls.ca_file: cannot read {ca_file}: {reason}"]
     try:
         server_ssl_context(cert, key, config.tls.min_version, config.tls.profile)
-        days_left = (certificate_not_after(cert) - time.time()) / 86400
+        leaf = leaf_facts(cert)
     except TLSSetupError as exc:
         return [f"{source}: tls.cert, tls.key: {exc}"]
     try:
@@ -203,12 +202,12 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
         return [f"{source}: tls.ca_file: {exc}"]
     # Warnings, not errors: `run` must start with such a certificate, since its :80
     # listener is what lets certbot renew it. A reload refuses one (certificate_change).
+    days_left = (leaf.not_after - time.time()) / 86400
     if days_left < EXPIRY_WARNING_DAYS:
         state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
         return [f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?"]
-    not_before = leaf_facts(cert).not_before
-    if time.time() < not_before - CLOCK_SKEW:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(not_before))
+    if time.time() < leaf.not_before - CLOCK_SKEW:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_before))
         return [
             f"{WARNING}{source}: tls.cert: {cert} is not valid until {when}: carriers "
             "will refuse it until then (is this host's clock right?)"

@@ -163,18 +163,6 @@ def fleet_ssl_context(*, verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     return ctx
 
 
-def certificate_not_after(cert: Path) -> float:
-    """Expiry (epoch seconds) of the first certificate in a PEM file: the leaf, in fullchain.pem."""
-    try:
-        data = cert.read_bytes()
-    except OSError as exc:
-        raise TLSSetupError(f"certificate {cert} cannot be read: {exc.strerror}") from None
-    try:
-        return x509.load_pem_x509_certificate(data).not_valid_after_utc.timestamp()
-    except ValueError:
-        raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
-
-
 def leaf_facts(cert: Path) -> LeafFacts:
     """The first certificate of a PEM file (the leaf, in fullchain.pem): its validity
     and the names it is for (its subjectAltName; its common name if it has none)."""

@@ -118,35 +118,30 @@ def run_reload(
     except AdminUnreachable as exc:  # asked, the outcome not known: never asked again
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
-    if body.get("result") == "applied" and body.get("workers_failed"):
-        failed = "; ".join(
-            f"worker {pid}: {error}" for pid, error in body["workers_failed"].items()
-        )
-        print(
-            f"fleet-ingress: reloaded in the supervisor, but not in every worker ({failed}); "
-            "those serve their previous configuration and certificate: `fleet-ingress "
-            "upgrade` replaces them with workers that read the files again",
-            file=sys.stderr,
-        )
-        return 1
-    if body.get("result") == "applied":
+    result, failed = body.get("result"), body.get("workers_failed")
+    if result == "applied" and not failed:
         print(f"reloaded: {body.get('changes') or 'no changes'}", file=out)
         return 0  # a worker that did not answer in time is in `changes`, and reloads later
-    if body.get("result") == "failed":
-        print(
-            f"fleet-ingress: {body.get('error')}; part of it may be applied: "
-            "`fleet-ingress stat` and the journal say what serves",
-            file=sys.stderr,
+    if result == "applied":
+        which = "; ".join(f"worker {pid}: {error}" for pid, error in failed.items())
+        problem = (
+            f"reloaded in the supervisor, but not in every worker ({which}); those serve "
+            "their previous configuration and certificate: `fleet-ingress upgrade` "
+            "replaces them with workers that read the files again"
         )
-        return 1
-    if body.get("result") == "refused":
-        print(
-            f"fleet-ingress: reload refused: {body.get('error')}; the previous configuration "
-            "and certificate are still served",
-            file=sys.stderr,
+    elif result == "failed":
+        problem = (
+            f"{body.get('error')}; part of it may be applied: `fleet-ingress stat` and the "
+            "journal say what serves"
         )
-        return 1
-    print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+    elif result == "refused":
+        problem = (
+            f"reload refused: {body.get('error')}; the previous configuration and "
+            "certificate are still served"
+        )
+    else:
+        problem = str(body.get("error", body))
+    print(f"fleet-ingress: {problem}", file=sys.stderr)
     return 1
 
 

@@ -40,7 +40,6 @@ from fleet_ingress.net.poller import HealthPoller, ProbeSettings
 from fleet_ingress.net.proxy import REFUSED_LINES_PER_SECOND, ProxyContext, refused_log
 from fleet_ingress.net.tls import (
     TLSSetupError,
-    certificate_not_after,
     chain_problem,
     fleet_ssl_context,
     leaf_facts,
@@ -124,13 +123,9 @@ class Ingress:
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
         self.started_at = time.time()
-        self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
-        self.certificate_not_after: float | None = None
-        if config.tls.cert is not None:
-            try:
-                self.certificate_not_after = certificate_not_after(config.tls.cert)
-            except (OSError, ValueError):
-                pass  # shown as unknown; `check` names the problem
+        # The certificate served now (None: unreadable, shown as unknown; `check`
+        # names why): what a reload's certificate is judged against.
+        self.serving_leaf = serving_leaf(config)
         self.reloads: Counter[str] = Counter()  # "applied" / "refused"
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # One reload at a time, read and apply together: two asked close together
@@ -309,6 +304,11 @@ class Ingress:
             connections=self.registry.acme,
         )
 
+    @property
+    def certificate_not_after(self) -> float | None:
+        """When the certificate served now expires (None: not known)."""
+        return None if self.serving_leaf is None else self.serving_leaf.not_after
+
     def status_line(self) -> str:
         """One line for systemd's STATUS= and logs: calls and fleets at a glance."""
         fleets = self.balancer.fleets
@@ -354,7 +354,6 @@ class Ingress:
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
         self.server_ssl = server_ssl
         self.serving_leaf = leaf
-        self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.config = config
         self.ctx = self._proxy_context(config, fleet_ssl)
         self.dispatcher.queue_timeout = config.timeouts.queue

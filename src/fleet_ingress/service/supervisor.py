@@ -70,7 +70,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import certificate_not_after, fleet_ssl_context
+from fleet_ingress.net.tls import fleet_ssl_context
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import (
@@ -186,10 +186,6 @@ class Supervisor:
         # Set (and replaced) at each applied reload: a replacement held back waits on it.
         self._reload_applied = asyncio.Event()
         self.worker_start_blocked: str | None = None  # why a replacement waits (stat)
-        self.certificate_not_after: float | None = None
-        with contextlib.suppress(OSError, ValueError):
-            if config.tls.cert is not None:
-                self.certificate_not_after = certificate_not_after(config.tls.cert)
         self.reloads: Counter[str] = Counter()
         # process.worker_hang_timeout as read at start (the report puller's pace).
         self.hang_timeout = config.process.worker_hang_timeout
@@ -1010,6 +1006,11 @@ class Supervisor:
 
     # -- reload and stop ---------------------------------------------------------
 
+    @property
+    def certificate_not_after(self) -> float | None:
+        """When the certificate served now expires (None: not known)."""
+        return None if self.serving_leaf is None else self.serving_leaf.not_after
+
     async def reload_and_wait(self) -> dict[str, Any]:
         """`fleet-ingress reload`: a reload asked as SIGHUP asks it (in turn with
         them, RELOADING=1 and READY=1 to systemd), and how it went."""
@@ -1056,7 +1057,6 @@ class Supervisor:
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
-        not_after = await asyncio.to_thread(_not_after, config)
         notes = listener_notes(self.bound_listen, config)
         if config.process.worker_hang_timeout != self.config.process.worker_hang_timeout:
             notes.append(
@@ -1070,8 +1070,6 @@ class Supervisor:
             )
         self.config = config
         self.serving_leaf = leaf
-        if not_after is not None:
-            self.certificate_not_after = not_after
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
@@ -1173,14 +1171,6 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
-
-
-def _not_after(config: IngressConfig) -> float | None:
-    """The certificate's expiry, None when it cannot be read (the last one known stands)."""
-    with contextlib.suppress(OSError, ValueError):
-        assert config.tls.cert is not None
-        return certificate_not_after(config.tls.cert)
-    return None
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
