@@ -254,3 +254,32 @@ async def test_reload_exits_1_when_a_worker_did_not_reload_or_it_failed(tmp_path
     finally:
         await runner.cleanup()
     assert codes == [1, 1, 0]
+
+
+async def test_reload_asks_another_way_only_when_nothing_was_sent(tmp_path: Path) -> None:
+    """The SIGHUP fallback is for a socket nothing listens on; a request that
+    reached the ingress and lost its answer is never asked again (a second
+    reload), its outcome left to `stat` (exit 2)."""
+    from fleet_ingress.ops.admin_client import run_reload
+
+    asked: list[str] = []
+
+    def fallback() -> int:
+        asked.append("sighup")
+        return 0
+
+    absent = tmp_path / "absent.sock"
+    assert await asyncio.to_thread(run_reload, absent, not_reached=fallback) == 0
+    assert asked == ["sighup"]
+
+    async def read_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")  # the request arrived
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(read_then_hang_up, str(path))
+    try:
+        assert await asyncio.to_thread(run_reload, path, not_reached=fallback) == 2
+    finally:
+        server.close()
+    assert asked == ["sighup"]  # not asked a second time
