@@ -13,7 +13,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import Counts, HostView
-from fleet_ingress.net import slot_server
+from fleet_ingress.net import slot_client, slot_server
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
@@ -257,3 +257,35 @@ async def test_a_worker_gone_between_the_new_images_read_and_its_sync_is_counted
     finally:
         theirs.close()
         await new.close()
+
+
+async def test_counts_are_sent_soon_unasked_one_report_for_many(monkeypatch):
+    monkeypatch.setattr(slot_client, "REPORT_AFTER_COUNT", 0.2)
+    view = HostView()
+    server = SlotServer(_slots(), view=view)
+    w1 = await _worker(server, 31)
+    built = [0]
+    n = [0]
+
+    def reporter() -> dict:
+        built[0] += 1
+        return _reporter(n)()
+
+    w1.reporter = reporter
+    try:
+        for _ in range(5):  # five counts in a row: one report carries them
+            n[0] += 1
+            w1.report_soon()
+        await eventually(lambda: view.totals().counter("connections_total") == 5, timeout=2)
+        await asyncio.sleep(0.4)
+        assert built[0] == 1
+        # Asked meanwhile, the answer carries what was due: no second report after it.
+        n[0] += 1
+        w1.report_soon()
+        assert await server.collect_reports(timeout=1) == 0
+        assert view.totals().counter("connections_total") == 6
+        await asyncio.sleep(0.4)
+        assert built[0] == 2
+    finally:
+        w1.close()
+        await server.close()

@@ -1226,3 +1226,46 @@ async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+def _calls_ended(metrics: str) -> float:
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in metrics.splitlines()
+        if line.startswith("fleet_ingress_calls_ended_total{")
+    )
+
+
+async def test_a_worker_killed_a_moment_after_its_calls_ended_has_them_counted(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """What a worker counted reaches the supervisor within a second, asked or
+    not: the supervisor is stopped from just after the calls end until the
+    worker is dead, so that only what the worker sent on its own can count
+    them (the supervisor's own pulls are 5 s apart)."""
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=1, check_timeout=5)
+    supervisor_stopped = False
+    try:
+        await _fleets_up_or_finished(service)
+        (worker,) = await _worker_rows(service)
+        assert _calls_ended(await service.metrics()) == 0
+        for i in range(4):
+            ws = await _open(service, tls_files, f"counted-{i}")
+            await _echo(ws)
+            await ws.close()
+        await asyncio.sleep(0.1)  # the worker reads the last close
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        supervisor_stopped = True
+        await asyncio.sleep(2.0)  # the worker's report waits in the channel
+        os.kill(worker["pid"], signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        os.kill(service.proc.pid, signal.SIGCONT)
+        supervisor_stopped = False
+        async with asyncio.timeout(10):  # the dead one is out of the rows
+            while worker["pid"] in [r["pid"] for r in await _worker_rows(service)]:
+                await asyncio.sleep(0.05)
+        assert _calls_ended(await service.metrics()) == 4, service.log_tail()
+    finally:
+        if supervisor_stopped:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        await service.finish()

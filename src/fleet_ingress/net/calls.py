@@ -194,6 +194,10 @@ class Registry:
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
+    # Who wants to hear that a count moved (a request answered, a call ended, a
+    # handshake failed): a worker sends its report soon after (a crash then
+    # loses what was counted since, at most a second).
+    on_counted: list[Callable[[], None]] = field(default_factory=list)
     sweep: SilenceSweep = field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,6 +205,12 @@ class Registry:
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
+        self.counted()
+
+    def counted(self) -> None:
+        """A count moved: tell whoever sends them on (`on_counted`)."""
+        for hook in self.on_counted:
+            hook()
 
     def call_linked(self, call: Call) -> None:
         for hook in self.on_call_linked:
@@ -233,6 +243,7 @@ class Registry:
             self._no_calls.set()
         for hook in self.on_call_ended:
             hook(call)
+        self.counted()
         return True
 
     async def wait_no_calls(self) -> None:

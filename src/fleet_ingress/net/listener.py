@@ -171,6 +171,7 @@ class CarrierListener:
             return ACCEPT_RETRY_FIRST
         registry = self.context().registry
         registry.accept_failures += 1
+        registry.counted()
         retry_in = self._retry_in
         self._warn(
             "accept",
@@ -202,6 +203,7 @@ class CarrierListener:
         registry = ctx.registry
         if len(registry.connections) + registry.handshaking >= ctx.max_connections:
             registry.refused_connections += 1
+            registry.counted()
             self._warn(
                 "limit",
                 "connection refused: limits.max_connections reached; raise it if the "
@@ -218,6 +220,7 @@ class CarrierListener:
             tls = wrap_accepted(asyncio.get_running_loop(), conn, self.server_ssl())
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
+            registry.counted()
             log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             conn.close()
             return
@@ -236,6 +239,7 @@ class CarrierListener:
         if exc is not None:
             if not self._cutting:  # a stop cuts handshakes short: not the carrier's failure
                 ctx.registry.tls_handshake_failures += 1
+                ctx.registry.counted()
                 log.debug("tls handshake failed", extra=fields(error=repr(exc)))
             return
         serve(tls, CarrierProtocol(ctx))

@@ -19,7 +19,10 @@ image asks `sync` and this end answers with what it holds and waits for
 
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
-`send_report(final=True)` as the worker exits cleanly.
+`send_report(final=True)` as the worker exits cleanly. Between asks,
+`report_soon()` (the worker calls it when a count moves) sends one within
+`REPORT_AFTER_COUNT`: what a worker killed outright takes with it is then
+at most that long's counts, not the time between two asks.
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ HELD_BEFORE_HELLO = 64
 # Until then the coordinator counts the call in flight (`FleetState.pending`):
 # its estimate of the fleet's free workers errs low meanwhile, never high.
 ANSWERS_FLUSH = 0.2
+# A count that moved (a request answered, a call ended) reaches the supervisor
+# in a report sent this long after at most: one report for everything counted
+# meanwhile, none while nothing is counted.
+REPORT_AFTER_COUNT = 1.0
 
 
 class RemoteLease:
@@ -134,6 +141,7 @@ class SlotClient(asyncio.Protocol):
         # What the worker has counted, for `report` (None: nothing counted here).
         self.reporter: Callable[[], dict[str, Any]] | None = None
         self._reports = itertools.count(1)
+        self._report_timer: asyncio.TimerHandle | None = None
         self.started = time.time()
         self._unknown = UnknownOps()  # a newer supervisor's ops: logged once, ignored
 
@@ -225,7 +233,25 @@ class SlotClient(asyncio.Protocol):
     def send_report(self, *, final: bool = False) -> None:
         """Send what this worker has counted; `final` as it exits cleanly (then
         close): the supervisor adds it to the host's totals as the channel ends."""
+        self._cancel_report_soon()
         self._write(self._report(final=final))
+
+    def report_soon(self) -> None:
+        """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
+        every count until then)."""
+        if self._report_timer is None and self.reporter is not None:
+            self._report_timer = asyncio.get_running_loop().call_later(
+                REPORT_AFTER_COUNT, self._report_now
+            )
+
+    def _report_now(self) -> None:
+        self._report_timer = None
+        self._write(self._report_or_failure())
+
+    def _cancel_report_soon(self) -> None:
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
 
     def close(self) -> None:
         if self._transport is not None:
@@ -290,6 +316,7 @@ class SlotClient(asyncio.Protocol):
             self._answers_timer.cancel()
             self._answers_timer = None
         self._answers.clear()
+        self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
         for future in pending.values():
@@ -307,20 +334,8 @@ class SlotClient(asyncio.Protocol):
             self._write(self._state())
             return
         if op == "report":
-            try:
-                report = self._report(final=False)
-            except Exception as exc:
-                # Raised, it would close this channel and with it the worker's
-                # slots; unanswered, the supervisor would take this worker for
-                # hung. It answers that it could not: the previous report stands.
-                log.exception("report failed: the supervisor keeps the previous one")
-                report = {
-                    "op": "report",
-                    "pid": self.pid,
-                    "generation": self.generation,
-                    "failed": repr(exc)[:200],
-                }
-            self._write(report)
+            self._cancel_report_soon()  # this one carries it
+            self._write(self._report_or_failure())
             return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
@@ -362,6 +377,21 @@ class SlotClient(asyncio.Protocol):
                 for lease, (avoid, since) in self._asked.items()
             ],
         }
+
+    def _report_or_failure(self) -> dict[str, Any]:
+        try:
+            return self._report(final=False)
+        except Exception as exc:
+            # Raised, it would close this channel and with it the worker's
+            # slots; unanswered, the supervisor would take this worker for
+            # hung. It answers that it could not: the previous report stands.
+            log.exception("report failed: the supervisor keeps the previous one")
+            return {
+                "op": "report",
+                "pid": self.pid,
+                "generation": self.generation,
+                "failed": repr(exc)[:200],
+            }
 
     def _report(self, *, final: bool) -> dict[str, Any]:
         report: dict[str, Any] = {"started": self.started, "counts": {}}

@@ -61,8 +61,9 @@ __all__ = [
     "pull_reports",
 ]
 
-# What a crash can lose is what a worker counted since its last report: at
-# most this long (and a scrape asks afresh anyway).
+# How often the supervisor asks each worker for its report (a worker also
+# sends one within slot_client.REPORT_AFTER_COUNT of counting, and a scrape
+# asks afresh): the pace at which a hung worker is found.
 PULL_EVERY = 5.0
 # fleet_ingress_worker_restarts_total{reason}: the supervisor's _restart_reason and hung.
 RESTART_REASONS = ("crashed", "exited", "hung", "killed")

@@ -91,6 +91,7 @@ class Worker:
             self.ingress.metrics.histograms,
             draining=self.stop.is_set,
         )
+        self.ingress.registry.on_counted.append(client.report_soon)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
         client.handlers["reload"] = lambda m: self._spawn(self._reload(m.get("id")))
