@@ -274,3 +274,15 @@ def test_a_refused_reload_is_shown_until_one_applies():
     )
     for shown in (format_stat_table(applied), render_stats_page(applied)):
         assert "RELOAD REFUSED" not in shown
+
+
+def test_a_fleet_reporting_a_count_past_a_floats_range_does_not_break_the_scrape():
+    # SPEC 4: no upper bound on fleet_available; a probe passes with 10**400.
+    slots = HostSlots(balancer(), queue_timeout=1, max_queue=1)
+    a = slots.balancer.fleets[0]
+    a.reported_available, a.opened_at_probe = 10**400, a.opened_total
+    seen = families(HostMetrics(slots, HostView()).prometheus)
+    fleet_a = (("fleet", "a"),)
+    assert seen["fleet_ingress_fleet_reported_available"][fleet_a] == float("inf")
+    assert seen["fleet_ingress_fleet_estimated_available"][fleet_a] == float("inf")
+    assert fleet_a in seen["fleet_ingress_fleet_up"]  # the rest is rendered as ever

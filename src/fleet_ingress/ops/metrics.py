@@ -8,6 +8,7 @@ happen, since no record keeps them.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -108,6 +109,16 @@ def histogram_families(counts: Counts) -> Iterator[Metric]:
         buckets.append(("+Inf", float(histo.count)))
         family.add_metric([], buckets, histo.sum)
         yield family
+
+
+def _count_as_float(n: int) -> float:
+    """A fleet's reported count as a sample: SPEC 4 sets it no upper bound, and
+    an integer past a float's range (a fleet's bug: 10**400) would fail the
+    whole scrape; it shows as +Inf (or -Inf for an estimate below)."""
+    try:
+        return float(n)
+    except OverflowError:
+        return math.inf if n > 0 else -math.inf
 
 
 def _le(bound: float) -> str:
@@ -292,9 +303,9 @@ class _StateCollector(Collector):
             active.add_metric(name, f.active)
             maxconn.add_metric(name, f.maxconn)
             if f.reported_available is not None:
-                reported.add_metric(name, f.reported_available)
+                reported.add_metric(name, _count_as_float(f.reported_available))
             if (estimate := f.estimated_available) is not None:
-                estimated.add_metric(name, estimate)
+                estimated.add_metric(name, _count_as_float(estimate))
             if f.last_probe_at is not None:
                 last_check.add_metric(name, f.last_probe_at)
             if f.certificate_not_after is not None:
