@@ -240,9 +240,11 @@ class SlotClient(asyncio.Protocol):
         """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
         every count until then)."""
         if self._report_timer is None and self.reporter is not None:
-            self._report_timer = asyncio.get_running_loop().call_later(
-                REPORT_AFTER_COUNT, self._report_now
-            )
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # counted as the loop closes: the final report has it
+                return
+            self._report_timer = loop.call_later(REPORT_AFTER_COUNT, self._report_now)
 
     def _report_now(self) -> None:
         self._report_timer = None
