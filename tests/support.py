@@ -367,6 +367,33 @@ class NetLab:
         """No FIN, no RST: the host behind it is simply gone."""
         self.ip("-n", ns, "link", "set", dev, "down")
 
+    def drop_arriving(self, ns: str, dev: str) -> None:
+        """Everything arriving on `dev` in `ns` dropped (nftables, input hook):
+        on both ends of a link, a blackout in the middle of the path. Unlike a
+        link taken down, neither end's sends fail locally (a local failure
+        makes Linux retry without backing off): each end retransmits into the
+        void on its own backoff, as across a real network."""
+        rules = (
+            "add table inet blackout\n"
+            "add chain inet blackout input { type filter hook input priority 0; }\n"
+            f'add rule inet blackout input iifname "{dev}" drop\n'
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "-f", "-"],
+            input=rules.encode(),
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
+    def stop_dropping(self, ns: str) -> None:
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "nft", "delete table inet blackout"],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
     def exec_argv(self, ns: str, *argv: str) -> list[str]:
         return ["ip", "netns", "exec", ns, *argv]
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import ssl
 import sys
 import time
@@ -30,6 +31,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, TLSFiles, eventually
 
@@ -273,3 +275,65 @@ async def test_fleet_link_down_ends_its_calls_and_new_calls_go_to_the_other_flee
             f"fleet link down: DOWN by probes in {went_down:.1f} s; "
             f"its {len(lost)} callers closed in {took:.1f} s"
         )
+
+
+# -- 3. a blackout shorter than the user timeout: every call rides it out ------------
+
+
+def _kernel_caps_rto() -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, 2000)
+        except OSError:
+            return False
+    return True
+
+
+def test_this_kernel_takes_the_rto_cap() -> None:
+    """What the blackout below relies on (Linux 6.15 and later; this host's and CI's)."""
+    if not _kernel_caps_rto():
+        pytest.skip(f"TCP_RTO_MAX_MS not in this kernel ({os.uname().release})")
+    with socket.socket() as sock:
+        TcpLiveness().apply(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) == 2000
+
+
+BLACKOUT = 15.0  # past the kernel's 12.6 s backoff step, under the 20 s user timeout
+
+
+async def test_a_carrier_link_blackout_shorter_than_the_user_timeout_loses_no_call(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A blackout mid-path (packets dropped as they arrive, both ends). Linux
+    doubles the wait between retransmissions and gives up at the user
+    timeout: before the ingress capped the wait, its next retransmission after
+    the 12.6 s step was due at about 25 s, past the 20 s deadline, and every
+    call ended carrier_lost at 20 s though the link was back at 15 s. Capped,
+    the ingress's retransmission is answered within 2 s of the link's return;
+    the carrier's own audio (its kernel backs off uncapped) resumes at its
+    next retransmission, about 25 s after the drop, within carrier_silence."""
+    if not _kernel_caps_rto():
+        pytest.skip(f"TCP_RTO_MAX_MS not in this kernel ({os.uname().release})")
+    async with running_lab(netlab, tls_files, tmp_path) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(3)]
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["carrier"], "eth0")
+        netlab.drop_arriving(lab.ns["ingress"], "to-carrier")
+        await asyncio.sleep(1.0)
+        at_drop = [c.echoes for c in callers]
+        await asyncio.sleep(BLACKOUT - 1.0)
+        before = [c.echoes for c in callers]
+        assert before == at_drop, (at_drop, before)  # nothing crossed meanwhile
+        netlab.stop_dropping(lab.ns["carrier"])
+        netlab.stop_dropping(lab.ns["ingress"])
+        # Past the user timeout's deadline (20 s from the drop) and until the
+        # carrier's audio flows again: no call ended.
+        await eventually(
+            lambda: all(c.echoes > b + 50 for c, b in zip(callers, before, strict=True)),
+            timeout=20,
+        )
+        took = time.monotonic() - dropped_at
+        print(f"blackout {BLACKOUT:g} s: every call streams again {took:.1f} s after the drop")
+        assert all(c.closed_at is None for c in callers)
+        assert lab.ended() == {}, lab.ended()
+        assert (await lab.stats())["frontend"]["active_calls"] == 3

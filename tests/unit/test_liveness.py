@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from fleet_ingress.net.liveness import TcpLiveness, peer_gone
+from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness, peer_gone
 
 
 class Recorder:
@@ -31,7 +31,26 @@ def test_defaults_set_user_timeout_and_short_keepalive() -> None:
         (TCP, socket.TCP_KEEPIDLE): 10,
         (TCP, socket.TCP_KEEPINTVL): 5,
         (TCP, socket.TCP_KEEPCNT): 3,
+        (TCP, TCP_RTO_MAX_MS): 2_000,  # retransmissions at most 2 s apart
     }
+
+
+def test_an_rto_cap_only_with_a_user_timeout_and_a_kernel_refusing_it_keeps_the_rest() -> None:
+    sock = Recorder()
+    TcpLiveness(user_timeout=0).apply(sock)
+    assert (TCP, TCP_RTO_MAX_MS) not in sock.options
+    assert sock.options[(SOL, socket.SO_KEEPALIVE)] == 1
+
+    class OldKernel(Recorder):  # before Linux 6.15
+        def setsockopt(self, level: int, name: int, value: int) -> None:
+            if name == TCP_RTO_MAX_MS:
+                raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+            super().setsockopt(level, name, value)
+
+    old = OldKernel()
+    TcpLiveness().apply(old)
+    assert old.options[(TCP, socket.TCP_USER_TIMEOUT)] == 20_000
+    assert old.options[(TCP, socket.TCP_KEEPCNT)] == 3
 
 
 def test_zero_leaves_an_option_to_the_kernel() -> None:
