@@ -14,6 +14,7 @@ import time
 import pytest
 from prometheus_client import generate_latest
 
+from fleet_ingress.net.liveness import TCP_RTO_MAX_MS
 from fleet_ingress.service.ingress import Ingress
 from tests.support import (
     SWITCHING,
@@ -225,6 +226,11 @@ async def test_tcp_liveness_options_are_set_on_both_sides(
                 sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
             )
             assert opts == (7500, 1, 4, 5, 3), type(side).__name__
+            try:  # retransmissions at most 2 s apart (Linux 6.15 and later)
+                rto_max = sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS)
+            except OSError:
+                continue
+            assert rto_max == 2000, type(side).__name__
         writer.close()
     finally:
         await fleet.stop()

@@ -328,6 +328,8 @@ async def test_a_carrier_link_blackout_shorter_than_the_user_timeout_loses_no_ca
         netlab.stop_dropping(lab.ns["ingress"])
         # Past the user timeout's deadline (20 s from the drop) and until the
         # carrier's audio flows again: no call ended.
+        await asyncio.sleep(max(0.0, dropped_at + 21.0 - time.monotonic()))
+        assert lab.ended() == {}, lab.ended()  # without the cap: carrier_lost at 20 s
         await eventually(
             lambda: all(c.echoes > b + 50 for c, b in zip(callers, before, strict=True)),
             timeout=20,

@@ -289,3 +289,28 @@ async def test_counts_are_sent_soon_unasked_one_report_for_many(monkeypatch):
     finally:
         w1.close()
         await server.close()
+
+
+async def test_no_report_is_queued_behind_one_the_supervisor_has_not_read(monkeypatch):
+    """A supervisor that reads nothing (stopped): reports are cumulative, so
+    none piles up in the worker's buffer behind what waits there."""
+    monkeypatch.setattr(slot_client, "REPORT_AFTER_COUNT", 0.05)
+    ours, theirs = socket.socketpair()  # `ours` is never read
+    client = await SlotClient.connect(sock=theirs, pid=41, generation=1, answer_timeout=5)
+    built = [0]
+
+    def reporter() -> dict:
+        built[0] += 1
+        return {"started": 1.0, "counts": {}, "calls": 0}
+
+    client.reporter = reporter
+    try:
+        client.send({"op": "filler", "pad": "x" * 4_000_000})  # past the socket's buffer
+        assert client._transport is not None and client._transport.get_write_buffer_size() > 0
+        for _ in range(6):
+            client.report_soon()
+            await asyncio.sleep(0.1)
+        assert built[0] == 0
+    finally:
+        client.close()
+        ours.close()

@@ -322,6 +322,7 @@ class CarrierProtocol(_Side):
         registry = self.ctx.registry
         registry.connections.add(self)
         registry.connections_total += 1
+        registry.counted()
         self._run(self.machine.start())
 
     def data_received(self, data: Buffer) -> None:

@@ -239,7 +239,7 @@ class SlotClient(asyncio.Protocol):
     def report_soon(self) -> None:
         """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
         every count until then)."""
-        if self._report_timer is None and self.reporter is not None:
+        if self._report_timer is None and self.reporter is not None and self.connected:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:  # counted as the loop closes: the final report has it
@@ -248,6 +248,13 @@ class SlotClient(asyncio.Protocol):
 
     def _report_now(self) -> None:
         self._report_timer = None
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            # The supervisor reads nothing (stopped, or its loop held): reports
+            # are cumulative, so another queued behind the last one would only
+            # pile up. Try again later.
+            self.report_soon()
+            return
         self._write(self._report_or_failure())
 
     def _cancel_report_soon(self) -> None:
