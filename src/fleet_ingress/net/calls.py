@@ -194,9 +194,9 @@ class Registry:
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
-    # Who wants to hear that a count moved (a request answered, a call ended, a
-    # handshake failed): a worker sends its report soon after (a crash then
-    # loses what was counted since, at most a second).
+    # Who wants to hear that a count moved (a connection, a request answered, a
+    # call ended, a handshake failed, a connection refused): a worker sends its
+    # report soon after (a crash then loses what was counted since, about a second).
     on_counted: list[Callable[[], None]] = field(default_factory=list)
     sweep: SilenceSweep = field(init=False)
 

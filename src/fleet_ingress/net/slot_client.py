@@ -61,9 +61,9 @@ HELD_BEFORE_HELLO = 64
 # Until then the coordinator counts the call in flight (`FleetState.pending`):
 # its estimate of the fleet's free workers errs low meanwhile, never high.
 ANSWERS_FLUSH = 0.2
-# A count that moved (a request answered, a call ended) reaches the supervisor
-# in a report sent this long after at most: one report for everything counted
-# meanwhile, none while nothing is counted.
+# A count that moved (`Registry.on_counted`) reaches the supervisor in a report
+# sent this long after at most: one report for everything counted meanwhile,
+# none while nothing is counted.
 REPORT_AFTER_COUNT = 1.0
 
 
@@ -240,11 +240,9 @@ class SlotClient(asyncio.Protocol):
         """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
         every count until then)."""
         if self._report_timer is None and self.reporter is not None and self.connected:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # counted as the loop closes: the final report has it
-                return
-            self._report_timer = loop.call_later(REPORT_AFTER_COUNT, self._report_now)
+            self._report_timer = asyncio.get_running_loop().call_later(
+                REPORT_AFTER_COUNT, self._report_now
+            )
 
     def _report_now(self) -> None:
         self._report_timer = None
