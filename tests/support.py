@@ -598,7 +598,10 @@ class RunningIngress:
         check_timeout: float = 1,
         check_interval: float = 0.2,
         env: dict[str, str] | None = None,
+        stderr: int | None = None,
     ) -> RunningIngress:
+        """`stderr`: a descriptor for its stderr instead of home/stderr.log
+        (`log()` then reads nothing)."""
         import tempfile
 
         home = Path(tempfile.mkdtemp(prefix="fi-run-"))
@@ -624,7 +627,7 @@ class RunningIngress:
             "-c",
             str(home / "ingress.toml"),
             env={**os.environ, "NOTIFY_SOCKET": str(home / "notify.sock"), **(env or {})},
-            stderr=(home / "stderr.log").open("wb"),
+            stderr=(home / "stderr.log").open("wb") if stderr is None else stderr,
         )
         service = cls(proc, home, port, stats_port, [], notify)
         asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)

@@ -5,13 +5,18 @@ Call sites log an event name and fields: `log.info("fleet down", extra=fields(fl
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import select
+import signal
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 _FIELDS = "fields"
 
@@ -116,12 +121,157 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+LINES_HELD = 10_000
+"""Lines a process holds while its stderr is not read, before it drops new ones
+(about 3 MB of access lines)."""
+FLUSH_WAIT = 2.0
+"""Seconds a process waits at exit (or before an exec) for its held lines to be
+written; a stderr nobody reads would otherwise hold it for good."""
+WRITE_AT_MOST = 4096
+"""Bytes in one write at most (PIPE_BUF), whole lines but for a longer one: the
+supervisor and its workers share stderr, and a pipe keeps a write of up to
+PIPE_BUF from being interleaved with another process's."""
+
+
+class StderrSink(logging.Handler):
+    """Writes log lines from a thread of its own, never from the caller's.
+
+    A service's stderr is journald's stream socket or a pipe: when whoever reads
+    it stalls (journald busy or restarting, a `| tee` stopped), a write blocks,
+    and a write made on the event loop would stop every call of the process for
+    as long. Here the caller formats the line and leaves it in a queue; the
+    writer thread writes it. Past `capacity` lines waiting, new lines are dropped
+    and counted (`dropped`, exported as fleet_ingress_log_lines_dropped_total),
+    and once the stream takes lines again a line `"log lines dropped"` says how
+    many. Lines that cannot be written at all (the reader has gone) count too."""
+
+    DROPPED = "log lines dropped"
+
+    def __init__(self, stream: TextIO, capacity: int = LINES_HELD) -> None:
+        super().__init__()
+        self.stream = stream
+        self.capacity = capacity
+        self.dropped = 0
+        self._dropped_said = 0
+        self._lines: deque[str] = deque()
+        self._writing = False
+        self._changed = threading.Condition()
+        self._writer = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
+        # Started with every signal blocked, which it keeps: a signal must reach
+        # the main thread (the supervisor holds some back around an exec).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._writer.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        with self._changed:
+            if len(self._lines) >= self.capacity:
+                self.dropped += 1
+                return
+            self._lines.append(line)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float = FLUSH_WAIT) -> bool:
+        """Wait up to `timeout` for every line held to be written; True if they were."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: not self._lines and not self._writing, timeout=timeout
+            )
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._lines))
+                batch = [self._lines.popleft()]
+                size = len(batch[0]) + 1
+                while self._lines and size + len(self._lines[0]) < WRITE_AT_MOST:
+                    size += len(self._lines[0]) + 1
+                    batch.append(self._lines.popleft())
+                unsaid = 0 if self._lines else self.dropped - self._dropped_said
+                self._dropped_said += unsaid
+                self._writing = True
+            if unsaid:
+                batch.append(self._dropped_line(unsaid))
+            lost = self._write("".join(f"{line}\n" for line in batch))
+            with self._changed:
+                self.dropped += len(batch) if lost else 0
+                self._writing = False
+                self._changed.notify_all()
+
+    def _dropped_line(self, count: int) -> str:
+        record = logging.LogRecord(
+            "fleet_ingress", logging.WARNING, __file__, 0, self.DROPPED, None, None
+        )
+        setattr(record, _FIELDS, {"dropped": count, "why": "stderr was not read in time"})
+        try:
+            return self.format(record)
+        except Exception:
+            return f"{self.DROPPED} dropped={count}"
+
+    def _write(self, text: str) -> bool:
+        """Write all of `text`, waiting as long as the stream makes us; True if
+        it could not be written (the reader has gone)."""
+        try:
+            fd = self.stream.fileno()
+        except io.UnsupportedOperation:  # not a file (a test's StringIO)
+            fd = None
+        except (OSError, ValueError):  # closed
+            return True
+        try:
+            if fd is None:
+                self.stream.write(text)
+                self.stream.flush()
+                return False
+            data = text.encode("utf-8", "backslashreplace")
+            while data:
+                try:
+                    data = data[os.write(fd, data) :]
+                except BlockingIOError:  # someone made the shared stream non-blocking
+                    select.select([], [fd], [], 1.0)
+        except (OSError, ValueError):
+            return True
+        return False
+
+
+_sink: StderrSink | None = None
+
+
+def lines_dropped() -> int:
+    """Log lines this process dropped because its stderr was not read in time."""
+    return _sink.dropped if _sink is not None else 0
+
+
+def flush_lines(timeout: float = FLUSH_WAIT) -> bool:
+    """Wait up to `timeout` for this process's log lines to be written (before
+    an exec or an `os._exit`, which would lose them); True if they were."""
+    return _sink.flush(timeout) if _sink is not None else True
+
+
 def configure_logging(level: str = "info", fmt: str = "json", *, pid: bool = False) -> None:
     """`pid`: every line names the process that wrote it (the supervisor and its
-    workers share stderr)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter(pid=pid) if fmt == "json" else TextFormatter(pid=pid))
-    root = logging.getLogger("fleet_ingress")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    workers share stderr). Called again (a reload), it changes the level and the
+    format; the lines held for stderr stay queued in order."""
+    global _sink
+    if _sink is None or _sink.stream is not sys.stderr:
+        if _sink is not None:
+            _sink.flush()
+        _sink = StderrSink(sys.stderr)
+    _sink.setFormatter(JsonFormatter(pid=pid) if fmt == "json" else TextFormatter(pid=pid))
+    ours = logging.getLogger("fleet_ingress")
+    ours.handlers[:] = [_sink]
+    ours.setLevel(level.upper())
+    ours.propagate = False
+    # The libraries' warnings (asyncio's "Task exception was never retrieved",
+    # aiohttp's) through the same writer: logging's last resort would write them
+    # to stderr from the event loop.
+    everything = logging.getLogger()
+    everything.handlers[:] = [h for h in everything.handlers if not isinstance(h, StderrSink)]
+    everything.addHandler(_sink)
+    everything.setLevel(max(logging.WARNING, ours.level))

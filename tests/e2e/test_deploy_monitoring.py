@@ -208,6 +208,7 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressReloadRefused",
         "FleetIngressConnectionsRefused",
         "FleetIngressAcceptFailures",
+        "FleetIngressLogLinesDropped",
         "FleetIngressFleetCertificateExpiringSoon",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)

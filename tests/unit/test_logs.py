@@ -1,11 +1,19 @@
-"""The rate-limited log for lines a stranger can cause (no sockets, a hand-moved clock)."""
+"""The rate-limited log for lines a stranger can cause (no sockets, a hand-moved clock),
+and the writer that keeps a stalled stderr off the caller's thread (a real pipe)."""
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from fleet_ingress.logs import JsonFormatter, RateLimitedLog
+from fleet_ingress.logs import JsonFormatter, RateLimitedLog, StderrSink, fields
 
 
 class Clock:
@@ -102,3 +110,92 @@ def test_the_line_is_one_json_object_with_its_fields(caplog):
     entry = json.loads(JsonFormatter().format(caplog.records[-1]))
     assert entry["event"] == "request refused"
     assert (entry["client_ip"], entry["status"]) == ("203.0.113.7", 431)
+
+
+# The stderr writer: a real pipe, nobody reading it until the test says so.
+F_SETPIPE_SZ = 1031
+
+
+@pytest.fixture
+def unread_pipe():
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, F_SETPIPE_SZ, 4096)  # full after a dozen lines
+    stream = os.fdopen(write_end, "w")
+    yield read_end, stream
+    stream.close()
+    os.close(read_end)
+
+
+def _read_all(fd: int) -> list[dict]:
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    return [json.loads(line) for line in data.decode().splitlines()]
+
+
+def _sink_logger(sink: StderrSink, name: str) -> logging.Logger:
+    sink.setFormatter(JsonFormatter())
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [sink]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_logging_never_waits_for_a_stderr_nobody_reads_and_says_what_it_dropped(unread_pipe):
+    read_end, stream = unread_pipe
+    sink = StderrSink(stream, capacity=50)
+    logger = _sink_logger(sink, "test.sink.unread")
+    done = threading.Event()
+
+    def log_many() -> None:
+        for i in range(500):
+            logger.info("call ended", extra=fields(n=i, pad="x" * 200))
+        done.set()
+
+    threading.Thread(target=log_many, daemon=True).start()
+    # A blocking write on the caller's thread would stop at the 13th line, for good.
+    assert done.wait(10), "logging blocked on the full pipe"
+    assert sink.dropped > 0
+    assert not sink.flush(timeout=0.2)  # still nobody reading: held lines wait
+    written = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not sink.flush(timeout=0.05):
+        written += _read_all(read_end)  # a slow reader at last: what was held comes out
+    written += _read_all(read_end)
+    calls = [e["n"] for e in written if e["event"] == "call ended"]
+    assert calls == sorted(calls) and calls[0] == 0  # in order, from the first
+    said = [e for e in written if e["event"] == StderrSink.DROPPED]
+    assert len(said) == 1 and said[0]["level"] == "warning"
+    assert said[0]["dropped"] == sink.dropped == 500 - len(calls)
+    logger.info("call ended", extra=fields(n=500))
+    assert sink.flush(timeout=5)
+    assert [e["n"] for e in _read_all(read_end)] == [500]  # the drop said once
+
+
+def test_lines_a_gone_reader_cannot_take_are_counted_as_dropped():
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the only reader has gone: each write fails (EPIPE)
+    with os.fdopen(write_end, "w") as stream:
+        sink = StderrSink(stream)
+        logger = _sink_logger(sink, "test.sink.gone")
+        for i in range(3):
+            logger.info("call ended", extra=fields(n=i))
+        assert sink.flush(timeout=5)
+        assert sink.dropped == 3
+
+
+def test_the_writer_thread_takes_no_signal(unread_pipe):
+    _, stream = unread_pipe
+    sink = StderrSink(stream)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])  # this thread's mask, unchanged
+    assert signal.SIGTERM not in blocked
+    tid = sink._writer.native_id
+    status = Path(f"/proc/self/task/{tid}/status").read_text()
+    mask = int(
+        next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+    )
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
+        assert mask & (1 << (sig - 1)), sig

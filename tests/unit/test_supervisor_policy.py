@@ -14,7 +14,7 @@ from fleet_ingress.service.supervisor import (
     pick_cpu,
     respawn_delay,
 )
-from fleet_ingress.service.worker import _pin_to
+from fleet_ingress.service.worker import _pin_to, _say_pinned
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,11 @@ def test_a_worker_whose_cpu_is_gone_runs_unpinned_and_says_so(
     before = os.sched_getaffinity(0)
     no_such_cpu = max(before) + 4096
     with caplog.at_level(logging.INFO, logger="fleet_ingress.worker"):
-        _pin_to(no_such_cpu)
+        # Pinned (or not) before logging is set up, so that every thread the
+        # worker starts inherits it; said once it is.
+        failed = _pin_to(no_such_cpu)
+        assert failed  # why, e.g. "Invalid argument"
+        _say_pinned(no_such_cpu, failed)
     assert os.sched_getaffinity(0) == before
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "runs unpinned" in record.getMessage()

@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView, Key, WorkerId
+from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.local_counts import Observed, local_counts
@@ -113,6 +114,7 @@ class WorkerReporter:
         except OSError:  # out of descriptors (EMFILE): the counts matter most then
             process = {}
         counts = local_counts(self.registry, list(self.fleets()), self.histograms)
+        counts.counters[("log_lines_dropped",)] = lines_dropped()
         return {
             "started": self.started,
             "calls": len(self.registry.calls),

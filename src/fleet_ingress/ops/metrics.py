@@ -29,6 +29,7 @@ from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_view import Counts, Key
+from fleet_ingress.logs import LINES_HELD, lines_dropped
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
@@ -408,6 +409,13 @@ class _StateCollector(Collector):
         for (fleet, reason), n in counts.family("calls_ended"):
             ended.add_metric([fleet, reason], n)
         yield ended
+        yield CounterMetricFamily(
+            f"{PREFIX}_log_lines_dropped",
+            "Log lines dropped because stderr (journald) was not read in time: "
+            f"{LINES_HELD} lines per process wait for it, calls never do.",
+            # The workers' (in the host's counts) and this process's own.
+            value=counts.counter("log_lines_dropped") + lines_dropped(),
+        )
         reloads = CounterMetricFamily(
             f"{PREFIX}_reloads", "SIGHUP reloads, by result (applied, refused).", labels=["result"]
         )

@@ -21,6 +21,7 @@ from fleet_ingress.service import glibc_malloc
 FIRST_PROBE_WAIT = 5.0
 STATUS_EVERY = 10.0
 SECOND_SIGNAL_GRACE = 3.0  # after a second SIGTERM, exit at once if closing calls hangs
+EXIT_FLUSH_WAIT = 0.5  # that exit waits this long at most for its log lines to be written
 
 
 async def trim_heap() -> None:

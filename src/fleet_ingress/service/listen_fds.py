@@ -34,6 +34,8 @@ import sys
 from collections.abc import Mapping, MutableMapping
 from typing import NoReturn
 
+from fleet_ingress.logs import flush_lines
+
 LISTEN_FDS = "FLEET_INGRESS_LISTEN_FDS"
 LISTEN_PID = "FLEET_INGRESS_LISTEN_PID"
 WORKER_PREFIX = "worker."  # worker.PID.GENERATION: a worker's slot channel
@@ -102,7 +104,9 @@ def reexec(
         os.set_inheritable(sock.fileno(), True)
     env = handover_env(socks, pid=os.getpid())
     env.update(extra_env or {})
-    # The exec discards Python's buffers: what was logged must be out first.
+    # The exec discards Python's buffers and the log writer's queue: what was
+    # logged must be out first (a stderr nobody reads holds the exec FLUSH_WAIT).
+    flush_lines()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.execve(executable or sys.executable, argv, env)

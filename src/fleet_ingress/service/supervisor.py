@@ -65,7 +65,7 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
-from fleet_ingress.logs import configure_logging, fields
+from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
@@ -101,6 +101,7 @@ from fleet_ingress.service.ingress import (
     warn_about_chain,
 )
 from fleet_ingress.service.lifecycle import (
+    EXIT_FLUSH_WAIT,
     FIRST_PROBE_WAIT,
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
@@ -1335,6 +1336,7 @@ async def _threads_without_held_signals(loop: asyncio.AbstractEventLoop) -> None
 
 def _exit_now(supervisor: Supervisor) -> None:
     supervisor.kill_workers()
+    flush_lines(EXIT_FLUSH_WAIT)
     os._exit(0)
 
 

@@ -42,7 +42,7 @@ from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import fields, lines_dropped
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
@@ -224,6 +224,9 @@ class UpgradeSequence:
             log.info("a reload asked during the upgrade: done once this image serves")
             supervisor.reloads_asked.put_nowait(None)
         supervisor.restarts.update(carried["restarts"])
+        # The previous images' own dropped log lines: counted as a part gone is.
+        dropped = int(carried.get("log_lines_dropped", 0))
+        supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
@@ -422,6 +425,7 @@ class UpgradeSequence:
             "reloads": dict(supervisor.reloads),
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
             "restarts": dict(supervisor.restarts),
+            "log_lines_dropped": lines_dropped(),
             "calls_lost_total": supervisor.calls_lost_total,
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,

@@ -44,7 +44,7 @@ from typing import Any
 
 from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.call_machine import EndReason
-from fleet_ingress.logs import configure_logging, fields
+from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
@@ -56,7 +56,7 @@ from fleet_ingress.service.ingress import (
     certificate_not_taken,
     serving_leaf_from_env,
 )
-from fleet_ingress.service.lifecycle import SECOND_SIGNAL_GRACE, trim_heap
+from fleet_ingress.service.lifecycle import EXIT_FLUSH_WAIT, SECOND_SIGNAL_GRACE, trim_heap
 
 log = logging.getLogger("fleet_ingress.worker")
 
@@ -168,7 +168,7 @@ class Worker:
             signals += 1
             if signals > 1:
                 self.ingress.cut_drain()
-                loop.call_later(SECOND_SIGNAL_GRACE, os._exit, 0)
+                loop.call_later(SECOND_SIGNAL_GRACE, _exit_now)
             self.begin_stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -232,6 +232,8 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     # Upgrades are the supervisor's; `systemctl kill -s USR2` signals every
     # process of the unit, and SIGUSR2's default action would end this one.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # First: every thread started after (the log writer's, the executor's) inherits it.
+    pin_failed = _pin_to(cpu) if cpu is not None else None
     try:
         socks = adopt()
         channel = socks.pop(COORDINATOR, None)
@@ -255,7 +257,7 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
         return 2
     glibc_malloc.pin_mmap_threshold()
     if cpu is not None:
-        _pin_to(cpu)
+        _say_pinned(cpu, pin_failed)
     try:
         uvloop.run(serve(config, config_path, socks, channel, generation))
     except (TLSSetupError, ValueError, OSError) as exc:
@@ -264,16 +266,29 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     return 0
 
 
-def _pin_to(cpu: int) -> None:
-    """process.cpu_affinity: this worker on `cpu` only. A CPU that went away
-    since the supervisor chose it (a cpuset or hotplug change) is not worth
-    refusing to serve for: the worker runs where the kernel puts it."""
+def _pin_to(cpu: int) -> str | None:
+    """process.cpu_affinity: this worker on `cpu` only; why not, if it cannot be.
+    A CPU that went away since the supervisor chose it (a cpuset or hotplug
+    change) is not worth refusing to serve for: the worker runs where the kernel
+    puts it."""
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _say_pinned(cpu: int, failed: str | None) -> None:
+    if failed is not None:
         log.warning(
             "cannot pin this worker to its CPU (process.cpu_affinity): it runs unpinned",
-            extra=fields(cpu=cpu, error=exc.strerror or str(exc)),
+            extra=fields(cpu=cpu, error=failed),
         )
-        return
-    log.info("worker pinned to its CPU (process.cpu_affinity)", extra=fields(cpu=cpu))
+    else:
+        log.info("worker pinned to its CPU (process.cpu_affinity)", extra=fields(cpu=cpu))
+
+
+def _exit_now() -> None:
+    """The second stop signal's end: what was logged goes out first, briefly."""
+    flush_lines(EXIT_FLUSH_WAIT)
+    os._exit(0)
