@@ -192,3 +192,25 @@ async def test_idle_connections_to_port_80_are_bounded_and_the_rest_reset(
         w.close()
     await asyncio.sleep(0.05)
     assert ingress.registry.acme.open == 0
+
+
+async def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4(
+    start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture
+):
+    """As the wss listener logs it (the IPv6 audit of session 14 saw ::ffff:127.0.0.1)."""
+    import logging
+    import socket
+
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    caplog.set_level(logging.INFO)
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "[::]:0"},
+        acme={"upstream": f"127.0.0.1:{certbot_standin[0]}"},
+    )
+    port = ingress.acme_address[1]
+    got = await plain_exchange(("127.0.0.1", port), b"BREW / HTCPCP/1.0\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 4")
+    refused = [r for r in caplog.records if r.getMessage() == "request refused"]
+    assert [r.fields["client_ip"] for r in refused] == ["127.0.0.1"]  # type: ignore[attr-defined]

@@ -283,3 +283,23 @@ async def test_reload_asks_another_way_only_when_nothing_was_sent(tmp_path: Path
     finally:
         server.close()
     assert asked == ["sighup"]  # not asked a second time
+
+
+def test_the_ipv6_wildcard_however_written_takes_ipv4_carriers_too():
+    import socket
+
+    import pytest
+
+    from fleet_ingress.core.addresses import parse_hostport
+    from fleet_ingress.net.listener import bind_tcp
+
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    for written in ("[::]:0", "[::0]:0", "[0:0:0:0:0:0:0:0]:0"):
+        listener = bind_tcp(*parse_hostport(written, what="listen.wss"))
+        try:
+            port = listener.getsockname()[1]
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # accepted into the backlog: the IPv4 carrier got in
+        finally:
+            listener.close()

@@ -4,6 +4,7 @@ from fleet_ingress.core.addresses import (
     format_hostport,
     ip_literal_version,
     parse_hostport,
+    peer_ip,
     split_hostport,
 )
 
@@ -18,6 +19,11 @@ from fleet_ingress.core.addresses import (
         ("[::1]:8404", ("::1", 8404)),
         ("[::]:443", ("::", 443)),
         ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+        # One spelling per address: [::0] is the wildcard, [0:0::1] is ::1.
+        ("[::0]:443", ("::", 443)),
+        ("[0:0:0:0:0:0:0:0]:443", ("::", 443)),
+        ("[0:0::0001]:8443", ("::1", 8443)),
+        ("[2001:DB8::A]:8443", ("2001:db8::a", 8443)),
     ],
 )
 def test_parse_good(text: str, expected: tuple[str, int]) -> None:
@@ -91,3 +97,16 @@ def test_ip_literal_version_answers_literals_and_leaves_names_to_a_lookup(
     host: str, version: int | None
 ) -> None:
     assert ip_literal_version(host) == version
+
+
+@pytest.mark.parametrize(
+    ("peer", "written"),
+    [
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client of a dual-stack listener
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8::7", "2001:db8::7"),
+        ("::ffff:0:1", "::ffff:0:1"),  # not a mapped IPv4 address
+    ],
+)
+def test_a_peer_is_written_as_the_family_it_came_from(peer: str, written: str) -> None:
+    assert peer_ip(peer) == written

@@ -146,6 +146,11 @@ def test_message_names_source_line_token_and_fix() -> None:
         ("https://a\nhttps://b name=a", "name=a", "repeats the name of the fleet on line 1"),
         ("https://a\nhttp://b\nhttps://a/", "https://a/", "is already listed on line 1"),
         ("https://a\nhttps://a:443 name=a2", "https://a:443", "is already listed on line 1"),
+        (
+            "https://[::1]:8443\nhttps://[0:0::0001]:8443 name=b",
+            "https://[0:0::0001]:8443",
+            "is already listed on line 1",
+        ),
     ],
 )
 def test_bad_line(text: str, token: str, problem: str) -> None:

@@ -26,7 +26,9 @@ def split_hostport(text: str) -> tuple[str, int | None]:
             raise ValueError(f"has {rest!r} after the ']'")
         port_text = rest[1:] if rest else None
         try:
-            ipaddress.IPv6Address(host)
+            # One spelling per address ([0:0::1] is [::1]): a fleet listed twice is
+            # seen as such, and [::0] is the wildcard that takes IPv4 too.
+            host = ipaddress.IPv6Address(host).compressed
         except ValueError:
             raise ValueError(f"has {host!r} in brackets, which is not an IPv6 address") from None
     else:
@@ -97,3 +99,11 @@ def ip_literal_version(host: str) -> int | None:
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         return None
     return address.version
+
+
+def peer_ip(address: str) -> str:
+    """A peer's address as it is written: an IPv4 client of a dual-stack
+    listener ("::ffff:203.0.113.7") as IPv4."""
+    if address.startswith("::ffff:") and "." in address:
+        return address.removeprefix("::ffff:")
+    return address

@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
+from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
 from fleet_ingress.core.request_head import (
     RequestHead,
@@ -97,7 +98,7 @@ class AcmeProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peername = transport.get_extra_info("peername")
         if peername:
-            self.client_ip = peername[0]
+            self.client_ip = peer_ip(peername[0])
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
         )

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.call_machine import (
     AbortSide,
     Answer,
@@ -318,7 +319,7 @@ class CarrierProtocol(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peername = transport.get_extra_info("peername")
-        self.client_ip = _client_ip(peername[0]) if peername else "unknown"
+        self.client_ip = peer_ip(peername[0]) if peername else "unknown"
         registry = self.ctx.registry
         registry.connections.add(self)
         registry.connections_total += 1
@@ -909,13 +910,6 @@ def _lost_kind(exc: Exception | None) -> Lost:
     # A write to a side its peer has reset fails EPIPE rather than ECONNRESET.
     reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
     return Lost.RESET if reset else Lost.ERROR
-
-
-def _client_ip(address: str) -> str:
-    """An IPv4 carrier on a dual-stack listener ("::ffff:203.0.113.7") as IPv4."""
-    if address.startswith("::ffff:") and "." in address:
-        return address.removeprefix("::ffff:")
-    return address
 
 
 def _break_cycles(call: Call) -> None:
