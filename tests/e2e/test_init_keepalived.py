@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,14 @@ def write_example() -> None:
         ({"priority": 0}, "--priority 0"),
         ({"router_id": 256}, "--vrid 256"),
         ({"script_user": "root; rm"}, "--script-user 'root; rm'"),
+        (
+            {"vip": "2001:db8::10/64", "peer": "2001:db8::12"},
+            "--vip 2001:db8::10/64 is IPv6: give --source, this host's own address",
+        ),
+        ({"source": "2001:db8::11"}, "give both as IPv4 addresses"),
+        ({"source": "192.0.2.12"}, "that is --peer, the other host's"),
+        ({"source": "192.0.2.10"}, "that is the shared address"),
+        ({"source": "host-a"}, "--source 'host-a'"),
     ],
 )
 def test_bad_values_are_refused_naming_the_option(given: dict[str, Any], named: str) -> None:
@@ -197,12 +206,36 @@ def test_bad_values_are_refused_naming_the_option(given: dict[str, Any], named: 
 
 
 def test_ipv6_and_an_explicit_router_id() -> None:
-    pair = two_hosts("2001:db8::10/64", "eth0", "2001:db8::12", router_id=51)
+    pair = two_hosts("2001:db8::10/64", "eth0", "2001:db8::12", router_id=51, source="2001:db8::11")
     conf = parse(render_keepalived(PACKAGED.read_text(), DOMAIN, pair, INSTALLED_CHECK))
     instance = conf["vrrp_instance fleet_ingress"]
     assert instance["virtual_router_id"] == "51"
     assert instance["virtual_ipaddress"] == {"2001:db8::10/64": "dev eth0"}
     assert instance["unicast_peer"] == {"2001:db8::12": ""}
+    # Sent from the address the other host's unicast_peer names, not the link-local one.
+    assert instance["unicast_src_ip"] == "2001:db8::11"
+
+
+def test_an_ipv4_pair_leaves_the_source_to_keepalived_unless_given() -> None:
+    template = PACKAGED.read_text()
+    pair = two_hosts("192.0.2.10/24", "eth0", "192.0.2.12")
+    conf = parse(render_keepalived(template, DOMAIN, pair, INSTALLED_CHECK))
+    assert "unicast_src_ip" not in conf["vrrp_instance fleet_ingress"]
+    pair = two_hosts("192.0.2.10/24", "eth0", "192.0.2.12", source="192.0.2.11")
+    conf = parse(render_keepalived(template, DOMAIN, pair, INSTALLED_CHECK))
+    assert conf["vrrp_instance fleet_ingress"]["unicast_src_ip"] == "192.0.2.11"
+
+
+def test_an_ipv6_pair_listens_on_both_families(tmp_path: Path) -> None:
+    """Carriers call the shared IPv6 address: 0.0.0.0 would refuse them."""
+    pair = two_hosts("2001:db8::10/64", "eth0", "2001:db8::12", source="2001:db8::11")
+    render_deployment(DOMAIN, ["https://fleet1.example.com"], tmp_path, pair=pair)
+    listen = tomllib.loads((tmp_path / "ingress.toml").read_text())["listen"]
+    assert (listen["wss"], listen["acme"]) == ("[::]:443", "[::]:80")
+    ipv4 = two_hosts("192.0.2.10/24", "eth0", "192.0.2.12")
+    render_deployment(DOMAIN, ["https://fleet1.example.com"], tmp_path / "v4", pair=ipv4)
+    listen = tomllib.loads((tmp_path / "v4" / "ingress.toml").read_text())["listen"]
+    assert (listen["wss"], listen["acme"]) == ("0.0.0.0:443", "0.0.0.0:80")
 
 
 @pytest.mark.parametrize(

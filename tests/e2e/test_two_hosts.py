@@ -44,6 +44,10 @@ ROLES = Path(__file__).resolve().parent / "netns_roles.py"
 VIP, PREFIX = "192.0.2.10", 24
 HOSTS = {"a": "192.0.2.11", "b": "192.0.2.12"}
 FLEETS_IP, CARRIER_IP, FLEET_PORT = "192.0.2.20", "192.0.2.30", 8080
+# The same lab over IPv6 (documentation prefix, inside the lab's namespaces only).
+VIP6, PREFIX6 = "2001:db8::10", 64
+HOSTS6 = {"a": "2001:db8::11", "b": "2001:db8::12"}
+CARRIER_IP6 = "2001:db8::30"
 DOMAIN = "calls.example.com"
 FAILOVER_BUDGET = 6.0  # seconds from the failure to the first new call that succeeds
 # How long "the address stays where it is" is watched: longer than VRRP's master-down
@@ -149,15 +153,19 @@ class Lab:
             )  # fmt: skip
             _run("ip", "-n", lan, "link", "set", port, "master", "br0", "up")
             _run("ip", "-n", ns, "addr", "add", f"{address}/{PREFIX}", "dev", "eth0")
+            if address6 := {**HOSTS6, "carrier": CARRIER_IP6}.get(role):
+                # nodad: usable at once, not after duplicate address detection.
+                add6 = ["addr", "add", f"{address6}/{PREFIX6}", "dev", "eth0", "nodad"]
+                _run("ip", "-n", ns, *add6)
             _run("ip", "-n", ns, "link", "set", "eth0", "up")
 
-    def holds_vip(self, role: str) -> bool:
-        out = _run("ip", "-n", self.ns[role], "-4", "-o", "addr", "show", "dev", "eth0")
-        return f" {VIP}/" in out
+    def holds_vip(self, role: str, vip: str = VIP) -> bool:
+        out = _run("ip", "-n", self.ns[role], "-o", "addr", "show", "dev", "eth0")
+        return f" {vip}/" in out
 
-    def holder(self) -> str | None:
-        holders = [role for role in HOSTS if self.holds_vip(role)]
-        assert len(holders) <= 1, f"both hosts hold {VIP}"
+    def holder(self, vip: str = VIP) -> str | None:
+        holders = [role for role in HOSTS if self.holds_vip(role, vip)]
+        assert len(holders) <= 1, f"both hosts hold {vip}"
         return holders[0] if holders else None
 
     # -- processes -----------------------------------------------------------
@@ -290,27 +298,30 @@ def script_user() -> str:
     return "nobody" if probe.returncode == 0 else "root"
 
 
-def render_host(home: Path, role: str, ca: trustme.CA, user: str) -> None:
+def render_host(home: Path, role: str, ca: trustme.CA, user: str, *, ipv6: bool = False) -> None:
     """`fleet-ingress init --vip` for this host, as an operator runs it; then only
     what a lab must change in ingress.toml: its certificate and an admin socket of
     its own (the default path is shared by every process of the machine)."""
     import argparse
 
     out = home / role
-    peer = HOSTS["b" if role == "a" else "a"]
+    other = "b" if role == "a" else "a"
+    if ipv6:
+        pair = ["--vip", f"{VIP6}/{PREFIX6}", "--peer", HOSTS6[other], "--source", HOSTS6[role]]
+    else:
+        pair = ["--vip", f"{VIP}/{PREFIX}", "--peer", HOSTS[other]]
     parser = argparse.ArgumentParser()
     add_init_arguments(parser)
     args = parser.parse_args(
         [
             "--domain", DOMAIN, "--fleet", f"http://{FLEETS_IP}:{FLEET_PORT} name=fleet",
-            "--out", str(out), "--vip", f"{VIP}/{PREFIX}", "--interface", "eth0",
-            "--peer", peer, "--priority", "110" if role == "a" else "100",
-            "--script-user", user,
+            "--out", str(out), *pair, "--interface", "eth0",
+            "--priority", "110" if role == "a" else "100", "--script-user", user,
         ]
     )  # fmt: skip
     # keepalived -t runs on this (outer) host, which has no eth0 of the lab's: 1 is expected.
     main_init(args)
-    leaf = ca.issue_cert(DOMAIN, VIP)
+    leaf = ca.issue_cert(DOMAIN, VIP, VIP6)
     cert, key = out / "cert.pem", out / "key.pem"
     cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     leaf.private_key_pem.write_to_path(key)
@@ -421,3 +432,42 @@ def _backups(keepalived: Proc) -> int:
         return keepalived.log.read_text(errors="replace").count("Entering BACKUP STATE")
     except OSError:
         return 0
+
+
+@pytest.mark.timeout(120)
+def test_an_ipv6_shared_address_is_held_by_one_host_at_a_time_and_moves(lab: Lab) -> None:
+    """`init --vip` with an IPv6 address (and --source): before, keepalived sent
+    its adverts from the link-local address, which the other host's
+    unicast_peer does not name, and both hosts held the address at once (the
+    IPv6 audit of session 14); and the ingress listened on IPv4 only."""
+    ca = trustme.CA()
+    ca_file = lab.home / "ca.pem"
+    ca.cert_pem.write_to_path(ca_file)
+    user = script_user()
+    for role in HOSTS:
+        render_host(lab.home, role, ca, user, ipv6=True)
+    helper = [sys.executable, str(ROLES)]
+    serving = [*helper, "fleet", FLEETS_IP, str(FLEET_PORT), str(LIFETIME)]
+    fleet = lab.start("fleet", "fleets", serving, read_lines=True)
+    until(lab, "the simulated fleet listens", lambda: "ready" in fleet.lines, 20)
+    for role in HOSTS:
+        lab.ingress(role)
+    for role in HOSTS:
+        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), 20)
+    keepalived = {"a": lab.keepalived("a")}
+    until(lab, f"host a holds {VIP6}", lambda: lab.holds_vip("a", VIP6), 20)
+    keepalived["b"] = lab.keepalived("b")
+    until(lab, "keepalived b is BACKUP", lambda: _backups(keepalived["b"]) > 0, 15)
+    deadline = time.monotonic() + HOLD  # past the master-down interval: b stays BACKUP
+    while time.monotonic() < deadline:
+        assert lab.holder(VIP6) == "a", lab.logs()  # never both
+        time.sleep(0.2)
+
+    calling = [*helper, "carrier", f"wss://[{VIP6}]", str(ca_file), str(LIFETIME)]
+    carrier = lab.start("carrier", "carrier", calling, read_lines=True)
+    until(lab, "calls over IPv6 succeed", lambda: first_success_after(carrier, 0) is not None, 20)
+
+    t = time.monotonic()
+    lab.stop(keepalived["a"])
+    until(lab, f"host b holds {VIP6}", lambda: lab.holder(VIP6) == "b", 10)
+    until(lab, "a new call succeeds", lambda: first_success_after(carrier, t) is not None, 10)

@@ -52,7 +52,9 @@ KEEPALIVED_FILLED = (
     "__VIRTUAL_ROUTER_ID__",
     "__LIVE_CHECK__",
     "__SCRIPT_USER__",
+    "__UNICAST_SOURCE__",
 )
+_IPV4_WILDCARD_LISTEN = re.compile(r'(?m)^((?:wss|acme) = )"0\.0\.0\.0:(\d+)"')
 DEFAULT_PRIORITY = 100
 DEFAULT_SCRIPT_USER = "fleet-ingress"  # the service's own user: it can read ingress.toml
 # A Linux interface name (IFNAMSIZ 16 with the NUL) and a Unix user name.
@@ -93,6 +95,9 @@ class TwoHosts:
     priority: int = DEFAULT_PRIORITY
     router_id: int = 0  # 0: derived from the address, so both hosts agree untold
     script_user: str = DEFAULT_SCRIPT_USER
+    # This host's own address on `interface`, the one the other host's `peer` names:
+    # the adverts' source. None: keepalived's choice (the primary IPv4 address).
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
     @property
     def virtual_router_id(self) -> int:
@@ -107,6 +112,7 @@ def two_hosts(
     priority: int = DEFAULT_PRIORITY,
     router_id: int | None = None,
     script_user: str = DEFAULT_SCRIPT_USER,
+    source: str | None = None,
 ) -> TwoHosts:
     """Checked values for keepalived.conf; InitError naming the option otherwise."""
     if "/" not in vip:
@@ -150,7 +156,42 @@ def two_hosts(
         raise InitError(f"--vrid {router_id}: give 1 to 255, the same on both hosts")
     if not _USER.fullmatch(script_user):
         raise InitError(f"--script-user {script_user!r} is not a user name")
-    return TwoHosts(address, interface, peer_ip, priority, router_id or 0, script_user)
+    source_ip = _source(source, vip, ip, peer_ip)
+    return TwoHosts(address, interface, peer_ip, priority, router_id or 0, script_user, source_ip)
+
+
+def _source(
+    source: str | None,
+    vip: str,
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    peer: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if source is None:
+        if ip.version == 6:
+            # keepalived sends IPv6 adverts from the link-local address, which the
+            # other host's unicast_peer does not name: each would take the other for
+            # gone and both would hold the address (the IPv6 audit of session 14).
+            raise InitError(
+                f"--vip {vip} is IPv6: give --source, this host's own address on "
+                "--interface (the one the other host's --peer names); keepalived would "
+                "send its adverts from the link-local address, which the other host "
+                "ignores, and both hosts would hold the shared address"
+            )
+        return None
+    try:
+        source_ip = ipaddress.ip_address(source)
+    except ValueError:
+        raise InitError(
+            f"--source {source!r}: give this host's own address on --interface, an IP address"
+        ) from None
+    if source_ip.version != ip.version:
+        raise InitError(
+            f"--source {source} and --vip {vip}: give both as IPv{ip.version} addresses"
+        )
+    if source_ip in (ip, peer):
+        which = "the shared address" if source_ip == ip else "--peer, the other host's"
+        raise InitError(f"--source {source}: that is {which}; give this host's own address")
+    return source_ip
 
 
 def live_check_command(config_path: Path) -> str:
@@ -204,6 +245,10 @@ def render_deployment(
     templates = _read_templates(template_dir, names)
     _refuse_unknown_placeholders(templates)
     config_text = templates[CONFIG_NAME][1].replace(DOMAIN_PLACEHOLDER, domain)
+    if pair is not None and pair.vip.version == 6:
+        # The IPv4 wildcard would refuse carriers calling the shared IPv6 address;
+        # "[::]" takes both families on one socket.
+        config_text = _IPV4_WILDCARD_LISTEN.sub(r'\1"[::]:\2"', config_text)
     maxconn = _default_maxconn(config_text, templates[CONFIG_NAME][0])
     fleet_lines = _fleet_lines(fleet_urls, maxconn)
     fleets_text = _render_fleets(templates[FLEETS_NAME][1], fleet_lines, domain)
@@ -257,6 +302,11 @@ def render_keepalived(template: str, domain: str, pair: TwoHosts, live_check: st
         "__VIRTUAL_ROUTER_ID__": str(pair.virtual_router_id),
         "__LIVE_CHECK__": live_check,
         "__SCRIPT_USER__": pair.script_user,
+        "__UNICAST_SOURCE__": (
+            f"unicast_src_ip {pair.source}"
+            if pair.source is not None
+            else "# unicast_src_ip: not set (init --source), the primary address"
+        ),
     }
     return PLACEHOLDER.sub(lambda m: values.get(m.group(), m.group()), template)
 
@@ -386,6 +436,12 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     pair.add_argument("--interface", metavar="IF", help="the interface it lives on, e.g. eth0")
     pair.add_argument("--peer", metavar="ADDR", help="the other ingress host's address on IF")
     pair.add_argument(
+        "--source",
+        metavar="ADDR",
+        help="this host's own address on IF, the one the other host's --peer names (needed "
+        "with an IPv6 --vip; default for IPv4: the interface's primary address)",
+    )
+    pair.add_argument(
         "--priority",
         type=int,
         metavar="N",
@@ -464,6 +520,7 @@ def _pair_from(args: argparse.Namespace) -> TwoHosts | None:
         "--priority": args.priority,
         "--vrid": args.vrid,
         "--script-user": args.script_user,
+        "--source": args.source,
     }
     if not any(v is not None for v in given.values()):
         if named := [k for k, v in extras.items() if v is not None]:
@@ -484,6 +541,7 @@ def _pair_from(args: argparse.Namespace) -> TwoHosts | None:
         priority=DEFAULT_PRIORITY if args.priority is None else args.priority,
         router_id=args.vrid,
         script_user=args.script_user or DEFAULT_SCRIPT_USER,
+        source=args.source,
     )
 
 
