@@ -101,6 +101,7 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
+from fleet_ingress.net.tcp_connect import open_tcp
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
@@ -570,7 +571,12 @@ class CarrierProtocol(_Side):
                 serve(conn, fleet_side)
             else:
                 loop = asyncio.get_running_loop()
-                await loop.create_connection(lambda: fleet_side, spec.host, spec.port)
+                sock = await open_tcp(spec.host, spec.port)  # each address, staggered
+                try:
+                    await loop.create_connection(lambda: fleet_side, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None

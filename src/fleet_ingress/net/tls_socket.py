@@ -60,8 +60,8 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from fleet_ingress.core.addresses import ip_literal_version
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.tcp_connect import open_tcp
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.
@@ -742,7 +742,8 @@ async def connect(
     session: ssl.SSLSession | None = None,
     **kw: int,
 ) -> TLSConnection:
-    """TCP connect (each address in turn) and the client handshake, all within ``timeout``.
+    """TCP connect (``tcp_connect.open_tcp``: the addresses staggered) and the client
+    handshake, all within ``timeout``.
     ``server_hostname`` is sent as SNI and checked against the certificate
     (if the context checks hostnames). ``session``: a session of an earlier
     connection to the same server, with the same context, offered for
@@ -751,26 +752,7 @@ async def connect(
     +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        infos = _literal_addrinfo(host, port) or await loop.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        )
-        error: OSError | None = None
-        for family, type_, proto, _, address in infos:
-            sock = socket.socket(family, type_, proto)
-            try:
-                sock.setblocking(False)
-                await loop.sock_connect(sock, address)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            except BaseException:
-                sock.close()
-                raise
-            break
-        else:
-            raise error or OSError(f"no address for {host}:{port}")
-        _nodelay(sock)
+        sock = await open_tcp(host, port)  # each address, staggered (RFC 8305)
         try:
             ssock = ctx.wrap_socket(
                 sock,
@@ -918,20 +900,6 @@ def peer_stopped_answering(info: bytes) -> bool:
         (snd_wnd,) = struct.unpack_from("=I", info, _TCPI_SND_WND)
         return snd_wnd == 0 and notsent > 0
     return False
-
-
-_AddrInfo = tuple[int, int, int, str, tuple[str, int] | tuple[str, int, int, int]]
-
-
-def _literal_addrinfo(host: str, port: int) -> list[_AddrInfo]:
-    """What getaddrinfo would answer for an IP literal, without asking it
-    (core.addresses.ip_literal_version); empty for a name."""
-    version = ip_literal_version(host)
-    if version == 4:
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
-    if version == 6:
-        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
-    return []
 
 
 def _nodelay(sock: socket.socket) -> None:

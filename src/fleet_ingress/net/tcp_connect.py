@@ -1,0 +1,124 @@
+"""A TCP connection to a host name's addresses, tried as RFC 8305 (Happy Eyeballs v2) says.
+
+A fleet given by name may resolve to several addresses (an AAAA and an A
+record, DNS round robin), and one of them may take connections nowhere: a
+firewall that drops, a host that is gone, an IPv6 route that is broken. Tried
+one after the other, such an address takes the whole of `timeouts.connect`
+and the call fails, on every attempt, while the health probe (aiohttp, which
+staggers its attempts) reaches the fleet through the next address and keeps it
+UP: every call to the fleet failed (the IPv6 audit of session 14). Here the
+next address is tried CONNECT_STAGGER after the previous one started, or at
+once when it failed, the families taken in turn; the first connection made
+wins and the others are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from typing import Any
+
+from fleet_ingress.core.addresses import ip_literal_version
+
+CONNECT_STAGGER = 0.25
+"""Seconds before the next address is tried alongside (RFC 8305's Connection
+Attempt Delay; aiohttp's and CPython's choice too)."""
+
+AddrInfo = tuple[int, int, int, str, Any]  # what getaddrinfo answers, one address
+
+
+async def open_tcp(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket to `host`:`port`, with TCP_NODELAY (each
+    write is whole messages); the OSError of the last address tried if none
+    takes it. Bounded by the caller's timeout."""
+    loop = asyncio.get_running_loop()
+    infos = literal_addrinfo(host, port) or await loop.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM
+    )
+    if not infos:
+        raise OSError(f"no address for {host}:{port}")
+    sock = await first_connected(interleaved(infos))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def literal_addrinfo(host: str, port: int) -> list[AddrInfo]:
+    """What getaddrinfo would answer for an IP literal, without asking it
+    (core.addresses.ip_literal_version); empty for a name."""
+    version = ip_literal_version(host)
+    if version == 4:
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    if version == 6:
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    return []
+
+
+def interleaved(infos: list[AddrInfo]) -> list[AddrInfo]:
+    """The resolver's order, the families taken in turn from the first one's
+    (RFC 8305 section 4): one family's broken route costs one stagger, not all."""
+    by_family: dict[int, list[AddrInfo]] = {}
+    for info in infos:
+        by_family.setdefault(info[0], []).append(info)
+    turns = itertools.zip_longest(*by_family.values())
+    return [info for turn in turns for info in turn if info is not None]
+
+
+async def first_connected(infos: list[AddrInfo]) -> socket.socket:
+    """Connect to `infos` in order, each CONNECT_STAGGER after the last began (at
+    once after a failure); the first connected socket, every other one closed."""
+    loop = asyncio.get_running_loop()
+    waiting = list(infos)
+    trying: set[asyncio.Task[socket.socket]] = set()
+    error: OSError | None = None
+    try:
+        while waiting or trying:
+            if waiting:
+                trying.add(loop.create_task(_connect_one(waiting.pop(0))))
+            done, trying = await asyncio.wait(
+                trying,
+                timeout=CONNECT_STAGGER if waiting else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            connected = None
+            for task in done:
+                if (exc := task.exception()) is None:
+                    if connected is None:
+                        connected = task.result()
+                    else:
+                        task.result().close()
+                elif isinstance(exc, OSError):
+                    error = exc
+                else:
+                    raise exc
+            if connected is not None:
+                return connected
+        assert error is not None
+        raise error
+    finally:
+        _abandon(trying)
+
+
+async def _connect_one(info: AddrInfo) -> socket.socket:
+    family, type_, proto, _, address = info
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _abandon(trying: set[asyncio.Task[socket.socket]]) -> None:
+    """Cancel the attempts still under way (each closes its socket); one that
+    connected before its cancel took effect is closed when it ends."""
+    for task in trying:
+        task.cancel()
+        task.add_done_callback(_close_if_connected)
+
+
+def _close_if_connected(task: asyncio.Task[socket.socket]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()

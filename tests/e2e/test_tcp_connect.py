@@ -1,0 +1,142 @@
+"""Connecting to a fleet's addresses as RFC 8305 says (net/tcp_connect.py), with
+real sockets on loopback: an address that takes connections nowhere (a listener
+whose accept queue is full: the kernel drops the SYN, as a firewall does) costs
+one stagger, not the whole connect timeout; the first connection made wins and
+no other socket is left open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from fleet_ingress.net.tcp_connect import (
+    CONNECT_STAGGER,
+    AddrInfo,
+    first_connected,
+    interleaved,
+    open_tcp,
+)
+
+
+def _info(host: str, port: int) -> AddrInfo:
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))
+
+
+@contextlib.contextmanager
+def black_hole(host: str = "127.0.0.2") -> Iterator[int]:
+    """A port on `host` whose SYNs go unanswered: its listener never accepts and
+    its queue is full."""
+    listener = socket.create_server((host, 0), backlog=0)
+    fillers = []
+    try:
+        port = listener.getsockname()[1]
+        for _ in range(4):  # past the queue: these wait for a SYN-ACK themselves
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect((host, port))
+            fillers.append(filler)
+        time.sleep(0.05)
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def listening(host: str = "127.0.0.1") -> Iterator[int]:
+    listener = socket.create_server((host, 0), backlog=16)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_an_address_that_drops_connections_costs_one_stagger_not_the_timeout() -> None:
+    with black_hole() as dead, listening() as alive:
+        started = time.monotonic()
+        # Tried in turn, the first would hold the whole 2 s and fail the call.
+        async with asyncio.timeout(2):
+            sock = await first_connected([_info("127.0.0.2", dead), _info("127.0.0.1", alive)])
+        took = time.monotonic() - started
+        try:
+            assert sock.getpeername() == ("127.0.0.1", alive)
+            assert took >= CONNECT_STAGGER * 0.8  # the second began after one stagger
+        finally:
+            sock.close()
+
+
+async def test_a_refused_address_gives_way_to_the_next_at_once() -> None:
+    with listening() as alive:
+        refused = socket.create_server(("127.0.0.1", 0))
+        refused_port = refused.getsockname()[1]
+        refused.close()  # nothing listens: refused
+        sock = await first_connected([_info("127.0.0.1", refused_port), _info("127.0.0.1", alive)])
+        assert sock.getpeername() == ("127.0.0.1", alive)
+        sock.close()
+
+
+async def test_when_no_address_takes_it_the_last_error_is_raised() -> None:
+    ports = []
+    for _ in range(2):
+        probe = socket.create_server(("127.0.0.1", 0))
+        ports.append(probe.getsockname()[1])
+        probe.close()
+    with pytest.raises(ConnectionRefusedError):
+        await first_connected([_info("127.0.0.1", p) for p in ports])
+
+
+async def test_the_attempts_that_lose_leave_no_socket_open() -> None:
+    before = _open_fds()
+    with black_hole() as dead, listening() as alive:
+        opened = _open_fds()
+        sock = await first_connected(
+            [_info("127.0.0.2", dead), _info("127.0.0.2", dead), _info("127.0.0.1", alive)]
+        )
+        await asyncio.sleep(0.05)  # the cancelled attempts close as they end
+        assert _open_fds() == opened + 1  # the winner alone
+        sock.close()
+    assert _open_fds() == before
+
+
+async def test_a_timeout_leaves_no_socket_open() -> None:
+    with black_hole() as dead:
+        opened = _open_fds()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.6):
+                await first_connected([_info("127.0.0.2", dead)] * 3)
+        await asyncio.sleep(0.05)
+        assert _open_fds() == opened
+
+
+async def test_open_tcp_takes_a_literal_without_the_resolver_and_sets_nodelay() -> None:
+    with listening() as alive:
+        sock = await open_tcp("127.0.0.1", alive)
+        try:
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert not sock.getblocking()
+        finally:
+            sock.close()
+
+
+def test_the_families_are_taken_in_turn_from_the_first_ones() -> None:
+    v6 = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", (f"2001:db8::{i}", 443, 0, 0))
+        for i in (1, 2, 3)
+    ]
+    v4 = [_info(f"192.0.2.{i}", 443) for i in (1, 2)]
+    order = [info[4][0] for info in interleaved([*v6, *v4])]
+    assert order == ["2001:db8::1", "192.0.2.1", "2001:db8::2", "192.0.2.2", "2001:db8::3"]
+    order = [info[4][0] for info in interleaved([v4[0], *v6, v4[1]])]
+    assert order == ["192.0.2.1", "2001:db8::1", "192.0.2.2", "2001:db8::2", "2001:db8::3"]
