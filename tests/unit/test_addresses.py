@@ -24,6 +24,8 @@ from fleet_ingress.core.addresses import (
         ("[0:0:0:0:0:0:0:0]:443", ("::", 443)),
         ("[0:0::0001]:8443", ("::1", 8443)),
         ("[2001:DB8::A]:8443", ("2001:db8::a", 8443)),
+        ("[::FFFF:127.0.0.1]:8443", ("::ffff:127.0.0.1", 8443)),
+        ("[::ffff:7f00:1]:8443", ("::ffff:127.0.0.1", 8443)),
     ],
 )
 def test_parse_good(text: str, expected: tuple[str, int]) -> None:

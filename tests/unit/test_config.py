@@ -475,3 +475,12 @@ def test_a_worker_hang_timeout_is_0_or_at_least_5_seconds(tmp_path: Path) -> Non
         assert load_config(path).process.worker_hang_timeout == ok
     said = " ".join(problems({"process": {"worker_hang_timeout": 0.5}}))
     assert "process.worker_hang_timeout" in said and "at least 5 seconds" in said
+
+
+def test_an_ipv4_address_written_as_ipv6_is_no_listener() -> None:
+    """Linux refuses to bind one (EINVAL): `run` failed at start while `check` said OK
+    (the IPv6 audit of session 14)."""
+    assert problems({"listen": {"wss": "[::ffff:127.0.0.1]:8443"}}) == [
+        "configuration: listen.wss: ::ffff:127.0.0.1 is an IPv4 address written as IPv6, "
+        "which no socket can listen on; write 127.0.0.1:8443"
+    ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import ipaddress
 import os
 import tomllib
 import types
@@ -87,6 +88,19 @@ class ListenSection(_Section):
                 "write HOST:PORT, e.g. 0.0.0.0:443"
             )
         return _address(value)
+
+    @field_validator("wss", "acme", "stats")
+    @classmethod
+    def _listenable(cls, value: str) -> str:
+        if value:
+            host, port = parse_hostport(value, what="address")
+            if ":" in host and (mapped := ipaddress.IPv6Address(host).ipv4_mapped):
+                # Linux refuses to bind one (EINVAL), at start: say it here, for check.
+                raise ValueError(
+                    f"{host} is an IPv4 address written as IPv6, which no socket can "
+                    f"listen on; write {mapped}:{port}"
+                )
+        return value
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> Self:

@@ -28,7 +28,7 @@ def split_hostport(text: str) -> tuple[str, int | None]:
         try:
             # One spelling per address ([0:0::1] is [::1]): a fleet listed twice is
             # seen as such, and [::0] is the wildcard that takes IPv4 too.
-            host = ipaddress.IPv6Address(host).compressed
+            host = _one_spelling(ipaddress.IPv6Address(host))
         except ValueError:
             raise ValueError(f"has {host!r} in brackets, which is not an IPv6 address") from None
     else:
@@ -107,3 +107,11 @@ def peer_ip(address: str) -> str:
     if address.startswith("::ffff:") and "." in address:
         return address.removeprefix("::ffff:")
     return address
+
+
+def _one_spelling(address: ipaddress.IPv6Address) -> str:
+    """RFC 5952's form, an IPv4-mapped address with its IPv4 part dotted
+    (Python 3.11 writes ::ffff:7f00:1)."""
+    if (mapped := address.ipv4_mapped) is not None:
+        return f"::ffff:{mapped}"
+    return address.compressed
