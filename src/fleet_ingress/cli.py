@@ -321,12 +321,22 @@ def _raise_descriptor_limit(max_connections: int, *, warn: bool = True) -> None:
             soft = hard
         except (ValueError, OSError):
             pass
-    needed = 2 * max_connections + 64  # both sides of each call, listeners, probes, logs
+    from fleet_ingress.net.acme import ACME_MAX_CONNECTIONS
+    from fleet_ingress.net.listener import DESCRIPTORS_KEPT, connections_within
+
+    # Both sides of each call, the worker's own, and what the :80 listener may hold.
+    needed = 2 * max_connections + DESCRIPTORS_KEPT + ACME_MAX_CONNECTIONS
     if warn and soft != resource.RLIM_INFINITY and soft < needed:
+        allowed = connections_within(soft, max_connections, acme_connections=ACME_MAX_CONNECTIONS)
         logging.getLogger("fleet_ingress.server").warning(
-            "descriptor limit below what limits.max_connections needs: raise LimitNOFILE "
-            "(systemd) or ulimit -n, or lower limits.max_connections",
-            extra=fields(nofile=soft, needed=needed, max_connections=max_connections),
+            "descriptor limit below what limits.max_connections needs: each worker refuses "
+            "carriers past max_connections_allowed; raise LimitNOFILE (systemd) or ulimit -n",
+            extra=fields(
+                nofile=soft,
+                needed=needed,
+                max_connections=max_connections,
+                max_connections_allowed=allowed,
+            ),
         )
 
 

@@ -44,8 +44,11 @@ class RateLimitedLog:
         per_second: int,
         clock: Callable[[], float] = time.monotonic,
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
+        *,
+        level: int = logging.INFO,
     ) -> None:
         self.logger = logger
+        self.level = level
         self.per_second = per_second
         self.clock = clock
         self.call_later = call_later
@@ -71,15 +74,15 @@ class RateLimitedLog:
         if self._suppressed:
             values["suppressed"] = self._suppressed
             self._suppressed = 0
-        self.logger.info(event, extra=fields(**values))
+        self.logger.log(self.level, event, extra=fields(**values))
         return True
 
     def flush(self) -> None:
         """Say how many lines were dropped since the last one written, if any were."""
         if self._suppressed:
             count, self._suppressed = self._suppressed, 0
-            self.logger.info(
-                self.SUMMARY, extra=fields(suppressed=count, of=self._suppressed_event)
+            self.logger.log(
+                self.level, self.SUMMARY, extra=fields(suppressed=count, of=self._suppressed_event)
             )
 
 

@@ -45,6 +45,7 @@ from tests.support import (
     free_port,
     raw_exchange,
     read_head,
+    workers_of,
     wss_url,
 )
 
@@ -300,7 +301,22 @@ class IngressProcess:
 async def low_nofile_ingress(
     tls_files: TLSFiles, tmp_path: Path
 ) -> AsyncIterator[tuple[IngressProcess, SimulatedFleet]]:
-    """`fleet-ingress run` (uvloop, as in production) with RLIMIT_NOFILE = 64."""
+    """`fleet-ingress run` (uvloop, as in production) whose worker's RLIMIT_NOFILE is
+    lowered to 64 once it serves: its descriptors run out under what its
+    connection limit allows (computed at start from a higher limit), as when
+    something the limit does not count holds them."""
+    async with _ingress_process(tls_files, tmp_path) as (service, fleet):
+        (worker,) = workers_of(tmp_path)
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        yield service, fleet
+
+
+@contextlib.asynccontextmanager
+async def _ingress_process(
+    tls_files: TLSFiles, tmp_path: Path, *, nofile: int | None = None
+) -> AsyncIterator[tuple[IngressProcess, SimulatedFleet]]:
+    """`fleet-ingress run`, one worker, one fleet; `nofile`: its descriptor
+    limit (soft and hard) from the start."""
     fleet = SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context(), capacity=64)
     await fleet.start()
     port = await free_port()
@@ -335,9 +351,6 @@ workers = 1
 """
     )
 
-    def lower_nofile() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -346,7 +359,7 @@ workers = 1
         "-c",
         str(config),
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=lower_nofile,
+        preexec_fn=None if nofile is None else lambda: _set_nofile(nofile),
     )
     service = IngressProcess(proc, port)
 
@@ -373,6 +386,10 @@ workers = 1
             await proc.wait()
             await collector
         await fleet.stop()
+
+
+def _set_nofile(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
 
 async def _exhaust_descriptors(service: IngressProcess, tls_files: TLSFiles):
@@ -454,6 +471,46 @@ async def test_low_nofile_accept_failures_are_logged(low_nofile_ingress, tls_fil
     finally:
         for writer in held:
             writer.close()
+
+
+@pytest.mark.uvloop_only
+async def test_a_worker_refuses_carriers_past_what_its_descriptors_hold(
+    tls_files: TLSFiles, tmp_path: Path
+):
+    """RLIMIT_NOFILE 200, limits.max_connections at its default (10000): each
+    carrier past what 200 descriptors hold (two a call, after the worker's own)
+    is reset at once and the log says why; before, the worker took carriers
+    until accept() failed, and every carrier after that waited unanswered in
+    the backlog until it gave up (the limits audit of session 14)."""
+    async with _ingress_process(tls_files, tmp_path, nofile=200) as (service, _):
+        live = await connect(
+            f"wss://127.0.0.1:{service.port}/ws/live", ssl=tls_files.client_context()
+        )
+        held: list[asyncio.StreamWriter] = []
+        refused = timed_out = 0
+        try:
+            for _ in range(200):
+                try:
+                    _, writer = await _tls_open(service.port, tls_files, timeout=3)
+                except TimeoutError:
+                    timed_out += 1
+                    if timed_out >= 3:
+                        break
+                except (OSError, ssl.SSLError):
+                    refused += 1
+                else:
+                    held.append(writer)
+            print(f"nofile 200: {len(held)} held, {refused} reset at once, {timed_out} waited")
+            assert timed_out == 0, (len(held), refused, timed_out)  # every one answered
+            assert refused > 0 and len(held) < (200 - 64) // 2
+            await live.send("still here")
+            assert await live.recv() == "still here"
+            said = [e for e in service.json_lines() if "descriptors allow" in e.get("event", "")]
+            assert said and said[0]["nofile"] == 200 and said[0]["level"] == "warning"
+        finally:
+            for writer in held:
+                writer.close()
+            await live.close()
 
 
 # -- 9. every buffer is bounded ------------------------------------------------------------

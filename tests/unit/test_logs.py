@@ -199,3 +199,21 @@ def test_the_writer_thread_takes_no_signal(unread_pipe):
     )
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2, signal.SIGCHLD):
         assert mask & (1 << (sig - 1)), sig
+
+
+def test_a_rate_limited_warning_and_its_summary_are_warnings(caplog):
+    """The "fleet attempt failed" lines: a worker out of descriptors fails every
+    attempt at once (the limits audit of session 14: 494 lines in a burst)."""
+    caplog.set_level(logging.INFO, logger="test.attempts")
+    clock = Clock()
+    log = RateLimitedLog(
+        logging.getLogger("test.attempts"), per_second=2, clock=clock, level=logging.WARNING
+    )
+    for i in range(5):
+        log.info("fleet attempt failed", attempt=i)
+    log.flush()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "fleet attempt failed"),
+        (logging.WARNING, "fleet attempt failed"),
+        (logging.WARNING, RateLimitedLog.SUMMARY),
+    ]

@@ -29,7 +29,7 @@ from typing import ClassVar, TypeAlias
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.request_head import RequestHead
-from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy
+from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
 from fleet_ingress.core.routing import RouteKind, Router
 
 
@@ -358,6 +358,7 @@ class CallMachine:
     fleet_open: bool = False  # the current attempt's fleet connection is up (until lost)
     carrier_open: bool = True
     failure: Failure | None = None  # how the last failed attempt failed
+    give_up: tuple[int, str] | None = None  # the answer if attempts end on that failure
     retried_from: FleetState | None = None  # the fleet the last attempt failed on
     status: int | None = None  # what the carrier was answered
     answer_text: str | None = None  # the text of a local answer (503 "no fleet is up ...")
@@ -492,10 +493,10 @@ class CallMachine:
 
     def _slot_refused(self, event: Event) -> None:
         assert isinstance(event, SlotRefused)
-        if self.failure is None:
+        if self.give_up is None:
             self._answer(503, event.reason)
         else:
-            self._answer(*GIVE_UP_ANSWER[self.failure])
+            self._answer(*self.give_up)
 
     def _fleet_connected(self, event: Event) -> None:
         self.fleet_open = True
@@ -541,13 +542,15 @@ class CallMachine:
             self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
         self.failure = failure
+        self.give_up = GIVE_UP_ANSWER[failure] if fleets_fault else local_give_up_answer(detail)
         self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))
         if self.rules.retry.retry_failure(failure, self.attempt):
-            fleet.retries += 1
-            self.retried_from = fleet
+            if fleets_fault:  # this host's own want is no retry or redispatch of the fleet's
+                fleet.retries += 1
+                self.retried_from = fleet
             self._take_slot()
         else:
-            self._answer(*GIVE_UP_ANSWER[failure])
+            self._answer(*self.give_up)
 
     def _fleet_head(self, event: Event) -> None:
         assert isinstance(event, FleetHead)

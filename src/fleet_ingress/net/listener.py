@@ -51,10 +51,24 @@ _GONE_ERRNOS = {
     errno.EOPNOTSUPP,
     errno.ETIMEDOUT,
 }
+# A worker's own descriptors beside its calls': listeners, its channel, the
+# event loop's, the log's, the admin and stats sockets, a reload's file reads.
+DESCRIPTORS_KEPT = 64
 ACCEPT_RETRY_FIRST = 0.05
 ACCEPT_RETRY_MAX = 1.0
 # One warning per kind per this many seconds: a flood must not flood the log too.
 WARN_EVERY = 5.0
+
+
+def connections_within(descriptors: int, configured: int, *, acme_connections: int) -> int:
+    """limits.max_connections, or fewer when `descriptors` (the process's
+    RLIMIT_NOFILE) could not hold that many calls: two descriptors a call
+    (carrier and fleet) after DESCRIPTORS_KEPT and what the :80 listener may
+    hold. Past its descriptors a worker cannot accept at all, and a new carrier
+    waited in the backlog unanswered until it gave up (the limits audit of
+    session 14); under this count it is refused at once, and counted."""
+    room = (descriptors - DESCRIPTORS_KEPT - acme_connections) // 2
+    return max(1, min(configured, room))
 
 
 def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
@@ -204,13 +218,23 @@ class CarrierListener:
         if len(registry.connections) + registry.handshaking >= ctx.max_connections:
             registry.refused_connections += 1
             registry.counted()
-            self._warn(
-                "limit",
-                "connection refused: limits.max_connections reached; raise it if the "
-                "host has room, or add an ingress",
-                max_connections=ctx.max_connections,
-                refused_total=registry.refused_connections,
-            )
+            if ctx.descriptor_limit is None:
+                self._warn(
+                    "limit",
+                    "connection refused: limits.max_connections reached; raise it if the "
+                    "host has room, or add an ingress",
+                    max_connections=ctx.max_connections,
+                    refused_total=registry.refused_connections,
+                )
+            else:
+                self._warn(
+                    "limit",
+                    "connection refused: as many connections as this worker's descriptors "
+                    "allow (two a call); raise LimitNOFILE (systemd) or ulimit -n",
+                    max_connections=ctx.max_connections,
+                    nofile=ctx.descriptor_limit,
+                    refused_total=registry.refused_connections,
+                )
             _reset(conn)
             return
         # Before TLS: a carrier that vanishes mid-call (no FIN) fails its socket

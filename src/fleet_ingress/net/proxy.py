@@ -111,6 +111,7 @@ access_log = logging.getLogger("fleet_ingress.access")
 refused_log = logging.getLogger("fleet_ingress.refused")
 # Lines a second at most: a flood of bad heads is counted, not written out.
 REFUSED_LINES_PER_SECOND = 20
+ATTEMPT_FAILED_LINES_PER_SECOND = 20
 _LOGGED_TARGET = 256
 
 # A side stops reading its peer when its own write buffer passes this.
@@ -156,11 +157,16 @@ class ProxyContext:
     max_head_bytes: int
     max_header_count: int
     max_connections: int
+    # The process's descriptor limit when it, not limits.max_connections, sets
+    # max_connections (net.listener.connections_within); None otherwise.
+    descriptor_limit: int | None = None
     # limits.new_connection_share: the listener's accept pacing (core/accept_pacing.py).
     new_connection_share: float = 1.0
     access_log: bool = True
     # One per ingress, kept across reloads; None writes no refused-request lines.
     refusals: RateLimitedLog | None = None
+    # One per ingress: the "fleet attempt failed" warnings (None: each written).
+    attempt_failures: RateLimitedLog | None = None
     # One per ingress: where complete heads wait for their parse (net/head_queue.py).
     heads: HeadQueue = field(default_factory=HeadQueue)
     # What each call's machine consults (built from the fields above).
@@ -622,16 +628,19 @@ class CarrierProtocol(_Side):
 
     def _log_attempt_failed(self, command: Command) -> None:
         assert isinstance(command, LogAttemptFailed)
-        log.warning(
-            "fleet attempt failed",
-            extra=fields(
-                call_id=None if self.call is None else self.call.id,
-                fleet=command.fleet,
-                attempt=command.attempt,
-                failure=command.failure.value,
-                detail=command.detail,
-            ),
-        )
+        values = {
+            "call_id": None if self.call is None else self.call.id,
+            "fleet": command.fleet,
+            "attempt": command.attempt,
+            "failure": command.failure.value,
+            "detail": command.detail,
+        }
+        # Rate-limited: a worker out of descriptors fails every attempt of every
+        # call at once (the limits audit of session 14: 494 lines in a burst).
+        if self.ctx.attempt_failures is not None:
+            self.ctx.attempt_failures.info("fleet attempt failed", **values)
+        else:
+            log.warning("fleet attempt failed", extra=fields(**values))
 
     def _link(self, command: Command) -> None:
         assert isinstance(command, Link)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -29,15 +30,25 @@ from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
-from fleet_ingress.net.acme import AcmeProtocol, AcmeSettings
+from fleet_ingress.net.acme import ACME_MAX_CONNECTIONS, AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
-from fleet_ingress.net.listener import CarrierListener, bind_errors_named, bind_tcp
+from fleet_ingress.net.listener import (
+    CarrierListener,
+    bind_errors_named,
+    bind_tcp,
+    connections_within,
+)
 from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
-from fleet_ingress.net.proxy import REFUSED_LINES_PER_SECOND, ProxyContext, refused_log
+from fleet_ingress.net.proxy import (
+    ATTEMPT_FAILED_LINES_PER_SECOND,
+    REFUSED_LINES_PER_SECOND,
+    ProxyContext,
+    refused_log,
+)
 from fleet_ingress.net.tls import (
     TLSSetupError,
     chain_problem,
@@ -119,6 +130,12 @@ class Ingress:
             REFUSED_LINES_PER_SECOND,
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
         )
+        self.attempt_failures = RateLimitedLog(
+            logging.getLogger("fleet_ingress.proxy"),
+            ATTEMPT_FAILED_LINES_PER_SECOND,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+            level=logging.WARNING,
+        )
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
@@ -169,6 +186,12 @@ class Ingress:
         self.admin_socket: Path | None = None
 
     def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
+        configured = config.limits.max_connections
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        max_connections = configured
+        if descriptors != resource.RLIM_INFINITY:
+            acme = ACME_MAX_CONNECTIONS if config.listen.acme else 0
+            max_connections = connections_within(descriptors, configured, acme_connections=acme)
         return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
             slots=self.dispatcher if self.leases is None else self.leases,
@@ -191,7 +214,8 @@ class Ingress:
             ),
             max_head_bytes=config.limits.max_header_bytes,
             max_header_count=config.limits.max_header_count,
-            max_connections=config.limits.max_connections,
+            max_connections=max_connections,
+            descriptor_limit=None if max_connections == configured else descriptors,
             new_connection_share=config.limits.new_connection_share,
             access_log=config.log.access,
             liveness=TcpLiveness(
@@ -201,6 +225,7 @@ class Ingress:
                 keepalive_probes=config.limits.keepalive_probes,
             ),
             refusals=self.refusals,
+            attempt_failures=self.attempt_failures,
             heads=self.heads,
         )
 
