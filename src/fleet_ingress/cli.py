@@ -352,7 +352,7 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
 def _run(config_path: Path) -> int:
     import signal
 
-    import uvloop
+    from fleet_ingress.net import event_loop
 
     # SIGUSR2 (upgrade) before the supervisor's handler is in place would end
     # the process (its default action): ignored until then.
@@ -378,7 +378,7 @@ def _run(config_path: Path) -> int:
         return 2
     _raise_descriptor_limit(config.limits.max_connections)
     try:
-        return uvloop.run(run_supervisor(supervisor))
+        return event_loop.run(run_supervisor(supervisor))
     except WorkerStartError as exc:
         print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import trustme
-import uvloop
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.logs import configure_logging
+from fleet_ingress.net import event_loop
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import PROFILES, SimulatedFleet, run_calls, summarize
 
@@ -123,5 +123,7 @@ def run_demo(
     *, calls: int = 6, duration: float = 3.0, profile: str = "binary", out: TextIO | None = None
 ) -> int:
     configure_logging("warning", "text")
-    ok = uvloop.run(demo(calls=calls, duration=duration, profile=profile, out=out or sys.stdout))
+    ok = event_loop.run(
+        demo(calls=calls, duration=duration, profile=profile, out=out or sys.stdout)
+    )
     return 0 if ok else 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import socket
 from typing import Any
 
@@ -104,11 +105,36 @@ async def _connect_one(info: AddrInfo) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
+        await connect_socket(sock, address)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect_socket(sock: socket.socket, address: Any) -> None:
+    """Connect non-blocking `sock` to a resolved `address`, waiting on the loop's
+    writer callback. Not the loop's sock_connect: uvloop's resolves even a
+    numeric address again through getaddrinfo in libuv's thread pool (it asks
+    without a socket type, so its shortcut for literals does not apply), where a
+    resolver that hangs on one fleet's name held every connection to every
+    fleet, those given by IP too (the stalled-dependencies audit of session 14:
+    a connect to 127.0.0.1 waited 9.8 s behind two hung lookups)."""
+    try:
+        sock.connect(address)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    loop = asyncio.get_running_loop()
+    writable = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    try:
+        await writable
+    finally:
+        loop.remove_writer(fd)  # by descriptor, before any close (net/tls_socket.py)
+    if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+        raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError
 
 
 def _abandon(trying: set[asyncio.Task[socket.socket]]) -> None:

@@ -223,9 +223,8 @@ async def serve(
 def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) -> int:
     """The `worker` entry point: exits 0 once drained, 2 when it cannot start.
     `cpu`: run on that CPU only (process.cpu_affinity), before any thread starts."""
-    import uvloop
-
     from fleet_ingress.config.settings import ConfigError, load_config
+    from fleet_ingress.net import event_loop
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
 
@@ -259,7 +258,7 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
     try:
-        uvloop.run(serve(config, config_path, socks, channel, generation))
+        event_loop.run(serve(config, config_path, socks, channel, generation))
     except (TLSSetupError, ValueError, OSError) as exc:
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2

@@ -1,0 +1,58 @@
+"""Run inside a network namespace whose resolv.conf names 127.0.0.1, where this
+process binds the resolver's port and never answers: name lookups hang. With
+two of them under way (libuv lets lookups take half of its four threads), how
+long does a connect to a numeric address take on each loop? Prints JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+import time
+
+import uvloop
+
+from fleet_ingress.net.event_loop import IngressLoop
+
+
+async def connect_time() -> float:
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    hung = [
+        loop.create_task(loop.getaddrinfo(f"fleet-{i}.hang.test", 443, type=socket.SOCK_STREAM))
+        for i in range(2)
+    ]
+    await asyncio.sleep(0.3)  # both lookups under way in the pool
+    sock = socket.socket()
+    sock.setblocking(False)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(8):
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+        return time.monotonic() - started
+    except TimeoutError:
+        return float("inf")
+    finally:
+        sock.close()
+        listener.close()
+        for task in hung:
+            task.cancel()
+
+
+def main() -> None:
+    resolver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    resolver.bind(("127.0.0.1", 53))  # takes queries, answers none
+    loops = {"uvloop": uvloop.Loop, "ingress": IngressLoop}
+    took = {}
+    for name, make in loops.items():
+        with asyncio.Runner(loop_factory=make) as runner:
+            took[name] = runner.run(connect_time())
+    print(json.dumps(took).replace("Infinity", "1e9"))
+    sys.stdout.flush()
+    resolver.close()
+
+
+if __name__ == "__main__":
+    main()
