@@ -214,3 +214,25 @@ async def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4(
     assert got.startswith(b"HTTP/1.1 4")
     refused = [r for r in caplog.records if r.getMessage() == "request refused"]
     assert [r.fields["client_ip"] for r in refused] == ["127.0.0.1"]  # type: ignore[attr-defined]
+
+
+async def test_a_flood_of_challenges_with_no_responder_writes_a_bounded_log(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+):
+    """Between renewals nothing listens on the upstream: each stranger's
+    challenge wrote its own warning (the stalled-dependencies audit of session
+    14: 3,000 lines in 2.3 s). Now 20 a second, then a line with the count."""
+    port = await free_port()  # nothing listens there
+    ingress = await _ingress(start_ingress, port)
+    request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+    answers = await asyncio.gather(
+        *(plain_exchange(ingress.acme_address, request.encode()) for _ in range(60))
+    )
+    assert all(a.startswith(b"HTTP/1.1 503 ") for a in answers)
+    await asyncio.sleep(1.2)  # the count of the rest comes at the end of its second
+    unreachable = [r for r in caplog.records if r.getMessage() == "acme upstream unreachable"]
+    summaries = [r for r in caplog.records if r.getMessage() == "log lines suppressed"]
+    assert 1 <= len(unreachable) <= 40  # 20 a second (the burst may straddle two)
+    suppressed = sum(r.fields["suppressed"] for r in summaries)  # type: ignore[attr-defined]
+    suppressed += sum(r.fields.get("suppressed", 0) for r in unreachable)  # type: ignore[attr-defined]
+    assert len(unreachable) + suppressed == 60

@@ -136,6 +136,12 @@ class Ingress:
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
         )
+        self.acme_failures = RateLimitedLog(
+            logging.getLogger("fleet_ingress.acme"),
+            ATTEMPT_FAILED_LINES_PER_SECOND,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+            level=logging.WARNING,
+        )
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
@@ -327,6 +333,7 @@ class Ingress:
             refusals=self.refusals if config.log.access else None,
             heads=self.heads,
             connections=self.registry.acme,
+            upstream_failures=self.acme_failures,
         )
 
     @property
