@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import trustme
-import uvloop
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.net import event_loop
 from fleet_ingress.service.ingress import Ingress
 from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
 
@@ -21,9 +21,11 @@ from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     # Behaviour can differ between the two (transports, SSL, flow control).
     # Long waits that test no loop-specific behaviour run once, on uvloop.
+    # "uvloop" is the loop `run` uses: uvloop's, with its sock_connect fixed
+    # (net/event_loop.py).
     if item.get_closest_marker("uvloop_only"):
-        return {"uvloop": uvloop.new_event_loop}
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+        return {"uvloop": event_loop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop, "uvloop": event_loop.new_event_loop}
 
 
 @pytest.fixture(scope="session")
