@@ -133,7 +133,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         config = _worker_config(args.config)
         if config is not None:
-            _raise_descriptor_limit(config.limits.max_connections, warn=False)
+            _raise_descriptor_limit(
+                config.limits.max_connections, acme=bool(config.listen.acme), warn=False
+            )
         return run_worker(args.config, args.generation, cpu=args.cpu)
     if args.command == "check":
         if args.live:
@@ -305,7 +307,7 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
-def _raise_descriptor_limit(max_connections: int, *, warn: bool = True) -> None:
+def _raise_descriptor_limit(max_connections: int, *, acme: bool, warn: bool = True) -> None:
     """Use every descriptor the hard limit allows: a call holds two (carrier and
     fleet), and running out silently drops new carriers at accept. `warn`: the
     supervisor says it once for its workers, which inherit its limit."""
@@ -321,13 +323,14 @@ def _raise_descriptor_limit(max_connections: int, *, warn: bool = True) -> None:
             soft = hard
         except (ValueError, OSError):
             pass
-    from fleet_ingress.net.acme import ACME_MAX_CONNECTIONS
+    from fleet_ingress.net.acme import ACME_DESCRIPTORS
     from fleet_ingress.net.listener import DESCRIPTORS_KEPT, connections_within
 
     # Both sides of each call, the worker's own, and what the :80 listener may hold.
-    needed = 2 * max_connections + DESCRIPTORS_KEPT + ACME_MAX_CONNECTIONS
+    acme_descriptors = ACME_DESCRIPTORS if acme else 0
+    needed = 2 * max_connections + DESCRIPTORS_KEPT + acme_descriptors
     if warn and soft != resource.RLIM_INFINITY and soft < needed:
-        allowed = connections_within(soft, max_connections, acme_connections=ACME_MAX_CONNECTIONS)
+        allowed = connections_within(soft, max_connections, acme_connections=acme_descriptors)
         logging.getLogger("fleet_ingress.server").warning(
             "descriptor limit below what limits.max_connections needs: each worker refuses "
             "carriers past max_connections_allowed; raise LimitNOFILE (systemd) or ulimit -n",
@@ -376,7 +379,7 @@ def _run(config_path: Path) -> int:
     except (ConfigError, FleetsFileError, TLSSetupError, ListenFdsError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
-    _raise_descriptor_limit(config.limits.max_connections)
+    _raise_descriptor_limit(config.limits.max_connections, acme=bool(config.listen.acme))
     try:
         return event_loop.run(run_supervisor(supervisor))
     except WorkerStartError as exc:

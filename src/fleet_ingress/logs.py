@@ -5,7 +5,6 @@ Call sites log an event name and fields: `log.info("fleet down", extra=fields(fl
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -30,11 +29,11 @@ class RateLimitedLog:
 
     For lines a stranger can cause (a refused request head): a flood of them
     must not become a flood of log lines, costing disk, the log shipper and the
-    event loop. The next line that gets through carries `suppressed`, the
-    number dropped since the last line written; if none comes by the end of the
-    second (the flood has stopped), a line `"log lines suppressed"` says how
-    many of which event were dropped, so that a burst's size is always in the
-    log within a second (given `call_later`, the loop's, to be woken then)."""
+    event loop. The next line of the same event that gets through carries
+    `suppressed`, the number of that event dropped since; at the end of the
+    second, a line `"log lines suppressed"` for each event still uncounted says
+    how many were dropped, so that a burst's size is always in the log within a
+    second (given `call_later`, the loop's, to be woken then)."""
 
     SUMMARY = "log lines suppressed"
 
@@ -55,8 +54,7 @@ class RateLimitedLog:
         self.suppressed_total = 0
         self._window = -1.0
         self._written = 0
-        self._suppressed = 0
-        self._suppressed_event = ""
+        self._suppressed: Counter[str] = Counter()  # by event
 
     def info(self, event: str, **values: Any) -> bool:
         """Write the line, or count it; True if written."""
@@ -66,24 +64,20 @@ class RateLimitedLog:
         if self._written >= self.per_second:
             if not self._suppressed and self.call_later is not None:
                 self.call_later(self._window + 1.0 - now, self.flush)
-            self._suppressed += 1
-            self._suppressed_event = event
+            self._suppressed[event] += 1
             self.suppressed_total += 1
             return False
         self._written += 1
-        if self._suppressed:
-            values["suppressed"] = self._suppressed
-            self._suppressed = 0
+        if suppressed := self._suppressed.pop(event, 0):
+            values["suppressed"] = suppressed
         self.logger.log(self.level, event, extra=fields(**values))
         return True
 
     def flush(self) -> None:
         """Say how many lines were dropped since the last one written, if any were."""
-        if self._suppressed:
-            count, self._suppressed = self._suppressed, 0
-            self.logger.log(
-                self.level, self.SUMMARY, extra=fields(suppressed=count, of=self._suppressed_event)
-            )
+        suppressed, self._suppressed = self._suppressed, Counter()
+        for event, count in sorted(suppressed.items()):
+            self.logger.log(self.level, self.SUMMARY, extra=fields(suppressed=count, of=event))
 
 
 class JsonFormatter(logging.Formatter):
@@ -188,59 +182,84 @@ class StderrSink(logging.Handler):
                 lambda: not self._lines and not self._writing, timeout=timeout
             )
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A line that could not be made (a bad argument to its format): counted
+        as dropped, not written to stderr from the caller's thread."""
+        with self._changed:
+            self.dropped += 1
+
     def _write_forever(self) -> None:
         while True:
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._lines))
-                batch = [self._lines.popleft()]
-                size = len(batch[0]) + 1
-                while self._lines and size + len(self._lines[0]) < WRITE_AT_MOST:
-                    size += len(self._lines[0]) + 1
-                    batch.append(self._lines.popleft())
+                batch = self._take_batch()
                 unsaid = 0 if self._lines else self.dropped - self._dropped_said
                 self._dropped_said += unsaid
                 self._writing = True
-            if unsaid:
-                batch.append(self._dropped_line(unsaid))
-            lost = self._write("".join(f"{line}\n" for line in batch))
-            with self._changed:
-                self.dropped += len(batch) if lost else 0
-                self._writing = False
-                self._changed.notify_all()
+            lost, unsaid_still = len(batch), unsaid
+            try:
+                if self._write(b"".join(batch)):
+                    lost = 0
+                if unsaid and self._write(self._dropped_line(unsaid)):
+                    unsaid_still = 0
+            except Exception:  # a bug here must not end the writing for good
+                pass
+            finally:
+                with self._changed:
+                    self.dropped += lost
+                    self._dropped_said -= unsaid_still  # said with a later line
+                    self._writing = False
+                    self._changed.notify_all()
 
-    def _dropped_line(self, count: int) -> str:
+    def _take_batch(self) -> list[bytes]:
+        """Whole lines, WRITE_AT_MOST bytes at most (but for a longer first one)."""
+        first = self._lines.popleft().encode("utf-8", "backslashreplace") + b"\n"
+        batch, size = [first], len(first)
+        while self._lines:
+            line = self._lines[0].encode("utf-8", "backslashreplace") + b"\n"
+            if size + len(line) > WRITE_AT_MOST:
+                break
+            self._lines.popleft()
+            batch.append(line)
+            size += len(line)
+        return batch
+
+    def _dropped_line(self, count: int) -> bytes:
         record = logging.LogRecord(
             "fleet_ingress", logging.WARNING, __file__, 0, self.DROPPED, None, None
         )
         setattr(record, _FIELDS, {"dropped": count, "why": "stderr was not read in time"})
         try:
-            return self.format(record)
+            line = self.format(record)
         except Exception:
-            return f"{self.DROPPED} dropped={count}"
+            line = f"{self.DROPPED} dropped={count}"
+        return line.encode("utf-8", "backslashreplace") + b"\n"
 
-    def _write(self, text: str) -> bool:
-        """Write all of `text`, waiting as long as the stream makes us; True if
-        it could not be written (the reader has gone)."""
+    def _write(self, data: bytes) -> bool:
+        """Write all of `data`, waiting as long as the stream makes us; False if
+        it could not be (no stream, or its reader has gone)."""
         try:
             fd = self.stream.fileno()
-        except io.UnsupportedOperation:  # not a file (a test's StringIO)
+        except (AttributeError, ValueError, OSError):  # None (started 2>&-), closed, a StringIO
             fd = None
-        except (OSError, ValueError):  # closed
-            return True
         try:
             if fd is None:
-                self.stream.write(text)
+                self.stream.write(data.decode("utf-8"))
                 self.stream.flush()
-                return False
-            data = text.encode("utf-8", "backslashreplace")
+                return True
             while data:
                 try:
                     data = data[os.write(fd, data) :]
                 except BlockingIOError:  # someone made the shared stream non-blocking
                     select.select([], [fd], [], 1.0)
-        except (OSError, ValueError):
-            return True
-        return False
+        except (AttributeError, OSError, ValueError):
+            return False
+        return True
+
+    def waiting(self) -> int:
+        """Lines queued and not yet written."""
+        with self._changed:
+            return len(self._lines)
 
 
 _sink: StderrSink | None = None
@@ -249,6 +268,11 @@ _sink: StderrSink | None = None
 def lines_dropped() -> int:
     """Log lines this process dropped because its stderr was not read in time."""
     return _sink.dropped if _sink is not None else 0
+
+
+def lines_waiting() -> int:
+    """Log lines this process holds for stderr and has not written yet."""
+    return _sink.waiting() if _sink is not None else 0
 
 
 def flush_lines(timeout: float = FLUSH_WAIT) -> bool:
@@ -278,3 +302,25 @@ def configure_logging(level: str = "info", fmt: str = "json", *, pid: bool = Fal
     everything.handlers[:] = [h for h in everything.handlers if not isinstance(h, StderrSink)]
     everything.addHandler(_sink)
     everything.setLevel(max(logging.WARNING, ours.level))
+    # And what Python itself would print to stderr from the thread it happens on.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    logging.getLogger("fleet_ingress").error(
+        "a thread failed",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        extra=fields(thread=args.thread.name if args.thread is not None else None),
+    )
+
+
+def _log_unraisable(unraisable: Any) -> None:
+    logging.getLogger("fleet_ingress").error(
+        "an exception could not be raised",
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+        extra=fields(message=unraisable.err_msg, object=repr(unraisable.object)[:200]),
+    )

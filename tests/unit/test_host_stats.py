@@ -286,3 +286,21 @@ def test_a_fleet_reporting_a_count_past_a_floats_range_does_not_break_the_scrape
     assert seen["fleet_ingress_fleet_reported_available"][fleet_a] == float("inf")
     assert seen["fleet_ingress_fleet_estimated_available"][fleet_a] == float("inf")
     assert fleet_a in seen["fleet_ingress_fleet_up"]  # the rest is rendered as ever
+
+
+def test_log_lines_dropped_are_the_workers_and_the_supervisors_own(monkeypatch):
+    """Each process counts the lines its stderr did not take (logs.StderrSink): a
+    worker's reach the supervisor in its report, summed with its own."""
+    from fleet_ingress import logs
+
+    class Sink:
+        dropped = 0
+
+    monkeypatch.setattr(logs, "_sink", Sink())
+    Sink.dropped = 5  # each worker's, as it reports
+    *_, r1 = a_worker(1, pid=101, generation=1)
+    *_, r2 = a_worker(1, pid=202, generation=1)
+    slots, view = host_with(r1, r2)
+    Sink.dropped = 2  # the supervisor's own
+    host = families(HostMetrics(slots, view).prometheus)
+    assert host["fleet_ingress_log_lines_dropped_total"][()] == 5 + 5 + 2

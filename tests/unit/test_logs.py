@@ -56,7 +56,7 @@ def test_a_steady_flood_gets_per_second_lines_each_second(lines):
             clock.now += 0.001
     assert len(lines()) == 50
     suppressed = sum(f.get("suppressed", 0) for f in lines())
-    assert suppressed + log._suppressed == 10 * 1000 - 50
+    assert suppressed + sum(log._suppressed.values()) == 10 * 1000 - 50
 
 
 def test_a_burst_that_stops_is_counted_in_a_line_at_the_end_of_its_second(lines):
@@ -216,4 +216,45 @@ def test_a_rate_limited_warning_and_its_summary_are_warnings(caplog):
         (logging.WARNING, "fleet attempt failed"),
         (logging.WARNING, "fleet attempt failed"),
         (logging.WARNING, RateLimitedLog.SUMMARY),
+    ]
+
+
+def test_with_no_stderr_at_all_lines_are_counted_and_nothing_waits():
+    """Started with stderr closed (`2>&-`: sys.stderr is None): the writer died on
+    its first line and every later flush, at exit and before an upgrade's exec,
+    waited out its whole timeout (the review of session 14)."""
+    sink = StderrSink(None)  # type: ignore[arg-type]
+    logger = _sink_logger(sink, "test.sink.none")
+    for i in range(3):
+        logger.info("call ended", extra=fields(n=i))
+    assert sink.flush(timeout=5)
+    logger.info("call ended", extra=fields(n=3))
+    assert sink.flush(timeout=5) and sink._writer.is_alive()
+    assert sink.dropped == 4
+
+
+def test_a_line_that_cannot_be_made_is_counted_not_printed(unread_pipe, capsys):
+    _, stream = unread_pipe
+    sink = StderrSink(stream)
+    logger = _sink_logger(sink, "test.sink.bad")
+    logger.info("%d calls", "many")  # a bad argument: the format fails
+    assert sink.dropped == 1
+    assert capsys.readouterr().err == ""
+
+
+def test_each_event_suppressed_is_counted_under_its_own_name(caplog):
+    """One limiter for the :80 listener's two upstream warnings: the summary
+    named only the last event, with both counts (the review of session 14)."""
+    caplog.set_level(logging.INFO, logger="test.acme")
+    clock = Clock()
+    log = RateLimitedLog(logging.getLogger("test.acme"), per_second=1, clock=clock)
+    log.info("acme upstream unreachable")
+    for _ in range(5):
+        log.info("acme upstream unreachable")
+    log.info("acme upstream failed")
+    log.flush()
+    summaries = [r.fields for r in caplog.records if r.getMessage() == RateLimitedLog.SUMMARY]  # type: ignore[attr-defined]
+    assert summaries == [
+        {"suppressed": 1, "of": "acme upstream failed"},
+        {"suppressed": 5, "of": "acme upstream unreachable"},
     ]

@@ -36,6 +36,8 @@ log = logging.getLogger("fleet_ingress.acme")
 # Connections open on the plain-HTTP listener at once, per worker: challenge
 # fetches and redirects are a handful; the rest of a flood is reset at accept.
 ACME_MAX_CONNECTIONS = 256
+# Descriptors those may hold: each forwarded challenge holds its upstream's too.
+ACME_DESCRIPTORS = 2 * ACME_MAX_CONNECTIONS
 
 
 @dataclass

@@ -63,10 +63,12 @@ WARN_EVERY = 5.0
 def connections_within(descriptors: int, configured: int, *, acme_connections: int) -> int:
     """limits.max_connections, or fewer when `descriptors` (the process's
     RLIMIT_NOFILE) could not hold that many calls: two descriptors a call
-    (carrier and fleet) after DESCRIPTORS_KEPT and what the :80 listener may
-    hold. Past its descriptors a worker cannot accept at all, and a new carrier
-    waited in the backlog unanswered until it gave up (the limits audit of
-    session 14); under this count it is refused at once, and counted."""
+    (carrier and fleet) after DESCRIPTORS_KEPT and `acme_connections`, the
+    descriptors the :80 listener may hold. Past its descriptors a worker
+    cannot accept at all, and a new carrier waited in the backlog unanswered
+    until it gave up (the limits audit of session 14); under this count it is
+    refused at once, and counted. Not a guarantee: a call's staggered fleet
+    connects (net/tcp_connect.py) hold more than one for up to a second."""
     room = (descriptors - DESCRIPTORS_KEPT - acme_connections) // 2
     return max(1, min(configured, room))
 

@@ -82,6 +82,7 @@ async def first_connected(infos: list[AddrInfo]) -> socket.socket:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             connected = None
+            unexpected: BaseException | None = None
             for task in done:
                 if (exc := task.exception()) is None:
                     if connected is None:
@@ -91,7 +92,11 @@ async def first_connected(infos: list[AddrInfo]) -> socket.socket:
                 elif isinstance(exc, OSError):
                     error = exc
                 else:
-                    raise exc
+                    unexpected = exc
+            if unexpected is not None:
+                if connected is not None:
+                    connected.close()
+                raise unexpected
             if connected is not None:
                 return connected
         assert error is not None

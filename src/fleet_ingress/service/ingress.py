@@ -30,7 +30,7 @@ from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
-from fleet_ingress.net.acme import ACME_MAX_CONNECTIONS, AcmeProtocol, AcmeSettings
+from fleet_ingress.net.acme import ACME_DESCRIPTORS, AcmeProtocol, AcmeSettings
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
@@ -196,7 +196,7 @@ class Ingress:
         descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         max_connections = configured
         if descriptors != resource.RLIM_INFINITY:
-            acme = ACME_MAX_CONNECTIONS if config.listen.acme else 0
+            acme = ACME_DESCRIPTORS if config.listen.acme else 0
             max_connections = connections_within(descriptors, configured, acme_connections=acme)
         return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),

@@ -36,6 +36,8 @@ from typing import NoReturn
 
 from fleet_ingress.logs import flush_lines
 
+EXEC_FLUSH_WAIT = 0.5
+
 LISTEN_FDS = "FLEET_INGRESS_LISTEN_FDS"
 LISTEN_PID = "FLEET_INGRESS_LISTEN_PID"
 WORKER_PREFIX = "worker."  # worker.PID.GENERATION: a worker's slot channel
@@ -105,8 +107,9 @@ def reexec(
     env = handover_env(socks, pid=os.getpid())
     env.update(extra_env or {})
     # The exec discards Python's buffers and the log writer's queue: what was
-    # logged must be out first (a stderr nobody reads holds the exec FLUSH_WAIT).
-    flush_lines()
+    # logged must be out first (a stderr nobody reads holds the exec at most
+    # EXEC_FLUSH_WAIT: the upgrade flushed, and counted what still waited, before).
+    flush_lines(EXEC_FLUSH_WAIT)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os.execve(executable or sys.executable, argv, env)

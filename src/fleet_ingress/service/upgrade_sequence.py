@@ -42,7 +42,7 @@ from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
-from fleet_ingress.logs import fields, lines_dropped
+from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
@@ -425,7 +425,8 @@ class UpgradeSequence:
             "reloads": dict(supervisor.reloads),
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
             "restarts": dict(supervisor.restarts),
-            "log_lines_dropped": lines_dropped(),
+            # The lines still waiting are lost with this image (the exec).
+            "log_lines_dropped": lines_dropped() + lines_waiting(),
             "calls_lost_total": supervisor.calls_lost_total,
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
@@ -475,6 +476,9 @@ class UpgradeSequence:
         every socket. Raises OSError (nothing handed over) when it cannot."""
         if not os.access(sys.executable, os.X_OK):
             raise OSError(f"{sys.executable} is not executable")
+        # What was logged goes out first (bounded: a stderr nobody reads), so that
+        # the lines still waiting are counted as dropped in the state carried.
+        flush_lines()
         # No await from the state to the handover (this is no coroutine): the
         # channels' unread bytes it carries are the ones handed over.
         fd = state_fd(self._state_for_exec())
