@@ -20,6 +20,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -654,7 +655,15 @@ class RunningIngress:
                 await asyncio.sleep(0.02)
 
     def log(self) -> list[dict[str, Any]]:
-        lines = (self.home / "stderr.log").read_text().splitlines()
+        """The JSON lines written so far, read once the file has stopped growing:
+        each process writes its lines from a thread of its own (logs.StderrSink),
+        a moment after they are logged (50 ms still, 1 s at most)."""
+        path = self.home / "stderr.log"
+        size, deadline = -1, time.monotonic() + 1.0
+        while (now := path.stat().st_size) != size and time.monotonic() < deadline:
+            size = now
+            time.sleep(0.05)
+        lines = path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def log_tail(self, chars: int = 4000) -> str:

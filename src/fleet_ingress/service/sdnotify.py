@@ -11,9 +11,12 @@ import socket
 import time
 from collections.abc import Mapping
 
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import fields, flush_lines
 
 log = logging.getLogger("fleet_ingress.systemd")
+
+STATE_CHANGES = frozenset({"READY=1", "RELOADING=1", "STOPPING=1"})
+STATE_CHANGE_FLUSH_WAIT = 0.25  # seconds the event loop waits at most, then notifies
 
 
 class Notifier:
@@ -35,6 +38,10 @@ class Notifier:
         """Send e.g. notify("READY=1", "STATUS=serving"); never raises."""
         if not self.address:
             return
+        if any(line in STATE_CHANGES for line in lines):
+            # What was logged before a state change reaches the journal before
+            # systemd (and `systemctl`) hear of it; briefly, for a stderr nobody reads.
+            flush_lines(STATE_CHANGE_FLUSH_WAIT)
         message = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8")
         try:
             if self._sock is None:
