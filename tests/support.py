@@ -657,12 +657,12 @@ class RunningIngress:
     def log(self) -> list[dict[str, Any]]:
         """The JSON lines written so far, read once the file has stopped growing:
         each process writes its lines from a thread of its own (logs.StderrSink),
-        a moment after they are logged (50 ms still, 1 s at most)."""
+        a moment after they are logged (20 ms still, 1 s at most)."""
         path = self.home / "stderr.log"
         size, deadline = -1, time.monotonic() + 1.0
         while (now := path.stat().st_size) != size and time.monotonic() < deadline:
             size = now
-            time.sleep(0.05)
+            time.sleep(0.02)
         lines = path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
 

@@ -111,7 +111,8 @@ access_log = logging.getLogger("fleet_ingress.access")
 refused_log = logging.getLogger("fleet_ingress.refused")
 # Lines a second at most: a flood of bad heads is counted, not written out.
 REFUSED_LINES_PER_SECOND = 20
-ATTEMPT_FAILED_LINES_PER_SECOND = 20
+# Warnings a flood can cause (failed fleet attempts, the :80 upstream's failures).
+WARNING_LINES_PER_SECOND = 20
 _LOGGED_TARGET = 256
 
 # A side stops reading its peer when its own write buffer passes this.

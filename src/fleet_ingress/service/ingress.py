@@ -44,8 +44,8 @@ from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.poller import HealthPoller, ProbeSettings
 from fleet_ingress.net.proxy import (
-    ATTEMPT_FAILED_LINES_PER_SECOND,
     REFUSED_LINES_PER_SECOND,
+    WARNING_LINES_PER_SECOND,
     ProxyContext,
     refused_log,
 )
@@ -132,13 +132,13 @@ class Ingress:
         )
         self.attempt_failures = RateLimitedLog(
             logging.getLogger("fleet_ingress.proxy"),
-            ATTEMPT_FAILED_LINES_PER_SECOND,
+            WARNING_LINES_PER_SECOND,
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
         )
         self.acme_failures = RateLimitedLog(
             logging.getLogger("fleet_ingress.acme"),
-            ATTEMPT_FAILED_LINES_PER_SECOND,
+            WARNING_LINES_PER_SECOND,
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
         )
