@@ -357,8 +357,8 @@ class CallMachine:
     slot_held: bool = False
     fleet_open: bool = False  # the current attempt's fleet connection is up (until lost)
     carrier_open: bool = True
-    failure: Failure | None = None  # how the last failed attempt failed
-    give_up: tuple[int, str] | None = None  # the answer if attempts end on that failure
+    # The answer if attempts end on the last failed one (None: none failed yet).
+    give_up: tuple[int, str] | None = None
     retried_from: FleetState | None = None  # the fleet the last attempt failed on
     status: int | None = None  # what the carrier was answered
     answer_text: str | None = None  # the text of a local answer (503 "no fleet is up ...")
@@ -541,7 +541,6 @@ class CallMachine:
         if failure is Failure.CONN_FAILURE and fleets_fault:
             self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
-        self.failure = failure
         self.give_up = GIVE_UP_ANSWER[failure] if fleets_fault else local_give_up_answer(detail)
         self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))
         if self.rules.retry.retry_failure(failure, self.attempt):

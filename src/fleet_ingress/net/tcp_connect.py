@@ -39,7 +39,10 @@ async def open_tcp(host: str, port: int) -> socket.socket:
     )
     if not infos:
         raise OSError(f"no address for {host}:{port}")
-    sock = await first_connected(interleaved(infos))
+    if len(infos) == 1:  # a fleet at an IP literal, most often: nothing to race
+        sock = await _connect_one(infos[0])
+    else:
+        sock = await first_connected(interleaved(infos))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
