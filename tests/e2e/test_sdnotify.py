@@ -46,3 +46,60 @@ def test_a_receiver_that_stops_reading_costs_dropped_messages_not_a_stuck_loop(
     finally:
         notifier.close()
         receiver.close()
+
+
+class _SlowStream:
+    """A stderr that takes 0.1 s a write (a busy journal), recording when each
+    line landed."""
+
+    def __init__(self) -> None:
+        self.landed: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> None:
+        import time
+
+        time.sleep(0.1)
+        self.landed.append((time.monotonic(), text))
+
+    def flush(self) -> None:
+        pass
+
+
+def test_what_was_logged_before_a_state_change_is_written_before_systemd_hears_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """READY=1 after a line: the line is on stderr first (the log writer is a
+    thread of its own; an upgrade test read the log between the two). STATUS
+    alone waits for nothing."""
+    import json
+    import logging
+    import time
+
+    from fleet_ingress import logs
+
+    stream = _SlowStream()
+    sink = logs.StderrSink(stream)  # type: ignore[arg-type]
+    sink.setFormatter(logs.JsonFormatter())
+    monkeypatch.setattr(logs, "_sink", sink)
+    logger = logging.getLogger("test.sdnotify.order")
+    logger.handlers[:] = [sink]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+        logger.info("upgrade abandoned")
+        notifier.notify("READY=1", "STATUS=serving")
+        heard = time.monotonic()
+        assert receiver.recv(100) == b"READY=1\nSTATUS=serving"
+        assert [json.loads(text)["event"] for _, text in stream.landed] == ["upgrade abandoned"]
+        assert stream.landed[0][0] <= heard
+        logger.info("a status line")
+        started = time.monotonic()
+        notifier.notify("STATUS=3 calls")
+        assert time.monotonic() - started < 0.05  # no state change: no wait
+        assert sink.flush(timeout=5)
+    finally:
+        receiver.close()

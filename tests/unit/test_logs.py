@@ -258,3 +258,37 @@ def test_each_event_suppressed_is_counted_under_its_own_name(caplog):
         {"suppressed": 1, "of": "acme upstream failed"},
         {"suppressed": 5, "of": "acme upstream unreachable"},
     ]
+
+
+def test_python_s_own_complaints_go_through_the_writer_as_log_lines():
+    """A warning, an exception in a thread and one that cannot be raised (in a
+    __del__) were printed to stderr from the thread they happened on, around the
+    writer; once logging is set up each is a JSON line (a subprocess: the hooks
+    are the process's)."""
+    import subprocess
+    import sys
+
+    script = """
+import threading, warnings
+from fleet_ingress.logs import configure_logging, flush_lines
+configure_logging("info", "json")
+warnings.warn("an old call")
+worker = threading.Thread(target=lambda: 1 / 0, name="prober")
+worker.start(); worker.join()
+class Leaky:
+    def __del__(self):
+        raise RuntimeError("in __del__")
+Leaky()
+flush_lines()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    events = {(e["logger"], e["event"].splitlines()[0].split(":")[-1].strip()) for e in lines}
+    assert ("py.warnings", "an old call") in events
+    assert ("fleet_ingress", "a thread failed") in events
+    assert ("fleet_ingress", "an exception could not be raised") in events
+    failed = next(e for e in lines if e["event"] == "a thread failed")
+    assert failed["thread"] == "prober" and "ZeroDivisionError" in failed["exception"]
