@@ -351,10 +351,14 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         killed_at = time.monotonic()
 
         async def slots_back() -> bool:
+            # The host's view drops the victim's calls when its channel ends;
+            # its slots are kept until its process is reaped too (a channel
+            # can end while its process still runs): wait for both.
             stats = await service.stats()
-            return stats["frontend"]["active_calls"] == survivor["calls"]
+            fleets_active = sum(f["active"] for f in stats["fleets"])
+            return stats["frontend"]["active_calls"] == survivor["calls"] == fleets_active
 
-        async with asyncio.timeout(1.0):  # the coordinator reads the channel's EOF
+        async with asyncio.timeout(1.0):  # the channel's EOF, then the reap
             while not await slots_back():
                 await asyncio.sleep(0.02)
         slots_back_s = time.monotonic() - killed_at
