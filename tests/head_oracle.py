@@ -39,9 +39,12 @@ from fleet_ingress.core.routing import Router
 
 # Set by the ingress, or hop-by-hop (and the proxy-* pair). Stated here on
 # their own, not imported, so that a change to the ingress's sets shows up.
-SET_BY_INGRESS = {b"host", b"connection", b"upgrade"} | {
+SET_BY_INGRESS = {b"host", b"connection", b"upgrade", b"x-real-ip"} | {
     b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
 }
+# A carrier's claims the fleet must not read as the ingress's: dropped, never
+# replaced (RFC 7239 Forwarded; an h2c upgrade's settings).
+DROPPED = {b"forwarded", b"http2-settings"}
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -168,7 +171,7 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     # Same headers as the carrier's, in order and casing, but the documented rewrites.
     # A name's underscore spelling of a header the ingress sets or drops is dropped too
     # (a WSGI/CGI fleet reads X_Forwarded_For as X-Forwarded-For).
-    dropped = SET_BY_INGRESS | HOP_BY_HOP
+    dropped = SET_BY_INGRESS | HOP_BY_HOP | DROPPED
     # ...and of a header the ingress judges the head by (Content-Length is forwarded).
     underscore_dropped = dropped | {b"content-length"}
     named = head.tokens(b"connection")
@@ -188,9 +191,11 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     assert by_name[b"x-forwarded-for"] == [b", ".join([*prior, CLIENT_IP.encode()])]
     assert by_name[b"x-forwarded-proto"] == [b"https"]
     assert by_name[b"x-forwarded-host"] == [head.host]
+    assert by_name[b"x-real-ip"] == [CLIENT_IP.encode()]
     assert by_name[b"connection"] == [b"Upgrade"]
-    assert by_name.get(b"upgrade", []) == head.get_all(b"upgrade")
+    assert by_name[b"upgrade"] == [b"websocket"]  # whatever else the carrier asked
     assert not (HOP_BY_HOP - {b"connection", b"upgrade"}) & by_name.keys()
+    assert not DROPPED & {k.lower().replace(b"_", b"-") for k in by_name}
     # The ingress's own check reads it the same way, to the same route.
     again = parse_request_head(sent)
     assert (again.method, again.target) == (head.method, head.target)

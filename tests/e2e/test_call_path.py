@@ -13,6 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.support import (
+    SWITCHING,
     UPGRADE,
     RawFleet,
     StartIngress,
@@ -441,9 +442,7 @@ async def test_flow_control_bounds_what_the_ingress_buffers(
     async def slow_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal received
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-        )
+        writer.write(SWITCHING)
         await writer.drain()
         while received < total:
             chunk = await reader.read(64 * 1024)

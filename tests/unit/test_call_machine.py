@@ -87,11 +87,17 @@ def fleets(*names: str) -> list[FleetState]:
     return [FleetState(spec) for spec in parse_fleets_text(text, default_maxconn=16)]
 
 
-def head(path: str = "/ws/bot-1", *, upgrade: bool = True, version: str = "1.1") -> HeadParsed:
+def head(
+    path: str = "/ws/bot-1",
+    *,
+    upgrade: bool = True,
+    version: str = "1.1",
+    key: str = "dGhlIHNhbXBsZSBub25jZQ==",
+) -> HeadParsed:
     lines = [f"GET {path} HTTP/{version}", "Host: calls.test"]
     if upgrade:
         lines += ["Upgrade: websocket", "Connection: Upgrade"]
-        lines += ["Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version: 13"]
+        lines += [f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
     return HeadParsed(parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode()))
 
 
@@ -229,6 +235,10 @@ def test_the_health_route_and_refused_heads_are_answered_without_a_call():
         (
             head("/ws/bot", upgrade=False),
             Answer(400, "a call route accepts only a GET WebSocket upgrade"),
+        ),
+        (
+            head("/ws/bot", key="k=="),
+            Answer(400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"),
         ),
     ]:
         pb, machine = new_call()

@@ -2,9 +2,15 @@
 
 import pytest
 
-from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
+from fleet_ingress.core.fleet_exchange import (
+    FleetExchange,
+    Progress,
+    ResponseError,
+    websocket_accept,
+)
 
 HEADERS = [(b"Host", b"f"), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+SWITCH = b"Upgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
 
 
 def _exchange():
@@ -23,7 +29,8 @@ def test_101_completes_the_head_and_switches():
 def test_100_continue_before_101_is_skipped():
     ex = _exchange()
     assert (
-        ex.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\n\r\n") is Progress.HEAD_COMPLETE
+        ex.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\n" + SWITCH)
+        is Progress.HEAD_COMPLETE
     )
     assert ex.head is not None and ex.head.status == 101
 
@@ -88,7 +95,7 @@ def test_a_response_head_over_the_limit_is_junk():
 
 def test_an_answer_arriving_byte_by_byte_has_its_head_bytes():
     ex = _exchange()
-    answer = b"HTTP/1.1 101 Switching Protocols\r\n\r\n"
+    answer = b"HTTP/1.1 101 Switching Protocols\r\n" + SWITCH
     for i in range(len(answer) - 1):
         assert ex.feed(answer[i : i + 1]) is Progress.NEED_DATA
     assert ex.feed(answer[-1:]) is Progress.HEAD_COMPLETE
@@ -98,7 +105,7 @@ def test_an_answer_arriving_byte_by_byte_has_its_head_bytes():
 @pytest.mark.parametrize(
     "heads, rest",
     [
-        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n", b"\x81\x02hi"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n" + SWITCH, b"\x81\x02hi"),
         (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 429 Slow\r\nContent-Length: 4\r\n\r\n", b"ab"),
         (b"HTTP/1.1 200 OK\r\n\r\n", b""),
     ],
@@ -107,3 +114,133 @@ def test_head_bytes_is_where_what_follows_the_answers_heads_begins(heads, rest):
     ex = _exchange()
     assert ex.feed(heads + rest) is Progress.HEAD_COMPLETE
     assert ex.head_bytes == len(heads)
+
+
+# RFC 6455 1.3's example key and the accept value it gives.
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def _handshake():
+    return FleetExchange(
+        b"GET", b"/ws/x", [*HEADERS, (b"Sec-WebSocket-Key", KEY)], max_head_bytes=4096
+    )
+
+
+def test_the_accept_value_is_rfc_6455s():
+    assert websocket_accept(KEY) == ACCEPT
+
+
+def test_a_101_answering_the_key_sent_switches():
+    ex = _handshake()
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: upgrade\r\n"
+    assert ex.feed(answer + b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n") is (
+        Progress.HEAD_COMPLETE
+    )
+    assert ex.head is not None and ex.head.switched
+
+
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [
+        (b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n", "no Upgrade: websocket"),
+        (
+            b"Upgrade: h2c\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n",
+            "no Upgrade: websocket",
+        ),
+        (b"Upgrade: websocket\r\nSec-WebSocket-Accept: %s\r\n", "no Connection: upgrade"),
+        (b"Upgrade: websocket\r\nConnection: Upgrade\r\n", "no Sec-WebSocket-Accept"),
+        (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x%s\r\n",
+            "no Sec-WebSocket-Accept",
+        ),
+        (
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: %s\r\nSec-WebSocket-Accept: %s\r\n",
+            "no Sec-WebSocket-Accept",
+        ),
+        (b"", "no Upgrade: websocket"),
+    ],
+)
+def test_a_101_that_does_not_answer_the_handshake_is_no_answer(lines, said):
+    ex = _handshake()
+    lines = lines.replace(b"%s", ACCEPT)
+    with pytest.raises(ResponseError) as info:
+        ex.feed(b"HTTP/1.1 101 Switching Protocols\r\n" + lines + b"\r\n")
+    assert info.value.kind == "junk-response" and said in info.value.detail
+    assert ex.head is None
+
+
+@pytest.mark.parametrize("reads", [1, 2, 7])
+def test_a_complete_head_over_the_limit_is_no_answer_however_it_is_read(reads):
+    # One read may complete a head far larger than h11's bound on an incomplete one.
+    answer = b"HTTP/1.1 429 Too Many Requests\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+    ex = _exchange()
+    step = -(-len(answer) // reads)
+    with pytest.raises(ResponseError) as info:
+        for i in range(0, len(answer), step):
+            ex.feed(answer[i : i + step])
+    assert info.value.kind == "junk-response"
+    assert ex.head is None
+
+
+def test_a_head_at_the_limit_is_an_answer():
+    answer = b"HTTP/1.1 429 Too Many Requests\r\nX-Big: "
+    answer += b"a" * (4096 - len(answer) - 4) + b"\r\n\r\n"
+    assert len(answer) == 4096
+    ex = _exchange()
+    assert ex.feed(answer) is Progress.HEAD_COMPLETE
+    assert ex.relayable(answer) == answer
+
+
+def test_folded_header_lines_are_unfolded_with_spaces_and_nothing_else_changes():
+    head = (
+        b"HTTP/1.1 429 Too Many Requests\r\nX-A: one\r\n two\r\n\tthree\r\n"
+        b"Retry-After: 5\r\nContent-Length: 7\r\n\r\n"
+    )
+    body = b"\r\n wait"  # a body's own line breaks are not the head's
+    ex = _exchange()
+    assert ex.feed(head + body) is Progress.HEAD_COMPLETE
+    assert ex.advance() is Progress.BODY_COMPLETE
+    relayed = ex.relayable(head + body)
+    assert relayed == (
+        b"HTTP/1.1 429 Too Many Requests\r\nX-A: one   two  \tthree\r\n"
+        b"Retry-After: 5\r\nContent-Length: 7\r\n\r\n" + body
+    )
+    assert len(relayed) == len(head + body) and ex.head_bytes == len(head)
+
+
+def test_an_unfolded_head_keeps_what_was_read_after_it():
+    ex = _exchange()
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-A: a\r\n\tx\r\n"
+    head += b"Connection: Upgrade\r\n\r\n"
+    assert ex.feed(head + b"\x81\x02hi") is Progress.HEAD_COMPLETE
+    assert ex.relayable(head + b"\x81\x02hi\x81\x01!") == (
+        head.replace(b"\r\n\tx", b"  \tx") + b"\x81\x02hi\x81\x01!"
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "end"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"HTTP/1.1 200 OK\r\n\r\nevil"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"extra"),
+        (b"HTTP/1.1 429 Busy\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n", b"X"),
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", b""),
+    ],
+)
+def test_bytes_after_an_answers_end_are_not_relayed(answer, end):
+    fed = answer + end
+    for split in (len(fed), len(answer) - 1):  # the end in the first read, or in the next
+        ex = _exchange()
+        progress = ex.feed(fed[:split])
+        if progress is Progress.HEAD_COMPLETE:
+            progress = ex.advance()
+        if split < len(fed):
+            assert progress is Progress.NEED_DATA
+            progress = ex.feed(fed[split:])
+            if progress is Progress.HEAD_COMPLETE:  # the head ends in this read too
+                progress = ex.advance()
+        assert progress is Progress.BODY_COMPLETE
+        assert ex.surplus == len(end)
+        assert ex.relayable(fed) == answer

@@ -54,6 +54,34 @@ def test_existing_forwarded_for_gets_the_carrier_appended_and_others_replaced():
     assert h[b"x-forwarded-host"] == [b"calls.example.com"]
 
 
+def test_a_carriers_claims_of_its_address_and_scheme_are_replaced_or_dropped():
+    # A fleet behind nginx reads X-Real-IP, one that speaks RFC 7239 reads Forwarded:
+    # neither may carry what a carrier says of itself.
+    extra = (
+        b"X-Real-IP: 6.6.6.8\r\nForwarded: for=6.6.6.8;proto=http;host=evil\r\n"
+        b"forwarded: for=6.6.6.9\r\nX_Real_IP: 6.6.6.7\r\n"
+    )
+    headers = fleet_request_headers(_head(extra), fleet_host="f", client_ip="203.0.113.9")
+    h = _as_dict(headers)
+    assert h[b"x-real-ip"] == [b"203.0.113.9"]
+    assert b"forwarded" not in h and b"x_real_ip" not in h
+    assert b"6.6.6" not in b"".join(v for _, v in headers)
+
+
+def test_only_the_websocket_upgrade_is_asked_of_the_fleet():
+    # "h2c" beside "websocket" would let a fleet that honours it switch to HTTP/2,
+    # whose requests (any path) the ingress never sees.
+    raw = _head(b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n").headers
+    raw = [(k, b"websocket, h2c") if k.lower() == b"upgrade" else (k, v) for k, v in raw]
+    carrier = parse_request_head(
+        b"GET /ws/x HTTP/1.1\r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in raw) + b"\r\n"
+    )
+    h = _as_dict(fleet_request_headers(carrier, fleet_host="f", client_ip="10.0.0.7"))
+    assert h[b"upgrade"] == [b"websocket"]
+    assert h[b"connection"] == [b"Upgrade"]
+    assert b"http2-settings" not in h
+
+
 def test_underscore_spellings_of_headers_we_set_or_drop_do_not_reach_the_fleet():
     # WSGI/CGI fleets read X_Forwarded_For as X-Forwarded-For: it must not stand in for ours.
     extra = (

@@ -51,6 +51,30 @@ def test_websocket_upgrade_detection_is_case_insensitive_and_needs_both(headers,
     assert head.is_websocket_upgrade is upgrade
 
 
+@pytest.mark.parametrize(
+    ("lines", "key"),
+    [
+        (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Key:   AQIDBAUGBwgJCgsMDQ4PEA== \r\n", b"AQIDBAUGBwgJCgsMDQ4PEA=="),
+        (b"", None),
+        (b"Sec-WebSocket-Key: \r\n", None),
+        (b"Sec-WebSocket-Key: k==\r\n", None),  # not 16 bytes
+        (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ\r\n", None),  # padding cut
+        (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==x\r\n", None),
+        (b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25j*Q==\r\n", None),
+        (b"Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n", None),  # 24 bytes
+        (  # two keys: which one would the fleet answer?
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Key: AQIDBAUGBwgJCgsMDQ4PEA==\r\n",
+            None,
+        ),
+    ],
+)
+def test_a_websocket_key_is_one_of_16_bytes_in_base64(lines, key):
+    raw = b"GET /ws/x HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    assert parse_request_head(raw + lines + b"\r\n").websocket_key == key
+
+
 def test_a_post_is_not_an_upgrade():
     raw = UPGRADE.replace(b"GET", b"POST", 1)
     assert not parse_request_head(raw).is_websocket_upgrade

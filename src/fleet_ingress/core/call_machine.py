@@ -463,6 +463,11 @@ class CallMachine:
             self._answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1")
         elif not head.is_websocket_upgrade:
             self._answer(400, "a call route accepts only a GET WebSocket upgrade")
+        elif head.websocket_key is None:
+            # RFC 6455 4.1; the fleet's 101 is checked against this key.
+            self._answer(
+                400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"
+            )
         else:
             self.is_call = True
             self._emit(OpenCall(route.prefix, route.bot_id))

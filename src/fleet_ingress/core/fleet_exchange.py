@@ -1,18 +1,44 @@
 """One request to a fleet and the reading of its answer, with no I/O.
 
 The request is serialized by h11 from parsed fields. The answer is parsed by
-h11 only to learn where its head and body end; what the carrier receives is
-the fleet's own bytes, unchanged (SPEC: relayed exactly as the fleet sent it).
+h11 to learn where its head and body end; what the carrier receives is the
+fleet's own bytes (SPEC: relayed exactly as the fleet sent it), within what
+RFC 9112 lets a proxy pass on: a head over the limit, or a 101 that is no
+answer to the WebSocket handshake sent, is no answer (502); a folded header
+line has its line break replaced by spaces (section 5.2); bytes after the end
+of an answer are not the answer's (`relayable`).
 """
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
+import re
 from dataclasses import dataclass
 
 import h11
 
 from fleet_ingress.core.request_head import Header
+
+# RFC 6455 4.2.2: the accept value is base64(SHA-1(key + this GUID)).
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# A head line's break before SP/HTAB (obs-fold): replaced by as many spaces, so
+# the head keeps its length.
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept a server answers `key` with (RFC 6455 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
+    found: set[bytes] = set()
+    for key, value in headers:
+        if key == name:  # h11 lowercases names
+            found.update(t.strip(b" \t") for t in value.lower().split(b","))
+    return found
 
 
 class ResponseError(Exception):
@@ -46,17 +72,46 @@ class FleetExchange:
         self.request_bytes = (self._conn.send(request) or b"") + (
             self._conn.send(h11.EndOfMessage()) or b""
         )
+        # What the fleet's 101 must answer: the key the carrier sent (checked
+        # as it came in), when the request is a WebSocket handshake.
+        key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
+        self._accept = websocket_accept(key.strip()) if key is not None else None
         self.head: ResponseHead | None = None
         # Bytes fed, and of them the answer's head (with any 1xx before it):
         # what follows the head is what the carrier is relayed as the call's.
         self._fed = 0
         self.head_bytes = 0
+        # The bytes fed until the head is read (then let go); the head with its
+        # folded lines unfolded, when it had any (same length).
+        self._raw: bytearray | None = bytearray()
+        self.unfolded_head: bytes | None = None
+        # Bytes fed after the end of a non-101 answer: not the answer's.
+        self.surplus = 0
 
     def feed(self, data: bytes) -> Progress:
         """Feed bytes from the fleet and say how far the answer got."""
-        self._fed += len(data)
-        self._conn.receive_data(data)
+        self.take(data)
         return self.advance()
+
+    def take(self, data: bytes) -> None:
+        """Bytes from the fleet for the next `advance` to read (b"" is the
+        fleet's EOF, as for h11: `feed_eof`)."""
+        self._fed += len(data)
+        if self._raw is not None:
+            self._raw += data
+        self._conn.receive_data(data)
+
+    @property
+    def fed(self) -> int:
+        """How many bytes were fed (or taken)."""
+        return self._fed
+
+    def relayable(self, fed: bytes) -> bytes:
+        """Of `fed`, every byte fed so far, what the carrier is sent: the head
+        unfolded, nothing past the answer's end."""
+        if self.unfolded_head is not None:
+            fed = self.unfolded_head + fed[self.head_bytes :]
+        return fed[: len(fed) - self.surplus] if self.surplus else fed
 
     def feed_eof(self) -> Progress:
         """The fleet closed its side."""
@@ -95,6 +150,7 @@ class FleetExchange:
                 return Progress.BODY_COMPLETE
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
+                    self._check_switch(list(event.headers))
                     self._head_done(ResponseHead(101, switched=True))
                     return Progress.HEAD_COMPLETE
                 continue  # 100 Continue and friends: wait for the real answer
@@ -102,10 +158,43 @@ class FleetExchange:
                 self._head_done(ResponseHead(event.status_code, switched=False))
                 return Progress.HEAD_COMPLETE
             if isinstance(event, h11.EndOfMessage):
+                # What h11 has not read is past the answer (a second answer,
+                # bytes after a 204...): the carrier is closed after this one.
+                self.surplus = len(self._conn.trailing_data[0])
                 return Progress.BODY_COMPLETE
             # h11.Data: body bytes, relayed raw by the caller; keep reading.
 
+    def _check_switch(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 101 switches to WebSocket only as RFC 6455 4.2.2 says; anything
+        else is a fleet's error the carrier's client would fail the call on
+        (and a call counted connected that never was)."""
+        if b"websocket" not in _tokens(headers, b"upgrade"):
+            raise ResponseError("junk-response", "the fleet's 101 has no Upgrade: websocket")
+        if b"upgrade" not in _tokens(headers, b"connection"):
+            raise ResponseError("junk-response", "the fleet's 101 has no Connection: upgrade")
+        if self._accept is not None:
+            accepts = [v for k, v in headers if k == b"sec-websocket-accept"]
+            if accepts != [self._accept]:
+                raise ResponseError(
+                    "junk-response",
+                    "the fleet's 101 has no Sec-WebSocket-Accept answering the key sent",
+                )
+
     def _head_done(self, head: ResponseHead) -> None:
-        self.head = head
         # What h11 has not read yet follows the head: a tunnel's first bytes or a body's.
-        self.head_bytes = self._fed - len(self._conn.trailing_data[0])
+        head_bytes = self._fed - len(self._conn.trailing_data[0])
+        if head_bytes > self.max_head_bytes:
+            # h11 bounds only a head still incomplete: one read can complete a
+            # larger one (up to a TLS record more).
+            raise ResponseError(
+                "junk-response",
+                f"response head of {head_bytes} bytes, over the limit of {self.max_head_bytes}",
+            )
+        raw, self._raw = self._raw, None
+        assert raw is not None
+        if _FOLD.search(raw, 0, head_bytes):
+            self.unfolded_head = _FOLD.sub(
+                lambda fold: b" " * len(fold[0]), bytes(raw[:head_bytes])
+            )
+        self.head = head
+        self.head_bytes = head_bytes

@@ -23,10 +23,25 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
         b"proxy-authorization",
         b"proxy-authenticate",
+        # The settings of an h2c upgrade (RFC 7540 3.2): a call upgrades to
+        # WebSocket only, and only "websocket" is sent on as Upgrade.
+        b"http2-settings",
     }
 )
-# Set by us; a carrier's own copies must not reach the fleet.
-_REPLACED = frozenset({b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+# Set by us; a carrier's own copies must not reach the fleet. X-Real-IP is set
+# to the carrier's address, as a fleet behind nginx reads it; a carrier's
+# RFC 7239 Forwarded (for=, proto=, host=) is its own say-so, and is dropped:
+# X-Forwarded-For keeps the chain it claims, with the address we saw last.
+_REPLACED = frozenset(
+    {
+        b"host",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
+    }
+)
 _NOT_FORWARDED = _HOP_BY_HOP | _REPLACED
 # A fleet behind WSGI/CGI reads "X_Forwarded_For" and "X-Forwarded-For" as the
 # same variable (HTTP_X_FORWARDED_FOR), so a carrier's underscore spelling of a
@@ -45,17 +60,22 @@ def _is_dropped(name: bytes, named_by_connection: set[bytes]) -> bool:
 def fleet_request_headers(
     head: RequestHead, *, fleet_host: str, client_ip: str, proto: str = "https"
 ) -> list[Header]:
-    """Headers for the fleet: the carrier's, with Host and X-Forwarded-* set."""
+    """Headers for the fleet: the carrier's, with Host, X-Forwarded-* and
+    X-Real-IP set."""
     named_by_connection = head.tokens(b"connection")
     headers: list[Header] = [(b"Host", fleet_host.encode("ascii"))]
     for name, value in head.headers:
         if not _is_dropped(name, named_by_connection):
             headers.append((name, value))
-    # Upgrade is re-sent with the carrier's own value (e.g. "websocket").
+    # The upgrade the call is: a carrier's other tokens ("h2c") would let a
+    # fleet that honours them switch to a protocol whose requests the ingress
+    # never routes.
     headers.append((b"Connection", b"Upgrade"))
-    headers.extend((b"Upgrade", value) for value in head.get_all(b"upgrade"))
+    headers.append((b"Upgrade", b"websocket"))
+    ip = client_ip.encode("ascii")
     prior = [v.strip() for v in head.get_all(b"x-forwarded-for") if v.strip()]
-    headers.append((b"X-Forwarded-For", b", ".join([*prior, client_ip.encode("ascii")])))
+    headers.append((b"X-Forwarded-For", b", ".join([*prior, ip])))
     headers.append((b"X-Forwarded-Proto", proto.encode("ascii")))
     headers.append((b"X-Forwarded-Host", head.host))
+    headers.append((b"X-Real-IP", ip))
     return headers

@@ -45,6 +45,8 @@ _MAX_PORT = 65535
 # Its authority is kept to compare with Host; the path and query go on as origin-form.
 _ABSOLUTE_FORM = re.compile(rb"(?i:(https?|wss?))://([^/?]*)([^?]*)(\?.*)?", re.DOTALL)
 _DEFAULT_PORTS = {b"http": b"80", b"ws": b"80", b"https": b"443", b"wss": b"443"}
+# RFC 6455 4.1: a nonce of 16 bytes, base64-encoded (24 characters, "==" last).
+_WEBSOCKET_KEY = re.compile(rb"[A-Za-z0-9+/]{22}==")
 # RFC 9112 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
 # request line (clients that end a body with an extra CRLF). A few, not a stream.
 MAX_LEADING_EMPTY_LINES = 8
@@ -115,6 +117,17 @@ class RequestHead:
             and b"websocket" in self.tokens(b"upgrade")
             and b"upgrade" in self.tokens(b"connection")
         )
+
+    @property
+    def websocket_key(self) -> bytes | None:
+        """The one Sec-WebSocket-Key, when it is 16 bytes in base64 (RFC 6455
+        4.1: a server answers 400 otherwise); None when there is none, several,
+        or not such a key."""
+        keys = self.get_all(b"sec-websocket-key")
+        if len(keys) != 1:
+            return None
+        key = keys[0].strip(b" \t")
+        return key if _WEBSOCKET_KEY.fullmatch(key) else None
 
     @property
     def has_body(self) -> bool:

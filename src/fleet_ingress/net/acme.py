@@ -206,7 +206,7 @@ class AcmeProtocol(asyncio.Protocol):
             return
         finally:
             writer.close()
-        self._write(bytes(answer))
+        self._write(exchange.relayable(bytes(answer)))
 
     def _upstream_failed(self, event: str, where: str, exc: BaseException) -> None:
         # Rate-limited: between renewals nothing listens on the upstream, and any

@@ -783,13 +783,13 @@ class FleetProtocol(_Side):
     def data_received(self, data: Buffer) -> None:
         peer = self.peer
         if peer is not None:  # the hot path
-            self.bytes_received += len(data)
-            peer.write(data)
-            # Read after the write: a carrier lost in it may close this side, ending the answer.
             exchange = self.exchange
             if exchange is not None:  # relaying an answer
-                self._relay_progress(exchange.feed(data))
-            elif len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
+                self._relay_answer(peer, exchange, data)
+                return
+            self.bytes_received += len(data)
+            peer.write(data)
+            if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if self.pump is not None and _is_close_frame(data, masked=False):
                     self.pump.feed(CloseFrameSeen(Side.FLEET))
             return
@@ -816,6 +816,17 @@ class FleetProtocol(_Side):
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
             self.pump.feed(FleetError(Failure.JUNK_RESPONSE, "response head larger than the limit"))
+
+    def _relay_answer(self, peer: asyncio.Transport, exchange: FleetExchange, data: Buffer) -> None:
+        """More of a relayed (non-101) answer: up to its end, no further."""
+        progress = exchange.feed(data)
+        if exchange.surplus:
+            data = bytes(data)[: len(data) - exchange.surplus]
+        self.bytes_received += len(data)
+        peer.write(data)
+        # After the write: a carrier lost in it may close this side, ending the answer.
+        if self.exchange is not None:
+            self._relay_progress(progress)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -852,7 +863,14 @@ class FleetProtocol(_Side):
         self.peer_side = carrier
         self.peer = self.peer_writer(carrier.transport)
         carrier.peer_side = self
-        pending = bytes(self._pending)
+        progress = None
+        if relaying:
+            # A body may follow the head in what was read, and reads after the
+            # head (held, not fed) may too: how far it goes first.
+            if unread := bytes(self._pending[exchange.fed :]):
+                exchange.take(unread)
+            progress = exchange.advance()
+        pending = exchange.relayable(bytes(self._pending))
         self._pending.clear()
         # What came after the fleet's head counts as relayed (the head is not),
         # as every later read does: a body, or the first frames of a tunnel.
@@ -860,9 +878,8 @@ class FleetProtocol(_Side):
         carrier.transport.write(pending)
         if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
-        if relaying:
-            assert self.exchange is not None
-            self._relay_progress(self.exchange.advance())
+        if progress is not None and self.exchange is not None:
+            self._relay_progress(progress)
 
     def _relay_progress(self, progress: Progress) -> None:
         if progress is Progress.BODY_COMPLETE:

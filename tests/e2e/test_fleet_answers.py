@@ -1,0 +1,114 @@
+"""What crosses between carrier and fleet beyond the call itself, on real TLS
+sockets: a carrier's claims about itself, a WebSocket handshake the fleet does
+not answer, and fleet answers a proxy may not pass on as they came (the
+carrier-and-fleet headers audit of session 15)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.support import (
+    SWITCHING,
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    answer,
+    raw_exchange,
+    read_head,
+)
+
+CALL = UPGRADE.format(path="/ws/bot").encode()
+
+
+async def _through(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet_says: bytes, request: bytes = CALL
+) -> tuple[bytes, RawFleet]:
+    """What the carrier gets for `request` from a fleet answering `fleet_says` at once."""
+    fleet = await RawFleet(tls_files.fleet_server_context(), answer(fleet_says)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        return await raw_exchange(ingress, tls_files, request), fleet
+    finally:
+        await fleet.stop()
+
+
+async def test_a_carriers_address_and_scheme_claims_do_not_reach_the_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    heads: list[bytes] = []
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await read_head(reader))
+        writer.write(SWITCHING)
+        await writer.drain()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), record).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        claims = (
+            b"X-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=http;host=evil\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+        )
+        request = CALL.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket, h2c\r\n" + claims)
+        got = await raw_exchange(ingress, tls_files, request)
+    finally:
+        await fleet.stop()
+    assert got.startswith(b"HTTP/1.1 101 "), got
+    (head,) = heads
+    lines = head.lower().split(b"\r\n")
+    assert b"x-real-ip: 127.0.0.1" in lines
+    assert b"upgrade: websocket" in lines
+    assert b"6.6.6.6" not in head and b"h2c" not in head, head
+    assert not any(line.startswith((b"forwarded:", b"http2-settings:")) for line in lines)
+
+
+async def test_an_upgrade_without_a_websocket_key_is_refused_before_any_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    request = CALL.replace(b"dGhlIHNhbXBsZSBub25jZQ==", b"k==")
+    got, fleet = await _through(start_ingress, tls_files, SWITCHING, request)
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    assert got.endswith(b"a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64")
+    assert fleet.connections == 0
+
+
+async def test_a_101_that_does_not_answer_the_key_is_a_502_not_a_call(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    wrong = SWITCHING.replace(b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"AAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    got, fleet = await _through(start_ingress, tls_files, wrong + b"\x81\x02hi")
+    assert got.startswith(b"HTTP/1.1 502 "), got
+    assert b"\x81\x02hi" not in got and fleet.connections == 1
+
+
+async def test_a_fleet_head_over_the_limit_is_a_502_however_its_records_fall(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    # 20,000 bytes in one write: two TLS records, the second completing the head.
+    big = b"HTTP/1.1 429 Too Many Requests\r\nX-Big: " + b"a" * 19_950 + b"\r\n\r\n"
+    got, _ = await _through(start_ingress, tls_files, big)
+    assert got.startswith(b"HTTP/1.1 502 "), got[:100]
+
+
+async def test_a_folded_header_line_reaches_the_carrier_unfolded(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    body = b"busy\r\n wait"  # a body's own line breaks are left alone
+    folded = (
+        b"HTTP/1.1 429 Too Many Requests\r\nX-Reason: all bots\r\n are busy\r\n"
+        b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    got, _ = await _through(start_ingress, tls_files, folded)
+    assert got == folded.replace(b"bots\r\n are", b"bots   are")
+
+
+async def test_what_a_fleet_sends_after_its_answer_ends_is_not_relayed(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    first = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno"
+    got, _ = await _through(start_ingress, tls_files, first + b"HTTP/1.1 200 OK\r\n\r\nevil")
+    assert got == first
+    no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
+    got, _ = await _through(start_ingress, tls_files, no_content + b"extra")
+    assert got == no_content
