@@ -22,7 +22,9 @@ returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
 `send_report(final=True)` as the worker exits cleanly. Between asks,
 `report_soon()` (the worker calls it when a count moves) sends one within
 `REPORT_AFTER_COUNT`: what a worker killed outright takes with it is then
-at most that long's counts, not the time between two asks.
+at most that long's counts, not the time between two asks. While calls are
+live (`live()`), the bytes they relay, which move no count, send one every
+`REPORT_AFTER_COUNT` too.
 """
 
 from __future__ import annotations
@@ -140,6 +142,9 @@ class SlotClient(asyncio.Protocol):
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
         # What the worker has counted, for `report` (None: nothing counted here).
         self.reporter: Callable[[], dict[str, Any]] | None = None
+        # Whether calls are live: the bytes they relay move no count, so while
+        # there are any a report goes every REPORT_AFTER_COUNT all the same.
+        self.live: Callable[[], bool] | None = None
         self._reports = itertools.count(1)
         self._report_timer: asyncio.TimerHandle | None = None
         self.started = time.time()
@@ -254,6 +259,11 @@ class SlotClient(asyncio.Protocol):
             self.report_soon()
             return
         self._write(self._report_or_failure())
+        self._report_again_if_live()
+
+    def _report_again_if_live(self) -> None:
+        if self.live is not None and self.live():
+            self.report_soon()
 
     def _cancel_report_soon(self) -> None:
         if self._report_timer is not None:
@@ -343,6 +353,7 @@ class SlotClient(asyncio.Protocol):
         if op == "report":
             self._cancel_report_soon()  # this one carries it
             self._write(self._report_or_failure())
+            self._report_again_if_live()
             return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)

@@ -92,6 +92,7 @@ class Worker:
             draining=self.stop.is_set,
         )
         self.ingress.registry.on_counted.append(client.report_soon)
+        client.live = lambda: bool(self.ingress.registry.calls)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
         client.handlers["reload"] = lambda m: self._spawn(self._reload(m.get("id")))
