@@ -233,6 +233,13 @@ async def test_upgrade_under_load_loses_nothing(
                 assert all(n <= len(results) for n in figures), figures  # never twice
                 await asyncio.sleep(0.2)
         assert sum(sim.calls_total for sim in fleets) == len(results)
+        # The supervisor's own histogram (probe durations) did not reset at the
+        # exec: it counts every probe counted (a probe may land between the two).
+        m = metric_samples(await service.metrics())
+        durations = m["fleet_ingress_fleet_check_duration_seconds_count"]
+        probes = m["fleet_ingress_fleet_checks_total"]
+        assert durations.keys() == probes.keys()
+        assert all(abs(durations[k] - n) <= 1 for k, n in probes.items()), (durations, probes)
 
         # Same PID for systemd: RELOADING=1 ... READY=1 with MAINPID unchanged.
         assert service.proc.returncode is None

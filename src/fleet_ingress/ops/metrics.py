@@ -8,10 +8,13 @@ happen, since no record keeps them.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import os
 import resource
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
@@ -73,27 +76,64 @@ def _histogram(key: Key, registry: CollectorRegistry) -> Histogram:
     return Histogram(f"{PREFIX}_{key[0]}", doc, buckets=buckets, registry=registry)
 
 
-class FleetChecks:
+class FleetChecks(Collector):
     """The health probes' durations, by fleet: kept by the process that runs
-    the poller (the one-process ingress, or the supervisor)."""
+    the poller (the one-process ingress, or the supervisor). Kept as plain
+    counts, not a prometheus_client Histogram, so that an upgrade carries them
+    over the supervisor's exec (`to_json`/`restore`): a histogram is counters,
+    and counters do not reset at an upgrade."""
+
+    NAME = f"{PREFIX}_fleet_check_duration_seconds"
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.seconds = Histogram(
-            f"{PREFIX}_fleet_check_duration_seconds",
-            "Duration of health probes.",
-            ["fleet"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=registry,
-        )
+        # By fleet: observations in each bucket (not cumulative; +Inf last), and their sum.
+        self._counts: dict[str, list[int]] = {}
+        self._sums: dict[str, float] = {}
+        registry.register(self)
 
     def check_observed(self, fleet: str, seconds: float) -> None:
-        self.seconds.labels(fleet).observe(seconds)
+        counts = self._counts.get(fleet)
+        if counts is None:
+            counts = self._counts[fleet] = [0] * (len(self.BUCKETS) + 1)
+            self._sums[fleet] = 0.0
+        counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
+        self._sums[fleet] += seconds
 
     def fleet_removed(self, fleet: str) -> None:
-        try:
-            self.seconds.remove(fleet)
-        except KeyError:
-            pass
+        self._counts.pop(fleet, None)
+        self._sums.pop(fleet, None)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.NAME, "Duration of health probes.", labels=["fleet"])
+        for fleet, counts in sorted(self._counts.items()):
+            running = list(itertools.accumulate(counts))
+            buckets = [(_le(b), float(n)) for b, n in zip(self.BUCKETS, running, strict=False)]
+            buckets.append(("+Inf", float(running[-1])))
+            family.add_metric([fleet], buckets, self._sums[fleet])
+        yield family
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "buckets": list(self.BUCKETS),
+            "fleets": {f: [self._counts[f], self._sums[f]] for f in self._counts},
+        }
+
+    def restore(self, data: Any) -> None:
+        """Add what a previous image counted (`to_json`); a shape this image
+        does not count in (other bucket bounds: another release) is left out."""
+        if not isinstance(data, dict) or data.get("buckets") != list(self.BUCKETS):
+            return
+        for fleet, entry in data.get("fleets", {}).items():
+            try:
+                counts, total = [int(n) for n in entry[0]], float(entry[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if len(counts) != len(self.BUCKETS) + 1:
+                continue
+            mine = self._counts.get(fleet, [0] * len(counts))
+            self._counts[fleet] = [a + b for a, b in zip(mine, counts, strict=True)]
+            self._sums[fleet] = self._sums.get(fleet, 0.0) + total
 
 
 def histogram_families(counts: Counts) -> Iterator[Metric]:

@@ -228,6 +228,8 @@ class UpgradeSequence:
         dropped = int(carried.get("log_lines_dropped", 0))
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
+        # (From a release that did not carry it: counted from here.)
+        supervisor.metrics.checks.restore(carried.get("fleet_checks"))
         supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
         supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
@@ -428,6 +430,7 @@ class UpgradeSequence:
             # The lines still waiting are lost with this image (the exec).
             "log_lines_dropped": lines_dropped() + lines_waiting(),
             "calls_lost_total": supervisor.calls_lost_total,
+            "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
             "bound_listen": supervisor.bound_listen.model_dump(),
