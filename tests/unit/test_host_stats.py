@@ -304,3 +304,17 @@ def test_log_lines_dropped_are_the_workers_and_the_supervisors_own(monkeypatch):
     Sink.dropped = 2  # the supervisor's own
     host = families(HostMetrics(slots, view).prometheus)
     assert host["fleet_ingress_log_lines_dropped_total"][()] == 5 + 5 + 2
+
+
+def test_a_removed_fleets_ended_calls_leave_metrics_as_its_other_series_do():
+    *_, report = a_worker(3, pid=101, generation=1)
+    wire = report.counts.to_wire()
+    wire["counters"] += [
+        ["calls_ended", "gone", "carrier_closed", 5],  # a fleet removed since
+        ["calls_ended", "", "error", 1],  # no fleet answered: stays
+    ]
+    again = {"pid": 101, "generation": 1, "seq": 1, "started": report.started, "calls": 0}
+    slots, view = host_with(WorkerReport.from_wire({**again, "counts": wire}))
+    ended = families(HostMetrics(slots, view).prometheus)["fleet_ingress_calls_ended_total"]
+    assert {dict(labels)["fleet"] for labels in ended} == {"a", ""}
+    assert view.totals().counter("calls_ended", "gone", "carrier_closed") == 5  # still counted

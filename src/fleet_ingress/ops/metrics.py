@@ -288,7 +288,7 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts = self.counts()
         yield from self._fleets(counts)
-        yield from self._frontend(counts)
+        yield from self._frontend(counts, {f.name for f in self.fleets()})
         if self.histograms:
             yield from histogram_families(counts)
 
@@ -362,7 +362,7 @@ class _StateCollector(Collector):
         yield from (last_check, cert_expiry, calls, responses, retries, redispatches)
         yield from (checks, check_failures)
 
-    def _frontend(self, counts: Counts) -> Iterator[Metric]:
+    def _frontend(self, counts: Counts, fleets: set[str]) -> Iterator[Metric]:
         gauges = counts.gauges
         yield GaugeMetricFamily(
             f"{PREFIX}_connections",
@@ -447,7 +447,10 @@ class _StateCollector(Collector):
             labels=["fleet", "reason"],
         )
         for (fleet, reason), n in counts.family("calls_ended"):
-            ended.add_metric([fleet, reason], n)
+            # A removed fleet's series go, as its other families' do (else one
+            # more for each fleet ever removed; the leak audit of session 15).
+            if not fleet or fleet in fleets:
+                ended.add_metric([fleet, reason], n)
         yield ended
         yield CounterMetricFamily(
             f"{PREFIX}_log_lines_dropped",
