@@ -191,3 +191,36 @@ async def test_quiesce_waits_its_timeout_at_most_for_a_request_that_will_not_end
         if writer is not None:
             writer.close()
         sock.close()
+
+
+async def test_a_connection_that_sends_no_request_or_no_more_is_closed_when_idle() -> None:
+    """aiohttp keeps an idle connection an hour by default: idle connections to
+    the stats port held the supervisor's descriptors. One that never sends a
+    request, one that stops half way through its head, and one idle after a
+    request are all closed at the idle timeout; a request in time is served."""
+    import asyncio
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    sites = WebSites(idle_timeout=0.5)
+    runner = await sites.serve(app, web.TCPSite, host="127.0.0.1", port=0)
+    try:
+        server = runner.addresses[0]
+        silent = await asyncio.open_connection(*server[:2])
+        half = await asyncio.open_connection(*server[:2])
+        half[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        served = await asyncio.open_connection(*server[:2])
+        served[1].write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(served[0].readuntil(b"hi"), 2)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        started = asyncio.get_running_loop().time()
+        for reader, _ in (silent, half, served):
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+        assert asyncio.get_running_loop().time() - started < 2.0
+        for _, writer in (silent, half, served):
+            writer.close()
+    finally:
+        await sites.close()

@@ -28,6 +28,12 @@ log = logging.getLogger("fleet_ingress.server")
 # After the sites stop accepting, a connection accepted just before gets this
 # long for its request to arrive and be taken up before idle ones are closed.
 QUIESCE_SETTLE = 0.25
+# A connection with no request under way (none yet, or between two) is closed
+# after this long: aiohttp's own default is an hour, and idle connections to
+# the stats port took the supervisor's descriptors (the limits audit of session
+# 14). Longer than Prometheus's default scrape interval (1 min), so a scraper
+# keeps its connection.
+OPERATOR_IDLE_TIMEOUT = 75.0
 
 
 @dataclass
@@ -42,7 +48,8 @@ class _KeptSite:
 class WebSites:
     """The runners of the web apps a service serves, cleaned up together."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle_timeout: float = OPERATOR_IDLE_TIMEOUT) -> None:
+        self.idle_timeout = idle_timeout
         self._runners: list[web.AppRunner] = []
         self._kept: list[_KeptSite] = []
         self._quieting: asyncio.Future[int] | None = None
@@ -115,7 +122,9 @@ class WebSites:
         access log, no signal handlers: the service owns both. When the site
         cannot start (its address in use...) the runner is cleaned up and
         that error raised."""
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=self.idle_timeout
+        )
         await runner.setup()
         try:
             await site_type(runner, **where).start()
