@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.support import (
     SWITCHING,
     UPGRADE,
@@ -112,3 +114,52 @@ async def test_what_a_fleet_sends_after_its_answer_ends_is_not_relayed(
     no_content = b"HTTP/1.1 204 No Content\r\n\r\n"
     got, _ = await _through(start_ingress, tls_files, no_content + b"extra")
     assert got == no_content
+
+
+def _in_writes(*parts: bytes):
+    """A fleet answering in separate writes (so in separate reads), then idle."""
+
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(3)
+
+    return react
+
+
+@pytest.mark.parametrize(
+    ("parts", "relayed"),
+    [
+        (
+            [b"HTTP/1.1 404 NF\r\nContent-Length: 6\r\n\r\nab", b"cd", b"efEXTRA"],
+            b"HTTP/1.1 404 NF\r\nContent-Length: 6\r\n\r\nabcdef",
+        ),
+        (
+            [
+                b"HTTP/1.1 503 S\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                b"0\r\nX-T",
+                b": 1\r\n\r\nHTTP/1.1 200 OK\r\n\r\nevil",
+            ],
+            b"HTTP/1.1 503 S\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+        ),
+        (
+            [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nokZZ"],
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nok",
+        ),
+    ],
+    ids=["length", "chunked-trailer", "after-100"],
+)
+async def test_an_answer_ending_in_a_later_read_is_relayed_to_its_end_only(
+    start_ingress: StartIngress, tls_files: TLSFiles, parts: list[bytes], relayed: bytes
+) -> None:
+    """The review of session 15: the end of an answer, and bytes after it,
+    arriving in a read after the head's (the tests above have both in one)."""
+    fleet = await RawFleet(tls_files.fleet_server_context(), _in_writes(*parts)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        assert await raw_exchange(ingress, tls_files, CALL) == relayed
+    finally:
+        await fleet.stop()

@@ -318,3 +318,46 @@ def test_a_removed_fleets_ended_calls_leave_metrics_as_its_other_series_do():
     ended = families(HostMetrics(slots, view).prometheus)["fleet_ingress_calls_ended_total"]
     assert {dict(labels)["fleet"] for labels in ended} == {"a", ""}
     assert view.totals().counter("calls_ended", "gone", "carrier_closed") == 5  # still counted
+
+
+def test_probe_durations_carried_over_an_exec_are_kept_for_the_fleets_still_there():
+    from prometheus_client import CollectorRegistry
+
+    from fleet_ingress.ops.metrics import FleetChecks
+
+    old = FleetChecks(CollectorRegistry())
+    for fleet, seconds in [("a", 0.003), ("a", 0.3), ("gone", 0.02)]:
+        old.check_observed(fleet, seconds)
+    carried = old.to_json()
+    new_registry = CollectorRegistry()
+    new = FleetChecks(new_registry)
+    new.check_observed("a", 3.0)
+    new.restore(carried, {"a", "b"})  # "gone" left the fleets file before the exec
+    counts = families(new_registry)["fleet_ingress_fleet_check_duration_seconds_count"]
+    assert counts == {(("fleet", "a"),): 3.0}
+    buckets = families(new_registry)["fleet_ingress_fleet_check_duration_seconds_bucket"]
+    assert buckets[(("fleet", "a"), ("le", "0.005"))] == 1.0
+    assert buckets[(("fleet", "a"), ("le", "0.5"))] == 2.0
+
+
+def test_probe_durations_of_another_shape_are_left_out_not_raised():
+    from prometheus_client import CollectorRegistry
+
+    from fleet_ingress.ops.metrics import FleetChecks
+
+    bounds = list(FleetChecks.BUCKETS)
+    ten = [1] * (len(bounds) + 1)
+    for data in [
+        None,
+        [],
+        {"buckets": [1, 2], "fleets": {"a": [ten, 1.0]}},  # another release's bounds
+        {"buckets": bounds, "fleets": [["a", ten]]},
+        {"buckets": bounds, "fleets": {"a": {"counts": ten}}},
+        {"buckets": bounds, "fleets": {"a": [ten[:-1], 1.0]}},
+        {"buckets": bounds, "fleets": {"a": [[-1, *ten[1:]], 1.0]}},
+        {"buckets": bounds, "fleets": {"a": [ten, float("nan")]}},
+        {"buckets": bounds, "fleets": {"a": [ten, "x"]}},
+    ]:
+        checks = FleetChecks(CollectorRegistry())
+        checks.restore(data, {"a"})
+        assert checks.to_json()["fleets"] == {}, data

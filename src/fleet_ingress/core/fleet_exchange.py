@@ -90,21 +90,11 @@ class FleetExchange:
 
     def feed(self, data: bytes) -> Progress:
         """Feed bytes from the fleet and say how far the answer got."""
-        self.take(data)
-        return self.advance()
-
-    def take(self, data: bytes) -> None:
-        """Bytes from the fleet for the next `advance` to read (b"" is the
-        fleet's EOF, as for h11: `feed_eof`)."""
         self._fed += len(data)
         if self._raw is not None:
             self._raw += data
         self._conn.receive_data(data)
-
-    @property
-    def fed(self) -> int:
-        """How many bytes were fed (or taken)."""
-        return self._fed
+        return self.advance()
 
     def relayable(self, fed: bytes) -> bytes:
         """Of `fed`, every byte fed so far, what the carrier is sent: the head

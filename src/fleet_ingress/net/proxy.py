@@ -863,13 +863,9 @@ class FleetProtocol(_Side):
         self.peer_side = carrier
         self.peer = self.peer_writer(carrier.transport)
         carrier.peer_side = self
-        progress = None
-        if relaying:
-            # A body may follow the head in what was read, and reads after the
-            # head (held, not fed) may too: how far it goes first.
-            if unread := bytes(self._pending[exchange.fed :]):
-                exchange.take(unread)
-            progress = exchange.advance()
+        # A body may follow the head in what was read: how far it goes first.
+        # (Everything pending was fed: the head's read links the answer at once.)
+        progress = exchange.advance() if relaying else None
         pending = exchange.relayable(bytes(self._pending))
         self._pending.clear()
         # What came after the fleet's head counts as relayed (the head is not),

@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import resource
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import prometheus_client
@@ -119,17 +119,24 @@ class FleetChecks(Collector):
             "fleets": {f: [self._counts[f], self._sums[f]] for f in self._counts},
         }
 
-    def restore(self, data: Any) -> None:
-        """Add what a previous image counted (`to_json`); a shape this image
-        does not count in (other bucket bounds: another release) is left out."""
-        if not isinstance(data, dict) or data.get("buckets") != list(self.BUCKETS):
+    def restore(self, data: Any, fleets: Collection[str]) -> None:
+        """Add what a previous image counted (`to_json`) for the fleets this
+        one has (a fleet taken out of the file meanwhile is not brought back);
+        data of a shape this image does not count in (other bucket bounds:
+        another release) is left out."""
+        try:
+            if data.get("buckets") != list(self.BUCKETS):
+                return
+            entries = list(data["fleets"].items())
+        except (AttributeError, KeyError, TypeError):
             return
-        for fleet, entry in data.get("fleets", {}).items():
+        for fleet, entry in entries:
             try:
                 counts, total = [int(n) for n in entry[0]], float(entry[1])
-            except (TypeError, ValueError, IndexError):
+            except (TypeError, ValueError, IndexError, KeyError):
                 continue
-            if len(counts) != len(self.BUCKETS) + 1:
+            bad = min(counts, default=-1) < 0 or not math.isfinite(total) or total < 0
+            if fleet not in fleets or bad or len(counts) != len(self.BUCKETS) + 1:
                 continue
             mine = self._counts.get(fleet, [0] * len(counts))
             self._counts[fleet] = [a + b for a, b in zip(mine, counts, strict=True)]

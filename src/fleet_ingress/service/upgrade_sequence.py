@@ -229,7 +229,9 @@ class UpgradeSequence:
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
-        supervisor.metrics.checks.restore(carried.get("fleet_checks"))
+        supervisor.metrics.checks.restore(
+            carried.get("fleet_checks"), {f.name for f in supervisor.balancer.fleets}
+        )
         supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
         supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
