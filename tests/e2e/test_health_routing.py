@@ -127,6 +127,34 @@ async def test_failing_fleet_goes_down_keeps_its_calls_and_comes_back(
         await ws.close()
 
 
+@pytest.mark.uvloop_only
+async def test_a_health_answer_no_check_foresaw_fails_probes_and_probing_goes_on(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, monkeypatch
+):
+    """The bad-fleet audit of session 15: a health body nested past the JSON
+    parser's stack raised out of the probe and ended the fleet's probing for
+    good, silently, leaving it UP. Such a body now fails the probe; and
+    anything else a probe raises fails it too, once logged, and probing goes on."""
+    a, b = sim_fleets
+    ingress = await started(start_ingress, lines(a, b))
+    fleet_a = ingress.balancer.get("a")
+    assert fleet_a is not None and fleet_a.health is Health.UP
+    a.health_body = b'{"fleet_available": 5, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
+    assert fleet_a.last_probe is not None and "too deep" in fleet_a.last_probe.reason
+    a.health_body = None
+    await eventually(lambda: fleet_a.health is Health.UP, timeout=5)
+
+    def broken_judge(*args: object) -> object:  # what no check foresaw
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(poller_module, "judge_health_response", broken_judge)
+    await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
+    assert "RuntimeError: unforeseen" in fleet_a.last_probe.reason
+    monkeypatch.undo()
+    await eventually(lambda: fleet_a.health is Health.UP, timeout=5)
+
+
 # -- 4. FULL: no new call, not DOWN; queue then 503 when all are FULL ------------------
 
 

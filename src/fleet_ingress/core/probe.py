@@ -46,6 +46,8 @@ def judge_health_response(status: int, body: bytes, capacity_key: str) -> ProbeR
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return failed("body not JSON")
+    except RecursionError:  # "[[[[...": a few KiB nest past the parser's stack
+        return failed("body JSON nested too deep")
     if not isinstance(document, dict):
         return failed(f"body is a JSON {type(document).__name__}, not an object")
     if capacity_key not in document:

@@ -228,6 +228,7 @@ class HealthPoller:
         loop = asyncio.get_running_loop()
         session = health_session(self.fleet_ssl, self.settings)
         session_since = loop.time()
+        unexpected = False  # the last probe raised
         try:
             next_at = loop.time()
             while True:
@@ -241,7 +242,23 @@ class HealthPoller:
                         await session.close()
                         session = health_session(self.fleet_ssl, self.settings)
                         session_since = loop.time()
-                    await self._probe(session, fleet)
+                    try:
+                        await self._probe(session, fleet)
+                        unexpected = False
+                    except Exception as exc:
+                        # A fleet's answer that no check foresaw (or a bug here)
+                        # fails one probe; it must not end the fleet's probing,
+                        # which would leave it UP, unprobed, for good.
+                        if not unexpected:  # the first of a run: not a traceback a second
+                            log.exception(
+                                "health probe failed unexpectedly; probing goes on",
+                                extra=fields(fleet=fleet.name),
+                            )
+                        unexpected = True
+                        self.record(
+                            fleet, failed(f"probe failed: {type(exc).__name__}: {exc}"), 0, 0.0
+                        )
+                        fleet.fresh_probe = True  # the session may be what broke
                 # Fixed rate: a probe that took its whole timeout does not
                 # push every later probe back.
                 next_at = max(next_at + self.settings.interval, loop.time())
