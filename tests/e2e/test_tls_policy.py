@@ -198,3 +198,53 @@ async def test_run_serves_a_leaf_only_certificate_but_warns_at_start_and_reload(
 
 def leaf_issuer_pem(leaf: trustme.LeafCert) -> str:
     return leaf.cert_chain_pems[1].bytes().decode()
+
+
+def test_a_fleet_asking_to_renegotiate_is_not_obliged() -> None:
+    """The bad-fleet audit of session 15: a TLS 1.2 fleet renegotiated 1,436
+    times in 15 s, each a handshake's CPU on the worker every live call shares.
+    The fleet side's client ignores a fleet's HelloRequest, as carriers are
+    refused (the control: the same context with renegotiation allowed does)."""
+    import ctypes
+    import socket
+    import threading
+
+    from fleet_ingress.net.tls import fleet_ssl_context
+    from tests.support import LIBSSL, ssl_pointer
+
+    LIBSSL.SSL_renegotiate.argtypes = [ctypes.c_void_p]
+    get_total_renegotiations = 12  # SSL_CTRL_GET_TOTAL_RENEGOTIATIONS (openssl/ssl.h)
+    ca = trustme.CA()
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.3 has no renegotiation
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+
+    def renegotiations(client_ctx: ssl.SSLContext) -> int:
+        """How many renegotiations the client went through when the fleet asked one."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+
+            def fleet() -> None:
+                conn, _ = listener.accept()
+                conn.settimeout(5)
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(2)
+                    LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+                    tls.do_handshake()  # sends the HelloRequest
+                    tls.sendall(b"after")
+
+            thread = threading.Thread(target=fleet)
+            thread.start()
+            raw = socket.create_connection(listener.getsockname(), timeout=5)
+            with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"hi")
+                assert tls.recv(5) == b"after"  # the call goes on either way
+                count = LIBSSL.SSL_ctrl(ssl_pointer(tls), get_total_renegotiations, 0, None)
+            thread.join(5)
+            return int(count)
+
+    with ca.cert_pem.tempfile() as ca_file:
+        ours = fleet_ssl_context(verify=True, ca_file=Path(ca_file))
+        allowing = fleet_ssl_context(verify=True, ca_file=Path(ca_file))
+    allowing.options &= ~ssl.OP_NO_RENEGOTIATION
+    assert renegotiations(allowing) == 1  # the control: the fleet's request is honoured
+    assert renegotiations(ours) == 0
