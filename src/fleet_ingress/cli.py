@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
@@ -176,6 +177,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_demo(calls=args.calls, duration=args.duration, profile=args.profile)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
+
+# After an upgrade's re-execution, files that cannot be read are read again
+# every REEXEC_READ_EVERY seconds for REEXEC_READ_PATIENCE before the image gives up.
+REEXEC_READ_PATIENCE = 10.0
+REEXEC_READ_EVERY = 0.2
 
 ADMIN_COMMANDS = {
     "stat",
@@ -365,18 +371,46 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.settings import ConfigError, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError
+    from fleet_ingress.service.ingress import carrier_ssl_context
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
     from fleet_ingress.service.upgrade import take_state
 
+    unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
         # After an upgrade's re-execution: the previous image's sockets and state.
         handed, carried = adopt(), take_state()
-        config = load_config(config_path)
-        fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    except (ListenFdsError, ValueError) as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    # After the exec the workers serve on and carriers wait in the listeners'
+    # backlog, but an image that cannot read its files exits, and the host
+    # with it: a file being rewritten in place (a `cp` in a certbot hook, an
+    # editor, config management) is read again for a while first.
+    give_up_at = time.monotonic() + (REEXEC_READ_PATIENCE if carried is not None else 0)
+    retrying = False
+    while True:
+        try:
+            config = load_config(config_path)
+            fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+            carrier_ssl_context(config)
+            break
+        except unreadable as exc:
+            if time.monotonic() >= give_up_at:
+                print(f"fleet-ingress: {exc}", file=sys.stderr)
+                return 2
+            if not retrying:
+                print(
+                    f"fleet-ingress: after the upgrade's re-execution: {exc}; reading again "
+                    f"for up to {REEXEC_READ_PATIENCE:g} s (a file being written?)",
+                    file=sys.stderr,
+                )
+            retrying = True
+            time.sleep(REEXEC_READ_EVERY)
+    try:
         configure_logging(config.log.level, config.log.format, pid=True)
         supervisor = Supervisor(config, fleets, config_path, handed=handed, carried=carried)
-    except (ConfigError, FleetsFileError, TLSSetupError, ListenFdsError, ValueError) as exc:
+    except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     _raise_descriptor_limit(config.limits.max_connections, acme=bool(config.listen.acme))

@@ -1926,7 +1926,7 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
     """Scrapes of /stats.json and /metrics and admin `GET /stat` run back to
-    back through an upgrade, each taking 0.2 s in the first image (so one is
+    back through an upgrade, each taking 0.5 s in the first image (so one is
     always in flight when it re-executes): every one is answered whole, by the
     old image or by the new one, none cut by the exec. Asked over a connection
     each with no retry: HTTP clients (aiohttp, Go's net/http) ask a GET again
@@ -1936,7 +1936,7 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
         src,
         "service/supervisor.py",
         "        await self.server.collect_reports(SCRAPE_WAIT)\n",
-        "        if not self.upgrade.resumed:\n            await asyncio.sleep(0.2)\n",
+        "        if not self.upgrade.resumed:\n            await asyncio.sleep(0.5)\n",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     answered: list[tuple[str, bytes]] = []
@@ -2085,3 +2085,39 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
         with contextlib.suppress(ProcessLookupError):
             child.kill()
         await _close_adopting(new)
+
+
+async def test_a_certificate_being_rewritten_at_the_exec_is_read_again_not_fatal(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """The overlapping-actions audit of session 15: the certificate rewritten in
+    place (a `cp` in a certbot hook) just as an upgrade re-executed the
+    supervisor: the new image could not read it, exited 2, and the host
+    stopped taking calls (337 of 369 new calls failed). It reads it again for
+    a while and carries on once the file is whole."""
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        cert = service.home / "cert.pem"
+        whole = cert.read_bytes()
+        upgrade = asyncio.create_task(_upgrade_command(service))
+        async with asyncio.timeout(60):
+            while not any(e.get("event") == "upgrade: trial run passed" for e in service.log()):
+                await asyncio.sleep(0.05)
+        with open(cert, "wb") as half_written:  # noqa: ASYNC230 (two writes, 3 s apart)
+            half_written.write(whole[: len(whole) // 3])
+            half_written.flush()
+            await asyncio.sleep(3.0)  # the exec comes within a second or two of the trial
+            half_written.write(whole[len(whole) // 3 :])
+        code, out, err = await upgrade
+        assert code == 0, (out, err, service.log_tail())
+        assert "upgraded: generation 2 serves" in out
+        assert "reading again for up to 10 s" in service.log_tail(20_000)
+        assert service.proc.returncode is None
+        async with connect(
+            service.url("/ws/after"), ssl=tls_files.client_context(), open_timeout=15
+        ) as ws:
+            await ws.send("hello")
+            assert await ws.recv() == "hello"
+    finally:
+        await service.finish()
