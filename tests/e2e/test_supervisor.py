@@ -1325,3 +1325,28 @@ async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_coun
             os.kill(service.proc.pid, signal.SIGCONT)
         await close_calls(calls)
         await service.finish()
+
+
+async def test_a_worker_killed_during_a_reload_does_not_fail_it(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The overlapping-actions audit of session 15: a worker that dies while
+    its reload is asked serves nothing, and its replacement reads the files as
+    they are; `reload` said it was not reloaded everywhere, exited 1 (a
+    certbot hook would report failure) and advised an upgrade."""
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2, check_timeout=5)
+    try:
+        await _fleets_up_or_finished(service)
+        victim, _ = await _victim_and_survivor(service)
+        os.kill(victim["pid"], signal.SIGSTOP)  # it will not answer the reload
+        reload = asyncio.ensure_future(admin_command(service, "reload"))
+        await asyncio.sleep(1.0)  # asked, waiting for its answer
+        os.kill(victim["pid"], signal.SIGKILL)
+        code, printed = await reload
+        assert code == 0, printed
+        assert "not in every worker" not in printed
+        assert not [e for e in service.log() if e["event"].startswith("a worker did not reload")]
+        (ended,) = [e for e in service.log() if e["event"] == "workers reloaded"]
+        assert ended["gone"] == [victim["pid"]] and victim["pid"] not in ended["workers"]
+    finally:
+        await service.finish()

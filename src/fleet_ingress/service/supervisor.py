@@ -664,7 +664,9 @@ class Supervisor:
             self.confirm_channel_lost_later(worker)
         for (asked, _), future in list(self._answers.items()):
             if asked == key and not future.done():
-                future.set_result({"ok": False, "error": "the worker is gone"})
+                # Nothing to reload: it serves nothing now, and its replacement
+                # reads the files as they are (not a worker left on old ones).
+                future.set_result({"ok": False, "error": "the worker is gone", "gone": True})
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
 
@@ -831,7 +833,7 @@ class Supervisor:
         future = self._answers[(key, ask)] = asyncio.get_running_loop().create_future()
         try:
             if not self.server.send(key, {"op": op, "id": ask}):
-                return {"ok": False, "error": "the worker is gone", "unknown": True}
+                return {"ok": False, "error": "the worker is gone", "unknown": True, "gone": True}
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
@@ -1085,20 +1087,27 @@ class Supervisor:
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         self.server.wake()
         answers = await self._reload_workers()
-        failed = {pid: a.get("error") for pid, a in answers.items() if not a.get("ok")}
+        gone = sorted(pid for pid, a in answers.items() if a.get("gone"))
+        failed = {
+            pid: a.get("error")
+            for pid, a in answers.items()
+            if not a.get("ok") and not a.get("gone")
+        }
         # What `fleet-ingress reload` fails on: a worker that answered it did not
         # reload (it serves its previous files), not one whose outcome is not known.
         self.workers_not_reloaded = {
             pid: a.get("error")
             for pid, a in answers.items()
-            if not a.get("ok") and not a.get("unknown")
+            if not a.get("ok") and not a.get("unknown") and not a.get("gone")
         }
         for pid, error in failed.items():
             _log_not_reloaded(pid, error)
             notes.append(f"worker {pid} did not reload: {error}")
         log.info(
             "workers reloaded",
-            extra=fields(workers=sorted(set(answers) - set(failed)), failed=failed),
+            extra=fields(
+                workers=sorted(set(answers) - set(failed) - set(gone)), failed=failed, gone=gone
+            ),
         )
         self.reloads["applied"] += 1
         self._reload_applied.set()
