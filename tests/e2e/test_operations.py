@@ -463,6 +463,35 @@ async def test_changes_made_while_add_fleet_waits_for_up_are_kept(deployment: De
     assert "name=c" not in backup
 
 
+async def test_add_fleet_does_not_write_over_a_fleets_file_being_rewritten(
+    deployment: Deployment,
+):
+    """The overlapping-actions audit of session 15: the fleets file truncated
+    (an editor or config management rewriting it in place) while add-fleet
+    waited for UP: it wrote the new line alone, the backup was the empty file,
+    and the next reload removed every other fleet. It refuses and rolls back."""
+    d = deployment
+    c = d.fleets["c"]
+    whole = d.fleets_file.read_text()
+    c.health_delay = 0.3  # the window between the pre-check and the write
+    adding = asyncio.create_task(
+        d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    )
+    await eventually(lambda: "c" in d.ingress.ops.adding)
+    d.fleets_file.write_text("")  # truncated, the rest not written yet
+    with pytest.raises(FleetChangeError) as refused:
+        await adding
+    assert refused.value.status == 409
+    assert "no longer lists running fleet(s) a, b" in refused.value.message
+    assert d.fleets_file.read_text() == ""  # nothing written over it
+    assert d.ingress.balancer.get("c") is None  # rolled back
+    d.fleets_file.write_text(whole)  # the editor finishes
+    assert "added fleet" not in await d.ingress.reload(d.config_file)
+    result = await d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)
+    assert result["health"] == "UP"
+    assert d.fleets_file.read_text().startswith(whole)
+
+
 async def test_add_fleet_rolls_back_when_the_fleet_never_reads_up_or_the_file_cannot_be_written(
     deployment: Deployment,
 ):

@@ -35,7 +35,7 @@ from fleet_ingress.core.fleet_set import (
     Refused,
     StaysInDrain,
 )
-from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
@@ -162,6 +162,26 @@ class FleetOps:
         fleet.spec = replace(fleet.spec, admin=admin)
         return {"fleets_file": str(self.fleets_file)}
 
+    def _check_lists_the_running(self, listed: list[FleetSpec], adding: FleetState) -> None:
+        """The file about to be written must still list every fleet it listed
+        and that runs: an empty or cut file (being rewritten in place by an
+        editor or config management, the overlapping-actions audit of session
+        15) was written over with the new line alone, its backup empty, and the
+        next reload removed every other fleet."""
+        names = {spec.name for spec in listed}
+        missing = sorted(
+            f.name
+            for f in self.fleets.fleets
+            if f.membership is Membership.LISTED and f is not adding and f.name not in names
+        )
+        if missing:
+            raise FleetChangeError(
+                409,
+                f"the fleets file {self.fleets_file} no longer lists running fleet(s) "
+                f"{', '.join(missing)} (being written? edited by hand?): nothing saved; "
+                "see the file, reload if it is meant, then add again",
+            )
+
     def _read_fleets_text(self) -> str:
         try:
             return self.fleets_file.read_text(encoding="utf-8")
@@ -249,11 +269,12 @@ class FleetOps:
                     self._read_fleets_text(), spec, default_maxconn=default_maxconn
                 )
                 try:  # e.g. the same fleet written in by hand meanwhile
-                    parse_fleets_text(
+                    listed = parse_fleets_text(
                         new_text, default_maxconn=default_maxconn, source=str(self.fleets_file)
                     )
                 except FleetsFileError as exc:
                     raise FleetChangeError(409, f"{exc} (after adding the fleet's line)") from None
+                self._check_lists_the_running(listed, fleet)
                 backup = self._persist(new_text)
             except FleetChangeError as exc:
                 await self._drop(fleet)
