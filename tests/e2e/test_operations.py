@@ -13,6 +13,7 @@ import stat
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,6 +462,35 @@ async def test_changes_made_while_add_fleet_waits_for_up_are_kept(deployment: De
     d.ingress.ops.set_admin_state("a", "ready")
     assert (d.home / "fleets.txt.bak").read_text() == backup
     assert "name=c" not in backup
+
+
+async def test_a_fleet_change_made_while_a_reload_reads_its_files_is_not_undone(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """The overlapping-actions audit of session 15: a reload reads its files
+    off the loop, and a drain (or add-fleet, remove-fleet) saved meanwhile was
+    undone when the reload applied what it had read before it: saved in the
+    file, not running. The reload reads again when the file was written."""
+    from fleet_ingress.service import ingress as ingress_module
+
+    d = deployment
+    real = ingress_module.read_reload
+    reads: list[float] = []
+
+    def slow_read(*args: object, **kwargs: object) -> object:
+        read = real(*args, **kwargs)  # type: ignore[arg-type]
+        reads.append(time.monotonic())
+        time.sleep(0.5)  # a slow disk, a large CA bundle: the drain lands now
+        return read
+
+    monkeypatch.setattr(ingress_module, "read_reload", slow_read)
+    reloading = asyncio.create_task(d.ingress.reload(d.config_file))
+    await eventually(lambda: bool(reads))
+    d.ingress.ops.set_admin_state("a", "drain")
+    await reloading
+    assert len(reads) == 2  # read again after the drain was saved
+    assert d.fleet("a").admin is Admin.DRAIN
+    assert "admin=drain" in d.fleets_file.read_text()
 
 
 async def test_add_fleet_does_not_write_over_a_fleets_file_being_rewritten(

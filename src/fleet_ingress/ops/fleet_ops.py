@@ -97,6 +97,9 @@ class FleetOps:
     # answers how many of them no worker can be told to close (see Supervisor.close_fleet).
     close_elsewhere: Callable[[str], int] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
+    # Writes of the fleets file so far: a reload that read the file while one
+    # was made reads it again (service.ingress.read_reload_settled).
+    file_writes: int = 0
 
     @property
     def fleets_file(self) -> Path:
@@ -194,7 +197,7 @@ class FleetOps:
 
     def _persist(self, text: str, *, backup: bool = True) -> Path | None:
         try:
-            return write_atomically(self.fleets_file, text, backup=backup)
+            kept = write_atomically(self.fleets_file, text, backup=backup)
         except OSError as exc:
             # Name the file that failed: the fleets file, its backup or a temporary file
             # beside them (the directory must be writable by the service).
@@ -203,6 +206,11 @@ class FleetOps:
                 500,
                 f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}",
             ) from None
+        finally:
+            # Counted written even when it failed half way (its backup, or the
+            # rename done before the directory's fsync failed): a reload reads again.
+            self.file_writes += 1
+        return kept
 
     async def add_fleet(
         self, url: str, *, name: str | None, maxconn: int | None, dry_run: bool

@@ -372,8 +372,8 @@ class Ingress:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
             # fleets' TLS context reads the system's trust store (20 ms measured).
-            new = await asyncio.to_thread(
-                read_reload, config_path, fleets=not self.worker, serving=self.serving_leaf
+            new = await read_reload_settled(
+                self.ops, config_path, fleets=not self.worker, serving=self.serving_leaf
             )
         except ReloadRefused:
             self.reloads["refused"] += 1
@@ -509,6 +509,32 @@ class ReadReload(NamedTuple):
     server_ssl: ssl.SSLContext
     fleet_ssl: ssl.SSLContext
     leaf: LeafFacts  # the carrier listener's certificate
+
+
+# How many times a reload reads its files while operators' fleet changes keep
+# writing the fleets file meanwhile (`read_reload_settled`).
+RELOAD_READS = 3
+
+
+async def read_reload_settled(
+    ops: FleetOps,
+    config_path: Path,
+    *,
+    fleets: bool = True,
+    serving: LeafFacts | None = None,
+) -> ReadReload:
+    """`read_reload` off the loop, read again when an operator's fleet change
+    wrote the fleets file meanwhile: applying what was read before it undid
+    it (the overlapping-actions audit of session 15: a drain, add-fleet or
+    remove-fleet landing during a reload's read was reverted, saved in the
+    file but not running). A few times at most; what is applied is read after
+    the last change seen."""
+    for _ in range(RELOAD_READS - 1):
+        writes = ops.file_writes
+        read = await asyncio.to_thread(read_reload, config_path, fleets=fleets, serving=serving)
+        if ops.file_writes == writes:
+            return read
+    return await asyncio.to_thread(read_reload, config_path, fleets=fleets, serving=serving)
 
 
 def read_reload(

@@ -95,7 +95,7 @@ from fleet_ingress.service.ingress import (
     certificate_not_taken,
     listener_notes,
     probe_settings,
-    read_reload,
+    read_reload_settled,
     serving_leaf,
     serving_leaf_to_env,
     warn_about_chain,
@@ -1054,8 +1054,8 @@ class Supervisor:
             # Off the loop, which answers the workers' slot requests meanwhile:
             # the fleets' TLS context alone reads the system's trust store (20 ms
             # measured), and a file on a slow disk could hold every call's lease.
-            config, specs, _, fleet_ssl, leaf = await asyncio.to_thread(
-                read_reload, self.config_path, serving=self.serving_leaf
+            config, specs, _, fleet_ssl, leaf = await read_reload_settled(
+                self.ops, self.config_path, serving=self.serving_leaf
             )
         except ReloadRefused:
             self.reloads["refused"] += 1
