@@ -1232,6 +1232,18 @@ async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
         await service.finish()
 
 
+async def _kill_while_stopped(service: RunningIngress, pid: int) -> None:
+    """SIGKILL worker `pid` while the supervisor is stopped (what it sent on its
+    own waits in its channel), let the supervisor go on, and wait until the
+    dead worker is out of the rows."""
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    os.kill(service.proc.pid, signal.SIGCONT)
+    async with asyncio.timeout(10):
+        while pid in [r["pid"] for r in await _worker_rows(service)]:
+            await asyncio.sleep(0.05)
+
+
 def _calls_ended(metrics: str) -> float:
     return sum(
         float(line.rpartition(" ")[2])
@@ -1261,13 +1273,8 @@ async def test_a_worker_killed_a_moment_after_its_calls_ended_has_them_counted(
         os.kill(service.proc.pid, signal.SIGSTOP)
         supervisor_stopped = True
         await asyncio.sleep(2.0)  # the worker's report waits in the channel
-        os.kill(worker["pid"], signal.SIGKILL)
-        await asyncio.sleep(0.2)
-        os.kill(service.proc.pid, signal.SIGCONT)
+        await _kill_while_stopped(service, worker["pid"])
         supervisor_stopped = False
-        async with asyncio.timeout(10):  # the dead one is out of the rows
-            while worker["pid"] in [r["pid"] for r in await _worker_rows(service)]:
-                await asyncio.sleep(0.05)
         assert _calls_ended(await service.metrics()) == 4, service.log_tail()
     finally:
         if supervisor_stopped:
@@ -1304,13 +1311,8 @@ async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_coun
             sent += len(frame)
             await asyncio.sleep(0.025)
         await asyncio.sleep(1.5)  # a report after the last frame, waiting in the channel
-        os.kill(worker["pid"], signal.SIGKILL)
-        await asyncio.sleep(0.2)
-        os.kill(service.proc.pid, signal.SIGCONT)
+        await _kill_while_stopped(service, worker["pid"])
         supervisor_stopped = False
-        async with asyncio.timeout(10):  # the dead one is out of the rows
-            while worker["pid"] in [r["pid"] for r in await _worker_rows(service)]:
-                await asyncio.sleep(0.05)
         relayed = {
             line.partition('direction="')[2].partition('"')[0]: float(line.rpartition(" ")[2])
             for line in (await service.metrics()).splitlines()
