@@ -145,10 +145,6 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
 def fleet_ssl_context(*, verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # A TLS 1.2 fleet asking to renegotiate is refused, as carriers are: the
-    # bad-fleet audit of session 15 saw 1,436 renegotiations in 15 s accepted,
-    # each a handshake's CPU on the worker every live call shares.
-    ctx.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
     ctx.set_alpn_protocols(_ALPN)
     if ca_file is not None:
         try:
