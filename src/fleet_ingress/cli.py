@@ -178,11 +178,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
-# After an upgrade's re-execution, files that cannot be read are read again
-# every REEXEC_READ_EVERY seconds for REEXEC_READ_PATIENCE before the image gives up.
-REEXEC_READ_PATIENCE = 10.0
-REEXEC_READ_EVERY = 0.2
-
 ADMIN_COMMANDS = {
     "stat",
     "drain",
@@ -370,11 +365,11 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
     from fleet_ingress.config.settings import ConfigError, load_config
     from fleet_ingress.logs import configure_logging
-    from fleet_ingress.net.tls import TLSSetupError
+    from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
     from fleet_ingress.service.ingress import carrier_ssl_context
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
-    from fleet_ingress.service.upgrade import take_state
+    from fleet_ingress.service.upgrade import REEXEC_READ_EVERY, REEXEC_READ_PATIENCE, take_state
 
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
@@ -394,6 +389,11 @@ def _run(config_path: Path) -> int:
             config = load_config(config_path)
             fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
             carrier_ssl_context(config)
+            fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+            if carried is not None and not fleets and time.monotonic() < give_up_at:
+                # Truncated by whoever is writing it (a reload refuses a file
+                # that lists none); still empty at the end, it is taken as meant.
+                raise FleetsFileError(f"{config.fleets.file}: no fleets listed")
             break
         except unreadable as exc:
             if time.monotonic() >= give_up_at:

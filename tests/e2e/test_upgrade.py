@@ -2087,28 +2087,37 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
         await _close_adopting(new)
 
 
-async def test_a_certificate_being_rewritten_at_the_exec_is_read_again_not_fatal(
-    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+@pytest.mark.parametrize(
+    ("name", "first"),
+    [("cert.pem", lambda whole: whole[: len(whole) // 3]), ("fleets.txt", lambda whole: b"")],
+    ids=["certificate-cut", "fleets-empty"],
+)
+async def test_a_file_being_rewritten_at_the_exec_is_read_again_not_fatal(
+    tls_files: TLSFiles,
+    fleets: list[SimulatedFleet],
+    name: str,
+    first: Callable[[bytes], bytes],
 ) -> None:
     """The overlapping-actions audit of session 15: the certificate rewritten in
     place (a `cp` in a certbot hook) just as an upgrade re-executed the
     supervisor: the new image could not read it, exited 2, and the host
     stopped taking calls (337 of 369 new calls failed). It reads it again for
-    a while and carries on once the file is whole."""
+    a while and carries on once the file is whole. A fleets file caught empty
+    would have started the new image with no fleet (the review)."""
     lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
     service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
     try:
-        cert = service.home / "cert.pem"
-        whole = cert.read_bytes()
+        path = service.home / name
+        whole = path.read_bytes()
         upgrade = asyncio.create_task(_upgrade_command(service))
         async with asyncio.timeout(60):
             while not any(e.get("event") == "upgrade: trial run passed" for e in service.log()):
                 await asyncio.sleep(0.05)
-        with open(cert, "wb") as half_written:  # noqa: ASYNC230 (two writes, 3 s apart)
-            half_written.write(whole[: len(whole) // 3])
+        with open(path, "wb") as half_written:  # noqa: ASYNC230 (two writes, 3 s apart)
+            half_written.write(first(whole))
             half_written.flush()
             await asyncio.sleep(3.0)  # the exec comes within a second or two of the trial
-            half_written.write(whole[len(whole) // 3 :])
+            half_written.write(whole[len(first(whole)) :])
         code, out, err = await upgrade
         assert code == 0, (out, err, service.log_tail())
         assert "upgraded: generation 2 serves" in out

@@ -39,6 +39,13 @@ from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 
+# After a re-execution, the new image reads the config, the fleets file and the
+# certificates again every REEXEC_READ_EVERY seconds for REEXEC_READ_PATIENCE
+# when they cannot be read (or list no fleet): one caught half-written by an
+# editor, a `cp` or config management must not end the host (cli._run).
+REEXEC_READ_PATIENCE = 10.0
+REEXEC_READ_EVERY = 0.2
+
 UPGRADE_STATE = "FLEET_INGRESS_UPGRADE_STATE"
 STATE_VERSION = 1
 # Importing the whole package and checking the config takes about a second;

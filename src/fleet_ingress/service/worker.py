@@ -57,6 +57,7 @@ from fleet_ingress.service.ingress import (
     serving_leaf_from_env,
 )
 from fleet_ingress.service.lifecycle import EXIT_FLUSH_WAIT, SECOND_SIGNAL_GRACE, trim_heap
+from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
 
 log = logging.getLogger("fleet_ingress.worker")
 
@@ -64,7 +65,8 @@ log = logging.getLogger("fleet_ingress.worker")
 # queue timeout (which the coordinator enforces itself): the supervisor's
 # re-execution in an upgrade (0.4-0.5 s measured, docs/WORKERS.md) with room
 # for a loaded host. A call waits this long at most; none is refused for it.
-REEXEC_ALLOWANCE = 10.0
+# Plus how long the new image may read its files again (one caught half-written).
+REEXEC_ALLOWANCE = 10.0 + REEXEC_READ_PATIENCE
 
 
 def answer_timeout(config: IngressConfig) -> float:
