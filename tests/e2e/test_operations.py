@@ -515,6 +515,17 @@ async def test_add_fleet_does_not_write_over_a_fleets_file_being_rewritten(
     assert "no longer lists running fleet(s) a, b" in refused.value.message
     assert d.fleets_file.read_text() == ""  # nothing written over it
     assert d.ingress.balancer.get("c") is None  # rolled back
+    # Nor does a drain or a remove-fleet (the review): the file cut after a's line.
+    cut = next(line for line in whole.splitlines(keepends=True) if "name=a" in line)
+    d.fleets_file.write_text(cut)
+    saved = d.ingress.ops.set_admin_state("a", "drain")
+    assert "no longer lists running fleet(s) b" in saved["not_saved"]
+    assert d.fleet("a").admin is Admin.DRAIN  # it applies all the same
+    with pytest.raises(FleetChangeError) as refused:
+        await d.ingress.ops.remove_fleet("a", force=False)
+    assert refused.value.status == 409 and "fleet(s) b" in refused.value.message
+    assert d.fleets_file.read_text() == cut and d.ingress.balancer.get("a") is not None
+    d.ingress.ops.set_admin_state("a", "ready")
     d.fleets_file.write_text(whole)  # the editor finishes
     assert "added fleet" not in await d.ingress.reload(d.config_file)
     result = await d.ingress.ops.add_fleet(c.url, name="c", maxconn=None, dry_run=False)

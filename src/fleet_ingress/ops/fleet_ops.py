@@ -35,7 +35,7 @@ from fleet_ingress.core.fleet_set import (
     Refused,
     StaysInDrain,
 )
-from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
@@ -153,6 +153,7 @@ class FleetOps:
                 default_maxconn=self.settings().maxconn,
                 source=str(self.fleets_file),
             )
+            self._check_lists_the_running(new_text)
             # No backup: the edit is one option, undone by the opposite command, and a
             # backup taken here would replace the one kept by an add or a remove.
             self._persist(new_text, backup=False)
@@ -165,24 +166,30 @@ class FleetOps:
         fleet.spec = replace(fleet.spec, admin=admin)
         return {"fleets_file": str(self.fleets_file)}
 
-    def _check_lists_the_running(self, listed: list[FleetSpec], adding: FleetState) -> None:
+    def _check_lists_the_running(self, text: str, but: FleetState | None = None) -> None:
         """The file about to be written must still list every fleet it listed
-        and that runs: an empty or cut file (being rewritten in place by an
-        editor or config management, the overlapping-actions audit of session
-        15) was written over with the new line alone, its backup empty, and the
-        next reload removed every other fleet."""
+        and that runs (`but` the one being added or removed): an empty or cut
+        file (being rewritten in place by an editor or config management, the
+        overlapping-actions audit of session 15) was written over with one
+        line, its backup empty, and the next reload removed every other fleet."""
+        try:
+            listed = parse_fleets_text(
+                text, default_maxconn=self.settings().maxconn, source=str(self.fleets_file)
+            )
+        except FleetsFileError as exc:
+            raise FleetChangeError(409, f"{exc}; nothing saved") from None
         names = {spec.name for spec in listed}
         missing = sorted(
             f.name
             for f in self.fleets.fleets
-            if f.membership is Membership.LISTED and f is not adding and f.name not in names
+            if f.membership is Membership.LISTED and f is not but and f.name not in names
         )
         if missing:
             raise FleetChangeError(
                 409,
                 f"the fleets file {self.fleets_file} no longer lists running fleet(s) "
                 f"{', '.join(missing)} (being written? edited by hand?): nothing saved; "
-                "see the file, reload if it is meant, then add again",
+                "see the file, reload if it is meant, then ask again",
             )
 
     def _read_fleets_text(self) -> str:
@@ -277,12 +284,12 @@ class FleetOps:
                     self._read_fleets_text(), spec, default_maxconn=default_maxconn
                 )
                 try:  # e.g. the same fleet written in by hand meanwhile
-                    listed = parse_fleets_text(
+                    parse_fleets_text(
                         new_text, default_maxconn=default_maxconn, source=str(self.fleets_file)
                     )
                 except FleetsFileError as exc:
                     raise FleetChangeError(409, f"{exc} (after adding the fleet's line)") from None
-                self._check_lists_the_running(listed, fleet)
+                self._check_lists_the_running(new_text, but=fleet)
                 backup = self._persist(new_text)
             except FleetChangeError as exc:
                 await self._drop(fleet)
@@ -311,6 +318,8 @@ class FleetOps:
             new_text = None  # not in the file (taken out by hand): nothing to persist
         except FleetsFileError as exc:
             raise FleetChangeError(409, f"{exc}; fix it, then remove again") from None
+        if new_text is not None:
+            self._check_lists_the_running(new_text, but=fleet)
         backup = self._persist(new_text) if new_text is not None else None
         gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
