@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import h11
 
-from fleet_ingress.core.request_head import Header
+from fleet_ingress.core.request_head import Header, comma_tokens
 
 # RFC 6455 4.2.2: the accept value is base64(SHA-1(key + this GUID)).
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -34,11 +34,7 @@ def websocket_accept(key: bytes) -> bytes:
 
 
 def _tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[bytes]:
-    found: set[bytes] = set()
-    for key, value in headers:
-        if key == name:  # h11 lowercases names
-            found.update(t.strip(b" \t") for t in value.lower().split(b","))
-    return found
+    return comma_tokens(value for key, value in headers if key == name)  # h11 lowercases names
 
 
 class ResponseError(Exception):

@@ -14,6 +14,7 @@ never repaired.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import h11
@@ -61,6 +62,18 @@ _DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
 _ENCODED_FORBIDDEN = re.compile(rb"%(?:2f|5c|2e|[01][0-9a-f]|7f)", re.IGNORECASE)
 
 
+def comma_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """The comma-separated tokens of header values (Connection, Upgrade...),
+    lowercased, without empty ones."""
+    # One lower() per value and one strip() per token: a 16 KiB list of tokens
+    # is read on every head (Connection, twice), so this is on the loop's clock.
+    found: set[bytes] = set()
+    for value in values:
+        found.update({t.strip(b" \t") for t in value.lower().split(b",")})
+    found.discard(b"")
+    return found
+
+
 class RequestRefused(Exception):
     """The head cannot be served: answer `status` with `reason` and close."""
 
@@ -97,13 +110,7 @@ class RequestHead:
 
     def tokens(self, name: bytes) -> set[bytes]:
         """The comma-separated tokens of every `name` header, lowercased."""
-        # One lower() per value and one strip() per token: a 16 KiB list of tokens
-        # is read on every head (Connection, twice), so this is on the loop's clock.
-        found: set[bytes] = set()
-        for value in self.get_all(name):
-            found.update({t.strip(b" \t") for t in value.lower().split(b",")})
-        found.discard(b"")
-        return found
+        return comma_tokens(self.get_all(name))
 
     @property
     def host(self) -> bytes:
