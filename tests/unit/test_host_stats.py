@@ -361,3 +361,23 @@ def test_probe_durations_of_another_shape_are_left_out_not_raised():
         checks = FleetChecks(CollectorRegistry())
         checks.restore(data, {"a"})
         assert checks.to_json()["fleets"] == {}, data
+
+
+def test_a_huge_free_count_is_shown_capped_in_stat_and_the_page_and_whole_in_stats_json():
+    """A fleet reporting fleet_available 10**30 stretched stat's free column to
+    61 characters and broke the table (the audit of session 15)."""
+    slots = HostSlots(balancer(), queue_timeout=1, max_queue=1)
+    a, b = slots.balancer.fleets
+    for f in (a, b):
+        f.health = Health.UP
+    a.reported_available, a.opened_at_probe = 10**30, a.opened_total
+    b.reported_available, b.opened_at_probe = 7, b.opened_total
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    lines = format_stat_table(snap).splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:3]}
+    assert rows["a"][4] == "99999+/99999+" and rows["b"][4] == "7/7"
+    assert max(len(line) for line in lines[:3]) < 120
+    page = render_stats_page(snap)
+    a_row = page[page.index("<b>a</b>") :].split("</tr>")[0]
+    assert "<td>99999+</td>" in a_row and str(10**30) not in page
+    assert next(f for f in snap["fleets"] if f["name"] == "a")["reported_available"] == 10**30

@@ -211,7 +211,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     for f in snap["fleets"]:
         health = shown_health(f)
         reported, estimated = shown_free(f)
-        free = f"{_dash(reported)}/{_dash(estimated)}"
+        free = f"{reported}/{estimated}"
         age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
         rows.append(
             (

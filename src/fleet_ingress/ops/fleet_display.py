@@ -6,6 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 NOT_PROBED = "-"
+# A fleet may report any free count (SPEC 4: no upper bound); past this one
+# the figure tells an operator nothing more (maxconn caps a fleet's calls) and
+# would stretch `stat`'s columns and the page's cells (10**400 is 401 digits).
+FREE_SHOWN_UP_TO = 99_999
 
 
 def probed(row: dict[str, Any]) -> bool:
@@ -20,11 +24,18 @@ def shown_health(row: dict[str, Any]) -> str:
     return "FULL" if row["health"] == "UP" and row["full"] else str(row["health"])
 
 
-def shown_free(row: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(reported by the last probe, estimated now); None where not known or stale."""
+def shown_free(row: dict[str, Any]) -> tuple[str, str]:
+    """(reported by the last probe, estimated now) as shown: "-" where not known
+    or stale, "99999+" past FREE_SHOWN_UP_TO; /stats.json keeps the figures."""
     if not probed(row):
-        return None, None
-    return row["reported_available"], row["estimated_available"]
+        return NOT_PROBED, NOT_PROBED
+    return _free(row["reported_available"]), _free(row["estimated_available"])
+
+
+def _free(count: int | None) -> str:
+    if count is None:
+        return NOT_PROBED
+    return f"{FREE_SHOWN_UP_TO}+" if count > FREE_SHOWN_UP_TO else str(count)
 
 
 def workers_replaced(snap: dict[str, Any]) -> str | None:
