@@ -619,7 +619,8 @@ async def test_a_reload_asked_while_draining_is_answered_at_once(
 ) -> None:
     """A stopping ingress reloads nothing: `fleet-ingress reload` said nothing for
     60 s, its request holding the supervisor's exit as long (the review of
-    session 12). It is answered at once, and the drain ends when its call does."""
+    session 12), a SIGHUP was dropped unsaid. It is answered at once, the SIGHUP
+    logged as not acted on, and the drain ends when its call does."""
     service = await _start(tls_files, two_fleets)
     ws = await _open(service, tls_files, "draining")
     try:
@@ -630,6 +631,9 @@ async def test_a_reload_asked_while_draining_is_answered_at_once(
         code, printed = await admin_command(service, "reload")
         assert time.monotonic() - started < 10
         assert code == 1 and "stopping" in printed, printed
+        # systemctl reload (SIGHUP) was dropped without a word (session 15's audit).
+        service.proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: _logged(service, "SIGHUP ignored"), 5)
         await _echo(ws)  # the call goes on
         await ws.close()
         async with asyncio.timeout(15):

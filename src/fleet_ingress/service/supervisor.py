@@ -1271,6 +1271,15 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
         stop.set()
 
+    def on_reload_signal() -> None:
+        if stop.is_set():  # the reloader is gone: say so rather than drop it unsaid
+            log.warning(
+                "SIGHUP ignored",
+                extra=fields(reason="the ingress is stopping: its calls drain, nothing reloads"),
+            )
+            return
+        supervisor.reloads_asked.put_nowait(None)
+
     def on_upgrade_signal() -> None:
         try:
             supervisor.upgrade.begin_upgrade("SIGUSR2")
@@ -1280,7 +1289,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     supervisor.notifier = notifier
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, supervisor.reloads_asked.put_nowait, None)
+    loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
