@@ -162,6 +162,12 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     a = next(f for f in snap["fleets"] if f["name"] == "a")
     assert (a["calls_total"], a["responses"], a["responses_429"]) == (7, {"101": 7, "429": 2}, 2)
     assert a["active"] + next(f["active"] for f in snap["fleets"] if f["name"] == "b") == 1
+    # What only /metrics had (session 15's accounting audit): failed handshakes,
+    # refusals, and how calls ended, the host's and each fleet's.
+    fe = snap["frontend"]
+    assert (fe["tls_handshake_failures"], fe["refused_connections"]) == (7, 2)
+    assert fe["calls_ended"] == {"carrier_closed": 7} == a["calls_ended"]
+    assert next(f for f in snap["fleets"] if f["name"] == "b")["calls_ended"] == {}
     assert [
         (w["pid"], w["generation"], w["calls"], w["draining"], w["state"]) for w in snap["workers"]
     ] == [(101, 1, 0, True, "draining"), (202, 2, 1, False, "serving")]

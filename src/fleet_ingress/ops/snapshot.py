@@ -38,6 +38,9 @@ def fleet_row(
         for (fleet_name, code), n in counts.family("fleet_responses")
         if fleet_name == name
     }
+    ended = {
+        reason: n for (fleet_name, reason), n in counts.family("calls_ended") if fleet_name == name
+    }
     probe = fleet.last_probe
     return {
         "name": name,
@@ -67,6 +70,7 @@ def fleet_row(
         "responses_429": responses.get(429, 0),
         "retries": counts.counter("fleet_retries", name),
         "redispatches": counts.counter("fleet_redispatches", name),
+        "calls_ended": ended,
     }
 
 
@@ -89,6 +93,9 @@ def render(
     requests: dict[str, dict[str, int]] = {}
     for (route, status), n in counts.family("requests"):
         requests.setdefault(route, {})[status] = n
+    ended: dict[str, int] = {}  # every fleet's, a removed one's too: since the start
+    for (_fleet, reason), n in counts.family("calls_ended"):
+        ended[reason] = ended.get(reason, 0) + n
     gauges = counts.gauges
     snap: dict[str, Any] = {
         "version": __version__,
@@ -101,6 +108,9 @@ def render(
         "frontend": {
             "connections": gauges.get(("connections",), 0),
             "connections_total": counts.counter("connections_total"),
+            "tls_handshake_failures": counts.counter("tls_handshake_failures"),
+            "refused_connections": counts.counter("refused_connections"),
+            "calls_ended": dict(sorted(ended.items())),
             "active_calls": gauges.get(("active_calls",), 0),
             "queue_length": queue_length,
             "queue_timeouts": queue_timeouts,
