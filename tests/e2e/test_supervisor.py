@@ -565,6 +565,56 @@ async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
         await service.finish()
 
 
+async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on_disk(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker started to replace one read ingress.toml itself (the
+    troubleshooting audit of session 16): an edit not reloaded yet made it route
+    by the edit alone (8 of 12 `/exotel/` calls 404), and a file a reload refused
+    kept it from starting, restarted in a loop (`crashed` 8 in 25 s). It runs
+    what the host runs, until a reload says otherwise."""
+    service = await _start(tls_files, two_fleets)
+    toml = service.home / "ingress.toml"
+    running = toml.read_text()
+    try:
+
+        async def both_serving(killed: int) -> bool:
+            rows = await _worker_rows(service)
+            if len(rows) != 2 or any(r["state"] != "serving" for r in rows):
+                return False
+            return (await service.stats())["worker_restarts"] == {"killed": killed}
+
+        async def replaced(killed: int) -> None:
+            os.kill((await _worker_rows(service))[0]["pid"], signal.SIGKILL)
+            for _ in range(150):
+                if await both_serving(killed):
+                    return
+                await asyncio.sleep(0.1)
+            pytest.fail(f"not replaced: {await service.stats()}")
+
+        # An edit not reloaded yet: /exotel/ would no longer be proxied.
+        toml.write_text(running + '\n[routes]\nproxy = ["/ws/"]\n')
+        await replaced(killed=1)
+        for i in range(8):  # over both workers
+            ws = await connect(
+                service.url(f"/exotel/bot-{i}"), ssl=tls_files.client_context(), open_timeout=15
+            )
+            await _echo(ws)
+            await ws.close()
+        # One that a reload refuses: the replacement still starts, once.
+        toml.write_text(running.replace("[timeouts]", "[timeouts]\nconnect = -1"))
+        code, printed = await admin_command(service, "reload")
+        assert code == 1 and "timeouts.connect" in printed, printed
+        await replaced(killed=2)
+        await asyncio.sleep(1)
+        assert await both_serving(killed=2)
+        ws = await _open(service, tls_files, "after")
+        await _echo(ws)
+        await ws.close()
+    finally:
+        await service.finish()
+
+
 async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_worker_or_an_upgrade(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -484,3 +484,47 @@ def test_an_ipv4_address_written_as_ipv6_is_no_listener() -> None:
         "configuration: listen.wss: ::ffff:127.0.0.1 is an IPv4 address written as IPv6, "
         "which no socket can listen on; write 127.0.0.1:8443"
     ]
+
+
+def test_a_configuration_handed_to_a_worker_is_the_same_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor hands a worker it starts the configuration it runs
+    (config_to_json), not the file, which may have changed since: every kind
+    of key comes back the same, relative paths and the environment's overrides
+    included, and one invalid on the way is a ConfigError."""
+    from fleet_ingress.config.settings import config_from_json, config_to_json
+
+    (tmp_path / "fleets.txt").write_text("https://a.test\n")
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "32")
+    path = write(
+        tmp_path,
+        """
+[listen]
+admin_socket = "run/admin.sock"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+profile = "intermediate"
+[routes]
+proxy = ["/ws/"]
+carrier_silence = {"/ws/" = 12.5}
+[retry]
+retry_on = ["conn-failure", 503]
+[timeouts]
+tcp_user_timeout = 0
+[process]
+workers = 3
+""",
+    )
+    config = load_config(path)
+    other_dir = tmp_path / "elsewhere"  # where a relative path would now land
+    other_dir.mkdir()
+    handed = config_from_json(config_to_json(config), base_dir=other_dir)
+    assert handed == config
+    assert handed.tls.cert == tmp_path / "cert.pem" and handed.fleets.maxconn == 32
+    assert handed.retry.retry_on == ["conn-failure", 503]
+    with pytest.raises(ConfigError):
+        config_from_json('{"timeouts": {"queue": -1}}', base_dir=tmp_path)
+    with pytest.raises(ConfigError):
+        config_from_json("[]", base_dir=tmp_path)

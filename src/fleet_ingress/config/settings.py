@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import functools
 import ipaddress
+import json
 import os
 import tomllib
 import types
@@ -435,6 +436,25 @@ def load_config(path: Path | None) -> IngressConfig:
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> IngressConfig:
     """Build a config in code with the same validation, path resolution and env overrides."""
     return _build(data, _Load(base_dir=base_dir), "configuration")
+
+
+def config_to_json(config: IngressConfig) -> str:
+    """A loaded configuration as JSON that `config_from_json` makes the same
+    configuration of again: its paths already absolute, None (never written in
+    a file: every such key's default) left out."""
+    return json.dumps(config.model_dump(mode="json", exclude_none=True))
+
+
+def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
+    """`config_to_json`'s configuration, validated again (ConfigError if not),
+    the environment's overrides applied as to the file it was loaded from."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError([f"configuration handed over: not JSON: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(["configuration handed over: not a JSON object"])
+    return config_from_dict(data, base_dir=base_dir)
 
 
 def _unknown_env_sections() -> list[str]:

@@ -603,6 +603,9 @@ def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
 
 # Set by the supervisor for a worker it starts: the certificate it serves (JSON).
 SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
+# And the configuration it runs (`config_to_json`): the file may hold an edit not
+# reloaded yet, or one a reload refused, which a worker started now must not run.
+RUNNING_CONFIG_ENV = "INGRESS_RUNNING_CONFIG"
 
 
 def serving_leaf(config: IngressConfig) -> LeafFacts | None:

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.config.settings import ConfigError, IngressConfig, config_to_json, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -89,6 +89,7 @@ from fleet_ingress.ops.reload_outcome import (
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.service.ingress import (
+    RUNNING_CONFIG_ENV,
     SERVING_CERTIFICATE_ENV,
     ReloadRefused,
     carrier_ssl_context,
@@ -424,6 +425,9 @@ class Supervisor:
         # A worker reads the certificate file itself: one a reload refused (it
         # may be on disk since) must not be served by a worker started now.
         env[SERVING_CERTIFICATE_ENV] = serving_leaf_to_env(self.serving_leaf)
+        # Nor the configuration file, which may hold an edit not reloaded (a worker
+        # started now would route by it alone) or one refused (it could not start).
+        env[RUNNING_CONFIG_ENV] = config_to_json(self.config)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -50,6 +50,7 @@ from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.ingress import (
+    RUNNING_CONFIG_ENV,
     SERVING_CERTIFICATE_ENV,
     Ingress,
     ReloadRefused,
@@ -226,7 +227,7 @@ async def serve(
 def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) -> int:
     """The `worker` entry point: exits 0 once drained, 2 when it cannot start.
     `cpu`: run on that CPU only (process.cpu_affinity), before any thread starts."""
-    from fleet_ingress.config.settings import ConfigError, load_config
+    from fleet_ingress.config.settings import ConfigError, config_from_json, load_config
     from fleet_ingress.net import event_loop
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
@@ -244,7 +245,11 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
                 "a worker runs under `fleet-ingress run`, which hands it the listeners and "
                 "its channel; start `fleet-ingress run -c CONFIG` instead"
             )
-        config = load_config(config_path)
+        handed = os.environ.get(RUNNING_CONFIG_ENV)  # the supervisor's; else the file
+        if handed:
+            config = config_from_json(handed, base_dir=config_path.parent)
+        else:
+            config = load_config(config_path)
         configure_logging(config.log.level, config.log.format, pid=True)
     except (ListenFdsError, ConfigError) as exc:
         print(f"fleet-ingress worker {os.getpid()}: {exc}", file=sys.stderr)
