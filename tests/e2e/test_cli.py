@@ -303,3 +303,46 @@ def test_the_ipv6_wildcard_however_written_takes_ipv4_carriers_too():
                 pass  # accepted into the backlog: the IPv4 carrier got in
         finally:
             listener.close()
+
+
+def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
+    tmp_path: Path, tls_files: TLSFiles
+):
+    """The config's directory is 2770 and the admin socket 0660 (the group's):
+    `stat`/`check`/`reload -c` by a user outside it printed a Python traceback
+    ending in PermissionError, `stat --admin-socket` asked whether the ingress
+    was running (the troubleshooting audit of session 16). Root without its
+    permission-check capabilities stands in for that user."""
+    import shutil
+    import socket
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+
+    home = tmp_path / "etc"
+    home.mkdir()
+    config = _write_config(home, tls_files, 8443, "https://fleet1.example.com\n")
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(home / "admin.sock"))
+    listening.listen()
+    os.chown(home, 65534, 65534)
+    home.chmod(0o700)
+    as_outsider = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *CLI]
+    try:
+        for args in (["check", "-c", str(config)], ["stat", "-c", str(config)]):
+            done = subprocess.run([*as_outsider, *args], capture_output=True, text=True, timeout=30)
+            printed = done.stdout + done.stderr
+            assert done.returncode != 0 and "Traceback" not in printed, printed
+            assert f"{config}: cannot read the configuration file: permission denied" in printed
+            assert "usermod -aG fleet-ingress" in printed
+        done = subprocess.run(
+            [*as_outsider, "stat", "--admin-socket", str(home / "admin.sock")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode != 0 and "Permission denied" in done.stderr, done.stderr
+        assert "member of the socket's group" in done.stderr, done.stderr
+        assert "Is fleet-ingress running" not in done.stderr
+    finally:
+        listening.close()
+        home.chmod(0o755)

@@ -423,12 +423,22 @@ def _absolute(path: Path | None, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
+_NOT_OURS = (
+    "permission denied: run this as root or as a member of the group that owns "
+    "it (sudo, or `usermod -aG fleet-ingress $USER` and log in again)"
+)
+
+
 def load_config(path: Path | None) -> IngressConfig:
     """Load a TOML file (None: defaults) with environment overrides; raise ConfigError."""
     if path is None:
         return _build({}, _Load(), "configuration")
     # TomlConfigSettingsSource silently skips a missing file; a typo'd -c must not mean defaults.
-    if not path.is_file():
+    try:
+        present = path.is_file()
+    except PermissionError:  # a directory on the way is not ours to enter
+        raise ConfigError([f"{path}: cannot read the configuration file: {_NOT_OURS}"]) from None
+    if not present:
         raise ConfigError([f"{path}: cannot read the configuration file: no such file"])
     return _build({}, _Load(toml_file=path, base_dir=path.parent), str(path))
 
@@ -546,6 +556,8 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        if isinstance(exc, PermissionError):
+            reason = _NOT_OURS
         raise ConfigError([f"{source}: cannot read the configuration file: {reason}"]) from None
     except SettingsError as exc:  # e.g. an environment variable that is not valid JSON
         raise ConfigError([f"{source}: {exc}"]) from None

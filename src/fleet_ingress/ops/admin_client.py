@@ -46,8 +46,7 @@ async def admin_request(
                 return response.status, await response.json(content_type=None)
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise AdminNotReached(
-            f"cannot reach the admin socket {socket_path}: {_why(exc)}. Is fleet-ingress "
-            "running? Point at its socket with --admin-socket PATH or -c CONFIG."
+            f"cannot reach the admin socket {socket_path}: {_why(exc)}. {_reach_hint(exc)}"
         ) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
         # After the request was sent: what it did, if anything, is not known here.
@@ -62,6 +61,16 @@ async def admin_request(
             f"no answer to {method} {path} within {REQUEST_TIMEOUT:g}s: whether the change "
             "was made: `fleet-ingress stat`"
         ) from None
+
+
+def _reach_hint(exc: BaseException) -> str:
+    if isinstance(getattr(exc, "os_error", exc), PermissionError):
+        # The ingress runs; the socket (0660) or its directory (2770) is its group's.
+        return (
+            "Run this as root or as a member of the socket's group (sudo, or "
+            "`usermod -aG fleet-ingress $USER` and log in again)."
+        )
+    return "Is fleet-ingress running? Point at its socket with --admin-socket PATH or -c CONFIG."
 
 
 def _why(exc: BaseException) -> str:
