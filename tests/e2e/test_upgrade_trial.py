@@ -72,7 +72,8 @@ async def test_a_release_that_does_not_import_is_named_as_the_installation(
 
     said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, syntax_error)
     assert said.startswith("the installed code failed its trial run")
-    assert "does not import" in said and "pip install --force-reinstall" in said
+    assert "does not import" in said and "pip install $SRC" in said
+    assert "fleet-ingress==" not in said  # not by the bare name (INSTALL 9)
     assert "configuration does not pass" not in said
 
 

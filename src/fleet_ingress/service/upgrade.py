@@ -143,9 +143,10 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
         raise TrialFailed(
             f"the installed code failed its trial run (exit {proc.returncode}; {sys.executable} "
             f"importing fleet_ingress and checking {config_path}):\n{tail}\n"
-            "the installed code does not import: fix the installation (e.g. `pip install "
-            "--force-reinstall fleet-ingress==VERSION`), then run `fleet-ingress upgrade` "
-            "again (nothing was handed over; the running generation serves on)"
+            "the installed code does not import: reinstall from the release's source, "
+            f"`{Path(sys.executable).parent / 'pip'} install $SRC` (docs/INSTALL.md section "
+            "9; never by the bare name from a package index), then run `fleet-ingress "
+            "upgrade` again (nothing was handed over; the running generation serves on)"
         )
     return lines[-1] if lines else ""
 
