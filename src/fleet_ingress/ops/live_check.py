@@ -47,6 +47,7 @@ from typing import Any, TextIO
 import h11
 
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
+from fleet_ingress.ops.fleet_display import NOT_PROBED
 
 # The whole check, network included, within this: keepalived starts it every second,
 # and the interpreter's start-up comes on top.
@@ -188,7 +189,9 @@ def judge_fleets(snapshot: dict[str, Any]) -> tuple[bool, str]:
 
 
 def _fleet_state(fleet: dict[str, Any]) -> str:
-    state = f"{fleet.get('name')} {fleet.get('health')}"
+    # MAINT: not probed, its last health stale (as `stat` shows it: ops.fleet_display).
+    health = NOT_PROBED if fleet.get("admin") == "MAINT" else fleet.get("health")
+    state = f"{fleet.get('name')} {health}"
     if fleet.get("admin") != "READY":
         state += f" {fleet.get('admin')}"
     return state + (" being removed" if fleet.get("removing") else "")
