@@ -26,6 +26,8 @@ async def test_a_release_with_another_state_format_is_refused_before_the_exec(
     said = str(failed.value)
     assert f"format {upgrade.STATE_VERSION - 1}, the running one in format" in said
     assert "systemctl restart fleet-ingress" in said
+    # Said as what it is: not a broken install to reinstall (it printed that before).
+    assert said.startswith("the installed release keeps") and "does not import" not in said
 
 
 async def test_the_same_release_passes_the_format_check_and_reaches_check(tmp_path: Path) -> None:
@@ -59,6 +61,25 @@ async def _trial_of_a_broken_copy(
     with pytest.raises(upgrade.TrialFailed) as failed:
         await upgrade.trial_run(config, timeout=60)
     return str(failed.value)
+
+
+async def test_a_release_whose_supervisor_cuts_channels_on_unknown_ops_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback to a release before slot_wire.UnknownOps (fab1a75) passed the
+    trial (the same state format): its supervisor then cut both running
+    workers' channels at their first `answered`, their slots given back while
+    their calls ran (a fleet at 23 calls over maxconn 20), their counts lost
+    (the cross-version audit of session 16)."""
+
+    def intolerant(package: Path) -> None:
+        wire = package / "net" / "slot_wire.py"
+        wire.write_text(wire.read_text().replace("class UnknownOps:", "class _Before:"))
+
+    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, intolerant)
+    assert said.startswith("the installed release's supervisor cuts a worker's channel"), said
+    assert "restart the service instead" in said and "nothing was handed over" in said
+    assert "does not import" not in said
 
 
 async def test_a_release_that_does_not_import_is_named_as_the_installation(

@@ -66,11 +66,24 @@ from fleet_ingress.service import upgrade
 # The new image reads the state this (old) image writes: same format, or no exec.
 running = int(os.environ.pop("FLEET_INGRESS_STATE_VERSION"))  # not a config key
 installed = getattr(upgrade, "STATE_VERSION", None)
+def cannot_take_over(why):
+    print(CANNOT_TAKE_OVER + why, flush=True)
+    sys.exit(3)
 if installed != running:
-    sys.exit(
+    cannot_take_over(
         f"the installed release keeps the supervisor's state over an upgrade in format "
         f"{installed}, the running one in format {running}: this release cannot take over "
         "by `upgrade`; restart the service instead (systemctl restart fleet-ingress)"
+    )
+# Its supervisor takes over the running workers' channels: one that cuts a
+# channel on an op it does not know (before net.slot_wire.UnknownOps) would
+# drop every running call's slot at the first op this release's workers send.
+from fleet_ingress.net import slot_wire
+if not hasattr(slot_wire, "UnknownOps"):
+    cannot_take_over(
+        "the installed release's supervisor cuts a worker's channel on a message it "
+        "does not know, and the running workers send some: this release cannot take "
+        "over by `upgrade`; restart the service instead (systemctl restart fleet-ingress)"
     )
 for module in pkgutil.walk_packages(fleet_ingress.__path__, "fleet_ingress."):
     if module.name != "fleet_ingress.__main__":  # that one runs: below
@@ -83,7 +96,13 @@ runpy.run_module("fleet_ingress", run_name="__main__", alter_sys=True)
 # What the trial prints once the installed code is imported, before it checks the
 # config: a failure after it is the configuration's, not the installation's.
 TRIAL_CODE_IMPORTED = "fleet-ingress trial: the installed code imports"
-_TRIAL = f"CODE_IMPORTED = {TRIAL_CODE_IMPORTED!r}\n" + _TRIAL
+# What it prints before the reason the installed release cannot take over from
+# the running one at all (not a broken install, not the configuration).
+TRIAL_CANNOT_TAKE_OVER = "fleet-ingress trial: cannot take over: "
+_TRIAL = (
+    f"CODE_IMPORTED = {TRIAL_CODE_IMPORTED!r}\n"
+    f"CANNOT_TAKE_OVER = {TRIAL_CANNOT_TAKE_OVER!r}\n" + _TRIAL
+)
 
 # Environment the trial must not see: only the main PID speaks to systemd,
 # and the listeners are not its to claim.
@@ -124,6 +143,12 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             f"{config_path}` by hand, then `fleet-ingress upgrade` again"
         ) from None
     lines = output.decode("utf-8", "replace").strip().splitlines()
+    for line in lines:
+        if line.startswith(TRIAL_CANNOT_TAKE_OVER):
+            raise TrialFailed(
+                line.removeprefix(TRIAL_CANNOT_TAKE_OVER)
+                + " (nothing was handed over; the running generation serves on)"
+            )
     imported = TRIAL_CODE_IMPORTED in lines
     if imported:
         lines = lines[lines.index(TRIAL_CODE_IMPORTED) + 1 :]
@@ -136,7 +161,8 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             f"the installed code (exit {proc.returncode}):\n{tail}\n"
             "the installed code itself imports: fix what check names, then run "
             "`fleet-ingress upgrade` again (nothing was handed over; the running "
-            "generation serves on)"
+            "generation serves on). Until then a restart would start the installed "
+            "code and fail the same way"
         )
     if proc.returncode != 0:
         tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])
