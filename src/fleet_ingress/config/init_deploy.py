@@ -320,7 +320,8 @@ def check_keepalived(path: Path, keepalived: str) -> list[str]:
     """`keepalived -t -f path`: its complaints, one a line (none: it accepts the file).
 
     It checks the file against this host (the interface exists, script_user
-    exists, the script's path is safe), so run it on the host the file is for."""
+    exists; for a script run as root, that its path is safe), so run it on the
+    host the file is for."""
     try:
         done = subprocess.run(
             [keepalived, "-t", "-f", str(path)],
