@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from fleet_ingress import __version__
+from fleet_ingress.release import version_line
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="fleet-ingress",
         description="TLS WebSocket ingress that routes carrier calls to voice-call fleets.",
     )
-    parser.add_argument("--version", action="version", version=f"fleet-ingress {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve: a supervisor and process.workers worker processes")

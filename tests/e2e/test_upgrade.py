@@ -33,6 +33,7 @@ from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.release import code_digest
 from fleet_ingress.service.supervisor import LOST_CHANNEL_CONFIRM, Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
@@ -186,6 +187,7 @@ async def test_upgrade_under_load_loses_nothing(
         done_at = time.monotonic()
         assert code == 0, err
         assert "upgraded: generation 2 serves" in out and f"supervisor pid {pid} (unchanged)" in out
+        assert f"code {code_digest()} (the same code as before)" in out
         await asyncio.sleep(1.0)  # arrivals after the upgrade too
         await load.stop()
 
@@ -513,6 +515,41 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         _assert_no_loss([("after", result)])
     finally:
         await load.stop()
+        await service.finish()
+
+
+async def test_upgrade_says_which_code_each_generation_runs(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """Every release said version 0.1.0, so after an upgrade (or a rollback) no
+    view told which code ran (the cross-version audit of session 16): upgrade
+    says the new code's digest and the old one's, stat has it per worker (the
+    old generation's while it drains), /stats.json and /metrics the supervisor's."""
+    src = _copy_package(tmp_path)
+    old_code = code_digest(src / "fleet_ingress")
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    ws = await connect(service.url("/ws/held"), ssl=tls_files.client_context(), open_timeout=15)
+    try:
+        routing = src / "fleet_ingress" / "core" / "routing.py"
+        routing.write_text(routing.read_text() + "\n# the next release\n")
+        new_code = code_digest.__wrapped__(src / "fleet_ingress")
+        assert new_code != old_code
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, err
+        assert f"code {new_code} (was {old_code})" in out, out
+        rows = await _rows(service)
+        assert {(r["generation"], r["code"]) for r in rows} == {(1, old_code), (2, new_code)}
+        code, printed = await admin_command(service, "stat")
+        assert any(
+            line.split()[1:2] == ["1"] and line.endswith(old_code) for line in printed.splitlines()
+        ), printed
+        snap = await service.stats()
+        assert snap["code"] == new_code
+        assert f'code="{new_code}"' in await service.metrics()
+        await ws.send("still here")
+        assert await asyncio.wait_for(ws.recv(), 5) == "still here"
+    finally:
+        await ws.close()
         await service.finish()
 
 

@@ -199,6 +199,7 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "last_report_age_s": None,
             "cpu_seconds": None,
             "resident_bytes": None,
+            "code": None,
         }
     ]
     format_stat_table(snap)
@@ -387,3 +388,27 @@ def test_a_huge_free_count_is_shown_capped_in_stat_and_the_page_and_whole_in_sta
     a_row = page[page.index("<b>a</b>") :].split("</tr>")[0]
     assert "<td>99999+</td>" in a_row and str(10**30) not in page
     assert next(f for f in snap["fleets"] if f["name"] == "a")["reported_available"] == 10**30
+
+
+def test_which_code_each_worker_and_the_supervisor_run_is_shown():
+    """Every release said version 0.1.0: after an upgrade or a rollback no view
+    told which code ran (the cross-version audit of session 16). Each worker
+    says its code's digest in its reports; a worker of a release before that
+    says nothing, shown as "-"."""
+    from fleet_ingress.release import code_digest
+
+    *_, new = a_worker(1, pid=202, generation=2)
+    *_, old = a_worker(1, pid=101, generation=1, draining=True)
+    old_wire = old.to_wire()
+    del old_wire["code"]  # a release before the digest
+    slots, view = host_with(WorkerReport.from_wire(old_wire), new)
+    snap = host_snapshot(slots, view, started_at=0.0)
+    assert snap["code"] == code_digest() and len(code_digest()) == 12
+    assert {w["pid"]: w["code"] for w in snap["workers"]} == {101: None, 202: code_digest()}
+    table = format_stat_table(snap)
+    header = next(line for line in table.splitlines() if line.startswith("worker"))
+    assert header.split()[-1] == "code"
+    rows = {line.split()[0]: line.split() for line in table.splitlines()}
+    assert rows["202"][-1] == code_digest() and rows["101"][-1] == "-"
+    build = families(HostMetrics(slots, view).prometheus)["fleet_ingress_build_info"]
+    assert list(build) == [(("code", code_digest()), ("version", "0.1.0"))]

@@ -179,6 +179,7 @@ class WorkerReport:
     draining: bool = False  # stopped accepting, finishing its calls
     final: bool = False  # sent as it exits: nothing follows
     process: Mapping[str, float] = field(default_factory=dict)  # cpu_seconds, resident_bytes
+    code: str | None = None  # its code's digest (release.code_digest); None: not said
 
     @property
     def worker(self) -> WorkerId:
@@ -195,6 +196,7 @@ class WorkerReport:
             "final": self.final,
             "process": dict(self.process),
             "counts": self.counts.to_wire(),
+            **({} if self.code is None else {"code": self.code}),
         }
 
     @classmethod
@@ -211,6 +213,7 @@ class WorkerReport:
                 draining=bool(data.get("draining", False)),
                 final=bool(data.get("final", False)),
                 process={str(k): float(v) for k, v in process.items()},
+                code=None if data.get("code") is None else str(data["code"])[:64],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, ReportError):
@@ -230,6 +233,7 @@ class WorkerView:
     draining: bool
     last_report_age: float  # seconds
     process: Mapping[str, float]
+    code: str | None = None  # its code's digest, as it said
 
 
 class HostView:
@@ -299,6 +303,7 @@ class HostView:
                 draining=report.draining,
                 last_report_age=max(0.0, now - read_at),
                 process=report.process,
+                code=report.code,
             )
             for report, read_at in sorted(self._latest.values(), key=lambda kept: kept[0].worker)
         ]

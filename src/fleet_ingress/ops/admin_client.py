@@ -273,7 +273,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
 
 def _workers_lines(workers: list[dict[str, Any]]) -> str:
     """A row per worker process (a supervisor's snapshot)."""
-    rows = [("worker", "gen", "calls", "conns", "state", "report")]  # calls: held now
+    rows = [("worker", "gen", "calls", "conns", "state", "report", "code")]  # calls: held now
     for w in workers:
         state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
@@ -285,6 +285,7 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
                 _dash(w["connections"]),
                 state,
                 age,
+                _dash(w.get("code")),  # None: not reported yet, or a release before it
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -292,6 +293,15 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _code_change(before: str | None, after: str | None) -> str:
+    """What code the new generation runs, against the old one's (release.code_digest)."""
+    if after is None:  # a release before the digest
+        return ""
+    if before == after:
+        return f", code {after} (the same code as before)"
+    return f", code {after} (was {before or 'not said'})"
 
 
 def _calls(n: int) -> str:
@@ -364,7 +374,8 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
             took = ours["finished"] - ours["started"]
             same = "unchanged" if answer["pid"] == body["pid"] else f"now {answer['pid']}"
             print(
-                f"upgraded: generation {ours['generation']} serves (took {took:.1f}s); "
+                f"upgraded: generation {ours['generation']} serves (took {took:.1f}s)"
+                f"{_code_change(ours.get('from_code'), answer.get('code'))}; "
                 f"generation {ours['from_generation']} drains its calls; supervisor pid "
                 f"{answer['pid']} ({same})",
                 file=out,

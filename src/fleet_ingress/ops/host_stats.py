@@ -51,6 +51,7 @@ from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.local_counts import Observed, local_counts
 from fleet_ingress.ops.metrics import PREFIX, FleetChecks, _ProcessCollector, _StateCollector
 from fleet_ingress.ops.snapshot import render
+from fleet_ingress.release import code_digest
 
 __all__ = [
     "PULL_EVERY",
@@ -117,6 +118,7 @@ class WorkerReporter:
         counts.counters[("log_lines_dropped",)] = lines_dropped()
         return {
             "started": self.started,
+            "code": code_digest(),
             "calls": len(self.registry.calls),
             "draining": self.draining(),
             "process": process,
@@ -183,6 +185,7 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),
                 "resident_bytes": None if seen is None else seen.process.get("resident_bytes"),
+                "code": None if seen is None else seen.code,
             }
         )
     return rows

@@ -36,6 +36,7 @@ from fleet_ingress.logs import LINES_HELD, lines_dropped
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
+from fleet_ingress.release import code_digest
 
 PREFIX = "fleet_ingress"
 
@@ -476,9 +477,11 @@ class _StateCollector(Collector):
             reloads.add_metric([result], counted.get(result, 0))
         yield reloads
         build = GaugeMetricFamily(
-            f"{PREFIX}_build_info", "Always 1; the version is a label.", labels=["version"]
+            f"{PREFIX}_build_info",
+            "Always 1; the version and the code's digest (the supervisor's) are labels.",
+            labels=["version", "code"],
         )
-        build.add_metric([__version__], 1)
+        build.add_metric([__version__, code_digest()], 1)
         yield build
         not_after = self.certificate_not_after()
         if not_after is not None:

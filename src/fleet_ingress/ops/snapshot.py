@@ -21,6 +21,7 @@ from fleet_ingress.core.host_view import Counts
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.ops.local_counts import local_counts
+from fleet_ingress.release import code_digest
 
 
 def fleet_row(
@@ -99,6 +100,7 @@ def render(
     gauges = counts.gauges
     snap: dict[str, Any] = {
         "version": __version__,
+        "code": code_digest(),  # this process's (the supervisor's); each worker's in its row
         "time": now,
         "uptime_s": round(now - started_at, 1),
         # "draining" once a stop has begun: no new calls, the live ones may finish.

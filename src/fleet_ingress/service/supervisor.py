@@ -88,6 +88,7 @@ from fleet_ingress.ops.reload_outcome import (
 )
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
+from fleet_ingress.release import code_digest
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     SERVING_CERTIFICATE_ENV,
@@ -1303,6 +1304,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     # table, a new generation, first probes): systemd's watchdog must not fire
     # meanwhile, or it kills every worker, the old generation's included.
     watchdog = loop.create_task(_ping_watchdog(notifier))
+    code_digest()  # read now, not on the loop that answers slots (the first scrape's)
     try:
         await supervisor.start()
     except BaseException:

@@ -47,6 +47,7 @@ from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
+from fleet_ingress.release import code_digest
 from fleet_ingress.service.ingress import certificate_not_taken
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
@@ -274,6 +275,7 @@ class UpgradeSequence:
             "state": "checking",
             "pid": os.getpid(),
             "from_generation": self.supervisor.generation,
+            "from_code": code_digest(),
             "generation": None,
             "started": time.time(),
             "finished": None,
@@ -295,6 +297,7 @@ class UpgradeSequence:
         return {
             "pid": os.getpid(),
             "generation": self.supervisor.generation,
+            "code": code_digest(),
             "upgrades": list(self.statuses.values()),
         }
 

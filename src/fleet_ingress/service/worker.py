@@ -48,6 +48,7 @@ from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
+from fleet_ingress.release import code_digest
 from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -263,6 +264,7 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
         )
         return 2
     glibc_malloc.pin_mmap_threshold()
+    code_digest()  # read now, not on the loop at its first report with calls live
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
     try:
