@@ -410,5 +410,7 @@ def test_which_code_each_worker_and_the_supervisor_run_is_shown():
     assert header.split()[-1] == "code"
     rows = {line.split()[0]: line.split() for line in table.splitlines()}
     assert rows["202"][-1] == code_digest() and rows["101"][-1] == "-"
+    page = render_stats_page(snap)
+    assert f'<td class="l">{code_digest()}</td></tr>' in page and page.count("<th") >= 8
     build = families(HostMetrics(slots, view).prometheus)["fleet_ingress_build_info"]
     assert list(build) == [(("code", code_digest()), ("version", "0.1.0"))]

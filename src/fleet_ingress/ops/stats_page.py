@@ -81,13 +81,14 @@ def _workers_table(snap: dict[str, Any]) -> str:
             + _cell(state, "l")
             + _cell(started, "l")
             + _cell(age)
+            + _cell(w.get("code"), "l")
             + "</tr>"
         )
     return (
         '<table id="workers">\n<tr><th class="l">worker pid</th><th>generation</th>'
         '<th>calls</th><th>connections</th><th class="l">state</th>'
-        '<th class="l">started (UTC)</th><th>last report</th></tr>\n'
-        + ("".join(rows) or '<tr><td class="l" colspan="7">no workers</td></tr>')
+        '<th class="l">started (UTC)</th><th>last report</th><th class="l">code</th></tr>\n'
+        + ("".join(rows) or '<tr><td class="l" colspan="8">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
         + (f'<p class="stopping" id="held">{escape(held)}</p>\n' if held else "")
