@@ -459,11 +459,12 @@ def test_a_table_rebuilt_from_the_workers_counts_what_they_hold_and_queues_in_ag
         [
             ("active", {"a": 2, "b": 2}),
             ("acquire", "new", 1, (), now, "wait"),
-            ("deadline", now - 1.0 + TIMEOUT),  # w2's: it has waited longest
+            ("deadline", None),  # paused: nothing expires against a count not complete
         ],
     )
     assert slots.queued() == [("w2", 2), ("w1", 4), ("new", 1)]
     assert [_render(a) for a in slots.resume()] == []  # full: nothing to grant yet
+    _play(slots, [("deadline", now - 1.0 + TIMEOUT)])  # w2's: it has waited longest
     _play(
         slots,
         [
@@ -483,6 +484,26 @@ def test_nothing_is_granted_while_paused_even_with_room_then_in_order():
     _play(slots, [("acquire", "w1", 2, (), 0.0, "wait"), ("wake", [])])
     slots.restore("w2", pid=2, generation=1, held=[], waiting=[(1, (), 0.2)], now=0.1)
     assert [_render(a) for a in slots.resume()] == ["w2#1>b", "w1#2>a"]
+
+
+def test_a_call_that_waited_through_a_slow_reexecution_gets_a_free_slot_not_a_timeout():
+    """The table is rebuilt after an exec that took longer than the queue's
+    timeout (3.6 s on a loaded host, the cross-version audit of session 16):
+    the waiters the workers report are past their deadline. Refused then, they
+    were told "no fleet had room" while fleets had. They are offered a slot at
+    resume; one that still finds none is refused at once after it."""
+    slots = _fresh(maxconn=1)
+    slots.restore("w1", pid=1, generation=1, held=[(1, "a")], waiting=[(2, (), 3.6)], now=10.0)
+    slots.restore(
+        "w2", pid=2, generation=1, held=[], waiting=[(1, (), 3.5), (2, (), 3.4)], now=10.0
+    )
+    _play(slots, [("expire", 10.0 + TIMEOUT, [])])  # paused: nobody refused
+    assert slots.queue_timeouts == 0
+    assert [_render(a) for a in slots.resume()] == ["w1#2>b"]  # the one free slot, oldest first
+    assert slots.next_deadline() is not None and slots.next_deadline() <= 10.0
+    timed_out = "!no fleet had room within 3s in the queue"
+    _play(slots, [("expire", 10.0, ["w2#1" + timed_out, "w2#2" + timed_out])])
+    assert slots.queue_timeouts == 2
 
 
 def test_held_leases_count_past_maxconn_and_unknown_fleets_count_nowhere():

@@ -388,7 +388,13 @@ class HostSlots:
         return answers
 
     def expire(self, now: float) -> list[Answer]:
-        """Refuse every waiter whose deadline has come."""
+        """Refuse every waiter whose deadline has come. None while paused: the
+        count is not complete, so whether a fleet had room is not known (a slow
+        re-execution refused calls "no fleet had room" while fleets had, in the
+        cross-version audit of session 16); one that waited through the pause is
+        first offered a slot at `resume`, refused after it if none is free."""
+        if self.paused:
+            return []
         answers: list[Answer] = []
         kept: deque[_Waiter] = deque()
         for waiter in self._queue:
@@ -402,7 +408,10 @@ class HostSlots:
         return answers
 
     def next_deadline(self) -> float | None:
-        """When `expire` has something to do next (the caller's one timer)."""
+        """When `expire` has something to do next (the caller's one timer);
+        None while paused (`resume` answers what it can, then this is due)."""
+        if self.paused:
+            return None
         return min((w.deadline for w in self._queue), default=None)
 
     def _grant(self, row: WorkerRow, lease: int, fleet: FleetState) -> Granted:

@@ -272,7 +272,7 @@ class SlotServer:
                         await self._restored.wait()
         finally:
             # Cancelled too (the supervisor stopping): never left paused, as
-            # paused every call queues until its 503.
+            # paused every call queues, unanswered (nothing expires meanwhile).
             silent = self._end_restore(timeout)
         return silent
 
