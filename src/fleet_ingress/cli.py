@@ -8,9 +8,22 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fleet_ingress.release import version_line
+
+
+class _VersionAction(argparse.Action):
+    """--version: the code's digest is read only when asked (every command,
+    `check --live` each second, builds this parser)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_line())
+        parser.exit()
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -18,7 +31,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="fleet-ingress",
         description="TLS WebSocket ingress that routes carrier calls to voice-call fleets.",
     )
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="serve: a supervisor and process.workers worker processes")

@@ -592,9 +592,19 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
                 await asyncio.sleep(0.1)
             pytest.fail(f"not replaced: {await service.stats()}")
 
-        # An edit not reloaded yet: /exotel/ would no longer be proxied.
-        toml.write_text(running + '\n[routes]\nproxy = ["/ws/"]\n')
+        # An edit not reloaded yet: /exotel/ would no longer be proxied, and the
+        # certificate would be another (for other names), which the supervisor
+        # judged from the file too, holding the replacement back (the review).
+        other = service.home / "other"
+        other.mkdir()
+        write_leaf_cert(tls_files.ca, other, names=("calls.other.test",))
+        edited = running.replace('cert = "cert.pem"', 'cert = "other/cert.pem"')
+        edited = edited.replace('key = "key.pem"', 'key = "other/key.pem"')
+        assert edited != running
+        toml.write_text(edited + '\n[routes]\nproxy = ["/ws/"]\n')
+        served = await _peer_serial(service, tls_files)
         await replaced(killed=1)
+        assert {await _peer_serial(service, tls_files) for _ in range(8)} == {served}
         for i in range(8):  # over both workers
             ws = await connect(
                 service.url(f"/exotel/bot-{i}"), ssl=tls_files.client_context(), open_timeout=15

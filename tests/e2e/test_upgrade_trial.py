@@ -63,6 +63,19 @@ async def _trial_of_a_broken_copy(
     return str(failed.value)
 
 
+async def test_checks_output_cannot_pass_for_the_trials_own_refusal(tmp_path: Path) -> None:
+    """The trial's "cannot take over" line counts only where the trial says it
+    (before the imports, exit 3): a configuration naming a file whose name
+    holds that line is check's refusal (the review of session 16)."""
+    config = tmp_path / "ingress.toml"
+    marker = upgrade.TRIAL_CANNOT_TAKE_OVER
+    config.write_text(f'[fleets]\nfile = "nf\\n{marker}restart now"\n')
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    assert said.startswith("the configuration does not pass"), said
+
+
 async def test_a_release_whose_supervisor_cuts_channels_on_unknown_ops_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -425,7 +425,9 @@ def _absolute(path: Path | None, base: Path) -> Path | None:
 
 _NOT_OURS = (
     "permission denied: run this as root or as a member of the group that owns "
-    "it (sudo, or `usermod -aG fleet-ingress $USER` and log in again)"
+    "it (sudo, or `usermod -aG fleet-ingress $USER` and log in again); if "
+    "that group cannot read it either, make it theirs: `chgrp fleet-ingress "
+    "FILE && chmod 0640 FILE` (its directory 2770, docs/INSTALL.md section 1)"
 )
 
 
@@ -450,21 +452,24 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> I
 
 def config_to_json(config: IngressConfig) -> str:
     """A loaded configuration as JSON that `config_from_json` makes the same
-    configuration of again: its paths already absolute, None (never written in
-    a file: every such key's default) left out."""
-    return json.dumps(config.model_dump(mode="json", exclude_none=True))
+    configuration of again: its paths already absolute; what is at its default
+    (None included: never written in a file) left out, as a file leaves it out,
+    so that code of another release (a replacement worker started while the
+    venv holds it) reads only the keys set, as it would read the file."""
+    return json.dumps(config.model_dump(mode="json", exclude_none=True, exclude_defaults=True))
 
 
 def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     """`config_to_json`'s configuration, validated again (ConfigError if not),
     the environment's overrides applied as to the file it was loaded from."""
+    source = "the configuration handed over by the supervisor"
     try:
         data = json.loads(text)
     except ValueError as exc:
-        raise ConfigError([f"configuration handed over: not JSON: {exc}"]) from None
+        raise ConfigError([f"{source}: not JSON: {exc}"]) from None
     if not isinstance(data, dict):
-        raise ConfigError(["configuration handed over: not a JSON object"])
-    return config_from_dict(data, base_dir=base_dir)
+        raise ConfigError([f"{source}: not a JSON object"])
+    return _build(data, _Load(base_dir=base_dir), source)
 
 
 def _unknown_env_sections() -> list[str]:

@@ -57,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.settings import ConfigError, IngressConfig, config_to_json, load_config
+from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -491,11 +491,9 @@ class Supervisor:
         self.worker_start_blocked = None
 
     def _certificate_on_disk_problem(self) -> str | None:
-        try:
-            config = load_config(self.config_path)
-        except ConfigError:
-            return None  # the worker says why it cannot start
-        return certificate_not_taken(config, self.serving_leaf)
+        # The certificate file the worker will read: its configuration is the
+        # one handed to it (this process's), not the file's (RUNNING_CONFIG_ENV).
+        return certificate_not_taken(self.config, self.serving_leaf)
 
     def _cpu_for(self, generation: int) -> int | None:
         """process.cpu_affinity = "auto": the CPU for a new worker of
@@ -900,7 +898,8 @@ class Supervisor:
                 for wait in waits:
                     wait.cancel()
             if worker.left.is_set() or not worker.serving.is_set():
-                # Its replacement reads the files as they are now: nothing refused.
+                # Its replacement runs this configuration and reads the certificate
+                # as it is now (unless refused: `_certificate_takeable`).
                 return {"ok": False, "error": "the worker did not start", "unknown": True}
         return await self._ask_one(worker, "reload", RELOAD_ANSWER_TIMEOUT)
 

@@ -68,7 +68,7 @@ running = int(os.environ.pop("FLEET_INGRESS_STATE_VERSION"))  # not a config key
 installed = getattr(upgrade, "STATE_VERSION", None)
 def cannot_take_over(why):
     print(CANNOT_TAKE_OVER + why, flush=True)
-    sys.exit(3)
+    sys.exit(CANNOT_TAKE_OVER_EXIT)
 if installed != running:
     cannot_take_over(
         f"the installed release keeps the supervisor's state over an upgrade in format "
@@ -99,9 +99,11 @@ TRIAL_CODE_IMPORTED = "fleet-ingress trial: the installed code imports"
 # What it prints before the reason the installed release cannot take over from
 # the running one at all (not a broken install, not the configuration).
 TRIAL_CANNOT_TAKE_OVER = "fleet-ingress trial: cannot take over: "
+TRIAL_CANNOT_TAKE_OVER_EXIT = 3
 _TRIAL = (
     f"CODE_IMPORTED = {TRIAL_CODE_IMPORTED!r}\n"
-    f"CANNOT_TAKE_OVER = {TRIAL_CANNOT_TAKE_OVER!r}\n" + _TRIAL
+    f"CANNOT_TAKE_OVER = {TRIAL_CANNOT_TAKE_OVER!r}\n"
+    f"CANNOT_TAKE_OVER_EXIT = {TRIAL_CANNOT_TAKE_OVER_EXIT}\n" + _TRIAL
 )
 
 # Environment the trial must not see: only the main PID speaks to systemd,
@@ -143,13 +145,15 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             f"{config_path}` by hand, then `fleet-ingress upgrade` again"
         ) from None
     lines = output.decode("utf-8", "replace").strip().splitlines()
-    for line in lines:
-        if line.startswith(TRIAL_CANNOT_TAKE_OVER):
-            raise TrialFailed(
-                line.removeprefix(TRIAL_CANNOT_TAKE_OVER)
-                + " (nothing was handed over; the running generation serves on)"
-            )
     imported = TRIAL_CODE_IMPORTED in lines
+    # Only where the trial says it (exit 3, before the imports: not what check printed).
+    before_imports = lines[: lines.index(TRIAL_CODE_IMPORTED)] if imported else lines
+    said = [line for line in before_imports if line.startswith(TRIAL_CANNOT_TAKE_OVER)]
+    if proc.returncode == TRIAL_CANNOT_TAKE_OVER_EXIT and said and not imported:
+        raise TrialFailed(
+            said[-1].removeprefix(TRIAL_CANNOT_TAKE_OVER)
+            + " (nothing was handed over; the running generation serves on)"
+        )
     if imported:
         lines = lines[lines.index(TRIAL_CODE_IMPORTED) + 1 :]
     # A traceback after the imports is the installed check's own crash: the install's.
