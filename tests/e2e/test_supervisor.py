@@ -618,6 +618,12 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
         await replaced(killed=2)
         await asyncio.sleep(1)
         assert await both_serving(killed=2)
+        # The OOM killer takes a worker (its calls) before the supervisor (every
+        # call on the host), replacements included (the pressure audit of session 16).
+        supervisor_score = _oom_score_adj(service.proc.pid)
+        for row in await _worker_rows(service):
+            score = _oom_score_adj(row["pid"])
+            assert score == min(1000, supervisor_score + 500), (row, supervisor_score)
         ws = await _open(service, tls_files, "after")
         await _echo(ws)
         await ws.close()
@@ -895,6 +901,11 @@ async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
         assert len(ended) == len(calls)
     finally:
         await service.finish()
+
+
+def _oom_score_adj(pid: int) -> int:
+    with open(f"/proc/{pid}/oom_score_adj") as f:
+        return int(f.read())
 
 
 def _logged(service: RunningIngress, event: str) -> list[dict[str, Any]]:

@@ -264,6 +264,7 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
         )
         return 2
     glibc_malloc.pin_mmap_threshold()
+    _prefer_for_oom_kill()
     code_digest()  # read now, not on the loop at its first report with calls live
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
@@ -273,6 +274,27 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2
     return 0
+
+
+# How much more the kernel's OOM killer prefers a worker to the supervisor. A
+# worker killed costs its own calls (it is replaced at once); the supervisor
+# killed costs every call on the host (systemd restarts the unit). They are
+# about the same size, so without it the kernel picked either (the audit of
+# session 16 saw the supervisor go first). Raising one's own score needs no
+# privilege; the kernel caps it at 1000.
+OOM_SCORE_RAISE = 500
+OOM_SCORE_ADJ = Path("/proc/self/oom_score_adj")
+
+
+def _prefer_for_oom_kill() -> None:
+    try:
+        now = int(OOM_SCORE_ADJ.read_text())
+        OOM_SCORE_ADJ.write_text(str(min(1000, now + OOM_SCORE_RAISE)))
+    except (OSError, ValueError) as exc:  # not Linux, or a sandbox forbids it
+        log.warning(
+            "cannot make this worker the OOM killer's first choice over the supervisor",
+            extra=fields(error=str(exc)),
+        )
 
 
 def _pin_to(cpu: int) -> str | None:
