@@ -85,3 +85,30 @@ def test_a_429_ends_a_streak_of_refused_calls():
     take_as_full(fleet)  # it answered a call: it takes connections
     assert not fleet.call_unreachable(2, 2.0)
     assert fleet.health is Health.UP
+
+
+def test_a_probe_that_timed_out_while_the_host_starved_the_prober_is_no_verdict():
+    """Probes timing out while the prober waited for a CPU (a 2 % CPU quota,
+    or every core taken) took every healthy fleet DOWN and calls got 503 (the
+    pressure audit of session 16). A timeout counts only when the prober ran."""
+    from fleet_ingress.core.probe import STARVED_SHARE, judged_against_starvation, timed_out
+
+    fleet, poller = _fleet_and_poller()
+    poller.record(fleet, ProbeResult(passed=True, reason="ok", capacity=5), 0, 0.01)
+    assert fleet.health is Health.UP
+    timeout = timed_out("timeout after 1s")
+    starved = judged_against_starvation(timeout, STARVED_SHARE * 1.0 + 0.01, 1.0)
+    assert not starved.judged and "not counted against the fleet" in starved.reason
+    for _ in range(5):
+        poller.record(fleet, starved, 0, 1.0)
+    assert fleet.health is Health.UP and fleet.check_failures == 0 and fleet.probes_total == 6
+    assert fleet.last_probe is starved and fleet.last_probe.describe().startswith("not judged:")
+    # A prober that ran (or a host that cannot tell) judges its timeouts as ever.
+    for waited in (0.01, None):
+        assert judged_against_starvation(timeout, waited, 1.0) is timeout
+    # Only timeouts: a refusal is the fleet's own answer, starved or not.
+    refused = ProbeResult(passed=False, reason="refused: Connection refused")
+    assert judged_against_starvation(refused, 5.0, 1.0) is refused
+    poller.record(fleet, judged_against_starvation(timeout, 0.01, 1.0), 0, 1.0)
+    poller.record(fleet, timeout, 0, 1.0)
+    assert fleet.health is Health.DOWN and fleet.check_failures == 2

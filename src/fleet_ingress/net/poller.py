@@ -26,8 +26,16 @@ import aiohttp
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health, observe
-from fleet_ingress.core.probe import MAX_HEALTH_BODY, ProbeResult, failed, judge_health_response
+from fleet_ingress.core.probe import (
+    MAX_HEALTH_BODY,
+    ProbeResult,
+    failed,
+    judge_health_response,
+    judged_against_starvation,
+    timed_out,
+)
 from fleet_ingress.logs import fields
+from fleet_ingress.net.cpu_wait import cpu_wait
 from fleet_ingress.net.dispatch import SlotQueue
 
 log = logging.getLogger("fleet_ingress.health")
@@ -42,6 +50,10 @@ class ProbeSettings:
     fall: int
     rise: int
 
+
+# Seconds between two warnings that probes were not judged (the host starved
+# the prober): every fleet's probe says so at once, each interval.
+STARVED_SAID_EVERY = 30.0
 
 # A probe's kept-alive connection is replaced this often (seconds) even when it
 # works: the certificate it noted at its handshake is then at most this old.
@@ -99,7 +111,7 @@ async def probe_fleet(
                 not_after = getattr(connector, "certificate_not_after", None)
                 return dataclasses.replace(verdict, certificate_not_after=not_after)
     except TimeoutError:
-        return failed(f"timeout after {settings.timeout:g}s")
+        return timed_out(f"timeout after {settings.timeout:g}s")
     except aiohttp.ClientConnectorCertificateError as exc:
         return failed(f"TLS error: certificate not trusted ({exc.certificate_error})")
     except aiohttp.ClientSSLError as exc:
@@ -149,6 +161,7 @@ class HealthPoller:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._fleets: dict[str, FleetState] = {}
         self._first_probe: dict[str, asyncio.Event] = {}
+        self._starved_said_at = -STARVED_SAID_EVERY
         self._probed = asyncio.Condition()  # notified after every recorded probe
 
     def start(self, fleet: FleetState) -> None:
@@ -270,7 +283,10 @@ class HealthPoller:
         started = time.monotonic()
         # Calls opened after this are not in its number, nor may those in flight now be.
         opened_before = fleet.probe_sending(started)
+        waited_before = cpu_wait()
         result = await probe_fleet(session, fleet.spec, self.settings)
+        if result.timed_out and waited_before is not None and (now := cpu_wait()) is not None:
+            result = judged_against_starvation(result, now - waited_before, self.settings.timeout)
         self.record(fleet, result, opened_before, time.monotonic() - started, sent_at=started)
         async with self._probed:
             self._probed.notify_all()
@@ -299,6 +315,10 @@ class HealthPoller:
             fleet.certificate_not_after = result.certificate_not_after
         if self.on_probe is not None:
             self.on_probe(fleet.name, seconds)
+        if not result.judged:  # this host's stall, not the fleet's: no verdict
+            self._say_starved(result)
+            self._woken(fleet)
+            return
         if not result.passed:
             fleet.check_failures += 1
         was_full = fleet.full
@@ -336,7 +356,23 @@ class HealthPoller:
                 "fleet full" if fleet.full else "fleet has room",
                 extra=fields(fleet=fleet.name, estimated_available=fleet.estimated_available),
             )
+        self._woken(fleet)
+
+    def _woken(self, fleet: FleetState) -> None:
         self.dispatcher.wake()
         first = self._first_probe.get(fleet.name)
         if first is not None:
             first.set()
+
+    def _say_starved(self, result: ProbeResult) -> None:
+        """Once a STARVED_SAID_EVERY at most: every fleet's probe says it at once."""
+        now = time.monotonic()
+        if now - self._starved_said_at < STARVED_SAID_EVERY:
+            return
+        self._starved_said_at = now
+        log.warning(
+            "health probes timed out while this host kept the prober from running: "
+            "not counted against the fleets (they keep their state); find what takes "
+            "the CPU (top; the unit's CPUQuota)",
+            extra=fields(reason=result.reason),
+        )

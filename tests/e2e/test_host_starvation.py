@@ -1,0 +1,93 @@
+"""A host that keeps the supervisor from running (every CPU taken, a CPU quota)
+must not take healthy fleets DOWN: its probes time out on a world it could
+not watch (the pressure audit of session 16: a 2 % CPU quota took all three
+fleets DOWN and calls got `503 no fleet is up`). Real processes, real
+starvation: the supervisor is put on one CPU beside busy processes that the
+kernel always runs first (SCHED_IDLE against SCHED_OTHER)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import RunningIngress, TLSFiles
+
+pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+
+STARVED_FOR = 6.0  # seconds: fall 2 at a 0.2 s interval would take a fleet DOWN in 0.4 s
+
+
+@pytest.fixture
+async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
+    sims = []
+    for name in "ab":
+        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
+        await sim.start()
+        sims.append(sim)
+    yield sims
+    for sim in sims:
+        await sim.stop()
+
+
+def _threads(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+async def test_a_starved_supervisor_does_not_take_healthy_fleets_down(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs: one to starve the supervisor on, one for the fleets")
+    starved_cpu, other_cpus = 0, os.sched_getaffinity(0) - {0}
+    lines = [f"{sim.url} name={sim.name}" for sim in two_fleets]
+    service = await RunningIngress.start(
+        tls_files, lines, workers=1, check_timeout=1, check_interval=0.2
+    )
+    ours = os.sched_getaffinity(0)
+    hogs: list[asyncio.subprocess.Process] = []
+    try:
+        await service.fleets_up()
+        os.sched_setaffinity(0, other_cpus)  # the fleets (this process) keep answering
+        supervisor = service.proc.pid
+        for thread in _threads(supervisor):
+            os.sched_setaffinity(thread, {starved_cpu})
+            os.sched_setscheduler(thread, os.SCHED_IDLE, os.sched_param(0))
+        spin = (
+            f"import time\nend = time.monotonic() + {STARVED_FOR}\n"
+            "while time.monotonic() < end: pass"
+        )
+        hogs = [
+            await asyncio.create_subprocess_exec(
+                "taskset", "-c", str(starved_cpu), sys.executable, "-c", spin
+            )
+            for _ in range(2)
+        ]
+        started = time.monotonic()
+        async with asyncio.timeout(STARVED_FOR + 10):
+            for hog in hogs:
+                await hog.wait()
+        assert time.monotonic() - started >= STARVED_FOR - 0.5
+        for thread in _threads(supervisor):
+            os.sched_setscheduler(thread, os.SCHED_OTHER, os.sched_param(0))
+            os.sched_setaffinity(thread, ours)
+        await asyncio.sleep(1.0)  # what it read meanwhile, judged
+        events = [e["event"] for e in service.log()]
+        assert "fleet DOWN" not in events, [e for e in service.log() if e["event"] == "fleet DOWN"]
+        said = [e for e in events if e.startswith("health probes timed out while this host")]
+        assert said, "the starvation was not seen: the test did not starve the prober"
+        snap = await service.stats()
+        assert [f["health"] for f in snap["fleets"]] == ["UP", "UP"]
+        assert all(f["check_failures"] == 0 for f in snap["fleets"]), snap["fleets"]
+    finally:
+        for hog in hogs:
+            if hog.returncode is None:
+                hog.kill()
+                await hog.wait()
+        os.sched_setaffinity(0, ours)
+        await service.finish()
