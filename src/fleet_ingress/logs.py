@@ -150,6 +150,8 @@ class StderrSink(logging.Handler):
         self.capacity = capacity
         self.dropped = 0
         self._dropped_said = 0
+        # Why a write failed since the last notice of lines dropped; None: none did.
+        self._write_error: str | None = None
         self._lines: deque[str] = deque()
         self._writing = False
         self._changed = threading.Condition()
@@ -202,6 +204,7 @@ class StderrSink(logging.Handler):
                     lost = 0
                 if unsaid and self._write(self._dropped_line(unsaid)):
                     unsaid_still = 0
+                    self._write_error = None  # said
             except Exception:  # a bug here must not end the writing for good
                 pass
             finally:
@@ -228,7 +231,12 @@ class StderrSink(logging.Handler):
         record = logging.LogRecord(
             "fleet_ingress", logging.WARNING, __file__, 0, self.DROPPED, None, None
         )
-        setattr(record, _FIELDS, {"dropped": count, "why": "stderr was not read in time"})
+        why = (
+            "stderr was not read in time"
+            if self._write_error is None
+            else f"writing to stderr failed: {self._write_error}"
+        )
+        setattr(record, _FIELDS, {"dropped": count, "why": why})
         try:
             line = self.format(record)
         except Exception:
@@ -252,7 +260,9 @@ class StderrSink(logging.Handler):
                     data = data[os.write(fd, data) :]
                 except BlockingIOError:  # someone made the shared stream non-blocking
                     select.select([], [fd], [], 1.0)
-        except (AttributeError, OSError, ValueError):
+        except (AttributeError, OSError, ValueError) as exc:
+            # Said with the count of lines dropped (a full disk: ENOSPC).
+            self._write_error = getattr(exc, "strerror", None) or type(exc).__name__
             return False
         return True
 
@@ -266,7 +276,8 @@ _sink: StderrSink | None = None
 
 
 def lines_dropped() -> int:
-    """Log lines this process dropped because its stderr was not read in time."""
+    """Log lines this process dropped: its stderr was not read in time, or
+    writing to it failed (a full disk under the file it goes to)."""
     return _sink.dropped if _sink is not None else 0
 
 

@@ -292,3 +292,23 @@ flush_lines()
     assert ("fleet_ingress", "an exception could not be raised") in events
     failed = next(e for e in lines if e["event"] == "a thread failed")
     assert failed["thread"] == "prober" and "ZeroDivisionError" in failed["exception"]
+
+
+def test_lines_a_full_disk_took_are_said_as_that_not_as_a_slow_reader():
+    """stderr to a file on a full disk (ENOSPC): the notice said "stderr was not
+    read in time" (the pressure audit of session 16)."""
+    read_end, pipe_write = os.pipe()
+    full = os.open("/dev/full", os.O_WRONLY)  # every write: No space left on device
+    with os.fdopen(full, "w") as stream:
+        sink = StderrSink(stream)
+        logger = _sink_logger(sink, "test.sink.full")
+        for i in range(3):
+            logger.info("call ended", extra=fields(n=i))
+        assert sink.flush(timeout=5) and sink.dropped == 3
+        os.dup2(pipe_write, full)  # space again
+        logger.info("call ended", extra=fields(n=3))
+        assert sink.flush(timeout=5)
+        os.close(pipe_write)
+        said = [e for e in _read_all(read_end) if e["event"] == StderrSink.DROPPED]
+    assert said and said[0]["dropped"] == 3
+    assert said[0]["why"] == "writing to stderr failed: No space left on device"

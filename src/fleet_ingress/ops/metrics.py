@@ -462,7 +462,8 @@ class _StateCollector(Collector):
         yield ended
         yield CounterMetricFamily(
             f"{PREFIX}_log_lines_dropped",
-            "Log lines dropped because stderr (journald) was not read in time: "
+            "Log lines dropped because stderr (journald) was not read in time, or "
+            "could not be written (a full disk): "
             f"{LINES_HELD} lines per process wait for it, calls never do.",
             # The workers' (in the host's counts) and this process's own.
             value=counts.counter("log_lines_dropped") + lines_dropped(),
