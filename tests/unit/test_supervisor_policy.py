@@ -76,3 +76,36 @@ def test_a_worker_whose_cpu_is_gone_runs_unpinned_and_says_so(
     (record,) = caplog.records
     assert record.levelno == logging.WARNING and "runs unpinned" in record.getMessage()
     assert getattr(record, _FIELDS)["cpu"] == no_such_cpu
+
+
+async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watchdogsec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pinged at half of WatchdogSec (or every STATUS_EVERY), a loop stuck for
+    as little as half of it ended the unit, every call on the host with it
+    (the pressure audit of session 16). Pinged every WATCHDOG_PING_EVERY, it
+    takes a stall of WatchdogSec; STATUS= stays every STATUS_EVERY."""
+    import asyncio
+
+    from fleet_ingress.service import supervisor as module
+
+    class Heard:
+        watchdog_interval = 15.0  # WatchdogSec=30
+
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def notify(self, *lines: str) -> None:
+            self.lines += lines
+
+    class Status:
+        def status_line(self) -> str:
+            return "2 calls"
+
+    monkeypatch.setattr(module, "WATCHDOG_PING_EVERY", 0.05)
+    heard = Heard()
+    task = asyncio.ensure_future(module._keep_systemd_informed(Status(), heard))  # type: ignore[arg-type]
+    await asyncio.sleep(0.33)
+    task.cancel()
+    assert heard.lines.count("WATCHDOG=1") >= 5, heard.lines
+    assert heard.lines.count("STATUS=2 calls") == 1
