@@ -112,3 +112,40 @@ def test_a_probe_that_timed_out_while_the_host_starved_the_prober_is_no_verdict(
     poller.record(fleet, judged_against_starvation(timeout, 0.01, 1.0), 0, 1.0)
     poller.record(fleet, timeout, 0, 1.0)
     assert fleet.health is Health.DOWN and fleet.check_failures == 2
+
+
+async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypatch):
+    """All probe loops started together probed in the same instant every
+    interval, with one shared deadline: at 300 fleets a round of new
+    connections outlasted the timeout and every fleet went DOWN (the scale
+    audit of session 16). Their first probes, and so every later one, are
+    spread over the interval, at start and again after a reconfigure."""
+    import asyncio
+
+    from fleet_ingress.net import poller as module
+
+    sent: dict[str, list[float]] = {}
+
+    async def probe(session, spec, settings):
+        sent.setdefault(spec.host, []).append(asyncio.get_running_loop().time())
+        return ProbeResult(passed=True, reason="ok", capacity=5)
+
+    monkeypatch.setattr(module, "probe_fleet", probe)
+    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(40))
+    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+    settings = ProbeSettings("/health/fleet", "fleet_available", 0.5, 0.4, fall=2, rise=1)
+    poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
+    started = asyncio.get_running_loop().time()
+    for fleet in balancer.fleets:
+        poller.start(fleet)
+    assert await poller.wait_first_probes(timeout=2.0)
+    firsts = sorted(times[0] - started for times in sent.values())
+    assert len(firsts) == 40 and firsts[-1] <= 0.5 + 0.1
+    assert firsts[-1] - firsts[0] > 0.25  # spread, not one instant (before: all within ms)
+    assert sum(1 for t in firsts if t < 0.25) not in (0, 40)
+    sent.clear()
+    await poller.reconfigure(ssl.create_default_context(), settings)  # a reload's new TLS
+    await asyncio.sleep(0.6)
+    again = sorted(times[0] for times in sent.values())
+    assert len(again) == 40 and again[-1] - again[0] > 0.25
+    await poller.close()

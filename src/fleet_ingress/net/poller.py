@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -174,8 +175,19 @@ class HealthPoller:
         self._fleets[fleet.name] = fleet
         self._first_probe[fleet.name] = asyncio.Event()
         self._loops[fleet.name] = asyncio.get_running_loop().create_task(
-            self._run(fleet), name=f"health:{fleet.name}"
+            self._run(fleet, self._spread()), name=f"health:{fleet.name}"
         )
+
+    def _spread(self) -> float:
+        """When a fleet's probing starts, within one interval: each fleet's own
+        moment, not all of them at once. Started together, every fleet's probe
+        left in the same instant each second, with one shared deadline: past
+        about 150 fleets a round of new connections (at start, after an
+        upgrade or a reload, while fleets are DOWN) took the supervisor longer
+        than the timeout, every probe failed at once and kept failing, every
+        fleet DOWN (the scale audit of session 16; HAProxy spreads its checks
+        the same way)."""
+        return random.uniform(0.0, self.settings.interval)
 
     def stop_probing(self, fleet: FleetState) -> asyncio.Task[None] | None:
         """Stop probing this fleet record (never another one of the same name, such as
@@ -224,26 +236,32 @@ class HealthPoller:
         if fleet_ssl is self.fleet_ssl and settings == self.settings:
             return
         self.fleet_ssl, self.settings = fleet_ssl, settings
-        for name, task in list(self._loops.items()):
+        stopping = list(self._loops.items())
+        for _, task in stopping:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(task for _, task in stopping), return_exceptions=True)
+        for name, task in stopping:
+            if self._loops.get(name) is not task:  # stopped, or replaced, meanwhile
+                continue
             fleet = self._fleets.get(name)
             if fleet is not None:
                 self._loops[name] = asyncio.get_running_loop().create_task(
-                    self._run(fleet), name=f"health:{name}"
+                    self._run(fleet, self._spread()), name=f"health:{name}"
                 )
 
     async def close(self) -> None:
         for fleet in list(self._fleets.values()):
             await self.stop(fleet)
 
-    async def _run(self, fleet: FleetState) -> None:
+    async def _run(self, fleet: FleetState, spread: float = 0.0) -> None:
+        """Probe `fleet` every interval, the first `spread` seconds from now."""
         loop = asyncio.get_running_loop()
         session = health_session(self.fleet_ssl, self.settings)
         session_since = loop.time()
         unexpected = False  # the last probe raised
         try:
-            next_at = loop.time()
+            next_at = loop.time() + spread
+            await asyncio.sleep(spread)
             while True:
                 if fleet.admin is not Admin.MAINT:  # MAINT: not probed at all
                     renew = loop.time() - session_since >= RECONNECT_EVERY
