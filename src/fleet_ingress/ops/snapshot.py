@@ -24,24 +24,36 @@ from fleet_ingress.ops.local_counts import local_counts
 from fleet_ingress.release import code_digest
 
 
+def by_fleet(counts: Counts, family: str) -> dict[str, dict[str, int]]:
+    """A family labelled (fleet, label), e.g. `fleet_responses`: per fleet, in
+    one pass (a pass per fleet made a snapshot of N fleets cost N times every
+    counter: 112 ms at 300 fleets, 1.4 s at 1,000, on the supervisor's loop)."""
+    grouped: dict[str, dict[str, int]] = {}
+    for (fleet_name, label), n in counts.family(family):
+        grouped.setdefault(fleet_name, {})[label] = n
+    return grouped
+
+
 def fleet_row(
     fleet: FleetState,
     now: float,
     capacity_key: str = "fleet_available",
     counts: Counts | None = None,
+    *,
+    responses_of: dict[str, dict[str, int]] | None = None,
+    ended_of: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
-    """`counts`: where the fleet's call counters come from (None: the fleet's own record)."""
+    """`counts`: where the fleet's call counters come from (None: the fleet's own
+    record); `responses_of`, `ended_of`: its families `by_fleet`, if at hand."""
     if counts is None:
         counts = local_counts(None, [fleet])
     name = fleet.name
-    responses = {
-        int(code): n
-        for (fleet_name, code), n in counts.family("fleet_responses")
-        if fleet_name == name
-    }
-    ended = {
-        reason: n for (fleet_name, reason), n in counts.family("calls_ended") if fleet_name == name
-    }
+    if responses_of is None:
+        responses_of = by_fleet(counts, "fleet_responses")
+    if ended_of is None:
+        ended_of = by_fleet(counts, "calls_ended")
+    responses = {int(code): n for code, n in responses_of.get(name, {}).items()}
+    ended = dict(ended_of.get(name, {}))
     probe = fleet.last_probe
     return {
         "name": name,
@@ -94,9 +106,12 @@ def render(
     requests: dict[str, dict[str, int]] = {}
     for (route, status), n in counts.family("requests"):
         requests.setdefault(route, {})[status] = n
+    responses_of = by_fleet(counts, "fleet_responses")
+    ended_of = by_fleet(counts, "calls_ended")
     ended: dict[str, int] = {}  # every fleet's, a removed one's too: since the start
-    for (_fleet, reason), n in counts.family("calls_ended"):
-        ended[reason] = ended.get(reason, 0) + n
+    for reasons in ended_of.values():
+        for reason, n in reasons.items():
+            ended[reason] = ended.get(reason, 0) + n
     gauges = counts.gauges
     snap: dict[str, Any] = {
         "version": __version__,
@@ -120,7 +135,10 @@ def render(
             "bytes_from_carrier": counts.counter("bytes_from_carrier"),
             "bytes_to_carrier": counts.counter("bytes_to_carrier"),
         },
-        "fleets": [fleet_row(f, now, capacity_key, counts) for f in fleets],
+        "fleets": [
+            fleet_row(f, now, capacity_key, counts, responses_of=responses_of, ended_of=ended_of)
+            for f in fleets
+        ],
     }
     if workers is not None:
         snap["workers"] = list(workers)
