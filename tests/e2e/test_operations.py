@@ -285,6 +285,10 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     code, _, err = await deployment.cli("drain", "nope")
     assert code == 1
     assert "no fleet named 'nope' (fleets: a, b)" in err
+    # A name too long for a request line: the admin socket's plain-text 400,
+    # which the command showed as a Python traceback (the scale audit of session 16).
+    code, _, err = await deployment.cli("drain", "n" * 10_000)
+    assert code == 1 and "Traceback" not in err and err.startswith("fleet-ingress: "), err
     proc = await asyncio.create_subprocess_exec(
         *CLI,
         "stat",

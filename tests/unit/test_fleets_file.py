@@ -142,6 +142,11 @@ def test_message_names_source_line_token_and_fix() -> None:
         ("https://fleet name=", "name=", "is not a valid name"),
         ("https://fleet name=-x", "name=-x", "is not a valid name"),
         ("https://fleet name=a name=b", "name=b", "gives name= a second time"),
+        (  # a name that long stretched every stat row; 8 KiB broke the admin commands
+            "https://fleet name=" + "n" * 260,
+            "name=" + "n" * 35 + "...",
+            "is a name of 260 characters; give one of 259 at most",
+        ),
         ("https://a name=x\nhttps://b name=x", "name=x", "repeats the name of the fleet on line 1"),
         ("https://a\nhttps://b name=a", "name=a", "repeats the name of the fleet on line 1"),
         ("https://a\nhttp://b\nhttps://a/", "https://a/", "is already listed on line 1"),
@@ -206,3 +211,9 @@ def test_every_bad_line_is_reported_not_only_the_first() -> None:
         "fleets.txt line 4: 'ftp://d' is not an http:// or https:// URL; write it as "
         "https://HOST[:PORT]",
     ]
+
+
+def test_a_name_as_long_as_a_default_one_can_be_is_taken() -> None:
+    host = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253: the longest DNS name
+    (spec,) = parse(f"https://{host}:65535\nhttps://x.test name={'n' * 259}\n")[:1]
+    assert len(spec.name) == 259

@@ -21,6 +21,10 @@ _URL_FORM = "write it as https://HOST[:PORT]"
 # leading '-' so it is never mistaken for a command-line option. The default name
 # (host[:port], v6 in brackets) must fit too.
 _NAME = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]*")
+# As long as a default name can be (a full DNS name, 253, with ":port"): a
+# longer one stretched every stat row and metric series, and past 8 KiB made
+# the admin commands that name it fail (the scale audit of session 16).
+MAX_NAME = 259
 
 
 class FleetsFileError(ValueError):
@@ -87,6 +91,11 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
             if not _NAME.fullmatch(value):
                 raise _BadToken(
                     token, "is not a valid name; use letters, digits and . _ : - (e.g. name=fleet1)"
+                )
+            if len(value) > MAX_NAME:
+                raise _BadToken(
+                    f"{token[:40]}...",
+                    f"is a name of {len(value)} characters; give one of {MAX_NAME} at most",
                 )
             name, name_token = value, token
         elif key == "admin":

@@ -43,7 +43,11 @@ async def admin_request(
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             async with session.request(method, f"http://ingress{path}", json=payload) as response:
-                return response.status, await response.json(content_type=None)
+                text = await response.text()
+                try:
+                    return response.status, json.loads(text)
+                except ValueError:  # aiohttp's own refusal (a request line too long): text
+                    return response.status, {"error": text.strip()[:300] or "no answer body"}
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise AdminNotReached(
             f"cannot reach the admin socket {socket_path}: {_why(exc)}. {_reach_hint(exc)}"
