@@ -312,3 +312,34 @@ def test_lines_a_full_disk_took_are_said_as_that_not_as_a_slow_reader():
         said = [e for e in _read_all(read_end) if e["event"] == StderrSink.DROPPED]
     assert said and said[0]["dropped"] == 3
     assert said[0]["why"] == "writing to stderr failed: No space left on device"
+
+
+def test_uvloops_complaint_about_a_tls_connection_it_closed_is_not_an_error(caplog):
+    """A probe cut at its timeout mid-handshake: uvloop's SSL layer logged
+    "Fatal error on SSL protocol" with a traceback at ERROR, hundreds at once
+    when many probes timed out together (the scale audit of session 16).
+    That one goes to DEBUG; anything else still reaches the default handler."""
+    import asyncio
+
+    from fleet_ingress.net.event_loop import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        handler = loop.get_exception_handler()
+        assert handler is not None
+        closed = RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+        )
+        with caplog.at_level(logging.DEBUG):
+            handler(loop, {"message": "Fatal error on SSL protocol", "exception": closed})
+            handler(loop, {"message": "Fatal error on SSL protocol", "exception": ValueError("x")})
+            handler(loop, {"message": "Task exception was never retrieved", "exception": closed})
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert [r.getMessage() for r in errors] == [
+            "Fatal error on SSL protocol",
+            "Task exception was never retrieved",
+        ]
+        assert any(r.getMessage() == "TLS connection already closed" for r in caplog.records)
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)

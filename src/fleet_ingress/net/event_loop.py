@@ -14,6 +14,8 @@ to directly (``tcp_connect.connect_socket``); anything else is uvloop's.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 import uvloop
 
 from fleet_ingress.core.addresses import ip_literal_version
+from fleet_ingress.logs import fields
 from fleet_ingress.net.tcp_connect import connect_socket
 
 T = TypeVar("T")
@@ -40,7 +43,36 @@ class IngressLoop(uvloop.Loop):
 
 
 def new_event_loop() -> IngressLoop:
-    return IngressLoop()
+    loop = IngressLoop()
+    loop.set_exception_handler(_exception_handler)
+    return loop
+
+
+log = logging.getLogger("fleet_ingress.loop")
+
+
+def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's default, but for uvloop's own complaint about a TLS
+    connection it had already closed: a health probe cut at its timeout in
+    the middle of its handshake makes uvloop's SSL layer write to the closed
+    transport and log "Fatal error on SSL protocol" with a traceback, at
+    ERROR. The probe says what failed; hundreds of those tracebacks when many
+    probes time out at once (the scale audit of session 16) said nothing more."""
+    if _closed_tls_noise(context):
+        log.debug(
+            "TLS connection already closed", extra=fields(detail=str(context.get("exception")))
+        )
+        return
+    loop.default_exception_handler(context)
+
+
+def _closed_tls_noise(context: dict[str, Any]) -> bool:
+    exc = context.get("exception")
+    return (
+        str(context.get("message", "")).startswith("Fatal error on SSL protocol")
+        and isinstance(exc, RuntimeError)
+        and "handler is closed" in str(exc)
+    )
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
