@@ -217,3 +217,8 @@ def test_a_name_as_long_as_a_default_one_can_be_is_taken() -> None:
     host = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253: the longest DNS name
     (spec,) = parse(f"https://{host}:65535\nhttps://x.test name={'n' * 259}\n")[:1]
     assert len(spec.name) == 259
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_url() -> None:
+    # Before: fleets.txt line 1: '\ufeffhttps://a.test' is not an http:// or https:// URL.
+    assert [s.name for s in parse("\ufeffhttps://a.test\nhttps://b.test\n")] == ["a.test", "b.test"]

@@ -43,7 +43,8 @@ def parse_fleets_text(
     problems: list[str] = []  # every bad line, as the config check reports every problem
     name_lines: dict[str, int] = {}
     endpoint_lines: dict[tuple[str, int], int] = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # A byte-order mark, as some Windows editors save UTF-8: not part of line 1's URL.
+    for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         tokens = line.split("#", 1)[0].split()
         if not tokens:
             continue
