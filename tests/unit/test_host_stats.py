@@ -414,3 +414,25 @@ def test_which_code_each_worker_and_the_supervisor_run_is_shown():
     assert f'<td class="l">{code_digest()}</td></tr>' in page and page.count("<th") >= 8
     build = families(HostMetrics(slots, view).prometheus)["fleet_ingress_build_info"]
     assert list(build) == [(("code", code_digest()), ("version", "0.1.0"))]
+
+
+def test_stat_and_the_page_count_the_fleets_by_state_in_one_line():
+    """At 300 fleets the table alone did not say how many were DOWN (the scale
+    audit of session 16)."""
+    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(6))
+    slots = HostSlots(
+        Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16))),
+        queue_timeout=1,
+        max_queue=1,
+    )
+    f = slots.balancer.fleets
+    for fleet in f[:4]:
+        fleet.health, fleet.reported_available = Health.UP, 9
+    f[1].reported_available = 0  # FULL
+    f[2].set_admin(Admin.DRAIN)
+    f[3].set_admin(Admin.MAINT)
+    f[4].health, f[5].health = Health.DOWN, Health.INIT
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    line = "fleets: 6 (2 UP, 1 FULL, 1 DOWN, 1 INIT, 1 not probed (MAINT)); 1 drained"
+    assert line in format_stat_table(snap).splitlines()
+    assert line in render_stats_page(snap)

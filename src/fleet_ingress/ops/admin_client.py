@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from fleet_ingress.ops.fleet_display import (
+    fleets_summary,
     probed,
     shown_free,
     shown_health,
@@ -247,6 +248,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         for row in rows
     ]
     fe = snap["frontend"]
+    lines.append(fleets_summary(snap["fleets"]))
     lines.append(
         f"frontend: {_calls(fe['active_calls'])}, {fe['connections']} connections, "
         f"queue {fe['queue_length']} ({fe['queue_timeouts']} timed out)"

@@ -38,6 +38,25 @@ def _free(count: int | None) -> str:
     return f"{FREE_SHOWN_UP_TO}+" if count > FREE_SHOWN_UP_TO else str(count)
 
 
+def fleets_summary(fleets: list[dict[str, Any]]) -> str:
+    """One line counting the fleets by what `stat` shows for each: at a few
+    hundred fleets the table alone does not say how many are DOWN."""
+    shown: dict[str, int] = {}
+    for row in fleets:
+        health = shown_health(row)
+        key = "not probed (MAINT)" if health == NOT_PROBED else health
+        shown[key] = shown.get(key, 0) + 1
+    drained = sum(1 for row in fleets if row["admin"] == "DRAIN")
+    order = ["UP", "FULL", "DOWN", "INIT", "not probed (MAINT)"]
+    parts = [f"{shown[k]} {k}" for k in order if shown.get(k)]
+    parts += [f"{n} {k}" for k, n in sorted(shown.items()) if k not in order]
+    return (
+        f"fleets: {len(fleets)}"
+        + (f" ({', '.join(parts)})" if parts else "")
+        + (f"; {drained} drained" if drained else "")
+    )
+
+
 def workers_replaced(snap: dict[str, Any]) -> str | None:
     """One line while any worker was replaced since the start (killed, crashed,
     hung), with the calls they took with them; None when none was."""

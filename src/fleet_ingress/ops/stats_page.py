@@ -11,6 +11,7 @@ from html import escape
 from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
+    fleets_summary,
     probed,
     shown_free,
     shown_health,
@@ -150,6 +151,7 @@ refreshes every {REFRESH_SECONDS}s</div>
 <th>calls total</th><th>429s</th><th>retries</th><th>check failures</th></tr>
 {"".join(rows) or '<tr><td class="l" colspan="11">no fleets configured</td></tr>'}
 </table>
+<div class="muted" id="fleets-summary">{escape(fleets_summary(snap["fleets"]))}</div>
 <table id="frontend">
 <tr><th class="l">frontend</th><th class="l"></th></tr>
 <tr><td class="l">active calls</td><td class="l">{fe["active_calls"]}</td></tr>
