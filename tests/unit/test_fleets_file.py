@@ -147,6 +147,11 @@ def test_message_names_source_line_token_and_fix() -> None:
             "name=" + "n" * 35 + "...",
             "is a name of 260 characters; give one of 259 at most",
         ),
+        (  # the same by default, through a scoped IPv6 address's zone (the review)
+            "https://[fe80::1%25" + "z" * 300 + "]",
+            "https://[fe80::1%25" + "z" * 21 + "...",
+            "makes a name of 312 characters; give one of 259 at most with name=NAME",
+        ),
         ("https://a name=x\nhttps://b name=x", "name=x", "repeats the name of the fleet on line 1"),
         ("https://a\nhttps://b name=a", "name=a", "repeats the name of the fleet on line 1"),
         ("https://a\nhttp://b\nhttps://a/", "https://a/", "is already listed on line 1"),

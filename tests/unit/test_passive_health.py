@@ -119,7 +119,9 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
     interval, with one shared deadline: at 300 fleets a round of new
     connections outlasted the timeout and every fleet went DOWN (the scale
     audit of session 16). Their first probes, and so every later one, are
-    spread over the interval, at start and again after a reconfigure."""
+    spread over the probe's timeout (the interval if shorter), at start and
+    again after a reconfigure; a long interval does not delay a first verdict
+    (the review of session 16: at check_interval 30 READY came 5 s late)."""
     import asyncio
 
     from fleet_ingress.net import poller as module
@@ -148,4 +150,10 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
     await asyncio.sleep(0.6)
     again = sorted(times[0] for times in sent.values())
     assert len(again) == 40 and again[-1] - again[0] > 0.25
+    await poller.close()
+    slow = ProbeSettings("/health/fleet", "fleet_available", 30.0, 0.4, fall=2, rise=1)
+    poller = HealthPoller(_Queue(), ssl.create_default_context(), slow)
+    for fleet in balancer.fleets:
+        poller.start(fleet)
+    assert await poller.wait_first_probes(timeout=1.0)  # within the timeout, not 30 s
     await poller.close()

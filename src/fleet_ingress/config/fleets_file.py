@@ -110,6 +110,12 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
             maxconn = int(value)
+    if len(name) > MAX_NAME:  # a default name, from a host no DNS name is (an IPv6 zone)
+        raise _BadToken(
+            f"{url_token[:40]}...",
+            f"makes a name of {len(name)} characters; give one of {MAX_NAME} at most "
+            "with name=NAME",
+        )
     url = f"{scheme}://{host_header}"
     return FleetSpec(url, name, scheme, host, port, host_header, maxconn, admin), name_token
 

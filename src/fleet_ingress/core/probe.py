@@ -48,8 +48,11 @@ def timed_out(reason: str) -> ProbeResult:
 # A probe that timed out tells nothing of its fleet when the prober waited for
 # a CPU (other processes held them all, or a CPU quota throttled it) this
 # share of its timeout or more: the answer may have come, unread. A healthy
-# prober waits milliseconds a second.
-STARVED_SHARE = 0.25
+# prober waits milliseconds a second; a busy one on a saturated host 0.3-0.5 s
+# a second (the review of session 16), whose timeouts still count: past half,
+# the host, not the fleet, is what the probe measured (0.9 s a second under a
+# 2 % CPU quota).
+STARVED_SHARE = 0.5
 
 
 def judged_against_starvation(

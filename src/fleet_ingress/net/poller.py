@@ -179,15 +179,17 @@ class HealthPoller:
         )
 
     def _spread(self) -> float:
-        """When a fleet's probing starts, within one interval: each fleet's own
-        moment, not all of them at once. Started together, every fleet's probe
-        left in the same instant each second, with one shared deadline: past
-        about 150 fleets a round of new connections (at start, after an
-        upgrade or a reload, while fleets are DOWN) took the supervisor longer
-        than the timeout, every probe failed at once and kept failing, every
-        fleet DOWN (the scale audit of session 16; HAProxy spreads its checks
-        the same way)."""
-        return random.uniform(0.0, self.settings.interval)
+        """When a fleet's probing starts: each fleet at its own moment within
+        the probe's timeout (or the interval, if shorter), not all at once.
+        Started together, every fleet's probe left in the same instant each
+        interval, with one shared deadline: past about 150 fleets a round of
+        new connections (at start, after an upgrade or a reload, while fleets
+        are DOWN) took the supervisor longer than the timeout, every probe
+        failed at once and kept failing, every fleet DOWN (the scale audit of
+        session 16; HAProxy spreads its checks too). Within the timeout, not
+        the whole interval: a fleet is INIT, taking no call, until its first
+        verdict, which must come soon after a start whatever the interval."""
+        return random.uniform(0.0, min(self.settings.interval, self.settings.timeout))
 
     def stop_probing(self, fleet: FleetState) -> asyncio.Task[None] | None:
         """Stop probing this fleet record (never another one of the same name, such as

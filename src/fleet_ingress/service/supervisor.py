@@ -1410,11 +1410,13 @@ def _tell(asked: ReloadAsked, outcome: dict[str, Any] | None) -> None:
 
 
 async def _ping_watchdog(notifier: Notifier) -> None:
+    """WATCHDOG=1 while starting (before READY=1, after an upgrade's exec too),
+    as often as `_keep_systemd_informed` pings once serving."""
     if notifier.watchdog_interval is None:
         return
     while True:
         notifier.notify("WATCHDOG=1")
-        await asyncio.sleep(notifier.watchdog_interval)
+        await asyncio.sleep(min(WATCHDOG_PING_EVERY, notifier.watchdog_interval))
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:
