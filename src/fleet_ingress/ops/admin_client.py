@@ -44,7 +44,7 @@ async def admin_request(
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             async with session.request(method, f"http://ingress{path}", json=payload) as response:
-                text = await response.text()
+                text = await response.text(errors="replace")
                 try:
                     return response.status, json.loads(text)
                 except ValueError:  # aiohttp's own refusal (a request line too long): text
