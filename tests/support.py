@@ -21,7 +21,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.sim import SimulatedFleet
 
 # A carrier's WebSocket upgrade, as raw bytes (format with path=...).
 UPGRADE = (
@@ -854,3 +855,22 @@ class TcpDoor:
         ):
             self._pipes.add(task)
             task.add_done_callback(self._pipes.discard)
+
+
+@contextlib.asynccontextmanager
+async def simulated_fleets(
+    tls_files: TLSFiles, *, capacity: int, names: str = "ab"
+) -> AsyncIterator[list[SimulatedFleet]]:
+    """TLS fleets on loopback, one a name, each with `capacity` workers; stopped after."""
+    sims = []
+    try:
+        for name in names:
+            sim = SimulatedFleet(
+                name=name, capacity=capacity, ssl_context=tls_files.fleet_server_context()
+            )
+            await sim.start()
+            sims.append(sim)
+        yield sims
+    finally:
+        for sim in sims:
+            await sim.stop()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles
+from tests.support import RunningIngress, TLSFiles, simulated_fleets
 
 pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
 
@@ -25,14 +25,8 @@ STARVED_FOR = 6.0  # seconds: fall 2 at a 0.2 s interval would take a fleet DOWN
 
 @pytest.fixture
 async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
-    sims = []
-    for name in "ab":
-        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
-        await sim.start()
-        sims.append(sim)
-    yield sims
-    for sim in sims:
-        await sim.stop()
+    async with simulated_fleets(tls_files, capacity=16) as sims:
+        yield sims
 
 
 def _threads(pid: int) -> list[int]:

@@ -49,6 +49,7 @@ from tests.support import (
     fill_unread_channel,
     metric_samples,
     run_cli,
+    simulated_fleets,
     write_run_home,
 )
 
@@ -63,14 +64,8 @@ PATIENT_PROBES = {"FLEET_INGRESS_FLEETS__CHECK_TIMEOUT": "5", "FLEET_INGRESS_FLE
 
 @pytest.fixture
 async def fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
-    sims = []
-    for name in "ab":
-        sim = SimulatedFleet(name=name, capacity=400, ssl_context=tls_files.fleet_server_context())
-        await sim.start()
-        sims.append(sim)
-    yield sims
-    for sim in sims:
-        await sim.stop()
+    async with simulated_fleets(tls_files, capacity=400) as sims:
+        yield sims
 
 
 async def _upgrade_command(service: RunningIngress) -> tuple[int, str, str]:

@@ -345,7 +345,7 @@ class HealthPoller:
             self.on_probe(fleet.name, seconds)
         if not result.judged:  # this host's stall, not the fleet's: no verdict
             self._say_starved(result)
-            self._woken(fleet)
+            self._probe_recorded(fleet)
             return
         if not result.passed:
             fleet.check_failures += 1
@@ -384,9 +384,11 @@ class HealthPoller:
                 "fleet full" if fleet.full else "fleet has room",
                 extra=fields(fleet=fleet.name, estimated_available=fleet.estimated_available),
             )
-        self._woken(fleet)
+        self._probe_recorded(fleet)
 
-    def _woken(self, fleet: FleetState) -> None:
+    def _probe_recorded(self, fleet: FleetState) -> None:
+        """After any probe of `fleet` is recorded: the queue may be served, and
+        its first probe is in."""
         self.dispatcher.wake()
         first = self._first_probe.get(fleet.name)
         if first is not None:

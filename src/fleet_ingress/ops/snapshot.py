@@ -37,21 +37,14 @@ def by_fleet(counts: Counts, family: str) -> dict[str, dict[str, int]]:
 def fleet_row(
     fleet: FleetState,
     now: float,
-    capacity_key: str = "fleet_available",
-    counts: Counts | None = None,
-    *,
-    responses_of: dict[str, dict[str, int]] | None = None,
-    ended_of: dict[str, dict[str, int]] | None = None,
+    capacity_key: str,
+    counts: Counts,
+    responses_of: dict[str, dict[str, int]],
+    ended_of: dict[str, dict[str, int]],
 ) -> dict[str, Any]:
-    """`counts`: where the fleet's call counters come from (None: the fleet's own
-    record); `responses_of`, `ended_of`: its families `by_fleet`, if at hand."""
-    if counts is None:
-        counts = local_counts(None, [fleet])
+    """`counts`: where the fleet's call counters come from; `responses_of`,
+    `ended_of`: its families grouped `by_fleet`."""
     name = fleet.name
-    if responses_of is None:
-        responses_of = by_fleet(counts, "fleet_responses")
-    if ended_of is None:
-        ended_of = by_fleet(counts, "calls_ended")
     responses = {int(code): n for code, n in responses_of.get(name, {}).items()}
     ended = dict(ended_of.get(name, {}))
     probe = fleet.last_probe
@@ -135,10 +128,7 @@ def render(
             "bytes_from_carrier": counts.counter("bytes_from_carrier"),
             "bytes_to_carrier": counts.counter("bytes_to_carrier"),
         },
-        "fleets": [
-            fleet_row(f, now, capacity_key, counts, responses_of=responses_of, ended_of=ended_of)
-            for f in fleets
-        ],
+        "fleets": [fleet_row(f, now, capacity_key, counts, responses_of, ended_of) for f in fleets],
     }
     if workers is not None:
         snap["workers"] = list(workers)

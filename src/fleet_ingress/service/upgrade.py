@@ -147,8 +147,7 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     lines = output.decode("utf-8", "replace").strip().splitlines()
     imported = TRIAL_CODE_IMPORTED in lines
     # Only where the trial says it (exit 3, before the imports: not what check printed).
-    before_imports = lines[: lines.index(TRIAL_CODE_IMPORTED)] if imported else lines
-    said = [line for line in before_imports if line.startswith(TRIAL_CANNOT_TAKE_OVER)]
+    said = [line for line in lines if line.startswith(TRIAL_CANNOT_TAKE_OVER)]
     if proc.returncode == TRIAL_CANNOT_TAKE_OVER_EXIT and said and not imported:
         raise TrialFailed(
             said[-1].removeprefix(TRIAL_CANNOT_TAKE_OVER)
