@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import signal
 import sys
@@ -101,6 +102,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = and backslash
+
+
+def _logfmt_value(value: object) -> str:
+    """A field's value as logfmt writes it: bare when it cannot be misread,
+    else quoted with escapes, so a value with spaces (a refused request's
+    first line) cannot add fields of its own to the line."""
+    text = str(value)
+    return text if _BARE_VALUE.fullmatch(text) else json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self, *, pid: bool = False) -> None:
         super().__init__()
@@ -108,7 +120,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = getattr(record, _FIELDS, {})
-        tail = " ".join(f"{k}={v}" for k, v in extra.items())
+        tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items())
         if self.pid:
             tail = f"{tail} process={os.getpid()}" if tail else f"process={os.getpid()}"
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"

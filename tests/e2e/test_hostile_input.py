@@ -303,13 +303,16 @@ async def test_each_refused_head_is_logged_with_who_where_what_and_why(
     await raw_exchange(ingress, tls_files, upgrade())  # forwarded: an access-log line, not this
     # A head that does not parse: its first line, bounded and escaped, is what is named.
     await raw_exchange(ingress, tls_files, b"GET /ws/\x01" + b"x" * 400 + b"  HTTP/1.1\r\n\r\n")
-    await eventually(lambda: len(refused_lines(caplog)) == 5)
+    # The byte 0xc3 and the four characters \xc3 a carrier typed are told apart.
+    await raw_exchange(ingress, tls_files, b"GET /ws/\xc3\\xc3  HTTP/1.1\r\n\r\n")
+    await eventually(lambda: len(refused_lines(caplog)) == 6)
     assert [(f["status"], f["route"], f["target"]) for f in refused_lines(caplog)] == [
         (431, "-", ""),
         (404, "not_found", "/nowhere"),
         (400, "/ws/", "/ws/bot-1"),
         (408, "-", ""),
         (400, "-", "GET /ws/\\x01" + "x" * 247),
+        (400, "-", "GET /ws/\\xc3\\\\xc3  HTTP/1.1"),
     ]
     for line in refused_lines(caplog):
         assert line["client_ip"] == "127.0.0.1" and line["listener"] == "wss"

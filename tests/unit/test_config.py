@@ -181,6 +181,18 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
     )
 
 
+def test_an_unknown_keys_control_characters_are_shown_escaped(tmp_path: Path) -> None:
+    """The refusal is printed by reload, kept in stat's warning line and in
+    systemd's status: a key's escape sequence or newline must not act there."""
+    path = write(tmp_path, '[limits]\n"k\\u001b[8mHIDDEN\\u001b[0m\\nline2" = 1\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: limits.k\\x1b[8mHIDDEN\\x1b[0m\\nline2: "
+        "unknown key 'limits.k\\x1b[8mHIDDEN\\x1b[0m\\nline2'"
+    ]
+
+
 def test_a_key_written_under_the_wrong_section_names_the_right_one(tmp_path: Path) -> None:
     """The keepalive keys are split (timeouts.keepalive_idle, limits.keepalive_probes),
     so writing one under the other section is an easy slip: the suggestion must be the

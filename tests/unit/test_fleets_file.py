@@ -147,11 +147,17 @@ def test_message_names_source_line_token_and_fix() -> None:
             "name=" + "n" * 35 + "...",
             "is a name of 260 characters; give one of 259 at most",
         ),
-        (  # the same by default, through a scoped IPv6 address's zone (the review)
-            "https://[fe80::1%25" + "z" * 300 + "]",
-            "https://[fe80::1%25" + "z" * 21 + "...",
-            "makes a name of 312 characters; give one of 259 at most with name=NAME",
+        (  # a default name is the host: a zone is an interface's name, or nothing
+            "https://[fe80::1%" + "z" * 16 + "]",  # (a longer name than 259 came this way)
+            "https://[fe80::1%" + "z" * 16 + "]",
+            "is not an interface's name or index",
         ),
+        (  # terminal escapes (and text no host name can be) into stat, check, /metrics
+            "https://[fe80::1%\x1b[31mRED\x1b[0m]:9",
+            "https://[fe80::1%\x1b[31mRED\x1b[0m]:9",
+            "has zone '\\x1b[31mRED\\x1b[0m' after fe80::1%, which is not an interface's name",
+        ),
+        ("https://[fe80::3%\u202etxt.exe]:9", "https://[fe80::3%\u202etxt.exe]:9", "zone"),
         ("https://a name=x\nhttps://b name=x", "name=x", "repeats the name of the fleet on line 1"),
         ("https://a\nhttps://b name=a", "name=a", "repeats the name of the fleet on line 1"),
         ("https://a\nhttp://b\nhttps://a/", "https://a/", "is already listed on line 1"),

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fleet_ingress.logs import JsonFormatter, RateLimitedLog, StderrSink, fields
+from fleet_ingress.logs import (
+    JsonFormatter,
+    RateLimitedLog,
+    StderrSink,
+    TextFormatter,
+    fields,
+)
 
 
 class Clock:
@@ -110,6 +116,37 @@ def test_the_line_is_one_json_object_with_its_fields(caplog):
     entry = json.loads(JsonFormatter().format(caplog.records[-1]))
     assert entry["event"] == "request refused"
     assert (entry["client_ip"], entry["status"]) == ("203.0.113.7", 431)
+
+
+def test_a_text_line_quotes_a_value_that_could_be_read_as_fields_of_its_own(caplog):
+    """A refused request's first line is the carrier's text: with spaces and
+    '=' in it, unquoted, a logfmt reader took its `status=200 fleet=evil`."""
+    caplog.set_level(logging.INFO, logger="test.text")
+    target = 'GET /ws/x status=200 fleet=evil "\x1b HTTP/1.1'
+    RateLimitedLog(logging.getLogger("test.text"), per_second=1).info(
+        "request refused", target=target, status=400, route="-", empty=""
+    )
+    line = TextFormatter().format(caplog.records[-1])
+    assert "\n" not in line and "\x1b" not in line
+    tail = line.split("request refused ", 1)[1]
+    fields_read = dict(_logfmt_pairs(tail))
+    assert fields_read == {"target": target, "status": "400", "route": "-", "empty": ""}
+
+
+def _logfmt_pairs(text: str):
+    """A logfmt reader: key=bare or key="quoted with JSON escapes"."""
+    decoder = json.JSONDecoder()
+    at = 0
+    while at < len(text):
+        key, _, rest = text[at:].partition("=")
+        at += len(key) + 1
+        if rest.startswith('"'):
+            value, length = decoder.raw_decode(rest)
+        else:
+            value = rest.split(" ", 1)[0]
+            length = len(value)
+        yield key, value
+        at += length + 1
 
 
 # The stderr writer: a real pipe, nobody reading it until the test says so.

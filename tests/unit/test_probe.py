@@ -70,3 +70,12 @@ def test_describe_says_pass_with_capacity_or_fail_with_reason():
         "pass: fleet_available=3"
     )
     assert judge_health_response(503, b"", KEY).describe() == "fail: status 503"
+
+
+def test_a_capacity_key_is_described_with_its_control_characters_escaped():
+    """The key is the operator's text, and describe() is shown in stat's
+    "last check" on a terminal: an escape sequence in it is shown, not run."""
+    key = "cap\x1b[31m<b>"
+    described = judge_health_response(200, b'{"cap\\u001b[31m<b>": 8}', key).describe(key)
+    assert described == "pass: 'cap\\x1b[31m<b>'=8"
+    assert "\x1b" not in described

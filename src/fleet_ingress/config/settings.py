@@ -611,6 +611,8 @@ def _unit(dotted: str) -> str:
 def _describe(error: Any, source: str) -> str:
     loc: tuple[str | int, ...] = error["loc"]
     dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if not dotted.isprintable():  # an unknown key's name is the file's text: no escapes shown raw
+        dotted = ascii(dotted)[1:-1]
     if error["type"] == "extra_forbidden":
         problem = f"unknown key '{dotted}'{_did_you_mean(loc)}"
     elif error["type"] in _BOUNDS and (ctx := error.get("ctx")):
@@ -653,5 +655,5 @@ def _env_hint(loc: tuple[str | int, ...]) -> str:
     for depth in (2, 1):
         name = ENV_PREFIX + "__".join(str(p) for p in loc[:depth]).upper()
         if len(loc) >= depth and name in set_names:
-            return f" (from environment variable {name})"
+            return f" (from environment variable {name if name.isprintable() else ascii(name)})"
     return ""

@@ -31,7 +31,8 @@ class ProbeResult:
 
     def describe(self, capacity_key: str = "fleet_available") -> str:
         if self.passed:
-            return f"pass: {capacity_key}={self.capacity}"
+            key = capacity_key if capacity_key.isprintable() else ascii(capacity_key)
+            return f"pass: {key}={self.capacity}"
         if not self.judged:
             return f"not judged: {self.reason}"
         return f"fail: {self.reason}"

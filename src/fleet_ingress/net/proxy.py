@@ -924,9 +924,10 @@ def _this_hosts_failure(exc: OSError) -> bool:
 
 def _first_line(raw: bytes) -> str:
     """A refused head's first line for its log line: bounded, and every byte
-    that is not printable ASCII escaped (the log is read in a terminal)."""
+    that is not printable ASCII escaped (the log is read in a terminal), a
+    backslash the carrier sent doubled (its ``\\xc3`` is not the byte 0xc3)."""
     line = raw.split(b"\n", 1)[0].rstrip(b"\r")[:_LOGGED_TARGET]
-    return line.decode("ascii", "backslashreplace").encode("unicode_escape").decode("ascii")
+    return line.decode("latin-1").encode("unicode_escape").decode("ascii")
 
 
 def _lost_kind(exc: Exception | None) -> Lost:
