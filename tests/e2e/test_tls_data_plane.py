@@ -11,9 +11,11 @@ intact however its transport buffers them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import random
+import re
 import socket
 import ssl
 import subprocess
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import pytest
 
 from fleet_ingress.net.tls_socket import connect as tls_connect
+from fleet_ingress.service.ingress import Ingress
 from tests.support import (
     LIBSSL,
     SWITCHING,
@@ -30,6 +33,7 @@ from tests.support import (
     RawFleet,
     StartIngress,
     TLSFiles,
+    access_entries,
     answer,
     blocking_handshake,
     eventually,
@@ -559,3 +563,144 @@ async def test_a_close_frame_through_tls_says_who_hung_up_and_a_payload_like_one
         assert dict(ingress.registry.ended) == {("a", f"{closer} closed"): 1}
     finally:
         await fleet.stop()
+
+
+# -- a side that half-closes after its close frame: the other's reply reaches it ----------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
+CLOSE_1000 = b"\x88\x06\x03\xe8done"  # a fleet's close frame (unmasked): 1000 "done"
+
+
+def _masked(frame: bytes, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
+    """The same frame as a client sends it (RFC 6455 5.3)."""
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(frame[2:]))
+    return bytes([frame[0], 0x80 | frame[1]]) + mask + payload
+
+
+def _read_to_end(tls: ssl.SSLSocket) -> bytes:
+    got = bytearray()
+    with contextlib.suppress(OSError):  # ssl.SSLError included: a close without close_notify
+        while chunk := tls.recv(65536):
+            got += chunk
+    return bytes(got)
+
+
+def _read_exactly(tls: ssl.SSLSocket, size: int) -> bytes:
+    got = b""
+    while len(got) < size and (chunk := tls.recv(size - len(got))):
+        got += chunk
+    return got
+
+
+def _read_head(tls: ssl.SSLSocket) -> bytes:
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += _read_exactly(tls, 1) or b"\r\n\r\n"
+    return head
+
+
+def _one_tls_fleet(tls_files: TLSFiles, act: Callable[[ssl.SSLSocket], bytes]):  # type: ignore[no-untyped-def]
+    """A fleet for one call on a blocking TLS socket: its 101 (the accept value
+    worked out), then `act`, whose result is what the fleet read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+
+    def serve() -> bytes:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        with tls_files.fleet_server_context().wrap_socket(conn, server_side=True) as tls:
+            head = _read_head(tls)
+            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
+            assert key is not None
+            accept = base64.b64encode(hashlib.sha1(key[1] + WS_GUID).digest())
+            tls.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            return act(tls)
+
+    return listener, serve
+
+
+def _one_carrier(ingress: Ingress, tls_files: TLSFiles, act: Callable[[ssl.SSLSocket], bytes]):  # type: ignore[no-untyped-def]
+    host, port = ingress.wss_address
+    raw = socket.create_connection((host, port), timeout=10)
+    with tls_files.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.version() == "TLSv1.3"
+        tls.sendall(UPGRADE.format(path="/ws/half-close").encode())
+        assert _read_head(tls).startswith(b"HTTP/1.1 101 ")
+        return act(tls)
+
+
+REPLY_AFTER = 0.3  # the close reply comes late enough that a close_notify is read first
+
+
+async def test_a_carrier_that_half_closes_after_its_close_frame_gets_the_fleets_reply(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A carrier sends its close frame, then its TLS 1.3 close_notify, and reads
+    on (RFC 8446 6.1 lets it): the fleet's close reply must reach it. It was
+    lost (the carrier saw 1006), the call ending as the close_notify came
+    (the carriers audit of session 17)."""
+    caplog.set_level("INFO", logger="fleet_ingress.access")
+
+    def fleet_act(tls: ssl.SSLSocket) -> bytes:
+        got = _read_exactly(tls, len(CLOSE_1000) + 4)  # the carrier's close, masked
+        time.sleep(REPLY_AFTER)
+        tls.sendall(CLOSE_1000)
+        return got + _read_to_end(tls)
+
+    def carrier_act(tls: ssl.SSLSocket) -> bytes:
+        tls.sendall(_masked(CLOSE_1000))
+        LIBSSL.SSL_shutdown(ssl_pointer(tls))  # close_notify once; reading goes on
+        return _read_to_end(tls)
+
+    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
+    try:
+        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
+        async with asyncio.timeout(15):
+            fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
+            got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
+            assert await fleet_read == _masked(CLOSE_1000)
+            await eventually(lambda: bool(access_entries(caplog)))
+        assert got == CLOSE_1000
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "carrier closed"
+        assert entry["bytes_to_carrier"] == len(CLOSE_1000)
+    finally:
+        listener.close()
+
+
+async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_reply(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror: the fleet sends its close frame, then close_notify, and reads
+    on for the carrier's reply."""
+    caplog.set_level("INFO", logger="fleet_ingress.access")
+
+    def fleet_act(tls: ssl.SSLSocket) -> bytes:
+        time.sleep(0.2)  # the close frame a read of its own, as a fleet sends it
+        tls.sendall(CLOSE_1000)
+        LIBSSL.SSL_shutdown(ssl_pointer(tls))
+        return _read_to_end(tls)
+
+    def carrier_act(tls: ssl.SSLSocket) -> bytes:
+        got = _read_exactly(tls, len(CLOSE_1000))
+        time.sleep(REPLY_AFTER)
+        tls.sendall(_masked(CLOSE_1000))
+        return got + _read_to_end(tls)
+
+    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
+    try:
+        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
+        async with asyncio.timeout(15):
+            fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
+            got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
+            assert got == CLOSE_1000
+            assert await fleet_read == _masked(CLOSE_1000)
+            await eventually(lambda: bool(access_entries(caplog)))
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "fleet closed"
+        assert entry["bytes_from_carrier"] == len(CLOSE_1000) + 4
+    finally:
+        listener.close()

@@ -17,6 +17,7 @@ import pytest
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.call_machine import (
+    HALF_CLOSED_GRACE,
     AbortSide,
     Answer,
     CallEnded,
@@ -55,6 +56,7 @@ from fleet_ingress.core.call_machine import (
     SendHead,
     SetupFailed,
     Side,
+    SideFinished,
     SlotGranted,
     SlotRefused,
     StartTimer,
@@ -594,6 +596,103 @@ def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb << CallEnded(reason)
     assert pb
+
+
+# A side that half-closes ----------------------------------------------------
+
+
+def _other(side: Side) -> Side:
+    return Side.FLEET if side is Side.CARRIER else Side.CARRIER
+
+
+_CLOSED_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
+
+
+@pytest.mark.parametrize("side", [Side.CARRIER, Side.FLEET])
+def test_a_side_that_half_closes_after_its_close_frame_still_gets_the_reply(side):
+    """A client may send its close frame and then its TLS close_notify (TLS
+    1.3 lets it read on): the other side's close reply must still reach it,
+    and then the call ends at once, named for the side that hung up (the
+    carriers audit of session 17: the reply was lost, a 1006 at the carrier)."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a)
+    pb >> CloseFrameSeen(side)
+    pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    assert pb and machine.state is State.HALF_CLOSED  # nothing closed: the reply may come
+    pb >> CloseFrameSeen(_other(side))  # the reply, relayed: nothing more to wait for
+    pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
+    assert pb
+
+
+@pytest.mark.parametrize("side", [Side.CARRIER, Side.FLEET])
+def test_a_half_closed_call_ends_when_the_other_side_ends_or_the_grace_passes(side):
+    (a,) = fleets("a")
+    # The other side ends too (its own close_notify or FIN): both are closed.
+    pb, _ = new_call()
+    in_tunnel(pb, a)
+    pb >> CloseFrameSeen(side)
+    pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    pb >> CloseFrameSeen(side)  # a second frame from the same side: still waiting
+    pb >> SideFinished(_other(side))
+    pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> CarrierLost(Lost.CLOSED) >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb << CallEnded(_CLOSED_BY[side])
+    assert pb
+    # Nothing comes back: the grace passes, both are closed.
+    pb, _ = new_call()
+    in_tunnel(pb, a)
+    pb >> CloseFrameSeen(side)
+    pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    pb >> TimerFired(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() >> CarrierLost(Lost.CLOSED)
+    pb << CallEnded(_CLOSED_BY[side])
+    assert pb
+
+
+@pytest.mark.parametrize("frames", [[], [Side.FLEET], [Side.CARRIER, Side.FLEET]])
+def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frames):
+    """No close frame of its own, or the exchange of close frames done: nothing
+    is waited for (the pump closes the side; its loss closes the other)."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a)
+    for side in frames:
+        pb >> CloseFrameSeen(side)
+    pb >> SideFinished(Side.CARRIER)
+    assert pb and machine.state is State.TUNNEL
+    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb << CallEnded(_CLOSED_BY[frames[0]] if frames else EndReason.CARRIER_CLOSED)
+    assert pb
+
+
+@pytest.mark.parametrize(
+    ("event", "commands"),
+    [
+        (FleetLost(Lost.RESET), [ReleaseSlot(), CloseSide(Side.CARRIER)]),
+        (CarrierLost(Lost.RESET), [CloseSide(Side.FLEET)]),
+        (EndRequested(EndReason.DRAIN), [CloseSide(Side.CARRIER), CloseSide(Side.FLEET)]),
+        (
+            EndRequested(EndReason.FLEET_SILENT),
+            [CloseSide(Side.CARRIER), AbortSide(Side.FLEET)],
+        ),
+    ],
+)
+def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(event, commands):
+    """No timer outlives the state that started it (CLOSING takes no timer)."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a)
+    pb >> CloseFrameSeen(Side.CARRIER)
+    pb >> SideFinished(Side.CARRIER) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    pb >> event << CancelTimer(Timer.HALF_CLOSED)
+    for command in commands:
+        pb << command
+    assert pb and machine.state is State.CLOSING
+    assert machine.end_reason is EndReason.CARRIER_CLOSED
 
 
 @pytest.mark.parametrize(

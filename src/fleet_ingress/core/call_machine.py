@@ -10,9 +10,10 @@ Timers are commands too, so a transcript test drives time by firing them.
 Not here, on purpose: the tunnel's hot path. Once linked, each side's
 `data_received` adds to a counter and writes to its peer without a word to the
 machine; only a lone WebSocket close frame is reported (`CloseFrameSeen`), the
-rare event that tells who hung up. The retry policy (`core.retry`), the
-router (`core.routing`) and the fleet exchange (`core.fleet_exchange`, fed by
-the pump, which reports the head it finds) stay where they are.
+rare event that tells who hung up, and a side that half-closes (`SideFinished`).
+The retry policy (`core.retry`), the router (`core.routing`) and the fleet
+exchange (`core.fleet_exchange`, fed by the pump, which reports the head it
+finds) stay where they are.
 
 The transition table `TRANSITIONS` says, for each state, which events are
 legal and what handles them; an event a state does not list raises
@@ -59,6 +60,9 @@ class State(enum.Enum):
     CONNECTING = "connecting"  # a slot held; connecting to its fleet (the connect timer runs)
     AWAITING = "awaiting"  # the head sent; waiting for the fleet's answer (the response timer)
     TUNNEL = "tunnel"  # 101 relayed: the two sides are linked
+    # A side sent its WebSocket close frame, then all it will (its TLS
+    # close_notify, a FIN): the other's close reply still reaches it (a timer runs).
+    HALF_CLOSED = "half_closed"
     RELAYING = "relaying"  # a fleet's non-101 answer is being passed through
     ANSWERING = "answering"  # a local answer written; the carrier is being closed
     CLOSING = "closing"  # the end is decided; waiting for the sides to go
@@ -83,6 +87,12 @@ class Timer(enum.Enum):
     REQUEST = "request"  # timeouts.request: the head must be complete by then
     CONNECT = "connect"  # timeouts.connect: one attempt's TCP (+TLS) connection
     RESPONSE = "response"  # timeouts.response: the fleet's answer head
+    HALF_CLOSED = "half_closed"  # HALF_CLOSED_GRACE: the other side's last words
+
+
+HALF_CLOSED_GRACE = 5.0
+"""Seconds a tunnel stays open, one way, after a side has finished sending:
+time for the other side's close reply, which follows at once when it follows."""
 
 
 # Events ---------------------------------------------------------------------
@@ -150,6 +160,14 @@ class FleetAnswerComplete(Event):
 
 @dataclass(frozen=True, slots=True)
 class CloseFrameSeen(Event):
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class SideFinished(Event):
+    """A linked side has sent all it will (a TLS close_notify, a FIN) and can
+    still be written to: TLS 1.3 and TCP let a peer half-close."""
+
     side: Side
 
 
@@ -343,6 +361,7 @@ _LOST_REASON = {
     },
 }
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
+_OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}
 
 
 @dataclass(eq=False, slots=True)
@@ -363,6 +382,8 @@ class CallMachine:
     status: int | None = None  # what the carrier was answered
     answer_text: str | None = None  # the text of a local answer (503 "no fleet is up ...")
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
+    # The side whose close frame answers the first one, until it is relayed.
+    reply_due_from: Side | None = None
     end_reason: EndReason | None = None
     # What the event being fed brings; None between events.
     _out: Commands | None = field(default=None, repr=False)
@@ -623,6 +644,56 @@ class CallMachine:
         assert isinstance(event, CloseFrameSeen)
         if self.hung_up_by is None:
             self.hung_up_by = _HUNG_UP_BY[event.side]
+            self.reply_due_from = _OTHER[event.side]
+        elif event.side is self.reply_due_from:
+            self.reply_due_from = None
+
+    def _side_finished(self, event: Event) -> None:
+        """A side that sent its close frame and then finished sending (TLS
+        1.3's close_notify, a FIN) still gets the other side's close reply:
+        the call ends once that reply is relayed, the other side ends too, or
+        the grace passes. A side that finishes with no reply due is closed,
+        as one that left (the pump closes it; its loss closes the other)."""
+        assert isinstance(event, SideFinished)
+        if self.reply_due_from is not _OTHER[event.side]:
+            return
+        self._end(self._lost_reason(event.side, Lost.CLOSED))
+        self.state = State.HALF_CLOSED
+        self._emit(StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE))
+
+    # Half-closed: one side has finished sending ----------------------------
+
+    def _close_frame_half_closed(self, event: Event) -> None:
+        assert isinstance(event, CloseFrameSeen)
+        if event.side is self.reply_due_from:  # the reply, relayed: nothing follows
+            self.reply_due_from = None
+            self._close_both()
+
+    def _side_finished_half_closed(self, event: Event) -> None:
+        assert isinstance(event, SideFinished)
+        if event.side is self.reply_due_from:  # it ends without a reply
+            self._close_both()
+
+    def _half_closed_timer(self, event: Event) -> None:
+        assert isinstance(event, TimerFired) and event.timer is Timer.HALF_CLOSED
+        self.state = State.CLOSING
+        self._emit(CloseSide(Side.CARRIER), CloseSide(Side.FLEET))
+
+    def _close_both(self) -> None:
+        self.state = State.CLOSING
+        self._emit(CancelTimer(Timer.HALF_CLOSED), CloseSide(Side.CARRIER), CloseSide(Side.FLEET))
+
+    def _carrier_lost_half_closed(self, event: Event) -> None:
+        self._emit(CancelTimer(Timer.HALF_CLOSED))
+        self._carrier_lost_linked(event)
+
+    def _fleet_lost_half_closed(self, event: Event) -> None:
+        self._emit(CancelTimer(Timer.HALF_CLOSED))
+        self._fleet_lost_linked(event)
+
+    def _end_requested_half_closed(self, event: Event) -> None:
+        self._emit(CancelTimer(Timer.HALF_CLOSED))
+        self._end_requested_linked(event)
 
     def _carrier_lost_linked(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
@@ -739,9 +810,18 @@ CallMachine.TRANSITIONS = {
     },
     State.TUNNEL: {
         CloseFrameSeen: _M._close_frame,
+        SideFinished: _M._side_finished,
         CarrierLost: _M._carrier_lost_linked,
         FleetLost: _M._fleet_lost_linked,
         EndRequested: _M._end_requested_linked,
+    },
+    State.HALF_CLOSED: {
+        CloseFrameSeen: _M._close_frame_half_closed,
+        SideFinished: _M._side_finished_half_closed,
+        TimerFired: _M._half_closed_timer,
+        CarrierLost: _M._carrier_lost_half_closed,
+        FleetLost: _M._fleet_lost_half_closed,
+        EndRequested: _M._end_requested_half_closed,
     },
     State.RELAYING: {
         FleetAnswerComplete: _M._answer_complete,
@@ -758,6 +838,7 @@ CallMachine.TRANSITIONS = {
         FleetLost: _M._fleet_lost_closing,
         EndRequested: _M._end_requested_closing,
         CloseFrameSeen: _M._ignore,
+        SideFinished: _M._ignore,
         FleetAnswerComplete: _M._ignore,
         SlotGranted: _M._slot_granted_late,
     },

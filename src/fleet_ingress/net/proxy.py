@@ -75,6 +75,7 @@ from fleet_ingress.core.call_machine import (
     SendHead,
     SetupFailed,
     Side,
+    SideFinished,
     SlotGranted,
     SlotRefused,
     StartTimer,
@@ -354,6 +355,12 @@ class CarrierProtocol(_Side):
                 self.pause_reading()
         # Otherwise (answering, closing): bytes are dropped; reading goes on
         # only to see the carrier leave.
+
+    def eof_received(self) -> bool:
+        if self.peer is None or not _ended_cleanly(self.transport):
+            return False  # not linked: close (the loss ends what was under way)
+        self.feed(SideFinished(Side.CARRIER))
+        return self.machine.state is State.HALF_CLOSED  # the fleet's reply may follow
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -828,6 +835,15 @@ class FleetProtocol(_Side):
         if self.exchange is not None:
             self._relay_progress(progress)
 
+    def eof_received(self) -> bool:
+        pump = self.pump
+        if pump is None or self.peer is None or self.exchange is not None:
+            return False  # not in a tunnel: a relayed answer ends with the connection
+        if not _ended_cleanly(self.transport):
+            return False
+        pump.feed(SideFinished(Side.FLEET))
+        return pump.machine.state is State.HALF_CLOSED  # the carrier's reply may follow
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         pump = self.pump
@@ -889,6 +905,14 @@ class FleetProtocol(_Side):
     def unlink(self) -> None:
         super().unlink()
         self.pump = None
+
+
+def _ended_cleanly(transport: asyncio.Transport | None) -> bool:
+    """A TLS peer's close_notify (its FIN without one ends the TLS session:
+    nothing more can be written), or a plain TCP peer's FIN."""
+    if isinstance(transport, TLSConnection):
+        return bool(transport.peer_ended_cleanly)
+    return transport is not None
 
 
 def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
