@@ -216,6 +216,31 @@ async def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4(
     assert [r.fields["client_ip"] for r in refused] == ["127.0.0.1"]  # type: ignore[attr-defined]
 
 
+async def test_a_refusal_on_port_80_names_what_was_asked(
+    start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture
+):
+    """As the wss listener's refusals do: an operator reading why :80 said no
+    sees the path tried (the escaping audit of session 17: no target at all)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.refused")
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{certbot_standin[0]}"},
+    )
+    where = ingress.acme_address
+    await plain_exchange(where, b"POST /.well-known/acme-challenge/t HTTP/1.1\r\nHost: h\r\n\r\n")
+    await plain_exchange(where, b"GET /wp-login.php HTTP/1.1\r\n\r\n")  # no Host: no parse
+    await plain_exchange(where, b"GET /a/../\x1b[2J HTTP/1.1\r\nHost: h\r\n\r\n")
+    refused = [r.fields for r in caplog.records if r.getMessage() == "request refused"]  # type: ignore[attr-defined]
+    assert [(f["status"], f["target"]) for f in refused] == [
+        (405, "/.well-known/acme-challenge/t"),
+        (400, "GET /wp-login.php HTTP/1.1"),
+        (400, "GET /a/../\\x1b[2J HTTP/1.1"),
+    ]
+
+
 async def test_a_flood_of_challenges_with_no_responder_writes_a_bounded_log(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ):

@@ -332,3 +332,21 @@ def _origin_form(target: bytes, headers: list[Header]) -> bytes:
 def _same_authority(scheme: bytes, a: bytes, b: bytes) -> bool:
     default = b":" + _DEFAULT_PORTS[scheme]
     return a.lower().removesuffix(default) == b.lower().removesuffix(default)
+
+
+LOGGED_TARGET = 256
+"""Bytes of a request's target (or of a refused head's first line) that a log
+line names: a scanner's 16 KiB target would make a 16 KiB line."""
+
+
+def logged_target(head: RequestHead) -> str:
+    """A parsed head's target for a log line (its bytes are printable ASCII)."""
+    return head.target[:LOGGED_TARGET].decode("latin-1")
+
+
+def logged_first_line(raw: bytes) -> str:
+    """A head that did not parse, for its log line: its first line, bounded, every
+    byte that is not printable ASCII escaped (the log is read in a terminal), a
+    backslash the client sent doubled (its ``\\xc3`` is not the byte 0xc3)."""
+    line = raw.split(b"\n", 1)[0].rstrip(b"\r")[:LOGGED_TARGET]
+    return line.decode("latin-1").encode("unicode_escape").decode("ascii")

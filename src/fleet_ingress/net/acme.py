@@ -25,6 +25,8 @@ from fleet_ingress.core.request_head import (
     RequestHead,
     RequestHeadReader,
     RequestRefused,
+    logged_first_line,
+    logged_target,
     parse_request_head,
 )
 from fleet_ingress.core.responses import local_response
@@ -87,6 +89,7 @@ class AcmeProtocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._done = False
         self.client_ip = "unknown"
+        self.target = ""  # the head's target once read (for the refused-request line)
         self._counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +135,7 @@ class AcmeProtocol(asyncio.Protocol):
         try:
             head = parse_request_head(raw)
         except RequestRefused as refused:
+            self.target = logged_first_line(raw)
             self._answer(refused.status, refused.reason)
             return
         except Exception:
@@ -140,6 +144,7 @@ class AcmeProtocol(asyncio.Protocol):
             log.exception("request head parse failed", extra=fields(client_ip=self.client_ip))
             self._answer(400, "malformed request")
             return
+        self.target = logged_target(head)
         self._route(head)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -226,6 +231,7 @@ class AcmeProtocol(asyncio.Protocol):
                 client_ip=self.client_ip,
                 listener="acme",
                 route="acme",
+                target=self.target,
                 status=status,
                 reason=text,
             )

@@ -91,6 +91,8 @@ from fleet_ingress.core.request_head import (
     RequestHead,
     RequestHeadReader,
     RequestRefused,
+    logged_first_line,
+    logged_target,
     parse_request_head,
 )
 from fleet_ingress.core.responses import local_response
@@ -114,7 +116,6 @@ refused_log = logging.getLogger("fleet_ingress.refused")
 REFUSED_LINES_PER_SECOND = 20
 # Warnings a flood can cause (failed fleet attempts, the :80 upstream's failures).
 WARNING_LINES_PER_SECOND = 20
-_LOGGED_TARGET = 256
 
 # A side stops reading its peer when its own write buffer passes this.
 WRITE_HIGH_WATER = 64 * 1024
@@ -452,7 +453,7 @@ class CarrierProtocol(_Side):
             head = parse_request_head(raw)
         except RequestRefused as refused:
             # What the log line can name of a head that did not parse: its first line.
-            self.target = _first_line(raw)
+            self.target = logged_first_line(raw)
             self.feed(HeadRefused(refused.status, refused.reason))
             return
         except Exception:
@@ -461,8 +462,7 @@ class CarrierProtocol(_Side):
             log.exception("request head parse failed", extra=fields(client_ip=self.client_ip))
             self.feed(HeadRefused(400, "malformed request"))
             return
-        # Bounded: a scanner's 16 KiB target would make a 16 KiB log line.
-        self.target = head.target[:_LOGGED_TARGET].decode("latin-1")
+        self.target = logged_target(head)
         self._head = head
         self.feed(HeadParsed(head))
 
@@ -944,14 +944,6 @@ def _this_hosts_failure(exc: OSError) -> bool:
     if isinstance(exc, socket.gaierror):
         return True
     return not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
-
-
-def _first_line(raw: bytes) -> str:
-    """A refused head's first line for its log line: bounded, and every byte
-    that is not printable ASCII escaped (the log is read in a terminal), a
-    backslash the carrier sent doubled (its ``\\xc3`` is not the byte 0xc3)."""
-    line = raw.split(b"\n", 1)[0].rstrip(b"\r")[:_LOGGED_TARGET]
-    return line.decode("latin-1").encode("unicode_escape").decode("ascii")
 
 
 def _lost_kind(exc: Exception | None) -> Lost:
