@@ -3,13 +3,20 @@
 Every call's frames, every handshake and every scrape share one event loop;
 work that holds it (a large head's parse, a TLS handshake, a stats page)
 delays every call's next 20 ms audio frame by as much. A timer set every
-`interval` seconds and measured on firing shows that delay directly, at the
-cost of one callback per interval.
+`interval` seconds (on average) and measured on firing shows that delay
+directly, at the cost of one callback per interval.
+
+Each wait is drawn between half and one and a half intervals. A timer set a
+fixed interval after it fired locks onto a stall that recurs at a multiple of
+that interval (work every second, say): after the first, it is always due
+just as the stall ends, and the lag it reports is nil (the alerts audit of
+session 17: 50 ms stalls every 200 ms, for a minute, recorded nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 
 DEFAULT_INTERVAL = 0.2
@@ -17,10 +24,15 @@ DEFAULT_INTERVAL = 0.2
 
 class LoopLagProbe:
     def __init__(
-        self, observe: Callable[[float], None], interval: float = DEFAULT_INTERVAL
+        self,
+        observe: Callable[[float], None],
+        interval: float = DEFAULT_INTERVAL,
+        *,
+        draw: Callable[[], float] = random.random,
     ) -> None:
         self.observe = observe
         self.interval = interval
+        self._draw = draw  # in [0, 1): where in the interval's span the next wait ends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._due = 0.0
@@ -41,7 +53,7 @@ class LoopLagProbe:
 
     def _schedule(self) -> None:
         assert self._loop is not None
-        self._due = self._loop.time() + self.interval
+        self._due = self._loop.time() + self.interval * (0.5 + self._draw())
         self._handle = self._loop.call_at(self._due, self._fire)
 
     def _fire(self) -> None:
