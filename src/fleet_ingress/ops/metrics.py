@@ -326,7 +326,9 @@ class _StateCollector(Collector):
         estimated = gauge(
             "estimated_available", "Reported free workers less calls opened since that probe."
         )
-        last_check = gauge("last_check_timestamp_seconds", "When the last probe answered.")
+        last_check = gauge(
+            "last_check_timestamp_seconds", "When the last probe ended, passed or failed."
+        )
         cert_expiry = gauge(
             "certificate_expiry_timestamp_seconds",
             "When the certificate the fleet served to its last probe expires (https, verified).",
