@@ -19,6 +19,8 @@ from fleet_ingress.core.addresses import (
         ("[::1]:8404", ("::1", 8404)),
         ("[::]:443", ("::", 443)),
         ("[fe80::1%eth0]:80", ("fe80::1%eth0", 80)),
+        ("[fe80::1%2]:80", ("fe80::1%2", 80)),  # an interface's index
+        ("[fe80::1%br+lan.10]:80", ("fe80::1%br+lan.10", 80)),  # any name Linux takes
         # One spelling per address: [::0] is the wildcard, [0:0::1] is ::1.
         ("[::0]:443", ("::", 443)),
         ("[0:0:0:0:0:0:0:0]:443", ("::", 443)),
@@ -52,6 +54,10 @@ def test_parse_good(text: str, expected: tuple[str, int]) -> None:
         ("-host:443", "not a host name"),
         ("bad host:443", "not a host name"),
         ("1.2.3.999:443", "not a valid IPv4 address"),
+        # A zone is an interface's name (a default fleet name, shown in a terminal).
+        ("[fe80::1%a/b]:443", "not an interface's name or index"),
+        ("[fe80::1%\x1b[2J]:443", "has zone '\\x1b[2J'"),
+        ("[fe80::1%interface-name-16]:443", "at most 15"),
     ],
 )
 def test_parse_bad_names_what_text_and_fix(text: str, problem: str) -> None:

@@ -8,9 +8,10 @@ import re
 # One DNS label (letters, digits, hyphen; underscore too, since internal names use it).
 _LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _FORMS = "write it as HOST:PORT or [IPv6]:PORT, e.g. 0.0.0.0:443 or [::]:443"
-# An IPv6 zone: an interface's name or index (Linux names are at most 15 bytes).
-# Nothing else may pass: a fleet's default name is its host, shown in a terminal.
-_ZONE = re.compile(r"[A-Za-z0-9._~-]{1,15}")
+# An IPv6 zone: an interface's name or index, as Linux takes it (at most 15
+# bytes; no '/', ':' or space), in printable ASCII: a fleet's default name is
+# its host, shown in a terminal, where an escape sequence would act.
+_ZONE = re.compile(r"[!-.0-9;-~]{1,15}")
 
 
 def split_hostport(text: str) -> tuple[str, int | None]:
@@ -38,7 +39,7 @@ def split_hostport(text: str) -> tuple[str, int | None]:
         if percent and not _ZONE.fullmatch(zone):
             raise ValueError(
                 f"has zone {zone!r} after {address}%, which is not an interface's name or "
-                "index (letters, digits and . _ ~ -, at most 15)"
+                "index (at most 15 printable ASCII characters, no '/' or ':')"
             )
     else:
         host, colon, port_text = text.rpartition(":")
