@@ -55,7 +55,8 @@ def test_parse_good(text: str, expected: tuple[str, int]) -> None:
         ("bad host:443", "not a host name"),
         ("1.2.3.999:443", "not a valid IPv4 address"),
         # A zone is an interface's name (a default fleet name, shown in a terminal).
-        ("[fe80::1%a/b]:443", "not an interface's name or index"),
+        ("[fe80::1%a:b]:443", "not an interface's name or index"),
+        ("[fe80::1%a b]:443", "no '/', ':' or space"),
         ("[fe80::1%\x1b[2J]:443", "has zone '\\x1b[2J'"),
         ("[fe80::1%interface-name-16]:443", "at most 15"),
     ],

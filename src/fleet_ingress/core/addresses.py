@@ -39,7 +39,7 @@ def split_hostport(text: str) -> tuple[str, int | None]:
         if percent and not _ZONE.fullmatch(zone):
             raise ValueError(
                 f"has zone {zone!r} after {address}%, which is not an interface's name or "
-                "index (at most 15 printable ASCII characters, no '/' or ':')"
+                "index (at most 15 printable ASCII characters; no '/', ':' or space)"
             )
     else:
         host, colon, port_text = text.rpartition(":")
