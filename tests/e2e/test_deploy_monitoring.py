@@ -191,9 +191,10 @@ def test_alert_rules_pass_promtool_check() -> None:
 
 def test_alert_rules_fire_on_synthetic_series() -> None:
     """promtool's unit tests: fleet DOWN (not when in MAINT), certificate expiry,
-    no capacity, all fleets down, 503 rate (with its volume guard), queue timeouts,
-    a worker dying with calls and the scrape target down each fire, and stay quiet
-    when they should."""
+    no capacity, all fleets down, 503 rate (with its volume guard, and within 2
+    minutes of an outage), a fleet answering 5xx or 429 to most calls, queue
+    timeouts, a worker dying with calls or hung, a TLS handshake failure storm and
+    the scrape target down each fire, and stay quiet when they should."""
     tests = yaml.safe_load(ALERTS_TEST.read_text())
     firing = {
         case["alertname"]
@@ -210,6 +211,11 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressAcceptFailures",
         "FleetIngressLogLinesDropped",
         "FleetIngressFleetCertificateExpiringSoon",
+        "FleetIngressHigh503Rate",
+        "FleetIngressFleetAnswers5xx",
+        "FleetIngressFleetAnswers429",
+        "FleetIngressWorkerHung",
+        "FleetIngressTLSHandshakeFailures",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -228,6 +234,10 @@ def test_every_alert_tells_the_operator_what_to_do() -> None:
         "FleetIngressQueueTimeouts",
         "FleetIngressWorkerDied",
         "FleetIngressCertificateExpiringSoon",
+        "FleetIngressFleetAnswers5xx",
+        "FleetIngressFleetAnswers429",
+        "FleetIngressWorkerHung",
+        "FleetIngressTLSHandshakeFailures",
     } <= names
     assert len(names) == len(rules), "duplicate alert names"
     for rule in rules:
