@@ -37,6 +37,7 @@ ALERTS = PROMETHEUS_DIR / "fleet-ingress-alerts.yml"
 ALERTS_TEST = PROMETHEUS_DIR / "fleet-ingress-alerts.test.yml"
 EXAMPLE_CONFIG = PROMETHEUS_DIR / "prometheus.example.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "fleet-ingress-dashboard.json"
+DEPLOY_README = ROOT / "deploy" / "README.md"
 JOB = "fleet-ingress"  # the job name the alert rules match and the example config sets
 
 APT_INSTALL = "apt-get install -y --no-install-recommends prometheus"
@@ -247,6 +248,37 @@ def test_every_alert_tells_the_operator_what_to_do() -> None:
         assert len(annotations["description"].split()) >= 15, rule["alert"]
     up_rules = [rule for rule in rules if "up" in metric_names(rule["expr"])]
     assert all(f'job="{JOB}"' in rule["expr"] for rule in up_rules)
+
+
+def test_every_alert_is_explained_in_the_deploy_readme() -> None:
+    """deploy/README.md's alert table names every alert an operator can get."""
+    readme = DEPLOY_README.read_text()
+    rows = set(re.findall(r"^\| `(FleetIngress\w+)`(?: / `(FleetIngress\w+)`)?", readme, re.M))
+    listed = {name for row in rows for name in row if name}
+    assert sorted({rule["alert"] for rule in load_alert_rules()} - listed) == []
+
+
+def test_deploy_readmes_inhibit_rule_is_a_valid_alertmanager_config(tmp_path: Path) -> None:
+    """The inhibit rule example (AllFleetsDown over FleetDown and the 503s): valid
+    YAML naming real alerts; `amtool check-config` takes it where amtool is
+    installed (Debian: prometheus-alertmanager; optional, not on CI)."""
+    (block,) = re.findall(r"```yaml\n(.*?)```", DEPLOY_README.read_text(), re.S)
+    example = yaml.safe_load(block)
+    (rule,) = example["inhibit_rules"]
+    names = {r["alert"] for r in load_alert_rules()}
+    matched = " ".join(rule["source_matchers"] + rule["target_matchers"])
+    assert set(re.findall(r"FleetIngress\w+", matched)) <= names
+    assert rule["equal"] == ["job", "instance"]
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool is not installed (apt-get install prometheus-alertmanager)")
+    config = {"route": {"receiver": "null"}, "receivers": [{"name": "null"}], **example}
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [amtool, "check-config", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_example_prometheus_config_scrapes_the_stats_listener_and_loads_the_rules() -> None:
