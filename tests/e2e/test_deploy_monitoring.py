@@ -43,14 +43,15 @@ JOB = "fleet-ingress"  # the job name the alert rules match and the example conf
 APT_INSTALL = "apt-get install -y --no-install-recommends prometheus"
 
 
-def require_tool(name: str) -> str:
-    """The path of promtool/prometheus; skip without it, unless on CI, where it is a failure."""
+def require_tool(name: str, install: str = APT_INSTALL) -> str:
+    """The path of promtool/prometheus/amtool; skip without it, unless on CI,
+    where it is a failure."""
     path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
     if path is not None:
         return path
     if os.environ.get("CI"):
-        pytest.fail(f"{name} is not installed and CI must run this test; install it: {APT_INSTALL}")
-    pytest.skip(f"{name} is not installed (CI unset); install it with: {APT_INSTALL}")
+        pytest.fail(f"{name} is not installed and CI must run this test; install it: {install}")
+    pytest.skip(f"{name} is not installed (CI unset); install it with: {install}")
 
 
 def promtool(*args: str, cwd: Path = PROMETHEUS_DIR) -> subprocess.CompletedProcess[str]:
@@ -261,7 +262,7 @@ def test_every_alert_is_explained_in_the_deploy_readme() -> None:
 def test_deploy_readmes_inhibit_rule_is_a_valid_alertmanager_config(tmp_path: Path) -> None:
     """The inhibit rule example (AllFleetsDown over FleetDown and the 503s): valid
     YAML naming real alerts; `amtool check-config` takes it where amtool is
-    installed (Debian: prometheus-alertmanager; optional, not on CI)."""
+    installed (Debian: prometheus-alertmanager; .ci/run installs it)."""
     (block,) = re.findall(r"```yaml\n(.*?)```", DEPLOY_README.read_text(), re.S)
     example = yaml.safe_load(block)
     (rule,) = example["inhibit_rules"]
@@ -269,9 +270,9 @@ def test_deploy_readmes_inhibit_rule_is_a_valid_alertmanager_config(tmp_path: Pa
     matched = " ".join(rule["source_matchers"] + rule["target_matchers"])
     assert set(re.findall(r"FleetIngress\w+", matched)) <= names
     assert rule["equal"] == ["job", "instance"]
-    amtool = shutil.which("amtool")
-    if amtool is None:
-        pytest.skip("amtool is not installed (apt-get install prometheus-alertmanager)")
+    amtool = require_tool(
+        "amtool", "apt-get install -y --no-install-recommends prometheus-alertmanager"
+    )
     config = {"route": {"receiver": "null"}, "receivers": [{"name": "null"}], **example}
     path = tmp_path / "alertmanager.yml"
     path.write_text(yaml.safe_dump(config))

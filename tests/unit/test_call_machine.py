@@ -679,6 +679,9 @@ def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frame
             EndRequested(EndReason.FLEET_SILENT),
             [CloseSide(Side.CARRIER), AbortSide(Side.FLEET)],
         ),
+        # The carrier finished: its silence is by design, not a side gone (a
+        # carrier_silence under 5 s reset the reply away: the review).
+        (EndRequested(EndReason.CARRIER_SILENT), [CloseSide(Side.CARRIER), CloseSide(Side.FLEET)]),
     ],
 )
 def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(event, commands):

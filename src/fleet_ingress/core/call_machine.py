@@ -362,6 +362,7 @@ _LOST_REASON = {
 }
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
 _OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}
+_SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_SILENT}
 
 
 @dataclass(eq=False, slots=True)
@@ -692,6 +693,12 @@ class CallMachine:
         self._fleet_lost_linked(event)
 
     def _end_requested_half_closed(self, event: Event) -> None:
+        assert isinstance(event, EndRequested) and self.reply_due_from is not None
+        if event.reason is _SILENT[_OTHER[self.reply_due_from]]:
+            # The side that finished is silent by design, not gone: what was
+            # written to it is flushed, not reset away.
+            self._close_both()
+            return
         self._emit(CancelTimer(Timer.HALF_CLOSED))
         self._end_requested_linked(event)
 
