@@ -2145,10 +2145,20 @@ async def test_a_file_being_rewritten_at_the_exec_is_read_again_not_fatal(
         async with asyncio.timeout(60):
             while not any(e.get("event") == "upgrade: trial run passed" for e in service.log()):
                 await asyncio.sleep(0.05)
-        with open(path, "wb") as half_written:  # noqa: ASYNC230 (two writes, 3 s apart)
+        retrying = "reading again for up to 10 s"
+        with open(path, "wb") as half_written:  # noqa: ASYNC230 (two writes, apart)
             half_written.write(first(whole))
             half_written.flush()
-            await asyncio.sleep(3.0)  # the exec comes within a second or two of the trial
+            # The exec comes within a second or two of the trial: the rest is
+            # written once the new image has read the file cut and said it reads
+            # it again (or, were that broken, once the upgrade or the ingress ended).
+            async with asyncio.timeout(30):
+                while not (
+                    retrying in service.log_tail(20_000)
+                    or upgrade.done()
+                    or service.proc.returncode is not None
+                ):
+                    await asyncio.sleep(0.05)
             half_written.write(whole[len(first(whole)) :])
         code, out, err = await upgrade
         assert code == 0, (out, err, service.log_tail())
