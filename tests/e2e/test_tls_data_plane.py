@@ -632,6 +632,25 @@ def _one_carrier(ingress: Ingress, tls_files: TLSFiles, act: Callable[[ssl.SSLSo
         return act(tls)
 
 
+async def _one_call(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet_act: Callable[[ssl.SSLSocket], bytes],
+    carrier_act: Callable[[ssl.SSLSocket], bytes],
+) -> tuple[bytes, bytes]:
+    """One call through an ingress, each side a blocking TLS socket after the
+    101: what the carrier read, and what the fleet read."""
+    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
+    try:
+        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
+        async with asyncio.timeout(15):
+            fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
+            got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
+            return got, await fleet_read
+    finally:
+        listener.close()
+
+
 REPLY_AFTER = 0.3  # the close reply comes late enough that a close_notify is read first
 
 
@@ -655,20 +674,12 @@ async def test_a_carrier_that_half_closes_after_its_close_frame_gets_the_fleets_
         LIBSSL.SSL_shutdown(ssl_pointer(tls))  # close_notify once; reading goes on
         return _read_to_end(tls)
 
-    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
-    try:
-        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
-        async with asyncio.timeout(15):
-            fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
-            got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
-            assert await fleet_read == _masked(CLOSE_1000)
-            await eventually(lambda: bool(access_entries(caplog)))
-        assert got == CLOSE_1000
-        (entry,) = access_entries(caplog)
-        assert entry["end_reason"] == "carrier closed"
-        assert entry["bytes_to_carrier"] == len(CLOSE_1000)
-    finally:
-        listener.close()
+    got, fleet_read = await _one_call(start_ingress, tls_files, fleet_act, carrier_act)
+    assert (got, fleet_read) == (CLOSE_1000, _masked(CLOSE_1000))
+    await eventually(lambda: bool(access_entries(caplog)))
+    (entry,) = access_entries(caplog)
+    assert entry["end_reason"] == "carrier closed"
+    assert entry["bytes_to_carrier"] == len(CLOSE_1000)
 
 
 async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_reply(
@@ -690,17 +701,9 @@ async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_
         tls.sendall(_masked(CLOSE_1000))
         return got + _read_to_end(tls)
 
-    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
-    try:
-        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
-        async with asyncio.timeout(15):
-            fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
-            got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
-            assert got == CLOSE_1000
-            assert await fleet_read == _masked(CLOSE_1000)
-            await eventually(lambda: bool(access_entries(caplog)))
-        (entry,) = access_entries(caplog)
-        assert entry["end_reason"] == "fleet closed"
-        assert entry["bytes_from_carrier"] == len(CLOSE_1000) + 4
-    finally:
-        listener.close()
+    got, fleet_read = await _one_call(start_ingress, tls_files, fleet_act, carrier_act)
+    assert (got, fleet_read) == (CLOSE_1000, _masked(CLOSE_1000))
+    await eventually(lambda: bool(access_entries(caplog)))
+    (entry,) = access_entries(caplog)
+    assert entry["end_reason"] == "fleet closed"
+    assert entry["bytes_from_carrier"] == len(CLOSE_1000) + 4
