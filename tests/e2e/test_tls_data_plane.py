@@ -599,25 +599,26 @@ def _read_head(tls: ssl.SSLSocket) -> bytes:
     return head
 
 
-def _one_tls_fleet(tls_files: TLSFiles, act: Callable[[ssl.SSLSocket], bytes]):  # type: ignore[no-untyped-def]
-    """A fleet for one call on a blocking TLS socket: its 101 (the accept value
-    worked out), then `act`, whose result is what the fleet read."""
+def _one_fleet(tls_files: TLSFiles, act: Callable[[ssl.SSLSocket], bytes], *, tls: bool):  # type: ignore[no-untyped-def]
+    """A fleet for one call on a blocking socket, TLS or plain TCP: its 101
+    (the accept value worked out), then `act`, whose result is what the fleet read."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(10)
 
     def serve() -> bytes:
         conn, _ = listener.accept()
         conn.settimeout(10)
-        with tls_files.fleet_server_context().wrap_socket(conn, server_side=True) as tls:
-            head = _read_head(tls)
+        context = tls_files.fleet_server_context() if tls else None
+        with context.wrap_socket(conn, server_side=True) if context else conn as sock:  # type: ignore[union-attr]
+            head = _read_head(sock)
             key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)
             assert key is not None
             accept = base64.b64encode(hashlib.sha1(key[1] + WS_GUID).digest())
-            tls.sendall(
+            sock.sendall(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
             )
-            return act(tls)
+            return act(sock)
 
     return listener, serve
 
@@ -637,12 +638,17 @@ async def _one_call(
     tls_files: TLSFiles,
     fleet_act: Callable[[ssl.SSLSocket], bytes],
     carrier_act: Callable[[ssl.SSLSocket], bytes],
+    *,
+    fleet_tls: bool = True,
 ) -> tuple[bytes, bytes]:
-    """One call through an ingress, each side a blocking TLS socket after the
-    101: what the carrier read, and what the fleet read."""
-    listener, fleet = _one_tls_fleet(tls_files, fleet_act)
+    """One call through an ingress, each side a blocking socket after the 101
+    (the carrier's TLS, the fleet's TLS or plain TCP): what the carrier read,
+    and what the fleet read."""
+    listener, fleet = _one_fleet(tls_files, fleet_act, tls=fleet_tls)
+    port = listener.getsockname()[1]
+    line = f"https://localhost:{port} name=a" if fleet_tls else f"http://127.0.0.1:{port} name=a"
     try:
-        ingress = await start_ingress([f"https://localhost:{listener.getsockname()[1]} name=a"])
+        ingress = await start_ingress([line])
         async with asyncio.timeout(15):
             fleet_read = asyncio.ensure_future(asyncio.to_thread(fleet))
             got = await asyncio.to_thread(_one_carrier, ingress, tls_files, carrier_act)
@@ -707,3 +713,31 @@ async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_
     (entry,) = access_entries(caplog)
     assert entry["end_reason"] == "fleet closed"
     assert entry["bytes_from_carrier"] == len(CLOSE_1000) + 4
+
+
+async def test_a_plain_fleet_that_sends_its_fin_after_its_close_frame_gets_the_carriers_reply(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same over an http:// fleet: its TCP FIN (shutdown of its writes)
+    after its close frame is a half-close too."""
+    caplog.set_level("INFO", logger="fleet_ingress.access")
+
+    def fleet_act(conn: ssl.SSLSocket) -> bytes:
+        time.sleep(0.2)  # the close frame a read of its own
+        conn.sendall(CLOSE_1000)
+        conn.shutdown(socket.SHUT_WR)
+        return _read_to_end(conn)
+
+    def carrier_act(tls: ssl.SSLSocket) -> bytes:
+        got = _read_exactly(tls, len(CLOSE_1000))
+        time.sleep(REPLY_AFTER)
+        tls.sendall(_masked(CLOSE_1000))
+        return got + _read_to_end(tls)
+
+    got, fleet_read = await _one_call(
+        start_ingress, tls_files, fleet_act, carrier_act, fleet_tls=False
+    )
+    assert (got, fleet_read) == (CLOSE_1000, _masked(CLOSE_1000))
+    await eventually(lambda: bool(access_entries(caplog)))
+    (entry,) = access_entries(caplog)
+    assert entry["end_reason"] == "fleet closed"
