@@ -18,8 +18,9 @@ from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.health import Health
+from fleet_ingress.core.probe import ProbeSettings
 from fleet_ingress.net import poller as poller_module
-from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
+from fleet_ingress.net.poller import health_session, probe_fleet
 from fleet_ingress.net.tls import fleet_ssl_context
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet

@@ -426,7 +426,9 @@ async def test_each_fleet_is_probed_once_per_interval_for_the_host_not_per_worke
     """Issue 14: "Each fleet is probed once per interval for the host". With
     3 workers and fleets.check_interval = 0.25 s, each fleet counts about one
     probe per interval over a window, on one kept-alive connection: not one
-    per worker (3 or 4 times as many, on a connection each)."""
+    per worker (3 or 4 times as many, on a connection each). A worker does
+    not even load the HTTP client the probes use (nor the web apps: the
+    supervisor serves them): aiohttp was a quarter of its start's imports."""
     interval = 0.25
     service = await _fleets_up_or_finished(
         await RunningIngress.start(
@@ -454,8 +456,15 @@ async def test_each_fleet_is_probed_once_per_interval_for_the_host_not_per_worke
             assert per_interval / 2 <= n <= per_interval + 2, (probes, per_interval)
         # All of them over the supervisor's one connection to each fleet.
         assert [sim.health_connections for sim in two_fleets] == [1, 1]
+        assert _maps_aiohttp(service.proc.pid)
+        assert [_maps_aiohttp(row["pid"]) for row in await _worker_rows(service)] == [False] * 3
     finally:
         await service.finish()
+
+
+def _maps_aiohttp(pid: int) -> bool:
+    """Whether process `pid` has loaded aiohttp (its compiled parts are mapped)."""
+    return "/aiohttp/" in Path(f"/proc/{pid}/maps").read_text()
 
 
 async def _peer_serial(service: RunningIngress, tls_files: TLSFiles) -> str:

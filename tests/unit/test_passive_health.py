@@ -16,9 +16,9 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import Lost
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
-from fleet_ingress.core.probe import ProbeResult
+from fleet_ingress.core.probe import ProbeResult, ProbeSettings
 from fleet_ingress.net.dispatch import take_as_full
-from fleet_ingress.net.poller import HealthPoller, ProbeSettings
+from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.proxy import _lost_kind, _this_hosts_failure
 
 

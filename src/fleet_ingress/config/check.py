@@ -12,8 +12,8 @@ from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.core.probe import ProbeResult, judge_health_response
-from fleet_ingress.net.poller import ProbeSettings, health_session, probe_fleet
+from fleet_ingress.core.probe import ProbeResult, ProbeSettings, judge_health_response
+from fleet_ingress.net.poller import health_session, probe_fleet
 from fleet_ingress.net.tls import (
     TLSSetupError,
     chain_problem,

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 MAX_HEALTH_BODY = 64 * 1024
 
 
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How fleets are probed: `[fleets]`'s health_path, capacity_key,
+    check_interval, check_timeout, fall and rise."""
+
+    health_path: str
+    capacity_key: str
+    interval: float
+    timeout: float
+    fall: int
+    rise: int
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
     passed: bool

@@ -19,7 +19,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -30,6 +29,7 @@ from fleet_ingress.core.health import Health, observe
 from fleet_ingress.core.probe import (
     MAX_HEALTH_BODY,
     ProbeResult,
+    ProbeSettings,
     failed,
     judge_health_response,
     judged_against_starvation,
@@ -40,16 +40,6 @@ from fleet_ingress.net.cpu_wait import cpu_wait
 from fleet_ingress.net.dispatch import SlotQueue
 
 log = logging.getLogger("fleet_ingress.health")
-
-
-@dataclass(frozen=True)
-class ProbeSettings:
-    health_path: str
-    capacity_key: str
-    interval: float
-    timeout: float
-    fall: int
-    rise: int
 
 
 # How long, a fleet, the fleets' first probes are spread over: a probe on a new
@@ -213,6 +203,12 @@ class HealthPoller:
     async def stop(self, fleet: FleetState) -> None:
         if (task := self.stop_probing(fleet)) is not None:
             await asyncio.gather(task, return_exceptions=True)
+
+    async def probe_once(self, spec: FleetSpec) -> ProbeResult:
+        """The probe this poller sends, once, to a fleet it does not probe (yet),
+        on a connection of its own: an operator's pre-check of a new fleet."""
+        async with health_session(self.fleet_ssl, self.settings) as session:
+            return await probe_fleet(session, spec, self.settings)
 
     async def wait_first_probes(self, timeout: float) -> bool:
         """Wait (at most `timeout`) until every polled fleet has had a verdict

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleet_ingress.config.atomic import write_atomically
 from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text
@@ -40,8 +40,10 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
-from fleet_ingress.net.poller import HealthPoller, health_session, probe_fleet
 from fleet_ingress.ops.metrics import FleetChecks
+
+if TYPE_CHECKING:  # a worker runs no poller, and does not import aiohttp for it
+    from fleet_ingress.net.poller import HealthPoller
 
 log = logging.getLogger("fleet_ingress.admin")
 
@@ -245,8 +247,7 @@ class FleetOps:
         # Pre-check: the fleet must pass the same probe the poller will send.
         poller = self.poller
         assert poller is not None, "fleet changes need the health poller"
-        async with health_session(poller.fleet_ssl, poller.settings) as session:
-            precheck = await probe_fleet(session, spec, poller.settings)
+        precheck = await poller.probe_once(spec)
         if not precheck.passed:
             raise FleetChangeError(
                 422,
