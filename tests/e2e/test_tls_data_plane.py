@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import pytest
 
+from fleet_ingress.logs import _FIELDS
 from fleet_ingress.net.tls_socket import connect as tls_connect
 from fleet_ingress.service.ingress import Ingress
 from tests.support import (
@@ -76,6 +77,86 @@ async def test_a_refused_client_gets_the_alert_that_says_why(
     await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
     await eventually(lambda: ingress.registry.handshaking == 0)
     assert ingress.registry.connections_total == 0
+
+
+def _distrusting_client() -> ssl.SSLContext:
+    """A client that does not trust the ingress's certificate (the system's CAs
+    only, not the test CA): it refuses the handshake with an alert."""
+    return ssl.create_default_context()
+
+
+def _plain_http(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /ws/bot HTTP/1.1\r\nHost: calls.test\r\n\r\n")
+        with contextlib.suppress(OSError):
+            sock.recv(100)
+
+
+def _connect_and_leave(port: int) -> None:
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def _handshake_with(make_ctx: Callable[[], ssl.SSLContext]) -> Callable[[int], object]:
+    return lambda port: blocking_handshake(port, make_ctx())
+
+
+def _refusal_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [
+        r.__dict__[_FIELDS]
+        for r in caplog.records
+        if r.name == "fleet_ingress.refused" and r.getMessage() == "tls handshake failed"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("client", "reason"),
+    [
+        (_handshake_with(tls11_only_client), "UNSUPPORTED_PROTOCOL"),
+        (_handshake_with(no_shared_cipher_client), "NO_SHARED_CIPHER"),
+        (_handshake_with(_distrusting_client), "TLSV1_ALERT_UNKNOWN_CA"),
+        (_plain_http, "HTTP_REQUEST"),
+        (_connect_and_leave, None),
+    ],
+    ids=["tls1.1-only", "no-shared-cipher", "distrusts-the-certificate", "plain-http", "leaves"],
+)
+async def test_a_failed_handshake_is_logged_with_the_client_and_why(
+    start_ingress: StartIngress,
+    caplog: pytest.LogCaptureFixture,
+    client: Callable[[int], object],
+    reason: str | None,
+) -> None:
+    """An operator paged for failing handshakes (or told by a carrier that it
+    cannot connect) had only a count: each failure with a reason now has a
+    line naming the client and OpenSSL's reason. A client that leaves without
+    a word (a TCP health check, a scanner) is counted, not logged."""
+    caplog.set_level("INFO", logger="fleet_ingress.refused")
+    ingress = await _ingress_without_fleets(start_ingress)
+    _, port = ingress.wss_address
+    await asyncio.to_thread(client, port)
+    await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+    lines = _refusal_lines(caplog)
+    if reason is None:
+        assert lines == []
+        return
+    assert [(r["client_ip"], r["listener"], r["reason"]) for r in lines] == [
+        ("127.0.0.1", "wss", reason)
+    ]
+
+
+async def test_a_handshake_timeout_is_logged_with_the_client(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="fleet_ingress.refused")
+    ingress = await _ingress_without_fleets(start_ingress, timeouts={"request": 0.3})
+    host, port = ingress.wss_address
+    _, writer = await asyncio.open_connection(host, port)
+    try:
+        await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+    finally:
+        writer.close()
+    assert [(r["client_ip"], r["reason"]) for r in _refusal_lines(caplog)] == [
+        ("127.0.0.1", "timeout: no TLS handshake within timeouts.request")
+    ]
 
 
 async def test_openssl_s_client_reports_the_protocol_version_alert(
@@ -163,8 +244,10 @@ async def _handshake_under_way(ingress) -> tuple[asyncio.StreamReader, asyncio.S
 
 
 def _handshake_failures_logged(caplog: pytest.LogCaptureFixture) -> int:
+    """Failed handshakes logged: with a reason (INFO), or without (DEBUG)."""
     return sum(
-        r.name == "fleet_ingress.listener" and r.getMessage() == "tls handshake failed"
+        r.name in ("fleet_ingress.refused", "fleet_ingress.listener")
+        and r.getMessage() == "tls handshake failed"
         for r in caplog.records
     )
 
@@ -176,6 +259,7 @@ async def test_a_handshake_kept_over_an_upgrades_stop_that_fails_is_counted_and_
     (`CarrierListener.close(keep_handshakes=True)`): one of them that then
     fails is the carrier's failure as any other, in the metric and the log."""
     caplog.set_level("DEBUG", logger="fleet_ingress.listener")
+    caplog.set_level("INFO", logger="fleet_ingress.refused")
     ingress = await _ingress_without_fleets(start_ingress)
     reader, writer = await _handshake_under_way(ingress)
     try:
@@ -196,6 +280,7 @@ async def test_a_handshake_cut_by_a_plain_stop_is_not_counted_as_the_carriers_fa
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("DEBUG", logger="fleet_ingress.listener")
+    caplog.set_level("INFO", logger="fleet_ingress.refused")
     ingress = await _ingress_without_fleets(start_ingress)
     reader, writer = await _handshake_under_way(ingress)
     try:

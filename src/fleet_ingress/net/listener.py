@@ -28,9 +28,10 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
+from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.logs import fields
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
-from fleet_ingress.net.tls_socket import Acceptor, TLSConnection, wrap_accepted
+from fleet_ingress.net.tls_socket import Acceptor, HandshakeTimeout, TLSConnection, wrap_accepted
 
 log = logging.getLogger("fleet_ingress.listener")
 
@@ -266,7 +267,7 @@ class CarrierListener:
             if not self._cutting:  # a stop cuts handshakes short: not the carrier's failure
                 ctx.registry.tls_handshake_failures += 1
                 ctx.registry.counted()
-                log.debug("tls handshake failed", extra=fields(error=repr(exc)))
+                _log_handshake_failure(ctx, tls, exc)
             return
         serve(tls, CarrierProtocol(ctx))
 
@@ -275,6 +276,38 @@ class CarrierListener:
         if now - self._warned_at.get(kind, -WARN_EVERY) >= WARN_EVERY:
             self._warned_at[kind] = now
             log.warning(message, extra=fields(**values))
+
+
+def handshake_failure_reason(exc: BaseException) -> str | None:
+    """What a failed carrier handshake says of the client, for the log: OpenSSL's
+    reason (UNSUPPORTED_PROTOCOL: it offered only TLS 1.1 or older;
+    NO_SHARED_CIPHER; TLSV1_ALERT_UNKNOWN_CA: it does not trust this host's
+    certificate; HTTP_REQUEST: plain HTTP on the TLS port), or the timeout.
+    None when the client left without a word (a TCP health check, a scanner):
+    not worth a line."""
+    if isinstance(exc, HandshakeTimeout):
+        return "timeout: no TLS handshake within timeouts.request"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or not isinstance(
+        exc, ssl.SSLError
+    ):
+        return None
+    return exc.reason or str(exc)
+
+
+def _log_handshake_failure(ctx: ProxyContext, tls: TLSConnection, exc: BaseException) -> None:
+    """One line a failed handshake with a reason (rate-limited with the refused
+    requests: a flood of them is counted, not written line by line)."""
+    reason = handshake_failure_reason(exc)
+    if reason is None or ctx.refusals is None or not ctx.access_log:
+        log.debug("tls handshake failed", extra=fields(error=repr(exc)))
+        return
+    peername = tls.peername
+    ctx.refusals.info(
+        "tls handshake failed",
+        client_ip=peer_ip(peername[0]) if peername else "unknown",
+        listener="wss",
+        reason=reason,
+    )
 
 
 def _reset(conn: socket.socket) -> None:
