@@ -66,6 +66,33 @@ def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
             ),
         ),
         (
+            # RFC 6874's form (the zone's '%' percent-encoded, as curl writes it) was
+            # taken as zone '25eth0'; a zone is an interface's name, kept as it is
+            # written (enP1s0 was lower-cased to a name no interface has).
+            "https://[FE80::1%25enP1s0]:8443",
+            FleetSpec(
+                "https://[fe80::1%enP1s0]:8443",
+                "[fe80::1%enP1s0]:8443",
+                "https",
+                "fe80::1%enP1s0",
+                8443,
+                "[fe80::1%enP1s0]:8443",
+                16,
+            ),
+        ),
+        (
+            "https://[fe80::1%enP1s0]:8443",
+            FleetSpec(
+                "https://[fe80::1%enP1s0]:8443",
+                "[fe80::1%enP1s0]:8443",
+                "https",
+                "fe80::1%enP1s0",
+                8443,
+                "[fe80::1%enP1s0]:8443",
+                16,
+            ),
+        ),
+        (
             "  HTTPS://Fleet4.Example.COM/   name=f4   # scaled to 32 workers maxconn=1",
             FleetSpec(
                 "https://fleet4.example.com",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from fleet_ingress.core.addresses import format_hostport, split_hostport
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
@@ -130,14 +130,27 @@ def _parse_url(token: str) -> tuple[str, str, int, str]:
             token, f"has a path or query; the carrier's path is forwarded as is, so {_URL_FORM}"
         )
     try:
-        host, port = split_hostport(parts.netloc)
+        host, port = split_hostport(_zone_unescaped(parts.netloc))
     except ValueError as exc:
         raise _BadToken(token, f"{exc}; {_URL_FORM}") from None
     if port == 0:
         raise _BadToken(token, f"has port 0; {_URL_FORM} with PORT from 1 to 65535")
-    # Host names are case-insensitive; lower case keeps names, SNI and duplicates consistent.
-    host = host.lower()
+    # Host names are case-insensitive; lower case keeps names, SNI and duplicates
+    # consistent. An IPv6 zone is an interface's name, which is not (enP1s0).
+    address, percent, zone = host.partition("%")
+    host = address.lower() + percent + zone
     return parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme], format_hostport(host, port)
+
+
+def _zone_unescaped(netloc: str) -> str:
+    """An IPv6 zone as a URL writes it (RFC 6874: `[fe80::1%25eth0]`, the '%'
+    percent-encoded, as curl and browsers take it) as an address writes it
+    (`[fe80::1%eth0]`, which is taken too)."""
+    before, escaped, rest = netloc.partition("%25")
+    if not escaped or not before.startswith("[") or "]" in before:
+        return netloc
+    zone, bracket, after = rest.partition("]")
+    return f"{before}%{unquote(zone)}{bracket}{after}"
 
 
 def load_fleets_file(path: Path, *, default_maxconn: int) -> list[FleetSpec]:
