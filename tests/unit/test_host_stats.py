@@ -123,7 +123,6 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
         (("generation", "1"), ("pid", "101")): 1.0,
         (("generation", "2"), ("pid", "202")): 0.0,
     }
-    assert set(host["fleet_ingress_worker_channel_lost"].values()) == {0.0}
     assert host["fleet_ingress_workers"] == {
         (("generation", "1"),): 1.0,
         (("generation", "2"),): 1.0,
@@ -220,9 +219,11 @@ def test_a_worker_whose_channel_was_lost_shows_its_slots_and_draining_until_it_e
     assert sum(f["active"] for f in snap["fleets"]) == 1
     assert "draining, channel lost" in format_stat_table(snap)
     assert "draining, channel lost" in render_stats_page(snap)
-    # It cannot report: FleetIngressWorkerHung leaves it out by this.
+    # Its last report went with its channel: no report age, so FleetIngressWorkerHung
+    # (report age over 20 s) does not page for a worker that is not hung.
     host = families(HostMetrics(slots, HostView(), reloads=dict, calls_lost=lambda: 0).prometheus)
-    assert host["fleet_ingress_worker_channel_lost"] == {(("generation", "3"), ("pid", "55")): 1.0}
+    assert host["fleet_ingress_worker_calls"] == {(("generation", "3"), ("pid", "55")): 1.0}
+    assert host.get("fleet_ingress_worker_report_age_seconds", {}) == {}
     slots.release_kept("k")  # it exited
     assert host_snapshot(slots, HostView(), started_at=0.0)["workers"] == []
 

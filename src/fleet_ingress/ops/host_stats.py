@@ -274,11 +274,6 @@ class _WorkersCollector(Collector):
         connections = gauge("connections", "Open carrier connections of a worker (last report).")
         draining = gauge("draining", "1 when a worker has stopped accepting and finishes calls.")
         age = gauge("report_age_seconds", "Seconds since a worker's last report was read.")
-        lost = gauge(
-            "channel_lost",
-            "1 when a worker's channel to the supervisor is lost: it reports nothing more, "
-            "takes no new call, finishes its calls and exits.",
-        )
         rss = gauge("resident_memory_bytes", "A worker's resident memory (last report).")
         cpu = CounterMetricFamily(
             f"{PREFIX}_worker_cpu_seconds", "A worker's CPU time (last report).", labels=labels
@@ -288,7 +283,6 @@ class _WorkersCollector(Collector):
             key = [str(row["pid"]), str(row["generation"])]
             per_generation[key[1]] = per_generation.get(key[1], 0) + 1
             calls.add_metric(key, row["calls"])
-            lost.add_metric(key, 1 if row["channel_lost"] else 0)
             if row["connections"] is not None:
                 connections.add_metric(key, row["connections"])
                 draining.add_metric(key, 1 if row["draining"] else 0)
@@ -302,7 +296,7 @@ class _WorkersCollector(Collector):
         )
         for generation, n in sorted(per_generation.items(), key=lambda e: int(e[0])):
             workers.add_metric([generation], n)
-        yield from (workers, calls, connections, draining, age, lost, rss, cpu)
+        yield from (workers, calls, connections, draining, age, rss, cpu)
         restarts = CounterMetricFamily(
             f"{PREFIX}_worker_restarts",
             "Worker processes replaced after they died, by why.",
