@@ -71,7 +71,7 @@ def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
             # written (enP1s0 was lower-cased to a name no interface has).
             "https://[FE80::1%25enP1s0]:8443",
             FleetSpec(
-                "https://[fe80::1%enP1s0]:8443",
+                "https://[fe80::1%25enP1s0]:8443",
                 "[fe80::1%enP1s0]:8443",
                 "https",
                 "fe80::1%enP1s0",
@@ -83,7 +83,7 @@ def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
         (
             "https://[fe80::1%enP1s0]:8443",
             FleetSpec(
-                "https://[fe80::1%enP1s0]:8443",
+                "https://[fe80::1%25enP1s0]:8443",
                 "[fe80::1%enP1s0]:8443",
                 "https",
                 "fe80::1%enP1s0",
@@ -255,6 +255,27 @@ def test_a_name_as_long_as_a_default_one_can_be_is_taken() -> None:
     host = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253: the longest DNS name
     (spec,) = parse(f"https://{host}:65535\nhttps://x.test name={'n' * 259}\n")[:1]
     assert len(spec.name) == 259
+
+
+@pytest.mark.parametrize(
+    ("url", "zone"),
+    [
+        ("https://[fe80::1%25eth0]:8443", "eth0"),
+        ("https://[fe80::1%eth0]:8443", "eth0"),
+        ("https://[fe80::1%25]:8443", "25"),  # '%25' alone: interface index 25
+        ("https://[fe80::1%2525]:8443", "25"),
+        ("https://[fe80::1%25251]:8443", "251"),
+        ("https://[fe80::1%251]:8443", "1"),  # as curl reads it
+        ("https://[fe80::1%2525x]:8443", "25x"),
+    ],
+)
+def test_a_zone_is_read_as_curl_reads_it_and_written_back_the_same(url: str, zone: str) -> None:
+    """The fleets file written back (add-fleet, init) wrote zone 251 as `%251`,
+    read again as zone 1 (the review of session 18)."""
+    (spec,) = parse(url)
+    assert spec.host == f"fe80::1%{zone}"
+    (again,) = parse(format_fleets_text([spec]))
+    assert again == spec
 
 
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_url() -> None:

@@ -75,7 +75,7 @@ def parse_fleets_text(
 def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str]:
     """Return the fleet and the token its name came from (for duplicate-name errors)."""
     url_token, *options = tokens
-    scheme, host, port, host_header = _parse_url(url_token)
+    scheme, host, port, host_header, url = _parse_url(url_token)
     name, name_token, maxconn = host_header, url_token, default_maxconn
     admin = Admin.READY
     given: set[str] = set()
@@ -111,11 +111,11 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
             maxconn = int(value)
-    url = f"{scheme}://{host_header}"
     return FleetSpec(url, name, scheme, host, port, host_header, maxconn, admin), name_token
 
 
-def _parse_url(token: str) -> tuple[str, str, int, str]:
+def _parse_url(token: str) -> tuple[str, str, int, str, str]:
+    """scheme, host, port, Host header, and the fleet's URL as it is written back."""
     try:
         parts = urlsplit(token)
     except ValueError:  # e.g. an unclosed '[' in the host
@@ -139,18 +139,32 @@ def _parse_url(token: str) -> tuple[str, str, int, str]:
     # consistent. An IPv6 zone is an interface's name, which is not (enP1s0).
     address, percent, zone = host.partition("%")
     host = address.lower() + percent + zone
-    return parts.scheme, host, port or _DEFAULT_PORTS[parts.scheme], format_hostport(host, port)
+    url = f"{parts.scheme}://{format_hostport(_url_host(host), port)}"
+    return (
+        parts.scheme,
+        host,
+        port or _DEFAULT_PORTS[parts.scheme],
+        format_hostport(host, port),
+        url,
+    )
 
 
 def _zone_unescaped(netloc: str) -> str:
     """An IPv6 zone as a URL writes it (RFC 6874: `[fe80::1%25eth0]`, the '%'
-    percent-encoded, as curl and browsers take it) as an address writes it
-    (`[fe80::1%eth0]`, which is taken too)."""
+    percent-encoded) as an address writes it (`[fe80::1%eth0]`, which is taken
+    too). As curl reads it: '%25' followed by more is the escape (so `%251` is
+    zone 1), '%25' alone is zone 25."""
     before, escaped, rest = netloc.partition("%25")
-    if not escaped or not before.startswith("[") or "]" in before:
+    if not escaped or not before.startswith("[") or "]" in before or rest.startswith("]"):
         return netloc
     zone, bracket, after = rest.partition("]")
     return f"{before}%{unquote(zone)}{bracket}{after}"
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 zone's '%' escaped (RFC 6874), so the
+    fleets file written back reads as the same zone."""
+    return host.replace("%", "%25", 1)
 
 
 def load_fleets_file(path: Path, *, default_maxconn: int) -> list[FleetSpec]:
