@@ -53,7 +53,9 @@ from tests.support import (
     write_run_home,
 )
 
-pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+# One process tree per test (the event loop is its own), waited on more than worked:
+# README's command runs these tests two at a time.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.process_trees]
 
 PROFILE = "exotel"  # a frame every 100 ms, echoed: every one is counted
 # The fleets and carriers share this test's one event loop: under a burst their
@@ -1958,17 +1960,19 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:
     """Scrapes of /stats.json and /metrics and admin `GET /stat` run back to
-    back through an upgrade, each taking 0.5 s in the first image (so one is
-    always in flight when it re-executes): every one is answered whole, by the
-    old image or by the new one, none cut by the exec. Asked over a connection
-    each with no retry: HTTP clients (aiohttp, Go's net/http) ask a GET again
-    when the connection drops, which would hide a cut."""
+    back through an upgrade, the scrapes taking 2 s each in the first image and
+    started 0.7 s apart (so one is in flight when it re-executes, even if this
+    process is slow to ask again: at 0.5 s each, with a test beside it, once
+    none was): every one is answered whole, by the old image or by the new
+    one, none cut by the exec. Asked over a connection each with no retry:
+    HTTP clients (aiohttp, Go's net/http) ask a GET again when the connection
+    drops, which would hide a cut."""
     src = _copy_package(tmp_path)
     _inject(
         src,
         "service/supervisor.py",
         "        await self.server.collect_reports(SCRAPE_WAIT)\n",
-        "        if not self.upgrade.resumed:\n            await asyncio.sleep(0.5)\n",
+        "        if not self.upgrade.resumed:\n            await asyncio.sleep(2.0)\n",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
     answered: list[tuple[str, bytes]] = []
@@ -1996,7 +2000,8 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
             raise AssertionError(f"cut: {len(answer)} bytes, head {head[:80]!r}")
         return head.split(b"\r\n")[0]
 
-    async def ask(path: str, unix: bool = False) -> None:
+    async def ask(path: str, unix: bool = False, after: float = 0.0) -> None:
+        await asyncio.sleep(after)
         while not done.is_set():
             try:
                 answered.append((path, await ask_once(path, unix)))
@@ -2007,10 +2012,10 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
     try:
         askers = [
             asyncio.ensure_future(ask("/stats.json")),
-            asyncio.ensure_future(ask("/metrics")),
-            asyncio.ensure_future(ask("/stat", unix=True)),
+            asyncio.ensure_future(ask("/metrics", after=0.7)),
+            asyncio.ensure_future(ask("/stat", unix=True, after=1.4)),
         ]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         os.kill(service.proc.pid, signal.SIGUSR2)
         await service.wait_for("READY=1", count=2, timeout=40)
         await asyncio.sleep(0.5)
