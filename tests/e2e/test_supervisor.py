@@ -35,7 +35,9 @@ from tests.support import (
     write_leaf_cert,
 )
 
-pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+# One process tree per test (the event loop is its own), waited on more than worked:
+# README's command runs these tests two at a time.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.process_trees]
 
 
 @pytest.fixture
