@@ -17,6 +17,18 @@ def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
     return parse_fleets_text(text, default_maxconn=default_maxconn, source="fleets.txt")
 
 
+# A link-local fleet: its zone (an interface's name) as it is written back.
+_ZONED = FleetSpec(
+    "https://[fe80::1%25enP1s0]:8443",
+    "[fe80::1%enP1s0]:8443",
+    "https",
+    "fe80::1%enP1s0",
+    8443,
+    "[fe80::1%enP1s0]:8443",
+    16,
+)
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
@@ -70,28 +82,9 @@ def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
             # taken as zone '25eth0'; a zone is an interface's name, kept as it is
             # written (enP1s0 was lower-cased to a name no interface has).
             "https://[FE80::1%25enP1s0]:8443",
-            FleetSpec(
-                "https://[fe80::1%25enP1s0]:8443",
-                "[fe80::1%enP1s0]:8443",
-                "https",
-                "fe80::1%enP1s0",
-                8443,
-                "[fe80::1%enP1s0]:8443",
-                16,
-            ),
+            _ZONED,
         ),
-        (
-            "https://[fe80::1%enP1s0]:8443",
-            FleetSpec(
-                "https://[fe80::1%25enP1s0]:8443",
-                "[fe80::1%enP1s0]:8443",
-                "https",
-                "fe80::1%enP1s0",
-                8443,
-                "[fe80::1%enP1s0]:8443",
-                16,
-            ),
-        ),
+        ("https://[fe80::1%enP1s0]:8443", _ZONED),
         (
             "  HTTPS://Fleet4.Example.COM/   name=f4   # scaled to 32 workers maxconn=1",
             FleetSpec(
