@@ -143,6 +143,18 @@ async def test_a_failed_handshake_is_logged_with_the_client_and_why(
     ]
 
 
+async def test_failed_handshakes_are_not_logged_with_the_access_log_off(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`log.access = false` turns them off with the refused requests: still counted."""
+    caplog.set_level("INFO", logger="fleet_ingress.refused")
+    ingress = await _ingress_without_fleets(start_ingress, log={"access": False})
+    _, port = ingress.wss_address
+    await asyncio.to_thread(_plain_http, port)
+    await eventually(lambda: ingress.registry.tls_handshake_failures == 1)
+    assert _refusal_lines(caplog) == []
+
+
 async def test_a_handshake_timeout_is_logged_with_the_client(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ) -> None:

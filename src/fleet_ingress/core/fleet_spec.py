@@ -18,7 +18,7 @@ class Admin(enum.Enum):
 
 @dataclass(frozen=True)
 class FleetSpec:
-    url: str  # normalised: scheme://host_header, without the trailing "/" (a zone written %25)
+    url: str  # normalised: scheme://host[:port] as written back (a zone's "%" as %25), no "/"
     name: str
     scheme: str  # "http" | "https"
     host: str  # no brackets; the TLS SNI and certificate name for https

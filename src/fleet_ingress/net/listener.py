@@ -278,7 +278,7 @@ class CarrierListener:
             log.warning(message, extra=fields(**values))
 
 
-def handshake_failure_reason(exc: BaseException) -> str | None:
+def _handshake_failure_reason(exc: BaseException) -> str | None:
     """What a failed carrier handshake says of the client, for the log: OpenSSL's
     reason (UNSUPPORTED_PROTOCOL: it offered only TLS 1.1 or older;
     NO_SHARED_CIPHER; TLSV1_ALERT_UNKNOWN_CA: it does not trust this host's
@@ -297,7 +297,7 @@ def handshake_failure_reason(exc: BaseException) -> str | None:
 def _log_handshake_failure(ctx: ProxyContext, tls: TLSConnection, exc: BaseException) -> None:
     """One line a failed handshake with a reason (rate-limited with the refused
     requests: a flood of them is counted, not written line by line)."""
-    reason = handshake_failure_reason(exc)
+    reason = _handshake_failure_reason(exc)
     if reason is None or ctx.refusals is None or not ctx.access_log:
         log.debug("tls handshake failed", extra=fields(error=repr(exc)))
         return
