@@ -20,6 +20,7 @@ from fleet_ingress.net.tcp_connect import (
     AddrInfo,
     first_connected,
     interleaved,
+    literal_addrinfo,
     open_tcp,
 )
 
@@ -187,3 +188,27 @@ def test_a_hung_resolver_does_not_hold_connects_to_numeric_addresses() -> None:
         if made_parent:
             with contextlib.suppress(OSError):
                 etc.parent.rmdir()
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("fe80::1%lo", ("fe80::1", 443, 0, socket.if_nametoindex("lo"))),
+        ("fe80::1%7", ("fe80::1", 443, 0, 7)),  # an index as it is
+        ("::1", ("::1", 443, 0, 0)),
+        ("127.0.0.1", ("127.0.0.1", 443)),
+    ],
+)
+def test_a_literal_is_its_own_address_a_zone_its_interface_s_index(
+    host: str, address: tuple[object, ...]
+) -> None:
+    """uvloop's getaddrinfo answers fe80::1%lo with scope 0, which cannot be
+    connected to (EINVAL): every call to a fleet given with a zone failed."""
+    ((family, _, _, _, got),) = literal_addrinfo(host, 443)
+    assert got == address
+    assert family == (socket.AF_INET6 if ":" in host else socket.AF_INET)
+
+
+def test_a_zone_no_interface_has_is_a_connect_error() -> None:
+    with pytest.raises(OSError, match="no network interface 'nosuchif0' on this host"):
+        literal_addrinfo("fe80::1%nosuchif0", 443)

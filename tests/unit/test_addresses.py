@@ -96,7 +96,7 @@ def test_format_round_trips(host: str, port: int | None, text: str) -> None:
         ("10.0.0.7", 4),
         ("::1", 6),
         ("2001:db8::1", 6),
-        ("fe80::1%eth0", None),  # scoped: getaddrinfo knows the interface's index
+        ("fe80::1%eth0", None),  # scoped: the interface's index is looked up
         ("fleet1.example.com", None),
         ("localhost", None),
         ("127.1", None),  # inet_aton's shorthand: left to getaddrinfo

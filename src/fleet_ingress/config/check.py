@@ -94,7 +94,7 @@ async def _probe_all(config: IngressConfig, fleets: list[FleetSpec], out: TextIO
     results = await asyncio.gather(*(one(spec) for spec in fleets))
     width = max(len(spec.name) for spec in fleets)
     for spec, result in zip(fleets, results, strict=True):
-        where = f"{spec.scheme}://{spec.host_header}{f.health_path}"
+        where = f"{spec.url}{f.health_path}"
         print(f"probe {spec.name:<{width}}  {result.describe(f.capacity_key)}  ({where})", file=out)
     return sum(not r.passed for r in results)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from fleet_ingress.core.addresses import format_hostport, split_hostport
@@ -75,8 +76,8 @@ def parse_fleets_text(
 def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str]:
     """Return the fleet and the token its name came from (for duplicate-name errors)."""
     url_token, *options = tokens
-    scheme, host, port, host_header, url = _parse_url(url_token)
-    name, name_token, maxconn = host_header, url_token, default_maxconn
+    parts = _parse_url(url_token)
+    name, name_token, maxconn = parts.default_name, url_token, default_maxconn
     admin = Admin.READY
     given: set[str] = set()
     for token in options:
@@ -111,11 +112,22 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
             maxconn = int(value)
-    return FleetSpec(url, name, scheme, host, port, host_header, maxconn, admin), name_token
+    spec = FleetSpec(
+        parts.url, name, parts.scheme, parts.host, parts.port, parts.host_header, maxconn, admin
+    )
+    return spec, name_token
 
 
-def _parse_url(token: str) -> tuple[str, str, int, str, str]:
-    """scheme, host, port, Host header, and the fleet's URL as it is written back."""
+class _URLParts(NamedTuple):
+    scheme: str
+    host: str  # lower case, an IPv6 zone kept as written
+    port: int  # explicit, else 80/443
+    host_header: str  # host[:port], the port only if written, no zone (RFC 6874 section 4)
+    url: str  # as it is written back
+    default_name: str  # host[:port] as written, the zone kept (fleets on two links differ)
+
+
+def _parse_url(token: str) -> _URLParts:
     try:
         parts = urlsplit(token)
     except ValueError:  # e.g. an unclosed '[' in the host
@@ -139,13 +151,13 @@ def _parse_url(token: str) -> tuple[str, str, int, str, str]:
     # consistent. An IPv6 zone is an interface's name, which is not (enP1s0).
     address, percent, zone = host.partition("%")
     host = address.lower() + percent + zone
-    url = f"{parts.scheme}://{format_hostport(_url_host(host), port)}"
-    return (
-        parts.scheme,
-        host,
-        port or _DEFAULT_PORTS[parts.scheme],
-        format_hostport(host, port),
-        url,
+    return _URLParts(
+        scheme=parts.scheme,
+        host=host,
+        port=port or _DEFAULT_PORTS[parts.scheme],
+        host_header=format_hostport(address.lower(), port),
+        url=f"{parts.scheme}://{format_hostport(_url_host(host), port)}",
+        default_name=format_hostport(host, port),
     )
 
 
@@ -188,7 +200,7 @@ def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | Non
     lines = []
     for spec in specs:
         words = [spec.url]
-        if spec.name != spec.host_header:
+        if spec.name != _parse_url(spec.url).default_name:
             words.append(f"name={spec.name}")
         if spec.maxconn != default_maxconn:
             words.append(f"maxconn={spec.maxconn}")

@@ -100,8 +100,8 @@ def ip_literal_version(host: str) -> int | None:
     A fleet at an IP literal needs no ``getaddrinfo``, and asyncio's runs in a
     thread pool: measured here, 130 us of CPU and four context switches per
     call for a literal (uvloop answers a literal itself, in about 2 us). A
-    scoped IPv6 literal (``fe80::1%eth0``) is left to ``getaddrinfo``, which
-    knows the interface's index."""
+    scoped IPv6 literal (``fe80::1%eth0``) is None: its address needs the
+    interface's index (``net.tcp_connect.literal_addrinfo`` asks for it)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

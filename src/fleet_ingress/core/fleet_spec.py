@@ -21,8 +21,15 @@ class FleetSpec:
     url: str  # normalised: scheme://host[:port] as written back (a zone's "%" as %25), no "/"
     name: str
     scheme: str  # "http" | "https"
-    host: str  # no brackets; the TLS SNI and certificate name for https
+    host: str  # no brackets; what is connected to (an IPv6 zone kept: fe80::1%eth0)
     port: int  # explicit, else 80/443
-    host_header: str  # host[:port] as sent in Host: port only if the URL has one
+    host_header: str  # host[:port] as sent in Host: port only if the URL has one, no zone
     maxconn: int
     admin: Admin = Admin.READY  # as the file records it
+
+    @property
+    def tls_name(self) -> str:
+        """The TLS SNI and certificate name for https: the host without an IPv6
+        zone, which only this host knows (RFC 6874 section 4); a certificate
+        names the address (fe80::1), never an interface."""
+        return self.host.partition("%")[0]

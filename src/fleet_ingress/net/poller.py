@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 
+from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health, observe
@@ -87,13 +88,16 @@ async def probe_fleet(
     session: aiohttp.ClientSession, spec: FleetSpec, settings: ProbeSettings
 ) -> ProbeResult:
     """Probe once; never raises for what a fleet or the network does."""
-    url = f"{spec.scheme}://{spec.host_header}{settings.health_path}"
+    # Connected to with an IPv6 zone (fe80::1%eth0), which the Host header and
+    # the certificate's name leave out (RFC 6874 section 4).
+    url = f"{spec.scheme}://{format_hostport(spec.host, spec.port)}{settings.health_path}"
     try:
         async with asyncio.timeout(settings.timeout):
             async with session.get(
                 url,
                 allow_redirects=False,
                 headers={"Host": spec.host_header, "Accept": "application/json"},
+                server_hostname=spec.tls_name if spec.scheme == "https" else None,
             ) as response:
                 # read(n) returns what has arrived so far: a body flushed in
                 # pieces must be read whole, but never past the bound.

@@ -571,7 +571,8 @@ class CarrierProtocol(_Side):
         ctx = self.ctx
         try:
             if spec.scheme == "https":
-                # SNI and the certificate's name are the fleet URL's host; the
+                # SNI and the certificate's name are the fleet URL's host (an
+                # IPv6 zone left out: spec.tls_name); the
                 # context checks them (fleets.verify, fleets.ca_file). The same
                 # timeout as the machine's timer, which fires first (it started
                 # first), is a backstop only.
@@ -579,7 +580,7 @@ class CarrierProtocol(_Side):
                     spec.host,
                     spec.port,
                     ctx.fleet_ssl,
-                    server_hostname=spec.host,
+                    server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
                 )
                 serve(conn, fleet_side)

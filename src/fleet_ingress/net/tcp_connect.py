@@ -15,6 +15,7 @@ wins and the others are closed.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import os
 import socket
@@ -49,13 +50,40 @@ async def open_tcp(host: str, port: int) -> socket.socket:
 
 def literal_addrinfo(host: str, port: int) -> list[AddrInfo]:
     """What getaddrinfo would answer for an IP literal, without asking it
-    (core.addresses.ip_literal_version); empty for a name."""
+    (core.addresses.ip_literal_version); empty for a name. A scoped IPv6
+    literal (fe80::1%eth0) gets its interface's index here: uvloop's
+    getaddrinfo answers it with scope 0, and a link-local address without its
+    interface cannot be connected to (EINVAL: every call to such a fleet
+    failed while its probe, through aiohttp, passed). An interface that does
+    not exist is an OSError, as a failed connect is."""
     version = ip_literal_version(host)
     if version == 4:
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     if version == 6:
         return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port, 0, 0))]
+    address, percent, zone = host.partition("%")
+    if percent and ip_literal_version(address) == 6:
+        return [
+            (
+                socket.AF_INET6,
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+                "",
+                (address, port, 0, _interface_index(zone)),
+            )
+        ]
     return []
+
+
+def _interface_index(zone: str) -> int:
+    if zone.isascii() and zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        raise OSError(
+            errno.ENODEV, f"no network interface {zone!r} on this host (the fleet URL's zone)"
+        ) from None
 
 
 def interleaved(infos: list[AddrInfo]) -> list[AddrInfo]:
