@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import JsonFormatter
+from fleet_ingress.ops.admin_server import bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError
 from fleet_ingress.service import ingress as ingress_module
 from fleet_ingress.service.ingress import Ingress, ReloadRefused
@@ -722,6 +724,21 @@ async def test_admin_socket_is_0660_and_stats_listener_is_read_only(deployment: 
 async def test_a_second_ingress_refuses_a_live_admin_socket(deployment: Deployment):
     with pytest.raises(OSError, match="in use"):
         await _start(deployment.home, deployment.tls_files)
+
+
+def test_a_file_where_the_admin_socket_goes_is_never_removed(tmp_path: Path):
+    """A stale socket is replaced; a file there (a path mistyped onto the
+    configuration or the fleets file) was deleted at start."""
+    kept = tmp_path / "fleets.txt"
+    kept.write_text("https://a.test\n")
+    with pytest.raises(OSError, match="is a regular file, not a socket"):
+        bind_admin_socket(kept)
+    assert kept.read_text() == "https://a.test\n"
+    stale = tmp_path / "admin.sock"
+    with socket.socket(socket.AF_UNIX) as old:
+        old.bind(str(stale))  # left by a process that died: nobody listens
+    bind_admin_socket(stale).close()
+    assert stat.S_ISSOCK(os.stat(stale).st_mode)
 
 
 # -- 7. the access log -----------------------------------------------------------------

@@ -421,6 +421,25 @@ def test_admin_socket_path_must_fit_a_unix_socket() -> None:
     assert "listen.admin_socket" in line and "107 bytes" in line
 
 
+@pytest.mark.parametrize("kind", ["a regular file", "a directory", "a symbolic link"])
+def test_an_admin_socket_path_holding_something_else_is_refused(tmp_path: Path, kind: str) -> None:
+    """Before, `check` passed it and `run` deleted what was there (the
+    configuration file itself, in the CLI audit of session 19)."""
+    target = tmp_path / "ingress.toml"
+    target.write_text("[listen]\n")
+    if kind == "a regular file":
+        where = target
+    elif kind == "a directory":
+        where = tmp_path / "run"
+        where.mkdir()
+    else:
+        where = tmp_path / "link.sock"
+        where.symlink_to(target)
+    (line,) = problems({"listen": {"admin_socket": str(where)}})
+    assert f"listen.admin_socket {where} is {kind}, not a socket" in line
+    assert target.read_text() == "[listen]\n"
+
+
 def test_direct_construction_resolves_paths_too(tmp_path: Path) -> None:
     assert IngressConfig(fleets={"file": "f.txt"}).fleets.file == tmp_path / "f.txt"
 

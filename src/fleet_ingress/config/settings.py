@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import json
 import os
+import stat
 import tomllib
 import types
 from contextvars import ContextVar
@@ -410,8 +411,32 @@ class IngressConfig(BaseSettings):
                     f"listen.admin_socket {socket_path} is longer than the {_MAX_UNIX_PATH} "
                     "bytes a Unix socket path can have; choose a shorter path"
                 )
+            if (kind := not_a_socket(Path(socket_path))) is not None:
+                # A stale socket there is replaced at start; this never is.
+                raise ValueError(
+                    f"listen.admin_socket {socket_path} is {kind}, not a socket; "
+                    "choose a path of its own (the default is /run/fleet-ingress/admin.sock)"
+                )
             self.listen = listen.model_copy(update={"admin_socket": socket_path})
         return self
+
+
+def not_a_socket(path: Path) -> str | None:
+    """What is at `path` if it is there and is not a Unix socket ("a regular
+    file", "a directory", ...); None if nothing is there or a socket is."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a special file"
 
 
 def _absolute(path: Path | None, base: Path) -> Path | None:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 
 SOCKET_MODE = 0o660
@@ -142,7 +143,14 @@ def admin_app(
 
 def bind_admin_socket(path: Path) -> socket.socket:
     """A listening Unix socket at `path`, mode 0660; a stale one is replaced,
-    a live one (another ingress) is an error naming it."""
+    a live one (another ingress) is an error naming it, and anything else
+    there (a file, a directory, a link) is never removed: an error naming it."""
+    if (kind := not_a_socket(path)) is not None:
+        raise OSError(
+            f"listen.admin_socket {path} is {kind}, not a socket, and fleet-ingress "
+            "replaces only a socket left there; choose a path of its own for "
+            "listen.admin_socket (the default is /run/fleet-ingress/admin.sock)"
+        )
     if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
