@@ -200,6 +200,19 @@ def test_a_certificate_not_valid_yet_warns_naming_the_clock(
     assert run(deployment)[0] == 0
 
 
+def test_a_short_lived_certificate_not_valid_yet_says_both(
+    deployment: Path, ca: trustme.CA
+) -> None:
+    """A certificate with fewer days than the expiry warning's, on a host whose
+    clock is behind: before, only "expires in" (the clock audit of session 19)."""
+    start = datetime.now(UTC) + timedelta(hours=1)
+    leaf = ca.issue_cert("calls.example.com", not_before=start, not_after=start + timedelta(10))
+    write_certbot_files(deployment.parent, leaf)
+    not_yet, expires = check_configuration(deployment)
+    assert "is not valid until" in not_yet and "clock" in not_yet
+    assert "expires in 10 days" in expires
+
+
 @pytest.mark.parametrize(
     ("section", "names"),
     [

@@ -441,3 +441,23 @@ def test_stat_and_the_page_count_the_fleets_by_state_in_one_line():
     line = "fleets: 6 (2 UP, 1 FULL, 1 DOWN, 1 INIT, 1 not probed (MAINT)); 1 drained"
     assert line in format_stat_table(snap).splitlines()
     assert line in render_stats_page(snap)
+
+
+def test_ages_do_not_move_when_the_wall_clock_steps(monkeypatch):
+    """uptime_s and a fleet's last_check_age_s were wall-clock differences:
+    after NTP stepped the clock back an hour, uptime was -3567 s for the rest of
+    the process's life, and a MAINT fleet (never probed again) kept a wrong age
+    (the clock audit of session 19)."""
+    import time
+
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    fleet = slots.balancer.fleets[0]
+    fleet.last_probe_at, fleet.last_probe_monotonic = time.time() - 2, time.monotonic() - 2
+    started = time.monotonic() - 30
+    before = host_snapshot(slots, HostView(), started_at=started)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)  # stepped back an hour
+    after = host_snapshot(slots, HostView(), started_at=started)
+    assert 30 <= before["uptime_s"] <= after["uptime_s"] < 35
+    ages = [s["fleets"][0]["last_check_age_s"] for s in (before, after)]
+    assert 2 <= ages[0] <= ages[1] < 7

@@ -153,3 +153,18 @@ def test_the_head_of_a_line_cut_by_the_exec_goes_over_byte_for_byte() -> None:
 )
 def test_unread_bytes_that_are_not_base64_are_left_out_not_misread(carried, kept) -> None:
     assert unread_from_json(carried) == kept
+
+
+def test_what_an_upgrade_took_does_not_move_with_the_wall_clock(monkeypatch) -> None:
+    """`upgrade` printed "took -3586.1s" when NTP stepped the clock back an hour
+    during one (the clock audit of session 19); one begun by a release that
+    noted no monotonic start is still timed by the wall clock."""
+    import time
+
+    from fleet_ingress.service.upgrade_sequence import _took
+
+    status = {"started": time.time() - 4, "began_monotonic": time.monotonic() - 4}
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
+    assert 4 <= _took(status) < 6
+    assert -3597 < _took({"started": real_time() - 4}) < -3590  # the old release's way

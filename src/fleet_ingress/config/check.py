@@ -202,17 +202,20 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
         return [f"{source}: tls.ca_file: {exc}"]
     # Warnings, not errors: `run` must start with such a certificate, since its :80
     # listener is what lets certbot renew it. A reload refuses one (certificate_change).
+    # Not yet valid first: a short-lived certificate (under the expiry warning's
+    # days all its life) on a host whose clock is behind got only "expires in".
+    warnings = []
+    if time.time() < leaf.not_before - CLOCK_SKEW:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_before))
+        warnings.append(
+            f"{WARNING}{source}: tls.cert: {cert} is not valid until {when}: carriers "
+            "will refuse it until then (is this host's clock right?)"
+        )
     days_left = (leaf.not_after - time.time()) / 86400
     if days_left < EXPIRY_WARNING_DAYS:
         state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
-        return [f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?"]
-    if time.time() < leaf.not_before - CLOCK_SKEW:
-        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_before))
-        return [
-            f"{WARNING}{source}: tls.cert: {cert} is not valid until {when}: carriers "
-            "will refuse it until then (is this host's clock right?)"
-        ]
-    return []
+        warnings.append(f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?")
+    return warnings
 
 
 def _unreadable(path: Path) -> str | None:

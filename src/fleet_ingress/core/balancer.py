@@ -72,6 +72,7 @@ class FleetState:
     health_streak: int = 0  # consecutive probes pushing toward a change
     last_probe: ProbeResult | None = None
     last_probe_at: float | None = None  # wall clock, when its last probe ended (pass or fail)
+    last_probe_monotonic: float | None = None  # the same by CLOCK_MONOTONIC (for its age)
     last_probe_seconds: float | None = None
     certificate_not_after: float | None = None  # the fleet's, as its last probe saw it
     probes_total: int = 0

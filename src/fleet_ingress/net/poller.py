@@ -331,11 +331,8 @@ class HealthPoller:
         """Apply one probe's result to the fleet (health, capacity) and wake the
         queue. A pass sent (`sent_at`, monotonic) before refused calls took the
         fleet DOWN is counted as a probe, not as a verdict."""
-        fleet.last_probe, fleet.last_probe_at, fleet.last_probe_seconds = (
-            result,
-            time.time(),
-            seconds,
-        )
+        fleet.last_probe, fleet.last_probe_seconds = result, seconds
+        fleet.last_probe_at, fleet.last_probe_monotonic = time.time(), time.monotonic()
         fleet.probes_total += 1
         if result.passed or result.certificate_not_after is not None:
             # A pass over a connection with no verified certificate (http://, or

@@ -377,7 +377,9 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
             if said not in ("done", "failed"):
                 print(f"upgrade {upgrade_id}: {said}...", file=out, flush=True)
         if ours["state"] == "done":
-            took = ours["finished"] - ours["started"]
+            took = ours.get("took_s")  # a release before it: the wall clock's difference
+            if took is None:
+                took = ours["finished"] - ours["started"]
             same = "unchanged" if answer["pid"] == body["pid"] else f"now {answer['pid']}"
             print(
                 f"upgraded: generation {ours['generation']} serves (took {took:.1f}s)"

@@ -62,9 +62,7 @@ def fleet_row(
         "estimated_available": fleet.estimated_available,
         "last_check": None if probe is None else probe.describe(capacity_key),
         "last_check_passed": None if probe is None else probe.passed,
-        "last_check_age_s": (
-            None if fleet.last_probe_at is None else round(now - fleet.last_probe_at, 1)
-        ),
+        "last_check_age_s": _last_check_age(fleet, now),
         "last_check_ms": (
             None if fleet.last_probe_seconds is None else round(fleet.last_probe_seconds * 1000, 1)
         ),
@@ -93,7 +91,8 @@ def render(
     workers: Sequence[dict[str, Any]] | None = None,
     last_reload: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`workers`: a row per worker process (the supervisor's view); None leaves the key out.
+    """`started_at`: time.monotonic() at the start (uptime does not move with the wall clock).
+    `workers`: a row per worker process (the supervisor's view); None leaves the key out.
     `last_reload`: the outcome of the last reload (`reload_outcome`), None before any."""
     now = time.time()
     requests: dict[str, dict[str, int]] = {}
@@ -110,7 +109,7 @@ def render(
         "version": __version__,
         "code": code_digest(),  # this process's (the supervisor's); each worker's in its row
         "time": now,
-        "uptime_s": round(now - started_at, 1),
+        "uptime_s": round(time.monotonic() - started_at, 1),
         # "draining" once a stop has begun: no new calls, the live ones may finish.
         "state": "draining" if stopping else "serving",
         "certificate_not_after": certificate_not_after,
@@ -159,3 +158,13 @@ def snapshot(
         stopping=stopping,
         last_reload=last_reload,
     )
+
+
+def _last_check_age(fleet: FleetState, now: float) -> float | None:
+    """By CLOCK_MONOTONIC; by the wall clock for a probe the previous image
+    made (an upgrade carries only its wall-clock time) until the next one."""
+    if fleet.last_probe_monotonic is not None:
+        return round(time.monotonic() - fleet.last_probe_monotonic, 1)
+    if fleet.last_probe_at is not None:
+        return round(now - fleet.last_probe_at, 1)
+    return None

@@ -144,7 +144,7 @@ class Ingress:
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
         # The certificate served now (None: unreadable, shown as unknown; `check`
         # names why): what a reload's certificate is judged against.
         self.serving_leaf = serving_leaf(config)

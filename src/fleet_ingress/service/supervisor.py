@@ -182,7 +182,7 @@ class Supervisor:
             self.view = HostView.from_json(carried["view"], time.monotonic())
         self.server = SlotServer(self.slots, view=self.view)
         self.registry = Registry()  # no call runs here: always empty
-        self.started_at = time.time()
+        self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
         self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing

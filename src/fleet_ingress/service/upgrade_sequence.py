@@ -219,7 +219,10 @@ class UpgradeSequence:
         )
         supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
-        supervisor.started_at = float(carried["started_at"])
+        if "started_monotonic" in carried:
+            supervisor.started_at = float(carried["started_monotonic"])
+        else:  # a release that carried the wall clock's start
+            supervisor.started_at = time.monotonic() - (time.time() - float(carried["started_at"]))
         supervisor.reloads.update(carried["reloads"])
         if carried.get("reload_pending"):
             log.info("a reload asked during the upgrade: done once this image serves")
@@ -279,6 +282,10 @@ class UpgradeSequence:
             "generation": None,
             "started": time.time(),
             "finished": None,
+            # What it took, by CLOCK_MONOTONIC (the same after the exec): the wall
+            # clock's difference is wrong by any step NTP makes meanwhile.
+            "began_monotonic": time.monotonic(),
+            "took_s": None,
             "error": None,
         }
         self.statuses[status["id"]] = status
@@ -409,7 +416,7 @@ class UpgradeSequence:
         )
 
     def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
-        status.update(state="failed", error=error, finished=time.time())
+        status.update(state="failed", error=error, finished=time.time(), took_s=_took(status))
         log.error(
             "upgrade abandoned: the running generation serves on",
             extra=fields(upgrade=status["id"], generation=self.supervisor.generation, error=error),
@@ -426,7 +433,9 @@ class UpgradeSequence:
         rows = {row.worker: row for row in supervisor.slots.workers}
         return {
             "generation": supervisor.generation,
-            "started_at": supervisor.started_at,
+            # The wall clock's start for a release that reads only that (a downgrade).
+            "started_at": time.time() - (time.monotonic() - supervisor.started_at),
+            "started_monotonic": supervisor.started_at,
             "fleets": fleets_to_json(supervisor.balancer.fleets),
             "view": supervisor.view.to_json(time.monotonic()),
             "reloads": dict(supervisor.reloads),
@@ -694,7 +703,9 @@ class UpgradeSequence:
         supervisor.worker_target = len(candidates)
         for worker in old:
             supervisor.retire(worker)
-        status.update(state="done", generation=new_generation, finished=time.time())
+        status.update(
+            state="done", generation=new_generation, finished=time.time(), took_s=_took(status)
+        )
         log.info(
             "upgrade done: the new generation serves, the old one drains",
             extra=fields(
@@ -702,7 +713,7 @@ class UpgradeSequence:
                 generation=new_generation,
                 workers=[w.pid for w in candidates],
                 draining=[w.pid for w in old],
-                seconds=round(status["finished"] - status["started"], 2),
+                seconds=round(status["took_s"], 2),
             ),
         )
 
@@ -720,3 +731,12 @@ def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
     had reaped it already (else this image waits for it)."""
     code = carried.get("exit_code")
     return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
+
+
+def _took(status: dict[str, Any]) -> float:
+    """Seconds since the upgrade began; by the wall clock for one begun by a
+    release that did not note its monotonic start."""
+    began = status.get("began_monotonic")
+    if began is None:
+        return round(time.time() - status["started"], 3)
+    return round(time.monotonic() - began, 3)
