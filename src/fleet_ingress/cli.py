@@ -26,13 +26,45 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: `remove-fleet a --forc` was taken as --force."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def _fleet_name(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "a fleet's name cannot be empty; `fleet-ingress stat` lists the fleets"
+        )
+    return text
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds from 0 to 3600")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fleet-ingress",
         description="TLS WebSocket ingress that routes carrier calls to voice-call fleets.",
     )
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     run = sub.add_parser("run", help="serve: a supervisor and process.workers worker processes")
     run.add_argument("-c", "--config", type=Path, required=True, help="ingress.toml")
@@ -75,14 +107,14 @@ def _build_parser() -> argparse.ArgumentParser:
         ("ready", "let a fleet take new calls again"),
         ("maint", "stop new calls and health checks for a fleet; its calls go on"),
     ):
-        admin_command(state, what).add_argument("name", help="the fleet's name")
+        admin_command(state, what).add_argument("name", type=_fleet_name, help="the fleet's name")
     add = admin_command("add-fleet", "add a fleet live (pre-checked, persisted, rolled back)")
     add.add_argument("url", help="https://HOST[:PORT]")
     add.add_argument("--name", help="default: the URL's host[:port]")
     add.add_argument("--maxconn", type=int, help="default: fleets.maxconn")
     add.add_argument("--dry-run", action="store_true", help="show what would change")
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
-    remove.add_argument("name", help="the fleet's name")
+    remove.add_argument("name", type=_fleet_name, help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
     admin_command(
         "reload",
@@ -109,11 +141,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="local fleets + ingress + simulated carrier calls, all on loopback"
     )
     demo.add_argument(
-        "--calls", type=int, default=6, help="simulated carrier calls (default: %(default)s)"
+        "--calls",
+        type=_positive_int,
+        default=6,
+        help="simulated carrier calls (default: %(default)s)",
     )
     demo.add_argument(
         "--duration",
-        type=float,
+        type=_seconds,
         default=3.0,
         help="seconds each call streams (default: %(default)s)",
     )
@@ -132,6 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     try:
         return _dispatch(args)
+    except KeyboardInterrupt:
+        # Ctrl-C: this command stops asking; what the ingress was asked goes on there.
+        after = {
+            "upgrade": "; the upgrade goes on in the ingress: `fleet-ingress stat` shows "
+            "which generation serves",
+            "add-fleet": "; an add-fleet sent goes on in the ingress: `fleet-ingress stat`",
+            "reload": "; a reload sent goes on in the ingress: `fleet-ingress stat`",
+        }.get(args.command, "")
+        print(f"\nfleet-ingress: {args.command}: interrupted{after}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # Its reader went away (`fleet-ingress stat | head -1`): nothing is wrong
         # here. Quiet, as Python's docs advise: the exit's flush must not fail too.

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from websockets.asyncio.client import connect
 
 from fleet_ingress.sim import SimulatedFleet
@@ -346,3 +347,53 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
     finally:
         listening.close()
         home.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["drain", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
+        (["remove-fleet", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
+        (["remove-fleet", "a", "--forc", "--admin-socket", "/x"], "unrecognized arguments: --forc"),
+        (["demo", "--duration", "nan"], "nan is not a number of seconds from 0 to 3600"),
+        (["demo", "--duration", "-1"], "-1 is not a number of seconds from 0 to 3600"),
+        (["demo", "--calls", "0"], "0 is not a whole number of at least 1"),
+    ],
+)
+def test_mistyped_arguments_are_refused_naming_them(argv: list[str], said: str) -> None:
+    """Before (the CLI audit of session 19): an empty name became a bare 404, --forc
+    was taken as --force, demo --duration nan a traceback and -1 a demo that passed."""
+    done = subprocess.run([*CLI, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_ctrl_c_while_an_upgrade_is_asked_says_it_goes_on_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    accepted = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # until the CLI goes
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(never_answers, path=str(path))
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "upgrade", "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(20):
+            await accepted.wait()
+            proc.send_signal(signal.SIGINT)
+            _, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+    text = err.decode()
+    assert proc.returncode == 130, text
+    assert "upgrade: interrupted; the upgrade goes on in the ingress" in text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text

@@ -430,6 +430,8 @@ async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deploy
         assert code == 1 and "holds a space or '#'" in err, err
     code, _, err = await d.cli("add-fleet", c.url, "--name", "bad!name")
     assert code == 1 and "add-fleet: 'name=bad!name' is not a valid name" in err, err
+    code, _, err = await d.cli("add-fleet", "")  # was: not enough values to unpack
+    assert code == 1 and "add-fleet needs the fleet's URL, e.g. https://" in err, err
 
     # Restart: the fleet is still there.
     await d.ingress.stop(drain_timeout=0)

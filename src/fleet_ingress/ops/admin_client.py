@@ -75,7 +75,11 @@ def _reach_hint(exc: BaseException) -> str:
             "Run this as root or as a member of the socket's group (sudo, or "
             "`usermod -aG fleet-ingress $USER` and log in again)."
         )
-    return "Is fleet-ingress running? Point at its socket with --admin-socket PATH or -c CONFIG."
+    return (
+        "Is fleet-ingress running? Point at its socket with --admin-socket PATH or -c CONFIG "
+        "(a changed listen.admin_socket takes effect at the next restart: until then the "
+        "ingress listens at the old path)."
+    )
 
 
 def _why(exc: BaseException) -> str:

@@ -226,6 +226,10 @@ class FleetOps:
     ) -> dict[str, Any]:
         settings = self.settings()
         default_maxconn = settings.maxconn
+        if not url:
+            raise FleetChangeError(
+                400, "add-fleet needs the fleet's URL, e.g. https://fleet3.example.com:8443"
+            )
         # The options are pasted into a fleets-file line: a space or '#' would turn part
         # of a name into another option or a comment.
         for what, value in (("URL", url), ("--name", name or "")):
