@@ -467,6 +467,16 @@ def _run(config_path: Path) -> int:
             time.sleep(REEXEC_READ_EVERY)
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
+        if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals
+            import logging
+
+            from fleet_ingress.logs import fields
+
+            logging.getLogger("fleet_ingress.server").warning(
+                "no fleets listed: every call gets 503 until `fleet-ingress add-fleet URL` "
+                "adds one, or the file lists one and is reloaded",
+                extra=fields(key="fleets.file", file=str(config.fleets.file)),
+            )
         supervisor = Supervisor(config, fleets, config_path, handed=handed, carried=carried)
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)

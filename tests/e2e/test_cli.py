@@ -145,6 +145,19 @@ def test_run_warns_at_start_when_fleet_certificates_are_not_checked(
     assert "fleets.verify = false: fleet certificates are not checked" in done.stderr
 
 
+def test_run_warns_at_start_when_no_fleet_is_listed(tmp_path: Path, tls_files: TLSFiles):
+    """check and reload refuse an empty fleets file; run starts (its :80 serves
+    certbot), and said nothing but "0/0 fleets up" at info (the CLI audit)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # fails right after the warning
+        config = _write_config(tmp_path, tls_files, taken.getsockname()[1], "# none yet\n")
+        done = subprocess.run(
+            [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+        )
+    assert "no fleets listed: every call gets 503 until `fleet-ingress add-fleet" in done.stderr
+
+
 def test_a_listen_host_name_that_does_not_resolve_says_so():
     import socket
 

@@ -422,7 +422,13 @@ async def test_check_probe_reports_each_fleet_and_fails_when_one_fails(
     assert "probe b  fail: status 503" in out
     # The count the summary gives is said too, not a bare "1 problem(s)".
     assert out.endswith("1 fleet(s) failed the health probe\ncheck failed: 1 problem(s)\n"), out
-    b.health_status = 200
+    a.health_status = 503  # each failing fleet is a problem (two were counted as one)
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "check", "-c", str(config), "--probe", stdout=asyncio.subprocess.PIPE
+    )
+    out = (await proc.communicate())[0].decode()
+    assert out.endswith("2 fleet(s) failed the health probe\ncheck failed: 2 problem(s)\n"), out
+    a.health_status = b.health_status = 200
     proc = await asyncio.create_subprocess_exec(
         *CLI, "check", "-c", str(config), "--probe", stdout=asyncio.subprocess.PIPE
     )

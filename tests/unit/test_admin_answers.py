@@ -25,15 +25,19 @@ def _removal(**fields: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "answer, said",
     [
-        (_removal(removed=True, closed_calls=3), "removed fleet a (3 calls closed)"),
         (
+            _removal(removed=True, closed_calls=3, backup="/etc/fleet-ingress/fleets.txt.bak"),
+            "removed fleet a (3 calls closed); its line removed from "
+            "/etc/fleet-ingress/fleets.txt (backup /etc/fleet-ingress/fleets.txt.bak)",
+        ),
+        (  # this command removed the line: it was "already gone from" it
             _removal(draining_calls=2),
-            "fleet a is draining: removed once its 2 calls end; already gone from "
+            "fleet a is draining: removed once its 2 calls end; its line removed from "
             "/etc/fleet-ingress/fleets.txt",
         ),
         (  # forced: some closed, one slow to go
             _removal(draining_calls=1, closed_calls=4),
-            "fleet a is draining: 4 calls closed; removed once its 1 call ends; already gone",
+            "fleet a is draining: 4 calls closed; removed once its 1 call ends; its line removed",
         ),
     ],
 )

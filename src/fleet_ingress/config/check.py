@@ -48,8 +48,8 @@ def run_check(path: Path, out: TextIO | None = None, *, probe: bool = False) -> 
     if probe and fleets:
         failures = asyncio.run(_probe_all(config, fleets, out))
         if failures:
-            problems.append(f"{failures} fleet(s) failed the health probe")
-            print(problems[-1], file=out)  # below each fleet's own line
+            print(f"{failures} fleet(s) failed the health probe", file=out)  # below their lines
+            problems += ["a fleet failed the health probe"] * failures  # each one a problem
     if problems:
         print(f"check failed: {len(problems)} problem(s)", file=out)
         return 1

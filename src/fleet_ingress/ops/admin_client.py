@@ -187,13 +187,15 @@ def describe_result(body: dict[str, Any]) -> str:
             f"added fleet {body['fleet']} ({body['url']}): {body['health']}, "
             f"saved to {body['fleets_file']} (backup {body['backup']})"
         )
-    if body.get("removed"):
-        return f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed)"
-    where = (
-        f"already gone from {body['fleets_file']}"
+    backup = f" (backup {body['backup']})" if body.get("backup") else ""
+    saved = (
+        f"its line removed from {body['fleets_file']}{backup}"
         if body.get("fleets_file")
         else "not in the fleets file any more"
     )
+    if body.get("removed"):
+        return f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed); {saved}"
+    where = saved
     unreachable = body.get("unreachable_calls") or 0
     cannot = (
         f"; {_calls(unreachable)} on a worker that lost its slot channel could not be "
