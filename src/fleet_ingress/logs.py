@@ -108,8 +108,14 @@ _BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = a
 def _logfmt_value(value: object) -> str:
     """A field's value as logfmt writes it: bare when it cannot be misread,
     else quoted with escapes, so a value with spaces (a refused request's
-    first line) cannot add fields of its own to the line."""
-    text = str(value)
+    first line) cannot add fields of its own to the line. A list or tuple (an
+    address: host, port) is its items joined by ',', not Python's repr."""
+    if isinstance(value, list | tuple):
+        text = ",".join(str(item) for item in value)
+    elif isinstance(value, bool):
+        text = "true" if value else "false"  # as the JSON lines write it
+    else:
+        text = str(value)
     return text if _BARE_VALUE.fullmatch(text) else json.dumps(text)
 
 
@@ -120,7 +126,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = getattr(record, _FIELDS, {})
-        tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items())
+        # A field with no value (JSON's null) is left out, not written "None".
+        tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items() if v is not None)
         if self.pid:
             tail = f"{tail} process={os.getpid()}" if tail else f"process={os.getpid()}"
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"

@@ -133,6 +133,18 @@ def test_a_text_line_quotes_a_value_that_could_be_read_as_fields_of_its_own(capl
     assert fields_read == {"target": target, "status": "400", "route": "-", "empty": ""}
 
 
+def test_a_text_line_writes_values_as_an_operator_reads_them(caplog):
+    """Python's reprs reached text logs: note=None, address="('127.0.0.1', 9443)"
+    (the end-to-end audit of session 19)."""
+    caplog.set_level(logging.INFO, logger="test.text")
+    logging.getLogger("test.text").info(
+        "listening",
+        extra=fields(address=("::1", 9443), note=None, draining=False, listener="wss"),
+    )
+    line = TextFormatter().format(caplog.records[-1])
+    assert line.endswith("test.text: listening address=::1,9443 draining=false listener=wss")
+
+
 def _logfmt_pairs(text: str):
     """A logfmt reader: key=bare or key="quoted with JSON escapes"."""
     decoder = json.JSONDecoder()
