@@ -27,6 +27,8 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import Dispatcher, Lease
 
+_UNDER_WAY = " (an add-fleet of it is under way: try again once it has finished)"
+
 
 def specs(*fleets: str) -> list[FleetSpec]:
     """`"a@1 maxconn=4"` -> the fleets-file line `https://fleet.test:1 name=a maxconn=4`."""
@@ -348,8 +350,8 @@ CASES = {
             "refused: a fleet named 'b' exists already",
             "refused: https://fleet.test:2 is already in the ingress as fleet 'b'",
             "start probing c@3",
-            "refused: a fleet named 'c' exists already",
-            "refused: https://fleet.test:3 is already in the ingress as fleet 'c'",
+            "refused: a fleet named 'c' exists already" + _UNDER_WAY,
+            "refused: https://fleet.test:3 is already in the ingress as fleet 'c'" + _UNDER_WAY,
         ],
         members=["a@1 listed READY UP", "b@2 listed READY UP", "c@3 adding READY INIT"],
     ),
@@ -358,7 +360,7 @@ CASES = {
     "two add-fleets of the same fleet at once: the second is refused": Case(
         start=("a@1", "b@2"),
         steps=[precheck("c@3"), precheck("c@3"), add("c@3"), add("c@3")],
-        said=["start probing c@3", "refused: a fleet named 'c' exists already"],
+        said=["start probing c@3", "refused: a fleet named 'c' exists already" + _UNDER_WAY],
         members=["a@1 listed READY UP", "b@2 listed READY UP", "c@3 adding READY INIT"],
     ),
     "add-fleet of a name still draining waits for it to go": Case(
@@ -366,7 +368,9 @@ CASES = {
         steps=[call("a"), remove("a"), add("a@3"), end("a"), add("a@3")],
         said=[
             "draining a@1: 1 calls",
-            "refused: a fleet named 'a' exists already",
+            "refused: a fleet named 'a' exists already (being removed: it goes once its calls "
+            "end, `fleet-ingress stat` shows them; add it again then, or `remove-fleet --force` "
+            "it first)",
             "gone a@1",
             "start probing a@3",
         ],

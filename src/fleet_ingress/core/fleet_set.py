@@ -160,9 +160,12 @@ class FleetSet:
         """A fleet may join only under a new name, at an address no other fleet has."""
         for other in self._fleets:
             if other.name == spec.name:
-                raise FleetExists(f"a fleet named {spec.name!r} exists already")
+                raise FleetExists(f"a fleet named {spec.name!r} exists already{_why_there(other)}")
             if (other.spec.host, other.spec.port) == (spec.host, spec.port):
-                raise FleetExists(f"{spec.url} is already in the ingress as fleet {other.name!r}")
+                raise FleetExists(
+                    f"{spec.url} is already in the ingress as fleet {other.name!r}"
+                    + _why_there(other)
+                )
 
     def add(self, spec: FleetSpec, *, capacity_aware: bool) -> FleetState:
         """add-fleet brings `spec` in: in the balancer (probed, taking calls once UP),
@@ -329,3 +332,15 @@ class FleetSet:
 def _address(spec: FleetSpec) -> tuple[str, int, str]:
     """Where a fleet is: a fleet of the same name elsewhere is a move."""
     return spec.host, spec.port, spec.scheme
+
+
+def _why_there(fleet: FleetState) -> str:
+    """What an operator can do about a fleet that is on its way in or out."""
+    if fleet.membership is Membership.ADDING:
+        return " (an add-fleet of it is under way: try again once it has finished)"
+    if fleet.membership is Membership.DRAINING:
+        return (
+            " (being removed: it goes once its calls end, `fleet-ingress stat` shows them; "
+            "add it again then, or `remove-fleet --force` it first)"
+        )
+    return ""
