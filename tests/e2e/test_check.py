@@ -425,3 +425,49 @@ def test_an_empty_system_trust_store_is_named_not_blamed_on_the_chain(
     assert "system trust store is empty" in line and "ca-certificates" in line
     assert f"no {empty}/none.pem, no certificate in {empty}" in line
     assert "intermediate certificate is missing" not in line
+
+
+@pytest.mark.parametrize(
+    ("mix_up", "said"),
+    [
+        ("a certificate as the key", "the key {dir}/privkey.pem holds a certificate"),
+        ("an encrypted key", "the key {dir}/privkey.pem is encrypted"),
+        ("no certificate", "the certificate {dir}/fullchain.pem holds no PEM certificate"),
+    ],
+)
+def test_a_certificate_or_key_openssl_cannot_take_is_named(
+    deployment: Path, mix_up: str, said: str
+) -> None:
+    """Before: 'cannot be read: each must be PEM, and the key not encrypted', for
+    either file (the CLI audit of session 19)."""
+    from cryptography.hazmat.primitives import serialization
+
+    d = deployment.parent
+    if mix_up == "a certificate as the key":
+        (d / "privkey.pem").write_bytes((d / "cert.pem").read_bytes())
+    elif mix_up == "an encrypted key":
+        key = serialization.load_pem_private_key((d / "privkey.pem").read_bytes(), None)
+        (d / "privkey.pem").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            )
+        )
+    else:
+        (d / "fullchain.pem").write_text("not a certificate\n")
+    (line,) = check_configuration(deployment)
+    assert said.format(dir=d) in line, line
+
+
+def test_a_key_the_service_cannot_read_is_told_how_to_let_it(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(As root here, nothing is unreadable: the OS's answer is stood in for.)"""
+    from fleet_ingress.config import check
+
+    key = deployment.parent / "privkey.pem"
+    monkeypatch.setattr(check, "_unreadable", lambda p: "Permission denied" if p == key else None)
+    (line,) = check_configuration(deployment)
+    assert f"tls.key: cannot read {key}: Permission denied; the service's group must read" in line
+    assert "chgrp fleet-ingress FILE && chmod 0640 FILE" in line

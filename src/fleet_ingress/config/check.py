@@ -182,7 +182,13 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
         if file is None:
             problems.append(f"{source}: {name}: not set; the carrier listener needs it")
         elif reason := _unreadable(file):
-            problems.append(f"{source}: {name}: cannot read {file}: {reason}")
+            fix = (
+                "; the service's group must read it: `chgrp fleet-ingress FILE && chmod 0640 "
+                "FILE`, its directories too (docs/INSTALL.md section 3)"
+                if reason == "Permission denied"
+                else ""
+            )
+            problems.append(f"{source}: {name}: cannot read {file}: {reason}{fix}")
     cert, key = config.tls.cert, config.tls.key
     if problems or cert is None or key is None:
         return problems

@@ -96,12 +96,34 @@ def server_ssl_context(
                 raise TLSSetupError(f"certificate {cert} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
         elif isinstance(exc, ssl.SSLError):
-            problem = "cannot be read: each must be PEM, and the key not encrypted"
+            problem = f"cannot be read: {_pem_problem(cert, key)}"
         else:
             unreadable = ", ".join(str(p) for p in (cert, key) if not os.access(p, os.R_OK))
             problem = f"cannot be read: {exc.strerror} ({unreadable or cert})"
         raise TLSSetupError(f"certificate {cert} and key {key} {problem}") from None
     return ctx
+
+
+def _pem_problem(cert: Path, key: Path) -> str:
+    """Which of the two OpenSSL could not take, from what each file holds."""
+    try:
+        cert_text, key_text = cert.read_bytes(), key.read_bytes()
+    except OSError:
+        return "each must be PEM, and the key not encrypted"
+    if b"ENCRYPTED" in key_text:
+        return (
+            f"the key {key} is encrypted (a daemon cannot be asked for its passphrase); "
+            "decrypt it: `openssl pkey -in KEY -out KEY.plain`"
+        )
+    if b"PRIVATE KEY-----" not in key_text:
+        held = "a certificate" if b"-----BEGIN CERTIFICATE-----" in key_text else "no PEM key"
+        return f"the key {key} holds {held}; tls.key is the private key (certbot's privkey.pem)"
+    if b"-----BEGIN CERTIFICATE-----" not in cert_text:
+        return (
+            f"the certificate {cert} holds no PEM certificate; tls.cert is the certificate "
+            "chain (certbot's fullchain.pem)"
+        )
+    return "each must be PEM, and the key not encrypted"
 
 
 # SSL_CTRL_SET_GROUPS_LIST, the control behind SSL_CTX_set1_groups_list (OpenSSL >= 1.1.1).
