@@ -410,3 +410,18 @@ async def test_ctrl_c_while_an_upgrade_is_asked_says_it_goes_on_without_a_traceb
     assert proc.returncode == 130, text
     assert "upgrade: interrupted; the upgrade goes on in the ingress" in text
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+@pytest.mark.parametrize("where", ["directory", "file"])
+def test_an_admin_socket_path_that_is_no_socket_is_named(tmp_path: Path, where: str) -> None:
+    """Before: "Connection refused. Is fleet-ingress running?" (the CLI audit)."""
+    path = tmp_path / "x"
+    path.mkdir() if where == "directory" else path.write_text("")
+    done = subprocess.run(
+        [*CLI, "stat", "--admin-socket", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert (
+        f"{path} is a {'directory' if where == 'directory' else 'regular file'}, not the "
+        "admin socket" in done.stderr
+    ), done.stderr

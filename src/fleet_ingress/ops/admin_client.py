@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
     fleets_summary,
     probed,
@@ -39,6 +40,12 @@ class AdminNotReached(AdminUnreachable):
 async def admin_request(
     socket_path: Path, method: str, path: str, payload: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
+    if (kind := not_a_socket(socket_path)) is not None:  # ('' reads as '.', a directory)
+        raise AdminNotReached(
+            f"{socket_path} is {kind}, not the admin socket: give the running ingress's "
+            f"socket (listen.admin_socket; default {DEFAULT_ADMIN_SOCKET}) with "
+            "--admin-socket PATH, or its configuration with -c CONFIG"
+        )
     connector = aiohttp.UnixConnector(path=str(socket_path))
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     try:
