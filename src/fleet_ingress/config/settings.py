@@ -426,7 +426,7 @@ def not_a_socket(path: Path) -> str | None:
     file", "a directory", ...); None if nothing is there or a socket is."""
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except OSError:  # nothing there, or not ours to look at (its connect says so)
         return None
     if stat.S_ISSOCK(mode):
         return None
