@@ -158,11 +158,32 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["binary", "twilio-like", "exotel"],
         help="carrier audio profile (default: %(default)s)",
     )
+    parser.set_defaults(commands=list(sub.choices))
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser, *, hidden: bool) -> list[str]:
+    return [name for name in parser.get_default("commands") if hidden or name != "worker"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and not given[0].startswith("-") and given[0] not in _commands(parser, hidden=True):
+        # argparse's own answer listed the hidden `worker` and suggested nothing.
+        import difflib
+
+        listed = _commands(parser, hidden=False)
+        close = difflib.get_close_matches(given[0], listed, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        parser.print_usage(sys.stderr)
+        print(
+            f"fleet-ingress: unknown command {given[0]!r}; {hint}the commands: "
+            f"{', '.join(listed)} (fleet-ingress --help says what each does)",
+            file=sys.stderr,
+        )
+        return 2
+    args = parser.parse_args(given)
     if args.command in ("run", "worker"):
         return _dispatch(args)
     try:

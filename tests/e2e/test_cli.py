@@ -425,3 +425,10 @@ def test_an_admin_socket_path_that_is_no_socket_is_named(tmp_path: Path, where: 
         f"{path} is a {'directory' if where == 'directory' else 'regular file'}, not the "
         "admin socket" in done.stderr
     ), done.stderr
+
+
+def test_a_mistyped_command_gets_the_nearest_one_and_not_the_hidden_worker() -> None:
+    done = subprocess.run([*CLI, "rn"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "unknown command 'rn'; did you mean 'run'?" in done.stderr, done.stderr
+    assert "worker" not in done.stderr and "add-fleet" in done.stderr
