@@ -262,6 +262,16 @@ def test_missing_file_is_an_error_not_defaults(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
 
 
+def test_a_directory_given_as_the_file_is_named_as_one(tmp_path: Path) -> None:
+    """`check -c /etc/fleet-ingress` said "no such file" about a directory that exists."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path)
+    assert caught.value.problems == [
+        f"{tmp_path}: cannot read the configuration file: it is a directory; "
+        f"give the TOML file itself, e.g. -c {tmp_path / 'ingress.toml'}"
+    ]
+
+
 @pytest.mark.parametrize("version", ["TLSv1.1", "TLSv1", "SSLv3", "tls1.2"])
 def test_min_version_below_the_floor_is_refused(version: str) -> None:
     assert problems({"tls": {"min_version": version}}) == [

@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import parse_hostport
 
 ENV_PREFIX = "FLEET_INGRESS_"
@@ -448,12 +449,7 @@ def _absolute(path: Path | None, base: Path) -> Path | None:
     return path if path.is_absolute() else base / path
 
 
-_NOT_OURS = (
-    "permission denied: run this as root or as a member of the group that owns "
-    "it (sudo, or `usermod -aG fleet-ingress $USER` and log in again); if "
-    "that group cannot read it either, make it theirs: `chgrp fleet-ingress "
-    "FILE && chmod 0640 FILE` (its directory 2770, docs/INSTALL.md section 1)"
-)
+_NOT_OURS = PERMISSION_DENIED
 
 
 def load_config(path: Path | None) -> IngressConfig:
@@ -466,6 +462,13 @@ def load_config(path: Path | None) -> IngressConfig:
     except PermissionError:  # a directory on the way is not ours to enter
         raise ConfigError([f"{path}: cannot read the configuration file: {_NOT_OURS}"]) from None
     if not present:
+        if path.is_dir():
+            raise ConfigError(
+                [
+                    f"{path}: cannot read the configuration file: it is a directory; "
+                    f"give the TOML file itself, e.g. -c {path / 'ingress.toml'}"
+                ]
+            )
         raise ConfigError([f"{path}: cannot read the configuration file: no such file"])
     return _build({}, _Load(toml_file=path, base_dir=path.parent), str(path))
 
