@@ -1,3 +1,4 @@
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from fleet_ingress.config.fleets_file import (
     load_fleets_file,
     parse_fleets_text,
 )
+from fleet_ingress.config.read_hints import PERMISSION_DENIED
 
 
 def parse(text: str, default_maxconn: int = 16) -> list[FleetSpec]:
@@ -233,6 +235,48 @@ def test_unreadable_file_names_the_path(tmp_path: Path) -> None:
         FleetsFileError, match=f"^{re.escape(str(missing))}: cannot read the fleets file: No such"
     ):
         load_fleets_file(missing, default_maxconn=16)
+
+
+def test_each_read_error_gives_the_fix_that_fits(tmp_path: Path) -> None:
+    """Every read error ended "create it with one fleet URL a line", even for a
+    directory or a file that is not UTF-8."""
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(FleetsFileError, match="create it with one fleet URL a line"):
+        load_fleets_file(missing, default_maxconn=16)
+    with pytest.raises(FleetsFileError) as caught:
+        load_fleets_file(tmp_path, default_maxconn=16)
+    assert str(caught.value) == (
+        f"{tmp_path}: cannot read the fleets file: it is a directory; point fleets.file at "
+        f"the fleets file itself (one fleet URL a line), e.g. {tmp_path / 'fleets.txt'}"
+    )
+    latin1 = tmp_path / "fleets.txt"
+    latin1.write_bytes(b"# fleets\nhttps://f\xe9.example.com\n")
+    with pytest.raises(FleetsFileError) as caught:
+        load_fleets_file(latin1, default_maxconn=16)
+    assert str(caught.value) == (
+        f"{latin1}: cannot read the fleets file: line 2 is not UTF-8 text (byte 0xe9); "
+        "save the file as UTF-8 text"
+    )
+
+
+def test_a_fleets_file_not_ours_to_read_gives_the_group_and_mode(tmp_path: Path) -> None:
+    """As the configuration file's own message does (settings.load_config)."""
+    path = tmp_path / "fleets.txt"
+    path.write_text("https://fleet1.example.com\n")
+    path.chmod(0o600)
+    if os.geteuid() == 0:  # root reads anything: be someone else for the read
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.seteuid(nobody.pw_uid)
+    try:
+        with pytest.raises(FleetsFileError) as caught:
+            load_fleets_file(path, default_maxconn=16)
+    finally:
+        if os.geteuid() != os.getuid():
+            os.seteuid(0)
+    assert str(caught.value) == f"{path}: cannot read the fleets file: {PERMISSION_DENIED}"
+    assert "chgrp fleet-ingress FILE && chmod 0640 FILE" in PERMISSION_DENIED
 
 
 def test_every_bad_line_is_reported_not_only_the_first() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import format_hostport, split_hostport
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 
@@ -180,13 +181,13 @@ def _url_host(host: str) -> str:
 
 
 def load_fleets_file(path: Path, *, default_maxconn: int) -> list[FleetSpec]:
+    data = b""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
         raise FleetsFileError(
-            f"{path}: cannot read the fleets file: {reason}; "
-            "create it with one fleet URL a line, or point fleets.file at it"
+            f"{path}: cannot read the fleets file: {_why(exc, data, path)}"
         ) from None
     return parse_fleets_text(text, default_maxconn=default_maxconn, source=str(path))
 
@@ -212,3 +213,25 @@ def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | Non
 
 def admin_token(admin: Admin) -> str:
     return f"admin={admin.value.lower()}"
+
+
+def _why(exc: OSError | UnicodeDecodeError, data: bytes, path: Path) -> str:
+    """Why the fleets file could not be read, and the fix that fits."""
+    if isinstance(exc, UnicodeDecodeError):
+        line = data.count(b"\n", 0, exc.start) + 1
+        return (
+            f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "save the file as UTF-8 text"
+        )
+    if isinstance(exc, PermissionError):
+        return PERMISSION_DENIED
+    if isinstance(exc, IsADirectoryError):
+        return (
+            "it is a directory; point fleets.file at the fleets file itself "
+            f"(one fleet URL a line), e.g. {path / 'fleets.txt'}"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.strerror}; create it with one fleet URL a line, or point fleets.file at it"
+    if isinstance(exc, NotADirectoryError):
+        return f"{exc.strerror}: a part of the path is a file; point fleets.file at the fleets file"
+    return exc.strerror or str(exc)
