@@ -94,6 +94,25 @@ def test_write_atomically_keeps_a_backup_and_leaves_no_temp(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "fleets.txt.bak"]
 
 
+def test_a_symlinked_file_is_written_through_and_the_link_stays(tmp_path: Path):
+    """fleets.txt -> real/fleets.txt became a regular file on the first drain or
+    add-fleet (the rename replaced the link) and the real file went stale."""
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "fleets.txt"
+    real.write_text("one\n")
+    link = tmp_path / "fleets.txt"
+    link.symlink_to(Path("real") / "fleets.txt")  # relative, as `ln -s real/fleets.txt`
+    assert write_atomically(link, "two\n", backup=False) is None
+    assert link.is_symlink() and os.readlink(link) == str(Path("real") / "fleets.txt")
+    assert real.read_text() == "two\n"
+    backup = write_atomically(link, "three\n")
+    assert link.is_symlink() and real.read_text() == "three\n"
+    # The backup where the operator looks for it: beside the name they gave.
+    assert backup == tmp_path / "fleets.txt.bak" and backup.read_text() == "two\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "fleets.txt.bak", "real"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["fleets.txt"]  # no temp left
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as two users")
 def test_a_backup_left_by_another_user_is_replaced_not_written_into():
     """`init --force` as root leaves a root-owned fleets.txt.bak; the service (another

@@ -3,7 +3,9 @@
 The text goes to a temp file beside the target, is fsynced, then renamed over
 the target (the old one kept as NAME.bak) or, when nothing may be replaced,
 hard-linked into place (which fails if the name appeared meanwhile). The
-directory is fsynced so the rename itself survives a crash.
+directory is fsynced so the rename itself survives a crash. A symlink is written
+through: the file it names is replaced, in its own directory, and the link stays
+(the operator's fleets.txt -> a checkout's file), its backup beside the link.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def write_atomically(
 ) -> Path | None:
     """Write `text` to `path`; returns the backup of the old file (`NAME.bak`), if one
     was kept (`backup` and an old file to replace)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A rename over the link would replace the link itself with a regular file.
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     kept = None
     # Mode 0666 minus the umask, as an editor would create it (not mkstemp's 0600).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -43,17 +47,18 @@ def write_atomically(
                     os.replace(kept_temp, kept)
                 finally:
                     kept_temp.unlink(missing_ok=True)
-            os.replace(temp, path)
+            os.replace(temp, target)
         else:
             try:
-                os.link(temp, path)  # never clobbers, even a file that appeared just now
+                os.link(temp, target)  # never clobbers, even a file that appeared just now
             except FileExistsError:
                 raise FileExists(f"{path} already exists") from None
     finally:
         temp.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    for where in dict.fromkeys((target.parent, path.parent)):  # the backup's too
+        directory = os.open(where, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
     return kept
