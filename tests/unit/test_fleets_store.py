@@ -1,7 +1,10 @@
 """Persisting fleet changes: comments kept, atomic replace, backup. No sockets."""
 
+import errno
 import os
+import resource
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -152,6 +155,26 @@ def test_a_failed_write_leaves_the_old_file(tmp_path: Path):
         write_atomically(path, "new\n")
     assert path.read_text() == "old\n"
     assert not (tmp_path / "fleets.txt.bak").exists()
+
+
+def test_a_failed_write_names_the_file(tmp_path: Path):
+    """A full disk fails the write, whose OSError names no file: init said "cannot
+    write DIR" and add-fleet named nothing. EFBIG from a file-size limit stands in
+    for ENOSPC here (the same write fails); tests/e2e/test_init.py has a real full disk."""
+    path = tmp_path / "fleets.txt"
+    path.write_text("old\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2, hard))
+    try:
+        with pytest.raises(OSError) as caught:
+            write_atomically(path, "new\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert caught.value.errno == errno.EFBIG and caught.value.filename == str(path)
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt"]
 
 
 def test_no_clobber_mode_refuses_an_existing_file(tmp_path: Path):

@@ -31,10 +31,14 @@ def write_atomically(
     # Mode 0666 minus the umask, as an editor would create it (not mkstemp's 0600).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            # A full disk fails the write, which names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         if replace:
             if backup and path.exists():
                 kept = path.with_name(path.name + ".bak")

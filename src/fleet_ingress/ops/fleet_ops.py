@@ -210,7 +210,11 @@ class FleetOps:
         except OSError as exc:
             # Name the file that failed: the fleets file, its backup or a temporary file
             # beside them (the directory must be writable by the service).
-            where = f" ({exc.filename})" if exc.filename else ""
+            where = (
+                f" ({exc.filename})"
+                if exc.filename and str(exc.filename) != str(self.fleets_file)
+                else ""
+            )
             raise FleetChangeError(
                 500,
                 f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}",
