@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -229,12 +232,41 @@ def test_existing_files_are_not_overwritten_without_force(
     render_deployment(DOMAIN, FLEETS, tmp_path, force=True)
     fleets = parse_fleets_text((tmp_path / "fleets.txt").read_text(), default_maxconn=16)
     assert [s.url for s in fleets] == FLEETS
-    assert (tmp_path / "fleets.txt.bak").read_text() == "https://kept.example.com\n"
+    assert (tmp_path / "fleets.txt.bak.1").read_text() == "https://kept.example.com\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "fleets.txt",
-        "fleets.txt.bak",
+        "fleets.txt.bak.1",
         "ingress.toml",
     ]  # and no temp file left behind
+
+
+def test_force_twice_never_loses_the_operators_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second `init --force` put the first run's output over fleets.txt.bak,
+    the operator's hand-edited file (the audit of 2026-12-04)."""
+    mine = "# ours, by hand\nhttps://mine.example.com name=mine\n"
+    (tmp_path / "fleets.txt").write_text(mine)
+    (tmp_path / "ingress.toml").write_text("# my settings\n")
+    for fleets in (FLEETS, FLEETS[:1], FLEETS[:1]):
+        args = init_args(
+            "--domain", DOMAIN, *_fleet_args(fleets), "--out", str(tmp_path), "--force"
+        )
+        main_init(args)
+    out = capsys.readouterr().out
+    assert (tmp_path / "fleets.txt.bak.1").read_text() == mine
+    assert (tmp_path / "ingress.toml.bak.1").read_text() == "# my settings\n"
+    # The second run kept the first one's fleets.txt; the third wrote what was there.
+    assert "fleet2.example.com" in (tmp_path / "fleets.txt.bak.2").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fleets.txt",
+        "fleets.txt.bak.1",
+        "fleets.txt.bak.2",
+        "ingress.toml",
+        "ingress.toml.bak.1",
+    ]
+    kept = tmp_path / "fleets.txt.bak.1"
+    assert f"wrote {tmp_path / 'fleets.txt'} (the old one is kept as {kept})" in out
 
 
 def test_an_unwritable_out_dir_is_an_error_not_a_traceback(tmp_path: Path) -> None:
@@ -285,3 +317,74 @@ def test_the_command_line_takes_the_fleets_after_one_flag_as_spec_8_writes_it(
 
 def _fleet_args(fleets: list[str]) -> list[str]:
     return [arg for url in fleets for arg in ("--fleet", url)]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_that_cannot_be_written_takes_back_the_others(tmp_path: Path, force: bool) -> None:
+    """ingress.toml was left written when fleets.txt failed (a full disk), and the
+    re-run was refused because ingress.toml existed; the message named the directory."""
+    before = {}
+    if force:
+        before = {"ingress.toml": "# my settings\n", "fleets.txt": "https://mine.example.com\n"}
+    for name, text in before.items():
+        (tmp_path / name).write_text(text)
+    blocker = tmp_path / f".fleets.txt.tmp-{os.getpid()}"
+    blocker.mkdir()  # fleets.txt's temp file cannot be made, after ingress.toml is written
+    with pytest.raises(InitError) as caught:
+        render_deployment(DOMAIN, FLEETS, tmp_path, force=force)
+    assert str(caught.value) == (
+        f"cannot write {tmp_path / 'fleets.txt'} ({blocker}): Is a directory; nothing was "
+        "changed (what this run wrote is taken back); fix that, then run init again"
+    )
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()} == before
+    blocker.rmdir()
+    render_deployment(DOMAIN, FLEETS, tmp_path, force=force)  # as it says: run it again
+    assert (tmp_path / "fleets.txt").read_text().endswith("https://fleet2.example.com:8443\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
+@pytest.mark.parametrize("force", [False, True])
+def test_a_full_disk_at_any_point_changes_nothing_and_names_the_file(force: bool) -> None:
+    """A real ENOSPC at every step of the run: one tmpfs, filled to leave 0, 1, 2...
+    pages free until the run fits. Each failure names a file, says to free space,
+    and leaves the directory as it was."""
+    base = Path(tempfile.mkdtemp(prefix="fi-full-"))
+    mnt = base / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        before = {}
+        if force:
+            before = {"ingress.toml": "# my settings\n", "fleets.txt": "https://mine.example.com\n"}
+        page = os.statvfs(mnt).f_frsize
+        failed = 0
+        for free in range(64):
+            for p in mnt.iterdir():
+                p.unlink()
+            for name, text in before.items():
+                (mnt / name).write_text(text)
+            fs = os.statvfs(mnt)
+            (mnt / "filler").write_bytes(b"x" * ((fs.f_bavail - free) * page))
+            assert os.statvfs(mnt).f_bavail == free
+            try:
+                render_deployment(DOMAIN, FLEETS, mnt, force=force)
+            except InitError as exc:
+                message = str(exc)
+                failed += 1
+                assert re.match(
+                    rf"cannot write {mnt}/(ingress\.toml|fleets\.txt): No space left on device; "
+                    r"nothing was (written|changed \(what this run wrote is taken back\)); ",
+                    message,
+                ), message
+                assert message.endswith(f"free some space there (df -h {mnt}), then run init again")
+                left = {p.name: p.read_text() for p in mnt.iterdir() if p.name != "filler"}
+                assert left == before, (free, message)
+            else:
+                break
+        else:
+            pytest.fail("init never fitted in 64 free pages")
+        assert failed == free > 1  # every run before failed, some of them half way
+        assert sorted(p.name for p in mnt.iterdir())[:2] == ["filler", "fleets.txt"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        shutil.rmtree(base)

@@ -261,7 +261,7 @@ def test_an_existing_keepalived_conf_is_not_overwritten_without_force(tmp_path: 
         render_deployment(DOMAIN, FLEETS, tmp_path, pair=PAIR)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keepalived.conf"]
     render_deployment(DOMAIN, FLEETS, tmp_path, pair=PAIR, force=True)
-    assert (tmp_path / "keepalived.conf.bak").read_text() == "# hand-written\n"
+    assert (tmp_path / "keepalived.conf.bak.1").read_text() == "# hand-written\n"
 
 
 def test_a_surviving_placeholder_in_the_keepalived_template_is_refused(tmp_path: Path) -> None:

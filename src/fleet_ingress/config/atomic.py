@@ -10,9 +10,13 @@ through: the file it names is replaced, in its own directory, and the link stays
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
+
+# A numbered backup series (keep_numbered_backup) ends here: more is a loop, not operators.
+MAX_NUMBERED_BACKUPS = 999
 
 
 class FileExists(FileExistsError):
@@ -66,3 +70,47 @@ def write_atomically(
         finally:
             os.close(directory)
     return kept
+
+
+def keep_numbered_backup(path: Path, new_text: str) -> Path | None:
+    """Keep the file at `path` (a symlink's target) as the first free `NAME.bak.1`,
+    `NAME.bak.2`, ... beside `path`, never replacing one: a second `init --force`
+    must not put its first run's output over the operator's own file. Returns the
+    backup; None when there is no file, or it already holds `new_text` (nothing to
+    lose). A hard link where it can (no space needed: the file is then replaced
+    by a rename, so the backup keeps the old inode), else a copy."""
+    try:
+        old = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if old == new_text.encode("utf-8"):
+        return None
+    source = Path(os.path.realpath(path))
+    copy: Path | None = None
+    try:
+        for n in range(1, MAX_NUMBERED_BACKUPS + 1):
+            kept = path.with_name(f"{path.name}.bak.{n}")
+            try:
+                os.link(copy or source, kept)  # never clobbers an older backup
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                # Another file system (a symlink's target elsewhere), or a file not
+                # ours to link (fs.protected_hardlinks): a copy then.
+                if copy is not None or exc.errno not in (errno.EXDEV, errno.EPERM):
+                    raise OSError(exc.errno, exc.strerror, str(kept)) from exc
+                copy = path.with_name(f".{kept.name}.tmp-{os.getpid()}")
+                shutil.copy2(source, copy)
+                try:
+                    os.link(copy, kept)
+                except FileExistsError:
+                    continue
+            return kept
+    finally:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
+    raise OSError(
+        errno.EEXIST,
+        f"{MAX_NUMBERED_BACKUPS} backups are there already; move the old ones away",
+        str(path.with_name(f"{path.name}.bak.{MAX_NUMBERED_BACKUPS}")),
+    )

@@ -16,7 +16,9 @@ from `add_init_arguments` on every invocation.
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -27,7 +29,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-from fleet_ingress.config.atomic import FileExists, write_atomically
+from fleet_ingress.config.atomic import FileExists, keep_numbered_backup, write_atomically
 from fleet_ingress.config.fleets_file import FleetsFileError, format_fleets_text, parse_fleets_text
 
 CONFIG_NAME = "ingress.toml"
@@ -231,14 +233,17 @@ def render_deployment(
     template_dir: Path | None = None,
     force: bool = False,
     pair: TwoHosts | None = None,
+    backups: dict[Path, Path] | None = None,
 ) -> list[Path]:
     """Write out_dir/ingress.toml and out_dir/fleets.txt (and with `pair`
     out_dir/keepalived.conf); return their paths.
 
     Each `fleet_urls` item is one fleets-file line, `URL [name=NAME] [maxconn=N]`.
     Raises InitError, with nothing written, on a bad domain or fleet, a surviving
-    placeholder, or an existing file when not `force` (with `force` the old file
-    is kept as NAME.bak). Each file is replaced atomically.
+    placeholder, or an existing file when not `force` (with `force` each old file
+    is kept as the first free NAME.bak.N, never replacing a backup; `backups` is
+    filled with file -> backup). Each file is replaced atomically; when one cannot
+    be written, those written are taken back and InitError says so.
     """
     domain = normalise_domain(domain)
     names = TEMPLATE_NAMES + ((KEEPALIVED_NAME,) if pair is not None else ())
@@ -269,27 +274,82 @@ def render_deployment(
         verb = "exists" if len(existing) == 1 else "exist"
         raise InitError(
             f"{' and '.join(existing)} already {verb}; nothing was written. "
-            "Pass --force to replace (the old file is kept as NAME.bak), or choose another --out"
+            "Pass --force to replace (each old file is kept as NAME.bak.N), or choose another --out"
         )
-    written: list[Path] = []
+    _write_all(out_dir, {targets[name]: text for name, text in rendered.items()}, force, backups)
+    return list(targets.values())
+
+
+def _write_all(
+    out_dir: Path, texts: dict[Path, str], force: bool, backups: dict[Path, Path] | None
+) -> None:
+    """Write every file, or none: on a failure (a full disk) what this run wrote is
+    taken back and each replaced file restored from its backup. With `force` every
+    old file is kept first (keep_numbered_backup), before any is replaced."""
+    kept: dict[Path, Path] = {}
+    wrote = 0
+    existed = {path: path.exists() for path in texts}
+    doing = "write"
+    path = out_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered.items():
-            try:
-                write_atomically(targets[name], text, replace=force)
-            except FileExists:
-                raise InitError(
-                    f"{targets[name]} already exists; pass --force to replace it"
-                ) from None
-            written.append(targets[name])
-    except OSError as exc:
-        done = (
-            f"; {' and '.join(map(str, written))} written" if written else "; nothing was written"
-        )
+        if force:
+            doing = "keep the old"
+            for path, text in texts.items():
+                if (backup := keep_numbered_backup(path, text)) is not None:
+                    kept[path] = backup
+        doing = "write"
+        for path, text in texts.items():
+            write_atomically(path, text, replace=force, backup=False)
+            wrote += 1
+    except (OSError, FileExists) as exc:
+        left = _take_back(texts, existed, kept)
+        if isinstance(exc, FileExists):  # made by someone else since the check above
+            what = f"{path} already exists"
+        else:
+            what = f"cannot {doing} {path}"
+            if exc.filename and str(exc.filename) != str(path):
+                what += f" ({exc.filename})"
+            what += f": {exc.strerror or exc}"
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if isinstance(exc, FileExists):
+            fix = "pass --force to replace it, or choose another --out"
+        elif full:
+            fix = f"free some space there (df -h {out_dir}), then run init again"
+        else:
+            fix = "fix that, then run init again"
+        if not left:
+            done = "nothing was written" if not (wrote or kept) else "nothing was changed"
+            undone = " (what this run wrote is taken back)" if wrote or kept else ""
+            raise InitError(f"{what}; {done}{undone}; {fix}") from None
         raise InitError(
-            f"cannot write {exc.filename or out_dir}: {exc.strerror or exc}{done}"
+            f"{what}; could not take back what this run wrote: {'; '.join(left)}; "
+            f"{fix}{'' if isinstance(exc, FileExists) else ' with --force'}"
         ) from None
-    return written
+    if backups is not None:
+        backups.update(kept)
+
+
+def _take_back(
+    texts: dict[Path, str], existed: dict[Path, bool], kept: dict[Path, Path]
+) -> list[str]:
+    """Undo a run that failed half way: each file as it was before. Returns what
+    could not be undone, one phrase each."""
+    left = []
+    for path, text in texts.items():
+        real = Path(os.path.realpath(path))
+        try:
+            if (backup := kept.get(path)) is not None:
+                if os.path.samefile(backup, real):  # a link to the file, not replaced yet
+                    backup.unlink()
+                else:
+                    os.replace(backup, real)  # the old file, as it was
+            elif not existed[path] and real.exists() and real.read_text(encoding="utf-8") == text:
+                real.unlink()  # written by this run: nothing was there before
+        except OSError as exc:
+            old = f" (the old one is {kept[path]})" if path in kept else ""
+            left.append(f"{path}: {exc.strerror or exc}{old}")
+    return left
 
 
 def render_keepalived(template: str, domain: str, pair: TwoHosts, live_check: str) -> str:
@@ -426,7 +486,9 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to write ingress.toml and fleets.txt (default: the current directory)",
     )
     parser.add_argument(
-        "--force", action="store_true", help="replace existing files (keeping NAME.bak)"
+        "--force",
+        action="store_true",
+        help="replace existing files (each old one kept as NAME.bak.N, a backup never replaced)",
     )
     pair = parser.add_argument_group(
         "two hosts sharing one address (keepalived.conf, written beside ingress.toml)"
@@ -470,6 +532,7 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     2 nothing written. `args` as parsed by add_init_arguments."""
     try:
         pair = _pair_from(args)
+        backups: dict[Path, Path] = {}
         paths = render_deployment(
             args.domain,
             args.fleet,
@@ -477,12 +540,14 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
             template_dir=template_dir,
             force=args.force,
             pair=pair,
+            backups=backups,
         )
     except InitError as exc:
         print(f"fleet-ingress init: {exc}", file=sys.stderr)
         return NOT_WRITTEN
     for path in paths:
-        print(f"wrote {path.absolute()}")
+        kept = f" (the old one is kept as {backups[path].absolute()})" if path in backups else ""
+        print(f"wrote {path.absolute()}{kept}")
     config_path = (args.out / CONFIG_NAME).absolute()
     result = check_deployment(config_path)
     for line in result.warnings:
