@@ -388,3 +388,30 @@ def test_a_full_disk_at_any_point_changes_nothing_and_names_the_file(force: bool
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
         shutil.rmtree(base)
+
+
+def test_force_through_a_symlink_to_another_file_system(tmp_path: Path) -> None:
+    """ingress.toml -> a file on another file system: written through (the link
+    stays), and its backup, which cannot be a hard link there, is a copy."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than tmp_path")
+    elsewhere = Path(tempfile.mkdtemp(prefix="fi-init-", dir=shm))
+    try:
+        real = elsewhere / "ingress.toml"
+        real.write_text("# my settings\n")
+        (tmp_path / "ingress.toml").symlink_to(real)
+        backups: dict[Path, Path] = {}
+        render_deployment(DOMAIN, FLEETS, tmp_path, force=True, backups=backups)
+        assert (tmp_path / "ingress.toml").is_symlink() and DOMAIN in real.read_text()
+        assert backups == {tmp_path / "ingress.toml": tmp_path / "ingress.toml.bak.1"}
+        assert (tmp_path / "ingress.toml.bak.1").read_text() == "# my settings\n"
+        assert not (tmp_path / "ingress.toml.bak.1").is_symlink()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "fleets.txt",
+            "ingress.toml",
+            "ingress.toml.bak.1",
+        ]
+        assert [p.name for p in elsewhere.iterdir()] == ["ingress.toml"]
+    finally:
+        shutil.rmtree(elsewhere)
