@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 from aiohttp import web
@@ -75,6 +76,28 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
     got = await plain_exchange(ingress.acme_address, request.encode())
     assert got.startswith(b"HTTP/1.1 503 ")
     assert f"127.0.0.1:{port}".encode() in got
+
+
+async def test_an_ipv6_upstream_is_named_with_brackets_in_the_503_and_the_warning(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
+):
+    """acme.upstream = "[::1]:PORT" was shown as "::1:PORT" (the audit of a real run)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    with socket.socket(socket.AF_INET6) as held:  # bound, not listening: nothing answers
+        held.bind(("::1", 0))
+        port = held.getsockname()[1]
+        ingress = await start_ingress(
+            ["https://127.0.0.1:9 name=unused"],
+            listen={"acme": "127.0.0.1:0"},
+            acme={"upstream": f"[::1]:{port}"},
+        )
+        request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        got = await plain_exchange(ingress.acme_address, request.encode())
+    assert got.startswith(b"HTTP/1.1 503 ")
+    assert got.endswith(f"no ACME responder is listening on [::1]:{port}".encode()), got
+    unreachable = [r for r in caplog.records if r.getMessage() == "acme upstream unreachable"]
+    assert [r.fields["upstream"] for r in unreachable] == [f"[::1]:{port}"]  # type: ignore[attr-defined]
 
 
 async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(

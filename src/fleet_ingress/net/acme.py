@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
-from fleet_ingress.core.addresses import peer_ip
+from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
 from fleet_ingress.core.request_head import (
     RequestHead,
@@ -175,7 +175,7 @@ class AcmeProtocol(asyncio.Protocol):
 
     async def _forward(self, head: RequestHead) -> None:
         s = self.settings
-        where = f"{s.upstream_host}:{s.upstream_port}"
+        where = format_hostport(s.upstream_host, s.upstream_port)  # [::1]:8888, not ::1:8888
         exchange = FleetExchange(
             head.method,
             head.target,
