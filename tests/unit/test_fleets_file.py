@@ -319,6 +319,26 @@ def test_a_zone_is_read_as_curl_reads_it_and_written_back_the_same(url: str, zon
     assert again == spec
 
 
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        ("https://[::ffff:127.0.0.1]", "https://127.0.0.1"),
+        ("http://[::FFFF:7f00:1]:8080", "http://127.0.0.1:8080"),  # however written; http too
+        ("https://[::ffff:10.0.0.1%eth0]:9", "https://10.0.0.1:9"),
+    ],
+)
+def test_an_ipv4_mapped_fleet_address_is_refused_with_the_ipv4_form_to_write(
+    url: str, fix: str
+) -> None:
+    """An https fleet at [::ffff:127.0.0.1] never came UP: its certificate was
+    checked for '::ffff:127.0.0.1' (the audit of a real run)."""
+    with pytest.raises(FleetsFileError) as caught:
+        parse(url)
+    assert str(caught.value).endswith(
+        ", an IPv4 address written as IPv6, which no certificate names; write " + fix
+    )
+
+
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_url() -> None:
     # Before: fleets.txt line 1: '\ufeffhttps://a.test' is not an http:// or https:// URL.
     assert [s.name for s in parse("\ufeffhttps://a.test\nhttps://b.test\n")] == ["a.test", "b.test"]

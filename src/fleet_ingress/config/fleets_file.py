@@ -7,6 +7,7 @@ a fleet without it is READY.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -148,9 +149,17 @@ def _parse_url(token: str) -> _URLParts:
         raise _BadToken(token, f"{exc}; {_URL_FORM}") from None
     if port == 0:
         raise _BadToken(token, f"has port 0; {_URL_FORM} with PORT from 1 to 65535")
+    address, percent, zone = host.partition("%")
+    if ":" in address and (mapped := ipaddress.IPv6Address(address).ipv4_mapped):
+        # An https fleet's certificate was checked for '::ffff:127.0.0.1' (never UP);
+        # refused for http too, as listen.* refuses it: one spelling per address.
+        raise _BadToken(
+            token,
+            f"has {address}, an IPv4 address written as IPv6, which no certificate "
+            f"names; write {parts.scheme}://{format_hostport(str(mapped), port)}",
+        )
     # Host names are case-insensitive; lower case keeps names, SNI and duplicates
     # consistent. An IPv6 zone is an interface's name, which is not (enP1s0).
-    address, percent, zone = host.partition("%")
     host = address.lower() + percent + zone
     return _URLParts(
         scheme=parts.scheme,
