@@ -10,9 +10,11 @@ from typing import TextIO
 
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.probe import ProbeResult, ProbeSettings, judge_health_response
+from fleet_ingress.net.listener import ListenError, bind_errors_named, listen_sockaddr
 from fleet_ingress.net.poller import health_session, probe_fleet
 from fleet_ingress.net.tls import (
     TLSSetupError,
@@ -116,6 +118,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
                 f"{config.fleets.file}: no fleets listed; "
                 "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N] [admin=drain|maint]"
             )
+    lines += _check_listen_addresses(config, str(path))
     lines += _check_certificate(config, str(path))
     fleets_cfg = config.fleets
     if fleets_cfg.ca_file is not None:
@@ -174,6 +177,24 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             "(systemctl edit fleet-ingress) above timeouts.drain"
         )
     return doubts
+
+
+def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
+    """What `run` would refuse before binding: a host name that does not resolve
+    or resolves to several addresses, a zone no interface has. Resolved as `run`
+    resolves it (net.listener.listen_sockaddr); the bind itself is not tried (the
+    ingress may be running on these addresses)."""
+    problems = []
+    for key in ("wss", "acme", "stats"):
+        if not (address := getattr(config.listen, key)):
+            continue
+        host, port = parse_hostport(address, what=f"listen.{key}")
+        try:
+            with bind_errors_named(key, address):
+                listen_sockaddr(host, port)
+        except ListenError as exc:
+            problems.append(f"{source}: {exc}")
+    return problems
 
 
 def _check_certificate(config: IngressConfig, source: str) -> list[str]:

@@ -26,9 +26,10 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
-from fleet_ingress.core.addresses import peer_ip
+from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.logs import fields
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, HandshakeTimeout, TLSConnection, wrap_accepted
@@ -75,15 +76,43 @@ def connections_within(descriptors: int, configured: int, *, acme_connections: i
 
 
 def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening socket; "::" (the IPv6 wildcard) takes IPv4 too, as one socket."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    dualstack = host == "::" and socket.has_dualstack_ipv6()
-    sock = socket.create_server(
-        infos[0][4][:2], family=family, backlog=backlog, dualstack_ipv6=dualstack
-    )
+    """A listening socket on `host`'s one address (`listen_sockaddr`); "::" (the
+    IPv6 wildcard) takes IPv4 too, as one socket."""
+    family, sockaddr = listen_sockaddr(host, port)
+    dualstack = family == socket.AF_INET6 and sockaddr[0] == "::" and socket.has_dualstack_ipv6()
+    # The whole sockaddr: a link-local address's scope id (its zone, fe80::10%ve0)
+    # is its fourth field, and binding that address without it is EINVAL.
+    sock = socket.create_server(sockaddr, family=family, backlog=backlog, dualstack_ipv6=dualstack)
     sock.setblocking(False)
     return sock
+
+
+class SeveralAddresses(OSError):
+    """A listener's host name resolves to more than one address; a socket binds one."""
+
+    def __init__(self, host: str, port: int, addresses: list[str]) -> None:
+        shown = ", ".join(format_hostport(address, None) for address in addresses)
+        super().__init__(errno.EINVAL, f"{host} resolves to {shown}")
+        self.host, self.port, self.addresses = host, port, addresses
+
+
+def listen_sockaddr(host: str, port: int) -> tuple[int, Any]:
+    """The (family, sockaddr) a listener on `host` binds: an address, or a host
+    name resolving to exactly one address of either family. Asks the C
+    library's getaddrinfo (socket.getaddrinfo, not the event loop's: uvloop's
+    answers fe80::10%ve0 with scope id 0), with AF_UNSPEC: a name with only an
+    IPv6 address was looked up as IPv4 and failed, misleadingly, as a
+    temporary failure in name resolution. A name with several addresses raises
+    SeveralAddresses: one of them alone would be bound, silently."""
+    infos = socket.getaddrinfo(
+        host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )
+    found = list(dict.fromkeys((info[0], info[4]) for info in infos))
+    if len(found) > 1:
+        # IPv4 first, then IPv6 (the resolver's order is the host's gai.conf's).
+        named = sorted(found, key=lambda one: (one[0] != socket.AF_INET, one[1][0]))
+        raise SeveralAddresses(host, port, [str(sockaddr[0]) for _, sockaddr in named])
+    return found[0]
 
 
 class ListenError(OSError):
@@ -99,7 +128,21 @@ def bind_errors_named(key: str, address: str) -> Iterator[None]:
     ListenError naming the key, the address, the reason and the fix."""
     try:
         yield
+    except SeveralAddresses as exc:
+        raise ListenError(
+            exc.errno,
+            f"listen.{key} = {address!r}: {exc.strerror}, and a listener binds one address; "
+            f"give one, e.g. {format_hostport(exc.addresses[0], exc.port)}, or "
+            f"[::]:{exc.port} for both families on one socket",
+        ) from None
     except OSError as exc:
+        zone = address.partition("]")[0].partition("%")[2] if address.startswith("[") else ""
+        if isinstance(exc, socket.gaierror) and zone:
+            raise ListenError(
+                exc.errno,
+                f"listen.{key} = {address!r}: no interface of this machine is named "
+                f"{zone!r}; give the zone of the interface with that address (`ip -6 addr`)",
+            ) from None
         if isinstance(exc, socket.gaierror):
             raise ListenError(
                 exc.errno,

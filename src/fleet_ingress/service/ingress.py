@@ -284,8 +284,9 @@ class Ingress:
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
-                app = stats_app(self.snapshot, self.metrics.prometheus)
-                runner = await self._web.serve(app, web.TCPSite, host=host, port=port)
+                listening = bind_tcp(host, port, backlog=128)  # as the supervisor binds it
+            app = stats_app(self.snapshot, self.metrics.prometheus)
+            runner = await self._web.serve(app, web.SockSite, sock=listening)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
             log.info("listening", extra=fields(listener="stats", address=self.stats_address))

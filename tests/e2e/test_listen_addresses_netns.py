@@ -1,0 +1,251 @@
+"""Listener addresses as an operator writes them (SPEC 12): a link-local IPv6
+address with its zone, and a host name, resolved as `run` resolves them.
+
+Each test makes a network namespace and runs the real `python -m fleet_ingress`
+(`check`, then `run`) inside it. A host name is given its addresses by a hosts
+file of the namespace's own (`ip netns exec` mounts /etc/netns/NAME/hosts over
+/etc/hosts), with a resolv.conf naming a resolver on its loopback that is not
+there: nothing is looked up outside the namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import NetLab, TLSFiles
+
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60)]
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
+
+
+@pytest.fixture
+def hosts_of(netlab: NetLab) -> Iterator[object]:
+    """hosts_of(ns, text): the hosts file `ip netns exec ns` processes read."""
+    made: list[Path] = []
+
+    def write(ns: str, text: str) -> None:
+        folder = Path("/etc/netns") / ns
+        folder.mkdir(parents=True)
+        made.append(folder)
+        (folder / "hosts").write_text(f"127.0.0.1 localhost\n{text}")
+        (folder / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+
+    yield write
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        Path("/etc/netns").rmdir()  # only when no one else's is left in it
+
+
+def _config(tmp_path: Path, tls_files: TLSFiles, wss: str, acme: str, stats: str) -> Path:
+    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:9 name=unused\n")
+    config = tmp_path / "ingress.toml"
+    config.write_text(
+        f'[listen]\nwss = "{wss}"\nacme = "{acme}"\nstats = "{stats}"\nadmin_socket = ""\n'
+        f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
+        f'ca_file = "{tls_files.ca_pem}"\n'
+        f'[fleets]\nfile = "fleets.txt"\nca_file = "{tls_files.ca_pem}"\n'
+    )
+    return config
+
+
+def _check(netlab: NetLab, ns: str, config: Path) -> subprocess.CompletedProcess[str]:
+    argv = netlab.exec_argv(ns, sys.executable, "-m", "fleet_ingress", "check", "-c", str(config))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=ENV)
+
+
+async def _connect(netlab: NetLab, ns: str, address: str, port: int) -> socket.socket:
+    """A TCP connection from inside `ns` to an IP address, a zone taken there."""
+    where: list[tuple[object, ...]] = []
+
+    def make() -> socket.socket:
+        ((family, kind, proto, _, sockaddr),) = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+        )
+        where.append(sockaddr)
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        return sock
+
+    sock = netlab.socket_in(ns, make)
+    try:
+        async with asyncio.timeout(5):
+            await asyncio.get_running_loop().sock_connect(sock, where[0])
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _get(netlab: NetLab, ns: str, address: str, port: int, path: str) -> bytes:
+    sock = await _connect(netlab, ns, address, port)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: calls.test\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+class _Run:
+    """`fleet-ingress run` inside a namespace; its log kept."""
+
+    def __init__(self, netlab: NetLab, ns: str, config: Path) -> None:
+        self.argv = netlab.exec_argv(
+            ns, sys.executable, "-m", "fleet_ingress", "run", "-c", str(config)
+        )
+        self.log: list[bytes] = []
+
+    async def __aenter__(self) -> _Run:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=ENV,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.log).decode()
+
+    async def until_answered(self, get: object) -> bytes:
+        async with asyncio.timeout(20):
+            while True:
+                assert self.proc.returncode is None, self.text
+                with contextlib.suppress(OSError):
+                    return await get()  # type: ignore[operator]
+                await asyncio.sleep(0.1)
+
+    async def exited(self) -> int:
+        async with asyncio.timeout(20):
+            status = await self.proc.wait()
+        await self._reader
+        return status
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await self.proc.wait()
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self._reader.cancel()
+        print(self.text)  # the ingress's log, shown if the test failed
+
+
+async def _handshake(netlab: NetLab, ns: str, tls_files: TLSFiles, address: str, port: int) -> str:
+    """The TLS version a carrier gets from the wss listener at `address`."""
+    sock = await _connect(netlab, ns, address, port)
+    async with asyncio.timeout(5):
+        _, writer = await asyncio.open_connection(
+            sock=sock, ssl=tls_files.client_context(), server_hostname="calls.test"
+        )
+    ssl_object = writer.get_extra_info("ssl_object")
+    assert isinstance(ssl_object, ssl.SSLObject)
+    version = ssl_object.version()
+    writer.close()
+    return str(version)
+
+
+async def test_listeners_on_a_link_local_address_with_its_zone_serve(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """`check` said OK and `run` exited "cannot listen: Invalid argument": the
+    bind dropped the scope id getaddrinfo gave for fe80::10%ve0 (the audit of
+    a real run)."""
+    ns = netlab.namespace("zone")
+    netlab.ip("-n", ns, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1")
+    netlab.ip("-n", ns, "link", "set", "ve1", "up")
+    netlab.ip("-n", ns, "link", "set", "ve0", "up")
+    netlab.ip("-n", ns, "addr", "add", "fe80::10/64", "dev", "ve0", "nodad")
+    at = "[fe80::10%ve0]"
+    config = _config(tmp_path, tls_files, f"{at}:8443", f"{at}:8080", f"{at}:8404")
+    checked = _check(netlab, ns, config)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    async with _Run(netlab, ns, config) as run:
+        stats = await run.until_answered(
+            lambda: _get(netlab, ns, "fe80::10%ve0", 8404, "/stats.json")
+        )
+        assert stats.startswith(b"HTTP/1.0 200 ")
+        acme = await _get(netlab, ns, "fe80::10%ve0", 8080, "/ws/bot")
+        assert acme.startswith(b"HTTP/1.1 301 ")
+        assert b"Location: https://calls.test/ws/bot\r\n" in acme
+        assert await _handshake(netlab, ns, tls_files, "fe80::10%ve0", 8443) == "TLSv1.3"
+
+
+async def test_a_host_name_with_only_an_ipv6_address_is_listened_on(
+    netlab: NetLab, hosts_of, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """It was looked up as IPv4 only, and `run` exited with "Temporary failure
+    in name resolution" (the audit of a real run)."""
+    ns = netlab.namespace("v6name")
+    netlab.ip("-n", ns, "addr", "add", "fd00::5/128", "dev", "lo", "nodad")
+    hosts_of(ns, "fd00::5 v6only.test\n")
+    config = _config(tmp_path, tls_files, "v6only.test:8443", "", "127.0.0.1:8404")
+    checked = _check(netlab, ns, config)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    async with _Run(netlab, ns, config) as run:
+        await run.until_answered(lambda: _get(netlab, ns, "127.0.0.1", 8404, "/stats.json"))
+        assert await _handshake(netlab, ns, tls_files, "fd00::5", 8443) == "TLSv1.3"
+
+
+async def test_a_host_name_with_two_addresses_is_refused_by_check_and_by_run(
+    netlab: NetLab, hosts_of, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Before, `run` bound its IPv4 address alone (the IPv6 one silently not
+    served) and `check` said OK."""
+    ns = netlab.namespace("twoaddr")
+    netlab.ip("-n", ns, "addr", "add", "127.0.0.5/8", "dev", "lo")
+    netlab.ip("-n", ns, "addr", "add", "fd00::5/128", "dev", "lo", "nodad")
+    hosts_of(ns, "127.0.0.5 calls.test\nfd00::5 calls.test\n")
+    config = _config(tmp_path, tls_files, "calls.test:8443", "", "127.0.0.1:8404")
+    problem = (
+        "listen.wss = 'calls.test:8443': calls.test resolves to 127.0.0.5, [fd00::5], "
+        "and a listener binds one address; give one, e.g. 127.0.0.5:8443, or [::]:8443 "
+        "for both families on one socket"
+    )
+    checked = _check(netlab, ns, config)
+    assert checked.returncode == 1
+    assert f"{config}: {problem}\n" in checked.stdout
+    async with _Run(netlab, ns, config) as run:
+        assert await run.exited() == 1
+        assert f"fleet-ingress: cannot start: {problem}\n" in run.text
+
+
+async def test_a_zone_no_interface_has_is_named_by_check_and_by_run(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    ns = netlab.namespace("nozone")
+    config = _config(tmp_path, tls_files, "127.0.0.1:8443", "", "[fe80::10%ve9]:8404")
+    problem = (
+        "listen.stats = '[fe80::10%ve9]:8404': no interface of this machine is named 've9'; "
+        "give the zone of the interface with that address (`ip -6 addr`)"
+    )
+    checked = _check(netlab, ns, config)
+    assert checked.returncode == 1
+    assert f"{config}: {problem}\n" in checked.stdout
+    async with _Run(netlab, ns, config) as run:
+        assert await run.exited() == 1
+        assert f"fleet-ingress: cannot start: {problem}\n" in run.text
