@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, TLSFiles
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60)]
@@ -48,8 +49,15 @@ def hosts_of(netlab: NetLab) -> Iterator[object]:
         Path("/etc/netns").rmdir()  # only when no one else's is left in it
 
 
-def _config(tmp_path: Path, tls_files: TLSFiles, wss: str, acme: str, stats: str) -> Path:
-    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:9 name=unused\n")
+def _config(
+    tmp_path: Path,
+    tls_files: TLSFiles,
+    wss: str,
+    acme: str,
+    stats: str,
+    fleet: str = "https://127.0.0.1:9 name=unused",
+) -> Path:
+    (tmp_path / "fleets.txt").write_text(f"{fleet}\n")
     config = tmp_path / "ingress.toml"
     config.write_text(
         f'[listen]\nwss = "{wss}"\nacme = "{acme}"\nstats = "{stats}"\nadmin_socket = ""\n'
@@ -60,8 +68,12 @@ def _config(tmp_path: Path, tls_files: TLSFiles, wss: str, acme: str, stats: str
     return config
 
 
-def _check(netlab: NetLab, ns: str, config: Path) -> subprocess.CompletedProcess[str]:
-    argv = netlab.exec_argv(ns, sys.executable, "-m", "fleet_ingress", "check", "-c", str(config))
+def _check(
+    netlab: NetLab, ns: str, config: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    argv = netlab.exec_argv(
+        ns, sys.executable, "-m", "fleet_ingress", "check", "-c", str(config), *options
+    )
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=ENV)
 
 
@@ -249,3 +261,53 @@ async def test_a_zone_no_interface_has_is_named_by_check_and_by_run(
     async with _Run(netlab, ns, config) as run:
         assert await run.exited() == 1
         assert f"fleet-ingress: cannot start: {problem}\n" in run.text
+
+
+async def test_check_live_answers_for_a_wss_listener_on_a_link_local_address(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """keepalived's track script said 'not an address of this host now, so
+    another host would answer' for listen.wss = "[fe80::10%ve0]:8443": the
+    address was looked for with its zone among this host's, listed without."""
+    ns = netlab.namespace("livezone")
+    netlab.ip("-n", ns, "link", "add", "ve0", "type", "veth", "peer", "name", "ve1")
+    netlab.ip("-n", ns, "link", "set", "ve1", "up")
+    netlab.ip("-n", ns, "link", "set", "ve0", "up")
+    netlab.ip("-n", ns, "addr", "add", "fe80::10/64", "dev", "ve0", "nodad")
+    fleet = SimulatedFleet(
+        name="fleet",
+        ssl_context=tls_files.fleet_server_context(),
+        sock=netlab.listen(ns, "127.0.0.1", 9443),
+    )
+    await fleet.start()
+    try:
+        config = _config(
+            tmp_path,
+            tls_files,
+            "[fe80::10%ve0]:8443",
+            "",
+            "127.0.0.1:8404",
+            fleet="https://127.0.0.1:9443",
+        )
+        async with _Run(netlab, ns, config) as run:
+
+            async def fleet_up() -> bytes:
+                stats = await _get(netlab, ns, "127.0.0.1", 8404, "/stats.json")
+                if b'"health": "UP"' not in stats:
+                    raise ConnectionError("no fleet UP yet")
+                return stats
+
+            await run.until_answered(fleet_up)
+            for _ in range(4):  # each worker's first handshake, outside the check's 0.8 s
+                await _handshake(netlab, ns, tls_files, "fe80::10%ve0", 8443)
+            for _ in range(3):  # the host is shared: a slow answer is not what is tested
+                live = await asyncio.to_thread(_check, netlab, ns, config, "--live")
+                assert "not an address of this host" not in live.stdout, live.stdout
+                if live.returncode == 0:
+                    break
+        assert live.returncode == 0, live.stdout + live.stderr
+        assert live.stdout.startswith("live: wss [fe80::10%ve0]:8443 answers /haproxy-health")
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await fleet.stop()

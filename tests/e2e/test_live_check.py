@@ -130,6 +130,15 @@ def test_the_addresses_of_this_host_are_read_from_the_kernel_tables() -> None:
     }
 
 
+def test_a_link_local_address_is_this_hosts_with_the_zone_of_its_interface() -> None:
+    """listen.wss = "[fe80::10%ve0]:8443": `check --live` said 'not an address of
+    this host now' (the address was looked for with its zone, never listed so)."""
+    if_inet6 = IF_INET6 + "fe800000000000000000000000000010 03 40 20 80      ve0\n"
+    found = local_addresses("", if_inet6)
+    assert {"fe80::10", "fe80::10%ve0", "fe80::10%3"} <= found
+    assert "fe80::10%eth0" not in found and "fe80::10%2" not in found
+
+
 def test_loopback_is_always_this_hosts_and_the_kernel_tables_are_readable() -> None:
     assert is_this_hosts("127.0.0.1") and is_this_hosts("::1") and is_this_hosts("127.0.0.2")
     mine = local_addresses(

@@ -132,7 +132,9 @@ def local_target(address: str) -> tuple[str, int]:
 def local_addresses(fib_trie: str, if_inet6: str) -> set[str]:
     """The addresses of this host (this network namespace), from the kernel's
     /proc/net/fib_trie (IPv4: "/32 host LOCAL" under an address) and
-    /proc/net/if_inet6 (IPv6: the first field, 32 hex digits). Pure."""
+    /proc/net/if_inet6 (IPv6: the first field, 32 hex digits); a link-local
+    address also with its zone, as listen.wss writes it (fe80::10%eth0, by the
+    interface's name or index: the last field and the second). Pure."""
     found: set[str] = set()
     last = ""
     for line in fib_trie.splitlines():
@@ -143,7 +145,11 @@ def local_addresses(fib_trie: str, if_inet6: str) -> set[str]:
             found.add(last)
     for line in if_inet6.splitlines():
         if (field := line.split()[:1]) and len(field[0]) == 32:
-            found.add(str(ipaddress.IPv6Address(int(field[0], 16))))
+            address = ipaddress.IPv6Address(int(field[0], 16))
+            found.add(str(address))
+            if address.is_link_local and len(fields := line.split()) == 6:
+                found.add(f"{address}%{fields[5]}")
+                found.add(f"{address}%{int(fields[1], 16)}")
     return found
 
 
@@ -278,7 +284,7 @@ async def _health_route(config: LiveSettings) -> None:
             'another host would answer; listen on a wildcard, listen.wss = "0.0.0.0:443"'
         )
     reader, writer = await asyncio.open_connection(host, port, ssl=context)
-    status, body = await _get(reader, writer, format_hostport(host, port), config.health)
+    status, body = await _get(reader, writer, _host_header(host, port), config.health)
     if status != 200:
         shown = body[:60].decode("utf-8", "replace").strip()
         raise NotLive(
@@ -287,12 +293,18 @@ async def _health_route(config: LiveSettings) -> None:
         )
 
 
+def _host_header(host: str, port: int) -> str:
+    """Host for a listener at `host`: a zone left out (RFC 6874 section 4; the
+    ingress answers 'Host is not host[:port]' to [fe80::10%ve0]:8443)."""
+    return format_hostport(host.partition("%")[0], port)
+
+
 async def _snapshot(listen: LiveSettings) -> dict[str, Any]:
     if listen.stats:
         host, port = local_target(listen.stats)
         reader, writer = await asyncio.open_connection(host, port)
         where, path = f"stats {format_hostport(host, port)}", "/stats.json"
-        status, body = await _get(reader, writer, format_hostport(host, port), path)
+        status, body = await _get(reader, writer, _host_header(host, port), path)
     elif listen.admin_socket:
         reader, writer = await asyncio.open_unix_connection(listen.admin_socket)
         where, path = f"admin socket {listen.admin_socket}", "/stat"
