@@ -141,7 +141,7 @@ class _Run:
         return b"".join(self.log).decode()
 
     async def until_answered(self, get: object) -> bytes:
-        async with asyncio.timeout(20):
+        async with asyncio.timeout(40):  # a start takes 1-3 s; far more on a loaded host
             while True:
                 assert self.proc.returncode is None, self.text
                 with contextlib.suppress(OSError):
@@ -223,27 +223,28 @@ async def test_a_host_name_with_only_an_ipv6_address_is_listened_on(
         assert await _handshake(netlab, ns, tls_files, "fd00::5", 8443) == "TLSv1.3"
 
 
-async def test_a_host_name_with_two_addresses_is_refused_by_check_and_by_run(
+async def test_a_host_name_with_two_addresses_is_listened_on_at_one_with_a_warning(
     netlab: NetLab, hosts_of, tls_files: TLSFiles, tmp_path: Path
 ) -> None:
     """Before, `run` bound its IPv4 address alone (the IPv6 one silently not
-    served) and `check` said OK."""
+    served) and `check` said OK. It still binds that one (a configuration with
+    `localhost`, 127.0.0.1 and ::1 on Debian, must go on starting); both say so."""
     ns = netlab.namespace("twoaddr")
     netlab.ip("-n", ns, "addr", "add", "127.0.0.5/8", "dev", "lo")
     netlab.ip("-n", ns, "addr", "add", "fd00::5/128", "dev", "lo", "nodad")
-    hosts_of(ns, "127.0.0.5 calls.test\nfd00::5 calls.test\n")
+    hosts_of(ns, "fd00::5 calls.test\n127.0.0.5 calls.test\n")
     config = _config(tmp_path, tls_files, "calls.test:8443", "", "127.0.0.1:8404")
-    problem = (
-        "listen.wss = 'calls.test:8443': calls.test resolves to 127.0.0.5, [fd00::5], "
-        "and a listener binds one address; give one, e.g. 127.0.0.5:8443, or [::]:8443 "
-        "for both families on one socket"
-    )
     checked = _check(netlab, ns, config)
-    assert checked.returncode == 1
-    assert f"{config}: {problem}\n" in checked.stdout
+    assert checked.returncode == 0, checked.stdout
+    assert (
+        f"warning: {config}: listen.wss = 'calls.test:8443': calls.test has several "
+        "addresses: listening on 127.0.0.5:8443 only, not on [fd00::5]; give [::]:8443 for "
+        "both families on one socket, or one address\n"
+    ) in checked.stdout
     async with _Run(netlab, ns, config) as run:
-        assert await run.exited() == 1
-        assert f"fleet-ingress: cannot start: {problem}\n" in run.text
+        await run.until_answered(lambda: _get(netlab, ns, "127.0.0.1", 8404, "/stats.json"))
+        assert await _handshake(netlab, ns, tls_files, "127.0.0.5", 8443) == "TLSv1.3"
+        assert "a listener's host name has several addresses: listening on one" in run.text
 
 
 async def test_a_zone_no_interface_has_is_named_by_check_and_by_run(

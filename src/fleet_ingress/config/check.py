@@ -10,7 +10,7 @@ from typing import TextIO
 
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
-from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.probe import ProbeResult, ProbeSettings, judge_health_response
@@ -180,10 +180,11 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
 
 
 def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
-    """What `run` would refuse before binding: a host name that does not resolve
-    or resolves to several addresses, a zone no interface has. Resolved as `run`
-    resolves it (net.listener.listen_sockaddr); the bind itself is not tried (the
-    ingress may be running on these addresses)."""
+    """What `run` would refuse before binding (a host name that does not
+    resolve, a zone no interface has) and what it would warn of (a name with
+    several addresses: one is listened on). Resolved as `run` resolves it
+    (net.listener.listen_sockaddr); the bind itself is not tried (the ingress
+    may be running on these addresses)."""
     problems = []
     for key in ("wss", "acme", "stats"):
         if not (address := getattr(config.listen, key)):
@@ -191,9 +192,17 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
         host, port = parse_hostport(address, what=f"listen.{key}")
         try:
             with bind_errors_named(key, address):
-                listen_sockaddr(host, port)
+                _, sockaddr, others = listen_sockaddr(host, port)
         except ListenError as exc:
             problems.append(f"{source}: {exc}")
+            continue
+        if others:
+            shown = ", ".join(format_hostport(other, None) for other in others)
+            problems.append(
+                f"{WARNING}{source}: listen.{key} = {address!r}: {host} has several addresses: "
+                f"listening on {format_hostport(sockaddr[0], port)} only, not on {shown}; give "
+                f"[::]:{port} for both families on one socket, or one address"
+            )
     return problems
 
 

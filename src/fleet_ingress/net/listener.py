@@ -76,9 +76,20 @@ def connections_within(descriptors: int, configured: int, *, acme_connections: i
 
 
 def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening socket on `host`'s one address (`listen_sockaddr`); "::" (the
-    IPv6 wildcard) takes IPv4 too, as one socket."""
-    family, sockaddr = listen_sockaddr(host, port)
+    """A listening socket on `host`'s address (`listen_sockaddr`); "::" (the
+    IPv6 wildcard) takes IPv4 too, as one socket. A name with several
+    addresses is bound on one of them, with a warning naming the others."""
+    family, sockaddr, others = listen_sockaddr(host, port)
+    if others:
+        log.warning(
+            "a listener's host name has several addresses: listening on one",
+            extra=fields(
+                address=format_hostport(host, port),
+                listening_on=format_hostport(sockaddr[0], port),
+                not_on=[format_hostport(other, port) for other in others],
+                fix=f"[::]:{port} for both families on one socket, or one address",
+            ),
+        )
     dualstack = family == socket.AF_INET6 and sockaddr[0] == "::" and socket.has_dualstack_ipv6()
     # The whole sockaddr: a link-local address's scope id (its zone, fe80::10%ve0)
     # is its fourth field, and binding that address without it is EINVAL.
@@ -87,32 +98,23 @@ def bind_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     return sock
 
 
-class SeveralAddresses(OSError):
-    """A listener's host name resolves to more than one address; a socket binds one."""
-
-    def __init__(self, host: str, port: int, addresses: list[str]) -> None:
-        shown = ", ".join(format_hostport(address, None) for address in addresses)
-        super().__init__(errno.EINVAL, f"{host} resolves to {shown}")
-        self.host, self.port, self.addresses = host, port, addresses
-
-
-def listen_sockaddr(host: str, port: int) -> tuple[int, Any]:
-    """The (family, sockaddr) a listener on `host` binds: an address, or a host
-    name resolving to exactly one address of either family. Asks the C
-    library's getaddrinfo (socket.getaddrinfo, not the event loop's: uvloop's
-    answers fe80::10%ve0 with scope id 0), with AF_UNSPEC: a name with only an
-    IPv6 address was looked up as IPv4 and failed, misleadingly, as a
-    temporary failure in name resolution. A name with several addresses raises
-    SeveralAddresses: one of them alone would be bound, silently."""
+def listen_sockaddr(host: str, port: int) -> tuple[int, Any, list[str]]:
+    """The (family, sockaddr) a listener on `host` binds, and the addresses of
+    its name not bound. Asks the C library's getaddrinfo (socket.getaddrinfo,
+    not the event loop's: uvloop's answers fe80::10%ve0 with scope id 0), with
+    AF_UNSPEC: a name with only an IPv6 address was looked up as IPv4 and
+    failed, misleadingly, as a temporary failure in name resolution. A name
+    with several addresses (localhost with 127.0.0.1 and ::1, as Debian's hosts
+    file has it) binds its first IPv4 one, as before both families were asked:
+    a configuration that started before still starts."""
     infos = socket.getaddrinfo(
         host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
     )
     found = list(dict.fromkeys((info[0], info[4]) for info in infos))
-    if len(found) > 1:
-        # IPv4 first, then IPv6 (the resolver's order is the host's gai.conf's).
-        named = sorted(found, key=lambda one: (one[0] != socket.AF_INET, one[1][0]))
-        raise SeveralAddresses(host, port, [str(sockaddr[0]) for _, sockaddr in named])
-    return found[0]
+    # IPv4 first, then IPv6, each in the resolver's order.
+    found.sort(key=lambda one: one[0] != socket.AF_INET)
+    (family, sockaddr), *others = found
+    return family, sockaddr, [str(other[0]) for _, other in others]
 
 
 class ListenError(OSError):
@@ -128,13 +130,6 @@ def bind_errors_named(key: str, address: str) -> Iterator[None]:
     ListenError naming the key, the address, the reason and the fix."""
     try:
         yield
-    except SeveralAddresses as exc:
-        raise ListenError(
-            exc.errno,
-            f"listen.{key} = {address!r}: {exc.strerror}, and a listener binds one address; "
-            f"give one, e.g. {format_hostport(exc.addresses[0], exc.port)}, or "
-            f"[::]:{exc.port} for both families on one socket",
-        ) from None
     except OSError as exc:
         zone = address.partition("]")[0].partition("%")[2] if address.startswith("[") else ""
         if isinstance(exc, socket.gaierror) and zone:
