@@ -578,3 +578,20 @@ workers = 3
     assert refused.value.problems[0].startswith("the configuration handed over by the supervisor")
     with pytest.raises(ConfigError):
         config_from_json("[]", base_dir=tmp_path)
+
+
+def test_an_environment_list_not_written_as_json_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: 'error parsing value for field "routes" from source
+    "EnvSettingsSource"', put down to the file (the CLI audit of session 19)."""
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__PROXY", "/ws/")
+    (line,) = problems({})
+    assert line.startswith("environment variable FLEET_INGRESS_ROUTES__PROXY='/ws/': ")
+    assert "routes.proxy" in line and "written there as JSON" in line
+
+
+def test_a_section_s_key_written_below_another_header_says_where_it_went() -> None:
+    (line,) = problems({"log": {"fleets": {"maxconn": 3}}})
+    assert "unknown key 'log.fleets'; a key written below [log] is in it" in line
+    assert "under a [fleets] header" in line

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import json
 import os
+import re
 import stat
 import tomllib
 import types
@@ -593,7 +594,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
             reason = _NOT_OURS
         raise ConfigError([f"{source}: cannot read the configuration file: {reason}"]) from None
     except SettingsError as exc:  # e.g. an environment variable that is not valid JSON
-        raise ConfigError([f"{source}: {exc}"]) from None
+        raise ConfigError([_env_not_json(exc) or f"{source}: {exc}"]) from None
     finally:
         _LOAD.reset(token)
     if wrong_types:
@@ -667,6 +668,12 @@ def _did_you_mean(loc: tuple[str | int, ...]) -> str:
         for section, model in sections.items():
             for key in model.model_fields:  # type: ignore[union-attr]
                 options.setdefault(key, f"{section}.{key}")
+    elif len(loc) == 2 and loc[0] in sections and loc[1] in sections:
+        # `fleets.maxconn = 3` written below the [log] header is log.fleets.maxconn.
+        return (
+            f"; a key written below [{loc[0]}] is in it: move the line above [{loc[0]}] or "
+            f"under a [{loc[1]}] header"
+        )
     elif len(loc) == 2 and loc[0] in sections:
         # The same key in another section first: related keys live apart
         # (timeouts.keepalive_idle, limits.keepalive_probes), an easy slip.
@@ -676,6 +683,24 @@ def _did_you_mean(loc: tuple[str | int, ...]) -> str:
         options = {key: key for key in sections[str(loc[0])].model_fields}  # type: ignore[union-attr]
     match = difflib.get_close_matches(str(loc[-1]), options, n=1)
     return f"; did you mean '{options[match[0]]}'?" if match else ""
+
+
+def _env_not_json(exc: SettingsError) -> str | None:
+    """pydantic-settings' 'error parsing value for field "routes" from source
+    "EnvSettingsSource"' in an operator's words: the variable, and that a list or
+    table is written as JSON there. None if the variable is not found."""
+    found = re.search(r'field "(\w+)" from source "EnvSettingsSource"', str(exc))
+    if found is None:
+        return None
+    prefix = ENV_PREFIX + found.group(1).upper()
+    for name, value in os.environ.items():
+        if name.upper() == prefix or name.upper().startswith(prefix + "__"):
+            return (
+                f"environment variable {name}={value!r}: not a value for "
+                f"{name[len(ENV_PREFIX) :].lower().replace('__', '.')}; a list or table is "
+                'written there as JSON, e.g. \'["/ws/", "/exotel/"]\' or \'{"/exotel/": 60}\''
+            )
+    return None
 
 
 def _env_hint(loc: tuple[str | int, ...]) -> str:
