@@ -191,6 +191,10 @@ def test_a_placeholder_brought_in_by_a_fleet_name_is_refused_too(tmp_path: Path)
         (["https://fleet1.example.com/ws/"], "'https://fleet1.example.com/ws/'"),
         (["https://fleet1.example.com", "https://FLEET1.example.com:443"], "already listed"),
         (["https://fleet1.example.com maxconn=0"], "'maxconn=0'"),
+        (  # it said "on line 1" of a file the operator never wrote
+            ["https://a.example.com name=x", "https://b.example.com name=x"],
+            "--fleet #2: 'name=x' repeats the name of the fleet of --fleet #1",
+        ),
         (["https://a.example.com\nhttps://b.example.com"], "give one fleet"),
         ([], "at least one --fleet"),
     ],
@@ -273,6 +277,13 @@ def test_an_unwritable_out_dir_is_an_error_not_a_traceback(tmp_path: Path) -> No
     (tmp_path / "file").write_text("")
     with pytest.raises(InitError, match=r"cannot write .*file.*; nothing was written"):
         render_deployment(DOMAIN, FLEETS, tmp_path / "file" / "etc")
+
+
+def test_an_out_that_is_a_file_is_named_so(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("kept")  # it said "cannot write ...: File exists"
+    with pytest.raises(InitError, match=r"--out .*file is a file, not a directory"):
+        render_deployment(DOMAIN, FLEETS, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "kept"
 
 
 def test_written_files_follow_the_umask_not_0600(tmp_path: Path) -> None:

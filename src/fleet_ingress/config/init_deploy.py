@@ -269,6 +269,11 @@ def render_deployment(
                 f"{out_dir / name}: placeholder {survivor.group()} would survive rendering; "
                 "nothing was written"
             )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InitError(
+            f"--out {out_dir} is a file, not a directory; give the directory to write "
+            "ingress.toml and fleets.txt in; nothing was written"
+        )
     targets = {name: out_dir / name for name in rendered}
     if not force and (existing := [str(p) for p in targets.values() if p.exists()]):
         verb = "exists" if len(existing) == 1 else "exist"
@@ -681,6 +686,7 @@ def _fleet_lines(fleet_urls: list[str], maxconn: int) -> str:
     except FleetsFileError as exc:
         # Line N of that text is the Nth --fleet.
         message = re.sub(r"^--fleet line (\d+): ", r"--fleet #\1: ", str(exc))
+        message = re.sub(r"on line (\d+)", r"of --fleet #\1", message, flags=re.MULTILINE)
         raise InitError(f"{message}; nothing was written") from None
     # Normalised (lower-case host, no trailing "/"); a fleet at the default maxconn gets
     # no maxconn= so it follows fleets.maxconn when that is raised later.
