@@ -1438,3 +1438,60 @@ async def test_a_worker_killed_during_a_reload_does_not_fail_it(
         assert ended["gone"] == [victim["pid"]] and victim["pid"] not in ended["workers"]
     finally:
         await service.finish()
+
+
+async def _answer_to(service: RunningIngress, tls_files: TLSFiles, path: str) -> int:
+    """The HTTP status a call to `path` gets (101: it was proxied)."""
+    try:
+        ws = await connect(service.url(path), ssl=tls_files.client_context(), open_timeout=15)
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await _echo(ws)
+    await ws.close()
+    return 101
+
+
+async def test_a_reload_gives_the_workers_the_configuration_the_supervisor_checked(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The configuration file written again after the supervisor read it for
+    a reload and before a worker did (an editor's second save, a configuration
+    run): each worker read the file itself, so the supervisor ran the first
+    save (and said so in last_reload) and that worker the second (an audit
+    on a real run). Made certain here: the worker is stopped until the file
+    is written again, after the reload was sent to it. It applies the
+    configuration sent with the reload, the file is not read again."""
+    service = await _start(tls_files, two_fleets)
+    toml = service.home / "ingress.toml"
+    running = toml.read_text()
+    late, other = [r["pid"] for r in await _worker_rows(service)]
+    try:
+        assert await _answer_to(service, tls_files, "/exotel/first") == 101
+        os.kill(late, signal.SIGSTOP)  # `other` takes every call meanwhile
+        toml.write_text(running + '\n[routes]\nproxy = ["/ws/"]\n')  # /exotel/ not a call
+        service.proc.send_signal(signal.SIGHUP)
+        # `other` answered its reload: the supervisor sent `late`'s at the same time.
+        for _ in range(100):
+            if await _answer_to(service, tls_files, "/exotel/during") == 404:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail(f"the reload was not applied: {service.log_tail()}")
+        toml.write_text(running)  # the second save: /exotel/ a call again
+        os.kill(late, signal.SIGCONT)
+        await service.wait_for("READY=1", count=2, timeout=15)
+        (reloaded,) = _logged(service, "workers reloaded")
+        assert sorted(reloaded["workers"]) == sorted([late, other]), reloaded
+        assert reloaded["failed"] == {}
+        os.kill(other, signal.SIGSTOP)  # now `late` takes every call
+        try:
+            statuses = [await _answer_to(service, tls_files, f"/exotel/{i}") for i in range(3)]
+        finally:
+            os.kill(other, signal.SIGCONT)
+        assert statuses == [404] * 3, "a worker runs another configuration than the host's"
+        assert (await service.stats())["last_reload"]["result"] == "applied"
+    finally:
+        for pid in (late, other):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await service.finish()

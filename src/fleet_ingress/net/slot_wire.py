@@ -25,6 +25,7 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
     service.worker lists them): reload / reloaded, stop / stopping, close-fleet
+    ("reload" carries "config", which a worker of an older release ignores)
 
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import resource
@@ -365,28 +366,34 @@ class Ingress:
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
         )
 
-    async def reload(self, config_path: Path) -> str:
+    async def reload(self, config_path: Path, config: IngressConfig | None = None) -> str:
         """Reload configuration, fleets file and certificate in place.
 
         Everything is read and validated first; any error refuses the whole
         reload (raises ReloadRefused) and the running configuration stays.
         Established calls are never touched: they keep the context they
-        started with. Reloads apply in the order asked."""
+        started with. Reloads apply in the order asked. `config`: the
+        configuration to apply, read and checked already (a worker's, sent by
+        the supervisor with its `reload`); `config_path` is then not read."""
         async with self._reload_lock:
             try:
-                changes = await self._reload(config_path)
+                changes = await self._reload(config_path, config)
             except ReloadRefused as exc:
                 self.last_reload = reload_outcome(str(exc))
                 raise
             self.last_reload = reload_outcome(None, changes)
             return changes
 
-    async def _reload(self, config_path: Path) -> str:
+    async def _reload(self, config_path: Path, given: IngressConfig | None) -> str:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
             # fleets' TLS context reads the system's trust store (20 ms measured).
             new = await read_reload_settled(
-                self.ops, config_path, fleets=not self.worker, serving=self.serving_leaf
+                self.ops,
+                config_path,
+                fleets=not self.worker,
+                serving=self.serving_leaf,
+                config=given,
             )
         except ReloadRefused:
             self.reloads["refused"] += 1
@@ -536,6 +543,7 @@ async def read_reload_settled(
     *,
     fleets: bool = True,
     serving: LeafFacts | None = None,
+    config: IngressConfig | None = None,
 ) -> ReadReload:
     """`read_reload` off the loop, read again when an operator's fleet change
     wrote the fleets file meanwhile: applying what was read before it undid
@@ -543,23 +551,33 @@ async def read_reload_settled(
     remove-fleet landing during a reload's read was reverted, saved in the
     file but not running). A few times at most; what is applied is read after
     the last change seen."""
+    read = functools.partial(
+        read_reload, config_path, fleets=fleets, serving=serving, config=config
+    )
     for _ in range(RELOAD_READS - 1):
         writes = ops.file_writes
-        read = await asyncio.to_thread(read_reload, config_path, fleets=fleets, serving=serving)
+        first = await asyncio.to_thread(read)
         if ops.file_writes == writes:
-            return read
-    return await asyncio.to_thread(read_reload, config_path, fleets=fleets, serving=serving)
+            return first
+    return await asyncio.to_thread(read)
 
 
 def read_reload(
-    config_path: Path, *, fleets: bool = True, serving: LeafFacts | None = None
+    config_path: Path,
+    *,
+    fleets: bool = True,
+    serving: LeafFacts | None = None,
+    config: IngressConfig | None = None,
 ) -> ReadReload:
     """Read and check everything a reload applies, before applying any of it:
-    config, fleets file (unless `fleets` is false: a worker's are the
+    config (from `config_path`, unless `config` is given: a worker applies the
+    one the supervisor read and checked, not the file, which may have changed
+    since), fleets file (unless `fleets` is false: a worker's are the
     supervisor's), certificate (against `serving`, the one carriers get now:
     core/certificate_change.py). Any problem raises ReloadRefused, naming it."""
     try:
-        config = load_config(config_path)
+        if config is None:
+            config = load_config(config_path)
         specs: list[FleetSpec] = []
         if fleets:
             specs = list(

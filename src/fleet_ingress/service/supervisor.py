@@ -24,9 +24,10 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
 - SIGHUP: the configuration, fleets file and certificate are checked here
   first (an invalid one is refused whole), applied to the fleet set, the
   poller and the slot table, then every worker reloads its certificate and
-  settings (`reload` on its channel, answered `reloaded`); a worker still
-  starting (it may have read the configuration before it changed) is told
-  once it serves. READY=1 once all have answered. Calls are untouched.
+  settings (`reload` on its channel, answered `reloaded`), the configuration
+  applied here sent with it (not read again from the file, which may have
+  changed since); a worker still starting is told once it serves. READY=1
+  once all have answered. Calls are untouched.
 - SIGTERM/SIGINT: every worker stops accepting (`stop`, answered
   `stopping`), the listeners close here too, so new connections are refused;
   the workers drain their calls for `timeouts.drain`; this process exits 0
@@ -119,7 +120,7 @@ server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was 
 
 # Every worker must have joined the coordinator within this at start, or `run` fails.
 WORKER_START_TIMEOUT = 30.0
-# A worker's answer to `reload` (it reads the certificate and config itself).
+# A worker's answer to `reload` (it reads the certificate itself).
 RELOAD_ANSWER_TIMEOUT = 10.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
@@ -830,12 +831,15 @@ class Supervisor:
             for pid, future in asked.items()
         }
 
-    async def _ask_one(self, worker: WorkerProcess, op: str, timeout: float) -> dict[str, Any]:
-        """Send `op` to one worker; its answer, or `{"ok": False, "error": ...}`."""
+    async def _ask_one(
+        self, worker: WorkerProcess, op: str, timeout: float, **more: Any
+    ) -> dict[str, Any]:
+        """Send `op` (with the fields `more`) to one worker; its answer, or
+        `{"ok": False, "error": ...}`."""
         ask, key = next(self._asks), worker.key
         future = self._answers[(key, ask)] = asyncio.get_running_loop().create_future()
         try:
-            if not self.server.send(key, {"op": op, "id": ask}):
+            if not self.server.send(key, {"op": op, "id": ask, **more}):
                 return {"ok": False, "error": "the worker is gone", "unknown": True, "gone": True}
             async with asyncio.timeout(timeout):
                 return await future
@@ -901,7 +905,12 @@ class Supervisor:
                 # Its replacement runs this configuration and reads the certificate
                 # as it is now (unless refused: `_certificate_takeable`).
                 return {"ok": False, "error": "the worker did not start", "unknown": True}
-        return await self._ask_one(worker, "reload", RELOAD_ANSWER_TIMEOUT)
+        # The configuration applied here, not the file: it may have changed since
+        # it was read (an editor's second save), and a worker reading it again
+        # would serve another configuration than the host's.
+        return await self._ask_one(
+            worker, "reload", RELOAD_ANSWER_TIMEOUT, config=config_to_json(self.config)
+        )
 
     def _reload_done(self, worker: WorkerProcess, task: asyncio.Task[dict[str, Any]]) -> None:
         """A worker's reload that ended after its round (READY=1 was sent): said here."""

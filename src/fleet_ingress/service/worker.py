@@ -11,8 +11,15 @@ supervisor, each naming its pid.
 
 On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
 
-    {"op": "reload", "id": N}        reload certificate and settings; answered
-                                     {"op": "reloaded", "id": N, "ok": true} (or "error")
+    {"op": "reload", "id": N, "config": "{...}"}   reload certificate and settings;
+                                     answered {"op": "reloaded", "id": N, "ok": true} (or
+                                     "error"). "config": the configuration the supervisor
+                                     read, checked and applied (`config_to_json`), which the
+                                     worker applies rather than read the file again (it may
+                                     have changed since). Without it (a supervisor of an
+                                     older release; this worker's own SIGHUP) the worker
+                                     reads the file; a worker of an older release ignores it
+                                     and reads the file too.
     {"op": "stop", "id": N}          stop accepting, drain the calls, exit; answered
                                      {"op": "stopping", "id": N} once the listeners closed
     {"op": "stop", "id": N, "upgrade": true}   the same for an old generation after an
@@ -42,7 +49,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.config.settings import ConfigError, IngressConfig, config_from_json
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.slot_client import SlotClient
@@ -99,7 +106,9 @@ class Worker:
         client.live = lambda: bool(self.ingress.registry.calls)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
-        client.handlers["reload"] = lambda m: self._spawn(self._reload(m.get("id")))
+        client.handlers["reload"] = lambda m: self._spawn(
+            self._reload(m.get("id"), m.get("config"))
+        )
         client.handlers["stop"] = self._on_stop
         client.handlers["close-fleet"] = lambda m: self._spawn(self.close_fleet(str(m["fleet"])))
 
@@ -123,9 +132,17 @@ class Worker:
         self.ingress.stop_accepting(keep_pending=keep_pending)
         self.stop.set()
 
-    async def _reload(self, ask: Any) -> None:
+    async def _reload(self, ask: Any, handed: Any = None) -> None:
+        """`handed`: the supervisor's configuration (`config_to_json`), applied
+        as it is; None: the file is read (see the module's docstring)."""
         try:
-            await self.ingress.reload(self.config_path)
+            config = None
+            if handed is not None:
+                try:
+                    config = config_from_json(str(handed), base_dir=self.config_path.parent)
+                except ConfigError as exc:
+                    raise ReloadRefused(str(exc)) from None
+            await self.ingress.reload(self.config_path, config)
         except ReloadRefused as exc:
             log.error("reload refused in this worker", extra=fields(error=str(exc)))
             answer: dict[str, Any] = {"ok": False, "error": str(exc)}
@@ -228,7 +245,7 @@ async def serve(
 def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) -> int:
     """The `worker` entry point: exits 0 once drained, 2 when it cannot start.
     `cpu`: run on that CPU only (process.cpu_affinity), before any thread starts."""
-    from fleet_ingress.config.settings import ConfigError, config_from_json, load_config
+    from fleet_ingress.config.settings import load_config
     from fleet_ingress.net import event_loop
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
