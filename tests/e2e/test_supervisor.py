@@ -1495,3 +1495,53 @@ async def test_a_reload_gives_the_workers_the_configuration_the_supervisor_check
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
         await service.finish()
+
+
+async def _reloaded_changes(service: RunningIngress) -> str:
+    """SIGHUP, then what its `reloaded` line says changed."""
+    ready = service.seen("READY=1")
+    service.proc.send_signal(signal.SIGHUP)
+    await service.wait_for("READY=1", count=ready + 1)
+    return str(_logged(service, "reloaded")[-1]["changes"])
+
+
+async def test_process_settings_a_reload_leaves_to_the_next_upgrade_are_noted_against_those_running(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """process.workers, worker_hang_timeout and cpu_affinity take the next
+    upgrade or restart. A reload says so compared with the values in force,
+    not with the last reload (the audit on a real run: a change still pending
+    was not said again, and putting the running values back said "changed").
+    cpu_affinity was not said at all, and a worker started to replace one
+    took the reloaded value: pinned, the other worker not."""
+    cpus = sorted(os.sched_getaffinity(0))
+    service = await _start(tls_files, two_fleets)
+    toml = service.home / "ingress.toml"
+    running = toml.read_text()
+    pending = ("process.workers", "process.worker_hang_timeout", "process.cpu_affinity")
+    try:
+        assert "workers = 2\n" in running
+        toml.write_text(
+            running.replace("workers = 2\n", "workers = 1\n")
+            + 'cpu_affinity = "auto"\nworker_hang_timeout = 30\n'
+        )
+        for _ in range(2):  # the second reload: still pending, said again
+            changes = await _reloaded_changes(service)
+            for key in pending:
+                assert f"{key} changed: takes effect at the next `fleet-ingress" in changes, changes
+        os.kill((await _worker_rows(service))[0]["pid"], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (started := _logged(service, "worker started")):
+                await asyncio.sleep(0.05)
+            while not any(
+                r["pid"] == started[0]["pid"] and r["state"] == "serving"
+                for r in await _worker_rows(service)
+            ):
+                await asyncio.sleep(0.05)
+        (started,) = _logged(service, "worker started")
+        assert "cpu" not in started, started  # as the worker beside it: unpinned
+        assert _cpus_of(started["pid"]) == {frozenset(cpus)}
+        toml.write_text(running)  # the values in force back: nothing to say
+        assert await _reloaded_changes(service) == "no fleet changes"
+    finally:
+        await service.finish()

@@ -193,6 +193,9 @@ class Supervisor:
         self.reloads: Counter[str] = Counter()
         # process.worker_hang_timeout as read at start (the report puller's pace).
         self.hang_timeout = config.process.worker_hang_timeout
+        # process.cpu_affinity as read at start: every worker this image starts,
+        # a replacement too (a reload notes a change, as of process.workers).
+        self.cpu_affinity = config.process.cpu_affinity
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
@@ -500,7 +503,7 @@ class Supervisor:
         """process.cpu_affinity = "auto": the CPU for a new worker of
         `generation`, the least taken by its live workers (a replacement takes
         the CPU of the one it replaces). None: unpinned."""
-        if self.config.process.cpu_affinity != "auto":
+        if self.cpu_affinity != "auto":
             return None
         taken = [
             w.cpu
@@ -1073,17 +1076,7 @@ class Supervisor:
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
-        notes = listener_notes(self.bound_listen, config)
-        if config.process.worker_hang_timeout != self.config.process.worker_hang_timeout:
-            notes.append(
-                "process.worker_hang_timeout changed: takes effect at the next "
-                "`fleet-ingress upgrade` or restart"
-            )
-        if config.process.workers != self.config.process.workers:
-            notes.append(
-                "process.workers changed: takes effect at the next `fleet-ingress upgrade` "
-                "(its new generation) or restart"
-            )
+        notes = listener_notes(self.bound_listen, config) + self._pending_notes(config)
         self.config = config
         self.serving_leaf = leaf
         self.slots.queue_timeout = config.timeouts.queue
@@ -1127,6 +1120,32 @@ class Supervisor:
         self._reload_applied = asyncio.Event()
         await asyncio.to_thread(warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
+
+    def _pending_notes(self, config: IngressConfig) -> list[str]:
+        """What of `config` a reload does not apply: compared with the values
+        in force (as this image read them when it started, `run` or an
+        upgrade's exec; for process.workers, the serving generation's count),
+        not with the last reload, so that a change still pending is said again
+        and putting the running value back says nothing."""
+        process = config.process
+        notes = []
+        if process.worker_hang_timeout != self.hang_timeout:
+            notes.append(
+                "process.worker_hang_timeout changed: takes effect at the next "
+                "`fleet-ingress upgrade` or restart"
+            )
+        if process.worker_count() != self.worker_target:
+            notes.append(
+                "process.workers changed: takes effect at the next `fleet-ingress upgrade` "
+                "(its new generation) or restart"
+            )
+        if process.cpu_affinity != self.cpu_affinity:
+            notes.append(
+                "process.cpu_affinity changed: takes effect at the next `fleet-ingress "
+                "upgrade` (its new generation) or restart; a worker started meanwhile "
+                "to replace one runs as the others do"
+            )
+        return notes
 
     async def stop_accepting(self) -> None:
         """Workers close their listeners, then this process its own: from then
