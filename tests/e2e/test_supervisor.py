@@ -1513,7 +1513,8 @@ async def test_process_settings_a_reload_leaves_to_the_next_upgrade_are_noted_ag
     not with the last reload (the audit on a real run: a change still pending
     was not said again, and putting the running values back said "changed").
     cpu_affinity was not said at all, and a worker started to replace one
-    took the reloaded value: pinned, the other worker not."""
+    took the reloaded value: pinned, the other worker not. A reload that turns
+    fleets.verify off warns as a start with it off does (it said nothing)."""
     cpus = sorted(os.sched_getaffinity(0))
     service = await _start(tls_files, two_fleets)
     toml = service.home / "ingress.toml"
@@ -1522,13 +1523,17 @@ async def test_process_settings_a_reload_leaves_to_the_next_upgrade_are_noted_ag
     try:
         assert "workers = 2\n" in running
         toml.write_text(
-            running.replace("workers = 2\n", "workers = 1\n")
+            running.replace("workers = 2\n", "workers = 1\n").replace(
+                "[fleets]\n", "[fleets]\nverify = false\n"
+            )
             + 'cpu_affinity = "auto"\nworker_hang_timeout = 30\n'
         )
         for _ in range(2):  # the second reload: still pending, said again
             changes = await _reloaded_changes(service)
             for key in pending:
                 assert f"{key} changed: takes effect at the next `fleet-ingress" in changes, changes
+        unverified = [e for e in service.log() if e["event"].startswith("fleets.verify = false")]
+        assert [e["level"] for e in unverified] == ["warning"]  # turned off once
         os.kill((await _worker_rows(service))[0]["pid"], signal.SIGKILL)
         async with asyncio.timeout(10):
             while not (started := _logged(service, "worker started")):

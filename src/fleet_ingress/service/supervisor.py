@@ -291,10 +291,7 @@ class Supervisor:
         for fleet in self.balancer.fleets:
             self.poller.start(fleet)
         if not self.config.fleets.verify:
-            log.warning(
-                "fleets.verify = false: fleet certificates are not checked, so anyone on the "
-                "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
-            )
+            _warn_unverified()
         warn_about_chain(self.config)
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
@@ -1077,6 +1074,7 @@ class Supervisor:
             self.reloads["refused"] += 1
             raise
         notes = listener_notes(self.bound_listen, config) + self._pending_notes(config)
+        verified = self.config.fleets.verify
         self.config = config
         self.serving_leaf = leaf
         self.slots.queue_timeout = config.timeouts.queue
@@ -1091,6 +1089,8 @@ class Supervisor:
             self.poller.start(fleet)
         notes += plan.notes
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
+        if verified and not config.fleets.verify:
+            _warn_unverified()
         self.server.wake()
         answers = await self._reload_workers()
         gone = sorted(pid for pid, a in answers.items() if a.get("gone"))
@@ -1213,6 +1213,14 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _warn_unverified() -> None:
+    """fleets.verify = false, at start and when a reload turns it off."""
+    log.warning(
+        "fleets.verify = false: fleet certificates are not checked, so anyone on the "
+        "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
+    )
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
