@@ -168,3 +168,24 @@ def test_what_an_upgrade_took_does_not_move_with_the_wall_clock(monkeypatch) -> 
     monkeypatch.setattr(time, "time", lambda: real_time() - 3600)
     assert 4 <= _took(status) < 6
     assert -3597 < _took({"started": real_time() - 4}) < -3590  # the old release's way
+
+
+def test_a_fleet_s_last_probe_keeps_its_monotonic_time_over_an_exec() -> None:
+    """A MAINT fleet is not probed again: after an upgrade its age fell back to
+    the wall clock for good (the review of session 19). From a release that did
+    not carry it, it is derived from the wall-clock time."""
+    import time
+
+    before = _fleets("https://a.test name=a\n")
+    (a,) = before.fleets
+    a.admin = Admin.MAINT
+    a.last_probe_at, a.last_probe_monotonic = time.time() - 5, time.monotonic() - 5
+    carried = fleets_to_json(before.fleets)
+    after = _fleets("https://a.test name=a\n")
+    restore_fleets(after.fleets, carried)
+    assert after.fleets[0].last_probe_monotonic == a.last_probe_monotonic
+    older = [{k: v for k, v in carried[0].items() if k != "last_probe_monotonic"}]
+    after = _fleets("https://a.test name=a\n")
+    assert restore_fleets(after.fleets, older) == ["a"]
+    derived = after.fleets[0].last_probe_monotonic
+    assert derived is not None and abs(derived - a.last_probe_monotonic) < 0.5

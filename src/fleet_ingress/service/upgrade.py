@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from enum import Enum
 from pathlib import Path
@@ -252,11 +253,14 @@ def _to_json(value: Any) -> Any:
 
 
 def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
-    """Each fleet's CARRIED_FLEET_FIELDS, by its name; a fleet being removed
-    (no longer in the fleets file) with its spec too, so that it comes back."""
+    """Each fleet's CARRIED_FLEET_FIELDS, by its name (and its last probe's
+    monotonic time, which a release before it neither sends nor needs); a fleet
+    being removed (no longer in the fleets file) with its spec too, so that it
+    comes back."""
     carried = []
     for f in fleets:
         entry = {"name": f.name, **{key: _to_json(getattr(f, key)) for key in CARRIED_FLEET_FIELDS}}
+        entry["last_probe_monotonic"] = f.last_probe_monotonic
         if f.removing:
             entry["removing"] = spec_to_wire(f.spec)
         carried.append(entry)
@@ -288,12 +292,25 @@ def restore_fleets(fleets: Iterable[FleetState], carried: Iterable[Mapping[str, 
             continue
         try:  # all read before any is set: a malformed entry changes nothing
             values = {key: read(entry[key]) for key, read in CARRIED_FLEET_FIELDS.items()}
+            values["last_probe_monotonic"] = _probe_monotonic(entry)
         except (KeyError, TypeError, ValueError):
             continue
         for name, value in values.items():
             setattr(fleet, name, value)
         restored.append(fleet.name)
     return restored
+
+
+def _probe_monotonic(entry: Mapping[str, Any]) -> float | None:
+    """When the fleet's last probe ended, by CLOCK_MONOTONIC (the same after the
+    exec): carried since it is kept, else (an older release) from its
+    wall-clock time. A MAINT fleet is not probed again: its age must not
+    fall back to the wall clock for good after an upgrade."""
+    if (carried := entry.get("last_probe_monotonic")) is not None:
+        return float(carried)
+    if (wall := entry.get("last_probe_at")) is not None:
+        return time.monotonic() - (time.time() - float(wall))
+    return None
 
 
 def unread_to_json(unread: Mapping[str, bytes]) -> dict[str, str]:
