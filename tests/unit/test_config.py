@@ -431,15 +431,16 @@ def test_admin_socket_path_must_fit_a_unix_socket() -> None:
     assert "listen.admin_socket" in line and "107 bytes" in line
 
 
-@pytest.mark.parametrize("kind", ["a regular file", "a directory", "a symbolic link"])
-def test_an_admin_socket_path_holding_something_else_is_refused(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("put", ["the file", "a directory", "a link to the file"])
+def test_an_admin_socket_path_holding_something_else_is_refused(tmp_path: Path, put: str) -> None:
     """Before, `check` passed it and `run` deleted what was there (the
     configuration file itself, in the CLI audit of session 19)."""
     target = tmp_path / "ingress.toml"
     target.write_text("[listen]\n")
-    if kind == "a regular file":
+    kind = "a directory" if put == "a directory" else "a regular file"
+    if put == "the file":
         where = target
-    elif kind == "a directory":
+    elif put == "a directory":
         where = tmp_path / "run"
         where.mkdir()
     else:
@@ -448,6 +449,16 @@ def test_an_admin_socket_path_holding_something_else_is_refused(tmp_path: Path, 
     (line,) = problems({"listen": {"admin_socket": str(where)}})
     assert f"listen.admin_socket {where} is {kind}, not a socket" in line
     assert target.read_text() == "[listen]\n"
+
+
+def test_an_admin_socket_path_that_links_to_a_socket_is_taken(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(tmp_path / "admin.sock"))
+        (tmp_path / "link.sock").symlink_to(tmp_path / "admin.sock")
+        config = config_from_dict({"listen": {"admin_socket": str(tmp_path / "link.sock")}})
+    assert config.listen.admin_socket == str(tmp_path / "link.sock")
 
 
 def test_direct_construction_resolves_paths_too(tmp_path: Path) -> None:

@@ -424,10 +424,11 @@ class IngressConfig(BaseSettings):
 
 
 def not_a_socket(path: Path) -> str | None:
-    """What is at `path` if it is there and is not a Unix socket ("a regular
-    file", "a directory", ...); None if nothing is there or a socket is."""
+    """What is at `path` (a link followed) if it is there and is not a Unix
+    socket ("a regular file", "a directory", ...); None if nothing is there or a
+    socket is (a link to one too, as connecting to it works)."""
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.stat(path).st_mode
     except OSError:  # nothing there, or not ours to look at (its connect says so)
         return None
     if stat.S_ISSOCK(mode):
@@ -436,8 +437,6 @@ def not_a_socket(path: Path) -> str | None:
         return "a regular file"
     if stat.S_ISDIR(mode):
         return "a directory"
-    if stat.S_ISLNK(mode):
-        return "a symbolic link"
     return "a special file"
 
 

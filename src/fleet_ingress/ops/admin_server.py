@@ -144,7 +144,8 @@ def admin_app(
 def bind_admin_socket(path: Path) -> socket.socket:
     """A listening Unix socket at `path`, mode 0660; a stale one is replaced,
     a live one (another ingress) is an error naming it, and anything else
-    there (a file, a directory, a link) is never removed: an error naming it."""
+    there (a file, a directory, or a link to one) is never touched: an error
+    naming it. (A stale link to a socket is replaced, the link alone.)"""
     if (kind := not_a_socket(path)) is not None:
         raise OSError(
             f"listen.admin_socket {path} is {kind}, not a socket, and fleet-ingress "
