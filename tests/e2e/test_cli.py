@@ -368,9 +368,11 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
         (["drain", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
         (["remove-fleet", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
         (["remove-fleet", "a", "--forc", "--admin-socket", "/x"], "unrecognized arguments: --forc"),
-        (["demo", "--duration", "nan"], "nan is not a number of seconds from 0 to 3600"),
-        (["demo", "--duration", "-1"], "-1 is not a number of seconds from 0 to 3600"),
-        (["demo", "--calls", "0"], "0 is not a whole number of at least 1"),
+        (["demo", "--duration", "nan"], "'nan' is not a number of seconds above 0 and at most"),
+        (["demo", "--duration", "0"], "'0' is not a number of seconds above 0 and at most 3600"),
+        (["demo", "--duration", "abc"], "'abc' is not a number of seconds above 0 and at most"),
+        (["demo", "--calls", "0"], "'0' is not a whole number of at least 1"),
+        (["demo", "--calls", "abc"], "'abc' is not a whole number of at least 1"),
     ],
 )
 def test_mistyped_arguments_are_refused_naming_them(argv: list[str], said: str) -> None:
