@@ -426,3 +426,26 @@ def test_force_through_a_symlink_to_another_file_system(tmp_path: Path) -> None:
         assert [p.name for p in elsewhere.iterdir()] == ["ingress.toml"]
     finally:
         shutil.rmtree(elsewhere)
+
+
+def test_a_failed_force_takes_back_a_file_on_another_file_system(tmp_path: Path) -> None:
+    """Its backup (a copy beside the link) cannot be renamed back across file
+    systems: the take-back said 'Invalid cross-device link' and left the new
+    text there (the review of session 19)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than tmp_path")
+    elsewhere = Path(tempfile.mkdtemp(prefix="fi-init-", dir=shm))
+    try:
+        real = elsewhere / "ingress.toml"
+        real.write_text("# my settings\n")
+        (tmp_path / "ingress.toml").symlink_to(real)
+        (tmp_path / "fleets.txt").symlink_to(tmp_path / "gone" / "fleets.txt")  # cannot be written
+        with pytest.raises(InitError, match="nothing was changed") as raised:
+            render_deployment(DOMAIN, FLEETS, tmp_path, force=True)
+        assert "could not take back" not in str(raised.value)
+        assert real.read_text() == "# my settings\n"
+        assert (tmp_path / "ingress.toml").is_symlink()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "ingress.toml"]
+    finally:
+        shutil.rmtree(elsewhere)

@@ -348,7 +348,15 @@ def _take_back(
                 if os.path.samefile(backup, real):  # a link to the file, not replaced yet
                     backup.unlink()
                 else:
-                    os.replace(backup, real)  # the old file, as it was
+                    try:
+                        os.replace(backup, real)  # the old file, as it was
+                    except OSError as exc:
+                        if exc.errno != errno.EXDEV:
+                            raise
+                        # The backup sits beside a link to another file system: its
+                        # bytes are written back where the link points, then it goes.
+                        write_atomically(real, backup.read_text(encoding="utf-8"), backup=False)
+                        backup.unlink()
             elif not existed[path] and real.exists() and real.read_text(encoding="utf-8") == text:
                 real.unlink()  # written by this run: nothing was there before
         except OSError as exc:
