@@ -108,9 +108,13 @@ _BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = a
 def _logfmt_value(value: object) -> str:
     """A field's value as logfmt writes it: bare when it cannot be misread,
     else quoted with escapes, so a value with spaces (a refused request's
-    first line) cannot add fields of its own to the line. A list or tuple (an
-    address: host, port) is its items joined by ',', not Python's repr."""
-    if isinstance(value, list | tuple):
+    first line) cannot add fields of its own to the line. An address (a host
+    and a port) is host:port ([v6]:port), another list its items joined by ',',
+    not Python's reprs."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
+        host = str(value[0])
+        text = f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
+    elif isinstance(value, list | tuple):
         text = ",".join(str(item) for item in value)
     elif isinstance(value, bool):
         text = "true" if value else "false"  # as the JSON lines write it

@@ -1,5 +1,6 @@
 import io
 import os
+import socket
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -471,3 +472,15 @@ def test_a_key_the_service_cannot_read_is_told_how_to_let_it(
     (line,) = check_configuration(deployment)
     assert f"tls.key: cannot read {key}: Permission denied; the service's group must read" in line
     assert "chgrp fleet-ingress FILE && chmod 0640 FILE" in line
+
+
+def test_a_listener_zone_given_as_an_index_no_interface_has_is_a_problem(
+    deployment: Path,
+) -> None:
+    """A numeric zone resolves whatever it is: check said OK and run failed
+    "cannot listen: No such device" (the review of session 19)."""
+    assert 4242 not in {index for index, _ in socket.if_nameindex()}
+    listen = '[listen]\nstats = "[fe80::10%4242]:8404"\n'
+    deployment.write_text(deployment.read_text().replace("[listen]\n", listen))
+    (line,) = check_configuration(deployment)
+    assert "stats = '[fe80::10%4242]:8404': no interface of this machine has index 4242" in line

@@ -139,10 +139,10 @@ def test_a_text_line_writes_values_as_an_operator_reads_them(caplog):
     caplog.set_level(logging.INFO, logger="test.text")
     logging.getLogger("test.text").info(
         "listening",
-        extra=fields(address=("::1", 9443), note=None, draining=False, listener="wss"),
+        extra=fields(address=("::1", 9443), note=None, draining=False, pids=[3, 4]),
     )
     line = TextFormatter().format(caplog.records[-1])
-    assert line.endswith("test.text: listening address=::1,9443 draining=false listener=wss")
+    assert line.endswith("test.text: listening address=[::1]:9443 draining=false pids=3,4")
 
 
 def _logfmt_pairs(text: str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,14 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
                 _, sockaddr, others = listen_sockaddr(host, port)
         except ListenError as exc:
             problems.append(f"{source}: {exc}")
+            continue
+        scope = sockaddr[3] if len(sockaddr) == 4 else 0
+        if scope and scope not in {index for index, _ in socket.if_nameindex()}:
+            # A zone given as a number resolves whatever it is; the bind then fails.
+            problems.append(
+                f"{source}: listen.{key} = {address!r}: no interface of this machine has "
+                f"index {scope}; give the zone of the interface with that address (`ip -6 addr`)"
+            )
             continue
         if others:
             shown = ", ".join(format_hostport(other, None) for other in others)
