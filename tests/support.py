@@ -434,6 +434,18 @@ class NetLab:
             raise
         return sock
 
+    async def http_get(self, ns: str, host: str, port: int, path: str) -> bytes:
+        """An HTTP/1.0 GET from inside `ns` (a stats listener's, say): the body."""
+        sock = await self.connect(ns, host, port)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: stats\r\n\r\n".encode())
+            async with asyncio.timeout(5):
+                raw = await reader.read(-1)
+        finally:
+            writer.close()
+        return raw.partition(b"\r\n\r\n")[2]
+
     def listen(self, ns: str, host: str, port: int) -> socket.socket:
         def make() -> socket.socket:
             sock = socket.create_server((host, port), backlog=128)

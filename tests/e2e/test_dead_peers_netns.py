@@ -65,15 +65,7 @@ class Lab:
     callers: list[Caller] = field(default_factory=list)
 
     async def stats(self) -> dict[str, Any]:
-        sock = await self.net.connect(self.ns["ingress"], *STATS)
-        reader, writer = await asyncio.open_connection(sock=sock)
-        try:
-            writer.write(b"GET /stats.json HTTP/1.0\r\nHost: stats\r\n\r\n")
-            async with asyncio.timeout(5):
-                raw = await reader.read(-1)
-        finally:
-            writer.close()
-        return json.loads(raw.partition(b"\r\n\r\n")[2])
+        return json.loads(await self.net.http_get(self.ns["ingress"], *STATS, "/stats.json"))
 
     async def health(self) -> dict[str, str]:
         return {f["name"]: f["health"] for f in (await self.stats())["fleets"]}

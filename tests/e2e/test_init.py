@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -401,9 +402,10 @@ def test_a_full_disk_at_any_point_changes_nothing_and_names_the_file(force: bool
         shutil.rmtree(base)
 
 
-def test_force_through_a_symlink_to_another_file_system(tmp_path: Path) -> None:
-    """ingress.toml -> a file on another file system: written through (the link
-    stays), and its backup, which cannot be a hard link there, is a copy."""
+@pytest.fixture
+def linked_elsewhere(tmp_path: Path) -> Iterator[Path]:
+    """tmp_path/ingress.toml, a link to a file "# my settings" on another file
+    system (/dev/shm); that file's path."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("needs /dev/shm on another file system than tmp_path")
@@ -412,40 +414,42 @@ def test_force_through_a_symlink_to_another_file_system(tmp_path: Path) -> None:
         real = elsewhere / "ingress.toml"
         real.write_text("# my settings\n")
         (tmp_path / "ingress.toml").symlink_to(real)
-        backups: dict[Path, Path] = {}
-        render_deployment(DOMAIN, FLEETS, tmp_path, force=True, backups=backups)
-        assert (tmp_path / "ingress.toml").is_symlink() and DOMAIN in real.read_text()
-        assert backups == {tmp_path / "ingress.toml": tmp_path / "ingress.toml.bak.1"}
-        assert (tmp_path / "ingress.toml.bak.1").read_text() == "# my settings\n"
-        assert not (tmp_path / "ingress.toml.bak.1").is_symlink()
-        assert sorted(p.name for p in tmp_path.iterdir()) == [
-            "fleets.txt",
-            "ingress.toml",
-            "ingress.toml.bak.1",
-        ]
-        assert [p.name for p in elsewhere.iterdir()] == ["ingress.toml"]
+        yield real
     finally:
         shutil.rmtree(elsewhere)
 
 
-def test_a_failed_force_takes_back_a_file_on_another_file_system(tmp_path: Path) -> None:
+def test_force_through_a_symlink_to_another_file_system(
+    tmp_path: Path, linked_elsewhere: Path
+) -> None:
+    """ingress.toml -> a file on another file system: written through (the link
+    stays), and its backup, which cannot be a hard link there, is a copy."""
+    real = linked_elsewhere
+    backups: dict[Path, Path] = {}
+    render_deployment(DOMAIN, FLEETS, tmp_path, force=True, backups=backups)
+    assert (tmp_path / "ingress.toml").is_symlink() and DOMAIN in real.read_text()
+    assert backups == {tmp_path / "ingress.toml": tmp_path / "ingress.toml.bak.1"}
+    assert (tmp_path / "ingress.toml.bak.1").read_text() == "# my settings\n"
+    assert not (tmp_path / "ingress.toml.bak.1").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fleets.txt",
+        "ingress.toml",
+        "ingress.toml.bak.1",
+    ]
+    assert [p.name for p in real.parent.iterdir()] == ["ingress.toml"]
+
+
+def test_a_failed_force_takes_back_a_file_on_another_file_system(
+    tmp_path: Path, linked_elsewhere: Path
+) -> None:
     """Its backup (a copy beside the link) cannot be renamed back across file
     systems: the take-back said 'Invalid cross-device link' and left the new
     text there (the review of session 19)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
-        pytest.skip("needs /dev/shm on another file system than tmp_path")
-    elsewhere = Path(tempfile.mkdtemp(prefix="fi-init-", dir=shm))
-    try:
-        real = elsewhere / "ingress.toml"
-        real.write_text("# my settings\n")
-        (tmp_path / "ingress.toml").symlink_to(real)
-        (tmp_path / "fleets.txt").symlink_to(tmp_path / "gone" / "fleets.txt")  # cannot be written
-        with pytest.raises(InitError, match="nothing was changed") as raised:
-            render_deployment(DOMAIN, FLEETS, tmp_path, force=True)
-        assert "could not take back" not in str(raised.value)
-        assert real.read_text() == "# my settings\n"
-        assert (tmp_path / "ingress.toml").is_symlink()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "ingress.toml"]
-    finally:
-        shutil.rmtree(elsewhere)
+    real = linked_elsewhere
+    (tmp_path / "fleets.txt").symlink_to(tmp_path / "gone" / "fleets.txt")  # cannot be written
+    with pytest.raises(InitError, match="nothing was changed") as raised:
+        render_deployment(DOMAIN, FLEETS, tmp_path, force=True)
+    assert "could not take back" not in str(raised.value)
+    assert real.read_text() == "# my settings\n"
+    assert (tmp_path / "ingress.toml").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "ingress.toml"]

@@ -1,5 +1,6 @@
-"""Listener addresses as an operator writes them (SPEC 12): a link-local IPv6
-address with its zone, and a host name, resolved as `run` resolves them.
+"""Addresses as an operator writes them: a listener's (SPEC 12) on a link-local
+IPv6 address with its zone or by host name, resolved as `run` resolves them,
+and a fleet's on a link-local address with its zone (SPEC 7).
 
 Each test makes a network namespace and runs the real `python -m fleet_ingress`
 (`check`, then `run`) inside it. A host name is given its addresses by a hosts
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect
 
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, TLSFiles
@@ -312,3 +315,61 @@ async def test_check_live_answers_for_a_wss_listener_on_a_link_local_address(
         with contextlib.suppress(Exception):
             async with asyncio.timeout(3):
                 await fleet.stop()
+
+
+async def test_a_fleet_named_by_its_zone_is_probed_and_serves_calls(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A fleet at [fe80::1%lo], written `https://[fe80::1%25lo]:9443` (RFC
+    6874's form). Before: its certificate was checked for 'fe80::1%lo' (it
+    never came UP), uvloop's lookup dropped the zone (every call EINVAL), and
+    the Host header carried it (RFC 6874 section 4: left out)."""
+    ns = netlab.namespace("zonedfleet")
+    netlab.ip("-n", ns, "addr", "add", "fe80::1/64", "dev", "lo", "nodad")
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.bind(("fe80::1", 9443, 0, socket.if_nametoindex("lo")))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    fleet_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_files.ca.issue_cert("fe80::1").configure_cert(fleet_ctx)
+    sock = netlab.socket_in(ns, listen)
+    fleet = SimulatedFleet(name="linklocal", ssl_context=fleet_ctx, sock=sock)
+    await fleet.start()
+    config = _config(
+        tmp_path, tls_files, "127.0.0.1:8443", "", "127.0.0.1:8404", "https://[fe80::1%25lo]:9443"
+    )
+    try:
+        async with _Run(netlab, ns, config) as run:
+
+            async def fleet_up() -> bytes:
+                body = (await _get(netlab, ns, "127.0.0.1", 8404, "/stats.json")).partition(
+                    b"\r\n\r\n"
+                )[2]
+                (row,) = json.loads(body)["fleets"]
+                if row["health"] != "UP":
+                    raise OSError(f"not UP yet: {row['last_check']}")
+                assert row["name"] == "[fe80::1%lo]:9443"  # the zone is part of its name
+                return body
+
+            await run.until_answered(fleet_up)
+            sock = await netlab.connect(ns, "127.0.0.1", 8443)
+            async with connect(
+                "wss://calls.test/ws/bot-1",
+                sock=sock,
+                ssl=tls_files.client_context(),
+                server_hostname="calls.test",
+                open_timeout=5,
+                close_timeout=1,
+            ) as ws:
+                await ws.send(b"frame")
+                async with asyncio.timeout(5):
+                    assert await ws.recv() == b"frame"
+            (seen,) = fleet.requests
+            assert seen.headers.getall("Host") == ["[fe80::1]:9443"]
+    finally:
+        async with asyncio.timeout(3):
+            await fleet.stop()
