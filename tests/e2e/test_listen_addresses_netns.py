@@ -28,7 +28,8 @@ from websockets.asyncio.client import connect
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, TLSFiles
 
-pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60)]
+# Each test runs its own `fleet-ingress run` (or `check`) in a namespace and waits on its start.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60), pytest.mark.process_trees]
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
 
