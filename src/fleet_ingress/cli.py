@@ -203,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "which generation serves",
             "add-fleet": "; an add-fleet sent goes on in the ingress: `fleet-ingress stat`",
             "reload": "; a reload sent goes on in the ingress: `fleet-ingress stat`",
+            "init": "; what it had written is taken back",
         }.get(args.command, "")
         print(f"\nfleet-ingress: {args.command}: interrupted{after}", file=sys.stderr)
         return 130

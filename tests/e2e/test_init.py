@@ -354,6 +354,30 @@ def test_a_file_that_cannot_be_written_takes_back_the_others(tmp_path: Path, for
     assert (tmp_path / "fleets.txt").read_text().endswith("https://fleet2.example.com:8443\n")
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_ctrl_c_half_way_takes_back_what_was_written(
+    tmp_path: Path, force: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's Ctrl-C as fleets.txt is written left ingress.toml written
+    (the review of session 19); it is taken back as a failure is."""
+    from fleet_ingress.config import init_deploy
+
+    before = {"ingress.toml": "# my settings\n"} if force else {}
+    for name, text in before.items():
+        (tmp_path / name).write_text(text)
+    real_write = init_deploy.write_atomically
+
+    def interrupted_at_fleets(path: Path, *args: object, **kw: object) -> object:
+        if path.name == "fleets.txt":
+            raise KeyboardInterrupt
+        return real_write(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(init_deploy, "write_atomically", interrupted_at_fleets)
+    with pytest.raises(KeyboardInterrupt):
+        render_deployment(DOMAIN, FLEETS, tmp_path, force=force)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: needs root")
 @pytest.mark.parametrize("force", [False, True])
 def test_a_full_disk_at_any_point_changes_nothing_and_names_the_file(force: bool) -> None:

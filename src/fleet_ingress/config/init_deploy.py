@@ -331,6 +331,10 @@ def _write_all(
             f"{what}; could not take back what this run wrote: {'; '.join(left)}; "
             f"{fix}{'' if isinstance(exc, FileExists) else ' with --force'}"
         ) from None
+    except KeyboardInterrupt:  # Ctrl-C half way: as a failure, then interrupted
+        if left := _take_back(texts, existed, kept):
+            print(f"init: could not take back: {'; '.join(left)}", file=sys.stderr)
+        raise
     if backups is not None:
         backups.update(kept)
 
