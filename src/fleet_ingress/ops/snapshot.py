@@ -36,7 +36,6 @@ def by_fleet(counts: Counts, family: str) -> dict[str, dict[str, int]]:
 
 def fleet_row(
     fleet: FleetState,
-    now: float,
     capacity_key: str,
     counts: Counts,
     responses_of: dict[str, dict[str, int]],
@@ -62,7 +61,11 @@ def fleet_row(
         "estimated_available": fleet.estimated_available,
         "last_check": None if probe is None else probe.describe(capacity_key),
         "last_check_passed": None if probe is None else probe.passed,
-        "last_check_age_s": _last_check_age(fleet, now),
+        "last_check_age_s": (
+            None
+            if fleet.last_probe_monotonic is None
+            else round(time.monotonic() - fleet.last_probe_monotonic, 1)
+        ),
         "last_check_ms": (
             None if fleet.last_probe_seconds is None else round(fleet.last_probe_seconds * 1000, 1)
         ),
@@ -127,7 +130,7 @@ def render(
             "bytes_from_carrier": counts.counter("bytes_from_carrier"),
             "bytes_to_carrier": counts.counter("bytes_to_carrier"),
         },
-        "fleets": [fleet_row(f, now, capacity_key, counts, responses_of, ended_of) for f in fleets],
+        "fleets": [fleet_row(f, capacity_key, counts, responses_of, ended_of) for f in fleets],
     }
     if workers is not None:
         snap["workers"] = list(workers)
@@ -158,13 +161,3 @@ def snapshot(
         stopping=stopping,
         last_reload=last_reload,
     )
-
-
-def _last_check_age(fleet: FleetState, now: float) -> float | None:
-    """By CLOCK_MONOTONIC; by the wall clock for a probe the previous image
-    made (an upgrade carries only its wall-clock time) until the next one."""
-    if fleet.last_probe_monotonic is not None:
-        return round(time.monotonic() - fleet.last_probe_monotonic, 1)
-    if fleet.last_probe_at is not None:
-        return round(now - fleet.last_probe_at, 1)
-    return None

@@ -556,9 +556,9 @@ async def read_reload_settled(
     )
     for _ in range(RELOAD_READS - 1):
         writes = ops.file_writes
-        first = await asyncio.to_thread(read)
+        settled = await asyncio.to_thread(read)
         if ops.file_writes == writes:
-            return first
+            return settled
     return await asyncio.to_thread(read)
 
 

@@ -309,8 +309,14 @@ def _probe_monotonic(entry: Mapping[str, Any]) -> float | None:
     if (carried := entry.get("last_probe_monotonic")) is not None:
         return float(carried)
     if (wall := entry.get("last_probe_at")) is not None:
-        return time.monotonic() - (time.time() - float(wall))
+        return monotonic_of(float(wall))
     return None
+
+
+def monotonic_of(wall: float) -> float:
+    """A wall-clock time (time.time()) of this boot as CLOCK_MONOTONIC reads it:
+    what an older release carried over an exec, for ages a clock step cannot move."""
+    return time.monotonic() - (time.time() - wall)
 
 
 def unread_to_json(unread: Mapping[str, bytes]) -> dict[str, str]:

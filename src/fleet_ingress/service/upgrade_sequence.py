@@ -56,6 +56,7 @@ from fleet_ingress.service.upgrade import (
     AdoptedProcess,
     TrialFailed,
     fleets_to_json,
+    monotonic_of,
     removing_specs,
     restore_fleets,
     state_fd,
@@ -222,7 +223,7 @@ class UpgradeSequence:
         if "started_monotonic" in carried:
             supervisor.started_at = float(carried["started_monotonic"])
         else:  # a release that carried the wall clock's start
-            supervisor.started_at = time.monotonic() - (time.time() - float(carried["started_at"]))
+            supervisor.started_at = monotonic_of(float(carried["started_at"]))
         supervisor.reloads.update(carried["reloads"])
         if carried.get("reload_pending"):
             log.info("a reload asked during the upgrade: done once this image serves")
