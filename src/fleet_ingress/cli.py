@@ -174,9 +174,34 @@ def _commands(parser: argparse.ArgumentParser, *, hidden: bool) -> list[str]:
     return [name for name in parser.get_default("commands") if hidden or name != "worker"]
 
 
+def _command_first(given: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`fleet-ingress -c FILE stat` is `fleet-ingress stat -c FILE`.
+
+    Options written before the command go after it: argparse took FILE for the
+    command and listed the hidden `worker` among the choices. A token after an
+    option is its value unless it is a command or an option itself; what is left
+    first (a mistyped command) meets main's own unknown-command answer.
+    """
+    commands = _commands(parser, hidden=True)
+    at = 0
+    while at < len(given) and given[at].startswith("-") and given[at] not in _OWN_OPTIONS:
+        option = given[at]
+        at += 1
+        value = given[at] if at < len(given) else None
+        if "=" not in option and value is not None and value not in commands:
+            if not value.startswith("-"):
+                at += 1
+    if at == 0 or at == len(given):
+        return given
+    return [given[at], *given[:at], *given[at + 1 :]]
+
+
+_OWN_OPTIONS = ("-h", "--help", "--version")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
-    given = list(sys.argv[1:] if argv is None else argv)
+    given = _command_first(list(sys.argv[1:] if argv is None else argv), parser)
     if given and not given[0].startswith("-") and given[0] not in _commands(parser, hidden=True):
         # argparse's own answer listed the hidden `worker` and suggested nothing.
         import difflib
@@ -188,6 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"fleet-ingress: unknown command {given[0]!r}; {hint}the commands: "
             f"{', '.join(listed)} (fleet-ingress --help says what each does)",
+            file=sys.stderr,
+        )
+        return 2
+    if given and given[0].startswith("-") and given[0] not in _OWN_OPTIONS:
+        parser.print_usage(sys.stderr)
+        print(
+            f"fleet-ingress: no command given; the commands: "
+            f"{', '.join(_commands(parser, hidden=False))} (e.g. fleet-ingress stat -c FILE)",
             file=sys.stderr,
         )
         return 2

@@ -434,3 +434,27 @@ def test_a_mistyped_command_gets_the_nearest_one_and_not_the_hidden_worker() -> 
     assert done.returncode == 2
     assert "unknown command 'rn'; did you mean 'run'?" in done.stderr, done.stderr
     assert "worker" not in done.stderr and "add-fleet" in done.stderr
+
+
+def test_an_option_written_before_the_command_is_taken_as_the_commands_own(
+    tmp_path: Path, tls_files: TLSFiles, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fleet-ingress -c FILE check` is `fleet-ingress check -c FILE` (argparse took
+    FILE for the command and listed the hidden worker among the choices)."""
+    from fleet_ingress.cli import main
+
+    config = _write_config(tmp_path, tls_files, 8443, "ftp://fleet1.example.com\n")
+    assert main(["-c", str(config), "check"]) == 1
+    said = capsys.readouterr()
+    assert "ftp://" in said.out + said.err, said
+    assert main(["check", "-c", str(config)]) == 1
+    assert capsys.readouterr() == said
+    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:9 name=a\n")
+    assert main(["-c", str(config), "check"]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    assert main(["-c", str(config), "chek"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'chek'; did you mean 'check'?" in err, err
+    assert main(["-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "no command given" in err and "worker" not in err, err
