@@ -187,6 +187,20 @@ def test_a_listen_address_no_interface_has_says_so():
     )
 
 
+def test_a_listen_zone_given_as_a_number_no_interface_has_says_so():
+    """`run` said only "cannot listen: No such device" (check named it; session 19)."""
+    from fleet_ingress.net.listener import ListenError, bind_errors_named, bind_tcp
+
+    # A numeric zone resolves whatever it is: the bind is what fails, nothing is sent.
+    with pytest.raises(ListenError) as info, bind_errors_named("wss", "[fe80::10%4242]:8443"):
+        bind_tcp("fe80::10%4242", 0)
+    assert str(info.value) == (
+        "listen.wss = '[fe80::10%4242]:8443': cannot listen: No such device; no interface "
+        "of this machine has index 4242; give the zone of the interface with that address "
+        "(`ip -6 addr`)"
+    )
+
+
 # -- `reload`: the unit's ExecReload -------------------------------------------------------
 
 

@@ -151,6 +151,12 @@ def bind_errors_named(key: str, address: str) -> Iterator[None]:
             hint = "a port below 1024 needs root or CAP_NET_BIND_SERVICE (the unit file grants it)"
         elif exc.errno == errno.EADDRNOTAVAIL:
             hint = "no interface of this machine has that address"
+        elif exc.errno == errno.ENODEV and zone:
+            # A zone given as a number resolves whatever it is; the bind fails.
+            hint = (
+                f"no interface of this machine has index {zone}; give the zone of the "
+                "interface with that address (`ip -6 addr`)"
+            )
         else:
             hint = "check the address"
         raise ListenError(
