@@ -488,6 +488,13 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         old = await _peer_serial(service, tls_files)
         new = write_leaf_cert(tls_files.ca, service.home)
         assert new != old
+        # A SIGHUP to one worker alone reloads nothing: read there alone, it left
+        # that worker on files the supervisor and the other worker never read.
+        first = (await _worker_rows(service))[0]["pid"]
+        os.kill(first, signal.SIGHUP)
+        ignored = "SIGHUP to a worker is not acted on: the supervisor reloads every worker"
+        await eventually(lambda: bool(_logged(service, ignored)), 5)
+        assert {await _peer_serial(service, tls_files) for _ in range(12)} == {old}
         service.proc.send_signal(signal.SIGHUP)
         await service.wait_for("RELOADING=1")
         await service.wait_for("READY=1", count=2)

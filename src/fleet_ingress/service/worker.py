@@ -17,9 +17,11 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      read, checked and applied (`config_to_json`), which the
                                      worker applies rather than read the file again (it may
                                      have changed since). Without it (a supervisor of an
-                                     older release; this worker's own SIGHUP) the worker
-                                     reads the file; a worker of an older release ignores it
-                                     and reads the file too.
+                                     older release) the worker reads the file; a worker of
+                                     an older release ignores it and reads the file too.
+                                     A worker's own SIGHUP is not acted on (logged): read
+                                     here alone, it left this worker on files the
+                                     supervisor and the other workers never read.
     {"op": "stop", "id": N}          stop accepting, drain the calls, exit; answered
                                      {"op": "stopping", "id": N} once the listeners closed
     {"op": "stop", "id": N, "upgrade": true}   the same for an old generation after an
@@ -195,7 +197,7 @@ class Worker:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal, sig)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self._reload(None)))
+        loop.add_signal_handler(signal.SIGHUP, _own_sighup)
         await self.ingress.start()
         self.client.send({"op": "serving"})
         gc.collect()
@@ -340,3 +342,17 @@ def _exit_now() -> None:
     """The second stop signal's end: what was logged goes out first, briefly."""
     flush_lines(EXIT_FLUSH_WAIT)
     os._exit(0)
+
+
+def _own_sighup() -> None:
+    """SIGHUP sent to this worker (`kill -HUP PID`, or `systemctl kill -s HUP`,
+    which signals every process of the unit, the supervisor too). Only the
+    supervisor reloads: it checks the files once and hands every worker what it
+    checked, so that one host serves one configuration."""
+    log.info(
+        "SIGHUP to a worker is not acted on: the supervisor reloads every worker",
+        extra=fields(
+            fix="systemctl reload fleet-ingress, fleet-ingress reload, or SIGHUP to the "
+            "supervisor (the unit's MainPID)"
+        ),
+    )
