@@ -464,6 +464,8 @@ async def test_tls_junk_from_a_carrier_closes_that_call_only(
         good_writer.close()
         junk_entries = [e for e in access_entries(caplog) if e["bot_id"] == "junk"]
         assert [e["end_reason"] for e in junk_entries] == ["error"]
+        # What failed is said (OpenSSL's reason was lost; the TLS audit of session 20).
+        assert junk_entries[0]["detail"].startswith("carrier: [SSL: "), junk_entries
         print(f"carrier TLS junk: that call closed in {closed_after * 1000:.0f} ms")
     finally:
         if survivor is not None:
@@ -516,6 +518,8 @@ async def test_tls_junk_from_a_fleet_closes_that_call_only(
         good_writer.close()
         junk_entries = [e for e in access_entries(caplog) if e["bot_id"] == "junk"]
         assert [e["end_reason"] for e in junk_entries] == ["error"]
+        # What failed is said (OpenSSL's reason was lost; the TLS audit of session 20).
+        assert junk_entries[0]["detail"].startswith("fleet: [SSL: "), junk_entries
         print(f"fleet TLS junk: that call closed in {closed_after * 1000:.0f} ms")
     finally:
         if survivor is not None:

@@ -1086,6 +1086,26 @@ def test_a_read_after_the_kernel_gave_up_on_a_closed_window_is_classed_as_gone(
         del ss
 
 
+def test_an_eof_error_on_a_connection_tcp_still_holds_is_openssls_not_a_reset(
+    tls_files: TLSFiles,
+) -> None:
+    """SSLEOFError without a reason comes from OpenSSL too, not only from a failed
+    socket (a fleet's TLS 1.2 renegotiation under traffic both ways, the TLS
+    audit of session 20): on a connection TCP still has ESTABLISHED it stays an
+    error, not the peer's reset (the access log said fleet_reset)."""
+    failure = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    failure.reason = None  # as _ssl.c sets it when OpenSSL's queue is empty
+    with _tls_pair(tls_files) as (cs, ss):
+        assert tls_socket._with_errno(failure, cs) is failure
+        ss.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        ss.close()  # an RST
+        deadline = time.monotonic() + 5
+        while tls_socket._with_errno(failure, cs) is failure and time.monotonic() < deadline:
+            time.sleep(0.01)
+        classed = tls_socket._with_errno(failure, cs)
+        assert isinstance(classed, ConnectionResetError), classed
+
+
 def _tcp_info(
     *,
     retransmits: int = 0,

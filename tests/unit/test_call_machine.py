@@ -712,15 +712,28 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
 )
 def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason):
     (a,) = fleets("a")
-    pb, _ = new_call()
+    pb, machine = new_call()
     in_tunnel(pb, a)
+    why = "[SSL: UNEXPECTED_RECORD] unexpected record"
     if side == "fleet":
-        pb >> FleetLost(how) << ReleaseSlot() << CloseSide(Side.CARRIER)
-        pb >> CarrierLost(Lost.CLOSED) << CallEnded(reason)
+        pb >> FleetLost(how, why) << ReleaseSlot() << CloseSide(Side.CARRIER)
+        pb >> CarrierLost(Lost.ERROR, "the other side's, later") << CallEnded(reason)
     else:
-        pb >> CarrierLost(how) << CloseSide(Side.FLEET)
-        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(reason)
+        pb >> CarrierLost(how, why) << CloseSide(Side.FLEET)
+        pb >> FleetLost(Lost.ERROR, "the other side's, later") << ReleaseSlot()
+        pb << CallEnded(reason)
     assert pb
+    # What failed is kept for the access line when an error ended the call.
+    assert machine.error_text == (f"{side}: {why}" if how is Lost.ERROR else None)
+
+
+def test_an_error_after_a_hang_up_is_no_error_text():
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a) >> CloseFrameSeen(Side.CARRIER)
+    pb >> FleetLost(Lost.ERROR, "bad record") << ReleaseSlot() << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.CARRIER_CLOSED)
+    assert pb and machine.error_text is None
 
 
 def test_a_fleet_hang_up_before_the_101_is_an_empty_response():

@@ -174,11 +174,13 @@ class SideFinished(Event):
 @dataclass(frozen=True, slots=True)
 class CarrierLost(Event):
     how: Lost
+    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
 
 
 @dataclass(frozen=True, slots=True)
 class FleetLost(Event):
     how: Lost
+    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +384,9 @@ class CallMachine:
     retried_from: FleetState | None = None  # the fleet the last attempt failed on
     status: int | None = None  # what the carrier was answered
     answer_text: str | None = None  # the text of a local answer (503 "no fleet is up ...")
+    # What failed when a side's error ended the call (end reason "error"):
+    # "fleet: [SSL: UNEXPECTED_RECORD] ...". The access line's detail.
+    error_text: str | None = None
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     # The side whose close frame answers the first one, until it is relayed.
     reply_due_from: Side | None = None
@@ -441,6 +446,13 @@ class CallMachine:
         if self.is_call:
             assert self.end_reason is not None
             self._emit(CallEnded(self.end_reason))
+
+    def _end_lost(self, side: Side, event: Event) -> None:
+        assert isinstance(event, (CarrierLost, FleetLost))
+        reason = self._lost_reason(side, event.how)
+        if self.end_reason is None and reason is EndReason.ERROR and event.why:
+            self.error_text = f"{side.value}: {event.why}"
+        self._end(reason)
 
     def _lost_reason(self, side: Side, how: Lost) -> EndReason:
         if self.hung_up_by is not None:
@@ -617,7 +629,7 @@ class CallMachine:
     def _carrier_lost_in_setup(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         self.carrier_open = False
-        self._end(self._lost_reason(Side.CARRIER, event.how))
+        self._end_lost(Side.CARRIER, event)
         if self.state is State.LEASING:
             self._emit(CancelSlotWait())
         else:
@@ -705,7 +717,7 @@ class CallMachine:
     def _carrier_lost_linked(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         self.carrier_open = False
-        self._end(self._lost_reason(Side.CARRIER, event.how))
+        self._end_lost(Side.CARRIER, event)
         if self.fleet_open:
             self._emit(CloseSide(Side.FLEET))
         self._gone_if_both()
@@ -713,7 +725,7 @@ class CallMachine:
     def _fleet_lost_linked(self, event: Event) -> None:
         assert isinstance(event, FleetLost)
         self.fleet_open = False
-        self._end(self._lost_reason(Side.FLEET, event.how))
+        self._end_lost(Side.FLEET, event)
         self._release_slot()
         if self.carrier_open:
             self._emit(CloseSide(Side.CARRIER))
@@ -746,7 +758,7 @@ class CallMachine:
     def _carrier_lost_closing(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         self.carrier_open = False
-        self._end(self._lost_reason(Side.CARRIER, event.how))
+        self._end_lost(Side.CARRIER, event)
         if not self.fleet_open:
             self._release_slot()  # held by a call ended in its setup
         self._gone_if_both()
@@ -754,7 +766,7 @@ class CallMachine:
     def _fleet_lost_closing(self, event: Event) -> None:
         assert isinstance(event, FleetLost)
         self.fleet_open = False
-        self._end(self._lost_reason(Side.FLEET, event.how))
+        self._end_lost(Side.FLEET, event)
         self._release_slot()
         self._gone_if_both()
 

@@ -162,8 +162,11 @@ class Call:
             "bytes_from_carrier": self.bytes_from_carrier,
             "bytes_to_carrier": self.bytes_to_carrier,
             "end_reason": self.end_reason.value if self.end_reason else None,
-            # The ingress's own answer, for a call it refused (which 503, which 502).
-            "detail": None if self.machine is None else self.machine.answer_text,
+            # The ingress's own answer, for a call it refused (which 503, which 502);
+            # what failed, for a call a side's error ended.
+            "detail": None
+            if self.machine is None
+            else self.machine.answer_text or self.machine.error_text,
         }
 
 

@@ -366,7 +366,7 @@ class CarrierProtocol(_Side):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.ctx.registry.connections.discard(self)
-        self.feed(CarrierLost(_lost_kind(exc)))
+        self.feed(CarrierLost(_lost_kind(exc), _lost_why(exc)))
         if self.call is None:
             # Protocol, transport, TLS state and timers point at each other: left
             # as cycles, every refused connection waits for the cyclic collector, whose
@@ -862,7 +862,7 @@ class FleetProtocol(_Side):
             return
         if self.exchange is not None and self.peer_side is not None:  # relaying an answer
             self._relay_progress(Progress.BODY_COMPLETE)
-        pump.feed(FleetLost(_lost_kind(exc)))
+        pump.feed(FleetLost(_lost_kind(exc), _lost_why(exc)))
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
         """Relay everything the fleet sent so far and what it sends from now on.
@@ -957,6 +957,12 @@ def _lost_kind(exc: Exception | None) -> Lost:
     # A write to a side its peer has reset fails EPIPE rather than ECONNRESET.
     reset = isinstance(exc, (ConnectionResetError, BrokenPipeError))
     return Lost.RESET if reset else Lost.ERROR
+
+
+def _lost_why(exc: Exception | None) -> str:
+    """What failed, as the access line's detail of a call ended by an error
+    (a bad TLS record, a renegotiation refused): OpenSSL's reason was lost."""
+    return "" if exc is None else str(exc) or type(exc).__name__
 
 
 def _break_cycles(call: Call) -> None:

@@ -508,7 +508,7 @@ class TLSConnection:
                 return
             except ssl.SSLEOFError as exc:
                 if exc.reason is None:  # the socket failed, not a FIN
-                    self._finish(_socket_failure(self._sock))
+                    self._finish(_with_errno(exc, self._sock))
                 else:
                     self._peer_ended(clean=False)
                 return
@@ -852,24 +852,28 @@ class Acceptor:
 
 def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
     if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
-        return _socket_failure(sock)
+        return _socket_failure(sock) or exc
     return exc
 
 
-def _socket_failure(sock: ssl.SSLSocket) -> OSError:
-    """What failed the socket under SSL_read / SSL_write.
+def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
+    """What failed the socket under SSL_read / SSL_write; None if it did not.
 
     CPython 3.11 on OpenSSL 3 reports it as SSLEOFError without a reason or the
     errno (SSL_read_ex returns 0, read as an EOF), and the read consumed the
     socket's error. A bare FIN is SSLEOFError with reason
     UNEXPECTED_EOF_WHILE_READING instead. What TCP still shows tells the two
     failures apart that the access log does (carrier_lost vs carrier_reset):
-    see `peer_stopped_answering`.
+    see `peer_stopped_answering`. A connection TCP still has ESTABLISHED did
+    not fail: OpenSSL did (a fleet's TLS 1.2 renegotiation under traffic both
+    ways, which the TLS audit of session 20 saw logged as the fleet's reset).
     """
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
     except (OSError, AttributeError):
         info = b""
+    if info[:1] == _TCP_ESTABLISHED:
+        return None
     if peer_stopped_answering(info):
         return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
     return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
@@ -880,6 +884,7 @@ _TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
 _TCPI_NOTSENT_BYTES = 144  # u32
 _TCPI_SND_WND = 228  # u32, Linux 5.19 and later
 _TCP_INFO_READ = _TCPI_SND_WND + 4
+_TCP_ESTABLISHED = b"\x01"  # tcpi_state, the first byte (include/net/tcp_states.h)
 
 
 def peer_stopped_answering(info: bytes) -> bool:
