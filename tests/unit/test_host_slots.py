@@ -566,6 +566,62 @@ def test_leases_a_worker_says_are_still_in_flight_stay_out_of_the_estimate_after
     assert b.estimated_available == 5
 
 
+def test_a_call_still_connecting_stays_in_flight_over_an_exec_that_failed():
+    """The exec failed after the hand-over (`suspend`, then `restore` from the
+    same worker): its suspended row holds the lease under the same key, and
+    closing it ended the in-flight mark restore had just made, so the next
+    probe's count took that call for a free worker (the fuzzing of session 20)."""
+    fleet_set = FleetSet.from_specs(parse_fleets_text(TWO_FLEETS, default_maxconn=16))
+    slots = HostSlots(Balancer(fleet_set), queue_timeout=TIMEOUT, max_queue=8)
+    slots.join("w1", pid=1, generation=1, tells_answers=True)
+    _play(slots, [("acquire", "w1", 1, (), 0.0, "a")])
+    a = slots.balancer.get("a")
+    assert a is not None and a.pending == {("w1", 1)}
+    slots.paused = True
+    slots.suspend("w1")
+    slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a")],
+        waiting=[],
+        now=1.0,
+        tells_answers=True,
+        in_flight={1},
+    )
+    slots.resume()
+    assert a.pending == {("w1", 1)} and a.active == 1
+    a.probe_counted(5, a.probe_sending(10.0))  # the fleet has not taken the call yet
+    assert a.estimated_available == 4
+
+
+@pytest.mark.parametrize(
+    ("queue_timeout", "max_queue", "refused"),
+    [(0.0, 8, QUEUE_OFF), (TIMEOUT, 1, QUEUE_FULL)],
+)
+def test_calls_asked_while_the_table_is_paused_wait_for_the_count_not_a_refusal(
+    queue_timeout: float, max_queue: int, refused: str
+):
+    """While an upgrade rebuilds the table, a call's slot is asked before the
+    count is whole: refused as queueing off or a full queue, it got 503 "every
+    fleet is at capacity" while the fleets had room (the fuzzing of session 20).
+    It waits; at resume it gets a slot, or the refusal acquire would have given."""
+    specs = parse_fleets_text(TWO_FLEETS, default_maxconn=1)
+    slots = HostSlots(
+        Balancer(FleetSet.from_specs(specs)), queue_timeout=queue_timeout, max_queue=max_queue
+    )
+    slots.paused = True
+    slots.restore("w1", pid=1, generation=1, held=[], waiting=[], now=0.0)
+    _play(slots, [("acquire", "w1", n, (), 0.0, "wait") for n in (1, 2, 3, 4)])
+    answers = [_render(a) for a in slots.resume()]
+    if queue_timeout:  # room for two; one waits (max_queue 1), the last asked is refused
+        assert answers == ["w1#1>a", "w1#2>b", "w1#4!" + refused]
+        assert slots.queued() == [("w1", 3)]
+    else:  # room for two, no queue: the other two are refused
+        assert answers == ["w1#1>a", "w1#2>b", "w1#3!" + refused, "w1#4!" + refused]
+        assert slots.queued() == []
+
+
 def test_a_worker_slow_to_restore_keeps_what_it_held_before_counted_until_it_says():
     """After a re-execution the table grants again once the others answered; a
     worker that has not yet keeps the previous table's count (an upper bound:

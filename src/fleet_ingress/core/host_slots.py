@@ -238,8 +238,6 @@ class HostSlots:
                 continue
             fleet.active += 1
             row.held[lease] = fleet
-            if tells_answers and lease in in_flight:
-                fleet.lease_restored_in_flight((worker, lease))
         for lease, avoid, waited in waiting:
             since = now - max(0.0, waited)
             waiter = _Waiter(worker, lease, frozenset(avoid), since, since + self.queue_timeout)
@@ -252,6 +250,14 @@ class HostSlots:
             # here (and a removed fleet is reaped only once idle for real).
             for lease, fleet in reserved.held.items():
                 self._close(fleet, (worker, lease))
+        # After those closes: a suspended row (an exec that failed) holds its
+        # leases under the same keys, and closing one ends its in-flight mark
+        # (the fuzzing of session 20: the fleet's estimate then counted a call
+        # still connecting as a free worker).
+        if tells_answers:
+            for lease, fleet in row.held.items():
+                if lease in in_flight:
+                    fleet.lease_restored_in_flight((worker, lease))
         return unknown
 
     def reserve(
@@ -287,9 +293,21 @@ class HostSlots:
         return self._rows.get(worker)
 
     def resume(self) -> list[Answer]:
-        """Every worker has told what it holds: grant again."""
+        """Every worker has told what it holds: grant again. What was asked
+        meanwhile waited for the count, not for room (`acquire`): what no free
+        slot answers now is refused as `acquire` would have refused it with
+        queueing off, or past `max_queue` (the latest asked)."""
         self.paused = False
-        return self.wake()
+        answers = self.wake()
+        if self.queue_timeout <= 0:
+            bound, reason = 0, QUEUE_OFF
+        else:
+            bound, reason = self.max_queue, QUEUE_FULL
+        if len(self._queue) > bound:
+            waiters = list(self._queue)
+            self._queue = deque(waiters[:bound])
+            answers += [Refused(w.worker, w.lease, reason) for w in waiters[bound:]]
+        return answers
 
     @property
     def workers(self) -> list[WorkerRow]:
@@ -327,8 +345,16 @@ class HostSlots:
         if lease in row.held or any(w.worker == worker and w.lease == lease for w in self._queue):
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
         if self.paused:
-            pass  # queue, whatever the fleets say: the count is not complete yet
-        elif not self._queue:  # FIFO: nobody overtakes a waiting call
+            # Queue, whatever the fleets and the queue's bounds say: the count
+            # is not complete yet, so whether a fleet has room is not known.
+            # Refused as queueing off or a full queue, calls were answered 503
+            # "at capacity" through an upgrade while fleets had room (the
+            # fuzzing of session 20); `resume` answers them.
+            self._queue.append(
+                _Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout)
+            )
+            return None
+        if not self._queue:  # FIFO: nobody overtakes a waiting call
             pick = self.balancer.pick(avoid)
             if pick.fleet is not None:
                 return self._grant(row, lease, pick.fleet)
