@@ -104,7 +104,8 @@ async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ):
     """Before, the warning's `error` was empty: a timeout has no text."""
-    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []  # 3.13 closes an abandoned writer's transport
+    silent = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     try:
         ingress = await start_ingress(
@@ -119,6 +120,8 @@ async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
         failed = [r for r in caplog.records if r.getMessage() == "acme upstream failed"]
         assert [r.fields["error"] for r in failed] == ["no answer in time (timed out)"]  # type: ignore[attr-defined]
     finally:
+        for writer in held:
+            writer.close()
         silent.close()
 
 

@@ -140,7 +140,7 @@ async def test_a_health_answer_no_check_foresaw_fails_probes_and_probing_goes_on
     ingress = await started(start_ingress, lines(a, b))
     fleet_a = ingress.balancer.get("a")
     assert fleet_a is not None and fleet_a.health is Health.UP
-    a.health_body = b'{"fleet_available": 5, "x": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    a.health_body = b'{"fleet_available": 5, "x": ' + b"[" * 30000 + b"]" * 30000 + b"}"
     await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
     assert fleet_a.last_probe is not None and "too deep" in fleet_a.last_probe.reason
     a.health_body = None

@@ -859,9 +859,10 @@ def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
 def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
     """What failed the socket under SSL_read / SSL_write; None if it did not.
 
-    CPython 3.11 on OpenSSL 3 reports it as SSLEOFError without a reason or the
-    errno (SSL_read_ex returns 0, read as an EOF), and the read consumed the
-    socket's error. A bare FIN is SSLEOFError with reason
+    CPython 3.11 and 3.12 on OpenSSL 3 report it as SSLEOFError without a
+    reason or the errno (SSL_read_ex returns 0, read as an EOF), and the read
+    consumed the socket's error (3.13 raises the socket's own error, gh-115627,
+    which needs no guess). A bare FIN is SSLEOFError with reason
     UNEXPECTED_EOF_WHILE_READING instead. What TCP still shows tells the two
     failures apart that the access log does (carrier_lost vs carrier_reset):
     see `peer_stopped_answering`. A connection TCP still has ESTABLISHED did
