@@ -574,8 +574,12 @@ async def test_a_probe_of_a_fleet_that_requires_a_client_certificate_says_it_may
     server_ctx = tls_files.fleet_server_context()
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     server_ctx.load_verify_locations(cafile=str(tls_files.ca_pem))
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"fleet_available": 3})
+
     app = web.Application()
-    app.router.add_get("/health/fleet", lambda _: web.json_response({"fleet_available": 3}))
+    app.router.add_get("/health/fleet", health)  # a bare function: deprecated by aiohttp
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ctx)
