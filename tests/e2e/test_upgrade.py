@@ -974,6 +974,37 @@ async def test_a_replacement_pending_at_the_exec_is_started_by_the_new_image(
         await service.finish()
 
 
+async def test_an_old_generation_worker_killed_while_it_drains_counts_its_calls_lost(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """Its slots came back and the supervisor logged calls_lost, but
+    worker_calls_lost (and the FleetIngressWorkerDied alert that reads it)
+    stayed 0: only a worker of the serving generation was counted (the
+    draining audit of session 20)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{sim.url} name={sim.name}" for sim in fleets], workers=1, drain=60
+    )
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        ((old, _),) = [(r["pid"], r) for r in await _rows(service)]
+        await load.start_long(2, duration=30.0)
+        await eventually(lambda: sum(sim.active_calls for sim in fleets) == 2, timeout=10)
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        os.kill(old, signal.SIGKILL)
+
+        def exited() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+
+        await eventually(lambda: bool(exited()), timeout=10)
+        assert [(e["pid"], e["calls_lost"]) for e in exited()] == [(old, 2)]
+        stats = await service.stats()
+        assert stats["worker_calls_lost"] == 2
+        assert "fleet_ingress_worker_calls_lost_total 2.0" in await service.metrics()
+    finally:
+        await _stop_with_long_calls(load, service)
+
+
 async def test_a_worker_dead_during_an_upgrade_is_replaced_in_the_new_generation_only(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:

@@ -683,6 +683,15 @@ class Supervisor:
         # Its channel ended before it exited: what it held was kept until now.
         self.server.release_kept(worker.key)
         self.workers.pop(worker.key, None)
+        if worker.channel_lost and code == 0:
+            # Without its channel it drained on its own and exited cleanly: each
+            # of its calls ended and was logged there with how it ended (its
+            # counts since its last report could not reach the host's stats).
+            worker.calls_lost = 0
+        # Counted whatever the generation and whether stopping: an old generation's
+        # worker killed while it drained went uncounted (the draining audit of
+        # session 20), and FleetIngressWorkerDied, which reads it, never fired.
+        self.calls_lost_total += worker.calls_lost
         # A retired worker whose channel was lost before (carried over an exec)
         # is counted as the loss it was, not as an old generation ending.
         if worker.candidate or (worker.retiring and not worker.channel_lost):
@@ -703,17 +712,12 @@ class Supervisor:
             return
         self.restarts["hung" if worker.hung else _restart_reason(code)] += 1
         if worker.channel_lost and code == 0:
-            # Without its channel it drained on its own and exited cleanly: each
-            # of its calls ended and was logged there with how it ended (its
-            # counts since its last report could not reach the host's stats).
-            worker.calls_lost = 0
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
                 "its slots came back; a new worker replaced it",
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         else:
-            self.calls_lost_total += worker.calls_lost
             log.error(
                 "worker whose slot channel was lost exited: the calls it had then are "
                 "counted lost, its slots came back; a new worker replaced it"
