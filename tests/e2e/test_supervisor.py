@@ -510,6 +510,40 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         await service.finish()
 
 
+async def test_a_sighup_to_a_worker_still_starting_does_not_end_it(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """`systemctl kill -s HUP` signals every process of the unit: a worker
+    being started (a replacement, an upgrade's new generation) took SIGHUP's
+    default action, the end of the process, until its loop's handler was in."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        before = set(workers_of(service.home))
+        os.kill(min(before), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not (started := set(workers_of(service.home)) - before):
+            assert time.monotonic() < deadline, "no replacement started"
+            await asyncio.sleep(0.002)
+        (new,) = started
+        # Past the interpreter's own start (tens of ms: not covered), then through
+        # the worker's: imports, TLS contexts, listeners.
+        await asyncio.sleep(0.1)
+        for _ in range(20):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(new, signal.SIGHUP)
+            await asyncio.sleep(0.05)
+
+        async def joined() -> bool:
+            return new in {r["pid"] for r in await _worker_rows(service)}
+
+        async with asyncio.timeout(15):
+            while not await joined():
+                await asyncio.sleep(0.1)
+        assert (await service.stats())["worker_restarts"] == {"killed": 1}
+    finally:
+        await service.finish()
+
+
 async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old_one_serving(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
