@@ -271,8 +271,12 @@ async def test_reload_exits_1_when_a_worker_did_not_reload_or_it_failed(tmp_path
             {"result": "applied", "changes": "no fleet changes"},
         ]
     )
+
+    async def reload(_: web.Request) -> web.Response:
+        return web.json_response(next(answers))
+
     app = web.Application()
-    app.router.add_post("/reload", lambda _: web.json_response(next(answers)))
+    app.router.add_post("/reload", reload)  # a bare function: deprecated by aiohttp
     runner = web.AppRunner(app)
     await runner.setup()
     path = tmp_path / "admin.sock"
