@@ -178,22 +178,33 @@ def _command_first(given: list[str], parser: argparse.ArgumentParser) -> list[st
     """`fleet-ingress -c FILE stat` is `fleet-ingress stat -c FILE`.
 
     Options written before the command go after it: argparse took FILE for the
-    command and listed the hidden `worker` among the choices. A token after an
-    option is its value unless it is a command or an option itself; what is left
-    first (a mistyped command) meets main's own unknown-command answer.
+    command and listed the hidden `worker` among the choices. An option that
+    takes a value (any command's) takes the next word, whatever it is; a flag
+    takes none. What is left first (a mistyped command) meets main's own
+    unknown-command answer.
     """
-    commands = _commands(parser, hidden=True)
+    valued = _options_with_values(parser)
     at = 0
     while at < len(given) and given[at].startswith("-") and given[at] not in _OWN_OPTIONS:
         option = given[at]
         at += 1
-        value = given[at] if at < len(given) else None
-        if "=" not in option and value is not None and value not in commands:
-            if not value.startswith("-"):
-                at += 1
+        if option in valued and at < len(given):
+            at += 1  # its value (`--config=FILE`, `-cFILE`: one word, not in `valued`)
     if at == 0 or at == len(given):
         return given
     return [given[at], *given[:at], *given[at + 1 :]]
+
+
+def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
+    """Every command's option strings that take a value (`-c`, `--name`...)."""
+    found: set[str] = set()
+    for action in parser._actions:  # argparse keeps its subparsers here only
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                for option in command._actions:
+                    if option.option_strings and option.nargs != 0:
+                        found.update(option.option_strings)
+    return found
 
 
 _OWN_OPTIONS = ("-h", "--help", "--version")

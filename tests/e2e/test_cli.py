@@ -476,3 +476,28 @@ def test_an_option_written_before_the_command_is_taken_as_the_commands_own(
     assert main(["-c", str(config)]) == 2
     err = capsys.readouterr().err
     assert "no command given" in err and "worker" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "read_as"),
+    [
+        (["-c", "F", "stat"], ["stat", "-c", "F"]),
+        # A value is a value even when it names a command (the review of session 20).
+        (
+            ["--name", "demo", "add-fleet", "https://x"],
+            ["add-fleet", "--name", "demo", "https://x"],
+        ),
+        (["-c", "run", "stat"], ["stat", "-c", "run"]),
+        # A flag takes no value: what follows is the (mistyped) command.
+        (["--json", "stats"], ["stats", "--json"]),
+        (["--config=F", "stat"], ["stat", "--config=F"]),
+        (["--version", "stat"], ["--version", "stat"]),
+        (["worker", "-c", "x"], ["worker", "-c", "x"]),
+    ],
+)
+def test_options_before_the_command_are_read_as_written_after_it(
+    argv: list[str], read_as: list[str]
+) -> None:
+    from fleet_ingress.cli import _build_parser, _command_first
+
+    assert _command_first(argv, _build_parser()) == read_as
