@@ -59,8 +59,9 @@ TRIAL_OUTPUT_LINES = 8
 # of it (a syntax error in any module shows here), then `check -c CONFIG`.
 _TRIAL = """\
 import importlib, os, pkgutil, runpy, signal, sys
-# `systemctl kill -s USR2` signals every process of the unit, this one too.
+# `systemctl kill -s USR2|HUP` signals every process of the unit, this one too.
 signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
 import uvloop
 import fleet_ingress
 from fleet_ingress.service import upgrade
