@@ -174,6 +174,9 @@ def _commands(parser: argparse.ArgumentParser, *, hidden: bool) -> list[str]:
     return [name for name in parser.get_default("commands") if hidden or name != "worker"]
 
 
+_OWN_OPTIONS = ("-h", "--help", "--version")  # the program's, before any command
+
+
 def _command_first(given: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """`fleet-ingress -c FILE stat` is `fleet-ingress stat -c FILE`.
 
@@ -205,9 +208,6 @@ def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
                     if option.option_strings and option.nargs != 0:
                         found.update(option.option_strings)
     return found
-
-
-_OWN_OPTIONS = ("-h", "--help", "--version")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

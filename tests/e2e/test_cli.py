@@ -173,32 +173,39 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
     )
 
 
-def test_a_listen_address_no_interface_has_says_so():
-    import pytest
-
+@pytest.mark.parametrize(
+    ("key", "address", "host", "said"),
+    [
+        # 192.0.2.1 (TEST-NET-1) is on no interface here.
+        (
+            "stats",
+            "192.0.2.1:8404",
+            "192.0.2.1",
+            "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
+            "no interface of this machine has that address",
+        ),
+        # A numeric zone resolves whatever it is: the bind is what fails. `run` said
+        # only "cannot listen: No such device" (check named it; session 19).
+        (
+            "wss",
+            "[fe80::10%4242]:8443",
+            "fe80::10%4242",
+            "listen.wss = '[fe80::10%4242]:8443': cannot listen: No such device; no interface "
+            "of this machine has index 4242; give the zone of the interface with that address "
+            "(`ip -6 addr`)",
+        ),
+    ],
+    ids=["address", "numeric-zone"],
+)
+def test_a_listen_address_no_interface_has_says_so(
+    key: str, address: str, host: str, said: str
+) -> None:
     from fleet_ingress.net.listener import ListenError, bind_errors_named, bind_tcp
 
-    # 192.0.2.1 (TEST-NET-1) is on no interface here: the bind fails, nothing is sent.
-    with pytest.raises(ListenError) as info, bind_errors_named("stats", "192.0.2.1:8404"):
-        bind_tcp("192.0.2.1", 0)
-    assert str(info.value) == (
-        "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
-        "no interface of this machine has that address"
-    )
-
-
-def test_a_listen_zone_given_as_a_number_no_interface_has_says_so():
-    """`run` said only "cannot listen: No such device" (check named it; session 19)."""
-    from fleet_ingress.net.listener import ListenError, bind_errors_named, bind_tcp
-
-    # A numeric zone resolves whatever it is: the bind is what fails, nothing is sent.
-    with pytest.raises(ListenError) as info, bind_errors_named("wss", "[fe80::10%4242]:8443"):
-        bind_tcp("fe80::10%4242", 0)
-    assert str(info.value) == (
-        "listen.wss = '[fe80::10%4242]:8443': cannot listen: No such device; no interface "
-        "of this machine has index 4242; give the zone of the interface with that address "
-        "(`ip -6 addr`)"
-    )
+    # The bind fails: nothing is sent.
+    with pytest.raises(ListenError) as info, bind_errors_named(key, address):
+        bind_tcp(host, 0)
+    assert str(info.value) == said
 
 
 # -- `reload`: the unit's ExecReload -------------------------------------------------------

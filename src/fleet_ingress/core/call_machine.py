@@ -447,8 +447,7 @@ class CallMachine:
             assert self.end_reason is not None
             self._emit(CallEnded(self.end_reason))
 
-    def _end_lost(self, side: Side, event: Event) -> None:
-        assert isinstance(event, (CarrierLost, FleetLost))
+    def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
         if self.end_reason is None and reason is EndReason.ERROR and event.why:
             self.error_text = f"{side.value}: {event.why}"

@@ -299,10 +299,7 @@ class HostSlots:
         queueing off, or past `max_queue` (the latest asked)."""
         self.paused = False
         answers = self.wake()
-        if self.queue_timeout <= 0:
-            bound, reason = 0, QUEUE_OFF
-        else:
-            bound, reason = self.max_queue, QUEUE_FULL
+        bound, reason = self._queue_bound()
         if len(self._queue) > bound:
             waiters = list(self._queue)
             self._queue = deque(waiters[:bound])
@@ -344,30 +341,30 @@ class HostSlots:
         row = self.row(worker)
         if lease in row.held or any(w.worker == worker and w.lease == lease for w in self._queue):
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
-        if self.paused:
-            # Queue, whatever the fleets and the queue's bounds say: the count
-            # is not complete yet, so whether a fleet has room is not known.
-            # Refused as queueing off or a full queue, calls were answered 503
-            # "at capacity" through an upgrade while fleets had room (the
-            # fuzzing of session 20); `resume` answers them.
-            self._queue.append(
-                _Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout)
-            )
-            return None
-        if not self._queue:  # FIFO: nobody overtakes a waiting call
-            pick = self.balancer.pick(avoid)
-            if pick.fleet is not None:
-                return self._grant(row, lease, pick.fleet)
-            if pick.verdict is Verdict.NO_FLEET_UP:
+        # While paused it queues whatever the fleets and the queue's bound say:
+        # the count is not complete, so whether a fleet has room is not known.
+        # Refused on the bound, calls got 503 "at capacity" through an upgrade
+        # while fleets had room (the fuzzing of session 20); `resume` answers them.
+        if not self.paused:
+            if not self._queue:  # FIFO: nobody overtakes a waiting call
+                pick = self.balancer.pick(avoid)
+                if pick.fleet is not None:
+                    return self._grant(row, lease, pick.fleet)
+                if pick.verdict is Verdict.NO_FLEET_UP:
+                    return Refused(worker, lease, self.balancer.none_up_reason())
+            elif not self.balancer.may_serve:
                 return Refused(worker, lease, self.balancer.none_up_reason())
-        elif not self.balancer.may_serve:
-            return Refused(worker, lease, self.balancer.none_up_reason())
-        if self.queue_timeout <= 0:
-            return Refused(worker, lease, QUEUE_OFF)
-        if len(self._queue) >= self.max_queue:
-            return Refused(worker, lease, QUEUE_FULL)
+            bound, reason = self._queue_bound()
+            if len(self._queue) >= bound:
+                return Refused(worker, lease, reason)
         self._queue.append(_Waiter(worker, lease, frozenset(avoid), now, now + self.queue_timeout))
         return None
+
+    def _queue_bound(self) -> tuple[int, str]:
+        """How many may wait, and the refusal past that: none with queueing off."""
+        if self.queue_timeout <= 0:
+            return 0, QUEUE_OFF
+        return self.max_queue, QUEUE_FULL
 
     def release(self, worker: WorkerKey, lease: int) -> list[Answer]:
         """Give lease `lease` back: its slot if held, its place if still

@@ -366,7 +366,7 @@ class CarrierProtocol(_Side):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.ctx.registry.connections.discard(self)
-        self.feed(CarrierLost(_lost_kind(exc), _lost_why(exc)))
+        self.feed(CarrierLost(*_lost(exc)))
         if self.call is None:
             # Protocol, transport, TLS state and timers point at each other: left
             # as cycles, every refused connection waits for the cyclic collector, whose
@@ -862,7 +862,7 @@ class FleetProtocol(_Side):
             return
         if self.exchange is not None and self.peer_side is not None:  # relaying an answer
             self._relay_progress(Progress.BODY_COMPLETE)
-        pump.feed(FleetLost(_lost_kind(exc), _lost_why(exc)))
+        pump.feed(FleetLost(*_lost(exc)))
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
         """Relay everything the fleet sent so far and what it sends from now on.
@@ -959,10 +959,13 @@ def _lost_kind(exc: Exception | None) -> Lost:
     return Lost.RESET if reset else Lost.ERROR
 
 
-def _lost_why(exc: Exception | None) -> str:
-    """What failed, as the access line's detail of a call ended by an error
-    (a bad TLS record, a renegotiation refused): OpenSSL's reason was lost."""
-    return "" if exc is None else str(exc) or type(exc).__name__
+def _lost(exc: Exception | None) -> tuple[Lost, str]:
+    """How a side's connection ended and, for an error (a bad TLS record, a
+    renegotiation refused), what failed: the access line's detail."""
+    how = _lost_kind(exc)
+    if how is not Lost.ERROR or exc is None:
+        return how, ""
+    return how, str(exc) or type(exc).__name__
 
 
 def _break_cycles(call: Call) -> None:

@@ -252,12 +252,8 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     from fleet_ingress.net.tls import TLSSetupError
     from fleet_ingress.service.listen_fds import COORDINATOR, ListenFdsError, adopt
 
-    # Upgrades are the supervisor's; `systemctl kill -s USR2` signals every
-    # process of the unit, and SIGUSR2's default action would end this one.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    # So are reloads (`_own_sighup`, in place once the loop runs): a SIGHUP to
-    # the unit's every process must not end a worker still starting.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR2 and SIGHUP are ignored since the process's first line
+    # (fleet_ingress/__main__.py, which the supervisor starts workers through).
     # First: every thread started after (the log writer's, the executor's) inherits it.
     pin_failed = _pin_to(cpu) if cpu is not None else None
     try:
