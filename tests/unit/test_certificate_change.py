@@ -7,6 +7,7 @@ import pytest
 from fleet_ingress.core.certificate_change import (
     CLOCK_SKEW,
     LeafFacts,
+    change_note,
     covers,
     renewal_problem,
 )
@@ -97,3 +98,29 @@ def test_the_certificate_in_use_again_is_never_refused_even_expired() -> None:
     assert renewal_problem(expired, expired, NOW) is None
     other_expired = leaf("calls.example.com", valid_from=NOW - 91 * DAY, valid_to=NOW - DAY)
     assert renewal_problem(other_expired, expired, NOW) is not None
+
+
+def test_a_reload_says_what_certificate_it_put_in_place() -> None:
+    """After a renewal `fleet-ingress reload` named no change at all."""
+    assert change_note(SERVING, SERVING) is None
+    assert change_note(None, SERVING) is None
+    renewed = leaf("calls.example.com", valid_to=NOW + 90 * DAY)
+    assert change_note(renewed, SERVING) == (
+        "new certificate for new handshakes: valid until 2027-04-15 08:00:00 UTC"
+        " (the one before: until 2027-03-16 08:00:00 UTC)"
+    )
+    moved = leaf("calls.example.com", "b.example.com", valid_to=NOW + 90 * DAY)
+    assert change_note(moved, SERVING) == (
+        "new certificate for new handshakes: valid until 2027-04-15 08:00:00 UTC"
+        " (the one before: until 2027-03-16 08:00:00 UTC),"
+        " for b.example.com, calls.example.com (was calls.example.com)"
+    )
+    # Issued in the same second for the same names: another certificate all the same.
+    reissued = LeafFacts(SERVING.not_before, SERVING.not_after, SERVING.names, "b2")
+    assert change_note(reissued, SERVING) == (
+        "new certificate for new handshakes: valid until 2027-03-16 08:00:00 UTC"
+    )
+    assert renewal_problem(reissued, SERVING, NOW) is None
+    assert change_note(renewed, None) == (
+        "new certificate for new handshakes: valid until 2027-04-15 08:00:00 UTC"
+    )

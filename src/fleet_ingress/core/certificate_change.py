@@ -28,6 +28,9 @@ class LeafFacts:
     not_before: float  # epoch seconds
     not_after: float
     names: frozenset[str]  # DNS names (lowercase, wildcards kept) and IP addresses it is for
+    # SHA-256 of its DER: a renewal issued within the same second, for the same
+    # names, is still another certificate.
+    fingerprint: str = ""
 
 
 def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> str | None:
@@ -53,6 +56,22 @@ def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> st
                 "while carriers move)"
             )
     return None
+
+
+def change_note(new: LeafFacts | None, serving: LeafFacts | None) -> str | None:
+    """What a reload that applies `new` says of the certificate, None when it is the
+    one in use: after a renewal `fleet-ingress reload` and the journal say so, with
+    the dates (and the names, when they moved), rather than "no fleet changes"."""
+    if new is None or new == serving:
+        return None
+    note = f"new certificate for new handshakes: valid until {_utc(new.not_after)}"
+    if serving is None:
+        return note
+    if new.not_after != serving.not_after:
+        note += f" (the one before: until {_utc(serving.not_after)})"
+    if new.names != serving.names:
+        note += f", for {_listed(new.names)} (was {_listed(serving.names)})"
+    return note
 
 
 def covers(pattern: str, name: str) -> bool:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from fleet_ingress.core.certificate_change import LeafFacts
 
@@ -209,6 +209,7 @@ def leaf_facts(cert: Path) -> LeafFacts:
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),
         names=frozenset(names),
+        fingerprint=leaf.fingerprint(hashes.SHA256()).hex(),
     )
 
 

@@ -21,7 +21,7 @@ from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSect
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import EndReason
-from fleet_ingress.core.certificate_change import LeafFacts, renewal_problem
+from fleet_ingress.core.certificate_change import LeafFacts, change_note, renewal_problem
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -401,6 +401,8 @@ class Ingress:
         config, specs, server_ssl, fleet_ssl, leaf = new
         # A worker's listeners and fleets are the supervisor's, which says what changed.
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
+        if not self.worker and (certificate := change_note(leaf, self.serving_leaf)):
+            notes.append(certificate)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
@@ -619,7 +621,12 @@ def serving_leaf_to_env(leaf: LeafFacts | None) -> str:
     if leaf is None:
         return ""
     return json.dumps(
-        {"not_before": leaf.not_before, "not_after": leaf.not_after, "names": sorted(leaf.names)}
+        {
+            "not_before": leaf.not_before,
+            "not_after": leaf.not_after,
+            "names": sorted(leaf.names),
+            "fingerprint": leaf.fingerprint,
+        }
     )
 
 
@@ -627,7 +634,10 @@ def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
     try:
         data = json.loads(value or "")
         return LeafFacts(
-            float(data["not_before"]), float(data["not_after"]), frozenset(data["names"])
+            float(data["not_before"]),
+            float(data["not_after"]),
+            frozenset(data["names"]),
+            str(data["fingerprint"]),
         )
     except (ValueError, KeyError, TypeError):
         return None

@@ -61,6 +61,7 @@ from typing import Any, TypeVar
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.certificate_change import change_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -1078,6 +1079,8 @@ class Supervisor:
             self.reloads["refused"] += 1
             raise
         notes = listener_notes(self.bound_listen, config) + self._pending_notes(config)
+        if certificate := change_note(leaf, self.serving_leaf):
+            notes.append(certificate)
         verified = self.config.fleets.verify
         self.config = config
         self.serving_leaf = leaf
