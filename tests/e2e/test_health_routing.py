@@ -340,7 +340,7 @@ async def test_a_kept_probe_connection_is_renewed_so_its_certificate_is_current(
     """The fleet's certificate expiry is noted at each probe connection's handshake
     (fleet_ingress_fleet_certificate_expiry_timestamp_seconds); a connection kept for
     days would keep a renewed fleet's old date and raise a false alarm. It is
-    replaced every RECONNECT_EVERY (an hour; here 0.6 s), probes at 0.2 s."""
+    replaced every RECONNECT_EVERY (ten minutes; here 0.6 s), probes at 0.2 s."""
     monkeypatch.setattr(poller_module, "RECONNECT_EVERY", 0.6)
     a, _ = sim_fleets
     ingress = await started(
