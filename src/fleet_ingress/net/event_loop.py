@@ -10,12 +10,24 @@ aiohappyeyeballs, with addresses it has resolved already): fleets given by IP
 failed their probes and went DOWN while the resolver hung (the
 stalled-dependencies audit of session 14). Here a numeric address is connected
 to directly (``tcp_connect.connect_socket``); anything else is uvloop's.
+
+And a name's lookups: every call to a fleet given by name asks getaddrinfo, and
+a lookup cannot be called back once libuv runs it. With the resolver hung (or
+slow) on one fleet's name, 20 calls' lookups of it held the two threads libuv
+gives lookups, queued behind them every other name's, and fleets whose names
+resolved at once failed their calls and their probes (the DNS audit of session
+21). Here lookups of the same name under way at once are one lookup, whose
+answer each caller gets (a caller that gives up leaves it to the others), and
+libuv's pool has 16 threads (8 for lookups) unless UV_THREADPOOL_SIZE says
+otherwise. Nothing is cached: the next lookup after an answer asks again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -28,8 +40,49 @@ from fleet_ingress.net.tcp_connect import connect_socket
 
 T = TypeVar("T")
 
+# libuv reads it at its pool's first use, once a process: set before any loop runs.
+THREADPOOL_SIZE = "16"
+
+_LookupKey = tuple[Any, Any, int, int, int, int]
+
 
 class IngressLoop(uvloop.Loop):
+    def __init__(self) -> None:
+        super().__init__()
+        self._lookups: dict[_LookupKey, asyncio.Future[list[Any]]] = {}
+
+    async def getaddrinfo(  # type: ignore[override]
+        self,
+        host: Any,
+        port: Any,
+        *,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+    ) -> list[Any]:
+        key = (host, port, family, type, proto, flags)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self.create_task(self._lookup(host, port, family, type, proto, flags))
+            self._lookups[key] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, key))
+        # A caller's timeout cancels its wait, not the lookup others wait on.
+        return list(await asyncio.shield(lookup))
+
+    async def _lookup(
+        self, host: Any, port: Any, family: int, type: int, proto: int, flags: int
+    ) -> list[Any]:
+        return await uvloop.Loop.getaddrinfo(
+            self, host, port, family=family, type=type, proto=proto, flags=flags
+        )
+
+    def _lookup_done(self, key: _LookupKey, lookup: asyncio.Future[list[Any]]) -> None:
+        if self._lookups.get(key) is lookup:
+            del self._lookups[key]
+        if not lookup.cancelled():
+            lookup.exception()  # every caller may have left: not "never retrieved"
+
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
         if (
             sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -43,6 +96,7 @@ class IngressLoop(uvloop.Loop):
 
 
 def new_event_loop() -> IngressLoop:
+    os.environ.setdefault("UV_THREADPOOL_SIZE", THREADPOOL_SIZE)
     loop = IngressLoop()
     loop.set_exception_handler(_exception_handler)
     return loop
