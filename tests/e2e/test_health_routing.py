@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import uvloop
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
@@ -340,7 +342,7 @@ async def test_a_kept_probe_connection_is_renewed_so_its_certificate_is_current(
     """The fleet's certificate expiry is noted at each probe connection's handshake
     (fleet_ingress_fleet_certificate_expiry_timestamp_seconds); a connection kept for
     days would keep a renewed fleet's old date and raise a false alarm. It is
-    replaced every RECONNECT_EVERY (ten minutes; here 0.6 s), probes at 0.2 s."""
+    replaced every RECONNECT_EVERY (a minute; here 0.6 s), probes at 0.2 s."""
     monkeypatch.setattr(poller_module, "RECONNECT_EVERY", 0.6)
     a, _ = sim_fleets
     ingress = await started(
@@ -595,3 +597,39 @@ async def test_a_probe_of_a_fleet_that_requires_a_client_certificate_says_it_may
         assert "client certificate" in result.reason, result
     finally:
         await runner.cleanup()
+
+
+async def test_a_fleet_whose_name_stops_resolving_goes_down_by_its_probe_on_a_new_connection(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, monkeypatch
+):
+    """A fleet given by name whose name stops resolving (its DNS record gone, or
+    this host's resolver failing): every call failed at once while the probe,
+    on its kept-alive connection, said UP for up to its renewal (the DNS audit
+    of session 21). A call's failed lookup now asks the probe for a new
+    connection, which resolves the name anew: the fleet goes DOWN naming why.
+    The failure is injected through socket.getaddrinfo, which asyncio's loop
+    (calls and aiohttp's probes alike) uses; uvloop's libuv cannot be patched."""
+    if isinstance(asyncio.get_running_loop(), uvloop.Loop):
+        pytest.skip("name resolution is injected through socket.getaddrinfo (asyncio's)")
+    a, _ = sim_fleets
+    ingress = await started(
+        start_ingress,
+        [f"https://localhost:{a.port} name=a"],
+        fleets={"check_interval": 0.3, "fall": 2, "rise": 2},
+    )
+    fleet_a = ingress.balancer.get("a")
+    assert fleet_a is not None and fleet_a.health is Health.UP
+    real = socket.getaddrinfo
+
+    def nxdomain(host, *args, **kwargs):
+        if host == "localhost":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", nxdomain)
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(wss_url(ingress, "/ws/one"), ssl=tls_files.client_context())
+    assert refused.value.response.status_code == 503
+    await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
+    assert fleet_a.last_probe is not None
+    assert fleet_a.last_probe.reason.startswith("name localhost does not resolve:")

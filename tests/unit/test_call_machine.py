@@ -295,6 +295,14 @@ FAILURES = {
         Failure.CONN_FAILURE,
         "Too many open files",
     ),
+    # The fleet's name did not resolve: the fleet's, but only a new probe
+    # connection is asked (this host's resolver may be what failed).
+    "name not resolved": (
+        [FleetConnectFailed("the fleet's name a.test did not resolve: x", unresolved=True)],
+        [CancelTimer(Timer.CONNECT)],
+        Failure.CONN_FAILURE,
+        "the fleet's name a.test did not resolve: x",
+    ),
     "connect timeout": (
         [TimerFired(Timer.CONNECT)],
         [],
@@ -350,7 +358,10 @@ def fail_attempt(pb: Playbook, fleet: FleetState, n: int, how: str) -> Playbook:
     if failure is Failure.CONN_FAILURE and not local:
         # On the slot it holds, first: counted if the fleet refused it; a timeout
         # (maybe this host's stall) only asks for a probe on a new connection.
-        refused = not any(isinstance(e, TimerFired) for e in events)
+        refused = not any(
+            isinstance(e, TimerFired) or (isinstance(e, FleetConnectFailed) and e.unresolved)
+            for e in events
+        )
         pb << FleetUnreachable(refused)
     return pb << ReleaseSlot() << LogAttemptFailed(fleet.name, n, failure, detail)
 

@@ -429,12 +429,14 @@ class CallMachineModel(RuleBasedStateMachine):
         self.feed(FleetConnected())
 
     @precondition(lambda self: self._attempt_phase("connecting") and self.attempt.task)
-    @rule(_gate=st.integers(0, 7), local=st.booleans())
-    def fleet_connect_failed(self, local, _gate=None):
+    @rule(_gate=st.integers(0, 7), kind=st.sampled_from(["fleet", "local", "unresolved"]))
+    def fleet_connect_failed(self, kind, _gate=None):
         if _gate is not None and _gate % self.rare:
             return
         self.attempt.task = False
-        self.feed(FleetConnectFailed("refused", local=local))
+        self.feed(
+            FleetConnectFailed("refused", local=kind == "local", unresolved=kind == "unresolved")
+        )
 
     @precondition(lambda self: self._attempt_phase("connected"))
     @rule(

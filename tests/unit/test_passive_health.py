@@ -41,7 +41,8 @@ def test_how_a_side_was_lost(exc, kind):
     [
         (OSError(errno.EMFILE, "Too many open files"), True),
         (OSError(errno.EADDRNOTAVAIL, "no local port"), True),
-        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), True),
+        # A name that does not resolve is the fleet's (FleetConnectFailed.unresolved).
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), False),
         (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), False),
         (ConnectionResetError(errno.ECONNRESET, "reset"), False),
         (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),

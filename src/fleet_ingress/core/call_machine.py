@@ -139,6 +139,10 @@ class FleetConnectFailed(Event):
     # This host's own failure (out of descriptors, memory or local ports), not
     # the fleet's: retried as any, and not held against the fleet's health.
     local: bool = False
+    # The fleet's name did not resolve: the fleet's failure as a timeout is (its
+    # probe opens a new connection, resolving the name anew, and tells), not a
+    # refusal counted toward DOWN: this host's resolver may be what failed.
+    unresolved: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,7 +552,10 @@ class CallMachine:
     def _connect_failed(self, event: Event) -> None:
         assert isinstance(event, FleetConnectFailed)
         self._emit(CancelTimer(Timer.CONNECT))
-        self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
+        if event.unresolved:
+            self._attempt_failed(Failure.CONN_FAILURE, event.detail, refused=False)
+        else:
+            self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
     def _connect_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)

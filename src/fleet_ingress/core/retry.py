@@ -30,7 +30,7 @@ GIVE_UP_ANSWER: dict[Failure, tuple[int, str]] = {
 
 def local_give_up_answer(detail: str) -> tuple[int, str]:
     """The answer when the last attempt failed for this host's own want
-    (descriptors, memory, local ports, name resolution): no fleet was at fault,
+    (descriptors, memory, local ports): no fleet was at fault,
     and the text says so rather than "no fleet could be reached"."""
     return 503, f"this ingress could not connect to a fleet: {detail}"
 

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -54,9 +55,10 @@ STARVED_SAID_EVERY = 30.0
 
 # A probe's kept-alive connection is replaced this often (seconds) even when it
 # works: the certificate it noted at its handshake is then at most this old (a
-# fleet's renewal clears its expiry alert within ten minutes; one handshake a
-# fleet per ten minutes costs nothing to speak of).
-RECONNECT_EVERY = 600.0
+# fleet's renewal clears its expiry alert within a minute), and a fleet given by
+# name that moved (its DNS record changed) is probed where its calls go within a
+# minute, not at the address it left. One handshake a fleet a minute.
+RECONNECT_EVERY = 60.0
 
 
 class _CertificateNotingConnector(aiohttp.TCPConnector):
@@ -119,6 +121,11 @@ async def probe_fleet(
     except aiohttp.ClientSSLError as exc:
         return failed(f"TLS error: {exc}")
     except aiohttp.ClientConnectorError as exc:
+        if isinstance(exc.os_error, socket.gaierror):
+            return failed(
+                f"name {spec.host} does not resolve: {exc.os_error.strerror or exc.os_error} "
+                "(check its DNS record and this host's resolver, or give the fleet's address)"
+            )
         reason = "refused" if isinstance(exc.os_error, ConnectionRefusedError) else "connect failed"
         return failed(f"{reason}: {exc.os_error.strerror or exc.os_error}")
     except aiohttp.ServerDisconnectedError:

@@ -595,8 +595,13 @@ class CarrierProtocol(_Side):
         except (OSError, ssl.SSLError) as exc:
             if self._task is asyncio.current_task():
                 self._task = None
-                detail = str(exc) or type(exc).__name__
-                self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
+                if isinstance(exc, socket.gaierror):
+                    why = exc.strerror or str(exc)
+                    detail = f"the fleet's name {spec.host} did not resolve: {why}"
+                    self.feed(FleetConnectFailed(detail, unresolved=True))
+                else:
+                    detail = str(exc) or type(exc).__name__
+                    self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
             return
         except asyncio.CancelledError:
             raise
@@ -932,8 +937,8 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 
 # A fleet connection that failed for want of this host's own resources: not
 # the fleet's failure (every fleet would be held for this host's trouble). A
-# name that does not resolve (socket.gaierror) is not held against it either:
-# this host's resolver may be what failed.
+# name that does not resolve (socket.gaierror) is the fleet's, as a timeout is
+# (FleetConnectFailed.unresolved): its probe, on a new connection, tells.
 _LOCAL_CONNECT_ERRNOS = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
 )
@@ -941,9 +946,7 @@ _LOCAL_CONNECT_ERRNOS = frozenset(
 
 def _this_hosts_failure(exc: OSError) -> bool:
     """A fleet connection that failed for this host's own want (descriptors,
-    memory, local ports, name resolution), not for the fleet's answer."""
-    if isinstance(exc, socket.gaierror):
-        return True
+    memory, local ports), not for the fleet's answer."""
     return not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
 
 
