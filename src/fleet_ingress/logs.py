@@ -147,6 +147,9 @@ LINES_HELD = 10_000
 FLUSH_WAIT = 2.0
 """Seconds a process waits at exit (or before an exec) for its held lines to be
 written; a stderr nobody reads would otherwise hold it for good."""
+DROPPED_SAID_EVERY = 10.0
+"""Seconds between two notices of lines dropped while lines still wait: a stream
+read, but slower than lines come, never empties the queue."""
 WRITE_AT_MOST = 4096
 """Bytes in one write at most (PIPE_BUF), whole lines but for a longer one: the
 supervisor and its workers share stderr, and a pipe keeps a write of up to
@@ -177,6 +180,10 @@ class StderrSink(logging.Handler):
         self._write_error: str | None = None
         self._lines: deque[str] = deque()
         self._writing = False
+        self._dropped_said_at = time.monotonic()
+        # The last write that failed stopped inside a line (a full disk took part
+        # of it): the next one ends that fragment first, not glued to a new line.
+        self._line_open = False
         self._changed = threading.Condition()
         self._writer = threading.Thread(target=self._write_forever, name="log-writer", daemon=True)
         # Started with every signal blocked, which it keeps: a signal must reach
@@ -218,14 +225,17 @@ class StderrSink(logging.Handler):
             with self._changed:
                 self._changed.wait_for(lambda: bool(self._lines))
                 batch = self._take_batch()
-                unsaid = 0 if self._lines else self.dropped - self._dropped_said
+                now = time.monotonic()
+                say = not self._lines or now - self._dropped_said_at >= DROPPED_SAID_EVERY
+                unsaid = self.dropped - self._dropped_said if say else 0
+                if unsaid:
+                    self._dropped_said_at = now
                 self._dropped_said += unsaid
                 self._writing = True
             lost, unsaid_still = len(batch), unsaid
             try:
-                if self._write(b"".join(batch)):
-                    lost = 0
-                if unsaid and self._write(self._dropped_line(unsaid)):
+                lost = self._write(b"".join(batch))
+                if unsaid and self._write(self._dropped_line(unsaid)) == 0:
                     unsaid_still = 0
                     self._write_error = None  # said
             except Exception:  # a bug here must not end the writing for good
@@ -266,28 +276,36 @@ class StderrSink(logging.Handler):
             line = f"{self.DROPPED} dropped={count}"
         return line.encode("utf-8", "backslashreplace") + b"\n"
 
-    def _write(self, data: bytes) -> bool:
-        """Write all of `data`, waiting as long as the stream makes us; False if
-        it could not be (no stream, or its reader has gone)."""
+    def _write(self, data: bytes) -> int:
+        """Write all of `data` (whole lines), waiting as long as the stream makes
+        us; how many of its lines were not written whole (no stream, its reader
+        gone, a full disk), 0 when all were."""
         try:
             fd = self.stream.fileno()
         except (AttributeError, ValueError, OSError):  # None (started 2>&-), closed, a StringIO
             fd = None
+        pending = (b"\n" if self._line_open else b"") + data
         try:
             if fd is None:
                 self.stream.write(data.decode("utf-8"))
                 self.stream.flush()
-                return True
-            while data:
+                return 0
+            while pending:
                 try:
-                    data = data[os.write(fd, data) :]
+                    written = os.write(fd, pending)
                 except BlockingIOError:  # someone made the shared stream non-blocking
                     select.select([], [fd], [], 1.0)
+                    continue
+                if written:
+                    self._line_open = pending[written - 1] != 0x0A
+                pending = pending[written:]
         except (AttributeError, OSError, ValueError) as exc:
             # Said with the count of lines dropped (a full disk: ENOSPC).
             self._write_error = getattr(exc, "strerror", None) or type(exc).__name__
-            return False
-        return True
+            # Each line not written whole still has its newline in `pending`;
+            # the one ending a torn fragment, if still there, is no line.
+            return pending.count(b"\n") - (len(pending) > len(data))
+        return 0
 
     def waiting(self) -> int:
         """Lines queued and not yet written."""

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from fleet_ingress import logs
 from fleet_ingress.logs import (
     JsonFormatter,
     RateLimitedLog,
@@ -392,3 +395,79 @@ def test_uvloops_complaint_about_a_tls_connection_it_closed_is_not_an_error(capl
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+def test_lines_dropped_are_said_every_while_lines_still_wait(unread_pipe, monkeypatch):
+    """A stream read, but slower than lines come, never empties the queue: the
+    notice of lines dropped waited for it to, and said nothing while the drops
+    went on (the log sinks audit of session 21). Now at most DROPPED_SAID_EVERY
+    after the last, lines waiting or not."""
+    monkeypatch.setattr(logs, "DROPPED_SAID_EVERY", 0.0)
+    read_end, stream = unread_pipe
+    sink = StderrSink(stream, capacity=50)
+    logger = _sink_logger(sink, "test.sink.slow")
+    for i in range(500):
+        logger.info("call ended", extra=fields(n=i, pad="x" * 200))
+    written = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not sink.flush(timeout=0.05):
+        written += _read_all(read_end)
+    written += _read_all(read_end)
+    events = [e["event"] for e in written]
+    said = events.index(StderrSink.DROPPED)
+    assert "call ended" in events[said + 1 :], "said only once nothing waited"
+    dropped = sum(e["dropped"] for e in written if e["event"] == StderrSink.DROPPED)
+    assert dropped == sink.dropped == 500 - events.count("call ended")
+
+
+_TORN_BY_A_FULL_DISK = """
+import logging, os, resource, signal, sys
+from fleet_ingress.logs import JsonFormatter, StderrSink, fields
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit: EFBIG, not the end
+path = sys.argv[1]
+with open(path, "w") as stream:
+    sink = StderrSink(stream)
+    sink.setFormatter(JsonFormatter())
+    log = logging.getLogger("torn")
+    log.handlers[:] = [sink]
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # the disk fills at 1000 bytes
+    for i in range(8):
+        log.info("call ended", extra=fields(n=i, pad="x" * 200))
+    assert sink.flush(timeout=5)
+    before = sink.dropped
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space again
+    log.info("call ended", extra=fields(n=8))
+    assert sink.flush(timeout=5)
+    print(before, sink.dropped)
+"""
+
+
+def test_a_line_a_full_disk_took_part_of_is_ended_not_glued_to_the_next(tmp_path: Path):
+    """A write that the disk took only part of (ENOSPC, here EFBIG past
+    RLIMIT_FSIZE in a process of its own) left a fragment the next line was
+    glued to, spoiling both, and counted the batch's written lines as dropped."""
+    path = tmp_path / "stderr.log"
+    done = subprocess.run(
+        [sys.executable, "-c", _TORN_BY_A_FULL_DISK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    before, after = map(int, done.stdout.split())
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # ends with a whole line
+    whole = [
+        json.loads(line) for line in lines[:-1] if line.startswith(b"{") and line.endswith(b"}")
+    ]
+    fragments = [line for line in lines[:-1] if not (line.startswith(b"{") and line.endswith(b"}"))]
+    assert len(fragments) == 1  # the line the disk took part of, ended by itself
+    ended = [e["n"] for e in whole if e["event"] == "call ended"]
+    assert ended[-1] == 8 and ended[:-1] == list(range(len(ended) - 1))
+    assert before == 8 - len(ended[:-1])  # only the lines not written whole
+    said = [e for e in whole if e["event"] == StderrSink.DROPPED]
+    assert said and said[0]["dropped"] == before and after == before
