@@ -1188,7 +1188,7 @@ async def test_a_sighup_as_the_trial_run_ends_is_applied_after_the_exec(
     _inject(
         src,
         "service/worker.py",
-        "        try:\n            config = None\n            if handed is not None:",
+        "        try:\n            config = pem = None\n            if handed is not None:",
         "        await asyncio.sleep(1.0)\n",
     )
     _new_generation_dies(src)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import ssl
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -66,8 +69,17 @@ PROFILES = {
 
 
 def server_ssl_context(
-    cert: Path, key: Path, min_version: str = "TLSv1.2", profile: str = "intermediate"
+    cert: Path,
+    key: Path,
+    min_version: str = "TLSv1.2",
+    profile: str = "intermediate",
+    *,
+    named: tuple[Path, Path] | None = None,
 ) -> ssl.SSLContext:
+    """The carrier listener's context from the files `cert` and `key`; `named`: the
+    files the messages name when `cert` and `key` hold what was read from them
+    (`server_ssl_context_of`)."""
+    cert_name, key_name = named or (cert, key)
     if min_version not in _VERSIONS:
         raise TLSSetupError(f"TLS minimum version {min_version!r}: the floor is TLSv1.2")
     if profile not in PROFILES:
@@ -92,22 +104,104 @@ def server_ssl_context(
     except OSError as exc:
         # ssl.SSLError is an OSError too; only KEY_VALUES_MISMATCH means "both fine, not a pair".
         if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
-            if misordered := _misordered(cert, key):
-                raise TLSSetupError(f"certificate {cert} {misordered}") from None
+            if misordered := _misordered(cert, key, key_name):
+                raise TLSSetupError(f"certificate {cert_name} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
         elif isinstance(exc, ssl.SSLError):
-            problem = f"cannot be read: {_pem_problem(cert, key)}"
+            problem = f"cannot be read: {_pem_problem(cert, key, cert_name, key_name)}"
         else:
-            unreadable = ", ".join(str(p) for p in (cert, key) if not os.access(p, os.R_OK))
-            problem = f"cannot be read: {exc.strerror} ({unreadable or cert})"
-        raise TLSSetupError(f"certificate {cert} and key {key} {problem}") from None
+            unreadable = ", ".join(
+                str(n) for p, n in ((cert, cert_name), (key, key_name)) if not os.access(p, os.R_OK)
+            )
+            problem = f"cannot be read: {exc.strerror} ({unreadable or cert_name})"
+        raise TLSSetupError(f"certificate {cert_name} and key {key_name} {problem}") from None
     return ctx
 
 
-def _pem_problem(cert: Path, key: Path) -> str:
-    """Which of the two OpenSSL could not take, from what each file holds."""
+class CarrierPem(NamedTuple):
+    """The carrier certificate chain and key, as read once from tls.cert and
+    tls.key: what is checked is what is served, and what the supervisor hands
+    the workers it starts (`held_pem`), whatever the files hold since."""
+
+    cert: bytes
+    key: bytes
+
+
+def read_pem(cert: Path, key: Path) -> CarrierPem:
+    """The bytes of `cert` and `key`; TLSSetupError naming the one unreadable."""
     try:
-        cert_text, key_text = cert.read_bytes(), key.read_bytes()
+        return CarrierPem(cert.read_bytes(), key.read_bytes())
+    except OSError as exc:
+        raise TLSSetupError(
+            f"certificate {cert} and key {key} cannot be read: {exc.strerror} ({exc.filename})"
+        ) from None
+
+
+# What a held memfd may no longer do: change size or content, or lose these seals.
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def memfd_of(data: bytes, name: str) -> int:
+    """A sealed memfd (close-on-exec, mode 0600: key material) holding `data`;
+    its path for OpenSSL is /proc/self/fd/N (each open reads from the start)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_path(fd: int) -> Path:
+    return Path(f"/proc/self/fd/{fd}")
+
+
+def held_pem(pem: CarrierPem) -> tuple[int, int]:
+    """`pem` in two sealed memfds (certificate, key), for a worker to load
+    (`pem_from_fds`); the caller closes them."""
+    cert_fd = memfd_of(pem.cert, "fleet-ingress tls.cert")
+    try:
+        return cert_fd, memfd_of(pem.key, "fleet-ingress tls.key")
+    except BaseException:
+        os.close(cert_fd)
+        raise
+
+
+def pem_from_fds(cert_fd: int, key_fd: int) -> CarrierPem:
+    """What `held_pem`'s memfds hold (from their start, whatever their offset)."""
+    return CarrierPem(fd_path(cert_fd).read_bytes(), fd_path(key_fd).read_bytes())
+
+
+def server_ssl_context_of(
+    pem: CarrierPem,
+    cert: Path,
+    key: Path,
+    min_version: str = "TLSv1.2",
+    profile: str = "intermediate",
+) -> ssl.SSLContext:
+    """`server_ssl_context` loaded from `pem` (read from `cert` and `key`, which
+    messages name), not from the files again."""
+    fds = held_pem(pem)
+    try:
+        return server_ssl_context(
+            fd_path(fds[0]), fd_path(fds[1]), min_version, profile, named=(cert, key)
+        )
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _pem_problem(cert_path: Path, key_path: Path, cert: Path, key: Path) -> str:
+    """Which of the two OpenSSL could not take, from what each holds (read from
+    `cert_path` and `key_path`; the messages name `cert` and `key`)."""
+    try:
+        cert_text, key_text = cert_path.read_bytes(), key_path.read_bytes()
     except OSError:
         return "each must be PEM, and the key not encrypted"
     if b"ENCRYPTED" in key_text:
@@ -192,6 +286,11 @@ def leaf_facts(cert: Path) -> LeafFacts:
         data = cert.read_bytes()
     except OSError as exc:
         raise TLSSetupError(f"certificate {cert} cannot be read: {exc.strerror}") from None
+    return leaf_facts_of(data, cert)
+
+
+def leaf_facts_of(data: bytes, cert: Path) -> LeafFacts:
+    """`leaf_facts` of `data`, read from `cert` (which messages name)."""
     try:
         leaf = x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -307,9 +406,10 @@ def _empty_trust_store() -> str | None:
     return f"no {cafile}, no certificate in {capath}"
 
 
-def _misordered(cert: Path, key: Path) -> str | None:
+def _misordered(cert: Path, key: Path, key_name: Path | None = None) -> str | None:
     """When the key belongs to a certificate other than the first: say so, rather
-    than "do not match" (OpenSSL pairs the key with the first certificate only)."""
+    than "do not match" (OpenSSL pairs the key with the first certificate only).
+    `key_name`: the file messages name (`key` when None)."""
     try:
         chain = x509.load_pem_x509_certificates(cert.read_bytes())
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
@@ -321,8 +421,8 @@ def _misordered(cert: Path, key: Path) -> str | None:
     if not found or found[0] == 0:
         return None
     return (
-        f"has its certificates in the wrong order: the key {key} belongs to certificate "
-        f"{found[0] + 1} of {len(chain)} ({_name(chain[found[0]])}), and the server's "
+        f"has its certificates in the wrong order: the key {key_name or key} belongs to "
+        f"certificate {found[0] + 1} of {len(chain)} ({_name(chain[found[0]])}), and the server's "
         f"certificate must come first, then each issuer ({_FULLCHAIN_HINT})"
     )
 

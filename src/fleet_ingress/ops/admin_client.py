@@ -19,7 +19,6 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
-    worker_not_started,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -280,8 +279,6 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(_workers_lines(workers))
         if (replaced := workers_replaced(snap)) is not None:
             lines.append(replaced)
-        if (held := worker_not_started(snap)) is not None:
-            lines.append(held)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)

@@ -69,11 +69,3 @@ def workers_replaced(snap: dict[str, Any]) -> str | None:
         f"workers replaced since start: {why}; "
         f"{'1 call' if lost == 1 else f'{lost} calls'} lost with them"
     )
-
-
-def worker_not_started(snap: dict[str, Any]) -> str | None:
-    """One line while a worker is held back from starting, and why."""
-    why = snap.get("worker_start_blocked")
-    if not why:
-        return None
-    return f"A WORKER IS NOT STARTED (the host serves with one fewer): {why}; fix it and reload"

@@ -15,7 +15,6 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
-    worker_not_started,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -63,7 +62,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     workers = snap.get("workers")
     if workers is None:
         return ""
-    replaced, held = workers_replaced(snap), worker_not_started(snap)
+    replaced = workers_replaced(snap)
     rows = []
     for w in workers:
         started = (
@@ -92,7 +91,6 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + ("".join(rows) or '<tr><td class="l" colspan="8">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
-        + (f'<p class="stopping" id="held">{escape(held)}</p>\n' if held else "")
     )
 
 

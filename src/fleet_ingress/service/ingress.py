@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import json
 import logging
+import os
 import resource
 import socket
 import ssl
@@ -49,11 +52,16 @@ from fleet_ingress.net.proxy import (
     refused_log,
 )
 from fleet_ingress.net.tls import (
+    CarrierPem,
     TLSSetupError,
     chain_problem,
     fleet_ssl_context,
     leaf_facts,
+    leaf_facts_of,
+    pem_from_fds,
+    read_pem,
     server_ssl_context,
+    server_ssl_context_of,
 )
 from fleet_ingress.ops.fleet_ops import FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
@@ -90,11 +98,14 @@ class Ingress:
         health_checks: bool = True,
         leases: SlotSource | None = None,
         sockets: Mapping[str, socket.socket] | None = None,
+        pem: CarrierPem | None = None,
     ) -> None:
         """`health_checks=False` counts every fleet as UP and probes none
         (tests of the call path alone; never what `run` does). `sockets`:
         listening sockets already bound, by config key (`listen.wss`,
-        `listen.acme`), used instead of binding."""
+        `listen.acme`), used instead of binding. `pem`: the certificate and
+        key to serve, read from tls.cert and tls.key already (a worker's: the
+        ones the supervisor serves), not the files."""
         self.worker = leases is not None
         if self.worker:
             health_checks = False  # the supervisor probes, once for the host
@@ -104,7 +115,7 @@ class Ingress:
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
                 raise ValueError("tls.cert and tls.key must be set to serve the carrier listener")
-            server_ssl = carrier_ssl_context(config)
+            server_ssl = carrier_ssl_context(config, pem)
         if fleet_ssl is None:
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
@@ -148,7 +159,7 @@ class Ingress:
         self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
         # The certificate served now (None: unreadable, shown as unknown; `check`
         # names why): what a reload's certificate is judged against.
-        self.serving_leaf = serving_leaf(config)
+        self.serving_leaf = serving_leaf(config, pem)
         self.reloads: Counter[str] = Counter()  # "applied" / "refused"
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
         # One reload at a time, read and apply together: two asked close together
@@ -366,7 +377,12 @@ class Ingress:
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
         )
 
-    async def reload(self, config_path: Path, config: IngressConfig | None = None) -> str:
+    async def reload(
+        self,
+        config_path: Path,
+        config: IngressConfig | None = None,
+        pem: CarrierPem | None = None,
+    ) -> str:
         """Reload configuration, fleets file and certificate in place.
 
         Everything is read and validated first; any error refuses the whole
@@ -374,17 +390,21 @@ class Ingress:
         Established calls are never touched: they keep the context they
         started with. Reloads apply in the order asked. `config`: the
         configuration to apply, read and checked already (a worker's, sent by
-        the supervisor with its `reload`); `config_path` is then not read."""
+        the supervisor with its `reload`); `config_path` is then not read.
+        `pem`: the certificate and key to serve, likewise (its tls.cert and
+        tls.key are then not read)."""
         async with self._reload_lock:
             try:
-                changes = await self._reload(config_path, config)
+                changes = await self._reload(config_path, config, pem)
             except ReloadRefused as exc:
                 self.last_reload = reload_outcome(str(exc))
                 raise
             self.last_reload = reload_outcome(None, changes)
             return changes
 
-    async def _reload(self, config_path: Path, given: IngressConfig | None) -> str:
+    async def _reload(
+        self, config_path: Path, given: IngressConfig | None, pem: CarrierPem | None
+    ) -> str:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
             # fleets' TLS context reads the system's trust store (20 ms measured).
@@ -394,11 +414,12 @@ class Ingress:
                 fleets=not self.worker,
                 serving=self.serving_leaf,
                 config=given,
+                pem=pem,
             )
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
-        config, specs, server_ssl, fleet_ssl, leaf = new
+        config, specs, server_ssl, fleet_ssl, leaf, _ = new
         # A worker's listeners and fleets are the supervisor's, which says what changed.
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
         if not self.worker and (certificate := change_note(leaf, self.serving_leaf)):
@@ -532,6 +553,7 @@ class ReadReload(NamedTuple):
     server_ssl: ssl.SSLContext
     fleet_ssl: ssl.SSLContext
     leaf: LeafFacts  # the carrier listener's certificate
+    pem: CarrierPem  # its chain and key, as read and checked (what workers get)
 
 
 # How many times a reload reads its files while operators' fleet changes keep
@@ -546,6 +568,7 @@ async def read_reload_settled(
     fleets: bool = True,
     serving: LeafFacts | None = None,
     config: IngressConfig | None = None,
+    pem: CarrierPem | None = None,
 ) -> ReadReload:
     """`read_reload` off the loop, read again when an operator's fleet change
     wrote the fleets file meanwhile: applying what was read before it undid
@@ -554,7 +577,7 @@ async def read_reload_settled(
     file but not running). A few times at most; what is applied is read after
     the last change seen."""
     read = functools.partial(
-        read_reload, config_path, fleets=fleets, serving=serving, config=config
+        read_reload, config_path, fleets=fleets, serving=serving, config=config, pem=pem
     )
     for _ in range(RELOAD_READS - 1):
         writes = ops.file_writes
@@ -570,13 +593,17 @@ def read_reload(
     fleets: bool = True,
     serving: LeafFacts | None = None,
     config: IngressConfig | None = None,
+    pem: CarrierPem | None = None,
 ) -> ReadReload:
     """Read and check everything a reload applies, before applying any of it:
     config (from `config_path`, unless `config` is given: a worker applies the
     one the supervisor read and checked, not the file, which may have changed
     since), fleets file (unless `fleets` is false: a worker's are the
     supervisor's), certificate (against `serving`, the one carriers get now:
-    core/certificate_change.py). Any problem raises ReloadRefused, naming it."""
+    core/certificate_change.py), read once: what is checked is what is loaded
+    (`pem`, when given: the certificate and key the supervisor read and checked,
+    handed to a worker with `config`; the files are then not read). Any problem
+    raises ReloadRefused, naming it."""
     try:
         if config is None:
             config = load_config(config_path)
@@ -589,8 +616,10 @@ def read_reload(
                 raise ReloadRefused(f"{config.fleets.file}: no fleets listed")
         if config.tls.cert is None or config.tls.key is None:
             raise ReloadRefused("tls.cert and tls.key must be set")
-        server_ssl = carrier_ssl_context(config)
-        leaf = leaf_facts(config.tls.cert)
+        if pem is None:
+            pem = read_pem(config.tls.cert, config.tls.key)
+        server_ssl = carrier_ssl_context(config, pem)
+        leaf = leaf_facts_of(pem.cert, config.tls.cert)
         if problem := renewal_problem(leaf, serving, time.time()):
             raise ReloadRefused(
                 f"tls.cert: {config.tls.cert} {problem}; the certificate in use stays"
@@ -598,14 +627,15 @@ def read_reload(
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
     except (ConfigError, FleetsFileError, TLSSetupError, ReloadRefused) as exc:
         raise ReloadRefused(str(exc)) from None
-    return ReadReload(config, specs, server_ssl, fleet_ssl, leaf)
+    return ReadReload(config, specs, server_ssl, fleet_ssl, leaf, pem)
 
 
 def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> str | None:
     """Why the certificate `config` names on disk must not be served in place of
-    `serving` (the one the supervisor serves: a reload refused it), or None. For a
-    process that would read it without a reload: a worker started to replace
-    another, and the image an upgrade starts."""
+    `serving` (the one the supervisor serves: a reload refused it), or None. For
+    the image an upgrade starts, which reads it without a reload, and a worker a
+    supervisor of an older release starts (this release's supervisor hands its
+    workers the certificate it serves: SERVING_PEM_ENV)."""
     if serving is None or config.tls.cert is None:
         return None
     try:
@@ -616,21 +646,47 @@ def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> s
     return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
 
 
-def serving_leaf_to_env(leaf: LeafFacts | None) -> str:
-    """`serving` for a worker's environment (SERVING_CERTIFICATE_ENV)."""
-    if leaf is None:
-        return ""
-    return json.dumps(
-        {
-            "not_before": leaf.not_before,
-            "not_after": leaf.not_after,
-            "names": sorted(leaf.names),
-            "fingerprint": leaf.fingerprint,
-        }
-    )
+def read_carrier_pem(config: IngressConfig) -> CarrierPem:
+    """tls.cert and tls.key, read once (`carrier_ssl_context` loads them)."""
+    tls = config.tls
+    if tls.cert is None or tls.key is None:
+        raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
+    return read_pem(tls.cert, tls.key)
+
+
+def pem_to_json(pem: CarrierPem) -> dict[str, str]:
+    """`pem` for a worker's `reload` message (`pem_from_json`)."""
+    return {"cert": base64.b64encode(pem.cert).decode(), "key": base64.b64encode(pem.key).decode()}
+
+
+def pem_from_json(value: Any) -> CarrierPem:
+    """ValueError when `value` is not what `pem_to_json` makes."""
+    try:
+        return CarrierPem(
+            base64.b64decode(value["cert"], validate=True),
+            base64.b64decode(value["key"], validate=True),
+        )
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"not a certificate and key: {exc}") from None
+
+
+def pem_from_env(value: str | None) -> CarrierPem | None:
+    """The certificate and key in the memfds SERVING_PEM_ENV names (closed once
+    read); None when it names none (a worker started by hand, or by a supervisor
+    older than it: it reads the files). OSError or ValueError when unusable."""
+    if not value:
+        return None
+    cert_fd, key_fd = (int(fd) for fd in value.split(","))
+    try:
+        return pem_from_fds(cert_fd, key_fd)
+    finally:
+        for fd in (cert_fd, key_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
+    """SERVING_CERTIFICATE_ENV's certificate, or None."""
     try:
         data = json.loads(value or "")
         return LeafFacts(
@@ -643,19 +699,29 @@ def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
         return None
 
 
-# Set by the supervisor for a worker it starts: the certificate it serves (JSON).
+# Set by a supervisor of an older release for a worker it starts, which then
+# reads the certificate files: the certificate it serves (JSON), which one on
+# disk a reload refused must not replace (`certificate_not_taken`).
 SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
+# Set by the supervisor for a worker it starts: the two fds ("cert,key") of the
+# sealed memfds holding the certificate chain and key it serves, read and
+# checked once (a reload's, or at its start): the files may hold since a renewal
+# a reload refused, half written, a key not the certificate's, or nothing.
+SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
 # And the configuration it runs (`config_to_json`): the file may hold an edit not
 # reloaded yet, or one a reload refused, which a worker started now must not run.
 RUNNING_CONFIG_ENV = "INGRESS_RUNNING_CONFIG"
 
 
-def serving_leaf(config: IngressConfig) -> LeafFacts | None:
-    """The certificate loaded at start, as a reload judges its successor; None when
-    it cannot be read (a reload's then judged on its own)."""
+def serving_leaf(config: IngressConfig, pem: CarrierPem | None = None) -> LeafFacts | None:
+    """The certificate loaded at start (`pem`, when it was loaded from bytes read
+    already), as a reload judges its successor; None when it cannot be read (a
+    reload's then judged on its own)."""
     if config.tls.cert is None:
         return None
     with contextlib.suppress(TLSSetupError):
+        if pem is not None:
+            return leaf_facts_of(pem.cert, config.tls.cert)
         return leaf_facts(config.tls.cert)
     return None
 
@@ -688,11 +754,15 @@ def probe_settings(config: IngressConfig) -> ProbeSettings:
     )
 
 
-def carrier_ssl_context(config: IngressConfig) -> ssl.SSLContext:
-    """The carrier listener's TLS context, from `[tls]`; TLSSetupError if it cannot load."""
+def carrier_ssl_context(config: IngressConfig, pem: CarrierPem | None = None) -> ssl.SSLContext:
+    """The carrier listener's TLS context, from `[tls]`; TLSSetupError if it cannot load.
+    `pem`: the certificate and key read from tls.cert and tls.key already (then
+    loaded, not the files)."""
     tls = config.tls
     if tls.cert is None or tls.key is None:
         raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
+    if pem is not None:
+        return server_ssl_context_of(pem, tls.cert, tls.key, tls.min_version, tls.profile)
     return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
 
 

@@ -72,7 +72,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import fleet_ssl_context
+from fleet_ingress.net.tls import fleet_ssl_context, held_pem
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import (
@@ -93,15 +93,15 @@ from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
-    SERVING_CERTIFICATE_ENV,
+    SERVING_PEM_ENV,
     ReloadRefused,
     carrier_ssl_context,
-    certificate_not_taken,
     listener_notes,
+    pem_to_json,
     probe_settings,
+    read_carrier_pem,
     read_reload_settled,
     serving_leaf,
-    serving_leaf_to_env,
     warn_about_chain,
 )
 from fleet_ingress.service.lifecycle import (
@@ -134,10 +134,6 @@ LOST_CHANNEL_CONFIRM = 0.5
 # A worker that dies sooner than this after its start is replaced after a delay
 # that doubles each time (a crash loop must not spin a core); else at once.
 QUICK_DEATH = 5.0
-# A replacement held back by a certificate not taken: its file is read again this
-# often (seconds), beside each applied reload.
-CERTIFICATE_RECHECK = 60.0
-NOT_STARTED_STATUS = "; A WORKER IS NOT STARTED: see `fleet-ingress stat`"
 RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
@@ -165,8 +161,13 @@ class Supervisor:
         started (STARTS_SETTLE; tests shorten it)."""
         self.config = config
         self.config_path = config_path.absolute()  # workers read it too
-        # A certificate that cannot load fails `run` here, not in workers.
-        carrier_ssl_context(config)
+        # A certificate that cannot load fails `run` here, not in workers. Read
+        # once: what is checked here is what every worker started is handed
+        # (`_start_worker`), whatever the files hold by then.
+        pem = read_carrier_pem(config)
+        carrier_ssl_context(config, pem)
+        self.serving_pem = pem  # the certificate and key served now
+        self._pem_fds = held_pem(pem)  # the same, in sealed memfds for workers
         self.fleet_set = FleetSet.from_specs(
             fleets, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
         )
@@ -185,12 +186,9 @@ class Supervisor:
         self.server = SlotServer(self.slots, view=self.view)
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
-        self.serving_leaf = serving_leaf(config)  # what a reload's certificate is judged against
+        self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
-        # Set (and replaced) at each applied reload: a replacement held back waits on it.
-        self._reload_applied = asyncio.Event()
-        self.worker_start_blocked: str | None = None  # why a replacement waits (stat)
         self.reloads: Counter[str] = Counter()
         # process.worker_hang_timeout as read at start (the report puller's pace).
         self.hang_timeout = config.process.worker_hang_timeout
@@ -425,13 +423,20 @@ class Supervisor:
         env = handover_env(socks)
         for name in _NOT_FOR_WORKERS:
             env.pop(name, None)
-        # A worker reads the certificate file itself: one a reload refused (it
-        # may be on disk since) must not be served by a worker started now.
-        env[SERVING_CERTIFICATE_ENV] = serving_leaf_to_env(self.serving_leaf)
-        # Nor the configuration file, which may hold an edit not reloaded (a worker
-        # started now would route by it alone) or one refused (it could not start).
+        # A worker does not read the configuration file, which may hold an edit
+        # not reloaded (a worker started now would route by it alone) or one
+        # refused (it could not start).
         env[RUNNING_CONFIG_ENV] = config_to_json(self.config)
+        pem_fds: list[int] = []
         try:
+            # Nor the certificate files, which may hold one a reload refused, a
+            # renewal half written, a key not of the certificate, nothing: a worker
+            # started now (a replacement) loads the certificate and key served
+            # now, from the sealed memfds they were checked from. Its own copies:
+            # a reload applied meanwhile closes the host's.
+            for fd in self._pem_fds:
+                pem_fds.append(os.dup(fd))
+            env[SERVING_PEM_ENV] = ",".join(map(str, pem_fds))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -442,7 +447,7 @@ class Supervisor:
                 "--generation",
                 str(generation),
                 *(() if cpu is None else ("--cpu", str(cpu))),
-                pass_fds=pass_fds(socks),
+                pass_fds=(*pass_fds(socks), *pem_fds),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -451,6 +456,8 @@ class Supervisor:
             raise
         finally:
             theirs.close()  # the worker's now; its end closing is how we see it die
+            for fd in pem_fds:
+                os.close(fd)
         # Named from the start: its channel goes over an upgrade's exec even
         # before its hello is read.
         try:
@@ -470,32 +477,6 @@ class Supervisor:
             if self._reload_round is not None:
                 self._reload_round[worker.pid] = reloading
         return worker
-
-    async def _certificate_takeable(self) -> None:
-        """Before a worker is started to replace one: it reads the certificate file
-        itself, and one not taken in place of the one in use (a reload refused it,
-        or it was written since) must not be served by it. Wait, with one log line
-        and `stat` saying so, for a reload that applies (or the file fixed)."""
-        while not self.stopping:
-            problem = await asyncio.to_thread(self._certificate_on_disk_problem)
-            if problem is None:
-                break
-            if problem != self.worker_start_blocked:
-                log.error(
-                    "a worker is not started: the certificate on disk is not taken in place "
-                    "of the one in use; fix it and reload (the host serves with a worker "
-                    "fewer until then)",
-                    extra=fields(error=problem),
-                )
-            self.worker_start_blocked = problem
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_applied.wait(), CERTIFICATE_RECHECK)
-        self.worker_start_blocked = None
-
-    def _certificate_on_disk_problem(self) -> str | None:
-        # The certificate file the worker will read: its configuration is the
-        # one handed to it (this process's), not the file's (RUNNING_CONFIG_ENV).
-        return certificate_not_taken(self.config, self.serving_leaf)
 
     def _cpu_for(self, generation: int) -> int | None:
         """process.cpu_affinity = "auto": the CPU for a new worker of
@@ -767,7 +748,6 @@ class Supervisor:
         a generation an upgrade retired meanwhile), if it still lacks one."""
         await asyncio.sleep(delay)
         await self._generation_settled.wait()
-        await self._certificate_takeable()
         if self.stopping or self._short_of_workers() <= 0:
             return
         generation = self.generation
@@ -907,14 +887,18 @@ class Supervisor:
                 for wait in waits:
                     wait.cancel()
             if worker.left.is_set() or not worker.serving.is_set():
-                # Its replacement runs this configuration and reads the certificate
-                # as it is now (unless refused: `_certificate_takeable`).
+                # Its replacement runs this configuration and certificate.
                 return {"ok": False, "error": "the worker did not start", "unknown": True}
         # The configuration applied here, not the file: it may have changed since
         # it was read (an editor's second save), and a worker reading it again
         # would serve another configuration than the host's.
+        # And the certificate and key checked here, not the files read again.
         return await self._ask_one(
-            worker, "reload", RELOAD_ANSWER_TIMEOUT, config=config_to_json(self.config)
+            worker,
+            "reload",
+            RELOAD_ANSWER_TIMEOUT,
+            config=config_to_json(self.config),
+            pem=pem_to_json(self.serving_pem),
         )
 
     def _reload_done(self, worker: WorkerProcess, task: asyncio.Task[dict[str, Any]]) -> None:
@@ -1003,7 +987,6 @@ class Supervisor:
             last_reload=self.last_reload,
         )
         picture["worker_restarts"] = dict(self.restarts)
-        picture["worker_start_blocked"] = self.worker_start_blocked
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
@@ -1018,11 +1001,6 @@ class Supervisor:
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
             f"{len(self.slots.workers)} workers, generation {self.generation}"
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
-            + (
-                "; A WORKER IS NOT STARTED: see `fleet-ingress stat`"
-                if self.worker_start_blocked
-                else ""
-            )
         )
 
     # -- reload and stop ---------------------------------------------------------
@@ -1072,9 +1050,13 @@ class Supervisor:
             # Off the loop, which answers the workers' slot requests meanwhile:
             # the fleets' TLS context alone reads the system's trust store (20 ms
             # measured), and a file on a slow disk could hold every call's lease.
-            config, specs, _, fleet_ssl, leaf = await read_reload_settled(
+            config, specs, _, fleet_ssl, leaf, pem = await read_reload_settled(
                 self.ops, self.config_path, serving=self.serving_leaf
             )
+            pem_fds = held_pem(pem)
+        except OSError as exc:  # no memfd to be had (EMFILE, ENOMEM)
+            self.reloads["refused"] += 1
+            raise ReloadRefused(f"the certificate cannot be held for workers: {exc}") from None
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
@@ -1084,6 +1066,10 @@ class Supervisor:
         verified = self.config.fleets.verify
         self.config = config
         self.serving_leaf = leaf
+        # Workers started from now on get these.
+        self.serving_pem, old_fds, self._pem_fds = pem, self._pem_fds, pem_fds
+        for fd in old_fds:
+            os.close(fd)
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
@@ -1123,8 +1109,6 @@ class Supervisor:
             ),
         )
         self.reloads["applied"] += 1
-        self._reload_applied.set()
-        self._reload_applied = asyncio.Event()
         await asyncio.to_thread(warn_about_chain, config)
         return "; ".join(notes) or "no fleet changes"
 

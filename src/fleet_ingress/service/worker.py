@@ -19,6 +19,9 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      have changed since). Without it (a supervisor of an
                                      older release) the worker reads the file; a worker of
                                      an older release ignores it and reads the file too.
+                                     "pem": the certificate chain and key the supervisor
+                                     read and checked (`pem_to_json`), loaded rather than
+                                     the files read again; without it, the files are read.
                                      A worker's own SIGHUP is not acted on (logged): read
                                      here alone, it left this worker on files the
                                      supervisor and the other workers never read.
@@ -55,6 +58,7 @@ from fleet_ingress.config.settings import ConfigError, IngressConfig, config_fro
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.release import code_digest
@@ -62,9 +66,12 @@ from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     SERVING_CERTIFICATE_ENV,
+    SERVING_PEM_ENV,
     Ingress,
     ReloadRefused,
     certificate_not_taken,
+    pem_from_env,
+    pem_from_json,
     serving_leaf_from_env,
 )
 from fleet_ingress.service.lifecycle import EXIT_FLUSH_WAIT, SECOND_SIGNAL_GRACE, trim_heap
@@ -91,10 +98,11 @@ class Worker:
         config_path: Path,
         client: SlotClient,
         listeners: dict[str, socket.socket],
+        pem: CarrierPem | None = None,
     ) -> None:
         self.config_path = config_path
         self.client = client
-        self.ingress = Ingress(config, [], leases=client, sockets=listeners)
+        self.ingress = Ingress(config, [], leases=client, sockets=listeners, pem=pem)
         self.stop = asyncio.Event()
         self.keep_pending = False  # an upgrade's stop: keep what was accepted
         # What this worker counts, for the supervisor's host-wide stats.
@@ -109,7 +117,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
         client.handlers["reload"] = lambda m: self._spawn(
-            self._reload(m.get("id"), m.get("config"))
+            self._reload(m.get("id"), m.get("config"), m.get("pem"))
         )
         client.handlers["stop"] = self._on_stop
         client.handlers["close-fleet"] = lambda m: self._spawn(self.close_fleet(str(m["fleet"])))
@@ -134,17 +142,23 @@ class Worker:
         self.ingress.stop_accepting(keep_pending=keep_pending)
         self.stop.set()
 
-    async def _reload(self, ask: Any, handed: Any = None) -> None:
+    async def _reload(self, ask: Any, handed: Any = None, handed_pem: Any = None) -> None:
         """`handed`: the supervisor's configuration (`config_to_json`), applied
-        as it is; None: the file is read (see the module's docstring)."""
+        as it is; None: the file is read (see the module's docstring).
+        `handed_pem`: its certificate and key (`pem_to_json`), likewise."""
         try:
-            config = None
+            config = pem = None
             if handed is not None:
                 try:
                     config = config_from_json(str(handed), base_dir=self.config_path.parent)
                 except ConfigError as exc:
                     raise ReloadRefused(str(exc)) from None
-            await self.ingress.reload(self.config_path, config)
+            if handed_pem is not None:
+                try:
+                    pem = pem_from_json(handed_pem)
+                except ValueError as exc:
+                    raise ReloadRefused(str(exc)) from None
+            await self.ingress.reload(self.config_path, config, pem)
         except ReloadRefused as exc:
             log.error("reload refused in this worker", extra=fields(error=str(exc)))
             answer: dict[str, Any] = {"ok": False, "error": str(exc)}
@@ -229,6 +243,7 @@ async def serve(
     listeners: dict[str, socket.socket],
     channel: socket.socket,
     generation: int,
+    pem: CarrierPem | None = None,
 ) -> None:
     client = await SlotClient.connect(
         sock=channel,
@@ -237,7 +252,7 @@ async def serve(
         answer_timeout=answer_timeout(config),
         hello=False,
     )
-    worker = Worker(config, config_path, client, listeners)
+    worker = Worker(config, config_path, client, listeners, pem)
     # Only now: the supervisor may say `stop` as soon as it reads our hello,
     # and an op with no handler yet would be ignored (an unknown op).
     client.say_hello()
@@ -273,21 +288,29 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
     except (ListenFdsError, ConfigError) as exc:
         print(f"fleet-ingress worker {os.getpid()}: {exc}", file=sys.stderr)
         return 2
-    serving = serving_leaf_from_env(os.environ.get(SERVING_CERTIFICATE_ENV))
-    if (problem := certificate_not_taken(config, serving)) is not None:
-        log.error(
-            "worker cannot serve: the certificate on disk is not taken in place of the "
-            "one in use (the other workers serve it); fix it and reload",
-            extra=fields(error=problem),
-        )
+    try:
+        # The certificate and key the supervisor serves (and checked), not the
+        # files as they are now: see SERVING_PEM_ENV.
+        pem = pem_from_env(os.environ.get(SERVING_PEM_ENV))
+    except (OSError, ValueError) as exc:
+        log.error("worker cannot serve", extra=fields(error=f"{SERVING_PEM_ENV}: {exc}"))
         return 2
+    if pem is None:  # started by a supervisor of an older release: it reads the files
+        serving = serving_leaf_from_env(os.environ.get(SERVING_CERTIFICATE_ENV))
+        if (problem := certificate_not_taken(config, serving)) is not None:
+            log.error(
+                "worker cannot serve: the certificate on disk is not taken in place of the "
+                "one in use (the other workers serve it); fix it and reload",
+                extra=fields(error=problem),
+            )
+            return 2
     glibc_malloc.pin_mmap_threshold()
     _prefer_for_oom_kill()
     code_digest()  # read now, not on the loop at its first report with calls live
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
     try:
-        event_loop.run(serve(config, config_path, socks, channel, generation))
+        event_loop.run(serve(config, config_path, socks, channel, generation, pem))
     except (TLSSetupError, ValueError, OSError) as exc:
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2

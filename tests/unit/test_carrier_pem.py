@@ -1,0 +1,83 @@
+"""The carrier certificate and key read once (net/tls.py `CarrierPem`): what
+is checked is what is loaded, and what a supervisor hands its workers."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trustme
+
+from fleet_ingress.net.tls import (
+    TLSSetupError,
+    held_pem,
+    leaf_facts,
+    leaf_facts_of,
+    pem_from_fds,
+    read_pem,
+    server_ssl_context,
+    server_ssl_context_of,
+)
+
+
+def _pair(tmp_path: Path) -> tuple[Path, Path]:
+    leaf = trustme.CA().issue_cert("localhost")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    return cert, key
+
+
+def test_held_memfds_are_sealed_private_and_give_back_what_was_read(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path)
+    pem = read_pem(cert, key)
+    fds = held_pem(pem)
+    try:
+        assert pem_from_fds(*fds) == pem == (cert.read_bytes(), key.read_bytes())
+        assert pem_from_fds(*fds) == pem  # again: each read starts at the beginning
+        for fd in fds:
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+            assert not os.get_inheritable(fd)
+            assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_WRITE
+            with pytest.raises(OSError):
+                os.write(fd, b"x")
+        # What was read is loaded, whatever the files hold since.
+        cert.write_bytes(b"")
+        key.unlink()
+        server_ssl_context_of(pem_from_fds(*fds), cert, key)
+        assert leaf_facts_of(pem.cert, cert).names == {"localhost"}
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("broken", ["truncated certificate", "key of another", "encrypted"])
+def test_what_cannot_load_is_said_of_the_files_it_was_read_from(
+    tmp_path: Path, broken: str
+) -> None:
+    cert, key = _pair(tmp_path)
+    if broken == "truncated certificate":
+        cert.write_bytes(cert.read_bytes()[:200])
+    elif broken == "key of another":
+        key.write_bytes(trustme.CA().issue_cert("localhost").private_key_pem.bytes())
+    else:
+        key.write_bytes(b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n")
+    with pytest.raises(TLSSetupError) as from_files:
+        server_ssl_context(cert, key)
+    with pytest.raises(TLSSetupError) as from_bytes:
+        server_ssl_context_of(read_pem(cert, key), cert, key)
+    assert str(from_bytes.value) == str(from_files.value)
+    assert "/proc/self/fd" not in str(from_bytes.value)
+
+
+def test_a_file_missing_is_named(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path)
+    key.unlink()
+    with pytest.raises(
+        TLSSetupError, match=f"cannot be read: No such file or directory \\({key}\\)"
+    ):
+        read_pem(cert, key)
+    assert leaf_facts(cert) == leaf_facts_of(cert.read_bytes(), cert)
