@@ -281,6 +281,30 @@ async def test_a_live_state_the_file_does_not_record_is_kept_by_a_reload(
     assert d.fleet("a").admin is Admin.DRAIN
 
 
+async def test_an_unsaved_admin_state_is_saved_by_the_next_write_that_succeeds(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """The failing-disk audit: a maint not saved (disk full) was lost when a later
+    write succeeded, which wrote the file without it; a restart had the fleet take
+    calls again. The next write that succeeds records every fleet's running state."""
+    d = deployment
+    from fleet_ingress.ops import fleet_ops as fleet_ops_module
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fleet_ops_module, "write_atomically", full_disk)
+    saved = d.ingress.ops.set_admin_state("a", "maint")
+    assert "No space left on device" in saved["not_saved"]
+    assert f"`df -i {d.fleets_file.parent}`" in saved["not_saved"]  # what to do about it
+    assert "admin=" not in d.fleets_file.read_text()
+    monkeypatch.undo()  # space comes back
+    saved = d.ingress.ops.set_admin_state("b", "drain")
+    assert "not_saved" not in saved
+    admin = {spec.name: spec.admin for spec in load_fleets_file(d.fleets_file, default_maxconn=1)}
+    assert admin == {"a": Admin.MAINT, "b": Admin.DRAIN}
+
+
 async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     deployment: Deployment, tmp_path: Path
 ):

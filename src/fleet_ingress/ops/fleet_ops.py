@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -204,7 +205,34 @@ class FleetOps:
                 500, f"cannot read the fleets file {self.fleets_file}: {exc.strerror}"
             ) from None
 
+    def _with_unsaved_admin(self, text: str) -> tuple[str, list[FleetState]]:
+        """`text` with the running admin state of every listed fleet whose state the
+        file does not record yet (a drain or maint that could not be saved, e.g. on a
+        full disk): the next write that succeeds saves it, rather than writing the file
+        again without it (a fleet in maintenance would take calls after a restart)."""
+        carried: list[FleetState] = []
+        for fleet in self.fleets.fleets:
+            if (
+                fleet.membership is not Membership.LISTED
+                or fleet.removing
+                or fleet.admin is fleet.spec.admin
+            ):
+                continue
+            try:
+                text = text_with_admin_state(
+                    text,
+                    fleet.name,
+                    fleet.admin,
+                    default_maxconn=self.settings().maxconn,
+                    source=str(self.fleets_file),
+                )
+            except FleetsFileError:
+                continue  # not in the file (taken out by hand): nothing to carry
+            carried.append(fleet)
+        return text, carried
+
     def _persist(self, text: str, *, backup: bool = True) -> Path | None:
+        text, carried = self._with_unsaved_admin(text)
         try:
             kept = write_atomically(self.fleets_file, text, backup=backup)
         except OSError as exc:
@@ -217,12 +245,19 @@ class FleetOps:
             )
             raise FleetChangeError(
                 500,
-                f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}",
+                f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}"
+                + _write_fix(exc.errno, self.fleets_file.parent),
             ) from None
         finally:
             # Counted written even when it failed half way (its backup, or the
             # rename done before the directory's fsync failed): a reload reads again.
             self.file_writes += 1
+        for fleet in carried:
+            fleet.spec = replace(fleet.spec, admin=fleet.admin)
+            log.info(
+                "fleet admin state saved",
+                extra=fields(fleet=fleet.name, admin=fleet.admin.value, late=True),
+            )
         return kept
 
     async def add_fleet(
@@ -404,3 +439,20 @@ class FleetOps:
             await self.poller.stop(fleet)
         if self.fleets.get(fleet.name) is None:  # not replaced by a moved fleet
             self.checks.fleet_removed(fleet.name)
+
+
+def _write_fix(code: int | None, directory: Path) -> str:
+    """What to do about a fleets file that cannot be written, by its errno."""
+    if code == errno.ENOSPC:
+        return f" (free some space or inodes: `df -h {directory}`, `df -i {directory}`)"
+    if code == errno.EDQUOT:
+        return f" (the service user's disk quota is used up: `quota`, `df -h {directory}`)"
+    if code == errno.EROFS:
+        return f" (the file system of {directory} is read-only: remount it read-write)"
+    if code in (errno.EACCES, errno.EPERM):
+        return (
+            f" (permission denied: the service user must be able to write {directory} "
+            f"and the file: `chgrp fleet-ingress {directory} && chmod 2770 {directory}`, "
+            "or `lsattr` for an immutable file; docs/INSTALL.md section 1)"
+        )
+    return ""
