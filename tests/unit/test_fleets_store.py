@@ -184,3 +184,44 @@ def test_no_clobber_mode_refuses_an_existing_file(tmp_path: Path):
         write_atomically(path, "theirs\n", replace=False)
     assert path.read_text() == "mine\n"
     assert write_atomically(tmp_path / "new.toml", "x\n", replace=False) is None
+
+
+def test_a_refused_rename_keeps_the_old_backup_and_names_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The failing-disk audit: with `chattr +i fleets.txt` the rename fails; the
+    backup was replaced all the same, and the error named the temp file."""
+    path = tmp_path / "fleets.txt"
+    path.write_text("one\n")
+    (tmp_path / "fleets.txt.bak").write_text("zero\n")
+    real_replace = os.replace
+
+    def immutable(src: object, dst: object) -> None:
+        if Path(str(dst)) == path:
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", immutable)
+    with pytest.raises(OSError) as refused:
+        write_atomically(path, "two\n")
+    assert refused.value.filename == str(path)
+    assert (tmp_path / "fleets.txt.bak").read_text() == "zero\n"
+    assert path.read_text() == "one\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "fleets.txt.bak"]
+
+
+def test_a_write_removes_the_temp_files_of_writers_killed_mid_write(tmp_path: Path):
+    """The failing-disk audit: a kill -9 mid-write left `.fleets.txt.tmp-PID`, one
+    per PID, which piled up. A write removes those whose process is gone."""
+    path = tmp_path / "fleets.txt"
+    dead = 2**22 + 1  # above the kernel's largest pid: no such process
+    for name in (f".fleets.txt.tmp-{dead}", f".fleets.txt.bak.tmp-{dead}"):
+        (tmp_path / name).write_text("half\n")
+    alive = tmp_path / f".fleets.txt.tmp-{os.getppid()}"  # another writer's, in use
+    alive.write_text("being written\n")
+    other = tmp_path / f".other.txt.tmp-{dead}"  # not this file's
+    other.write_text("x\n")
+    write_atomically(path, "one\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["fleets.txt", alive.name, other.name]
+    )

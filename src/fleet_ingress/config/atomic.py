@@ -31,6 +31,9 @@ def write_atomically(
     # A rename over the link would replace the link itself with a regular file.
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    remove_stale_temps(target)
+    if target != path:
+        remove_stale_temps(path)  # the backup's, beside the link
     kept = None
     # Mode 0666 minus the umask, as an editor would create it (not mkstemp's 0600).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -44,18 +47,27 @@ def write_atomically(
             # A full disk fails the write, which names no file: name the one being written.
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         if replace:
+            kept_temp = None
             if backup and path.exists():
                 kept = path.with_name(path.name + ".bak")
                 # Through a new file and a rename, like the file itself: an old backup
                 # owned by someone else (root, after `init --force`) is replaced, not
-                # written into.
+                # written into. Renamed into place only once the new file is: a change
+                # refused at its rename (an immutable file) leaves the old backup.
                 kept_temp = path.with_name(f".{kept.name}.tmp-{os.getpid()}")
-                try:
+            try:
+                if kept_temp is not None:
                     shutil.copy2(path, kept_temp)
+                try:
+                    os.replace(temp, target)
+                except OSError as exc:
+                    # Its filename is the temp file's: name the file being written.
+                    raise OSError(exc.errno, exc.strerror, str(path)) from exc
+                if kept_temp is not None:
                     os.replace(kept_temp, kept)
-                finally:
+            finally:
+                if kept_temp is not None:
                     kept_temp.unlink(missing_ok=True)
-            os.replace(temp, target)
         else:
             try:
                 os.link(temp, target)  # never clobbers, even a file that appeared just now
@@ -70,6 +82,40 @@ def write_atomically(
         finally:
             os.close(directory)
     return kept
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files `.NAME.tmp-PID` and `.NAME.bak.tmp-PID` beside `path` left
+    by a writer killed mid-write (kill -9, a crash): only those whose process is gone,
+    so that another writer's file in use is not taken from it. Returns those removed."""
+    removed: list[Path] = []
+    for prefix in (f".{path.name}.tmp-", f".{path.name}.bak.tmp-"):
+        try:
+            names = [n for n in os.listdir(path.parent) if n.startswith(prefix)]
+        except OSError:
+            return removed
+        for name in names:
+            pid = name[len(prefix) :]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            stale = path.with_name(name)
+            try:
+                if stale.is_file() and not stale.is_symlink():
+                    stale.unlink()
+                    removed.append(stale)
+            except OSError:
+                pass  # not ours to remove: the write goes on
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process; or not a pid: left alone
+    return True
 
 
 def keep_numbered_backup(path: Path, new_text: str) -> Path | None:
