@@ -412,7 +412,10 @@ def test_a_full_disk_at_any_point_changes_nothing_and_names_the_file(force: bool
                     r"nothing was (written|changed \(what this run wrote is taken back\)); ",
                     message,
                 ), message
-                assert message.endswith(f"free some space there (df -h {mnt}), then run init again")
+                assert message.endswith(
+                    f"free some space or inodes there (df -h {mnt}, df -i {mnt}), "
+                    "then run init again"
+                )
                 left = {p.name: p.read_text() for p in mnt.iterdir() if p.name != "filler"}
                 assert left == before, (free, message)
             else:
@@ -477,3 +480,22 @@ def test_a_failed_force_takes_back_a_file_on_another_file_system(
     assert real.read_text() == "# my settings\n"
     assert (tmp_path / "ingress.toml").is_symlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fleets.txt", "ingress.toml"]
+
+
+def test_init_that_fails_takes_back_the_directory_it_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The failing-disk audit: init into a full file system said "nothing was
+    written" but left the --out directory it had made (empty)."""
+    from fleet_ingress.config import init_deploy
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(init_deploy, "write_atomically", full)
+    out = tmp_path / "new" / "deploy"
+    with pytest.raises(InitError) as failed:
+        render_deployment(DOMAIN, FLEETS, out, force=False)
+    assert "nothing was written" in str(failed.value)
+    assert "df -i" in str(failed.value)
+    assert list(tmp_path.iterdir()) == []

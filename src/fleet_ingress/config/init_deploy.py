@@ -16,6 +16,7 @@ from `add_init_arguments` on every invocation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import ipaddress
 import os
@@ -296,6 +297,8 @@ def _write_all(
     existed = {path: path.exists() for path in texts}
     doing = "write"
     path = out_dir
+    # The directories this run makes: taken back with the files when it fails.
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if force:
@@ -320,10 +323,16 @@ def _write_all(
         if isinstance(exc, FileExists):
             fix = "pass --force to replace it, or choose another --out"
         elif full:
-            fix = f"free some space there (df -h {out_dir}), then run init again"
+            fix = (
+                f"free some space or inodes there (df -h {out_dir}, df -i {out_dir}), "
+                "then run init again"
+            )
         else:
             fix = "fix that, then run init again"
         if not left:
+            for directory in made:  # deepest first; one not empty (another's) stays
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
             done = "nothing was written" if not (wrote or kept) else "nothing was changed"
             undone = " (what this run wrote is taken back)" if wrote or kept else ""
             raise InitError(f"{what}; {done}{undone}; {fix}") from None
