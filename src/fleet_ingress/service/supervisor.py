@@ -166,8 +166,7 @@ class Supervisor:
         # (`_start_worker`), whatever the files hold by then.
         pem = read_carrier_pem(config)
         carrier_ssl_context(config, pem)
-        self.serving_pem = pem  # the certificate and key served now
-        self._pem_fds = held_pem(pem)  # the same, in sealed memfds for workers
+        self.serving_pem = pem  # the certificate and key served now, as checked
         self.fleet_set = FleetSet.from_specs(
             fleets, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
         )
@@ -427,15 +426,13 @@ class Supervisor:
         # not reloaded (a worker started now would route by it alone) or one
         # refused (it could not start).
         env[RUNNING_CONFIG_ENV] = config_to_json(self.config)
-        pem_fds: list[int] = []
+        pem_fds: tuple[int, ...] = ()
         try:
             # Nor the certificate files, which may hold one a reload refused, a
             # renewal half written, a key not of the certificate, nothing: a worker
             # started now (a replacement) loads the certificate and key served
-            # now, from the sealed memfds they were checked from. Its own copies:
-            # a reload applied meanwhile closes the host's.
-            for fd in self._pem_fds:
-                pem_fds.append(os.dup(fd))
+            # now, the bytes checked here, from sealed memfds of its own.
+            pem_fds = held_pem(self.serving_pem)
             env[SERVING_PEM_ENV] = ",".join(map(str, pem_fds))
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -1053,10 +1050,6 @@ class Supervisor:
             config, specs, _, fleet_ssl, leaf, pem = await read_reload_settled(
                 self.ops, self.config_path, serving=self.serving_leaf
             )
-            pem_fds = held_pem(pem)
-        except OSError as exc:  # no memfd to be had (EMFILE, ENOMEM)
-            self.reloads["refused"] += 1
-            raise ReloadRefused(f"the certificate cannot be held for workers: {exc}") from None
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
@@ -1066,10 +1059,7 @@ class Supervisor:
         verified = self.config.fleets.verify
         self.config = config
         self.serving_leaf = leaf
-        # Workers started from now on get these.
-        self.serving_pem, old_fds, self._pem_fds = pem, self._pem_fds, pem_fds
-        for fd in old_fds:
-            os.close(fd)
+        self.serving_pem = pem  # what workers started from now on get
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
