@@ -18,7 +18,9 @@ import pytest
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import RunningIngress, TLSFiles, simulated_fleets
 
-pytestmark = pytest.mark.uvloop_only  # one process tree per test: the event loop is its own
+# One process tree per test (the event loop is its own); alone: the test takes a CPU
+# away on purpose, and a test beside it would be starved too.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 
 STARVED_FOR = 6.0  # seconds: fall 2 at a 0.2 s interval would take a fleet DOWN in 0.4 s
 

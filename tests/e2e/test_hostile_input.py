@@ -795,6 +795,7 @@ uvloop.run(main())
 
 
 @pytest.mark.uvloop_only
+@pytest.mark.alone  # 10,000 handshakes take both cores for 8-12 s, within the request timeout
 async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_timeout(
     tls_files: TLSFiles,
 ):

@@ -29,7 +29,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, TLSFiles
 
 # Each test runs its own `fleet-ingress run` (or `check`) in a namespace and waits on its start.
-pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60), pytest.mark.process_trees]
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(60)]
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
 

@@ -37,7 +37,7 @@ from tests.support import (
 
 # One process tree per test (the event loop is its own), waited on more than worked:
 # README's command runs these tests two at a time.
-pytestmark = [pytest.mark.uvloop_only, pytest.mark.process_trees]
+pytestmark = pytest.mark.uvloop_only
 
 
 @pytest.fixture

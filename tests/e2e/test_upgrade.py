@@ -55,7 +55,7 @@ from tests.support import (
 
 # One process tree per test (the event loop is its own), waited on more than worked:
 # README's command runs these tests two at a time.
-pytestmark = [pytest.mark.uvloop_only, pytest.mark.process_trees]
+pytestmark = pytest.mark.uvloop_only
 
 PROFILE = "exotel"  # a frame every 100 ms, echoed: every one is counted
 # The fleets and carriers share this test's one event loop: under a burst their
