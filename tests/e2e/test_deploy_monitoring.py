@@ -213,6 +213,7 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressAcceptFailures",
         "FleetIngressLogLinesDropped",
         "FleetIngressFleetCertificateExpiringSoon",
+        "FleetIngressAdminStateNotSaved",
         "FleetIngressHigh503Rate",
         "FleetIngressFleetAnswers5xx",
         "FleetIngressFleetAnswers429",

@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import stat
@@ -298,11 +299,38 @@ async def test_an_unsaved_admin_state_is_saved_by_the_next_write_that_succeeds(
     assert "No space left on device" in saved["not_saved"]
     assert f"`df -i {d.fleets_file.parent}`" in saved["not_saved"]  # what to do about it
     assert "admin=" not in d.fleets_file.read_text()
+    # Every view says so while it lasts (before, none did: the operator had only the
+    # command's answer and a log line).
+    assert await _unsaved_as_shown(d) == {"a"}
     monkeypatch.undo()  # space comes back
     saved = d.ingress.ops.set_admin_state("b", "drain")
     assert "not_saved" not in saved
     admin = {spec.name: spec.admin for spec in load_fleets_file(d.fleets_file, default_maxconn=1)}
     assert admin == {"a": Admin.MAINT, "b": Admin.DRAIN}
+    assert await _unsaved_as_shown(d) == set()
+
+
+async def _unsaved_as_shown(d: Deployment) -> set[str]:
+    """The fleets whose admin state is shown not saved, the same in `stat`,
+    /stats.json, /stats and /metrics."""
+    code, out, err = await d.cli("stat")
+    assert code == 0, err
+    in_stat = {line.split()[0] for line in out.splitlines() if re.search(r"\b[A-Z]+!", line)}
+    assert ("! = admin state not saved" in out) == bool(in_stat), out
+    host, port = d.ingress.stats_address or ("", 0)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{host}:{port}/stats.json") as r:
+            in_json = {f["name"] for f in (await r.json())["fleets"] if not f["admin_saved"]}
+        async with http.get(f"http://{host}:{port}/stats") as r:
+            page = await r.text()
+        async with http.get(f"http://{host}:{port}/metrics") as r:
+            metrics = await r.text()
+    unsaved = r'fleet_ingress_fleet_admin_state_saved\{fleet="(\w+)"\} 0'
+    in_metrics = set(re.findall(unsaved, metrics))
+    assert "fleet_ingress_fleet_admin_state_saved{" in metrics
+    assert page.count("not saved</span>") == len(in_json)
+    assert in_stat == in_json == in_metrics
+    return in_json
 
 
 async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(

@@ -5,6 +5,8 @@ reports, and a row per worker."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -242,6 +244,7 @@ def test_a_fleet_in_maint_shows_no_stale_health_or_free_count():
     for f in (a, b):
         f.health, f.reported_available = Health.UP, 9
     b.set_admin(Admin.MAINT)
+    b.spec = replace(b.spec, admin=Admin.MAINT)  # and saved in the fleets file
     snap = host_snapshot(slots, HostView(), started_at=0.0)
     for row in snap["fleets"]:  # both probed before b went into MAINT
         row["last_check"], row["last_check_age_s"] = "pass: fleet_available=9", 30.0
@@ -461,3 +464,22 @@ def test_ages_do_not_move_when_the_wall_clock_steps(monkeypatch):
     assert 30 <= before["uptime_s"] <= after["uptime_s"] < 35
     ages = [s["fleets"][0]["last_check_age_s"] for s in (before, after)]
     assert 2 <= ages[0] <= ages[1] < 7
+
+
+def test_an_admin_state_the_fleets_file_lacks_is_marked_until_it_is_written():
+    """`admin_saved`: the running admin state against the fleet as its file has
+    it (`spec`). `stat` of a running ingress older than the key (the CLI
+    upgraded first) marks nothing."""
+    fleets = balancer()
+    a, b = fleets.fleets
+    fleets.members.set_admin(a, Admin.MAINT)  # applied; its write failed
+    snap = snapshot(fleets, Registry(), _no_queue(), started_at=0.0)
+    assert [f["admin_saved"] for f in snap["fleets"]] == [False, True]
+    table = format_stat_table(snap)
+    assert "MAINT!" in table and "! = admin state not saved" in table
+    assert render_stats_page(snap).count("not saved</span>") == 1
+    a.spec = replace(a.spec, admin=Admin.MAINT)  # a later write saved it
+    assert not a.admin_unsaved and not b.admin_unsaved
+    for row in snap["fleets"]:
+        del row["admin_saved"]
+    assert "!" not in format_stat_table(snap) and "not saved" not in render_stats_page(snap)

@@ -108,6 +108,17 @@ class FleetState:
         return self.membership is Membership.DRAINING
 
     @property
+    def admin_unsaved(self) -> bool:
+        """Its admin state applies but the fleets file does not record it (the write
+        failed, e.g. on a full disk): a restart would not keep it. `spec` is the
+        fleet as the file has it."""
+        return (
+            self.membership is Membership.LISTED
+            and not self.removing
+            and self.admin is not self.spec.admin
+        )
+
+    @property
     def maxconn(self) -> int:
         return self.spec.maxconn
 

@@ -15,6 +15,7 @@ import aiohttp
 
 from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
+    admin_saved,
     fleets_summary,
     probed,
     shown_free,
@@ -243,7 +244,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             (
                 f["name"],
                 health,
-                f["admin"] + ("*" if f["removing"] else ""),
+                f["admin"] + ("*" if f["removing"] else "") + ("" if admin_saved(f) else "!"),
                 f"{f['active']}/{f['maxconn']}",
                 free,
                 str(f["calls_total"]),
@@ -266,6 +267,11 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         f"queue {fe['queue_length']} ({fe['queue_timeouts']} timed out)"
         + ("   * = being removed" if any(f["removing"] for f in snap["fleets"]) else "")
     )
+    if not all(admin_saved(f) for f in snap["fleets"]):
+        lines.append(
+            "! = admin state not saved in the fleets file (a restart would not keep it): "
+            "the next drain, ready, maint, add-fleet or remove-fleet that can write it saves it"
+        )
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
         + (

@@ -18,6 +18,12 @@ def probed(row: dict[str, Any]) -> bool:
     return row["admin"] != "MAINT"
 
 
+def admin_saved(row: dict[str, Any]) -> bool:
+    """False: the fleet's admin state applies but the fleets file does not record it
+    (its write failed); a running ingress older than this key saved every one it shows."""
+    return bool(row.get("admin_saved", True))
+
+
 def shown_health(row: dict[str, Any]) -> str:
     if not probed(row):
         return NOT_PROBED

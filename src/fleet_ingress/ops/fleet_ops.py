@@ -212,11 +212,7 @@ class FleetOps:
         again without it (a fleet in maintenance would take calls after a restart)."""
         carried: list[FleetState] = []
         for fleet in self.fleets.fleets:
-            if (
-                fleet.membership is not Membership.LISTED
-                or fleet.removing
-                or fleet.admin is fleet.spec.admin
-            ):
+            if not fleet.admin_unsaved:
                 continue
             try:
                 text = text_with_admin_state(

@@ -318,6 +318,11 @@ class _StateCollector(Collector):
             "1 for the fleet's current admin state (READY, DRAIN, MAINT), else 0.",
             labels=["fleet", "state"],
         )
+        admin_saved = gauge(
+            "admin_state_saved",
+            "0 when the fleet's admin state applies but the fleets file could not record it "
+            "(a restart would not keep it), else 1.",
+        )
         eligible = gauge("eligible", "1 when the fleet takes new calls now.")
         full = gauge("full", "1 when the fleet's own capacity report says no worker is free.")
         active = gauge("active_calls", "Calls (and call attempts) open on the fleet.")
@@ -349,6 +354,7 @@ class _StateCollector(Collector):
                 health.add_metric([f.name, h.value], 1 if f.health is h else 0)
             for a in Admin:
                 admin.add_metric([f.name, a.value], 1 if f.admin is a else 0)
+            admin_saved.add_metric(name, 0 if f.admin_unsaved else 1)
             eligible.add_metric(name, 1 if f.up and f.has_room else 0)
             full.add_metric(name, 1 if f.full else 0)
             active.add_metric(name, f.active)
@@ -368,7 +374,8 @@ class _StateCollector(Collector):
             redispatches.add_metric(name, counts.counter("fleet_redispatches", f.name))
             checks.add_metric(name, f.probes_total)
             check_failures.add_metric(name, f.check_failures)
-        yield from (up, health, admin, eligible, full, active, maxconn, reported, estimated)
+        yield from (up, health, admin, admin_saved, eligible, full, active, maxconn)
+        yield from (reported, estimated)
         yield from (last_check, cert_expiry, calls, responses, retries, redispatches)
         yield from (checks, check_failures)
 

@@ -53,6 +53,9 @@ def fleet_row(
         "health": fleet.health.value,
         "admin": fleet.admin.value,
         "removing": fleet.removing,
+        # False: the admin state applies but the fleets file lacks it (a restart would
+        # not keep it); the next fleet change that can write the file saves it.
+        "admin_saved": not fleet.admin_unsaved,
         "eligible": fleet.up and fleet.has_room,
         "full": fleet.full,
         "active": fleet.active,

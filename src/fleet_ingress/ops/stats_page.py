@@ -11,6 +11,7 @@ from html import escape
 from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
+    admin_saved,
     fleets_summary,
     probed,
     shown_free,
@@ -94,6 +95,13 @@ def _workers_table(snap: dict[str, Any]) -> str:
     )
 
 
+_NOT_SAVED = (
+    '<br><span class="fail" title="the fleets file could not be written: a restart would '
+    'not keep this state; the next fleet change that can write the file saves it">'
+    "not saved</span>"
+)
+
+
 def render_stats_page(snap: dict[str, Any]) -> str:
     rows = []
     for f in snap["fleets"]:
@@ -109,7 +117,8 @@ def render_stats_page(snap: dict[str, Any]) -> str:
             f'<td class="l"><b>{escape(f["name"])}</b><br>'
             f'<span class="muted">{escape(f["url"])}</span></td>'
             f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
-            f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}</td>"
+            f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}"
+            f"{'' if admin_saved(f) else _NOT_SAVED}</td>"
             f"<td>{f['active']}/{f['maxconn']}</td>"
             + _cell(reported)
             + _cell(estimated)
