@@ -5,6 +5,7 @@ reports, and a row per worker."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 from prometheus_client import generate_latest
@@ -483,3 +484,22 @@ def test_an_admin_state_the_fleets_file_lacks_is_marked_until_it_is_written():
     for row in snap["fleets"]:
         del row["admin_saved"]
     assert "!" not in format_stat_table(snap) and "not saved" not in render_stats_page(snap)
+
+
+def test_the_age_of_a_fleets_last_probe_is_counted_here_not_across_two_clocks():
+    """The dashboard drew time() - last_check_timestamp_seconds: Prometheus's clock
+    against this host's, so a skew of minutes showed every fleet unprobed for
+    minutes (or a negative age). The age is now the host's own monotonic count."""
+    fleets = balancer()
+    a, _never_probed = fleets.fleets
+    a.last_probe_monotonic = time.monotonic() - 7.0
+    a.last_probe_at = time.time() - 600.0  # this host's wall clock stepped since
+    metrics = IngressMetrics(fleets, Registry(), _no_queue())
+    ages = {
+        s.labels["fleet"]: s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.prometheus).decode())
+        for s in family.samples
+        if s.name == "fleet_ingress_fleet_last_check_age_seconds"
+    }
+    assert set(ages) == {"a"}  # b: never probed, no age
+    assert 7.0 <= ages["a"] < 9.0

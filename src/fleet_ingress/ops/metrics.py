@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import resource
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -334,6 +335,12 @@ class _StateCollector(Collector):
         last_check = gauge(
             "last_check_timestamp_seconds", "When the last probe ended, passed or failed."
         )
+        check_age = gauge(
+            "last_check_age_seconds",
+            "Seconds since the last probe ended, passed or failed, by this host's own "
+            "monotonic clock (time() - last_check_timestamp_seconds compares Prometheus's "
+            "clock with this host's).",
+        )
         cert_expiry = gauge(
             "certificate_expiry_timestamp_seconds",
             "When the certificate the fleet served to its last probe expires (https, verified).",
@@ -365,6 +372,8 @@ class _StateCollector(Collector):
                 estimated.add_metric(name, _count_as_float(estimate))
             if f.last_probe_at is not None:
                 last_check.add_metric(name, f.last_probe_at)
+            if f.last_probe_monotonic is not None:
+                check_age.add_metric(name, round(time.monotonic() - f.last_probe_monotonic, 3))
             if f.certificate_not_after is not None:
                 cert_expiry.add_metric(name, f.certificate_not_after)
             calls.add_metric(name, counts.counter("fleet_calls", f.name))
@@ -376,7 +385,7 @@ class _StateCollector(Collector):
             check_failures.add_metric(name, f.check_failures)
         yield from (up, health, admin, admin_saved, eligible, full, active, maxconn)
         yield from (reported, estimated)
-        yield from (last_check, cert_expiry, calls, responses, retries, redispatches)
+        yield from (last_check, check_age, cert_expiry, calls, responses, retries, redispatches)
         yield from (checks, check_failures)
 
     def _frontend(self, counts: Counts, fleets: set[str]) -> Iterator[Metric]:
