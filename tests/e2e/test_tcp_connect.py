@@ -219,6 +219,20 @@ def test_one_fleets_hung_name_does_not_hold_the_lookups_of_other_names() -> None
     assert took["ingress"] < 1.0, took
 
 
+@pytest.mark.parametrize("fails", ["hang", "servfail"])
+def test_a_name_answered_once_keeps_its_address_while_the_resolver_fails(fails: str) -> None:
+    """The resolver answers a fleet's name, then stops answering (or answers
+    SERVFAIL): on uvloop's loop the next lookup fails (at the resolver's 5 s
+    timeout, or at once), and every call and probe of that fleet failed: a
+    resolver outage took every fleet given by name DOWN. On the ingress's loop
+    the lookup gives the name's last answer, within STALE_AFTER (1 s)."""
+    with _hung_resolver_namespace() as name:
+        control = _in_namespace(name, f"stale-{fails}", "uvloop")
+        took = _in_namespace(name, f"stale-{fails}", "ingress")
+    assert control["uvloop"] > 2.0, control  # the control: the hazard is real here
+    assert took["ingress"] < 1.8, took
+
+
 @pytest.mark.parametrize(
     ("host", "address"),
     [

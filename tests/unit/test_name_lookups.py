@@ -80,3 +80,94 @@ def test_a_failed_lookup_fails_every_caller_and_each_gets_its_own_list() -> None
         assert second == [("x", 1)]
 
     _run(test)
+
+
+async def _answered(loop: IngressLoop, answers: _Answers, name: str, answer: list[object]) -> None:
+    """`name` looked up once and answered `answer`."""
+    first = asyncio.create_task(loop.getaddrinfo(name, 443, type=socket.SOCK_STREAM))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    answers.pending[-1].set_result(answer)
+    assert await first == answer
+
+
+def test_a_name_answered_before_gets_its_last_answer_while_the_resolver_fails_for_now(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A resolver that times out, refuses or answers SERVFAIL (EAI_AGAIN) took
+    every fleet given by name DOWN; a name gone (EAI_NONAME) still fails, and a
+    name never answered has nothing to fall back on."""
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        await _answered(loop, answers, "fleet-a.test", [("a", 1)])
+        for _ in range(3):  # each asks again, and each gets the last answer
+            again = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
+            assert await again == [("a", 1)]
+        assert len(answers.asked) == 4
+        said = [r for r in caplog.records if "last answer is used" in r.getMessage()]
+        assert len(said) == 1 and said[0].levelname == "WARNING"  # once a minute a name
+        gone = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        answers.pending[-1].set_exception(socket.gaierror(socket.EAI_NONAME, "not known"))
+        with pytest.raises(socket.gaierror):
+            await gone
+        never = asyncio.create_task(loop.getaddrinfo("fleet-b.test", 443, type=1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
+        with pytest.raises(socket.gaierror):
+            await never
+
+    _run(test)
+
+
+def test_a_lookup_that_hangs_gives_the_last_answer_and_its_own_answer_replaces_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleet_ingress.net import event_loop
+
+    monkeypatch.setattr(event_loop, "STALE_AFTER", 0.05)
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        await _answered(loop, answers, "fleet-a.test", [("a", 1)])
+        started = loop.time()
+        assert await loop.getaddrinfo("fleet-a.test", 443, type=1) == [("a", 1)]
+        assert loop.time() - started < 1.0
+        hung = answers.pending[-1]
+        assert not hung.done()  # still asked: its answer, when it comes, is the new last one
+        hung.set_result([("a", 2)])
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        late = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
+        await asyncio.sleep(0.1)  # no answer again: the last one, now the refreshed one
+        assert await late == [("a", 2)]
+
+    _run(test)
+
+
+def test_an_answer_older_than_a_day_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet_ingress.net import event_loop
+
+    monkeypatch.setattr(event_loop, "STALE_FOR", 0.0)
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        await _answered(loop, answers, "fleet-a.test", [("a", 1)])
+        await asyncio.sleep(0.01)
+        again = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
+        with pytest.raises(socket.gaierror):
+            await again
+
+    _run(test)

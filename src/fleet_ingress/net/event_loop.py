@@ -20,6 +20,15 @@ resolved at once failed their calls and their probes (the DNS audit of session
 answer each caller gets (a caller that gives up leaves it to the others), and
 libuv's pool has 16 threads (8 for lookups) unless UV_THREADPOOL_SIZE says
 otherwise. Nothing is cached: the next lookup after an answer asks again.
+
+But a name this loop has resolved keeps working while the resolver does not:
+a lookup that fails for now (EAI_AGAIN: the resolver timed out, refused or
+answered SERVFAIL) or has not answered within STALE_AFTER gets the name's last
+answer (of the last STALE_FOR), and the lookup goes on to refresh it; "serve
+stale", RFC 8767. Before, a resolver outage took every fleet given by name
+DOWN, and every call to them failed, though the fleets were fine (HAProxy
+without a `resolvers` section resolves once, at its start, and never notices).
+A name that does not exist (EAI_NONAME: its record was removed) still fails.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -40,16 +50,29 @@ from fleet_ingress.net.tcp_connect import connect_socket
 
 T = TypeVar("T")
 
+log = logging.getLogger("fleet_ingress.loop")
+
 # libuv reads it at its pool's first use, once a process: set before any loop runs.
 THREADPOOL_SIZE = "16"
 
 _LookupKey = tuple[Any, Any, int, int, int, int]
+
+# Serve stale (RFC 8767's figures): a name's last answer is used when its lookup
+# has not answered within STALE_AFTER seconds or fails for now, for up to
+# STALE_FOR seconds after that answer; answers of ANSWERS_KEPT keys at most.
+STALE_AFTER = 1.0
+STALE_FOR = 86_400.0
+ANSWERS_KEPT = 512
+STALE_SAID_EVERY = 60.0  # seconds: a warning a name, not one a call
 
 
 class IngressLoop(uvloop.Loop):
     def __init__(self) -> None:
         super().__init__()
         self._lookups: dict[_LookupKey, asyncio.Future[list[Any]]] = {}
+        # Each key's last answer and when it came (monotonic), oldest first.
+        self._answers: dict[_LookupKey, tuple[float, list[Any]]] = {}
+        self._stale_said: dict[Any, float] = {}
 
     async def getaddrinfo(  # type: ignore[override]
         self,
@@ -67,8 +90,22 @@ class IngressLoop(uvloop.Loop):
             lookup = self.create_task(self._lookup(host, port, family, type, proto, flags))
             self._lookups[key] = lookup
             lookup.add_done_callback(functools.partial(self._lookup_done, key))
-        # A caller's timeout cancels its wait, not the lookup others wait on.
-        return list(await asyncio.shield(lookup))
+        last = self._last_answer(key)
+        if last is None:
+            # A caller's timeout cancels its wait, not the lookup others wait on.
+            return list(await asyncio.shield(lookup))
+        # asyncio.wait cancels nothing: the lookup goes on for the others.
+        await asyncio.wait((lookup,), timeout=STALE_AFTER)
+        if not lookup.done():
+            self._say_stale(host, last, f"no answer within {STALE_AFTER:g} s")
+            return list(last[1])
+        try:
+            return list(lookup.result())
+        except socket.gaierror as exc:
+            if exc.errno != socket.EAI_AGAIN:
+                raise
+            self._say_stale(host, last, str(exc))
+            return list(last[1])
 
     async def _lookup(
         self, host: Any, port: Any, family: int, type: int, proto: int, flags: int
@@ -80,8 +117,36 @@ class IngressLoop(uvloop.Loop):
     def _lookup_done(self, key: _LookupKey, lookup: asyncio.Future[list[Any]]) -> None:
         if self._lookups.get(key) is lookup:
             del self._lookups[key]
-        if not lookup.cancelled():
-            lookup.exception()  # every caller may have left: not "never retrieved"
+        if lookup.cancelled():
+            return
+        if lookup.exception() is None:  # also: every caller may have left, not "never retrieved"
+            self._answers.pop(key, None)
+            self._answers[key] = (time.monotonic(), lookup.result())
+            if len(self._answers) > ANSWERS_KEPT:
+                del self._answers[next(iter(self._answers))]
+
+    def _last_answer(self, key: _LookupKey) -> tuple[float, list[Any]] | None:
+        last = self._answers.get(key)
+        if last is None or time.monotonic() - last[0] > STALE_FOR:
+            return None
+        return last
+
+    def _say_stale(self, host: Any, last: tuple[float, list[Any]], why: str) -> None:
+        now = time.monotonic()
+        if now - self._stale_said.get(host, -STALE_SAID_EVERY) < STALE_SAID_EVERY:
+            return
+        self._stale_said[host] = now
+        if len(self._stale_said) > ANSWERS_KEPT:
+            del self._stale_said[next(iter(self._stale_said))]
+        log.warning(
+            "name lookup failing: its last answer is used",
+            extra=fields(
+                name=str(host),
+                reason=why,
+                answer_age_s=round(now - last[0], 1),
+                fix="check this host's resolver (resolvectl status, /etc/resolv.conf)",
+            ),
+        )
 
     async def sock_connect(self, sock: socket.socket, address: Any) -> None:
         if (
@@ -100,9 +165,6 @@ def new_event_loop() -> IngressLoop:
     loop = IngressLoop()
     loop.set_exception_handler(_exception_handler)
     return loop
-
-
-log = logging.getLogger("fleet_ingress.loop")
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
