@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import functools
-import json
 import logging
-import os
 import resource
 import socket
 import ssl
@@ -54,19 +50,19 @@ from fleet_ingress.net.proxy import (
 from fleet_ingress.net.tls import (
     CarrierPem,
     TLSSetupError,
-    chain_problem,
     fleet_ssl_context,
-    leaf_facts,
     leaf_facts_of,
-    pem_from_fds,
     read_pem,
-    server_ssl_context,
-    server_ssl_context_of,
 )
 from fleet_ingress.ops.fleet_ops import FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
 from fleet_ingress.ops.snapshot import snapshot
+from fleet_ingress.service.carrier_certificate import (
+    carrier_ssl_context,
+    serving_leaf,
+    warn_about_chain,
+)
 
 if TYPE_CHECKING:
     from fleet_ingress.net.poller import HealthPoller
@@ -630,100 +626,9 @@ def read_reload(
     return ReadReload(config, specs, server_ssl, fleet_ssl, leaf, pem)
 
 
-def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> str | None:
-    """Why the certificate `config` names on disk must not be served in place of
-    `serving` (the one the supervisor serves: a reload refused it), or None. For
-    the image an upgrade starts, which reads it without a reload, and a worker a
-    supervisor of an older release starts (this release's supervisor hands its
-    workers the certificate it serves: SERVING_PEM_ENV)."""
-    if serving is None or config.tls.cert is None:
-        return None
-    try:
-        leaf = leaf_facts(config.tls.cert)
-    except TLSSetupError:
-        return None  # unreadable: loading it says so
-    problem = renewal_problem(leaf, serving, time.time())
-    return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
-
-
-def read_carrier_pem(config: IngressConfig) -> CarrierPem:
-    """tls.cert and tls.key, read once (`carrier_ssl_context` loads them)."""
-    tls = config.tls
-    if tls.cert is None or tls.key is None:
-        raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
-    return read_pem(tls.cert, tls.key)
-
-
-def pem_to_json(pem: CarrierPem) -> dict[str, str]:
-    """`pem` for a worker's `reload` message (`pem_from_json`)."""
-    return {"cert": base64.b64encode(pem.cert).decode(), "key": base64.b64encode(pem.key).decode()}
-
-
-def pem_from_json(value: Any) -> CarrierPem:
-    """ValueError when `value` is not what `pem_to_json` makes."""
-    try:
-        return CarrierPem(
-            base64.b64decode(value["cert"], validate=True),
-            base64.b64decode(value["key"], validate=True),
-        )
-    except (KeyError, TypeError, binascii.Error) as exc:
-        raise ValueError(f"not a certificate and key: {exc}") from None
-
-
-def pem_from_env(value: str | None) -> CarrierPem | None:
-    """The certificate and key in the memfds SERVING_PEM_ENV names (closed once
-    read); None when it names none (a worker started by hand, or by a supervisor
-    older than it: it reads the files). OSError or ValueError when unusable."""
-    if not value:
-        return None
-    cert_fd, key_fd = (int(fd) for fd in value.split(","))
-    try:
-        return pem_from_fds(cert_fd, key_fd)
-    finally:
-        for fd in (cert_fd, key_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
-    """SERVING_CERTIFICATE_ENV's certificate, or None."""
-    try:
-        data = json.loads(value or "")
-        return LeafFacts(
-            float(data["not_before"]),
-            float(data["not_after"]),
-            frozenset(data["names"]),
-            str(data["fingerprint"]),
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-# Set by a supervisor of an older release for a worker it starts, which then
-# reads the certificate files: the certificate it serves (JSON), which one on
-# disk a reload refused must not replace (`certificate_not_taken`).
-SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
-# Set by the supervisor for a worker it starts: the two fds ("cert,key") of the
-# sealed memfds holding the certificate chain and key it serves, read and
-# checked once (a reload's, or at its start): the files may hold since a renewal
-# a reload refused, half written, a key not the certificate's, or nothing.
-SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
 # And the configuration it runs (`config_to_json`): the file may hold an edit not
 # reloaded yet, or one a reload refused, which a worker started now must not run.
 RUNNING_CONFIG_ENV = "INGRESS_RUNNING_CONFIG"
-
-
-def serving_leaf(config: IngressConfig, pem: CarrierPem | None = None) -> LeafFacts | None:
-    """The certificate loaded at start (`pem`, when it was loaded from bytes read
-    already), as a reload judges its successor; None when it cannot be read (a
-    reload's then judged on its own)."""
-    if config.tls.cert is None:
-        return None
-    with contextlib.suppress(TLSSetupError):
-        if pem is not None:
-            return leaf_facts_of(pem.cert, config.tls.cert)
-        return leaf_facts(config.tls.cert)
-    return None
 
 
 def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
@@ -752,37 +657,6 @@ def probe_settings(config: IngressConfig) -> ProbeSettings:
         fall=f.fall,
         rise=f.rise,
     )
-
-
-def carrier_ssl_context(config: IngressConfig, pem: CarrierPem | None = None) -> ssl.SSLContext:
-    """The carrier listener's TLS context, from `[tls]`; TLSSetupError if it cannot load.
-    `pem`: the certificate and key read from tls.cert and tls.key already (then
-    loaded, not the files)."""
-    tls = config.tls
-    if tls.cert is None or tls.key is None:
-        raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
-    if pem is not None:
-        return server_ssl_context_of(pem, tls.cert, tls.key, tls.min_version, tls.profile)
-    return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
-
-
-def warn_about_chain(config: IngressConfig) -> None:
-    """Serve anyway: the chain `check` refuses still works for carriers that hold the
-    missing intermediate, and refusing to start would drop every call."""
-    tls = config.tls
-    if tls.cert is None or tls.key is None:
-        return
-    try:
-        problem = chain_problem(tls.cert, tls.key, tls.ca_file)
-        problem = problem and f"{tls.cert} {problem}"
-        key = "tls.cert"
-    except TLSSetupError as exc:  # tls.ca_file unusable: the chain cannot be judged
-        problem, key = str(exc), "tls.ca_file"
-    if problem:
-        log.warning(
-            "carriers may fail to verify the certificate chain; fleet-ingress check says how",
-            extra=fields(key=key, cert=str(tls.cert), problem=problem),
-        )
 
 
 def _passive_fall(config: IngressConfig, *, probed: bool) -> int:

@@ -91,18 +91,20 @@ from fleet_ingress.ops.reload_outcome import (
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
-from fleet_ingress.service.ingress import (
-    RUNNING_CONFIG_ENV,
+from fleet_ingress.service.carrier_certificate import (
     SERVING_PEM_ENV,
-    ReloadRefused,
     carrier_ssl_context,
-    listener_notes,
     pem_to_json,
-    probe_settings,
     read_carrier_pem,
-    read_reload_settled,
     serving_leaf,
     warn_about_chain,
+)
+from fleet_ingress.service.ingress import (
+    RUNNING_CONFIG_ENV,
+    ReloadRefused,
+    listener_notes,
+    probe_settings,
+    read_reload_settled,
 )
 from fleet_ingress.service.lifecycle import (
     EXIT_FLUSH_WAIT,

@@ -63,16 +63,18 @@ from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
 from fleet_ingress.ops.host_stats import WorkerReporter
 from fleet_ingress.release import code_digest
 from fleet_ingress.service import glibc_malloc
-from fleet_ingress.service.ingress import (
-    RUNNING_CONFIG_ENV,
+from fleet_ingress.service.carrier_certificate import (
     SERVING_CERTIFICATE_ENV,
     SERVING_PEM_ENV,
-    Ingress,
-    ReloadRefused,
     certificate_not_taken,
     pem_from_env,
     pem_from_json,
     serving_leaf_from_env,
+)
+from fleet_ingress.service.ingress import (
+    RUNNING_CONFIG_ENV,
+    Ingress,
+    ReloadRefused,
 )
 from fleet_ingress.service.lifecycle import EXIT_FLUSH_WAIT, SECOND_SIGNAL_GRACE, trim_heap
 from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
