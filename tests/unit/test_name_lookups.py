@@ -82,6 +82,14 @@ def test_a_failed_lookup_fails_every_caller_and_each_gets_its_own_list() -> None
     _run(test)
 
 
+async def _asked(loop: IngressLoop, name: str) -> asyncio.Task[list[object]]:
+    """A lookup of `name` under way (the test answers it)."""
+    task = asyncio.create_task(loop.getaddrinfo(name, 443, type=1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    return task
+
+
 async def _answered(loop: IngressLoop, answers: _Answers, name: str, answer: list[object]) -> None:
     """`name` looked up once and answered `answer`."""
     first = asyncio.create_task(loop.getaddrinfo(name, 443, type=socket.SOCK_STREAM))
@@ -103,23 +111,17 @@ def test_a_name_answered_before_gets_its_last_answer_while_the_resolver_fails_fo
         answers = _Answers(loop)  # type: ignore[arg-type]
         await _answered(loop, answers, "fleet-a.test", [("a", 1)])
         for _ in range(3):  # each asks again, and each gets the last answer
-            again = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
+            again = await _asked(loop, "fleet-a.test")
             answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
             assert await again == [("a", 1)]
         assert len(answers.asked) == 4
         said = [r for r in caplog.records if "last answer is used" in r.getMessage()]
         assert len(said) == 1 and said[0].levelname == "WARNING"  # once a minute a name
-        gone = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        gone = await _asked(loop, "fleet-a.test")
         answers.pending[-1].set_exception(socket.gaierror(socket.EAI_NONAME, "not known"))
         with pytest.raises(socket.gaierror):
             await gone
-        never = asyncio.create_task(loop.getaddrinfo("fleet-b.test", 443, type=1))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        never = await _asked(loop, "fleet-b.test")
         answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
         with pytest.raises(socket.gaierror):
             await never
@@ -163,9 +165,7 @@ def test_an_answer_older_than_a_day_is_not_used(monkeypatch: pytest.MonkeyPatch)
         answers = _Answers(loop)  # type: ignore[arg-type]
         await _answered(loop, answers, "fleet-a.test", [("a", 1)])
         await asyncio.sleep(0.01)
-        again = asyncio.create_task(loop.getaddrinfo("fleet-a.test", 443, type=1))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        again = await _asked(loop, "fleet-a.test")
         answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
         with pytest.raises(socket.gaierror):
             await again
