@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -199,6 +200,46 @@ async def test_fleet_silence_when_set_and_per_route_overrides(
         assert [c.bot_id for c in ingress.registry.tunnels()] == ["quiet"]
         ws_writer.close()
         ex_writer.close()
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.timeout(30)
+async def test_a_reloads_silence_limits_apply_to_the_calls_already_up(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The long-call audit of session 22: carrier_silence turned off by a reload
+    (carriers holding without media) still ended the calls up before it, at the
+    limit each call started with. Turned on again, it applies to them too."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    bot = Bot(talking=True)
+    fleet = await RawFleet(tls_files.fleet_server_context(), bot).start()
+    try:
+        fleets_file = tmp_path / "fleets.txt"
+        fleets_file.write_text(fleet.line("a") + "\n")
+        ingress = await start_ingress(
+            [fleet.line("a")], timeouts={"carrier_silence": 0.4}, fleets={"file": str(fleets_file)}
+        )
+        strict = ingress.config
+        relaxed = strict.model_copy(
+            update={"timeouts": strict.timeouts.model_copy(update={"carrier_silence": 0.0})}
+        )
+        reader, writer = await carrier(ingress, tls_files)
+        await switched(reader)
+        reading = asyncio.get_running_loop().create_task(drain(reader))
+        await stream(writer, 0.2)
+        await ingress.reload(tmp_path / "not-read.toml", config=relaxed)
+        await asyncio.sleep(1.2)  # the carrier says nothing: 3 times the limit it started with
+        assert len(ingress.registry.tunnels()) == 1 and not bot.closed_at
+        await ingress.reload(tmp_path / "not-read.toml", config=strict)
+        await eventually(lambda: len(access_entries(caplog)) == 1, timeout=2)
+        assert access_entries(caplog)[0]["end_reason"] == "carrier_silent"
+        async with asyncio.timeout(2):
+            await reading
+        writer.close()
     finally:
         await fleet.stop()
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fleet_ingress.core.call_machine import CallMachine, EndReason
-from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits
+from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 
@@ -286,6 +286,21 @@ class SilenceSweep:
         loop = asyncio.get_running_loop()
         call.watch_silence(limits, time.monotonic())
         self._schedule(loop, limits.sweep_period)
+
+    def relimit(self, policy: SilencePolicy) -> None:
+        """A reload's limits for the calls in their tunnel, at once: an operator who
+        turns `carrier_silence` off during a carriers' hold-without-media incident
+        saves the calls already up, not only the next ones (the long-call audit of
+        session 22: the limits were the ones each call started with). A call still
+        waiting for its fleet's answer keeps `timeouts.response`."""
+        period = math.inf
+        for call in self.registry.calls:
+            quiet = call.quiet
+            if quiet is not None and call.in_tunnel:
+                quiet.limits = policy.for_route(call.route)
+                period = min(period, quiet.limits.sweep_period)
+        if period < math.inf:
+            self._schedule(asyncio.get_running_loop(), period)
 
     def stop(self) -> None:
         if self._timer is not None:

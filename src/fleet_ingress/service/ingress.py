@@ -383,9 +383,10 @@ class Ingress:
 
         Everything is read and validated first; any error refuses the whole
         reload (raises ReloadRefused) and the running configuration stays.
-        Established calls are never touched: they keep the context they
-        started with. Reloads apply in the order asked. `config`: the
-        configuration to apply, read and checked already (a worker's, sent by
+        Established calls keep the TLS sessions and fleets they started with;
+        the silence limits (timeouts.tunnel, carrier_silence, fleet_silence and
+        their route overrides) apply to them at once. Reloads apply in the order
+        asked. `config`: the configuration to apply, read and checked already (a worker's, sent by
         the supervisor with its `reload`); `config_path` is then not read.
         `pem`: the certificate and key to serve, likewise (its tls.cert and
         tls.key are then not read)."""
@@ -427,6 +428,7 @@ class Ingress:
         self.serving_leaf = leaf
         self.config = config
         self.ctx = self._proxy_context(config, fleet_ssl)
+        self.registry.sweep.relimit(self.ctx.silence)
         self.dispatcher.queue_timeout = config.timeouts.queue
         self.dispatcher.max_queue = config.limits.max_queue
         self.dispatcher.fall = _passive_fall(config, probed=self.poller is not None)
