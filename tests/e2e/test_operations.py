@@ -905,3 +905,59 @@ async def test_reloads_in_one_process_apply_in_the_order_asked(
     await asyncio.gather(first, second)
     assert d.ingress.config.timeouts.queue == 9
     assert d.ingress.dispatcher.queue_timeout == 9
+
+
+async def _raw_admin(d: Deployment, request: bytes) -> tuple[int, str]:
+    """`request` sent as it is on the admin socket: the answer's status and body."""
+    assert d.ingress.admin_socket is not None
+    reader, writer = await asyncio.open_unix_connection(str(d.ingress.admin_socket))
+    try:
+        writer.write(request)
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+            body = await reader.readexactly(length)
+        return int(head.split()[1]), body.decode()
+    finally:
+        writer.close()
+
+
+async def test_an_admin_request_whose_body_never_comes_in_full_is_answered_408(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+):
+    """The control-plane audit of session 22: a POST whose body stopped half way
+    held its connection past the idle close, and at a stop held the supervisor 60 s
+    (aiohttp's shutdown wait) after its workers had gone. A name that is not a
+    string was a 500 with a traceback."""
+    from fleet_ingress.ops import admin_server
+
+    monkeypatch.setattr(admin_server, "BODY_TIMEOUT", 0.3)
+    head = b"POST /fleets HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n"
+    status, body = await _raw_admin(deployment, head + b'Content-Length: 1000\r\n\r\n{"url"')
+    assert status == 408 and "did not arrive in full" in body
+    named = json.dumps({"url": "https://fleet9.test", "name": 5}).encode()
+    status, body = await _raw_admin(
+        deployment, head + b"Content-Length: %d\r\n\r\n" % len(named) + named
+    )
+    assert status == 400 and "name is a string" in body
+
+
+def test_a_stop_removes_the_admin_socket_only_while_it_is_its_own(tmp_path: Path):
+    """Two ingresses given one admin socket path, the first's file removed by
+    hand: the second binds its own there, and a stop of the first removed it
+    (the control-plane audit of session 22)."""
+    from fleet_ingress.ops.admin_server import remove_own_socket, socket_file_id
+
+    path = tmp_path / "admin.sock"
+    first = bind_admin_socket(path)
+    first_id = socket_file_id(path)
+    path.unlink()
+    second = bind_admin_socket(path)
+    try:
+        remove_own_socket(path, first_id)
+        assert path.exists()  # the second's, kept
+        remove_own_socket(path, socket_file_id(path))
+        assert not path.exists()
+    finally:
+        first.close()
+        second.close()

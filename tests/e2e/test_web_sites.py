@@ -224,3 +224,34 @@ async def test_a_connection_that_sends_no_request_or_no_more_is_closed_when_idle
             writer.close()
     finally:
         await sites.close()
+
+
+async def test_a_request_that_never_ends_holds_a_close_for_seconds_not_a_minute() -> None:
+    """A request whose body never came in full (or a handler that never returns)
+    held `close`, and so the supervisor's stop, for aiohttp's 60 s (the
+    control-plane audit of session 22): a restart served no call meanwhile."""
+    import asyncio
+    import time
+
+    from fleet_ingress.ops.web_sites import OPERATOR_SHUTDOWN_TIMEOUT
+
+    started = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("never")
+
+    app = web.Application()
+    app.router.add_post("/", endless)
+    sites = WebSites()
+    runner = await sites.serve(app, web.TCPSite, host="127.0.0.1", port=0)
+    port = runner.addresses[0][1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf")
+    async with asyncio.timeout(5):
+        await started.wait()
+    began = time.monotonic()
+    await sites.close()
+    assert time.monotonic() - began < 2 * OPERATOR_SHUTDOWN_TIMEOUT + 2.0  # before: 60 s
+    writer.close()

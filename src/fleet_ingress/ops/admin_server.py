@@ -14,6 +14,7 @@ Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -47,9 +48,21 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": exc.message}, status=exc.status)
 
 
+# A request body still not in full after this is refused (408): one that never came
+# held its connection for good, past the idle close (the control-plane audit).
+BODY_TIMEOUT = 10.0
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     try:
-        body = await request.json()
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await request.json()
+    except TimeoutError:
+        raise FleetChangeError(
+            408, f"the request body did not arrive in full within {BODY_TIMEOUT:g} s"
+        ) from None
+    except ConnectionResetError:  # the client went away mid-body: no traceback, no answer read
+        raise FleetChangeError(400, "the request body was cut short") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise FleetChangeError(400, "the request body is not JSON") from None
     if not isinstance(body, dict):
@@ -116,6 +129,8 @@ def admin_app(
         body = await _json_body(request)
         if not isinstance(body.get("url"), str):
             raise FleetChangeError(400, "add-fleet needs a URL, e.g. https://fleet3.example.com")
+        if not isinstance(body.get("name"), str | None):
+            raise FleetChangeError(400, "a fleet's name is a string, e.g. fleet3")
         maxconn = body.get("maxconn")
         if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
             raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
@@ -139,6 +154,25 @@ def admin_app(
     app.router.add_post("/upgrade", begin_upgrade)
     app.router.add_get("/upgrade", upgrade_status)
     return app
+
+
+def socket_file_id(path: Path) -> tuple[int, int] | None:
+    """The file at `path` as (device, inode), None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_own_socket(path: Path, own: tuple[int, int] | None) -> None:
+    """Remove the socket file at `path` only if it is still the one this process
+    bound (`own`, `socket_file_id` then): once this one's was removed by hand,
+    another ingress given the same path binds its own there, which a stop of this
+    one removed, leaving that ingress without a way to be reached (the
+    control-plane audit of session 22)."""
+    if own is not None and socket_file_id(path) == own:
+        path.unlink(missing_ok=True)
 
 
 def bind_admin_socket(path: Path) -> socket.socket:

@@ -34,6 +34,11 @@ QUIESCE_SETTLE = 0.25
 # 14). Longer than Prometheus's default scrape interval (1 min), so a scraper
 # keeps its connection.
 OPERATOR_IDLE_TIMEOUT = 75.0
+# At close, how long a request under way may take to finish: aiohttp's own
+# default is 60 s, and one admin request whose body never came in full held
+# every stop (and so every restart) of the supervisor 60 s after its workers
+# had gone (the control-plane audit of session 22).
+OPERATOR_SHUTDOWN_TIMEOUT = 2.0  # aiohttp waits it twice: its connections, then its handlers
 
 
 @dataclass
@@ -123,7 +128,11 @@ class WebSites:
         cannot start (its address in use...) the runner is cleaned up and
         that error raised."""
         runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, keepalive_timeout=self.idle_timeout
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.idle_timeout,
+            shutdown_timeout=OPERATOR_SHUTDOWN_TIMEOUT,
         )
         await runner.setup()
         try:

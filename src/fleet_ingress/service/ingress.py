@@ -201,6 +201,7 @@ class Ingress:
         self._web: WebSites | None = None  # the stats and admin apps, not in a worker
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
+        self._admin_socket_id: tuple[int, int] | None = None
 
     def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
         configured = config.limits.max_connections
@@ -284,7 +285,7 @@ class Ingress:
         """The stats and admin apps (a worker's are the supervisor's)."""
         from aiohttp import web
 
-        from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+        from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket, socket_file_id
         from fleet_ingress.ops.stats_server import stats_app
         from fleet_ingress.ops.web_sites import WebSites
 
@@ -303,6 +304,7 @@ class Ingress:
             sock = bind_admin_socket(path)
             await self._web.serve(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
             self.admin_socket = path
+            self._admin_socket_id = socket_file_id(path)
             log.info("listening", extra=fields(listener="admin", address=str(path)))
 
     def _listener(self, key: str, address: str) -> socket.socket:
@@ -534,7 +536,9 @@ class Ingress:
         if self._web is not None:
             await self._web.close()
         if self.admin_socket is not None:
-            self.admin_socket.unlink(missing_ok=True)
+            from fleet_ingress.ops.admin_server import remove_own_socket
+
+            remove_own_socket(self.admin_socket, self._admin_socket_id)
         self.loop_lag.stop()
         await asyncio.sleep(0)
 

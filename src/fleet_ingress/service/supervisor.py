@@ -73,7 +73,12 @@ from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.tls import fleet_ssl_context, held_pem
-from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.ops.admin_server import (
+    admin_app,
+    bind_admin_socket,
+    remove_own_socket,
+    socket_file_id,
+)
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.host_stats import (
     PULL_EVERY,
@@ -275,6 +280,7 @@ class Supervisor:
         self._web = WebSites()
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
+        self._admin_socket_id: tuple[int, int] | None = None
         self._stats_sock: socket.socket | None = None
         self._admin_sock: socket.socket | None = None
         self._puller: asyncio.Task[None] | None = None
@@ -342,6 +348,7 @@ class Supervisor:
                 admin_sock,
             )
             self.admin_socket = path
+            self._admin_socket_id = socket_file_id(path)
             server_log.info(
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
@@ -1187,7 +1194,7 @@ class Supervisor:
             if sock is not None:
                 sock.close()
         if self.admin_socket is not None:
-            self.admin_socket.unlink(missing_ok=True)
+            remove_own_socket(self.admin_socket, self._admin_socket_id)
         await self.server.close()
         for task in list(self._watchers):
             task.cancel()
