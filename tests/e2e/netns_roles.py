@@ -51,8 +51,8 @@ async def carrier(url: str, ca_file: str, lifetime: float) -> None:
             ssl_context=context,
             bot_id=f"bot-{n}",
             duration=0.04,  # two 20 ms frames, echoed back: the call path works end to end
-            open_timeout=1.0,
-            echo_wait=1.0,
+            open_timeout=3.0,
+            echo_wait=3.0,
         )
         line = {"start": start, "end": time.monotonic(), "ok": result.ok, "error": result.error}
         print(json.dumps(line), flush=True)

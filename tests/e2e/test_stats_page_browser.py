@@ -112,7 +112,7 @@ class Tables(HTMLParser):
 
 @pytest.mark.uvloop_only
 async def test_stats_page_in_headless_chromium_shows_each_fleet_and_its_state(
-    start_ingress: StartIngress, tls_files: TLSFiles
+    start_ingress: StartIngress, tls_files: TLSFiles, tmp_path: Path
 ):
     chromium = chromium_or_skip()
     names = ("alpha", "bravo", "charlie", "delta")
@@ -124,11 +124,14 @@ async def test_stats_page_in_headless_chromium_shows_each_fleet_and_its_state(
         await fleet.start()
     call = None
     try:
+        lines = [f"{f.url} name={f.name}" for f in fleets.values()]
+        fleets_file = tmp_path / "fleets.txt"  # where charlie's drain is saved
+        fleets_file.write_text("\n".join(lines) + "\n")
         ingress = await start_ingress(
-            [f"{f.url} name={f.name}" for f in fleets.values()],
+            lines,
             health_checks=True,
             listen={"stats": "127.0.0.1:0"},
-            fleets={"check_interval": 0.2},
+            fleets={"check_interval": 0.2, "file": str(fleets_file)},
         )
         assert ingress.poller is not None and ingress.stats_address is not None
         assert await ingress.poller.wait_first_probes(timeout=3)

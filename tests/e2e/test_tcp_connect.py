@@ -230,7 +230,7 @@ def test_a_name_answered_once_keeps_its_address_while_the_resolver_fails(fails: 
         control = _in_namespace(name, f"stale-{fails}", "uvloop")
         took = _in_namespace(name, f"stale-{fails}", "ingress")
     assert control["uvloop"] > 2.0, control  # the control: the hazard is real here
-    assert took["ingress"] < 1.8, took
+    assert took["ingress"] < 4.0, took  # the stale answer at 1 s; the resolver gives up at 5 s
 
 
 @pytest.mark.parametrize(

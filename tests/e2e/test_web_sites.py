@@ -185,7 +185,7 @@ async def test_quiesce_waits_its_timeout_at_most_for_a_request_that_will_not_end
         began = loop.time()
         await sites.quiesce(1.0)
         took = loop.time() - began
-        assert took < 1.0 + 0.6, took  # QUIESCE_SETTLE and the loop's slack
+        assert took < 1.9, took  # QUIESCE_SETTLE and the loop's slack; not twice the timeout
         assert await asyncio.wait_for(reader.read(), 2) == b""  # cut: closed, no answer
     finally:
         if writer is not None:

@@ -57,7 +57,7 @@ async def test_queue_timeout_gives_no_fleet_available():
     started = loop.time()
     with pytest.raises(NoFleetAvailable, match=r"0\.1s"):
         await d.acquire()
-    assert 0.09 <= loop.time() - started < 0.5
+    assert 0.09 <= loop.time() - started < 2.0
     assert d.queue_timeouts == 1 and d.queue_length == 0
 
 

@@ -105,12 +105,12 @@ async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watch
     monkeypatch.setattr(module, "WATCHDOG_PING_EVERY", 0.05)
     heard = Heard()
     task = asyncio.ensure_future(module._keep_systemd_informed(Status(), heard))  # type: ignore[arg-type]
-    await asyncio.sleep(0.33)
+    await asyncio.sleep(0.6)
     task.cancel()
     assert heard.lines.count("WATCHDOG=1") >= 5, heard.lines
     assert heard.lines.count("STATUS=2 calls") == 1
     starting = Heard()  # before READY=1 (an upgrade's new image starting) likewise
     task = asyncio.ensure_future(module._ping_watchdog(starting))  # type: ignore[arg-type]
-    await asyncio.sleep(0.33)
+    await asyncio.sleep(0.6)
     task.cancel()
     assert starting.lines.count("WATCHDOG=1") >= 5, starting.lines
