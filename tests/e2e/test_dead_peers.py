@@ -213,7 +213,8 @@ async def test_a_reloads_silence_limits_apply_to_the_calls_already_up(
 ) -> None:
     """The long-call audit of session 22: carrier_silence turned off by a reload
     (carriers holding without media) still ended the calls up before it, at the
-    limit each call started with. Turned on again, it applies to them too."""
+    limit each call started with. Turned on again, it is for new calls only: a
+    reload never ends a call (SPEC 11)."""
     caplog.set_level(logging.INFO, logger="fleet_ingress.access")
     bot = Bot(talking=True)
     fleet = await RawFleet(tls_files.fleet_server_context(), bot).start()
@@ -235,11 +236,22 @@ async def test_a_reloads_silence_limits_apply_to_the_calls_already_up(
         await asyncio.sleep(1.2)  # the carrier says nothing: 3 times the limit it started with
         assert len(ingress.registry.tunnels()) == 1 and not bot.closed_at
         await ingress.reload(tmp_path / "not-read.toml", config=strict)
-        await eventually(lambda: len(access_entries(caplog)) == 1, timeout=2)
-        assert access_entries(caplog)[0]["end_reason"] == "carrier_silent"
+        await asyncio.sleep(1.0)
+        assert len(ingress.registry.tunnels()) == 1 and access_entries(caplog) == []
+        # A call after it has the strict limit.
+        later_reader, later_writer = await carrier(ingress, tls_files, "/ws/later")
+        await switched(later_reader)
+        later = asyncio.get_running_loop().create_task(drain(later_reader))
+        await eventually(lambda: len(access_entries(caplog)) == 1, timeout=3)
+        assert [(e["bot_id"], e["end_reason"]) for e in access_entries(caplog)] == [
+            ("later", "carrier_silent")
+        ]
+        async with asyncio.timeout(2):
+            await later
+        writer.close()
+        later_writer.close()
         async with asyncio.timeout(2):
             await reading
-        writer.close()
     finally:
         await fleet.stop()
 

@@ -94,3 +94,13 @@ def test_per_route_overrides():
     )
     assert policy.for_route("/ws/") == SilenceLimits(idle=3600.0, carrier=30.0, fleet=0.0)
     assert policy.for_route("/exotel/") == SilenceLimits(idle=3600.0, carrier=0.0, fleet=120.0)
+
+
+def test_a_reloads_limits_for_a_call_up_are_each_the_longer_of_the_two():
+    """A reload may spare a call, never end one (SPEC 11): 0 (off) is the longest."""
+    started = SilenceLimits(idle=3600.0, carrier=30.0, fleet=0.0)
+    relaxed = started.lenient(SilenceLimits(idle=60.0, carrier=0.0, fleet=10.0))
+    assert relaxed == SilenceLimits(idle=3600.0, carrier=0.0, fleet=0.0)
+    longer = started.lenient(SilenceLimits(idle=7200.0, carrier=120.0, fleet=5.0))
+    assert longer == SilenceLimits(idle=7200.0, carrier=120.0, fleet=0.0)
+    assert SilenceLimits(idle=60.0, carrier=0.0).lenient(started).carrier == 0.0

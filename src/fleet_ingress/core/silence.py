@@ -38,6 +38,20 @@ class SilenceLimits:
     carrier: float = 0.0
     fleet: float = 0.0
 
+    def lenient(self, other: SilenceLimits) -> SilenceLimits:
+        """Each limit the longer of the two (0, off, the longest): a reload's
+        limits for a call already up, which a reload must never end (SPEC 11)
+        but may spare."""
+
+        def longer(a: float, b: float) -> float:
+            return 0.0 if a == 0 or b == 0 else max(a, b)
+
+        return SilenceLimits(
+            idle=max(self.idle, other.idle),
+            carrier=longer(self.carrier, other.carrier),
+            fleet=longer(self.fleet, other.fleet),
+        )
+
     @property
     def shortest(self) -> float:
         return min(s for s in (self.idle, self.carrier, self.fleet) if s > 0)

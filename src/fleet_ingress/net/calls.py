@@ -288,16 +288,18 @@ class SilenceSweep:
         self._schedule(loop, limits.sweep_period)
 
     def relimit(self, policy: SilencePolicy) -> None:
-        """A reload's limits for the calls in their tunnel, at once: an operator who
-        turns `carrier_silence` off during a carriers' hold-without-media incident
-        saves the calls already up, not only the next ones (the long-call audit of
-        session 22: the limits were the ones each call started with). A call still
-        waiting for its fleet's answer keeps `timeouts.response`."""
+        """A reload's limits for the calls in their tunnel where they are longer:
+        an operator who turns `carrier_silence` off during a carriers'
+        hold-without-media incident saves the calls already up, not only the next
+        ones (the long-call audit of session 22: each call kept the limits it
+        started with). A shorter limit is for new calls only: a reload never ends
+        a call (SPEC 11). A call still waiting for its fleet's answer keeps
+        `timeouts.response`."""
         period = math.inf
         for call in self.registry.calls:
             quiet = call.quiet
             if quiet is not None and call.in_tunnel:
-                quiet.limits = policy.for_route(call.route)
+                quiet.limits = quiet.limits.lenient(policy.for_route(call.route))
                 period = min(period, quiet.limits.sweep_period)
         if period < math.inf:
             self._schedule(asyncio.get_running_loop(), period)

@@ -387,9 +387,10 @@ class Ingress:
         reload (raises ReloadRefused) and the running configuration stays.
         Established calls keep the TLS sessions and fleets they started with;
         the silence limits (timeouts.tunnel, carrier_silence, fleet_silence and
-        their route overrides) apply to them at once. Reloads apply in the order
-        asked. `config`: the configuration to apply, read and checked already (a worker's, sent by
-        the supervisor with its `reload`); `config_path` is then not read.
+        their route overrides) apply to them where longer (a reload never ends a
+        call). Reloads apply in the order asked. `config`: the configuration to
+        apply, read and checked already (a worker's, sent by the supervisor with
+        its `reload`); `config_path` is then not read.
         `pem`: the certificate and key to serve, likewise (its tls.cert and
         tls.key are then not read)."""
         async with self._reload_lock:
