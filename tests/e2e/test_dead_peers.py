@@ -232,12 +232,21 @@ async def test_a_reloads_silence_limits_apply_to_the_calls_already_up(
         await switched(reader)
         reading = asyncio.get_running_loop().create_task(drain(reader))
         await stream(writer, 0.2)
+        # A carrier connected before the reload, its request after (a call still
+        # connecting at the reload): its connection's limits are the old ones.
+        host, port = ingress.wss_address
+        early_reader, early_writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
         await ingress.reload(tmp_path / "not-read.toml", config=relaxed)
-        await asyncio.sleep(1.2)  # the carrier says nothing: 3 times the limit it started with
-        assert len(ingress.registry.tunnels()) == 1 and not bot.closed_at
+        early_writer.write(UPGRADE.format(path="/ws/early").encode())
+        await switched(early_reader)
+        early = asyncio.get_running_loop().create_task(drain(early_reader))
+        await asyncio.sleep(1.2)  # the carriers say nothing: 3 times the limit they started with
+        assert len(ingress.registry.tunnels()) == 2 and not bot.closed_at
         await ingress.reload(tmp_path / "not-read.toml", config=strict)
         await asyncio.sleep(1.0)
-        assert len(ingress.registry.tunnels()) == 1 and access_entries(caplog) == []
+        assert len(ingress.registry.tunnels()) == 2 and access_entries(caplog) == []
         # A call after it has the strict limit.
         later_reader, later_writer = await carrier(ingress, tls_files, "/ws/later")
         await switched(later_reader)
@@ -250,8 +259,10 @@ async def test_a_reloads_silence_limits_apply_to_the_calls_already_up(
             await later
         writer.close()
         later_writer.close()
+        early_writer.close()
         async with asyncio.timeout(2):
             await reading
+            await early
     finally:
         await fleet.stop()
 

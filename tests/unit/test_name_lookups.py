@@ -171,3 +171,48 @@ def test_an_answer_older_than_a_day_is_not_used(monkeypatch: pytest.MonkeyPatch)
             await again
 
     _run(test)
+
+
+def test_a_caller_joining_a_hung_lookup_late_gets_the_last_answer_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """STALE_AFTER counts from when the lookup was asked: a health probe (inside
+    its 1 s check_timeout) that joined a lookup hung for longer waited the full
+    STALE_AFTER again, timed out, and its fleet went DOWN (the review of session 22)."""
+    from fleet_ingress.net import event_loop
+
+    monkeypatch.setattr(event_loop, "STALE_AFTER", 0.2)
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        await _answered(loop, answers, "fleet-a.test", [("a", 1)])
+        first = await _asked(loop, "fleet-a.test")  # hangs from now
+        assert await first == [("a", 1)]  # at STALE_AFTER
+        started = loop.time()
+        assert await loop.getaddrinfo("fleet-a.test", 443, type=1) == [("a", 1)]
+        assert loop.time() - started < 0.1  # the same hung lookup: no second wait
+        assert len(answers.asked) == 2
+
+    _run(test)
+
+
+def test_a_name_found_gone_loses_its_last_answer() -> None:
+    """EAI_NONAME (the record removed) drops the name's last answer, even when it
+    came after a caller was given that answer: the next lookup fails rather
+    than send calls to the old address for a day (the review of session 22)."""
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        await _answered(loop, answers, "fleet-a.test", [("a", 1)])
+        gone = await _asked(loop, "fleet-a.test")
+        answers.pending[-1].set_exception(socket.gaierror(socket.EAI_NONAME, "not known"))
+        with pytest.raises(socket.gaierror):
+            await gone
+        failing = await _asked(loop, "fleet-a.test")
+        answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
+        with pytest.raises(socket.gaierror):  # nothing to fall back on any more
+            await failing
+
+    _run(test)

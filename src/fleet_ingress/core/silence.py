@@ -46,11 +46,12 @@ class SilenceLimits:
         def longer(a: float, b: float) -> float:
             return 0.0 if a == 0 or b == 0 else max(a, b)
 
-        return SilenceLimits(
+        merged = SilenceLimits(
             idle=max(self.idle, other.idle),
             carrier=longer(self.carrier, other.carrier),
             fleet=longer(self.fleet, other.fleet),
         )
+        return self if merged == self else merged  # shared by the calls, as before
 
     @property
     def shortest(self) -> float:

@@ -279,8 +279,18 @@ class SilenceSweep:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.policy: SilencePolicy | None = None  # the last reload's (`relimit`)
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf  # loop time of the next pass
+
+    def watch_tunnel(self, call: Call, policy: SilencePolicy) -> None:
+        """`call` enters its tunnel under `policy`, its connection's (the one in
+        force when it was accepted): where a reload since has longer limits,
+        those (`relimit`); a call still connecting at the reload is spared too."""
+        limits = policy.for_route(call.route)
+        if self.policy is not None and self.policy is not policy:
+            limits = limits.lenient(self.policy.for_route(call.route))
+        self.watch(call, limits)
 
     def watch(self, call: Call, limits: SilenceLimits) -> None:
         loop = asyncio.get_running_loop()
@@ -295,6 +305,7 @@ class SilenceSweep:
         started with). A shorter limit is for new calls only: a reload never ends
         a call (SPEC 11). A call still waiting for its fleet's answer keeps
         `timeouts.response`."""
+        self.policy = policy
         period = math.inf
         for call in self.registry.calls:
             quiet = call.quiet

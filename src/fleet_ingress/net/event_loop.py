@@ -60,7 +60,7 @@ _LookupKey = tuple[Any, Any, int, int, int, int]
 # Serve stale (RFC 8767's figures): a name's last answer is used when its lookup
 # has not answered within STALE_AFTER seconds or fails for now, for up to
 # STALE_FOR seconds after that answer; answers of ANSWERS_KEPT keys at most.
-STALE_AFTER = 1.0
+STALE_AFTER = 0.5  # under the probes' check_timeout (1 s by default)
 STALE_FOR = 86_400.0
 ANSWERS_KEPT = 512
 STALE_SAID_EVERY = 60.0  # seconds: a warning a name, not one a call
@@ -72,6 +72,7 @@ class IngressLoop(uvloop.Loop):
         self._lookups: dict[_LookupKey, asyncio.Future[list[Any]]] = {}
         # Each key's last answer and when it came (monotonic), oldest first.
         self._answers: dict[_LookupKey, tuple[float, list[Any]]] = {}
+        self._asked_at: dict[_LookupKey, float] = {}  # loop time each lookup under way began
         self._stale_said: dict[Any, float] = {}
 
     async def getaddrinfo(  # type: ignore[override]
@@ -89,13 +90,18 @@ class IngressLoop(uvloop.Loop):
         if lookup is None:
             lookup = self.create_task(self._lookup(host, port, family, type, proto, flags))
             self._lookups[key] = lookup
+            self._asked_at[key] = self.time()
             lookup.add_done_callback(functools.partial(self._lookup_done, key))
         last = self._last_answer(key)
         if last is None:
             # A caller's timeout cancels its wait, not the lookup others wait on.
             return list(await asyncio.shield(lookup))
-        # asyncio.wait cancels nothing: the lookup goes on for the others.
-        await asyncio.wait((lookup,), timeout=STALE_AFTER)
+        # STALE_AFTER from when the lookup was asked, not from when this caller came:
+        # a probe that joins a hung lookup (inside its own check_timeout) gets the
+        # last answer at once. asyncio.wait cancels nothing: the lookup goes on.
+        wait = STALE_AFTER - (self.time() - self._asked_at.get(key, self.time()))
+        if wait > 0:
+            await asyncio.wait((lookup,), timeout=wait)
         if not lookup.done():
             self._say_stale(host, last, f"no answer within {STALE_AFTER:g} s")
             return list(last[1])
@@ -117,9 +123,15 @@ class IngressLoop(uvloop.Loop):
     def _lookup_done(self, key: _LookupKey, lookup: asyncio.Future[list[Any]]) -> None:
         if self._lookups.get(key) is lookup:
             del self._lookups[key]
+            self._asked_at.pop(key, None)
         if lookup.cancelled():
             return
-        if lookup.exception() is None:  # also: every caller may have left, not "never retrieved"
+        failed = lookup.exception()  # also: every caller may have left, not "never retrieved"
+        if failed is not None:
+            if not (isinstance(failed, socket.gaierror) and failed.errno == socket.EAI_AGAIN):
+                # The name is gone (EAI_NONAME...): its last address is not to be used.
+                self._answers.pop(key, None)
+        else:
             self._answers.pop(key, None)
             self._answers[key] = (time.monotonic(), lookup.result())
             if len(self._answers) > ANSWERS_KEPT:

@@ -679,7 +679,7 @@ class CarrierProtocol(_Side):
         self.peer = self.peer_writer(fleet_side.transport)
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
-        ctx.registry.sweep.watch(call, ctx.silence.for_route(call.route))
+        ctx.registry.sweep.watch_tunnel(call, ctx.silence)
         ctx.registry.call_linked(call)
 
     def _relay(self, command: Command) -> None:

@@ -29,8 +29,13 @@ class SharedRender(Generic[T]):
     Now rendering takes at most about half of the loop. A request is answered
     from a render that began after it came, or that was under way when it came."""
 
-    def __init__(self, render: Callable[[], Awaitable[T]]) -> None:
+    def __init__(
+        self, render: Callable[[], T], prepare: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """`render` the work on the loop (timed: the pause after it is as long);
+        `prepare` awaited first, not timed (waiting on workers' reports is not work)."""
         self._render = render
+        self._prepare = prepare
         self._running: asyncio.Future[T] | None = None
         self._next_at = 0.0
 
@@ -47,8 +52,10 @@ class SharedRender(Generic[T]):
         try:
             if (wait := self._next_at - loop.time()) > 0:
                 await asyncio.sleep(wait)
+            if self._prepare is not None:
+                await self._prepare()
             started = loop.time()
-            result = await self._render()
+            result = self._render()
             self._next_at = loop.time() + (loop.time() - started)
             return result
         finally:
@@ -70,20 +77,9 @@ def stats_app(
         if refresh is not None:
             await refresh()
 
-    async def render_page() -> str:
-        await fresh()
-        return render_stats_page(snapshot())
-
-    async def render_json() -> str:
-        await fresh()
-        return json.dumps(snapshot())
-
-    async def render_metrics() -> bytes:
-        await fresh()
-        return generate_latest(prometheus)
-
-    shared_page, shared_json = SharedRender(render_page), SharedRender(render_json)
-    shared_metrics = SharedRender(render_metrics)
+    shared_page = SharedRender(lambda: render_stats_page(snapshot()), fresh)
+    shared_json = SharedRender(lambda: json.dumps(snapshot()), fresh)
+    shared_metrics = SharedRender(lambda: generate_latest(prometheus), fresh)
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(text=await shared_page(), content_type="text/html")
