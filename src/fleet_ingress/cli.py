@@ -498,9 +498,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.settings import ConfigError, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
-    from fleet_ingress.service.carrier_certificate import (
-        carrier_ssl_context,
-    )
+    from fleet_ingress.service.carrier_certificate import carrier_ssl_context
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
     from fleet_ingress.service.upgrade import REEXEC_READ_EVERY, REEXEC_READ_PATIENCE, take_state

@@ -216,3 +216,26 @@ def test_a_name_found_gone_loses_its_last_answer() -> None:
             await failing
 
     _run(test)
+
+
+def test_the_answers_kept_are_bounded_oldest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ANSWERS_KEPT names at most: the one answered longest ago has no last answer."""
+    from fleet_ingress.net import event_loop
+
+    monkeypatch.setattr(event_loop, "ANSWERS_KEPT", 2)
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        answers = _Answers(loop)  # type: ignore[arg-type]
+        for name in ("a.test", "b.test", "c.test"):
+            await _answered(loop, answers, name, [(name, 1)])
+        for name, kept in (("a.test", False), ("c.test", True)):
+            failing = await _asked(loop, name)
+            answers.pending[-1].set_exception(socket.gaierror(socket.EAI_AGAIN, "try again"))
+            if kept:
+                assert await failing == [(name, 1)]
+            else:
+                with pytest.raises(socket.gaierror):
+                    await failing
+
+    _run(test)

@@ -69,10 +69,10 @@ STALE_SAID_EVERY = 60.0  # seconds: a warning a name, not one a call
 class IngressLoop(uvloop.Loop):
     def __init__(self) -> None:
         super().__init__()
-        self._lookups: dict[_LookupKey, asyncio.Future[list[Any]]] = {}
+        # Each lookup under way, and the loop time it was asked.
+        self._lookups: dict[_LookupKey, tuple[asyncio.Future[list[Any]], float]] = {}
         # Each key's last answer and when it came (monotonic), oldest first.
         self._answers: dict[_LookupKey, tuple[float, list[Any]]] = {}
-        self._asked_at: dict[_LookupKey, float] = {}  # loop time each lookup under way began
         self._stale_said: dict[Any, float] = {}
 
     async def getaddrinfo(  # type: ignore[override]
@@ -86,12 +86,12 @@ class IngressLoop(uvloop.Loop):
         flags: int = 0,
     ) -> list[Any]:
         key = (host, port, family, type, proto, flags)
-        lookup = self._lookups.get(key)
-        if lookup is None:
+        under_way = self._lookups.get(key)
+        if under_way is None:
             lookup = self.create_task(self._lookup(host, port, family, type, proto, flags))
-            self._lookups[key] = lookup
-            self._asked_at[key] = self.time()
+            under_way = self._lookups[key] = (lookup, self.time())
             lookup.add_done_callback(functools.partial(self._lookup_done, key))
+        lookup, asked_at = under_way
         last = self._last_answer(key)
         if last is None:
             # A caller's timeout cancels its wait, not the lookup others wait on.
@@ -99,7 +99,7 @@ class IngressLoop(uvloop.Loop):
         # STALE_AFTER from when the lookup was asked, not from when this caller came:
         # a probe that joins a hung lookup (inside its own check_timeout) gets the
         # last answer at once. asyncio.wait cancels nothing: the lookup goes on.
-        wait = STALE_AFTER - (self.time() - self._asked_at.get(key, self.time()))
+        wait = STALE_AFTER - (self.time() - asked_at)
         if wait > 0:
             await asyncio.wait((lookup,), timeout=wait)
         if not lookup.done():
@@ -121,9 +121,8 @@ class IngressLoop(uvloop.Loop):
         )
 
     def _lookup_done(self, key: _LookupKey, lookup: asyncio.Future[list[Any]]) -> None:
-        if self._lookups.get(key) is lookup:
+        if (under_way := self._lookups.get(key)) is not None and under_way[0] is lookup:
             del self._lookups[key]
-            self._asked_at.pop(key, None)
         if lookup.cancelled():
             return
         failed = lookup.exception()  # also: every caller may have left, not "never retrieved"

@@ -56,7 +56,8 @@ class SharedRender(Generic[T]):
                 await self._prepare()
             started = loop.time()
             result = self._render()
-            self._next_at = loop.time() + (loop.time() - started)
+            ended = loop.time()
+            self._next_at = ended + (ended - started)
             return result
         finally:
             self._running = None

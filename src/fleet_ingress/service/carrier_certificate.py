@@ -34,6 +34,16 @@ from fleet_ingress.net.tls import (
 
 log = logging.getLogger("fleet_ingress.server")
 
+# Set by a supervisor of an older release for a worker it starts, which then
+# reads the certificate files: the certificate it serves (JSON), which one on
+# disk a reload refused must not replace (`certificate_not_taken`).
+SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
+# Set by the supervisor for a worker it starts: the two fds ("cert,key") of the
+# sealed memfds holding the certificate chain and key it serves, read and
+# checked once (a reload's, or at its start): the files may hold since a renewal
+# a reload refused, half written, a key not the certificate's, or nothing.
+SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
+
 
 def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> str | None:
     """Why the certificate `config` names on disk must not be served in place of
@@ -102,19 +112,6 @@ def serving_leaf_from_env(value: str | None) -> LeafFacts | None:
         )
     except (ValueError, KeyError, TypeError):
         return None
-
-
-# Set by a supervisor of an older release for a worker it starts, which then
-# reads the certificate files: the certificate it serves (JSON), which one on
-# disk a reload refused must not replace (`certificate_not_taken`).
-SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
-
-
-# Set by the supervisor for a worker it starts: the two fds ("cert,key") of the
-# sealed memfds holding the certificate chain and key it serves, read and
-# checked once (a reload's, or at its start): the files may hold since a renewal
-# a reload refused, half written, a key not the certificate's, or nothing.
-SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
 
 
 def serving_leaf(config: IngressConfig, pem: CarrierPem | None = None) -> LeafFacts | None:

@@ -48,9 +48,7 @@ from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
-from fleet_ingress.service.carrier_certificate import (
-    certificate_not_taken,
-)
+from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
