@@ -752,6 +752,118 @@ async def test_sigterm_drains_every_generation_then_exits_0(
         await service.finish()
 
 
+async def _hold_calls(
+    service: RunningIngress, tls_files: TLSFiles, bots: list[str]
+) -> list[ClientConnection]:
+    return [
+        await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
+        for bot in bots
+    ]
+
+
+async def _echoes(ws: ClientConnection, text: str) -> None:
+    await ws.send(text)
+    async with asyncio.timeout(5):
+        assert await ws.recv() == text
+
+
+async def test_upgrade_drain_0_keeps_the_old_generations_calls_past_drain_and_sigterm_ends_them(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """timeouts.upgrade_drain = 0: the old generation keeps its calls until
+    they end, past timeouts.drain and its backstop (drain + 5 s), which would
+    have cut them and killed it; a call that ends lets it go... and a SIGTERM
+    meanwhile still drains for timeouts.drain only: the call left is ended
+    ("drain"), logged, and the supervisor exits 0 without killing anyone."""
+    drain = 1
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files,
+        lines,
+        workers=1,
+        drain=drain,
+        env={**PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "0"},
+    )
+    held: list[ClientConnection] = []
+    try:
+        ((old, _),) = ((r["pid"], r) for r in await _rows(service))
+        held = await _hold_calls(service, tls_files, ["kept-0", "kept-1"])
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        done = [e for e in service.log() if e.get("event", "").startswith("upgrade done")]
+        assert done and done[-1]["drain_s"] is None, done
+        await asyncio.sleep(drain + 5 + 1.5)  # past the drain and its backstop
+        assert _alive(old)
+        for i, ws in enumerate(held):
+            await _echoes(ws, f"after the drain {i}")
+        (new_call,) = await _hold_calls(service, tls_files, ["new-0"])  # the new generation's
+        await _echoes(new_call, "new")
+        await new_call.close()
+        await held[0].close()
+        assert _alive(old)  # one call left there
+
+        service.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = await asyncio.wait_for(service.proc.wait(), drain + 5 + 10)
+        stopped_s = time.monotonic() - stopped_at
+        assert code == 0, service.log_tail()
+        # The drain, then the close's moment; not the backstop's drain + 5 s.
+        assert stopped_s < drain + 4.5, f"exited {stopped_s:.1f}s after SIGTERM"
+        log = service.log()
+        ended = {e["bot_id"]: e for e in log if e.get("event") == "call ended"}
+        assert ended["kept-1"]["end_reason"] == "drain", ended["kept-1"]
+        assert ended["kept-1"]["process"] == old
+        assert ended["kept-0"]["end_reason"] == "carrier closed"
+        assert not [e for e in log if "killed" in e.get("event", "")]
+        exited = [e for e in log if e.get("event") == "old-generation worker exited"]
+        assert [(e["pid"], e["exit_status"]) for e in exited] == [(old, "exit 0")]
+    finally:
+        await close_calls(held)
+        await service.finish()
+
+
+async def test_upgrade_drain_shorter_than_drain_ends_the_old_generations_calls_at_it(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """timeouts.upgrade_drain = 1 with timeouts.drain = 60: the old
+    generation's call is ended ("drain") about a second after the upgrade, and
+    the old worker exits 0; the new generation serves on."""
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    service = await RunningIngress.start(
+        tls_files,
+        lines,
+        workers=1,
+        drain=60,
+        env={**PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "1"},
+    )
+    held: list[ClientConnection] = []
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        held = await _hold_calls(service, tls_files, ["old-0"])
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        retired_at = time.monotonic()
+        await eventually(lambda: not _alive(old), timeout=10)
+        gone_s = time.monotonic() - retired_at
+        assert gone_s < 6, f"the old worker left {gone_s:.1f}s after the upgrade, not at ~1 s"
+
+        def ended() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "call ended"]
+
+        await eventually(lambda: bool(ended()), timeout=5)
+        assert [(e["bot_id"], e["end_reason"], e["process"]) for e in ended()] == [
+            ("old-0", "drain", old)
+        ]
+        exited = [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+        assert [(e["pid"], e["exit_status"]) for e in exited] == [(old, "exit 0")]
+        (new_call,) = await _hold_calls(service, tls_files, ["new-0"])
+        await _echoes(new_call, "new")
+        await new_call.close()
+    finally:
+        await close_calls(held)
+        await service.finish()
+
+
 def _package_whose_exec_fails(tmp_path: Path) -> Path:
     """A copy of the package whose execve fails after the hand-over (ENOEXEC)."""
     src = _copy_package(tmp_path)

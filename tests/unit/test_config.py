@@ -1,3 +1,4 @@
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
             "queue": 3.0,
             "tunnel": 3600.0,
             "drain": 300.0,
+            "upgrade_drain": None,
             "carrier_silence": 30.0,
             "fleet_silence": 0.0,
             "tcp_user_timeout": 20.0,
@@ -151,6 +153,16 @@ def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> No
             '[timeouts]\nconnect = "10s"\n',
             "timeouts.connect: '10s' is a string; write a number of seconds, unquoted, e.g. 10",
         ),
+        (
+            "[timeouts]\nupgrade_drain = -1\n",
+            "timeouts.upgrade_drain: must be at least 0 seconds (got -1); 0 keeps the old "
+            "generation's calls until they end",
+        ),
+        (
+            '[timeouts]\nupgrade_drain = "1h"\n',
+            "timeouts.upgrade_drain: '1h' is a string; write a number of seconds, unquoted, "
+            "e.g. 10",
+        ),
     ],
 )
 def test_a_bound_or_a_unit_is_said_in_an_operators_words(
@@ -160,6 +172,22 @@ def test_a_bound_or_a_unit_is_said_in_an_operators_words(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [f"{path}: {line}"]
+
+
+@pytest.mark.parametrize(
+    ("toml", "seconds"),
+    [
+        ("drain = 120\n", 120.0),  # unset: an upgrade's old generation drains as a stop does
+        ("drain = 120\nupgrade_drain = 7200\n", 7200.0),
+        ("drain = 120\nupgrade_drain = 0\n", math.inf),  # until its calls end
+    ],
+)
+def test_an_upgrades_old_generation_drains_for_upgrade_drain(
+    tmp_path: Path, toml: str, seconds: float
+) -> None:
+    config = load_config(write(tmp_path, "[timeouts]\n" + toml))
+    assert config.timeouts.old_generation_drain() == seconds
+    assert config.timeouts.drain == 120.0
 
 
 def test_log_level_is_taken_in_capitals_as_logging_spells_it(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import difflib
 import functools
 import ipaddress
 import json
+import math
 import os
 import re
 import stat
@@ -255,11 +256,22 @@ class TimeoutsSection(_Section):
     queue: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 3.0  # 0 = no queueing
     tunnel: Seconds = 3600.0
     drain: Seconds = 300.0
+    # An upgrade's old generation keeps its calls this long (0: until they end);
+    # unset: drain. A stop (SIGTERM) during it still drains for `drain` at most.
+    upgrade_drain: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
     carrier_silence: OffOrSeconds = 30.0
     fleet_silence: OffOrSeconds = 0.0
     tcp_user_timeout: OffOrSeconds = 20.0
     keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
     keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
+
+    def old_generation_drain(self) -> float:
+        """Seconds an upgrade's old generation keeps its calls before closing
+        the rest: `upgrade_drain`, or `drain` where it is not set; math.inf
+        for 0 (until the calls end)."""
+        if self.upgrade_drain is None:
+            return self.drain
+        return self.upgrade_drain or math.inf
 
 
 class LimitsSection(_Section):
@@ -614,6 +626,7 @@ _ZERO_MEANS = {
     "timeouts.carrier_silence": "0 turns it off",
     "timeouts.fleet_silence": "0 turns it off",
     "timeouts.tcp_user_timeout": "0 leaves the kernel's default",
+    "timeouts.upgrade_drain": "0 keeps the old generation's calls until they end",
     "timeouts.keepalive_idle": "0 turns keepalive off",
     "process.worker_hang_timeout": "0 never kills a hung worker",
 }
@@ -627,7 +640,7 @@ def _seconds_keys() -> frozenset[str]:
     for section, field in IngressConfig.model_fields.items():
         for key, sub in field.annotation.model_fields.items():  # type: ignore[union-attr]
             timed = any(w in key for w in ("interval", "timeout", "silence"))
-            if sub.annotation is float and (section == "timeouts" or timed):
+            if sub.annotation in (float, float | None) and (section == "timeouts" or timed):
                 keys.add(f"{section}.{key}")
     return frozenset(keys)
 

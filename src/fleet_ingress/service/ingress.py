@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import resource
 import socket
 import ssl
@@ -174,6 +175,10 @@ class Ingress:
         self.stopping = False  # a stop has begun: listeners closed, calls draining
         self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
+        # A stop's drain ends no later than this (time.monotonic()): an upgrade's
+        # long drain shortened by a plain stop (`shorten_drain`).
+        self._drain_cap: float | None = None
+        self._drain_moved = asyncio.Event()
         self.poller: HealthPoller | None = None
         if health_checks:
             # Imported here: a worker probes nothing and serves no web app, and
@@ -475,6 +480,14 @@ class Ingress:
         """Stop waiting for calls to end: `stop` closes them now (each still logged)."""
         self._drain_cut.set()
 
+    def shorten_drain(self, seconds: float) -> None:
+        """The drain (under way or to come) ends `seconds` from now at the
+        latest: a plain stop (SIGTERM) during an upgrade's longer drain."""
+        by = time.monotonic() + seconds
+        if self._drain_cap is None or by < self._drain_cap:
+            self._drain_cap = by
+            self._drain_moved.set()
+
     def stop_accepting(self, *, keep_pending: bool = False) -> None:
         """Close this process's listeners (idempotent). In a worker the
         listening sockets stay open in the supervisor and the other workers.
@@ -486,10 +499,12 @@ class Ingress:
             self._acme.close()
 
     async def stop(self, drain_timeout: float | None = None, *, keep_pending: bool = False) -> None:
-        """Stop accepting at once; let calls end for up to `drain_timeout`;
-        close what remains. Stats and admin stay up while calls drain.
-        `keep_pending`: connections not yet a call (handshake, head, queued)
-        are kept and waited for as calls are (an old generation's stop)."""
+        """Stop accepting at once; let calls end for up to `drain_timeout`
+        (default timeouts.drain; math.inf: until they end), or sooner if
+        `shorten_drain` says so; close what remains. Stats and admin stay up
+        while calls drain. `keep_pending`: connections not yet a call
+        (handshake, head, queued) are kept and waited for as calls are (an old
+        generation's stop)."""
         self.stop_accepting(keep_pending=keep_pending)
         if not keep_pending:
             for conn in list(self.registry.connections):
@@ -501,19 +516,37 @@ class Ingress:
             self._quiet() if keep_pending else self.registry.wait_no_calls()
         )
         cut = asyncio.ensure_future(self._drain_cut.wait())
+        began = time.monotonic()
+        by = began + timeout
+        moved: asyncio.Future[Any] | None = None
         try:
-            done, _ = await asyncio.wait(
-                {drained, cut}, timeout=timeout, return_when="FIRST_COMPLETED"
-            )
+            while True:
+                if self._drain_cap is not None:
+                    by = min(by, self._drain_cap)
+                self._drain_moved.clear()
+                moved = asyncio.ensure_future(self._drain_moved.wait())
+                left = by - time.monotonic()
+                done, _ = await asyncio.wait(
+                    {drained, cut, moved},
+                    timeout=None if left == math.inf else max(0.0, left),
+                    return_when="FIRST_COMPLETED",
+                )
+                if done != {moved}:
+                    break
         finally:
             drained.cancel()
             cut.cancel()
+            if moved is not None:
+                moved.cancel()
         if drained not in done:
             log.warning(
                 "drain cut short: closing calls"
                 if cut in done
                 else "drain time is up: closing calls",
-                extra=fields(calls=len(self.registry.calls), drain_s=timeout),
+                extra=fields(
+                    calls=len(self.registry.calls),
+                    drain_s=round(by - began, 1) if by < math.inf else None,
+                ),
             )
         for call in list(self.registry.calls):
             call.end(EndReason.DRAIN)

@@ -47,6 +47,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import math
 import os
 import signal
 import socket
@@ -593,7 +594,9 @@ class Supervisor:
                 pid=worker.pid,
                 generation=worker.generation,
                 slots_kept=worker.calls_lost,
-                kill_in_s=round((worker.retire_by or time.monotonic()) - time.monotonic(), 1),
+                kill_in_s=None
+                if worker.retire_by is None
+                else round(worker.retire_by - time.monotonic(), 1),
             ),
         )
 
@@ -649,8 +652,8 @@ class Supervisor:
         if row is not None and row.channel_lost and worker.proc.returncode is None:
             # Its slots are kept until it exits. Without a channel it cannot hear
             # `stop`: its own drain ends it, this bounds it.
-            by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
-            if worker.retire_by is None or by < worker.retire_by:
+            by = time.monotonic() + self._drain_of(worker) + STOP_GRACE
+            if by < math.inf and (worker.retire_by is None or by < worker.retire_by):
                 worker.retire_by = by
                 self.arm_backstop(worker)
             self.confirm_channel_lost_later(worker)
@@ -940,22 +943,34 @@ class Supervisor:
 
     def retire(self, worker: WorkerProcess) -> None:
         """Stop accepting, keep the calls (and the handshakes under way) until
-        they end or timeouts.drain; then the worker exits. Killed if still
-        there well after that."""
+        they end or timeouts.upgrade_drain (unset: timeouts.drain; 0: no
+        limit); then the worker exits. Killed if still there well after that."""
         if worker.retiring and worker.left.is_set():
             return
         worker.retiring = True
+        drain = self.config.timeouts.upgrade_drain
         stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
+        if drain is not None:
+            stop["drain"] = drain
         if not self.server.send(worker.key, stop):
             self._stop_if_starting(worker)  # not joined yet: it holds no call
         if worker.retire_by is None:  # told again (a later upgrade): the first deadline holds
             self.arm_backstop(worker)
 
+    def _drain_of(self, worker: WorkerProcess) -> float:
+        """How long `worker` may drain: an old generation's, or a stop's."""
+        timeouts = self.config.timeouts
+        return timeouts.old_generation_drain() if worker.retiring else timeouts.drain
+
     def arm_backstop(self, worker: WorkerProcess) -> None:
         """`worker` is killed if still there at its `retire_by`; none set yet:
-        a full drain from now (timeouts.drain + STOP_GRACE)."""
+        a full drain from now (its drain + STOP_GRACE; none for an old
+        generation kept until its calls end)."""
         if worker.retire_by is None:
-            worker.retire_by = time.monotonic() + self.config.timeouts.drain + STOP_GRACE
+            by = time.monotonic() + self._drain_of(worker) + STOP_GRACE
+            if by == math.inf:
+                return
+            worker.retire_by = by
         delay = max(0.0, worker.retire_by - time.monotonic())
         asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
 

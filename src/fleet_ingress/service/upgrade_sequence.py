@@ -714,6 +714,7 @@ class UpgradeSequence:
                 generation=new_generation,
                 workers=[w.pid for w in candidates],
                 draining=[w.pid for w in old],
+                drain_s=_finite(supervisor.config.timeouts.old_generation_drain()),
                 seconds=round(status["took_s"], 2),
             ),
         )
@@ -732,6 +733,11 @@ def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
     had reaped it already (else this image waits for it)."""
     code = carried.get("exit_code")
     return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
+
+
+def _finite(seconds: float) -> float | None:
+    """For a log field: None for no limit (JSON has no infinity)."""
+    return None if seconds == float("inf") else seconds
 
 
 def _took(status: dict[str, Any]) -> float:

@@ -27,9 +27,12 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      supervisor and the other workers never read.
     {"op": "stop", "id": N}          stop accepting, drain the calls, exit; answered
                                      {"op": "stopping", "id": N} once the listeners closed
-    {"op": "stop", "id": N, "upgrade": true}   the same for an old generation after an
-                                     upgrade: connections accepted but not yet calls
-                                     (TLS handshake, head) are kept and become calls
+    {"op": "stop", "id": N, "upgrade": true, "drain": S}   the same for an old generation
+                                     after an upgrade: connections accepted but not yet calls
+                                     (TLS handshake, head) are kept and become calls; the
+                                     calls may go on S seconds (timeouts.upgrade_drain; 0:
+                                     until they end; absent: timeouts.drain). A plain stop
+                                     after it (SIGTERM) shortens that to timeouts.drain
     {"op": "stop", "cut": true}      (a second signal) close every call now
     {"op": "close-fleet", "fleet": "a"}   remove-fleet --force: close that fleet's calls
 
@@ -47,6 +50,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -107,6 +111,7 @@ class Worker:
         self.ingress = Ingress(config, [], leases=client, sockets=listeners, pem=pem)
         self.stop = asyncio.Event()
         self.keep_pending = False  # an upgrade's stop: keep what was accepted
+        self.drain: float | None = None  # an upgrade's stop: timeouts.upgrade_drain's
         # What this worker counts, for the supervisor's host-wide stats.
         client.reporter = WorkerReporter(
             self.ingress.registry,
@@ -133,13 +138,19 @@ class Worker:
         if message.get("cut"):
             log.warning("closing every call now (second signal)")
             self.ingress.cut_drain()
-        self.begin_stop(keep_pending=bool(message.get("upgrade")) and not message.get("cut"))
+        upgrade = bool(message.get("upgrade")) and not message.get("cut")
+        self.begin_stop(keep_pending=upgrade, drain=_drain_asked(message) if upgrade else None)
         if "id" in message and not message.get("cut"):
             self.client.send({"op": "stopping", "id": message["id"]})
 
-    def begin_stop(self, *, keep_pending: bool = False) -> None:
+    def begin_stop(self, *, keep_pending: bool = False, drain: float | None = None) -> None:
+        """`drain`: how long the calls may go on (an upgrade's; None: timeouts.drain)."""
         if self.stop.is_set():
-            keep_pending = self.keep_pending and keep_pending  # a plain stop wins
+            if not keep_pending:  # a plain stop wins, its drain too (SIGTERM after an upgrade)
+                self.ingress.shorten_drain(self.ingress.config.timeouts.drain)
+            keep_pending = self.keep_pending and keep_pending
+        else:
+            self.drain = drain
         self.keep_pending = keep_pending
         self.ingress.stop_accepting(keep_pending=keep_pending)
         self.stop.set()
@@ -229,7 +240,7 @@ class Worker:
                 extra=fields(calls=len(self.ingress.registry.calls)),
             )
         stopping.cancel()
-        await self.ingress.stop(keep_pending=self.keep_pending)
+        await self.ingress.stop(self.drain, keep_pending=self.keep_pending)
         trim.cancel()
         # Drained: what it counted goes into the host's totals as its channel ends.
         self.client.send_report(final=True)
@@ -380,3 +391,13 @@ def _own_sighup() -> None:
             "supervisor (the unit's MainPID)"
         ),
     )
+
+
+def _drain_asked(message: dict[str, Any]) -> float | None:
+    """An upgrade's `stop` says how long the old generation keeps its calls
+    (timeouts.upgrade_drain: 0 until they end); a supervisor that does not
+    say: timeouts.drain."""
+    drain = message.get("drain")
+    if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
+        return None
+    return float(drain) or math.inf
