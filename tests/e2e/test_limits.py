@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import resource
+import signal
 import ssl
 import sys
 import time
@@ -313,13 +314,21 @@ async def low_nofile_ingress(
 
 @contextlib.asynccontextmanager
 async def _ingress_process(
-    tls_files: TLSFiles, tmp_path: Path, *, nofile: int | None = None
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    *,
+    nofile: int | None = None,
+    stats_port: int | None = None,
+    admin_socket: Path | None = None,
 ) -> AsyncIterator[tuple[IngressProcess, SimulatedFleet]]:
     """`fleet-ingress run`, one worker, one fleet; `nofile`: its descriptor
-    limit (soft and hard) from the start."""
+    limit (soft and hard) from the start; the stats and admin listeners are
+    off unless given."""
     fleet = SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context(), capacity=64)
     await fleet.start()
     port = await free_port()
+    stats = "" if stats_port is None else f"127.0.0.1:{stats_port}"
+    admin = "" if admin_socket is None else str(admin_socket)
     (tmp_path / "fleets.txt").write_text(f"{fleet.url} name=a\n")
     config = tmp_path / "ingress.toml"
     config.write_text(
@@ -327,8 +336,8 @@ async def _ingress_process(
 [listen]
 wss = "127.0.0.1:{port}"
 acme = ""
-stats = ""
-admin_socket = ""
+stats = "{stats}"
+admin_socket = "{admin}"
 
 [tls]
 cert = "{tls_files.ingress_cert}"
@@ -511,6 +520,122 @@ async def test_a_worker_refuses_carriers_past_what_its_descriptors_hold(
             for writer in held:
                 writer.close()
             await live.close()
+
+
+OPERATOR_NOFILE = 512
+# Connections a flood opens to each operator listener and keeps: together more
+# than the supervisor's descriptor limit.
+OPERATOR_FLOOD = 400
+
+
+async def _flood_stats(port: int) -> list[asyncio.StreamWriter]:
+    """OPERATOR_FLOOD connections to the stats port, each kept open without a
+    request (a scraper that reconnects and never closes)."""
+    held = []
+    async with asyncio.timeout(20):
+        for _ in range(OPERATOR_FLOOD):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            held.append(writer)
+    return held
+
+
+async def _flood_admin(path: Path) -> list[asyncio.StreamWriter]:
+    """OPERATOR_FLOOD connections to the admin socket, each with a request
+    whose body never comes in full: a request under way on each."""
+    held = []
+    async with asyncio.timeout(20):
+        for _ in range(OPERATOR_FLOOD):
+            try:
+                _, writer = await asyncio.open_unix_connection(str(path))
+            except OSError:  # the socket's backlog is full: the supervisor takes no more
+                await asyncio.sleep(0.01)
+                continue
+            writer.write(b"POST /fleets HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            held.append(writer)
+    return held
+
+
+async def _stats_json(port: int) -> dict:
+    async with asyncio.timeout(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /stats.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer[:300]
+    return json.loads(body)
+
+
+@pytest.mark.uvloop_only
+async def test_operator_connections_held_open_leave_the_supervisor_the_descriptors_calls_need(
+    tls_files: TLSFiles, tmp_path: Path
+):
+    """The supervisor at RLIMIT_NOFILE 512; a flood of connections held open on
+    its stats port (idle) and its admin socket (each with a request under way),
+    400 each. Then its fleet restarts (the probe's kept connection is gone: the
+    next probe needs a new one) and its worker dies (the replacement needs its
+    channel and pipes). The fleet stays UP and a call is served by the new
+    worker. Before, the listeners took a descriptor for each connection: the
+    supervisor ran out, its probes failed (the fleet went DOWN, calls got 503)
+    and no worker could be started (the operator-listener audit)."""
+    stats_port = await free_port()
+    admin = tmp_path / "admin.sock"
+    async with _ingress_process(
+        tls_files, tmp_path, nofile=OPERATOR_NOFILE, stats_port=stats_port, admin_socket=admin
+    ) as (service, fleet):
+        supervisor = service.proc.pid
+        await _call(service.port, tls_files, "before")
+        held: list[asyncio.StreamWriter] = []
+        try:
+            held += await _flood_stats(stats_port)
+            held += await _flood_admin(admin)
+            await asyncio.sleep(0.5)  # the supervisor accepts them all
+            open_fds = len(os.listdir(f"/proc/{supervisor}/fd"))
+            print(f"supervisor at RLIMIT_NOFILE {OPERATOR_NOFILE}: {open_fds} descriptors open")
+            assert open_fds < OPERATOR_NOFILE // 2, open_fds
+            # The stats listener still answers: an idle connection makes room.
+            assert (await _stats_json(stats_port))["fleets"][0]["health"] == "UP"
+            probes_before = fleet.health_connections
+            await fleet.stop()
+            await fleet.start()  # the same port: probes must connect anew
+            (worker,) = workers_of(tmp_path)
+            os.kill(worker, signal.SIGKILL)
+            killed_at = time.monotonic()
+            served = False
+            async with asyncio.timeout(15):
+                while not served:
+                    try:
+                        await _call(service.port, tls_files, "after")
+                        served = True
+                    except (OSError, ssl.SSLError, TimeoutError, InvalidStatus):
+                        await asyncio.sleep(0.2)
+            print(f"a call served {time.monotonic() - killed_at:.2f} s after the worker died")
+            assert fleet.health_connections > probes_before
+            assert service.proc.returncode is None
+            said = " ".join(service.lines)
+            assert "Too many open files" not in said, said[-3000:]
+            warned = [
+                e
+                for e in service.json_lines()
+                if e.get("event", "").startswith("operator listener at its most connections")
+            ]
+            assert {e["listener"] for e in warned} == {"stats", "admin"}, warned
+            assert all(e["level"] == "warning" for e in warned)
+            assert all(e["max_connections"] == OPERATOR_NOFILE // 8 for e in warned)
+            metrics = await _stats_metrics(stats_port)
+            assert 'fleet_ingress_operator_refused_connections_total{listener="admin"}' in metrics
+        finally:
+            for writer in held:
+                writer.close()
+
+
+async def _stats_metrics(port: int) -> str:
+    async with asyncio.timeout(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    return answer.decode()
 
 
 # -- 9. every buffer is bounded ------------------------------------------------------------

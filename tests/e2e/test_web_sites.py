@@ -255,3 +255,145 @@ async def test_a_request_that_never_ends_holds_a_close_for_seconds_not_a_minute(
     await sites.close()
     assert time.monotonic() - began < 2 * OPERATOR_SHUTDOWN_TIMEOUT + 2.0  # before: 60 s
     writer.close()
+
+
+async def _get(port: int, path: str = "/") -> bytes:
+    import asyncio
+
+    async with asyncio.timeout(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = await reader.read()
+        writer.close()
+    return answer
+
+
+async def test_past_its_most_connections_the_idle_one_open_longest_is_closed_to_make_room() -> None:
+    """Connections kept open without a request (a scraper that reconnects and
+    never closes) took a descriptor each until the supervisor had none for its
+    probes and workers (the operator-listener audit). At the cap a new
+    connection is taken and the idle one open longest closed, counted and warned of."""
+    import asyncio
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text="hi")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    sites = WebSites(max_connections=3)
+    runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
+    port = runner.addresses[0][1]
+    held = []
+    try:
+        for _ in range(3):
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+            await asyncio.sleep(0.05)  # accepted in this order
+        assert (await _get(port)).startswith(b"HTTP/1.1 200 ")  # a fourth: served
+        assert await asyncio.wait_for(held[0][0].read(), 2) == b""  # the oldest: closed
+        for reader, _ in held[1:]:  # the others still open
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(reader.read(), 0.1)
+        ((_, cap),) = sites.caps()
+        assert (cap.listener, cap.limit, cap.idle_closed, cap.refused) == ("stats", 3, 1, 0)
+    finally:
+        for _, writer in held:
+            writer.close()
+        await sites.close()
+
+
+async def test_past_its_most_connections_all_busy_a_new_one_gets_503_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every connection at the cap has a request under way: a new one is
+    answered 503 and closed at once (no descriptor kept), counted, and warned
+    of once a minute with what to do; once one ends, new ones are served."""
+    import asyncio
+
+    from fleet_ingress.ops.web_sites import OPERATOR_WARN_EVERY
+
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    sites = WebSites(max_connections=2)
+    runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
+    port = runner.addresses[0][1]
+    busy = []
+    try:
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            busy.append((reader, writer))
+        await asyncio.sleep(0.2)  # both requests under way
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            answer = await asyncio.wait_for(reader.read(), 2)  # closed at once, not held
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"Connection: close" in answer and b"2 connections open" in answer
+        ((_, cap),) = sites.caps()
+        assert (cap.refused, cap.idle_closed) == (3, 0)
+        warned = [r for r in caplog.records if "at its most connections" in r.getMessage()]
+        assert len(warned) == 1 and OPERATOR_WARN_EVERY == 60.0  # once, not per refusal
+        assert warned[0].levelname == "WARNING" and "ss -tnp" in warned[0].getMessage()
+        release.set()
+        for reader, _ in busy:
+            assert b"done" in await asyncio.wait_for(reader.readuntil(b"done"), 2)
+        assert (await _get(port)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        release.set()
+        for _, writer in busy:
+            writer.close()
+        await sites.close()
+
+
+async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path) -> None:
+    """The admin socket's 503 is JSON with an `error`, as its other answers
+    (the `fleet-ingress` commands print it); the cap and its counts are in
+    the `fleet_ingress_operator_*` metrics, by listener."""
+    import asyncio
+    import json
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fleet_ingress.ops.admin_server import bind_admin_socket
+    from fleet_ingress.ops.web_sites import OperatorConnectionsCollector
+
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/stat", slow)
+    sites = WebSites(max_connections=1)
+    registry = CollectorRegistry()
+    registry.register(OperatorConnectionsCollector(sites))
+    path = tmp_path / "admin.sock"
+    await sites.serve(app, web.SockSite, listener="admin", sock=bind_admin_socket(path))
+    try:
+        _, busy = await asyncio.open_unix_connection(str(path))
+        busy.write(b"GET /stat HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        answer = await asyncio.wait_for(reader.read(), 2)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 ") and b"application/json" in head
+        assert "admin listener" in json.loads(body)["error"]
+        metrics = generate_latest(registry).decode()
+        assert 'fleet_ingress_operator_connections{listener="admin"} 1.0' in metrics
+        assert 'fleet_ingress_operator_max_connections{listener="admin"} 1.0' in metrics
+        assert 'fleet_ingress_operator_refused_connections_total{listener="admin"} 1.0' in metrics
+        assert 'fleet_ingress_operator_idle_closed_connections_total{listener="admin"} 0.0' in (
+            metrics
+        )
+        busy.close()
+    finally:
+        release.set()
+        await sites.close()

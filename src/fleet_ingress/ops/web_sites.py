@@ -7,18 +7,35 @@ The supervisor re-executes itself keeping its listening sockets (`serve_kept`):
 before that it stops accepting and lets the requests in flight be answered
 (`quiesce`). Connections that arrive meanwhile wait in the socket's backlog for
 the next image; a scrape is not cut by the exec.
+
+Each listener holds at most `operator_connections_within` connections open
+(`ConnectionCap`): the supervisor that serves them also opens the fleets'
+health probes, its workers' channels and pipes, the slot channel and the
+fleets file, and a client that opened connections and kept them (a leaking
+monitoring script, a scraper that reconnects without closing) took its
+descriptors until those failed: fleets went DOWN and calls were refused (the
+operator-listener audit). Past the cap, the connection idle longest (no request
+under way) is closed to make room; when none is idle, the new one gets a 503
+and is closed at once. Both are counted (`fleet_ingress_operator_*`) and warned
+of once a minute.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import resource
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from fleet_ingress.logs import fields
 
@@ -39,6 +56,191 @@ OPERATOR_IDLE_TIMEOUT = 75.0
 # every stop (and so every restart) of the supervisor 60 s after its workers
 # had gone (the control-plane audit of session 22).
 OPERATOR_SHUTDOWN_TIMEOUT = 2.0  # aiohttp waits it twice: its connections, then its handlers
+# Connections one operator listener (stats, admin) holds open at once: scrapers
+# and operators need a handful (Prometheus keeps one per target).
+OPERATOR_MAX_CONNECTIONS = 256
+# ...and never more than this share (1/8) of the process's descriptor limit
+# each: the two together leave at least three quarters of it for what calls need.
+OPERATOR_DESCRIPTOR_SHARE = 8
+# One warning per listener per this many seconds while connections are refused
+# or closed to make room.
+OPERATOR_WARN_EVERY = 60.0
+
+
+def operator_connections_within(descriptors: int) -> int:
+    """How many connections one operator listener holds open at once, given the
+    process's RLIMIT_NOFILE (soft) limit `descriptors`: OPERATOR_MAX_CONNECTIONS,
+    or 1/OPERATOR_DESCRIPTOR_SHARE of the limit when that is less."""
+    if descriptors == resource.RLIM_INFINITY or descriptors < 0:
+        return OPERATOR_MAX_CONNECTIONS
+    return max(1, min(OPERATOR_MAX_CONNECTIONS, descriptors // OPERATOR_DESCRIPTOR_SHARE))
+
+
+def _is_idle(handler: Any) -> bool:
+    """No request under way on this aiohttp connection: it waits for one (none
+    yet, or between two), as aiohttp's own keep-alive close tells it (a private
+    attribute: were it gone, no connection would be taken for idle and the new
+    one would get the 503, the cap holding all the same)."""
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: answered 503 and closed at once, without
+    reading its request (on loopback the client reads the 503; over a network
+    one whose request came first may see a reset instead)."""
+
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.WriteTransport instances: no isinstance.
+        cast(asyncio.WriteTransport, transport).write(self._answer)
+        transport.close()
+
+
+class ConnectionCap:
+    """The connections one operator listener holds open, at most `limit`: the
+    protocol factory its site accepts with (`_CappedRunner`)."""
+
+    def __init__(self, listener: str, limit: int, *, descriptors: int | None = None) -> None:
+        self.listener = listener  # "stats", "admin"
+        self.limit = limit
+        self.descriptors = descriptors  # the limit it was drawn from, for the warning
+        self.refused = 0  # answered 503 and closed at accept: `limit` were busy
+        self.idle_closed = 0  # idle ones closed to make room for a new one
+        self.address = ""  # where the listener listens, for the warning
+        self._warned_at = -OPERATOR_WARN_EVERY
+        body = f"the {listener} listener has {limit} connections open, its most; try again\n"
+        if listener == "admin":
+            body = json.dumps({"error": body.strip()}) + "\n"
+        kind = "application/json" if listener == "admin" else "text/plain; charset=utf-8"
+        self._answer = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}"
+        ).encode()
+
+    def open_connections(self, server: web.Server) -> list[Any]:
+        """The server's connections still open (one closed to make room stays
+        in `server.connections` until its handler ends)."""
+        return [c for c in server.connections if c.transport is not None]
+
+    def protocol(self, server: web.Server) -> asyncio.BaseProtocol:
+        """For a connection just accepted: `server`'s handler, after closing the
+        longest-open idle connection when `limit` are open; a 503 when every
+        one of them has a request under way."""
+        open_ = self.open_connections(server)
+        if len(open_) >= self.limit:
+            idle = next((c for c in open_ if _is_idle(c)), None)
+            if idle is None:
+                self.refused += 1
+                self._warn(len(open_))
+                return _Refused(self._answer)
+            idle.force_close()
+            self.idle_closed += 1
+            self._warn(len(open_))
+        return server()
+
+    def _warn(self, open_: int) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < OPERATOR_WARN_EVERY:
+            return
+        self._warned_at = now
+        log.warning(
+            "operator listener at its most connections: idle ones are closed to make "
+            "room, and new ones refused (503) while every one has a request under way. "
+            "A client opens connections and keeps them (a leaking monitoring script, a "
+            "scraper that reconnects without closing): find it with `ss -tnp` (stats) "
+            "or `ss -xp` (admin) and fix it; the cap keeps the descriptors calls need",
+            extra=fields(
+                listener=self.listener,
+                address=self.address,
+                open_connections=open_,
+                max_connections=self.limit,
+                nofile=self.descriptors,
+                refused_total=self.refused,
+                idle_closed_total=self.idle_closed,
+            ),
+        )
+
+
+class _CappedServer:
+    """An aiohttp `web.Server` whose protocol factory (`__call__`) applies a
+    `ConnectionCap`; everything else is the server's."""
+
+    def __init__(self, server: web.Server, cap: ConnectionCap) -> None:
+        self._server = server
+        self._cap = cap
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self._cap.protocol(self._server)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+
+class _CappedRunner(web.AppRunner):
+    """An AppRunner whose sites accept through `cap`: they take their protocol
+    factory from `server` (aiohttp's `SockSite`, `TCPSite`, `UnixSite`)."""
+
+    def __init__(self, app: web.Application, cap: ConnectionCap, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.cap = cap
+        self._capped: _CappedServer | None = None
+
+    @property
+    def real_server(self) -> web.Server | None:
+        """aiohttp's own server: its connections."""
+        return super().server
+
+    @property
+    def server(self) -> Any:
+        real = self.real_server
+        if real is None:
+            return None
+        if self._capped is None or self._capped._server is not real:
+            self._capped = _CappedServer(real, self.cap)
+        return self._capped
+
+
+class OperatorConnectionsCollector(Collector):
+    """`fleet_ingress_operator_*`: each operator listener's connections."""
+
+    def __init__(self, sites: WebSites) -> None:
+        self._sites = sites
+
+    def collect(self) -> Iterator[Metric]:
+        prefix = "fleet_ingress_operator"
+        open_ = GaugeMetricFamily(
+            f"{prefix}_connections",
+            "Connections open on an operator listener (stats, admin).",
+            labels=["listener"],
+        )
+        most = GaugeMetricFamily(
+            f"{prefix}_max_connections",
+            "Most connections an operator listener holds open: 256, or an eighth of "
+            "the process's descriptor limit when that is less.",
+            labels=["listener"],
+        )
+        refused = CounterMetricFamily(
+            f"{prefix}_refused_connections",
+            "Connections to an operator listener answered 503 and closed at accept: "
+            "its most were open, each with a request under way.",
+            labels=["listener"],
+        )
+        idle_closed = CounterMetricFamily(
+            f"{prefix}_idle_closed_connections",
+            "Idle connections to an operator listener closed to make room for a new one.",
+            labels=["listener"],
+        )
+        for runner, cap in self._sites.caps():
+            server = runner.real_server
+            label = [cap.listener]
+            open_.add_metric(label, len(cap.open_connections(server)) if server else 0)
+            most.add_metric(label, cap.limit)
+            refused.add_metric(label, cap.refused)
+            idle_closed.add_metric(label, cap.idle_closed)
+        yield from (open_, most, refused, idle_closed)
 
 
 @dataclass
@@ -53,20 +255,27 @@ class _KeptSite:
 class WebSites:
     """The runners of the web apps a service serves, cleaned up together."""
 
-    def __init__(self, *, idle_timeout: float = OPERATOR_IDLE_TIMEOUT) -> None:
+    def __init__(
+        self, *, idle_timeout: float = OPERATOR_IDLE_TIMEOUT, max_connections: int | None = None
+    ) -> None:
+        """`max_connections`: each listener's cap (None: `operator_connections_within`
+        the descriptor limit at `serve`)."""
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self._runners: list[web.AppRunner] = []
         self._kept: list[_KeptSite] = []
         self._quieting: asyncio.Future[int] | None = None
         self._closed = False
 
-    async def serve_kept(self, app: web.Application, sock: socket.socket) -> web.AppRunner:
+    async def serve_kept(
+        self, app: web.Application, sock: socket.socket, *, listener: str = "operator"
+    ) -> web.AppRunner:
         """Serve `app` on listening socket `sock`, which stays the caller's (an
         exec hands it over): the site listens on a duplicate, so stopping it
         (`quiesce`) leaves `sock` listening and its backlog kept."""
         dup = sock.dup()
         try:
-            runner = await self.serve(app, web.SockSite, sock=dup)
+            runner = await self.serve(app, web.SockSite, listener=listener, sock=dup)
         except BaseException:
             dup.close()
             raise
@@ -121,14 +330,25 @@ class WebSites:
                 kept.site = site
 
     async def serve(
-        self, app: web.Application, site_type: type[web.BaseSite], **where: Any
+        self,
+        app: web.Application,
+        site_type: type[web.BaseSite],
+        *,
+        listener: str = "operator",
+        **where: Any,
     ) -> web.AppRunner:
         """Serve `app` on a TCP or Unix site (`where`: host/port or sock). No
-        access log, no signal handlers: the service owns both. When the site
-        cannot start (its address in use...) the runner is cleaned up and
-        that error raised."""
-        runner = web.AppRunner(
+        access log, no signal handlers: the service owns both. At most
+        `operator_connections_within` connections at once (`ConnectionCap`,
+        named `listener` in its metrics and warnings). When the site cannot
+        start (its address in use...) the runner is cleaned up and that error
+        raised."""
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = self.max_connections or operator_connections_within(descriptors)
+        cap = ConnectionCap(listener, limit, descriptors=descriptors)
+        runner = _CappedRunner(
             app,
+            cap,
             access_log=None,
             handle_signals=False,
             keepalive_timeout=self.idle_timeout,
@@ -147,8 +367,19 @@ class WebSites:
                     extra=fields(error=repr(cleanup), site_error=repr(exc)),
                 )
             raise
+        cap.address = ", ".join(str(address) for address in runner.addresses)
+        if limit < OPERATOR_MAX_CONNECTIONS and not self.max_connections:
+            log.warning(
+                "operator listener holds fewer connections than it would: the descriptor "
+                "limit is low; raise LimitNOFILE (systemd) or ulimit -n",
+                extra=fields(listener=listener, max_connections=limit, nofile=descriptors),
+            )
         self._runners.append(runner)
         return runner
+
+    def caps(self) -> list[tuple[_CappedRunner, ConnectionCap]]:
+        """Each listener's runner and its cap, in the order they were served."""
+        return [(r, r.cap) for r in self._runners if isinstance(r, _CappedRunner)]
 
     async def close(self) -> None:
         self._closed = True

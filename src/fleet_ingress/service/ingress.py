@@ -292,22 +292,25 @@ class Ingress:
 
         from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket, socket_file_id
         from fleet_ingress.ops.stats_server import stats_app
-        from fleet_ingress.ops.web_sites import WebSites
+        from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
 
         self._web = WebSites()
+        self.metrics.prometheus.register(OperatorConnectionsCollector(self._web))
         if listen.stats:
             host, port = parse_hostport(listen.stats, what="listen.stats")
             with bind_errors_named("stats", listen.stats):
                 listening = bind_tcp(host, port, backlog=128)  # as the supervisor binds it
             app = stats_app(self.snapshot, self.metrics.prometheus)
-            runner = await self._web.serve(app, web.SockSite, sock=listening)
+            runner = await self._web.serve(app, web.SockSite, listener="stats", sock=listening)
             sock = runner.addresses[0]
             self.stats_address = (sock[0], sock[1])
             log.info("listening", extra=fields(listener="stats", address=self.stats_address))
         if listen.admin_socket:
             path = Path(listen.admin_socket)
             sock = bind_admin_socket(path)
-            await self._web.serve(admin_app(self.ops, self.snapshot), web.SockSite, sock=sock)
+            await self._web.serve(
+                admin_app(self.ops, self.snapshot), web.SockSite, listener="admin", sock=sock
+            )
             self.admin_socket = path
             self._admin_socket_id = socket_file_id(path)
             log.info("listening", extra=fields(listener="admin", address=str(path)))

@@ -95,7 +95,7 @@ from fleet_ingress.ops.reload_outcome import (
     was_refused,
 )
 from fleet_ingress.ops.stats_server import stats_app
-from fleet_ingress.ops.web_sites import WebSites
+from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import (
     SERVING_PEM_ENV,
@@ -279,6 +279,7 @@ class Supervisor:
         self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
         self._watchers: set[asyncio.Task[Any]] = set()
         self._web = WebSites()
+        self.metrics.prometheus.register(OperatorConnectionsCollector(self._web))
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
         self._admin_socket_id: tuple[int, int] | None = None
@@ -325,7 +326,7 @@ class Supervisor:
                     sock = bind_tcp(host, port, backlog=128)
             self._stats_sock = sock
             app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
-            await self._web.serve_kept(app, sock)
+            await self._web.serve_kept(app, sock, listener="stats")
             sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
             server_log.info(
@@ -347,6 +348,7 @@ class Supervisor:
                     reload=self.reload_and_wait,
                 ),
                 admin_sock,
+                listener="admin",
             )
             self.admin_socket = path
             self._admin_socket_id = socket_file_id(path)
