@@ -868,6 +868,34 @@ async def test_a_reload_under_way_when_the_stop_comes_is_answered(
         await service.finish()
 
 
+async def test_stat_against_a_stopped_supervisor_says_so_within_its_read_timeout(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor SIGSTOPped (a debugger, an operator's mistake): the kernel
+    still accepts on its admin socket, so `stat` waited out the 60 s meant for
+    add-fleet and then said "whether the change was made" of a read. It gives up
+    after READ_TIMEOUT (10 s) saying the supervisor does not answer and how to
+    find a stopped one; once continued, `stat` answers again."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            code, printed = await asyncio.wait_for(admin_command(service, "stat"), 30)
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        took = time.monotonic() - started
+        assert code == 2, printed
+        assert 9 < took < 16, took
+        assert "no answer to GET /stat within 10s" in printed, printed
+        assert "stopped" in printed and "kill -CONT" in printed
+        assert "change" not in printed
+        code, printed = await admin_command(service, "stat")
+        assert code == 0, printed
+    finally:
+        await service.finish()
+
+
 async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

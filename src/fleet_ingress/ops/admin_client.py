@@ -27,6 +27,11 @@ from fleet_ingress.ops.reload_outcome import reload_warning
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
 # add-fleet waits for the new fleet to read UP; leave it time to.
 REQUEST_TIMEOUT = 60.0
+# A read (stat, an upgrade's progress) is answered at once: the supervisor waits
+# at most SCRAPE_WAIT (0.5 s) for its workers' counts. Without an answer in this
+# the supervisor is stopped (SIGSTOP, a debugger), hung or starved of CPU, and
+# the operator running `stat` in an incident should hear so, not wait a minute.
+READ_TIMEOUT = 10.0
 
 
 class AdminUnreachable(Exception):
@@ -47,7 +52,9 @@ async def admin_request(
             "--admin-socket PATH, or its configuration with -c CONFIG"
         )
     connector = aiohttp.UnixConnector(path=str(socket_path))
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    reading = method == "GET"
+    seconds = READ_TIMEOUT if reading else REQUEST_TIMEOUT
+    timeout = aiohttp.ClientTimeout(total=seconds)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             async with session.request(method, f"http://ingress{path}", json=payload) as response:
@@ -69,8 +76,16 @@ async def admin_request(
             "`fleet-ingress stat`; then run the command again if it was not"
         ) from None
     except TimeoutError:
+        if reading:
+            raise AdminUnreachable(
+                f"no answer to {method} {path} within {seconds:g}s: the ingress accepted the "
+                "connection but does not answer: its supervisor is stopped (state T in "
+                "`ps -o pid,stat,cmd -p $(systemctl show -p MainPID --value fleet-ingress)`; "
+                "`kill -CONT` that PID), hung, or starved of CPU. See `systemctl status "
+                "fleet-ingress` and its log"
+            ) from None
         raise AdminUnreachable(
-            f"no answer to {method} {path} within {REQUEST_TIMEOUT:g}s: whether the change "
+            f"no answer to {method} {path} within {seconds:g}s; whether the change "
             "was made: `fleet-ingress stat`"
         ) from None
 
