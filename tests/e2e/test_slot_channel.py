@@ -4,6 +4,7 @@ process (the multi-process cases are in test_slot_workers.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -127,6 +128,42 @@ async def test_a_closed_channel_gives_back_every_slot_and_a_waiter_gets_one(host
     await eventually(lambda: h.active() in ({"a": 1, "b": 0}, {"a": 0, "b": 1}))
     assert h.slots.reclaimed_total == 4
     assert [r.pid for r in h.slots.workers] == [w2.pid]
+
+
+async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(host):
+    """Each slot request says who its call is ("call"): kept while the lease
+    is open (held or queued), with status 101 once its fleet answered; gone
+    with a release or a refusal; what was open when the channel ended is
+    given once (the supervisor's lines for calls lost with a worker)."""
+    h = host(maxconn=1, queue_timeout=0.3)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+
+    def said(n: int) -> dict[str, object]:
+        return {"call_id": n, "bot_id": f"bot-{n}", "started_at": 1000.0 + n}
+
+    up = await w1.lease(call=said(1))
+    released = await w1.lease(call=said(2))
+    with pytest.raises(NoFleetAvailable):  # both fleets full: queued, then refused
+        await w1.lease(call=said(3))
+    released.release()
+    up.fleet_answered(asyncio.get_running_loop().time())
+    await eventually(lambda: h.server.calls_of(key).get(up.id, {}).get("status") == 101)
+    waiting = asyncio.create_task(w1.lease(call=said(4)))  # b is free again: granted
+    blocked = asyncio.create_task(w1.lease(call=said(5)))  # queued
+    await eventually(lambda: h.slots.queue_length == 1)
+    assert sorted(c["call_id"] for c in h.server.calls_of(key).values()) == [1, 4, 5]
+    w1.close()
+    await eventually(lambda: not h.slots.workers)
+    lost = h.server.take_calls(key)
+    assert sorted(c["call_id"] for c in lost.values()) == [1, 4, 5]
+    assert lost[up.id] == {**said(1), "status": 101}
+    assert h.server.take_calls(key) == {}
+    assert h.server.calls_of(key) == {}
+    for task in (waiting, blocked):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, NoFleetAvailable):
+            await task
 
 
 async def test_a_cancelled_waiter_leaves_the_queue_and_a_slot_granted_meanwhile_comes_back(host):

@@ -1523,6 +1523,50 @@ async def test_a_worker_killed_a_moment_after_its_calls_ended_has_them_counted(
         await service.finish()
 
 
+async def test_each_call_lost_with_a_killed_worker_has_its_access_line(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """SPEC 12: one access line per call. A worker SIGKILLed (the OOM killer)
+    writes none for the calls it carried; the supervisor writes one for each,
+    from what the worker said of the call as it asked for its slot: who
+    (bot, carrier address, route, call id), its fleet, 101, how long it ran,
+    end_reason error and which worker ended how. Before, one line counted them."""
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=1, check_timeout=5)
+    calls: list[ClientConnection] = []
+    try:
+        await _fleets_up_or_finished(service)
+        (worker,) = await _worker_rows(service)
+        for bot in ("lost-a", "lost-b"):
+            calls.append(await _open(service, tls_files, bot))
+            await _echo(calls[-1])
+        ended_clean = await _open(service, tls_files, "ended-first")
+        await ended_clean.close()
+        await asyncio.sleep(1.0)  # the calls' age in their lines
+        os.kill(worker["pid"], signal.SIGKILL)
+
+        def ended() -> dict[str, dict[str, Any]]:
+            return {e["bot_id"]: e for e in service.log() if e.get("event") == "call ended"}
+
+        await eventually(lambda: {"lost-a", "lost-b"} <= set(ended()), timeout=10)
+        lines = ended()
+        assert lines["ended-first"]["end_reason"] == "carrier closed"  # its worker's own line
+        assert set(lines) == {"lost-a", "lost-b", "ended-first"}
+        for bot in ("lost-a", "lost-b"):
+            line = lines[bot]
+            assert line["process"] == service.proc.pid and line["worker_pid"] == worker["pid"]
+            assert line["route"] == "/ws/" and line["client_ip"] == "127.0.0.1"
+            assert line["fleet"] in {"a", "b"} and line["status"] == 101
+            assert line["end_reason"] == "error" and line["bytes_from_carrier"] is None
+            assert "killed by SIGKILL; the call was up" in line["detail"]
+            assert 1.0 <= line["duration_s"] < 30
+        assert lines["lost-a"]["call_id"] != lines["lost-b"]["call_id"]
+        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+        assert [e["calls_lost"] for e in died] == [2]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_counted(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -1110,6 +1110,12 @@ async def test_an_old_generation_worker_killed_while_it_drains_counts_its_calls_
 
         await eventually(lambda: bool(exited()), timeout=10)
         assert [(e["pid"], e["calls_lost"]) for e in exited()] == [(old, 2)]
+        # Each lost call has its line, though the supervisor that wrote it was
+        # exec'd after the calls began: what their worker said of them came over.
+        lost = [e for e in service.log() if e.get("event") == "call ended"]
+        assert sorted(e["bot_id"] for e in lost) == ["long-0", "long-1"], lost
+        assert all(e["worker_pid"] == old and e["status"] == 101 for e in lost), lost
+        assert all("killed by SIGKILL" in e["detail"] for e in lost)
         stats = await service.stats()
         assert stats["worker_calls_lost"] == 2
         assert "fleet_ingress_worker_calls_lost_total 2.0" in await service.metrics()

@@ -145,7 +145,10 @@ class Call:
         )
         return None if silence is None else _SILENCE_REASON[silence]
 
-    def access_record(self) -> dict[str, Any]:
+    def identity(self) -> dict[str, Any]:
+        """Who the call is, as its access line says: also sent with its slot
+        requests, so that the supervisor can write the line of a call lost
+        with its worker (`SlotServer.take_calls`)."""
         return {
             "call_id": self.id,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
@@ -154,6 +157,11 @@ class Call:
             # Bounded, as the refused-request line's target: a 15 KB bot id in
             # the path would make a 15 KB access line (the fleet still gets it whole).
             "bot_id": self.bot_id[:LOGGED_BOT_ID],
+        }
+
+    def access_record(self) -> dict[str, Any]:
+        return {
+            **self.identity(),
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
             "attempts": self.attempts,

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
 from fleet_ingress.logs import fields
@@ -51,7 +51,11 @@ class SlotSource(Protocol):
     """Where the call path gets its slots: this process's `Dispatcher`, or in a
     worker the supervisor's coordinator through `net.slot_client.SlotClient`."""
 
-    async def lease(self, avoid: Collection[str] = ()) -> HeldSlot: ...
+    async def lease(
+        self, avoid: Collection[str] = (), call: dict[str, Any] | None = None
+    ) -> HeldSlot:
+        """`call`: who the call is (`Call.identity`), for a line if it is lost."""
+        ...
 
 
 class SlotQueue(Protocol):
@@ -171,8 +175,9 @@ class Dispatcher:
     def queue_length(self) -> int:
         return len(self._queue)
 
-    async def lease(self, avoid: Collection[str] = ()) -> Lease:
-        """A slot on the best fleet for this call, or `NoFleetAvailable`."""
+    async def lease(self, avoid: Collection[str] = (), call: dict[str, Any] | None = None) -> Lease:
+        """A slot on the best fleet for this call, or `NoFleetAvailable`. `call`
+        is not needed here: a call dies with this process's own log."""
         grant = await self._acquire(avoid)
         return Lease(self, grant.fleet, grant)
 

@@ -509,7 +509,11 @@ class CarrierProtocol(_Side):
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
-            lease = await self.ctx.slots.lease(avoid=avoid)
+            call = self.call
+            lease = await self.ctx.slots.lease(
+                avoid=avoid,
+                call=None if call is None else {**call.identity(), "started_at": call.started_at},
+            )
         except NoFleetAvailable as exc:
             self._task = None
             self.feed(SlotRefused(exc.reason))

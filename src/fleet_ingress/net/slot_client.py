@@ -182,15 +182,22 @@ class SlotClient(asyncio.Protocol):
         """Slots this worker holds now."""
         return len(self._held)
 
-    async def lease(self, avoid: Collection[str] = ()) -> RemoteLease:
-        """A slot on the best fleet of the host for this call, or `NoFleetAvailable`."""
+    async def lease(
+        self, avoid: Collection[str] = (), call: dict[str, Any] | None = None
+    ) -> RemoteLease:
+        """A slot on the best fleet of the host for this call, or `NoFleetAvailable`.
+        `call` (`Call.identity`) goes with the request: the supervisor writes
+        the call's access line if this process dies with it."""
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
         future: asyncio.Future[FleetState] = asyncio.get_running_loop().create_future()
         self._pending[lease_id] = future
         self._asked[lease_id] = (list(avoid), time.monotonic())
-        self._write({"op": "acquire", "id": lease_id, "avoid": list(avoid)})
+        asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
+        if call is not None:
+            asking["call"] = call
+        self._write(asking)
         try:
             async with asyncio.timeout(self.answer_timeout):
                 fleet = await future

@@ -197,6 +197,34 @@ class SlotServer:
         # channel ends: its slots then stay counted until `release_kept`. None:
         # every channel's end gives its slots back at once (no process known).
         self.keeps_slots: Callable[[int, int], bool] | None = None
+        # Who each open lease's call is ("call" in "acquire": `Call.identity`),
+        # by channel key, then lease: the access line the supervisor writes for
+        # a call lost with its worker. Gone with the lease (released, refused);
+        # a channel's that ended wait in `_left_calls` for `take_calls`.
+        self._calls: dict[int, dict[int, dict[str, Any]]] = {}
+        self._left_calls: dict[int, dict[int, dict[str, Any]]] = {}
+
+    def take_calls(self, key: int) -> dict[int, dict[str, Any]]:
+        """The calls the ended channel `key` had open (held or waiting), by
+        lease, each as its worker described it; "status": 101 once its fleet
+        answered. Given once."""
+        return self._left_calls.pop(key, {})
+
+    def calls_of(self, key: int) -> dict[int, dict[str, Any]]:
+        """The calls channel `key` has open now (an exec carries them)."""
+        return dict(self._calls.get(key, {}))
+
+    def restore_calls(self, key: int, calls: dict[int, dict[str, Any]]) -> None:
+        """What the previous image knew of channel `key`'s calls (`calls_of`)."""
+        if calls:
+            self._calls.setdefault(key, {}).update(calls)
+
+    def _forget_call(self, key: int, lease: int) -> None:
+        calls = self._calls.get(key)
+        if calls is not None:
+            calls.pop(lease, None)
+            if not calls:
+                del self._calls[key]
 
     @property
     def queue_length(self) -> int:
@@ -603,19 +631,26 @@ class SlotServer:
                 log.error("slot request refused", extra=fields(channel=channel.key, error=str(exc)))
                 channel.send({"op": "refused", "id": lease, "reason": f"internal error: {exc}"})
                 return
+            if isinstance(call := message.get("call"), dict):
+                self._calls.setdefault(channel.key, {})[lease] = call
             if answer is None:
                 self._arm()
             else:
                 self._send([answer])
         elif op == "release":
-            self._send(self.slots.release(channel.key, field(message, "id", int)))
+            lease = field(message, "id", int)
+            self._forget_call(channel.key, lease)
+            self._send(self.slots.release(channel.key, lease))
         elif op == "answered":  # fleets answered these leases' calls (101), each at its time
             try:
                 answers = [(int(lease), float(at)) for lease, at in field(message, "leases", list)]
             except (TypeError, ValueError) as exc:
                 raise WireError(f"'answered' message: {exc}") from exc
+            calls = self._calls.get(channel.key, {})
             for lease, at in answers:
                 self.slots.answered(channel.key, lease, at)
+                if (call := calls.get(lease)) is not None:
+                    call["status"] = 101
         elif op == "full":  # the fleet answered that lease's call 429
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             if fleet is not None:  # not if given back meanwhile: nothing to say then
@@ -691,6 +726,11 @@ class SlotServer:
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
         )
+        # The calls carried over the exec that are still open, as it says.
+        open_ = {lease for lease, _ in held} | {lease for lease, _, _ in waiting}
+        if (calls := self._calls.get(channel.key)) is not None:
+            for lease in set(calls) - open_:
+                self._forget_call(channel.key, lease)
         channel.restoring, channel.joined = False, True
         channel.held_before = None
         channel.pid, channel.generation = pid, generation
@@ -750,6 +790,7 @@ class SlotServer:
             and self.keeps_slots(channel.key, channel.pid)
         )
         row, answers = self.slots.leave(channel.key, keep_held=keep)
+        self._left_calls[channel.key] = self._calls.pop(channel.key, {})
         if row is not None and row.channel_lost:
             # Also a worker that died: the kernel closes its channel a moment
             # before the process can be reaped. The supervisor tells them apart.
@@ -810,6 +851,7 @@ class SlotServer:
             if isinstance(answer, Granted):
                 channel.send(self._granted(channel, answer.lease, answer.fleet))
             else:
+                self._forget_call(channel.key, answer.lease)
                 channel.send({"op": "refused", "id": answer.lease, "reason": answer.reason})
         self._arm()
 

@@ -68,6 +68,7 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
 from fleet_ingress.core.host_view import HostView
+from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
@@ -126,6 +127,8 @@ from fleet_ingress.service.worker_process import WorkerProcess
 _T = TypeVar("_T")
 log = logging.getLogger("fleet_ingress.lifecycle")
 server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
+# Where the workers write each call's line: a call lost with its worker gets its line here.
+access_log = logging.getLogger("fleet_ingress.access")
 
 # Every worker must have joined the coordinator within this at start, or `run` fails.
 WORKER_START_TIMEOUT = 30.0
@@ -650,6 +653,10 @@ class Supervisor:
     def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
         key = worker.key
         worker.calls_lost = row.calls if row is not None else 0
+        calls = self.server.take_calls(key)
+        for lease, fleet in row.held.items() if row is not None else ():
+            calls.setdefault(lease, {})["fleet"] = fleet.name
+        worker.lost_calls.update(calls)
         worker.left.set()
         if row is not None and row.channel_lost and worker.proc.returncode is None:
             # Its slots are kept until it exits. Without a channel it cannot hear
@@ -685,6 +692,8 @@ class Supervisor:
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
         self.calls_lost_total += worker.calls_lost
+        if worker.calls_lost:
+            self._log_lost_calls(worker, code)
         # A retired worker whose channel was lost before (carried over an exec)
         # is counted as the loss it was, not as an old generation ending.
         if worker.candidate or (worker.retiring and not worker.channel_lost):
@@ -719,6 +728,23 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         self._replace(worker)
+
+    def _log_lost_calls(self, worker: WorkerProcess, code: int | None) -> None:
+        """An access line for each call `worker` took with it (SPEC 12: one
+        line per call): it could not write them."""
+        calls, worker.lost_calls = worker.lost_calls, {}
+        if not self.config.log.access:
+            return
+        status, now = _exit_status(code), time.time()
+        for _, call in sorted(calls.items()):
+            record = lost_call_record(
+                call,
+                worker_pid=worker.pid,
+                generation=worker.generation,
+                exit_status=status,
+                now=now,
+            )
+            access_log.info("call ended", extra=fields(**record))
 
     def _replace(self, worker: WorkerProcess) -> None:
         if worker.replaced or self.stopping or worker.retiring or worker.candidate:

@@ -484,6 +484,10 @@ class UpgradeSequence:
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
                     # process.cpu_affinity: a replacement started later takes another CPU.
                     "cpu": w.cpu,
+                    # What it said of each call open on its channel, and of those
+                    # open when its channel ended: their access lines if lost.
+                    "calls": _calls_to_json(supervisor.server.calls_of(w.key)),
+                    "lost_calls": _calls_to_json(w.lost_calls),
                 }
                 for w in supervisor.workers.values()
             ],
@@ -571,6 +575,8 @@ class UpgradeSequence:
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
+            supervisor.server.restore_calls(key, _calls_from_json(carried.get("calls")))
+            worker.lost_calls = _calls_from_json(carried.get("lost_calls"))
             if worker.retiring:
                 self._arm_carried_backstop(worker, carried)
             worker.joined.set()
@@ -621,6 +627,7 @@ class UpgradeSequence:
                 calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
                 retiring=bool(carried.get("retiring", False)),
                 replaced=True,  # its replacement came over in "respawns"
+                lost_calls=_calls_from_json(carried.get("lost_calls")),
             )
             worker.joined.set()
             worker.left.set()
@@ -733,6 +740,22 @@ def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
     had reaped it already (else this image waits for it)."""
     code = carried.get("exit_code")
     return AdoptedProcess(pid, returncode=int(code) if code is not None else None)
+
+
+def _calls_to_json(calls: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {str(lease): call for lease, call in calls.items()}
+
+
+def _calls_from_json(carried: Any) -> dict[int, dict[str, Any]]:
+    """`_calls_to_json`'s, as the previous image carried them (a release that
+    did not: none)."""
+    if not isinstance(carried, dict):
+        return {}
+    return {
+        int(lease): call
+        for lease, call in carried.items()
+        if isinstance(call, dict) and str(lease).lstrip("-").isdigit()
+    }
 
 
 def _finite(seconds: float) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleet_ingress.service.upgrade import AdoptedProcess
 
@@ -24,6 +25,10 @@ class WorkerProcess:
     serving: asyncio.Event = field(default_factory=asyncio.Event)  # accepting carriers
     left: asyncio.Event = field(default_factory=asyncio.Event)  # its channel closed
     calls_lost: int = 0  # slots it held when its channel closed
+    # The calls open on its channel when it closed, by lease: what it said of
+    # each (`SlotServer.take_calls`), "fleet" where it held a slot. Lost with
+    # it if it did not drain: the supervisor writes their access lines.
+    lost_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Its channel ended while its process ran: its slots stay counted until it exits.
     channel_lost: bool = False
     replaced: bool = False

@@ -1,0 +1,80 @@
+"""The access line of a call lost with its worker (SPEC 12, 13).
+
+A worker writes each call's line when the call ends. A worker that dies (the
+kernel's OOM killer, a crash, SIGKILL at a drain's end) writes none for the
+calls it carried: the supervisor writes them instead, from what the worker
+said of each call as it asked for its fleet slot (`Call.identity`, "call" in
+the slot request), with the fields of every access line. What only the
+worker knew (bytes relayed, attempts, handshake time) is null; `end_reason`
+is `error` and `detail` says which worker ended how.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+# The fields of `Call.access_record`, in its order: a lost call's line has each.
+_ACCESS_FIELDS = (
+    "call_id",
+    "started",
+    "client_ip",
+    "route",
+    "bot_id",
+    "fleet",
+    "status",
+    "attempts",
+    "handshake_ms",
+    "duration_s",
+    "bytes_from_carrier",
+    "bytes_to_carrier",
+    "end_reason",
+    "detail",
+)
+# What a worker says of a call (`Call.identity` and its start), taken as given
+# when it is a plain value: a line is never built from a nested object.
+_SAID = ("call_id", "started", "client_ip", "route", "bot_id")
+_MAX_TEXT = 256  # a field's text, at most (the worker bounds the bot id already)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, str):
+        return value[:_MAX_TEXT]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        return value
+    return None
+
+
+def lost_call_record(
+    call: dict[str, Any], *, worker_pid: int, generation: int, exit_status: str, now: float
+) -> dict[str, Any]:
+    """The access-line fields of `call` (what its worker said of it; "fleet"
+    where it held a slot, "status" 101 where its fleet had answered), lost
+    when its worker ended with `exit_status` ("killed by SIGKILL") at `now`
+    (the wall clock)."""
+    record: dict[str, Any] = dict.fromkeys(_ACCESS_FIELDS)
+    for key in _SAID:
+        record[key] = _plain(call.get(key))
+    fleet = call.get("fleet")
+    record["fleet"] = fleet if isinstance(fleet, str) else None
+    record["status"] = 101 if call.get("status") == 101 else None
+    started_at = call.get("started_at")
+    if isinstance(started_at, int | float) and not isinstance(started_at, bool):
+        record["duration_s"] = round(max(0.0, now - started_at), 3)
+        if record["started"] is None:
+            record["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at))
+    record["end_reason"] = "error"
+    if record["status"] == 101:
+        state = "the call was up"
+    elif record["fleet"] is not None:
+        state = "the call was connecting to its fleet"
+    else:
+        state = "the call waited for a fleet slot"
+    record["detail"] = (
+        f"its worker (pid {worker_pid}, generation {generation}) ended: {exit_status}; "
+        f"{state} and was lost with it (bytes not known)"
+    )
+    record["worker_pid"] = worker_pid
+    return record

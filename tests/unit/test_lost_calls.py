@@ -1,0 +1,93 @@
+"""The access line the supervisor writes for a call lost with its worker."""
+
+from __future__ import annotations
+
+from fleet_ingress.core.lost_calls import lost_call_record
+
+SAID = {
+    "call_id": 7,
+    "started": "2026-12-04T10:00:00Z",
+    "client_ip": "198.51.100.7",
+    "route": "/ws/",
+    "bot_id": "support-bot",
+    "started_at": 1_000.0,
+}
+
+
+def record(call: dict, **kw) -> dict:
+    return lost_call_record(
+        call,
+        worker_pid=4321,
+        generation=2,
+        exit_status=kw.pop("exit_status", "killed by SIGKILL"),
+        now=kw.pop("now", 1_062.5),
+    )
+
+
+def test_an_answered_call_has_every_access_field_and_says_how_its_worker_ended() -> None:
+    line = record({**SAID, "fleet": "a", "status": 101})
+    assert line == {
+        "call_id": 7,
+        "started": "2026-12-04T10:00:00Z",
+        "client_ip": "198.51.100.7",
+        "route": "/ws/",
+        "bot_id": "support-bot",
+        "fleet": "a",
+        "status": 101,
+        "attempts": None,
+        "handshake_ms": None,
+        "duration_s": 62.5,
+        "bytes_from_carrier": None,
+        "bytes_to_carrier": None,
+        "end_reason": "error",
+        "detail": "its worker (pid 4321, generation 2) ended: killed by SIGKILL; the call "
+        "was up and was lost with it (bytes not known)",
+        "worker_pid": 4321,
+    }
+
+
+def test_a_call_connecting_or_queued_says_where_it_was() -> None:
+    connecting = record({**SAID, "fleet": "b"})
+    assert connecting["status"] is None and connecting["fleet"] == "b"
+    assert "the call was connecting to its fleet" in connecting["detail"]
+    queued = record(SAID, exit_status="exit 1")
+    assert queued["fleet"] is None
+    assert "ended: exit 1; the call waited for a fleet slot" in queued["detail"]
+
+
+def test_a_slot_known_only_by_its_fleet_still_gets_a_line() -> None:
+    """A lease held before an older release said who its call is."""
+    line = record({"fleet": "a"})
+    assert (line["fleet"], line["call_id"], line["bot_id"], line["duration_s"]) == (
+        "a",
+        None,
+        None,
+        None,
+    )
+    assert line["end_reason"] == "error"
+
+
+def test_what_a_worker_said_is_taken_only_as_plain_bounded_values() -> None:
+    line = record(
+        {
+            **SAID,
+            "bot_id": "x" * 5000,
+            "client_ip": {"nested": True},
+            "route": ["/ws/"],
+            "status": "101",
+            "fleet": 3,
+            "started": None,
+            "started_at": True,
+            "extra": "ignored",
+        }
+    )
+    assert len(line["bot_id"]) == 256
+    assert line["client_ip"] is None and line["route"] is None
+    assert line["status"] is None and line["fleet"] is None
+    assert line["duration_s"] is None and line["started"] is None
+    assert "extra" not in line
+
+
+def test_started_is_derived_from_started_at_when_not_said() -> None:
+    line = record({"started_at": 0.0}, now=30.0)
+    assert line["started"] == "1970-01-01T00:00:00Z" and line["duration_s"] == 30.0
