@@ -1281,6 +1281,43 @@ async def _cut_and_replaced(service: RunningIngress, pid: int) -> None:
     await eventually(lambda: len(_logged(service, "worker joined the slot coordinator")) == 2, 15)
 
 
+async def test_a_worker_killed_after_its_channel_was_lost_gets_no_second_line_for_its_calls(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """Without its channel a worker finishes its calls and writes their lines;
+    which ended before it was killed the supervisor cannot know: it writes no
+    line of its own for them (a call would have two), the count says the rest."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        await _cut_and_replaced(service, old["pid"])
+        await eventually(lambda: bool(_lost_channel_lines(service)), 5)
+        await calls[0].close()
+
+        def ended() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "call ended"]
+
+        await eventually(lambda: len(ended()) == 1, 5)
+        os.kill(old["pid"], signal.SIGKILL)
+
+        def exited() -> list[dict[str, Any]]:
+            said = "worker whose slot channel was lost exited:"
+            return [e for e in service.log() if e["event"].startswith(said)]
+
+        await eventually(lambda: bool(exited()), 10)
+        assert [e["calls_lost"] for e in exited()] == [2]  # counted as it was then
+        await asyncio.sleep(0.3)
+        assert [(e["bot_id"], e["end_reason"], e["process"]) for e in ended()] == [
+            ("bot-0", "carrier closed", old["pid"])
+        ]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_exits(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:

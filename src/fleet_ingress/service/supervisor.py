@@ -692,7 +692,9 @@ class Supervisor:
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
         self.calls_lost_total += worker.calls_lost
-        if worker.calls_lost:
+        if worker.calls_lost and not worker.channel_lost:
+            # (One whose channel was lost went on without it: which of its calls
+            # ended there since, each with its own line, is not known here.)
             self._log_lost_calls(worker, code)
         # A retired worker whose channel was lost before (carried over an exec)
         # is counted as the loss it was, not as an old generation ending.
