@@ -702,6 +702,11 @@ async def test_sigterm_drains_every_generation_then_exits_0(
         draining = [r for r in rows if r["generation"] == 1]
         assert {r["pid"] for r in draining} == old, rows  # both hold calls: neither exited
         assert all(r["draining"] and r["calls"] for r in draining), rows
+        # When the old generation closes what is still up there (timeouts.drain, as
+        # upgrade_drain is not set), in stat and /stats too.
+        assert all(0 < r["drain_ends_in_s"] <= drain for r in draining), rows
+        assert all(r["state"].startswith("draining, calls closed in ") for r in draining), rows
+        assert all(r["drain_ends_in_s"] is None for r in rows if r["generation"] == 2), rows
         assert len(new) == 2 and not new & old
 
         service.proc.send_signal(signal.SIGTERM)
@@ -792,6 +797,10 @@ async def test_upgrade_drain_0_keeps_the_old_generations_calls_past_drain_and_si
         await service.wait_for("READY=1", count=2, timeout=60)
         done = [e for e in service.log() if e.get("event", "").startswith("upgrade done")]
         assert done and done[-1]["drain_s"] is None, done
+        rows = {r["pid"]: r for r in await _rows(service)}
+        assert rows[old]["state"] == "draining, until its calls end", rows
+        code, printed = await admin_command(service, "stat")
+        assert code == 0 and "draining, until its calls end" in printed, printed
         await asyncio.sleep(drain + 5 + 1.5)  # past the drain and its backstop
         assert _alive(old)
         for i, ws in enumerate(held):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +22,12 @@ from fleet_ingress.core.host_view import HostView, WorkerReport
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.ops.admin_client import format_stat_table
-from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
+from fleet_ingress.ops.host_stats import (
+    HostMetrics,
+    WorkerReporter,
+    host_snapshot,
+    with_drain_end,
+)
 from fleet_ingress.ops.local_counts import local_counts
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.reload_outcome import reload_outcome
@@ -203,6 +209,7 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "cpu_seconds": None,
             "resident_bytes": None,
             "code": None,
+            "drain_ends_in_s": None,
         }
     ]
     format_stat_table(snap)
@@ -503,3 +510,19 @@ def test_the_age_of_a_fleets_last_probe_is_counted_here_not_across_two_clocks():
     }
     assert set(ages) == {"a"}  # b: never probed, no age
     assert 7.0 <= ages["a"] < 9.0
+
+
+@pytest.mark.parametrize(
+    ("ends_in", "seconds", "state"),
+    [
+        (250.4, 250, "draining, calls closed in 4m10s"),
+        (7260.0, 7260, "draining, calls closed in 2h01m"),
+        (9.6, 10, "draining, calls closed in 10s"),
+        (-3.0, 0, "draining, calls closed in 0s"),  # past: closing now
+        (None, None, "draining, until its calls end"),  # upgrade_drain = 0
+    ],
+)
+def test_a_draining_workers_row_says_when_its_calls_are_closed(ends_in, seconds, state):
+    row = {"state": "draining", "drain_ends_in_s": None}
+    with_drain_end(row, ends_in)
+    assert (row["drain_ends_in_s"], row["state"]) == (seconds, state)

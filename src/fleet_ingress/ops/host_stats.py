@@ -186,9 +186,35 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),
                 "resident_bytes": None if seen is None else seen.process.get("resident_bytes"),
                 "code": None if seen is None else seen.code,
+                # Draining: seconds until the calls still up there are closed
+                # (`with_drain_end`; None: not draining, or no limit).
+                "drain_ends_in_s": None,
             }
         )
     return rows
+
+
+def with_drain_end(row: dict[str, Any], ends_in: float | None) -> None:
+    """A draining worker's row (an upgrade's old generation, or one whose
+    channel was lost): when the calls still up there are closed, in `state`
+    too; `ends_in` None: no limit (timeouts.upgrade_drain = 0), each call
+    ends on its own."""
+    state = row.get("state") or "draining"
+    if ends_in is None:
+        row["drain_ends_in_s"] = None
+        row["state"] = f"{state}, until its calls end"
+        return
+    left = max(0, round(ends_in))
+    row["drain_ends_in_s"] = left
+    row["state"] = f"{state}, calls closed in {_span(left)}"
+
+
+def _span(seconds: int) -> str:
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def host_snapshot(

@@ -88,6 +88,7 @@ from fleet_ingress.ops.host_stats import (
     HostMetrics,
     host_snapshot,
     pull_reports,
+    with_drain_end,
 )
 from fleet_ingress.ops.reload_outcome import (
     REFUSED_RELOAD_STATUS,
@@ -1037,11 +1038,26 @@ class Supervisor:
             stopping=self.stopping,
             last_reload=self.last_reload,
         )
+        self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
         return picture
+
+    def _say_drain_ends(self, rows: list[dict[str, Any]]) -> None:
+        """When each draining worker closes the calls still up there: its
+        backstop less STOP_GRACE (the worker's own drain ends then). Not while
+        stopping: every worker then drains for timeouts.drain (STOPPING says)."""
+        if self.stopping:
+            return
+        draining = {w.pid: w for w in self.workers.values() if w.retiring or w.channel_lost}
+        now = time.monotonic()
+        for row in rows:
+            if (worker := draining.get(row["pid"])) is None:
+                continue
+            by = worker.retire_by
+            with_drain_end(row, None if by is None else by - STOP_GRACE - now)
 
     def status_line(self) -> str:
         fleets = self.balancer.fleets
