@@ -3,6 +3,7 @@ supervisor will run it, before anything is handed over (service/upgrade.py)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -125,3 +126,25 @@ async def test_a_check_that_crashes_after_the_imports_is_named_as_the_installati
     said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, crashing_check)
     assert said.startswith("the installed code failed its trial run"), said
     assert "RuntimeError" in said
+
+
+async def test_the_trial_run_yields_the_cpu_to_the_running_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial imports the whole package and runs `check` beside workers
+    relaying calls: niced (TRIAL_NICE), it waits for what they leave of the
+    CPU (the jitter audit of session 23: at the running workers' priority it
+    took their calls' frames up to 0.3 s late on a busy host). The copy says
+    its niceness as the package is imported, then fails to import."""
+
+    def say_nice_then_break(package: Path) -> None:
+        init = package / "__init__.py"
+        init.write_text(
+            init.read_text()
+            + "\nimport os\nprint(f'NICE={os.getpriority(os.PRIO_PROCESS, 0)}', flush=True)\n"
+            + "raise ImportError('planted')\n"
+        )
+
+    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, say_nice_then_break)
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert f"NICE={min(19, ours + upgrade.TRIAL_NICE)}" in said, said
