@@ -649,7 +649,7 @@ class RunningIngress:
         service = cls(proc, home, port, stats_port, [], notify)
         asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)
         try:
-            await service.wait_for("READY=1", timeout=20)
+            await service.wait_for("READY=1", timeout=30)  # a loaded host: 20 s once was not
         except BaseException:
             await service.finish()
             raise
