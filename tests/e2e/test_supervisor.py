@@ -1604,6 +1604,48 @@ async def test_each_call_lost_with_a_killed_worker_has_its_access_line(
         await service.finish()
 
 
+async def test_calls_waiting_for_a_slot_lost_with_a_killed_worker_have_their_lines(
+    tls_files: TLSFiles,
+) -> None:
+    """A worker holding no slot, its calls all waiting in the queue (the only
+    fleet reports no room), is killed: each waiting call gets its line too
+    (the review of session 23: none, as it held no slot)."""
+    full = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    full.available_override = 0  # UP, FULL: calls wait for room
+    await full.start()
+    service = await RunningIngress.start(
+        tls_files, [f"{full.url} name=a"], workers=1, check_timeout=5, queue=30
+    )
+    opening: list[asyncio.Future[ClientConnection]] = []
+    try:
+        await _fleets_up_or_finished(service)
+        (worker,) = await _worker_rows(service)
+        for i in range(3):
+            opening.append(asyncio.ensure_future(_open(service, tls_files, f"waiting-{i}")))
+        async with asyncio.timeout(10):
+            while (await service.stats())["frontend"]["queue_length"] != 3:
+                await asyncio.sleep(0.05)
+        os.kill(worker["pid"], signal.SIGKILL)
+
+        def ended() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "call ended"]
+
+        await eventually(lambda: len(ended()) == 3, timeout=10)
+        assert sorted(e["bot_id"] for e in ended()) == ["waiting-0", "waiting-1", "waiting-2"]
+        assert all(
+            e["fleet"] is None and e["status"] is None and "waited for a fleet slot" in e["detail"]
+            for e in ended()
+        ), ended()
+        died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
+        assert [e["calls_lost"] for e in died] == [0]  # held no slot
+    finally:
+        for task in opening:
+            task.cancel()
+        await asyncio.gather(*opening, return_exceptions=True)
+        await service.finish()
+        await full.stop()
+
+
 async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_counted(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

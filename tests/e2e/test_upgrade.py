@@ -873,6 +873,174 @@ async def test_upgrade_drain_shorter_than_drain_ends_the_old_generations_calls_a
         await service.finish()
 
 
+def _set_upgrade_drain(service: RunningIngress, value: str) -> None:
+    """timeouts.upgrade_drain in the running service's file (read at its next exec)."""
+    path = service.home / "ingress.toml"
+    text = path.read_text()
+    assert "\n[timeouts]\n" in text
+    kept = [line for line in text.splitlines() if not line.startswith("upgrade_drain")]
+    at = kept.index("[timeouts]") + 1
+    path.write_text("\n".join([*kept[:at], f"upgrade_drain = {value}", *kept[at:]]) + "\n")
+
+
+async def test_an_old_generation_keeps_the_drain_it_was_told_over_a_later_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """Generation 1 retired with upgrade_drain = 0 (until its calls end); the
+    file then says 2 and a second upgrade runs: generation 1 keeps its call,
+    not killed by a deadline worked out from the new value (the review of
+    session 23: SIGKILLed 7 s later, its call cut)."""
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=PATIENT_PROBES)
+    held: list[ClientConnection] = []
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        held = await _hold_calls(service, tls_files, ["kept-0"])
+        _set_upgrade_drain(service, "0")
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        _set_upgrade_drain(service, "2")
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=60)
+        await asyncio.sleep(2 + 5 + 1.5)  # past what the new value would give it
+        assert _alive(old)
+        await _echoes(held[0], "still here")
+        rows = {r["pid"]: r for r in await _rows(service)}
+        assert rows[old]["state"] == "draining, until its calls end", rows
+        assert not [e for e in service.log() if "killed" in e.get("event", "")]
+    finally:
+        await close_calls(held)
+        await service.finish()
+
+
+async def test_an_old_worker_that_ignores_upgrade_drain_is_not_killed_before_its_own_drain(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The first upgrade into a release with upgrade_drain: the old
+    generation's code does not know the stop's "drain" and drains for its own
+    timeouts.drain (here 60 s), as INSTALL says; the supervisor must not kill
+    it at upgrade_drain (1 s) + 5 s (the review of session 23: it did, the
+    call cut). Such a worker is planted: one that ignores "drain"."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/worker.py", '    drain = message.get("drain")\n', "    return None\n")
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    env = {"PYTHONPATH": str(src), **PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "1"}
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=env)
+    held: list[ClientConnection] = []
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        held = await _hold_calls(service, tls_files, ["old-0"])
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        await asyncio.sleep(1 + 5 + 1.5)
+        assert _alive(old), "killed before its own drain"
+        await _echoes(held[0], "still here")
+        await held[0].close()  # its last call ends: it exits on its own
+        await eventually(lambda: not _alive(old), timeout=10)
+        exited = [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+        assert [(e["pid"], e["exit_status"], e["calls_lost"]) for e in exited] == [
+            (old, "exit 0", 0)
+        ]
+    finally:
+        await close_calls(held)
+        await service.finish()
+
+
+async def test_sigterm_stops_an_old_worker_kept_without_its_channel_within_drain(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """upgrade_drain = 0, then the old worker's slot channel is lost while it
+    keeps a call: it can no longer hear `stop`, and under KillMode=mixed only
+    the supervisor gets SIGTERM. The supervisor signals it, so it drains for
+    timeouts.drain and logs its call ("drain"), not killed at drain + 5 s
+    with the call unlogged (the review of session 23)."""
+    drain = 2
+    lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
+    env = {**PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "0"}
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=drain, env=env)
+    held: list[ClientConnection] = []
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        held = await _hold_calls(service, tls_files, ["kept-0"])
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        break_worker_channel(old)
+        await eventually(
+            lambda: any(
+                e.get("event", "").startswith("worker's slot channel was lost while it runs")
+                for e in service.log()
+            ),
+            timeout=10,
+        )
+        service.proc.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        code = await asyncio.wait_for(service.proc.wait(), drain + 5 + 10)
+        assert code == 0, service.log_tail()
+        assert time.monotonic() - stopped_at < drain + 4.5
+        log = service.log()
+        assert not [e for e in log if ": killed" in e.get("event", "")]
+        ended = [e for e in log if e.get("event") == "call ended"]
+        assert [(e["bot_id"], e["end_reason"], e["process"]) for e in ended] == [
+            ("kept-0", "drain", old)
+        ]
+    finally:
+        await close_calls(held)
+        await service.finish()
+
+
+async def test_calls_that_asked_for_a_slot_during_the_exec_are_named_if_lost(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """A call whose slot request reached the supervisor while it re-executed
+    (its channel being restored: the request counted from the worker's
+    "state") still has a whole line if its worker is killed later: who it
+    is, 101 (the review of session 23: a tenth of the lines were empty)."""
+    lines = [f"{sim.url} name={sim.name} maxconn=400" for sim in fleets]
+    env = {**PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "0"}
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=env)
+    held: list[ClientConnection] = []
+    opening: list[asyncio.Future[ClientConnection]] = []
+    try:
+        (old,) = (r["pid"] for r in await _rows(service))
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        for i in range(150):  # every 30 ms until the new generation serves
+            if service.seen("READY=1") >= 2:
+                break
+            opening.append(
+                asyncio.ensure_future(
+                    connect(
+                        service.url(f"/ws/c-{i}"), ssl=tls_files.client_context(), open_timeout=30
+                    )
+                )
+            )
+            await asyncio.sleep(0.03)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        held = list(await asyncio.gather(*opening))
+        rows = {r["pid"]: r for r in await _rows(service)}
+        kept = rows[old]["calls"]
+        assert kept > 0, rows  # some landed on the old generation before it retired
+        await asyncio.sleep(0.5)  # its fleets' answers told (within ANSWERS_FLUSH)
+        os.kill(old, signal.SIGKILL)
+
+        def lost() -> list[dict[str, Any]]:
+            return [
+                e
+                for e in service.log()
+                if e.get("event") == "call ended" and e.get("worker_pid") == old
+            ]
+
+        await eventually(lambda: len(lost()) == kept, timeout=10)
+        assert all(e["call_id"] is not None and e["bot_id"] for e in lost()), lost()
+        assert all(e["status"] == 101 for e in lost()), [
+            (e["bot_id"], e["status"]) for e in lost() if e["status"] != 101
+        ]
+    finally:
+        for task in opening:
+            task.cancel()
+        await close_calls(held)
+        await service.finish()
+
+
 def _package_whose_exec_fails(tmp_path: Path) -> Path:
     """A copy of the package whose execve fails after the hand-over (ENOEXEC)."""
     src = _copy_package(tmp_path)

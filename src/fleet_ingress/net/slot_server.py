@@ -253,6 +253,7 @@ class SlotServer:
         held_before: list[str] | None = None,
         key: int | None = None,
         unread: bytes = b"",
+        calls: dict[int, dict[str, Any]] | None = None,
     ) -> int:
         """Serve the supervisor's end of a worker's socketpair; returns its
         channel key (`key`: the one it had, served again by `take_back`).
@@ -261,10 +262,13 @@ class SlotServer:
         `worker` (pid, generation) and `held_before` (a fleet name per slot it
         held in the previous image's table): counted if it is slow to answer.
         `unread`: what the previous image had read of a line not yet whole
-        (its `unread()`): read before what the socket brings, the rest of it."""
+        (its `unread()`): read before what the socket brings, the rest of it.
+        `calls`: what the previous image knew of its calls (`calls_of`), in
+        place before anything is read (its "state" prunes them)."""
         loop = asyncio.get_running_loop()
         if key is None:
             key = next(self._keys)
+        self.restore_calls(key, calls or {})
         if restoring:
             self._restoring.add(key)
             self._restored.clear()
@@ -601,6 +605,11 @@ class SlotServer:
         if channel.restoring:
             if op == "state":
                 self._restore(channel, message)
+            elif op == "acquire" and isinstance(call := message.get("call"), dict):
+                # Counted in its "state", but only there said who the call is:
+                # kept (its "state" says whether it is still open).
+                with contextlib.suppress(WireError):
+                    self._calls.setdefault(channel.key, {})[field(message, "id", int)] = call
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
@@ -726,11 +735,17 @@ class SlotServer:
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
         )
-        # The calls carried over the exec that are still open, as it says.
+        # The calls carried over the exec (or asked for during it) still open, as
+        # it says; one whose fleet has answered is up (its "answered" may have
+        # come during the exec, unread).
         open_ = {lease for lease, _ in held} | {lease for lease, _, _ in waiting}
         if (calls := self._calls.get(channel.key)) is not None:
             for lease in set(calls) - open_:
                 self._forget_call(channel.key, lease)
+            if "in_flight" in message:
+                for lease, _ in held:
+                    if lease not in in_flight and (call := calls.get(lease)) is not None:
+                        call["status"] = 101
         channel.restoring, channel.joined = False, True
         channel.held_before = None
         channel.pid, channel.generation = pid, generation

@@ -122,7 +122,11 @@ class ConnectionCap:
 
     def open_connections(self, server: web.Server) -> list[Any]:
         """The server's connections still open (one closed to make room stays
-        in `server.connections` until its handler ends)."""
+        in `server.connections` until its handler ends). A connection is in
+        it from its `connection_made`, which uvloop (the service's loop) calls
+        as it accepts: a burst meets the cap at once. asyncio's loop calls it a
+        turn later, so there a burst of up to one accept round (the backlog)
+        gets past it for a moment."""
         return [c for c in server.connections if c.transport is not None]
 
     def protocol(self, server: web.Server) -> asyncio.BaseProtocol:

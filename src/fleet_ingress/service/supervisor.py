@@ -595,7 +595,8 @@ class Supervisor:
         log.error(
             "worker's slot channel was lost while it runs: it takes no new call and "
             "finishes its calls; the slots it holds stay counted until it exits "
-            "(killed if still running after timeouts.drain + 5 s); a new worker replaces it",
+            "(killed if still running when its drain is over: kill_in_s; none: it keeps "
+            "them until they end); a new worker replaces it",
             extra=fields(
                 pid=worker.pid,
                 generation=worker.generation,
@@ -693,9 +694,10 @@ class Supervisor:
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
         self.calls_lost_total += worker.calls_lost
-        if worker.calls_lost and not worker.channel_lost:
+        if not worker.channel_lost and (worker.calls_lost or (worker.lost_calls and code != 0)):
             # (One whose channel was lost went on without it: which of its calls
-            # ended there since, each with its own line, is not known here.)
+            # ended there since, each with its own line, is not known here.) Its
+            # calls still waiting for a slot are lost too, held slots or not.
             self._log_lost_calls(worker, code)
         # A retired worker whose channel was lost before (carried over an exec)
         # is counted as the loss it was, not as an old generation ending.
@@ -980,6 +982,8 @@ class Supervisor:
             return
         worker.retiring = True
         drain = self.config.timeouts.upgrade_drain
+        if worker.drain_told is None:  # told again (a later upgrade): its first drain holds
+            worker.drain_told = self.config.timeouts.old_generation_drain()
         stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
         if drain is not None:
             stop["drain"] = drain
@@ -989,9 +993,17 @@ class Supervisor:
             self.arm_backstop(worker)
 
     def _drain_of(self, worker: WorkerProcess) -> float:
-        """How long `worker` may drain: an old generation's, or a stop's."""
+        """How long `worker` may drain before it is killed (less STOP_GRACE): a
+        stop's timeouts.drain; an old generation's, the drain it was told at
+        its retirement (not what a later reload says), and never less than
+        timeouts.drain: a worker of a release before upgrade_drain drains for
+        its own timeouts.drain (and one that has it exits at the shorter one
+        itself: the backstop only kills what is still there)."""
         timeouts = self.config.timeouts
-        return timeouts.old_generation_drain() if worker.retiring else timeouts.drain
+        if not worker.retiring:
+            return timeouts.drain
+        told = worker.drain_told
+        return max(timeouts.old_generation_drain() if told is None else told, timeouts.drain)
 
     def arm_backstop(self, worker: WorkerProcess) -> None:
         """`worker` is killed if still there at its `retire_by`; none set yet:
@@ -1204,6 +1216,7 @@ class Supervisor:
         self.stopping = True
         for worker in list(self.workers.values()):
             self._stop_if_starting(worker)
+            self._stop_without_channel(worker)
         await self.ask_workers("stop", STOP_ANSWER_TIMEOUT)
         for sock in self.listeners.values():
             # shutdown() stops the socket listening in every process that holds
@@ -1211,6 +1224,15 @@ class Supervisor:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def _stop_without_channel(self, worker: WorkerProcess) -> None:
+        """A worker whose channel was lost while it runs cannot hear `stop`:
+        SIGTERM, which its handler takes as one (its drain shortened to
+        timeouts.drain: one kept until its calls end would otherwise be killed
+        at the stop's end, its calls unlogged)."""
+        if worker.joined.is_set() and worker.left.is_set() and worker.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.proc.send_signal(signal.SIGTERM)
 
     def _stop_if_starting(self, worker: WorkerProcess) -> None:
         """A worker that has not said hello cannot hear `stop` and holds no

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import secrets
 import signal
@@ -467,6 +468,12 @@ class UpgradeSequence:
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
+                    # The drain its retirement gave it (0: until its calls end).
+                    "drain_told": None
+                    if w.drain_told is None
+                    else 0.0
+                    if w.drain_told == math.inf
+                    else w.drain_told,
                     # Reaped here already but not yet logged and counted (its
                     # channel's end awaited): the new image does, with these.
                     "exit_code": w.proc.returncode,
@@ -565,6 +572,7 @@ class UpgradeSequence:
                 worker=(pid, generation),
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
                 unread=self._carried_unread.pop(name, b""),
+                calls=_calls_from_json(carried.get("calls")),
             )
             worker = WorkerProcess(
                 _adopted_process(pid, carried),
@@ -575,7 +583,6 @@ class UpgradeSequence:
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
-            supervisor.server.restore_calls(key, _calls_from_json(carried.get("calls")))
             worker.lost_calls = _calls_from_json(carried.get("lost_calls"))
             if worker.retiring:
                 self._arm_carried_backstop(worker, carried)
@@ -728,7 +735,13 @@ class UpgradeSequence:
 
     def _arm_carried_backstop(self, worker: WorkerProcess, carried: dict[str, Any]) -> None:
         """A worker of the previous image's: its backstop as that image set it
-        (a release that did not carry it: a full one from now)."""
+        (a release that did not carry it: a full one from now), by the drain
+        it was told (none carried: the drain told before upgrade_drain)."""
+        told = carried.get("drain_told")
+        if isinstance(told, int | float) and not isinstance(told, bool) and told >= 0:
+            worker.drain_told = float(told) or math.inf
+        elif worker.retiring:
+            worker.drain_told = self.supervisor.config.timeouts.drain
         retire_by = carried.get("retire_by")
         if retire_by is not None:
             worker.retire_by = float(retire_by)

@@ -37,6 +37,9 @@ class WorkerProcess:
     retiring: bool = False  # an older generation told to drain and exit: not replaced
     # Retiring: killed if still there at this (CLOCK_MONOTONIC, the same over an exec).
     retire_by: float | None = None
+    # Retiring: the drain its stop gave it (timeouts.upgrade_drain then, math.inf: until
+    # its calls end), which a later reload or upgrade does not change for it.
+    drain_told: float | None = None
     cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
     hung: bool = False  # killed by the supervisor: it answered no report request for a minute
 
