@@ -351,7 +351,7 @@ async def test_past_its_most_connections_all_busy_a_new_one_gets_503_at_once(
         await sites.close()
 
 
-async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path) -> None:
+async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path, capsys) -> None:
     """The admin socket's 503 is JSON with an `error`, as its other answers
     (the `fleet-ingress` commands print it); the cap and its counts are in
     the `fleet_ingress_operator_*` metrics, by listener."""
@@ -360,6 +360,7 @@ async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path
 
     from prometheus_client import CollectorRegistry, generate_latest
 
+    from fleet_ingress.ops.admin_client import run_admin, run_reload
     from fleet_ingress.ops.admin_server import bind_admin_socket
     from fleet_ingress.ops.web_sites import OperatorConnectionsCollector
 
@@ -393,6 +394,19 @@ async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path
         assert 'fleet_ingress_operator_idle_closed_connections_total{listener="admin"} 0.0' in (
             metrics
         )
+        # The commands: nothing was asked, not refused. A reload asks the other
+        # way (the unit's SIGHUP); before, it said "refused" and exited 1, and
+        # certbot's deploy hook failed with the new certificate not loaded.
+        asked: list[str] = []
+        code = await asyncio.to_thread(
+            run_reload, path, not_reached=lambda: asked.append("SIGHUP") or 0
+        )
+        assert (code, asked) == (0, ["SIGHUP"]), capsys.readouterr().err
+        code = await asyncio.to_thread(
+            run_admin, path, "POST", "/fleets/a/state", {"admin": "drain"}
+        )
+        assert code == 2
+        assert "turned this command away unread" in capsys.readouterr().err
         busy.close()
     finally:
         release.set()

@@ -60,9 +60,16 @@ async def admin_request(
             async with session.request(method, f"http://ingress{path}", json=payload) as response:
                 text = await response.text(errors="replace")
                 try:
-                    return response.status, json.loads(text)
+                    body = json.loads(text)
                 except ValueError:  # aiohttp's own refusal (a request line too long): text
                     return response.status, {"error": text.strip()[:300] or "no answer body"}
+                if response.status == 503 and isinstance(body, dict) and body.get("at_cap"):
+                    raise AdminNotReached(
+                        f"the admin socket {socket_path} turned this command away unread: "
+                        f"{body.get('error')}. A client keeps connections to it open: find it "
+                        "with `ss -xp | grep admin.sock`; then run the command again"
+                    )
+                return response.status, body
     except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
         raise AdminNotReached(
             f"cannot reach the admin socket {socket_path}: {_why(exc)}. {_reach_hint(exc)}"

@@ -85,18 +85,52 @@ def _is_idle(handler: Any) -> bool:
     return waiter is not None and not waiter.done()
 
 
+# A refused connection is answered, its writing side shut, and closed once the
+# client has read the answer and closed its end, or after this (seconds). Closed
+# at once, a client whose request was still coming (the CLI's POST with its
+# body) met the close before it read the 503: "the ingress closed the admin
+# connection before answering", and a reload did not know to ask the other way.
+REFUSED_LINGER = 0.5
+# At most this many refused connections linger so at once (a flood's past it
+# are closed at once): the cap is about descriptors.
+REFUSED_LINGERING = 32
+
+
 class _Refused(asyncio.Protocol):
-    """A connection over the cap: answered 503 and closed at once, without
-    reading its request (on loopback the client reads the 503; over a network
-    one whose request came first may see a reset instead)."""
+    """A connection over the cap: answered 503, its request read and dropped,
+    closed when the client closes or after REFUSED_LINGER."""
+
+    lingering = 0  # across listeners: a bound on the descriptors they hold
 
     def __init__(self, answer: bytes) -> None:
         self._answer = answer
+        self._transport: asyncio.BaseTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.WriteTransport instances: no isinstance.
-        cast(asyncio.WriteTransport, transport).write(self._answer)
-        transport.close()
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(self._answer)
+        if _Refused.lingering >= REFUSED_LINGERING or not writer.can_write_eof():
+            transport.close()
+            return
+        writer.write_eof()
+        _Refused.lingering += 1
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request nobody will read
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._transport = None
+            _Refused.lingering -= 1
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class ConnectionCap:
@@ -113,7 +147,9 @@ class ConnectionCap:
         self._warned_at = -OPERATOR_WARN_EVERY
         body = f"the {listener} listener has {limit} connections open, its most; try again\n"
         if listener == "admin":
-            body = json.dumps({"error": body.strip()}) + "\n"
+            # "at_cap": nothing was asked (the command may ask another way: a
+            # reload's SIGHUP), not the ingress refusing what it was asked.
+            body = json.dumps({"error": body.strip(), "at_cap": True}) + "\n"
         kind = "application/json" if listener == "admin" else "text/plain; charset=utf-8"
         self._answer = (
             f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {kind}\r\n"
