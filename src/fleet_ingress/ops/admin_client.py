@@ -358,9 +358,9 @@ def _dash(value: Any) -> str:
 
 # -- upgrade -----------------------------------------------------------------------
 
-# The trial run (30 s at most), the re-execution, the table's rebuild (5 s at
-# most) and the new workers' start (30 s at most), with room.
-UPGRADE_TIMEOUT = 120.0
+# The trial run (90 s at most: niced, on a busy host), the re-execution, the
+# table's rebuild (5 s at most) and the new workers' start (30 s at most), with room.
+UPGRADE_TIMEOUT = 180.0
 UPGRADE_POLL = 0.2
 # The supervisor's admin socket is kept over its exec, so it answers again
 # within a second or so; this long without an answer means it is gone.
