@@ -1318,6 +1318,33 @@ async def test_a_worker_killed_after_its_channel_was_lost_gets_no_second_line_fo
         await service.finish()
 
 
+async def test_a_signal_to_the_whole_group_drains_a_worker_without_its_channel(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """Ctrl-C (SIGINT to the process group) or `systemctl kill`: a worker
+    whose channel was lost gets the signal itself and, through the
+    supervisor's stop, SIGTERM too. One stop, not the second signal that cuts
+    every call (the second review of session 23: cut in 0.03 s, not drained)."""
+    drain = 3
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, drain=drain)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await _open(service, tls_files, "kept"))
+        [old] = await _worker_rows(service)
+        await _cut_and_replaced(service, old["pid"])
+        await eventually(lambda: bool(_lost_channel_lines(service)), 5)
+        os.kill(old["pid"], signal.SIGINT)
+        service.proc.send_signal(signal.SIGINT)
+        await asyncio.sleep(1.5)
+        await _echo(calls[0])  # draining, not cut
+        await eventually(lambda: not _alive(old["pid"]), drain + 5)
+        ended = [e for e in service.log() if e.get("event") == "call ended"]
+        assert [(e["bot_id"], e["end_reason"]) for e in ended] == [("kept", "drain")]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_exits(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:

@@ -91,6 +91,10 @@ log = logging.getLogger("fleet_ingress.worker")
 # for a loaded host. A call waits this long at most; none is refused for it.
 # Plus how long the new image may read its files again (one caught half-written).
 REEXEC_ALLOWANCE = 10.0 + REEXEC_READ_PATIENCE
+# Stop signals this close together are one stop, not a second signal (which
+# cuts every call): a signal to the whole group (Ctrl-C, `systemctl kill`)
+# reaches a worker without its channel and, through the supervisor, again.
+SAME_SIGNAL_WITHIN = 1.0
 
 
 def answer_timeout(config: IngressConfig) -> float:
@@ -211,12 +215,18 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         signals = 0
+        first_at = 0.0
 
         def on_stop_signal(signum: int) -> None:
             # The supervisor normally says `stop` on the channel; a terminal's
-            # Ctrl-C (or a signal sent to the whole group) reaches us too.
-            nonlocal signals
+            # Ctrl-C (or a signal sent to the whole group) reaches us too, and a
+            # worker without its channel hears the stop from the supervisor's
+            # SIGTERM as well: signals within SAME_SIGNAL_WITHIN are one stop.
+            nonlocal signals, first_at
+            if signals and loop.time() - first_at < SAME_SIGNAL_WITHIN:
+                return
             signals += 1
+            first_at = first_at or loop.time()
             if signals > 1:
                 self.ingress.cut_drain()
                 loop.call_later(SECOND_SIGNAL_GRACE, _exit_now)
