@@ -371,8 +371,8 @@ def _sighup_under_systemd() -> int | None:
         print(f"fleet-ingress: cannot signal MAINPID {main_pid}: {exc.strerror}", file=sys.stderr)
         return 2
     print(
-        f"fleet-ingress: no admin socket to ask: sent SIGHUP to {main_pid}; whether the "
-        "reload applied is in the journal and `fleet-ingress stat`",
+        f"fleet-ingress: the admin socket could not be asked: sent SIGHUP to {main_pid}; "
+        "whether the reload applied is in the journal and `fleet-ingress stat`",
         file=sys.stderr,
     )
     return 0

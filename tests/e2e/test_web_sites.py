@@ -411,3 +411,57 @@ async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path
     finally:
         release.set()
         await sites.close()
+
+
+async def test_refusals_flooding_one_listener_leave_the_other_its_readable_refusals(
+    tmp_path,
+) -> None:
+    """Each listener keeps its own refused connections open until their
+    client has read the 503 (REFUSED_LINGERING each): a flood turned away at
+    the stats port does not make the admin socket close its refusals at once,
+    which a command still sending its request meets before the 503 (and a
+    reload then does not know to ask by SIGHUP: the second review of session 23)."""
+    import asyncio
+
+    from fleet_ingress.ops.admin_client import run_reload
+    from fleet_ingress.ops.admin_server import bind_admin_socket
+    from fleet_ingress.ops.web_sites import REFUSED_LINGERING
+
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    app.router.add_post("/reload", slow)
+    sites = WebSites(max_connections=1)
+    runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
+    port = runner.addresses[0][1]
+    path = tmp_path / "admin.sock"
+    await sites.serve(app, web.SockSite, listener="admin", sock=bind_admin_socket(path))
+    held = []
+    try:
+        _, stats_busy = await asyncio.open_connection("127.0.0.1", port)
+        stats_busy.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, admin_busy = await asyncio.open_unix_connection(str(path))
+        admin_busy.write(b"POST /reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        held += [stats_busy, admin_busy]
+        await asyncio.sleep(0.2)  # both requests under way: every new one is refused
+        for _ in range(REFUSED_LINGERING + 8):  # refused, never read nor closed here
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            held.append(writer)
+        await asyncio.sleep(0.05)  # each accepted and answered
+        asked: list[str] = []
+        code = await asyncio.to_thread(
+            run_reload, path, not_reached=lambda: asked.append("SIGHUP") or 0
+        )
+        assert (code, asked) == (0, ["SIGHUP"])
+        stats_cap, _ = (cap for _, cap in sites.caps())
+        assert stats_cap.lingering <= REFUSED_LINGERING  # never past it
+    finally:
+        release.set()
+        for writer in held:
+            writer.close()
+        await sites.close()

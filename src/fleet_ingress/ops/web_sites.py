@@ -96,31 +96,37 @@ REFUSED_LINGER = 0.5
 REFUSED_LINGERING = 32
 
 
+# What a refused connection reads and drops at most: a request head and a
+# command's body; a client that sends more is closed at once.
+REFUSED_READ = 65536
+
+
 class _Refused(asyncio.Protocol):
-    """A connection over the cap: answered 503, its request read and dropped,
+    """A connection over `cap`: answered 503, its request read and dropped,
     closed when the client closes or after REFUSED_LINGER."""
 
-    lingering = 0  # across listeners: a bound on the descriptors they hold
-
-    def __init__(self, answer: bytes) -> None:
-        self._answer = answer
+    def __init__(self, cap: ConnectionCap) -> None:
+        self._cap = cap
         self._transport: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._read = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.WriteTransport instances: no isinstance.
         writer = cast(asyncio.WriteTransport, transport)
-        writer.write(self._answer)
-        if _Refused.lingering >= REFUSED_LINGERING or not writer.can_write_eof():
+        writer.write(self._cap.refusal)
+        if self._cap.lingering >= REFUSED_LINGERING or not writer.can_write_eof():
             transport.close()
             return
         writer.write_eof()
-        _Refused.lingering += 1
+        self._cap.lingering += 1
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER, transport.close)
 
     def data_received(self, data: bytes) -> None:
-        pass  # the request nobody will read
+        self._read += len(data)  # the request nobody will read
+        if self._read > REFUSED_READ and self._transport is not None:
+            self._transport.close()
 
     def eof_received(self) -> bool:
         return False  # the client is done: close
@@ -128,7 +134,7 @@ class _Refused(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
             self._transport = None
-            _Refused.lingering -= 1
+            self._cap.lingering -= 1
         if self._timer is not None:
             self._timer.cancel()
 
@@ -144,6 +150,7 @@ class ConnectionCap:
         self.refused = 0  # answered 503 and closed at accept: `limit` were busy
         self.idle_closed = 0  # idle ones closed to make room for a new one
         self.address = ""  # where the listener listens, for the warning
+        self.lingering = 0  # refused connections not closed yet (`_Refused`)
         self._warned_at = -OPERATOR_WARN_EVERY
         body = f"the {listener} listener has {limit} connections open, its most; try again\n"
         if listener == "admin":
@@ -151,7 +158,7 @@ class ConnectionCap:
             # reload's SIGHUP), not the ingress refusing what it was asked.
             body = json.dumps({"error": body.strip(), "at_cap": True}) + "\n"
         kind = "application/json" if listener == "admin" else "text/plain; charset=utf-8"
-        self._answer = (
+        self.refusal = (
             f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n{body}"
         ).encode()
@@ -175,7 +182,7 @@ class ConnectionCap:
             if idle is None:
                 self.refused += 1
                 self._warn(len(open_))
-                return _Refused(self._answer)
+                return _Refused(self)
             idle.force_close()
             self.idle_closed += 1
             self._warn(len(open_))
