@@ -922,7 +922,12 @@ async def test_an_old_worker_that_ignores_upgrade_drain_is_not_killed_before_its
     it at upgrade_drain (1 s) + 5 s (the review of session 23: it did, the
     call cut). Such a worker is planted: one that ignores "drain"."""
     src = _copy_package(tmp_path)
-    _inject(src, "service/worker.py", '    drain = message.get("drain")\n', "    return None\n")
+    _inject(
+        src,
+        "service/worker.py",
+        '        upgrade = bool(message.get("upgrade")) and not message.get("cut")\n',
+        '        message.pop("drain", None)\n',
+    )
     lines = [f"{sim.url} name={sim.name} maxconn=50" for sim in fleets]
     env = {"PYTHONPATH": str(src), **PATIENT_PROBES, "FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "1"}
     service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=env)

@@ -274,6 +274,20 @@ class TimeoutsSection(_Section):
         return self.upgrade_drain or math.inf
 
 
+def drain_to_wire(seconds: float) -> float:
+    """An old generation's drain as a worker's `stop` and an exec's state carry
+    it: upgrade_drain's own spelling, 0 for no limit (JSON has no infinity)."""
+    return 0.0 if seconds == math.inf else seconds
+
+
+def drain_from_wire(value: Any) -> float | None:
+    """`drain_to_wire`'s seconds (math.inf for 0); None when `value` is none
+    (a release that does not say it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value) or math.inf
+
+
 class LimitsSection(_Section):
     max_header_bytes: int = Field(16384, ge=1024)
     # HAProxy's order (it refuses more than 101). Each line costs the event loop a

@@ -9,6 +9,7 @@ forced removal), and `SilenceSweep` the one timer that looks for silent calls.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import math
 import time
@@ -158,6 +159,12 @@ class Call:
             # the path would make a 15 KB access line (the fleet still gets it whole).
             "bot_id": self.bot_id[:LOGGED_BOT_ID],
         }
+
+    @functools.cached_property
+    def described(self) -> dict[str, Any]:
+        """`identity` and its start (`started_at`, for its duration) as its slot
+        requests carry it: built once, a retry's request sends the same."""
+        return {**self.identity(), "started_at": self.started_at}
 
     def access_record(self) -> dict[str, Any]:
         return {

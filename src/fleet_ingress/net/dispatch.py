@@ -54,7 +54,7 @@ class SlotSource(Protocol):
     async def lease(
         self, avoid: Collection[str] = (), call: dict[str, Any] | None = None
     ) -> HeldSlot:
-        """`call`: who the call is (`Call.identity`), for a line if it is lost."""
+        """`call`: who the call is (`Call.described`), for a line if it is lost."""
         ...
 
 

@@ -511,8 +511,7 @@ class CarrierProtocol(_Side):
         try:
             call = self.call
             lease = await self.ctx.slots.lease(
-                avoid=avoid,
-                call=None if call is None else {**call.identity(), "started_at": call.started_at},
+                avoid=avoid, call=None if call is None else call.described
             )
         except NoFleetAvailable as exc:
             self._task = None

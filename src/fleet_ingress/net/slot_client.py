@@ -186,7 +186,7 @@ class SlotClient(asyncio.Protocol):
         self, avoid: Collection[str] = (), call: dict[str, Any] | None = None
     ) -> RemoteLease:
         """A slot on the best fleet of the host for this call, or `NoFleetAvailable`.
-        `call` (`Call.identity`) goes with the request: the supervisor writes
+        `call` (`Call.described`) goes with the request: the supervisor writes
         the call's access line if this process dies with it."""
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)

@@ -214,11 +214,6 @@ class SlotServer:
         """The calls channel `key` has open now (an exec carries them)."""
         return dict(self._calls.get(key, {}))
 
-    def restore_calls(self, key: int, calls: dict[int, dict[str, Any]]) -> None:
-        """What the previous image knew of channel `key`'s calls (`calls_of`)."""
-        if calls:
-            self._calls.setdefault(key, {}).update(calls)
-
     def _forget_call(self, key: int, lease: int) -> None:
         calls = self._calls.get(key)
         if calls is not None:
@@ -268,7 +263,8 @@ class SlotServer:
         loop = asyncio.get_running_loop()
         if key is None:
             key = next(self._keys)
-        self.restore_calls(key, calls or {})
+        if calls:
+            self._calls[key] = dict(calls)
         if restoring:
             self._restoring.add(key)
             self._restored.clear()

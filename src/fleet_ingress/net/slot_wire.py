@@ -7,10 +7,11 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
       {"op": "hello", "pid": 1234, "generation": 1, "answers": true}   first, once
                                                            ("answers": it sends "answered")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
-       "call": {"call_id": 3, "bot_id": "b", ...}}         who the call is (`Call.identity`
-                                                           and "started_at"), kept while
-                                                           the lease is open: the line of
-                                                           a call lost with its worker
+       "call": {"call_id": 3, "bot_id": "b", ...}}         who the call is (`Call.described`:
+                                                           access fields, "started_at"),
+                                                           kept while the lease is open:
+                                                           the line of a call lost with
+                                                           its worker
       {"op": "release", "id": 7}                           give it back (or leave the queue)
       {"op": "answered", "leases": [[7, 5012.25], ...]}    their fleets answered the calls
                                                            (101) then (monotonic): out of

@@ -658,7 +658,7 @@ class Supervisor:
         calls = self.server.take_calls(key)
         for lease, fleet in row.held.items() if row is not None else ():
             calls.setdefault(lease, {})["fleet"] = fleet.name
-        worker.lost_calls.update(calls)
+        worker.calls_at_leave.update(calls)
         worker.left.set()
         if row is not None and row.channel_lost and worker.proc.returncode is None:
             # Its slots are kept until it exits. Without a channel it cannot hear
@@ -694,7 +694,7 @@ class Supervisor:
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
         self.calls_lost_total += worker.calls_lost
-        if not worker.channel_lost and (worker.calls_lost or (worker.lost_calls and code != 0)):
+        if not worker.channel_lost and (worker.calls_lost or (worker.calls_at_leave and code != 0)):
             # (One whose channel was lost went on without it: which of its calls
             # ended there since, each with its own line, is not known here.) Its
             # calls still waiting for a slot are lost too, held slots or not.
@@ -737,7 +737,7 @@ class Supervisor:
     def _log_lost_calls(self, worker: WorkerProcess, code: int | None) -> None:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call): it could not write them."""
-        calls, worker.lost_calls = worker.lost_calls, {}
+        calls, worker.calls_at_leave = worker.calls_at_leave, {}
         if not self.config.log.access:
             return
         status, now = _exit_status(code), time.time()

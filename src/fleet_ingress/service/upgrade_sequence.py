@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import secrets
 import signal
@@ -37,7 +36,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
+from fleet_ingress.config.settings import (
+    ConfigError,
+    IngressConfig,
+    ListenSection,
+    drain_from_wire,
+    drain_to_wire,
+    load_config,
+)
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.fleet_set import FleetSet
@@ -469,11 +475,7 @@ class UpgradeSequence:
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
                     # The drain its retirement gave it (0: until its calls end).
-                    "drain_told": None
-                    if w.drain_told is None
-                    else 0.0
-                    if w.drain_told == math.inf
-                    else w.drain_told,
+                    "drain_told": None if w.drain_told is None else drain_to_wire(w.drain_told),
                     # Reaped here already but not yet logged and counted (its
                     # channel's end awaited): the new image does, with these.
                     "exit_code": w.proc.returncode,
@@ -494,7 +496,7 @@ class UpgradeSequence:
                     # What it said of each call open on its channel, and of those
                     # open when its channel ended: their access lines if lost.
                     "calls": _calls_to_json(supervisor.server.calls_of(w.key)),
-                    "lost_calls": _calls_to_json(w.lost_calls),
+                    "calls_at_leave": _calls_to_json(w.calls_at_leave),
                 }
                 for w in supervisor.workers.values()
             ],
@@ -583,7 +585,7 @@ class UpgradeSequence:
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
-            worker.lost_calls = _calls_from_json(carried.get("lost_calls"))
+            worker.calls_at_leave = _calls_from_json(carried.get("calls_at_leave"))
             if worker.retiring:
                 self._arm_carried_backstop(worker, carried)
             worker.joined.set()
@@ -634,7 +636,7 @@ class UpgradeSequence:
                 calls_lost=int(carried.get("calls_lost", 0)),  # counted as its channel closed
                 retiring=bool(carried.get("retiring", False)),
                 replaced=True,  # its replacement came over in "respawns"
-                lost_calls=_calls_from_json(carried.get("lost_calls")),
+                calls_at_leave=_calls_from_json(carried.get("calls_at_leave")),
             )
             worker.joined.set()
             worker.left.set()
@@ -737,9 +739,9 @@ class UpgradeSequence:
         """A worker of the previous image's: its backstop as that image set it
         (a release that did not carry it: a full one from now), by the drain
         it was told (none carried: the drain told before upgrade_drain)."""
-        told = carried.get("drain_told")
-        if isinstance(told, int | float) and not isinstance(told, bool) and told >= 0:
-            worker.drain_told = float(told) or math.inf
+        told = drain_from_wire(carried.get("drain_told"))
+        if told is not None:
+            worker.drain_told = told
         elif worker.retiring:
             worker.drain_told = self.supervisor.config.timeouts.drain
         retire_by = carried.get("retire_by")

@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import os
 import signal
 import socket
@@ -58,7 +57,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.settings import ConfigError, IngressConfig, config_from_json
+from fleet_ingress.config.settings import (
+    ConfigError,
+    IngressConfig,
+    config_from_json,
+    drain_from_wire,
+)
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.slot_client import SlotClient
@@ -143,7 +147,9 @@ class Worker:
             log.warning("closing every call now (second signal)")
             self.ingress.cut_drain()
         upgrade = bool(message.get("upgrade")) and not message.get("cut")
-        self.begin_stop(keep_pending=upgrade, drain=_drain_asked(message) if upgrade else None)
+        self.begin_stop(
+            keep_pending=upgrade, drain=drain_from_wire(message.get("drain")) if upgrade else None
+        )
         if "id" in message and not message.get("cut"):
             self.client.send({"op": "stopping", "id": message["id"]})
 
@@ -401,13 +407,3 @@ def _own_sighup() -> None:
             "supervisor (the unit's MainPID)"
         ),
     )
-
-
-def _drain_asked(message: dict[str, Any]) -> float | None:
-    """An upgrade's `stop` says how long the old generation keeps its calls
-    (timeouts.upgrade_drain: 0 until they end); a supervisor that does not
-    say: timeouts.drain."""
-    drain = message.get("drain")
-    if isinstance(drain, bool) or not isinstance(drain, int | float) or drain < 0:
-        return None
-    return float(drain) or math.inf

@@ -28,7 +28,7 @@ class WorkerProcess:
     # The calls open on its channel when it closed, by lease: what it said of
     # each (`SlotServer.take_calls`), "fleet" where it held a slot. Lost with
     # it if it did not drain: the supervisor writes their access lines.
-    lost_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    calls_at_leave: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Its channel ended while its process ran: its slots stay counted until it exits.
     channel_lost: bool = False
     replaced: bool = False
