@@ -6,6 +6,7 @@ DOWN, and what ends a streak of refused calls. No sockets."""
 from __future__ import annotations
 
 import errno
+import gc
 import socket
 import ssl
 
@@ -138,16 +139,35 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
     text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(40))
     balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
     settings = ProbeSettings("/health/fleet", "fleet_available", 0.5, 0.4, fall=2, rise=1)
-    poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
-    started = asyncio.get_running_loop().time()
-    for fleet in balancer.fleets:
-        poller.start(fleet)
-    assert await poller.wait_first_probes(timeout=2.0)
-    firsts = sorted(times[0] - started for times in sent.values())
     window = module.SPREAD_PER_FLEET * 40  # 0.12 s for 40 fleets
-    assert len(firsts) == 40 and firsts[-1] <= window + 0.1
-    assert firsts[-1] - firsts[0] > window / 3  # spread, not one instant (before: within ms)
-    assert sum(1 for t in firsts if t < window / 6) not in (0, 40)
+
+    async def first_probes() -> tuple[HealthPoller, list[float]]:
+        sent.clear()
+        poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
+        started = asyncio.get_running_loop().time()
+        for fleet in balancer.fleets:
+            poller.start(fleet)
+        assert await poller.wait_first_probes(timeout=2.0)
+        return poller, sorted(times[0] - started for times in sent.values())
+
+    def spread_from_the_start(firsts: list[float]) -> bool:
+        return (
+            len(firsts) == 40
+            and firsts[-1] <= window + 0.1
+            and firsts[-1] - firsts[0] > window / 3  # spread, not one instant (before: within ms)
+            and sum(1 for t in firsts if t < window / 6) not in (0, 40)
+        )
+
+    # Up to three rounds: the process descheduled for 20 ms at the start (CI's
+    # alone phase, beside the 10,000-connection test's teardown) delays every
+    # first probe. Code that does not spread them, or spreads them late, fails all three.
+    gc.collect()
+    for _ in range(3):
+        poller, firsts = await first_probes()
+        if spread_from_the_start(firsts):
+            break
+        await poller.close()
+    assert spread_from_the_start(firsts), firsts
     sent.clear()
     await poller.reconfigure(ssl.create_default_context(), settings)  # a reload's new TLS
     await asyncio.sleep(0.6)
