@@ -401,6 +401,43 @@ async def test_a_changed_worker_count_takes_effect_at_the_next_upgrade(
         await service.finish()
 
 
+async def test_the_operator_listeners_counters_do_not_reset_at_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """fleet_ingress_operator_idle_closed_connections_total counts on over an
+    upgrade (#14: counters do not reset): the new image starts from what the
+    old one counted. Before, it started again from 0."""
+    lines = [f"{sim.url} name={sim.name}" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    held: list[asyncio.StreamWriter] = []
+
+    async def idle_closed() -> float:
+        samples = metric_samples(await service.metrics())
+        return samples["fleet_ingress_operator_idle_closed_connections_total"][
+            (("listener", "stats"),)
+        ]
+
+    try:
+        # The stats listener's most is 256 (the descriptor limit is high here):
+        # each connection past it closes an idle one.
+        for _ in range(256 + 4):
+            _, writer = await asyncio.open_connection("127.0.0.1", service.stats_port)
+            held.append(writer)
+        async with asyncio.timeout(10):
+            while (before := await idle_closed()) < 4:
+                await asyncio.sleep(0.05)
+        for writer in held:
+            writer.close()
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        after = await idle_closed()
+        assert after >= before, (before, after)
+    finally:
+        for writer in held:
+            writer.close()
+        await service.finish()
+
+
 async def test_a_worker_hung_at_the_exec_is_killed_by_the_new_image(
     tls_files: TLSFiles, fleets: list[SimulatedFleet]
 ) -> None:

@@ -290,6 +290,12 @@ class OperatorConnectionsCollector(Collector):
         yield from (open_, most, refused, idle_closed)
 
 
+def _add_counts(cap: ConnectionCap, counts: Any) -> None:
+    if isinstance(counts, dict):
+        cap.refused += int(counts.get("refused", 0))
+        cap.idle_closed += int(counts.get("idle_closed", 0))
+
+
 @dataclass
 class _KeptSite:
     """A site served on a duplicate of a listening socket its caller keeps."""
@@ -313,6 +319,9 @@ class WebSites:
         self._kept: list[_KeptSite] = []
         self._quieting: asyncio.Future[int] | None = None
         self._closed = False
+        # Counts the previous image kept over an upgrade's exec, by listener: a
+        # counter does not reset (`carry_counts`).
+        self._carried_counts: dict[str, dict[str, int]] = {}
 
     async def serve_kept(
         self, app: web.Application, sock: socket.socket, *, listener: str = "operator"
@@ -393,6 +402,7 @@ class WebSites:
         descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limit = self.max_connections or operator_connections_within(descriptors)
         cap = ConnectionCap(listener, limit, descriptors=descriptors)
+        _add_counts(cap, self._carried_counts.pop(listener, None))
         runner = _CappedRunner(
             app,
             cap,
@@ -423,6 +433,25 @@ class WebSites:
             )
         self._runners.append(runner)
         return runner
+
+    def counts_to_json(self) -> dict[str, dict[str, int]]:
+        """Each listener's counters, for the next image of an upgrade's exec."""
+        return {
+            cap.listener: {"refused": cap.refused, "idle_closed": cap.idle_closed}
+            for _, cap in self.caps()
+        }
+
+    def carry_counts(self, carried: Any) -> None:
+        """The previous image's counters (`counts_to_json`; None from a release
+        that did not carry them): added to its listener's, now or when it is served."""
+        if not isinstance(carried, dict):
+            return
+        caps = {cap.listener: cap for _, cap in self.caps()}
+        for listener, counts in carried.items():
+            if listener in caps:
+                _add_counts(caps[listener], counts)
+            elif isinstance(counts, dict):
+                self._carried_counts[listener] = counts
 
     def caps(self) -> list[tuple[_CappedRunner, ConnectionCap]]:
         """Each listener's runner and its cap, in the order they were served."""

@@ -246,6 +246,8 @@ class UpgradeSequence:
         )
         supervisor.slots.queue_timeouts = int(carried["queue_timeouts"])
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
+        # (From a release that did not carry them: counted from here.)
+        self.web.carry_counts(carried.get("operator_connections"))
         supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
@@ -455,6 +457,7 @@ class UpgradeSequence:
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
+            "operator_connections": self.web.counts_to_json(),
             "bound_listen": supervisor.bound_listen.model_dump(),
             "upgrades": list(self.statuses.values()),
             "worker_target": supervisor.worker_target,
