@@ -942,6 +942,27 @@ async def test_an_admin_request_whose_body_never_comes_in_full_is_answered_408(
     assert status == 400 and "name is a string" in body
 
 
+async def test_an_admin_client_gone_mid_body_costs_no_traceback_and_the_socket_serves_on(
+    deployment: Deployment, caplog: pytest.LogCaptureFixture
+):
+    """A client that sends half a POST body and goes away (a killed CLI, a
+    script's timeout) is no error of the ingress: nothing is logged at error,
+    no traceback, and the next command is answered."""
+    assert deployment.ingress.admin_socket is not None
+    head = b"POST /fleets HTTP/1.1\r\nHost: admin\r\nContent-Type: application/json\r\n"
+    for _ in range(3):
+        _, writer = await asyncio.open_unix_connection(str(deployment.ingress.admin_socket))
+        writer.write(head + b'Content-Length: 1000\r\n\r\n{"url": "https://fl')
+        await writer.drain()
+        await asyncio.sleep(0.1)  # its handler reading the body
+        writer.transport.abort()
+    await asyncio.sleep(0.3)
+    status, body = await _raw_admin(deployment, b"GET /stat HTTP/1.1\r\nHost: admin\r\n\r\n")
+    assert status == 200, body
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+
+
 def test_a_stop_removes_the_admin_socket_only_while_it_is_its_own(tmp_path: Path):
     """Two ingresses given one admin socket path, the first's file removed by
     hand: the second binds its own there, and a stop of the first removed it

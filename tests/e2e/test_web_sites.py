@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 
 import pytest
 from aiohttp import web
@@ -348,6 +349,58 @@ async def test_past_its_most_connections_all_busy_a_new_one_gets_503_at_once(
         release.set()
         for _, writer in busy:
             writer.close()
+        await sites.close()
+
+
+async def test_a_refused_client_streaming_into_its_connection_is_cut_after_64_kib() -> None:
+    """A refused connection reads what the client sends, so that the client
+    reads the 503 before the close; at most REFUSED_READ of it. A client that
+    streams into it is cut there, not after the 0.5 s it may linger (before:
+    0.5-1.5 GB read through the loop in that time)."""
+    import asyncio
+
+    from fleet_ingress.ops.web_sites import REFUSED_READ
+
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    sites = WebSites(max_connections=1)
+    runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
+    port = runner.addresses[0][1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # the one allowed, busy
+
+    def stream() -> int:
+        """Send until the ingress cuts the connection (5 s, 4 GiB at most)."""
+        chunk = bytes(REFUSED_READ)
+        sent = 0
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(0.2)
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and sent < 4 << 30:
+                try:
+                    sent += sock.send(chunk)
+                except TimeoutError:  # nothing read meanwhile: the buffers are full
+                    continue
+                except OSError:  # reset: cut
+                    return sent
+        raise AssertionError(f"not cut: {sent} bytes sent in 5 s")
+
+    try:
+        await asyncio.sleep(0.2)  # its request under way
+        sent = await asyncio.to_thread(stream)
+        # What the kernel's buffers took on both sides, and 64 KiB read.
+        assert sent < 32 << 20, sent
+        ((_, cap),) = sites.caps()
+        assert cap.refused == 1
+    finally:
+        release.set()
+        writer.close()
         await sites.close()
 
 
