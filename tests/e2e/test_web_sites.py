@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 import time
@@ -52,7 +53,6 @@ async def test_quiesce_answers_requests_in_flight_and_leaves_new_ones_to_the_nex
     that comes meanwhile waits in the listening socket's backlog (the socket
     stays open) until whoever serves it next (here another `WebSites`, as the
     new image would) answers it."""
-    import asyncio
 
     import aiohttp
 
@@ -118,7 +118,6 @@ async def test_a_close_during_quiesce_waits_for_it_and_not_for_the_runners_own_t
     at its timeout), not shut the same connection down a second time, which
     waits for the runner's own shutdown timeout (60 s). Nor may a resume after
     it start accepting again."""
-    import asyncio
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(4)
@@ -161,7 +160,6 @@ async def test_quiesce_waits_its_timeout_at_most_for_a_request_that_will_not_end
     twice the timeout and more (aiohttp waits it for the handler, then again
     after cancelling it; an audit measured 20 s for 10), and the request's
     connection is closed, not left open."""
-    import asyncio
 
     started = asyncio.Event()
 
@@ -199,7 +197,6 @@ async def test_a_connection_that_sends_no_request_or_no_more_is_closed_when_idle
     the stats port held the supervisor's descriptors. One that never sends a
     request, one that stops half way through its head, and one idle after a
     request are all closed at the idle timeout; a request in time is served."""
-    import asyncio
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
@@ -231,7 +228,6 @@ async def test_a_request_that_never_ends_holds_a_close_for_seconds_not_a_minute(
     """A request whose body never came in full (or a handler that never returns)
     held `close`, and so the supervisor's stop, for aiohttp's 60 s (the
     control-plane audit of session 22): a restart served no call meanwhile."""
-    import asyncio
     import time
 
     from fleet_ingress.ops.web_sites import OPERATOR_SHUTDOWN_TIMEOUT
@@ -259,7 +255,6 @@ async def test_a_request_that_never_ends_holds_a_close_for_seconds_not_a_minute(
 
 
 async def _get(port: int, path: str = "/") -> bytes:
-    import asyncio
 
     async with asyncio.timeout(3):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -269,12 +264,27 @@ async def _get(port: int, path: str = "/") -> bytes:
     return answer
 
 
+def _busy_app(*routes: str) -> tuple[web.Application, asyncio.Event]:
+    """An app whose requests (GET /, or each "METHOD /path" given) are held
+    until the event returned is set: connections with a request under way."""
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    for route in routes or ("GET /",):
+        method, path = route.split()
+        app.router.add_route(method, path, slow)
+    return app, release
+
+
 async def test_past_its_most_connections_the_idle_one_open_longest_is_closed_to_make_room() -> None:
     """Connections kept open without a request (a scraper that reconnects and
     never closes) took a descriptor each until the supervisor had none for its
     probes and workers (the operator-listener audit). At the cap a new
     connection is taken and the idle one open longest closed, counted and warned of."""
-    import asyncio
 
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text="hi")
@@ -308,18 +318,10 @@ async def test_past_its_most_connections_all_busy_a_new_one_gets_503_at_once(
     """Every connection at the cap has a request under way: a new one is
     answered 503 and closed at once (no descriptor kept), counted, and warned
     of once a minute with what to do; once one ends, new ones are served."""
-    import asyncio
 
     from fleet_ingress.ops.web_sites import OPERATOR_WARN_EVERY
 
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/", slow)
+    app, release = _busy_app()
     sites = WebSites(max_connections=2)
     runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
     port = runner.addresses[0][1]
@@ -357,18 +359,10 @@ async def test_a_refused_client_streaming_into_its_connection_is_cut_after_64_ki
     reads the 503 before the close; at most REFUSED_READ of it. A client that
     streams into it is cut there, not after the 0.5 s it may linger (before:
     0.5-1.5 GB read through the loop in that time)."""
-    import asyncio
 
     from fleet_ingress.ops.web_sites import REFUSED_READ
 
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(text="done")
-
-    app = web.Application()
-    app.router.add_get("/", slow)
+    app, release = _busy_app()
     sites = WebSites(max_connections=1)
     runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
     port = runner.addresses[0][1]
@@ -408,7 +402,6 @@ async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path
     """The admin socket's 503 is JSON with an `error`, as its other answers
     (the `fleet-ingress` commands print it); the cap and its counts are in
     the `fleet_ingress_operator_*` metrics, by listener."""
-    import asyncio
     import json
 
     from prometheus_client import CollectorRegistry, generate_latest
@@ -417,14 +410,7 @@ async def test_the_admin_socket_refuses_past_its_most_with_a_json_error(tmp_path
     from fleet_ingress.ops.admin_server import bind_admin_socket
     from fleet_ingress.ops.web_sites import OperatorConnectionsCollector
 
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_get("/stat", slow)
+    app, release = _busy_app("GET /stat")
     sites = WebSites(max_connections=1)
     registry = CollectorRegistry()
     registry.register(OperatorConnectionsCollector(sites))
@@ -474,21 +460,12 @@ async def test_refusals_flooding_one_listener_leave_the_other_its_readable_refus
     the stats port does not make the admin socket close its refusals at once,
     which a command still sending its request meets before the 503 (and a
     reload then does not know to ask by SIGHUP: the second review of session 23)."""
-    import asyncio
 
     from fleet_ingress.ops.admin_client import run_reload
     from fleet_ingress.ops.admin_server import bind_admin_socket
     from fleet_ingress.ops.web_sites import REFUSED_LINGERING
 
-    release = asyncio.Event()
-
-    async def slow(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_get("/", slow)
-    app.router.add_post("/reload", slow)
+    app, release = _busy_app("GET /", "POST /reload")
     sites = WebSites(max_connections=1)
     runner = await sites.serve(app, web.TCPSite, listener="stats", host="127.0.0.1", port=0)
     port = runner.addresses[0][1]
