@@ -89,6 +89,47 @@ async def test_a_report_not_understood_is_logged_and_the_worker_keeps_its_slots(
         await server.close()
 
 
+async def test_a_report_naming_another_worker_is_ignored_and_that_worker_counts_on(caplog):
+    """A report sent on worker 31's channel that names worker 32 (with another
+    start) was taken for 32's: 32 was taken for a restarted process, retired,
+    and its own reports refused from then on, its counts gone from the host's
+    (the channel audit of session 24). Now it is refused, logged."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    n31, n32 = [2], [7]
+    w31, w32 = await _worker(server, 31), await _worker(server, 32)
+    w31.reporter, w32.reporter = _reporter(n31), _reporter(n32)
+    try:
+        await eventually(lambda: len(slots.workers) == 2)
+        assert await server.collect_reports(timeout=1.0) == 0
+        assert view.totals().counter("connections_total") == 9
+        forged = Counts()
+        forged.counters[("connections_total",)] = 1000
+        assert w31._transport is not None
+        w31._transport.write(
+            encode(
+                {
+                    "op": "report",
+                    "pid": 32,
+                    "generation": 1,
+                    "seq": 10**6,
+                    "started": 2.0,
+                    "counts": forged.to_wire(),
+                }
+            )
+        )
+        await eventually(lambda: "names another worker" in caplog.text)
+        n32[0] = 8
+        assert await server.collect_reports(timeout=1.0) == 0
+        assert view.totals().counter("connections_total") == 10  # 32's own report taken
+        assert sorted(w.pid for w in view.workers(now=0)) == [31, 32]
+    finally:
+        w31.close()
+        w32.close()
+        await server.close()
+
+
 async def test_a_worker_whose_report_fails_says_so_and_is_not_taken_for_hung(caplog):
     """Building its report raises (a bug in a counter): the worker answers that
     it could not, its last report stands, and its silence count stays 0, so

@@ -31,7 +31,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
-from fleet_ingress.ops.admin_client import _await_upgrade, admin_request
+from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format_stat_table
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.supervisor import LOST_CHANNEL_CONFIRM, Supervisor
@@ -549,6 +549,54 @@ async def test_a_broken_install_is_refused_and_the_old_generation_serves_on(
         _assert_no_loss([("after", result)])
     finally:
         await load.stop()
+        await service.finish()
+
+
+async def test_workers_that_cannot_start_from_a_refused_install_are_shown_missing(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A refused upgrade leaves its broken install on disk, and a worker that
+    dies is replaced from it: each replacement dies as it starts, and the host
+    serves with a worker fewer (none, once every worker is lost). Before, only
+    a warning line said so: stat showed a shorter worker table, and nothing
+    alerted (the operator-journeys audit of session 24). Now stat says WORKERS
+    MISSING with what to do, /metrics has fleet_ingress_workers_serving below
+    fleet_ingress_workers_wanted (the FleetIngressWorkersMissing alert), the
+    journal names the code running and the code installed, and a reinstall
+    brings the worker back."""
+    src = _copy_package(tmp_path)
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
+    try:
+        routing = src / "fleet_ingress" / "core" / "routing.py"
+        good = routing.read_text()
+        routing.write_text(good + "\ndef oops(:\n")
+        code, _, err = await _upgrade_command(service)
+        assert code == 1 and "WORKERS MISSING" in err, err  # the refusal says what comes
+        victim = (await _rows(service))[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        async def missing() -> str:
+            # As `stat` prints it (the CLI here would run the broken install).
+            return format_stat_table(await service.stats())
+
+        async with asyncio.timeout(20):
+            while "replacements die soon after they start" not in (out := await missing()):
+                await asyncio.sleep(0.3)
+        assert "WORKERS MISSING: 1 of 2 serving" in out and "reinstall" in out, out
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_workers_serving"][()] == 1
+        assert samples["fleet_ingress_workers_wanted"][()] == 2
+        said = [e for e in service.log() if "keep dying soon after start" in e.get("event", "")]
+        assert said and said[0]["level"] == "error"
+        assert said[0]["running_code"] != said[0]["installed_code"]
+        assert said[0]["running_code"] == (await service.stats())["code"]
+        routing.write_text(good)  # reinstalled: the next replacement starts
+        async with asyncio.timeout(30):
+            while "WORKERS MISSING" in await missing():
+                await asyncio.sleep(0.3)
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_workers_serving"][()] == 2
+    finally:
         await service.finish()
 
 

@@ -5,6 +5,7 @@ reports, and a row per worker."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
-from fleet_ingress.core.host_view import HostView, WorkerReport
+from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.ops.admin_client import format_stat_table
@@ -285,6 +286,27 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
     assert line in render_stats_page(snap)
 
 
+def test_workers_missing_are_shown_with_what_to_do_while_replacements_die_at_start():
+    """Fewer workers serving than wanted: a line in stat and on the page, which
+    says what to do once replacements die as they start; none while stopping
+    (every worker is leaving then) or from a one-process snapshot."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    assert "WORKERS MISSING" not in format_stat_table(snap)  # no supervisor figures
+    snap.update(workers_wanted=2, workers_serving=2, workers_dying_at_start=0, code="abc123")
+    assert "WORKERS MISSING" not in format_stat_table(snap)
+    snap["workers_serving"] = 1
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "WORKERS MISSING: 1 of 2 serving; a replacement is being started" in shown
+    snap["workers_dying_at_start"] = 3
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "replacements die soon after they start" in shown
+        assert "reinstall the release the supervisor runs (code abc123)" in shown
+    snap["state"] = "draining"
+    assert "WORKERS MISSING" not in format_stat_table(snap)
+
+
 def test_a_refused_reload_is_shown_until_one_applies():
     slots, view = host_with()
     refused = reload_outcome("fleets.txt line 3: 'nmae=x' is not an option")
@@ -526,3 +548,40 @@ def test_a_draining_workers_row_says_when_its_calls_are_closed(ends_in, seconds,
     row = {"state": "draining", "drain_ends_in_s": None}
     with_drain_end(row, ends_in)
     assert (row["drain_ends_in_s"], row["state"]) == (seconds, state)
+
+
+def test_a_report_with_keys_of_another_shape_leaves_every_stats_page_and_an_exec_working():
+    """A worker's report is read as any strings; the pages unpack each key.
+    One counter key with a label more or less (a worker's bug, or a release
+    with other labels draining beside this one) made /stats.json, /metrics,
+    /stats and `stat` a 500 for good (kept in the retired counts once its
+    worker left), and the next upgrade's image exit at its first metric: no
+    supervisor, every call cut (the channel audit of session 24). Such keys
+    are left out of what is shown; a start time no page can show is refused."""
+    *_, good = a_worker(3, pid=101, generation=1)
+    wire = good.to_wire()
+    wire["counts"]["counters"] += [
+        ["requests", "/ws/", "101", "x", 3],
+        ["fleet_responses", "a", 5],
+        ["calls_ended", "a", "carrier_closed", "extra", 1],
+        ["requests", 7],
+    ]
+    odd = WorkerReport.from_wire({**wire, "pid": 202, "generation": 1, "seq": 1})
+    slots, view = host_with(good, odd)
+    view.leave((202, 1))  # into the retired counts, for good
+
+    def shown(view: HostView) -> None:
+        snap = host_snapshot(slots, view, started_at=0.0)
+        assert snap["frontend"]["requests"]["/ws/"]["101"] == 2 * 3  # the good keys, both
+        format_stat_table(snap)
+        render_stats_page(snap)
+        exposition = families(HostMetrics(slots, view).prometheus)
+        codes = exposition["fleet_ingress_requests_total"]
+        assert codes[(("code", "101"), ("route", "/ws/"))] == 2 * 3
+
+    shown(view)
+    # Over an upgrade's exec: the new image reads the view and builds its metrics.
+    shown(HostView.from_json(json.loads(json.dumps(view.to_json(1.0))), 1.0))
+    for started in (1e300, float("nan"), -1.0):
+        with pytest.raises(ReportError, match="started"):
+            WorkerReport.from_wire({**wire, "started": started})

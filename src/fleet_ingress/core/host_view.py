@@ -127,9 +127,18 @@ class Counts:
     def counter(self, *key: str) -> int:
         return self.counters.get(key, 0)
 
-    def family(self, name: str) -> list[tuple[tuple[str, ...], int]]:
-        """(label values, value) of each counter of one family, sorted."""
-        return sorted((key[1:], n) for key, n in self.counters.items() if key[0] == name)
+    def family(self, name: str, labels: int) -> list[tuple[tuple[str, ...], int]]:
+        """(label values, value) of each counter of one family, sorted; only
+        keys with `labels` label values. A worker's report is read as any
+        strings (a release with other labels may still be draining), and the
+        host's pages unpack each key: one of another shape made every stats
+        page a 500, kept in the retired counts for good, and the next upgrade's
+        image exit at its first metric (the channel audit of session 24)."""
+        return sorted(
+            (key[1:], n)
+            for key, n in self.counters.items()
+            if key[0] == name and len(key) == labels + 1
+        )
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -158,6 +167,18 @@ def _entries(data: dict[str, Any], name: str) -> list[list[Any]]:
     ):
         raise ReportError(f"'{name}' must be a list of [key..., value]")
     return entries
+
+
+def _wall_clock(value: Any) -> float:
+    """A time as seconds since the epoch, within what the pages can show (a
+    year before 10,000: time.gmtime raised past it, /stats a 500)."""
+    when = float(value)
+    if not 0.0 <= when < _LAST_WALL_CLOCK:
+        raise ReportError(f"'started' is not a time: {value!r}")
+    return when
+
+
+_LAST_WALL_CLOCK = 253_402_300_800.0  # 10000-01-01T00:00:00Z
 
 
 def _key(parts: list[Any]) -> Key:
@@ -207,7 +228,7 @@ class WorkerReport:
                 pid=_count(data["pid"]),
                 generation=_count(data["generation"]),
                 seq=_count(data["seq"]),
-                started=float(data["started"]),
+                started=_wall_clock(data["started"]),
                 counts=Counts.from_wire(data["counts"]),
                 calls=_count(data.get("calls", 0)),
                 draining=bool(data.get("draining", False)),
@@ -330,7 +351,10 @@ class HostView:
             view.retired.gauges.clear()
             view.retired_workers = _count(data["retired_workers"])
             for entry in data["latest"]:
-                report = WorkerReport.from_wire(entry["report"])
+                try:
+                    report = WorkerReport.from_wire(entry["report"])
+                except ReportError:  # one an earlier release took and this one
+                    continue  # refuses: its worker reports again
                 view._latest[report.worker] = (report, now - float(entry["age"]))
             for pid, generation, started in data.get("gone", []):
                 view._gone.append(((int(pid), int(generation)), float(started)))

@@ -704,6 +704,21 @@ class SlotServer:
                 extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
             )
             return
+        if (channel.pid is not None and report.pid != channel.pid) or (
+            channel.generation is not None and report.generation != channel.generation
+        ):
+            # Taken, it stood for the worker it names: that one was taken for
+            # restarted, and its own reports refused from then on (the channel audit).
+            log.error(
+                "worker report ignored: it names another worker than its channel's",
+                extra=fields(
+                    channel=channel.key,
+                    pid=channel.pid,
+                    generation=channel.generation,
+                    named=list(report.worker),
+                ),
+            )
+            return
         channel.reported = report.worker
         self.view.report(report, time.monotonic())
 

@@ -20,6 +20,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    workers_missing,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -307,6 +308,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(_workers_lines(workers))
         if (replaced := workers_replaced(snap)) is not None:
             lines.append(replaced)
+        if (missing := workers_missing(snap)) is not None:
+            lines.append(missing)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)

@@ -63,6 +63,25 @@ def fleets_summary(fleets: list[dict[str, Any]]) -> str:
     )
 
 
+def workers_missing(snap: dict[str, Any]) -> str | None:
+    """One line while the generation serving has fewer workers than it should
+    (a supervisor's snapshot, not stopping); None otherwise."""
+    serving, wanted = snap.get("workers_serving"), snap.get("workers_wanted")
+    if serving is None or wanted is None or serving >= wanted or snap.get("state") == "draining":
+        return None
+    line = f"WORKERS MISSING: {serving} of {wanted} serving"
+    if snap.get("workers_dying_at_start", 0) >= 2:
+        running = f" (code {snap['code']})" if snap.get("code") else ""
+        line += (
+            "; replacements die soon after they start: a worker runs the code installed "
+            "now (the worker's error is in the journal); if that install is broken (one an "
+            f"upgrade refused?), reinstall the release the supervisor runs{running} or fix it"
+        )
+    else:
+        line += "; a replacement is being started"
+    return line
+
+
 def workers_replaced(snap: dict[str, Any]) -> str | None:
     """One line while any worker was replaced since the start (killed, crashed,
     hung), with the calls they took with them; None when none was."""

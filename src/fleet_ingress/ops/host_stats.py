@@ -258,9 +258,11 @@ class HostMetrics:
         reloads: Callable[[], Mapping[str, int]] = dict,
         restarts: Callable[[], Mapping[str, int]] = dict,
         calls_lost: Callable[[], int] = lambda: 0,
+        workers: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
-        `calls_lost`: the calls those workers took with them."""
+        `calls_lost`: the calls those workers took with them; `workers`: the
+        serving generation's workers serving, and how many it should have."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -274,7 +276,7 @@ class HostMetrics:
                 histograms=True,
             )
         )
-        self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost))
+        self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
 
 
 class _WorkersCollector(Collector):
@@ -284,11 +286,13 @@ class _WorkersCollector(Collector):
         view: HostView,
         restarts: Callable[[], Mapping[str, int]],
         calls_lost: Callable[[], int],
+        workers: Callable[[], tuple[int, int]],
     ) -> None:
         self.slots = slots
         self.view = view
         self.restarts = restarts
         self.calls_lost = calls_lost
+        self.workers = workers
 
     def collect(self) -> Iterator[Metric]:
         labels = ["pid", "generation"]
@@ -323,6 +327,18 @@ class _WorkersCollector(Collector):
         for generation, n in sorted(per_generation.items(), key=lambda e: int(e[0])):
             workers.add_metric([generation], n)
         yield from (workers, calls, connections, draining, age, rss, cpu)
+        serving, wanted = self.workers()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_workers_serving",
+            "Workers of the generation serving now that run and take calls (0 with none "
+            "left: fleet_ingress_workers then has no sample).",
+            value=serving,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_workers_wanted",
+            "Workers the generation serving now should have (process.workers as it started).",
+            value=wanted,
+        )
         restarts = CounterMetricFamily(
             f"{PREFIX}_worker_restarts",
             "Worker processes replaced after they died, by why.",

@@ -352,7 +352,7 @@ class _StateCollector(Collector):
         checks = counter("checks", "Health probes sent.")
         check_failures = counter("check_failures", "Health probes that failed.")
         responses_of: dict[str, list[tuple[str, int]]] = {}
-        for (fleet_name, code), n in counts.family("fleet_responses"):
+        for (fleet_name, code), n in counts.family("fleet_responses", 2):
             responses_of.setdefault(fleet_name, []).append((code, n))
         for f in self.fleets():
             name = [f.name]
@@ -449,7 +449,7 @@ class _StateCollector(Collector):
         requests = CounterMetricFamily(
             f"{PREFIX}_requests", "Carrier requests by route and answer.", labels=["route", "code"]
         )
-        for (route, status), n in counts.family("requests"):
+        for (route, status), n in counts.family("requests", 2):
             requests.add_metric([route, status], n)
         yield requests
         queue_length, queue_timeouts = self.queue()
@@ -472,7 +472,7 @@ class _StateCollector(Collector):
             "Calls ended, by fleet (empty: none answered) and why they ended.",
             labels=["fleet", "reason"],
         )
-        for (fleet, reason), n in counts.family("calls_ended"):
+        for (fleet, reason), n in counts.family("calls_ended", 2):
             # A removed fleet's series go, as its other families' do (else one
             # more for each fleet ever removed; the leak audit of session 15).
             if not fleet or fleet in fleets:

@@ -16,6 +16,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    workers_missing,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -64,6 +65,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     if workers is None:
         return ""
     replaced = workers_replaced(snap)
+    missing = workers_missing(snap)
     rows = []
     for w in workers:
         started = (
@@ -92,6 +94,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + ("".join(rows) or '<tr><td class="l" colspan="8">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
+        + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
     )
 
 

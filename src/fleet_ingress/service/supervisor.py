@@ -67,7 +67,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerRow
-from fleet_ingress.core.host_view import HostView
+from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
@@ -193,7 +193,15 @@ class Supervisor:
         # from their reports on the slot channel (ops/host_stats.py).
         self.view = HostView()
         if carried is not None:
-            self.view = HostView.from_json(carried["view"], time.monotonic())
+            try:
+                self.view = HostView.from_json(carried["view"], time.monotonic())
+            except ReportError as exc:
+                # Counters from 0 rather than a host with no supervisor.
+                log.error(
+                    "the workers' counts carried over the upgrade could not be read: the "
+                    "host's counters start again from 0 (report it)",
+                    extra=fields(error=str(exc)),
+                )
         self.server = SlotServer(self.slots, view=self.view)
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
@@ -212,6 +220,11 @@ class Supervisor:
         # Each a SIGHUP (None) or `fleet-ingress reload` (a future for its outcome).
         self.reloads_asked: asyncio.Queue[ReloadAsked] = asyncio.Queue()
         self.reloading = False
+        self.workers: dict[int, WorkerProcess] = {}  # by channel key
+        self.generation = 1
+        # Workers the serving generation should have (process.workers when it
+        # started: a reload does not change it).
+        self.worker_target = 0
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
         self.metrics = HostMetrics(
@@ -221,6 +234,7 @@ class Supervisor:
             reloads=lambda: self.reloads,
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
+            workers=lambda: (self.serving_workers(), self.worker_target),
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -247,16 +261,11 @@ class Supervisor:
         self.server.handlers["serving"] = self._serving
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
-        self.workers: dict[int, WorkerProcess] = {}  # by channel key
         # A worker's "hello" or "serving" read before adopt() returned its
         # channel key (no WorkerProcess yet): the events to set, by key.
         self._early: dict[int, set[str]] = {}
         # A channel that ended before adopt() returned: its last row, by key.
         self._left_early: dict[int, WorkerRow | None] = {}
-        self.generation = 1
-        # Workers the serving generation should have (process.workers when it
-        # started: a reload does not change it).
-        self.worker_target = 0
         self.stopping = False
         # SIGTERM/SIGINT received (run_supervisor waits on it): `stopping`
         # follows a loop turn later.
@@ -759,9 +768,24 @@ class Supervisor:
         self.quick_deaths = self.quick_deaths + 1 if quick else 0
         delay = respawn_delay(self.quick_deaths)
         if delay:
-            log.warning(
-                "workers keep dying soon after start: waiting before the next",
-                extra=fields(delay_s=delay),
+            # A worker starts from the code installed now, which may not be the
+            # code this supervisor runs: after a refused upgrade the broken
+            # install stays, and every replacement dies of it.
+            log.error(
+                "workers keep dying soon after start: waiting before the next. The host "
+                "serves with fewer workers until one starts. The worker's own error is in "
+                "the lines above; a worker runs the code installed now: if it does not "
+                "start (a broken install, e.g. one an upgrade refused), reinstall the "
+                "release this supervisor runs (running_code) or fix the install; "
+                "`fleet-ingress check -c CONFIG` runs the installed code",
+                extra=fields(
+                    delay_s=delay,
+                    deaths_in_a_row=self.quick_deaths,
+                    serving=self.serving_workers(),
+                    wanted=self.worker_target,
+                    running_code=code_digest(),
+                    installed_code=code_digest.__wrapped__(),
+                ),
             )
         self._schedule_respawn(delay)
 
@@ -774,16 +798,19 @@ class Supervisor:
         """When each replacement not started yet is due (monotonic)."""
         return list(self._respawns.values())
 
-    def _short_of_workers(self) -> int:
-        """How many workers the serving generation lacks (being started counts)."""
-        serving = [
-            w
+    def serving_workers(self) -> int:
+        """The workers of the generation serving now that run and serve."""
+        return sum(
+            1
             for w in self.workers.values()
             if w.generation == self.generation
             and not (w.retiring or w.candidate or w.left.is_set())
             and w.proc.returncode is None
-        ]
-        return self.worker_target - len(serving) - self._starting
+        )
+
+    def _short_of_workers(self) -> int:
+        """How many workers the serving generation lacks (being started counts)."""
+        return self.worker_target - self.serving_workers() - self._starting
 
     async def _respawn(self, delay: float) -> None:
         """A worker died: start one of the generation serving by now (not of
@@ -1053,6 +1080,9 @@ class Supervisor:
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
         picture["worker_calls_lost"] = self.calls_lost_total
+        picture["workers_wanted"] = self.worker_target
+        picture["workers_serving"] = self.serving_workers()
+        picture["workers_dying_at_start"] = self.quick_deaths
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
         return picture

@@ -185,7 +185,10 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "the installed code does not import: reinstall from the release's source, "
             f"`{Path(sys.executable).parent / 'pip'} install $SRC` (docs/INSTALL.md section "
             "9; never by the bare name from a package index), then run `fleet-ingress "
-            "upgrade` again (nothing was handed over; the running generation serves on)"
+            "upgrade` again (nothing was handed over; the running generation serves on). "
+            "Do it now: a worker that dies meanwhile is replaced from the installed code, "
+            "which fails the same way, and the host serves with a worker fewer (`fleet-ingress "
+            "stat`: WORKERS MISSING)"
         )
     return lines[-1] if lines else ""
 
