@@ -35,6 +35,9 @@ def test_lines_are_split_wherever_the_reads_cut_them(chunks, messages):
         (b"[1, 2]\n", "not a message"),
         (b'{"id": 1}\n', "not a message"),
         (b"x" * (MAX_LINE + 1), "longer than"),
+        # Within the line's limit, nested past the interpreter's: a protocol
+        # error, not a crash of the channel's reader (the channel audit).
+        (b"[" * 100_000 + b"]" * 100_000 + b"\n", "not JSON"),
     ],
 )
 def test_what_is_not_the_protocol_is_named(data, error):

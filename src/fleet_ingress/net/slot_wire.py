@@ -159,7 +159,7 @@ class LineDecoder:
 def _decode(line: bytes) -> dict[str, Any]:
     try:
         message = json.loads(line)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise WireError(f"not JSON: {line[:80]!r}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise WireError(f"not a message (an object with an 'op'): {line[:80]!r}")
