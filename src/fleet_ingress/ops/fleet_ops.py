@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -242,7 +243,7 @@ class FleetOps:
             raise FleetChangeError(
                 500,
                 f"cannot write the fleets file {self.fleets_file}{where}: {exc.strerror or exc}"
-                + _write_fix(exc.errno, self.fleets_file.parent),
+                + _write_fix(exc.errno, failed_in(exc, self.fleets_file)),
             ) from None
         finally:
             # Counted written even when it failed half way (its backup, or the
@@ -435,6 +436,19 @@ class FleetOps:
             await self.poller.stop(fleet)
         if self.fleets.get(fleet.name) is None:  # not replaced by a moved fleet
             self.checks.fleet_removed(fleet.name)
+
+
+def failed_in(exc: OSError, fleets_file: Path) -> Path:
+    """The directory where writing the fleets file failed: the file's own, where
+    a symlink (fleets.txt -> a checkout's file) points (written or renamed into
+    place there: `write_atomically`), not the link's; else where the file it
+    names lies (the backup, beside the link)."""
+    if not exc.filename:
+        return fleets_file.parent
+    name = Path(os.fsdecode(exc.filename))
+    if name == fleets_file:
+        return Path(os.path.realpath(fleets_file)).parent
+    return name.parent
 
 
 def _write_fix(code: int | None, directory: Path) -> str:
