@@ -31,6 +31,7 @@ from tests.support import (
     break_worker_channel,
     close_calls,
     eventually,
+    metric_samples,
     workers_of,
     write_leaf_cert,
 )
@@ -618,6 +619,75 @@ async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
         # As a SIGHUP does: RELOADING=1 then READY=1, each time.
         await service.wait_for("RELOADING=1", count=2)
         await service.wait_for("READY=1", count=3)
+    finally:
+        await service.finish()
+
+
+async def test_a_renewal_on_disk_that_no_reload_loaded_is_shown_until_one_does(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """certbot renews, its deploy hook's `systemctl reload` fails (an unrelated
+    edit that does not pass check) or never runs, and certbot does not run the
+    hook again: the old certificate was served until the 14-day expiry alert,
+    with no trace in the ingress (the operator-journeys audit of session 24).
+    Now stat says CERTIFICATE NOT LOADED and /metrics gives the file's expiry
+    beside the served one's (the FleetIngressRenewedCertificateNotServed alert),
+    until a reload loads it."""
+    from fleet_ingress.ops.admin_client import format_stat_table
+
+    service = await _start(tls_files, two_fleets)
+    try:
+        now = datetime.datetime.now(datetime.UTC)
+        write_leaf_cert(
+            tls_files.ca,
+            service.home,
+            not_before=now - datetime.timedelta(days=1),
+            not_after=now + datetime.timedelta(days=60),
+        )
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        stats = await service.stats()
+        assert stats["certificate_file"]["not_served"] is False
+        assert "CERTIFICATE NOT LOADED" not in format_stat_table(stats)
+        write_leaf_cert(tls_files.ca, service.home)  # the renewal, valid until 3000
+        stats = await service.stats()
+        assert stats["certificate_file"]["not_served"] is True
+        shown = format_stat_table(stats)
+        assert "CERTIFICATE NOT LOADED: tls.cert on disk is valid until 3000-01-01" in shown
+        assert "systemctl reload fleet-ingress" in shown
+        samples = metric_samples(await service.metrics())
+        on_disk = samples["fleet_ingress_certificate_file_expiry_timestamp_seconds"][()]
+        served = samples["fleet_ingress_certificate_expiry_timestamp_seconds"][()]
+        assert on_disk > served + 30 * 86400
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        stats = await service.stats()
+        assert stats["certificate_file"]["not_served"] is False
+        assert "CERTIFICATE NOT LOADED" not in format_stat_table(stats)
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_stopped_by_a_signal_of_its_own_is_not_said_to_have_lost_calls(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """SIGTERM to one worker (not the supervisor): it drains and exits 0, none
+    of its calls lost. The journal said `worker died: its calls are lost`, an
+    ERROR (the channel audit of session 24); it says what happened, and the
+    worker is replaced."""
+    service = await _start(tls_files, two_fleets, drain=1)
+    try:
+        victim = (await _worker_rows(service))[0]["pid"]
+        os.kill(victim, signal.SIGTERM)
+
+        def said() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("pid") == victim and "exited" in e["event"]]
+
+        await eventually(lambda: len(said()) == 1, timeout=15)
+        (line,) = said()
+        assert line["level"] == "warning" and "none lost" in line["event"], line
+        assert not [e for e in service.log() if e["event"].startswith("worker died")]
+        await eventually(lambda: len(workers_of(service.home)) == 2, timeout=15)
     finally:
         await service.finish()
 

@@ -10,6 +10,7 @@ from fleet_ingress.core.certificate_change import (
     change_note,
     covers,
     renewal_problem,
+    renewal_waiting,
 )
 
 NOW = 1_800_000_000.0
@@ -124,3 +125,12 @@ def test_a_reload_says_what_certificate_it_put_in_place() -> None:
     assert change_note(renewed, None) == (
         "new certificate for new handshakes: valid until 2027-04-15 08:00:00 UTC"
     )
+
+
+def test_a_renewal_waits_on_disk_when_another_certificate_there_is_valid_for_longer():
+    served = LeafFacts(NOW - DAY, NOW + 20 * DAY, frozenset({"a.example"}), "f1")
+    renewed = LeafFacts(NOW, NOW + 90 * DAY, frozenset({"a.example"}), "f2")
+    assert renewal_waiting(renewed, served)
+    assert not renewal_waiting(served, served)  # loaded
+    assert not renewal_waiting(LeafFacts(NOW, NOW + 10 * DAY, served.names, "f3"), served)
+    assert not renewal_waiting(None, served) and not renewal_waiting(renewed, None)

@@ -33,6 +33,18 @@ class LeafFacts:
     fingerprint: str = ""
 
 
+def renewal_waiting(on_disk: LeafFacts | None, serving: LeafFacts | None) -> bool:
+    """Whether the certificate file holds a renewal not served: another
+    certificate, valid for longer than the one carriers get now (a reload that
+    failed or never ran: certbot does not run its deploy hook twice)."""
+    return (
+        on_disk is not None
+        and serving is not None
+        and on_disk.fingerprint != serving.fingerprint
+        and on_disk.not_after > serving.not_after
+    )
+
+
 def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> str | None:
     """Why `new` must not replace `serving` (the certificate carriers get now), or None.
     The one in use again is never refused: an expired one must not block a reload

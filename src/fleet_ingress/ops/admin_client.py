@@ -16,6 +16,7 @@ import aiohttp
 from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    certificate_not_served,
     fleets_summary,
     probed,
     shown_free,
@@ -310,6 +311,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(replaced)
         if (missing := workers_missing(snap)) is not None:
             lines.append(missing)
+    if (waiting := certificate_not_served(snap)) is not None:
+        lines.append(waiting)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)

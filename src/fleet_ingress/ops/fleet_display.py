@@ -3,6 +3,7 @@ workers replaced: one rule for both. No imports of the ingress: the CLI uses it 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 NOT_PROBED = "-"
@@ -61,6 +62,25 @@ def fleets_summary(fleets: list[dict[str, Any]]) -> str:
         + (f" ({', '.join(parts)})" if parts else "")
         + (f"; {drained} drained" if drained else "")
     )
+
+
+def certificate_not_served(snap: dict[str, Any]) -> str | None:
+    """One line while tls.cert on disk holds a renewal no reload has loaded (a
+    supervisor's snapshot); None otherwise."""
+    on_disk = snap.get("certificate_file")
+    if not on_disk or not on_disk.get("not_served"):
+        return None
+    served = snap.get("certificate_not_after")
+    return (
+        f"CERTIFICATE NOT LOADED: tls.cert on disk is valid until {_day(on_disk['not_after'])}"
+        + (f", the one served until {_day(served)}" if served is not None else "")
+        + ": `systemctl reload fleet-ingress` loads it (and says why, if it cannot); "
+        "certbot does not run its deploy hook again for it"
+    )
+
+
+def _day(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 
 
 def workers_missing(snap: dict[str, Any]) -> str | None:

@@ -259,10 +259,13 @@ class HostMetrics:
         restarts: Callable[[], Mapping[str, int]] = dict,
         calls_lost: Callable[[], int] = lambda: 0,
         workers: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        certificate_file_not_after: Callable[[], float | None] = lambda: None,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
-        serving generation's workers serving, and how many it should have."""
+        serving generation's workers serving, and how many it should have;
+        `certificate_file_not_after`: when the certificate in tls.cert expires
+        (None: not read), which a renewal not loaded makes later than the one served."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -277,6 +280,23 @@ class HostMetrics:
             )
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
+        self.prometheus.register(_CertificateFileCollector(certificate_file_not_after))
+
+
+class _CertificateFileCollector(Collector):
+    def __init__(self, not_after: Callable[[], float | None]) -> None:
+        self.not_after = not_after
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            f"{PREFIX}_certificate_file_expiry_timestamp_seconds",
+            "When the certificate in tls.cert on disk expires (read at each scrape when "
+            "the file changed): later than fleet_ingress_certificate_expiry_timestamp_seconds "
+            "when a renewal there is not served yet (no reload loaded it).",
+        )
+        if (when := self.not_after()) is not None:
+            gauge.add_metric([], when)
+        yield gauge
 
 
 class _WorkersCollector(Collector):

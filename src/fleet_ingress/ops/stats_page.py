@@ -12,6 +12,7 @@ from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    certificate_not_served,
     fleets_summary,
     probed,
     shown_free,
@@ -56,7 +57,10 @@ _STOPPING = (
 
 def _refused_reload(snap: dict[str, Any]) -> str:
     warning = reload_warning(snap)
-    return "" if warning is None else f'<p class="stopping" id="reload">{escape(warning)}</p>'
+    shown = "" if warning is None else f'<p class="stopping" id="reload">{escape(warning)}</p>'
+    if (waiting := certificate_not_served(snap)) is not None:
+        shown += f'<p class="stopping" id="certificate">{escape(waiting)}</p>'
+    return shown
 
 
 def _workers_table(snap: dict[str, Any]) -> str:

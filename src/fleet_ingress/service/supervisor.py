@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import itertools
 import logging
@@ -62,7 +63,7 @@ from typing import Any, TypeVar
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import change_note
+from fleet_ingress.core.certificate_change import LeafFacts, change_note, renewal_waiting
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -74,7 +75,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import fleet_ssl_context, held_pem
+from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context, held_pem, leaf_facts
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -206,6 +207,10 @@ class Supervisor:
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
+        # What tls.cert holds, as last read (`look_at_certificate_file`): a renewal
+        # there may not be served yet.
+        self.certificate_file: LeafFacts | None = None
+        self._certificate_file_seen: tuple[str, int, int, int] | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
         self.reloads: Counter[str] = Counter()
@@ -235,6 +240,9 @@ class Supervisor:
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
             workers=lambda: (self.serving_workers(), self.worker_target),
+            certificate_file_not_after=lambda: (
+                None if self.certificate_file is None else self.certificate_file.not_after
+            ),
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -473,6 +481,18 @@ class Supervisor:
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except OSError as exc:
+            ours.close()
+            if exc.filename is None and exc.errno in (errno.EACCES, errno.ENOENT):
+                # The exec's own failure names no file: the interpreter it ran
+                # (a venv the service user may not read or run).
+                raise OSError(
+                    exc.errno,
+                    f"{exc.strerror}: cannot run {sys.executable} to start a worker "
+                    "(the service user must be able to read and run the venv)",
+                    sys.executable,
+                ) from exc
+            raise
         except BaseException:
             ours.close()
             raise
@@ -731,6 +751,14 @@ class Supervisor:
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
                 "its slots came back; a new worker replaced it",
+                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+            )
+        elif code == 0 and not worker.calls_lost:
+            # Not a death: stopped on its own (a SIGTERM sent to it alone), it
+            # drained its calls and exited cleanly (the channel audit of session 24).
+            log.warning(
+                "worker exited by itself, its calls finished, none lost (a stop signal "
+                "sent to it alone, not to the supervisor?); a new worker replaces it",
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         else:
@@ -1064,8 +1092,31 @@ class Supervisor:
         return sum(row.calls for row in self.slots.workers)
 
     async def refresh(self) -> None:
-        """Before a scrape or `stat`: the workers' counts as of now (bounded wait)."""
+        """Before a scrape or `stat`: the workers' counts as of now (bounded
+        wait), and what the certificate file holds."""
+        await self.look_at_certificate_file()
         await self.server.collect_reports(SCRAPE_WAIT)
+
+    async def look_at_certificate_file(self) -> None:
+        """Read tls.cert's leaf again when the file changed (a stat each time,
+        the file read once a change): a renewal there that no reload loaded is
+        shown (`certificate_file`: a reload that failed, or never ran)."""
+        path = self.config.tls.cert
+        try:
+            if path is None:
+                raise FileNotFoundError
+            st = os.stat(path)
+        except OSError:
+            self._certificate_file_seen, self.certificate_file = None, None
+            return
+        seen = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._certificate_file_seen:
+            return
+        self._certificate_file_seen = seen
+        try:
+            self.certificate_file = await asyncio.to_thread(leaf_facts, path)
+        except TLSSetupError:  # half written, or not a certificate: a reload says why
+            self.certificate_file = None
 
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
@@ -1083,6 +1134,15 @@ class Supervisor:
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()
         picture["workers_dying_at_start"] = self.quick_deaths
+        on_disk = self.certificate_file
+        picture["certificate_file"] = (
+            None
+            if on_disk is None
+            else {
+                "not_after": on_disk.not_after,
+                "not_served": renewal_waiting(on_disk, self.serving_leaf),
+            }
+        )
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
         return picture
