@@ -692,6 +692,31 @@ async def test_a_worker_stopped_by_a_signal_of_its_own_is_not_said_to_have_lost_
         await service.finish()
 
 
+async def test_a_worker_that_reloads_after_its_round_is_said_to_have_reloaded(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker stopped (SIGSTOP) through a reload's round: the reload says it
+    did not answer in time; once it runs again it reloads, and that is logged.
+    Before, its own wait ended with the round's: a second 'did not reload'
+    line, its answer dropped (the channel audit of session 24)."""
+    service = await _start(tls_files, two_fleets)
+    stopped = (await _worker_rows(service))[0]["pid"]
+    try:
+        os.kill(stopped, signal.SIGSTOP)
+        _, printed = await admin_command(service, "reload")
+        assert f"worker {stopped} did not reload: no answer within" in printed, printed
+        os.kill(stopped, signal.SIGCONT)
+
+        def late() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("pid") == stopped and "reload" in e["event"]]
+
+        await eventually(lambda: any("after the others" in e["event"] for e in late()), 15)
+        assert sum(1 for e in late() if e["event"].startswith("a worker did not reload")) == 1
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        await service.finish()
+
+
 async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on_disk(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

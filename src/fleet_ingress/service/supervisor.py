@@ -136,6 +136,13 @@ access_log = logging.getLogger("fleet_ingress.access")
 WORKER_START_TIMEOUT = 30.0
 # A worker's answer to `reload` (it reads the certificate itself).
 RELOAD_ANSWER_TIMEOUT = 10.0
+# How long a worker's own reload is waited for past its round (which waits
+# RELOAD_ANSWER_TIMEOUT): its outcome, late, is logged then. Waited for as long
+# as that, a worker stopped for a while (SIGSTOP, a swapped-out host) that
+# reloaded once it ran again was logged a second time as not reloaded, its
+# answer dropped (the channel audit of session 24). One that hangs is killed
+# (process.worker_hang_timeout) and answers "gone" first.
+RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
 # After the drain and the workers' own closing time, whatever worker is left is killed.
@@ -993,7 +1000,7 @@ class Supervisor:
         return await self._ask_one(
             worker,
             "reload",
-            RELOAD_ANSWER_TIMEOUT,
+            RELOAD_LATE_WAIT,
             config=config_to_json(self.config),
             pem=pem_to_json(self.serving_pem),
         )
