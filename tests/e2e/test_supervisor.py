@@ -1889,7 +1889,10 @@ async def test_a_reload_gives_the_workers_the_configuration_the_supervisor_check
         finally:
             os.kill(other, signal.SIGCONT)
         assert statuses == [404] * 3, "a worker runs another configuration than the host's"
-        assert (await service.stats())["last_reload"]["result"] == "applied"
+        last = (await service.stats())["last_reload"]
+        assert last["result"] == "applied"
+        # Said back: before, "no fleet changes" (the operator-journeys audit).
+        assert 'applied: routes.proxy ["/ws/", "/exotel/"] -> ["/ws/"]' in last["changes"], last
     finally:
         for pid in (late, other):
             with contextlib.suppress(ProcessLookupError):
@@ -1946,7 +1949,7 @@ async def test_process_settings_a_reload_leaves_to_the_next_upgrade_are_noted_ag
         (started,) = _logged(service, "worker started")
         assert "cpu" not in started, started  # as the worker beside it: unpinned
         assert _cpus_of(started["pid"]) == {frozenset(cpus)}
-        toml.write_text(running)  # the values in force back: nothing to say
-        assert await _reloaded_changes(service) == "no fleet changes"
+        toml.write_text(running)  # the values in force back: nothing pending to say
+        assert await _reloaded_changes(service) == "applied: fleets.verify false -> true"
     finally:
         await service.finish()

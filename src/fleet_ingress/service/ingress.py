@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from fleet_ingress.config.config_diff import settings_changed
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
@@ -430,6 +431,8 @@ class Ingress:
         config, specs, server_ssl, fleet_ssl, leaf, _ = new
         # A worker's listeners and fleets are the supervisor's, which says what changed.
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
+        if not self.worker and (settings := settings_changed(self.config, config)):
+            notes.append(f"applied: {settings}")
         if not self.worker and (certificate := change_note(leaf, self.serving_leaf)):
             notes.append(certificate)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,

@@ -60,6 +60,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fleet_ingress.config.config_diff import settings_changed
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -1233,6 +1234,8 @@ class Supervisor:
             self.reloads["refused"] += 1
             raise
         notes = listener_notes(self.bound_listen, config) + self._pending_notes(config)
+        if settings := settings_changed(self.config, config):
+            notes.append(f"applied: {settings}")
         if certificate := change_note(leaf, self.serving_leaf):
             notes.append(certificate)
         verified = self.config.fleets.verify

@@ -1,0 +1,48 @@
+"""What a reload changed of the settings, said back to the operator.
+
+`fleet-ingress reload` printed `reloaded: no fleet changes` when only
+`timeouts.drain` or `log.level` changed, applied: nothing confirmed that the
+change was taken (the operator-journeys audit of session 24). Listeners and
+process settings are left out: their own notes say they wait for a restart
+or an upgrade (`listener_notes`, the supervisor's pending notes).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fleet_ingress.config.settings import IngressConfig
+
+# Said by notes of their own: applied at a restart or an upgrade, not by a reload.
+NOT_RELOADED = ("listen", "process")
+# A long value (a route list, a CA bundle's path) is cut to this in the note.
+SHOWN_CHARACTERS = 60
+
+
+def settings_changed(old: IngressConfig, new: IngressConfig) -> str | None:
+    """`timeouts.drain 300 -> 60, log.level info -> debug`, or None when no
+    setting a reload applies changed."""
+    before, after = _flat(old.model_dump(mode="json")), _flat(new.model_dump(mode="json"))
+    changed = [
+        f"{key} {_shown(before.get(key))} -> {_shown(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key) != after.get(key) and key.split(".")[0] not in NOT_RELOADED
+    ]
+    return ", ".join(changed) if changed else None
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _shown(value: Any) -> str:
+    """As TOML would spell it, near enough: true, 300.0, ["/ws/"]; a string bare."""
+    text = "unset" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."
