@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime
 import os
+import re
 import resource
 import signal
 import time
@@ -689,6 +690,42 @@ async def test_a_worker_stopped_by_a_signal_of_its_own_is_not_said_to_have_lost_
         assert not [e for e in service.log() if e["event"].startswith("worker died")]
         await eventually(lambda: len(workers_of(service.home)) == 2, timeout=15)
     finally:
+        await service.finish()
+
+
+async def test_edits_not_reloaded_are_shown_until_a_reload_applies_them(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A hand edit of ingress.toml or the fleets file that no reload applied
+    was shown nowhere (the operator-journeys audit of session 24): stat and
+    /stats now say what it would change, or that a reload would refuse it."""
+    from fleet_ingress.ops.admin_client import format_stat_table
+
+    service = await _start(tls_files, two_fleets)
+    toml, fleets = service.home / "ingress.toml", service.home / "fleets.txt"
+    running_toml, running_fleets = toml.read_text(), fleets.read_text()
+    try:
+        assert "EDITED" not in format_stat_table(await service.stats())
+        toml.write_text(re.sub(r"\nqueue = [0-9.]+\n", "\nqueue = 7.5\n", running_toml))
+        fleets.write_text(
+            "".join(
+                line.replace("maxconn=16", "maxconn=20") if " name=a " in line else line
+                for line in running_fleets.splitlines(keepends=True)
+            )
+        )
+        shown = format_stat_table(await service.stats())
+        assert "EDITED, NOT RELOADED: ingress.toml: timeouts.queue " in shown, shown
+        assert "-> 7.5; fleets.txt: fleet a maxconn 16 -> 20" in shown, shown
+        assert "`systemctl reload fleet-ingress` applies it" in shown
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        assert "EDITED" not in format_stat_table(await service.stats())
+        toml.write_text(running_toml + "\n[nonsense]\nx = 1\n")
+        shown = format_stat_table(await service.stats())
+        assert "EDITED, NOT RELOADED: ingress.toml would be refused: " in shown, shown
+    finally:
+        toml.write_text(running_toml)
+        fleets.write_text(running_fleets)
         await service.finish()
 
 

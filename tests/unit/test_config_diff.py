@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleet_ingress.config.config_diff import SHOWN_CHARACTERS, settings_changed
+from fleet_ingress.config.config_diff import SHOWN_CHARACTERS, fleets_changed, settings_changed
 from fleet_ingress.config.settings import IngressConfig
 
 
@@ -30,3 +30,25 @@ def test_a_long_value_is_cut():
     said = settings_changed(config(), after)
     assert said is not None and said.startswith("routes.proxy ")
     assert all(len(side) <= SHOWN_CHARACTERS + 20 for side in said.split(" -> "))
+
+
+def test_the_fleets_file_against_the_fleets_in_force_names_each_difference_but_admin():
+    from fleet_ingress.config.fleets_file import parse_fleets_text
+
+    def fleets(text: str):
+        return parse_fleets_text(text, default_maxconn=16)
+
+    running = fleets("https://a.test name=a\nhttps://b.test name=b\n")
+    assert fleets_changed(running, running) is None
+    # An admin state only the file has (or only what runs has): not an edit to show.
+    assert (
+        fleets_changed(
+            running, fleets("https://a.test name=a admin=drain\nhttps://b.test name=b\n")
+        )
+        is None
+    )
+    on_disk = fleets("https://a2.test name=a maxconn=20\nhttps://c.test name=c\n")
+    assert fleets_changed(running, on_disk) == (
+        "fleet c added, fleet b removed, fleet a url https://a.test -> https://a2.test, "
+        "fleet a maxconn 16 -> 20"
+    )

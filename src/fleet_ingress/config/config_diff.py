@@ -1,4 +1,5 @@
-"""What a reload changed of the settings, said back to the operator.
+"""What a reload changed of the settings, said back to the operator; and
+what the files on disk would change, not reloaded yet.
 
 `fleet-ingress reload` printed `reloaded: no fleet changes` when only
 `timeouts.drain` or `log.level` changed, applied: nothing confirmed that the
@@ -10,9 +11,11 @@ or an upgrade (`listener_notes`, the supervisor's pending notes).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.core.fleet_spec import FleetSpec
 
 # Said by notes of their own: applied at a restart or an upgrade, not by a reload.
 NOT_RELOADED = ("listen", "process")
@@ -30,6 +33,22 @@ def settings_changed(old: IngressConfig, new: IngressConfig) -> str | None:
         if before.get(key) != after.get(key) and key.split(".")[0] not in NOT_RELOADED
     ]
     return ", ".join(changed) if changed else None
+
+
+def fleets_changed(running: Sequence[FleetSpec], on_disk: Sequence[FleetSpec]) -> str | None:
+    """`fleet c added, fleet b removed, fleet a maxconn 16 -> 20`: how the
+    fleets file differs from the fleets in force, or None. Admin states are
+    left out: the file may lack one it could not save (stat marks it `!`)."""
+    before, after = {f.name: f for f in running}, {f.name: f for f in on_disk}
+    said = [f"fleet {name} added" for name in after if name not in before]
+    said += [f"fleet {name} removed" for name in before if name not in after]
+    for name in after.keys() & before.keys():
+        old, new = before[name], after[name]
+        if old.url != new.url:
+            said.append(f"fleet {name} url {old.url} -> {new.url}")
+        if old.maxconn != new.maxconn:
+            said.append(f"fleet {name} maxconn {old.maxconn} -> {new.maxconn}")
+    return ", ".join(said) if said else None
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,6 +17,7 @@ from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_not_served,
+    edits_not_applied,
     fleets_summary,
     probed,
     shown_free,
@@ -313,6 +314,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(missing)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)
+    if (edited := edits_not_applied(snap)) is not None:
+        lines.append(edited)
     if snap.get("state") == "draining":
         lines.append("STOPPING: new calls are refused; the calls above may finish (timeouts.drain)")
     warning = reload_warning(snap)

@@ -79,6 +79,20 @@ def certificate_not_served(snap: dict[str, Any]) -> str | None:
     )
 
 
+def edits_not_applied(snap: dict[str, Any]) -> str | None:
+    """One line while ingress.toml or the fleets file on disk differs from
+    what runs (a supervisor's snapshot); None otherwise."""
+    edits = snap.get("edits_not_applied")
+    if not edits:
+        return None
+    refused = any("would be refused" in edit for edit in edits)
+    return f"EDITED, NOT RELOADED: {'; '.join(edits)}: " + (
+        "fix it, then `systemctl reload fleet-ingress`"
+        if refused
+        else "`systemctl reload fleet-ingress` applies it"
+    )
+
+
 def _day(epoch: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(epoch))
 

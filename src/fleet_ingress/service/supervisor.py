@@ -60,8 +60,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import settings_changed
-from fleet_ingress.config.settings import IngressConfig, config_to_json
+from fleet_ingress.config.config_diff import fleets_changed, settings_changed
+from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
+from fleet_ingress.config.settings import ConfigError, IngressConfig, config_to_json, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import LeafFacts, change_note, renewal_waiting
@@ -218,6 +219,10 @@ class Supervisor:
         # What tls.cert holds, as last read (`look_at_certificate_file`): a renewal
         # there may not be served yet.
         self.certificate_file: LeafFacts | None = None
+        # What ingress.toml and the fleets file on disk would change, not
+        # reloaded yet (`look_at_edits`), and the files' state when read.
+        self.edits_not_applied: list[str] = []
+        self._edits_seen: tuple[object, ...] | None = None
         self._certificate_file_seen: tuple[str, int, int, int] | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
@@ -1101,9 +1106,32 @@ class Supervisor:
 
     async def refresh(self) -> None:
         """Before a scrape or `stat`: the workers' counts as of now (bounded
-        wait), and what the certificate file holds."""
+        wait), what the certificate file holds, and edits not reloaded."""
         await self.look_at_certificate_file()
+        await self.look_at_edits()
         await self.server.collect_reports(SCRAPE_WAIT)
+
+    async def look_at_edits(self) -> None:
+        """Read ingress.toml and the fleets file again when either changed (a
+        stat each time, a read once a change): what they would change, not
+        reloaded yet, is shown (`edits_not_applied`; the operator-journeys
+        audit of session 24: a hand edit not reloaded showed nowhere)."""
+        config = self.config
+        # Read again when a file changed, or what runs did (a reload, a fleet change).
+        seen = (
+            _file_state(self.config_path),
+            _file_state(config.fleets.file),
+            self.reloads["applied"],
+            self.ops.file_writes,
+            len(self.balancer.fleets),
+        )
+        if seen == self._edits_seen:
+            return
+        self._edits_seen = seen
+        running = [f.spec for f in self.balancer.fleets if not f.removing]
+        self.edits_not_applied = await asyncio.to_thread(
+            _edits_on_disk, self.config_path, config, running
+        )
 
     async def look_at_certificate_file(self) -> None:
         """Read tls.cert's leaf again when the file changed (a stat each time,
@@ -1142,6 +1170,7 @@ class Supervisor:
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()
         picture["workers_dying_at_start"] = self.quick_deaths
+        picture["edits_not_applied"] = self.edits_not_applied
         on_disk = self.certificate_file
         picture["certificate_file"] = (
             None
@@ -1394,6 +1423,35 @@ def _warn_unverified() -> None:
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
     )
+
+
+def _file_state(path: Path | None) -> tuple[int, int, int] | None:
+    """What tells a file changed (inode, mtime, size; following a symlink)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _edits_on_disk(config_path: Path, running: IngressConfig, fleets: list[FleetSpec]) -> list[str]:
+    """What ingress.toml and its fleets file on disk would change of `running`
+    and `fleets` (the fleets in force), or why a reload would refuse them."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [f"{config_path.name} would be refused: {exc}"]
+    said = []
+    if settings := settings_changed(running, config):
+        said.append(f"{config_path.name}: {settings}")
+    path = config.fleets.file
+    try:
+        specs = load_fleets_file(path, default_maxconn=config.fleets.maxconn)
+    except FleetsFileError as exc:
+        return [*said, f"{path.name} would be refused: {exc}"]
+    if changed := fleets_changed(fleets, specs):
+        said.append(f"{path.name}: {changed}")
+    return said
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
