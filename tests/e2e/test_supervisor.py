@@ -686,7 +686,7 @@ async def test_a_worker_stopped_by_a_signal_of_its_own_is_not_said_to_have_lost_
 
         await eventually(lambda: len(said()) == 1, timeout=15)
         (line,) = said()
-        assert line["level"] == "warning" and "none lost" in line["event"], line
+        assert line["level"] == "warning" and "exited by itself" in line["event"], line
         assert not [e for e in service.log() if e["event"].startswith("worker died")]
         await eventually(lambda: len(workers_of(service.home)) == 2, timeout=15)
     finally:
@@ -726,6 +726,30 @@ async def test_edits_not_reloaded_are_shown_until_a_reload_applies_them(
     finally:
         toml.write_text(running_toml)
         fleets.write_text(running_fleets)
+        await service.finish()
+
+
+async def test_a_stop_draining_calls_does_not_read_as_workers_missing(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """SIGTERM with a call up: the idle worker exits at once, the other drains.
+    /metrics said 1 of 2 workers serving for the whole drain, and the critical
+    FleetIngressWorkersMissing would page at every restart with long calls (the
+    review of session 24). While stopping, no worker is wanted."""
+    service = await _start(tls_files, two_fleets, drain=20)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await _open(service, tls_files, "long"))
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_workers_wanted"][()] == 2
+        service.proc.send_signal(signal.SIGTERM)
+        await eventually(lambda: len(workers_of(service.home)) == 1, timeout=10)
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_workers_serving"][()] <= 1
+        assert samples["fleet_ingress_workers_wanted"][()] == 0
+        await _echo(calls[0])  # still draining
+    finally:
+        await close_calls(calls)
         await service.finish()
 
 

@@ -81,3 +81,36 @@ def test_a_file_missing_is_named(tmp_path: Path) -> None:
     ):
         read_pem(cert, key)
     assert leaf_facts(cert) == leaf_facts_of(cert.read_bytes(), cert)
+
+
+def test_a_certificate_whose_subject_alt_name_cannot_be_read_is_named_not_raised(tmp_path):
+    """cryptography parses an extension when it is read: a malformed
+    subjectAltName raised a bare ValueError out of leaf_facts, past the
+    reload's and the supervisor's look at the file (a 500 at each stat; the
+    review of session 24). It is a TLSSetupError naming the file."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "calls.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x01\x02")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(bad_san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / "cert.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(TLSSetupError, match="subjectAltName cannot be read"):
+        leaf_facts(path)

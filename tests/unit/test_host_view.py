@@ -214,6 +214,14 @@ def test_a_report_survives_the_wire():
         {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [["x"]]}},
         {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [["x", -1]]}},
         {"pid": 1, "generation": 1, "seq": 1, "started": 1.0, "counts": {"counters": [[1, 2]]}},
+        # Past 2**63 every /metrics render raised OverflowError (the review of session 24).
+        {
+            "pid": 1,
+            "generation": 1,
+            "seq": 1,
+            "started": 1.0,
+            "counts": {"counters": [["connections_total", 10**400]]},
+        },
         {"pid": "1", "generation": 1, "seq": 1, "started": 1.0, "counts": {}},
         {
             "pid": 1,

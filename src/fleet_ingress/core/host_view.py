@@ -99,9 +99,14 @@ class Histo:
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ReportError(f"a count must be a whole number >= 0, not {value!r}")
+    # Bounded: a count past 2**63 broke every /metrics render for good (an
+    # OverflowError turning it into a float; the review of session 24).
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MOST:
+        raise ReportError(f"a count must be a whole number from 0 to 2**63, not {value!r}")
     return value
+
+
+_MOST = 2**63
 
 
 @dataclass(slots=True)

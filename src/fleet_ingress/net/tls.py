@@ -304,6 +304,10 @@ def leaf_facts_of(data: bytes, cert: Path) -> LeafFacts:
             str(attr.value).lower()
             for attr in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
         ]
+    except ValueError as exc:  # parsed lazily: a malformed extension (the review of session 24)
+        raise TLSSetupError(
+            f"certificate {cert}: its subjectAltName cannot be read: {exc}"
+        ) from None
     return LeafFacts(
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=leaf.not_valid_after_utc.timestamp(),

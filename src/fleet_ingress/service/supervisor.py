@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import itertools
 import logging
@@ -77,7 +76,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context, held_pem, leaf_facts
+from fleet_ingress.net.tls import fleet_ssl_context, held_pem, leaf_facts
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -243,6 +242,7 @@ class Supervisor:
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
         self.worker_target = 0
+        self.stopping = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
         self.metrics = HostMetrics(
@@ -252,7 +252,7 @@ class Supervisor:
             reloads=lambda: self.reloads,
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
-            workers=lambda: (self.serving_workers(), self.worker_target),
+            workers=self.workers_figures,
             certificate_file_not_after=lambda: (
                 None if self.certificate_file is None else self.certificate_file.not_after
             ),
@@ -287,7 +287,6 @@ class Supervisor:
         self._early: dict[int, set[str]] = {}
         # A channel that ended before adopt() returned: its last row, by key.
         self._left_early: dict[int, WorkerRow | None] = {}
-        self.stopping = False
         # SIGTERM/SIGINT received (run_supervisor waits on it): `stopping`
         # follows a loop turn later.
         self.stop_asked = asyncio.Event()
@@ -494,18 +493,6 @@ class Supervisor:
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
             )
-        except OSError as exc:
-            ours.close()
-            if exc.filename is None and exc.errno in (errno.EACCES, errno.ENOENT):
-                # The exec's own failure names no file: the interpreter it ran
-                # (a venv the service user may not read or run).
-                raise OSError(
-                    exc.errno,
-                    f"{exc.strerror}: cannot run {sys.executable} to start a worker "
-                    "(the service user must be able to read and run the venv)",
-                    sys.executable,
-                ) from exc
-            raise
         except BaseException:
             ours.close()
             raise
@@ -770,8 +757,10 @@ class Supervisor:
             # Not a death: stopped on its own (a SIGTERM sent to it alone), it
             # drained its calls and exited cleanly (the channel audit of session 24).
             log.warning(
-                "worker exited by itself, its calls finished, none lost (a stop signal "
-                "sent to it alone, not to the supervisor?); a new worker replaces it",
+                "worker exited by itself (a stop signal sent to it alone, not to the "
+                "supervisor?): it drained its calls and exited cleanly; calls still up "
+                "at its drain's end were cut, each logged with end_reason drain; a new "
+                "worker replaces it",
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         else:
@@ -839,19 +828,33 @@ class Supervisor:
         """When each replacement not started yet is due (monotonic)."""
         return list(self._respawns.values())
 
-    def serving_workers(self) -> int:
-        """The workers of the generation serving now that run and serve."""
-        return sum(
-            1
+    def _running_workers(self) -> list[WorkerProcess]:
+        """The workers of the generation serving now that run (started, or
+        still starting)."""
+        return [
+            w
             for w in self.workers.values()
             if w.generation == self.generation
             and not (w.retiring or w.candidate or w.left.is_set())
             and w.proc.returncode is None
-        )
+        ]
+
+    def serving_workers(self) -> int:
+        """The workers of the generation serving now that serve: a replacement
+        still starting (or stuck before it serves, or about to die of a broken
+        install) is not one (the review of session 24: counted, it reset the
+        alert's wait, and one that never served hid the loss)."""
+        return sum(1 for w in self._running_workers() if w.serving.is_set())
+
+    def workers_figures(self) -> tuple[int, int]:
+        """(serving, wanted) for /metrics: wanted is 0 once stopping (every
+        worker is leaving then: FleetIngressWorkersMissing must not page at a
+        restart while calls drain)."""
+        return self.serving_workers(), 0 if self.stopping else self.worker_target
 
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
-        return self.worker_target - self.serving_workers() - self._starting
+        return self.worker_target - len(self._running_workers()) - self._starting
 
     async def _respawn(self, delay: float) -> None:
         """A worker died: start one of the generation serving by now (not of
@@ -1117,42 +1120,38 @@ class Supervisor:
         reloaded yet, is shown (`edits_not_applied`; the operator-journeys
         audit of session 24: a hand edit not reloaded showed nowhere)."""
         config = self.config
-        # Read again when a file changed, or what runs did (a reload, a fleet change).
-        seen = (
-            _file_state(self.config_path),
-            _file_state(config.fleets.file),
-            self.reloads["applied"],
-            self.ops.file_writes,
-            len(self.balancer.fleets),
+        running = [f.spec for f in self.balancer.fleets if not f.removing]
+        # Read again when a file changed (stat off the loop: a hung mount must
+        # not hold every call's lease), or what runs did (a reload, a fleet change).
+        files = await asyncio.to_thread(
+            lambda: (_file_state(self.config_path), _file_state(config.fleets.file))
         )
+        seen = (*files, self.reloads["applied"], self.ops.file_writes, running)
         if seen == self._edits_seen:
             return
-        self._edits_seen = seen
-        running = [f.spec for f in self.balancer.fleets if not f.removing]
-        self.edits_not_applied = await asyncio.to_thread(
-            _edits_on_disk, self.config_path, config, running
-        )
+        edits = await asyncio.to_thread(_edits_on_disk, self.config_path, config, running)
+        self._edits_seen, self.edits_not_applied = seen, edits
 
     async def look_at_certificate_file(self) -> None:
         """Read tls.cert's leaf again when the file changed (a stat each time,
         the file read once a change): a renewal there that no reload loaded is
         shown (`certificate_file`: a reload that failed, or never ran)."""
         path = self.config.tls.cert
-        try:
-            if path is None:
-                raise FileNotFoundError
-            st = os.stat(path)
-        except OSError:
+        # Off the loop, the stat too: a hung mount must not hold every call's lease.
+        seen = await asyncio.to_thread(_file_state, path)
+        if seen is None:
             self._certificate_file_seen, self.certificate_file = None, None
             return
-        seen = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = (str(path), *seen)
         if seen == self._certificate_file_seen:
             return
-        self._certificate_file_seen = seen
         try:
-            self.certificate_file = await asyncio.to_thread(leaf_facts, path)
-        except TLSSetupError:  # half written, or not a certificate: a reload says why
-            self.certificate_file = None
+            on_disk = await asyncio.to_thread(leaf_facts, path) if path is not None else None
+        except (ValueError, OSError):  # half written, not a certificate, an odd
+            on_disk = None  # extension (TLSSetupError is a ValueError): a reload says why
+        # Kept only as read now: another look finished meanwhile must not be undone.
+        if seen != self._certificate_file_seen:
+            self._certificate_file_seen, self.certificate_file = seen, on_disk
 
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
