@@ -356,7 +356,8 @@ class _WorkersCollector(Collector):
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_workers_wanted",
-            "Workers the generation serving now should have (process.workers as it started).",
+            "Workers the generation serving now should have (process.workers as it "
+            "started; 0 once stopping, as every worker leaves).",
             value=wanted,
         )
         restarts = CounterMetricFamily(

@@ -51,6 +51,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections import Counter
@@ -137,6 +138,9 @@ access_log = logging.getLogger("fleet_ingress.access")
 WORKER_START_TIMEOUT = 30.0
 # A worker's answer to `reload` (it reads the certificate itself).
 RELOAD_ANSWER_TIMEOUT = 10.0
+# A stat or scrape waits this long at most for the look at the files on disk
+# (tls.cert, ingress.toml, the fleets file: `look_at_files`).
+FILES_LOOK_WAIT = 0.5
 # How long a worker's own reload is waited for past its round (which waits
 # RELOAD_ANSWER_TIMEOUT): its outcome, late, is logged then. Waited for as long
 # as that, a worker stopped for a while (SIGSTOP, a swapped-out host) that
@@ -221,6 +225,7 @@ class Supervisor:
         # What ingress.toml and the fleets file on disk would change, not
         # reloaded yet (`look_at_edits`), and the files' state when read.
         self.edits_not_applied: list[str] = []
+        self._looking: asyncio.Task[None] | None = None  # look_at_files's, under way
         self._edits_seen: tuple[object, ...] | None = None
         self._certificate_file_seen: tuple[str, int, int, int] | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
@@ -1108,11 +1113,27 @@ class Supervisor:
         return sum(row.calls for row in self.slots.workers)
 
     async def refresh(self) -> None:
-        """Before a scrape or `stat`: the workers' counts as of now (bounded
-        wait), what the certificate file holds, and edits not reloaded."""
-        await self.look_at_certificate_file()
-        await self.look_at_edits()
+        """Before a scrape or `stat`: the workers' counts as of now, what the
+        certificate file holds, and edits not reloaded (each wait bounded)."""
+        await self.look_at_files()
         await self.server.collect_reports(SCRAPE_WAIT)
+
+    async def look_at_files(self) -> None:
+        """Look at tls.cert, ingress.toml and the fleets file (off the loop),
+        waiting FILES_LOOK_WAIT at most: a look held up (a hung mount) goes on
+        alone, what was seen before is shown meanwhile, and no second look
+        starts beside it (the first test run of session 24: a stat waited for
+        good on a fleets file that was a FIFO nobody wrote)."""
+        if self._looking is None or self._looking.done():
+            self._looking = self._keep(self._look_at_files())
+        await asyncio.wait({self._looking}, timeout=FILES_LOOK_WAIT)
+
+    async def _look_at_files(self) -> None:
+        try:
+            await self.look_at_certificate_file()
+            await self.look_at_edits()
+        except Exception:  # a bug here must not fail a scrape, nor go unsaid
+            log.exception("looking at the files on disk broke; stat and scrapes go on")
 
     async def look_at_edits(self) -> None:
         """Read ingress.toml and the fleets file again when either changed (a
@@ -1128,6 +1149,9 @@ class Supervisor:
         )
         seen = (*files, self.reloads["applied"], self.ops.file_writes, running)
         if seen == self._edits_seen:
+            return
+        if None in files:  # missing, or not a regular file (a FIFO): not read
+            self._edits_seen, self.edits_not_applied = seen, []
             return
         edits = await asyncio.to_thread(_edits_on_disk, self.config_path, config, running)
         self._edits_seen, self.edits_not_applied = seen, edits
@@ -1425,12 +1449,16 @@ def _warn_unverified() -> None:
 
 
 def _file_state(path: Path | None) -> tuple[int, int, int] | None:
-    """What tells a file changed (inode, mtime, size; following a symlink)."""
+    """What tells a file changed (inode, mtime, size; following a symlink);
+    None when there is none, or it is no regular file (a FIFO: reading it
+    would wait for a writer)."""
     try:
         st = os.stat(path) if path is not None else None
     except OSError:
         return None
-    return None if st is None else (st.st_ino, st.st_mtime_ns, st.st_size)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _edits_on_disk(config_path: Path, running: IngressConfig, fleets: list[FleetSpec]) -> list[str]:
