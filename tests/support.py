@@ -755,6 +755,13 @@ def break_worker_channel(pid: int) -> None:
     the protocol" and closes it. Written from this process into a duplicate
     of the worker's descriptor (pidfd_getfd(2): an ancestor may, as a
     debugger may), so nothing in the worker or the supervisor is a test hook."""
+    with worker_channel_copy(pid) as channel:
+        channel.sendall(b'{"op": "hello", "pid": 1, "generation": 1}\n')
+
+
+def worker_channel_copy(pid: int) -> socket.socket:
+    """A duplicate of worker `pid`'s end of its slot channel, taken from outside
+    it (pidfd_getfd(2): an ancestor may, as a debugger may)."""
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     fds = next(e for e in environ if e.startswith(b"FLEET_INGRESS_LISTEN_FDS="))
     named = dict(kv.split("=") for kv in fds.decode().partition("=")[2].split(","))
@@ -766,8 +773,7 @@ def break_worker_channel(pid: int) -> None:
             raise OSError(ctypes.get_errno(), f"pidfd_getfd of worker {pid}'s channel")
     finally:
         os.close(pidfd)
-    with socket.socket(fileno=fd) as channel:
-        channel.sendall(b'{"op": "hello", "pid": 1, "generation": 1}\n')
+    return socket.socket(fileno=fd)
 
 
 def fill_unread_channel(server: SlotServer, key: int) -> bytes:

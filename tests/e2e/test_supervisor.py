@@ -33,6 +33,7 @@ from tests.support import (
     close_calls,
     eventually,
     metric_samples,
+    worker_channel_copy,
     workers_of,
     write_leaf_cert,
 )
@@ -1417,6 +1418,33 @@ async def _one_worker_at_maxconn_2(
         tls_files, [f"{sim.url} name=a maxconn=2"], workers=1, check_timeout=5, **options
     )
     return await _fleets_up_or_finished(service)
+
+
+async def test_a_dead_workers_slots_come_back_when_another_process_holds_its_channel(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """A worker killed while another process holds a copy of its channel's end
+    (here this test, by pidfd_getfd; a debugger, a forked helper): the channel
+    did not end, so its two slots stayed taken for good and every later call
+    waited for the queue's timeout, 503 (the channel audit of session 24). The
+    supervisor, which reaped the worker, ends the channel itself."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, queue=5)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        with worker_channel_copy(old["pid"]):
+            os.kill(old["pid"], signal.SIGKILL)
+            said = "worker exited but its slot channel stayed open"
+            await eventually(lambda: any(e["event"].startswith(said) for e in service.log()), 10)
+            calls.append(await _open(service, tls_files, "after"))  # a slot came back
+            await _echo(calls[-1])
+        (row,) = (await service.stats())["fleets"]
+        assert row["active"] == 1, row
+    finally:
+        await close_calls(calls)
+        await service.finish()
 
 
 def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:

@@ -848,6 +848,17 @@ class SlotServer:
             hook(channel.key, row)
         self._send(answers)
 
+    def cut(self, key: int) -> bool:
+        """End channel `key` from this side (its slots then come back as for
+        any channel that ends); False when there is none. For a worker whose
+        process has exited while its channel has not: another process holds
+        a copy of its end."""
+        channel = self._channels.get(key)
+        if channel is None or channel.transport is None or channel.transport.is_closing():
+            return False
+        channel.transport.close()
+        return True
+
     def release_kept(self, key: int) -> WorkerRow | None:
         """The process of a worker whose channel ended while it ran has exited:
         the slots kept for it come back (to the queue first). Its row, or None

@@ -716,6 +716,18 @@ class Supervisor:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 await worker.left.wait()
+        if not worker.left.is_set() and self.server.cut(worker.key):
+            # Its process is gone, its channel is not: another process holds a
+            # copy of its end. Ended here, or its slots stayed taken for good and
+            # calls queued behind them got 503 (the channel audit of session 24).
+            log.warning(
+                "worker exited but its slot channel stayed open (another process "
+                "holds its end): closed, its slots come back",
+                extra=fields(pid=worker.pid, generation=worker.generation),
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await worker.left.wait()
         # Its channel ended before it exited: what it held was kept until now.
         self.server.release_kept(worker.key)
         self.workers.pop(worker.key, None)
