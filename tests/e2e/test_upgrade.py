@@ -600,6 +600,50 @@ async def test_workers_that_cannot_start_from_a_refused_install_are_shown_missin
         await service.finish()
 
 
+async def test_a_replacement_stuck_before_it_serves_is_killed_as_hung_and_replaced(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A worker started to replace a dead one that never begins serving (stuck
+    at its start: here it sleeps while a flag file exists) stayed for good: the
+    hang kill reads reports, which a worker that has not joined does not send,
+    and the host served a worker short with nothing said (the review of
+    session 24). It is killed as hung at process.worker_hang_timeout, and
+    replaced in turn; once starts work again, the host has its two workers."""
+    src = _copy_package(tmp_path)
+    flag = tmp_path / "stuck"
+    _inject(
+        src,
+        "service/worker.py",
+        '        self.client.send({"op": "serving"})\n',
+        f"        while os.path.exists({str(flag)!r}):\n"
+        "            __import__('time').sleep(0.1)\n",
+    )
+    lines = [f"{sim.url} name={sim.name}" for sim in fleets]
+    env = {"PYTHONPATH": str(src), **PATIENT_PROBES}
+    service = await RunningIngress.start(
+        tls_files, lines, workers=2, env=env, extra="worker_hang_timeout = 5"
+    )
+    try:
+        flag.touch()
+        victim = (await _rows(service))[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        def killed() -> list[dict[str, Any]]:
+            return [e for e in service.log() if "did not begin serving" in e.get("event", "")]
+
+        await eventually(lambda: bool(killed()), timeout=15)
+        assert killed()[0]["level"] == "error"
+        stats = await service.stats()
+        assert stats["workers_serving"] == 1 and stats["worker_restarts"].get("hung", 0) >= 1
+        flag.unlink()
+        async with asyncio.timeout(20):
+            while (await service.stats())["workers_serving"] != 2:
+                await asyncio.sleep(0.2)
+    finally:
+        flag.unlink(missing_ok=True)
+        await service.finish()
+
+
 async def test_upgrade_says_which_code_each_generation_runs(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:

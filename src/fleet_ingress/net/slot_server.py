@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import socket
 import time
@@ -58,6 +59,8 @@ log = logging.getLogger("fleet_ingress.slots")
 # Read at once from a channel kept over an exec: a few reports' worth; more
 # waits for the transport.
 _WAITING_READ_MAX = 4 * 1024 * 1024
+# A worker's refused reports are said at most this often (seconds), per channel.
+REPORT_REFUSED_SAID_EVERY = 60.0
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset(
@@ -95,6 +98,7 @@ class _Channel(asyncio.Protocol):
         self._spare: socket.socket | None = None
         # Its final report was read: it had ended its calls and given their slots back.
         self.drained = False
+        self.report_refused_at = -math.inf  # when a refused report of it was last said
         self.joined = False
         self.restoring = restoring  # kept across a re-execution: waits for "state"
         # What the previous image's table said it held (a fleet name a slot), if known.
@@ -699,28 +703,34 @@ class SlotServer:
             report = WorkerReport.from_wire(message)
         except ReportError as exc:
             # Stats are not worth a worker's calls: log, keep the channel.
-            log.error(
-                "worker report ignored: not understood",
-                extra=fields(channel=channel.key, pid=channel.pid, error=str(exc)),
-            )
+            self._report_refused(channel, "not understood", error=str(exc))
             return
         if (channel.pid is not None and report.pid != channel.pid) or (
             channel.generation is not None and report.generation != channel.generation
         ):
             # Taken, it stood for the worker it names: that one was taken for
             # restarted, and its own reports refused from then on (the channel audit).
-            log.error(
-                "worker report ignored: it names another worker than its channel's",
-                extra=fields(
-                    channel=channel.key,
-                    pid=channel.pid,
-                    generation=channel.generation,
-                    named=list(report.worker),
-                ),
+            self._report_refused(
+                channel,
+                "it names another worker than its channel's",
+                generation=channel.generation,
+                named=list(report.worker),
             )
             return
         channel.reported = report.worker
         self.view.report(report, time.monotonic())
+
+    def _report_refused(self, channel: _Channel, why: str, **more: Any) -> None:
+        """Said once a minute a channel at most: a worker whose reports are
+        refused sends one at every pull and every scrape."""
+        now = time.monotonic()
+        if now - channel.report_refused_at < REPORT_REFUSED_SAID_EVERY:
+            return
+        channel.report_refused_at = now
+        log.error(
+            f"worker report ignored: {why}",
+            extra=fields(channel=channel.key, pid=channel.pid, **more),
+        )
 
     def _restore(self, channel: _Channel, message: dict[str, Any]) -> None:
         pid, generation = field(message, "pid", int), field(message, "generation", int)

@@ -899,6 +899,40 @@ class Supervisor:
                 **({} if worker.cpu is None else {"cpu": worker.cpu}),
             ),
         )
+        # Apart from this task, which counts as a replacement not started yet
+        # (carried over an exec) until it ends.
+        self._keep(self._kill_if_never_serving(worker))
+
+    async def _kill_if_never_serving(self, worker: WorkerProcess) -> None:
+        """A replacement that has not begun serving within
+        process.worker_hang_timeout of its start (0: never) is killed as hung,
+        and replaced in turn. The hang kill reads reports, which a worker that
+        has not joined does not send: one stuck at its start (an import that
+        hangs on a dead mount) stayed, the host a worker short for good (the
+        review of session 24)."""
+        if self.hang_timeout <= 0:
+            return
+        waits = {
+            asyncio.ensure_future(worker.serving.wait()),
+            asyncio.ensure_future(worker.left.wait()),
+        }
+        try:
+            await asyncio.wait(waits, timeout=self.hang_timeout, return_when="FIRST_COMPLETED")
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if worker.serving.is_set() or worker.left.is_set() or worker.proc.returncode is not None:
+            return
+        if self.stopping or worker.retiring:
+            return
+        worker.hung = True
+        log.error(
+            "worker did not begin serving within process.worker_hang_timeout of its "
+            "start: killed as hung, and replaced in turn; its own lines say where it stopped",
+            extra=fields(pid=worker.pid, generation=worker.generation, waited_s=self.hang_timeout),
+        )
+        with contextlib.suppress(ProcessLookupError):
+            worker.proc.kill()
 
     async def _spawn_retrying(self, generation: int, delay: float) -> WorkerProcess | None:
         while True:
