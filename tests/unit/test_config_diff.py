@@ -52,3 +52,18 @@ def test_the_fleets_file_against_the_fleets_in_force_names_each_difference_but_a
         "fleet c added, fleet b removed, fleet a url https://a.test -> https://a2.test, "
         "fleet a maxconn 16 -> 20"
     )
+
+
+def test_a_moved_call_listener_says_what_it_means_for_keepalived_until_a_restart():
+    """A reload leaves listen.wss where it was bound; `check --live` (keepalived's
+    check) reads the configured address and failed at once with nothing to say
+    why (the operator-journeys audit)."""
+    from fleet_ingress.service.ingress import listener_notes
+
+    bound = config().listen
+    moved = config(listen={"wss": "127.0.0.1:9443", "stats": "127.0.0.1:9404"})
+    notes = listener_notes(bound, moved)
+    (wss,) = [n for n in notes if n.startswith("listen.wss")]
+    assert "takes effect at the next restart" in wss and "check --live" in wss
+    (stats,) = [n for n in notes if n.startswith("listen.stats")]
+    assert stats == "listen.stats changed: takes effect at the next restart"

@@ -303,6 +303,8 @@ def test_workers_missing_are_shown_with_what_to_do_while_replacements_die_at_sta
     for shown in (format_stat_table(snap), render_stats_page(snap)):
         assert "replacements die soon after they start" in shown
         assert "reinstall the release the supervisor runs (code abc123)" in shown
+    snap["worker_start_error"] = "[Errno 24] Too many open files"
+    assert "a worker cannot be started: [Errno 24] Too many open files" in format_stat_table(snap)
     snap["state"] = "draining"
     assert "WORKERS MISSING" not in format_stat_table(snap)
 

@@ -104,7 +104,12 @@ def workers_missing(snap: dict[str, Any]) -> str | None:
     if serving is None or wanted is None or serving >= wanted or snap.get("state") == "draining":
         return None
     line = f"WORKERS MISSING: {serving} of {wanted} serving"
-    if snap.get("workers_dying_at_start", 0) >= 2:
+    if error := snap.get("worker_start_error"):
+        line += (
+            f"; a worker cannot be started: {error} (the service's LimitNOFILE, memory, "
+            "tasks); tried again"
+        )
+    elif snap.get("workers_dying_at_start", 0) >= 2:
         running = f" (code {snap['code']})" if snap.get("code") else ""
         line += (
             "; replacements die soon after they start: a worker runs the code installed "

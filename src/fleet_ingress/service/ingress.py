@@ -684,7 +684,15 @@ def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
     for key in ("wss", "acme", "stats", "admin_socket"):
         listening, wanted = getattr(bound, key), getattr(config.listen, key)
         if listening != wanted:
-            notes.append(f"listen.{key} changed: takes effect at the next restart")
+            notes.append(
+                f"listen.{key} changed: takes effect at the next restart"
+                + (
+                    "; until then calls come on the address bound, and `check --live` "
+                    "(keepalived's check) reads the one configured and fails"
+                    if key == "wss"
+                    else ""
+                )
+            )
             log.warning(
                 "listener not moved by a reload: restart to apply",
                 extra=fields(key=f"listen.{key}", listening=listening, configured=wanted),

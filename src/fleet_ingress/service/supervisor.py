@@ -226,6 +226,8 @@ class Supervisor:
         # reloaded yet (`look_at_edits`), and the files' state when read.
         self.edits_not_applied: list[str] = []
         self._looking: asyncio.Task[None] | None = None  # look_at_files's, under way
+        # Why the last try to start a replacement worker failed (None: it did not).
+        self.spawn_error: str | None = None
         self._edits_seen: tuple[object, ...] | None = None
         self._certificate_file_seen: tuple[str, int, int, int] | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
@@ -939,8 +941,11 @@ class Supervisor:
             if self.stopping:
                 return None
             try:
-                return await self.spawn(generation)
+                worker = await self.spawn(generation)
+                self.spawn_error = None
+                return worker
             except OSError as exc:
+                self.spawn_error = str(exc)
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
                 delay = min(max(delay * 2, 1.0), RESPAWN_DELAY_MAX)
@@ -1239,6 +1244,7 @@ class Supervisor:
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()
         picture["workers_dying_at_start"] = self.quick_deaths
+        picture["worker_start_error"] = self.spawn_error
         picture["edits_not_applied"] = self.edits_not_applied
         on_disk = self.certificate_file
         picture["certificate_file"] = (
