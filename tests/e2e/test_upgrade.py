@@ -920,10 +920,7 @@ async def test_upgrade_drain_0_keeps_the_old_generations_calls_past_drain_and_si
     )
     held: list[ClientConnection] = []
     try:
-        ((old, _),) = ((r["pid"], r) for r in await _rows(service))
-        held = await _hold_calls(service, tls_files, ["kept-0", "kept-1"])
-        os.kill(service.proc.pid, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=60)
+        old, held = await _upgraded_holding(service, tls_files, ["kept-0", "kept-1"])
         done = [e for e in service.log() if e.get("event", "").startswith("upgrade done")]
         assert done and done[-1]["drain_s"] is None, done
         rows = {r["pid"]: r for r in await _rows(service)}
@@ -976,10 +973,7 @@ async def test_upgrade_drain_shorter_than_drain_ends_the_old_generations_calls_a
     )
     held: list[ClientConnection] = []
     try:
-        (old,) = (r["pid"] for r in await _rows(service))
-        held = await _hold_calls(service, tls_files, ["old-0"])
-        os.kill(service.proc.pid, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=60)
+        old, held = await _upgraded_holding(service, tls_files, ["old-0"])
         retired_at = time.monotonic()
         await eventually(lambda: not _alive(old), timeout=10)
         gone_s = time.monotonic() - retired_at
@@ -1000,6 +994,18 @@ async def test_upgrade_drain_shorter_than_drain_ends_the_old_generations_calls_a
     finally:
         await close_calls(held)
         await service.finish()
+
+
+async def _upgraded_holding(
+    service: RunningIngress, tls_files: TLSFiles, bots: list[str]
+) -> tuple[int, list[ClientConnection]]:
+    """With one worker: calls `bots` held open on it, then an upgrade by
+    SIGUSR2, done. The old worker's pid and the calls."""
+    (old,) = (r["pid"] for r in await _rows(service))
+    held = await _hold_calls(service, tls_files, bots)
+    os.kill(service.proc.pid, signal.SIGUSR2)
+    await service.wait_for("READY=1", count=2, timeout=60)
+    return old, held
 
 
 def _set_upgrade_drain(service: RunningIngress, value: str) -> None:
@@ -1062,10 +1068,7 @@ async def test_an_old_worker_that_ignores_upgrade_drain_is_not_killed_before_its
     service = await RunningIngress.start(tls_files, lines, workers=1, drain=60, env=env)
     held: list[ClientConnection] = []
     try:
-        (old,) = (r["pid"] for r in await _rows(service))
-        held = await _hold_calls(service, tls_files, ["old-0"])
-        os.kill(service.proc.pid, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=60)
+        old, held = await _upgraded_holding(service, tls_files, ["old-0"])
         await asyncio.sleep(1 + 5 + 1.5)
         assert _alive(old), "killed before its own drain"
         await _echoes(held[0], "still here")
@@ -1094,10 +1097,7 @@ async def test_sigterm_stops_an_old_worker_kept_without_its_channel_within_drain
     service = await RunningIngress.start(tls_files, lines, workers=1, drain=drain, env=env)
     held: list[ClientConnection] = []
     try:
-        (old,) = (r["pid"] for r in await _rows(service))
-        held = await _hold_calls(service, tls_files, ["kept-0"])
-        os.kill(service.proc.pid, signal.SIGUSR2)
-        await service.wait_for("READY=1", count=2, timeout=60)
+        old, held = await _upgraded_holding(service, tls_files, ["kept-0"])
         break_worker_channel(old)
         await eventually(
             lambda: any(

@@ -101,12 +101,12 @@ class Histo:
 def _count(value: Any) -> int:
     # Bounded: a count past 2**63 broke every /metrics render for good (an
     # OverflowError turning it into a float; the review of session 24).
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MOST:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _COUNT_LIMIT:
         raise ReportError(f"a count must be a whole number from 0 to 2**63, not {value!r}")
     return value
 
 
-_MOST = 2**63
+_COUNT_LIMIT = 2**63
 
 
 @dataclass(slots=True)

@@ -79,13 +79,17 @@ def certificate_not_served(snap: dict[str, Any]) -> str | None:
     )
 
 
+# How an edit a reload would refuse is said (service.files_on_disk), and told apart.
+WOULD_BE_REFUSED = "would be refused"
+
+
 def edits_not_applied(snap: dict[str, Any]) -> str | None:
     """One line while ingress.toml or the fleets file on disk differs from
     what runs (a supervisor's snapshot); None otherwise."""
     edits = snap.get("edits_not_applied")
     if not edits:
         return None
-    refused = any("would be refused" in edit for edit in edits)
+    refused = any(WOULD_BE_REFUSED in edit for edit in edits)
     return f"EDITED, NOT RELOADED: {'; '.join(edits)}: " + (
         "fix it, then `systemctl reload fleet-ingress`"
         if refused

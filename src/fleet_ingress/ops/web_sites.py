@@ -321,7 +321,7 @@ class WebSites:
         self._closed = False
         # Counts the previous image kept over an upgrade's exec, by listener: a
         # counter does not reset (`carry_counts`).
-        self._carried_counts: dict[str, dict[str, int]] = {}
+        self._carried_counts: dict[str, Any] = {}
 
     async def serve_kept(
         self, app: web.Application, sock: socket.socket, *, listener: str = "operator"
@@ -443,15 +443,10 @@ class WebSites:
 
     def carry_counts(self, carried: Any) -> None:
         """The previous image's counters (`counts_to_json`; None from a release
-        that did not carry them): added to its listener's, now or when it is served."""
-        if not isinstance(carried, dict):
-            return
-        caps = {cap.listener: cap for _, cap in self.caps()}
-        for listener, counts in carried.items():
-            if listener in caps:
-                _add_counts(caps[listener], counts)
-            elif isinstance(counts, dict):
-                self._carried_counts[listener] = counts
+        that did not carry them), added to its listener's when it is served:
+        before `serve`, as the supervisor's UpgradeSequence is built."""
+        if isinstance(carried, dict):
+            self._carried_counts = carried
 
     def caps(self) -> list[tuple[_CappedRunner, ConnectionCap]]:
         """Each listener's runner and its cap, in the order they were served."""

@@ -51,7 +51,6 @@ import math
 import os
 import signal
 import socket
-import stat
 import sys
 import time
 from collections import Counter
@@ -60,12 +59,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import fleets_changed, settings_changed
-from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
-from fleet_ingress.config.settings import ConfigError, IngressConfig, config_to_json, load_config
+from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import LeafFacts, change_note, renewal_waiting
+from fleet_ingress.core.certificate_change import change_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -77,7 +75,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import fleet_ssl_context, held_pem, leaf_facts
+from fleet_ingress.net.tls import fleet_ssl_context, held_pem
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -110,6 +108,7 @@ from fleet_ingress.service.carrier_certificate import (
     serving_leaf,
     warn_about_chain,
 )
+from fleet_ingress.service.files_on_disk import FilesOnDisk
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     ReloadRefused,
@@ -138,9 +137,6 @@ access_log = logging.getLogger("fleet_ingress.access")
 WORKER_START_TIMEOUT = 30.0
 # A worker's answer to `reload` (it reads the certificate itself).
 RELOAD_ANSWER_TIMEOUT = 10.0
-# A stat or scrape waits this long at most for the look at the files on disk
-# (tls.cert, ingress.toml, the fleets file: `look_at_files`).
-FILES_LOOK_WAIT = 0.5
 # How long a worker's own reload is waited for past its round (which waits
 # RELOAD_ANSWER_TIMEOUT): its outcome, late, is logged then. Waited for as long
 # as that, a worker stopped for a while (SIGSTOP, a swapped-out host) that
@@ -219,17 +215,10 @@ class Supervisor:
         self.registry = Registry()  # no call runs here: always empty
         self.started_at = time.monotonic()  # for uptime: a wall-clock step moves no age
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
-        # What tls.cert holds, as last read (`look_at_certificate_file`): a renewal
-        # there may not be served yet.
-        self.certificate_file: LeafFacts | None = None
-        # What ingress.toml and the fleets file on disk would change, not
-        # reloaded yet (`look_at_edits`), and the files' state when read.
-        self.edits_not_applied: list[str] = []
-        self._looking: asyncio.Task[None] | None = None  # look_at_files's, under way
+        # What tls.cert, ingress.toml and the fleets file hold against what runs.
+        self.files = FilesOnDisk(config_path)
         # Why the last try to start a replacement worker failed (None: it did not).
         self.spawn_error: str | None = None
-        self._edits_seen: tuple[object, ...] | None = None
-        self._certificate_file_seen: tuple[str, int, int, int] | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
         self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
         self.reloads: Counter[str] = Counter()
@@ -260,9 +249,7 @@ class Supervisor:
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
             workers=self.workers_figures,
-            certificate_file_not_after=lambda: (
-                None if self.certificate_file is None else self.certificate_file.not_after
-            ),
+            certificate_file_not_after=lambda: self.files.certificate_not_after,
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -1166,67 +1153,10 @@ class Supervisor:
     async def refresh(self) -> None:
         """Before a scrape or `stat`: the workers' counts as of now, what the
         certificate file holds, and edits not reloaded (each wait bounded)."""
-        await self.look_at_files()
-        await self.server.collect_reports(SCRAPE_WAIT)
-
-    async def look_at_files(self) -> None:
-        """Look at tls.cert, ingress.toml and the fleets file (off the loop),
-        waiting FILES_LOOK_WAIT at most: a look held up (a hung mount) goes on
-        alone, what was seen before is shown meanwhile, and no second look
-        starts beside it (the first test run of session 24: a stat waited for
-        good on a fleets file that was a FIFO nobody wrote)."""
-        if self._looking is None or self._looking.done():
-            self._looking = self._keep(self._look_at_files())
-        await asyncio.wait({self._looking}, timeout=FILES_LOOK_WAIT)
-
-    async def _look_at_files(self) -> None:
-        try:
-            await self.look_at_certificate_file()
-            await self.look_at_edits()
-        except Exception:  # a bug here must not fail a scrape, nor go unsaid
-            log.exception("looking at the files on disk broke; stat and scrapes go on")
-
-    async def look_at_edits(self) -> None:
-        """Read ingress.toml and the fleets file again when either changed (a
-        stat each time, a read once a change): what they would change, not
-        reloaded yet, is shown (`edits_not_applied`; the operator-journeys
-        audit of session 24: a hand edit not reloaded showed nowhere)."""
-        config = self.config
         running = [f.spec for f in self.balancer.fleets if not f.removing]
-        # Read again when a file changed (stat off the loop: a hung mount must
-        # not hold every call's lease), or what runs did (a reload, a fleet change).
-        files = await asyncio.to_thread(
-            lambda: (_file_state(self.config_path), _file_state(config.fleets.file))
-        )
-        seen = (*files, self.reloads["applied"], self.ops.file_writes, running)
-        if seen == self._edits_seen:
-            return
-        if None in files:  # missing, or not a regular file (a FIFO): not read
-            self._edits_seen, self.edits_not_applied = seen, []
-            return
-        edits = await asyncio.to_thread(_edits_on_disk, self.config_path, config, running)
-        self._edits_seen, self.edits_not_applied = seen, edits
-
-    async def look_at_certificate_file(self) -> None:
-        """Read tls.cert's leaf again when the file changed (a stat each time,
-        the file read once a change): a renewal there that no reload loaded is
-        shown (`certificate_file`: a reload that failed, or never ran)."""
-        path = self.config.tls.cert
-        # Off the loop, the stat too: a hung mount must not hold every call's lease.
-        seen = await asyncio.to_thread(_file_state, path)
-        if seen is None:
-            self._certificate_file_seen, self.certificate_file = None, None
-            return
-        seen = (str(path), *seen)
-        if seen == self._certificate_file_seen:
-            return
-        try:
-            on_disk = await asyncio.to_thread(leaf_facts, path) if path is not None else None
-        except (ValueError, OSError):  # half written, not a certificate, an odd
-            on_disk = None  # extension (TLSSetupError is a ValueError): a reload says why
-        # Kept only as read now: another look finished meanwhile must not be undone.
-        if seen != self._certificate_file_seen:
-            self._certificate_file_seen, self.certificate_file = seen, on_disk
+        ran = (self.reloads["applied"], self.ops.file_writes)
+        await self.files.look(self.config, running, ran)
+        await self.server.collect_reports(SCRAPE_WAIT)
 
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
@@ -1245,16 +1175,7 @@ class Supervisor:
         picture["workers_serving"] = self.serving_workers()
         picture["workers_dying_at_start"] = self.quick_deaths
         picture["worker_start_error"] = self.spawn_error
-        picture["edits_not_applied"] = self.edits_not_applied
-        on_disk = self.certificate_file
-        picture["certificate_file"] = (
-            None
-            if on_disk is None
-            else {
-                "not_after": on_disk.not_after,
-                "not_served": renewal_waiting(on_disk, self.serving_leaf),
-            }
-        )
+        picture.update(self.files.picture(self.serving_leaf))
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
         return picture
@@ -1483,6 +1404,7 @@ class Supervisor:
         if self.admin_socket is not None:
             remove_own_socket(self.admin_socket, self._admin_socket_id)
         await self.server.close()
+        self.files.close()
         for task in list(self._watchers):
             task.cancel()
 
@@ -1498,39 +1420,6 @@ def _warn_unverified() -> None:
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
     )
-
-
-def _file_state(path: Path | None) -> tuple[int, int, int] | None:
-    """What tells a file changed (inode, mtime, size; following a symlink);
-    None when there is none, or it is no regular file (a FIFO: reading it
-    would wait for a writer)."""
-    try:
-        st = os.stat(path) if path is not None else None
-    except OSError:
-        return None
-    if st is None or not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _edits_on_disk(config_path: Path, running: IngressConfig, fleets: list[FleetSpec]) -> list[str]:
-    """What ingress.toml and its fleets file on disk would change of `running`
-    and `fleets` (the fleets in force), or why a reload would refuse them."""
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        return [f"{config_path.name} would be refused: {exc}"]
-    said = []
-    if settings := settings_changed(running, config):
-        said.append(f"{config_path.name}: {settings}")
-    path = config.fleets.file
-    try:
-        specs = load_fleets_file(path, default_maxconn=config.fleets.maxconn)
-    except FleetsFileError as exc:
-        return [*said, f"{path.name} would be refused: {exc}"]
-    if changed := fleets_changed(fleets, specs):
-        said.append(f"{path.name}: {changed}")
-    return said
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:

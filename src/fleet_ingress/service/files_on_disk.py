@@ -1,0 +1,152 @@
+"""What the files a reload reads hold on disk, against what runs: a renewal in
+tls.cert no reload loaded, and edits of ingress.toml or the fleets file no
+reload applied (the operator-journeys audit of session 24: neither showed
+anywhere). The supervisor looks before each `stat` and scrape.
+
+Every file is looked at off the loop, the stat(2) too (a hung mount must not
+hold every call's slot lease), read again only once it changed, and waited for
+LOOK_WAIT at most: a look held up goes on alone, what was seen before is shown
+meanwhile, and no second look starts beside it. A file that is not a regular
+one is not read (a FIFO would wait for a writer: a stat waited for good on one
+in this session's first test run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fleet_ingress.config.config_diff import fleets_changed, settings_changed
+from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
+from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.core.certificate_change import LeafFacts, renewal_waiting
+from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.net.tls import leaf_facts
+from fleet_ingress.ops.fleet_display import WOULD_BE_REFUSED
+
+log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
+
+# A stat or scrape waits this long at most for a look (seconds).
+LOOK_WAIT = 0.5
+
+FileState = tuple[int, int, int]  # inode, mtime (ns), size
+
+
+class FilesOnDisk:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        # What tls.cert holds, as last read: a renewal there may not be served yet.
+        self.certificate_file: LeafFacts | None = None
+        # What ingress.toml and the fleets file would change, not reloaded yet.
+        self.edits_not_applied: list[str] = []
+        self._certificate_seen: tuple[object, ...] | None = None
+        self._edits_seen: tuple[object, ...] | None = None
+        self._looking: asyncio.Task[None] | None = None
+
+    async def look(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
+        """Look at the files against `config` and `fleets` (those in force);
+        `ran` changes when what runs changed otherwise (a reload, a fleet
+        change): the edits are then judged again."""
+        if self._looking is None or self._looking.done():
+            self._looking = asyncio.get_running_loop().create_task(
+                self._look(config, list(fleets), ran)
+            )
+        await asyncio.wait({self._looking}, timeout=LOOK_WAIT)
+
+    @property
+    def certificate_not_after(self) -> float | None:
+        """When the certificate in tls.cert expires (None: not read)."""
+        return None if self.certificate_file is None else self.certificate_file.not_after
+
+    def picture(self, serving: LeafFacts | None) -> dict[str, Any]:
+        """The snapshot's part: `certificate_file` (against `serving`, the
+        certificate carriers get) and `edits_not_applied`."""
+        on_disk = self.certificate_file
+        return {
+            "edits_not_applied": self.edits_not_applied,
+            "certificate_file": None
+            if on_disk is None
+            else {"not_after": on_disk.not_after, "not_served": renewal_waiting(on_disk, serving)},
+        }
+
+    def close(self) -> None:
+        if self._looking is not None:
+            self._looking.cancel()
+
+    async def _look(self, config: IngressConfig, fleets: list[FleetSpec], ran: object) -> None:
+        try:
+            await self._look_at_certificate(config.tls.cert)
+            await self._look_at_edits(config, fleets, ran)
+        except Exception:  # a bug here must not fail a scrape, nor go unsaid
+            log.exception("looking at the files on disk broke; stat and scrapes go on")
+
+    async def _look_at_certificate(self, path: Path | None) -> None:
+        state = await asyncio.to_thread(file_state, path)
+        if state is None:
+            self._certificate_seen, self.certificate_file = None, None
+            return
+        seen = (str(path), *state)
+        if seen == self._certificate_seen:
+            return
+        try:
+            on_disk = await asyncio.to_thread(leaf_facts, path) if path is not None else None
+        except (ValueError, OSError):  # half written, not a certificate, an odd
+            on_disk = None  # extension (TLSSetupError is a ValueError): a reload says why
+        # Kept only as read now: another look finished meanwhile must not be undone.
+        if seen != self._certificate_seen:
+            self._certificate_seen, self.certificate_file = seen, on_disk
+
+    async def _look_at_edits(
+        self, config: IngressConfig, fleets: list[FleetSpec], ran: object
+    ) -> None:
+        files = await asyncio.to_thread(
+            lambda: (file_state(self.config_path), file_state(config.fleets.file))
+        )
+        seen = (*files, ran, fleets)
+        if seen == self._edits_seen:
+            return
+        if None in files:  # missing, or not a regular file (a FIFO): not read
+            self._edits_seen, self.edits_not_applied = seen, []
+            return
+        edits = await asyncio.to_thread(edits_on_disk, self.config_path, config, fleets)
+        self._edits_seen, self.edits_not_applied = seen, edits
+
+
+def file_state(path: Path | None) -> FileState | None:
+    """What tells a file changed (following a symlink); None when there is
+    none, or it is no regular file (a FIFO: reading it would wait for a writer)."""
+    if path is None:
+        return None
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode):
+            return (st.st_ino, st.st_mtime_ns, st.st_size)
+    return None
+
+
+def edits_on_disk(
+    config_path: Path, running: IngressConfig, fleets: Sequence[FleetSpec]
+) -> list[str]:
+    """What ingress.toml and its fleets file on disk would change of `running`
+    and `fleets` (the fleets in force), or why a reload would refuse them."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [f"{config_path.name} {WOULD_BE_REFUSED}: {exc}"]
+    said = []
+    if settings := settings_changed(running, config):
+        said.append(f"{config_path.name}: {settings}")
+    path = config.fleets.file
+    try:
+        specs = load_fleets_file(path, default_maxconn=config.fleets.maxconn)
+    except FleetsFileError as exc:
+        return [*said, f"{path.name} {WOULD_BE_REFUSED}: {exc}"]
+    if changed := fleets_changed(fleets, specs):
+        said.append(f"{path.name}: {changed}")
+    return said
