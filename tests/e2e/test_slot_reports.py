@@ -130,6 +130,27 @@ async def test_a_report_naming_another_worker_is_ignored_and_that_worker_counts_
         await server.close()
 
 
+async def test_a_worker_whose_reports_are_refused_is_said_once_a_minute(caplog):
+    """A worker whose reports the supervisor refuses sends one at every pull
+    (5 s) and every scrape: an ERROR line each flooded the journal (the review
+    of session 24). Said once a minute a channel."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    w1 = await _worker(server, 23)
+    try:
+        assert w1._transport is not None
+        for _ in range(3):
+            w1._transport.write(encode({"op": "report", "pid": 23, "counts": "no"}))
+        lease = await w1.lease()  # read after the three: they were handled
+        lease.release()
+        refused = [r for r in caplog.records if "worker report ignored" in r.getMessage()]
+        assert len(refused) == 1, [r.getMessage() for r in refused]
+    finally:
+        w1.close()
+        await server.close()
+
+
 async def test_a_worker_whose_report_fails_says_so_and_is_not_taken_for_hung(caplog):
     """Building its report raises (a bug in a counter): the worker answers that
     it could not, its last report stands, and its silence count stays 0, so
