@@ -14,9 +14,12 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import Counts, HostView
 from fleet_ingress.net import slot_client, slot_server
+from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
+from fleet_ingress.ops.host_stats import WorkerReporter
+from fleet_ingress.ops.local_counts import REMOVED_FLEETS
 from tests.support import eventually
 
 FLEETS = "https://a.test name=a\n"
@@ -376,3 +379,35 @@ async def test_no_report_is_queued_behind_one_the_supervisor_has_not_read(monkey
     finally:
         client.close()
         ours.close()
+
+
+async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_brings_it_back():
+    """The supervisor forgets a fleet once it has left the set: each worker drops
+    its record, and its report names it no more (one line, it grew with every
+    fleet name ever granted); its ended calls still count. A grant of that name
+    later carries the spec again (the worker has no record to take it from)."""
+    server = SlotServer(_slots(), view=(view := HostView()))
+    w = await _worker(server, 11)
+    registry = Registry()
+    w.reporter = WorkerReporter(registry, lambda: w.fleets.values(), {})
+    try:
+        lease = await w.lease()
+        assert lease.fleet.name == "a"
+        lease.fleet.calls_total += 1
+        server.forget_fleet("a")  # a slot held on it: the worker keeps it (not sent so)
+        assert await server.collect_reports(timeout=2.0) == 0  # read after the forget
+        assert "a" in w.fleets and view.totals().counter("fleet_calls", "a") == 1
+        lease.release()
+        registry.ended[("a", "carrier_closed")] += 1
+        server.forget_fleet("a")
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert "a" not in w.fleets
+        totals = view.totals()
+        assert [key for key in totals.counters if "a" in key[1:2]] == []
+        assert totals.counter("calls_ended", REMOVED_FLEETS, "carrier_closed") == 1
+        again = await asyncio.wait_for(w.lease(), 2.0)
+        assert again.fleet.name == "a" and again.fleet.spec.url == "https://a.test"
+        again.release()
+    finally:
+        w.close()
+        await server.close()

@@ -1190,6 +1190,51 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
         await service.finish()
 
 
+async def test_a_fleet_gone_is_forgotten_by_every_worker_and_serves_again_when_added_back(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A fleet that has left the set is dropped from every worker's record
+    and report (a report named every fleet ever granted: session 25). Its
+    calls still count; added back under its name, it serves from both
+    workers (each grant carries its spec again)."""
+    a = two_fleets[0]
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        code, out = await admin_command(service, "drain", "b")
+        assert code == 0, out
+        await _open_on_both(service, tls_files, calls, 4)
+        opened = len(calls)
+        await close_calls(calls)
+        calls.clear()
+        await eventually(lambda: a.active_calls == 0, 5)
+        code, out = await admin_command(service, "remove-fleet", "a")
+        assert code == 0, out
+
+        def gone() -> bool:
+            return any(e["event"] == "fleet gone" and e.get("fleet") == "a" for e in service.log())
+
+        await eventually(gone, 5)
+
+        async def ended() -> int:
+            return sum((await service.stats())["frontend"]["calls_ended"].values())
+
+        async with asyncio.timeout(10):
+            while await ended() < opened:
+                await asyncio.sleep(0.2)
+        code, out = await admin_command(service, "add-fleet", a.url, "--name", "a")
+        assert code == 0, out
+        await _open_on_both(service, tls_files, calls, 4)
+        assert a.active_calls == len(calls)
+        for ws in calls:
+            await _echo(ws)
+        assert await ended() == opened
+        assert not [e for e in service.log() if e["level"] in ("error", "critical")]
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

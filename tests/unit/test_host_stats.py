@@ -19,7 +19,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
-from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
+from fleet_ingress.core.host_view import Counts, HostView, ReportError, WorkerReport
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.ops.admin_client import format_stat_table
@@ -29,7 +29,7 @@ from fleet_ingress.ops.host_stats import (
     host_snapshot,
     with_drain_end,
 )
-from fleet_ingress.ops.local_counts import local_counts
+from fleet_ingress.ops.local_counts import REMOVED_FLEETS, fold_fleets_gone, local_counts
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.reload_outcome import reload_outcome
 from fleet_ingress.ops.snapshot import snapshot
@@ -365,6 +365,63 @@ def test_a_removed_fleets_ended_calls_leave_metrics_as_its_other_series_do():
     ended = families(HostMetrics(slots, view).prometheus)["fleet_ingress_calls_ended_total"]
     assert {dict(labels)["fleet"] for labels in ended} == {"a", ""}
     assert view.totals().counter("calls_ended", "gone", "carrier_closed") == 5  # still counted
+
+
+def test_a_workers_report_names_only_the_fleets_it_has_its_ended_calls_all_kept():
+    """Fleets that came and went under new names (one per autoscaled instance)
+    stayed in every report by name, and the channel cuts a report past
+    slot_wire.MAX_LINE: their ended calls now count under one label."""
+    registry, fleets, _, _ = a_worker(3, pid=101, generation=1)
+    for i in range(2000):
+        registry.ended[(f"instance-{i}", "carrier_closed")] += 1
+        registry.ended[(f"instance-{i}", "drain")] += 2
+    registry.ended[("", "error")] += 1  # no fleet answered: its own label, kept
+    reporter = WorkerReporter(registry, lambda: fleets, {})
+    for _ in range(2):  # read twice: folded once, not counted again
+        counts = Counts.from_wire(reporter()["counts"])
+        ended = dict(counts.family("calls_ended", 2))
+        assert ended == {
+            ("", "error"): 1,
+            ("a", "carrier_closed"): 3,
+            (REMOVED_FLEETS, "carrier_closed"): 2000,
+            (REMOVED_FLEETS, "drain"): 4000,
+        }
+    assert len(json.dumps(reporter())) < 4096
+    assert set(registry.ended) == {
+        ("a", "carrier_closed"),
+        ("", "error"),
+        *((REMOVED_FLEETS, r) for r in ("carrier_closed", "drain")),
+    }
+    # Every call still counts in the frontend's total by reason; per fleet, a
+    # removed fleet shows nowhere, as before.
+    report = WorkerReport.from_wire({"pid": 101, "generation": 1, "seq": 2, **reporter()})
+    slots, view = host_with(report)
+    snap = host_snapshot(slots, view, started_at=time.monotonic())
+    assert snap["frontend"]["calls_ended"] == {"carrier_closed": 2003, "drain": 4000, "error": 1}
+    ended_metric = families(HostMetrics(slots, view).prometheus)["fleet_ingress_calls_ended_total"]
+    assert {dict(labels)["fleet"] for labels in ended_metric} == {"a", ""}
+
+
+def test_the_counts_of_workers_gone_keep_a_removed_fleets_ended_calls_only():
+    counts = Counts()
+    c = counts.counters
+    c[("fleet_calls", "a")] = 5
+    c[("fleet_calls", "gone")] = 7
+    c[("fleet_responses", "gone", "101")] = 7
+    c[("fleet_retries", "gone")] = 1
+    c[("fleet_redispatches", "gone")] = 1
+    c[("calls_ended", "gone", "drain")] = 4
+    c[("calls_ended", REMOVED_FLEETS, "drain")] = 10  # folded by a worker before
+    c[("calls_ended", "", "error")] = 2
+    c[("requests", "/ws/", "101")] = 12  # not by fleet: untouched
+    for _ in range(2):
+        fold_fleets_gone(counts, {"a"})
+        assert dict(c) == {
+            ("fleet_calls", "a"): 5,
+            ("calls_ended", REMOVED_FLEETS, "drain"): 14,
+            ("calls_ended", "", "error"): 2,
+            ("requests", "/ws/", "101"): 12,
+        }
 
 
 def test_probe_durations_carried_over_an_exec_are_kept_for_the_fleets_still_there():

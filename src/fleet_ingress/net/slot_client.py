@@ -362,6 +362,9 @@ class SlotClient(asyncio.Protocol):
             self._write(self._report_or_failure())
             self._report_again_if_live()
             return
+        if op == "forget-fleet":
+            self._forget_fleet(field(message, "fleet", str))
+            return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)
             return
@@ -427,6 +430,18 @@ class SlotClient(asyncio.Protocol):
         )
         report["final"] = final
         return report
+
+    def _forget_fleet(self, name: str) -> None:
+        """The fleet has left the host's set: drop this worker's record of it,
+        unless it still holds a slot there (the coordinator says so only once
+        none is held). Its counts leave the reports (its ended calls count
+        under `ops.local_counts.REMOVED_FLEETS`): the report, one line, grew
+        with every fleet name ever granted. A grant of that name later comes
+        with its spec again (the coordinator forgot it sent it)."""
+        fleet = self.fleets.get(name)
+        if fleet is not None and fleet.active == 0:
+            del self.fleets[name]
+            self.report_soon()
 
     def _fleet(self, name: str, spec: Any) -> FleetState:
         fleet = self.fleets.get(name)

@@ -243,6 +243,14 @@ class SlotServer:
         channel.send(message)
         return True
 
+    def forget_fleet(self, name: str) -> None:
+        """The fleet `name` has left the set, no slot held on it: every worker
+        is told to drop its record ("forget-fleet"), and the next grant of that
+        name to any of them carries its spec again."""
+        for key, channel in list(self._channels.items()):
+            channel.sent_specs.pop(name, None)
+            self.send(key, {"op": "forget-fleet", "fleet": name})
+
     async def adopt(
         self,
         sock: socket.socket,

@@ -31,6 +31,14 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
     service.worker lists them): reload / reloaded, stop / stopping, close-fleet
     ("reload" carries "config", which a worker of an older release ignores)
+    coordinator -> worker   {"op": "forget-fleet", "fleet": "a"}   the fleet has left the
+                                                           set (reaped): the worker drops its
+                                                           record and that name's counts (its
+                                                           ended calls fold into "(removed)");
+                                                           a later grant of the name carries
+                                                           its spec again. Older workers
+                                                           ignore it (their reports keep the
+                                                           name until they exit)
 
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}

@@ -100,6 +100,10 @@ class FleetOps:
     # to close the fleet's calls (their slots coming back reap the fleet); it
     # answers how many of them no worker can be told to close (see Supervisor.close_fleet).
     close_elsewhere: Callable[[str], int] | None = None
+    # A fleet has left the set for good (reaped, not replaced by one of its
+    # name): whoever keeps something by its name lets it go (the supervisor:
+    # the workers' records and the counts of workers gone).
+    forgotten: Callable[[str], None] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
     # Writes of the fleets file so far: a reload that read the file while one
     # was made reads it again (service.ingress.read_reload_settled).
@@ -436,6 +440,8 @@ class FleetOps:
             await self.poller.stop(fleet)
         if self.fleets.get(fleet.name) is None:  # not replaced by a moved fleet
             self.checks.fleet_removed(fleet.name)
+            if self.forgotten is not None:
+                self.forgotten(fleet.name)
 
 
 def failed_in(exc: OSError, fleets_file: Path) -> Path:

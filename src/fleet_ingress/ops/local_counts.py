@@ -8,7 +8,7 @@ workers through the same functions (`ops.snapshot`, `ops.metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 from fleet_ingress.core.balancer import FleetState
@@ -19,6 +19,21 @@ from fleet_ingress.net.calls import Registry
 HANDSHAKE = ("handshake_duration_seconds",)
 CALL_DURATION = ("call_duration_seconds",)
 LOOP_LAG = ("event_loop_lag_seconds",)
+
+# Counter families labelled by fleet first (fleet "" in calls_ended: no fleet answered).
+FLEET_FAMILIES = frozenset(
+    {"fleet_calls", "fleet_responses", "fleet_retries", "fleet_redispatches", "calls_ended"}
+)
+# The fleet label of calls ended on fleets that have left the set since: a
+# label no fleet can be named (config.fleets_file's names start with a letter,
+# a digit or "["). Every name a worker had ever carried a call for stayed in
+# its reports, which the channel cuts at slot_wire.MAX_LINE: a host whose
+# fleets come and go under new names (autoscaled, one name per instance)
+# would have had every long-lived worker's channel cut at about the same time,
+# past a few thousand names (the channel audit of session 24). Folded, the
+# frontend's calls_ended by reason keeps every call; per fleet, a removed
+# fleet's series go from the metrics as before.
+REMOVED_FLEETS = "(removed)"
 
 
 class _Sample(Protocol):
@@ -63,6 +78,7 @@ def local_counts(
     call counters of its fleet records, and its histograms."""
     counts = Counts()
     c = counts.counters
+    fleets = list(fleets)
     for fleet in fleets:
         c[("fleet_calls", fleet.name)] = fleet.calls_total
         for code, n in fleet.responses.items():
@@ -85,6 +101,7 @@ def local_counts(
     to_fleet, to_carrier = registry.relayed_bytes()
     c[("bytes_from_carrier",)] = to_fleet
     c[("bytes_to_carrier",)] = to_carrier
+    fold_ended_of_fleets_gone(registry, {fleet.name for fleet in fleets})
     for (fleet_name, reason), n in registry.ended.items():
         c[("calls_ended", fleet_name, reason)] = n
     g = counts.gauges
@@ -93,3 +110,31 @@ def local_counts(
     g[("acme_connections",)] = registry.acme.open
     g[("active_calls",)] = len(registry.tunnels())
     return counts
+
+
+def fold_ended_of_fleets_gone(registry: Registry, kept: Collection[str]) -> None:
+    """Count the calls ended on fleets not in `kept` under REMOVED_FLEETS, in
+    `registry` itself (its keys stay as many as the fleets it has)."""
+    ended = registry.ended
+    for key in [k for k in ended if k[0] not in kept and k[0] not in ("", REMOVED_FLEETS)]:
+        n = ended.pop(key)
+        ended[(REMOVED_FLEETS, key[1])] += n
+
+
+def fold_fleets_gone(counts: Counts, kept: Collection[str]) -> None:
+    """The same for counts summed already (the supervisor's of workers gone):
+    the calls ended on fleets not in `kept` under REMOVED_FLEETS, their other
+    counters dropped (no page shows a fleet out of the set)."""
+    c = counts.counters
+    gone = [
+        key
+        for key in c
+        if key[0] in FLEET_FAMILIES
+        and len(key) > 1
+        and key[1] not in kept
+        and key[1] not in ("", REMOVED_FLEETS)
+    ]
+    for key in gone:
+        n = c.pop(key)
+        if key[0] == "calls_ended":
+            c[("calls_ended", REMOVED_FLEETS, *key[2:])] += n

@@ -91,6 +91,7 @@ from fleet_ingress.ops.host_stats import (
     pull_reports,
     with_drain_end,
 )
+from fleet_ingress.ops.local_counts import fold_fleets_gone
 from fleet_ingress.ops.reload_outcome import (
     REFUSED_RELOAD_STATUS,
     ReloadAsked,
@@ -266,6 +267,7 @@ class Supervisor:
             settings=lambda: self.config.fleets,
             checks=self.metrics.checks,
             close_elsewhere=self.close_fleet,
+            forgotten=self._fleet_forgotten,
         )
         self.slots.on_release.append(self.ops.reap)
         self.server.on_join.append(self._joined)
@@ -1071,6 +1073,13 @@ class Supervisor:
         future = self._answers.get((key, message.get("id", -1)))
         if future is not None and not future.done():
             future.set_result(message)
+
+    def _fleet_forgotten(self, name: str) -> None:
+        """A fleet has left the set: the workers drop their records of it, and
+        the counts of workers gone keep its ended calls only (under
+        `REMOVED_FLEETS`): by name, both grew with every fleet ever named."""
+        self.server.forget_fleet(name)
+        fold_fleets_gone(self.view.retired, {f.name for f in self.fleet_set.fleets})
 
     def close_fleet(self, name: str) -> int:
         """`remove-fleet --force`: every worker closes its calls on `name`. The
