@@ -199,6 +199,7 @@ class WsFleet:
         self.subprotocols = subprotocols
         self.requests: list[Any] = []  # websockets Request objects
         self.peer_close_codes: list[int | None] = []
+        self.peer_close_reasons: list[str | None] = []
         self.active = 0
         self._server: Any = None
 
@@ -241,6 +242,7 @@ class WsFleet:
             pass
         finally:
             self.peer_close_codes.append(ws.close_code)
+            self.peer_close_reasons.append(ws.close_reason)
             self.active -= 1
 
 

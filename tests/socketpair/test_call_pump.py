@@ -411,7 +411,8 @@ async def test_a_command_that_raises_once_linked_ends_the_call_as_an_error(
         answer = await asyncio.wait_for(reader.read(-1), 1.0)
     finally:
         writer.close()
-    assert answer == SWITCHING
+    # Linked: the carrier is told the call ended on the ingress's error (1011).
+    assert answer == SWITCHING + b"\x88\x0c\x03\xf3call error"
     await eventually(lambda: not pump.ctx.registry.calls, timeout=1.0)
     assert fleet.active == 0
     assert pump.ctx.registry.ended[("a", "error")] == 1

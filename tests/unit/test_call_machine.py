@@ -42,6 +42,7 @@ from fleet_ingress.core.call_machine import (
     FleetHead,
     FleetLost,
     FleetUnreachable,
+    Goodbye,
     HeadComplete,
     HeadParsed,
     HeadRefused,
@@ -710,27 +711,30 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
 
 
 @pytest.mark.parametrize(
-    ("side", "how", "reason"),
+    ("side", "how", "reason", "goodbye"),
     [
-        ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED),
-        ("fleet", Lost.GONE, EndReason.FLEET_LOST),
-        ("fleet", Lost.RESET, EndReason.FLEET_RESET),
-        ("fleet", Lost.ERROR, EndReason.ERROR),
-        ("carrier", Lost.GONE, EndReason.CARRIER_LOST),
-        ("carrier", Lost.RESET, EndReason.CARRIER_RESET),
-        ("carrier", Lost.ERROR, EndReason.ERROR),
+        # A side that closed its connection itself: the other's end is as it was.
+        ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED, None),
+        ("fleet", Lost.GONE, EndReason.FLEET_LOST, Goodbye(1011, "fleet lost")),
+        ("fleet", Lost.RESET, EndReason.FLEET_RESET, Goodbye(1011, "fleet reset")),
+        ("fleet", Lost.ERROR, EndReason.ERROR, Goodbye(1011, "call error")),
+        ("carrier", Lost.GONE, EndReason.CARRIER_LOST, Goodbye(1001, "carrier lost")),
+        ("carrier", Lost.RESET, EndReason.CARRIER_RESET, Goodbye(1001, "carrier reset")),
+        ("carrier", Lost.ERROR, EndReason.ERROR, Goodbye(1011, "call error")),
     ],
 )
-def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason):
+def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason, goodbye):
+    """The side still open is told why with a close frame (`goodbye`), unless the
+    side gone closed its connection itself."""
     (a,) = fleets("a")
     pb, machine = new_call()
     in_tunnel(pb, a)
     why = "[SSL: UNEXPECTED_RECORD] unexpected record"
     if side == "fleet":
-        pb >> FleetLost(how, why) << ReleaseSlot() << CloseSide(Side.CARRIER)
+        pb >> FleetLost(how, why) << ReleaseSlot() << CloseSide(Side.CARRIER, goodbye)
         pb >> CarrierLost(Lost.ERROR, "the other side's, later") << CallEnded(reason)
     else:
-        pb >> CarrierLost(how, why) << CloseSide(Side.FLEET)
+        pb >> CarrierLost(how, why) << CloseSide(Side.FLEET, goodbye)
         pb >> FleetLost(Lost.ERROR, "the other side's, later") << ReleaseSlot()
         pb << CallEnded(reason)
     assert pb
@@ -766,14 +770,37 @@ def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
 @pytest.mark.parametrize(
     ("reason", "carrier", "fleet"),
     [
-        (EndReason.CARRIER_SILENT, AbortSide(Side.CARRIER), CloseSide(Side.FLEET)),
-        (EndReason.FLEET_SILENT, CloseSide(Side.CARRIER), AbortSide(Side.FLEET)),
-        (EndReason.TIMEOUT, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
-        (EndReason.DRAIN, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
-        (EndReason.REMOVED, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
+        (
+            EndReason.CARRIER_SILENT,
+            AbortSide(Side.CARRIER),
+            CloseSide(Side.FLEET, Goodbye(1001, "carrier silent")),
+        ),
+        (
+            EndReason.FLEET_SILENT,
+            CloseSide(Side.CARRIER, Goodbye(1011, "fleet silent")),
+            AbortSide(Side.FLEET),
+        ),
+        (
+            EndReason.TIMEOUT,
+            CloseSide(Side.CARRIER, Goodbye(1001, "tunnel idle")),
+            CloseSide(Side.FLEET, Goodbye(1001, "tunnel idle")),
+        ),
+        (
+            EndReason.DRAIN,
+            CloseSide(Side.CARRIER, Goodbye(1001, "ingress draining")),
+            CloseSide(Side.FLEET, Goodbye(1001, "ingress draining")),
+        ),
+        (
+            EndReason.REMOVED,
+            CloseSide(Side.CARRIER, Goodbye(1001, "fleet removed")),
+            CloseSide(Side.FLEET, Goodbye(1001, "fleet removed")),
+        ),
     ],
 )
 def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason, carrier, fleet):
+    """Each side still open is told why the ingress ended its call (a close frame:
+    1001 going away, 1011 when the fleet is at fault); a silent side, gone, is
+    aborted."""
     (a,) = fleets("a")
     pb, _ = new_call()
     in_tunnel(pb, a) >> EndRequested(reason) << carrier << fleet
@@ -840,10 +867,12 @@ def test_race_calls_cut_at_stop_are_each_logged_even_if_the_fleet_never_reads_th
     TLS close is cut after a moment, a second ask changes nothing: logged once, as drain."""
     (a,) = fleets("a")
     pb, machine = new_call()
+    draining = Goodbye(1001, "ingress draining")
     in_tunnel(pb, a) >> EndRequested(EndReason.DRAIN)
-    pb << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb << CloseSide(Side.CARRIER, draining) << CloseSide(Side.FLEET, draining)
     pb >> CarrierLost(Lost.CLOSED)  # the carrier went; the fleet's close hangs
-    pb >> EndRequested(EndReason.DRAIN) << CloseSide(Side.FLEET)  # a second signal
+    # A second signal: closed again, told nothing more (its close frame is sent).
+    pb >> EndRequested(EndReason.DRAIN) << CloseSide(Side.FLEET)
     pb >> FleetLost(Lost.ERROR) << ReleaseSlot() << CallEnded(EndReason.DRAIN)  # cut
     assert pb
     assert machine.state is State.ENDED
@@ -861,7 +890,8 @@ def test_race_a_fleet_that_closes_right_after_its_101_closes_the_carrier():
 def test_race_the_silence_sweep_after_the_fleet_left_does_not_rename_the_end():
     (a,) = fleets("a")
     pb, _ = new_call()
-    in_tunnel(pb, a) >> FleetLost(Lost.GONE) << ReleaseSlot() << CloseSide(Side.CARRIER)
+    in_tunnel(pb, a) >> FleetLost(Lost.GONE) << ReleaseSlot()
+    pb << CloseSide(Side.CARRIER, Goodbye(1011, "fleet lost"))
     pb >> EndRequested(EndReason.CARRIER_SILENT) << AbortSide(Side.CARRIER)
     pb >> CarrierLost(Lost.ERROR) << CallEnded(EndReason.FLEET_LOST)
     assert pb

@@ -32,6 +32,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.request_head import RequestHead
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
 from fleet_ingress.core.routing import RouteKind, Router
+from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
 
 
 class EndReason(enum.Enum):
@@ -306,8 +307,21 @@ class Relay(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The WebSocket close frame a side of a tunnel is sent when the ingress
+    ends the call or the other side is gone without one (`GOODBYES`)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseSide(Command):
+    """Close a side: what is pending flushed, then (`goodbye`) a close frame at
+    the next frame boundary and its reply waited for, then TLS close_notify."""
+
     side: Side
+    goodbye: Goodbye | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +381,25 @@ _LOST_REASON = {
     },
 }
 _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLEET_CLOSED}
+# What a side still open is told, by why a tunnel ended, when no side sent a
+# close frame: 1001 (going away) for the ingress's own ends and for a carrier
+# gone, 1011 (an error) for a fleet gone or failing, the reason a few words a
+# bot's or a carrier's log shows. A side that closed its connection itself
+# without a close frame (CARRIER_CLOSED, FLEET_CLOSED) chose how to end: the
+# other gets that end as it was (a TLS close), as before; and nothing is added
+# once a side has sent a close frame: the other's reply is relayed.
+GOODBYES = {
+    EndReason.DRAIN: Goodbye(GOING_AWAY, "ingress draining"),
+    EndReason.REMOVED: Goodbye(GOING_AWAY, "fleet removed"),
+    EndReason.TIMEOUT: Goodbye(GOING_AWAY, "tunnel idle"),
+    EndReason.CARRIER_SILENT: Goodbye(GOING_AWAY, "carrier silent"),
+    EndReason.CARRIER_LOST: Goodbye(GOING_AWAY, "carrier lost"),
+    EndReason.CARRIER_RESET: Goodbye(GOING_AWAY, "carrier reset"),
+    EndReason.FLEET_SILENT: Goodbye(INTERNAL_ERROR, "fleet silent"),
+    EndReason.FLEET_LOST: Goodbye(INTERNAL_ERROR, "fleet lost"),
+    EndReason.FLEET_RESET: Goodbye(INTERNAL_ERROR, "fleet reset"),
+    EndReason.ERROR: Goodbye(INTERNAL_ERROR, "call error"),
+}
 _OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}
 _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_SILENT}
 
@@ -722,20 +755,29 @@ class CallMachine:
 
     def _carrier_lost_linked(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
+        tunnel = self.state is State.TUNNEL
         self.carrier_open = False
         self._end_lost(Side.CARRIER, event)
         if self.fleet_open:
-            self._emit(CloseSide(Side.FLEET))
+            self._emit(CloseSide(Side.FLEET, self._goodbye(tunnel)))
         self._gone_if_both()
 
     def _fleet_lost_linked(self, event: Event) -> None:
         assert isinstance(event, FleetLost)
+        tunnel = self.state is State.TUNNEL
         self.fleet_open = False
         self._end_lost(Side.FLEET, event)
         self._release_slot()
         if self.carrier_open:
-            self._emit(CloseSide(Side.CARRIER))
+            self._emit(CloseSide(Side.CARRIER, self._goodbye(tunnel)))
         self._gone_if_both()
+
+    def _goodbye(self, tunnel: bool) -> Goodbye | None:
+        """The close frame a side still open is sent as the call ends: only a
+        tunnel's (WebSocket frames flow), only when no side sent one."""
+        if not tunnel or self.hung_up_by is not None or self.end_reason is None:
+            return None
+        return GOODBYES.get(self.end_reason)
 
     def _answer_complete(self, event: Event) -> None:
         self.state = State.CLOSING
@@ -747,17 +789,19 @@ class CallMachine:
         bytes flushed, TLS close_notify, then TCP), so a bot or a carrier hears at
         once that the call is over."""
         assert isinstance(event, EndRequested)
+        tunnel = self.state is State.TUNNEL
         self._end(event.reason)
+        goodbye = self._goodbye(tunnel)
         self.state = State.CLOSING
-        self._close_carrier(event.reason)
+        self._close_carrier(event.reason, goodbye)
         if self.fleet_open:
             silent = event.reason is EndReason.FLEET_SILENT
-            self._emit(AbortSide(Side.FLEET) if silent else CloseSide(Side.FLEET))
+            self._emit(AbortSide(Side.FLEET) if silent else CloseSide(Side.FLEET, goodbye))
 
-    def _close_carrier(self, reason: EndReason) -> None:
+    def _close_carrier(self, reason: EndReason, goodbye: Goodbye | None = None) -> None:
         if self.carrier_open:
             silent = reason is EndReason.CARRIER_SILENT
-            self._emit(AbortSide(Side.CARRIER) if silent else CloseSide(Side.CARRIER))
+            self._emit(AbortSide(Side.CARRIER) if silent else CloseSide(Side.CARRIER, goodbye))
 
     # Closing ---------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
 import time
@@ -61,6 +62,7 @@ from fleet_ingress.core.call_machine import (
     FleetHead,
     FleetLost,
     FleetUnreachable,
+    Goodbye,
     HeadComplete,
     HeadParsed,
     HeadRefused,
@@ -99,6 +101,7 @@ from fleet_ingress.core.responses import local_response
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
+from fleet_ingress.core.ws_frames import FrameTracker, close_frame
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
@@ -137,6 +140,13 @@ _CLOSE_FRAME_FIRST_BYTE = 0x88
 _MAX_CLOSE_FRAME = 131
 # A closing transport may wait this long for its peer to take pending bytes.
 CLOSE_FLUSH_TIMEOUT = 10.0
+# A side the ingress says goodbye to (a WebSocket close frame: CloseSide's
+# `goodbye`) is sent it at the next frame boundary of what is relayed to it:
+# one still mid-frame this long after is closed without it, as before.
+GOODBYE_BOUNDARY_WAIT = 0.2
+# Then its close reply is waited for, this long at most, before the TLS close:
+# a client that gets close_notify before it could reply reports 1006 (aiohttp).
+GOODBYE_REPLY_WAIT = 0.5
 # One read buffer for every plain asyncio transport in the process (http://
 # fleets): the loop reads into it and each read is copied out at once. TLS sides
 # read into tls_socket's own shared buffer.
@@ -197,6 +207,10 @@ class _Side(asyncio.BufferedProtocol):
     lost = False
     reading_paused = False  # by flow control (the peer's buffer is full)
     _abort_timer: asyncio.TimerHandle | None = None
+    # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
+    tracker: FrameTracker | None = None
+    saying_goodbye = False  # a close frame is sent to this side, or waits for a boundary
+    _reply_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports duck-type asyncio.Transport without subclassing it.
@@ -251,10 +265,28 @@ class _Side(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost:
             self.transport.abort()
 
+    def say_goodbye(self, frame: bytes) -> None:
+        """Write the close frame (at a frame boundary), then close once the
+        side's close reply is read or GOODBYE_REPLY_WAIT has passed."""
+        t = self.transport
+        if t is None or self.lost or t.is_closing():
+            return
+        t.write(frame)
+        self._reply_timer = asyncio.get_running_loop().call_later(GOODBYE_REPLY_WAIT, self.close)
+
+    def goodbye_replied(self) -> None:
+        """The side's close frame, read after ours: nothing more comes."""
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
+            self._reply_timer = None
+            self.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self._abort_timer is not None:
             self._abort_timer.cancel()
+        if self._reply_timer is not None:
+            self._reply_timer.cancel()
 
     def buffered_bytes(self) -> int:
         t = self.transport
@@ -281,6 +313,59 @@ class _CopyingWriter:
     def __init__(self, transport: asyncio.Transport) -> None:
         write = transport.write
         self.write: Callable[[Buffer], None] = lambda data: write(bytes(data))
+
+
+class _Dropping:
+    """Where a side's reads go once its peer was sent a close frame: nothing
+    may follow one in that direction."""
+
+    __slots__ = ()
+
+    def write(self, data: Buffer) -> None:
+        pass
+
+
+_DROPPING = cast(asyncio.Transport, _Dropping())
+
+
+class _ToFrameBoundary:
+    """Relays to `side` up to the end of the frame under way, then sends it
+    the close frame and drops what follows; or, at `give_up`, closes it
+    without one."""
+
+    __slots__ = ("done", "frame", "inner", "side", "timer", "tracker")
+
+    def __init__(
+        self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes, side: _Side
+    ) -> None:
+        self.inner, self.tracker, self.frame, self.side = inner, tracker, frame, side
+        self.timer: asyncio.TimerHandle | None = None
+        self.done = False
+
+    def write(self, data: Buffer) -> None:
+        if self.done:
+            return
+        end = self.tracker.boundary_in(data)  # the hot path feeds it after this write
+        if end < 0:
+            self.inner.write(data)
+            return
+        if end:
+            self.inner.write(data[:end])
+        self._finish(self.frame)
+
+    def give_up(self) -> None:
+        self._finish(None)
+
+    def _finish(self, frame: bytes | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if frame is None:
+            self.side.close()
+        else:
+            self.side.say_goodbye(frame)
 
 
 def serve(conn: TLSConnection, side: _Side) -> None:
@@ -341,8 +426,12 @@ class CarrierProtocol(_Side):
         if peer is not None:  # the hot path
             self.bytes_received += len(data)
             peer.write(data)
+            if (tracker := self.tracker) is not None:
+                tracker.feed(data)
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if _is_close_frame(data, masked=True):
+                    if self.saying_goodbye:
+                        self.goodbye_replied()
                     self.feed(CloseFrameSeen(Side.CARRIER))
             return
         state = self.machine.state
@@ -676,9 +765,11 @@ class CarrierProtocol(_Side):
         fleet_side.link(self, relaying=False)
         early = bytes(self._early)
         self._early.clear()
+        self.tracker = FrameTracker()  # the carrier's first frame starts here
         if early:
             self.bytes_received += len(early)
             fleet_side.transport.write(early)
+            self.tracker.feed(early)
         self.peer = self.peer_writer(fleet_side.transport)
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
@@ -701,8 +792,42 @@ class CarrierProtocol(_Side):
     def _close_side(self, command: Command) -> None:
         assert isinstance(command, CloseSide)
         side = self if command.side is Side.CARRIER else self.fleet_side
-        if side is not None:
+        if side is None or side.saying_goodbye:  # its close follows its goodbye
+            return
+        if command.goodbye is None or not self._say_goodbye(side, command.goodbye):
             side.close()
+
+    def _say_goodbye(self, side: _Side, goodbye: Goodbye) -> bool:
+        """Send `side` a close frame (CloseSide's `goodbye`), then close it: at
+        once if what is relayed to it stands at a frame boundary, else at the
+        next boundary within GOODBYE_BOUNDARY_WAIT. False when it cannot be
+        (the other side's frames are not tracked, or `side` is going)."""
+        source = side.peer_side
+        t = side.transport
+        if (
+            source is None
+            or source.tracker is None
+            or source.tracker.gave_up
+            or source.peer is None
+            or t is None
+            or side.lost
+            or t.is_closing()
+        ):
+            return False
+        mask = os.urandom(4) if side is self.fleet_side else None  # to the fleet as its client
+        frame = close_frame(goodbye.code, goodbye.reason, mask)
+        side.saying_goodbye = True
+        if source.tracker.at_boundary:
+            source.peer = _DROPPING
+            side.say_goodbye(frame)
+            return True
+        if source.lost:  # the frame under way will not end
+            side.saying_goodbye = False
+            return False
+        writer = _ToFrameBoundary(source.peer, source.tracker, frame, side)
+        source.peer = cast(asyncio.Transport, writer)
+        writer.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, writer.give_up)
+        return True
 
     def _abort_side(self, command: Command) -> None:
         assert isinstance(command, AbortSide)
@@ -805,8 +930,12 @@ class FleetProtocol(_Side):
                 return
             self.bytes_received += len(data)
             peer.write(data)
+            if (tracker := self.tracker) is not None:
+                tracker.feed(data)
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if self.pump is not None and _is_close_frame(data, masked=False):
+                    if self.saying_goodbye:
+                        self.goodbye_replied()
                     self.pump.feed(CloseFrameSeen(Side.FLEET))
             return
         self._pending += data
@@ -897,6 +1026,9 @@ class FleetProtocol(_Side):
         # as every later read does: a body, or the first frames of a tunnel.
         self.bytes_received += len(pending) - exchange.head_bytes
         carrier.transport.write(pending)
+        if not relaying:  # the fleet's first frame starts after its 101
+            self.tracker = FrameTracker()
+            self.tracker.feed(memoryview(pending)[exchange.head_bytes :])
         if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         if progress is not None and self.exchange is not None:

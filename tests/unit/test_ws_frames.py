@@ -1,0 +1,78 @@
+"""The frame-boundary tracker and the ingress's close frame (core/ws_frames.py):
+fed a stream of frames split at random, the tracker says at each read's end
+whether a frame begins there, and where in the next read the frame under way ends."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from fleet_ingress.core.ws_frames import FrameTracker, close_frame, max_frames
+
+
+def _frame(n: int, masked: bool, opcode: int = 0x82) -> bytes:
+    b1 = 0x80 if masked else 0
+    if n < 126:
+        head = bytes((opcode, b1 | n))
+    elif n < 65536:
+        head = bytes((opcode, b1 | 126)) + struct.pack("!H", n)
+    else:
+        head = bytes((opcode, b1 | 127)) + struct.pack("!Q", n)
+    return head + (b"\x01\x02\x03\x04" if masked else b"") + b"x" * n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_boundaries_are_found_whatever_the_reads(seed: int) -> None:
+    rng = random.Random(seed)
+    sizes = [0, 1, 4, 125, 126, 200, 330, 65535, 65536, 70000]
+    for _ in range(150):
+        masked = rng.random() < 0.5
+        frames = [_frame(rng.choice(sizes), masked) for _ in range(rng.randint(1, 12))]
+        stream = b"".join(frames)
+        bounds, at = {0}, 0
+        for f in frames:
+            at += len(f)
+            bounds.add(at)
+        tracker, pos = FrameTracker(), 0
+        while pos < len(stream):
+            chunk = memoryview(stream)[pos : pos + rng.choice([1, 2, 3, 5, 13, 14, 100, 16384])]
+            end = tracker.boundary_in(chunk)
+            # The first boundary within the chunk (its start included), if any.
+            within = sorted(b - pos for b in bounds if pos <= b <= pos + len(chunk))
+            assert end == (within[0] if within else -1), (pos, len(chunk))
+            tracker.feed(chunk)
+            pos += len(chunk)
+            assert tracker.at_boundary == (pos in bounds)
+
+
+def test_a_read_of_many_tiny_frames_stops_the_tracking_for_good() -> None:
+    """Media frames are hundreds of bytes; a read of 8-byte frames would make
+    the header walk the dearest part of relaying it."""
+    tiny = _frame(6, masked=False) * 2048  # 16 KiB of 8-byte frames
+    tracker = FrameTracker()
+    tracker.feed(tiny)
+    assert tracker.gave_up and not tracker.at_boundary
+    tracker.feed(_frame(300, masked=False))
+    assert tracker.gave_up and tracker.boundary_in(b"\x82\x00") == -1
+    # Ordinary media: a backlog read of twilio-like frames is walked whole.
+    media = _frame(330, masked=True) * 40
+    assert len(media) // 340 <= max_frames(len(media))
+    tracker = FrameTracker()
+    tracker.feed(media)
+    assert tracker.at_boundary
+
+
+def test_close_frames_toward_each_side() -> None:
+    assert close_frame(1001, "ingress draining", None) == b"\x88\x12\x03\xe9ingress draining"
+    masked = close_frame(1011, "fleet lost", b"\x0a\x0b\x0c\x0d")
+    assert masked[:6] == b"\x88\x8c\x0a\x0b\x0c\x0d" and len(masked) == 2 + 4 + 12
+    assert bytes(b ^ masked[2 + i % 4] for i, b in enumerate(masked[6:])) == b"\x03\xf3fleet lost"
+    assert len(close_frame(1001, "x" * 500, None)) == 2 + 125  # a control frame's limit
+    with pytest.raises(ValueError):
+        close_frame(1001, "", b"abc")
+    # Every close frame is one whole frame to a tracker.
+    tracker = FrameTracker()
+    tracker.feed(masked)
+    assert tracker.at_boundary
