@@ -732,7 +732,10 @@ async def test_slowloris_1000_trickling_heads_are_closed_at_the_request_timeout(
         f"{len(took)} real calls, slowest {max(took):.3f}s"
     )
     assert statuses == {408}
-    assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + 2.0
+    # The last closes lag by the loop's backlog of handshakes: 4.08 s once on
+    # plain asyncio beside three other test runs (opening took 8.2 s); without
+    # the timeout they would trickle on for the test's 30 s.
+    assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + 3.0
     assert len(took) >= 3 and max(took) < 3.0
     assert len(fleet.requests) == len(took)  # only the real calls reached the fleet
     assert ingress.registry.requests[("-", 408)] == 1000
