@@ -394,12 +394,13 @@ async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_br
         lease = await w.lease()
         assert lease.fleet.name == "a"
         lease.fleet.calls_total += 1
-        server.forget_fleet("a")  # a slot held on it: the worker keeps it (not sent so)
+        # A slot held on it (a fleet an add-fleet rolled back may have been
+        # granted): the record stays until that slot is given back.
+        server.forget_fleet("a")
         assert await server.collect_reports(timeout=2.0) == 0  # read after the forget
         assert "a" in w.fleets and view.totals().counter("fleet_calls", "a") == 1
-        lease.release()
         registry.ended[("a", "carrier_closed")] += 1
-        server.forget_fleet("a")
+        lease.release()
         assert await server.collect_reports(timeout=2.0) == 0
         assert "a" not in w.fleets
         totals = view.totals()
@@ -410,4 +411,26 @@ async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_br
         again.release()
     finally:
         w.close()
+        await server.close()
+
+
+async def test_a_worker_that_does_not_say_it_forgets_is_not_sent_forget_fleet():
+    """An older worker does not know the op (some releases cut the channel at an
+    op they do not know): only a worker whose hello says "forgets" is told."""
+    server = SlotServer(_slots(), view=HostView())
+    new = await _worker(server, 11)
+    ours, theirs = socket.socketpair()
+    await server.adopt(ours)
+    theirs.sendall(encode({"op": "hello", "pid": 12, "generation": 1, "answers": True}))
+    theirs.setblocking(False)
+    try:
+        await eventually(lambda: len(server.slots.workers) == 2)
+        server.forget_fleet("a")
+        assert await server.collect_reports(timeout=1.0) == 1  # the old one does not report
+        await asyncio.sleep(0.1)
+        heard = theirs.recv(65536)
+        assert b'"report"' in heard and b"forget-fleet" not in heard
+    finally:
+        new.close()
+        theirs.close()
         await server.close()

@@ -127,6 +127,8 @@ class SlotClient(asyncio.Protocol):
         self.generation = generation
         self.answer_timeout = answer_timeout
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
+        # Fleets forgotten while a slot there was held: dropped at its release.
+        self._forget_when_idle: set[str] = set()
         self.lost = asyncio.get_running_loop().create_future()  # set when the channel closes
         self._transport: asyncio.Transport | None = None
         self._decoder = LineDecoder()
@@ -222,6 +224,8 @@ class SlotClient(asyncio.Protocol):
 
     def _release(self, lease: RemoteLease) -> None:
         lease.fleet.active -= 1
+        if lease.fleet.active == 0 and lease.fleet.name in self._forget_when_idle:
+            self._forget_fleet(lease.fleet.name)
         self._held.pop(lease.id, None)
         self._in_flight.discard(lease.id)
         self._write({"op": "release", "id": lease.id})
@@ -286,7 +290,13 @@ class SlotClient(asyncio.Protocol):
     def say_hello(self) -> None:
         """Join the coordinator (once; `connect` does it unless told not to)."""
         self._write(
-            {"op": "hello", "pid": self.pid, "generation": self.generation, "answers": True}
+            {
+                "op": "hello",
+                "pid": self.pid,
+                "generation": self.generation,
+                "answers": True,
+                "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
+            }
         )
         held, self._held_back = self._held_back, None
         if held and self._transport is not None and not self._transport.is_closing():
@@ -398,6 +408,7 @@ class SlotClient(asyncio.Protocol):
             "pid": self.pid,
             "generation": self.generation,
             "answers": True,  # it says when fleets answer its calls ("answered")
+            "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),
             "waiting": [
@@ -433,19 +444,26 @@ class SlotClient(asyncio.Protocol):
 
     def _forget_fleet(self, name: str) -> None:
         """The fleet has left the host's set: drop this worker's record of it,
-        unless it still holds a slot there (the coordinator says so only once
-        none is held). Its counts leave the reports (its ended calls count
-        under `ops.local_counts.REMOVED_FLEETS`): the report, one line, grew
-        with every fleet name ever granted. A grant of that name later comes
-        with its spec again (the coordinator forgot it sent it)."""
+        now, or once the last slot it holds there is given back (a fleet an
+        add-fleet rolled back may have been granted). Its counts leave the
+        reports (its ended calls count under `ops.local_counts.REMOVED_FLEETS`):
+        the report, one line, grew with every fleet name ever granted. A grant
+        of that name later comes with its spec again (the coordinator forgot
+        it sent it)."""
         fleet = self.fleets.get(name)
-        if fleet is not None and fleet.active == 0:
-            del self.fleets[name]
-            self.report_soon()
+        if fleet is None:
+            return
+        if fleet.active:  # a slot held there still (a fleet rolled back): at its release
+            self._forget_when_idle.add(name)
+            return
+        self._forget_when_idle.discard(name)
+        del self.fleets[name]
+        self.report_soon()
 
     def _fleet(self, name: str, spec: Any) -> FleetState:
         fleet = self.fleets.get(name)
         if spec is not None:
+            self._forget_when_idle.discard(name)  # granted anew: it is in the set again
             new = spec_from_wire(spec)
             if fleet is None:
                 # READY whatever the file says: the coordinator grants only on a

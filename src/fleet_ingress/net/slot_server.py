@@ -107,6 +107,9 @@ class _Channel(asyncio.Protocol):
         self.pid: int | None = None
         self.generation: int | None = None
         self.sent_specs: dict[str, FleetSpec] = {}  # what this worker has been told
+        # It drops a fleet's record when told ("forgets" in its hello or state):
+        # an older worker does not know the op (some releases cut the channel).
+        self.forgets = False
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
         self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
@@ -244,12 +247,14 @@ class SlotServer:
         return True
 
     def forget_fleet(self, name: str) -> None:
-        """The fleet `name` has left the set, no slot held on it: every worker
-        is told to drop its record ("forget-fleet"), and the next grant of that
-        name to any of them carries its spec again."""
+        """The fleet `name` has left the set: every worker that knows the op
+        is told to drop its record ("forget-fleet"; a worker that has not said
+        hello has none), and the next grant of that name to any worker carries
+        its spec again."""
         for key, channel in list(self._channels.items()):
             channel.sent_specs.pop(name, None)
-            self.send(key, {"op": "forget-fleet", "fleet": name})
+            if channel.forgets:
+                self.send(key, {"op": "forget-fleet", "fleet": name})
 
     async def adopt(
         self,
@@ -629,6 +634,7 @@ class SlotServer:
             answers = message.get("answers") is True  # an older worker does not say
             self.slots.join(channel.key, pid=pid, generation=generation, tells_answers=answers)
             channel.joined = True
+            channel.forgets = message.get("forgets") is True
             channel.pid, channel.generation = pid, generation
             log.info(
                 "worker joined the slot coordinator",
@@ -764,6 +770,7 @@ class SlotServer:
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
         )
+        channel.forgets = message.get("forgets") is True
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
         # come during the exec, unread).

@@ -4,8 +4,10 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 `net.slot_client`; both ends frame with `LineDecoder` and `encode`. Messages:
 
     worker -> coordinator
-      {"op": "hello", "pid": 1234, "generation": 1, "answers": true}   first, once
-                                                           ("answers": it sends "answered")
+      {"op": "hello", "pid": 1234, "generation": 1, "answers": true, "forgets": true}
+                                                           first, once ("answers": it sends
+                                                           "answered"; "forgets": it knows
+                                                           "forget-fleet")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
        "call": {"call_id": 3, "bot_id": "b", ...}}         who the call is (`Call.described`:
                                                            access fields, "started_at"),
@@ -31,14 +33,16 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
     service.worker lists them): reload / reloaded, stop / stopping, close-fleet
     ("reload" carries "config", which a worker of an older release ignores)
-    coordinator -> worker   {"op": "forget-fleet", "fleet": "a"}   the fleet has left the
-                                                           set (reaped): the worker drops its
-                                                           record and that name's counts (its
-                                                           ended calls fold into "(removed)");
-                                                           a later grant of the name carries
-                                                           its spec again. Older workers
-                                                           ignore it (their reports keep the
-                                                           name until they exit)
+    coordinator -> worker   {"op": "forget-fleet", "fleet": "a"}   the fleet left the set
+                                                           (supervisor.FORGET_AFTER ago): the
+                                                           worker drops its record (at once, or
+                                                           at its last slot's release there)
+                                                           and that name's counts (its ended
+                                                           calls fold into "(removed)"); a
+                                                           later grant of the name carries its
+                                                           spec again. Sent only to a worker
+                                                           whose hello (or state) said
+                                                           "forgets": true
 
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}

@@ -48,7 +48,7 @@ from fleet_ingress.core.host_view import HostView, Key, WorkerId
 from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.ops.local_counts import Observed, local_counts
+from fleet_ingress.ops.local_counts import Observed, fold_ended_of_fleets_gone, local_counts
 from fleet_ingress.ops.metrics import PREFIX, FleetChecks, _ProcessCollector, _StateCollector
 from fleet_ingress.ops.snapshot import render
 from fleet_ingress.release import code_digest
@@ -114,7 +114,11 @@ class WorkerReporter:
             _, process = _process_figures()
         except OSError:  # out of descriptors (EMFILE): the counts matter most then
             process = {}
-        counts = local_counts(self.registry, list(self.fleets()), self.histograms)
+        fleets = list(self.fleets())
+        # Calls ended on fleets this worker has forgotten (SlotClient.fleets)
+        # count under REMOVED_FLEETS: the report names only the fleets it has.
+        fold_ended_of_fleets_gone(self.registry, {fleet.name for fleet in fleets})
+        counts = local_counts(self.registry, fleets, self.histograms)
         counts.counters[("log_lines_dropped",)] = lines_dropped()
         return {
             "started": self.started,

@@ -78,7 +78,6 @@ def local_counts(
     call counters of its fleet records, and its histograms."""
     counts = Counts()
     c = counts.counters
-    fleets = list(fleets)
     for fleet in fleets:
         c[("fleet_calls", fleet.name)] = fleet.calls_total
         for code, n in fleet.responses.items():
@@ -101,7 +100,6 @@ def local_counts(
     to_fleet, to_carrier = registry.relayed_bytes()
     c[("bytes_from_carrier",)] = to_fleet
     c[("bytes_to_carrier",)] = to_carrier
-    fold_ended_of_fleets_gone(registry, {fleet.name for fleet in fleets})
     for (fleet_name, reason), n in registry.ended.items():
         c[("calls_ended", fleet_name, reason)] = n
     g = counts.gauges

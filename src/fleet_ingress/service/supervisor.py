@@ -159,6 +159,13 @@ QUICK_DEATH = 5.0
 RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
 # The environment a worker must not inherit: only the main PID speaks to systemd.
+# A fleet gone from the set is forgotten by the workers this long after (its
+# counters then start from 0 if it is listed again): one listed again sooner,
+# taken out for maintenance or by a reload that put it back, counts on. Done at
+# once, its counters dropped as each worker read the op, in steps while it was
+# listed again: Prometheus reads a drop to anything but 0 as a reset and adds a
+# false increase (the review of session 25).
+FORGET_AFTER = 300.0
 _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -1075,9 +1082,15 @@ class Supervisor:
             future.set_result(message)
 
     def _fleet_forgotten(self, name: str) -> None:
-        """A fleet has left the set: the workers drop their records of it, and
-        the counts of workers gone keep its ended calls only (under
-        `REMOVED_FLEETS`): by name, both grew with every fleet ever named."""
+        """A fleet has left the set: FORGET_AFTER later, unless it is back by
+        then, the workers drop their records of it, and the counts of workers
+        gone keep its ended calls only (under `REMOVED_FLEETS`): by name, both
+        grew with every fleet ever named."""
+        asyncio.get_running_loop().call_later(FORGET_AFTER, self._forget_if_still_gone, name)
+
+    def _forget_if_still_gone(self, name: str) -> None:
+        if self.fleet_set.get(name) is not None:
+            return  # listed again meanwhile: its counters go on
         self.server.forget_fleet(name)
         fold_fleets_gone(self.view.retired, {f.name for f in self.fleet_set.fleets})
 
