@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import os
 import ssl
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -225,13 +226,12 @@ _SET_GROUPS_LIST = 92
 _groups_fallback_logged = False
 
 
-def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
-    """Limit key exchange to `groups`. Python before 3.15 has only set_ecdh_curve,
-    which allows one group: P-256 alone would cost every TLS 1.3 client that sends an
-    X25519 key share (OpenSSL, Chrome, Firefox) a HelloRetryRequest, one more round
-    trip before each call. So OpenSSL's own call is made on the context's SSL_CTX,
-    after checking that the pointer read is that SSL_CTX (its options read back)."""
-    global _groups_fallback_logged
+@functools.cache
+def _libssl_calls() -> tuple[Any, Any] | None:
+    """OpenSSL's SSL_CTX_get_options and SSL_CTX_ctrl, looked up once per process
+    (None: not to be had). Opened for every context built, the library's handle
+    and function objects cost about 0.5 KB of memory a reload, in every process,
+    for good (the long-life audit of session 25)."""
     try:
         import _ssl
 
@@ -241,14 +241,26 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
         control = libssl.SSL_CTX_ctrl
         control.restype = ctypes.c_long
         control.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    except (OSError, AttributeError, ImportError):
+        return None
+    return get_options, control
+
+
+def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
+    """Limit key exchange to `groups`. Python before 3.15 has only set_ecdh_curve,
+    which allows one group: P-256 alone would cost every TLS 1.3 client that sends an
+    X25519 key share (OpenSSL, Chrome, Firefox) a HelloRetryRequest, one more round
+    trip before each call. So OpenSSL's own call is made on the context's SSL_CTX,
+    after checking that the pointer read is that SSL_CTX (its options read back)."""
+    global _groups_fallback_logged
+    calls = _libssl_calls()
+    if calls is not None and ssl.OPENSSL_VERSION_INFO >= (1, 1, 1):
+        get_options, control = calls
         # PySSLContext is PyObject_HEAD then SSL_CTX *ctx.
         ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if ssl.OPENSSL_VERSION_INFO >= (1, 1, 1) and ssl_ctx:
-            if get_options(ssl_ctx) == int(ctx.options):
-                if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
-                    return
-    except (OSError, AttributeError, ImportError):
-        pass
+        if ssl_ctx and get_options(ssl_ctx) == int(ctx.options):
+            if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
+                return
     ctx.set_ecdh_curve("prime256v1")  # within every profile's list, at one round trip's cost
     if not _groups_fallback_logged:
         _groups_fallback_logged = True
