@@ -73,6 +73,8 @@ class FrameTracker:
                 return
             self.partial = b""
             need = end
+        elif need == 0 and _frame_end(data, 0) == n:
+            return  # one whole frame, the common read: at a boundary still
         self._walk(data, need, n)
 
     def boundary_in(self, data: Buffer) -> int:
