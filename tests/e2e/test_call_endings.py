@@ -216,3 +216,40 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
         await stopping
     finally:
         await fleet.stop()
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+async def test_a_fleets_close_frame_read_with_other_bytes_is_followed_by_nothing(
+    start_ingress: StartIngress, tls_files: TLSFiles, with_data: bool
+):
+    """A plain fleet's close frame that came with its 101, or in the same read
+    as a data frame, is not the lone read the call machine hears of: the drain
+    must still add no close frame of the ingress's after it (the review of
+    session 25 saw 1000 then 1001)."""
+    bye = b"\x88\x05\x03\xe8bye"  # 1000 "bye"
+    data = _frame(b"d" * 200, masked=False) if with_data else b""
+
+    async def close_at_once(reader, writer):
+        writer.write(data + bye)  # in one write, with the 101 just before it
+        await writer.drain()
+        await asyncio.sleep(5)  # the carrier's reply never comes: the drain ends it
+
+    fleet = await RawFleet(None, await _switching_then(close_at_once)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        await read_head(reader)
+        assert await reader.readexactly(len(data + bye)) == data + bye
+        await ingress.stop(drain_timeout=0.1)
+        try:
+            rest = await asyncio.wait_for(reader.read(-1), 5)
+        except (ssl.SSLError, ConnectionError):
+            rest = b""
+        writer.close()
+        assert rest == b""
+    finally:
+        await fleet.stop()

@@ -689,7 +689,7 @@ def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frame
         (EndRequested(EndReason.DRAIN), [CloseSide(Side.CARRIER), CloseSide(Side.FLEET)]),
         (
             EndRequested(EndReason.FLEET_SILENT),
-            [CloseSide(Side.CARRIER), AbortSide(Side.FLEET)],
+            [AbortSide(Side.FLEET), CloseSide(Side.CARRIER)],  # the silent side first
         ),
         # The carrier finished: its silence is by design, not a side gone (a
         # carrier_silence under 5 s reset the reply away: the review).
@@ -768,17 +768,17 @@ def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
 
 
 @pytest.mark.parametrize(
-    ("reason", "carrier", "fleet"),
+    ("reason", "first", "then"),
     [
         (
             EndReason.CARRIER_SILENT,
             AbortSide(Side.CARRIER),
             CloseSide(Side.FLEET, Goodbye(1001, "carrier silent")),
         ),
-        (
+        (  # the silent fleet first: no frame of its will end
             EndReason.FLEET_SILENT,
-            CloseSide(Side.CARRIER, Goodbye(1011, "fleet silent")),
             AbortSide(Side.FLEET),
+            CloseSide(Side.CARRIER, Goodbye(1011, "fleet silent")),
         ),
         (
             EndReason.TIMEOUT,
@@ -797,13 +797,13 @@ def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
         ),
     ],
 )
-def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason, carrier, fleet):
+def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason, first, then):
     """Each side still open is told why the ingress ended its call (a close frame:
     1001 going away, 1011 when the fleet is at fault); a silent side, gone, is
     aborted."""
     (a,) = fleets("a")
     pb, _ = new_call()
-    in_tunnel(pb, a) >> EndRequested(reason) << carrier << fleet
+    in_tunnel(pb, a) >> EndRequested(reason) << first << then
     # What the sides say as they go does not change why the call ended.
     pb >> CarrierLost(Lost.ERROR) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(reason)
     assert pb

@@ -76,3 +76,33 @@ def test_close_frames_toward_each_side() -> None:
     tracker = FrameTracker()
     tracker.feed(masked)
     assert tracker.at_boundary
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_close_frame_is_seen_wherever_it_is_in_the_reads(seed: int) -> None:
+    """The call machine hears only of a read that is one whole close frame; a
+    close frame in the same read as a data frame, or split across reads, must
+    still keep the ingress from adding its own after it."""
+    rng = random.Random(seed)
+    for _ in range(150):
+        masked = rng.random() < 0.5
+        frames = [_frame(rng.choice([0, 5, 200, 70000]), masked) for _ in range(rng.randint(0, 5))]
+        at = len(b"".join(frames))
+        stream = b"".join(frames) + _frame(2, masked, opcode=0x88)
+        stream += b"".join(
+            _frame(rng.choice([0, 5, 200]), masked) for _ in range(rng.randint(0, 3))
+        )
+        tracker, pos = FrameTracker(), 0
+        while pos < len(stream):
+            chunk = memoryview(stream)[pos : pos + rng.choice([1, 3, 7, 100, 16384])]
+            tracker.feed(chunk)
+            pos += len(chunk)
+            if pos <= at:
+                assert not tracker.closed
+        assert tracker.closed
+
+
+def test_a_long_reason_is_cut_between_characters() -> None:
+    frame = close_frame(1001, "é" * 100, None)
+    assert len(frame) <= 2 + 125
+    assert frame[4:].decode() == "é" * 61  # 122 bytes: the 123rd would split one

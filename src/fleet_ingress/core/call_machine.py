@@ -793,10 +793,16 @@ class CallMachine:
         self._end(event.reason)
         goodbye = self._goodbye(tunnel)
         self.state = State.CLOSING
+        if event.reason is EndReason.FLEET_SILENT and self.fleet_open:
+            # Aborted first: the carrier's close frame then waits for no frame
+            # of the fleet's that will never end (a silent fleet may have
+            # stalled mid-frame).
+            self._emit(AbortSide(Side.FLEET))
+            self._close_carrier(event.reason, goodbye)
+            return
         self._close_carrier(event.reason, goodbye)
         if self.fleet_open:
-            silent = event.reason is EndReason.FLEET_SILENT
-            self._emit(AbortSide(Side.FLEET) if silent else CloseSide(Side.FLEET, goodbye))
+            self._emit(CloseSide(Side.FLEET, goodbye))
 
     def _close_carrier(self, reason: EndReason, goodbye: Goodbye | None = None) -> None:
         if self.carrier_open:

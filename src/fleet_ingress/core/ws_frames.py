@@ -28,6 +28,7 @@ Buffer = bytes | bytearray | memoryview
 
 # Close codes (RFC 6455 7.4.1).
 GOING_AWAY = 1001
+_CLOSE = 0x8  # a close frame's opcode
 INTERNAL_ERROR = 1011
 # Frame starts walked in one read at most: 64, plus one per 64 bytes (media
 # frames are hundreds of bytes; a backlog read of 256 KiB from a plain fleet
@@ -44,11 +45,15 @@ def max_frames(n: int) -> int:
 
 
 class FrameTracker:
-    __slots__ = ("need", "partial")
+    __slots__ = ("closed", "need", "partial")
 
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
         self.partial = b""  # a header's first bytes, split across reads
+        # A close frame went this way (nothing may follow it, the ingress's
+        # own neither), seen wherever it was in a read: the call machine hears
+        # only of a read that is one whole close frame (CloseFrameSeen).
+        self.closed = False
 
     @property
     def at_boundary(self) -> bool:
@@ -71,10 +76,14 @@ class FrameTracker:
             if end is None:
                 self.partial += bytes(data)
                 return
+            if self.partial[0] & 0x0F == _CLOSE:
+                self.closed = True
             self.partial = b""
             need = end
-        elif need == 0 and _frame_end(data, 0) == n:
-            return  # one whole frame, the common read: at a boundary still
+        elif need == 0 and _frame_end(data, 0) == n:  # one whole frame, the common read
+            if data[0] & 0x0F == _CLOSE:
+                self.closed = True
+            return
         self._walk(data, need, n)
 
     def boundary_in(self, data: Buffer) -> int:
@@ -108,6 +117,8 @@ class FrameTracker:
                 self.partial = bytes(data[pos:n])
                 self.need = 0
                 return
+            if data[pos] & 0x0F == _CLOSE:
+                self.closed = True
             pos = end
         self.need = pos - n
 
@@ -139,7 +150,10 @@ def close_frame(code: int, reason: str, mask: bytes | None) -> bytes:
     ingress as its client), unmasked (None) toward the carrier (as its server).
     Never compressed: a control frame keeps RSV1 at 0 whatever
     permessage-deflate was agreed."""
-    payload = struct.pack("!H", code) + reason.encode()[:MAX_REASON]
+    said = reason.encode()
+    if len(said) > MAX_REASON:  # cut between two characters, not inside one
+        said = said[:MAX_REASON].decode("utf-8", "ignore").encode()
+    payload = struct.pack("!H", code) + said
     if mask is None:
         return bytes((0x88, len(payload))) + payload
     if len(mask) != 4:

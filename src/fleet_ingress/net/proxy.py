@@ -808,6 +808,7 @@ class CarrierProtocol(_Side):
             source is None
             or source.tracker is None
             or source.tracker.gave_up
+            or source.tracker.closed  # it has a close frame: nothing may follow
             or source.peer is None
             or t is None
             or side.lost

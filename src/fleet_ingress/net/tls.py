@@ -256,11 +256,14 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
     calls = _libssl_calls()
     if calls is not None and ssl.OPENSSL_VERSION_INFO >= (1, 1, 1):
         get_options, control = calls
-        # PySSLContext is PyObject_HEAD then SSL_CTX *ctx.
-        ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-        if ssl_ctx and get_options(ssl_ctx) == int(ctx.options):
-            if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
-                return
+        try:
+            # PySSLContext is PyObject_HEAD then SSL_CTX *ctx.
+            ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+            if ssl_ctx and get_options(ssl_ctx) == int(ctx.options):
+                if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
+                    return
+        except (OSError, ValueError, ctypes.ArgumentError):
+            pass  # the one-group fallback below
     ctx.set_ecdh_curve("prime256v1")  # within every profile's list, at one round trip's cost
     if not _groups_fallback_logged:
         _groups_fallback_logged = True

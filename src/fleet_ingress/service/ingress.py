@@ -44,6 +44,8 @@ from fleet_ingress.net.listener import (
 from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.proxy import (
+    GOODBYE_BOUNDARY_WAIT,
+    GOODBYE_REPLY_WAIT,
     REFUSED_LINES_PER_SECOND,
     WARNING_LINES_PER_SECOND,
     ProxyContext,
@@ -72,8 +74,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fleet_ingress.server")
 
-# After the drain, how long closed calls may take to finish their TLS close.
-CLOSE_AT_STOP_TIMEOUT = 1.0
+# After the drain, how long closed calls may take to finish their TLS close:
+# 1 s, after the close frame each side is told why (its frame boundary and its
+# reply waited for, at most GOODBYE_BOUNDARY_WAIT + GOODBYE_REPLY_WAIT).
+CLOSE_AT_STOP_TIMEOUT = 1.0 + GOODBYE_BOUNDARY_WAIT + GOODBYE_REPLY_WAIT
 
 
 class Ingress:

@@ -225,6 +225,8 @@ class Supervisor:
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
         # What tls.cert, ingress.toml and the fleets file hold against what runs.
         self.files = FilesOnDisk(config_path)
+        # Fleets gone from the set, to be forgotten FORGET_AFTER after (by name).
+        self._forgets: dict[str, asyncio.TimerHandle] = {}
         # Why the last try to start a replacement worker failed (None: it did not).
         self.spawn_error: str | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
@@ -1086,9 +1088,14 @@ class Supervisor:
         then, the workers drop their records of it, and the counts of workers
         gone keep its ended calls only (under `REMOVED_FLEETS`): by name, both
         grew with every fleet ever named."""
-        asyncio.get_running_loop().call_later(FORGET_AFTER, self._forget_if_still_gone, name)
+        if (earlier := self._forgets.pop(name, None)) is not None:
+            earlier.cancel()  # removed, listed again, removed again: from this removal
+        self._forgets[name] = asyncio.get_running_loop().call_later(
+            FORGET_AFTER, self._forget_if_still_gone, name
+        )
 
     def _forget_if_still_gone(self, name: str) -> None:
+        self._forgets.pop(name, None)
         if self.fleet_set.get(name) is not None:
             return  # listed again meanwhile: its counters go on
         self.server.forget_fleet(name)
