@@ -265,7 +265,7 @@ class _Side(asyncio.BufferedProtocol):
         if self.transport is not None and not self.lost:
             self.transport.abort()
 
-    def say_goodbye(self, frame: bytes) -> None:
+    def write_goodbye(self, frame: bytes) -> None:
         """Write the close frame (at a frame boundary), then close once the
         side's close reply is read or GOODBYE_REPLY_WAIT has passed."""
         t = self.transport
@@ -365,7 +365,7 @@ class _ToFrameBoundary:
         if frame is None:
             self.side.close()
         else:
-            self.side.say_goodbye(frame)
+            self.side.write_goodbye(frame)
 
 
 def serve(conn: TLSConnection, side: _Side) -> None:
@@ -820,7 +820,7 @@ class CarrierProtocol(_Side):
         side.saying_goodbye = True
         if source.tracker.at_boundary:
             source.peer = _DROPPING
-            side.say_goodbye(frame)
+            side.write_goodbye(frame)
             return True
         if source.lost:  # the frame under way will not end
             side.saying_goodbye = False
