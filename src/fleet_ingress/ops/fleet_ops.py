@@ -444,6 +444,28 @@ class FleetOps:
                 self.forgotten(fleet.name)
 
 
+class ForgetLater:
+    """Calls `forget(name)` `after` seconds after a fleet has left the set
+    (`gone`), unless it is `listed` again by then; leaving again starts the
+    wait over (removed, listed again, removed again: from the last removal)."""
+
+    def __init__(
+        self, after: float, listed: Callable[[str], bool], forget: Callable[[str], None]
+    ) -> None:
+        self.after, self.listed, self.forget = after, listed, forget
+        self._due: dict[str, asyncio.TimerHandle] = {}
+
+    def gone(self, name: str) -> None:
+        if (earlier := self._due.pop(name, None)) is not None:
+            earlier.cancel()
+        self._due[name] = asyncio.get_running_loop().call_later(self.after, self._now, name)
+
+    def _now(self, name: str) -> None:
+        self._due.pop(name, None)
+        if not self.listed(name):
+            self.forget(name)
+
+
 def failed_in(exc: OSError, fleets_file: Path) -> Path:
     """The directory where writing the fleets file failed: the file's own, where
     a symlink (fleets.txt -> a checkout's file) points (written or renamed into

@@ -82,7 +82,7 @@ from fleet_ingress.ops.admin_server import (
     remove_own_socket,
     socket_file_id,
 )
-from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
+from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps, ForgetLater
 from fleet_ingress.ops.host_stats import (
     PULL_EVERY,
     SCRAPE_WAIT,
@@ -225,8 +225,10 @@ class Supervisor:
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
         # What tls.cert, ingress.toml and the fleets file hold against what runs.
         self.files = FilesOnDisk(config_path)
-        # Fleets gone from the set, to be forgotten FORGET_AFTER after (by name).
-        self._forgets: dict[str, asyncio.TimerHandle] = {}
+        # Fleets gone from the set are forgotten FORGET_AFTER after, unless back.
+        self.forgetting = ForgetLater(
+            FORGET_AFTER, lambda name: self.fleet_set.get(name) is not None, self._forget_fleet
+        )
         # Why the last try to start a replacement worker failed (None: it did not).
         self.spawn_error: str | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
@@ -276,7 +278,7 @@ class Supervisor:
             settings=lambda: self.config.fleets,
             checks=self.metrics.checks,
             close_elsewhere=self.close_fleet,
-            forgotten=self._fleet_forgotten,
+            forgotten=self.forgetting.gone,
         )
         self.slots.on_release.append(self.ops.reap)
         self.server.on_join.append(self._joined)
@@ -1083,21 +1085,11 @@ class Supervisor:
         if future is not None and not future.done():
             future.set_result(message)
 
-    def _fleet_forgotten(self, name: str) -> None:
-        """A fleet has left the set: FORGET_AFTER later, unless it is back by
-        then, the workers drop their records of it, and the counts of workers
-        gone keep its ended calls only (under `REMOVED_FLEETS`): by name, both
-        grew with every fleet ever named."""
-        if (earlier := self._forgets.pop(name, None)) is not None:
-            earlier.cancel()  # removed, listed again, removed again: from this removal
-        self._forgets[name] = asyncio.get_running_loop().call_later(
-            FORGET_AFTER, self._forget_if_still_gone, name
-        )
-
-    def _forget_if_still_gone(self, name: str) -> None:
-        self._forgets.pop(name, None)
-        if self.fleet_set.get(name) is not None:
-            return  # listed again meanwhile: its counters go on
+    def _forget_fleet(self, name: str) -> None:
+        """A fleet left the set FORGET_AFTER ago and is not back (`forgetting`):
+        the workers drop their records of it, and the counts of workers gone
+        keep its ended calls only (under `REMOVED_FLEETS`): by name, both grew
+        with every fleet ever named."""
         self.server.forget_fleet(name)
         fold_fleets_gone(self.view.retired, {f.name for f in self.fleet_set.fleets})
 
