@@ -113,7 +113,7 @@ def _accept(key: bytes) -> bytes:
     return base64.b64encode(digest)
 
 
-async def _switching_then(react_after):
+def _switching_then(react_after):
     """A fleet that answers the upgrade 101 (for the carrier's own key), then
     does `react_after`."""
 
@@ -143,8 +143,8 @@ async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_
         writer.close()  # a FIN, no close frame: how this fleet chose to end
 
     fleets = [
-        await RawFleet(None, await _switching_then(reset)).start(),
-        await RawFleet(None, await _switching_then(close_without_frame)).start(),
+        await RawFleet(None, _switching_then(reset)).start(),
+        await RawFleet(None, _switching_then(close_without_frame)).start(),
     ]
     try:
         for fleet, expected in zip(fleets, [(1011, "fleet reset"), None], strict=True):
@@ -159,6 +159,24 @@ async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_
     finally:
         for fleet in fleets:
             await fleet.stop()
+
+
+async def _raw_carrier(ingress, tls_files: TLSFiles):
+    """A carrier speaking raw bytes over TLS, its upgrade sent: (reader, writer)."""
+    host, port = ingress.wss_address
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+    )
+    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+    return reader, writer
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    """What comes until the ingress closes (nothing, if it ends with a reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(-1), 5)
+    except (ssl.SSLError, ConnectionError):
+        return b""
 
 
 def _frame(payload: bytes, *, masked: bool) -> bytes:
@@ -191,23 +209,16 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
         fleet_heard.set_result(heard)
         await asyncio.sleep(2)
 
-    fleet = await RawFleet(None, await _switching_then(mid_frame)).start()
+    fleet = await RawFleet(None, _switching_then(mid_frame)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        reader, writer = await _raw_carrier(ingress, tls_files)
         assert await read_head(reader) == SWITCHING
         assert await reader.readexactly(1000) == frame[:1000]
         stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
         heard = await asyncio.wait_for(fleet_heard, 5)
         assert heard[:2] == b"\x88\x92" and len(heard) == 8  # masked, 18 bytes of payload
-        try:
-            rest = await asyncio.wait_for(reader.read(-1), 5)
-        except (ssl.SSLError, ConnectionError):
-            rest = b""
+        rest = await _rest(reader)
         writer.close()
         if finished_after is not None:
             assert rest == frame[1000:] + b"\x88\x12\x03\xe9ingress draining"
@@ -234,21 +245,14 @@ async def test_a_fleets_close_frame_read_with_other_bytes_is_followed_by_nothing
         await writer.drain()
         await asyncio.sleep(5)  # the carrier's reply never comes: the drain ends it
 
-    fleet = await RawFleet(None, await _switching_then(close_at_once)).start()
+    fleet = await RawFleet(None, _switching_then(close_at_once)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        reader, writer = await _raw_carrier(ingress, tls_files)
         await read_head(reader)
         assert await reader.readexactly(len(data + bye)) == data + bye
         await ingress.stop(drain_timeout=0.1)
-        try:
-            rest = await asyncio.wait_for(reader.read(-1), 5)
-        except (ssl.SSLError, ConnectionError):
-            rest = b""
+        rest = await _rest(reader)
         writer.close()
         assert rest == b""
     finally:

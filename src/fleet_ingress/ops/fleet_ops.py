@@ -100,9 +100,10 @@ class FleetOps:
     # to close the fleet's calls (their slots coming back reap the fleet); it
     # answers how many of them no worker can be told to close (see Supervisor.close_fleet).
     close_elsewhere: Callable[[str], int] | None = None
-    # A fleet has left the set for good (reaped, not replaced by one of its
-    # name): whoever keeps something by its name lets it go (the supervisor:
-    # the workers' records and the counts of workers gone).
+    # A fleet has left the set (reaped, not replaced by one of its name):
+    # whoever keeps something by its name may let it go (the supervisor, its
+    # workers' records and the counts of workers gone, through ForgetLater
+    # unless the fleet is listed again by then).
     forgotten: Callable[[str], None] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
     # Writes of the fleets file so far: a reload that read the file while one
