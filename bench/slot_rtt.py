@@ -6,7 +6,10 @@ The coordinator (`net.slot_server`) runs in this process; each worker is a
 child process with the other end of a socketpair (as the supervisor's
 workers will have), running `SlotClient.lease()` then `release()` in a loop,
 one call at a time. A loop turn is the whole price: the next `lease` is read
-by the coordinator after the previous `release`, so it waits for it. Prints
+by the coordinator after the previous `release`, so it waits for it. With
+`--gap S` a turn holds its lease S seconds and waits S more before the next,
+so that every message wakes the coordinator on its own, as at a churn of
+calls (its CPU per turn is then what a call costs the supervisor). Prints
 the median, p99, p99.9 and max of a turn, and of `Dispatcher.lease()` +
 `release()` in-process for comparison. Bounded: `--iterations` turns per
 worker and `--seconds` of wall clock, whichever ends first.
@@ -56,8 +59,8 @@ def _summary(turns_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def _turns(source, iterations: int, seconds: float) -> list[int]:
-    for _ in range(WARMUP):
+async def _turns(source, iterations: int, seconds: float, gap: float = 0.0) -> list[int]:
+    for _ in range(WARMUP if not gap else WARMUP // 10):
         (await source.lease()).release()
     turns: list[int] = []
     stop = time.monotonic() + seconds
@@ -65,18 +68,22 @@ async def _turns(source, iterations: int, seconds: float) -> list[int]:
     for _ in range(iterations):
         t0 = clock()
         lease = await source.lease()
+        if gap:
+            await asyncio.sleep(gap)
         lease.release()
         turns.append(clock() - t0)
+        if gap:
+            await asyncio.sleep(gap)
         if time.monotonic() > stop:
             break
     return turns
 
 
-async def _worker(fd: int, iterations: int, seconds: float) -> None:
+async def _worker(fd: int, iterations: int, seconds: float, gap: float) -> None:
     client = await SlotClient.connect(
         sock=socket.socket(fileno=fd), pid=os.getpid(), generation=1, answer_timeout=5.0
     )
-    turns = await _turns(client, iterations, seconds)
+    turns = await _turns(client, iterations, seconds, gap)
     # The last release must be read before we leave, or it counts as a crash.
     (await client.lease()).release()
     print(json.dumps(turns))
@@ -89,34 +96,36 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
     )
     children = []
-    cpu_before = _cpu_seconds()
     for _ in range(args.workers):
         ours, theirs = socket.socketpair()
         await server.adopt(ours)
         cmd = [sys.executable, "-m", "bench.slot_rtt", "--child-fd", str(theirs.fileno())]
         cmd += ["--iterations", str(args.iterations), "--seconds", str(args.seconds)]
-        cmd += ["--loop", args.loop]
+        cmd += ["--loop", args.loop, "--gap", str(args.gap)]
         children.append(
             await asyncio.create_subprocess_exec(
                 *cmd, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
             )
         )
         theirs.close()
+    cpu_before = _cpu_seconds()  # the children start up meanwhile: this process idles
     outputs = await asyncio.wait_for(
         asyncio.gather(*(c.communicate() for c in children)), args.seconds + 30
     )
     coordinator_cpu = _cpu_seconds() - cpu_before
     per_worker = [_summary(json.loads(out)) for out, _ in outputs]
-    turns = sum(w["n"] + WARMUP + 1 for w in per_worker)
+    warmup = WARMUP if not args.gap else WARMUP // 10
+    turns = sum(w["n"] + warmup + 1 for w in per_worker)
     inproc = Dispatcher(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
     local = _summary(await _turns(inproc, args.iterations, args.seconds))
     await server.close()
     return {
         "loop": args.loop,
         "workers": args.workers,
+        "gap_s": args.gap,
         "coordinator_per_worker": per_worker,
-        # This process's CPU while the workers ran (spawning them included),
-        # per lease+release: what the supervisor pays per call attempt.
+        # This process's CPU while the workers ran (once spawned), per
+        # lease+release: what the supervisor pays per call attempt.
         "coordinator_cpu_us_per_turn": round(coordinator_cpu / turns * 1e6, 1),
         "dispatcher_in_process": local,
     }
@@ -128,11 +137,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--gap", type=float, default=0.0, help="seconds a lease is held, and between turns"
+    )
     parser.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
     if args.child_fd is not None:
-        run(_worker(args.child_fd, args.iterations, args.seconds))
+        run(_worker(args.child_fd, args.iterations, args.seconds, args.gap))
         return
     print(json.dumps(run(_coordinator(args)), indent=1))
 
