@@ -118,6 +118,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
 
     worker_only = {n for n in host if n.startswith("fleet_ingress_worker")}
     worker_only |= {"fleet_ingress_slots_reclaimed_total", "fleet_ingress_workers_retired_total"}
+    worker_only.add("fleet_ingress_supervisor_task_failures_total")
     assert set(host) - worker_only == set(one_process)
     for name, samples in one_process.items():
         if not name.startswith("process_"):
@@ -644,3 +645,14 @@ def test_a_report_with_keys_of_another_shape_leaves_every_stats_page_and_an_exec
     for started in (1e300, float("nan"), -1.0):
         with pytest.raises(ReportError, match="started"):
             WorkerReport.from_wire({**wire, "started": started})
+
+
+def test_the_supervisors_task_failures_are_a_counter_by_task():
+    *_, r1 = a_worker(1, pid=101, generation=1)
+    slots, view = host_with(r1)
+    failures = {"reloader": 2, "watchdog pings": 0}
+    host = families(HostMetrics(slots, view, task_failures=lambda: failures).prometheus)
+    assert host["fleet_ingress_supervisor_task_failures_total"] == {
+        (("task", "reloader"),): 2.0,
+        (("task", "watchdog pings"),): 0.0,
+    }

@@ -264,12 +264,15 @@ class HostMetrics:
         calls_lost: Callable[[], int] = lambda: 0,
         workers: Callable[[], tuple[int, int]] = lambda: (0, 0),
         certificate_file_not_after: Callable[[], float | None] = lambda: None,
+        task_failures: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
         serving generation's workers serving, and how many it should have;
         `certificate_file_not_after`: when the certificate in tls.cert expires
-        (None: not read), which a renewal not loaded makes later than the one served."""
+        (None: not read), which a renewal not loaded makes later than the one served;
+        `task_failures`: the supervisor's background tasks that failed (and were
+        started again), by task."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -285,6 +288,23 @@ class HostMetrics:
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
         self.prometheus.register(_CertificateFileCollector(certificate_file_not_after))
+        self.prometheus.register(_TaskFailuresCollector(task_failures))
+
+
+class _TaskFailuresCollector(Collector):
+    def __init__(self, failures: Callable[[], Mapping[str, int]]) -> None:
+        self.failures = failures
+
+    def collect(self) -> Iterator[Metric]:
+        counter = CounterMetricFamily(
+            f"{PREFIX}_supervisor_task_failures",
+            "Background tasks of the supervisor that raised (a bug: each is logged with "
+            "its traceback) and were started again, by task.",
+            labels=["task"],
+        )
+        for task, count in sorted(self.failures().items()):
+            counter.add_metric([task], count)
+        yield counter
 
 
 class _CertificateFileCollector(Collector):

@@ -117,6 +117,7 @@ from fleet_ingress.service.ingress import (
     probe_settings,
     read_reload_settled,
 )
+from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
 from fleet_ingress.service.lifecycle import (
     EXIT_FLUSH_WAIT,
     FIRST_PROBE_WAIT,
@@ -253,6 +254,8 @@ class Supervisor:
         self.stopping = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
+        # Background tasks of this process that failed (kept running: kept_running).
+        self.task_failures = TaskFailures(BACKGROUND_TASKS)
         self.metrics = HostMetrics(
             self.slots,
             self.view,
@@ -260,6 +263,7 @@ class Supervisor:
             reloads=lambda: self.reloads,
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
+            task_failures=lambda: self.task_failures.by_task,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
         )
@@ -423,7 +427,13 @@ class Supervisor:
             )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
         self._puller = asyncio.get_running_loop().create_task(
-            pull_reports(self.server, every=self._pull_every, on_silent=self._worker_silent)
+            kept_running(
+                REPORT_PULLER,
+                lambda: pull_reports(
+                    self.server, every=self._pull_every, on_silent=self._worker_silent
+                ),
+                self.task_failures,
+            )
         )
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
@@ -944,7 +954,7 @@ class Supervisor:
                 worker = await self.spawn(generation)
                 self.spawn_error = None
                 return worker
-            except OSError as exc:
+            except Exception as exc:  # OSError most often; a bug must not end the retries
                 self.spawn_error = str(exc)
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
@@ -1034,6 +1044,7 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+        task.add_done_callback(say_if_failed(self.task_failures))
         return task
 
     def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:
@@ -1558,7 +1569,10 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     # Starting can take a while (after an upgrade's exec: restoring the slot
     # table, a new generation, first probes): systemd's watchdog must not fire
     # meanwhile, or it kills every worker, the old generation's included.
-    watchdog = loop.create_task(_ping_watchdog(notifier))
+    failures = supervisor.task_failures
+    watchdog = loop.create_task(
+        kept_running(WATCHDOG_PINGS, lambda: _ping_watchdog(notifier), failures)
+    )
     code_digest()  # read now, not on the loop that answers slots (the first scrape's)
     try:
         await supervisor.start()
@@ -1575,9 +1589,27 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     gc.freeze()
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
     log.info("ready", extra=fields(status=supervisor.status_line()))
+
+    def reloader_failed() -> None:
+        # Whoever asked is told, and systemd hears the reload is over.
+        outcome = reload_outcome("the reload failed: a bug, logged as 'supervisor task failed'")
+        _tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
+        notifier.notify("READY=1", "STATUS=reload failed; see the log")
+
     background = [
-        loop.create_task(_reload_on_signal(supervisor, supervisor.reloads_asked, notifier)),
-        loop.create_task(_keep_systemd_informed(supervisor, notifier)),
+        loop.create_task(
+            kept_running(
+                RELOADER,
+                lambda: _reload_on_signal(supervisor, supervisor.reloads_asked, notifier),
+                failures,
+                after_failure=reloader_failed,
+            )
+        ),
+        loop.create_task(
+            kept_running(
+                SYSTEMD_STATUS, lambda: _keep_systemd_informed(supervisor, notifier), failures
+            )
+        ),
     ]
     await stop.wait()
     for task in background:
@@ -1615,6 +1647,14 @@ async def _threads_without_held_signals(loop: asyncio.AbstractEventLoop) -> None
 
 # How often the supervisor tells systemd's watchdog it runs (WatchdogSec=30).
 WATCHDOG_PING_EVERY = 1.0
+# Its background tasks, by the names their failures are counted under
+# (fleet_ingress_supervisor_task_failures_total{task}); a one-off task that
+# fails counts under its coroutine's name.
+WATCHDOG_PINGS = "watchdog pings"
+SYSTEMD_STATUS = "systemd status"
+RELOADER = "reloader"
+REPORT_PULLER = "report puller"
+BACKGROUND_TASKS = (WATCHDOG_PINGS, SYSTEMD_STATUS, RELOADER, REPORT_PULLER)
 
 
 def _exit_now(supervisor: Supervisor) -> None:
@@ -1686,9 +1726,12 @@ async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> 
     status_due = 0.0
     loop = asyncio.get_running_loop()
     while True:
-        lines = ["WATCHDOG=1"] if watchdog is not None else []
+        # The ping on its own, first: a status line that cannot be made must not
+        # hold it back (systemd would end the unit, every call on the host, for
+        # want of it: the supervisor-crash audit of session 26).
+        if watchdog is not None:
+            notifier.notify("WATCHDOG=1")
         if loop.time() >= status_due:
-            lines.append(f"STATUS={supervisor.status_line()}")
             status_due = loop.time() + STATUS_EVERY
-        notifier.notify(*lines)
+            notifier.notify(f"STATUS={supervisor.status_line()}")
         await asyncio.sleep(every)
