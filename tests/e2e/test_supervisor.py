@@ -1555,6 +1555,41 @@ async def test_a_worker_killed_after_its_channel_was_lost_gets_no_second_line_fo
         await service.finish()
 
 
+async def test_a_worker_that_drains_at_once_after_its_channel_is_cut_lost_no_call(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """Its channel cut, a worker whose calls all end within LOST_CHANNEL_CONFIRM
+    drains and exits 0 before the supervisor has confirmed the channel lost.
+    Its calls ended there, each with its line: the supervisor must not write
+    a second line for each ("lost with it"), count them lost (the alert reads
+    the count) nor say the worker died (the audit of what the supervisor keeps
+    of workers gone: 2 calls, 2 extra lines, "worker died", lost 2)."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+            await _echo(calls[-1])
+        [old] = await _worker_rows(service)
+        break_worker_channel(old["pid"])
+        await close_calls(calls)  # at once: the worker drains in well under 0.5 s
+        await eventually(lambda: not _alive(old["pid"]), 10)
+        joined = "worker joined the slot coordinator"
+        await eventually(lambda: len(_logged(service, joined)) == 2, 15)
+        await asyncio.sleep(0.3)
+        ended = [e for e in service.log() if e.get("event") == "call ended"]
+        assert sorted((e["bot_id"], e["end_reason"], e["process"]) for e in ended) == [
+            ("bot-0", "carrier closed", old["pid"]),
+            ("bot-1", "carrier closed", old["pid"]),
+        ]
+        assert not _logged(service, "worker died: its calls are lost; a new worker replaces it")
+        lost = metric_samples(await service.metrics()).get("fleet_ingress_worker_calls_lost_total")
+        assert lost == {(): 0.0}, lost
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_signal_to_the_whole_group_drains_a_worker_without_its_channel(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:

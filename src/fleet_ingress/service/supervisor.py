@@ -707,6 +707,7 @@ class Supervisor:
         worker.calls_at_leave.update(calls)
         worker.left.set()
         if row is not None and row.channel_lost and worker.proc.returncode is None:
+            worker.channel_closed_first = True
             # Its slots are kept until it exits. Without a channel it cannot hear
             # `stop`: its own drain ends it, this bounds it.
             by = time.monotonic() + self._drain_of(worker) + STOP_GRACE
@@ -743,16 +744,23 @@ class Supervisor:
         # Its channel ended before it exited: what it held was kept until now.
         self.server.release_kept(worker.key)
         self.workers.pop(worker.key, None)
-        if worker.channel_lost and code == 0:
-            # Without its channel it drained on its own and exited cleanly: each
-            # of its calls ended and was logged there with how it ended (its
-            # counts since its last report could not reach the host's stats).
+        # Without its channel it drained on its own and exited cleanly: each
+        # of its calls ended and was logged there with how it ended (its
+        # counts since its last report could not reach the host's stats). Also
+        # when it exited before its channel was confirmed lost: its calls
+        # ended within LOST_CHANNEL_CONFIRM, each with its line (the audit of
+        # what the supervisor keeps of workers gone: each got a second line,
+        # "lost with it", counted lost, and "worker died").
+        drained = code == 0 and (worker.channel_lost or worker.channel_closed_first)
+        if drained:
             worker.calls_lost = 0
         # Counted whatever the generation and whether stopping: an old generation's
         # worker killed while it drained went uncounted (the draining audit of
         # session 20), and FleetIngressWorkerDied, which reads it, never fired.
         self.calls_lost_total += worker.calls_lost
-        if not worker.channel_lost and (worker.calls_lost or (worker.calls_at_leave and code != 0)):
+        if not (worker.channel_lost or drained) and (
+            worker.calls_lost or (worker.calls_at_leave and code != 0)
+        ):
             # (One whose channel was lost went on without it: which of its calls
             # ended there since, each with its own line, is not known here.) Its
             # calls still waiting for a slot are lost too, held slots or not.
@@ -776,7 +784,7 @@ class Supervisor:
             )
             return
         self.restarts["hung" if worker.hung else _restart_reason(code)] += 1
-        if worker.channel_lost and code == 0:
+        if drained:
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
                 "its slots came back; a new worker replaced it",

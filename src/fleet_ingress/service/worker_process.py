@@ -31,6 +31,10 @@ class WorkerProcess:
     calls_at_leave: dict[int, dict[str, Any]] = field(default_factory=dict)
     # Its channel ended while its process ran: its slots stay counted until it exits.
     channel_lost: bool = False
+    # Its channel ended while its process seemed to run, not confirmed yet
+    # (`channel_lost` is said LOST_CHANNEL_CONFIRM later): an exit 0 before
+    # then is a drain without its channel too, not a death.
+    channel_closed_first: bool = False
     replaced: bool = False
     # Of a new generation not yet known to serve: not replaced if it dies.
     candidate: bool = False
