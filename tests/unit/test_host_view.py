@@ -242,3 +242,29 @@ def test_a_report_survives_the_wire():
 def test_a_report_that_is_not_one_is_named(broken):
     with pytest.raises(ReportError):
         WorkerReport.from_wire(broken)
+
+
+def test_what_is_kept_of_workers_gone_is_bounded_however_many_go():
+    """A crash-looping worker for a day (thousands of deaths) or a year of
+    upgrades keeps at most _RETIRED_IDS_KEPT ids in the supervisor and in what
+    it carries over its re-execution; a late report of the ones still kept is
+    refused, and the one index stays equal to what it mirrors (the audit of
+    what the supervisor keeps of workers gone)."""
+    from fleet_ingress.core import host_view
+
+    kept = host_view._RETIRED_IDS_KEPT
+    view = HostView()
+    for pid in range(1, 3 * kept + 1):
+        view.report(report(pid, 1, 1, 1, started=float(pid)), now=0)
+        view.leave((pid, 1))
+    assert len(view._gone) == len(view._gone_ids) == kept
+    assert set(view._gone) == view._gone_ids
+    assert view.totals().counter(*KEY) == 3 * kept  # every one counted, once
+    last = 3 * kept
+    assert not view.report(report(last, 1, 2, 9, started=float(last)), now=1)
+    carried = json.loads(json.dumps(view.to_json(now=1)))
+    assert len(carried["gone"]) == kept
+    again = HostView.from_json(carried, now=2)
+    assert again._gone_ids == set(again._gone) == set(view._gone)
+    assert not again.report(report(last, 1, 2, 9, started=float(last)), now=3)
+    assert again.totals().counter(*KEY) == 3 * kept

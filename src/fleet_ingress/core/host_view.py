@@ -267,14 +267,18 @@ class HostView:
         self.retired = Counts()  # counters and histograms of workers gone (no gauges)
         self.retired_workers = 0
         self._latest: dict[WorkerId, tuple[WorkerReport, float]] = {}  # report, when read
+        # What the supervisor keeps of every worker gone: its id, the last
+        # _RETIRED_IDS_KEPT of them (the rest is folded into `retired`). The set
+        # mirrors the deque: `report` asks it about every report read.
         self._gone: deque[tuple[WorkerId, float]] = deque(maxlen=_RETIRED_IDS_KEPT)
+        self._gone_ids: set[tuple[WorkerId, float]] = set()
 
     def report(self, report: WorkerReport, now: float) -> bool:
         """Take a worker's report, read at `now` (a monotonic clock that survives
         an exec: `time.monotonic()`). False when it tells nothing new: older than
         the one kept, or from a worker that has already left."""
         worker = report.worker
-        if (worker, report.started) in self._gone:
+        if (worker, report.started) in self._gone_ids:
             return False
         kept = self._latest.get(worker)
         if kept is not None:
@@ -296,8 +300,14 @@ class HostView:
         report = kept[0]
         self.retired.add(report.counts, gauges=False)
         self.retired_workers += 1
-        self._gone.append((worker, report.started))
+        self._remember_gone((worker, report.started))
         return report
+
+    def _remember_gone(self, gone: tuple[WorkerId, float]) -> None:
+        if len(self._gone) == self._gone.maxlen:
+            self._gone_ids.discard(self._gone[0])  # the oldest, about to drop out
+        self._gone.append(gone)
+        self._gone_ids.add(gone)
 
     def retire_absent(self, present: Collection[WorkerId]) -> list[WorkerId]:
         """Retire every worker not in `present` (after a re-execution: the
@@ -362,7 +372,7 @@ class HostView:
                     continue  # refuses: its worker reports again
                 view._latest[report.worker] = (report, now - float(entry["age"]))
             for pid, generation, started in data.get("gone", []):
-                view._gone.append(((int(pid), int(generation)), float(started)))
+                view._remember_gone(((int(pid), int(generation)), float(started)))
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ReportError):
                 raise
