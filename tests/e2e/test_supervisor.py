@@ -515,6 +515,33 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         await service.finish()
 
 
+async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Their default action ends a process, and `systemctl kill -s USR1` signals
+    every process of the unit (an operator used to nginx reopening its logs):
+    every call on the host was cut (the supervisor-crash audit of session 26)."""
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        await _open_on_both(service, tls_files, calls, 4)
+        workers = sorted(r["pid"] for r in await _worker_rows(service))
+        for sig in (signal.SIGUSR1, signal.SIGQUIT):
+            for pid in [service.proc.pid, *workers]:
+                os.kill(pid, sig)
+        said = "signal ignored: SIGTERM stops (calls drain), SIGHUP reloads, SIGUSR2 upgrades; "
+        said += "logs go to stderr (the journal), there is no file to reopen"
+        await eventually(lambda: len(_logged(service, said)) == 6, 5)
+        assert {e["signal"] for e in _logged(service, said)} == {"SIGUSR1", "SIGQUIT"}
+        assert service.proc.returncode is None
+        assert sorted(r["pid"] for r in await _worker_rows(service)) == workers
+        for ws in calls:
+            await _echo(ws)
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_sighup_to_a_worker_still_starting_does_not_end_it(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -121,8 +121,10 @@ from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_i
 from fleet_ingress.service.lifecycle import (
     EXIT_FLUSH_WAIT,
     FIRST_PROBE_WAIT,
+    IGNORED_SIGNALS,
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
+    say_signal_ignored,
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
@@ -1570,6 +1572,8 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
+    for sig in IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, say_signal_ignored, sig)
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
     await _threads_without_held_signals(loop)

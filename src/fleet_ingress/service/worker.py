@@ -84,7 +84,13 @@ from fleet_ingress.service.ingress import (
     Ingress,
     ReloadRefused,
 )
-from fleet_ingress.service.lifecycle import EXIT_FLUSH_WAIT, SECOND_SIGNAL_GRACE, trim_heap
+from fleet_ingress.service.lifecycle import (
+    EXIT_FLUSH_WAIT,
+    IGNORED_SIGNALS,
+    SECOND_SIGNAL_GRACE,
+    say_signal_ignored,
+    trim_heap,
+)
 from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
 
 log = logging.getLogger("fleet_ingress.worker")
@@ -243,6 +249,8 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, _own_sighup)
+        for sig in IGNORED_SIGNALS:
+            loop.add_signal_handler(sig, say_signal_ignored, sig)
         await self.ingress.start()
         self.client.send({"op": "serving"})
         gc.collect()
