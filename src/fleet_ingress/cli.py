@@ -501,7 +501,12 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.carrier_certificate import carrier_ssl_context
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
-    from fleet_ingress.service.upgrade import REEXEC_READ_EVERY, REEXEC_READ_PATIENCE, take_state
+    from fleet_ingress.service.upgrade import (
+        REEXEC_READ_EVERY,
+        REEXEC_READ_PATIENCE,
+        running_from_json,
+        take_state,
+    )
 
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
@@ -516,6 +521,8 @@ def _run(config_path: Path) -> int:
     # editor, config management) is read again for a while first.
     give_up_at = time.monotonic() + (REEXEC_READ_PATIENCE if carried is not None else 0)
     retrying = False
+    pem = None  # None: the Supervisor reads it from the files
+    unread_files: str | None = None
     while True:
         try:
             config = load_config(config_path)
@@ -529,8 +536,18 @@ def _run(config_path: Path) -> int:
             break
         except unreadable as exc:
             if time.monotonic() >= give_up_at:
-                print(f"fleet-ingress: {exc}", file=sys.stderr)
-                return 2
+                running = None
+                if carried is not None:
+                    running = running_from_json(carried, base_dir=config_path.absolute().parent)
+                if running is None:
+                    print(f"fleet-ingress: {exc}", file=sys.stderr)
+                    return 2
+                # Every worker carries calls, and this process is the unit's main
+                # one: it serves on with what the previous image ran, as checked
+                # there, rather than exit and take every call on the host with it.
+                config, fleets, pem = running
+                unread_files = str(exc)
+                break
             if not retrying:
                 print(
                     f"fleet-ingress: after the upgrade's re-execution: {exc}; reading again "
@@ -551,7 +568,20 @@ def _run(config_path: Path) -> int:
                 "adds one, or the file lists one and is reloaded",
                 extra=fields(key="fleets.file", file=str(config.fleets.file)),
             )
-        supervisor = Supervisor(config, fleets, config_path, handed=handed, carried=carried)
+        if unread_files is not None:
+            import logging
+
+            from fleet_ingress.logs import fields
+
+            logging.getLogger("fleet_ingress.lifecycle").error(
+                "after the upgrade's re-execution the files could not be read: serving the "
+                "configuration, fleets and certificate the previous image ran; fix the files, "
+                "then reload",
+                extra=fields(error=unread_files, config=str(config_path)),
+            )
+        supervisor = Supervisor(
+            config, fleets, config_path, handed=handed, carried=carried, pem=pem
+        )
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2

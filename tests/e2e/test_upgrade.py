@@ -1228,6 +1228,90 @@ async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
         await service.finish()
 
 
+_BREAK_FLEETS = 'pathlib.Path({where}).parent.joinpath("fleets.txt").write_text("not a fleet\\n")'
+
+
+async def test_files_that_no_longer_read_after_the_trial_run_refuse_the_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The fleets file is broken as the trial run ends, after it read it (an
+    edit during the upgrade): before, the supervisor went on to the exec, the
+    new image could not read it and exited, as the unit's main process, taking
+    every call on the host (the supervisor-crash audit of session 26)."""
+    src = _copy_package(tmp_path)
+    where = "config_path"  # trial_run's argument
+    _inject(
+        src,
+        "service/upgrade.py",
+        TRIAL_ENDED,
+        f"    import pathlib; {_BREAK_FLEETS.format(where=where)}\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        pid = service.proc.pid
+        before = await _rows(service)
+        await load.start_long(4, duration=4.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 1, out
+        assert "the files changed during the trial run and no longer read" in err, err
+        assert "'not' is not an http:// or https:// URL" in err
+        _assert_no_loss(await load.results(timeout=10))
+        assert service.proc.returncode is None and service.proc.pid == pid
+        after = await _rows(service)
+        assert [(r["pid"], r["generation"]) for r in after] == [
+            (r["pid"], r["generation"]) for r in before
+        ]
+        result = await load.call("after", 0.5)
+        _assert_no_loss([("after", result)])
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old_one_ran(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The fleets file is broken just before the exec, after every check: the
+    new image, which cannot read it, serves the configuration, fleets and
+    certificate the previous image ran (carried in its state) and says so,
+    rather than exit and take every call with it."""
+    src = _copy_package(tmp_path)
+    where = 'argv[argv.index("-c") + 1]'
+    _inject(
+        src,
+        "service/listen_fds.py",
+        EXECVE,
+        f"    import pathlib; {_BREAK_FLEETS.format(where=where)}\n",
+    )
+    upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
+    text = upgrade_py.read_text()
+    assert text.count("REEXEC_READ_PATIENCE = 10.0") == 1
+    upgrade_py.write_text(text.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0"))
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        pid = service.proc.pid
+        await load.start_long(4, duration=6.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, (out, err, service.log_tail())
+        said = "after the upgrade's re-execution the files could not be read: serving the "
+        said += "configuration, fleets and certificate the previous image ran; fix the files, "
+        said += "then reload"
+        (line,) = [e for e in service.log() if e.get("event") == said]
+        assert "'not' is not an http:// or https:// URL" in line["error"]
+        assert service.proc.returncode is None and service.proc.pid == pid
+        assert {r["generation"] for r in await _rows(service) if r["state"] == "serving"} == {2}
+        stats = await service.stats()
+        assert sorted(f["name"] for f in stats["fleets"]) == sorted(sim.name for sim in fleets)
+        _assert_no_loss(await load.results(timeout=15))
+        result = await load.call("after", 0.5)
+        _assert_no_loss([("after", result)])
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 def _threads_taking(pid: int, signals: tuple[signal.Signals, ...]) -> list[str]:
     """The threads of `pid` other than its main one that do not block all of `signals`."""
     wanted = sum(1 << (s - 1) for s in signals)

@@ -75,7 +75,7 @@ from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.net.tls import fleet_ssl_context, held_pem
+from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context, held_pem
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -186,9 +186,12 @@ class Supervisor:
         handed: dict[str, socket.socket] | None = None,
         carried: dict[str, Any] | None = None,
         starts_settle: float = STARTS_SETTLE,
+        pem: CarrierPem | None = None,
     ) -> None:
         """`handed` and `carried`: the sockets and the state the previous image
         kept over its re-execution (an upgrade); None at a first start.
+        `pem`: the certificate to serve, as checked (the previous image's, when
+        the files could not be read after its exec); None: read from the files.
         `starts_settle`: how long an upgrade's exec waits for workers being
         started (STARTS_SETTLE; tests shorten it)."""
         self.config = config
@@ -196,7 +199,8 @@ class Supervisor:
         # A certificate that cannot load fails `run` here, not in workers. Read
         # once: what is checked here is what every worker started is handed
         # (`_start_worker`), whatever the files hold by then.
-        pem = read_carrier_pem(config)
+        if pem is None:
+            pem = read_carrier_pem(config)
         carrier_ssl_context(config, pem)
         self.serving_pem = pem  # the certificate and key served now, as checked
         self.fleet_set = FleetSet.from_specs(

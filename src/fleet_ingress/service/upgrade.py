@@ -35,10 +35,18 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fleet_ingress.config.settings import (
+    ConfigError,
+    IngressConfig,
+    config_from_json,
+    config_to_json,
+)
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
+from fleet_ingress.net.tls import CarrierPem
+from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 
 # After a re-execution, the new image reads the config, the fleets file and the
 # certificates again every REEXEC_READ_EVERY seconds for REEXEC_READ_PATIENCE
@@ -262,6 +270,36 @@ CARRIED_FLEET_FIELDS: dict[str, Callable[[Any], Any]] = {
 
 def _to_json(value: Any) -> Any:
     return value.name if isinstance(value, Enum) else value
+
+
+def running_to_json(
+    config: IngressConfig, fleets: Iterable[FleetSpec], pem: CarrierPem
+) -> dict[str, Any]:
+    """What an image runs, as it checked it: its configuration, the fleets its
+    file lists and the certificate it serves, for the next image to serve should
+    it not read the files (`running_from_json`)."""
+    return {
+        "config": config_to_json(config),
+        "fleets": [spec_to_wire(spec) for spec in fleets],
+        "pem": pem_to_json(pem),
+    }
+
+
+def running_from_json(
+    carried: Mapping[str, Any], *, base_dir: Path
+) -> tuple[IngressConfig, list[FleetSpec], CarrierPem] | None:
+    """`running_to_json`'s (configuration, fleets, certificate) from the previous
+    image's state; None when it has none (an older release) or it cannot be read."""
+    running = carried.get("running")
+    if not isinstance(running, dict):
+        return None
+    try:
+        config = config_from_json(running["config"], base_dir=base_dir)
+        fleets = [spec_from_wire(spec) for spec in running["fleets"]]
+        pem = pem_from_json(running["pem"])
+    except (KeyError, TypeError, ValueError, ConfigError, WireError):
+        return None
+    return config, fleets, pem
 
 
 def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:

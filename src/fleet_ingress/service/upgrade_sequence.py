@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import (
     ConfigError,
     IngressConfig,
@@ -51,6 +52,7 @@ from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
+from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
@@ -66,6 +68,7 @@ from fleet_ingress.service.upgrade import (
     monotonic_of,
     removing_specs,
     restore_fleets,
+    running_to_json,
     state_fd,
     trial_run,
     unread_from_json,
@@ -142,6 +145,7 @@ class Upgradable(Protocol):
     reloading: bool
     reloads_asked: asyncio.Queue[ReloadAsked]
     serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
+    serving_pem: CarrierPem  # its chain and key, as checked
     restarts: Counter[str]
     calls_lost_total: int
     quick_deaths: int
@@ -335,12 +339,17 @@ class UpgradeSequence:
         # The new image reads the certificate file at its start, with no reload to
         # judge it: one a reload refused must not come back this way.
         try:
-            config = await asyncio.to_thread(load_config, supervisor.config_path)
             problem = await asyncio.to_thread(
-                certificate_not_taken, config, supervisor.serving_leaf
+                _certificate_not_taken, supervisor.config_path, supervisor.serving_leaf
             )
-        except ConfigError:
-            problem = None  # the trial run passed it: read it again, the new image will say
+        except (ConfigError, FleetsFileError) as exc:
+            # Changed since the trial run read them (an edit, a file half written).
+            self._upgrade_failed(
+                status,
+                f"the files changed during the trial run and no longer read: {exc}; fix "
+                "them, then upgrade",
+            )
+            return
         if problem is not None:
             self._upgrade_failed(
                 status,
@@ -462,6 +471,14 @@ class UpgradeSequence:
             "upgrades": list(self.statuses.values()),
             "worker_target": supervisor.worker_target,
             "quick_deaths": supervisor.quick_deaths,
+            # What this image runs, as checked: the next image's, should it not
+            # read the files (changed since the trial run), rather than exit and,
+            # as the unit's main process, take every call on the host with it.
+            "running": running_to_json(
+                supervisor.config,
+                [f.spec for f in supervisor.balancer.fleets if not f.removing],
+                supervisor.serving_pem,
+            ),
             # Replacements not started yet (a worker started but not joined yet
             # goes over with its channel, as the others; one being started is
             # waited for before the exec: `starts_settled`).
@@ -788,3 +805,12 @@ def _took(status: dict[str, Any]) -> float:
     if began is None:
         return round(time.time() - status["started"], 3)
     return round(time.monotonic() - began, 3)
+
+
+def _certificate_not_taken(config_path: Path, serving: LeafFacts | None) -> str | None:
+    """The files read again after the trial run, as the new image will read
+    them (ConfigError, FleetsFileError: they no longer read): why the
+    certificate on disk must not be served, or None."""
+    config = load_config(config_path)
+    load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    return certificate_not_taken(config, serving)
