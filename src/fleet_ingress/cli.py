@@ -213,6 +213,10 @@ def _options_with_values(parser: argparse.ArgumentParser) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     given = _command_first(list(sys.argv[1:] if argv is None else argv), parser)
+    if given:
+        from fleet_ingress.service.process_start import first_steps
+
+        first_steps(given[0])  # the console script never runs __main__
     if given and not given[0].startswith("-") and given[0] not in _commands(parser, hidden=True):
         # argparse's own answer listed the hidden `worker` and suggested nothing.
         import difflib

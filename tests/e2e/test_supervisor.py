@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import signal
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from tests.support import (
     worker_channel_copy,
     workers_of,
     write_leaf_cert,
+    write_run_home,
 )
 
 # One process tree per test (the event loop is its own), waited on more than worked:
@@ -540,6 +542,48 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_the_console_script_started_with_stderr_closed_serves(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """`fleet-ingress run` (the console script: systemd's unit runs it, and it
+    never runs `__main__`) with descriptor 2 closed: libuv's epoll took it and
+    aborted the process at start (the review of session 26). It serves, its
+    log going to /dev/null."""
+    lines = ["https://127.0.0.1:9 name=a"]  # probed: its sockets take the lowest free fds
+    _, stats_port = await write_run_home(tls_files, tmp_path, lines, workers=1)
+    script = Path(sys.executable).parent / "fleet-ingress"
+    config = tmp_path / "ingress.toml"
+    proc = await asyncio.create_subprocess_exec(
+        "sh",
+        "-c",
+        f"exec 2>&-; exec '{script}' run -c '{config}'",  # closed where it starts
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+
+        async def stats_answer() -> bool:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", stats_port)
+            except OSError:
+                return False
+            writer.close()
+            return True
+
+        async with asyncio.timeout(20):
+            while not await stats_answer():
+                assert proc.returncode is None, f"exited {proc.returncode}"
+                await asyncio.sleep(0.1)
+        for _ in range(30):  # 3 s: its workers up, and what aborts at start has
+            assert proc.returncode is None, f"exited {proc.returncode}"
+            assert await stats_answer()
+            await asyncio.sleep(0.1)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            await proc.wait()
 
 
 async def test_a_sighup_to_a_worker_still_starting_does_not_end_it(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -1323,6 +1324,42 @@ def _threads_taking(pid: int, signals: tuple[signal.Signals, ...]) -> list[str]:
         if int(status["SigBlk"], 16) & wanted != wanted:
             taking.append(f"{task.name} {status['Name']}")
     return taking
+
+
+async def test_sigusr1_and_sigquit_during_the_exec_end_nothing(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """Ignored from the new image's first lines, but the exec resets a handled
+    signal to its default action, which ends the process: one that came in
+    between (a `systemctl kill -s USR1` during an upgrade) ended the unit's
+    main process, every call with it (the review of session 26). Held over the
+    exec with the others, it waits for the new image's handler."""
+    lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=30, env=PATIENT_PROBES)
+    load = _fleets_load(service, tls_files, fleets)
+    pid = service.proc.pid
+    sent = 0
+
+    async def signals() -> None:
+        nonlocal sent
+        for n in range(20_000):  # bounded: 20 s at most
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1 if n % 2 else signal.SIGQUIT)
+                sent += 1
+            await asyncio.sleep(0.001)
+
+    sending = asyncio.ensure_future(signals())
+    try:
+        await load.start_long(4, duration=4.0)
+        code, out, err = await _upgrade_command(service)
+        sending.cancel()
+        assert code == 0, (out, err)
+        assert service.proc.returncode is None and sent > 100
+        _assert_no_loss(await load.results(timeout=10))
+    finally:
+        sending.cancel()
+        await load.stop()
+        await service.finish()
 
 
 async def test_only_the_main_thread_can_take_a_signal_held_over_the_exec(
@@ -2669,6 +2706,48 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
+        await _close_adopting(new)
+
+
+async def test_the_supervisors_task_failures_are_carried_over_the_exec(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """fleet_ingress_supervisor_task_failures_total does not go back to 0 at an
+    upgrade, as no other counter does (the review of session 26)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    old.task_failures.failed("reloader")
+    old.task_failures.failed("reloader")
+    new = _supervisor(tmp_path, carried=old.upgrade._state_for_exec())
+    try:
+        assert new.task_failures.by_task["reloader"] == 2
+        assert new.task_failures.by_task["watchdog pings"] == 0
+    finally:
+        await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_worker_draining_at_once_after_its_channel_was_cut_is_no_death_over_an_exec(
+    tls_files: TLSFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its channel was cut just before the exec (not confirmed lost yet), and it
+    drains its last call and exits 0 a moment after: a drain, as without the
+    exec (91d7772), not "worker died" with its call counted lost and a second
+    access line for it (the review of session 26)."""
+    caplog.set_level(logging.INFO)
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    child = await asyncio.create_subprocess_exec("sh", "-c", "sleep 0.2; exit 0")
+    carried = _carried_with(
+        tmp_path, pid=child.pid, channel_lost=True, lost_confirmed=False, held=["a"], calls_lost=1
+    )
+    new = _supervisor(tmp_path, carried=carried)
+    try:
+        await new.upgrade.adopt_workers({})
+        await eventually(lambda: not new.workers, 5)
+        assert new.calls_lost_total == 0
+        said = [r.getMessage() for r in caplog.records if r.name.startswith("fleet_ingress")]
+        assert not [m for m in said if m.startswith("worker died")]
+    finally:
         await _close_adopting(new)
 
 

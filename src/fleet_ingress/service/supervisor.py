@@ -973,11 +973,18 @@ class Supervisor:
                 # Out of descriptors, memory or processes: the host serves with a
                 # worker fewer until this succeeds, so keep trying, not too often.
                 delay = min(max(delay * 2, 1.0), RESPAWN_DELAY_MAX)
-                log.error(
-                    "cannot start a worker: the host serves with one worker fewer "
-                    "until it can; check the service's LimitNOFILE, memory and tasks",
-                    extra=fields(error=str(exc), retry_in_s=delay),
-                )
+                if isinstance(exc, OSError):
+                    log.error(
+                        "cannot start a worker: the host serves with one worker fewer "
+                        "until it can; check the service's LimitNOFILE, memory and tasks",
+                        extra=fields(error=str(exc), retry_in_s=delay),
+                    )
+                else:  # a bug: said as one, with its traceback, and counted
+                    failures = self.task_failures.failed("worker start")
+                    log.exception(
+                        "supervisor task failed: started again; a bug, report it",
+                        extra=fields(task="worker start", failures=failures, retry_in_s=delay),
+                    )
                 await asyncio.sleep(delay)
 
     # -- asking workers ----------------------------------------------------------

@@ -58,6 +58,7 @@ from fleet_ingress.ops.reload_outcome import ReloadAsked
 from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import certificate_not_taken
+from fleet_ingress.service.kept_running import TaskFailures
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -93,7 +94,14 @@ STARTS_SETTLE = 5.0
 # The signals that would kill the process if they came while no handler is
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
-HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+HELD_OVER_EXEC = (
+    signal.SIGHUP,
+    signal.SIGUSR2,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGUSR1,
+    signal.SIGQUIT,
+)
 # Once those are blocked, the event loop turns for this long before the exec:
 # a signal that came just before the block is already out of the kernel, its
 # wake-up a byte in the loop's pipe that the exec would discard. Ready work
@@ -147,6 +155,7 @@ class Upgradable(Protocol):
     serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
     serving_pem: CarrierPem  # its chain and key, as checked
     restarts: Counter[str]
+    task_failures: TaskFailures
     calls_lost_total: int
     quick_deaths: int
 
@@ -240,6 +249,9 @@ class UpgradeSequence:
             log.info("a reload asked during the upgrade: done once this image serves")
             supervisor.reloads_asked.put_nowait(None)
         supervisor.restarts.update(carried["restarts"])
+        # (From a release that did not carry them: counted from here.)
+        for task, count in dict(carried.get("task_failures") or {}).items():
+            supervisor.task_failures.by_task[str(task)] += int(count)
         # The previous images' own dropped log lines: counted as a part gone is.
         dropped = int(carried.get("log_lines_dropped", 0))
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
@@ -460,6 +472,7 @@ class UpgradeSequence:
             "reloads": dict(supervisor.reloads),
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
             "restarts": dict(supervisor.restarts),
+            "task_failures": dict(supervisor.task_failures.by_task),
             # The lines still waiting are lost with this image (the exec).
             "log_lines_dropped": lines_dropped() + lines_waiting(),
             "calls_lost_total": supervisor.calls_lost_total,
@@ -666,6 +679,7 @@ class UpgradeSequence:
             # that carried no "lost_confirmed" counted every kept one as lost.
             kept = bool(carried.get("channel_lost"))
             worker.channel_lost = bool(carried.get("lost_confirmed", kept))
+            worker.channel_closed_first = kept
             if kept and worker.proc.returncode is None:
                 if isinstance(held, list) and held:
                     slots = self.supervisor.slots

@@ -1,0 +1,47 @@
+"""What a process of `fleet-ingress run` does first, before any other import:
+its standard descriptors and the signals whose default action would end it.
+
+Called by `python -m fleet_ingress` (`__main__`, before it imports the CLI)
+and by `cli.main` (the `fleet-ingress` console script, which systemd's unit
+runs and which never runs `__main__`); once a process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_done = False
+
+
+def first_steps(command: str) -> None:
+    """For `run` (the supervisor) and `worker`; nothing for another command."""
+    global _done
+    if _done or command not in ("run", "worker"):
+        return
+    _done = True
+    # A descriptor 0, 1 or 2 left closed (started with `2>&-`) would be the
+    # first one a socket or libuv's epoll takes: libuv aborts the process when
+    # it closes one of those (uv__close asserts fd > 2), and what is written to
+    # stderr would go into that socket. /dev/null in their place.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free descriptor: this one
+    # SIGUSR1 and SIGQUIT would end the process (their default action), and
+    # `systemctl kill -s USR1` signals every process of the unit: each worker,
+    # every call with it (an operator used to nginx sends USR1 to reopen logs,
+    # QUIT for a graceful stop). Ignored from here; the supervisor and the
+    # workers say so once their loop runs (the supervisor-crash audit of
+    # session 26). Inherited by the workers; held over an upgrade's exec
+    # (upgrade_sequence.HELD_OVER_EXEC), which resets a handled signal.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    if command == "worker":
+        # A worker (started by the supervisor) acts on neither: reloads and upgrades
+        # are the supervisor's, and `systemctl kill -s HUP|USR2` signals every process
+        # of the unit. Ignored from here, before the imports: their default action
+        # ended a worker still starting (the worker logs a SIGHUP once its loop runs).
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
