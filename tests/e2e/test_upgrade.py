@@ -51,6 +51,7 @@ from tests.support import (
     metric_samples,
     run_cli,
     simulated_fleets,
+    workers_of,
     write_run_home,
 )
 
@@ -1308,6 +1309,38 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         _assert_no_loss(await load.results(timeout=15))
         result = await load.call("after", 0.5)
         _assert_no_loss([("after", result)])
+    finally:
+        await load.stop()
+        await service.finish()
+
+
+async def test_a_new_image_that_cannot_start_drains_the_calls_rather_than_cut_them(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A bug of the new release that its trial run cannot meet (here: raised as
+    the new image starts its generation): it killed every worker, every call on
+    the host with them (the supervisor-crash audit of session 26). Its workers
+    now stop accepting and drain; it exits 1 once they have."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/upgrade_sequence.py",
+        '        status["state"] = "starting workers"\n',
+        '        raise RuntimeError("planted: the new release cannot start")\n',
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        await load.start_long(4, duration=4.0)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 40)
+        assert code == 1, service.log_tail()
+        _assert_no_loss(await load.results(timeout=10))  # drained, not cut
+        said = [
+            e for e in service.log() if e.get("event", "").startswith("the supervisor cannot go")
+        ]
+        assert len(said) == 1 and said[0]["level"] == "critical", said
+        assert not workers_of(service.home)
     finally:
         await load.stop()
         await service.finish()

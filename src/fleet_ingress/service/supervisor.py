@@ -1602,8 +1602,11 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     except BaseException:
         watchdog.cancel()
         supervisor.stopping = True
-        supervisor.kill_workers()
-        await supervisor.wait_workers(STOP_GRACE)
+        if supervisor.upgrade.resumed:
+            await _drain_after_failed_resume(supervisor, notifier)
+        else:
+            supervisor.kill_workers()
+            await supervisor.wait_workers(STOP_GRACE)
         await supervisor.close()
         raise
     await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
@@ -1646,6 +1649,31 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     log.info("stopped")
     notifier.close()
     return 0
+
+
+async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier) -> None:
+    """After an upgrade's exec every worker carries calls: the new image that
+    cannot start (a bug of the new release its trial run could not meet) tells
+    them to stop accepting and drain, and waits for them as the unit's main
+    process, `timeouts.drain` at most, rather than kill them (the
+    supervisor-crash audit of session 26: every call on the host was cut). A
+    worker whose channel this image had not taken up yet sees it end (closed
+    here) and drains on its own."""
+    log.critical(
+        "the supervisor cannot go on after the upgrade's re-execution: every worker stops "
+        "accepting and drains its calls, then the supervisor exits; reinstall the release "
+        "that ran, then start the service",
+        exc_info=True,
+    )
+    notifier.notify("STOPPING=1", "STATUS=the upgraded supervisor could not start: draining")
+    try:
+        await supervisor.stop_accepting()
+    except Exception:
+        log.exception("telling the workers to stop failed: they drain as their channels end")
+    for sock in supervisor.handed.values():
+        sock.close()
+    supervisor.handed.clear()
+    await supervisor.wait_workers(supervisor.config.timeouts.drain + STOP_GRACE)
 
 
 def _block_held_signals() -> None:
