@@ -91,3 +91,13 @@ def test_what_a_worker_said_is_taken_only_as_plain_bounded_values() -> None:
 def test_started_is_derived_from_started_at_when_not_said() -> None:
     line = record({"started_at": 0.0}, now=30.0)
     assert line["started"] == "1970-01-01T00:00:00Z" and line["duration_s"] == 30.0
+
+
+def test_a_start_time_no_clock_could_say_is_left_out_not_raised() -> None:
+    """A worker's `started_at` of 1e300 raised OverflowError in time.gmtime: the
+    supervisor's watch on that worker ended there, and its death, its lost
+    calls and their lines went unsaid (the supervisor-crash audit of session 26)."""
+    for bad in (1e300, -5.0, float("nan"), float("inf")):
+        line = record({"started_at": bad}, now=1_000.0)
+        assert line["started"] is None and line["duration_s"] is None, bad
+    assert record({"started_at": 1_010.0}, now=1_000.0)["duration_s"] == 0.0  # its clock ahead

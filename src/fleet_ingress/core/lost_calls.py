@@ -61,7 +61,14 @@ def lost_call_record(
     record["fleet"] = fleet if isinstance(fleet, str) else None
     record["status"] = 101 if call.get("status") == 101 else None
     started_at = call.get("started_at")
-    if isinstance(started_at, int | float) and not isinstance(started_at, bool):
+    # A time the worker's wall clock could have said (up to a minute past this
+    # one's): a value far out of it (1e300, NaN) raised here, and the worker's
+    # death went unsaid (the supervisor-crash audit of session 26).
+    if (
+        isinstance(started_at, int | float)
+        and not isinstance(started_at, bool)
+        and 0 <= started_at <= now + 60
+    ):
         record["duration_s"] = round(max(0.0, now - started_at), 3)
         if record["started"] is None:
             record["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at))
