@@ -1346,6 +1346,28 @@ async def test_a_new_image_that_cannot_start_drains_the_calls_rather_than_cut_th
         await service.finish()
 
 
+async def test_an_upgrade_that_breaks_after_its_trial_run_is_abandoned_not_left_under_way(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A bug between the trial run and the exec: the upgrade stayed 'under way'
+    for good, every later one refused, and systemd had RELOADING=1 with no
+    READY=1 after it (the supervisor-crash audit of session 26)."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src, "service/upgrade_sequence.py", TRIAL_PASSED, '        raise RuntimeError("planted")\n'
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    try:
+        for _ in range(2):  # the second is not refused as under way
+            code, out, err = await _upgrade_command(service)
+            assert code == 1, out
+            assert "the upgrade broke after its trial run: RuntimeError('planted')" in err, err
+        await service.wait_for("READY=1", count=3)
+        assert service.proc.returncode is None
+    finally:
+        await service.finish()
+
+
 def _threads_taking(pid: int, signals: tuple[signal.Signals, ...]) -> list[str]:
     """The threads of `pid` other than its main one that do not block all of `signals`."""
     wanted = sum(1 << (s - 1) for s in signals)

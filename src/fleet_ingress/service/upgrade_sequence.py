@@ -345,6 +345,18 @@ class UpgradeSequence:
             log.exception("upgrade: trial run broke")
             self._upgrade_failed(status, f"the trial run could not be started: {exc!r}")
             return
+        try:
+            await self._after_trial(status, checked)
+        except Exception as exc:
+            # A bug: the upgrade stayed "under way" for good (every later one
+            # refused) and systemd was told RELOADING=1 with no READY=1 after it
+            # (the supervisor-crash audit of session 26).
+            log.exception("upgrade: broke after its trial run")
+            self._upgrade_failed(status, f"the upgrade broke after its trial run: {exc!r}")
+
+    async def _after_trial(self, status: dict[str, Any], checked: str) -> None:
+        """From the trial run passed to the exec, or why not."""
+        supervisor = self.supervisor
         if supervisor.stopping:
             self._upgrade_failed(status, "the ingress began stopping during the trial run")
             return
