@@ -499,7 +499,7 @@ def _run(config_path: Path) -> int:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
-    from fleet_ingress.config.settings import ConfigError, load_config
+    from fleet_ingress.config.settings import ConfigError, TimeoutsSection, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
     from fleet_ingress.service.carrier_certificate import carrier_ssl_context
@@ -508,6 +508,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.service.upgrade import (
         REEXEC_READ_EVERY,
         REEXEC_READ_PATIENCE,
+        drain_children,
         running_from_json,
         take_state,
     )
@@ -533,9 +534,11 @@ def _run(config_path: Path) -> int:
             fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
             carrier_ssl_context(config)
             fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
-            if carried is not None and not fleets and time.monotonic() < give_up_at:
+            if carried is not None and not fleets:
                 # Truncated by whoever is writing it (a reload refuses a file
-                # that lists none); still empty at the end, it is taken as meant.
+                # that lists none); still empty at the end, what the previous
+                # image ran is served, or, if it ran none either (or did not
+                # say), the file is taken as meant.
                 raise FleetsFileError(f"{config.fleets.file}: no fleets listed")
             break
         except unreadable as exc:
@@ -543,8 +546,14 @@ def _run(config_path: Path) -> int:
                 running = None
                 if carried is not None:
                     running = running_from_json(carried, base_dir=config_path.absolute().parent)
-                if running is None:
+                empty = isinstance(exc, FleetsFileError) and str(exc).endswith(": no fleets listed")
+                if running is None or (empty and not running[1]):
+                    if empty:
+                        break  # as read: a file listing none, the previous image none either
                     print(f"fleet-ingress: {exc}", file=sys.stderr)
+                    if carried is not None:  # every worker carries calls: drained, not cut
+                        # (no configuration read: timeouts.drain's default)
+                        drain_children(handed, TimeoutsSection().drain)
                     return 2
                 # Every worker carries calls, and this process is the unit's main
                 # one: it serves on with what the previous image ran, as checked
@@ -588,7 +597,17 @@ def _run(config_path: Path) -> int:
         )
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
+        if carried is not None:  # every worker carries calls: drained, not cut
+            drain_children(handed, config.timeouts.drain)
         return 2
+    except Exception:
+        if carried is None:
+            raise
+        import traceback  # a bug taking up the previous image's state: drained, not cut
+
+        traceback.print_exc()
+        drain_children(handed, config.timeouts.drain)
+        return 1
     _raise_descriptor_limit(config.limits.max_connections, acme=bool(config.listen.acme))
     try:
         return event_loop.run(run_supervisor(supervisor))

@@ -1230,11 +1230,17 @@ async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
         await service.finish()
 
 
-_BREAK_FLEETS = 'pathlib.Path({where}).parent.joinpath("fleets.txt").write_text("not a fleet\\n")'
+_BREAK_FLEETS = 'pathlib.Path({where}).parent.joinpath("fleets.txt").write_text({text!r})'
+# What each broken fleets file says: a line that is no fleet; none at all.
+_BROKEN = [
+    ("not a fleet\n", "'not' is not an http:// or https:// URL"),
+    ("", "no fleets listed"),
+]
 
 
+@pytest.mark.parametrize(("text", "said"), _BROKEN, ids=["junk", "empty"])
 async def test_files_that_no_longer_read_after_the_trial_run_refuse_the_upgrade(
-    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path, text: str, said: str
 ) -> None:
     """The fleets file is broken as the trial run ends, after it read it (an
     edit during the upgrade): before, the supervisor went on to the exec, the
@@ -1246,7 +1252,7 @@ async def test_files_that_no_longer_read_after_the_trial_run_refuse_the_upgrade(
         src,
         "service/upgrade.py",
         TRIAL_ENDED,
-        f"    import pathlib; {_BREAK_FLEETS.format(where=where)}\n",
+        f"    import pathlib; {_BREAK_FLEETS.format(where=where, text=text)}\n",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
     load = _fleets_load(service, tls_files, fleets)
@@ -1257,7 +1263,7 @@ async def test_files_that_no_longer_read_after_the_trial_run_refuse_the_upgrade(
         code, out, err = await _upgrade_command(service)
         assert code == 1, out
         assert "the files changed during the trial run and no longer read" in err, err
-        assert "'not' is not an http:// or https:// URL" in err
+        assert said in err
         _assert_no_loss(await load.results(timeout=10))
         assert service.proc.returncode is None and service.proc.pid == pid
         after = await _rows(service)
@@ -1271,8 +1277,9 @@ async def test_files_that_no_longer_read_after_the_trial_run_refuse_the_upgrade(
         await service.finish()
 
 
+@pytest.mark.parametrize(("text", "said"), _BROKEN, ids=["junk", "empty"])
 async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old_one_ran(
-    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path, text: str, said: str
 ) -> None:
     """The fleets file is broken just before the exec, after every check: the
     new image, which cannot read it, serves the configuration, fleets and
@@ -1284,12 +1291,14 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         src,
         "service/listen_fds.py",
         EXECVE,
-        f"    import pathlib; {_BREAK_FLEETS.format(where=where)}\n",
+        f"    import pathlib; {_BREAK_FLEETS.format(where=where, text=text)}\n",
     )
     upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
-    text = upgrade_py.read_text()
-    assert text.count("REEXEC_READ_PATIENCE = 10.0") == 1
-    upgrade_py.write_text(text.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0"))
+    source = upgrade_py.read_text()
+    assert source.count("REEXEC_READ_PATIENCE = 10.0") == 1
+    upgrade_py.write_text(
+        source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
+    )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
     load = _fleets_load(service, tls_files, fleets)
     try:
@@ -1297,11 +1306,11 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         await load.start_long(4, duration=6.0)
         code, out, err = await _upgrade_command(service)
         assert code == 0, (out, err, service.log_tail())
-        said = "after the upgrade's re-execution the files could not be read: serving the "
-        said += "configuration, fleets and certificate the previous image ran; fix the files, "
-        said += "then reload"
-        (line,) = [e for e in service.log() if e.get("event") == said]
-        assert "'not' is not an http:// or https:// URL" in line["error"]
+        event = "after the upgrade's re-execution the files could not be read: serving the "
+        event += "configuration, fleets and certificate the previous image ran; fix the files, "
+        event += "then reload"
+        (line,) = [e for e in service.log() if e.get("event") == event]
+        assert said in line["error"]
         assert service.proc.returncode is None and service.proc.pid == pid
         assert {r["generation"] for r in await _rows(service) if r["state"] == "serving"} == {2}
         stats = await service.stats()
@@ -1314,18 +1323,28 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         await service.finish()
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        '        status["state"] = "starting workers"\n',  # every worker taken up
+        "        adopted: set[int] = set()\n",  # none taken up yet
+        '        supervisor.restarts.update(carried["restarts"])\n',  # no Supervisor yet
+    ],
+    ids=["generation", "adopting", "state"],
+)
 async def test_a_new_image_that_cannot_start_drains_the_calls_rather_than_cut_them(
-    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path, where: str
 ) -> None:
-    """A bug of the new release that its trial run cannot meet (here: raised as
-    the new image starts its generation): it killed every worker, every call on
-    the host with them (the supervisor-crash audit of session 26). Its workers
-    now stop accepting and drain; it exits 1 once they have."""
+    """A bug of the new release that its trial run cannot meet (raised as the
+    new image starts its generation, or as it takes up the workers): it killed
+    every worker, every call on the host with them (the supervisor-crash audit
+    of session 26). Its workers now stop accepting and drain, those it had not
+    taken up yet waited for too (the review); it exits 1 once they have."""
     src = _copy_package(tmp_path)
     _inject(
         src,
         "service/upgrade_sequence.py",
-        '        status["state"] = "starting workers"\n',
+        where,
         '        raise RuntimeError("planted: the new release cannot start")\n',
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
@@ -1336,10 +1355,13 @@ async def test_a_new_image_that_cannot_start_drains_the_calls_rather_than_cut_th
         code = await asyncio.wait_for(service.proc.wait(), 40)
         assert code == 1, service.log_tail()
         _assert_no_loss(await load.results(timeout=10))  # drained, not cut
-        said = [
-            e for e in service.log() if e.get("event", "").startswith("the supervisor cannot go")
-        ]
-        assert len(said) == 1 and said[0]["level"] == "critical", said
+        if "carried" in where:  # no supervisor yet: its traceback, not a line of its log
+            assert "planted: the new release cannot start" in service.log_tail()
+        else:
+            said = [
+                e for e in service.log() if e.get("event", "").startswith("the supervisor cannot")
+            ]
+            assert len(said) == 1 and said[0]["level"] == "critical", said
         assert not workers_of(service.home)
     finally:
         await load.stop()

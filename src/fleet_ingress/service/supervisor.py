@@ -128,6 +128,7 @@ from fleet_ingress.service.lifecycle import (
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
+from fleet_ingress.service.upgrade import children_running
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC, STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_process import WorkerProcess
 
@@ -1600,13 +1601,17 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     try:
         await supervisor.start()
     except BaseException:
-        watchdog.cancel()
         supervisor.stopping = True
-        if supervisor.upgrade.resumed:
-            await _drain_after_failed_resume(supervisor, notifier)
-        else:
-            supervisor.kill_workers()
-            await supervisor.wait_workers(STOP_GRACE)
+        try:
+            if supervisor.upgrade.resumed:
+                # The watchdog pinged on: systemd 252 still enforces it after
+                # STOPPING=1 in a reload's state, and the drain lasts minutes.
+                await _drain_after_failed_resume(supervisor, notifier)
+            else:
+                supervisor.kill_workers()
+                await supervisor.wait_workers(STOP_GRACE)
+        finally:
+            watchdog.cancel()
         await supervisor.close()
         raise
     await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
@@ -1666,6 +1671,7 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
         exc_info=True,
     )
     notifier.notify("STOPPING=1", "STATUS=the upgraded supervisor could not start: draining")
+    deadline = time.monotonic() + supervisor.config.timeouts.drain + STOP_GRACE
     try:
         await supervisor.stop_accepting()
     except Exception:
@@ -1673,7 +1679,18 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     for sock in supervisor.handed.values():
         sock.close()
     supervisor.handed.clear()
-    await supervisor.wait_workers(supervisor.config.timeouts.drain + STOP_GRACE)
+    await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
+    # Workers of the previous image this one had not taken up (it failed first)
+    # are its children all the same: waited for too, or systemd would kill them,
+    # and their calls, as this process exits (the review of session 26).
+    while left := children_running():
+        if time.monotonic() >= deadline:
+            for pid in left:
+                log.error("worker still running after the drain: killed", extra=fields(pid=pid))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            break
+        await asyncio.sleep(0.2)
 
 
 def _block_held_signals() -> None:

@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
@@ -447,3 +448,52 @@ class AdoptedProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+
+def children_running() -> list[int]:
+    """This process's children that have not exited (a zombie has): after an
+    exec, the previous image's workers as well as this one's."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                after_name = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if len(after_name) > 1 and int(after_name[1]) == me and after_name[0] != b"Z":
+            found.append(int(entry))
+    return found
+
+
+# After the drain's time, what a drain without a supervisor waits more at most.
+DRAIN_GRACE = 5.0
+
+
+def drain_children(handed: dict[str, socket.socket], drain: float) -> None:
+    """The new image of an upgrade cannot build its supervisor (its files, a
+    bug), and every worker carries calls: exiting now would cut them all
+    (systemd kills the unit's processes once its main one is gone). Every
+    socket handed over is closed, so each worker sees its channel end, stops
+    accepting and drains on its own; this process waits for its children,
+    `drain` + DRAIN_GRACE at most, telling systemd's watchdog it lives, then
+    kills what is left (the review of session 26)."""
+    from fleet_ingress.service.sdnotify import Notifier
+
+    notifier = Notifier()
+    notifier.notify("STOPPING=1", "STATUS=the upgraded supervisor could not start: draining")
+    for sock in handed.values():
+        sock.close()
+    handed.clear()
+    deadline = time.monotonic() + drain + DRAIN_GRACE
+    while left := children_running():
+        if time.monotonic() >= deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            break
+        if notifier.watchdog_interval is not None:
+            notifier.notify("WATCHDOG=1")
+        time.sleep(0.5)
+    notifier.close()

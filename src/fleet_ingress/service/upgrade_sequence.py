@@ -394,18 +394,19 @@ class UpgradeSequence:
         # their backlog for the next image) and answer what was asked: the exec
         # would cut it.
         began = time.monotonic()
-        open_ = await self.web.quiesce(WEB_QUIESCE)
-        log.info(
-            "upgrade: stats and admin requests answered, their listeners wait for the new image",
-            extra=fields(
-                upgrade=status["id"],
-                connections=open_,
-                took_s=round(time.monotonic() - began, 3),
-            ),
-        )
         try:
+            open_ = await self.web.quiesce(WEB_QUIESCE)
+            log.info(
+                "upgrade: stats and admin requests answered, their listeners wait for the new "
+                "image",
+                extra=fields(
+                    upgrade=status["id"],
+                    connections=open_,
+                    took_s=round(time.monotonic() - began, 3),
+                ),
+            )
             await self._reexec_or_give_up(status)
-        finally:  # reached only when this image serves on
+        finally:  # reached only when this image serves on (a quiesce that failed too)
             await self.web.resume()
 
     async def _reexec_or_give_up(self, status: dict[str, Any]) -> None:
@@ -838,5 +839,7 @@ def _certificate_not_taken(config_path: Path, serving: LeafFacts | None) -> str 
     them (ConfigError, FleetsFileError: they no longer read): why the
     certificate on disk must not be served, or None."""
     config = load_config(config_path)
-    load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    if not load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn):
+        # `check` and a reload refuse it too: the new image would serve no fleet.
+        raise FleetsFileError(f"{config.fleets.file}: no fleets listed")
     return certificate_not_taken(config, serving)
