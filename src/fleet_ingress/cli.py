@@ -529,12 +529,14 @@ def _run(config_path: Path) -> int:
     pem = None  # None: the Supervisor reads it from the files
     unread_files: str | None = None
     while True:
+        empty = False
         try:
             config = load_config(config_path)
             fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
             carrier_ssl_context(config)
             fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
-            if carried is not None and not fleets:
+            empty = carried is not None and not fleets  # this read: a file listing none
+            if empty:
                 # Truncated by whoever is writing it (a reload refuses a file
                 # that lists none); still empty at the end, what the previous
                 # image ran is served, or, if it ran none either (or did not
@@ -546,7 +548,6 @@ def _run(config_path: Path) -> int:
                 running = None
                 if carried is not None:
                     running = running_from_json(carried, base_dir=config_path.absolute().parent)
-                empty = isinstance(exc, FleetsFileError) and str(exc).endswith(": no fleets listed")
                 if running is None or (empty and not running[1]):
                     if empty:
                         break  # as read: a file listing none, the previous image none either

@@ -263,6 +263,7 @@ class Supervisor:
         self.calls_lost_total = 0  # the calls they took with them
         # Background tasks of this process that failed (kept running: kept_running).
         self.task_failures = TaskFailures(BACKGROUND_TASKS)
+        self._say_if_failed = say_if_failed(self.task_failures)  # for each `_keep` task
         self.metrics = HostMetrics(
             self.slots,
             self.view,
@@ -1066,7 +1067,7 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
-        task.add_done_callback(say_if_failed(self.task_failures))
+        task.add_done_callback(self._say_if_failed)
         return task
 
     def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:

@@ -59,6 +59,7 @@ from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.kept_running import TaskFailures
+from fleet_ingress.service.lifecycle import IGNORED_SIGNALS
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -94,14 +95,7 @@ STARTS_SETTLE = 5.0
 # The signals that would kill the process if they came while no handler is
 # installed (between the exec and the new image's handlers): blocked over the
 # exec (the mask is kept by execve), so they wait and are handled after it.
-HELD_OVER_EXEC = (
-    signal.SIGHUP,
-    signal.SIGUSR2,
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGUSR1,
-    signal.SIGQUIT,
-)
+HELD_OVER_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, *IGNORED_SIGNALS)
 # Once those are blocked, the event loop turns for this long before the exec:
 # a signal that came just before the block is already out of the kernel, its
 # wake-up a byte in the loop's pipe that the exec would discard. Ready work
@@ -364,7 +358,7 @@ class UpgradeSequence:
         # judge it: one a reload refused must not come back this way.
         try:
             problem = await asyncio.to_thread(
-                _certificate_not_taken, supervisor.config_path, supervisor.serving_leaf
+                _files_read_again, supervisor.config_path, supervisor.serving_leaf
             )
         except (ConfigError, FleetsFileError) as exc:
             # Changed since the trial run read them (an edit, a file half written).
@@ -834,7 +828,7 @@ def _took(status: dict[str, Any]) -> float:
     return round(time.monotonic() - began, 3)
 
 
-def _certificate_not_taken(config_path: Path, serving: LeafFacts | None) -> str | None:
+def _files_read_again(config_path: Path, serving: LeafFacts | None) -> str | None:
     """The files read again after the trial run, as the new image will read
     them (ConfigError, FleetsFileError: they no longer read): why the
     certificate on disk must not be served, or None."""
