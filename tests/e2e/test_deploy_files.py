@@ -9,6 +9,7 @@ Without them these tests skip on a developer's machine and fail under CI (CI set
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shutil
@@ -124,7 +125,7 @@ def test_the_sandbox_keeps_exposure_low(verifiable_unit: Path) -> None:
 # and MemoryDenyWriteExecute= (the kernel's own W^X switch, PR_SET_MDWE, Linux 6.3+;
 # systemd's seccomp version refuses the same mappings). Both survive execve.
 SANDBOX = r"""
-import ctypes, errno, os, subprocess, sys
+import ctypes, errno, json, os, subprocess, sys
 import seccomp
 
 listing = subprocess.run(
@@ -145,7 +146,15 @@ def expand(items, seen=()):
         names |= expand(groups[item], {*seen, item}) if item.startswith("@") else {item}
     return names
 
-allowed = expand(sys.argv[1].split()) - expand(sys.argv[2].split())
+# systemd reads the lines in order: the first an allow-list, then each line
+# prefixed ~ takes its names out of it and each other line puts its names back.
+allowed = set()
+for n, line in enumerate(json.loads(sys.argv[1])):
+    if line.startswith("~"):
+        allowed -= expand(line.removeprefix("~").split())
+    else:
+        assert n > 0 or line, "the first SystemCallFilter= line must be an allow-list"
+        allowed |= expand(line.split())
 sandbox = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
 for name in sorted(allowed):
     try:
@@ -156,7 +165,7 @@ sandbox.load()
 libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
     sys.exit(f"PR_SET_MDWE: {os.strerror(ctypes.get_errno())}")
-os.execv(sys.argv[3], sys.argv[3:])
+os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
@@ -170,13 +179,12 @@ def test_the_ingress_runs_under_the_units_syscall_filter_and_w_xor_x() -> None:
     s = unit_settings(UNIT.read_text())
     assert one(s, "Service.MemoryDenyWriteExecute") == "yes"
     assert one(s, "Service.SystemCallErrorNumber") == "EPERM"
-    filters = s["Service.SystemCallFilter"]
-    allow = " ".join(f for f in filters if not f.startswith("~"))
-    deny = " ".join(f.removeprefix("~") for f in filters if f.startswith("~"))
+    filters = json.dumps(s["Service.SystemCallFilter"])
+    assert not json.loads(filters)[0].startswith("~")
     cli = [sys.executable, "-m", "fleet_ingress"]
     demo = [*cli, "demo", "--calls", "4", "--duration", "1"]
     done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", SANDBOX, allow, deny, *demo],
+        [SYSTEM_PYTHON, "-c", SANDBOX, filters, *demo],
         capture_output=True,
         text=True,
         timeout=120,
@@ -187,23 +195,26 @@ def test_the_ingress_runs_under_the_units_syscall_filter_and_w_xor_x() -> None:
     # The sandbox does bite: a W+X mapping is refused, and so is a call outside the filter.
     bites = "import mmap; mmap.mmap(-1, 4096, prot=7)"  # PROT_READ|WRITE|EXEC
     done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", SANDBOX, allow, deny, sys.executable, "-c", bites],
+        [SYSTEM_PYTHON, "-c", SANDBOX, filters, sys.executable, "-c", bites],
         capture_output=True,
         text=True,
     )
     assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
     chroot = "import os; os.chroot('/')"  # @privileged
     done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", SANDBOX, allow, deny, sys.executable, "-c", chroot],
+        [SYSTEM_PYTHON, "-c", SANDBOX, filters, sys.executable, "-c", chroot],
         capture_output=True,
         text=True,
     )
     assert done.returncode != 0 and "Operation not permitted" in done.stderr, done.stderr
-    # What an upgrade does beyond serving: its state in a memfd, a worker of the
-    # previous image waited for on a pidfd and signalled through it, signals
-    # blocked over the supervisor's own execve.
+    # What an upgrade does beyond serving: its trial run niced, its state in a
+    # memfd, a worker of the previous image waited for on a pidfd and signalled
+    # through it, signals blocked over the supervisor's own execve; and what
+    # process.cpu_affinity does, a worker pinned.
     upgrade = (
         "import os, signal, sys\n"
+        "os.nice(10)\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "fd = os.memfd_create('state', 0); os.write(fd, b'{}')\n"
         "pid = os.fork()\n"
         "if pid == 0:\n    signal.pause()\n"
@@ -213,7 +224,7 @@ def test_the_ingress_runs_under_the_units_syscall_filter_and_w_xor_x() -> None:
         "os.execv(sys.executable, [sys.executable, '-c', 'print(\"exec ok\")'])\n"
     )
     done = subprocess.run(
-        [SYSTEM_PYTHON, "-c", SANDBOX, allow, deny, sys.executable, "-c", upgrade],
+        [SYSTEM_PYTHON, "-c", SANDBOX, filters, sys.executable, "-c", upgrade],
         capture_output=True,
         text=True,
         timeout=30,

@@ -1,0 +1,381 @@
+"""The shipped unit file (deploy/systemd/fleet-ingress.service) under a real
+systemd: the Debian package's, booted as PID 1 of namespaces of the test's own
+(tests/systemd_box.py). What the other tests can only emulate (a notify socket
+of their own, signals sent by hand) is here systemd's own doing: Type=notify's
+READY=1, ExecReload=, `systemctl stop` under KillMode=mixed, the watchdog,
+MAINPID over an upgrade, `systemctl kill` to every process of the unit,
+Restart= after the main process is killed.
+
+The unit runs as shipped but for what a test needs: its paths rewritten to this
+checkout's virtualenv and a temporary home, and a drop-in that runs it as root
+(no fleet-ingress user on a test machine), with its own /tmp off (the test's
+files are in /tmp) and its output in files (no journald)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+import fleet_ingress
+from fleet_ingress.sim import SimulatedFleet
+from tests import systemd_box
+from tests.support import TLSFiles, close_calls, write_run_home
+
+pytestmark = pytest.mark.uvloop_only
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "deploy" / "systemd" / "fleet-ingress.service"
+NAME = "fleet-ingress.service"
+
+
+@pytest.fixture
+def systemd() -> Iterator[systemd_box.PrivateSystemd]:
+    why = systemd_box.unavailable()
+    if why is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}; CI must run the tests under systemd (as root, with systemd)")
+        pytest.skip(f"{why} (CI unset)")
+    box = systemd_box.PrivateSystemd()
+    try:
+        box.boot()
+        yield box
+    finally:
+        box.shutdown()
+
+
+@pytest.fixture
+async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    sim.available_override = 1000
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+class Unit:
+    """The ingress installed as fleet-ingress.service in `systemd`."""
+
+    def __init__(self, systemd: systemd_box.PrivateSystemd, home: Path, port: int) -> None:
+        self.systemd = systemd
+        self.home = home
+        self.port = port
+
+    def url(self, path: str = "/ws/bot-1") -> str:
+        return f"wss://127.0.0.1:{self.port}{path}"
+
+    def show(self, *names: str) -> dict[str, str]:
+        return self.systemd.show(NAME, *names)
+
+    def main_pid(self) -> int:
+        """MainPID as this test sees it (0: none)."""
+        pid = int(self.show("MainPID")["MainPID"])
+        return self.systemd.host_pid(pid) if pid else 0
+
+    def main_command(self) -> str:
+        return Path(f"/proc/{self.main_pid()}/cmdline").read_text().replace("\0", " ")
+
+    def log(self) -> list[dict[str, Any]]:
+        lines = (self.home / "stderr.log").read_text(errors="replace").splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def log_tail(self, chars: int = 3000) -> str:
+        """The end of its stderr and what `systemctl status` says."""
+        path = self.home / "stderr.log"
+        tail = path.read_text(errors="replace")[-chars:] if path.exists() else ""
+        status = self.systemd.systemctl("status", NAME, check=False).stdout
+        return f"{tail}\n{status}"
+
+    def cli(self, *args: str, timeout: float = 60) -> tuple[int, str]:
+        """`fleet-ingress ARGS -c ingress.toml` from outside the unit, as an
+        operator's shell runs it (over the admin socket)."""
+        import subprocess
+
+        done = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "fleet-ingress"),
+                *args,
+                "-c",
+                str(self.home / "ingress.toml"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        return done.returncode, done.stdout + done.stderr
+
+
+def write_unit(
+    systemd: systemd_box.PrivateSystemd,
+    home: Path,
+    watchdog_sec: int | None,
+    pythonpath: Path | None,
+) -> None:
+    """The shipped unit with this checkout's paths, and the test's drop-in."""
+    cli = str(Path(sys.executable).parent / "fleet-ingress")
+    text = UNIT.read_text()
+    for shipped, here in (
+        ("/opt/fleet-ingress/venv/bin/fleet-ingress", cli),
+        ("/etc/fleet-ingress/ingress.toml", str(home / "ingress.toml")),
+        ("ReadWritePaths=/etc/fleet-ingress", f"ReadWritePaths={home}"),
+    ):
+        assert shipped in text, f"the unit no longer has {shipped!r}: update this test"
+        text = text.replace(shipped, here)
+    (systemd.units / NAME).write_text(text)
+    dropin = [
+        "[Service]",
+        "User=root",
+        "Group=root",
+        "PrivateTmp=no",
+        f"StandardOutput=append:{home}/stdout.log",
+        f"StandardError=append:{home}/stderr.log",
+    ]
+    used = (REPO, Path(sys.executable).resolve(), Path(sys.base_prefix))
+    if any(str(p).startswith(("/root/", "/home/", "/run/user/")) for p in used):
+        dropin.append("ProtectHome=read-only")  # the checkout or its Python live there
+    if pythonpath is not None:
+        dropin.append(f"Environment=PYTHONPATH={pythonpath}")
+    elif os.environ.get("PYTHONPATH"):
+        dropin.append(f"Environment=PYTHONPATH={os.environ['PYTHONPATH']}")
+    if watchdog_sec is not None:
+        dropin.append(f"WatchdogSec={watchdog_sec}")
+    (systemd.units / f"{NAME}.d").mkdir()
+    (systemd.units / f"{NAME}.d" / "test.conf").write_text("\n".join(dropin) + "\n")
+
+
+async def install(
+    systemd: systemd_box.PrivateSystemd,
+    tls_files: TLSFiles,
+    fleet: SimulatedFleet,
+    *,
+    drain: float = 30,
+    watchdog_sec: int | None = None,
+    process: str = "",
+    pythonpath: Path | None = None,
+) -> Unit:
+    """`process`: lines for the [process] section; `pythonpath`: where the
+    unit's processes import fleet_ingress from (a copy to break)."""
+    home = systemd.home / "etc"
+    home.mkdir()
+    port, _ = await write_run_home(
+        tls_files, home, [f"{fleet.url} name=a maxconn=16"], workers=2, drain=drain, extra=process
+    )
+    write_unit(systemd, home, watchdog_sec, pythonpath)
+    systemd.systemctl("daemon-reload")
+    unit = Unit(systemd, home, port)
+    # Type=notify: `start` returns once the ingress said READY=1.
+    started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+    assert started.returncode == 0, started.stderr + unit.log_tail()
+    return unit
+
+
+async def echo(call: ClientConnection, text: str) -> None:
+    await call.send(text)
+    assert await asyncio.wait_for(call.recv(), 5) == text
+
+
+async def a_call(unit: Unit, tls_files: TLSFiles) -> ClientConnection:
+    """A call, once the fleet is UP (READY waits for its first probe only)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return await connect(unit.url(), ssl=tls_files.client_context(), open_timeout=5)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def test_start_reload_and_a_stop_that_lets_the_call_finish(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    unit = await install(systemd, tls_files, fleet, process='cpu_affinity = "auto"')
+    state = unit.show("ActiveState", "SubState", "StatusText")
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+    assert "calls" in state["StatusText"], state  # STATUS= reaches systemd
+    # What the workers do to themselves is allowed by the unit's sandbox.
+    said = [line["event"] for line in unit.log()]
+    assert said.count("worker pinned to its CPU (process.cpu_affinity)") == 2, said
+    assert not [e for e in said if "cannot" in e], said
+    supervisor = unit.main_pid()
+    assert " run -c " in unit.main_command()
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "before the reload")
+        # ExecReload: the check, then `fleet-ingress reload`, waited for.
+        reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+        assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
+        await echo(call, "after the reload")
+        assert unit.main_pid() == supervisor
+        # `systemctl stop`: SIGTERM to the supervisor alone (KillMode=mixed); it
+        # tells its workers to drain, and the call goes on meanwhile.
+        stop = systemd.systemctl_in_background("stop", NAME)
+        deadline = time.monotonic() + 10
+        while unit.show("ActiveState")["ActiveState"] != "deactivating":
+            assert time.monotonic() < deadline, unit.log_tail()
+            await asyncio.sleep(0.05)
+        for n in range(10):
+            await echo(call, f"draining {n}")
+            await asyncio.sleep(0.2)
+        assert stop.poll() is None, "the stop did not wait for the call"
+        with pytest.raises(OSError):
+            await connect(unit.url(), ssl=tls_files.client_context(), open_timeout=2)
+        await call.close()
+        await asyncio.to_thread(stop.wait, 20)
+        assert stop.returncode == 0, stop.stderr.read() if stop.stderr else ""
+    finally:
+        await close_calls([call])
+    state = unit.show("ActiveState", "Result", "NRestarts")
+    # Result=success: the drain ended in an exit 0 before any timeout or SIGKILL.
+    assert state == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}, state
+    assert unit.systemd.processes(NAME) == []
+
+
+async def test_an_upgrade_keeps_the_main_pid_and_the_call_and_systemd_sees_the_reload(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    unit = await install(systemd, tls_files, fleet)
+    supervisor = unit.main_pid()
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "before the upgrade")
+        upgrade = asyncio.create_task(asyncio.to_thread(unit.cli, "upgrade", timeout=150))
+        seen = set()
+        while not upgrade.done():
+            seen.add(unit.show("ActiveState")["ActiveState"])
+            await asyncio.sleep(0.05)
+        code, said = await upgrade
+        assert code == 0, said + unit.log_tail()
+        # RELOADING=1 ... READY=1 around it, from the same MAINPID.
+        assert "reloading" in seen, seen
+        state = unit.show("ActiveState", "SubState", "NRestarts", "Result")
+        assert state == {
+            "ActiveState": "active",
+            "SubState": "running",
+            "NRestarts": "0",
+            "Result": "success",
+        }, state
+        assert unit.main_pid() == supervisor
+        await echo(call, "after the upgrade")
+        fresh = await a_call(unit, tls_files)
+        await echo(fresh, "a call of the new generation")
+        await fresh.close()
+    finally:
+        await close_calls([call])
+
+
+async def test_usr1_and_quit_to_every_process_of_the_unit_end_nothing(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`systemctl kill -s USR1` (an operator used to nginx's log reopening)
+    signals the supervisor and every worker."""
+    unit = await install(systemd, tls_files, fleet)
+    processes = sorted(systemd.processes(NAME))
+    assert len(processes) == 3, processes  # the supervisor and 2 workers
+    call = await a_call(unit, tls_files)
+    try:
+        for signal_name in ("USR1", "QUIT"):
+            systemd.systemctl("kill", "-s", signal_name, NAME)
+            await asyncio.sleep(0.5)
+            await echo(call, f"after SIG{signal_name}")
+        assert sorted(systemd.processes(NAME)) == processes
+        assert unit.show("ActiveState", "NRestarts") == {"ActiveState": "active", "NRestarts": "0"}
+    finally:
+        await close_calls([call])
+
+
+async def test_the_watchdog_is_fed_through_calls_and_a_drain_longer_than_it(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """WatchdogSec=2 (the unit has 30): 6 s of serving, then a 4 s drain, and
+    systemd never aborts the supervisor."""
+    unit = await install(systemd, tls_files, fleet, watchdog_sec=2)
+    assert unit.show("WatchdogUSec")["WatchdogUSec"] == "2s"
+    call = await a_call(unit, tls_files)
+    try:
+        for n in range(30):
+            await echo(call, f"serving {n}")
+            await asyncio.sleep(0.2)
+        assert unit.show("NRestarts", "ActiveState") == {"NRestarts": "0", "ActiveState": "active"}
+        stop = systemd.systemctl_in_background("stop", NAME)
+        for n in range(20):
+            await echo(call, f"draining {n}")
+            await asyncio.sleep(0.2)
+        await call.close()
+        await asyncio.to_thread(stop.wait, 20)
+    finally:
+        await close_calls([call])
+    state = unit.show("ActiveState", "Result", "NRestarts")
+    assert state == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}, state
+    assert not any("watchdog" in line["event"].lower() for line in unit.log())
+
+
+async def test_a_supervisor_killed_outright_is_restarted_and_serves_again(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """Restart=on-failure, RestartSec=2. Under KillMode=mixed systemd kills
+    the workers, and their calls, with it (docs/INSTALL.md says so)."""
+    unit = await install(systemd, tls_files, fleet)
+    supervisor = unit.main_pid()
+    systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+    deadline = time.monotonic() + 30
+    while True:
+        state = unit.show("ActiveState", "SubState", "NRestarts")
+        if state["NRestarts"] == "1" and state["ActiveState"] == "active":
+            break
+        assert time.monotonic() < deadline, f"{state} {unit.log_tail()}"
+        await asyncio.sleep(0.1)
+    assert unit.main_pid() not in (0, supervisor)
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "after the restart")
+    finally:
+        await close_calls([call])
+
+
+async def test_a_refused_upgrade_and_a_refused_reload_leave_the_unit_serving(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A broken install: `upgrade` fails, systemd is back to active (READY=1
+    after RELOADING=1), the call goes on; installed again, the upgrade goes
+    through. A fleets file saved broken: `systemctl reload` fails (ExecReload's
+    check), and nothing changes."""
+    copy = systemd.home / "src"
+    shutil.copytree(Path(fleet_ingress.__file__).parent, copy / "fleet_ingress")
+    unit = await install(systemd, tls_files, fleet, pythonpath=copy)
+    supervisor = unit.main_pid()
+    call = await a_call(unit, tls_files)
+    try:
+        module = copy / "fleet_ingress" / "core" / "routing.py"
+        good = module.read_text()
+        module.write_text(good + "\ndef oops(:\n")
+        code, said = await asyncio.to_thread(unit.cli, "upgrade", timeout=150)
+        assert code == 1 and "SyntaxError" in said, said
+        state = unit.show("ActiveState", "SubState", "NRestarts")
+        assert state == {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}
+        await echo(call, "after the refused upgrade")
+        module.write_text(good)
+        code, said = await asyncio.to_thread(unit.cli, "upgrade", timeout=150)
+        assert code == 0, said + unit.log_tail()
+        assert unit.show("ActiveState")["ActiveState"] == "active"
+        assert unit.main_pid() == supervisor
+        await echo(call, "after the upgrade")
+
+        fleets = unit.home / "fleets.txt"
+        fleets.write_text(fleets.read_text() + "not a fleet line\n")
+        reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+        assert reloaded.returncode != 0
+        state = unit.show("ActiveState", "SubState", "NRestarts")
+        assert state == {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}
+        await echo(call, "after the refused reload")
+    finally:
+        await close_calls([call])
