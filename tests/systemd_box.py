@@ -53,19 +53,29 @@ DefaultDependencies=no
 # Stage one: into a cgroup of its own (made by the caller), so that the
 # cgroup namespace made next shows systemd that cgroup as the root of its tree.
 # Stage two, inside the namespaces: a private /run, the cgroup2 tree mounted
-# where systemd looks for it, then systemd itself as PID 1.
-BOOT = """\
+# where systemd looks for it, the host's network namespace kept at HOST_NETNS
+# for the units to join, then systemd itself as PID 1 in a network namespace
+# of its own: as it boots it raises net.unix.max_dgram_qlen (10 -> 512), a
+# sysctl of the network namespace, which must not change on the host (a test
+# of a notify receiver that stops reading counts on the 10). Its own UTS and
+# IPC namespaces too: nothing it sets there reaches the host.
+HOST_NETNS = "/run/host-netns"
+BOOT = f"""\
 set -e
 echo $$ > "$1/cgroup.procs"
-exec unshare --mount --pid --cgroup --fork --kill-child --mount-proc --propagation private \
-    sh -c '
+exec unshare --mount --pid --cgroup --uts --ipc --fork --kill-child --mount-proc \\
+    --propagation private sh -c '
 set -e
 mount -t tmpfs -o mode=755 tmpfs /run
+touch {HOST_NETNS}
+mount --bind /proc/self/ns/net {HOST_NETNS}
 umount -R /sys/fs/cgroup 2>/dev/null || true
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
-exec "$0" --system --unit=fleet-test.target --log-target=console --log-level=info
+exec unshare --net "$0" --system --unit=fleet-test.target --log-target=console --log-level=info
 ' "$2"
 """
+# What a unit that must be reached from the test (on the host's loopback) adds.
+JOIN_HOST_NETWORK = f"NetworkNamespacePath={HOST_NETNS}"
 
 
 def unavailable() -> str | None:

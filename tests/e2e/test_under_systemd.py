@@ -9,7 +9,8 @@ Restart= after the main process is killed.
 The unit runs as shipped but for what a test needs: its paths rewritten to this
 checkout's virtualenv and a temporary home, and a drop-in that runs it as root
 (no fleet-ingress user on a test machine), with its own /tmp off (the test's
-files are in /tmp) and its output in files (no journald)."""
+files are in /tmp), in the host's network namespace (the test's systemd has
+one of its own) and its output in files (no journald)."""
 
 from __future__ import annotations
 
@@ -136,6 +137,7 @@ def write_unit(
         "User=root",
         "Group=root",
         "PrivateTmp=no",
+        systemd_box.JOIN_HOST_NETWORK,  # the test's loopback, where its fleet and calls are
         f"StandardOutput=append:{home}/stdout.log",
         f"StandardError=append:{home}/stderr.log",
     ]
