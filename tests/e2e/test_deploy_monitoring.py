@@ -219,6 +219,7 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressFleetAnswers429",
         "FleetIngressWorkerHung",
         "FleetIngressTLSHandshakeFailures",
+        "FleetIngressSupervisorTaskFailed",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr
