@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL
+from websockets.asyncio.client import connect
+
+from fleet_ingress.net.proxy import MAX_BUFFERED_PER_CALL, CarrierProtocol
 from tests.support import (
     UPGRADE,
     RawFleet,
@@ -14,6 +16,7 @@ from tests.support import (
     eventually,
     raw_exchange,
     read_head,
+    wss_url,
 )
 
 
@@ -110,3 +113,41 @@ async def test_a_flood_of_informational_heads_is_a_junk_response(
     assert got.startswith(b"HTTP/1.1 502 ")
     assert b"Continue" not in got
     await fleet.stop()
+
+
+async def test_a_connection_the_ingress_fails_to_start_serving_is_cut_at_once(
+    start_ingress: StartIngress, tls_files, monkeypatch, caplog
+) -> None:
+    """A bug as a carrier's connection starts being served (after its TLS
+    handshake, before its head timer is set): the connection is cut and said,
+    not left open with no timer (before: held until the carrier left, a
+    limits.max_connections place with it); the next connection is served."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("f")], timeouts={"request": 30})
+        starts = CarrierProtocol.connection_made
+        failures = []
+
+        def fails_once(self, transport) -> None:
+            if not failures:
+                failures.append(self)
+                raise RuntimeError("a bug as the connection starts")
+            starts(self, transport)
+
+        monkeypatch.setattr(CarrierProtocol, "connection_made", fails_once)
+        reader, writer = await _open(ingress, tls_files)
+        try:
+            async with asyncio.timeout(3):  # not timeouts.request's 30 s
+                assert await reader.read(100) == b""
+        except ConnectionResetError:
+            pass
+        finally:
+            writer.close()
+        assert failures
+        assert any("could not start serving" in r.getMessage() for r in caplog.records)
+        await eventually(lambda: not ingress.registry.connections)
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as call:
+            await call.send("served")
+            assert await asyncio.wait_for(call.recv(), 5) == "served"
+    finally:
+        await fleet.stop()

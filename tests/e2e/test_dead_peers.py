@@ -142,6 +142,48 @@ async def test_silent_carrier_is_ended_and_its_slot_goes_to_the_queued_call(
         await fleet.stop()
 
 
+@pytest.mark.timeout(30)
+async def test_a_silence_check_that_raises_for_one_call_leaves_the_sweep_watching(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one call's silence check: that call is kept and said once, the
+    other silent call is still ended, and the sweep goes on (once the check
+    works again, the first is ended too). Before, the exception ended the pass
+    and the sweep with it: no silent carrier on that worker was ever ended."""
+    silence = 0.4
+    fleet = await RawFleet(tls_files.fleet_server_context(), Bot(talking=True)).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a", "maxconn=4")], timeouts={"carrier_silence": silence}
+        )
+        carriers = []
+        for path in ("/ws/one", "/ws/two"):
+            reader, writer = await carrier(ingress, tls_files, path)
+            await switched(reader)
+            carriers.append((asyncio.get_running_loop().create_task(drain(reader)), writer))
+        await eventually(lambda: len(ingress.registry.calls) == 2)
+        broken = next(c for c in ingress.registry.calls if c.bot_id == "one")
+
+        def raising(now: float) -> None:
+            raise RuntimeError("a bug in the silence check")
+
+        broken.check_silence = raising  # type: ignore[method-assign]
+        # Both carriers silent from now: "two" is ended, "one" is kept.
+        async with asyncio.timeout(silence * 5):
+            await carriers[1][0]
+        assert broken in ingress.registry.calls and not carriers[0][0].done()
+        await asyncio.sleep(silence * 2)  # more passes: said once
+        said = [r for r in caplog.records if "silence check failed" in r.getMessage()]
+        assert len(said) == 1 and said[0].fields["call_id"] == broken.id  # type: ignore[attr-defined]
+        del broken.check_silence  # the check works again: the next pass ends it
+        async with asyncio.timeout(silence * 5):
+            await carriers[0][0]
+        for _, writer in carriers:
+            writer.close()
+    finally:
+        await fleet.stop()
+
+
 # -- 4. the bot thinking: long silence from the fleet while the carrier streams ------
 
 

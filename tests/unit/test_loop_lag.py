@@ -64,3 +64,26 @@ async def test_a_stall_that_recurs_at_the_probes_own_period_is_seen_each_time_it
         probe.stop()
     late = [lag for lag in lags if lag > 0.01]
     assert len(late) >= 4, (len(lags), sorted(lags)[-6:])
+
+
+async def test_an_observer_that_raises_once_does_not_stop_the_probe():
+    lags: list[float] = []
+    failed: list[dict] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: failed.append(context))
+
+    def observe(lag: float) -> None:
+        if not failed and not lags:
+            lags.append(-1.0)
+            raise RuntimeError("a bug in the observer")
+        lags.append(lag)
+
+    probe = LoopLagProbe(observe, interval=0.01)
+    probe.start()
+    try:
+        await asyncio.sleep(0.1)
+    finally:
+        probe.stop()
+        loop.set_exception_handler(None)
+    assert len(failed) == 1 and isinstance(failed[0]["exception"], RuntimeError)
+    assert len(lags) > 2 and probe.running is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import logging
 import math
 import time
 from collections import Counter
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
+from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 
@@ -28,6 +30,8 @@ __all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
     from fleet_ingress.net.dispatch import HeldSlot
+
+log = logging.getLogger("fleet_ingress.proxy")
 
 
 class Side(Protocol):
@@ -297,6 +301,7 @@ class SilenceSweep:
         self.policy: SilencePolicy | None = None  # the last reload's (`relimit`)
         self._timer: asyncio.TimerHandle | None = None
         self._due = math.inf  # loop time of the next pass
+        self._check_failed: set[int] = set()  # calls whose check raised (said once)
 
     def watch_tunnel(self, call: Call, policy: SilencePolicy) -> None:
         """`call` enters its tunnel under `policy`, its connection's (the one in
@@ -346,11 +351,33 @@ class SilenceSweep:
         self._timer, self._due = None, math.inf
         now = time.monotonic()
         period = math.inf
-        for call in list(self.registry.calls):
-            reason = call.check_silence(now)
-            if reason is not None:
-                call.end(reason)
-            elif call.quiet is not None:
-                period = min(period, call.quiet.limits.sweep_period)
-        if period < math.inf:
-            self._schedule(asyncio.get_running_loop(), period)
+        try:
+            for call in list(self.registry.calls):
+                try:
+                    reason = call.check_silence(now)
+                    if reason is not None:
+                        call.end(reason)
+                        continue
+                except Exception:
+                    # A bug in one call's check must not end the pass, nor the
+                    # sweep: the calls after it, and every later pass, would go
+                    # unwatched (a carrier gone without a FIN holding its fleet's
+                    # slot and its bot for timeouts.tunnel). The call itself is
+                    # kept (a live call is not cut for a bug) and checked again.
+                    self._say_check_failed(call)
+                if call.quiet is not None:
+                    period = min(period, call.quiet.limits.sweep_period)
+        finally:
+            if period < math.inf:
+                self._schedule(asyncio.get_running_loop(), period)
+
+    def _say_check_failed(self, call: Call) -> None:
+        """Logged once a call, with the traceback."""
+        if call.id in self._check_failed:
+            return
+        self._check_failed.add(call.id)
+        self._check_failed &= {c.id for c in self.registry.calls}  # those gone forgotten
+        log.exception(
+            "silence check failed for a call: it is kept and checked again; a bug, report it",
+            extra=fields(call_id=call.id),
+        )

@@ -313,7 +313,14 @@ class CarrierListener:
                 ctx.registry.counted()
                 _log_handshake_failure(ctx, tls, exc)
             return
-        serve(tls, CarrierProtocol(ctx))
+        try:
+            serve(tls, CarrierProtocol(ctx))
+        except Exception:
+            # A bug in starting the call (its head timer never set): the carrier
+            # would hold the connection, and a limits.max_connections place, for
+            # as long as it likes. Cut it; it redials into a new one.
+            log.exception("could not start serving a connection: cut; a bug, report it")
+            tls.abort()
 
     def _warn(self, kind: str, message: str, **values: object) -> None:
         now = time.monotonic()

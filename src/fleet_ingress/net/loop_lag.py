@@ -60,5 +60,10 @@ class LoopLagProbe:
         assert self._loop is not None
         # A timer never fires early, but the loop's clock granularity can make
         # it look a hair early: no negative lag.
-        self.observe(max(0.0, self._loop.time() - self._due))
-        self._schedule()
+        try:
+            self.observe(max(0.0, self._loop.time() - self._due))
+        finally:
+            # Set again whatever the observer did: one that raised (the loop logs
+            # it) must not leave the probe stopped while `running` says it runs,
+            # the lag metric flat for good.
+            self._schedule()

@@ -327,11 +327,21 @@ class SlotClient(asyncio.Protocol):
             )
 
     def _take(self, messages: list[dict[str, Any]]) -> None:
-        try:
-            for message in messages:
+        for message in messages:
+            try:
                 self._handle(message)
-        except WireError as exc:
-            self._broken(exc)
+            except WireError as exc:
+                self._broken(exc)
+                return
+            except Exception:
+                # A bug in acting on one message must not end the channel: this
+                # worker would drain, its calls cut at timeouts.drain. What the
+                # message asked is left undone (a report is asked again, a lease
+                # not answered is given up at its answer timeout).
+                log.exception(
+                    "slot channel message could not be acted on: skipped; a bug, report it",
+                    extra=fields(pid=self.pid, op=str(message.get("op"))[:40]),
+                )
 
     def _broken(self, exc: WireError) -> None:
         log.error("slot channel broken", extra=fields(pid=self.pid, error=str(exc)))
