@@ -103,9 +103,11 @@ def metric_names(expr: str) -> set[str]:
     names: set[str] = set()
     for match in _IDENTIFIER.finditer(text):
         word, call = match.group(1), match.group(2)
+        if word.lower() in _KEYWORDS:
+            continue  # "or (a > 0 unless b)": an operator before a parenthesis, no call
         if call:
             assert word in _FUNCTIONS, f"unknown PromQL function {word!r} in: {expr}"
-        elif word.lower() not in _KEYWORDS:
+        else:
             names.add(word)
     return names
 
@@ -120,6 +122,7 @@ def metric_names(expr: str) -> set[str]:
             {"fleet_ingress_x_bucket", "y_total"},
         ),
         ('a{l="}sum{"} and bool b unless c or Inf > 1e3', {"a", "b", "c"}),
+        ("rate(a[5m]) > 0 or (b > 0 unless (c offset 15m))", {"a", "b", "c"}),
         ("histogram_quantile(0.99, sum(rate(h_bucket[5m])) by (le)) - time()", {"h_bucket"}),
     ],
 )
@@ -460,9 +463,11 @@ async def test_dashboard_and_alerts_read_only_metrics_the_ingress_exports(
         for name in sorted(metric_names(expr) - exported)
         if name != "up"  # Prometheus's own series (alerts, the dashboard's up panel)
         # The supervisor's rows per worker and generation, beside the one-process
-        # names (tests/unit/test_host_stats.py checks that the host exports them),
-        # and its look at the certificate file (test_supervisor.py's renewal test).
+        # names, and its task failures (tests/unit/test_host_stats.py checks that
+        # the host exports them), and its look at the certificate file
+        # (test_supervisor.py's renewal test).
         and not name.startswith("fleet_ingress_worker")
+        and name != "fleet_ingress_supervisor_task_failures_total"
         and name != "fleet_ingress_certificate_file_expiry_timestamp_seconds"
     ]
     assert missing == [], "metrics the ingress does not export:\n" + "\n".join(missing)
