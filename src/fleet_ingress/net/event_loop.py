@@ -178,18 +178,32 @@ def new_event_loop() -> IngressLoop:
     return loop
 
 
+_unhandled = 0  # errors that reached the loop's handler in this process
+
+
+def unhandled_errors() -> int:
+    """How many exceptions no code of ours caught reached this process's event
+    loop (a callback or transport that raised, a task's exception never
+    retrieved): each a bug, logged with its traceback; exported, summed over
+    the host, as fleet_ingress_unhandled_errors_total."""
+    return _unhandled
+
+
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The loop's default, but for uvloop's own complaint about a TLS
-    connection it had already closed: a health probe cut at its timeout in
-    the middle of its handshake makes uvloop's SSL layer write to the closed
-    transport and log "Fatal error on SSL protocol" with a traceback, at
-    ERROR. The probe says what failed; hundreds of those tracebacks when many
-    probes time out at once (the scale audit of session 16) said nothing more."""
+    """The loop's default, counted (`unhandled_errors`), but for uvloop's own
+    complaint about a TLS connection it had already closed: a health probe cut
+    at its timeout in the middle of its handshake makes uvloop's SSL layer write
+    to the closed transport and log "Fatal error on SSL protocol" with a
+    traceback, at ERROR. The probe says what failed; hundreds of those
+    tracebacks when many probes time out at once (the scale audit of session
+    16) said nothing more."""
+    global _unhandled
     if _closed_tls_noise(context):
         log.debug(
             "TLS connection already closed", extra=fields(detail=str(context.get("exception")))
         )
         return
+    _unhandled += 1
     loop.default_exception_handler(context)
 
 
