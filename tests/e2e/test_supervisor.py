@@ -544,6 +544,30 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
         await service.finish()
 
 
+async def test_a_process_ended_by_sigabrt_leaves_its_python_stack_in_the_journal(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """systemd's watchdog ends a supervisor whose loop is stuck with SIGABRT:
+    where it was stuck must be in the journal (the journey under systemd of
+    session 27: nothing was). A worker's abort says where it was too."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        worker = (await _worker_rows(service))[0]["pid"]
+        aborts = lambda: service.log_tail(100000).count("Fatal Python error: Aborted")  # noqa: E731
+        # One at a time: two processes writing their stacks at once interleave them.
+        os.kill(worker, signal.SIGABRT)
+        await eventually(lambda: aborts() == 1, 5)
+        await asyncio.sleep(0.2)  # the rest of its stack
+        os.kill(service.proc.pid, signal.SIGABRT)
+        assert await asyncio.wait_for(service.proc.wait(), 10) == -signal.SIGABRT
+        await eventually(lambda: aborts() == 2, 5)
+        for stack in service.log_tail(100000).split("Fatal Python error: Aborted")[1:]:
+            assert "most recent call first" in stack
+            assert "/fleet_ingress/" in stack, stack  # a frame of the ingress's own
+    finally:
+        await service.finish()
+
+
 async def test_the_console_script_started_with_stderr_closed_serves(
     tls_files: TLSFiles, tmp_path: Path
 ) -> None:

@@ -82,6 +82,10 @@ class Unit:
         pid = int(self.show("MainPID")["MainPID"])
         return self.systemd.host_pid(pid) if pid else 0
 
+    def process_name(self) -> str:
+        """The main process's name, as `systemctl status` and `pgrep -x` read it."""
+        return Path(f"/proc/{self.main_pid()}/comm").read_text().strip()
+
     def main_command(self) -> str:
         return Path(f"/proc/{self.main_pid()}/cmdline").read_text().replace("\0", " ")
 
@@ -127,7 +131,7 @@ def write_unit(
     for shipped, here in (
         ("/opt/fleet-ingress/venv/bin/fleet-ingress", cli),
         ("/etc/fleet-ingress/ingress.toml", str(home / "ingress.toml")),
-        ("ReadWritePaths=/etc/fleet-ingress", f"ReadWritePaths={home}"),
+        ("ReadWritePaths=-/etc/fleet-ingress", f"ReadWritePaths={home}"),
     ):
         assert shipped in text, f"the unit no longer has {shipped!r}: update this test"
         text = text.replace(shipped, here)
@@ -247,6 +251,8 @@ async def test_an_upgrade_keeps_the_main_pid_and_the_call_and_systemd_sees_the_r
 ) -> None:
     unit = await install(systemd, tls_files, fleet)
     supervisor = unit.main_pid()
+    main_before = unit.show("MainPID")["MainPID"]
+    assert unit.process_name() == "fleet-ingress"
     call = await a_call(unit, tls_files)
     try:
         await echo(call, "before the upgrade")
@@ -267,6 +273,10 @@ async def test_an_upgrade_keeps_the_main_pid_and_the_call_and_systemd_sees_the_r
             "Result": "success",
         }, state
         assert unit.main_pid() == supervisor
+        # Named as before (`systemctl status`, `pgrep -x fleet-ingress`), though
+        # re-executed as `python3 -m fleet_ingress run`.
+        assert unit.show("MainPID") == {"MainPID": main_before}
+        assert unit.process_name() == "fleet-ingress"
         await echo(call, "after the upgrade")
         fresh = await a_call(unit, tls_files)
         await echo(fresh, "a call of the new generation")

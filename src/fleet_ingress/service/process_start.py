@@ -8,6 +8,8 @@ runs and which never runs `__main__`); once a process.
 
 from __future__ import annotations
 
+import ctypes
+import faulthandler
 import os
 import signal
 
@@ -38,6 +40,14 @@ def first_steps(command: str) -> None:
     # (upgrade_sequence.HELD_OVER_EXEC), which resets a handled signal.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    # systemd's watchdog ends a supervisor whose loop is stuck with SIGABRT, and
+    # every call on the host with it (KillMode=mixed): where it was stuck then
+    # goes to stderr (the journal), each thread's Python stack, as for a crash
+    # in native code (SIGSEGV, an abort in libuv or OpenSSL). Before, the
+    # journal held nothing of it (the journey under systemd of session 27).
+    faulthandler.enable(2, all_threads=True)  # sys.stderr is None if fd 2 came closed
+    if command == "run":
+        _name_process(SUPERVISOR_NAME)
     if command == "worker":
         # A worker (started by the supervisor) acts on neither: reloads and upgrades
         # are the supervisor's, and `systemctl kill -s HUP|USR2` signals every process
@@ -45,3 +55,20 @@ def first_steps(command: str) -> None:
         # ended a worker still starting (the worker logs a SIGHUP once its loop runs).
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+# What `ps`, `pgrep -x`, `top` and `systemctl status` ("Main PID: 4242
+# (fleet-ingress)") call the supervisor: the console script's name, as systemd
+# started it. An upgrade re-executes it as `python3 -m fleet_ingress run`, which
+# the kernel names python3: name-based monitoring lost it after the first
+# upgrade (the journey under systemd of session 27).
+SUPERVISOR_NAME = b"fleet-ingress"
+_PR_SET_NAME = 15
+
+
+def _name_process(name: bytes) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux's libc: the name is only cosmetic
+        pass
