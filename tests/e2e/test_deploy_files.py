@@ -274,7 +274,7 @@ def test_the_unit_gives_the_ingress_the_paths_it_uses() -> None:
     # add-fleet/remove-fleet rewrite the fleets file next to the configuration.
     example = tomllib.loads(EXAMPLE_CONFIG.read_text())
     fleets_file = Path(CONFIG_PATH).parent / example["fleets"]["file"]
-    writable = [Path(p) for p in one(s, "Service.ReadWritePaths").split()]
+    writable = [Path(p.lstrip("-")) for p in one(s, "Service.ReadWritePaths").split()]
     assert any(fleets_file.is_relative_to(p) for p in writable), writable
     assert example["tls"]["cert"].startswith("/etc/letsencrypt/live/")
     assert "/etc/letsencrypt" in one(s, "Service.ReadOnlyPaths").lstrip("-")

@@ -35,3 +35,14 @@ def test_a_write_through_a_symlink_fails_where_the_file_lies_not_where_the_link_
     # And write_atomically does write where the link points, keeping the link.
     write_atomically(link, "https://b.test name=b\n")
     assert link.is_symlink() and "b.test" in (checkout / "fleets.txt").read_text()
+
+
+def test_a_read_only_directory_names_the_units_write_paths_first() -> None:
+    """Under the unit (ProtectSystem=strict) a directory outside its
+    ReadWritePaths is read-only to the service, whatever its mount: the fix is a
+    drop-in, not a remount (the journey under systemd of session 27)."""
+    from fleet_ingress.ops.fleet_ops import _write_fix
+
+    fix = _write_fix(errno.EROFS, Path("/srv/fleets"))
+    assert "/srv/fleets" in fix and "ReadWritePaths=" in fix and "systemctl edit" in fix
+    assert "section 2" in _write_fix(errno.EACCES, Path("/srv/fleets"))

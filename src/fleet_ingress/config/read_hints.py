@@ -7,5 +7,5 @@ PERMISSION_DENIED = (
     "permission denied: run this as root or as a member of the group that owns "
     "it (sudo, or `usermod -aG fleet-ingress $USER` and log in again); if "
     "that group cannot read it either, make it theirs: `chgrp fleet-ingress "
-    "FILE && chmod 0640 FILE` (its directory 2770, docs/INSTALL.md section 1)"
+    "FILE && chmod 0640 FILE` (its directory 2770, docs/INSTALL.md section 2)"
 )

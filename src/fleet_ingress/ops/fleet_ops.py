@@ -487,11 +487,16 @@ def _write_fix(code: int | None, directory: Path) -> str:
     if code == errno.EDQUOT:
         return f" (the service user's disk quota is used up: `quota`, `df -h {directory}`)"
     if code == errno.EROFS:
-        return f" (the file system of {directory} is read-only: remount it read-write)"
+        return (
+            f" ({directory} is read-only to the service: under systemd the unit lets it write "
+            "only under /etc/fleet-ingress, so add `ReadWritePaths=` for it in a drop-in "
+            "(`systemctl edit fleet-ingress`, docs/INSTALL.md section 2); otherwise its file "
+            "system is mounted read-only: remount it read-write)"
+        )
     if code in (errno.EACCES, errno.EPERM):
         return (
             f" (permission denied: the service user must be able to write {directory} "
             f"and the file: `chgrp fleet-ingress {directory} && chmod 2770 {directory}`, "
-            "or `lsattr` for an immutable file; docs/INSTALL.md section 1)"
+            "or `lsattr` for an immutable file; docs/INSTALL.md section 2)"
         )
     return ""
