@@ -489,6 +489,34 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
         return None  # run_worker says why
 
 
+def _take_up_after_crash(
+    stored: dict[str, Any], config: Any
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The sockets and state to start with after the previous supervisor died
+    (systemd's fd store handed `stored`): its listeners where the configuration
+    still names them, and its workers with their calls (`service.fd_store`)."""
+    import logging
+
+    from fleet_ingress.logs import fields
+    from fleet_ingress.service.fd_store import crash_state, drop_moved_listeners
+    from fleet_ingress.service.sdnotify import Notifier
+
+    moved = drop_moved_listeners(stored, config.listen, Notifier())
+    carried = crash_state(stored, config.process.worker_count())
+    workers = [] if carried is None else carried["workers"]
+    logging.getLogger("fleet_ingress.lifecycle").warning(
+        "started again after the previous supervisor died: its listeners and workers "
+        "(with their calls) taken up from systemd's fd store; fleet health is probed "
+        "afresh and counters start again",
+        extra=fields(
+            workers=[[w["pid"], w["generation"]] for w in workers],
+            listeners=sorted(name for name in stored if name.startswith("listen.")),
+            listeners_moved=moved,
+        ),
+    )
+    return stored, carried
+
+
 def _run(config_path: Path) -> int:
     import signal
 
@@ -503,6 +531,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
     from fleet_ingress.service.carrier_certificate import carrier_ssl_context
+    from fleet_ingress.service.fd_store import taken_from_store
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
     from fleet_ingress.service.upgrade import (
@@ -520,6 +549,9 @@ def _run(config_path: Path) -> int:
     except (ListenFdsError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
+    # Started again by systemd after the previous supervisor died: its listeners
+    # and its workers' channels, from the fd store (service/fd_store.py).
+    stored = taken_from_store() if not handed and carried is None else {}
     # After the exec the workers serve on and carriers wait in the listeners'
     # backlog, but an image that cannot read its files exits, and the host
     # with it: a file being rewritten in place (a `cp` in a certbot hook, an
@@ -572,6 +604,8 @@ def _run(config_path: Path) -> int:
             time.sleep(REEXEC_READ_EVERY)
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
+        if stored:
+            handed, carried = _take_up_after_crash(stored, config)
         if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals
             import logging
 

@@ -247,7 +247,10 @@ def test_the_unit_has_the_settings_the_ingress_relies_on() -> None:
     assert one(s, "Service.AmbientCapabilities") == "CAP_NET_BIND_SERVICE"
     assert one(s, "Service.CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"
     assert int(one(s, "Service.LimitNOFILE")) >= 2 * 10000 + 1024  # two sockets a call
-    assert one(s, "Service.KillMode") == "mixed"
+    # The main process alone: the workers and their calls outlive a supervisor
+    # that dies, which is started again and takes them up from the fd store.
+    assert one(s, "Service.KillMode") == "process"
+    assert int(one(s, "Service.FileDescriptorStoreMax")) >= 3 + 2 * 64
     assert one(s, "Service.Restart") == "on-failure"
     assert one(s, "Service.WatchdogSec") == "30"
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "PrivateDevices"):

@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import fleet_ingress
 from fleet_ingress.sim import SimulatedFleet
 from tests import systemd_box
-from tests.support import TLSFiles, close_calls, write_run_home
+from tests.support import TLSFiles, break_worker_channel, close_calls, write_run_home
 
 pytestmark = pytest.mark.uvloop_only
 
@@ -66,10 +66,20 @@ async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
 class Unit:
     """The ingress installed as fleet-ingress.service in `systemd`."""
 
-    def __init__(self, systemd: systemd_box.PrivateSystemd, home: Path, port: int) -> None:
+    def __init__(
+        self, systemd: systemd_box.PrivateSystemd, home: Path, port: int, stats_port: int
+    ) -> None:
         self.systemd = systemd
         self.home = home
         self.port = port
+        self.stats_port = stats_port
+
+    async def stats(self) -> dict[str, Any]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
+                return await r.json()  # type: ignore[no-any-return]
 
     def url(self, path: str = "/ws/bot-1") -> str:
         return f"wss://127.0.0.1:{self.port}{path}"
@@ -172,12 +182,12 @@ async def install(
     unit's processes import fleet_ingress from (a copy to break)."""
     home = systemd.home / "etc"
     home.mkdir()
-    port, _ = await write_run_home(
+    port, stats_port = await write_run_home(
         tls_files, home, [f"{fleet.url} name=a maxconn=16"], workers=2, drain=drain, extra=process
     )
     write_unit(systemd, home, watchdog_sec, pythonpath)
     systemd.systemctl("daemon-reload")
-    unit = Unit(systemd, home, port)
+    unit = Unit(systemd, home, port, stats_port)
     # Type=notify: `start` returns once the ingress said READY=1.
     started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
     assert started.returncode == 0, started.stderr + unit.log_tail()
@@ -331,27 +341,60 @@ async def test_the_watchdog_is_fed_through_calls_and_a_drain_longer_than_it(
     assert not any("watchdog" in line["event"].lower() for line in unit.log())
 
 
-async def test_a_supervisor_killed_outright_is_restarted_and_serves_again(
-    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+@pytest.mark.parametrize("signal_name", ["KILL", "ABRT"])
+async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_call(
+    systemd: systemd_box.PrivateSystemd,
+    tls_files: TLSFiles,
+    fleet: SimulatedFleet,
+    signal_name: str,
 ) -> None:
-    """Restart=on-failure, RestartSec=2. Under KillMode=mixed systemd kills
-    the workers, and their calls, with it (docs/INSTALL.md says so)."""
+    """SIGKILL (an operator's kill -9, the OOM killer) or SIGABRT (the
+    watchdog on a stuck loop, an abort in native code) to the supervisor: the
+    workers and their calls go on (KillMode=process), systemd starts it again
+    (Restart=on-failure) and hands it the listeners and the workers' channels
+    from its fd store; it takes them up, the slot table rebuilt from what each
+    worker holds. Before, systemd killed every worker with it: every call cut."""
     unit = await install(systemd, tls_files, fleet)
     supervisor = unit.main_pid()
-    systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
-    deadline = time.monotonic() + 30
-    while True:
-        state = unit.show("ActiveState", "SubState", "NRestarts")
-        if state["NRestarts"] == "1" and state["ActiveState"] == "active":
-            break
-        assert time.monotonic() < deadline, f"{state} {unit.log_tail()}"
-        await asyncio.sleep(0.1)
-    assert unit.main_pid() not in (0, supervisor)
-    call = await a_call(unit, tls_files)
+    workers = sorted(set(systemd.processes(NAME)) - {supervisor})
+    assert len(workers) == 2
+    calls = [await a_call(unit, tls_files) for _ in range(4)]
     try:
-        await echo(call, "after the restart")
+        for n, call in enumerate(calls):
+            await echo(call, f"before {n}")
+        systemd.systemctl("kill", "-s", signal_name, "--kill-who=main", NAME)
+        deadline = time.monotonic() + 30
+        while True:
+            for n, call in enumerate(calls):
+                await echo(call, f"meanwhile {n}")
+            state = unit.show("ActiveState", "NRestarts")
+            if state == {"ActiveState": "active", "NRestarts": "1"}:
+                break
+            assert time.monotonic() < deadline, f"{state} {unit.log_tail()}"
+            await asyncio.sleep(0.2)
+        again = unit.main_pid()
+        assert again not in (0, supervisor)
+        assert sorted(set(systemd.processes(NAME)) - {again}) == workers  # the same ones
+        fresh = await a_call(unit, tls_files)
+        calls.append(fresh)
+        for n, call in enumerate(calls):
+            await echo(call, f"after {n}")
+        # The host's slot table, rebuilt from the workers: every call counted.
+        async with asyncio.timeout(10):
+            while (await unit.stats())["fleets"][0]["active"] != len(calls):
+                await asyncio.sleep(0.1)
+        assert fleet.active_calls == len(calls)
+        said = [line for line in unit.log() if line["event"].startswith("started again")]
+        assert len(said) == 1
+        assert sorted(systemd.host_pid(pid) for pid, _ in said[0]["workers"]) == workers
     finally:
-        await close_calls([call])
+        await close_calls(calls)
+    # A stop after it drains and ends every process, as ever.
+    stopped = await asyncio.to_thread(systemd.systemctl, "stop", NAME, check=False)
+    assert stopped.returncode == 0
+    state = unit.show("ActiveState", "Result")
+    assert state == {"ActiveState": "inactive", "Result": "success"}, state
+    assert systemd.processes(NAME) == []
 
 
 async def test_a_refused_upgrade_and_a_refused_reload_leave_the_unit_serving(
@@ -389,5 +432,35 @@ async def test_a_refused_upgrade_and_a_refused_reload_leave_the_unit_serving(
         state = unit.show("ActiveState", "SubState", "NRestarts")
         assert state == {"ActiveState": "active", "SubState": "running", "NRestarts": "0"}
         await echo(call, "after the refused reload")
+    finally:
+        await close_calls([call])
+
+
+async def test_a_channel_the_supervisor_cuts_reaches_its_worker_though_the_fd_store_keeps_a_copy(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker that breaks the protocol has its channel closed by the
+    supervisor, and must see it end (it then drains and is replaced): the copy
+    of the supervisor's end in systemd's fd store is dropped with it
+    (FDSTOREREMOVE). Kept there, it held the channel open: the worker took new
+    calls nobody granted a slot."""
+    unit = await install(systemd, tls_files, fleet)
+    supervisor = unit.main_pid()
+    broken = sorted(set(systemd.processes(NAME)) - {supervisor})[0]
+    break_worker_channel(broken)
+    async with asyncio.timeout(10):
+        while not [
+            line
+            for line in unit.log()
+            if line["event"].startswith("the supervisor's slot coordinator is gone")
+        ]:
+            await asyncio.sleep(0.1)
+    # It drains (nothing to drain: it exits) and a new worker takes its place.
+    async with asyncio.timeout(15):
+        while broken in systemd.processes(NAME) or len(systemd.processes(NAME)) != 3:
+            await asyncio.sleep(0.1)
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "served by the workers there are")
     finally:
         await close_calls([call])

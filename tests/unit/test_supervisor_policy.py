@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 
@@ -114,3 +115,39 @@ async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watch
     await asyncio.sleep(0.6)
     task.cancel()
     assert starting.lines.count("WATCHDOG=1") >= 5, starting.lines
+
+
+def test_a_worker_not_our_child_runs_while_its_process_is_there():
+    """After the previous supervisor died, the workers taken up from systemd's fd
+    store are systemd's children, not ours: whether one still runs (its slots
+    kept while it drains without its channel) is read from /proc."""
+    import os
+    import subprocess
+    import sys
+
+    from fleet_ingress.service.supervisor import _running
+
+    # A grandchild: its parent (the shell) exits, so it is not ours either.
+    done = subprocess.run(
+        [
+            "sh",
+            "-c",
+            f"{sys.executable} -c 'import time; time.sleep(30)' >/dev/null 2>&1 & echo $!",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    pid = int(done.stdout.strip())
+    try:
+        with pytest.raises(ChildProcessError):
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert _running(pid)
+    finally:
+        os.kill(pid, 9)
+    for _ in range(200):  # reaped by whoever adopted it (init, a subreaper)
+        if not _running(pid):
+            break
+        time.sleep(0.01)
+    assert not _running(pid)
+    assert not _running(0)

@@ -139,11 +139,11 @@ def adopt(environ: MutableMapping[str, str] | None = None) -> dict[str, socket.s
             channel = key == COORDINATOR or worker_key(key) is not None
         except ValueError as exc:  # a malformed worker.PID.GENERATION
             raise ListenFdsError(f"{LISTEN_FDS}={value!r}: {exc}") from exc
-        socks[key] = _inherited(key, int(fd_text), channel=channel)
+        socks[key] = inherited_socket(key, int(fd_text), channel=channel)
     return socks
 
 
-def _inherited(key: str, fd: int, *, channel: bool) -> socket.socket:
+def inherited_socket(key: str, fd: int, *, channel: bool) -> socket.socket:
     fix = f"unset {LISTEN_FDS} unless fleet-ingress's supervisor started this process"
     try:
         sock = socket.socket(fileno=fd)

@@ -5,6 +5,7 @@ no-op, so the ingress runs the same under systemd, a terminal or a test.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -64,6 +65,34 @@ class Notifier:
                 log.warning(
                     "cannot notify systemd", extra=fields(socket=self.address, error=str(exc))
                 )
+
+    def store_fd(self, name: str, fd: int) -> None:
+        """Keep a duplicate of `fd` in systemd's fd store under `name` (the unit's
+        FileDescriptorStoreMax=): handed back to the next main process should
+        this one die (`service.fd_store`). Never raises."""
+        self._send_fds(f"FDSTORE=1\nFDNAME={name}".encode(), [fd])
+
+    def remove_fd(self, name: str) -> None:
+        """Drop what the fd store keeps under `name` (FDSTOREREMOVE=1)."""
+        self._send_fds(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), [])
+
+    def _send_fds(self, message: bytes, fds: list[int]) -> None:
+        if not self.address:
+            return
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
+            self._sock.sendmsg([message], rights, 0, self.address)
+        except OSError as exc:  # BlockingIOError too: that descriptor is not kept
+            self.dropped += isinstance(exc, BlockingIOError)
+            log.warning(
+                "cannot keep a descriptor in systemd's fd store: a crash of this process "
+                "would end what it serves",
+                extra=fields(message=message.decode(), error=str(exc)),
+            )
 
     def close(self) -> None:
         if self._sock is not None:

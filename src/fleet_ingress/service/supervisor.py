@@ -109,6 +109,7 @@ from fleet_ingress.service.carrier_certificate import (
     serving_leaf,
     warn_about_chain,
 )
+from fleet_ingress.service.fd_store import channel_name
 from fleet_ingress.service.files_on_disk import FilesOnDisk
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -217,7 +218,7 @@ class Supervisor:
         # What the workers count (requests, bytes, handshakes, histograms), summed
         # from their reports on the slot channel (ops/host_stats.py).
         self.view = HostView()
-        if carried is not None:
+        if carried is not None and "view" in carried:  # none after a crash (fd_store)
             try:
                 self.view = HostView.from_json(carried["view"], time.monotonic())
             except ReportError as exc:
@@ -345,6 +346,12 @@ class Supervisor:
             self, self._web, carried=carried, starts_settle=starts_settle
         )
 
+    def store_fd(self, name: str, sock: socket.socket) -> None:
+        """Keep `sock` in systemd's fd store: a supervisor started again after
+        this one died takes it up (`service.fd_store`)."""
+        if self.notifier is not None:
+            self.notifier.store_fd(name, sock.fileno())
+
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -365,6 +372,7 @@ class Supervisor:
                 host, port = parse_hostport(address, what=f"listen.{key}")
                 with bind_errors_named(key, address):
                     sock = bind_tcp(host, port)
+                self.store_fd(f"listen.{key}", sock)
             self.listeners[f"listen.{key}"] = sock
             name = sock.getsockname()
             server_log.info(
@@ -376,6 +384,7 @@ class Supervisor:
                 host, port = parse_hostport(listen.stats, what="listen.stats")
                 with bind_errors_named("stats", listen.stats):
                     sock = bind_tcp(host, port, backlog=128)
+                self.store_fd("listen.stats", sock)
             self._stats_sock = sock
             app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
             await self._web.serve_kept(app, sock, listener="stats")
@@ -538,6 +547,7 @@ class Supervisor:
             raise
         worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
         self.add_worker(worker)
+        self.store_fd(channel_name(proc.pid, generation), ours)
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
             reloading = self._start_reload(worker)
@@ -627,6 +637,14 @@ class Supervisor:
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
+        if self.notifier is not None:
+            # Ended on purpose (a protocol break, a cut) or by the worker: the
+            # fd store's copy must not keep it open (`fd_store`).
+            ids = (worker.pid, worker.generation) if worker is not None else None
+            if ids is None and row is not None:
+                ids = (row.pid, row.generation)
+            if ids is not None:
+                self.notifier.remove_fd(channel_name(*ids))
         if worker is None:
             # Its channel ended before adopt() returned (no WorkerProcess yet):
             # a worker kept over an exec that died meanwhile must still count
@@ -1509,7 +1527,16 @@ def _running(pid: int) -> bool:
         return False
     try:
         return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except OSError:  # ChildProcessError: not our child (any more)
+    except ChildProcessError:
+        # Not our child: reaped already, or a worker taken up after the previous
+        # supervisor died (`fd_store`), whose parent is systemd now: alive while
+        # its process is there and not a zombie.
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat.rpartition(")")[2].split()[:1] != ["Z"]
+    except OSError:
         return False
 
 

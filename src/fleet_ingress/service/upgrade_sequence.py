@@ -60,7 +60,7 @@ from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.kept_running import TaskFailures
-from fleet_ingress.service.lifecycle import IGNORED_SIGNALS
+from fleet_ingress.service.lifecycle import FIRST_PROBE_WAIT, IGNORED_SIGNALS
 from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -207,6 +207,9 @@ class UpgradeSequence:
         # from them (a host whose only worker was being replaced at the exec
         # hands over no channel at all).
         self.resumed = carried is not None
+        # Resuming from systemd's fd store after the previous supervisor died
+        # (`service.fd_store`): nothing of it carried but its workers.
+        self.crash_restart = False
         # Set once the slot table holds what every kept worker says it holds:
         # an operator's fleet change waits for it (`wait_table_restored`).
         self.table_restored = asyncio.Event()
@@ -261,7 +264,9 @@ class UpgradeSequence:
         supervisor.slots.reclaimed_total = int(carried["reclaimed_total"])
         # (From a release that did not carry them: counted from here.)
         self.web.carry_counts(carried.get("operator_connections"))
-        supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
+        if carried["bound_listen"] is not None:  # None after a crash: as configured
+            supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
+        self.crash_restart = bool(carried.get("crash_restart"))
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
         # (From a release that did not carry it: none; a line cut there is skipped.)
@@ -638,6 +643,10 @@ class UpgradeSequence:
         # By the pids adopted, not by `workers`: one whose channel came over
         # may have exited and been reaped already (its watcher runs meanwhile).
         self._watch_channelless(adopted)
+        if self.crash_restart:
+            # No fleet's health came over: a call queued meanwhile waits for the
+            # first probes (slots paused) rather than be answered 503.
+            await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
         silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
         # A fleet being removed whose calls all ended over the exec goes now.
         for fleet in list(supervisor.fleet_set.fleets):
