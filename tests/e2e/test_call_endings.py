@@ -257,3 +257,29 @@ async def test_a_fleets_close_frame_read_with_other_bytes_is_followed_by_nothing
         assert rest == b""
     finally:
         await fleet.stop()
+
+
+async def test_a_fleets_reply_to_the_goodbye_raises_nothing(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet
+) -> None:
+    """A carrier gone (reset mid-call): the ingress says 1001 to the fleet, whose
+    close frame in reply ends the attempt. Reading on from the attempt just
+    dropped raised AttributeError in the event loop on about every other call
+    (the review of session 27: each an ERROR traceback, and the unexpected-errors
+    alert lit on any busy host). Ten calls, nothing raised."""
+    loop = asyncio.get_running_loop()
+    raised: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    try:
+        ingress = await start_ingress([ws_fleet.line("f")])
+        for n in range(10):
+            ws = await _in_call(ingress, tls_files, ws_fleet)
+            sock = ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            ws.transport.abort()
+            await eventually(lambda: ws_fleet.active == 0 and not ingress.registry.calls)
+            assert ws_fleet.peer_close_codes[-1] == 1001, n
+        await asyncio.sleep(0.2)
+        assert [c.get("message") for c in raised] == []
+    finally:
+        loop.set_exception_handler(None)

@@ -936,8 +936,10 @@ class FleetProtocol(_Side):
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 if self.pump is not None and _is_close_frame(data, masked=False):
                     if self.saying_goodbye:
+                        # Its reply to ours: the attempt may be dropped in it.
                         self.goodbye_replied()
-                    self.pump.feed(CloseFrameSeen(Side.FLEET))
+                    if self.pump is not None:
+                        self.pump.feed(CloseFrameSeen(Side.FLEET))
             return
         self._pending += data
         if self._head_read or self.pump is None:
