@@ -1079,10 +1079,13 @@ async def test_a_channel_whose_hello_named_pid_0_still_gives_its_slots_back(host
 
 
 async def test_a_message_the_worker_fails_to_act_on_is_skipped_and_the_channel_stays(host, caplog):
-    """A bug in acting on one message (here: a handler that raises) is logged and
-    skipped; the channel, the slots held and the messages after it are kept.
-    Before, the exception ended the channel, and the worker drained: every call it
-    carried cut at timeouts.drain."""
+    """A bug in acting on one message (here: a handler that raises) is logged,
+    counted and skipped; the channel, the slots held and the messages after it
+    are kept. Before, the exception ended the channel, and the worker drained:
+    every call it carried cut at timeouts.drain. But a `stop` it failed to act
+    on still ends the channel: the worker drains, as it was told."""
+    from fleet_ingress.net.event_loop import unexpected_errors
+
     h = host(maxconn=2)
     w1 = await h.worker()
     held = await w1.lease()
@@ -1092,12 +1095,18 @@ async def test_a_message_the_worker_fails_to_act_on_is_skipped_and_the_channel_s
         acted.append(message)
         raise RuntimeError("a bug in a handler")
 
+    w1.handlers["reload"] = fails
     w1.handlers["stop"] = fails
     key = next(iter(h.server._channels))
-    assert h.server.send(key, {"op": "stop", "drain": 1})
+    before = unexpected_errors()
+    assert h.server.send(key, {"op": "reload", "id": 1})
     assert await h.server.collect_reports(2.0) == 0  # none unanswered: read after it
-    assert len(acted) == 1
+    assert len(acted) == 1 and unexpected_errors() == before + 1
     assert not w1.lost.done() and held.held
     assert (await w1.lease()).fleet.name in {"a", "b"}
     (said,) = [r for r in caplog.records if "could not be acted on" in r.getMessage()]
-    assert said.fields["op"] == "stop" and said.exc_info is not None  # type: ignore[attr-defined]
+    assert said.fields["op"] == "reload" and said.exc_info is not None  # type: ignore[attr-defined]
+
+    assert h.server.send(key, {"op": "stop", "drain": 1})
+    await asyncio.wait_for(w1.lost, 2)
+    assert len(acted) == 2

@@ -104,7 +104,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
 
     # Each process's own count of errors its loop saw uncaught (others of this
     # test run's loops may have some): none, as a fresh process has.
-    monkeypatch.setattr(event_loop, "_unhandled", 0)
+    monkeypatch.setattr(event_loop, "_unexpected", 0)
     *_, r1 = a_worker(3, pid=101, generation=1, draining=True)
     *_, r2 = a_worker(4, pid=202, generation=2)
     slots, view = host_with(r1, r2)
@@ -359,22 +359,22 @@ def test_log_lines_dropped_are_the_workers_and_the_supervisors_own(monkeypatch):
     assert host["fleet_ingress_log_lines_dropped_total"][()] == 5 + 5 + 2
 
 
-def test_unhandled_errors_are_the_workers_and_the_supervisors_own(monkeypatch):
+def test_unexpected_errors_are_the_workers_and_the_supervisors_own(monkeypatch):
     """Each process counts what reached its event loop's handler uncaught: a
     worker's reach the supervisor in its report, summed with its own, and a
     worker gone keeps its part (folded, as every counter of a worker gone)."""
     from fleet_ingress.net import event_loop
 
-    monkeypatch.setattr(event_loop, "_unhandled", 3)  # each worker's, as it reports
+    monkeypatch.setattr(event_loop, "_unexpected", 3)  # each worker's, as it reports
     *_, r1 = a_worker(1, pid=101, generation=1)
     *_, r2 = a_worker(1, pid=202, generation=1)
     slots, view = host_with(r1, r2)
-    monkeypatch.setattr(event_loop, "_unhandled", 1)  # the supervisor's own
+    monkeypatch.setattr(event_loop, "_unexpected", 1)  # the supervisor's own
     host = families(HostMetrics(slots, view).prometheus)
-    assert host["fleet_ingress_unhandled_errors_total"][()] == 3 + 3 + 1
+    assert host["fleet_ingress_unexpected_errors_total"][()] == 3 + 3 + 1
     assert view.leave((202, 1)) is not None
     host = families(HostMetrics(slots, view).prometheus)
-    assert host["fleet_ingress_unhandled_errors_total"][()] == 3 + 3 + 1
+    assert host["fleet_ingress_unexpected_errors_total"][()] == 3 + 3 + 1
 
 
 def test_a_removed_fleets_ended_calls_leave_metrics_as_its_other_series_do():

@@ -90,17 +90,17 @@ async def test_an_observer_that_raises_once_does_not_stop_the_probe():
 
 
 def test_what_reaches_the_loops_handler_uncaught_is_counted_but_uvloops_closed_tls_noise():
-    """fleet_ingress_unhandled_errors_total: a callback that raised, on the
+    """fleet_ingress_unexpected_errors_total: a callback that raised, on the
     loop `run` uses; uvloop's complaint about a TLS connection it had closed
     (a probe cut mid-handshake) is no bug of ours and is not counted."""
     from fleet_ingress.net import event_loop
 
     loop = event_loop.new_event_loop()
     try:
-        before = event_loop.unhandled_errors()
+        before = event_loop.unexpected_errors()
         loop.call_soon(lambda: 1 / 0)
         loop.run_until_complete(asyncio.sleep(0.01))
-        assert event_loop.unhandled_errors() == before + 1
+        assert event_loop.unexpected_errors() == before + 1
         noise = {
             "message": "Fatal error on SSL protocol",
             "exception": RuntimeError(
@@ -108,6 +108,6 @@ def test_what_reaches_the_loops_handler_uncaught_is_counted_but_uvloops_closed_t
             ),
         }
         loop.call_exception_handler(noise)
-        assert event_loop.unhandled_errors() == before + 1
+        assert event_loop.unexpected_errors() == before + 1
     finally:
         loop.close()

@@ -24,6 +24,7 @@ from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, Silen
 from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.event_loop import count_unexpected_error
 
 __all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"]
 
@@ -351,6 +352,7 @@ class SilenceSweep:
         self._timer, self._due = None, math.inf
         now = time.monotonic()
         period = math.inf
+        failed: list[tuple[Call, BaseException]] = []
         try:
             for call in list(self.registry.calls):
                 try:
@@ -358,26 +360,35 @@ class SilenceSweep:
                     if reason is not None:
                         call.end(reason)
                         continue
-                except Exception:
+                except Exception as exc:
                     # A bug in one call's check must not end the pass, nor the
                     # sweep: the calls after it, and every later pass, would go
                     # unwatched (a carrier gone without a FIN holding its fleet's
                     # slot and its bot for timeouts.tunnel). The call itself is
                     # kept (a live call is not cut for a bug) and checked again.
-                    self._say_check_failed(call)
+                    failed.append((call, exc))
                 if call.quiet is not None:
                     period = min(period, call.quiet.limits.sweep_period)
         finally:
             if period < math.inf:
                 self._schedule(asyncio.get_running_loop(), period)
+            if failed:
+                self._say_checks_failed(failed)
 
-    def _say_check_failed(self, call: Call) -> None:
-        """Logged once a call, with the traceback."""
-        if call.id in self._check_failed:
+    def _say_checks_failed(self, failed: list[tuple[Call, BaseException]]) -> None:
+        """Said once a pass, for the calls not said before (one line, the first
+        one's traceback: a bug that hits every call must not hold the loop with
+        a traceback each); each counted once."""
+        new = [(call, exc) for call, exc in failed if call.id not in self._check_failed]
+        if not new:
             return
-        self._check_failed.add(call.id)
-        self._check_failed &= {c.id for c in self.registry.calls}  # those gone forgotten
-        log.exception(
-            "silence check failed for a call: it is kept and checked again; a bug, report it",
-            extra=fields(call_id=call.id),
+        live = {call.id for call in self.registry.calls}
+        self._check_failed = (self._check_failed | {call.id for call, _ in new}) & live
+        for _ in new:
+            count_unexpected_error()
+        first, exc = new[0]
+        log.error(
+            "silence check failed: those calls are kept and checked again; a bug, report it",
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra=fields(calls=len(new), call_id=first.id),
         )

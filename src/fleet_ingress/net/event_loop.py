@@ -178,32 +178,39 @@ def new_event_loop() -> IngressLoop:
     return loop
 
 
-_unhandled = 0  # errors that reached the loop's handler in this process
+_unexpected = 0  # bugs met in this process (`unexpected_errors`)
 
 
-def unhandled_errors() -> int:
-    """How many exceptions no code of ours caught reached this process's event
-    loop (a callback or transport that raised, a task's exception never
-    retrieved): each a bug, logged with its traceback; exported, summed over
-    the host, as fleet_ingress_unhandled_errors_total."""
-    return _unhandled
+def unexpected_errors() -> int:
+    """How many exceptions of a bug this process met: those no code of ours
+    caught that reached its event loop (a callback or transport that raised, a
+    task's exception never retrieved), and those a guard caught and logged to
+    keep going (`count_unexpected_error`); each logged with its traceback.
+    Exported, summed over the host, as fleet_ingress_unexpected_errors_total."""
+    return _unexpected
+
+
+def count_unexpected_error() -> None:
+    """A guard caught an exception that is a bug and went on (it logs it)."""
+    global _unexpected
+    _unexpected += 1
 
 
 def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """The loop's default, counted (`unhandled_errors`), but for uvloop's own
+    """The loop's default, counted (`unexpected_errors`), but for uvloop's own
     complaint about a TLS connection it had already closed: a health probe cut
     at its timeout in the middle of its handshake makes uvloop's SSL layer write
     to the closed transport and log "Fatal error on SSL protocol" with a
     traceback, at ERROR. The probe says what failed; hundreds of those
     tracebacks when many probes time out at once (the scale audit of session
     16) said nothing more."""
-    global _unhandled
+    global _unexpected
     if _closed_tls_noise(context):
         log.debug(
             "TLS connection already closed", extra=fields(detail=str(context.get("exception")))
         )
         return
-    _unhandled += 1
+    _unexpected += 1
     loop.default_exception_handler(context)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.logs import fields
+from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, HandshakeTimeout, TLSConnection, wrap_accepted
 
@@ -319,6 +320,7 @@ class CarrierListener:
             # A bug in starting the call (its head timer never set): the carrier
             # would hold the connection, and a limits.max_connections place, for
             # as long as it likes. Cut it; it redials into a new one.
+            count_unexpected_error()
             log.exception("could not start serving a connection: cut; a bug, report it")
             tls.abort()
 

@@ -40,6 +40,7 @@ from typing import Any, cast
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import NoFleetAvailable
+from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.slot_wire import (
     LineDecoder,
     UnknownOps,
@@ -333,15 +334,21 @@ class SlotClient(asyncio.Protocol):
             except WireError as exc:
                 self._broken(exc)
                 return
-            except Exception:
+            except Exception as exc:
                 # A bug in acting on one message must not end the channel: this
                 # worker would drain, its calls cut at timeouts.drain. What the
                 # message asked is left undone (a report is asked again, a lease
-                # not answered is given up at its answer timeout).
+                # not answered is given up at its answer timeout), but a `stop`:
+                # the channel ends then, and the worker drains as it was told.
+                count_unexpected_error()
+                op = str(message.get("op"))[:40]
                 log.exception(
                     "slot channel message could not be acted on: skipped; a bug, report it",
-                    extra=fields(pid=self.pid, op=str(message.get("op"))[:40]),
+                    extra=fields(pid=self.pid, op=op),
                 )
+                if op == "stop":
+                    self._broken(WireError(f"acting on stop failed: {exc!r}"))
+                    return
 
     def _broken(self, exc: WireError) -> None:
         log.error("slot channel broken", extra=fields(pid=self.pid, error=str(exc)))

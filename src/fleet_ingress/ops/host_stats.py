@@ -47,7 +47,7 @@ from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView, Key, WorkerId
 from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.event_loop import unhandled_errors
+from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.ops.local_counts import Observed, fold_ended_of_fleets_gone, local_counts
 from fleet_ingress.ops.metrics import PREFIX, FleetChecks, _ProcessCollector, _StateCollector
@@ -121,7 +121,7 @@ class WorkerReporter:
         fold_ended_of_fleets_gone(self.registry, {fleet.name for fleet in fleets})
         counts = local_counts(self.registry, fleets, self.histograms)
         counts.counters[("log_lines_dropped",)] = lines_dropped()
-        counts.counters[("unhandled_errors",)] = unhandled_errors()
+        counts.counters[("unexpected_errors",)] = unexpected_errors()
         return {
             "started": self.started,
             "code": code_digest(),

@@ -36,7 +36,7 @@ from fleet_ingress.core.host_view import Counts, Key
 from fleet_ingress.logs import LINES_HELD, lines_dropped
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
-from fleet_ingress.net.event_loop import unhandled_errors
+from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
 from fleet_ingress.release import code_digest
 
@@ -488,11 +488,11 @@ class _StateCollector(Collector):
             value=counts.counter("log_lines_dropped") + lines_dropped(),
         )
         yield CounterMetricFamily(
-            f"{PREFIX}_unhandled_errors",
-            "Exceptions no code of the ingress caught that reached an event loop (a "
-            "callback or task that raised): each a bug, logged with its traceback.",
+            f"{PREFIX}_unexpected_errors",
+            "Exceptions of a bug: caught by a guard that logged it and went on, or "
+            "caught by no code and logged by the event loop; each with its traceback.",
             # The workers' (in the host's counts) and this process's own.
-            value=counts.counter("unhandled_errors") + unhandled_errors(),
+            value=counts.counter("unexpected_errors") + unexpected_errors(),
         )
         reloads = CounterMetricFamily(
             f"{PREFIX}_reloads", "SIGHUP reloads, by result (applied, refused).", labels=["result"]

@@ -51,7 +51,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
-from fleet_ingress.net.event_loop import unhandled_errors
+from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -253,8 +253,8 @@ class UpgradeSequence:
         # The previous images' own dropped log lines: counted as a part gone is.
         dropped = int(carried.get("log_lines_dropped", 0))
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
-        unhandled = int(carried.get("unhandled_errors", 0))
-        supervisor.view.retired.counters[("unhandled_errors",)] += unhandled
+        unhandled = int(carried.get("unexpected_errors", 0))
+        supervisor.view.retired.counters[("unexpected_errors",)] += unhandled
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
@@ -490,7 +490,7 @@ class UpgradeSequence:
             "task_failures": dict(supervisor.task_failures.by_task),
             # The lines still waiting are lost with this image (the exec).
             "log_lines_dropped": lines_dropped() + lines_waiting(),
-            "unhandled_errors": unhandled_errors(),
+            "unexpected_errors": unexpected_errors(),
             "calls_lost_total": supervisor.calls_lost_total,
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
