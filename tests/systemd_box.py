@@ -60,10 +60,18 @@ DefaultDependencies=no
 # of a notify receiver that stops reading counts on the 10). Its own UTS and
 # IPC namespaces too: nothing it sets there reaches the host.
 HOST_NETNS = "/run/host-netns"
+# Also in its mount namespace, so that nothing it does at boot reaches the host:
+# /etc read-only (with an empty machine-id it would write one there), /proc/sys
+# read-only (it raises fs.file-max, a sysctl of the whole machine), its console
+# a file of the test's (it writes to /dev/console) and /dev/tty0 /dev/null (it
+# asks the kernel for the keyboard-request signal there). The outer process is
+# killed with the test's (PR_SET_PDEATHSIG), and systemd with it (--kill-child):
+# a test process killed outright leaves no systemd running.
 BOOT = f"""\
 set -e
 echo $$ > "$1/cgroup.procs"
-exec unshare --mount --pid --cgroup --uts --ipc --fork --kill-child --mount-proc \\
+exec setpriv --pdeathsig KILL \\
+    unshare --mount --pid --cgroup --uts --ipc --fork --kill-child --mount-proc \\
     --propagation private sh -c '
 set -e
 mount -t tmpfs -o mode=755 tmpfs /run
@@ -71,8 +79,15 @@ touch {HOST_NETNS}
 mount --bind /proc/self/ns/net {HOST_NETNS}
 umount -R /sys/fs/cgroup 2>/dev/null || true
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount --bind /etc /etc
+mount -o remount,bind,ro /etc
+mount --bind /proc/sys /proc/sys
+mount -o remount,bind,ro /proc/sys
+touch "$1/console.log"
+mount --bind "$1/console.log" /dev/console
+if [ -e /dev/tty0 ]; then mount --bind /dev/null /dev/tty0; fi
 exec unshare --net "$0" --system --unit=fleet-test.target --log-target=console --log-level=info
-' "$2"
+' "$2" "$3"
 """
 # What a unit that must be reached from the test (on the host's loopback) adds.
 JOIN_HOST_NETWORK = f"NetworkNamespacePath={HOST_NETNS}"
@@ -126,7 +141,7 @@ class PrivateSystemd:
             "SYSTEMD_UNIT_PATH": str(self.units),
         }
         self.proc = subprocess.Popen(
-            ["sh", "-c", BOOT, "boot", str(self.cgroup), str(SYSTEMD)],
+            ["sh", "-c", BOOT, "boot", str(self.cgroup), str(SYSTEMD), str(self.home)],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=(self.home / "systemd.log").open("wb"),

@@ -318,10 +318,11 @@ async def test_usr1_and_quit_to_every_process_of_the_unit_end_nothing(
 async def test_the_watchdog_is_fed_through_calls_and_a_drain_longer_than_it(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """WatchdogSec=2 (the unit has 30): 6 s of serving, then a 4 s drain, and
-    systemd never aborts the supervisor."""
-    unit = await install(systemd, tls_files, fleet, watchdog_sec=2)
-    assert unit.show("WatchdogUSec")["WatchdogUSec"] == "2s"
+    """WatchdogSec=4 (the unit has 30): 6 s of serving, then a 6 s drain, and
+    systemd never aborts the supervisor (it pings every 2 s then: a shorter
+    WatchdogSec made the test hang on a host busy for a second)."""
+    unit = await install(systemd, tls_files, fleet, watchdog_sec=4)
+    assert unit.show("WatchdogUSec")["WatchdogUSec"] == "4s"
     call = await a_call(unit, tls_files)
     try:
         for n in range(30):
@@ -329,7 +330,7 @@ async def test_the_watchdog_is_fed_through_calls_and_a_drain_longer_than_it(
             await asyncio.sleep(0.2)
         assert unit.show("NRestarts", "ActiveState") == {"NRestarts": "0", "ActiveState": "active"}
         stop = systemd.systemctl_in_background("stop", NAME)
-        for n in range(20):
+        for n in range(30):
             await echo(call, f"draining {n}")
             await asyncio.sleep(0.2)
         await call.close()
@@ -464,3 +465,47 @@ async def test_a_channel_the_supervisor_cuts_reaches_its_worker_though_the_fd_st
         await echo(call, "served by the workers there are")
     finally:
         await close_calls([call])
+
+
+def test_a_test_process_killed_outright_leaves_no_systemd_running(
+    systemd: systemd_box.PrivateSystemd,
+) -> None:
+    """The box's own safety: a test process killed (SIGKILL, a crashed xdist
+    worker, CI's outer timeout) takes its systemd, and the units under it, with
+    it (the review of session 27: they ran on, holding loopback ports). What is
+    left (its cgroup, its home) is removed here, as the box would have."""
+    import signal
+    import subprocess
+
+    script = (
+        "import sys; from tests import systemd_box\n"
+        "box = systemd_box.PrivateSystemd(); box.boot()\n"
+        "print(box.pid1, box.cgroup, box.home, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    pid1, cgroup, home = child.stdout.readline().split()
+    leftover = systemd_box.PrivateSystemd.__new__(systemd_box.PrivateSystemd)
+    leftover.cgroup, leftover.home, leftover.proc = Path(cgroup), Path(home), None
+    leftover.pid1 = int(pid1)  # killed by shutdown() whatever happens here
+    try:
+        assert Path(f"/proc/{pid1}").exists()
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid1}").exists():
+            assert time.monotonic() < deadline, "its systemd outlived it"
+            time.sleep(0.05)
+        leftover.pid1 = 0  # gone: its pid may be another process's soon
+    finally:
+        child.kill()
+        child.wait(10)
+        leftover.shutdown()
+    assert not Path(cgroup).exists()
