@@ -509,3 +509,48 @@ def test_a_test_process_killed_outright_leaves_no_systemd_running(
         child.wait(10)
         leftover.shutdown()
     assert not Path(cgroup).exists()
+
+
+async def test_a_worker_draining_when_the_supervisor_dies_is_replaced_after_it(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker that had stopped taking calls (a stop of its own, a failed
+    upgrade's drain) when the supervisor died is taken up as draining, its calls
+    kept, and a new worker starts in its place: counted as serving, the host was
+    a worker short until its calls ended (and took no call at all, were all of
+    them draining)."""
+    import signal
+
+    unit = await install(systemd, tls_files, fleet)
+    calls: list[ClientConnection] = []
+    try:
+        for _ in range(3):
+            calls.append(await a_call(unit, tls_files))
+        async with asyncio.timeout(10):
+            while True:
+                rows = (await unit.stats())["workers"]
+                if sum(row["calls"] for row in rows) == 3:
+                    break
+                await asyncio.sleep(0.1)
+        # One that holds calls (the kernel may have given them all to one).
+        draining = systemd.host_pid(next(row["pid"] for row in rows if row["calls"]))
+        os.kill(draining, signal.SIGTERM)  # a stop of its own: takes no new call, keeps its own
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        async with asyncio.timeout(30):
+            while unit.show("ActiveState", "NRestarts") != {
+                "ActiveState": "active",
+                "NRestarts": "1",
+            }:
+                await asyncio.sleep(0.1)
+        again = unit.main_pid()
+        async with asyncio.timeout(15):  # the same two, and one more in the draining one's place
+            while len(set(systemd.processes(NAME)) - {again, draining}) != 2:
+                await asyncio.sleep(0.1)
+        assert draining in systemd.processes(NAME)
+        for n, call in enumerate(calls):
+            await echo(call, f"kept {n}")
+        fresh = await a_call(unit, tls_files)
+        calls.append(fresh)
+        await echo(fresh, "served")
+    finally:
+        await close_calls(calls)

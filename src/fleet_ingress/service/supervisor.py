@@ -429,7 +429,7 @@ class Supervisor:
             # died shortly before the exec): due as they were.
             now = time.monotonic()
             for due in self.upgrade.take_carried_respawns():
-                self._schedule_respawn(max(0.0, due - now))
+                self.schedule_respawn(max(0.0, due - now))
         else:
             count = self.worker_target = self.config.process.worker_count()
             started = [await self.spawn(self.generation) for _ in range(count)]
@@ -880,9 +880,9 @@ class Supervisor:
                     installed_code=code_digest.__wrapped__(),
                 ),
             )
-        self._schedule_respawn(delay)
+        self.schedule_respawn(delay)
 
-    def _schedule_respawn(self, delay: float) -> None:
+    def schedule_respawn(self, delay: float) -> None:
         task = self._keep(self._respawn(delay))
         self._respawns[task] = time.monotonic() + delay
         task.add_done_callback(lambda done: self._respawns.pop(done, None))

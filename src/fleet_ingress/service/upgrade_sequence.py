@@ -648,6 +648,8 @@ class UpgradeSequence:
             # first probes (slots paused) rather than be answered 503.
             await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
         silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
+        if self.crash_restart:
+            await self._retire_the_draining()
         # A fleet being removed whose calls all ended over the exec goes now.
         for fleet in list(supervisor.fleet_set.fleets):
             supervisor.ops.reap(fleet)
@@ -665,6 +667,21 @@ class UpgradeSequence:
                 calls=supervisor.host_calls,
             ),
         )
+
+    async def _retire_the_draining(self) -> None:
+        """After a crash: the workers that say they drain (told to stop by the
+        previous supervisor, a failed upgrade's, or by a signal of their own)
+        take no new call, so they count as an old generation, and replacements
+        start for them; counted as serving, the host would have none left to
+        accept calls until they ended. Their reports say it."""
+        supervisor = self.supervisor
+        await supervisor.server.collect_reports(RESTORE_TIMEOUT)
+        draining = {(r.pid, r.generation) for r in supervisor.view.live if r.draining}
+        for worker in list(supervisor.workers.values()):
+            if (worker.pid, worker.generation) in draining and not worker.retiring:
+                worker.retiring = True
+                self._arm_carried_backstop(worker, {})
+                supervisor.schedule_respawn(0.0)
 
     def _watch_channelless(self, adopted: set[int]) -> None:
         """Workers of the previous image whose channel did not come over: it
