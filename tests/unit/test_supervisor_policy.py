@@ -151,3 +151,30 @@ def test_a_worker_not_our_child_runs_while_its_process_is_there():
         time.sleep(0.01)
     assert not _running(pid)
     assert not _running(0)
+
+
+async def test_a_workers_one_off_task_that_raises_is_said_and_counted(caplog):
+    """A worker's reload or forced removal task that raised was left to asyncio's
+    "exception never retrieved", said only if and when the task was collected
+    (the worker crash-path audit of session 27: `remove-fleet --force` said its
+    calls were closed while one went on)."""
+    import asyncio
+
+    from fleet_ingress.net.event_loop import unexpected_errors
+    from fleet_ingress.service.worker import say_if_task_failed
+
+    async def close_fleet() -> None:
+        raise RuntimeError("a bug closing a removed fleet's calls")
+
+    async def fine() -> None:
+        return None
+
+    before = unexpected_errors()
+    for coro in (close_fleet(), fine()):
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(say_if_task_failed)
+        await asyncio.wait([task])
+    await asyncio.sleep(0)
+    (said,) = [r for r in caplog.records if r.getMessage().startswith("worker task failed")]
+    assert said.fields["task"].endswith("close_fleet") and said.exc_info is not None  # type: ignore[attr-defined]
+    assert unexpected_errors() == before + 1

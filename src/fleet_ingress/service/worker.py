@@ -65,6 +65,7 @@ from fleet_ingress.config.settings import (
 )
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
+from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
@@ -149,6 +150,7 @@ class Worker:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(say_if_task_failed)
 
     def _on_stop(self, message: dict[str, Any]) -> None:
         if message.get("cut"):
@@ -211,19 +213,23 @@ class Worker:
         """remove-fleet --force: this worker's calls on `name` end now."""
         registry = self.ingress.registry
         calls = registry.calls_on(name)
-        for call in calls:
-            call.end(EndReason.REMOVED)
         if not calls:
             return
         log.info("closing a removed fleet's calls", extra=fields(fleet=name, calls=len(calls)))
-        # As in-process: what does not close in time (a fleet that never reads the
-        # TLS close) is aborted, so the fleet's slots come back.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FORCED_REMOVAL_WAIT):
-                while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
-                    await asyncio.sleep(0.05)
-        for call in registry.calls_on(name):
-            call.abort()
+        try:
+            for call in calls:
+                call.end(EndReason.REMOVED)
+            # As in-process: what does not close in time (a fleet that never reads
+            # the TLS close) is aborted, so the fleet's slots come back.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                    while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
+                        await asyncio.sleep(0.05)
+        finally:
+            # Also when ending one raised (a bug, said by `say_if_task_failed`):
+            # the operator asked for them all gone.
+            for call in registry.calls_on(name):
+                call.abort()
         await asyncio.sleep(min(FORCED_ABORT_WAIT, 0.1))
 
     async def run(self) -> None:
@@ -375,6 +381,21 @@ def _prefer_for_oom_kill() -> None:
             "cannot make this worker the OOM killer's first choice over the supervisor",
             extra=fields(error=str(exc)),
         )
+
+
+def say_if_task_failed(task: asyncio.Task[Any]) -> None:
+    """A one-off task of the worker's (a reload, a removed fleet's calls closed)
+    that raised: said with its traceback and counted as a bug, not left to
+    asyncio's "exception never retrieved" when the task is collected (if ever)."""
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    count_unexpected_error()
+    name = getattr(task.get_coro(), "__qualname__", task.get_name())
+    log.error(
+        "worker task failed: a bug, report it",
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra=fields(task=name),
+    )
 
 
 def _pin_to(cpu: int) -> str | None:
