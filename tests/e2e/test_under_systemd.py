@@ -554,3 +554,51 @@ async def test_a_worker_draining_when_the_supervisor_dies_is_replaced_after_it(
         await echo(fresh, "served")
     finally:
         await close_calls(calls)
+
+
+async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_by_its_drain(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The supervisor killed while an upgrade's new generation starts: the one
+    started again retires the old generation as the upgrade would have, told
+    to stop accepting and to keep its calls for timeouts.upgrade_drain (here 0:
+    until they end, past timeouts.drain's 3 s). Before (the review of session
+    27): left serving, the old generation took new calls, and every call on it
+    was cut at timeouts.drain + 5 s."""
+    unit = await install(systemd, tls_files, fleet, drain=3)
+    toml = unit.home / "ingress.toml"
+    toml.write_text(toml.read_text().replace("[timeouts]\n", "[timeouts]\nupgrade_drain = 0\n"))
+    await asyncio.to_thread(systemd.systemctl, "restart", NAME)
+    supervisor = unit.main_pid()
+    first = set(systemd.processes(NAME)) - {supervisor}
+    old = await a_call(unit, tls_files)
+    calls = [old]
+    try:
+        await echo(old, "generation 1")
+        upgrade = asyncio.create_task(asyncio.to_thread(unit.cli, "upgrade", timeout=150))
+        async with asyncio.timeout(60):  # both workers of generation 2 started
+            while len(set(systemd.processes(NAME)) - first - {supervisor}) < 2:
+                await asyncio.sleep(0.02)
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await upgrade
+        async with asyncio.timeout(30):
+            while unit.show("ActiveState", "NRestarts") != {
+                "ActiveState": "active",
+                "NRestarts": "1",
+            }:
+                await asyncio.sleep(0.1)
+        for _ in range(4):
+            calls.append(await a_call(unit, tls_files))
+        rows = (await unit.stats())["workers"]
+        by_generation: dict[int, int] = {}
+        for row in rows:
+            by_generation[row["generation"]] = (
+                by_generation.get(row["generation"], 0) + row["calls"]
+            )
+        assert by_generation == {1: 1, 2: 4}, rows  # the new calls on generation 2 only
+        for n in range(12):  # past timeouts.drain (3 s) and the backstop's 5 s more
+            for call in calls:
+                await echo(call, f"kept {n}")
+            await asyncio.sleep(1)
+    finally:
+        await close_calls(calls)

@@ -630,7 +630,8 @@ class UpgradeSequence:
                 generation,
                 key,
                 started_at=float(carried.get("started_at", time.monotonic())),
-                retiring=bool(carried.get("retiring", False)),
+                # After a crash an older generation is retired below, told to stop.
+                retiring=bool(carried.get("retiring", False)) and not self.crash_restart,
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
@@ -669,18 +670,27 @@ class UpgradeSequence:
         )
 
     async def _retire_the_draining(self) -> None:
-        """After a crash: the workers that say they drain (told to stop by the
-        previous supervisor, a failed upgrade's, or by a signal of their own)
-        take no new call, so they count as an old generation, and replacements
-        start for them; counted as serving, the host would have none left to
-        accept calls until they ended. Their reports say it."""
+        """After a crash, the old generations are retired as an upgrade retires
+        them: told to stop accepting and drain for timeouts.upgrade_drain
+        (unset: timeouts.drain; 0: until their calls end), their backstop from
+        now. That is every worker older than the newest generation (a crash
+        mid-upgrade: left serving, they took new calls, cut at their backstop),
+        and every worker that says it drains (told to stop by the previous
+        supervisor, a failed upgrade's drain, a stop of its own), for which a
+        replacement starts: counted as serving, the host was a worker short
+        until its calls ended, and took no call at all were they all draining.
+        What they drained for before the crash is not known: the drain starts
+        again from now (upgrade_drain = 0 keeps its calls whatever)."""
         supervisor = self.supervisor
         await supervisor.server.collect_reports(RESTORE_TIMEOUT)
         draining = {(r.pid, r.generation) for r in supervisor.view.live if r.draining}
         for worker in list(supervisor.workers.values()):
-            if (worker.pid, worker.generation) in draining and not worker.retiring:
-                worker.retiring = True
-                self._arm_carried_backstop(worker, {})
+            if worker.retiring or worker.left.is_set():
+                continue
+            if worker.generation < supervisor.generation:
+                supervisor.retire(worker)
+            elif (worker.pid, worker.generation) in draining:
+                supervisor.retire(worker)
                 supervisor.schedule_respawn(0.0)
 
     def _watch_channelless(self, adopted: set[int]) -> None:
