@@ -134,6 +134,7 @@ def write_unit(
     home: Path,
     watchdog_sec: int | None,
     pythonpath: Path | None,
+    service: tuple[str, ...] = (),
 ) -> None:
     """The shipped unit with this checkout's paths, and the test's drop-in."""
     cli = str(Path(sys.executable).parent / "fleet-ingress")
@@ -164,6 +165,7 @@ def write_unit(
         dropin.append(f"Environment=PYTHONPATH={os.environ['PYTHONPATH']}")
     if watchdog_sec is not None:
         dropin.append(f"WatchdogSec={watchdog_sec}")
+    dropin += service
     (systemd.units / f"{NAME}.d").mkdir()
     (systemd.units / f"{NAME}.d" / "test.conf").write_text("\n".join(dropin) + "\n")
 
@@ -177,6 +179,7 @@ async def install(
     watchdog_sec: int | None = None,
     process: str = "",
     pythonpath: Path | None = None,
+    service: tuple[str, ...] = (),
 ) -> Unit:
     """`process`: lines for the [process] section; `pythonpath`: where the
     unit's processes import fleet_ingress from (a copy to break)."""
@@ -185,7 +188,7 @@ async def install(
     port, stats_port = await write_run_home(
         tls_files, home, [f"{fleet.url} name=a maxconn=16"], workers=2, drain=drain, extra=process
     )
-    write_unit(systemd, home, watchdog_sec, pythonpath)
+    write_unit(systemd, home, watchdog_sec, pythonpath, service)
     systemd.systemctl("daemon-reload")
     unit = Unit(systemd, home, port, stats_port)
     # Type=notify: `start` returns once the ingress said READY=1.
@@ -602,3 +605,25 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
             await asyncio.sleep(1)
     finally:
         await close_calls(calls)
+
+
+async def test_a_stop_that_outlasts_timeoutstopsec_leaves_no_worker_running(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """KillMode=process kills the main process alone at TimeoutStopSec: the
+    unit's ExecStopPost kills what is left of its workers then (a drain longer
+    than the unit waits, a supervisor stuck at stop). Before (the review of the
+    fd-store change): the worker drained on, its call counted by no supervisor
+    started since (maxconn 2 seen as 4 by the fleet)."""
+    unit = await install(systemd, tls_files, fleet, drain=60, service=("TimeoutStopSec=3",))
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "up")
+        stopped = await asyncio.to_thread(systemd.systemctl, "stop", NAME, check=False)
+        assert stopped.returncode == 0, stopped.stderr
+        assert unit.show("Result")["Result"] == "timeout"
+        async with asyncio.timeout(5):
+            while systemd.processes(NAME):
+                await asyncio.sleep(0.1)
+    finally:
+        await close_calls([call])
