@@ -62,18 +62,18 @@ def test_descriptors_meant_for_another_process_are_not_taken():
     assert seen["taken"] == {} and seen["env"] == []
 
 
-def test_the_workers_are_taken_up_with_the_newest_generation_serving_and_the_older_draining():
+def test_the_workers_are_taken_up_with_the_newest_generation_serving():
     a, b = socket.socketpair()
     taken = {"listen.wss": a, "worker.11.3": a, "worker.12.3": a, "worker.9.2": b}
     state = crash_state(taken, worker_target=3)
     assert state is not None and state["crash_restart"] is True
     assert state["generation"] == 3
-    assert sorted((w["pid"], w["retiring"]) for w in state["workers"]) == [
-        (9, True),
-        (11, False),
-        (12, False),
+    assert sorted((w["pid"], w["generation"]) for w in state["workers"]) == [
+        (9, 2),
+        (11, 3),
+        (12, 3),
     ]
-    assert len(state["respawns"]) == 1  # 3 wanted, 2 serving
+    assert len(state["respawns"]) == 1  # 3 wanted, 2 of the newest generation
     assert crash_state({"listen.wss": a}, worker_target=2) is None  # no worker to take up
     a.close()
     b.close()

@@ -129,8 +129,10 @@ def crash_state(taken: dict[str, socket.socket], worker_target: int) -> dict[str
     """The state to take up the workers whose channels came from the store
     with, as an upgrade's new image takes up what the previous one carried
     (`UpgradeSequence`): None when no worker's channel came (only listeners,
-    or nothing). Workers of an older generation than the newest were
-    draining (an upgrade's old generation): they stay so."""
+    or nothing). The newest generation serves; replacements are due for what
+    it lacks. The older ones (an upgrade's old generation) and the workers
+    that say they drain are retired once taken up
+    (`UpgradeSequence._retire_after_crash`)."""
     workers = [ids for name in taken if (ids := worker_key(name)) is not None]
     if not workers:
         return None
@@ -152,10 +154,7 @@ def crash_state(taken: dict[str, socket.socket], worker_target: int) -> dict[str
         "reclaimed_total": 0,
         "bound_listen": None,
         "upgrades": [],
-        "workers": [
-            {"pid": pid, "generation": generation, "retiring": generation < newest}
-            for pid, generation in workers
-        ],
+        "workers": [{"pid": pid, "generation": generation} for pid, generation in workers],
     }
 
 

@@ -253,8 +253,8 @@ class UpgradeSequence:
         # The previous images' own dropped log lines: counted as a part gone is.
         dropped = int(carried.get("log_lines_dropped", 0))
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
-        unhandled = int(carried.get("unexpected_errors", 0))
-        supervisor.view.retired.counters[("unexpected_errors",)] += unhandled
+        unexpected = int(carried.get("unexpected_errors", 0))
+        supervisor.view.retired.counters[("unexpected_errors",)] += unexpected
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
@@ -630,8 +630,8 @@ class UpgradeSequence:
                 generation,
                 key,
                 started_at=float(carried.get("started_at", time.monotonic())),
-                # After a crash an older generation is retired below, told to stop.
-                retiring=bool(carried.get("retiring", False)) and not self.crash_restart,
+                # (After a crash none is carried: `_retire_after_crash` tells them.)
+                retiring=bool(carried.get("retiring", False)),
                 # None from a release that did not carry it: that worker's CPU is free to take.
                 cpu=cpu if isinstance(cpu := carried.get("cpu"), int) else None,
             )
@@ -650,7 +650,7 @@ class UpgradeSequence:
             await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
         silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
         if self.crash_restart:
-            await self._retire_the_draining()
+            await self._retire_after_crash()
         # A fleet being removed whose calls all ended over the exec goes now.
         for fleet in list(supervisor.fleet_set.fleets):
             supervisor.ops.reap(fleet)
@@ -669,7 +669,7 @@ class UpgradeSequence:
             ),
         )
 
-    async def _retire_the_draining(self) -> None:
+    async def _retire_after_crash(self) -> None:
         """After a crash, the old generations are retired as an upgrade retires
         them: told to stop accepting and drain for timeouts.upgrade_drain
         (unset: timeouts.drain; 0: until their calls end), their backstop from
