@@ -191,7 +191,8 @@ def unexpected_errors() -> int:
 
 
 def count_unexpected_error() -> None:
-    """A guard caught an exception that is a bug and went on (it logs it)."""
+    """One more exception of a bug: caught by a guard that logs it and goes on,
+    or reaching the loop's handler (`_exception_handler`)."""
     global _unexpected
     _unexpected += 1
 
@@ -204,13 +205,12 @@ def _exception_handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     traceback, at ERROR. The probe says what failed; hundreds of those
     tracebacks when many probes time out at once (the scale audit of session
     16) said nothing more."""
-    global _unexpected
     if _closed_tls_noise(context):
         log.debug(
             "TLS connection already closed", extra=fields(detail=str(context.get("exception")))
         )
         return
-    _unexpected += 1
+    count_unexpected_error()
     loop.default_exception_handler(context)
 
 

@@ -56,6 +56,13 @@ from fleet_ingress.net.slot_wire import (
 
 log = logging.getLogger("fleet_ingress.slots")
 
+
+def channel_key(pid: int, generation: int) -> str:
+    """The name a worker's channel goes under when handed on (an upgrade's
+    exec, systemd's fd store): `worker.PID.GENERATION`."""
+    return f"worker.{pid}.{generation}"
+
+
 # Read at once from a channel kept over an exec: a few reports' worth; more
 # waits for the transport.
 _WAITING_READ_MAX = 4 * 1024 * 1024
@@ -363,7 +370,7 @@ class SlotServer:
     def _to_hand_over(self) -> dict[str, _Channel]:
         """The channels `handover` gives, by the name each goes under."""
         return {
-            f"worker.{c.pid}.{c.generation}": c
+            channel_key(c.pid, c.generation): c
             for c in self._channels.values()
             if c.transport is not None and c.pid is not None and c.generation is not None
         }

@@ -53,10 +53,6 @@ SD_LISTEN_FDS_START = 3
 STORED_LISTENERS = ("listen.wss", "listen.acme", "listen.stats")
 
 
-def channel_name(pid: int, generation: int) -> str:
-    return f"worker.{pid}.{generation}"
-
-
 def taken_from_store(
     environ: MutableMapping[str, str] | None = None,
 ) -> dict[str, socket.socket]:

@@ -1,4 +1,5 @@
-"""The supervisor's background tasks, kept running whatever one of them raises.
+"""The supervisor's background tasks, kept running whatever one of them raises;
+and a one-off task that raises, said at once (the workers' too).
 
 A task of the supervisor's that ends on an exception stops what it does for
 good, and asyncio says so only when the task is collected, if ever: the
@@ -71,19 +72,29 @@ async def kept_running(
 
 
 def say_if_failed(failures: TaskFailures) -> Callable[[asyncio.Task[Any]], None]:
-    """A done callback for a one-off task: one that ended on an exception is said
-    at once, with what it was (asyncio says it only as the task is collected,
-    and not which), and counted."""
+    """A done callback for the supervisor's one-off tasks, counted by task."""
+    return failed_task_callback("supervisor task failed; a bug, report it", failures.failed)
+
+
+def failed_task_callback(
+    message: str,
+    count: Callable[[str], int | None],
+    logger: logging.Logger = log,
+) -> Callable[[asyncio.Task[Any]], None]:
+    """A done callback for a one-off task (the supervisor's, a worker's): one
+    that ended on an exception is said at once, with what it was (asyncio says
+    it only as the task is collected, if ever, and not which), and counted
+    (`count(name)`: how many so far, or None when that is not kept by task)."""
 
     def said(task: asyncio.Task[Any]) -> None:
         if task.cancelled() or (exc := task.exception()) is None:
             return
         name = getattr(task.get_coro(), "__qualname__", task.get_name())
-        count = failures.failed(name)
-        log.error(
-            "supervisor task failed; a bug, report it",
+        failures = count(name)
+        logger.error(
+            message,
             exc_info=(type(exc), exc, exc.__traceback__),
-            extra=fields(task=name, failures=count),
+            extra=fields(task=name, **({} if failures is None else {"failures": failures})),
         )
 
     return said

@@ -6,7 +6,7 @@ SIGHUP reloads in place (configuration, fleets file, certificate) and never
 touches an established call; an invalid new configuration is refused whole.
 SIGTERM/SIGINT stop accepting at once, let calls finish for up to
 `timeouts.drain`, close the rest and exit 0; a second signal exits at once.
-SIGUSR1 and SIGQUIT are ignored and said (`IGNORED_SIGNALS`).
+SIGUSR1 and SIGQUIT are ignored (`process_start.IGNORED_SIGNALS`) and said.
 systemd hears READY=1, RELOADING=1, STOPPING=1, STATUS= and WATCHDOG=1 from
 the supervisor only.
 """
@@ -28,10 +28,6 @@ FIRST_PROBE_WAIT = 5.0
 STATUS_EVERY = 10.0
 SECOND_SIGNAL_GRACE = 3.0  # after a second SIGTERM, exit at once if closing calls hangs
 EXIT_FLUSH_WAIT = 0.5  # that exit waits this long at most for its log lines to be written
-# Ignored from the process's first lines (`__main__`: their default action ends
-# it, and `systemctl kill -s USR1` signals every process of the unit), said
-# once the loop runs.
-IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGQUIT)
 
 
 def say_signal_ignored(signum: int) -> None:

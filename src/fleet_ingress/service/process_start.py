@@ -13,6 +13,11 @@ import faulthandler
 import os
 import signal
 
+# Ignored from the first steps (their default action ends the process, and
+# `systemctl kill -s USR1` signals every process of the unit); each process
+# says so once its loop runs (`lifecycle.say_signal_ignored`).
+IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGQUIT)
+
 _done = False
 
 
@@ -38,13 +43,14 @@ def first_steps(command: str) -> None:
     # workers say so once their loop runs (the supervisor-crash audit of
     # session 26). Inherited by the workers; held over an upgrade's exec
     # (upgrade_sequence.HELD_OVER_EXEC), which resets a handled signal.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
-    # systemd's watchdog ends a supervisor whose loop is stuck with SIGABRT, and
-    # every call on the host with it (KillMode=mixed): where it was stuck then
-    # goes to stderr (the journal), each thread's Python stack, as for a crash
-    # in native code (SIGSEGV, an abort in libuv or OpenSSL). Before, the
-    # journal held nothing of it (the journey under systemd of session 27).
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # systemd's watchdog ends a supervisor whose loop is stuck with SIGABRT
+    # (then started again, it takes up the workers: service.fd_store): where it
+    # was stuck goes to stderr (the journal), each thread's Python stack, as
+    # for a crash in native code (SIGSEGV, an abort in libuv or OpenSSL).
+    # Before, the journal held nothing of it (the journey under systemd of
+    # session 27).
     faulthandler.enable(2, all_threads=True)  # sys.stderr is None if fd 2 came closed
     if command == "run":
         _name_process(SUPERVISOR_NAME)

@@ -45,13 +45,7 @@ class Notifier:
             flush_lines(STATE_CHANGE_FLUSH_WAIT)
         message = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8")
         try:
-            if self._sock is None:
-                # Non-blocking: this runs on the event loop, and a receiver that
-                # stops reading (its queue full) must not stop every call with it.
-                self._sock = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-                )
-            self._sock.sendto(message, self.address)
+            self._socket().sendto(message, self.address)
         except BlockingIOError:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 100 == 0:
@@ -81,11 +75,7 @@ class Notifier:
             return
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
-            if self._sock is None:
-                self._sock = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-                )
-            self._sock.sendmsg([message], rights, 0, self.address)
+            self._socket().sendmsg([message], rights, 0, self.address)
         except OSError as exc:  # BlockingIOError too: that descriptor is not kept
             self.dropped += isinstance(exc, BlockingIOError)
             log.warning(
@@ -93,6 +83,15 @@ class Notifier:
                 "would end what it serves",
                 extra=fields(message=message.decode(), error=str(exc)),
             )
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            # Non-blocking: this runs on the event loop, and a receiver that
+            # stops reading (its queue full) must not stop every call with it.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
+        return self._sock
 
     def close(self) -> None:
         if self._sock is not None:

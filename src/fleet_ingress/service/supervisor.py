@@ -74,7 +74,7 @@ from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.slot_server import SlotServer, channel_key
 from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context, held_pem
 from fleet_ingress.ops.admin_server import (
     admin_app,
@@ -109,7 +109,6 @@ from fleet_ingress.service.carrier_certificate import (
     serving_leaf,
     warn_about_chain,
 )
-from fleet_ingress.service.fd_store import channel_name
 from fleet_ingress.service.files_on_disk import FilesOnDisk
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -122,14 +121,14 @@ from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_i
 from fleet_ingress.service.lifecycle import (
     EXIT_FLUSH_WAIT,
     FIRST_PROBE_WAIT,
-    IGNORED_SIGNALS,
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
     say_signal_ignored,
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
-from fleet_ingress.service.upgrade import children_running
+from fleet_ingress.service.upgrade import children_running, process_state
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC, STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_process import WorkerProcess
 
@@ -547,7 +546,7 @@ class Supervisor:
             raise
         worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
         self.add_worker(worker)
-        self.store_fd(channel_name(proc.pid, generation), ours)
+        self.store_fd(channel_key(proc.pid, generation), ours)
         if rounds != self._reload_rounds:
             # Started before a reload round that did not see it: told too.
             reloading = self._start_reload(worker)
@@ -640,11 +639,9 @@ class Supervisor:
         if self.notifier is not None:
             # Ended on purpose (a protocol break, a cut) or by the worker: the
             # fd store's copy must not keep it open (`fd_store`).
-            ids = (worker.pid, worker.generation) if worker is not None else None
-            if ids is None and row is not None:
-                ids = (row.pid, row.generation)
-            if ids is not None:
-                self.notifier.remove_fd(channel_name(*ids))
+            named = worker if worker is not None else row
+            if named is not None:
+                self.notifier.remove_fd(channel_key(named.pid, named.generation))
         if worker is None:
             # Its channel ended before adopt() returned (no WorkerProcess yet):
             # a worker kept over an exec that died meanwhile must still count
@@ -1531,11 +1528,8 @@ def _running(pid: int) -> bool:
         # Not our child: reaped already, or a worker taken up after the previous
         # supervisor died (`fd_store`), whose parent is systemd now: alive while
         # its process is there and not a zombie.
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        return stat.rpartition(")")[2].split()[:1] != ["Z"]
+        state = process_state(pid)
+        return state is not None and state[0] != "Z"
     except OSError:
         return False
 

@@ -460,16 +460,23 @@ def children_running() -> list[int]:
     exec, the previous image's workers as well as this one's."""
     me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                after_name = f.read().rpartition(b")")[2].split()
-        except OSError:
-            continue  # gone meanwhile
-        if len(after_name) > 1 and int(after_name[1]) == me and after_name[0] != b"Z":
-            found.append(int(entry))
+        if entry.isdigit() and (state := process_state(int(entry))) is not None:
+            if state[1] == me and state[0] != "Z":
+                found.append(int(entry))
     return found
+
+
+def process_state(pid: int) -> tuple[str, int] | None:
+    """Process `pid`'s state letter (R, S, Z...) and its parent's pid, from
+    /proc; None when there is no such process (gone meanwhile)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            after_name = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    if len(after_name) < 2:
+        return None
+    return after_name[0].decode(), int(after_name[1])
 
 
 # After the drain's time, what a drain without a supervisor waits more at most.

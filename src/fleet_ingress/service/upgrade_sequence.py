@@ -52,7 +52,7 @@ from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView
 from fleet_ingress.logs import fields, flush_lines, lines_dropped, lines_waiting
 from fleet_ingress.net.event_loop import unexpected_errors
-from fleet_ingress.net.slot_server import HandoverError, SlotServer
+from fleet_ingress.net.slot_server import HandoverError, SlotServer, channel_key
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.reload_outcome import ReloadAsked
@@ -60,8 +60,9 @@ from fleet_ingress.ops.web_sites import WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.kept_running import TaskFailures
-from fleet_ingress.service.lifecycle import FIRST_PROBE_WAIT, IGNORED_SIGNALS
+from fleet_ingress.service.lifecycle import FIRST_PROBE_WAIT
 from fleet_ingress.service.listen_fds import reexec, worker_key
+from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
@@ -593,7 +594,7 @@ class UpgradeSequence:
         (their slots counted meanwhile: nothing given back, nothing reaped)."""
         await self.supervisor.server.take_back(kept, RESTORE_TIMEOUT)
         for worker in self.supervisor.workers.values():
-            if f"worker.{worker.pid}.{worker.generation}" in kept:
+            if channel_key(worker.pid, worker.generation) in kept:
                 # Its hello and "serving" may have been read by nobody: its
                 # "state" stands for them, as in the new image (adopt_workers).
                 worker.joined.set()

@@ -85,13 +85,14 @@ from fleet_ingress.service.ingress import (
     Ingress,
     ReloadRefused,
 )
+from fleet_ingress.service.kept_running import failed_task_callback
 from fleet_ingress.service.lifecycle import (
     EXIT_FLUSH_WAIT,
-    IGNORED_SIGNALS,
     SECOND_SIGNAL_GRACE,
     say_signal_ignored,
     trim_heap,
 )
+from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.upgrade import REEXEC_READ_PATIENCE
 
 log = logging.getLogger("fleet_ingress.worker")
@@ -383,19 +384,12 @@ def _prefer_for_oom_kill() -> None:
         )
 
 
-def say_if_task_failed(task: asyncio.Task[Any]) -> None:
-    """A one-off task of the worker's (a reload, a removed fleet's calls closed)
-    that raised: said with its traceback and counted as a bug, not left to
-    asyncio's "exception never retrieved" when the task is collected (if ever)."""
-    if task.cancelled() or (exc := task.exception()) is None:
-        return
-    count_unexpected_error()
-    name = getattr(task.get_coro(), "__qualname__", task.get_name())
-    log.error(
-        "worker task failed: a bug, report it",
-        exc_info=(type(exc), exc, exc.__traceback__),
-        extra=fields(task=name),
-    )
+# A one-off task of the worker's (a reload, a removed fleet's calls closed) that
+# raised: said with its traceback and counted as a bug, not left to asyncio's
+# "exception never retrieved" when the task is collected (if ever).
+say_if_task_failed = failed_task_callback(
+    "worker task failed: a bug, report it", lambda _task: count_unexpected_error(), log
+)
 
 
 def _pin_to(cpu: int) -> str | None:
