@@ -178,3 +178,31 @@ async def test_a_workers_one_off_task_that_raises_is_said_and_counted(caplog):
     (said,) = [r for r in caplog.records if r.getMessage().startswith("worker task failed")]
     assert said.fields["task"].endswith("close_fleet") and said.exc_info is not None  # type: ignore[attr-defined]
     assert unexpected_errors() == before + 1
+
+
+async def test_a_removed_fleets_calls_are_all_aborted_even_when_ending_one_raises(monkeypatch):
+    """`remove-fleet --force` in a worker (Worker.close_fleet): a bug ending one
+    call must not leave the others up on the removed fleet, their slots held."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.service import worker
+
+    monkeypatch.setattr(worker, "FORCED_REMOVAL_WAIT", 0.05)
+
+    class Call:
+        def __init__(self, fails: bool) -> None:
+            self.fails, self.aborted = fails, False
+
+        def end(self, reason: object) -> None:
+            if self.fails:
+                raise RuntimeError("a bug ending a call")
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    calls = [Call(fails=True), Call(fails=False)]
+    registry = SimpleNamespace(calls_on=lambda name: [c for c in calls if not c.aborted])
+    host = SimpleNamespace(ingress=SimpleNamespace(registry=registry))
+    with pytest.raises(RuntimeError):
+        await worker.Worker.close_fleet(host, "a")  # type: ignore[arg-type]
+    assert [c.aborted for c in calls] == [True, True]
