@@ -162,6 +162,13 @@ def metric_samples(exposition: str) -> dict[str, dict[tuple[tuple[str, str], ...
     return out
 
 
+async def echo(ws: ClientConnection, text: str = "ping") -> None:
+    """`text` sent on a call and read back from the fleet's echo within 5 s."""
+    await ws.send(text)
+    async with asyncio.timeout(5):
+        assert await ws.recv() == text
+
+
 async def close_calls(calls: Iterable[ClientConnection]) -> None:
     """Close a test's calls as it cleans up, whatever state each is in (a
     test that failed half way may leave them broken)."""
@@ -591,8 +598,58 @@ workers = {workers_toml}
     return port, stats_port
 
 
+class IngressOnLoopback:
+    """What a test reads of an ingress it started (`RunningIngress`; the unit
+    under a test's systemd): its JSON log in home/stderr.log, its stats
+    listener, its carrier URL."""
+
+    home: Path
+    port: int
+    stats_port: int
+
+    def log(self) -> list[dict[str, Any]]:
+        """The JSON lines written so far, read once the file has stopped growing:
+        each process writes its lines from a thread of its own (logs.StderrSink),
+        a moment after they are logged (20 ms still, 1 s at most)."""
+        path = self.home / "stderr.log"
+        size, deadline = -1, time.monotonic() + 1.0
+        while (now := path.stat().st_size) != size and time.monotonic() < deadline:
+            size = now
+            time.sleep(0.02)
+        lines = path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return (self.home / "stderr.log").read_text()[-chars:]
+
+    async def stats(self) -> dict[str, Any]:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
+                return await r.json()  # type: ignore[no-any-return]
+
+    async def fleets_up(self, timeout: float = 10) -> None:
+        """Until every fleet is UP. READY waits for each fleet's first probe,
+        not for it to pass: on a loaded host a first probe can time out, and
+        calls are refused ("no fleet is up") until the next one passes."""
+        async with asyncio.timeout(timeout):
+            while {f["health"] for f in (await self.stats())["fleets"]} != {"UP"}:
+                await asyncio.sleep(0.05)
+
+    async def metrics(self) -> str:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.stats_port}/metrics") as r:
+                return await r.text()
+
+    def url(self, path: str = "/ws/bot-1") -> str:
+        return f"wss://127.0.0.1:{self.port}{path}"
+
+
 @dataclass
-class RunningIngress:
+class RunningIngress(IngressOnLoopback):
     """`python -m fleet_ingress run` in a temporary home: its config, fleets file
     and certificate there, the JSON log in home/stderr.log, sd_notify messages
     received on a real datagram socket, the stats listener on loopback."""
@@ -671,46 +728,6 @@ class RunningIngress:
                 if self.proc.returncode is not None:
                     raise AssertionError(f"exited {self.proc.returncode}: {self.log_tail()}")
                 await asyncio.sleep(0.02)
-
-    def log(self) -> list[dict[str, Any]]:
-        """The JSON lines written so far, read once the file has stopped growing:
-        each process writes its lines from a thread of its own (logs.StderrSink),
-        a moment after they are logged (20 ms still, 1 s at most)."""
-        path = self.home / "stderr.log"
-        size, deadline = -1, time.monotonic() + 1.0
-        while (now := path.stat().st_size) != size and time.monotonic() < deadline:
-            size = now
-            time.sleep(0.02)
-        lines = path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return (self.home / "stderr.log").read_text()[-chars:]
-
-    async def stats(self) -> dict[str, Any]:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
-                return await r.json()  # type: ignore[no-any-return]
-
-    async def fleets_up(self, timeout: float = 10) -> None:
-        """Until every fleet is UP. READY waits for each fleet's first probe,
-        not for it to pass: on a loaded host a first probe can time out, and
-        calls are refused ("no fleet is up") until the next one passes."""
-        async with asyncio.timeout(timeout):
-            while {f["health"] for f in (await self.stats())["fleets"]} != {"UP"}:
-                await asyncio.sleep(0.05)
-
-    async def metrics(self) -> str:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.stats_port}/metrics") as r:
-                return await r.text()
-
-    def url(self, path: str = "/ws/bot-1") -> str:
-        return f"wss://127.0.0.1:{self.port}{path}"
 
     async def finish(self) -> int | None:
         """Kill what is left (its workers too) and clean up; the exit code."""

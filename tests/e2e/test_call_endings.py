@@ -269,6 +269,7 @@ async def test_a_fleets_reply_to_the_goodbye_raises_nothing(
     alert lit on any busy host). Ten calls, nothing raised."""
     loop = asyncio.get_running_loop()
     raised: list[dict] = []
+    previous = loop.get_exception_handler()  # the project's loop counts with its own
     loop.set_exception_handler(lambda _loop, context: raised.append(context))
     try:
         ingress = await start_ingress([ws_fleet.line("f")])
@@ -282,4 +283,4 @@ async def test_a_fleets_reply_to_the_goodbye_raises_nothing(
         await asyncio.sleep(0.2)
         assert [c.get("message") for c in raised] == []
     finally:
-        loop.set_exception_handler(None)
+        loop.set_exception_handler(previous)

@@ -13,6 +13,7 @@ from tests.support import (
     StartIngress,
     TLSFiles,
     WsFleet,
+    echo,
     eventually,
     raw_exchange,
     read_head,
@@ -147,7 +148,6 @@ async def test_a_connection_the_ingress_fails_to_start_serving_is_cut_at_once(
         assert any("could not start serving" in r.getMessage() for r in caplog.records)
         await eventually(lambda: not ingress.registry.connections)
         async with connect(wss_url(ingress), ssl=tls_files.client_context()) as call:
-            await call.send("served")
-            assert await asyncio.wait_for(call.recv(), 5) == "served"
+            await echo(call, "served")
     finally:
         await fleet.stop()

@@ -152,11 +152,11 @@ async def test_a_silence_check_that_raises_for_one_call_leaves_the_sweep_watchin
     and the sweep with it: no silent carrier on that worker was ever ended."""
     silence = 0.4
     fleet = await RawFleet(tls_files.fleet_server_context(), Bot(talking=True)).start()
+    carriers: list[tuple[asyncio.Task[bytes], asyncio.StreamWriter]] = []
     try:
         ingress = await start_ingress(
             [fleet.line("a", "maxconn=4")], timeouts={"carrier_silence": silence}
         )
-        carriers = []
         for path in ("/ws/one", "/ws/two"):
             reader, writer = await carrier(ingress, tls_files, path)
             await switched(reader)
@@ -178,9 +178,10 @@ async def test_a_silence_check_that_raises_for_one_call_leaves_the_sweep_watchin
         del broken.check_silence  # the check works again: the next pass ends it
         async with asyncio.timeout(silence * 5):
             await carriers[0][0]
-        for _, writer in carriers:
-            writer.close()
     finally:
+        for reading, writer in carriers:
+            reading.cancel()
+            writer.close()
         await fleet.stop()
 
 

@@ -32,6 +32,7 @@ from tests.support import (
     admin_command,
     break_worker_channel,
     close_calls,
+    echo,
     eventually,
     metric_samples,
     worker_channel_copy,
@@ -102,12 +103,6 @@ async def _open_on_both(
 
 async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
     return await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
-
-
-async def _echo(ws: ClientConnection, text: str = "ping") -> None:
-    await ws.send(text)
-    async with asyncio.timeout(5):
-        assert await ws.recv() == text
 
 
 async def _worker_rows(service: RunningIngress) -> list[dict[str, Any]]:
@@ -394,7 +389,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         # connection to whichever worker accepts first): bounded.
         for i in range(30):
             ws = await _open(service, tls_files, f"after-{i}")
-            await _echo(ws)
+            await echo(ws)
             calls.append(ws)
             rows = {r["pid"]: r for r in await _worker_rows(service)}
             if rows[new["pid"]]["calls"] >= 1:  # the calls are kept open
@@ -421,7 +416,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         for ws in calls:
             if ws.state.name == "OPEN":
                 with contextlib.suppress(Exception):
-                    await _echo(ws)
+                    await echo(ws)
     finally:
         await close_calls(calls)
         await service.finish()
@@ -507,7 +502,7 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         serials = {await _peer_serial(service, tls_files) for _ in range(12)}
         assert serials == {new}
         for ws in calls:  # the calls made before the reload go on, on both workers
-            await _echo(ws)
+            await echo(ws)
         # The reload says it put a certificate in place (it said "no fleet changes").
         reloaded = [e for e in service.log() if e["event"] == "reloaded"]
         assert len(reloaded) == 1
@@ -538,7 +533,7 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
         assert service.proc.returncode is None
         assert sorted(r["pid"] for r in await _worker_rows(service)) == workers
         for ws in calls:
-            await _echo(ws)
+            await echo(ws)
     finally:
         await close_calls(calls)
         await service.finish()
@@ -553,7 +548,10 @@ async def test_a_process_ended_by_sigabrt_leaves_its_python_stack_in_the_journal
     service = await _start(tls_files, two_fleets)
     try:
         worker = (await _worker_rows(service))[0]["pid"]
-        aborts = lambda: service.log_tail(100000).count("Fatal Python error: Aborted")  # noqa: E731
+
+        def aborts() -> int:
+            return service.log_tail(100000).count("Fatal Python error: Aborted")
+
         # One at a time: two processes writing their stacks at once interleave them.
         os.kill(worker, signal.SIGABRT)
         await eventually(lambda: aborts() == 1, 5)
@@ -678,7 +676,7 @@ async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old
         assert (await service.stats())["last_reload"]["result"] == "applied"
         assert {await _peer_serial(service, tls_files) for _ in range(8)} == {new}
         for ws in calls:
-            await _echo(ws)
+            await echo(ws)
     finally:
         await close_calls(calls)
         await service.finish()
@@ -843,7 +841,7 @@ async def test_a_stop_draining_calls_does_not_read_as_workers_missing(
         samples = metric_samples(await service.metrics())
         assert samples["fleet_ingress_workers_serving"][()] <= 1
         assert samples["fleet_ingress_workers_wanted"][()] == 0
-        await _echo(calls[0])  # still draining
+        await echo(calls[0])  # still draining
     finally:
         await close_calls(calls)
         await service.finish()
@@ -918,7 +916,7 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
             ws = await connect(
                 service.url(f"/exotel/bot-{i}"), ssl=tls_files.client_context(), open_timeout=15
             )
-            await _echo(ws)
+            await echo(ws)
             await ws.close()
         # One that a reload refuses: the replacement still starts, once.
         toml.write_text(running.replace("[timeouts]", "[timeouts]\nconnect = -1"))
@@ -934,7 +932,7 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
             score = _oom_score_adj(row["pid"])
             assert score == min(1000, supervisor_score + 500), (row, supervisor_score)
         ws = await _open(service, tls_files, "after")
-        await _echo(ws)
+        await echo(ws)
         await ws.close()
     finally:
         await service.finish()
@@ -996,7 +994,7 @@ async def test_workers_started_while_the_certificate_files_are_broken_serve_the_
         answered = 0
         for ws in calls:
             with contextlib.suppress(Exception):
-                await _echo(ws)
+                await echo(ws)
                 answered += 1
         assert answered == survivor["calls"] > 0
         # Then the other one too: no worker left of those started on good files.
@@ -1005,7 +1003,7 @@ async def test_workers_started_while_the_certificate_files_are_broken_serve_the_
         assert {await _peer_serial(service, tls_files) for _ in range(10)} == {old}
         for i in range(6):  # calls on the replacements (either, as the kernel hands them)
             ws = await _open(service, tls_files, f"after-{i}")
-            await _echo(ws)
+            await echo(ws)
             await ws.close()
         assert not _logged(service, "worker cannot serve")
         assert (await service.stats())["worker_restarts"] == {"killed": 2}
@@ -1080,7 +1078,7 @@ async def test_a_reload_asked_while_draining_is_answered_at_once(
     service = await _start(tls_files, two_fleets)
     ws = await _open(service, tls_files, "draining")
     try:
-        await _echo(ws)
+        await echo(ws)
         service.proc.send_signal(signal.SIGTERM)
         await service.wait_for("STOPPING=1", timeout=5)
         started = time.monotonic()
@@ -1090,7 +1088,7 @@ async def test_a_reload_asked_while_draining_is_answered_at_once(
         # systemctl reload (SIGHUP) was dropped without a word (session 15's audit).
         service.proc.send_signal(signal.SIGHUP)
         await eventually(lambda: _logged(service, "SIGHUP ignored"), 5)
-        await _echo(ws)  # the call goes on
+        await echo(ws)  # the call goes on
         await ws.close()
         async with asyncio.timeout(15):
             assert await service.proc.wait() == 0
@@ -1223,7 +1221,7 @@ async def test_sigterm_drains_every_worker_then_exits_0(
         await asyncio.sleep(0.5)
         assert service.proc.returncode is None  # draining: the calls go on
         for ws in calls:
-            await _echo(ws)
+            await echo(ws)
         for ws in calls:
             await ws.close()
         async with asyncio.timeout(5):
@@ -1277,7 +1275,7 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
                 await asyncio.sleep(0.1)
         assert "name=a" not in (service.home / "fleets.txt").read_text()
         ws = await _open(service, tls_files, "after")  # b serves
-        await _echo(ws)
+        await echo(ws)
         calls.append(ws)
         assert b.active_calls == 1
     finally:
@@ -1327,7 +1325,7 @@ async def test_a_fleet_removed_and_added_back_soon_counts_on_and_serves_from_eve
         await _open_on_both(service, tls_files, calls, 4)
         assert a.active_calls == len(calls)
         for ws in calls:
-            await _echo(ws)
+            await echo(ws)
         async with asyncio.timeout(10):
             while (await fleet_a())["calls_total"] < opened + len(calls):
                 await asyncio.sleep(0.2)
@@ -1358,7 +1356,7 @@ async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
                 writer.close()
                 await asyncio.sleep(0.05)
         for ws in calls:  # every call goes on
-            await _echo(ws)
+            await echo(ws)
         alive = [r["pid"] for r in rows if _alive(r["pid"])]
         assert alive == [r["pid"] for r in rows]  # draining, not cut
         for ws in calls:
@@ -1533,7 +1531,7 @@ async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slo
         await asyncio.sleep(0.2)
         async with asyncio.timeout(5):  # the loop answers meanwhile: a slot, the stats
             ws = await _open(service, tls_files, "during-the-read")
-            await _echo(ws)
+            await echo(ws)
             await ws.close()
             assert len(await _worker_rows(service)) == 2
         assert service.seen("READY=1") == 1  # the reload still waits for its file
@@ -1587,7 +1585,7 @@ async def test_a_dead_workers_slots_come_back_when_another_process_holds_its_cha
             said = "worker exited but its slot channel stayed open"
             await eventually(lambda: any(e["event"].startswith(said) for e in service.log()), 10)
             calls.append(await _open(service, tls_files, "after"))  # a slot came back
-            await _echo(calls[-1])
+            await echo(calls[-1])
         (row,) = (await service.stats())["fleets"]
         assert row["active"] == 1, row
     finally:
@@ -1664,7 +1662,7 @@ async def test_a_worker_that_drains_at_once_after_its_channel_is_cut_lost_no_cal
     try:
         for i in range(2):
             calls.append(await _open(service, tls_files, f"bot-{i}"))
-            await _echo(calls[-1])
+            await echo(calls[-1])
         [old] = await _worker_rows(service)
         break_worker_channel(old["pid"])
         await close_calls(calls)  # at once: the worker drains in well under 0.5 s
@@ -1678,6 +1676,8 @@ async def test_a_worker_that_drains_at_once_after_its_channel_is_cut_lost_no_cal
             ("bot-1", "carrier closed", old["pid"]),
         ]
         assert not _logged(service, "worker died: its calls are lost; a new worker replaces it")
+        # It exited before the channel was confirmed lost: the case under test.
+        assert not _lost_channel_lines(service)
         lost = metric_samples(await service.metrics()).get("fleet_ingress_worker_calls_lost_total")
         assert lost == {(): 0.0}, lost
     finally:
@@ -1703,7 +1703,7 @@ async def test_a_signal_to_the_whole_group_drains_a_worker_without_its_channel(
         os.kill(old["pid"], signal.SIGINT)
         service.proc.send_signal(signal.SIGINT)
         await asyncio.sleep(1.5)
-        await _echo(calls[0])  # draining, not cut
+        await echo(calls[0])  # draining, not cut
         await eventually(lambda: not _alive(old["pid"]), drain + 5)
         ended = [e for e in service.log() if e.get("event") == "call ended"]
         assert [(e["bot_id"], e["end_reason"]) for e in ended] == [("kept", "drain")]
@@ -1742,7 +1742,7 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
         said = _lost_channel_lines(service)
         assert [(e["pid"], e["slots_kept"]) for e in said] == [(old["pid"], 2)], said
         for ws in calls:  # the old worker's calls go on
-            await _echo(ws)
+            await echo(ws)
 
         # A call queued as the old calls end gets a slot once that worker exits.
         waiting = asyncio.ensure_future(_open(service, tls_files, "queued"))
@@ -1755,7 +1755,7 @@ async def test_a_worker_whose_channel_is_cut_keeps_its_slots_counted_until_it_ex
             calls = [await asyncio.wait_for(waiting, 10)]
         finally:
             waiting.cancel()
-        await _echo(calls[0])
+        await echo(calls[0])
         assert not _alive(old["pid"])
         assert roomy_fleet.active_calls == 1 and roomy_fleet.calls_total == 3
         back = _logged(service, "worker exited: the slots kept since its channel closed came back")
@@ -1812,7 +1812,7 @@ async def test_a_forced_removal_says_which_calls_a_worker_without_channel_keeps(
         assert "2 calls on a worker that lost its slot channel could not be told" in out, out
         assert "closed" not in out.split("could not")[0], out
         for ws in calls:  # untouched
-            await _echo(ws)
+            await echo(ws)
         assert roomy_fleet.active_calls == 2
         await close_calls(calls)
         calls = []
@@ -1895,7 +1895,7 @@ async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
         assert _cpus_of(new[0]) == pinned[victim]
         await _open_on_both(service, tls_files, calls, 2)
         for ws in calls:
-            await _echo(ws)
+            await echo(ws)
         (victim_cpu,) = next(iter(pinned[victim]))
         started = [e for e in service.log() if e["event"] == "worker started"]  # replacements
         assert [(e["pid"], e["cpu"]) for e in started] == [(new[0], victim_cpu)]
@@ -1939,7 +1939,7 @@ async def test_a_worker_killed_a_moment_after_its_calls_ended_has_them_counted(
         assert _calls_ended(await service.metrics()) == 0
         for i in range(4):
             ws = await _open(service, tls_files, f"counted-{i}")
-            await _echo(ws)
+            await echo(ws)
             await ws.close()
         await asyncio.sleep(0.1)  # the worker reads the last close
         os.kill(service.proc.pid, signal.SIGSTOP)
@@ -1969,7 +1969,7 @@ async def test_each_call_lost_with_a_killed_worker_has_its_access_line(
         (worker,) = await _worker_rows(service)
         for bot in ("lost-a", "lost-b"):
             calls.append(await _open(service, tls_files, bot))
-            await _echo(calls[-1])
+            await echo(calls[-1])
         ended_clean = await _open(service, tls_files, "ended-first")
         await ended_clean.close()
         await asyncio.sleep(1.0)  # the calls' age in their lines
@@ -2057,7 +2057,7 @@ async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_coun
         (worker,) = await _worker_rows(service)
         ws = await _open(service, tls_files, "streaming")
         calls.append(ws)
-        await _echo(ws)
+        await echo(ws)
         os.kill(service.proc.pid, signal.SIGSTOP)
         supervisor_stopped = True
         sent = 0
@@ -2118,7 +2118,7 @@ async def _answer_to(service: RunningIngress, tls_files: TLSFiles, path: str) ->
         ws = await connect(service.url(path), ssl=tls_files.client_context(), open_timeout=15)
     except InvalidStatus as exc:
         return exc.response.status_code
-    await _echo(ws)
+    await echo(ws)
     await ws.close()
     return 101
 

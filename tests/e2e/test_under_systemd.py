@@ -15,14 +15,14 @@ one of its own) and its output in files (no journald)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,7 +30,14 @@ from websockets.asyncio.client import ClientConnection, connect
 import fleet_ingress
 from fleet_ingress.sim import SimulatedFleet
 from tests import systemd_box
-from tests.support import TLSFiles, break_worker_channel, close_calls, write_run_home
+from tests.support import (
+    IngressOnLoopback,
+    TLSFiles,
+    break_worker_channel,
+    close_calls,
+    echo,
+    write_run_home,
+)
 
 pytestmark = pytest.mark.uvloop_only
 
@@ -63,7 +70,7 @@ async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
     await sim.stop()
 
 
-class Unit:
+class Unit(IngressOnLoopback):
     """The ingress installed as fleet-ingress.service in `systemd`."""
 
     def __init__(
@@ -73,16 +80,6 @@ class Unit:
         self.home = home
         self.port = port
         self.stats_port = stats_port
-
-    async def stats(self) -> dict[str, Any]:
-        import aiohttp
-
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{self.stats_port}/stats.json") as r:
-                return await r.json()  # type: ignore[no-any-return]
-
-    def url(self, path: str = "/ws/bot-1") -> str:
-        return f"wss://127.0.0.1:{self.port}{path}"
 
     def show(self, *names: str) -> dict[str, str]:
         return self.systemd.show(NAME, *names)
@@ -99,22 +96,27 @@ class Unit:
     def main_command(self) -> str:
         return Path(f"/proc/{self.main_pid()}/cmdline").read_text().replace("\0", " ")
 
-    def log(self) -> list[dict[str, Any]]:
-        lines = (self.home / "stderr.log").read_text(errors="replace").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
     def log_tail(self, chars: int = 3000) -> str:
         """The end of its stderr and what `systemctl status` says."""
         path = self.home / "stderr.log"
-        tail = path.read_text(errors="replace")[-chars:] if path.exists() else ""
+        tail = super().log_tail(chars) if path.exists() else ""
         status = self.systemd.systemctl("status", NAME, check=False).stdout
         return f"{tail}\n{status}"
+
+    def workers(self) -> set[int]:
+        """The unit's processes but its main one, as this test sees them."""
+        return set(self.systemd.processes(NAME)) - {self.main_pid()}
+
+    async def until(self, timeout: float = 30, **wanted: str) -> None:
+        """Until `systemctl show` says each property `wanted` has its value."""
+        deadline = time.monotonic() + timeout
+        while (shown := self.show(*wanted)) != wanted:
+            assert time.monotonic() < deadline, f"{shown} {self.log_tail()}"
+            await asyncio.sleep(0.1)
 
     def cli(self, *args: str, timeout: float = 60) -> tuple[int, str]:
         """`fleet-ingress ARGS -c ingress.toml` from outside the unit, as an
         operator's shell runs it (over the admin socket)."""
-        import subprocess
-
         done = subprocess.run(
             [
                 str(Path(sys.executable).parent / "fleet-ingress"),
@@ -197,21 +199,10 @@ async def install(
     return unit
 
 
-async def echo(call: ClientConnection, text: str) -> None:
-    await call.send(text)
-    assert await asyncio.wait_for(call.recv(), 5) == text
-
-
 async def a_call(unit: Unit, tls_files: TLSFiles) -> ClientConnection:
     """A call, once the fleet is UP (READY waits for its first probe only)."""
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            return await connect(unit.url(), ssl=tls_files.client_context(), open_timeout=5)
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+    await unit.fleets_up()
+    return await connect(unit.url(), ssl=tls_files.client_context(), open_timeout=5)
 
 
 async def test_start_reload_and_a_stop_that_lets_the_call_finish(
@@ -235,13 +226,10 @@ async def test_start_reload_and_a_stop_that_lets_the_call_finish(
         assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
         await echo(call, "after the reload")
         assert unit.main_pid() == supervisor
-        # `systemctl stop`: SIGTERM to the supervisor alone (KillMode=mixed); it
+        # `systemctl stop`: SIGTERM to the supervisor alone (KillMode=process); it
         # tells its workers to drain, and the call goes on meanwhile.
         stop = systemd.systemctl_in_background("stop", NAME)
-        deadline = time.monotonic() + 10
-        while unit.show("ActiveState")["ActiveState"] != "deactivating":
-            assert time.monotonic() < deadline, unit.log_tail()
-            await asyncio.sleep(0.05)
+        await unit.until(10, ActiveState="deactivating")
         for n in range(10):
             await echo(call, f"draining {n}")
             await asyncio.sleep(0.2)
@@ -360,7 +348,7 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
     worker holds. Before, systemd killed every worker with it: every call cut."""
     unit = await install(systemd, tls_files, fleet)
     supervisor = unit.main_pid()
-    workers = sorted(set(systemd.processes(NAME)) - {supervisor})
+    workers = sorted(unit.workers())
     assert len(workers) == 2
     calls = [await a_call(unit, tls_files) for _ in range(4)]
     try:
@@ -378,7 +366,7 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
             await asyncio.sleep(0.2)
         again = unit.main_pid()
         assert again not in (0, supervisor)
-        assert sorted(set(systemd.processes(NAME)) - {again}) == workers  # the same ones
+        assert sorted(unit.workers()) == workers  # the same ones
         fresh = await a_call(unit, tls_files)
         calls.append(fresh)
         for n, call in enumerate(calls):
@@ -449,8 +437,7 @@ async def test_a_channel_the_supervisor_cuts_reaches_its_worker_though_the_fd_st
     (FDSTOREREMOVE). Kept there, it held the channel open: the worker took new
     calls nobody granted a slot."""
     unit = await install(systemd, tls_files, fleet)
-    supervisor = unit.main_pid()
-    broken = sorted(set(systemd.processes(NAME)) - {supervisor})[0]
+    broken = sorted(unit.workers())[0]
     break_worker_channel(broken)
     async with asyncio.timeout(10):
         while not [
@@ -477,9 +464,6 @@ def test_a_test_process_killed_outright_leaves_no_systemd_running(
     worker, CI's outer timeout) takes its systemd, and the units under it, with
     it (the review of session 27: they ran on, holding loopback ports). What is
     left (its cgroup, its home) is removed here, as the box would have."""
-    import signal
-    import subprocess
-
     script = (
         "import sys; from tests import systemd_box\n"
         "box = systemd_box.PrivateSystemd(); box.boot()\n"
@@ -522,8 +506,6 @@ async def test_a_worker_draining_when_the_supervisor_dies_is_replaced_after_it(
     kept, and a new worker starts in its place: counted as serving, the host was
     a worker short until its calls ended (and took no call at all, were all of
     them draining)."""
-    import signal
-
     unit = await install(systemd, tls_files, fleet)
     calls: list[ClientConnection] = []
     try:
@@ -539,15 +521,9 @@ async def test_a_worker_draining_when_the_supervisor_dies_is_replaced_after_it(
         draining = systemd.host_pid(next(row["pid"] for row in rows if row["calls"]))
         os.kill(draining, signal.SIGTERM)  # a stop of its own: takes no new call, keeps its own
         systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
-        async with asyncio.timeout(30):
-            while unit.show("ActiveState", "NRestarts") != {
-                "ActiveState": "active",
-                "NRestarts": "1",
-            }:
-                await asyncio.sleep(0.1)
-        again = unit.main_pid()
+        await unit.until(30, ActiveState="active", NRestarts="1")
         async with asyncio.timeout(15):  # the same two, and one more in the draining one's place
-            while len(set(systemd.processes(NAME)) - {again, draining}) != 2:
+            while len(unit.workers() - {draining}) != 2:
                 await asyncio.sleep(0.1)
         assert draining in systemd.processes(NAME)
         for n, call in enumerate(calls):
@@ -570,7 +546,9 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
     was cut at timeouts.drain + 5 s."""
     unit = await install(systemd, tls_files, fleet, drain=3)
     toml = unit.home / "ingress.toml"
-    toml.write_text(toml.read_text().replace("[timeouts]\n", "[timeouts]\nupgrade_drain = 0\n"))
+    text = toml.read_text()
+    assert "[timeouts]\n" in text
+    toml.write_text(text.replace("[timeouts]\n", "[timeouts]\nupgrade_drain = 0\n"))
     await asyncio.to_thread(systemd.systemctl, "restart", NAME)
     supervisor = unit.main_pid()
     first = set(systemd.processes(NAME)) - {supervisor}
@@ -583,13 +561,9 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
             while len(set(systemd.processes(NAME)) - first - {supervisor}) < 2:
                 await asyncio.sleep(0.02)
         systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
-        await upgrade
-        async with asyncio.timeout(30):
-            while unit.show("ActiveState", "NRestarts") != {
-                "ActiveState": "active",
-                "NRestarts": "1",
-            }:
-                await asyncio.sleep(0.1)
+        code, output = await upgrade  # killed before it was done: the scenario
+        assert code == 1 and "restarted meanwhile" in output, output
+        await unit.until(30, ActiveState="active", NRestarts="1")
         for _ in range(4):
             calls.append(await a_call(unit, tls_files))
         rows = (await unit.stats())["workers"]

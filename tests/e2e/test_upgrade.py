@@ -46,6 +46,7 @@ from tests.support import (
     admin_command,
     break_worker_channel,
     close_calls,
+    echo,
     eventually,
     fill_unread_channel,
     metric_samples,
@@ -897,12 +898,6 @@ async def _hold_calls(
     ]
 
 
-async def _echoes(ws: ClientConnection, text: str) -> None:
-    await ws.send(text)
-    async with asyncio.timeout(5):
-        assert await ws.recv() == text
-
-
 async def test_upgrade_drain_0_keeps_the_old_generations_calls_past_drain_and_sigterm_ends_them(
     tls_files: TLSFiles, fleets: list[SimulatedFleet]
 ) -> None:
@@ -932,9 +927,9 @@ async def test_upgrade_drain_0_keeps_the_old_generations_calls_past_drain_and_si
         await asyncio.sleep(drain + 5 + 1.5)  # past the drain and its backstop
         assert _alive(old)
         for i, ws in enumerate(held):
-            await _echoes(ws, f"after the drain {i}")
+            await echo(ws, f"after the drain {i}")
         (new_call,) = await _hold_calls(service, tls_files, ["new-0"])  # the new generation's
-        await _echoes(new_call, "new")
+        await echo(new_call, "new")
         await new_call.close()
         await held[0].close()
         assert _alive(old)  # one call left there
@@ -991,7 +986,7 @@ async def test_upgrade_drain_shorter_than_drain_ends_the_old_generations_calls_a
         exited = [e for e in service.log() if e.get("event") == "old-generation worker exited"]
         assert [(e["pid"], e["exit_status"]) for e in exited] == [(old, "exit 0")]
         (new_call,) = await _hold_calls(service, tls_files, ["new-0"])
-        await _echoes(new_call, "new")
+        await echo(new_call, "new")
         await new_call.close()
     finally:
         await close_calls(held)
@@ -1041,7 +1036,7 @@ async def test_an_old_generation_keeps_the_drain_it_was_told_over_a_later_upgrad
         await service.wait_for("READY=1", count=3, timeout=60)
         await asyncio.sleep(2 + 5 + 1.5)  # past what the new value would give it
         assert _alive(old)
-        await _echoes(held[0], "still here")
+        await echo(held[0], "still here")
         rows = {r["pid"]: r for r in await _rows(service)}
         assert rows[old]["state"] == "draining, until its calls end", rows
         assert not [e for e in service.log() if "killed" in e.get("event", "")]
@@ -1073,7 +1068,7 @@ async def test_an_old_worker_that_ignores_upgrade_drain_is_not_killed_before_its
         old, held = await _upgraded_holding(service, tls_files, ["old-0"])
         await asyncio.sleep(1 + 5 + 1.5)
         assert _alive(old), "killed before its own drain"
-        await _echoes(held[0], "still here")
+        await echo(held[0], "still here")
         await held[0].close()  # its last call ends: it exits on its own
         await eventually(lambda: not _alive(old), timeout=10)
         exited = [e for e in service.log() if e.get("event") == "old-generation worker exited"]

@@ -70,6 +70,7 @@ async def test_an_observer_that_raises_once_does_not_stop_the_probe():
     lags: list[float] = []
     failed: list[dict] = []
     loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()  # the project's loop counts with its own
     loop.set_exception_handler(lambda _loop, context: failed.append(context))
 
     def observe(lag: float) -> None:
@@ -84,7 +85,7 @@ async def test_an_observer_that_raises_once_does_not_stop_the_probe():
         await asyncio.sleep(0.1)
     finally:
         probe.stop()
-        loop.set_exception_handler(None)
+        loop.set_exception_handler(previous)
     assert len(failed) == 1 and isinstance(failed[0]["exception"], RuntimeError)
     assert len(lags) > 2 and probe.running is False
 

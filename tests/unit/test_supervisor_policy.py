@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import subprocess
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,7 +90,6 @@ async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watch
     as little as half of it ended the unit, every call on the host with it
     (the pressure audit of session 16). Pinged every WATCHDOG_PING_EVERY, it
     takes a stall of WatchdogSec; STATUS= stays every STATUS_EVERY."""
-    import asyncio
 
     from fleet_ingress.service import supervisor as module
 
@@ -121,9 +124,6 @@ def test_a_worker_not_our_child_runs_while_its_process_is_there():
     """After the previous supervisor died, the workers taken up from systemd's fd
     store are systemd's children, not ours: whether one still runs (its slots
     kept while it drains without its channel) is read from /proc."""
-    import os
-    import subprocess
-    import sys
 
     from fleet_ingress.service.supervisor import _running
 
@@ -158,7 +158,6 @@ async def test_a_workers_one_off_task_that_raises_is_said_and_counted(caplog):
     "exception never retrieved", said only if and when the task was collected
     (the worker crash-path audit of session 27: `remove-fleet --force` said its
     calls were closed while one went on)."""
-    import asyncio
 
     from fleet_ingress.net.event_loop import unexpected_errors
     from fleet_ingress.service.worker import say_if_task_failed
@@ -183,7 +182,6 @@ async def test_a_workers_one_off_task_that_raises_is_said_and_counted(caplog):
 async def test_a_removed_fleets_calls_are_all_aborted_even_when_ending_one_raises(monkeypatch):
     """`remove-fleet --force` in a worker (Worker.close_fleet): a bug ending one
     call must not leave the others up on the removed fleet, their slots held."""
-    from types import SimpleNamespace
 
     from fleet_ingress.service import worker
 
