@@ -647,6 +647,25 @@ class IngressOnLoopback:
     def url(self, path: str = "/ws/bot-1") -> str:
         return f"wss://127.0.0.1:{self.port}{path}"
 
+    async def open_on_every_worker(
+        self, tls_files: TLSFiles, calls: list[ClientConnection], count: int, bot: str = "bot"
+    ) -> None:
+        """Open `count` calls (/ws/{bot}-{i}), then more until every worker holds
+        some, 40 at most: the kernel hands each connection to whichever worker
+        accepts first, and one of them may take a run of them (12 in a row once
+        in CI)."""
+        from websockets.asyncio.client import connect
+
+        for i in range(40):
+            calls.append(
+                await connect(
+                    self.url(f"/ws/{bot}-{i}"), ssl=tls_files.client_context(), open_timeout=15
+                )
+            )
+            if i + 1 >= count and all(r["calls"] > 0 for r in (await self.stats())["workers"]):
+                return
+        pytest.fail(f"one worker took all of {len(calls)} calls: {(await self.stats())['workers']}")
+
 
 @dataclass
 class RunningIngress(IngressOnLoopback):

@@ -88,19 +88,6 @@ async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet], **options: Any
     return await _fleets_up_or_finished(service)
 
 
-async def _open_on_both(
-    service: RunningIngress, tls_files: TLSFiles, calls: list[ClientConnection], count: int
-) -> None:
-    """Open `count` calls, then more until both workers hold some (bounded):
-    the kernel hands each connection to whichever worker accepts first, and
-    on a busy host one of them may take a run of them."""
-    for i in range(40):
-        calls.append(await _open(service, tls_files, f"bot-{i}"))
-        if i + 1 >= count and all(r["calls"] > 0 for r in await _worker_rows(service)):
-            return
-    pytest.fail(f"one worker took all of {len(calls)} calls: {await _worker_rows(service)}")
-
-
 async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
     return await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
 
@@ -300,7 +287,7 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
     calls: list[ClientConnection] = []
     victim: dict[str, Any] = {}
     try:
-        await _open_on_both(service, tls_files, calls, 6)
+        await service.open_on_every_worker(tls_files, calls, 6)
         victim, survivor = await _victim_and_survivor(service)
         os.kill(victim["pid"], signal.SIGSTOP)
 
@@ -347,7 +334,7 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        await _open_on_both(service, tls_files, calls, 12)
+        await service.open_on_every_worker(tls_files, calls, 12)
         victim, survivor = await _victim_and_survivor(service)
         os.kill(victim["pid"], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -484,7 +471,7 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        await _open_on_both(service, tls_files, calls, 6)
+        await service.open_on_every_worker(tls_files, calls, 6)
         old = await _peer_serial(service, tls_files)
         new = write_leaf_cert(tls_files.ca, service.home)
         assert new != old
@@ -521,7 +508,7 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        await _open_on_both(service, tls_files, calls, 4)
+        await service.open_on_every_worker(tls_files, calls, 4)
         workers = sorted(r["pid"] for r in await _worker_rows(service))
         for sig in (signal.SIGUSR1, signal.SIGQUIT):
             for pid in [service.proc.pid, *workers]:
@@ -655,7 +642,7 @@ async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old
     now = datetime.datetime.now(datetime.UTC)
     day = datetime.timedelta(days=1)
     try:
-        await _open_on_both(service, tls_files, calls, 4)
+        await service.open_on_every_worker(tls_files, calls, 4)
         old = await _peer_serial(service, tls_files)
         wrong = [
             ({"not_before": now - 90 * day, "not_after": now - day}, "expired on"),
@@ -983,7 +970,7 @@ async def test_workers_started_while_the_certificate_files_are_broken_serve_the_
     calls: list[ClientConnection] = []
     try:
         old = await _peer_serial(service, tls_files)
-        await _open_on_both(service, tls_files, calls, 4)
+        await service.open_on_every_worker(tls_files, calls, 4)
         _break_certificate_files(how, tls_files, service.home)
         code, printed = await admin_command(service, "reload")
         assert code == 1, printed  # refused: the certificate in use stays
@@ -1212,7 +1199,7 @@ async def test_sigterm_drains_every_worker_then_exits_0(
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        await _open_on_both(service, tls_files, calls, 6)
+        await service.open_on_every_worker(tls_files, calls, 6)
         rows = await _worker_rows(service)
         service.proc.send_signal(signal.SIGTERM)
         await service.wait_for("STOPPING=1", timeout=5)
@@ -1249,7 +1236,7 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
         code, out = await admin_command(service, "drain", "b")
         assert code == 0, out
         # b drains: every new call goes to a, from both workers
-        await _open_on_both(service, tls_files, calls, 8)
+        await service.open_on_every_worker(tls_files, calls, 8)
         opened = len(calls)
         assert (a.active_calls, b.active_calls) == (opened, 0)
         code, out = await admin_command(service, "ready", "b")
@@ -1298,7 +1285,7 @@ async def test_a_fleet_removed_and_added_back_soon_counts_on_and_serves_from_eve
     try:
         code, out = await admin_command(service, "drain", "b")
         assert code == 0, out
-        await _open_on_both(service, tls_files, calls, 4)
+        await service.open_on_every_worker(tls_files, calls, 4)
         opened = len(calls)
         await close_calls(calls)
         calls.clear()
@@ -1322,7 +1309,7 @@ async def test_a_fleet_removed_and_added_back_soon_counts_on_and_serves_from_eve
         code, out = await admin_command(service, "add-fleet", a.url, "--name", "a")
         assert code == 0, out
         assert (await fleet_a())["calls_total"] == opened
-        await _open_on_both(service, tls_files, calls, 4)
+        await service.open_on_every_worker(tls_files, calls, 4)
         assert a.active_calls == len(calls)
         for ws in calls:
             await echo(ws)
@@ -1342,7 +1329,7 @@ async def test_workers_whose_supervisor_is_gone_finish_their_calls_then_exit(
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        await _open_on_both(service, tls_files, calls, 6)
+        await service.open_on_every_worker(tls_files, calls, 6)
         rows = await _worker_rows(service)
         service.proc.kill()  # the supervisor, SIGKILL: its end of every channel closes
         await service.proc.wait()
@@ -1893,7 +1880,7 @@ async def test_cpu_affinity_auto_runs_each_worker_on_a_cpu_of_its_own(
                     break
                 await asyncio.sleep(0.05)
         assert _cpus_of(new[0]) == pinned[victim]
-        await _open_on_both(service, tls_files, calls, 2)
+        await service.open_on_every_worker(tls_files, calls, 2)
         for ws in calls:
             await echo(ws)
         (victim_cpu,) = next(iter(pinned[victim]))

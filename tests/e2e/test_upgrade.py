@@ -802,14 +802,7 @@ async def test_sigterm_drains_every_generation_then_exits_0(
         # Generation 1's calls: held open by this test, so that they outlast the
         # upgrade whatever it takes on a loaded host, and end only after SIGTERM;
         # opened until both workers hold some (the kernel picks the worker).
-        for i in range(12):
-            held.append(
-                await connect(
-                    service.url(f"/ws/old-{i}"), ssl=tls_files.client_context(), open_timeout=15
-                )
-            )
-            if i >= 3 and all(r["calls"] for r in await _rows(service)):
-                break
+        await service.open_on_every_worker(tls_files, held, 4, bot="old")
         os.kill(service.proc.pid, signal.SIGUSR2)
         await service.wait_for("READY=1", count=2, timeout=60)
         assert any(e.get("event", "").startswith("upgrade done") for e in service.log())
