@@ -647,6 +647,16 @@ class IngressOnLoopback:
     def url(self, path: str = "/ws/bot-1") -> str:
         return f"wss://127.0.0.1:{self.port}{path}"
 
+    async def peer_serial(self, tls_files: TLSFiles) -> str:
+        """The serial of the certificate a new handshake gets (verified, as a
+        carrier does), in hex without leading 0s (as `write_leaf_cert` gives it)."""
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        serial: str = writer.get_extra_info("peercert")["serialNumber"]
+        writer.close()
+        return serial.lstrip("0")
+
     async def open_on_every_worker(
         self, tls_files: TLSFiles, calls: list[ClientConnection], count: int, bot: str = "bot"
     ) -> None:

@@ -490,31 +490,56 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _take_up_after_crash(
-    stored: dict[str, Any], config: Any
+    stored: Any, config: Any, served_as_it_ran: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The sockets and state to start with after the previous supervisor died
-    (systemd's fd store handed `stored`): its listeners where the configuration
-    still names them, and its workers with their calls (`service.fd_store`)."""
+    (systemd's fd store handed `stored`, a `fd_store.HandedBack`): its
+    listeners where the configuration still names them, and its workers with
+    their calls, its counts and history from its last snapshot
+    (`service.fd_store`). `served_as_it_ran`: the snapshot's configuration,
+    fleets and certificate are served, not the files."""
     import logging
+    import time
 
     from fleet_ingress.logs import fields
     from fleet_ingress.service.fd_store import crash_state, drop_moved_listeners
     from fleet_ingress.service.sdnotify import Notifier
 
-    moved = drop_moved_listeners(stored, config.listen, Notifier())
-    carried = crash_state(stored, config.process.worker_count())
-    workers = [] if carried is None else carried["workers"]
-    logging.getLogger("fleet_ingress.lifecycle").warning(
+    sockets = stored.sockets
+    moved = drop_moved_listeners(sockets, config.listen, Notifier())
+    snapshot = stored.snapshot
+    carried = crash_state(sockets, config.process.worker_count(), snapshot)
+    log = logging.getLogger("fleet_ingress.lifecycle")
+    listeners = sorted(name for name in sockets if name.startswith("listen."))
+    if carried is None:  # after a stop (`systemctl restart`), or all its workers gone too
+        log.info(
+            "listeners taken from systemd's fd store",
+            extra=fields(listeners=listeners, listeners_moved=moved),
+        )
+        return sockets, None
+    workers = carried["workers"]
+    if snapshot is None:
+        what = "fleet health is probed afresh and counters start again"
+    else:
+        what = "its fleets, counters, reloads and upgrades taken up from its last snapshot" + (
+            "; it serves the configuration, fleets and certificate the previous one "
+            "ran, not the files (a reload applies them)"
+            if served_as_it_ran
+            else ""
+        )
+    log.warning(
         "started again after the previous supervisor died: its listeners and workers "
-        "(with their calls) taken up from systemd's fd store; fleet health is probed "
-        "afresh and counters start again",
+        f"(with their calls) taken up from systemd's fd store; {what}",
         extra=fields(
             workers=[[w["pid"], w["generation"]] for w in workers],
-            listeners=sorted(name for name in stored if name.startswith("listen.")),
+            listeners=listeners,
             listeners_moved=moved,
+            snapshot_age_s=None
+            if snapshot is None
+            else round(time.monotonic() - float(snapshot.get("written_monotonic", 0)), 3),
         ),
     )
-    return stored, carried
+    return sockets, carried
 
 
 def _run(config_path: Path) -> int:
@@ -531,8 +556,8 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
     from fleet_ingress.service.carrier_certificate import carrier_ssl_context
-    from fleet_ingress.service.fd_store import taken_from_store
-    from fleet_ingress.service.listen_fds import ListenFdsError, adopt
+    from fleet_ingress.service.fd_store import HandedBack, taken_from_store
+    from fleet_ingress.service.listen_fds import ListenFdsError, adopt, worker_key
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
     from fleet_ingress.service.upgrade import (
         REEXEC_READ_EVERY,
@@ -549,9 +574,17 @@ def _run(config_path: Path) -> int:
     except (ListenFdsError, ValueError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
-    # Started again by systemd after the previous supervisor died: its listeners
-    # and its workers' channels, from the fd store (service/fd_store.py).
-    stored = taken_from_store() if not handed and carried is None else {}
+    # Started again by systemd after the previous supervisor died: its listeners,
+    # its workers' channels and its last snapshot, from the fd store
+    # (service/fd_store.py). It serves what the dead one ran, as that one
+    # checked it: a crash applies no edit and no certificate a reload refused,
+    # and files being written meanwhile do not keep it from starting.
+    # Only with workers taken up: after a stop (a `systemctl restart` keeps the
+    # store) or when they died with it, this is a start like any other.
+    stored = taken_from_store() if not handed and carried is None else HandedBack()
+    ran = None
+    if stored.snapshot is not None and any(worker_key(name) for name in stored.sockets):
+        ran = running_from_json(stored.snapshot, base_dir=config_path.absolute().parent)
     # After the exec the workers serve on and carriers wait in the listeners'
     # backlog, but an image that cannot read its files exits, and the host
     # with it: a file being rewritten in place (a `cp` in a certbot hook, an
@@ -560,7 +593,9 @@ def _run(config_path: Path) -> int:
     retrying = False
     pem = None  # None: the Supervisor reads it from the files
     unread_files: str | None = None
-    while True:
+    if ran is not None:
+        config, fleets, pem = ran
+    while ran is None:
         empty = False
         try:
             config = load_config(config_path)
@@ -604,8 +639,8 @@ def _run(config_path: Path) -> int:
             time.sleep(REEXEC_READ_EVERY)
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
-        if stored:
-            handed, carried = _take_up_after_crash(stored, config)
+        if stored.sockets or stored.snapshot is not None:
+            handed, carried = _take_up_after_crash(stored, config, ran is not None)
         if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals
             import logging
 

@@ -456,15 +456,6 @@ def _maps_aiohttp(pid: int) -> bool:
     return "/aiohttp/" in Path(f"/proc/{pid}/maps").read_text()
 
 
-async def _peer_serial(service: RunningIngress, tls_files: TLSFiles) -> str:
-    _, writer = await asyncio.open_connection(
-        "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
-    )
-    serial: str = writer.get_extra_info("peercert")["serialNumber"]
-    writer.close()
-    return serial.lstrip("0")
-
-
 async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
@@ -472,7 +463,7 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
     calls: list[ClientConnection] = []
     try:
         await service.open_on_every_worker(tls_files, calls, 6)
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         new = write_leaf_cert(tls_files.ca, service.home)
         assert new != old
         # A SIGHUP to one worker alone reloads nothing: read there alone, it left
@@ -481,12 +472,12 @@ async def test_sighup_gives_every_worker_the_new_certificate_calls_untouched(
         os.kill(first, signal.SIGHUP)
         ignored = "SIGHUP to a worker is not acted on: the supervisor reloads every worker"
         await eventually(lambda: bool(_logged(service, ignored)), 5)
-        assert {await _peer_serial(service, tls_files) for _ in range(12)} == {old}
+        assert {await service.peer_serial(tls_files) for _ in range(12)} == {old}
         service.proc.send_signal(signal.SIGHUP)
         await service.wait_for("RELOADING=1")
         await service.wait_for("READY=1", count=2)
         # Handshakes land on either worker: every one of them has the new certificate.
-        serials = {await _peer_serial(service, tls_files) for _ in range(12)}
+        serials = {await service.peer_serial(tls_files) for _ in range(12)}
         assert serials == {new}
         for ws in calls:  # the calls made before the reload go on, on both workers
             await echo(ws)
@@ -643,7 +634,7 @@ async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old
     day = datetime.timedelta(days=1)
     try:
         await service.open_on_every_worker(tls_files, calls, 4)
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         wrong = [
             ({"not_before": now - 90 * day, "not_after": now - day}, "expired on"),
             ({"not_before": now + day, "not_after": now + 90 * day}, "is not valid until"),
@@ -656,12 +647,12 @@ async def test_a_renewal_to_a_certificate_carriers_cannot_use_is_refused_the_old
             last = (await service.stats())["last_reload"]
             assert last["result"] == "refused" and why in last["error"], last
             assert "the certificate in use stays" in last["error"]
-            assert {await _peer_serial(service, tls_files) for _ in range(8)} == {old}
+            assert {await service.peer_serial(tls_files) for _ in range(8)} == {old}
         new = write_leaf_cert(tls_files.ca, service.home, names=("localhost", "calls.test"))
         service.proc.send_signal(signal.SIGHUP)  # shares "localhost" with the one in use
         await service.wait_for("READY=1", count=len(wrong) + 2)
         assert (await service.stats())["last_reload"]["result"] == "applied"
-        assert {await _peer_serial(service, tls_files) for _ in range(8)} == {new}
+        assert {await service.peer_serial(tls_files) for _ in range(8)} == {new}
         for ws in calls:
             await echo(ws)
     finally:
@@ -679,7 +670,7 @@ async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
     service = await _start(tls_files, two_fleets)
     try:
         now = datetime.datetime.now(datetime.UTC)
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         write_leaf_cert(
             tls_files.ca,
             service.home,
@@ -690,14 +681,14 @@ async def test_the_reload_command_waits_for_the_verdict_and_fails_when_refused(
         assert code == 1, printed
         assert "reload refused: tls.cert:" in printed and "expired on" in printed
         assert "previous configuration and certificate are still served" in printed
-        assert await _peer_serial(service, tls_files) == old
+        assert await service.peer_serial(tls_files) == old
         new = write_leaf_cert(tls_files.ca, service.home)
         code, printed = await admin_command(service, "reload")
         assert (code, printed.strip()) == (
             0,
             "reloaded: new certificate for new handshakes: valid until 3000-01-01 00:00:00 UTC",
         )
-        assert await _peer_serial(service, tls_files) == new
+        assert await service.peer_serial(tls_files) == new
         # As a SIGHUP does: RELOADING=1 then READY=1, each time.
         await service.wait_for("RELOADING=1", count=2)
         await service.wait_for("READY=1", count=3)
@@ -896,9 +887,9 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
         edited = edited.replace('key = "key.pem"', 'key = "other/key.pem"')
         assert edited != running
         toml.write_text(edited + '\n[routes]\nproxy = ["/ws/"]\n')
-        served = await _peer_serial(service, tls_files)
+        served = await service.peer_serial(tls_files)
         await replaced(killed=1)
-        assert {await _peer_serial(service, tls_files) for _ in range(8)} == {served}
+        assert {await service.peer_serial(tls_files) for _ in range(8)} == {served}
         for i in range(8):  # over both workers
             ws = await connect(
                 service.url(f"/exotel/bot-{i}"), ssl=tls_files.client_context(), open_timeout=15
@@ -969,7 +960,7 @@ async def test_workers_started_while_the_certificate_files_are_broken_serve_the_
     service = await _start(tls_files, two_fleets)
     calls: list[ClientConnection] = []
     try:
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         await service.open_on_every_worker(tls_files, calls, 4)
         _break_certificate_files(how, tls_files, service.home)
         code, printed = await admin_command(service, "reload")
@@ -987,7 +978,7 @@ async def test_workers_started_while_the_certificate_files_are_broken_serve_the_
         # Then the other one too: no worker left of those started on good files.
         os.kill(survivor["pid"], signal.SIGKILL)
         await _replaced_all(service, {victim["pid"], survivor["pid"]})
-        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {old}
+        assert {await service.peer_serial(tls_files) for _ in range(10)} == {old}
         for i in range(6):  # calls on the replacements (either, as the kernel hands them)
             ws = await _open(service, tls_files, f"after-{i}")
             await echo(ws)
@@ -1007,17 +998,17 @@ async def test_a_worker_started_after_a_renewal_applied_serves_the_renewal(
     serves the renewal."""
     service = await _start(tls_files, two_fleets)
     try:
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         new = write_leaf_cert(tls_files.ca, service.home)
         code, printed = await admin_command(service, "reload")
         assert code == 0, printed
-        assert {await _peer_serial(service, tls_files) for _ in range(6)} == {new} != {old}
+        assert {await service.peer_serial(tls_files) for _ in range(6)} == {new} != {old}
         (service.home / "key.pem").unlink()
         first = {r["pid"] for r in await _worker_rows(service)}
         for pid in first:
             os.kill(pid, signal.SIGKILL)
         await _replaced_all(service, first)
-        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {new}
+        assert {await service.peer_serial(tls_files) for _ in range(10)} == {new}
         assert not _logged(service, "worker cannot serve")
     finally:
         await service.finish()
@@ -1034,23 +1025,23 @@ async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_wor
     refused; a good renewal then serves in every worker."""
     service = await _start(tls_files, two_fleets)
     try:
-        old = await _peer_serial(service, tls_files)
+        old = await service.peer_serial(tls_files)
         write_leaf_cert(tls_files.ca, service.home, names=("calls.other.test",))
         code, printed = await admin_command(service, "reload")
         assert code == 1 and "none of the names" in printed, printed
         victim = (await _worker_rows(service))[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         await _replaced_all(service, {victim})
-        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {old}
+        assert {await service.peer_serial(tls_files) for _ in range(10)} == {old}
         assert (await service.stats())["worker_restarts"] == {"killed": 1}  # nothing "crashed"
         assert not _logged(service, "worker cannot serve")
         code, printed = await admin_command(service, "upgrade")
         assert code != 0 and "would serve it in place of the one in use" in printed, printed
-        assert {await _peer_serial(service, tls_files) for _ in range(6)} == {old}
+        assert {await service.peer_serial(tls_files) for _ in range(6)} == {old}
         new = write_leaf_cert(tls_files.ca, service.home)
         code, printed = await admin_command(service, "reload")
         assert code == 0, printed
-        assert {await _peer_serial(service, tls_files) for _ in range(10)} == {new}
+        assert {await service.peer_serial(tls_files) for _ in range(10)} == {new}
     finally:
         await service.finish()
 

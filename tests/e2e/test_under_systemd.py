@@ -15,6 +15,7 @@ one of its own) and its output in files (no journald)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -36,6 +38,8 @@ from tests.support import (
     break_worker_channel,
     close_calls,
     echo,
+    metric_samples,
+    write_leaf_cert,
     write_run_home,
 )
 
@@ -389,6 +393,99 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
     assert systemd.processes(NAME) == []
 
 
+async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_the_files(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The supervisor started again after a kill -9 takes up its predecessor's
+    last snapshot from the fd store: it serves the certificate that one served,
+    not an expired renewal on disk that a reload refused (before, every new
+    handshake got the expired certificate: every carrier's new call failed);
+    the reload's refusal is still shown, and its counts go on (a fleet's
+    checks) rather than start again."""
+    unit = await install(systemd, tls_files, fleet)
+    call = await a_call(unit, tls_files)
+    try:
+        served = await unit.peer_serial(tls_files)
+        now = datetime.datetime.now(datetime.UTC)
+        expired = write_leaf_cert(
+            tls_files.ca,
+            unit.home,
+            not_before=now - datetime.timedelta(days=90),
+            not_after=now - datetime.timedelta(days=1),
+        )
+        reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+        assert reloaded.returncode != 0, unit.log_tail()
+        assert await unit.peer_serial(tls_files) == served != expired
+        async with asyncio.timeout(20):  # probed every 0.2 s
+            while (await unit.stats())["fleets"][0]["checks_total"] < 25:
+                await asyncio.sleep(0.2)
+        # What a scrape shows is in the snapshot before it is answered: killed
+        # at once after, no counter goes back (Prometheus would see a reset).
+        checks = (await unit.stats())["fleets"][0]["checks_total"]
+        scraped = _counters(await unit.metrics())
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(ActiveState="active", NRestarts="1")
+        await echo(call, "after the supervisor came back")
+        await unit.fleets_up()
+        now_scraped = _counters(await unit.metrics())
+        went_back = {
+            key: (value, now_scraped.get(key))
+            for key, value in scraped.items()
+            if now_scraped.get(key, 0.0) < value
+        }
+        assert went_back == {}
+        # The workers taken up serve what they served; a worker started now is
+        # handed what the supervisor serves. The one holding no call is killed:
+        # its replacement serves it too (verified: not the expired one).
+        async with asyncio.timeout(10):  # what each worker holds, as it reports it
+            while True:
+                rows = (await unit.stats())["workers"]
+                if sorted(r["calls"] for r in rows) == [0, 1]:
+                    break
+                await asyncio.sleep(0.1)
+        holder = next(r["pid"] for r in rows if r["calls"] > 0)
+        idle = next(r["pid"] for r in rows if r["pid"] != holder)
+        os.kill(systemd.host_pid(idle), signal.SIGKILL)
+
+        def replaced(rows: list[dict[str, Any]]) -> bool:
+            others = [r for r in rows if r["pid"] != holder]
+            return [(r["pid"] != idle, r["state"]) for r in others] == [(True, "serving")]
+
+        async with asyncio.timeout(15):
+            while not replaced((await unit.stats())["workers"]):
+                await asyncio.sleep(0.1)
+        assert {await unit.peer_serial(tls_files) for _ in range(12)} == {served}
+        stats = await unit.stats()
+        assert stats["certificate_not_after"] > now.timestamp() + 86400  # the good one's
+        assert stats["last_reload"]["result"] == "refused", stats["last_reload"]
+        assert "expired on" in stats["last_reload"]["error"]
+        assert stats["fleets"][0]["checks_total"] >= checks
+        said = [line for line in unit.log() if line["event"].startswith("started again")]
+        assert len(said) == 1 and "taken up from its last snapshot" in said[0]["event"]
+        assert "not the files" in said[0]["event"]
+        # A new call, granted by the supervisor that came back.
+        fresh = await a_call(unit, tls_files)
+        await echo(fresh, "a new call")
+        await close_calls([fresh])
+    finally:
+        await close_calls([call])
+
+
+def _counters(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The ingress's counters in a /metrics text (histograms' buckets, counts and
+    sums included) by (sample name, labels): not those of one process (a pid
+    label; prometheus-client's process_ and python_ families, whose restarts
+    process_start_time_seconds says)."""
+    return {
+        (name, labels): value
+        for name, by_labels in metric_samples(exposition).items()
+        if name.startswith("fleet_ingress_")
+        and name.endswith(("_total", "_bucket", "_count", "_sum"))
+        for labels, value in by_labels.items()
+        if "pid" not in dict(labels)
+    }
+
+
 async def test_a_refused_upgrade_and_a_refused_reload_leave_the_unit_serving(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
@@ -550,6 +647,9 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
     assert "[timeouts]\n" in text
     toml.write_text(text.replace("[timeouts]\n", "[timeouts]\nupgrade_drain = 0\n"))
     await asyncio.to_thread(systemd.systemctl, "restart", NAME)
+    # A restart is a stop then a start, though systemd keeps its fd store over
+    # it: the edit applies (upgrade_drain, below), and nothing says a crash.
+    assert not [e for e in unit.log() if e["event"].startswith("started again")]
     supervisor = unit.main_pid()
     first = set(systemd.processes(NAME)) - {supervisor}
     old = await a_call(unit, tls_files)
@@ -562,7 +662,8 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
                 await asyncio.sleep(0.02)
         systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
         code, output = await upgrade  # killed before it was done: the scenario
-        assert code == 1 and "restarted meanwhile" in output, output
+        # The supervisor started again knows of it (its predecessor's snapshot).
+        assert code == 1 and "the supervisor died during it" in output, output
         await unit.until(30, ActiveState="active", NRestarts="1")
         for _ in range(4):
             calls.append(await a_call(unit, tls_files))

@@ -6,42 +6,56 @@ taken up with; listeners the configuration moved. Real sockets, no systemd
 
 from __future__ import annotations
 
+import array
 import json
+import os
 import socket
 import subprocess
 import sys
+import time
 
 from fleet_ingress.config.settings import ListenSection
-from fleet_ingress.service.fd_store import crash_state, drop_moved_listeners
+from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.upgrade import STATE_VERSION
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
-import json, os, socket, sys
+import fcntl, json, os, socket, sys
 from fleet_ingress.service.fd_store import taken_from_store
 
 listener = socket.create_server(("127.0.0.1", 0))
 ours, theirs = socket.socketpair()
 connected = socket.create_connection(listener.getsockname())
 handed = [listener, ours, listener, connected, ours]  # fds 3, 4, 5, 6, 7
+names = ["listen.wss", "worker.123.2", "listen.wss", "listen.acme", "admin"]
+for content in sys.argv[2:]:  # snapshots: fds 8, 9...
+    memfd = os.memfd_create("snapshot")
+    os.write(memfd, content.encode())
+    handed.append(fcntl.fcntl(memfd, fcntl.F_DUPFD, 100))  # above what dup2 writes over
+    names.append(f"state.{len(names) - 5}")
 for n, sock in enumerate(handed):
-    os.dup2(sock.fileno(), 3 + n)
+    os.dup2(sock if isinstance(sock, int) else sock.fileno(), 3 + n)
 os.environ["LISTEN_FDS"] = str(len(handed))
 os.environ["LISTEN_PID"] = str(os.getpid()) if sys.argv[1] == "ours" else "1"
-os.environ["LISTEN_FDNAMES"] = "listen.wss:worker.123.2:listen.wss:listen.acme:admin"
-taken = taken_from_store()
-open_fds = [fd for fd in range(3, 8) if os.path.exists(f"/proc/self/fd/{fd}")]
+os.environ["LISTEN_FDNAMES"] = ":".join(names)
+back = taken_from_store()
+open_fds = [fd for fd in range(3, 3 + len(handed)) if os.path.exists(f"/proc/self/fd/{fd}")]
 print(json.dumps({
-    "taken": {name: sock.fileno() for name, sock in taken.items()},
+    "taken": {name: sock.fileno() for name, sock in back.sockets.items()},
+    "snapshot": back.snapshot,
     "open": open_fds,
     "env": [k for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES") if k in os.environ],
 }))
 """
 
 
-def _child(owner: str) -> dict:
+def _child(owner: str, *snapshots: str) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, owner], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", CHILD, owner, *snapshots],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -55,6 +69,86 @@ def test_what_systemd_hands_back_is_taken_once_by_name_and_the_rest_closed():
     assert seen["taken"] == {"listen.wss": 3, "worker.123.2": 4}
     assert seen["open"] == [3, 4]
     assert seen["env"] == []  # unset, as sd_listen_fds(1) does
+
+
+def test_the_newest_snapshot_read_whole_is_taken_and_its_descriptors_closed():
+    older = json.dumps({"version": STATE_VERSION, "sequence": 7, "generation": 3})
+    newer = json.dumps({"version": STATE_VERSION, "sequence": 8, "generation": 4})
+    seen = _child("ours", older, newer)
+    assert seen["snapshot"]["sequence"] == 8 and seen["snapshot"]["generation"] == 4
+    assert seen["taken"] == {"listen.wss": 3, "worker.123.2": 4}
+    assert seen["open"] == [3, 4]  # the snapshots' memfds closed once read
+    # The newer one cut short by the death as it was written: the older one.
+    assert _child("ours", older, newer[:-9])["snapshot"]["sequence"] == 7
+    assert _child("ours", newer, "")["snapshot"]["sequence"] == 8  # one never written
+    # Of a release whose state this one does not understand: none taken.
+    other = json.dumps({"version": STATE_VERSION + 1, "sequence": 9})
+    assert _child("ours", other)["snapshot"] is None
+    assert _child("ours")["snapshot"] is None
+
+
+def _stored(receiver: socket.socket) -> list[tuple[str, list[int]]]:
+    """The fd store's messages sent so far: (message, descriptors)."""
+    got = []
+    while True:
+        try:
+            message, ancillary, _, _ = receiver.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+        except BlockingIOError:
+            return got
+        fds: list[int] = []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        got.append((message.decode(), fds))
+
+
+def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    snapshots = CrashSnapshot(notifier)
+    snapshots.write({"generation": 1})
+    sent = _stored(receiver)
+    # An earlier image's taken out first, then each stored under its name.
+    assert [message for message, _ in sent] == [
+        "FDSTOREREMOVE=1\nFDNAME=state.0",
+        "FDSTORE=1\nFDNAME=state.0",
+        "FDSTOREREMOVE=1\nFDNAME=state.1",
+        "FDSTORE=1\nFDNAME=state.1",
+    ]
+    kept = {message.rpartition("=")[2]: fds[0] for message, fds in sent if fds}
+
+    def read(name: str) -> dict | None:  # systemd's copy
+        data = os.pread(kept[name], 1 << 20, 0)
+        return json.loads(data) if data else None
+
+    assert read("state.1") == {
+        "version": STATE_VERSION,
+        "sequence": 1,
+        "written_monotonic": read("state.1")["written_monotonic"],
+        "generation": 1,
+    }
+    assert read("state.0") is None
+    snapshots.write({"generation": 2})
+    snapshots.write({"generation": 3, "fleets": ["x" * 5000]})
+    snapshots.write({"generation": 4})
+    assert _stored(receiver) == []  # stored once: written in place since
+    assert (read("state.0")["sequence"], read("state.0")["generation"]) == (4, 4)
+    assert (read("state.1")["sequence"], read("state.1")["generation"]) == (3, 3)
+    snapshots.discard()  # at a stop: taken out of the store
+    assert [message for message, _ in _stored(receiver)] == [
+        "FDSTOREREMOVE=1\nFDNAME=state.0",
+        "FDSTOREREMOVE=1\nFDNAME=state.1",
+    ]
+    for fd in kept.values():
+        os.close(fd)
+    # Without systemd's notify socket nothing is made.
+    quiet = CrashSnapshot(Notifier({}))
+    quiet.write({"generation": 1})
+    assert quiet._fds == []
+    receiver.close()
+    notifier.close()
 
 
 def test_descriptors_meant_for_another_process_are_not_taken():
@@ -75,6 +169,75 @@ def test_the_workers_are_taken_up_with_the_newest_generation_serving():
     ]
     assert len(state["respawns"]) == 1  # 3 wanted, 2 of the newest generation
     assert crash_state({"listen.wss": a}, worker_target=2) is None  # no worker to take up
+    a.close()
+    b.close()
+
+
+def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
+    a, b = socket.socketpair()
+    worker = {
+        "pid": 11,
+        "generation": 3,
+        "started_at": 5.0,
+        "retiring": True,
+        "retire_by": 99.0,
+        "drain_told": 60.0,
+        "held": ["a"],
+        "cpu": 1,
+        "exit_code": 0,  # what its channel and process did there: not this one's
+        "channel_lost": True,
+        "calls_at_leave": {"1": {}},
+    }
+    snapshot = {
+        "version": STATE_VERSION,
+        "sequence": 40,
+        "generation": 3,
+        "worker_target": 2,
+        "started_monotonic": 1.0,
+        "reloads": {"last": {"result": "refused"}},
+        "calls_lost_total": 7,
+        "queue_timeouts": 3,
+        "bound_listen": {"wss": "127.0.0.1:1"},
+        "running": {"config": {}},
+        "upgrades": [
+            {"id": "old", "state": "done", "error": None},
+            {"id": "mid", "state": "re-executing", "error": None, "finished": None},
+        ],
+        "respawns": [1.0, 2.0],
+        # 12 exited after the snapshot (its channel did not come back), 13 started after it.
+        "workers": [worker, {"pid": 12, "generation": 3, "held": ["b"]}],
+    }
+    taken = {"worker.11.3": a, "worker.13.3": b}
+    before = time.monotonic()
+    state = crash_state(taken, worker_target=5, snapshot=snapshot)
+    assert state is not None and state["crash_restart"] is True
+    # What must not reset, taken up; where it ran and what it was short of, as now.
+    assert (state["calls_lost_total"], state["queue_timeouts"]) == (7, 3)
+    assert state["reloads"] == {"last": {"result": "refused"}}
+    assert state["running"] == {"config": {}}
+    assert state["bound_listen"] is None
+    # 2 wanted; 11 retires (it drains): one replacement due now.
+    assert state["worker_target"] == 2 and state["respawns"] == [state["started_monotonic"]]
+    assert state["started_monotonic"] >= before  # its uptime says a supervisor died
+    assert state["upgrades"][0] == snapshot["upgrades"][0]
+    assert state["upgrades"][1]["state"] == "failed"
+    assert "the supervisor died during it" in state["upgrades"][1]["error"]
+    assert state["workers"] == [
+        {
+            "pid": 11,
+            "generation": 3,
+            "started_at": 5.0,
+            "retiring": True,
+            "retire_by": 99.0,
+            "drain_told": 60.0,
+            "held": ["a"],
+            "cpu": 1,
+        },
+        {"pid": 13, "generation": 3},
+    ]
+    # Known by pid in another generation (a pid used again): not the same worker.
+    again = crash_state({"worker.11.4": a}, worker_target=1, snapshot=snapshot)
+    assert again is not None and again["workers"] == [{"pid": 11, "generation": 4}]
     a.close()
     b.close()
 

@@ -24,6 +24,18 @@ one gone whose end another process holds) is taken out of the store
 not see it end. A channel that ends because its worker exited needs nothing:
 systemd drops a stored socket that hangs up. A clean stop empties the store.
 
+What the dead process knew goes in the store too (`CrashSnapshot`): every
+second the supervisor writes the state an upgrade's exec carries (fleets with
+their health and the ones being removed, the counters that must not reset, the
+reloads' and upgrades' history, what it runs: configuration, fleets and the
+certificate as checked) to one of two memfds kept there (`state.0`,
+`state.1`, written in turn: one torn by the death is not read). The new
+process takes it up from the newer one it can read: it serves what the dead
+one served, not the files as they are (an edit no reload applied, a
+certificate a reload refused, a file half written), and the counters go on.
+Without one (an older release, a snapshot that cannot be read) health is
+probed afresh, counters start again and the files are read.
+
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
 (the workers drain).
@@ -32,11 +44,13 @@ kept and a supervisor that dies takes its workers' slots with it as before
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleet_ingress.config.settings import ListenSection
@@ -44,6 +58,7 @@ from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.logs import fields
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.upgrade import STATE_VERSION
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -51,26 +66,44 @@ SD_LISTEN_FDS_START = 3
 # Listeners kept: the admin socket is not (its directory, the unit's
 # RuntimeDirectory, is removed as the process dies: bound again instead).
 STORED_LISTENERS = ("listen.wss", "listen.acme", "listen.stats")
+# The two memfds the supervisor's state is written to in turn (`CrashSnapshot`).
+SNAPSHOT_NAMES = ("state.0", "state.1")
+# How often the supervisor writes it: what a death loses of its counts.
+SNAPSHOT_EVERY = 1.0
 
 
-def taken_from_store(
-    environ: MutableMapping[str, str] | None = None,
-) -> dict[str, socket.socket]:
-    """The descriptors systemd handed this process from its fd store, by name
-    (empty when none were): listeners and worker channels. A name given twice
-    (a listener stored again by an image that did not know it was) is taken
-    once; a descriptor that is not what its name says is closed and said.
-    Unsets the variables, as sd_listen_fds(1) does."""
+@dataclass
+class HandedBack:
+    """What systemd handed a supervisor started again from its fd store."""
+
+    sockets: dict[str, socket.socket] = field(default_factory=dict)  # listeners, channels
+    snapshot: dict[str, Any] | None = None  # the newest state readable (`CrashSnapshot`)
+
+
+def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedBack:
+    """The descriptors systemd handed this process from its fd store (none:
+    empty): listeners and worker channels by name, and the newest snapshot of
+    the dead process's state that can be read. A name given twice (a listener
+    stored again by an image that did not know it was) is taken once; a
+    descriptor that is not what its name says is closed and said. Unsets the
+    variables, as sd_listen_fds(1) does."""
     env = os.environ if environ is None else environ
     count = env.pop("LISTEN_FDS", "")
     owner = env.pop("LISTEN_PID", "")
     names = env.pop("LISTEN_FDNAMES", "").split(":")
+    handed = HandedBack()
     if not count.isdigit() or owner != str(os.getpid()):
-        return {}
-    taken: dict[str, socket.socket] = {}
+        return handed
+    taken = handed.sockets
+    snapshots: list[dict[str, Any]] = []
     for n in range(int(count)):
         fd = SD_LISTEN_FDS_START + n
         name = names[n] if n < len(names) else ""
+        if name in SNAPSHOT_NAMES:
+            if (snapshot := _read_snapshot(fd, name)) is not None:
+                snapshots.append(snapshot)
+            _close(fd)
+            continue
         try:
             channel = worker_key(name) is not None
         except ValueError:
@@ -86,7 +119,85 @@ def taken_from_store(
                 "a descriptor from systemd's fd store is not used", extra=fields(error=str(exc))
             )
             _close(fd)
-    return taken
+    if snapshots:
+        handed.snapshot = max(snapshots, key=lambda snapshot: snapshot["sequence"])
+    return handed
+
+
+def _read_snapshot(fd: int, name: str) -> dict[str, Any] | None:
+    """The state in one of `CrashSnapshot`'s memfds; None (said) when it cannot
+    be read: empty (never written, or cut by the death as it was written), torn,
+    or of a release whose state this one does not understand."""
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        if not data:
+            return None
+        state = json.loads(data)
+        if not isinstance(state, dict) or not isinstance(state.get("sequence"), int):
+            raise ValueError("not a state")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"state version {state.get('version')!r} not understood")
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "a snapshot of the previous supervisor's state is not used",
+            extra=fields(key=name, error=str(exc)[:200]),
+        )
+        return None
+    return state
+
+
+class CrashSnapshot:
+    """The supervisor's state for the process systemd starts should it die:
+    written every SNAPSHOT_EVERY to two memfds kept in the fd store, in turn,
+    so that one cut short by the death leaves the other whole; each carries a
+    sequence number, and the newer one read whole is taken up. Without
+    systemd's notify socket, nothing is written."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+        self._fds: list[int] = []
+        self._sequence = 0
+
+    def write(self, state: Mapping[str, Any]) -> None:
+        """Write `state` (the upgrade's, `UpgradeSequence.crash_snapshot`);
+        the first write stores the memfds, in place of any an earlier image of
+        this process stored (before an upgrade's exec: their copies here were
+        closed by it)."""
+        if not self._notifier.enabled:
+            return
+        first = not self._fds
+        if first:
+            self._fds = [
+                os.memfd_create(f"fleet-ingress-{name}", os.MFD_CLOEXEC) for name in SNAPSHOT_NAMES
+            ]
+        self._sequence += 1
+        data = json.dumps(
+            {
+                "version": STATE_VERSION,
+                "sequence": self._sequence,
+                "written_monotonic": time.monotonic(),
+                **state,
+            }
+        ).encode()
+        fd = self._fds[self._sequence % 2]
+        os.ftruncate(fd, 0)  # cut short by a death: empty or torn, and not read
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, len(data) - len(view)) :]
+        if first:
+            for name, stored in zip(SNAPSHOT_NAMES, self._fds, strict=True):
+                self._notifier.remove_fd(name)
+                self._notifier.store_fd(name, stored)
+
+    def discard(self) -> None:
+        """At a stop: taken out of the store (a `systemctl restart` keeps it)
+        and closed; the next start reads the files."""
+        if self._fds:
+            for name in SNAPSHOT_NAMES:
+                self._notifier.remove_fd(name)
+        for fd in self._fds:
+            _close(fd)
+        self._fds = []
 
 
 def drop_moved_listeners(
@@ -121,36 +232,85 @@ def _bound_at(sock: socket.socket, address: str) -> bool:
     return ipaddress.ip_address(bound[0]) == wanted
 
 
-def crash_state(taken: dict[str, socket.socket], worker_target: int) -> dict[str, Any] | None:
+def crash_state(
+    taken: dict[str, socket.socket],
+    worker_target: int,
+    snapshot: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
     """The state to take up the workers whose channels came from the store
     with, as an upgrade's new image takes up what the previous one carried
     (`UpgradeSequence`): None when no worker's channel came (only listeners,
     or nothing). The newest generation serves; replacements are due for what
     it lacks. The older ones (an upgrade's old generation) and the workers
     that say they drain are retired once taken up
-    (`UpgradeSequence._retire_after_crash`)."""
+    (`UpgradeSequence._retire_after_crash`).
+
+    `snapshot`: the dead process's last (`CrashSnapshot`), its counts and
+    history taken up; of its workers, those whose channel came back, with what
+    it knew of them (their retirement and its deadline, what they held, their
+    CPU). None: they start afresh."""
     workers = [ids for name in taken if (ids := worker_key(name)) is not None]
     if not workers:
         return None
     newest = max(generation for _, generation in workers)
-    serving = sum(1 for _, generation in workers if generation == newest)
     now = time.monotonic()
+    carried = dict(snapshot or {})
+    worker_target = int(carried.get("worker_target") or worker_target)
+    known = {
+        (w.get("pid"), w.get("generation")): w
+        for w in carried.get("workers", [])
+        if isinstance(w, dict)
+    }
+    serving = sum(
+        1
+        for pid, generation in workers
+        if generation == newest and not known.get((pid, generation), {}).get("retiring")
+    )
     return {
-        "crash_restart": True,
-        "fleets": [],
-        "generation": newest,
-        "worker_target": worker_target,
-        # Replacements for the workers the host is short of, due now.
-        "respawns": [now] * max(0, worker_target - serving),
-        "started_monotonic": now,
         "reloads": {},
         "restarts": {},
         "calls_lost_total": 0,
         "queue_timeouts": 0,
         "reclaimed_total": 0,
-        "bound_listen": None,
-        "upgrades": [],
-        "workers": [{"pid": pid, "generation": generation} for pid, generation in workers],
+        "fleets": [],
+        **carried,
+        "crash_restart": True,
+        "generation": newest,
+        "worker_target": worker_target,
+        # Replacements for the workers the host is short of, due now.
+        "respawns": [now] * max(0, worker_target - serving),
+        # Its life starts here: the uptime says a supervisor died.
+        "started_monotonic": now,
+        "reload_pending": False,
+        "bound_listen": None,  # as configured (`drop_moved_listeners`)
+        "upgrades": [_ended_by_death(u) for u in carried.get("upgrades", [])],
+        "workers": [
+            {**_as_taken_up(known.get((pid, generation), {})), "pid": pid, "generation": generation}
+            for pid, generation in workers
+        ],
+    }
+
+
+# What the dead process knew of a worker that holds for the next: not how its
+# channel or process ended there (its channel came back: it runs, and is no
+# child of the next), nor what it said of its calls (not in the snapshot).
+_WORKER_KEPT = ("started_at", "retiring", "retire_by", "drain_told", "held", "cpu")
+
+
+def _as_taken_up(known: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: known[key] for key in _WORKER_KEPT if key in known}
+
+
+def _ended_by_death(status: Any) -> Any:
+    """An upgrade under way when the supervisor died: failed, saying so."""
+    if not isinstance(status, dict) or status.get("state") in ("done", "failed"):
+        return status
+    return {
+        **status,
+        "state": "failed",
+        "finished": time.time(),
+        "error": "the supervisor died during it; started again by systemd, the newest "
+        "generation of workers serves (see the log); run `fleet-ingress upgrade` again",
     }
 
 

@@ -72,6 +72,7 @@ from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -109,6 +110,7 @@ from fleet_ingress.service.carrier_certificate import (
     serving_leaf,
     warn_about_chain,
 )
+from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
 from fleet_ingress.service.files_on_disk import FilesOnDisk
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -339,6 +341,8 @@ class Supervisor:
         self._admin_sock: socket.socket | None = None
         self._puller: asyncio.Task[None] | None = None
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
+        # Its state for a supervisor started after its death (run_supervisor's).
+        self.snapshots: CrashSnapshot | None = None
         self.handed = handed or {}
         # Last: it puts the carried state back on what is built above.
         self.upgrade = UpgradeSequence(
@@ -1227,6 +1231,23 @@ class Supervisor:
         ran = (self.reloads["applied"], self.ops.file_writes)
         await self.files.look(self.config, running, ran)
         await self.server.collect_reports(SCRAPE_WAIT)
+        # What this scrape shows, in the snapshot first: a supervisor started
+        # after this one's death counts on from it, and no counter a scraper
+        # saw goes back (Prometheus would take that for a reset, and the whole
+        # count for an increase).
+        self.write_snapshot()
+
+    def write_snapshot(self) -> None:
+        """This supervisor's state in systemd's fd store (`service.fd_store`);
+        a failure (a bug) is logged and counted, never raised: a scrape or
+        `stat` is answered all the same."""
+        if self.snapshots is None:
+            return
+        try:
+            self.snapshots.write(self.upgrade.crash_snapshot())
+        except Exception:
+            count_unexpected_error()
+            log.exception("the supervisor's state could not be written for its successor")
 
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
@@ -1307,6 +1328,7 @@ class Supervisor:
             changes = await self._reload()
         except ReloadRefused as exc:
             self.last_reload = reload_outcome(str(exc))
+            self.write_snapshot()  # what a crash restart serves: still the previous one
             raise
         finally:
             self.reloading = False
@@ -1315,6 +1337,7 @@ class Supervisor:
             self.last_reload["workers_failed"] = {
                 str(pid): str(error) for pid, error in self.workers_not_reloaded.items()
             }
+        self.write_snapshot()  # what a crash restart serves: this one
         return changes
 
     async def _reload(self) -> str:
@@ -1649,6 +1672,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         _tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
         notifier.notify("READY=1", "STATUS=reload failed; see the log")
 
+    supervisor.snapshots = snapshots = CrashSnapshot(notifier)
     background = [
         loop.create_task(
             kept_running(
@@ -1663,10 +1687,15 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
                 SYSTEMD_STATUS, lambda: _keep_systemd_informed(supervisor, notifier), failures
             )
         ),
+        loop.create_task(
+            kept_running(STATE_SNAPSHOTS, lambda: _write_snapshots(supervisor), failures)
+        ),
     ]
     await stop.wait()
     for task in background:
         task.cancel()
+    supervisor.snapshots = None  # a stop: nothing to take up
+    snapshots.discard()
     supervisor.answer_pending_reloads("the ingress is stopping: not reloaded")
     await supervisor.stop_accepting()
     notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
@@ -1744,7 +1773,8 @@ WATCHDOG_PINGS = "watchdog pings"
 SYSTEMD_STATUS = "systemd status"
 RELOADER = "reloader"
 REPORT_PULLER = "report puller"
-BACKGROUND_TASKS = (WATCHDOG_PINGS, SYSTEMD_STATUS, RELOADER, REPORT_PULLER)
+STATE_SNAPSHOTS = "state snapshots"
+BACKGROUND_TASKS = (WATCHDOG_PINGS, SYSTEMD_STATUS, RELOADER, REPORT_PULLER, STATE_SNAPSHOTS)
 
 
 def _exit_now(supervisor: Supervisor) -> None:
@@ -1803,6 +1833,16 @@ async def _ping_watchdog(notifier: Notifier) -> None:
     while True:
         notifier.notify("WATCHDOG=1")
         await asyncio.sleep(min(WATCHDOG_PING_EVERY, notifier.watchdog_interval))
+
+
+async def _write_snapshots(supervisor: Supervisor) -> None:
+    """The supervisor's state in systemd's fd store every SNAPSHOT_EVERY (and
+    at each scrape: `refresh`), for the process systemd starts should this
+    one die (`service.fd_store`)."""
+    while True:
+        if supervisor.snapshots is not None:
+            supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
+        await asyncio.sleep(SNAPSHOT_EVERY)
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:

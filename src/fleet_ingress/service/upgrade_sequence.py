@@ -146,6 +146,7 @@ class Upgradable(Protocol):
     server: SlotServer
     workers: dict[int, WorkerProcess]
     reloads: Counter[str]
+    last_reload: dict[str, Any] | None  # its outcome (`reload_outcome`), None before any
     reloading: bool
     reloads_asked: asyncio.Queue[ReloadAsked]
     serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
@@ -173,6 +174,8 @@ class Upgradable(Protocol):
     ) -> None: ...
 
     def add_worker(self, worker: WorkerProcess) -> None: ...
+
+    def write_snapshot(self) -> None: ...
 
     def retire(self, worker: WorkerProcess) -> None: ...
 
@@ -268,6 +271,8 @@ class UpgradeSequence:
         if carried["bound_listen"] is not None:  # None after a crash: as configured
             supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
         self.crash_restart = bool(carried.get("crash_restart"))
+        if self.crash_restart and isinstance(carried.get("last_reload"), dict):
+            supervisor.last_reload = carried["last_reload"]
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
         # (From a release that did not carry it: none; a line cut there is skipped.)
@@ -320,6 +325,7 @@ class UpgradeSequence:
         self.statuses[status["id"]] = status
         while len(self.statuses) > UPGRADES_KEPT:
             del self.statuses[next(iter(self.statuses))]
+        self.supervisor.write_snapshot()  # a crash from here on: `upgrade` is told why
         log.info(
             "upgrade: trial run of the installed code",
             extra=fields(upgrade=status["id"], source=source),
@@ -474,7 +480,15 @@ class UpgradeSequence:
         if self.supervisor.notifier is not None:
             self.supervisor.notifier.notify(*lines)
 
-    def _state_for_exec(self) -> dict[str, Any]:
+    def crash_snapshot(self) -> dict[str, Any]:
+        """What a supervisor started again after this one died takes up
+        (`fd_store.CrashSnapshot`, `fd_store.crash_state`): the state an exec
+        carries, but for what only an exec's handover can say (the lines being
+        read on each channel) and what each worker said of each call (its
+        access line should it be lost: too much to write every second)."""
+        return self._state_for_exec(handover=False)
+
+    def _state_for_exec(self, *, handover: bool = True) -> dict[str, Any]:
         """What the next image needs that no socket carries (`_take_carried`)."""
         supervisor = self.supervisor
         rows = {row.worker: row for row in supervisor.slots.workers}
@@ -486,11 +500,14 @@ class UpgradeSequence:
             "fleets": fleets_to_json(supervisor.balancer.fleets),
             "view": supervisor.view.to_json(time.monotonic()),
             "reloads": dict(supervisor.reloads),
+            # Shown again only after a crash, which applies no file: after an exec
+            # the new image runs the files as they are (its trial checked them).
+            "last_reload": supervisor.last_reload,
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
             "restarts": dict(supervisor.restarts),
             "task_failures": dict(supervisor.task_failures.by_task),
             # The lines still waiting are lost with this image (the exec).
-            "log_lines_dropped": lines_dropped() + lines_waiting(),
+            "log_lines_dropped": lines_dropped() + (lines_waiting() if handover else 0),
             "unexpected_errors": unexpected_errors(),
             "calls_lost_total": supervisor.calls_lost_total,
             "fleet_checks": supervisor.metrics.checks.to_json(),
@@ -516,7 +533,7 @@ class UpgradeSequence:
             # Of each channel handed over, what was read of a line not yet whole:
             # read first by the next image (built in `_reexec`, the handover's
             # step: nothing is read in between).
-            "unread": unread_to_json(supervisor.server.unread()),
+            "unread": unread_to_json(supervisor.server.unread()) if handover else {},
             "workers": [
                 {
                     "pid": w.pid,
@@ -545,7 +562,7 @@ class UpgradeSequence:
                     "cpu": w.cpu,
                     # What it said of each call open on its channel, and of those
                     # open when its channel ended: their access lines if lost.
-                    "calls": _calls_to_json(supervisor.server.calls_of(w.key)),
+                    "calls": _calls_to_json(supervisor.server.calls_of(w.key)) if handover else {},
                     "calls_at_leave": _calls_to_json(w.calls_at_leave),
                 }
                 for w in supervisor.workers.values()
@@ -560,6 +577,9 @@ class UpgradeSequence:
         # What was logged goes out first (bounded: a stderr nobody reads), so that
         # the lines still waiting are counted as dropped in the state carried.
         flush_lines()
+        # A crash of the new image before its own first snapshot: the next
+        # supervisor knows of this upgrade (`fd_store.crash_state`).
+        self.supervisor.write_snapshot()
         # No await from the state to the handover (this is no coroutine): the
         # channels' unread bytes it carries are the ones handed over.
         fd = state_fd(self._state_for_exec())
