@@ -357,7 +357,7 @@ async def test_health_failing_every_other_probe_never_goes_down_with_fall_2(
             return web.Response(body=b"<html>oops</html>", content_type="text/html")
         if kind == 2:
             return web.json_response({"prev_fleet_available": 5})
-        await asyncio.sleep(1)  # past check_timeout
+        await asyncio.sleep(2)  # well past check_timeout
         return web.json_response({"fleet_available": 5})
 
     app = web.Application()
@@ -371,7 +371,9 @@ async def test_health_failing_every_other_probe_never_goes_down_with_fall_2(
         ingress = await start_ingress(
             [f"https://127.0.0.1:{port} name=flappy"],
             health_checks=True,
-            fleets={"check_interval": 0.05, "check_timeout": 0.25, "fall": 2, "rise": 2},
+            # The fleet answers from this test's own event loop: a passing probe
+            # must not time out for a stall of it (two failures in a row).
+            fleets={"check_interval": 0.05, "check_timeout": 0.5, "fall": 2, "rise": 2},
         )
         poller = ingress.poller
         assert poller is not None
