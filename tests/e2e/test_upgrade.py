@@ -1140,7 +1140,15 @@ async def test_calls_that_asked_for_a_slot_during_the_exec_are_named_if_lost(
             await asyncio.sleep(0.03)
         await service.wait_for("READY=1", count=2, timeout=60)
         held = list(await asyncio.gather(*opening))
-        rows = {r["pid"]: r for r in await _rows(service)}
+        # The rows once their calls add up to the calls held, not a count read
+        # once: `kept` must be the old worker's whole share.
+        deadline = time.monotonic() + 10
+        while True:
+            rows = {r["pid"]: r for r in await _rows(service)}
+            if sum(r["calls"] for r in rows.values()) == len(held):
+                break
+            assert time.monotonic() < deadline, (len(held), rows)
+            await asyncio.sleep(0.1)
         kept = rows[old]["calls"]
         assert kept > 0, rows  # some landed on the old generation before it retired
         await asyncio.sleep(0.5)  # its fleets' answers told (within ANSWERS_FLUSH)
@@ -1596,10 +1604,15 @@ async def test_an_old_generation_worker_killed_while_it_drains_counts_its_calls_
     stayed 0: only a worker of the serving generation was counted (the
     draining audit of session 20)."""
     service = await RunningIngress.start(
-        tls_files, [f"{sim.url} name={sim.name}" for sim in fleets], workers=1, drain=60
+        tls_files,
+        [f"{sim.url} name={sim.name}" for sim in fleets],
+        workers=1,
+        drain=60,
+        env=PATIENT_PROBES,
     )
     load = _fleets_load(service, tls_files, fleets)
     try:
+        await service.fleets_up()
         ((old, _),) = [(r["pid"], r) for r in await _rows(service)]
         await load.start_long(2, duration=30.0)
         await eventually(lambda: sum(sim.active_calls for sim in fleets) == 2, timeout=10)
