@@ -50,6 +50,9 @@ HOSTS6 = {"a": "2001:db8::11", "b": "2001:db8::12"}
 CARRIER_IP6 = "2001:db8::30"
 DOMAIN = "calls.example.com"
 FAILOVER_BUDGET = 6.0  # seconds from the failure to the first new call that succeeds
+# For an ingress just started to pass its live check (the track script):
+# RunningIngress allows 30 s for READY=1 alone on a loaded host.
+LIVE_WAIT = 40
 # How long "the address stays where it is" is watched: longer than VRRP's master-down
 # interval (3 x advert_int + skew, about 3.6 s), after which a host that would preempt
 # has done so.
@@ -370,7 +373,7 @@ def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
     until(lab, "the simulated fleet listens", lambda: "ready" in fleet.lines, 20)
     ingress = {role: lab.ingress(role) for role in HOSTS}
     for role in HOSTS:
-        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), 20)
+        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), LIVE_WAIT)
     # As docs/INSTALL.md says: A first; it takes the address once its check has
     # passed and no other host advertises (the master-down interval), then B.
     keepalived = {"a": lab.keepalived("a")}
@@ -401,7 +404,7 @@ def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
     # 2. It comes back: keepalived on a sees it live again, and the address stays on b.
     backups = _backups(keepalived["a"])
     ingress["a"] = lab.ingress("a")
-    until(lab, "ingress a is live again", lambda: lab.live("a"), 20)
+    until(lab, "ingress a is live again", lambda: lab.live("a"), LIVE_WAIT)
     until(lab, "keepalived a is BACKUP again", lambda: _backups(keepalived["a"]) > backups, 10)
     t = time.monotonic()
     time.sleep(HOLD)
@@ -453,7 +456,7 @@ def test_an_ipv6_shared_address_is_held_by_one_host_at_a_time_and_moves(lab: Lab
     for role in HOSTS:
         lab.ingress(role)
     for role in HOSTS:
-        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), 20)
+        until(lab, f"ingress {role} is live", lambda role=role: lab.live(role), LIVE_WAIT)
     keepalived = {"a": lab.keepalived("a")}
     until(lab, f"host a holds {VIP6}", lambda: lab.holds_vip("a", VIP6), 20)
     keepalived["b"] = lab.keepalived("b")
