@@ -639,6 +639,7 @@ def _run(config_path: Path) -> int:
             time.sleep(REEXEC_READ_EVERY)
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
+        stored.say_unused()
         if stored.sockets or stored.snapshot is not None:
             handed, carried = _take_up_after_crash(stored, config, ran is not None)
         if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
 import fleet_ingress
+from fleet_ingress.service.fd_store import SNAPSHOT_EVERY
 from fleet_ingress.sim import SimulatedFleet
 from tests import systemd_box
 from tests.support import (
@@ -471,6 +473,101 @@ async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_t
         await close_calls([call])
 
 
+class _PassingOnce(SimulatedFleet):
+    """A fleet whose health passes `passes` probes (add-fleet's pre-check),
+    then fails: add-fleet waits for it to read UP, in vain."""
+
+    passes = 1
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.health_status = 200 if self.passes > 0 else 503
+        self.passes -= 1
+        return await super()._health(request)
+
+
+async def test_an_operators_fleet_change_holds_over_a_supervisor_killed_just_after_it(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A fleet drained, then the supervisor killed at once: the one started
+    again keeps it drained (its predecessor's snapshot is written as the change
+    is made, not up to a second later; the review of session 28 saw it READY
+    again, its new calls going to a fleet about to be taken down). A fleet
+    being added, not UP yet (not in the fleets file), when the supervisor
+    dies: not served by the next one (it was, once UP)."""
+    unit = await install(systemd, tls_files, fleet)
+    await unit.fleets_up()
+    code, said = await asyncio.to_thread(unit.cli, "drain", "a")
+    assert code == 0, said
+    systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+    await unit.until(ActiveState="active", NRestarts="1")
+    assert [(f["name"], f["admin"]) for f in (await unit.stats())["fleets"]] == [("a", "DRAIN")]
+    code, said = await asyncio.to_thread(unit.cli, "ready", "a")
+    assert code == 0, said
+
+    b = _PassingOnce(name="b", capacity=16, ssl_context=tls_files.fleet_server_context())
+    b.available_override = 1000
+    await b.start()
+    try:
+        adding = asyncio.create_task(
+            asyncio.to_thread(unit.cli, "add-fleet", b.url, "--name", "b", timeout=60)
+        )
+        async with asyncio.timeout(10):  # its pre-check passed, then probed as it is added
+            while b.health_probes < 2:
+                await asyncio.sleep(0.01)
+        fleets = {f["name"] for f in (await unit.stats())["fleets"]}  # a snapshot meanwhile
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        assert fleets == {"a", "b"}, fleets  # the scenario: killed while adding
+        code, said = await adding
+        assert code != 0, said
+        await unit.until(ActiveState="active", NRestarts="2")
+        b.passes = 1000
+        await unit.fleets_up()
+        assert [f["name"] for f in (await unit.stats())["fleets"]] == ["a"]
+        assert "name=b" not in (unit.home / "fleets.txt").read_text()
+        calls = [await a_call(unit, tls_files) for _ in range(4)]
+        await close_calls(calls)
+        assert b.calls_total == 0
+    finally:
+        await b.stop()
+
+
+async def test_a_worker_whose_channel_was_cut_keeps_its_calls_counted_over_a_supervisor_crash(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker whose channel the supervisor cut drains its calls, their slots
+    still counted; the supervisor then dies. The one started again counts them
+    too, from its predecessor's snapshot, while that worker runs (its channel is
+    in no store). Before (the review of session 28): forgotten, the host counted
+    2 calls on a fleet that carried 6, and maxconn could be passed by 4."""
+    unit = await install(systemd, tls_files, fleet)
+    calls = [await a_call(unit, tls_files) for _ in range(6)]
+    try:
+        async with asyncio.timeout(10):
+            while sum(r["calls"] for r in (await unit.stats())["workers"]) != 6:
+                await asyncio.sleep(0.1)
+        rows = (await unit.stats())["workers"]
+        holder = max(rows, key=lambda r: r["calls"])
+        break_worker_channel(systemd.host_pid(holder["pid"]))
+        async with asyncio.timeout(10):  # its channel cut, its calls still counted
+            while "channel lost" not in next(
+                r["state"] for r in (await unit.stats())["workers"] if r["pid"] == holder["pid"]
+            ):
+                await asyncio.sleep(0.1)
+        assert (await unit.stats())["fleets"][0]["active"] == 6 == fleet.active_calls
+        await asyncio.sleep(2 * SNAPSHOT_EVERY + 0.5)  # written with its channel lost
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(ActiveState="active", NRestarts="1")
+        await unit.fleets_up()
+        async with asyncio.timeout(10):
+            while (await unit.stats())["fleets"][0]["active"] != 6:
+                await asyncio.sleep(0.1)
+        assert fleet.active_calls == 6
+        for call in calls:
+            await echo(call, "after the crash")
+    finally:
+        await close_calls(calls)
+
+
 def _counters(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """The ingress's counters in a /metrics text (histograms' buckets, counts and
     sums included) by (sample name, labels): not those of one process (a pid
@@ -647,6 +744,13 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
     assert "[timeouts]\n" in text
     toml.write_text(text.replace("[timeouts]\n", "[timeouts]\nupgrade_drain = 0\n"))
     await asyncio.to_thread(systemd.systemctl, "restart", NAME)
+    # Renewed on disk, not reloaded: the upgrade's new image serves it, and so
+    # does the supervisor started after the crash (the new image's snapshot is
+    # written before its generation starts; before, the store still had the
+    # previous image's, and the supervisor served the older certificate to
+    # every worker it started from then on: the review of session 28).
+    renewed_until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=200)
+    write_leaf_cert(tls_files.ca, unit.home, not_after=renewed_until)
     # A restart is a stop then a start, though systemd keeps its fd store over
     # it: the edit applies (upgrade_drain, below), and nothing says a crash.
     assert not [e for e in unit.log() if e["event"].startswith("started again")]
@@ -667,13 +771,21 @@ async def test_a_crash_as_an_upgrade_starts_its_generation_retires_the_old_one_b
         await unit.until(30, ActiveState="active", NRestarts="1")
         for _ in range(4):
             calls.append(await a_call(unit, tls_files))
-        rows = (await unit.stats())["workers"]
-        by_generation: dict[int, int] = {}
-        for row in rows:
-            by_generation[row["generation"]] = (
-                by_generation.get(row["generation"], 0) + row["calls"]
-            )
-        assert by_generation == {1: 1, 2: 4}, rows  # the new calls on generation 2 only
+        # The new calls on generation 2 only, as each worker reports what it holds.
+        async with asyncio.timeout(10):
+            while True:
+                rows = (await unit.stats())["workers"]
+                by_generation: dict[int, int] = {}
+                for row in rows:
+                    by_generation[row["generation"]] = (
+                        by_generation.get(row["generation"], 0) + row["calls"]
+                    )
+                if sum(by_generation.values()) == 5:
+                    break
+                await asyncio.sleep(0.1)
+        assert by_generation == {1: 1, 2: 4}, rows
+        served_until = (await unit.stats())["certificate_not_after"]
+        assert abs(served_until - renewed_until.timestamp()) < 2, (served_until, renewed_until)
         for n in range(12):  # past timeouts.drain (3 s) and the backstop's 5 s more
             for call in calls:
                 await echo(call, f"kept {n}")

@@ -44,6 +44,7 @@ open_fds = [fd for fd in range(3, 3 + len(handed)) if os.path.exists(f"/proc/sel
 print(json.dumps({
     "taken": {name: sock.fileno() for name, sock in back.sockets.items()},
     "snapshot": back.snapshot,
+    "unused": [what["key"] for what in back.unused],
     "open": open_fds,
     "env": [k for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES") if k in os.environ],
 }))
@@ -78,8 +79,11 @@ def test_the_newest_snapshot_read_whole_is_taken_and_its_descriptors_closed():
     assert seen["snapshot"]["sequence"] == 8 and seen["snapshot"]["generation"] == 4
     assert seen["taken"] == {"listen.wss": 3, "worker.123.2": 4}
     assert seen["open"] == [3, 4]  # the snapshots' memfds closed once read
-    # The newer one cut short by the death as it was written: the older one.
-    assert _child("ours", older, newer[:-9])["snapshot"]["sequence"] == 7
+    # The newer one cut short by the death as it was written: the older one
+    # (the torn one said once logging is set up: `say_unused`).
+    torn = _child("ours", older, newer[:-9])
+    assert torn["snapshot"]["sequence"] == 7
+    assert torn["unused"] == ["listen.acme", "state.1"]  # (acme: connected, not listening)
     assert _child("ours", newer, "")["snapshot"]["sequence"] == 8  # one never written
     # Of a release whose state this one does not understand: none taken.
     other = json.dumps({"version": STATE_VERSION + 1, "sequence": 9})
@@ -225,6 +229,42 @@ def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
     # Known by pid in another generation (a pid used again): not the same worker.
     again = crash_state({"worker.11.4": a}, worker_target=1, snapshot=snapshot)
     assert again is not None and again["workers"] == [{"pid": 11, "generation": 4}]
+    a.close()
+    b.close()
+
+
+def test_a_worker_whose_channel_was_lost_is_kept_counted_while_it_runs():
+    """Its channel is in no store (the dead process had lost it), but it drains
+    its calls: kept, with what it held and its deadline, while its process runs
+    (this test's own, here); one that exited since is not."""
+    a, b = socket.socketpair()
+    lost = {
+        "pid": os.getpid(),  # running
+        "generation": 2,
+        "retiring": True,
+        "retire_by": 50.0,
+        "held": ["a", "a"],
+        "channel_lost": True,
+        "lost_confirmed": True,
+        "exit_code": None,
+    }
+    gone = {"pid": 4_194_399, "generation": 2, "channel_lost": True, "held": ["a"]}  # > pid_max
+    snapshot = {"version": STATE_VERSION, "sequence": 3, "workers": [lost, gone]}
+    state = crash_state({"worker.20.2": a}, worker_target=1, snapshot=snapshot)
+    assert state is not None
+    assert state["workers"] == [
+        {"pid": 20, "generation": 2},
+        {
+            "pid": os.getpid(),
+            "generation": 2,
+            "retiring": True,
+            "retire_by": 50.0,
+            "held": ["a", "a"],
+            "channel_lost": True,
+            "lost_confirmed": True,
+        },
+    ]
+    assert state["respawns"] == []  # 20 serves: the one it replaced is not counted
     a.close()
     b.close()
 

@@ -78,17 +78,24 @@ def admin_app(
     upgrade: Upgrades | None = None,
     changes_wait: Callable[[], Awaitable[object]] | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    changed: Callable[[], None] | None = None,
 ) -> web.Application:
     """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
     changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts).
     `upgrade`: the supervisor's (`fleet-ingress upgrade`); None in one process.
     `changes_wait`: awaited before a fleet change (the slot table rebuilt after
     an upgrade's re-execution). `reload`: the supervisor's, answering with the
-    outcome; None in one process."""
+    outcome; None in one process. `changed`: called once a fleet change is
+    over, made or refused, before it is answered (a supervisor's snapshot for
+    its successor)."""
 
     async def ready_for_changes() -> None:
         if changes_wait is not None:
             await changes_wait()
+
+    def change_over() -> None:
+        if changed is not None:
+            changed()
 
     def upgrades() -> Upgrades:
         if upgrade is None:
@@ -121,9 +128,11 @@ def admin_app(
     async def set_state(request: web.Request) -> web.Response:
         body = await _json_body(request)
         await ready_for_changes()
-        return web.json_response(
-            ops.set_admin_state(request.match_info["name"], str(body.get("state", "")))
-        )
+        try:
+            result = ops.set_admin_state(request.match_info["name"], str(body.get("state", "")))
+        finally:
+            change_over()
+        return web.json_response(result)
 
     async def add(request: web.Request) -> web.Response:
         body = await _json_body(request)
@@ -135,15 +144,25 @@ def admin_app(
         if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
             raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
         await ready_for_changes()
-        result = await ops.add_fleet(
-            body["url"], name=body.get("name"), maxconn=maxconn, dry_run=bool(body.get("dry_run"))
-        )
+        try:
+            result = await ops.add_fleet(
+                body["url"],
+                name=body.get("name"),
+                maxconn=maxconn,
+                dry_run=bool(body.get("dry_run")),
+            )
+        finally:
+            change_over()
         return web.json_response(result)
 
     async def remove(request: web.Request) -> web.Response:
         force = request.query.get("force", "") in ("1", "true", "yes")
         await ready_for_changes()
-        return web.json_response(await ops.remove_fleet(request.match_info["name"], force=force))
+        try:
+            result = await ops.remove_fleet(request.match_info["name"], force=force)
+        finally:
+            change_over()
+        return web.json_response(result)
 
     app = web.Application(middlewares=[_errors])
     app.router.add_get("/stat", stat)

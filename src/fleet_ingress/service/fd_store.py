@@ -15,26 +15,32 @@ when the main process dies (KillMode=process) and starts it again
 (`LISTEN_FDS`, `LISTEN_FDNAMES`, from fd 3), and it takes up the listeners and
 the workers the way an upgrade's new image does: the slot table is rebuilt
 from what each worker says it holds, maxconn holding throughout. What only
-the dead process knew starts afresh: fleet health (probed again before any
-slot is granted), counters, the upgrades' history.
+the dead process knew comes from its last snapshot (below).
 
 A channel the supervisor ends on purpose (a worker that broke the protocol,
 one gone whose end another process holds) is taken out of the store
 (`FDSTOREREMOVE=1`), or the copy there would keep it open and the worker would
 not see it end. A channel that ends because its worker exited needs nothing:
-systemd drops a stored socket that hangs up. A clean stop empties the store.
+systemd drops a stored socket that hangs up.
 
 What the dead process knew goes in the store too (`CrashSnapshot`): every
-second the supervisor writes the state an upgrade's exec carries (fleets with
-their health and the ones being removed, the counters that must not reset, the
-reloads' and upgrades' history, what it runs: configuration, fleets and the
-certificate as checked) to one of two memfds kept there (`state.0`,
-`state.1`, written in turn: one torn by the death is not read). The new
-process takes it up from the newer one it can read: it serves what the dead
-one served, not the files as they are (an edit no reload applied, a
-certificate a reload refused, a file half written), and the counters go on.
-Without one (an older release, a snapshot that cannot be read) health is
-probed afresh, counters start again and the files are read.
+second, before answering each scrape or `stat` (no counter a scraper saw goes
+back), and as an operator's change is made (a reload, a fleet change, an
+upgrade's start and exec), the supervisor writes the state an upgrade's exec
+carries (fleets with their health and admin state and the ones being removed,
+the counters that must not reset, the last reload's outcome, the upgrades'
+history, what it runs: configuration, fleets and the certificate as checked)
+to one of two memfds kept there (`state.0`, `state.1`, written in turn: one
+torn by the death is not read). The new process takes up the newer one it
+can read, when workers were taken up with it: it serves what the dead one
+served, not the files as they are (an edit no reload applied, a certificate a
+reload refused, a file half written), and the counters go on. Without one (an
+older release, a snapshot that cannot be read) health is probed afresh,
+counters start again and the files are read.
+
+systemd keeps the store over a `systemctl restart` too: a stop takes the
+snapshots out (the next start reads the files); a listener left there is
+taken up as it is, which is no crash.
 
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
@@ -58,7 +64,7 @@ from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.logs import fields
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import STATE_VERSION
+from fleet_ingress.service.upgrade import STATE_VERSION, process_state
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -78,6 +84,13 @@ class HandedBack:
 
     sockets: dict[str, socket.socket] = field(default_factory=dict)  # listeners, channels
     snapshot: dict[str, Any] | None = None  # the newest state readable (`CrashSnapshot`)
+    # What was handed back and not used, why: said once logging is set up
+    # (`say_unused`), which it is not yet when the store is read.
+    unused: list[dict[str, str]] = field(default_factory=list)
+
+    def say_unused(self) -> None:
+        for what in self.unused:
+            log.warning("a descriptor from systemd's fd store is not used", extra=fields(**what))
 
 
 def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedBack:
@@ -100,8 +113,11 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
         fd = SD_LISTEN_FDS_START + n
         name = names[n] if n < len(names) else ""
         if name in SNAPSHOT_NAMES:
-            if (snapshot := _read_snapshot(fd, name)) is not None:
-                snapshots.append(snapshot)
+            try:
+                if (snapshot := _read_snapshot(fd)) is not None:
+                    snapshots.append(snapshot)
+            except (OSError, ValueError) as exc:
+                handed.unused.append({"key": name, "error": str(exc)[:200]})
             _close(fd)
             continue
         try:
@@ -115,35 +131,27 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
         try:
             taken[name] = inherited_socket(name, fd, channel=channel)
         except ListenFdsError as exc:
-            log.warning(
-                "a descriptor from systemd's fd store is not used", extra=fields(error=str(exc))
-            )
+            handed.unused.append({"key": name, "error": str(exc)})
             _close(fd)
     if snapshots:
         handed.snapshot = max(snapshots, key=lambda snapshot: snapshot["sequence"])
     return handed
 
 
-def _read_snapshot(fd: int, name: str) -> dict[str, Any] | None:
-    """The state in one of `CrashSnapshot`'s memfds; None (said) when it cannot
-    be read: empty (never written, or cut by the death as it was written), torn,
-    or of a release whose state this one does not understand."""
-    try:
-        data = os.pread(fd, os.fstat(fd).st_size, 0)
-        if not data:
-            return None
-        state = json.loads(data)
-        if not isinstance(state, dict) or not isinstance(state.get("sequence"), int):
-            raise ValueError("not a state")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state version {state.get('version')!r} not understood")
-    except (OSError, ValueError) as exc:
-        log.warning(
-            "a snapshot of the previous supervisor's state is not used",
-            extra=fields(key=name, error=str(exc)[:200]),
-        )
+def _read_snapshot(fd: int) -> dict[str, Any] | None:
+    """The state in one of `CrashSnapshot`'s memfds; None when it was never
+    written. Raises ValueError when it cannot be used: cut short by the death as
+    it was written (torn), or of a release whose state this one does not
+    understand; OSError when it cannot be read."""
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    if not data:
         return None
-    return state
+    state = json.loads(data)
+    if not isinstance(state, dict) or not isinstance(state.get("sequence"), int):
+        raise ValueError("not a state")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"state version {state.get('version')!r} not understood")
+    return state  # type: ignore[no-any-return]
 
 
 class CrashSnapshot:
@@ -287,8 +295,28 @@ def crash_state(
         "workers": [
             {**_as_taken_up(known.get((pid, generation), {})), "pid": pid, "generation": generation}
             for pid, generation in workers
-        ],
+        ]
+        + _lost_channels_running(known, set(workers)),
     }
+
+
+def _lost_channels_running(
+    known: Mapping[tuple[Any, Any], Mapping[str, Any]], handed: set[tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """The workers whose channel the dead process had lost while they ran
+    (their channel is in no store) and that still run: draining their calls,
+    whose slots stay counted until they exit, killed at their deadline, as the
+    dead process had them (`UpgradeSequence._watch_channelless`). Forgotten,
+    their calls counted against no fleet (maxconn passed)."""
+    lost = []
+    for (pid, generation), worker in known.items():
+        if (pid, generation) in handed or not worker.get("channel_lost"):
+            continue
+        if not isinstance(pid, int) or (state := process_state(pid)) is None or state[0] == "Z":
+            continue  # exited since (or a pid the snapshot cannot name)
+        kept = {key: worker[key] for key in (*_WORKER_KEPT, "lost_confirmed") if key in worker}
+        lost.append({**kept, "pid": pid, "generation": generation, "channel_lost": True})
+    return lost
 
 
 # What the dead process knew of a worker that holds for the next: not how its

@@ -410,6 +410,7 @@ class Supervisor:
                     upgrade=self.upgrade,
                     changes_wait=self.upgrade.wait_table_restored,
                     reload=self.reload_and_wait,
+                    changed=self.write_snapshot,
                 ),
                 admin_sock,
                 listener="admin",
@@ -424,6 +425,10 @@ class Supervisor:
             try:
                 await self.upgrade.adopt_workers(self.handed)
                 self.handed = {}
+                # What this image runs, before its generation starts: until now
+                # the store has the previous image's (another certificate,
+                # another configuration: what a crash from here would serve).
+                self.write_snapshot()
                 await self.upgrade.finish_upgrade()
             finally:
                 self._generation_settled.set()
@@ -1643,6 +1648,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         kept_running(WATCHDOG_PINGS, lambda: _ping_watchdog(notifier), failures)
     )
     code_digest()  # read now, not on the loop that answers slots (the first scrape's)
+    supervisor.snapshots = snapshots = CrashSnapshot(notifier)
     try:
         await supervisor.start()
     except BaseException:
@@ -1657,6 +1663,8 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
                 await supervisor.wait_workers(STOP_GRACE)
         finally:
             watchdog.cancel()
+        supervisor.snapshots = None  # its workers are gone: the next start reads the files
+        snapshots.discard()
         await supervisor.close()
         raise
     await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
@@ -1672,7 +1680,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         _tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
         notifier.notify("READY=1", "STATUS=reload failed; see the log")
 
-    supervisor.snapshots = snapshots = CrashSnapshot(notifier)
     background = [
         loop.create_task(
             kept_running(

@@ -45,7 +45,7 @@ from fleet_ingress.config.settings import (
     drain_to_wire,
     load_config,
 )
-from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.balancer import Balancer, Membership
 from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.host_slots import HostSlots
@@ -492,12 +492,20 @@ class UpgradeSequence:
         """What the next image needs that no socket carries (`_take_carried`)."""
         supervisor = self.supervisor
         rows = {row.worker: row for row in supervisor.slots.workers}
+        # A fleet an `add-fleet` is still bringing up (not in the fleets file
+        # yet) is not one a supervisor started after a crash should serve: the
+        # add is lost with the process that made it (its command says so).
+        fleets = [
+            f
+            for f in supervisor.balancer.fleets
+            if handover or f.membership is not Membership.ADDING
+        ]
         return {
             "generation": supervisor.generation,
             # The wall clock's start for a release that reads only that (a downgrade).
             "started_at": time.time() - (time.monotonic() - supervisor.started_at),
             "started_monotonic": supervisor.started_at,
-            "fleets": fleets_to_json(supervisor.balancer.fleets),
+            "fleets": fleets_to_json(fleets),
             "view": supervisor.view.to_json(time.monotonic()),
             "reloads": dict(supervisor.reloads),
             # Shown again only after a crash, which applies no file: after an exec
@@ -523,7 +531,7 @@ class UpgradeSequence:
             # as the unit's main process, take every call on the host with it.
             "running": running_to_json(
                 supervisor.config,
-                [f.spec for f in supervisor.balancer.fleets if not f.removing],
+                [f.spec for f in fleets if not f.removing],
                 supervisor.serving_pem,
             ),
             # Replacements not started yet (a worker started but not joined yet
