@@ -156,7 +156,8 @@ def _read_snapshot(fd: int) -> dict[str, Any] | None:
 
 class CrashSnapshot:
     """The supervisor's state for the process systemd starts should it die:
-    written every SNAPSHOT_EVERY to two memfds kept in the fd store, in turn,
+    written (every SNAPSHOT_EVERY, at each scrape and operator change:
+    `Supervisor.write_snapshot`) to two memfds kept in the fd store, in turn,
     so that one cut short by the death leaves the other whole; each carries a
     sequence number, and the newer one read whole is taken up. Without
     systemd's notify socket, nothing is written."""

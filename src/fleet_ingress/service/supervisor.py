@@ -1844,8 +1844,8 @@ async def _ping_watchdog(notifier: Notifier) -> None:
 
 async def _write_snapshots(supervisor: Supervisor) -> None:
     """The supervisor's state in systemd's fd store every SNAPSHOT_EVERY (and
-    at each scrape: `refresh`), for the process systemd starts should this
-    one die (`service.fd_store`)."""
+    at each scrape and operator change: `Supervisor.write_snapshot`), for the
+    process systemd starts should this one die (`service.fd_store`)."""
     while True:
         if supervisor.snapshots is not None:
             supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
