@@ -95,6 +95,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="judge a captured /health/fleet body instead (pass/fail and the capacity read)",
     )
     check.add_argument(
+        "--before-start",
+        action="store_true",
+        help="the unit's ExecStartPre: pass when a supervisor that died left its workers "
+        "running (it is started again and takes them up with what it ran, not the files)",
+    )
+    check.add_argument(
         "--live",
         action="store_true",
         help="instead: does the ingress running here answer its health route over TLS and "
@@ -300,7 +306,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.config is None:
             print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)
             return 2
-        return run_check(args.config, probe=args.probe)
+        return run_check(args.config, probe=args.probe, before_start=args.before_start)
     if args.command == "init":
         from fleet_ingress.config.init_deploy import main_init
 

@@ -485,3 +485,24 @@ def test_a_listener_zone_given_as_an_index_no_interface_has_is_a_problem(
     deployment.write_text(deployment.read_text().replace("[listen]\n", listen))
     (line,) = check_configuration(deployment)
     assert "stats = '[fe80::10%4242]:8404': no interface of this machine has index 4242" in line
+
+
+def test_before_start_passes_a_broken_file_only_with_a_dead_supervisors_workers_left(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit's ExecStartPre (`check --before-start`): a broken file fails a
+    start, unless workers of a supervisor that died still run in the unit (the
+    supervisor then takes them up with what it ran, not the files): said, and
+    passed. Without --before-start, as ever."""
+    from fleet_ingress.config import check
+
+    deployment.write_text(deployment.read_text() + "\n[this is not toml\n")
+    out = io.StringIO()
+    monkeypatch.setattr(check, "workers_left_in_unit", lambda: [])
+    assert run_check(deployment, out, before_start=True) == 1
+    assert out.getvalue().endswith("check failed: 1 problem(s)\n")
+    monkeypatch.setattr(check, "workers_left_in_unit", lambda: [4242, 4243])
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 0
+    assert "1 problem(s), but 2 process(es) of a supervisor that died" in out.getvalue()
+    assert run(deployment)[0] == 1

@@ -235,7 +235,8 @@ def test_the_ingress_runs_under_the_units_syscall_filter_and_w_xor_x() -> None:
 def test_the_unit_has_the_settings_the_ingress_relies_on() -> None:
     s = unit_settings(UNIT.read_text())
     assert one(s, "Service.Type") == "notify" and one(s, "Service.NotifyAccess") == "main"
-    assert one(s, "Service.ExecStartPre") == f"{INSTALLED_CLI} check -c {CONFIG_PATH}"
+    start_check = f"{INSTALLED_CLI} check --before-start -c {CONFIG_PATH}"
+    assert one(s, "Service.ExecStartPre") == start_check
     assert one(s, "Service.ExecStart") == f"{INSTALLED_CLI} run -c {CONFIG_PATH}"
     # The check first, so a bad file fails `systemctl reload`; then the in-process
     # reload, waited for: a refusal there fails it too.

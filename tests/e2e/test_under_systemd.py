@@ -385,6 +385,22 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
         said = [line for line in unit.log() if line["event"].startswith("started again")]
         assert len(said) == 1
         assert sorted(systemd.host_pid(pid) for pid, _ in said[0]["workers"]) == workers
+        # A worker taken up, killed now with calls (the OOM killer): systemd's
+        # child, its exit status unknown here, the calls it held counted lost.
+        # Before (the second review of session 28): its channel's end came
+        # first and "exit 0" read as a drain, none lost.
+        rows = (await unit.stats())["workers"]
+        victim = max(rows, key=lambda r: r["calls"])
+        os.kill(systemd.host_pid(victim["pid"]), signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while True:
+                samples = metric_samples(await unit.metrics())
+                lost = sum(samples["fleet_ingress_worker_calls_lost_total"].values())
+                unknown = samples["fleet_ingress_worker_restarts_total"][(("reason", "unknown"),)]
+                if (lost, unknown) == (victim["calls"], 1):
+                    break
+                assert lost <= victim["calls"], (lost, victim)
+                await asyncio.sleep(0.2)
     finally:
         await close_calls(calls)
     # A stop after it drains and ends every process, as ever.
@@ -469,6 +485,37 @@ async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_t
         fresh = await a_call(unit, tls_files)
         await echo(fresh, "a new call")
         await close_calls([fresh])
+    finally:
+        await close_calls([call])
+
+
+async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """ingress.toml saved broken, not reloaded, then the supervisor killed: the
+    unit's ExecStartPre check says what is wrong but lets the supervisor start,
+    which takes up the workers with what its predecessor ran. Before (the
+    second review of session 28): the check failed every restart, the unit
+    reached its start limit and failed, and every new call was refused."""
+    unit = await install(systemd, tls_files, fleet)
+    call = await a_call(unit, tls_files)
+    try:
+        toml = unit.home / "ingress.toml"
+        toml.write_text(toml.read_text() + "\n[this is not toml\n")
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(ActiveState="active", NRestarts="1")
+        await echo(call, "after the restart")
+        fresh = await a_call(unit, tls_files)
+        await echo(fresh, "a new call")
+        await close_calls([fresh])
+        said = (unit.home / "stdout.log").read_text() + unit.log_tail(20000)
+        assert "process(es) of a supervisor that died still run in this unit" in said
+        # A stop, then a start: the files are what a start reads, and refused.
+        await close_calls([call])
+        stopped = await asyncio.to_thread(systemd.systemctl, "stop", NAME, check=False)
+        assert stopped.returncode == 0
+        started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+        assert started.returncode != 0
     finally:
         await close_calls([call])
 
@@ -564,6 +611,27 @@ async def test_a_worker_whose_channel_was_cut_keeps_its_calls_counted_over_a_sup
         assert fleet.active_calls == 6
         for call in calls:
             await echo(call, "after the crash")
+        # Killed now (the OOM killer, say), the workers holding calls: systemd's
+        # children since the crash, their exit status is not known here. The
+        # calls each held are counted lost, as the kill lost them. Before (the
+        # second review of session 28): read as "exit 0", a clean drain, none lost.
+        rows = (await unit.stats())["workers"]
+        killed = [r["pid"] for r in rows if r["calls"] > 0]
+        for pid in killed:
+            os.kill(systemd.host_pid(pid), signal.SIGKILL)
+
+        def counted(metrics: str) -> tuple[float, float]:
+            samples = metric_samples(metrics)
+            lost = sum(samples["fleet_ingress_worker_calls_lost_total"].values())
+            restarts = samples["fleet_ingress_worker_restarts_total"]
+            return lost, restarts[(("reason", "unknown"),)]
+
+        try:
+            async with asyncio.timeout(10):
+                while counted(await unit.metrics()) != (6, len(killed)):
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            pytest.fail(f"{counted(await unit.metrics())} for {len(killed)} killed: {rows}")
     finally:
         await close_calls(calls)
 

@@ -246,6 +246,7 @@ def test_a_worker_whose_channel_was_lost_is_kept_counted_while_it_runs():
         "held": ["a", "a"],
         "channel_lost": True,
         "lost_confirmed": True,
+        "calls_lost": 2,  # what it held as its channel was lost: counted if it dies
     }
     lost = {**kept, "exit_code": None}
     gone = {"pid": 4_194_399, "generation": 2, "channel_lost": True, "held": ["a"]}  # > pid_max

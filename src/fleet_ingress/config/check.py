@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 import time
@@ -35,16 +36,34 @@ def check_configuration(path: Path) -> list[str]:
     return _check(path)[2]
 
 
-def run_check(path: Path, out: TextIO | None = None, *, probe: bool = False) -> int:
+def run_check(
+    path: Path, out: TextIO | None = None, *, probe: bool = False, before_start: bool = False
+) -> int:
     """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not.
 
     `probe` also sends one health probe to every fleet and judges it as the
-    running ingress would: the check `haproxy -c` could never do."""
+    running ingress would: the check `haproxy -c` could never do.
+
+    `before_start`: the unit's ExecStartPre. When workers of a supervisor that
+    died still run in the unit (`workers_left_in_unit`), the supervisor
+    started now takes them up with what its predecessor ran, not the files
+    (service/fd_store.py): problems in the files are said, and do not keep it
+    from starting (before, a crash with a broken edit on disk failed every
+    restart, and the unit, every new call refused)."""
     out = out or sys.stdout
     config, fleets, lines = _check(path)
     for line in lines:
         print(line, file=out)
     problems = [line for line in lines if not line.startswith(WARNING)]
+    if problems and before_start and (left := workers_left_in_unit()):
+        print(
+            f"check: {len(problems)} problem(s), but {len(left)} process(es) of a supervisor "
+            "that died still run in this unit: the supervisor started now takes them up with "
+            "the configuration, fleets and certificate it ran, not these files; fix them, "
+            "then reload",
+            file=out,
+        )
+        return 0
     if config is None:
         print(f"check failed: {len(problems)} problem(s)", file=out)
         return 1
@@ -59,6 +78,22 @@ def run_check(path: Path, out: TextIO | None = None, *, probe: bool = False) -> 
     plural = "" if len(fleets) == 1 else "s"
     print(f"OK: {len(fleets)} fleet{plural}, listening on {_listeners(config)}", file=out)
     return 0
+
+
+def workers_left_in_unit() -> list[int]:
+    """The other processes of this process's control group (cgroup v2): when
+    systemd starts the service again after its main process died, the workers
+    it left running (KillMode=process). Empty at a first start, outside
+    systemd, or when the group cannot be read."""
+    try:
+        groups = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next(line[3:] for line in groups if line.startswith("0::"))
+        if path in ("", "/"):
+            return []  # not in a unit of its own
+        procs = Path("/sys/fs/cgroup", path.lstrip("/"), "cgroup.procs").read_text().split()
+    except (OSError, StopIteration):
+        return []
+    return [int(pid) for pid in procs if pid.isdigit() and int(pid) != os.getpid()]
 
 
 def run_body_check(body_file: Path, config_path: Path | None, out: TextIO | None = None) -> int:

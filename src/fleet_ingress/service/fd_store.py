@@ -315,7 +315,11 @@ def _lost_channels_running(
             continue
         if not isinstance(pid, int) or (state := process_state(pid)) is None or state[0] == "Z":
             continue  # exited since (or a pid the snapshot cannot name)
-        kept = {key: worker[key] for key in (*_WORKER_KEPT, "lost_confirmed") if key in worker}
+        kept = {
+            key: worker[key]
+            for key in (*_WORKER_KEPT, "lost_confirmed", "calls_lost")
+            if key in worker
+        }
         lost.append({**kept, "pid": pid, "generation": generation, "channel_lost": True})
     return lost
 

@@ -783,7 +783,12 @@ class Supervisor:
         # ended within LOST_CHANNEL_CONFIRM, each with its line (the audit of
         # what the supervisor keeps of workers gone: each got a second line,
         # "lost with it", counted lost, and "worker died").
-        drained = code == 0 and (worker.channel_lost or worker.channel_closed_first)
+        # Taken up after a supervisor died, it is systemd's child: how it ended
+        # is not known. What it held when its channel closed is counted lost
+        # (0 for one that finished its calls; for one whose channel was lost
+        # before, what it had then: more than it lost, if it drained).
+        known = _status_known(worker)
+        drained = known and code == 0 and (worker.channel_lost or worker.channel_closed_first)
         if drained:
             worker.calls_lost = 0
         # Counted whatever the generation and whether stopping: an old generation's
@@ -815,14 +820,20 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code)),
             )
             return
-        self.restarts["hung" if worker.hung else _restart_reason(code)] += 1
+        self.restarts["hung" if worker.hung else _restart_reason(code, known)] += 1
         if drained:
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
                 "its slots came back; a new worker replaced it",
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
-        elif code == 0 and not worker.calls_lost:
+        elif not known and not worker.calls_lost and not worker.channel_lost:
+            log.warning(
+                "worker exited holding no call (how it ended is systemd's to know: it "
+                "was taken up after a supervisor died); a new worker replaces it",
+                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+            )
+        elif code == 0 and not worker.calls_lost and known:
             # Not a death: stopped on its own (a SIGTERM sent to it alone), it
             # drained its calls and exited cleanly (the channel audit of session 24).
             log.warning(
@@ -1562,21 +1573,33 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _restart_reason(code: int | None) -> str:
+def _restart_reason(code: int | None, known: bool = True) -> str:
     """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: OOM
-    killer, an operator), crashed (a non-zero exit), exited (0, unasked); and
-    hung (killed by the supervisor itself: `_worker_silent`), said by its caller."""
+    killer, an operator), crashed (a non-zero exit), exited (0, unasked),
+    unknown (taken up after a supervisor died, and not killed by this one:
+    systemd read its status); and hung (killed by the supervisor itself:
+    `_worker_silent`), said by its caller."""
     if code is not None and code < 0:
         return "killed"
+    if not known:
+        return "unknown"
     return "crashed" if code else "exited"
+
+
+def _status_known(worker: WorkerProcess) -> bool:
+    """Whether `worker`'s exit status was read (`AdoptedProcess.status_known`)."""
+    return getattr(worker.proc, "status_known", True) is not False
 
 
 def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
     """What every line about a worker's exit says."""
+    known = _status_known(worker)
     return {
         "pid": worker.pid,
         "generation": worker.generation,
-        "exit_status": _exit_status(code),
+        "exit_status": _exit_status(code)
+        if known or (code is not None and code < 0)
+        else "unknown (taken up after a supervisor died: systemd read it)",
         "calls_lost": worker.calls_lost,
     }
 

@@ -410,6 +410,11 @@ class AdoptedProcess:
     def __init__(self, pid: int, returncode: int | None = None) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        # False once it exited when it was not this process's child (taken up
+        # after the previous supervisor died: systemd reaped it): `returncode`
+        # then says a kill this process sent, or 0 for "not known".
+        self.status_known = True
+        self._killed = False
         self._exited = asyncio.get_running_loop().create_future()
         self._pidfd: int | None = None
         if returncode is not None:
@@ -426,8 +431,11 @@ class AdoptedProcess:
     def _on_exit(self) -> None:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:  # not our child after all: it is gone, status unknown
-            pid, status = self.pid, 0
+        except ChildProcessError:  # not our child (its parent died): its status is not ours
+            self._close()
+            self.status_known = False
+            self._set(-signal.SIGKILL if self._killed else 0)
+            return
         if pid == 0:
             return  # readable before the zombie is there: next time
         self._close()
@@ -452,6 +460,7 @@ class AdoptedProcess:
             signal.pidfd_send_signal(self._pidfd, signum)
 
     def kill(self) -> None:
+        self._killed = True
         self.send_signal(signal.SIGKILL)
 
 
