@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 import fleet_ingress
 from fleet_ingress.service.fd_store import SNAPSHOT_EVERY
@@ -516,6 +517,44 @@ async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(
         assert stopped.returncode == 0
         started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
         assert started.returncode != 0
+    finally:
+        await close_calls([call])
+
+
+async def test_a_supervisor_started_after_a_crash_that_cannot_take_up_says_so_and_drains(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A bug met only in taking up the workers after a crash (planted in a copy
+    of the package the unit runs from): the workers stop accepting and drain
+    their calls, and the journal says what happened and to report it, not the
+    upgrade's "reinstall the release that ran" (there was no upgrade)."""
+    copy = systemd.home / "src"
+    shutil.copytree(Path(fleet_ingress.__file__).parent, copy / "fleet_ingress")
+    unit = await install(systemd, tls_files, fleet, drain=3, pythonpath=copy)
+    call = await a_call(unit, tls_files)
+    try:
+        module = copy / "fleet_ingress" / "service" / "upgrade_sequence.py"
+        text = module.read_text()
+        planted = "    async def _retire_after_crash(self) -> None:\n"
+        assert planted in text, "the planted fault's place moved: update this test"
+        module.write_text(
+            text.replace(planted, planted + "        raise RuntimeError('planted')\n", 1)
+        )
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        async with asyncio.timeout(30):
+            while not [e for e in unit.log() if e["level"] == "critical"]:
+                await asyncio.sleep(0.2)
+        (said,) = [e for e in unit.log() if e["level"] == "critical"]
+        assert said["event"].startswith(
+            "the supervisor started again after a crash cannot take up its predecessor's workers"
+        ), said
+        assert "planted" in said.get("exc_info", said.get("traceback", str(said)))
+        # The call drains (timeouts.drain 3 s), told why as it ends.
+        with pytest.raises(ConnectionClosed) as ended:
+            for _ in range(100):
+                await echo(call, "draining")
+                await asyncio.sleep(0.1)
+        assert ended.value.rcvd is not None and ended.value.rcvd.code == 1001
     finally:
         await close_calls([call])
 

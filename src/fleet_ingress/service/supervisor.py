@@ -1744,14 +1744,25 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     process, `timeouts.drain` at most, rather than kill them (the
     supervisor-crash audit of session 26: every call on the host was cut). A
     worker whose channel this image had not taken up yet sees it end (closed
-    here) and drains on its own."""
-    log.critical(
-        "the supervisor cannot go on after the upgrade's re-execution: every worker stops "
-        "accepting and drains its calls, then the supervisor exits; reinstall the release "
-        "that ran, then start the service",
-        exc_info=True,
-    )
-    notifier.notify("STOPPING=1", "STATUS=the upgraded supervisor could not start: draining")
+    here) and drains on its own. So does a supervisor started again after a
+    crash that cannot take up its predecessor's workers (a bug)."""
+    if supervisor.upgrade.crash_restart:
+        log.critical(
+            "the supervisor started again after a crash cannot take up its predecessor's "
+            "workers: every worker stops accepting and drains its calls, then the supervisor "
+            "exits; a bug: report it with this traceback",
+            exc_info=True,
+        )
+        status = "the supervisor started after a crash could not take up its workers: draining"
+    else:
+        log.critical(
+            "the supervisor cannot go on after the upgrade's re-execution: every worker stops "
+            "accepting and drains its calls, then the supervisor exits; reinstall the release "
+            "that ran, then start the service",
+            exc_info=True,
+        )
+        status = "the upgraded supervisor could not start: draining"
+    notifier.notify("STOPPING=1", f"STATUS={status}")
     deadline = time.monotonic() + supervisor.config.timeouts.drain + STOP_GRACE
     try:
         await supervisor.stop_accepting()
