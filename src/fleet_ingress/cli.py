@@ -8,10 +8,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fleet_ingress.release import version_line
+
+if TYPE_CHECKING:  # imported where used: a command starts without the rest
+    from fleet_ingress.service.fd_store import HandedBack
 
 
 class _VersionAction(argparse.Action):
@@ -496,10 +499,10 @@ def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _take_up_after_crash(
-    stored: Any, config: Any, served_as_it_ran: bool
+    stored: HandedBack, config: Any, served_as_it_ran: bool
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The sockets and state to start with after the previous supervisor died
-    (systemd's fd store handed `stored`, a `fd_store.HandedBack`): its
+    (what systemd's fd store handed back, `stored`): its
     listeners where the configuration still names them, and its workers with
     their calls, its counts and history from its last snapshot
     (`service.fd_store`). `served_as_it_ran`: the snapshot's configuration,

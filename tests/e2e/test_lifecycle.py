@@ -45,6 +45,8 @@ def _write_cert(
 
 @dataclass
 class Service(IngressOnLoopback):
+    """(Its log and log_tail: it runs without a stats listener.)"""
+
     proc: asyncio.subprocess.Process
     home: Path
     port: int

@@ -127,12 +127,9 @@ def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
         data = os.pread(kept[name], 1 << 20, 0)
         return json.loads(data) if data else None
 
-    assert read("state.1") == {
-        "version": STATE_VERSION,
-        "sequence": 1,
-        "written_monotonic": read("state.1")["written_monotonic"],
-        "generation": 1,
-    }
+    first = read("state.1")
+    assert first is not None and isinstance(first.pop("written_monotonic"), float)
+    assert first == {"version": STATE_VERSION, "sequence": 1, "generation": 1}
     assert read("state.0") is None
     snapshots.write({"generation": 2})
     snapshots.write({"generation": 3, "fleets": ["x" * 5000]})
@@ -222,7 +219,7 @@ def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
     # 2 wanted; 11 retires (it drains): one replacement due now.
     assert state["worker_target"] == 2 and state["respawns"] == [state["started_monotonic"]]
     assert state["started_monotonic"] >= before  # its uptime says a supervisor died
-    assert state["upgrades"][0] == snapshot["upgrades"][0]
+    assert state["upgrades"][0] == {"id": "old", "state": "done", "error": None}
     assert state["upgrades"][1]["state"] == "failed"
     assert "the supervisor died during it" in state["upgrades"][1]["error"]
     assert state["workers"] == [known, {"pid": 13, "generation": 3}]

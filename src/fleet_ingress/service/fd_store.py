@@ -50,7 +50,6 @@ kept and a supervisor that dies takes its workers' slots with it as before
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
 import socket
@@ -64,7 +63,7 @@ from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.logs import fields
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import STATE_VERSION, process_state
+from fleet_ingress.service.upgrade import process_state, state_from_json, state_to_json
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -146,12 +145,10 @@ def _read_snapshot(fd: int) -> dict[str, Any] | None:
     data = os.pread(fd, os.fstat(fd).st_size, 0)
     if not data:
         return None
-    state = json.loads(data)
-    if not isinstance(state, dict) or not isinstance(state.get("sequence"), int):
-        raise ValueError("not a state")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"state version {state.get('version')!r} not understood")
-    return state  # type: ignore[no-any-return]
+    state = state_from_json(data)
+    if not isinstance(state.get("sequence"), int):
+        raise ValueError("not a snapshot: no sequence number")
+    return state
 
 
 class CrashSnapshot:
@@ -180,14 +177,9 @@ class CrashSnapshot:
                 os.memfd_create(f"fleet-ingress-{name}", os.MFD_CLOEXEC) for name in SNAPSHOT_NAMES
             ]
         self._sequence += 1
-        data = json.dumps(
-            {
-                "version": STATE_VERSION,
-                "sequence": self._sequence,
-                "written_monotonic": time.monotonic(),
-                **state,
-            }
-        ).encode()
+        data = state_to_json(
+            {"sequence": self._sequence, "written_monotonic": time.monotonic(), **state}
+        )
         fd = self._fds[self._sequence % 2]
         os.ftruncate(fd, 0)  # cut short by a death: empty or torn, and not read
         view = memoryview(data)

@@ -787,7 +787,7 @@ class Supervisor:
         # is not known. What it held when its channel closed is counted lost
         # (0 for one that finished its calls; for one whose channel was lost
         # before, what it had then: more than it lost, if it drained).
-        known = _status_known(worker)
+        known = worker.exit_status_known
         drained = known and code == 0 and (worker.channel_lost or worker.channel_closed_first)
         if drained:
             worker.calls_lost = 0
@@ -1586,14 +1586,9 @@ def _restart_reason(code: int | None, known: bool = True) -> str:
     return "crashed" if code else "exited"
 
 
-def _status_known(worker: WorkerProcess) -> bool:
-    """Whether `worker`'s exit status was read (`AdoptedProcess.status_known`)."""
-    return getattr(worker.proc, "status_known", True) is not False
-
-
 def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
     """What every line about a worker's exit says."""
-    known = _status_known(worker)
+    known = worker.exit_status_known
     return {
         "pid": worker.pid,
         "generation": worker.generation,

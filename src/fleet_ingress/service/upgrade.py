@@ -210,12 +210,28 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
 # -- the supervisor's state over the exec -----------------------------------------
 
 
+def state_to_json(state: Mapping[str, Any]) -> bytes:
+    """The supervisor's state as the next image reads it (`state_from_json`):
+    over an upgrade's exec (`state_fd`) or after a crash (`fd_store.CrashSnapshot`)."""
+    return json.dumps({"version": STATE_VERSION, **state}).encode()
+
+
+def state_from_json(data: bytes) -> dict[str, Any]:
+    """`state_to_json`'s state. Raises ValueError when it is not JSON, or of a
+    release whose state this one does not understand."""
+    state = json.loads(data)
+    version = state.get("version") if isinstance(state, dict) else None
+    if version != STATE_VERSION:
+        raise ValueError(f"state version {version!r} not understood")
+    return state  # type: ignore[no-any-return]
+
+
 def state_fd(state: Mapping[str, Any]) -> int:
     """A memfd holding `state` as JSON, inheritable, at offset 0: name it in
     the exec's environment as `UPGRADE_STATE`."""
     fd = os.memfd_create("fleet-ingress-upgrade", 0)  # no MFD_CLOEXEC: it goes over the exec
     try:
-        data = memoryview(json.dumps({"version": STATE_VERSION, **state}).encode())
+        data = memoryview(state_to_json(state))
         while data:
             data = data[os.write(fd, data) :]
         os.lseek(fd, 0, os.SEEK_SET)
@@ -239,14 +255,12 @@ def take_state(environ: MutableMapping[str, str] | None = None) -> dict[str, Any
         raise ValueError(f"{UPGRADE_STATE}={value!r} is not a descriptor") from None
     try:
         with os.fdopen(fd, "rb") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
+            return state_from_json(f.read())
+    except (OSError, json.JSONDecodeError) as exc:
         why = f"{UPGRADE_STATE}: the previous image's state is unreadable: {exc}"
         raise ValueError(why) from None
-    version = data.get("version") if isinstance(data, dict) else None
-    if version != STATE_VERSION:
-        raise ValueError(f"{UPGRADE_STATE}: state version {version!r} not understood")
-    return data
+    except ValueError as exc:  # another release's state
+        raise ValueError(f"{UPGRADE_STATE}: {exc}") from None
 
 
 def _same(value: Any) -> Any:

@@ -50,3 +50,10 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def exit_status_known(self) -> bool:
+        """False for a worker taken up after a supervisor died (systemd's
+        child, `AdoptedProcess.status_known`) once it exited: its exit code is
+        not its own."""
+        return not isinstance(self.proc, AdoptedProcess) or self.proc.status_known
