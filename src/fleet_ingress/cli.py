@@ -564,7 +564,7 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.settings import ConfigError, TimeoutsSection, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
-    from fleet_ingress.service.carrier_certificate import carrier_ssl_context
+    from fleet_ingress.service.carrier_certificate import carrier_ssl_context, kept_certificate
     from fleet_ingress.service.fd_store import HandedBack, taken_from_store
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt, worker_key
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
@@ -646,6 +646,14 @@ def _run(config_path: Path) -> int:
                 )
             retrying = True
             time.sleep(REEXEC_READ_EVERY)
+    # After a stop (`systemctl restart`): a certificate on disk every carrier
+    # would refuse does not replace the one they got before it (as a reload
+    # would refuse it).
+    kept_because = None
+    if ran is None and unread_files is None and stored.served_before_stop is not None:
+        kept_because = kept_certificate(config, stored.served_before_stop)
+        if kept_because is not None:
+            pem = stored.served_before_stop
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
         stored.say_unused()
@@ -675,6 +683,8 @@ def _run(config_path: Path) -> int:
         supervisor = Supervisor(
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
+        if kept_because is not None:
+            supervisor.certificate_kept_over_restart(kept_because)
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         if carried is not None:  # every worker carries calls: drained, not cut

@@ -19,6 +19,7 @@ import datetime
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -487,6 +488,62 @@ async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_t
         await close_calls([fresh])
     finally:
         await close_calls([call])
+
+
+async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_on_disk(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`systemctl restart` with an expired renewal on disk (one a reload
+    refused): the certificate served before the restart serves on, from the
+    fd store, and `stat` says why, until a good one is reloaded. Before, the
+    restart served the expired one and every carrier's new call failed. A stop
+    then a start (the store released) reads the files as they are."""
+    unit = await install(systemd, tls_files, fleet)
+    served = await unit.peer_serial(tls_files)
+    now = datetime.datetime.now(datetime.UTC)
+    expired = write_leaf_cert(
+        tls_files.ca,
+        unit.home,
+        not_before=now - datetime.timedelta(days=90),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+    assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    await unit.fleets_up()
+    assert await unit.peer_serial(tls_files) == served != expired
+    assert not unit.started_again()  # a restart, not a crash
+    stats = await unit.stats()
+    assert stats["certificate_not_after"] > now.timestamp() + 86400  # the good one's
+    last = stats["last_reload"]
+    assert last["result"] == "refused" and last["at_start"], last
+    assert "expired on" in last["error"] and "serves on" in last["error"], last
+    code, output = await asyncio.to_thread(unit.cli, "stat")
+    assert code == 0 and "CERTIFICATE ON DISK REFUSED AT THE START" in output, output
+    said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
+    assert len(said) == 1 and said[0]["key"] == "tls.cert", said
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "after the restart")
+    finally:
+        await close_calls([call])
+    # A good renewal, reloaded: served, and the refusal is gone.
+    renewed = write_leaf_cert(tls_files.ca, unit.home)
+    reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+    assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
+    assert await unit.peer_serial(tls_files) == renewed
+    assert (await unit.stats())["last_reload"]["result"] == "applied"
+    # Expired again, then a stop and a start: the files serve, as they are.
+    write_leaf_cert(
+        tls_files.ca,
+        unit.home,
+        not_before=now - datetime.timedelta(days=90),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    await asyncio.to_thread(systemd.systemctl, "stop", NAME)
+    started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+    assert started.returncode == 0, started.stderr + unit.log_tail()
+    with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
+        await unit.peer_serial(tls_files)
 
 
 async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(

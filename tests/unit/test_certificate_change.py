@@ -9,6 +9,7 @@ from fleet_ingress.core.certificate_change import (
     LeafFacts,
     change_note,
     covers,
+    kept_over_restart,
     renewal_problem,
     renewal_waiting,
 )
@@ -134,3 +135,20 @@ def test_a_renewal_waits_on_disk_when_another_certificate_there_is_valid_for_lon
     assert not renewal_waiting(served, served)  # loaded
     assert not renewal_waiting(LeafFacts(NOW, NOW + 10 * DAY, served.names, "f3"), served)
     assert not renewal_waiting(None, served) and not renewal_waiting(renewed, None)
+
+
+def test_a_restart_keeps_the_served_certificate_over_an_expired_one_on_disk() -> None:
+    problem = kept_over_restart(leaf("calls.example.com", valid_to=NOW - 1), SERVING, NOW)
+    assert problem is not None and problem.startswith("expired on")
+    ahead = leaf("calls.example.com", valid_from=NOW + CLOCK_SKEW + 1)
+    assert "not valid until" in (kept_over_restart(ahead, SERVING, NOW) or "")
+
+
+def test_a_restart_serves_the_file_when_it_is_good_or_the_served_one_is_no_better() -> None:
+    assert kept_over_restart(leaf("calls.example.com"), SERVING, NOW) is None
+    # Other names on purpose: a restart is how an operator moves (a reload refuses it).
+    assert kept_over_restart(leaf("calls.other.test"), SERVING, NOW) is None
+    expired = leaf("calls.example.com", valid_to=NOW - 1)
+    # The served one expired too, or is the same: nothing better to keep.
+    assert kept_over_restart(expired, leaf("calls.example.com", valid_to=NOW - 2), NOW) is None
+    assert kept_over_restart(expired, expired, NOW) is None

@@ -15,6 +15,7 @@ import sys
 import time
 
 from fleet_ingress.config.settings import ListenSection
+from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import STATE_VERSION
@@ -44,6 +45,9 @@ open_fds = [fd for fd in range(3, 3 + len(handed)) if os.path.exists(f"/proc/sel
 print(json.dumps({
     "taken": {name: sock.fileno() for name, sock in back.sockets.items()},
     "snapshot": back.snapshot,
+    "served": None if back.served_before_stop is None else [
+        back.served_before_stop.cert.decode(), back.served_before_stop.key.decode()
+    ],
     "unused": [what["key"] for what in back.unused],
     "open": open_fds,
     "env": [k for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES") if k in os.environ],
@@ -137,7 +141,7 @@ def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
     assert _stored(receiver) == []  # stored once: written in place since
     assert (read("state.0")["sequence"], read("state.0")["generation"]) == (4, 4)
     assert (read("state.1")["sequence"], read("state.1")["generation"]) == (3, 3)
-    snapshots.discard()  # at a stop: taken out of the store
+    snapshots.discard()  # at a failed start: taken out of the store
     assert [message for message, _ in _stored(receiver)] == [
         "FDSTOREREMOVE=1\nFDNAME=state.0",
         "FDSTOREREMOVE=1\nFDNAME=state.1",
@@ -148,6 +152,34 @@ def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
     quiet = CrashSnapshot(Notifier({}))
     quiet.write({"generation": 1})
     assert quiet._fds == []
+    receiver.close()
+    notifier.close()
+
+
+def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(tmp_path):
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    snapshots = CrashSnapshot(notifier)
+    snapshots.write({"generation": 1, "calls_lost_total": 3})
+    kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
+    snapshots.stopped(CarrierPem(b"CERT PEM", b"KEY PEM"))
+    assert _stored(receiver) == []  # left in the store: a `systemctl restart` keeps it
+    written = [os.pread(kept[name], 1 << 20, 0).decode() for name in ("state.0", "state.1")]
+    # Both written over: nothing of the running state is left to take up.
+    for text in written:
+        state = json.loads(text)
+        assert state["stopped"] is True and "calls_lost_total" not in state
+    seen = _child("ours", *written)
+    assert seen["snapshot"] is None and seen["served"] == ["CERT PEM", "KEY PEM"]
+    assert seen["open"] == [3, 4]
+    # One that cannot be read is said, not served.
+    broken = json.dumps({"version": STATE_VERSION, "sequence": 5, "stopped": True, "pem": {}})
+    unread = _child("ours", broken)
+    assert unread["served"] is None and "state" in unread["unused"]
+    for fd in kept.values():
+        os.close(fd)
     receiver.close()
     notifier.close()
 

@@ -51,13 +51,8 @@ def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> st
     that changes only the fleets (the review of session 12)."""
     if new == serving:
         return None
-    if now < new.not_before - CLOCK_SKEW:
-        return (
-            f"is not valid until {_utc(new.not_before)}: carriers would refuse it "
-            "(is this host's clock right?)"
-        )
-    if now > new.not_after:
-        return f"expired on {_utc(new.not_after)}"
+    if (stale := out_of_date(new, now)) is not None:
+        return stale
     # A certificate in use that has expired serves no carrier: any names may follow it.
     if serving is not None and serving.names and new.names and now <= serving.not_after:
         if not any(_overlap(a, b) for a in serving.names for b in new.names):
@@ -68,6 +63,31 @@ def renewal_problem(new: LeafFacts, serving: LeafFacts | None, now: float) -> st
                 "while carriers move)"
             )
     return None
+
+
+def out_of_date(leaf: LeafFacts, now: float) -> str | None:
+    """Why every carrier would refuse `leaf` at `now` (expired, or not valid yet
+    beyond CLOCK_SKEW), or None."""
+    if now < leaf.not_before - CLOCK_SKEW:
+        return (
+            f"is not valid until {_utc(leaf.not_before)}: carriers would refuse it "
+            "(is this host's clock right?)"
+        )
+    if now > leaf.not_after:
+        return f"expired on {_utc(leaf.not_after)}"
+    return None
+
+
+def kept_over_restart(on_disk: LeafFacts, served: LeafFacts, now: float) -> str | None:
+    """At a start after a stop (`systemctl restart`): why the certificate on disk
+    must not replace `served`, the one carriers got before the stop, or None
+    (the files serve). Only what every carrier would refuse is refused here
+    (expired, not valid yet) and only while `served` is still good: a restart
+    is also how an operator moves to other names on purpose, which a reload
+    refuses (`renewal_problem`)."""
+    if on_disk == served or out_of_date(served, now) is not None:
+        return None
+    return out_of_date(on_disk, now)
 
 
 def change_note(new: LeafFacts | None, serving: LeafFacts | None) -> str | None:

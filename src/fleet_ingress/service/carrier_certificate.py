@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from fleet_ingress.config.settings import IngressConfig
-from fleet_ingress.core.certificate_change import LeafFacts, renewal_problem
+from fleet_ingress.core.certificate_change import LeafFacts, kept_over_restart, renewal_problem
 from fleet_ingress.logs import fields
 from fleet_ingress.net.tls import (
     CarrierPem,
@@ -58,6 +58,24 @@ def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> s
     except TLSSetupError:
         return None  # unreadable: loading it says so
     problem = renewal_problem(leaf, serving, time.time())
+    return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
+
+
+def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
+    """At a start after a stop (`systemctl restart`): why the certificate
+    `config` names on disk is not served, `served` (the one served before the
+    stop: `fd_store.CrashSnapshot.stopped`) serving on instead, or None (the
+    files serve). Only one that every carrier would refuse (expired, not valid
+    yet) is passed over, for one still good that loads with `config`'s [tls]."""
+    if config.tls.cert is None:
+        return None
+    try:
+        on_disk = leaf_facts(config.tls.cert)
+        before = leaf_facts_of(served.cert, config.tls.cert)
+        carrier_ssl_context(config, served)
+    except (TLSSetupError, ssl.SSLError, OSError):
+        return None  # the files are read as ever (and what cannot load says why)
+    problem = kept_over_restart(on_disk, before, time.time())
     return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
 
 

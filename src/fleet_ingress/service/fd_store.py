@@ -38,9 +38,12 @@ reload refused, a file half written), and the counters go on. Without one (an
 older release, a snapshot that cannot be read) health is probed afresh,
 counters start again and the files are read.
 
-systemd keeps the store over a `systemctl restart` too: a stop takes the
-snapshots out (the next start reads the files); a listener left there is
-taken up as it is, which is no crash.
+systemd keeps the store over a `systemctl restart` too: a stop writes the
+snapshots over with the certificate it served alone (`CrashSnapshot.stopped`).
+The next start reads the files, but keeps serving that certificate should the
+one on disk have expired or not be valid yet: what a reload refuses, a restart
+does not put in place of one carriers accept. A listener left there is taken
+up as it is, which is no crash.
 
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
@@ -61,6 +64,8 @@ from typing import Any
 from fleet_ingress.config.settings import ListenSection
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.logs import fields
+from fleet_ingress.net.tls import CarrierPem
+from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import process_state, state_from_json, state_to_json
@@ -83,6 +88,9 @@ class HandedBack:
 
     sockets: dict[str, socket.socket] = field(default_factory=dict)  # listeners, channels
     snapshot: dict[str, Any] | None = None  # the newest state readable (`CrashSnapshot`)
+    # After a stop (`systemctl restart`): the certificate and key served before it
+    # (`CrashSnapshot.stopped`), kept should the file have expired meanwhile.
+    served_before_stop: CarrierPem | None = None
     # What was handed back and not used, why: said once logging is set up
     # (`say_unused`), which it is not yet when the store is read.
     unused: list[dict[str, str]] = field(default_factory=list)
@@ -133,7 +141,14 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
             handed.unused.append({"key": name, "error": str(exc)})
             _close(fd)
     if snapshots:
-        handed.snapshot = max(snapshots, key=lambda snapshot: snapshot["sequence"])
+        newest = max(snapshots, key=lambda snapshot: snapshot["sequence"])
+        if not newest.get("stopped"):
+            handed.snapshot = newest
+        else:  # a stop's: nothing to take up but the certificate it served
+            try:
+                handed.served_before_stop = pem_from_json(newest.get("pem"))
+            except ValueError as exc:
+                handed.unused.append({"key": "state", "error": str(exc)[:200]})
     return handed
 
 
@@ -190,9 +205,19 @@ class CrashSnapshot:
                 self._notifier.remove_fd(name)
                 self._notifier.store_fd(name, stored)
 
+    def stopped(self, served: CarrierPem) -> None:
+        """At a stop: the state is written over with the certificate and key
+        served (`served`) alone, both memfds, left in the store (a `systemctl
+        restart` keeps it, a stop that ends takes it away). The next start
+        reads the files and takes nothing up, but serves this certificate on
+        should the one on disk have expired or not be valid yet
+        (`certificate_change.kept_over_restart`), as a reload would refuse it."""
+        for _ in SNAPSHOT_NAMES:
+            self.write({"stopped": True, "pem": pem_to_json(served)})
+
     def discard(self) -> None:
-        """At a stop: taken out of the store (a `systemctl restart` keeps it)
-        and closed; the next start reads the files."""
+        """At a failed start: taken out of the store (a `systemctl restart`
+        keeps it) and closed; the next start reads the files."""
         if self._fds:
             for name in SNAPSHOT_NAMES:
                 self._notifier.remove_fd(name)

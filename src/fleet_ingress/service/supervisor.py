@@ -1328,6 +1328,25 @@ class Supervisor:
         self.reloads_asked.put_nowait(asked)
         return await asked
 
+    def certificate_kept_over_restart(self, problem: str) -> None:
+        """The start after a stop passed over the certificate on disk (`problem`:
+        what `carrier_certificate.kept_certificate` says of it) and serves the
+        one served before the stop: said in the journal, and by `stat` and
+        systemd's status line as a refused reload is, until a reload applies."""
+        until = self.serving_leaf.not_after if self.serving_leaf is not None else None
+        served = "the certificate served before the restart serves on" + (
+            time.strftime(" (valid until %Y-%m-%d %H:%M:%S UTC)", time.gmtime(until))
+            if until is not None
+            else ""
+        )
+        self.last_reload = {**reload_outcome(f"{problem}: {served}"), "at_start": True}
+        log.warning(
+            "the certificate on disk is not served: carriers would refuse it. The one "
+            "served before the restart serves on; put a good certificate in place, "
+            "then `systemctl reload fleet-ingress`",
+            extra=fields(key="tls.cert", problem=problem, served_until=until),
+        )
+
     def answer_pending_reloads(self, why: str) -> None:
         """At stop: every `fleet-ingress reload` still waiting is told, rather than
         holding its admin request (and the supervisor's exit) until it times out."""
@@ -1719,8 +1738,13 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     await stop.wait()
     for task in background:
         task.cancel()
-    supervisor.snapshots = None  # a stop: nothing to take up
-    snapshots.discard()
+    supervisor.snapshots = None  # a stop: nothing to take up but the certificate served
+    try:
+        snapshots.stopped(supervisor.serving_pem)
+    except Exception:  # a bug: the stop goes on (the next start serves the files)
+        count_unexpected_error()
+        log.exception("the certificate served could not be kept for the next start")
+        snapshots.discard()
     supervisor.answer_pending_reloads("the ingress is stopping: not reloaded")
     await supervisor.stop_accepting()
     notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
