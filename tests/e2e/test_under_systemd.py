@@ -495,9 +495,10 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
 ) -> None:
     """`systemctl restart` with an expired renewal on disk (one a reload
     refused): the certificate served before the restart serves on, from the
-    fd store, and `stat` says why, until a good one is reloaded. Before, the
-    restart served the expired one and every carrier's new call failed. A stop
-    then a start (the store released) reads the files as they are."""
+    fd store, and `stat` says why, until a good one is reloaded; so too for one
+    of another lineage (the sdjourney audit's reproducer). Before, the restart
+    served either, and every carrier's new call failed. A stop then a start
+    (the store released) reads the files as they are."""
     unit = await install(systemd, tls_files, fleet)
     served = await unit.peer_serial(tls_files)
     now = datetime.datetime.now(datetime.UTC)
@@ -532,6 +533,12 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
     assert await unit.peer_serial(tls_files) == renewed
     assert (await unit.stats())["last_reload"]["result"] == "applied"
+    # One for names carriers do not dial (another lineage): kept over a restart too.
+    other = write_leaf_cert(tls_files.ca, unit.home, names=("other.example.net",))
+    restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+    assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    assert await unit.peer_serial(tls_files) == renewed != other
+    assert "none of the names" in (await unit.stats())["last_reload"]["error"]
     # Expired again, then a stop and a start: the files serve, as they are.
     write_leaf_cert(
         tls_files.ca,

@@ -144,11 +144,18 @@ def test_a_restart_keeps_the_served_certificate_over_an_expired_one_on_disk() ->
     assert "not valid until" in (kept_over_restart(ahead, SERVING, NOW) or "")
 
 
+def test_a_restart_keeps_it_over_one_for_other_names_as_a_reload_would() -> None:
+    problem = kept_over_restart(leaf("calls.other.test"), SERVING, NOW)
+    assert problem is not None and "none of the names" in problem
+    assert kept_over_restart(leaf("calls.example.com", "calls.other.test"), SERVING, NOW) is None
+
+
 def test_a_restart_serves_the_file_when_it_is_good_or_the_served_one_is_no_better() -> None:
     assert kept_over_restart(leaf("calls.example.com"), SERVING, NOW) is None
-    # Other names on purpose: a restart is how an operator moves (a reload refuses it).
-    assert kept_over_restart(leaf("calls.other.test"), SERVING, NOW) is None
+    assert kept_over_restart(SERVING, SERVING, NOW) is None
     expired = leaf("calls.example.com", valid_to=NOW - 1)
-    # The served one expired too, or is the same: nothing better to keep.
+    # The served one is out of date too: nothing better to keep.
     assert kept_over_restart(expired, leaf("calls.example.com", valid_to=NOW - 2), NOW) is None
     assert kept_over_restart(expired, expired, NOW) is None
+    ahead = leaf("calls.example.com", valid_from=NOW + CLOCK_SKEW + 1)
+    assert kept_over_restart(leaf("calls.other.test"), ahead, NOW) is None

@@ -81,13 +81,12 @@ def out_of_date(leaf: LeafFacts, now: float) -> str | None:
 def kept_over_restart(on_disk: LeafFacts, served: LeafFacts, now: float) -> str | None:
     """At a start after a stop (`systemctl restart`): why the certificate on disk
     must not replace `served`, the one carriers got before the stop, or None
-    (the files serve). Only what every carrier would refuse is refused here
-    (expired, not valid yet) and only while `served` is still good: a restart
-    is also how an operator moves to other names on purpose, which a reload
-    refuses (`renewal_problem`)."""
-    if on_disk == served or out_of_date(served, now) is not None:
+    (the files serve). What a reload refuses (`renewal_problem`), a restart
+    does not put in place of a certificate carriers still accept; once that
+    one is out of date itself, the files serve whatever they hold."""
+    if out_of_date(served, now) is not None:
         return None
-    return out_of_date(on_disk, now)
+    return renewal_problem(on_disk, served, now)
 
 
 def change_note(new: LeafFacts | None, serving: LeafFacts | None) -> str | None:

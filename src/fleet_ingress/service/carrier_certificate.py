@@ -65,8 +65,9 @@ def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
     """At a start after a stop (`systemctl restart`): why the certificate
     `config` names on disk is not served, `served` (the one served before the
     stop: `fd_store.CrashSnapshot.stopped`) serving on instead, or None (the
-    files serve). Only one that every carrier would refuse (expired, not valid
-    yet) is passed over, for one still good that loads with `config`'s [tls]."""
+    files serve). One a reload would refuse (expired, not valid yet, for none
+    of its names) is passed over, for one still good that loads with
+    `config`'s [tls]."""
     if config.tls.cert is None:
         return None
     try:

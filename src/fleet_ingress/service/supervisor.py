@@ -1341,9 +1341,10 @@ class Supervisor:
         )
         self.last_reload = {**reload_outcome(f"{problem}: {served}"), "at_start": True}
         log.warning(
-            "the certificate on disk is not served: carriers would refuse it. The one "
-            "served before the restart serves on; put a good certificate in place, "
-            "then `systemctl reload fleet-ingress`",
+            "the certificate on disk is not served, as a reload would refuse it: the one "
+            "served before the restart serves on; put a good certificate in place, then "
+            "`systemctl reload fleet-ingress` (a stop then a start serves the files as "
+            "they are)",
             extra=fields(key="tls.cert", problem=problem, served_until=until),
         )
 
