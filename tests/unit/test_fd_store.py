@@ -18,7 +18,7 @@ from fleet_ingress.config.settings import ListenSection
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import STATE_VERSION
+from fleet_ingress.service.upgrade import STATE_VERSION, process_start
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
@@ -265,7 +265,8 @@ def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
 def test_a_worker_whose_channel_was_lost_is_kept_counted_while_it_runs():
     """Its channel is in no store (the dead process had lost it), but it drains
     its calls: kept, with what it held and its deadline, while its process runs
-    (this test's own, here); one that exited since is not."""
+    (this test's own, here); one that exited since is not, nor one whose pid
+    another process has since."""
     a, b = socket.socketpair()
     kept = {
         "pid": os.getpid(),  # running
@@ -279,7 +280,12 @@ def test_a_worker_whose_channel_was_lost_is_kept_counted_while_it_runs():
     }
     lost = {**kept, "exit_code": None}
     gone = {"pid": 4_194_399, "generation": 2, "channel_lost": True, "held": ["a"]}  # > pid_max
-    snapshot = {"version": STATE_VERSION, "sequence": 3, "workers": [lost, gone]}
+    # Its pid another process's since (this one, which started at another time):
+    # not waited for nor killed as a worker.
+    reused = {**kept, "generation": 1, "process_start": process_start(os.getpid()) - 1}
+    kept["process_start"] = process_start(os.getpid())
+    lost["process_start"] = kept["process_start"]
+    snapshot = {"version": STATE_VERSION, "sequence": 3, "workers": [lost, gone, reused]}
     state = crash_state({"worker.20.2": a}, worker_target=1, snapshot=snapshot)
     assert state is not None
     assert state["workers"] == [{"pid": 20, "generation": 2}, kept]

@@ -68,7 +68,12 @@ from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import process_state, state_from_json, state_to_json
+from fleet_ingress.service.upgrade import (
+    process_start,
+    process_state,
+    state_from_json,
+    state_to_json,
+)
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -332,9 +337,12 @@ def _lost_channels_running(
             continue
         if not isinstance(pid, int) or (state := process_state(pid)) is None or state[0] == "Z":
             continue  # exited since (or a pid the snapshot cannot name)
+        started = worker.get("process_start")
+        if isinstance(started, int) and process_start(pid) != started:
+            continue  # exited since, its pid another process's now (its kill would be theirs)
         kept = {
             key: worker[key]
-            for key in (*_WORKER_KEPT, "lost_confirmed", "calls_lost")
+            for key in (*_WORKER_KEPT, "lost_confirmed", "calls_lost", "process_start")
             if key in worker
         }
         lost.append({**kept, "pid": pid, "generation": generation, "channel_lost": True})

@@ -502,6 +502,19 @@ def process_state(pid: int) -> tuple[str, int] | None:
     return after_name[0].decode(), int(after_name[1])
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc's starttime):
+    with its pid, what tells it from a later process given the same pid. None
+    when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            after_name = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return None
+    # Fields from the state (3rd) on: starttime is the 22nd.
+    return int(after_name[19]) if len(after_name) > 19 else None
+
+
 # After the drain's time, what a drain without a supervisor waits more at most.
 DRAIN_GRACE = 5.0
 

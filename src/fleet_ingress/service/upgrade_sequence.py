@@ -547,6 +547,8 @@ class UpgradeSequence:
                     "pid": w.pid,
                     "generation": w.generation,
                     "started_at": w.started_at,  # CLOCK_MONOTONIC: the same after the exec
+                    # With the pid, which process it is (a crash restart's check).
+                    "process_start": w.process_start,
                     "retiring": w.retiring,
                     "retire_by": w.retire_by,
                     # The drain its retirement gave it (0: until its calls end).

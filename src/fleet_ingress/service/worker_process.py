@@ -8,11 +8,12 @@ the previous image started.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet_ingress.service.upgrade import AdoptedProcess
+from fleet_ingress.service.upgrade import AdoptedProcess, process_start
 
 
 @dataclass(eq=False)
@@ -50,6 +51,13 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @functools.cached_property
+    def process_start(self) -> int | None:
+        """When its process started (`upgrade.process_start`), read once: a
+        supervisor started after a crash tells it by this from a process given
+        its pid since (`fd_store.crash_state`)."""
+        return process_start(self.pid)
 
     @property
     def exit_status_known(self) -> bool:
