@@ -13,6 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from fleet_ingress.config.settings import ListenSection
 from fleet_ingress.net.tls import CarrierPem
@@ -95,6 +98,19 @@ def test_the_newest_snapshot_read_whole_is_taken_and_its_descriptors_closed():
     assert _child("ours")["snapshot"] is None
 
 
+@pytest.fixture
+def notify_socket(tmp_path) -> Iterator[tuple[socket.socket, Notifier]]:
+    """A notify socket as systemd's (non-blocking: `_stored` reads what was
+    sent so far), and a Notifier that sends to it."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    yield receiver, notifier
+    receiver.close()
+    notifier.close()
+
+
 def _stored(receiver: socket.socket) -> list[tuple[str, list[int]]]:
     """The fd store's messages sent so far: (message, descriptors)."""
     got = []
@@ -110,11 +126,8 @@ def _stored(receiver: socket.socket) -> list[tuple[str, list[int]]]:
         got.append((message.decode(), fds))
 
 
-def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
-    receiver.setblocking(False)
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(notify_socket):
+    receiver, notifier = notify_socket
     snapshots = CrashSnapshot(notifier)
     snapshots.write({"generation": 1})
     sent = _stored(receiver)
@@ -152,15 +165,10 @@ def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(tmp_path):
     quiet = CrashSnapshot(Notifier({}))
     quiet.write({"generation": 1})
     assert quiet._fds == []
-    receiver.close()
-    notifier.close()
 
 
-def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(tmp_path):
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
-    receiver.setblocking(False)
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(notify_socket):
+    receiver, notifier = notify_socket
     snapshots = CrashSnapshot(notifier)
     snapshots.write({"generation": 1, "calls_lost_total": 3})
     kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
@@ -180,8 +188,6 @@ def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(tmp_pa
     assert unread["served"] is None and "state" in unread["unused"]
     for fd in kept.values():
         os.close(fd)
-    receiver.close()
-    notifier.close()
 
 
 def test_descriptors_meant_for_another_process_are_not_taken():
