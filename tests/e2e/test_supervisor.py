@@ -517,6 +517,17 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
         said += "logs go to stderr (the journal), there is no file to reopen"
         await eventually(lambda: len(_logged(service, said)) == 6, 5)
         assert {e["signal"] for e in _logged(service, said)} == {"SIGUSR1", "SIGQUIT"}
+        # A flood is a line a second, and a count of the rest (signals sent
+        # 2 ms apart: the kernel merges those pending at once into one).
+        for _ in range(40):
+            os.kill(service.proc.pid, signal.SIGUSR1)
+            await asyncio.sleep(0.002)
+        await eventually(lambda: _logged(service, "log lines suppressed"), 5)
+        written = _logged(service, said)[6:]
+        counted = sum(
+            e.get("suppressed", 0) for e in [*written, *_logged(service, "log lines suppressed")]
+        )
+        assert len(written) <= 3 and len(written) + counted >= 10, (written, counted)
         assert service.proc.returncode is None
         assert sorted(r["pid"] for r in await _worker_rows(service)) == workers
         for ws in calls:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import signal
 
-from fleet_ingress.logs import fields
+from fleet_ingress.logs import RateLimitedLog
 from fleet_ingress.service import glibc_malloc
 
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -30,12 +30,26 @@ SECOND_SIGNAL_GRACE = 3.0  # after a second SIGTERM, exit at once if closing cal
 EXIT_FLUSH_WAIT = 0.5  # that exit waits this long at most for its log lines to be written
 
 
+# A line a second at most for each signal: a flood of them (a script sending
+# SIGUSR1 in a loop) is not a flood of lines; the next line, or one at the end
+# of the second, says how many more came.
+_ignored: dict[int, RateLimitedLog] = {}
+
+
 def say_signal_ignored(signum: int) -> None:
-    """SIGUSR1 or SIGQUIT came: ignored, and said, with what does what."""
-    log.warning(
+    """SIGUSR1 or SIGQUIT came: ignored, and said, with what does what (from
+    the process's event loop: its signal handler)."""
+    if (said := _ignored.get(signum)) is None:
+        said = _ignored[signum] = RateLimitedLog(
+            log,
+            per_second=1,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+            level=logging.WARNING,
+        )
+    said.info(
         "signal ignored: SIGTERM stops (calls drain), SIGHUP reloads, SIGUSR2 upgrades; "
         "logs go to stderr (the journal), there is no file to reopen",
-        extra=fields(signal=signal.Signals(signum).name),
+        signal=signal.Signals(signum).name,
     )
 
 
