@@ -318,6 +318,29 @@ async def test_an_older_worker_that_does_not_tell_answers_leaves_nothing_in_flig
     theirs.close()
 
 
+async def test_an_answer_whose_id_is_not_a_number_breaks_the_protocol(host, caplog):
+    """The supervisor's handlers look answers up by id: `{"op": "reloaded",
+    "id": [1]}` closes the channel as a protocol break, said with the worker
+    (before: a TypeError inside the transport, logged as uvloop's fatal error)."""
+    h = host(maxconn=8)
+    answered: list[dict] = []
+    h.server.handlers["reloaded"] = lambda key, message: answered.append(message)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await h.server.adopt(ours)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    hello = {"op": "hello", "pid": 4243, "generation": 1}
+    good, bad = {"op": "reloaded", "id": 1}, {"op": "reloaded", "id": [1]}
+    await loop.sock_sendall(theirs, encode(hello) + encode(good) + encode(bad))
+    async with asyncio.timeout(5):
+        while await loop.sock_recv(theirs, 65536):
+            pass  # until closed
+    assert answered == [good]
+    said = [r.getMessage() for r in caplog.records if "broke the protocol" in r.getMessage()]
+    assert said and not [r for r in caplog.records if "Fatal error" in r.getMessage()]
+    theirs.close()
+
+
 async def test_after_the_supervisor_reexecutes_the_table_is_rebuilt_from_the_workers(host):
     h = host(maxconn=2)
     w1, w2 = await h.worker(), await h.worker()

@@ -696,6 +696,10 @@ class SlotServer:
             # counted since; this later one may lack grants still on their way.
             log.debug("a second 'state' ignored", extra=fields(channel=channel.key))
         elif (handler := self.handlers.get(op)) is not None:
+            # An answer's id is the number its question had: another value (a
+            # list) would break the handler's lookup, not read as the protocol's.
+            if "id" in message and type(message["id"]) is not int:
+                raise WireError(f"{op!r} message: id {message['id']!r} is not a number")
             handler(channel.key, message)
         elif self._known(op):
             raise WireError(f"{op!r} out of place")
