@@ -573,6 +573,7 @@ def _run(config_path: Path) -> int:
         REEXEC_READ_PATIENCE,
         drain_children,
         running_from_json,
+        served_pem,
         take_state,
     )
 
@@ -646,14 +647,16 @@ def _run(config_path: Path) -> int:
                 )
             retrying = True
             time.sleep(REEXEC_READ_EVERY)
-    # After a stop (`systemctl restart`): a certificate on disk every carrier
-    # would refuse does not replace the one they got before it (as a reload
-    # would refuse it).
+    # The files were read: a certificate there that a reload would refuse does not
+    # replace the one served before (after a stop, a crash with no worker left,
+    # or an upgrade's exec: written after its check).
     kept_because = None
-    if ran is None and unread_files is None and stored.served_before_stop is not None:
-        kept_because = kept_certificate(config, stored.served_before_stop)
-        if kept_because is not None:
-            pem = stored.served_before_stop
+    if ran is None and unread_files is None:
+        before = stored.served_before_stop or served_pem(
+            stored.snapshot if carried is None else carried
+        )
+        if before is not None and (kept_because := kept_certificate(config, before)):
+            pem = before
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
         stored.say_unused()
@@ -684,7 +687,7 @@ def _run(config_path: Path) -> int:
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
         if kept_because is not None:
-            supervisor.certificate_kept_over_restart(kept_because)
+            supervisor.say_certificate_kept(kept_because)
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         if carried is not None:  # every worker carries calls: drained, not cut

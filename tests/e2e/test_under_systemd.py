@@ -502,7 +502,7 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
 ) -> None:
     """`systemctl restart` with an expired renewal on disk (one a reload
     refused): the certificate served before the restart serves on, from the
-    fd store, and `stat` says why, until a good one is reloaded; so too for one
+    fd store, and `stat` and /metrics say why until a good one is in place; so too for one
     of another lineage (the sdjourney audit's reproducer). Before, the restart
     served either, and every carrier's new call failed. A stop then a start
     (the store released) reads the files as they are."""
@@ -517,13 +517,16 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert not unit.started_again()  # a restart, not a crash
     stats = await unit.stats()
     assert stats["certificate_not_after"] > now.timestamp() + 86400  # the good one's
-    last = stats["last_reload"]
-    assert last["result"] == "refused" and last["at_start"], last
-    assert "expired on" in last["error"] and "serves on" in last["error"], last
+    assert "expired on" in stats["certificate_file"]["refused"], stats["certificate_file"]
+    assert not stats["certificate_file"]["not_served"]  # no renewal a reload would load
+    assert stats["last_reload"] is None  # no reload ran
     code, output = await asyncio.to_thread(unit.cli, "stat")
-    assert code == 0 and "CERTIFICATE ON DISK REFUSED AT THE START" in output, output
+    assert code == 0 and "CERTIFICATE ON DISK REFUSED: tls.cert" in output, output
+    assert "a reboot or a stop then a start would serve the file" in output
+    assert "fleet_ingress_certificate_file_refused 1.0" in await unit.metrics()
     said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
     assert len(said) == 1 and said[0]["key"] == "tls.cert", said
+    assert "expired on" in said[0]["problem"]
     call = await a_call(unit, tls_files)
     try:
         await echo(call, "after the restart")
@@ -534,13 +537,14 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
     assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
     assert await unit.peer_serial(tls_files) == renewed
-    assert (await unit.stats())["last_reload"]["result"] == "applied"
+    assert (await unit.stats())["certificate_file"]["refused"] is None
+    assert "fleet_ingress_certificate_file_refused 0.0" in await unit.metrics()
     # One for names carriers do not dial (another lineage): kept over a restart too.
     write_leaf_cert(tls_files.ca, unit.home, names=("other.example.net",))
     restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
     assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
     assert await unit.peer_serial(tls_files) == renewed
-    assert "none of the names" in (await unit.stats())["last_reload"]["error"]
+    assert "none of the names" in (await unit.stats())["certificate_file"]["refused"]
     # Expired again, then a stop and a start: the files serve, as they are.
     write_expired_leaf(tls_files, unit.home)
     await asyncio.to_thread(systemd.systemctl, "stop", NAME)

@@ -3,6 +3,7 @@ is checked is what is loaded, and what a supervisor hands its workers."""
 
 from __future__ import annotations
 
+import datetime
 import fcntl
 import os
 import stat
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.net.tls import (
     TLSSetupError,
     held_pem,
@@ -21,6 +23,8 @@ from fleet_ingress.net.tls import (
     server_ssl_context,
     server_ssl_context_of,
 )
+from fleet_ingress.service.carrier_certificate import kept_certificate, pem_to_json
+from fleet_ingress.service.upgrade import served_pem
 
 
 def _pair(tmp_path: Path) -> tuple[Path, Path]:
@@ -114,3 +118,54 @@ def test_a_certificate_whose_subject_alt_name_cannot_be_read_is_named_not_raised
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     with pytest.raises(TLSSetupError, match="subjectAltName cannot be read"):
         leaf_facts(path)
+
+
+def _config(cert: Path, key: Path) -> IngressConfig:
+    return IngressConfig.model_validate({"tls": {"cert": str(cert), "key": str(key)}})
+
+
+def _issue(ca: trustme.CA, home: Path, *names: str, days: tuple[int, int] = (-1, 60)) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = ca.issue_cert(
+        *names,
+        not_before=now + datetime.timedelta(days=days[0]),
+        not_after=now + datetime.timedelta(days=days[1]),
+    )
+    (home / "cert.pem").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    (home / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+
+
+def test_a_start_keeps_the_certificate_served_before_over_one_a_reload_would_refuse(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _issue(ca, tmp_path, "calls.example.com")
+    served = read_pem(cert, key)
+    config = _config(cert, key)
+    assert kept_certificate(config, served) is None  # the same one: the files serve
+    _issue(ca, tmp_path, "calls.example.com", days=(-90, -1))
+    assert "expired on" in (kept_certificate(config, served) or "")
+    _issue(ca, tmp_path, "calls.example.com", days=(2, 90))
+    assert "not valid until" in (kept_certificate(config, served) or "")
+    _issue(ca, tmp_path, "other.example.net")
+    assert "none of the names" in (kept_certificate(config, served) or "")
+    _issue(ca, tmp_path, "calls.example.com", days=(-1, 90))  # a good renewal: served
+    assert kept_certificate(config, served) is None
+    # What was served is no better (expired itself) or cannot load: the files serve.
+    _issue(ca, tmp_path, "calls.example.com", days=(-90, -2))
+    old = read_pem(cert, key)
+    _issue(ca, tmp_path, "calls.example.com", days=(-90, -1))
+    assert kept_certificate(config, old) is None
+    _issue(ca, tmp_path, "calls.example.com", days=(-90, -1))
+    assert kept_certificate(config, served._replace(key=old.key)) is None
+    cert.write_bytes(b"half a cert")  # what cannot be read: loading the files says why
+    assert kept_certificate(config, served) is None
+
+
+def test_the_certificate_a_previous_process_served_is_read_from_its_state(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path)
+    pem = read_pem(cert, key)
+    assert served_pem({"running": {"pem": pem_to_json(pem), "config": {}}}) == pem
+    assert served_pem({"running": {"pem": {"cert": "not base64!"}}}) is None
+    assert served_pem({"version": 1}) is None and served_pem(None) is None

@@ -17,6 +17,7 @@ from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_not_served,
+    certificate_refused,
     edits_not_applied,
     fleets_summary,
     probed,
@@ -314,6 +315,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(missing)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)
+    if (refused := certificate_refused(snap)) is not None:
+        lines.append(refused)
     if (edited := edits_not_applied(snap)) is not None:
         lines.append(edited)
     if snap.get("state") == "draining":

@@ -79,6 +79,21 @@ def certificate_not_served(snap: dict[str, Any]) -> str | None:
     )
 
 
+def certificate_refused(snap: dict[str, Any]) -> str | None:
+    """One line while tls.cert on disk holds a certificate a reload refuses in
+    place of the one served (a supervisor's snapshot); None otherwise."""
+    on_disk = snap.get("certificate_file")
+    if not on_disk or not on_disk.get("refused"):
+        return None
+    served = snap.get("certificate_not_after")
+    return (
+        f"CERTIFICATE ON DISK REFUSED: tls.cert {on_disk['refused']}; the one served"
+        + (f" until {_day(served)}" if served is not None else "")
+        + " serves on, but a reboot or a stop then a start would serve the file: put a good "
+        "certificate in place, then `systemctl reload fleet-ingress`"
+    )
+
+
 # How an edit a reload would refuse is said (service.files_on_disk), and told apart.
 WOULD_BE_REFUSED = "would be refused"
 

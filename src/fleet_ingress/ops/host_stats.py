@@ -266,6 +266,7 @@ class HostMetrics:
         calls_lost: Callable[[], int] = lambda: 0,
         workers: Callable[[], tuple[int, int]] = lambda: (0, 0),
         certificate_file_not_after: Callable[[], float | None] = lambda: None,
+        certificate_file_refused: Callable[[], bool | None] = lambda: None,
         task_failures: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
@@ -273,6 +274,7 @@ class HostMetrics:
         serving generation's workers serving, and how many it should have;
         `certificate_file_not_after`: when the certificate in tls.cert expires
         (None: not read), which a renewal not loaded makes later than the one served;
+        `certificate_file_refused`: whether a reload would refuse it (None: not read);
         `task_failures`: the supervisor's background tasks that failed (and were
         started again), by task."""
         self.prometheus = CollectorRegistry(auto_describe=True)
@@ -289,7 +291,9 @@ class HostMetrics:
             )
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
-        self.prometheus.register(_CertificateFileCollector(certificate_file_not_after))
+        self.prometheus.register(
+            _CertificateFileCollector(certificate_file_not_after, certificate_file_refused)
+        )
         self.prometheus.register(_TaskFailuresCollector(task_failures))
 
 
@@ -310,8 +314,11 @@ class _TaskFailuresCollector(Collector):
 
 
 class _CertificateFileCollector(Collector):
-    def __init__(self, not_after: Callable[[], float | None]) -> None:
+    def __init__(
+        self, not_after: Callable[[], float | None], refused: Callable[[], bool | None]
+    ) -> None:
         self.not_after = not_after
+        self.refused = refused
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
@@ -323,6 +330,16 @@ class _CertificateFileCollector(Collector):
         if (when := self.not_after()) is not None:
             gauge.add_metric([], when)
         yield gauge
+        refused = GaugeMetricFamily(
+            f"{PREFIX}_certificate_file_refused",
+            "1 while the certificate in tls.cert on disk is one a reload refuses in place "
+            "of the one served (expired, not valid yet, for other names): the one served "
+            "serves on, but a start with none to keep (a reboot, a stop then a start) "
+            "would serve the file. 0 otherwise; absent when the file was not read.",
+        )
+        if (is_refused := self.refused()) is not None:
+            refused.add_metric([], 1.0 if is_refused else 0.0)
+        yield refused
 
 
 class _WorkersCollector(Collector):

@@ -35,17 +35,11 @@ def was_refused(last_reload: dict[str, Any] | None) -> bool:
 
 
 def reload_warning(snap: dict[str, Any]) -> str | None:
-    """One line for `stat` and the stats page while the last reload was refused
-    (or the start after a stop refused the certificate on disk: `at_start`)."""
+    """One line for `stat` and the stats page while the last reload was refused."""
     last = snap.get("last_reload")
     if last is None or not was_refused(last):
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
-    if last.get("at_start"):  # the start after a stop kept the certificate in use
-        return (
-            f"CERTIFICATE ON DISK REFUSED AT THE START ({when}): {last['error']}: put a "
-            "good one in place, then reload"
-        )
     return (
         f"LAST RELOAD REFUSED ({when}): {last['error']}; the previous configuration "
         "still serves: fix it, then reload again"

@@ -13,6 +13,7 @@ from typing import Any
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_not_served,
+    certificate_refused,
     edits_not_applied,
     fleets_summary,
     probed,
@@ -61,6 +62,8 @@ def _refused_reload(snap: dict[str, Any]) -> str:
     shown = "" if warning is None else f'<p class="stopping" id="reload">{escape(warning)}</p>'
     if (waiting := certificate_not_served(snap)) is not None:
         shown += f'<p class="stopping" id="certificate">{escape(waiting)}</p>'
+    if (refused := certificate_refused(snap)) is not None:
+        shown += f'<p class="stopping" id="certificate-refused">{escape(refused)}</p>'
     if (edited := edits_not_applied(snap)) is not None:
         shown += f'<p class="muted" id="edits">{escape(edited)}</p>'
     return shown

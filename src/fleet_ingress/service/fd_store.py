@@ -221,8 +221,9 @@ class CrashSnapshot:
             self.write({"stopped": True, "pem": pem_to_json(served)})
 
     def discard(self) -> None:
-        """At a failed start: taken out of the store (a `systemctl restart`
-        keeps it) and closed; the next start reads the files."""
+        """Taken out of the store (a `systemctl restart` keeps it) and closed,
+        when the stop's state cannot be written (`stopped`): the next start
+        reads the files and keeps nothing."""
         if self._fds:
             for name in SNAPSHOT_NAMES:
                 self._notifier.remove_fd(name)

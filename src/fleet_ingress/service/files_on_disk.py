@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from fleet_ingress.config.config_diff import fleets_changed, settings_changed
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
-from fleet_ingress.core.certificate_change import LeafFacts, renewal_waiting
+from fleet_ingress.core.certificate_change import LeafFacts, renewal_problem, renewal_waiting
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.net.tls import leaf_facts
 from fleet_ingress.ops.fleet_display import WOULD_BE_REFUSED
@@ -64,15 +65,30 @@ class FilesOnDisk:
         """When the certificate in tls.cert expires (None: not read)."""
         return None if self.certificate_file is None else self.certificate_file.not_after
 
+    def certificate_refused(self, serving: LeafFacts | None) -> str | None:
+        """Why a reload would refuse the certificate in tls.cert, as last read,
+        in place of `serving` (expired, not valid yet, for other names), or None
+        (not read, or it would be taken). A start with no certificate to keep
+        (a reboot, a stop then a start) serves it all the same."""
+        if self.certificate_file is None or serving is None:
+            return None
+        return renewal_problem(self.certificate_file, serving, time.time())
+
     def picture(self, serving: LeafFacts | None) -> dict[str, Any]:
         """The snapshot's part: `certificate_file` (against `serving`, the
         certificate carriers get) and `edits_not_applied`."""
         on_disk = self.certificate_file
+        refused = self.certificate_refused(serving)
         return {
             "edits_not_applied": self.edits_not_applied,
             "certificate_file": None
             if on_disk is None
-            else {"not_after": on_disk.not_after, "not_served": renewal_waiting(on_disk, serving)},
+            else {
+                "not_after": on_disk.not_after,
+                # A renewal a reload would load (one it would refuse is `refused`).
+                "not_served": refused is None and renewal_waiting(on_disk, serving),
+                "refused": refused,
+            },
         }
 
     def close(self) -> None:

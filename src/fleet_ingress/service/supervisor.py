@@ -276,6 +276,11 @@ class Supervisor:
             task_failures=lambda: self.task_failures.by_task,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
+            certificate_file_refused=lambda: (
+                None
+                if self.files.certificate_file is None
+                else self.files.certificate_refused(self.serving_leaf) is not None
+            ),
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -1328,23 +1333,17 @@ class Supervisor:
         self.reloads_asked.put_nowait(asked)
         return await asked
 
-    def certificate_kept_over_restart(self, problem: str) -> None:
-        """The start after a stop passed over the certificate on disk (`problem`:
-        what `carrier_certificate.kept_certificate` says of it) and serves the
-        one served before the stop: said in the journal, and by `stat` and
-        systemd's status line as a refused reload is, until a reload applies."""
+    def say_certificate_kept(self, problem: str) -> None:
+        """The start passed over the certificate on disk (`problem`: what
+        `carrier_certificate.kept_certificate` says of it) and serves the one
+        the previous process served (before a stop, a crash or an upgrade's
+        exec). `stat` and `fleet_ingress_certificate_file_refused` say so too,
+        until the file holds one a reload takes (`FilesOnDisk.certificate_refused`)."""
         until = self.serving_leaf.not_after if self.serving_leaf is not None else None
-        served = "the certificate served before the restart serves on" + (
-            time.strftime(" (valid until %Y-%m-%d %H:%M:%S UTC)", time.gmtime(until))
-            if until is not None
-            else ""
-        )
-        self.last_reload = {**reload_outcome(f"{problem}: {served}"), "at_start": True}
         log.warning(
             "the certificate on disk is not served, as a reload would refuse it: the one "
-            "served before the restart serves on; put a good certificate in place, then "
-            "`systemctl reload fleet-ingress` (a stop then a start serves the files as "
-            "they are)",
+            "served before serves on; put a good certificate in place, then `systemctl "
+            "reload fleet-ingress` (a reboot, or a stop then a start, would serve the file)",
             extra=fields(key="tls.cert", problem=problem, served_until=until),
         )
 
@@ -1701,8 +1700,10 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
                 await supervisor.wait_workers(STOP_GRACE)
         finally:
             watchdog.cancel()
-        supervisor.snapshots = None  # its workers are gone: the next start reads the files
-        snapshots.discard()
+        # Its workers are gone: the next start (Restart=) reads the files, but
+        # keeps the certificate served over one a reload would refuse.
+        supervisor.snapshots = None
+        _keep_certificate_for_next_start(supervisor, snapshots)
         await supervisor.close()
         raise
     await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
@@ -1740,12 +1741,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     for task in background:
         task.cancel()
     supervisor.snapshots = None  # a stop: nothing to take up but the certificate served
-    try:
-        snapshots.stopped(supervisor.serving_pem)
-    except Exception:  # a bug: the stop goes on (the next start serves the files)
-        count_unexpected_error()
-        log.exception("the certificate served could not be kept for the next start")
-        snapshots.discard()
+    _keep_certificate_for_next_start(supervisor, snapshots)
     supervisor.answer_pending_reloads("the ingress is stopping: not reloaded")
     await supervisor.stop_accepting()
     notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
@@ -1894,6 +1890,17 @@ async def _ping_watchdog(notifier: Notifier) -> None:
     while True:
         notifier.notify("WATCHDOG=1")
         await asyncio.sleep(min(WATCHDOG_PING_EVERY, notifier.watchdog_interval))
+
+
+def _keep_certificate_for_next_start(supervisor: Supervisor, snapshots: CrashSnapshot) -> None:
+    """At a stop or a failed start: the state in the store written over with the
+    certificate served alone (`CrashSnapshot.stopped`), for the next start."""
+    try:
+        snapshots.stopped(supervisor.serving_pem)
+    except Exception:  # a bug: the stop goes on (the next start serves the files)
+        count_unexpected_error()
+        log.exception("the certificate served could not be kept for the next start")
+        snapshots.discard()
 
 
 async def _write_snapshots(supervisor: Supervisor) -> None:

@@ -322,6 +322,18 @@ def running_from_json(
     return config, fleets, pem
 
 
+def served_pem(state: Mapping[str, Any] | None) -> CarrierPem | None:
+    """The certificate and key a previous process served, from its state (an
+    exec's or a crash snapshot's `running`); None without one it can read."""
+    running = None if state is None else state.get("running")
+    if not isinstance(running, dict):
+        return None
+    try:
+        return pem_from_json(running.get("pem"))
+    except ValueError:
+        return None
+
+
 def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
     """Each fleet's CARRIED_FLEET_FIELDS, by its name (and its last probe's
     monotonic time, which a release before it neither sends nor needs); a fleet

@@ -1,0 +1,55 @@
+"""What `stat` says of tls.cert on disk against the certificate served
+(service/files_on_disk.py's picture, ops/fleet_display.py's lines): a renewal
+a reload would load, or one it would refuse, never both (no files: the
+certificate as last read is set directly)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fleet_ingress.core.certificate_change import LeafFacts
+from fleet_ingress.ops.fleet_display import certificate_not_served, certificate_refused
+from fleet_ingress.service.files_on_disk import FilesOnDisk
+
+DAY = 86400.0
+
+
+def _leaf(valid_from: float, valid_to: float, name: str = "calls.example.com") -> LeafFacts:
+    return LeafFacts(valid_from, valid_to, frozenset({name}), fingerprint=f"{valid_from}{name}")
+
+
+def _said(on_disk: LeafFacts | None, serving: LeafFacts) -> tuple[str | None, str | None]:
+    files = FilesOnDisk(Path("ingress.toml"))
+    files.certificate_file = on_disk
+    snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
+    return certificate_not_served(snap), certificate_refused(snap)
+
+
+def test_a_renewal_a_reload_would_load_is_not_loaded_and_not_refused() -> None:
+    now = time.time()
+    serving = _leaf(now - 60 * DAY, now + 20 * DAY)
+    waiting, refused = _said(_leaf(now - DAY, now + 90 * DAY), serving)
+    assert waiting is not None and "CERTIFICATE NOT LOADED" in waiting and refused is None
+
+
+def test_one_a_reload_would_refuse_is_said_refused_and_not_offered_to_a_reload() -> None:
+    now = time.time()
+    serving = _leaf(now - 60 * DAY, now + 20 * DAY)
+    # Valid for longer, but not yet: a reload refuses it (before, stat said
+    # both "reload loads it" and that the reload was refused).
+    waiting, refused = _said(_leaf(now + 2 * DAY, now + 90 * DAY), serving)
+    assert waiting is None and refused is not None
+    assert refused.startswith("CERTIFICATE ON DISK REFUSED: tls.cert is not valid until")
+    assert "a reboot or a stop then a start would serve the file" in refused
+    _, expired = _said(_leaf(now - 90 * DAY, now - DAY), serving)
+    assert expired is not None and "expired on" in expired
+    _, other = _said(_leaf(now - DAY, now + 90 * DAY, "other.example.net"), serving)
+    assert other is not None and "none of the names" in other
+
+
+def test_nothing_is_said_of_the_certificate_served_or_a_file_not_read() -> None:
+    now = time.time()
+    serving = _leaf(now - 60 * DAY, now + 20 * DAY)
+    assert _said(serving, serving) == (None, None)
+    assert _said(None, serving) == (None, None)
