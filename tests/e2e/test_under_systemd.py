@@ -15,6 +15,7 @@ one of its own) and its output in files (no journald)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import shutil
@@ -552,6 +553,48 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert started.returncode == 0, started.stderr + unit.log_tail()
     with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
         await unit.peer_serial(tls_files)
+
+
+async def test_a_restart_whose_start_fails_keeps_the_certificate_for_the_next_try(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`systemctl restart` with an expired certificate on disk, and workers that
+    exit at start this once (planted in a copy of the package): the start
+    fails, systemd tries again (Restart=on-failure), and the try still serves
+    the certificate served before the restart. Before (the review of
+    8601f71): a scrape during the failed start wrote the state in the store
+    over, the failed start took it out, and the try served the expired file."""
+    copy = systemd.home / "src"
+    shutil.copytree(Path(fleet_ingress.__file__).parent, copy / "fleet_ingress")
+    unit = await install(systemd, tls_files, fleet, pythonpath=copy)
+    served = await unit.peer_serial(tls_files)
+    marker = unit.home / "workers-fail"  # writable under the unit (ReadWritePaths)
+    module = copy / "fleet_ingress" / "service" / "worker.py"
+    text = module.read_text()
+    planted = "    pin_failed = _pin_to(cpu) if cpu is not None else None\n"
+    assert planted in text, "the planted fault's place moved: update this test"
+    fault = (
+        f"    if os.path.exists({str(marker)!r}):\n"
+        "        __import__('time').sleep(3)  # while the test scrapes\n"
+        f"        with contextlib.suppress(OSError):\n            os.unlink({str(marker)!r})\n"
+        "        return 3\n"
+    )
+    module.write_text(text.replace(planted, fault + planted, 1))
+    marker.touch()
+    write_expired_leaf(tls_files, unit.home)
+    restart = systemd.systemctl_in_background("restart", NAME)
+    scraped = 0
+    async with asyncio.timeout(30):
+        while restart.poll() is None:
+            with contextlib.suppress(Exception):  # not listening yet, or gone again
+                await unit.stats()  # the supervisor answers scrapes while it starts
+                scraped += 1
+            await asyncio.sleep(0.2)
+    assert restart.returncode != 0 and scraped > 0, (restart.returncode, scraped)
+    await unit.until(30, ActiveState="active", NRestarts="1")
+    await unit.fleets_up()
+    assert await unit.peer_serial(tls_files) == served
+    assert "expired on" in (await unit.stats())["certificate_file"]["refused"]
 
 
 async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(
