@@ -126,11 +126,48 @@ def summarize_rounds(scenario: str, rounds: list[dict[str, dict[str, Any]]]) -> 
                     a, b = value(rnd.get(num, {}), key), value(rnd.get(den, {}), key)
                     per_round.append(None if a is None or not b else round(a / b, 3))
                 per_key[key] = stats(per_round)
+            # Only between variants of one program: the load side's work is then
+            # the same. Between programs it is not (HAProxy opens a connection to
+            # a fleet for each health check, the ingress's poller keeps one).
+            key = WORKERS_KEY.get(scenario, ("", ""))[0]
+            if key in per_key and base(num) == base(den):
+                per_key[CONTROLLED] = stats(
+                    [controlled(rnd.get(num, {}), rnd.get(den, {}), key) for rnd in rounds]
+                )
             ratios[f"{num}/{den}"] = per_key
     by_process = cpu_by_process(rounds)
     return {"summary": summary, "ratios": ratios} | (
         {"cpu_by_process": by_process} if by_process else {}
     )
+
+
+# The CPU ratio over the load side's (`controlled`).
+CONTROLLED = "cpu_controlled"
+# What one window's work is counted in, for the load side's CPU per unit of it.
+WORK_DONE = ("msgs_window", "calls_started_window")
+
+
+def controlled(a: dict[str, Any], b: dict[str, Any], key: str) -> float | None:
+    """Target `a`'s CPU (`key`) over target `b`'s in one round, divided by the
+    same ratio for the processes that do the same work in both windows: the
+    generator's and the fleets' CPU per message (steady) or per call started
+    (churn), their geometric mean. On a shared host the speed of a window
+    (other VMs, CPU frequency, what else runs) moves every process's CPU per
+    unit of work alike; what this ratio keeps is the proxy's own difference.
+    (It also takes out the load side's own slowdown that the proxy's extra
+    processes cause on a host with no spare core.) For variants of one program
+    only (`summarize_rounds`). None when a figure is missing."""
+    a_cpu, b_cpu = value(a, key), value(b, key)
+    work = next((w for w in WORK_DONE if value(a, w) and value(b, w)), None)
+    if not a_cpu or not b_cpu or work is None:
+        return None
+    sides = []
+    for side in ("generator_cores", "fleets_cores"):
+        a_side, b_side = value(a, side), value(b, side)
+        if not a_side or not b_side:
+            return None
+        sides.append((a_side / value(a, work)) / (b_side / value(b, work)))
+    return round((a_cpu / b_cpu) / (sides[0] * sides[1]) ** 0.5, 3)
 
 
 def ratio_pairs(targets: list[str]) -> list[tuple[str, str]]:
@@ -249,10 +286,17 @@ def workers_check(scenario: str, report: dict[str, Any]) -> list[str]:
         if cpu.get("median") is None:
             continue
         ok = cpu["max"] <= WORKERS_WITHIN
+        steadied = per_key.get(CONTROLLED, {})
         out.append(
             f"CPU per {unit} with {built_in['ingress_workers']} workers"
             f"{' (pinned)' if built_in.get('ingress_pinned') else ''} within 10 % of 1 worker: "
             f"{name} = {cpu['median']} (rounds {cpu['values']}) -> {'MET' if ok else 'MISSED'}"
+            + (
+                f"; over the load side's CPU per {unit} in the same windows "
+                f"({CONTROLLED}): {steadied['median']} (rounds {steadied['values']})"
+                if steadied.get("median") is not None
+                else ""
+            )
         )
     return out
 

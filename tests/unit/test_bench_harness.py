@@ -454,7 +454,11 @@ def test_stored_runs_summarize_and_render_as_written(path: Path) -> None:
         assert ramp_summary(rep) == rep["ramp_summary"]
     else:
         again = json.loads(json.dumps(report.summarize_rounds(rep["scenario"], rep["rounds"])))
-        # Runs stored before a key was added (cpu_by_process) are checked on the keys they have.
+        # Runs stored before a key was added (cpu_by_process, the controlled CPU
+        # ratio) are checked on the keys they have.
+        for name, per_key in again["ratios"].items():
+            if report.CONTROLLED not in rep["ratios"].get(name, {}):
+                per_key.pop(report.CONTROLLED, None)
         assert {"summary", "ratios"} <= again.keys()
         assert again == {key: rep[key] for key in again if key in rep}
         assert {key for key in again if key not in rep} <= {"cpu_by_process"}
@@ -830,6 +834,36 @@ def test_workers_check_judges_every_round(
     (line,) = report.workers_check(scenario, rep)
     assert line.startswith(f"CPU per {'call' if scenario == 'churn' else 'message'} with 2 workers")
     assert line.endswith(verdict)
+
+
+def test_the_controlled_ratio_takes_out_what_the_load_side_says_of_the_window() -> None:
+    """The generator and the fleets do the same work in both windows: a window
+    where their CPU per message is 10 % higher (a slower host then) explains
+    10 % of the proxy's ratio."""
+    rounds = [
+        _round(
+            {"ingress@w1": 0.020, "ingress@w2": 0.0242, "haproxy@nt2": 0.02}, "cpu_s_per_1000_msgs"
+        )
+    ]
+    for target, r in rounds[0].items():
+        r["msgs_window"] = 100_000
+        slower = 1.1 if target == "ingress@w2" else 1.0
+        r["loads"]["generator_cores"] *= slower
+        r["loads"]["fleets_cores"] *= slower
+    summary = report.summarize_rounds("steady", rounds)
+    ratio = summary["ratios"]["ingress@w2/ingress@w1"]
+    assert ratio["cpu_s_per_1000_msgs"]["median"] == 1.21
+    assert ratio[report.CONTROLLED]["median"] == 1.1
+    rep: dict[str, Any] = {"params": {}, **summary}
+    (line,) = report.workers_check("steady", rep)
+    assert line.endswith(
+        "MISSED; over the load side's CPU per message in the same windows "
+        "(cpu_controlled): 1.1 (rounds [1.1])"
+    )
+    # Without the work done in the window (a run stored before): none.
+    del rounds[0]["ingress@w2"]["msgs_window"]
+    again = report.summarize_rounds("steady", rounds)["ratios"]["ingress@w2/ingress@w1"]
+    assert again[report.CONTROLLED]["median"] is None
 
 
 def test_cpu_by_process_is_summarized_and_rendered() -> None:
