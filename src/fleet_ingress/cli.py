@@ -564,7 +564,11 @@ def _run(config_path: Path) -> int:
     from fleet_ingress.config.settings import ConfigError, TimeoutsSection, load_config
     from fleet_ingress.logs import configure_logging
     from fleet_ingress.net.tls import TLSSetupError, fleet_ssl_context
-    from fleet_ingress.service.carrier_certificate import carrier_ssl_context, kept_certificate
+    from fleet_ingress.service.carrier_certificate import (
+        carrier_ssl_context,
+        kept_certificate,
+        kept_over_unloadable,
+    )
     from fleet_ingress.service.fd_store import HandedBack, taken_from_store
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt, worker_key
     from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
@@ -603,14 +607,31 @@ def _run(config_path: Path) -> int:
     retrying = False
     pem = None  # None: the Supervisor reads it from the files
     unread_files: str | None = None
+    # The certificate the previous process served (after a stop, a crash with no
+    # worker left, an upgrade's exec): one on disk that a reload would refuse
+    # does not replace it (a restart must not take every carrier's call down
+    # for a renewal gone wrong that the reload refused).
+    before = stored.served_before_stop or served_pem(
+        stored.snapshot if carried is None else carried
+    )
+    kept_because = None
     if ran is not None:
         config, fleets, pem = ran
     while ran is None:
         empty = False
+        pem, kept_because = None, None
         try:
             config = load_config(config_path)
             fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
-            carrier_ssl_context(config)
+            try:
+                carrier_ssl_context(config)
+            except TLSSetupError as exc:  # cannot serve: a reload refuses it too
+                # After an exec, read again for a while first (being written?).
+                if before is None or time.monotonic() < give_up_at:
+                    raise
+                if (kept := kept_over_unloadable(config, before, exc)) is None:
+                    raise
+                pem, kept_because = before, kept
             fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
             empty = carried is not None and not fleets  # this read: a file listing none
             if empty:
@@ -647,15 +668,10 @@ def _run(config_path: Path) -> int:
                 )
             retrying = True
             time.sleep(REEXEC_READ_EVERY)
-    # The files were read: a certificate there that a reload would refuse does not
-    # replace the one served before (after a stop, a crash with no worker left,
-    # or an upgrade's exec: written after its check).
-    kept_because = None
-    if ran is None and unread_files is None:
-        before = stored.served_before_stop or served_pem(
-            stored.snapshot if carried is None else carried
-        )
-        if before is not None and (kept_because := kept_certificate(config, before)):
+    # The files were read: a certificate there that a reload would refuse (expired,
+    # not valid yet, for other names) does not replace the one served before.
+    if ran is None and unread_files is None and kept_because is None and before is not None:
+        if kept_because := kept_certificate(config, before):
             pem = before
     try:
         configure_logging(config.log.level, config.log.format, pid=True)

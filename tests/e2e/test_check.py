@@ -506,3 +506,27 @@ def test_before_start_passes_a_broken_file_only_with_a_dead_supervisors_workers_
     assert run_check(deployment, out, before_start=True) == 0
     assert "1 problem(s), but 2 process(es) of a supervisor that died" in out.getvalue()
     assert run(deployment)[0] == 1
+
+
+def test_before_start_leaves_a_certificate_that_cannot_load_to_the_start(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key of another certificate on disk (a renewal copied by hand, which a
+    reload refused): the unit's ExecStartPre passes it, saying so, since the
+    supervisor keeps serving the certificate it served before a restart (and
+    refuses to start without one); with another problem beside it, it fails as
+    ever. `check` itself fails."""
+    from fleet_ingress.config import check
+
+    monkeypatch.setattr(check, "workers_left_in_unit", lambda: [])
+    trustme.CA().issue_cert("calls.example.com").private_key_pem.write_to_path(
+        deployment.parent / "privkey.pem"
+    )
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 0
+    assert "tls.cert, tls.key:" in out.getvalue()
+    assert "serves the one it served before a restart, if systemd kept it" in out.getvalue()
+    assert run(deployment)[0] == 1
+    (deployment.parent / "fleets.txt").write_text("not a url\n")
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 1

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -523,7 +524,7 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert stats["last_reload"] is None  # no reload ran
     code, output = await asyncio.to_thread(unit.cli, "stat")
     assert code == 0 and "CERTIFICATE ON DISK REFUSED: tls.cert" in output, output
-    assert "a reboot or a stop then a start would serve the file" in output
+    assert "a reboot or a stop then a start takes the files as they are" in output
     assert "fleet_ingress_certificate_file_refused 1.0" in await unit.metrics()
     said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
     assert len(said) == 1 and said[0]["key"] == "tls.cert", said
@@ -546,6 +547,14 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
     assert await unit.peer_serial(tls_files) == renewed
     assert "none of the names" in (await unit.stats())["certificate_file"]["refused"]
+    # A key of another certificate beside it (copied by hand): the unit's check
+    # leaves it to the start (before: ExecStartPre failed every try, and the
+    # unit), which keeps serving.
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(unit.home / "key.pem")
+    restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+    assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    assert await unit.peer_serial(tls_files) == renewed
+    assert "do not match" in (await unit.stats())["certificate_file"]["refused"]
     # Expired again, then a stop and a start: the files serve, as they are.
     write_expired_leaf(tls_files, unit.home)
     await asyncio.to_thread(systemd.systemctl, "stop", NAME)
@@ -553,6 +562,10 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert started.returncode == 0, started.stderr + unit.log_tail()
     with pytest.raises(ssl.SSLCertVerificationError, match="expired"):
         await unit.peer_serial(tls_files)
+    # Said: the certificate served is one carriers refuse (before: nothing, as
+    # the file was the one served).
+    assert "expired on" in (await unit.stats())["certificate_served_refused"]
+    assert "fleet_ingress_certificate_file_refused 1.0" in await unit.metrics()
 
 
 async def test_a_restart_whose_start_fails_keeps_the_certificate_for_the_next_try(

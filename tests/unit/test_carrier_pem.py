@@ -23,7 +23,11 @@ from fleet_ingress.net.tls import (
     server_ssl_context,
     server_ssl_context_of,
 )
-from fleet_ingress.service.carrier_certificate import kept_certificate, pem_to_json
+from fleet_ingress.service.carrier_certificate import (
+    kept_certificate,
+    kept_over_unloadable,
+    pem_to_json,
+)
 from fleet_ingress.service.upgrade import served_pem
 
 
@@ -169,3 +173,22 @@ def test_the_certificate_a_previous_process_served_is_read_from_its_state(tmp_pa
     assert served_pem({"running": {"pem": pem_to_json(pem), "config": {}}}) == pem
     assert served_pem({"running": {"pem": {"cert": "not base64!"}}}) is None
     assert served_pem({"version": 1}) is None and served_pem(None) is None
+
+
+def test_a_start_keeps_the_certificate_served_before_over_files_that_cannot_serve(
+    tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _issue(ca, tmp_path, "calls.example.com")
+    served = read_pem(cert, key)
+    config = _config(cert, key)
+    ca.issue_cert("calls.example.com").private_key_pem.write_to_path(key)  # another's key
+    with pytest.raises(TLSSetupError) as error:
+        server_ssl_context(cert, key)
+    assert kept_over_unloadable(config, served, error.value) == str(error.value)
+    # What was served is out of date itself, or does not load: nothing kept.
+    _issue(ca, tmp_path, "calls.example.com", days=(-90, -1))
+    expired = read_pem(cert, key)
+    assert kept_over_unloadable(config, expired, error.value) is None
+    assert kept_over_unloadable(config, served._replace(key=expired.key), error.value) is None

@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 from fleet_ingress.core.certificate_change import LeafFacts
-from fleet_ingress.ops.fleet_display import certificate_not_served, certificate_refused
+from fleet_ingress.ops.fleet_display import (
+    certificate_not_served,
+    certificate_refused,
+    certificate_served_refused,
+)
 from fleet_ingress.service.files_on_disk import FilesOnDisk
 
 DAY = 86400.0
@@ -41,7 +45,7 @@ def test_one_a_reload_would_refuse_is_said_refused_and_not_offered_to_a_reload()
     waiting, refused = _said(_leaf(now + 2 * DAY, now + 90 * DAY), serving)
     assert waiting is None and refused is not None
     assert refused.startswith("CERTIFICATE ON DISK REFUSED: tls.cert is not valid until")
-    assert "a reboot or a stop then a start would serve the file" in refused
+    assert "a reboot or a stop then a start takes the files as they are" in refused
     _, expired = _said(_leaf(now - 90 * DAY, now - DAY), serving)
     assert expired is not None and "expired on" in expired
     _, other = _said(_leaf(now - DAY, now + 90 * DAY, "other.example.net"), serving)
@@ -53,3 +57,38 @@ def test_nothing_is_said_of_the_certificate_served_or_a_file_not_read() -> None:
     serving = _leaf(now - 60 * DAY, now + 20 * DAY)
     assert _said(serving, serving) == (None, None)
     assert _said(None, serving) == (None, None)
+
+
+def test_a_certificate_served_that_carriers_refuse_is_said_file_or_not() -> None:
+    now = time.time()
+    files = FilesOnDisk(Path("ingress.toml"))
+    # A start took a certificate not valid yet from the files (the fd store was
+    # released): the file is the one served, and both are out of date.
+    ahead = _leaf(now + 2 * DAY, now + 90 * DAY)
+    files.certificate_file, files._certificate_seen = ahead, ("cert.pem", "key.pem")
+    snap = {**files.picture(ahead), "certificate_not_after": ahead.not_after}
+    served = certificate_served_refused(snap)
+    assert served is not None and served.startswith(
+        "CERTIFICATE SERVED IS REFUSED BY CARRIERS: it is not valid until"
+    )
+    refused = certificate_refused(snap)
+    assert refused is not None and "serves on" not in refused
+    assert files.certificate_refused_now(ahead) is True
+    # A kept certificate that expired while served, the file refused beside it.
+    expired = _leaf(now - 90 * DAY, now - 60)
+    snap = {**files.picture(expired), "certificate_not_after": expired.not_after}
+    assert "expired on" in (certificate_served_refused(snap) or "")
+    assert "serves on" not in (certificate_refused(snap) or "")
+
+
+def test_files_that_cannot_serve_are_refused_though_no_certificate_could_be_read() -> None:
+    now = time.time()
+    serving = _leaf(now - 60 * DAY, now + 20 * DAY)
+    files = FilesOnDisk(Path("ingress.toml"))
+    assert files.certificate_refused_now(serving) is None  # not looked at yet
+    files._certificate_seen = ("cert.pem", "key.pem")
+    files.certificate_load_error = "cert.pem: not a PEM certificate (cut short?)"
+    snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
+    assert snap["certificate_file"]["refused"] == files.certificate_load_error
+    assert "serves on" in (certificate_refused(snap) or "")
+    assert files.certificate_refused_now(serving) is True

@@ -18,6 +18,7 @@ from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_not_served,
     certificate_refused,
+    certificate_served_refused,
     edits_not_applied,
     fleets_summary,
     probed,
@@ -317,6 +318,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(waiting)
     if (refused := certificate_refused(snap)) is not None:
         lines.append(refused)
+    if (bad := certificate_served_refused(snap)) is not None:
+        lines.append(bad)
     if (edited := edits_not_applied(snap)) is not None:
         lines.append(edited)
     if snap.get("state") == "draining":

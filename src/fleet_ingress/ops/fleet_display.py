@@ -80,17 +80,31 @@ def certificate_not_served(snap: dict[str, Any]) -> str | None:
 
 
 def certificate_refused(snap: dict[str, Any]) -> str | None:
-    """One line while tls.cert on disk holds a certificate a reload refuses in
-    place of the one served (a supervisor's snapshot); None otherwise."""
+    """One line while tls.cert and tls.key on disk hold what a reload refuses in
+    place of the certificate served (a supervisor's snapshot); None otherwise."""
     on_disk = snap.get("certificate_file")
     if not on_disk or not on_disk.get("refused"):
         return None
+    fix = "put a good certificate in place, then `systemctl reload fleet-ingress`"
+    if snap.get("certificate_served_refused"):  # no better: said by its own line
+        return f"CERTIFICATE ON DISK REFUSED: {on_disk['refused']}: {fix}"
     served = snap.get("certificate_not_after")
     return (
-        f"CERTIFICATE ON DISK REFUSED: tls.cert {on_disk['refused']}; the one served"
+        f"CERTIFICATE ON DISK REFUSED: {on_disk['refused']}; the one served"
         + (f" until {_day(served)}" if served is not None else "")
-        + " serves on, but a reboot or a stop then a start would serve the file: put a good "
-        "certificate in place, then `systemctl reload fleet-ingress`"
+        + f" serves on, but a reboot or a stop then a start takes the files as they are: {fix}"
+    )
+
+
+def certificate_served_refused(snap: dict[str, Any]) -> str | None:
+    """One line while the certificate served is one carriers refuse (expired
+    while served, or not valid yet: a start took it from the files)."""
+    if not (problem := snap.get("certificate_served_refused")):
+        return None
+    return (
+        f"CERTIFICATE SERVED IS REFUSED BY CARRIERS: it {problem}; every new call's "
+        "handshake fails: put a good certificate in place, then `systemctl reload "
+        "fleet-ingress`"
     )
 
 

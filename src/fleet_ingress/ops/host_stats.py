@@ -332,10 +332,11 @@ class _CertificateFileCollector(Collector):
         yield gauge
         refused = GaugeMetricFamily(
             f"{PREFIX}_certificate_file_refused",
-            "1 while the certificate in tls.cert on disk is one a reload refuses in place "
-            "of the one served (expired, not valid yet, for other names): the one served "
-            "serves on, but a start with none to keep (a reboot, a stop then a start) "
-            "would serve the file. 0 otherwise; absent when the file was not read.",
+            "1 while tls.cert and tls.key on disk hold what a reload refuses in place of "
+            "the certificate served (one expired, not valid yet, for other names, or a "
+            "pair that cannot serve): the one served serves on, but a start with none "
+            "kept (a reboot, a stop then a start) takes the files as they are. 0 "
+            "otherwise; absent when the file was not read.",
         )
         if (is_refused := self.refused()) is not None:
             refused.add_metric([], 1.0 if is_refused else 0.0)

@@ -14,6 +14,7 @@ from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_not_served,
     certificate_refused,
+    certificate_served_refused,
     edits_not_applied,
     fleets_summary,
     probed,
@@ -64,6 +65,8 @@ def _refused_reload(snap: dict[str, Any]) -> str:
         shown += f'<p class="stopping" id="certificate">{escape(waiting)}</p>'
     if (refused := certificate_refused(snap)) is not None:
         shown += f'<p class="stopping" id="certificate-refused">{escape(refused)}</p>'
+    if (bad := certificate_served_refused(snap)) is not None:
+        shown += f'<p class="stopping" id="certificate-served">{escape(bad)}</p>'
     if (edited := edits_not_applied(snap)) is not None:
         shown += f'<p class="muted" id="edits">{escape(edited)}</p>'
     return shown

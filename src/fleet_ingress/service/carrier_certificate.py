@@ -15,10 +15,16 @@ import logging
 import os
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
 from fleet_ingress.config.settings import IngressConfig
-from fleet_ingress.core.certificate_change import LeafFacts, kept_over_restart, renewal_problem
+from fleet_ingress.core.certificate_change import (
+    LeafFacts,
+    kept_over_restart,
+    out_of_date,
+    renewal_problem,
+)
 from fleet_ingress.logs import fields
 from fleet_ingress.net.tls import (
     CarrierPem,
@@ -78,6 +84,21 @@ def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
         return None  # the files are read as ever (and what cannot load says why)
     problem = kept_over_restart(on_disk, before, time.time())
     return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
+
+
+def kept_over_unloadable(
+    config: IngressConfig, served: CarrierPem, error: TLSSetupError
+) -> str | None:
+    """At a start, tls.cert and tls.key cannot serve (`error`: a key of another
+    certificate, a file cut short or missing), as a reload would refuse them:
+    why `served`, the one served before, serves on instead, or None when it
+    cannot (out of date itself, or it does not load with `config`'s [tls])."""
+    try:
+        before = leaf_facts_of(served.cert, config.tls.cert or Path("tls.cert"))
+        carrier_ssl_context(config, served)
+    except (TLSSetupError, ssl.SSLError, OSError):
+        return None
+    return None if out_of_date(before, time.time()) is not None else str(error)
 
 
 def read_carrier_pem(config: IngressConfig) -> CarrierPem:

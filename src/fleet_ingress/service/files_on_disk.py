@@ -25,10 +25,15 @@ from typing import Any
 
 from fleet_ingress.config.config_diff import fleets_changed, settings_changed
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
-from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
-from fleet_ingress.core.certificate_change import LeafFacts, renewal_problem, renewal_waiting
+from fleet_ingress.config.settings import ConfigError, IngressConfig, TLSSection, load_config
+from fleet_ingress.core.certificate_change import (
+    LeafFacts,
+    out_of_date,
+    renewal_problem,
+    renewal_waiting,
+)
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.net.tls import leaf_facts
+from fleet_ingress.net.tls import leaf_facts, server_ssl_context
 from fleet_ingress.ops.fleet_display import WOULD_BE_REFUSED
 
 log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
@@ -44,6 +49,8 @@ class FilesOnDisk:
         self.config_path = config_path
         # What tls.cert holds, as last read: a renewal there may not be served yet.
         self.certificate_file: LeafFacts | None = None
+        # Why tls.cert and tls.key, as last read, do not load together (None: they do).
+        self.certificate_load_error: str | None = None
         # What ingress.toml and the fleets file would change, not reloaded yet.
         self.edits_not_applied: list[str] = []
         self._certificate_seen: tuple[object, ...] | None = None
@@ -70,9 +77,23 @@ class FilesOnDisk:
         in place of `serving` (expired, not valid yet, for other names), or None
         (not read, or it would be taken). A start with no certificate to keep
         (a reboot, a stop then a start) serves it all the same."""
-        if self.certificate_file is None or serving is None:
+        if self.certificate_load_error is not None:
+            return self.certificate_load_error
+        if self.certificate_file is None:
             return None
-        return renewal_problem(self.certificate_file, serving, time.time())
+        now = time.time()
+        # Out of date, even as the one served (a start took it: carriers refuse it).
+        problem = out_of_date(self.certificate_file, now)
+        if problem is None and serving is not None:
+            problem = renewal_problem(self.certificate_file, serving, now)
+        return None if problem is None else f"tls.cert {problem}"
+
+    def certificate_refused_now(self, serving: LeafFacts | None) -> bool | None:
+        """`fleet_ingress_certificate_file_refused`: whether `certificate_refused`
+        says why; None before the first look found the file."""
+        if self._certificate_seen is None:
+            return None
+        return self.certificate_refused(serving) is not None
 
     def picture(self, serving: LeafFacts | None) -> dict[str, Any]:
         """The snapshot's part: `certificate_file` (against `serving`, the
@@ -82,13 +103,18 @@ class FilesOnDisk:
         return {
             "edits_not_applied": self.edits_not_applied,
             "certificate_file": None
-            if on_disk is None
+            if on_disk is None and refused is None
             else {
-                "not_after": on_disk.not_after,
+                "not_after": None if on_disk is None else on_disk.not_after,
                 # A renewal a reload would load (one it would refuse is `refused`).
                 "not_served": refused is None and renewal_waiting(on_disk, serving),
                 "refused": refused,
             },
+            # The certificate served is one carriers refuse (it expired while
+            # served, or a start took it from the files not valid yet).
+            "certificate_served_refused": None
+            if serving is None
+            else out_of_date(serving, time.time()),
         }
 
     def close(self) -> None:
@@ -97,26 +123,37 @@ class FilesOnDisk:
 
     async def _look(self, config: IngressConfig, fleets: list[FleetSpec], ran: object) -> None:
         try:
-            await self._look_at_certificate(config.tls.cert)
+            await self._look_at_certificate(config.tls)
             await self._look_at_edits(config, fleets, ran)
         except Exception:  # a bug here must not fail a scrape, nor go unsaid
             log.exception("looking at the files on disk broke; stat and scrapes go on")
 
-    async def _look_at_certificate(self, path: Path | None) -> None:
-        state = await asyncio.to_thread(file_state, path)
-        if state is None:
+    async def _look_at_certificate(self, tls: TLSSection) -> None:
+        path = tls.cert
+        state = await asyncio.to_thread(lambda: (file_state(path), file_state(tls.key)))
+        if state[0] is None:
             self._certificate_seen, self.certificate_file = None, None
+            self.certificate_load_error = None
             return
-        seen = (str(path), *state)
+        seen = (str(path), str(tls.key), tls.min_version, tls.profile, *state)
         if seen == self._certificate_seen:
             return
+        load_error = None
         try:
             on_disk = await asyncio.to_thread(leaf_facts, path) if path is not None else None
-        except (ValueError, OSError):  # half written, not a certificate, an odd
-            on_disk = None  # extension (TLSSetupError is a ValueError): a reload says why
+        except (ValueError, OSError) as exc:  # half written, not a certificate, an odd
+            on_disk, load_error = None, str(exc)  # extension (TLSSetupError: a ValueError)
+        if on_disk is not None and tls.key is not None:
+            try:  # with its key: one of another certificate cannot serve
+                await asyncio.to_thread(
+                    server_ssl_context, path, tls.key, tls.min_version, tls.profile
+                )
+            except (ValueError, OSError) as exc:
+                load_error = str(exc)
         # Kept only as read now: another look finished meanwhile must not be undone.
         if seen != self._certificate_seen:
             self._certificate_seen, self.certificate_file = seen, on_disk
+            self.certificate_load_error = load_error
 
     async def _look_at_edits(
         self, config: IngressConfig, fleets: list[FleetSpec], ran: object

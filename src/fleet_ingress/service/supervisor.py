@@ -276,11 +276,7 @@ class Supervisor:
             task_failures=lambda: self.task_failures.by_task,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
-            certificate_file_refused=lambda: (
-                None
-                if self.files.certificate_file is None
-                else self.files.certificate_refused(self.serving_leaf) is not None
-            ),
+            certificate_file_refused=lambda: self.files.certificate_refused_now(self.serving_leaf),
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -1335,7 +1331,8 @@ class Supervisor:
 
     def say_certificate_kept(self, problem: str) -> None:
         """The start passed over the certificate on disk (`problem`: what
-        `carrier_certificate.kept_certificate` says of it) and serves the one
+        `carrier_certificate.kept_certificate` or `kept_over_unloadable` says
+        of it) and serves the one
         the previous process served (before a stop, a crash or an upgrade's
         exec). `stat` and `fleet_ingress_certificate_file_refused` say so too,
         until the file holds one a reload takes (`FilesOnDisk.certificate_refused`)."""
@@ -1343,7 +1340,8 @@ class Supervisor:
         log.warning(
             "the certificate on disk is not served, as a reload would refuse it: the one "
             "served before serves on; put a good certificate in place, then `systemctl "
-            "reload fleet-ingress` (a reboot, or a stop then a start, would serve the file)",
+            "reload fleet-ingress` (a reboot, or a stop then a start, takes the files as "
+            "they are)",
             extra=fields(key="tls.cert", problem=problem, served_until=until),
         )
 
