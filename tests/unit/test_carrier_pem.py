@@ -14,6 +14,7 @@ import trustme
 
 from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.net.tls import (
+    CarrierPem,
     TLSSetupError,
     held_pem,
     leaf_facts,
@@ -139,14 +140,19 @@ def _issue(ca: trustme.CA, home: Path, *names: str, days: tuple[int, int] = (-1,
     (home / "key.pem").write_bytes(leaf.private_key_pem.bytes())
 
 
+def _served(home: Path) -> tuple[trustme.CA, Path, Path, CarrierPem, IngressConfig]:
+    """A certificate for calls.example.com in home's files, served: its CA, the
+    files, what was read of them, a configuration that names them."""
+    ca = trustme.CA()
+    cert, key = home / "cert.pem", home / "key.pem"
+    _issue(ca, home, "calls.example.com")
+    return ca, cert, key, read_pem(cert, key), _config(cert, key)
+
+
 def test_a_start_keeps_the_certificate_served_before_over_one_a_reload_would_refuse(
     tmp_path: Path,
 ) -> None:
-    ca = trustme.CA()
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    _issue(ca, tmp_path, "calls.example.com")
-    served = read_pem(cert, key)
-    config = _config(cert, key)
+    ca, cert, key, served, config = _served(tmp_path)
     assert kept_certificate(config, served) is None  # the same one: the files serve
     _issue(ca, tmp_path, "calls.example.com", days=(-90, -1))
     assert "expired on" in (kept_certificate(config, served) or "")
@@ -178,11 +184,7 @@ def test_the_certificate_a_previous_process_served_is_read_from_its_state(tmp_pa
 def test_a_start_keeps_the_certificate_served_before_over_files_that_cannot_serve(
     tmp_path: Path,
 ) -> None:
-    ca = trustme.CA()
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    _issue(ca, tmp_path, "calls.example.com")
-    served = read_pem(cert, key)
-    config = _config(cert, key)
+    ca, cert, key, served, config = _served(tmp_path)
     ca.issue_cert("calls.example.com").private_key_pem.write_to_path(key)  # another's key
     with pytest.raises(TLSSetupError) as error:
         server_ssl_context(cert, key)
