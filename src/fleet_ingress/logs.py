@@ -46,9 +46,13 @@ class RateLimitedLog:
         call_later: Callable[[float, Callable[[], None]], object] | None = None,
         *,
         level: int = logging.INFO,
+        summary_fields: dict[str, Any] | None = None,
     ) -> None:
+        """`summary_fields`: added to the `"log lines suppressed"` lines (which
+        of several limiters of one event they count for)."""
         self.logger = logger
         self.level = level
+        self.summary_fields = summary_fields or {}
         self.per_second = per_second
         self.clock = clock
         self.call_later = call_later
@@ -78,7 +82,11 @@ class RateLimitedLog:
         """Say how many lines were dropped since the last one written, if any were."""
         suppressed, self._suppressed = self._suppressed, Counter()
         for event, count in sorted(suppressed.items()):
-            self.logger.log(self.level, self.SUMMARY, extra=fields(suppressed=count, of=event))
+            self.logger.log(
+                self.level,
+                self.SUMMARY,
+                extra=fields(suppressed=count, of=event, **self.summary_fields),
+            )
 
 
 class JsonFormatter(logging.Formatter):

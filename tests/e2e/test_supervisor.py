@@ -528,6 +528,7 @@ async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
             e.get("suppressed", 0) for e in [*written, *_logged(service, "log lines suppressed")]
         )
         assert len(written) <= 3 and len(written) + counted >= 10, (written, counted)
+        assert {e.get("signal") for e in _logged(service, "log lines suppressed")} == {"SIGUSR1"}
         assert service.proc.returncode is None
         assert sorted(r["pid"] for r in await _worker_rows(service)) == workers
         for ws in calls:

@@ -45,6 +45,7 @@ def say_signal_ignored(signum: int) -> None:
             per_second=1,
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
+            summary_fields={"signal": signal.Signals(signum).name},
         )
     said.info(
         "signal ignored: SIGTERM stops (calls drain), SIGHUP reloads, SIGUSR2 upgrades; "
