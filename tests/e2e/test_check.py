@@ -525,7 +525,7 @@ def test_before_start_leaves_a_certificate_that_cannot_load_to_the_start(
     out = io.StringIO()
     assert run_check(deployment, out, before_start=True) == 0
     assert "tls.cert, tls.key:" in out.getvalue()
-    assert "serves the one it served before a restart, if systemd kept it" in out.getvalue()
+    assert "after a restart it serves the one it served before" in out.getvalue()
     assert run(deployment)[0] == 1
     (deployment.parent / "fleets.txt").write_text("not a url\n")
     out = io.StringIO()

@@ -529,6 +529,9 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
     assert len(said) == 1 and said[0]["key"] == "tls.cert", said
     assert "expired on" in said[0]["problem"]
+    async with asyncio.timeout(15):  # systemctl status: the status line says so too
+        while "CERTIFICATE ON DISK REFUSED" not in unit.show("StatusText")["StatusText"]:
+            await asyncio.sleep(0.2)
     call = await a_call(unit, tls_files)
     try:
         await echo(call, "after the restart")

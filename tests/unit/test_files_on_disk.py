@@ -5,16 +5,22 @@ certificate as last read is set directly)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from pathlib import Path
 
+import trustme
+
+from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.certificate_change import LeafFacts
+from fleet_ingress.net.tls import leaf_facts
 from fleet_ingress.ops.fleet_display import (
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
 )
-from fleet_ingress.service.files_on_disk import FilesOnDisk
+from fleet_ingress.service.files_on_disk import FilesOnDisk, file_state
 
 DAY = 86400.0
 
@@ -92,3 +98,45 @@ def test_files_that_cannot_serve_are_refused_though_no_certificate_could_be_read
     assert snap["certificate_file"]["refused"] == files.certificate_load_error
     assert "serves on" in (certificate_refused(snap) or "")
     assert files.certificate_refused_now(serving) is True
+
+
+async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change(
+    tmp_path: Path,
+) -> None:
+    """Real files: a key replaced alone (another certificate's), a key made a
+    FIFO (not opened: it would hold the look for good), a certificate gone,
+    and a chmod (only its ctime changes) are each seen at the next look."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("calls.example.com")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(key)
+    config = IngressConfig.model_validate(
+        {"tls": {"cert": str(cert), "key": str(key)}, "fleets": {"file": str(tmp_path / "f")}}
+    )
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    serving = leaf_facts(cert)
+
+    async def refused() -> str | None:
+        await files.look(config, [], 0)
+        return files.certificate_refused(serving)
+
+    assert await refused() is None and files.certificate_refused_now(serving) is False
+    ca.issue_cert("calls.example.com").private_key_pem.write_to_path(key)  # another's
+    assert "do not match" in (await refused() or "")
+    leaf.private_key_pem.write_to_path(key)
+    assert await refused() is None
+    before = file_state(key)
+    os.chmod(key, 0o600)
+    assert file_state(key) != before  # who may read it: seen
+    key.unlink()
+    os.mkfifo(key)
+    async with asyncio.timeout(5):  # the look does not open it
+        said = await refused() or ""
+    assert "tls.key" in said and "no regular file" in said
+    key.unlink()
+    leaf.private_key_pem.write_to_path(key)
+    cert.unlink()
+    assert "tls.cert" in (await refused() or "")
+    assert files.certificate_refused_now(serving) is True
+    files.close()

@@ -103,16 +103,21 @@ async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watch
             self.lines += lines
 
     class Status:
+        looks = 0
+
         def status_line(self) -> str:
             return "2 calls"
 
+        def look_at_files_soon(self) -> None:  # for the next status line, not awaited
+            self.looks += 1
+
     monkeypatch.setattr(module, "WATCHDOG_PING_EVERY", 0.05)
-    heard = Heard()
-    task = asyncio.ensure_future(module._keep_systemd_informed(Status(), heard))  # type: ignore[arg-type]
+    heard, status = Heard(), Status()
+    task = asyncio.ensure_future(module._keep_systemd_informed(status, heard))  # type: ignore[arg-type]
     await asyncio.sleep(0.6)
     task.cancel()
     assert heard.lines.count("WATCHDOG=1") >= 5, heard.lines
-    assert heard.lines.count("STATUS=2 calls") == 1
+    assert heard.lines.count("STATUS=2 calls") == 1 and status.looks == 1
     starting = Heard()  # before READY=1 (an upgrade's new image starting) likewise
     task = asyncio.ensure_future(module._ping_watchdog(starting))  # type: ignore[arg-type]
     await asyncio.sleep(0.6)

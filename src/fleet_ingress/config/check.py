@@ -71,9 +71,9 @@ def run_check(
         loading = _certificate_load_problems(config, str(path))
         if loading and set(problems) <= set(loading):
             print(
-                "check: the carrier certificate above cannot be served; the supervisor "
-                "started now serves the one it served before a restart, if systemd kept "
-                "it (fix the files, then reload), and refuses to start otherwise",
+                "check: the carrier certificate above cannot be served; left to the "
+                "start: after a restart it serves the one it served before (systemd keeps "
+                "it), otherwise it refuses to start, saying why; fix the files",
                 file=out,
             )
             return 0

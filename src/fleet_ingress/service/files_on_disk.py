@@ -41,7 +41,7 @@ log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
 # A stat or scrape waits this long at most for a look (seconds).
 LOOK_WAIT = 0.5
 
-FileState = tuple[int, int, int]  # inode, mtime (ns), size
+FileState = tuple[int, int, int, int]  # inode, mtime (ns), size, ctime (ns)
 
 
 class FilesOnDisk:
@@ -66,6 +66,14 @@ class FilesOnDisk:
                 self._look(config, list(fleets), ran)
             )
         await asyncio.wait({self._looking}, timeout=LOOK_WAIT)
+
+    def look_soon(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
+        """`look`, not waited for: what it finds shows from then on (systemd's
+        status line, written every few seconds, takes the last look's)."""
+        if self._looking is None or self._looking.done():
+            self._looking = asyncio.get_running_loop().create_task(
+                self._look(config, list(fleets), ran)
+            )
 
     @property
     def certificate_not_after(self) -> float | None:
@@ -130,19 +138,30 @@ class FilesOnDisk:
 
     async def _look_at_certificate(self, tls: TLSSection) -> None:
         path = tls.cert
-        state = await asyncio.to_thread(lambda: (file_state(path), file_state(tls.key)))
-        if state[0] is None:
+        if path is None:  # no carrier listener configured: nothing to judge
             self._certificate_seen, self.certificate_file = None, None
             self.certificate_load_error = None
             return
+        state = await asyncio.to_thread(lambda: (file_state(path), file_state(tls.key)))
         seen = (str(path), str(tls.key), tls.min_version, tls.profile, *state)
         if seen == self._certificate_seen:
             return
         load_error = None
-        try:
-            on_disk = await asyncio.to_thread(leaf_facts, path) if path is not None else None
-        except (ValueError, OSError) as exc:  # half written, not a certificate, an odd
-            on_disk, load_error = None, str(exc)  # extension (TLSSetupError: a ValueError)
+        on_disk = None
+        # Not there, or no regular file (a FIFO would hold the look for good):
+        # a start without the one served kept could not serve it.
+        missing = [
+            f"{name} {file}: missing, or no regular file"
+            for name, file, found in (("tls.cert", path, state[0]), ("tls.key", tls.key, state[1]))
+            if found is None
+        ]
+        if missing:
+            load_error = "; ".join(missing)
+        else:
+            try:
+                on_disk = await asyncio.to_thread(leaf_facts, path)
+            except (ValueError, OSError) as exc:  # half written, not a certificate, an odd
+                load_error = str(exc)  # extension (TLSSetupError is a ValueError)
         if on_disk is not None and tls.key is not None:
             try:  # with its key: one of another certificate cannot serve
                 await asyncio.to_thread(
@@ -179,7 +198,8 @@ def file_state(path: Path | None) -> FileState | None:
     with contextlib.suppress(OSError):
         st = os.stat(path)
         if stat.S_ISREG(st.st_mode):
-            return (st.st_ino, st.st_mtime_ns, st.st_size)
+            # ctime: a chmod or chown (who may read it) changes nothing else.
+            return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
     return None
 
 

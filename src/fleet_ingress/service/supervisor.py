@@ -63,7 +63,7 @@ from fleet_ingress.config.config_diff import settings_changed
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import change_note
+from fleet_ingress.core.certificate_change import change_note, out_of_date
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -1244,15 +1244,26 @@ class Supervisor:
     async def refresh(self) -> None:
         """Before a scrape or `stat`: the workers' counts as of now, what the
         certificate file holds, and edits not reloaded (each wait bounded)."""
-        running = [f.spec for f in self.balancer.fleets if not f.removing]
-        ran = (self.reloads["applied"], self.ops.file_writes)
-        await self.files.look(self.config, running, ran)
+        await self.look_at_files()
         await self.server.collect_reports(SCRAPE_WAIT)
         # What this scrape shows, in the snapshot first: a supervisor started
         # after this one's death counts on from it, and no counter a scraper
         # saw goes back (Prometheus would take that for a reset, and the whole
         # count for an increase).
         self.write_snapshot()
+
+    async def look_at_files(self) -> None:
+        """What the certificate files, ingress.toml and the fleets file hold
+        against what runs (`FilesOnDisk.look`, bounded by its LOOK_WAIT)."""
+        await self.files.look(self.config, *self._running_for_look())
+
+    def look_at_files_soon(self) -> None:
+        """`look_at_files`, not waited for (for systemd's status line)."""
+        self.files.look_soon(self.config, *self._running_for_look())
+
+    def _running_for_look(self) -> tuple[list[FleetSpec], object]:
+        running = [f.spec for f in self.balancer.fleets if not f.removing]
+        return running, (self.reloads["applied"], self.ops.file_writes)
 
     def write_snapshot(self) -> None:
         """This supervisor's state in systemd's fd store (`service.fd_store`);
@@ -1311,6 +1322,14 @@ class Supervisor:
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
             f"{len(self.slots.workers)} workers, generation {self.generation}"
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
+            + (
+                "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
+                if self.serving_leaf is not None
+                and out_of_date(self.serving_leaf, time.time()) is not None
+                else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
+                if self.files.certificate_refused(self.serving_leaf) is not None
+                else ""
+            )
         )
 
     # -- reload and stop ---------------------------------------------------------
@@ -1930,4 +1949,7 @@ async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> 
         if loop.time() >= status_due:
             status_due = loop.time() + STATUS_EVERY
             notifier.notify(f"STATUS={supervisor.status_line()}")
+            # The files looked at for the next line, not waited for here: a
+            # refused certificate shows in `systemctl status` too.
+            supervisor.look_at_files_soon()
         await asyncio.sleep(every)
