@@ -79,7 +79,7 @@ def test_a_certificate_served_that_carriers_refuse_is_said_file_or_not() -> None
     )
     refused = certificate_refused(snap)
     assert refused is not None and "serves on" not in refused
-    assert files.certificate_refused_now(ahead) is True
+    assert files.certificate_file_refused(ahead) is True
     # A kept certificate that expired while served, the file refused beside it.
     expired = _leaf(now - 90 * DAY, now - 60)
     snap = {**files.picture(expired), "certificate_not_after": expired.not_after}
@@ -91,13 +91,13 @@ def test_files_that_cannot_serve_are_refused_though_no_certificate_could_be_read
     now = time.time()
     serving = _leaf(now - 60 * DAY, now + 20 * DAY)
     files = FilesOnDisk(Path("ingress.toml"))
-    assert files.certificate_refused_now(serving) is None  # not looked at yet
+    assert files.certificate_file_refused(serving) is None  # not looked at yet
     files._certificate_seen = ("cert.pem", "key.pem")
     files.certificate_load_error = "cert.pem: not a PEM certificate (cut short?)"
     snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
     assert snap["certificate_file"]["refused"] == files.certificate_load_error
     assert "serves on" in (certificate_refused(snap) or "")
-    assert files.certificate_refused_now(serving) is True
+    assert files.certificate_file_refused(serving) is True
 
 
 async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change(
@@ -121,7 +121,7 @@ async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change
         await files.look(config, [], 0)
         return files.certificate_refused(serving)
 
-    assert await refused() is None and files.certificate_refused_now(serving) is False
+    assert await refused() is None and files.certificate_file_refused(serving) is False
     ca.issue_cert("calls.example.com").private_key_pem.write_to_path(key)  # another's
     assert "do not match" in (await refused() or "")
     leaf.private_key_pem.write_to_path(key)
@@ -138,5 +138,5 @@ async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change
     leaf.private_key_pem.write_to_path(key)
     cert.unlink()
     assert "tls.cert" in (await refused() or "")
-    assert files.certificate_refused_now(serving) is True
+    assert files.certificate_file_refused(serving) is True
     files.close()

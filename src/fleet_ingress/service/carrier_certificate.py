@@ -74,13 +74,11 @@ def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
     files serve). One a reload would refuse (expired, not valid yet, for none
     of its names) is passed over, for one still good that loads with
     `config`'s [tls]."""
-    if config.tls.cert is None:
+    if config.tls.cert is None or (before := _loads_here(config, served)) is None:
         return None
     try:
         on_disk = leaf_facts(config.tls.cert)
-        before = leaf_facts_of(served.cert, config.tls.cert)
-        carrier_ssl_context(config, served)
-    except (TLSSetupError, ssl.SSLError, OSError):
+    except (TLSSetupError, OSError):
         return None  # the files are read as ever (and what cannot load says why)
     problem = kept_over_restart(on_disk, before, time.time())
     return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
@@ -93,12 +91,21 @@ def kept_over_unloadable(
     certificate, a file cut short or missing), as a reload would refuse them:
     why `served`, the one served before, serves on instead, or None when it
     cannot (out of date itself, or it does not load with `config`'s [tls])."""
+    before = _loads_here(config, served)
+    if before is None or out_of_date(before, time.time()) is not None:
+        return None
+    return str(error)
+
+
+def _loads_here(config: IngressConfig, served: CarrierPem) -> LeafFacts | None:
+    """What `served` is, if it loads with `config`'s [tls] (a reload may have
+    changed tls.min_version or tls.profile since it was served); else None."""
     try:
         before = leaf_facts_of(served.cert, config.tls.cert or Path("tls.cert"))
         carrier_ssl_context(config, served)
     except (TLSSetupError, ssl.SSLError, OSError):
         return None
-    return None if out_of_date(before, time.time()) is not None else str(error)
+    return before
 
 
 def read_carrier_pem(config: IngressConfig) -> CarrierPem:

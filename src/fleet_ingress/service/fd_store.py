@@ -41,8 +41,9 @@ counters start again and the files are read.
 systemd keeps the store over a `systemctl restart` too: a stop writes the
 snapshots over with the certificate it served alone (`CrashSnapshot.stopped`).
 The next start reads the files, but keeps serving that certificate should a
-reload refuse the one on disk (expired, not valid yet, for other names): what a
-reload refuses, a restart does not put in place of one carriers accept. A
+reload refuse what is on disk (a certificate expired, not valid yet or for
+other names, or one that cannot load): what a reload refuses, a restart does
+not put in place of one carriers accept. A
 listener left there is taken up as it is, which is no crash.
 
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
@@ -215,8 +216,8 @@ class CrashSnapshot:
         served (`served`) alone, both memfds, left in the store (a `systemctl
         restart` keeps it, a stop that ends takes it away). The next start
         reads the files and takes nothing up, but serves this certificate on
-        should a reload refuse the one on disk (expired, not valid yet, for
-        other names: `certificate_change.kept_over_restart`)."""
+        should a reload refuse what is on disk (`carrier_certificate.kept_certificate`,
+        `kept_over_unloadable`)."""
         for _ in SNAPSHOT_NAMES:
             self.write({"stopped": True, "pem": pem_to_json(served)})
 

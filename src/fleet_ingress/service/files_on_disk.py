@@ -44,6 +44,12 @@ LOOK_WAIT = 0.5
 FileState = tuple[int, int, int, int]  # inode, mtime (ns), size, ctime (ns)
 
 
+def served_refused(serving: LeafFacts | None) -> str | None:
+    """Why carriers refuse the certificate served now (it expired while served,
+    or a start took it from the files not valid yet), or None."""
+    return None if serving is None else out_of_date(serving, time.time())
+
+
 class FilesOnDisk:
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
@@ -60,16 +66,15 @@ class FilesOnDisk:
     async def look(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
         """Look at the files against `config` and `fleets` (those in force);
         `ran` changes when what runs changed otherwise (a reload, a fleet
-        change): the edits are then judged again."""
-        if self._looking is None or self._looking.done():
-            self._looking = asyncio.get_running_loop().create_task(
-                self._look(config, list(fleets), ran)
-            )
+        change): the edits are then judged again. Waits LOOK_WAIT at most."""
+        self.look_soon(config, fleets, ran)
+        assert self._looking is not None
         await asyncio.wait({self._looking}, timeout=LOOK_WAIT)
 
     def look_soon(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
-        """`look`, not waited for: what it finds shows from then on (systemd's
-        status line, written every few seconds, takes the last look's)."""
+        """`look`, not waited for (a look under way goes on; no second starts):
+        what it finds shows from then on (systemd's status line, written every
+        few seconds, takes the last look's)."""
         if self._looking is None or self._looking.done():
             self._looking = asyncio.get_running_loop().create_task(
                 self._look(config, list(fleets), ran)
@@ -81,10 +86,11 @@ class FilesOnDisk:
         return None if self.certificate_file is None else self.certificate_file.not_after
 
     def certificate_refused(self, serving: LeafFacts | None) -> str | None:
-        """Why a reload would refuse the certificate in tls.cert, as last read,
-        in place of `serving` (expired, not valid yet, for other names), or None
-        (not read, or it would be taken). A start with no certificate to keep
-        (a reboot, a stop then a start) serves it all the same."""
+        """Why a reload would refuse tls.cert and tls.key, as last read, in place
+        of `serving`: a pair that cannot load, or a certificate expired, not
+        valid yet (even as the one served) or for other names; None when it
+        would take them, or before the first look. A start with no certificate
+        to keep (a reboot, a stop then a start) takes the files all the same."""
         if self.certificate_load_error is not None:
             return self.certificate_load_error
         if self.certificate_file is None:
@@ -96,9 +102,9 @@ class FilesOnDisk:
             problem = renewal_problem(self.certificate_file, serving, now)
         return None if problem is None else f"tls.cert {problem}"
 
-    def certificate_refused_now(self, serving: LeafFacts | None) -> bool | None:
-        """`fleet_ingress_certificate_file_refused`: whether `certificate_refused`
-        says why; None before the first look found the file."""
+    def certificate_file_refused(self, serving: LeafFacts | None) -> bool | None:
+        """The gauge `fleet_ingress_certificate_file_refused`: whether
+        `certificate_refused` says why; None before the first look."""
         if self._certificate_seen is None:
             return None
         return self.certificate_refused(serving) is not None
@@ -118,11 +124,7 @@ class FilesOnDisk:
                 "not_served": refused is None and renewal_waiting(on_disk, serving),
                 "refused": refused,
             },
-            # The certificate served is one carriers refuse (it expired while
-            # served, or a start took it from the files not valid yet).
-            "certificate_served_refused": None
-            if serving is None
-            else out_of_date(serving, time.time()),
+            "certificate_served_refused": served_refused(serving),
         }
 
     def close(self) -> None:

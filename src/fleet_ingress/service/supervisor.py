@@ -63,7 +63,7 @@ from fleet_ingress.config.config_diff import settings_changed
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import change_note, out_of_date
+from fleet_ingress.core.certificate_change import change_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -111,7 +111,7 @@ from fleet_ingress.service.carrier_certificate import (
     warn_about_chain,
 )
 from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
-from fleet_ingress.service.files_on_disk import FilesOnDisk
+from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     ReloadRefused,
@@ -276,7 +276,7 @@ class Supervisor:
             task_failures=lambda: self.task_failures.by_task,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
-            certificate_file_refused=lambda: self.files.certificate_refused_now(self.serving_leaf),
+            certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -1324,8 +1324,7 @@ class Supervisor:
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
             + (
                 "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
-                if self.serving_leaf is not None
-                and out_of_date(self.serving_leaf, time.time()) is not None
+                if served_refused(self.serving_leaf) is not None
                 else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
                 if self.files.certificate_refused(self.serving_leaf) is not None
                 else ""
@@ -1350,11 +1349,11 @@ class Supervisor:
 
     def say_certificate_kept(self, problem: str) -> None:
         """The start passed over the certificate on disk (`problem`: what
-        `carrier_certificate.kept_certificate` or `kept_over_unloadable` says
-        of it) and serves the one
-        the previous process served (before a stop, a crash or an upgrade's
-        exec). `stat` and `fleet_ingress_certificate_file_refused` say so too,
-        until the file holds one a reload takes (`FilesOnDisk.certificate_refused`)."""
+        `carrier_certificate.kept_certificate` or `kept_over_unloadable` says of
+        it) and serves the one the previous process served (before a stop, a
+        crash or an upgrade's exec). `stat` and the gauge
+        `fleet_ingress_certificate_file_refused` say so too, until the files
+        hold one a reload takes (`FilesOnDisk.certificate_refused`)."""
         until = self.serving_leaf.not_after if self.serving_leaf is not None else None
         log.warning(
             "the certificate on disk is not served, as a reload would refuse it: the one "

@@ -501,30 +501,30 @@ def children_running() -> list[int]:
     return found
 
 
+def _proc_stat(pid: int) -> list[bytes]:
+    """/proc/PID/stat's fields from the state (its 3rd) on, after the process
+    name (which may hold spaces and parentheses); empty when there is no such
+    process (gone meanwhile)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()
+    except OSError:
+        return []
+
+
 def process_state(pid: int) -> tuple[str, int] | None:
     """Process `pid`'s state letter (R, S, Z...) and its parent's pid, from
     /proc; None when there is no such process (gone meanwhile)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            after_name = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    if len(after_name) < 2:
-        return None
-    return after_name[0].decode(), int(after_name[1])
+    fields = _proc_stat(pid)
+    return (fields[0].decode(), int(fields[1])) if len(fields) >= 2 else None
 
 
 def process_start(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot, /proc's starttime):
     with its pid, what tells it from a later process given the same pid. None
     when there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            after_name = f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    # Fields from the state (3rd) on: starttime is the 22nd.
-    return int(after_name[19]) if len(after_name) > 19 else None
+    fields = _proc_stat(pid)
+    return int(fields[19]) if len(fields) > 19 else None  # starttime: the 22nd field
 
 
 # After the drain's time, what a drain without a supervisor waits more at most.
