@@ -571,6 +571,26 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert "fleet_ingress_certificate_file_refused 1.0" in await unit.metrics()
 
 
+async def test_a_unit_killed_whole_keeps_the_certificate_it_served_for_the_start_after(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """Every process of the unit killed (`systemctl kill -s KILL`): no worker is
+    left to take up, so the start systemd makes reads the files, but passes
+    over an expired certificate there (a renewal a reload refused) for the one
+    its predecessor's crash snapshot says it served."""
+    unit = await install(systemd, tls_files, fleet)
+    served = await unit.peer_serial(tls_files)
+    write_expired_leaf(tls_files, unit.home)
+    await asyncio.sleep(SNAPSHOT_EVERY * 1.5)  # a snapshot written since the start
+    systemd.systemctl("kill", "-s", "KILL", NAME)
+    await unit.until(30, ActiveState="active", NRestarts="1")
+    await unit.fleets_up()
+    assert await unit.peer_serial(tls_files) == served
+    assert not unit.started_again()  # nothing taken up: no crash take-up said
+    said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
+    assert len(said) == 1 and "expired on" in said[0]["problem"], said
+
+
 async def test_a_restart_whose_start_fails_keeps_the_certificate_for_the_next_try(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:

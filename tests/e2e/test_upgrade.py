@@ -1319,6 +1319,48 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         await service.finish()
 
 
+async def test_a_certificate_cut_at_the_exec_leaves_the_new_image_serving_the_carried_one(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """tls.cert cut short just before the exec, after every check, and still cut
+    once the new image has read it again for REEXEC_READ_PATIENCE: the new image
+    serves the certificate the previous one served (carried in its state), with
+    the files' configuration and fleets, and says so, rather than exit (every
+    call with it) or serve what cannot load."""
+    src = _copy_package(tmp_path)
+    where = 'argv[argv.index("-c") + 1]'
+    cut = (
+        f"    import pathlib; cert = pathlib.Path({where}).parent / 'cert.pem'; "
+        "cert.write_bytes(cert.read_bytes()[:200])\n"
+    )
+    _inject(src, "service/listen_fds.py", EXECVE, cut)
+    upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
+    source = upgrade_py.read_text()
+    assert source.count("REEXEC_READ_PATIENCE = 10.0") == 1
+    upgrade_py.write_text(
+        source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        served = await service.peer_serial(tls_files)
+        await load.start_long(4, duration=6.0)
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, (out, err, service.log_tail())
+        (line,) = [
+            e
+            for e in service.log()
+            if e.get("event", "").startswith("the certificate on disk is not served")
+        ]
+        assert line["key"] == "tls.cert", line
+        assert {r["generation"] for r in await _rows(service) if r["state"] == "serving"} == {2}
+        assert await service.peer_serial(tls_files) == served
+        _assert_no_loss(await load.results(timeout=15))
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 # Raised here, the new image fails as it takes up the carried state, before it
 # has a supervisor.
 _NO_SUPERVISOR_YET = '        supervisor.restarts.update(carried["restarts"])\n'
