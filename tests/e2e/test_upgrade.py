@@ -499,6 +499,16 @@ def _copy_package(into: Path) -> Path:
     return src
 
 
+def _shorten_read_patience(src: Path) -> None:
+    """The copy `src`'s new image reads files that do not read for 1 s, not 10."""
+    upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
+    source = upgrade_py.read_text()
+    assert source.count("REEXEC_READ_PATIENCE = 10.0") == 1
+    upgrade_py.write_text(
+        source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
+    )
+
+
 async def _start_planted(
     src: Path, tls_files: TLSFiles, fleets: list[SimulatedFleet], *, workers: int, drain: int
 ) -> RunningIngress:
@@ -1289,12 +1299,7 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         EXECVE,
         f"    import pathlib; {_BREAK_FLEETS.format(where=where, text=text)}\n",
     )
-    upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
-    source = upgrade_py.read_text()
-    assert source.count("REEXEC_READ_PATIENCE = 10.0") == 1
-    upgrade_py.write_text(
-        source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
-    )
+    _shorten_read_patience(src)
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
     load = _fleets_load(service, tls_files, fleets)
     try:
@@ -1334,12 +1339,7 @@ async def test_a_certificate_cut_at_the_exec_leaves_the_new_image_serving_the_ca
         "cert.write_bytes(cert.read_bytes()[:200])\n"
     )
     _inject(src, "service/listen_fds.py", EXECVE, cut)
-    upgrade_py = src / "fleet_ingress" / "service" / "upgrade.py"
-    source = upgrade_py.read_text()
-    assert source.count("REEXEC_READ_PATIENCE = 10.0") == 1
-    upgrade_py.write_text(
-        source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
-    )
+    _shorten_read_patience(src)
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
     load = _fleets_load(service, tls_files, fleets)
     try:
