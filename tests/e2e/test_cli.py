@@ -508,3 +508,27 @@ def test_options_before_the_command_are_read_as_written_after_it(
     from fleet_ingress.cli import _build_parser, _command_first
 
     assert _command_first(argv, _build_parser()) == read_as
+
+
+def test_run_with_a_key_of_another_certificate_and_nothing_kept_refuses_to_start(
+    tmp_path: Path, tls_files: TLSFiles
+):
+    """A first start (no certificate served before it to keep: the unit's
+    ExecStartPre check leaves this to `run` since session 29) exits 2 naming
+    the files, before it listens."""
+    import socket
+
+    import trustme
+
+    key = tmp_path / "other-key.pem"
+    trustme.CA().issue_cert("localhost").private_key_pem.write_to_path(key)
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = free.getsockname()[1]
+    config = _write_config(tmp_path, tls_files, port, "https://127.0.0.1:9 name=a\n")
+    config.write_text(config.read_text().replace(str(tls_files.ingress_key), str(key)))
+    done = subprocess.run(
+        [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert "do not match" in done.stderr and str(key) in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
