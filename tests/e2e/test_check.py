@@ -530,3 +530,34 @@ def test_before_start_leaves_a_certificate_that_cannot_load_to_the_start(
     (deployment.parent / "fleets.txt").write_text("not a url\n")
     out = io.StringIO()
     assert run_check(deployment, out, before_start=True) == 1
+
+
+def test_before_start_leaves_a_chain_carriers_may_not_verify_to_the_start(
+    deployment: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal whose chain this host cannot follow to a root (certbot's cert.pem,
+    or an intermediate under a root the host's trust store lacks yet): the unit's
+    ExecStartPre used to refuse it, and a `systemctl restart` then failed the
+    unit, every call on the host with it, though `run` serves such a chain. It
+    passes it now, saying the start decides; `check` itself (the unit's
+    ExecReload) still refuses it, and another problem beside it still fails."""
+    from fleet_ingress.config import check
+
+    monkeypatch.setattr(check, "workers_left_in_unit", lambda: [])
+    use_tls(deployment, "cert.pem")
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 0
+    said = out.getvalue()
+    assert "holds the server's certificate alone" in said
+    assert "carriers may fail to verify the carrier certificate above; left to the start" in said
+    assert run(deployment)[0] == 1
+    # A tls.ca_file that cannot be read: the chain cannot be judged, left to the start too.
+    use_tls(deployment, "fullchain.pem", ca_file=deployment.parent / "missing-ca.pem")
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 0
+    assert "tls.ca_file: cannot read" in out.getvalue()
+    use_tls(deployment, "cert.pem")
+    (deployment.parent / "fleets.txt").write_text("not a url\n")
+    out = io.StringIO()
+    assert run_check(deployment, out, before_start=True) == 1
+    assert out.getvalue().endswith("check failed: 2 problem(s)\n")

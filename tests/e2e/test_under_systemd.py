@@ -571,6 +571,54 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
     assert "fleet_ingress_certificate_file_refused 1.0" in await unit.metrics()
 
 
+async def test_a_restart_keeps_the_certificate_over_a_renewal_whose_chain_carriers_cannot_follow(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A renewal without its intermediate (certbot's cert.pem; or a chain under a
+    root this host does not trust yet): the reload is refused by the unit's
+    check, as before. Before, the unit's ExecStartPre refused it too, so a
+    `systemctl restart` failed the unit: every call on the host refused. Now the
+    restart keeps the certificate served, and `stat` says the file is refused;
+    a stop then a start serves the file, and `stat` and `systemctl status` say
+    carriers may fail to verify it."""
+    unit = await install(systemd, tls_files, fleet)
+    served = await unit.peer_serial(tls_files)
+    leaf = tls_files.ca.create_child_ca().issue_cert("127.0.0.1", "localhost")
+    (unit.home / "cert.pem").write_bytes(leaf.cert_chain_pems[0].bytes())  # the leaf alone
+    leaf.private_key_pem.write_to_path(unit.home / "key.pem")
+    reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+    assert reloaded.returncode != 0, unit.log_tail()
+    restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+    assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    await unit.fleets_up()
+    assert await unit.peer_serial(tls_files) == served
+    refused = (await unit.stats())["certificate_file"]["refused"]
+    assert refused.startswith("tls.cert holds the server's certificate alone"), refused
+    code, output = await asyncio.to_thread(unit.cli, "stat")
+    assert code == 0 and "CERTIFICATE ON DISK REFUSED: tls.cert holds" in output, output
+    said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
+    assert len(said) == 1 and "certificate alone" in said[0]["problem"], said
+    # The chain warning is of what is served: none.
+    assert not [line for line in unit.log() if "may fail to verify" in line["event"]]
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "after the restart")
+    finally:
+        await close_calls([call])
+    # A stop then a start (the store released): the file serves, said.
+    await asyncio.to_thread(systemd.systemctl, "stop", NAME)
+    started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+    assert started.returncode == 0, started.stderr + unit.log_tail()
+    with pytest.raises(ssl.SSLCertVerificationError):  # the client lacks the intermediate
+        await unit.peer_serial(tls_files)
+    code, output = await asyncio.to_thread(unit.cli, "stat")
+    assert "CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: tls.cert holds" in output, output
+    assert "CERTIFICATE ON DISK REFUSED" not in output
+    async with asyncio.timeout(15):
+        while "CARRIERS MAY FAIL TO VERIFY" not in unit.show("StatusText")["StatusText"]:
+            await asyncio.sleep(0.2)
+
+
 async def test_a_unit_killed_whole_keeps_the_certificate_it_served_for_the_start_after(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:

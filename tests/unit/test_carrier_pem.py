@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.net.tls import (
@@ -194,3 +196,37 @@ def test_a_start_keeps_the_certificate_served_before_over_files_that_cannot_serv
     expired = read_pem(cert, key)
     assert kept_over_unloadable(config, expired, error.value) is None
     assert kept_over_unloadable(config, served._replace(key=expired.key), error.value) is None
+
+
+def test_a_start_keeps_the_certificate_served_before_over_a_chain_carriers_may_not_verify(
+    tmp_path: Path,
+) -> None:
+    """A renewal whose chain carriers cannot follow (the intermediate missing:
+    certbot's cert.pem), which the unit's reload check refuses: a restart
+    keeps the served one, whose chain they follow, rather than serve it. When
+    the one served is no better, or the chain cannot be judged, the files serve."""
+    root = trustme.CA()
+    root.cert_pem.write_to_path(tmp_path / "root.pem")
+    issuer = root.create_child_ca()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    config = IngressConfig.model_validate(
+        {"tls": {"cert": str(cert), "key": str(key), "ca_file": str(tmp_path / "root.pem")}}
+    )
+    _issue(issuer, tmp_path, "calls.example.com")
+    served = read_pem(cert, key)
+    assert kept_certificate(config, served) is None
+    renewal = issuer.issue_cert("calls.example.com")
+    cert.write_bytes(renewal.cert_chain_pems[0].bytes())  # the leaf alone
+    renewal.private_key_pem.write_to_path(key)
+    kept = kept_certificate(config, served) or ""
+    assert kept.startswith(f"tls.cert: {cert} holds the server's certificate alone"), kept
+    # The chain in full: a good renewal, served.
+    cert.write_bytes(b"".join(blob.bytes() for blob in renewal.cert_chain_pems))
+    assert kept_certificate(config, served) is None
+    # The one served lacked its intermediate too: no better, the files serve.
+    cert.write_bytes(renewal.cert_chain_pems[0].bytes())
+    leaf_alone = x509.load_pem_x509_certificates(served.cert)[0].public_bytes(Encoding.PEM)
+    assert kept_certificate(config, served._replace(cert=leaf_alone)) is None
+    # tls.ca_file cannot be read: the chains cannot be judged, the files serve.
+    (tmp_path / "root.pem").unlink()
+    assert kept_certificate(config, served) is None

@@ -16,6 +16,7 @@ from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.net.tls import leaf_facts
 from fleet_ingress.ops.fleet_display import (
+    certificate_chain_doubted,
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
@@ -140,3 +141,67 @@ async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change
     assert "tls.cert" in (await refused() or "")
     assert files.certificate_file_refused(serving) is True
     files.close()
+
+
+async def test_a_chain_carriers_may_not_verify_is_refused_or_said_of_the_one_served(
+    tmp_path: Path,
+) -> None:
+    """Real files, tls.ca_file naming the root: a renewal without its
+    intermediate (the unit's reload check refuses it) is a refused file while
+    another certificate is served; when it is the one served (a start with none
+    to keep took it), stat says carriers may fail to verify it. The CA file is
+    looked at too: replaced, the chain is judged again; a FIFO, not opened."""
+    root = trustme.CA()
+    ca_file = tmp_path / "root.pem"
+    root.cert_pem.write_to_path(ca_file)
+    issuer = root.create_child_ca()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    config = IngressConfig.model_validate(
+        {
+            "tls": {"cert": str(cert), "key": str(key), "ca_file": str(ca_file)},
+            "fleets": {"file": str(tmp_path / "f")},
+        }
+    )
+    leaf = issuer.issue_cert("calls.example.com")
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(key)
+    served = leaf_facts(cert)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+
+    async def said(serving: LeafFacts) -> tuple[str | None, str | None]:
+        await files.look(config, [], 0)
+        snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
+        return certificate_refused(snap), certificate_chain_doubted(snap)
+
+    assert await said(served) == (None, None)
+    renewal = issuer.issue_cert("calls.example.com")
+    cert.write_bytes(renewal.cert_chain_pems[0].bytes())  # the leaf alone
+    renewal.private_key_pem.write_to_path(key)
+    refused, doubted = await said(served)
+    assert refused is not None and doubted is None
+    assert refused.startswith(
+        "CERTIFICATE ON DISK REFUSED: tls.cert holds the server's certificate alone"
+    )
+    assert files.certificate_file_refused(served) is True
+    taken = leaf_facts(cert)  # a start with none to keep served it
+    refused, doubted = await said(taken)
+    assert refused is None and doubted is not None
+    assert doubted.startswith(
+        "CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: tls.cert holds the server's "
+        "certificate alone"
+    )
+    assert files.certificate_file_refused(taken) is False
+    # The full chain under another root, tls.ca_file replaced by that root: judged
+    # again, and passed.
+    other_root = trustme.CA()
+    other = other_root.create_child_ca().issue_cert("calls.example.com")
+    cert.write_bytes(b"".join(blob.bytes() for blob in other.cert_chain_pems))
+    other.private_key_pem.write_to_path(key)
+    assert (await said(leaf_facts(cert)))[1] is not None  # not under root.pem
+    other_root.cert_pem.write_to_path(ca_file)
+    assert await said(leaf_facts(cert)) == (None, None)
+    cert.write_bytes(other.cert_chain_pems[0].bytes())
+    ca_file.unlink()
+    os.mkfifo(ca_file)
+    async with asyncio.timeout(5):  # not opened: the chain is not judged
+        assert await said(leaf_facts(cert)) == (None, None)

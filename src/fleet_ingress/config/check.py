@@ -67,13 +67,25 @@ def run_check(
     if problems and before_start and config is not None:
         # The certificate alone: the supervisor started now judges it. After a
         # restart it serves on the one it served before (systemd keeps it), as a
-        # reload refuses such files; with none kept, it refuses to start, saying why.
-        loading = _certificate_load_problems(config, str(path))
-        if loading and set(problems) <= set(loading):
+        # reload refuses such files; with none kept, it refuses to start, saying
+        # why, or serves a chain carriers may fail to verify, warning (as `run`
+        # always has: a restart that failed here took every call down).
+        source = str(path)
+        if loading := _certificate_load_problems(config, source):
+            if set(problems) <= set(loading):
+                print(
+                    "check: the carrier certificate above cannot be served; left to the "
+                    "start: after a restart it serves the one it served before (systemd "
+                    "keeps it), otherwise it refuses to start, saying why; fix the files",
+                    file=out,
+                )
+                return 0
+        elif (chain := _certificate_chain_problems(config, source)) and set(problems) <= set(chain):
             print(
-                "check: the carrier certificate above cannot be served; left to the "
-                "start: after a restart it serves the one it served before (systemd keeps "
-                "it), otherwise it refuses to start, saying why; fix the files",
+                "check: carriers may fail to verify the carrier certificate above; left "
+                "to the start: after a restart it serves the one it served before (systemd "
+                "keeps it), otherwise it serves this one, warning, and `fleet-ingress stat` "
+                "says so; fix the files, then reload",
                 file=out,
             )
             return 0
@@ -289,14 +301,13 @@ def _certificate_load_problems(config: IngressConfig, source: str) -> list[str]:
     return []
 
 
-def _check_certificate(config: IngressConfig, source: str) -> list[str]:
-    if problems := _certificate_load_problems(config, source):
-        return problems
+def _certificate_chain_problems(config: IngressConfig, source: str) -> list[str]:
+    """Why carriers may fail to verify the chain of tls.cert (which loads), or
+    why it cannot be judged (tls.ca_file)."""
     cert, key = config.tls.cert, config.tls.key
     assert cert is not None and key is not None  # they loaded
     if (ca_file := config.tls.ca_file) is not None and (reason := _unreadable(ca_file)):
         return [f"{source}: tls.ca_file: cannot read {ca_file}: {reason}"]
-    leaf = leaf_facts(cert)
     try:
         # A chain clients cannot follow is an error here though `run` serves it (with a
         # warning): browsers fetch a missing intermediate, carriers' TLS stacks do not.
@@ -304,6 +315,17 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
             return [f"{source}: tls.cert: {cert} {problem}"]
     except TLSSetupError as exc:
         return [f"{source}: tls.ca_file: {exc}"]
+    return []
+
+
+def _check_certificate(config: IngressConfig, source: str) -> list[str]:
+    if problems := _certificate_load_problems(config, source):
+        return problems
+    if problems := _certificate_chain_problems(config, source):
+        return problems
+    cert = config.tls.cert
+    assert cert is not None  # it loaded
+    leaf = leaf_facts(cert)
     # Warnings, not errors: `run` must start with such a certificate, since its :80
     # listener is what lets certbot renew it. A reload refuses one (certificate_change).
     # Not yet valid first: a short-lived certificate (under the expiry warning's

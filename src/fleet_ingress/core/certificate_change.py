@@ -78,15 +78,19 @@ def out_of_date(leaf: LeafFacts, now: float) -> str | None:
     return None
 
 
-def kept_over_restart(on_disk: LeafFacts, served: LeafFacts, now: float) -> str | None:
+def kept_over_restart(
+    on_disk: LeafFacts, served: LeafFacts, now: float, chain: str | None = None
+) -> str | None:
     """At a start after a stop (`systemctl restart`): why the certificate on disk
     must not replace `served`, the one carriers got before the stop, or None
-    (the files serve). What a reload refuses (`renewal_problem`), a restart
-    does not put in place of a certificate carriers still accept; once that
-    one is out of date itself, the files serve whatever they hold."""
-    if out_of_date(served, now) is not None:
+    (the files serve). What a reload refuses (`renewal_problem`; and `chain`,
+    why carriers may fail to verify the chain on disk where they verify the
+    served one's, as the unit's reload check refuses it), a restart does not
+    put in place of a certificate carriers still accept; once that one is out
+    of date itself, the files serve whatever they hold."""
+    if out_of_date(served, now) is not None or on_disk == served:
         return None
-    return renewal_problem(on_disk, served, now)
+    return renewal_problem(on_disk, served, now) or chain
 
 
 def change_note(new: LeafFacts | None, serving: LeafFacts | None) -> str | None:

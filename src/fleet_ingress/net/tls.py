@@ -338,17 +338,25 @@ _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _FULLCHAIN_HINT = "certbot's fullchain.pem holds the certificate and its intermediates, in order"
 
 
-def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | None:
+def chain_problem(
+    cert: Path,
+    key: Path,
+    ca_file: Path | None = None,
+    *,
+    named: tuple[Path, Path] | None = None,
+) -> str | None:
     """What keeps a client from verifying the chain in `cert`, or None when nothing does.
 
     The chain must run leaf first, each certificate followed by its issuer, and end at
     (or just below) a root in the system trust store, or in `ca_file` when the operator
-    names one: a private CA that carriers are given, or a self-signed certificate."""
+    names one: a private CA that carriers are given, or a self-signed certificate.
+    `named`: the files the messages name (read from `cert` and `key`: memfds)."""
+    cert_name, key_name = named or (cert, key)
     try:
         chain = x509.load_pem_x509_certificates(cert.read_bytes())
     except (OSError, ValueError):
         return None  # unreadable or not PEM: server_ssl_context names that
-    if problem := _misordered(cert, key):
+    if problem := _misordered(cert, key, key_name):
         return problem
     for i, (subject, issuer) in enumerate(pairwise(chain), start=1):
         if not _issued_by(subject, issuer):
@@ -386,13 +394,13 @@ def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | N
         )
     if code in (2, 20):  # unable to get (local) issuer certificate
         if len(chain) == 1:
-            fullchain = cert.with_name("fullchain.pem")
+            fullchain = cert_name.with_name("fullchain.pem")
             use = f"use {fullchain}" if fullchain.is_file() else "use fullchain.pem"
             # Already fullchain.pem: certbot's advice would send the operator in a circle.
             hint = (
                 "; the file is named fullchain.pem but holds one certificate: put the "
                 "intermediates after it, in order"
-                if cert.name == "fullchain.pem"
+                if cert_name.name == "fullchain.pem"
                 else f". With certbot, {use}, not cert.pem ({_FULLCHAIN_HINT})"
             )
             return (
@@ -406,6 +414,20 @@ def chain_problem(cert: Path, key: Path, ca_file: Path | None = None) -> str | N
             f"fail to verify it ({_FULLCHAIN_HINT}){private}"
         )
     return f"cannot be verified against {trusted}: {message}"
+
+
+def pem_chain_problem(
+    pem: CarrierPem, cert: Path, key: Path, ca_file: Path | None = None
+) -> str | None:
+    """`chain_problem` of `pem` (read from `cert` and `key`, which messages name),
+    not of the files again: what a process serves."""
+    fds = held_pem(pem)
+    try:
+        return chain_problem(fd_path(fds[0]), fd_path(fds[1]), ca_file, named=(cert, key))
+    finally:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _empty_trust_store() -> str | None:

@@ -16,6 +16,7 @@ import aiohttp
 from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    certificate_chain_doubted,
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
@@ -320,6 +321,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(refused)
     if (bad := certificate_served_refused(snap)) is not None:
         lines.append(bad)
+    if (doubted := certificate_chain_doubted(snap)) is not None:
+        lines.append(doubted)
     if (edited := edits_not_applied(snap)) is not None:
         lines.append(edited)
     if snap.get("state") == "draining":

@@ -108,6 +108,17 @@ def certificate_served_refused(snap: dict[str, Any]) -> str | None:
     )
 
 
+def certificate_chain_doubted(snap: dict[str, Any]) -> str | None:
+    """One line while the certificate served, as tls.cert holds it, has a chain
+    carriers may fail to verify (a start with none to keep serves it, warning)."""
+    if not (problem := snap.get("certificate_served_chain")):
+        return None
+    return (
+        f"CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: {problem}: fix the file "
+        "(`fleet-ingress check` says how), then `systemctl reload fleet-ingress`"
+    )
+
+
 # How an edit a reload would refuse is said (service.files_on_disk), and told apart.
 WOULD_BE_REFUSED = "would be refused"
 

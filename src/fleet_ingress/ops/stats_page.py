@@ -12,6 +12,7 @@ from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    certificate_chain_doubted,
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
@@ -67,6 +68,8 @@ def _refused_reload(snap: dict[str, Any]) -> str:
         shown += f'<p class="stopping" id="certificate-refused">{escape(refused)}</p>'
     if (bad := certificate_served_refused(snap)) is not None:
         shown += f'<p class="stopping" id="certificate-served">{escape(bad)}</p>'
+    if (doubted := certificate_chain_doubted(snap)) is not None:
+        shown += f'<p class="stopping" id="certificate-chain">{escape(doubted)}</p>'
     if (edited := edits_not_applied(snap)) is not None:
         shown += f'<p class="muted" id="edits">{escape(edited)}</p>'
     return shown

@@ -32,6 +32,7 @@ from fleet_ingress.net.tls import (
     chain_problem,
     leaf_facts,
     leaf_facts_of,
+    pem_chain_problem,
     pem_from_fds,
     read_pem,
     server_ssl_context,
@@ -72,16 +73,26 @@ def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
     `config` names on disk is not served, `served` (the one served before the
     stop: `fd_store.CrashSnapshot.stopped`) serving on instead, or None (the
     files serve). One a reload would refuse (expired, not valid yet, for none
-    of its names) is passed over, for one still good that loads with
-    `config`'s [tls]."""
-    if config.tls.cert is None or (before := _loads_here(config, served)) is None:
+    of its names, or one whose chain carriers may fail to verify where they
+    verify the served one's: the unit's reload check refuses it) is passed
+    over, for one still good that loads with `config`'s [tls]."""
+    tls = config.tls
+    if tls.cert is None or tls.key is None or (before := _loads_here(config, served)) is None:
         return None
     try:
-        on_disk = leaf_facts(config.tls.cert)
+        on_disk = leaf_facts(tls.cert)
     except (TLSSetupError, OSError):
         return None  # the files are read as ever (and what cannot load says why)
-    problem = kept_over_restart(on_disk, before, time.time())
-    return None if problem is None else f"tls.cert: {config.tls.cert} {problem}"
+    chain = None
+    if on_disk != before:
+        try:
+            chain = chain_problem(tls.cert, tls.key, tls.ca_file)
+            if chain is not None and pem_chain_problem(served, tls.cert, tls.key, tls.ca_file):
+                chain = None  # no better: the files serve (and the warning says it)
+        except TLSSetupError:  # tls.ca_file unusable: the chain cannot be judged
+            chain = None
+    problem = kept_over_restart(on_disk, before, time.time(), chain)
+    return None if problem is None else f"tls.cert: {tls.cert} {problem}"
 
 
 def kept_over_unloadable(
@@ -186,14 +197,18 @@ def carrier_ssl_context(config: IngressConfig, pem: CarrierPem | None = None) ->
     return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
 
 
-def warn_about_chain(config: IngressConfig) -> None:
+def warn_about_chain(config: IngressConfig, pem: CarrierPem | None = None) -> None:
     """Serve anyway: the chain `check` refuses still works for carriers that hold the
-    missing intermediate, and refusing to start would drop every call."""
+    missing intermediate, and refusing to start would drop every call. `pem`:
+    the certificate and key served, when not the files (kept over them)."""
     tls = config.tls
     if tls.cert is None or tls.key is None:
         return
     try:
-        problem = chain_problem(tls.cert, tls.key, tls.ca_file)
+        if pem is None:
+            problem = chain_problem(tls.cert, tls.key, tls.ca_file)
+        else:
+            problem = pem_chain_problem(pem, tls.cert, tls.key, tls.ca_file)
         problem = problem and f"{tls.cert} {problem}"
         key = "tls.cert"
     except TLSSetupError as exc:  # tls.ca_file unusable: the chain cannot be judged

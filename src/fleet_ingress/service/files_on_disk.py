@@ -33,7 +33,7 @@ from fleet_ingress.core.certificate_change import (
     renewal_waiting,
 )
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.net.tls import leaf_facts, server_ssl_context
+from fleet_ingress.net.tls import TLSSetupError, chain_problem, leaf_facts, server_ssl_context
 from fleet_ingress.ops.fleet_display import WOULD_BE_REFUSED
 
 log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
@@ -57,6 +57,9 @@ class FilesOnDisk:
         self.certificate_file: LeafFacts | None = None
         # Why tls.cert and tls.key, as last read, do not load together (None: they do).
         self.certificate_load_error: str | None = None
+        # Why carriers may fail to verify the chain in tls.cert, as last read (None:
+        # they verify it, or it cannot be judged: a tls.ca_file that cannot be used).
+        self.certificate_chain: str | None = None
         # What ingress.toml and the fleets file would change, not reloaded yet.
         self.edits_not_applied: list[str] = []
         self._certificate_seen: tuple[object, ...] | None = None
@@ -100,7 +103,18 @@ class FilesOnDisk:
         problem = out_of_date(self.certificate_file, now)
         if problem is None and serving is not None:
             problem = renewal_problem(self.certificate_file, serving, now)
+            if problem is None and self.certificate_file != serving:
+                # The unit's reload check refuses it (a restart keeps the one served).
+                problem = self.certificate_chain
         return None if problem is None else f"tls.cert {problem}"
+
+    def served_chain(self, serving: LeafFacts | None) -> str | None:
+        """Why carriers may fail to verify the chain of the certificate served,
+        when tls.cert holds it (a start with none to keep serves such a file,
+        warning); None otherwise."""
+        if serving is None or self.certificate_file != serving:
+            return None
+        return None if self.certificate_chain is None else f"tls.cert {self.certificate_chain}"
 
     def certificate_file_refused(self, serving: LeafFacts | None) -> bool | None:
         """The gauge `fleet_ingress_certificate_file_refused`: whether
@@ -125,6 +139,7 @@ class FilesOnDisk:
                 "refused": refused,
             },
             "certificate_served_refused": served_refused(serving),
+            "certificate_served_chain": self.served_chain(serving),
         }
 
     def close(self) -> None:
@@ -142,10 +157,13 @@ class FilesOnDisk:
         path = tls.cert
         if path is None:  # no carrier listener configured: nothing to judge
             self._certificate_seen, self.certificate_file = None, None
-            self.certificate_load_error = None
+            self.certificate_load_error, self.certificate_chain = None, None
             return
-        state = await asyncio.to_thread(lambda: (file_state(path), file_state(tls.key)))
-        seen = (str(path), str(tls.key), tls.min_version, tls.profile, *state)
+        ca_file = tls.ca_file
+        state = await asyncio.to_thread(
+            lambda: (file_state(path), file_state(tls.key), file_state(ca_file))
+        )
+        seen = (str(path), str(tls.key), str(ca_file), tls.min_version, tls.profile, *state)
         if seen == self._certificate_seen:
             return
         load_error = None
@@ -171,10 +189,17 @@ class FilesOnDisk:
                 )
             except (ValueError, OSError) as exc:
                 load_error = str(exc)
+        chain = None
+        # A tls.ca_file gone, or no regular file (a FIFO), is not read: not judged.
+        judged = ca_file is None or state[2] is not None
+        if on_disk is not None and load_error is None and tls.key is not None and judged:
+            key = tls.key
+            with contextlib.suppress(TLSSetupError):  # tls.ca_file cannot be used
+                chain = await asyncio.to_thread(chain_problem, path, key, ca_file)
         # Kept only as read now: another look finished meanwhile must not be undone.
         if seen != self._certificate_seen:
             self._certificate_seen, self.certificate_file = seen, on_disk
-            self.certificate_load_error = load_error
+            self.certificate_load_error, self.certificate_chain = load_error, chain
 
     async def _look_at_edits(
         self, config: IngressConfig, fleets: list[FleetSpec], ran: object

@@ -363,7 +363,7 @@ class Supervisor:
             self.poller.start(fleet)
         if not self.config.fleets.verify:
             _warn_unverified()
-        warn_about_chain(self.config)
+        warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
         listen = self.bound_listen if self.handed else self.config.listen
@@ -1327,6 +1327,8 @@ class Supervisor:
                 if served_refused(self.serving_leaf) is not None
                 else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
                 if self.files.certificate_refused(self.serving_leaf) is not None
+                else "; CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE: see `fleet-ingress stat`"
+                if self.files.served_chain(self.serving_leaf) is not None
                 else ""
             )
         )
@@ -1450,7 +1452,7 @@ class Supervisor:
             ),
         )
         self.reloads["applied"] += 1
-        await asyncio.to_thread(warn_about_chain, config)
+        await asyncio.to_thread(warn_about_chain, config, self.serving_pem)
         return "; ".join(notes) or "no fleet changes"
 
     def _pending_notes(self, config: IngressConfig) -> list[str]:
