@@ -47,9 +47,13 @@ class RateLimitedLog:
         *,
         level: int = logging.INFO,
         summary_fields: dict[str, Any] | None = None,
+        every: float = 1.0,
     ) -> None:
         """`summary_fields`: added to the `"log lines suppressed"` lines (which
-        of several limiters of one event they count for)."""
+        of several limiters of one event they count for). `every`: the window
+        in seconds, `per_second` lines in each (a warning worth once in a
+        while: 1 line every few seconds, the rest counted)."""
+        self.every = every
         self.logger = logger
         self.level = level
         self.summary_fields = summary_fields or {}
@@ -64,11 +68,11 @@ class RateLimitedLog:
     def info(self, event: str, **values: Any) -> bool:
         """Write the line, or count it; True if written."""
         now = self.clock()
-        if now - self._window >= 1.0:
+        if now - self._window >= self.every:
             self._window, self._written = now, 0
         if self._written >= self.per_second:
             if not self._suppressed and self.call_later is not None:
-                self.call_later(self._window + 1.0 - now, self.flush)
+                self.call_later(self._window + self.every - now, self.flush)
             self._suppressed[event] += 1
             self.suppressed_total += 1
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -522,6 +523,80 @@ async def test_a_worker_refuses_carriers_past_what_its_descriptors_hold(
             for writer in held:
                 writer.close()
             await live.close()
+
+
+def _lowest_free_fd(pid: int) -> int:
+    """The descriptor a new socket of process `pid` would get: the lowest not open."""
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in itertools.count() if n not in used)
+
+
+async def _out_of_descriptors(pid: int) -> None:
+    """Lower the soft RLIMIT_NOFILE of `pid` to the descriptors it has open
+    (the next one it opens fails EMFILE), again while one it closed since
+    (the end of a call before) left room below it."""
+    hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)[1]
+    limit = None
+    for _ in range(50):
+        lowest = _lowest_free_fd(pid)
+        if lowest == limit:
+            return
+        limit = lowest
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, hard))
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the descriptors of {pid} did not settle")
+
+
+@pytest.mark.uvloop_only
+async def test_a_fleet_connect_out_of_descriptors_is_answered_503_at_once_and_no_fleets_fault(
+    tls_files: TLSFiles, tmp_path: Path
+):
+    """A worker whose descriptors ran out between the carrier's accept and the
+    connect to its fleet (its RLIMIT_NOFILE lowered to the descriptors it has,
+    with three carriers through their handshake): each call is answered 503 at
+    once naming the cause, on the first attempt (the other attempts would fail
+    the same, on every fleet), the fleet is not held responsible (no retry
+    counted, still UP), and the journal says so once, naming the fix. Before,
+    each call was tried four times (retries 3) and the journal said "fleet
+    attempt failed" for each, never what to do."""
+    stats_port = await free_port()
+    async with _ingress_process(tls_files, tmp_path, stats_port=stats_port) as (service, fleet):
+        (worker,) = workers_of(tmp_path)
+        await _call(service.port, tls_files, "before")
+        held = [await _tls_open(service.port, tls_files) for _ in range(3)]
+        try:
+            await asyncio.sleep(0.2)  # the last handshake's end, on the worker's side
+            soft, hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+            answers = []
+            for reader, writer in held:
+                # Each carrier answered frees its descriptor: none left again.
+                await _out_of_descriptors(worker)
+                writer.write(UPGRADE.format(path="/ws/emfile").encode())
+                async with asyncio.timeout(3):
+                    answers.append(await reader.read(-1))  # and the close
+            resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
+        finally:
+            for _, writer in held:
+                writer.close()
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"this ingress could not connect to a fleet" in answer, answer
+            assert b"Too many open files" in answer, answer
+        await asyncio.sleep(0.5)  # the lines of the calls' ends
+        lines = service.json_lines()
+        ended = [e for e in lines if e.get("event") == "call ended" and e["status"] == 503]
+        assert len(ended) == 3, ended
+        assert {e["attempts"] for e in ended} == {1}, ended  # no retry: each fails the same
+        assert all("EMFILE" in e["detail"] for e in ended), ended
+        said = [e for e in lines if e.get("event", "").startswith("cannot connect to fleets")]
+        assert len(said) == 1, said  # once, not a line a call
+        assert said[0]["level"] == "warning" and "lower limits.max_connections" in said[0]["event"]
+        assert not [e for e in lines if e.get("event") == "fleet attempt failed"]
+        stats = await _stats_json(stats_port)
+        (row,) = stats["fleets"]
+        assert (row["health"], row["retries"], row["redispatches"]) == ("UP", 0, 0), row
+        await _call(service.port, tls_files, "after")  # its descriptors back: calls go through
+        assert fleet.calls_total == 2
 
 
 OPERATOR_NOFILE = 512

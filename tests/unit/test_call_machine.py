@@ -289,12 +289,13 @@ FAILURES = {
         Failure.CONN_FAILURE,
         "connection refused",
     ),
-    # This host out of descriptors: retried, not held against the fleet.
+    # This host out of local ports to that address: retried (another fleet's
+    # may have some), not held against the fleet.
     "local conn-failure": (
-        [FleetConnectFailed("Too many open files", local=True)],
+        [FleetConnectFailed("Cannot assign requested address", local=True)],
         [CancelTimer(Timer.CONNECT)],
         Failure.CONN_FAILURE,
-        "Too many open files",
+        "Cannot assign requested address",
     ),
     # The fleet's name did not resolve: the fleet's, but only a new probe
     # connection is asked (this host's resolver may be what failed).
@@ -341,7 +342,9 @@ def give_up(how: str) -> Answer:
     """The answer when attempts end on a failure of this kind: this host's own
     want names itself, not the fleets (the limits audit of session 14)."""
     if how == "local conn-failure":
-        return Answer(503, "this ingress could not connect to a fleet: Too many open files")
+        return Answer(
+            503, "this ingress could not connect to a fleet: Cannot assign requested address"
+        )
     return GIVE_UP[FAILURES[how][2]]
 
 
@@ -403,6 +406,29 @@ def test_no_fleet_left_to_retry_on_answers_for_the_failure_not_503(how: str):
     fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
     pb >> SlotRefused("no fleet is up") << give_up(how) << CloseSide(Side.CARRIER)
     assert pb
+
+
+EMFILE = "out of file descriptors (EMFILE: Too many open files)"
+
+
+def test_a_connect_this_process_lacks_descriptors_for_is_answered_at_once_not_retried():
+    """Out of descriptors or memory, every fleet's attempt fails the same at
+    once: retries left or not, the carrier is answered 503 naming the want,
+    no fleet is held responsible or counted a retry, and the line is this
+    host's (LogAttemptFailed.exhausted), not the fleet's failed attempt."""
+    a, _ = fleets("a", "b")
+    pb, machine = new_call(retries=3)
+    up_to_slot(pb)
+    pb >> SlotGranted(a) << ConnectFleet(a, 1) << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> FleetConnectFailed(EMFILE, local=True, exhausted=True)
+    pb << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed("a", 1, Failure.CONN_FAILURE, EMFILE, exhausted=True)
+    pb << Answer(503, f"this ingress could not connect to a fleet: {EMFILE}")
+    pb << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert (a.retries, a.redispatches, a.call_failures, machine.attempt) == (0, 0, 0, 1)
+    assert machine.tried == ["a"]
 
 
 def test_no_slot_at_all_is_503_with_the_dispatchers_reason():

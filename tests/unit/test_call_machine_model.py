@@ -429,13 +429,21 @@ class CallMachineModel(RuleBasedStateMachine):
         self.feed(FleetConnected())
 
     @precondition(lambda self: self._attempt_phase("connecting") and self.attempt.task)
-    @rule(_gate=st.integers(0, 7), kind=st.sampled_from(["fleet", "local", "unresolved"]))
+    @rule(
+        _gate=st.integers(0, 7),
+        kind=st.sampled_from(["fleet", "local", "unresolved", "exhausted"]),
+    )
     def fleet_connect_failed(self, kind, _gate=None):
         if _gate is not None and _gate % self.rare:
             return
         self.attempt.task = False
         self.feed(
-            FleetConnectFailed("refused", local=kind == "local", unresolved=kind == "unresolved")
+            FleetConnectFailed(
+                "refused",
+                local=kind in ("local", "exhausted"),
+                unresolved=kind == "unresolved",
+                exhausted=kind == "exhausted",
+            )
         )
 
     @precondition(lambda self: self._attempt_phase("connected"))

@@ -111,6 +111,30 @@ def test_a_count_carried_by_the_next_line_is_not_written_again(lines):
     assert lines() == [{}, {"suppressed": 1}]
 
 
+def test_a_longer_window_writes_its_lines_once_in_it_and_counts_the_rest(lines):
+    """`every`: a warning worth once in a while (a worker out of descriptors,
+    every call's connect failing): one line a window, its count at the end."""
+    clock = Clock()
+    timers: list[tuple[float, object]] = []
+    log = RateLimitedLog(
+        logging.getLogger("test.refused"),
+        per_second=1,
+        clock=clock,
+        call_later=lambda delay, then: timers.append((delay, then)),
+        every=5.0,
+    )
+    assert log.info("out of descriptors")
+    clock.now += 1.0
+    assert not log.info("out of descriptors")  # a second on: still in the window
+    clock.now += 3.0
+    assert not log.info("out of descriptors")
+    assert [delay for delay, _ in timers] == [4.0]  # the window's end
+    clock.now += 1.0
+    timers[0][1]()  # type: ignore[operator]
+    assert lines() == [{}, {"suppressed": 2, "of": "out of descriptors"}]
+    assert log.info("out of descriptors")
+
+
 def test_the_line_is_one_json_object_with_its_fields(caplog):
     caplog.set_level(logging.INFO, logger="test.refused")
     RateLimitedLog(logging.getLogger("test.refused"), per_second=1).info(

@@ -20,7 +20,7 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult, ProbeSettings
 from fleet_ingress.net.dispatch import take_as_full
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.proxy import _lost_kind, _this_hosts_failure
+from fleet_ingress.net.proxy import _lost_kind, _out_of_resources, _this_hosts_failure
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,8 @@ def test_how_a_side_was_lost(exc, kind):
 @pytest.mark.parametrize(
     ("exc", "hosts"),
     [
-        (OSError(errno.EMFILE, "Too many open files"), True),
+        # Out of descriptors or memory: this host's too, but _out_of_resources's.
+        (OSError(errno.EMFILE, "Too many open files"), False),
         (OSError(errno.EADDRNOTAVAIL, "no local port"), True),
         # A name that does not resolve is the fleet's (FleetConnectFailed.unresolved).
         (socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"), False),
@@ -51,6 +52,24 @@ def test_how_a_side_was_lost(exc, kind):
 )
 def test_this_hosts_own_failures_are_not_held_against_a_fleet(exc, hosts):
     assert _this_hosts_failure(exc) is hosts
+
+
+@pytest.mark.parametrize(
+    ("exc", "want"),
+    [
+        (OSError(errno.EMFILE, "x"), "out of file descriptors (EMFILE: Too many open files)"),
+        (OSError(errno.ENFILE, "x"), "out of file descriptors host-wide (ENFILE: "),
+        (OSError(errno.ENOBUFS, "x"), "out of socket buffer memory (ENOBUFS: "),
+        (OSError(errno.ENOMEM, "x"), "out of memory (ENOMEM: "),
+        # Out of local ports to one address: another fleet's may have some.
+        (OSError(errno.EADDRNOTAVAIL, "no local port"), None),
+        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), None),
+        (ssl.SSLError(errno.ENOMEM, "an SSL error with that number"), None),
+    ],
+)
+def test_a_connect_that_failed_for_want_of_descriptors_or_memory_names_it(exc, want):
+    said = _out_of_resources(exc)
+    assert said == want if want is None else said.startswith(want)
 
 
 class _Queue:

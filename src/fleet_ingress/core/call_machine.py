@@ -137,9 +137,14 @@ class FleetConnected(Event):
 @dataclass(frozen=True, slots=True)
 class FleetConnectFailed(Event):
     detail: str
-    # This host's own failure (out of descriptors, memory or local ports), not
-    # the fleet's: retried as any, and not held against the fleet's health.
+    # This host's own failure (out of local ports to that address), not the
+    # fleet's: retried as any (another fleet's address may have ports left),
+    # and not held against the fleet's health.
     local: bool = False
+    # This process is out of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+    # ENOMEM): this host's failure too, and every fleet's attempt would fail
+    # the same at once, so none is tried again: the carrier is answered now.
+    exhausted: bool = False
     # The fleet's name did not resolve: the fleet's failure as a timeout is (its
     # probe opens a new connection, resolving the name anew, and tells), not a
     # refusal counted toward DOWN: this host's resolver may be what failed.
@@ -290,6 +295,9 @@ class LogAttemptFailed(Command):
     attempt: int
     failure: Failure
     detail: str
+    # FleetConnectFailed.exhausted: this process's want, said as such (once
+    # in a while, naming the fix), not as the fleet's failed attempt.
+    exhausted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,6 +595,10 @@ class CallMachine:
         self._emit(CancelTimer(Timer.CONNECT))
         if event.unresolved:
             self._attempt_failed(Failure.CONN_FAILURE, event.detail, refused=False)
+        elif event.exhausted:
+            self._attempt_failed(
+                Failure.CONN_FAILURE, event.detail, fleets_fault=False, exhausted=True
+            )
         else:
             self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
@@ -610,8 +622,17 @@ class CallMachine:
         self._attempt_failed(event.failure, event.detail)
 
     def _attempt_failed(
-        self, failure: Failure, detail: str, *, fleets_fault: bool = True, refused: bool = True
+        self,
+        failure: Failure,
+        detail: str,
+        *,
+        fleets_fault: bool = True,
+        refused: bool = True,
+        exhausted: bool = False,
     ) -> None:
+        """`exhausted`: this process is out of descriptors or memory; not tried
+        again whatever the retry policy says (the next attempt, on any fleet,
+        fails the same at once)."""
         fleet = self.fleet
         assert fleet is not None
         self.fleet_open = False
@@ -620,8 +641,8 @@ class CallMachine:
             self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
         self.give_up = GIVE_UP_ANSWER[failure] if fleets_fault else local_give_up_answer(detail)
-        self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail))
-        if self.rules.retry.retry_failure(failure, self.attempt):
+        self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail, exhausted))
+        if not exhausted and self.rules.retry.retry_failure(failure, self.attempt):
             if fleets_fault:  # this host's own want is no retry or redispatch of the fleet's
                 fleet.retries += 1
                 self.retried_from = fleet

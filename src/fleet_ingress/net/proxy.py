@@ -119,6 +119,15 @@ refused_log = logging.getLogger("fleet_ingress.refused")
 REFUSED_LINES_PER_SECOND = 20
 # Warnings a flood can cause (failed fleet attempts, the :80 upstream's failures).
 WARNING_LINES_PER_SECOND = 20
+# A worker out of descriptors or memory fails every call's connect to a fleet:
+# said once this often (the rest counted), naming the fix, as net.listener
+# says an accept() that fails for it.
+CONNECT_OUT_OF_RESOURCES = (
+    "cannot connect to fleets: this worker is out of descriptors or memory; calls "
+    "are answered 503 and no fleet is tried again. Raise LimitNOFILE (systemd) or "
+    "ulimit -n, or lower limits.max_connections"
+)
+OUT_OF_RESOURCES_EVERY = 5.0
 
 # A side stops reading its peer when its own write buffer passes this.
 WRITE_HIGH_WATER = 64 * 1024
@@ -180,6 +189,9 @@ class ProxyContext:
     refusals: RateLimitedLog | None = None
     # One per ingress: the "fleet attempt failed" warnings (None: each written).
     attempt_failures: RateLimitedLog | None = None
+    # One per ingress: CONNECT_OUT_OF_RESOURCES, once every OUT_OF_RESOURCES_EVERY
+    # (None: each written).
+    out_of_resources: RateLimitedLog | None = None
     # One per ingress: where complete heads wait for their parse (net/head_queue.py).
     heads: HeadQueue = field(default_factory=HeadQueue)
     # What each call's machine consults (built from the fields above).
@@ -691,6 +703,8 @@ class CarrierProtocol(_Side):
                     why = exc.strerror or str(exc)
                     detail = f"the fleet's name {spec.host} did not resolve: {why}"
                     self.feed(FleetConnectFailed(detail, unresolved=True))
+                elif (want := _out_of_resources(exc)) is not None:
+                    self.feed(FleetConnectFailed(want, local=True, exhausted=True))
                 else:
                     detail = str(exc) or type(exc).__name__
                     self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
@@ -741,12 +755,31 @@ class CarrierProtocol(_Side):
             "failure": command.failure.value,
             "detail": command.detail,
         }
-        # Rate-limited: a worker out of descriptors fails every attempt of every
+        if command.exhausted:
+            self._say_out_of_resources(command.fleet, command.detail)
+            return
+        # Rate-limited: a worker out of local ports fails every attempt of every
         # call at once (the limits audit of session 14: 494 lines in a burst).
         if self.ctx.attempt_failures is not None:
             self.ctx.attempt_failures.info("fleet attempt failed", **values)
         else:
             log.warning("fleet attempt failed", extra=fields(**values))
+
+    def _say_out_of_resources(self, fleet: str, detail: str) -> None:
+        """This worker could not connect to a fleet for want of its own
+        descriptors or memory: the calls are answered 503 at once (each access
+        line says why); the journal says it once every OUT_OF_RESOURCES_EVERY,
+        with the fix, as the listener does when accept() fails for it."""
+        values = {
+            "fleet": fleet,
+            "error": detail,
+            "open_connections": len(self.ctx.registry.connections),
+        }
+        said = self.ctx.out_of_resources
+        if said is not None:
+            said.info(CONNECT_OUT_OF_RESOURCES, **values)
+        else:
+            log.warning(CONNECT_OUT_OF_RESOURCES, extra=fields(**values))
 
     def _link(self, command: Command) -> None:
         assert isinstance(command, Link)
@@ -1077,15 +1110,30 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 # the fleet's failure (every fleet would be held for this host's trouble). A
 # name that does not resolve (socket.gaierror) is the fleet's, as a timeout is
 # (FleetConnectFailed.unresolved): its probe, on a new connection, tells.
-_LOCAL_CONNECT_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL}
-)
+# Out of local ports (EADDRNOTAVAIL) is counted per address: another fleet's may
+# have some left, so that one is tried again; the process out of descriptors or
+# memory is not (_OUT_OF: every fleet's attempt fails the same, at once).
+_LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL})
+_OUT_OF = {
+    errno.EMFILE: "out of file descriptors",
+    errno.ENFILE: "out of file descriptors host-wide",
+    errno.ENOBUFS: "out of socket buffer memory",
+    errno.ENOMEM: "out of memory",
+}
 
 
 def _this_hosts_failure(exc: OSError) -> bool:
-    """A fleet connection that failed for this host's own want (descriptors,
-    memory, local ports), not for the fleet's answer."""
+    """A fleet connection that failed for this host's own want (local ports),
+    not for the fleet's answer."""
     return not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
+
+
+def _out_of_resources(exc: OSError) -> str | None:
+    """What this process ran out of, with the errno's name (the access line's
+    detail and the carrier's 503), when the connect failed for that; else None."""
+    if isinstance(exc, ssl.SSLError) or exc.errno not in _OUT_OF:
+        return None
+    return f"{_OUT_OF[exc.errno]} ({errno.errorcode[exc.errno]}: {os.strerror(exc.errno)})"
 
 
 def _lost_kind(exc: Exception | None) -> Lost:

@@ -46,6 +46,7 @@ from fleet_ingress.net.loop_lag import LoopLagProbe
 from fleet_ingress.net.proxy import (
     GOODBYE_BOUNDARY_WAIT,
     GOODBYE_REPLY_WAIT,
+    OUT_OF_RESOURCES_EVERY,
     REFUSED_LINES_PER_SECOND,
     WARNING_LINES_PER_SECOND,
     ProxyContext,
@@ -148,6 +149,13 @@ class Ingress:
             WARNING_LINES_PER_SECOND,
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
+        )
+        self.out_of_resources = RateLimitedLog(
+            logging.getLogger("fleet_ingress.proxy"),
+            1,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+            level=logging.WARNING,
+            every=OUT_OF_RESOURCES_EVERY,
         )
         self.acme_failures = RateLimitedLog(
             logging.getLogger("fleet_ingress.acme"),
@@ -254,6 +262,7 @@ class Ingress:
             ),
             refusals=self.refusals,
             attempt_failures=self.attempt_failures,
+            out_of_resources=self.out_of_resources,
             heads=self.heads,
         )
 
