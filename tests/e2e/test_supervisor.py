@@ -1297,6 +1297,60 @@ async def test_admin_changes_act_for_the_host_and_a_forced_removal_closes_calls_
         await service.finish()
 
 
+def _calls_said(n: int) -> str:
+    return "1 call" if n == 1 else f"{n} calls"
+
+
+async def test_a_forced_removal_prints_the_calls_the_workers_say_they_closed(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The count `remove-fleet --force` prints is the sum of what each worker
+    answers it closed, and a worker that does not answer is named: one stopped
+    (SIGSTOP) through the removal closes none of its calls then, and they hold
+    the fleet. Before, the supervisor printed every slot held on the fleet as
+    closed, the stopped worker's too, beside "removed once its N calls end"."""
+    a = two_fleets[0]
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    stopped: int | None = None
+    try:
+        code, out = await admin_command(service, "drain", "b")
+        assert code == 0, out
+        await service.open_on_every_worker(tls_files, calls, 6)  # every call on a
+        opened = len(calls)
+
+        async def counted() -> bool:
+            return sum(r["calls"] for r in await _worker_rows(service)) == opened
+
+        async with asyncio.timeout(5):
+            while not await counted():
+                await asyncio.sleep(0.1)
+        frozen, running = await _victim_and_survivor(service)
+        code, out = await admin_command(service, "ready", "b")
+        assert code == 0, out
+        os.kill(frozen["pid"], signal.SIGSTOP)
+        stopped = frozen["pid"]
+        code, out = await admin_command(service, "remove-fleet", "a", "--force")
+        assert code == 0, out
+        closed, held = _calls_said(running["calls"]), _calls_said(frozen["calls"])
+        assert out.startswith(
+            f"fleet a is draining: {closed} closed, by the workers that answered; worker "
+            f"{stopped} did not say how many it closed; removed once its {held} end"
+        ), out
+        assert a.active_calls == frozen["calls"]  # the stopped worker's, not closed
+        os.kill(stopped, signal.SIGCONT)  # it reads the close now: the fleet goes
+        stopped = None
+        await eventually(lambda: a.active_calls == 0, 10)
+        async with asyncio.timeout(10):
+            while [f["name"] for f in (await service.stats())["fleets"]] != ["b"]:
+                await asyncio.sleep(0.1)
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_fleet_removed_and_added_back_soon_counts_on_and_serves_from_every_worker(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

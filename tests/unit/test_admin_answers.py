@@ -39,6 +39,16 @@ def _removal(**fields: Any) -> dict[str, Any]:
             _removal(draining_calls=1, closed_calls=4),
             "fleet a is draining: 4 calls closed; removed once its 1 call ends; its line removed",
         ),
+        (  # forced: a worker stopped (SIGSTOP) said nothing; its calls hold the fleet
+            _removal(draining_calls=2, closed_calls=3, unanswered_workers=[4242]),
+            "fleet a is draining: 3 calls closed, by the workers that answered; worker 4242 "
+            "did not say how many it closed; removed once its 2 calls end; its line removed",
+        ),
+        (  # it closed them all, but answered late: the fleet is gone
+            _removal(removed=True, closed_calls=0, unanswered_workers=[4242, 4243]),
+            "removed fleet a (0 calls closed, by the workers that answered; workers 4242, "
+            "4243 did not say how many they closed); its line removed",
+        ),
     ],
 )
 def test_a_removal_says_what_was_closed_and_what_it_waits_for(answer, said):

@@ -205,7 +205,12 @@ async def test_a_removed_fleets_calls_are_all_aborted_even_when_ending_one_raise
 
     calls = [Call(fails=True), Call(fails=False)]
     registry = SimpleNamespace(calls_on=lambda name: [c for c in calls if not c.aborted])
-    host = SimpleNamespace(ingress=SimpleNamespace(registry=registry))
+    sent: list[dict[str, object]] = []
+    host = SimpleNamespace(
+        ingress=SimpleNamespace(registry=registry), client=SimpleNamespace(send=sent.append)
+    )
     with pytest.raises(RuntimeError):
-        await worker.Worker.close_fleet(host, "a")  # type: ignore[arg-type]
+        await worker.Worker.close_fleet(host, "a", 7)  # type: ignore[arg-type]
     assert [c.aborted for c in calls] == [True, True]
+    # The supervisor is told how many it closed, all the same: remove-fleet prints it.
+    assert sent == [{"op": "fleet-closed", "id": 7, "closed": 2}]

@@ -31,7 +31,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
       {"op": "refused", "id": 7, "reason": "no fleet is up"}    answer 503 with it
 
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
-    service.worker lists them): reload / reloaded, stop / stopping, close-fleet
+    service.worker lists them): reload / reloaded, stop / stopping, close-fleet /
+    fleet-closed
     ("reload" carries "config", which a worker of an older release ignores)
     coordinator -> worker   {"op": "forget-fleet", "fleet": "a"}   the fleet left the set
                                                            (supervisor.FORGET_AFTER ago): the

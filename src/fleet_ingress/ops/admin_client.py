@@ -228,8 +228,12 @@ def describe_result(body: dict[str, Any]) -> str:
         if body.get("fleets_file")
         else "not in the fleets file any more"
     )
+    silent = _not_answered(body.get("unanswered_workers") or [])
     if body.get("removed"):
-        return f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed); {saved}"
+        return (
+            f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed{silent}); "
+            f"{saved}"
+        )
     where = saved
     unreachable = body.get("unreachable_calls") or 0
     cannot = (
@@ -240,7 +244,11 @@ def describe_result(body: dict[str, Any]) -> str:
         if unreachable
         else ""
     )
-    closed = f"{_calls(body['closed_calls'])} closed; " if body.get("closed_calls") else ""
+    closed = (
+        f"{_calls(body['closed_calls'])} closed{silent}; "
+        if body.get("closed_calls") or silent
+        else ""
+    )
     return (
         f"fleet {body['fleet']} is draining: {closed}removed once its "
         f"{_calls(body['draining_calls'])} {'ends' if body['draining_calls'] == 1 else 'end'}; "
@@ -364,6 +372,17 @@ def _code_change(before: str | None, after: str | None) -> str:
     if before == after:
         return f", code {after} (the same code as before)"
     return f", code {after} (was {before or 'not said'})"
+
+
+def _not_answered(pids: list[int]) -> str:
+    """`remove-fleet --force`'s workers that did not say how many calls they
+    closed: the count printed is what the others said."""
+    if not pids:
+        return ""
+    who = ", ".join(str(pid) for pid in pids)
+    if len(pids) == 1:
+        return f", by the workers that answered; worker {who} did not say how many it closed"
+    return f", by the workers that answered; workers {who} did not say how many they closed"
 
 
 def _calls(n: int) -> str:

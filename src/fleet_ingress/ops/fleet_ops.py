@@ -12,7 +12,7 @@ import contextlib
 import errno
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,6 +64,18 @@ FORCED_REMOVAL_WAIT = 2.0
 # ...and what is still up then (a fleet that never reads the TLS close) is aborted:
 # --force means at once, so the answer can say the fleet is gone.
 FORCED_ABORT_WAIT = 1.0
+# How long a forced removal waits for each worker to say how many calls it
+# closed: a worker answers once its calls are gone, aborted at FORCED_REMOVAL_WAIT.
+CLOSE_ANSWER_WAIT = FORCED_REMOVAL_WAIT + FORCED_ABORT_WAIT + 1.0
+
+
+@dataclass(frozen=True)
+class ClosedElsewhere:
+    """What the workers said of `remove-fleet --force` (Supervisor.close_fleet)."""
+
+    closed: int  # the sum of what each worker that answered says it closed
+    unreachable: int  # calls held by workers whose slot channel was lost: not told
+    silent: list[int]  # pids of the workers told that did not answer in time
 
 
 # The admin API's answer to each refusal of the fleet set.
@@ -97,9 +109,9 @@ class FleetOps:
     settings: Callable[[], FleetsSection]  # the running config's: a reload swaps it
     checks: FleetChecks  # the probe-duration histogram: a removed fleet leaves it
     # Calls run in worker processes under a supervisor: `--force` tells them
-    # to close the fleet's calls (their slots coming back reap the fleet); it
-    # answers how many of them no worker can be told to close (see Supervisor.close_fleet).
-    close_elsewhere: Callable[[str], int] | None = None
+    # to close the fleet's calls (their slots coming back reap the fleet), and
+    # how many each closed is what they answer (see Supervisor.close_fleet).
+    close_elsewhere: Callable[[str], Awaitable[ClosedElsewhere]] | None = None
     # A fleet has left the set (reaped, not replaced by one of its name):
     # whoever keeps something by its name may let it go (the supervisor, its
     # workers' records and the counts of workers gone, through ForgetLater
@@ -370,31 +382,32 @@ class FleetOps:
         gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
         closed = unreachable = 0
+        silent: list[int] = []
+        elsewhere: asyncio.Future[ClosedElsewhere] | None = None
         if force:
             for call in self.registry.calls_on(name):
                 call.end(EndReason.REMOVED)
                 closed += 1
             if self.close_elsewhere is not None:
                 # The workers' calls on it close now, but those of a worker
-                # without its slot channel, which cannot be told.
-                unreachable = self.close_elsewhere(name)
-                closed += fleet.active - unreachable
+                # without its slot channel, which cannot be told; each worker
+                # says how many it closed (not the slots held here: a worker
+                # stopped or hung closes none).
+                elsewhere = asyncio.ensure_future(self.close_elsewhere(name))
         calls = fleet.active
         log.info("fleet removed", extra=fields(fleet=name, force=force, calls_left=calls))
         if gone_now:
             self.gone(fleet)
-        if force and not gone.is_set():
-            try:
-                async with asyncio.timeout(FORCED_REMOVAL_WAIT):
-                    await gone.wait()
-            except TimeoutError:
-                for call in self.registry.calls_on(name):
-                    call.abort()
-                try:
-                    async with asyncio.timeout(FORCED_ABORT_WAIT):
-                        await gone.wait()
-                except TimeoutError:
-                    pass  # reported below as not yet removed
+        try:
+            if force and not gone.is_set():
+                await self._forced_gone(name, gone)
+            if elsewhere is not None:
+                told = await elsewhere
+                closed += told.closed
+                unreachable, silent = told.unreachable, told.silent
+        finally:
+            if elsewhere is not None:
+                elsewhere.cancel()
         return {
             "fleet": name,
             "removed": fleet not in self.fleets,
@@ -404,9 +417,26 @@ class FleetOps:
             "draining_calls": fleet.active if force else calls,
             "closed_calls": closed,
             "unreachable_calls": unreachable,
+            # Workers told to close their calls that did not say how many in
+            # CLOSE_ANSWER_WAIT (stopped, hung): theirs are not in closed_calls.
+            "unanswered_workers": silent,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
             "backup": str(backup) if backup else None,
         }
+
+    async def _forced_gone(self, name: str, gone: asyncio.Event) -> None:
+        """Wait for a forced removal's calls to go; abort what is still up."""
+        try:
+            async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                await gone.wait()
+        except TimeoutError:
+            for call in self.registry.calls_on(name):
+                call.abort()
+            try:
+                async with asyncio.timeout(FORCED_ABORT_WAIT):
+                    await gone.wait()
+            except TimeoutError:
+                pass  # reported as not yet removed
 
     def reap(self, fleet: FleetState) -> None:
         """A slot on `fleet` was given back: a removed fleet goes with its last call."""

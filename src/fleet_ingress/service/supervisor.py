@@ -83,7 +83,13 @@ from fleet_ingress.ops.admin_server import (
     remove_own_socket,
     socket_file_id,
 )
-from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps, ForgetLater
+from fleet_ingress.ops.fleet_ops import (
+    CLOSE_ANSWER_WAIT,
+    ClosedElsewhere,
+    FleetChangeError,
+    FleetOps,
+    ForgetLater,
+)
 from fleet_ingress.ops.host_stats import (
     PULL_EVERY,
     SCRAPE_WAIT,
@@ -301,6 +307,7 @@ class Supervisor:
         self.server.keeps_slots = self._still_running
         self.server.handlers["reloaded"] = self._answered
         self.server.handlers["stopping"] = self._answered
+        self.server.handlers["fleet-closed"] = self._answered
         self.server.handlers["serving"] = self._serving
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
@@ -1027,9 +1034,10 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def ask_workers(self, op: str, timeout: float) -> dict[int, dict[str, Any]]:
-        """Send `op` to every live worker; their answers by pid (a worker that
-        did not answer in time: `{"ok": False, "error": ...}`)."""
+    async def ask_workers(self, op: str, timeout: float, **more: Any) -> dict[int, dict[str, Any]]:
+        """Send `op` (with the fields `more`) to every live worker; their
+        answers by pid (a worker that did not answer in time:
+        `{"ok": False, "error": ...}`)."""
         ask = next(self._asks)
         asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
         loop = asyncio.get_running_loop()
@@ -1037,7 +1045,7 @@ class Supervisor:
             if worker.left.is_set():
                 continue
             future = self._answers[(key, ask)] = loop.create_future()
-            if self.server.send(key, {"op": op, "id": ask}):
+            if self.server.send(key, {"op": op, "id": ask, **more}):
                 asked[worker.pid] = future
             else:
                 del self._answers[(key, ask)]
@@ -1163,19 +1171,31 @@ class Supervisor:
         self.server.forget_fleet(name)
         fold_fleets_gone(self.view.retired, {f.name for f in self.fleet_set.fleets})
 
-    def close_fleet(self, name: str) -> int:
-        """`remove-fleet --force`: every worker closes its calls on `name`. The
+    async def close_fleet(self, name: str) -> ClosedElsewhere:
+        """`remove-fleet --force`: every worker closes its calls on `name` and
+        answers how many (`fleet-closed`); the count is the sum of those
+        answers, and a worker that does not answer in CLOSE_ANSWER_WAIT (stopped,
+        hung, or of a release before the answer) is named, not counted. The
         calls on it of a worker whose slot channel was lost cannot be told: it
-        finishes them on its own (killed at its deadline). Returns how many."""
-        for key in list(self.workers):
-            self.server.send(key, {"op": "close-fleet", "fleet": name})
-        return sum(
+        finishes them on its own (killed at its deadline); how many is said."""
+        unreachable = sum(
             1
             for row in self.slots.workers
             if row.channel_lost
             for fleet in row.held.values()
             if fleet.name == name
         )
+        answers = await self.ask_workers("close-fleet", CLOSE_ANSWER_WAIT, fleet=name)
+        said = {pid: a.get("closed") for pid, a in answers.items()}
+        counts = {pid: n for pid, n in said.items() if type(n) is int and n >= 0}
+        closed = sum(counts.values())
+        silent = sorted(pid for pid in answers if pid not in counts)
+        if silent:
+            log.warning(
+                "remove-fleet --force: a worker did not say how many calls it closed",
+                extra=fields(fleet=name, pids=silent, waited_s=CLOSE_ANSWER_WAIT),
+            )
+        return ClosedElsewhere(closed, unreachable, silent)
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
 

@@ -34,7 +34,11 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      until they end; absent: timeouts.drain). A plain stop
                                      after it (SIGTERM) shortens that to timeouts.drain
     {"op": "stop", "cut": true}      (a second signal) close every call now
-    {"op": "close-fleet", "fleet": "a"}   remove-fleet --force: close that fleet's calls
+    {"op": "close-fleet", "fleet": "a", "id": N}   remove-fleet --force: close that
+                                     fleet's calls; answered {"op": "fleet-closed", "id": N,
+                                     "closed": n} once they are gone (n: how many it
+                                     closed; without an id, from a supervisor of an older
+                                     release, not answered)
 
 and the worker says `{"op": "serving"}` once it accepts carriers (an upgrade
 waits for that from every new worker before the old generation stops).
@@ -145,7 +149,9 @@ class Worker:
             self._reload(m.get("id"), m.get("config"), m.get("pem"))
         )
         client.handlers["stop"] = self._on_stop
-        client.handlers["close-fleet"] = lambda m: self._spawn(self.close_fleet(str(m["fleet"])))
+        client.handlers["close-fleet"] = lambda m: self._spawn(
+            self.close_fleet(str(m["fleet"]), m.get("id"))
+        )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -210,28 +216,34 @@ class Worker:
         if ask is not None:
             self.client.send({"op": "reloaded", "id": ask, **answer})
 
-    async def close_fleet(self, name: str) -> None:
-        """remove-fleet --force: this worker's calls on `name` end now."""
+    async def close_fleet(self, name: str, ask: Any = None) -> None:
+        """remove-fleet --force: this worker's calls on `name` end now. Asked
+        with an `id`, answered `fleet-closed` with how many it closed once they
+        are gone: the count remove-fleet prints is the workers' own."""
         registry = self.ingress.registry
         calls = registry.calls_on(name)
-        if not calls:
-            return
-        log.info("closing a removed fleet's calls", extra=fields(fleet=name, calls=len(calls)))
         try:
-            for call in calls:
-                call.end(EndReason.REMOVED)
-            # As in-process: what does not close in time (a fleet that never reads
-            # the TLS close) is aborted, so the fleet's slots come back.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(FORCED_REMOVAL_WAIT):
-                    while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
-                        await asyncio.sleep(0.05)
+            if not calls:
+                return
+            log.info("closing a removed fleet's calls", extra=fields(fleet=name, calls=len(calls)))
+            try:
+                for call in calls:
+                    call.end(EndReason.REMOVED)
+                # As in-process: what does not close in time (a fleet that never reads
+                # the TLS close) is aborted, so the fleet's slots come back.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                        while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
+                            await asyncio.sleep(0.05)
+            finally:
+                # Also when ending one raised (a bug, said by `say_if_task_failed`):
+                # the operator asked for them all gone.
+                for call in registry.calls_on(name):
+                    call.abort()
+            await asyncio.sleep(min(FORCED_ABORT_WAIT, 0.1))
         finally:
-            # Also when ending one raised (a bug, said by `say_if_task_failed`):
-            # the operator asked for them all gone.
-            for call in registry.calls_on(name):
-                call.abort()
-        await asyncio.sleep(min(FORCED_ABORT_WAIT, 0.1))
+            if ask is not None:  # also when ending one raised: all were closed
+                self.client.send({"op": "fleet-closed", "id": ask, "closed": len(calls)})
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
