@@ -704,6 +704,11 @@ def _run(config_path: Path) -> int:
         )
         if kept_because is not None:
             supervisor.say_certificate_kept(kept_because)
+        if unread_files is not None:
+            supervisor.start_notes.append(
+                f"the files could not be read ({unread_files}): the configuration, fleets "
+                "and certificate the previous image ran serve on; fix the files, then reload"
+            )
     except (*unreadable, ListenFdsError) as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         if carried is not None:  # every worker carries calls: drained, not cut

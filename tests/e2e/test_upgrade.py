@@ -1312,6 +1312,8 @@ async def test_files_broken_at_the_exec_leave_the_new_image_serving_what_the_old
         event += "then reload"
         (line,) = [e for e in service.log() if e.get("event") == event]
         assert said in line["error"]
+        # `upgrade` says it too, not "upgraded" alone.
+        assert "NOTE: the files could not be read (" in out and said in out, out
         assert service.proc.returncode is None and service.proc.pid == pid
         assert {r["generation"] for r in await _rows(service) if r["state"] == "serving"} == {2}
         stats = await service.stats()
@@ -1353,6 +1355,8 @@ async def test_a_certificate_cut_at_the_exec_leaves_the_new_image_serving_the_ca
             if e.get("event", "").startswith("the certificate on disk is not served")
         ]
         assert line["key"] == "tls.cert", line
+        # `upgrade` says it too (before: "upgraded" alone; the journal only).
+        assert "NOTE: the certificate on disk is not served, as a reload would refuse it" in out
         assert {r["generation"] for r in await _rows(service) if r["state"] == "serving"} == {2}
         assert await service.peer_serial(tls_files) == served
         _assert_no_loss(await load.results(timeout=15))

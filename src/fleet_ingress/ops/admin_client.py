@@ -463,6 +463,8 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
                 f"{answer['pid']} ({same})",
                 file=out,
             )
+            for note in ours.get("notes") or []:  # a release before them: none
+                print(f"upgrade {upgrade_id}: NOTE: {note}", file=out)
             return 0
         if ours["state"] == "failed":
             print(

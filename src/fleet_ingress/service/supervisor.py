@@ -212,6 +212,9 @@ class Supervisor:
             pem = read_carrier_pem(config)
         carrier_ssl_context(config, pem)
         self.serving_pem = pem  # the certificate and key served now, as checked
+        # What this start serves other than what the files hold, said once more
+        # by the upgrade that re-executed into it (`upgrade` prints it).
+        self.start_notes: list[str] = []
         self.fleet_set = FleetSet.from_specs(
             fleets, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
         )
@@ -1377,6 +1380,11 @@ class Supervisor:
         `fleet_ingress_certificate_file_refused` say so too, until the files
         hold one a reload takes (`FilesOnDisk.certificate_refused`)."""
         until = self.serving_leaf.not_after if self.serving_leaf is not None else None
+        self.start_notes.append(
+            f"the certificate on disk is not served, as a reload would refuse it: {problem}; "
+            "the one served before serves on: put a good certificate in place, then "
+            "`systemctl reload fleet-ingress`"
+        )
         log.warning(
             "the certificate on disk is not served, as a reload would refuse it: the one "
             "served before serves on; put a good certificate in place, then `systemctl "

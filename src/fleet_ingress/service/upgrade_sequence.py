@@ -155,6 +155,7 @@ class Upgradable(Protocol):
     task_failures: TaskFailures
     calls_lost_total: int
     quick_deaths: int
+    start_notes: list[str]  # what this image's start serves other than the files hold
 
     @property
     def host_calls(self) -> int: ...
@@ -833,7 +834,12 @@ class UpgradeSequence:
         for worker in old:
             supervisor.retire(worker)
         status.update(
-            state="done", generation=new_generation, finished=time.time(), took_s=_took(status)
+            state="done",
+            generation=new_generation,
+            finished=time.time(),
+            took_s=_took(status),
+            # The new image serves what the files did not give it (`upgrade` prints it).
+            notes=list(supervisor.start_notes),
         )
         log.info(
             "upgrade done: the new generation serves, the old one drains",
