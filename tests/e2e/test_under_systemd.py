@@ -574,28 +574,37 @@ async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_
 async def test_a_restart_keeps_the_certificate_over_a_renewal_whose_chain_carriers_cannot_follow(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
-    """A renewal without its intermediate (certbot's cert.pem; or a chain under a
-    root this host does not trust yet): the reload is refused by the unit's
-    check, as before. Before, the unit's ExecStartPre refused it too, so a
-    `systemctl restart` failed the unit: every call on the host refused. Now the
-    restart keeps the certificate served, and `stat` says the file is refused;
-    a stop then a start serves the file, and `stat` and `systemctl status` say
-    carriers may fail to verify it."""
+    """The certificate served in full (leaf and intermediate), then the file holds
+    its leaf alone (certbot's cert.pem copied over it; or a chain under a root
+    this host does not trust yet): the reload is refused by the unit's check, as
+    before. Before, the unit's ExecStartPre refused it too, so a `systemctl
+    restart` failed the unit: every call on the host refused. Now the restart
+    keeps the chain served (the same leaf: the whole file is judged, the review
+    of session 30), and `stat` and the gauge say the file is refused; a stop
+    then a start serves the file, and `stat`, `systemctl status` and the gauge
+    `fleet_ingress_certificate_chain_doubted` say carriers may fail to verify it."""
     unit = await install(systemd, tls_files, fleet)
-    served = await unit.peer_serial(tls_files)
     leaf = tls_files.ca.create_child_ca().issue_cert("127.0.0.1", "localhost")
-    (unit.home / "cert.pem").write_bytes(leaf.cert_chain_pems[0].bytes())  # the leaf alone
+    (unit.home / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
     leaf.private_key_pem.write_to_path(unit.home / "key.pem")
     reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+    assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
+    served = await unit.peer_serial(tls_files)  # the whole chain: verified
+    (unit.home / "cert.pem").write_bytes(leaf.cert_chain_pems[0].bytes())  # the leaf alone
+    reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
     assert reloaded.returncode != 0, unit.log_tail()
+    code, output = await asyncio.to_thread(unit.cli, "stat")
+    assert code == 0 and "CERTIFICATE ON DISK REFUSED: tls.cert holds" in output, output
+    assert "CARRIERS MAY FAIL TO VERIFY" not in output  # what is served is whole
+    metrics = await unit.metrics()
+    assert "fleet_ingress_certificate_file_refused 1.0" in metrics
+    assert "fleet_ingress_certificate_chain_doubted 0.0" in metrics
     restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
     assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
     await unit.fleets_up()
     assert await unit.peer_serial(tls_files) == served
     refused = (await unit.stats())["certificate_file"]["refused"]
     assert refused.startswith("tls.cert holds the server's certificate alone"), refused
-    code, output = await asyncio.to_thread(unit.cli, "stat")
-    assert code == 0 and "CERTIFICATE ON DISK REFUSED: tls.cert holds" in output, output
     said = [line for line in unit.log() if "certificate on disk is not served" in line["event"]]
     assert len(said) == 1 and "certificate alone" in said[0]["problem"], said
     # The chain warning is of what is served: none.
@@ -614,6 +623,9 @@ async def test_a_restart_keeps_the_certificate_over_a_renewal_whose_chain_carrie
     code, output = await asyncio.to_thread(unit.cli, "stat")
     assert "CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: tls.cert holds" in output, output
     assert "CERTIFICATE ON DISK REFUSED" not in output
+    metrics = await unit.metrics()
+    assert "fleet_ingress_certificate_chain_doubted 1.0" in metrics
+    assert "fleet_ingress_certificate_file_refused 0.0" in metrics
     async with asyncio.timeout(15):
         while "CARRIERS MAY FAIL TO VERIFY" not in unit.show("StatusText")["StatusText"]:
             await asyncio.sleep(0.2)

@@ -227,6 +227,14 @@ def test_a_start_keeps_the_certificate_served_before_over_a_chain_carriers_may_n
     cert.write_bytes(renewal.cert_chain_pems[0].bytes())
     leaf_alone = x509.load_pem_x509_certificates(served.cert)[0].public_bytes(Encoding.PEM)
     assert kept_certificate(config, served._replace(cert=leaf_alone)) is None
+    # The leaf served, its intermediate dropped (cert.pem copied over the file):
+    # kept, though the leaf is the same (the review of session 30).
+    cert.write_bytes(served.cert)
+    leaf_of_served = x509.load_pem_x509_certificates(served.cert)[0].public_bytes(Encoding.PEM)
+    cert.write_bytes(leaf_of_served)
+    key.write_bytes(served.key)
+    kept = kept_certificate(config, served) or ""
+    assert "holds the server's certificate alone" in kept, kept
     # tls.ca_file cannot be read: the chains cannot be judged, the files serve.
     (tmp_path / "root.pem").unlink()
     assert kept_certificate(config, served) is None

@@ -163,13 +163,15 @@ def test_a_restart_serves_the_file_when_it_is_good_or_the_served_one_is_no_bette
 
 def test_a_restart_keeps_the_served_one_over_a_chain_carriers_may_not_verify() -> None:
     """`chain`: why carriers may fail to verify the chain on disk where they verify
-    the served one's (the service judges both): kept, unless the file is the one
-    served, or the served one is out of date, or a date or name problem says more."""
+    the served one's (the service judges both files whole): kept, even for the
+    same leaf (its intermediate dropped), unless the served one is out of date,
+    or a date or name problem says more."""
     chain = "holds the server's certificate alone"
     renewal = leaf("calls.example.com", valid_to=NOW + 90 * DAY)
     assert kept_over_restart(renewal, SERVING, NOW, chain) == chain
     assert kept_over_restart(renewal, SERVING, NOW) is None  # its chain followed: served
-    assert kept_over_restart(SERVING, SERVING, NOW, chain) is None
+    assert kept_over_restart(SERVING, SERVING, NOW, chain) == chain
+    assert kept_over_restart(SERVING, SERVING, NOW) is None
     expired = leaf("calls.example.com", valid_to=NOW - 1)
     assert kept_over_restart(renewal, expired, NOW, chain) is None
     assert "expired on" in (kept_over_restart(expired, SERVING, NOW, chain) or "")

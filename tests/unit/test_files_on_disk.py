@@ -10,11 +10,12 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import trustme
 
 from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.certificate_change import LeafFacts
-from fleet_ingress.net.tls import leaf_facts
+from fleet_ingress.net.tls import CarrierPem, leaf_facts, read_pem
 from fleet_ingress.ops.fleet_display import (
     certificate_chain_doubted,
     certificate_not_served,
@@ -143,18 +144,16 @@ async def test_the_look_tries_the_key_with_the_certificate_and_sees_every_change
     files.close()
 
 
-async def test_a_chain_carriers_may_not_verify_is_refused_or_said_of_the_one_served(
-    tmp_path: Path,
-) -> None:
-    """Real files, tls.ca_file naming the root: a renewal without its
-    intermediate (the unit's reload check refuses it) is a refused file while
-    another certificate is served; when it is the one served (a start with none
-    to keep took it), stat says carriers may fail to verify it. The CA file is
-    looked at too: replaced, the chain is judged again; a FIFO, not opened."""
+def _chain(leaf: trustme.LeafCert) -> bytes:
+    return b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+
+
+def _under_root(tmp_path: Path) -> tuple[trustme.CA, Path, Path, Path, IngressConfig]:
+    """A root carriers trust (tls.ca_file) and its issuing intermediate; the
+    files' paths; a configuration naming them."""
     root = trustme.CA()
     ca_file = tmp_path / "root.pem"
     root.cert_pem.write_to_path(ca_file)
-    issuer = root.create_child_ca()
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     config = IngressConfig.model_validate(
         {
@@ -162,46 +161,134 @@ async def test_a_chain_carriers_may_not_verify_is_refused_or_said_of_the_one_ser
             "fleets": {"file": str(tmp_path / "f")},
         }
     )
-    leaf = issuer.issue_cert("calls.example.com")
-    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    return root.create_child_ca(), ca_file, cert, key, config
+
+
+def _write(cert: Path, key: Path, leaf: trustme.LeafCert, *, whole: bool = True) -> None:
+    cert.write_bytes(_chain(leaf) if whole else leaf.cert_chain_pems[0].bytes())
     leaf.private_key_pem.write_to_path(key)
-    served = leaf_facts(cert)
+
+
+async def _lines(
+    files: FilesOnDisk, config: IngressConfig, served: CarrierPem
+) -> tuple[str | None, str | None]:
+    """stat's CERTIFICATE ON DISK REFUSED and CARRIERS MAY FAIL TO VERIFY lines,
+    the supervisor serving `served`."""
+    files.serving_pem = served
+    await files.look(config, [], 0)
+    serving = _leaf_of(served, config)
+    snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
+    return certificate_refused(snap), certificate_chain_doubted(snap)
+
+
+def _leaf_of(pem: CarrierPem, config: IngressConfig) -> LeafFacts:
+    from fleet_ingress.net.tls import leaf_facts_of
+
+    assert config.tls.cert is not None
+    return leaf_facts_of(pem.cert, config.tls.cert)
+
+
+async def test_a_chain_carriers_may_not_verify_is_refused_or_said_of_the_one_served(
+    tmp_path: Path,
+) -> None:
+    """Real files, tls.ca_file naming the root: a renewal without its
+    intermediate (the unit's reload check refuses it) is a refused file while a
+    chain carriers follow is served; when it is what is served (a start with
+    none to keep took it), stat says carriers may fail to verify it, and the
+    gauge too. The CA file is looked at too: replaced, the chains are judged
+    again; a FIFO there is not opened."""
+    issuer, ca_file, cert, key, config = _under_root(tmp_path)
+    _write(cert, key, issuer.issue_cert("calls.example.com"))
+    served = read_pem(cert, key)
     files = FilesOnDisk(tmp_path / "ingress.toml")
-
-    async def said(serving: LeafFacts) -> tuple[str | None, str | None]:
-        await files.look(config, [], 0)
-        snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
-        return certificate_refused(snap), certificate_chain_doubted(snap)
-
-    assert await said(served) == (None, None)
-    renewal = issuer.issue_cert("calls.example.com")
-    cert.write_bytes(renewal.cert_chain_pems[0].bytes())  # the leaf alone
-    renewal.private_key_pem.write_to_path(key)
-    refused, doubted = await said(served)
-    assert refused is not None and doubted is None
+    assert await _lines(files, config, served) == (None, None)
+    assert files.served_chain_doubted() is False
+    _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)  # the leaf alone
+    refused, doubted = await _lines(files, config, served)
+    assert doubted is None and refused is not None
     assert refused.startswith(
         "CERTIFICATE ON DISK REFUSED: tls.cert holds the server's certificate alone"
     )
-    assert files.certificate_file_refused(served) is True
-    taken = leaf_facts(cert)  # a start with none to keep served it
-    refused, doubted = await said(taken)
+    assert files.certificate_file_refused(_leaf_of(served, config)) is True
+    taken = read_pem(cert, key)  # a start with none to keep served it
+    refused, doubted = await _lines(files, config, taken)
     assert refused is None and doubted is not None
     assert doubted.startswith(
         "CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: tls.cert holds the server's "
         "certificate alone"
     )
-    assert files.certificate_file_refused(taken) is False
+    assert files.certificate_file_refused(_leaf_of(taken, config)) is False
+    assert files.served_chain_doubted() is True
     # The full chain under another root, tls.ca_file replaced by that root: judged
     # again, and passed.
     other_root = trustme.CA()
-    other = other_root.create_child_ca().issue_cert("calls.example.com")
-    cert.write_bytes(b"".join(blob.bytes() for blob in other.cert_chain_pems))
-    other.private_key_pem.write_to_path(key)
-    assert (await said(leaf_facts(cert)))[1] is not None  # not under root.pem
+    _write(cert, key, other_root.create_child_ca().issue_cert("calls.example.com"))
+    other = read_pem(cert, key)
+    assert (await _lines(files, config, other))[1] is not None  # not under root.pem
     other_root.cert_pem.write_to_path(ca_file)
-    assert await said(leaf_facts(cert)) == (None, None)
-    cert.write_bytes(other.cert_chain_pems[0].bytes())
+    assert await _lines(files, config, other) == (None, None)
     ca_file.unlink()
     os.mkfifo(ca_file)
-    async with asyncio.timeout(5):  # not opened: the chain is not judged
-        assert await said(leaf_facts(cert)) == (None, None)
+    async with asyncio.timeout(5):  # not opened: the chains are not judged
+        assert await _lines(files, config, taken) == (None, None)
+    files.close()
+
+
+async def test_the_same_leaf_without_its_intermediate_is_refused_not_said_of_the_one_served(
+    tmp_path: Path,
+) -> None:
+    """The file keeps the leaf served but loses its intermediate (cert.pem copied
+    over fullchain.pem): refused (a restart keeps the whole chain served), and
+    nothing said against the chain served, which carriers follow (the review
+    of session 30: stat said the served chain was in doubt, the gauge 0)."""
+    issuer, _, cert, key, config = _under_root(tmp_path)
+    leaf = issuer.issue_cert("calls.example.com")
+    _write(cert, key, leaf)
+    served = read_pem(cert, key)
+    _write(cert, key, leaf, whole=False)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    refused, doubted = await _lines(files, config, served)
+    files.close()
+    assert doubted is None and files.served_chain_doubted() is False
+    assert refused is not None and "holds the server's certificate alone" in refused
+
+
+async def test_a_renewal_no_worse_than_the_chain_served_is_not_refused(tmp_path: Path) -> None:
+    """Served for years as the leaf alone, renewed the same way: not refused (a
+    restart serves it, the chain served being no better: `kept_certificate`),
+    the chain served said in doubt (the review of session 30: stat and the
+    alert said a restart would keep the one served)."""
+    issuer, _, cert, key, config = _under_root(tmp_path)
+    _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
+    served = read_pem(cert, key)
+    _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    refused, doubted = await _lines(files, config, served)
+    files.close()
+    assert refused is None and doubted is not None
+
+
+async def test_a_root_added_to_the_trust_store_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No tls.ca_file: the system trust store judges the chains, and a
+    ca-certificates update (a root added) is seen at the next look (the review
+    of session 30: the refusal stayed up, though `check` passed)."""
+    bundle = tmp_path / "bundle.pem"
+    old_root, new_root = trustme.CA(), trustme.CA()
+    old_root.cert_pem.write_to_path(bundle)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path / "nodir"))
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    _write(cert, key, old_root.create_child_ca().issue_cert("calls.example.com"))
+    served = read_pem(cert, key)
+    _write(cert, key, new_root.create_child_ca().issue_cert("calls.example.com"))
+    config = IngressConfig.model_validate(
+        {"tls": {"cert": str(cert), "key": str(key)}, "fleets": {"file": str(tmp_path / "f")}}
+    )
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    refused, _ = await _lines(files, config, served)
+    assert refused is not None and "the system trust store" in refused
+    bundle.write_bytes(old_root.cert_pem.bytes() + new_root.cert_pem.bytes())  # the update
+    assert await _lines(files, config, served) == (None, None)
+    files.close()

@@ -88,8 +88,9 @@ def kept_over_restart(
     served one's, as the unit's reload check refuses it), a restart does not
     put in place of a certificate carriers still accept; once that one is out
     of date itself, the files serve whatever they hold."""
-    if out_of_date(served, now) is not None or on_disk == served:
+    if out_of_date(served, now) is not None:
         return None
+    # The same leaf may come with another chain: `chain` judges the whole file.
     return renewal_problem(on_disk, served, now) or chain
 
 

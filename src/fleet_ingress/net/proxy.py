@@ -124,8 +124,9 @@ WARNING_LINES_PER_SECOND = 20
 # says an accept() that fails for it.
 CONNECT_OUT_OF_RESOURCES = (
     "cannot connect to fleets: this worker is out of descriptors or memory; calls "
-    "are answered 503 and no fleet is tried again. Raise LimitNOFILE (systemd) or "
-    "ulimit -n, or lower limits.max_connections"
+    "are answered 503 and no fleet is tried again. EMFILE: raise LimitNOFILE "
+    "(systemd) or ulimit -n, or lower limits.max_connections; ENFILE: the host's "
+    "limit, fs.file-max; ENOBUFS, ENOMEM: the host's memory"
 )
 OUT_OF_RESOURCES_EVERY = 5.0
 

@@ -267,6 +267,7 @@ class HostMetrics:
         workers: Callable[[], tuple[int, int]] = lambda: (0, 0),
         certificate_file_not_after: Callable[[], float | None] = lambda: None,
         certificate_file_refused: Callable[[], bool | None] = lambda: None,
+        certificate_chain_doubted: Callable[[], bool | None] = lambda: None,
         task_failures: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
@@ -275,6 +276,8 @@ class HostMetrics:
         `certificate_file_not_after`: when the certificate in tls.cert expires
         (None: not read), which a renewal not loaded makes later than the one served;
         `certificate_file_refused`: whether a reload would refuse it (None: not read);
+        `certificate_chain_doubted`: whether carriers may fail to verify the chain
+        of the certificate served (None: not judged yet);
         `task_failures`: the supervisor's background tasks that failed (and were
         started again), by task."""
         self.prometheus = CollectorRegistry(auto_describe=True)
@@ -292,7 +295,9 @@ class HostMetrics:
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
         self.prometheus.register(
-            _CertificateFileCollector(certificate_file_not_after, certificate_file_refused)
+            _CertificateFileCollector(
+                certificate_file_not_after, certificate_file_refused, certificate_chain_doubted
+            )
         )
         self.prometheus.register(_TaskFailuresCollector(task_failures))
 
@@ -315,10 +320,14 @@ class _TaskFailuresCollector(Collector):
 
 class _CertificateFileCollector(Collector):
     def __init__(
-        self, not_after: Callable[[], float | None], refused: Callable[[], bool | None]
+        self,
+        not_after: Callable[[], float | None],
+        refused: Callable[[], bool | None],
+        chain_doubted: Callable[[], bool | None],
     ) -> None:
         self.not_after = not_after
         self.refused = refused
+        self.chain_doubted = chain_doubted
 
     def collect(self) -> Iterator[Metric]:
         gauge = GaugeMetricFamily(
@@ -341,6 +350,16 @@ class _CertificateFileCollector(Collector):
         if (is_refused := self.refused()) is not None:
             refused.add_metric([], 1.0 if is_refused else 0.0)
         yield refused
+        doubted = GaugeMetricFamily(
+            f"{PREFIX}_certificate_chain_doubted",
+            "1 while carriers may fail to verify the chain of the certificate served (the "
+            "intermediate missing, a root this host does not trust: `fleet-ingress check` "
+            "names it); a start with none to keep serves such a file, warning. 0 "
+            "otherwise; absent before it was judged.",
+        )
+        if (is_doubted := self.chain_doubted()) is not None:
+            doubted.add_metric([], 1.0 if is_doubted else 0.0)
+        yield doubted
 
 
 class _WorkersCollector(Collector):

@@ -84,13 +84,13 @@ def kept_certificate(config: IngressConfig, served: CarrierPem) -> str | None:
     except (TLSSetupError, OSError):
         return None  # the files are read as ever (and what cannot load says why)
     chain = None
-    if on_disk != before:
-        try:
+    # The same bytes have the same chain; other bytes may hold the same leaf
+    # with another chain (its intermediate dropped), so the whole file is judged.
+    with contextlib.suppress(OSError, TLSSetupError):  # TLSSetupError: tls.ca_file unusable
+        if tls.cert.read_bytes() != served.cert:
             chain = chain_problem(tls.cert, tls.key, tls.ca_file)
             if chain is not None and pem_chain_problem(served, tls.cert, tls.key, tls.ca_file):
                 chain = None  # no better: the files serve (and the warning says it)
-        except TLSSetupError:  # tls.ca_file unusable: the chain cannot be judged
-            chain = None
     problem = kept_over_restart(on_disk, before, time.time(), chain)
     return None if problem is None else f"tls.cert: {tls.cert} {problem}"
 

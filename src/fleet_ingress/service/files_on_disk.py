@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import stat
 import time
 from collections.abc import Sequence
@@ -33,7 +34,14 @@ from fleet_ingress.core.certificate_change import (
     renewal_waiting,
 )
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.net.tls import TLSSetupError, chain_problem, leaf_facts, server_ssl_context
+from fleet_ingress.net.tls import (
+    CarrierPem,
+    TLSSetupError,
+    chain_problem,
+    leaf_facts,
+    pem_chain_problem,
+    server_ssl_context,
+)
 from fleet_ingress.ops.fleet_display import WOULD_BE_REFUSED
 
 log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
@@ -60,9 +68,15 @@ class FilesOnDisk:
         # Why carriers may fail to verify the chain in tls.cert, as last read (None:
         # they verify it, or it cannot be judged: a tls.ca_file that cannot be used).
         self.certificate_chain: str | None = None
+        # The certificate and key served (the supervisor sets it at its start and
+        # each reload), and why carriers may fail to verify its chain, judged
+        # as the file's is (the same leaf may come with another chain).
+        self.serving_pem: CarrierPem | None = None
+        self.served_chain: str | None = None
         # What ingress.toml and the fleets file would change, not reloaded yet.
         self.edits_not_applied: list[str] = []
         self._certificate_seen: tuple[object, ...] | None = None
+        self._served_seen: CarrierPem | None = None
         self._edits_seen: tuple[object, ...] | None = None
         self._looking: asyncio.Task[None] | None = None
 
@@ -103,18 +117,12 @@ class FilesOnDisk:
         problem = out_of_date(self.certificate_file, now)
         if problem is None and serving is not None:
             problem = renewal_problem(self.certificate_file, serving, now)
-            if problem is None and self.certificate_file != serving:
-                # The unit's reload check refuses it (a restart keeps the one served).
+            if problem is None and self._served_seen is not None and self.served_chain is None:
+                # A chain carriers may fail to follow, where they follow the served
+                # one's: the unit's reload check refuses it, and a restart keeps the
+                # one served (carrier_certificate.kept_certificate, the same rule).
                 problem = self.certificate_chain
         return None if problem is None else f"tls.cert {problem}"
-
-    def served_chain(self, serving: LeafFacts | None) -> str | None:
-        """Why carriers may fail to verify the chain of the certificate served,
-        when tls.cert holds it (a start with none to keep serves such a file,
-        warning); None otherwise."""
-        if serving is None or self.certificate_file != serving:
-            return None
-        return None if self.certificate_chain is None else f"tls.cert {self.certificate_chain}"
 
     def certificate_file_refused(self, serving: LeafFacts | None) -> bool | None:
         """The gauge `fleet_ingress_certificate_file_refused`: whether
@@ -122,6 +130,13 @@ class FilesOnDisk:
         if self._certificate_seen is None:
             return None
         return self.certificate_refused(serving) is not None
+
+    def served_chain_doubted(self) -> bool | None:
+        """The gauge `fleet_ingress_certificate_chain_doubted`: whether
+        carriers may fail to verify the chain served; None before the first look."""
+        if self._certificate_seen is None:
+            return None
+        return self.served_chain is not None
 
     def picture(self, serving: LeafFacts | None) -> dict[str, Any]:
         """The snapshot's part: `certificate_file` (against `serving`, the
@@ -139,7 +154,9 @@ class FilesOnDisk:
                 "refused": refused,
             },
             "certificate_served_refused": served_refused(serving),
-            "certificate_served_chain": self.served_chain(serving),
+            "certificate_served_chain": None
+            if self.served_chain is None
+            else f"tls.cert {self.served_chain}",
         }
 
     def close(self) -> None:
@@ -160,11 +177,18 @@ class FilesOnDisk:
             self.certificate_load_error, self.certificate_chain = None, None
             return
         ca_file = tls.ca_file
+        # What carriers are trusted to hold: tls.ca_file, or this host's trust store
+        # (a ca-certificates update may add the root a chain ends at).
         state = await asyncio.to_thread(
-            lambda: (file_state(path), file_state(tls.key), file_state(ca_file))
+            lambda: (
+                file_state(path),
+                file_state(tls.key),
+                file_state(ca_file) if ca_file is not None else trust_store_state(),
+            )
         )
+        serving = self.serving_pem
         seen = (str(path), str(tls.key), str(ca_file), tls.min_version, tls.profile, *state)
-        if seen == self._certificate_seen:
+        if seen == self._certificate_seen and serving is self._served_seen:
             return
         load_error = None
         on_disk = None
@@ -189,17 +213,22 @@ class FilesOnDisk:
                 )
             except (ValueError, OSError) as exc:
                 load_error = str(exc)
-        chain = None
+        chain = served_chain = None
         # A tls.ca_file gone, or no regular file (a FIFO), is not read: not judged.
-        judged = ca_file is None or state[2] is not None
-        if on_disk is not None and load_error is None and tls.key is not None and judged:
-            key = tls.key
+        key = tls.key
+        if key is not None and (ca_file is None or state[2] is not None):
             with contextlib.suppress(TLSSetupError):  # tls.ca_file cannot be used
-                chain = await asyncio.to_thread(chain_problem, path, key, ca_file)
+                if on_disk is not None and load_error is None:
+                    chain = await asyncio.to_thread(chain_problem, path, key, ca_file)
+                if serving is not None:
+                    served_chain = await asyncio.to_thread(
+                        pem_chain_problem, serving, path, key, ca_file
+                    )
         # Kept only as read now: another look finished meanwhile must not be undone.
-        if seen != self._certificate_seen:
+        if seen != self._certificate_seen or serving is not self._served_seen:
             self._certificate_seen, self.certificate_file = seen, on_disk
             self.certificate_load_error, self.certificate_chain = load_error, chain
+            self._served_seen, self.served_chain = serving, served_chain
 
     async def _look_at_edits(
         self, config: IngressConfig, fleets: list[FleetSpec], ran: object
@@ -228,6 +257,19 @@ def file_state(path: Path | None) -> FileState | None:
             # ctime: a chmod or chown (who may read it) changes nothing else.
             return (st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns)
     return None
+
+
+def trust_store_state() -> tuple[object, ...]:
+    """What tells this host's trust store changed (OpenSSL's default bundle and
+    directory, SSL_CERT_FILE and SSL_CERT_DIR heeded): a ca-certificates update
+    replaces the bundle and the directory's links."""
+    paths = ssl.get_default_verify_paths()
+    directory = None
+    if paths.capath is not None:
+        with contextlib.suppress(OSError):
+            st = os.stat(paths.capath)
+            directory = (st.st_ino, st.st_mtime_ns)
+    return (paths.cafile, file_state(Path(paths.cafile)) if paths.cafile else None, directory)
 
 
 def edits_on_disk(

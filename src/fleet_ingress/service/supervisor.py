@@ -244,6 +244,7 @@ class Supervisor:
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
         # What tls.cert, ingress.toml and the fleets file hold against what runs.
         self.files = FilesOnDisk(config_path)
+        self.files.serving_pem = self.serving_pem  # its chain judged as the file's is
         # Fleets gone from the set are forgotten FORGET_AFTER after, unless back.
         self.forgetting = ForgetLater(
             FORGET_AFTER, lambda name: self.fleet_set.get(name) is not None, self._forget_fleet
@@ -286,6 +287,7 @@ class Supervisor:
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
             certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
+            certificate_chain_doubted=self.files.served_chain_doubted,
         )
         fleet_ssl = fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
         self.poller = HealthPoller(
@@ -1351,7 +1353,7 @@ class Supervisor:
                 else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
                 if self.files.certificate_refused(self.serving_leaf) is not None
                 else "; CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE: see `fleet-ingress stat`"
-                if self.files.served_chain(self.serving_leaf) is not None
+                if self.files.served_chain is not None
                 else ""
             )
         )
@@ -1441,6 +1443,7 @@ class Supervisor:
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
+        self.files.serving_pem = pem
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
