@@ -44,6 +44,11 @@ def _removal(**fields: Any) -> dict[str, Any]:
             "fleet a is draining: 3 calls closed, by the workers that answered; worker 4242 "
             "did not say how many it closed; removed once its 2 calls end; its line removed",
         ),
+        (  # a worker killed during the wait: its calls are lost with it, not closed
+            _removal(removed=True, closed_calls=3, workers_died=[4244]),
+            "removed fleet a (3 calls closed; worker 4244 died meanwhile (its calls are "
+            "counted lost: `fleet-ingress stat`)); its line removed",
+        ),
         (  # it closed them all, but answered late: the fleet is gone
             _removal(removed=True, closed_calls=0, unanswered_workers=[4242, 4243]),
             "removed fleet a (0 calls closed, by the workers that answered; workers 4242, "

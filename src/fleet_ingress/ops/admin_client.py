@@ -229,6 +229,7 @@ def describe_result(body: dict[str, Any]) -> str:
         else "not in the fleets file any more"
     )
     silent = _not_answered(body.get("unanswered_workers") or [])
+    silent += _died(body.get("workers_died") or [])
     if body.get("removed"):
         return (
             f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed{silent}); "
@@ -383,6 +384,18 @@ def _not_answered(pids: list[int]) -> str:
     if len(pids) == 1:
         return f", by the workers that answered; worker {who} did not say how many it closed"
     return f", by the workers that answered; workers {who} did not say how many they closed"
+
+
+def _died(pids: list[int]) -> str:
+    """`remove-fleet --force`'s workers that died before they answered: their
+    calls are lost with them (stat counts them), not in the count printed."""
+    if not pids:
+        return ""
+    who = ", ".join(str(pid) for pid in pids)
+    return (
+        f"; worker{'s' if len(pids) > 1 else ''} {who} died meanwhile (its calls are "
+        "counted lost: `fleet-ingress stat`)"
+    )
 
 
 def _calls(n: int) -> str:

@@ -76,6 +76,9 @@ class ClosedElsewhere:
     closed: int  # the sum of what each worker that answered says it closed
     unreachable: int  # calls held by workers whose slot channel was lost: not told
     silent: list[int]  # pids of the workers told that did not answer in time
+    # pids of the workers that died before answering: their calls are counted
+    # lost with them (stat, fleet_ingress_calls_lost_total), not closed.
+    died: list[int] = field(default_factory=list)
 
 
 # The admin API's answer to each refusal of the fleet set.
@@ -383,6 +386,7 @@ class FleetOps:
         gone = self._gone.setdefault(name, asyncio.Event())
         closed = unreachable = 0
         silent: list[int] = []
+        died: list[int] = []
         elsewhere: asyncio.Future[ClosedElsewhere] | None = None
         if force:
             for call in self.registry.calls_on(name):
@@ -404,7 +408,7 @@ class FleetOps:
             if elsewhere is not None:
                 told = await elsewhere
                 closed += told.closed
-                unreachable, silent = told.unreachable, told.silent
+                unreachable, silent, died = told.unreachable, told.silent, told.died
         finally:
             if elsewhere is not None:
                 elsewhere.cancel()
@@ -420,6 +424,7 @@ class FleetOps:
             # Workers told to close their calls that did not say how many in
             # CLOSE_ANSWER_WAIT (stopped, hung): theirs are not in closed_calls.
             "unanswered_workers": silent,
+            "workers_died": died,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
             "backup": str(backup) if backup else None,
         }

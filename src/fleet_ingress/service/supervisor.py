@@ -1194,13 +1194,14 @@ class Supervisor:
         said = {pid: a.get("closed") for pid, a in answers.items()}
         counts = {pid: n for pid, n in said.items() if type(n) is int and n >= 0}
         closed = sum(counts.values())
-        silent = sorted(pid for pid in answers if pid not in counts)
+        died = sorted(pid for pid, a in answers.items() if pid not in counts and a.get("gone"))
+        silent = sorted(pid for pid in answers if pid not in counts and pid not in died)
         if silent:
             log.warning(
                 "remove-fleet --force: a worker did not say how many calls it closed",
                 extra=fields(fleet=name, pids=silent, waited_s=CLOSE_ANSWER_WAIT),
             )
-        return ClosedElsewhere(closed, unreachable, silent)
+        return ClosedElsewhere(closed, unreachable, silent, died)
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
 
