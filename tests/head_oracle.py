@@ -200,6 +200,13 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     again = parse_request_head(sent)
     assert (again.method, again.target) == (head.method, head.target)
     assert ROUTER.route(again.path.decode("latin-1")) == ROUTER.route(head.path.decode("latin-1"))
+    # A call keeps its handshake (RFC 6455 4.1): the ingress refuses a head whose
+    # Connection names one of its fields, and forwards the rest of them all.
+    handshake = {b"sec-websocket-" + x for x in (b"key", b"version", b"protocol", b"extensions")}
+    assert (head.handshake_field_named_by_connection is None) == (not named & handshake), head
+    if head.is_websocket_upgrade and not named & handshake:
+        for field in handshake:
+            assert by_name.get(field, []) == head.get_all(field), (field, got, head)
     # A call stays a call. (A head that is no upgrade, such as `Upgrade: websocket` without
     # `Connection: Upgrade`, gets 400 and is never forwarded; the rewrite always says
     # `Connection: Upgrade`, so it is checked here for its other invariants only.)

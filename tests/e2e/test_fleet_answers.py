@@ -75,6 +75,30 @@ async def test_an_upgrade_without_a_websocket_key_is_refused_before_any_fleet(
     assert fleet.connections == 0
 
 
+@pytest.mark.parametrize(
+    ("named", "extra"),
+    [
+        ("Sec-WebSocket-Key", b""),
+        ("Sec-WebSocket-Version", b""),
+        ("Sec-WebSocket-Protocol", b"Sec-WebSocket-Protocol: audio.v1\r\n"),
+    ],
+)
+async def test_an_upgrade_whose_connection_header_names_a_handshake_field_is_refused_at_the_edge(
+    start_ingress: StartIngress, tls_files: TLSFiles, named: str, extra: bytes
+) -> None:
+    # Dropped as hop-by-hop, the key or version would cost a fleet slot for the fleet's
+    # own 400 ("Handshake error"), the subprotocol a call the fleet chose without it
+    # (the carrier-edge audit of session 30).
+    request = CALL.replace(
+        b"Connection: Upgrade\r\n", b"Connection: Upgrade, %s\r\n%s" % (named.encode(), extra)
+    )
+    got, fleet = await _through(start_ingress, tls_files, SWITCHING, request)
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    said = f"the Connection header names {named}, which a WebSocket upgrade must carry to the fleet"
+    assert got.endswith(said.encode())
+    assert fleet.connections == 0
+
+
 async def test_a_101_that_does_not_answer_the_key_is_a_502_not_a_call(
     start_ingress: StartIngress, tls_files: TLSFiles
 ) -> None:

@@ -474,6 +474,7 @@ _VALUE_PIECES = [
     b"0", b"5", b"chunked", b"identity", b",", b", ", b" ", b"\t", b"\r", b"\n", b"\r\n",
     b"\r\n ", b"\r\n\t", b"\x00", b"\x01", b"\x0b", b"\x7f", b"\xff", b":", b";", b"=",
     b"1.2.3.4", b"calls.test", b"%0d%0a", b"\r\n\r\nGET /attach HTTP/1.1\r\n",
+    b"Sec-WebSocket-Key",
 ]  # fmt: skip
 _names = st.one_of(st.sampled_from(_NAMES), _tokens, st.binary(max_size=6))
 _values = st.one_of(

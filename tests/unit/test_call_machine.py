@@ -96,10 +96,11 @@ def head(
     upgrade: bool = True,
     version: str = "1.1",
     key: str = "dGhlIHNhbXBsZSBub25jZQ==",
+    connection: str = "Upgrade",
 ) -> HeadParsed:
     lines = [f"GET {path} HTTP/{version}", "Host: calls.test"]
     if upgrade:
-        lines += ["Upgrade: websocket", "Connection: Upgrade"]
+        lines += ["Upgrade: websocket", f"Connection: {connection}"]
         lines += [f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
     return HeadParsed(parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode()))
 
@@ -242,6 +243,23 @@ def test_the_health_route_and_refused_heads_are_answered_without_a_call():
         (
             head("/ws/bot", key="k=="),
             Answer(400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"),
+        ),
+        # Named by Connection, it would be dropped as hop-by-hop before the fleet.
+        (
+            head("/ws/bot", connection="Upgrade, Sec-WebSocket-Key"),
+            Answer(
+                400,
+                "the Connection header names Sec-WebSocket-Key, which a WebSocket upgrade"
+                " must carry to the fleet",
+            ),
+        ),
+        (
+            head("/ws/bot", connection="Sec-WebSocket-Protocol, Upgrade"),
+            Answer(
+                400,
+                "the Connection header names Sec-WebSocket-Protocol, which a WebSocket"
+                " upgrade must carry to the fleet",
+            ),
         ),
     ]:
         pb, machine = new_call()

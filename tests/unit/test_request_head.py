@@ -75,6 +75,28 @@ def test_a_websocket_key_is_one_of_16_bytes_in_base64(lines, key):
     assert parse_request_head(raw + lines + b"\r\n").websocket_key == key
 
 
+@pytest.mark.parametrize(
+    ("connection", "named"),
+    [
+        (b"Upgrade", None),
+        # What a carrier may name as its own hop's: it is dropped before the fleet.
+        (b"keep-alive, Upgrade, X-Trace", None),
+        (b"Upgrade, Host, Origin", None),
+        (b"Upgrade, Sec-WebSocket-Key", "Sec-WebSocket-Key"),
+        (b"Upgrade,sec-websocket-version", "Sec-WebSocket-Version"),
+        (b"SEC-WEBSOCKET-PROTOCOL, Upgrade", "Sec-WebSocket-Protocol"),
+        (b"Upgrade, Sec-WebSocket-Extensions", "Sec-WebSocket-Extensions"),
+        (b"Sec-WebSocket-Protocol, Upgrade, Sec-WebSocket-Key", "Sec-WebSocket-Key"),
+        (b"Upgrade, Sec-WebSocket-Keys", None),  # no handshake field: its own to drop
+    ],
+)
+def test_a_connection_header_naming_a_websocket_handshake_field_is_seen(connection, named):
+    raw = UPGRADE.replace(b"Connection: keep-alive, Upgrade", b"Connection: " + connection)
+    head = parse_request_head(raw)
+    assert head.is_websocket_upgrade and head.websocket_key is not None
+    assert head.handshake_field_named_by_connection == named
+
+
 def test_a_post_is_not_an_upgrade():
     raw = UPGRADE.replace(b"GET", b"POST", 1)
     assert not parse_request_head(raw).is_websocket_upgrade

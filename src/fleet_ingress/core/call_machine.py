@@ -546,6 +546,14 @@ class CallMachine:
             self._answer(
                 400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"
             )
+        elif (named := head.handshake_field_named_by_connection) is not None:
+            # Forwarded, the fleet would get the upgrade without it (core/forwarding.py
+            # drops what Connection names) and refuse it, or choose without it.
+            self._answer(
+                400,
+                f"the Connection header names {named}, which a WebSocket upgrade"
+                " must carry to the fleet",
+            )
         else:
             self.is_call = True
             self._emit(OpenCall(route.prefix, route.bot_id))

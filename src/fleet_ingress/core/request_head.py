@@ -48,6 +48,17 @@ _ABSOLUTE_FORM = re.compile(rb"(?i:(https?|wss?))://([^/?]*)([^?]*)(\?.*)?", re.
 _DEFAULT_PORTS = {b"http": b"80", b"ws": b"80", b"https": b"443", b"wss": b"443"}
 # RFC 6455 4.1: a nonce of 16 bytes, base64-encoded (24 characters, "==" last).
 _WEBSOCKET_KEY = re.compile(rb"[A-Za-z0-9+/]{22}==")
+# The handshake's fields (RFC 6455 4.1, 11.3), for the fleet that answers them: the
+# key (its accept value), the version, the subprotocols and extensions it chooses
+# from. Named by Connection, they would be dropped on the way as hop-by-hop (RFC 9110
+# 7.6.1): a fleet refuses a keyless or versionless upgrade with its own 400, and
+# chooses no subprotocol the carrier asked for. Looked for in this order.
+_HANDSHAKE_FIELDS = {
+    b"sec-websocket-key": "Sec-WebSocket-Key",
+    b"sec-websocket-version": "Sec-WebSocket-Version",
+    b"sec-websocket-protocol": "Sec-WebSocket-Protocol",
+    b"sec-websocket-extensions": "Sec-WebSocket-Extensions",
+}
 # RFC 9112 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
 # request line (clients that end a body with an extra CRLF). A few, not a stream.
 MAX_LEADING_EMPTY_LINES = 8
@@ -135,6 +146,15 @@ class RequestHead:
             return None
         key = keys[0].strip(b" \t")
         return key if _WEBSOCKET_KEY.fullmatch(key) else None
+
+    @property
+    def handshake_field_named_by_connection(self) -> str | None:
+        """A WebSocket handshake field the Connection header names (and so would
+        have dropped before the fleet), or None: Connection may name the Upgrade
+        header, Keep-Alive, a carrier's own field, but not what the fleet must read
+        to answer the upgrade."""
+        named = self.tokens(b"connection")
+        return next((said for name, said in _HANDSHAKE_FIELDS.items() if name in named), None)
 
     @property
     def has_body(self) -> bool:
