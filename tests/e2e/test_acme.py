@@ -162,6 +162,26 @@ async def test_redirect_off_gives_404_and_limits_hold(start_ingress: StartIngres
     assert (await plain_exchange(ingress.acme_address, post)).startswith(b"HTTP/1.1 405 ")
 
 
+async def test_a_head_request_answered_on_port_80_gets_no_body(
+    start_ingress: StartIngress, certbot_standin
+):
+    # RFC 9110 9.3.2 (the carrier-edge audit of session 30, on the other listener).
+    port, _, runner = certbot_standin
+    ingress = await _ingress(start_ingress, port, redirect_https=False)
+    await runner.cleanup()  # no responder: the challenge is answered 503
+    for request_line, status in [
+        ("HEAD /x HTTP/1.1", 404),
+        ("HEAD /x/../y HTTP/1.1", 400),
+        (f"HEAD /.well-known/acme-challenge/{TOKEN} HTTP/1.1", 503),
+    ]:
+        got = await plain_exchange(
+            ingress.acme_address, f"{request_line}\r\nHost: h\r\n\r\n".encode()
+        )
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()), got
+        assert body == b"", request_line
+
+
 async def test_a_silent_head_gets_408(start_ingress: StartIngress, certbot_standin):
     ingress = await start_ingress(
         ["https://127.0.0.1:9 name=unused"],

@@ -348,6 +348,28 @@ async def test_a_head_probe_of_the_health_route_gets_200_without_a_body(
     assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\n")
 
 
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        ("HEAD /ws/bot-1 HTTP/1.1", 400),
+        ("HEAD /nowhere HTTP/1.1", 404),
+        ("HEAD /ws/a/../b HTTP/1.1", 400),  # refused by the head's parse
+    ],
+)
+async def test_a_head_request_refused_gets_no_body(
+    start_ingress: StartIngress, tls_files: TLSFiles, request_line: str, status: int
+):
+    # RFC 9110 9.3.2: no content answers a HEAD (the carrier-edge audit of session 30).
+    ingress = await start_ingress(["http://127.0.0.1:9 name=a"])
+    answer = await raw_exchange(
+        ingress, tls_files, f"{request_line}\r\nHost: calls.test\r\n\r\n".encode()
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), answer
+    assert b"\r\nContent-Length: " in head  # of the body a GET would get, as RFC 9110 allows
+    assert body == b""
+
+
 async def test_a_trickled_head_gets_408(
     start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
 ):

@@ -277,6 +277,30 @@ def test_the_health_route_and_refused_heads_are_answered_without_a_call():
         assert not machine.is_call and machine.state is State.ENDED
 
 
+@pytest.mark.parametrize(
+    ("path", "answer"),
+    [
+        ("/haproxy-health", Answer(200, "ok", head_only=True)),
+        ("/nope", Answer(404, "no such route on this ingress", head_only=True)),
+        ("/ws/bot", Answer(400, "a call route accepts only a GET WebSocket upgrade", True)),
+    ],
+)
+def test_a_head_request_is_answered_without_a_body_whatever_the_status(path, answer):
+    # RFC 9110 9.3.2; only the health route's 200 was (the carrier-edge audit of session 30).
+    raw = f"HEAD {path} HTTP/1.1\r\nHost: calls.test\r\n\r\n".encode()
+    pb, _ = new_call()
+    assert (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadComplete()
+        << CancelTimer(Timer.REQUEST)
+        << ParseHead()
+        >> HeadParsed(parse_request_head(raw))
+        << answer
+        << CloseSide(Side.CARRIER)
+    )
+
+
 def test_a_head_refused_as_it_arrives_or_late_is_answered():
     pb, _ = new_call()
     assert (
@@ -293,6 +317,19 @@ def test_a_head_refused_as_it_arrives_or_late_is_answered():
         << StartTimer(Timer.REQUEST, REQUEST_S)
         >> TimerFired(Timer.REQUEST)
         << Answer(408, "request head not received in time")
+        << CloseSide(Side.CARRIER)
+    )
+    # Refused by its parse, once read as a HEAD request: no body.
+    pb, _ = new_call()
+    dots = "request path has '.' or '..' segments"
+    assert (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadComplete()
+        << CancelTimer(Timer.REQUEST)
+        << ParseHead()
+        >> HeadRefused(400, dots, head_only=True)
+        << Answer(400, dots, head_only=True)
         << CloseSide(Side.CARRIER)
     )
 

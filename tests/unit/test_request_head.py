@@ -177,6 +177,21 @@ def test_ambiguous_or_malformed_heads_are_refused(raw, status, words):
     assert words in refused.reason
 
 
+@pytest.mark.parametrize(
+    ("raw", "head_only"),
+    [
+        (b"HEAD /ws/x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n", True),
+        (b"HEAD /ws/a/../b HTTP/1.1\r\nHost: h\r\n\r\n", True),
+        (b"HEAD /ws/x HTTP/1.1\r\nHost: a b\r\n\r\n", True),
+        (b"GET /ws/a/../b HTTP/1.1\r\nHost: h\r\n\r\n", False),
+        # Not read far enough to know the method: a body with the 400.
+        (b"HEAD /ws/x HTTP/1.1\r\nHost : h\r\n\r\n", False),
+    ],
+)
+def test_a_head_request_refused_is_answered_without_a_body(raw, head_only):
+    assert _refusal(raw).head_only is head_only  # RFC 9110 9.3.2
+
+
 def test_bare_lf_is_refused_before_the_head_ends():
     reader = RequestHeadReader(16384)
     with pytest.raises(RequestRefused) as info:

@@ -31,7 +31,7 @@ from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.request_head import RequestHead
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
-from fleet_ingress.core.routing import RouteKind, Router
+from fleet_ingress.core.routing import Route, RouteKind, Router
 from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
 
 
@@ -112,6 +112,7 @@ class HeadComplete(Event):
 class HeadRefused(Event):
     status: int  # 400, 431, ...
     reason: str
+    head_only: bool = False  # a HEAD request (read far enough to say): no body
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +413,31 @@ _OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}
 _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_SILENT}
 
 
+def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
+    """What the ingress answers `head` itself (status, text), or None for a call."""
+    if route.kind is RouteKind.HEALTH:
+        # Like HAProxy's monitor-uri: any method, any version gets 200.
+        return 200, "ok"
+    if route.kind is RouteKind.NOT_FOUND:
+        return 404, "no such route on this ingress"
+    if head.http_version != b"1.1":
+        return 400, "a call is a WebSocket upgrade, which needs HTTP/1.1"
+    if not head.is_websocket_upgrade:
+        return 400, "a call route accepts only a GET WebSocket upgrade"
+    if head.websocket_key is None:
+        # RFC 6455 4.1; the fleet's 101 is checked against this key.
+        return 400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"
+    if (named := head.handshake_field_named_by_connection) is not None:
+        # Forwarded, the fleet would get the upgrade without it (core/forwarding.py
+        # drops what Connection names) and refuse it, or choose without it.
+        return (
+            400,
+            f"the Connection header names {named}, which a WebSocket upgrade"
+            " must carry to the fleet",
+        )
+    return None
+
+
 @dataclass(eq=False, slots=True)
 class CallMachine:
     rules: CallRules
@@ -513,7 +539,7 @@ class CallMachine:
         assert isinstance(event, HeadRefused)
         if self.state is State.HEAD:
             self._emit(CancelTimer(Timer.REQUEST))
-        self._answer(event.status, event.reason)
+        self._answer(event.status, event.reason, head_only=event.head_only)
 
     def _request_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
@@ -532,28 +558,10 @@ class CallMachine:
         head = event.head
         route = self.rules.router.route(head.path.decode("latin-1"))
         self.route_label = route.label
-        if route.kind is RouteKind.HEALTH:
-            # Like HAProxy's monitor-uri: any method, any version gets 200 (HEAD no body).
-            self._answer(200, "ok", head_only=head.method == b"HEAD")
-        elif route.kind is RouteKind.NOT_FOUND:
-            self._answer(404, "no such route on this ingress")
-        elif head.http_version != b"1.1":
-            self._answer(400, "a call is a WebSocket upgrade, which needs HTTP/1.1")
-        elif not head.is_websocket_upgrade:
-            self._answer(400, "a call route accepts only a GET WebSocket upgrade")
-        elif head.websocket_key is None:
-            # RFC 6455 4.1; the fleet's 101 is checked against this key.
-            self._answer(
-                400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"
-            )
-        elif (named := head.handshake_field_named_by_connection) is not None:
-            # Forwarded, the fleet would get the upgrade without it (core/forwarding.py
-            # drops what Connection names) and refuse it, or choose without it.
-            self._answer(
-                400,
-                f"the Connection header names {named}, which a WebSocket upgrade"
-                " must carry to the fleet",
-            )
+        answer = _local_answer(head, route)
+        if answer is not None:
+            # RFC 9110 9.3.2: an answer to HEAD has no content, whatever its status.
+            self._answer(*answer, head_only=head.method == b"HEAD")
         else:
             self.is_call = True
             self._emit(OpenCall(route.prefix, route.bot_id))

@@ -86,12 +86,15 @@ def comma_tokens(values: Iterable[bytes]) -> set[bytes]:
 
 
 class RequestRefused(Exception):
-    """The head cannot be served: answer `status` with `reason` and close."""
+    """The head cannot be served: answer `status` with `reason` and close.
+    `head_only` when the head read as a HEAD request: the answer has no body
+    (RFC 9110 9.3.2)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, head_only: bool = False) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.head_only = head_only
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +286,15 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
         raise RequestRefused(400, f"malformed request: {_what_h11_said(exc)}") from None
     if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
         raise RequestRefused(400, "malformed request")
+    try:
+        return _checked_request(event, raw, trailing)
+    except RequestRefused as refused:
+        refused.head_only = event.method == b"HEAD"
+        raise
+
+
+def _checked_request(event: h11.Request, raw: bytes, trailing: bytes) -> RequestHead:
+    """The head h11 read, once it passes the checks h11 does not make."""
     # HTTP/1.0 is read (monitors still probe /haproxy-health with it, and port 80
     # redirects it); a call needs HTTP/1.1, which the call route checks.
     if event.http_version not in (b"1.1", b"1.0"):

@@ -136,7 +136,7 @@ class AcmeProtocol(asyncio.Protocol):
             head = parse_request_head(raw)
         except RequestRefused as refused:
             self.target = logged_first_line(raw)
-            self._answer(refused.status, refused.reason)
+            self._answer(refused.status, refused.reason, head_only=refused.head_only)
             return
         except Exception:
             # A bug in the parse: answered and closed all the same, never left open
@@ -171,11 +171,14 @@ class AcmeProtocol(asyncio.Protocol):
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n"
             )
         else:
-            self._answer(404, "this listener serves ACME challenges only")
+            self._answer(
+                404, "this listener serves ACME challenges only", head_only=head.method == b"HEAD"
+            )
 
     async def _forward(self, head: RequestHead) -> None:
         s = self.settings
         where = format_hostport(s.upstream_host, s.upstream_port)  # [::1]:8888, not ::1:8888
+        head_only = head.method == b"HEAD"
         exchange = FleetExchange(
             head.method,
             head.target,
@@ -187,7 +190,7 @@ class AcmeProtocol(asyncio.Protocol):
                 reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
         except (OSError, TimeoutError) as exc:
             self._upstream_failed("acme upstream unreachable", where, exc)
-            self._answer(503, f"no ACME responder is listening on {where}")
+            self._answer(503, f"no ACME responder is listening on {where}", head_only=head_only)
             return
         answer = bytearray()
         try:
@@ -207,7 +210,9 @@ class AcmeProtocol(asyncio.Protocol):
                         break
         except (OSError, TimeoutError, ResponseError) as exc:
             self._upstream_failed("acme upstream failed", where, exc)
-            self._answer(502, f"the ACME responder on {where} did not answer properly")
+            self._answer(
+                502, f"the ACME responder on {where} did not answer properly", head_only=head_only
+            )
             return
         finally:
             writer.close()
@@ -222,7 +227,8 @@ class AcmeProtocol(asyncio.Protocol):
         else:
             log.warning(event, extra=fields(upstream=where, error=_said(exc)))
 
-    def _answer(self, status: int, text: str) -> None:
+    def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
+        """Answer and close; `head_only` for a HEAD request (RFC 9110 9.3.2: no body)."""
         self._done = True
         refusals = self.settings.refusals
         if 400 <= status < 500 and refusals is not None:
@@ -235,7 +241,7 @@ class AcmeProtocol(asyncio.Protocol):
                 status=status,
                 reason=text,
             )
-        self._write(local_response(status, text))
+        self._write(local_response(status, text, head_only=head_only))
 
     def _write(self, data: bytes) -> None:
         t = self.transport

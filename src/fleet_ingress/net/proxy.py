@@ -556,7 +556,7 @@ class CarrierProtocol(_Side):
         except RequestRefused as refused:
             # What the log line can name of a head that did not parse: its first line.
             self.target = logged_first_line(raw)
-            self.feed(HeadRefused(refused.status, refused.reason))
+            self.feed(HeadRefused(refused.status, refused.reason, refused.head_only))
             return
         except Exception:
             # A bug in the parse must not leave the carrier unanswered with its head
