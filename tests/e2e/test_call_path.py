@@ -307,6 +307,14 @@ async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
         # Monitors moved over from HAProxy (monitor-uri): HTTP/1.0, no Host, any method.
         (b"GET /haproxy-health HTTP/1.0\r\n\r\n", 200),
         (b"OPTIONS /haproxy-health HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        # A body too (SPEC 2: any method), not read: the answer closes the connection.
+        (b"POST /haproxy-health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi", 200),
+        (
+            b"POST /haproxy-health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nhi\r\n0\r\n\r\n",
+            200,
+        ),
+        (b"POST /unknown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi", 400),
         (
             b"GET /ws/x HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             400,
@@ -337,6 +345,27 @@ async def test_local_answers(
         assert got.endswith(b"\r\n\r\nok")
         assert b"Content-Type: text/plain" in got
     assert a.requests == []
+
+
+async def test_a_health_probe_posting_a_large_body_gets_its_200_and_the_close(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """The body is not read: the answer and the connection's end reach the monitor
+    while it is still sending (the carrier-edge audit of session 30: 400 before)."""
+    ingress = await start_ingress(["http://127.0.0.1:9 name=a"])
+    host, port = ingress.wss_address
+    body = b"x" * (4 << 20)
+    head = b"POST /haproxy-health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(head + body)  # not drained: the answer is read meanwhile
+        try:
+            got = await reader.read(-1)
+        finally:
+            writer.close()
+    assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"\r\n\r\nok"), got[:80]
 
 
 async def test_a_head_probe_of_the_health_route_gets_200_without_a_body(

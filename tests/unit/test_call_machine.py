@@ -67,7 +67,7 @@ from fleet_ingress.core.call_machine import (
     TimerFired,
 )
 from fleet_ingress.core.fleet_spec import Admin
-from fleet_ingress.core.request_head import parse_request_head
+from fleet_ingress.core.request_head import BODY_REFUSED, parse_request_head
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.core.routing import Router
 
@@ -299,6 +299,40 @@ def test_a_head_request_is_answered_without_a_body_whatever_the_status(path, ans
         << answer
         << CloseSide(Side.CARRIER)
     )
+
+
+@pytest.mark.parametrize(
+    ("request_line", "body_lines", "answer"),
+    [
+        # SPEC 2: the health route answers any method, a POST with its body too.
+        ("POST /haproxy-health HTTP/1.1", "Content-Length: 2", Answer(200, "ok")),
+        ("PUT /haproxy-health HTTP/1.0", "Transfer-Encoding: chunked", Answer(200, "ok")),
+        ("POST /nope HTTP/1.1", "Content-Length: 2", Answer(400, BODY_REFUSED)),
+        ("GET /ws/bot HTTP/1.1", "Content-Length: 5", Answer(400, BODY_REFUSED)),
+        ("GET /ws/bot HTTP/1.1", "Content-Length: 0", None),  # no body: a call
+    ],
+)
+def test_a_body_is_refused_but_on_the_health_route(request_line, body_lines, answer):
+    # The carrier listener parses with refuse_body=False and leaves it to the machine:
+    # the health route's POST was 400 (the carrier-edge audit of session 30).
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    raw = f"{request_line}\r\nHost: calls.test\r\n{upgrade}{body_lines}\r\n\r\n".encode()
+    pb, _ = new_call()
+    pb = (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadComplete()
+        << CancelTimer(Timer.REQUEST)
+        << ParseHead()
+        >> HeadParsed(parse_request_head(raw, b"ok", refuse_body=False))
+    )
+    if answer is None:
+        assert pb << OpenCall("/ws/", "bot") << TakeSlot(())
+    else:
+        assert pb << answer << CloseSide(Side.CARRIER)
 
 
 def test_a_head_refused_as_it_arrives_or_late_is_answered():

@@ -192,6 +192,18 @@ def test_a_head_request_refused_is_answered_without_a_body(raw, head_only):
     assert _refusal(raw).head_only is head_only  # RFC 9110 9.3.2
 
 
+def test_a_body_is_left_to_the_caller_when_it_routes_first():
+    raw = b"POST /haproxy-health HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\n"
+    assert _refusal(raw).reason == "a request with a body is not served"
+    head = parse_request_head(raw, b"ok", refuse_body=False)
+    assert head.has_body and head.trailing == b"ok"
+    # The other checks stand.
+    with pytest.raises(RequestRefused, match="Content-Length"):
+        parse_request_head(
+            raw.replace(b"\r\n\r\n", b"\r\nContent-Length: 2\r\n\r\n"), refuse_body=False
+        )
+
+
 def test_bare_lf_is_refused_before_the_head_ends():
     reader = RequestHeadReader(16384)
     with pytest.raises(RequestRefused) as info:

@@ -29,7 +29,7 @@ from typing import ClassVar, TypeAlias
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin
-from fleet_ingress.core.request_head import RequestHead
+from fleet_ingress.core.request_head import BODY_REFUSED, RequestHead
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
 from fleet_ingress.core.routing import Route, RouteKind, Router
 from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
@@ -416,8 +416,11 @@ _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_S
 def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
     """What the ingress answers `head` itself (status, text), or None for a call."""
     if route.kind is RouteKind.HEALTH:
-        # Like HAProxy's monitor-uri: any method, any version gets 200.
+        # Like HAProxy's monitor-uri: any method, any version gets 200, a body too
+        # (a monitor's POST). Its answer closes the connection: the body is not read.
         return 200, "ok"
+    if head.has_body:  # parsed with refuse_body=False: refused here, after the health route
+        return 400, BODY_REFUSED
     if route.kind is RouteKind.NOT_FOUND:
         return 404, "no such route on this ingress"
     if head.http_version != b"1.1":

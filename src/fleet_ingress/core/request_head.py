@@ -167,6 +167,7 @@ class RequestHead:
 
 
 DEFAULT_MAX_HEADER_COUNT = 100
+BODY_REFUSED = "a request with a body is not served"
 
 
 class RequestHeadReader:
@@ -271,8 +272,14 @@ def _what_h11_said(exc: h11.RemoteProtocolError) -> str:
     return said[:_REASON_CHARS] or "not HTTP/1.1"
 
 
-def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
-    """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`."""
+def parse_request_head(
+    raw: bytes, trailing: bytes = b"", *, refuse_body: bool = True
+) -> RequestHead:
+    """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`.
+
+    A head that says a body follows is refused unless `refuse_body` is False: the
+    carrier listener routes first, for its health route answers any request (SPEC
+    2), and the call machine refuses the rest (`RequestHead.has_body`)."""
     crlfs = raw.count(b"\r\n")
     if raw.count(b"\n") != crlfs or raw.count(b"\r") != crlfs:
         raise RequestRefused(400, "malformed request: line ending without CR")
@@ -287,13 +294,15 @@ def parse_request_head(raw: bytes, trailing: bytes = b"") -> RequestHead:
     if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
         raise RequestRefused(400, "malformed request")
     try:
-        return _checked_request(event, raw, trailing)
+        return _checked_request(event, raw, trailing, refuse_body)
     except RequestRefused as refused:
         refused.head_only = event.method == b"HEAD"
         raise
 
 
-def _checked_request(event: h11.Request, raw: bytes, trailing: bytes) -> RequestHead:
+def _checked_request(
+    event: h11.Request, raw: bytes, trailing: bytes, refuse_body: bool
+) -> RequestHead:
     """The head h11 read, once it passes the checks h11 does not make."""
     # HTTP/1.0 is read (monitors still probe /haproxy-health with it, and port 80
     # redirects it); a call needs HTTP/1.1, which the call route checks.
@@ -321,8 +330,8 @@ def _checked_request(event: h11.Request, raw: bytes, trailing: bytes) -> Request
         raise RequestRefused(400, "malformed request: control character in a header value")
     if not _valid_host(head.host):
         raise RequestRefused(400, "malformed request: Host is not host[:port]")
-    if head.has_body:
-        raise RequestRefused(400, "a request with a body is not served")
+    if refuse_body and head.has_body:
+        raise RequestRefused(400, BODY_REFUSED)
     if _DOT_SEGMENT.search(head.path):
         raise RequestRefused(400, "request path has '.' or '..' segments")
     if _ENCODED_FORBIDDEN.search(head.path):

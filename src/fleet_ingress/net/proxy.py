@@ -552,7 +552,8 @@ class CarrierProtocol(_Side):
             return  # the carrier left, or the ingress is stopping
         raw, self._raw_head = self._raw_head, b""
         try:
-            head = parse_request_head(raw)
+            # A body is the call machine's to refuse: the health route answers one.
+            head = parse_request_head(raw, refuse_body=False)
         except RequestRefused as refused:
             # What the log line can name of a head that did not parse: its first line.
             self.target = logged_first_line(raw)
