@@ -307,10 +307,11 @@ async def test_each_refused_head_is_logged_with_who_where_what_and_why(
     await raw_exchange(ingress, tls_files, b"GET /ws/\xc3\\xc3  HTTP/1.1\r\n\r\n")
     await eventually(lambda: len(refused_lines(caplog)) == 6)
     assert [(f["status"], f["route"], f["target"]) for f in refused_lines(caplog)] == [
-        (431, "-", ""),
+        # Refused as they were read: what came of the first line (was "").
+        (431, "-", "GET /ws/bot-1 HTTP/1.1"),
         (404, "not_found", "/nowhere"),
         (400, "/ws/", "/ws/bot-1"),
-        (408, "-", ""),
+        (408, "-", "GET /ws/bot-1 HTTP/1.1"),
         (400, "-", "GET /ws/\\x01" + "x" * 247),
         (400, "-", "GET /ws/\\xc3\\\\xc3  HTTP/1.1"),
     ]
@@ -336,6 +337,8 @@ async def test_a_flood_of_refused_heads_is_logged_at_a_bounded_rate(
     await raw_exchange(ingress, tls_files, many_lines(101))
     assert refused_lines(caplog)[-1]["suppressed"] == 5
     assert refused_lines(caplog)[-1]["status"] == 431
+    # Refused as it was read: its line names the request all the same (was "").
+    assert refused_lines(caplog)[-1]["target"] == "GET /ws/bot-1 HTTP/1.1"
 
 
 async def test_a_flood_of_refused_heads_that_stops_is_counted_within_a_second(

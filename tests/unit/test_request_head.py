@@ -219,6 +219,19 @@ def test_a_head_over_the_limit_gets_431_without_waiting_for_its_end():
     assert info.value.status == 431
 
 
+def test_a_head_refused_as_it_is_read_names_what_came_of_its_first_line():
+    """For the log line of a 431 or a 408 (the audit of session 30: target "")."""
+    reader = RequestHeadReader(1024)
+    assert reader.first_line() == ""
+    assert reader.feed(b"\r\nGET /ws/bot-\xc3") is None
+    assert reader.first_line() == "GET /ws/bot-\\xc3"  # escaped, cut short as it came
+    reader.feed(b" HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 300)
+    assert reader.first_line() == "GET /ws/bot-\\xc3 HTTP/1.1"
+    with pytest.raises(RequestRefused):
+        reader.feed(b"a" * 1100)
+    assert reader.first_line() == "GET /ws/bot-\\xc3 HTTP/1.1"
+
+
 def test_a_complete_head_over_the_limit_gets_431():
     raw = b"GET /ws/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 1100 + b"\r\n\r\n"
     with pytest.raises(RequestRefused) as info:

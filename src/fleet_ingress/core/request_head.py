@@ -194,6 +194,12 @@ class RequestHeadReader:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def first_line(self) -> str:
+        """What came of the request line, for the log line of a head refused as
+        it was read (too large, too many lines, too slow): as `logged_first_line`,
+        whole or cut short."""
+        return logged_first_line(bytes(self._buf[: LOGGED_TARGET + 2]))
+
     def feed(self, data: bytes) -> RequestHead | None:
         taken = self.take(data)
         return None if taken is None else parse_request_head(*taken)

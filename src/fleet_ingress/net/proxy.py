@@ -582,7 +582,10 @@ class CarrierProtocol(_Side):
         if self.call is None and status >= 400 and self.ctx.refusals is not None:
             if self.ctx.access_log:
                 # A call that is refused has its access-log line; a head that never
-                # became a call has this one.
+                # became a call has this one. One refused as it was read (too large,
+                # too slow: 431, 408) names what of its first line came.
+                if not self.target and self._reader is not None:
+                    self.target = self._reader.first_line()
                 self.ctx.refusals.info(
                     "request refused",
                     client_ip=self.client_ip,
