@@ -106,3 +106,16 @@ def test_a_long_reason_is_cut_between_characters() -> None:
     frame = close_frame(1001, "é" * 100, None)
     assert len(frame) <= 2 + 125
     assert frame[4:].decode() == "é" * 61  # 122 bytes: the 123rd would split one
+
+
+def test_only_fin_and_opcode_8_with_no_rsv_bit_is_a_close_frame() -> None:
+    """A first byte with opcode 8 otherwise (a fragmented or compressed
+    'control frame', or bytes that are no WebSocket at all: b"x" is 0x78) is
+    no close frame a peer accepts, and must not say who hung up."""
+    for first in (0x08, 0xC8, 0x78):
+        tracker = FrameTracker()
+        tracker.feed(bytes((first, 2)) + b"\x03\xe8" + _frame(5, masked=False))
+        assert not tracker.closed and tracker.at_boundary, hex(first)
+    tracker = FrameTracker()
+    tracker.feed(b"x" * 65536)
+    assert not tracker.closed

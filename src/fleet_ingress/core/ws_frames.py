@@ -28,7 +28,10 @@ Buffer = bytes | bytearray | memoryview
 
 # Close codes (RFC 6455 7.4.1).
 GOING_AWAY = 1001
-_CLOSE = 0x8  # a close frame's opcode
+# A close frame's first byte: FIN and opcode 8, no RSV bit (a control frame is
+# never fragmented nor compressed). A first byte with opcode 8 otherwise is no
+# close frame a peer accepts (nor a stream that is not WebSocket at all).
+_CLOSE_FIRST_BYTE = 0x88
 INTERNAL_ERROR = 1011
 # Frame starts walked in one read at most: 64, plus one per 64 bytes (media
 # frames are hundreds of bytes; a backlog read of 256 KiB from a plain fleet
@@ -76,12 +79,12 @@ class FrameTracker:
             if end is None:
                 self.partial += bytes(data)
                 return
-            if self.partial[0] & 0x0F == _CLOSE:
+            if self.partial[0] == _CLOSE_FIRST_BYTE:
                 self.closed = True
             self.partial = b""
             need = end
         elif need == 0 and _frame_end(data, 0) == n:  # one whole frame, the common read
-            if data[0] & 0x0F == _CLOSE:
+            if data[0] == _CLOSE_FIRST_BYTE:
                 self.closed = True
             return
         self._walk(data, need, n)
@@ -117,7 +120,7 @@ class FrameTracker:
                 self.partial = bytes(data[pos:n])
                 self.need = 0
                 return
-            if data[pos] & 0x0F == _CLOSE:
+            if data[pos] == _CLOSE_FIRST_BYTE:
                 self.closed = True
             pos = end
         self.need = pos - n
