@@ -4,17 +4,24 @@ removal, an idle tunnel, a carrier gone; 1011 for a fleet gone), sent at a
 frame boundary and its reply waited for, so that real client libraries
 (websockets, aiohttp) report a clean close with the reason rather than 1006,
 the same as a network failure (the endings audit of session 25). A side that
-closes its connection itself without a close frame is passed on as it was."""
+closes its connection itself without a close frame is passed on as it was.
+
+Who hung up is the side whose close frame came first, wherever it was in a
+read (beside a media frame, right behind the carrier's head, with the
+fleet's 101): the access line names it, and the other side's close reply
+ends the call at once rather than after HALF_CLOSED_GRACE."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import hashlib
+import logging
 import re
 import socket
 import ssl
 import struct
+import time
 
 import aiohttp
 import pytest
@@ -28,6 +35,7 @@ from tests.support import (
     StartIngress,
     TLSFiles,
     WsFleet,
+    access_entries,
     eventually,
     read_head,
     wss_url,
@@ -113,9 +121,9 @@ def _accept(key: bytes) -> bytes:
     return base64.b64encode(digest)
 
 
-def _switching_then(react_after):
-    """A fleet that answers the upgrade 101 (for the carrier's own key), then
-    does `react_after`."""
+def _switching_then(react_after, *, with_101: bytes = b""):
+    """A fleet that answers the upgrade 101 (for the carrier's own key), and
+    `with_101` in the same write, then does `react_after`."""
 
     async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await read_head(reader)
@@ -123,7 +131,10 @@ def _switching_then(react_after):
         assert key is not None
         writer.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + _accept(key[1]) + b"\r\n\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + _accept(key[1])
+            + b"\r\n\r\n"
+            + with_101
         )
         await writer.drain()
         await react_after(reader, writer)
@@ -284,3 +295,195 @@ async def test_a_fleets_reply_to_the_goodbye_raises_nothing(
         assert [c.get("message") for c in raised] == []
     finally:
         loop.set_exception_handler(previous)
+
+
+# Who hung up: a side's close frame wherever it is in a read (the carrier-edge
+# audit of session 30 found the machine heard only a read that was one whole
+# close frame).
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
+    return first & 0x0F, payload
+
+
+def _masked_close(code: int = 1000) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    payload = code.to_bytes(2, "big")
+    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _masked_binary(payload: bytes) -> bytes:
+    mask = b"\x05\x06\x07\x08"
+    assert len(payload) < 126
+    return (
+        bytes((0x82, 0x80 | len(payload)))
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+async def _held(reader: asyncio.StreamReader) -> float:
+    """Seconds until the ingress lets the carrier go; nothing more may come."""
+    started = time.monotonic()
+    try:
+        rest = await asyncio.wait_for(reader.read(-1), 10)  # past HALF_CLOSED_GRACE
+    except (ssl.SSLError, ConnectionError):
+        rest = b""
+    assert rest == b""
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("with_101", [False, True])
+async def test_a_bot_hanging_up_after_its_last_words_is_logged_as_fleet_closed(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog, with_101: bool
+):
+    """The usual way a bot ends a call: its last words and its close frame in
+    one read (nginx in front of a bot coalesces them into one TLS record the
+    same way), later in the call or with its 101 (relayed at the link). Before:
+    'carrier closed', the read not being one whole close frame; the carrier's
+    reply was taken for the hang-up."""
+    last_words = b"\x81\x08Goodbye!" + b"\x88\x0a\x03\xe8bot done"
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not with_101:
+            await asyncio.sleep(0.2)
+            writer.write(last_words)
+            await writer.drain()
+        opcode, _ = await asyncio.wait_for(_read_frame(reader), 5)  # the carrier's reply
+        assert opcode == 8
+
+    fleet = await RawFleet(
+        None, _switching_then(bot, with_101=last_words if with_101 else b"")
+    ).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            assert await ws.recv() == "Goodbye!"
+            with pytest.raises(ConnectionClosedOK):
+                await ws.recv()
+            assert ws.close_code == 1000
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "fleet closed"
+        assert ingress.registry.ended[("a", "fleet closed")] == 1
+    finally:
+        await fleet.stop()
+
+
+async def test_a_carrier_hanging_up_before_the_101_is_let_go_at_once_and_logged_as_its_own(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A close frame right behind the carrier's head waits for the tunnel and
+    is relayed at the link; the fleet's reply then ends the call. Before: not
+    heard, so the fleet's reply read as the fleet hanging up, its FIN opened
+    HALF_CLOSED and the carrier was held 5 s (HALF_CLOSED_GRACE) for a reply
+    it had sent; logged 'fleet closed'."""
+
+    async def fleet_replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        assert opcode == 8
+        writer.write(b"\x88\x02" + payload[:2])  # the reply, then TCP close (server first)
+        await writer.drain()
+
+    fleet = await RawFleet(None, _switching_then(fleet_replies)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + _masked_close())  # one write
+        await read_head(reader)
+        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        held = await _held(reader)
+        writer.close()
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "carrier closed"
+        assert held < 1.0
+    finally:
+        await fleet.stop()
+
+
+async def test_a_carrier_whose_close_reply_follows_its_last_media_frame_is_let_go_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The bot hangs up while the carrier streams: the carrier's last media
+    frame and its close reply come in one TLS record, and the bot closes TCP
+    once it reads the reply. Before: the reply was not heard, the bot's FIN
+    opened HALF_CLOSED and the carrier was held 5 s after the bot had gone."""
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        writer.write(b"\x88\x02\x03\xe8")  # the bot hangs up: a lone close frame
+        await writer.drain()
+        while (await asyncio.wait_for(_read_frame(reader), 5))[0] != 8:
+            pass  # media still in flight, then the carrier's reply: close TCP
+
+    fleet = await RawFleet(None, _switching_then(bot)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        reader, writer = await _raw_carrier(ingress, tls_files)
+        await read_head(reader)
+        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        writer.write(_masked_binary(b"\x7f" * 80) + _masked_close())  # one write
+        held = await _held(reader)
+        writer.close()
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "fleet closed"
+        assert held < 1.0
+    finally:
+        await fleet.stop()
+
+
+async def test_a_close_reply_split_across_reads_is_heard_at_its_last_byte_and_relayed_whole(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The bot hangs up and half-closes (HALF_CLOSED: the carrier's reply is
+    due); the carrier's reply comes in two TLS records, its header, then 0.3 s
+    later its payload. Heard at its header, the call would close both sides
+    and the bot would get a close frame cut short; not heard at all (before),
+    the carrier is held HALF_CLOSED_GRACE (5 s). Heard at its last byte: the
+    bot gets the whole frame, and both sides are let go at once."""
+    fleet_got = bytearray()
+    fleet_done = asyncio.get_running_loop().create_future()
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)  # a read of its own: heard before and after the fix
+        writer.write(b"\x88\x02\x03\xe8")
+        writer.write_eof()  # nothing more from the bot; it reads on for the reply
+        await writer.drain()
+        while chunk := await reader.read(4096):
+            fleet_got.extend(chunk)
+        fleet_done.set_result(time.monotonic())
+
+    fleet = await RawFleet(None, _switching_then(bot)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        reader, writer = await _raw_carrier(ingress, tls_files)
+        await read_head(reader)
+        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        reply = _masked_close()
+        writer.write(reply[:6])  # the header and its mask
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        assert not fleet_done.done() and bytes(fleet_got) == reply[:6]
+        writer.write(reply[6:])
+        sent = time.monotonic()
+        held = await _held(reader)
+        writer.close()
+        assert await asyncio.wait_for(fleet_done, 5) - sent < 1.0
+        assert bytes(fleet_got) == reply
+        assert held < 1.0
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "fleet closed"
+    finally:
+        await fleet.stop()

@@ -212,20 +212,27 @@ async def test_a_fleet_hang_up_closes_the_carrier_and_is_the_fleets(pump_with_fl
     writer.close()
 
 
+# A message's payload (a zero mask: sent as it is): 0x88 and zeros, or the very
+# bytes of a masked close frame (1000), read alone as a close frame would be.
+_LOOKS_CLOSING = [b"\x88" + bytes(99), b"\x88\x82\x01\x02\x03\x04\x02\xea"]
+
+
+@pytest.mark.parametrize("payload", _LOOKS_CLOSING, ids=["starts-0x88", "one-close-frame"])
 async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hung_up(
-    pump_with_fleet,
+    pump_with_fleet, payload: bytes
 ):
-    """Who hung up is told by a read that is one whole close frame. A binary
-    message's payload read on its own may start with 0x88 too (here the
-    carrier's masked payload): it is not a close frame. The fleet's close
-    frame, which follows, is: the fleet hung up, though the carrier's TCP
-    close then comes first (the fleet waits for it)."""
+    """Who hung up is told by a side's close frame, where the frame tracker
+    finds one. A binary message's payload read on its own may start with 0x88
+    too (here the carrier's masked payload), or even be the bytes of a whole
+    close frame: it is not a close frame. The fleet's close frame, which
+    follows, is: the fleet hung up, though the carrier's TCP close then comes
+    first (the fleet waits for it)."""
     got_payload = asyncio.Event()
 
     async def close_after_a_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         await read_head(reader)
         writer.write(SWITCHING)
-        await reader.readexactly(2 + 4 + 100)
+        await reader.readexactly(2 + 4 + len(payload))
         got_payload.set()
         writer.write(b"\x88\x02\x0f\xa1")  # close 4001, unmasked: the fleet is the server
         await writer.drain()
@@ -236,10 +243,10 @@ async def test_a_message_read_that_starts_like_a_close_frame_does_not_say_who_hu
     reader, writer = await pump.carrier()
     writer.write(UPGRADE.format(path="/ws/bot-1").encode())
     assert await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5) == SWITCHING
-    writer.write(b"\x82\xe4" + bytes(4))  # binary, masked, 100 bytes; a zero mask
+    writer.write(bytes((0x82, 0x80 | len(payload))) + bytes(4))  # binary, masked; a zero mask
     await writer.drain()
     await asyncio.sleep(0.05)  # read by the ingress apart from its payload
-    writer.write(b"\x88" + bytes(99))  # the payload, starting as a close frame would
+    writer.write(payload)
     await asyncio.wait_for(got_payload.wait(), 5)
     assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\x88\x02\x0f\xa1"
     writer.close()  # the carrier answers a close by closing: TCP goes from its side first

@@ -80,15 +80,17 @@ def test_close_frames_toward_each_side() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_a_close_frame_is_seen_wherever_it_is_in_the_reads(seed: int) -> None:
-    """The call machine hears only of a read that is one whole close frame; a
-    close frame in the same read as a data frame, or split across reads, must
-    still keep the ingress from adding its own after it."""
+    """A close frame in the same read as a data frame, or split across reads,
+    is seen as it starts (the ingress adds no close frame of its own after it)
+    and is whole when the tracker is next at a boundary: when the call machine
+    hears of it (net/proxy.py close_frame_read), never before its last byte."""
     rng = random.Random(seed)
     for _ in range(150):
         masked = rng.random() < 0.5
         frames = [_frame(rng.choice([0, 5, 200, 70000]), masked) for _ in range(rng.randint(0, 5))]
         at = len(b"".join(frames))
         stream = b"".join(frames) + _frame(2, masked, opcode=0x88)
+        close_end = len(stream)
         stream += b"".join(
             _frame(rng.choice([0, 5, 200]), masked) for _ in range(rng.randint(0, 3))
         )
@@ -99,6 +101,10 @@ def test_a_close_frame_is_seen_wherever_it_is_in_the_reads(seed: int) -> None:
             pos += len(chunk)
             if pos <= at:
                 assert not tracker.closed
+            if tracker.closed and tracker.at_boundary:
+                assert pos >= close_end
+            if pos == close_end:
+                assert tracker.closed and tracker.at_boundary
         assert tracker.closed
 
 
@@ -106,6 +112,15 @@ def test_a_long_reason_is_cut_between_characters() -> None:
     frame = close_frame(1001, "é" * 100, None)
     assert len(frame) <= 2 + 125
     assert frame[4:].decode() == "é" * 61  # 122 bytes: the 123rd would split one
+
+
+def test_a_close_frame_split_across_reads_is_whole_at_the_boundary_after_it() -> None:
+    close = b"\x88\x82\x01\x02\x03\x04\x02\xea"  # masked 1000, as a carrier sends it
+    tracker = FrameTracker()
+    tracker.feed(_frame(200, masked=True) + close[:6])
+    assert tracker.closed and not tracker.at_boundary  # seen as it starts, not whole
+    tracker.feed(close[6:])
+    assert tracker.closed and tracker.at_boundary
 
 
 def test_only_fin_and_opcode_8_with_no_rsv_bit_is_a_close_frame() -> None:

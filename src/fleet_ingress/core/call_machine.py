@@ -9,8 +9,9 @@ Timers are commands too, so a transcript test drives time by firing them.
 
 Not here, on purpose: the tunnel's hot path. Once linked, each side's
 `data_received` adds to a counter and writes to its peer without a word to the
-machine; only a lone WebSocket close frame is reported (`CloseFrameSeen`), the
-rare event that tells who hung up, and a side that half-closes (`SideFinished`).
+machine; only a side's WebSocket close frame is reported (`CloseFrameSeen`, once
+all of it is read), the rare event that tells who hung up, and a side that
+half-closes (`SideFinished`).
 The retry policy (`core.retry`), the router (`core.routing`) and the fleet
 exchange (`core.fleet_exchange`, fed by the pump, which reports the head it
 finds) stay where they are.

@@ -53,9 +53,10 @@ class FrameTracker:
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
         self.partial = b""  # a header's first bytes, split across reads
-        # A close frame went this way (nothing may follow it, the ingress's
-        # own neither), seen wherever it was in a read: the call machine hears
-        # only of a read that is one whole close frame (CloseFrameSeen).
+        # A close frame started this way (nothing may follow it, the ingress's
+        # own neither), seen wherever it was in a read. Whole once the tracker
+        # is back at a boundary: then the call machine hears of it
+        # (CloseFrameSeen, net/proxy.py _Side.close_frame_read).
         self.closed = False
 
     @property

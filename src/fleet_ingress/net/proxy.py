@@ -9,8 +9,9 @@ The head reader (`RequestHeadReader`) and the fleet exchange (`FleetExchange`)
 are fed here, and what they find is reported to the machine.
 
 Outside the machine, on purpose: the tunnel's hot path. Once linked, each
-`data_received` adds to a counter and writes straight to the peer transport;
-only a lone WebSocket close frame is reported. When a side's write buffer
+`data_received` adds to a counter, writes straight to the peer transport and
+feeds its direction's frame tracker; only a side's WebSocket close frame is
+reported, once it is whole (`_Side.close_frame_read`). When a side's write buffer
 passes its high-water mark, the other side stops being read until it drains,
 so a call holds a bounded number of bytes.
 
@@ -101,7 +102,7 @@ from fleet_ingress.core.responses import local_response
 from fleet_ingress.core.retry import Failure, RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
-from fleet_ingress.core.ws_frames import FrameTracker, close_frame
+from fleet_ingress.core.ws_frames import GAVE_UP, FrameTracker, close_frame
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
@@ -143,9 +144,11 @@ MAX_READ_CHUNK = 256 * 1024
 # What one call can hold, both directions together: the bound flow control keeps.
 MAX_BUFFERED_PER_CALL = 2 * (WRITE_HIGH_WATER + MAX_READ_CHUNK) + 2 * MAX_EARLY_BYTES
 # A WebSocket close frame (FIN + opcode 8) fits in 131 bytes (125 payload,
-# 2 header, 4 mask). Seeing one alone in a read tells who hung up: in a normal
+# 2 header, 4 mask). Seeing a side's close frame tells who hung up: in a normal
 # close the fleet (the server) ends TCP first whoever asked, so TCP alone
-# would blame the fleet for every carrier hang-up.
+# would blame the fleet for every carrier hang-up. The frame tracker finds it
+# anywhere in a read; a read that is one whole close frame is the fallback
+# where a direction is not tracked (a tracker that gave up).
 _CLOSE_FRAME_FIRST_BYTE = 0x88
 _MAX_CLOSE_FRAME = 131
 # A closing transport may wait this long for its peer to take pending bytes.
@@ -223,6 +226,8 @@ class _Side(asyncio.BufferedProtocol):
     # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
     tracker: FrameTracker | None = None
     saying_goodbye = False  # a close frame is sent to this side, or waits for a boundary
+    close_heard = False  # this side's close frame was reported to the machine
+    _masked = False  # whether this side's frames are masked (a client's)
     _reply_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -286,6 +291,30 @@ class _Side(asyncio.BufferedProtocol):
             return
         t.write(frame)
         self._reply_timer = asyncio.get_running_loop().call_later(GOODBYE_REPLY_WAIT, self.close)
+
+    def close_frame_read(self, data: Buffer) -> None:
+        """A read that holds a close frame, or may be one (rare: the hot path
+        comes here when the tracker saw a close frame start, or when no tracker
+        and a short read starting 0x88). The machine hears of this side's close
+        frame once, when all of it is read: reported at its header, the machine
+        might close both sides before the rest of it was relayed (a close frame
+        cut short to the peer). Nothing may follow a close frame, so it is whole
+        when the tracker stands at a frame boundary. Untracked (no tracker, or
+        one that gave up), a read that is one whole close frame counts."""
+        if self.close_heard:
+            return
+        tracker = self.tracker
+        if tracker is None or tracker.need >= GAVE_UP:
+            if not _is_close_frame(data, masked=self._masked):
+                return
+        elif not tracker.closed or tracker.need or tracker.partial:
+            return  # no close frame (a message's bytes), or not all of it yet
+        self.close_heard = True
+        self.say_close_frame()
+
+    def say_close_frame(self) -> None:
+        """Report this side's close frame (`CloseFrameSeen`)."""
+        raise NotImplementedError
 
     def goodbye_replied(self) -> None:
         """The side's close frame, read after ours: nothing more comes."""
@@ -400,6 +429,8 @@ class CarrierProtocol(_Side):
     it feeds the machine what the transports, the slot source and the timers say,
     and carries out what the machine commands. It decides nothing itself."""
 
+    _masked = True  # the carrier is the WebSocket client
+
     def __init__(self, ctx: ProxyContext) -> None:
         self.ctx = ctx
         self.machine = CallMachine(ctx.rules)
@@ -441,11 +472,11 @@ class CarrierProtocol(_Side):
             peer.write(data)
             if (tracker := self.tracker) is not None:
                 tracker.feed(data)
+                if tracker.closed:
+                    self.close_frame_read(data)
+                    return
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                if _is_close_frame(data, masked=True):
-                    if self.saying_goodbye:
-                        self.goodbye_replied()
-                    self.feed(CloseFrameSeen(Side.CARRIER))
+                self.close_frame_read(data)
             return
         state = self.machine.state
         if state is State.HEAD:
@@ -458,6 +489,11 @@ class CarrierProtocol(_Side):
                 self.pause_reading()
         # Otherwise (answering, closing): bytes are dropped; reading goes on
         # only to see the carrier leave.
+
+    def say_close_frame(self) -> None:
+        if self.saying_goodbye:
+            self.goodbye_replied()
+        self.feed(CloseFrameSeen(Side.CARRIER))
 
     def eof_received(self) -> bool:
         if self.peer is None or not _ended_cleanly(self.transport):
@@ -808,6 +844,8 @@ class CarrierProtocol(_Side):
             self.bytes_received += len(early)
             fleet_side.transport.write(early)
             self.tracker.feed(early)
+            if self.tracker.closed:  # the carrier hung up before the 101
+                self.close_frame_read(early)
         self.peer = self.peer_writer(fleet_side.transport)
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
@@ -971,13 +1009,11 @@ class FleetProtocol(_Side):
             peer.write(data)
             if (tracker := self.tracker) is not None:
                 tracker.feed(data)
+                if tracker.closed:
+                    self.close_frame_read(data)
+                    return
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
-                if self.pump is not None and _is_close_frame(data, masked=False):
-                    if self.saying_goodbye:
-                        # Its reply to ours: the attempt may be dropped in it.
-                        self.goodbye_replied()
-                    if self.pump is not None:
-                        self.pump.feed(CloseFrameSeen(Side.FLEET))
+                self.close_frame_read(data)
             return
         self._pending += data
         if self._head_read or self.pump is None:
@@ -1002,6 +1038,14 @@ class FleetProtocol(_Side):
             # Complete 1xx heads escape h11's size limit: bound them all here.
             self._head_read = True
             self.pump.feed(FleetError(Failure.JUNK_RESPONSE, "response head larger than the limit"))
+
+    def say_close_frame(self) -> None:
+        if self.pump is None:
+            return  # a dropped attempt: nothing of it reaches the machine
+        if self.saying_goodbye:
+            self.goodbye_replied()  # its reply to ours: the attempt may be dropped in it
+        if self.pump is not None:
+            self.pump.feed(CloseFrameSeen(Side.FLEET))
 
     def _relay_answer(self, peer: asyncio.Transport, exchange: FleetExchange, data: Buffer) -> None:
         """More of a relayed (non-101) answer: up to its end, no further."""
@@ -1069,7 +1113,10 @@ class FleetProtocol(_Side):
         carrier.transport.write(pending)
         if not relaying:  # the fleet's first frame starts after its 101
             self.tracker = FrameTracker()
-            self.tracker.feed(memoryview(pending)[exchange.head_bytes :])
+            frames = memoryview(pending)[exchange.head_bytes :]
+            self.tracker.feed(frames)
+            if self.tracker.closed:  # the bot hung up with its 101
+                self.close_frame_read(frames)
         if carrier.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         if progress is not None and self.exchange is not None:
@@ -1100,8 +1147,9 @@ def _ended_cleanly(transport: asyncio.Transport | None) -> bool:
 def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
     """Whether a read is one whole WebSocket close frame (opcode 8, FIN), as a
     side sends it alone as it hangs up (masked from the carrier, a client; not
-    from the fleet). Only the first byte was looked at on the hot path; a
-    record of a message's payload may start with 0x88 too, and is not one."""
+    from the fleet): what tells an untracked direction's close. Only the first
+    byte was looked at on the hot path; a record of a message's payload may
+    start with 0x88 too, and is not one."""
     if len(data) < 2:
         return False
     second = data[1]
