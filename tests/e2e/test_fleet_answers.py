@@ -108,6 +108,21 @@ async def test_a_101_that_does_not_answer_the_key_is_a_502_not_a_call(
     assert b"\x81\x02hi" not in got and fleet.connections == 1
 
 
+@pytest.mark.parametrize("mangle", ["bare-lf", "http/1.0"])
+async def test_a_fleets_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(
+    start_ingress: StartIngress, tls_files: TLSFiles, mangle: str
+) -> None:
+    """Bare LF line ends, or HTTP/1.0 (RFC 6455 4.1 rules it out): the
+    websockets client refused the call while the access log said 101 (the
+    carrier-edge audit of session 30). It gets the 101 as it should have been
+    written, and the frame after it as it came."""
+    given = SWITCHING.replace(b"\r\n", b"\n") if mangle == "bare-lf" else SWITCHING
+    if mangle == "http/1.0":
+        given = given.replace(b"HTTP/1.1 101", b"HTTP/1.0 101")
+    got, _ = await _through(start_ingress, tls_files, given + b"\x81\x02\n\n")
+    assert got == SWITCHING + b"\x81\x02\n\n", got
+
+
 async def test_a_fleet_head_over_the_limit_is_a_502_however_its_records_fall(
     start_ingress: StartIngress, tls_files: TLSFiles
 ) -> None:

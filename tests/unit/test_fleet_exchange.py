@@ -210,6 +210,35 @@ def test_folded_header_lines_are_unfolded_with_spaces_and_nothing_else_changes()
     assert len(relayed) == len(head + body) and ex.head_bytes == len(head)
 
 
+@pytest.mark.parametrize("mangle", ["bare-lf", "http/1.0", "both", "folded"])
+def test_a_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(mangle: str):
+    """A fleet's 101 with bare LF line ends, or as HTTP/1.0 (RFC 6455 4.1 rules
+    it out), is read (RFC 9112 2.2) and passed on as clients require; what
+    follows it is left as it came (the carrier-edge audit of session 30: the
+    websockets client refused it, the access log said 101)."""
+    good = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"X-A: HTTP/1.0 101\r\n\r\n"
+    )
+    given = good
+    if mangle in ("bare-lf", "both", "folded"):
+        given = given.replace(b"\r\n", b"\n")
+    if mangle in ("http/1.0", "both"):
+        given = given.replace(b"HTTP/1.1 101", b"HTTP/1.0 101", 1)
+    expected = good
+    if mangle == "folded":  # a fold's line end becomes spaces, as ever, then the rest CRLF
+        given = given.replace(b"X-A: HTTP/1.0 101\n", b"X-A: HTTP/1.0\n 101\n")
+        expected = good.replace(b"X-A: HTTP/1.0 101", b"X-A: HTTP/1.0  101")
+    frames = b"\x81\x02\n\n"  # a frame whose payload is two LFs: not the head's
+    ex = _exchange()
+    assert ex.feed(given + frames) is Progress.HEAD_COMPLETE
+    assert ex.head is not None and ex.head.switched and ex.head_bytes == len(given)
+    assert ex.relayable(given + frames) == expected + frames
+    right = _exchange()  # as it came, when it was right
+    assert right.feed(good + frames) is Progress.HEAD_COMPLETE
+    assert right.relayable(good + frames) == good + frames and right.unfolded_head is None
+
+
 def test_an_unfolded_head_keeps_what_was_read_after_it():
     ex = _exchange()
     head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nX-A: a\r\n\tx\r\n"

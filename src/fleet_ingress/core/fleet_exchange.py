@@ -5,8 +5,11 @@ h11 to learn where its head and body end; what the carrier receives is the
 fleet's own bytes (SPEC: relayed exactly as the fleet sent it), within what
 RFC 9112 lets a proxy pass on: a head over the limit, or a 101 that is no
 answer to the WebSocket handshake sent, is no answer (502); a folded header
-line has its line break replaced by spaces (section 5.2); bytes after the end
-of an answer are not the answer's (`relayable`).
+line has its line break replaced by spaces (section 5.2); a 101 is passed on as
+HTTP/1.1 with CRLF line ends, which a carrier's WebSocket client requires (a
+fleet's bare LF, or an `HTTP/1.0 101`, is read as section 2.2 allows and
+written as it should have been); bytes after the end of an answer are not the
+answer's (`relayable`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # A head line's break before SP/HTAB (obs-fold): replaced by as many spaces, so
 # the head keeps its length.
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
+# A line end without its CR (RFC 9112 2.2: a recipient MAY read it as one).
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+# A status line (at the head's start, or after a 100's) of a 101 as HTTP/1.0.
+_STATUS_101_HTTP_1_0 = re.compile(rb"(?:\A|(?<=\r\n))HTTP/1\.0 101(?= |\r\n)")
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -77,8 +84,9 @@ class FleetExchange:
         # what follows the head is what the carrier is relayed as the call's.
         self._fed = 0
         self.head_bytes = 0
-        # The bytes fed until the head is read (then let go); the head with its
-        # folded lines unfolded, when it had any (same length).
+        # The bytes fed until the head is read (then let go); the head as the
+        # carrier gets it, when not as fed: its folded lines unfolded (same
+        # length), a 101's line ends and version made what clients require.
         self._raw: bytearray | None = bytearray()
         self.unfolded_head: bytes | None = None
         # Bytes fed after the end of a non-101 answer: not the answer's.
@@ -182,5 +190,14 @@ class FleetExchange:
             self.unfolded_head = _FOLD.sub(
                 lambda fold: b" " * len(fold[0]), bytes(raw[:head_bytes])
             )
+        if head.switched:
+            given = self.unfolded_head or bytes(raw[:head_bytes])
+            # The 101's status line is the last one in the head (a 100 may come first).
+            fixed = _BARE_LF.sub(b"\r\n", given)
+            lines = [m.start() for m in _STATUS_101_HTTP_1_0.finditer(fixed)]
+            if lines:
+                fixed = fixed[: lines[-1]] + b"HTTP/1.1" + fixed[lines[-1] + 8 :]
+            if fixed != given:
+                self.unfolded_head = fixed
         self.head = head
         self.head_bytes = head_bytes
