@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 import socket
 import ssl
 import subprocess
@@ -588,6 +590,47 @@ async def test_a_fleet_whose_renewed_certificate_fails_verification_goes_down_by
         assert fleet_a.last_probe is not None and not fleet_a.last_probe.passed
         tls_files.fleet_cert.configure_cert(context)  # the right one again
         await eventually(lambda: fleet_a.health is Health.UP, timeout=8)
+
+
+async def test_a_probe_this_process_cannot_make_for_want_of_descriptors_is_not_judged(
+    tls_files: TLSFiles,
+) -> None:
+    """The supervisor out of descriptors (a real EMFILE: its soft limit lowered to
+    its lowest free descriptor): every fleet's probe on a new connection fails
+    at once. Counted, they took every fleet DOWN, and every call on the host got
+    503, for this host's own want (the review of session 30); not judged now,
+    as a probe starved of CPU is, the reason naming the errno."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"fleet_available": 3})
+
+    app = web.Application()
+    app.router.add_get("/health/fleet", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        (spec,) = parse_fleets_text(f"http://127.0.0.1:{port} name=m", default_maxconn=16)
+        settings = ProbeSettings("/health/fleet", "fleet_available", 1.0, 2.0, 2, 2)
+        fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
+        async with health_session(fleet_ssl, settings) as session:
+            lowest_free = os.open(os.devnull, os.O_RDONLY)
+            os.close(lowest_free)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                wanting = await probe_fleet(session, spec, settings)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            passing = await probe_fleet(session, spec, settings)
+        assert not wanting.passed and not wanting.judged, wanting
+        assert "out of file descriptors (EMFILE" in wanting.reason, wanting
+        assert wanting.describe().startswith("not judged: this process is out of")
+        assert passing.passed and passing.capacity == 3
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_probe_of_a_fleet_that_requires_a_client_certificate_says_it_may(

@@ -20,7 +20,8 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult, ProbeSettings
 from fleet_ingress.net.dispatch import take_as_full
 from fleet_ingress.net.poller import HealthPoller
-from fleet_ingress.net.proxy import _lost_kind, _out_of_resources, _this_hosts_failure
+from fleet_ingress.net.proxy import _lost_kind, _this_hosts_failure
+from fleet_ingress.net.tcp_connect import out_of_resources
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_how_a_side_was_lost(exc, kind):
 @pytest.mark.parametrize(
     ("exc", "hosts"),
     [
-        # Out of descriptors or memory: this host's too, but _out_of_resources's.
+        # Out of descriptors or memory: this host's too, but out_of_resources's.
         (OSError(errno.EMFILE, "Too many open files"), False),
         (OSError(errno.EADDRNOTAVAIL, "no local port"), True),
         # A name that does not resolve is the fleet's (FleetConnectFailed.unresolved).
@@ -68,7 +69,7 @@ def test_this_hosts_own_failures_are_not_held_against_a_fleet(exc, hosts):
     ],
 )
 def test_a_connect_that_failed_for_want_of_descriptors_or_memory_names_it(exc, want):
-    said = _out_of_resources(exc)
+    said = out_of_resources(exc)
     assert said == want if want is None else said.startswith(want)
 
 

@@ -40,6 +40,7 @@ from fleet_ingress.core.probe import (
 from fleet_ingress.logs import fields
 from fleet_ingress.net.cpu_wait import cpu_wait
 from fleet_ingress.net.dispatch import SlotQueue
+from fleet_ingress.net.tcp_connect import out_of_resources
 
 log = logging.getLogger("fleet_ingress.health")
 
@@ -121,6 +122,8 @@ async def probe_fleet(
     except aiohttp.ClientSSLError as exc:
         return failed(f"TLS error: {exc}")
     except aiohttp.ClientConnectorError as exc:
+        if (want := out_of_resources(exc.os_error)) is not None:
+            return not_judged_out_of(want)
         if isinstance(exc.os_error, socket.gaierror):
             return failed(
                 f"name {spec.host} does not resolve: {exc.os_error.strerror or exc.os_error} "
@@ -138,7 +141,17 @@ async def probe_fleet(
             )
         return failed("fleet closed the connection without answering")
     except (aiohttp.ClientError, OSError) as exc:
+        if (want := out_of_resources(exc)) is not None:
+            return not_judged_out_of(want)
         return failed(f"{type(exc).__name__}: {exc}")
+
+
+def not_judged_out_of(want: str) -> ProbeResult:
+    """A probe this process could not make for want of descriptors or memory
+    (`want`): nothing of the fleet, not counted toward fall or rise (every
+    fleet's probe fails so at once, and taking them all DOWN would refuse every
+    call for this host's own want)."""
+    return ProbeResult(False, None, f"this process is {want}", judged=False)
 
 
 def _not_after(cert: Any) -> float | None:
@@ -171,6 +184,7 @@ class HealthPoller:
         self._fleets: dict[str, FleetState] = {}
         self._first_probe: dict[str, asyncio.Event] = {}
         self._starved_said_at = -STARVED_SAID_EVERY
+        self._wanting_said_at = -STARVED_SAID_EVERY
         self._probed = asyncio.Condition()  # notified after every recorded probe
 
     def start(self, fleet: FleetState) -> None:
@@ -349,8 +363,8 @@ class HealthPoller:
             fleet.certificate_not_after = result.certificate_not_after
         if self.on_probe is not None:
             self.on_probe(fleet.name, seconds)
-        if not result.judged:  # this host's stall, not the fleet's: no verdict
-            self._say_starved(result)
+        if not result.judged:  # this host's stall or want, not the fleet's: no verdict
+            self._say_not_judged(result)
             self._probe_recorded(fleet)
             return
         if not result.passed:
@@ -400,9 +414,22 @@ class HealthPoller:
         if first is not None:
             first.set()
 
-    def _say_starved(self, result: ProbeResult) -> None:
-        """Once a STARVED_SAID_EVERY at most: every fleet's probe says it at once."""
+    def _say_not_judged(self, result: ProbeResult) -> None:
+        """Once a STARVED_SAID_EVERY at most, for each cause: every fleet's probe
+        says it at once."""
         now = time.monotonic()
+        if not result.timed_out:  # this process out of descriptors or memory
+            if now - self._wanting_said_at < STARVED_SAID_EVERY:
+                return
+            self._wanting_said_at = now
+            log.warning(
+                "health probes could not connect: this process is out of descriptors or "
+                "memory; not counted against the fleets (they keep their state). EMFILE: "
+                "raise LimitNOFILE (systemd) or ulimit -n; ENFILE: the host's fs.file-max; "
+                "ENOBUFS, ENOMEM: the host's memory",
+                extra=fields(reason=result.reason),
+            )
+            return
         if now - self._starved_said_at < STARVED_SAID_EVERY:
             return
         self._starved_said_at = now

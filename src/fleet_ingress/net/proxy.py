@@ -108,7 +108,7 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
-from fleet_ingress.net.tcp_connect import open_tcp
+from fleet_ingress.net.tcp_connect import open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
@@ -744,7 +744,7 @@ class CarrierProtocol(_Side):
                     why = exc.strerror or str(exc)
                     detail = f"the fleet's name {spec.host} did not resolve: {why}"
                     self.feed(FleetConnectFailed(detail, unresolved=True))
-                elif (want := _out_of_resources(exc)) is not None:
+                elif (want := out_of_resources(exc)) is not None:
                     self.feed(FleetConnectFailed(want, local=True, exhausted=True))
                 else:
                     detail = str(exc) or type(exc).__name__
@@ -1165,28 +1165,15 @@ def _is_close_frame(data: Buffer, *, masked: bool) -> bool:
 # (FleetConnectFailed.unresolved): its probe, on a new connection, tells.
 # Out of local ports (EADDRNOTAVAIL) is counted per address: another fleet's may
 # have some left, so that one is tried again; the process out of descriptors or
-# memory is not (_OUT_OF: every fleet's attempt fails the same, at once).
+# memory is not (tcp_connect.out_of_resources: every fleet's attempt fails the
+# same, at once).
 _LOCAL_CONNECT_ERRNOS = frozenset({errno.EADDRNOTAVAIL})
-_OUT_OF = {
-    errno.EMFILE: "out of file descriptors",
-    errno.ENFILE: "out of file descriptors host-wide",
-    errno.ENOBUFS: "out of socket buffer memory",
-    errno.ENOMEM: "out of memory",
-}
 
 
 def _this_hosts_failure(exc: OSError) -> bool:
     """A fleet connection that failed for this host's own want (local ports),
     not for the fleet's answer."""
     return not isinstance(exc, ssl.SSLError) and exc.errno in _LOCAL_CONNECT_ERRNOS
-
-
-def _out_of_resources(exc: OSError) -> str | None:
-    """What this process ran out of, with the errno's name (the access line's
-    detail and the carrier's 503), when the connect failed for that; else None."""
-    if isinstance(exc, ssl.SSLError) or exc.errno not in _OUT_OF:
-        return None
-    return f"{_OUT_OF[exc.errno]} ({errno.errorcode[exc.errno]}: {os.strerror(exc.errno)})"
 
 
 def _lost_kind(exc: Exception | None) -> Lost:

@@ -19,6 +19,7 @@ import errno
 import itertools
 import os
 import socket
+import ssl
 from typing import Any
 
 from fleet_ingress.core.addresses import ip_literal_version
@@ -184,3 +185,22 @@ def _abandon(trying: set[asyncio.Task[socket.socket]]) -> None:
 def _close_if_connected(task: asyncio.Task[socket.socket]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()
+
+
+# What a process has run out of when a connect fails so: not the peer's
+# failure, and every other connect fails the same at once.
+_OUT_OF = {
+    errno.EMFILE: "out of file descriptors",
+    errno.ENFILE: "out of file descriptors host-wide",
+    errno.ENOBUFS: "out of socket buffer memory",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def out_of_resources(exc: BaseException | None) -> str | None:
+    """What this process ran out of, with the errno's name (a call's 503 and
+    access line, a probe's reason), when `exc` failed a connect for that; else
+    None (a TLS error never: its errno is OpenSSL's)."""
+    if not isinstance(exc, OSError) or isinstance(exc, ssl.SSLError) or exc.errno not in _OUT_OF:
+        return None
+    return f"{_OUT_OF[exc.errno]} ({errno.errorcode[exc.errno]}: {os.strerror(exc.errno)})"
