@@ -292,3 +292,22 @@ async def test_a_root_added_to_the_trust_store_is_seen(
     bundle.write_bytes(old_root.cert_pem.bytes() + new_root.cert_pem.bytes())  # the update
     assert await _lines(files, config, served) == (None, None)
     files.close()
+
+
+async def test_the_chain_gauge_goes_absent_not_to_0_when_the_chain_cannot_be_judged(
+    tmp_path: Path,
+) -> None:
+    """tls.ca_file gone (moved, a config-management run mid-way): nothing is
+    judged, and the gauge goes absent rather than to 0, which would resolve
+    FleetIngressCertificateChainInDoubt while the leaf alone is still served
+    (the second review of session 30)."""
+    issuer, ca_file, cert, key, config = _under_root(tmp_path)
+    _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    files.serving_pem = read_pem(cert, key)
+    await files.look(config, [], 0)
+    assert files.served_chain_doubted() is True
+    ca_file.unlink()
+    await files.look(config, [], 0)
+    files.close()
+    assert files.served_chain_doubted() is None

@@ -77,6 +77,7 @@ class FilesOnDisk:
         self.edits_not_applied: list[str] = []
         self._certificate_seen: tuple[object, ...] | None = None
         self._served_seen: CarrierPem | None = None
+        self._served_judged = False  # the chain served was judged at the last look
         self._edits_seen: tuple[object, ...] | None = None
         self._looking: asyncio.Task[None] | None = None
 
@@ -133,8 +134,10 @@ class FilesOnDisk:
 
     def served_chain_doubted(self) -> bool | None:
         """The gauge `fleet_ingress_certificate_chain_doubted`: whether
-        carriers may fail to verify the chain served; None before the first look."""
-        if self._certificate_seen is None:
+        carriers may fail to verify the chain served; None while it is not
+        judged (before the first look, or a tls.ca_file gone or unusable: the
+        gauge goes absent rather than to 0, which would resolve its alert)."""
+        if self._certificate_seen is None or not self._served_judged:
             return None
         return self.served_chain is not None
 
@@ -214,6 +217,7 @@ class FilesOnDisk:
             except (ValueError, OSError) as exc:
                 load_error = str(exc)
         chain = served_chain = None
+        served_judged = False
         # A tls.ca_file gone, or no regular file (a FIFO), is not read: not judged.
         key = tls.key
         if key is not None and (ca_file is None or state[2] is not None):
@@ -224,11 +228,13 @@ class FilesOnDisk:
                     served_chain = await asyncio.to_thread(
                         pem_chain_problem, serving, path, key, ca_file
                     )
+                    served_judged = True
         # Kept only as read now: another look finished meanwhile must not be undone.
         if seen != self._certificate_seen or serving is not self._served_seen:
             self._certificate_seen, self.certificate_file = seen, on_disk
             self.certificate_load_error, self.certificate_chain = load_error, chain
             self._served_seen, self.served_chain = serving, served_chain
+            self._served_judged = served_judged
 
     async def _look_at_edits(
         self, config: IngressConfig, fleets: list[FleetSpec], ran: object
