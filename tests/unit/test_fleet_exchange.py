@@ -234,6 +234,7 @@ def test_a_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(mangle: str):
     assert ex.feed(given + frames) is Progress.HEAD_COMPLETE
     assert ex.head is not None and ex.head.switched and ex.head_bytes == len(given)
     assert ex.relayable(given + frames) == expected + frames
+    assert ex.relayed_head_bytes == len(expected)  # where its frames start, relayed
     right = _exchange()  # as it came, when it was right
     assert right.feed(good + frames) is Progress.HEAD_COMPLETE
     assert right.relayable(good + frames) == good + frames and right.unfolded_head is None

@@ -100,6 +100,12 @@ class FleetExchange:
         self._conn.receive_data(data)
         return self.advance()
 
+    @property
+    def relayed_head_bytes(self) -> int:
+        """The length of the head as `relayable` passes it on (a 101's line ends
+        made CRLF lengthen it): where what follows it starts in what it returns."""
+        return self.head_bytes if self.unfolded_head is None else len(self.unfolded_head)
+
     def relayable(self, fed: bytes) -> bytes:
         """Of `fed`, every byte fed so far, what the carrier is sent: the head
         unfolded, nothing past the answer's end."""

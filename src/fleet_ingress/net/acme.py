@@ -230,6 +230,9 @@ class AcmeProtocol(asyncio.Protocol):
     def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
         """Answer and close; `head_only` for a HEAD request (RFC 9110 9.3.2: no body)."""
         self._done = True
+        if not self.target:  # refused as it was read (431, 408): what came of its first line
+            self.target = self._reader.first_line()
+            head_only = head_only or self.target.startswith("HEAD ")
         refusals = self.settings.refusals
         if 400 <= status < 500 and refusals is not None:
             refusals.info(

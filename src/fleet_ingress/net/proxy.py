@@ -348,13 +348,25 @@ class _Side(asyncio.BufferedProtocol):
 
 
 class _CopyingWriter:
-    """A TLS side's reads written to a plain-TCP peer (an http:// fleet)."""
+    """A TLS side's reads written to a plain-TCP peer (an http:// fleet). Once
+    that peer is closed what comes is dropped, as a TLSConnection and asyncio's
+    transports drop it: uvloop's raise RuntimeError (a carrier's reads after its
+    fleet was lost, while it is sent 1011 and its reply awaited, raised one a
+    read, each counted an unexpected error: the second review of session 30)."""
 
     __slots__ = ("write",)
 
     def __init__(self, transport: asyncio.Transport) -> None:
         write = transport.write
-        self.write: Callable[[Buffer], None] = lambda data: write(bytes(data))
+
+        def copy(data: Buffer) -> None:
+            try:
+                write(bytes(data))
+            except RuntimeError:
+                if not transport.is_closing():
+                    raise
+
+        self.write: Callable[[Buffer], None] = copy
 
 
 class _Dropping:
@@ -614,6 +626,9 @@ class CarrierProtocol(_Side):
     def _answer(self, command: Command) -> None:
         assert isinstance(command, Answer)
         status = command.status
+        head_only = command.head_only
+        if self._reader is not None and self._reader.first_line().startswith("HEAD "):
+            head_only = True  # refused as it was read (431, 408): still no body for a HEAD
         self.ctx.registry.count_request(self.machine.route_label, status)
         if self.call is None and status >= 400 and self.ctx.refusals is not None:
             if self.ctx.access_log:
@@ -633,7 +648,7 @@ class CarrierProtocol(_Side):
                 )
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(local_response(status, command.text, head_only=command.head_only))
+            t.write(local_response(status, command.text, head_only=head_only))
 
     def _parse_head_later(self, command: Command) -> None:
         self.ctx.heads.add(self._parse_head)
@@ -1109,11 +1124,13 @@ class FleetProtocol(_Side):
         self._pending.clear()
         # What came after the fleet's head counts as relayed (the head is not),
         # as every later read does: a body, or the first frames of a tunnel.
-        self.bytes_received += len(pending) - exchange.head_bytes
+        # The head as relayed, which a 101 made right may have lengthened.
+        head = exchange.relayed_head_bytes
+        self.bytes_received += len(pending) - head
         carrier.transport.write(pending)
         if not relaying:  # the fleet's first frame starts after its 101
             self.tracker = FrameTracker()
-            frames = memoryview(pending)[exchange.head_bytes :]
+            frames = memoryview(pending)[head:]
             self.tracker.feed(frames)
             if self.tracker.closed:  # the bot hung up with its 101
                 self.close_frame_read(frames)

@@ -1,0 +1,434 @@
+"""The edges of a call that the second review of session 30 tried on real
+sockets: a carrier's close while queued or before a retry, a head refused as
+it is read, one answer whatever follows a head, a carrier reading on after its
+plain fleet was lost (uvloop raised on every read), and a fleet's 101 made
+right (its frames followed from where they begin as relayed)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import logging
+import re
+import ssl
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from tests.support import (
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    access_entries,
+    eventually,
+    raw_exchange,
+    read_head,
+)
+
+
+def _accept(key: bytes) -> bytes:
+    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    return base64.b64encode(digest)
+
+
+def _switching_then(react_after, *, with_101: bytes = b""):
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+        assert key is not None
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + _accept(key[1])
+            + b"\r\n\r\n"
+            + with_101
+        )
+        await writer.drain()
+        await react_after(reader, writer)
+
+    return react
+
+
+def _masked_close(code: int = 1000) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    payload = code.to_bytes(2, "big")
+    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
+    return first & 0x0F, payload
+
+
+async def _until_eof(reader: asyncio.StreamReader, limit: float = 5.0) -> bytes:
+    got = b""
+    try:
+        async with asyncio.timeout(limit):
+            while chunk := await reader.read(65536):
+                got += chunk
+    except (OSError, TimeoutError, ssl.SSLError):
+        pass
+    return got
+
+
+_BARE_LF_101 = (
+    b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade\n"
+    b"Sec-WebSocket-Accept: %s\n\n"
+)
+
+
+def _bare_lf_switching_then(react_after, *, with_101: bytes = b""):
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+        assert key is not None
+        writer.write(_BARE_LF_101 % _accept(key[1]) + with_101)
+        await writer.drain()
+        await react_after(reader, writer)
+
+    return react
+
+
+async def test_a_carrier_closing_while_queued_for_a_slot_is_its_own_hang_up(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """maxconn 1, held by a first call for 0.6 s; a second carrier sends its
+    upgrade and a close frame in one write while queued: once linked, the close
+    is relayed, the fleet replies, the call ends at once, 'carrier closed'."""
+    count = itertools.count()
+
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if next(count) == 0:
+            await asyncio.sleep(0.6)
+            writer.transport.abort()  # the first call's fleet goes: its slot frees
+            return
+        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        assert opcode == 8
+        writer.write(b"\x88\x02" + payload[:2])
+        await writer.drain()
+
+    fleet = await RawFleet(None, _switching_then(react)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a", "maxconn=1")], timeouts={"queue": 5})
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        host, port = ingress.wss_address
+        first = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        first[1].write(UPGRADE.format(path="/ws/bot-1").encode())
+        await read_head(first[0])
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-2").encode() + _masked_close(4000))
+        await asyncio.sleep(0.2)  # queued behind the first call (maxconn 1)
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 101 "), head + await reader.read(200)
+        assert await _read_frame(reader) == (8, (4000).to_bytes(2, "big"))
+        started = time.monotonic()
+        await _until_eof(reader, 8)
+        held = time.monotonic() - started
+        writer.close()
+        first[1].close()
+        await eventually(lambda: len(access_entries(caplog)) == 2)
+        reasons = sorted(e["end_reason"] for e in access_entries(caplog))
+        assert reasons == ["carrier closed", "fleet closed"], reasons
+        assert held < 1.0, held
+    finally:
+        await fleet.stop()
+
+
+async def test_a_carriers_close_sent_before_a_retried_attempt_is_its_own_hang_up(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The first attempt's fleet closes at once (empty response, retried); the
+    second answers 101 and replies to the carrier's early close frame."""
+    count = itertools.count()
+
+    async def replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        assert opcode == 8
+        writer.write(b"\x88\x02" + payload[:2])
+        await writer.drain()
+
+    switching = _switching_then(replies)
+
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if next(count) == 0:
+            await read_head(reader)
+            return  # closed at once: an empty response, retried
+        await switching(reader, writer)
+
+    fleets = [await RawFleet(None, react).start(), await RawFleet(None, react).start()]
+    try:
+        ingress = await start_ingress([fleets[0].line("a"), fleets[1].line("b")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + _masked_close())
+        await read_head(reader)
+        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        started = time.monotonic()
+        await _until_eof(reader, 8)
+        held = time.monotonic() - started
+        writer.close()
+        await eventually(lambda: bool(access_entries(caplog)))
+        entry = access_entries(caplog)[0]
+        assert entry["end_reason"] == "carrier closed", entry
+        assert held < 1.0, held
+    finally:
+        for fleet in fleets:
+            await fleet.stop()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"HEAD /haproxy-health HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 101 + b"\r\n",
+        b"HEAD /haproxy-health HTTP/1.1\nHost: x\n\n",
+    ],
+    ids=["431-many-lines", "400-bare-lf"],
+)
+async def test_a_head_refused_as_it_is_read_gets_no_body(
+    start_ingress: StartIngress, tls_files: TLSFiles, request_bytes: bytes
+):
+    ingress = await start_ingress(["http://127.0.0.1:9 name=a"])
+    got = await raw_exchange(ingress, tls_files, request_bytes)
+    assert got.startswith(b"HTTP/1.1 4"), got[:40]
+    assert got.endswith(b"\r\n\r\n"), got
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        # A body, then a second request on the same connection: never read.
+        (
+            b"POST /haproxy-health HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+            b"GET /ws/bot-1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n",
+            200,
+        ),
+        # Transfer-Encoding and Content-Length together.
+        (
+            b"POST /haproxy-health HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\nHost: x\r\n\r\n",
+            None,
+        ),
+        # A call route with TE and CL 0: refused before any fleet.
+        (
+            b"GET /ws/bot-1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\nTransfer-Encoding: chunked"
+            b"\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        # HEAD with a body on a call route: 400, no body.
+        (b"HEAD /ws/bot-1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi", 400),
+    ],
+    ids=["pipelined-after-body", "te-and-cl", "call-te-cl0", "head-body-call"],
+)
+async def test_one_answer_and_the_close_whatever_follows_the_head(
+    start_ingress: StartIngress, tls_files: TLSFiles, request_bytes: bytes, status: int | None
+):
+    fleet_heads: list[bytes] = []
+
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fleet_heads.append(await read_head(reader))
+
+    fleet = await RawFleet(None, never).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        got = await raw_exchange(ingress, tls_files, request_bytes)
+        assert got.count(b"HTTP/1.1 ") == 1, got
+        if status is not None:
+            assert got.startswith(b"HTTP/1.1 %d " % status), got[:60]
+        if request_bytes.startswith(b"HEAD"):
+            assert got.endswith(b"\r\n\r\n"), got
+        assert fleet_heads == []
+    finally:
+        await fleet.stop()
+
+
+async def test_port_80s_head_refused_as_read_names_its_first_line(
+    start_ingress: StartIngress, caplog
+):
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": "127.0.0.1:9"},
+    )
+    caplog.set_level(logging.INFO, logger="fleet_ingress.refused")
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + b"X-A: b\r\n" * 101 + b"\r\n")
+    got = await _until_eof(reader, 5)
+    writer.close()
+    assert got.startswith(b"HTTP/1.1 431 ")
+    await eventually(lambda: bool([r for r in caplog.records if r.name == "fleet_ingress.refused"]))
+    lines = [r.fields for r in caplog.records if r.name == "fleet_ingress.refused"]  # type: ignore[attr-defined]
+    assert lines[-1]["status"] == 431
+    assert lines[-1]["target"] == "GET /x HTTP/1.1", lines[-1]
+
+
+@pytest.mark.uvloop_only
+async def test_a_carriers_reply_after_a_plain_fleet_reset_raises_nothing(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    import socket
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
+
+    from tests.support import wss_url
+
+    async def reset(reader, writer):
+        await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # an RST
+
+    loop = asyncio.get_running_loop()
+    raised: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    fleet = await RawFleet(None, _switching_then(reset)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            with pytest.raises((ConnectionClosedError, ConnectionClosedOK)) as info:
+                async with asyncio.timeout(5):
+                    await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+        await eventually(lambda: not ingress.registry.calls)
+        await asyncio.sleep(0.2)
+        assert [str(c.get("exception") or c.get("message")) for c in raised] == []
+    finally:
+        loop.set_exception_handler(previous)
+        await fleet.stop()
+
+
+@pytest.mark.uvloop_only
+async def test_a_streaming_carrier_after_a_plain_fleet_reset_raises_nothing(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    import socket
+
+    from fleet_ingress.net import event_loop
+
+    async def reset(reader, writer):
+        await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # an RST: the bot's process died
+
+    loop = asyncio.get_running_loop()
+    raised: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    fleet = await RawFleet(None, _switching_then(reset)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        await read_head(reader)
+        media = bytes((0x82, 0x80 | 100)) + bytes(4) + bytes(100)  # masked, a zero mask
+        for _ in range(40):  # 20 ms media for 0.8 s, the carrier not reading
+            try:
+                writer.write(media)
+                await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                break
+            await asyncio.sleep(0.02)
+        await _until_eof(reader, 3)
+        writer.close()
+        await eventually(lambda: not ingress.registry.calls)
+        print("loop exceptions:", len(raised), "unexpected counter:", event_loop._unexpected)
+        assert [str(c.get("exception") or c.get("message")) for c in raised] == []
+    finally:
+        loop.set_exception_handler(previous)
+        await fleet.stop()
+
+
+async def test_a_bot_hang_up_after_a_bare_lf_101_is_logged_fleet_closed(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosedOK
+
+    from tests.support import wss_url
+
+    hello = b"\x81\x05hello"
+    last_words = b"\x81\x08Goodbye!" + b"\x88\x0a\x03\xe8bot done"
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        writer.write(hello)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(last_words)
+        await writer.drain()
+        opcode, _ = await asyncio.wait_for(_read_frame(reader), 5)
+        assert opcode == 8
+
+    fleet = await RawFleet(None, _bare_lf_switching_then(bot)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            assert await ws.recv() == "hello"
+            assert await ws.recv() == "Goodbye!"
+            with pytest.raises(ConnectionClosedOK):
+                await ws.recv()
+        await eventually(lambda: bool(access_entries(caplog)))
+        entry = access_entries(caplog)[0]
+        assert entry["end_reason"] == "fleet closed", entry
+    finally:
+        await fleet.stop()
+
+
+async def test_a_drain_after_a_bare_lf_101_sends_its_close_frame_at_a_frame_boundary(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    frame = bytes((0x82, 126)) + struct.pack("!H", 3000) + b"m" * 3000
+
+    async def mid_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frame[:1000])
+        await writer.drain()
+        await reader.read(8)  # the ingress's close frame to the fleet
+        await asyncio.sleep(0.05)
+        writer.write(frame[1000:])
+        await writer.drain()
+        await asyncio.sleep(2)
+
+    fleet = await RawFleet(None, _bare_lf_switching_then(mid_frame)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        await read_head(reader)
+        assert await reader.readexactly(1000) == frame[:1000]
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
+        rest = await _until_eof(reader, 5)
+        writer.close()
+        await stopping
+        assert rest == frame[1000:] + b"\x88\x12\x03\xe9ingress draining", rest[:40]
+    finally:
+        await fleet.stop()
