@@ -311,3 +311,27 @@ async def test_the_chain_gauge_goes_absent_not_to_0_when_the_chain_cannot_be_jud
     await files.look(config, [], 0)
     files.close()
     assert files.served_chain_doubted() is None
+
+
+async def test_a_chain_in_doubt_is_not_refused_over_a_served_certificate_out_of_date(
+    tmp_path: Path,
+) -> None:
+    """The one served has expired: a restart takes the file whatever its chain
+    (kept_certificate keeps nothing out of date), so stat does not say it keeps
+    the one served (the second review of session 30)."""
+    import datetime
+
+    issuer, _, cert, key, config = _under_root(tmp_path)
+    now = datetime.datetime.now(datetime.UTC)
+    expired = issuer.issue_cert(
+        "calls.example.com",
+        not_before=now - datetime.timedelta(days=90),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    _write(cert, key, expired)
+    served = read_pem(cert, key)
+    _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    refused, _ = await _lines(files, config, served)
+    files.close()
+    assert refused is None
