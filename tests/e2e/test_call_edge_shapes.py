@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    SWITCHING,
     UPGRADE,
     RawFleet,
     StartIngress,
@@ -425,10 +426,55 @@ async def test_a_drain_after_a_bare_lf_101_sends_its_close_frame_at_a_frame_boun
         writer.write(UPGRADE.format(path="/ws/bot-1").encode())
         await read_head(reader)
         assert await reader.readexactly(1000) == frame[:1000]
-        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))  # DEBUG
         rest = await _until_eof(reader, 5)
         writer.close()
         await stopping
         assert rest == frame[1000:] + b"\x88\x12\x03\xe9ingress draining", rest[:40]
     finally:
+        await fleet.stop()
+
+
+async def test_a_carriers_close_frame_split_at_a_drain_reaches_the_fleet_whole(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """The carrier's close frame split over two TLS records, a drain ending the
+    call between them: the fleet gets it whole, then the close (before: its
+    first three bytes, then the close: a frame cut short)."""
+    fleet_got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fleet_got.set_result(await _until_eof(reader, 5))
+
+    loop = asyncio.get_running_loop()
+    raised: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    fleet = await RawFleet(None, _switching_then(record)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        assert await read_head(reader) == SWITCHING
+        close = _masked_close()
+        writer.write(close[:3])  # its header read: the tracker has seen it start
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.05))
+        # The drain ends the call meanwhile; the rest comes within the
+        # GOODBYE_BOUNDARY_WAIT (0.2 s) the fleet side is held for it.
+        await asyncio.sleep(0.15)
+        writer.write(close[3:])  # the rest of the carrier's close frame
+        await writer.drain()
+        got = await asyncio.wait_for(fleet_got, 6)
+        await _until_eof(reader, 3)
+        writer.close()
+        await stopping
+        assert got == close, got
+        assert [(c.get("message"), repr(c.get("exception"))) for c in raised] == []
+    finally:
+        loop.set_exception_handler(previous)
         await fleet.stop()

@@ -384,13 +384,13 @@ _DROPPING = cast(asyncio.Transport, _Dropping())
 
 class _ToFrameBoundary:
     """Relays to `side` up to the end of the frame under way, then sends it
-    the close frame and drops what follows; or, at `give_up`, closes it
-    without one."""
+    the close frame (none: the frame under way is the source's own close
+    frame) and drops what follows; or, at `give_up`, closes it without one."""
 
     __slots__ = ("done", "frame", "inner", "side", "timer", "tracker")
 
     def __init__(
-        self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes, side: _Side
+        self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes | None, side: _Side
     ) -> None:
         self.inner, self.tracker, self.frame, self.side = inner, tracker, frame, side
         self.timer: asyncio.TimerHandle | None = None
@@ -895,6 +895,27 @@ class CarrierProtocol(_Side):
         (the other side's frames are not tracked, or `side` is going)."""
         source = side.peer_side
         t = side.transport
+        tracker = None if source is None else source.tracker
+        if (
+            tracker is not None
+            and tracker.closed
+            and not tracker.at_boundary
+            and not tracker.gave_up
+            and source is not None
+            and source.peer is not None
+            and not source.lost
+            and t is not None
+            and not side.lost
+            and not t.is_closing()
+        ):
+            # The source's own close frame is under way (split over reads): it
+            # reaches `side` whole, then `side` is closed; no frame follows it
+            # (before, `side` was closed at once: the close frame cut short).
+            side.saying_goodbye = True
+            ends = _ToFrameBoundary(source.peer, tracker, None, side)
+            source.peer = cast(asyncio.Transport, ends)
+            ends.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, ends.give_up)
+            return True
         if (
             source is None
             or source.tracker is None
