@@ -15,6 +15,7 @@ import ctypes
 import datetime
 import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -258,6 +259,47 @@ Reaction = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
+
+
+def switching_then(react_after, *, with_101: bytes = b"", line_end: bytes = b"\r\n"):
+    """A raw fleet's reaction: answer the upgrade 101 (for the carrier's own
+    key), with `with_101` in the same write and its lines ended by `line_end`
+    (a bare LF: a fleet that writes them so), then do `react_after`."""
+    from fleet_ingress.core.fleet_exchange import websocket_accept
+
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+        assert key is not None
+        lines = [
+            b"HTTP/1.1 101 Switching Protocols",
+            b"Upgrade: websocket",
+            b"Connection: Upgrade",
+            b"Sec-WebSocket-Accept: " + websocket_accept(key[1]),
+        ]
+        writer.write(line_end.join(lines) + line_end * 2 + with_101)
+        await writer.drain()
+        await react_after(reader, writer)
+
+    return react
+
+
+def masked_close(code: int = 1000) -> bytes:
+    """A carrier's (a client's, so masked) close frame with `code`."""
+    mask = b"\x01\x02\x03\x04"
+    payload = code.to_bytes(2, "big")
+    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One WebSocket frame off a raw stream: (opcode, unmasked payload)."""
+    first, second = await reader.readexactly(2)
+    length = second & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
+    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
+    return first & 0x0F, payload
 
 
 def answer(raw: bytes) -> Reaction:

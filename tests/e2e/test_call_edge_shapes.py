@@ -7,17 +7,19 @@ right (its frames followed from where they begin as relayed)."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
+import contextlib
 import itertools
 import logging
-import re
+import socket
 import ssl
 import struct
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 from tests.support import (
     SWITCHING,
@@ -27,48 +29,13 @@ from tests.support import (
     TLSFiles,
     access_entries,
     eventually,
+    masked_close,
     raw_exchange,
+    read_frame,
     read_head,
+    switching_then,
+    wss_url,
 )
-
-
-def _accept(key: bytes) -> bytes:
-    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    return base64.b64encode(digest)
-
-
-def _switching_then(react_after, *, with_101: bytes = b""):
-    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await read_head(reader)
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-            + _accept(key[1])
-            + b"\r\n\r\n"
-            + with_101
-        )
-        await writer.drain()
-        await react_after(reader, writer)
-
-    return react
-
-
-def _masked_close(code: int = 1000) -> bytes:
-    mask = b"\x01\x02\x03\x04"
-    payload = code.to_bytes(2, "big")
-    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    length = second & 0x7F
-    if length == 126:
-        length = int.from_bytes(await reader.readexactly(2), "big")
-    mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
-    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
-    return first & 0x0F, payload
 
 
 async def _until_eof(reader: asyncio.StreamReader, limit: float = 5.0) -> bytes:
@@ -82,22 +49,26 @@ async def _until_eof(reader: asyncio.StreamReader, limit: float = 5.0) -> bytes:
     return got
 
 
-_BARE_LF_101 = (
-    b"HTTP/1.1 101 Switching Protocols\nUpgrade: websocket\nConnection: Upgrade\n"
-    b"Sec-WebSocket-Accept: %s\n\n"
-)
+async def _reset_after_a_moment(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain fleet whose process dies 0.2 s into the call: an RST."""
+    await asyncio.sleep(0.2)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
-def _bare_lf_switching_then(react_after, *, with_101: bytes = b""):
-    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await read_head(reader)
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        writer.write(_BARE_LF_101 % _accept(key[1]) + with_101)
-        await writer.drain()
-        await react_after(reader, writer)
-
-    return react
+@contextlib.asynccontextmanager
+async def _loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """What reaches the event loop's exception handler meanwhile (a callback
+    that raised: what production counts as an unexpected error)."""
+    loop = asyncio.get_running_loop()
+    raised: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: raised.append(context))
+    try:
+        yield raised
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_a_carrier_closing_while_queued_for_a_slot_is_its_own_hang_up(
@@ -113,12 +84,12 @@ async def test_a_carrier_closing_while_queued_for_a_slot_is_its_own_hang_up(
             await asyncio.sleep(0.6)
             writer.transport.abort()  # the first call's fleet goes: its slot frees
             return
-        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
         assert opcode == 8
         writer.write(b"\x88\x02" + payload[:2])
         await writer.drain()
 
-    fleet = await RawFleet(None, _switching_then(react)).start()
+    fleet = await RawFleet(None, switching_then(react)).start()
     try:
         ingress = await start_ingress([fleet.line("a", "maxconn=1")], timeouts={"queue": 5})
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
@@ -131,11 +102,11 @@ async def test_a_carrier_closing_while_queued_for_a_slot_is_its_own_hang_up(
         reader, writer = await asyncio.open_connection(
             host, port, ssl=tls_files.client_context(), server_hostname="localhost"
         )
-        writer.write(UPGRADE.format(path="/ws/bot-2").encode() + _masked_close(4000))
+        writer.write(UPGRADE.format(path="/ws/bot-2").encode() + masked_close(4000))
         await asyncio.sleep(0.2)  # queued behind the first call (maxconn 1)
         head = await read_head(reader)
         assert head.startswith(b"HTTP/1.1 101 "), head + await reader.read(200)
-        assert await _read_frame(reader) == (8, (4000).to_bytes(2, "big"))
+        assert await read_frame(reader) == (8, (4000).to_bytes(2, "big"))
         started = time.monotonic()
         await _until_eof(reader, 8)
         held = time.monotonic() - started
@@ -157,12 +128,12 @@ async def test_a_carriers_close_sent_before_a_retried_attempt_is_its_own_hang_up
     count = itertools.count()
 
     async def replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
         assert opcode == 8
         writer.write(b"\x88\x02" + payload[:2])
         await writer.drain()
 
-    switching = _switching_then(replies)
+    switching = switching_then(replies)
 
     async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if next(count) == 0:
@@ -178,9 +149,9 @@ async def test_a_carriers_close_sent_before_a_retried_attempt_is_its_own_hang_up
         reader, writer = await asyncio.open_connection(
             host, port, ssl=tls_files.client_context(), server_hostname="localhost"
         )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + _masked_close())
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + masked_close())
         await read_head(reader)
-        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        assert await read_frame(reader) == (8, b"\x03\xe8")
         started = time.monotonic()
         await _until_eof(reader, 8)
         held = time.monotonic() - started
@@ -287,92 +258,55 @@ async def test_port_80s_head_refused_as_read_names_its_first_line(
 async def test_a_carriers_reply_after_a_plain_fleet_reset_raises_nothing(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    import socket
-
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
-
-    from tests.support import wss_url
-
-    async def reset(reader, writer):
-        await asyncio.sleep(0.2)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()  # an RST
-
-    loop = asyncio.get_running_loop()
-    raised: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: raised.append(context))
-    fleet = await RawFleet(None, _switching_then(reset)).start()
-    try:
-        ingress = await start_ingress([fleet.line("a")])
-        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
-            with pytest.raises((ConnectionClosedError, ConnectionClosedOK)) as info:
-                async with asyncio.timeout(5):
-                    await ws.recv()
-        assert info.value.rcvd is not None and info.value.rcvd.code == 1011
-        await eventually(lambda: not ingress.registry.calls)
-        await asyncio.sleep(0.2)
-        assert [str(c.get("exception") or c.get("message")) for c in raised] == []
-    finally:
-        loop.set_exception_handler(previous)
-        await fleet.stop()
+    async with _loop_errors() as raised:
+        fleet = await RawFleet(None, switching_then(_reset_after_a_moment)).start()
+        try:
+            ingress = await start_ingress([fleet.line("a")])
+            async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+                with pytest.raises((ConnectionClosedError, ConnectionClosedOK)) as info:
+                    async with asyncio.timeout(5):
+                        await ws.recv()
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+            await eventually(lambda: not ingress.registry.calls)
+            await asyncio.sleep(0.2)
+            assert [str(c.get("exception") or c.get("message")) for c in raised] == []
+        finally:
+            await fleet.stop()
 
 
 @pytest.mark.uvloop_only
 async def test_a_streaming_carrier_after_a_plain_fleet_reset_raises_nothing(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
-    import socket
-
-    from fleet_ingress.net import event_loop
-
-    async def reset(reader, writer):
-        await asyncio.sleep(0.2)
-        sock = writer.get_extra_info("socket")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()  # an RST: the bot's process died
-
-    loop = asyncio.get_running_loop()
-    raised: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: raised.append(context))
-    fleet = await RawFleet(None, _switching_then(reset)).start()
-    try:
-        ingress = await start_ingress([fleet.line("a")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
-        await read_head(reader)
-        media = bytes((0x82, 0x80 | 100)) + bytes(4) + bytes(100)  # masked, a zero mask
-        for _ in range(40):  # 20 ms media for 0.8 s, the carrier not reading
-            try:
-                writer.write(media)
-                await writer.drain()
-            except (ConnectionError, ssl.SSLError):
-                break
-            await asyncio.sleep(0.02)
-        await _until_eof(reader, 3)
-        writer.close()
-        await eventually(lambda: not ingress.registry.calls)
-        print("loop exceptions:", len(raised), "unexpected counter:", event_loop._unexpected)
-        assert [str(c.get("exception") or c.get("message")) for c in raised] == []
-    finally:
-        loop.set_exception_handler(previous)
-        await fleet.stop()
+    async with _loop_errors() as raised:
+        fleet = await RawFleet(None, switching_then(_reset_after_a_moment)).start()
+        try:
+            ingress = await start_ingress([fleet.line("a")])
+            host, port = ingress.wss_address
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+            )
+            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            await read_head(reader)
+            media = bytes((0x82, 0x80 | 100)) + bytes(4) + bytes(100)  # masked, a zero mask
+            for _ in range(40):  # 20 ms media for 0.8 s, the carrier not reading
+                try:
+                    writer.write(media)
+                    await writer.drain()
+                except (ConnectionError, ssl.SSLError):
+                    break
+                await asyncio.sleep(0.02)
+            await _until_eof(reader, 3)
+            writer.close()
+            await eventually(lambda: not ingress.registry.calls)
+            assert [str(c.get("exception") or c.get("message")) for c in raised] == []
+        finally:
+            await fleet.stop()
 
 
 async def test_a_bot_hang_up_after_a_bare_lf_101_is_logged_fleet_closed(
     start_ingress: StartIngress, tls_files: TLSFiles, caplog
 ):
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosedOK
-
-    from tests.support import wss_url
-
     hello = b"\x81\x05hello"
     last_words = b"\x81\x08Goodbye!" + b"\x88\x0a\x03\xe8bot done"
 
@@ -383,10 +317,10 @@ async def test_a_bot_hang_up_after_a_bare_lf_101_is_logged_fleet_closed(
         await asyncio.sleep(0.2)
         writer.write(last_words)
         await writer.drain()
-        opcode, _ = await asyncio.wait_for(_read_frame(reader), 5)
+        opcode, _ = await asyncio.wait_for(read_frame(reader), 5)
         assert opcode == 8
 
-    fleet = await RawFleet(None, _bare_lf_switching_then(bot)).start()
+    fleet = await RawFleet(None, switching_then(line_end=b"\n", react_after=bot)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
@@ -416,7 +350,7 @@ async def test_a_drain_after_a_bare_lf_101_sends_its_close_frame_at_a_frame_boun
         await writer.drain()
         await asyncio.sleep(2)
 
-    fleet = await RawFleet(None, _bare_lf_switching_then(mid_frame)).start()
+    fleet = await RawFleet(None, switching_then(line_end=b"\n", react_after=mid_frame)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         host, port = ingress.wss_address
@@ -446,35 +380,31 @@ async def test_a_carriers_close_frame_split_at_a_drain_reaches_the_fleet_whole(
     async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         fleet_got.set_result(await _until_eof(reader, 5))
 
-    loop = asyncio.get_running_loop()
-    raised: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: raised.append(context))
-    fleet = await RawFleet(None, _switching_then(record)).start()
-    try:
-        ingress = await start_ingress([fleet.line("a")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
-        assert await read_head(reader) == SWITCHING
-        close = _masked_close()
-        writer.write(close[:3])  # its header read: the tracker has seen it start
-        await writer.drain()
-        await asyncio.sleep(0.1)
-        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.05))
-        # The drain ends the call meanwhile; the rest comes within the
-        # GOODBYE_BOUNDARY_WAIT (0.2 s) the fleet side is held for it.
-        await asyncio.sleep(0.15)
-        writer.write(close[3:])  # the rest of the carrier's close frame
-        await writer.drain()
-        got = await asyncio.wait_for(fleet_got, 6)
-        await _until_eof(reader, 3)
-        writer.close()
-        await stopping
-        assert got == close, got
-        assert [(c.get("message"), repr(c.get("exception"))) for c in raised] == []
-    finally:
-        loop.set_exception_handler(previous)
-        await fleet.stop()
+    async with _loop_errors() as raised:
+        fleet = await RawFleet(None, switching_then(record)).start()
+        try:
+            ingress = await start_ingress([fleet.line("a")])
+            host, port = ingress.wss_address
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+            )
+            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            assert await read_head(reader) == SWITCHING
+            close = masked_close()
+            writer.write(close[:3])  # its header read: the tracker has seen it start
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.05))
+            # The drain ends the call meanwhile; the rest comes within the
+            # GOODBYE_BOUNDARY_WAIT (0.2 s) the fleet side is held for it.
+            await asyncio.sleep(0.15)
+            writer.write(close[3:])  # the rest of the carrier's close frame
+            await writer.drain()
+            got = await asyncio.wait_for(fleet_got, 6)
+            await _until_eof(reader, 3)
+            writer.close()
+            await stopping
+            assert got == close, got
+            assert [(c.get("message"), repr(c.get("exception"))) for c in raised] == []
+        finally:
+            await fleet.stop()

@@ -14,10 +14,7 @@ ends the call at once rather than after HALF_CLOSED_GRACE."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import logging
-import re
 import socket
 import ssl
 import struct
@@ -37,7 +34,10 @@ from tests.support import (
     WsFleet,
     access_entries,
     eventually,
+    masked_close,
+    read_frame,
     read_head,
+    switching_then,
     wss_url,
 )
 
@@ -116,32 +116,6 @@ async def test_an_aiohttp_carrier_sees_a_clean_1001_at_a_drain(
     await eventually(lambda: ws_fleet.peer_close_codes == [1001])
 
 
-def _accept(key: bytes) -> bytes:
-    digest = hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-    return base64.b64encode(digest)
-
-
-def _switching_then(react_after, *, with_101: bytes = b""):
-    """A fleet that answers the upgrade 101 (for the carrier's own key), and
-    `with_101` in the same write, then does `react_after`."""
-
-    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await read_head(reader)
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-            + _accept(key[1])
-            + b"\r\n\r\n"
-            + with_101
-        )
-        await writer.drain()
-        await react_after(reader, writer)
-
-    return react
-
-
 async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_passed_on(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
@@ -154,8 +128,8 @@ async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_
         writer.close()  # a FIN, no close frame: how this fleet chose to end
 
     fleets = [
-        await RawFleet(None, _switching_then(reset)).start(),
-        await RawFleet(None, _switching_then(close_without_frame)).start(),
+        await RawFleet(None, switching_then(reset)).start(),
+        await RawFleet(None, switching_then(close_without_frame)).start(),
     ]
     try:
         for fleet, expected in zip(fleets, [(1011, "fleet reset"), None], strict=True):
@@ -220,7 +194,7 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
         fleet_heard.set_result(heard)
         await asyncio.sleep(2)
 
-    fleet = await RawFleet(None, _switching_then(mid_frame)).start()
+    fleet = await RawFleet(None, switching_then(mid_frame)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         reader, writer = await _raw_carrier(ingress, tls_files)
@@ -256,7 +230,7 @@ async def test_a_fleets_close_frame_read_with_other_bytes_is_followed_by_nothing
         await writer.drain()
         await asyncio.sleep(5)  # the carrier's reply never comes: the drain ends it
 
-    fleet = await RawFleet(None, _switching_then(close_at_once)).start()
+    fleet = await RawFleet(None, switching_then(close_at_once)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         reader, writer = await _raw_carrier(ingress, tls_files)
@@ -302,22 +276,6 @@ async def test_a_fleets_reply_to_the_goodbye_raises_nothing(
 # close frame).
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first, second = await reader.readexactly(2)
-    length = second & 0x7F
-    if length == 126:
-        length = int.from_bytes(await reader.readexactly(2), "big")
-    mask = await reader.readexactly(4) if second & 0x80 else b"\0\0\0\0"
-    payload = bytes(b ^ mask[i % 4] for i, b in enumerate(await reader.readexactly(length)))
-    return first & 0x0F, payload
-
-
-def _masked_close(code: int = 1000) -> bytes:
-    mask = b"\x01\x02\x03\x04"
-    payload = code.to_bytes(2, "big")
-    return b"\x88\x82" + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
 def _masked_binary(payload: bytes) -> bytes:
     mask = b"\x05\x06\x07\x08"
     assert len(payload) < 126
@@ -355,11 +313,11 @@ async def test_a_bot_hanging_up_after_its_last_words_is_logged_as_fleet_closed(
             await asyncio.sleep(0.2)
             writer.write(last_words)
             await writer.drain()
-        opcode, _ = await asyncio.wait_for(_read_frame(reader), 5)  # the carrier's reply
+        opcode, _ = await asyncio.wait_for(read_frame(reader), 5)  # the carrier's reply
         assert opcode == 8
 
     fleet = await RawFleet(
-        None, _switching_then(bot, with_101=last_words if with_101 else b"")
+        None, switching_then(bot, with_101=last_words if with_101 else b"")
     ).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
@@ -386,12 +344,12 @@ async def test_a_carrier_hanging_up_before_the_101_is_let_go_at_once_and_logged_
     it had sent; logged 'fleet closed'."""
 
     async def fleet_replies(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
         assert opcode == 8
         writer.write(b"\x88\x02" + payload[:2])  # the reply, then TCP close (server first)
         await writer.drain()
 
-    fleet = await RawFleet(None, _switching_then(fleet_replies)).start()
+    fleet = await RawFleet(None, switching_then(fleet_replies)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
@@ -399,9 +357,9 @@ async def test_a_carrier_hanging_up_before_the_101_is_let_go_at_once_and_logged_
         reader, writer = await asyncio.open_connection(
             host, port, ssl=tls_files.client_context(), server_hostname="localhost"
         )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + _masked_close())  # one write
+        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + masked_close())  # one write
         await read_head(reader)
-        assert await _read_frame(reader) == (8, b"\x03\xe8")
+        assert await read_frame(reader) == (8, b"\x03\xe8")
         held = await _held(reader)
         writer.close()
         await eventually(lambda: bool(access_entries(caplog)))
@@ -423,17 +381,17 @@ async def test_a_carrier_whose_close_reply_follows_its_last_media_frame_is_let_g
         await asyncio.sleep(0.2)
         writer.write(b"\x88\x02\x03\xe8")  # the bot hangs up: a lone close frame
         await writer.drain()
-        while (await asyncio.wait_for(_read_frame(reader), 5))[0] != 8:
+        while (await asyncio.wait_for(read_frame(reader), 5))[0] != 8:
             pass  # media still in flight, then the carrier's reply: close TCP
 
-    fleet = await RawFleet(None, _switching_then(bot)).start()
+    fleet = await RawFleet(None, switching_then(bot)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
         reader, writer = await _raw_carrier(ingress, tls_files)
         await read_head(reader)
-        assert await _read_frame(reader) == (8, b"\x03\xe8")
-        writer.write(_masked_binary(b"\x7f" * 80) + _masked_close())  # one write
+        assert await read_frame(reader) == (8, b"\x03\xe8")
+        writer.write(_masked_binary(b"\x7f" * 80) + masked_close())  # one write
         held = await _held(reader)
         writer.close()
         await eventually(lambda: bool(access_entries(caplog)))
@@ -464,14 +422,14 @@ async def test_a_close_reply_split_across_reads_is_heard_at_its_last_byte_and_re
             fleet_got.extend(chunk)
         fleet_done.set_result(time.monotonic())
 
-    fleet = await RawFleet(None, _switching_then(bot)).start()
+    fleet = await RawFleet(None, switching_then(bot)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
         reader, writer = await _raw_carrier(ingress, tls_files)
         await read_head(reader)
-        assert await _read_frame(reader) == (8, b"\x03\xe8")
-        reply = _masked_close()
+        assert await read_frame(reader) == (8, b"\x03\xe8")
+        reply = masked_close()
         writer.write(reply[:6])  # the header and its mask
         await writer.drain()
         await asyncio.sleep(0.3)
