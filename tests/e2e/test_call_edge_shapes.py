@@ -360,7 +360,7 @@ async def test_a_drain_after_a_bare_lf_101_sends_its_close_frame_at_a_frame_boun
         writer.write(UPGRADE.format(path="/ws/bot-1").encode())
         await read_head(reader)
         assert await reader.readexactly(1000) == frame[:1000]
-        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))  # DEBUG
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
         rest = await _until_eof(reader, 5)
         writer.close()
         await stopping

@@ -313,12 +313,14 @@ async def test_the_chain_gauge_goes_absent_not_to_0_when_the_chain_cannot_be_jud
     assert files.served_chain_doubted() is None
 
 
-async def test_a_chain_in_doubt_is_not_refused_over_a_served_certificate_out_of_date(
+async def test_a_chain_in_doubt_is_refused_over_a_served_certificate_out_of_date_too(
     tmp_path: Path,
 ) -> None:
-    """The one served has expired: a restart takes the file whatever its chain
-    (kept_certificate keeps nothing out of date), so stat does not say it keeps
-    the one served (the second review of session 30)."""
+    """The one served has expired and the file's chain is in doubt: a reload
+    refuses the file (the unit's check), so stat says it is refused, not that a
+    reload loads it, nor that the one served serves on (a restart takes the file).
+    The third review of session 30 found 1cf72fc had it say `systemctl reload`
+    loads it, which the reload's check then refused."""
     import datetime
 
     issuer, _, cert, key, config = _under_root(tmp_path)
@@ -332,6 +334,12 @@ async def test_a_chain_in_doubt_is_not_refused_over_a_served_certificate_out_of_
     served = read_pem(cert, key)
     _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
     files = FilesOnDisk(tmp_path / "ingress.toml")
-    refused, _ = await _lines(files, config, served)
+    files.serving_pem = served
+    await files.look(config, [], 0)
     files.close()
-    assert refused is None
+    serving = _leaf_of(served, config)
+    snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
+    refused = certificate_refused(snap)
+    assert refused is not None and "holds the server's certificate alone" in refused
+    assert "serves on" not in refused  # the one served is refused by carriers itself
+    assert certificate_not_served(snap) is None  # no "reload loads it"

@@ -118,13 +118,7 @@ class FilesOnDisk:
         problem = out_of_date(self.certificate_file, now)
         if problem is None and serving is not None:
             problem = renewal_problem(self.certificate_file, serving, now)
-            served_good = out_of_date(serving, now) is None  # else a restart takes the file
-            if (
-                problem is None
-                and served_good
-                and self._served_seen is not None
-                and self.served_chain is None
-            ):
+            if problem is None and self._served_seen is not None and self.served_chain is None:
                 # A chain carriers may fail to follow, where they follow the served
                 # one's: the unit's reload check refuses it, and a restart keeps the
                 # one served (carrier_certificate.kept_certificate, the same rule).
