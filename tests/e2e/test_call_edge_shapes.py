@@ -408,3 +408,47 @@ async def test_a_carriers_close_frame_split_at_a_drain_reaches_the_fleet_whole(
             assert [(c.get("message"), repr(c.get("exception"))) for c in raised] == []
         finally:
             await fleet.stop()
+
+
+@pytest.mark.parametrize("drain", [True, False])
+async def test_a_carrier_hears_the_bots_close_code_when_a_drain_splits_its_close_frame(
+    start_ingress: StartIngress, tls_files: TLSFiles, drain: bool
+):
+    """The bot's close frame (1000 'bot done') split over two reads 0.15 s
+    apart, the ingress draining between them or not: the carrier's aiohttp
+    client hears 1000 either way. With the drain it got the frame whole but was
+    closed at once, with no time to reply, and said 1006 (the third review of
+    session 30): it now has GOODBYE_REPLY_WAIT, as after the ingress's own."""
+    import aiohttp
+
+    close = b"\x88\x0a\x03\xe8bot done"
+    go_on = asyncio.Event()
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        writer.write(close[:3])
+        await writer.drain()
+        await go_on.wait()
+        writer.write(close[3:])
+        await writer.drain()
+        await _until_eof(reader, 5)
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+                receiving = asyncio.ensure_future(ws.receive())
+                await asyncio.sleep(0.4)
+                stopping = (
+                    asyncio.ensure_future(ingress.stop(drain_timeout=0.05)) if drain else None
+                )
+                await asyncio.sleep(0.1)
+                go_on.set()
+                msg = await asyncio.wait_for(receiving, 5)
+                await asyncio.sleep(0.3)
+                if stopping is not None:
+                    await stopping
+        assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1000, (msg, ws.close_code)
+    finally:
+        await fleet.stop()

@@ -424,9 +424,10 @@ class HealthPoller:
             self._wanting_said_at = now
             log.warning(
                 "health probes could not connect: this process is out of descriptors or "
-                "memory; not counted against the fleets (they keep their state). EMFILE: "
-                "raise LimitNOFILE (systemd) or ulimit -n; ENFILE: the host's fs.file-max; "
-                "ENOBUFS, ENOMEM: the host's memory",
+                "memory; not counted against the fleets, which keep their state meanwhile "
+                "(one DOWN stays DOWN, its calls refused, until a probe can be made). "
+                "EMFILE: raise LimitNOFILE (systemd) or ulimit -n; ENFILE: the host's "
+                "fs.file-max; ENOBUFS, ENOMEM: the host's memory",
                 extra=fields(reason=result.reason),
             )
             return

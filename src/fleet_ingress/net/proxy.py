@@ -289,7 +289,8 @@ class _Side(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or self.lost or t.is_closing():
             return
-        t.write(frame)
+        if frame:  # b"": the other side's own close frame was relayed whole
+            t.write(frame)
         self._reply_timer = asyncio.get_running_loop().call_later(GOODBYE_REPLY_WAIT, self.close)
 
     def close_frame_read(self, data: Buffer) -> None:
@@ -384,13 +385,14 @@ _DROPPING = cast(asyncio.Transport, _Dropping())
 
 class _ToFrameBoundary:
     """Relays to `side` up to the end of the frame under way, then sends it
-    the close frame (none: the frame under way is the source's own close
-    frame) and drops what follows; or, at `give_up`, closes it without one."""
+    the close frame (b"": the frame under way is the source's own close frame,
+    relayed) and waits for its reply, dropping what follows; or, at `give_up`,
+    closes it without one."""
 
     __slots__ = ("done", "frame", "inner", "side", "timer", "tracker")
 
     def __init__(
-        self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes | None, side: _Side
+        self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes, side: _Side
     ) -> None:
         self.inner, self.tracker, self.frame, self.side = inner, tracker, frame, side
         self.timer: asyncio.TimerHandle | None = None
@@ -909,10 +911,12 @@ class CarrierProtocol(_Side):
             and not t.is_closing()
         ):
             # The source's own close frame is under way (split over reads): it
-            # reaches `side` whole, then `side` is closed; no frame follows it
-            # (before, `side` was closed at once: the close frame cut short).
+            # reaches `side` whole, no frame of ours after it, and `side` has
+            # GOODBYE_REPLY_WAIT to reply, as to ours (before, `side` was closed
+            # at once: the close frame cut short; then, with no time to reply, a
+            # carrier's stack said 1006: the third review of session 30).
             side.saying_goodbye = True
-            ends = _ToFrameBoundary(source.peer, tracker, None, side)
+            ends = _ToFrameBoundary(source.peer, tracker, b"", side)
             source.peer = cast(asyncio.Transport, ends)
             ends.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, ends.give_up)
             return True
