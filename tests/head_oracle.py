@@ -43,8 +43,9 @@ SET_BY_INGRESS = {b"host", b"connection", b"upgrade", b"x-real-ip"} | {
     b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
 }
 # A carrier's claims the fleet must not read as the ingress's: dropped, never
-# replaced (RFC 7239 Forwarded; an h2c upgrade's settings).
-DROPPED = {b"forwarded", b"http2-settings"}
+# replaced (RFC 7239 Forwarded; an h2c upgrade's settings); and an expectation
+# of a body a call does not have (a fleet's 100 Continue would precede its 101).
+DROPPED = {b"forwarded", b"http2-settings", b"expect"}
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",

@@ -123,6 +123,54 @@ async def test_a_fleets_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(
     assert got == SWITCHING + b"\x81\x02\n\n", got
 
 
+async def test_a_carriers_expectation_of_a_body_does_not_reach_the_fleet(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A call has no body: a carrier's `Expect: 100-continue` is not forwarded,
+    so a fleet that honours it (aiohttp's does) sends no `100 Continue` before
+    its 101, which the ingress would relay and strict clients refuse (the
+    websockets client failed the call: the carrier-edge audit of session 30)."""
+    from websockets.asyncio.client import connect
+
+    from tests.support import read_frame, switching_then, wss_url
+
+    async def honours_expect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, said = await read_frame(reader)  # the carrier's close: replied
+        writer.write(b"\x88\x02" + said[:2])
+        await writer.drain()
+
+    seen: list[bytes] = []
+
+    def recording(react):  # the 101 after a 100 Continue, when the head asks for one
+        async def first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            peeked = await reader.readuntil(b"\r\n\r\n")
+            seen.append(peeked)
+            if b"expect: 100-continue" in peeked.lower():
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            replay = asyncio.StreamReader()
+            replay.feed_data(peeked)
+
+            async def then(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await react(reader, writer)  # the frames come on the connection
+
+            await switching_then(then)(replay, writer)
+
+        return first
+
+    fleet = await RawFleet(None, recording(honours_expect)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        async with connect(
+            wss_url(ingress),
+            ssl=tls_files.client_context(),
+            additional_headers={"Expect": "100-continue"},
+        ) as ws:
+            assert ws.response is not None and ws.response.status_code == 101
+        assert seen and b"expect" not in seen[0].lower()
+    finally:
+        await fleet.stop()
+
+
 async def test_a_fleet_head_over_the_limit_is_a_502_however_its_records_fall(
     start_ingress: StartIngress, tls_files: TLSFiles
 ) -> None:

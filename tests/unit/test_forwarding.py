@@ -43,6 +43,15 @@ def test_hop_by_hop_and_connection_named_headers_are_dropped():
     assert b"keep-alive" not in h
 
 
+def test_an_expectation_of_a_body_is_not_forwarded():
+    """A call has no body: `Expect: 100-continue` would have a fleet answer 100
+    before its 101, which strict WebSocket clients refuse."""
+    for name in (b"Expect", b"expect", b"EXPECT"):
+        head = _head(name + b": 100-continue\r\nX-Other: kept\r\n")
+        h = _as_dict(fleet_request_headers(head, fleet_host="f", client_ip="1.2.3.4"))
+        assert b"expect" not in h and h[b"x-other"] == [b"kept"]
+
+
 def test_existing_forwarded_for_gets_the_carrier_appended_and_others_replaced():
     extra = (
         b"X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 198.51.100.2\r\n"

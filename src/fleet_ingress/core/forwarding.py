@@ -42,7 +42,12 @@ _REPLACED = frozenset(
         b"forwarded",
     }
 )
-_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED
+# A call has no body (a head with one is refused), so a carrier's
+# `Expect: 100-continue` asks for nothing; forwarded, a fleet may answer
+# `100 Continue` before its 101, which the ingress relays (RFC 9110 15.2) and
+# strict WebSocket clients fail the call on (the carrier-edge audit of session 30).
+_BODYLESS = frozenset({b"expect"})
+_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED | _BODYLESS
 # A fleet behind WSGI/CGI reads "X_Forwarded_For" and "X-Forwarded-For" as the
 # same variable (HTTP_X_FORWARDED_FOR), so a carrier's underscore spelling of a
 # header we set, drop or judge the head by could stand in for ours: it is
