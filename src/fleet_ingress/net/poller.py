@@ -40,7 +40,7 @@ from fleet_ingress.core.probe import (
 from fleet_ingress.logs import fields
 from fleet_ingress.net.cpu_wait import cpu_wait
 from fleet_ingress.net.dispatch import SlotQueue
-from fleet_ingress.net.tcp_connect import out_of_resources
+from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, out_of_resources
 
 log = logging.getLogger("fleet_ingress.health")
 
@@ -426,8 +426,7 @@ class HealthPoller:
                 "health probes could not connect: this process is out of descriptors or "
                 "memory; not counted against the fleets, which keep their state meanwhile "
                 "(one DOWN stays DOWN, its calls refused, until a probe can be made). "
-                "EMFILE: raise LimitNOFILE (systemd) or ulimit -n; ENFILE: the host's "
-                "fs.file-max; ENOBUFS, ENOMEM: the host's memory",
+                f"EMFILE: raise LimitNOFILE (systemd) or ulimit -n; {HOST_WIDE_FIXES}",
                 extra=fields(reason=result.reason),
             )
             return

@@ -108,7 +108,7 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.liveness import TcpLiveness, peer_gone
-from fleet_ingress.net.tcp_connect import open_tcp, out_of_resources
+from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
@@ -126,8 +126,7 @@ WARNING_LINES_PER_SECOND = 20
 CONNECT_OUT_OF_RESOURCES = (
     "cannot connect to fleets: this worker is out of descriptors or memory; calls "
     "are answered 503 and no fleet is tried again. EMFILE: raise LimitNOFILE "
-    "(systemd) or ulimit -n, or lower limits.max_connections; ENFILE: the host's "
-    "limit, fs.file-max; ENOBUFS, ENOMEM: the host's memory"
+    f"(systemd) or ulimit -n, or lower limits.max_connections; {HOST_WIDE_FIXES}"
 )
 OUT_OF_RESOURCES_EVERY = 5.0
 
@@ -628,17 +627,17 @@ class CarrierProtocol(_Side):
     def _answer(self, command: Command) -> None:
         assert isinstance(command, Answer)
         status = command.status
-        head_only = command.head_only
-        if self._reader is not None and self._reader.first_line().startswith("HEAD "):
-            head_only = True  # refused as it was read (431, 408): still no body for a HEAD
+        # Refused as it was read (431, 408): what came of its first line, for
+        # its log line, and no body for a HEAD.
+        read_so_far = "" if self._reader is None else self._reader.first_line()
+        head_only = command.head_only or read_so_far.startswith("HEAD ")
         self.ctx.registry.count_request(self.machine.route_label, status)
         if self.call is None and status >= 400 and self.ctx.refusals is not None:
             if self.ctx.access_log:
                 # A call that is refused has its access-log line; a head that never
-                # became a call has this one. One refused as it was read (too large,
-                # too slow: 431, 408) names what of its first line came.
-                if not self.target and self._reader is not None:
-                    self.target = self._reader.first_line()
+                # became a call has this one.
+                if not self.target:
+                    self.target = read_so_far
                 self.ctx.refusals.info(
                     "request refused",
                     client_ip=self.client_ip,
@@ -893,55 +892,43 @@ class CarrierProtocol(_Side):
     def _say_goodbye(self, side: _Side, goodbye: Goodbye) -> bool:
         """Send `side` a close frame (CloseSide's `goodbye`), then close it: at
         once if what is relayed to it stands at a frame boundary, else at the
-        next boundary within GOODBYE_BOUNDARY_WAIT. False when it cannot be
-        (the other side's frames are not tracked, or `side` is going)."""
+        next boundary within GOODBYE_BOUNDARY_WAIT; when the frame under way is
+        the other side's own close frame, that one, relayed whole, is the
+        goodbye. False when it cannot be (the other side's frames are not
+        tracked or have ended in a close frame, or `side` is going)."""
         source = side.peer_side
         t = side.transport
         tracker = None if source is None else source.tracker
         if (
-            tracker is not None
-            and tracker.closed
-            and not tracker.at_boundary
-            and not tracker.gave_up
-            and source is not None
-            and source.peer is not None
-            and not source.lost
-            and t is not None
-            and not side.lost
-            and not t.is_closing()
-        ):
-            # The source's own close frame is under way (split over reads): it
-            # reaches `side` whole, no frame of ours after it, and `side` has
-            # GOODBYE_REPLY_WAIT to reply, as to ours (before, `side` was closed
-            # at once: the close frame cut short; then, with no time to reply, a
-            # carrier's stack said 1006: the third review of session 30).
-            side.saying_goodbye = True
-            ends = _ToFrameBoundary(source.peer, tracker, b"", side)
-            source.peer = cast(asyncio.Transport, ends)
-            ends.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, ends.give_up)
-            return True
-        if (
             source is None
-            or source.tracker is None
-            or source.tracker.gave_up
-            or source.tracker.closed  # it has a close frame: nothing may follow
+            or tracker is None
+            or tracker.gave_up
+            or (tracker.closed and tracker.at_boundary)  # its close frame, whole: nothing follows
             or source.peer is None
             or t is None
             or side.lost
             or t.is_closing()
         ):
             return False
-        mask = os.urandom(4) if side is self.fleet_side else None  # to the fleet as its client
-        frame = close_frame(goodbye.code, goodbye.reason, mask)
+        if tracker.closed:
+            # The source's own close frame is under way (split over reads): it
+            # reaches `side` whole, no frame of ours after it, and `side` has
+            # GOODBYE_REPLY_WAIT to reply, as to ours (before, `side` was closed
+            # at once: the close frame cut short; then, with no time to reply, a
+            # carrier's stack said 1006: the third review of session 30).
+            frame = b""
+        else:
+            mask = os.urandom(4) if side is self.fleet_side else None  # to the fleet as its client
+            frame = close_frame(goodbye.code, goodbye.reason, mask)
         side.saying_goodbye = True
-        if source.tracker.at_boundary:
+        if tracker.at_boundary:
             source.peer = _DROPPING
             side.write_goodbye(frame)
             return True
         if source.lost:  # the frame under way will not end
             side.saying_goodbye = False
             return False
-        writer = _ToFrameBoundary(source.peer, source.tracker, frame, side)
+        writer = _ToFrameBoundary(source.peer, tracker, frame, side)
         source.peer = cast(asyncio.Transport, writer)
         writer.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, writer.give_up)
         return True

@@ -197,6 +197,11 @@ _OUT_OF = {
 }
 
 
+# The fixes for the wants past the process's own descriptor limit (EMFILE's,
+# LimitNOFILE, each journal line names with what else frees descriptors there).
+HOST_WIDE_FIXES = "ENFILE: the host's limit, fs.file-max; ENOBUFS, ENOMEM: the host's memory"
+
+
 def out_of_resources(exc: BaseException | None) -> str | None:
     """What this process ran out of, with the errno's name (a call's 503 and
     access line, a probe's reason), when `exc` failed a connect for that; else

@@ -339,27 +339,31 @@ class _CertificateFileCollector(Collector):
         if (when := self.not_after()) is not None:
             gauge.add_metric([], when)
         yield gauge
-        refused = GaugeMetricFamily(
+        yield _flag(
             f"{PREFIX}_certificate_file_refused",
             "1 while tls.cert and tls.key on disk hold what a reload refuses in place of "
             "the certificate served (one expired, not valid yet, for other names, or a "
             "pair that cannot serve): the one served serves on, but a start with none "
             "kept (a reboot, a stop then a start) takes the files as they are. 0 "
             "otherwise; absent when the file was not read.",
+            self.refused(),
         )
-        if (is_refused := self.refused()) is not None:
-            refused.add_metric([], 1.0 if is_refused else 0.0)
-        yield refused
-        doubted = GaugeMetricFamily(
+        yield _flag(
             f"{PREFIX}_certificate_chain_doubted",
             "1 while carriers may fail to verify the chain of the certificate served (the "
             "intermediate missing, a root this host does not trust: `fleet-ingress check` "
             "names it); a start with none to keep serves such a file, warning. 0 "
             "otherwise; absent before it was judged.",
+            self.chain_doubted(),
         )
-        if (is_doubted := self.chain_doubted()) is not None:
-            doubted.add_metric([], 1.0 if is_doubted else 0.0)
-        yield doubted
+
+
+def _flag(name: str, documentation: str, value: bool | None) -> GaugeMetricFamily:
+    """A gauge of one yes-or-no: 1 or 0, absent when `value` is None (not known)."""
+    gauge = GaugeMetricFamily(name, documentation)
+    if value is not None:
+        gauge.add_metric([], 1.0 if value else 0.0)
+    return gauge
 
 
 class _WorkersCollector(Collector):

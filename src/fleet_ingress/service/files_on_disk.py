@@ -68,10 +68,9 @@ class FilesOnDisk:
         # Why carriers may fail to verify the chain in tls.cert, as last read (None:
         # they verify it, or it cannot be judged: a tls.ca_file that cannot be used).
         self.certificate_chain: str | None = None
-        # The certificate and key served (the supervisor sets it at its start and
-        # each reload), and why carriers may fail to verify its chain, judged
-        # as the file's is (the same leaf may come with another chain).
-        self.serving_pem: CarrierPem | None = None
+        # Why carriers may fail to verify the chain of the certificate served
+        # (the last look's `serving`), judged as the file's is: the same leaf
+        # may come with another chain.
         self.served_chain: str | None = None
         # What ingress.toml and the fleets file would change, not reloaded yet.
         self.edits_not_applied: list[str] = []
@@ -81,21 +80,35 @@ class FilesOnDisk:
         self._edits_seen: tuple[object, ...] | None = None
         self._looking: asyncio.Task[None] | None = None
 
-    async def look(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
+    async def look(
+        self,
+        config: IngressConfig,
+        fleets: Sequence[FleetSpec],
+        ran: object,
+        serving: CarrierPem | None = None,
+    ) -> None:
         """Look at the files against `config` and `fleets` (those in force);
         `ran` changes when what runs changed otherwise (a reload, a fleet
-        change): the edits are then judged again. Waits LOOK_WAIT at most."""
-        self.look_soon(config, fleets, ran)
+        change): the edits are then judged again. `serving`: the certificate and
+        key served (None: not known), whose chain is judged too. Waits LOOK_WAIT
+        at most."""
+        self.look_soon(config, fleets, ran, serving)
         assert self._looking is not None
         await asyncio.wait({self._looking}, timeout=LOOK_WAIT)
 
-    def look_soon(self, config: IngressConfig, fleets: Sequence[FleetSpec], ran: object) -> None:
+    def look_soon(
+        self,
+        config: IngressConfig,
+        fleets: Sequence[FleetSpec],
+        ran: object,
+        serving: CarrierPem | None = None,
+    ) -> None:
         """`look`, not waited for (a look under way goes on; no second starts):
         what it finds shows from then on (systemd's status line, written every
         few seconds, takes the last look's)."""
         if self._looking is None or self._looking.done():
             self._looking = asyncio.get_running_loop().create_task(
-                self._look(config, list(fleets), ran)
+                self._look(config, list(fleets), ran, serving)
             )
 
     @property
@@ -106,9 +119,11 @@ class FilesOnDisk:
     def certificate_refused(self, serving: LeafFacts | None) -> str | None:
         """Why a reload would refuse tls.cert and tls.key, as last read, in place
         of `serving`: a pair that cannot load, or a certificate expired, not
-        valid yet (even as the one served) or for other names; None when it
-        would take them, or before the first look. A start with no certificate
-        to keep (a reboot, a stop then a start) takes the files all the same."""
+        valid yet (even as the one served) or for other names, or whose chain
+        carriers may fail to follow where they follow the served one's (the
+        unit's reload check refuses it); None when it would take them, or before
+        the first look. A start with no certificate to keep (a reboot, a stop
+        then a start) takes the files all the same."""
         if self.certificate_load_error is not None:
             return self.certificate_load_error
         if self.certificate_file is None:
@@ -166,14 +181,20 @@ class FilesOnDisk:
         if self._looking is not None:
             self._looking.cancel()
 
-    async def _look(self, config: IngressConfig, fleets: list[FleetSpec], ran: object) -> None:
+    async def _look(
+        self,
+        config: IngressConfig,
+        fleets: list[FleetSpec],
+        ran: object,
+        serving: CarrierPem | None,
+    ) -> None:
         try:
-            await self._look_at_certificate(config.tls)
+            await self._look_at_certificate(config.tls, serving)
             await self._look_at_edits(config, fleets, ran)
         except Exception:  # a bug here must not fail a scrape, nor go unsaid
             log.exception("looking at the files on disk broke; stat and scrapes go on")
 
-    async def _look_at_certificate(self, tls: TLSSection) -> None:
+    async def _look_at_certificate(self, tls: TLSSection, serving: CarrierPem | None) -> None:
         path = tls.cert
         if path is None:  # no carrier listener configured: nothing to judge
             self._certificate_seen, self.certificate_file = None, None
@@ -189,7 +210,6 @@ class FilesOnDisk:
                 file_state(ca_file) if ca_file is not None else trust_store_state(),
             )
         )
-        serving = self.serving_pem
         seen = (str(path), str(tls.key), str(ca_file), tls.min_version, tls.profile, *state)
         if seen == self._certificate_seen and serving is self._served_seen:
             return

@@ -244,7 +244,6 @@ class Supervisor:
         self.serving_leaf = serving_leaf(config, pem)  # what a reload's is judged against
         # What tls.cert, ingress.toml and the fleets file hold against what runs.
         self.files = FilesOnDisk(config_path)
-        self.files.serving_pem = self.serving_pem  # its chain judged as the file's is
         # Fleets gone from the set are forgotten FORGET_AFTER after, unless back.
         self.forgetting = ForgetLater(
             FORGET_AFTER, lambda name: self.fleet_set.get(name) is not None, self._forget_fleet
@@ -1287,9 +1286,11 @@ class Supervisor:
         """`look_at_files`, not waited for (for systemd's status line)."""
         self.files.look_soon(self.config, *self._running_for_look())
 
-    def _running_for_look(self) -> tuple[list[FleetSpec], object]:
+    def _running_for_look(self) -> tuple[list[FleetSpec], object, CarrierPem]:
+        """What runs, for the files to be judged against: the fleets in force,
+        what changes when they change otherwise, the certificate served."""
         running = [f.spec for f in self.balancer.fleets if not f.removing]
-        return running, (self.reloads["applied"], self.ops.file_writes)
+        return running, (self.reloads["applied"], self.ops.file_writes), self.serving_pem
 
     def write_snapshot(self) -> None:
         """This supervisor's state in systemd's fd store (`service.fd_store`);
@@ -1444,7 +1445,6 @@ class Supervisor:
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
-        self.files.serving_pem = pem
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
