@@ -261,6 +261,19 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+async def raw_carrier(
+    ingress: Any, tls_files: TLSFiles, path: str = "/ws/bot-1", *, then: bytes = b""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A carrier speaking raw bytes over TLS to `ingress`, its upgrade for
+    `path` sent, with `then` in the same write: (reader, writer)."""
+    host, port = ingress.wss_address
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+    )
+    writer.write(UPGRADE.format(path=path).encode() + then)
+    return reader, writer
+
+
 def switching_then(react_after, *, with_101: bytes = b"", line_end: bytes = b"\r\n"):
     """A raw fleet's reaction: answer the upgrade 101 (for the carrier's own
     key), with `with_101` in the same write and its lines ended by `line_end`

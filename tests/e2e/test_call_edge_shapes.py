@@ -23,13 +23,13 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 from tests.support import (
     SWITCHING,
-    UPGRADE,
     RawFleet,
     StartIngress,
     TLSFiles,
     access_entries,
     eventually,
     masked_close,
+    raw_carrier,
     raw_exchange,
     read_frame,
     read_head,
@@ -93,16 +93,9 @@ async def test_a_carrier_closing_while_queued_for_a_slot_is_its_own_hang_up(
     try:
         ingress = await start_ingress([fleet.line("a", "maxconn=1")], timeouts={"queue": 5})
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
-        host, port = ingress.wss_address
-        first = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        first[1].write(UPGRADE.format(path="/ws/bot-1").encode())
+        first = await raw_carrier(ingress, tls_files)
         await read_head(first[0])
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-2").encode() + masked_close(4000))
+        reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot-2", then=masked_close(4000))
         await asyncio.sleep(0.2)  # queued behind the first call (maxconn 1)
         head = await read_head(reader)
         assert head.startswith(b"HTTP/1.1 101 "), head + await reader.read(200)
@@ -145,11 +138,7 @@ async def test_a_carriers_close_sent_before_a_retried_attempt_is_its_own_hang_up
     try:
         ingress = await start_ingress([fleets[0].line("a"), fleets[1].line("b")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + masked_close())
+        reader, writer = await raw_carrier(ingress, tls_files, then=masked_close())
         await read_head(reader)
         assert await read_frame(reader) == (8, b"\x03\xe8")
         started = time.monotonic()
@@ -282,11 +271,7 @@ async def test_a_streaming_carrier_after_a_plain_fleet_reset_raises_nothing(
         fleet = await RawFleet(None, switching_then(_reset_after_a_moment)).start()
         try:
             ingress = await start_ingress([fleet.line("a")])
-            host, port = ingress.wss_address
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-            )
-            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            reader, writer = await raw_carrier(ingress, tls_files)
             await read_head(reader)
             media = bytes((0x82, 0x80 | 100)) + bytes(4) + bytes(100)  # masked, a zero mask
             for _ in range(40):  # 20 ms media for 0.8 s, the carrier not reading
@@ -353,11 +338,7 @@ async def test_a_drain_after_a_bare_lf_101_sends_its_close_frame_at_a_frame_boun
     fleet = await RawFleet(None, switching_then(line_end=b"\n", react_after=mid_frame)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+        reader, writer = await raw_carrier(ingress, tls_files)
         await read_head(reader)
         assert await reader.readexactly(1000) == frame[:1000]
         stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
@@ -384,11 +365,7 @@ async def test_a_carriers_close_frame_split_at_a_drain_reaches_the_fleet_whole(
         fleet = await RawFleet(None, switching_then(record)).start()
         try:
             ingress = await start_ingress([fleet.line("a")])
-            host, port = ingress.wss_address
-            reader, writer = await asyncio.open_connection(
-                host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-            )
-            writer.write(UPGRADE.format(path="/ws/bot-1").encode())
+            reader, writer = await raw_carrier(ingress, tls_files)
             assert await read_head(reader) == SWITCHING
             close = masked_close()
             writer.write(close[:3])  # its header read: the tracker has seen it start

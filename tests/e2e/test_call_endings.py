@@ -27,7 +27,6 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
 from tests.support import (
     SWITCHING,
-    UPGRADE,
     RawFleet,
     StartIngress,
     TLSFiles,
@@ -35,6 +34,7 @@ from tests.support import (
     access_entries,
     eventually,
     masked_close,
+    raw_carrier,
     read_frame,
     read_head,
     switching_then,
@@ -146,16 +146,6 @@ async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_
             await fleet.stop()
 
 
-async def _raw_carrier(ingress, tls_files: TLSFiles):
-    """A carrier speaking raw bytes over TLS, its upgrade sent: (reader, writer)."""
-    host, port = ingress.wss_address
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-    )
-    writer.write(UPGRADE.format(path="/ws/bot-1").encode())
-    return reader, writer
-
-
 async def _rest(reader: asyncio.StreamReader) -> bytes:
     """What comes until the ingress closes (nothing, if it ends with a reset)."""
     try:
@@ -197,7 +187,7 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
     fleet = await RawFleet(None, switching_then(mid_frame)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
-        reader, writer = await _raw_carrier(ingress, tls_files)
+        reader, writer = await raw_carrier(ingress, tls_files)
         assert await read_head(reader) == SWITCHING
         assert await reader.readexactly(1000) == frame[:1000]
         stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
@@ -233,7 +223,7 @@ async def test_a_fleets_close_frame_read_with_other_bytes_is_followed_by_nothing
     fleet = await RawFleet(None, switching_then(close_at_once)).start()
     try:
         ingress = await start_ingress([fleet.line("a")])
-        reader, writer = await _raw_carrier(ingress, tls_files)
+        reader, writer = await raw_carrier(ingress, tls_files)
         await read_head(reader)
         assert await reader.readexactly(len(data + bye)) == data + bye
         await ingress.stop(drain_timeout=0.1)
@@ -353,11 +343,7 @@ async def test_a_carrier_hanging_up_before_the_101_is_let_go_at_once_and_logged_
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        writer.write(UPGRADE.format(path="/ws/bot-1").encode() + masked_close())  # one write
+        reader, writer = await raw_carrier(ingress, tls_files, then=masked_close())  # one write
         await read_head(reader)
         assert await read_frame(reader) == (8, b"\x03\xe8")
         held = await _held(reader)
@@ -388,7 +374,7 @@ async def test_a_carrier_whose_close_reply_follows_its_last_media_frame_is_let_g
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
-        reader, writer = await _raw_carrier(ingress, tls_files)
+        reader, writer = await raw_carrier(ingress, tls_files)
         await read_head(reader)
         assert await read_frame(reader) == (8, b"\x03\xe8")
         writer.write(_masked_binary(b"\x7f" * 80) + masked_close())  # one write
@@ -426,7 +412,7 @@ async def test_a_close_reply_split_across_reads_is_heard_at_its_last_byte_and_re
     try:
         ingress = await start_ingress([fleet.line("a")])
         caplog.set_level(logging.INFO, logger="fleet_ingress.access")
-        reader, writer = await _raw_carrier(ingress, tls_files)
+        reader, writer = await raw_carrier(ingress, tls_files)
         await read_head(reader)
         assert await read_frame(reader) == (8, b"\x03\xe8")
         reply = masked_close()

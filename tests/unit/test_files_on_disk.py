@@ -174,8 +174,7 @@ async def _lines(
 ) -> tuple[str | None, str | None]:
     """stat's CERTIFICATE ON DISK REFUSED and CARRIERS MAY FAIL TO VERIFY lines,
     the supervisor serving `served`."""
-    files.serving_pem = served
-    await files.look(config, [], 0)
+    await files.look(config, [], 0, served)
     serving = _leaf_of(served, config)
     snap = {**files.picture(serving), "certificate_not_after": serving.not_after}
     return certificate_refused(snap), certificate_chain_doubted(snap)
@@ -304,11 +303,11 @@ async def test_the_chain_gauge_goes_absent_not_to_0_when_the_chain_cannot_be_jud
     issuer, ca_file, cert, key, config = _under_root(tmp_path)
     _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
     files = FilesOnDisk(tmp_path / "ingress.toml")
-    files.serving_pem = read_pem(cert, key)
-    await files.look(config, [], 0)
+    served = read_pem(cert, key)
+    await files.look(config, [], 0, served)
     assert files.served_chain_doubted() is True
     ca_file.unlink()
-    await files.look(config, [], 0)
+    await files.look(config, [], 0, served)
     files.close()
     assert files.served_chain_doubted() is None
 
@@ -334,8 +333,7 @@ async def test_a_chain_in_doubt_is_refused_over_a_served_certificate_out_of_date
     served = read_pem(cert, key)
     _write(cert, key, issuer.issue_cert("calls.example.com"), whole=False)
     files = FilesOnDisk(tmp_path / "ingress.toml")
-    files.serving_pem = served
-    await files.look(config, [], 0)
+    await files.look(config, [], 0, served)
     files.close()
     serving = _leaf_of(served, config)
     snap = {**files.picture(serving), "certificate_not_after": serving.not_after}

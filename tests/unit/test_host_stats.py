@@ -679,3 +679,25 @@ def test_the_supervisors_task_failures_are_a_counter_by_task():
         (("task", "reloader"),): 2.0,
         (("task", "watchdog pings"),): 0.0,
     }
+
+
+def test_the_stats_page_says_each_certificate_state_stat_says():
+    """The certificate file refused, the certificate served refused by carriers,
+    and a chain served that carriers may fail to verify: the page has each
+    line stat has (escaped), under its own id, and none while the state is off."""
+    slots, view = host_with()
+    snap = host_snapshot(slots, view, started_at=0.0)
+    quiet = render_stats_page(snap)
+    states = {
+        "certificate_file": {"not_after": None, "not_served": False, "refused": "tls.cert <x>"},
+        "certificate_served_refused": "expired on 2026-01-01 00:00:00 UTC",
+        "certificate_served_chain": "tls.cert holds the server's certificate alone",
+    }
+    page = render_stats_page({**snap, **states})
+    for element, said in (
+        ("certificate-refused", "CERTIFICATE ON DISK REFUSED: tls.cert &lt;x&gt;"),
+        ("certificate-served", "CERTIFICATE SERVED IS REFUSED BY CARRIERS: it expired on"),
+        ("certificate-chain", "CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE SERVED: tls.cert holds"),
+    ):
+        assert f'id="{element}">{said}' in page, element
+        assert f'id="{element}"' not in quiet
