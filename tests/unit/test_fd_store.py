@@ -212,10 +212,15 @@ def test_the_workers_are_taken_up_with_the_newest_generation_serving():
     b.close()
 
 
+W11, W12, W13 = 4_194_311, 4_194_312, 4_194_313  # no such process: past pid_max
+
+
 def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
+    """The workers' pids are past pid_max: one whose channel was lost is kept
+    while its pid runs, and pid 11 was a kernel thread on a CI machine."""
     a, b = socket.socketpair()
     known = {  # what the dead one knew of worker 11 that holds for the next
-        "pid": 11,
+        "pid": W11,
         "generation": 3,
         "started_at": 5.0,
         "retiring": True,
@@ -243,9 +248,9 @@ def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
         ],
         "respawns": [1.0, 2.0],
         # 12 exited after the snapshot (its channel did not come back), 13 started after it.
-        "workers": [worker, {"pid": 12, "generation": 3, "held": ["b"]}],
+        "workers": [worker, {"pid": W12, "generation": 3, "held": ["b"]}],
     }
-    taken = {"worker.11.3": a, "worker.13.3": b}
+    taken = {f"worker.{W11}.3": a, f"worker.{W13}.3": b}
     before = time.monotonic()
     state = crash_state(taken, worker_target=5, snapshot=snapshot)
     assert state is not None and state["crash_restart"] is True
@@ -260,10 +265,10 @@ def test_the_workers_are_taken_up_with_what_the_last_snapshot_knew_of_them():
     assert state["upgrades"][0] == {"id": "old", "state": "done", "error": None}
     assert state["upgrades"][1]["state"] == "failed"
     assert "the supervisor died during it" in state["upgrades"][1]["error"]
-    assert state["workers"] == [known, {"pid": 13, "generation": 3}]
+    assert state["workers"] == [known, {"pid": W13, "generation": 3}]
     # Known by pid in another generation (a pid used again): not the same worker.
-    again = crash_state({"worker.11.4": a}, worker_target=1, snapshot=snapshot)
-    assert again is not None and again["workers"] == [{"pid": 11, "generation": 4}]
+    again = crash_state({f"worker.{W11}.4": a}, worker_target=1, snapshot=snapshot)
+    assert again is not None and again["workers"] == [{"pid": W11, "generation": 4}]
     a.close()
     b.close()
 
