@@ -287,7 +287,13 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
     assert "replaced" not in format_stat_table(snap)
     assert 'id="replaced"' not in render_stats_page(snap)
     snap["worker_restarts"], snap["worker_calls_lost"] = {"killed": 1, "hung": 0, "crashed": 2}, 5
-    line = "workers replaced since start: crashed 2, killed 1; 5 calls lost with them"
+    line = "workers replaced since start: crashed 2, killed 1; 5 calls lost with workers that died"
+    assert line in format_stat_table(snap)
+    assert line in render_stats_page(snap)
+    # None replaced (an old generation's worker killed as it drained), calls lost all the
+    # same: before, nothing said (the accounting audit of session 31).
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"killed": 0}, 2
+    line = "2 calls lost with workers that died since start (none replaced"
     assert line in format_stat_table(snap)
     assert line in render_stats_page(snap)
 
