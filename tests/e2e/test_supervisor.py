@@ -1351,8 +1351,9 @@ async def test_a_forced_removal_prints_the_calls_the_workers_say_they_closed(
         await service.finish()
 
 
-async def test_the_calls_a_forced_removal_closes_are_counted_ended_in_the_metrics(
-    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+@pytest.mark.parametrize("force", [True, False], ids=["forced", "drained"])
+async def test_the_calls_a_removal_ends_are_counted_ended_in_the_metrics(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], force: bool
 ) -> None:
     """The fleet leaves the set as its last slot comes back, before the workers
     report those calls ended: its fleet_ingress_calls_ended_total series went
@@ -1370,8 +1371,10 @@ async def test_the_calls_a_forced_removal_closes_are_counted_ended_in_the_metric
         await eventually(lambda: a.active_calls == opened, 5)
         code, out = await admin_command(service, "ready", "b")
         assert code == 0, out
-        code, out = await admin_command(service, "remove-fleet", "a", "--force")
+        code, out = await admin_command(service, "remove-fleet", "a", *(["--force"] * force))
         assert code == 0, out
+        if not force:  # it drains: its calls end as their carriers hang up
+            await close_calls(calls)
         await eventually(lambda: a.active_calls == 0, 10)
         async with asyncio.timeout(10):
             while sum((await service.stats())["frontend"]["calls_ended"].values()) < opened:
