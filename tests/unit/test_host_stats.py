@@ -395,6 +395,11 @@ def test_a_removed_fleets_ended_calls_leave_metrics_as_its_other_series_do():
     ended = families(HostMetrics(slots, view).prometheus)["fleet_ingress_calls_ended_total"]
     assert {dict(labels)["fleet"] for labels in ended} == {"a", ""}
     assert view.totals().counter("calls_ended", "gone", "carrier_closed") == 5  # still counted
+    # Until the supervisor forgets it, its series stays: its last calls end as it
+    # leaves the set, reported after (the accounting audit of session 31).
+    metrics = HostMetrics(slots, view, fleets_gone=lambda: {"gone"})
+    ended = families(metrics.prometheus)["fleet_ingress_calls_ended_total"]
+    assert ended[(("fleet", "gone"), ("reason", "carrier_closed"))] == 5
 
 
 def test_a_workers_report_names_only_the_fleets_it_has_its_ended_calls_all_kept():
