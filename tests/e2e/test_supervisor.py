@@ -1351,6 +1351,44 @@ async def test_a_forced_removal_prints_the_calls_the_workers_say_they_closed(
         await service.finish()
 
 
+@pytest.mark.parametrize("force", [True, False], ids=["forced", "drained"])
+async def test_the_calls_a_removal_ends_are_counted_ended_in_the_metrics(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], force: bool
+) -> None:
+    """The fleet leaves the set as its last slot comes back, before the workers
+    report those calls ended: its fleet_ingress_calls_ended_total series went
+    from /metrics with them uncounted (every call a forced removal closes; the
+    last calls of a drained removal), while /stats.json counted each (the
+    accounting audit of session 31). They stay until the fleet is forgotten."""
+    a = two_fleets[0]
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        code, out = await admin_command(service, "drain", "b")
+        assert code == 0, out
+        await service.open_on_every_worker(tls_files, calls, 4)  # every call on a
+        opened = len(calls)
+        await eventually(lambda: a.active_calls == opened, 5)
+        code, out = await admin_command(service, "ready", "b")
+        assert code == 0, out
+        code, out = await admin_command(service, "remove-fleet", "a", *(["--force"] * force))
+        assert code == 0, out
+        if not force:  # it drains: its calls end as their carriers hang up
+            await close_calls(calls)
+        await eventually(lambda: a.active_calls == 0, 10)
+        async with asyncio.timeout(10):
+            while sum((await service.stats())["frontend"]["calls_ended"].values()) < opened:
+                await asyncio.sleep(0.2)
+        stats = await service.stats()
+        assert [f["name"] for f in stats["fleets"]] == ["b"]
+        ended = metric_samples(await service.metrics()).get("fleet_ingress_calls_ended_total", {})
+        assert {dict(labels)["fleet"] for labels in ended} == {"a"}, ended
+        assert sum(ended.values()) == opened == sum(stats["frontend"]["calls_ended"].values())
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_fleet_removed_and_added_back_soon_counts_on_and_serves_from_every_worker(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
@@ -1680,6 +1681,17 @@ async def test_an_old_generation_worker_killed_while_it_drains_counts_its_calls_
         stats = await service.stats()
         assert stats["worker_calls_lost"] == 2
         assert "fleet_ingress_worker_calls_lost_total 2.0" in await service.metrics()
+        # No worker was replaced (its generation was leaving), and stat and the
+        # page say the calls lost all the same (before: nothing, while
+        # FleetIngressWorkerDied fired on the count; the accounting audit of session 31).
+        assert stats["worker_restarts"] == {}
+        code, out, err = await run_cli(service, "stat")
+        assert code == 0, err
+        said = "2 calls lost with workers that died since start (none replaced"
+        assert said in out, out
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as r:
+                assert said in await r.text()
     finally:
         await _stop_with_long_calls(load, service)
 

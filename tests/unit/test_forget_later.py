@@ -23,8 +23,9 @@ async def test_a_fleet_is_forgotten_after_the_wait_from_its_last_removal_unless_
     listed.discard("a")
     later.gone("a")  # a removed again, 0.1 s after its first removal
     await asyncio.sleep(0.15)  # 0.25 s after a's first removal, 0.15 after its second
-    assert forgotten == []
+    assert forgotten == [] and later.pending == {"a"}  # b listed again: due no more
     await asyncio.sleep(0.1)
     assert forgotten == ["a"]
+    assert later.pending == set()  # what /metrics shows the calls ended of, besides the set
     await asyncio.sleep(0.2)
     assert forgotten == ["a"]  # once; b, listed, never

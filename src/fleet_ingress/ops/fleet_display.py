@@ -167,13 +167,20 @@ def workers_missing(snap: dict[str, Any]) -> str | None:
 
 def workers_replaced(snap: dict[str, Any]) -> str | None:
     """One line while any worker was replaced since the start (killed, crashed,
-    hung), with the calls they took with them; None when none was."""
+    hung), or calls were lost with a worker that died, with those calls; None
+    when neither. A worker of an upgrade's old generation that dies while it
+    drains is not replaced (its generation is leaving) but its calls are lost
+    all the same: before, with no other worker replaced, stat and the page said
+    nothing of them while FleetIngressWorkerDied fired on the same count."""
     restarts = snap.get("worker_restarts") or {}
-    if not any(restarts.values()):
-        return None
-    why = ", ".join(f"{reason} {n}" for reason, n in sorted(restarts.items()) if n)
     lost = snap.get("worker_calls_lost", 0)
-    return (
-        f"workers replaced since start: {why}; "
-        f"{'1 call' if lost == 1 else f'{lost} calls'} lost with them"
-    )
+    if not any(restarts.values()) and not lost:
+        return None
+    calls = "1 call" if lost == 1 else f"{lost} calls"
+    if not any(restarts.values()):
+        return (
+            f"{calls} lost with workers that died since start (none replaced: of a "
+            "generation not serving, e.g. an upgrade's old one as it drained)"
+        )
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(restarts.items()) if n)
+    return f"workers replaced since start: {why}; {calls} lost with workers that died"

@@ -491,6 +491,11 @@ class ForgetLater:
         self.after, self.listed, self.forget = after, listed, forget
         self._due: dict[str, asyncio.TimerHandle] = {}
 
+    @property
+    def pending(self) -> frozenset[str]:
+        """The fleets gone from the set and not forgotten yet."""
+        return frozenset(self._due)
+
     def gone(self, name: str) -> None:
         if (earlier := self._due.pop(name, None)) is not None:
             earlier.cancel()

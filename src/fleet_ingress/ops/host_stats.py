@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -269,6 +269,7 @@ class HostMetrics:
         certificate_file_refused: Callable[[], bool | None] = lambda: None,
         certificate_chain_doubted: Callable[[], bool | None] = lambda: None,
         task_failures: Callable[[], Mapping[str, int]] = dict,
+        fleets_gone: Callable[[], Collection[str]] = frozenset,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -279,7 +280,9 @@ class HostMetrics:
         `certificate_chain_doubted`: whether carriers may fail to verify the chain
         of the certificate served (None: not judged yet);
         `task_failures`: the supervisor's background tasks that failed (and were
-        started again), by task."""
+        started again), by task; `fleets_gone`: fleets out of the set not yet
+        forgotten, whose calls ended are still shown (their last ones are
+        reported after they leave)."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -291,6 +294,7 @@ class HostMetrics:
                 certificate_not_after,
                 reloads,
                 histograms=True,
+                ended_of_gone=fleets_gone,
             )
         )
         self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))

@@ -32,7 +32,8 @@ FLEET_FAMILIES = frozenset(
 # would have had every long-lived worker's channel cut at about the same time,
 # past a few thousand names (the channel audit of session 24). Folded, the
 # frontend's calls_ended by reason keeps every call; per fleet, a removed
-# fleet's series go from the metrics as before.
+# fleet's series go from the metrics as before (its calls_ended once it is
+# forgotten: `metrics._StateCollector`).
 REMOVED_FLEETS = "(removed)"
 
 

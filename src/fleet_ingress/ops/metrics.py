@@ -287,18 +287,23 @@ class _StateCollector(Collector):
         reloads: Callable[[], Mapping[str, int]],
         *,
         histograms: bool = False,
+        ended_of_gone: Callable[[], Collection[str]] = frozenset,
     ) -> None:
+        """`ended_of_gone`: fleets out of the set whose calls_ended series are
+        still shown (the supervisor's, until it forgets them)."""
         self.fleets = fleets
         self.counts = counts
         self.queue = queue  # (length, timeouts)
         self.certificate_not_after = certificate_not_after
         self.reloads = reloads
         self.histograms = histograms
+        self.ended_of_gone = ended_of_gone
 
     def collect(self) -> Iterator[Metric]:
         counts = self.counts()
         yield from self._fleets(counts)
-        yield from self._frontend(counts, {f.name for f in self.fleets()})
+        shown = {f.name for f in self.fleets()} | {*self.ended_of_gone()}
+        yield from self._frontend(counts, shown)
         if self.histograms:
             yield from histogram_families(counts)
 
@@ -475,7 +480,12 @@ class _StateCollector(Collector):
         )
         for (fleet, reason), n in counts.family("calls_ended", 2):
             # A removed fleet's series go, as its other families' do (else one
-            # more for each fleet ever removed; the leak audit of session 15).
+            # more for each fleet ever removed; the leak audit of session 15),
+            # once the supervisor forgets it (`fleets` has it until then): its
+            # last calls end as it leaves the set (at its last slot given back,
+            # before their worker reports them; every call a forced removal
+            # closes), and those ends reached no scrape (the accounting audit
+            # of session 31).
             if not fleet or fleet in fleets:
                 ended.add_metric([fleet, reason], n)
         yield ended

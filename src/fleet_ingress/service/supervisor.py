@@ -283,6 +283,7 @@ class Supervisor:
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
             task_failures=lambda: self.task_failures.by_task,
+            fleets_gone=lambda: self.forgetting.pending,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
             certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
