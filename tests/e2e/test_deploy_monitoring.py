@@ -467,12 +467,13 @@ async def test_dashboard_and_alerts_read_only_metrics_the_ingress_exports(
         # names, and its task failures (tests/unit/test_host_stats.py checks that
         # the host exports them), and its look at the certificate file
         # (test_supervisor.py's renewal test; test_under_systemd's restart test
-        # for the refused one).
+        # for the refused one), and whether the last upgrade failed (test_upgrade.py).
         and not name.startswith("fleet_ingress_worker")
         and name != "fleet_ingress_supervisor_task_failures_total"
         and name != "fleet_ingress_certificate_file_expiry_timestamp_seconds"
         and name != "fleet_ingress_certificate_file_refused"
         and name != "fleet_ingress_certificate_chain_doubted"
+        and name != "fleet_ingress_upgrade_failed"
     ]
     assert missing == [], "metrics the ingress does not export:\n" + "\n".join(missing)
 

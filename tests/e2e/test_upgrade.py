@@ -614,6 +614,47 @@ async def test_workers_that_cannot_start_from_a_refused_install_are_shown_missin
         await service.finish()
 
 
+async def test_a_failed_upgrade_is_said_by_stat_the_page_and_metrics_until_one_succeeds(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """An upgrade begun with SIGUSR2 has no command to say its outcome, and the
+    install it refused stays on disk (a worker replaced meanwhile runs it).
+    Before, only /stats.json and the journal said it failed: stat and the page
+    were silent, and nothing alerted until workers went missing (the accounting
+    audit of session 31). Now stat and the page say LAST UPGRADE FAILED with the
+    reason, and fleet_ingress_upgrade_failed is 1 (FleetIngressUpgradeFailed),
+    until an upgrade succeeds."""
+    src = _copy_package(tmp_path)
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=30)
+    try:
+        samples = metric_samples(await service.metrics())
+        assert "fleet_ingress_upgrade_failed" not in samples  # no upgrade yet: not known
+        routing = src / "fleet_ingress" / "core" / "routing.py"
+        good = routing.read_text()
+        routing.write_text(good + "\ndef oops(:\n")
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        async with asyncio.timeout(60):
+            while ((await service.stats()).get("upgrade") or {}).get("state") != "failed":
+                await asyncio.sleep(0.2)
+        # As `stat` prints it (the CLI here would run the broken install).
+        out = format_stat_table(await service.stats())
+        assert "LAST UPGRADE FAILED" in out and "(begun by SIGUSR2)" in out, out
+        assert "SyntaxError" in out and "generation 1 serves on" in out, out
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as r:
+                assert 'id="upgrade-failed"' in await r.text()
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_upgrade_failed"][()] == 1
+        routing.write_text(good)  # fixed: the next upgrade takes it
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        assert "LAST UPGRADE FAILED" not in format_stat_table(await service.stats())
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_upgrade_failed"][()] == 0
+    finally:
+        await service.finish()
+
+
 async def test_a_replacement_stuck_before_it_serves_is_killed_as_hung_and_replaced(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:

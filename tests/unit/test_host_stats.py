@@ -298,6 +298,29 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
     assert line in render_stats_page(snap)
 
 
+def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
+    """The last upgrade's state as the supervisor's snapshot has it: a line while
+    it failed, whoever began it; none while one is under way or once one is done."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=2)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    snap["generation"] = 2
+    assert "UPGRADE" not in format_stat_table(snap)  # none yet
+    error = "the trial run of the installed code failed: SyntaxError in routing.py"
+    snap["upgrade"] = {"state": "failed", "source": "command", "finished": 0.0, "error": error}
+    line = (
+        "LAST UPGRADE FAILED at 1970-01-01 00:00 UTC (begun by `fleet-ingress upgrade`): "
+        f"{error}; generation 2 serves on"
+    )
+    assert line in format_stat_table(snap)
+    assert 'id="upgrade-failed"' in render_stats_page(snap)
+    assert "then `fleet-ingress upgrade`" in render_stats_page(snap)
+    for state in ("checking", "starting workers", "done"):
+        snap["upgrade"] = {**snap["upgrade"], "state": state}
+        assert "UPGRADE FAILED" not in format_stat_table(snap)
+        assert 'id="upgrade-failed"' not in render_stats_page(snap)
+
+
 def test_workers_missing_are_shown_with_what_to_do_while_replacements_die_at_start():
     """Fewer workers serving than wanted: a line in stat and on the page, which
     says what to do once replacements die as they start; none while stopping

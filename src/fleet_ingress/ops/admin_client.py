@@ -25,6 +25,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    upgrade_failed,
     workers_missing,
     workers_replaced,
 )
@@ -324,6 +325,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(replaced)
         if (missing := workers_missing(snap)) is not None:
             lines.append(missing)
+        if (upgrade := upgrade_failed(snap)) is not None:
+            lines.append(upgrade)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)
     if (refused := certificate_refused(snap)) is not None:

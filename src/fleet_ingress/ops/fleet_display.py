@@ -108,6 +108,28 @@ def certificate_served_refused(snap: dict[str, Any]) -> str | None:
     )
 
 
+def upgrade_failed(snap: dict[str, Any]) -> str | None:
+    """One line while the last upgrade failed (a supervisor's snapshot: its
+    `upgrade`), until one succeeds; None otherwise. What failed it is on disk
+    still, as a rule: a worker replaced meanwhile runs the code installed now.
+    Before, only /stats.json and the journal said so: an upgrade begun with
+    SIGUSR2 (no command to tell its outcome) left stat and the page silent
+    (the accounting audit of session 31)."""
+    last = snap.get("upgrade")
+    if not last or last.get("state") != "failed":
+        return None
+    when = "" if last.get("finished") is None else f" at {_day(last['finished'])}"
+    source = last.get("source")
+    begun = "`fleet-ingress upgrade`" if source == "command" else source or "unknown"
+    return (
+        f"LAST UPGRADE FAILED{when} (begun by {begun}): "
+        f"{last.get('error') or 'no reason recorded'}; generation {snap.get('generation')} "
+        "serves on, but a worker replaced meanwhile runs the code installed now: fix the "
+        "install or put back the release running, then `fleet-ingress upgrade` (this line "
+        "stays until an upgrade succeeds)"
+    )
+
+
 def certificate_chain_doubted(snap: dict[str, Any]) -> str | None:
     """One line while the certificate served, as tls.cert holds it, has a chain
     carriers may fail to verify (a start with none to keep serves it, warning)."""

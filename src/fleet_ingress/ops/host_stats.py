@@ -270,6 +270,7 @@ class HostMetrics:
         certificate_chain_doubted: Callable[[], bool | None] = lambda: None,
         task_failures: Callable[[], Mapping[str, int]] = dict,
         fleets_gone: Callable[[], Collection[str]] = frozenset,
+        upgrade_failed: Callable[[], bool | None] = lambda: None,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -282,7 +283,8 @@ class HostMetrics:
         `task_failures`: the supervisor's background tasks that failed (and were
         started again), by task; `fleets_gone`: fleets out of the set not yet
         forgotten, whose calls ended are still shown (their last ones are
-        reported after they leave)."""
+        reported after they leave); `upgrade_failed`: whether the last upgrade
+        failed (None: none since the supervisor started, or carried to it)."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -304,6 +306,22 @@ class HostMetrics:
             )
         )
         self.prometheus.register(_TaskFailuresCollector(task_failures))
+        self.prometheus.register(_UpgradeCollector(upgrade_failed))
+
+
+class _UpgradeCollector(Collector):
+    def __init__(self, failed: Callable[[], bool | None]) -> None:
+        self.failed = failed
+
+    def collect(self) -> Iterator[Metric]:
+        yield _flag(
+            f"{PREFIX}_upgrade_failed",
+            "1 while the last upgrade (`fleet-ingress upgrade`, SIGUSR2) failed: the "
+            "generation running serves on, and a worker replaced meanwhile runs the code "
+            "installed now, which the upgrade refused as a rule. 0 once one succeeded; "
+            "absent before any.",
+            self.failed(),
+        )
 
 
 class _TaskFailuresCollector(Collector):

@@ -21,6 +21,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    upgrade_failed,
     workers_missing,
     workers_replaced,
 )
@@ -82,6 +83,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         return ""
     replaced = workers_replaced(snap)
     missing = workers_missing(snap)
+    upgrade = upgrade_failed(snap)
     rows = []
     for w in workers:
         started = (
@@ -111,6 +113,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
+        + (f'<p class="stopping" id="upgrade-failed">{escape(upgrade)}</p>\n' if upgrade else "")
     )
 
 

@@ -284,6 +284,7 @@ class Supervisor:
             calls_lost=lambda: self.calls_lost_total,
             task_failures=lambda: self.task_failures.by_task,
             fleets_gone=lambda: self.forgetting.pending,
+            upgrade_failed=self._last_upgrade_failed,
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
             certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
@@ -944,6 +945,13 @@ class Supervisor:
         worker is leaving then: FleetIngressWorkersMissing must not page at a
         restart while calls drain)."""
         return self.serving_workers(), 0 if self.stopping else self.worker_target
+
+    def _last_upgrade_failed(self) -> bool | None:
+        """For fleet_ingress_upgrade_failed: None before any upgrade known here
+        (and while __init__ builds: the registry describes its collectors at once)."""
+        sequence = getattr(self, "upgrade", None)
+        last = None if sequence is None else sequence.latest
+        return None if last is None else last["state"] == "failed"
 
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
