@@ -403,6 +403,11 @@ async def test_a_worker_killed_gives_its_slots_back_and_is_replaced(
         assert 'fleet_ingress_worker_restarts_total{reason="killed"} 1.0' in metrics
         assert f"fleet_ingress_slots_reclaimed_total {float(victim['calls'])}" in metrics
         assert f"fleet_ingress_worker_calls_lost_total {float(victim['calls'])}" in metrics
+        # Counted ended too, as their access lines say (before, in calls_lost alone:
+        # the calls ended by reason came up short; the accounting audit of session 31).
+        ended = metric_samples(metrics)["fleet_ingress_calls_ended_total"]
+        errors = sum(n for labels, n in ended.items() if ("reason", "error") in labels)
+        assert errors == victim["calls"], ended
         stats = await service.stats()
         assert (stats["worker_restarts"], stats["worker_calls_lost"]) == (
             {"killed": 1},

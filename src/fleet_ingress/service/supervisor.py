@@ -869,10 +869,8 @@ class Supervisor:
 
     def _log_lost_calls(self, worker: WorkerProcess, code: int | None) -> None:
         """An access line for each call `worker` took with it (SPEC 12: one
-        line per call): it could not write them."""
+        line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        if not self.config.log.access:
-            return
         status, now = _exit_status(code), time.time()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
@@ -882,7 +880,14 @@ class Supervisor:
                 exit_status=status,
                 now=now,
             )
-            access_log.info("call ended", extra=fields(**record))
+            # Counted ended as its line says (fleet_ingress_calls_ended_total), as
+            # the worker counts each call it ends: before, a call lost with its
+            # worker was in worker_calls_lost alone, and the calls ended by reason
+            # came up short of the calls made (the accounting audit of session 31).
+            ended = ("calls_ended", record["fleet"] or "", record["end_reason"])
+            self.view.retired.counters[ended] += 1
+            if self.config.log.access:
+                access_log.info("call ended", extra=fields(**record))
 
     def _replace(self, worker: WorkerProcess) -> None:
         if worker.replaced or self.stopping or worker.retiring or worker.candidate:
