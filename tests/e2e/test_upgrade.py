@@ -299,6 +299,46 @@ async def test_a_fleet_being_removed_keeps_its_calls_and_maxconn_over_an_upgrade
         await service.finish()
 
 
+async def test_a_removed_fleet_not_forgotten_yet_keeps_its_calls_ended_over_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """A fleet out of the set is forgotten FORGET_AFTER (300 s) after it left,
+    and its calls_ended series are shown until then. The wait was not carried
+    over the exec: a fleet removed shortly before an upgrade lost those series
+    at the exec and was never forgotten (its counts kept under its name for
+    good; the accounting audit of session 31). Now the new image takes up the
+    wait where it was."""
+    a, b = fleets
+    lines = [f"{a.url} name=a", f"{b.url} name=b"]
+    service = await RunningIngress.start(tls_files, lines, workers=1, drain=30, env=PATIENT_PROBES)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        await service.fleets_up()
+        code, out = await admin_command(service, "drain", "a")  # the calls go to b
+        assert code == 0, out
+        _assert_no_loss(
+            [("b-0", await load.call("b-0", 0.3)), ("b-1", await load.call("b-1", 0.3))]
+        )
+
+        def ended_on_b(exposition: str) -> float:
+            ended = metric_samples(exposition).get("fleet_ingress_calls_ended_total", {})
+            return sum(n for labels, n in ended.items() if ("fleet", "b") in labels)
+
+        async with asyncio.timeout(10):
+            while ended_on_b(await service.metrics()) < 2:
+                await asyncio.sleep(0.2)
+        code, out = await admin_command(service, "remove-fleet", "b")
+        assert code == 0, out
+        await eventually(lambda: any(e.get("event") == "fleet gone" for e in service.log()), 10)
+        assert ended_on_b(await service.metrics()) == 2  # shown until forgotten
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        assert ended_on_b(await service.metrics()) == 2  # still: the wait came over
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 async def test_a_fleet_a_reload_moved_joins_at_its_new_address_after_an_upgrade(
     tls_files: TLSFiles, fleets: list[SimulatedFleet]
 ) -> None:

@@ -29,3 +29,29 @@ async def test_a_fleet_is_forgotten_after_the_wait_from_its_last_removal_unless_
     assert later.pending == set()  # what /metrics shows the calls ended of, besides the set
     await asyncio.sleep(0.2)
     assert forgotten == ["a"]  # once; b, listed, never
+
+
+async def test_the_waits_go_over_to_the_next_image_where_they_were() -> None:
+    """An upgrade's exec (or a crash) carries each wait's seconds left: the next
+    image takes them up before its loop runs and starts them at `start`. Not
+    carried, a fleet removed shortly before an upgrade was never forgotten (the
+    accounting audit of session 31)."""
+    old_forgotten: list[str] = []
+    old = ForgetLater(0.3, lambda name: False, old_forgotten.append)
+    old.gone("a")
+    await asyncio.sleep(0.1)
+    carried = old.to_json()
+    assert set(carried) == {"a"} and 0.1 < carried["a"] <= 0.2
+    forgotten: list[str] = []
+    new = ForgetLater(0.3, lambda name: False, forgotten.append)
+    # Junk or a wait past `after` (another release's): none, or `after` at most.
+    new.take({**carried, "b": 99.0, "c": "soon", 7: 1.0, "d": float("nan")})
+    assert new.pending == {"a", "b"}  # shown while taken up, not started yet
+    assert new.to_json() == {"a": carried["a"], "b": 0.3}
+    new.start()
+    await asyncio.sleep(carried["a"] + 0.05)
+    assert forgotten == ["a"] and new.pending == {"b"}
+    await asyncio.sleep(0.15)
+    assert forgotten == ["a", "b"] and new.pending == set()
+    new.take(None)  # a release that carried none
+    assert new.pending == set()

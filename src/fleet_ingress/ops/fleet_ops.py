@@ -490,16 +490,46 @@ class ForgetLater:
     ) -> None:
         self.after, self.listed, self.forget = after, listed, forget
         self._due: dict[str, asyncio.TimerHandle] = {}
+        # Taken up from the previous image (`take`), waiting for `start`: seconds left.
+        self._carried: dict[str, float] = {}
 
     @property
     def pending(self) -> frozenset[str]:
         """The fleets gone from the set and not forgotten yet."""
-        return frozenset(self._due)
+        return frozenset(self._due) | frozenset(self._carried)
 
-    def gone(self, name: str) -> None:
+    def gone(self, name: str, after: float | None = None) -> None:
+        """`name` left the set: forgotten `after` seconds from now (None: `self.after`)."""
+        self._carried.pop(name, None)
         if (earlier := self._due.pop(name, None)) is not None:
             earlier.cancel()
-        self._due[name] = asyncio.get_running_loop().call_later(self.after, self._now, name)
+        wait = self.after if after is None else after
+        self._due[name] = asyncio.get_running_loop().call_later(wait, self._now, name)
+
+    def to_json(self) -> dict[str, float]:
+        """The seconds left before each pending fleet is forgotten: what the next
+        image (an upgrade's, or one started after a crash) takes up (`take`).
+        Not carried, a fleet removed shortly before an upgrade was never
+        forgotten: its counts kept under its name for good, and its calls ended
+        gone from /metrics at the exec (the accounting audit of session 31)."""
+        now = asyncio.get_running_loop().time()
+        left = {name: max(0.0, round(h.when() - now, 3)) for name, h in self._due.items()}
+        return {**self._carried, **left}
+
+    def take(self, carried: object) -> None:
+        """Take up `to_json` of the previous image (anything else: none), before
+        the loop runs: the waits start at `start`."""
+        if not isinstance(carried, dict):
+            return
+        for name, left in carried.items():
+            if isinstance(name, str) and isinstance(left, int | float) and left == left:
+                self._carried[name] = min(max(0.0, float(left)), self.after)
+
+    def start(self) -> None:
+        """Start the waits taken up (on the running loop)."""
+        carried, self._carried = self._carried, {}
+        for name, left in carried.items():
+            self.gone(name, left)
 
     def _now(self, name: str) -> None:
         self._due.pop(name, None)

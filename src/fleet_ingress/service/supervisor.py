@@ -374,6 +374,7 @@ class Supervisor:
     async def start(self) -> None:
         for fleet in self.balancer.fleets:
             self.poller.start(fleet)
+        self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
             _warn_unverified()
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe

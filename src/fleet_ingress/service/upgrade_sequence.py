@@ -275,6 +275,8 @@ class UpgradeSequence:
         if self.crash_restart and isinstance(carried.get("last_reload"), dict):
             supervisor.last_reload = carried["last_reload"]
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
+        # (From a release that did not carry it: none.)
+        supervisor.forgetting.take(carried.get("forgetting"))
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
         # (From a release that did not carry it: none; a line cut there is skipped.)
         self._carried_unread = unread_from_json(carried.get("unread"))
@@ -525,6 +527,7 @@ class UpgradeSequence:
             "operator_connections": self.web.counts_to_json(),
             "bound_listen": supervisor.bound_listen.model_dump(),
             "upgrades": list(self.statuses.values()),
+            "forgetting": supervisor.forgetting.to_json(),
             "worker_target": supervisor.worker_target,
             "quick_deaths": supervisor.quick_deaths,
             # What this image runs, as checked: the next image's, should it not
