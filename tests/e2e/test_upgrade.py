@@ -685,6 +685,9 @@ async def test_a_failed_upgrade_is_said_by_stat_the_page_and_metrics_until_one_s
                 assert 'id="upgrade-failed"' in await r.text()
         samples = metric_samples(await service.metrics())
         assert samples["fleet_ingress_upgrade_failed"][()] == 1
+        said = [m for m in service.messages if "STATUS=upgrade abandoned" in m]
+        assert said and "LAST UPGRADE FAILED: see `fleet-ingress stat`" in said[-1], said
+        assert "1 workers, generation 1" in said[-1], said
         routing.write_text(good)  # fixed: the next upgrade takes it
         code, _, err = await _upgrade_command(service)
         assert code == 0, err
@@ -1746,6 +1749,10 @@ async def test_an_old_generation_worker_killed_while_it_drains_counts_its_calls_
         await eventually(lambda: sum(sim.active_calls for sim in fleets) == 2, timeout=10)
         code, _, err = await _upgrade_command(service)
         assert code == 0, err
+        # systemd's status line counts the old worker apart (before: "2 workers",
+        # capacity the host does not have; the accounting audit of session 31).
+        said = [m for m in service.messages if "generation 2" in m and "STATUS=" in m]
+        assert said and "1 workers (+1 of an older generation draining)" in said[-1], said
         os.kill(old, signal.SIGKILL)
 
         def exited() -> list[dict[str, Any]]:

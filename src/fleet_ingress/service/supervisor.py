@@ -952,6 +952,19 @@ class Supervisor:
         restart while calls drain)."""
         return self.serving_workers(), 0 if self.stopping else self.worker_target
 
+    def _workers_said(self) -> str:
+        """The status line's workers: those of the generation serving, and an
+        older one's draining apart (counted in, they read as capacity the host
+        does not have: 4 workers while 2 serve after an upgrade; the accounting
+        audit of session 31)."""
+        said = f"{self.serving_workers()} workers"
+        draining = sum(
+            1
+            for w in self.workers.values()
+            if w.generation != self.generation and w.proc.returncode is None
+        )
+        return said + (f" (+{draining} of an older generation draining)" if draining else "")
+
     def _last_upgrade_failed(self) -> bool | None:
         """For fleet_ingress_upgrade_failed: None before any upgrade known here
         (and while __init__ builds: the registry describes its collectors at once)."""
@@ -1362,8 +1375,13 @@ class Supervisor:
         return (
             f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
             f"{eligible} taking calls, queue {self.slots.queue_length}, "
-            f"{len(self.slots.workers)} workers, generation {self.generation}"
+            f"{self._workers_said()}, generation {self.generation}"
             + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
+            + (
+                "; LAST UPGRADE FAILED: see `fleet-ingress stat`"
+                if self._last_upgrade_failed()
+                else ""
+            )
             + (
                 "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
                 if served_refused(self.serving_leaf) is not None
