@@ -1199,9 +1199,12 @@ class Supervisor:
         """A fleet left the set FORGET_AFTER ago and is not back (`forgetting`):
         the workers drop their records of it, and the counts of workers gone
         keep its ended calls only (under `REMOVED_FLEETS`): by name, both grew
-        with every fleet ever named."""
+        with every fleet ever named. Another fleet gone and not forgotten yet
+        keeps its own: its calls_ended series are shown until then, and folded
+        with this one's they went down (the review of session 31)."""
         self.server.forget_fleet(name)
-        fold_fleets_gone(self.view.retired, {f.name for f in self.fleet_set.fleets})
+        kept = {f.name for f in self.fleet_set.fleets} | self.forgetting.pending
+        fold_fleets_gone(self.view.retired, kept - {name})
 
     async def close_fleet(self, name: str) -> ClosedElsewhere:
         """`remove-fleet --force`: every worker closes its calls on `name` and

@@ -1,0 +1,48 @@
+"""The supervisor forgetting a fleet gone from the set (`ForgetLater`,
+`Supervisor._forget_fleet`) against the calls_ended series of another fleet
+gone and not forgotten yet: the real supervisor's registry, scraped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.ops.local_counts import REMOVED_FLEETS
+from fleet_ingress.service.supervisor import Supervisor
+from tests.support import TLSFiles, metric_samples, write_run_home
+
+
+def _ended(supervisor: Supervisor, fleet: str) -> float:
+    exposition = generate_latest(supervisor.metrics.prometheus).decode()
+    ended = metric_samples(exposition).get("fleet_ingress_calls_ended_total", {})
+    return sum(n for labels, n in ended.items() if ("fleet", fleet) in labels)
+
+
+async def test_forgetting_one_fleet_keeps_another_gone_fleets_calls_ended(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """a and b left the set; a is forgotten while b waits. b's calls ended
+    by workers gone (here: 3 lost with a worker that died, counted by the
+    supervisor) are shown until b is forgotten, so must stay: before, the
+    fold at a's forgetting moved every fleet out of the set to "(removed)",
+    b's too, and b's counter went down from 3 to 0 (Prometheus reads a
+    drop as a reset: a false increase)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    retired = supervisor.view.retired.counters
+    retired[("calls_ended", "b", "error")] += 3
+    retired[("calls_ended", "a", "error")] += 2
+    supervisor.forgetting.gone("b")  # FORGET_AFTER: not within this test
+    supervisor.forgetting.gone("a", 0.05)
+    assert _ended(supervisor, "b") == 3
+    async with asyncio.timeout(5):
+        while "a" in supervisor.forgetting.pending:
+            await asyncio.sleep(0.02)
+    assert _ended(supervisor, "b") == 3
+    assert retired[("calls_ended", REMOVED_FLEETS, "error")] == 2  # a's, folded
