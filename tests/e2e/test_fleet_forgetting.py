@@ -13,6 +13,7 @@ from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
 from fleet_ingress.ops.local_counts import REMOVED_FLEETS
 from fleet_ingress.service.supervisor import Supervisor
+from fleet_ingress.service.worker_process import WorkerProcess
 from tests.support import TLSFiles, metric_samples, write_run_home
 
 
@@ -46,3 +47,33 @@ async def test_forgetting_one_fleet_keeps_another_gone_fleets_calls_ended(
             await asyncio.sleep(0.02)
     assert _ended(supervisor, "b") == 3
     assert retired[("calls_ended", REMOVED_FLEETS, "error")] == 2  # a's, folded
+
+
+async def test_the_status_line_does_not_call_an_upgrades_new_workers_old(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """While an upgrade starts its new generation (candidates, generation
+    N+1, SERVING_SETTLE and more), systemd's status line said them "of an
+    older generation draining": capacity leaving, when it is coming."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    procs = [await asyncio.create_subprocess_exec("sleep", "30") for _ in range(3)]
+    try:
+        new = supervisor.generation + 1
+        supervisor.workers[9001] = WorkerProcess(procs[0], new, 9001, candidate=True)
+        supervisor.workers[9002] = WorkerProcess(procs[1], new, 9002, candidate=True)
+        line = supervisor.status_line()
+        assert "older generation" not in line, line
+        assert "(+2 of the next generation starting)" in line, line
+        old = WorkerProcess(procs[2], supervisor.generation - 1, 9003, retiring=True)
+        supervisor.workers[9003] = old
+        line = supervisor.status_line()
+        assert "(+1 of an older generation draining, +2 of the next generation starting)" in (
+            line
+        ), line
+    finally:
+        for proc in procs:
+            proc.kill()
+            await proc.wait()

@@ -956,14 +956,29 @@ class Supervisor:
         """The status line's workers: those of the generation serving, and an
         older one's draining apart (counted in, they read as capacity the host
         does not have: 4 workers while 2 serve after an upgrade; the accounting
-        audit of session 31)."""
-        said = f"{self.serving_workers()} workers"
-        draining = sum(
-            1
+        audit of session 31). An upgrade's new generation while it starts
+        (candidates) is said apart too: counted as an older one draining, it
+        read as capacity leaving when it is coming (the review of session 31);
+        one a failed upgrade retired, as of a failed upgrade."""
+        alive = [
+            w
             for w in self.workers.values()
             if w.generation != self.generation and w.proc.returncode is None
-        )
-        return said + (f" (+{draining} of an older generation draining)" if draining else "")
+        ]
+        older = sum(1 for w in alive if w.generation < self.generation)
+        starting = sum(1 for w in alive if w.generation > self.generation and w.candidate)
+        failed = sum(1 for w in alive if w.generation > self.generation and not w.candidate)
+        parts = [
+            f"+{n} {what}"
+            for n, what in (
+                (older, "of an older generation draining"),
+                (starting, "of the next generation starting"),
+                (failed, "of a failed upgrade's generation draining"),
+            )
+            if n
+        ]
+        said = f"{self.serving_workers()} workers"
+        return said + (f" ({', '.join(parts)})" if parts else "")
 
     def _last_upgrade_failed(self) -> bool | None:
         """For fleet_ingress_upgrade_failed: None before any upgrade known here
