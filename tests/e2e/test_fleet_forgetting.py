@@ -77,3 +77,31 @@ async def test_the_status_line_does_not_call_an_upgrades_new_workers_old(
         for proc in procs:
             proc.kill()
             await proc.wait()
+
+
+async def test_upgrade_failed_stays_1_while_the_next_upgrade_is_under_way(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """fleet_ingress_upgrade_failed says the last upgrade's outcome "until one
+    succeeds": while the next one was being checked it read 0 (and the status
+    line dropped LAST UPGRADE FAILED), so FleetIngressUpgradeFailed (for: 0m)
+    resolved, to fire again if that one failed too."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+
+    def failed() -> float | None:
+        exposition = generate_latest(supervisor.metrics.prometheus).decode()
+        return metric_samples(exposition).get("fleet_ingress_upgrade_failed", {}).get(())
+
+    assert failed() is None
+    statuses = supervisor.upgrade.statuses
+    statuses["u1"] = {"id": "u1", "state": "failed", "error": "SyntaxError", "finished": 1.0}
+    assert failed() == 1
+    statuses["u2"] = {"id": "u2", "state": "checking"}
+    assert failed() == 1
+    assert "LAST UPGRADE FAILED" in supervisor.status_line()
+    statuses["u2"].update(state="done", finished=2.0)
+    assert failed() == 0
+    assert "LAST UPGRADE FAILED" not in supervisor.status_line()

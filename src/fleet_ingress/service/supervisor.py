@@ -982,10 +982,16 @@ class Supervisor:
 
     def _last_upgrade_failed(self) -> bool | None:
         """For fleet_ingress_upgrade_failed: None before any upgrade known here
-        (and while __init__ builds: the registry describes its collectors at once)."""
+        (and while __init__ builds: the registry describes its collectors at once).
+        The last one finished: one under way changes nothing until it ends (the
+        latest, it read 0 while the next upgrade was checked, and the alert
+        resolved, to fire again if that one failed too; the review of session 31)."""
         sequence = getattr(self, "upgrade", None)
-        last = None if sequence is None else sequence.latest
-        return None if last is None else last["state"] == "failed"
+        statuses = () if sequence is None else reversed(sequence.statuses.values())
+        for status in statuses:
+            if status.get("state") in ("done", "failed"):
+                return status["state"] == "failed"
+        return None
 
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
