@@ -11,6 +11,7 @@ the alert a refused client gets), reads, flow control, close.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -900,6 +901,134 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
     await eventually(lambda: handler.data == b"pongagain", timeout=10)
     await eventually(lambda: len(peer.data) == len(b"firstping+more") + len(big), timeout=10)
     assert not wants.want_write_on_read
+
+
+async def _memory_bio_peer(
+    sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
+    """A TLS peer on memory BIOs over `sock` (non-blocking), handshake done: what
+    it writes collects in the returned BIO until the test sends it, all at once."""
+    loop = asyncio.get_running_loop()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = ctx.wrap_bio(
+        incoming,
+        outgoing,
+        server_side=server_side,
+        server_hostname=None if server_side else "localhost",
+    )
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                peer.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():
+                    await loop.sock_sendall(sock, data)
+                incoming.write(await loop.sock_recv(sock, 65536))
+        await loop.sock_sendall(sock, outgoing.read())
+    return peer, outgoing
+
+
+class _CountReadable:
+    """Counts the readable callbacks of the TLSConnections made while it is on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self.longest = 0.0
+        on_readable = TLSConnection._on_readable
+
+        def counted(conn: TLSConnection) -> None:
+            started = time.perf_counter()
+            on_readable(conn)
+            self.calls += 1
+            self.longest = max(self.longest, time.perf_counter() - started)
+
+        monkeypatch.setattr(TLSConnection, "_on_readable", counted)
+
+
+async def test_a_flood_of_key_updates_is_read_one_a_loop_turn(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's SSL_read went on through KeyUpdates for as long as the socket
+    had more, without limit: a client streaming them (no head needed) held a
+    worker's loop, and every call's frames, for seconds (the hostile-TLS audit
+    of session 31: 3 s of lag in a 5 s flood). One a read, one read a readable
+    event: the loop turns between them."""
+    counting = _CountReadable(monkeypatch)
+    srv = server()
+    raw = socket.create_connection(("127.0.0.1", srv.port))
+    raw.setblocking(False)
+    try:
+        client, outgoing = await _memory_bio_peer(
+            raw, tls_files.client_context(), server_side=False
+        )
+        await eventually(lambda: len(srv.handlers) == 1)
+        n = 2000
+        for _ in range(n):
+            assert LIBSSL.SSL_key_update(ssl_pointer(client), 0) == 1  # type: ignore[arg-type]
+            client.do_handshake()  # the KeyUpdate, into the memory BIO
+        client.write(b"after")
+        batch = outgoing.read()
+        counting.calls = 0
+        await asyncio.get_running_loop().sock_sendall(raw, batch)  # ~54 KB, one write
+        await eventually(lambda: srv.handlers[0].data == b"after", timeout=20)
+        print(
+            f"{n} key updates: {counting.calls} readable callbacks, the longest "
+            f"{counting.longest * 1000:.1f} ms"
+        )
+        assert counting.calls >= n
+        assert not srv.handlers[0].lost
+    finally:
+        raw.close()
+
+
+async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same from a fleet: a TLS 1.3 server may send NewSessionTickets at will."""
+    counting = _CountReadable(monkeypatch)
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    accepted = loop.create_task(loop.sock_accept(listener))
+    connecting = loop.create_task(
+        connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+    )
+    raw, _ = await accepted
+    listener.close()
+    raw.setblocking(False)
+    try:
+        fleet, outgoing = await _memory_bio_peer(
+            raw, tls_files.fleet_server_context(), server_side=True
+        )
+        conn = await connecting
+        handler = Recorder(conn)
+        conn.start(handler)
+        LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
+        n = 2000
+        for _ in range(n):
+            assert LIBSSL.SSL_new_session_ticket(ssl_pointer(fleet)) == 1  # type: ignore[arg-type]
+            fleet.do_handshake()  # the ticket, into the memory BIO
+        fleet.write(b"after")
+        batch = outgoing.read()
+        counting.calls = 0
+        await loop.sock_sendall(raw, batch)
+        await eventually(lambda: handler.data == b"after", timeout=20)
+        print(
+            f"{n} tickets ({len(batch)} bytes): {counting.calls} readable callbacks, "
+            f"the longest {counting.longest * 1000:.1f} ms"
+        )
+        assert counting.calls >= n
+        assert not handler.lost
+        conn.abort()
+    finally:
+        raw.close()
 
 
 def _tls12_fleet(

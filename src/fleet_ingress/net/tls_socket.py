@@ -23,6 +23,13 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   read-ahead (CPython never sets it) OpenSSL holds nothing more: one read per
   readable event, no SSLWantReadError on the hot path. OpenSSL reads the socket
   twice per record (header, then body).
+- OpenSSL's SSL_read runs on through the peer's post-handshake messages
+  (KeyUpdate, NewSessionTicket) while more are on the socket, without limit
+  (OpenSSL 3.0): a client streaming KeyUpdates, no head needed, held a worker's
+  loop in one read for as long as it went on (3 s of 5, every call's frames
+  waiting). So every connection's SSL has ``SSL_MODE_AUTO_RETRY`` cleared
+  (through ctypes): a read returns ``SSLWantReadError`` after each such message,
+  and the level-triggered poll brings the next one a loop turn later.
 - A read may need the socket writable (``SSLWantWriteError``) and a write
   readable (``SSLWantReadError``): renegotiation, key updates. OpenSSL 3.0
   answers a peer's key update with our next write instead; both are handled.
@@ -68,7 +75,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.tcp_connect import open_tcp
@@ -180,6 +187,7 @@ class TLSConnection:
         "_reader_on",
         "_shutdown_wants_write",
         "_sock",
+        "_ssl",
         "_sslobj",
         "_state",
         "_timer",
@@ -213,6 +221,10 @@ class TLSConnection:
         self._loop = loop
         self._sock = sock
         self._sslobj = sslobj
+        # OpenSSL's SSL under it (None: not to be had): see the module docstring.
+        self._ssl = _openssl_ssl(sock)
+        if self._ssl is not None:
+            _one_message_per_read(self._ssl)
         self._fd = sock.fileno()
         try:
             self.peername: tuple[str, int] | None = sock.getpeername()[:2]
@@ -372,7 +384,7 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._in_handshake = _renegotiation_watch(self._sock)
+            self._in_handshake = _renegotiation_watch(self._sock, self._ssl)
             self._state = _OPEN
             self._handshake_finished(None)
             return
@@ -783,48 +795,77 @@ class TLSConnection:
             self._shutdown()
 
 
+class _LibSSL(NamedTuple):
+    in_init: Any  # SSL_in_init(SSL *)
+    get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
+    ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
+
+
+# SSL_ctrl's command and the mode bit (openssl/ssl.h).
+_SSL_CTRL_CLEAR_MODE = 78
+_SSL_MODE_AUTO_RETRY = 0x4
+
+
 @functools.cache
-def _libssl_in_init() -> tuple[Any, Any] | None:
-    """OpenSSL's SSL_in_init and SSL_get_SSL_CTX, looked up once per process
-    (None: not to be had); as net/tls.py reaches SSL_CTX_ctrl."""
+def _libssl() -> _LibSSL | None:
+    """The OpenSSL calls CPython does not offer, looked up once per process
+    (None: not to be had), as net/tls.py reaches SSL_CTX_ctrl."""
     try:
         import _ssl
 
         libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
-        in_init = libssl.SSL_in_init
-        in_init.restype, in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
-        get_ctx = libssl.SSL_get_SSL_CTX
-        get_ctx.restype, get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+        calls = _LibSSL(libssl.SSL_in_init, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
     except (OSError, AttributeError, ImportError):
         return None
-    return in_init, get_ctx
+    calls.in_init.restype, calls.in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    calls.ctrl.restype = ctypes.c_long
+    calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    return calls
 
 
-def _renegotiation_watch(sock: ssl.SSLSocket) -> Callable[[], int] | None:
+def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
+    """The address of OpenSSL's SSL under `sock`, or None when it cannot be had.
+    PySSLSocket is PyObject_HEAD, its socket's weak reference, then SSL *ssl;
+    PySSLContext is PyObject_HEAD, then SSL_CTX *ctx: the SSL read is used only
+    when it names that SSL_CTX back."""
+    calls = _libssl()
+    if calls is None:
+        return None
+    try:
+        head = object.__basicsize__
+        sslobj = sock._sslobj  # type: ignore[attr-defined]
+        pointer = ctypes.c_void_p.from_address(id(sslobj) + head + 8).value
+        ctx_pointer = ctypes.c_void_p.from_address(id(sock.context) + head).value
+        if not pointer or calls.get_ctx(pointer) != ctx_pointer:
+            return None
+    except (OSError, ValueError, ctypes.ArgumentError):
+        return None
+    return int(pointer)
+
+
+def _one_message_per_read(pointer: int) -> None:
+    """SSL_read returns after each post-handshake message (module docstring)."""
+    calls = _libssl()
+    if calls is not None:
+        calls.ctrl(pointer, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_AUTO_RETRY, None)
+
+
+def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
     """For a TLS 1.2 connection whose context allows renegotiation (the fleet
     side; the carrier listener's refuses it): a call saying whether OpenSSL is
     in a handshake. None for TLS 1.3 (no renegotiation), for a context that
     refuses it, or when OpenSSL's SSL cannot be reached (writes are then not
     held, as before)."""
-    if sock.version() != "TLSv1.2" or sock.context.options & ssl.OP_NO_RENEGOTIATION:
+    calls = _libssl()
+    if (
+        calls is None
+        or pointer is None
+        or sock.version() != "TLSv1.2"
+        or sock.context.options & ssl.OP_NO_RENEGOTIATION
+    ):
         return None
-    calls = _libssl_in_init()
-    if calls is None:
-        return None
-    in_init, get_ctx = calls
-    try:
-        # PySSLSocket is PyObject_HEAD, its socket's weak reference, then SSL *ssl;
-        # PySSLContext is PyObject_HEAD, then SSL_CTX *ctx. The SSL is used only
-        # when it names that SSL_CTX back.
-        head = object.__basicsize__
-        sslobj = sock._sslobj  # type: ignore[attr-defined]
-        pointer = ctypes.c_void_p.from_address(id(sslobj) + head + 8).value
-        ctx_pointer = ctypes.c_void_p.from_address(id(sock.context) + head).value
-        if not pointer or get_ctx(pointer) != ctx_pointer:
-            return None
-    except (OSError, ValueError, ctypes.ArgumentError):
-        return None
-    return functools.partial(in_init, pointer)
+    return functools.partial(calls.in_init, pointer)
 
 
 def wrap_accepted(
