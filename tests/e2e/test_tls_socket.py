@@ -1113,6 +1113,69 @@ async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_
         fleet.join(5)
 
 
+async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """A connection closed (the call ending) while its write waits for the
+    fleet's renegotiation reads on until the handshake is done, then sends what
+    waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
+    import threading
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_files.fleet_cert.configure_cert(ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                while len(seen) < 5:
+                    seen.extend(tls.recv(65536))
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()
+                for _ in range(6):
+                    tls.sendall(b"f" * 100)
+                    time.sleep(0.01)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                tls.unwrap()
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
+        conn.write(b"last")
+        assert conn._held and conn.get_write_buffer_size() == 4
+        started = time.monotonic()
+        conn.close()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - started < 2
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None and outcome == {"renegotiated": True}
+        assert seen == b"firstlast"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
