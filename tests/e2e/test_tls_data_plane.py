@@ -39,8 +39,11 @@ from tests.support import (
     blocking_handshake,
     eventually,
     free_port,
+    masked_close,
     no_shared_cipher_client,
+    raw_carrier,
     raw_exchange,
+    read_frame,
     read_head,
     request_key_update,
     ssl_pointer,
@@ -602,6 +605,103 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         await eventually(lambda: carrier.lost and not ingress.registry.calls)
     finally:
         await fleet.stop()
+
+
+def _renegotiating_fleet(
+    tls_files: TLSFiles, listener: socket.socket, outcome: dict[str, object]
+) -> None:
+    """A TLS 1.2 fleet (blocking, in a thread) whose bot streams its audio (a
+    frame every 10 ms) and, once the carrier's is flowing, asks for a
+    renegotiation: its ClientHello is read a round trip (60 ms) later, the audio
+    going on meanwhile. Then "after", and the carrier's close frame is answered."""
+    from fleet_ingress.core.fleet_exchange import websocket_accept
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_files.fleet_cert.configure_cert(ctx)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(4096)
+            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+            assert key is not None
+            tls.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + websocket_accept(key[1])
+                + b"\r\n\r\n"
+            )
+            heard = bytearray()
+            while len(heard) < 3 * 11:  # three of the carrier's frames
+                heard += tls.recv(65536)
+            pointer = ssl_pointer(tls)
+            LIBSSL.SSL_renegotiate(pointer)
+            tls.do_handshake()  # the HelloRequest
+            for _ in range(6):
+                tls.sendall(b"\x82\x05audio")
+                time.sleep(0.01)
+            deadline = time.monotonic() + 5
+            while LIBSSL.SSL_renegotiate_pending(pointer) and time.monotonic() < deadline:
+                heard += tls.recv(65536)  # the renegotiation runs in these reads
+            outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+            tls.sendall(b"\x82\x05after")
+            while b"\x88" not in heard and (data := tls.recv(65536)):
+                heard += data
+            tls.sendall(b"\x88\x02\x03\xe8")
+    except (OSError, ssl.SSLError, AssertionError) as exc:
+        outcome["fleet_error"] = repr(exc)
+
+
+async def test_a_tls12_fleet_that_renegotiates_mid_call_keeps_the_call(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ingress lets a TLS 1.2 fleet renegotiate (9e97047), but a call whose
+    audio flowed both ways meanwhile lost its fleet, and the carrier was told
+    1011 "call error": a write ran the handshake and met the fleet's audio sent
+    before its ServerHello (the hostile-TLS audit of session 31). The layer's
+    side is in tests/e2e/test_tls_socket.py; here the call goes on, nothing of
+    either side's audio lost."""
+    import threading
+
+    caplog.set_level("INFO", logger="fleet_ingress.access")
+    listener = socket.create_server(("127.0.0.1", 0))
+    outcome: dict[str, object] = {}
+    fleet = threading.Thread(target=_renegotiating_fleet, args=(tls_files, listener, outcome))
+    fleet.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{listener.getsockname()[1]} name=a"])
+        reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot-1")
+        assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+
+        async def voice() -> None:  # the carrier's audio, masked (an all-zero mask)
+            while True:
+                writer.write(b"\x82\x85" + bytes(4) + b"voice")
+                await asyncio.sleep(0.01)
+
+        speaking = asyncio.create_task(voice())
+        heard: list[bytes] = []
+        try:
+            async with asyncio.timeout(10):
+                while not heard or heard[-1] != b"after":
+                    opcode, payload = await read_frame(reader)
+                    assert opcode == 2, (opcode, payload, heard)
+                    heard.append(payload)
+        finally:
+            speaking.cancel()
+        assert heard == [b"audio"] * 6 + [b"after"]
+        writer.write(masked_close())
+        await asyncio.to_thread(fleet.join, 5)
+        assert outcome == {"renegotiated": True}
+        await eventually(lambda: not ingress.registry.calls)
+        writer.close()
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "carrier closed", entry
+    finally:
+        listener.close()
+        fleet.join(5)
 
 
 # -- who hung up, through TLS on both sides -----------------------------------------------

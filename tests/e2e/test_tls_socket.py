@@ -11,6 +11,7 @@ the alert a refused client gets), reads, flow control, close.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import hashlib
 import itertools
@@ -900,6 +901,299 @@ async def test_want_read_during_a_write_and_want_write_during_a_read(
     await eventually(lambda: handler.data == b"pongagain", timeout=10)
     await eventually(lambda: len(peer.data) == len(b"firstping+more") + len(big), timeout=10)
     assert not wants.want_write_on_read
+
+
+async def _memory_bio_peer(
+    sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool
+) -> tuple[ssl.SSLObject, ssl.MemoryBIO]:
+    """A TLS peer on memory BIOs over `sock` (non-blocking), handshake done: what
+    it writes collects in the returned BIO until the test sends it, all at once."""
+    loop = asyncio.get_running_loop()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    peer = ctx.wrap_bio(
+        incoming,
+        outgoing,
+        server_side=server_side,
+        server_hostname=None if server_side else "localhost",
+    )
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                peer.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if data := outgoing.read():
+                    await loop.sock_sendall(sock, data)
+                incoming.write(await loop.sock_recv(sock, 65536))
+        await loop.sock_sendall(sock, outgoing.read())
+    return peer, outgoing
+
+
+class _CountReadable:
+    """Counts the readable callbacks of the TLSConnections made while it is on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self.longest = 0.0
+        on_readable = TLSConnection._on_readable
+
+        def counted(conn: TLSConnection) -> None:
+            started = time.perf_counter()
+            on_readable(conn)
+            self.calls += 1
+            self.longest = max(self.longest, time.perf_counter() - started)
+
+        monkeypatch.setattr(TLSConnection, "_on_readable", counted)
+
+
+async def test_a_flood_of_key_updates_is_read_one_a_loop_turn(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL's SSL_read went on through KeyUpdates for as long as the socket
+    had more, without limit: a client streaming them (no head needed) held a
+    worker's loop, and every call's frames, for seconds (the hostile-TLS audit
+    of session 31: 3 s of lag in a 5 s flood). One a read, one read a readable
+    event: the loop turns between them."""
+    counting = _CountReadable(monkeypatch)
+    srv = server()
+    raw = socket.create_connection(("127.0.0.1", srv.port))
+    raw.setblocking(False)
+    try:
+        client, outgoing = await _memory_bio_peer(
+            raw, tls_files.client_context(), server_side=False
+        )
+        await eventually(lambda: len(srv.handlers) == 1)
+        n = 2000
+        for _ in range(n):
+            assert LIBSSL.SSL_key_update(ssl_pointer(client), 0) == 1  # type: ignore[arg-type]
+            client.do_handshake()  # the KeyUpdate, into the memory BIO
+        client.write(b"after")
+        batch = outgoing.read()
+        counting.calls = 0
+        await asyncio.get_running_loop().sock_sendall(raw, batch)  # ~54 KB, one write
+        await eventually(lambda: srv.handlers[0].data == b"after", timeout=20)
+        print(
+            f"{n} key updates: {counting.calls} readable callbacks, the longest "
+            f"{counting.longest * 1000:.1f} ms"
+        )
+        assert counting.calls >= n
+        assert not srv.handlers[0].lost
+    finally:
+        raw.close()
+
+
+async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same from a fleet: a TLS 1.3 server may send NewSessionTickets at will."""
+    counting = _CountReadable(monkeypatch)
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    accepted = loop.create_task(loop.sock_accept(listener))
+    connecting = loop.create_task(
+        connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+    )
+    raw, _ = await accepted
+    listener.close()
+    raw.setblocking(False)
+    try:
+        fleet, outgoing = await _memory_bio_peer(
+            raw, tls_files.fleet_server_context(), server_side=True
+        )
+        conn = await connecting
+        handler = Recorder(conn)
+        conn.start(handler)
+        LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
+        n = 2000
+        for _ in range(n):
+            assert LIBSSL.SSL_new_session_ticket(ssl_pointer(fleet)) == 1  # type: ignore[arg-type]
+            fleet.do_handshake()  # the ticket, into the memory BIO
+        fleet.write(b"after")
+        batch = outgoing.read()
+        counting.calls = 0
+        await loop.sock_sendall(raw, batch)
+        await eventually(lambda: handler.data == b"after", timeout=20)
+        print(
+            f"{n} tickets ({len(batch)} bytes): {counting.calls} readable callbacks, "
+            f"the longest {counting.longest * 1000:.1f} ms"
+        )
+        assert counting.calls >= n
+        assert not handler.lost
+        conn.abort()
+    finally:
+        raw.close()
+
+
+def _tls12_fleet(
+    tls_files: TLSFiles, listener: socket.socket, seen: bytearray, outcome: dict[str, object]
+) -> None:
+    """A TLS 1.2 server (a fleet) that asks for a renegotiation once the client's
+    bytes flow, and goes on sending for a round trip (60 ms) before it reads
+    the ClientHello, as a fleet streaming a bot's audio to a distant ingress does."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_files.fleet_cert.configure_cert(ctx)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            while len(seen) < 60:
+                seen.extend(tls.recv(65536))
+            pointer = ssl_pointer(tls)
+            LIBSSL.SSL_renegotiate(pointer)
+            tls.do_handshake()  # sends the HelloRequest, and returns
+            for _ in range(6):
+                tls.sendall(b"f" * 100)
+                time.sleep(0.01)
+            deadline = time.monotonic() + 5
+            while LIBSSL.SSL_renegotiate_pending(pointer) and time.monotonic() < deadline:
+                seen.extend(tls.recv(65536))  # the renegotiation runs in these reads
+            outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+            tls.sendall(b"after")
+            while not seen.endswith(b"end") and (data := tls.recv(65536)):
+                seen.extend(data)
+    except (OSError, ssl.SSLError) as exc:
+        outcome["fleet_error"] = repr(exc)
+
+
+async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_connection(
+    tls_files: TLSFiles,
+) -> None:
+    """A fleet's HelloRequest starts a renegotiation inside the client's read;
+    until the ServerHello, the fleet's application data may still come, and only
+    SSL_read may take it. A write meanwhile ran the handshake itself, met that
+    data and failed (OpenSSL gives no reason: SSLEOFError, "EOF occurred in
+    violation of protocol", as the TLS audit of session 20 saw): a TLS 1.2
+    fleet's renegotiation cut a call streaming both ways (the hostile-TLS audit
+    of session 31). Writes are held until the reads have finished the handshake;
+    nothing is lost or reordered."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+    fleet = threading.Thread(target=_tls12_fleet, args=(tls_files, listener, seen, outcome))
+    fleet.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        assert conn.ssl_socket.version() == "TLSv1.2"
+        handler = Recorder(conn)
+        conn.start(handler)
+        sent = bytearray()
+        for i in range(60):  # 6 bytes every 5 ms: the carrier's audio, relayed
+            if handler.lost:
+                break
+            conn.write(b"%06d" % i)
+            sent += b"%06d" % i
+            await asyncio.sleep(0.005)
+        conn.write(b"end")
+        sent += b"end"
+        await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
+        assert not handler.lost, handler.exc
+        await asyncio.to_thread(fleet.join, 5)
+        assert outcome == {"renegotiated": True}
+        assert handler.data == b"f" * 600 + b"after"
+        assert seen == sent
+        conn.abort()
+    finally:
+        listener.close()
+        fleet.join(5)
+
+
+async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """A connection closed (the call ending) while its write waits for the
+    fleet's renegotiation reads on until the handshake is done, then sends what
+    waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
+    import threading
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_files.fleet_cert.configure_cert(ctx)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                while len(seen) < 5:
+                    seen.extend(tls.recv(65536))
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()
+                for _ in range(6):
+                    tls.sendall(b"f" * 100)
+                    time.sleep(0.01)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                tls.unwrap()
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
+        conn.write(b"last")
+        assert conn._held and conn.get_write_buffer_size() == 4
+        started = time.monotonic()
+        conn.close()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - started < 2
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None and outcome == {"renegotiated": True}
+        assert seen == b"firstlast"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """The watch costs a call into OpenSSL a write: TLS 1.3 has no renegotiation,
+    and the carrier listener's context refuses it."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.conns) == 1 and not srv.conns[0].is_closing())
+    assert conn.ssl_socket.version() == "TLSv1.3" and conn._in_handshake is None
+    tls12 = tls_files.client_context()
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    conn12, _ = await _client(tls_files, srv.port, ctx=tls12)
+    await eventually(lambda: len(srv.handlers) == 2)
+    # OpenSSL's SSL is reached (a change of CPython's layout would say so here).
+    assert conn12.ssl_socket.version() == "TLSv1.2" and conn12._in_handshake is not None
+    assert srv.handlers[1].conn._in_handshake is None  # OP_NO_RENEGOTIATION
+    conn.abort()
+    conn12.abort()
 
 
 async def test_the_acceptor_pauses_when_out_of_descriptors_instead_of_spinning(

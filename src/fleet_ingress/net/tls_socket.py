@@ -23,9 +23,24 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   read-ahead (CPython never sets it) OpenSSL holds nothing more: one read per
   readable event, no SSLWantReadError on the hot path. OpenSSL reads the socket
   twice per record (header, then body).
+- OpenSSL's SSL_read runs on through the peer's post-handshake messages
+  (KeyUpdate, NewSessionTicket) while more are on the socket, without limit
+  (OpenSSL 3.0): a client streaming KeyUpdates, no head needed, held a worker's
+  loop in one read for as long as it went on (3 s of 5, every call's frames
+  waiting). So every connection's SSL has ``SSL_MODE_AUTO_RETRY`` cleared
+  (through ctypes): a read returns ``SSLWantReadError`` after each such message,
+  and the level-triggered poll brings the next one a loop turn later.
 - A read may need the socket writable (``SSLWantWriteError``) and a write
   readable (``SSLWantReadError``): renegotiation, key updates. OpenSSL 3.0
   answers a peer's key update with our next write instead; both are handled.
+- A TLS 1.2 server's renegotiation (a fleet's HelloRequest) starts inside a
+  read, and a write while it runs runs the handshake too: ``SSL_write`` reads
+  for the ServerHello, and the server's application data sent before it (which
+  only ``SSL_read`` may take) fails the write, OpenSSL giving no reason
+  (``SSLEOFError``, "EOF occurred in violation of protocol"): a call streaming
+  both ways lost its fleet at each renegotiation. So while OpenSSL is in a
+  handshake (``SSL_in_init``, asked through ctypes, on TLS 1.2 connections that
+  allow renegotiation only) writes are held, and the reads finish it.
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
   be on the wire and the write must be retried with the same bytes (fewer is
@@ -52,13 +67,15 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import enum
 import errno
+import functools
 import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.tcp_connect import open_tcp
@@ -156,9 +173,11 @@ class TLSConnection:
         "_eof",
         "_fd",
         "_handler",
+        "_held",
         "_high_water",
         "_hs_done",
         "_hs_read",
+        "_in_handshake",
         "_loop",
         "_max_buffer",
         "_meter",
@@ -168,6 +187,7 @@ class TLSConnection:
         "_reader_on",
         "_shutdown_wants_write",
         "_sock",
+        "_ssl",
         "_sslobj",
         "_state",
         "_timer",
@@ -201,6 +221,10 @@ class TLSConnection:
         self._loop = loop
         self._sock = sock
         self._sslobj = sslobj
+        # OpenSSL's SSL under it (None: not to be had): see the module docstring.
+        self._ssl = _openssl_ssl(sock)
+        if self._ssl is not None:
+            _one_message_per_read(self._ssl)
         self._fd = sock.fileno()
         try:
             self.peername: tuple[str, int] | None = sock.getpeername()[:2]
@@ -225,6 +249,10 @@ class TLSConnection:
         self._want_read_for_write = False  # a write/shutdown got SSLWantReadError
         self._want_write_for_read = False  # a read got SSLWantWriteError
         self._shutdown_wants_write = False
+        # TLS 1.2 with renegotiation allowed: whether OpenSSL is in a handshake
+        # (a renegotiation); writes are held meanwhile (_held). None otherwise.
+        self._in_handshake: Callable[[], int] | None = None
+        self._held = False
         # close_notify sent, the TLS session failed on what the peer kept sending:
         # its bytes are read and dropped from the socket itself until its FIN.
         self._drain_below_tls = False
@@ -356,6 +384,7 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
+            self._in_handshake = _renegotiation_watch(self._sock, self._ssl)
             self._state = _OPEN
             self._handshake_finished(None)
             return
@@ -434,6 +463,11 @@ class TLSConnection:
             self._more += data
             self._buffered()
             return
+        if self._in_handshake is not None and self._in_handshake():
+            self._out = bytes(data)
+            self._hold()
+            self._buffered()
+            return
         try:
             self._sslobj.write(data)
             return
@@ -457,9 +491,27 @@ class TLSConnection:
             if self._handler is not None:
                 self._handler.pause_writing()
 
+    def _hold(self) -> None:
+        """A renegotiation is under way: what is to be written waits for the
+        reads to finish it (`_release`), not for the socket to be writable."""
+        self._held = True
+        self._sync_io()
+
+    def _release(self) -> None:
+        """After a read, with writes held: send them once the handshake is done."""
+        in_handshake = self._in_handshake
+        if self._state is _CLOSED or (in_handshake is not None and in_handshake()):
+            return
+        self._held = False
+        self._flush()
+
     def _flush(self) -> None:
         sslobj = self._sslobj
+        in_handshake = self._in_handshake
         while (out := self._out) is not None:
+            if in_handshake is not None and in_handshake():
+                self._hold()
+                return
             try:
                 sslobj.write(out)
             except ssl.SSLWantWriteError:
@@ -624,6 +676,22 @@ class TLSConnection:
             return
         self._finish(None)
 
+    def _read_through_handshake(self) -> None:
+        """Closing with a write held for a renegotiation: read on (what the peer
+        sends is dropped, as a closing connection reads nothing) so that the
+        handshake finishes, then send what was held and close_notify."""
+        for _ in range(MAX_READS_PER_WAKE):
+            try:
+                if self._sslobj.read(READ_BUFFER_SIZE, _READ_BUFFER) == 0:
+                    self._finish(None)  # the peer's close_notify
+                    return
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self._finish(None)
+                return
+        self._release()
+
     def _finish(self, exc: BaseException | None) -> None:
         if self._state is _CLOSED:
             return
@@ -655,13 +723,13 @@ class TLSConnection:
                 and not self._want_write_for_read
             ) or self._want_read_for_write
             writing = (
-                self._out is not None and not self._want_read_for_write
+                self._out is not None and not self._want_read_for_write and not self._held
             ) or self._want_write_for_read
         elif state is _HANDSHAKE:
             reading, writing = self._hs_read, not self._hs_read
         elif state is _CLOSING:
-            reading = self._want_read_for_write
-            writing = self._out is not None and not self._want_read_for_write
+            reading = self._want_read_for_write or self._held
+            writing = self._out is not None and not self._want_read_for_write and not self._held
         elif state is _SHUTDOWN:
             reading, writing = not self._shutdown_wants_write, self._shutdown_wants_write
         else:
@@ -690,6 +758,8 @@ class TLSConnection:
                     return
             if not self._paused and not self._eof and not self._want_write_for_read:
                 self._read()
+                if self._held:
+                    self._release()
             else:
                 self._sync_io()
         elif state is _HANDSHAKE:
@@ -698,6 +768,8 @@ class TLSConnection:
             if self._want_read_for_write:
                 self._want_read_for_write = False
                 self._flush()
+            elif self._held:
+                self._read_through_handshake()
         elif state is _SHUTDOWN:
             self._drain_after_close_notify()
 
@@ -710,6 +782,9 @@ class TLSConnection:
                     self._read()
                     if self._state is not state:
                         return
+                    if self._held:
+                        self._release()
+                        return
             if self._out is not None:
                 self._flush()
             else:
@@ -718,6 +793,79 @@ class TLSConnection:
             self._handshake_step()
         elif state is _SHUTDOWN:
             self._shutdown()
+
+
+class _LibSSL(NamedTuple):
+    in_init: Any  # SSL_in_init(SSL *)
+    get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
+    ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
+
+
+# SSL_ctrl's command and the mode bit (openssl/ssl.h).
+_SSL_CTRL_CLEAR_MODE = 78
+_SSL_MODE_AUTO_RETRY = 0x4
+
+
+@functools.cache
+def _libssl() -> _LibSSL | None:
+    """The OpenSSL calls CPython does not offer, looked up once per process
+    (None: not to be had), as net/tls.py reaches SSL_CTX_ctrl."""
+    try:
+        import _ssl
+
+        libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
+        calls = _LibSSL(libssl.SSL_in_init, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
+    except (OSError, AttributeError, ImportError):
+        return None
+    calls.in_init.restype, calls.in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    calls.ctrl.restype = ctypes.c_long
+    calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    return calls
+
+
+def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
+    """The address of OpenSSL's SSL under `sock`, or None when it cannot be had.
+    PySSLSocket is PyObject_HEAD, its socket's weak reference, then SSL *ssl;
+    PySSLContext is PyObject_HEAD, then SSL_CTX *ctx: the SSL read is used only
+    when it names that SSL_CTX back."""
+    calls = _libssl()
+    if calls is None:
+        return None
+    try:
+        head = object.__basicsize__
+        sslobj = sock._sslobj  # type: ignore[attr-defined]
+        pointer = ctypes.c_void_p.from_address(id(sslobj) + head + 8).value
+        ctx_pointer = ctypes.c_void_p.from_address(id(sock.context) + head).value
+        if not pointer or calls.get_ctx(pointer) != ctx_pointer:
+            return None
+    except (OSError, ValueError, ctypes.ArgumentError):
+        return None
+    return int(pointer)
+
+
+def _one_message_per_read(pointer: int) -> None:
+    """SSL_read returns after each post-handshake message (module docstring)."""
+    calls = _libssl()
+    if calls is not None:
+        calls.ctrl(pointer, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_AUTO_RETRY, None)
+
+
+def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
+    """For a TLS 1.2 connection whose context allows renegotiation (the fleet
+    side; the carrier listener's refuses it): a call saying whether OpenSSL is
+    in a handshake. None for TLS 1.3 (no renegotiation), for a context that
+    refuses it, or when OpenSSL's SSL cannot be reached (writes are then not
+    held, as before)."""
+    calls = _libssl()
+    if (
+        calls is None
+        or pointer is None
+        or sock.version() != "TLSv1.2"
+        or sock.context.options & ssl.OP_NO_RENEGOTIATION
+    ):
+        return None
+    return functools.partial(calls.in_init, pointer)
 
 
 def wrap_accepted(
