@@ -4,7 +4,9 @@ on loopback. Async tests run on both asyncio's loop and uvloop."""
 from __future__ import annotations
 
 import asyncio
+import getpass
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -16,6 +18,36 @@ from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.net import event_loop
 from fleet_ingress.service.ingress import Ingress
 from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
+
+
+# sun_path holds 107 bytes. Tests bind their sockets in tmp_path, which is
+# TMPDIR/pytest-of-USER/pytest-N/popen-gwK/<30 characters of the test's name>N/:
+# under /tmp the longest is ~90 bytes, but a longer TMPDIR (a CI runner's own)
+# made ~20 tests fail with "AF_UNIX path too long". Then the run's base is a
+# directory of its own under /tmp (a new one each run: pytest empties a
+# --basetemp it is given). xdist's workers are given theirs by the controller.
+def _tmp_path_too_long_for_sockets() -> bool:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    longest = os.path.join(
+        tempfile.gettempdir(),
+        f"pytest-of-{user}",
+        "pytest-999",
+        "popen-gw99",
+        "x" * 30 + "99",
+        "run",
+        "notify.sock",
+    )
+    return len(os.fsencode(longest)) > 107
+
+
+@pytest.hookimpl(tryfirst=True)  # before tmpdir's reads the option
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        if _tmp_path_too_long_for_sockets():
+            config.option.basetemp = tempfile.mkdtemp(prefix="fi-pytest-", dir="/tmp")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

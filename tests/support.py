@@ -398,6 +398,19 @@ async def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def no_ipv6_loopback() -> str | None:
+    """Why ::1 cannot be used on this machine, or None. `socket.has_ipv6` says
+    only that Python was built with IPv6: a kernel booted with ipv6.disable=1,
+    or lo with net.ipv6.conf.lo.disable_ipv6=1 (containers, some VM images),
+    has no ::1 to bind or connect to."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError as e:
+        return f"no IPv6 on loopback here: binding [::1] failed ({e.strerror})"
+    return None
+
+
 # -- network namespaces ---------------------------------------------------------------
 # The dead-peer tests take a link down under a live call, which loopback cannot do:
 # they build namespaces joined by veth pairs, using documentation addresses

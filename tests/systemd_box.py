@@ -56,9 +56,10 @@ DefaultDependencies=no
 # where systemd looks for it, the host's network namespace kept at HOST_NETNS
 # for the units to join, then systemd itself as PID 1 in a network namespace
 # of its own: as it boots it raises net.unix.max_dgram_qlen (10 -> 512), a
-# sysctl of the network namespace, which must not change on the host (a test
-# of a notify receiver that stops reading counts on the 10). Its own UTS and
-# IPC namespaces too: nothing it sets there reaches the host.
+# sysctl of the network namespace, which must not change on the host (nothing
+# a test does may change the host; test_sdnotify reads the value, which a host
+# booted by systemd has at 512 already). Its own UTS and IPC namespaces too:
+# nothing it sets there reaches the host.
 HOST_NETNS = "/run/host-netns"
 # Also in its mount namespace, so that nothing it does at boot reaches the host:
 # /etc read-only (with an empty machine-id it would write one there), /proc/sys

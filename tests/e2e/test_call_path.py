@@ -25,6 +25,7 @@ from tests.support import (
     free_port,
     free_ports,
     never_answer,
+    no_ipv6_loopback,
     raw_exchange,
     wss_url,
 )
@@ -75,6 +76,8 @@ async def test_messages_fragments_ping_and_close_codes_pass_through(
 async def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_carriers_on_one_listener(
     start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
 ):
+    if why := no_ipv6_loopback():
+        pytest.skip(why)
     a, _ = ws_fleets
     ingress = await start_ingress([a.line("a")], listen={"wss": "[::]:0"})
     _, port = ingress.wss_address

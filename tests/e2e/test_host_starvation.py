@@ -46,7 +46,10 @@ async def test_a_starved_supervisor_does_not_take_healthy_fleets_down(
 ) -> None:
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs: one to starve the supervisor on, one for the fleets")
-    starved_cpu, other_cpus = 0, os.sched_getaffinity(0) - {0}
+    # The first CPU this process may use, not CPU 0: a cpuset without CPU 0 (a
+    # container's --cpuset-cpus=1-2) refuses threads pinned to it (EINVAL).
+    starved_cpu = min(os.sched_getaffinity(0))
+    other_cpus = os.sched_getaffinity(0) - {starved_cpu}
     lines = [f"{sim.url} name={sim.name}" for sim in two_fleets]
     service = await RunningIngress.start(
         tls_files, lines, workers=1, check_timeout=1, check_interval=0.2

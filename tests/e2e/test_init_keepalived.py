@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tomllib
@@ -66,8 +67,11 @@ def keepalived_or_skip() -> str:
 
 
 def an_interface() -> str:
-    """An interface this host has (keepalived -t checks that it exists)."""
-    names = sorted(n for n in os.listdir("/sys/class/net") if n != "lo")
+    """An interface this host has (keepalived -t checks that it exists): the
+    kernel's list for this network namespace, not /sys/class/net's, which holds
+    the file bonding_masters where the bonding module is loaded and shows the
+    interfaces of the namespace sysfs was mounted in."""
+    names = sorted(name for _, name in socket.if_nameindex() if name != "lo")
     if not names:
         pytest.skip("this host has no network interface but lo (keepalived refuses lo)")
     return names[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fleet_ingress.net import tcp_connect
 from fleet_ingress.net.tcp_connect import (
     CONNECT_STAGGER,
     AddrInfo,
@@ -98,6 +100,38 @@ async def test_when_no_address_takes_it_the_last_error_is_raised() -> None:
         probe.close()
     with pytest.raises(ConnectionRefusedError):
         await first_connected([_info("127.0.0.1", p) for p in ports])
+
+
+async def test_a_refusal_is_raised_over_an_address_this_host_cannot_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host with IPv6 disabled: a name's IPv6 address sorts last (RFC 6724)
+    and fails EADDRNOTAVAIL (no source address), which the proxy takes as this
+    host out of local ports, not the fleet's failure. Raised as the last error,
+    it hid the refusal of the fleet's IPv4 address: calls refused by a fleet
+    named `localhost` never took it DOWN (test_supervisor's
+    test_calls_in_any_worker_that_cannot_connect_take_a_fleet_down_for_the_host,
+    with Debian's /etc/hosts and lo's disable_ipv6=1). The refusal is real; the
+    IPv6 failure is what such a host's kernel answers (not made here: this
+    host has IPv6)."""
+    real = tcp_connect._connect_one
+
+    async def without_ipv6(info: AddrInfo) -> socket.socket:
+        if info[0] == socket.AF_INET6:
+            raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
+        return await real(info)
+
+    monkeypatch.setattr(tcp_connect, "_connect_one", without_ipv6)
+    probe = socket.create_server(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens: refused
+    v6 = (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("::1", port, 0, 0))
+    for infos in ([_info("127.0.0.1", port), v6], [v6, _info("127.0.0.1", port)]):
+        with pytest.raises(ConnectionRefusedError):
+            await first_connected(infos)
+    with pytest.raises(OSError) as only:  # nothing but this host's own failure: that one
+        await first_connected([v6])
+    assert only.value.errno == errno.EADDRNOTAVAIL
 
 
 async def test_the_attempts_that_lose_leave_no_socket_open() -> None:

@@ -45,6 +45,7 @@ from tests.support import (
     TLSFiles,
     blocking_handshake,
     eventually,
+    no_ipv6_loopback,
     no_shared_cipher_client,
     ssl_ctx_pointer,
     ssl_pointer,
@@ -536,8 +537,8 @@ async def test_a_fleet_is_reached_by_an_ip_literal_of_either_family_or_by_name(
 ) -> None:
     """Literals skip the lookup (core.addresses.ip_literal_version), names go
     through the loop's getaddrinfo: all three reach the server."""
-    if ":" in listen and not socket.has_ipv6:
-        pytest.skip("no IPv6 on this host")
+    if ":" in listen and (why := no_ipv6_loopback()):
+        pytest.skip(why)
     srv = server(echo=True, host=listen)
     conn = await connect(
         address, srv.port, tls_files.client_context(), server_hostname="calls.test", timeout=5

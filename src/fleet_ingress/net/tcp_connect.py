@@ -34,7 +34,8 @@ AddrInfo = tuple[int, int, int, str, Any]  # what getaddrinfo answers, one addre
 async def open_tcp(host: str, port: int) -> socket.socket:
     """A connected non-blocking socket to `host`:`port`, with TCP_NODELAY (each
     write is whole messages); the OSError of the last address tried if none
-    takes it. Bounded by the caller's timeout."""
+    takes it (one this host cannot use gives way to another's answer:
+    `_says_more`). Bounded by the caller's timeout."""
     loop = asyncio.get_running_loop()
     infos = literal_addrinfo(host, port) or await loop.getaddrinfo(
         host, port, type=socket.SOCK_STREAM
@@ -122,7 +123,7 @@ async def first_connected(infos: list[AddrInfo]) -> socket.socket:
                     else:
                         task.result().close()
                 elif isinstance(exc, OSError):
-                    error = exc
+                    error = exc if _says_more(exc, error) else error
                 else:
                     unexpected = exc
             if unexpected is not None:
@@ -135,6 +136,18 @@ async def first_connected(infos: list[AddrInfo]) -> socket.socket:
         raise error
     finally:
         _abandon(trying)
+
+
+def _says_more(new: OSError, kept: OSError | None) -> bool:
+    """Whether `new` is the error to raise rather than `kept`: the later one,
+    unless it is only that this host cannot use the address (EADDRNOTAVAIL: no
+    source address of its family, or out of local ports to it) while another
+    address answered. On a host with IPv6 disabled a name's IPv6 address sorts
+    last and fails so; raised, it hid the refusal of the fleet's IPv4 address,
+    and the proxy took that for this host's failure, never the fleet's."""
+    if kept is None or new.errno != errno.EADDRNOTAVAIL:
+        return True
+    return kept.errno == errno.EADDRNOTAVAIL
 
 
 async def _connect_one(info: AddrInfo) -> socket.socket:
