@@ -1,6 +1,7 @@
 """Hypothesis settings for the property tests of the I/O-free cores
 (tests/unit/test_host_slots_model.py, test_call_machine_model.py,
-test_core_properties.py).
+test_core_properties.py) and of the request-head parser against its oracle
+(tests/e2e/test_hostile_input.py).
 
 The normal run (CI) runs each test's small default number of examples,
 derandomized: the same examples on every run (for a given hypothesis version

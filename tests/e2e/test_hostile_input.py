@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -38,6 +38,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.core.request_head import RequestRefused
 from fleet_ingress.service.ingress import Ingress
 from tests.head_oracle import check_accepted, check_verdicts
+from tests.property_settings import property_settings
 from tests.support import (
     RawFleet,
     StartIngress,
@@ -547,12 +548,9 @@ def request_heads(draw: st.DrawFn) -> bytes:
     return b"\r\n" * empty + head + ends[-1]
 
 
-@settings(
-    max_examples=400,
-    deadline=None,
-    database=None,  # failures print their example; no .hypothesis/ in the work tree
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-)
+# 400 examples, the same on every run (a new random example can never turn CI
+# red); FLEET_INGRESS_PROPERTY_EXAMPLES=N runs N from a random seed (fuzz/README.md).
+@property_settings(400)
 @given(
     raw=request_heads(),
     trailing=st.sampled_from([b"", b"\x81\x05hello", b"GET /attach HTTP/1.1\r\n\r\n"]),
