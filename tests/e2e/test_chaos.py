@@ -28,7 +28,8 @@ and the fleets served are the fleets file's.
 The seed is printed; `CHAOS_SEED=N` runs that seed again (the actions'
 choices; their timing against the calls is the host's). `CHAOS_KEEP=DIR`
 keeps each run's log and journal of actions; `CHAOS_SECONDS` sets how long
-the actions go on (28 s: about 45 s a run).
+the actions go on (28 s: about 40 s a run), `CHAOS_MAX_GAP` the most time
+between two (1.2 s).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ SEED_ENV = "CHAOS_SEED"
 KEEP_ENV = "CHAOS_KEEP"  # a directory: each run's log and journal are copied there
 FRAME_EVERY = 0.1  # each way, per call
 CHAOS_SECONDS = float(os.environ.get("CHAOS_SECONDS", "28"))
+MAX_GAP = float(os.environ.get("CHAOS_MAX_GAP", "1.2"))  # seconds between actions, at most
 MAX_UPGRADES = 3
 # Each fleet has CAPACITY workers (reports what is free, answers 429 when
 # full); the carriers hold MAX_CALLS at most, so one fleet can take them all
@@ -632,9 +634,14 @@ class Chaos:
                 return
         # Now and then a second action at once, one that takes no fleet out
         # and names another fleet (an upgrade with a reload under way...).
+        # Beside an upgrade (which takes no fleet out) one that does may run,
+        # once no SIGHUP's reload is under way.
+        may = set(ALONGSIDE)
+        if kind == "upgrade" and self.service.seen("READY=1") >= self.hup_ready:
+            may |= WAIT_FOR_HUP - ALONE
         beside = [
             (k, n)
-            for k in sorted(ALONGSIDE & set(options))
+            for k in sorted(may & set(options))
             for n in options[k]
             if k != kind
             and (n is None or n != name)
@@ -755,7 +762,7 @@ class Chaos:
                 await self.step()
             except Exception as exc:
                 self.problem(f"the driver's step failed: {type(exc).__name__}: {exc}")
-            await asyncio.sleep(self.rng.uniform(0.1, 1.2))
+            await asyncio.sleep(self.rng.uniform(0.1, MAX_GAP))
 
 
 # -- the run ------------------------------------------------------------------------------
