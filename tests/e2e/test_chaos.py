@@ -56,6 +56,7 @@ import pytest
 import trustme
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from tests.support import RunningIngress, TLSFiles, free_ports, metric_samples, run_cli
 
@@ -67,6 +68,8 @@ FRAME_EVERY = 0.1  # each way, per call
 CHAOS_SECONDS = float(os.environ.get("CHAOS_SECONDS", "28"))
 MAX_GAP = float(os.environ.get("CHAOS_MAX_GAP", "1.2"))  # seconds between actions, at most
 MAX_UPGRADES = 3
+MAX_KILLS = 1
+LOST_WITHIN = 3.0  # seconds after a worker's kill its carriers see their connection fail
 # Each fleet has CAPACITY workers (reports what is free, answers 429 when
 # full); the carriers hold MAX_CALLS at most, so one fleet can take them all
 # with room to spare: a fleet read FULL, or a 429, is a count gone wrong.
@@ -86,7 +89,9 @@ WAIT_FOR_HUP = {
     "bad-config",
     "bad-fleets",
 }
-ALONE = {"renew", "bad-config", "bad-fleets"}  # nothing beside them: a reload would read them
+# Nothing beside them: a reload would read their files half way; a kill's losses
+# are told apart by their time.
+ALONE = {"renew", "bad-config", "bad-fleets", "kill-worker"}
 # What may run beside another action: none takes a fleet out.
 ALONGSIDE = {"sighup", "reload", "config", "ready", "add-fleet", "file-add"}
 
@@ -250,6 +255,7 @@ class CarrierCall:
     fleet_frames: int = 0
     fleet_said: int | None = None  # the fleet's frame count, in its "end"
     close_code: int | None = None
+    dropped_at: float | None = None  # the connection failed (a worker killed): when
     bytes_out: int = 0  # the frames as on the wire, after TLS (the counts leave out the heads)
     bytes_in: int = 0
     errors: list[str] = field(default_factory=list)
@@ -276,7 +282,7 @@ async def carrier(port: int, tls: TLSFiles, call: CarrierCall, rng: random.Rando
         status = getattr(getattr(exc, "response", None), "status_code", None)
         call.status = status
         call.errors.append(f"not connected: {type(exc).__name__}: {exc}")
-        call.ended = time.monotonic()
+        call.ended = call.dropped_at = time.monotonic()
         return
     assert ws.response is not None
     call.status = ws.response.status_code
@@ -326,6 +332,7 @@ async def carrier(port: int, tls: TLSFiles, call: CarrierCall, rng: random.Rando
             await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if not ended.is_set():
+                reader.result()  # how the connection ended, if it failed
                 raise AssertionError(f"closed before the fleet's end: {ws.close_code}")
             # Every echo is in before "end" (one ordered stream from the fleet).
             if call.echoed != call.sent:
@@ -341,6 +348,8 @@ async def carrier(port: int, tls: TLSFiles, call: CarrierCall, rng: random.Rando
         else:
             call.bytes_in += wire_size(2, masked=False)  # the fleet's close reply
     except Exception as exc:
+        if isinstance(exc, ConnectionClosed) and ws.protocol.close_rcvd is None:
+            call.dropped_at = time.monotonic()  # no close frame: the connection dropped
         call.errors.append(
             f"during the call: {type(exc).__name__}: {exc} (close {ws.close_code} "
             f"{ws.close_reason!r}, sent {call.sent}, echoed {call.echoed})"
@@ -523,6 +532,7 @@ class Chaos:
         self.ever_removed: set[str] = set()
         self.hup_ready = 0  # the READY=1 count that says the last SIGHUP's reload is done
         self.burst = False  # an upgrade under way: short calls arrive fast
+        self.kills: list[tuple[float, int]] = []  # (when, pid): workers SIGKILLed
 
     def note(self, text: str) -> None:
         self.journal.append(f"{time.monotonic() - self.t0:6.2f} {text}")
@@ -609,6 +619,8 @@ class Chaos:
             if self.serving(rows, besides="c"):
                 options["file-move"] = ["c"]
         options["bad-config"] = [None]
+        if len(self.kills) < MAX_KILLS:
+            options["kill-worker"] = [None]
         if len(listed) > 0:
             options["bad-fleets"] = [None]
         for name in self.where:
@@ -714,6 +726,16 @@ class Chaos:
             lines = [line for n, line in self.file_names().items() if n != name]
             _write_atomically(self.fleets_file(), "\n".join(lines) + "\n")
             await self.reload(self.rng.choice(["sighup", "reload"]))
+        elif kind == "kill-worker":
+            # SPEC 13: its calls are lost, logged and counted; it is replaced at once.
+            rows = [w for w in (await self.service.stats())["workers"] if w["calls"] > 0]
+            if not rows:
+                self.note("  (no worker holds a call)")
+                return
+            pid = self.rng.choice(sorted(w["pid"] for w in rows))
+            self.kills.append((time.monotonic(), pid))
+            os.kill(pid, signal.SIGKILL)
+            self.note(f"  killed worker {pid}")
         elif kind == "file-move":
             assert name == "c"
             self.ever_removed.add(name)
@@ -850,6 +872,10 @@ async def test_calls_survive_random_operator_actions(tls_files: TLSFiles) -> Non
     assert not report, f"seed {seed}:\n" + "\n".join(report)
 
 
+def _within(value: int, least: int, most: int) -> bool | str:
+    return True if least <= value <= most else f"{value} not in [{least}, {most}]"
+
+
 def _keep(where: Path, seed: int, log: Path, journal: list[str]) -> None:
     where.mkdir(parents=True, exist_ok=True)
     shutil.copy(log, where / f"seed-{seed}.log")
@@ -864,6 +890,18 @@ async def _verify(
 ) -> list[str]:
     """What disagrees with what the clients saw (empty when all agrees)."""
     report = list(chaos.problems)
+    # The calls a worker's kill ended (SPEC 13: lost, logged, counted): their
+    # connection failed within LOST_WITHIN of it. Any other failure is a finding.
+    lost = [
+        c
+        for c in calls
+        if c.dropped_at is not None
+        and any(at <= c.dropped_at <= at + LOST_WITHIN for at, _ in chaos.kills)
+    ]
+    for call in lost:
+        call.errors = [
+            e for e in call.errors if not e.startswith(("during the call", "not connected"))
+        ]
     for call in calls:
         if not call.ok:
             report.append(
@@ -877,6 +915,10 @@ async def _verify(
                     f"{call.bot}: fleets saw it {[s[0] for s in seen]}, X-Fleet {call.fleet}"
                 )
             for _, rec in seen:
+                if call in lost:
+                    if [e for e in rec.errors if not e.startswith("fleet side failed")]:
+                        report.append(f"{call.bot} (lost) at the fleet: {rec.errors}")
+                    continue
                 if rec.errors or not rec.bye or rec.close_code != 1000:
                     report.append(
                         f"{call.bot} at the fleet: {rec.errors} bye {rec.bye} "
@@ -890,8 +932,14 @@ async def _verify(
 
     connected = [c for c in calls if c.status == 101]
     by_fleet = Counter(c.fleet for c in connected)
-    want_out = sum(c.bytes_out for c in connected)
-    want_in = sum(c.bytes_in for c in connected)
+    kept = [c for c in connected if c not in lost]
+    lost_up = [c for c in connected if c in lost]
+    want_out = sum(c.bytes_out for c in kept)
+    want_in = sum(c.bytes_in for c in kept)
+    # A lost call's bytes are counted up to its worker's last report: at most what
+    # its carrier saw.
+    most_out = want_out + sum(c.bytes_out for c in lost_up)
+    most_in = want_in + sum(c.bytes_in for c in lost_up)
 
     def agrees(stats: dict[str, Any]) -> bool:
         front = stats["frontend"]
@@ -911,12 +959,24 @@ async def _verify(
     by_bot: dict[str, list[dict[str, Any]]] = {}
     for line in lines:
         by_bot.setdefault(line.get("bot_id"), []).append(line)
+    lost_lines = 0
     for call in calls:
         got = by_bot.pop(call.bot, [])
+        if call in lost and call.status != 101:  # lost before its answer: a line or none
+            if got and [g.get("end_reason") for g in got] != ["error"]:
+                report.append(f"{call.bot} (lost before its 101): access lines {got}")
+            lost_lines += len(got)
+            continue
         if len(got) != 1:
             report.append(f"{call.bot}: {len(got)} access lines: {got}")
             continue
         line = got[0]
+        if call in lost:
+            lost_lines += 1
+            have = {k: line.get(k) for k in ("status", "fleet", "end_reason")}
+            if have != {"status": 101, "fleet": call.fleet, "end_reason": "error"}:
+                report.append(f"{call.bot} (lost with worker): access line {line}")
+            continue
         want = {
             "status": call.status,
             "fleet": call.fleet,
@@ -930,20 +990,29 @@ async def _verify(
     if by_bot:
         report.append(f"access lines of no call made: {by_bot}")
 
+    ended = {"carrier closed": len(kept), "error": lost_lines}
     checks = {
         "frontend active_calls": (front["active_calls"], 0),
-        "frontend calls_ended": (front["calls_ended"], {"carrier closed": len(connected)}),
-        "frontend requests /ws/": (front["requests"].get("/ws/"), {"101": len(connected)}),
-        "frontend bytes_from_carrier": (front["bytes_from_carrier"], want_out),
-        "frontend bytes_to_carrier": (front["bytes_to_carrier"], want_in),
-        "frontend tls_handshake_failures": (front["tls_handshake_failures"], 0),
+        "frontend calls_ended": (front["calls_ended"], {k: n for k, n in ended.items() if n}),
+        "frontend requests /ws/ 101": (
+            (front["requests"].get("/ws/") or {}).get("101"),
+            len(connected),
+        ),
+        "frontend bytes_from_carrier": (
+            _within(front["bytes_from_carrier"], want_out, most_out),
+            True,
+        ),
+        "frontend bytes_to_carrier": (_within(front["bytes_to_carrier"], want_in, most_in), True),
         "frontend refused_connections": (front["refused_connections"], 0),
     }
+    if not chaos.kills:  # a kill may cut handshakes short, and requests not yet answered
+        checks["frontend tls_handshake_failures"] = (front["tls_handshake_failures"], 0)
+        checks["frontend requests /ws/"] = (front["requests"].get("/ws/"), {"101": len(connected)})
     rows = stats["workers"]
     checks["workers' generations"] = ({w["generation"] for w in rows}, {stats["generation"]})
     checks["workers"] = (len(rows), stats["workers_wanted"])
-    checks["worker restarts"] = (stats["worker_restarts"], {})
-    checks["worker calls lost"] = (stats["worker_calls_lost"], 0)
+    checks["worker restarts"] = (sum(stats["worker_restarts"].values()), len(chaos.kills))
+    checks["worker calls lost"] = (stats["worker_calls_lost"], lost_lines)
     checks["generation"] = (stats["generation"], 1 + chaos.upgrades)
     # `fleet-ingress stat --json` says what /stats.json says.
     code, out, _ = await run_cli(service, "stat", "--json", installed=True)
@@ -965,17 +1034,18 @@ async def _verify(
         _metric_sum(samples, "fleet_ingress_requests_total", route="/ws/", code="101"),
         len(connected),
     )
-    checks["metrics requests, all"] = (
-        _metric_sum(samples, "fleet_ingress_requests_total"),
-        len(connected),
-    )
+    if not chaos.kills:
+        checks["metrics requests, all"] = (
+            _metric_sum(samples, "fleet_ingress_requests_total"),
+            len(connected),
+        )
     checks["metrics bytes carrier_to_fleet"] = (
         _metric_sum(samples, "fleet_ingress_relayed_bytes_total", direction="carrier_to_fleet"),
-        want_out,
+        front["bytes_from_carrier"],
     )
     checks["metrics bytes fleet_to_carrier"] = (
         _metric_sum(samples, "fleet_ingress_relayed_bytes_total", direction="fleet_to_carrier"),
-        want_in,
+        front["bytes_to_carrier"],
     )
     for f in stats["fleets"]:
         name = f["name"]
@@ -985,7 +1055,7 @@ async def _verify(
             _metric_sum(
                 samples, "fleet_ingress_calls_ended_total", fleet=name, reason="carrier closed"
             ),
-            by_fleet[name],
+            sum(c.fleet == name for c in kept),
         )
         checks[f"metrics calls ended on {name}, all reasons"] = (
             _metric_sum(samples, "fleet_ingress_calls_ended_total", fleet=name),
@@ -1024,6 +1094,10 @@ async def _verify(
     if len(refused) != chaos.refused_reloads:
         report.append(f"{len(refused)} reloads refused, {chaos.refused_reloads} asked to be")
     errors = [e for e in errors if e not in refused]
+    died = [e for e in errors if e.get("event", "").startswith("worker died")]
+    if sorted(e.get("pid") for e in died) != sorted(pid for _, pid in chaos.kills):
+        report.append(f"workers said dead: {died}; killed: {chaos.kills}")
+    errors = [e for e in errors if e not in died]
     for e in errors:
         report.append(f"logged {e.get('level')}: {json.dumps(e)[:400]}")
     return report
