@@ -16,9 +16,10 @@ edits (add, remove, move c to its other address; a file with no fleet), the
 admin commands (drain, maint, ready, add-fleet, remove-fleet without
 --force), a renewal written as certbot writes it (new files in archive/, the
 live/ links repointed one by one) then `reload` (its deploy hook), and
-`fleet-ingress upgrade` or SIGUSR2 (short calls arrive fast meanwhile). It
-never leaves the host without a fleet READY and UP, so no new call may be
-refused.
+`fleet-ingress upgrade` or SIGUSR2 (short calls arrive fast meanwhile), and
+once a worker's SIGKILL, whose lost calls are accounted for (SPEC 13: lost,
+logged, counted; within what docs/WORKERS.md says a kill loses). It never
+leaves the host without a fleet READY and UP, so no new call may be refused.
 
 At the end every call ended only when its carrier ended it, with all its
 frames; the access log, /stats.json, `stat --json` and /metrics count what
