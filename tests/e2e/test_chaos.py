@@ -27,7 +27,8 @@ the clients saw, byte for byte; no worker died, the old generations are gone,
 and the fleets served are the fleets file's.
 
 The seed is printed; `CHAOS_SEED=N` runs that seed again (the actions'
-choices; their timing against the calls is the host's). `CHAOS_KEEP=DIR`
+choices; their timing against the calls is the host's), `CHAOS_SEED=random`
+a new one; without it, the same seed every run (CI). `CHAOS_KEEP=DIR`
 keeps each run's log and journal of actions; `CHAOS_SECONDS` sets how long
 the actions go on (28 s: about 40 s a run), `CHAOS_MAX_GAP` the most time
 between two (1.2 s).
@@ -64,6 +65,7 @@ from tests.support import RunningIngress, TLSFiles, free_ports, metric_samples, 
 pytestmark = pytest.mark.uvloop_only
 
 SEED_ENV = "CHAOS_SEED"
+DEFAULT_SEED = 111  # its actions: upgrades, a kill, a renewal, removals, broken edits
 KEEP_ENV = "CHAOS_KEEP"  # a directory: each run's log and journal are copied there
 FRAME_EVERY = 0.1  # each way, per call
 CHAOS_SECONDS = float(os.environ.get("CHAOS_SECONDS", "28"))
@@ -822,7 +824,14 @@ def _metric_sum(
 
 
 async def test_calls_survive_random_operator_actions(tls_files: TLSFiles) -> None:
-    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
+    # A fixed seed by default, as the property tests are derandomized: a new
+    # random run can never turn CI red; CHAOS_SEED=random explores.
+    wanted = os.environ.get(SEED_ENV, "").strip()
+    seed = (
+        random.SystemRandom().randrange(1 << 32)
+        if wanted == "random"
+        else int(wanted or DEFAULT_SEED)
+    )
     print(f"chaos seed {seed} (rerun: {SEED_ENV}={seed})")
     rng = random.Random(seed)
     # "c@2" is fleet c at another address: a fleets-file edit moves c there and back.

@@ -49,7 +49,9 @@ def test_an_answered_call_has_every_access_field_and_says_how_its_worker_ended()
 def test_a_call_connecting_or_queued_says_where_it_was() -> None:
     connecting = record({**SAID, "fleet": "b"})
     assert connecting["status"] is None and connecting["fleet"] == "b"
-    assert "the call was connecting to its fleet" in connecting["detail"]
+    assert (
+        "the call was connecting to its fleet (or had just been answered)" in connecting["detail"]
+    )
     queued = record(SAID, exit_status="exit 1")
     assert queued["fleet"] is None
     assert "ended: exit 1; the call waited for a fleet slot" in queued["detail"]

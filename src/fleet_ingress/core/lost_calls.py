@@ -76,7 +76,10 @@ def lost_call_record(
     if record["status"] == 101:
         state = "the call was up"
     elif record["fleet"] is not None:
-        state = "the call was connecting to its fleet"
+        # Or had just been answered: a worker says a call's 101 once it has
+        # relayed it, and one killed in between never said it (the chaos audit
+        # of session 31 saw a carrier holding its 101 in such a line).
+        state = "the call was connecting to its fleet (or had just been answered)"
     else:
         state = "the call waited for a fleet slot"
     record["detail"] = (
