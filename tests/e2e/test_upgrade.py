@@ -646,7 +646,8 @@ async def test_workers_that_cannot_start_from_a_refused_install_are_shown_missin
         assert said[0]["running_code"] == (await service.stats())["code"]
         routing.write_text(good)  # reinstalled: the next replacement starts
         async with asyncio.timeout(30):
-            while "WORKERS MISSING" in await missing():
+            # The line, not the refusal's own words (LAST UPGRADE FAILED quotes them).
+            while "WORKERS MISSING:" in await missing():
                 await asyncio.sleep(0.3)
         samples = metric_samples(await service.metrics())
         assert samples["fleet_ingress_workers_serving"][()] == 2
