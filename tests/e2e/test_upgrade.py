@@ -681,6 +681,7 @@ async def test_a_failed_upgrade_is_said_by_stat_the_page_and_metrics_until_one_s
         out = format_stat_table(await service.stats())
         assert "LAST UPGRADE FAILED" in out and "(begun by SIGUSR2)" in out, out
         assert "SyntaxError" in out and "generation 1 serves on" in out, out
+        assert "WORKERS MISSING" not in out and "Traceback" not in out, out
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as r:
                 assert 'id="upgrade-failed"' in await r.text()

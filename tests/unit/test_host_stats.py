@@ -315,6 +315,21 @@ def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
     assert line in format_stat_table(snap)
     assert 'id="upgrade-failed"' in render_stats_page(snap)
     assert "then `fleet-ingress upgrade`" in render_stats_page(snap)
+    # A trial run's error, several lines: its first and the run's last on the line,
+    # not the traceback nor the fix's words (before: "stat: WORKERS MISSING" read
+    # as that line to whatever looks for it).
+    snap["upgrade"]["error"] = (
+        "the installed code failed its trial run (exit 1; python importing fleet_ingress):\n"
+        'Traceback (most recent call last):\n  File "routing.py", line 9\n'
+        "SyntaxError: invalid syntax\n"
+        "reinstall from the release's source; meanwhile (`fleet-ingress stat`: WORKERS MISSING)"
+    )
+    shown = format_stat_table(snap)
+    assert (
+        "(begun by `fleet-ingress upgrade`): the installed code failed its trial run (exit 1; "
+        "python importing fleet_ingress): SyntaxError: invalid syntax (the whole error: "
+    ) in shown, shown
+    assert "WORKERS MISSING" not in shown and "Traceback" not in shown
     for state in ("checking", "starting workers", "done"):
         snap["upgrade"] = {**snap["upgrade"], "state": state}
         assert "UPGRADE FAILED" not in format_stat_table(snap)

@@ -123,10 +123,28 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
     begun = "`fleet-ingress upgrade`" if source == "command" else source or "unknown"
     return (
         f"LAST UPGRADE FAILED{when} (begun by {begun}): "
-        f"{last.get('error') or 'no reason recorded'}; generation {snap.get('generation')} "
+        f"{_upgrade_error(last.get('error'))}; generation {snap.get('generation')} "
         "serves on, but a worker replaced meanwhile runs the code installed now: fix the "
         "install or put back the release running, then `fleet-ingress upgrade` (this line "
         "stays until an upgrade succeeds)"
+    )
+
+
+def _upgrade_error(error: object) -> str:
+    """An upgrade's error on one line. A trial run's is several: what failed, the
+    run's last lines (a traceback) and the fix: its first line and the last of
+    the run's output (e.g. the SyntaxError), the whole in the journal's
+    `upgrade abandoned` line and /stats.json (`upgrade.error`). Quoted whole, a
+    traceback spread over the table, and the fix's words ("stat: WORKERS
+    MISSING") read as that line to whatever looks for it in stat."""
+    if not isinstance(error, str) or not error.strip():
+        return "no reason recorded"
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    if len(lines) < 3:
+        return " ".join(lines)
+    return (
+        f"{lines[0].rstrip(':')}: {lines[-2]} (the whole error: the journal's `upgrade "
+        "abandoned` line, /stats.json's upgrade.error)"
     )
 
 
