@@ -82,6 +82,28 @@ def ssl_pointer(sock: ssl.SSLSocket) -> int:
     return pointer
 
 
+def tls12_server_context(tls_files: TLSFiles) -> ssl.SSLContext:
+    """A fleet's TLS server held to 1.2, the version that renegotiates."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    tls_files.fleet_cert.configure_cert(ctx)
+    return ctx
+
+
+def renegotiate_while_sending(tls: ssl.SSLSocket) -> int:
+    """A TLS 1.2 server asks for a renegotiation (HelloRequest), then sends 600
+    bytes over 60 ms before it reads the ClientHello, as a fleet streaming to a
+    distant ingress does a round trip long. Its SSL's address (to ask
+    SSL_renegotiate_pending)."""
+    pointer = ssl_pointer(tls)
+    LIBSSL.SSL_renegotiate(pointer)
+    tls.do_handshake()  # sends the HelloRequest, and returns
+    for _ in range(6):
+        tls.sendall(b"f" * 100)
+        time.sleep(0.01)
+    return pointer
+
+
 def request_key_update(sock: ssl.SSLSocket) -> None:
     """TLS 1.3: send a KeyUpdate asking the peer for one too (with our next write)."""
     assert LIBSSL.SSL_key_update(ssl_pointer(sock), SSL_KEY_UPDATE_REQUESTED) == 1
@@ -791,6 +813,20 @@ class RunningIngress(IngressOnLoopback):
             check_timeout=check_timeout,
             check_interval=check_interval,
         )
+        return await cls.launch(home, port, stats_port, env=env, stderr=stderr)
+
+    @classmethod
+    async def launch(
+        cls,
+        home: Path,
+        port: int,
+        stats_port: int,
+        *,
+        env: dict[str, str] | None = None,
+        stderr: int | None = None,
+    ) -> RunningIngress:
+        """`fleet-ingress run -c home/ingress.toml` (the files written), its
+        notify socket read; returned once it said READY=1."""
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(home / "notify.sock"))
         notify.setblocking(False)

@@ -44,9 +44,7 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -487,23 +485,8 @@ async def start_ingress(
     port, stats_port = await free_ports(2)
     (home / "fleets.txt").write_text("\n".join(fleet_lines) + "\n")
     (home / "ingress.toml").write_text(config_text(port, stats_port, tls.ca_pem, knobs))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(home / "notify.sock"))
-    notify.setblocking(False)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleet_ingress",
-        "run",
-        "-c",
-        str(home / "ingress.toml"),
-        env={**os.environ, "NOTIFY_SOCKET": str(home / "notify.sock")},
-        stderr=(home / "stderr.log").open("wb"),
-    )
-    service = RunningIngress(proc, home, port, stats_port, [], notify)
-    asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)
+    service = await RunningIngress.launch(home, port, stats_port)
     try:
-        await service.wait_for("READY=1", timeout=30)
         await service.fleets_up(timeout=15)
     except BaseException:
         await service.finish()

@@ -48,6 +48,7 @@ from tests.support import (
     request_key_update,
     ssl_pointer,
     tls11_only_client,
+    tls12_server_context,
 )
 
 HEALTH = b"GET /haproxy-health HTTP/1.1\r\nHost: calls.test\r\n\r\n"
@@ -616,9 +617,7 @@ def _renegotiating_fleet(
     going on meanwhile. Then "after", and the carrier's close frame is answered."""
     from fleet_ingress.core.fleet_exchange import websocket_accept
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    tls_files.fleet_cert.configure_cert(ctx)
+    ctx = tls12_server_context(tls_files)
     conn, _ = listener.accept()
     conn.settimeout(5)
     try:

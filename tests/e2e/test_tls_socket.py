@@ -47,9 +47,11 @@ from tests.support import (
     eventually,
     no_ipv6_loopback,
     no_shared_cipher_client,
+    renegotiate_while_sending,
     ssl_ctx_pointer,
     ssl_pointer,
     tls11_only_client,
+    tls12_server_context,
 )
 
 SSL_CTRL_MODE = 33
@@ -1038,21 +1040,14 @@ def _tls12_fleet(
     """A TLS 1.2 server (a fleet) that asks for a renegotiation once the client's
     bytes flow, and goes on sending for a round trip (60 ms) before it reads
     the ClientHello, as a fleet streaming a bot's audio to a distant ingress does."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    tls_files.fleet_cert.configure_cert(ctx)
+    ctx = tls12_server_context(tls_files)
     conn, _ = listener.accept()
     conn.settimeout(5)
     try:
         with ctx.wrap_socket(conn, server_side=True) as tls:
             while len(seen) < 60:
                 seen.extend(tls.recv(65536))
-            pointer = ssl_pointer(tls)
-            LIBSSL.SSL_renegotiate(pointer)
-            tls.do_handshake()  # sends the HelloRequest, and returns
-            for _ in range(6):
-                tls.sendall(b"f" * 100)
-                time.sleep(0.01)
+            pointer = renegotiate_while_sending(tls)
             deadline = time.monotonic() + 5
             while LIBSSL.SSL_renegotiate_pending(pointer) and time.monotonic() < deadline:
                 seen.extend(tls.recv(65536))  # the renegotiation runs in these reads
@@ -1122,9 +1117,7 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
     waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
     import threading
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    tls_files.fleet_cert.configure_cert(ctx)
+    ctx = tls12_server_context(tls_files)
     listener = socket.create_server(("127.0.0.1", 0))
     seen = bytearray()
     outcome: dict[str, object] = {}
@@ -1136,12 +1129,7 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
             with ctx.wrap_socket(conn, server_side=True) as tls:
                 while len(seen) < 5:
                     seen.extend(tls.recv(65536))
-                pointer = ssl_pointer(tls)
-                LIBSSL.SSL_renegotiate(pointer)
-                tls.do_handshake()
-                for _ in range(6):
-                    tls.sendall(b"f" * 100)
-                    time.sleep(0.01)
+                pointer = renegotiate_while_sending(tls)
                 while data := tls.recv(65536):
                     seen.extend(data)
                 outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)

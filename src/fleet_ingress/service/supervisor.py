@@ -981,17 +981,14 @@ class Supervisor:
         return said + (f" ({', '.join(parts)})" if parts else "")
 
     def _last_upgrade_failed(self) -> bool | None:
-        """For fleet_ingress_upgrade_failed: None before any upgrade known here
-        (and while __init__ builds: the registry describes its collectors at once).
-        The last one finished: one under way changes nothing until it ends (the
-        latest, it read 0 while the next upgrade was checked, and the alert
-        resolved, to fire again if that one failed too; the review of session 31)."""
+        """For fleet_ingress_upgrade_failed: the last upgrade finished (one under
+        way changes nothing until it ends: read as the latest, it went to 0
+        while the next was checked and the alert resolved; the review of session
+        31); None before any (and while __init__ builds: the registry describes
+        its collectors at once)."""
         sequence = getattr(self, "upgrade", None)
-        statuses = () if sequence is None else reversed(sequence.statuses.values())
-        for status in statuses:
-            if status.get("state") in ("done", "failed"):
-                return status["state"] == "failed"
-        return None
+        last = None if sequence is None else sequence.last_finished
+        return None if last is None else last["state"] == "failed"
 
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""

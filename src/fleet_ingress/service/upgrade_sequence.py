@@ -113,6 +113,8 @@ HANDOVER_FLUSH = 1.0
 WEB_QUIESCE = 10.0
 # Upgrades whose outcome `upgrade` can still read.
 UPGRADES_KEPT = 8
+# The states an upgrade ends in; any other is under way.
+FINISHED = frozenset({"done", "failed"})
 
 
 class _ExecFailed(Exception):
@@ -286,6 +288,13 @@ class UpgradeSequence:
         """The last upgrade's status; None before any."""
         return next(reversed(self.statuses.values()), None)
 
+    @property
+    def last_finished(self) -> dict[str, Any] | None:
+        """The status of the last upgrade done or failed (one under way is not
+        an outcome yet); None before any."""
+        finished = (u for u in reversed(self.statuses.values()) if u.get("state") in FINISHED)
+        return next(finished, None)
+
     def take_carried_respawns(self) -> list[float]:
         """When the replacements the previous image had not started yet are
         due (a worker died shortly before the exec); given once."""
@@ -303,7 +312,7 @@ class UpgradeSequence:
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
         current = self.latest
-        if current is not None and current["state"] not in ("done", "failed"):
+        if current is not None and current["state"] not in FINISHED:
             raise FleetChangeError(
                 409,
                 f"an upgrade is under way already (id {current['id']}, {current['state']}); "
