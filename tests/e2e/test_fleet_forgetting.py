@@ -11,6 +11,7 @@ from prometheus_client import generate_latest
 
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
+from fleet_ingress.ops.admin_client import format_stat_table
 from fleet_ingress.ops.local_counts import REMOVED_FLEETS
 from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.worker_process import WorkerProcess
@@ -85,7 +86,7 @@ async def test_upgrade_failed_stays_1_while_the_next_upgrade_is_under_way(
     """fleet_ingress_upgrade_failed says the last upgrade's outcome "until one
     succeeds": while the next one was being checked it read 0 (and the status
     line dropped LAST UPGRADE FAILED), so FleetIngressUpgradeFailed (for: 0m)
-    resolved, to fire again if that one failed too."""
+    resolved, to fire again if that one failed too. stat's line stays as well."""
     await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
     config = load_config(tmp_path / "ingress.toml")
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
@@ -102,6 +103,12 @@ async def test_upgrade_failed_stays_1_while_the_next_upgrade_is_under_way(
     statuses["u2"] = {"id": "u2", "state": "checking"}
     assert failed() == 1
     assert "LAST UPGRADE FAILED" in supervisor.status_line()
+    # stat and the page too (before, the supervisor's snapshot gave them the
+    # latest upgrade alone, and the line went while the gauge stayed 1).
+    assert "an upgrade begun since is under way (checking)" in format_stat_table(
+        supervisor.snapshot()
+    )
     statuses["u2"].update(state="done", finished=2.0)
     assert failed() == 0
     assert "LAST UPGRADE FAILED" not in supervisor.status_line()
+    assert "UPGRADE FAILED" not in format_stat_table(supervisor.snapshot())

@@ -300,7 +300,7 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
 
 def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
     """The last upgrade's state as the supervisor's snapshot has it: a line while
-    it failed, whoever began it; none while one is under way or once one is done."""
+    it failed, whoever began it, and while the next is under way; none once one is done."""
     slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
     slots.join("k", pid=55, generation=2)
     snap = host_snapshot(slots, HostView(), started_at=0.0)
@@ -330,10 +330,23 @@ def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
         "python importing fleet_ingress): SyntaxError: invalid syntax (the whole error: "
     ) in shown, shown
     assert "WORKERS MISSING" not in shown and "Traceback" not in shown
-    for state in ("checking", "starting workers", "done"):
-        snap["upgrade"] = {**snap["upgrade"], "state": state}
-        assert "UPGRADE FAILED" not in format_stat_table(snap)
-        assert 'id="upgrade-failed"' not in render_stats_page(snap)
+    # The next upgrade under way: the failed one is still the last outcome (as
+    # fleet_ingress_upgrade_failed says), and the line says one is under way.
+    # Before, the line went while the next upgrade was checked.
+    snap["upgrade_last_finished"] = failed = snap["upgrade"]
+    for state in ("checking", "starting workers"):
+        snap["upgrade"] = {"state": state, "source": "SIGUSR2"}
+        shown = format_stat_table(snap)
+        assert "LAST UPGRADE FAILED at 1970-01-01 00:00 UTC (begun by `fleet-ingress" in shown
+        assert f"an upgrade begun since is under way ({state})" in shown, shown
+        assert 'id="upgrade-failed"' in render_stats_page(snap)
+    assert "under way" not in format_stat_table({**snap, "upgrade": failed})
+    # It succeeded: no line, from this supervisor's snapshot or an older one's.
+    snap["upgrade"] = snap["upgrade_last_finished"] = {"state": "done", "finished": 9.0}
+    assert "UPGRADE FAILED" not in format_stat_table(snap)
+    assert 'id="upgrade-failed"' not in render_stats_page(snap)
+    del snap["upgrade_last_finished"]
+    assert "UPGRADE FAILED" not in format_stat_table(snap)
 
 
 def test_workers_missing_are_shown_with_what_to_do_while_replacements_die_at_start():

@@ -114,10 +114,16 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
     still, as a rule: a worker replaced meanwhile runs the code installed now.
     Before, only /stats.json and the journal said so: an upgrade begun with
     SIGUSR2 (no command to tell its outcome) left stat and the page silent
-    (the accounting audit of session 31)."""
-    last = snap.get("upgrade")
+    (the accounting audit of session 31). It reads the last upgrade that
+    finished (`upgrade_last_finished`), as fleet_ingress_upgrade_failed does:
+    read as the latest (`upgrade`), the line went while the next upgrade was
+    checked, though the gauge and its alert stayed (the review of session 31).
+    A snapshot from a supervisor before that key: the latest."""
+    last = snap.get("upgrade_last_finished", snap.get("upgrade"))
     if not last or last.get("state") != "failed":
         return None
+    latest = snap.get("upgrade") or last
+    under_way = latest.get("state") not in ("done", "failed")
     when = "" if last.get("finished") is None else f" at {_day(last['finished'])}"
     source = last.get("source")
     begun = "`fleet-ingress upgrade`" if source == "command" else source or "unknown"
@@ -127,6 +133,12 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
         "serves on, but a worker replaced meanwhile runs the code installed now: fix the "
         "install or put back the release running, then `fleet-ingress upgrade` (this line "
         "stays until an upgrade succeeds)"
+        + (
+            f"; an upgrade begun since is under way ({latest.get('state')}): "
+            "`fleet-ingress stat` again once it ends"
+            if under_way
+            else ""
+        )
     )
 
 

@@ -1373,6 +1373,7 @@ class Supervisor:
         picture.update(self.files.picture(self.serving_leaf))
         picture["generation"] = self.generation
         picture["upgrade"] = self.upgrade.latest
+        picture["upgrade_last_finished"] = self.upgrade.last_finished
         return picture
 
     def _say_drain_ends(self, rows: list[dict[str, Any]]) -> None:
