@@ -78,6 +78,38 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
     assert f"127.0.0.1:{port}".encode() in got
 
 
+async def test_a_client_that_shuts_its_writing_side_after_its_request_gets_its_answer(
+    start_ingress: StartIngress, certbot_standin
+):
+    """As `nc -N` or socat do once their input ends: the forward to certbot was
+    cancelled by the client's FIN, and nothing came back (the :80 audit of session 32)."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    for target, expected in [
+        (f"/.well-known/acme-challenge/{TOKEN}", KEY_AUTH.encode()),
+        ("/x", b"\r\nLocation: https://calls.test/x\r\n"),
+    ]:
+        reader, writer = await asyncio.open_connection(*ingress.acme_address)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: calls.test\r\n\r\n".encode())
+        writer.write_eof()
+        try:
+            async with asyncio.timeout(5):
+                got = await reader.read(-1)
+        finally:
+            writer.close()
+        assert expected in got, (target, got)
+    assert seen == [TOKEN]
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 0
+    # A head cut short by the FIN is not waited for until the request timeout.
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHo")
+    writer.write_eof()
+    async with asyncio.timeout(2):
+        assert await reader.read(-1) == b""
+    writer.close()
+
+
 async def test_an_ipv6_upstream_is_named_with_brackets_in_the_503_and_the_warning(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ):

@@ -147,6 +147,15 @@ class AcmeProtocol(asyncio.Protocol):
         self.target = logged_target(head)
         self._route(head)
 
+    def eof_received(self) -> bool:
+        # A client may shut its writing side once its request is sent (`nc -N`,
+        # socat): the answer still goes out, then `_write` closes. Before, the
+        # transport closed at once and cancelled a challenge's forward: nothing
+        # came back (the :80 audit of session 32). A head not complete by then
+        # never will be: closed.
+        t = self.transport
+        return self._done and t is not None and not t.is_closing()
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted and self.settings.connections is not None:
             self._counted = False
