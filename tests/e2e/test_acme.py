@@ -158,6 +158,43 @@ async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
 
 
 @pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"", "closed without a complete answer (as certbot does for a token it does not serve)"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "closed without a complete answer"),
+        (b"\x16\x03\x01" + b"x" * 12000 + b"\r\n\r\n", "not a usable answer: illegal status line"),
+    ],
+    ids=["closed", "cut-head", "not-http"],
+)
+async def test_a_responder_that_closes_or_answers_junk_is_named_in_acme_terms(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture, answer: bytes, said: str
+):
+    """certbot's standalone listener closes without a word for a token it does not
+    serve: the warning said "empty-response: fleet closed before a complete
+    response" (a fleet, on :80), and junk was quoted whole, 12 KB into one line
+    (the :80 audit of session 32)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(respond, "127.0.0.1", 0)
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        got = await plain_exchange(ingress.acme_address, request.encode())
+        assert got.startswith(b"HTTP/1.1 502 ")
+    finally:
+        responder.close()
+    failed = [r for r in caplog.records if r.getMessage() == "acme upstream failed"]
+    errors = [r.fields["error"] for r in failed]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and errors[0].startswith(said), errors
+    assert "fleet" not in errors[0] and len(errors[0]) <= 200
+
+
+@pytest.mark.parametrize(
     ("host", "target", "location"),
     [
         ("calls.test", "/ws/bot?x=1", "https://calls.test/ws/bot?x=1"),

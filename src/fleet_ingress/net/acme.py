@@ -209,7 +209,9 @@ class AcmeProtocol(asyncio.Protocol):
                     chunk = await reader.read(65536)
                     answer += chunk
                     if len(answer) > MAX_ACME_RESPONSE:
-                        raise ResponseError("junk-response", "ACME answer too large")
+                        raise ResponseError(
+                            "junk-response", f"larger than {MAX_ACME_RESPONSE} bytes"
+                        )
                     progress = exchange.feed(chunk) if chunk else exchange.feed_eof()
                     if progress is Progress.BODY_COMPLETE or not chunk:
                         break
@@ -262,8 +264,20 @@ class AcmeProtocol(asyncio.Protocol):
             t.close()
 
 
+# What of a responder's error a log line keeps: h11 quotes the bytes it could
+# not read, up to a head's limit.
+_SAID_CHARS = 200
+
+
 def _said(exc: BaseException) -> str:
-    """An error for the log: a timeout has no text of its own."""
+    """An error for the log: a timeout has no text of its own, and the exchange's
+    words are a fleet's."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer in time (timed out)"
+    if isinstance(exc, ResponseError) and exc.kind == "empty-response":
+        # certbot's standalone listener closes so, unanswered, for a token it
+        # does not serve (a scanner's, a stale one): not a responder out of order.
+        return "closed without a complete answer (as certbot does for a token it does not serve)"
+    if isinstance(exc, ResponseError):
+        return f"not a usable answer: {exc.detail}"[:_SAID_CHARS]
     return str(exc) or type(exc).__name__
