@@ -8,6 +8,7 @@ import socket
 import pytest
 from aiohttp import web
 
+from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
 from tests.support import StartIngress, free_port, no_ipv6_loopback
 
 TOKEN = "Xy7-abc_DEF0123456789"
@@ -309,6 +310,56 @@ async def test_idle_connections_to_port_80_are_bounded_and_the_rest_reset(
     assert ingress.registry.acme.open == 0
 
 
+async def test_one_client_cannot_hold_every_port_80_connection(
+    start_ingress: StartIngress, certbot_standin
+):
+    """256 idle connections from one address held :80 whole (the :80 audit of
+    session 32): Let's Encrypt's validation, from another, was reset at accept and
+    the renewal failed; one client re-opening them every timeouts.request could keep
+    certbot from renewing. A client holds 16 at most; the others still get in."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    host, acme_port = ingress.acme_address
+    held = [await asyncio.open_connection(host, acme_port) for _ in range(ACME_MAX_PER_CLIENT)]
+    try:
+        await asyncio.sleep(0.05)
+        assert ingress.registry.acme.open == ACME_MAX_PER_CLIENT
+        reader, writer = await asyncio.open_connection(host, acme_port)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 2)
+        writer.close()
+        assert ingress.registry.acme.refused == 1
+        # The validator, from another address.
+        reader, writer = await asyncio.open_connection(host, acme_port, local_addr=("127.0.0.2", 0))
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(5):
+            assert (await reader.read(-1)).endswith(KEY_AUTH.encode())
+        writer.close()
+        assert seen == [TOKEN]
+    finally:
+        for _, w in held:
+            w.close()
+    await asyncio.sleep(0.05)
+    assert (ingress.registry.acme.open, dict(ingress.registry.acme.by_client)) == (0, {})
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%ve0", "fe80::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_slash_64(ip: str, key: str):
+    assert client_key(ip) == key
+
+
 async def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4(
     start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture
 ):
@@ -364,6 +415,7 @@ async def test_a_flood_of_challenges_with_no_responder_writes_a_bounded_log(
     14: 3,000 lines in 2.3 s). Now 20 a second, then a line with the count."""
     port = await free_port()  # nothing listens there
     ingress = await _ingress(start_ingress, port)
+    ingress.registry.acme.per_client = 60  # all from 127.0.0.1, at once
     request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
     answers = await asyncio.gather(
         *(plain_exchange(ingress.acme_address, request.encode()) for _ in range(60))
