@@ -79,6 +79,39 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
     assert f"127.0.0.1:{port}".encode() in got
 
 
+@pytest.mark.parametrize("access", [True, False])
+async def test_each_challenge_relayed_has_its_log_line(
+    start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture, access: bool
+):
+    """What a failed renewal is read against: did the validation reach :80, and
+    what did certbot answer. A relayed challenge left no line at all, whatever
+    log.access said (the :80 audit of session 32)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.acme")
+    port, _, _ = certbot_standin
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{port}"},
+        log={"access": access},
+    )
+    for token in (TOKEN, "other"):
+        request = f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        await plain_exchange(ingress.acme_address, request.encode())
+    relayed = [r for r in caplog.records if r.getMessage() == "acme challenge relayed"]
+    lines = [(r.fields["client_ip"], r.fields["target"], r.fields["status"]) for r in relayed]  # type: ignore[attr-defined]
+    assert lines == (
+        [
+            ("127.0.0.1", f"/.well-known/acme-challenge/{TOKEN}", 200),
+            ("127.0.0.1", "/.well-known/acme-challenge/other", 404),
+        ]
+        if access
+        else []
+    )
+    assert all(r.fields["upstream"] == f"127.0.0.1:{port}" for r in relayed)  # type: ignore[attr-defined]
+
+
 async def test_a_client_that_shuts_its_writing_side_after_its_request_gets_its_answer(
     start_ingress: StartIngress, certbot_standin
 ):

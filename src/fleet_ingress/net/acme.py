@@ -92,6 +92,8 @@ class AcmeSettings:
     connections: AcmeConnections | None = None  # None: no bound (tests of one protocol)
     # One per ingress: the upstream's failures, rate-limited (None: each written).
     upstream_failures: RateLimitedLog | None = None
+    # One line per challenge relayed, rate-limited (None: log.access is off).
+    relayed: RateLimitedLog | None = None
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -215,6 +217,7 @@ class AcmeProtocol(asyncio.Protocol):
         s = self.settings
         where = format_hostport(s.upstream_host, s.upstream_port)  # [::1]:8888, not ::1:8888
         head_only = head.method == b"HEAD"
+        began = asyncio.get_running_loop().time()
         exchange = FleetExchange(
             head.method,
             head.target,
@@ -255,6 +258,17 @@ class AcmeProtocol(asyncio.Protocol):
         finally:
             writer.close()
         self._write(exchange.relayable(bytes(answer)))
+        if s.relayed is not None and exchange.head is not None:
+            # What a failed renewal is read against: did the validation reach :80,
+            # and what did certbot answer it (before, a relayed challenge left no trace).
+            s.relayed.info(
+                "acme challenge relayed",
+                client_ip=self.client_ip,
+                target=self.target,
+                status=exchange.head.status,
+                upstream=where,
+                ms=round((asyncio.get_running_loop().time() - began) * 1000, 1),
+            )
 
     def _upstream_failed(self, event: str, where: str, exc: BaseException) -> None:
         # Rate-limited: between renewals nothing listens on the upstream, and any

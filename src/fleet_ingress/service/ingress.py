@@ -163,6 +163,11 @@ class Ingress:
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
         )
+        self.acme_relayed = RateLimitedLog(
+            logging.getLogger("fleet_ingress.acme"),
+            REFUSED_LINES_PER_SECOND,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+        )
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
@@ -392,6 +397,7 @@ class Ingress:
             heads=self.heads,
             connections=self.registry.acme,
             upstream_failures=self.acme_failures,
+            relayed=self.acme_relayed if config.log.access else None,
         )
 
     @property
