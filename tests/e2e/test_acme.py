@@ -8,6 +8,7 @@ import socket
 import pytest
 from aiohttp import web
 
+from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
 from tests.support import StartIngress, free_port, no_ipv6_loopback
 
 TOKEN = "Xy7-abc_DEF0123456789"
@@ -78,6 +79,71 @@ async def test_challenge_is_relayed_byte_for_byte_then_503_when_certbot_is_gone(
     assert f"127.0.0.1:{port}".encode() in got
 
 
+@pytest.mark.parametrize("access", [True, False])
+async def test_each_challenge_relayed_has_its_log_line(
+    start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture, access: bool
+):
+    """What a failed renewal is read against: did the validation reach :80, and
+    what did certbot answer. A relayed challenge left no line at all, whatever
+    log.access said (the :80 audit of session 32)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.acme")
+    port, _, _ = certbot_standin
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{port}"},
+        log={"access": access},
+    )
+    for token in (TOKEN, "other"):
+        request = f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        await plain_exchange(ingress.acme_address, request.encode())
+    relayed = [r for r in caplog.records if r.getMessage() == "acme challenge relayed"]
+    lines = [(r.fields["client_ip"], r.fields["target"], r.fields["status"]) for r in relayed]  # type: ignore[attr-defined]
+    assert lines == (
+        [
+            ("127.0.0.1", f"/.well-known/acme-challenge/{TOKEN}", 200),
+            ("127.0.0.1", "/.well-known/acme-challenge/other", 404),
+        ]
+        if access
+        else []
+    )
+    assert all(r.fields["upstream"] == f"127.0.0.1:{port}" for r in relayed)  # type: ignore[attr-defined]
+
+
+async def test_a_client_that_shuts_its_writing_side_after_its_request_gets_its_answer(
+    start_ingress: StartIngress, certbot_standin
+):
+    """As `nc -N` or socat do once their input ends: the forward to certbot was
+    cancelled by the client's FIN, and nothing came back (the :80 audit of session 32)."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    for target, expected in [
+        (f"/.well-known/acme-challenge/{TOKEN}", KEY_AUTH.encode()),
+        ("/x", b"\r\nLocation: https://calls.test/x\r\n"),
+    ]:
+        reader, writer = await asyncio.open_connection(*ingress.acme_address)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: calls.test\r\n\r\n".encode())
+        writer.write_eof()
+        try:
+            async with asyncio.timeout(5):
+                got = await reader.read(-1)
+        finally:
+            writer.close()
+        assert expected in got, (target, got)
+    assert seen == [TOKEN]
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 0
+    # A head cut short by the FIN is not waited for until the request timeout.
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(b"GET /x HTTP/1.1\r\nHo")
+    writer.write_eof()
+    async with asyncio.timeout(2):
+        assert await reader.read(-1) == b""
+    writer.close()
+
+
 async def test_an_ipv6_upstream_is_named_with_brackets_in_the_503_and_the_warning(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ):
@@ -123,6 +189,43 @@ async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
         for writer in held:
             writer.close()
         silent.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (b"", "closed without a complete answer (as certbot does for a token it does not serve)"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "closed without a complete answer"),
+        (b"\x16\x03\x01" + b"x" * 12000 + b"\r\n\r\n", "not a usable answer: illegal status line"),
+    ],
+    ids=["closed", "cut-head", "not-http"],
+)
+async def test_a_responder_that_closes_or_answers_junk_is_named_in_acme_terms(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture, answer: bytes, said: str
+):
+    """certbot's standalone listener closes without a word for a token it does not
+    serve: the warning said "empty-response: fleet closed before a complete
+    response" (a fleet, on :80), and junk was quoted whole, 12 KB into one line
+    (the :80 audit of session 32)."""
+
+    async def respond(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(respond, "127.0.0.1", 0)
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
+        got = await plain_exchange(ingress.acme_address, request.encode())
+        assert got.startswith(b"HTTP/1.1 502 ")
+    finally:
+        responder.close()
+    failed = [r for r in caplog.records if r.getMessage() == "acme upstream failed"]
+    errors = [r.fields["error"] for r in failed]  # type: ignore[attr-defined]
+    assert len(errors) == 1 and errors[0].startswith(said), errors
+    assert "fleet" not in errors[0] and len(errors[0]) <= 200
 
 
 @pytest.mark.parametrize(
@@ -240,6 +343,56 @@ async def test_idle_connections_to_port_80_are_bounded_and_the_rest_reset(
     assert ingress.registry.acme.open == 0
 
 
+async def test_one_client_cannot_hold_every_port_80_connection(
+    start_ingress: StartIngress, certbot_standin
+):
+    """256 idle connections from one address held :80 whole (the :80 audit of
+    session 32): Let's Encrypt's validation, from another, was reset at accept and
+    the renewal failed; one client re-opening them every timeouts.request could keep
+    certbot from renewing. A client holds 16 at most; the others still get in."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    host, acme_port = ingress.acme_address
+    held = [await asyncio.open_connection(host, acme_port) for _ in range(ACME_MAX_PER_CLIENT)]
+    try:
+        await asyncio.sleep(0.05)
+        assert ingress.registry.acme.open == ACME_MAX_PER_CLIENT
+        reader, writer = await asyncio.open_connection(host, acme_port)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 2)
+        writer.close()
+        assert ingress.registry.acme.refused == 1
+        # The validator, from another address.
+        reader, writer = await asyncio.open_connection(host, acme_port, local_addr=("127.0.0.2", 0))
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(5):
+            assert (await reader.read(-1)).endswith(KEY_AUTH.encode())
+        writer.close()
+        assert seen == [TOKEN]
+    finally:
+        for _, w in held:
+            w.close()
+    await asyncio.sleep(0.05)
+    assert (ingress.registry.acme.open, dict(ingress.registry.acme.by_client)) == (0, {})
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%ve0", "fe80::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_a_client_is_an_ipv4_address_or_an_ipv6_slash_64(ip: str, key: str):
+    assert client_key(ip) == key
+
+
 async def test_an_ipv4_client_of_a_dual_stack_listener_is_logged_as_ipv4(
     start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture
 ):
@@ -295,6 +448,7 @@ async def test_a_flood_of_challenges_with_no_responder_writes_a_bounded_log(
     14: 3,000 lines in 2.3 s). Now 20 a second, then a line with the count."""
     port = await free_port()  # nothing listens there
     ingress = await _ingress(start_ingress, port)
+    ingress.registry.acme.per_client = 60  # all from 127.0.0.1, at once
     request = f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: calls.test\r\n\r\n"
     answers = await asyncio.gather(
         *(plain_exchange(ingress.acme_address, request.encode()) for _ in range(60))

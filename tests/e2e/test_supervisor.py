@@ -14,6 +14,7 @@ import re
 import resource
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -34,6 +35,7 @@ from tests.support import (
     close_calls,
     echo,
     eventually,
+    free_port,
     metric_samples,
     worker_channel_copy,
     workers_of,
@@ -953,6 +955,70 @@ async def test_a_replacement_worker_runs_the_hosts_configuration_not_the_file_on
         ws = await _open(service, tls_files, "after")
         await echo(ws)
         await ws.close()
+    finally:
+        await service.finish()
+
+
+@pytest.mark.parametrize("bound_at_start", [False, True], ids=["set-by-reload", "emptied"])
+async def test_replacement_workers_serve_port_80_as_bound_at_start_whatever_a_reload_made_of_it(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], bound_at_start: bool
+) -> None:
+    """A reload that sets or empties listen.acme says it takes effect at the next
+    restart, and until then :80 is what the supervisor bound at start (the :80
+    audit of session 32). Set: each worker started after it (a replacement, an
+    upgrade's) bound :80 itself, and the next one exited "Address already in use",
+    again and again (a worker short; an upgrade abandoned). Emptied: workers
+    started after it accepted nothing on the socket the supervisor still holds,
+    and every :80 connection hung unanswered."""
+    acme_port = await free_port()
+    home = Path(tempfile.mkdtemp(prefix="fi-run-"))
+    port, stats_port = await write_run_home(
+        tls_files, home, _lines(two_fleets), workers=2, check_timeout=5
+    )
+    toml = home / "ingress.toml"
+    without = toml.read_text()
+    with_acme = without.replace('acme = ""', f'acme = "127.0.0.1:{acme_port}"')
+    toml.write_text(with_acme if bound_at_start else without)
+    service = await _fleets_up_or_finished(await RunningIngress.launch(home, port, stats_port))
+    try:
+        toml.write_text(without if bound_at_start else with_acme)
+        code, printed = await admin_command(service, "reload")
+        assert code == 0 and "listen.acme changed: takes effect at the next restart" in printed
+
+        for killed, row in enumerate(await _worker_rows(service), start=1):
+            os.kill(row["pid"], signal.SIGKILL)  # each worker of the start, replaced
+
+            async def both_serving(killed: int = killed) -> bool:
+                rows = await _worker_rows(service)
+                return (
+                    len(rows) == 2
+                    and all(r["state"] == "serving" for r in rows)
+                    and (await service.stats())["worker_restarts"] == {"killed": killed}
+                )
+
+            for _ in range(150):
+                if await both_serving():
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"not replaced: {await service.stats()}\n{service.log_tail()}")
+        assert not [e for e in service.log() if e["event"] == "worker cannot serve"]
+
+        async def port_80() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", acme_port)
+            try:
+                writer.write(b"GET /x HTTP/1.1\r\nHost: calls.test\r\n\r\n")
+                async with asyncio.timeout(5):
+                    return await reader.read(-1)
+            finally:
+                writer.close()
+
+        for _ in range(4):  # either worker may take it
+            if bound_at_start:
+                assert (await port_80()).startswith(b"HTTP/1.1 301 ")
+            else:
+                with pytest.raises(ConnectionRefusedError):
+                    await port_80()
     finally:
         await service.finish()
 

@@ -9,14 +9,19 @@ with the same checks, size limit and timeout as on the carrier listener.
 At most ACME_MAX_CONNECTIONS are open at once per worker; more are reset at
 accept. Each is held up to `timeouts.request` for its head: without a bound, a
 flood of idle connections to `:80` could take the descriptors the carrier
-listener needs (`limits.max_connections` counts carriers only).
+listener needs (`limits.max_connections` counts carriers only). One client (an
+IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them: alone, it
+could hold them all, and Let's Encrypt's validation, reset at accept, fails the
+renewal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import cast
 
 from fleet_ingress.core.addresses import format_hostport, peer_ip
@@ -40,6 +45,8 @@ log = logging.getLogger("fleet_ingress.acme")
 ACME_MAX_CONNECTIONS = 256
 # Descriptors those may hold: each forwarded challenge holds its upstream's too.
 ACME_DESCRIPTORS = 2 * ACME_MAX_CONNECTIONS
+# Of those, one client's: a browser opens six at most, a validator one per check.
+ACME_MAX_PER_CLIENT = 16
 
 
 @dataclass
@@ -47,8 +54,22 @@ class AcmeConnections:
     """The plain-HTTP listener's count, one per ingress (kept across reloads)."""
 
     open: int = 0
-    refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open
+    refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open, or the client's share
     limit: int = ACME_MAX_CONNECTIONS
+    per_client: int = ACME_MAX_PER_CLIENT
+    by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
+
+
+def client_key(ip: str) -> str:
+    """Whose share a connection counts against: its IPv4 address, or its IPv6
+    /64 (one host is routinely given a whole /64, and can speak from any of it)."""
+    try:
+        address = ipaddress.ip_address(ip.partition("%")[0])
+    except ValueError:
+        return ip
+    if address.version == 6:
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
@@ -71,6 +92,8 @@ class AcmeSettings:
     connections: AcmeConnections | None = None  # None: no bound (tests of one protocol)
     # One per ingress: the upstream's failures, rate-limited (None: each written).
     upstream_failures: RateLimitedLog | None = None
+    # One line per challenge relayed, rate-limited (None: log.access is off).
+    relayed: RateLimitedLog | None = None
 
 
 def host_without_port(host: bytes) -> bytes:
@@ -90,22 +113,24 @@ class AcmeProtocol(asyncio.Protocol):
         self._done = False
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
-        self._counted = False
+        self._counted: str | None = None  # the `client_key` it is counted open for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.client_ip = peer_ip(peername[0])
         count = self.settings.connections
         if count is not None:
-            if count.open >= count.limit:
+            key = client_key(self.client_ip)
+            if count.open >= count.limit or count.by_client[key] >= count.per_client:
                 count.refused += 1
                 self._done = True
                 transport.abort()  # its connection_lost follows; nothing was counted open
                 return
             count.open += 1
-            self._counted = True
+            count.by_client[key] += 1
+            self._counted = key
         self.transport = cast(asyncio.Transport, transport)
-        peername = transport.get_extra_info("peername")
-        if peername:
-            self.client_ip = peer_ip(peername[0])
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
         )
@@ -147,10 +172,23 @@ class AcmeProtocol(asyncio.Protocol):
         self.target = logged_target(head)
         self._route(head)
 
+    def eof_received(self) -> bool:
+        # A client may shut its writing side once its request is sent (`nc -N`,
+        # socat): the answer still goes out, then `_write` closes. Before, the
+        # transport closed at once and cancelled a challenge's forward: nothing
+        # came back (the :80 audit of session 32). A head not complete by then
+        # never will be: closed.
+        t = self.transport
+        return self._done and t is not None and not t.is_closing()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._counted and self.settings.connections is not None:
-            self._counted = False
-            self.settings.connections.open -= 1
+        count, key = self.settings.connections, self._counted
+        if key is not None and count is not None:
+            self._counted = None
+            count.open -= 1
+            count.by_client[key] -= 1
+            if count.by_client[key] <= 0:
+                del count.by_client[key]
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:
@@ -179,6 +217,7 @@ class AcmeProtocol(asyncio.Protocol):
         s = self.settings
         where = format_hostport(s.upstream_host, s.upstream_port)  # [::1]:8888, not ::1:8888
         head_only = head.method == b"HEAD"
+        began = asyncio.get_running_loop().time()
         exchange = FleetExchange(
             head.method,
             head.target,
@@ -200,7 +239,9 @@ class AcmeProtocol(asyncio.Protocol):
                     chunk = await reader.read(65536)
                     answer += chunk
                     if len(answer) > MAX_ACME_RESPONSE:
-                        raise ResponseError("junk-response", "ACME answer too large")
+                        raise ResponseError(
+                            "junk-response", f"larger than {MAX_ACME_RESPONSE} bytes"
+                        )
                     progress = exchange.feed(chunk) if chunk else exchange.feed_eof()
                     if progress is Progress.BODY_COMPLETE or not chunk:
                         break
@@ -217,6 +258,17 @@ class AcmeProtocol(asyncio.Protocol):
         finally:
             writer.close()
         self._write(exchange.relayable(bytes(answer)))
+        if s.relayed is not None and exchange.head is not None:
+            # What a failed renewal is read against: did the validation reach :80,
+            # and what did certbot answer it (before, a relayed challenge left no trace).
+            s.relayed.info(
+                "acme challenge relayed",
+                client_ip=self.client_ip,
+                target=self.target,
+                status=exchange.head.status,
+                upstream=where,
+                ms=round((asyncio.get_running_loop().time() - began) * 1000, 1),
+            )
 
     def _upstream_failed(self, event: str, where: str, exc: BaseException) -> None:
         # Rate-limited: between renewals nothing listens on the upstream, and any
@@ -253,8 +305,20 @@ class AcmeProtocol(asyncio.Protocol):
             t.close()
 
 
+# What of a responder's error a log line keeps: h11 quotes the bytes it could
+# not read, up to a head's limit.
+_SAID_CHARS = 200
+
+
 def _said(exc: BaseException) -> str:
-    """An error for the log: a timeout has no text of its own."""
+    """An error for the log: a timeout has no text of its own, and the exchange's
+    words are a fleet's."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return "no answer in time (timed out)"
+    if isinstance(exc, ResponseError) and exc.kind == "empty-response":
+        # certbot's standalone listener closes so, unanswered, for a token it
+        # does not serve (a scanner's, a stale one): not a responder out of order.
+        return "closed without a complete answer (as certbot does for a token it does not serve)"
+    if isinstance(exc, ResponseError):
+        return f"not a usable answer: {exc.detail}"[:_SAID_CHARS]
     return str(exc) or type(exc).__name__

@@ -418,7 +418,7 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_acme_refused_connections",
-            "Plain-HTTP (:80) connections reset at accept: 256 per worker were open.",
+            "Plain-HTTP (:80) connections reset at accept: 256 a worker, or 16 a client, open.",
             value=counts.counter("acme_refused_connections"),
         )
         yield CounterMetricFamily(

@@ -125,6 +125,10 @@ def render(
             "connections_total": counts.counter("connections_total"),
             "tls_handshake_failures": counts.counter("tls_handshake_failures"),
             "refused_connections": counts.counter("refused_connections"),
+            # The plain-HTTP listener (:80): what /metrics alone had (the :80 audit
+            # of session 32), a flood there keeping certbot's validation out.
+            "acme_connections": gauges.get(("acme_connections",), 0),
+            "acme_refused_connections": counts.counter("acme_refused_connections"),
             "calls_ended": dict(sorted(ended.items())),
             "active_calls": gauges.get(("active_calls",), 0),
             "queue_length": queue_length,

@@ -186,6 +186,8 @@ refreshes every {REFRESH_SECONDS}s</div>
 <tr><td class="l">active calls</td><td class="l">{fe["active_calls"]}</td></tr>
 <tr><td class="l">open connections</td><td class="l">{fe["connections"]}
  <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
+<tr><td class="l">port 80 (ACME, redirects)</td><td class="l">{fe["acme_connections"]} open
+ <span class="muted">({fe["acme_refused_connections"]} reset at accept)</span></td></tr>
 <tr><td class="l">queue</td><td class="l">{fe["queue_length"]} waiting,
  {fe["queue_timeouts"]} timed out</td></tr>
 <tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>

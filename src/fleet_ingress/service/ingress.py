@@ -163,6 +163,11 @@ class Ingress:
             call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
             level=logging.WARNING,
         )
+        self.acme_relayed = RateLimitedLog(
+            logging.getLogger("fleet_ingress.acme"),
+            REFUSED_LINES_PER_SECOND,
+            call_later=lambda delay, then: asyncio.get_running_loop().call_later(delay, then),
+        )
         # Both listeners' heads, parsed a bounded amount per turn; their CPU counted
         # as new connections' (accept pacing).
         self.heads = HeadQueue(meter=self.registry.new_connection_cpu)
@@ -226,7 +231,7 @@ class Ingress:
         descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         max_connections = configured
         if descriptors != resource.RLIM_INFINITY:
-            acme = ACME_DESCRIPTORS if config.listen.acme else 0
+            acme = ACME_DESCRIPTORS if self._serves_acme else 0
             max_connections = connections_within(descriptors, configured, acme_connections=acme)
         return ProxyContext(
             router=Router(config.routes.proxy, config.routes.health),
@@ -290,7 +295,7 @@ class Ingress:
                     listener="wss", address=self.wss_address, fleets=len(self.balancer.fleets)
                 ),
             )
-        if listen.acme:
+        if self._serves_acme:
             self._acme = await loop.create_server(
                 lambda: AcmeProtocol(self._acme_settings), sock=self._listener("acme", listen.acme)
             )
@@ -328,6 +333,19 @@ class Ingress:
             self.admin_socket = path
             self._admin_socket_id = socket_file_id(path)
             log.info("listening", extra=fields(listener="admin", address=str(path)))
+
+    @property
+    def _serves_acme(self) -> bool:
+        """Whether this process serves `:80`. A worker serves what the supervisor
+        bound at its start and hands it, whatever a reload made of listen.acme
+        since ("takes effect at the next restart"): a replacement or an upgrade's
+        worker started after a reload that set it bound :80 itself, and the next
+        one failed "Address already in use" (a worker short, an upgrade refused);
+        after one that emptied it, nothing accepted on the socket still bound,
+        and every :80 connection hung (the :80 audit of session 32)."""
+        if self.worker:
+            return "listen.acme" in self.sockets
+        return bool(self.bound_listen.acme)
 
     def _listener(self, key: str, address: str) -> socket.socket:
         """The socket for `listen.<key>`: handed over by the supervisor, or bound here."""
@@ -379,6 +397,7 @@ class Ingress:
             heads=self.heads,
             connections=self.registry.acme,
             upstream_failures=self.acme_failures,
+            relayed=self.acme_relayed if config.log.access else None,
         )
 
     @property
