@@ -532,3 +532,48 @@ def test_run_with_a_key_of_another_certificate_and_nothing_kept_refuses_to_start
     assert done.returncode == 2, done.stderr
     assert "do not match" in done.stderr and str(key) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# HAProxy's stats socket, given an HTTP request line, answers with its command list.
+_HAPROXY_ANSWER = b"Unknown command. Please enter one of the following commands only:\n"
+_NOT_OURS = {
+    "not HTTP": _HAPROXY_ANSWER,
+    "not JSON": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    "not a JSON object": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 2\r\nConnection: close\r\n\r\n[]",
+}
+
+
+@pytest.mark.uvloop_only  # the CLI's own loop is what is tested
+@pytest.mark.parametrize("answer", list(_NOT_OURS))
+async def test_another_programs_socket_is_named_not_shown_a_traceback(
+    tmp_path: Path, answer: str
+) -> None:
+    """`--admin-socket /run/haproxy/admin.sock`, the socket of the HAProxy this
+    replaces: before, a traceback a screen long (aiohttp's BadStatusLine quoting
+    HAProxy's command list), exit 1; an HTTP server's answer that is not the
+    ingress's, a KeyError. Now one line naming the socket and the fix, exit 2."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_NOT_OURS[answer])
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "haproxy.sock"
+    server = await asyncio.start_unix_server(reply, path=str(path))
+    try:
+        for command in (["stat"], ["drain", "a"], ["reload"], ["upgrade"]):
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *command, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            text = err.decode()
+            assert proc.returncode == 2, (command, text)
+            assert "Traceback" not in text, (command, text)
+            assert (
+                f"{path} gave an answer that is {answer}: it is another program's socket "
+                "(HAProxy's stats socket?), not the ingress's admin socket" in text
+            ), (command, text)
+    finally:
+        server.close()
