@@ -660,9 +660,9 @@ async def test_an_upgrade_refused_for_the_configuration_says_so_not_to_fix_the_i
 ) -> None:
     """An edit that the installed `check` refuses abandons the upgrade; the code
     is sound. Before, stat's LAST UPGRADE FAILED line quoted "check failed: 1
-    problem(s)" and said "fix the install or put back the release running": an
-    operator rolled back a good release and the edit stayed (the CLI audit of
-    session 32). Now it names the key and says the code is not at fault."""
+    problem(s)" and said "fix the install or put back the release running",
+    sending an operator to roll back a sound release, the edit left in place
+    (the CLI audit of session 32). Now it names the key and says the code is not at fault."""
     lines = [f"{sim.url} name={sim.name}" for sim in fleets]
     service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
     try:
