@@ -577,3 +577,38 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
             ), (command, text)
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("where", ["a directory not its own", "under a file"])
+def test_run_names_the_admin_socket_it_cannot_make_and_why(
+    tmp_path: Path, tls_files: TLSFiles, where: str
+) -> None:
+    """Before: "cannot start: [Errno 13] Permission denied" (or "[Errno 17] File
+    exists: ..."), naming neither listen.admin_socket nor its path (the CLI audit
+    of session 32). Root without its permission-check capabilities stands in for
+    the service's user."""
+    import shutil
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    config = _write_config(tmp_path, tls_files, 0, "https://127.0.0.1:9 name=a\n")
+    if where == "under a file":
+        path = tmp_path / "fleets.txt" / "admin.sock"
+        hint = "a file stands where its directory goes"
+    else:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        path = theirs / "admin.sock"
+        hint = "this user cannot create it in that directory"
+    config.write_text(config.read_text().replace('admin_socket = ""', f'admin_socket = "{path}"'))
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *CLI, "run", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: listen.admin_socket = '{path}': cannot listen: " in done.stderr, (
+        done.stderr
+    )
+    assert hint in done.stderr and "[Errno" not in done.stderr, done.stderr
