@@ -342,14 +342,14 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
     import os
     import tomllib
 
-    from fleet_ingress.config.settings import ENV_PREFIX
+    from fleet_ingress.config.settings import ENV_PREFIX, read_config_text
     from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET
 
     override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
     if override is not None:
         return override
     try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_config_text(config_path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     listen = data.get("listen")
