@@ -392,6 +392,10 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
     [
         (["drain", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
         (["remove-fleet", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
+        (
+            ["add-fleet", "https://a.test", "--name", "", "--admin-socket", "/nonexistent"],
+            "a fleet's name cannot be empty; leave --name out",
+        ),
         (["remove-fleet", "a", "--forc", "--admin-socket", "/x"], "unrecognized arguments: --forc"),
         (["demo", "--duration", "nan"], "'nan' is not a number of seconds above 0 and at most"),
         (["demo", "--duration", "0"], "'0' is not a number of seconds above 0 and at most 3600"),
