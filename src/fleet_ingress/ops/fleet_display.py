@@ -48,6 +48,8 @@ def _free(count: int | None) -> str:
 def fleets_summary(fleets: list[dict[str, Any]]) -> str:
     """One line counting the fleets by what `stat` shows for each: at a few
     hundred fleets the table alone does not say how many are DOWN."""
+    if not fleets:  # a start with a fleets file listing none (a reload refuses one)
+        return "fleets: 0: every call gets 503 until `fleet-ingress add-fleet URL` adds one"
     shown: dict[str, int] = {}
     for row in fleets:
         health = shown_health(row)
