@@ -31,6 +31,21 @@ def test_demo_exits_0_and_reports_calls_per_fleet():
     assert " 0 lost" in done.stdout
 
 
+def test_demo_with_more_calls_than_its_fleets_hold_runs_them_in_turn_and_passes():
+    """Before: the calls past the two demo fleets' 32 queued for timeouts.queue
+    (3 s), got 503, as the ingress must, and the demo said FAILED (exit 1) of
+    an ingress working as specified (the CLI audit of session 32)."""
+    done = subprocess.run(
+        [*CLI, "demo", "--calls", "36", "--duration", "5"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "at most 32 at once (what the 2 demo fleets hold, 16 each)" in done.stdout
+    assert "calls ok/failed:   36/0" in done.stdout and "demo: OK" in done.stdout
+
+
 def _write_config(tmp_path: Path, tls_files: TLSFiles, wss_port: int, fleets: str) -> Path:
     (tmp_path / "fleets.txt").write_text(fleets)
     config = tmp_path / "ingress.toml"
