@@ -45,6 +45,14 @@ def _fleet_name(text: str) -> str:
     return text
 
 
+def _new_fleet_name(text: str) -> str:
+    if not text:  # was taken as no name: the fleet got the URL's host[:port], unsaid
+        raise argparse.ArgumentTypeError(
+            "a fleet's name cannot be empty; leave --name out for the URL's host[:port]"
+        )
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -127,7 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
         admin_command(state, what).add_argument("name", type=_fleet_name, help="the fleet's name")
     add = admin_command("add-fleet", "add a fleet live (pre-checked, persisted, rolled back)")
     add.add_argument("url", help="https://HOST[:PORT]")
-    add.add_argument("--name", help="default: the URL's host[:port]")
+    add.add_argument("--name", type=_new_fleet_name, help="default: the URL's host[:port]")
     add.add_argument("--maxconn", type=int, help="default: fleets.maxconn")
     add.add_argument("--dry-run", action="store_true", help="show what would change")
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
@@ -342,14 +350,14 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
     import os
     import tomllib
 
-    from fleet_ingress.config.settings import ENV_PREFIX
+    from fleet_ingress.config.settings import ENV_PREFIX, read_config_text
     from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET
 
     override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
     if override is not None:
         return override
     try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_config_text(config_path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     listen = data.get("listen")

@@ -67,14 +67,25 @@ async def demo(*, calls: int, duration: float, profile: str, out: TextIO) -> boo
             url = f"wss://{host}:{port}"
             print(f"fleets:  {', '.join(f'{f.name} {f.url}' for f in fleets)}", file=out)
             print(f"ingress: {url}  (TLS, throwaway certificate)", file=out)
+            # Past what the fleets hold, calls would queue, then get 503 (as the
+            # ingress must): a demo of it working said FAILED (the CLI audit of
+            # session 32). The rest wait their turn, as carriers' retries would.
+            at_once = len(fleets) * FLEET_CAPACITY
             print(
                 f"calls:   {calls} x {duration:g}s of '{profile}' audio "
-                f"({PROFILES[profile].interval * 1000:g} ms frames)",
+                f"({PROFILES[profile].interval * 1000:g} ms frames)"
+                + (
+                    f", at most {at_once} at once (what the {len(fleets)} demo fleets "
+                    f"hold, {FLEET_CAPACITY} each)"
+                    if calls > at_once
+                    else ""
+                ),
                 file=out,
             )
             results = await run_calls(
                 url,
                 calls,
+                concurrency=at_once,
                 ssl_context=carrier_ssl,
                 profile=profile,
                 duration=duration,

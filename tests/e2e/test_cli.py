@@ -31,6 +31,21 @@ def test_demo_exits_0_and_reports_calls_per_fleet():
     assert " 0 lost" in done.stdout
 
 
+def test_demo_with_more_calls_than_its_fleets_hold_runs_them_in_turn_and_passes():
+    """Before: the calls past the two demo fleets' 32 queued for timeouts.queue
+    (3 s), got 503, as the ingress must, and the demo said FAILED (exit 1) of
+    an ingress working as specified (the CLI audit of session 32)."""
+    done = subprocess.run(
+        [*CLI, "demo", "--calls", "36", "--duration", "5"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "at most 32 at once (what the 2 demo fleets hold, 16 each)" in done.stdout
+    assert "calls ok/failed:   36/0" in done.stdout and "demo: OK" in done.stdout
+
+
 def _write_config(tmp_path: Path, tls_files: TLSFiles, wss_port: int, fleets: str) -> Path:
     (tmp_path / "fleets.txt").write_text(fleets)
     config = tmp_path / "ingress.toml"
@@ -392,6 +407,10 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
     [
         (["drain", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
         (["remove-fleet", "", "--admin-socket", "/nonexistent"], "a fleet's name cannot be empty"),
+        (
+            ["add-fleet", "https://a.test", "--name", "", "--admin-socket", "/nonexistent"],
+            "a fleet's name cannot be empty; leave --name out",
+        ),
         (["remove-fleet", "a", "--forc", "--admin-socket", "/x"], "unrecognized arguments: --forc"),
         (["demo", "--duration", "nan"], "'nan' is not a number of seconds above 0 and at most"),
         (["demo", "--duration", "0"], "'0' is not a number of seconds above 0 and at most 3600"),
@@ -532,3 +551,83 @@ def test_run_with_a_key_of_another_certificate_and_nothing_kept_refuses_to_start
     assert done.returncode == 2, done.stderr
     assert "do not match" in done.stderr and str(key) in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# HAProxy's stats socket, given an HTTP request line, answers with its command list.
+_HAPROXY_ANSWER = b"Unknown command. Please enter one of the following commands only:\n"
+_NOT_OURS = {
+    "not HTTP": _HAPROXY_ANSWER,
+    "not JSON": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    "not a JSON object": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 2\r\nConnection: close\r\n\r\n[]",
+}
+
+
+@pytest.mark.uvloop_only  # the CLI's own loop is what is tested
+@pytest.mark.parametrize("answer", list(_NOT_OURS))
+async def test_another_programs_socket_is_named_not_shown_a_traceback(
+    tmp_path: Path, answer: str
+) -> None:
+    """`--admin-socket /run/haproxy/admin.sock`, the socket of the HAProxy this
+    replaces: before, a traceback a screen long (aiohttp's BadStatusLine quoting
+    HAProxy's command list), exit 1; an HTTP server's answer that is not the
+    ingress's, a KeyError. Now one line naming the socket and the fix, exit 2."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(_NOT_OURS[answer])
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "haproxy.sock"
+    server = await asyncio.start_unix_server(reply, path=str(path))
+    try:
+        for command in (["stat"], ["drain", "a"], ["reload"], ["upgrade"]):
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *command, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            text = err.decode()
+            assert proc.returncode == 2, (command, text)
+            assert "Traceback" not in text, (command, text)
+            assert (
+                f"{path} gave an answer that is {answer}: it is another program's socket "
+                "(HAProxy's stats socket?), not the ingress's admin socket" in text
+            ), (command, text)
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("where", ["a directory not its own", "under a file"])
+def test_run_names_the_admin_socket_it_cannot_make_and_why(
+    tmp_path: Path, tls_files: TLSFiles, where: str
+) -> None:
+    """Before: "cannot start: [Errno 13] Permission denied" (or "[Errno 17] File
+    exists: ..."), naming neither listen.admin_socket nor its path (the CLI audit
+    of session 32). Root without its permission-check capabilities stands in for
+    the service's user."""
+    import shutil
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    config = _write_config(tmp_path, tls_files, 0, "https://127.0.0.1:9 name=a\n")
+    if where == "under a file":
+        path = tmp_path / "fleets.txt" / "admin.sock"
+        hint = "a file stands where its directory goes"
+    else:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, 65534, 65534)
+        path = theirs / "admin.sock"
+        hint = "this user cannot create it in that directory"
+    config.write_text(config.read_text().replace('admin_socket = ""', f'admin_socket = "{path}"'))
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *CLI, "run", "-c", config],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: listen.admin_socket = '{path}': cannot listen: " in done.stderr, (
+        done.stderr
+    )
+    assert hint in done.stderr and "[Errno" not in done.stderr, done.stderr

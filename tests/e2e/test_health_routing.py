@@ -700,3 +700,18 @@ async def test_a_fleet_whose_name_stops_resolving_goes_down_by_its_probe_on_a_ne
     await eventually(lambda: fleet_a.health is Health.DOWN, timeout=5)
     assert fleet_a.last_probe is not None
     assert fleet_a.last_probe.reason.startswith("name localhost does not resolve:")
+
+
+async def test_a_refused_probe_reads_the_same_on_either_loop(tls_files: TLSFiles) -> None:
+    """`check --probe` (asyncio's loop) said "refused: Connect call failed
+    ('127.0.0.1', PORT)" where stat (uvloop) said "refused: Connection refused"
+    of the same fleet (the CLI audit of session 32)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: refused
+        (spec,) = parse_fleets_text(f"https://127.0.0.1:{port} name=r", default_maxconn=16)
+        settings = ProbeSettings("/health/fleet", "fleet_available", 1.0, 2.0, 2, 2)
+        fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
+        async with health_session(fleet_ssl, settings) as session:
+            result = await probe_fleet(session, spec, settings)
+    assert result.reason == "refused: Connection refused", result

@@ -655,6 +655,32 @@ async def test_workers_that_cannot_start_from_a_refused_install_are_shown_missin
         await service.finish()
 
 
+async def test_an_upgrade_refused_for_the_configuration_says_so_not_to_fix_the_install(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """An edit that the installed `check` refuses abandons the upgrade; the code
+    is sound. Before, stat's LAST UPGRADE FAILED line quoted "check failed: 1
+    problem(s)" and said "fix the install or put back the release running",
+    sending an operator to roll back a sound release, the edit left in place
+    (the CLI audit of session 32). Now it names the key and says the code is not at fault."""
+    lines = [f"{sim.url} name={sim.name}" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        config = service.home / "ingress.toml"
+        config.write_text(config.read_text().replace("drain = 30", "drian = 30"))
+        code, _, err = await _upgrade_command(service)
+        assert code == 1 and "the configuration does not pass" in err, err
+        out = format_stat_table(await service.stats())
+        said = [line for line in out.splitlines() if line.startswith("LAST UPGRADE FAILED")]
+        assert len(said) == 1, out
+        assert "timeouts.drian: unknown key 'timeouts.drian'" in said[0], said
+        assert "the installed code is not at fault: fix what it names" in said[0], said
+        assert "fix the install" not in said[0] and "put back the release" not in said[0]
+        assert "check failed" not in said[0], said
+    finally:
+        await service.finish()
+
+
 async def test_a_failed_upgrade_is_said_by_stat_the_page_and_metrics_until_one_succeeds(
     tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
 ) -> None:

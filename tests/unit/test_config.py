@@ -634,3 +634,25 @@ def test_a_section_s_key_written_below_another_header_says_where_it_went() -> No
     (line,) = problems({"log": {"fleets": {"maxconn": 3}}})
     assert "unknown key 'log.fleets'; a key written below [log] is in it" in line
     assert "under a [fleets] header" in line
+
+
+def test_a_byte_order_mark_first_is_dropped_as_the_fleets_file_drops_it(tmp_path: Path) -> None:
+    """Windows Notepad's UTF-8 starts with one: before, "TOML syntax error:
+    Invalid statement (at line 1, column 1)", before any character the editor
+    shows, and the service did not start (the CLI audit of session 32). The
+    wrong-type check reads the file too: it still names a quoted number."""
+    from fleet_ingress.cli import _admin_socket_leniently
+    from fleet_ingress.ops.live_check import live_settings
+
+    path = tmp_path / "ingress.toml"
+    path.write_text('[fleets]\nmaxconn = 32\n[listen]\nadmin_socket = "a.sock"\n', "utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_config(path).fleets.maxconn == 32
+    assert _admin_socket_leniently(path) == str(tmp_path / "a.sock")
+    assert live_settings(path, environ={}).admin_socket == str(tmp_path / "a.sock")
+    path.write_text('[fleets]\nmaxconn = "32"\n', "utf-8-sig")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: fleets.maxconn: '32' is a string; write a whole number, unquoted"
+    ]

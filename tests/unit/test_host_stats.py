@@ -768,3 +768,15 @@ def test_the_stats_page_says_each_certificate_state_stat_says():
     ):
         assert f'id="{element}">{said}' in page, element
         assert f'id="{element}"' not in quiet
+
+
+def test_no_fleet_at_all_is_said_with_what_to_do_in_stat_and_the_page():
+    """A start with a fleets file listing none serves (its :80 renews the
+    certificate) and answers every call 503: the journal said so once at
+    start, stat and the page only "fleets: 0" (the CLI audit of session 32)."""
+    slots = HostSlots(Balancer(FleetSet.from_specs([])), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    line = "fleets: 0: every call gets 503 until `fleet-ingress add-fleet URL` adds one"
+    assert line in format_stat_table(snap)
+    assert line in render_stats_page(snap)

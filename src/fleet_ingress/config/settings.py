@@ -410,7 +410,7 @@ class IngressConfig(BaseSettings):
         toml_file = _LOAD.get().toml_file
         if toml_file is None:
             return env_settings, init_settings
-        return env_settings, init_settings, TomlConfigSettingsSource(settings_cls, toml_file)
+        return env_settings, init_settings, _TomlFile(settings_cls, toml_file)
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> Self:
@@ -447,6 +447,21 @@ class IngressConfig(BaseSettings):
                 )
             self.listen = listen.model_copy(update={"admin_socket": socket_path})
         return self
+
+
+class _TomlFile(TomlConfigSettingsSource):
+    """The file as `read_config_text` reads it."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        return tomllib.loads(read_config_text(Path(file_path)))
+
+
+def read_config_text(path: Path) -> str:
+    """The configuration file's text. A byte-order mark first (Windows Notepad's
+    UTF-8) is dropped, as the fleets file drops it: tomllib refused it as "TOML
+    syntax error: Invalid statement (at line 1, column 1)", before any character
+    an editor shows (the CLI audit of session 32)."""
+    return path.read_text(encoding="utf-8").removeprefix("\ufeff")
 
 
 def not_a_socket(path: Path) -> str | None:
@@ -599,7 +614,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     toml_data: dict[str, Any] = {}
     if load.toml_file is not None:
         try:
-            toml_data = tomllib.loads(load.toml_file.read_text(encoding="utf-8"))
+            toml_data = tomllib.loads(read_config_text(load.toml_file))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass  # reported below, as pydantic-settings reads the file
     wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import random
 import socket
 import ssl
@@ -130,7 +131,11 @@ async def probe_fleet(
                 "(check its DNS record and this host's resolver, or give the fleet's address)"
             )
         reason = "refused" if isinstance(exc.os_error, ConnectionRefusedError) else "connect failed"
-        return failed(f"{reason}: {exc.os_error.strerror or exc.os_error}")
+        # asyncio's loop words it "Connect call failed ('10.0.0.5', 443)" where uvloop
+        # says "Connection refused": `check --probe` (asyncio) and stat (uvloop) differed.
+        os_error = exc.os_error
+        why = os.strerror(os_error.errno) if os_error.errno else os_error.strerror or os_error
+        return failed(f"{reason}: {why}")
     except aiohttp.ServerDisconnectedError:
         if spec.scheme == "https":
             # TLS 1.3: a server that requires a client certificate says so with an

@@ -69,7 +69,11 @@ async def admin_request(
                 try:
                     body = json.loads(text)
                 except ValueError:  # aiohttp's own refusal (a request line too long): text
+                    if response.status < 400:
+                        raise _not_ours(socket_path, "an answer that is not JSON") from None
                     return response.status, {"error": text.strip()[:300] or "no answer body"}
+                if not isinstance(body, dict):
+                    raise _not_ours(socket_path, "an answer that is not a JSON object")
                 if response.status == 503 and isinstance(body, dict) and body.get("at_cap"):
                     raise AdminNotReached(
                         f"the admin socket {socket_path} turned this command away unread: "
@@ -89,6 +93,10 @@ async def admin_request(
             "still running after 10 s is cut then). Whether the change was made: "
             "`fleet-ingress stat`; then run the command again if it was not"
         ) from None
+    except aiohttp.ClientResponseError:
+        # What answered does not speak HTTP: HAProxy's stats socket answers
+        # "Unknown command" (before, a traceback a screen long).
+        raise _not_ours(socket_path, "an answer that is not HTTP") from None
     except TimeoutError:
         if reading:
             raise AdminUnreachable(
@@ -102,6 +110,16 @@ async def admin_request(
             f"no answer to {method} {path} within {seconds:g}s; whether the change "
             "was made: `fleet-ingress stat`"
         ) from None
+
+
+def _not_ours(socket_path: Path, answer: str) -> AdminUnreachable:
+    """Another program's socket answered: nothing of the ingress was asked."""
+    return AdminUnreachable(
+        f"{socket_path} gave {answer}: it is another program's socket (HAProxy's stats "
+        "socket?), not the ingress's admin socket: give the running ingress's socket "
+        f"(listen.admin_socket; default {DEFAULT_ADMIN_SOCKET}) with --admin-socket PATH, "
+        "or its configuration with -c CONFIG"
+    )
 
 
 def _reach_hint(exc: BaseException) -> str:

@@ -15,16 +15,19 @@ Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 
 SOCKET_MODE = 0o660
@@ -210,19 +213,51 @@ def bind_admin_socket(path: Path) -> socket.socket:
         try:
             probe.connect(str(path))
         except OSError:
-            path.unlink()  # left behind by a process that died
+            with _bind_errors_named(path):
+                path.unlink()  # left behind by a process that died
         else:
             raise OSError(f"admin socket {path} is in use: is another fleet-ingress running?")
         finally:
             probe.close()
-    path.parent.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)  # never world-accessible, not even for an instant
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, SOCKET_MODE)
+        with _bind_errors_named(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old_umask = os.umask(0o117)  # never world-accessible, not even for an instant
+            try:
+                sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, SOCKET_MODE)
+    except BaseException:
+        sock.close()
+        raise
     sock.listen(64)
     sock.setblocking(False)
     return sock
+
+
+@contextlib.contextmanager
+def _bind_errors_named(path: Path) -> Iterator[None]:
+    """An OSError making the admin socket becomes a ListenError naming the key,
+    the path and the fix: `run` said "cannot start: [Errno 13] Permission
+    denied", naming neither (the CLI audit of session 32)."""
+    try:
+        yield
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.filename is not None and str(exc.filename) != str(path):
+            reason += f" ({exc.filename})"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            hint = (
+                "this user cannot create it in that directory: give it a directory of "
+                "its own (the shipped unit makes /run/fleet-ingress, the default's, with "
+                "RuntimeDirectory=)"
+            )
+        elif exc.errno in (errno.ENOTDIR, errno.EEXIST):
+            hint = "a file stands where its directory goes: choose a path under a directory"
+        else:
+            hint = "choose a path of its own (the default is /run/fleet-ingress/admin.sock)"
+        raise ListenError(
+            exc.errno, f"listen.admin_socket = {str(path)!r}: cannot listen: {reason}; {hint}"
+        ) from None

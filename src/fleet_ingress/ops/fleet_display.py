@@ -48,6 +48,8 @@ def _free(count: int | None) -> str:
 def fleets_summary(fleets: list[dict[str, Any]]) -> str:
     """One line counting the fleets by what `stat` shows for each: at a few
     hundred fleets the table alone does not say how many are DOWN."""
+    if not fleets:  # a start with a fleets file listing none (a reload refuses one)
+        return "fleets: 0: every call gets 503 until `fleet-ingress add-fleet URL` adds one"
     shown: dict[str, int] = {}
     for row in fleets:
         health = shown_health(row)
@@ -127,12 +129,22 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
     when = "" if last.get("finished") is None else f" at {_day(last['finished'])}"
     source = last.get("source")
     begun = "`fleet-ingress upgrade`" if source == "command" else source or "unknown"
+    of_files = last.get("cause") == "files"
+    if of_files:
+        # The files on disk failed it, not the code: "fix the install or put back the
+        # release running" sent an operator to roll back a sound release (the CLI audit
+        # of session 32).
+        fix = "the installed code is not at fault: fix what it names"
+    else:
+        fix = (
+            "but a worker replaced meanwhile runs the code installed now: fix the install "
+            "or put back the release running"
+        )
     return (
         f"LAST UPGRADE FAILED{when} (begun by {begun}): "
-        f"{_upgrade_error(last.get('error'))}; generation {snap.get('generation')} "
-        "serves on, but a worker replaced meanwhile runs the code installed now: fix the "
-        "install or put back the release running, then `fleet-ingress upgrade` (this line "
-        "stays until an upgrade succeeds)"
+        f"{_upgrade_error(last.get('error'), of_files=of_files)}; generation "
+        f"{snap.get('generation')} serves on, {fix}, then `fleet-ingress upgrade` (this "
+        "line stays until an upgrade succeeds)"
         + (
             f"; an upgrade begun since is under way ({latest.get('state')}): "
             "`fleet-ingress stat` again once it ends"
@@ -142,7 +154,7 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
     )
 
 
-def _upgrade_error(error: object) -> str:
+def _upgrade_error(error: object, *, of_files: bool = False) -> str:
     """An upgrade's error on one line. A trial run's is several: what failed, the
     run's last lines (a traceback) and the fix: its first line and the last of
     the run's output (e.g. the SyntaxError), the whole in the journal's
@@ -154,8 +166,15 @@ def _upgrade_error(error: object) -> str:
     lines = [line.strip() for line in error.splitlines() if line.strip()]
     if len(lines) < 3:
         return " ".join(lines)
+    said = lines[-2]
+    if of_files:
+        # `check`'s output: its first problem, not its "check failed: N problem(s)".
+        problems = [
+            line for line in lines[1:-1] if not line.startswith(("warning: ", "check failed: "))
+        ]
+        said = problems[0] if problems else said
     return (
-        f"{lines[0].rstrip(':')}: {lines[-2]} (the whole error: the journal's `upgrade "
+        f"{lines[0].rstrip(':')}: {said} (the whole error: the journal's `upgrade "
         "abandoned` line, /stats.json's upgrade.error)"
     )
 

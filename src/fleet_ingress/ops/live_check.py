@@ -83,7 +83,9 @@ def live_settings(path: Path, environ: dict[str, str] | None = None) -> LiveSett
     """The four keys, from the file and FLEET_INGRESS_<SECTION>__<KEY> overrides."""
     environ = dict(os.environ) if environ is None else environ
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        # A byte-order mark dropped as config.settings.read_config_text drops it
+        # (not imported: this runs each second, on few imports).
+        data = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
     except OSError as exc:
         raise LiveConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

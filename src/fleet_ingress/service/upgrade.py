@@ -136,7 +136,13 @@ _NOT_FOR_TRIAL = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "FLEET_INGRE
 
 
 class TrialFailed(Exception):
-    """The installed code cannot serve; the message names what failed and the fix."""
+    """The installed code cannot serve; the message names what failed and the fix.
+    `of_files`: the configuration or fleets file failed the installed `check`
+    (the code is sound: not an install to fix or put back)."""
+
+    def __init__(self, message: str, *, of_files: bool = False) -> None:
+        super().__init__(message)
+        self.of_files = of_files
 
 
 async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str:
@@ -189,7 +195,8 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "the installed code itself imports: fix what check names, then run "
             "`fleet-ingress upgrade` again (nothing was handed over; the running "
             "generation serves on). Until then a restart would start the installed "
-            "code and fail the same way"
+            "code and fail the same way",
+            of_files=True,
         )
     if proc.returncode != 0:
         tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])

@@ -360,7 +360,7 @@ class UpgradeSequence:
         try:
             checked = await trial_run(supervisor.config_path)
         except TrialFailed as exc:
-            self._upgrade_failed(status, str(exc))
+            self._upgrade_failed(status, str(exc), of_files=exc.of_files)
             return
         except Exception as exc:  # a bug here must not take the service down
             log.exception("upgrade: trial run broke")
@@ -393,6 +393,7 @@ class UpgradeSequence:
                 status,
                 f"the files changed during the trial run and no longer read: {exc}; fix "
                 "them, then upgrade",
+                of_files=True,
             )
             return
         if problem is not None:
@@ -400,6 +401,7 @@ class UpgradeSequence:
                 status,
                 f"{problem}; the new image would serve it in place of the one in use: fix "
                 "the certificate and reload, then upgrade",
+                of_files=True,
             )
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
@@ -480,8 +482,14 @@ class UpgradeSequence:
             "workers serve on; run `fleet-ingress upgrade` again",
         )
 
-    def _upgrade_failed(self, status: dict[str, Any], error: str) -> None:
+    def _upgrade_failed(
+        self, status: dict[str, Any], error: str, *, of_files: bool = False
+    ) -> None:
+        """`of_files`: the configuration, fleets file or certificate on disk failed
+        it, not the installed code (stat's line names the fix accordingly)."""
         status.update(state="failed", error=error, finished=time.time(), took_s=_took(status))
+        if of_files:
+            status["cause"] = "files"
         log.error(
             "upgrade abandoned: the running generation serves on",
             extra=fields(upgrade=status["id"], generation=self.supervisor.generation, error=error),
