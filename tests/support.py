@@ -66,6 +66,7 @@ LIBSSL.SSL_key_update.argtypes = [ctypes.c_void_p, ctypes.c_int]
 LIBSSL.SSL_shutdown.argtypes = [ctypes.c_void_p]  # once: sends close_notify, reads nothing
 LIBSSL.SSL_renegotiate.argtypes = [ctypes.c_void_p]  # a TLS 1.2 server: sends a HelloRequest
 LIBSSL.SSL_renegotiate_pending.argtypes = [ctypes.c_void_p]
+LIBSSL.SSL_in_init.argtypes = [ctypes.c_void_p]  # a handshake under way
 SSL_KEY_UPDATE_REQUESTED = 1
 
 

@@ -19,6 +19,7 @@ import re
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -699,6 +700,92 @@ async def test_a_tls12_fleet_that_renegotiates_mid_call_keeps_the_call(
         (entry,) = access_entries(caplog)
         assert entry["end_reason"] == "carrier closed", entry
     finally:
+        listener.close()
+        fleet.join(5)
+
+
+def _fleet_that_never_finishes_a_renegotiation(
+    tls_files: TLSFiles, listener: socket.socket, stop: threading.Event
+) -> None:
+    """A TLS 1.2 fleet that answers the upgrade, hears the carrier's audio, asks
+    for a renegotiation and never reads again (our ClientHello unanswered), its
+    bot's audio going on (allowed before its ServerHello) for 10 s at most."""
+    from fleet_ingress.core.fleet_exchange import websocket_accept
+
+    ctx = tls12_server_context(tls_files)
+    conn, _ = listener.accept()
+    conn.settimeout(5)
+    try:
+        with ctx.wrap_socket(conn, server_side=True) as tls:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += tls.recv(4096)
+            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+            assert key is not None
+            tls.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                + websocket_accept(key[1])
+                + b"\r\n\r\n"
+            )
+            heard = bytearray()
+            while len(heard) < 3 * 11:  # three of the carrier's frames
+                heard += tls.recv(65536)
+            LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+            tls.do_handshake()  # the HelloRequest
+            deadline = time.monotonic() + 10
+            while not stop.is_set() and time.monotonic() < deadline:
+                tls.sendall(b"\x82\x05audio")
+                time.sleep(0.02)
+    except (OSError, ssl.SSLError):
+        pass  # the ingress gave up on it
+
+
+async def test_a_fleet_that_never_finishes_its_renegotiation_ends_the_call_saying_so(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While a fleet's renegotiation runs, the ingress's writes to it wait (its
+    ServerHello has not come); a fleet that never finishes it held the carrier's
+    audio for good, the bot's still flowing and the call up, until timeouts.tunnel
+    or the carrier gave up. Now the wait ends at timeouts.connect: the carrier is
+    told 1011 and the access line says why."""
+    caplog.set_level("INFO", logger="fleet_ingress.access")
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    fleet = threading.Thread(
+        target=_fleet_that_never_finishes_a_renegotiation, args=(tls_files, listener, stop)
+    )
+    fleet.start()
+    try:
+        ingress = await start_ingress(
+            [f"https://127.0.0.1:{listener.getsockname()[1]} name=a"], timeouts={"connect": 1}
+        )
+        reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot-1")
+        assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+
+        async def voice() -> None:  # the carrier's audio, masked (an all-zero mask)
+            while True:
+                writer.write(b"\x82\x85" + bytes(4) + b"voice")
+                await asyncio.sleep(0.01)
+
+        speaking = asyncio.create_task(voice())
+        frames: list[tuple[int, bytes]] = []
+        try:
+            async with asyncio.timeout(10):
+                while not frames or frames[-1][0] != 8:
+                    frames.append(await read_frame(reader))
+        finally:
+            speaking.cancel()
+        payload = frames[-1][1]
+        assert int.from_bytes(payload[:2], "big") == 1011, payload
+        assert len(frames) > 10  # the bot's audio came meanwhile
+        await eventually(lambda: not ingress.registry.calls)
+        writer.close()
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "error", entry
+        assert entry["detail"] == "fleet: TLS renegotiation not done within 1s", entry
+    finally:
+        stop.set()
         listener.close()
         fleet.join(5)
 

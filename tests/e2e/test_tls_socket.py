@@ -1165,6 +1165,165 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
         thread.join(5)
 
 
+@pytest.mark.parametrize("fleet_sends", [True, False], ids=["fleet-sends", "fleet-waits"])
+async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_in_a_read(
+    tls_files: TLSFiles, fleet_sends: bool
+) -> None:
+    """A fleet's HelloRequest read while a write to it is only partly sent (its
+    socket buffer full): OpenSSL postpones the renegotiation (not in a handshake,
+    SSL_renegotiate_pending) until the write is done, and then the next SSL_read
+    or SSL_write starts it. A write that starts it reads for the ServerHello at
+    once, and the fleet's application data sent before that (which only SSL_read
+    may take) failed the connection (UNEXPECTED_RECORD), as before the watch:
+    the carrier was told 1011. fleet-sends: the fleet's data is on the socket as
+    the write comes (a carrier's frame handled in the loop turn before the
+    fleet's readable event); fails before. fleet-waits: the fleet sends nothing
+    until our ClientHello, so the held write must make the read that starts the
+    renegotiation itself (no poll event would)."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
+    ctx = tls12_server_context(tls_files)
+    filled, drain, send_z = threading.Event(), threading.Event(), threading.Event()
+    seen = bytearray()
+    expected = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                assert filled.wait(5)  # the client's write is partly sent
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()  # the HelloRequest
+                tls.sendall(b"x")
+                assert drain.wait(5)
+                while len(seen) < len(expected):
+                    seen.extend(tls.recv(65536))
+                assert send_z.wait(5)
+                if fleet_sends:
+                    tls.sendall(b"z" * 100)  # before the fleet reads the ClientHello
+                while not seen.endswith(b"next"):
+                    data = tls.recv(65536)  # the renegotiation runs in these reads
+                    if not data:
+                        break
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                tls.sendall(b"after")
+                while tls.recv(65536):
+                    pass
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert conn.ssl_socket.version() == "TLSv1.2"
+        pointer = ssl_pointer(conn.ssl_socket)
+        handler = Recorder(conn)
+        conn.start(handler)
+        big = b"a" * (1 << 20)
+        expected += big
+        conn.write(big)
+        assert conn.get_write_buffer_size() == len(big)  # partly sent, retried whole
+        filled.set()
+        await eventually(lambda: b"x" in handler.data)
+        # OpenSSL has the HelloRequest and has not started the handshake.
+        assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
+        drain.set()
+        await eventually(lambda: conn.get_write_buffer_size() == 0)
+        assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
+        send_z.set()
+        if fleet_sends:
+            # The fleet's bytes on the socket, unread, as the next write comes (the
+            # select holds the loop: no read meanwhile).
+            assert select.select([conn.ssl_socket], [], [], 5)[0]
+        conn.write(b"next")
+        expected += b"next"
+        await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
+        assert not handler.lost, handler.exc
+        assert handler.data == b"x" + b"z" * 100 * fleet_sends + b"after"
+        conn.abort()
+        await asyncio.to_thread(thread.join, 5)
+        assert outcome == {"renegotiated": True}
+        assert seen == expected
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+async def test_a_renegotiation_the_fleet_never_finishes_fails_the_connection_in_time(
+    tls_files: TLSFiles,
+) -> None:
+    """A fleet that asks for a renegotiation and never answers our ClientHello,
+    its audio going on (allowed before its ServerHello), held our writes for
+    good: the carrier's audio to the bot stopped while the call stayed up. The
+    hold ends after the handshake's timeout (timeouts.connect for a fleet) with
+    RenegotiationTimeout, the reads going on meanwhile; not while our reading is
+    paused (our handler's flow control: the wait is ours then)."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    ctx = tls12_server_context(tls_files)
+    stop = threading.Event()
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+                tls.do_handshake()  # the HelloRequest; the ClientHello is never read
+                deadline = time.monotonic() + 10
+                while not stop.is_set() and time.monotonic() < deadline:
+                    tls.sendall(b"f")
+                    time.sleep(0.02)
+        except (OSError, ssl.SSLError):
+            pass  # the client gave up
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=0.5,
+        )
+        handler = Recorder(conn)
+        conn.start(handler)
+        await eventually(lambda: len(handler.data) > 0)  # the HelloRequest read before it
+        conn.write(b"held")
+        assert conn._held and conn.get_write_buffer_size() == 4
+        read_while_held = len(handler.data)
+        conn.pause_reading()
+        await asyncio.sleep(1.2)
+        assert not handler.lost
+        conn.resume_reading()
+        resumed = time.monotonic()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - resumed < 1.5
+        assert isinstance(handler.exc, tls_socket.RenegotiationTimeout), handler.exc
+        assert str(handler.exc) == "TLS renegotiation not done within 0.5s"
+        assert len(handler.data) > read_while_held  # the fleet's audio was read on
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(5)
+
+
 async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
@@ -1173,14 +1332,14 @@ async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.conns) == 1 and not srv.conns[0].is_closing())
-    assert conn.ssl_socket.version() == "TLSv1.3" and conn._in_handshake is None
+    assert conn.ssl_socket.version() == "TLSv1.3" and conn._renegotiating is None
     tls12 = tls_files.client_context()
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     conn12, _ = await _client(tls_files, srv.port, ctx=tls12)
     await eventually(lambda: len(srv.handlers) == 2)
     # OpenSSL's SSL is reached (a change of CPython's layout would say so here).
-    assert conn12.ssl_socket.version() == "TLSv1.2" and conn12._in_handshake is not None
-    assert srv.handlers[1].conn._in_handshake is None  # OP_NO_RENEGOTIATION
+    assert conn12.ssl_socket.version() == "TLSv1.2" and conn12._renegotiating is not None
+    assert srv.handlers[1].conn._renegotiating is None  # OP_NO_RENEGOTIATION
     conn.abort()
     conn12.abort()
 

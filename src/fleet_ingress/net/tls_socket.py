@@ -36,11 +36,20 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
 - A TLS 1.2 server's renegotiation (a fleet's HelloRequest) starts inside a
   read, and a write while it runs runs the handshake too: ``SSL_write`` reads
   for the ServerHello, and the server's application data sent before it (which
-  only ``SSL_read`` may take) fails the write, OpenSSL giving no reason
-  (``SSLEOFError``, "EOF occurred in violation of protocol"): a call streaming
-  both ways lost its fleet at each renegotiation. So while OpenSSL is in a
-  handshake (``SSL_in_init``, asked through ctypes, on TLS 1.2 connections that
-  allow renegotiation only) writes are held, and the reads finish it.
+  only ``SSL_read`` may take) fails the write (``UNEXPECTED_RECORD``, or with no
+  reason: ``SSLEOFError``, "EOF occurred in violation of protocol"): a call
+  streaming both ways lost its fleet at each renegotiation. A HelloRequest read
+  while a write is only partly sent (its socket full) starts nothing: OpenSSL
+  postpones it (not in a handshake) until that write is done, and then the next
+  ``SSL_read`` or ``SSL_write`` starts it, a write failing as above. So from the
+  HelloRequest until the handshake is done (``SSL_renegotiate_pending``, asked
+  through ctypes, on TLS 1.2 connections that allow renegotiation only) writes
+  are held, except the retry of a partly sent one, which must finish first; a
+  read is made at once (a postponed renegotiation waits for one: the server
+  waits for our ClientHello), and the reads finish it. Writes held longer than
+  the handshake's timeout (timeouts.connect for a fleet; a period more while our
+  own reading is paused) fail the connection (`RenegotiationTimeout`): a server
+  that starts a renegotiation and never finishes it held our writes for good.
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
   be on the wire and the write must be retried with the same bytes (fewer is
@@ -141,6 +150,10 @@ class WriteBufferFull(OSError):
     """A handler kept writing past MAX_WRITE_BUFFER: it ignored pause_writing."""
 
 
+class RenegotiationTimeout(TimeoutError):
+    """The peer's TLS 1.2 renegotiation, which holds our writes, did not finish in time."""
+
+
 class _State(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
@@ -177,14 +190,16 @@ class TLSConnection:
         "_high_water",
         "_hs_done",
         "_hs_read",
-        "_in_handshake",
         "_loop",
         "_max_buffer",
         "_meter",
         "_more",
         "_out",
+        "_partial",
         "_paused",
         "_reader_on",
+        "_renegotiating",
+        "_renegotiation_timeout",
         "_shutdown_wants_write",
         "_sock",
         "_ssl",
@@ -239,6 +254,8 @@ class TLSConnection:
         self._reader_on = self._writer_on = False
         # A write OpenSSL could not finish: retried with these same bytes.
         self._out: Buffer | None = None
+        # _out is partly sent (SSLWantWriteError): it goes before anything else.
+        self._partial = False
         # Written after _out could not finish; sent once it has.
         self._more = bytearray()
         self._paused = False  # pause_reading()
@@ -249,10 +266,13 @@ class TLSConnection:
         self._want_read_for_write = False  # a write/shutdown got SSLWantReadError
         self._want_write_for_read = False  # a read got SSLWantWriteError
         self._shutdown_wants_write = False
-        # TLS 1.2 with renegotiation allowed: whether OpenSSL is in a handshake
-        # (a renegotiation); writes are held meanwhile (_held). None otherwise.
-        self._in_handshake: Callable[[], int] | None = None
+        # TLS 1.2 with renegotiation allowed: whether the peer has asked for a
+        # renegotiation that is not done (postponed or under way); writes are
+        # held meanwhile (_held), for _renegotiation_timeout of our reading at
+        # most (the handshake's timeout; _timer). None otherwise.
+        self._renegotiating: Callable[[], int] | None = None
         self._held = False
+        self._renegotiation_timeout = 0.0
         # close_notify sent, the TLS session failed on what the peer kept sending:
         # its bytes are read and dropped from the socket itself until its FIN.
         self._drain_below_tls = False
@@ -350,6 +370,7 @@ class TLSConnection:
         if self._state is not _HANDSHAKE or self._hs_done is not None:
             raise RuntimeError("handshake already started")
         self._hs_done = done
+        self._renegotiation_timeout = timeout
         self._timer = self._loop.call_later(timeout, self._handshake_timed_out, timeout)
         self._handshake_step()
 
@@ -384,7 +405,7 @@ class TLSConnection:
             self._handshake_finished(exc)
             return
         else:
-            self._in_handshake = _renegotiation_watch(self._sock, self._ssl)
+            self._renegotiating = _renegotiation_watch(self._sock, self._ssl)
             self._state = _OPEN
             self._handshake_finished(None)
             return
@@ -446,7 +467,9 @@ class TLSConnection:
             if self._state is _OPEN:
                 self._sync_io()
                 # Bytes OpenSSL already decrypted make no poll event: read them now.
-                if self._sslobj.pending():
+                # Held writes wait for a read (a postponed renegotiation may have
+                # nothing to poll for): read now too.
+                if self._sslobj.pending() or self._held:
                     self._loop.call_soon(self._on_readable)
 
     def write(self, data: Buffer) -> None:
@@ -463,7 +486,7 @@ class TLSConnection:
             self._more += data
             self._buffered()
             return
-        if self._in_handshake is not None and self._in_handshake():
+        if self._renegotiating is not None and self._renegotiating():
             self._out = bytes(data)
             self._hold()
             self._buffered()
@@ -472,7 +495,7 @@ class TLSConnection:
             self._sslobj.write(data)
             return
         except ssl.SSLWantWriteError:
-            pass
+            self._partial = True
         except ssl.SSLWantReadError:
             self._want_read_for_write = True
         except OSError as exc:  # ssl.SSLError included
@@ -492,29 +515,56 @@ class TLSConnection:
                 self._handler.pause_writing()
 
     def _hold(self) -> None:
-        """A renegotiation is under way: what is to be written waits for the
-        reads to finish it (`_release`), not for the socket to be writable."""
-        self._held = True
+        """A renegotiation is asked for: what is to be written waits for the
+        reads to finish it (`_release`), not for the socket to be writable. One
+        read now: a renegotiation OpenSSL postponed starts in the next read, and
+        the peer, waiting for our ClientHello, may send nothing to poll for."""
+        if not self._held:
+            self._held = True
+            self._timer = self._loop.call_later(
+                self._renegotiation_timeout, self._renegotiation_timed_out
+            )
+            self._loop.call_soon(self._on_readable)
         self._sync_io()
+
+    def _renegotiation_timed_out(self) -> None:
+        self._timer = None
+        if self._paused and self._state is _OPEN:
+            # Our reading is paused (our handler's flow control): the wait is ours.
+            self._timer = self._loop.call_later(
+                self._renegotiation_timeout, self._renegotiation_timed_out
+            )
+            return
+        self._finish(
+            RenegotiationTimeout(
+                f"TLS renegotiation not done within {self._renegotiation_timeout:g}s"
+            )
+        )
 
     def _release(self) -> None:
         """After a read, with writes held: send them once the handshake is done."""
-        in_handshake = self._in_handshake
-        if self._state is _CLOSED or (in_handshake is not None and in_handshake()):
+        renegotiating = self._renegotiating
+        if self._state is _CLOSED or (renegotiating is not None and renegotiating()):
             return
         self._held = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._flush()
 
     def _flush(self) -> None:
         sslobj = self._sslobj
-        in_handshake = self._in_handshake
+        renegotiating = self._renegotiating
         while (out := self._out) is not None:
-            if in_handshake is not None and in_handshake():
+            # A partly sent write goes first: OpenSSL starts no renegotiation
+            # until it is done.
+            if renegotiating is not None and not self._partial and renegotiating():
                 self._hold()
                 return
             try:
                 sslobj.write(out)
             except ssl.SSLWantWriteError:
+                self._partial = True
                 self._sync_io()
                 return
             except ssl.SSLWantReadError:
@@ -524,6 +574,7 @@ class TLSConnection:
             except OSError as exc:
                 self._finish(_with_errno(exc, self._sock))
                 return
+            self._partial = False
             more = self._more
             if more:
                 # `more` becomes the retried buffer and is not appended to again.
@@ -796,7 +847,7 @@ class TLSConnection:
 
 
 class _LibSSL(NamedTuple):
-    in_init: Any  # SSL_in_init(SSL *)
+    renegotiate_pending: Any  # SSL_renegotiate_pending(SSL *)
     get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
     ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
 
@@ -814,10 +865,11 @@ def _libssl() -> _LibSSL | None:
         import _ssl
 
         libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
-        calls = _LibSSL(libssl.SSL_in_init, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
+        calls = _LibSSL(libssl.SSL_renegotiate_pending, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
     except (OSError, AttributeError, ImportError):
         return None
-    calls.in_init.restype, calls.in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    pending = calls.renegotiate_pending
+    pending.restype, pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
     calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     calls.ctrl.restype = ctypes.c_long
     calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
@@ -853,10 +905,12 @@ def _one_message_per_read(pointer: int) -> None:
 
 def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
     """For a TLS 1.2 connection whose context allows renegotiation (the fleet
-    side; the carrier listener's refuses it): a call saying whether OpenSSL is
-    in a handshake. None for TLS 1.3 (no renegotiation), for a context that
-    refuses it, or when OpenSSL's SSL cannot be reached (writes are then not
-    held, as before)."""
+    side; the carrier listener's refuses it): a call saying whether the peer has
+    asked for a renegotiation that is not done, postponed or under way
+    (SSL_renegotiate_pending: set as OpenSSL reads the HelloRequest, cleared as
+    the handshake finishes). None for TLS 1.3 (no renegotiation), for a context
+    that refuses it, or when OpenSSL's SSL cannot be reached (writes are then
+    not held, as before)."""
     calls = _libssl()
     if (
         calls is None
@@ -865,7 +919,7 @@ def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[
         or sock.context.options & ssl.OP_NO_RENEGOTIATION
     ):
         return None
-    return functools.partial(calls.in_init, pointer)
+    return functools.partial(calls.renegotiate_pending, pointer)
 
 
 def wrap_accepted(
