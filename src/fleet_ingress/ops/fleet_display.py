@@ -135,6 +135,10 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
         # release running" sent an operator to roll back a sound release (the CLI audit
         # of session 32).
         fix = "the installed code is not at fault: fix what it names"
+    elif last.get("cause") == "service":
+        # The workers' state at that moment (a start not settled, a channel not read,
+        # descriptors short): the error says what to do (the review of session 32).
+        fix = "the installed code is not at fault: do what it says"
     else:
         fix = (
             "but a worker replaced meanwhile runs the code installed now: fix the install "
