@@ -360,7 +360,7 @@ class UpgradeSequence:
         try:
             checked = await trial_run(supervisor.config_path)
         except TrialFailed as exc:
-            self._upgrade_failed(status, str(exc), cause="files" if exc.of_files else None)
+            self._upgrade_failed(status, str(exc), cause=exc.cause)
             return
         except Exception as exc:  # a bug here must not take the service down
             log.exception("upgrade: trial run broke")
@@ -493,7 +493,8 @@ class UpgradeSequence:
         fix accordingly): "files", the configuration, fleets file or certificate on
         disk failed it; "service", the service's state at that moment (a worker
         start not settled, a channel not read, descriptors short, a stop), which
-        the error says what to do about. None: the install's, or not known."""
+        the error says what to do about; "release", the installed release cannot
+        take over by `upgrade`. None: the install's, or not known."""
         status.update(state="failed", error=error, finished=time.time(), took_s=_took(status))
         if cause is not None:
             status["cause"] = cause
