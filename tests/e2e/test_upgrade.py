@@ -35,6 +35,7 @@ from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format_stat_table
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+from fleet_ingress.ops.fleet_display import upgrade_failed
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.supervisor import LOST_CHANNEL_CONFIRM, Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
@@ -2619,6 +2620,17 @@ async def test_a_worker_whose_channel_came_over_is_not_watched_twice_once_reaped
         await new.close()
 
 
+def _assert_stat_does_not_blame_the_install(supervisor: Supervisor) -> None:
+    """An upgrade abandoned for the workers' state at that moment (a start not
+    settled, a channel not read): the code installed and the files are sound.
+    stat's line said "fix the install or put back the release running", a
+    rollback of a sound release (the review of session 32)."""
+    line = upgrade_failed(supervisor.snapshot())
+    assert line is not None and line.startswith("LAST UPGRADE FAILED"), line
+    assert "fix the install" not in line and "put back the release" not in line, line
+    assert "the installed code is not at fault: do what it says, then" in line, line
+
+
 async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handing_nothing_over(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -2690,6 +2702,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         assert "nothing was handed over" in said
         (status,) = supervisor.upgrade.upgrade_status()["upgrades"]
         assert status["state"] == "failed"
+        _assert_stat_does_not_blame_the_install(supervisor)
         assert (reexecs, handovers) == ([], [])
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
         assert not set(HELD_OVER_EXEC) & mask
@@ -2752,6 +2765,7 @@ async def test_an_upgrade_with_a_worker_not_reading_its_channel_is_abandoned_who
         assert "upgrade abandoned, generation 1 serves on" in said
         assert "pid 4242" in said and "not reading its slot channel" in said
         assert "nothing was handed over" in said and "`fleet-ingress upgrade` again" in said
+        _assert_stat_does_not_blame_the_install(supervisor)
         assert reexecs == []
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
         assert not channel.handed_over and not channel.transport.is_closing()

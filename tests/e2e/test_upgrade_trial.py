@@ -47,7 +47,7 @@ async def test_the_same_release_passes_the_format_check_and_reaches_check(tmp_pa
 
 async def _trial_of_a_broken_copy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, break_it: Callable[[Path], None]
-) -> str:
+) -> upgrade.TrialFailed:
     """The trial run of a copy of the package that `break_it` changed (given
     the copy's package directory): what it failed with."""
     broken = tmp_path / "site"
@@ -61,7 +61,7 @@ async def _trial_of_a_broken_copy(
     config.write_text("")
     with pytest.raises(upgrade.TrialFailed) as failed:
         await upgrade.trial_run(config, timeout=60)
-    return str(failed.value)
+    return failed.value
 
 
 async def test_checks_output_cannot_pass_for_the_trials_own_refusal(tmp_path: Path) -> None:
@@ -90,10 +90,13 @@ async def test_a_release_whose_supervisor_cuts_channels_on_unknown_ops_is_refuse
         wire = package / "net" / "slot_wire.py"
         wire.write_text(wire.read_text().replace("class UnknownOps:", "class _Before:"))
 
-    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, intolerant)
+    failed = await _trial_of_a_broken_copy(tmp_path, monkeypatch, intolerant)
+    said = str(failed)
     assert said.startswith("the installed release's supervisor cuts a worker's channel"), said
     assert "restart the service instead" in said and "nothing was handed over" in said
     assert "does not import" not in said
+    # stat's line then says to restart, not to upgrade again (the review of session 32).
+    assert failed.cause == "release"
 
 
 async def test_a_release_that_does_not_import_is_named_as_the_installation(
@@ -105,7 +108,7 @@ async def test_a_release_that_does_not_import_is_named_as_the_installation(
     def syntax_error(package: Path) -> None:
         (package / "ops" / "metrics.py").write_text("def f(:\n")
 
-    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, syntax_error)
+    said = str(await _trial_of_a_broken_copy(tmp_path, monkeypatch, syntax_error))
     assert said.startswith("the installed code failed its trial run")
     assert "does not import" in said and "pip install $SRC" in said
     assert "fleet-ingress==" not in said  # not by the bare name (INSTALL 9)
@@ -123,7 +126,7 @@ async def test_a_check_that_crashes_after_the_imports_is_named_as_the_installati
         crash = "\n\ndef run_check(*a, **k):\n    raise RuntimeError('bug')\n"
         check.write_text(check.read_text() + crash)
 
-    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, crashing_check)
+    said = str(await _trial_of_a_broken_copy(tmp_path, monkeypatch, crashing_check))
     assert said.startswith("the installed code failed its trial run"), said
     assert "RuntimeError" in said
 
@@ -145,6 +148,6 @@ async def test_the_trial_run_yields_the_cpu_to_the_running_calls(
             + "raise ImportError('planted')\n"
         )
 
-    said = await _trial_of_a_broken_copy(tmp_path, monkeypatch, say_nice_then_break)
+    said = str(await _trial_of_a_broken_copy(tmp_path, monkeypatch, say_nice_then_break))
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     assert f"NICE={min(19, ours + upgrade.TRIAL_NICE)}" in said, said

@@ -23,6 +23,7 @@ from fleet_ingress.core.host_view import Counts, HostView, ReportError, WorkerRe
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
 from fleet_ingress.ops.admin_client import format_stat_table
+from fleet_ingress.ops.fleet_display import upgrade_failed
 from fleet_ingress.ops.host_stats import (
     HostMetrics,
     WorkerReporter,
@@ -780,3 +781,31 @@ def test_no_fleet_at_all_is_said_with_what_to_do_in_stat_and_the_page():
     line = "fleets: 0: every call gets 503 until `fleet-ingress add-fleet URL` adds one"
     assert line in format_stat_table(snap)
     assert line in render_stats_page(snap)
+
+
+@pytest.mark.parametrize(
+    ("cause", "fix", "wrong"),
+    [
+        (None, "fix the install or put back the release running, then", "not at fault"),
+        ("files", "the installed code is not at fault: fix what it names, then", "fix the install"),
+        ("service", "the installed code is not at fault: do what it says, then", "fix the install"),
+        ("release", "or restart the service in a quiet hour", "fix the install"),
+    ],
+)
+def test_a_failed_upgrade_s_line_names_the_fix_its_cause_takes(
+    cause: str | None, fix: str, wrong: str
+) -> None:
+    """Only a broken install is fixed by fixing the install. A release that
+    cannot take over by `upgrade` (its state format) said "fix the install or put
+    back the release running, then `fleet-ingress upgrade`", refused again the
+    same way, where its error said to restart; an upgrade abandoned for the
+    workers' state (a start not settled) sent a sound release to be rolled back
+    (the review of session 32)."""
+    status = {"state": "failed", "source": "SIGUSR2", "finished": 0.0, "error": "it failed"}
+    if cause is not None:
+        status["cause"] = cause
+    snap = {"generation": 2, "upgrade": status, "upgrade_last_finished": status}
+    line = upgrade_failed(snap)
+    assert line is not None and line.startswith("LAST UPGRADE FAILED at "), line
+    assert fix in line and wrong not in line, line
+    assert ("then `fleet-ingress upgrade` (this line stays" in line) is (cause != "release")

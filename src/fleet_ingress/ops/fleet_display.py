@@ -129,22 +129,37 @@ def upgrade_failed(snap: dict[str, Any]) -> str | None:
     when = "" if last.get("finished") is None else f" at {_day(last['finished'])}"
     source = last.get("source")
     begun = "`fleet-ingress upgrade`" if source == "command" else source or "unknown"
-    of_files = last.get("cause") == "files"
+    cause = last.get("cause")
+    of_files = cause == "files"
+    again = ", then `fleet-ingress upgrade` (this line stays until an upgrade succeeds)"
     if of_files:
         # The files on disk failed it, not the code: "fix the install or put back the
         # release running" sent an operator to roll back a sound release (the CLI audit
         # of session 32).
-        fix = "the installed code is not at fault: fix what it names"
+        fix = "the installed code is not at fault: fix what it names" + again
+    elif cause == "service":
+        # The workers' state at that moment (a start not settled, a channel not read,
+        # descriptors short): the error says what to do (the review of session 32).
+        fix = "the installed code is not at fault: do what it says" + again
+    elif cause == "release":
+        # A release that cannot take over by `upgrade` (its state format, its channel):
+        # "then `fleet-ingress upgrade`" was refused again the same way, where the
+        # error said to restart (the review of session 32).
+        fix = (
+            "but a worker replaced meanwhile runs the code installed now: put back the "
+            "release running (then `fleet-ingress upgrade`), or restart the service in a "
+            "quiet hour to run the one installed (`systemctl restart fleet-ingress`): an "
+            "upgrade to it is refused the same way"
+        )
     else:
         fix = (
             "but a worker replaced meanwhile runs the code installed now: fix the install "
-            "or put back the release running"
+            "or put back the release running" + again
         )
     return (
         f"LAST UPGRADE FAILED{when} (begun by {begun}): "
         f"{_upgrade_error(last.get('error'), of_files=of_files)}; generation "
-        f"{snap.get('generation')} serves on, {fix}, then `fleet-ingress upgrade` (this "
-        "line stays until an upgrade succeeds)"
+        f"{snap.get('generation')} serves on, {fix}"
         + (
             f"; an upgrade begun since is under way ({latest.get('state')}): "
             "`fleet-ingress stat` again once it ends"

@@ -137,12 +137,14 @@ _NOT_FOR_TRIAL = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "FLEET_INGRE
 
 class TrialFailed(Exception):
     """The installed code cannot serve; the message names what failed and the fix.
-    `of_files`: the configuration or fleets file failed the installed `check`
-    (the code is sound: not an install to fix or put back)."""
+    `cause`: "files", the configuration or fleets file failed the installed
+    `check` (the code is sound: not an install to fix or put back); "release",
+    the installed release cannot take over from the running one by `upgrade`
+    (a restart can); None, the install's."""
 
-    def __init__(self, message: str, *, of_files: bool = False) -> None:
+    def __init__(self, message: str, *, cause: str | None = None) -> None:
         super().__init__(message)
-        self.of_files = of_files
+        self.cause = cause
 
 
 async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str:
@@ -181,7 +183,8 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     if proc.returncode == TRIAL_CANNOT_TAKE_OVER_EXIT and said and not imported:
         raise TrialFailed(
             said[-1].removeprefix(TRIAL_CANNOT_TAKE_OVER)
-            + " (nothing was handed over; the running generation serves on)"
+            + " (nothing was handed over; the running generation serves on)",
+            cause="release",
         )
     if imported:
         lines = lines[lines.index(TRIAL_CODE_IMPORTED) + 1 :]
@@ -196,7 +199,7 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "`fleet-ingress upgrade` again (nothing was handed over; the running "
             "generation serves on). Until then a restart would start the installed "
             "code and fail the same way",
-            of_files=True,
+            cause="files",
         )
     if proc.returncode != 0:
         tail = "\n".join(lines[-TRIAL_OUTPUT_LINES:])

@@ -360,7 +360,7 @@ class UpgradeSequence:
         try:
             checked = await trial_run(supervisor.config_path)
         except TrialFailed as exc:
-            self._upgrade_failed(status, str(exc), of_files=exc.of_files)
+            self._upgrade_failed(status, str(exc), cause=exc.cause)
             return
         except Exception as exc:  # a bug here must not take the service down
             log.exception("upgrade: trial run broke")
@@ -379,7 +379,9 @@ class UpgradeSequence:
         """From the trial run passed to the exec, or why not."""
         supervisor = self.supervisor
         if supervisor.stopping:
-            self._upgrade_failed(status, "the ingress began stopping during the trial run")
+            self._upgrade_failed(
+                status, "the ingress began stopping during the trial run", cause="service"
+            )
             return
         # The new image reads the certificate file at its start, with no reload to
         # judge it: one a reload refused must not come back this way.
@@ -393,7 +395,7 @@ class UpgradeSequence:
                 status,
                 f"the files changed during the trial run and no longer read: {exc}; fix "
                 "them, then upgrade",
-                of_files=True,
+                cause="files",
             )
             return
         if problem is not None:
@@ -401,7 +403,7 @@ class UpgradeSequence:
                 status,
                 f"{problem}; the new image would serve it in place of the one in use: fix "
                 "the certificate and reload, then upgrade",
-                of_files=True,
+                cause="files",
             )
             return
         log.info("upgrade: trial run passed", extra=fields(upgrade=status["id"], check=checked))
@@ -450,6 +452,7 @@ class UpgradeSequence:
                     status,
                     "a stop was asked (SIGTERM/SIGINT) as the trial run ended: not "
                     "re-executing; the ingress stops",
+                    cause="service",
                 )
                 return
             status["state"] = "re-executing"
@@ -466,7 +469,7 @@ class UpgradeSequence:
                 self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {failed.error}")
         except HandoverError as exc:  # it says why and the fix; the workers serve on
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
-            self._upgrade_failed(status, str(exc))
+            self._upgrade_failed(status, str(exc), cause="service")
         except OSError as exc:  # before anything was handed over: the workers serve on
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
             self._upgrade_failed(status, f"cannot re-execute {sys.executable}: {exc}")
@@ -480,16 +483,21 @@ class UpgradeSequence:
             f"a worker being started did not reach its channel within "
             f"{self.starts_settle:g}s (an overloaded host?): nothing was handed over, the "
             "workers serve on; run `fleet-ingress upgrade` again",
+            cause="service",
         )
 
     def _upgrade_failed(
-        self, status: dict[str, Any], error: str, *, of_files: bool = False
+        self, status: dict[str, Any], error: str, *, cause: str | None = None
     ) -> None:
-        """`of_files`: the configuration, fleets file or certificate on disk failed
-        it, not the installed code (stat's line names the fix accordingly)."""
+        """`cause`, when the installed code is not at fault (stat's line names the
+        fix accordingly): "files", the configuration, fleets file or certificate on
+        disk failed it; "service", the service's state at that moment (a worker
+        start not settled, a channel not read, descriptors short, a stop), which
+        the error says what to do about; "release", the installed release cannot
+        take over by `upgrade`. None: the install's, or not known."""
         status.update(state="failed", error=error, finished=time.time(), took_s=_took(status))
-        if of_files:
-            status["cause"] = "files"
+        if cause is not None:
+            status["cause"] = cause
         log.error(
             "upgrade abandoned: the running generation serves on",
             extra=fields(upgrade=status["id"], generation=self.supervisor.generation, error=error),
@@ -810,6 +818,7 @@ class UpgradeSequence:
                 status,
                 "a stop was asked (SIGTERM/SIGINT) during the re-execution: no new "
                 "generation is started; the ingress stops",
+                cause="service",
             )
             return
         status["state"] = "starting workers"
