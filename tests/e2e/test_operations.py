@@ -940,6 +940,13 @@ async def test_an_admin_request_whose_body_never_comes_in_full_is_answered_408(
         deployment, head + b"Content-Length: %d\r\n\r\n" % len(named) + named
     )
     assert status == 400 and "name is a string" in body
+    # An empty name, as the CLI refuses it (before, the API took it as none: the
+    # fleet named after the URL's host, unsaid; the review of session 32).
+    named = json.dumps({"url": "https://fleet9.test", "name": ""}).encode()
+    status, body = await _raw_admin(
+        deployment, head + b"Content-Length: %d\r\n\r\n" % len(named) + named
+    )
+    assert status == 400 and "name cannot be empty" in body
 
 
 async def test_an_admin_client_gone_mid_body_costs_no_traceback_and_the_socket_serves_on(

@@ -143,6 +143,10 @@ def admin_app(
             raise FleetChangeError(400, "add-fleet needs a URL, e.g. https://fleet3.example.com")
         if not isinstance(body.get("name"), str | None):
             raise FleetChangeError(400, "a fleet's name is a string, e.g. fleet3")
+        if body.get("name") == "":  # read as no name: the URL's host[:port], unsaid
+            raise FleetChangeError(
+                400, "a fleet's name cannot be empty; leave it out for the URL's host[:port]"
+            )
         maxconn = body.get("maxconn")
         if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
             raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
