@@ -22,6 +22,7 @@ from typing import Any
 
 from . import procfs
 from .children import Children
+from .run import process_roles
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 BUCKETS = (
@@ -178,25 +179,9 @@ _STRACE_ROW = re.compile(
 )
 
 
-def process_roles(pid: int) -> dict[int, str]:
-    """``pid``'s tree by role: fleet-ingress's ``supervisor`` and ``worker N``, or the
-    process's own name (``haproxy``, ``haproxy 2``, ...)."""
-    pids = procfs.descendants(pid)
-    roles: dict[int, str] = {}
-    for i, p in enumerate(pids):
-        try:
-            comm, _ = procfs.read_stat(p)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if comm == "haproxy":
-            roles[p] = "haproxy" if i == 0 else f"haproxy {i + 1}"
-        else:
-            roles[p] = "supervisor" if i == 0 else f"worker {i}"
-    return roles
-
-
 async def strace_record(
     children: Children,
+    kind: str,
     pid: int,
     seconds: float,
     out: Path,
@@ -217,7 +202,8 @@ async def strace_record(
         return {}
     files: dict[str, Path] = {}
     procs = []
-    for p, role in process_roles(pid).items():
+    tree = [(p, procfs.cmdline(p)) for p in procfs.descendants(pid)]
+    for p, role in process_roles(kind, tree).items():
         part = out.with_name(f"{out.stem}-{role.replace(' ', '')}{out.suffix}")
         mode = ["-tt", "-yy", "-s", "64"] if full else ["-c"]
         argv = [binary, "-f", *mode, "-p", str(p), "-o", str(part)]

@@ -43,6 +43,7 @@ async def churn(
             strace = asyncio.get_running_loop().create_task(
                 profile.strace_record(
                     run.children,
+                    target.kind,
                     target.pid,
                     window,
                     out,
