@@ -156,6 +156,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="perf record (cpu-clock) every proxy during the window: share of CPU per "
         "library and per symbol, per call set-up",
     )
+    p.add_argument(
+        "--strace",
+        choices=("count", "full", "tracepoints"),
+        help="system calls of every process of each proxy during the window (instead of "
+        "--perf): count, strace -f -c, per call by name and process; full, strace -f -tt "
+        "-yy, every call with its time and descriptors (a short run at a low rate; "
+        "python -m bench.strace_stages splits it by stage); tracepoints, perf stat of the "
+        "kernel's syscalls:sys_enter_* (counts without stopping the proxy). strace slows "
+        "the traced proxy: its CPU and latency figures do not hold",
+    )
 
     args = parser.parse_args(argv)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -184,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.idle_frames = getattr(args, "idle_frames", 1)
     args.py_spy = getattr(args, "py_spy", False)
     args.perf = getattr(args, "perf", False)
+    args.strace = getattr(args, "strace", None)
     return args
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import procfs
 from .children import Children
+from .run import process_roles
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<where>[^()]*)\)$")
 BUCKETS = (
@@ -168,4 +169,99 @@ async def perf_summary(path: Path, top: int = 25) -> dict[str, Any]:
         out[key] = dict(list(rows.items())[:top])
         if not rows:
             out["error"] = err.decode(errors="replace")[-300:]
+    return out
+
+
+# -- strace: system calls per call ------------------------------------------------------
+
+_STRACE_ROW = re.compile(
+    r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(?P<calls>\d+)\s+(?P<errors>\d+)?\s*(?P<name>\w+)\s*$"
+)
+
+
+async def strace_record(
+    children: Children,
+    kind: str,
+    pid: int,
+    seconds: float,
+    out: Path,
+    *,
+    full: bool = False,
+    tracepoints: bool = False,
+) -> dict[str, Path]:
+    """``strace -f`` on each process of ``pid``'s tree for ``seconds``, one file each
+    (``out``-ROLE.txt): a count per system call (``-c``), or with ``full`` every call
+    with its time and its descriptors' addresses (``-tt -yy``). strace stops the
+    process at each system call, so the proxy runs slower while traced: its CPU
+    and latency figures do not hold, and a slowed proxy finds more waiting at
+    each wake-up (fewer epoll waits, reads coalesced). With ``tracepoints``,
+    ``perf stat`` counts the kernel's ``syscalls:sys_enter_*`` instead, which
+    stops nothing (same summary format once read by `strace_counts`)."""
+    binary = shutil.which("strace")
+    if binary is None:
+        return {}
+    files: dict[str, Path] = {}
+    procs = []
+    tree = [(p, procfs.cmdline(p)) for p in procfs.descendants(pid)]
+    for p, role in process_roles(kind, tree).items():
+        part = out.with_name(f"{out.stem}-{role.replace(' ', '')}{out.suffix}")
+        mode = ["-tt", "-yy", "-s", "64"] if full else ["-c"]
+        argv = [binary, "-f", *mode, "-p", str(p), "-o", str(part)]
+        if tracepoints:
+            # The kernel's syscall tracepoints, counted: no stop at each call.
+            argv = [shutil.which("perf") or "perf", "stat", "-e", "syscalls:sys_enter_*"]
+            argv += ["-x", ",", "-p", str(p), "-o", str(part), "--", "sleep", f"{seconds:.1f}"]
+        with part.with_suffix(".log").open("wb") as err:
+            procs.append(await children.spawn(argv, stdout=err, stderr=err))
+        files[role] = part
+    if tracepoints:  # perf stops by itself (sleep), its summary written
+        try:
+            async with asyncio.timeout(seconds + 30):
+                await asyncio.gather(*(p.wait() for p in procs))
+        finally:
+            await asyncio.gather(*(Children.stop(p, 30) for p in procs))
+        return files
+    await asyncio.sleep(seconds)
+    # SIGTERM: strace detaches and writes the -c summary before it exits.
+    await asyncio.gather(*(Children.stop(p, 30) for p in procs))
+    return files
+
+
+def strace_counts(path: Path) -> dict[str, dict[str, int]]:
+    """An ``strace -c`` summary (or ``perf stat -x,`` of syscalls:sys_enter_*):
+    {syscall: {"calls": n, "errors": n}}, most calls first (perf counts no errors)."""
+    rows: dict[str, dict[str, int]] = {}
+    if not path.exists():
+        return rows
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split(",")
+        if len(parts) > 2 and parts[2].startswith("syscalls:sys_enter_"):
+            if parts[0].isdigit() and int(parts[0]):
+                rows[parts[2].removeprefix("syscalls:sys_enter_")] = {
+                    "calls": int(parts[0]),
+                    "errors": 0,
+                }
+            continue
+        m = _STRACE_ROW.match(line)
+        if m and m["name"] != "total":
+            rows[m["name"]] = {"calls": int(m["calls"]), "errors": int(m["errors"] or 0)}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1]["calls"]))
+
+
+def strace_summary(files: dict[str, Path], calls: int) -> dict[str, Any]:
+    """Per process: system calls per proxied call by name (and errors), and the total."""
+    out: dict[str, Any] = {"calls_in_window": calls}
+    for role, path in files.items():
+        counts = strace_counts(path)
+        per = {k: round(v["calls"] / calls, 2) for k, v in counts.items()} if calls else {}
+        errs = {k: round(v["errors"] / calls, 2) for k, v in counts.items() if v["errors"]}
+        out[role] = {
+            "file": path.name,
+            "total": sum(v["calls"] for v in counts.values()),
+            "per_call_total": round(sum(v["calls"] for v in counts.values()) / calls, 1)
+            if calls
+            else None,
+            "per_call": per,
+            "errors_per_call": errs if calls else {},
+        }
     return out

@@ -35,8 +35,23 @@ async def churn(
         # Window: from when as many calls end as start, to the last start.
         await asyncio.sleep(max(0.0, t0 + call_s + 1.0 - time.monotonic()))
         a = run.sample(target, [gens])
-        perf = None
-        if run.args.perf and target.pid:
+        perf = strace = None
+        if run.args.strace and target.pid:
+            run.gen_seq += 1
+            out = run.out / f"strace-{target.name.replace('@', '-')}-{run.gen_seq}.txt"
+            window = t0 + seconds - time.monotonic()
+            strace = asyncio.get_running_loop().create_task(
+                profile.strace_record(
+                    run.children,
+                    target.kind,
+                    target.pid,
+                    window,
+                    out,
+                    full=run.args.strace == "full",
+                    tracepoints=run.args.strace == "tracepoints",
+                )
+            )
+        elif run.args.perf and target.pid:
             run.gen_seq += 1
             out = run.out / f"perf-{target.name.replace('@', '-')}-{run.gen_seq}.data"
             window = t0 + seconds - time.monotonic()
@@ -46,6 +61,7 @@ async def churn(
         await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
         b = run.sample(target, [gens])
         perf_path = await perf if perf is not None else None
+        strace_files = await strace if strace is not None else None
         rss1 = run.rss(target)
         try:
             await gens.wait_all_done(call_s + 30)
@@ -79,6 +95,11 @@ async def churn(
         "rss_kib_end": rss1,
         "perf": {"file": perf_path.name, **(await profile.perf_summary(perf_path))}
         if perf_path
+        else None,
+        "strace": profile.strace_summary(strace_files, started)
+        if strace_files and run.args.strace in ("count", "tracepoints")
+        else {"files": {k: v.name for k, v in strace_files.items()}}
+        if strace_files
         else None,
         "loads": loads,
     }

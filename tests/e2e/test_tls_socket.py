@@ -644,6 +644,95 @@ async def test_bytes_openssl_holds_are_read_at_once_and_when_reading_resumes(
     assert bytes(first.data) == b"a" * 1000 + b"b" * 1000
 
 
+class _CountingLoop:
+    """A connection's loop that counts the reader registrations it is asked for."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.added = 0
+        self.removed = 0
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self.added += 1
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> bool:
+        self.removed += 1
+        return self.loop.remove_reader(fd)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.loop, name)
+
+
+async def test_a_pause_ends_without_unregistering_unless_a_read_event_comes_meanwhile(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With uvloop, a descriptor's reader removed and added again is its poll
+    handle closed and a new one opened: seven system calls. A call paused each
+    side's reading and resumed it three times before its first frame (the
+    handshake done then the handler started; the fleet's answer read then the
+    call linked, in one callback): a churned call's system calls, session 32.
+    A pause now unregisters only when a read event comes that it does not want,
+    once (no busy loop), and reading resumes with what waited."""
+    counting_callbacks = _CountReadable(monkeypatch)
+    loop = asyncio.get_running_loop()
+    client_sock, server_sock = _tcp_pair()
+    client_sock.setblocking(False)
+    server = wrap_accepted(loop, server_sock, _server_ctx(tls_files))
+    counting = _CountingLoop(loop)
+    server._loop = counting  # type: ignore[assignment]
+    handlers: list[Recorder] = []
+
+    def handshaken(exc: BaseException | None) -> None:
+        assert exc is None
+        handlers.append(Recorder(server))
+        server.start(handlers[0])
+
+    server.start_handshake(5, handshaken)
+    client = TLSConnection(
+        loop,
+        tls_files.client_context().wrap_socket(
+            client_sock,
+            server_hostname="calls.test",
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,
+        ),
+    )
+    try:
+        await client.handshake(5)
+        client.start(Recorder(client))
+        client.write(b"head")
+        await eventually(lambda: bool(handlers) and handlers[0].data == b"head")
+        # The handshake's registration serves the handler: never removed.
+        assert (counting.added, counting.removed) == (1, 0)
+
+        # Paused and resumed in one callback (the fleet's head, then the link).
+        handler = handlers[0]
+        handler.on_data = lambda h: (h.conn.pause_reading(), h.conn.resume_reading())
+        client.write(b"101")
+        await eventually(lambda: handler.data == b"head101")
+        handler.on_data = None
+        client.write(b", frame")
+        await eventually(lambda: handler.data == b"head101, frame")
+        assert (counting.added, counting.removed) == (1, 0)
+
+        # Paused while bytes come: unregistered at the first read event, once.
+        server.pause_reading()
+        assert counting.removed == 0
+        counting_callbacks.calls = 0
+        client.write(b" while paused")
+        await eventually(lambda: counting.removed == 1)
+        await asyncio.sleep(0.1)
+        assert counting_callbacks.calls <= 2  # the client's own reads, at most, and this one
+        assert handler.data == b"head101, frame"
+        server.resume_reading()
+        await eventually(lambda: handler.data == b"head101, frame while paused")
+        assert (counting.added, counting.removed) == (2, 1)
+    finally:
+        client.abort()
+        server.abort()
+
+
 async def test_flow_control_pauses_the_writer_bounds_its_buffer_and_keeps_the_order(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:

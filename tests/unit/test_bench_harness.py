@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench import strace_stages
 from bench.__main__ import check_targets, parse_args, parse_variants, ramp_summary
-from bench.harness import procfs, report, targets
+from bench.harness import procfs, profile, report, targets
 from bench.harness.carrier import Recorder
 from bench.harness.children import REPO
 from bench.harness.generator import Generators, Progress, call_bounds, merged_percentile
@@ -883,3 +884,52 @@ def test_cpu_by_process_is_summarized_and_rendered() -> None:
         for r in rnd.values():
             del r["loads"]["proxy_cores_by_process"]
     assert "cpu_by_process" not in report.summarize_rounds("churn", rounds)
+
+
+def test_system_call_counts_are_read_from_strace_and_from_perf_stat(tmp_path: Path) -> None:
+    strace = tmp_path / "strace.txt"
+    strace.write_text(
+        "% time     seconds  usecs/call     calls    errors syscall\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        " 40.00    0.112772           6     18666        99 read\n"
+        "  5.19    0.014644           5      2451      1226 epoll_ctl\n"
+        "  0.39    0.001113          14        78           accept4\n"
+        "------ ----------- ----------- --------- --------- ----------------\n"
+        "100.00    0.281895           7     21195      1325 total\n"
+    )
+    perf = tmp_path / "perf.txt"
+    perf.write_text(
+        "# started on Sat Dec  5 16:53:26 2026\n\n"
+        "0,,syscalls:sys_enter_mmap,14426113,100.00,,\n"
+        "94,,syscalls:sys_enter_getpid,15507553,100.00,,\n"
+        "<not counted>,,syscalls:sys_enter_iopl,0,100.00,,\n"
+        "188,,syscalls:sys_enter_read,15507553,100.00,,\n"
+    )
+    assert profile.strace_counts(strace) == {
+        "read": {"calls": 18666, "errors": 99},
+        "epoll_ctl": {"calls": 2451, "errors": 1226},
+        "accept4": {"calls": 78, "errors": 0},
+    }
+    assert profile.strace_counts(perf) == {
+        "read": {"calls": 188, "errors": 0},
+        "getpid": {"calls": 94, "errors": 0},
+    }
+    summary = profile.strace_summary({"worker 1": strace}, calls=78)
+    assert summary["worker 1"]["per_call"]["accept4"] == 1.0
+    assert summary["worker 1"]["per_call_total"] == round(21195 / 78, 1)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('read(15<TCP:[1]>, "\\27\\3\\3\\0\\31", 5) = 5', (0x17, 25)),
+        ('read(15<TCP:[1]>, "\\27\\3\\3\\1E", 5) = 5', (0x17, 0x145)),
+        ('write(17<TCP:[1]>, "\\24\\3\\3\\0\\1\\1\\27\\3\\3\\0E\\231"..., 80) = 80', (0x14, 1)),
+        ('read(15<TCP:[1]>, "\\26\\3\\1\\2\\0", 5) = 5', None),  # a ClientHello's 3.1
+        ("read(15<TCP:[1]>, 0x55fc9ce49e23, 5) = -1 EAGAIN", None),
+    ],
+)
+def test_a_tls_record_header_is_read_from_an_strace_line(
+    line: str, expected: tuple[int, int] | None
+) -> None:
+    assert strace_stages.record_header(line) == expected
