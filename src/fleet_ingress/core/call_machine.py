@@ -186,13 +186,17 @@ class SideFinished(Event):
 @dataclass(frozen=True, slots=True)
 class CarrierLost(Event):
     how: Lost
-    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
+    # What failed, for Lost.ERROR; for Lost.GONE, a peer that stopped reading
+    # rather than vanished: the access line's detail.
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class FleetLost(Event):
     how: Lost
-    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
+    # What failed, for Lost.ERROR; for Lost.GONE, a peer that stopped reading
+    # rather than vanished: the access line's detail.
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,7 +528,8 @@ class CallMachine:
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
-        if self.end_reason is None and reason is EndReason.ERROR and event.why:
+        told = reason in (EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST)
+        if self.end_reason is None and told and event.why:
             self.error_text = f"{side.value}: {event.why}"
         self._end(reason)
 
