@@ -524,9 +524,9 @@ class CarrierProtocol(_Side):
             # pauses under a flood (10-20 ms, measured) are jitter on every live call.
             self.unlink()
 
-    def request_end(self, reason: EndReason) -> None:
+    def request_end(self, reason: EndReason, why: str = "") -> None:
         """End the call from outside (silence sweep, drain, forced removal)."""
-        self.feed(EndRequested(reason))
+        self.feed(EndRequested(reason, why))
 
     def feed(self, event: Event) -> None:
         """Hand the machine an event and carry out its commands. An event raised
