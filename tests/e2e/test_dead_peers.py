@@ -385,8 +385,8 @@ async def test_a_carrier_that_stops_reading_is_said_to_have_stopped_reading(
     1 s user timeout, about one run in five on a loaded host kept the call up
     until the carrier stopped sending (20 s), the kernel never giving the
     connection up meanwhile (the user timeout counts from the first window
-    probe; an ACK before it is due may put it back). Not seen with the
-    defaults in namespaces; left open by the audit (docs/RELIABILITY.md)."""
+    probe; an ACK before it is due may put it back). The silence sweep's stall
+    rule ends those (tests/socketpair); here the kernel's end is under test."""
     caplog.set_level(logging.INFO, logger="fleet_ingress.access")
     fleet = await RawFleet(tls_files.fleet_server_context(), Streaming()).start()
     try:
