@@ -7,8 +7,10 @@ The link-down cases need network namespaces: `test_dead_peers_netns.py`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -339,5 +341,73 @@ async def test_tcp_liveness_options_are_set_on_both_sides(
                 continue
             assert rto_max == 2000, type(side).__name__
         writer.close()
+    finally:
+        await fleet.stop()
+
+
+class Streaming(Bot):
+    """A bot that talks as fast as the ingress takes it (64 KiB a write)."""
+
+    async def _talk(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            writer.write(b"b" * 65536)
+            await writer.drain()
+
+
+def _carrier_that_stops_reading(address: tuple[str, int], ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    """A blocking TLS carrier: upgraded, its 101 read, and then never read again
+    (a small receive buffer: its window closes soon)."""
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.settimeout(5)
+    raw.connect(address)
+    tls = ctx.wrap_socket(raw, server_hostname="localhost")
+    tls.sendall(UPGRADE.format(path="/ws/stuck").encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += tls.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return tls
+
+
+@pytest.mark.timeout(30)
+async def test_a_carrier_that_stops_reading_is_said_to_have_stopped_reading(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A carrier alive and streaming its audio that no longer reads (a stuck
+    reader thread) while the bot talks: its window closes on the bot's bytes and
+    the user timeout ends the call as `carrier_lost`, as for a carrier gone. The
+    access line says which (the lossy-link audit of session 32: `detail` was
+    null, the same line as a vanished carrier's, and sent the operator to the
+    network rather than to the carrier's client).
+
+    Its frames go every 0.5 s, not every 20 ms: with a frame every 20 ms and a
+    1 s user timeout, about one run in five on a loaded host kept the call up
+    until the carrier stopped sending (20 s), the kernel never giving the
+    connection up meanwhile (the user timeout counts from the first window
+    probe; an ACK before it is due may put it back). The silence sweep's stall
+    rule ends those (tests/socketpair); here the kernel's end is under test."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    fleet = await RawFleet(tls_files.fleet_server_context(), Streaming()).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("a")], timeouts={"tcp_user_timeout": 2.0, "carrier_silence": 0}
+        )
+        tls = await asyncio.to_thread(
+            _carrier_that_stops_reading, ingress.wss_address, tls_files.client_context()
+        )
+        tls.setblocking(False)
+        with contextlib.suppress(OSError):  # it sends on until the ingress gives it up
+            for _ in range(40):
+                if access_entries(caplog):
+                    break
+                with contextlib.suppress(ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    tls.send(FRAME)
+                await asyncio.sleep(0.5)
+        await eventually(lambda: len(access_entries(caplog)) == 1, timeout=10)
+        [entry] = access_entries(caplog)
+        assert entry["end_reason"] == "carrier_lost", entry
+        assert entry["detail"] is not None and "stopped reading" in entry["detail"], entry
+        tls.close()
     finally:
         await fleet.stop()

@@ -1652,9 +1652,11 @@ def _tcp_info(
     backoff: int = 0,
     notsent: int = 0,
     snd_wnd: int = 65536,
+    last_data_recv: int = 0,
 ) -> bytes:
     info = bytearray(280)
     info[2:5] = bytes((retransmits, probes, backoff))
+    struct.pack_into("=I", info, 52, last_data_recv)
     struct.pack_into("=I", info, 144, notsent)
     struct.pack_into("=I", info, 228, snd_wnd)
     return bytes(info)
@@ -1678,3 +1680,24 @@ def test_what_tcp_shows_of_a_failed_socket_tells_a_vanished_peer_from_a_reset(
     info: bytes, gone: bool
 ) -> None:
     assert tls_socket.peer_stopped_answering(info) is gone
+
+
+@pytest.mark.parametrize(
+    ("info", "stopped_reading"),
+    [
+        # Window closed on our bytes, its data still coming (a carrier's audio
+        # 16 ms before; one window probe out at the end: the figures measured).
+        (_tcp_info(probes=1, snd_wnd=0, notsent=2_806_311, last_data_recv=16), True),
+        # The same window, nothing from it for about the user timeout: gone, or
+        # stopped sending as well; not said to have stopped reading.
+        (_tcp_info(probes=1, snd_wnd=0, notsent=2_806_311, last_data_recv=19_900), False),
+        (_tcp_info(retransmits=5, last_data_recv=16), False),  # unacknowledged data
+        (_tcp_info(snd_wnd=0, notsent=0, last_data_recv=16), False),
+        (_tcp_info()[:8], False),  # an old kernel's short struct
+    ],
+)
+def test_a_peer_that_stopped_reading_but_still_sends_is_told_from_one_gone(
+    info: bytes, stopped_reading: bool
+) -> None:
+    assert tls_socket._stopped_reading(info, 20_000) is stopped_reading
+    assert tls_socket._stopped_reading(info, 0) is False  # no user timeout: not ours to say

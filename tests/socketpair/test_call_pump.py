@@ -9,6 +9,7 @@ The same behaviour with real TLS and real WebSocket clients is in tests/e2e/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
 import ssl
@@ -24,6 +25,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import (
     CallMachine,
     Command,
+    EndReason,
     Event,
     FleetHead,
     IllegalEvent,
@@ -61,7 +63,7 @@ class Pump:
 async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[Pump]]]:
     servers: list[asyncio.Server] = []
 
-    async def make(handler: FleetHandler) -> Pump:
+    async def make(handler: FleetHandler, silence: SilencePolicy | None = None) -> Pump:
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         servers.append(server)
         port = server.sockets[0].getsockname()[1]
@@ -77,7 +79,7 @@ async def pump_with_fleet() -> AsyncIterator[Callable[[FleetHandler], Awaitable[
             connect_timeout=2.0,
             response_timeout=2.0,
             request_timeout=2.0,
-            silence=SilencePolicy(tunnel=60.0, carrier=30.0),
+            silence=silence or SilencePolicy(tunnel=60.0, carrier=30.0),
             liveness=TcpLiveness(),
             max_head_bytes=16384,
             max_header_count=100,
@@ -314,6 +316,56 @@ async def test_a_fleet_that_stops_reading_stops_the_carrier_being_read(pump_with
     reading.set()
     writer.close()
     await eventually(lambda: not pump.ctx.registry.calls)
+
+
+async def test_a_carrier_that_stops_reading_while_it_sends_is_ended_and_its_slot_freed(
+    pump_with_fleet,
+):
+    """A carrier whose reader is stuck while its audio flows, the bot talking:
+    the pump stops reading the fleet (flow control) and nothing else ends the
+    call (the carrier is not silent, bytes move one way). Linux's user timeout
+    may not either: every ACK the carrier sends puts its window probe back (the
+    lossy-link audit of session 32: 4 of 20 such calls on loopback still up
+    25 s after a 1 s user timeout). A socketpair has no user timeout at all:
+    the ingress's own limit (`stalled`, timeouts.tcp_user_timeout) ends it."""
+    fleet_closed = asyncio.Event()
+
+    async def bot_talking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(SWITCHING)
+
+        async def talk() -> None:
+            while True:
+                writer.write(b"b" * 16384)
+                await writer.drain()
+                await asyncio.sleep(0.005)
+
+        talking = asyncio.get_running_loop().create_task(talk())
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):  # it hears the caller
+                pass
+        fleet_closed.set()
+        talking.cancel()
+
+    silence = SilencePolicy(tunnel=60.0, carrier=30.0, stalled=1.0)
+    pump = await pump_with_fleet(bot_talking, silence)
+    fleet = pump.balancer.fleets[0]
+    reader, writer = await pump.carrier()
+    writer.write(UPGRADE.format(path="/ws/stuck").encode())
+    await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5)
+    reader._transport.pause_reading()  # type: ignore[attr-defined]  # its reader is stuck
+    [call] = pump.ctx.registry.calls
+    started = asyncio.get_running_loop().time()
+    while call.end_reason is None and asyncio.get_running_loop().time() - started < 8:
+        writer.write(b"c" * 320)  # its audio goes on
+        await asyncio.sleep(0.02)
+    assert call.end_reason is EndReason.CARRIER_LOST
+    assert call.machine is not None and "stopped reading" in (call.machine.error_text or "")
+    took = asyncio.get_running_loop().time() - started
+    assert took < 1.0 * 1.25 + 1.0, took  # the limit, a sweep, and the pump's buffers filling
+    await eventually(lambda: fleet.active == 0 and not pump.ctx.registry.calls)
+    await asyncio.wait_for(fleet_closed.wait(), 12)  # the bot is told
+    writer.transport.abort()
 
 
 async def test_a_carrier_that_leaves_while_the_fleet_is_silent_gives_its_slot_back(

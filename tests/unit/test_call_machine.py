@@ -853,8 +853,10 @@ def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason,
         pb >> FleetLost(Lost.ERROR, "the other side's, later") << ReleaseSlot()
         pb << CallEnded(reason)
     assert pb
-    # What failed is kept for the access line when an error ended the call.
-    assert machine.error_text == (f"{side}: {why}" if how is Lost.ERROR else None)
+    # What failed is kept for the access line when an error ended the call, or a
+    # side gone that the layer said more of (a peer that stopped reading).
+    told = how in (Lost.ERROR, Lost.GONE)
+    assert machine.error_text == (f"{side}: {why}" if told else None)
 
 
 def test_an_error_after_a_hang_up_is_no_error_text():

@@ -104,3 +104,60 @@ def test_a_reloads_limits_for_a_call_up_are_each_the_longer_of_the_two():
     longer = started.lenient(SilenceLimits(idle=7200.0, carrier=120.0, fleet=5.0))
     assert longer == SilenceLimits(idle=7200.0, carrier=120.0, fleet=0.0)
     assert SilenceLimits(idle=60.0, carrier=0.0).lenient(started).carrier == 0.0
+
+
+# With timeouts.tcp_user_timeout (20 s) as the limit on a side that takes nothing.
+STALLED = SilenceLimits(idle=3600.0, carrier=30.0, stalled=20.0)
+CARRIER_STALLED, FLEET_STALLED = Silence.CARRIER_STALLED, Silence.FLEET_STALLED
+
+
+@pytest.mark.parametrize(
+    ("sweeps", "verdicts"),
+    [
+        # The carrier stops reading at about 10 s and streams on: the fleet is held
+        # and nothing more is relayed to the carrier; ended 20 s after the last
+        # sweep that saw bytes go to it (the session 32 audit: not ended before).
+        (
+            [
+                (5, 100, 500, ""),
+                (10, 200, 600, "f"),
+                (15, 300, 600, "f"),
+                (25, 400, 600, "f"),
+                (30, 500, 600, "f"),
+            ],
+            [None, None, None, None, CARRIER_STALLED],
+        ),
+        # A slow carrier: held at every sweep, but taking bytes: never.
+        ([(5.0 * i, 100 * i, 50 * i, "f") for i in range(1, 12)], [None] * 11),
+        # A bot silent for a minute, then a burst the carrier does not take:
+        # counted from the burst, not from the bot's silence.
+        (
+            [
+                (30, 100, 0, ""),
+                (60, 200, 0, ""),
+                (65, 300, 500, "f"),
+                (80, 400, 500, "f"),
+                (85, 500, 500, "f"),
+            ],
+            [None, None, None, None, CARRIER_STALLED],
+        ),
+        # A bot that stops reading and talks on: the carrier is held.
+        (
+            [(5, 100, 50, ""), (10, 200, 100, "c"), (20, 200, 150, "c"), (30, 200, 200, "c")],
+            [None, None, None, FLEET_STALLED],
+        ),
+        # Held, then free again before the limit: nothing.
+        ([(10, 100, 50, "f"), (25, 200, 50, ""), (31, 300, 50, "")], [None, None, None]),
+    ],
+)
+def test_a_side_that_takes_nothing_while_its_peer_is_held_has_stalled(sweeps, verdicts):
+    assert _run(STALLED, sweeps) == verdicts
+
+
+def test_the_stall_limit_is_off_at_0_and_counts_in_the_sweep_period():
+    held = [(10.0 * i, 100 * i, 5, "f") for i in range(1, 10)]
+    assert _run(DEFAULT, held) == [None] * 9
+    assert STALLED.sweep_period == 5.0
+    longer = SilenceLimits(idle=3600.0, carrier=30.0, stalled=40.0)
+    assert STALLED.lenient(longer).stalled == 40.0
+    assert STALLED.lenient(DEFAULT).stalled == 0.0  # off wins, as for the other limits

@@ -186,13 +186,17 @@ class SideFinished(Event):
 @dataclass(frozen=True, slots=True)
 class CarrierLost(Event):
     how: Lost
-    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
+    # What failed, for Lost.ERROR; for Lost.GONE, a peer that stopped reading
+    # rather than vanished: the access line's detail.
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class FleetLost(Event):
     how: Lost
-    why: str = ""  # what failed, for Lost.ERROR: the access line's detail
+    # What failed, for Lost.ERROR; for Lost.GONE, a peer that stopped reading
+    # rather than vanished: the access line's detail.
+    why: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,7 @@ class EndRequested(Event):
     """From outside the call: the silence sweep, a drain, a forced removal."""
 
     reason: EndReason
+    why: str = ""  # the access line's detail (a side that stopped reading)
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,6 +417,10 @@ GOODBYES = {
 }
 _OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}
 _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_SILENT}
+# Ended from outside, a side that will read no close of ours (silent, or it
+# stopped reading: the sweep's CARRIER_LOST / FLEET_LOST): aborted, not closed.
+_ABORTED_CARRIER = frozenset({EndReason.CARRIER_SILENT, EndReason.CARRIER_LOST})
+_ABORTED_FLEET = frozenset({EndReason.FLEET_SILENT, EndReason.FLEET_LOST})
 
 
 def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
@@ -524,7 +533,8 @@ class CallMachine:
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
-        if self.end_reason is None and reason is EndReason.ERROR and event.why:
+        told = reason in (EndReason.ERROR, EndReason.CARRIER_LOST, EndReason.FLEET_LOST)
+        if self.end_reason is None and told and event.why:
             self.error_text = f"{side.value}: {event.why}"
         self._end(reason)
 
@@ -831,10 +841,12 @@ class CallMachine:
         once that the call is over."""
         assert isinstance(event, EndRequested)
         tunnel = self.state is State.TUNNEL
+        if self.end_reason is None and event.why:
+            self.error_text = event.why
         self._end(event.reason)
         goodbye = self._goodbye(tunnel)
         self.state = State.CLOSING
-        if event.reason is EndReason.FLEET_SILENT and self.fleet_open:
+        if event.reason in _ABORTED_FLEET and self.fleet_open:
             # Aborted first: the carrier's close frame then waits for no frame
             # of the fleet's that will never end (a silent fleet may have
             # stalled mid-frame).
@@ -847,8 +859,8 @@ class CallMachine:
 
     def _close_carrier(self, reason: EndReason, goodbye: Goodbye | None = None) -> None:
         if self.carrier_open:
-            silent = reason is EndReason.CARRIER_SILENT
-            self._emit(AbortSide(Side.CARRIER) if silent else CloseSide(Side.CARRIER, goodbye))
+            gone = reason in _ABORTED_CARRIER
+            self._emit(AbortSide(Side.CARRIER) if gone else CloseSide(Side.CARRIER, goodbye))
 
     # Closing ---------------------------------------------------------------
 

@@ -28,6 +28,11 @@ class Silence(enum.Enum):
     IDLE = "idle"  # no byte either way for `idle`
     CARRIER = "carrier"  # no byte from the carrier for `carrier`
     FLEET = "fleet"  # no byte from the fleet for `fleet`
+    # Took none of our bytes for `stalled` while its peer was held for it: it
+    # stopped reading (the kernel's user timeout may never end such a side
+    # while it still sends: each of its ACKs puts the window probe back).
+    CARRIER_STALLED = "carrier_stalled"
+    FLEET_STALLED = "fleet_stalled"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class SilenceLimits:
     idle: float
     carrier: float = 0.0
     fleet: float = 0.0
+    stalled: float = 0.0
 
     def lenient(self, other: SilenceLimits) -> SilenceLimits:
         """Each limit the longer of the two (0, off, the longest): a reload's
@@ -50,12 +56,13 @@ class SilenceLimits:
             idle=max(self.idle, other.idle),
             carrier=longer(self.carrier, other.carrier),
             fleet=longer(self.fleet, other.fleet),
+            stalled=longer(self.stalled, other.stalled),
         )
         return self if merged == self else merged  # shared by the calls, as before
 
     @property
     def shortest(self) -> float:
-        return min(s for s in (self.idle, self.carrier, self.fleet) if s > 0)
+        return min(s for s in (self.idle, self.carrier, self.fleet, self.stalled) if s > 0)
 
     @property
     def sweep_period(self) -> float:
@@ -69,6 +76,7 @@ class SilencePolicy:
     tunnel: float
     carrier: float = 0.0
     fleet: float = 0.0
+    stalled: float = 0.0  # timeouts.tcp_user_timeout, for every route
     route_carrier: Mapping[str, float] = field(default_factory=dict)
     route_fleet: Mapping[str, float] = field(default_factory=dict)
 
@@ -78,12 +86,15 @@ class SilencePolicy:
     _by_route: Mapping[str, SilenceLimits] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_default", SilenceLimits(self.tunnel, self.carrier, self.fleet))
+        object.__setattr__(
+            self, "_default", SilenceLimits(self.tunnel, self.carrier, self.fleet, self.stalled)
+        )
         by_route = {
             route: SilenceLimits(
                 idle=self.tunnel,
                 carrier=self.route_carrier.get(route, self.carrier),
                 fleet=self.route_fleet.get(route, self.fleet),
+                stalled=self.stalled,
             )
             for route in {*self.route_carrier, *self.route_fleet}
         }
@@ -136,6 +147,13 @@ class QuietWatch:
             return Silence.CARRIER
         if limits.fleet > 0 and now - self.fleet_since >= limits.fleet:
             return Silence.FLEET
+        # Held now, and nothing read from the held side since the limit began:
+        # its peer took none of what was relayed to it for that long.
+        if limits.stalled > 0:
+            if fleet_held and now - self.fleet_moved >= limits.stalled:
+                return Silence.CARRIER_STALLED
+            if carrier_held and now - self.carrier_moved >= limits.stalled:
+                return Silence.FLEET_STALLED
         if now - max(self.carrier_moved, self.fleet_moved) >= limits.idle:
             return Silence.IDLE
         return None

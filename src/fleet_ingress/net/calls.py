@@ -53,7 +53,7 @@ class Side(Protocol):
 class CarrierSide(Side, Protocol):
     call: Call | None
 
-    def request_end(self, reason: EndReason) -> None:
+    def request_end(self, reason: EndReason, why: str = "") -> None:
         """Tell the call's machine to end it (it decides how and why)."""
 
 
@@ -64,6 +64,13 @@ _SILENCE_REASON = {
     Silence.IDLE: EndReason.TIMEOUT,
     Silence.CARRIER: EndReason.CARRIER_SILENT,
     Silence.FLEET: EndReason.FLEET_SILENT,
+    Silence.CARRIER_STALLED: EndReason.CARRIER_LOST,
+    Silence.FLEET_STALLED: EndReason.FLEET_LOST,
+}
+# The access line's detail, where the reason alone would read as a side gone.
+_SILENCE_WHY = {
+    Silence.CARRIER_STALLED: "carrier: stopped reading (nothing taken for tcp_user_timeout)",
+    Silence.FLEET_STALLED: "fleet: stopped reading (nothing taken for tcp_user_timeout)",
 }
 
 _ids = itertools.count(1)
@@ -119,12 +126,12 @@ class Call:
     def bytes_to_carrier(self) -> int:
         return self.fleet_side.bytes_received if self.fleet_side else 0
 
-    def end(self, reason: EndReason) -> None:
+    def end(self, reason: EndReason, why: str = "") -> None:
         """End the call (a silent side, a drain, a forced removal): its machine
         decides how each side is closed and keeps the first reason given. The
         call itself ends (access log, out of the registry) when both sides are gone."""
         self.quiet = None
-        self.carrier.request_end(reason)
+        self.carrier.request_end(reason, why)
 
     def abort(self) -> None:
         """Cut both sides now, without waiting for a TLS close (a call `end` could
@@ -136,8 +143,8 @@ class Call:
     def watch_silence(self, limits: SilenceLimits, now: float) -> None:
         self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
 
-    def check_silence(self, now: float) -> EndReason | None:
-        """Why the sweep should end this call now, if it should."""
+    def check_silence(self, now: float) -> tuple[EndReason, str] | None:
+        """Why the sweep should end this call now (and the detail), if it should."""
         quiet = self.quiet
         if quiet is None:
             return None
@@ -149,7 +156,9 @@ class Call:
             carrier_held=self.carrier.reading_paused,
             fleet_held=fleet_side is not None and fleet_side.reading_paused,
         )
-        return None if silence is None else _SILENCE_REASON[silence]
+        if silence is None:
+            return None
+        return _SILENCE_REASON[silence], _SILENCE_WHY.get(silence, "")
 
     def identity(self) -> dict[str, Any]:
         """Who the call is, as its access line says: also sent with its slot
@@ -356,9 +365,9 @@ class SilenceSweep:
         try:
             for call in list(self.registry.calls):
                 try:
-                    reason = call.check_silence(now)
-                    if reason is not None:
-                        call.end(reason)
+                    ending = call.check_silence(now)
+                    if ending is not None:
+                        call.end(*ending)
                         continue
                 except Exception as exc:
                     # A bug in one call's check must not end the pass, nor the

@@ -88,6 +88,18 @@ class TcpLiveness:
                 log.debug("tcp rto max not set", extra=fields(error=repr(exc)))
 
 
+class PeerStoppedReading(TimeoutError):
+    """The user timeout ended a connection whose peer went on sending but took
+    no byte: its TCP window stayed closed on what we had to send. Gone as far
+    as the call goes (`peer_gone`), but alive: a stuck reader, not a link or
+    host lost, which is what the access line's detail says."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            errno.ETIMEDOUT, "stopped reading while still sending (its TCP window stayed closed)"
+        )
+
+
 def peer_gone(exc: BaseException | None) -> bool:
     """Whether a connection failed because its peer vanished (no FIN, no RST)."""
     return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS

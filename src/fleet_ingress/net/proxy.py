@@ -107,7 +107,7 @@ from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
-from fleet_ingress.net.liveness import TcpLiveness, peer_gone
+from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
 from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
@@ -524,9 +524,9 @@ class CarrierProtocol(_Side):
             # pauses under a flood (10-20 ms, measured) are jitter on every live call.
             self.unlink()
 
-    def request_end(self, reason: EndReason) -> None:
+    def request_end(self, reason: EndReason, why: str = "") -> None:
         """End the call from outside (silence sweep, drain, forced removal)."""
-        self.feed(EndRequested(reason))
+        self.feed(EndRequested(reason, why))
 
     def feed(self, event: Event) -> None:
         """Hand the machine an event and carry out its commands. An event raised
@@ -1219,8 +1219,11 @@ def _lost_kind(exc: Exception | None) -> Lost:
 
 def _lost(exc: Exception | None) -> tuple[Lost, str]:
     """How a side's connection ended and, for an error (a bad TLS record, a
-    renegotiation refused), what failed: the access line's detail."""
+    renegotiation refused) or a peer that stopped reading, what failed: the
+    access line's detail."""
     how = _lost_kind(exc)
+    if isinstance(exc, PeerStoppedReading):
+        return how, str(exc.strerror)
     if how is not Lost.ERROR or exc is None:
         return how, ""
     return how, str(exc) or type(exc).__name__

@@ -93,6 +93,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.liveness import PeerStoppedReading
 from fleet_ingress.net.tcp_connect import open_tcp
 
 # One read buffer for every connection in the process: a read is handed to
@@ -1076,7 +1077,17 @@ class Acceptor:
 def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
     if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
         return _socket_failure(sock) or exc
+    if exc.errno == errno.ETIMEDOUT and _stopped_reading(_tcp_info(sock), _user_timeout_ms(sock)):
+        # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
+        return PeerStoppedReading()
     return exc
+
+
+def _tcp_info(sock: ssl.SSLSocket) -> bytes:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
+    except (OSError, AttributeError):
+        return b""
 
 
 def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
@@ -1092,12 +1103,11 @@ def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
     not fail: OpenSSL did (a fleet's TLS 1.2 renegotiation under traffic both
     ways, which the TLS audit of session 20 saw logged as the fleet's reset).
     """
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
-    except (OSError, AttributeError):
-        info = b""
+    info = _tcp_info(sock)
     if info[:1] == _TCP_ESTABLISHED:
         return None
+    if _stopped_reading(info, _user_timeout_ms(sock)):
+        return PeerStoppedReading()
     if peer_stopped_answering(info):
         return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
     return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
@@ -1105,6 +1115,7 @@ def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
 
 # struct tcp_info (linux/tcp.h): offsets of what peer_stopped_answering reads.
 _TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
+_TCPI_LAST_DATA_RECV = 52  # u32, ms since
 _TCPI_NOTSENT_BYTES = 144  # u32
 _TCPI_SND_WND = 228  # u32, Linux 5.19 and later
 _TCP_INFO_READ = _TCPI_SND_WND + 4
@@ -1120,15 +1131,43 @@ def peer_stopped_answering(info: bytes) -> bool:
     that stops reading (a stuck bot) acknowledges every zero-window probe, which
     puts those counts back to 0, and Linux still gives up at TCP_USER_TIMEOUT (the
     pair audit of session 12 saw that taken for a reset). None of these: a reset."""
-    if len(info) >= _TCPI_BACKOFF + 1 and (
+    return _probes_out(info) or _window_closed_on_unsent(info)
+
+
+def _probes_out(info: bytes) -> bool:
+    """Retransmissions, keepalive or window probes unanswered, or backed off."""
+    return len(info) >= _TCPI_BACKOFF + 1 and bool(
         info[_TCPI_RETRANSMITS] or info[_TCPI_PROBES] or info[_TCPI_BACKOFF]
-    ):
-        return True
-    if len(info) >= _TCP_INFO_READ:
-        (notsent,) = struct.unpack_from("=I", info, _TCPI_NOTSENT_BYTES)
-        (snd_wnd,) = struct.unpack_from("=I", info, _TCPI_SND_WND)
-        return snd_wnd == 0 and notsent > 0
-    return False
+    )
+
+
+def _window_closed_on_unsent(info: bytes) -> bool:
+    if len(info) < _TCP_INFO_READ:
+        return False
+    (notsent,) = struct.unpack_from("=I", info, _TCPI_NOTSENT_BYTES)
+    (snd_wnd,) = struct.unpack_from("=I", info, _TCPI_SND_WND)
+    return snd_wnd == 0 and notsent > 0
+
+
+def _stopped_reading(info: bytes, user_timeout_ms: int) -> bool:
+    """A peer alive but not reading: its window closed on bytes of ours while
+    it went on sending (a carrier's audio), heard from well within the user
+    timeout that ended the connection. Neither the probe counts nor the last
+    ACK tell it from a peer that vanished with its window closed (one probe is
+    outstanding at the end and an acknowledged window probe does not count as
+    heard, both measured); its data does. A peer that stopped sending as well
+    cannot be told from one gone, and is not said to be."""
+    if not _window_closed_on_unsent(info) or user_timeout_ms <= 0:
+        return False
+    (last_data_recv,) = struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)
+    return last_data_recv * 2 < user_timeout_ms
+
+
+def _user_timeout_ms(sock: ssl.SSLSocket) -> int:
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    except (OSError, AttributeError):
+        return 0
 
 
 def _nodelay(sock: socket.socket) -> None:

@@ -250,6 +250,7 @@ class Ingress:
                 tunnel=config.timeouts.tunnel,
                 carrier=config.timeouts.carrier_silence,
                 fleet=config.timeouts.fleet_silence,
+                stalled=config.timeouts.tcp_user_timeout,
                 route_carrier=dict(config.routes.carrier_silence),
                 route_fleet=dict(config.routes.fleet_silence),
             ),
