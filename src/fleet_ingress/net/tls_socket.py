@@ -1128,9 +1128,10 @@ def peer_stopped_answering(info: bytes) -> bool:
 
     Retransmissions, keepalive or window probes outstanding say the peer stopped
     answering. So does a window the peer closed on bytes still to send: a live peer
-    that stops reading (a stuck bot) acknowledges every zero-window probe, which
-    puts those counts back to 0, and Linux still gives up at TCP_USER_TIMEOUT (the
-    pair audit of session 12 saw that taken for a reset). None of these: a reset."""
+    that stops reading (a stuck bot) acknowledges the zero-window probes, and Linux
+    still gives up at TCP_USER_TIMEOUT (the pair audit of session 12 saw that taken
+    for a reset; the lossy-link audit of session 32 found one probe still counted
+    out at the end, so the counts alone cannot tell it). None of these: a reset."""
     return _probes_out(info) or _window_closed_on_unsent(info)
 
 
