@@ -99,15 +99,15 @@ log = logging.getLogger("fleet_ingress.slots")
 # What the supervisor sends a worker (a grant, a reload's config): far below this.
 MAX_LINE = 1024 * 1024
 # What a worker sends the supervisor: its report names every fleet it carried a
-# call for (0.3 to 3 KB a fleet, with its name each time: 259 characters at most,
-# and a key per status and end reason), its state after an exec every call it
-# holds with its fleet's name. 1 MiB was passed by one worker's report at about
-# 720 fleets named at the limit (350 with a few statuses and end reasons, 1,700
-# with 20-character names), and the supervisor cut the channel as broken: that
-# worker took no new call and its calls were cut at timeouts.drain, and the next
-# worker did the same once it had carried as many (the scale audit of session
-# 32). Still a bound, so a confused worker cannot make the supervisor buffer
-# without end: some 20,000 fleets at the names' limit.
+# call for (0.1 to 3 KB a fleet, its name in each key: 259 characters at most,
+# a key per status and end reason), its state after an exec every call it holds
+# with its fleet's name. 1 MiB was passed by one worker's report at about 720
+# fleets named at the limit, 330 with three statuses and five end reasons a
+# fleet (1,800 so at 20-character names), and the supervisor cut the channel as
+# broken: that worker took no new call and its calls were cut at
+# timeouts.drain, and the next worker did the same once it had carried as many
+# (the scale audit of session 32). Still a bound, so a confused worker cannot
+# make the supervisor buffer without end: some 20,000 fleets at the names' limit.
 MAX_WORKER_LINE = 64 * 1024 * 1024
 
 
