@@ -210,7 +210,8 @@ async def test_a_start_of_hundreds_of_fleets_spreads_every_first_probe_over_the_
     fleets of a start over a few ms (each drew as it was started, with the
     fleets counted so far): 683 of 800 went from INIT to DOWN at start (the
     scale audit of session 32). Every fleet started together now draws from
-    3 ms a fleet, past the timeout and the interval, 4 s at most."""
+    3 ms a fleet, past the timeout and the interval, 4 s at most; one started
+    alone later (add-fleet) from its own 3 ms."""
     import asyncio
 
     from fleet_ingress.net import poller as module
@@ -233,4 +234,11 @@ async def test_a_start_of_hundreds_of_fleets_spreads_every_first_probe_over_the_
         await asyncio.sleep(0)  # the loops begin
         assert len(windows) == count
         assert min(windows) == max(windows) == pytest.approx(window)
+        windows.clear()
+        (added,) = FleetSet.from_specs(
+            parse_fleets_text("https://new.test", default_maxconn=16)
+        ).fleets
+        poller.start(added)
+        await asyncio.sleep(0)
+        assert windows == [pytest.approx(module.SPREAD_PER_FLEET)]
         await poller.close()

@@ -167,6 +167,16 @@ def _not_after(cert: Any) -> float | None:
         return None
 
 
+class _Batch:
+    """The probe loops started together (before any of them began)."""
+
+    __slots__ = ("begun", "size")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.begun = False
+
+
 class HealthPoller:
     """One probe loop per fleet; results go into the fleet's record."""
 
@@ -189,6 +199,7 @@ class HealthPoller:
         self._starved_said_at = -STARVED_SAID_EVERY
         self._wanting_said_at = -STARVED_SAID_EVERY
         self._probed = asyncio.Condition()  # notified after every recorded probe
+        self._batch = _Batch()
 
     def start(self, fleet: FleetState) -> None:
         if self._fleets.get(fleet.name) is fleet:
@@ -199,13 +210,20 @@ class HealthPoller:
             self.stop_probing(old)
         self._fleets[fleet.name] = fleet
         self._first_probe[fleet.name] = asyncio.Event()
-        self._loops[fleet.name] = asyncio.get_running_loop().create_task(
-            self._run(fleet), name=f"health:{fleet.name}"
+        self._loops[fleet.name] = self._begin(fleet)
+
+    def _begin(self, fleet: FleetState) -> asyncio.Task[None]:
+        if self._batch.begun:
+            self._batch = _Batch()
+        self._batch.size += 1
+        return asyncio.get_running_loop().create_task(
+            self._run(fleet, self._batch), name=f"health:{fleet.name}"
         )
 
-    def _spread(self) -> float:
+    @staticmethod
+    def _spread(batch: _Batch) -> float:
         """When a fleet's probing starts: each fleet at its own moment within
-        SPREAD_PER_FLEET a fleet probed, not all at once.
+        SPREAD_PER_FLEET a fleet started with it, not all at once.
         Started together, every fleet's probe left in the same instant each
         interval, with one shared deadline: past about 150 fleets a round of
         new connections (at start, after an upgrade or a reload, while fleets
@@ -220,8 +238,10 @@ class HealthPoller:
         to DOWN at start, all UP only 8 s later (the scale audit of session 32).
         Drawn as a loop begins, once the fleets started with it are all
         counted: drawn as each was started, the first fleets of a start had a
-        window of a few ms, the round crowded at its beginning."""
-        window = min(SPREAD_PER_FLEET * len(self._fleets), MAX_SPREAD)
+        window of a few ms, the round crowded at its beginning. A fleet started
+        alone (add-fleet) is not held back for the fleets probed already."""
+        batch.begun = True
+        window = min(SPREAD_PER_FLEET * batch.size, MAX_SPREAD)
         return random.uniform(0.0, window)
 
     def stop_probing(self, fleet: FleetState) -> asyncio.Task[None] | None:
@@ -286,18 +306,16 @@ class HealthPoller:
                 continue
             fleet = self._fleets.get(name)
             if fleet is not None:
-                self._loops[name] = asyncio.get_running_loop().create_task(
-                    self._run(fleet), name=f"health:{name}"
-                )
+                self._loops[name] = self._begin(fleet)
 
     async def close(self) -> None:
         for fleet in list(self._fleets.values()):
             await self.stop(fleet)
 
-    async def _run(self, fleet: FleetState) -> None:
-        """Probe `fleet` every interval, the first within its spread (`_spread`)."""
+    async def _run(self, fleet: FleetState, batch: _Batch) -> None:
+        """Probe `fleet` every interval, the first within its batch's spread."""
         loop = asyncio.get_running_loop()
-        spread = self._spread()
+        spread = self._spread(batch)
         session = health_session(self.fleet_ssl, self.settings)
         session_since = loop.time()
         unexpected = False  # the last probe raised
