@@ -434,3 +434,41 @@ async def test_a_worker_that_does_not_say_it_forgets_is_not_sent_forget_fleet():
         new.close()
         theirs.close()
         await server.close()
+
+
+async def test_a_report_of_hundreds_of_long_named_fleets_is_taken_and_the_channel_kept():
+    """A worker that has carried calls on 800 fleets named at the names' limit
+    (259 characters) reports about 1.2 MB: one line past the 1 MiB a worker's
+    channel took, so the supervisor cut it as broken and the worker stopped
+    taking calls, its calls cut at timeouts.drain (the scale audit of session
+    32: 800 fleets, one worker, a report asked by a scrape)."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    names = [(f"fleet{i}-" + "x" * 259)[:259] for i in range(800)]
+
+    def report() -> dict:
+        counts = Counts()
+        for name in names:
+            counts.counters[("fleet_calls", name)] = 1
+            counts.counters[("fleet_responses", name, "101")] = 1
+            counts.counters[("fleet_retries", name)] = 0
+            counts.counters[("fleet_redispatches", name)] = 0
+            counts.counters[("calls_ended", name, "carrier closed")] = 1
+        counts.counters[("connections_total",)] = 800
+        return {"started": 1.0, "counts": counts.to_wire(), "calls": 0}
+
+    assert len(encode({"op": "report", **report()})) > 1024 * 1024
+    w1 = await _worker(server, 41)
+    w1.reporter = report
+    try:
+        await eventually(lambda: len(slots.workers) == 1)
+        assert await server.collect_reports(timeout=5.0) == 0
+        assert view.totals().counter("connections_total") == 800
+        assert view.totals().counter("fleet_calls", names[-1]) == 1
+        assert not w1.lost.done()
+        lease = await w1.lease()  # the channel still serves slots
+        lease.release()
+    finally:
+        w1.close()
+        await server.close()

@@ -289,6 +289,25 @@ def test_every_bad_line_is_reported_not_only_the_first() -> None:
     ]
 
 
+def test_a_maxconn_of_thousands_of_digits_and_a_token_of_100_kb_are_named_briefly() -> None:
+    """Past 4,300 digits int() raised a bare ValueError (`check` a traceback, a
+    reload 'reload failed' with one, no line named), and a bad token of 100 KB
+    was quoted whole (the scale audit of session 32)."""
+    digits = "9" * 5000
+    with pytest.raises(FleetsFileError) as caught:
+        parse(f"https://a\nhttps://b maxconn={digits}\nhttps://c {'x' * 100_000}\n")
+    first, second = str(caught.value).splitlines()
+    assert first.startswith("fleets.txt line 2: 'maxconn=999")
+    assert first.endswith("...' is not a valid maxconn; give N of 18 digits at most")
+    assert second.startswith("fleets.txt line 3: 'xxx")
+    assert second.endswith(
+        "...' is not an option; the options are name=NAME, maxconn=N and admin=drain|maint"
+    )
+    assert len(first) < 500 and len(second) < 500
+    (spec,) = parse(f"https://a maxconn={'9' * 18}")
+    assert spec.maxconn == 10**18 - 1
+
+
 def test_a_name_as_long_as_a_default_one_can_be_is_taken() -> None:
     host = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253: the longest DNS name
     (spec,) = parse(f"https://{host}:65535\nhttps://x.test name={'n' * 259}\n")[:1]

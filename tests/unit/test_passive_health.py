@@ -142,7 +142,7 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
     interval, with one shared deadline: at 300 fleets a round of new
     connections outlasted the timeout and every fleet went DOWN (the scale
     audit of session 16). Their first probes, and so every later one, are
-    spread (3 ms a fleet, at most the probe's timeout or interval), at start and
+    spread (3 ms a fleet, 4 s at most), at start and
     again after a reconfigure; a long interval does not delay a first verdict
     (the review of session 16: at check_interval 30 READY came 5 s late)."""
     import asyncio
@@ -200,3 +200,45 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
         poller.start(fleet)
     assert await poller.wait_first_probes(timeout=1.0)  # within the timeout, not 30 s
     await poller.close()
+
+
+async def test_a_start_of_hundreds_of_fleets_spreads_every_first_probe_over_the_same_window(
+    monkeypatch,
+):
+    """At 800 fleets the first round's handshakes (1.5 ms of the supervisor's
+    CPU each) were spread over at most the probe's timeout (1 s), the first
+    fleets of a start over a few ms (each drew as it was started, with the
+    fleets counted so far): 683 of 800 went from INIT to DOWN at start (the
+    scale audit of session 32). Every fleet started together now draws from
+    3 ms a fleet, past the timeout and the interval, 4 s at most; one started
+    alone later (add-fleet) from its own 3 ms."""
+    import asyncio
+
+    from fleet_ingress.net import poller as module
+
+    windows: list[float] = []
+
+    def uniform(a: float, b: float) -> float:
+        windows.append(b)
+        return b
+
+    monkeypatch.setattr(module.random, "uniform", uniform)
+    settings = ProbeSettings("/health/fleet", "fleet_available", 0.5, 0.4, fall=2, rise=1)
+    for count, window in ((400, 1.2), (2_000, 4.0)):
+        text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(count))
+        balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+        poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
+        windows.clear()
+        for fleet in balancer.fleets:
+            poller.start(fleet)
+        await asyncio.sleep(0)  # the loops begin
+        assert len(windows) == count
+        assert min(windows) == max(windows) == pytest.approx(window)
+        windows.clear()
+        (added,) = FleetSet.from_specs(
+            parse_fleets_text("https://new.test", default_maxconn=16)
+        ).fleets
+        poller.start(added)
+        await asyncio.sleep(0)
+        assert windows == [pytest.approx(module.SPREAD_PER_FLEET)]
+        await poller.close()

@@ -5,6 +5,7 @@ import pytest
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.net.slot_wire import (
     MAX_LINE,
+    MAX_WORKER_LINE,
     LineDecoder,
     WireError,
     encode,
@@ -43,6 +44,23 @@ def test_lines_are_split_wherever_the_reads_cut_them(chunks, messages):
 def test_what_is_not_the_protocol_is_named(data, error):
     with pytest.raises(WireError, match=error):
         LineDecoder().feed(data)
+
+
+def test_a_line_over_a_mib_in_many_pieces_is_read_whole_within_its_limit():
+    """A worker's report at hundreds of long-named fleets passes 1 MiB (the
+    scale audit of session 32): the supervisor's end takes it, in the pieces
+    the socket gives, and the two lines around it; past its own limit, still
+    refused."""
+    big = encode({"op": "report", "names": ["n" * 259] * 8_000})
+    assert MAX_LINE < len(big) < MAX_WORKER_LINE
+    data = encode({"op": "a"}) + big + encode({"op": "b"})
+    decoder = LineDecoder(limit=MAX_WORKER_LINE)
+    got = [m for i in range(0, len(data), 65_536) for m in decoder.feed(data[i : i + 65_536])]
+    assert [m["op"] for m in got] == ["a", "report", "b"]
+    assert got[1]["names"] == ["n" * 259] * 8_000
+    assert decoder.pending == b""
+    with pytest.raises(WireError, match="longer than"):
+        LineDecoder(limit=MAX_WORKER_LINE).feed(b"x" * (MAX_WORKER_LINE + 1))
 
 
 def test_a_message_round_trips_and_a_field_of_the_wrong_type_is_named():

@@ -66,13 +66,22 @@ def parse_fleets_text(
                     "give each fleet a unique name=NAME",
                 )
         except _BadToken as bad:
-            problems.append(f"{source} line {lineno}: {bad.token!r} {bad.problem}")
+            problems.append(f"{source} line {lineno}: {_shown(bad.token)!r} {bad.problem}")
             continue
         name_lines[spec.name] = endpoint_lines[endpoint] = lineno
         specs.append(spec)
     if problems:
         raise FleetsFileError("\n".join(problems))
     return specs
+
+
+def _shown(token: str) -> str:
+    """A bad token as an error quotes it: a line of 100 KB was quoted whole, in
+    `check`'s answer and in the log line of the reload it refused."""
+    return token if len(token) <= _SHOWN else f"{token[:_SHOWN]}..."
+
+
+_SHOWN = 300  # the longest good token (a URL of a 253-character name) fits
 
 
 def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str]:
@@ -111,6 +120,10 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
                     token, "is not an admin state; write admin=drain or admin=maint, or drop it"
                 ) from None
         else:
+            if value.isascii() and value.isdigit() and len(value) > 18:
+                # More digits than int() reads (4,300) raised a bare ValueError:
+                # `check` printed a traceback, a reload logged one, naming no line.
+                raise _BadToken(token, "is not a valid maxconn; give N of 18 digits at most")
             if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
             maxconn = int(value)

@@ -50,6 +50,9 @@ log = logging.getLogger("fleet_ingress.health")
 # TLS connection costs the supervisor about 1.5 ms of CPU (the scale audit of
 # session 16), so a round started within this keeps it half idle.
 SPREAD_PER_FLEET = 0.003
+# The longest spread (seconds), inside the wait for first verdicts before READY
+# (lifecycle.FIRST_PROBE_WAIT, 5 s): past 1,300 fleets a round is denser.
+MAX_SPREAD = 4.0
 
 # Seconds between two warnings that probes were not judged (the host starved
 # the prober): every fleet's probe says so at once, each interval.
@@ -169,6 +172,16 @@ def _not_after(cert: Any) -> float | None:
         return None
 
 
+class _Batch:
+    """The probe loops started together (before any of them began)."""
+
+    __slots__ = ("begun", "size")
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.begun = False
+
+
 class HealthPoller:
     """One probe loop per fleet; results go into the fleet's record."""
 
@@ -191,6 +204,7 @@ class HealthPoller:
         self._starved_said_at = -STARVED_SAID_EVERY
         self._wanting_said_at = -STARVED_SAID_EVERY
         self._probed = asyncio.Condition()  # notified after every recorded probe
+        self._batch = _Batch()
 
     def start(self, fleet: FleetState) -> None:
         if self._fleets.get(fleet.name) is fleet:
@@ -201,25 +215,39 @@ class HealthPoller:
             self.stop_probing(old)
         self._fleets[fleet.name] = fleet
         self._first_probe[fleet.name] = asyncio.Event()
-        self._loops[fleet.name] = asyncio.get_running_loop().create_task(
-            self._run(fleet, self._spread()), name=f"health:{fleet.name}"
+        self._loops[fleet.name] = self._begin(fleet)
+
+    def _begin(self, fleet: FleetState) -> asyncio.Task[None]:
+        if self._batch.begun:
+            self._batch = _Batch()
+        self._batch.size += 1
+        return asyncio.get_running_loop().create_task(
+            self._run(fleet, self._batch), name=f"health:{fleet.name}"
         )
 
-    def _spread(self) -> float:
+    @staticmethod
+    def _spread(batch: _Batch) -> float:
         """When a fleet's probing starts: each fleet at its own moment within
-        SPREAD_PER_FLEET a fleet probed (at most the probe's timeout, or the
-        interval if shorter), not all at once.
+        SPREAD_PER_FLEET a fleet started with it, not all at once.
         Started together, every fleet's probe left in the same instant each
         interval, with one shared deadline: past about 150 fleets a round of
         new connections (at start, after an upgrade or a reload, while fleets
         are DOWN) took the supervisor longer than the timeout, every probe
         failed at once and kept failing, every fleet DOWN (the scale audit of
-        session 16; HAProxy spreads its checks too). Within the timeout, not
-        the whole interval: a fleet is INIT, taking no call, until its first
-        verdict, which must come soon after a start whatever the interval; and
-        a few fleets are not held back for many fleets' sake."""
-        window = SPREAD_PER_FLEET * len(self._fleets)
-        return random.uniform(0.0, min(self.settings.interval, self.settings.timeout, window))
+        session 16; HAProxy spreads its checks too). A fleet is INIT, taking no
+        call, until its first verdict, so a few fleets are not held back for
+        many fleets' sake, and a long interval does not hold any back.
+        Not cut to the probe's timeout or the interval (1 s): past about 330
+        fleets that crowded the round again, and at 800 (1.2 s of the
+        supervisor's CPU for the round's handshakes) 683 fleets went from INIT
+        to DOWN at start, all UP only 8 s later (the scale audit of session 32).
+        Drawn as a loop begins, once the fleets started with it are all
+        counted: drawn as each was started, the first fleets of a start had a
+        window of a few ms, the round crowded at its beginning. A fleet started
+        alone (add-fleet) is not held back for the fleets probed already."""
+        batch.begun = True
+        window = min(SPREAD_PER_FLEET * batch.size, MAX_SPREAD)
+        return random.uniform(0.0, window)
 
     def stop_probing(self, fleet: FleetState) -> asyncio.Task[None] | None:
         """Stop probing this fleet record (never another one of the same name, such as
@@ -283,17 +311,16 @@ class HealthPoller:
                 continue
             fleet = self._fleets.get(name)
             if fleet is not None:
-                self._loops[name] = asyncio.get_running_loop().create_task(
-                    self._run(fleet, self._spread()), name=f"health:{name}"
-                )
+                self._loops[name] = self._begin(fleet)
 
     async def close(self) -> None:
         for fleet in list(self._fleets.values()):
             await self.stop(fleet)
 
-    async def _run(self, fleet: FleetState, spread: float = 0.0) -> None:
-        """Probe `fleet` every interval, the first `spread` seconds from now."""
+    async def _run(self, fleet: FleetState, batch: _Batch) -> None:
+        """Probe `fleet` every interval, the first within its batch's spread."""
         loop = asyncio.get_running_loop()
+        spread = self._spread(batch)
         session = health_session(self.fleet_ssl, self.settings)
         session_since = loop.time()
         unexpected = False  # the last probe raised

@@ -46,6 +46,7 @@ from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
 from fleet_ingress.net.slot_wire import (
+    MAX_WORKER_LINE,
     LineDecoder,
     UnknownOps,
     WireError,
@@ -95,7 +96,7 @@ class _Channel(asyncio.Protocol):
         self.key = key
         self.transport: asyncio.Transport | None = None
         # `unread`: the head of a line the previous reader of this socket had read.
-        self.decoder = LineDecoder(unread)
+        self.decoder = LineDecoder(unread, limit=MAX_WORKER_LINE)
         # Kept over an exec: what the worker sent meanwhile, read before this end
         # writes, and whether it had closed its end (exited) by then.
         self._waiting = waiting

@@ -96,9 +96,19 @@ from fleet_ingress.logs import fields
 
 log = logging.getLogger("fleet_ingress.slots")
 
-# An avoid-list of every fleet's name fits many times over; a worker's report
-# (about 1 KiB a fleet) must fit too: a line over this cuts the channel off.
+# What the supervisor sends a worker (a grant, a reload's config): far below this.
 MAX_LINE = 1024 * 1024
+# What a worker sends the supervisor: its report names every fleet it carried a
+# call for (0.1 to 3 KB a fleet, its name in each key: 259 characters at most,
+# a key per status and end reason), its state after an exec every call it holds
+# with its fleet's name. 1 MiB was passed by one worker's report at about 720
+# fleets named at the limit, 330 with three statuses and five end reasons a
+# fleet (1,800 so at 20-character names), and the supervisor cut the channel as
+# broken: that worker took no new call and its calls were cut at
+# timeouts.drain, and the next worker did the same once it had carried as many
+# (the scale audit of session 32). Still a bound, so a confused worker cannot
+# make the supervisor buffer without end: some 20,000 fleets at the names' limit.
+MAX_WORKER_LINE = 64 * 1024 * 1024
 
 
 class WireError(ValueError):
@@ -136,13 +146,15 @@ def encode(message: dict[str, Any]) -> bytes:
 class LineDecoder:
     """Bytes in, messages out; keeps a partial line between feeds."""
 
-    __slots__ = ("_buffer",)
+    __slots__ = ("_buffer", "_limit", "_no_newline")
 
-    def __init__(self, pending: bytes = b"") -> None:
+    def __init__(self, pending: bytes = b"", *, limit: int = MAX_LINE) -> None:
         """`pending`: the head of the stream as another decoder had it (its
         `pending`), when this one takes the stream over from it: the line it
-        had begun is read whole here."""
+        had begun is read whole here. `limit`: the longest line taken."""
         self._buffer = bytearray(pending)
+        self._limit = limit
+        self._no_newline = 0  # how much of the buffer's head is known to hold none
 
     @property
     def pending(self) -> bytes:
@@ -155,17 +167,20 @@ class LineDecoder:
         an older release, did not carry over: see `pending`)."""
         self._buffer += data
         messages: list[dict[str, Any]] = []
-        start = 0
-        while (end := self._buffer.find(b"\n", start)) >= 0:
+        # A long line read in many pieces is searched for its end in the new
+        # bytes only, not again from its start each time.
+        start, search = 0, self._no_newline
+        while (end := self._buffer.find(b"\n", search)) >= 0:
             try:
                 messages.append(_decode(bytes(self._buffer[start:end])))
             except WireError:
                 if not skip_bad:
                     raise
-            start = end + 1
+            start = search = end + 1
         del self._buffer[:start]
-        if len(self._buffer) > MAX_LINE:
-            raise WireError(f"a line longer than {MAX_LINE} bytes")
+        self._no_newline = len(self._buffer)
+        if len(self._buffer) > self._limit:
+            raise WireError(f"a line longer than {self._limit} bytes")
         return messages
 
 
