@@ -1254,6 +1254,71 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
         thread.join(5)
 
 
+async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_sends_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """A connection closed (the call ending) while the fleet's renegotiation is
+    under way, nothing waiting to be written: OpenSSL refuses SSL_shutdown in a
+    handshake (SHUTDOWN_WHILE_IN_INIT), and the socket was closed at once with
+    the fleet's bytes unread, a reset: the fleet lost what we had sent that it
+    had not read yet (the carrier's close frame) and saw a broken connection.
+    It now reads the handshake through, then sends close_notify."""
+    import threading
+
+    ctx = tls12_server_context(tls_files)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+    go = threading.Event()
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                seen.extend(tls.recv(65536))  # "first", one record
+                assert go.wait(5)  # "last" sent meanwhile, not read yet
+                pointer = renegotiate_while_sending(tls)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                outcome["ended"] = "close_notify"
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: seen == b"first")
+        conn.write(b"last")
+        assert conn.get_write_buffer_size() == 0  # sent, not held
+        go.set()
+        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
+        pointer = ssl_pointer(conn.ssl_socket)
+        assert LIBSSL.SSL_in_init(pointer) and not conn._held
+        started = time.monotonic()
+        conn.close()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - started < 2
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None
+        assert outcome == {"renegotiated": True, "ended": "close_notify"}
+        assert seen == b"firstlast"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 @pytest.mark.parametrize("fleet_sends", [True, False], ids=["fleet-sends", "fleet-waits"])
 async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_in_a_read(
     tls_files: TLSFiles, fleet_sends: bool

@@ -50,6 +50,8 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   the handshake's timeout (timeouts.connect for a fleet; a period more while our
   own reading is paused) fail the connection (`RenegotiationTimeout`): a server
   that starts a renegotiation and never finishes it held our writes for good.
+  A close meanwhile reads the handshake through first, held writes or none:
+  OpenSSL refuses ``SSL_shutdown`` in a handshake (``SHUTDOWN_WHILE_IN_INIT``).
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
   be on the wire and the write must be retried with the same bytes (fewer is
@@ -672,10 +674,16 @@ class TLSConnection:
             return
         self._state = _CLOSING
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
-        if self._out is None:
-            self._shutdown()
-        else:
+        if self._out is not None:
             self._sync_io()
+        elif self._renegotiating is not None and self._renegotiating():
+            # OpenSSL refuses SSL_shutdown in a handshake (SHUTDOWN_WHILE_IN_INIT):
+            # closed at once, the peer's bytes unread, it was a reset, and the peer
+            # lost what it had not read of ours. Read the renegotiation through
+            # first, as with a write held for it (`_read_through_handshake`).
+            self._hold()
+        else:
+            self._shutdown()
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
