@@ -750,12 +750,19 @@ class TLSConnection:
                 if self._sslobj.read(READ_BUFFER_SIZE, _READ_BUFFER) == 0:
                     self._finish(None)  # the peer's close_notify
                     return
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                # Our handshake message waits for room (a ClientHello on a full
+                # socket), and the peer, waiting for it, sends nothing to poll for.
+                self._want_write_for_read = True
                 break
             except OSError:
                 self._finish(None)
                 return
         self._release()
+        if self._held and self._state is _CLOSING:
+            self._sync_io()
 
     def _finish(self, exc: BaseException | None) -> None:
         if self._state is _CLOSED:
@@ -801,8 +808,11 @@ class TLSConnection:
         elif state is _HANDSHAKE:
             reading, writing = self._hs_read, not self._hs_read
         elif state is _CLOSING:
-            reading = self._want_read_for_write or self._held
-            writing = self._out is not None and not self._want_read_for_write and not self._held
+            # A renegotiation read through may want a write (its own message).
+            reading = (self._want_read_for_write or self._held) and not self._want_write_for_read
+            writing = (
+                self._out is not None and not self._want_read_for_write and not self._held
+            ) or self._want_write_for_read
         elif state is _SHUTDOWN:
             reading, writing = not self._shutdown_wants_write, self._shutdown_wants_write
         else:
@@ -865,6 +875,9 @@ class TLSConnection:
                     if self._held:
                         self._release()
                         return
+                elif state is _CLOSING and self._held:
+                    self._read_through_handshake()
+                    return
             if self._out is not None:
                 self._flush()
             else:
