@@ -50,8 +50,9 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   the handshake's timeout (timeouts.connect for a fleet; a period more while our
   own reading is paused) fail the connection (`RenegotiationTimeout`): a server
   that starts a renegotiation and never finishes it held our writes for good.
-  A close meanwhile reads the handshake through first, held writes or none:
-  OpenSSL refuses ``SSL_shutdown`` in a handshake (``SHUTDOWN_WHILE_IN_INIT``).
+  A close reads the handshake through first, with writes held or, while it is
+  under way (``SSL_in_init``), none: OpenSSL refuses ``SSL_shutdown`` in a
+  handshake (``SHUTDOWN_WHILE_IN_INIT``).
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
   be on the wire and the write must be retried with the same bytes (fewer is
@@ -676,11 +677,12 @@ class TLSConnection:
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
         if self._out is not None:
             self._sync_io()
-        elif self._renegotiating is not None and self._renegotiating():
+        elif self._renegotiating is not None and _in_init(self._ssl):
             # OpenSSL refuses SSL_shutdown in a handshake (SHUTDOWN_WHILE_IN_INIT):
             # closed at once, the peer's bytes unread, it was a reset, and the peer
             # lost what it had not read of ours. Read the renegotiation through
-            # first, as with a write held for it (`_read_through_handshake`).
+            # first, as with a write held for it (`_read_through_handshake`). One
+            # postponed, not started, is no handshake: close_notify goes now.
             self._hold()
         else:
             self._shutdown()
@@ -890,6 +892,7 @@ class TLSConnection:
 
 class _LibSSL(NamedTuple):
     renegotiate_pending: Any  # SSL_renegotiate_pending(SSL *)
+    in_init: Any  # SSL_in_init(SSL *)
     get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
     ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
 
@@ -907,11 +910,17 @@ def _libssl() -> _LibSSL | None:
         import _ssl
 
         libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
-        calls = _LibSSL(libssl.SSL_renegotiate_pending, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
+        calls = _LibSSL(
+            libssl.SSL_renegotiate_pending,
+            libssl.SSL_in_init,
+            libssl.SSL_get_SSL_CTX,
+            libssl.SSL_ctrl,
+        )
     except (OSError, AttributeError, ImportError):
         return None
     pending = calls.renegotiate_pending
     pending.restype, pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    calls.in_init.restype, calls.in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
     calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     calls.ctrl.restype = ctypes.c_long
     calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
@@ -943,6 +952,13 @@ def _one_message_per_read(pointer: int) -> None:
     calls = _libssl()
     if calls is not None:
         calls.ctrl(pointer, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_AUTO_RETRY, None)
+
+
+def _in_init(pointer: int | None) -> bool:
+    """Whether OpenSSL is in a handshake (a renegotiation under way, not one
+    postponed): SSL_shutdown refuses then."""
+    calls = _libssl()
+    return calls is not None and pointer is not None and bool(calls.in_init(pointer))
 
 
 def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
