@@ -1417,6 +1417,73 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
         thread.join(5)
 
 
+async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_close_notify_at_once(
+    tls_files: TLSFiles,
+) -> None:
+    """A renegotiation OpenSSL postponed (its HelloRequest read behind a partly
+    sent write) is no handshake yet: SSL_shutdown takes it, and a close with
+    nothing to write sends close_notify at once rather than starting the
+    renegotiation and waiting for the fleet (up to timeouts.connect)."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
+    ctx = tls12_server_context(tls_files)
+    filled, drain = threading.Event(), threading.Event()
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                assert filled.wait(5)
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()  # the HelloRequest
+                tls.sendall(b"x")
+                assert drain.wait(5)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["still_pending"] = bool(LIBSSL.SSL_renegotiate_pending(pointer))
+                outcome["ended"] = "close_notify"
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pointer = ssl_pointer(conn.ssl_socket)
+        handler = Recorder(conn)
+        conn.start(handler)
+        big = b"a" * (1 << 20)
+        conn.write(big)
+        filled.set()
+        await eventually(lambda: b"x" in handler.data)
+        drain.set()
+        await eventually(lambda: conn.get_write_buffer_size() == 0)
+        assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
+        conn.close()
+        assert not conn._held  # no renegotiation started to read through
+        await eventually(lambda: handler.lost)
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None
+        assert outcome == {"still_pending": True, "ended": "close_notify"}
+        assert seen == big
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writability(
     tls_files: TLSFiles,
 ) -> None:
