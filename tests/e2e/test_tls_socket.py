@@ -1254,6 +1254,71 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
         thread.join(5)
 
 
+async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_sends_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """A connection closed (the call ending) while the fleet's renegotiation is
+    under way, nothing waiting to be written: OpenSSL refuses SSL_shutdown in a
+    handshake (SHUTDOWN_WHILE_IN_INIT), and the socket was closed at once with
+    the fleet's bytes unread, a reset: the fleet lost what we had sent that it
+    had not read yet (the carrier's close frame) and saw a broken connection.
+    It now reads the handshake through, then sends close_notify."""
+    import threading
+
+    ctx = tls12_server_context(tls_files)
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+    go = threading.Event()
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                seen.extend(tls.recv(65536))  # "first", one record
+                assert go.wait(5)  # "last" sent meanwhile, not read yet
+                pointer = renegotiate_while_sending(tls)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                outcome["ended"] = "close_notify"
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: seen == b"first")
+        conn.write(b"last")
+        assert conn.get_write_buffer_size() == 0  # sent, not held
+        go.set()
+        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
+        pointer = ssl_pointer(conn.ssl_socket)
+        assert LIBSSL.SSL_in_init(pointer) and not conn._held
+        started = time.monotonic()
+        conn.close()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - started < 2
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None
+        assert outcome == {"renegotiated": True, "ended": "close_notify"}
+        assert seen == b"firstlast"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
 @pytest.mark.parametrize("fleet_sends", [True, False], ids=["fleet-sends", "fleet-waits"])
 async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_in_a_read(
     tls_files: TLSFiles, fleet_sends: bool
@@ -1347,6 +1412,163 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
         await asyncio.to_thread(thread.join, 5)
         assert outcome == {"renegotiated": True}
         assert seen == expected
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_close_notify_at_once(
+    tls_files: TLSFiles,
+) -> None:
+    """A renegotiation OpenSSL postponed (its HelloRequest read behind a partly
+    sent write) is no handshake yet: SSL_shutdown takes it, and a close with
+    nothing to write sends close_notify at once rather than starting the
+    renegotiation and waiting for the fleet (up to timeouts.connect)."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
+    ctx = tls12_server_context(tls_files)
+    filled, drain = threading.Event(), threading.Event()
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                assert filled.wait(5)
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()  # the HelloRequest
+                tls.sendall(b"x")
+                assert drain.wait(5)
+                while data := tls.recv(65536):
+                    seen.extend(data)
+                outcome["still_pending"] = bool(LIBSSL.SSL_renegotiate_pending(pointer))
+                outcome["ended"] = "close_notify"
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        pointer = ssl_pointer(conn.ssl_socket)
+        handler = Recorder(conn)
+        conn.start(handler)
+        big = b"a" * (1 << 20)
+        conn.write(big)
+        filled.set()
+        await eventually(lambda: b"x" in handler.data)
+        drain.set()
+        await eventually(lambda: conn.get_write_buffer_size() == 0)
+        assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
+        conn.close()
+        assert not conn._held  # no renegotiation started to read through
+        await eventually(lambda: handler.lost)
+        await asyncio.to_thread(thread.join, 5)
+        assert handler.exc is None
+        assert outcome == {"still_pending": True, "ended": "close_notify"}
+        assert seen == big
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writability(
+    tls_files: TLSFiles,
+) -> None:
+    """Closing, a renegotiation to read through: the read that starts it may
+    want a write (SSL_ERROR_WANT_WRITE: our ClientHello on a full socket), and
+    the fleet, waiting for that ClientHello, sends nothing to poll for. A closing
+    connection polled for reads only: it sat out the renegotiation's timeout
+    and failed, the held bytes and the close_notify never sent. The want is
+    injected once (as `_Wants` does), the rest is real: a write partly sent, the
+    fleet's HelloRequest postponed behind it."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
+    ctx = tls12_server_context(tls_files)
+    filled, drain = threading.Event(), threading.Event()
+    seen = bytearray()
+    outcome: dict[str, object] = {}
+
+    def fleet() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(5)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                assert filled.wait(5)  # the client's write is partly sent
+                pointer = ssl_pointer(tls)
+                LIBSSL.SSL_renegotiate(pointer)
+                tls.do_handshake()  # the HelloRequest
+                tls.sendall(b"x")
+                assert drain.wait(5)
+                while data := tls.recv(65536):  # the renegotiation runs in these reads
+                    seen.extend(data)
+                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+                outcome["ended"] = "close_notify"
+        except (OSError, ssl.SSLError) as exc:
+            outcome["fleet_error"] = repr(exc)
+
+    class WantsWriteOnce:
+        def __init__(self, conn: TLSConnection) -> None:
+            self.conn = conn
+            self.sslobj = conn._sslobj
+            self.refused = 0
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.sslobj, name)
+
+        def read(self, size: int, buffer: memoryview) -> int:
+            if self.conn._state is tls_socket._CLOSING and not self.refused:
+                self.refused += 1
+                raise ssl.SSLWantWriteError("injected")
+            return self.sslobj.read(size, buffer)
+
+    thread = threading.Thread(target=fleet)
+    thread.start()
+    try:
+        conn = await connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=5,
+        )
+        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        assert conn.ssl_socket.version() == "TLSv1.2"
+        pointer = ssl_pointer(conn.ssl_socket)
+        handler = Recorder(conn)
+        conn.start(handler)
+        big = b"a" * (1 << 20)
+        conn.write(big)
+        assert conn.get_write_buffer_size() == len(big)  # partly sent, retried whole
+        filled.set()
+        await eventually(lambda: b"x" in handler.data)
+        assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
+        wants = WantsWriteOnce(conn)
+        conn._sslobj = wants  # type: ignore[assignment]
+        conn.write(b"last")
+        conn.close()
+        started = time.monotonic()
+        drain.set()
+        await eventually(lambda: handler.lost, timeout=8)
+        assert time.monotonic() - started < 3, handler.exc
+        assert handler.exc is None and wants.refused == 1
+        await asyncio.to_thread(thread.join, 5)
+        assert outcome == {"renegotiated": True, "ended": "close_notify"}
+        assert seen == big + b"last"
     finally:
         listener.close()
         thread.join(5)

@@ -50,6 +50,9 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   the handshake's timeout (timeouts.connect for a fleet; a period more while our
   own reading is paused) fail the connection (`RenegotiationTimeout`): a server
   that starts a renegotiation and never finishes it held our writes for good.
+  A close reads the handshake through first, with writes held or, while it is
+  under way (``SSL_in_init``), none: OpenSSL refuses ``SSL_shutdown`` in a
+  handshake (``SHUTDOWN_WHILE_IN_INIT``).
 - ``SSL_write`` without ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (CPython never sets
   it) is all or nothing: after ``SSLWantWriteError`` some records may already
   be on the wire and the write must be retried with the same bytes (fewer is
@@ -673,10 +676,17 @@ class TLSConnection:
             return
         self._state = _CLOSING
         self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
-        if self._out is None:
-            self._shutdown()
-        else:
+        if self._out is not None:
             self._sync_io()
+        elif self._renegotiating is not None and _in_init(self._ssl):
+            # OpenSSL refuses SSL_shutdown in a handshake (SHUTDOWN_WHILE_IN_INIT):
+            # closed at once, the peer's bytes unread, it was a reset, and the peer
+            # lost what it had not read of ours. Read the renegotiation through
+            # first, as with a write held for it (`_read_through_handshake`). One
+            # postponed, not started, is no handshake: close_notify goes now.
+            self._hold()
+        else:
+            self._shutdown()
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
@@ -743,12 +753,19 @@ class TLSConnection:
                 if self._sslobj.read(READ_BUFFER_SIZE, _READ_BUFFER) == 0:
                     self._finish(None)  # the peer's close_notify
                     return
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                # Our handshake message waits for room (a ClientHello on a full
+                # socket), and the peer, waiting for it, sends nothing to poll for.
+                self._want_write_for_read = True
                 break
             except OSError:
                 self._finish(None)
                 return
         self._release()
+        if self._held and self._state is _CLOSING:
+            self._sync_io()
 
     def _finish(self, exc: BaseException | None) -> None:
         if self._state is _CLOSED:
@@ -794,8 +811,11 @@ class TLSConnection:
         elif state is _HANDSHAKE:
             reading, writing = self._hs_read, not self._hs_read
         elif state is _CLOSING:
-            reading = self._want_read_for_write or self._held
-            writing = self._out is not None and not self._want_read_for_write and not self._held
+            # A renegotiation read through may want a write (its own message).
+            reading = (self._want_read_for_write or self._held) and not self._want_write_for_read
+            writing = (
+                self._out is not None and not self._want_read_for_write and not self._held
+            ) or self._want_write_for_read
         elif state is _SHUTDOWN:
             reading, writing = not self._shutdown_wants_write, self._shutdown_wants_write
         else:
@@ -858,6 +878,9 @@ class TLSConnection:
                     if self._held:
                         self._release()
                         return
+                elif state is _CLOSING and self._held:
+                    self._read_through_handshake()
+                    return
             if self._out is not None:
                 self._flush()
             else:
@@ -870,6 +893,7 @@ class TLSConnection:
 
 class _LibSSL(NamedTuple):
     renegotiate_pending: Any  # SSL_renegotiate_pending(SSL *)
+    in_init: Any  # SSL_in_init(SSL *)
     get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
     ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
 
@@ -887,11 +911,17 @@ def _libssl() -> _LibSSL | None:
         import _ssl
 
         libssl = ctypes.CDLL(_ssl.__file__)  # resolves through the libssl _ssl links to
-        calls = _LibSSL(libssl.SSL_renegotiate_pending, libssl.SSL_get_SSL_CTX, libssl.SSL_ctrl)
+        calls = _LibSSL(
+            libssl.SSL_renegotiate_pending,
+            libssl.SSL_in_init,
+            libssl.SSL_get_SSL_CTX,
+            libssl.SSL_ctrl,
+        )
     except (OSError, AttributeError, ImportError):
         return None
     pending = calls.renegotiate_pending
     pending.restype, pending.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    calls.in_init.restype, calls.in_init.argtypes = ctypes.c_int, [ctypes.c_void_p]
     calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     calls.ctrl.restype = ctypes.c_long
     calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
@@ -923,6 +953,13 @@ def _one_message_per_read(pointer: int) -> None:
     calls = _libssl()
     if calls is not None:
         calls.ctrl(pointer, _SSL_CTRL_CLEAR_MODE, _SSL_MODE_AUTO_RETRY, None)
+
+
+def _in_init(pointer: int | None) -> bool:
+    """Whether OpenSSL is in a handshake (a renegotiation under way, not one
+    postponed): SSL_shutdown refuses then."""
+    calls = _libssl()
+    return calls is not None and pointer is not None and bool(calls.in_init(pointer))
 
 
 def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[], int] | None:
