@@ -178,9 +178,14 @@ class Call:
 
     @functools.cached_property
     def described(self) -> dict[str, Any]:
-        """`identity` and its start (`started_at`, for its duration) as its slot
-        requests carry it: built once, a retry's request sends the same."""
-        return {**self.identity(), "started_at": self.started_at}
+        """`identity` and its start (`started_at`; `started_monotonic` for its
+        duration, which no wall-clock step moves) as its slot requests carry
+        it: built once, a retry's request sends the same."""
+        return {
+            **self.identity(),
+            "started_at": self.started_at,
+            "started_monotonic": self.started_mono,
+        }
 
     def access_record(self) -> dict[str, Any]:
         return {

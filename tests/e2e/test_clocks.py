@@ -1,7 +1,10 @@
-"""A process of the ingress that does not run for a while (SIGSTOP and SIGCONT,
-a debugger, a VM paused while CLOCK_MONOTONIC goes on) while its peers go on
-sending: what they sent waits in the kernel, and is not their silence. Real
-processes (`fleet-ingress run`), real TLS, real signals, bounded stops."""
+"""Clocks. A process of the ingress that does not run for a while (SIGSTOP and
+SIGCONT, a debugger, a VM paused while CLOCK_MONOTONIC goes on) while its peers
+go on sending: what they sent waits in the kernel, and is not their silence.
+The wall clock stepped under a running ingress (chrony at boot, a VM resumed, a
+clock days behind corrected): no call is cut or mis-counted by it. Real
+processes (`fleet-ingress run`), real TLS, real signals, bounded stops; the
+wall clock stepped for the ingress's processes alone (tests/wall_clock_step)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from tests.support import RunningIngress, TLSFiles, close_calls, workers_of, wri
 pytestmark = pytest.mark.uvloop_only
 
 FRAME = b"\x01" * 160  # a 20 ms media frame
+WALL_CLOCK_STEP = Path(__file__).parent.parent / "wall_clock_step"
 
 
 @pytest.fixture
@@ -34,21 +38,35 @@ async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
     await sim.stop()
 
 
-async def _start(tls_files: TLSFiles, fleet: SimulatedFleet, timeouts: str) -> RunningIngress:
-    """One worker, `timeouts` lines added to [timeouts]; its fleet UP."""
+async def _start(
+    tls_files: TLSFiles, fleet: SimulatedFleet, timeouts: str = "", *, step: Path | None = None
+) -> RunningIngress:
+    """One worker, `timeouts` lines added to [timeouts]; its fleet UP. `step`:
+    a file holding the seconds its wall clock is stepped by (`_step`)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
         tls_files, home, [f"{fleet.url} name=a"], workers=1, check_timeout=5
     )
     toml = home / "ingress.toml"
     toml.write_text(toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n"))
-    service = await RunningIngress.launch(home, port, stats_port)
+    env = None
+    if step is not None:
+        _step(step, 0.0)
+        path = os.pathsep.join(filter(None, [str(WALL_CLOCK_STEP), os.environ.get("PYTHONPATH")]))
+        env = {"PYTHONPATH": path, "WALL_CLOCK_STEP_FILE": str(step)}
+    service = await RunningIngress.launch(home, port, stats_port, env=env)
     try:
         await service.fleets_up()
     except BaseException:
         await service.finish()
         raise
     return service
+
+
+def _step(file: Path, seconds: float) -> None:
+    """Step the wall clock of the processes started with `file` (`_start`) to
+    the host's plus `seconds`."""
+    file.write_text(repr(seconds))
 
 
 class Streaming:
@@ -143,5 +161,43 @@ async def test_calls_streaming_through_a_stopped_worker_are_not_ended_as_carrier
     finally:
         for s in streams:
             await s.stop()
+        await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("step", [86_400.0, -300.0])
+async def test_a_call_lost_with_its_worker_after_a_wall_clock_step_has_its_own_duration(
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path, step: float
+) -> None:
+    """The wall clock stepped a day forward (a VM resumed, a clock days behind
+    corrected) or 5 minutes back (one ahead, corrected) under a call, then its
+    worker killed: the supervisor's line for the lost call gives the call's
+    duration. It was the wall clock's difference: 86,402 s for a call of 2 s,
+    and none at all after the step back (a start over a minute ahead of the
+    supervisor's clock was taken for a bogus one)."""
+    service = await _start(tls_files, fleet, step=tmp_path / "step")
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await connect(service.url("/ws/lost"), ssl=tls_files.client_context()))
+        await calls[0].send("hello")
+        assert await calls[0].recv() == "hello"
+        _step(tmp_path / "step", step)
+        await asyncio.sleep(1.0)
+        (worker,) = workers_of(service.home)
+        os.kill(worker, signal.SIGKILL)
+
+        def lost() -> list[dict[str, object]]:
+            return [
+                e for e in service.log() if e["event"] == "call ended" and e["bot_id"] == "lost"
+            ]
+
+        async with asyncio.timeout(10):
+            while not lost():
+                await asyncio.sleep(0.05)
+        (line,) = lost()
+        assert "its worker" in str(line["detail"]) and line["status"] == 101, line
+        assert isinstance(line["duration_s"], float) and 1.0 <= line["duration_s"] < 10, line
+    finally:
         await close_calls(calls)
         await service.finish()
