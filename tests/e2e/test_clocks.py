@@ -201,3 +201,46 @@ async def test_a_call_lost_with_its_worker_after_a_wall_clock_step_has_its_own_d
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The worker stopped 2.5 s while it waits for a fleet's 101 (the fleet
+    answers after 0.6 s, timeouts.response = 1 s): once continued, the call
+    goes on, on its first attempt. The response timer ran first on the loop
+    resumed, its 101 unread: the attempt was given up, the bot it had answered
+    with cut, and the call tried again, counted a retry (the clock audit of
+    session 32: attempts 2 in 3 calls of 3)."""
+    service = await _start(tls_files, fleet, "response = 1")
+    (worker,) = workers_of(service.home)
+    fleet.call_delay = 0.6
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(3):
+            asked = len(fleet.requests)
+            opening = asyncio.ensure_future(
+                connect(service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context())
+            )
+            async with asyncio.timeout(5):
+                while len(fleet.requests) == asked:  # the fleet has the call's head
+                    await asyncio.sleep(0.005)
+            os.kill(worker, signal.SIGSTOP)
+            try:
+                await _stopped(worker)
+                await asyncio.sleep(2.5)
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            calls.append(await opening)
+            await calls[-1].send("hello")
+            assert await calls[-1].recv() == "hello"
+        await close_calls(calls)
+        async with asyncio.timeout(5):
+            while len(ended := [e for e in service.log() if e["event"] == "call ended"]) < 3:
+                await asyncio.sleep(0.05)
+        assert [(e["status"], e["attempts"]) for e in ended] == [(101, 1)] * 3
+        assert len(fleet.requests) == 3 and fleet.calls_total == 3
+    finally:
+        await close_calls(calls)
+        await service.finish()
