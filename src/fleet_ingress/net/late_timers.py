@@ -8,7 +8,8 @@ blames a peer whose answer came in time and waits unread (the clock audit of
 session 32: a fleet's 101 that came during a worker's stop was taken for no
 answer within timeouts.response, the bot it had answered with cut and the call
 tried again). A timer run over STALL late is put off once by AFTER_STALL, so
-that the loop reads first: the answer cancels it as it would have.
+that the loop reads first: the answer cancels it as it would have. A timer
+that must fire before another plain one (a backstop) is not one of these.
 """
 
 from __future__ import annotations

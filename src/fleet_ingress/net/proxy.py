@@ -458,7 +458,7 @@ class CarrierProtocol(_Side):
         self._raw_head = b""
         self._early = bytearray()
         # Put off after a stall: an answer waiting unread goes first (late_timers).
-        self._timers: dict[Timer, PatientTimer] = {}
+        self._timers: dict[Timer, PatientTimer | asyncio.TimerHandle] = {}
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
         self._received_at = 0.0
@@ -946,8 +946,18 @@ class CarrierProtocol(_Side):
         old = self._timers.pop(command.timer, None)
         if old is not None:
             old.cancel()
+        loop = asyncio.get_running_loop()
+        if command.timer is Timer.CONNECT:
+            # Not put off: it must fire before `connect`'s own timeout (a
+            # backstop), which would take a stalled connect for the fleet's
+            # refusal. A connection made during a stall is given up and the
+            # call tried again, as a timeout: the fleet's bot never had it.
+            self._timers[command.timer] = loop.call_later(
+                command.seconds, self._timer_fired, command.timer
+            )
+            return
         self._timers[command.timer] = PatientTimer(
-            asyncio.get_running_loop(), command.seconds, self._timer_fired, command.timer
+            loop, command.seconds, self._timer_fired, command.timer
         )
 
     def _timer_fired(self, timer: Timer) -> None:
