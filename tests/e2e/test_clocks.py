@@ -39,16 +39,24 @@ async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
 
 
 async def _start(
-    tls_files: TLSFiles, fleet: SimulatedFleet, timeouts: str = "", *, step: Path | None = None
+    tls_files: TLSFiles,
+    fleet: SimulatedFleet,
+    timeouts: str = "",
+    *,
+    fleets: str = "",
+    check_timeout: float = 5,
+    step: Path | None = None,
 ) -> RunningIngress:
-    """One worker, `timeouts` lines added to [timeouts]; its fleet UP. `step`:
-    a file holding the seconds its wall clock is stepped by (`_step`)."""
+    """One worker, `timeouts` and `fleets` lines added to their sections; its
+    fleet UP. `step`: a file holding the seconds its wall clock is stepped by
+    (`_step`)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
-        tls_files, home, [f"{fleet.url} name=a"], workers=1, check_timeout=5
+        tls_files, home, [f"{fleet.url} name=a"], workers=1, check_timeout=check_timeout
     )
     toml = home / "ingress.toml"
-    toml.write_text(toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n"))
+    text = toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n")
+    toml.write_text(text.replace("[fleets]\n", f"[fleets]\n{fleets}\n"))
     env = None
     if step is not None:
         _step(step, 0.0)
@@ -241,6 +249,40 @@ async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
                 await asyncio.sleep(0.05)
         assert [(e["status"], e["attempts"]) for e in ended] == [(101, 1)] * 3
         assert len(fleet.requests) == 3 and fleet.calls_total == 3
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its_fleet(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The supervisor stopped 2.5 s, twice, with a probe under way each time (the
+    fleet answers its health in 0.5 s, check_timeout 1 s, fall 1): the fleet
+    stays UP and no check failure is counted; a call made as the supervisor
+    goes on gets its 101. The probe's timeout ran first on the loop resumed,
+    the answer unread, and the run-queue wait that excuses a starved prober
+    does not count a stopped one: the fleet went DOWN at each stop (the clock
+    audit of session 32), and with it every new call was refused."""
+    service = await _start(tls_files, fleet, fleets="fall = 1", check_timeout=1)
+    fleet.health_delay = 0.5  # a probe is always under way
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            await asyncio.sleep(0.7)
+            os.kill(service.proc.pid, signal.SIGSTOP)
+            try:
+                await _stopped(service.proc.pid)
+                await asyncio.sleep(2.5)
+            finally:
+                os.kill(service.proc.pid, signal.SIGCONT)
+            calls.append(await connect(service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()))
+        (row,) = (await service.stats())["fleets"]
+        assert (row["health"], row["check_failures"]) == ("UP", 0), row
+        assert not [e for e in service.log() if e["event"] == "fleet DOWN"]
+        (said,) = [e for e in service.log() if e["event"].startswith("health probes timed out")]
+        assert "late: the prober did not run meanwhile" in said["reason"], said
     finally:
         await close_calls(calls)
         await service.finish()
