@@ -166,7 +166,7 @@ async def test_a_silence_check_that_raises_for_one_call_leaves_the_sweep_watchin
         await eventually(lambda: len(ingress.registry.calls) == 2)
         broken = next(c for c in ingress.registry.calls if c.bot_id == "one")
 
-        def raising(now: float) -> None:
+        def raising(now: float, stalled: float = 0.0) -> None:
             raise RuntimeError("a bug in the silence check")
 
         broken.check_silence = raising  # type: ignore[method-assign]
@@ -177,6 +177,8 @@ async def test_a_silence_check_that_raises_for_one_call_leaves_the_sweep_watchin
         await asyncio.sleep(silence * 2)  # more passes: said once
         said = [r for r in caplog.records if "silence check failed" in r.getMessage()]
         assert len(said) == 1 and said[0].fields["call_id"] == broken.id  # type: ignore[attr-defined]
+        assert said[0].exc_info is not None
+        assert str(said[0].exc_info[1]) == "a bug in the silence check"
         del broken.check_silence  # the check works again: the next pass ends it
         async with asyncio.timeout(silence * 5):
             await carriers[0][0]

@@ -103,3 +103,25 @@ def test_a_start_time_no_clock_could_say_is_left_out_not_raised() -> None:
         line = record({"started_at": bad}, now=1_000.0)
         assert line["started"] is None and line["duration_s"] is None, bad
     assert record({"started_at": 1_010.0}, now=1_000.0)["duration_s"] == 0.0  # its clock ahead
+
+
+def test_its_duration_is_by_the_monotonic_clock_where_the_worker_said_its_start_by_it() -> None:
+    """No wall-clock step between its start and its worker's death moves it: a
+    day forward, or back past the minute a start may be ahead by."""
+    said = {**SAID, "started_monotonic": 500.0}
+    for now in (1_000.0 + 86_400 + 12, 1_000.0 - 300 + 12):
+        line = lost_call_record(
+            said, worker_pid=1, generation=1, exit_status="x", now=now, now_monotonic=512.0
+        )
+        assert line["duration_s"] == 12.0 and line["started"] == SAID["started"]
+    # One it could not have said (ahead of this clock, not a number): the wall clock's.
+    for bad in (600.0, -1.0, float("nan"), True, "500"):
+        line = lost_call_record(
+            {**SAID, "started_monotonic": bad},
+            worker_pid=1,
+            generation=1,
+            exit_status="x",
+            now=1_030.0,
+            now_monotonic=512.0,
+        )
+        assert line["duration_s"] == 30.0, bad

@@ -136,6 +136,27 @@ def test_a_probe_that_timed_out_while_the_host_starved_the_prober_is_no_verdict(
     assert fleet.health is Health.DOWN and fleet.check_failures == 2
 
 
+def test_a_probe_that_timed_out_late_tells_of_a_prober_that_did_not_run():
+    """A timeout that came half its length or more after it was due: the prober
+    was stopped (SIGSTOP, a VM paused), which no run-queue wait shows, and the
+    answer may wait unread. On time, or a refusal, it counts as ever."""
+    from fleet_ingress.core.probe import STARVED_SHARE, judged_against_stall, timed_out
+
+    timeout = timed_out("timeout after 1s")
+    late = judged_against_stall(timeout, 2.5, 1.0)
+    assert not late.judged and late.timed_out
+    assert late.reason.startswith("timeout after 1s, 2.5s late: the prober did not run")
+    for on_time in (0.0, 0.01, STARVED_SHARE - 0.01, -0.2):
+        assert judged_against_stall(timeout, on_time, 1.0) is timeout
+    refused = ProbeResult(passed=False, reason="refused: Connection refused")
+    assert judged_against_stall(refused, 5.0, 1.0) is refused
+    fleet, poller = _fleet_and_poller()
+    poller.record(fleet, ProbeResult(passed=True, reason="ok", capacity=5), 0, 0.01)
+    poller.record(fleet, late, 0, 3.5)
+    poller.record(fleet, late, 0, 3.5)
+    assert fleet.health is Health.UP and fleet.check_failures == 0
+
+
 @pytest.mark.alone  # the last first probe within 0.1 s of its window
 async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypatch):
     """All probe loops started together probed in the same instant every

@@ -48,12 +48,19 @@ def _plain(value: Any) -> Any:
 
 
 def lost_call_record(
-    call: dict[str, Any], *, worker_pid: int, generation: int, exit_status: str, now: float
+    call: dict[str, Any],
+    *,
+    worker_pid: int,
+    generation: int,
+    exit_status: str,
+    now: float,
+    now_monotonic: float | None = None,
 ) -> dict[str, Any]:
     """The access-line fields of `call` (what its worker said of it; "fleet"
     where it held a slot, "status" 101 where its fleet had answered), lost
     when its worker ended with `exit_status` ("killed by SIGKILL") at `now`
-    (the wall clock)."""
+    (the wall clock; `now_monotonic` the same by CLOCK_MONOTONIC, which the
+    worker's "started_monotonic" is on: this host's, the same after an exec)."""
     record: dict[str, Any] = dict.fromkeys(_ACCESS_FIELDS)
     for key in _SAID:
         record[key] = _plain(call.get(key))
@@ -61,6 +68,19 @@ def lost_call_record(
     record["fleet"] = fleet if isinstance(fleet, str) else None
     record["status"] = 101 if call.get("status") == 101 else None
     started_at = call.get("started_at")
+    # Its duration by CLOCK_MONOTONIC where the worker said its start by it: by
+    # the wall clock, a step between the call's start and its worker's death
+    # (NTP at boot, a VM resumed, a clock days behind corrected) was in it: a
+    # day too long, or none at all once the clock went back over a minute (the
+    # clock audit of session 32).
+    started_mono = call.get("started_monotonic")
+    if (
+        now_monotonic is not None
+        and isinstance(started_mono, int | float)
+        and not isinstance(started_mono, bool)
+        and 0 <= started_mono <= now_monotonic
+    ):
+        record["duration_s"] = round(now_monotonic - started_mono, 3)
     # A time the worker's wall clock could have said (up to a minute past this
     # one's): a value far out of it (1e300, NaN) raised here, and the worker's
     # death went unsaid (the supervisor-crash audit of session 26).
@@ -69,7 +89,8 @@ def lost_call_record(
         and not isinstance(started_at, bool)
         and 0 <= started_at <= now + 60
     ):
-        record["duration_s"] = round(max(0.0, now - started_at), 3)
+        if record["duration_s"] is None:
+            record["duration_s"] = round(max(0.0, now - started_at), 3)
         if record["started"] is None:
             record["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at))
     record["end_reason"] = "error"

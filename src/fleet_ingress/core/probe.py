@@ -89,6 +89,26 @@ def judged_against_starvation(
     )
 
 
+def judged_against_stall(result: ProbeResult, late: float, timeout: float) -> ProbeResult:
+    """`result`, or, for a timeout that came `late` seconds past `timeout`
+    (STARVED_SHARE of it or more), the same result not judged: the prober did
+    not run meanwhile (its process stopped: SIGSTOP, a debugger, a VM paused
+    while CLOCK_MONOTONIC went on), which the run-queue wait does not count, and
+    a loop resumed runs its due timers before it reads the answer that came
+    (the clock audit of session 32: a 2.5 s stop with a probe under way took
+    the fleet DOWN with fall = 1, and counted a check failure with fall = 2)."""
+    if not result.timed_out or not result.judged or late < STARVED_SHARE * timeout:
+        return result
+    return ProbeResult(
+        False,
+        None,
+        f"{result.reason}, {late:.1f}s late: the prober did not run meanwhile (this "
+        "process stopped, or the host paused): not counted against the fleet",
+        timed_out=True,
+        judged=False,
+    )
+
+
 def judge_health_response(status: int, body: bytes, capacity_key: str) -> ProbeResult:
     """Pass when the status is 200 and the body is a JSON object whose
     `capacity_key` is an integer >= 0 (a boolean is not an integer here)."""

@@ -143,8 +143,9 @@ class Call:
     def watch_silence(self, limits: SilenceLimits, now: float) -> None:
         self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
 
-    def check_silence(self, now: float) -> tuple[EndReason, str] | None:
-        """Why the sweep should end this call now (and the detail), if it should."""
+    def check_silence(self, now: float, stalled: float = 0.0) -> tuple[EndReason, str] | None:
+        """Why the sweep should end this call now (and the detail), if it should
+        (`stalled`: seconds before `now` this process did not run)."""
         quiet = self.quiet
         if quiet is None:
             return None
@@ -155,6 +156,7 @@ class Call:
             now,
             carrier_held=self.carrier.reading_paused,
             fleet_held=fleet_side is not None and fleet_side.reading_paused,
+            stalled=stalled,
         )
         if silence is None:
             return None
@@ -176,9 +178,14 @@ class Call:
 
     @functools.cached_property
     def described(self) -> dict[str, Any]:
-        """`identity` and its start (`started_at`, for its duration) as its slot
-        requests carry it: built once, a retry's request sends the same."""
-        return {**self.identity(), "started_at": self.started_at}
+        """`identity` and its start (`started_at`; `started_monotonic` for its
+        duration, which no wall-clock step moves) as its slot requests carry
+        it: built once, a retry's request sends the same."""
+        return {
+            **self.identity(),
+            "started_at": self.started_at,
+            "started_monotonic": self.started_mono,
+        }
 
     def access_record(self) -> dict[str, Any]:
         return {
@@ -358,14 +365,22 @@ class SilenceSweep:
             self._timer, self._due = loop.call_at(due, self.sweep), due
 
     def sweep(self) -> None:
+        # Run late by as long as this process did not run (SIGSTOP, a debugger,
+        # a VM paused while CLOCK_MONOTONIC went on): a loop resumed runs its due
+        # timers before it reads its sockets, where the peers' bytes of that
+        # time wait. Before, every call was ended `carrier_silent` at once after
+        # a stop longer than carrier_silence, its audio unread (the clock audit
+        # of session 32): that time is not counted as silence.
+        due = self._due
         self._timer, self._due = None, math.inf
+        stalled = max(0.0, asyncio.get_running_loop().time() - due) if due < math.inf else 0.0
         now = time.monotonic()
         period = math.inf
         failed: list[tuple[Call, BaseException]] = []
         try:
             for call in list(self.registry.calls):
                 try:
-                    ending = call.check_silence(now)
+                    ending = call.check_silence(now, stalled)
                     if ending is not None:
                         call.end(*ending)
                         continue

@@ -35,6 +35,7 @@ from fleet_ingress.core.probe import (
     ProbeSettings,
     failed,
     judge_health_response,
+    judged_against_stall,
     judged_against_starvation,
     timed_out,
 )
@@ -368,9 +369,12 @@ class HealthPoller:
         opened_before = fleet.probe_sending(started)
         waited_before = cpu_wait()
         result = await probe_fleet(session, fleet.spec, self.settings)
+        took = time.monotonic() - started
         if result.timed_out and waited_before is not None and (now := cpu_wait()) is not None:
             result = judged_against_starvation(result, now - waited_before, self.settings.timeout)
-        self.record(fleet, result, opened_before, time.monotonic() - started, sent_at=started)
+        timeout = self.settings.timeout
+        result = judged_against_stall(result, took - timeout, timeout)
+        self.record(fleet, result, opened_before, took, sent_at=started)
         async with self._probed:
             self._probed.notify_all()
 
@@ -468,6 +472,7 @@ class HealthPoller:
         log.warning(
             "health probes timed out while this host kept the prober from running: "
             "not counted against the fleets (they keep their state); find what takes "
-            "the CPU (top; the unit's CPUQuota)",
+            "the CPU (top; the unit's CPUQuota), or what stopped the supervisor "
+            "(a debugger, SIGSTOP, the VM paused)",
             extra=fields(reason=result.reason),
         )

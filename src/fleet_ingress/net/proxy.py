@@ -107,6 +107,7 @@ from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
 from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
@@ -456,7 +457,8 @@ class CarrierProtocol(_Side):
         )
         self._raw_head = b""
         self._early = bytearray()
-        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        # Put off after a stall: an answer waiting unread goes first (late_timers).
+        self._timers: dict[Timer, PatientTimer | asyncio.TimerHandle] = {}
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
         self._received_at = 0.0
@@ -944,8 +946,18 @@ class CarrierProtocol(_Side):
         old = self._timers.pop(command.timer, None)
         if old is not None:
             old.cancel()
-        self._timers[command.timer] = asyncio.get_running_loop().call_later(
-            command.seconds, self._timer_fired, command.timer
+        loop = asyncio.get_running_loop()
+        if command.timer is Timer.CONNECT:
+            # Not put off: it must fire before `connect`'s own timeout (a
+            # backstop), which would take a stalled connect for the fleet's
+            # refusal. A connection made during a stall is given up and the
+            # call tried again, as a timeout: the fleet's bot never had it.
+            self._timers[command.timer] = loop.call_later(
+                command.seconds, self._timer_fired, command.timer
+            )
+            return
+        self._timers[command.timer] = PatientTimer(
+            loop, command.seconds, self._timer_fired, command.timer
         )
 
     def _timer_fired(self, timer: Timer) -> None:

@@ -10,7 +10,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            "forget-fleet")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
        "call": {"call_id": 3, "bot_id": "b", ...}}         who the call is (`Call.described`:
-                                                           access fields, "started_at"),
+                                                           access fields, "started_at",
+                                                           "started_monotonic"),
                                                            kept while the lease is open:
                                                            the line of a call lost with
                                                            its worker

@@ -96,6 +96,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.liveness import PeerStoppedReading
 from fleet_ingress.net.tcp_connect import open_tcp
 
@@ -259,7 +260,7 @@ class TLSConnection:
         self._handler: TLSHandler | None = None
         self._hs_done: Callable[[BaseException | None], None] | None = None
         self._hs_read = True
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: PatientTimer | None = None  # put off after a stall (late_timers)
         self._close_timer: asyncio.TimerHandle | None = None
         self._reader_on = self._writer_on = False
         # A write OpenSSL could not finish: retried with these same bytes.
@@ -381,7 +382,7 @@ class TLSConnection:
             raise RuntimeError("handshake already started")
         self._hs_done = done
         self._renegotiation_timeout = timeout
-        self._timer = self._loop.call_later(timeout, self._handshake_timed_out, timeout)
+        self._timer = PatientTimer(self._loop, timeout, self._handshake_timed_out, timeout)
         self._handshake_step()
 
     async def handshake(self, timeout: float) -> None:
@@ -531,8 +532,8 @@ class TLSConnection:
         the peer, waiting for our ClientHello, may send nothing to poll for."""
         if not self._held:
             self._held = True
-            self._timer = self._loop.call_later(
-                self._renegotiation_timeout, self._renegotiation_timed_out
+            self._timer = PatientTimer(
+                self._loop, self._renegotiation_timeout, self._renegotiation_timed_out
             )
             self._loop.call_soon(self._on_readable)
         self._sync_io()
@@ -541,8 +542,8 @@ class TLSConnection:
         self._timer = None
         if self._paused and self._state is _OPEN:
             # Our reading is paused (our handler's flow control): the wait is ours.
-            self._timer = self._loop.call_later(
-                self._renegotiation_timeout, self._renegotiation_timed_out
+            self._timer = PatientTimer(
+                self._loop, self._renegotiation_timeout, self._renegotiation_timed_out
             )
             return
         self._finish(

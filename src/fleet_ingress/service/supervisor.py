@@ -872,7 +872,7 @@ class Supervisor:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        status, now = _exit_status(code), time.time()
+        status, now, now_monotonic = _exit_status(code), time.time(), time.monotonic()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
                 call,
@@ -880,6 +880,7 @@ class Supervisor:
                 generation=worker.generation,
                 exit_status=status,
                 now=now,
+                now_monotonic=now_monotonic,
             )
             # Counted ended as its line says (fleet_ingress_calls_ended_total), as
             # the worker counts each call it ends: before, a call lost with its

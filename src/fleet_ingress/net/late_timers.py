@@ -1,0 +1,51 @@
+"""Timeouts that let a peer's answer waiting in the kernel in first.
+
+A loop resumed after its process did not run (SIGSTOP, a debugger, a VM paused
+while CLOCK_MONOTONIC went on) runs its due timers before it reads its sockets:
+the stop interrupts epoll_wait, whose time is then up, and uvloop and asyncio's
+loop alike go to their timers without polling again. A timeout that fires then
+blames a peer whose answer came in time and waits unread (the clock audit of
+session 32: a fleet's 101 that came during a worker's stop was taken for no
+answer within timeouts.response, the bot it had answered with cut and the call
+tried again). A timer run over STALL late is put off once by AFTER_STALL, so
+that the loop reads first: the answer cancels it as it would have. A timer
+that must fire before another plain one (a backstop) is not one of these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+# Late by this much, a timer's loop did not run (a busy loop's lag is ms).
+STALL = 0.1
+# Turns enough for the loop to read what waits and act on it (a task's step
+# after a connect, a TLS record), and short beside any timeout.
+AFTER_STALL = 0.05
+
+
+class PatientTimer:
+    """`loop.call_later(delay, callback, *args)`, put off once by AFTER_STALL
+    if it comes over STALL late."""
+
+    __slots__ = ("_args", "_callback", "_handle", "_loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        delay: float,
+        callback: Callable[..., object],
+        *args: Any,
+    ) -> None:
+        self._loop, self._callback, self._args = loop, callback, args
+        self._handle = loop.call_later(delay, self._due, True)
+
+    def _due(self, first: bool) -> None:
+        if first and self._loop.time() - self._handle.when() > STALL:
+            self._handle = self._loop.call_later(AFTER_STALL, self._due, False)
+            return
+        self._callback(*self._args)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
