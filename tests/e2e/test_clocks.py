@@ -23,7 +23,8 @@ from websockets.exceptions import ConnectionClosed
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import RunningIngress, TLSFiles, close_calls, workers_of, write_run_home
 
-pytestmark = pytest.mark.uvloop_only
+# alone: stops of 2.5 s whose outcome hangs on timers a loaded host would make late.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 
 FRAME = b"\x01" * 160  # a 20 ms media frame
 WALL_CLOCK_STEP = Path(__file__).parent.parent / "wall_clock_step"
