@@ -846,6 +846,47 @@ async def test_a_new_generation_that_dies_once_serving_is_abandoned(
         await service.finish()
 
 
+async def test_a_new_generation_starts_a_batch_of_one_per_cpu_at_a_time(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A supervisor that may run on one CPU starts the new generation's 2
+    workers one after the other: the second's process once the first serves.
+    All at once (8 workers on 2 CPUs, each start a third of a second of a
+    core), they kept the old generation's loops, whose calls are live, from a
+    CPU: frames late by tens of ms. Each new worker notes when it runs and
+    when it serves, in the order it happens (it waits 0.5 s before serving:
+    two started together would both run before either serves)."""
+    src = _copy_package(tmp_path)
+    marks = tmp_path / "marks"
+    new = "'--generation' in sys.argv and sys.argv[sys.argv.index('--generation') + 1] != '1'"
+    _inject(
+        src,
+        "service/worker.py",
+        "    from fleet_ingress.config.settings import load_config\n    from fleet_ingress.net",
+        f"    if {new}:\n        open({str(marks)!r}, 'a').write(f'runs {{os.getpid()}}\\n')\n",
+    )
+    _inject(
+        src,
+        "service/worker.py",
+        '        self.client.send({"op": "serving"})\n',
+        f"        if {new}:\n            import time\n            time.sleep(0.5)\n"
+        f"            open({str(marks)!r}, 'a').write(f'serves {{os.getpid()}}\\n')\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=2, drain=30)
+    try:
+        # The main thread's: it starts the workers, re-executes, and reads it.
+        os.sched_setaffinity(service.proc.pid, {min(os.sched_getaffinity(0))})
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        new_pids = {r["pid"] for r in await _rows(service) if r["generation"] == 2}
+        seen = [line.split() for line in marks.read_text().splitlines()]
+        assert [what for what, _ in seen] == ["runs", "serves", "runs", "serves"], seen
+        assert seen[0][1] == seen[1][1] and seen[2][1] == seen[3][1], seen
+        assert {int(seen[0][1]), int(seen[2][1])} == new_pids, seen
+    finally:
+        await service.finish()
+
+
 async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
     tls_files: TLSFiles,
 ) -> None:
