@@ -22,6 +22,7 @@ import socket
 import ssl
 import struct
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -1159,7 +1160,6 @@ async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_
     fleet's renegotiation cut a call streaming both ways (the hostile-TLS audit
     of session 31). Writes are held until the reads have finished the handshake;
     nothing is lost or reordered."""
-    import threading
 
     listener = socket.create_server(("127.0.0.1", 0))
     seen = bytearray()
@@ -1204,7 +1204,6 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
     """A connection closed (the call ending) while its write waits for the
     fleet's renegotiation reads on until the handshake is done, then sends what
     waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
-    import threading
 
     ctx = tls12_server_context(tls_files)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -1254,6 +1253,79 @@ async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_clo
         thread.join(5)
 
 
+class _FleetThread:
+    """A TLS 1.2 fleet (renegotiation allowed) served by `serve(tls)` on a
+    thread of its own, the test's loop being the client. `small_window`: its
+    listener's receive buffer is 4 KiB, so that a client's big write is only
+    partly sent. What it raised goes in `outcome["fleet_error"]`."""
+
+    def __init__(
+        self,
+        tls_files: TLSFiles,
+        serve: Callable[[ssl.SSLSocket], None],
+        *,
+        small_window: bool = True,
+    ) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        if small_window:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.ctx = tls12_server_context(tls_files)
+        self.outcome: dict[str, object] = {}
+        self._serve = serve
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(5)
+        try:
+            with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                self._serve(tls)
+        except (OSError, ssl.SSLError) as exc:
+            self.outcome["fleet_error"] = repr(exc)
+
+    async def connect(self, tls_files: TLSFiles, timeout: float = 5) -> TLSConnection:
+        return await connect(
+            "127.0.0.1",
+            self.listener.getsockname()[1],
+            tls_files.client_context(),
+            server_hostname="localhost",
+            timeout=timeout,
+        )
+
+    async def ended(self) -> None:
+        await asyncio.to_thread(self.thread.join, 5)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def _hello_request_behind_a_partial_write(tls: ssl.SSLSocket, filled: threading.Event) -> int:
+    """The fleet's side, once the client's write is partly sent (`filled`): a
+    HelloRequest, which OpenSSL will postpone behind that write, then b"x";
+    the fleet's SSL pointer."""
+    assert filled.wait(5)
+    pointer = ssl_pointer(tls)
+    LIBSSL.SSL_renegotiate(pointer)
+    tls.do_handshake()  # the HelloRequest
+    tls.sendall(b"x")
+    return pointer
+
+
+async def _writing_a_mib(conn: TLSConnection) -> tuple[Recorder, bytes]:
+    """The client's side: a 4 KiB send buffer, started, a MiB written and only
+    partly sent (retried whole)."""
+    conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    assert conn.ssl_socket.version() == "TLSv1.2"
+    handler = Recorder(conn)
+    conn.start(handler)
+    big = b"a" * (1 << 20)
+    conn.write(big)
+    assert conn.get_write_buffer_size() == len(big)
+    return handler, big
+
+
 async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_sends_close_notify(
     tls_files: TLSFiles,
 ) -> None:
@@ -1263,39 +1335,22 @@ async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_
     the fleet's bytes unread, a reset: the fleet lost what we had sent that it
     had not read yet (the carrier's close frame) and saw a broken connection.
     It now reads the handshake through, then sends close_notify."""
-    import threading
 
-    ctx = tls12_server_context(tls_files)
-    listener = socket.create_server(("127.0.0.1", 0))
     seen = bytearray()
-    outcome: dict[str, object] = {}
     go = threading.Event()
 
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                seen.extend(tls.recv(65536))  # "first", one record
-                assert go.wait(5)  # "last" sent meanwhile, not read yet
-                pointer = renegotiate_while_sending(tls)
-                while data := tls.recv(65536):
-                    seen.extend(data)
-                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
-                outcome["ended"] = "close_notify"
-        except (OSError, ssl.SSLError) as exc:
-            outcome["fleet_error"] = repr(exc)
+    def serve(tls: ssl.SSLSocket) -> None:
+        seen.extend(tls.recv(65536))  # "first", one record
+        assert go.wait(5)  # "last" sent meanwhile, not read yet
+        pointer = renegotiate_while_sending(tls)
+        while data := tls.recv(65536):
+            seen.extend(data)
+        fleet.outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+        fleet.outcome["ended"] = "close_notify"
 
-    thread = threading.Thread(target=fleet)
-    thread.start()
+    fleet = _FleetThread(tls_files, serve, small_window=False)
     try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
+        conn = await fleet.connect(tls_files)
         handler = Recorder(conn)
         conn.start(handler)
         conn.write(b"first")
@@ -1310,13 +1365,12 @@ async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_
         conn.close()
         await eventually(lambda: handler.lost)
         assert time.monotonic() - started < 2
-        await asyncio.to_thread(thread.join, 5)
+        await fleet.ended()
         assert handler.exc is None
-        assert outcome == {"renegotiated": True, "ended": "close_notify"}
+        assert fleet.outcome == {"renegotiated": True, "ended": "close_notify"}
         assert seen == b"firstlast"
     finally:
-        listener.close()
-        thread.join(5)
+        fleet.close()
 
 
 @pytest.mark.parametrize("fleet_sends", [True, False], ids=["fleet-sends", "fleet-waits"])
@@ -1334,63 +1388,35 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
     fleet's readable event); fails before. fleet-waits: the fleet sends nothing
     until our ClientHello, so the held write must make the read that starts the
     renegotiation itself (no poll event would)."""
-    import threading
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
-    ctx = tls12_server_context(tls_files)
     filled, drain, send_z = threading.Event(), threading.Event(), threading.Event()
     seen = bytearray()
     expected = bytearray()
-    outcome: dict[str, object] = {}
 
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                assert filled.wait(5)  # the client's write is partly sent
-                pointer = ssl_pointer(tls)
-                LIBSSL.SSL_renegotiate(pointer)
-                tls.do_handshake()  # the HelloRequest
-                tls.sendall(b"x")
-                assert drain.wait(5)
-                while len(seen) < len(expected):
-                    seen.extend(tls.recv(65536))
-                assert send_z.wait(5)
-                if fleet_sends:
-                    tls.sendall(b"z" * 100)  # before the fleet reads the ClientHello
-                while not seen.endswith(b"next"):
-                    data = tls.recv(65536)  # the renegotiation runs in these reads
-                    if not data:
-                        break
-                    seen.extend(data)
-                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
-                tls.sendall(b"after")
-                while tls.recv(65536):
-                    pass
-        except (OSError, ssl.SSLError) as exc:
-            outcome["fleet_error"] = repr(exc)
+    def serve(tls: ssl.SSLSocket) -> None:
+        pointer = _hello_request_behind_a_partial_write(tls, filled)
+        assert drain.wait(5)
+        while len(seen) < len(expected):
+            seen.extend(tls.recv(65536))
+        assert send_z.wait(5)
+        if fleet_sends:
+            tls.sendall(b"z" * 100)  # before the fleet reads the ClientHello
+        while not seen.endswith(b"next"):
+            data = tls.recv(65536)  # the renegotiation runs in these reads
+            if not data:
+                break
+            seen.extend(data)
+        fleet.outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+        tls.sendall(b"after")
+        while tls.recv(65536):
+            pass
 
-    thread = threading.Thread(target=fleet)
-    thread.start()
+    fleet = _FleetThread(tls_files, serve)
     try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
-        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        assert conn.ssl_socket.version() == "TLSv1.2"
+        conn = await fleet.connect(tls_files)
         pointer = ssl_pointer(conn.ssl_socket)
-        handler = Recorder(conn)
-        conn.start(handler)
-        big = b"a" * (1 << 20)
+        handler, big = await _writing_a_mib(conn)
         expected += big
-        conn.write(big)
-        assert conn.get_write_buffer_size() == len(big)  # partly sent, retried whole
         filled.set()
         await eventually(lambda: b"x" in handler.data)
         # OpenSSL has the HelloRequest and has not started the handshake.
@@ -1409,12 +1435,11 @@ async def test_a_renegotiation_openssl_postponed_behind_a_partial_write_starts_i
         assert not handler.lost, handler.exc
         assert handler.data == b"x" + b"z" * 100 * fleet_sends + b"after"
         conn.abort()
-        await asyncio.to_thread(thread.join, 5)
-        assert outcome == {"renegotiated": True}
+        await fleet.ended()
+        assert fleet.outcome == {"renegotiated": True}
         assert seen == expected
     finally:
-        listener.close()
-        thread.join(5)
+        fleet.close()
 
 
 async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_close_notify_at_once(
@@ -1424,49 +1449,23 @@ async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_clo
     sent write) is no handshake yet: SSL_shutdown takes it, and a close with
     nothing to write sends close_notify at once rather than starting the
     renegotiation and waiting for the fleet (up to timeouts.connect)."""
-    import threading
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
-    ctx = tls12_server_context(tls_files)
     filled, drain = threading.Event(), threading.Event()
     seen = bytearray()
-    outcome: dict[str, object] = {}
 
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                assert filled.wait(5)
-                pointer = ssl_pointer(tls)
-                LIBSSL.SSL_renegotiate(pointer)
-                tls.do_handshake()  # the HelloRequest
-                tls.sendall(b"x")
-                assert drain.wait(5)
-                while data := tls.recv(65536):
-                    seen.extend(data)
-                outcome["still_pending"] = bool(LIBSSL.SSL_renegotiate_pending(pointer))
-                outcome["ended"] = "close_notify"
-        except (OSError, ssl.SSLError) as exc:
-            outcome["fleet_error"] = repr(exc)
+    def serve(tls: ssl.SSLSocket) -> None:
+        pointer = _hello_request_behind_a_partial_write(tls, filled)
+        assert drain.wait(5)
+        while data := tls.recv(65536):
+            seen.extend(data)
+        fleet.outcome["still_pending"] = bool(LIBSSL.SSL_renegotiate_pending(pointer))
+        fleet.outcome["ended"] = "close_notify"
 
-    thread = threading.Thread(target=fleet)
-    thread.start()
+    fleet = _FleetThread(tls_files, serve)
     try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
-        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        conn = await fleet.connect(tls_files)
         pointer = ssl_pointer(conn.ssl_socket)
-        handler = Recorder(conn)
-        conn.start(handler)
-        big = b"a" * (1 << 20)
-        conn.write(big)
+        handler, big = await _writing_a_mib(conn)
         filled.set()
         await eventually(lambda: b"x" in handler.data)
         drain.set()
@@ -1475,13 +1474,12 @@ async def test_a_close_with_a_renegotiation_postponed_and_nothing_held_sends_clo
         conn.close()
         assert not conn._held  # no renegotiation started to read through
         await eventually(lambda: handler.lost)
-        await asyncio.to_thread(thread.join, 5)
+        await fleet.ended()
         assert handler.exc is None
-        assert outcome == {"still_pending": True, "ended": "close_notify"}
+        assert fleet.outcome == {"still_pending": True, "ended": "close_notify"}
         assert seen == big
     finally:
-        listener.close()
-        thread.join(5)
+        fleet.close()
 
 
 async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writability(
@@ -1494,32 +1492,17 @@ async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writabil
     and failed, the held bytes and the close_notify never sent. The want is
     injected once (as `_Wants` does), the rest is real: a write partly sent, the
     fleet's HelloRequest postponed behind it."""
-    import threading
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the fleet's window
-    ctx = tls12_server_context(tls_files)
     filled, drain = threading.Event(), threading.Event()
     seen = bytearray()
-    outcome: dict[str, object] = {}
 
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                assert filled.wait(5)  # the client's write is partly sent
-                pointer = ssl_pointer(tls)
-                LIBSSL.SSL_renegotiate(pointer)
-                tls.do_handshake()  # the HelloRequest
-                tls.sendall(b"x")
-                assert drain.wait(5)
-                while data := tls.recv(65536):  # the renegotiation runs in these reads
-                    seen.extend(data)
-                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
-                outcome["ended"] = "close_notify"
-        except (OSError, ssl.SSLError) as exc:
-            outcome["fleet_error"] = repr(exc)
+    def serve(tls: ssl.SSLSocket) -> None:
+        pointer = _hello_request_behind_a_partial_write(tls, filled)
+        assert drain.wait(5)
+        while data := tls.recv(65536):  # the renegotiation runs in these reads
+            seen.extend(data)
+        fleet.outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+        fleet.outcome["ended"] = "close_notify"
 
     class WantsWriteOnce:
         def __init__(self, conn: TLSConnection) -> None:
@@ -1536,24 +1519,11 @@ async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writabil
                 raise ssl.SSLWantWriteError("injected")
             return self.sslobj.read(size, buffer)
 
-    thread = threading.Thread(target=fleet)
-    thread.start()
+    fleet = _FleetThread(tls_files, serve)
     try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
-        conn.ssl_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        assert conn.ssl_socket.version() == "TLSv1.2"
+        conn = await fleet.connect(tls_files)
         pointer = ssl_pointer(conn.ssl_socket)
-        handler = Recorder(conn)
-        conn.start(handler)
-        big = b"a" * (1 << 20)
-        conn.write(big)
-        assert conn.get_write_buffer_size() == len(big)  # partly sent, retried whole
+        handler, big = await _writing_a_mib(conn)
         filled.set()
         await eventually(lambda: b"x" in handler.data)
         assert LIBSSL.SSL_renegotiate_pending(pointer) and not LIBSSL.SSL_in_init(pointer)
@@ -1566,12 +1536,11 @@ async def test_a_close_whose_renegotiation_read_wants_a_write_waits_for_writabil
         await eventually(lambda: handler.lost, timeout=8)
         assert time.monotonic() - started < 3, handler.exc
         assert handler.exc is None and wants.refused == 1
-        await asyncio.to_thread(thread.join, 5)
-        assert outcome == {"renegotiated": True, "ended": "close_notify"}
+        await fleet.ended()
+        assert fleet.outcome == {"renegotiated": True, "ended": "close_notify"}
         assert seen == big + b"last"
     finally:
-        listener.close()
-        thread.join(5)
+        fleet.close()
 
 
 async def test_a_renegotiation_the_fleet_never_finishes_fails_the_connection_in_time(
@@ -1583,36 +1552,20 @@ async def test_a_renegotiation_the_fleet_never_finishes_fails_the_connection_in_
     hold ends after the handshake's timeout (timeouts.connect for a fleet) with
     RenegotiationTimeout, the reads going on meanwhile; not while our reading is
     paused (our handler's flow control: the wait is ours then)."""
-    import threading
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    ctx = tls12_server_context(tls_files)
     stop = threading.Event()
 
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                LIBSSL.SSL_renegotiate(ssl_pointer(tls))
-                tls.do_handshake()  # the HelloRequest; the ClientHello is never read
-                deadline = time.monotonic() + 10
-                while not stop.is_set() and time.monotonic() < deadline:
-                    tls.sendall(b"f")
-                    time.sleep(0.02)
-        except (OSError, ssl.SSLError):
-            pass  # the client gave up
+    def serve(tls: ssl.SSLSocket) -> None:
+        LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+        tls.do_handshake()  # the HelloRequest; the ClientHello is never read
+        deadline = time.monotonic() + 10
+        while not stop.is_set() and time.monotonic() < deadline:
+            tls.sendall(b"f")
+            time.sleep(0.02)
 
-    thread = threading.Thread(target=fleet)
-    thread.start()
+    fleet = _FleetThread(tls_files, serve, small_window=False)  # its error: we gave up
     try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=0.5,
-        )
+        conn = await fleet.connect(tls_files, timeout=0.5)
         handler = Recorder(conn)
         conn.start(handler)
         await eventually(lambda: len(handler.data) > 0)  # the HelloRequest read before it
@@ -1631,8 +1584,7 @@ async def test_a_renegotiation_the_fleet_never_finishes_fails_the_connection_in_
         assert len(handler.data) > read_while_held  # the fleet's audio was read on
     finally:
         stop.set()
-        listener.close()
-        thread.join(5)
+        fleet.close()
 
 
 async def test_only_tls12_connections_that_may_renegotiate_watch_for_a_handshake(
