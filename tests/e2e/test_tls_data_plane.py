@@ -609,6 +609,26 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         await fleet.stop()
 
 
+def _answer_the_upgrade_and_hear_three_frames(tls: ssl.SSLSocket) -> bytearray:
+    """A fleet's side of a call: the carrier's upgrade read and answered 101,
+    then three of the carrier's frames (11 bytes each) heard: what was heard."""
+    from fleet_ingress.core.fleet_exchange import websocket_accept
+
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls.recv(4096)
+    key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+    assert key is not None
+    tls.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + websocket_accept(key[1]) + b"\r\n\r\n"
+    )
+    heard = bytearray()
+    while len(heard) < 3 * 11:
+        heard += tls.recv(65536)
+    return heard
+
+
 def _renegotiating_fleet(
     tls_files: TLSFiles, listener: socket.socket, outcome: dict[str, object]
 ) -> None:
@@ -616,27 +636,12 @@ def _renegotiating_fleet(
     frame every 10 ms) and, once the carrier's is flowing, asks for a
     renegotiation: its ClientHello is read a round trip (60 ms) later, the audio
     going on meanwhile. Then "after", and the carrier's close frame is answered."""
-    from fleet_ingress.core.fleet_exchange import websocket_accept
-
     ctx = tls12_server_context(tls_files)
     conn, _ = listener.accept()
     conn.settimeout(5)
     try:
         with ctx.wrap_socket(conn, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
-            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-            assert key is not None
-            tls.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                + websocket_accept(key[1])
-                + b"\r\n\r\n"
-            )
-            heard = bytearray()
-            while len(heard) < 3 * 11:  # three of the carrier's frames
-                heard += tls.recv(65536)
+            heard = _answer_the_upgrade_and_hear_three_frames(tls)
             pointer = ssl_pointer(tls)
             LIBSSL.SSL_renegotiate(pointer)
             tls.do_handshake()  # the HelloRequest
@@ -710,27 +715,12 @@ def _fleet_that_never_finishes_a_renegotiation(
     """A TLS 1.2 fleet that answers the upgrade, hears the carrier's audio, asks
     for a renegotiation and never reads again (our ClientHello unanswered), its
     bot's audio going on (allowed before its ServerHello) for 10 s at most."""
-    from fleet_ingress.core.fleet_exchange import websocket_accept
-
     ctx = tls12_server_context(tls_files)
     conn, _ = listener.accept()
     conn.settimeout(5)
     try:
         with ctx.wrap_socket(conn, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += tls.recv(4096)
-            key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-            assert key is not None
-            tls.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-                + websocket_accept(key[1])
-                + b"\r\n\r\n"
-            )
-            heard = bytearray()
-            while len(heard) < 3 * 11:  # three of the carrier's frames
-                heard += tls.recv(65536)
+            _answer_the_upgrade_and_hear_three_frames(tls)
             LIBSSL.SSL_renegotiate(ssl_pointer(tls))
             tls.do_handshake()  # the HelloRequest
             deadline = time.monotonic() + 10
