@@ -1124,135 +1124,6 @@ async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
         raw.close()
 
 
-def _tls12_fleet(
-    tls_files: TLSFiles, listener: socket.socket, seen: bytearray, outcome: dict[str, object]
-) -> None:
-    """A TLS 1.2 server (a fleet) that asks for a renegotiation once the client's
-    bytes flow, and goes on sending for a round trip (60 ms) before it reads
-    the ClientHello, as a fleet streaming a bot's audio to a distant ingress does."""
-    ctx = tls12_server_context(tls_files)
-    conn, _ = listener.accept()
-    conn.settimeout(5)
-    try:
-        with ctx.wrap_socket(conn, server_side=True) as tls:
-            while len(seen) < 60:
-                seen.extend(tls.recv(65536))
-            pointer = renegotiate_while_sending(tls)
-            deadline = time.monotonic() + 5
-            while LIBSSL.SSL_renegotiate_pending(pointer) and time.monotonic() < deadline:
-                seen.extend(tls.recv(65536))  # the renegotiation runs in these reads
-            outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
-            tls.sendall(b"after")
-            while not seen.endswith(b"end") and (data := tls.recv(65536)):
-                seen.extend(data)
-    except (OSError, ssl.SSLError) as exc:
-        outcome["fleet_error"] = repr(exc)
-
-
-async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_connection(
-    tls_files: TLSFiles,
-) -> None:
-    """A fleet's HelloRequest starts a renegotiation inside the client's read;
-    until the ServerHello, the fleet's application data may still come, and only
-    SSL_read may take it. A write meanwhile ran the handshake itself, met that
-    data and failed (OpenSSL gives no reason: SSLEOFError, "EOF occurred in
-    violation of protocol", as the TLS audit of session 20 saw): a TLS 1.2
-    fleet's renegotiation cut a call streaming both ways (the hostile-TLS audit
-    of session 31). Writes are held until the reads have finished the handshake;
-    nothing is lost or reordered."""
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    seen = bytearray()
-    outcome: dict[str, object] = {}
-    fleet = threading.Thread(target=_tls12_fleet, args=(tls_files, listener, seen, outcome))
-    fleet.start()
-    try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
-        assert conn.ssl_socket.version() == "TLSv1.2"
-        handler = Recorder(conn)
-        conn.start(handler)
-        sent = bytearray()
-        for i in range(60):  # 6 bytes every 5 ms: the carrier's audio, relayed
-            if handler.lost:
-                break
-            conn.write(b"%06d" % i)
-            sent += b"%06d" % i
-            await asyncio.sleep(0.005)
-        conn.write(b"end")
-        sent += b"end"
-        await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
-        assert not handler.lost, handler.exc
-        await asyncio.to_thread(fleet.join, 5)
-        assert outcome == {"renegotiated": True}
-        assert handler.data == b"f" * 600 + b"after"
-        assert seen == sent
-        conn.abort()
-    finally:
-        listener.close()
-        fleet.join(5)
-
-
-async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_close_notify(
-    tls_files: TLSFiles,
-) -> None:
-    """A connection closed (the call ending) while its write waits for the
-    fleet's renegotiation reads on until the handshake is done, then sends what
-    waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
-
-    ctx = tls12_server_context(tls_files)
-    listener = socket.create_server(("127.0.0.1", 0))
-    seen = bytearray()
-    outcome: dict[str, object] = {}
-
-    def fleet() -> None:
-        conn, _ = listener.accept()
-        conn.settimeout(5)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                while len(seen) < 5:
-                    seen.extend(tls.recv(65536))
-                pointer = renegotiate_while_sending(tls)
-                while data := tls.recv(65536):
-                    seen.extend(data)
-                outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
-                tls.unwrap()
-        except (OSError, ssl.SSLError) as exc:
-            outcome["fleet_error"] = repr(exc)
-
-    thread = threading.Thread(target=fleet)
-    thread.start()
-    try:
-        conn = await connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
-        handler = Recorder(conn)
-        conn.start(handler)
-        conn.write(b"first")
-        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
-        conn.write(b"last")
-        assert conn._held and conn.get_write_buffer_size() == 4
-        started = time.monotonic()
-        conn.close()
-        await eventually(lambda: handler.lost)
-        assert time.monotonic() - started < 2
-        await asyncio.to_thread(thread.join, 5)
-        assert handler.exc is None and outcome == {"renegotiated": True}
-        assert seen == b"firstlast"
-    finally:
-        listener.close()
-        thread.join(5)
-
-
 class _FleetThread:
     """A TLS 1.2 fleet (renegotiation allowed) served by `serve(tls)` on a
     thread of its own, the test's loop being the client. `small_window`: its
@@ -1324,6 +1195,99 @@ async def _writing_a_mib(conn: TLSConnection) -> tuple[Recorder, bytes]:
     conn.write(big)
     assert conn.get_write_buffer_size() == len(big)
     return handler, big
+
+
+async def test_a_tls12_fleet_renegotiating_while_bytes_flow_both_ways_keeps_the_connection(
+    tls_files: TLSFiles,
+) -> None:
+    """A fleet's HelloRequest starts a renegotiation inside the client's read;
+    until the ServerHello, the fleet's application data may still come, and only
+    SSL_read may take it. A write meanwhile ran the handshake itself, met that
+    data and failed (OpenSSL gives no reason: SSLEOFError, "EOF occurred in
+    violation of protocol", as the TLS audit of session 20 saw): a TLS 1.2
+    fleet's renegotiation cut a call streaming both ways (the hostile-TLS audit
+    of session 31). Writes are held until the reads have finished the handshake;
+    nothing is lost or reordered."""
+
+    seen = bytearray()
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        """Asks for a renegotiation once the client's bytes flow, and goes on
+        sending for a round trip (60 ms) before it reads the ClientHello, as a
+        fleet streaming a bot's audio to a distant ingress does."""
+        while len(seen) < 60:
+            seen.extend(tls.recv(65536))
+        pointer = renegotiate_while_sending(tls)
+        deadline = time.monotonic() + 5
+        while LIBSSL.SSL_renegotiate_pending(pointer) and time.monotonic() < deadline:
+            seen.extend(tls.recv(65536))  # the renegotiation runs in these reads
+        fleet.outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+        tls.sendall(b"after")
+        while not seen.endswith(b"end") and (data := tls.recv(65536)):
+            seen.extend(data)
+
+    fleet = _FleetThread(tls_files, serve, small_window=False)
+    try:
+        conn = await fleet.connect(tls_files)
+        assert conn.ssl_socket.version() == "TLSv1.2"
+        handler = Recorder(conn)
+        conn.start(handler)
+        sent = bytearray()
+        for i in range(60):  # 6 bytes every 5 ms: the carrier's audio, relayed
+            if handler.lost:
+                break
+            conn.write(b"%06d" % i)
+            sent += b"%06d" % i
+            await asyncio.sleep(0.005)
+        conn.write(b"end")
+        sent += b"end"
+        await eventually(lambda: handler.lost or handler.data.endswith(b"after"))
+        assert not handler.lost, handler.exc
+        await fleet.ended()
+        assert fleet.outcome == {"renegotiated": True}
+        assert handler.data == b"f" * 600 + b"after"
+        assert seen == sent
+        conn.abort()
+    finally:
+        fleet.close()
+
+
+async def test_a_close_while_a_write_waits_for_a_renegotiation_sends_it_then_close_notify(
+    tls_files: TLSFiles,
+) -> None:
+    """A connection closed (the call ending) while its write waits for the
+    fleet's renegotiation reads on until the handshake is done, then sends what
+    waited and its close_notify; it does not sit out CLOSE_TIMEOUT."""
+
+    seen = bytearray()
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        while len(seen) < 5:
+            seen.extend(tls.recv(65536))
+        pointer = renegotiate_while_sending(tls)
+        while data := tls.recv(65536):
+            seen.extend(data)
+        fleet.outcome["renegotiated"] = not LIBSSL.SSL_renegotiate_pending(pointer)
+        tls.unwrap()
+
+    fleet = _FleetThread(tls_files, serve, small_window=False)
+    try:
+        conn = await fleet.connect(tls_files)
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: len(handler.data) > 0)  # read after the HelloRequest
+        conn.write(b"last")
+        assert conn._held and conn.get_write_buffer_size() == 4
+        started = time.monotonic()
+        conn.close()
+        await eventually(lambda: handler.lost)
+        assert time.monotonic() - started < 2
+        await fleet.ended()
+        assert handler.exc is None and fleet.outcome == {"renegotiated": True}
+        assert seen == b"firstlast"
+    finally:
+        fleet.close()
 
 
 async def test_a_close_while_a_renegotiation_is_under_way_reads_it_through_then_sends_close_notify(
