@@ -609,6 +609,13 @@ async def test_key_updates_from_the_carrier_and_the_fleet_during_a_call(
         await fleet.stop()
 
 
+async def _carrier_voice(writer: asyncio.StreamWriter) -> None:
+    """The carrier's audio: a masked (all-zero mask) 5-byte frame every 10 ms."""
+    while True:
+        writer.write(b"\x82\x85" + bytes(4) + b"voice")
+        await asyncio.sleep(0.01)
+
+
 def _answer_the_upgrade_and_hear_three_frames(tls: ssl.SSLSocket) -> bytearray:
     """A fleet's side of a call: the carrier's upgrade read and answered 101,
     then three of the carrier's frames (11 bytes each) heard: what was heard."""
@@ -681,12 +688,7 @@ async def test_a_tls12_fleet_that_renegotiates_mid_call_keeps_the_call(
         reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot-1")
         assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
 
-        async def voice() -> None:  # the carrier's audio, masked (an all-zero mask)
-            while True:
-                writer.write(b"\x82\x85" + bytes(4) + b"voice")
-                await asyncio.sleep(0.01)
-
-        speaking = asyncio.create_task(voice())
+        speaking = asyncio.create_task(_carrier_voice(writer))
         heard: list[bytes] = []
         try:
             async with asyncio.timeout(10):
@@ -753,12 +755,7 @@ async def test_a_fleet_that_never_finishes_its_renegotiation_ends_the_call_sayin
         reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot-1")
         assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
 
-        async def voice() -> None:  # the carrier's audio, masked (an all-zero mask)
-            while True:
-                writer.write(b"\x82\x85" + bytes(4) + b"voice")
-                await asyncio.sleep(0.01)
-
-        speaking = asyncio.create_task(voice())
+        speaking = asyncio.create_task(_carrier_voice(writer))
         frames: list[tuple[int, bytes]] = []
         try:
             async with asyncio.timeout(10):
