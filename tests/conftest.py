@@ -17,6 +17,7 @@ from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.net import event_loop
 from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.sim import SimulatedFleet
 from tests.support import NetLab, StartIngress, TLSFiles, netns_unavailable
 
 
@@ -131,3 +132,15 @@ def netlab() -> Iterator[NetLab]:
         yield lab
     finally:
         lab.remove()
+
+
+@pytest.fixture
+async def roomy_fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    """One TLS fleet named "a" with room for 16 calls and 1000 said free in its
+    health answer: past the ingress's own limits only the ingress can refuse a
+    call."""
+    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    sim.available_override = 1000
+    await sim.start()
+    yield sim
+    await sim.stop()

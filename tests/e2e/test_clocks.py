@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,8 @@ WALL_CLOCK_STEP = Path(__file__).parent.parent / "wall_clock_step"
 
 
 @pytest.fixture
-async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
-    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
-    sim.available_override = 1000
-    await sim.start()
-    yield sim
-    await sim.stop()
+def fleet(roomy_fleet: SimulatedFleet) -> SimulatedFleet:
+    return roomy_fleet
 
 
 async def _start(

@@ -1726,17 +1726,6 @@ async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slo
         await service.finish()
 
 
-@pytest.fixture
-async def roomy_fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
-    """One fleet with room for 16 calls: past the ingress's maxconn (2 in
-    these tests) only the host's count of slots can refuse a call."""
-    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
-    sim.available_override = 1000
-    await sim.start()
-    yield sim
-    await sim.stop()
-
-
 async def _one_worker_at_maxconn_2(
     tls_files: TLSFiles, sim: SimulatedFleet, **options: Any
 ) -> RunningIngress:

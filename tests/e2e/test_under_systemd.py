@@ -24,7 +24,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +72,8 @@ def systemd() -> Iterator[systemd_box.PrivateSystemd]:
 
 
 @pytest.fixture
-async def fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
-    sim = SimulatedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
-    sim.available_override = 1000
-    await sim.start()
-    yield sim
-    await sim.stop()
+def fleet(roomy_fleet: SimulatedFleet) -> SimulatedFleet:
+    return roomy_fleet
 
 
 class Unit(IngressOnLoopback):
