@@ -428,7 +428,17 @@ class AcmeProtocol(asyncio.Protocol):
         self._lingering = True
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, t.close)
+        self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        # A client that reads nothing would hold a close() waiting for the buffer for ever.
+        if t.get_write_buffer_size():
+            t.abort()
+        else:
+            t.close()
 
 
 # What of a responder's error a log line keeps: h11 quotes the bytes it could
