@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import socket
+import ssl
+import time
 
 import pytest
 from aiohttp import web
@@ -196,9 +200,14 @@ async def test_a_responder_that_never_answers_gets_502_and_a_log_that_says_so(
     [
         (b"", "closed without a complete answer (as certbot does for a token it does not serve)"),
         (b"HTTP/1.1 200 OK\r\nContent-Le", "closed without a complete answer"),
+        # certbot's answer cut short: relayed, a truncated token (session 33).
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + KEY_AUTH[:10].encode(),
+            "not a usable answer: closed before the end of its answer",
+        ),
         (b"\x16\x03\x01" + b"x" * 12000 + b"\r\n\r\n", "not a usable answer: illegal status line"),
     ],
-    ids=["closed", "cut-head", "not-http"],
+    ids=["closed", "cut-head", "cut-body", "not-http"],
 )
 async def test_a_responder_that_closes_or_answers_junk_is_named_in_acme_terms(
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture, answer: bytes, said: str
@@ -314,30 +323,27 @@ async def test_a_head_whose_parse_fails_is_answered_not_left_open(
     assert got.startswith(b"HTTP/1.1 400 ")
 
 
-async def test_idle_connections_to_port_80_are_bounded_and_the_rest_reset(
+async def test_idle_connections_to_port_80_are_bounded_the_oldest_closed_for_a_new_one(
     start_ingress: StartIngress, certbot_standin
 ):
     """Each idle :80 connection is held up to timeouts.request for its head, outside
     limits.max_connections: unbounded, a flood of them could take the descriptors
     carriers need (the TLS audit of session 12: 3,000 held). Past the bound (256 a
-    worker; 3 here) new ones are reset at accept and counted; one freed is usable."""
+    worker; 3 here) the oldest still waiting for its head is closed for the new one
+    (it was the new one that was reset: see the many-address flood below)."""
     ingress = await _ingress(start_ingress, certbot_standin[0])
     ingress.registry.acme.limit = 3
     host, port = ingress.acme_address
     held = [await asyncio.open_connection(host, port) for _ in range(3)]
     await asyncio.sleep(0.05)
     assert ingress.registry.acme.open == 3
-    reader, writer = await asyncio.open_connection(host, port)
-    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
-        await asyncio.wait_for(reader.readexactly(1), 2)
-    writer.close()
-    assert ingress.registry.acme.refused == 1
-    held[0][1].close()
-    await asyncio.sleep(0.05)
-    assert ingress.registry.acme.open == 2
     got = await plain_exchange(ingress.acme_address, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     assert got.startswith(b"HTTP/1.1 301 ")
-    for _, w in held[1:]:
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(2):
+            assert await held[0][0].read() == b""  # the oldest: closed
+    assert (ingress.registry.acme.evicted, ingress.registry.acme.refused) == (1, 0)
+    for _, w in held:
         w.close()
     await asyncio.sleep(0.05)
     assert ingress.registry.acme.open == 0
@@ -461,3 +467,186 @@ async def test_a_flood_of_challenges_with_no_responder_writes_a_bounded_log(
     suppressed = sum(r.fields["suppressed"] for r in summaries)  # type: ignore[attr-defined]
     suppressed += sum(r.fields.get("suppressed", 0) for r in unreachable)  # type: ignore[attr-defined]
     assert len(unreachable) + suppressed == 60
+
+
+# The :80 audit of session 33 (left over from session 32's).
+
+
+def _post_slowly(address: tuple[str, int], target: str) -> int | str:
+    """http.client POSTing a body that comes slower than the answer (any real
+    upload): the status it reads, or the error it raises instead."""
+    chunks = 4
+
+    def body():
+        for _ in range(chunks):
+            yield b"x" * 65536
+            time.sleep(0.1)
+
+    client = http.client.HTTPConnection(*address, timeout=5)
+    try:
+        client.request("POST", target, body=body(), headers={"Content-Length": str(chunks * 65536)})
+        return client.getresponse().status
+    except OSError as exc:
+        return repr(exc)
+    finally:
+        client.close()
+
+
+async def test_an_answer_before_a_body_we_do_not_read_is_not_lost_to_a_reset(
+    start_ingress: StartIngress, certbot_standin
+):
+    """A POST with a body to :80 was answered, then closed with the body unread:
+    the rest of the body drew a reset, and the client, still sending, failed
+    with "Broken pipe" and never read the answer (RFC 9112 9.6). Now the writing
+    side is shut after the answer and the body read and dropped."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    for target, status in [("/upload", 400), (f"/.well-known/acme-challenge/{TOKEN}", 405)]:
+        got = await asyncio.to_thread(_post_slowly, ingress.acme_address, target)
+        assert got == status, target
+    await asyncio.sleep(0.05)
+    assert ingress.registry.acme.open == 0
+
+
+async def test_a_405_on_port_80_says_which_methods_are_allowed(
+    start_ingress: StartIngress, certbot_standin
+):
+    """RFC 9110 15.5.6: a 405 MUST carry Allow. With a body too, the 405 (what
+    is wrong) comes before the 400 for the body."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    for extra in ("", "Content-Length: 2\r\n\r\nab"):
+        request = f"POST /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n"
+        got = await plain_exchange(
+            ingress.acme_address, (request + (extra or "Content-Length: 0\r\n\r\n")).encode()
+        )
+        head = got.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 405 "), got
+        assert b"\r\nAllow: GET, HEAD" in head, got
+    assert certbot_standin[1] == []
+
+
+def _client_hello() -> bytes:
+    """A TLS client's first bytes, as a browser sends them to https://host:80/."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="calls.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def test_a_tls_client_on_port_80_is_answered_at_once(
+    start_ingress: StartIngress, certbot_standin, caplog: pytest.LogCaptureFixture
+):
+    """A ClientHello with no 0x0a byte waited timeouts.request (10 s) for a 408 it
+    cannot read; one with a 0x0a (the supported_groups extension's type is 0x000a)
+    got "malformed request: line ending without CR", logged as escaped binary."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.refused")
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    hello = _client_hello()
+    for first_bytes in (hello, hello.replace(b"\n", b"\x0b")):
+        async with asyncio.timeout(2):
+            got = await plain_exchange(ingress.acme_address, first_bytes)
+        assert got.startswith(b"HTTP/1.1 400 ")
+        assert got.endswith(b"this is plain HTTP: use https:// on port 443")
+    refused = [r.fields for r in caplog.records if r.getMessage() == "request refused"]  # type: ignore[attr-defined]
+    assert [(f["status"], f["target"]) for f in refused] == [(400, "(a TLS handshake)")] * 2
+    # A real TLS client fails at once too (it reads no TLS record), not in 10 s.
+    async with asyncio.timeout(2):
+        with pytest.raises(ssl.SSLError):
+            await asyncio.open_connection(
+                *ingress.acme_address, ssl=ssl.create_default_context(), server_hostname="h"
+            )
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [b"GET /x HTTP/1.0\r\n\r\n", b"GET /x HTTP/1.1\r\nHost: :80\r\n\r\n"],
+    ids=["http-1.0-no-host", "empty-host-with-port"],
+)
+async def test_a_request_with_no_host_name_is_told_so_not_sent_to_a_broken_location(
+    start_ingress: StartIngress, certbot_standin, request_head: bytes
+):
+    """HTTP/1.0 with no Host got 404 "this listener serves ACME challenges only"
+    while it redirects everything else; `Host: :80` got `Location: https:///x`."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    got = await plain_exchange(ingress.acme_address, request_head)
+    assert b"Location:" not in got
+    assert got.startswith(b"HTTP/1.1 400 "), got
+    assert got.endswith(b"no host name in the request (Host) to redirect to: use https://<name>/")
+
+
+async def test_many_addresses_cannot_shut_a_validation_out_of_port_80(
+    start_ingress: StartIngress, certbot_standin
+):
+    """16 connections from each of 16 addresses (each within its share) held all
+    256 of :80: every validation was reset at accept, for as long as the flood
+    re-opened them. Now the oldest without a head is closed for the newcomer,
+    and the operator sees how many were (here: 4 a worker, 2 from each of 2)."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    acme = ingress.registry.acme
+    acme.limit, acme.per_client = 4, 2
+    host, acme_port = ingress.acme_address
+    held = [
+        await asyncio.open_connection(host, acme_port, local_addr=(f"127.0.0.{n}", 0))
+        for n in (2, 2, 3, 3)
+    ]
+    try:
+        await asyncio.sleep(0.05)
+        assert acme.open == 4
+        reader, writer = await asyncio.open_connection(host, acme_port, local_addr=("127.0.0.4", 0))
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        try:
+            async with asyncio.timeout(5):
+                assert (await reader.read(-1)).endswith(KEY_AUTH.encode())
+        finally:
+            writer.close()
+        assert seen == [TOKEN]
+        assert (acme.evicted, acme.refused) == (1, 0)
+    finally:
+        for _, w in held:
+            w.close()
+    await asyncio.sleep(0.05)
+    assert (acme.open, acme.members) == (0, {})
+
+
+async def test_a_challenge_in_flight_when_the_worker_stops_is_answered_before_it_exits(
+    start_ingress: StartIngress,
+):
+    """stop() returned (and the worker exited) with a challenge still being
+    relayed: the validator's connection was cut and the renewal failed."""
+    asked = asyncio.Event()
+
+    async def slow_certbot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.set()
+        await asyncio.sleep(0.5)
+        body = KEY_AUTH.encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(slow_certbot, "127.0.0.1", 0)
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        idle = await asyncio.open_connection(*ingress.acme_address)  # no head: not waited for
+        reader, writer = await asyncio.open_connection(*ingress.acme_address)
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(2):
+            await asyncio.wait_for(asked.wait(), 2)
+            await ingress.stop()
+        # What the validator holds once stop() is back (the process exits then).
+        async with asyncio.timeout(0.2):
+            got = await reader.read(-1)
+        writer.close()
+        idle[1].close()
+        assert got.endswith(KEY_AUTH.encode()), got
+        assert ingress.registry.acme.open == 0
+    finally:
+        responder.close()

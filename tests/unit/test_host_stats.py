@@ -56,7 +56,7 @@ def a_worker(seq_counts: int, pid: int, generation: int, *, draining: bool = Fal
     registry.connections_total = n
     registry.tls_handshake_failures = n
     registry.refused_connections = 1
-    registry.acme.open, registry.acme.refused = n, 2 * n
+    registry.acme.open, registry.acme.refused, registry.acme.evicted = n, 2 * n, 3 * n
     registry.accepts_paused_ms = 250 * n
     registry.new_connection_cpu.spent = 0.5 * n
     registry.requests[("/ws/", 101)] += n
@@ -186,6 +186,7 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     assert (fe["tls_handshake_failures"], fe["refused_connections"]) == (7, 2)
     # And :80's, what /metrics alone had (the :80 audit of session 32).
     assert (fe["acme_connections"], fe["acme_refused_connections"]) == (3 + 4, 2 * (3 + 4))
+    assert fe["acme_evicted_connections"] == 3 * (3 + 4)
     assert fe["calls_ended"] == {"carrier_closed": 7} == a["calls_ended"]
     assert next(f for f in snap["fleets"] if f["name"] == "b")["calls_ended"] == {}
     assert [
@@ -198,7 +199,7 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     page = render_stats_page(snap)
     assert '<table id="workers">' in page and "<td>202</td>" not in page
     assert 'port 80 (ACME, redirects)</td><td class="l">7 open' in page
-    assert "(14 reset at accept)" in page
+    assert "(14 reset at accept,\n 21 closed for newer ones)" in page
     assert '<td class="l">202</td>' in page
     # The one-process page and table have no workers section.
     assert "workers" not in render_stats_page(one) and "worker " not in format_stat_table(one)

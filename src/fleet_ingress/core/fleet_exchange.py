@@ -91,6 +91,9 @@ class FleetExchange:
         self.unfolded_head: bytes | None = None
         # Bytes fed after the end of a non-101 answer: not the answer's.
         self.surplus = 0
+        # The body broke off (closed before its Content-Length, a chunk cut):
+        # `advance` says BODY_COMPLETE all the same, the end of what there is.
+        self.cut_short = False
 
     def feed(self, data: bytes) -> Progress:
         """Feed bytes from the fleet and say how far the answer got."""
@@ -135,6 +138,7 @@ class FleetExchange:
             if self.head is None:
                 raise ResponseError("junk-response", str(exc)) from None
             # The head was valid but the body broke off: it ends here.
+            self.cut_short = True
             return Progress.BODY_COMPLETE
 
     def _advance(self) -> Progress:

@@ -12,7 +12,16 @@ flood of idle connections to `:80` could take the descriptors the carrier
 listener needs (`limits.max_connections` counts carriers only). One client (an
 IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them: alone, it
 could hold them all, and Let's Encrypt's validation, reset at accept, fails the
-renewal.
+renewal. Many clients (a flood from many addresses) can still fill the bound:
+then the oldest connection that has not sent its head yet (or has its answer
+already) is closed to let the new one in, so that a validation, which sends its
+head at once, is never shut out for good (the :80 audit of session 33).
+
+An answer is followed by a lingering close: the writing side is shut (FIN after
+the answer), and what the client still sends (a body we do not read) is read
+and dropped, up to ACME_LINGER_BYTES and ACME_LINGER_SECONDS, until it closes.
+Closing with its bytes unread would reset the connection, and a reset can take
+our answer with it before the client has read it.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from typing import cast
 from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.core.fleet_exchange import FleetExchange, Progress, ResponseError
 from fleet_ingress.core.request_head import (
+    BODY_REFUSED,
     RequestHead,
     RequestHeadReader,
     RequestRefused,
@@ -47,6 +57,14 @@ ACME_MAX_CONNECTIONS = 256
 ACME_DESCRIPTORS = 2 * ACME_MAX_CONNECTIONS
 # Of those, one client's: a browser opens six at most, a validator one per check.
 ACME_MAX_PER_CLIENT = 16
+# After an answer, how long and how much of what the client still sends is read
+# and dropped before the connection is closed all the same.
+ACME_LINGER_SECONDS = 2.0
+ACME_LINGER_BYTES = 1024 * 1024
+# The methods a challenge is fetched with (a 405's Allow).
+CHALLENGE_METHODS = "GET, HEAD"
+# What a TLS client's first bytes start with: a handshake record (RFC 8446 5.1).
+_TLS_HANDSHAKE_RECORD = b"\x16\x03"
 
 
 @dataclass
@@ -58,6 +76,47 @@ class AcmeConnections:
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
     by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
+    # Closed to let a new one in when `limit` were open (see `admit`).
+    evicted: int = 0
+    # The open ones, oldest first.
+    members: dict[AcmeProtocol, None] = field(default_factory=dict)
+
+    def admit(self, protocol: AcmeProtocol, key: str) -> bool:
+        """Count `protocol` open for client `key`, or say False (refused). When
+        `limit` are open, the oldest that has no head yet (or has its answer) is
+        closed for it: a flood from many addresses, each within its share, held
+        :80 whole and reset every validation at accept (the :80 audit of
+        session 33). A validator sends its head at once: to be closed before it,
+        its connection would have to be the oldest of `limit` waiting."""
+        if self.by_client[key] >= self.per_client:
+            self.refused += 1
+            return False
+        if self.open >= self.limit:
+            oldest = next((p for p in self.members if p.evictable), None)
+            if oldest is None:  # every one is a challenge being relayed: bounded by its timeouts
+                self.refused += 1
+                return False
+            self.evicted += 1
+            oldest.evict()
+        self.open += 1
+        self.by_client[key] += 1
+        self.members[protocol] = None
+        return True
+
+    def release(self, protocol: AcmeProtocol, key: str) -> None:
+        self.open -= 1
+        self.by_client[key] -= 1
+        if self.by_client[key] <= 0:
+            del self.by_client[key]
+        self.members.pop(protocol, None)
+
+    async def settled(self, *, step: float = 0.02) -> None:
+        """Every :80 connection answered (its answer sent, only a lingering close
+        left) or gone: a process may exit then. Each is bounded by its timeouts."""
+        while True:
+            if all(p.answered for p in self.members):
+                return
+            await asyncio.sleep(step)  # an answer goes out in one of several callbacks
 
 
 def client_key(ip: str) -> str:
@@ -114,6 +173,35 @@ class AcmeProtocol(asyncio.Protocol):
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
         self._counted: str | None = None  # the `client_key` it is counted open for
+        self._seen = 0  # bytes received
+        self._eof = False  # the client shut its writing side
+        self._lingering = False  # answered: its writing side shut, the rest read and dropped
+        self._dropped = 0  # bytes read and dropped after the head
+
+    @property
+    def waiting_for_head(self) -> bool:
+        return not self._done
+
+    @property
+    def answered(self) -> bool:
+        """Its answer is out (written to the socket whole): only the lingering close is left."""
+        t = self.transport
+        return self._lingering and (t is None or t.get_write_buffer_size() == 0)
+
+    @property
+    def evictable(self) -> bool:
+        """Closing it costs nobody an answer: no head yet, or answered already."""
+        return not self._done or self._lingering
+
+    def evict(self) -> None:
+        """Closed to let a new connection in (`AcmeConnections.admit`)."""
+        count, key = self.settings.connections, self._counted
+        if count is not None and key is not None:
+            self._counted = None
+            count.release(self, key)
+        self._done = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peername = transport.get_extra_info("peername")
@@ -122,13 +210,10 @@ class AcmeProtocol(asyncio.Protocol):
         count = self.settings.connections
         if count is not None:
             key = client_key(self.client_ip)
-            if count.open >= count.limit or count.by_client[key] >= count.per_client:
-                count.refused += 1
+            if not count.admit(self, key):
                 self._done = True
                 transport.abort()  # its connection_lost follows; nothing was counted open
                 return
-            count.open += 1
-            count.by_client[key] += 1
             self._counted = key
         self.transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(
@@ -136,7 +221,19 @@ class AcmeProtocol(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        first = self._seen == 0
+        self._seen += len(data)
         if self._done:
+            # A body we do not read, or what follows our answer: dropped, up to a bound.
+            self._dropped += len(data)
+            if self._dropped > ACME_LINGER_BYTES and self.transport is not None:
+                self.transport.abort()
+            return
+        if first and data.startswith(_TLS_HANDSHAKE_RECORD):
+            # A TLS client on :80 (https://host:80/, a monitor set up wrong): it would
+            # wait the request timeout for a 408 it cannot read. Told at once.
+            self.target = "(a TLS handshake)"
+            self._answer(400, "this is plain HTTP: use https:// on port 443")
             return
         try:
             taken = self._reader.take(data)
@@ -158,7 +255,8 @@ class AcmeProtocol(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         try:
-            head = parse_request_head(raw)
+            # A body is refused in `_route`, after a challenge's method (405 first).
+            head = parse_request_head(raw, refuse_body=False)
         except RequestRefused as refused:
             self.target = logged_first_line(raw)
             self._answer(refused.status, refused.reason, head_only=refused.head_only)
@@ -178,17 +276,15 @@ class AcmeProtocol(asyncio.Protocol):
         # transport closed at once and cancelled a challenge's forward: nothing
         # came back (the :80 audit of session 32). A head not complete by then
         # never will be: closed.
+        self._eof = True
         t = self.transport
-        return self._done and t is not None and not t.is_closing()
+        return self._done and not self._lingering and t is not None and not t.is_closing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         count, key = self.settings.connections, self._counted
         if key is not None and count is not None:
             self._counted = None
-            count.open -= 1
-            count.by_client[key] -= 1
-            if count.by_client[key] <= 0:
-                del count.by_client[key]
+            count.release(self, key)
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:
@@ -197,16 +293,30 @@ class AcmeProtocol(asyncio.Protocol):
         self._timer = self.transport = None
 
     def _route(self, head: RequestHead) -> None:
+        head_only = head.method == b"HEAD"
+        host = host_without_port(head.host)
         if head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
             if head.method not in (b"GET", b"HEAD"):
-                self._answer(405, "ACME challenges are fetched with GET")
+                self._answer(405, "ACME challenges are fetched with GET", allow=CHALLENGE_METHODS)
                 return
+        if head.has_body:
+            self._answer(400, BODY_REFUSED, head_only=head_only)
+        elif head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
             self._task = asyncio.get_running_loop().create_task(self._forward(head))
-        elif self.settings.redirect_https and head.host:
+        elif self.settings.redirect_https and host:
             self._write(
                 b"HTTP/1.1 301 Moved Permanently\r\n"
-                b"Location: https://" + host_without_port(head.host) + head.target + b"\r\n"
+                b"Location: https://" + host + head.target + b"\r\n"
                 b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+        elif self.settings.redirect_https:
+            # HTTP/1.0 with no Host, or `Host: :80`: no name to send it to on https
+            # (it was 404 "this listener serves ACME challenges only", or a
+            # Location of "https:///path").
+            self._answer(
+                400,
+                "no host name in the request (Host) to redirect to: use https://<name>/",
+                head_only=head_only,
             )
         else:
             self._answer(
@@ -249,6 +359,10 @@ class AcmeProtocol(asyncio.Protocol):
                         Progress.BODY_COMPLETE
                     ):
                         break
+            if exchange.cut_short:
+                # Relayed, a token cut short fails the validation as a wrong answer,
+                # and nobody learns why: a 502 says the responder failed.
+                raise ResponseError("junk-response", "closed before the end of its answer")
         except (OSError, TimeoutError, ResponseError) as exc:
             self._upstream_failed("acme upstream failed", where, exc)
             self._answer(
@@ -279,7 +393,9 @@ class AcmeProtocol(asyncio.Protocol):
         else:
             log.warning(event, extra=fields(upstream=where, error=_said(exc)))
 
-    def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
+    def _answer(
+        self, status: int, text: str, *, head_only: bool = False, allow: str | None = None
+    ) -> None:
         """Answer and close; `head_only` for a HEAD request (RFC 9110 9.3.2: no body)."""
         self._done = True
         if not self.target:  # refused as it was read (431, 408): what came of its first line
@@ -296,12 +412,32 @@ class AcmeProtocol(asyncio.Protocol):
                 status=status,
                 reason=text,
             )
-        self._write(local_response(status, text, head_only=head_only))
+        self._write(local_response(status, text, head_only=head_only, allow=allow))
 
     def _write(self, data: bytes) -> None:
+        """Send the answer, then close lingering (see the module's docstring)."""
         t = self.transport
-        if t is not None and not t.is_closing():
-            t.write(data)
+        if t is None or t.is_closing():
+            return
+        self._done = True
+        t.write(data)
+        if self._eof or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()  # the FIN follows the answer once it is sent
+        self._lingering = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, self._end_linger)
+
+    def _end_linger(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        # A client that reads nothing would hold a close() waiting for the buffer for ever.
+        if t.get_write_buffer_size():
+            t.abort()
+        else:
             t.close()
 
 

@@ -94,6 +94,7 @@ def local_counts(
     c[("refused_connections",)] = registry.refused_connections
     c[("accept_failures",)] = registry.accept_failures
     c[("acme_refused_connections",)] = registry.acme.refused
+    c[("acme_evicted_connections",)] = registry.acme.evicted
     c[("accepts_paused_ms",)] = registry.accepts_paused_ms
     c[("new_connection_cpu_ms",)] = round(registry.new_connection_cpu.spent * 1000)
     for (route, status), n in registry.requests.items():

@@ -418,8 +418,15 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_acme_refused_connections",
-            "Plain-HTTP (:80) connections reset at accept: 256 a worker, or 16 a client, open.",
+            "Plain-HTTP (:80) connections reset at accept: 16 of the client's open (or 256 a"
+            " worker, all relaying challenges).",
             value=counts.counter("acme_refused_connections"),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_acme_evicted_connections",
+            "Plain-HTTP (:80) connections with no request yet closed for a new one:"
+            " 256 a worker were open (a flood from many addresses).",
+            value=counts.counter("acme_evicted_connections"),
         )
         yield CounterMetricFamily(
             f"{PREFIX}_refused_connections",

@@ -129,6 +129,7 @@ def render(
             # of session 32), a flood there keeping certbot's validation out.
             "acme_connections": gauges.get(("acme_connections",), 0),
             "acme_refused_connections": counts.counter("acme_refused_connections"),
+            "acme_evicted_connections": counts.counter("acme_evicted_connections"),
             "calls_ended": dict(sorted(ended.items())),
             "active_calls": gauges.get(("active_calls",), 0),
             "queue_length": queue_length,

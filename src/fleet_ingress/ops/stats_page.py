@@ -187,7 +187,8 @@ refreshes every {REFRESH_SECONDS}s</div>
 <tr><td class="l">open connections</td><td class="l">{fe["connections"]}
  <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
 <tr><td class="l">port 80 (ACME, redirects)</td><td class="l">{fe["acme_connections"]} open
- <span class="muted">({fe["acme_refused_connections"]} reset at accept)</span></td></tr>
+ <span class="muted">({fe["acme_refused_connections"]} reset at accept,
+ {fe["acme_evicted_connections"]} closed for newer ones)</span></td></tr>
 <tr><td class="l">queue</td><td class="l">{fe["queue_length"]} waiting,
  {fe["queue_timeouts"]} timed out</td></tr>
 <tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>

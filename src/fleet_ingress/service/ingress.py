@@ -31,7 +31,12 @@ from fleet_ingress.core.retry import RetryPolicy
 from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilencePolicy
 from fleet_ingress.logs import RateLimitedLog, fields
-from fleet_ingress.net.acme import ACME_DESCRIPTORS, AcmeProtocol, AcmeSettings
+from fleet_ingress.net.acme import (
+    ACME_DESCRIPTORS,
+    ACME_LINGER_SECONDS,
+    AcmeProtocol,
+    AcmeSettings,
+)
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
@@ -545,10 +550,13 @@ class Ingress:
         (handshake, head, queued) are kept and waited for as calls are (an old
         generation's stop)."""
         self.stop_accepting(keep_pending=keep_pending)
+        acme = self.registry.acme
         if not keep_pending:
             for conn in list(self.registry.connections):
                 if conn.call is None:  # no call yet: nothing to keep
                     conn.abort()
+            for waiting in [p for p in acme.members if p.waiting_for_head]:
+                waiting.evict()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         self.stopping = True
         drained = asyncio.ensure_future(
@@ -587,6 +595,17 @@ class Ingress:
                     drain_s=round(by - began, 1) if by < math.inf else None,
                 ),
             )
+        if acme.members and cut not in done:
+            # A challenge being relayed (or answered) when the worker exits was cut,
+            # and the renewal failed (the :80 audit of session 32): it finishes, as
+            # calls do, within its own timeouts.
+            t = self.config.timeouts
+            bound = t.connect + t.response + ACME_LINGER_SECONDS
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(bound + (t.request if keep_pending else 0)):
+                    await acme.settled()
+        for left in list(acme.members):
+            left.evict()
         for call in list(self.registry.calls):
             call.end(EndReason.DRAIN)
         # Each call ends (and is logged) once both its sides are gone: give the TLS
