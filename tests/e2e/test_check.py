@@ -435,6 +435,15 @@ def test_an_empty_system_trust_store_is_named_not_blamed_on_the_chain(
         ("a certificate as the key", "the key {dir}/privkey.pem holds a certificate"),
         ("an encrypted key", "the key {dir}/privkey.pem is encrypted"),
         ("no certificate", "the certificate {dir}/fullchain.pem holds no PEM certificate"),
+        # The renewal audit of session 33: each was "each must be PEM, and the key
+        # not encrypted".
+        (
+            "an RSA renewal's key beside the ECDSA certificate",
+            "{dir}/privkey.pem do not match: the key is not the one the certificate was "
+            "issued for (the certificate's key is ECDSA, this key is RSA)",
+        ),
+        ("a certificate half written", "the certificate {dir}/fullchain.pem is cut short"),
+        ("a key half written", "the key {dir}/privkey.pem is cut short"),
     ],
 )
 def test_a_certificate_or_key_openssl_cannot_take_is_named(
@@ -456,6 +465,12 @@ def test_a_certificate_or_key_openssl_cannot_take_is_named(
                 serialization.BestAvailableEncryption(b"secret"),
             )
         )
+    elif mix_up == "an RSA renewal's key beside the ECDSA certificate":
+        renewal = trustme.CA().issue_cert("calls.example.com", key_type=trustme.KeyType.RSA)
+        renewal.private_key_pem.write_to_path(d / "privkey.pem")
+    elif mix_up.endswith("half written"):
+        path = d / ("fullchain.pem" if "certificate" in mix_up else "privkey.pem")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         (d / "fullchain.pem").write_text("not a certificate\n")
     (line,) = check_configuration(deployment)

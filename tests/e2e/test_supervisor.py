@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
@@ -1150,6 +1151,55 @@ async def test_a_certificate_a_reload_refused_is_not_served_by_a_replacement_wor
         assert code == 0, printed
         assert {await service.peer_serial(tls_files) for _ in range(10)} == {new}
     finally:
+        await service.finish()
+
+
+async def test_a_renewal_to_another_key_type_caught_half_way_or_half_written_is_refused_saying_so(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """certbot renewing from ECDSA to RSA repoints live/privkey.pem before
+    live/fullchain.pem: a reload between the two (an operator's, or a deploy hook
+    run early) reads an RSA key beside the ECDSA certificate, and one reading a
+    renewal half written reads a certificate cut short. Both were refused, the old
+    certificate serving on and the call up, but the operator was told "cannot be
+    read: each must be PEM, and the key not encrypted", and sent to check the key
+    for a passphrase (the renewal audit of session 33). Told as it is, by
+    `reload`, the log and /stats.json alike."""
+    service = await _start(tls_files, two_fleets)
+    ws = await _open(service, tls_files, "through-renewals")
+    cert, key = service.home / "cert.pem", service.home / "key.pem"
+    try:
+        old = await service.peer_serial(tls_files)
+        renewal = tls_files.ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.RSA)
+        renewal.private_key_pem.write_to_path(key)  # its key in place, its certificate not yet
+        code, printed = await admin_command(service, "reload")
+        said = (
+            f"{key} do not match: the key is not the one the certificate was issued for "
+            "(the certificate's key is ECDSA, this key is RSA)"
+        )
+        assert code == 1 and said in printed, printed
+        assert said in (await service.stats())["certificate_file"]["refused"]
+        assert {await service.peer_serial(tls_files) for _ in range(6)} == {old}
+        await echo(ws)
+        # The renewal written whole: served.
+        cert.write_bytes(b"".join(blob.bytes() for blob in renewal.cert_chain_pems))
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        new = await service.peer_serial(tls_files)
+        assert new != old
+        # The next one half written, and SIGHUP (systemctl reload) read it.
+        chain = tls_files.ca.issue_cert("127.0.0.1", "localhost").cert_chain_pems
+        whole = b"".join(blob.bytes() for blob in chain)
+        cert.write_bytes(whole[: len(whole) // 2])
+        service.proc.send_signal(signal.SIGHUP)
+        refused = "reload refused: the running configuration stays"
+        await eventually(lambda: len(_logged(service, refused)) == 2, 10)
+        assert f"the certificate {cert} is cut short" in _logged(service, refused)[1]["error"]
+        assert "is cut short" in (await service.stats())["certificate_file"]["refused"]
+        assert {await service.peer_serial(tls_files) for _ in range(6)} == {new}
+        await echo(ws)
+    finally:
+        await close_calls([ws])
         await service.finish()
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 
@@ -55,6 +57,7 @@ from tests.support import (
     run_cli,
     simulated_fleets,
     workers_of,
+    write_leaf_cert,
     write_run_home,
 )
 
@@ -257,6 +260,71 @@ async def test_upgrade_under_load_loses_nothing(
         )
     finally:
         await load.stop()
+        await service.finish()
+
+
+def _resumed_health_check(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bool, str, ssl.SSLSession | None, bytes]:
+    """A carrier's connection offering `session` (its ticket or session id), the
+    health route asked: (resumed, the serial it holds, its session, the answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /haproxy-health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = tls.recv(12)
+            serial = tls.getpeercert()["serialNumber"].lstrip("0")
+            return tls.session_reused, serial, tls.session, answer
+
+
+async def test_carriers_offering_tls_sessions_connect_across_renewals_and_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """A carrier reconnecting offers its TLS session (a TLS 1.3 ticket, a TLS 1.2
+    session id or ticket) from before a renewal, a renewal to another key type,
+    or an upgrade (a generation whose workers hold other ticket keys). Each is
+    answered, never a failed handshake; after a renewal none resumes into the
+    certificate replaced (one renewed for a key that leaked must not go on
+    authenticating), it gets the new one (the renewal audit of session 33: no
+    test offered a session before)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name}" for s in fleets], workers=2, env=PATIENT_PROBES
+    )
+    try:
+        await service.fleets_up()
+        carriers = {}
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            ctx = tls_files.client_context()
+            ctx.maximum_version = version
+            carriers[version] = ctx, None
+        resumed = 0
+
+        async def reconnect_all(serial: str, *, resumable: bool) -> None:
+            nonlocal resumed
+            for version, (ctx, session) in list(carriers.items()):
+                for attempt in range(4):  # either worker, as the kernel hands them
+                    reused, held, session, answer = await asyncio.to_thread(
+                        _resumed_health_check, service.port, ctx, session
+                    )
+                    assert answer == b"HTTP/1.1 200", (version, answer)
+                    assert held == serial, (version, reused, held, serial)
+                    # The session from before: a full handshake; then the new one.
+                    assert resumable or attempt > 0 or not reused, version
+                    resumed += reused
+                carriers[version] = ctx, session
+
+        await reconnect_all(await service.peer_serial(tls_files), resumable=True)
+        for key_type in (trustme.KeyType.RSA, trustme.KeyType.ECDSA):
+            new = write_leaf_cert(tls_files.ca, service.home, key_type)
+            code, printed = await admin_command(service, "reload")
+            assert code == 0, printed
+            await reconnect_all(new, resumable=False)
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, out + err
+        await reconnect_all(new, resumable=True)
+        assert resumed > 0  # sessions do resume between those (on the worker that issued them)
+        front = (await service.stats())["frontend"]
+        assert front["tls_handshake_failures"] == 0, front
+    finally:
         await service.finish()
 
 

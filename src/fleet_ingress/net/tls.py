@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fleet_ingress.core.certificate_change import LeafFacts
 
@@ -103,11 +104,12 @@ def server_ssl_context(
         # encrypted key, which would hang a daemon; such a key just fails to load.
         ctx.load_cert_chain(cert, key, password=lambda: b"")
     except OSError as exc:
-        # ssl.SSLError is an OSError too; only KEY_VALUES_MISMATCH means "both fine, not a pair".
-        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+        # ssl.SSLError is an OSError too; only these mean "both fine, not a pair".
+        if getattr(exc, "reason", None) in _NOT_A_PAIR:
             if misordered := _misordered(cert, key, key_name):
                 raise TLSSetupError(f"certificate {cert_name} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
+            problem += _key_types(cert, key)
         elif isinstance(exc, ssl.SSLError):
             problem = f"cannot be read: {_pem_problem(cert, key, cert_name, key_name)}"
         else:
@@ -117,6 +119,34 @@ def server_ssl_context(
             problem = f"cannot be read: {exc.strerror} ({unreadable or cert_name})"
         raise TLSSetupError(f"certificate {cert_name} and key {key_name} {problem}") from None
     return ctx
+
+
+# OpenSSL's reasons for a certificate and a key that each load but are not a
+# pair: KEY_VALUES_MISMATCH (keys of one type), NO_CERTIFICATE_ASSIGNED (a key
+# of another type than the certificate's, which OpenSSL files beside it: an
+# RSA <-> ECDSA renewal whose key and certificate disagree). The second was
+# told "cannot be read: each must be PEM" (the renewal audit of session 33).
+_NOT_A_PAIR = ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED")
+
+
+def _key_types(cert: Path, key: Path) -> str:
+    """What the two keys are, when not of one type: " (the certificate's key is
+    RSA, this key is ECDSA)"; else ""."""
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm):
+        return ""
+    theirs, mine = _key_type(leaf.public_key()), _key_type(private.public_key())
+    return "" if theirs == mine else f" (the certificate's key is {theirs}, this key is {mine})"
+
+
+def _key_type(public: Any) -> str:
+    if isinstance(public, rsa.RSAPublicKey):
+        return "RSA"
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        return "ECDSA"
+    return type(public).__name__.lstrip("_").removesuffix("PublicKey")
 
 
 class CarrierPem(NamedTuple):
@@ -218,7 +248,33 @@ def _pem_problem(cert_path: Path, key_path: Path, cert: Path, key: Path) -> str:
             f"the certificate {cert} holds no PEM certificate; tls.cert is the certificate "
             "chain (certbot's fullchain.pem)"
         )
+    # A renewal half written (the renewal audit of session 33): say which file.
+    if _cut_short(cert_text, b"CERTIFICATE", x509.load_pem_x509_certificates):
+        return f"the certificate {cert} {_CUT_SHORT}"
+    if _cut_short(key_text, b"PRIVATE KEY", _load_key):
+        return f"the key {key} {_CUT_SHORT}"
     return "each must be PEM, and the key not encrypted"
+
+
+_CUT_SHORT = "is cut short or damaged (a file half written?): its PEM does not parse whole"
+
+
+def _load_key(data: bytes) -> Any:
+    return serialization.load_pem_private_key(data, password=None)
+
+
+def _cut_short(text: bytes, label: bytes, parse: Any) -> bool:
+    """Whether `text`'s PEM blocks of `label` do not run BEGIN to END, or do not parse."""
+    begins, ends = text.count(b"-----BEGIN "), text.count(b"-----END ")
+    if begins != ends:
+        return True
+    try:
+        parse(text)
+    except ValueError:
+        return label in text
+    except (TypeError, UnsupportedAlgorithm):
+        return False
+    return False
 
 
 # SSL_CTRL_SET_GROUPS_LIST, the control behind SSL_CTX_set1_groups_list (OpenSSL >= 1.1.1).
@@ -309,6 +365,8 @@ def leaf_facts_of(data: bytes, cert: Path) -> LeafFacts:
     try:
         leaf = x509.load_pem_x509_certificate(data)
     except ValueError:
+        if b"-----BEGIN CERTIFICATE-----" in data:  # a renewal half written
+            raise TLSSetupError(f"certificate {cert} {_CUT_SHORT}") from None
         raise TLSSetupError(f"certificate {cert} is not a PEM certificate") from None
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
