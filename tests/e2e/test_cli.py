@@ -560,6 +560,9 @@ _NOT_OURS = {
     "not JSON": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     "not a JSON object": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
     b"Content-Length: 2\r\nConnection: close\r\n\r\n[]",
+    # An HTTP service's JSON object (a status endpoint): was a KeyError traceback.
+    "without the ingress's fields": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 16\r\nConnection: close\r\n\r\n{"status": "ok"}',
 }
 
 
@@ -581,8 +584,17 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
 
     path = tmp_path / "haproxy.sock"
     server = await asyncio.start_unix_server(reply, path=str(path))
+    said = answer if answer.startswith("without") else f"that is {answer}"
     try:
-        for command in (["stat"], ["drain", "a"], ["reload"], ["upgrade"]):
+        for command in (
+            ["stat"],
+            ["stat", "--json"],
+            ["drain", "a"],
+            ["add-fleet", "https://fleet9.example.com"],
+            ["remove-fleet", "a"],
+            ["reload"],
+            ["upgrade"],
+        ):
             proc = await asyncio.create_subprocess_exec(
                 *CLI, *command, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
             )
@@ -591,7 +603,7 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
             assert proc.returncode == 2, (command, text)
             assert "Traceback" not in text, (command, text)
             assert (
-                f"{path} gave an answer that is {answer}: it is another program's socket "
+                f"{path} gave an answer {said}: it is another program's socket "
                 "(HAProxy's stats socket?), not the ingress's admin socket" in text
             ), (command, text)
     finally:
