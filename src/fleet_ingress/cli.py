@@ -136,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add = admin_command("add-fleet", "add a fleet live (pre-checked, persisted, rolled back)")
     add.add_argument("url", help="https://HOST[:PORT]")
     add.add_argument("--name", type=_new_fleet_name, help="default: the URL's host[:port]")
-    add.add_argument("--maxconn", type=int, help="default: fleets.maxconn")
+    add.add_argument("--maxconn", type=_positive_int, help="default: fleets.maxconn")
     add.add_argument("--dry-run", action="store_true", help="show what would change")
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
     remove.add_argument("name", type=_fleet_name, help="the fleet's name")

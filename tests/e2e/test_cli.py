@@ -417,6 +417,11 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
         (["demo", "--duration", "abc"], "'abc' is not a number of seconds above 0 and at most"),
         (["demo", "--calls", "0"], "'0' is not a whole number of at least 1"),
         (["demo", "--calls", "abc"], "'abc' is not a whole number of at least 1"),
+        # Was the ingress's refusal, exit 1 (a usage error is 2 everywhere else).
+        (
+            ["add-fleet", "https://a.test", "--maxconn", "0", "--admin-socket", "/nonexistent"],
+            "argument --maxconn: '0' is not a whole number of at least 1",
+        ),
     ],
 )
 def test_mistyped_arguments_are_refused_naming_them(argv: list[str], said: str) -> None:
