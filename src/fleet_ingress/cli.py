@@ -559,6 +559,16 @@ def _take_up_after_crash(
     return sockets, carried
 
 
+def _key_named(exc: Exception, config_path: Path, keys: str) -> Exception:
+    """`exc` (a TLSSetupError naming the files) naming the configuration's keys
+    too, as `check` words it: `run` said "certificate /etc/.../fullchain.pem and
+    key ... do not match", not which setting to change (the CLI text audit)."""
+    text = str(exc)
+    if text.startswith(keys.split(",")[0]):  # "tls.cert and tls.key must be set ..."
+        return exc
+    return type(exc)(f"{config_path}: {keys}: {text}")
+
+
 def _run(config_path: Path) -> int:
     import signal
 
@@ -634,13 +644,17 @@ def _run(config_path: Path) -> int:
             try:
                 carrier_ssl_context(config)
             except TLSSetupError as exc:  # cannot serve: a reload refuses it too
+                named = _key_named(exc, config_path, "tls.cert, tls.key")
                 # After an exec, read again for a while first (being written?).
                 if before is None or time.monotonic() < give_up_at:
-                    raise
-                if (kept := kept_over_unloadable(config, before, exc)) is None:
-                    raise
+                    raise named from None
+                if (kept := kept_over_unloadable(config, before, named)) is None:
+                    raise named from None
                 pem, kept_because = before, kept
-            fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+            try:
+                fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+            except TLSSetupError as exc:
+                raise _key_named(exc, config_path, "fleets.ca_file") from None
             empty = carried is not None and not fleets  # this read: a file listing none
             if empty:
                 # Truncated by whoever is writing it (a reload refuses a file

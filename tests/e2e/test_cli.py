@@ -555,7 +555,25 @@ def test_run_with_a_key_of_another_certificate_and_nothing_kept_refuses_to_start
     )
     assert done.returncode == 2, done.stderr
     assert "do not match" in done.stderr and str(key) in done.stderr, done.stderr
+    # The settings to change, as `check` names them (before: the files only).
+    assert f"fleet-ingress: {config}: tls.cert, tls.key: certificate " in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_names_fleets_ca_file_when_it_cannot_be_used(tmp_path: Path, tls_files: TLSFiles):
+    """Before: "CA file /etc/.../ca.pem cannot be used: ...", not the key."""
+    config = _write_config(tmp_path, tls_files, 0, "https://127.0.0.1:9 name=a\n")
+    text = config.read_text().replace(
+        f'[fleets]\nca_file = "{tls_files.ca_pem}"', '[fleets]\nca_file = "no-such-ca.pem"'
+    )
+    config.write_text(text)
+    done = subprocess.run(
+        [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"fleet-ingress: {config}: fleets.ca_file: CA file {tmp_path}/no-such-ca.pem" in (
+        done.stderr
+    ), done.stderr
 
 
 # HAProxy's stats socket, given an HTTP request line, answers with its command list.
