@@ -345,7 +345,8 @@ ADMIN_COMMANDS = {
 
 def _admin_socket_leniently(config_path: Path) -> str | None:
     """listen.admin_socket from a config that does not validate as a whole: the
-    environment's override, else the file's value (relative to the file), else the
+    environment's override, else the file's value (either relative to the file's
+    directory, as `run` takes them), else the
     default; None when the file cannot even be read as TOML."""
     import os
     import tomllib
@@ -355,7 +356,9 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
 
     override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
     if override is not None:
-        return override
+        # Relative to the file's directory, as `run` (load_config) takes it: not
+        # to this command's working directory, which asked another socket.
+        return str(config_path.absolute().parent / Path(override).expanduser()) if override else ""
     try:
         data = tomllib.loads(read_config_text(config_path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -366,7 +369,7 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
         return str(DEFAULT_ADMIN_SOCKET)
     if not isinstance(value, str):
         return None
-    return str(config_path.parent / value) if value else ""
+    return str(config_path.absolute().parent / Path(value).expanduser()) if value else ""
 
 
 def _sighup_under_systemd() -> int | None:

@@ -402,6 +402,32 @@ async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is
     assert code == 2 and "TOML syntax error" in err and "--admin-socket" in err
 
 
+async def test_a_relative_admin_socket_from_the_environment_is_the_one_the_ingress_uses(
+    deployment: Deployment, tmp_path: Path
+):
+    """FLEET_INGRESS_LISTEN__ADMIN_SOCKET=admin.sock: `run` resolves it against
+    the configuration file's directory, as a path written in the file. With the
+    file on disk broken, the admin commands took it against their own working
+    directory instead, and said the ingress could not be reached."""
+    d = deployment
+    d.config_file.write_text(d.config_file.read_text().replace("check_interval", "check_intervl"))
+    env = {**os.environ, "FLEET_INGRESS_LISTEN__ADMIN_SOCKET": "admin.sock"}
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "stat",
+        "-c",
+        str(d.config_file),
+        cwd=tmp_path,  # not the configuration's directory
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[1].split()[:2] == ["a", "UP"]
+    assert f"using its admin socket {d.home / 'admin.sock'}" in err.decode()
+
+
 async def test_stat_prints_a_table_and_json(deployment: Deployment):
     ws = await deployment.call()
     code, out, _ = await deployment.cli("stat")
