@@ -702,6 +702,12 @@ async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment
     code, out, err = await d.cli("remove-fleet", "a")
     assert code == 0, err
     assert "draining" in out and "its 1 call ends;" in out
+    # Not undone by `ready`: the operator is told so, and the command that adds it again.
+    again = f"fleet-ingress add-fleet {d.fleets['a'].url} --name a"
+    assert "cannot be taken back while it drains (`ready` refuses it)" in out, out
+    assert out.rstrip().endswith(again), out
+    code, _, err = await d.cli("ready", "a")
+    assert code == 1 and "being removed" in err
     assert "name=a" not in d.fleets_file.read_text()
     assert "# fleets behind this ingress" in d.fleets_file.read_text()
     fleet_a = d.fleet("a")
@@ -729,6 +735,7 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     code, out, err = await d.cli("remove-fleet", "b", "--force")
     assert code == 0, err
     assert "removed fleet b (1 call closed)" in out
+    assert f"\nto add it again: fleet-ingress add-fleet {d.fleets['b'].url} --name b\n" in out
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(3):
             await on_b[0].recv()

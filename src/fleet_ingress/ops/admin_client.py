@@ -271,10 +271,11 @@ def describe_result(body: dict[str, Any]) -> str:
     )
     silent = _not_answered(body.get("unanswered_workers") or [])
     silent += _died(body.get("workers_died") or [])
+    again = body.get("add_again")  # a release before it: not said
     if body.get("removed"):
         return (
             f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed{silent}); "
-            f"{saved}"
+            f"{saved}" + (f"\nto add it again: {again}" if again else "")
         )
     where = saved
     unreachable = body.get("unreachable_calls") or 0
@@ -291,10 +292,16 @@ def describe_result(body: dict[str, Any]) -> str:
         if body.get("closed_calls") or silent
         else ""
     )
+    undo = (
+        f"\nthis cannot be taken back while it drains (`ready` refuses it); to add it again "
+        f"once it is gone (`fleet-ingress stat` lists it until then): {again}"
+        if again
+        else ""
+    )
     return (
         f"fleet {body['fleet']} is draining: {closed}removed once its "
         f"{_calls(body['draining_calls'])} {'ends' if body['draining_calls'] == 1 else 'end'}; "
-        f"{where}{cannot}"
+        f"{where}{cannot}{undo}"
     )
 
 

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from fleet_ingress.core.fleet_set import (
     Refused,
     StaysInDrain,
 )
-from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
@@ -427,6 +428,9 @@ class FleetOps:
             "workers_died": died,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
             "backup": str(backup) if backup else None,
+            # A removal is not taken back (`ready` refuses a fleet being removed):
+            # the command that adds it again, said to the operator.
+            "add_again": _add_again(fleet.spec, self.settings().maxconn),
         }
 
     async def _forced_gone(self, name: str, gone: asyncio.Event) -> None:
@@ -535,6 +539,13 @@ class ForgetLater:
         self._due.pop(name, None)
         if not self.listed(name):
             self.forget(name)
+
+
+def _add_again(spec: FleetSpec, default_maxconn: int) -> str:
+    words = ["fleet-ingress add-fleet", shlex.quote(spec.url), "--name", shlex.quote(spec.name)]
+    if spec.maxconn != default_maxconn:
+        words += ["--maxconn", str(spec.maxconn)]
+    return " ".join(words)
 
 
 def failed_in(exc: OSError, fleets_file: Path) -> Path:
