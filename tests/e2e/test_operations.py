@@ -745,6 +745,31 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
         await ws.close()
 
 
+async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(
+    deployment: Deployment,
+):
+    """Read as a file listing no fleet, a deleted fleets file was told as "no line
+    for fleet 'b' (edited since the last reload?)", "no longer lists running
+    fleet(s)" and "not in the fleets file any more" (the CLI text audit)."""
+    d = deployment
+    code, _, err = await d.cli("add-fleet", d.fleets["c"].url, "--name", "c")
+    assert code == 0, err
+    backup = d.home / "fleets.txt.bak"  # the list before that add
+    assert backup.exists()
+    d.fleets_file.unlink()
+    gone = f"the fleets file {d.fleets_file} is gone (deleted or moved since the ingress read it)"
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0 and "READY -> DRAIN" in out, err
+    assert f"not saved to the fleets file: {gone}: put it back ({backup} holds it" in out, out
+    assert "edited since the last reload" not in out
+    code, out, err = await d.cli("remove-fleet", "c")
+    assert code == 0, err
+    assert f"nothing saved: {gone}" in out and "not in the fleets file any more" not in out, out
+    with pytest.raises(ReloadRefused, match=f"No such file or directory; {backup} holds it"):
+        await d.ingress.reload(d.config_file)
+    assert not d.fleets_file.exists()  # nothing wrote a file listing only some fleets
+
+
 async def test_the_last_fleet_cannot_be_removed_and_a_reload_to_no_fleets_is_refused(
     deployment: Deployment,
 ):

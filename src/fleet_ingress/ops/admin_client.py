@@ -264,11 +264,12 @@ def describe_result(body: dict[str, Any]) -> str:
             f"saved to {body['fleets_file']} (backup {body['backup']})"
         )
     backup = f" (backup {body['backup']})" if body.get("backup") else ""
-    saved = (
-        f"its line removed from {body['fleets_file']}{backup}"
-        if body.get("fleets_file")
-        else "not in the fleets file any more"
-    )
+    if body.get("fleets_file"):
+        saved = f"its line removed from {body['fleets_file']}{backup}"
+    elif body.get("fleets_file_gone"):
+        saved = f"nothing saved: {body['fleets_file_gone']}"
+    else:
+        saved = "not in the fleets file any more"
     silent = _not_answered(body.get("unanswered_workers") or [])
     silent += _died(body.get("workers_died") or [])
     again = body.get("add_again")  # a release before it: not said
