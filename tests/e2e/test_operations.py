@@ -463,6 +463,20 @@ async def test_stat_and_the_stats_page_say_when_the_ingress_is_stopping(deployme
         await stopping
 
 
+async def test_the_stats_page_says_port_80_is_not_listening_when_listen_acme_is_off(
+    deployment: Deployment,
+):
+    """acme = "": the page showed "port 80 (ACME, redirects) 0 open", a listener
+    that is not there (the CLI text audit)."""
+    host, port = deployment.ingress.stats_address or ("", 0)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{host}:{port}/stats.json") as r:
+            assert (await r.json())["frontend"]["acme_listening"] is False
+        async with http.get(f"http://{host}:{port}/stats") as r:
+            page = await r.text()
+    assert 'not listening (listen.acme = "")' in page and " open" not in page
+
+
 # -- 3. add-fleet ----------------------------------------------------------------------
 
 
