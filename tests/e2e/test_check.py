@@ -125,6 +125,12 @@ def bad_listener(path: Path) -> None:
     path.write_text(GOOD_TOML.replace("[listen]\n", '[listen]\nstats = "127.0.0.1"\n'))
 
 
+def admin_socket_under_a_file(path: Path) -> None:
+    path.write_text(
+        GOOD_TOML.replace('admin_socket = ""', 'admin_socket = "fleets.txt/admin.sock"')
+    )
+
+
 BREAKAGES = [
     (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
     (
@@ -150,6 +156,11 @@ BREAKAGES = [
     (cert_unset, "{config}: tls.cert: not set"),
     (missing_ca_file, "{config}: fleets.ca_file: CA file {dir}/fleet-ca.pem cannot be used"),
     (bad_listener, "{config}: listen.stats: address '127.0.0.1' has no port"),
+    (
+        admin_socket_under_a_file,
+        "{config}: listen.admin_socket = '{dir}/fleets.txt/admin.sock': {dir}/fleets.txt is a "
+        "file where its directory goes",
+    ),
 ]
 
 
@@ -561,3 +572,45 @@ def test_before_start_leaves_a_chain_carriers_may_not_verify_to_the_start(
     out = io.StringIO()
     assert run_check(deployment, out, before_start=True) == 1
     assert out.getvalue().endswith("check failed: 2 problem(s)\n")
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["its directory", "a directory above"])
+def test_an_admin_socket_directory_this_user_cannot_write_is_a_warning(
+    deployment: Path, missing: bool
+) -> None:
+    """`run` as this user cannot make the socket there ("cannot start:
+    listen.admin_socket ... cannot listen"); check said OK. A warning, not a
+    problem: check may run as another user than the service. Root without its
+    permission-check capabilities stands in for the service's user."""
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    closed = deployment.parent / "closed"
+    closed.mkdir(mode=0o555)
+    socket_path = closed / "sub" / "admin.sock" if missing else closed / "admin.sock"
+    deployment.write_text(GOOD_TOML.replace('admin_socket = ""', f'admin_socket = "{socket_path}"'))
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "check",
+            "-c",
+            str(deployment),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    what = f"its directory {socket_path.parent} in {closed}" if missing else f"it in {closed}"
+    assert (
+        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"cannot create {what}, so `run` as this user fails" in done.stdout
+    ), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")

@@ -180,6 +180,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
                 "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N] [admin=drain|maint]"
             )
     lines += _check_listen_addresses(config, str(path))
+    lines += _check_admin_socket_directory(config, str(path))
     lines += _check_certificate(config, str(path))
     fleets_cfg = config.fleets
     if fleets_cfg.ca_file is not None:
@@ -273,6 +274,58 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
                 f"[::]:{port} for both families on one socket, or one address"
             )
     return problems
+
+
+# The shipped unit makes it at every start (RuntimeDirectory=fleet-ingress), owned
+# by the service's user: missing while the service is stopped, and no problem.
+UNIT_RUNTIME_DIRECTORY = Path("/run/fleet-ingress")
+
+
+def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[str]:
+    """Whether `run` can make listen.admin_socket (it creates missing
+    directories, and replaces a stale socket): a file standing where a
+    directory goes fails every start (a problem); a directory this user cannot
+    write fails it for this user (a warning: check may run as another user
+    than the service, root passes)."""
+    if not (where := config.listen.admin_socket):
+        return []
+    socket_path = Path(where)
+    directory = socket_path.parent
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    named = f"{source}: listen.admin_socket = {where!r}"
+    if not existing.is_dir():
+        return [
+            f"{named}: {existing} is a file where its directory goes; choose a path "
+            "under a directory (the default is /run/fleet-ingress/admin.sock)"
+        ]
+    if os.access(existing, os.W_OK | os.X_OK):
+        return []
+    if existing != directory and directory == UNIT_RUNTIME_DIRECTORY:
+        return []  # the unit makes it, for the service's user
+    user = _user_name()
+    what = (
+        f"cannot create it in {directory}"
+        if existing == directory
+        else f"cannot create its directory {directory} in {existing}"
+    )
+    return [
+        f"{WARNING}{named}: this user ({user}) {what}, so `run` as this user fails; the "
+        "service's user must be able to (the shipped unit makes /run/fleet-ingress for "
+        "it): check as that user, `sudo -u fleet-ingress fleet-ingress check -c CONFIG`, "
+        "or give it a directory of its own"
+    ]
+
+
+def _user_name() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _certificate_load_problems(config: IngressConfig, source: str) -> list[str]:
