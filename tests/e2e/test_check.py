@@ -198,6 +198,27 @@ def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None
     assert run(deployment)[0] == 0
 
 
+def test_an_expired_certificate_warns_saying_when_and_the_fix(
+    deployment: Path, ca: trustme.CA
+) -> None:
+    """Before: "has expired; is renewal working?", neither when nor what to do.
+    Still exit 0: the unit's start runs check, and the :80 listener certbot
+    renews through must come up (and a fleets-only reload apply) meanwhile."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    leaf = ca.issue_cert(
+        "calls.example.com", not_before=now - timedelta(90), not_after=now - timedelta(2)
+    )
+    write_certbot_files(deployment.parent, leaf)
+    (line,) = check_configuration(deployment)
+    when = (now - timedelta(2)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert line.startswith(
+        f"{WARNING}{deployment}: tls.cert: {deployment.parent}/fullchain.pem expired on {when}: "
+        "every carrier's handshake fails with it; renew it (`certbot renew`"
+    ), line
+    assert line.endswith("then `systemctl reload fleet-ingress`")
+    assert run(deployment)[0] == 0
+
+
 def test_a_certificate_not_valid_yet_warns_naming_the_clock(
     deployment: Path, ca: trustme.CA
 ) -> None:

@@ -391,9 +391,22 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
             "will refuse it until then (is this host's clock right?)"
         )
     days_left = (leaf.not_after - time.time()) / 86400
-    if days_left < EXPIRY_WARNING_DAYS:
-        state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
-        warnings.append(f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?")
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_after))
+    if days_left < 0:
+        # Still a warning: the unit's start and reload run check, and a check that
+        # failed here would keep the :80 listener certbot renews through from
+        # starting, and a fleets-only reload from applying (certificate_change).
+        warnings.append(
+            f"{WARNING}{source}: tls.cert: {cert} expired on {until}: every carrier's "
+            "handshake fails with it; renew it (`certbot renew`: its challenge comes "
+            "through this ingress's :80, which is why check still passes), then "
+            "`systemctl reload fleet-ingress`"
+        )
+    elif days_left < EXPIRY_WARNING_DAYS:
+        warnings.append(
+            f"{WARNING}{source}: tls.cert: {cert} expires in {days_left:.0f} days (on "
+            f"{until}); is renewal working? `certbot renew --dry-run` says"
+        )
     return warnings
 
 
