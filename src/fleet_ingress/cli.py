@@ -651,7 +651,7 @@ def _run(config_path: Path) -> int:
                 # After an exec, read again for a while first (being written?).
                 if before is None or time.monotonic() < give_up_at:
                     raise named from None
-                if (kept := kept_over_unloadable(config, before, named)) is None:
+                if (kept := kept_over_unloadable(config, before, exc)) is None:
                     raise named from None
                 pem, kept_because = before, kept
             try:
