@@ -136,7 +136,7 @@ def _build_parser() -> argparse.ArgumentParser:
     add = admin_command("add-fleet", "add a fleet live (pre-checked, persisted, rolled back)")
     add.add_argument("url", help="https://HOST[:PORT]")
     add.add_argument("--name", type=_new_fleet_name, help="default: the URL's host[:port]")
-    add.add_argument("--maxconn", type=int, help="default: fleets.maxconn")
+    add.add_argument("--maxconn", type=_positive_int, help="default: fleets.maxconn")
     add.add_argument("--dry-run", action="store_true", help="show what would change")
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
     remove.add_argument("name", type=_fleet_name, help="the fleet's name")
@@ -345,7 +345,8 @@ ADMIN_COMMANDS = {
 
 def _admin_socket_leniently(config_path: Path) -> str | None:
     """listen.admin_socket from a config that does not validate as a whole: the
-    environment's override, else the file's value (relative to the file), else the
+    environment's override, else the file's value (either relative to the file's
+    directory, as `run` takes them), else the
     default; None when the file cannot even be read as TOML."""
     import os
     import tomllib
@@ -355,7 +356,9 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
 
     override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
     if override is not None:
-        return override
+        # Relative to the file's directory, as `run` (load_config) takes it: not
+        # to this command's working directory, which asked another socket.
+        return str(config_path.absolute().parent / Path(override).expanduser()) if override else ""
     try:
         data = tomllib.loads(read_config_text(config_path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
@@ -366,7 +369,7 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
         return str(DEFAULT_ADMIN_SOCKET)
     if not isinstance(value, str):
         return None
-    return str(config_path.parent / value) if value else ""
+    return str(config_path.absolute().parent / Path(value).expanduser()) if value else ""
 
 
 def _sighup_under_systemd() -> int | None:
@@ -559,6 +562,16 @@ def _take_up_after_crash(
     return sockets, carried
 
 
+def _key_named(exc: Exception, config_path: Path, keys: str) -> Exception:
+    """`exc` (a TLSSetupError naming the files) naming the configuration's keys
+    too, as `check` words it: `run` said "certificate /etc/.../fullchain.pem and
+    key ... do not match", not which setting to change (the CLI text audit)."""
+    text = str(exc)
+    if text.startswith(keys.split(",")[0]):  # "tls.cert and tls.key must be set ..."
+        return exc
+    return type(exc)(f"{config_path}: {keys}: {text}")
+
+
 def _run(config_path: Path) -> int:
     import signal
 
@@ -634,13 +647,17 @@ def _run(config_path: Path) -> int:
             try:
                 carrier_ssl_context(config)
             except TLSSetupError as exc:  # cannot serve: a reload refuses it too
+                named = _key_named(exc, config_path, "tls.cert, tls.key")
                 # After an exec, read again for a while first (being written?).
                 if before is None or time.monotonic() < give_up_at:
-                    raise
+                    raise named from None
                 if (kept := kept_over_unloadable(config, before, exc)) is None:
-                    raise
+                    raise named from None
                 pem, kept_because = before, kept
-            fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+            try:
+                fleet_ssl_context(verify=config.fleets.verify, ca_file=config.fleets.ca_file)
+            except TLSSetupError as exc:
+                raise _key_named(exc, config_path, "fleets.ca_file") from None
             empty = carried is not None and not fleets  # this read: a file listing none
             if empty:
                 # Truncated by whoever is writing it (a reload refuses a file

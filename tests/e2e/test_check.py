@@ -125,6 +125,12 @@ def bad_listener(path: Path) -> None:
     path.write_text(GOOD_TOML.replace("[listen]\n", '[listen]\nstats = "127.0.0.1"\n'))
 
 
+def admin_socket_under_a_file(path: Path) -> None:
+    path.write_text(
+        GOOD_TOML.replace('admin_socket = ""', 'admin_socket = "fleets.txt/admin.sock"')
+    )
+
+
 BREAKAGES = [
     (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
     (
@@ -150,6 +156,11 @@ BREAKAGES = [
     (cert_unset, "{config}: tls.cert: not set"),
     (missing_ca_file, "{config}: fleets.ca_file: CA file {dir}/fleet-ca.pem cannot be used"),
     (bad_listener, "{config}: listen.stats: address '127.0.0.1' has no port"),
+    (
+        admin_socket_under_a_file,
+        "{config}: listen.admin_socket = '{dir}/fleets.txt/admin.sock': {dir}/fleets.txt is a "
+        "file where its directory goes",
+    ),
 ]
 
 
@@ -184,6 +195,27 @@ def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None
     (line,) = check_configuration(deployment)
     assert line.startswith(f"{WARNING}{deployment}: tls.cert: ")
     assert "expires in" in line
+    assert run(deployment)[0] == 0
+
+
+def test_an_expired_certificate_warns_saying_when_and_the_fix(
+    deployment: Path, ca: trustme.CA
+) -> None:
+    """Before: "has expired; is renewal working?", neither when nor what to do.
+    Still exit 0: the unit's start runs check, and the :80 listener certbot
+    renews through must come up (and a fleets-only reload apply) meanwhile."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    leaf = ca.issue_cert(
+        "calls.example.com", not_before=now - timedelta(90), not_after=now - timedelta(2)
+    )
+    write_certbot_files(deployment.parent, leaf)
+    (line,) = check_configuration(deployment)
+    when = (now - timedelta(2)).strftime("%Y-%m-%d %H:%M:%S UTC")
+    assert line.startswith(
+        f"{WARNING}{deployment}: tls.cert: {deployment.parent}/fullchain.pem expired on {when}: "
+        "every carrier's handshake fails with it; renew it (`certbot renew`"
+    ), line
+    assert line.endswith("then `systemctl reload fleet-ingress`")
     assert run(deployment)[0] == 0
 
 
@@ -576,3 +608,45 @@ def test_before_start_leaves_a_chain_carriers_may_not_verify_to_the_start(
     out = io.StringIO()
     assert run_check(deployment, out, before_start=True) == 1
     assert out.getvalue().endswith("check failed: 2 problem(s)\n")
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["its directory", "a directory above"])
+def test_an_admin_socket_directory_this_user_cannot_write_is_a_warning(
+    deployment: Path, missing: bool
+) -> None:
+    """`run` as this user cannot make the socket there ("cannot start:
+    listen.admin_socket ... cannot listen"); check said OK. A warning, not a
+    problem: check may run as another user than the service. Root without its
+    permission-check capabilities stands in for the service's user."""
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    closed = deployment.parent / "closed"
+    closed.mkdir(mode=0o555)
+    socket_path = closed / "sub" / "admin.sock" if missing else closed / "admin.sock"
+    deployment.write_text(GOOD_TOML.replace('admin_socket = ""', f'admin_socket = "{socket_path}"'))
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "check",
+            "-c",
+            str(deployment),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    what = f"its directory {socket_path.parent} in {closed}" if missing else f"it in {closed}"
+    assert (
+        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"cannot create {what}, so `run` as this user fails" in done.stdout
+    ), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")

@@ -417,6 +417,11 @@ def test_an_operator_outside_the_group_is_told_so_not_shown_a_traceback(
         (["demo", "--duration", "abc"], "'abc' is not a number of seconds above 0 and at most"),
         (["demo", "--calls", "0"], "'0' is not a whole number of at least 1"),
         (["demo", "--calls", "abc"], "'abc' is not a whole number of at least 1"),
+        # Was the ingress's refusal, exit 1 (a usage error is 2 everywhere else).
+        (
+            ["add-fleet", "https://a.test", "--maxconn", "0", "--admin-socket", "/nonexistent"],
+            "argument --maxconn: '0' is not a whole number of at least 1",
+        ),
     ],
 )
 def test_mistyped_arguments_are_refused_naming_them(argv: list[str], said: str) -> None:
@@ -550,7 +555,25 @@ def test_run_with_a_key_of_another_certificate_and_nothing_kept_refuses_to_start
     )
     assert done.returncode == 2, done.stderr
     assert "do not match" in done.stderr and str(key) in done.stderr, done.stderr
+    # The settings to change, as `check` names them (before: the files only).
+    assert f"fleet-ingress: {config}: tls.cert, tls.key: certificate " in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_names_fleets_ca_file_when_it_cannot_be_used(tmp_path: Path, tls_files: TLSFiles):
+    """Before: "CA file /etc/.../ca.pem cannot be used: ...", not the key."""
+    config = _write_config(tmp_path, tls_files, 0, "https://127.0.0.1:9 name=a\n")
+    text = config.read_text().replace(
+        f'[fleets]\nca_file = "{tls_files.ca_pem}"', '[fleets]\nca_file = "no-such-ca.pem"'
+    )
+    config.write_text(text)
+    done = subprocess.run(
+        [*CLI, "run", "-c", str(config)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"fleet-ingress: {config}: fleets.ca_file: CA file {tmp_path}/no-such-ca.pem" in (
+        done.stderr
+    ), done.stderr
 
 
 # HAProxy's stats socket, given an HTTP request line, answers with its command list.
@@ -560,6 +583,9 @@ _NOT_OURS = {
     "not JSON": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
     "not a JSON object": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
     b"Content-Length: 2\r\nConnection: close\r\n\r\n[]",
+    # An HTTP service's JSON object (a status endpoint): was a KeyError traceback.
+    "without the ingress's fields": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    b'Content-Length: 16\r\nConnection: close\r\n\r\n{"status": "ok"}',
 }
 
 
@@ -581,8 +607,17 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
 
     path = tmp_path / "haproxy.sock"
     server = await asyncio.start_unix_server(reply, path=str(path))
+    said = answer if answer.startswith("without") else f"that is {answer}"
     try:
-        for command in (["stat"], ["drain", "a"], ["reload"], ["upgrade"]):
+        for command in (
+            ["stat"],
+            ["stat", "--json"],
+            ["drain", "a"],
+            ["add-fleet", "https://fleet9.example.com"],
+            ["remove-fleet", "a"],
+            ["reload"],
+            ["upgrade"],
+        ):
             proc = await asyncio.create_subprocess_exec(
                 *CLI, *command, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
             )
@@ -591,7 +626,7 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
             assert proc.returncode == 2, (command, text)
             assert "Traceback" not in text, (command, text)
             assert (
-                f"{path} gave an answer that is {answer}: it is another program's socket "
+                f"{path} gave an answer {said}: it is another program's socket "
                 "(HAProxy's stats socket?), not the ingress's admin socket" in text
             ), (command, text)
     finally:

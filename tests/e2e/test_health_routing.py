@@ -715,3 +715,24 @@ async def test_a_refused_probe_reads_the_same_on_either_loop(tls_files: TLSFiles
         async with health_session(fleet_ssl, settings) as session:
             result = await probe_fleet(session, spec, settings)
     assert result.reason == "refused: Connection refused", result
+
+
+async def test_a_refused_probe_of_a_name_says_the_error_is_its_last_addresss(
+    tls_files: TLSFiles,
+) -> None:
+    """aiohttp tries every address of a fleet's name and raises the last one's
+    error: "connect failed: Network is unreachable" (an address with no route)
+    read as the fleet's whole answer while another address refused (seen with
+    a name of two addresses in a network namespace; the CLI text audit)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: refused
+        (spec,) = parse_fleets_text(f"https://localhost:{port} name=r", default_maxconn=16)
+        settings = ProbeSettings("/health/fleet", "fleet_available", 1.0, 2.0, 2, 2)
+        fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
+        async with health_session(fleet_ssl, settings) as session:
+            result = await probe_fleet(session, spec, settings)
+    assert result.reason is not None and result.reason.endswith(
+        ": Connection refused (at the last address of localhost tried; "
+        "`getent ahosts localhost` lists them)"
+    ), result

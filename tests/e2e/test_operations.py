@@ -402,6 +402,32 @@ async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is
     assert code == 2 and "TOML syntax error" in err and "--admin-socket" in err
 
 
+async def test_a_relative_admin_socket_from_the_environment_is_the_one_the_ingress_uses(
+    deployment: Deployment, tmp_path: Path
+):
+    """FLEET_INGRESS_LISTEN__ADMIN_SOCKET=admin.sock: `run` resolves it against
+    the configuration file's directory, as a path written in the file. With the
+    file on disk broken, the admin commands took it against their own working
+    directory instead, and said the ingress could not be reached."""
+    d = deployment
+    d.config_file.write_text(d.config_file.read_text().replace("check_interval", "check_intervl"))
+    env = {**os.environ, "FLEET_INGRESS_LISTEN__ADMIN_SOCKET": "admin.sock"}
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "stat",
+        "-c",
+        str(d.config_file),
+        cwd=tmp_path,  # not the configuration's directory
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[1].split()[:2] == ["a", "UP"]
+    assert f"using its admin socket {d.home / 'admin.sock'}" in err.decode()
+
+
 async def test_stat_prints_a_table_and_json(deployment: Deployment):
     ws = await deployment.call()
     code, out, _ = await deployment.cli("stat")
@@ -435,6 +461,20 @@ async def test_stat_and_the_stats_page_say_when_the_ingress_is_stopping(deployme
     await ws.close()  # the last call ends: the stop completes
     async with asyncio.timeout(5):
         await stopping
+
+
+async def test_the_stats_page_says_port_80_is_not_listening_when_listen_acme_is_off(
+    deployment: Deployment,
+):
+    """acme = "": the page showed "port 80 (ACME, redirects) 0 open", a listener
+    that is not there (the CLI text audit)."""
+    host, port = deployment.ingress.stats_address or ("", 0)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://{host}:{port}/stats.json") as r:
+            assert (await r.json())["frontend"]["acme_listening"] is False
+        async with http.get(f"http://{host}:{port}/stats") as r:
+            page = await r.text()
+    assert 'not listening (listen.acme = "")' in page and " open" not in page
 
 
 # -- 3. add-fleet ----------------------------------------------------------------------
@@ -676,6 +716,12 @@ async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment
     code, out, err = await d.cli("remove-fleet", "a")
     assert code == 0, err
     assert "draining" in out and "its 1 call ends;" in out
+    # Not undone by `ready`: the operator is told so, and the command that adds it again.
+    again = f"fleet-ingress add-fleet {d.fleets['a'].url} --name a"
+    assert "cannot be taken back while it drains (`ready` refuses it)" in out, out
+    assert out.rstrip().endswith(again), out
+    code, _, err = await d.cli("ready", "a")
+    assert code == 1 and "being removed" in err
     assert "name=a" not in d.fleets_file.read_text()
     assert "# fleets behind this ingress" in d.fleets_file.read_text()
     fleet_a = d.fleet("a")
@@ -703,6 +749,7 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     code, out, err = await d.cli("remove-fleet", "b", "--force")
     assert code == 0, err
     assert "removed fleet b (1 call closed)" in out
+    assert f"\nto add it again: fleet-ingress add-fleet {d.fleets['b'].url} --name b\n" in out
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(3):
             await on_b[0].recv()
@@ -710,6 +757,31 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     await eventually(lambda: any(_access(caplog, "end_reason") == "removed" for _ in [0]))
     for ws in calls:
         await ws.close()
+
+
+async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(
+    deployment: Deployment,
+):
+    """Read as a file listing no fleet, a deleted fleets file was told as "no line
+    for fleet 'b' (edited since the last reload?)", "no longer lists running
+    fleet(s)" and "not in the fleets file any more" (the CLI text audit)."""
+    d = deployment
+    code, _, err = await d.cli("add-fleet", d.fleets["c"].url, "--name", "c")
+    assert code == 0, err
+    backup = d.home / "fleets.txt.bak"  # the list before that add
+    assert backup.exists()
+    d.fleets_file.unlink()
+    gone = f"the fleets file {d.fleets_file} is gone (deleted or moved since the ingress read it)"
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0 and "READY -> DRAIN" in out, err
+    assert f"not saved to the fleets file: {gone}: put it back ({backup} holds it" in out, out
+    assert "edited since the last reload" not in out
+    code, out, err = await d.cli("remove-fleet", "c")
+    assert code == 0, err
+    assert f"nothing saved: {gone}" in out and "not in the fleets file any more" not in out, out
+    with pytest.raises(ReloadRefused, match=f"No such file or directory; {backup} holds it"):
+        await d.ingress.reload(d.config_file)
+    assert not d.fleets_file.exists()  # nothing wrote a file listing only some fleets
 
 
 async def test_the_last_fleet_cannot_be_removed_and_a_reload_to_no_fleets_is_refused(

@@ -1333,6 +1333,19 @@ async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_appl
         await service.finish()
 
 
+async def test_the_host_stats_page_says_port_80_is_not_listening_when_listen_acme_is_off(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The supervisor's page, acme = "" (RunningIngress): was "0 open"."""
+    service = await _start(tls_files, two_fleets)
+    try:
+        assert (await service.stats())["frontend"]["acme_listening"] is False
+        page = await _stats_page(service)
+        assert 'not listening (listen.acme = "")' in page and " open" not in page
+    finally:
+        await service.finish()
+
+
 async def _stats_page(service: RunningIngress) -> str:
     import aiohttp
 

@@ -151,3 +151,30 @@ async def test_the_trial_run_yields_the_cpu_to_the_running_calls(
     said = str(await _trial_of_a_broken_copy(tmp_path, monkeypatch, say_nice_then_break))
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     assert f"NICE={min(19, ours + upgrade.TRIAL_NICE)}" in said, said
+
+
+async def test_checks_problems_are_shown_before_its_warnings_run_out_the_lines(
+    tmp_path: Path,
+) -> None:
+    """check prints its warnings after its problems; with more than the lines the
+    refusal shows, the problem itself was cut off: `upgrade` said "does not pass
+    check" followed by warnings and "check failed: 1 problem(s)" only."""
+    config = tmp_path / "ingress.toml"
+    config.write_text(
+        "[retry]\nretry_on = [429]\n"
+        "[timeouts]\nconnect = 3000\nresponse = 5000\nrequest = 1000\nqueue = 100\n"
+        "drain = 900\n"
+        "[fleets]\nverify = false\ncheck_interval = 100\ncheck_timeout = 200\n"
+        'file = "no-such-fleets.txt"\n'
+    )
+    from fleet_ingress.config.check import WARNING, check_configuration
+
+    lines = check_configuration(config)
+    problems = [line for line in lines if not line.startswith(WARNING)]
+    assert len(lines) - len(problems) >= upgrade.TRIAL_OUTPUT_LINES  # the case at hand
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    for problem in problems:  # the fleets file, tls.cert and tls.key
+        assert problem in said, said
+    assert "check failed: 3 problem(s)" in said

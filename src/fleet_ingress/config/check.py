@@ -180,6 +180,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
                 "add one a line: https://HOST[:PORT] [name=NAME] [maxconn=N] [admin=drain|maint]"
             )
     lines += _check_listen_addresses(config, str(path))
+    lines += _check_admin_socket_directory(config, str(path))
     lines += _check_certificate(config, str(path))
     fleets_cfg = config.fleets
     if fleets_cfg.ca_file is not None:
@@ -275,6 +276,58 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
     return problems
 
 
+# The shipped unit makes it at every start (RuntimeDirectory=fleet-ingress), owned
+# by the service's user: missing while the service is stopped, and no problem.
+UNIT_RUNTIME_DIRECTORY = Path("/run/fleet-ingress")
+
+
+def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[str]:
+    """Whether `run` can make listen.admin_socket (it creates missing
+    directories, and replaces a stale socket): a file standing where a
+    directory goes fails every start (a problem); a directory this user cannot
+    write fails it for this user (a warning: check may run as another user
+    than the service, root passes)."""
+    if not (where := config.listen.admin_socket):
+        return []
+    socket_path = Path(where)
+    directory = socket_path.parent
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    named = f"{source}: listen.admin_socket = {where!r}"
+    if not existing.is_dir():
+        return [
+            f"{named}: {existing} is a file where its directory goes; choose a path "
+            "under a directory (the default is /run/fleet-ingress/admin.sock)"
+        ]
+    if os.access(existing, os.W_OK | os.X_OK):
+        return []
+    if existing != directory and directory == UNIT_RUNTIME_DIRECTORY:
+        return []  # the unit makes it, for the service's user
+    user = _user_name()
+    what = (
+        f"cannot create it in {directory}"
+        if existing == directory
+        else f"cannot create its directory {directory} in {existing}"
+    )
+    return [
+        f"{WARNING}{named}: this user ({user}) {what}, so `run` as this user fails; the "
+        "service's user must be able to (the shipped unit makes /run/fleet-ingress for "
+        "it): check as that user, `sudo -u fleet-ingress fleet-ingress check -c CONFIG`, "
+        "or give it a directory of its own"
+    ]
+
+
+def _user_name() -> str:
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def _certificate_load_problems(config: IngressConfig, source: str) -> list[str]:
     """Why tls.cert and tls.key cannot serve: not set, unreadable, or not a
     certificate and its key that load together. Empty when they load."""
@@ -338,9 +391,22 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
             "will refuse it until then (is this host's clock right?)"
         )
     days_left = (leaf.not_after - time.time()) / 86400
-    if days_left < EXPIRY_WARNING_DAYS:
-        state = "has expired" if days_left < 0 else f"expires in {days_left:.0f} days"
-        warnings.append(f"{WARNING}{source}: tls.cert: {cert} {state}; is renewal working?")
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_after))
+    if days_left < 0:
+        # Still a warning: the unit's start and reload run check, and a check that
+        # failed here would keep the :80 listener certbot renews through from
+        # starting, and a fleets-only reload from applying (certificate_change).
+        warnings.append(
+            f"{WARNING}{source}: tls.cert: {cert} expired on {until}: every carrier's "
+            "handshake fails with it; renew it (`certbot renew`: its challenge comes "
+            "through this ingress's :80, which is why check still passes), then "
+            "`systemctl reload fleet-ingress`"
+        )
+    elif days_left < EXPIRY_WARNING_DAYS:
+        warnings.append(
+            f"{WARNING}{source}: tls.cert: {cert} expires in {days_left:.0f} days (on "
+            f"{until}); is renewal working? `certbot renew --dry-run` says"
+        )
     return warnings
 
 

@@ -253,6 +253,12 @@ def _why(exc: OSError | UnicodeDecodeError, data: bytes, path: Path) -> str:
             f"(one fleet URL a line), e.g. {path / 'fleets.txt'}"
         )
     if isinstance(exc, FileNotFoundError):
+        backup = path.with_name(path.name + ".bak")
+        if backup.exists():  # add-fleet and remove-fleet keep the list before them there
+            return (
+                f"{exc.strerror}; {backup} holds it as it was before the last add-fleet or "
+                "remove-fleet: copy it back, or point fleets.file at the fleets file"
+            )
         return f"{exc.strerror}; create it with one fleet URL a line, or point fleets.file at it"
     if isinstance(exc, NotADirectoryError):
         return f"{exc.strerror}: a part of the path is a file; point fleets.file at the fleets file"

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from fleet_ingress.core.addresses import format_hostport
+from fleet_ingress.core.addresses import format_hostport, ip_literal_version
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health, observe
@@ -139,6 +139,14 @@ async def probe_fleet(
         # says "Connection refused": `check --probe` (asyncio) and stat (uvloop) differed.
         os_error = exc.os_error
         why = os.strerror(os_error.errno) if os_error.errno else os_error.strerror or os_error
+        if ip_literal_version(spec.host) is None and ":" not in spec.host:  # a name
+            # aiohttp tries each address of a name and raises the last one's error:
+            # "Network is unreachable" of an AAAA read as the fleet's answer where
+            # its A refused (the CLI text audit).
+            why = (
+                f"{why} (at the last address of {spec.host} tried; "
+                f"`getent ahosts {spec.host}` lists them)"
+            )
         return failed(f"{reason}: {why}")
     except aiohttp.ServerDisconnectedError:
         if spec.scheme == "https":

@@ -112,6 +112,9 @@ async def admin_request(
         ) from None
 
 
+_WITHOUT_OUR_FIELDS = "an answer without the ingress's fields"
+
+
 def _not_ours(socket_path: Path, answer: str) -> AdminUnreachable:
     """Another program's socket answered: nothing of the ingress was asked."""
     return AdminUnreachable(
@@ -120,6 +123,19 @@ def _not_ours(socket_path: Path, answer: str) -> AdminUnreachable:
         f"(listen.admin_socket; default {DEFAULT_ADMIN_SOCKET}) with --admin-socket PATH, "
         "or its configuration with -c CONFIG"
     )
+
+
+# What every answer of the ingress to a request holds (admin_server, fleet_ops): an
+# HTTP server's JSON object without them (another program's socket) was a KeyError
+# traceback naming neither the socket nor the fix.
+_STAT_FIELDS = ("fleets", "frontend")
+_CHANGE_FIELDS = ("admin", "dry_run", "health", "removed")  # one of them, with "fleet"
+
+
+def _lacks_our_fields(path: str, body: dict[str, Any]) -> bool:
+    if path == "/stat":
+        return not all(key in body for key in _STAT_FIELDS)
+    return "fleet" not in body or not any(key in body for key in _CHANGE_FIELDS)
 
 
 def _reach_hint(exc: BaseException) -> str:
@@ -159,6 +175,9 @@ def run_admin(
     if status >= 400:
         print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
         return 1
+    if _lacks_our_fields(path, body):
+        print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
+        return 2
     if as_json:
         print(json.dumps(body, indent=2), file=out)
     elif path == "/stat":
@@ -191,6 +210,9 @@ def run_reload(
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
     result, failed = body.get("result"), body.get("workers_failed")
+    if result not in ("applied", "failed", "refused") and "error" not in body:
+        print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
+        return 2
     if result == "applied" and not failed:
         print(f"reloaded: {body.get('changes') or 'no changes'}", file=out)
         return 0  # a worker that did not answer in time is in `changes`, and reloads later
@@ -242,17 +264,19 @@ def describe_result(body: dict[str, Any]) -> str:
             f"saved to {body['fleets_file']} (backup {body['backup']})"
         )
     backup = f" (backup {body['backup']})" if body.get("backup") else ""
-    saved = (
-        f"its line removed from {body['fleets_file']}{backup}"
-        if body.get("fleets_file")
-        else "not in the fleets file any more"
-    )
+    if body.get("fleets_file"):
+        saved = f"its line removed from {body['fleets_file']}{backup}"
+    elif body.get("fleets_file_gone"):
+        saved = f"nothing saved: {body['fleets_file_gone']}"
+    else:
+        saved = "not in the fleets file any more"
     silent = _not_answered(body.get("unanswered_workers") or [])
     silent += _died(body.get("workers_died") or [])
+    again = body.get("add_again")  # a release before it: not said
     if body.get("removed"):
         return (
             f"removed fleet {body['fleet']} ({_calls(body['closed_calls'])} closed{silent}); "
-            f"{saved}"
+            f"{saved}" + (f"\nto add it again: {again}" if again else "")
         )
     where = saved
     unreachable = body.get("unreachable_calls") or 0
@@ -269,10 +293,16 @@ def describe_result(body: dict[str, Any]) -> str:
         if body.get("closed_calls") or silent
         else ""
     )
+    undo = (
+        f"\nthis cannot be taken back while it drains (`ready` refuses it); to add it again "
+        f"once it is gone (`fleet-ingress stat` lists it until then): {again}"
+        if again
+        else ""
+    )
     return (
         f"fleet {body['fleet']} is draining: {closed}removed once its "
         f"{_calls(body['draining_calls'])} {'ends' if body['draining_calls'] == 1 else 'end'}; "
-        f"{where}{cannot}"
+        f"{where}{cannot}{undo}"
     )
 
 
@@ -443,6 +473,8 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
     if status >= 400:
         print(f"fleet-ingress: upgrade refused: {body.get('error', body)}", file=sys.stderr)
         return 1
+    if not all(key in body for key in ("id", "pid", "from_generation", "state")):
+        raise _not_ours(socket_path, _WITHOUT_OUR_FIELDS)
     upgrade_id = body["id"]
     print(
         f"upgrade {upgrade_id}: supervisor {body['pid']}, generation {body['from_generation']}: "
@@ -473,6 +505,8 @@ async def _await_upgrade(socket_path: Path, out: TextIO) -> int:
         if status >= 400:
             print(f"fleet-ingress: upgrade: {answer.get('error', answer)}", file=sys.stderr)
             return 1
+        if not all(key in answer for key in ("upgrades", "pid", "generation")):
+            raise _not_ours(socket_path, _WITHOUT_OUR_FIELDS)
         ours = next((u for u in answer["upgrades"] if u["id"] == upgrade_id), None)
         if ours is None:
             print(

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from fleet_ingress.core.fleet_set import (
     Refused,
     StaysInDrain,
 )
-from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
@@ -169,6 +170,12 @@ class FleetOps:
         for, or fail on, the file; when it cannot be written, the answer says so."""
         if fleet.removing:
             return {}  # its line is gone already
+        if (gone := self._file_gone()) is not None:
+            log.warning(
+                "fleet admin state not saved",
+                extra=fields(fleet=fleet.name, fleets_file=str(self.fleets_file), error=gone),
+            )
+            return {"not_saved": f"{gone}; it applies now, but a restart will not keep it"}
         try:
             new_text = text_with_admin_state(
                 self._read_fleets_text(),
@@ -208,6 +215,8 @@ class FleetOps:
             for f in self.fleets.fleets
             if f.membership is Membership.LISTED and f is not but and f.name not in names
         )
+        if missing and (gone := self._file_gone()) is not None:
+            raise FleetChangeError(409, f"{gone}; nothing saved")
         if missing:
             raise FleetChangeError(
                 409,
@@ -225,6 +234,24 @@ class FleetOps:
             raise FleetChangeError(
                 500, f"cannot read the fleets file {self.fleets_file}: {exc.strerror}"
             ) from None
+
+    def _file_gone(self) -> str | None:
+        """Why nothing can be saved when the fleets file is not there (deleted or
+        moved since it was read): it read as a file listing none, and was told
+        as "no line for fleet 'a' (edited since the last reload?)" or "no longer
+        lists running fleet(s)" (the CLI text audit)."""
+        if self.fleets_file.exists():
+            return None
+        backup = self.fleets_file.with_name(self.fleets_file.name + ".bak")
+        kept = (
+            f" ({backup} holds it as it was before the last add-fleet or remove-fleet)"
+            if backup.exists()
+            else ""
+        )
+        return (
+            f"the fleets file {self.fleets_file} is gone (deleted or moved since the ingress "
+            f"read it): put it back{kept}; a reload or a start fails without it"
+        )
 
     def _with_unsaved_admin(self, text: str) -> tuple[str, list[FleetState]]:
         """`text` with the running admin state of every listed fleet whose state the
@@ -368,6 +395,7 @@ class FleetOps:
         with _answered():
             self.fleets.check_removable(fleet)
         text = self._read_fleets_text()
+        file_gone = None
         try:
             new_text: str | None = text_without_fleet(
                 text,
@@ -377,6 +405,7 @@ class FleetOps:
             )
         except FleetNotListed:
             new_text = None  # not in the file (taken out by hand): nothing to persist
+            file_gone = self._file_gone()
         except FleetsFileError as exc:
             raise FleetChangeError(409, f"{exc}; fix it, then remove again") from None
         if new_text is not None:
@@ -427,6 +456,10 @@ class FleetOps:
             "workers_died": died,
             "fleets_file": str(self.fleets_file) if new_text is not None else None,
             "backup": str(backup) if backup else None,
+            "fleets_file_gone": file_gone,
+            # A removal is not taken back (`ready` refuses a fleet being removed):
+            # the command that adds it again, said to the operator.
+            "add_again": _add_again(fleet.spec, self.settings().maxconn),
         }
 
     async def _forced_gone(self, name: str, gone: asyncio.Event) -> None:
@@ -535,6 +568,13 @@ class ForgetLater:
         self._due.pop(name, None)
         if not self.listed(name):
             self.forget(name)
+
+
+def _add_again(spec: FleetSpec, default_maxconn: int) -> str:
+    words = ["fleet-ingress add-fleet", shlex.quote(spec.url), "--name", shlex.quote(spec.name)]
+    if spec.maxconn != default_maxconn:
+        words += ["--maxconn", str(spec.maxconn)]
+    return " ".join(words)
 
 
 def failed_in(exc: OSError, fleets_file: Path) -> Path:

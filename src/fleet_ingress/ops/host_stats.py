@@ -232,6 +232,7 @@ def host_snapshot(
     capacity_key: str = "fleet_available",
     stopping: bool = False,
     last_reload: dict[str, Any] | None = None,
+    acme_listening: bool = True,
 ) -> dict[str, Any]:
     """`/stats.json` and `stat` for the whole host: the same keys as the
     one-process ingress's, plus `workers` (a row per worker)."""
@@ -246,6 +247,7 @@ def host_snapshot(
         stopping=stopping,
         workers=worker_rows(slots, view, time.monotonic()),
         last_reload=last_reload,
+        acme_listening=acme_listening,
     )
 
 

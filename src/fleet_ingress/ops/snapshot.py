@@ -96,10 +96,12 @@ def render(
     stopping: bool = False,
     workers: Sequence[dict[str, Any]] | None = None,
     last_reload: dict[str, Any] | None = None,
+    acme_listening: bool = True,
 ) -> dict[str, Any]:
     """`started_at`: time.monotonic() at the start (uptime does not move with the wall clock).
     `workers`: a row per worker process (the supervisor's view); None leaves the key out.
-    `last_reload`: the outcome of the last reload (`reload_outcome`), None before any."""
+    `last_reload`: the outcome of the last reload (`reload_outcome`), None before any.
+    `acme_listening`: whether the :80 listener is open (listen.acme at the start)."""
     now = time.time()
     requests: dict[str, dict[str, int]] = {}
     for (route, status), n in counts.family("requests", 2):
@@ -127,6 +129,7 @@ def render(
             "refused_connections": counts.counter("refused_connections"),
             # The plain-HTTP listener (:80): what /metrics alone had (the :80 audit
             # of session 32), a flood there keeping certbot's validation out.
+            "acme_listening": acme_listening,
             "acme_connections": gauges.get(("acme_connections",), 0),
             "acme_refused_connections": counts.counter("acme_refused_connections"),
             "acme_evicted_connections": counts.counter("acme_evicted_connections"),
@@ -155,6 +158,7 @@ def snapshot(
     capacity_key: str = "fleet_available",
     stopping: bool = False,
     last_reload: dict[str, Any] | None = None,
+    acme_listening: bool = True,
 ) -> dict[str, Any]:
     """The one-process ingress: everything from this process."""
     fleets = balancer.fleets
@@ -168,4 +172,5 @@ def snapshot(
         capacity_key=capacity_key,
         stopping=stopping,
         last_reload=last_reload,
+        acme_listening=acme_listening,
     )

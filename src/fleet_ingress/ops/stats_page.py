@@ -124,6 +124,22 @@ _NOT_SAVED = (
 )
 
 
+def _acme_row(fe: dict[str, Any]) -> str:
+    """The :80 listener's row; with none open (listen.acme = ""), said so rather
+    than "0 open", which read as a listener nobody used (the CLI text audit)."""
+    if not fe.get("acme_listening", True):  # a release before the key: it listened
+        return (
+            '<tr><td class="l">port 80 (ACME, redirects)</td><td class="l muted">'
+            'not listening (listen.acme = "")</td></tr>'
+        )
+    return (
+        f'<tr><td class="l">port 80 (ACME, redirects)</td><td class="l">'
+        f'{fe["acme_connections"]} open\n <span class="muted">'
+        f"({fe['acme_refused_connections']} reset at accept,\n"
+        f" {fe.get('acme_evicted_connections', 0)} closed for newer ones)</span></td></tr>"
+    )
+
+
 def render_stats_page(snap: dict[str, Any]) -> str:
     rows = []
     for f in snap["fleets"]:
@@ -186,9 +202,7 @@ refreshes every {REFRESH_SECONDS}s</div>
 <tr><td class="l">active calls</td><td class="l">{fe["active_calls"]}</td></tr>
 <tr><td class="l">open connections</td><td class="l">{fe["connections"]}
  <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
-<tr><td class="l">port 80 (ACME, redirects)</td><td class="l">{fe["acme_connections"]} open
- <span class="muted">({fe["acme_refused_connections"]} reset at accept,
- {fe["acme_evicted_connections"]} closed for newer ones)</span></td></tr>
+{_acme_row(fe)}
 <tr><td class="l">queue</td><td class="l">{fe["queue_length"]} waiting,
  {fe["queue_timeouts"]} timed out</td></tr>
 <tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>

@@ -373,6 +373,7 @@ class Ingress:
             capacity_key=self.config.fleets.capacity_key,
             stopping=self.stopping,
             last_reload=self.last_reload,
+            acme_listening=self._acme is not None,
         )
 
     @property

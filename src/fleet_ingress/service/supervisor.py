@@ -1363,6 +1363,7 @@ class Supervisor:
             capacity_key=self.config.fleets.capacity_key,
             stopping=self.stopping,
             last_reload=self.last_reload,
+            acme_listening="listen.acme" in self.listeners,
         )
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
