@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -45,6 +46,7 @@ from tests.support import (
     close_calls,
     echo,
     metric_samples,
+    need_ipv6_loopback,
     write_leaf_cert,
     write_run_home,
 )
@@ -687,6 +689,31 @@ async def test_a_restart_whose_start_fails_keeps_the_certificate_for_the_next_tr
     await unit.fleets_up()
     assert await unit.peer_serial(tls_files) == served
     assert "expired on" in (await unit.stats())["certificate_file"]["refused"]
+
+
+async def test_a_restart_moves_the_stats_listener_to_the_ipv6_wildcard(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """listen.stats from "0.0.0.0:PORT" to "[::]:PORT" (a scraper reaching it
+    over IPv6), then `systemctl restart`, as a reload's note says to. Before
+    (the IPv6 audit of session 33): systemd handed back the IPv4-only socket
+    from its store (the stats listener stays there over a stop), taken up as
+    bound where configured (both wildcards), and [::1] was refused."""
+    need_ipv6_loopback()
+    unit = await install(systemd, tls_files, fleet)
+    toml = unit.home / "ingress.toml"
+    for before, after in (("127.0.0.1", "0.0.0.0"), ("0.0.0.0", "[::]")):
+        text = toml.read_text()
+        assert f'stats = "{before}:{unit.stats_port}"' in text
+        toml.write_text(text.replace(f'stats = "{before}:', f'stats = "{after}:'))
+        restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+        assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    for host in ("127.0.0.1", "[::1]"):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{host}:{unit.stats_port}/stats.json") as r:
+                assert r.status == 200 and (await r.json())["fleets"], host
+    taken = [line for line in unit.log() if line["event"].startswith("listeners taken from")]
+    assert [line["listeners_moved"] for line in taken] == [["listen.stats"], ["listen.stats"]]
 
 
 async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(

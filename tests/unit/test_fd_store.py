@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from fleet_ingress.config.settings import ListenSection
+from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
@@ -324,4 +325,38 @@ def test_a_listener_the_configuration_moved_is_closed_and_taken_out_of_the_store
     assert drop_moved_listeners({"listen.wss": anywhere}, listen, notifier) == []
     for sock in (wss, anywhere, receiver):
         sock.close()
+    notifier.close()
+
+
+def test_a_wildcard_of_the_other_family_is_a_listener_moved(tmp_path):
+    """listen.wss from "0.0.0.0:443" to "[::]:443" (an AAAA record added), then
+    `systemctl restart` (systemd keeps the store over it): the IPv4-only
+    socket was taken up as bound where configured (both are wildcards), and
+    every IPv6 carrier was refused while the file, the log and `stat` said
+    [::]:443. The other way, the dual-stack one served on where IPv4 alone was
+    asked for."""
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.settimeout(2)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    ipv4 = socket.create_server(("0.0.0.0", 0))
+    port = ipv4.getsockname()[1]
+    listen = ListenSection(wss=f"[::]:{port}", acme="", stats="", admin_socket="")
+    assert drop_moved_listeners({"listen.wss": ipv4}, listen, notifier) == ["listen.wss"]
+    assert ipv4.fileno() == -1
+    assert receiver.recv(4096) == b"FDSTOREREMOVE=1\nFDNAME=listen.wss"
+    both = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = both.getsockname()[1]
+    listen = ListenSection(wss=f"0.0.0.0:{port}", acme="", stats="", admin_socket="")
+    assert drop_moved_listeners({"listen.wss": both}, listen, notifier) == ["listen.wss"]
+    # Each where it is configured: kept.
+    for host, family in (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6)):
+        sock = socket.create_server((host, 0), family=family)
+        wss = format_hostport(host, sock.getsockname()[1])
+        listen = ListenSection(wss=wss, acme="", stats="", admin_socket="")
+        assert drop_moved_listeners({"listen.wss": sock}, listen, notifier) == []
+        sock.close()
+    receiver.close()
     notifier.close()

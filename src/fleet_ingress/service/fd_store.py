@@ -257,11 +257,12 @@ def _bound_at(sock: socket.socket, address: str) -> bool:
     if bound[1] != port:
         return False
     try:
-        wanted = ipaddress.ip_address(host) if host else None
+        wanted = ipaddress.ip_address(host)
     except ValueError:
         return True  # a name: resolved as it was bound, the port decides
-    if wanted is None or wanted.is_unspecified:
-        return ipaddress.ip_address(bound[0]).is_unspecified
+    # The wildcards too: 0.0.0.0 takes IPv4 alone, [::] both families (before,
+    # any wildcard passed for the other, and a restart from "0.0.0.0:443" to
+    # "[::]:443" kept refusing IPv6 carriers).
     return ipaddress.ip_address(bound[0]) == wanted
 
 
