@@ -14,15 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fleet_ingress.config.settings import ListenSection
 from fleet_ingress.core.addresses import format_hostport
+from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import STATE_VERSION, process_start
+from tests.support import NetLab
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
@@ -325,6 +328,29 @@ def test_a_listener_the_configuration_moved_is_closed_and_taken_out_of_the_store
     assert drop_moved_listeners({"listen.wss": anywhere}, listen, notifier) == []
     for sock in (wss, anywhere, receiver):
         sock.close()
+    notifier.close()
+
+
+def test_a_listener_on_a_link_local_address_with_its_zone_is_where_configured(
+    netlab: NetLab, tmp_path: Path
+) -> None:
+    """listen.wss = "[fe80::1%lo]:PORT" handed back unchanged: kept. Before (the
+    IPv6 audit of session 33) it read as moved, its zone never among what
+    getsockname gives (the address, and the interface's index apart): after a
+    supervisor's crash its copy was closed and the address bound again while
+    the workers taken up still listened there."""
+    ns = netlab.namespace("zoned")
+    netlab.ip("-n", ns, "addr", "add", "fe80::1/64", "dev", "lo", "nodad")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    for zone, moved in (("lo", []), ("1", []), ("2", ["listen.wss"])):
+        sock = netlab.socket_in(ns, lambda: bind_tcp("fe80::1%lo", 0))
+        wss = f"[fe80::1%{zone}]:{sock.getsockname()[1]}"
+        listen = ListenSection(wss=wss, acme="", stats="", admin_socket="")
+        assert drop_moved_listeners({"listen.wss": sock}, listen, notifier) == moved, wss
+        sock.close()
+    receiver.close()
     notifier.close()
 
 
