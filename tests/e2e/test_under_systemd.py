@@ -716,6 +716,59 @@ async def test_a_restart_moves_the_stats_listener_to_the_ipv6_wildcard(
     assert [line["listeners_moved"] for line in taken] == [["listen.stats"], ["listen.stats"]]
 
 
+async def test_a_supervisor_killed_outright_takes_up_a_listener_on_a_link_local_address(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles
+) -> None:
+    """listen.wss = "[fe80::10%lo]:PORT", and the supervisor killed: the one
+    systemd starts again takes the listener up and serves. Before (the IPv6
+    audit of session 33): the listener handed back read as moved (its zone never
+    matched what getsockname gives), its copy was closed and the address bound
+    again while the workers taken up still listened there: 'Address already in
+    use', and the unit never came back. The unit runs in the private systemd's
+    own network namespace, where the address is added (not the host's)."""
+    home = systemd.home / "etc"
+    home.mkdir()
+    port, _ = await write_run_home(tls_files, home, ["https://127.0.0.1:9 name=a"])
+    toml = home / "ingress.toml"
+    toml.write_text(toml.read_text().replace('wss = "127.0.0.1:', 'wss = "[fe80::10%lo]:'))
+    netns = (
+        "NetworkNamespacePath=",  # the box's own, not the host's
+        "ExecStartPre=-+/usr/sbin/ip link set lo up",
+        "ExecStartPre=-+/usr/sbin/ip addr add fe80::10/64 dev lo nodad",
+    )
+    write_unit(systemd, home, None, None, netns)
+    systemd.systemctl("daemon-reload")
+    started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+    unit = Unit(systemd, home, port, 0)
+    assert started.returncode == 0, started.stderr + unit.log_tail()
+
+    def health() -> str:
+        """GET /haproxy-health on the listener, from inside the box's namespace."""
+        get = (
+            "import socket, ssl\n"
+            "c = ssl.create_default_context(); c.check_hostname = False; "
+            "c.verify_mode = ssl.CERT_NONE\n"
+            f"s = c.wrap_socket(socket.create_connection(('fe80::10%lo', {port}), 5))\n"
+            "s.sendall(b'GET /haproxy-health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\n"
+            "print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+        )
+        done = subprocess.run(
+            ["nsenter", f"--net=/proc/{systemd.pid1}/ns/net", sys.executable, "-c", get],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return done.stdout.strip() + done.stderr[-300:]
+
+    assert health() == "HTTP/1.1 200 OK"
+    systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+    await unit.until(30, ActiveState="active", NRestarts="1")
+    assert len(unit.started_again()) == 1
+    (said,) = [line for line in unit.log() if line["event"].startswith("started again")]
+    assert said["listeners_moved"] == [], said
+    assert health() == "HTTP/1.1 200 OK"
+
+
 async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:
