@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
-from tests.support import StartIngress, free_port, no_ipv6_loopback
+from tests.support import StartIngress, free_port, need_ipv6_loopback
 
 TOKEN = "Xy7-abc_DEF0123456789"
 KEY_AUTH = f"{TOKEN}.nT4rpzJvQJY3_thumbprint-of-the-account-key"
@@ -152,8 +152,7 @@ async def test_an_ipv6_upstream_is_named_with_brackets_in_the_503_and_the_warnin
     start_ingress: StartIngress, caplog: pytest.LogCaptureFixture
 ):
     """acme.upstream = "[::1]:PORT" was shown as "::1:PORT" (the audit of a real run)."""
-    if why := no_ipv6_loopback():
-        pytest.skip(why)
+    need_ipv6_loopback()
     with socket.socket(socket.AF_INET6) as held:  # bound, not listening: nothing answers
         held.bind(("::1", 0))
         port = held.getsockname()[1]

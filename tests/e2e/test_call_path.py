@@ -24,8 +24,8 @@ from tests.support import (
     eventually,
     free_port,
     free_ports,
+    need_ipv6_loopback,
     never_answer,
-    no_ipv6_loopback,
     raw_exchange,
     wss_url,
 )
@@ -76,8 +76,7 @@ async def test_messages_fragments_ping_and_close_codes_pass_through(
 async def test_the_ipv6_wildcard_serves_ipv4_and_ipv6_carriers_on_one_listener(
     start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
 ):
-    if why := no_ipv6_loopback():
-        pytest.skip(why)
+    need_ipv6_loopback()
     a, _ = ws_fleets
     ingress = await start_ingress([a.line("a")], listen={"wss": "[::]:0"})
     _, port = ingress.wss_address

@@ -318,6 +318,52 @@ async def test_check_live_answers_for_a_wss_listener_on_a_link_local_address(
                 await fleet.stop()
 
 
+async def test_check_live_answers_for_the_ipv6_wildcard_on_a_host_without_ipv6_loopback(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """listen.wss = "[::]:8443" on a host whose lo has disable_ipv6=1: the
+    listener takes IPv4 carriers, and keepalived's track script must say so.
+    Before (the IPv6 audit of session 33): `check --live` connected to ::1
+    only, said 'not live: wss [::1]:8443: Cannot assign requested address',
+    and keepalived would have moved the shared address off a serving host
+    (off both, configured alike)."""
+    ns = netlab.namespace("nov6lo")
+    off = netlab.exec_argv(ns, "sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1")
+    await asyncio.to_thread(subprocess.run, off, check=True, timeout=10)
+    fleet = SimulatedFleet(
+        name="fleet",
+        ssl_context=tls_files.fleet_server_context(),
+        sock=netlab.listen(ns, "127.0.0.1", 9443),
+    )
+    await fleet.start()
+    try:
+        config = _config(
+            tmp_path, tls_files, "[::]:8443", "", "127.0.0.1:8404", fleet="https://127.0.0.1:9443"
+        )
+        async with _Run(netlab, ns, config) as run:
+
+            async def fleet_up() -> bytes:
+                stats = await _get(netlab, ns, "127.0.0.1", 8404, "/stats.json")
+                if b'"health": "UP"' not in stats:
+                    raise ConnectionError("no fleet UP yet")
+                return stats
+
+            await run.until_answered(fleet_up)
+            for _ in range(4):  # each worker's first handshake, outside the check's 0.8 s
+                await _handshake(netlab, ns, tls_files, "127.0.0.1", 8443)
+            for _ in range(3):  # the host is shared: a slow answer is not what is tested
+                live = await asyncio.to_thread(_check, netlab, ns, config, "--live")
+                assert "Cannot assign" not in live.stdout, live.stdout
+                if live.returncode == 0:
+                    break
+        assert live.returncode == 0, live.stdout + live.stderr
+        assert live.stdout.startswith("live: wss 127.0.0.1:8443 answers /haproxy-health")
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await fleet.stop()
+
+
 async def test_a_fleet_named_by_its_zone_is_probed_and_serves_calls(
     netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 from aiohttp import web
@@ -45,6 +46,7 @@ from tests.support import (
     close_calls,
     echo,
     metric_samples,
+    need_ipv6_loopback,
     write_leaf_cert,
     write_run_home,
 )
@@ -687,6 +689,111 @@ async def test_a_restart_whose_start_fails_keeps_the_certificate_for_the_next_tr
     await unit.fleets_up()
     assert await unit.peer_serial(tls_files) == served
     assert "expired on" in (await unit.stats())["certificate_file"]["refused"]
+
+
+async def test_a_restart_moves_the_stats_listener_to_the_ipv6_wildcard(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """listen.stats from "0.0.0.0:PORT" to "[::]:PORT" (a scraper reaching it
+    over IPv6), then `systemctl restart`, as a reload's note says to. Before
+    (the IPv6 audit of session 33): systemd handed back the IPv4-only socket
+    from its store (the stats listener stays there over a stop), taken up as
+    bound where configured (both wildcards), and [::1] was refused."""
+    need_ipv6_loopback()
+    unit = await install(systemd, tls_files, fleet)
+    toml = unit.home / "ingress.toml"
+    for before, after in (("127.0.0.1", "0.0.0.0"), ("0.0.0.0", "[::]")):
+        text = toml.read_text()
+        assert f'stats = "{before}:{unit.stats_port}"' in text
+        toml.write_text(text.replace(f'stats = "{before}:', f'stats = "{after}:'))
+        restarted = await asyncio.to_thread(systemd.systemctl, "restart", NAME, check=False)
+        assert restarted.returncode == 0, restarted.stderr + unit.log_tail()
+    for host in ("127.0.0.1", "[::1]"):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{host}:{unit.stats_port}/stats.json") as r:
+                assert r.status == 200 and (await r.json())["fleets"], host
+    taken = [line for line in unit.log() if line["event"].startswith("listeners taken from")]
+    assert [line["listeners_moved"] for line in taken] == [["listen.stats"], ["listen.stats"]]
+
+
+async def test_a_supervisor_killed_outright_takes_up_a_listener_on_a_link_local_address(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles
+) -> None:
+    """listen.wss = "[fe80::10%lo]:PORT" and a fleet at [fe80::10%lo] too, under
+    the unit's sandbox; then the supervisor killed: the one systemd starts
+    again takes the listener up and serves. Before (the IPv6 audit of session
+    33): the unit's `check --before-start` failed ('Address family not
+    supported by protocol': if_nameindex needs netlink, which
+    RestrictAddressFamilies= refuses), so the unit never started; and after a
+    crash the listener handed back read as moved (its zone never matched what
+    getsockname gives), its copy was closed and the address bound again while
+    the workers taken up still listened there: 'Address already in use' five
+    times, the unit failed. The unit runs in the private systemd's own network
+    namespace, where the address is added (not the host's)."""
+    home = systemd.home / "etc"
+    home.mkdir()
+    fleet_line = "http://[fe80::10%25lo]:9080 name=a"
+    port, _ = await write_run_home(tls_files, home, [fleet_line])
+    toml = home / "ingress.toml"
+    toml.write_text(toml.read_text().replace('wss = "127.0.0.1:', 'wss = "[fe80::10%lo]:'))
+    netns = (
+        "NetworkNamespacePath=",  # the box's own, not the host's
+        "ExecStartPre=-+/usr/sbin/ip link set lo up",
+        "ExecStartPre=-+/usr/sbin/ip addr add fe80::10/64 dev lo nodad",
+    )
+    write_unit(systemd, home, None, None, netns)
+    systemd.systemctl("daemon-reload")
+    started = await asyncio.to_thread(systemd.systemctl, "start", NAME, check=False)
+    unit = Unit(systemd, home, port, 0)
+    assert started.returncode == 0, started.stderr + unit.log_tail()
+    inside = ["nsenter", f"--net=/proc/{systemd.pid1}/ns/net", sys.executable, "-c"]
+    serve = (
+        "import asyncio\n"
+        "from fleet_ingress.sim import SimulatedFleet\n"
+        "async def main():\n"
+        "    await SimulatedFleet(host='fe80::10%lo', port=9080).start()\n"
+        "    print('serving', flush=True)\n"
+        "    await asyncio.sleep(120)\n"
+        "asyncio.run(main())\n"
+    )
+    fleet = await asyncio.create_subprocess_exec(*inside, serve, stdout=subprocess.PIPE)
+
+    def ask(path: str) -> str:
+        """The status line the listener answers GET `path` (a call's upgrade)."""
+        get = (
+            "import socket, ssl\n"
+            "c = ssl.create_default_context(); c.check_hostname = False; "
+            "c.verify_mode = ssl.CERT_NONE\n"
+            f"s = c.wrap_socket(socket.create_connection(('fe80::10%lo', {port}), 5))\n"
+            f"s.sendall(b'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\n'\n"
+            "    b'Connection: Upgrade\\r\\nSec-WebSocket-Version: 13\\r\\n'\n"
+            "    b'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n\\r\\n')\n"
+            "print(s.recv(4096).split(b'\\r\\n')[0].decode())\n"
+        )
+        done = subprocess.run([*inside, get], capture_output=True, text=True, timeout=30)
+        return done.stdout.strip() + done.stderr[-300:]
+
+    async def a_call_goes_through() -> None:
+        async with asyncio.timeout(20):  # the fleet's first passing probe
+            while (said := await asyncio.to_thread(ask, "/ws/bot-1")).startswith("HTTP/1.1 503"):
+                await asyncio.sleep(0.2)
+        assert said == "HTTP/1.1 101 Switching Protocols", said
+
+    try:
+        assert fleet.stdout is not None
+        async with asyncio.timeout(30):
+            assert await fleet.stdout.readline() == b"serving\n"
+        await a_call_goes_through()
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(30, ActiveState="active", NRestarts="1")
+        (said,) = [line for line in unit.log() if line["event"].startswith("started again")]
+        assert said["listeners"] == ["listen.stats", "listen.wss"], said
+        assert said["listeners_moved"] == [], said
+        assert await asyncio.to_thread(ask, "/haproxy-health") == "HTTP/1.1 200 OK"
+        await a_call_goes_through()
+    finally:
+        fleet.kill()
+        await fleet.wait()
 
 
 async def test_a_supervisor_killed_with_a_broken_edit_on_disk_is_started_again(

@@ -14,14 +14,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fleet_ingress.config.settings import ListenSection
+from fleet_ingress.core.addresses import format_hostport
+from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import STATE_VERSION, process_start
+from tests.support import NetLab
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
@@ -324,4 +328,61 @@ def test_a_listener_the_configuration_moved_is_closed_and_taken_out_of_the_store
     assert drop_moved_listeners({"listen.wss": anywhere}, listen, notifier) == []
     for sock in (wss, anywhere, receiver):
         sock.close()
+    notifier.close()
+
+
+def test_a_listener_on_a_link_local_address_with_its_zone_is_where_configured(
+    netlab: NetLab, tmp_path: Path
+) -> None:
+    """listen.wss = "[fe80::1%lo]:PORT" handed back unchanged: kept. Before (the
+    IPv6 audit of session 33) it read as moved, its zone never among what
+    getsockname gives (the address, and the interface's index apart): after a
+    supervisor's crash its copy was closed and the address bound again while
+    the workers taken up still listened there."""
+    ns = netlab.namespace("zoned")
+    netlab.ip("-n", ns, "addr", "add", "fe80::1/64", "dev", "lo", "nodad")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    for zone, moved in (("lo", []), ("1", []), ("2", ["listen.wss"])):
+        sock = netlab.socket_in(ns, lambda: bind_tcp("fe80::1%lo", 0))
+        wss = f"[fe80::1%{zone}]:{sock.getsockname()[1]}"
+        listen = ListenSection(wss=wss, acme="", stats="", admin_socket="")
+        assert drop_moved_listeners({"listen.wss": sock}, listen, notifier) == moved, wss
+        sock.close()
+    receiver.close()
+    notifier.close()
+
+
+def test_a_wildcard_of_the_other_family_is_a_listener_moved(tmp_path):
+    """listen.wss from "0.0.0.0:443" to "[::]:443" (an AAAA record added), then
+    `systemctl restart` (systemd keeps the store over it): the IPv4-only
+    socket was taken up as bound where configured (both are wildcards), and
+    every IPv6 carrier was refused while the file, the log and `stat` said
+    [::]:443. The other way, the dual-stack one served on where IPv4 alone was
+    asked for."""
+    if not socket.has_dualstack_ipv6():
+        pytest.skip("no dual-stack IPv6 here")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.settimeout(2)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    ipv4 = socket.create_server(("0.0.0.0", 0))
+    port = ipv4.getsockname()[1]
+    listen = ListenSection(wss=f"[::]:{port}", acme="", stats="", admin_socket="")
+    assert drop_moved_listeners({"listen.wss": ipv4}, listen, notifier) == ["listen.wss"]
+    assert ipv4.fileno() == -1
+    assert receiver.recv(4096) == b"FDSTOREREMOVE=1\nFDNAME=listen.wss"
+    both = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = both.getsockname()[1]
+    listen = ListenSection(wss=f"0.0.0.0:{port}", acme="", stats="", admin_socket="")
+    assert drop_moved_listeners({"listen.wss": both}, listen, notifier) == ["listen.wss"]
+    # Each where it is configured: kept.
+    for host, family in (("0.0.0.0", socket.AF_INET), ("::", socket.AF_INET6)):
+        sock = socket.create_server((host, 0), family=family)
+        wss = format_hostport(host, sock.getsockname()[1])
+        listen = ListenSection(wss=wss, acme="", stats="", admin_socket="")
+        assert drop_moved_listeners({"listen.wss": sock}, listen, notifier) == []
+        sock.close()
+    receiver.close()
     notifier.close()

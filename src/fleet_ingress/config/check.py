@@ -241,6 +241,18 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
     return doubts
 
 
+def _has_interface(index: int) -> bool:
+    """Whether an interface has this index. Not socket.if_nameindex(): it asks
+    over netlink, which the unit's RestrictAddressFamilies= refuses, and the
+    unit's own `check --before-start` failed with a traceback for a zoned
+    listener (the IPv6 audit of session 33): the unit never started."""
+    try:
+        socket.if_indextoname(index)
+    except OSError:
+        return False
+    return True
+
+
 def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
     """What `run` would refuse before binding (a host name that does not
     resolve, a zone no interface has) and what it would warn of (a name with
@@ -259,7 +271,7 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
             problems.append(f"{source}: {exc}")
             continue
         scope = sockaddr[3] if len(sockaddr) == 4 else 0
-        if scope and scope not in {index for index, _ in socket.if_nameindex()}:
+        if scope and not _has_interface(scope):
             # A zone given as a number resolves whatever it is; the bind then fails.
             problems.append(
                 f"{source}: listen.{key} = {address!r}: no interface of this machine has "

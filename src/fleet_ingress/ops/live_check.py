@@ -37,6 +37,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import sys
 import tomllib
@@ -126,9 +127,24 @@ class LiveResult:
 
 def local_target(address: str) -> tuple[str, int]:
     """Where to connect for a listener configured as `address`: a wildcard is
-    reached on loopback (the listener accepts there too)."""
+    reached on loopback (the listener accepts there too). [::] on a host whose
+    lo has no ::1 (disable_ipv6=1) on 127.0.0.1, which it takes too: before
+    (the IPv6 audit of session 33), `check --live` said 'not live: Cannot
+    assign requested address' of an ingress serving IPv4 carriers there, and
+    keepalived would take the shared address off it."""
     host, port = parse_hostport(address, what="address")
+    if host == "::" and not _has_ipv6_loopback():
+        return "127.0.0.1", port
     return _LOOPBACK.get(host, host), port
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def local_addresses(fib_trie: str, if_inet6: str) -> set[str]:

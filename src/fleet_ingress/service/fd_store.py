@@ -256,13 +256,28 @@ def _bound_at(sock: socket.socket, address: str) -> bool:
     bound = sock.getsockname()
     if bound[1] != port:
         return False
+    address, _, zone = host.partition("%")
     try:
-        wanted = ipaddress.ip_address(host) if host else None
+        wanted = ipaddress.ip_address(address)
     except ValueError:
         return True  # a name: resolved as it was bound, the port decides
-    if wanted is None or wanted.is_unspecified:
-        return ipaddress.ip_address(bound[0]).is_unspecified
-    return ipaddress.ip_address(bound[0]) == wanted
+    # The wildcards too: 0.0.0.0 takes IPv4 alone, [::] both families (before,
+    # any wildcard passed for the other).
+    if ipaddress.ip_address(bound[0]) != wanted:
+        return False
+    # A zone (fe80::10%eth0) is the scope id apart, an interface's index: it
+    # never matched the address alone, and such a listener read as moved.
+    return not zone or bound[3] == _interface_index(zone)
+
+
+def _interface_index(zone: str) -> int:
+    """The index of the interface a zone names (by name or by index); 0 for none."""
+    if zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        return 0
 
 
 def crash_state(
