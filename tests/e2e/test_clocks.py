@@ -427,3 +427,50 @@ async def test_a_fleet_connection_made_while_the_worker_was_stopped_is_taken(
         await close_calls(calls)
         await service.finish()
         await door.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_queued_for_it(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The supervisor stopped 2.5 s while a call waits in the queue for the one
+    slot (maxconn 1, timeouts.queue 2 s), the call holding it ending 0.5 s
+    into the stop: once continued, the queued call gets the slot and its
+    101. The queue's timer ran first on the loop resumed, the release unread
+    in the worker's channel: the call was refused 503 "no fleet had room
+    within 2s in the queue" though a slot had come back 1.5 s before its
+    deadline."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a maxconn=1"],
+        workers=1,
+        queue=2,
+        check_timeout=5,
+        check_interval=5,  # the supervisor idle, waiting in epoll_wait, when stopped
+    )
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        calls.append(await connect(service.url("/ws/held"), ssl=tls_files.client_context()))
+        queued = asyncio.ensure_future(
+            connect(service.url("/ws/queued"), ssl=tls_files.client_context(), open_timeout=15)
+        )
+        async with asyncio.timeout(2):
+            while (await service.stats())["frontend"]["queue_length"] != 1:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        try:
+            await _stopped(service.proc.pid)
+            await asyncio.sleep(0.5)
+            await calls.pop().close()  # its slot's release waits in the channel
+            await asyncio.sleep(2.0)
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        calls.append(await queued)
+        await echo(calls[0])
+        stats = await service.stats()
+        assert stats["frontend"]["queue_timeouts"] == 0, stats["frontend"]
+    finally:
+        await close_calls(calls)
+        await service.finish()
