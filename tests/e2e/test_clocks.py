@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, close_calls, workers_of, write_run_home
+from tests.support import (
+    RunningIngress,
+    TLSFiles,
+    close_calls,
+    echo,
+    workers_of,
+    write_run_home,
+)
 
 # alone: stops of 2.5 s whose outcome hangs on timers a loaded host would make late.
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
@@ -42,13 +50,18 @@ async def _start(
     fleets: str = "",
     check_timeout: float = 5,
     step: Path | None = None,
+    fleet_url: str = "",
 ) -> RunningIngress:
     """One worker, `timeouts` and `fleets` lines added to their sections; its
     fleet UP. `step`: a file holding the seconds its wall clock is stepped by
-    (`_step`)."""
+    (`_step`). `fleet_url`: where the fleet is reached (a door before it)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
-        tls_files, home, [f"{fleet.url} name=a"], workers=1, check_timeout=check_timeout
+        tls_files,
+        home,
+        [f"{fleet_url or fleet.url} name=a"],
+        workers=1,
+        check_timeout=check_timeout,
     )
     toml = home / "ingress.toml"
     text = toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n")
@@ -279,6 +292,185 @@ async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its
         assert not [e for e in service.log() if e["event"] == "fleet DOWN"]
         (said,) = [e for e in service.log() if e["event"].startswith("health probes timed out")]
         assert "late: the prober did not run meanwhile" in said["reason"], said
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+class _HeldDoor:
+    """A TCP door before a fleet that can hold new connections: held, it
+    accepts none and its accept queue is full, so the kernel drops a SYN (as a
+    fleet's full backlog or a lossy path does) and the client sends it again
+    a second later (TCP's initial retransmission timeout). Let go, that SYN
+    gets through; what it accepts is forwarded to the fleet."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self._filler: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.accepted_at: list[float] = []
+
+    def open(self) -> None:
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+
+    async def hold(self) -> None:
+        assert self._accepting is not None
+        self._accepting.cancel()
+        await asyncio.gather(self._accepting, return_exceptions=True)
+        self._accepting = None
+        self._filler = socket.socket()
+        self._filler.setblocking(False)
+        # Taken into the queue by the kernel (room for one): the queue is full.
+        await asyncio.get_running_loop().sock_connect(self._filler, ("127.0.0.1", self.port))
+
+    def let_go(self) -> None:
+        """Take the filler out of the queue (from a stopped loop's point of
+        view at once: the kernel answers the next SYN) and accept again."""
+        conn, _ = self._listener.accept()
+        conn.close()
+        assert self._filler is not None
+        self._filler.close()
+        self._filler = None
+        self.open()
+
+    def syn_sent(self) -> bool:
+        """Whether a connection to the door waits for its SYN's answer."""
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        return any(int(r[2].split(":")[1], 16) == self.port and r[3] == "02" for r in rows)
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            self.accepted_at.append(loop.time())
+            task = loop.create_task(self._forward(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _forward(self, conn: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=conn)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        for task in [self._accepting, *self._tasks]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(
+            *[t for t in [self._accepting, *self._tasks] if t], return_exceptions=True
+        )
+        if self._filler is not None:
+            self._filler.close()
+        self._listener.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_fleet_connection_made_while_the_worker_was_stopped_is_taken(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The worker stopped 2.5 s while it connects to its fleet, whose answer
+    to the SYN (dropped once: the fleet's accept queue full) comes 1 s into
+    the stop, within timeouts.connect = 1.5 s: once continued, the call goes
+    on, on its first attempt. The connect timer ran first on the loop
+    resumed, the connection made but not yet seen: the attempt was given up
+    as a timeout and the call tried again (attempts 2, a retry counted
+    against the fleet, a probe asked of it)."""
+    door = _HeldDoor(fleet.port)
+    door.open()
+    service = await _start(
+        tls_files, fleet, "connect = 1.5", fleet_url=f"https://127.0.0.1:{door.port}"
+    )
+    (worker,) = workers_of(service.home)
+    calls: list[ClientConnection] = []
+    try:
+        await door.hold()
+        opening = asyncio.ensure_future(
+            connect(service.url("/ws/bot-0"), ssl=tls_files.client_context(), open_timeout=15)
+        )
+        async with asyncio.timeout(5):
+            while not door.syn_sent():  # the worker connects; its SYN was dropped
+                await asyncio.sleep(0.005)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            stopped_at = asyncio.get_running_loop().time()
+            door.let_go()
+            await asyncio.sleep(2.5)
+            # The SYN sent again got through meanwhile: the connection was made.
+            made = [t - stopped_at for t in door.accepted_at if t > stopped_at]
+            assert len(made) == 1 and made[0] < 1.5, made
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        calls.append(await opening)
+        await echo(calls[0])
+        await close_calls(calls)
+        async with asyncio.timeout(5):
+            while not (ended := [e for e in service.log() if e["event"] == "call ended"]):
+                await asyncio.sleep(0.05)
+        assert [(e["status"], e["attempts"]) for e in ended] == [(101, 1)]
+        assert not [e for e in service.log() if e["event"] == "fleet attempt failed"]
+        assert len(fleet.requests) == 1 and fleet.calls_total == 1
+    finally:
+        await close_calls(calls)
+        await service.finish()
+        await door.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_queued_for_it(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The supervisor stopped 2.5 s while a call waits in the queue for the one
+    slot (maxconn 1, timeouts.queue 2 s), the call holding it ending 0.5 s
+    into the stop: once continued, the queued call gets the slot and its
+    101. The queue's timer ran first on the loop resumed, the release unread
+    in the worker's channel: the call was refused 503 "no fleet had room
+    within 2s in the queue" though a slot had come back 1.5 s before its
+    deadline."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a maxconn=1"],
+        workers=1,
+        queue=2,
+        check_timeout=5,
+        check_interval=5,  # the supervisor idle, waiting in epoll_wait, when stopped
+    )
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        calls.append(await connect(service.url("/ws/held"), ssl=tls_files.client_context()))
+        queued = asyncio.ensure_future(
+            connect(service.url("/ws/queued"), ssl=tls_files.client_context(), open_timeout=15)
+        )
+        async with asyncio.timeout(2):
+            while (await service.stats())["frontend"]["queue_length"] != 1:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        try:
+            await _stopped(service.proc.pid)
+            await asyncio.sleep(0.5)
+            await calls.pop().close()  # its slot's release waits in the channel
+            await asyncio.sleep(2.0)
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        calls.append(await queued)
+        await echo(calls[0])
+        stats = await service.stats()
+        assert stats["frontend"]["queue_timeouts"] == 0, stats["frontend"]
     finally:
         await close_calls(calls)
         await service.finish()

@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import socket
+import time
 from collections import Counter
 
 import pytest
@@ -27,7 +28,7 @@ from fleet_ingress.net.slot_client import (
     SlotClient,
 )
 from fleet_ingress.net.slot_server import HandoverError, SlotServer
-from fleet_ingress.net.slot_wire import encode
+from fleet_ingress.net.slot_wire import encode, spec_to_wire
 from tests.support import eventually, fill_unread_channel
 
 TWO_FLEETS = "https://a.test name=a admin=drain\nhttps://b.test name=b\n"
@@ -114,6 +115,42 @@ async def test_a_waiter_gets_the_503_reason_at_the_queue_timeout(host):
     assert caught.value.reason == queue_timeout_reason(0.3)
     assert 0.29 <= loop.time() - started < 2.0
     assert h.slots.queue_timeouts == 1 and h.slots.queue_length == 0
+
+
+async def test_a_grant_that_came_while_the_worker_was_stalled_is_taken() -> None:
+    """A worker's loop stalled (a stop, a debugger, a VM paused) past its
+    answer timeout while it waits for a slot, the coordinator's grant coming
+    during the stall: the grant is taken. The answer timeout ran first on the
+    loop resumed, the grant unread: the call was refused ("the slot
+    coordinator did not answer") and the slot given back."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = await SlotClient.connect(sock=theirs, pid=1, generation=1, answer_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    ours.setblocking(False)
+    try:
+        leasing = asyncio.ensure_future(client.lease())
+        heard = b""
+        async with asyncio.timeout(5):
+            while b'"acquire"' not in heard:
+                heard += await loop.sock_recv(ours, 65536)
+        (spec,) = parse_fleets_text("https://a.test name=a", default_maxconn=2)
+        grant = encode({"op": "granted", "id": 1, "fleet": "a", "spec": spec_to_wire(spec)})
+
+        def stall() -> None:
+            time.sleep(0.1)
+            ours.send(grant)  # the coordinator answers within the answer timeout
+            time.sleep(0.5)
+
+        loop.call_soon(stall)
+        lease = await asyncio.wait_for(leasing, 5)
+        assert lease.fleet.name == "a" and client.held == 1
+        await asyncio.sleep(0.1)
+        with contextlib.suppress(BlockingIOError):
+            heard = ours.recv(65536)
+        assert b'"release"' not in heard  # not given back
+    finally:
+        client.close()
+        ours.close()
 
 
 async def test_a_closed_channel_gives_back_every_slot_and_a_waiter_gets_one(host):

@@ -2457,3 +2457,43 @@ async def test_process_settings_a_reload_leaves_to_the_next_upgrade_are_noted_ag
         assert await _reloaded_changes(service) == "applied: fleets.verify false -> true"
     finally:
         await service.finish()
+
+
+async def test_a_call_still_queued_when_the_drain_ends_is_answered_503(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """SIGTERM with a call waiting in the queue (maxconn 1, timeouts.queue 5 s)
+    and timeouts.drain 1 s: the waiting carrier is answered 503 "the ingress
+    is stopping" as the drain ends, its access line saying so (503, drain).
+    It was closed bare: an upgrade request with no HTTP response at all (the
+    stalls audit of session 33), as if the host had crashed."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a maxconn=1"],
+        workers=1,
+        check_timeout=5,
+        queue=5,
+        drain=1,
+    )
+    calls: list[ClientConnection] = []
+    try:
+        await _fleets_up_or_finished(service)
+        calls.append(await _open(service, tls_files, "held"))
+        queued = asyncio.ensure_future(_open(service, tls_files, "queued"))
+        async with asyncio.timeout(2):
+            while (await service.stats())["frontend"]["queue_length"] != 1:
+                await asyncio.sleep(0.02)
+        service.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(InvalidStatus) as refused:
+            await asyncio.wait_for(queued, 10)
+        answer = refused.value.response
+        assert (answer.status_code, bytes(answer.body)) == (503, b"the ingress is stopping")
+        assert await asyncio.wait_for(service.proc.wait(), 10) == 0
+        ended = {e["bot_id"]: e for e in service.log() if e.get("event") == "call ended"}
+        line = ended["queued"]
+        assert (line["status"], line["end_reason"], line["attempts"]) == (503, "drain", 0), line
+        assert line["detail"] == "the ingress is stopping"
+        assert (ended["held"]["status"], ended["held"]["end_reason"]) == (101, "drain")
+    finally:
+        await close_calls(calls)
+        await service.finish()

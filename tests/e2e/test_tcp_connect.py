@@ -116,10 +116,12 @@ async def test_a_refusal_is_raised_over_an_address_this_host_cannot_use(
     host has IPv6)."""
     real = tcp_connect._connect_one
 
-    async def without_ipv6(info: AddrInfo) -> socket.socket:
+    async def without_ipv6(
+        info: AddrInfo, underway: tcp_connect.Underway | None = None
+    ) -> socket.socket:
         if info[0] == socket.AF_INET6:
             raise OSError(errno.EADDRNOTAVAIL, os.strerror(errno.EADDRNOTAVAIL))
-        return await real(info)
+        return await real(info, underway)
 
     monkeypatch.setattr(tcp_connect, "_connect_one", without_ipv6)
     probe = socket.create_server(("127.0.0.1", 0))

@@ -931,11 +931,23 @@ def test_a_drain_during_setup_drops_the_attempt_and_keeps_the_slot_until_the_car
     pb, machine = new_call()
     attempt(up_to_slot(pb), a, 1)
     pb >> EndRequested(EndReason.DRAIN) << CancelTimer(Timer.RESPONSE) << DropFleet()
-    pb << CloseSide(Side.CARRIER)
+    pb << Answer(503, "the ingress is stopping") << CloseSide(Side.CARRIER)
     assert pb
     assert machine.slot_held  # a forced removal waits for this call's carrier
     pb >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.DRAIN)
     assert pb
+
+
+def test_a_call_still_queued_when_the_drain_ends_is_answered_503():
+    """A carrier whose call waits in the queue (or connects) as the drain
+    ends gets its answer: it was closed bare, an HTTP request with no
+    response, as if the host had crashed."""
+    pb, machine = new_call()
+    up_to_slot(pb) >> EndRequested(EndReason.DRAIN) << CancelSlotWait()
+    pb << Answer(503, "the ingress is stopping") << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.DRAIN)
+    assert pb
+    assert (machine.status, machine.answer_text) == (503, "the ingress is stopping")
 
 
 # Races (docs/RELIABILITY.md, tests/e2e/test_fleet_change_races.py) ----------
@@ -973,7 +985,7 @@ def test_race_remove_fleet_force_spares_a_call_that_only_tried_that_fleet():
     assert x and y
     assert (machine_x.slot_held, machine_y.slot_held) == (False, True)
     y >> EndRequested(EndReason.REMOVED) << CancelTimer(Timer.RESPONSE) << DropFleet()
-    y << CloseSide(Side.CARRIER)
+    y << Answer(503, "the call's fleet was removed") << CloseSide(Side.CARRIER)
     y >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.REMOVED)
     assert y
     assert machine_x.end_reason is None and machine_x.state is State.LEASING

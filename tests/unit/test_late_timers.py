@@ -36,3 +36,42 @@ async def test_cancelled_before_it_is_due_it_never_fires():
     PatientTimer(asyncio.get_running_loop(), 0.01, fired.append, 1).cancel()
     await asyncio.sleep(0.05)
     assert fired == []
+
+
+async def test_late_a_timer_whose_peer_did_not_answer_fires_on_the_first_turn():
+    """A connect's timer after a stall: the fleet never answered (a dead one),
+    so it fails on the loop's first turn, put off by nothing."""
+    loop = asyncio.get_running_loop()
+    fired: list[float] = []
+    PatientTimer(loop, 0.01, lambda: fired.append(loop.time()), answered=lambda: False)
+    time.sleep(0.01 + 2 * STALL)  # noqa: ASYNC251 - the loop does not run, as if stopped
+    resumed = loop.time()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(fired) == 1 and fired[0] - resumed < AFTER_STALL / 2
+
+
+async def test_late_a_timer_whose_peer_answered_is_put_off_by_how_late_it_came():
+    """The fleet answered during the stall (its connection made, unread): the
+    timer gives back the time the loop took, its own delay at most, once."""
+    loop = asyncio.get_running_loop()
+    fired: dict[str, float] = {}
+    asked: list[str] = []
+
+    def answered(name: str) -> bool:
+        asked.append(name)
+        return True
+
+    delay = 0.01
+    PatientTimer(loop, delay, fired.__setitem__, "short", 0.0, answered=lambda: True)
+    PatientTimer(loop, 1.0, fired.__setitem__, "long", 0.0, answered=lambda: answered("long"))
+    began = loop.time()
+    time.sleep(1.0 + 2 * STALL)  # noqa: ASYNC251 - the loop does not run, as if stopped
+    resumed = loop.time()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert fired == {} and asked == ["long"]
+    await asyncio.sleep(AFTER_STALL * 2)
+    assert set(fired) == {"short"}  # put off by AFTER_STALL: its delay was less
+    await asyncio.sleep(resumed - began - 1.0 + AFTER_STALL)  # "long" came that late
+    assert set(fired) == {"short", "long"} and asked == ["long"]  # once

@@ -420,6 +420,11 @@ _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_S
 # Ended from outside, a side that will read no close of ours (silent, or it
 # stopped reading: the sweep's CARRIER_LOST / FLEET_LOST): aborted, not closed.
 _ABORTED_CARRIER = frozenset({EndReason.CARRIER_SILENT, EndReason.CARRIER_LOST})
+# The 503's text to a carrier whose call is ended before its fleet answered.
+_SETUP_END_ANSWER = {
+    EndReason.DRAIN: "the ingress is stopping",
+    EndReason.REMOVED: "the call's fleet was removed",
+}
 _ABORTED_FLEET = frozenset({EndReason.FLEET_SILENT, EndReason.FLEET_LOST})
 
 
@@ -739,6 +744,13 @@ class CallMachine:
         # The slot goes back with the carrier (CarrierLost in CLOSING), as the
         # call holds it until then: a forced removal waits for both.
         self.state = State.CLOSING
+        if self.carrier_open and event.reason not in _ABORTED_CARRIER:
+            # Its request is answered, as every refusal is (SPEC 4): closed
+            # bare, a carrier queued or connecting at a drain's end read no
+            # HTTP response at all, as if this host had crashed.
+            self.status = 503
+            self.answer_text = _SETUP_END_ANSWER.get(event.reason, "the call was ended")
+            self._emit(Answer(503, self.answer_text))
         self._close_carrier(event.reason)
 
     # Linked: the tunnel, or a non-101 answer relayed -----------------------

@@ -8,8 +8,15 @@ blames a peer whose answer came in time and waits unread (the clock audit of
 session 32: a fleet's 101 that came during a worker's stop was taken for no
 answer within timeouts.response, the bot it had answered with cut and the call
 tried again). A timer run over STALL late is put off once by AFTER_STALL, so
-that the loop reads first: the answer cancels it as it would have. A timer
-that must fire before another plain one (a backstop) is not one of these.
+that the loop reads first: the answer cancels it as it would have.
+
+A timer that can ask whether its peer answered (`answered`: a connect's
+sockets, net.tcp_connect.Underway) is put off only if it did, and by as long
+as it came late (its own delay at most): the peer had its time, the loop did
+not, and the rest of the exchange (a TLS handshake after a connection made
+during the stall) takes round trips that could not happen meanwhile. A peer
+that did not answer fails on the loop's first turn after the stall, as late
+as the stall made it and no later.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ AFTER_STALL = 0.05
 
 class PatientTimer:
     """`loop.call_later(delay, callback, *args)`, put off once by AFTER_STALL
-    if it comes over STALL late."""
+    if it comes over STALL late; given `answered`, only if that says the peer
+    answered, and then by how late it came (`delay` at most)."""
 
-    __slots__ = ("_args", "_callback", "_handle", "_loop")
+    __slots__ = ("_answered", "_args", "_callback", "_delay", "_handle", "_loop")
 
     def __init__(
         self,
@@ -37,14 +45,22 @@ class PatientTimer:
         delay: float,
         callback: Callable[..., object],
         *args: Any,
+        answered: Callable[[], bool] | None = None,
     ) -> None:
         self._loop, self._callback, self._args = loop, callback, args
+        self._delay, self._answered = delay, answered
         self._handle = loop.call_later(delay, self._due, True)
 
     def _due(self, first: bool) -> None:
-        if first and self._loop.time() - self._handle.when() > STALL:
-            self._handle = self._loop.call_later(AFTER_STALL, self._due, False)
-            return
+        late = self._loop.time() - self._handle.when()
+        if first and late > STALL:
+            if self._answered is None:
+                self._handle = self._loop.call_later(AFTER_STALL, self._due, False)
+                return
+            if self._answered():
+                wait = max(AFTER_STALL, min(late, self._delay))
+                self._handle = self._loop.call_later(wait, self._due, False)
+                return
         self._callback(*self._args)
 
     def cancel(self) -> None:

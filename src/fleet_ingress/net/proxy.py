@@ -109,7 +109,7 @@ from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
-from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, open_tcp, out_of_resources
+from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, Underway, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
@@ -458,7 +458,9 @@ class CarrierProtocol(_Side):
         self._raw_head = b""
         self._early = bytearray()
         # Put off after a stall: an answer waiting unread goes first (late_timers).
-        self._timers: dict[Timer, PatientTimer | asyncio.TimerHandle] = {}
+        self._timers: dict[Timer, PatientTimer] = {}
+        # The fleet connection's sockets while it connects (`_connect_fleet`).
+        self._underway: Underway | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
         self._received_at = 0.0
@@ -725,31 +727,39 @@ class CarrierProtocol(_Side):
         )
         fleet_side = FleetProtocol(self, exchange)
         self.fleet_side = fleet_side
-        self._task = asyncio.get_running_loop().create_task(self._connect(fleet_side, spec))
+        # What the connect timer (StartTimer, next) asks after a stall.
+        self._underway = underway = Underway()
+        self._task = asyncio.get_running_loop().create_task(
+            self._connect(fleet_side, spec, underway)
+        )
 
-    async def _connect(self, fleet_side: FleetProtocol, spec: FleetSpec) -> None:
+    async def _connect(
+        self, fleet_side: FleetProtocol, spec: FleetSpec, underway: Underway
+    ) -> None:
         """The connection alone: its timer is the machine's (`timeouts.connect`,
-        TCP and TLS together), and the fleet side reports itself connected
+        TCP and TLS together; told by `underway` whether the fleet answered,
+        after a stall), and the fleet side reports itself connected
         (`connection_made`)."""
         ctx = self.ctx
         try:
             if spec.scheme == "https":
                 # SNI and the certificate's name are the fleet URL's host (an
                 # IPv6 zone left out: spec.tls_name); the
-                # context checks them (fleets.verify, fleets.ca_file). The same
-                # timeout as the machine's timer, which fires first (it started
-                # first), is a backstop only.
+                # context checks them (fleets.verify, fleets.ca_file). No timer
+                # of its own: the machine's bounds it (`timeout` bounds a
+                # renegotiation of the connection).
                 conn = await connect(
                     spec.host,
                     spec.port,
                     ctx.fleet_ssl,
                     server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
+                    underway=underway,
                 )
                 serve(conn, fleet_side)
             else:
                 loop = asyncio.get_running_loop()
-                sock = await open_tcp(spec.host, spec.port)  # each address, staggered
+                sock = await open_tcp(spec.host, spec.port, underway)  # each address, staggered
                 try:
                     await loop.create_connection(lambda: fleet_side, sock=sock)
                 except BaseException:
@@ -777,6 +787,7 @@ class CarrierProtocol(_Side):
             return
         if self._task is asyncio.current_task():
             self._task = None
+            self._underway = None
 
     def _setup_failed(self, exc: Exception) -> None:
         call_id = None if self.call is None else self.call.id
@@ -795,6 +806,7 @@ class CarrierProtocol(_Side):
 
     def _drop_fleet(self, command: Command) -> None:
         self._cancel_task()
+        self._underway = None
         fleet_side, self.fleet_side = self.fleet_side, None
         if fleet_side is not None:
             fleet_side.pump = None  # nothing more from this attempt reaches the machine
@@ -946,18 +958,16 @@ class CarrierProtocol(_Side):
         old = self._timers.pop(command.timer, None)
         if old is not None:
             old.cancel()
-        loop = asyncio.get_running_loop()
-        if command.timer is Timer.CONNECT:
-            # Not put off: it must fire before `connect`'s own timeout (a
-            # backstop), which would take a stalled connect for the fleet's
-            # refusal. A connection made during a stall is given up and the
-            # call tried again, as a timeout: the fleet's bot never had it.
-            self._timers[command.timer] = loop.call_later(
-                command.seconds, self._timer_fired, command.timer
-            )
-            return
+        # After a stall, the connect timer is put off only if the fleet answered
+        # meanwhile (a connection made, unread): one that did not fails at once.
+        underway = self._underway if command.timer is Timer.CONNECT else None
+        answered = None if underway is None else underway.answered
         self._timers[command.timer] = PatientTimer(
-            loop, command.seconds, self._timer_fired, command.timer
+            asyncio.get_running_loop(),
+            command.seconds,
+            self._timer_fired,
+            command.timer,
+            answered=answered,
         )
 
     def _timer_fired(self, timer: Timer) -> None:

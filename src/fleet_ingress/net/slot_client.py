@@ -41,6 +41,7 @@ from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import NoFleetAvailable
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.slot_wire import (
     LineDecoder,
     UnknownOps,
@@ -68,6 +69,11 @@ ANSWERS_FLUSH = 0.2
 # sent this long after at most: one report for everything counted meanwhile,
 # none while nothing is counted.
 REPORT_AFTER_COUNT = 1.0
+
+
+def _no_answer(future: asyncio.Future[FleetState]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 class RemoteLease:
@@ -201,9 +207,11 @@ class SlotClient(asyncio.Protocol):
         if call is not None:
             asking["call"] = call
         self._write(asking)
+        # Put off after a stall (net.late_timers): a grant waiting unread in the
+        # channel is taken before the wait is given up.
+        timer = PatientTimer(asyncio.get_running_loop(), self.answer_timeout, _no_answer, future)
         try:
-            async with asyncio.timeout(self.answer_timeout):
-                fleet = await future
+            fleet = await future
         except TimeoutError:
             self._give_up(lease_id, future)
             raise NoFleetAvailable(
@@ -212,6 +220,8 @@ class SlotClient(asyncio.Protocol):
         except asyncio.CancelledError:
             self._give_up(lease_id, future)
             raise
+        finally:
+            timer.cancel()
         return RemoteLease(self, lease_id, fleet)
 
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:

@@ -45,6 +45,7 @@ from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtoc
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
+from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.slot_wire import (
     MAX_WORKER_LINE,
     LineDecoder,
@@ -197,7 +198,9 @@ class SlotServer:
         self.view = view
         self._channels: dict[int, _Channel] = {}
         self._keys = itertools.count(1)
-        self._timer: asyncio.TimerHandle | None = None
+        # Put off after a stall (net.late_timers): a release waiting unread in a
+        # channel gives its slot to a waiter before the waiter's deadline is judged.
+        self._timer: PatientTimer | None = None
         self._timer_at: float | None = None
         self._servers: list[asyncio.Server] = []
         self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
@@ -947,7 +950,8 @@ class SlotServer:
             self._timer = None
         self._timer_at = deadline
         if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            loop = asyncio.get_running_loop()
+            self._timer = PatientTimer(loop, deadline - loop.time(), self._on_timer)
 
     def _on_timer(self) -> None:
         # The loop may run a timer a clock tick early: it is due all the same.

@@ -18,6 +18,7 @@ import asyncio
 import errno
 import itertools
 import os
+import select
 import socket
 import ssl
 from typing import Any
@@ -31,11 +32,45 @@ Attempt Delay; aiohttp's and CPython's choice too)."""
 AddrInfo = tuple[int, int, int, str, Any]  # what getaddrinfo answers, one address
 
 
-async def open_tcp(host: str, port: int) -> socket.socket:
+class Underway:
+    """The sockets of one connection under way, for its timer to ask whether
+    the peer answered what the loop has not read yet (`answered`): a loop
+    resumed after a stall runs its timers before it polls its sockets
+    (net/late_timers.py), and a connection the peer took meanwhile looks,
+    until then, like one it never answered."""
+
+    __slots__ = ("_connecting", "_handshaking")
+
+    def __init__(self) -> None:
+        self._connecting: set[socket.socket] = set()  # SYN sent: writable once answered
+        self._handshaking: set[socket.socket] = set()  # TLS: readable once answered
+
+    def connecting(self, sock: socket.socket, under_way: bool = True) -> None:
+        (self._connecting.add if under_way else self._connecting.discard)(sock)
+
+    def handshaking(self, sock: socket.socket, under_way: bool = True) -> None:
+        (self._handshaking.add if under_way else self._handshaking.discard)(sock)
+
+    def answered(self) -> bool:
+        """Whether the peer has answered on one of the sockets (a SYN-ACK or a
+        refusal; a TLS record), unread: one poll, no wait."""
+        poller = select.poll()
+        for socks, events in (
+            (self._connecting, select.POLLOUT),
+            (self._handshaking, select.POLLIN),
+        ):
+            for sock in socks:
+                if (fd := sock.fileno()) >= 0:
+                    poller.register(fd, events)
+        return bool(poller.poll(0))
+
+
+async def open_tcp(host: str, port: int, underway: Underway | None = None) -> socket.socket:
     """A connected non-blocking socket to `host`:`port`, with TCP_NODELAY (each
     write is whole messages); the OSError of the last address tried if none
     takes it (one this host cannot use gives way to another's answer:
-    `_says_more`). Bounded by the caller's timeout."""
+    `_says_more`). Bounded by the caller's timeout. `underway`: told of each
+    socket while it connects."""
     loop = asyncio.get_running_loop()
     infos = literal_addrinfo(host, port) or await loop.getaddrinfo(
         host, port, type=socket.SOCK_STREAM
@@ -43,9 +78,9 @@ async def open_tcp(host: str, port: int) -> socket.socket:
     if not infos:
         raise OSError(f"no address for {host}:{port}")
     if len(infos) == 1:  # a fleet at an IP literal, most often: nothing to race
-        sock = await _connect_one(infos[0])
+        sock = await _connect_one(infos[0], underway)
     else:
-        sock = await first_connected(interleaved(infos))
+        sock = await first_connected(interleaved(infos), underway)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -98,7 +133,7 @@ def interleaved(infos: list[AddrInfo]) -> list[AddrInfo]:
     return [info for turn in turns for info in turn if info is not None]
 
 
-async def first_connected(infos: list[AddrInfo]) -> socket.socket:
+async def first_connected(infos: list[AddrInfo], underway: Underway | None = None) -> socket.socket:
     """Connect to `infos` in order, each CONNECT_STAGGER after the last began (at
     once after a failure); the first connected socket, every other one closed."""
     loop = asyncio.get_running_loop()
@@ -108,7 +143,7 @@ async def first_connected(infos: list[AddrInfo]) -> socket.socket:
     try:
         while waiting or trying:
             if waiting:
-                trying.add(loop.create_task(_connect_one(waiting.pop(0))))
+                trying.add(loop.create_task(_connect_one(waiting.pop(0), underway)))
             done, trying = await asyncio.wait(
                 trying,
                 timeout=CONNECT_STAGGER if waiting else None,
@@ -150,15 +185,20 @@ def _says_more(new: OSError, kept: OSError | None) -> bool:
     return kept.errno == errno.EADDRNOTAVAIL
 
 
-async def _connect_one(info: AddrInfo) -> socket.socket:
+async def _connect_one(info: AddrInfo, underway: Underway | None = None) -> socket.socket:
     family, type_, proto, _, address = info
     sock = socket.socket(family, type_, proto)
+    if underway is not None:
+        underway.connecting(sock)
     try:
         sock.setblocking(False)
         await connect_socket(sock, address)
     except BaseException:
         sock.close()
         raise
+    finally:
+        if underway is not None:
+            underway.connecting(sock, False)
     return sock
 
 

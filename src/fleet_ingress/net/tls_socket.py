@@ -98,7 +98,7 @@ from typing import Any, NamedTuple, Protocol
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.liveness import PeerStoppedReading
-from fleet_ingress.net.tcp_connect import open_tcp
+from fleet_ingress.net.tcp_connect import Underway, open_tcp
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.
@@ -375,17 +375,22 @@ class TLSConnection:
 
     # -- handshake -----------------------------------------------------------
 
-    def start_handshake(self, timeout: float, done: Callable[[BaseException | None], None]) -> None:
+    def start_handshake(
+        self, timeout: float, done: Callable[[BaseException | None], None], *, timed: bool = True
+    ) -> None:
         """Drive the handshake; ``done(None)`` or ``done(error)`` once. After an error
-        the socket is closed (OpenSSL has sent its alert, if it had one)."""
+        the socket is closed (OpenSSL has sent its alert, if it had one).
+        ``timed`` False: the caller's own timer bounds the handshake (it aborts
+        it); ``timeout`` still bounds a renegotiation."""
         if self._state is not _HANDSHAKE or self._hs_done is not None:
             raise RuntimeError("handshake already started")
         self._hs_done = done
         self._renegotiation_timeout = timeout
-        self._timer = PatientTimer(self._loop, timeout, self._handshake_timed_out, timeout)
+        if timed:
+            self._timer = PatientTimer(self._loop, timeout, self._handshake_timed_out, timeout)
         self._handshake_step()
 
-    async def handshake(self, timeout: float) -> None:
+    async def handshake(self, timeout: float, *, timed: bool = True) -> None:
         fut: asyncio.Future[None] = self._loop.create_future()
 
         def done(exc: BaseException | None) -> None:
@@ -396,7 +401,7 @@ class TLSConnection:
             else:
                 fut.set_exception(exc)
 
-        self.start_handshake(timeout, done)
+        self.start_handshake(timeout, done, timed=timed)
         try:
             await fut
         except asyncio.CancelledError:
@@ -1002,10 +1007,16 @@ async def connect(
     server_hostname: str | None,
     timeout: float,
     session: ssl.SSLSession | None = None,
+    underway: Underway | None = None,
     **kw: int,
 ) -> TLSConnection:
     """TCP connect (``tcp_connect.open_tcp``: the addresses staggered) and the client
-    handshake, all within ``timeout``.
+    handshake, all within ``timeout``; with ``underway`` the caller's own
+    timer, told of the sockets under way, bounds it (it cancels the
+    connect), and ``timeout`` only a renegotiation of the connection: a
+    second timer of the same length would end a connection made during a
+    stall that the caller's, asking ``underway``, gives its time (the
+    session 32 clock audit: a TimeoutError read as the fleet's refusal).
     ``server_hostname`` is sent as SNI and checked against the certificate
     (if the context checks hostnames). ``session``: a session of an earlier
     connection to the same server, with the same context, offered for
@@ -1013,8 +1024,8 @@ async def connect(
     src/: offering sessions to the fleets was measured and reverted (191d77b:
     +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        sock = await open_tcp(host, port)  # each address, staggered (RFC 8305)
+    async with asyncio.timeout(None if underway is not None else timeout):
+        sock = await open_tcp(host, port, underway)  # each address, staggered (RFC 8305)
         try:
             ssock = ctx.wrap_socket(
                 sock,
@@ -1028,7 +1039,14 @@ async def connect(
             sock.close()
             raise
         conn = TLSConnection(loop, ssock, **kw)
-        await conn.handshake(timeout)  # the outer timeout is the one that counts
+        if underway is None:
+            await conn.handshake(timeout)  # the outer timeout is the one that counts
+            return conn
+        underway.handshaking(ssock)
+        try:
+            await conn.handshake(timeout, timed=False)
+        finally:
+            underway.handshaking(ssock, False)
     return conn
 
 
