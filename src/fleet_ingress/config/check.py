@@ -304,7 +304,7 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
     socket_path = Path(where)
     directory = socket_path.parent
     existing = directory
-    while not existing.exists() and existing != existing.parent:
+    while not _seen(existing) and existing != existing.parent:
         existing = existing.parent
     named = f"{source}: listen.admin_socket = {where!r}"
     if not existing.is_dir():
@@ -328,6 +328,16 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
         "it): check as that user, `sudo -u fleet-ingress fleet-ingress check -c CONFIG`, "
         "or give it a directory of its own"
     ]
+
+
+def _seen(path: Path) -> bool:
+    """Whether `path` is there as this user sees it: a directory above that
+    this user cannot enter hides it, and is judged instead (Path.exists raised
+    PermissionError: check printed a traceback, the review of session 33)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return False
 
 
 def _user_name() -> str:
