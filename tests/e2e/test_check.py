@@ -687,7 +687,9 @@ def test_an_admin_socket_under_a_directory_this_user_cannot_search_is_a_warning(
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root)" in (
-        done.stdout
+    assert (
+        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"cannot enter {closed}, on the way to {socket_path.parent}, so `run` as this user fails"
+        in done.stdout
     ), done.stdout
     assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")

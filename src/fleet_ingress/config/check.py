@@ -317,11 +317,12 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
     if existing != directory and directory == UNIT_RUNTIME_DIRECTORY:
         return []  # the unit makes it, for the service's user
     user = _user_name()
-    what = (
-        f"cannot create it in {directory}"
-        if existing == directory
-        else f"cannot create its directory {directory} in {existing}"
-    )
+    if existing == directory:
+        what = f"cannot create it in {directory}"
+    elif not os.access(existing, os.X_OK):  # what is under it, if anything, is hidden
+        what = f"cannot enter {existing}, on the way to {directory}"
+    else:
+        what = f"cannot create its directory {directory} in {existing}"
     return [
         f"{WARNING}{named}: this user ({user}) {what}, so `run` as this user fails; the "
         "service's user must be able to (the shipped unit makes /run/fleet-ingress for "
