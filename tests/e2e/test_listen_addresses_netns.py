@@ -459,7 +459,7 @@ async def test_remove_fleet_s_add_again_adds_a_zoned_fleet_again(
     async def admin_command(*argv: str) -> subprocess.CompletedProcess[str]:
         return await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "fleet_ingress", *argv, "--admin-socket", str(admin)],
+            [sys.executable, "-m", "fleet_ingress", *argv],
             capture_output=True,
             text=True,
             timeout=30,
@@ -469,7 +469,9 @@ async def test_remove_fleet_s_add_again_adds_a_zoned_fleet_again(
     try:
         async with _Run(netlab, ns, config) as run:
             await run.until_answered(lambda: _get(netlab, ns, "127.0.0.1", 8404, "/stats.json"))
-            removed = await admin_command("remove-fleet", "[fe80::1%lo]:9443", "--force")
+            removed = await admin_command(
+                "remove-fleet", "[fe80::1%lo]:9443", "--force", "--admin-socket", str(admin)
+            )
             assert removed.returncode == 0, removed.stdout + removed.stderr
             (again,) = [
                 line.removeprefix("to add it again: ")
@@ -481,7 +483,9 @@ async def test_remove_fleet_s_add_again_adds_a_zoned_fleet_again(
             added = await admin_command(command, *words)
             assert added.returncode == 0, added.stdout + added.stderr
             assert "[fe80::1%lo]:9443" in added.stdout, added.stdout
-            assert again == "fleet-ingress add-fleet 'https://[fe80::1%25lo]:9443'", again
+            assert again == (
+                f"fleet-ingress add-fleet 'https://[fe80::1%25lo]:9443' --admin-socket {admin}"
+            ), again
             assert (tmp_path / "fleets.txt").read_text().splitlines()[-1] == (
                 "https://[fe80::1%25lo]:9443"
             )
