@@ -650,3 +650,46 @@ def test_an_admin_socket_directory_this_user_cannot_write_is_a_warning(
         f"cannot create {what}, so `run` as this user fails" in done.stdout
     ), done.stdout
     assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")
+
+
+def test_an_admin_socket_under_a_directory_this_user_cannot_search_is_a_warning(
+    deployment: Path,
+) -> None:
+    """A directory on the way this user cannot enter (the service's own 0700
+    state directory, checked by an operator; /home under the unit's
+    ProtectHome=): check printed a traceback (Path.exists raises
+    PermissionError), and exited 1."""
+    import shutil
+    import subprocess
+    import sys
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    closed = deployment.parent / "private"
+    closed.mkdir(mode=0o700)
+    os.chmod(closed, 0o000)
+    socket_path = closed / "run" / "admin.sock"
+    deployment.write_text(GOOD_TOML.replace('admin_socket = ""', f'admin_socket = "{socket_path}"'))
+    done = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set",
+            "-dac_override,-dac_read_search",
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "check",
+            "-c",
+            str(deployment),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"cannot enter {closed}, on the way to {socket_path.parent}, so `run` as this user fails"
+        in done.stdout
+    ), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")

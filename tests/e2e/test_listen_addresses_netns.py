@@ -420,3 +420,75 @@ async def test_a_fleet_named_by_its_zone_is_probed_and_serves_calls(
     finally:
         async with asyncio.timeout(3):
             await fleet.stop()
+
+
+async def test_remove_fleet_s_add_again_adds_a_zoned_fleet_again(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """remove-fleet prints the add-fleet command that adds the fleet again. For a
+    fleet at [fe80::1%lo] named by its URL, it gave --name '[fe80::1%lo]:9443':
+    a name add-fleet refuses ('%' is no name's), so the pasted command failed.
+    The fleet's own name is left out, as the fleets file leaves it out."""
+    import shlex
+
+    netlab.prefix = f"review33c{os.getpid()}"
+    ns = netlab.namespace("again")
+    netlab.ip("-n", ns, "addr", "add", "fe80::1/64", "dev", "lo", "nodad")
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.bind(("fe80::1", 9443, 0, socket.if_nametoindex("lo")))
+        sock.listen(16)
+        sock.setblocking(False)
+        return sock
+
+    fleet_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_files.ca.issue_cert("fe80::1").configure_cert(fleet_ctx)
+    fleet = SimulatedFleet(
+        name="linklocal", ssl_context=fleet_ctx, sock=netlab.socket_in(ns, listen)
+    )
+    await fleet.start()
+    admin = tmp_path / "admin.sock"
+    config = _config(
+        tmp_path, tls_files, "127.0.0.1:8443", "", "127.0.0.1:8404", "https://[fe80::1%25lo]:9443"
+    )
+    config.write_text(config.read_text().replace('admin_socket = ""', f'admin_socket = "{admin}"'))
+    with (tmp_path / "fleets.txt").open("a") as fleets:
+        fleets.write("https://127.0.0.1:9 name=other\n")  # not the last fleet removed
+
+    async def admin_command(*argv: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "fleet_ingress", *argv],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=ENV,
+        )
+
+    try:
+        async with _Run(netlab, ns, config) as run:
+            await run.until_answered(lambda: _get(netlab, ns, "127.0.0.1", 8404, "/stats.json"))
+            removed = await admin_command(
+                "remove-fleet", "[fe80::1%lo]:9443", "--force", "--admin-socket", str(admin)
+            )
+            assert removed.returncode == 0, removed.stdout + removed.stderr
+            (again,) = [
+                line.removeprefix("to add it again: ")
+                for line in removed.stdout.splitlines()
+                if line.startswith("to add it again: ")
+            ]
+            program, command, *words = shlex.split(again)
+            assert (program, command) == ("fleet-ingress", "add-fleet")
+            added = await admin_command(command, *words)
+            assert added.returncode == 0, added.stdout + added.stderr
+            assert "[fe80::1%lo]:9443" in added.stdout, added.stdout
+            assert again == (
+                f"fleet-ingress add-fleet 'https://[fe80::1%25lo]:9443' --admin-socket {admin}"
+            ), again
+            assert (tmp_path / "fleets.txt").read_text().splitlines()[-1] == (
+                "https://[fe80::1%25lo]:9443"
+            )
+    finally:
+        async with asyncio.timeout(3):
+            await fleet.stop()

@@ -717,7 +717,8 @@ async def test_remove_fleet_drains_then_removes_when_idle(deployment: Deployment
     assert code == 0, err
     assert "draining" in out and "its 1 call ends;" in out
     # Not undone by `ready`: the operator is told so, and the command that adds it again.
-    again = f"fleet-ingress add-fleet {d.fleets['a'].url} --name a"
+    socket = d.config_file.parent / "admin.sock"
+    again = f"fleet-ingress add-fleet {d.fleets['a'].url} --name a --admin-socket {socket}"
     assert "cannot be taken back while it drains (`ready` refuses it)" in out, out
     assert out.rstrip().endswith(again), out
     code, _, err = await d.cli("ready", "a")
@@ -749,7 +750,9 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     code, out, err = await d.cli("remove-fleet", "b", "--force")
     assert code == 0, err
     assert "removed fleet b (1 call closed)" in out
-    assert f"\nto add it again: fleet-ingress add-fleet {d.fleets['b'].url} --name b\n" in out
+    socket = d.config_file.parent / "admin.sock"
+    again = f"fleet-ingress add-fleet {d.fleets['b'].url} --name b --admin-socket {socket}"
+    assert f"\nto add it again: {again}\n" in out
     with pytest.raises(ConnectionClosed):
         async with asyncio.timeout(3):
             await on_b[0].recv()
@@ -757,6 +760,34 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
     await eventually(lambda: any(_access(caplog, "end_reason") == "removed" for _ in [0]))
     for ws in calls:
         await ws.close()
+
+
+async def test_remove_fleet_s_add_again_pasted_reaches_the_same_ingress(deployment: Deployment):
+    """The command remove-fleet prints to add the fleet again, pasted as it is,
+    asks the ingress the removal asked. It named no socket: with the admin
+    socket found from -c (or given with --admin-socket) anywhere but the
+    default, it asked /run/fleet-ingress/admin.sock (another ingress there, or
+    none: 'cannot reach')."""
+    import shlex
+
+    d = deployment
+    code, out, err = await d.cli("remove-fleet", "b", "--force")
+    assert code == 0, err
+    (again,) = [
+        line.removeprefix("to add it again: ")
+        for line in out.splitlines()
+        if line.startswith("to add it again: ")
+    ]
+    await eventually(lambda: d.ingress.balancer.get("b") is None)
+    program, *words = shlex.split(again)
+    assert program == "fleet-ingress"
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *words, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        _, pasted_err = await proc.communicate()
+    assert proc.returncode == 0, again + "\n" + pasted_err.decode()
+    assert d.ingress.balancer.get("b") is not None
 
 
 async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(

@@ -25,7 +25,7 @@ from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import STATE_VERSION, process_start
-from tests.support import NetLab
+from tests.support import NetLab, need_ipv6_loopback
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
@@ -352,6 +352,23 @@ def test_a_listener_on_a_link_local_address_with_its_zone_is_where_configured(
         sock.close()
     receiver.close()
     notifier.close()
+
+
+@pytest.mark.parametrize("host", ["::1%1", "::%1"])
+def test_a_zone_the_kernel_ignores_is_no_listener_moved(host: str) -> None:
+    """A zone on an address that takes none ("[::%1]:443", "[::1%1]:443": glibc
+    takes a numeric one, and the kernel binds the address on every interface,
+    its scope id 0): handed back by the store it read as moved, the zone's index
+    never what getsockname gives, so after a supervisor's crash its copy was
+    closed and bound again while the workers taken up still listened there
+    ('Address already in use', as for a link-local address before 65ccbe9)."""
+    need_ipv6_loopback()
+    sock = bind_tcp(host, 0)
+    port = sock.getsockname()[1]
+    assert sock.getsockname()[3] == 0  # the kernel kept no scope
+    listen = ListenSection(wss=f"[{host}]:{port}", acme="", stats="", admin_socket="")
+    assert drop_moved_listeners({"listen.wss": sock}, listen, Notifier({})) == []
+    sock.close()
 
 
 def test_a_wildcard_of_the_other_family_is_a_listener_moved(tmp_path):

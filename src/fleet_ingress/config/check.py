@@ -304,7 +304,7 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
     socket_path = Path(where)
     directory = socket_path.parent
     existing = directory
-    while not existing.exists() and existing != existing.parent:
+    while not _seen(existing) and existing != existing.parent:
         existing = existing.parent
     named = f"{source}: listen.admin_socket = {where!r}"
     if not existing.is_dir():
@@ -317,17 +317,28 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
     if existing != directory and directory == UNIT_RUNTIME_DIRECTORY:
         return []  # the unit makes it, for the service's user
     user = _user_name()
-    what = (
-        f"cannot create it in {directory}"
-        if existing == directory
-        else f"cannot create its directory {directory} in {existing}"
-    )
+    if existing == directory:
+        what = f"cannot create it in {directory}"
+    elif not os.access(existing, os.X_OK):  # what is under it, if anything, is hidden
+        what = f"cannot enter {existing}, on the way to {directory}"
+    else:
+        what = f"cannot create its directory {directory} in {existing}"
     return [
         f"{WARNING}{named}: this user ({user}) {what}, so `run` as this user fails; the "
         "service's user must be able to (the shipped unit makes /run/fleet-ingress for "
         "it): check as that user, `sudo -u fleet-ingress fleet-ingress check -c CONFIG`, "
         "or give it a directory of its own"
     ]
+
+
+def _seen(path: Path) -> bool:
+    """Whether `path` is there as this user sees it: a directory above that
+    this user cannot enter hides it, and is judged instead (Path.exists raised
+    PermissionError: check printed a traceback, the review of session 33)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return False
 
 
 def _user_name() -> str:

@@ -214,6 +214,11 @@ def load_fleets_file(path: Path, *, default_maxconn: int) -> list[FleetSpec]:
     return parse_fleets_text(text, default_maxconn=default_maxconn, source=str(path))
 
 
+def url_default_name(url: str) -> str:
+    """The name a fleet at `url` (a FleetSpec's) gets when none is given."""
+    return _parse_url(url).default_name
+
+
 def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | None = None) -> str:
     """Render specs so that parse_fleets_text gives them back.
 
@@ -223,7 +228,7 @@ def format_fleets_text(specs: Iterable[FleetSpec], *, default_maxconn: int | Non
     lines = []
     for spec in specs:
         words = [spec.url]
-        if spec.name != _parse_url(spec.url).default_name:
+        if spec.name != url_default_name(spec.url):
             words.append(f"name={spec.name}")
         if spec.maxconn != default_maxconn:
             words.append(f"maxconn={spec.maxconn}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -178,6 +179,11 @@ def run_admin(
     if _lacks_our_fields(path, body):
         print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
         return 2
+    if body.get("add_again") and Path(socket_path) != DEFAULT_ADMIN_SOCKET:
+        # Pasted, it asks the ingress asked now: it named no socket, and went to
+        # the default one (another ingress there, or none).
+        where = shlex.quote(str(Path(socket_path).absolute()))
+        body = {**body, "add_again": f"{body['add_again']} --admin-socket {where}"}
     if as_json:
         print(json.dumps(body, indent=2), file=out)
     elif path == "/stat":

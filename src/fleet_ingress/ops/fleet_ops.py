@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleet_ingress.config.atomic import write_atomically
-from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text
+from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text, url_default_name
 from fleet_ingress.config.fleets_store import (
     FleetNotListed,
     text_with_admin_state,
@@ -571,7 +571,11 @@ class ForgetLater:
 
 
 def _add_again(spec: FleetSpec, default_maxconn: int) -> str:
-    words = ["fleet-ingress add-fleet", shlex.quote(spec.url), "--name", shlex.quote(spec.name)]
+    words = ["fleet-ingress add-fleet", shlex.quote(spec.url)]
+    # The URL's own name is left out, as the fleets file leaves it out: a zoned
+    # fleet's ([fe80::1%eth0]:443) is no name --name takes, and the command failed.
+    if spec.name != url_default_name(spec.url):
+        words += ["--name", shlex.quote(spec.name)]
     if spec.maxconn != default_maxconn:
         words += ["--maxconn", str(spec.maxconn)]
     return " ".join(words)

@@ -266,8 +266,12 @@ def _bound_at(sock: socket.socket, address: str) -> bool:
     if ipaddress.ip_address(bound[0]) != wanted:
         return False
     # A zone (fe80::10%eth0) is the scope id apart, an interface's index: it
-    # never matched the address alone, and such a listener read as moved.
-    return not zone or bound[3] == _interface_index(zone)
+    # never matched the address alone, and such a listener read as moved. The
+    # kernel keeps one for a link-local address only: on another ([::%1]:443,
+    # which glibc takes) the scope id is 0, and that read as moved too.
+    if not zone or not (isinstance(wanted, ipaddress.IPv6Address) and wanted.is_link_local):
+        return True
+    return bound[3] == _interface_index(zone)
 
 
 def _interface_index(zone: str) -> int:
