@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -403,3 +404,40 @@ def test_a_wildcard_of_the_other_family_is_a_listener_moved(tmp_path):
         sock.close()
     receiver.close()
     notifier.close()
+
+
+def test_a_move_that_would_clash_with_the_workers_taken_up_is_kept_where_bound(caplog):
+    """After a crash with no usable snapshot (the file's configuration served),
+    workers taken up still listen on their copies: a listener moved to where its
+    own port clashes ("0.0.0.0:PORT" to "[::]:PORT", or "127.0.0.1:PORT" to
+    "0.0.0.0:PORT") was closed, binding the new address failed ('Address already
+    in use') and the unit failed, its workers drained (the review of session 33).
+    Kept where bound, with a warning naming the fix; a move that cannot clash
+    (another address, another port) is still made; with no worker taken up (a
+    stop, then a start) the clashing move is made as before."""
+    channel, other_end = socket.socketpair()
+    workers = {"worker.20.2": channel}
+    moves = [("0.0.0.0", "[::]:{port}"), ("127.0.0.1", "0.0.0.0:{port}")]
+    for held, wanted in moves:
+        sock = socket.create_server((held, 0))
+        port = sock.getsockname()[1]
+        listen = ListenSection(wss=wanted.format(port=port), acme="", stats="", admin_socket="")
+        taken = {"listen.wss": sock, **workers}
+        with caplog.at_level(logging.WARNING, logger="fleet_ingress.lifecycle"):
+            assert drop_moved_listeners(taken, listen, Notifier({})) == []
+        assert taken["listen.wss"] is sock and sock.fileno() != -1
+        assert "kept where bound" in caplog.text and "systemctl restart" in caplog.text
+        caplog.clear()
+        # No worker taken up: nothing clashes, the move is made.
+        assert drop_moved_listeners({"listen.wss": sock}, listen, Notifier({})) == ["listen.wss"]
+        assert sock.fileno() == -1
+    for wanted in ("127.0.0.2:{port}", "127.0.0.1:{other}"):
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        wss = wanted.format(port=port, other=port + 1 if port < 65535 else port - 1)
+        listen = ListenSection(wss=wss, acme="", stats="", admin_socket="")
+        taken = {"listen.wss": sock, **workers}
+        assert drop_moved_listeners(taken, listen, Notifier({})) == ["listen.wss"], wss
+        assert "listen.wss" not in taken
+    channel.close()
+    other_end.close()

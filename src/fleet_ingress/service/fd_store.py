@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet_ingress.config.settings import ListenSection
-from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
@@ -239,11 +239,29 @@ def drop_moved_listeners(
     """The stored listeners the configuration no longer names where they are
     bound (listen.* changed, then the supervisor died before a restart took
     it): closed and taken out of the store, so that the new process binds
-    what the file says. Returns their names."""
+    what the file says. Returns their names.
+
+    With workers taken up (their channels in `taken`: a crash, not a stop), a
+    listener moved to where its own port would clash with it (a wildcard either
+    side, or the same address: "0.0.0.0:443" to "[::]:443") is kept where bound,
+    with a warning: the workers still listen on their copies, so binding the new
+    address failed ("Address already in use") and the unit failed after the
+    crash, its workers drained (the review of session 33). A restart moves it."""
+    workers_listen = any(worker_key(n) is not None for n in taken)
     moved = []
     for name in [n for n in taken if n in STORED_LISTENERS]:
         address = getattr(listen, name.removeprefix("listen."))
         if address and _bound_at(taken[name], address):
+            continue
+        if address and workers_listen and _clashes(taken[name], address):
+            bound = taken[name].getsockname()
+            log.warning(
+                f"{name} = {address!r} in the file, but the workers taken up listen at "
+                f"{format_hostport(bound[0], bound[1])}, where the new address would clash: "
+                "kept where bound; `systemctl restart fleet-ingress` moves it (their calls "
+                "drain meanwhile for timeouts.drain)",
+                extra=fields(listener=name, configured=address),
+            )
             continue
         taken.pop(name).close()
         notifier.remove_fd(name)
@@ -272,6 +290,22 @@ def _bound_at(sock: socket.socket, address: str) -> bool:
     if not zone or not (isinstance(wanted, ipaddress.IPv6Address) and wanted.is_link_local):
         return True
     return bound[3] == _interface_index(zone)
+
+
+def _clashes(sock: socket.socket, address: str) -> bool:
+    """Would binding `address` fail while `sock` listens (same port, and either
+    a wildcard, or the same address)? A name: taken to clash (it may resolve to
+    the address bound)."""
+    host, port = parse_hostport(address, what="listen")
+    bound = sock.getsockname()
+    if bound[1] != port:
+        return False
+    try:
+        wanted = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return True
+    held = ipaddress.ip_address(bound[0])
+    return wanted.is_unspecified or held.is_unspecified or wanted == held
 
 
 def _interface_index(zone: str) -> int:
