@@ -1170,3 +1170,38 @@ async def test_a_message_the_worker_fails_to_act_on_is_skipped_and_the_channel_s
     assert h.server.send(key, {"op": "stop", "drain": 1})
     await asyncio.wait_for(w1.lost, 2)
     assert len(acted) == 2
+
+
+async def test_a_waiter_behind_one_served_after_a_stall_is_refused_at_its_deadline(host):
+    """The coordinator's loop stalled past two waiters' deadlines, a slot freed
+    meanwhile: the first waiter gets the slot (its timer put off, the release
+    read first) and the second is refused at once, the queue's timer armed for
+    a deadline already past. On uvloop a timer of under 0.5 ms is no
+    TimerHandle (no `when()`): the late timer raised AttributeError when due,
+    the queue's timer was lost and the waiter waited for its worker's answer
+    timeout (timeouts.queue + 10 s) instead."""
+    h = host(maxconn=1, queue_timeout=0.3)
+    w1, w2 = await h.worker(), await h.worker(answer_timeout=5.0)
+    held = [await w1.lease(), await w1.lease()]
+    first = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    second = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 2)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    def stall() -> None:
+        time.sleep(0.4)  # the coordinator's loop does not run
+        held[0].release()  # a slot freed while it was stalled: unread
+        time.sleep(0.1)
+
+    loop.call_soon(stall)
+    granted = await asyncio.wait_for(first, 5)
+    assert granted.fleet.name == held[0].fleet.name
+    began = loop.time()
+    with pytest.raises(NoFleetAvailable) as caught:
+        await asyncio.wait_for(second, 5)
+    assert caught.value.reason == queue_timeout_reason(0.3)
+    assert loop.time() - began < 1.0
+    assert errors == []
