@@ -1170,3 +1170,74 @@ async def test_a_message_the_worker_fails_to_act_on_is_skipped_and_the_channel_s
     assert h.server.send(key, {"op": "stop", "drain": 1})
     await asyncio.wait_for(w1.lost, 2)
     assert len(acted) == 2
+
+
+async def test_a_waiter_behind_one_served_after_a_stall_is_refused_at_its_deadline(host):
+    """The coordinator's loop stalled past two waiters' deadlines, a slot freed
+    meanwhile: the first waiter gets the slot (its timer put off, the release
+    read first) and the second is refused at once, the queue's timer armed for
+    a deadline already past. On uvloop a timer of under 0.5 ms is no
+    TimerHandle (no `when()`): the late timer raised AttributeError when due,
+    the queue's timer was lost and the waiter waited for its worker's answer
+    timeout (timeouts.queue + 10 s) instead."""
+    h = host(maxconn=1, queue_timeout=0.3)
+    w1, w2 = await h.worker(), await h.worker(answer_timeout=5.0)
+    held = [await w1.lease(), await w1.lease()]
+    first = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    second = asyncio.create_task(w2.lease())
+    await eventually(lambda: h.slots.queue_length == 2)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+
+    def stall() -> None:
+        time.sleep(0.4)  # the coordinator's loop does not run
+        held[0].release()  # a slot freed while it was stalled: unread
+        time.sleep(0.1)
+
+    loop.call_soon(stall)
+    granted = await asyncio.wait_for(first, 5)
+    assert granted.fleet.name == held[0].fleet.name
+    began = loop.time()
+    with pytest.raises(NoFleetAvailable) as caught:
+        await asyncio.wait_for(second, 5)
+    assert caught.value.reason == queue_timeout_reason(0.3)
+    assert loop.time() - began < 1.0
+    assert errors == []
+
+
+async def test_a_waiter_that_waited_through_a_reexecution_past_its_deadline_is_refused_after_it(
+    host,
+):
+    """A re-execution slower than timeouts.queue, the fleets full: a call that
+    waited through it is refused at the resume, its deadline past (the queue's
+    timer armed with a negative delay). On uvloop that timer raised
+    AttributeError (a plain Handle, no `when()`) and the waiter waited for its
+    worker's answer timeout instead."""
+    h = host(maxconn=1, queue_timeout=0.3)
+    w1 = await h.worker(answer_timeout=5.0)
+    await w1.lease()
+    await w1.lease()  # a and b: both full
+    waiting = asyncio.create_task(w1.lease())
+    await eventually(lambda: h.slots.queue_length == 1)
+    kept = h.server.handover()
+    await asyncio.sleep(0.5)  # the exec, slower than timeouts.queue
+    slots = HostSlots(_balancer(1), queue_timeout=0.3, max_queue=8)
+    slots.paused = True
+    server = SlotServer(slots)
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        for sock in kept.values():
+            await server.adopt(sock, restoring=True)
+        assert await server.finish_restore(2.0) == []
+        began = loop.time()
+        with pytest.raises(NoFleetAvailable) as caught:
+            await asyncio.wait_for(waiting, 5)
+        assert caught.value.reason == queue_timeout_reason(0.3)
+        assert loop.time() - began < 1.0
+        assert errors == []
+    finally:
+        await server.close()

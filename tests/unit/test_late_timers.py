@@ -75,3 +75,21 @@ async def test_late_a_timer_whose_peer_answered_is_put_off_by_how_late_it_came()
     assert set(fired) == {"short"}  # put off by AFTER_STALL: its delay was less
     await asyncio.sleep(resumed - began - 1.0 + AFTER_STALL)  # "long" came that late
     assert set(fired) == {"short", "long"} and asked == ["long"]  # once
+
+
+async def test_a_timer_due_at_once_fires():
+    """A delay of 0 or less (a deadline come or past: the slot queue's timer);
+    on uvloop, under its 1 ms tick, call_later hands back a plain Handle with
+    no `when()`: the timer raised AttributeError when due and never fired."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    fired: list[str] = []
+    PatientTimer(loop, 0.0, fired.append, "now")
+    PatientTimer(loop, -0.01, fired.append, "past")
+    PatientTimer(loop, 0.0003, fired.append, "sub-tick")
+    await asyncio.sleep(0.01)
+    assert errors == [] and sorted(fired) == ["now", "past", "sub-tick"]
+    PatientTimer(loop, -1.0, fired.append, "long past")  # late by over STALL: put off once
+    await asyncio.sleep(AFTER_STALL * 3)
+    assert errors == [] and "long past" in fired

@@ -37,7 +37,7 @@ class PatientTimer:
     if it comes over STALL late; given `answered`, only if that says the peer
     answered, and then by how late it came (`delay` at most)."""
 
-    __slots__ = ("_answered", "_args", "_callback", "_delay", "_handle", "_loop")
+    __slots__ = ("_answered", "_args", "_callback", "_delay", "_handle", "_loop", "_when")
 
     def __init__(
         self,
@@ -49,10 +49,13 @@ class PatientTimer:
     ) -> None:
         self._loop, self._callback, self._args = loop, callback, args
         self._delay, self._answered = delay, answered
+        # Its own due time: uvloop answers a delay under its 1 ms tick (a
+        # deadline come or past) with a plain Handle, which has no `when()`.
+        self._when = loop.time() + delay
         self._handle = loop.call_later(delay, self._due, True)
 
     def _due(self, first: bool) -> None:
-        late = self._loop.time() - self._handle.when()
+        late = self._loop.time() - self._when
         if first and late > STALL:
             if self._answered is None:
                 self._handle = self._loop.call_later(AFTER_STALL, self._due, False)
