@@ -57,3 +57,21 @@ async def test_the_waits_go_over_to_the_next_image_where_they_were() -> None:
     assert forgotten == ["a", "b"] and new.pending == set()
     new.take(None)  # a release that carried none
     assert new.pending == set()
+
+
+def test_a_wait_carried_over_at_nothing_left_says_so_on_uvloop() -> None:
+    """A wait taken up with 0 s left (an upgrade's exec at its end) is armed on
+    uvloop as a plain Handle, which has no when(): the next image's to_json
+    (its snapshot, a second upgrade) raised AttributeError until it ran (the
+    review of session 33)."""
+    import uvloop
+
+    async def scenario() -> dict[str, float]:
+        later = ForgetLater(1.0, lambda name: False, lambda name: None)
+        later.take({"a": 0.0, "b": 0.5})
+        later.start()
+        return later.to_json()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        left = runner.run(scenario())
+    assert left["a"] == 0.0 and 0.4 <= left["b"] <= 0.5

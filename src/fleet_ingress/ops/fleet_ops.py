@@ -522,7 +522,10 @@ class ForgetLater:
         self, after: float, listed: Callable[[str], bool], forget: Callable[[str], None]
     ) -> None:
         self.after, self.listed, self.forget = after, listed, forget
-        self._due: dict[str, asyncio.TimerHandle] = {}
+        # Each wait's handle and its due time on the loop's clock: kept apart, for
+        # uvloop gives a wait under a millisecond (one carried over at 0 s left) a
+        # plain Handle with no when() (the review of session 33).
+        self._due: dict[str, tuple[asyncio.Handle, float]] = {}
         # Taken up from the previous image (`take`), waiting for `start`: seconds left.
         self._carried: dict[str, float] = {}
 
@@ -535,9 +538,10 @@ class ForgetLater:
         """`name` left the set: forgotten `after` seconds from now (None: `self.after`)."""
         self._carried.pop(name, None)
         if (earlier := self._due.pop(name, None)) is not None:
-            earlier.cancel()
+            earlier[0].cancel()
         wait = self.after if after is None else after
-        self._due[name] = asyncio.get_running_loop().call_later(wait, self._now, name)
+        loop = asyncio.get_running_loop()
+        self._due[name] = (loop.call_later(wait, self._now, name), loop.time() + wait)
 
     def to_json(self) -> dict[str, float]:
         """The seconds left before each pending fleet is forgotten: what the next
@@ -546,7 +550,7 @@ class ForgetLater:
         forgotten: its counts kept under its name for good, and its calls ended
         gone from /metrics at the exec (the accounting audit of session 31)."""
         now = asyncio.get_running_loop().time()
-        left = {name: max(0.0, round(h.when() - now, 3)) for name, h in self._due.items()}
+        left = {name: max(0.0, round(due - now, 3)) for name, (_, due) in self._due.items()}
         return {**self._carried, **left}
 
     def take(self, carried: object) -> None:
