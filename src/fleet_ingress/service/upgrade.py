@@ -222,10 +222,14 @@ def _problems_first(lines: list[str], limit: int, config_path: Path) -> str:
     """What `check` said, in `limit` lines at most: its problems (and its
     summary), then as many of its warnings as there is room for. check
     prints its warnings after its problems: the last lines alone were warnings
-    only once there were more of them than `limit` (the CLI text audit)."""
+    only once there were more of them than `limit` (the CLI text audit). More
+    problems than `limit`: the first ones, often the cause of the rest, and
+    the summary (the review of session 33: the last ones were kept)."""
     if len(lines) <= limit:
         return "\n".join(lines)
-    problems = [at for at, line in enumerate(lines) if not line.startswith(WARNING)][-limit:]
+    problems = [at for at, line in enumerate(lines) if not line.startswith(WARNING)]
+    if len(problems) > limit:  # the first (often the cause of the rest) and the summary
+        problems = problems[: limit - 1] + problems[-1:]
     room = limit - len(problems)
     warnings = [at for at, line in enumerate(lines) if line.startswith(WARNING)]
     shown = sorted(problems + warnings[:room])
