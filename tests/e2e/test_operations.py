@@ -806,6 +806,7 @@ async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(
     code, out, err = await d.cli("drain", "b")
     assert code == 0 and "READY -> DRAIN" in out, err
     assert f"not saved to the fleets file: {gone}: put it back ({backup} holds it" in out, out
+    assert "redo that change, and any drain or maint since" in out, out
     assert "edited since the last reload" not in out
     code, out, err = await d.cli("remove-fleet", "c")
     assert code == 0, err

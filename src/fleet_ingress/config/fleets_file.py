@@ -262,7 +262,8 @@ def _why(exc: OSError | UnicodeDecodeError, data: bytes, path: Path) -> str:
         if backup.exists():  # add-fleet and remove-fleet keep the list before them there
             return (
                 f"{exc.strerror}; {backup} holds it as it was before the last add-fleet or "
-                "remove-fleet: copy it back, or point fleets.file at the fleets file"
+                "remove-fleet (a drain or maint saved since is not in it): copy it back, "
+                "or point fleets.file at the fleets file"
             )
         return f"{exc.strerror}; create it with one fleet URL a line, or point fleets.file at it"
     if isinstance(exc, NotADirectoryError):

@@ -244,7 +244,9 @@ class FleetOps:
             return None
         backup = self.fleets_file.with_name(self.fleets_file.name + ".bak")
         kept = (
-            f" ({backup} holds it as it was before the last add-fleet or remove-fleet)"
+            f" ({backup} holds it as it was before the last add-fleet or remove-fleet: "
+            "copied back, redo that change, and any drain or maint since; `fleet-ingress "
+            "stat` shows the fleets running and their states)"
             if backup.exists()
             else ""
         )
