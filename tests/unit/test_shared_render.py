@@ -118,3 +118,39 @@ async def test_metrics_rendered_in_turns_are_generate_latest_byte_for_byte_and_l
     # The gauge and the counter are 600 lines, the histogram 2,400: each is
     # written SAMPLES_PER_TURN lines at a time, the loop let run after each.
     assert turns >= 600 // SAMPLES_PER_TURN * 2 + 2400 // SAMPLES_PER_TURN
+
+
+async def test_shown_is_told_after_a_render_in_turns_what_it_showed_or_more():
+    """A supervisor writes its crash snapshot when told (`shown`), so that no
+    count a scraper saw goes back should it die: a render in turns may show
+    counts that came during it (a probe ended, a report read), so it is told
+    once the render has ended, before the answer."""
+    probes = 0
+
+    class Probes(Collector):
+        def collect(self):
+            yield CounterMetricFamily("x_probes", "Probes.", value=probes)
+
+    registry = CollectorRegistry()
+    registry.register(_ManyFleets())  # turns before the probes are read
+    registry.register(Probes())
+    written: list[int] = []
+    shared = SharedRender(lambda: generate_in_turns(registry), shown=lambda: written.append(probes))
+    rendering = True
+
+    async def probing() -> None:
+        nonlocal probes
+        while rendering:
+            probes += 1
+            await asyncio.sleep(0)
+
+    prober = asyncio.create_task(probing())
+    await asyncio.sleep(0)
+    began = probes
+    text = await shared()
+    rendering = False
+    await prober
+    line = next(li for li in text.decode().splitlines() if li.startswith("x_probes_total "))
+    showed = float(line.split()[1])
+    assert began < showed  # counted during the render
+    assert len(written) == 1 and written[0] >= showed

@@ -83,13 +83,16 @@ class SharedRender(Generic[T]):
         self,
         render: Callable[[], T] | Callable[[], Awaitable[T]],
         prepare: Callable[[], Awaitable[object]] | None = None,
+        shown: Callable[[], object] | None = None,
     ) -> None:
         """`render` the work on the loop (timed: the pause after it is as long),
         or a coroutine doing it in turns (`generate_in_turns`: timed from its
         start to its end, the other work the loop did meanwhile included);
-        `prepare` awaited first, not timed (waiting on workers' reports is not work)."""
+        `prepare` awaited first, not timed (waiting on workers' reports is not work);
+        `shown` called once a render has ended, before any request has its answer."""
         self._render = render
         self._prepare = prepare
+        self._shown = shown
         self._running: asyncio.Future[T] | None = None
         self._next_at = 0.0
 
@@ -112,6 +115,8 @@ class SharedRender(Generic[T]):
             result = self._render()
             if inspect.isawaitable(result):
                 result = await result
+            if self._shown is not None:
+                self._shown()
             ended = loop.time()
             self._next_at = ended + (ended - started)
             return result
@@ -124,19 +129,23 @@ def stats_app(
     prometheus: CollectorRegistry,
     *,
     refresh: Callable[[], Awaitable[object]] | None = None,
+    shown: Callable[[], object] | None = None,
 ) -> web.Application:
     """`snapshot` is read for each render (the page and /stats.json), `prometheus`
     likewise (`SharedRender`: requests at once share one): nothing is kept
     here between renders. `refresh` is awaited first (a supervisor asks its
-    workers for their counts; bounded by it)."""
+    workers for their counts; bounded by it). `shown` is called after each
+    render, before it is answered: a supervisor writes its crash snapshot then,
+    so that what a scrape shows is in it first (`/metrics`, rendered in turns,
+    may show a count that came during the render)."""
 
     async def fresh() -> None:
         if refresh is not None:
             await refresh()
 
-    shared_page = SharedRender(lambda: render_stats_page(snapshot()), fresh)
-    shared_json = SharedRender(lambda: json.dumps(snapshot()), fresh)
-    shared_metrics = SharedRender(lambda: generate_in_turns(prometheus), fresh)
+    shared_page = SharedRender(lambda: render_stats_page(snapshot()), fresh, shown)
+    shared_json = SharedRender(lambda: json.dumps(snapshot()), fresh, shown)
+    shared_metrics = SharedRender(lambda: generate_in_turns(prometheus), fresh, shown)
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(text=await shared_page(), content_type="text/html")
