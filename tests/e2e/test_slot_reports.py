@@ -8,6 +8,9 @@ import asyncio
 import os
 import socket
 
+import aiohttp
+from aiohttp import web
+
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
@@ -15,12 +18,13 @@ from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import Counts, HostView
 from fleet_ingress.net import slot_client, slot_server
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.slot_client import SlotClient
+from fleet_ingress.net.slot_client import RemoteLease, SlotClient
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
-from fleet_ingress.ops.host_stats import WorkerReporter
+from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
 from fleet_ingress.ops.local_counts import REMOVED_FLEETS
-from tests.support import eventually
+from fleet_ingress.ops.stats_server import stats_app
+from tests.support import eventually, metric_samples
 
 FLEETS = "https://a.test name=a\n"
 
@@ -471,4 +475,69 @@ async def test_a_report_of_hundreds_of_long_named_fleets_is_taken_and_the_channe
         lease.release()
     finally:
         w1.close()
+        await server.close()
+
+
+async def test_a_lease_is_answered_while_the_metrics_of_500_fleets_render():
+    """/metrics of 500 fleets is 1 MB, 16,000 lines: rendered in one piece it
+    held the supervisor's loop 100-300 ms, and every new call waited that long
+    for its slot (the scale audit of session 32). A worker asks for a slot as
+    the render reads the reloads (mid-way); the render is over once it reads
+    whether an upgrade failed (its last collector): the slot comes in between."""
+    fleets = "".join(f"https://f{i}.test name=f{i}\n" for i in range(500))
+    specs = parse_fleets_text(fleets, default_maxconn=4)
+    slots = HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=5, max_queue=8)
+    view = HostView()
+    server = SlotServer(slots, view=view)
+    worker = await _worker(server, 41)
+    said: list[str] = []
+    leasing: list[asyncio.Future[RemoteLease]] = []
+    scraping = False  # the registry reads its collectors as they register, too
+
+    def reloads() -> dict[str, int]:
+        if not scraping:
+            return {}
+        said.append("render reads the reloads")
+        lease = asyncio.ensure_future(worker.lease())
+        lease.add_done_callback(lambda _: said.append("slot granted"))
+        leasing.append(lease)
+        return {}
+
+    def upgrade_failed() -> None:
+        if scraping:
+            said.append("render reads the last collector")
+
+    metrics = HostMetrics(slots, view, reloads=reloads, upgrade_failed=upgrade_failed)
+    for fleet in slots.balancer.fleets:  # the probes' histogram: 6,000 lines
+        metrics.checks.check_observed(fleet.name, 0.01)
+    runner = web.AppRunner(
+        stats_app(lambda: host_snapshot(slots, view, started_at=0.0), metrics.prometheus),
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        await eventually(lambda: len(slots.workers) == 1)
+        scraping = True
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{host}:{port}/metrics") as answer:
+                text = await answer.text()
+        lease = await leasing[0]
+        assert said == [
+            "render reads the reloads",
+            "slot granted",
+            "render reads the last collector",
+        ]
+        assert lease.held
+        samples = metric_samples(text)
+        assert len(samples["fleet_ingress_fleet_up"]) == 500
+        assert (
+            samples["fleet_ingress_fleet_check_duration_seconds_count"][(("fleet", "f499"),)] == 1
+        )
+        lease.release()
+    finally:
+        worker.close()
+        await runner.cleanup()
         await server.close()

@@ -7,8 +7,17 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
+from prometheus_client.registry import Collector
 
-from fleet_ingress.ops.stats_server import SharedRender
+from fleet_ingress.ops.stats_server import SAMPLES_PER_TURN, SharedRender, generate_in_turns
 
 
 class _Render:
@@ -61,3 +70,87 @@ async def test_a_failed_render_fails_its_requests_and_the_next_renders_again():
             await caller
     render.fail = None
     assert await shared() == 2
+
+
+class _ManyFleets(Collector):
+    """Families of every kind the stats listener serves, some far longer than
+    a turn's worth of lines, with label values that must be escaped."""
+
+    def collect(self):
+        names = [f'f{i}"\\\n' if i % 97 == 0 else f"f{i}" for i in range(600)]
+        up = GaugeMetricFamily("x_fleet_up", "Up.\nTwo lines \\ of help.", labels=["fleet"])
+        calls = CounterMetricFamily("x_fleet_calls", "Calls.", labels=["fleet", "code"])
+        checks = HistogramMetricFamily("x_check_seconds", "Checks.", labels=["fleet"])
+        for i, name in enumerate(names):
+            up.add_metric([name], i % 2)
+            calls.add_metric([name, "101"], i * 1e20)
+            checks.add_metric([name], [("0.5", float(i)), ("+Inf", float(i + 1))], i / 3)
+        yield up
+        yield GaugeMetricFamily("x_alone", "One sample.", value=1.5)
+        yield calls
+        yield checks
+        yield CounterMetricFamily("x_empty", "No sample.", labels=["fleet"])
+        summary = SummaryMetricFamily("x_summary", "A summary.", labels=["fleet"])
+        for name in names:
+            summary.add_metric([name], count_value=1, sum_value=2.0)
+        yield summary
+        yield InfoMetricFamily("x_build", "Build.", value={"version": "1"})
+
+
+async def test_metrics_rendered_in_turns_are_generate_latest_byte_for_byte_and_let_the_loop_run():
+    registry = CollectorRegistry()
+    registry.register(_ManyFleets())
+    turns = 0
+    rendering = True
+
+    async def other_work() -> None:
+        nonlocal turns
+        while rendering:
+            turns += 1
+            await asyncio.sleep(0)
+
+    others = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    text = await generate_in_turns(registry)
+    rendering = False
+    await others
+    assert text == generate_latest(registry)
+    # The gauge and the counter are 600 lines, the histogram 2,400: each is
+    # written SAMPLES_PER_TURN lines at a time, the loop let run after each.
+    assert turns >= 600 // SAMPLES_PER_TURN * 2 + 2400 // SAMPLES_PER_TURN
+
+
+async def test_shown_is_told_after_a_render_in_turns_what_it_showed_or_more():
+    """A supervisor writes its crash snapshot when told (`shown`), so that no
+    count a scraper saw goes back should it die: a render in turns may show
+    counts that came during it (a probe ended, a report read), so it is told
+    once the render has ended, before the answer."""
+    probes = 0
+
+    class Probes(Collector):
+        def collect(self):
+            yield CounterMetricFamily("x_probes", "Probes.", value=probes)
+
+    registry = CollectorRegistry()
+    registry.register(_ManyFleets())  # turns before the probes are read
+    registry.register(Probes())
+    written: list[int] = []
+    shared = SharedRender(lambda: generate_in_turns(registry), shown=lambda: written.append(probes))
+    rendering = True
+
+    async def probing() -> None:
+        nonlocal probes
+        while rendering:
+            probes += 1
+            await asyncio.sleep(0)
+
+    prober = asyncio.create_task(probing())
+    await asyncio.sleep(0)
+    began = probes
+    text = await shared()
+    rendering = False
+    await prober
+    line = next(li for li in text.decode().splitlines() if li.startswith("x_probes_total "))
+    showed = float(line.split()[1])
+    assert began < showed  # counted during the render
+    assert len(written) == 1 and written[0] >= showed

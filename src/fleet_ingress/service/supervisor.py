@@ -404,7 +404,12 @@ class Supervisor:
                     sock = bind_tcp(host, port, backlog=128)
                 self.store_fd("listen.stats", sock)
             self._stats_sock = sock
-            app = stats_app(self.snapshot, self.metrics.prometheus, refresh=self.refresh)
+            app = stats_app(
+                self.snapshot,
+                self.metrics.prometheus,
+                refresh=self.fresh_counts,
+                shown=self.write_snapshot,
+            )
             await self._web.serve_kept(app, sock, listener="stats")
             sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
@@ -1317,15 +1322,21 @@ class Supervisor:
         return sum(row.calls for row in self.slots.workers)
 
     async def refresh(self) -> None:
+        """Before `stat`: `fresh_counts`, then what it shows in the crash snapshot."""
+        await self.fresh_counts()
+        # What `stat` shows, in the snapshot first: a supervisor started after
+        # this one's death counts on from it, and no counter a scraper saw goes
+        # back (Prometheus would take that for a reset, and the whole count for
+        # an increase). The stats listener writes it after each render
+        # (`stats_app`'s `shown`): /metrics renders in turns, and may show
+        # what came meanwhile.
+        self.write_snapshot()
+
+    async def fresh_counts(self) -> None:
         """Before a scrape or `stat`: the workers' counts as of now, what the
         certificate file holds, and edits not reloaded (each wait bounded)."""
         await self.look_at_files()
         await self.server.collect_reports(SCRAPE_WAIT)
-        # What this scrape shows, in the snapshot first: a supervisor started
-        # after this one's death counts on from it, and no counter a scraper
-        # saw goes back (Prometheus would take that for a reset, and the whole
-        # count for an increase).
-        self.write_snapshot()
 
     async def look_at_files(self) -> None:
         """What the certificate files, ingress.toml and the fleets file hold
