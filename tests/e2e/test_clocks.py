@@ -42,13 +42,20 @@ async def _start(
     fleets: str = "",
     check_timeout: float = 5,
     step: Path | None = None,
+    line: str = "",
+    queue: float = 3,
 ) -> RunningIngress:
     """One worker, `timeouts` and `fleets` lines added to their sections; its
     fleet UP. `step`: a file holding the seconds its wall clock is stepped by
-    (`_step`)."""
+    (`_step`). `line`: added to the fleet's line (`maxconn=1`); `queue`: timeouts.queue."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
-        tls_files, home, [f"{fleet.url} name=a"], workers=1, check_timeout=check_timeout
+        tls_files,
+        home,
+        [f"{fleet.url} name=a {line}"],
+        workers=1,
+        check_timeout=check_timeout,
+        queue=queue,
     )
     toml = home / "ingress.toml"
     text = toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n")
@@ -279,6 +286,45 @@ async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its
         assert not [e for e in service.log() if e["event"] == "fleet DOWN"]
         (said,) = [e for e in service.log() if e["event"].startswith("health probes timed out")]
         assert "late: the prober did not run meanwhile" in said["reason"], said
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_queued_as_the_supervisor_stops_gets_the_slot_freed_meanwhile(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """maxconn 1, timeouts.queue 1 s: a call holds the slot, a second waits in
+    the host's queue; the supervisor is stopped 2.4 s, and the first call ends
+    0.2 s into the stop (its release waits in the channel, in time). Once the
+    supervisor goes on, the queued call gets the slot, its 101. The loop
+    resumed ran the queue's timer before it read the release, and refused the
+    call `503 queue timeout` with the slot free (this audit, session 33)."""
+    service = await _start(tls_files, fleet, line="maxconn=1", queue=1)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await connect(service.url("/ws/first"), ssl=tls_files.client_context()))
+        queued = asyncio.ensure_future(
+            connect(service.url("/ws/queued"), ssl=tls_files.client_context(), open_timeout=20)
+        )
+        async with asyncio.timeout(5):
+            while (await service.stats())["frontend"]["queue_length"] != 1:
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the supervisor waiting in epoll_wait, as an idle one is
+        os.kill(service.proc.pid, signal.SIGSTOP)
+        try:
+            await _stopped(service.proc.pid)
+            await asyncio.sleep(0.2)
+            await calls[0].close()  # its slot is given back while the supervisor is stopped
+            await asyncio.sleep(2.2)
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        calls.append(await queued)
+        await calls[-1].send(FRAME)
+        assert await asyncio.wait_for(calls[-1].recv(), 5) == FRAME
+        frontend = (await service.stats())["frontend"]
+        assert (frontend["queue_length"], frontend["queue_timeouts"]) == (0, 0), frontend
     finally:
         await close_calls(calls)
         await service.finish()

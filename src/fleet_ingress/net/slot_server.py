@@ -45,6 +45,7 @@ from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtoc
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
+from fleet_ingress.net.late_timers import AFTER_STALL, STALL
 from fleet_ingress.net.slot_wire import (
     MAX_WORKER_LINE,
     LineDecoder,
@@ -947,11 +948,21 @@ class SlotServer:
             self._timer = None
         self._timer_at = deadline
         if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer, True)
 
-    def _on_timer(self) -> None:
+    def _on_timer(self, first: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if first and self._timer_at is not None and loop.time() - self._timer_at > STALL:
+            # Over STALL late, this loop did not run (the supervisor stopped, a
+            # VM paused): it runs its due timers before it reads its channels,
+            # and a slot given back in time, its release waiting unread, would
+            # not go to the call that waited for it (refused `queue timeout`
+            # with the slot free: the supervisor audit of session 33). Read
+            # first; `_timer_at` kept, so that `_arm` keeps this put-off.
+            self._timer = loop.call_later(AFTER_STALL, self._on_timer, False)
+            return
         # The loop may run a timer a clock tick early: it is due all the same.
-        now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
+        now = max(loop.time(), self._timer_at or 0.0)
         self._timer, self._timer_at = None, None
         self._send(self.slots.expire(now))
 
