@@ -417,6 +417,16 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
             while (counted := _lost_and_unknown(await unit.metrics())) != (victim["calls"], 1):
                 assert counted[0] <= victim["calls"], (counted, victim)
                 await asyncio.sleep(0.2)
+        # Each has its access line (SPEC 12), written by the supervisor from what
+        # the worker told of its calls as it was taken up. Before (the supervisor
+        # audit of session 33) only the dead supervisor had known who they were:
+        # no line.
+        async with asyncio.timeout(10):
+            while len(lines := _lines_of(unit, victim["pid"])) < victim["calls"]:
+                await asyncio.sleep(0.2)
+        assert len(lines) == victim["calls"], lines
+        said = {(e["end_reason"], e["status"], e["route"], e["bot_id"]) for e in lines}
+        assert said == {("error", 101, "/ws/", "bot-1")}, lines
     finally:
         await close_calls(calls)
     # A stop after it drains and ends every process, as ever.
@@ -871,6 +881,11 @@ async def test_a_worker_whose_channel_was_cut_keeps_its_calls_counted_over_a_sup
             pytest.fail(f"{counted} for {len(killed)} killed: {rows}")
     finally:
         await close_calls(calls)
+
+
+def _lines_of(unit: Unit, worker: int) -> list[dict[str, Any]]:
+    """The access lines of the calls lost with `worker` (its pid in the unit)."""
+    return [e for e in unit.log() if e["event"] == "call ended" and e.get("worker_pid") == worker]
 
 
 def _deaths(exposition: str) -> float:
