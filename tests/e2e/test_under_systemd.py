@@ -369,13 +369,17 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
     workers and their calls go on (KillMode=process), systemd starts it again
     (Restart=on-failure) and hands it the listeners and the workers' channels
     from its fd store; it takes them up, the slot table rebuilt from what each
-    worker holds. Before, systemd killed every worker with it: every call cut."""
+    worker holds. Before, systemd killed every worker with it: every call cut.
+    The death is counted (`fleet_ingress_supervisor_deaths_total`): the
+    counters go on from its snapshot, and before (the supervisor audit of
+    session 33) nothing in /metrics said a supervisor had died."""
     unit = await install(systemd, tls_files, fleet)
     supervisor = unit.main_pid()
     workers = sorted(unit.workers())
     assert len(workers) == 2
     calls = [await a_call(unit, tls_files) for _ in range(4)]
     try:
+        assert _deaths(await unit.metrics()) == 0
         for n, call in enumerate(calls):
             await echo(call, f"before {n}")
         systemd.systemctl("kill", "-s", signal_name, "--kill-who=main", NAME)
@@ -403,6 +407,7 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
         said = unit.started_again()
         assert len(said) == 1
         assert sorted(systemd.host_pid(pid) for pid, _ in said[0]["workers"]) == workers
+        assert _deaths(await unit.metrics()) == 1
         # A worker taken up, killed now with calls (the OOM killer): systemd's
         # child, its exit status unknown here, the calls it held counted lost.
         # Before (the second review of session 28): its channel's end came
@@ -414,6 +419,16 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
             while (counted := _lost_and_unknown(await unit.metrics())) != (victim["calls"], 1):
                 assert counted[0] <= victim["calls"], (counted, victim)
                 await asyncio.sleep(0.2)
+        # Each has its access line (SPEC 12), written by the supervisor from what
+        # the worker told of its calls as it was taken up. Before (the supervisor
+        # audit of session 33) only the dead supervisor had known who they were:
+        # no line.
+        async with asyncio.timeout(10):
+            while len(lines := _lines_of(unit, victim["pid"])) < victim["calls"]:
+                await asyncio.sleep(0.2)
+        assert len(lines) == victim["calls"], lines
+        said = {(e["end_reason"], e["status"], e["route"], e["bot_id"]) for e in lines}
+        assert said == {("error", 101, "/ws/", "bot-1")}, lines
     finally:
         await close_calls(calls)
     # A stop after it drains and ends every process, as ever.
@@ -973,6 +988,16 @@ async def test_a_worker_whose_channel_was_cut_keeps_its_calls_counted_over_a_sup
             pytest.fail(f"{counted} for {len(killed)} killed: {rows}")
     finally:
         await close_calls(calls)
+
+
+def _lines_of(unit: Unit, worker: int) -> list[dict[str, Any]]:
+    """The access lines of the calls lost with `worker` (its pid in the unit)."""
+    return [e for e in unit.log() if e["event"] == "call ended" and e.get("worker_pid") == worker]
+
+
+def _deaths(exposition: str) -> float:
+    """`fleet_ingress_supervisor_deaths_total` in a /metrics text."""
+    return metric_samples(exposition)["fleet_ingress_supervisor_deaths_total"][()]
 
 
 def _lost_and_unknown(exposition: str) -> tuple[float, float]:

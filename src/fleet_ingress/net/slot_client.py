@@ -143,6 +143,9 @@ class SlotClient(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         self._held: dict[int, str] = {}  # lease id -> fleet name
+        # What each open lease's call is ("call" in its "acquire"), told again in
+        # "state": a supervisor started after one died knows it from there alone.
+        self._calls: dict[int, dict[str, Any]] = {}
         self._in_flight: set[int] = set()  # held, its call not answered by its fleet yet
         self._answers: list[list[float]] = []  # [lease id, when] not told yet
         self._answers_timer: asyncio.TimerHandle | None = None
@@ -206,6 +209,7 @@ class SlotClient(asyncio.Protocol):
         asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
         if call is not None:
             asking["call"] = call
+            self._calls[lease_id] = call
         self._write(asking)
         # Put off after a stall (net.late_timers): a grant waiting unread in the
         # channel is taken before the wait is given up.
@@ -227,6 +231,7 @@ class SlotClient(asyncio.Protocol):
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
         self._pending.pop(lease_id, None)
         self._asked.pop(lease_id, None)
+        self._calls.pop(lease_id, None)
         if future.done() and not future.cancelled() and future.exception() is None:
             future.result().active -= 1  # granted, never used: ours no more
             self._held.pop(lease_id, None)
@@ -239,6 +244,7 @@ class SlotClient(asyncio.Protocol):
             self._forget_fleet(lease.fleet.name)
         self._held.pop(lease.id, None)
         self._in_flight.discard(lease.id)
+        self._calls.pop(lease.id, None)
         self._write({"op": "release", "id": lease.id})
 
     def _answered(self, lease_id: int, at: float) -> None:
@@ -380,6 +386,7 @@ class SlotClient(asyncio.Protocol):
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
+        self._calls.clear()
         for future in pending.values():
             if not future.done():
                 future.set_exception(NoFleetAvailable(COORDINATOR_GONE))
@@ -414,6 +421,7 @@ class SlotClient(asyncio.Protocol):
             future = self._pending.pop(lease_id, None)
             self._asked.pop(lease_id, None)
             if future is None or future.done():
+                self._calls.pop(lease_id, None)
                 return  # given up on: its release is already on the wire
             fleet.active += 1
             fleet.opened_total += 1
@@ -422,6 +430,7 @@ class SlotClient(asyncio.Protocol):
             future.set_result(fleet)
         else:  # "refused"
             self._asked.pop(lease_id, None)
+            self._calls.pop(lease_id, None)
             future = self._pending.pop(lease_id, None)
             if future is not None and not future.done():
                 future.set_exception(NoFleetAvailable(field(message, "reason", str)))
@@ -442,6 +451,11 @@ class SlotClient(asyncio.Protocol):
                 [lease, avoid, round(now - since, 6)]
                 for lease, (avoid, since) in self._asked.items()
             ],
+            # Who each call is: the access line the supervisor writes should this
+            # process die with it. An exec carries these; a supervisor started
+            # after one died has them from here alone (before session 33 such a
+            # call lost later had no line).
+            "calls": [[lease, call] for lease, call in self._calls.items()],
         }
 
     def _report_or_failure(self) -> dict[str, Any]:

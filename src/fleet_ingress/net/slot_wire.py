@@ -50,7 +50,10 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     coordinator -> worker   {"op": "sync"}
     worker -> coordinator   {"op": "state", "pid": 1234, "generation": 1,
                              "held": [[7, "a"], ...], "waiting": [[9, ["a"], 0.25], ...],
-                             "in_flight": [7]}     held, its fleet's answer not read yet
+                             "in_flight": [7],     held, its fleet's answer not read yet
+                             "calls": [[7, {...}], ...]}  each open lease's "call", as its
+                                                          "acquire" said (an older worker
+                                                          sends none)
     The worker is the truth: what it sent before "state" is already counted
     in it, so the coordinator acts on nothing before but a "report" (and a
     "state" that answered the image before). A line the old image had half

@@ -273,6 +273,7 @@ class HostMetrics:
         task_failures: Callable[[], Mapping[str, int]] = dict,
         fleets_gone: Callable[[], Collection[str]] = frozenset,
         upgrade_failed: Callable[[], bool | None] = lambda: None,
+        supervisor_deaths: Callable[[], int] = lambda: 0,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -286,7 +287,9 @@ class HostMetrics:
         started again), by task; `fleets_gone`: fleets out of the set not yet
         forgotten, whose calls ended are still shown (their last ones are
         reported after they leave); `upgrade_failed`: whether the last upgrade
-        failed (None: none since the supervisor started, or carried to it)."""
+        failed (None: none since the supervisor started, or carried to it);
+        `supervisor_deaths`: supervisors that died and were started again by
+        systemd, taking up their workers (carried from each to the next)."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -307,7 +310,7 @@ class HostMetrics:
                 certificate_file_not_after, certificate_file_refused, certificate_chain_doubted
             )
         )
-        self.prometheus.register(_TaskFailuresCollector(task_failures))
+        self.prometheus.register(_TaskFailuresCollector(task_failures, supervisor_deaths))
         self.prometheus.register(_UpgradeCollector(upgrade_failed))
 
 
@@ -327,8 +330,11 @@ class _UpgradeCollector(Collector):
 
 
 class _TaskFailuresCollector(Collector):
-    def __init__(self, failures: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self, failures: Callable[[], Mapping[str, int]], deaths: Callable[[], int]
+    ) -> None:
         self.failures = failures
+        self.deaths = deaths
 
     def collect(self) -> Iterator[Metric]:
         counter = CounterMetricFamily(
@@ -340,6 +346,13 @@ class _TaskFailuresCollector(Collector):
         for task, count in sorted(self.failures().items()):
             counter.add_metric([task], count)
         yield counter
+        yield CounterMetricFamily(
+            f"{PREFIX}_supervisor_deaths",
+            "Times the supervisor died (killed, crashed, the OOM killer, systemd's watchdog) "
+            "and was started again by systemd, taking up its workers and their calls: "
+            "meanwhile new calls waited for it. Carried from each supervisor to the next.",
+            self.deaths(),
+        )
 
 
 class _CertificateFileCollector(Collector):

@@ -361,6 +361,9 @@ def crash_state(
         "fleets": [],
         **carried,
         "crash_restart": True,
+        # This one's death (`fleet_ingress_supervisor_deaths_total`): the
+        # counters go on from its snapshot, so nothing else in /metrics says it.
+        "supervisor_deaths": int(carried.get("supervisor_deaths", 0)) + 1,
         "generation": newest,
         "worker_target": worker_target,
         # Replacements for the workers the host is short of, due now.

@@ -272,6 +272,8 @@ class Supervisor:
         self.stopping = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
+        # Supervisors before this one that died, taken up (the fd store): carried.
+        self.supervisor_deaths = 0
         # Background tasks of this process that failed (kept running: kept_running).
         self.task_failures = TaskFailures(BACKGROUND_TASKS)
         self._say_if_failed = say_if_failed(self.task_failures)  # for each `_keep` task
@@ -283,6 +285,7 @@ class Supervisor:
             restarts=lambda: self.restarts,
             calls_lost=lambda: self.calls_lost_total,
             task_failures=lambda: self.task_failures.by_task,
+            supervisor_deaths=lambda: self.supervisor_deaths,
             fleets_gone=lambda: self.forgetting.pending,
             upgrade_failed=self._last_upgrade_failed,
             workers=self.workers_figures,

@@ -156,6 +156,7 @@ class Upgradable(Protocol):
     restarts: Counter[str]
     task_failures: TaskFailures
     calls_lost_total: int
+    supervisor_deaths: int
     quick_deaths: int
     start_notes: list[str]  # what this image's start serves other than the files hold
 
@@ -263,6 +264,8 @@ class UpgradeSequence:
         unexpected = int(carried.get("unexpected_errors", 0))
         supervisor.view.retired.counters[("unexpected_errors",)] += unexpected
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
+        # (From a release that did not carry it: counted from here.)
+        supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
             carried.get("fleet_checks"), {f.name for f in supervisor.balancer.fleets}
@@ -546,6 +549,7 @@ class UpgradeSequence:
             "log_lines_dropped": lines_dropped() + (lines_waiting() if handover else 0),
             "unexpected_errors": unexpected_errors(),
             "calls_lost_total": supervisor.calls_lost_total,
+            "supervisor_deaths": supervisor.supervisor_deaths,
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
