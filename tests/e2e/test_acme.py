@@ -11,9 +11,20 @@ import time
 
 import pytest
 from aiohttp import web
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 
 from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
-from tests.support import StartIngress, free_port, need_ipv6_loopback
+from tests.support import (
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    free_port,
+    need_ipv6_loopback,
+    never_answer,
+    wss_url,
+)
 
 TOKEN = "Xy7-abc_DEF0123456789"
 KEY_AUTH = f"{TOKEN}.nT4rpzJvQJY3_thumbprint-of-the-account-key"
@@ -648,4 +659,74 @@ async def test_a_challenge_in_flight_when_the_worker_stops_is_answered_before_it
         assert got.endswith(KEY_AUTH.encode()), got
         assert ingress.registry.acme.open == 0
     finally:
+        responder.close()
+
+
+async def _challenge_certbot_never_answers(start_ingress: StartIngress, fleet_lines: list[str]):
+    responder = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    ingress = await start_ingress(
+        fleet_lines,
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"},
+        timeouts={"response": 4},
+    )
+    _, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    acme = ingress.registry.acme
+    await eventually(lambda: any(not p.waiting_for_head for p in acme.members))  # relaying
+    return ingress, responder, writer
+
+
+async def test_a_challenge_in_flight_holds_no_call_past_the_drain(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """stop() waited for a challenge being relayed before it closed the calls:
+    with certbot slow to answer, a drain of 0.2 s closed them after 4 s, its
+    timeouts.response (the review of session 33)."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    responder = writer = None
+    try:
+        ingress, responder, writer = await _challenge_certbot_never_answers(
+            start_ingress, [fleet.line("a")]
+        )
+        ws = await connect(wss_url(ingress), ssl=tls_files.client_context())
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.2))
+        with pytest.raises(ConnectionClosedOK) as closed:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        took = time.monotonic() - began
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert took < 1.5, took
+        await stopping
+    finally:
+        if writer is not None:
+            writer.close()
+        if responder is not None:
+            responder.close()
+        await fleet.stop()
+
+
+async def test_a_second_signal_does_not_wait_for_a_challenge_in_flight(
+    start_ingress: StartIngress,
+):
+    """A second SIGTERM (`cut_drain`) stops at once: it waited for a challenge
+    being relayed all the same, up to timeouts.connect + response + 2 s, and the
+    supervisor killed the workers after 3 s (the review of session 33)."""
+    ingress, responder, writer = await _challenge_certbot_never_answers(
+        start_ingress, ["https://127.0.0.1:9 name=unused"]
+    )
+    try:
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop())
+        await asyncio.sleep(0.3)
+        ingress.cut_drain()
+        async with asyncio.timeout(10):
+            await stopping
+        assert time.monotonic() - began < 1.5
+        assert ingress.registry.acme.open == 0
+    finally:
+        writer.close()
         responder.close()
