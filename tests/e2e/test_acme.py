@@ -662,6 +662,36 @@ async def test_a_challenge_in_flight_when_the_worker_stops_is_answered_before_it
         responder.close()
 
 
+async def test_an_answered_connection_closed_for_a_new_one_is_not_counted_as_evicted(
+    start_ingress: StartIngress, certbot_standin
+):
+    """fleet_ingress_acme_evicted_connections_total says "with no request yet", and
+    /stats "closed for newer ones": each answered connection left open by its
+    client (lingering) and closed for a new one was counted too, so that ordinary
+    traffic read as a flood (the review of session 33: 768 of 10,000 requests
+    from 200 addresses)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    acme.limit = 2
+    address = ingress.acme_address
+    answered = await asyncio.open_connection(*address)
+    answered[1].write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await answered[0].read(-1)).startswith(b"HTTP/1.1 301 ")  # not closed by us
+    idle = await asyncio.open_connection(*address)
+    try:
+        await asyncio.sleep(0.05)
+        assert acme.open == 2
+        got = await plain_exchange(address, b"GET /y HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 301 ")
+        assert (acme.evicted, acme.refused) == (0, 0)  # the answered one was closed
+        idle[1].write(b"GET /z HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await idle[0].read(-1)).startswith(b"HTTP/1.1 301 ")
+    finally:
+        answered[1].close()
+        idle[1].close()
+
+
 async def _challenge_certbot_never_answers(start_ingress: StartIngress, fleet_lines: list[str]):
     responder = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     ingress = await start_ingress(

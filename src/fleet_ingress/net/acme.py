@@ -76,7 +76,8 @@ class AcmeConnections:
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
     by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
-    # Closed to let a new one in when `limit` were open (see `admit`).
+    # Closed before their head to let a new one in when `limit` were open (see
+    # `admit`; an answered one closed so is not counted: it cost nobody anything).
     evicted: int = 0
     # The open ones, oldest first.
     members: dict[AcmeProtocol, None] = field(default_factory=dict)
@@ -96,7 +97,8 @@ class AcmeConnections:
             if oldest is None:  # every one is a challenge being relayed: bounded by its timeouts
                 self.refused += 1
                 return False
-            self.evicted += 1
+            if oldest.waiting_for_head:  # an answered one costs nobody anything: not counted
+                self.evicted += 1
             oldest.evict()
         self.open += 1
         self.by_client[key] += 1
@@ -190,8 +192,9 @@ class AcmeProtocol(asyncio.Protocol):
 
     @property
     def evictable(self) -> bool:
-        """Closing it costs nobody an answer: no head yet, or answered already."""
-        return not self._done or self._lingering
+        """Closing it costs nobody an answer: no head yet, or answered already
+        (its answer out of our buffer: an abort would drop what is left there)."""
+        return not self._done or self.answered
 
     def evict(self) -> None:
         """Closed to let a new connection in (`AcmeConnections.admit`)."""
