@@ -662,6 +662,73 @@ async def test_a_challenge_in_flight_when_the_worker_stops_is_answered_before_it
         responder.close()
 
 
+async def _read_all(sock: socket.socket) -> bytes:
+    """What a raw client socket gets until the close (a reset said so)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    got = b""
+    try:
+        async with asyncio.timeout(5):
+            while chunk := await loop.sock_recv(sock, 4096):
+                got += chunk
+    except ConnectionResetError as exc:
+        got += repr(exc).encode()
+    return got
+
+
+async def test_a_validation_accepted_with_a_flood_in_one_go_is_not_taken_for_an_idle_one(
+    start_ingress: StartIngress, certbot_standin
+):
+    """Connections accepted in one go (the loop busy, a flood in the backlog) are
+    all made before any is read: the validator's, its head already in its socket,
+    was the oldest with no head read, and was closed for the flood's (the review
+    of session 33; on asyncio's loop: uvloop read it first here). One whose head
+    is there unread is passed over."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    acme = ingress.registry.acme
+    acme.limit, acme.per_client = 4, 2
+    address = ingress.acme_address
+    # Blocking connects: the loop accepts nothing until the test awaits.
+    validator = socket.create_connection(address, source_address=("127.0.0.4", 0))
+    validator.sendall(
+        f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    )
+    flood = [
+        socket.create_connection(address, source_address=(f"127.0.1.{n}", 0)) for n in range(1, 9)
+    ]
+    try:
+        got = await _read_all(validator)
+    finally:
+        validator.close()
+        for s in flood:
+            s.close()
+    assert got.endswith(KEY_AUTH.encode()), got
+    assert seen == [TOKEN]
+    assert acme.refused == 0 and acme.evicted >= 4  # flood ones closed (when: the loop's turns)
+
+
+async def test_a_head_arriving_as_the_worker_stops_is_answered(
+    start_ingress: StartIngress, certbot_standin
+):
+    """stop() closed every :80 connection with no head read, a validation whose
+    head was in its socket as SIGTERM came too (the review of session 33; on
+    asyncio's loop: uvloop reads before the stop's first step here)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    validator = socket.create_connection(ingress.acme_address)
+    try:
+        await asyncio.sleep(0.05)  # accepted, no head yet
+        validator.sendall(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        stopping = asyncio.ensure_future(ingress.stop())  # before the loop reads it
+        got = await _read_all(validator)
+        await stopping
+    finally:
+        validator.close()
+    assert got.endswith(KEY_AUTH.encode()), got
+
+
 async def test_an_answered_connection_closed_for_a_new_one_is_not_counted_as_evicted(
     start_ingress: StartIngress, certbot_standin
 ):

@@ -575,8 +575,10 @@ class Ingress:
             for conn in list(self.registry.connections):
                 if conn.call is None:  # no call yet: nothing to keep
                     conn.abort()
+            # Not one whose head is in its socket, unread (a validation as SIGTERM came).
             for waiting in [p for p in acme.members if p.waiting_for_head]:
-                waiting.evict()
+                if not waiting.has_unread_bytes():
+                    waiting.evict()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         self.stopping = True
         drained = asyncio.ensure_future(
