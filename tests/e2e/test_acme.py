@@ -11,9 +11,20 @@ import time
 
 import pytest
 from aiohttp import web
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 
 from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
-from tests.support import StartIngress, free_port, need_ipv6_loopback
+from tests.support import (
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    eventually,
+    free_port,
+    need_ipv6_loopback,
+    never_answer,
+    wss_url,
+)
 
 TOKEN = "Xy7-abc_DEF0123456789"
 KEY_AUTH = f"{TOKEN}.nT4rpzJvQJY3_thumbprint-of-the-account-key"
@@ -648,4 +659,171 @@ async def test_a_challenge_in_flight_when_the_worker_stops_is_answered_before_it
         assert got.endswith(KEY_AUTH.encode()), got
         assert ingress.registry.acme.open == 0
     finally:
+        responder.close()
+
+
+async def _read_all(sock: socket.socket) -> bytes:
+    """What a raw client socket gets until the close (a reset said so)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    got = b""
+    try:
+        async with asyncio.timeout(5):
+            while chunk := await loop.sock_recv(sock, 4096):
+                got += chunk
+    except ConnectionResetError as exc:
+        got += repr(exc).encode()
+    return got
+
+
+async def test_a_validation_accepted_with_a_flood_in_one_go_is_not_taken_for_an_idle_one(
+    start_ingress: StartIngress, certbot_standin
+):
+    """Connections accepted in one go (the loop busy, a flood in the backlog) are
+    all made before any is read: the validator's, its head already in its socket,
+    was the oldest with no head read, and was closed for the flood's (the review
+    of session 33; on asyncio's loop: uvloop read it first here). One whose head
+    is there unread is passed over."""
+    port, seen, _ = certbot_standin
+    ingress = await _ingress(start_ingress, port)
+    acme = ingress.registry.acme
+    acme.limit, acme.per_client = 4, 2
+    address = ingress.acme_address
+    # Blocking connects: the loop accepts nothing until the test awaits.
+    validator = socket.create_connection(address, source_address=("127.0.0.4", 0))
+    validator.sendall(
+        f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+    )
+    flood = [
+        socket.create_connection(address, source_address=(f"127.0.1.{n}", 0)) for n in range(1, 9)
+    ]
+    try:
+        got = await _read_all(validator)
+    finally:
+        validator.close()
+        for s in flood:
+            s.close()
+    assert got.endswith(KEY_AUTH.encode()), got
+    assert seen == [TOKEN]
+    assert acme.refused == 0 and acme.evicted >= 4  # flood ones closed (when: the loop's turns)
+
+
+async def test_a_head_arriving_as_the_worker_stops_is_answered(
+    start_ingress: StartIngress, certbot_standin
+):
+    """stop() closed every :80 connection with no head read, a validation whose
+    head was in its socket as SIGTERM came too (the review of session 33; on
+    asyncio's loop: uvloop reads before the stop's first step here)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    validator = socket.create_connection(ingress.acme_address)
+    try:
+        await asyncio.sleep(0.05)  # accepted, no head yet
+        validator.sendall(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        stopping = asyncio.ensure_future(ingress.stop())  # before the loop reads it
+        got = await _read_all(validator)
+        await stopping
+    finally:
+        validator.close()
+    assert got.endswith(KEY_AUTH.encode()), got
+
+
+async def test_an_answered_connection_closed_for_a_new_one_is_not_counted_as_evicted(
+    start_ingress: StartIngress, certbot_standin
+):
+    """fleet_ingress_acme_evicted_connections_total says "with no request yet", and
+    /stats "closed for newer ones": each answered connection left open by its
+    client (lingering) and closed for a new one was counted too, so that ordinary
+    traffic read as a flood (the review of session 33: 768 of 10,000 requests
+    from 200 addresses)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    acme.limit = 2
+    address = ingress.acme_address
+    answered = await asyncio.open_connection(*address)
+    answered[1].write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert (await answered[0].read(-1)).startswith(b"HTTP/1.1 301 ")  # not closed by us
+    idle = await asyncio.open_connection(*address)
+    try:
+        await asyncio.sleep(0.05)
+        assert acme.open == 2
+        got = await plain_exchange(address, b"GET /y HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 301 ")
+        assert (acme.evicted, acme.refused) == (0, 0)  # the answered one was closed
+        idle[1].write(b"GET /z HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await idle[0].read(-1)).startswith(b"HTTP/1.1 301 ")
+    finally:
+        answered[1].close()
+        idle[1].close()
+
+
+async def _challenge_certbot_never_answers(start_ingress: StartIngress, fleet_lines: list[str]):
+    responder = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    ingress = await start_ingress(
+        fleet_lines,
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"},
+        timeouts={"response": 4},
+    )
+    _, writer = await asyncio.open_connection(*ingress.acme_address)
+    writer.write(f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+    acme = ingress.registry.acme
+    await eventually(lambda: any(not p.waiting_for_head for p in acme.members))  # relaying
+    return ingress, responder, writer
+
+
+async def test_a_challenge_in_flight_holds_no_call_past_the_drain(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """stop() waited for a challenge being relayed before it closed the calls:
+    with certbot slow to answer, a drain of 0.2 s closed them after 4 s, its
+    timeouts.response (the review of session 33)."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    responder = writer = None
+    try:
+        ingress, responder, writer = await _challenge_certbot_never_answers(
+            start_ingress, [fleet.line("a")]
+        )
+        ws = await connect(wss_url(ingress), ssl=tls_files.client_context())
+        await ws.send("hello")
+        assert await ws.recv() == "hello"
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.2))
+        with pytest.raises(ConnectionClosedOK) as closed:
+            async with asyncio.timeout(10):
+                await ws.recv()
+        took = time.monotonic() - began
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert took < 1.5, took
+        await stopping
+    finally:
+        if writer is not None:
+            writer.close()
+        if responder is not None:
+            responder.close()
+        await fleet.stop()
+
+
+async def test_a_second_signal_does_not_wait_for_a_challenge_in_flight(
+    start_ingress: StartIngress,
+):
+    """A second SIGTERM (`cut_drain`) stops at once: it waited for a challenge
+    being relayed all the same, up to timeouts.connect + response + 2 s, and the
+    supervisor killed the workers after 3 s (the review of session 33)."""
+    ingress, responder, writer = await _challenge_certbot_never_answers(
+        start_ingress, ["https://127.0.0.1:9 name=unused"]
+    )
+    try:
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop())
+        await asyncio.sleep(0.3)
+        ingress.cut_drain()
+        async with asyncio.timeout(10):
+            await stopping
+        assert time.monotonic() - began < 1.5
+        assert ingress.registry.acme.open == 0
+    finally:
+        writer.close()
         responder.close()

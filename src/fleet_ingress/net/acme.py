@@ -15,7 +15,9 @@ could hold them all, and Let's Encrypt's validation, reset at accept, fails the
 renewal. Many clients (a flood from many addresses) can still fill the bound:
 then the oldest connection that has not sent its head yet (or has its answer
 already) is closed to let the new one in, so that a validation, which sends its
-head at once, is never shut out for good (the :80 audit of session 33).
+head at once, is never shut out for good (the :80 audit of session 33). One
+whose client has sent bytes not read yet (its head, accepted in one go with a
+flood) is passed over.
 
 An answer is followed by a lingering close: the writing side is shut (FIN after
 the answer), and what the client still sends (a body we do not read) is read
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import cast
@@ -63,6 +66,9 @@ ACME_LINGER_SECONDS = 2.0
 ACME_LINGER_BYTES = 1024 * 1024
 # The methods a challenge is fetched with (a 405's Allow).
 CHALLENGE_METHODS = "GET, HEAD"
+# How many connections with unread bytes (a head on its way) `admit` passes over
+# looking for one to close, before it refuses the new one instead.
+EVICTION_PEEKS = 32
 # What a TLS client's first bytes start with: a handshake record (RFC 8446 5.1).
 _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 
@@ -76,7 +82,8 @@ class AcmeConnections:
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
     by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
-    # Closed to let a new one in when `limit` were open (see `admit`).
+    # Closed before their head to let a new one in when `limit` were open (see
+    # `admit`; an answered one closed so is not counted: it cost nobody anything).
     evicted: int = 0
     # The open ones, oldest first.
     members: dict[AcmeProtocol, None] = field(default_factory=dict)
@@ -92,16 +99,34 @@ class AcmeConnections:
             self.refused += 1
             return False
         if self.open >= self.limit:
-            oldest = next((p for p in self.members if p.evictable), None)
+            oldest = self._oldest_evictable()
             if oldest is None:  # every one is a challenge being relayed: bounded by its timeouts
                 self.refused += 1
                 return False
-            self.evicted += 1
+            if oldest.waiting_for_head:  # an answered one costs nobody anything: not counted
+                self.evicted += 1
             oldest.evict()
         self.open += 1
         self.by_client[key] += 1
         self.members[protocol] = None
         return True
+
+    def _oldest_evictable(self) -> AcmeProtocol | None:
+        """The oldest with no head (or its answer sent) whose client has sent
+        nothing the loop has not read yet. Connections accepted in one go (the
+        loop busy, a flood's backlog) are all made before any is read: a
+        validator's head, already in its socket, was taken for an idle one and
+        reset (the review of session 33). A few are looked at: each is a recv."""
+        looked = 0
+        for p in self.members:
+            if not p.evictable:
+                continue
+            if not p.has_unread_bytes():
+                return p
+            looked += 1
+            if looked >= EVICTION_PEEKS:
+                return None
+        return None
 
     def release(self, protocol: AcmeProtocol, key: str) -> None:
         self.open -= 1
@@ -190,8 +215,27 @@ class AcmeProtocol(asyncio.Protocol):
 
     @property
     def evictable(self) -> bool:
-        """Closing it costs nobody an answer: no head yet, or answered already."""
-        return not self._done or self._lingering
+        """Closing it costs nobody an answer: no head yet, or answered already
+        (its answer out of our buffer: an abort would drop what is left there)."""
+        return not self._done or self.answered
+
+    def has_unread_bytes(self) -> bool:
+        """The client sent bytes the loop has not read yet (peeked, not taken)."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if sock is None:
+            return False
+        try:
+            # uvloop's is a pseudo-socket with no recv: a socket object on its descriptor.
+            peek = socket.socket(sock.family, sock.type, 0, sock.fileno())
+        except (OSError, ValueError):
+            return False
+        try:
+            return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing there (EAGAIN), or a reset
+            return False
+        finally:
+            peek.detach()  # the transport's descriptor: not closed here
 
     def evict(self) -> None:
         """Closed to let a new connection in (`AcmeConnections.admit`)."""

@@ -543,6 +543,25 @@ class Ingress:
         if self._acme is not None:
             self._acme.close()
 
+    async def _acme_settled(self, *, keep_pending: bool) -> None:
+        """A challenge being relayed (or answered) when the worker exits was cut,
+        and the renewal failed (the :80 audit of session 32): it finishes, as calls
+        do, within its own timeouts; a second signal (`cut_drain`) ends the wait.
+        It kept calls open past the drain's end, and a second signal waited for it
+        (the review of session 33)."""
+        acme = self.registry.acme
+        if not acme.members or self._drain_cut.is_set():
+            return
+        t = self.config.timeouts
+        bound = t.connect + t.response + ACME_LINGER_SECONDS + (t.request if keep_pending else 0)
+        settled = asyncio.ensure_future(acme.settled())
+        cut = asyncio.ensure_future(self._drain_cut.wait())
+        try:
+            await asyncio.wait({settled, cut}, timeout=bound, return_when="FIRST_COMPLETED")
+        finally:
+            settled.cancel()
+            cut.cancel()
+
     async def stop(self, drain_timeout: float | None = None, *, keep_pending: bool = False) -> None:
         """Stop accepting at once; let calls end for up to `drain_timeout`
         (default timeouts.drain; math.inf: until they end), or sooner if
@@ -556,8 +575,10 @@ class Ingress:
             for conn in list(self.registry.connections):
                 if conn.call is None:  # no call yet: nothing to keep
                     conn.abort()
+            # Not one whose head is in its socket, unread (a validation as SIGTERM came).
             for waiting in [p for p in acme.members if p.waiting_for_head]:
-                waiting.evict()
+                if not waiting.has_unread_bytes():
+                    waiting.evict()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         self.stopping = True
         drained = asyncio.ensure_future(
@@ -596,17 +617,6 @@ class Ingress:
                     drain_s=round(by - began, 1) if by < math.inf else None,
                 ),
             )
-        if acme.members and cut not in done:
-            # A challenge being relayed (or answered) when the worker exits was cut,
-            # and the renewal failed (the :80 audit of session 32): it finishes, as
-            # calls do, within its own timeouts.
-            t = self.config.timeouts
-            bound = t.connect + t.response + ACME_LINGER_SECONDS
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(bound + (t.request if keep_pending else 0)):
-                    await acme.settled()
-        for left in list(acme.members):
-            left.evict()
         for call in list(self.registry.calls):
             call.end(EndReason.DRAIN)
         # Each call ends (and is logged) once both its sides are gone: give the TLS
@@ -616,6 +626,10 @@ class Ingress:
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
             call.abort()
+        # After the calls: a challenge in flight does not hold them past the drain.
+        await self._acme_settled(keep_pending=keep_pending)
+        for left in list(acme.members):
+            left.evict()
         # Handshakes kept by an upgrade's stop that are still under way: one
         # finishing later would be served by an ingress that has stopped.
         self.stop_accepting()
