@@ -980,6 +980,58 @@ def fill_unread_channel(server: SlotServer, key: int) -> bytes:
     return sent
 
 
+# -- carriers offering their TLS session ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Offered:
+    """What a carrier's connection offering its TLS session got."""
+
+    resumed: bool
+    serial: str  # the certificate's, in hex without leading 0s (as `write_leaf_cert`)
+    session: ssl.SSLSession | None  # the session to offer next (its new ticket)
+    answer: bytes  # the first 12 bytes of the health route's answer
+    holder: int | None  # which of the pids asked about accepted it (None: none)
+
+
+def offer_session(
+    port: int,
+    ctx: ssl.SSLContext,
+    session: ssl.SSLSession | None,
+    pids: Iterable[int] = (),
+) -> Offered:
+    """A carrier's connection to 127.0.0.1:`port` offering `session` (a TLS 1.3
+    ticket, a TLS 1.2 ticket or id), the health route asked (a TLS 1.3 ticket
+    comes after the handshake, read with the answer). Blocking."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            holder = socket_holder(pids, port, tls.getsockname()[1])
+            tls.sendall(b"GET /haproxy-health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            answer = tls.recv(12)
+            serial = tls.getpeercert()["serialNumber"].lstrip("0")
+            return Offered(tls.session_reused, serial, tls.session, answer, holder)
+
+
+def socket_holder(pids: Iterable[int], port: int, client_port: int) -> int | None:
+    """Which of `pids` holds the accepted end of the loopback connection from
+    `client_port` to `port` (which worker the kernel handed it to)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote = (int(a.rsplit(":", 1)[1], 16) for a in parts[1:3])
+        if (local, remote) == (port, client_port) and parts[9] != "0":
+            inode = parts[9]
+    if inode is None:
+        return None
+    for pid in pids:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                        return pid
+    return None
+
+
 # -- clients a TLS server must refuse, with the alert that says why ------------------
 
 

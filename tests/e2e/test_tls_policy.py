@@ -16,7 +16,7 @@ from typing import Any
 import trustme
 
 from fleet_ingress.service.ingress import Ingress
-from tests.support import StartIngress, TLSFiles, free_port
+from tests.support import StartIngress, TLSFiles, free_port, offer_session, write_leaf_cert
 
 # The test certificate is ECDSA (trustme's default), so TLS 1.2 suites are ECDHE-ECDSA.
 CBC_ONLY = "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384"
@@ -127,9 +127,58 @@ async def test_a_reload_applies_a_new_profile_to_new_handshakes(
     assert isinstance(agreed, dict) and agreed["version"] == "TLSv1.2"
 
 
-def _config_text(tls_files: TLSFiles, ingress: Ingress, *tls_lines: str) -> str:
+async def test_a_reload_that_changes_no_certificate_keeps_carriers_sessions_resuming(
+    start_ingress: StartIngress, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A reload of fleets and timeouts alone keeps the carrier context, and a
+    carrier's session from before resumes: every reload built a new one, so each
+    carrier's next connection was a full handshake (about twice a resumption's
+    time; the renewal audit of session 33). A renewal, or a new tls.profile,
+    still builds a new one, which no session from before resumes into (one of
+    a certificate replaced must not go on authenticating)."""
+    first = write_leaf_cert(tls_files.ca, tmp_path)
+    files = {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    ingress = await ingress_with(start_ingress, **files)
+    port = ingress.wss_address[1]
+    carriers = [client(tls_files), client(tls_files, tls12_only=True)]  # TLS 1.3, TLS 1.2
+    sessions = [(await asyncio.to_thread(offer_session, port, c, None)).session for c in carriers]
+
+    async def reconnect(serial: str, *, resumed: bool) -> None:
+        for i, ctx in enumerate(carriers):
+            got = await asyncio.to_thread(offer_session, port, ctx, sessions[i])
+            assert (got.resumed, got.serial, got.answer) == (resumed, serial, b"HTTP/1.1 200"), i
+            sessions[i] = got.session
+
+    config = tmp_path / "ingress.toml"
+    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:9 name=none\n")
+    config.write_text(_config_text(tls_files, ingress, home=tmp_path) + "[timeouts]\nqueue = 7\n")
+    await ingress.reload(config)
+    assert ingress.config.timeouts.queue == 7
+    await reconnect(first, resumed=True)
+    (tmp_path / "fleets.txt").write_text("https://127.0.0.1:10 name=other\n")
+    await ingress.reload(config)
+    await reconnect(first, resumed=True)
+
+    renewed = write_leaf_cert(tls_files.ca, tmp_path)
+    await ingress.reload(config)
+    await reconnect(renewed, resumed=False)
+    await reconnect(renewed, resumed=True)
+    config.write_text(_config_text(tls_files, ingress, 'profile = "openssl"', home=tmp_path))
+    await ingress.reload(config)
+    await reconnect(renewed, resumed=False)
+
+
+def _config_text(
+    tls_files: TLSFiles, ingress: Ingress, *tls_lines: str, home: Path | None = None
+) -> str:
+    """`home`: the certificate is home/cert.pem and home/key.pem (`write_leaf_cert`)."""
     host, port = ingress.wss_address
     lines = "\n".join(tls_lines)
+    cert, key = (
+        (tls_files.ingress_cert, tls_files.ingress_key)
+        if home is None
+        else (home / "cert.pem", home / "key.pem")
+    )
     return f"""
 [listen]
 wss = "{host}:{port}"
@@ -138,8 +187,8 @@ stats = ""
 admin_socket = ""
 
 [tls]
-cert = "{tls_files.ingress_cert}"
-key = "{tls_files.ingress_key}"
+cert = "{cert}"
+key = "{key}"
 ca_file = "{tls_files.ca_pem}"
 {lines}
 

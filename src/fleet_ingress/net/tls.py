@@ -77,10 +77,12 @@ def server_ssl_context(
     profile: str = "intermediate",
     *,
     named: tuple[Path, Path] | None = None,
+    ticket_keys: bytes | None = None,
 ) -> ssl.SSLContext:
     """The carrier listener's context from the files `cert` and `key`; `named`: the
     files the messages name when `cert` and `key` hold what was read from them
-    (`server_ssl_context_of`)."""
+    (`server_ssl_context_of`). `ticket_keys`: the keys its session tickets are
+    sealed with (`share_ticket_keys`); None: OpenSSL's own, random per context."""
     cert_name, key_name = named or (cert, key)
     if min_version not in _VERSIONS:
         raise TLSSetupError(f"TLS minimum version {min_version!r}: the floor is TLSv1.2")
@@ -118,6 +120,8 @@ def server_ssl_context(
             )
             problem = f"cannot be read: {exc.strerror} ({unreadable or cert_name})"
         raise TLSSetupError(f"certificate {cert_name} and key {key_name} {problem}") from None
+    if ticket_keys is not None:
+        share_ticket_keys(ctx, ticket_keys)
     return ctx
 
 
@@ -214,13 +218,20 @@ def server_ssl_context_of(
     key: Path,
     min_version: str = "TLSv1.2",
     profile: str = "intermediate",
+    *,
+    ticket_keys: bytes | None = None,
 ) -> ssl.SSLContext:
     """`server_ssl_context` loaded from `pem` (read from `cert` and `key`, which
     messages name), not from the files again."""
     fds = held_pem(pem)
     try:
         return server_ssl_context(
-            fd_path(fds[0]), fd_path(fds[1]), min_version, profile, named=(cert, key)
+            fd_path(fds[0]),
+            fd_path(fds[1]),
+            min_version,
+            profile,
+            named=(cert, key),
+            ticket_keys=ticket_keys,
         )
     finally:
         for fd in fds:
@@ -311,13 +322,10 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
     global _groups_fallback_logged
     calls = _libssl_calls()
     if calls is not None and ssl.OPENSSL_VERSION_INFO >= (1, 1, 1):
-        get_options, control = calls
         try:
-            # PySSLContext is PyObject_HEAD then SSL_CTX *ctx.
-            ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
-            if ssl_ctx and get_options(ssl_ctx) == int(ctx.options):
-                if control(ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
-                    return
+            ssl_ctx = _openssl_ctx(ctx, calls)
+            if ssl_ctx and calls[1](ssl_ctx, _SET_GROUPS_LIST, 0, groups.encode()) == 1:
+                return
         except (OSError, ValueError, ctypes.ArgumentError):
             pass  # the one-group fallback below
     ctx.set_ecdh_curve("prime256v1")  # within every profile's list, at one round trip's cost
@@ -327,6 +335,61 @@ def _set_groups(ctx: ssl.SSLContext, groups: str) -> None:
             "TLS key exchange limited to P-256: this Python cannot set a list of groups; "
             "TLS 1.3 clients that lead with X25519 take one more round trip"
         )
+
+
+def _openssl_ctx(ctx: ssl.SSLContext, calls: tuple[Any, Any]) -> int | None:
+    """The address of OpenSSL's SSL_CTX under `ctx` (PySSLContext is PyObject_HEAD
+    then SSL_CTX *ctx), when its options read back through it; else None."""
+    ssl_ctx = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if ssl_ctx and calls[0](ssl_ctx) == int(ctx.options):
+        return int(ssl_ctx)
+    return None
+
+
+# SSL_CTRL_GET_ / SET_TLSEXT_TICKET_KEYS, behind SSL_CTX_get_ / set_tlsext_ticket_keys:
+# the key name, HMAC key and AES key tickets are sealed with (16 + 32 + 32 bytes
+# since OpenSSL 1.1.0; asked with no buffer, OpenSSL says how many).
+_GET_TICKET_KEYS, _SET_TICKET_KEYS = 58, 59
+TICKET_KEYS_BYTES = 80
+_tickets_fallback_logged = False
+
+
+def new_ticket_keys() -> bytes:
+    return os.urandom(TICKET_KEYS_BYTES)
+
+
+def share_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Seal `ctx`'s session tickets (TLS 1.3's, and TLS 1.2's) with `keys`, as
+    the other workers' contexts given them do: a carrier's ticket resumes on
+    whichever worker the kernel hands its next connection. OpenSSL draws random
+    keys per context, so with 2 workers a ticket resumed about half the time
+    (the renewal audit of session 33). False (the context keeps its own, said
+    once) when OpenSSL's call cannot be reached or takes keys of another size."""
+    global _tickets_fallback_logged
+    calls = _libssl_calls()
+    if calls is not None and len(keys) == TICKET_KEYS_BYTES:
+        control = calls[1]
+        try:
+            ssl_ctx = _openssl_ctx(ctx, calls)
+            # Asked first, so that a size refused leaves no error queued in OpenSSL.
+            if ssl_ctx and control(ssl_ctx, _SET_TICKET_KEYS, 0, None) == len(keys):
+                held = ctypes.create_string_buffer(len(keys))
+                if (
+                    control(ssl_ctx, _SET_TICKET_KEYS, len(keys), keys) == 1
+                    and control(ssl_ctx, _GET_TICKET_KEYS, len(keys), held) == 1
+                    and held.raw == keys
+                ):
+                    return True
+        except (OSError, ValueError, ctypes.ArgumentError):
+            pass
+    if not _tickets_fallback_logged:
+        _tickets_fallback_logged = True
+        log.warning(
+            "TLS session tickets are not shared between workers: this Python or OpenSSL "
+            "does not take the keys; a carrier resumes its session only on the worker "
+            "that issued its ticket"
+        )
+    return False
 
 
 def fleet_ssl_context(*, verify: bool, ca_file: Path | None) -> ssl.SSLContext:

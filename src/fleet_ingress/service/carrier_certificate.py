@@ -1,7 +1,9 @@
 """The carrier certificate a process serves, and how it is handed on: read once
 from tls.cert/tls.key by the supervisor, checked, and given to each worker it
 starts (sealed memfds, SERVING_PEM_ENV) and with each reload (`pem_to_json`), so
-that no worker reads the files, which may hold a renewal a reload refused.
+that no worker reads the files, which may hold a renewal a reload refused;
+with it, the keys every worker seals its session tickets with
+(SERVING_TICKET_KEYS_ENV), so that a carrier's session resumes on any of them.
 Also what the image an upgrade starts, or a worker of an older supervisor,
 must not take from disk (`certificate_not_taken`)."""
 
@@ -27,9 +29,11 @@ from fleet_ingress.core.certificate_change import (
 )
 from fleet_ingress.logs import fields
 from fleet_ingress.net.tls import (
+    TICKET_KEYS_BYTES,
     CarrierPem,
     TLSSetupError,
     chain_problem,
+    fd_path,
     leaf_facts,
     leaf_facts_of,
     pem_chain_problem,
@@ -50,6 +54,11 @@ SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
 # checked once (a reload's, or at its start): the files may hold since a renewal
 # a reload refused, half written, a key not the certificate's, or nothing.
 SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
+# And the fd of a sealed memfd holding the keys its session tickets are sealed
+# with: the supervisor's, the same for every worker it starts, drawn anew with
+# each certificate (or [tls] setting) it serves, held in memory only. A worker
+# of an older release ignores it (and draws its own, as OpenSSL does).
+SERVING_TICKET_KEYS_ENV = "INGRESS_SERVING_TICKET_KEYS_FD"
 
 
 def certificate_not_taken(config: IngressConfig, serving: LeafFacts | None) -> str | None:
@@ -185,16 +194,75 @@ def serving_leaf(config: IngressConfig, pem: CarrierPem | None = None) -> LeafFa
     return None
 
 
-def carrier_ssl_context(config: IngressConfig, pem: CarrierPem | None = None) -> ssl.SSLContext:
+def carrier_ssl_context(
+    config: IngressConfig, pem: CarrierPem | None = None, ticket_keys: bytes | None = None
+) -> ssl.SSLContext:
     """The carrier listener's TLS context, from `[tls]`; TLSSetupError if it cannot load.
     `pem`: the certificate and key read from tls.cert and tls.key already (then
-    loaded, not the files)."""
+    loaded, not the files). `ticket_keys`: its session tickets' keys, the same
+    in every worker (SERVING_TICKET_KEYS_ENV); None: OpenSSL's own."""
     tls = config.tls
     if tls.cert is None or tls.key is None:
         raise TLSSetupError("tls.cert and tls.key must be set to serve the carrier listener")
     if pem is not None:
-        return server_ssl_context_of(pem, tls.cert, tls.key, tls.min_version, tls.profile)
-    return server_ssl_context(tls.cert, tls.key, tls.min_version, tls.profile)
+        return server_ssl_context_of(
+            pem, tls.cert, tls.key, tls.min_version, tls.profile, ticket_keys=ticket_keys
+        )
+    return server_ssl_context(
+        tls.cert, tls.key, tls.min_version, tls.profile, ticket_keys=ticket_keys
+    )
+
+
+def serves_alike(
+    config: IngressConfig, pem: CarrierPem | None, other: IngressConfig, other_pem: CarrierPem
+) -> bool:
+    """Whether the carrier context of `config` and `pem` (None: not known) is
+    the one `other` and `other_pem` would build: the same chain and key bytes,
+    the same [tls] settings that go into it (tls.ca_file does not: it only
+    judges the chain). A reload that changes neither keeps it, and carriers'
+    sessions resume on; one that does builds another, which no session from
+    before resumes into (nor a ticket: the supervisor draws new keys for it)."""
+    mine, theirs = config.tls, other.tls
+    return (
+        pem == other_pem
+        and mine.min_version == theirs.min_version
+        and mine.profile == theirs.profile
+    )
+
+
+def ticket_keys_to_json(keys: bytes) -> str:
+    """The session ticket keys, for a worker's `reload` message (`ticket_keys_from_json`)."""
+    return base64.b64encode(keys).decode()
+
+
+def ticket_keys_from_json(value: Any) -> bytes | None:
+    """`ticket_keys_to_json`'s keys; None when `value` is not that (none sent: a
+    supervisor of an older release), and the worker's context keeps OpenSSL's own."""
+    try:
+        keys = base64.b64decode(value, validate=True)
+    except (TypeError, ValueError):
+        return None
+    return keys if len(keys) == TICKET_KEYS_BYTES else None
+
+
+def ticket_keys_from_env(value: str | None) -> bytes | None:
+    """The session ticket keys in the memfd SERVING_TICKET_KEYS_ENV names
+    (closed once read); None when it names none or cannot be read (OpenSSL's
+    own keys then serve: sessions resume on this worker alone, as before)."""
+    if not value:
+        return None
+    try:
+        fd = int(value)
+    except ValueError:
+        return None
+    try:
+        keys = fd_path(fd).read_bytes()
+    except OSError:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return keys if len(keys) == TICKET_KEYS_BYTES else None
 
 
 def warn_about_chain(config: IngressConfig, pem: CarrierPem | None = None) -> None:

@@ -70,6 +70,8 @@ from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outco
 from fleet_ingress.ops.snapshot import snapshot
 from fleet_ingress.service.carrier_certificate import (
     carrier_ssl_context,
+    read_carrier_pem,
+    serves_alike,
     serving_leaf,
     warn_about_chain,
 )
@@ -107,23 +109,33 @@ class Ingress:
         leases: SlotSource | None = None,
         sockets: Mapping[str, socket.socket] | None = None,
         pem: CarrierPem | None = None,
+        ticket_keys: bytes | None = None,
     ) -> None:
         """`health_checks=False` counts every fleet as UP and probes none
         (tests of the call path alone; never what `run` does). `sockets`:
         listening sockets already bound, by config key (`listen.wss`,
         `listen.acme`), used instead of binding. `pem`: the certificate and
         key to serve, read from tls.cert and tls.key already (a worker's: the
-        ones the supervisor serves), not the files."""
+        ones the supervisor serves), not the files. `ticket_keys`: the keys
+        its session tickets are sealed with (a worker's: the supervisor's, the
+        same in every worker); None: OpenSSL's own."""
         self.worker = leases is not None
         if self.worker:
             health_checks = False  # the supervisor probes, once for the host
         self.leases: SlotSource | None = leases
         self.sockets = dict(sockets or {})
         self.config = config
+        # What the carrier context was built from (None: a context given, not
+        # known): a reload that changes none of it keeps the context.
+        self.serving_pem: CarrierPem | None = None
+        self.ticket_keys = ticket_keys
         if server_ssl is None:
             if config.tls.cert is None or config.tls.key is None:
                 raise ValueError("tls.cert and tls.key must be set to serve the carrier listener")
-            server_ssl = carrier_ssl_context(config, pem)
+            if pem is None:
+                pem = read_carrier_pem(config)
+            server_ssl = carrier_ssl_context(config, pem, ticket_keys)
+            self.serving_pem = pem
         if fleet_ssl is None:
             fleet_ssl = fleet_ssl_context(
                 verify=config.fleets.verify, ca_file=config.fleets.ca_file
@@ -428,6 +440,7 @@ class Ingress:
         config_path: Path,
         config: IngressConfig | None = None,
         pem: CarrierPem | None = None,
+        ticket_keys: bytes | None = None,
     ) -> str:
         """Reload configuration, fleets file and certificate in place.
 
@@ -440,10 +453,11 @@ class Ingress:
         apply, read and checked already (a worker's, sent by the supervisor with
         its `reload`); `config_path` is then not read.
         `pem`: the certificate and key to serve, likewise (its tls.cert and
-        tls.key are then not read)."""
+        tls.key are then not read), and `ticket_keys` the keys to seal session
+        tickets with (the supervisor's; None: OpenSSL's own)."""
         async with self._reload_lock:
             try:
-                changes = await self._reload(config_path, config, pem)
+                changes = await self._reload(config_path, config, pem, ticket_keys)
             except ReloadRefused as exc:
                 self.last_reload = reload_outcome(str(exc))
                 raise
@@ -451,7 +465,11 @@ class Ingress:
             return changes
 
     async def _reload(
-        self, config_path: Path, given: IngressConfig | None, pem: CarrierPem | None
+        self,
+        config_path: Path,
+        given: IngressConfig | None,
+        pem: CarrierPem | None,
+        ticket_keys: bytes | None,
     ) -> str:
         try:
             # Off the loop, which carries every call's frames meanwhile: the
@@ -463,11 +481,12 @@ class Ingress:
                 serving=self.serving_leaf,
                 config=given,
                 pem=pem,
+                ticket_keys=ticket_keys,
             )
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
-        config, specs, server_ssl, fleet_ssl, leaf, _ = new
+        config, specs, server_ssl, fleet_ssl, leaf, pem = new
         # A worker's listeners and fleets are the supervisor's, which says what changed.
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
         if not self.worker and (settings := settings_changed(self.config, config)):
@@ -476,8 +495,17 @@ class Ingress:
             notes.append(certificate)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
-        # so a renewal from ECDSA to RSA would leave the old ECDSA one served.
-        self.server_ssl = server_ssl
+        # so a renewal from ECDSA to RSA would leave the old ECDSA one served; and no
+        # session from before resumes into it (its cache and ticket keys are its own).
+        # But only when what goes into it changed: a new one for a reload of fleets
+        # or timeouts made every carrier's next connection a full handshake (about
+        # twice a resumption's time; the renewal audit of session 33).
+        if self.serving_pem is None or not (
+            serves_alike(self.config, self.serving_pem, config, pem)
+            and ticket_keys == self.ticket_keys
+        ):
+            self.server_ssl = server_ssl
+            self.serving_pem, self.ticket_keys = pem, ticket_keys
         self.serving_leaf = leaf
         self.config = config
         self.ctx = self._proxy_context(config, fleet_ssl)
@@ -678,6 +706,7 @@ async def read_reload_settled(
     serving: LeafFacts | None = None,
     config: IngressConfig | None = None,
     pem: CarrierPem | None = None,
+    ticket_keys: bytes | None = None,
 ) -> ReadReload:
     """`read_reload` off the loop, read again when an operator's fleet change
     wrote the fleets file meanwhile: applying what was read before it undid
@@ -686,7 +715,13 @@ async def read_reload_settled(
     file but not running). A few times at most; what is applied is read after
     the last change seen."""
     read = functools.partial(
-        read_reload, config_path, fleets=fleets, serving=serving, config=config, pem=pem
+        read_reload,
+        config_path,
+        fleets=fleets,
+        serving=serving,
+        config=config,
+        pem=pem,
+        ticket_keys=ticket_keys,
     )
     for _ in range(RELOAD_READS - 1):
         writes = ops.file_writes
@@ -703,6 +738,7 @@ def read_reload(
     serving: LeafFacts | None = None,
     config: IngressConfig | None = None,
     pem: CarrierPem | None = None,
+    ticket_keys: bytes | None = None,
 ) -> ReadReload:
     """Read and check everything a reload applies, before applying any of it:
     config (from `config_path`, unless `config` is given: a worker applies the
@@ -727,7 +763,7 @@ def read_reload(
             raise ReloadRefused("tls.cert and tls.key must be set")
         if pem is None:
             pem = read_pem(config.tls.cert, config.tls.key)
-        server_ssl = carrier_ssl_context(config, pem)
+        server_ssl = carrier_ssl_context(config, pem, ticket_keys)
         leaf = leaf_facts_of(pem.cert, config.tls.cert)
         if problem := renewal_problem(leaf, serving, time.time()):
             raise ReloadRefused(

@@ -76,7 +76,13 @@ from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
-from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context, held_pem
+from fleet_ingress.net.tls import (
+    CarrierPem,
+    fleet_ssl_context,
+    held_pem,
+    memfd_of,
+    new_ticket_keys,
+)
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -110,10 +116,13 @@ from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.carrier_certificate import (
     SERVING_PEM_ENV,
+    SERVING_TICKET_KEYS_ENV,
     carrier_ssl_context,
     pem_to_json,
     read_carrier_pem,
+    serves_alike,
     serving_leaf,
+    ticket_keys_to_json,
     warn_about_chain,
 )
 from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
@@ -212,6 +221,13 @@ class Supervisor:
             pem = read_carrier_pem(config)
         carrier_ssl_context(config, pem)
         self.serving_pem = pem  # the certificate and key served now, as checked
+        # The keys every worker of this image seals its session tickets with:
+        # a carrier's ticket resumes on whichever worker accepts its next
+        # connection. Drawn anew with each certificate served (`_reload`), so
+        # that no session resumes into the certificate it replaced; in memory
+        # only (handed in memfds and on the channel, never in a snapshot): the
+        # next image, an upgrade's, draws its own.
+        self.ticket_keys = new_ticket_keys()
         # What this start serves other than what the files hold, said once more
         # by the upgrade that re-executed into it (`upgrade` prints it).
         self.start_notes: list[str] = []
@@ -544,6 +560,8 @@ class Supervisor:
             # now, the bytes checked here, from sealed memfds of its own.
             pem_fds = held_pem(self.serving_pem)
             env[SERVING_PEM_ENV] = ",".join(map(str, pem_fds))
+            pem_fds += (memfd_of(self.ticket_keys, "fleet-ingress tls ticket keys"),)
+            env[SERVING_TICKET_KEYS_ENV] = str(pem_fds[-1])
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -1205,6 +1223,7 @@ class Supervisor:
             RELOAD_LATE_WAIT,
             config=config_to_json(self.config),
             pem=pem_to_json(self.serving_pem),
+            ticket_keys=ticket_keys_to_json(self.ticket_keys),
         )
 
     def _reload_done(self, worker: WorkerProcess, task: asyncio.Task[dict[str, Any]]) -> None:
@@ -1513,6 +1532,10 @@ class Supervisor:
         if certificate := change_note(leaf, self.serving_leaf):
             notes.append(certificate)
         verified = self.config.fleets.verify
+        if not serves_alike(self.config, self.serving_pem, config, pem):
+            # Workers build a new carrier context: tickets sealed before must not
+            # resume into it (a renewal for a key that leaked).
+            self.ticket_keys = new_ticket_keys()
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get

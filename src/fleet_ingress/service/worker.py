@@ -22,6 +22,9 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      "pem": the certificate chain and key the supervisor
                                      read and checked (`pem_to_json`), loaded rather than
                                      the files read again; without it, the files are read.
+                                     "ticket_keys": the keys every worker seals its TLS
+                                     session tickets with (`ticket_keys_to_json`), new with
+                                     each certificate; without them, OpenSSL's own.
                                      A worker's own SIGHUP is not acted on (logged): read
                                      here alone, it left this worker on files the
                                      supervisor and the other workers never read.
@@ -79,10 +82,13 @@ from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.carrier_certificate import (
     SERVING_CERTIFICATE_ENV,
     SERVING_PEM_ENV,
+    SERVING_TICKET_KEYS_ENV,
     certificate_not_taken,
     pem_from_env,
     pem_from_json,
     serving_leaf_from_env,
+    ticket_keys_from_env,
+    ticket_keys_from_json,
 )
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -127,10 +133,13 @@ class Worker:
         client: SlotClient,
         listeners: dict[str, socket.socket],
         pem: CarrierPem | None = None,
+        ticket_keys: bytes | None = None,
     ) -> None:
         self.config_path = config_path
         self.client = client
-        self.ingress = Ingress(config, [], leases=client, sockets=listeners, pem=pem)
+        self.ingress = Ingress(
+            config, [], leases=client, sockets=listeners, pem=pem, ticket_keys=ticket_keys
+        )
         self.stop = asyncio.Event()
         self.keep_pending = False  # an upgrade's stop: keep what was accepted
         self.drain: float | None = None  # an upgrade's stop: timeouts.upgrade_drain's
@@ -146,7 +155,7 @@ class Worker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._logging = (config.log.level, config.log.format)
         client.handlers["reload"] = lambda m: self._spawn(
-            self._reload(m.get("id"), m.get("config"), m.get("pem"))
+            self._reload(m.get("id"), m.get("config"), m.get("pem"), m.get("ticket_keys"))
         )
         client.handlers["stop"] = self._on_stop
         client.handlers["close-fleet"] = lambda m: self._spawn(
@@ -182,10 +191,13 @@ class Worker:
         self.ingress.stop_accepting(keep_pending=keep_pending)
         self.stop.set()
 
-    async def _reload(self, ask: Any, handed: Any = None, handed_pem: Any = None) -> None:
+    async def _reload(
+        self, ask: Any, handed: Any = None, handed_pem: Any = None, handed_keys: Any = None
+    ) -> None:
         """`handed`: the supervisor's configuration (`config_to_json`), applied
         as it is; None: the file is read (see the module's docstring).
-        `handed_pem`: its certificate and key (`pem_to_json`), likewise."""
+        `handed_pem`: its certificate and key (`pem_to_json`), likewise;
+        `handed_keys`: its session ticket keys (`ticket_keys_to_json`)."""
         try:
             config = pem = None
             if handed is not None:
@@ -198,7 +210,8 @@ class Worker:
                     pem = pem_from_json(handed_pem)
                 except ValueError as exc:
                     raise ReloadRefused(str(exc)) from None
-            await self.ingress.reload(self.config_path, config, pem)
+            keys = ticket_keys_from_json(handed_keys)
+            await self.ingress.reload(self.config_path, config, pem, keys)
         except ReloadRefused as exc:
             log.error("reload refused in this worker", extra=fields(error=str(exc)))
             answer: dict[str, Any] = {"ok": False, "error": str(exc)}
@@ -302,6 +315,7 @@ async def serve(
     channel: socket.socket,
     generation: int,
     pem: CarrierPem | None = None,
+    ticket_keys: bytes | None = None,
 ) -> None:
     client = await SlotClient.connect(
         sock=channel,
@@ -310,7 +324,7 @@ async def serve(
         answer_timeout=answer_timeout(config),
         hello=False,
     )
-    worker = Worker(config, config_path, client, listeners, pem)
+    worker = Worker(config, config_path, client, listeners, pem, ticket_keys)
     # Only now: the supervisor may say `stop` as soon as it reads our hello,
     # and an op with no handler yet would be ignored (an unknown op).
     client.say_hello()
@@ -362,13 +376,16 @@ def run_worker(config_path: Path, generation: int, *, cpu: int | None = None) ->
                 extra=fields(error=problem),
             )
             return 2
+    # Shared with the other workers, so that a carrier's session resumes on any
+    # of them; None (not handed, or unreadable): OpenSSL's own, as before.
+    ticket_keys = ticket_keys_from_env(os.environ.get(SERVING_TICKET_KEYS_ENV))
     glibc_malloc.pin_mmap_threshold()
     _prefer_for_oom_kill()
     code_digest()  # read now, not on the loop at its first report with calls live
     if cpu is not None:
         _say_pinned(cpu, pin_failed)
     try:
-        event_loop.run(serve(config, config_path, socks, channel, generation, pem))
+        event_loop.run(serve(config, config_path, socks, channel, generation, pem, ticket_keys))
     except (TLSSetupError, ValueError, OSError) as exc:
         log.error("worker cannot serve", extra=fields(error=str(exc)))
         return 2
