@@ -24,6 +24,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    admin_command,
     close_calls,
     echo,
     workers_of,
@@ -473,4 +474,53 @@ async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_qu
         assert stats["frontend"]["queue_timeouts"] == 0, stats["frontend"]
     finally:
         await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_each_worker_reloaded(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`fleet-ingress reload`, its worker stopped until the supervisor has sent
+    it the reload and is stopped itself; the worker answers at once, and the
+    supervisor is continued 10.5 s after (RELOAD_ANSWER_TIMEOUT 10 s): the
+    answer waiting in its channel is read before the round's wait ends. The
+    round's timer ran first: the log said "a worker did not reload" (an error),
+    the reload's answer "worker N did not reload: no answer within 10s", then
+    "worker reloaded, after the others" when the answer was read."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        check_timeout=5,
+        check_interval=5,  # the supervisor idle, waiting in epoll_wait, when stopped
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    try:
+        await service.fleets_up()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            reload = asyncio.ensure_future(admin_command(service, "reload"))
+            await asyncio.sleep(1.0)  # the reload asked: it waits in the worker's channel
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                await _stopped(supervisor)
+                os.kill(worker, signal.SIGCONT)
+                await asyncio.sleep(10.5)  # its answer waits in the supervisor's channel
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            code, printed = await reload
+        assert code == 0, printed
+        assert "did not reload" not in printed, printed
+        await asyncio.sleep(0.5)
+        events = [e for e in service.log() if "reload" in e["event"]]
+        assert [e["event"] for e in events if "did not reload" in e["event"]] == [], events
+        (round_,) = [e for e in events if e["event"] == "workers reloaded"]
+        assert round_["workers"] == [worker] and round_["failed"] == {}, round_
+    finally:
         await service.finish()

@@ -73,6 +73,7 @@ from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.late_timers import PatientTimer
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -1140,14 +1141,19 @@ class Supervisor:
         for worker in list(self.workers.values()):
             if not worker.left.is_set():
                 tasks[worker.pid] = self._start_reload(worker)
-        deadline = loop.time() + RELOAD_ANSWER_TIMEOUT
+        # Patient: a supervisor stopped through the round (SIGSTOP, a paused VM)
+        # reads the answers waiting for it before its timeout ends the round;
+        # they were logged "a worker did not reload", then "reloaded, after".
+        round_over = loop.create_future()
+        timer = PatientTimer(loop, RELOAD_ANSWER_TIMEOUT, _set_if_pending, round_over)
         try:
             # `tasks` may grow meanwhile: a worker whose start began before this round.
             while pending := [t for t in tasks.values() if not t.done()]:
-                if (left := deadline - loop.time()) <= 0:
+                if round_over.done():
                     break
-                await asyncio.wait(pending, timeout=left)
+                await asyncio.wait([*pending, round_over], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            timer.cancel()
             self._reload_round = None
         late = {
             "ok": False,
@@ -1655,6 +1661,11 @@ def _warn_unverified() -> None:
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
     )
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
