@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -524,3 +527,77 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
         assert round_["workers"] == [worker] and round_["failed"] == {}, round_
     finally:
         await service.finish()
+
+
+TLS_CLOSE_CHILD = Path(__file__).parent / "tls_close_child.py"
+
+
+@pytest.mark.timeout(60)
+async def test_a_tls_close_through_a_stop_longer_than_its_timeout_delivers_what_the_peer_reads(
+    tls_files: TLSFiles,
+) -> None:
+    """A TLS side closed with 8 MiB still to send to a peer not reading yet
+    (net/tls_socket, its CLOSE_TIMEOUT 1 s here), its process then stopped
+    2 s while the peer reads all the kernel holds: continued, it goes on
+    sending, and the peer gets every byte and close_notify. CLOSE_TIMEOUT ran
+    first on the loop resumed, the socket's room unseen: the connection was
+    aborted, what was still buffered lost (a call's last frames, its close
+    frame; a worker stopped 10 s, the default, with a carrier's side closing)."""
+    size = 8 << 20
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(TLS_CLOSE_CHILD),
+        str(tls_files.ingress_cert),
+        str(tls_files.ingress_key),
+        "1.0",
+        str(size),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+
+    async def said() -> dict[str, object]:
+        async with asyncio.timeout(10):
+            return json.loads(await child.stdout.readline())
+
+    try:
+        port = (await said())["port"]
+        raw = socket.create_connection(("127.0.0.1", int(port)), timeout=5)  # type: ignore[call-overload]
+        tls = tls_files.client_context().wrap_socket(
+            raw, server_hostname="calls.test", suppress_ragged_eofs=False
+        )
+        closing = await said()
+        assert closing["ev"] == "closing" and int(closing["buffered"]) > 0, closing  # type: ignore[call-overload]
+
+        def read(until: float) -> tuple[int, str]:
+            """What comes before `until` (monotonic), and how it ended."""
+            got = 0
+            while time.monotonic() < until:
+                tls.settimeout(max(0.01, until - time.monotonic()))
+                try:
+                    chunk = tls.recv(65536)
+                except TimeoutError:
+                    return got, "waiting"
+                except OSError as exc:
+                    return got, type(exc).__name__
+                if not chunk:
+                    return got, "close_notify"
+                got += len(chunk)
+            return got, "waiting"
+
+        await asyncio.sleep(0.3)  # the kernel's buffers full: it waits in epoll_wait
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            await _stopped(child.pid)
+            stopped_at = time.monotonic()
+            before, end = await asyncio.to_thread(read, stopped_at + 0.5)  # the kernel's
+            assert end == "waiting" and 0 < before < size, (before, end)
+            await asyncio.sleep(2.0 - (time.monotonic() - stopped_at))
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        after, end = await asyncio.to_thread(read, time.monotonic() + 10)
+        assert (before + after, end) == (size, "close_notify")
+        assert (await said())["ev"] == "lost"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
