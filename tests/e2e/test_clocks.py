@@ -601,3 +601,44 @@ async def test_a_tls_close_through_a_stop_longer_than_its_timeout_delivers_what_
         with contextlib.suppress(ProcessLookupError):
             child.kill()
         await child.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_hung_up_while_its_worker_was_stopped_past_the_drains_end_is_not_drain(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """SIGTERM with two calls, timeouts.drain 2 s; the worker stopped 0.3 s
+    into the drain until 1 s past its end, one carrier hanging up (its close
+    frame) meanwhile: once continued, that call ends as the carrier's hang-up,
+    the other as the drain's. The drain's timer ran first on the loop
+    resumed, the close frame unread: both were logged end_reason drain (and
+    the carrier hanging up got 1001 'ingress draining' for its close's reply)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, drain=2, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        for bot in ("left", "kept"):
+            calls.append(await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context()))
+            await echo(calls[-1])
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for("STOPPING=1", timeout=3)
+        await asyncio.sleep(0.3)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            hanging_up = asyncio.ensure_future(calls[0].close())
+            await asyncio.sleep(2.7)  # the drain's end is 1 s behind
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            await hanging_up
+            await service.proc.wait()
+        ended = {e["bot_id"]: e["end_reason"] for e in service.log() if e["event"] == "call ended"}
+        assert (calls[0].close_code, calls[1].close_code) == (1000, 1001)
+        assert ended == {"left": "carrier closed", "kept": "drain"}, ended
+    finally:
+        await close_calls(calls)
+        await service.finish()
