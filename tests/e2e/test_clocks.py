@@ -642,3 +642,51 @@ async def test_a_call_hung_up_while_its_worker_was_stopped_past_the_drains_end_i
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stopped_is_not_silent(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """An upgrade with its worker stopped until the new image has asked it
+    what it holds ("sync") and is stopped itself; the worker answers at once,
+    and the supervisor is continued past the restore's wait (RESTORE_TIMEOUT
+    5 s): the answer waiting in its channel is read first. The restore's timer
+    ran first: "worker has not said what it holds after the re-execution"
+    (a warning), the worker named not_answered_yet, granting resumed on the
+    slots of the table from before the exec."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    try:
+        await service.fleets_up()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            os.kill(supervisor, signal.SIGUSR2)
+            async with asyncio.timeout(30):  # the new image listens (0.9 s after the exec here)
+                while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)  # it has asked "sync": the ask waits in the worker's channel
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                await _stopped(supervisor)
+                os.kill(worker, signal.SIGCONT)
+                await asyncio.sleep(5.5)  # its answer waits in the supervisor's channel
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            while not any(
+                e["event"] == "workers rejoined after the re-execution" for e in service.log()
+            ):
+                await asyncio.sleep(0.05)
+        events = service.log()
+        assert [e for e in events if "has not said what it holds" in e["event"]] == []
+        (rejoined,) = [e for e in events if e["event"] == "workers rejoined after the re-execution"]
+        assert rejoined["not_answered_yet"] == [], rejoined
+    finally:
+        await service.finish()
