@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    admin_command,
     close_calls,
     echo,
     workers_of,
@@ -473,4 +477,216 @@ async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_qu
         assert stats["frontend"]["queue_timeouts"] == 0, stats["frontend"]
     finally:
         await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_each_worker_reloaded(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`fleet-ingress reload`, its worker stopped until the supervisor has sent
+    it the reload and is stopped itself; the worker answers at once, and the
+    supervisor is continued 10.5 s after (RELOAD_ANSWER_TIMEOUT 10 s): the
+    answer waiting in its channel is read before the round's wait ends. The
+    round's timer ran first: the log said "a worker did not reload" (an error),
+    the reload's answer "worker N did not reload: no answer within 10s", then
+    "worker reloaded, after the others" when the answer was read."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        check_timeout=5,
+        check_interval=5,  # the supervisor idle, waiting in epoll_wait, when stopped
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    try:
+        await service.fleets_up()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            reload = asyncio.ensure_future(admin_command(service, "reload"))
+            await asyncio.sleep(1.0)  # the reload asked: it waits in the worker's channel
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                await _stopped(supervisor)
+                os.kill(worker, signal.SIGCONT)
+                await asyncio.sleep(10.5)  # its answer waits in the supervisor's channel
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            code, printed = await reload
+        assert code == 0, printed
+        assert "did not reload" not in printed, printed
+        await asyncio.sleep(0.5)
+        events = [e for e in service.log() if "reload" in e["event"]]
+        assert [e["event"] for e in events if "did not reload" in e["event"]] == [], events
+        (round_,) = [e for e in events if e["event"] == "workers reloaded"]
+        assert round_["workers"] == [worker] and round_["failed"] == {}, round_
+    finally:
+        await service.finish()
+
+
+TLS_CLOSE_CHILD = Path(__file__).parent / "tls_close_child.py"
+
+
+@pytest.mark.timeout(60)
+async def test_a_tls_close_through_a_stop_longer_than_its_timeout_delivers_what_the_peer_reads(
+    tls_files: TLSFiles,
+) -> None:
+    """A TLS side closed with 8 MiB still to send to a peer not reading yet
+    (net/tls_socket, its CLOSE_TIMEOUT 1 s here), its process then stopped
+    2 s while the peer reads all the kernel holds: continued, it goes on
+    sending, and the peer gets every byte and close_notify. CLOSE_TIMEOUT ran
+    first on the loop resumed, the socket's room unseen: the connection was
+    aborted, what was still buffered lost (a call's last frames, its close
+    frame; a worker stopped 10 s, the default, with a carrier's side closing)."""
+    size = 8 << 20
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(TLS_CLOSE_CHILD),
+        str(tls_files.ingress_cert),
+        str(tls_files.ingress_key),
+        "1.0",
+        str(size),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+
+    async def said() -> dict[str, object]:
+        async with asyncio.timeout(10):
+            return json.loads(await child.stdout.readline())
+
+    try:
+        port = (await said())["port"]
+        raw = socket.create_connection(("127.0.0.1", int(port)), timeout=5)  # type: ignore[call-overload]
+        tls = tls_files.client_context().wrap_socket(
+            raw, server_hostname="calls.test", suppress_ragged_eofs=False
+        )
+        closing = await said()
+        assert closing["ev"] == "closing" and int(closing["buffered"]) > 0, closing  # type: ignore[call-overload]
+
+        def read(until: float) -> tuple[int, str]:
+            """What comes before `until` (monotonic), and how it ended."""
+            got = 0
+            while time.monotonic() < until:
+                tls.settimeout(max(0.01, until - time.monotonic()))
+                try:
+                    chunk = tls.recv(65536)
+                except TimeoutError:
+                    return got, "waiting"
+                except OSError as exc:
+                    return got, type(exc).__name__
+                if not chunk:
+                    return got, "close_notify"
+                got += len(chunk)
+            return got, "waiting"
+
+        await asyncio.sleep(0.3)  # the kernel's buffers full: it waits in epoll_wait
+        os.kill(child.pid, signal.SIGSTOP)
+        try:
+            await _stopped(child.pid)
+            stopped_at = time.monotonic()
+            before, end = await asyncio.to_thread(read, stopped_at + 0.5)  # the kernel's
+            assert end == "waiting" and 0 < before < size, (before, end)
+            await asyncio.sleep(2.0 - (time.monotonic() - stopped_at))
+        finally:
+            os.kill(child.pid, signal.SIGCONT)
+        after, end = await asyncio.to_thread(read, time.monotonic() + 10)
+        assert (before + after, end) == (size, "close_notify")
+        assert (await said())["ev"] == "lost"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_hung_up_while_its_worker_was_stopped_past_the_drains_end_is_not_drain(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """SIGTERM with two calls, timeouts.drain 2 s; the worker stopped 0.3 s
+    into the drain until 1 s past its end, one carrier hanging up (its close
+    frame) meanwhile: once continued, that call ends as the carrier's hang-up,
+    the other as the drain's. The drain's timer ran first on the loop
+    resumed, the close frame unread: both were logged end_reason drain (and
+    the carrier hanging up got 1001 'ingress draining' for its close's reply)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, drain=2, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        for bot in ("left", "kept"):
+            calls.append(await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context()))
+            await echo(calls[-1])
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for("STOPPING=1", timeout=3)
+        await asyncio.sleep(0.3)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            hanging_up = asyncio.ensure_future(calls[0].close())
+            await asyncio.sleep(2.7)  # the drain's end is 1 s behind
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            await hanging_up
+            await service.proc.wait()
+        ended = {e["bot_id"]: e["end_reason"] for e in service.log() if e["event"] == "call ended"}
+        assert (calls[0].close_code, calls[1].close_code) == (1000, 1001)
+        assert ended == {"left": "carrier closed", "kept": "drain"}, ended
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stopped_is_not_silent(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """An upgrade with its worker stopped until the new image has asked it
+    what it holds ("sync") and is stopped itself; the worker answers at once,
+    and the supervisor is continued past the restore's wait (RESTORE_TIMEOUT
+    5 s): the answer waiting in its channel is read first. The restore's timer
+    ran first: "worker has not said what it holds after the re-execution"
+    (a warning), the worker named not_answered_yet, granting resumed on the
+    slots of the table from before the exec."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    try:
+        await service.fleets_up()
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            os.kill(supervisor, signal.SIGUSR2)
+            async with asyncio.timeout(30):  # the new image listens (0.9 s after the exec here)
+                while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(1.0)  # it has asked "sync": the ask waits in the worker's channel
+            os.kill(supervisor, signal.SIGSTOP)
+            try:
+                await _stopped(supervisor)
+                os.kill(worker, signal.SIGCONT)
+                await asyncio.sleep(5.5)  # its answer waits in the supervisor's channel
+            finally:
+                os.kill(supervisor, signal.SIGCONT)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            while not any(
+                e["event"] == "workers rejoined after the re-execution" for e in service.log()
+            ):
+                await asyncio.sleep(0.05)
+        events = service.log()
+        assert [e for e in events if "has not said what it holds" in e["event"]] == []
+        (rejoined,) = [e for e in events if e["event"] == "workers rejoined after the re-execution"]
+        assert rejoined["not_answered_yet"] == [], rejoined
+    finally:
         await service.finish()

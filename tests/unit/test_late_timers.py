@@ -5,7 +5,15 @@ and uvloop), no sockets; the stop itself: tests/e2e/test_clocks.py."""
 import asyncio
 import time
 
-from fleet_ingress.net.late_timers import AFTER_STALL, STALL, PatientTimer
+import pytest
+
+from fleet_ingress.net.late_timers import (
+    AFTER_STALL,
+    STALL,
+    PatientTimer,
+    patient_timeout,
+    wait_patiently,
+)
 
 
 async def test_on_time_it_fires_at_its_delay_once():
@@ -93,3 +101,37 @@ async def test_a_timer_due_at_once_fires():
     PatientTimer(loop, -1.0, fired.append, "long past")  # late by over STALL: put off once
     await asyncio.sleep(AFTER_STALL * 3)
     assert errors == [] and "long past" in fired
+
+
+async def test_a_patient_timeout_late_lets_what_came_meanwhile_in_first():
+    """`patient_timeout` (asyncio.timeout's stand-in): come late, an answer
+    set on the loop's next turns (read from the kernel) is taken; on time, or
+    with nothing coming, it raises TimeoutError as asyncio.timeout does."""
+    loop = asyncio.get_running_loop()
+    answer = loop.create_future()
+
+    async def waiting() -> object:
+        async with patient_timeout(0.01):
+            return await answer
+
+    task = loop.create_task(waiting())
+    await asyncio.sleep(0)
+    time.sleep(0.01 + 2 * STALL)  # noqa: ASYNC251 - the loop does not run, as if stopped
+    loop.call_soon(answer.set_result, "read")  # what the loop reads after the timers
+    assert await task == "read"
+    began = loop.time()
+    with pytest.raises(TimeoutError):
+        async with patient_timeout(0.02):
+            await loop.create_future()
+    assert loop.time() - began < 0.02 + STALL
+
+
+async def test_wait_patiently_late_takes_what_came_meanwhile_and_cancels_nothing():
+    loop = asyncio.get_running_loop()
+    answered, silent = loop.create_future(), loop.create_future()
+    waiting = loop.create_task(wait_patiently([answered, silent], 0.01))
+    await asyncio.sleep(0)
+    time.sleep(0.01 + 2 * STALL)  # noqa: ASYNC251 - the loop does not run, as if stopped
+    loop.call_soon(answered.set_result, None)
+    done, pending = await waiting
+    assert done == {answered} and pending == {silent} and not silent.cancelled()

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from fleet_ingress.core.balancer import Balancer, FleetState, Verdict
 from fleet_ingress.logs import fields
+from fleet_ingress.net.late_timers import PatientTimer
 
 log = logging.getLogger("fleet_ingress.slots")
 
@@ -212,7 +213,9 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), avoid)
         self._queue.append(waiter)
-        timer = loop.call_later(self.queue_timeout, self._expire, waiter)
+        # Patient: a release that came during a stall (a call's end, unread)
+        # is read before the waiter is refused (as the host's queue: slot_server).
+        timer = PatientTimer(loop, self.queue_timeout, self._expire, waiter)
         try:
             return await waiter.future
         except asyncio.CancelledError:

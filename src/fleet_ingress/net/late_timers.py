@@ -22,7 +22,9 @@ as the stall made it and no later.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import select
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 # Late by this much, a timer's loop did not run (a busy loop's lag is ms).
@@ -68,3 +70,52 @@ class PatientTimer:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+@contextlib.asynccontextmanager
+async def patient_timeout(delay: float | None) -> AsyncIterator[None]:
+    """`asyncio.timeout(delay)` whose expiry is a PatientTimer: late after a
+    stall, the awaited answer unread in the kernel is read first. None: no
+    timeout."""
+    if delay is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(None) as cm:
+        timer = PatientTimer(loop, delay, cm.reschedule, 0.0)  # 0: expire now
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+
+async def wait_patiently(
+    aws: Iterable[asyncio.Future[Any]],
+    timeout: float | None,
+    return_when: str = asyncio.ALL_COMPLETED,
+) -> tuple[set[asyncio.Future[Any]], set[asyncio.Future[Any]]]:
+    """`asyncio.wait(aws, timeout=timeout, return_when=return_when)` (none
+    cancelled at the timeout) whose timeout is patient (`patient_timeout`)."""
+    futures = set(aws)
+    if futures:
+        with contextlib.suppress(TimeoutError):
+            async with patient_timeout(timeout):
+                await asyncio.wait(futures, return_when=return_when)
+    done = {f for f in futures if f.done()}
+    return done, futures - done
+
+
+def peer_moved(sock: Any, *, took: bool = True, sent: bool = False) -> bool:
+    """Whether `sock`'s peer did something the loop has not seen yet, one poll,
+    no wait (an `answered` for a close's timer): `took` (writable: it read what
+    was waiting to go, our buffer having been full), `sent` (readable: its
+    bytes, close_notify, FIN or reset wait unread). A closed socket: no."""
+    try:
+        fd = sock.fileno()
+    except (AttributeError, OSError):
+        return False
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, (select.POLLOUT if took else 0) | (select.POLLIN if sent else 0))
+    return bool(poller.poll(0))

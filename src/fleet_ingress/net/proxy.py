@@ -107,7 +107,7 @@ from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
-from fleet_ingress.net.late_timers import PatientTimer
+from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
 from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, Underway, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
@@ -222,13 +222,13 @@ class _Side(asyncio.BufferedProtocol):
     bytes_received = 0
     lost = False
     reading_paused = False  # by flow control (the peer's buffer is full)
-    _abort_timer: asyncio.TimerHandle | None = None
+    _abort_timer: PatientTimer | None = None
     # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
     tracker: FrameTracker | None = None
     saying_goodbye = False  # a close frame is sent to this side, or waits for a boundary
     close_heard = False  # this side's close frame was reported to the machine
     _masked = False  # whether this side's frames are masked (a client's)
-    _reply_timer: asyncio.TimerHandle | None = None
+    _reply_timer: PatientTimer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports duck-type asyncio.Transport without subclassing it.
@@ -277,7 +277,16 @@ class _Side(asyncio.BufferedProtocol):
             return
         t.close()
         if t.get_write_buffer_size():
-            self._abort_timer = asyncio.get_running_loop().call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
+            # Patient: after a stall, a peer that read meanwhile (the socket
+            # writable) gets back the time the loop took, so that what it took
+            # its time to read is not cut; one that read nothing is cut at once.
+            sock = t.get_extra_info("socket")
+            self._abort_timer = PatientTimer(
+                asyncio.get_running_loop(),
+                CLOSE_FLUSH_TIMEOUT,
+                t.abort,
+                answered=lambda: peer_moved(sock),
+            )
 
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
@@ -291,7 +300,8 @@ class _Side(asyncio.BufferedProtocol):
             return
         if frame:  # b"": the other side's own close frame was relayed whole
             t.write(frame)
-        self._reply_timer = asyncio.get_running_loop().call_later(GOODBYE_REPLY_WAIT, self.close)
+        # Patient: a reply that came during a stall is read before the close.
+        self._reply_timer = PatientTimer(asyncio.get_running_loop(), GOODBYE_REPLY_WAIT, self.close)
 
     def close_frame_read(self, data: Buffer) -> None:
         """A read that holds a close frame, or may be one (rare: the hot path
@@ -395,7 +405,7 @@ class _ToFrameBoundary:
         self, inner: asyncio.Transport, tracker: FrameTracker, frame: bytes, side: _Side
     ) -> None:
         self.inner, self.tracker, self.frame, self.side = inner, tracker, frame, side
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: PatientTimer | None = None
         self.done = False
 
     def write(self, data: Buffer) -> None:
@@ -944,7 +954,11 @@ class CarrierProtocol(_Side):
             return False
         writer = _ToFrameBoundary(source.peer, tracker, frame, side)
         source.peer = cast(asyncio.Transport, writer)
-        writer.timer = asyncio.get_running_loop().call_later(GOODBYE_BOUNDARY_WAIT, writer.give_up)
+        # Patient: the end of the frame, come during a stall, is read first
+        # (given up on then, the frame was cut short and no close frame sent).
+        writer.timer = PatientTimer(
+            asyncio.get_running_loop(), GOODBYE_BOUNDARY_WAIT, writer.give_up
+        )
         return True
 
     def _abort_side(self, command: Command) -> None:

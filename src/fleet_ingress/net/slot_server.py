@@ -45,7 +45,7 @@ from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtoc
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
-from fleet_ingress.net.late_timers import PatientTimer
+from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
 from fleet_ingress.net.slot_wire import (
     MAX_WORKER_LINE,
     LineDecoder,
@@ -323,8 +323,10 @@ class SlotServer:
         held stays counted until its "state" comes; returns their channel keys."""
         try:
             if self._restoring:
+                # Patient: a supervisor stopped through the wait reads the
+                # workers' "state" waiting for it before it calls them silent.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
+                    async with patient_timeout(timeout):
                         await self._restored.wait()
         finally:
             # Cancelled too (the supervisor stopping): never left paused, as
@@ -576,7 +578,7 @@ class SlotServer:
             asked.append(channel.asked)
         if not asked:
             return 0
-        _, pending = await asyncio.wait(asked, timeout=timeout)
+        _, pending = await wait_patiently(asked, timeout)
         return len(pending)
 
     def count_silent(self, now: float) -> list[tuple[int, int, float]]:

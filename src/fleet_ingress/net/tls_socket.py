@@ -96,7 +96,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from fleet_ingress.net.cpu_meter import CpuMeter
-from fleet_ingress.net.late_timers import PatientTimer
+from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import PeerStoppedReading
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
 
@@ -261,7 +261,7 @@ class TLSConnection:
         self._hs_done: Callable[[BaseException | None], None] | None = None
         self._hs_read = True
         self._timer: PatientTimer | None = None  # put off after a stall (late_timers)
-        self._close_timer: asyncio.TimerHandle | None = None
+        self._close_timer: PatientTimer | None = None
         self._reader_on = self._writer_on = False
         # A write OpenSSL could not finish: retried with these same bytes.
         self._out: Buffer | None = None
@@ -681,7 +681,12 @@ class TLSConnection:
         if state is not _OPEN:
             return
         self._state = _CLOSING
-        self._close_timer = self._loop.call_later(CLOSE_TIMEOUT, self.abort)
+        # Patient: after a stall, a peer that took our bytes or sent its
+        # close_notify meanwhile gets back the time the loop took (what is
+        # buffered was cut short); a silent one is aborted at once.
+        self._close_timer = PatientTimer(
+            self._loop, CLOSE_TIMEOUT, self.abort, answered=self._peer_moved
+        )
         if self._out is not None:
             self._sync_io()
         elif self._renegotiating is not None and _in_init(self._ssl):
@@ -693,6 +698,9 @@ class TLSConnection:
             self._hold()
         else:
             self._shutdown()
+
+    def _peer_moved(self) -> bool:
+        return peer_moved(self._sock, took=self._out is not None, sent=True)
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""

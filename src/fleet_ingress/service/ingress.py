@@ -40,6 +40,7 @@ from fleet_ingress.net.acme import (
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.late_timers import patient_timeout, wait_patiently
 from fleet_ingress.net.listener import (
     CarrierListener,
     bind_errors_named,
@@ -623,10 +624,12 @@ class Ingress:
                 self._drain_moved.clear()
                 moved = asyncio.ensure_future(self._drain_moved.wait())
                 left = by - time.monotonic()
-                done, _ = await asyncio.wait(
+                # Patient: a worker stopped through the drain's end reads the
+                # calls that ended meanwhile first (they were logged `drain`).
+                done, _ = await wait_patiently(
                     {drained, cut, moved},
-                    timeout=None if left == math.inf else max(0.0, left),
-                    return_when="FIRST_COMPLETED",
+                    None if left == math.inf else max(0.0, left),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if done != {moved}:
                     break
@@ -650,7 +653,7 @@ class Ingress:
         # Each call ends (and is logged) once both its sides are gone: give the TLS
         # close a moment, then cut what is left, so that no call goes unrecorded.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CLOSE_AT_STOP_TIMEOUT):
+            async with patient_timeout(CLOSE_AT_STOP_TIMEOUT):
                 await self.registry.wait_no_calls()
         for call in list(self.registry.calls):
             call.abort()

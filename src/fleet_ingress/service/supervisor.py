@@ -73,6 +73,7 @@ from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.late_timers import PatientTimer, patient_timeout
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -800,7 +801,7 @@ class Supervisor:
         code = await worker.proc.wait()
         # Its channel closes with it: let the coordinator count what it held.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
+            async with patient_timeout(1.0):  # its channel's end, read after a stall
                 await worker.left.wait()
         if not worker.left.is_set() and self.server.cut(worker.key):
             # Its process is gone, its channel is not: another process holds a
@@ -1166,14 +1167,19 @@ class Supervisor:
         for worker in list(self.workers.values()):
             if not worker.left.is_set():
                 tasks[worker.pid] = self._start_reload(worker)
-        deadline = loop.time() + RELOAD_ANSWER_TIMEOUT
+        # Patient: a supervisor stopped through the round (SIGSTOP, a paused VM)
+        # reads the answers waiting for it before its timeout ends the round;
+        # they were logged "a worker did not reload", then "reloaded, after".
+        round_over = loop.create_future()
+        timer = PatientTimer(loop, RELOAD_ANSWER_TIMEOUT, _set_if_pending, round_over)
         try:
             # `tasks` may grow meanwhile: a worker whose start began before this round.
             while pending := [t for t in tasks.values() if not t.done()]:
-                if (left := deadline - loop.time()) <= 0:
+                if round_over.done():
                     break
-                await asyncio.wait(pending, timeout=left)
+                await asyncio.wait([*pending, round_over], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            timer.cancel()
             self._reload_round = None
         late = {
             "ok": False,
@@ -1322,7 +1328,8 @@ class Supervisor:
                 return
             worker.retire_by = by
         delay = max(0.0, worker.retire_by - time.monotonic())
-        asyncio.get_running_loop().call_later(delay, self._kill_if_left, worker)
+        # Patient: one that exited during a stall is reaped first, not "killed".
+        PatientTimer(asyncio.get_running_loop(), delay, self._kill_if_left, worker)
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
@@ -1649,7 +1656,9 @@ class Supervisor:
     async def wait_workers(self, timeout: float) -> None:
         """Until every worker has exited; after `timeout` the rest are killed."""
         try:
-            async with asyncio.timeout(timeout):
+            # Patient: workers that exited while the supervisor was stopped are
+            # reaped first, not said "still running after the drain: killed".
+            async with patient_timeout(timeout):
                 while self.workers:
                     await asyncio.gather(*(w.proc.wait() for w in list(self.workers.values())))
                     await asyncio.sleep(0.02)  # each one's watcher logs it and lets go
@@ -1692,6 +1701,11 @@ def _warn_unverified() -> None:
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
     )
+
+
+def _set_if_pending(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
