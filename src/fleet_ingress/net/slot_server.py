@@ -792,6 +792,7 @@ class SlotServer:
         # it says; one whose fleet has answered is up (its "answered" may have
         # come during the exec, unread).
         open_ = {lease for lease, _ in held} | {lease for lease, _, _ in waiting}
+        self._take_told_calls(channel.key, message.get("calls"), open_)
         if (calls := self._calls.get(channel.key)) is not None:
             for lease in set(calls) - open_:
                 self._forget_call(channel.key, lease)
@@ -819,6 +820,24 @@ class SlotServer:
             self._restored.set()
         # Granting already (a late answer): what it no longer holds frees up now.
         self._send([] if self.slots.paused else self.slots.wake())
+
+    def _take_told_calls(self, key: int, told: Any, open_: set[int]) -> None:
+        """Who the open calls are, as a worker's "state" tells it (its "calls":
+        [lease, call] pairs; an older worker sends none): kept where not known
+        already (an exec carries them). A supervisor started after one died
+        knows them from here alone, and writes their access lines should the
+        worker die with them."""
+        if not isinstance(told, list):
+            return
+        known = self._calls.setdefault(key, {})
+        for pair in told:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], dict)):
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                if (lease := int(pair[0])) in open_:
+                    known.setdefault(lease, pair[1])
+        if not known:
+            del self._calls[key]
 
     def _gone(self, channel: _Channel) -> None:
         self._channels.pop(channel.key, None)
