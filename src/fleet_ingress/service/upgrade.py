@@ -36,7 +36,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.check import WARNING
 from fleet_ingress.config.settings import (
     ConfigError,
     IngressConfig,
@@ -227,6 +226,10 @@ def _problems_first(lines: list[str], limit: int, config_path: Path) -> str:
     the summary (the review of session 33: the last ones were kept)."""
     if len(lines) <= limit:
         return "\n".join(lines)
+    # Here, not at the top: check imports the probes' aiohttp, which a worker
+    # (importing this module) must not map (test_supervisor's probe test).
+    from fleet_ingress.config.check import WARNING
+
     problems = [at for at, line in enumerate(lines) if not line.startswith(WARNING)]
     if len(problems) > limit:  # the first (often the cause of the rest) and the summary
         problems = problems[: limit - 1] + problems[-1:]
