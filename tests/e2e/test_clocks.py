@@ -690,3 +690,50 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
         assert rejoined["not_answered_yet"] == [], rejoined
     finally:
         await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_answered_1001(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """SIGTERM with a call, timeouts.drain 1 s; the supervisor and its worker
+    both stopped 0.3 s into the drain (a VM paused) until past the drain and
+    STOP_GRACE, then continued together. The worker's drain ends on its first
+    turns and it closes the call (1001, logged `drain`) in a moment; the
+    supervisor's kill backstop, as late, was put off by AFTER_STALL alone and
+    killed the worker first: the call cut with no close frame, its access
+    line lost (the review of session 33 on 5114b87)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, drain=1, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        calls.append(await connect(service.url("/ws/kept"), ssl=tls_files.client_context()))
+        await echo(calls[-1])
+        service.proc.send_signal(signal.SIGTERM)
+        await service.wait_for("STOPPING=1", timeout=3)
+        await asyncio.sleep(0.3)
+        for pid in (supervisor, worker):
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await _stopped(supervisor)
+            await _stopped(worker)
+            await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
+        finally:
+            for pid in (worker, supervisor):
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(15):
+            await service.proc.wait()
+            with contextlib.suppress(ConnectionClosed):
+                await calls[0].recv()
+        events = service.log()
+        killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
+        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
+        said = (len(killed), calls[0].close_code, ended)
+        assert said == (0, 1001, {"kept": "drain"}), said
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -35,11 +35,22 @@ AFTER_STALL = 0.05
 
 
 class PatientTimer:
-    """`loop.call_later(delay, callback, *args)`, put off once by AFTER_STALL
-    if it comes over STALL late; given `answered`, only if that says the peer
-    answered, and then by how late it came (`delay` at most)."""
+    """`loop.call_later(delay, callback, *args)`, put off once by `put_off`
+    (AFTER_STALL) if it comes over STALL late; given `answered`, only if that
+    says the peer answered, and then by how late it came (`delay` at most).
+    A longer `put_off`: what a peer stopped with us needs after it is continued
+    (a kill backstop: the worker's close of its calls, STOP_GRACE)."""
 
-    __slots__ = ("_answered", "_args", "_callback", "_delay", "_handle", "_loop", "_when")
+    __slots__ = (
+        "_answered",
+        "_args",
+        "_callback",
+        "_delay",
+        "_handle",
+        "_loop",
+        "_put_off",
+        "_when",
+    )
 
     def __init__(
         self,
@@ -48,9 +59,10 @@ class PatientTimer:
         callback: Callable[..., object],
         *args: Any,
         answered: Callable[[], bool] | None = None,
+        put_off: float = AFTER_STALL,
     ) -> None:
         self._loop, self._callback, self._args = loop, callback, args
-        self._delay, self._answered = delay, answered
+        self._delay, self._answered, self._put_off = delay, answered, put_off
         # Its own due time: uvloop answers a delay under its 1 ms tick (a
         # deadline come or past) with a plain Handle, which has no `when()`.
         self._when = loop.time() + delay
@@ -60,7 +72,7 @@ class PatientTimer:
         late = self._loop.time() - self._when
         if first and late > STALL:
             if self._answered is None:
-                self._handle = self._loop.call_later(AFTER_STALL, self._due, False)
+                self._handle = self._loop.call_later(self._put_off, self._due, False)
                 return
             if self._answered():
                 wait = max(AFTER_STALL, min(late, self._delay))
@@ -73,16 +85,18 @@ class PatientTimer:
 
 
 @contextlib.asynccontextmanager
-async def patient_timeout(delay: float | None) -> AsyncIterator[None]:
-    """`asyncio.timeout(delay)` whose expiry is a PatientTimer: late after a
-    stall, the awaited answer unread in the kernel is read first. None: no
-    timeout."""
+async def patient_timeout(
+    delay: float | None, *, put_off: float = AFTER_STALL
+) -> AsyncIterator[None]:
+    """`asyncio.timeout(delay)` whose expiry is a PatientTimer (put off by
+    `put_off`): late after a stall, the awaited answer unread in the kernel is
+    read first. None: no timeout."""
     if delay is None:
         yield
         return
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None) as cm:
-        timer = PatientTimer(loop, delay, cm.reschedule, 0.0)  # 0: expire now
+        timer = PatientTimer(loop, delay, cm.reschedule, 0.0, put_off=put_off)  # 0: now
         try:
             yield
         finally:

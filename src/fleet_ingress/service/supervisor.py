@@ -171,6 +171,15 @@ RELOAD_LATE_WAIT = 300.0
 STOP_ANSWER_TIMEOUT = 1.0
 # After the drain and the workers' own closing time, whatever worker is left is killed.
 STOP_GRACE = 5.0
+# How long a kill backstop that came over late_timers.STALL late (the
+# supervisor did not run: SIGSTOP, a paused VM) is put off. Its workers may
+# have been stopped with it: one continued past its drain's end closes its
+# calls (1001, an access line each; CLOSE_AT_STOP_TIMEOUT) in this, and one
+# that exited meanwhile is reaped on the first turns. Put off by AFTER_STALL
+# alone, the kill came as the worker began its close: calls cut with no close
+# frame, logged `error` (the review of session 33 on 5114b87). Once, so a hung
+# worker is held this long at most more, and only after a stall.
+_STALL_GRACE = STOP_GRACE
 # A worker's channel closes a moment before the process of a worker that
 # dies can be reaped: one still running this long after is said to have lost
 # its channel (its slots are kept either way until it exits).
@@ -1328,8 +1337,15 @@ class Supervisor:
                 return
             worker.retire_by = by
         delay = max(0.0, worker.retire_by - time.monotonic())
-        # Patient: one that exited during a stall is reaped first, not "killed".
-        PatientTimer(asyncio.get_running_loop(), delay, self._kill_if_left, worker)
+        # Patient: one that exited during a stall is reaped first, not "killed";
+        # one stopped with us (a paused VM) closes its calls first (_STALL_GRACE).
+        PatientTimer(
+            asyncio.get_running_loop(),
+            delay,
+            self._kill_if_left,
+            worker,
+            put_off=_STALL_GRACE,
+        )
 
     def _kill_if_left(self, worker: WorkerProcess) -> None:
         if worker.proc.returncode is None and not self.stopping:
@@ -1657,8 +1673,9 @@ class Supervisor:
         """Until every worker has exited; after `timeout` the rest are killed."""
         try:
             # Patient: workers that exited while the supervisor was stopped are
-            # reaped first, not said "still running after the drain: killed".
-            async with patient_timeout(timeout):
+            # reaped first, not said "still running after the drain: killed";
+            # and workers stopped with it (_STALL_GRACE) close their calls first.
+            async with patient_timeout(timeout, put_off=_STALL_GRACE):
                 while self.workers:
                     await asyncio.gather(*(w.proc.wait() for w in list(self.workers.values())))
                     await asyncio.sleep(0.02)  # each one's watcher logs it and lets go
