@@ -556,6 +556,7 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     """`fleet-ingress init`: 0 written and checked (the certificate may still be
     missing: certbot comes next), 1 written but the check found problems,
     2 nothing written. `args` as parsed by add_init_arguments."""
+    made_out = not args.out.exists()  # made by this run: root's, by the umask
     try:
         pair = _pair_from(args)
         backups: dict[Path, Path] = {}
@@ -574,6 +575,14 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     for path in paths:
         kept = f" (the old one is kept as {backups[path].absolute()})" if path in backups else ""
         print(f"wrote {path.absolute()}{kept}")
+    if made_out:
+        out = args.out.absolute()
+        print(
+            f"note: made {out} (mode {out.stat().st_mode & 0o7777:04o}, this user's group): "
+            "the service rewrites fleets.txt there on add-fleet, drain and the like, so give "
+            f"it the service's group, group-writable: chgrp fleet-ingress {out} && "
+            f"chmod 2770 {out} (docs/INSTALL.md section 2)"
+        )
     config_path = (args.out / CONFIG_NAME).absolute()
     result = check_deployment(config_path)
     for line in result.warnings:
