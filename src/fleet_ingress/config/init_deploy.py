@@ -594,14 +594,18 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
             "(docs/INSTALL.md, 'First certificate')"
         )
     problems = list(result.problems)
+    again = [f"fleet-ingress check -c {config_path}"] if problems else []
     if pair is not None:
-        problems += _report_keepalived(args.out / KEEPALIVED_NAME)
+        said = _report_keepalived(args.out / KEEPALIVED_NAME)
+        if said:  # `check` does not read keepalived.conf: name what does
+            again.append(f"keepalived -t -f {(args.out / KEEPALIVED_NAME).absolute()}")
+        problems += said
     if problems:
         for line in problems:
             print(f"check: {line}")
         print(
             f"fleet-ingress init: written, but check found {len(problems)} problem(s); "
-            f"fix them, then run: fleet-ingress check -c {config_path}",
+            f"fix them, then run: {' and '.join(again)}",
             file=sys.stderr,
         )
         return CHECK_FAILED
