@@ -1,6 +1,7 @@
 import io
 import os
 import socket
+import subprocess
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -693,3 +694,53 @@ def test_an_admin_socket_under_a_directory_this_user_cannot_search_is_a_warning(
         in done.stdout
     ), done.stdout
     assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")
+
+
+def _check_without_dac_override(deployment: Path) -> subprocess.CompletedProcess[str]:
+    """`fleet-ingress check` as root without its permission-check capabilities:
+    what the service's user meets (a directory mode it cannot write)."""
+    import shutil
+    import sys
+
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    return subprocess.run(
+        [
+            *("setpriv", "--bounding-set", "-dac_override,-dac_read_search"),
+            *(sys.executable, "-m", "fleet_ingress", "check", "-c", str(deployment)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["the file", "a symlink's target"])
+def test_a_fleets_file_directory_this_user_cannot_write_is_a_warning(
+    deployment: Path, linked: bool
+) -> None:
+    """`drain`, `add-fleet` and the like rewrite the fleets file in its
+    directory: in one the service cannot write (`init --out` made it root's,
+    0755, the docwalk of session 33) `add-fleet` is refused and a drain applies
+    unsaved, which a restart forgets; check said OK. A warning, not a problem: check may run as
+    another user than the service."""
+    closed = deployment.parent / "closed"
+    closed.mkdir()
+    (closed / "fleets.txt").write_text("https://fleet1.example.com\n")
+    closed.chmod(0o555)
+    (deployment.parent / "fleets.txt").unlink()
+    if linked:
+        (deployment.parent / "fleets.txt").symlink_to(closed / "fleets.txt")
+    else:
+        deployment.write_text(GOOD_TOML + '[fleets]\nfile = "closed/fleets.txt"\n')
+    done = _check_without_dac_override(deployment)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shown = deployment.parent / ("fleets.txt" if linked else "closed/fleets.txt")
+    assert (
+        f"{WARNING}{deployment}: fleets.file {shown}: this user (root) cannot write in "
+        f"{closed}, so `add-fleet` and `remove-fleet` are refused, and `drain`, `maint` and "
+        "`ready` apply but are not saved (a restart forgets them)" in done.stdout
+    ), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")
+    closed.chmod(0o755)  # writable by its owner again: nothing to say
+    done = _check_without_dac_override(deployment)
+    assert "fleets.file" not in done.stdout, done.stdout

@@ -499,3 +499,24 @@ def test_init_that_fails_takes_back_the_directory_it_made(
     assert "nothing was written" in str(failed.value)
     assert "df -i" in str(failed.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_out_directory_init_makes_is_said_with_what_the_service_needs_of_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`init --out /etc/fleet-ingress` without section 2's `install -d` made the
+    directory root's, 0755, silently: the service could not save a drain or an
+    add-fleet there, and a restart forgot them (the docwalk of session 33)."""
+    made = tmp_path / "new" / "etc"
+    assert main_init(init_args("--domain", DOMAIN, *_fleet_args(FLEETS), "--out", str(made))) == OK
+    out = capsys.readouterr().out
+    mode = made.stat().st_mode & 0o7777
+    assert (
+        f"note: made {made} (mode {mode:04o}, this user's group): the service rewrites "
+        "fleets.txt there on add-fleet, drain and the like, so give it the service's group, "
+        f"group-writable: chgrp fleet-ingress {made} && chmod 2770 {made}" in out
+    ), out
+    there = tmp_path / "there"
+    there.mkdir()
+    assert main_init(init_args("--domain", DOMAIN, *_fleet_args(FLEETS), "--out", str(there))) == OK
+    assert "note: made" not in capsys.readouterr().out

@@ -423,3 +423,67 @@ async def test_a_listener_that_hangs_up_after_the_handshake_is_named(
     assert line.startswith(
         f"not live: wss 127.0.0.1:{port}: closed the connection without an answer"
     )
+
+
+@pytest.mark.parametrize("moved", ["wss", "stats"])
+async def test_a_listener_edited_in_the_file_is_named_while_the_other_answers(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path,
+    moved: str,
+) -> None:  # fmt: skip
+    """listen.stats (or wss) edited, not restarted: the check fails from the next
+    second, and keepalived moves the address, cutting every call. It said
+    `Connection refused (is fleet-ingress running?)` of an ingress whose other
+    listener had just answered (the docwalk of session 33)."""
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"})
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    host, port = ingress.wss_address
+    wss, stats = f"{host}:{port}", f"127.0.0.1:{ingress.stats_address[1]}"
+    elsewhere = f"127.0.0.1:{await free_port()}"
+    if moved == "wss":
+        write_config(path, tls_files, wss=elsewhere, stats=stats)
+        other = f"stats {stats}"
+    else:
+        write_config(path, tls_files, wss=wss, stats=elsewhere)
+        other = f"wss {wss}"
+    ok, line = await live(path)
+    assert not ok
+    assert line == (
+        f"not live: {moved} {elsewhere}: Connection refused, while {other} answers: the "
+        f"ingress runs, and listen.{moved} in the file is not where it listens (an edit "
+        "takes a restart)"
+    ), line
+
+
+async def test_a_stopping_ingress_is_said_stopping_not_asked_if_it_runs(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A stop closes the carrier listener at once and serves /stats.json on
+    (`"state": "draining"`): the check said `wss ...: Connection refused (is
+    fleet-ingress running?)` of an ingress draining its calls."""
+    body = b'{"state": "draining", "fleets": [{"name": "a", "health": "UP", "admin": "READY"}]}'
+
+    async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(stats, "127.0.0.1", 0)
+    stats_port = server.sockets[0].getsockname()[1]
+    wss = f"127.0.0.1:{await free_port()}"
+    try:
+        path = write_config(
+            tmp_path / "ingress.toml", tls_files, wss=wss, stats=f"127.0.0.1:{stats_port}"
+        )
+        ok, line = await live(path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not ok
+    assert line == (
+        f"not live: wss {wss}: Connection refused: the ingress is stopping (draining): it "
+        "refuses new calls"
+    ), line

@@ -181,6 +181,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
             )
     lines += _check_listen_addresses(config, str(path))
     lines += _check_admin_socket_directory(config, str(path))
+    lines += _check_fleets_file_directory(config, str(path))
     lines += _check_certificate(config, str(path))
     fleets_cfg = config.fleets
     if fleets_cfg.ca_file is not None:
@@ -329,6 +330,35 @@ def _check_admin_socket_directory(config: IngressConfig, source: str) -> list[st
         "it): check as that user, `sudo -u fleet-ingress fleet-ingress check -c CONFIG`, "
         "or give it a directory of its own"
     ]
+
+
+def _check_fleets_file_directory(config: IngressConfig, source: str) -> list[str]:
+    """Whether this user can save a live fleet change: `add-fleet`, `remove-fleet`,
+    `drain`, `maint` and `ready` rewrite fleets.file through a temp file and a
+    rename in its directory (the file a symlink names, in its own directory; the
+    backup beside the link). In a directory it cannot write (`init --out` made it
+    root's, 0755, or the unit's ProtectSystem leaves it read-only) the first two
+    are refused and the others apply unsaved, so a restart forgets a drain: a
+    warning, as check may run as another user than the service (root passes)."""
+    fleets_file = Path(config.fleets.file)
+    if not _seen(fleets_file):
+        return []  # reported as unreadable by the fleets-file check
+    directories = [fleets_file.parent]
+    if fleets_file.is_symlink():
+        directories.insert(0, Path(os.path.realpath(fleets_file)).parent)
+    for directory in directories:
+        if os.access(directory, os.W_OK | os.X_OK):
+            continue
+        return [
+            f"{WARNING}{source}: fleets.file {fleets_file}: this user ({_user_name()}) cannot "
+            f"write in {directory}, so `add-fleet` and `remove-fleet` are refused, and "
+            "`drain`, `maint` and `ready` apply but are not saved (a restart forgets them): "
+            "give the "
+            "directory the service's group, group-writable (`install -d -o root -g "
+            f"fleet-ingress -m 2770 {directory}`), and under the unit a directory other than "
+            "/etc/fleet-ingress needs ReadWritePaths= (docs/INSTALL.md section 2)"
+        ]
+    return []
 
 
 def _seen(path: Path) -> bool:

@@ -556,6 +556,7 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     """`fleet-ingress init`: 0 written and checked (the certificate may still be
     missing: certbot comes next), 1 written but the check found problems,
     2 nothing written. `args` as parsed by add_init_arguments."""
+    made_out = not args.out.exists()  # made by this run: root's, by the umask
     try:
         pair = _pair_from(args)
         backups: dict[Path, Path] = {}
@@ -574,6 +575,14 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
     for path in paths:
         kept = f" (the old one is kept as {backups[path].absolute()})" if path in backups else ""
         print(f"wrote {path.absolute()}{kept}")
+    if made_out:
+        out = args.out.absolute()
+        print(
+            f"note: made {out} (mode {out.stat().st_mode & 0o7777:04o}, this user's group): "
+            "the service rewrites fleets.txt there on add-fleet, drain and the like, so give "
+            f"it the service's group, group-writable: chgrp fleet-ingress {out} && "
+            f"chmod 2770 {out} (docs/INSTALL.md section 2)"
+        )
     config_path = (args.out / CONFIG_NAME).absolute()
     result = check_deployment(config_path)
     for line in result.warnings:
@@ -585,14 +594,18 @@ def main_init(args: argparse.Namespace, *, template_dir: Path | None = None) -> 
             "(docs/INSTALL.md, 'First certificate')"
         )
     problems = list(result.problems)
+    again = [f"fleet-ingress check -c {config_path}"] if problems else []
     if pair is not None:
-        problems += _report_keepalived(args.out / KEEPALIVED_NAME)
+        said = _report_keepalived(args.out / KEEPALIVED_NAME)
+        if said:  # `check` does not read keepalived.conf: name what does
+            again.append(f"keepalived -t -f {(args.out / KEEPALIVED_NAME).absolute()}")
+        problems += said
     if problems:
         for line in problems:
             print(f"check: {line}")
         print(
             f"fleet-ingress init: written, but check found {len(problems)} problem(s); "
-            f"fix them, then run: fleet-ingress check -c {config_path}",
+            f"fix them, then run: {' and '.join(again)}",
             file=sys.stderr,
         )
         return CHECK_FAILED

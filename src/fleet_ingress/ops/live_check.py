@@ -115,6 +115,26 @@ class NotLive(Exception):
     """One part of the check failed; the message is the reason, one line."""
 
 
+# Said of a refused connect, unless the other listener answered: then the
+# ingress runs, and the file names another address than it listens on.
+_NOT_RUNNING = " (is fleet-ingress running?)"
+
+
+class _Refused(NotLive):
+    """A connect refused: `what` and its reason, the hint said apart."""
+
+    def __init__(self, what: str, why: str) -> None:
+        super().__init__(f"{what}: {why}{_NOT_RUNNING}")
+        self.what, self.why = what, why
+
+    def with_the_other_answering(self, other: str) -> str:
+        key = self.what.split()[0]
+        return (
+            f"{self.what}: {self.why}, while {other} answers: the ingress runs, and "
+            f"listen.{key} in the file is not where it listens (an edit takes a restart)"
+        )
+
+
 class _HungUp(Exception):
     """The listener closed the connection before any answer."""
 
@@ -244,6 +264,16 @@ async def _live(config: LiveSettings, timeout: float) -> LiveResult:
     fleets = _bounded(_snapshot(config), timeout, _snapshot_source(config))
     answers = await asyncio.gather(health, fleets, return_exceptions=True)
     reasons = [str(a) for a in answers if isinstance(a, NotLive)]
+    refused = [a for a in answers if isinstance(a, _Refused)]
+    if len(refused) == 1 and len(reasons) == 1 and refused[0].what.split()[0] in ("wss", "stats"):
+        # The other part answered: "is fleet-ingress running?" would mislead.
+        (it,) = refused
+        snapshot = answers[1]
+        if isinstance(snapshot, dict) and snapshot.get("state") == "draining":
+            reasons = [f"{it.what}: {it.why}: " + judge_fleets(snapshot)[1]]
+        else:
+            other = f"wss {_shown(config.wss)}" if snapshot is it else _snapshot_source(config)
+            reasons = [it.with_the_other_answering(other)]
     for answer in answers:
         if isinstance(answer, BaseException) and not isinstance(answer, NotLive):
             raise answer
@@ -268,8 +298,9 @@ async def _bounded(work: Any, timeout: float, what: str) -> Any:
     except OSError as exc:
         # asyncio words a refused connect "Connect call failed (addr)": say it plainly.
         why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
-        hint = " (is fleet-ingress running?)" if isinstance(exc, ConnectionRefusedError) else ""
-        raise NotLive(f"{what}: {why}{hint}") from None
+        if isinstance(exc, ConnectionRefusedError):
+            raise _Refused(what, why) from None
+        raise NotLive(f"{what}: {why}") from None
     except _HungUp:
         raise NotLive(f"{what}: closed the connection without an answer") from None
     except h11.ProtocolError as exc:
