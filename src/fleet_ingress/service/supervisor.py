@@ -142,6 +142,7 @@ from fleet_ingress.service.lifecycle import (
     SECOND_SIGNAL_GRACE,
     STATUS_EVERY,
     say_signal_ignored,
+    trim_heap,
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
@@ -1911,6 +1912,10 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(
             kept_running(STATE_SNAPSHOTS, lambda: _write_snapshots(supervisor), failures)
         ),
+        # As a worker does: the slot requests, reports and probes of every call
+        # on the host churn this heap too, and glibc kept what they freed (its
+        # RSS climbed with the calls, nothing leaking: the leak audit of session 33).
+        loop.create_task(trim_heap()),
     ]
     await stop.wait()
     for task in background:
