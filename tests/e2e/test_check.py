@@ -619,31 +619,11 @@ def test_an_admin_socket_directory_this_user_cannot_write_is_a_warning(
     listen.admin_socket ... cannot listen"); check said OK. A warning, not a
     problem: check may run as another user than the service. Root without its
     permission-check capabilities stands in for the service's user."""
-    import shutil
-    import subprocess
-    import sys
-
-    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
     closed = deployment.parent / "closed"
     closed.mkdir(mode=0o555)
     socket_path = closed / "sub" / "admin.sock" if missing else closed / "admin.sock"
     deployment.write_text(GOOD_TOML.replace('admin_socket = ""', f'admin_socket = "{socket_path}"'))
-    done = subprocess.run(
-        [
-            "setpriv",
-            "--bounding-set",
-            "-dac_override,-dac_read_search",
-            sys.executable,
-            "-m",
-            "fleet_ingress",
-            "check",
-            "-c",
-            str(deployment),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _check_without_dac_override(deployment)
     assert done.returncode == 0, done.stdout + done.stderr
     what = f"its directory {socket_path.parent} in {closed}" if missing else f"it in {closed}"
     assert (
@@ -660,32 +640,12 @@ def test_an_admin_socket_under_a_directory_this_user_cannot_search_is_a_warning(
     state directory, checked by an operator; /home under the unit's
     ProtectHome=): check printed a traceback (Path.exists raises
     PermissionError), and exited 1."""
-    import shutil
-    import subprocess
-    import sys
-
-    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
     closed = deployment.parent / "private"
     closed.mkdir(mode=0o700)
     os.chmod(closed, 0o000)
     socket_path = closed / "run" / "admin.sock"
     deployment.write_text(GOOD_TOML.replace('admin_socket = ""', f'admin_socket = "{socket_path}"'))
-    done = subprocess.run(
-        [
-            "setpriv",
-            "--bounding-set",
-            "-dac_override,-dac_read_search",
-            sys.executable,
-            "-m",
-            "fleet_ingress",
-            "check",
-            "-c",
-            str(deployment),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _check_without_dac_override(deployment)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
     assert (
