@@ -915,6 +915,17 @@ class RunningIngress(IngressOnLoopback):
         return code
 
 
+async def fleets_up_or_finished(service: RunningIngress) -> RunningIngress:
+    """`service` once every fleet is UP; finished (nothing left running) if
+    they do not come up."""
+    try:
+        await service.fleets_up()
+    except BaseException:
+        await service.finish()
+        raise
+    return service
+
+
 def workers_of(home: Path) -> list[int]:
     """Pids of the workers started with the config in `home`."""
     found = []

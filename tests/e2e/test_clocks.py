@@ -30,6 +30,7 @@ from tests.support import (
     admin_command,
     close_calls,
     echo,
+    fleets_up_or_finished,
     workers_of,
     write_run_home,
 )
@@ -75,13 +76,7 @@ async def _start(
         _step(step, 0.0)
         path = os.pathsep.join(filter(None, [str(WALL_CLOCK_STEP), os.environ.get("PYTHONPATH")]))
         env = {"PYTHONPATH": path, "WALL_CLOCK_STEP_FILE": str(step)}
-    service = await RunningIngress.launch(home, port, stats_port, env=env)
-    try:
-        await service.fleets_up()
-    except BaseException:
-        await service.finish()
-        raise
-    return service
+    return await fleets_up_or_finished(await RunningIngress.launch(home, port, stats_port, env=env))
 
 
 def _step(file: Path, seconds: float) -> None:
@@ -130,6 +125,19 @@ async def _stopped(pid: int) -> None:
     async with asyncio.timeout(5):
         while _state(pid) != "T":
             await asyncio.sleep(0.01)
+
+
+async def _answer_held_by_stopped_supervisor(worker: int, supervisor: int, seconds: float) -> None:
+    """The supervisor stopped for `seconds` and the (stopped) worker resumed
+    meanwhile: what the worker answers to what waited in its channel waits in
+    turn, unread, in the stopped supervisor's, past the supervisor's own timer."""
+    os.kill(supervisor, signal.SIGSTOP)
+    try:
+        await _stopped(supervisor)
+        os.kill(worker, signal.SIGCONT)
+        await asyncio.sleep(seconds)
+    finally:
+        os.kill(supervisor, signal.SIGCONT)
 
 
 @pytest.mark.timeout(60)
@@ -507,13 +515,7 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
             await _stopped(worker)
             reload = asyncio.ensure_future(admin_command(service, "reload"))
             await asyncio.sleep(1.0)  # the reload asked: it waits in the worker's channel
-            os.kill(supervisor, signal.SIGSTOP)
-            try:
-                await _stopped(supervisor)
-                os.kill(worker, signal.SIGCONT)
-                await asyncio.sleep(10.5)  # its answer waits in the supervisor's channel
-            finally:
-                os.kill(supervisor, signal.SIGCONT)
+            await _answer_held_by_stopped_supervisor(worker, supervisor, 10.5)
         finally:
             os.kill(worker, signal.SIGCONT)
         async with asyncio.timeout(10):
@@ -670,13 +672,7 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
                 while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
                     await asyncio.sleep(0.02)
             await asyncio.sleep(1.0)  # it has asked "sync": the ask waits in the worker's channel
-            os.kill(supervisor, signal.SIGSTOP)
-            try:
-                await _stopped(supervisor)
-                os.kill(worker, signal.SIGCONT)
-                await asyncio.sleep(5.5)  # its answer waits in the supervisor's channel
-            finally:
-                os.kill(supervisor, signal.SIGCONT)
+            await _answer_held_by_stopped_supervisor(worker, supervisor, 5.5)
         finally:
             os.kill(worker, signal.SIGCONT)
         async with asyncio.timeout(10):

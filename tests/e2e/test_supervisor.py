@@ -37,6 +37,7 @@ from tests.support import (
     close_calls,
     echo,
     eventually,
+    fleets_up_or_finished,
     free_port,
     metric_samples,
     offer_session,
@@ -71,17 +72,6 @@ def _lines(sims: list[SimulatedFleet]) -> list[str]:
     return [f"{sim.url} name={sim.name} maxconn=16" for sim in sims]
 
 
-async def _fleets_up_or_finished(service: RunningIngress) -> RunningIngress:
-    """`service` once every fleet is UP; finished (nothing left running) if
-    they do not come up."""
-    try:
-        await service.fleets_up()
-    except BaseException:
-        await service.finish()
-        raise
-    return service
-
-
 async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet], **options: Any) -> RunningIngress:
     """Two workers, both fleets UP (calls are refused until then). The fleets
     run in this test's process, which a burst of TLS handshakes can keep from
@@ -90,7 +80,7 @@ async def _start(tls_files: TLSFiles, sims: list[SimulatedFleet], **options: Any
     service = await RunningIngress.start(
         tls_files, _lines(sims), workers=2, check_timeout=5, **options
     )
-    return await _fleets_up_or_finished(service)
+    return await fleets_up_or_finished(service)
 
 
 async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
@@ -229,7 +219,7 @@ async def test_calls_still_connecting_in_any_worker_when_a_probe_is_answered_cou
     sim = SimulatedFleet(name="a", capacity=5, ssl_context=tls_files.fleet_server_context())
     sim.call_delay = 0.6
     await sim.start()
-    service = await _fleets_up_or_finished(
+    service = await fleets_up_or_finished(
         await RunningIngress.start(
             tls_files,
             [f"{sim.url} name=a maxconn=50"],
@@ -269,7 +259,7 @@ async def test_calls_in_any_worker_that_cannot_connect_take_a_fleet_down_for_the
         tls_files, lines, workers=2, check_timeout=5, check_interval=3.0
     )
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         door.shut()
         served = []
         for n in range(8):  # one at a time: a holds no call, leastconn favours it
@@ -438,7 +428,7 @@ async def test_each_fleet_is_probed_once_per_interval_for_the_host_not_per_worke
     not even load the HTTP client the probes use (nor the web apps: the
     supervisor serves them): aiohttp was a quarter of its start's imports."""
     interval = 0.25
-    service = await _fleets_up_or_finished(
+    service = await fleets_up_or_finished(
         await RunningIngress.start(
             tls_files,
             _lines(two_fleets),
@@ -1035,7 +1025,7 @@ async def test_replacement_workers_serve_port_80_as_bound_at_start_whatever_a_re
     without = toml.read_text()
     with_acme = without.replace('acme = ""', f'acme = "127.0.0.1:{acme_port}"')
     toml.write_text(with_acme if bound_at_start else without)
-    service = await _fleets_up_or_finished(await RunningIngress.launch(home, port, stats_port))
+    service = await fleets_up_or_finished(await RunningIngress.launch(home, port, stats_port))
     try:
         toml.write_text(without if bound_at_start else with_acme)
         code, printed = await admin_command(service, "reload")
@@ -1850,7 +1840,7 @@ async def _one_worker_at_maxconn_2(
     service = await RunningIngress.start(
         tls_files, [f"{sim.url} name=a maxconn=2"], workers=1, check_timeout=5, **options
     )
-    return await _fleets_up_or_finished(service)
+    return await fleets_up_or_finished(service)
 
 
 async def test_a_dead_workers_slots_come_back_when_another_process_holds_its_channel(
@@ -2077,7 +2067,7 @@ async def test_a_forced_removal_says_which_calls_a_worker_without_channel_keeps(
     the fleet goes when that worker has finished them."""
     other = SimulatedFleet(name="b", capacity=16, ssl_context=tls_files.fleet_server_context())
     await other.start()
-    service = await _fleets_up_or_finished(
+    service = await fleets_up_or_finished(
         await RunningIngress.start(
             tls_files,
             [f"{roomy_fleet.url} name=a maxconn=2", f"{other.url} name=b"],
@@ -2221,7 +2211,7 @@ async def test_a_worker_killed_a_moment_after_its_calls_ended_has_them_counted(
     service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=1, check_timeout=5)
     supervisor_stopped = False
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         (worker,) = await _worker_rows(service)
         assert _calls_ended(await service.metrics()) == 0
         for i in range(4):
@@ -2252,7 +2242,7 @@ async def test_each_call_lost_with_a_killed_worker_has_its_access_line(
     service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=1, check_timeout=5)
     calls: list[ClientConnection] = []
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         (worker,) = await _worker_rows(service)
         for bot in ("lost-a", "lost-b"):
             calls.append(await _open(service, tls_files, bot))
@@ -2299,7 +2289,7 @@ async def test_calls_waiting_for_a_slot_lost_with_a_killed_worker_have_their_lin
     )
     opening: list[asyncio.Future[ClientConnection]] = []
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         (worker,) = await _worker_rows(service)
         for i in range(3):
             opening.append(asyncio.ensure_future(_open(service, tls_files, f"waiting-{i}")))
@@ -2340,7 +2330,7 @@ async def test_a_worker_killed_mid_call_has_the_bytes_its_live_call_relayed_coun
     supervisor_stopped = False
     calls: list[ClientConnection] = []
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         (worker,) = await _worker_rows(service)
         ws = await _open(service, tls_files, "streaming")
         calls.append(ws)
@@ -2383,7 +2373,7 @@ async def test_a_worker_killed_during_a_reload_does_not_fail_it(
     certbot hook would report failure) and advised an upgrade."""
     service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=2, check_timeout=5)
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         victim, _ = await _victim_and_survivor(service)
         os.kill(victim["pid"], signal.SIGSTOP)  # it will not answer the reload
         reload = asyncio.ensure_future(admin_command(service, "reload"))
@@ -2532,7 +2522,7 @@ async def test_a_call_still_queued_when_the_drain_ends_is_answered_503(
     )
     calls: list[ClientConnection] = []
     try:
-        await _fleets_up_or_finished(service)
+        await fleets_up_or_finished(service)
         calls.append(await _open(service, tls_files, "held"))
         queued = asyncio.ensure_future(_open(service, tls_files, "queued"))
         async with asyncio.timeout(2):
