@@ -19,7 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -279,13 +279,7 @@ async def test_check_live_answers_for_a_wss_listener_on_a_link_local_address(
     netlab.ip("-n", ns, "link", "set", "ve1", "up")
     netlab.ip("-n", ns, "link", "set", "ve0", "up")
     netlab.ip("-n", ns, "addr", "add", "fe80::10/64", "dev", "ve0", "nodad")
-    fleet = SimulatedFleet(
-        name="fleet",
-        ssl_context=tls_files.fleet_server_context(),
-        sock=netlab.listen(ns, "127.0.0.1", 9443),
-    )
-    await fleet.start()
-    try:
+    async with _fleet_at_9443(netlab, ns, tls_files):
         config = _config(
             tmp_path,
             tls_files,
@@ -300,10 +294,6 @@ async def test_check_live_answers_for_a_wss_listener_on_a_link_local_address(
             )
         assert live.returncode == 0, live.stdout + live.stderr
         assert live.stdout.startswith("live: wss [fe80::10%ve0]:8443 answers /haproxy-health")
-    finally:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(3):
-                await fleet.stop()
 
 
 async def test_check_live_answers_for_the_ipv6_wildcard_on_a_host_without_ipv6_loopback(
@@ -318,13 +308,7 @@ async def test_check_live_answers_for_the_ipv6_wildcard_on_a_host_without_ipv6_l
     ns = netlab.namespace("nov6lo")
     off = netlab.exec_argv(ns, "sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1")
     await asyncio.to_thread(subprocess.run, off, check=True, timeout=10)
-    fleet = SimulatedFleet(
-        name="fleet",
-        ssl_context=tls_files.fleet_server_context(),
-        sock=netlab.listen(ns, "127.0.0.1", 9443),
-    )
-    await fleet.start()
-    try:
+    async with _fleet_at_9443(netlab, ns, tls_files):
         config = _config(
             tmp_path, tls_files, "[::]:8443", "", "127.0.0.1:8404", fleet="https://127.0.0.1:9443"
         )
@@ -334,10 +318,6 @@ async def test_check_live_answers_for_the_ipv6_wildcard_on_a_host_without_ipv6_l
             )
         assert live.returncode == 0, live.stdout + live.stderr
         assert live.stdout.startswith("live: wss 127.0.0.1:8443 answers /haproxy-health")
-    finally:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(3):
-                await fleet.stop()
 
 
 async def test_a_fleet_named_by_its_zone_is_probed_and_serves_calls(
@@ -493,3 +473,20 @@ async def _live_once_fleet_up(
         if live.returncode == 0:
             break
     return live
+
+
+@contextlib.asynccontextmanager
+async def _fleet_at_9443(netlab: NetLab, ns: str, tls_files: TLSFiles) -> AsyncIterator[None]:
+    """A fleet on 127.0.0.1:9443 in `ns`, for as long as the block runs."""
+    fleet = SimulatedFleet(
+        name="fleet",
+        ssl_context=tls_files.fleet_server_context(),
+        sock=netlab.listen(ns, "127.0.0.1", 9443),
+    )
+    await fleet.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(3):
+                await fleet.stop()
