@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from fleet_ingress.config.check_report import WARNING
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
@@ -26,7 +27,6 @@ from fleet_ingress.net.tls import (
     server_ssl_context,
 )
 
-WARNING = "warning: "  # lines with this prefix are reported but do not fail the check
 # certbot renews at 30 days left; two weeks left means renewal has been failing for weeks.
 EXPIRY_WARNING_DAYS = 14
 

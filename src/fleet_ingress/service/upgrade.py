@@ -36,6 +36,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fleet_ingress.config.check_report import shortened
 from fleet_ingress.config.settings import (
     ConfigError,
     IngressConfig,
@@ -191,7 +192,7 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     # A traceback after the imports is the installed check's own crash: the install's.
     crashed = any(line.startswith("Traceback") for line in lines)
     if proc.returncode != 0 and imported and not crashed:
-        tail = _problems_first(lines, TRIAL_OUTPUT_LINES, config_path)
+        tail = shortened(lines, TRIAL_OUTPUT_LINES, config_path)
         raise TrialFailed(
             f"the configuration does not pass `fleet-ingress check -c {config_path}` with "
             f"the installed code (exit {proc.returncode}):\n{tail}\n"
@@ -215,31 +216,6 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
             "stat`: WORKERS MISSING)"
         )
     return lines[-1] if lines else ""
-
-
-def _problems_first(lines: list[str], limit: int, config_path: Path) -> str:
-    """What `check` said, in `limit` lines at most: its problems (and its
-    summary), then as many of its warnings as there is room for. check
-    prints its warnings after its problems: the last lines alone were warnings
-    only once there were more of them than `limit` (the CLI text audit). More
-    problems than `limit`: the first ones, often the cause of the rest, and
-    the summary (the review of session 33: the last ones were kept)."""
-    if len(lines) <= limit:
-        return "\n".join(lines)
-    # Here, not at the top: check imports the probes' aiohttp, which a worker
-    # (importing this module) must not map (test_supervisor's probe test).
-    from fleet_ingress.config.check import WARNING
-
-    problems = [at for at, line in enumerate(lines) if not line.startswith(WARNING)]
-    if len(problems) > limit:  # the first (often the cause of the rest) and the summary
-        problems = problems[: limit - 1] + problems[-1:]
-    room = limit - len(problems)
-    warnings = [at for at, line in enumerate(lines) if line.startswith(WARNING)]
-    shown = sorted(problems + warnings[:room])
-    left = len(lines) - len(shown)
-    return "\n".join(lines[at] for at in shown) + (
-        f"\n(and {left} more line(s): `fleet-ingress check -c {config_path}` prints them all)"
-    )
 
 
 # -- the supervisor's state over the exec -----------------------------------------
