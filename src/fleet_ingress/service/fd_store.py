@@ -269,15 +269,27 @@ def drop_moved_listeners(
     return moved
 
 
-def _bound_at(sock: socket.socket, address: str) -> bool:
+def _asked_on_its_port(
+    sock: socket.socket, address: str
+) -> tuple[Any, ipaddress.IPv4Address | ipaddress.IPv6Address | None, str] | None:
+    """What `sock` is bound to (getsockname), the address `address` asks for
+    (None: a name) and its zone; None when `address` names another port."""
     host, port = parse_hostport(address, what="listen")
     bound = sock.getsockname()
     if bound[1] != port:
-        return False
-    address, _, zone = host.partition("%")
+        return None
+    ip, _, zone = host.partition("%")
     try:
-        wanted = ipaddress.ip_address(address)
+        return bound, ipaddress.ip_address(ip), zone
     except ValueError:
+        return bound, None, zone
+
+
+def _bound_at(sock: socket.socket, address: str) -> bool:
+    if (asked := _asked_on_its_port(sock, address)) is None:
+        return False
+    bound, wanted, zone = asked
+    if wanted is None:
         return True  # a name: resolved as it was bound, the port decides
     # The wildcards too: 0.0.0.0 takes IPv4 alone, [::] both families (before,
     # any wildcard passed for the other).
@@ -296,13 +308,10 @@ def _clashes(sock: socket.socket, address: str) -> bool:
     """Would binding `address` fail while `sock` listens (same port, and either
     a wildcard, or the same address)? A name: taken to clash (it may resolve to
     the address bound)."""
-    host, port = parse_hostport(address, what="listen")
-    bound = sock.getsockname()
-    if bound[1] != port:
+    if (asked := _asked_on_its_port(sock, address)) is None:
         return False
-    try:
-        wanted = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
+    bound, wanted, _ = asked
+    if wanted is None:
         return True
     held = ipaddress.ip_address(bound[0])
     return wanted.is_unspecified or held.is_unspecified or wanted == held
