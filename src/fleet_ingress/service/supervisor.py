@@ -1171,7 +1171,6 @@ class Supervisor:
         """Every worker reloads, one still starting once it serves; their
         answers by pid, within RELOAD_ANSWER_TIMEOUT (one that has not
         answered by then still reloads when it can, its outcome logged then)."""
-        loop = asyncio.get_running_loop()
         self._reload_rounds += 1
         tasks = self._reload_round = {}
         for worker in list(self.workers.values()):
@@ -1180,16 +1179,13 @@ class Supervisor:
         # Patient: a supervisor stopped through the round (SIGSTOP, a paused VM)
         # reads the answers waiting for it before its timeout ends the round;
         # they were logged "a worker did not reload", then "reloaded, after".
-        round_over = loop.create_future()
-        timer = PatientTimer(loop, RELOAD_ANSWER_TIMEOUT, _set_if_pending, round_over)
         try:
-            # `tasks` may grow meanwhile: a worker whose start began before this round.
-            while pending := [t for t in tasks.values() if not t.done()]:
-                if round_over.done():
-                    break
-                await asyncio.wait([*pending, round_over], return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(TimeoutError):
+                async with patient_timeout(RELOAD_ANSWER_TIMEOUT):
+                    # `tasks` may grow meanwhile: a worker whose start began before this round.
+                    while pending := [t for t in tasks.values() if not t.done()]:
+                        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            timer.cancel()
             self._reload_round = None
         late = {
             "ok": False,
@@ -1719,11 +1715,6 @@ def _warn_unverified() -> None:
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
     )
-
-
-def _set_if_pending(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _log_not_reloaded(pid: int, error: object) -> None:
