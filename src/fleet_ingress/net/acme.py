@@ -198,7 +198,7 @@ class AcmeProtocol(asyncio.Protocol):
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
         self._counted: str | None = None  # the `client_key` it is counted open for
-        self._seen = 0  # bytes received
+        self._read_any = False  # a first read came (a TLS ClientHello is told there)
         self._eof = False  # the client shut its writing side
         self._lingering = False  # answered: its writing side shut, the rest read and dropped
         self._dropped = 0  # bytes read and dropped after the head
@@ -239,10 +239,7 @@ class AcmeProtocol(asyncio.Protocol):
 
     def evict(self) -> None:
         """Closed to let a new connection in (`AcmeConnections.admit`)."""
-        count, key = self.settings.connections, self._counted
-        if count is not None and key is not None:
-            self._counted = None
-            count.release(self, key)
+        self._uncount()
         self._done = True
         if self.transport is not None:
             self.transport.abort()
@@ -265,8 +262,7 @@ class AcmeProtocol(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        first = self._seen == 0
-        self._seen += len(data)
+        first, self._read_any = not self._read_any, True
         if self._done:
             # A body we do not read, or what follows our answer: dropped, up to a bound.
             self._dropped += len(data)
@@ -324,11 +320,15 @@ class AcmeProtocol(asyncio.Protocol):
         t = self.transport
         return self._done and not self._lingering and t is not None and not t.is_closing()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def _uncount(self) -> None:
+        """Out of the connections counted (once: evicted, then lost)."""
         count, key = self.settings.connections, self._counted
-        if key is not None and count is not None:
+        if count is not None and key is not None:
             self._counted = None
             count.release(self, key)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._uncount()
         if self._timer is not None:
             self._timer.cancel()
         if self._task is not None:
