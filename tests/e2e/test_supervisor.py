@@ -12,8 +12,10 @@ import datetime
 import os
 import re
 import resource
+import shutil
 import signal
 import ssl
+import stat as stat_module
 import sys
 import tempfile
 import time
@@ -1322,6 +1324,66 @@ async def test_stat_against_a_stopped_supervisor_says_so_within_its_read_timeout
         assert "change" not in printed
         code, printed = await admin_command(service, "stat")
         assert code == 0, printed
+    finally:
+        await service.finish()
+
+
+async def test_the_admin_socket_is_made_again_when_its_file_or_directory_is_removed(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The admin socket's file removed while the ingress runs (an operator's rm,
+    systemd-tmpfiles, /run/fleet-ingress removed whole): a socket whose file is
+    gone cannot be connected to, so `stat`, drain, add-fleet and upgrade said
+    "No such file or directory. Is fleet-ingress running?" until a restart, a
+    call streaming all along (the resources audit of session 34). Now the
+    supervisor makes it again within a second or so, the call untouched; a file
+    someone else put at its path is left alone and said."""
+    service = await _start(
+        tls_files, two_fleets, env={"FLEET_INGRESS_LISTEN__ADMIN_SOCKET": "run/admin.sock"}
+    )
+    path = service.home / "run" / "admin.sock"
+
+    async def stat() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "stat",
+            "--admin-socket",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        return proc.returncode or 0, (out + err).decode()
+
+    def said(event: str) -> list[dict[str, Any]]:
+        return [e for e in service.log() if e["event"].startswith(event)]
+
+    try:
+        call = await _open(service, tls_files, "bot-1")
+        code, printed = await stat()
+        assert code == 0, printed
+        for remove in (path.unlink, lambda: shutil.rmtree(path.parent)):
+            remove()
+            await eventually(path.is_socket, timeout=5)
+            code, printed = await stat()
+            assert code == 0 and "frontend: 1 call" in printed, printed
+            await echo(call)
+        assert stat_module.S_IMODE(path.stat().st_mode) == 0o660
+        made_again = said("admin socket removed while running")
+        assert [e["path"] for e in made_again] == [str(path)] * 2
+        # Another file put at its path: never replaced, said once.
+        other = path.with_name("other")
+        other.write_text("not the ingress's\n")
+        os.replace(other, path)
+        await eventually(lambda: bool(said("admin socket unreachable")), timeout=5)
+        await asyncio.sleep(1.5)
+        assert path.read_text() == "not the ingress's\n"
+        (unreachable,) = said("admin socket unreachable")
+        assert "another file is at its path" in unreachable["why"], unreachable
+        await echo(call)
+        await close_calls([call])
     finally:
         await service.finish()
 

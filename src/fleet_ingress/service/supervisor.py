@@ -383,6 +383,7 @@ class Supervisor:
         self._admin_socket_id: tuple[int, int] | None = None
         self._stats_sock: socket.socket | None = None
         self._admin_sock: socket.socket | None = None
+        self._admin_socket_trouble: str | None = None  # said once (`keep_admin_socket`)
         self._puller: asyncio.Task[None] | None = None
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
         # Its state for a supervisor started after its death (run_supervisor's).
@@ -520,6 +521,61 @@ class Supervisor:
         if self._admin_sock is not None:
             socks["listen.admin_socket"] = self._admin_sock
         return socks
+
+    async def keep_admin_socket(self) -> None:
+        """The admin socket made again at its path once its file is gone (an
+        operator's rm, systemd-tmpfiles, /run/fleet-ingress removed): a Unix
+        socket whose file is gone cannot be connected to, and `stat`, drain,
+        add-fleet and upgrade said "Is fleet-ingress running?" until a restart
+        (the resources audit of session 34). Connections open go on. Another
+        file put at the path is never replaced: said once, as is a socket that
+        cannot be made (tried again each time)."""
+        path, old = self.admin_socket, self._admin_sock
+        if path is None or old is None or self.stopping:
+            return
+        found = socket_file_id(path)
+        if found is not None:
+            if found != self._admin_socket_id:
+                self._admin_socket_troubled(
+                    path,
+                    "another file is at its path now: it is left alone, and the "
+                    "ingress cannot be reached there until that file is removed",
+                )
+            else:
+                self._admin_socket_trouble = None
+            return
+        try:
+            new = bind_admin_socket(path)
+        except OSError as exc:
+            self._admin_socket_troubled(path, f"its file was removed and {exc}")
+            return
+        try:
+            await self._web.serve_kept_on(old, new)
+        except BaseException as exc:
+            new.close()
+            with contextlib.suppress(OSError):
+                path.unlink()  # ours, unserved: made again next time
+            if not isinstance(exc, Exception):
+                raise
+            self._admin_socket_troubled(path, f"its file was removed and {exc}")
+            return
+        self._admin_sock, self._admin_socket_id = new, socket_file_id(path)
+        old.close()
+        self._admin_socket_trouble = None
+        log.warning(
+            "admin socket removed while running (rm, systemd-tmpfiles, its directory "
+            "removed): made again",
+            extra=fields(path=str(path)),
+        )
+
+    def _admin_socket_troubled(self, path: Path, trouble: str) -> None:
+        if trouble != self._admin_socket_trouble:
+            self._admin_socket_trouble = trouble
+            log.error(
+                "admin socket unreachable: fleet-ingress stat, drain, add-fleet and "
+                "upgrade cannot reach this ingress",
+                extra=fields(path=str(path), why=trouble),
+            )
 
     async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         """Start a worker of `generation`: its process, its channel served, in
@@ -1903,6 +1959,9 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(
             kept_running(STATE_SNAPSHOTS, lambda: _write_snapshots(supervisor), failures)
         ),
+        loop.create_task(
+            kept_running(ADMIN_SOCKET, lambda: _keep_admin_socket(supervisor), failures)
+        ),
         # As a worker does: the slot requests, reports and probes of every call
         # on the host churn this heap too, and glibc kept what they freed (its
         # RSS climbed with the calls, nothing leaking: the leak audit of session 33).
@@ -2002,7 +2061,17 @@ SYSTEMD_STATUS = "systemd status"
 RELOADER = "reloader"
 REPORT_PULLER = "report puller"
 STATE_SNAPSHOTS = "state snapshots"
-BACKGROUND_TASKS = (WATCHDOG_PINGS, SYSTEMD_STATUS, RELOADER, REPORT_PULLER, STATE_SNAPSHOTS)
+ADMIN_SOCKET = "admin socket"
+BACKGROUND_TASKS = (
+    WATCHDOG_PINGS,
+    SYSTEMD_STATUS,
+    RELOADER,
+    REPORT_PULLER,
+    STATE_SNAPSHOTS,
+    ADMIN_SOCKET,
+)
+# How often the supervisor looks that its admin socket's file is still there.
+ADMIN_SOCKET_LOOK_EVERY = 1.0
 
 
 def _exit_now(supervisor: Supervisor) -> None:
@@ -2082,6 +2151,13 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
         if supervisor.snapshots is not None:
             supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
         await asyncio.sleep(SNAPSHOT_EVERY)
+
+
+async def _keep_admin_socket(supervisor: Supervisor) -> None:
+    """`Supervisor.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
+    while True:
+        await asyncio.sleep(ADMIN_SOCKET_LOOK_EVERY)
+        await supervisor.keep_admin_socket()
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:
