@@ -14,6 +14,7 @@ import re
 import resource
 import signal
 import ssl
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -597,6 +598,45 @@ async def test_a_fleet_connect_out_of_descriptors_is_answered_503_at_once_and_no
         assert (row["health"], row["retries"], row["redispatches"]) == ("UP", 0, 0), row
         await _call(service.port, tls_files, "after")  # its descriptors back: calls go through
         assert fleet.calls_total == 2
+
+
+# A worker's modules imported, its descriptors used up, then what its call path
+# does with a carrier's head refused as read (its log line) and with a fleet's
+# name (ssl's SNI encoding).
+_OUT_OF_DESCRIPTORS_SCRIPT = """
+import os, resource, ssl
+import fleet_ingress.service.worker
+from fleet_ingress.core.request_head import logged_first_line
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.dup(0))
+except OSError:
+    pass
+print(logged_first_line(b"GET /\\xff"))
+ssl.create_default_context().wrap_bio(
+    ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="fleet.example"
+)
+print("done")
+"""
+
+
+def test_a_worker_out_of_descriptors_imports_nothing_on_its_call_path() -> None:
+    """A worker's call path opens no file of its own: the codecs it uses are
+    looked up as it starts. Before (the resources audit of session 34: both
+    workers' RLIMIT_NOFILE lowered while carriers held connections), the first
+    head a worker refused as read imported `unicode_escape` for its log line,
+    which failed EMFILE: "call command failed; ending the call", a traceback;
+    and the first fleet connection imported `idna` for its server name."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["GET /\\xff", "done"], done.stdout
 
 
 OPERATOR_NOFILE = 512
