@@ -11,6 +11,7 @@ import queue
 import socket
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from fleet_ingress.core.addresses import format_hostport, ip_literal_version, same_host_key
 from fleet_ingress.core.fleet_spec import FleetSpec
@@ -26,12 +27,16 @@ Resolve = Callable[[str, int], Iterable[Address]]
 
 def resolve(host: str, port: int) -> set[Address]:
     """The addresses the ingress would connect to for `host`."""
-    found: set[Address] = set()
-    for _, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = str(sockaddr[0])
-        scope = int(sockaddr[3]) if len(sockaddr) == 4 else 0
-        found.add((ipaddress.ip_address(ip.partition("%")[0]).compressed, int(sockaddr[1]), scope))
-    return found
+    return {
+        address_of(sockaddr)
+        for _, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    }
+
+
+def address_of(sockaddr: tuple[Any, ...]) -> Address:
+    """A getaddrinfo answer's socket address as fleets compare them."""
+    ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0]).compressed
+    return (ip, int(sockaddr[1]), int(sockaddr[3]) if len(sockaddr) == 4 else 0)
 
 
 def look_up(
@@ -81,24 +86,11 @@ def shared_address_warnings(
     answers = look_up(list(dict.fromkeys(names)), budget, lookup)
     addresses: dict[str, frozenset[Address]] = {}
     for spec in fleets:
-        if _literal(spec):
-            addresses[spec.name] = frozenset({(same_host_key(spec.host), spec.port, 0)})
+        if (literal := literal_addresses(spec)) is not None:
+            addresses[spec.name] = literal
         elif got := answers.get((spec.host, spec.port)):
             addresses[spec.name] = got
-    by_name = {spec.name: spec for spec in fleets}
-    warnings = []
-    for first, second, (ip, port, scope) in shared_addresses(addresses):
-        a, b = by_name[first], by_name[second]
-        if _literal(a) and _literal(b):
-            continue
-        where = format_hostport(ip + (f"%{scope}" if scope else ""), port)
-        warnings.append(
-            f"fleets {a.name!r} ({a.url}) and {b.name!r} ({b.url}) resolve to one "
-            f"address, {where}: if they are one host, it gets two maxconn budgets "
-            f"({a.maxconn} + {b.maxconn} calls where it holds {max(a.maxconn, b.maxconn)}: "
-            "the rest answered 429) and two probes: list it once; if they are distinct "
-            "hosts behind one address (routed by TLS SNI), nothing is wrong"
-        )
+    warnings = shared_warnings(fleets, addresses)
     unanswered = sorted(
         {spec.name for spec in fleets if (spec.host, spec.port) in names}
         - {spec.name for spec in fleets if (spec.host, spec.port) in answers}
@@ -108,6 +100,37 @@ def shared_address_warnings(
             f"fleet(s) {', '.join(unanswered)}: no answer from the resolver within "
             f"{budget:g} s, so not compared with the others' addresses (is DNS slow "
             "or down? the ingress resolves a fleet's name each time it connects)"
+        )
+    return warnings
+
+
+def literal_addresses(spec: FleetSpec) -> frozenset[Address] | None:
+    """The address of a fleet given as an IP literal (in any spelling), which
+    needs no lookup; None for a name (or a zoned literal: its interface's index)."""
+    if not _literal(spec):
+        return None
+    return frozenset({(same_host_key(spec.host), spec.port, 0)})
+
+
+def shared_warnings(
+    fleets: list[FleetSpec], addresses: dict[str, frozenset[Address]], *, about: str | None = None
+) -> list[str]:
+    """A warning for each pair of `fleets` that share an address (`addresses`,
+    by fleet name), `about` one of the pair when given; a pair of literals is
+    the fleets file's to say (same_host_warnings)."""
+    by_name = {spec.name: spec for spec in fleets}
+    warnings = []
+    for first, second, (ip, port, scope) in shared_addresses(addresses):
+        a, b = by_name[first], by_name[second]
+        if (_literal(a) and _literal(b)) or (about is not None and about not in (first, second)):
+            continue
+        where = format_hostport(ip + (f"%{scope}" if scope else ""), port)
+        warnings.append(
+            f"fleets {a.name!r} ({a.url}) and {b.name!r} ({b.url}) resolve to one "
+            f"address, {where}: if they are one host, it gets two maxconn budgets "
+            f"({a.maxconn} + {b.maxconn} calls where it holds {max(a.maxconn, b.maxconn)}: "
+            "the rest answered 429) and two probes: list it once; if they are distinct "
+            "hosts behind one address (routed by TLS SNI), nothing is wrong"
         )
     return warnings
 
