@@ -7,6 +7,7 @@ import time
 
 from fleet_ingress.config.fleet_lookup import Address, look_up, shared_address_warnings
 from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.core.fleet_spec import FleetSpec
 
 HOSTS: dict[str, set[tuple[str, int]]] = {
     "localhost": {("127.0.0.1", 0), ("::1", 0)},
@@ -24,7 +25,7 @@ def fake(host: str, port: int) -> set[Address]:
     return {(ip, port, scope) for ip, scope in HOSTS[host]}
 
 
-def fleets(text: str):
+def fleets(text: str) -> list[FleetSpec]:
     return parse_fleets_text(text, default_maxconn=16)
 
 
