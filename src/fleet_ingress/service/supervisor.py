@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -408,6 +409,8 @@ class Supervisor:
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
             _warn_unverified()
+        for same in same_host_warnings(fleet.spec for fleet in self.balancer.fleets):
+            _warn_same_host(same)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
@@ -1626,6 +1629,9 @@ class Supervisor:
         for fleet in plan.added:
             self.poller.start(fleet)
         notes += plan.notes
+        for same in same_host_warnings(specs):  # said at each reload, as check says it
+            _warn_same_host(same)
+            notes.append(f"warning: {same}")
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -1763,6 +1769,12 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _warn_same_host(warning: str) -> None:
+    """A fleet at an IPv4 address in another spelling (0x7f.0.0.1), or beside
+    the same address: `check` says it too (fleets_file.same_host_warnings)."""
+    log.warning("fleets file: an address in another spelling", extra=fields(detail=warning))
 
 
 def _warn_unverified() -> None:
