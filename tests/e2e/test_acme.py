@@ -827,3 +827,39 @@ async def test_a_second_signal_does_not_wait_for_a_challenge_in_flight(
     finally:
         writer.close()
         responder.close()
+
+
+# The :80 audit of session 34.
+
+
+async def test_a_clients_answered_connections_leave_its_share_while_they_linger(
+    start_ingress: StartIngress, certbot_standin
+):
+    """A client's answered connections counted against its share of 16 until
+    their lingering close ended (ACME_LINGER_SECONDS): a NAT making quick
+    requests without closing had its 17th reset at accept. Answered, a
+    connection counts against the total bound only."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    kept = []
+    try:
+        for n in range(ACME_MAX_PER_CLIENT + 4):
+            reader, writer = await asyncio.open_connection(*ingress.acme_address)
+            kept.append(writer)
+            writer.write(f"GET /{n} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+            async with asyncio.timeout(2):
+                got = await reader.read(-1)  # the answer, then our FIN; not closed by the client
+            assert got.startswith(b"HTTP/1.1 301 "), (n, got)
+        assert acme.refused == 0
+        assert acme.open == ACME_MAX_PER_CLIENT + 4  # still held open (lingering): still bounded
+        assert dict(acme.by_client) == {}
+        # The bound on idle ones holds all the same.
+        idle = [await asyncio.open_connection(*ingress.acme_address) for _ in range(17)]
+        kept += [w for _, w in idle]
+        await eventually(lambda: acme.refused == 1)
+        assert dict(acme.by_client) == {"127.0.0.1": ACME_MAX_PER_CLIENT}
+    finally:
+        for w in kept:
+            w.close()
+    await eventually(lambda: acme.open == 0)
+    assert dict(acme.by_client) == {}

@@ -10,14 +10,16 @@ At most ACME_MAX_CONNECTIONS are open at once per worker; more are reset at
 accept. Each is held up to `timeouts.request` for its head: without a bound, a
 flood of idle connections to `:80` could take the descriptors the carrier
 listener needs (`limits.max_connections` counts carriers only). One client (an
-IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them: alone, it
-could hold them all, and Let's Encrypt's validation, reset at accept, fails the
-renewal. Many clients (a flood from many addresses) can still fill the bound:
-then the oldest connection that has not sent its head yet (or has its answer
-already) is closed to let the new one in, so that a validation, which sends its
-head at once, is never shut out for good (the :80 audit of session 33). One
-whose client has sent bytes not read yet (its head, accepted in one go with a
-flood) is passed over.
+IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them not
+answered yet: alone, it could hold them all, and Let's Encrypt's validation,
+reset at accept, fails the renewal. Answered ones (only their lingering close
+left) count against the total bound only: a NAT's quick requests are not
+refused for the lingering closes of its last answers. Many clients (a flood
+from many addresses) can still fill the bound: then the oldest connection that
+has not sent its head yet (or has its answer already) is closed to let the new
+one in, so that a validation, which sends its head at once, is never shut out
+for good (the :80 audit of session 33). One whose client has sent bytes not
+read yet (its head, accepted in one go with a flood) is passed over.
 
 An answer is followed by a lingering close: the writing side is shut (FIN after
 the answer), and what the client still sends (a body we do not read) is read
@@ -81,7 +83,8 @@ class AcmeConnections:
     refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open, or the client's share
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
-    by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
+    # Open and not answered yet, by `client_key` (see `unshare`).
+    by_client: Counter[str] = field(default_factory=Counter)
     # Closed before their head to let a new one in when `limit` were open (see
     # `admit`; an answered one closed so is not counted: it cost nobody anything).
     evicted: int = 0
@@ -96,8 +99,10 @@ class AcmeConnections:
         session 33). A validator sends its head at once: to be closed before it,
         its connection would have to be the oldest of `limit` waiting."""
         if self.by_client[key] >= self.per_client:
-            self.refused += 1
-            return False
+            self._unshare_answered(key)
+            if self.by_client[key] >= self.per_client:
+                self.refused += 1
+                return False
         if self.open >= self.limit:
             oldest = self._oldest_evictable()
             if oldest is None:  # every one is a challenge being relayed: bounded by its timeouts
@@ -110,6 +115,22 @@ class AcmeConnections:
         self.by_client[key] += 1
         self.members[protocol] = None
         return True
+
+    def unshare(self, protocol: AcmeProtocol, key: str) -> None:
+        """`protocol` answered (its answer out, its writing side shut): it no
+        longer counts against its client's share, only against `limit`. A NAT's
+        quick requests were refused while the lingering closes of its 16 last
+        answers ran (ACME_LINGER_SECONDS each; the :80 audit of session 34)."""
+        self.by_client[key] -= 1
+        if self.by_client[key] <= 0:
+            del self.by_client[key]
+
+    def _unshare_answered(self, key: str) -> None:
+        """The client's answered connections whose answer left our buffer after
+        their `_write` (a large one, a slow reader) out of its share now."""
+        for p in list(self.members):
+            if p.shares_as == key and p.answered:
+                p.leave_share()
 
     def _oldest_evictable(self) -> AcmeProtocol | None:
         """The oldest with no head (or its answer sent) whose client has sent
@@ -128,11 +149,9 @@ class AcmeConnections:
                 return None
         return None
 
-    def release(self, protocol: AcmeProtocol, key: str) -> None:
+    def release(self, protocol: AcmeProtocol) -> None:
+        """Out of `open` (its share left already: `unshare`)."""
         self.open -= 1
-        self.by_client[key] -= 1
-        if self.by_client[key] <= 0:
-            del self.by_client[key]
         self.members.pop(protocol, None)
 
     async def settled(self, *, step: float = 0.02) -> None:
@@ -197,7 +216,8 @@ class AcmeProtocol(asyncio.Protocol):
         self._done = False
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
-        self._counted: str | None = None  # the `client_key` it is counted open for
+        self._counted = False  # counted open (AcmeConnections.open)
+        self._sharing: str | None = None  # the `client_key` whose share it counts against
         self._read_any = False  # a first read came (a TLS ClientHello is told there)
         self._eof = False  # the client shut its writing side
         self._lingering = False  # answered: its writing side shut, the rest read and dropped
@@ -255,7 +275,7 @@ class AcmeProtocol(asyncio.Protocol):
                 self._done = True
                 transport.abort()  # its connection_lost follows; nothing was counted open
                 return
-            self._counted = key
+            self._counted, self._sharing = True, key
         self.transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
@@ -320,12 +340,25 @@ class AcmeProtocol(asyncio.Protocol):
         t = self.transport
         return self._done and not self._lingering and t is not None and not t.is_closing()
 
+    @property
+    def shares_as(self) -> str | None:
+        """The `client_key` whose share it counts against (None: none, or no longer)."""
+        return self._sharing
+
+    def leave_share(self) -> None:
+        """Out of its client's share (once: answered, evicted or lost)."""
+        count, key = self.settings.connections, self._sharing
+        if count is not None and key is not None:
+            self._sharing = None
+            count.unshare(self, key)
+
     def _uncount(self) -> None:
         """Out of the connections counted (once: evicted, then lost)."""
-        count, key = self.settings.connections, self._counted
-        if count is not None and key is not None:
-            self._counted = None
-            count.release(self, key)
+        self.leave_share()
+        count = self.settings.connections
+        if count is not None and self._counted:
+            self._counted = False
+            count.release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
@@ -470,6 +503,8 @@ class AcmeProtocol(asyncio.Protocol):
             return
         t.write_eof()  # the FIN follows the answer once it is sent
         self._lingering = True
+        if self.answered:  # out of our buffer whole (else `admit` looks again)
+            self.leave_share()
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, self._end_linger)
