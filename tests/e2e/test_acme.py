@@ -863,3 +863,45 @@ async def test_a_clients_answered_connections_leave_its_share_while_they_linger(
             w.close()
     await eventually(lambda: acme.open == 0)
     assert dict(acme.by_client) == {}
+
+
+async def _sent_in_pieces(address: tuple[str, int], pieces: list[bytes]) -> bytes:
+    """What comes back for `pieces`, each read on its own by the ingress."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        async with asyncio.timeout(2):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("cut", [[1], [1, 2]], ids=["0x16|", "0x16|0x03|"])
+async def test_a_tls_client_hello_split_early_is_answered_at_once(
+    start_ingress: StartIngress, certbot_standin, cut: list[int]
+):
+    """A ClientHello whose first read was 0x16 alone (its record split before
+    its second byte) waited timeouts.request for a 408 it cannot read, not the
+    400 that says what is wrong (or, with a 0x0a in the hello, a "malformed
+    request")."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    hello = _client_hello()
+    for first_bytes in (hello, hello.replace(b"\n", b"\x0b")):
+        ends = [*cut, len(first_bytes)]
+        pieces = [first_bytes[a:b] for a, b in zip([0, *cut], ends, strict=True)]
+        got = await _sent_in_pieces(ingress.acme_address, pieces)
+        assert got.startswith(b"HTTP/1.1 400 "), got
+        assert got.endswith(b"this is plain HTTP: use https:// on port 443")
+
+
+async def test_a_method_sent_byte_by_byte_is_a_request(
+    start_ingress: StartIngress, certbot_standin
+):
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    got = await _sent_in_pieces(
+        ingress.acme_address, [b"G", b"E", b"T", b" /x HTTP/1.1\r\nHost: h\r\n\r\n"]
+    )
+    assert got.startswith(b"HTTP/1.1 301 "), got

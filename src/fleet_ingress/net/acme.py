@@ -218,7 +218,7 @@ class AcmeProtocol(asyncio.Protocol):
         self.target = ""  # the head's target once read (for the refused-request line)
         self._counted = False  # counted open (AcmeConnections.open)
         self._sharing: str | None = None  # the `client_key` whose share it counts against
-        self._read_any = False  # a first read came (a TLS ClientHello is told there)
+        self._start = b""  # its first bytes, up to 2 (a TLS ClientHello is told by them)
         self._eof = False  # the client shut its writing side
         self._lingering = False  # answered: its writing side shut, the rest read and dropped
         self._dropped = 0  # bytes read and dropped after the head
@@ -282,16 +282,20 @@ class AcmeProtocol(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
-        first, self._read_any = not self._read_any, True
+        looking = len(self._start) < len(_TLS_HANDSHAKE_RECORD)
+        if looking:
+            self._start += data[: len(_TLS_HANDSHAKE_RECORD) - len(self._start)]
         if self._done:
             # A body we do not read, or what follows our answer: dropped, up to a bound.
             self._dropped += len(data)
             if self._dropped > ACME_LINGER_BYTES and self.transport is not None:
                 self.transport.abort()
             return
-        if first and data.startswith(_TLS_HANDSHAKE_RECORD):
+        if looking and self._start == _TLS_HANDSHAKE_RECORD:
             # A TLS client on :80 (https://host:80/, a monitor set up wrong): it would
-            # wait the request timeout for a 408 it cannot read. Told at once.
+            # wait the request timeout for a 408 it cannot read. Told at once, its
+            # record's first two bytes read in one go or not (no method starts with
+            # 0x16, a control byte: 0x16 alone, then nothing, is a 408 as any stall).
             self.target = "(a TLS handshake)"
             self._answer(400, "this is plain HTTP: use https:// on port 443")
             return
