@@ -14,7 +14,14 @@ from aiohttp import web
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK
 
-from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
+from fleet_ingress.net.acme import (
+    ACME_LINGER_BYTES,
+    ACME_LINGER_SECONDS,
+    ACME_MAX_PER_CLIENT,
+    EVICTION_PEEKS,
+    MAX_ACME_RESPONSE,
+    client_key,
+)
 from tests.support import (
     StartIngress,
     TLSFiles,
@@ -905,3 +912,104 @@ async def test_a_method_sent_byte_by_byte_is_a_request(
         ingress.acme_address, [b"G", b"E", b"T", b" /x HTTP/1.1\r\nHost: h\r\n\r\n"]
     )
     assert got.startswith(b"HTTP/1.1 301 "), got
+
+
+async def test_what_a_client_sends_after_its_answer_past_the_bound_is_cut_at_once(
+    start_ingress: StartIngress, certbot_standin
+):
+    """After an answer, what the client still sends is read and dropped up to
+    ACME_LINGER_BYTES: past that the connection is reset then, not held for the
+    rest of ACME_LINGER_SECONDS reading a stranger's upload."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    try:
+        writer.write(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100000000\r\n\r\n")
+        async with asyncio.timeout(2):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionError):  # its writes may meet the reset
+            for _ in range(4 * ACME_LINGER_BYTES // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        await eventually(lambda: acme.open == 0, timeout=ACME_LINGER_SECONDS / 2)
+        assert time.monotonic() - began < ACME_LINGER_SECONDS / 2
+    finally:
+        writer.close()
+
+
+async def test_an_answer_its_client_does_not_read_is_cut_at_the_end_of_the_linger(
+    start_ingress: StartIngress,
+):
+    """A client that reads nothing: our answer waits in the transport's buffer,
+    and a close() would wait for it for ever (the connection counted open, the
+    worker's exit waiting for it). At ACME_LINGER_SECONDS it is aborted."""
+    body = b"k" * (MAX_ACME_RESPONSE - 1024)
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    client = socket.socket()
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        acme = ingress.registry.acme
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before the connect
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ingress.acme_address)
+        await eventually(lambda: acme.open == 1)
+        (held,) = acme.members
+        assert held.transport is not None
+        # Our side's kernel buffer small too: the answer is more than both take.
+        held.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        target = f"/.well-known/acme-challenge/{TOKEN}"
+        client.send(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        await eventually(lambda: held.transport.get_write_buffer_size() > 0)  # answered
+        assert not held.answered  # what the stop's wait and the share look at
+        took = await eventually(lambda: acme.open == 0, timeout=ACME_LINGER_SECONDS + 1)
+        assert took > ACME_LINGER_SECONDS / 2
+    finally:
+        client.close()
+        responder.close()
+
+
+async def test_a_full_listener_whose_oldest_have_heads_unread_refuses_past_the_peeks(
+    start_ingress: StartIngress, certbot_standin
+):
+    """`admit` looks at EVICTION_PEEKS connections with bytes unread (each a
+    recv) for one to close, then refuses the new one: past them an idle one
+    is not looked for (a flood's heads in their sockets cost one recv each)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    acme.limit, acme.per_client = EVICTION_PEEKS + 2, 2 * EVICTION_PEEKS
+    address = ingress.acme_address
+    heads = [await asyncio.open_connection(*address) for _ in range(EVICTION_PEEKS + 1)]
+    await eventually(lambda: acme.open == EVICTION_PEEKS + 1)
+    for p in acme.members:  # as if the loop had not come to read them yet
+        assert p.transport is not None
+        p.transport.pause_reading()
+    for _, w in heads:
+        w.write(b"GET /x HT")  # a head on its way
+        await w.drain()
+    await eventually(lambda: all(p.has_unread_bytes() for p in acme.members))
+    idle = await asyncio.open_connection(*address)  # the one past the peeks
+    try:
+        await eventually(lambda: acme.open == acme.limit)
+        reader, writer = await asyncio.open_connection(*address)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 2)
+        writer.close()
+        assert (acme.refused, acme.evicted, acme.open) == (1, 0, acme.limit)
+    finally:
+        for p in acme.members:
+            if p.transport is not None:
+                p.transport.resume_reading()
+        idle[1].close()
+        for _, w in heads:
+            w.close()
+    await eventually(lambda: acme.open == 0)
