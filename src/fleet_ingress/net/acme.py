@@ -376,13 +376,12 @@ class AcmeProtocol(asyncio.Protocol):
     def _route(self, head: RequestHead) -> None:
         head_only = head.method == b"HEAD"
         host = host_without_port(head.host)
-        if head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
-            if head.method not in (b"GET", b"HEAD"):
-                self._answer(405, "ACME challenges are fetched with GET", allow=CHALLENGE_METHODS)
-                return
-        if head.has_body:
+        challenge = head.path.startswith(CHALLENGE_PREFIX) and head.path != CHALLENGE_PREFIX
+        if challenge and head.method not in (b"GET", b"HEAD"):
+            self._answer(405, "ACME challenges are fetched with GET", allow=CHALLENGE_METHODS)
+        elif head.has_body:
             self._answer(400, BODY_REFUSED, head_only=head_only)
-        elif head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
+        elif challenge:
             self._task = asyncio.get_running_loop().create_task(self._forward(head))
         elif self.settings.redirect_https and host:
             self._write(
@@ -400,9 +399,7 @@ class AcmeProtocol(asyncio.Protocol):
                 head_only=head_only,
             )
         else:
-            self._answer(
-                404, "this listener serves ACME challenges only", head_only=head.method == b"HEAD"
-            )
+            self._answer(404, "this listener serves ACME challenges only", head_only=head_only)
 
     async def _forward(self, head: RequestHead) -> None:
         s = self.settings
