@@ -79,7 +79,6 @@ _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 class AcmeConnections:
     """The plain-HTTP listener's count, one per ingress (kept across reloads)."""
 
-    open: int = 0
     refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open, or the client's share
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
@@ -111,7 +110,6 @@ class AcmeConnections:
             if oldest.waiting_for_head:  # an answered one costs nobody anything: not counted
                 self.evicted += 1
             oldest.evict()
-        self.open += 1
         self.by_client[key] += 1
         self.members[protocol] = None
         return True
@@ -149,9 +147,13 @@ class AcmeConnections:
                 return None
         return None
 
+    @property
+    def open(self) -> int:
+        """How many are open (at most `limit`)."""
+        return len(self.members)
+
     def release(self, protocol: AcmeProtocol) -> None:
-        """Out of `open` (its share left already: `unshare`)."""
-        self.open -= 1
+        """Out of `open` (its share left already: `unshare`); once or more."""
         self.members.pop(protocol, None)
 
     async def settled(self, *, step: float = 0.02) -> None:
@@ -216,7 +218,6 @@ class AcmeProtocol(asyncio.Protocol):
         self._done = False
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
-        self._counted = False  # counted open (AcmeConnections.open)
         self._sharing: str | None = None  # the `client_key` whose share it counts against
         self._start = b""  # its first bytes, up to 2 (a TLS ClientHello is told by them)
         self._eof = False  # the client shut its writing side
@@ -275,7 +276,7 @@ class AcmeProtocol(asyncio.Protocol):
                 self._done = True
                 transport.abort()  # its connection_lost follows; nothing was counted open
                 return
-            self._counted, self._sharing = True, key
+            self._sharing = key
         self.transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
@@ -359,9 +360,7 @@ class AcmeProtocol(asyncio.Protocol):
     def _uncount(self) -> None:
         """Out of the connections counted (once: evicted, then lost)."""
         self.leave_share()
-        count = self.settings.connections
-        if count is not None and self._counted:
-            self._counted = False
+        if (count := self.settings.connections) is not None:
             count.release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
