@@ -52,6 +52,7 @@ from fleet_ingress.core.request_head import (
 from fleet_ingress.core.responses import local_response
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.late_timers import patient_timeout
 
 log = logging.getLogger("fleet_ingress.acme")
 
@@ -412,7 +413,9 @@ class AcmeProtocol(asyncio.Protocol):
             max_head_bytes=s.max_head_bytes,
         )
         try:
-            async with asyncio.timeout(s.connect_timeout):
+            # Patient: after a stall of the worker (SIGSTOP, a VM paused), certbot's
+            # answer waiting unread is read before its timer blames it (late_timers).
+            async with patient_timeout(s.connect_timeout):
                 reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
         except (OSError, TimeoutError) as exc:
             self._upstream_failed("acme upstream unreachable", where, exc)
@@ -421,7 +424,7 @@ class AcmeProtocol(asyncio.Protocol):
         answer = bytearray()
         try:
             writer.write(exchange.request_bytes)
-            async with asyncio.timeout(s.response_timeout):
+            async with patient_timeout(s.response_timeout):
                 while True:
                     chunk = await reader.read(65536)
                     answer += chunk
