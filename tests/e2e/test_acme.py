@@ -9,8 +9,10 @@ import socket
 import ssl
 import time
 
+import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK
 
@@ -1013,3 +1015,59 @@ async def test_a_full_listener_whose_oldest_have_heads_unread_refuses_past_the_p
         for _, w in heads:
             w.close()
     await eventually(lambda: acme.open == 0)
+
+
+async def test_what_came_of_each_challenge_forwarded_to_certbot_is_counted_in_the_metrics(
+    start_ingress: StartIngress,
+):
+    """A renewal whose validations did not get through left nothing to alert on:
+    certbot's failures were rate-limited log lines only. Each challenge
+    forwarded is counted by outcome, each outcome exported from 0."""
+
+    async def certbot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/silent " in head:
+            await asyncio.sleep(5)
+        elif b"/known " in head:
+            body = KEY_AUTH.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()  # else: closed unanswered, as certbot does for a token it does not serve
+
+    responder = await asyncio.start_server(certbot, "127.0.0.1", 0)
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0", "stats": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"},
+        timeouts={"response": 0.3},
+    )
+
+    async def scrape() -> dict[str, float]:
+        assert ingress.stats_address is not None
+        host, port = ingress.stats_address
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(f"http://{host}:{port}/metrics") as response,
+        ):
+            text = await response.text()
+        return {
+            s.labels["outcome"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "fleet_ingress_acme_challenges_total"
+        }
+
+    async def challenge(token: str) -> bytes:
+        request = f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: h\r\n\r\n"
+        return (await plain_exchange(ingress.acme_address, request.encode())).partition(b"\r\n")[0]
+
+    try:
+        assert await scrape() == dict.fromkeys(["relayed", "refused", "not_served", "failed"], 0)
+        assert await challenge("known") == b"HTTP/1.1 200 OK"
+        assert await challenge("known") == b"HTTP/1.1 200 OK"
+        assert await challenge("stale") == b"HTTP/1.1 502 Bad Gateway"
+        assert await challenge("silent") == b"HTTP/1.1 502 Bad Gateway"
+    finally:
+        responder.close()
+        await responder.wait_closed()
+    assert await challenge("known") == b"HTTP/1.1 503 Service Unavailable"  # nothing listens
+    assert await scrape() == {"relayed": 2, "refused": 1, "not_served": 1, "failed": 1}

@@ -90,6 +90,8 @@ class AcmeConnections:
     evicted: int = 0
     # The open ones, oldest first.
     members: dict[AcmeProtocol, None] = field(default_factory=dict)
+    # Challenges forwarded to acme.upstream, by CHALLENGE_OUTCOMES.
+    challenges: Counter[str] = field(default_factory=Counter)
 
     def admit(self, protocol: AcmeProtocol, key: str) -> bool:
         """Count `protocol` open for client `key`, or say False (refused). When
@@ -179,6 +181,13 @@ def client_key(ip: str) -> str:
 
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+# What came of a challenge forwarded to certbot (fleet_ingress_acme_challenges_total):
+# relayed (certbot answered: its answer relayed, whatever its status); refused
+# (503: nothing listens, as between renewals); not_served (502: closed with no
+# answer, as certbot does for a token it does not serve); failed (503 or 502:
+# no connection in timeouts.connect, no answer in timeouts.response, or not a
+# usable one: never what certbot does).
+CHALLENGE_OUTCOMES = ("relayed", "refused", "not_served", "failed")
 # A challenge answer is a token and a key thumbprint: tiny. Anything larger is refused.
 MAX_ACME_RESPONSE = 64 * 1024
 
@@ -418,6 +427,7 @@ class AcmeProtocol(asyncio.Protocol):
             async with patient_timeout(s.connect_timeout):
                 reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
         except (OSError, TimeoutError) as exc:
+            self._challenge("refused" if isinstance(exc, ConnectionRefusedError) else "failed")
             self._upstream_failed("acme upstream unreachable", where, exc)
             self._answer(503, f"no ACME responder is listening on {where}", head_only=head_only)
             return
@@ -444,6 +454,8 @@ class AcmeProtocol(asyncio.Protocol):
                 # and nobody learns why: a 502 says the responder failed.
                 raise ResponseError("junk-response", "closed before the end of its answer")
         except (OSError, TimeoutError, ResponseError) as exc:
+            empty = isinstance(exc, ResponseError) and exc.kind == "empty-response"
+            self._challenge("not_served" if empty else "failed")
             self._upstream_failed("acme upstream failed", where, exc)
             self._answer(
                 502, f"the ACME responder on {where} did not answer properly", head_only=head_only
@@ -451,6 +463,7 @@ class AcmeProtocol(asyncio.Protocol):
             return
         finally:
             writer.close()
+        self._challenge("relayed")
         self._write(exchange.relayable(bytes(answer)))
         if s.relayed is not None and exchange.head is not None:
             # What a failed renewal is read against: did the validation reach :80,
@@ -463,6 +476,10 @@ class AcmeProtocol(asyncio.Protocol):
                 upstream=where,
                 ms=round((asyncio.get_running_loop().time() - began) * 1000, 1),
             )
+
+    def _challenge(self, outcome: str) -> None:
+        if (count := self.settings.connections) is not None:
+            count.challenges[outcome] += 1
 
     def _upstream_failed(self, event: str, where: str, exc: BaseException) -> None:
         # Rate-limited: between renewals nothing listens on the upstream, and any
