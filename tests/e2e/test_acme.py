@@ -1071,3 +1071,46 @@ async def test_what_came_of_each_challenge_forwarded_to_certbot_is_counted_in_th
         await responder.wait_closed()
     assert await challenge("known") == b"HTTP/1.1 503 Service Unavailable"  # nothing listens
     assert await scrape() == {"relayed": 2, "refused": 1, "not_served": 1, "failed": 1}
+
+
+async def test_a_plain_stop_during_an_upgrades_stop_does_not_wait_for_idle_connections(
+    start_ingress: StartIngress, certbot_standin
+):
+    """An upgrade's stop keeps :80 connections with no head for timeouts.request
+    (a validation's head may be on its way), which delays nobody: nothing waits
+    for an old generation to exit. A SIGTERM then (`Worker.begin_stop`: the
+    drain shortened, the listeners closed without keeping) waited for them all
+    the same, and a systemctl restart with them: new calls are refused (the
+    listeners shut) until the new start listens. Now they are closed then, as a
+    plain stop closes them; a head unread in its socket is still answered."""
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{certbot_standin[0]}"},
+        timeouts={"request": 4},
+    )
+    acme = ingress.registry.acme
+    idle = await asyncio.open_connection(*ingress.acme_address)
+    validator = socket.create_connection(ingress.acme_address)
+    try:
+        await eventually(lambda: acme.open == 2)
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop(keep_pending=True))  # the upgrade's
+        await asyncio.sleep(0.2)
+        assert acme.open == 2  # kept
+        validator.sendall(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        # SIGTERM: what Worker.begin_stop does with a stop under way.
+        ingress.shorten_drain(ingress.config.timeouts.drain)
+        ingress.stop_accepting(keep_pending=False)
+        got = await _read_all(validator)
+        async with asyncio.timeout(10):
+            await stopping
+        took = time.monotonic() - began
+    finally:
+        validator.close()
+        idle[1].close()
+    assert got.endswith(KEY_AUTH.encode()), got
+    assert took < 1.5, took
+    assert acme.open == 0
