@@ -1114,3 +1114,57 @@ async def test_a_plain_stop_during_an_upgrades_stop_does_not_wait_for_idle_conne
     assert got.endswith(KEY_AUTH.encode()), got
     assert took < 1.5, took
     assert acme.open == 0
+
+
+async def test_an_answer_that_left_our_buffer_after_its_write_leaves_the_share_too(
+    start_ingress: StartIngress,
+):
+    """An answer larger than the kernel took at once is answered only once it
+    has left the transport's buffer: until then it counts against its client's
+    share; after, the client's next connection is let in (not reset at accept
+    for the rest of the lingering close)."""
+    body = b"k" * (MAX_ACME_RESPONSE - 1024)
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    kept = []
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        acme = ingress.registry.acme
+        acme.per_client = 1
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before the connect
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ingress.acme_address)
+        reader, writer = await asyncio.open_connection(sock=client)
+        kept.append(writer)
+        await eventually(lambda: acme.open == 1)
+        (held,) = acme.members
+        assert held.transport is not None
+        held.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        writer.transport.pause_reading()  # the client reads nothing for now
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        await eventually(lambda: held.transport.get_write_buffer_size() > 0)
+        assert held.shares_as == "127.0.0.1"  # not answered yet: in its share
+        writer.transport.resume_reading()
+        async with asyncio.timeout(ACME_LINGER_SECONDS / 2):
+            assert (await reader.read(-1)).endswith(body)  # all of it, then our FIN
+        again = await asyncio.open_connection(*ingress.acme_address)
+        kept.append(again[1])
+        again[1].write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(ACME_LINGER_SECONDS / 2):
+            assert (await again[0].read(-1)).startswith(b"HTTP/1.1 301 ")
+        assert acme.refused == 0
+    finally:
+        for w in kept:
+            w.close()
+        responder.close()
