@@ -797,6 +797,12 @@ async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed
             got = await reader.read(-1)
         assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(KEY_AUTH), got
         assert not [e for e in service.log() if e["event"].startswith("acme upstream")]
+        # Counted as relayed, in the supervisor's metrics (from the worker's report).
+        async with asyncio.timeout(5):
+            while 'fleet_ingress_acme_challenges_total{outcome="relayed"} 1.0' not in (
+                await service.metrics()
+            ):
+                await asyncio.sleep(0.1)
     finally:
         if writer is not None:
             writer.close()
