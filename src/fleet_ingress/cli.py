@@ -701,8 +701,10 @@ def _run(config_path: Path) -> int:
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
         stored.say_unused()
+        after_crash = False  # workers taken up from the fd store
         if stored.sockets or stored.snapshot is not None:
             handed, carried = _take_up_after_crash(stored, config, ran is not None)
+            after_crash = carried is not None
         if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals
             import logging
 
@@ -727,6 +729,8 @@ def _run(config_path: Path) -> int:
         supervisor = Supervisor(
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
+        if after_crash:  # its workers seal tickets with the dead supervisor's keys
+            supervisor.take_up_ticket_keys(stored.ticket_keys)
         if kept_because is not None:
             supervisor.say_certificate_kept(kept_because)
         if unread_files is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,8 +57,10 @@ SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
 SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
 # And the fd of a sealed memfd holding the keys its session tickets are sealed
 # with: the supervisor's, the same for every worker it starts, drawn anew with
-# each certificate (or [tls] setting) it serves, held in memory only. A worker
-# of an older release ignores it (and draws its own, as OpenSSL does).
+# each certificate (or [tls] setting) it serves, held in memory only (and in
+# systemd's fd store, for a supervisor started again after a crash:
+# `fd_store.store_ticket_keys`). A worker of an older release ignores it (and
+# draws its own, as OpenSSL does), as does one that cannot read it.
 SERVING_TICKET_KEYS_ENV = "INGRESS_SERVING_TICKET_KEYS_FD"
 
 
@@ -228,6 +231,20 @@ def serves_alike(
         and mine.min_version == theirs.min_version
         and mine.profile == theirs.profile
     )
+
+
+def ticket_keys_drawn_for(config: IngressConfig, pem: CarrierPem) -> bytes:
+    """What session ticket keys are drawn for: a digest of what the carrier
+    context is built from, as `serves_alike` compares it (the chain and key
+    bytes, tls.min_version, tls.profile). Kept beside the keys in systemd's fd
+    store (`fd_store.TICKET_KEYS_NAME`), so that a supervisor started again
+    after a crash takes them up only for the certificate they were drawn for."""
+    digest = hashlib.sha256(b"fleet-ingress session ticket keys\0")
+    tls = config.tls
+    for part in (pem.cert, pem.key, str(tls.min_version).encode(), str(tls.profile).encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
 
 
 def ticket_keys_to_json(keys: bytes) -> str:

@@ -124,10 +124,17 @@ from fleet_ingress.service.carrier_certificate import (
     read_carrier_pem,
     serves_alike,
     serving_leaf,
+    ticket_keys_drawn_for,
     ticket_keys_to_json,
     warn_about_chain,
 )
-from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
+from fleet_ingress.service.fd_store import (
+    SNAPSHOT_EVERY,
+    TICKET_KEYS_NAME,
+    CrashSnapshot,
+    store_ticket_keys,
+    ticket_keys_taken_up,
+)
 from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -237,9 +244,12 @@ class Supervisor:
         # a carrier's ticket resumes on whichever worker accepts its next
         # connection. Drawn anew with each certificate served (`_reload`), so
         # that no session resumes into the certificate it replaced; in memory
-        # only (handed in memfds and on the channel, never in a snapshot): the
-        # next image, an upgrade's, draws its own.
+        # only (handed in memfds and on the channel, never in a snapshot or a
+        # file): the next image, an upgrade's, draws its own. Kept in systemd's
+        # fd store too (`fd_store.store_ticket_keys`): a supervisor started
+        # again after this one died takes them up (`take_up_ticket_keys`).
         self.ticket_keys = new_ticket_keys()
+        self._ticket_keys_stored = False  # the store has them already (taken up)
         # What this start serves other than what the files hold, said once more
         # by the upgrade that re-executed into it (`upgrade` prints it).
         self.start_notes: list[str] = []
@@ -401,9 +411,48 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.store_fd(name, sock.fileno())
 
+    def take_up_ticket_keys(self, stored: bytes | None) -> None:
+        """After a crash, its workers taken up: the session ticket keys the
+        dead supervisor kept in systemd's fd store (`stored`, as read; None:
+        none was), so that the workers taken up and those started from now on
+        seal and open each other's tickets. When they cannot (missing, cut
+        short, drawn for another certificate than the one served), the keys
+        drawn at this start serve, and that is said."""
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        keys, why = ticket_keys_taken_up(stored, drawn_for)
+        if keys is None:
+            log.warning(
+                "the session ticket keys in systemd's fd store are not taken up: new ones "
+                "drawn, so a carrier's session from a worker taken up does not resume on a "
+                "worker started now (a full handshake) until the next reload hands every "
+                "worker the new ones",
+                extra=fields(key=TICKET_KEYS_NAME, problem=why),
+            )
+            return
+        self.ticket_keys = keys
+        self._ticket_keys_stored = True
+
+    def _store_ticket_keys(self) -> None:
+        """The session ticket keys in systemd's fd store, with what they were
+        drawn for (`fd_store.store_ticket_keys`). Never raises."""
+        if self.notifier is None:
+            return
+        try:
+            drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+            store_ticket_keys(self.notifier, self.ticket_keys, drawn_for)
+        except OSError as exc:
+            log.warning(
+                "the session ticket keys could not be kept in systemd's fd store: should the "
+                "supervisor die, the one started again draws new ones",
+                extra=fields(key=TICKET_KEYS_NAME, error=str(exc)),
+            )
+
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._ticket_keys_stored:  # before any worker is handed them
+            self._store_ticket_keys()
+            self._ticket_keys_stored = True
         for fleet in self.balancer.fleets:
             self.poller.start(fleet)
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
@@ -1611,13 +1660,16 @@ class Supervisor:
         if certificate := change_note(leaf, self.serving_leaf):
             notes.append(certificate)
         verified = self.config.fleets.verify
-        if not serves_alike(self.config, self.serving_pem, config, pem):
+        new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
+        if new_keys:
             # Workers build a new carrier context: tickets sealed before must not
             # resume into it (a renewal for a key that leaked).
             self.ticket_keys = new_ticket_keys()
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
+        if new_keys:  # before any worker is told: a crash from here takes them up
+            self._store_ticket_keys()
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
@@ -2146,7 +2198,10 @@ async def _ping_watchdog(notifier: Notifier) -> None:
 
 def _keep_certificate_for_next_start(supervisor: Supervisor, snapshots: CrashSnapshot) -> None:
     """At a stop or a failed start: the state in the store written over with the
-    certificate served alone (`CrashSnapshot.stopped`), for the next start."""
+    certificate served alone (`CrashSnapshot.stopped`), for the next start; the
+    session ticket keys taken out of it (the next start draws its own)."""
+    if supervisor.notifier is not None:
+        supervisor.notifier.remove_fd(TICKET_KEYS_NAME)
     try:
         snapshots.stopped(supervisor.serving_pem)
     except Exception:  # a bug: the stop goes on (the next start serves the files)
