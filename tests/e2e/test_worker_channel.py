@@ -207,3 +207,8 @@ async def test_a_worker_that_cannot_read_the_supervisors_ticket_keys_seals_ticke
         assert await asyncio.to_thread(resumed, sharing[0], alone) == [False, False], what
         assert await asyncio.to_thread(resumed, alone, sharing[0]) == [False, False], what
         assert not [e for e in alone.log() if e["level"] == "error"], alone.log()
+        said = [e for e in alone.log() if "ticket keys the supervisor handed" in e["event"]]
+        assert len(said) == 1 and said[0]["level"] == "warning", (what, alone.log())
+        assert said[0]["problem"], said
+    for worker in sharing:
+        assert not [e for e in worker.log() if "ticket keys" in e["event"]], worker.log()

@@ -264,22 +264,39 @@ def ticket_keys_from_json(value: Any) -> bytes | None:
 
 def ticket_keys_from_env(value: str | None) -> bytes | None:
     """The session ticket keys in the memfd SERVING_TICKET_KEYS_ENV names
-    (closed once read); None when it names none or cannot be read (OpenSSL's
-    own keys then serve: sessions resume on this worker alone, as before)."""
+    (closed once read); None when it names none, or names what cannot be
+    read, said in a warning (OpenSSL's own keys then serve: sessions resume on
+    this worker alone, as before)."""
     if not value:
         return None
     try:
         fd = int(value)
     except ValueError:
-        return None
+        return _ticket_keys_not_taken(value, "not a descriptor number")
     try:
         keys = fd_path(fd).read_bytes()
-    except OSError:
-        return None
+    except OSError as exc:
+        return _ticket_keys_not_taken(value, f"cannot be read: {exc.strerror or exc}")
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
-    return keys if len(keys) == TICKET_KEYS_BYTES else None
+    if len(keys) != TICKET_KEYS_BYTES:
+        return _ticket_keys_not_taken(value, f"{len(keys)} bytes, not {TICKET_KEYS_BYTES}")
+    return keys
+
+
+def _ticket_keys_not_taken(value: str, problem: str) -> None:
+    """Said, as the worker falls back to OpenSSL's own keys (a supervisor of
+    another release, a descriptor lost on the way): the fallback had been
+    silent, and carriers moving between workers made full handshakes unseen."""
+    log.warning(
+        "the session ticket keys the supervisor handed are not taken: this worker "
+        "seals tickets with keys of its own, so a carrier's session resumes on it "
+        "alone (a full handshake on the other workers); a restart of the service "
+        "hands every worker the same keys again",
+        extra=fields(env=SERVING_TICKET_KEYS_ENV, value=value, problem=problem),
+    )
+    return None
 
 
 def warn_about_chain(config: IngressConfig, pem: CarrierPem | None = None) -> None:
