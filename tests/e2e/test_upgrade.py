@@ -990,6 +990,8 @@ async def test_a_new_worker_that_cannot_start_in_a_middle_batch_abandons_the_upg
         assert len(started) == 2, started  # the third was never started
         assert code == 1, out
         assert f"worker {started[1]} exited at start (exit 3)" in err, err
+        # Nothing is above in `upgrade`'s output: the worker's error is in the service's log.
+        assert "log above" not in err and "the service's log" in err, err
         assert "the running generation 1 serves on" in err, err
         # The new worker that served is retired (it held no call): gone.
         await eventually(lambda: not _alive(started[0]), timeout=20)
