@@ -478,7 +478,7 @@ async def test_a_call_whose_carrier_reads_nothing_is_cut_at_stop_after_its_close
         began = time.monotonic()
         await asyncio.wait_for(ingress.stop(drain_timeout=0), 10)
         took = time.monotonic() - began
-        assert CLOSE_AT_STOP_TIMEOUT - 0.1 <= took < CLOSE_AT_STOP_TIMEOUT + 1.5, took
+        assert CLOSE_AT_STOP_TIMEOUT - 0.1 <= took < CLOSE_AT_STOP_TIMEOUT + 3, took
         assert not ingress.registry.calls
         (line,) = access_entries(caplog)
         assert line["end_reason"] == "drain", line
