@@ -755,7 +755,8 @@ def _run(config_path: Path) -> int:
     try:
         return event_loop.run(run_supervisor(supervisor))
     except WorkerStartError as exc:
-        print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
+        hint = "; its error is in the log above" if exc.error_logged else ""
+        print(f"fleet-ingress: cannot start: {exc}{hint}", file=sys.stderr)
         return 1
     except OSError as exc:  # a listener that cannot bind (ListenError says which), most often
         print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -888,6 +889,53 @@ async def test_queue_is_bounded_by_max_queue(start_ingress: StartIngress, tls_fi
         for task in queued:
             task.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
+        await fleet.stop()
+
+
+async def test_a_slot_freed_while_the_loop_stalled_goes_to_the_call_queued_for_it(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """One process (the in-process ingress: its own slot queue): the loop
+    stalls (a GC pause, a VM paused) past a queued call's deadline, and the
+    call holding the one slot hangs up 0.1 s into the stall. Once the loop
+    runs, the hang-up waiting unread frees the slot before the queue's timer
+    judges the waiter: the queued call gets its 101, not 503 "no fleet had
+    room", and no queue timeout is counted."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    writer: asyncio.StreamWriter | None = None
+    holder: socket.socket | None = None
+    queued: asyncio.Future[ClientConnection] | None = None
+    try:
+        ingress = await start_ingress([fleet.line("one", "maxconn=1")], timeouts={"queue": 0.3})
+        reader, writer = await _tls_open(ingress.wss_address[1], tls_files)
+        writer.write(UPGRADE.format(path="/ws/holder").encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        holder = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        hang_up = holder.shutdown
+        ctx = tls_files.client_context()
+        queued = asyncio.ensure_future(connect(wss_url(ingress, "/ws/queued"), ssl=ctx))
+        await eventually(lambda: ingress.dispatcher.queue_length == 1)
+
+        def stall() -> None:
+            time.sleep(0.1)
+            hang_up(socket.SHUT_RDWR)  # the holder hangs up: unread till the loop runs
+            time.sleep(0.4)  # past the queued call's deadline (0.3 s)
+
+        asyncio.get_running_loop().call_soon(stall)
+        async with asyncio.timeout(5):
+            call = await queued
+        await call.send("served")
+        assert await call.recv() == "served"
+        await call.close()
+        assert ingress.dispatcher.queue_timeouts == 0
+        assert [r.path for r in fleet.requests] == ["/ws/holder", "/ws/queued"]
+    finally:
+        if queued is not None and not queued.done():
+            queued.cancel()
+        if holder is not None:
+            holder.close()
+        if writer is not None:
+            writer.close()
         await fleet.stop()
 
 

@@ -1932,6 +1932,52 @@ async def test_a_dead_workers_slots_come_back_when_another_process_holds_its_cha
         await service.finish()
 
 
+async def test_a_dead_workers_channel_end_that_came_while_the_supervisor_was_stopped_is_read(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """A worker killed, its channel's end held a moment by another process;
+    the supervisor reaps it and waits for the channel to end (1 s), and is
+    stopped (SIGSTOP, a paused VM) during that wait; the copy is closed
+    meanwhile. Continued, the supervisor reads the channel's end, which came
+    in time, before its wait's deadline: no "stayed open" warning blaming
+    another process, no channel cut by it; the slots come back all the same."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, queue=5)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        copy = worker_channel_copy(old["pid"])
+        try:
+            os.kill(old["pid"], signal.SIGKILL)
+            # Reaped (its /proc entry gone): the wait for its channel has begun.
+            await eventually(lambda: not os.path.exists(f"/proc/{old['pid']}"), 10)
+            await asyncio.sleep(0.1)
+            os.kill(service.proc.pid, signal.SIGSTOP)
+            await eventually(lambda: _state_of(service.proc.pid) == "T", 5)
+        finally:
+            copy.close()  # the channel ends now, unread by the stopped supervisor
+        try:
+            await asyncio.sleep(1.5)  # past the wait's deadline
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        calls.append(await _open(service, tls_files, "after"))  # a slot came back
+        await echo(calls[-1])
+        assert not [
+            e for e in service.log() if e["event"].startswith("worker exited but its slot channel")
+        ]
+        (row,) = (await service.stats())["fleets"]
+        assert row["active"] == 1, row
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+def _state_of(pid: int) -> str:
+    """Its state letter in /proc (T: stopped), as ps shows it."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:
     return [
         e

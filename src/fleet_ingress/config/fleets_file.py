@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from fleet_ingress.config.atomic import backup_of
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import (
     OtherIPv4Spelling,
@@ -358,7 +359,7 @@ def _why(exc: OSError | UnicodeDecodeError, data: bytes, path: Path) -> str:
             f"(one fleet URL a line), e.g. {path / 'fleets.txt'}"
         )
     if isinstance(exc, FileNotFoundError):
-        backup = path.with_name(path.name + ".bak")
+        backup = backup_of(path)
         if backup.exists():  # add-fleet and remove-fleet keep the list before them there
             return (
                 f"{exc.strerror}; {backup} holds it as it was before the last add-fleet or "

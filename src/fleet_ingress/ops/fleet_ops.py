@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleet_ingress.config.atomic import write_atomically
+from fleet_ingress.config.atomic import backup_of, write_atomically
 from fleet_ingress.config.fleet_lookup import (
     LOOKUP_BUDGET,
     Address,
@@ -250,7 +250,7 @@ class FleetOps:
         lists running fleet(s)" (the CLI text audit)."""
         if self.fleets_file.exists():
             return None
-        backup = self.fleets_file.with_name(self.fleets_file.name + ".bak")
+        backup = backup_of(self.fleets_file)
         kept = (
             f" ({backup} holds it as it was before the last add-fleet or remove-fleet: "
             "copied back, redo that change, and any drain or maint since; `fleet-ingress "

@@ -210,7 +210,13 @@ _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class WorkerStartError(RuntimeError):
-    """Workers could not start; `run` exits non-zero with this."""
+    """Workers could not start; `run` exits non-zero with this, an upgrade is
+    abandoned. `error_logged`: the worker wrote its error to the service's log
+    (where `run`'s own stderr goes, just before; `upgrade`'s is a terminal)."""
+
+    def __init__(self, message: str, *, error_logged: bool = False) -> None:
+        super().__init__(message)
+        self.error_logged = error_logged
 
 
 class Supervisor:
@@ -756,8 +762,8 @@ class Supervisor:
                 continue
             if exited in done:
                 raise WorkerStartError(
-                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())}); "
-                    "its error is in the log above"
+                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())})",
+                    error_logged=True,
                 )
             raise WorkerStartError(
                 f"worker {worker.pid} did not start serving within {WORKER_START_TIMEOUT:g}s"
@@ -770,7 +776,8 @@ class Supervisor:
             if worker.proc.returncode is not None or worker.left.is_set():
                 raise WorkerStartError(
                     f"worker {worker.pid} exited just after it began serving "
-                    f"({_exit_status(worker.proc.returncode)}); its error is in the log above"
+                    f"({_exit_status(worker.proc.returncode)})",
+                    error_logged=True,
                 )
 
     # -- workers come and go ------------------------------------------------------
