@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -1168,3 +1172,73 @@ async def test_an_answer_that_left_our_buffer_after_its_write_leaves_the_share_t
         for w in kept:
             w.close()
         responder.close()
+
+
+# Run under a mount namespace of its own whose /etc/hosts gives one name both
+# loopback addresses, as `localhost` has on many hosts (Fedora, Arch): nothing
+# listens on either. Prints the challenges counted, by outcome, on each loop.
+_TWO_ADDRESS_CHILD = """
+import asyncio, json, socket, sys
+from fleet_ingress.net.acme import AcmeConnections, AcmeProtocol, AcmeSettings
+from fleet_ingress.net.event_loop import new_event_loop
+
+async def main(port):
+    count = AcmeConnections()
+    settings = AcmeSettings(
+        upstream_host="acme-upstream-two-addresses", upstream_port=port,
+        redirect_https=True, request_timeout=5, connect_timeout=2, response_timeout=2,
+        max_head_bytes=16384, max_header_count=100, connections=count,
+    )
+    server = await asyncio.get_running_loop().create_server(
+        lambda: AcmeProtocol(settings), "127.0.0.1", 0
+    )
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname())
+    writer.write(b"GET /.well-known/acme-challenge/x HTTP/1.1\\r\\nHost: h\\r\\n\\r\\n")
+    status = (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+    writer.close()
+    server.close()
+    return {"status": status, "challenges": dict(count.challenges)}
+
+said = {}
+for name, factory in (("asyncio", asyncio.new_event_loop), ("uvloop", new_event_loop)):
+    with asyncio.Runner(loop_factory=factory) as runner:
+        said[name] = runner.run(main(int(sys.argv[1])))
+print(json.dumps(said))
+"""
+
+
+def _can_unshare() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.uvloop_only  # the child runs both loops
+async def test_nothing_listening_on_an_upstream_name_of_two_addresses_is_refused_not_failed(
+    tmp_path,
+):
+    """`acme.upstream = "localhost:8888"` where localhost is ::1 and 127.0.0.1:
+    between renewals both refuse, and Python 3.11 raises one OSError of its
+    own ('Multiple exceptions: ...'), no ConnectionRefusedError. Each
+    challenge (a scanner's) was counted failed, which is never normal:
+    FleetIngressAcmeResponderFailing fired on a healthy host."""
+    need_ipv6_loopback()
+    if not _can_unshare():
+        pytest.skip("no user and mount namespace here (unshare -rm)")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(
+        "127.0.0.1 localhost\n::1 acme-upstream-two-addresses\n"
+        "127.0.0.1 acme-upstream-two-addresses\n"
+    )
+    port = await free_port()
+    script = f'mount --bind {hosts} /etc/hosts && exec {sys.executable} -c "$0" {port}'
+    child = await asyncio.create_subprocess_exec(
+        "unshare", "-rm", "sh", "-c", script, _TWO_ADDRESS_CHILD,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(child.communicate(), 30)
+    assert child.returncode == 0, err.decode()[-2000:]
+    said = json.loads(out.decode().strip().splitlines()[-1])
+    refused = {"status": "HTTP/1.1 503 Service Unavailable", "challenges": {"refused": 1}}
+    assert said == {"asyncio": refused, "uvloop": refused}

@@ -53,6 +53,7 @@ from fleet_ingress.core.responses import local_response
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import patient_timeout
+from fleet_ingress.net.tcp_connect import open_tcp
 
 log = logging.getLogger("fleet_ingress.acme")
 
@@ -431,7 +432,15 @@ class AcmeProtocol(asyncio.Protocol):
             # Patient: after a stall of the worker (SIGSTOP, a VM paused), certbot's
             # answer waiting unread is read before its timer blames it (late_timers).
             async with patient_timeout(s.connect_timeout):
-                reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
+                # open_tcp, as a fleet's connect: a name of two addresses that both
+                # refuse is a ConnectionRefusedError, where asyncio's own connect (3.11)
+                # raised an OSError of its own and the challenge was counted failed.
+                sock = await open_tcp(s.upstream_host, s.upstream_port)
+                try:
+                    reader, writer = await asyncio.open_connection(sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
         except (OSError, TimeoutError) as exc:
             self._challenge("refused" if isinstance(exc, ConnectionRefusedError) else "failed")
             self._upstream_failed("acme upstream unreachable", where, exc)
