@@ -130,6 +130,7 @@ from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
 from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
+    STOP_GRACE,
     ReloadRefused,
     listener_notes,
     probe_settings,
@@ -170,8 +171,9 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
-# After the drain and the workers' own closing time, whatever worker is left is killed.
-STOP_GRACE = 5.0
+# After the drain and the workers' own closing time (STOP_GRACE, from
+# service.ingress: the worker keeps its waits within it), whatever worker is
+# left is killed.
 # How long a kill backstop that came over late_timers.STALL late (the
 # supervisor did not run: SIGSTOP, a paused VM) is put off. Its workers may
 # have been stopped with it: one continued past its drain's end closes its
