@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +28,14 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
+    UPGRADE,
     RunningIngress,
     TLSFiles,
     admin_command,
     close_calls,
     echo,
     fleets_up_or_finished,
+    masked_close,
     workers_of,
     write_run_home,
 )
@@ -47,6 +52,16 @@ def fleet(roomy_fleet: SimulatedFleet) -> SimulatedFleet:
     return roomy_fleet
 
 
+@pytest.fixture
+async def fleet_b(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    """A second fleet as roomy ("b"): the one a forced removal leaves."""
+    sim = SimulatedFleet(name="b", capacity=16, ssl_context=tls_files.fleet_server_context())
+    sim.available_override = 1000
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
 async def _start(
     tls_files: TLSFiles,
     fleet: SimulatedFleet,
@@ -56,15 +71,17 @@ async def _start(
     check_timeout: float = 5,
     step: Path | None = None,
     fleet_url: str = "",
+    others: tuple[SimulatedFleet, ...] = (),
 ) -> RunningIngress:
     """One worker, `timeouts` and `fleets` lines added to their sections; its
     fleet UP. `step`: a file holding the seconds its wall clock is stepped by
-    (`_step`). `fleet_url`: where the fleet is reached (a door before it)."""
+    (`_step`). `fleet_url`: where the fleet is reached (a door before it).
+    `others`: fleets listed after it (named by their sim's name)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
         tls_files,
         home,
-        [f"{fleet_url or fleet.url} name=a"],
+        [f"{fleet_url or fleet.url} name=a", *(f"{o.url} name={o.name}" for o in others)],
         workers=1,
         check_timeout=check_timeout,
     )
@@ -730,6 +747,102 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
         ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
         said = (len(killed), calls[0].close_code, ended)
         assert said == (0, 1001, {"kept": "drain"}), said
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+async def _tls_end(reader: asyncio.StreamReader) -> str:
+    """How a raw TLS carrier's connection ends: its TLS close, or cut."""
+    try:
+        async with asyncio.timeout(10):
+            rest = await reader.read()
+    except (ConnectionResetError, ssl.SSLError, TimeoutError) as exc:
+        return type(exc).__name__
+    return "close_notify" if rest == b"" else f"then {rest!r}"
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_closed_by_a_forced_removal_through_a_stopped_worker_gets_its_tls_close(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force` with a call: the worker sends the carrier its
+    close frame (1001), and is stopped 2.5 s (FORCED_REMOVAL_WAIT 2 s) while
+    the carrier's reply comes: once continued, the reply is read and the
+    carrier gets its TLS close. The removal's wait ran first on the loop
+    resumed and aborted the call, its reply unread: a reset."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/removed").encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 101 " in head, head
+        took = re.search(rb"(?i)\r\nx-fleet: *([a-z]+)", head)
+        assert took is not None, head
+        removing = asyncio.ensure_future(
+            admin_command(service, "remove-fleet", took[1].decode(), "--force")
+        )
+        async with asyncio.timeout(10):
+            header = await reader.readexactly(2)
+            said = await reader.readexactly(header[1] & 0x7F)
+        assert (header[0], said[:2]) == (0x88, (1001).to_bytes(2, "big")), (header, said)
+        # Its reply waits GOODBYE_REPLY_WAIT (0.5 s): the worker is stopped within it.
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            writer.write(masked_close(1001))
+            await asyncio.sleep(2.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        end = await _tls_end(reader)
+        async with asyncio.timeout(10):
+            code, out = await removing
+        assert (end, code) == ("close_notify", 0), (end, out)
+        assert "1 call closed" in out, out
+    finally:
+        if writer is not None:
+            writer.close()
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wait_counts_the_calls(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force`, its worker stopped until the supervisor has
+    sent it close-fleet and is stopped itself; the worker closes its call and
+    answers at once, and the supervisor is continued 4.5 s after
+    (CLOSE_ANSWER_WAIT 4 s): the answer waiting in its channel is read first.
+    The wait (ask_workers) ran first: the removal said the worker did not
+    answer, and its call was not counted closed."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await connect(service.url("/ws/removed"), ssl=tls_files.client_context()))
+        await echo(calls[0])
+        assert calls[0].response is not None
+        took = calls[0].response.headers["X-Fleet"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            removing = asyncio.ensure_future(
+                admin_command(service, "remove-fleet", took, "--force")
+            )
+            await asyncio.sleep(1.0)  # close-fleet asked: it waits in the worker's channel
+            await _answer_held_by_stopped_supervisor(worker, supervisor, 4.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            code, out = await removing
+        assert code == 0 and "1 call closed" in out, out
+        assert calls[0].close_code == 1001
     finally:
         await close_calls(calls)
         await service.finish()

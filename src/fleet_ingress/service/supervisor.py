@@ -73,7 +73,7 @@ from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import count_unexpected_error
-from fleet_ingress.net.late_timers import PatientTimer, patient_timeout
+from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -1140,8 +1140,9 @@ class Supervisor:
             else:
                 del self._answers[(key, ask)]
         try:
-            if asked:
-                await asyncio.wait(asked.values(), timeout=timeout)
+            # Patient: answers that came while the supervisor was stopped are
+            # read before a worker is said not to have answered.
+            await wait_patiently(asked.values(), timeout)
         finally:
             for answer_key in [k for k in self._answers if k[1] == ask]:
                 del self._answers[answer_key]
@@ -1162,7 +1163,7 @@ class Supervisor:
         try:
             if not self.server.send(key, {"op": op, "id": ask, **more}):
                 return {"ok": False, "error": "the worker is gone", "unknown": True, "gone": True}
-            async with asyncio.timeout(timeout):
+            async with patient_timeout(timeout):  # an answer come during a stall: read first
                 return await future
         except TimeoutError:
             return {"ok": False, "error": f"no answer within {timeout:g}s", "unknown": True}
