@@ -73,7 +73,12 @@ from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import count_unexpected_error
-from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
+from fleet_ingress.net.late_timers import (
+    PatientDeadline,
+    PatientTimer,
+    patient_timeout,
+    wait_patiently,
+)
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -183,6 +188,8 @@ STOP_ANSWER_TIMEOUT = 1.0
 # frame, logged `error` (the review of session 33 on 5114b87). Once, so a hung
 # worker is held this long at most more, and only after a stall.
 _STALL_GRACE = STOP_GRACE
+# How often a failed resume's drain looks for the children it waits for.
+_CHILDREN_EVERY = 0.2
 # A worker's channel closes a moment before the process of a worker that
 # dies can be reaped: one still running this long after is said to have lost
 # its channel (its slots are kept either way until it exits).
@@ -1965,14 +1972,17 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     # Workers of the previous image this one had not taken up (it failed first)
     # are its children all the same: waited for too, or systemd would kill them,
     # and their calls, as this process exits (the review of session 26).
+    # Patient: workers stopped with this process (a paused VM) past the
+    # deadline close their calls (1001) first; killed at once, they were cut.
+    kill_at = PatientDeadline(deadline, _CHILDREN_EVERY, _STALL_GRACE)
     while left := children_running():
-        if time.monotonic() >= deadline:
+        if kill_at.passed():
             for pid in left:
                 log.error("worker still running after the drain: killed", extra=fields(pid=pid))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(_CHILDREN_EVERY)
 
 
 def _block_held_signals() -> None:
