@@ -846,3 +846,65 @@ async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wai
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+def _masked_binary(payload: bytes, mask: bytes = b"\x05\x06\x07\x08") -> bytes:
+    """A carrier's (masked) binary frame of 126 to 65535 bytes."""
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return b"\x82\xfe" + len(payload).to_bytes(2, "big") + mask + masked
+
+
+@pytest.mark.timeout(60)
+async def test_a_frame_finished_while_the_worker_was_stopped_is_followed_by_its_goodbye(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force` while the carrier is half way through a frame to
+    the fleet: the fleet's close frame (1001) waits for the frame's end
+    (GOODBYE_BOUNDARY_WAIT 0.2 s). The worker stopped 2.5 s within it, the
+    rest of the frame and the carrier's close reply coming meanwhile: once
+    continued, the fleet gets the whole frame, then its close frame. Given
+    up first, the frame was cut short and the fleet got no close frame
+    (its end 1006: a plain timer here fails this test)."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/mid-frame").encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        took = re.search(rb"(?i)\r\nx-fleet: *([a-z]+)", head)
+        assert b" 101 " in head and took is not None, head
+        sim = fleet if took[1] == b"a" else fleet_b
+        (fleet_ws,) = list(sim._calls)
+        frame = _masked_binary(b"\x01" * 1000)
+        writer.write(frame[:500])  # half a frame: the fleet's goodbye waits for its end
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        removing = asyncio.ensure_future(
+            admin_command(service, "remove-fleet", took[1].decode(), "--force")
+        )
+        async with asyncio.timeout(10):
+            header = await reader.readexactly(2)
+            await reader.readexactly(header[1] & 0x7F)
+        assert header[0] == 0x88, header
+        await asyncio.sleep(0.05)  # the worker idle in epoll_wait, its timers pending
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            writer.write(frame[500:] + masked_close(1001))
+            await asyncio.sleep(2.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        end = await _tls_end(reader)
+        async with asyncio.timeout(10):
+            code, out = await removing
+            while not fleet_ws.closed:
+                await asyncio.sleep(0.02)
+        assert (end, code, fleet_ws.close_code) == ("close_notify", 0, 1001), (end, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        await service.finish()
