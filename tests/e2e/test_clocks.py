@@ -32,6 +32,7 @@ from tests.support import (
     RunningIngress,
     TLSFiles,
     admin_command,
+    break_worker_channel,
     close_calls,
     echo,
     fleets_up_or_finished,
@@ -907,4 +908,56 @@ async def test_a_frame_finished_while_the_worker_was_stopped_is_followed_by_its_
     finally:
         if writer is not None:
             writer.close()
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its_calls_first(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker's slot channel cut (it drains on its own, timeouts.drain 1 s;
+    the supervisor's backstop kills it drain + STOP_GRACE after), then the
+    supervisor and the worker both stopped (a VM paused) past the backstop
+    and continued together: the worker's drain ends on its first turns and it
+    closes its call (1001, logged `drain`) before the backstop, put off by
+    STOP_GRACE after a stall (4be37af, f6102e7), comes. Put off by AFTER_STALL
+    alone, the kill came first: the call cut with no close frame."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, drain=1, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        calls.append(await connect(service.url("/ws/kept"), ssl=tls_files.client_context()))
+        await echo(calls[-1])
+        break_worker_channel(worker)
+        async with asyncio.timeout(5):
+            while not [e for e in service.log() if "broke the protocol" in e["event"]]:
+                await asyncio.sleep(0.02)
+        for pid in (supervisor, worker):
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await _stopped(supervisor)
+            await _stopped(worker)
+            await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
+        finally:
+            for pid in (worker, supervisor):
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(15):
+            with contextlib.suppress(ConnectionClosed):
+                await calls[0].recv()
+        for _ in range(40):  # its line, if the worker lived to write it
+            if [e for e in service.log() if e["event"] == "call ended"]:
+                break
+            await asyncio.sleep(0.05)
+        events = service.log()
+        kill = "worker whose slot channel was lost still running after the drain"
+        killed = [e for e in events if e["event"].startswith(kill)]
+        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
+        said = (killed, calls[0].close_code, ended)
+        assert said == ([], 1001, {"kept": "drain"}), said
+    finally:
+        await close_calls(calls)
         await service.finish()
