@@ -961,3 +961,44 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped_is_not_killed(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker killed, the supervisor stopped as its replacement starts and
+    continued 6 s after (process.worker_hang_timeout 5 s); the replacement
+    said hello and `serving` meanwhile: it is read so, and serves on. The hang
+    wait ran first on the loop resumed: the replacement was killed as hung,
+    carriers it had taken since with it, and replaced in turn."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        check_interval=5,
+        extra="worker_hang_timeout = 5",
+    )
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        (old,) = workers_of(service.home)
+        os.kill(old, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (new := [p for p in workers_of(service.home) if p != old]):
+                await asyncio.sleep(0.005)
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            await _stopped(supervisor)
+            await asyncio.sleep(6.0)
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        await asyncio.sleep(1.0)
+        assert workers_of(service.home) == new, (new, workers_of(service.home))
+        assert not [e for e in service.log() if "killed as hung" in e["event"]]
+        calls.append(await connect(service.url("/ws/after"), ssl=tls_files.client_context()))
+        await echo(calls[0])
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -554,7 +554,9 @@ class Supervisor:
         yet would be lost at an upgrade's exec: its channel closed (it drains
         and exits), its process a child no image knows, never reaped."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            # Patient: a start whose hello came during a stall is read first
+            # (the upgrade was refused: "did not reach its channel").
+            async with patient_timeout(timeout):
                 while self._spawns:
                     await self._no_spawns.wait()
         return not self._spawns
@@ -645,10 +647,11 @@ class Supervisor:
             serving = asyncio.ensure_future(worker.serving.wait())
             exited = asyncio.ensure_future(worker.proc.wait())
             try:
-                done, _ = await asyncio.wait(
+                # Patient: a `serving` come while this process was stopped is read first.
+                done, _ = await wait_patiently(
                     {serving, exited},
-                    timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
-                    return_when="FIRST_COMPLETED",
+                    max(0.0, deadline - asyncio.get_running_loop().time()),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 serving.cancel()
@@ -1085,7 +1088,10 @@ class Supervisor:
             asyncio.ensure_future(worker.left.wait()),
         }
         try:
-            await asyncio.wait(waits, timeout=self.hang_timeout, return_when="FIRST_COMPLETED")
+            # Patient: a replacement that began serving while the supervisor was
+            # stopped (SIGSTOP, a paused VM) is read so first, not killed as hung
+            # with carriers it has taken since.
+            await wait_patiently(waits, self.hang_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
@@ -1226,8 +1232,9 @@ class Supervisor:
                 asyncio.ensure_future(worker.left.wait()),
             }
             try:
-                await asyncio.wait(
-                    waits, timeout=WORKER_START_TIMEOUT, return_when="FIRST_COMPLETED"
+                # Patient: its `serving` come during a stall is read first.
+                await wait_patiently(
+                    waits, WORKER_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 for wait in waits:
