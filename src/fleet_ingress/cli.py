@@ -701,8 +701,10 @@ def _run(config_path: Path) -> int:
     try:
         configure_logging(config.log.level, config.log.format, pid=True)
         stored.say_unused()
+        after_crash = False  # workers taken up from the fd store
         if stored.sockets or stored.snapshot is not None:
             handed, carried = _take_up_after_crash(stored, config, ran is not None)
+            after_crash = carried is not None
         if not fleets:  # `check` and a reload refuse it; a start serves the :80 renewals
             import logging
 
@@ -727,6 +729,8 @@ def _run(config_path: Path) -> int:
         supervisor = Supervisor(
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
+        if after_crash:  # its workers seal tickets with the dead supervisor's keys
+            supervisor.take_up_ticket_keys(stored.ticket_keys)
         if kept_because is not None:
             supervisor.say_certificate_kept(kept_because)
         if unread_files is not None:
@@ -751,7 +755,8 @@ def _run(config_path: Path) -> int:
     try:
         return event_loop.run(run_supervisor(supervisor))
     except WorkerStartError as exc:
-        print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)
+        hint = "; its error is in the log above" if exc.error_logged else ""
+        print(f"fleet-ingress: cannot start: {exc}{hint}", file=sys.stderr)
         return 1
     except OSError as exc:  # a listener that cannot bind (ListenError says which), most often
         print(f"fleet-ingress: cannot start: {exc}", file=sys.stderr)

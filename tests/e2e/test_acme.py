@@ -11,12 +11,21 @@ import ssl
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedOK
 
-from fleet_ingress.net.acme import ACME_MAX_PER_CLIENT, client_key
+from fleet_ingress.net.acme import (
+    ACME_LINGER_BYTES,
+    ACME_LINGER_SECONDS,
+    ACME_MAX_PER_CLIENT,
+    EVICTION_PEEKS,
+    MAX_ACME_RESPONSE,
+    client_key,
+)
 from fleet_ingress.service.ingress import STOP_GRACE
 from tests.support import (
     RunningIngress,
@@ -831,6 +840,338 @@ async def test_a_second_signal_does_not_wait_for_a_challenge_in_flight(
         assert ingress.registry.acme.open == 0
     finally:
         writer.close()
+        responder.close()
+
+
+# The :80 audit of session 34.
+
+
+async def test_a_clients_answered_connections_leave_its_share_while_they_linger(
+    start_ingress: StartIngress, certbot_standin
+):
+    """A client's answered connections counted against its share of 16 until
+    their lingering close ended (ACME_LINGER_SECONDS): a NAT making quick
+    requests without closing had its 17th reset at accept. Answered, a
+    connection counts against the total bound only."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    kept = []
+    try:
+        for n in range(ACME_MAX_PER_CLIENT + 4):
+            reader, writer = await asyncio.open_connection(*ingress.acme_address)
+            kept.append(writer)
+            writer.write(f"GET /{n} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+            async with asyncio.timeout(2):
+                got = await reader.read(-1)  # the answer, then our FIN; not closed by the client
+            assert got.startswith(b"HTTP/1.1 301 "), (n, got)
+        assert acme.refused == 0
+        assert acme.open == ACME_MAX_PER_CLIENT + 4  # still held open (lingering): still bounded
+        assert dict(acme.by_client) == {}
+        # The bound on idle ones holds all the same.
+        idle = [await asyncio.open_connection(*ingress.acme_address) for _ in range(17)]
+        kept += [w for _, w in idle]
+        await eventually(lambda: acme.refused == 1)
+        assert dict(acme.by_client) == {"127.0.0.1": ACME_MAX_PER_CLIENT}
+    finally:
+        for w in kept:
+            w.close()
+    await eventually(lambda: acme.open == 0)
+    assert dict(acme.by_client) == {}
+
+
+async def _sent_in_pieces(address: tuple[str, int], pieces: list[bytes]) -> bytes:
+    """What comes back for `pieces`, each read on its own by the ingress."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        async with asyncio.timeout(2):
+            return await reader.read(-1)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("cut", [[1], [1, 2]], ids=["0x16|", "0x16|0x03|"])
+async def test_a_tls_client_hello_split_early_is_answered_at_once(
+    start_ingress: StartIngress, certbot_standin, cut: list[int]
+):
+    """A ClientHello whose first read was 0x16 alone (its record split before
+    its second byte) waited timeouts.request for a 408 it cannot read, not the
+    400 that says what is wrong (or, with a 0x0a in the hello, a "malformed
+    request")."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    hello = _client_hello()
+    for first_bytes in (hello, hello.replace(b"\n", b"\x0b")):
+        ends = [*cut, len(first_bytes)]
+        pieces = [first_bytes[a:b] for a, b in zip([0, *cut], ends, strict=True)]
+        got = await _sent_in_pieces(ingress.acme_address, pieces)
+        assert got.startswith(b"HTTP/1.1 400 "), got
+        assert got.endswith(b"this is plain HTTP: use https:// on port 443")
+
+
+async def test_a_method_sent_byte_by_byte_is_a_request(
+    start_ingress: StartIngress, certbot_standin
+):
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    got = await _sent_in_pieces(
+        ingress.acme_address, [b"G", b"E", b"T", b" /x HTTP/1.1\r\nHost: h\r\n\r\n"]
+    )
+    assert got.startswith(b"HTTP/1.1 301 "), got
+
+
+async def test_what_a_client_sends_after_its_answer_past_the_bound_is_cut_at_once(
+    start_ingress: StartIngress, certbot_standin
+):
+    """After an answer, what the client still sends is read and dropped up to
+    ACME_LINGER_BYTES: past that the connection is reset then, not held for the
+    rest of ACME_LINGER_SECONDS reading a stranger's upload."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    reader, writer = await asyncio.open_connection(*ingress.acme_address)
+    try:
+        writer.write(b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 100000000\r\n\r\n")
+        async with asyncio.timeout(2):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+        began = time.monotonic()
+        with contextlib.suppress(ConnectionError):  # its writes may meet the reset
+            for _ in range(4 * ACME_LINGER_BYTES // 65536):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        await eventually(lambda: acme.open == 0, timeout=ACME_LINGER_SECONDS / 2)
+        assert time.monotonic() - began < ACME_LINGER_SECONDS / 2
+    finally:
+        writer.close()
+
+
+async def test_an_answer_its_client_does_not_read_is_cut_at_the_end_of_the_linger(
+    start_ingress: StartIngress,
+):
+    """A client that reads nothing: our answer waits in the transport's buffer,
+    and a close() would wait for it for ever (the connection counted open, the
+    worker's exit waiting for it). At ACME_LINGER_SECONDS it is aborted."""
+    body = b"k" * (MAX_ACME_RESPONSE - 1024)
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    client = socket.socket()
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        acme = ingress.registry.acme
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before the connect
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ingress.acme_address)
+        await eventually(lambda: acme.open == 1)
+        (held,) = acme.members
+        assert held.transport is not None
+        # Our side's kernel buffer small too: the answer is more than both take.
+        held.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        target = f"/.well-known/acme-challenge/{TOKEN}"
+        client.send(f"GET {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode())
+        await eventually(lambda: held.transport.get_write_buffer_size() > 0)  # answered
+        assert not held.answered  # what the stop's wait and the share look at
+        took = await eventually(lambda: acme.open == 0, timeout=ACME_LINGER_SECONDS + 1)
+        assert took > ACME_LINGER_SECONDS / 2
+    finally:
+        client.close()
+        responder.close()
+
+
+async def test_a_full_listener_whose_oldest_have_heads_unread_refuses_past_the_peeks(
+    start_ingress: StartIngress, certbot_standin
+):
+    """`admit` looks at EVICTION_PEEKS connections with bytes unread (each a
+    recv) for one to close, then refuses the new one: past them an idle one
+    is not looked for (a flood's heads in their sockets cost one recv each)."""
+    ingress = await _ingress(start_ingress, certbot_standin[0])
+    acme = ingress.registry.acme
+    acme.limit, acme.per_client = EVICTION_PEEKS + 2, 2 * EVICTION_PEEKS
+    address = ingress.acme_address
+    heads = [await asyncio.open_connection(*address) for _ in range(EVICTION_PEEKS + 1)]
+    await eventually(lambda: acme.open == EVICTION_PEEKS + 1)
+    for p in acme.members:  # as if the loop had not come to read them yet
+        assert p.transport is not None
+        p.transport.pause_reading()
+    for _, w in heads:
+        w.write(b"GET /x HT")  # a head on its way
+        await w.drain()
+    await eventually(lambda: all(p.has_unread_bytes() for p in acme.members))
+    idle = await asyncio.open_connection(*address)  # the one past the peeks
+    try:
+        await eventually(lambda: acme.open == acme.limit)
+        reader, writer = await asyncio.open_connection(*address)
+        with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+            await asyncio.wait_for(reader.readexactly(1), 2)
+        writer.close()
+        assert (acme.refused, acme.evicted, acme.open) == (1, 0, acme.limit)
+    finally:
+        for p in acme.members:
+            if p.transport is not None:
+                p.transport.resume_reading()
+        idle[1].close()
+        for _, w in heads:
+            w.close()
+    await eventually(lambda: acme.open == 0)
+
+
+async def test_what_came_of_each_challenge_forwarded_to_certbot_is_counted_in_the_metrics(
+    start_ingress: StartIngress,
+):
+    """A renewal whose validations did not get through left nothing to alert on:
+    certbot's failures were rate-limited log lines only. Each challenge
+    forwarded is counted by outcome, each outcome exported from 0."""
+
+    async def certbot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/silent " in head:
+            await asyncio.sleep(5)
+        elif b"/known " in head:
+            body = KEY_AUTH.encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        writer.close()  # else: closed unanswered, as certbot does for a token it does not serve
+
+    responder = await asyncio.start_server(certbot, "127.0.0.1", 0)
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0", "stats": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"},
+        timeouts={"response": 0.3},
+    )
+
+    async def scrape() -> dict[str, float]:
+        assert ingress.stats_address is not None
+        host, port = ingress.stats_address
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(f"http://{host}:{port}/metrics") as response,
+        ):
+            text = await response.text()
+        return {
+            s.labels["outcome"]: s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "fleet_ingress_acme_challenges_total"
+        }
+
+    async def challenge(token: str) -> bytes:
+        request = f"GET /.well-known/acme-challenge/{token} HTTP/1.1\r\nHost: h\r\n\r\n"
+        return (await plain_exchange(ingress.acme_address, request.encode())).partition(b"\r\n")[0]
+
+    try:
+        assert await scrape() == dict.fromkeys(["relayed", "refused", "not_served", "failed"], 0)
+        assert await challenge("known") == b"HTTP/1.1 200 OK"
+        assert await challenge("known") == b"HTTP/1.1 200 OK"
+        assert await challenge("stale") == b"HTTP/1.1 502 Bad Gateway"
+        assert await challenge("silent") == b"HTTP/1.1 502 Bad Gateway"
+    finally:
+        responder.close()
+        await responder.wait_closed()
+    assert await challenge("known") == b"HTTP/1.1 503 Service Unavailable"  # nothing listens
+    assert await scrape() == {"relayed": 2, "refused": 1, "not_served": 1, "failed": 1}
+
+
+async def test_a_plain_stop_during_an_upgrades_stop_does_not_wait_for_idle_connections(
+    start_ingress: StartIngress, certbot_standin
+):
+    """An upgrade's stop keeps :80 connections with no head for timeouts.request
+    (a validation's head may be on its way), which delays nobody: nothing waits
+    for an old generation to exit. A SIGTERM then (`Worker.begin_stop`: the
+    drain shortened, the listeners closed without keeping) waited for them all
+    the same, and a systemctl restart with them: new calls are refused (the
+    listeners shut) until the new start listens. Now they are closed then, as a
+    plain stop closes them; a head unread in its socket is still answered."""
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": f"127.0.0.1:{certbot_standin[0]}"},
+        timeouts={"request": 4},
+    )
+    acme = ingress.registry.acme
+    idle = await asyncio.open_connection(*ingress.acme_address)
+    validator = socket.create_connection(ingress.acme_address)
+    try:
+        await eventually(lambda: acme.open == 2)
+        began = time.monotonic()
+        stopping = asyncio.ensure_future(ingress.stop(keep_pending=True))  # the upgrade's
+        await asyncio.sleep(0.2)
+        assert acme.open == 2  # kept
+        validator.sendall(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        # SIGTERM: what Worker.begin_stop does with a stop under way.
+        ingress.shorten_drain(ingress.config.timeouts.drain)
+        ingress.stop_accepting(keep_pending=False)
+        got = await _read_all(validator)
+        async with asyncio.timeout(10):
+            await stopping
+        took = time.monotonic() - began
+    finally:
+        validator.close()
+        idle[1].close()
+    assert got.endswith(KEY_AUTH.encode()), got
+    assert took < 1.5, took
+    assert acme.open == 0
+
+
+async def test_an_answer_that_left_our_buffer_after_its_write_leaves_the_share_too(
+    start_ingress: StartIngress,
+):
+    """An answer larger than the kernel took at once is answered only once it
+    has left the transport's buffer: until then it counts against its client's
+    share; after, the client's next connection is let in (not reset at accept
+    for the rest of the lingering close)."""
+    body = b"k" * (MAX_ACME_RESPONSE - 1024)
+
+    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    kept = []
+    try:
+        ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
+        acme = ingress.registry.acme
+        acme.per_client = 1
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before the connect
+        client.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(client, ingress.acme_address)
+        reader, writer = await asyncio.open_connection(sock=client)
+        kept.append(writer)
+        await eventually(lambda: acme.open == 1)
+        (held,) = acme.members
+        assert held.transport is not None
+        held.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        writer.transport.pause_reading()  # the client reads nothing for now
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        await eventually(lambda: held.transport.get_write_buffer_size() > 0)
+        assert held.shares_as == "127.0.0.1"  # not answered yet: in its share
+        writer.transport.resume_reading()
+        async with asyncio.timeout(ACME_LINGER_SECONDS / 2):
+            assert (await reader.read(-1)).endswith(body)  # all of it, then our FIN
+        again = await asyncio.open_connection(*ingress.acme_address)
+        kept.append(again[1])
+        again[1].write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(ACME_LINGER_SECONDS / 2):
+            assert (await again[0].read(-1)).startswith(b"HTTP/1.1 301 ")
+        assert acme.refused == 0
+    finally:
+        for w in kept:
+            w.close()
         responder.close()
 
 

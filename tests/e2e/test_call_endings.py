@@ -25,6 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
+from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
     RawFleet,
@@ -430,4 +431,59 @@ async def test_a_close_reply_split_across_reads_is_heard_at_its_last_byte_and_re
         await eventually(lambda: bool(access_entries(caplog)))
         assert access_entries(caplog)[0]["end_reason"] == "fleet closed"
     finally:
+        await fleet.stop()
+
+
+async def test_a_call_whose_carrier_reads_nothing_is_cut_at_stop_after_its_close_wait_and_logged(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """At stop, the drain's end tells each call 1001 and gives its close
+    CLOSE_AT_STOP_TIMEOUT. Here both peers send and neither reads (their
+    windows full, the ingress's buffers at their bound both ways): no close
+    frame, close_notify or FIN can go, so the call is cut then, both sides
+    at once. The stop ends, the call is gone from the registry with its one
+    access line (drain), and the fleet's connection is reset, not left open."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    frame = _frame(b"f" * 4000, masked=False)
+    fleet_closed = asyncio.get_running_loop().create_future()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(20):
+                while not reader.at_eof():
+                    writer.write(frame * 16)
+                    await writer.drain()  # held once the ingress stops reading
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            fleet_closed.set_result(reader.at_eof() or writer.is_closing())
+
+    fleet = await RawFleet(None, switching_then(flood)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        # Read no more, and send as the fleet does: the ingress buffers up to
+        # its bound each way, then stops reading either side.
+        writer.write(_frame(b"c" * 4000, masked=True) * 2048)
+        before = -1
+        for _ in range(30):
+            if (now := ingress.registry.buffered_bytes()) == before:
+                break
+            before = now
+            await asyncio.sleep(0.3)
+        assert before > 0
+        assert len(ingress.registry.calls) == 1
+        began = time.monotonic()
+        await asyncio.wait_for(ingress.stop(drain_timeout=0), 10)
+        took = time.monotonic() - began
+        assert CLOSE_AT_STOP_TIMEOUT - 0.1 <= took < CLOSE_AT_STOP_TIMEOUT + 3, took
+        assert not ingress.registry.calls
+        (line,) = access_entries(caplog)
+        assert line["end_reason"] == "drain", line
+        assert await asyncio.wait_for(fleet_closed, 5)
+    finally:
+        if writer is not None:
+            writer.close()
         await fleet.stop()

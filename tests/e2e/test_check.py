@@ -30,6 +30,19 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def no_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """check looks the fleets' names up (fleet_lookup): in this process, every
+    name fails at once, so that no test here waits on, or reads a warning of, a
+    resolver that is slow or missing. The `check` commands run as processes
+    below meet the real one."""
+
+    def unknown(host: str, port: int) -> set[tuple[str, int, int]]:
+        raise OSError(f"{host}: not looked up in tests")
+
+    monkeypatch.setattr("fleet_ingress.config.fleet_lookup.resolve", unknown)
+
+
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> trustme.CA:
     """A root CA in "the system trust store": OpenSSL reads SSL_CERT_FILE as its
@@ -704,3 +717,137 @@ def test_a_fleets_file_directory_this_user_cannot_write_is_a_warning(
     closed.chmod(0o755)  # writable by its owner again: nothing to say
     done = _check_without_dac_override(deployment)
     assert "fleets.file" not in done.stdout, done.stdout
+
+
+# -- one fleet host under two names ----------------------------------------------------
+
+
+def _check_cli(deployment: Path, *wrapper: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`fleet-ingress check -c CONFIG`, the real command (in `wrapper`, if given)."""
+    import sys
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run(
+        [*wrapper, sys.executable, "-m", "fleet_ingress", "check", "-c", str(deployment)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    return done, time.monotonic() - started
+
+
+def test_a_fleet_at_another_fleets_address_under_a_name_is_a_warning_naming_both(
+    deployment: Path,
+) -> None:
+    """localhost:P beside 127.0.0.1:P is one host with two maxconn budgets: it
+    took 32 calls where it holds 16 (the rest 429) and was probed twice, and
+    check said OK. Only a lookup tells, and two names at one address may be
+    distinct hosts behind an SNI router: a warning, check passes."""
+    fleets = deployment.parent / "fleets.txt"
+    fleets.write_text("https://localhost:18443\nhttps://127.0.0.1:18443\n")
+    done, _ = _check_cli(deployment)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        f"{WARNING}{fleets}: fleets 'localhost:18443' (https://localhost:18443) and "
+        "'127.0.0.1:18443' (https://127.0.0.1:18443) resolve to one address, "
+        "127.0.0.1:18443: if they are one host, it gets two maxconn budgets (16 + 16 calls "
+        "where it holds 16: the rest answered 429) and two probes: list it once; if they "
+        "are distinct hosts behind one address (routed by TLS SNI), nothing is wrong"
+    ) in done.stdout.splitlines(), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 2 fleets")
+
+
+def test_one_host_in_two_literal_spellings_is_named_without_a_lookup(deployment: Path) -> None:
+    """0x7f.0.0.1 is 127.0.0.1 to the resolver: a warning naming both fleets
+    and the fix (a refusal would stop the reload, or the restart, of a file
+    that worked); [0::1] beside [::1] and a trailing dot are refused, naming
+    the fix and the line that lists the host already."""
+    fleets = deployment.parent / "fleets.txt"
+    fleets.write_text("http://0x7f.0.0.1:18443 name=hex\nhttp://127.0.0.1:18443\n")
+    done, _ = _check_cli(deployment)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (
+        f"{WARNING}{fleets}: fleets 'hex' (http://0x7f.0.0.1:18443) and '127.0.0.1:18443' "
+        "(http://127.0.0.1:18443) are one host, 127.0.0.1:18443: it gets two maxconn "
+        "budgets (16 + 16 calls) and two probes; list it once (one line, its maxconn= "
+        "raised for more calls)"
+    ) in done.stdout.splitlines(), done.stdout
+    assert "resolve to one address" not in done.stdout  # said once, not again by the lookup
+
+    fleets.write_text("https://fleet1.example.com\nhttps://Fleet1.Example.COM.:443\n")
+    done, _ = _check_cli(deployment)
+    assert done.returncode == 1
+    assert (
+        f"{fleets} line 2: 'https://Fleet1.Example.COM.:443' has 'Fleet1.Example.COM.', "
+        "a host name with a trailing dot; write https://fleet1.example.com:443: "
+    ) in done.stdout
+    assert (
+        "and it is already listed on line 1, as fleet 'fleet1.example.com' "
+        "(https://fleet1.example.com): one host, one maxconn"
+    ) in done.stdout
+
+    fleets.write_text("https://::1:18443\n")
+    done, _ = _check_cli(deployment)
+    assert done.returncode == 1
+    assert (
+        f"{fleets} line 1: 'https://::1:18443' is an IPv6 address without brackets; "
+        "write https://[::1]:18443 (an IPv6 address in [ ])"
+    ) in done.stdout
+
+
+def _unshare_unavailable() -> str | None:
+    """Why `unshare --net --mount` cannot run here, or None."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return "network and mount namespaces need root"
+    if shutil.which("unshare") is None:
+        return "no `unshare` command (util-linux)"
+    tried = subprocess.run(
+        ["unshare", "--net", "--mount", "true"], capture_output=True, text=True, timeout=10
+    )
+    return f"`unshare --net --mount` failed: {tried.stderr.strip()}" if tried.returncode else None
+
+
+def test_a_resolver_that_never_answers_holds_check_for_its_budget_only(
+    deployment: Path, tmp_path: Path
+) -> None:
+    """check runs before every reload (ExecReload): its lookups are bounded
+    (LOOKUP_BUDGET, 2 s), not the resolver's own timeout (10 s here). In
+    network and mount namespaces of its own (unnamed: nothing left behind),
+    whose resolver binds 127.0.0.1:53 and never answers; the hosts file
+    answers localhost."""
+    if (why := _unshare_unavailable()) is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI=true: {why}; CI must run this test", pytrace=False)
+        pytest.skip(why)
+    fleets = deployment.parent / "fleets.txt"
+    fleets.write_text("https://fleet.hang.test\nhttps://localhost:18443\nhttps://127.0.0.1:18443\n")
+    (tmp_path / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:10 attempts:1\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    ready = tmp_path / "resolver-ready"
+    silent = (
+        "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.bind(('127.0.0.1', 53)); open({str(ready)!r}, 'w').close(); time.sleep(30)"
+    )
+    script = (
+        "ip link set lo up && "
+        f"mount --bind {tmp_path / 'resolv.conf'} /etc/resolv.conf && "
+        f"mount --bind {tmp_path / 'hosts'} /etc/hosts && "
+        f'{{ "$1" -c "{silent}" & }} && '
+        f"while [ ! -e {ready} ]; do sleep 0.05; done && "
+        '"$@"; status=$?; kill $!; exit $status'  # "$@": check, "$1" its python
+    )
+    done, took = _check_cli(deployment, "unshare", "--net", "--mount", "sh", "-c", script, "sh")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert (
+        f"{WARNING}{fleets}: fleet(s) fleet.hang.test: no answer from the resolver within "
+        "2 s, so not compared with the others' addresses (is DNS slow or down? the "
+        "ingress resolves a fleet's name each time it connects)"
+    ) in lines, done.stdout
+    shared = "'localhost:18443' (https://localhost:18443) and '127.0.0.1:18443'"
+    assert any(shared in line for line in lines), done.stdout
+    assert took < 8, took  # 2 s of lookups, and Python started twice on a loaded host

@@ -36,6 +36,7 @@ from tests.support import (
     close_calls,
     echo,
     fleets_up_or_finished,
+    free_ports,
     masked_close,
     workers_of,
     write_run_home,
@@ -72,11 +73,13 @@ async def _start(
     check_timeout: float = 5,
     step: Path | None = None,
     fleet_url: str = "",
+    acme: tuple[int, int] | None = None,
     others: tuple[SimulatedFleet, ...] = (),
 ) -> RunningIngress:
     """One worker, `timeouts` and `fleets` lines added to their sections; its
     fleet UP. `step`: a file holding the seconds its wall clock is stepped by
     (`_step`). `fleet_url`: where the fleet is reached (a door before it).
+    `acme`: the :80 listener's port on 127.0.0.1, and certbot's (acme.upstream).
     `others`: fleets listed after it (named by their sim's name)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
@@ -88,7 +91,11 @@ async def _start(
     )
     toml = home / "ingress.toml"
     text = toml.read_text().replace("[timeouts]\n", f"[timeouts]\n{timeouts}\n")
-    toml.write_text(text.replace("[fleets]\n", f"[fleets]\n{fleets}\n"))
+    text = text.replace("[fleets]\n", f"[fleets]\n{fleets}\n")
+    if acme is not None:
+        text = text.replace('acme = ""', f'acme = "127.0.0.1:{acme[0]}"')
+        text += f'\n[acme]\nupstream = "127.0.0.1:{acme[1]}"\n'
+    toml.write_text(text)
     env = None
     if step is not None:
         _step(step, 0.0)
@@ -751,6 +758,75 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+KEY_AUTH = b"Xy7-abc_DEF0123456789.nT4rpzJvQJY3_thumbprint-of-the-account-key"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("late", ["connect", "response"])
+async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed(
+    tls_files: TLSFiles, fleet: SimulatedFleet, late: str
+) -> None:
+    """The worker stopped 2.5 s while it relays a challenge to certbot, whose
+    answer (`response`: after 0.6 s; `connect`: its SYN dropped once, answered
+    1 s into the stop) comes within timeouts.response = 1 s (connect = 1.5 s):
+    once continued, the validator gets certbot's answer. The timer ran first on
+    the loop resumed, certbot's answer unread: 503 "no ACME responder is
+    listening" (connect), 502 "did not answer properly" (response), and the
+    validation failed (the :80 audit of session 34)."""
+    asked: list[float] = []
+
+    async def certbot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.append(time.monotonic())
+        if late == "response":
+            await asyncio.sleep(0.6)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(KEY_AUTH), KEY_AUTH))
+        await writer.drain()
+        writer.close()
+
+    responder = await asyncio.start_server(certbot, "127.0.0.1", 0)
+    door = _HeldDoor(responder.sockets[0].getsockname()[1])
+    door.open()
+    acme_port = (await free_ports(1))[0]
+    service = await _start(
+        tls_files, fleet, "response = 1\nconnect = 1.5", acme=(acme_port, door.port)
+    )
+    (worker,) = workers_of(service.home)
+    writer = None
+    try:
+        if late == "connect":
+            await door.hold()
+        reader, writer = await asyncio.open_connection("127.0.0.1", acme_port)
+        writer.write(b"GET /.well-known/acme-challenge/Xy7 HTTP/1.1\r\nHost: h\r\n\r\n")
+        async with asyncio.timeout(5):
+            while not (door.syn_sent() if late == "connect" else asked):
+                await asyncio.sleep(0.005)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            if late == "connect":
+                door.let_go()
+            await asyncio.sleep(2.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(5):
+            got = await reader.read(-1)
+        assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(KEY_AUTH), got
+        assert not [e for e in service.log() if e["event"].startswith("acme upstream")]
+        # Counted as relayed, in the supervisor's metrics (from the worker's report).
+        async with asyncio.timeout(5):
+            while 'fleet_ingress_acme_challenges_total{outcome="relayed"} 1.0' not in (
+                await service.metrics()
+            ):
+                await asyncio.sleep(0.1)
+    finally:
+        if writer is not None:
+            writer.close()
+        await service.finish()
+        await door.close()
+        responder.close()
 
 
 async def _tls_end(reader: asyncio.StreamReader) -> str:

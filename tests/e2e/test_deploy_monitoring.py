@@ -198,8 +198,9 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
     """promtool's unit tests: fleet DOWN (not when in MAINT), certificate expiry,
     no capacity, all fleets down, 503 rate (with its volume guard, and within 2
     minutes of an outage), a fleet answering 5xx or 429 to most calls, queue
-    timeouts, a worker dying with calls or hung, a TLS handshake failure storm and
-    the scrape target down each fire, and stay quiet when they should."""
+    timeouts, a worker dying with calls or hung, a TLS handshake failure storm,
+    :80's challenges certbot did not answer, resets and evictions, and the scrape
+    target down each fire, and stay quiet when they should."""
     tests = yaml.safe_load(ALERTS_TEST.read_text())
     firing = {
         case["alertname"]
@@ -224,6 +225,9 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressTLSHandshakeFailures",
         "FleetIngressSupervisorTaskFailed",
         "FleetIngressUnexpectedErrors",
+        "FleetIngressAcmeResponderFailing",
+        "FleetIngressAcmeConnectionsRefused",
+        "FleetIngressAcmeConnectionsEvicted",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr

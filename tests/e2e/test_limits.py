@@ -13,7 +13,9 @@ import os
 import re
 import resource
 import signal
+import socket
 import ssl
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -599,6 +601,45 @@ async def test_a_fleet_connect_out_of_descriptors_is_answered_503_at_once_and_no
         assert fleet.calls_total == 2
 
 
+# A worker's modules imported, its descriptors used up, then what its call path
+# does with a carrier's head refused as read (its log line) and with a fleet's
+# name (ssl's SNI encoding).
+_OUT_OF_DESCRIPTORS_SCRIPT = """
+import os, resource, ssl
+import fleet_ingress.service.worker
+from fleet_ingress.core.request_head import logged_first_line
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+try:
+    while True:
+        held.append(os.dup(0))
+except OSError:
+    pass
+print(logged_first_line(b"GET /\\xff"))
+ssl.create_default_context().wrap_bio(
+    ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="fleet.example"
+)
+print("done")
+"""
+
+
+def test_a_worker_out_of_descriptors_imports_nothing_on_its_call_path() -> None:
+    """A worker's call path opens no file of its own: the codecs it uses are
+    looked up as it starts. Before (the resources audit of session 34: both
+    workers' RLIMIT_NOFILE lowered while carriers held connections), the first
+    head a worker refused as read imported `unicode_escape` for its log line,
+    which failed EMFILE: "call command failed; ending the call", a traceback;
+    and the first fleet connection imported `idna` for its server name."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["GET /\\xff", "done"], done.stdout
+
+
 OPERATOR_NOFILE = 512
 # Connections a flood opens to each operator listener and keeps: together more
 # than the supervisor's descriptor limit.
@@ -848,6 +889,53 @@ async def test_queue_is_bounded_by_max_queue(start_ingress: StartIngress, tls_fi
         for task in queued:
             task.cancel()
         await asyncio.gather(*queued, return_exceptions=True)
+        await fleet.stop()
+
+
+async def test_a_slot_freed_while_the_loop_stalled_goes_to_the_call_queued_for_it(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """One process (the in-process ingress: its own slot queue): the loop
+    stalls (a GC pause, a VM paused) past a queued call's deadline, and the
+    call holding the one slot hangs up 0.1 s into the stall. Once the loop
+    runs, the hang-up waiting unread frees the slot before the queue's timer
+    judges the waiter: the queued call gets its 101, not 503 "no fleet had
+    room", and no queue timeout is counted."""
+    fleet = await WsFleet(tls_files.fleet_server_context()).start()
+    writer: asyncio.StreamWriter | None = None
+    holder: socket.socket | None = None
+    queued: asyncio.Future[ClientConnection] | None = None
+    try:
+        ingress = await start_ingress([fleet.line("one", "maxconn=1")], timeouts={"queue": 0.3})
+        reader, writer = await _tls_open(ingress.wss_address[1], tls_files)
+        writer.write(UPGRADE.format(path="/ws/holder").encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        holder = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        hang_up = holder.shutdown
+        ctx = tls_files.client_context()
+        queued = asyncio.ensure_future(connect(wss_url(ingress, "/ws/queued"), ssl=ctx))
+        await eventually(lambda: ingress.dispatcher.queue_length == 1)
+
+        def stall() -> None:
+            time.sleep(0.1)
+            hang_up(socket.SHUT_RDWR)  # the holder hangs up: unread till the loop runs
+            time.sleep(0.4)  # past the queued call's deadline (0.3 s)
+
+        asyncio.get_running_loop().call_soon(stall)
+        async with asyncio.timeout(5):
+            call = await queued
+        await call.send("served")
+        assert await call.recv() == "served"
+        await call.close()
+        assert ingress.dispatcher.queue_timeouts == 0
+        assert [r.path for r in fleet.requests] == ["/ws/holder", "/ws/queued"]
+    finally:
+        if queued is not None and not queued.done():
+            queued.cancel()
+        if holder is not None:
+            holder.close()
+        if writer is not None:
+            writer.close()
         await fleet.stop()
 
 

@@ -517,6 +517,35 @@ async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deploy
 
     code, _, err = await d.cli("add-fleet", c.url, "--name", "c2")
     assert code == 1 and "already in the ingress as fleet 'c'" in err
+    # One host in another spelling: two maxconn budgets for one host (before: taken,
+    # or refused for its pre-check, which named no fleet).
+    port = c.url.rpartition(":")[2]
+    code, _, err = await d.cli("add-fleet", f"https://0x7f.0.0.1:{port}", "--name", "c3")
+    assert code == 1, err
+    assert (
+        f"fleet-ingress: https://0x7f.0.0.1:{port} is already in the ingress as fleet 'c' "
+        f"({c.url}); a host is listed once, with one maxconn: for more calls on it, raise "
+        "its maxconn= in the fleets file and reload"
+    ) in err, err
+    # A name at its address: said (the fleet may be another host behind an SNI router).
+    code, out, err = await d.cli("add-fleet", "--dry-run", f"https://localhost:{port}")
+    assert code == 0, err
+    assert (
+        f"\nwarning: fleets 'c' ({c.url}) and 'localhost:{port}' (https://localhost:{port}) "
+        f"resolve to one address, 127.0.0.1:{port}: if they are one host, it gets two "
+        "maxconn budgets (40 + 16 calls where it holds 40: the rest answered 429) and two "
+        "probes: list it once; if they are distinct hosts behind one address (routed by "
+        "TLS SNI), nothing is wrong\n"
+    ) in out, out
+    code, _, err = await d.cli("add-fleet", f"https://::1:{port}")
+    assert code == 1
+    assert (
+        f"add-fleet: 'https://::1:{port}' is an IPv6 address without brackets; write "
+        f"https://[::1]:{port} (an IPv6 address in [ ])"
+    ) in err, err
+    code, _, err = await d.cli("add-fleet", f"https://localhost.:{port}")
+    assert code == 1
+    assert f"a host name with a trailing dot; write https://localhost:{port}: " in err, err
     for name in ("x#y", "x maxconn=2"):  # would become a comment, or another option
         code, _, err = await d.cli("add-fleet", c.url, "--name", name)
         assert code == 1 and "holds a space or '#'" in err, err

@@ -12,8 +12,10 @@ import datetime
 import os
 import re
 import resource
+import shutil
 import signal
 import ssl
+import stat as stat_module
 import sys
 import tempfile
 import time
@@ -1326,6 +1328,66 @@ async def test_stat_against_a_stopped_supervisor_says_so_within_its_read_timeout
         await service.finish()
 
 
+async def test_the_admin_socket_is_made_again_when_its_file_or_directory_is_removed(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The admin socket's file removed while the ingress runs (an operator's rm,
+    systemd-tmpfiles, /run/fleet-ingress removed whole): a socket whose file is
+    gone cannot be connected to, so `stat`, drain, add-fleet and upgrade said
+    "No such file or directory. Is fleet-ingress running?" until a restart, a
+    call streaming all along (the resources audit of session 34). Now the
+    supervisor makes it again within a second or so, the call untouched; a file
+    someone else put at its path is left alone and said."""
+    service = await _start(
+        tls_files, two_fleets, env={"FLEET_INGRESS_LISTEN__ADMIN_SOCKET": "run/admin.sock"}
+    )
+    path = service.home / "run" / "admin.sock"
+
+    async def stat() -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "stat",
+            "--admin-socket",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 20)
+        return proc.returncode or 0, (out + err).decode()
+
+    def said(event: str) -> list[dict[str, Any]]:
+        return [e for e in service.log() if e["event"].startswith(event)]
+
+    try:
+        call = await _open(service, tls_files, "bot-1")
+        code, printed = await stat()
+        assert code == 0, printed
+        for remove in (path.unlink, lambda: shutil.rmtree(path.parent)):
+            remove()
+            await eventually(path.is_socket, timeout=5)
+            code, printed = await stat()
+            assert code == 0 and "frontend: 1 call" in printed, printed
+            await echo(call)
+        assert stat_module.S_IMODE(path.stat().st_mode) == 0o660
+        made_again = said("admin socket removed while running")
+        assert [e["path"] for e in made_again] == [str(path)] * 2
+        # Another file put at its path: never replaced, said once.
+        other = path.with_name("other")
+        other.write_text("not the ingress's\n")
+        os.replace(other, path)
+        await eventually(lambda: bool(said("admin socket unreachable")), timeout=5)
+        await asyncio.sleep(1.5)
+        assert path.read_text() == "not the ingress's\n"
+        (unreachable,) = said("admin socket unreachable")
+        assert "another file is at its path" in unreachable["why"], unreachable
+        await echo(call)
+        await close_calls([call])
+    finally:
+        await service.finish()
+
+
 async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
@@ -1868,6 +1930,52 @@ async def test_a_dead_workers_slots_come_back_when_another_process_holds_its_cha
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_a_dead_workers_channel_end_that_came_while_the_supervisor_was_stopped_is_read(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """A worker killed, its channel's end held a moment by another process;
+    the supervisor reaps it and waits for the channel to end (1 s), and is
+    stopped (SIGSTOP, a paused VM) during that wait; the copy is closed
+    meanwhile. Continued, the supervisor reads the channel's end, which came
+    in time, before its wait's deadline: no "stayed open" warning blaming
+    another process, no channel cut by it; the slots come back all the same."""
+    service = await _one_worker_at_maxconn_2(tls_files, roomy_fleet, queue=5)
+    calls: list[ClientConnection] = []
+    try:
+        for i in range(2):
+            calls.append(await _open(service, tls_files, f"bot-{i}"))
+        [old] = await _worker_rows(service)
+        copy = worker_channel_copy(old["pid"])
+        try:
+            os.kill(old["pid"], signal.SIGKILL)
+            # Reaped (its /proc entry gone): the wait for its channel has begun.
+            await eventually(lambda: not os.path.exists(f"/proc/{old['pid']}"), 10)
+            await asyncio.sleep(0.1)
+            os.kill(service.proc.pid, signal.SIGSTOP)
+            await eventually(lambda: _state_of(service.proc.pid) == "T", 5)
+        finally:
+            copy.close()  # the channel ends now, unread by the stopped supervisor
+        try:
+            await asyncio.sleep(1.5)  # past the wait's deadline
+        finally:
+            os.kill(service.proc.pid, signal.SIGCONT)
+        calls.append(await _open(service, tls_files, "after"))  # a slot came back
+        await echo(calls[-1])
+        assert not [
+            e for e in service.log() if e["event"].startswith("worker exited but its slot channel")
+        ]
+        (row,) = (await service.stats())["fleets"]
+        assert row["active"] == 1, row
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+def _state_of(pid: int) -> str:
+    """Its state letter in /proc (T: stopped), as ps shows it."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ from tests.support import (
     echo,
     metric_samples,
     need_ipv6_loopback,
+    offer_session,
     write_leaf_cert,
     write_run_home,
 )
@@ -510,6 +511,78 @@ async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_t
         await close_calls([fresh])
     finally:
         await close_calls([call])
+
+
+async def test_a_carriers_session_resumes_on_either_worker_after_a_supervisor_crash(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The keys the workers seal their session tickets with outlive the
+    supervisor (`tls.tickets` in systemd's fd store): the one started again
+    after a kill -9 hands them to a worker it starts, so a carrier's session
+    (TLS 1.3 or 1.2) from before the crash resumes on it, and each redial
+    resumes on whichever of the worker taken up and the new one the kernel
+    hands it. Before (the session-ticket audit of session 34) it drew new keys:
+    until the next reload a redial onto the other worker was a full handshake
+    (0 of 13 resumed). A renewal still brings new keys, and those are the ones
+    a second crash keeps."""
+    unit = await install(systemd, tls_files, fleet)
+    carriers = [tls_files.client_context(), tls_files.client_context()]
+    carriers[1].maximum_version = ssl.TLSVersion.TLSv1_2
+    offered = [
+        await asyncio.to_thread(offer_session, unit.port, ctx, None, unit.workers())
+        for ctx in carriers
+    ]
+    assert [got.answer for got in offered] == [b"HTTP/1.1 200"] * 2, offered
+    serial = offered[0].serial
+
+    async def crash_and_replace_one(restarts: int) -> tuple[int, int]:
+        """The supervisor killed, then one of the workers it took up: the one
+        started again starts a replacement. (The one left, the replacement.)"""
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(ActiveState="active", NRestarts=str(restarts))
+        taken_up = sorted(unit.workers())
+        assert len(taken_up) == 2
+        os.kill(taken_up[0], signal.SIGKILL)
+        async with asyncio.timeout(15):
+            while True:
+                rows = (await unit.stats())["workers"]
+                pids = {systemd.host_pid(r["pid"]) for r in rows if r["state"] == "serving"}
+                if len(pids) == 2 and taken_up[0] not in pids:
+                    break
+                await asyncio.sleep(0.1)
+        (replacement,) = pids - {taken_up[1]}
+        return taken_up[1], replacement
+
+    async def redial_onto_each(workers: tuple[int, int], *, first_resumes: bool) -> None:
+        """Each carrier redials, offering its last session, until it has gone
+        from each worker to the other: every redial resumed (the first one too,
+        unless `first_resumes` is False: a full handshake, into a renewal)."""
+        for i, ctx in enumerate(carriers):
+            moves: set[tuple[int | None, int | None]] = set()
+            for attempt in range(60):
+                got = await asyncio.to_thread(
+                    offer_session, unit.port, ctx, offered[i].session, workers
+                )
+                assert got.answer == b"HTTP/1.1 200" and got.holder in workers, got
+                assert got.serial == serial, (i, attempt)
+                resumed = first_resumes or attempt > 0
+                assert got.resumed == resumed, (i, attempt, got.holder, workers, sorted(moves))
+                if attempt:
+                    moves.add((offered[i].holder, got.holder))
+                offered[i] = got
+                if {workers, workers[::-1]} <= moves:
+                    break
+            else:
+                pytest.fail(f"60 redials without going from each worker to the other: {moves}")
+
+    await redial_onto_each(await crash_and_replace_one(1), first_resumes=True)
+    serial = write_leaf_cert(tls_files.ca, unit.home)
+    reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+    assert reloaded.returncode == 0, unit.log_tail()
+    left, right = sorted(unit.workers())
+    await redial_onto_each((left, right), first_resumes=False)
+    await redial_onto_each(await crash_and_replace_one(2), first_resumes=True)
+    assert not [e for e in unit.log() if "ticket keys" in e["event"]], unit.log_tail()
 
 
 async def test_a_restart_keeps_the_certificate_carriers_get_over_an_expired_one_on_disk(

@@ -956,6 +956,67 @@ async def test_a_new_generation_starts_a_batch_of_one_per_cpu_at_a_time(
         await service.finish()
 
 
+async def test_a_new_worker_that_cannot_start_in_a_middle_batch_abandons_the_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """One CPU, 3 workers: the new generation starts a worker at a time. The
+    first serves; the second exits at start (a release that fails on this
+    host only once some of it runs); the third is never started. `upgrade`
+    exits 1 saying which worker and why; the new worker that served is
+    retired, and the old generation, never told to stop accepting, serves on
+    whole: the same 3 workers, nobody replaced, new calls answered."""
+    src = _copy_package(tmp_path)
+    marks, fail = tmp_path / "marks", tmp_path / "fail"
+    fail.touch()
+    new = "'--generation' in sys.argv and sys.argv[sys.argv.index('--generation') + 1] != '1'"
+    _inject(
+        src,
+        "service/worker.py",
+        '        self.client.send({"op": "serving"})\n',
+        f"        if {new}:\n"
+        f"            open({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        f"            if len(open({str(marks)!r}).read().split()) == 2 and os.path.exists("
+        f"{str(fail)!r}):\n"
+        "                os._exit(3)\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=3, drain=30)
+    load = _fleets_load(service, tls_files, fleets)
+    try:
+        os.sched_setaffinity(service.proc.pid, {min(os.sched_getaffinity(0))})
+        before = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        assert len(before) == 3 and {g for _, g in before} == {1}
+        await load.start_long(6, duration=6.0)
+        code, out, err = await _upgrade_command(service)
+        started = [int(pid) for pid in marks.read_text().split()]
+        assert len(started) == 2, started  # the third was never started
+        assert code == 1, out
+        assert f"worker {started[1]} exited at start (exit 3)" in err, err
+        # Nothing is above in `upgrade`'s output: the worker's error is in the service's log.
+        assert "log above" not in err and "the service's log" in err, err
+        assert "the running generation 1 serves on" in err, err
+        # The new worker that served is retired (it held no call): gone.
+        await eventually(lambda: not _alive(started[0]), timeout=20)
+        assert not _alive(started[1])
+        await asyncio.sleep(0.5)
+        after = {(r["pid"], r["generation"]) for r in await _rows(service)}
+        assert after == before, (before, after)
+        restarts = metric_samples(await service.metrics())["fleet_ingress_worker_restarts_total"]
+        assert not any(restarts.values()), restarts  # no worker replaced
+        result = await load.call("after", 0.5)
+        await load.stop()
+        _assert_no_loss([*await load.results(), ("after", result)])
+        # The cause gone, the next upgrade succeeds: nothing of the failed one
+        # was left half done.
+        fail.unlink()
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, err
+        newest = max(r["generation"] for r in await _rows(service))
+        assert len([r for r in await _rows(service) if r["generation"] == newest]) == 3
+    finally:
+        await load.stop()
+        await service.finish()
+
+
 async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
     tls_files: TLSFiles,
 ) -> None:

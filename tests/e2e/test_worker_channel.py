@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -27,9 +29,11 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.slot_server import SlotServer
+from fleet_ingress.net.tls import memfd_of, new_ticket_keys
+from fleet_ingress.service.carrier_certificate import SERVING_TICKET_KEYS_ENV
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import TLSFiles, write_run_home
+from tests.support import TLSFiles, offer_session, write_run_home
 
 pytestmark = pytest.mark.uvloop_only  # a process tree per test
 
@@ -51,10 +55,18 @@ class LoneWorker:
 @pytest.fixture
 async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]:
     """Starts a lone worker; `at_hello`: messages the coordinator sends it the
-    moment it reads its hello. Waits until it serves unless `wait` is false."""
+    moment it reads its hello; `env` and `fds`: more of its environment and
+    descriptors, as the supervisor hands them. Waits until it serves unless
+    `wait` is false."""
     started: list[tuple[LoneWorker, socket.socket, SimulatedFleet]] = []
 
-    async def start(*, at_hello: tuple[dict[str, Any], ...] = (), wait: bool = True) -> LoneWorker:
+    async def start(
+        *,
+        at_hello: tuple[dict[str, Any], ...] = (),
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        fds: tuple[int, ...] = (),
+    ) -> LoneWorker:
         fleet = SimulatedFleet(name="a", capacity=4, ssl_context=tls_files.fleet_server_context())
         await fleet.start()
         home = Path(tempfile.mkdtemp(prefix="fi-worker-"))
@@ -79,8 +91,8 @@ async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]
             str(home / "ingress.toml"),
             "--generation",
             "1",
-            pass_fds=pass_fds(socks),
-            env=handover_env(socks),
+            pass_fds=(*pass_fds(socks), *fds),
+            env={**handover_env(socks), **(env or {})},
             stdin=asyncio.subprocess.DEVNULL,
             stderr=(home / "stderr.log").open("wb"),
         )
@@ -150,3 +162,53 @@ async def test_a_stop_sent_the_moment_the_worker_says_hello_is_heard(
     async with asyncio.timeout(15):
         assert await worker.proc.wait() == 0
     assert not [e for e in worker.log() if "op not known" in e["event"]], worker.log()
+
+
+async def test_a_worker_that_cannot_read_the_supervisors_ticket_keys_seals_tickets_its_own_way(
+    start_worker: Callable[..., Any], tls_files: TLSFiles
+) -> None:
+    """The supervisor hands each worker the keys its session tickets are sealed
+    with (INGRESS_SERVING_TICKET_KEYS_FD, a memfd), so that a carrier's session
+    resumes on any worker. A worker that cannot use what it is handed (a memfd
+    cut short or too long, a descriptor not open, not a number) serves all the
+    same, with OpenSSL's own keys: a session resumes on it alone, as before the
+    keys were shared, and never into another worker's keys."""
+    keys = new_ticket_keys()
+
+    async def handed(value: bytes | str) -> LoneWorker:
+        if isinstance(value, str):
+            return await start_worker(env={SERVING_TICKET_KEYS_ENV: value})
+        fd = memfd_of(value, "ticket keys")
+        try:
+            return await start_worker(env={SERVING_TICKET_KEYS_ENV: str(fd)}, fds=(fd,))
+        finally:
+            os.close(fd)
+
+    carriers = [tls_files.client_context(), tls_files.client_context()]
+    carriers[1].maximum_version = ssl.TLSVersion.TLSv1_2
+
+    def resumed(first: LoneWorker, then: LoneWorker) -> list[bool]:
+        """Whether a carrier's session from `first` resumes on `then`, by version."""
+        found = []
+        for ctx in carriers:
+            got = offer_session(first.port, ctx, None)
+            assert got.answer == b"HTTP/1.1 200", got
+            again = offer_session(then.port, ctx, got.session)
+            assert again.answer == b"HTTP/1.1 200", again
+            found.append(again.resumed)
+        return found
+
+    sharing = [await handed(keys), await handed(keys)]
+    assert await asyncio.to_thread(resumed, sharing[0], sharing[1]) == [True, True]
+    for value in (keys[:-1], keys + b"\0", "999", "three"):
+        what = value if isinstance(value, str) else f"a memfd of {len(value)} bytes"
+        alone = await handed(value)
+        assert await asyncio.to_thread(resumed, alone, alone) == [True, True], what
+        assert await asyncio.to_thread(resumed, sharing[0], alone) == [False, False], what
+        assert await asyncio.to_thread(resumed, alone, sharing[0]) == [False, False], what
+        assert not [e for e in alone.log() if e["level"] == "error"], alone.log()
+        said = [e for e in alone.log() if "ticket keys the supervisor handed" in e["event"]]
+        assert len(said) == 1 and said[0]["level"] == "warning", (what, alone.log())
+        assert said[0]["problem"], said
+    for worker in sharing:
+        assert not [e for e in worker.log() if "ticket keys" in e["event"]], worker.log()

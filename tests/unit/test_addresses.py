@@ -1,10 +1,16 @@
+import re
+
 import pytest
 
 from fleet_ingress.core.addresses import (
+    OtherIPv4Spelling,
+    UnbracketedIPv6,
     format_hostport,
     ip_literal_version,
+    ipv4_as_resolvers_read,
     parse_hostport,
     peer_ip,
+    same_host_key,
     split_hostport,
 )
 
@@ -119,3 +125,89 @@ def test_ip_literal_version_answers_literals_and_leaves_names_to_a_lookup(
 )
 def test_a_peer_is_written_as_the_family_it_came_from(peer: str, written: str) -> None:
     assert peer_ip(peer) == written
+
+
+# Spellings of IPv4 addresses the C library's resolver takes (inet_aton, which
+# getaddrinfo tries before any lookup), and text it does not.
+_IPV4_SPELLINGS = [
+    "127.0.0.1",
+    "0x7f.0.0.1",
+    "0X7F.0.0.1",
+    "0x7f.1",
+    "0x7f000001",
+    "0177.0.0.1",
+    "127.000.0.1",
+    "127.010.0.1",  # octal: 127.8.0.1
+    "127.1",
+    "127.0.1",
+    "127.65535",
+    "2130706433",
+    "4294967295",
+    "0",
+    "00",
+    "4294967296",
+    "127.0.65536",
+    "0x100.0.0.1",
+    "08.0.0.1",
+    "0x.0.0.1",
+    "0x",
+    "1.2.3.4.5",
+    "1..1",
+    ".1",
+    "",
+    "fleet",
+    "a.b",
+    "0xg.0.0.1",
+    "fleet1.example.com",
+]
+
+
+@pytest.mark.parametrize("host", _IPV4_SPELLINGS)
+def test_ipv4_as_resolvers_read_is_what_inet_aton_reads(host: str) -> None:
+    import socket
+
+    try:
+        expected: str | None = socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        expected = None
+    assert ipv4_as_resolvers_read(host) == expected
+    assert same_host_key(host) == (expected or host)
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "address"),
+    [
+        ("127.1:443", "has '127.1', which resolvers read as the IPv4 address 127.0.0.1", None),
+        (
+            "127.000.0.1",
+            "which resolvers read as the IPv4 address 127.0.0.1 (a part with a leading 0 is octal)",
+            "127.0.0.1",
+        ),
+        ("127.010.0.1", "the IPv4 address 127.8.0.1 (a part with a leading 0 is octal)", None),
+    ],
+)
+def test_an_ipv4_address_in_another_spelling_names_the_one_resolvers_read(
+    text: str, message: str, address: str | None
+) -> None:
+    with pytest.raises(OtherIPv4Spelling, match=re.escape(message)) as caught:
+        split_hostport(text)
+    if address is not None:
+        assert caught.value.address == address
+
+
+@pytest.mark.parametrize(
+    ("text", "forms"),
+    [
+        ("::1:18443", [("::1", 18443)]),  # 18443 is no IPv6 group: a port
+        ("::1", [("::1", None)]),
+        ("fe80::1:8443", [("fe80::1", 8443), ("fe80::1:8443", None)]),  # either
+        ("fe80::1%eth0:8443", [("fe80::1%eth0", 8443)]),  # a zone has no ':'
+        ("1:2:3", []),
+    ],
+)
+def test_an_ipv6_address_without_brackets_says_what_it_can_have_meant(
+    text: str, forms: list[tuple[str, int | None]]
+) -> None:
+    with pytest.raises(UnbracketedIPv6, match="is an IPv6 address without brackets") as caught:
+        split_hostport(text)
+    assert caught.value.forms == forms

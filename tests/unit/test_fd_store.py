@@ -7,6 +7,8 @@ taken up with; listeners the configuration moved. Real sockets, no systemd
 from __future__ import annotations
 
 import array
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -16,17 +18,27 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fleet_ingress.config.settings import ListenSection
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import ListenSection, load_config
 from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.net.listener import bind_tcp
-from fleet_ingress.net.tls import CarrierPem
-from fleet_ingress.service.fd_store import CrashSnapshot, crash_state, drop_moved_listeners
+from fleet_ingress.net.tls import CarrierPem, new_ticket_keys, read_pem
+from fleet_ingress.service.carrier_certificate import read_carrier_pem, ticket_keys_drawn_for
+from fleet_ingress.service.fd_store import (
+    CrashSnapshot,
+    crash_state,
+    drop_moved_listeners,
+    store_ticket_keys,
+    ticket_keys_taken_up,
+)
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.upgrade import STATE_VERSION, process_start
-from tests.support import NetLab, need_ipv6_loopback
+from tests.support import NetLab, TLSFiles, need_ipv6_loopback, write_leaf_cert, write_run_home
 
 # In a process of its own: descriptors 3.. as systemd hands them.
 CHILD = r"""
@@ -43,6 +55,11 @@ for content in sys.argv[2:]:  # snapshots: fds 8, 9...
     os.write(memfd, content.encode())
     handed.append(fcntl.fcntl(memfd, fcntl.F_DUPFD, 100))  # above what dup2 writes over
     names.append(f"state.{len(names) - 5}")
+for content in os.environ.get("TICKETS", "").split(",") if "TICKETS" in os.environ else []:
+    memfd = os.memfd_create("tickets")  # then the session ticket keys' (hex)
+    os.write(memfd, bytes.fromhex(content))
+    handed.append(fcntl.fcntl(memfd, fcntl.F_DUPFD, 100))
+    names.append("tls.tickets")
 for n, sock in enumerate(handed):
     os.dup2(sock if isinstance(sock, int) else sock.fileno(), 3 + n)
 os.environ["LISTEN_FDS"] = str(len(handed))
@@ -57,18 +74,24 @@ print(json.dumps({
         back.served_before_stop.cert.decode(), back.served_before_stop.key.decode()
     ],
     "unused": [what["key"] for what in back.unused],
+    "tickets": None if back.ticket_keys is None else back.ticket_keys.hex(),
     "open": open_fds,
     "env": [k for k in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES") if k in os.environ],
 }))
 """
 
 
-def _child(owner: str, *snapshots: str) -> dict:
+def _child(owner: str, *snapshots: str, tickets: tuple[bytes, ...] | None = None) -> dict:
+    """`tickets`: memfds named tls.tickets handed after the snapshots'."""
+    env = dict(os.environ)
+    if tickets is not None:
+        env["TICKETS"] = ",".join(content.hex() for content in tickets)
     done = subprocess.run(
         [sys.executable, "-c", CHILD, owner, *snapshots],
         capture_output=True,
         text=True,
         timeout=30,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -193,6 +216,101 @@ def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(notify
     assert unread["served"] is None and "state" in unread["unused"]
     for fd in kept.values():
         os.close(fd)
+
+
+def test_the_session_ticket_keys_are_stored_sealed_with_what_they_were_drawn_for(
+    notify_socket,
+):
+    receiver, notifier = notify_socket
+    keys, drawn_for = new_ticket_keys(), hashlib.sha256(b"this certificate").digest()
+    store_ticket_keys(notifier, keys, drawn_for)
+    sent = _stored(receiver)
+    # Those of before (other keys, an earlier image's) taken out first.
+    assert [message for message, _ in sent] == [
+        "FDSTOREREMOVE=1\nFDNAME=tls.tickets",
+        "FDSTORE=1\nFDNAME=tls.tickets",
+    ]
+    (kept,) = sent[1][1]  # systemd's copy
+    try:
+        assert os.pread(kept, 1024, 0) == keys + drawn_for
+        seals = fcntl.fcntl(kept, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_GROW
+        # Taken back as systemd hands it, and taken up for what it was drawn for.
+        seen = _child("ours", tickets=(os.pread(kept, 1024, 0),))
+        assert seen["open"] == [3, 4]  # its memfd closed once read
+        assert ticket_keys_taken_up(bytes.fromhex(seen["tickets"]), drawn_for) == (keys, "")
+    finally:
+        os.close(kept)
+    store_ticket_keys(Notifier({}), keys, drawn_for)  # without systemd: nothing kept
+    assert _stored(receiver) == []
+
+
+@pytest.mark.parametrize(
+    ("stored", "problem"),
+    [
+        (None, "none in systemd's fd store"),
+        (b"", "0 bytes, not 112"),
+        (b"k" * 111, "111 bytes, not 112"),  # cut short
+        (b"k" * 80 + hashlib.sha256(b"this certificate").digest() + b"\0", "113 bytes, not 112"),
+        (b"k" * 80 + hashlib.sha256(b"the one before").digest(), "another certificate"),
+    ],
+)
+def test_session_ticket_keys_that_cannot_serve_are_not_taken_up(
+    stored: bytes | None, problem: str
+) -> None:
+    keys, why = ticket_keys_taken_up(stored, hashlib.sha256(b"this certificate").digest())
+    assert keys is None and problem in why, why
+
+
+def test_the_first_of_two_session_ticket_keys_handed_back_is_read_whole_or_said() -> None:
+    drawn_for = hashlib.sha256(b"this certificate").digest()
+    first, second = new_ticket_keys() + drawn_for, new_ticket_keys() + drawn_for
+    seen = _child("ours", tickets=(first, second))
+    assert bytes.fromhex(seen["tickets"]) == first and seen["open"] == [3, 4]
+    # One longer than it should be is read one byte past its size: said too long.
+    seen = _child("ours", tickets=(first + b"more",))
+    assert bytes.fromhex(seen["tickets"]) == first + b"m"
+    assert _child("ours")["tickets"] is None
+
+
+async def test_a_supervisor_started_after_a_crash_takes_up_the_keys_drawn_for_what_it_serves(
+    tls_files: TLSFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The keys the dead supervisor kept serve on when they were drawn for the
+    certificate and [tls] served now; missing, cut short, of another size, or
+    drawn for another certificate or tls.profile, the keys drawn at this start
+    serve, and a warning names the entry and why."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    pem = read_carrier_pem(config)
+    keys = new_ticket_keys()
+    (tmp_path / "renewed").mkdir()
+    write_leaf_cert(tls_files.ca, tmp_path / "renewed")
+    renewed = read_pem(tmp_path / "renewed" / "cert.pem", tmp_path / "renewed" / "key.pem")
+    modern = config.model_copy(update={"tls": config.tls.model_copy(update={"profile": "modern"})})
+
+    def taken_up(stored: bytes | None) -> tuple[bytes, bytes, list[dict[str, Any]]]:
+        """(the keys drawn at its start, the keys it serves, what it warned)."""
+        supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+        drawn = supervisor.ticket_keys
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fleet_ingress.lifecycle"):
+            supervisor.take_up_ticket_keys(stored)
+        said = [r.fields for r in caplog.records if "ticket keys" in r.getMessage()]  # type: ignore[attr-defined]
+        return drawn, supervisor.ticket_keys, said
+
+    drawn, serving, said = taken_up(keys + ticket_keys_drawn_for(config, pem))
+    assert serving == keys != drawn and said == []
+    for stored, problem in (
+        (None, "none in systemd's fd store"),
+        ((keys + ticket_keys_drawn_for(config, pem))[:-1], "111 bytes, not 112"),
+        (keys + ticket_keys_drawn_for(config, renewed), "another certificate"),
+        (keys + ticket_keys_drawn_for(modern, pem), "another certificate"),
+    ):
+        drawn, serving, said = taken_up(stored)
+        assert serving == drawn != keys, problem
+        assert [(s["key"], problem in s["problem"]) for s in said] == [("tls.tickets", True)], said
 
 
 def test_descriptors_meant_for_another_process_are_not_taken():

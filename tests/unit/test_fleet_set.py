@@ -348,7 +348,9 @@ CASES = {
         steps=[precheck("b@9"), precheck("x@2"), add("c@3"), precheck("c@4"), add("d@3")],
         said=[
             "refused: a fleet named 'b' exists already",
-            "refused: https://fleet.test:2 is already in the ingress as fleet 'b'",
+            "refused: https://fleet.test:2 is already in the ingress as fleet 'b'; a host "
+            "is listed once, with one maxconn: for more calls on it, raise its maxconn= in "
+            "the fleets file and reload",
             "start probing c@3",
             "refused: a fleet named 'c' exists already" + _UNDER_WAY,
             "refused: https://fleet.test:3 is already in the ingress as fleet 'c'" + _UNDER_WAY,

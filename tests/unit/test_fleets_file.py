@@ -11,6 +11,7 @@ from fleet_ingress.config.fleets_file import (
     format_fleets_text,
     load_fleets_file,
     parse_fleets_text,
+    same_host_warnings,
 )
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 
@@ -361,3 +362,82 @@ def test_an_ipv4_mapped_fleet_address_is_refused_with_the_ipv4_form_to_write(
 def test_a_byte_order_mark_before_the_first_line_is_not_part_of_its_url() -> None:
     # Before: fleets.txt line 1: '\ufeffhttps://a.test' is not an http:// or https:// URL.
     assert [s.name for s in parse("\ufeffhttps://a.test\nhttps://b.test\n")] == ["a.test", "b.test"]
+
+
+# One host in two spellings would get two maxconn budgets (twice its calls,
+# the excess answered 429) and two probes. Each refusal names the fix.
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (  # names the fleet of the first line, its URL, and what to do
+            "https://[0::1]:18443\nhttps://[::1]:18443",
+            "'https://[::1]:18443' is already listed on line 1, as fleet '[::1]:18443' "
+            "(https://[::1]:18443): one host, one maxconn (each line would get its own, and "
+            "the host twice its calls); drop this line (raise maxconn= on line 1 for more calls)",
+        ),
+        (
+            "https://fleet.example.com name=f1\nhttps://FLEET.example.com:443 name=f2",
+            "is already listed on line 1, as fleet 'f1' (https://fleet.example.com)",
+        ),
+        (  # a trailing dot: the fix, and the line listing it already
+            "https://localhost:18443\nhttps://LocalHost.:18443",
+            "'https://LocalHost.:18443' has 'LocalHost.', a host name with a trailing dot; "
+            "write https://localhost:18443: one spelling per host (TLS's SNI, certificates "
+            "and the Host header never carry the dot, and /etc/hosts names do not match it); "
+            "and it is already listed on line 1, as fleet 'localhost:18443'",
+        ),
+        (
+            "https://localhost.:18443",
+            "has 'localhost.', a host name with a trailing dot; write https://localhost:18443:",
+        ),
+        ("http://fleet.example.com.", "trailing dot; write http://fleet.example.com:"),
+        (  # refused, and the line with the dot is the one named
+            "https://localhost.:18443\nhttps://localhost:18443",
+            "'https://localhost:18443' is already listed on line 1; list it once",
+        ),
+        (
+            "https://127.000.0.1:18443",
+            "has '127.000.0.1', which resolvers read as the IPv4 address 127.0.0.1 (a part "
+            "with a leading 0 is octal); write https://127.0.0.1:18443",
+        ),
+        (
+            "http://127.1",
+            "has '127.1', which resolvers read as the IPv4 address 127.0.0.1; "
+            "write http://127.0.0.1",
+        ),
+        (
+            "https://::1:18443",
+            "is an IPv6 address without brackets; write https://[::1]:18443 "
+            "(an IPv6 address in [ ])",
+        ),
+        (
+            "https://fe80::1:8443",
+            "without brackets; write https://[fe80::1]:8443 or https://[fe80::1:8443] (an IPv6",
+        ),
+        ("https://fe80::1%eth0:8443", "write https://[fe80::1%25eth0]:8443 (an IPv6"),
+        ("https://1:2:3", "without brackets; write it as https://HOST[:PORT], an IPv6 HOST in [ ]"),
+    ],
+)
+def test_one_host_in_another_spelling_is_refused_naming_the_fix(text: str, problem: str) -> None:
+    with pytest.raises(FleetsFileError) as caught:
+        parse(text)
+    assert problem in str(caught.value)
+
+
+def test_an_ipv4_address_in_hexadecimal_is_taken_with_a_warning_naming_both_fleets() -> None:
+    """0x7f.0.0.1 is 127.0.0.1 to every resolver: taken (a file that worked
+    must go on starting), but said, and beside 127.0.0.1 said as one host."""
+    specs = parse(
+        "https://0x7f.0.0.1:18443 name=hex\nhttps://127.0.0.1:18443 maxconn=20\nhttp://0x7f.1"
+    )
+    assert same_host_warnings(specs) == [
+        "fleet 'hex' (https://0x7f.0.0.1:18443): '0x7f.0.0.1' is the IPv4 address 127.0.0.1 "
+        "to every resolver; write https://127.0.0.1:18443",
+        "fleets 'hex' (https://0x7f.0.0.1:18443) and '127.0.0.1:18443' "
+        "(https://127.0.0.1:18443) are one host, 127.0.0.1:18443: it gets two maxconn "
+        "budgets (16 + 20 calls) and two probes; list it once (one line, its maxconn= "
+        "raised for more calls)",
+        "fleet '0x7f.1' (http://0x7f.1): '0x7f.1' is the IPv4 address 127.0.0.1 to every "
+        "resolver; write http://127.0.0.1",
+    ]
+    assert same_host_warnings(parse("https://a\nhttps://127.0.0.1\nhttps://[::1]")) == []

@@ -23,6 +23,12 @@ class FileExists(FileExistsError):
     pass
 
 
+def backup_of(path: Path) -> Path:
+    """Where `write_atomically` keeps the file it replaced: `NAME.bak` beside `path`
+    (a symlink's backup beside the link)."""
+    return path.with_name(path.name + ".bak")
+
+
 def write_atomically(
     path: Path, text: str, *, replace: bool = True, backup: bool = True
 ) -> Path | None:
@@ -49,7 +55,7 @@ def write_atomically(
         if replace:
             kept_temp = None
             if backup and path.exists():
-                kept = path.with_name(path.name + ".bak")
+                kept = backup_of(path)
                 # Through a new file and a rename, like the file itself: an old backup
                 # owned by someone else (root, after `init --force`) is replaced, not
                 # written into. Renamed into place only once the new file is: a change

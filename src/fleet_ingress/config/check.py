@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import TextIO
 
 from fleet_ingress.config.check_report import WARNING
-from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
+from fleet_ingress.config.fleet_lookup import shared_address_warnings
+from fleet_ingress.config.fleets_file import (
+    FleetsFileError,
+    load_fleets_file,
+    same_host_warnings,
+)
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
@@ -52,6 +57,12 @@ def run_check(
     restart, and the unit, every new call refused)."""
     out = out or sys.stdout
     config, fleets, lines = _check(path)
+    if config is not None and fleets and not before_start:
+        # Not before a start: a start waits on no resolver (network-online.target
+        # may come before DNS answers). Before a reload, LOOKUP_BUDGET at most.
+        lines += [
+            f"{WARNING}{config.fleets.file}: {shared}" for shared in shared_address_warnings(fleets)
+        ]
     for line in lines:
         print(line, file=out)
     problems = [line for line in lines if not line.startswith(WARNING)]
@@ -174,6 +185,8 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
     except FleetsFileError as exc:
         lines += str(exc).splitlines()  # one line per bad fleets-file line
     else:
+        fleets_file = config.fleets.file
+        lines += [f"{WARNING}{fleets_file}: {same}" for same in same_host_warnings(fleets)]
         if not fleets:
             lines.append(
                 f"{config.fleets.file}: no fleets listed; "

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from fleet_ingress.config.atomic import backup_of
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
-from fleet_ingress.core.addresses import format_hostport, split_hostport
+from fleet_ingress.core.addresses import (
+    OtherIPv4Spelling,
+    UnbracketedIPv6,
+    format_hostport,
+    same_host_key,
+    split_hostport,
+)
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -36,8 +43,11 @@ class FleetsFileError(ValueError):
 
 
 class _BadToken(Exception):
-    def __init__(self, token: str, problem: str) -> None:
+    def __init__(
+        self, token: str, problem: str, *, endpoint: tuple[str, int] | None = None
+    ) -> None:
         self.token, self.problem = token, problem
+        self.endpoint = endpoint  # the host and port a refused line means, when known
 
 
 def parse_fleets_text(
@@ -46,7 +56,8 @@ def parse_fleets_text(
     specs: list[FleetSpec] = []
     problems: list[str] = []  # every bad line, as the config check reports every problem
     name_lines: dict[str, int] = {}
-    endpoint_lines: dict[tuple[str, int], int] = {}
+    # The line each host and port is on, and that line's fleet (None: refused itself).
+    endpoint_lines: dict[tuple[str, int], tuple[int, FleetSpec | None]] = {}
     # A byte-order mark, as some Windows editors save UTF-8: not part of line 1's URL.
     for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
         tokens = line.split("#", 1)[0].split()
@@ -57,8 +68,7 @@ def parse_fleets_text(
             # The same host twice (even as https://x and https://x:443) would silently
             # double its share of calls and its maxconn.
             if (endpoint := (spec.host, spec.port)) in endpoint_lines:
-                first = endpoint_lines[endpoint]
-                raise _BadToken(tokens[0], f"is already listed on line {first}; list it once")
+                raise _BadToken(tokens[0], _listed_already(*endpoint_lines[endpoint]))
             if spec.name in name_lines:
                 raise _BadToken(
                     name_token,
@@ -66,13 +76,62 @@ def parse_fleets_text(
                     "give each fleet a unique name=NAME",
                 )
         except _BadToken as bad:
-            problems.append(f"{source} line {lineno}: {_shown(bad.token)!r} {bad.problem}")
+            problem = bad.problem
+            if bad.endpoint is not None:
+                if bad.endpoint in endpoint_lines:  # a trailing dot: and a second listing
+                    problem += f"; and it {_listed_already(*endpoint_lines[bad.endpoint])}"
+                else:
+                    endpoint_lines[bad.endpoint] = (lineno, None)
+            problems.append(f"{source} line {lineno}: {_shown(bad.token)!r} {problem}")
             continue
-        name_lines[spec.name] = endpoint_lines[endpoint] = lineno
+        name_lines[spec.name] = lineno
+        endpoint_lines[endpoint] = (lineno, spec)
         specs.append(spec)
     if problems:
         raise FleetsFileError("\n".join(problems))
     return specs
+
+
+def _listed_already(lineno: int, spec: FleetSpec | None) -> str:
+    """Why a second line for one host is refused, naming the first and the fix."""
+    if spec is None:
+        return f"is already listed on line {lineno}; list it once"
+    return (
+        f"is already listed on line {lineno}, as fleet {spec.name!r} ({spec.url}): one "
+        "host, one maxconn (each line would get its own, and the host twice its calls); "
+        f"drop this line (raise maxconn= on line {lineno} for more calls)"
+    )
+
+
+def same_host_warnings(specs: Iterable[FleetSpec]) -> list[str]:
+    """Fleets that are one host to every resolver though the fleets file takes
+    them (no lookup made): an IPv4 address in another spelling (0x7f.0.0.1,
+    which resolvers read as 127.0.0.1; the all-decimal ones, 127.1, are
+    refused). Said, not refused: such a file started before these were
+    recognised, and a refusal would stop its reload or restart; two of one
+    host get two maxconn budgets (twice its calls, its 429s) and two probes."""
+    warnings = []
+    first: dict[tuple[str, int], FleetSpec] = {}
+    for spec in specs:
+        address = same_host_key(spec.host)
+        if address != spec.host:
+            warnings.append(
+                f"fleet {spec.name!r} ({spec.url}): {spec.host!r} is the IPv4 address "
+                f"{address} to every resolver; write {_with_host(spec, address)}"
+            )
+        if (other := first.setdefault((address, spec.port), spec)) is not spec:
+            warnings.append(
+                f"fleets {other.name!r} ({other.url}) and {spec.name!r} ({spec.url}) are one "
+                f"host, {format_hostport(address, spec.port)}: it gets two maxconn budgets "
+                f"({other.maxconn} + {spec.maxconn} calls) and two probes; list it once "
+                "(one line, its maxconn= raised for more calls)"
+            )
+    return warnings
+
+
+def _with_host(spec: FleetSpec, host: str) -> str:
+    explicit = spec.url.rpartition(":")[2].isdigit()
+    return f"{spec.scheme}://{format_hostport(host, spec.port if explicit else None)}"
 
 
 def _shown(token: str) -> str:
@@ -156,9 +215,31 @@ def _parse_url(token: str) -> _URLParts:
         raise _BadToken(
             token, f"has a path or query; the carrier's path is forwarded as is, so {_URL_FORM}"
         )
+    netloc = _zone_unescaped(parts.netloc)
     try:
-        host, port = split_hostport(_zone_unescaped(parts.netloc))
+        host, port = split_hostport(netloc)
+    except OtherIPv4Spelling as exc:
+        written = f"{parts.scheme}://{format_hostport(exc.address, _port_of(netloc))}"
+        raise _BadToken(token, f"{exc}; write {written}") from None
+    except UnbracketedIPv6 as exc:
+        if not exc.forms:
+            raise _BadToken(token, f"{exc}; {_URL_FORM}, an IPv6 HOST in [ ]") from None
+        fixes = " or ".join(
+            f"{parts.scheme}://{format_hostport(_url_host(address), port)}"
+            for address, port in exc.forms
+        )
+        raise _BadToken(token, f"{exc}; write {fixes} (an IPv6 address in [ ])") from None
     except ValueError as exc:
+        if (dotless := _without_trailing_dot(netloc)) is not None:
+            host, port = dotless
+            written = f"{parts.scheme}://{format_hostport(host.lower(), port)}"
+            raise _BadToken(
+                token,
+                f"has {host + '.'!r}, a host name with a trailing dot; write {written}: one "
+                "spelling per host (TLS's SNI, certificates and the Host header never carry "
+                "the dot, and /etc/hosts names do not match it)",
+                endpoint=(host.lower(), port or _DEFAULT_PORTS[parts.scheme]),
+            ) from None
         raise _BadToken(token, f"{exc}; {_URL_FORM}") from None
     if port == 0:
         raise _BadToken(token, f"has port 0; {_URL_FORM} with PORT from 1 to 65535")
@@ -182,6 +263,26 @@ def _parse_url(token: str) -> _URLParts:
         url=f"{parts.scheme}://{format_hostport(_url_host(host), port)}",
         default_name=format_hostport(host, port),
     )
+
+
+def _port_of(netloc: str) -> int | None:
+    """The port of a `host[:port]` with no brackets, or None (for a fix's URL)."""
+    _, colon, port = netloc.rpartition(":")
+    return int(port) if colon and port.isascii() and port.isdigit() else None
+
+
+def _without_trailing_dot(netloc: str) -> tuple[str, int | None] | None:
+    """(host, port) of `netloc` once its host's one trailing dot is dropped,
+    when that makes it valid (fleet.example.com.:8443); else None."""
+    host, colon, port = netloc.rpartition(":")
+    if not colon:
+        host, port = netloc, ""
+    if not host.endswith(".") or host.endswith(".."):
+        return None
+    try:
+        return split_hostport(host[:-1] + colon + port)
+    except ValueError:
+        return None
 
 
 def _zone_unescaped(netloc: str) -> str:
@@ -258,7 +359,7 @@ def _why(exc: OSError | UnicodeDecodeError, data: bytes, path: Path) -> str:
             f"(one fleet URL a line), e.g. {path / 'fleets.txt'}"
         )
     if isinstance(exc, FileNotFoundError):
-        backup = path.with_name(path.name + ".bak")
+        backup = backup_of(path)
         if backup.exists():  # add-fleet and remove-fleet keep the list before them there
             return (
                 f"{exc.strerror}; {backup} holds it as it was before the last add-fleet or "

@@ -14,6 +14,41 @@ _FORMS = "write it as HOST:PORT or [IPv6]:PORT, e.g. 0.0.0.0:443 or [::]:443"
 _ZONE = re.compile(r"[!-.0-9;-~]{1,15}")
 
 
+class OtherIPv4Spelling(ValueError):
+    """A host that resolvers read as an IPv4 address written another way
+    (127.1, 127.000.0.1): `address` is the one spelling taken."""
+
+    def __init__(self, host: str, address: str) -> None:
+        octal = " (a part with a leading 0 is octal)" if re.search(r"(^|\.)0\d", host) else ""
+        super().__init__(f"has {host!r}, which resolvers read as the IPv4 address {address}{octal}")
+        self.host, self.address = host, address
+
+
+class UnbracketedIPv6(ValueError):
+    """An IPv6 address written without brackets: `forms` are what it can have
+    meant, (address, port or None), the likelier first."""
+
+    def __init__(self, text: str) -> None:
+        forms: list[tuple[str, int | None]] = []
+        address, _, port = text.rpartition(":")
+        if port.isascii() and port.isdigit() and 0 < int(port) <= 65535 and _is_ipv6(address):
+            forms.append((address, int(port)))
+        if _is_ipv6(text):
+            forms.append((text, None))
+        super().__init__("is an IPv6 address without brackets")
+        self.forms = forms
+
+
+def _is_ipv6(text: str) -> bool:
+    if ":" in text.partition("%")[2]:
+        return False  # a zone (an interface) has no ':'
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def split_hostport(text: str) -> tuple[str, int | None]:
     """Split `host[:port]` or `[v6][:port]`; the port is None when absent.
 
@@ -46,7 +81,7 @@ def split_hostport(text: str) -> tuple[str, int | None]:
         if not colon:
             host, port_text = text, None
         if ":" in host:
-            raise ValueError("is an IPv6 address without brackets")
+            raise UnbracketedIPv6(text)
         _check_host(host)
     return host, None if port_text is None else _port(port_text)
 
@@ -62,7 +97,47 @@ def _check_host(host: str) -> None:
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
+            if (read := ipv4_as_resolvers_read(host)) is not None:
+                raise OtherIPv4Spelling(host, read) from None
             raise ValueError(f"has {host!r}, which is not a valid IPv4 address") from None
+
+
+def ipv4_as_resolvers_read(host: str) -> str | None:
+    """The IPv4 address `host` is to the C library's resolver (inet_aton, which
+    getaddrinfo uses before any lookup), dotted; None for a name. Resolvers take
+    more spellings than one: hexadecimal (0x7f.0.0.1), octal (0177.0.0.1, and
+    127.010.0.1 is 127.8.0.1), and fewer parts (127.1, 2130706433). No lookup
+    is made: these are literals, connected to without DNS."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values = []
+    for part in parts:
+        text = part.lower()
+        if text.startswith("0x"):
+            base, digits = 16, text[2:]
+        elif text.startswith("0") and len(text) > 1:
+            base, digits = 8, text[1:]
+        else:
+            base, digits = 10, text
+        if not digits or not all(c in "0123456789abcdef"[:base] for c in digits):
+            return None
+        values.append(int(digits, base))
+    # The last part fills what the others leave: a.b.c.d, a.b.c (16 bits), a.b (24), a (32).
+    *leading, last = values
+    if any(value > 0xFF for value in leading) or last >= 1 << (8 * (4 - len(leading))):
+        return None
+    number = last
+    for at, value in enumerate(leading):
+        number |= value << (8 * (3 - at))
+    return ".".join(str(number >> shift & 0xFF) for shift in (24, 16, 8, 0))
+
+
+def same_host_key(host: str) -> str:
+    """`host` as two fleets at one address compare without a lookup: an IPv4
+    address in any spelling its dotted form (the rest arrives normalised:
+    lower case, IPv6 in RFC 5952's form)."""
+    return ipv4_as_resolvers_read(host) or host
 
 
 def _port(text: str) -> int:

@@ -29,6 +29,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from fleet_ingress.core.addresses import same_host_key
 from fleet_ingress.core.balancer import FleetState, Membership
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
@@ -161,10 +162,20 @@ class FleetSet:
         for other in self._fleets:
             if other.name == spec.name:
                 raise FleetExists(f"a fleet named {spec.name!r} exists already{_why_there(other)}")
-            if (other.spec.host, other.spec.port) == (spec.host, spec.port):
+            # One host in two spellings (0x7f.0.0.1 and 127.0.0.1) would get two
+            # maxconn budgets, twice its calls.
+            if (same_host_key(other.spec.host), other.spec.port) == (
+                same_host_key(spec.host),
+                spec.port,
+            ):
+                written = f" ({other.spec.url})" if other.spec.url != spec.url else ""
                 raise FleetExists(
-                    f"{spec.url} is already in the ingress as fleet {other.name!r}"
-                    + _why_there(other)
+                    f"{spec.url} is already in the ingress as fleet {other.name!r}{written}"
+                    + (
+                        _why_there(other)
+                        or "; a host is listed once, with one maxconn: for more calls on it, "
+                        "raise its maxconn= in the fleets file and reload"
+                    )
                 )
 
     def add(self, spec: FleetSpec, *, capacity_aware: bool) -> FleetState:

@@ -13,6 +13,7 @@ never repaired.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -380,6 +381,12 @@ def _same_authority(scheme: bytes, a: bytes, b: bytes) -> bool:
     default = b":" + _DEFAULT_PORTS[scheme]
     return a.lower().removesuffix(default) == b.lower().removesuffix(default)
 
+
+# The codec `logged_first_line` uses, looked up (its module imported) now rather
+# than at a worker's first head refused as it was read: that import opens a file,
+# and a worker out of descriptors failed the refusal with "call command failed;
+# ending the call" and a traceback (the resources audit of session 34).
+codecs.lookup("unicode_escape")
 
 LOGGED_TARGET = 256
 """Bytes of a request's target (or of a refused head's first line) that a log

@@ -10,14 +10,16 @@ At most ACME_MAX_CONNECTIONS are open at once per worker; more are reset at
 accept. Each is held up to `timeouts.request` for its head: without a bound, a
 flood of idle connections to `:80` could take the descriptors the carrier
 listener needs (`limits.max_connections` counts carriers only). One client (an
-IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them: alone, it
-could hold them all, and Let's Encrypt's validation, reset at accept, fails the
-renewal. Many clients (a flood from many addresses) can still fill the bound:
-then the oldest connection that has not sent its head yet (or has its answer
-already) is closed to let the new one in, so that a validation, which sends its
-head at once, is never shut out for good (the :80 audit of session 33). One
-whose client has sent bytes not read yet (its head, accepted in one go with a
-flood) is passed over.
+IPv4 address, an IPv6 /64) holds at most ACME_MAX_PER_CLIENT of them not
+answered yet: alone, it could hold them all, and Let's Encrypt's validation,
+reset at accept, fails the renewal. Answered ones (only their lingering close
+left) count against the total bound only: a NAT's quick requests are not
+refused for the lingering closes of its last answers. Many clients (a flood
+from many addresses) can still fill the bound: then the oldest connection that
+has not sent its head yet (or has its answer already) is closed to let the new
+one in, so that a validation, which sends its head at once, is never shut out
+for good (the :80 audit of session 33). One whose client has sent bytes not
+read yet (its head, accepted in one go with a flood) is passed over.
 
 An answer is followed by a lingering close: the writing side is shut (FIN after
 the answer), and what the client still sends (a body we do not read) is read
@@ -50,6 +52,7 @@ from fleet_ingress.core.request_head import (
 from fleet_ingress.core.responses import local_response
 from fleet_ingress.logs import RateLimitedLog, fields
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.late_timers import patient_timeout
 
 log = logging.getLogger("fleet_ingress.acme")
 
@@ -77,16 +80,21 @@ _TLS_HANDSHAKE_RECORD = b"\x16\x03"
 class AcmeConnections:
     """The plain-HTTP listener's count, one per ingress (kept across reloads)."""
 
-    open: int = 0
     refused: int = 0  # reset at accept: ACME_MAX_CONNECTIONS were open, or the client's share
     limit: int = ACME_MAX_CONNECTIONS
     per_client: int = ACME_MAX_PER_CLIENT
-    by_client: Counter[str] = field(default_factory=Counter)  # open, by `client_key`
+    # Open and not answered yet, by `client_key` (see `unshare`).
+    by_client: Counter[str] = field(default_factory=Counter)
     # Closed before their head to let a new one in when `limit` were open (see
     # `admit`; an answered one closed so is not counted: it cost nobody anything).
     evicted: int = 0
     # The open ones, oldest first.
     members: dict[AcmeProtocol, None] = field(default_factory=dict)
+    # Answered but for what is still in their buffer (a large answer, a slow
+    # reader): in their client's share until `admit` finds it gone.
+    draining: dict[AcmeProtocol, None] = field(default_factory=dict)
+    # Challenges forwarded to acme.upstream, by CHALLENGE_OUTCOMES.
+    challenges: Counter[str] = field(default_factory=Counter)
 
     def admit(self, protocol: AcmeProtocol, key: str) -> bool:
         """Count `protocol` open for client `key`, or say False (refused). When
@@ -96,8 +104,10 @@ class AcmeConnections:
         session 33). A validator sends its head at once: to be closed before it,
         its connection would have to be the oldest of `limit` waiting."""
         if self.by_client[key] >= self.per_client:
-            self.refused += 1
-            return False
+            self._unshare_answered(key)
+            if self.by_client[key] >= self.per_client:
+                self.refused += 1
+                return False
         if self.open >= self.limit:
             oldest = self._oldest_evictable()
             if oldest is None:  # every one is a challenge being relayed: bounded by its timeouts
@@ -106,10 +116,28 @@ class AcmeConnections:
             if oldest.waiting_for_head:  # an answered one costs nobody anything: not counted
                 self.evicted += 1
             oldest.evict()
-        self.open += 1
         self.by_client[key] += 1
         self.members[protocol] = None
         return True
+
+    def unshare(self, protocol: AcmeProtocol, key: str) -> None:
+        """`protocol` answered (its answer out, its writing side shut): it no
+        longer counts against its client's share, only against `limit`. A NAT's
+        quick requests were refused while the lingering closes of its 16 last
+        answers ran (ACME_LINGER_SECONDS each; the :80 audit of session 34)."""
+        self.by_client[key] -= 1
+        if self.by_client[key] <= 0:
+            del self.by_client[key]
+        self.draining.pop(protocol, None)
+
+    def _unshare_answered(self, key: str) -> None:
+        """The client's answered connections whose answer left our buffer after
+        their `_write` (a large one, a slow reader) out of its share now. Only
+        those are looked at: a flood from one address past its share, a look at
+        each connect, would look at every connection open."""
+        for p in list(self.draining):
+            if p.shares_as == key and p.answered:
+                p.leave_share()
 
     def _oldest_evictable(self) -> AcmeProtocol | None:
         """The oldest with no head (or its answer sent) whose client has sent
@@ -128,11 +156,13 @@ class AcmeConnections:
                 return None
         return None
 
-    def release(self, protocol: AcmeProtocol, key: str) -> None:
-        self.open -= 1
-        self.by_client[key] -= 1
-        if self.by_client[key] <= 0:
-            del self.by_client[key]
+    @property
+    def open(self) -> int:
+        """How many are open (at most `limit`)."""
+        return len(self.members)
+
+    def release(self, protocol: AcmeProtocol) -> None:
+        """Out of `open` (its share left already: `unshare`); once or more."""
         self.members.pop(protocol, None)
 
     async def settled(self, *, step: float = 0.02) -> None:
@@ -157,6 +187,13 @@ def client_key(ip: str) -> str:
 
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+# What came of a challenge forwarded to certbot (fleet_ingress_acme_challenges_total):
+# relayed (certbot answered: its answer relayed, whatever its status); refused
+# (503: nothing listens, as between renewals); not_served (502: closed with no
+# answer, as certbot does for a token it does not serve); failed (503 or 502:
+# no connection in timeouts.connect, no answer in timeouts.response, or not a
+# usable one: never what certbot does).
+CHALLENGE_OUTCOMES = ("relayed", "refused", "not_served", "failed")
 # A challenge answer is a token and a key thumbprint: tiny. Anything larger is refused.
 MAX_ACME_RESPONSE = 64 * 1024
 
@@ -197,8 +234,8 @@ class AcmeProtocol(asyncio.Protocol):
         self._done = False
         self.client_ip = "unknown"
         self.target = ""  # the head's target once read (for the refused-request line)
-        self._counted: str | None = None  # the `client_key` it is counted open for
-        self._read_any = False  # a first read came (a TLS ClientHello is told there)
+        self._sharing: str | None = None  # the `client_key` whose share it counts against
+        self._start = b""  # its first bytes, up to 2 (a TLS ClientHello is told by them)
         self._eof = False  # the client shut its writing side
         self._lingering = False  # answered: its writing side shut, the rest read and dropped
         self._dropped = 0  # bytes read and dropped after the head
@@ -255,23 +292,27 @@ class AcmeProtocol(asyncio.Protocol):
                 self._done = True
                 transport.abort()  # its connection_lost follows; nothing was counted open
                 return
-            self._counted = key
+            self._sharing = key
         self.transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(
             self.settings.request_timeout, self._answer, 408, "request head not received in time"
         )
 
     def data_received(self, data: bytes) -> None:
-        first, self._read_any = not self._read_any, True
+        looking = len(self._start) < len(_TLS_HANDSHAKE_RECORD)
+        if looking:
+            self._start += data[: len(_TLS_HANDSHAKE_RECORD) - len(self._start)]
         if self._done:
             # A body we do not read, or what follows our answer: dropped, up to a bound.
             self._dropped += len(data)
             if self._dropped > ACME_LINGER_BYTES and self.transport is not None:
                 self.transport.abort()
             return
-        if first and data.startswith(_TLS_HANDSHAKE_RECORD):
+        if looking and self._start == _TLS_HANDSHAKE_RECORD:
             # A TLS client on :80 (https://host:80/, a monitor set up wrong): it would
-            # wait the request timeout for a 408 it cannot read. Told at once.
+            # wait the request timeout for a 408 it cannot read. Told at once, its
+            # record's first two bytes read in one go or not (no method starts with
+            # 0x16, a control byte: 0x16 alone, then nothing, is a 408 as any stall).
             self.target = "(a TLS handshake)"
             self._answer(400, "this is plain HTTP: use https:// on port 443")
             return
@@ -320,12 +361,23 @@ class AcmeProtocol(asyncio.Protocol):
         t = self.transport
         return self._done and not self._lingering and t is not None and not t.is_closing()
 
+    @property
+    def shares_as(self) -> str | None:
+        """The `client_key` whose share it counts against (None: none, or no longer)."""
+        return self._sharing
+
+    def leave_share(self) -> None:
+        """Out of its client's share (once: answered, evicted or lost)."""
+        count, key = self.settings.connections, self._sharing
+        if count is not None and key is not None:
+            self._sharing = None
+            count.unshare(self, key)
+
     def _uncount(self) -> None:
         """Out of the connections counted (once: evicted, then lost)."""
-        count, key = self.settings.connections, self._counted
-        if count is not None and key is not None:
-            self._counted = None
-            count.release(self, key)
+        self.leave_share()
+        if (count := self.settings.connections) is not None:
+            count.release(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._uncount()
@@ -339,13 +391,12 @@ class AcmeProtocol(asyncio.Protocol):
     def _route(self, head: RequestHead) -> None:
         head_only = head.method == b"HEAD"
         host = host_without_port(head.host)
-        if head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
-            if head.method not in (b"GET", b"HEAD"):
-                self._answer(405, "ACME challenges are fetched with GET", allow=CHALLENGE_METHODS)
-                return
-        if head.has_body:
+        challenge = head.path.startswith(CHALLENGE_PREFIX) and head.path != CHALLENGE_PREFIX
+        if challenge and head.method not in (b"GET", b"HEAD"):
+            self._answer(405, "ACME challenges are fetched with GET", allow=CHALLENGE_METHODS)
+        elif head.has_body:
             self._answer(400, BODY_REFUSED, head_only=head_only)
-        elif head.path.startswith(CHALLENGE_PREFIX) and len(head.path) > len(CHALLENGE_PREFIX):
+        elif challenge:
             self._task = asyncio.get_running_loop().create_task(self._forward(head))
         elif self.settings.redirect_https and host:
             self._write(
@@ -363,9 +414,7 @@ class AcmeProtocol(asyncio.Protocol):
                 head_only=head_only,
             )
         else:
-            self._answer(
-                404, "this listener serves ACME challenges only", head_only=head.method == b"HEAD"
-            )
+            self._answer(404, "this listener serves ACME challenges only", head_only=head_only)
 
     async def _forward(self, head: RequestHead) -> None:
         s = self.settings
@@ -379,16 +428,19 @@ class AcmeProtocol(asyncio.Protocol):
             max_head_bytes=s.max_head_bytes,
         )
         try:
-            async with asyncio.timeout(s.connect_timeout):
+            # Patient: after a stall of the worker (SIGSTOP, a VM paused), certbot's
+            # answer waiting unread is read before its timer blames it (late_timers).
+            async with patient_timeout(s.connect_timeout):
                 reader, writer = await asyncio.open_connection(s.upstream_host, s.upstream_port)
         except (OSError, TimeoutError) as exc:
+            self._challenge("refused" if isinstance(exc, ConnectionRefusedError) else "failed")
             self._upstream_failed("acme upstream unreachable", where, exc)
             self._answer(503, f"no ACME responder is listening on {where}", head_only=head_only)
             return
         answer = bytearray()
         try:
             writer.write(exchange.request_bytes)
-            async with asyncio.timeout(s.response_timeout):
+            async with patient_timeout(s.response_timeout):
                 while True:
                     chunk = await reader.read(65536)
                     answer += chunk
@@ -408,6 +460,8 @@ class AcmeProtocol(asyncio.Protocol):
                 # and nobody learns why: a 502 says the responder failed.
                 raise ResponseError("junk-response", "closed before the end of its answer")
         except (OSError, TimeoutError, ResponseError) as exc:
+            empty = isinstance(exc, ResponseError) and exc.kind == "empty-response"
+            self._challenge("not_served" if empty else "failed")
             self._upstream_failed("acme upstream failed", where, exc)
             self._answer(
                 502, f"the ACME responder on {where} did not answer properly", head_only=head_only
@@ -415,6 +469,7 @@ class AcmeProtocol(asyncio.Protocol):
             return
         finally:
             writer.close()
+        self._challenge("relayed")
         self._write(exchange.relayable(bytes(answer)))
         if s.relayed is not None and exchange.head is not None:
             # What a failed renewal is read against: did the validation reach :80,
@@ -427,6 +482,10 @@ class AcmeProtocol(asyncio.Protocol):
                 upstream=where,
                 ms=round((asyncio.get_running_loop().time() - began) * 1000, 1),
             )
+
+    def _challenge(self, outcome: str) -> None:
+        if (count := self.settings.connections) is not None:
+            count.challenges[outcome] += 1
 
     def _upstream_failed(self, event: str, where: str, exc: BaseException) -> None:
         # Rate-limited: between renewals nothing listens on the upstream, and any
@@ -470,6 +529,10 @@ class AcmeProtocol(asyncio.Protocol):
             return
         t.write_eof()  # the FIN follows the answer once it is sent
         self._lingering = True
+        if self.answered:  # out of our buffer whole
+            self.leave_share()
+        elif (count := self.settings.connections) is not None and self._sharing is not None:
+            count.draining[self] = None  # `admit` looks again
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, self._end_linger)

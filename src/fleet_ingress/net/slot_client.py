@@ -228,23 +228,27 @@ class SlotClient(asyncio.Protocol):
             timer.cancel()
         return RemoteLease(self, lease_id, fleet)
 
-    def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
-        self._pending.pop(lease_id, None)
+    def _over(self, lease_id: int) -> asyncio.Future[FleetState] | None:
+        """Lease `lease_id` is over (given up, released, refused, granted after
+        it was given up): what was asked, what is held and who its call is are
+        forgotten. Returns its future if it was still waited for."""
         self._asked.pop(lease_id, None)
         self._calls.pop(lease_id, None)
+        self._held.pop(lease_id, None)
+        self._in_flight.discard(lease_id)
+        return self._pending.pop(lease_id, None)
+
+    def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
+        self._over(lease_id)
         if future.done() and not future.cancelled() and future.exception() is None:
             future.result().active -= 1  # granted, never used: ours no more
-            self._held.pop(lease_id, None)
-            self._in_flight.discard(lease_id)
         self._write({"op": "release", "id": lease_id})
 
     def _release(self, lease: RemoteLease) -> None:
         lease.fleet.active -= 1
         if lease.fleet.active == 0 and lease.fleet.name in self._forget_when_idle:
             self._forget_fleet(lease.fleet.name)
-        self._held.pop(lease.id, None)
-        self._in_flight.discard(lease.id)
-        self._calls.pop(lease.id, None)
+        self._over(lease.id)
         self._write({"op": "release", "id": lease.id})
 
     def _answered(self, lease_id: int, at: float) -> None:
@@ -418,20 +422,19 @@ class SlotClient(asyncio.Protocol):
         lease_id = field(message, "id", int)
         if op == "granted":
             fleet = self._fleet(field(message, "fleet", str), message.get("spec"))
-            future = self._pending.pop(lease_id, None)
-            self._asked.pop(lease_id, None)
+            future = self._pending.get(lease_id)
             if future is None or future.done():
-                self._calls.pop(lease_id, None)
+                self._over(lease_id)
                 return  # given up on: its release is already on the wire
+            del self._pending[lease_id]
+            self._asked.pop(lease_id, None)
             fleet.active += 1
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
             self._in_flight.add(lease_id)
             future.set_result(fleet)
         else:  # "refused"
-            self._asked.pop(lease_id, None)
-            self._calls.pop(lease_id, None)
-            future = self._pending.pop(lease_id, None)
+            future = self._over(lease_id)
             if future is not None and not future.done():
                 future.set_exception(NoFleetAvailable(field(message, "reason", str)))
 

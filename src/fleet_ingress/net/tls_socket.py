@@ -85,6 +85,7 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
 from __future__ import annotations
 
 import asyncio
+import codecs
 import ctypes
 import enum
 import errno
@@ -99,6 +100,12 @@ from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import PeerStoppedReading
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
+
+# The codec `ssl` encodes a fleet's server_hostname with, looked up (its module
+# imported) now rather than at a worker's first fleet connection: that import
+# opens files, one descriptor more than the call needs (the resources audit of
+# session 34).
+codecs.lookup("idna")
 
 # One read buffer for every connection in the process: a read is handed to
 # the handler and consumed (written on, or copied) before the next read.

@@ -258,16 +258,18 @@ def describe_result(body: dict[str, Any]) -> str:
         if body.get("not_saved"):
             return f"{line}\nwarning: not saved to the fleets file: {body['not_saved']}"
         return line
+    # A release before them: none.
+    warned = "".join(f"\nwarning: {warning}" for warning in body.get("warnings") or [])
     if body.get("dry_run"):
         return (
             f"dry run: would add fleet {body['fleet']} ({body['url']}, maxconn {body['maxconn']});"
             f" pre-check {body['precheck']}; would append to {body['fleets_file']}:\n"
-            f"  {body['line']}\nnothing changed"
+            f"  {body['line']}\nnothing changed{warned}"
         )
     if "health" in body:
         return (
             f"added fleet {body['fleet']} ({body['url']}): {body['health']}, "
-            f"saved to {body['fleets_file']} (backup {body['backup']})"
+            f"saved to {body['fleets_file']} (backup {body['backup']}){warned}"
         )
     backup = f" (backup {body['backup']})" if body.get("backup") else ""
     if body.get("fleets_file"):

@@ -13,12 +13,20 @@ import errno
 import logging
 import os
 import shlex
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleet_ingress.config.atomic import write_atomically
+from fleet_ingress.config.atomic import backup_of, write_atomically
+from fleet_ingress.config.fleet_lookup import (
+    LOOKUP_BUDGET,
+    Address,
+    address_of,
+    literal_addresses,
+    shared_warnings,
+)
 from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text, url_default_name
 from fleet_ingress.config.fleets_store import (
     FleetNotListed,
@@ -243,7 +251,7 @@ class FleetOps:
         lists running fleet(s)" (the CLI text audit)."""
         if self.fleets_file.exists():
             return None
-        backup = self.fleets_file.with_name(self.fleets_file.name + ".bak")
+        backup = backup_of(self.fleets_file)
         kept = (
             f" ({backup} holds it as it was before the last add-fleet or remove-fleet: "
             "copied back, redo that change, and any drain or maint since; `fleet-ingress "
@@ -345,6 +353,7 @@ class FleetOps:
                 f"{precheck.reason}; nothing changed",
             )
         new_text = text_with_fleet(self._read_fleets_text(), spec, default_maxconn=default_maxconn)
+        shared = await self._at_another_fleets_address(spec)
         plan = {
             "fleet": spec.name,
             "url": spec.url,
@@ -352,6 +361,7 @@ class FleetOps:
             "precheck": precheck.describe(poller.settings.capacity_key),
             "fleets_file": str(self.fleets_file),
             "line": new_text.splitlines()[-1],
+            **({"warnings": shared} if shared else {}),
         }
         if dry_run:
             return {"dry_run": True, **plan}
@@ -392,6 +402,32 @@ class FleetOps:
         self.fleets.added(fleet)
         log.info("fleet added", extra=fields(fleet=spec.name, url=spec.url, maxconn=spec.maxconn))
         return {**plan, "health": fleet.health.value, "backup": str(backup) if backup else None}
+
+    async def _at_another_fleets_address(self, spec: FleetSpec) -> list[str]:
+        """Whether `spec` resolves to an address another fleet has (localhost
+        beside 127.0.0.1): said, not refused (two names at one address may be
+        two hosts behind an SNI router). Looked up as calls look it up, within
+        LOOKUP_BUDGET: a slow resolver costs add-fleet that, and the warning."""
+        fleets = [fleet.spec for fleet in self.fleets.fleets if fleet.name != spec.name]
+        fleets.append(spec)
+        loop = asyncio.get_running_loop()
+
+        async def addresses(fleet: FleetSpec) -> frozenset[Address]:
+            if (literal := literal_addresses(fleet)) is not None:
+                return literal
+            infos = await loop.getaddrinfo(fleet.host, fleet.port, type=socket.SOCK_STREAM)
+            return frozenset(address_of(info[4]) for info in infos)
+
+        lookups = {fleet.name: asyncio.ensure_future(addresses(fleet)) for fleet in fleets}
+        _, late = await asyncio.wait(lookups.values(), timeout=LOOKUP_BUDGET)
+        for lookup in late:
+            lookup.cancel()
+        found = {
+            name: lookup.result()
+            for name, lookup in lookups.items()
+            if lookup.done() and not lookup.cancelled() and lookup.exception() is None
+        }
+        return shared_warnings(fleets, found, about=spec.name)
 
     async def remove_fleet(self, name: str, *, force: bool) -> dict[str, Any]:
         fleet = self._fleet(name)

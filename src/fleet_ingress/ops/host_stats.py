@@ -310,7 +310,7 @@ class HostMetrics:
                 certificate_file_not_after, certificate_file_refused, certificate_chain_doubted
             )
         )
-        self.prometheus.register(_TaskFailuresCollector(task_failures, supervisor_deaths))
+        self.prometheus.register(_SupervisorFailuresCollector(task_failures, supervisor_deaths))
         self.prometheus.register(_UpgradeCollector(upgrade_failed))
 
 
@@ -329,7 +329,11 @@ class _UpgradeCollector(Collector):
         )
 
 
-class _TaskFailuresCollector(Collector):
+class _SupervisorFailuresCollector(Collector):
+    """The supervisor's own failures, not its workers': its background tasks
+    that raised (started again) and its deaths (taken up by the next one),
+    each carried from one supervisor to the next."""
+
     def __init__(
         self, failures: Callable[[], Mapping[str, int]], deaths: Callable[[], int]
     ) -> None:

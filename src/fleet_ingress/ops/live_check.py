@@ -127,11 +127,16 @@ class _Refused(NotLive):
         super().__init__(f"{what}: {why}{_NOT_RUNNING}")
         self.what, self.why = what, why
 
+    @property
+    def key(self) -> str:
+        """The listen key refused ("wss", "stats"; "admin" for the admin socket):
+        the first word of `what`."""
+        return self.what.split()[0]
+
     def with_the_other_answering(self, other: str) -> str:
-        key = self.what.split()[0]
         return (
             f"{self.what}: {self.why}, while {other} answers: the ingress runs, and "
-            f"listen.{key} in the file is not where it listens (an edit takes a restart)"
+            f"listen.{self.key} in the file is not where it listens (an edit takes a restart)"
         )
 
 
@@ -265,7 +270,7 @@ async def _live(config: LiveSettings, timeout: float) -> LiveResult:
     answers = await asyncio.gather(health, fleets, return_exceptions=True)
     reasons = [str(a) for a in answers if isinstance(a, NotLive)]
     refused = [a for a in answers if isinstance(a, _Refused)]
-    if len(refused) == 1 and len(reasons) == 1 and refused[0].what.split()[0] in ("wss", "stats"):
+    if len(refused) == 1 and len(reasons) == 1 and refused[0].key in ("wss", "stats"):
         # The other part answered: "is fleet-ingress running?" would mislead.
         (it,) = refused
         snapshot = answers[1]

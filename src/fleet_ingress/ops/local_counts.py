@@ -95,6 +95,8 @@ def local_counts(
     c[("accept_failures",)] = registry.accept_failures
     c[("acme_refused_connections",)] = registry.acme.refused
     c[("acme_evicted_connections",)] = registry.acme.evicted
+    for outcome, n in registry.acme.challenges.items():
+        c[("acme_challenges", outcome)] = n
     c[("accepts_paused_ms",)] = registry.accepts_paused_ms
     c[("new_connection_cpu_ms",)] = round(registry.new_connection_cpu.spent * 1000)
     for (route, status), n in registry.requests.items():

@@ -35,6 +35,7 @@ from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_view import Counts, Key
 from fleet_ingress.logs import LINES_HELD, lines_dropped
+from fleet_ingress.net.acme import CHALLENGE_OUTCOMES
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.event_loop import unexpected_errors
@@ -479,6 +480,18 @@ class _StateCollector(Collector):
             " 256 a worker were open (a flood from many addresses).",
             value=counts.counter("acme_evicted_connections"),
         )
+        challenges = CounterMetricFamily(
+            f"{PREFIX}_acme_challenges",
+            "ACME challenges forwarded from :80 to acme.upstream (certbot), by outcome: relayed"
+            " (certbot answered), refused (nothing listens: normal between renewals),"
+            " not_served (closed unanswered: certbot's way for a token it does not serve),"
+            " failed (no connection or no usable answer in time: never normal).",
+            labels=["outcome"],
+        )
+        seen = dict(counts.family("acme_challenges", 1))
+        for outcome in CHALLENGE_OUTCOMES:  # each from 0: increase() sees the first one
+            challenges.add_metric([outcome], seen.get((outcome,), 0))
+        yield challenges
         yield CounterMetricFamily(
             f"{PREFIX}_refused_connections",
             "Carrier connections reset at accept: limits.max_connections was reached.",

@@ -340,6 +340,30 @@ class WebSites:
         self._kept.append(_KeptSite(runner, sock, site))
         return runner
 
+    async def serve_kept_on(self, old: socket.socket, new: socket.socket) -> None:
+        """Serve on `new` what was served on kept socket `old` (the admin socket
+        made again at its path once its file was removed: `old` can no longer be
+        reached); its connections open go on. `old` stays the caller's to close.
+        While quiet for an exec, `new` is what `resume` accepts on. Raises (and
+        `old` is served on) when `new` cannot be served."""
+        for kept in self._kept:
+            if kept.sock is not old:
+                continue
+            if kept.site is None or self._closed:
+                kept.sock = new
+                return
+            dup = new.dup()
+            try:
+                site = web.SockSite(kept.runner, sock=dup)
+                await site.start()
+            except BaseException:
+                dup.close()
+                raise
+            await kept.site.stop()  # closes its duplicate only
+            kept.sock, kept.site = new, site
+            return
+        raise ValueError("not a socket served by serve_kept")
+
     async def quiesce(self, timeout: float) -> int:
         """Stop accepting on the kept sockets and answer the requests in
         flight, waiting `timeout` at most for them (then they are cancelled);

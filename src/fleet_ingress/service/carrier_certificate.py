@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -56,8 +57,10 @@ SERVING_CERTIFICATE_ENV = "INGRESS_SERVING_CERTIFICATE"
 SERVING_PEM_ENV = "INGRESS_SERVING_PEM_FDS"
 # And the fd of a sealed memfd holding the keys its session tickets are sealed
 # with: the supervisor's, the same for every worker it starts, drawn anew with
-# each certificate (or [tls] setting) it serves, held in memory only. A worker
-# of an older release ignores it (and draws its own, as OpenSSL does).
+# each certificate (or [tls] setting) it serves, held in memory only (and in
+# systemd's fd store, for a supervisor started again after a crash:
+# `fd_store.store_ticket_keys`). A worker of an older release ignores it (and
+# draws its own, as OpenSSL does), as does one that cannot read it.
 SERVING_TICKET_KEYS_ENV = "INGRESS_SERVING_TICKET_KEYS_FD"
 
 
@@ -230,6 +233,20 @@ def serves_alike(
     )
 
 
+def ticket_keys_drawn_for(config: IngressConfig, pem: CarrierPem) -> bytes:
+    """What session ticket keys are drawn for: a digest of what the carrier
+    context is built from, as `serves_alike` compares it (the chain and key
+    bytes, tls.min_version, tls.profile). Kept beside the keys in systemd's fd
+    store (`fd_store.TICKET_KEYS_NAME`), so that a supervisor started again
+    after a crash takes them up only for the certificate they were drawn for."""
+    digest = hashlib.sha256(b"fleet-ingress session ticket keys\0")
+    tls = config.tls
+    for part in (pem.cert, pem.key, str(tls.min_version).encode(), str(tls.profile).encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.digest()
+
+
 def ticket_keys_to_json(keys: bytes) -> str:
     """The session ticket keys, for a worker's `reload` message (`ticket_keys_from_json`)."""
     return base64.b64encode(keys).decode()
@@ -247,22 +264,39 @@ def ticket_keys_from_json(value: Any) -> bytes | None:
 
 def ticket_keys_from_env(value: str | None) -> bytes | None:
     """The session ticket keys in the memfd SERVING_TICKET_KEYS_ENV names
-    (closed once read); None when it names none or cannot be read (OpenSSL's
-    own keys then serve: sessions resume on this worker alone, as before)."""
+    (closed once read); None when it names none, or names what cannot be
+    read, said in a warning (OpenSSL's own keys then serve: sessions resume on
+    this worker alone, as before)."""
     if not value:
         return None
     try:
         fd = int(value)
     except ValueError:
-        return None
+        return _ticket_keys_not_taken(value, "not a descriptor number")
     try:
         keys = fd_path(fd).read_bytes()
-    except OSError:
-        return None
+    except OSError as exc:
+        return _ticket_keys_not_taken(value, f"cannot be read: {exc.strerror or exc}")
     finally:
         with contextlib.suppress(OSError):
             os.close(fd)
-    return keys if len(keys) == TICKET_KEYS_BYTES else None
+    if len(keys) != TICKET_KEYS_BYTES:
+        return _ticket_keys_not_taken(value, f"{len(keys)} bytes, not {TICKET_KEYS_BYTES}")
+    return keys
+
+
+def _ticket_keys_not_taken(value: str, problem: str) -> None:
+    """Said, as the worker falls back to OpenSSL's own keys (a supervisor of
+    another release, a descriptor lost on the way): the fallback had been
+    silent, and carriers moving between workers made full handshakes unseen."""
+    log.warning(
+        "the session ticket keys the supervisor handed are not taken: this worker "
+        "seals tickets with keys of its own, so a carrier's session resumes on it "
+        "alone (a full handshake on the other workers); a restart of the service "
+        "hands every worker the same keys again",
+        extra=fields(env=SERVING_TICKET_KEYS_ENV, value=value, problem=problem),
+    )
+    return None
 
 
 def warn_about_chain(config: IngressConfig, pem: CarrierPem | None = None) -> None:

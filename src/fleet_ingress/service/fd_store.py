@@ -46,6 +46,18 @@ other names, or one that cannot load): what a reload refuses, a restart does
 not put in place of one carriers accept. A
 listener left there is taken up as it is, which is no crash.
 
+The keys every worker seals its carriers' TLS session tickets with are kept
+there too (`tls.tickets`, a sealed memfd: `store_ticket_keys`), with a digest
+of what they were drawn for (the certificate and key, tls.min_version,
+tls.profile): the process started after a death that takes up workers takes
+them up too, when it serves what they were drawn for, and hands them to the
+workers it starts, so that a carrier's session resumes on the workers taken
+up and their replacements alike (before, it drew new ones: a redial onto a
+replacement was a full handshake until the next reload, the session-ticket
+audit of session 34). Missing, cut short or of another size, or drawn for
+another certificate: new ones, said (`ticket_keys_taken_up`). A stop takes
+them out of the store; a start that takes up no worker draws its own.
+
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
 (the workers drain).
@@ -53,6 +65,7 @@ kept and a supervisor that dies takes its workers' slots with it as before
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import logging
 import os
@@ -65,7 +78,7 @@ from typing import Any
 from fleet_ingress.config.settings import ListenSection
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.logs import fields
-from fleet_ingress.net.tls import CarrierPem
+from fleet_ingress.net.tls import TICKET_KEYS_BYTES, CarrierPem, memfd_of
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
@@ -86,6 +99,10 @@ STORED_LISTENERS = ("listen.wss", "listen.acme", "listen.stats")
 SNAPSHOT_NAMES = ("state.0", "state.1")
 # How often the supervisor writes it: what a death loses of its counts.
 SNAPSHOT_EVERY = 1.0
+# The sealed memfd holding the session ticket keys and what they were drawn
+# for (`carrier_certificate.ticket_keys_drawn_for`, a SHA-256 digest).
+TICKET_KEYS_NAME = "tls.tickets"
+STORED_TICKET_KEYS_BYTES = TICKET_KEYS_BYTES + 32
 
 
 @dataclass
@@ -97,6 +114,9 @@ class HandedBack:
     # After a stop (`systemctl restart`): the certificate and key served before it
     # (`CrashSnapshot.stopped`), kept should the file have expired meanwhile.
     served_before_stop: CarrierPem | None = None
+    # The bytes of the session ticket keys' memfd (`store_ticket_keys`), as
+    # read; None: none was handed back (or it could not be read: `unused`).
+    ticket_keys: bytes | None = None
     # What was handed back and not used, why: said once logging is set up
     # (`say_unused`), which it is not yet when the store is read.
     unused: list[dict[str, str]] = field(default_factory=list)
@@ -131,6 +151,14 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
                     snapshots.append(snapshot)
             except (OSError, ValueError) as exc:
                 handed.unused.append({"key": name, "error": str(exc)[:200]})
+            _close(fd)
+            continue
+        if name == TICKET_KEYS_NAME:
+            if handed.ticket_keys is None:
+                try:  # one byte more than it should hold: a longer one is said too
+                    handed.ticket_keys = os.pread(fd, STORED_TICKET_KEYS_BYTES + 1, 0)
+                except OSError as exc:
+                    handed.unused.append({"key": name, "error": str(exc)[:200]})
             _close(fd)
             continue
         try:
@@ -231,6 +259,39 @@ class CrashSnapshot:
         for fd in self._fds:
             _close(fd)
         self._fds = []
+
+
+def store_ticket_keys(notifier: Notifier, keys: bytes, drawn_for: bytes) -> None:
+    """Keep the session ticket keys every worker is handed, and what they were
+    drawn for, in the fd store (a sealed memfd, `TICKET_KEYS_NAME`), in place
+    of any kept before (other keys, an earlier image's): a supervisor started
+    again after this one died takes them up (`ticket_keys_taken_up`). Without
+    systemd's notify socket, nothing is kept. OSError: no memfd could be made."""
+    if not notifier.enabled:
+        return
+    fd = memfd_of(keys + drawn_for, f"fleet-ingress {TICKET_KEYS_NAME}")
+    try:
+        notifier.remove_fd(TICKET_KEYS_NAME)
+        notifier.store_fd(TICKET_KEYS_NAME, fd)
+    finally:
+        _close(fd)  # systemd holds its own
+
+
+def ticket_keys_taken_up(stored: bytes | None, drawn_for: bytes) -> tuple[bytes | None, str]:
+    """The session ticket keys in `stored` (the memfd `store_ticket_keys`
+    wrote, as read from the store; None: none was there) when they were drawn
+    for `drawn_for` (what this process serves:
+    `carrier_certificate.ticket_keys_drawn_for`); else None and why not."""
+    if stored is None:
+        return None, "none in systemd's fd store (an older release's, or not kept)"
+    if len(stored) != STORED_TICKET_KEYS_BYTES:
+        return None, f"{len(stored)} bytes, not {STORED_TICKET_KEYS_BYTES}"
+    if not hmac.compare_digest(stored[TICKET_KEYS_BYTES:], drawn_for):
+        return None, (
+            "drawn for another certificate, key or [tls] than the one served "
+            "(a crash during a reload, or no snapshot: the files serve)"
+        )
+    return stored[:TICKET_KEYS_BYTES], ""
 
 
 def drop_moved_listeners(

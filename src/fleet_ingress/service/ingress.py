@@ -246,6 +246,7 @@ class Ingress:
         self.ctx = self._proxy_context(config, fleet_ssl)
         self._wss: CarrierListener | None = None
         self._acme: asyncio.Server | None = None
+        self._acme_heads_kept = False  # an upgrade's stop keeps :80 connections with no head
         self._web: WebSites | None = None  # the stats and admin apps, not in a worker
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
@@ -573,13 +574,24 @@ class Ingress:
         """Close this process's listeners (idempotent). In a worker the
         listening sockets stay open in the supervisor and the other workers.
         `keep_pending` (an old generation after an upgrade, whose carriers the
-        new one serves): TLS handshakes under way go on and become calls."""
+        new one serves): TLS handshakes under way go on and become calls, and :80
+        connections with no head yet wait for it. Not `keep_pending` (a plain stop,
+        or a SIGTERM during an upgrade's stop): those are closed, but not one whose
+        head is in its socket, unread (a validation as SIGTERM came). Kept over a
+        SIGTERM, they held the stop up to timeouts.request, and a systemctl restart
+        with it: new calls are refused until the new start listens (the :80 audit
+        of session 34)."""
         if self._wss is not None:
             self._wss.close(keep_handshakes=keep_pending)
         if self._acme is not None:
             self._acme.close()
+        self._acme_heads_kept = keep_pending
+        if not keep_pending:
+            for waiting in [p for p in self.registry.acme.members if p.waiting_for_head]:
+                if not waiting.has_unread_bytes():
+                    waiting.evict()
 
-    async def _acme_settled(self, *, keep_pending: bool, drain_end: float) -> None:
+    async def _acme_settled(self, *, drain_end: float) -> None:
         """A challenge being relayed (or answered) when the worker exits was cut,
         and the renewal failed (the :80 audit of session 32): it finishes, as calls
         do, within its own timeouts; a second signal (`cut_drain`) ends the wait.
@@ -592,7 +604,9 @@ class Ingress:
         if not acme.members or self._drain_cut.is_set():
             return
         t = self.config.timeouts
-        bound = t.connect + t.response + ACME_LINGER_SECONDS + (t.request if keep_pending else 0)
+        bound = t.connect + t.response + ACME_LINGER_SECONDS
+        if self._acme_heads_kept:
+            bound += t.request
         bound = min(bound, max(0.0, drain_end + STOP_GRACE - EXIT_ROOM - time.monotonic()))
         settled = asyncio.ensure_future(acme.settled())
         cut = asyncio.ensure_future(self._drain_cut.wait())
@@ -625,10 +639,6 @@ class Ingress:
             for conn in list(self.registry.connections):
                 if conn.call is None:  # no call yet: nothing to keep
                     conn.abort()
-            # Not one whose head is in its socket, unread (a validation as SIGTERM came).
-            for waiting in [p for p in acme.members if p.waiting_for_head]:
-                if not waiting.has_unread_bytes():
-                    waiting.evict()
         timeout = self.config.timeouts.drain if drain_timeout is None else drain_timeout
         self.stopping = True
         drained = asyncio.ensure_future(
@@ -679,7 +689,7 @@ class Ingress:
         for call in list(self.registry.calls):
             call.abort()
         # After the calls: a challenge in flight does not hold them past the drain.
-        await self._acme_settled(keep_pending=keep_pending, drain_end=by)
+        await self._acme_settled(drain_end=by)
         for left in list(acme.members):
             left.evict()
         # Handshakes kept by an upgrade's stop that are still under way: one

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -128,10 +129,17 @@ from fleet_ingress.service.carrier_certificate import (
     read_carrier_pem,
     serves_alike,
     serving_leaf,
+    ticket_keys_drawn_for,
     ticket_keys_to_json,
     warn_about_chain,
 )
-from fleet_ingress.service.fd_store import SNAPSHOT_EVERY, CrashSnapshot
+from fleet_ingress.service.fd_store import (
+    SNAPSHOT_EVERY,
+    TICKET_KEYS_NAME,
+    CrashSnapshot,
+    store_ticket_keys,
+    ticket_keys_taken_up,
+)
 from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
@@ -211,7 +219,13 @@ _NOT_FOR_WORKERS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class WorkerStartError(RuntimeError):
-    """Workers could not start; `run` exits non-zero with this."""
+    """Workers could not start; `run` exits non-zero with this, an upgrade is
+    abandoned. `error_logged`: the worker wrote its error to the service's log
+    (where `run`'s own stderr goes, just before; `upgrade`'s is a terminal)."""
+
+    def __init__(self, message: str, *, error_logged: bool = False) -> None:
+        super().__init__(message)
+        self.error_logged = error_logged
 
 
 class Supervisor:
@@ -245,9 +259,12 @@ class Supervisor:
         # a carrier's ticket resumes on whichever worker accepts its next
         # connection. Drawn anew with each certificate served (`_reload`), so
         # that no session resumes into the certificate it replaced; in memory
-        # only (handed in memfds and on the channel, never in a snapshot): the
-        # next image, an upgrade's, draws its own.
+        # only (handed in memfds and on the channel, never in a snapshot or a
+        # file): the next image, an upgrade's, draws its own. Kept in systemd's
+        # fd store too (`fd_store.store_ticket_keys`): a supervisor started
+        # again after this one died takes them up (`take_up_ticket_keys`).
         self.ticket_keys = new_ticket_keys()
+        self._ticket_keys_stored = False  # the store has them already (taken up)
         # What this start serves other than what the files hold, said once more
         # by the upgrade that re-executed into it (`upgrade` prints it).
         self.start_notes: list[str] = []
@@ -392,6 +409,7 @@ class Supervisor:
         self._admin_socket_id: tuple[int, int] | None = None
         self._stats_sock: socket.socket | None = None
         self._admin_sock: socket.socket | None = None
+        self._admin_socket_trouble: str | None = None  # said once (`keep_admin_socket`)
         self._puller: asyncio.Task[None] | None = None
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
         # Its state for a supervisor started after its death (run_supervisor's).
@@ -408,14 +426,55 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.store_fd(name, sock.fileno())
 
+    def take_up_ticket_keys(self, stored: bytes | None) -> None:
+        """After a crash, its workers taken up: the session ticket keys the
+        dead supervisor kept in systemd's fd store (`stored`, as read; None:
+        none was), so that the workers taken up and those started from now on
+        seal and open each other's tickets. When they cannot (missing, cut
+        short, drawn for another certificate than the one served), the keys
+        drawn at this start serve, and that is said."""
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        keys, why = ticket_keys_taken_up(stored, drawn_for)
+        if keys is None:
+            log.warning(
+                "the session ticket keys in systemd's fd store are not taken up: new ones "
+                "drawn, so a carrier's session from a worker taken up does not resume on a "
+                "worker started now (a full handshake) until the next reload hands every "
+                "worker the new ones",
+                extra=fields(key=TICKET_KEYS_NAME, problem=why),
+            )
+            return
+        self.ticket_keys = keys
+        self._ticket_keys_stored = True
+
+    def _store_ticket_keys(self) -> None:
+        """The session ticket keys in systemd's fd store, with what they were
+        drawn for (`fd_store.store_ticket_keys`). Never raises."""
+        if self.notifier is None:
+            return
+        try:
+            drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+            store_ticket_keys(self.notifier, self.ticket_keys, drawn_for)
+        except OSError as exc:
+            log.warning(
+                "the session ticket keys could not be kept in systemd's fd store: should the "
+                "supervisor die, the one started again draws new ones",
+                extra=fields(key=TICKET_KEYS_NAME, error=str(exc)),
+            )
+
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._ticket_keys_stored:  # before any worker is handed them
+            self._store_ticket_keys()
+            self._ticket_keys_stored = True
         for fleet in self.balancer.fleets:
             self.poller.start(fleet)
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
             _warn_unverified()
+        for same in same_host_warnings(fleet.spec for fleet in self.balancer.fleets):
+            _warn_same_host(same)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
@@ -529,6 +588,61 @@ class Supervisor:
         if self._admin_sock is not None:
             socks["listen.admin_socket"] = self._admin_sock
         return socks
+
+    async def keep_admin_socket(self) -> None:
+        """The admin socket made again at its path once its file is gone (an
+        operator's rm, systemd-tmpfiles, /run/fleet-ingress removed): a Unix
+        socket whose file is gone cannot be connected to, and `stat`, drain,
+        add-fleet and upgrade said "Is fleet-ingress running?" until a restart
+        (the resources audit of session 34). Connections open go on. Another
+        file put at the path is never replaced: said once, as is a socket that
+        cannot be made (tried again each time)."""
+        path, old = self.admin_socket, self._admin_sock
+        if path is None or old is None or self.stopping:
+            return
+        found = socket_file_id(path)
+        if found is not None:
+            if found != self._admin_socket_id:
+                self._admin_socket_troubled(
+                    path,
+                    "another file is at its path now: it is left alone, and the "
+                    "ingress cannot be reached there until that file is removed",
+                )
+            else:
+                self._admin_socket_trouble = None
+            return
+        try:
+            new = bind_admin_socket(path)
+        except OSError as exc:
+            self._admin_socket_troubled(path, f"its file was removed and {exc}")
+            return
+        try:
+            await self._web.serve_kept_on(old, new)
+        except BaseException as exc:
+            new.close()
+            with contextlib.suppress(OSError):
+                path.unlink()  # ours, unserved: made again next time
+            if not isinstance(exc, Exception):
+                raise
+            self._admin_socket_troubled(path, f"its file was removed and {exc}")
+            return
+        self._admin_sock, self._admin_socket_id = new, socket_file_id(path)
+        old.close()
+        self._admin_socket_trouble = None
+        log.warning(
+            "admin socket removed while running (rm, systemd-tmpfiles, its directory "
+            "removed): made again",
+            extra=fields(path=str(path)),
+        )
+
+    def _admin_socket_troubled(self, path: Path, trouble: str) -> None:
+        if trouble != self._admin_socket_trouble:
+            self._admin_socket_trouble = trouble
+            log.error(
+                "admin socket unreachable: fleet-ingress stat, drain, add-fleet and "
+                "upgrade cannot reach this ingress",
+                extra=fields(path=str(path), why=trouble),
+            )
 
     async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         """Start a worker of `generation`: its process, its channel served, in
@@ -660,8 +774,8 @@ class Supervisor:
                 continue
             if exited in done:
                 raise WorkerStartError(
-                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())}); "
-                    "its error is in the log above"
+                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())})",
+                    error_logged=True,
                 )
             raise WorkerStartError(
                 f"worker {worker.pid} did not start serving within {WORKER_START_TIMEOUT:g}s"
@@ -674,7 +788,8 @@ class Supervisor:
             if worker.proc.returncode is not None or worker.left.is_set():
                 raise WorkerStartError(
                     f"worker {worker.pid} exited just after it began serving "
-                    f"({_exit_status(worker.proc.returncode)}); its error is in the log above"
+                    f"({_exit_status(worker.proc.returncode)})",
+                    error_logged=True,
                 )
 
     # -- workers come and go ------------------------------------------------------
@@ -1569,13 +1684,16 @@ class Supervisor:
         if certificate := change_note(leaf, self.serving_leaf):
             notes.append(certificate)
         verified = self.config.fleets.verify
-        if not serves_alike(self.config, self.serving_pem, config, pem):
+        new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
+        if new_keys:
             # Workers build a new carrier context: tickets sealed before must not
             # resume into it (a renewal for a key that leaked).
             self.ticket_keys = new_ticket_keys()
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
+        if new_keys:  # before any worker is told: a crash from here takes them up
+            self._store_ticket_keys()
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
@@ -1587,6 +1705,9 @@ class Supervisor:
         for fleet in plan.added:
             self.poller.start(fleet)
         notes += plan.notes
+        for same in same_host_warnings(specs):  # said at each reload, as check says it
+            _warn_same_host(same)
+            notes.append(f"warning: {same}")
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -1724,6 +1845,12 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _warn_same_host(warning: str) -> None:
+    """A fleet at an IPv4 address in another spelling (0x7f.0.0.1), or beside
+    the same address: `check` says it too (fleets_file.same_host_warnings)."""
+    log.warning("fleets file: an address in another spelling", extra=fields(detail=warning))
 
 
 def _warn_unverified() -> None:
@@ -1920,6 +2047,9 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(
             kept_running(STATE_SNAPSHOTS, lambda: _write_snapshots(supervisor), failures)
         ),
+        loop.create_task(
+            kept_running(ADMIN_SOCKET, lambda: _keep_admin_socket(supervisor), failures)
+        ),
         # As a worker does: the slot requests, reports and probes of every call
         # on the host churn this heap too, and glibc kept what they freed (its
         # RSS climbed with the calls, nothing leaking: the leak audit of session 33).
@@ -2022,7 +2152,17 @@ SYSTEMD_STATUS = "systemd status"
 RELOADER = "reloader"
 REPORT_PULLER = "report puller"
 STATE_SNAPSHOTS = "state snapshots"
-BACKGROUND_TASKS = (WATCHDOG_PINGS, SYSTEMD_STATUS, RELOADER, REPORT_PULLER, STATE_SNAPSHOTS)
+ADMIN_SOCKET = "admin socket"
+BACKGROUND_TASKS = (
+    WATCHDOG_PINGS,
+    SYSTEMD_STATUS,
+    RELOADER,
+    REPORT_PULLER,
+    STATE_SNAPSHOTS,
+    ADMIN_SOCKET,
+)
+# How often the supervisor looks that its admin socket's file is still there.
+ADMIN_SOCKET_LOOK_EVERY = 1.0
 
 
 def _exit_now(supervisor: Supervisor) -> None:
@@ -2085,7 +2225,10 @@ async def _ping_watchdog(notifier: Notifier) -> None:
 
 def _keep_certificate_for_next_start(supervisor: Supervisor, snapshots: CrashSnapshot) -> None:
     """At a stop or a failed start: the state in the store written over with the
-    certificate served alone (`CrashSnapshot.stopped`), for the next start."""
+    certificate served alone (`CrashSnapshot.stopped`), for the next start; the
+    session ticket keys taken out of it (the next start draws its own)."""
+    if supervisor.notifier is not None:
+        supervisor.notifier.remove_fd(TICKET_KEYS_NAME)
     try:
         snapshots.stopped(supervisor.serving_pem)
     except Exception:  # a bug: the stop goes on (the next start serves the files)
@@ -2102,6 +2245,13 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
         if supervisor.snapshots is not None:
             supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
         await asyncio.sleep(SNAPSHOT_EVERY)
+
+
+async def _keep_admin_socket(supervisor: Supervisor) -> None:
+    """`Supervisor.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
+    while True:
+        await asyncio.sleep(ADMIN_SOCKET_LOOK_EVERY)
+        await supervisor.keep_admin_socket()
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:

@@ -857,8 +857,9 @@ class UpgradeSequence:
             self._upgrade_failed(
                 status,
                 f"the new generation's workers cannot start: {exc}; the running generation "
-                f"{supervisor.generation} serves on. Fix the cause (see the log; `fleet-ingress "
-                f"check -c {supervisor.config_path}`), then run `fleet-ingress upgrade` again",
+                f"{supervisor.generation} serves on. Fix the cause (see the service's log; "
+                f"`fleet-ingress check -c {supervisor.config_path}`), then run `fleet-ingress "
+                "upgrade` again",
             )
             return
         old = [w for w in supervisor.workers.values() if w.generation < new_generation]
