@@ -7,11 +7,13 @@ import contextlib
 import http.client
 import json
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -28,7 +30,9 @@ from fleet_ingress.net.acme import (
     MAX_ACME_RESPONSE,
     client_key,
 )
+from fleet_ingress.service.ingress import STOP_GRACE
 from tests.support import (
+    RunningIngress,
     StartIngress,
     TLSFiles,
     WsFleet,
@@ -36,6 +40,7 @@ from tests.support import (
     free_port,
     need_ipv6_loopback,
     never_answer,
+    write_run_home,
     wss_url,
 )
 
@@ -1242,3 +1247,51 @@ async def test_nothing_listening_on_an_upstream_name_of_two_addresses_is_refused
     said = json.loads(out.decode().strip().splitlines()[-1])
     refused = {"status": "HTTP/1.1 503 Service Unavailable", "challenges": {"refused": 1}}
     assert said == {"asyncio": refused, "uvloop": refused}
+
+
+@pytest.mark.uvloop_only
+@pytest.mark.timeout(60)
+async def test_a_challenge_in_flight_at_a_short_drains_stop_is_cut_by_the_worker_not_its_kill(
+    tls_files: TLSFiles, tmp_path: Path
+):
+    """`fleet-ingress run`, timeouts.drain 0.2 s, a challenge relayed to a
+    responder that does not answer (timeouts.response 8 s) as SIGTERM comes.
+    The worker waited for it up to timeouts.connect + response + 2 s after its
+    drain, past what the supervisor allows (timeouts.drain + STOP_GRACE): the
+    supervisor killed it mid-answer ("worker still running after the drain:
+    killed", an error, its last lines lost). It cuts the challenge itself,
+    within STOP_GRACE less EXIT_ROOM, says so, and exits."""
+    responder = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    acme_port = await free_port()
+    port, stats_port = await write_run_home(
+        tls_files, tmp_path, ["https://127.0.0.1:9 name=unused"], workers=1, drain=0.2
+    )
+    toml = tmp_path / "ingress.toml"
+    upstream = f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"
+    text = toml.read_text().replace('acme = ""', f'acme = "127.0.0.1:{acme_port}"')
+    text = text.replace("[timeouts]\n", "[timeouts]\nresponse = 8\n")
+    toml.write_text(text + f'\n[acme]\nupstream = "{upstream}"\n')
+    service = await RunningIngress.launch(tmp_path, port, stats_port)
+    writer = None
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", acme_port)
+        writer.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)  # relayed: the responder has its head
+        began = time.monotonic()
+        service.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            code = await service.proc.wait()
+        took = time.monotonic() - began
+        events = service.log()
+        killed = [e for e in events if "killed" in e["event"]]
+        cut = [e for e in events if e["event"].startswith(":80 connections unanswered")]
+        assert (code, killed, len(cut)) == (0, [], 1), (code, killed, cut)
+        assert took < 0.2 + STOP_GRACE, took
+    finally:
+        if writer is not None:
+            writer.close()
+        responder.close()
+        await service.finish()

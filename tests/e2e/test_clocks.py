@@ -12,11 +12,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +28,16 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
+    UPGRADE,
     RunningIngress,
     TLSFiles,
     admin_command,
+    break_worker_channel,
     close_calls,
     echo,
     fleets_up_or_finished,
     free_ports,
+    masked_close,
     workers_of,
     write_run_home,
 )
@@ -48,6 +54,16 @@ def fleet(roomy_fleet: SimulatedFleet) -> SimulatedFleet:
     return roomy_fleet
 
 
+@pytest.fixture
+async def fleet_b(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    """A second fleet as roomy ("b"): the one a forced removal leaves."""
+    sim = SimulatedFleet(name="b", capacity=16, ssl_context=tls_files.fleet_server_context())
+    sim.available_override = 1000
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
 async def _start(
     tls_files: TLSFiles,
     fleet: SimulatedFleet,
@@ -58,16 +74,18 @@ async def _start(
     step: Path | None = None,
     fleet_url: str = "",
     acme: tuple[int, int] | None = None,
+    others: tuple[SimulatedFleet, ...] = (),
 ) -> RunningIngress:
     """One worker, `timeouts` and `fleets` lines added to their sections; its
     fleet UP. `step`: a file holding the seconds its wall clock is stepped by
     (`_step`). `fleet_url`: where the fleet is reached (a door before it).
-    `acme`: the :80 listener's port on 127.0.0.1, and certbot's (acme.upstream)."""
+    `acme`: the :80 listener's port on 127.0.0.1, and certbot's (acme.upstream).
+    `others`: fleets listed after it (named by their sim's name)."""
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
         tls_files,
         home,
-        [f"{fleet_url or fleet.url} name=a"],
+        [f"{fleet_url or fleet.url} name=a", *(f"{o.url} name={o.name}" for o in others)],
         workers=1,
         check_timeout=check_timeout,
     )
@@ -809,3 +827,254 @@ async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed
         await service.finish()
         await door.close()
         responder.close()
+
+
+async def _tls_end(reader: asyncio.StreamReader) -> str:
+    """How a raw TLS carrier's connection ends: its TLS close, or cut."""
+    try:
+        async with asyncio.timeout(10):
+            rest = await reader.read()
+    except (ConnectionResetError, ssl.SSLError, TimeoutError) as exc:
+        return type(exc).__name__
+    return "close_notify" if rest == b"" else f"then {rest!r}"
+
+
+@pytest.mark.timeout(60)
+async def test_a_call_closed_by_a_forced_removal_through_a_stopped_worker_gets_its_tls_close(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force` with a call: the worker sends the carrier its
+    close frame (1001), and is stopped 2.5 s (FORCED_REMOVAL_WAIT 2 s) while
+    the carrier's reply comes: once continued, the reply is read and the
+    carrier gets its TLS close. The removal's wait ran first on the loop
+    resumed and aborted the call, its reply unread: a reset."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/removed").encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 101 " in head, head
+        took = re.search(rb"(?i)\r\nx-fleet: *([a-z]+)", head)
+        assert took is not None, head
+        removing = asyncio.ensure_future(
+            admin_command(service, "remove-fleet", took[1].decode(), "--force")
+        )
+        async with asyncio.timeout(10):
+            header = await reader.readexactly(2)
+            said = await reader.readexactly(header[1] & 0x7F)
+        assert (header[0], said[:2]) == (0x88, (1001).to_bytes(2, "big")), (header, said)
+        # Its reply waits GOODBYE_REPLY_WAIT (0.5 s): the worker is stopped within it.
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            writer.write(masked_close(1001))
+            await asyncio.sleep(2.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        end = await _tls_end(reader)
+        async with asyncio.timeout(10):
+            code, out = await removing
+        assert (end, code) == ("close_notify", 0), (end, out)
+        assert "1 call closed" in out, out
+    finally:
+        if writer is not None:
+            writer.close()
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wait_counts_the_calls(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force`, its worker stopped until the supervisor has
+    sent it close-fleet and is stopped itself; the worker closes its call and
+    answers at once, and the supervisor is continued 4.5 s after
+    (CLOSE_ANSWER_WAIT 4 s): the answer waiting in its channel is read first.
+    The wait (ask_workers) ran first: the removal said the worker did not
+    answer, and its call was not counted closed."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await connect(service.url("/ws/removed"), ssl=tls_files.client_context()))
+        await echo(calls[0])
+        assert calls[0].response is not None
+        took = calls[0].response.headers["X-Fleet"]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            removing = asyncio.ensure_future(
+                admin_command(service, "remove-fleet", took, "--force")
+            )
+            await asyncio.sleep(1.0)  # close-fleet asked: it waits in the worker's channel
+            await _answer_held_by_stopped_supervisor(worker, supervisor, 4.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            code, out = await removing
+        assert code == 0 and "1 call closed" in out, out
+        assert calls[0].close_code == 1001
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+def _masked_binary(payload: bytes, mask: bytes = b"\x05\x06\x07\x08") -> bytes:
+    """A carrier's (masked) binary frame of 126 to 65535 bytes."""
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return b"\x82\xfe" + len(payload).to_bytes(2, "big") + mask + masked
+
+
+@pytest.mark.timeout(60)
+async def test_a_frame_finished_while_the_worker_was_stopped_is_followed_by_its_goodbye(
+    tls_files: TLSFiles, fleet: SimulatedFleet, fleet_b: SimulatedFleet
+) -> None:
+    """`remove-fleet --force` while the carrier is half way through a frame to
+    the fleet: the fleet's close frame (1001) waits for the frame's end
+    (GOODBYE_BOUNDARY_WAIT 0.2 s). The worker stopped 2.5 s within it, the
+    rest of the frame and the carrier's close reply coming meanwhile: once
+    continued, the fleet gets the whole frame, then its close frame. Given
+    up first, the frame was cut short and the fleet got no close frame
+    (its end 1006: a plain timer here fails this test)."""
+    service = await _start(tls_files, fleet, others=(fleet_b,))
+    (worker,) = workers_of(service.home)
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", service.port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        writer.write(UPGRADE.format(path="/ws/mid-frame").encode())
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        took = re.search(rb"(?i)\r\nx-fleet: *([a-z]+)", head)
+        assert b" 101 " in head and took is not None, head
+        sim = fleet if took[1] == b"a" else fleet_b
+        (fleet_ws,) = list(sim._calls)
+        frame = _masked_binary(b"\x01" * 1000)
+        writer.write(frame[:500])  # half a frame: the fleet's goodbye waits for its end
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        removing = asyncio.ensure_future(
+            admin_command(service, "remove-fleet", took[1].decode(), "--force")
+        )
+        async with asyncio.timeout(10):
+            header = await reader.readexactly(2)
+            await reader.readexactly(header[1] & 0x7F)
+        assert header[0] == 0x88, header
+        await asyncio.sleep(0.05)  # the worker idle in epoll_wait, its timers pending
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            await _stopped(worker)
+            writer.write(frame[500:] + masked_close(1001))
+            await asyncio.sleep(2.5)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        end = await _tls_end(reader)
+        async with asyncio.timeout(10):
+            code, out = await removing
+            while not fleet_ws.closed:
+                await asyncio.sleep(0.02)
+        assert (end, code, fleet_ws.close_code) == ("close_notify", 0, 1001), (end, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its_calls_first(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker's slot channel cut (it drains on its own, timeouts.drain 1 s;
+    the supervisor's backstop kills it drain + STOP_GRACE after), then the
+    supervisor and the worker both stopped (a VM paused) past the backstop
+    and continued together: the worker's drain ends on its first turns and it
+    closes its call (1001, logged `drain`) before the backstop, put off by
+    STOP_GRACE after a stall (4be37af, f6102e7), comes. Put off by AFTER_STALL
+    alone, the kill came first: the call cut with no close frame."""
+    service = await RunningIngress.start(
+        tls_files, [f"{fleet.url} name=a"], workers=1, drain=1, check_interval=5
+    )
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        calls.append(await connect(service.url("/ws/kept"), ssl=tls_files.client_context()))
+        await echo(calls[-1])
+        break_worker_channel(worker)
+        async with asyncio.timeout(5):
+            while not [e for e in service.log() if "broke the protocol" in e["event"]]:
+                await asyncio.sleep(0.02)
+        for pid in (supervisor, worker):
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            await _stopped(supervisor)
+            await _stopped(worker)
+            await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
+        finally:
+            for pid in (worker, supervisor):
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(15):
+            with contextlib.suppress(ConnectionClosed):
+                await calls[0].recv()
+        for _ in range(40):  # its line, if the worker lived to write it
+            if [e for e in service.log() if e["event"] == "call ended"]:
+                break
+            await asyncio.sleep(0.05)
+        events = service.log()
+        kill = "worker whose slot channel was lost still running after the drain"
+        killed = [e for e in events if e["event"].startswith(kill)]
+        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
+        said = (killed, calls[0].close_code, ended)
+        assert said == ([], 1001, {"kept": "drain"}), said
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+@pytest.mark.timeout(60)
+async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped_is_not_killed(
+    tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """A worker killed, the supervisor stopped as its replacement starts and
+    continued 6 s after (process.worker_hang_timeout 5 s); the replacement
+    said hello and `serving` meanwhile: it is read so, and serves on. The hang
+    wait ran first on the loop resumed: the replacement was killed as hung,
+    carriers it had taken since with it, and replaced in turn."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        check_interval=5,
+        extra="worker_hang_timeout = 5",
+    )
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        await service.fleets_up()
+        (old,) = workers_of(service.home)
+        os.kill(old, signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not (new := [p for p in workers_of(service.home) if p != old]):
+                await asyncio.sleep(0.005)
+        os.kill(supervisor, signal.SIGSTOP)
+        try:
+            await _stopped(supervisor)
+            await asyncio.sleep(6.0)
+        finally:
+            os.kill(supervisor, signal.SIGCONT)
+        await asyncio.sleep(1.0)
+        assert workers_of(service.home) == new, (new, workers_of(service.home))
+        assert not [e for e in service.log() if "killed as hung" in e["event"]]
+        calls.append(await connect(service.url("/ws/after"), ssl=tls_files.client_context()))
+        await echo(calls[0])
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -27,6 +27,7 @@ import pytest
 import trustme
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
@@ -3244,4 +3245,66 @@ async def test_a_file_being_rewritten_at_the_exec_is_read_again_not_fatal(
             await ws.send("hello")
             assert await ws.recv() == "hello"
     finally:
+        await service.finish()
+
+
+def _state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.alone
+@pytest.mark.timeout(90)
+async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_calls_1001(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """The new image of an upgrade fails before it takes up its worker (a
+    fault planted in adopt_workers): the worker, its channel ended, drains its
+    call (timeouts.drain 2 s) while the new image waits for it, drain +
+    STOP_GRACE at most. Both stopped 0.3 s into it (a VM paused) until past
+    that, then continued together: the worker closes its call (1001, logged
+    `drain`). The image's kill loop, a plain deadline, killed it on its
+    first turn: the call cut with no close frame."""
+    src = _copy_package(tmp_path)
+    _inject(
+        src,
+        "service/upgrade_sequence.py",
+        "        supervisor.slots.paused = True\n        adopted: set[int] = set()\n",
+        "        raise RuntimeError('planted')\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=2)
+    (worker,) = workers_of(service.home)
+    supervisor = service.proc.pid
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await connect(service.url("/ws/kept"), ssl=tls_files.client_context()))
+        await echo(calls[0])
+        os.kill(supervisor, signal.SIGUSR2)
+        async with asyncio.timeout(60):
+            while not [e for e in service.log() if e.get("level") == "critical"]:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        for pid in (supervisor, worker):
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(5):
+                while {_state_of(supervisor), _state_of(worker)} != {"T"}:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(2 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
+        finally:
+            for pid in (worker, supervisor):
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(20):
+            await service.proc.wait()
+            with contextlib.suppress(ConnectionClosed):
+                await calls[0].recv()
+        events = service.log()
+        (critical,) = [e for e in events if e.get("level") == "critical"]
+        assert "re-execution" in critical["event"], critical
+        killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
+        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
+        said = (len(killed), calls[0].close_code, ended)
+        assert said == (0, 1001, {"kept": "drain"}), said
+    finally:
+        await close_calls(calls)
         await service.finish()

@@ -10,6 +10,7 @@ import pytest
 from fleet_ingress.net.late_timers import (
     AFTER_STALL,
     STALL,
+    PatientDeadline,
     PatientTimer,
     patient_timeout,
     wait_patiently,
@@ -135,3 +136,23 @@ async def test_wait_patiently_late_takes_what_came_meanwhile_and_cancels_nothing
     loop.call_soon(answered.set_result, None)
     done, pending = await waiting
     assert done == {answered} and pending == {silent} and not silent.cancelled()
+
+
+def test_a_deadline_asked_late_after_it_passed_moves_on_once():
+    """A polling loop's kill deadline (a failed resume's drain, drain_children):
+    asked on time it passes at its time; asked over STALL late once past it
+    (the process stopped), it moves `put_off` on, once."""
+    on_time = PatientDeadline(time.monotonic() + 0.02, 0.01, 5.0)
+    time.sleep(0.01)
+    assert not on_time.passed()
+    time.sleep(0.015)
+    assert on_time.passed()
+    late = PatientDeadline(time.monotonic() + 0.02, 0.01, 0.05)
+    time.sleep(0.01 + 2 * STALL)  # the process did not run
+    assert not late.passed()
+    time.sleep(0.01)
+    assert not late.passed()  # within put_off
+    time.sleep(0.05)
+    assert late.passed()
+    time.sleep(0.01 + 2 * STALL)
+    assert late.passed()  # once only

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -82,6 +83,33 @@ class PatientTimer:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+class PatientDeadline:
+    """A deadline (`at`, time.monotonic()) that a polling loop asks about every
+    `every` seconds (`passed`): asked over STALL late once it has passed (the
+    process did not run: SIGSTOP, a paused VM), it moves `put_off` on, once,
+    as a PatientTimer is put off: what was stopped with us (workers whose
+    drain ends on their first turns) gets that long after it is continued."""
+
+    __slots__ = ("_asked", "_every", "_moved", "_put_off", "at")
+
+    def __init__(self, at: float, every: float, put_off: float) -> None:
+        self.at, self._every, self._put_off = at, every, put_off
+        self._asked = time.monotonic()
+        self._moved = False
+
+    def passed(self) -> bool:
+        now = time.monotonic()
+        late = now - self._asked - self._every
+        self._asked = now
+        if now < self.at:
+            return False
+        if late > STALL and not self._moved:
+            self._moved = True
+            self.at = now + self._put_off
+            return False
+        return True
 
 
 @contextlib.asynccontextmanager

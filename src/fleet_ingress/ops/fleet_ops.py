@@ -51,6 +51,7 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
+from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.ops.metrics import FleetChecks
 
 if TYPE_CHECKING:  # a worker runs no poller, and does not import aiohttp for it
@@ -503,13 +504,14 @@ class FleetOps:
     async def _forced_gone(self, name: str, gone: asyncio.Event) -> None:
         """Wait for a forced removal's calls to go; abort what is still up."""
         try:
-            async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+            # Patient: close replies that came during a stall are read before the abort.
+            async with patient_timeout(FORCED_REMOVAL_WAIT):
                 await gone.wait()
         except TimeoutError:
             for call in self.registry.calls_on(name):
                 call.abort()
             try:
-                async with asyncio.timeout(FORCED_ABORT_WAIT):
+                async with patient_timeout(FORCED_ABORT_WAIT):
                     await gone.wait()
             except TimeoutError:
                 pass  # reported as not yet removed

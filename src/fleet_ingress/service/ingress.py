@@ -87,6 +87,13 @@ log = logging.getLogger("fleet_ingress.server")
 # 1 s, after the close frame each side is told why (its frame boundary and its
 # reply waited for, at most GOODBYE_BOUNDARY_WAIT + GOODBYE_REPLY_WAIT).
 CLOSE_AT_STOP_TIMEOUT = 1.0 + GOODBYE_BOUNDARY_WAIT + GOODBYE_REPLY_WAIT
+# What a worker's supervisor allows it past its drain's end (its calls' close,
+# a :80 challenge's answer, its exit) before it kills it: the worker's own
+# waits after the drain end within it (the supervisor's clock starts later).
+STOP_GRACE = 5.0
+# Of STOP_GRACE, what a worker keeps for its exit after its last wait: its
+# listeners and connections closed, its last lines written, the process gone.
+EXIT_ROOM = 1.0
 
 
 class Ingress:
@@ -584,12 +591,15 @@ class Ingress:
                 if not waiting.has_unread_bytes():
                     waiting.evict()
 
-    async def _acme_settled(self) -> None:
+    async def _acme_settled(self, *, drain_end: float) -> None:
         """A challenge being relayed (or answered) when the worker exits was cut,
         and the renewal failed (the :80 audit of session 32): it finishes, as calls
         do, within its own timeouts; a second signal (`cut_drain`) ends the wait.
         It kept calls open past the drain's end, and a second signal waited for it
-        (the review of session 33)."""
+        (the review of session 33). Never past STOP_GRACE after `drain_end`
+        (less EXIT_ROOM): bounded by timeouts.connect + response + 2 s alone
+        (10 s), a slow responder's challenge held the worker until the
+        supervisor killed it, mid-answer, and its last lines with it."""
         acme = self.registry.acme
         if not acme.members or self._drain_cut.is_set():
             return
@@ -597,13 +607,24 @@ class Ingress:
         bound = t.connect + t.response + ACME_LINGER_SECONDS
         if self._acme_heads_kept:
             bound += t.request
+        bound = min(bound, max(0.0, drain_end + STOP_GRACE - EXIT_ROOM - time.monotonic()))
         settled = asyncio.ensure_future(acme.settled())
         cut = asyncio.ensure_future(self._drain_cut.wait())
         try:
-            await asyncio.wait({settled, cut}, timeout=bound, return_when="FIRST_COMPLETED")
+            # Patient: an answer relayed while the worker was stopped is out first.
+            await wait_patiently({settled, cut}, bound, return_when=asyncio.FIRST_COMPLETED)
         finally:
             settled.cancel()
             cut.cancel()
+        if left := [p for p in acme.members if not p.answered]:
+            log.warning(
+                ":80 connections unanswered at the stop's end (a challenge being relayed): cut",
+                extra=fields(
+                    connections=len(left),
+                    targets=sorted({p.target for p in left if p.target})[:5],
+                    waited_s=round(bound, 1),
+                ),
+            )
 
     async def stop(self, drain_timeout: float | None = None, *, keep_pending: bool = False) -> None:
         """Stop accepting at once; let calls end for up to `drain_timeout`
@@ -668,7 +689,7 @@ class Ingress:
         for call in list(self.registry.calls):
             call.abort()
         # After the calls: a challenge in flight does not hold them past the drain.
-        await self._acme_settled()
+        await self._acme_settled(drain_end=by)
         for left in list(acme.members):
             left.evict()
         # Handshakes kept by an upgrade's stop that are still under way: one

@@ -74,7 +74,12 @@ from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import count_unexpected_error
-from fleet_ingress.net.late_timers import PatientTimer, patient_timeout
+from fleet_ingress.net.late_timers import (
+    PatientDeadline,
+    PatientTimer,
+    patient_timeout,
+    wait_patiently,
+)
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
@@ -138,6 +143,7 @@ from fleet_ingress.service.fd_store import (
 from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
+    STOP_GRACE,
     ReloadRefused,
     listener_notes,
     probe_settings,
@@ -178,8 +184,9 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
-# After the drain and the workers' own closing time, whatever worker is left is killed.
-STOP_GRACE = 5.0
+# After the drain and the workers' own closing time (STOP_GRACE, from
+# service.ingress: the worker keeps its waits within it), whatever worker is
+# left is killed.
 # How long a kill backstop that came over late_timers.STALL late (the
 # supervisor did not run: SIGSTOP, a paused VM) is put off. Its workers may
 # have been stopped with it: one continued past its drain's end closes its
@@ -189,6 +196,8 @@ STOP_GRACE = 5.0
 # frame, logged `error` (the review of session 33 on 5114b87). Once, so a hung
 # worker is held this long at most more, and only after a stall.
 _STALL_GRACE = STOP_GRACE
+# How often a failed resume's drain looks for the children it waits for.
+_CHILDREN_EVERY = 0.2
 # A worker's channel closes a moment before the process of a worker that
 # dies can be reaped: one still running this long after is said to have lost
 # its channel (its slots are kept either way until it exits).
@@ -659,7 +668,9 @@ class Supervisor:
         yet would be lost at an upgrade's exec: its channel closed (it drains
         and exits), its process a child no image knows, never reaped."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            # Patient: a start whose hello came during a stall is read first
+            # (the upgrade was refused: "did not reach its channel").
+            async with patient_timeout(timeout):
                 while self._spawns:
                     await self._no_spawns.wait()
         return not self._spawns
@@ -750,10 +761,11 @@ class Supervisor:
             serving = asyncio.ensure_future(worker.serving.wait())
             exited = asyncio.ensure_future(worker.proc.wait())
             try:
-                done, _ = await asyncio.wait(
+                # Patient: a `serving` come while this process was stopped is read first.
+                done, _ = await wait_patiently(
                     {serving, exited},
-                    timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
-                    return_when="FIRST_COMPLETED",
+                    max(0.0, deadline - asyncio.get_running_loop().time()),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 serving.cancel()
@@ -1191,7 +1203,10 @@ class Supervisor:
             asyncio.ensure_future(worker.left.wait()),
         }
         try:
-            await asyncio.wait(waits, timeout=self.hang_timeout, return_when="FIRST_COMPLETED")
+            # Patient: a replacement that began serving while the supervisor was
+            # stopped (SIGSTOP, a paused VM) is read so first, not killed as hung
+            # with carriers it has taken since.
+            await wait_patiently(waits, self.hang_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for wait in waits:
                 wait.cancel()
@@ -1253,8 +1268,9 @@ class Supervisor:
             else:
                 del self._answers[(key, ask)]
         try:
-            if asked:
-                await asyncio.wait(asked.values(), timeout=timeout)
+            # Patient: answers that came while the supervisor was stopped are
+            # read before a worker is said not to have answered.
+            await wait_patiently(asked.values(), timeout)
         finally:
             for answer_key in [k for k in self._answers if k[1] == ask]:
                 del self._answers[answer_key]
@@ -1275,7 +1291,7 @@ class Supervisor:
         try:
             if not self.server.send(key, {"op": op, "id": ask, **more}):
                 return {"ok": False, "error": "the worker is gone", "unknown": True, "gone": True}
-            async with asyncio.timeout(timeout):
+            async with patient_timeout(timeout):  # an answer come during a stall: read first
                 return await future
         except TimeoutError:
             return {"ok": False, "error": f"no answer within {timeout:g}s", "unknown": True}
@@ -1331,8 +1347,9 @@ class Supervisor:
                 asyncio.ensure_future(worker.left.wait()),
             }
             try:
-                await asyncio.wait(
-                    waits, timeout=WORKER_START_TIMEOUT, return_when="FIRST_COMPLETED"
+                # Patient: its `serving` come during a stall is read first.
+                await wait_patiently(
+                    waits, WORKER_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 for wait in waits:
@@ -2092,14 +2109,17 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     # Workers of the previous image this one had not taken up (it failed first)
     # are its children all the same: waited for too, or systemd would kill them,
     # and their calls, as this process exits (the review of session 26).
+    # Patient: workers stopped with this process (a paused VM) past the
+    # deadline close their calls (1001) first; killed at once, they were cut.
+    kill_at = PatientDeadline(deadline, _CHILDREN_EVERY, _STALL_GRACE)
     while left := children_running():
-        if time.monotonic() >= deadline:
+        if kill_at.passed():
             for pid in left:
                 log.error("worker still running after the drain: killed", extra=fields(pid=pid))
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(_CHILDREN_EVERY)
 
 
 def _block_held_signals() -> None:

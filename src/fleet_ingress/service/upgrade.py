@@ -46,6 +46,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.late_timers import PatientDeadline
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
@@ -557,9 +558,11 @@ def drain_children(handed: dict[str, socket.socket], drain: float) -> None:
     for sock in handed.values():
         sock.close()
     handed.clear()
-    deadline = time.monotonic() + drain + DRAIN_GRACE
+    # Patient: workers stopped with this process (a paused VM) past the
+    # deadline close their calls (1001) first; killed at once, they were cut.
+    kill_at = PatientDeadline(time.monotonic() + drain + DRAIN_GRACE, 0.5, DRAIN_GRACE)
     while left := children_running():
-        if time.monotonic() >= deadline:
+        if kill_at.passed():
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

@@ -73,6 +73,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
@@ -243,9 +244,11 @@ class Worker:
                 for call in calls:
                     call.end(EndReason.REMOVED)
                 # As in-process: what does not close in time (a fleet that never reads
-                # the TLS close) is aborted, so the fleet's slots come back.
+                # the TLS close) is aborted, so the fleet's slots come back. Patient:
+                # the close replies that came while the worker was stopped are read
+                # first (they were aborted unread: no TLS close, a RST).
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(FORCED_REMOVAL_WAIT):
+                    async with patient_timeout(FORCED_REMOVAL_WAIT):
                         while registry.calls_on(name):  # noqa: ASYNC110 - no event per fleet; 3 s at most
                             await asyncio.sleep(0.05)
             finally:
