@@ -58,7 +58,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,7 @@ from fleet_ingress.service.upgrade import (
     process_state,
     state_from_json,
     state_to_json,
+    state_to_json_in_turns,
 )
 
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -184,6 +185,9 @@ class CrashSnapshot:
         self._notifier = notifier
         self._fds: list[int] = []
         self._sequence = 0
+        # Moved by each write and discard: a write in turns that sees it moved
+        # meanwhile is dropped (`write_in_turns`).
+        self._changes = 0
 
     def write(self, state: Mapping[str, Any]) -> None:
         """Write `state` (the upgrade's, `UpgradeSequence.crash_snapshot`);
@@ -192,15 +196,33 @@ class CrashSnapshot:
         closed by it)."""
         if not self._notifier.enabled:
             return
+        sequence = self._sequence + 1
+        data = state_to_json({"sequence": sequence, "written_monotonic": time.monotonic(), **state})
+        self._write(sequence, data)
+
+    async def write_in_turns(self, take: Callable[[], Mapping[str, Any]]) -> None:
+        """`write(take())`, the state taken in one piece and encoded in turns
+        (`state_to_json_in_turns`): the every-second write (`SNAPSHOT_EVERY`).
+        Dropped when another write or a discard came meanwhile: a scrape's or
+        an operator change's write (`Supervisor.write_snapshot`) is newer, and
+        the snapshot must never be behind what a scrape showed (session 33)."""
+        if not self._notifier.enabled:
+            return
+        changes = self._changes
+        sequence = self._sequence + 1
+        state = {"sequence": sequence, "written_monotonic": time.monotonic(), **take()}
+        data = await state_to_json_in_turns(state)
+        if self._changes == changes:
+            self._write(sequence, data)
+
+    def _write(self, sequence: int, data: bytes) -> None:
         first = not self._fds
         if first:
             self._fds = [
                 os.memfd_create(f"fleet-ingress-{name}", os.MFD_CLOEXEC) for name in SNAPSHOT_NAMES
             ]
-        self._sequence += 1
-        data = state_to_json(
-            {"sequence": self._sequence, "written_monotonic": time.monotonic(), **state}
-        )
+        self._sequence = sequence
+        self._changes += 1
         fd = self._fds[self._sequence % 2]
         os.ftruncate(fd, 0)  # cut short by a death: empty or torn, and not read
         view = memoryview(data)
@@ -225,6 +247,7 @@ class CrashSnapshot:
         """Taken out of the store (a `systemctl restart` keeps it) and closed,
         when the stop's state cannot be written (`stopped`): the next start
         reads the files and keeps nothing."""
+        self._changes += 1
         if self._fds:
             for name in SNAPSHOT_NAMES:
                 self._notifier.remove_fd(name)

@@ -2077,10 +2077,11 @@ def _keep_certificate_for_next_start(supervisor: Supervisor, snapshots: CrashSna
 async def _write_snapshots(supervisor: Supervisor) -> None:
     """The supervisor's state in systemd's fd store every SNAPSHOT_EVERY (and
     at each scrape and operator change: `Supervisor.write_snapshot`), for the
-    process systemd starts should this one die (`service.fd_store`)."""
+    process systemd starts should this one die (`service.fd_store`). Encoded
+    in turns: the loop leases every new call its slot meanwhile."""
     while True:
         if supervisor.snapshots is not None:
-            supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
+            await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)
 
 
