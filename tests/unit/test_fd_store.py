@@ -237,33 +237,49 @@ async def test_a_write_while_the_snapshot_is_encoded_in_turns_is_never_written_o
 ):
     """A scrape's or an operator change's write comes while the every-second
     one is being encoded: that one, taken before, is dropped; the snapshot is
-    never behind what the scrape showed (session 33)."""
+    never behind what the scrape showed (session 33). Two in turns at once
+    (a scrape's while the every-second one is encoded): the one taken later
+    stands, whichever ends first."""
     receiver, notifier = notify_socket
     snapshots = CrashSnapshot(notifier)
     snapshots.write({"generation": 1})
     kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
-    in_turns = asyncio.get_running_loop().create_task(
-        snapshots.write_in_turns(lambda: _fleets_state(2))
-    )
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # taken, being encoded
-    snapshots.write({"generation": 3})  # a scrape's
-    await in_turns
+    loop = asyncio.get_running_loop()
 
     def newest() -> dict:
         states = [json.loads(os.pread(fd, 1 << 20, 0)) for fd in kept.values()]
         return max(states, key=lambda state: state["sequence"])
 
-    assert (newest()["sequence"], newest()["generation"]) == (2, 3)
-    # Nothing in between: the next one is written.
+    async def encoding() -> None:  # taken, and part encoded
+        for _ in range(2):
+            await asyncio.sleep(0)
+
+    in_turns = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(2)))
+    await encoding()
+    snapshots.write({"generation": 3})  # a scrape's
+    await in_turns
+    assert (newest()["sequence"], newest()["generation"]) == (3, 3)
+    # Nothing in between: written, in the other memfd (the newest and the one before).
     await snapshots.write_in_turns(lambda: _fleets_state(4))
-    assert (newest()["sequence"], newest()["generation"]) == (3, 4)
+    states = sorted(json.loads(os.pread(fd, 1 << 20, 0))["generation"] for fd in kept.values())
+    assert states == [3, 4]
+    # The every-second one (500 fleets) under way when a scrape's (1 fleet) is
+    # taken: the scrape's ends first and stands.
+    slow = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(5)))
+    await encoding()
+    await snapshots.write_in_turns(lambda: _fleets_state(6, fleets=1))
+    await slow
+    assert newest()["generation"] == 6
+    # Taken in that order and ended in that order: both written.
+    first = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(7, fleets=1)))
+    await encoding()
+    await snapshots.write_in_turns(lambda: _fleets_state(8))
+    await first
+    states = sorted(json.loads(os.pread(fd, 1 << 20, 0))["generation"] for fd in kept.values())
+    assert states == [7, 8]
     # A discard (a failed start) meanwhile: nothing stored again.
-    in_turns = asyncio.get_running_loop().create_task(
-        snapshots.write_in_turns(lambda: _fleets_state(5))
-    )
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    in_turns = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(9)))
+    await encoding()
     snapshots.discard()
     _stored(receiver)
     await in_turns

@@ -438,7 +438,7 @@ class Supervisor:
                 self.snapshot,
                 self.metrics.prometheus,
                 refresh=self.fresh_counts,
-                shown=self.write_snapshot,
+                shown=self.write_snapshot_in_turns,
             )
             await self._web.serve_kept(app, sock, listener="stats")
             sock_name = sock.getsockname()
@@ -1403,6 +1403,18 @@ class Supervisor:
             return
         try:
             self.snapshots.write(self.upgrade.crash_snapshot())
+        except Exception:
+            count_unexpected_error()
+            log.exception("the supervisor's state could not be written for its successor")
+
+    async def write_snapshot_in_turns(self) -> None:
+        """`write_snapshot`, the state taken at once and encoded in turns: after
+        each scrape (`stats_app`'s `shown`: answered once written) and every
+        SNAPSHOT_EVERY. Dropped should a state taken after it be written first."""
+        if self.snapshots is None:
+            return
+        try:
+            await self.snapshots.write_in_turns(self.upgrade.crash_snapshot)
         except Exception:
             count_unexpected_error()
             log.exception("the supervisor's state could not be written for its successor")

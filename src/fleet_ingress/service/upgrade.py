@@ -47,6 +47,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
@@ -228,38 +229,12 @@ def state_to_json(state: Mapping[str, Any]) -> bytes:
     return json.dumps({"version": STATE_VERSION, **state}).encode()
 
 
-# How much of the state is encoded before the loop runs again
-# (`state_to_json_in_turns`): about half a millisecond's work.
-CHARS_PER_TURN = 32_000
-# A list value is encoded this many entries at a time (the fleets: 300 bytes each).
-ENTRIES_PER_TURN = 100
-
-
 async def state_to_json_in_turns(state: Mapping[str, Any]) -> bytes:
-    """state_to_json(state), byte for byte, with the loop let run after each
-    CHARS_PER_TURN of it encoded (a list value by ENTRIES_PER_TURN entries).
-    At 500 fleets the crash snapshot is 270 KB, 4-5 ms of encoding in one
-    piece every second: a floor under every lease the supervisor answered
-    then (the supervisor's scale audit of session 34). The state is taken
-    whole before (`CrashSnapshot.write_in_turns`): only its encoding is split."""
-    parts: list[str] = []
-    since_turn = 0
-    for key, value in {"version": STATE_VERSION, **state}.items():
-        head = f"{json.dumps(key)}: "
-        if isinstance(value, list) and len(value) > ENTRIES_PER_TURN:
-            pieces = []
-            for start in range(0, len(value), ENTRIES_PER_TURN):
-                pieces.append(json.dumps(value[start : start + ENTRIES_PER_TURN])[1:-1])
-                await asyncio.sleep(0)
-            parts.append(f"{head}[{', '.join(pieces)}]")
-            since_turn = 0
-            continue
-        parts.append(head + json.dumps(value))
-        since_turn += len(parts[-1])
-        if since_turn >= CHARS_PER_TURN:
-            await asyncio.sleep(0)
-            since_turn = 0
-    return f"{{{', '.join(parts)}}}".encode()
+    """state_to_json(state), byte for byte, encoded in turns (`dumps_in_turns`):
+    the every-second crash snapshot, 4-5 ms of encoding in one piece at 500
+    fleets (the supervisor's scale audit of session 34). The state is taken
+    whole before (`CrashSnapshot.write_in_turns`)."""
+    return (await dumps_in_turns({"version": STATE_VERSION, **state})).encode()
 
 
 def state_from_json(data: bytes) -> dict[str, Any]:
