@@ -7,6 +7,7 @@ taken up with; listeners the configuration moved. Real sockets, no systemd
 from __future__ import annotations
 
 import array
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -37,7 +38,12 @@ from fleet_ingress.service.fd_store import (
 )
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.supervisor import Supervisor
-from fleet_ingress.service.upgrade import STATE_VERSION, process_start
+from fleet_ingress.service.upgrade import (
+    STATE_VERSION,
+    process_start,
+    state_to_json,
+    state_to_json_in_turns,
+)
 from tests.support import NetLab, TLSFiles, need_ipv6_loopback, write_leaf_cert, write_run_home
 
 # In a process of its own: descriptors 3.. as systemd hands them.
@@ -193,6 +199,116 @@ def test_snapshots_are_written_in_turn_to_two_memfds_stored_once(notify_socket):
     quiet = CrashSnapshot(Notifier({}))
     quiet.write({"generation": 1})
     assert quiet._fds == []
+
+
+def _fleets_state(generation: int, fleets: int = 500) -> dict:
+    """A crash snapshot's shape at `fleets` fleets: a long list, a large dict."""
+    return {
+        "generation": generation,
+        "fleets": [
+            {"name": f"f{i}", "health": "UP", "last_probe_at": i + 0.5, "note": 'é"\n'}
+            for i in range(fleets)
+        ],
+        "fleet_checks": {"fleets": {f"f{i}": [[0, 1, 2], 0.25] for i in range(fleets)}},
+        "running": {"config": "x" * 90_000, "fleets": ["https://f.test"] * 3},
+        "empty": [],
+        "last_reload": None,
+    }
+
+
+async def test_the_every_second_snapshot_is_encoded_in_turns_as_one_piece_would_be(
+    notify_socket,
+):
+    """At 500 fleets the state is 270 KB, 4-5 ms of encoding: in one piece,
+    every second, a floor under the leases the supervisor answers meanwhile
+    (the supervisor's scale audit of session 34). In turns, and byte for byte."""
+    state = {"sequence": 7, "written_monotonic": 1.5, **_fleets_state(1)}
+    assert await state_to_json_in_turns(state) == state_to_json(state)
+    assert json.loads(await state_to_json_in_turns({})) == {"version": STATE_VERSION}
+    receiver, notifier = notify_socket
+    snapshots = CrashSnapshot(notifier)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counter = asyncio.get_running_loop().create_task(count_turns())
+    await asyncio.sleep(0)
+    await snapshots.write_in_turns(lambda: _fleets_state(1))
+    counter.cancel()
+    assert turns >= 5  # the fleets alone: 500 by 100
+    kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
+    data = os.pread(kept["state.1"], 1 << 20, 0)
+    written = json.loads(data)
+    assert written["sequence"] == 1 and isinstance(written.pop("written_monotonic"), float)
+    assert data == state_to_json(
+        {
+            "sequence": 1,
+            "written_monotonic": json.loads(data)["written_monotonic"],
+            **_fleets_state(1),
+        }
+    )
+    for fd in kept.values():
+        os.close(fd)
+
+
+async def test_a_write_while_the_snapshot_is_encoded_in_turns_is_never_written_over(
+    notify_socket,
+):
+    """A scrape's or an operator change's write comes while the every-second
+    one is being encoded: that one, taken before, is dropped; the snapshot is
+    never behind what the scrape showed (session 33). Two in turns at once
+    (a scrape's while the every-second one is encoded): the one taken later
+    stands, whichever ends first."""
+    receiver, notifier = notify_socket
+    snapshots = CrashSnapshot(notifier)
+    snapshots.write({"generation": 1})
+    kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
+    loop = asyncio.get_running_loop()
+
+    def newest() -> dict:
+        states = [json.loads(os.pread(fd, 1 << 20, 0)) for fd in kept.values()]
+        return max(states, key=lambda state: state["sequence"])
+
+    async def encoding() -> None:  # taken, and part encoded
+        for _ in range(2):
+            await asyncio.sleep(0)
+
+    in_turns = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(2)))
+    await encoding()
+    snapshots.write({"generation": 3})  # a scrape's
+    await in_turns
+    assert (newest()["sequence"], newest()["generation"]) == (3, 3)
+    # Nothing in between: written, in the other memfd (the newest and the one before).
+    await snapshots.write_in_turns(lambda: _fleets_state(4))
+    states = sorted(json.loads(os.pread(fd, 1 << 20, 0))["generation"] for fd in kept.values())
+    assert states == [3, 4]
+    # The every-second one (500 fleets) under way when a scrape's (1 fleet) is
+    # taken: the scrape's ends first and stands.
+    slow = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(5)))
+    await encoding()
+    await snapshots.write_in_turns(lambda: _fleets_state(6, fleets=1))
+    await slow
+    assert newest()["generation"] == 6
+    # Taken in that order and ended in that order: both written.
+    first = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(7, fleets=1)))
+    await encoding()
+    await snapshots.write_in_turns(lambda: _fleets_state(8))
+    await first
+    states = sorted(json.loads(os.pread(fd, 1 << 20, 0))["generation"] for fd in kept.values())
+    assert states == [7, 8]
+    # A discard (a failed start) meanwhile: nothing stored again.
+    in_turns = loop.create_task(snapshots.write_in_turns(lambda: _fleets_state(9)))
+    await encoding()
+    snapshots.discard()
+    _stored(receiver)
+    await in_turns
+    assert snapshots._fds == [] and _stored(receiver) == []
+    for fd in kept.values():
+        os.close(fd)
 
 
 def test_a_stop_leaves_the_certificate_it_served_alone_for_the_next_start(notify_socket):

@@ -4,6 +4,7 @@ requests that come at once, and at most about half of the loop's time."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from fleet_ingress.net.json_in_turns import ENTRIES_PER_TURN, dumps_in_turns
 from fleet_ingress.ops.stats_server import SAMPLES_PER_TURN, SharedRender, generate_in_turns
 
 
@@ -154,3 +156,55 @@ async def test_shown_is_told_after_a_render_in_turns_what_it_showed_or_more():
     showed = float(line.split()[1])
     assert began < showed  # counted during the render
     assert len(written) == 1 and written[0] >= showed
+
+
+async def test_a_shown_in_turns_is_awaited_before_the_answer():
+    """The supervisor's crash snapshot after a scrape is encoded in turns
+    (`Supervisor.write_snapshot_in_turns`): the answer waits until it is written."""
+    written: list[str] = []
+
+    async def write_in_turns() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+        written.append("written")
+
+    shared = SharedRender(lambda: "page", shown=write_in_turns)
+    assert await shared() == "page"
+    assert written == ["written"]
+
+
+async def test_stats_json_in_turns_is_json_dumps_byte_for_byte_and_lets_the_loop_run():
+    """/stats.json of 500 fleets is 300 KB: 3-5 ms of encoding in one piece."""
+    picture = {
+        "version": "1.0",
+        "frontend": {"requests": {"/ws": {"101": 3}}, "calls_ended": {}},
+        "fleets": [
+            {
+                "name": f"f{i}",
+                "url": "https://é.test",
+                "last_check_ms": None,
+                "responses": {"101": i},
+            }
+            for i in range(500)
+        ],
+        "workers": [{"pid": 1, "code": "x" * 40_000}, {"pid": 2}],
+        "short": [1, 2],
+        "upgrade": None,
+    }
+    turns = 0
+    rendering = True
+
+    async def other_work() -> None:
+        nonlocal turns
+        while rendering:
+            turns += 1
+            await asyncio.sleep(0)
+
+    others = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    text = await dumps_in_turns(picture)
+    rendering = False
+    await others
+    assert text == json.dumps(picture)
+    assert turns >= 500 // ENTRIES_PER_TURN + 1
+    assert await dumps_in_turns({}) == json.dumps({})

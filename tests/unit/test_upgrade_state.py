@@ -3,19 +3,24 @@ the fleets' state by name, and the memfd that holds it, read once."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.config.settings import IngressConfig
 from fleet_ingress.core.fleet_set import FleetExists, FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
+    RunningJson,
     fleets_to_json,
     removing_specs,
     restore_fleets,
+    running_to_json,
     state_fd,
     take_state,
     unread_from_json,
@@ -189,3 +194,53 @@ def test_a_fleet_s_last_probe_keeps_its_monotonic_time_over_an_exec() -> None:
     assert restore_fleets(after.fleets, older) == ["a"]
     derived = after.fleets[0].last_probe_monotonic
     assert derived is not None and abs(derived - a.last_probe_monotonic) < 0.5
+
+
+def test_each_fleet_is_carried_field_by_field_in_order_enums_by_name() -> None:
+    """Read in one call a fleet (the crash snapshot takes it every second):
+    the same entry, key for key and in order, as before."""
+    fleets = _fleets("https://a.test name=a\nhttps://c.test name=c maxconn=2\n")
+    a, c = fleets.fleets
+    a.health, a.health_streak, a.admin, a.reported_available = Health.UP, 1, Admin.MAINT, 7
+    a.opened_total, a.opened_at_probe, a.probes_total, a.check_failures = 5, 4, 30, 2
+    a.last_probe_at, a.last_probe_seconds, a.last_probe_monotonic = 1700000000.5, 0.01, 99.5
+    c.active = 1
+    assert not fleets.remove(c)
+    carried = fleets_to_json(fleets.fleets)
+    assert json.dumps(carried[0]) == json.dumps(
+        {
+            "name": "a",
+            "health": "UP",
+            "health_streak": 1,
+            "admin": "MAINT",
+            "reported_available": 7,
+            "opened_total": 5,
+            "opened_at_probe": 4,
+            "last_probe_at": 1700000000.5,
+            "last_probe_seconds": 0.01,
+            "probes_total": 30,
+            "check_failures": 2,
+            "last_probe_monotonic": 99.5,
+        }
+    )
+    assert list(carried[1])[-2:] == ["last_probe_monotonic", "removing"]
+    assert carried[1]["health"] == "INIT" and carried[1]["admin"] == "DRAIN"
+
+
+def test_what_the_image_runs_is_made_again_only_when_it_changed() -> None:
+    """`running` (the configuration, every fleet's spec, the certificate) in the
+    crash snapshot every second: the one made before while none changed."""
+    config = IngressConfig.model_validate({})
+    pem = CarrierPem(b"CERT", b"KEY")
+    specs = [f.spec for f in _fleets("https://a.test name=a\nhttps://b.test name=b\n").fleets]
+    running = RunningJson()
+    first = running(config, list(specs), pem)
+    assert first == running_to_json(config, specs, pem)
+    assert running(config, list(specs), pem) is first
+    added = [*specs, _fleets("https://d.test name=d\n").fleets[0].spec]
+    assert running(config, added, pem) == running_to_json(config, added, pem)
+    reloaded = IngressConfig.model_validate({"timeouts": {"drain": 5}})
+    assert running(reloaded, added, pem) == running_to_json(reloaded, added, pem)
+    assert running(reloaded, added, pem)["config"] != first["config"]
+    renewed = CarrierPem(b"CERT 2", b"KEY 2")
+    assert running(reloaded, added, renewed)["pem"] == running_to_json(config, [], renewed)["pem"]

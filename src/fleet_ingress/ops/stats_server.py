@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.ops.stats_page import render_stats_page
 
 T = TypeVar("T")
@@ -80,7 +80,7 @@ class SharedRender(Generic[T]):
         self,
         render: Callable[[], T] | Callable[[], Awaitable[T]],
         prepare: Callable[[], Awaitable[object]] | None = None,
-        shown: Callable[[], object] | None = None,
+        shown: Callable[[], object] | Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """`render` the work on the loop (timed: the pause after it is as long),
         or a coroutine doing it in turns (`generate_in_turns`: timed from its
@@ -112,8 +112,8 @@ class SharedRender(Generic[T]):
             result = self._render()
             if inspect.isawaitable(result):
                 result = await result
-            if self._shown is not None:
-                self._shown()
+            if self._shown is not None and inspect.isawaitable(shown := self._shown()):
+                await shown
             ended = loop.time()
             self._next_at = ended + (ended - started)
             return result
@@ -126,7 +126,7 @@ def stats_app(
     prometheus: CollectorRegistry,
     *,
     refresh: Callable[[], Awaitable[object]] | None = None,
-    shown: Callable[[], object] | None = None,
+    shown: Callable[[], object] | Callable[[], Awaitable[object]] | None = None,
 ) -> web.Application:
     """`snapshot` is read for each render (the page and /stats.json), `prometheus`
     likewise (`SharedRender`: requests at once share one): nothing is kept
@@ -141,7 +141,8 @@ def stats_app(
             await refresh()
 
     shared_page = SharedRender(lambda: render_stats_page(snapshot()), fresh, shown)
-    shared_json = SharedRender(lambda: json.dumps(snapshot()), fresh, shown)
+    # In turns: 300 KB at 500 fleets, 3-5 ms of encoding in one piece.
+    shared_json = SharedRender(lambda: dumps_in_turns(snapshot()), fresh, shown)
     shared_metrics = SharedRender(lambda: generate_in_turns(prometheus), fresh, shown)
 
     async def page(request: web.Request) -> web.Response:

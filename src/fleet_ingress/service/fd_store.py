@@ -71,7 +71,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ from fleet_ingress.service.upgrade import (
     process_state,
     state_from_json,
     state_to_json,
+    state_to_json_in_turns,
 )
 
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -211,7 +212,11 @@ class CrashSnapshot:
     def __init__(self, notifier: Notifier) -> None:
         self._notifier = notifier
         self._fds: list[int] = []
+        # Each state taken is numbered, in the order taken: its sequence. A
+        # write in turns lands only if no state taken after it has landed.
         self._sequence = 0
+        self._landed = 0  # the sequence of the last state written
+        self._writes = 0  # how many were written: the memfds in turn
 
     def write(self, state: Mapping[str, Any]) -> None:
         """Write `state` (the upgrade's, `UpgradeSequence.crash_snapshot`);
@@ -220,16 +225,36 @@ class CrashSnapshot:
         closed by it)."""
         if not self._notifier.enabled:
             return
+        self._sequence += 1
+        sequence = self._sequence
+        data = state_to_json({"sequence": sequence, "written_monotonic": time.monotonic(), **state})
+        self._write(sequence, data)
+
+    async def write_in_turns(self, take: Callable[[], Mapping[str, Any]]) -> None:
+        """`write(take())`, the state taken in one piece and encoded in turns
+        (`state_to_json_in_turns`): every second (`SNAPSHOT_EVERY`) and after
+        each scrape. Dropped when a state taken after it was written meanwhile
+        (a scrape's, an operator change's: `Supervisor.write_snapshot`) or the
+        memfds were discarded: the snapshot is never behind what a scrape
+        showed (session 33)."""
+        if not self._notifier.enabled:
+            return
+        self._sequence += 1
+        sequence = self._sequence
+        state = {"sequence": sequence, "written_monotonic": time.monotonic(), **take()}
+        data = await state_to_json_in_turns(state)
+        if sequence > self._landed:
+            self._write(sequence, data)
+
+    def _write(self, sequence: int, data: bytes) -> None:
         first = not self._fds
         if first:
             self._fds = [
                 os.memfd_create(f"fleet-ingress-{name}", os.MFD_CLOEXEC) for name in SNAPSHOT_NAMES
             ]
-        self._sequence += 1
-        data = state_to_json(
-            {"sequence": self._sequence, "written_monotonic": time.monotonic(), **state}
-        )
-        fd = self._fds[self._sequence % 2]
+        self._landed = sequence
+        self._writes += 1
+        fd = self._fds[self._writes % 2]
         os.ftruncate(fd, 0)  # cut short by a death: empty or torn, and not read
         view = memoryview(data)
         while view:
@@ -253,6 +278,7 @@ class CrashSnapshot:
         """Taken out of the store (a `systemctl restart` keeps it) and closed,
         when the stop's state cannot be written (`stopped`): the next start
         reads the files and keeps nothing."""
+        self._landed = self._sequence  # a write in turns under way: dropped
         if self._fds:
             for name in SNAPSHOT_NAMES:
                 self._notifier.remove_fd(name)

@@ -506,7 +506,7 @@ class Supervisor:
                 self.snapshot,
                 self.metrics.prometheus,
                 refresh=self.fresh_counts,
-                shown=self.write_snapshot,
+                shown=self.write_snapshot_in_turns,
             )
             await self._web.serve_kept(app, sock, listener="stats")
             sock_name = sock.getsockname()
@@ -1539,6 +1539,18 @@ class Supervisor:
             count_unexpected_error()
             log.exception("the supervisor's state could not be written for its successor")
 
+    async def write_snapshot_in_turns(self) -> None:
+        """`write_snapshot`, the state taken at once and encoded in turns: after
+        each scrape (`stats_app`'s `shown`: answered once written) and every
+        SNAPSHOT_EVERY. Dropped should a state taken after it be written first."""
+        if self.snapshots is None:
+            return
+        try:
+            await self.snapshots.write_in_turns(self.upgrade.crash_snapshot)
+        except Exception:
+            count_unexpected_error()
+            log.exception("the supervisor's state could not be written for its successor")
+
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
             self.slots,
@@ -2240,10 +2252,11 @@ def _keep_certificate_for_next_start(supervisor: Supervisor, snapshots: CrashSna
 async def _write_snapshots(supervisor: Supervisor) -> None:
     """The supervisor's state in systemd's fd store every SNAPSHOT_EVERY (and
     at each scrape and operator change: `Supervisor.write_snapshot`), for the
-    process systemd starts should this one die (`service.fd_store`)."""
+    process systemd starts should this one die (`service.fd_store`). Encoded
+    in turns: the loop leases every new call its slot meanwhile."""
     while True:
         if supervisor.snapshots is not None:
-            supervisor.snapshots.write(supervisor.upgrade.crash_snapshot())
+            await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)
 
 

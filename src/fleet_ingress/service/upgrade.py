@@ -26,6 +26,7 @@ import base64
 import binascii
 import contextlib
 import json
+import operator
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.net.late_timers import PatientDeadline
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
@@ -228,6 +230,14 @@ def state_to_json(state: Mapping[str, Any]) -> bytes:
     return json.dumps({"version": STATE_VERSION, **state}).encode()
 
 
+async def state_to_json_in_turns(state: Mapping[str, Any]) -> bytes:
+    """state_to_json(state), byte for byte, encoded in turns (`dumps_in_turns`):
+    the every-second crash snapshot, 4-5 ms of encoding in one piece at 500
+    fleets (the supervisor's scale audit of session 34). The state is taken
+    whole before (`CrashSnapshot.write_in_turns`)."""
+    return (await dumps_in_turns({"version": STATE_VERSION, **state})).encode()
+
+
 def state_from_json(data: bytes) -> dict[str, Any]:
     """`state_to_json`'s state. Raises ValueError when it is not JSON, or of a
     release whose state this one does not understand."""
@@ -300,8 +310,17 @@ CARRIED_FLEET_FIELDS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _to_json(value: Any) -> Any:
-    return value.name if isinstance(value, Enum) else value
+# `fleets_to_json`'s keys, in order, read in one call a fleet: a getattr and a
+# `_to_json` call a field took 1.2 ms at 500 fleets, a third of the crash
+# snapshot's taking every second (the supervisor's scale audit of session 34).
+_CARRIED_KEYS = ("name", *CARRIED_FLEET_FIELDS, "last_probe_monotonic")
+_carried_values = operator.attrgetter(*_CARRIED_KEYS)
+# The fields of CARRIED_FLEET_FIELDS that are enums (read back by name): written by name.
+_BY_NAME = tuple(
+    key
+    for key, read in CARRIED_FLEET_FIELDS.items()
+    if isinstance(owner := getattr(read, "__self__", None), type) and issubclass(owner, Enum)
+)
 
 
 def running_to_json(
@@ -315,6 +334,25 @@ def running_to_json(
         "fleets": [spec_to_wire(spec) for spec in fleets],
         "pem": pem_to_json(pem),
     }
+
+
+class RunningJson:
+    """`running_to_json`, made again only when what it describes changed: the
+    configuration and certificate by identity (a reload loads new ones and
+    none is changed in place), the fleets' specs by value. At 500 fleets it
+    took 0.6 ms of the crash snapshot taken every second, for what changes
+    at a reload or a fleet change (the supervisor's scale audit of session 34)."""
+
+    def __init__(self) -> None:
+        self._made: tuple[IngressConfig, CarrierPem, list[FleetSpec], dict[str, Any]] | None = None
+
+    def __call__(
+        self, config: IngressConfig, fleets: list[FleetSpec], pem: CarrierPem
+    ) -> dict[str, Any]:
+        made = self._made
+        if made is None or made[0] is not config or made[1] is not pem or made[2] != fleets:
+            made = self._made = (config, pem, fleets, running_to_json(config, fleets, pem))
+        return made[3]
 
 
 def running_from_json(
@@ -353,8 +391,9 @@ def fleets_to_json(fleets: Iterable[FleetState]) -> list[dict[str, Any]]:
     comes back."""
     carried = []
     for f in fleets:
-        entry = {"name": f.name, **{key: _to_json(getattr(f, key)) for key in CARRIED_FLEET_FIELDS}}
-        entry["last_probe_monotonic"] = f.last_probe_monotonic
+        entry = dict(zip(_CARRIED_KEYS, _carried_values(f), strict=True))
+        for key in _BY_NAME:
+            entry[key] = entry[key].name
         if f.removing:
             entry["removing"] = spec_to_wire(f.spec)
         carried.append(entry)

@@ -67,12 +67,12 @@ from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
     AdoptedProcess,
+    RunningJson,
     TrialFailed,
     fleets_to_json,
     monotonic_of,
     removing_specs,
     restore_fleets,
-    running_to_json,
     state_fd,
     trial_run,
     unread_from_json,
@@ -226,6 +226,7 @@ class UpgradeSequence:
         self._carried_workers: dict[int, dict[str, Any]] = {}
         self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
         self._carried_respawns: list[float] = []
+        self._running_json = RunningJson()  # written every second (crash_snapshot)
         if carried is not None:
             self._take_carried(carried)
 
@@ -562,7 +563,7 @@ class UpgradeSequence:
             # What this image runs, as checked: the next image's, should it not
             # read the files (changed since the trial run), rather than exit and,
             # as the unit's main process, take every call on the host with it.
-            "running": running_to_json(
+            "running": self._running_json(
                 supervisor.config,
                 [f.spec for f in fleets if not f.removing],
                 supervisor.serving_pem,
