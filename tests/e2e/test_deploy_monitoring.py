@@ -261,6 +261,21 @@ def test_every_alert_tells_the_operator_what_to_do() -> None:
     assert all(f'job="{JOB}"' in rule["expr"] for rule in up_rules)
 
 
+def test_the_task_failed_alert_names_every_background_task() -> None:
+    """FleetIngressSupervisorTaskFailed says which tasks are started again when
+    they fail (as against a one-off task, not run again): every one the
+    supervisor runs. `admin socket` (session 34) was left out of it (review of
+    session 34)."""
+    from fleet_ingress.service.supervisor import BACKGROUND_TASKS
+
+    (rule,) = [r for r in load_alert_rules() if r["alert"] == "FleetIngressSupervisorTaskFailed"]
+    listed = re.search(
+        r"A background task \(([^)]*)\)", " ".join(rule["annotations"]["description"].split())
+    )
+    assert listed is not None, rule["annotations"]["description"]
+    assert sorted(listed.group(1).split(", ")) == sorted(BACKGROUND_TASKS)
+
+
 def test_every_alert_is_explained_in_the_deploy_readme() -> None:
     """deploy/README.md's alert table names every alert an operator can get."""
     readme = DEPLOY_README.read_text()

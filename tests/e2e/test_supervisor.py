@@ -16,6 +16,7 @@ import shutil
 import signal
 import ssl
 import stat as stat_module
+import subprocess
 import sys
 import tempfile
 import time
@@ -1385,6 +1386,63 @@ async def test_the_admin_socket_is_made_again_when_its_file_or_directory_is_remo
         await echo(call)
         await close_calls([call])
     finally:
+        await service.finish()
+
+
+def _immutable(path: Path, on: bool) -> str | None:
+    """`chattr +i`/`-i` on `path`: even root cannot create in an immutable
+    directory. Why it cannot be done here (not root, no chattr, a tmpfs), or None."""
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        return "chattr +i needs root and e2fsprogs"
+    done = subprocess.run(
+        ["chattr", "+i" if on else "-i", str(path)], capture_output=True, text=True, timeout=10
+    )
+    return f"chattr failed: {done.stderr.strip()}" if done.returncode else None
+
+
+async def test_an_admin_socket_directory_that_cannot_be_made_again_says_what_does_it(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """The admin socket's directory removed (`rm -rf /run/fleet-ingress`) where
+    this process cannot make it again: under the shipped unit (User=fleet-ingress,
+    ProtectSystem=strict) /run is read-only to the service. Its ERROR said "give
+    it a directory of its own (the shipped unit makes /run/fleet-ingress ...)",
+    a change of listen.admin_socket, which fixes nothing (review of session 34).
+    Now it names the directory gone and what makes it again (a restart), and
+    the socket is made again as soon as the directory can be."""
+    service = await _start(
+        tls_files, two_fleets, env={"FLEET_INGRESS_LISTEN__ADMIN_SOCKET": "adm/run/admin.sock"}
+    )
+    path = service.home / "adm" / "run" / "admin.sock"
+    made_immutable = False
+    try:
+        await eventually(path.is_socket, timeout=5)
+        shutil.rmtree(path.parent)
+        if (why := _immutable(path.parent.parent, True)) is not None:
+            if os.environ.get("CI"):
+                pytest.fail(f"CI=true: {why}; CI must run this test", pytrace=False)
+            pytest.skip(why)
+        made_immutable = True
+
+        def unreachable() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e["event"].startswith("admin socket unreachable")]
+
+        await eventually(lambda: bool(unreachable()), timeout=5)
+        (said,) = unreachable()
+        assert said["why"] == (
+            f"its directory {path.parent} was removed, and this process cannot make it "
+            "again (Operation not permitted): `systemctl restart fleet-ingress` makes it "
+            "(the calls drain first); under the shipped unit /run is read-only to the "
+            "service (ProtectSystem=strict), so a directory made by hand does not do. "
+            "Calls go on meanwhile, and `systemctl reload` (SIGHUP) works"
+        ), said
+        assert _immutable(path.parent.parent, False) is None
+        made_immutable = False
+        await eventually(path.is_socket, timeout=5)  # tried again each second
+        assert await service.stats()
+    finally:
+        if made_immutable:
+            _immutable(path.parent.parent, False)
         await service.finish()
 
 

@@ -3308,3 +3308,36 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_an_admin_socket_made_again_is_the_one_an_upgrade_hands_on(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """RELIABILITY.md says an upgrade after the admin socket was made again
+    hands the new socket on (nothing tested it: review of session 34). Its file
+    removed, made again, then `upgrade` through it: the new image serves on
+    that socket (its file kept, `stat` answers), and makes it again too when
+    its file is removed once more (it knows the file as its own)."""
+    service = await RunningIngress.start(
+        tls_files, [f"{f.url} name={f.name}" for f in fleets], workers=1, env=PATIENT_PROBES
+    )
+    path = service.home / "admin.sock"
+    try:
+        await eventually(path.is_socket, timeout=5)
+        path.unlink()
+        await eventually(path.is_socket, timeout=5)
+        made = os.stat(path).st_ino
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        assert os.stat(path).st_ino == made  # the socket made again, served by the new image
+        code, out = await admin_command(service, "stat")
+        assert code == 0, out
+        path.unlink()
+        await eventually(path.is_socket, timeout=5)
+        code, out = await admin_command(service, "stat")
+        assert code == 0, out
+        made_again = [e for e in service.log() if e["event"].startswith("admin socket removed")]
+        assert len(made_again) == 2, made_again
+        assert not [e for e in service.log() if e["event"].startswith("admin socket unreachable")]
+    finally:
+        await service.finish()

@@ -1,6 +1,7 @@
 """check's look-up of the fleets' names: two fleets at one address named, a
 resolver that never answers held for LOOKUP_BUDGET at most. A fake resolver
-here; the real one, hung, in tests/e2e/test_check_lookup.py."""
+here; the real one, hung, in tests/e2e/test_check.py
+(test_a_resolver_that_never_answers_holds_check_for_its_budget_only)."""
 
 import threading
 import time

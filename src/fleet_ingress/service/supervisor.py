@@ -591,7 +591,8 @@ class Supervisor:
 
     async def keep_admin_socket(self) -> None:
         """The admin socket made again at its path once its file is gone (an
-        operator's rm, systemd-tmpfiles, /run/fleet-ingress removed): a Unix
+        operator's rm, systemd-tmpfiles; its directory too, where this process
+        can make it: not /run/fleet-ingress under the shipped unit, said so): a Unix
         socket whose file is gone cannot be connected to, and `stat`, drain,
         add-fleet and upgrade said "Is fleet-ingress running?" until a restart
         (the resources audit of session 34). Connections open go on. Another
@@ -611,10 +612,14 @@ class Supervisor:
             else:
                 self._admin_socket_trouble = None
             return
+        directory_gone = not path.parent.is_dir()
         try:
             new = bind_admin_socket(path)
         except OSError as exc:
-            self._admin_socket_troubled(path, f"its file was removed and {exc}")
+            if directory_gone and not path.parent.is_dir():
+                self._admin_socket_troubled(path, _admin_directory_not_made(path, exc))
+            else:
+                self._admin_socket_troubled(path, f"its file was removed and {exc}")
             return
         try:
             await self._web.serve_kept_on(old, new)
@@ -1857,6 +1862,23 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _admin_directory_not_made(path: Path, exc: OSError) -> str:
+    """Why the admin socket's directory, removed, is not made again, and what
+    makes it: bind_admin_socket's own words ask for another listen.admin_socket,
+    which fixes nothing here. Under the shipped unit (User=fleet-ingress,
+    ProtectSystem=strict) /run is read-only to the service: its
+    RuntimeDirectory= was the one place it could write there, and is gone
+    (the review of session 34)."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return (
+        f"its directory {path.parent} was removed, and this process cannot make it "
+        f"again ({reason}): `systemctl restart fleet-ingress` makes it (the calls "
+        "drain first); under the shipped unit /run is read-only to the service "
+        "(ProtectSystem=strict), so a directory made by hand does not do. Calls go "
+        "on meanwhile, and `systemctl reload` (SIGHUP) works"
+    )
 
 
 def _warn_same_host(warning: str) -> None:
