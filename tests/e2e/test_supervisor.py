@@ -29,6 +29,7 @@ import trustme
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from fleet_ingress.config.config_diff import NOTHING_CHANGED
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
@@ -1432,7 +1433,7 @@ async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_appl
         assert (last["result"], last["error"], last["changes"]) == (
             "applied",
             None,
-            "no fleet changes",
+            NOTHING_CHANGED,
         )
         html = await _stats_page(service)
         assert "RELOAD REFUSED" not in html
@@ -1889,7 +1890,7 @@ async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slo
         assert fed
         await service.wait_for("READY=1", count=2)
         (reloaded,) = _logged(service, "reloaded")
-        assert reloaded["changes"] == "no fleet changes"
+        assert reloaded["changes"] == NOTHING_CHANGED
     finally:
         if not fed:
             await asyncio.to_thread(_feed_fifo, fleets, text, 0.5)

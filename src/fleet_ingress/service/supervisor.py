@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
@@ -1737,7 +1737,7 @@ class Supervisor:
         )
         self.reloads["applied"] += 1
         await asyncio.to_thread(warn_about_chain, config, self.serving_pem)
-        return "; ".join(notes) or "no fleet changes"
+        return "; ".join(notes) or NOTHING_CHANGED
 
     def _pending_notes(self, config: IngressConfig) -> list[str]:
         """What of `config` a reload does not apply: compared with the values
