@@ -197,7 +197,10 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
             "192.0.2.1:8404",
             "192.0.2.1",
             "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
-            "no interface of this machine has that address",
+            "no interface of this machine has that address (`ip addr` lists them): give one "
+            "it has, or 0.0.0.0 / [::] for all; a shared (keepalived) address this host may "
+            "not hold needs sysctl net.ipv4.ip_nonlocal_bind=1 (net.ipv6.ip_nonlocal_bind for "
+            "IPv6)",
         ),
         # A numeric zone resolves whatever it is: the bind is what fails. `run` said
         # only "cannot listen: No such device" (check named it; session 19).
