@@ -307,6 +307,16 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
                 await asyncio.sleep(0.05)
         code, out = await admin_command(service, "stat")
         assert code == 0 and "unresponsive" in out, out
+        # The figures say what serves: before, "2 of 2 serving" (no WORKERS MISSING line)
+        # and fleet_ingress_workers_serving 2 while one took no call and froze its own.
+        said = (
+            f"WORKERS MISSING: 1 of 2 serving; 1 running but unresponsive (pid {victim['pid']}): "
+            "answering no report request, its calls likely frozen; killed and replaced once "
+            "silent 5s (process.worker_hang_timeout)"
+        )
+        assert said in out, out
+        assert "a replacement is being started" not in out
+        assert "fleet_ingress_workers_serving 1.0" in await service.metrics()
         await eventually(
             lambda: any(e["event"] == "worker hung: killed" for e in service.log()), timeout=10
         )
