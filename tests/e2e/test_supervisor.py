@@ -565,6 +565,51 @@ async def test_a_carriers_session_resumes_on_every_worker_and_over_a_reload_not_
         await service.finish()
 
 
+async def test_remove_fleet_s_add_again_brings_a_maint_fleet_back_in_maint_on_every_worker(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Against a real `run` of two workers: the command remove-fleet prints,
+    pasted, adds the fleet back in MAINT, with the maxconn its line pinned at
+    the default (before: READY, and calls went to it from both workers; the
+    maxconn followed fleets.maxconn)."""
+    import shlex
+
+    a, b = two_fleets
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        fleets_file = service.home / "fleets.txt"  # b's line pins maxconn=16 (_lines)
+        code, out = await admin_command(service, "maint", "b")
+        assert code == 0, out
+        code, out = await admin_command(service, "remove-fleet", "b")
+        assert code == 0, out
+        (again,) = [line for line in out.splitlines() if "fleet-ingress add-fleet" in line]
+        words = shlex.split(again.partition(": ")[2] or again)
+        assert words[:2] == ["fleet-ingress", "add-fleet"], again
+        assert words[3:] == ["--name", "b", "--maxconn", "16", "--admin", "maint",
+                             "--admin-socket", str(service.home / "admin.sock")], again  # fmt: skip
+
+        def gone() -> bool:
+            return any(e["event"] == "fleet gone" and e.get("fleet") == "b" for e in service.log())
+
+        await eventually(gone, 5)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleet_ingress", *words[1:],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            said, _ = await proc.communicate()
+        assert proc.returncode == 0, said.decode()
+        row = next(f for f in (await service.stats())["fleets"] if f["name"] == "b")
+        assert (row["admin"], row["maxconn"]) == ("MAINT", 16), row
+        assert f"{b.url} name=b maxconn=16 admin=maint\n" in fleets_file.read_text()
+        await service.open_on_every_worker(tls_files, calls, 4)
+        assert b.active_calls == 0 and a.active_calls == len(calls)
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_sigusr1_and_sigquit_end_no_process_and_no_call(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
