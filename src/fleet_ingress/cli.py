@@ -137,6 +137,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add.add_argument("url", help="https://HOST[:PORT]")
     add.add_argument("--name", type=_new_fleet_name, help="default: the URL's host[:port]")
     add.add_argument("--maxconn", type=_positive_int, help="default: fleets.maxconn")
+    add.add_argument(
+        "--admin",
+        choices=("drain", "maint"),
+        help="add it in this admin state (default: ready); remove-fleet's command to add "
+        "a fleet again gives it",
+    )
     add.add_argument("--dry-run", action="store_true", help="show what would change")
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
     remove.add_argument("name", type=_fleet_name, help="the fleet's name")
@@ -458,6 +464,7 @@ def _admin(args: argparse.Namespace) -> int:
             "name": args.name,
             "maxconn": args.maxconn,
             "dry_run": args.dry_run,
+            **({"admin": args.admin} if args.admin else {}),
         }
         return run_admin(socket_path, "POST", "/fleets", payload)
     query = "?force=1" if args.force else ""

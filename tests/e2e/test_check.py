@@ -851,3 +851,49 @@ def test_a_resolver_that_never_answers_holds_check_for_its_budget_only(
     shared = "'localhost:18443' (https://localhost:18443) and '127.0.0.1:18443'"
     assert any(shared in line for line in lines), done.stdout
     assert took < 8, took  # 2 s of lookups, and Python started twice on a loaded host
+
+
+async def test_check_names_a_listen_address_no_interface_has_and_leaves_a_running_one_be(
+    tls_files, roomy_fleet
+) -> None:
+    """`run` found an address the host lacks only at its bind ("cannot assign
+    requested address"): check said OK. Now check binds the address on a port
+    the kernel picks, never the one asked: against a running ingress on the
+    same address and port, the real CLI still passes (nothing clashes), and
+    the ingress goes on serving."""
+    import sys
+
+    from tests.support import RunningIngress
+
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    try:
+
+        async def check(config: Path) -> tuple[int, str]:
+            proc = await __import__("asyncio").create_subprocess_exec(
+                sys.executable, "-m", "fleet_ingress", "check", "-c", str(config),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            assert proc.returncode is not None
+            return proc.returncode, out.decode()
+
+        config = service.home / "ingress.toml"
+        code, said = await check(config)
+        assert code == 0 and "\nOK: 1 fleet" in "\n" + said, said
+        # 192.0.2.1 (TEST-NET-1) is on no interface here; only bound, nothing is sent.
+        elsewhere = service.home / "elsewhere.toml"
+        elsewhere.write_text(
+            config.read_text().replace(f'"127.0.0.1:{service.port}"', f'"192.0.2.1:{service.port}"')
+        )
+        code, said = await check(elsewhere)
+        assert code == 1, said
+        assert (
+            f"{elsewhere}: listen.wss = '192.0.2.1:{service.port}': cannot listen: Cannot "
+            "assign requested address; no interface of this machine has that address "
+            "(`ip addr` lists them): give one it has, or 0.0.0.0 / [::] for all"
+        ) in said, said
+        assert "OK:" not in said
+        assert service.proc.returncode is None
+        await service.fleets_up()
+    finally:
+        await service.finish()

@@ -197,7 +197,10 @@ def test_a_listen_host_name_that_does_not_resolve_says_so():
             "192.0.2.1:8404",
             "192.0.2.1",
             "listen.stats = '192.0.2.1:8404': cannot listen: Cannot assign requested address; "
-            "no interface of this machine has that address",
+            "no interface of this machine has that address (`ip addr` lists them): give one "
+            "it has, or 0.0.0.0 / [::] for all; a shared (keepalived) address this host may "
+            "not hold needs sysctl net.ipv4.ip_nonlocal_bind=1 (net.ipv6.ip_nonlocal_bind for "
+            "IPv6)",
         ),
         # A numeric zone resolves whatever it is: the bind is what fails. `run` said
         # only "cannot listen: No such device" (check named it; session 19).
@@ -666,3 +669,27 @@ def test_run_names_the_admin_socket_it_cannot_make_and_why(
         done.stderr
     )
     assert hint in done.stderr and "[Errno" not in done.stderr, done.stderr
+
+
+async def test_a_reload_that_changes_nothing_says_so_and_what_it_read(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """`fleet-ingress reload` against a real `run`, nothing edited: before, it
+    printed `reloaded: no fleet changes`, read as though only the fleets were
+    looked at (or something else had changed)."""
+    from tests.support import RunningIngress, admin_command
+
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    try:
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        assert printed.strip() == (
+            "reloaded: nothing changed: the configuration, the fleets file and the "
+            "certificate read again are those in force"
+        ), printed
+        (service.home / "fleets.txt").write_text(f"{roomy_fleet.url} name=a maxconn=3\n")
+        code, printed = await admin_command(service, "reload")
+        assert code == 0 and "fleet a: maxconn 16 -> 3" in printed, printed
+        assert "nothing changed" not in printed
+    finally:
+        await service.finish()

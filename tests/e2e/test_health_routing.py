@@ -256,6 +256,50 @@ async def test_a_fleet_that_answers_429_gets_no_more_calls_until_its_next_probe(
         await ws.close()
 
 
+async def test_a_fleet_answering_429_while_its_probes_say_room_is_said_full_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, caplog, monkeypatch
+):
+    """Its probes say 1000 free, its calls get 429: FULL after each 429, room
+    after each probe. Before, "fleet full" and "fleet has room" alternated at
+    every probe (twice a second here); now "fleet full" once, and "fleet has
+    room" once the 429s stopped for ROOM_HOLD, with how many were answered."""
+    from fleet_ingress.core import full_said
+
+    monkeypatch.setattr(full_said, "ROOM_HOLD", 1.5)
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    a, b = sim_fleets
+    a.capacity, a.available_override = 0, 1000
+    ingress = await started(start_ingress, lines(a, b), fleets={"check_interval": 0.2})
+    ctx = tls_files.client_context()
+    calls: list[ClientConnection] = []
+    deadline = time.monotonic() + 2.5
+    for _ in range(200):  # bounded: 2.5 s and 200 calls
+        if time.monotonic() > deadline:
+            break
+        try:
+            calls.append(await connect(wss_url(ingress), ssl=ctx))
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 429
+        await asyncio.sleep(0.05)
+    for ws in calls:
+        await ws.close()
+    assert a.rejected_429 >= 3, "a's FULL never lifted by its probes"
+
+    def said() -> list[tuple[str, Any]]:
+        return [
+            (r.getMessage(), r.fields.get("answered_429"))  # type: ignore[attr-defined]
+            for r in caplog.records
+            if getattr(r, "fields", {}).get("fleet") == "a"
+            and r.getMessage().startswith(("fleet full", "fleet has room"))
+        ]
+
+    assert [m for m, _ in said()] == [  # one, whatever the number of 429s
+        "fleet full: it answered a call 429; no new call goes there until its next probe"
+    ], said()
+    await eventually(lambda: len(said()) == 2, timeout=5)
+    assert said()[1] == ("fleet has room", a.rejected_429), said()
+
+
 async def test_calls_still_connecting_when_a_probe_is_answered_are_not_sent_twice(
     start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets
 ):

@@ -249,6 +249,22 @@ async def test_lenient_but_unambiguous_heads_reach_the_fleet_in_origin_form(
     assert b"\r\nX-Forwarded-Host: calls.test" in head
 
 
+async def test_an_absolute_form_ipv6_authority_matches_host_as_an_address(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    """`https://[0::1]:8443/...` with `Host: [::1]:8443`: one address, spelt two
+    ways. Compared as text, it was answered 400 "request target's authority
+    differs from Host"; a Host naming another address still is."""
+    ingress = await start_ingress([teapot.line("teapot")])
+    raw = upgrade(target=b"https://[0::1]:8443/ws/bot-1", host=b"[::1]:8443")
+    assert await raw_exchange(ingress, tls_files, raw) == FORWARDED
+    (head,) = teapot.heads
+    assert head.startswith(b"GET /ws/bot-1 HTTP/1.1\r\n"), head
+    other = upgrade(target=b"https://[0::2]:8443/ws/bot-1", host=b"[::1]:8443")
+    assert (await raw_exchange(ingress, tls_files, other)).startswith(b"HTTP/1.1 400 ")
+    assert teapot.connections == 1
+
+
 async def test_underscore_content_length_is_not_forwarded(
     start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
 ):

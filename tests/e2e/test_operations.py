@@ -25,6 +25,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from fleet_ingress.config.config_diff import NOTHING_CHANGED
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.core.fleet_spec import Admin
@@ -573,7 +574,7 @@ async def test_changes_made_while_add_fleet_waits_for_up_are_kept(deployment: De
     await eventually(lambda: "c" in d.ingress.ops.adding)
     d.ingress.ops.set_admin_state("a", "drain")
     note = await d.ingress.reload(d.config_file)
-    assert note == "no fleet changes"  # c is not taken out for missing from the file
+    assert note == NOTHING_CHANGED  # c is not taken out for missing from the file
     with pytest.raises(FleetChangeError) as refused:
         d.ingress.ops.set_admin_state("c", "maint")
     assert refused.value.status == 409 and "being added" in refused.value.message
@@ -732,7 +733,7 @@ async def test_add_fleet_cancelled_while_it_waits_for_up_leaves_no_fleet_behind(
         await adding
     assert d.ingress.balancer.get("c") is None and not d.ingress.ops.adding
     assert d.fleets_file.read_text() == before
-    assert "no fleet changes" == await d.ingress.reload(d.config_file)
+    assert NOTHING_CHANGED == await d.ingress.reload(d.config_file)
 
 
 # -- 4. remove-fleet -------------------------------------------------------------------
@@ -817,6 +818,66 @@ async def test_remove_fleet_s_add_again_pasted_reaches_the_same_ingress(deployme
         _, pasted_err = await proc.communicate()
     assert proc.returncode == 0, again + "\n" + pasted_err.decode()
     assert d.ingress.balancer.get("b") is not None
+
+
+async def _paste(command: str) -> tuple[int, str]:
+    import shlex
+
+    program, *words = shlex.split(command)
+    assert program == "fleet-ingress"
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *words, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
+@pytest.mark.parametrize("state", ["drain", "maint"])
+async def test_remove_fleet_s_add_again_restores_its_admin_state_and_pinned_maxconn(
+    deployment: Deployment, state: str
+):
+    """The command remove-fleet prints to add the fleet again gave back a READY
+    fleet (the operator's drain or maint lost: calls went to it at once), and
+    a maxconn the file pinned at the default (16) not pinned any more (it
+    followed fleets.maxconn from then on)."""
+    d = deployment
+    text = d.fleets_file.read_text().replace("name=b ", "name=b maxconn=16 ")
+    d.fleets_file.write_text(text)
+    await d.ingress.reload(d.config_file)
+    code, _, err = await d.cli(state, "b")
+    assert code == 0, err
+    code, out, err = await d.cli("remove-fleet", "b", "--force")
+    assert code == 0, err
+    (again,) = [
+        line.removeprefix("to add it again: ")
+        for line in out.splitlines()
+        if line.startswith("to add it again: ")
+    ]
+    assert f" --name b --maxconn 16 --admin {state} " in again + " ", again
+    await eventually(lambda: d.ingress.balancer.get("b") is None)
+    code, said = await _paste(again)
+    assert code == 0, again + "\n" + said
+    assert f"{state.upper()}: no new call goes to it until `ready`" in said, said
+    fleet_b = d.fleet("b")
+    assert fleet_b.admin is Admin(state.upper()) and fleet_b.maxconn == 16
+    assert f"{d.fleets['b'].url} name=b maxconn=16 admin={state}\n" in d.fleets_file.read_text()
+    calls = [await d.call(f"/ws/bot-{i}") for i in range(3)]
+    assert {fleet_of(ws) for ws in calls} == {"a"}  # none went to b, as before
+    for ws in calls:
+        await ws.close()
+
+
+async def test_remove_fleet_s_add_again_of_a_ready_fleet_at_the_default_stays_unpinned(
+    deployment: Deployment,
+):
+    d = deployment
+    code, out, err = await d.cli("remove-fleet", "b", "--force")
+    assert code == 0, err
+    socket = d.config_file.parent / "admin.sock"
+    again = f"fleet-ingress add-fleet {d.fleets['b'].url} --name b --admin-socket {socket}"
+    assert f"\nto add it again: {again}\n" in out
 
 
 async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(

@@ -30,6 +30,7 @@ import trustme
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from fleet_ingress.config.config_diff import NOTHING_CHANGED
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
@@ -307,6 +308,16 @@ async def test_a_hung_worker_is_shown_unresponsive_then_killed_and_replaced(
                 await asyncio.sleep(0.05)
         code, out = await admin_command(service, "stat")
         assert code == 0 and "unresponsive" in out, out
+        # The figures say what serves: before, "2 of 2 serving" (no WORKERS MISSING line)
+        # and fleet_ingress_workers_serving 2 while one took no call and froze its own.
+        said = (
+            f"WORKERS MISSING: 1 of 2 serving; 1 running but unresponsive (pid {victim['pid']}): "
+            "answering no report request, its calls likely frozen; killed and replaced once "
+            "silent 5s (process.worker_hang_timeout)"
+        )
+        assert said in out, out
+        assert "a replacement is being started" not in out
+        assert "fleet_ingress_workers_serving 1.0" in await service.metrics()
         await eventually(
             lambda: any(e["event"] == "worker hung: killed" for e in service.log()), timeout=10
         )
@@ -552,6 +563,51 @@ async def test_a_carriers_session_resumes_on_every_worker_and_over_a_reload_not_
         front = (await service.stats())["frontend"]
         assert front["tls_handshake_failures"] == 0, front
     finally:
+        await service.finish()
+
+
+async def test_remove_fleet_s_add_again_brings_a_maint_fleet_back_in_maint_on_every_worker(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Against a real `run` of two workers: the command remove-fleet prints,
+    pasted, adds the fleet back in MAINT, with the maxconn its line pinned at
+    the default (before: READY, and calls went to it from both workers; the
+    maxconn followed fleets.maxconn)."""
+    import shlex
+
+    a, b = two_fleets
+    service = await _start(tls_files, two_fleets)
+    calls: list[ClientConnection] = []
+    try:
+        fleets_file = service.home / "fleets.txt"  # b's line pins maxconn=16 (_lines)
+        code, out = await admin_command(service, "maint", "b")
+        assert code == 0, out
+        code, out = await admin_command(service, "remove-fleet", "b")
+        assert code == 0, out
+        (again,) = [line for line in out.splitlines() if "fleet-ingress add-fleet" in line]
+        words = shlex.split(again.partition(": ")[2] or again)
+        assert words[:2] == ["fleet-ingress", "add-fleet"], again
+        assert words[3:] == ["--name", "b", "--maxconn", "16", "--admin", "maint",
+                             "--admin-socket", str(service.home / "admin.sock")], again  # fmt: skip
+
+        def gone() -> bool:
+            return any(e["event"] == "fleet gone" and e.get("fleet") == "b" for e in service.log())
+
+        await eventually(gone, 5)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleet_ingress", *words[1:],
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            said, _ = await proc.communicate()
+        assert proc.returncode == 0, said.decode()
+        row = next(f for f in (await service.stats())["fleets"] if f["name"] == "b")
+        assert (row["admin"], row["maxconn"]) == ("MAINT", 16), row
+        assert f"{b.url} name=b maxconn=16 admin=maint\n" in fleets_file.read_text()
+        await service.open_on_every_worker(tls_files, calls, 4)
+        assert b.active_calls == 0 and a.active_calls == len(calls)
+    finally:
+        await close_calls(calls)
         await service.finish()
 
 
@@ -1490,7 +1546,7 @@ async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_appl
         assert (last["result"], last["error"], last["changes"]) == (
             "applied",
             None,
-            "no fleet changes",
+            NOTHING_CHANGED,
         )
         html = await _stats_page(service)
         assert "RELOAD REFUSED" not in html
@@ -1947,7 +2003,7 @@ async def test_a_reload_reads_its_files_off_the_loop_that_grants_every_calls_slo
         assert fed
         await service.wait_for("READY=1", count=2)
         (reloaded,) = _logged(service, "reloaded")
-        assert reloaded["changes"] == "no fleet changes"
+        assert reloaded["changes"] == NOTHING_CHANGED
     finally:
         if not fed:
             await asyncio.to_thread(_feed_fifo, fleets, text, 0.5)

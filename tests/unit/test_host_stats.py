@@ -812,3 +812,29 @@ def test_a_failed_upgrade_s_line_names_the_fix_its_cause_takes(
     assert line is not None and line.startswith("LAST UPGRADE FAILED at "), line
     assert fix in line and wrong not in line, line
     assert ("then `fleet-ingress upgrade` (this line stays" in line) is (cause != "release")
+
+
+def test_an_unresponsive_worker_is_not_counted_serving_and_is_named():
+    """A worker that answers no report request runs but takes no call: the line
+    names it and when it is killed, rather than "a replacement is being
+    started" (none is, until it is killed); a worker also missing still says so."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    snap.update(
+        workers_wanted=2,
+        workers_serving=1,
+        workers_dying_at_start=0,
+        workers_unresponsive=[77],
+        worker_hang_timeout=60.0,
+    )
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert (
+            "WORKERS MISSING: 1 of 2 serving; 1 running but unresponsive (pid 77): answering "
+            "no report request, its calls likely frozen; killed and replaced once silent 60s "
+            "(process.worker_hang_timeout)"
+        ) in shown
+        assert "a replacement is being started" not in shown
+    snap["worker_hang_timeout"] = 0.0
+    assert "never killed (process.worker_hang_timeout = 0)" in format_stat_table(snap)
+    snap["workers_wanted"] = 3  # one unresponsive, one gone
+    assert "; a replacement is being started" in format_stat_table(snap)

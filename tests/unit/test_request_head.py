@@ -398,3 +398,36 @@ def test_a_refusal_names_the_fault_without_echoing_the_carriers_bytes(line: byte
         parse_request_head(line + b"\r\nHost: a\r\n\r\n")
     assert refused.value.status == 400
     assert str(refused.value) == said
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"https://[0::1]:8443/ws/b", b"[::1]:8443"),
+        (b"wss://[::1]:8443/ws/b", b"[0:0:0:0:0:0:0:1]:8443"),
+        (b"https://[2001:DB8::1]/ws/b", b"[2001:db8:0::1]:443"),
+        (b"https://calls.example.com:0443/ws/b", b"calls.example.com"),
+        (b"https://calls.example.com:/ws/b", b"calls.example.com:443"),
+    ],
+)
+def test_an_absolute_form_authority_is_compared_with_host_as_an_address(target, host):
+    # Before: compared as text, `https://[0::1]:P` against `Host: [::1]:P` was a 400.
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.target == b"/ws/b" and head.host == host
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"https://[::1]:8443/ws/b", b"[::2]:8443"),
+        (b"https://[::1]:8443/ws/b", b"[::1]:9443"),
+        (b"https://[::1]/ws/b", b"[::1]:80"),
+        (b"http://calls.example.com/ws/b", b"calls.example.com:443"),
+        (b"https://a.example.com/ws/b", b"b.example.com"),
+        (b"https://[::1]:8443/ws/b", b"::1:8443"),
+    ],
+)
+def test_an_absolute_form_authority_naming_another_address_is_still_refused(target, host):
+    with pytest.raises(RequestRefused) as refused:
+        parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert refused.value.status == 400

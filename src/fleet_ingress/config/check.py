@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import sys
@@ -272,7 +273,9 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
     resolve, a zone no interface has) and what it would warn of (a name with
     several addresses: one is listened on). Resolved as `run` resolves it
     (net.listener.listen_sockaddr); the bind itself is not tried (the ingress
-    may be running on these addresses)."""
+    may be running on these addresses), but a bind of the address on a port
+    the kernel picks is: it tells an address no interface has, which `run`
+    found only at its bind (`_address_missing`)."""
     problems = []
     for key in ("wss", "acme", "stats"):
         if not (address := getattr(config.listen, key)):
@@ -280,7 +283,7 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
         host, port = parse_hostport(address, what=f"listen.{key}")
         try:
             with bind_errors_named(key, address):
-                _, sockaddr, others = listen_sockaddr(host, port)
+                family, sockaddr, others = listen_sockaddr(host, port)
         except ListenError as exc:
             problems.append(f"{source}: {exc}")
             continue
@@ -292,6 +295,12 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
                 f"index {scope}; give the zone of the interface with that address (`ip -6 addr`)"
             )
             continue
+        try:
+            with bind_errors_named(key, address):
+                _address_missing(family, sockaddr)
+        except ListenError as exc:
+            problems.append(f"{source}: {exc}")
+            continue
         if others:
             shown = ", ".join(format_hostport(other, None) for other in others)
             problems.append(
@@ -300,6 +309,20 @@ def _check_listen_addresses(config: IngressConfig, source: str) -> list[str]:
                 f"[::]:{port} for both families on one socket, or one address"
             )
     return problems
+
+
+def _address_missing(family: int, sockaddr: tuple[object, ...]) -> None:
+    """Raises EADDRNOTAVAIL (or ENODEV, a zone no interface has) as `run`'s bind
+    of `sockaddr` would, by binding its address on a port the kernel picks:
+    never the port asked for, so an ingress running there (or a SO_REUSEPORT
+    listener) is neither refused nor joined. Nothing listens: closed at once.
+    Any other failure (the ephemeral ports used up) is left to the start."""
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((sockaddr[0], 0, *sockaddr[2:]))
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.ENODEV):
+            raise
 
 
 # The shipped unit makes it at every start (RuntimeDirectory=fleet-ingress), owned

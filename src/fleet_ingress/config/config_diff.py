@@ -19,6 +19,13 @@ from fleet_ingress.core.fleet_spec import FleetSpec
 
 # Said by notes of their own: applied at a restart or an upgrade, not by a reload.
 NOT_RELOADED = ("listen", "process")
+# A reload that found nothing to change says so, and what it compared: before,
+# "no fleet changes" read as if only the fleets had been looked at, or as if
+# something else had changed (the operator text audit of session 33).
+NOTHING_CHANGED = (
+    "nothing changed: the configuration, the fleets file and the certificate read "
+    "again are those in force"
+)
 # A long value (a route list, a CA bundle's path) is cut to this in the note.
 SHOWN_CHARACTERS = 60
 

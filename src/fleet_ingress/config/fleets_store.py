@@ -24,10 +24,20 @@ class FleetNotListed(FleetsFileError):
     """The fleets file has no line for the fleet (edited since the last reload)."""
 
 
-def text_with_fleet(text: str, spec: FleetSpec, *, default_maxconn: int) -> str:
+def text_with_fleet(text: str, spec: FleetSpec, *, default_maxconn: int | None) -> str:
+    """`text` with `spec`'s line appended; `default_maxconn` None: its maxconn
+    written even at the default (an operator who gave it pinned it)."""
     if text and not text.endswith("\n"):
         text += "\n"
     return text + format_fleets_text([spec], default_maxconn=default_maxconn)
+
+
+def maxconn_pinned(text: str, name: str) -> bool:
+    """Whether the line of fleet `name` in `text` (a valid fleets file) gives
+    `maxconn=`: pinned there, even at the default, rather than following
+    `fleets.maxconn`."""
+    # Read with a default no line can give (maxconn=N has N >= 1).
+    return any(s.name == name and s.maxconn for s in parse_fleets_text(text, default_maxconn=0))
 
 
 def text_without_fleet(

@@ -183,7 +183,9 @@ class FleetSet:
         not yet in the fleets file; a reload leaves it alone until `added` or
         `roll_back`."""
         self.check_new(spec)  # again: another add may have come in while this one probed
-        fleet = FleetState(spec, health=Health.INIT, capacity_aware=capacity_aware)
+        fleet = FleetState(
+            spec, health=Health.INIT, admin=spec.admin, capacity_aware=capacity_aware
+        )
         self._enter(fleet, Membership.ADDING)
         return fleet
 

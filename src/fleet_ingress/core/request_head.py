@@ -14,6 +14,7 @@ never repaired.
 from __future__ import annotations
 
 import codecs
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -378,8 +379,28 @@ def _origin_form(target: bytes, headers: list[Header]) -> bytes:
 
 
 def _same_authority(scheme: bytes, a: bytes, b: bytes) -> bool:
-    default = b":" + _DEFAULT_PORTS[scheme]
-    return a.lower().removesuffix(default) == b.lower().removesuffix(default)
+    """Whether two authorities name one host and port: an IP literal compared as
+    an address (`[0::1]` is `[::1]`), a port as a number, an absent or empty
+    one as the scheme's (RFC 3986 6.2.3). Compared as text, a client that
+    spelt the address one way in its URL and the other in Host got a 400."""
+    default = int(_DEFAULT_PORTS[scheme])
+    return _authority_key(a, default) == _authority_key(b, default)
+
+
+def _authority_key(authority: bytes, default_port: int) -> tuple[object, int]:
+    match = _HOST.fullmatch(authority)
+    if match is None or not _valid_host(authority):  # compared as text, as before
+        return authority.lower(), -1
+    host, port = authority, default_port
+    if match.group(1) is not None:
+        host = authority[: match.start(1) - 1]
+        port = int(match.group(1) or default_port)
+    if host.startswith(b"["):
+        try:
+            return ipaddress.IPv6Address(host[1:-1].decode("ascii")), port
+        except ValueError:
+            pass
+    return host.lower(), port
 
 
 # The codec `logged_first_line` uses, looked up (its module imported) now rather

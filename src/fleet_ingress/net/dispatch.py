@@ -131,7 +131,9 @@ def take_as_full(fleet: FleetState) -> None:
     """A fleet's `429` to a call: FULL until its next probe (`said_full`), logged
     when that is news (here, or in the supervisor for a worker's call)."""
     fleet.call_connected()  # it answered: it takes connections
-    if fleet.said_full():
+    # Said once a FULL: a fleet that answers 429 while its probes say room is
+    # FULL again after every probe (`FullSaid`).
+    if fleet.said_full() and fleet.full_said.answered_429_now(time.monotonic()):
         log.info(
             "fleet full: it answered a call 429; no new call goes there until its next probe",
             extra=fields(fleet=fleet.name),

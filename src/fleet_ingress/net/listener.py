@@ -151,7 +151,12 @@ def bind_errors_named(key: str, address: str) -> Iterator[None]:
         elif exc.errno == errno.EACCES:
             hint = "a port below 1024 needs root or CAP_NET_BIND_SERVICE (the unit file grants it)"
         elif exc.errno == errno.EADDRNOTAVAIL:
-            hint = "no interface of this machine has that address"
+            hint = (
+                "no interface of this machine has that address (`ip addr` lists them): "
+                "give one it has, or 0.0.0.0 / [::] for all; a shared (keepalived) "
+                "address this host may not hold needs sysctl net.ipv4.ip_nonlocal_bind=1 "
+                "(net.ipv6.ip_nonlocal_bind for IPv6)"
+            )
         elif exc.errno == errno.ENODEV and zone:
             # A zone given as a number resolves whatever it is; the bind fails.
             hint = (

@@ -413,7 +413,6 @@ class HealthPoller:
             return
         if not result.passed:
             fleet.check_failures += 1
-        was_full = fleet.full
         before = fleet.health
         # A pass over the old connection, maybe: the next probe, on a new one, tells.
         stale = result.passed and sent_at is not None and fleet.probe_predates_down(sent_at)
@@ -443,10 +442,14 @@ class HealthPoller:
                     capacity=result.capacity,
                 ),
             )
-        if fleet.full != was_full:
+        now = time.monotonic()
+        if (said := fleet.full_said.probed(fleet.full, now)) is not None:
+            episode = fleet.full_said.episode(now) if said == "fleet has room" else {}
             log.info(
-                "fleet full" if fleet.full else "fleet has room",
-                extra=fields(fleet=fleet.name, estimated_available=fleet.estimated_available),
+                said,
+                extra=fields(
+                    fleet=fleet.name, estimated_available=fleet.estimated_available, **episode
+                ),
             )
         self._probe_recorded(fleet)
 

@@ -267,8 +267,10 @@ def describe_result(body: dict[str, Any]) -> str:
             f"  {body['line']}\nnothing changed{warned}"
         )
     if "health" in body:
+        held = body.get("admin_state", "READY")
+        kept = f"{held}: no new call goes to it until `ready`, " if held != "READY" else ""
         return (
-            f"added fleet {body['fleet']} ({body['url']}): {body['health']}, "
+            f"added fleet {body['fleet']} ({body['url']}): {body['health']}, {kept}"
             f"saved to {body['fleets_file']} (backup {body['backup']}){warned}"
         )
     backup = f" (backup {body['backup']})" if body.get("backup") else ""

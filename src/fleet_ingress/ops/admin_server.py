@@ -150,6 +150,9 @@ def admin_app(
         maxconn = body.get("maxconn")
         if maxconn is not None and (not isinstance(maxconn, int) or maxconn < 1):
             raise FleetChangeError(400, "maxconn must be a whole number of at least 1")
+        admin = body.get("admin")
+        if admin not in (None, "drain", "maint"):
+            raise FleetChangeError(400, "a fleet is added with admin drain or maint, or without")
         await ready_for_changes()
         try:
             result = await ops.add_fleet(
@@ -157,6 +160,7 @@ def admin_app(
                 name=body.get("name"),
                 maxconn=maxconn,
                 dry_run=bool(body.get("dry_run")),
+                admin=admin,
             )
         finally:
             change_over()

@@ -234,6 +234,22 @@ def workers_missing(snap: dict[str, Any]) -> str | None:
     if serving is None or wanted is None or serving >= wanted or snap.get("state") == "draining":
         return None
     line = f"WORKERS MISSING: {serving} of {wanted} serving"
+    if stuck := snap.get("workers_unresponsive"):
+        # Running, but not serving: it answers no report request.
+        hang = snap.get("worker_hang_timeout")
+        pids = ", ".join(str(pid) for pid in stuck)
+        line += (
+            f"; {len(stuck)} running but unresponsive (pid {pids}): answering no report "
+            "request, its calls likely frozen; "
+            + (
+                f"killed and replaced once silent {hang:g}s (process.worker_hang_timeout)"
+                if hang
+                else "never killed (process.worker_hang_timeout = 0): `kill -9` it to have "
+                "it replaced"
+            )
+        )
+        if serving + len(stuck) >= wanted:
+            return line
     if error := snap.get("worker_start_error"):
         line += (
             f"; a worker cannot be started: {error} (the service's LimitNOFILE, memory, "

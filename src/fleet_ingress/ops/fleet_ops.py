@@ -30,6 +30,7 @@ from fleet_ingress.config.fleet_lookup import (
 from fleet_ingress.config.fleets_file import FleetsFileError, parse_fleets_text, url_default_name
 from fleet_ingress.config.fleets_store import (
     FleetNotListed,
+    maxconn_pinned,
     text_with_admin_state,
     text_with_fleet,
     text_without_fleet,
@@ -316,7 +317,13 @@ class FleetOps:
         return kept
 
     async def add_fleet(
-        self, url: str, *, name: str | None, maxconn: int | None, dry_run: bool
+        self,
+        url: str,
+        *,
+        name: str | None,
+        maxconn: int | None,
+        dry_run: bool,
+        admin: str | None = None,
     ) -> dict[str, Any]:
         settings = self.settings()
         default_maxconn = settings.maxconn
@@ -332,7 +339,12 @@ class FleetOps:
                     400, f"{what} {value!r} holds a space or '#'; a fleet's {what} has neither"
                 )
         line = " ".join(
-            [url, *([f"name={name}"] if name else []), *([f"maxconn={maxconn}"] if maxconn else [])]
+            [
+                url,
+                *([f"name={name}"] if name else []),
+                *([f"maxconn={maxconn}"] if maxconn else []),
+                *([f"admin={admin}"] if admin else []),
+            ]
         )
         try:
             (spec,) = parse_fleets_text(line, default_maxconn=default_maxconn, source="add-fleet")
@@ -352,12 +364,17 @@ class FleetOps:
                 f"health pre-check of {spec.url}{poller.settings.health_path} failed: "
                 f"{precheck.reason}; nothing changed",
             )
-        new_text = text_with_fleet(self._read_fleets_text(), spec, default_maxconn=default_maxconn)
+        # A --maxconn given is written as given, the default's value too: the
+        # operator pinned it (remove-fleet's command to add a fleet again gives
+        # it so), rather than have it follow fleets.maxconn.
+        written_default = None if maxconn else default_maxconn
+        new_text = text_with_fleet(self._read_fleets_text(), spec, default_maxconn=written_default)
         shared = await self._at_another_fleets_address(spec)
         plan = {
             "fleet": spec.name,
             "url": spec.url,
             "maxconn": spec.maxconn,
+            "admin_state": spec.admin.value,  # not "admin": an admin state change's answer
             "precheck": precheck.describe(poller.settings.capacity_key),
             "fleets_file": str(self.fleets_file),
             "line": new_text.splitlines()[-1],
@@ -371,7 +388,11 @@ class FleetOps:
         probing = poller.settings
         wait = probing.timeout + probing.interval * (probing.rise + 1) + 1
         try:
-            if not await poller.wait_for(fleet, lambda f: f.health is Health.UP, timeout=wait):
+            # A fleet added in MAINT is not probed (SPEC 7): it passed the pre-check,
+            # and reads UP once `ready` or `drain` has it probed again.
+            if spec.admin is not Admin.MAINT and not await poller.wait_for(
+                fleet, lambda f: f.health is Health.UP, timeout=wait
+            ):
                 last = fleet.last_probe.describe() if fleet.last_probe else "no probe answered"
                 await self._drop(fleet)
                 raise FleetChangeError(
@@ -382,7 +403,7 @@ class FleetOps:
                 # Read again: the file may have changed while the fleet came up (an admin
                 # state saved, another fleet removed), and those changes must stay.
                 new_text = text_with_fleet(
-                    self._read_fleets_text(), spec, default_maxconn=default_maxconn
+                    self._read_fleets_text(), spec, default_maxconn=written_default
                 )
                 try:  # e.g. the same fleet written in by hand meanwhile
                     parse_fleets_text(
@@ -400,7 +421,12 @@ class FleetOps:
                 await self._drop(fleet)
             raise
         self.fleets.added(fleet)
-        log.info("fleet added", extra=fields(fleet=spec.name, url=spec.url, maxconn=spec.maxconn))
+        log.info(
+            "fleet added",
+            extra=fields(
+                fleet=spec.name, url=spec.url, maxconn=spec.maxconn, admin=spec.admin.value
+            ),
+        )
         return {**plan, "health": fleet.health.value, "backup": str(backup) if backup else None}
 
     async def _at_another_fleets_address(self, spec: FleetSpec) -> list[str]:
@@ -435,6 +461,11 @@ class FleetOps:
             self.fleets.check_removable(fleet)
         text = self._read_fleets_text()
         file_gone = None
+        # What the command to add it again restores: the admin state it had (a
+        # removal drains it; one removing already keeps the file's, as read),
+        # and a maxconn the file pinned, at the default too.
+        admin = fleet.spec.admin if fleet.removing else fleet.admin
+        pinned = fleet.spec.maxconn != self.settings().maxconn
         try:
             new_text: str | None = text_without_fleet(
                 text,
@@ -449,6 +480,7 @@ class FleetOps:
             raise FleetChangeError(409, f"{exc}; fix it, then remove again") from None
         if new_text is not None:
             self._check_lists_the_running(new_text, but=fleet)
+            pinned = maxconn_pinned(text, name)
         backup = self._persist(new_text) if new_text is not None else None
         gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
@@ -498,7 +530,7 @@ class FleetOps:
             "fleets_file_gone": file_gone,
             # A removal is not taken back (`ready` refuses a fleet being removed):
             # the command that adds it again, said to the operator.
-            "add_again": _add_again(fleet.spec, self.settings().maxconn),
+            "add_again": _add_again(fleet.spec, admin, pinned=pinned),
         }
 
     async def _forced_gone(self, name: str, gone: asyncio.Event) -> None:
@@ -614,14 +646,19 @@ class ForgetLater:
             self.forget(name)
 
 
-def _add_again(spec: FleetSpec, default_maxconn: int) -> str:
+def _add_again(spec: FleetSpec, admin: Admin, *, pinned: bool) -> str:
+    """The command that adds the fleet back as it was: its name, its maxconn
+    where pinned, its admin state (before, it came back READY, and a maxconn
+    the file pinned at the default followed fleets.maxconn from then on)."""
     words = ["fleet-ingress add-fleet", shlex.quote(spec.url)]
     # The URL's own name is left out, as the fleets file leaves it out: a zoned
     # fleet's ([fe80::1%eth0]:443) is no name --name takes, and the command failed.
     if spec.name != url_default_name(spec.url):
         words += ["--name", shlex.quote(spec.name)]
-    if spec.maxconn != default_maxconn:
+    if pinned:
         words += ["--maxconn", str(spec.maxconn)]
+    if admin is not Admin.READY:
+        words += ["--admin", admin.value.lower()]
     return " ".join(words)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
@@ -532,7 +532,7 @@ class Ingress:
         # system trust store takes tens of milliseconds) and never a reason to refuse.
         if not self.worker:
             await asyncio.to_thread(warn_about_chain, config)
-        return "; ".join(notes) or "no fleet changes"
+        return "; ".join(notes) or NOTHING_CHANGED
 
     def apply_fleets(self, specs: Sequence[FleetSpec], config: IngressConfig) -> list[str]:
         """Fleets diff: new ones start probing, removed ones drain, maxconn applies at once."""

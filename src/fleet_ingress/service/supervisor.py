@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import settings_changed
+from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
@@ -1113,8 +1113,23 @@ class Supervisor:
         """The workers of the generation serving now that serve: a replacement
         still starting (or stuck before it serves, or about to die of a broken
         install) is not one (the review of session 24: counted, it reset the
-        alert's wait, and one that never served hid the loss)."""
-        return sum(1 for w in self._running_workers() if w.serving.is_set())
+        alert's wait, and one that never served hid the loss). Nor is one
+        unresponsive (it answers no report request: its loop stuck, or the
+        process stopped): it takes no call, and its calls are frozen (the
+        operator text audit of session 33: stat said all serving then)."""
+        return len(self._taking_calls())
+
+    def _taking_calls(self) -> list[WorkerProcess]:
+        stuck = self._unresponsive_pids()
+        return [w for w in self._running_workers() if w.serving.is_set() and w.pid not in stuck]
+
+    def _unresponsive_pids(self) -> set[int]:
+        return {row.pid for row in self.slots.workers if row.unresponsive}
+
+    def unresponsive_workers(self) -> list[int]:
+        """Pids of the serving generation's workers that answer no report request."""
+        stuck = self._unresponsive_pids()
+        return sorted(w.pid for w in self._running_workers() if w.pid in stuck)
 
     def workers_figures(self) -> tuple[int, int]:
         """(serving, wanted) for /metrics: wanted is 0 once stopping (every
@@ -1572,6 +1587,8 @@ class Supervisor:
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()
+        picture["workers_unresponsive"] = self.unresponsive_workers()
+        picture["worker_hang_timeout"] = self.hang_timeout
         picture["workers_dying_at_start"] = self.quick_deaths
         picture["worker_start_error"] = self.spawn_error
         picture.update(self.files.picture(self.serving_leaf))
@@ -1754,7 +1771,7 @@ class Supervisor:
         )
         self.reloads["applied"] += 1
         await asyncio.to_thread(warn_about_chain, config, self.serving_pem)
-        return "; ".join(notes) or "no fleet changes"
+        return "; ".join(notes) or NOTHING_CHANGED
 
     def _pending_notes(self, config: IngressConfig) -> list[str]:
         """What of `config` a reload does not apply: compared with the values
