@@ -1475,9 +1475,9 @@ async def test_an_admin_socket_directory_that_cannot_be_made_again_says_what_doe
         await eventually(path.is_socket, timeout=5)
         shutil.rmtree(path.parent)
         if (why := _immutable(path.parent.parent, True)) is not None:
-            if os.environ.get("CI"):
+            if os.environ.get("CI") and shutil.which("chattr") is None:
                 pytest.fail(f"CI=true: {why}; CI must run this test", pytrace=False)
-            pytest.skip(why)
+            pytest.skip(why)  # a file system without the attribute (tmpfs, overlayfs)
         made_immutable = True
 
         def unreachable() -> list[dict[str, Any]]:
