@@ -1084,7 +1084,9 @@ async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped
             os.kill(supervisor, signal.SIGCONT)
         await asyncio.sleep(1.0)
         assert workers_of(service.home) == new, (new, workers_of(service.home))
-        assert not [e for e in service.log() if "killed as hung" in e["event"]]
+        events = service.log()
+        assert not [e for e in events if "killed as hung" in e["event"]]
+        assert [e for e in events if e["event"] == joined and e.get("pid") == new[0]]
         calls.append(await connect(service.url("/ws/after"), ssl=tls_files.client_context()))
         await echo(calls[0])
     finally:
