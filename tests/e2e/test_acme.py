@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import logging
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ from fleet_ingress.net.acme import (
     MAX_ACME_RESPONSE,
     client_key,
 )
+from fleet_ingress.service import ingress as ingress_module
 from fleet_ingress.service.ingress import STOP_GRACE
 from tests.support import (
     RunningIngress,
@@ -1295,3 +1297,43 @@ async def test_a_challenge_in_flight_at_a_short_drains_stop_is_cut_by_the_worker
             writer.close()
         responder.close()
         await service.finish()
+
+
+async def test_the_stops_cut_of_80_tells_a_connection_with_no_request_from_a_challenge(
+    start_ingress: StartIngress, caplog: pytest.LogCaptureFixture, monkeypatch
+):
+    """An upgrade's stop whose drain is up (0 s here), its wait for :80 cut at
+    STOP_GRACE less EXIT_ROOM (2 - 1 s here): a challenge relayed to a
+    responder that does not answer, and a connection that sent nothing (kept
+    by an upgrade's stop: a browser's preconnect). The warning said both were
+    "a challenge being relayed"; it counts them apart."""
+    monkeypatch.setattr(ingress_module, "STOP_GRACE", 2.0)
+    caplog.set_level(logging.WARNING, logger="fleet_ingress.server")
+    responder = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    upstream = f"127.0.0.1:{responder.sockets[0].getsockname()[1]}"
+    ingress = await start_ingress(
+        ["https://127.0.0.1:9 name=unused"],
+        listen={"acme": "127.0.0.1:0"},
+        acme={"upstream": upstream},
+    )
+    idle = await asyncio.open_connection(*ingress.acme_address)
+    _, challenge = await asyncio.open_connection(*ingress.acme_address)
+    try:
+        challenge.write(
+            f"GET /.well-known/acme-challenge/{TOKEN} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+        )
+        await challenge.drain()
+        await eventually(lambda: len([p for p in ingress.registry.acme.members if p.target]) == 1)
+        async with asyncio.timeout(10):
+            await ingress.stop(drain_timeout=0, keep_pending=True)  # an upgrade's
+    finally:
+        challenge.close()
+        idle[1].close()
+        responder.close()
+    (cut,) = [
+        r.fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage().startswith(":80 connections unanswered")
+    ]
+    said = (cut["connections"], cut["being_answered"], cut["no_request_yet"], cut["targets"])
+    assert said == (2, 1, 1, [f"/.well-known/acme-challenge/{TOKEN}"]), cut

@@ -617,11 +617,17 @@ class Ingress:
             settled.cancel()
             cut.cancel()
         if left := [p for p in acme.members if not p.answered]:
+            # Told apart: an upgrade's stop keeps connections with no request
+            # yet (a browser's preconnect), and those were said to be challenges.
+            answering = [p for p in left if not p.waiting_for_head]
             log.warning(
-                ":80 connections unanswered at the stop's end (a challenge being relayed): cut",
+                ":80 connections unanswered at the stop's end (a request being answered, "
+                "a challenge most often, or none come yet): cut",
                 extra=fields(
                     connections=len(left),
-                    targets=sorted({p.target for p in left if p.target})[:5],
+                    being_answered=len(answering),
+                    no_request_yet=len(left) - len(answering),
+                    targets=sorted({p.target for p in answering if p.target})[:5],
                     waited_s=round(bound, 1),
                 ),
             )
