@@ -695,6 +695,27 @@ async def test_a_reload_that_changes_nothing_says_so_and_what_it_read(
         await service.finish()
 
 
+async def test_a_reload_of_the_same_certificate_with_another_chain_does_not_say_nothing_changed(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """The same leaf, its file rewritten with another chain (an intermediate
+    appended, as the runbook's fix for a chain carriers may fail to follow):
+    workers build a new carrier context, yet the reload said "nothing changed:
+    ... the certificate read again are those in force"."""
+    from tests.support import RunningIngress, admin_command
+
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    try:
+        cert = service.home / "cert.pem"
+        cert.write_bytes(cert.read_bytes() + tls_files.ca.cert_pem.bytes())
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        assert "nothing changed" not in printed, printed
+        assert "the same certificate, its files changed (its chain or key)" in printed, printed
+    finally:
+        await service.finish()
+
+
 async def test_add_fleet_admin_is_refused_by_a_supervisor_that_would_add_it_ready(
     tmp_path: Path,
 ) -> None:
