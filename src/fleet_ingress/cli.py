@@ -466,7 +466,9 @@ def _admin(args: argparse.Namespace) -> int:
             "dry_run": args.dry_run,
             **({"admin": args.admin} if args.admin else {}),
         }
-        return run_admin(socket_path, "POST", "/fleets", payload)
+        from fleet_ingress.ops.admin_client import run_add_fleet
+
+        return run_add_fleet(socket_path, payload)
     query = "?force=1" if args.force else ""
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 

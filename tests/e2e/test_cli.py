@@ -693,3 +693,74 @@ async def test_a_reload_that_changes_nothing_says_so_and_what_it_read(
         assert "nothing changed" not in printed
     finally:
         await service.finish()
+
+
+async def test_a_reload_of_the_same_certificate_with_another_chain_does_not_say_nothing_changed(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """The same leaf, its file rewritten with another chain (an intermediate
+    appended, as the runbook's fix for a chain carriers may fail to follow):
+    workers build a new carrier context, yet the reload said "nothing changed:
+    ... the certificate read again are those in force"."""
+    from tests.support import RunningIngress, admin_command
+
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    try:
+        cert = service.home / "cert.pem"
+        cert.write_bytes(cert.read_bytes() + tls_files.ca.cert_pem.bytes())
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        assert "nothing changed" not in printed, printed
+        assert "the same certificate, its files changed (its chain or key)" in printed, printed
+    finally:
+        await service.finish()
+
+
+async def test_add_fleet_admin_is_refused_by_a_supervisor_that_would_add_it_ready(
+    tmp_path: Path,
+) -> None:
+    """During an upgrade the new release's `add-fleet --admin maint` asks the old
+    supervisor, which ignores a field it does not know: before, it added the fleet
+    READY (new calls sent to a fleet meant to be held) and the command said
+    "added", exit 0. Now its dry run, answered without `admin_state`, stops it."""
+    from aiohttp import web
+
+    asked: list[dict] = []
+
+    async def add(request: web.Request) -> web.Response:  # a release before --admin
+        body = await request.json()
+        asked.append(body)
+        plan = {
+            "fleet": "f9",
+            "url": body["url"],
+            "maxconn": 100,
+            "precheck": "UP",
+            "fleets_file": "/etc/fleet-ingress/fleets.txt",
+            "line": body["url"],
+        }
+        if body.get("dry_run"):
+            return web.json_response({**plan, "dry_run": True})
+        return web.json_response({**plan, "health": "UP", "backup": None})
+
+    app = web.Application()
+    app.router.add_post("/fleets", add)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = tmp_path / "admin.sock"
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        command = ["add-fleet", "https://f9.test", "--name", "f9", "--admin-socket", str(path)]
+        old = await asyncio.create_subprocess_exec(
+            *CLI, *command, "--admin", "maint", stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(old.communicate(), 30)
+        ready = await asyncio.create_subprocess_exec(*CLI, *command, stdout=subprocess.DEVNULL)
+        await asyncio.wait_for(ready.wait(), 30)
+    finally:
+        await runner.cleanup()
+    assert old.returncode == 1, err.decode()
+    assert "a release before `add-fleet --admin`: it would add fleet f9 READY" in err.decode()
+    assert "`fleet-ingress maint f9`" in err.decode()
+    # Only the dry run reached it; without --admin, nothing is asked first.
+    assert [a.get("dry_run") for a in asked] == [True, False]
+    assert ready.returncode == 0

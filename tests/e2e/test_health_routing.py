@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -298,6 +299,41 @@ async def test_a_fleet_answering_429_while_its_probes_say_room_is_said_full_once
     ], said()
     await eventually(lambda: len(said()) == 2, timeout=5)
     assert said()[1] == ("fleet has room", a.rejected_429), said()
+
+
+async def test_the_room_line_counts_every_429_of_calls_in_flight_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, sim_fleets, caplog, monkeypatch
+):
+    """Calls sent to a fleet together, each answered 429: only the first is
+    news to its estimate, and "fleet has room" said answered_429=1 whatever
+    the number it answered (the operator read 1 refusal for a burst of them)."""
+    from fleet_ingress.core import full_said
+
+    monkeypatch.setattr(full_said, "ROOM_HOLD", 0.5)
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    a, b = sim_fleets
+    a.capacity, a.available_override = 0, 1000
+    b.capacity, b.available_override = 0, 0  # every call goes to a
+    ingress = await started(start_ingress, lines(a, b), fleets={"check_interval": 0.2})
+
+    async def one() -> None:
+        with contextlib.suppress(InvalidStatus):
+            ws = await connect(wss_url(ingress), ssl=tls_files.client_context())
+            await ws.close()
+
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(one() for _ in range(8)))  # bounded: 8 calls
+    assert a.rejected_429 >= 2, a.rejected_429
+
+    def room() -> list[Any]:
+        return [
+            r.fields.get("answered_429")  # type: ignore[attr-defined]
+            for r in caplog.records
+            if getattr(r, "fields", {}).get("fleet") == "a" and r.getMessage() == "fleet has room"
+        ]
+
+    await eventually(lambda: room(), timeout=5)
+    assert room() == [a.rejected_429], (room(), a.rejected_429)
 
 
 async def test_calls_still_connecting_when_a_probe_is_answered_are_not_sent_twice(

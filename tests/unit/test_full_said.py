@@ -38,3 +38,17 @@ def test_a_429_while_probes_say_full_holds_its_room_line():
     assert said.probed(False, 1.0) is None
     assert said.probed(False, 1.0 + ROOM_HOLD) == "fleet has room"
     assert said.episode(1.0 + ROOM_HOLD)["answered_429"] == 1
+
+
+def test_a_429_that_is_no_news_is_counted_in_the_full_said_and_begins_none():
+    said = FullSaid()
+    assert said.answered_429_now(0.0, news=False) is False  # no FULL said: nothing
+    assert said.answered_429 == 0 and not said.said_full
+    assert said.answered_429_now(1.0) is True
+    assert said.answered_429_now(1.1, news=False) is False
+    assert said.answered_429_now(1.2, news=False) is False
+    assert said.probed(False, 2.0) is None
+    assert said.answered_429_now(2.5, news=False) is False  # the hold starts over
+    assert said.probed(False, 2.6) is None
+    assert said.probed(False, 2.6 + ROOM_HOLD) == "fleet has room"
+    assert said.episode(2.6 + ROOM_HOLD)["answered_429"] == 4

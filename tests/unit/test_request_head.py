@@ -431,3 +431,21 @@ def test_an_absolute_form_authority_naming_another_address_is_still_refused(targ
     with pytest.raises(RequestRefused) as refused:
         parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
     assert refused.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("target", "host"),
+    [
+        (b"https://calls.example.com:" + b"0" * 5000 + b"443/ws/b", b"calls.example.com"),
+        (b"https://calls.example.com/ws/b", b"calls.example.com:" + b"0" * 5000 + b"443"),
+        (b"https://calls.example.com:" + b"0" * 5000 + b"/ws/b", b"calls.example.com:0"),
+    ],
+)
+def test_an_authority_port_with_thousands_of_leading_zeros_is_read_as_its_number(target, host):
+    # Before: int() of more than 4,300 digits raised ValueError out of the parse (a
+    # traceback logged as "request head parse failed" for every such head a stranger sent).
+    head = parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.target == b"/ws/b"
+    with pytest.raises(RequestRefused) as refused:
+        parse_request_head(b"GET " + target + b" HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+    assert refused.value.status == 400

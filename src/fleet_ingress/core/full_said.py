@@ -26,12 +26,19 @@ class FullSaid:
     said_full: bool = False
     since: float = 0.0  # when the FULL said last began
     by_429: bool = False  # a 429 began it, or came during it
-    answered_429: int = 0  # 429s taken as news during it
+    answered_429: int = 0  # 429s answered during it (news to the estimate or not)
     room_since: float | None = None  # probes have said room since (a 429's FULL)
 
-    def answered_429_now(self, now: float) -> bool:
-        """A call's 429 made the fleet FULL (news to its estimate): True when
-        that is to be said (no FULL said now)."""
+    def answered_429_now(self, now: float, *, news: bool = True) -> bool:
+        """A call answered 429; `news`: it made the fleet FULL (news to its
+        estimate). True when that is to be said (no FULL said now). One that is
+        no news (calls sent together, answered 429 after the first) is counted
+        in the FULL said, and begins none."""
+        if not news:
+            if self.said_full:
+                self.answered_429 += 1
+                self.room_since, self.by_429 = None, True
+            return False
         self.answered_429 += 1
         self.room_since = None
         self.by_429 = True

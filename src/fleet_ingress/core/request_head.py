@@ -394,7 +394,10 @@ def _authority_key(authority: bytes, default_port: int) -> tuple[object, int]:
     host, port = authority, default_port
     if match.group(1) is not None:
         host = authority[: match.start(1) - 1]
-        port = int(match.group(1) or default_port)
+        # Its zeros dropped first, as `_valid_host` does: int() raises on more than
+        # 4,300 digits, and "0…0443" (a stranger's) would fail the parse with a traceback.
+        digits = match.group(1).lstrip(b"0")
+        port = int(digits) if digits else (0 if match.group(1) else default_port)
     if host.startswith(b"["):
         try:
             return ipaddress.IPv6Address(host[1:-1].decode("ascii")), port

@@ -193,6 +193,36 @@ def run_admin(
     return 0
 
 
+def run_add_fleet(socket_path: Path, payload: dict[str, Any], *, out: TextIO | None = None) -> int:
+    """`fleet-ingress add-fleet`. With `--admin`, a dry run first: a supervisor of
+    a release before it ignores the field and adds the fleet READY, calls sent to
+    a fleet the operator meant to hold (found in an upgrade, the new release's
+    command asking the old supervisor). Refused then, nothing changed. The
+    pre-check probe is sent twice."""
+    if payload.get("admin") and not payload.get("dry_run"):
+        try:
+            status, body = asyncio.run(
+                admin_request(socket_path, "POST", "/fleets", {**payload, "dry_run": True})
+            )
+        except AdminUnreachable as exc:
+            print(f"fleet-ingress: {exc}", file=sys.stderr)
+            return 2
+        if status >= 400:
+            print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+            return 1
+        if not _lacks_our_fields("/fleets", body) and "admin_state" not in body:
+            print(
+                f"fleet-ingress: the running ingress is of a release before `add-fleet "
+                f"--admin`: it would add fleet {body['fleet']} READY, new calls sent to it at "
+                "once; nothing changed. `fleet-ingress upgrade` first, or add it without "
+                f"--admin, then `fleet-ingress {payload['admin']} {body['fleet']}` (calls may "
+                "reach it in between)",
+                file=sys.stderr,
+            )
+            return 1
+    return run_admin(socket_path, "POST", "/fleets", payload, out=out)
+
+
 def run_reload(
     socket_path: Path,
     *,

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
+from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
@@ -502,6 +502,8 @@ class Ingress:
             notes.append(f"applied: {settings}")
         if not self.worker and (certificate := change_note(leaf, self.serving_leaf)):
             notes.append(certificate)
+        elif not self.worker and self.serving_pem is not None and pem != self.serving_pem:
+            notes.append(CHAIN_CHANGED)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served; and no

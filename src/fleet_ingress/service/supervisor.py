@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
+from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
@@ -1717,6 +1717,8 @@ class Supervisor:
             notes.append(f"applied: {settings}")
         if certificate := change_note(leaf, self.serving_leaf):
             notes.append(certificate)
+        elif self.serving_pem is not None and pem != self.serving_pem:
+            notes.append(CHAIN_CHANGED)
         verified = self.config.fleets.verify
         new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
         if new_keys:
