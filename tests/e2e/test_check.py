@@ -886,13 +886,16 @@ async def test_check_names_a_listen_address_no_interface_has_and_leaves_a_runnin
             config.read_text().replace(f'"127.0.0.1:{service.port}"', f'"192.0.2.1:{service.port}"')
         )
         code, said = await check(elsewhere)
-        assert code == 1, said
+        # A warning: the unit's ExecReload runs check, and an address lost since
+        # the start must not refuse a reload (a certificate renewal's) while the
+        # socket bound at the start serves on.
+        assert code == 0, said
         assert (
-            f"{elsewhere}: listen.wss = '192.0.2.1:{service.port}': cannot listen: Cannot "
-            "assign requested address; no interface of this machine has that address "
+            f"warning: {elsewhere}: listen.wss = '192.0.2.1:{service.port}': cannot listen: "
+            "Cannot assign requested address; no interface of this machine has that address "
             "(`ip addr` lists them): give one it has, or 0.0.0.0 / [::] for all"
         ) in said, said
-        assert "OK:" not in said
+        assert "a start fails at this bind" in said and "\nOK: 1 fleet" in "\n" + said, said
         assert service.proc.returncode is None
         await service.fleets_up()
     finally:
