@@ -544,6 +544,48 @@ def test_a_worker_whose_channel_was_lost_is_kept_counted_while_it_runs():
     b.close()
 
 
+async def test_a_snapshot_written_before_the_workers_are_taken_up_still_knows_them(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A supervisor started after a crash serves its stats listener (and the
+    admin socket) before it has taken up the workers (`adopt_workers`: up to
+    FIRST_PROBE_WAIT and RESTORE_TIMEOUT); a scrape or `stat` then writes its
+    snapshot, in place of the dead one's. It still names the workers it is
+    taking up with what the dead one knew of them: a second death meanwhile
+    (a crash loop) had the next supervisor forget a worker whose channel was
+    lost (its calls counted against no fleet: maxconn passed) and the
+    retirement deadline of the others (the review of session 34)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    a, b = socket.socketpair()
+    lost = {  # this test's own process: running, its channel in no store
+        "pid": os.getpid(),
+        "generation": 1,
+        "retiring": True,
+        "retire_by": 50.0,
+        "held": ["c"],
+        "channel_lost": True,
+        "lost_confirmed": True,
+        "calls_lost": 1,
+        "process_start": process_start(os.getpid()),
+    }
+    retiring = {"pid": 20, "generation": 2, "retiring": True, "retire_by": 60.0, "held": ["c"]}
+    snapshot = {"version": STATE_VERSION, "sequence": 3, "workers": [retiring, lost]}
+    carried = crash_state({"worker.20.2": a}, worker_target=1, snapshot=snapshot)
+    assert carried is not None
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    # Before `adopt_workers`: what a scrape's write takes.
+    written = json.loads(state_to_json({"sequence": 4, **supervisor.upgrade.crash_snapshot()}))
+    again = crash_state({"worker.20.2": a}, worker_target=1, snapshot=written)
+    assert again is not None
+    by_pid = {w["pid"]: w for w in again["workers"]}
+    assert by_pid[20]["retire_by"] == 60.0 and by_pid[20]["held"] == ["c"]
+    assert by_pid[os.getpid()]["channel_lost"] and by_pid[os.getpid()]["held"] == ["c"]
+    a.close()
+    b.close()
+
+
 def test_a_listener_the_configuration_moved_is_closed_and_taken_out_of_the_store(tmp_path):
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(tmp_path / "notify.sock"))

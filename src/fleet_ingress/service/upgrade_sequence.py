@@ -610,8 +610,28 @@ class UpgradeSequence:
                     "calls_at_leave": _calls_to_json(w.calls_at_leave),
                 }
                 for w in supervisor.workers.values()
-            ],
+            ]
+            # A crash snapshot while the workers are being taken up: those not
+            # yet, as the previous process carried them.
+            + ([] if handover else self._workers_not_taken_up()),
         }
+
+    def _workers_not_taken_up(self) -> list[dict[str, Any]]:
+        """The workers the previous process (an exec's, or one dead: `fd_store`)
+        carried that `adopt_workers` has not taken up yet, as it carried them
+        (their calls left out, as a crash snapshot leaves them). A supervisor
+        serves its stats listener and admin socket before it takes them up (up
+        to FIRST_PROBE_WAIT and RESTORE_TIMEOUT after a crash), and a scrape's
+        or `stat`'s snapshot then replaced the dead one's without them: a death
+        meanwhile had the next supervisor forget a worker whose channel was lost
+        (its calls counted against no fleet) and the others' retirement (the
+        review of session 34)."""
+        taken = {w.pid for w in self.supervisor.workers.values()}
+        return [
+            {**carried, "calls": {}}
+            for pid, carried in self._carried_workers.items()
+            if pid not in taken
+        ]
 
     def _reexec(self) -> None:
         """Replace this image with the code installed now, same PID, keeping
@@ -709,6 +729,7 @@ class UpgradeSequence:
         # By the pids adopted, not by `workers`: one whose channel came over
         # may have exited and been reaped already (its watcher runs meanwhile).
         self._watch_channelless(adopted)
+        self._carried_workers = {}  # every one is a worker here now (`_workers_not_taken_up`)
         if self.crash_restart:
             # No fleet's health came over: a call queued meanwhile waits for the
             # first probes (slots paused) rather than be answered 503.
