@@ -1521,6 +1521,35 @@ async def test_a_stop_asked_as_the_trial_run_ends_stops_the_ingress(
         await service.finish()
 
 
+async def test_a_stop_that_ends_while_the_trial_run_s_aftermath_runs_says_the_upgrade_was_abandoned(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """SIGTERM as the trial run ends, and the files read again after it slow (a
+    thread the loop waits on): the stop, with no call to drain, ended first and
+    the supervisor exited with the upgrade under way, saying nothing of it (a
+    CI run under load, session 34). The upgrade is said abandoned, once."""
+    src = _copy_package(tmp_path)
+    _inject(src, "service/upgrade.py", TRIAL_ENDED, "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    _inject(
+        src,
+        "service/upgrade_sequence.py",
+        "    return certificate_not_taken(config, serving)\n",
+        "    import time; time.sleep(3)\n",
+    )
+    service = await _start_planted(src, tls_files, fleets, workers=1, drain=10)
+    try:
+        await service.fleets_up()
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        code = await asyncio.wait_for(service.proc.wait(), 20)
+        assert code == 0, service.log_tail()
+        events = [e.get("event", "") for e in service.log()]
+        assert not [e for e in events if "re-executing" in e]
+        abandoned = [e for e in service.log() if e.get("event", "").startswith("upgrade abandoned")]
+        assert len(abandoned) == 1 and "stop" in abandoned[0]["error"], abandoned
+    finally:
+        await service.finish()
+
+
 _BREAK_FLEETS = 'pathlib.Path({where}).parent.joinpath("fleets.txt").write_text({text!r})'
 # What each broken fleets file says: a line that is no fleet; none at all.
 _BROKEN = [
