@@ -2158,13 +2158,19 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     for sock in supervisor.handed.values():
         sock.close()
     supervisor.handed.clear()
-    await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
     # Workers of the previous image this one had not taken up (it failed first)
     # are its children all the same: waited for too, or systemd would kill them,
     # and their calls, as this process exits (the review of session 26).
     # Patient: workers stopped with this process (a paused VM) past the
     # deadline close their calls (1001) first; killed at once, they were cut.
+    # Asked from the start, while the adopted workers are waited for too: a
+    # stall then, made after, went unseen (the others killed on its first ask).
     kill_at = PatientDeadline(deadline, _CHILDREN_EVERY, _STALL_GRACE)
+    asking = asyncio.create_task(_keep_asking(kill_at))
+    try:
+        await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
+    finally:
+        asking.cancel()
     while left := children_running():
         if kill_at.passed():
             for pid in left:
@@ -2172,6 +2178,13 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             break
+        await asyncio.sleep(_CHILDREN_EVERY)
+
+
+async def _keep_asking(deadline: PatientDeadline) -> None:
+    """Ask `deadline` every _CHILDREN_EVERY, so that it sees a stall meanwhile."""
+    while True:
+        deadline.passed()
         await asyncio.sleep(_CHILDREN_EVERY)
 
 
