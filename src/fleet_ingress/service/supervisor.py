@@ -612,6 +612,17 @@ class Supervisor:
             else:
                 self._admin_socket_trouble = None
             return
+        if (unseen := _not_looked_at(path)) is not None:
+            # Not gone, for all this process knows: a directory on the way it
+            # may no longer enter (its mode changed). Said "its file was
+            # removed" and tried to make it, which failed the same way.
+            self._admin_socket_troubled(
+                path,
+                f"its file cannot be looked at ({unseen}): a directory on its way "
+                "is closed to this process now (its mode or owner changed?); the "
+                "file is left as it is, and looked at again each second",
+            )
+            return
         directory_gone = not path.parent.is_dir()
         try:
             new = bind_admin_socket(path)
@@ -1881,6 +1892,18 @@ class Supervisor:
         for worker in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
+
+
+def _not_looked_at(path: Path) -> str | None:
+    """Why `path` cannot be looked at (stat fails other than for its absence),
+    or None: it is there, or gone."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
 
 
 def _admin_directory_not_made(path: Path, exc: OSError) -> str:
