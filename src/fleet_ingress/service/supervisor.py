@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -148,6 +147,7 @@ from fleet_ingress.service.ingress import (
     listener_notes,
     probe_settings,
     read_reload_settled,
+    warn_same_host,
 )
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
 from fleet_ingress.service.lifecycle import (
@@ -473,8 +473,7 @@ class Supervisor:
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
             _warn_unverified()
-        for same in same_host_warnings(fleet.spec for fleet in self.balancer.fleets):
-            _warn_same_host(same)
+        warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
@@ -1752,9 +1751,7 @@ class Supervisor:
         for fleet in plan.added:
             self.poller.start(fleet)
         notes += plan.notes
-        for same in same_host_warnings(specs):  # said at each reload, as check says it
-            _warn_same_host(same)
-            notes.append(f"warning: {same}")
+        notes += warn_same_host(specs, log)  # said at each reload, as check says it
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -1921,12 +1918,6 @@ def _admin_directory_not_made(path: Path, exc: OSError) -> str:
         "(ProtectSystem=strict), so a directory made by hand does not do. Calls go "
         "on meanwhile, and `systemctl reload` (SIGHUP) works"
     )
-
-
-def _warn_same_host(warning: str) -> None:
-    """A fleet at an IPv4 address in another spelling (0x7f.0.0.1), or beside
-    the same address: `check` says it too (fleets_file.same_host_warnings)."""
-    log.warning("fleets file: an address in another spelling", extra=fields(detail=warning))
 
 
 def _warn_unverified() -> None:
