@@ -35,7 +35,6 @@ from fleet_ingress.net.acme import (
     client_key,
 )
 from fleet_ingress.service import ingress as ingress_module
-from fleet_ingress.service.ingress import STOP_GRACE
 from tests.support import (
     RunningIngress,
     StartIngress,
@@ -1294,7 +1293,10 @@ async def test_a_challenge_in_flight_at_a_short_drains_stop_is_cut_by_the_worker
         killed = [e for e in events if "killed" in e["event"]]
         cut = [e for e in events if e["event"].startswith(":80 connections unanswered")]
         assert (code, killed, len(cut)) == (0, [], 1), (code, killed, cut)
-        assert took < 0.2 + STOP_GRACE, took
+        # Cut at STOP_GRACE less EXIT_ROOM after the drain (4.2 s), not at the
+        # responder's timeouts.response (8 s); the supervisor's kill is `killed`
+        # above. 0.2 + STOP_GRACE (5.2) left 0.9 s: 4.27 s measured under -n 2.
+        assert took < 8, took
     finally:
         if writer is not None:
             writer.close()
