@@ -16,11 +16,11 @@ from fleet_ingress.service.sdnotify import Notifier
 async def test_children_not_taken_up_get_their_grace_after_a_stall_during_the_wait(monkeypatch):
     """A stall past the deadline while the adopted workers were waited for: a
     child not taken up, continued with this process, closes its calls (here: it
-    ends 0.4 s after) within the stall's grace (1 s here), not killed on the
+    ends 0.4 s after) within the stall's grace (2 s here), not killed on the
     kill loop's first ask (its PatientDeadline was made after the wait, blind
     to the stall: the child's calls cut with no close frame)."""
     monkeypatch.setattr(supervisor_module, "STOP_GRACE", 0.2)
-    monkeypatch.setattr(supervisor_module, "_STALL_GRACE", 1.0)
+    monkeypatch.setattr(supervisor_module, "_STALL_GRACE", 2.0)
     child = await asyncio.create_subprocess_exec("sleep", "30")
     monkeypatch.setattr(
         supervisor_module,
