@@ -29,10 +29,12 @@ from fleet_ingress.net.acme import (
     ACME_MAX_PER_CLIENT,
     EVICTION_PEEKS,
     MAX_ACME_RESPONSE,
+    AcmeConnections,
+    AcmeProtocol,
+    AcmeSettings,
     client_key,
 )
 from fleet_ingress.service import ingress as ingress_module
-from fleet_ingress.service.ingress import STOP_GRACE
 from tests.support import (
     RunningIngress,
     StartIngress,
@@ -1291,7 +1293,10 @@ async def test_a_challenge_in_flight_at_a_short_drains_stop_is_cut_by_the_worker
         killed = [e for e in events if "killed" in e["event"]]
         cut = [e for e in events if e["event"].startswith(":80 connections unanswered")]
         assert (code, killed, len(cut)) == (0, [], 1), (code, killed, cut)
-        assert took < 0.2 + STOP_GRACE, took
+        # Cut at STOP_GRACE less EXIT_ROOM after the drain (4.2 s), not at the
+        # responder's timeouts.response (8 s); the supervisor's kill is `killed`
+        # above. 0.2 + STOP_GRACE (5.2) left 0.9 s: 4.27 s measured under -n 2.
+        assert took < 8, took
     finally:
         if writer is not None:
             writer.close()
@@ -1337,3 +1342,75 @@ async def test_the_stops_cut_of_80_tells_a_connection_with_no_request_from_a_cha
     ]
     said = (cut["connections"], cut["being_answered"], cut["no_request_yet"], cut["targets"])
     assert said == (2, 1, 1, [f"/.well-known/acme-challenge/{TOKEN}"]), cut
+
+
+class _Transport(asyncio.Transport):
+    """A connection whose answer stays in its buffer (a slow reader); each look
+    at it (its buffer, its share) counted on `looks`."""
+
+    def __init__(self, ip: str, looks: list[int]) -> None:
+        super().__init__()
+        self.ip, self.looks = ip, looks
+
+    def get_extra_info(self, name, default=None):
+        return (self.ip, 40000) if name == "peername" else default
+
+    def write(self, data) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        self.looks[0] += 1
+        return 100
+
+    def is_closing(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_client_at_its_share_looks_at_its_own_draining_connections_alone():
+    """A flood from one address past its share: each of its connects looks
+    again at the answered connections still draining, its own only, not those
+    of every client (each look was at every draining connection on :80)."""
+    count = AcmeConnections(limit=1000, per_client=1)
+    settings = AcmeSettings(
+        upstream_host="127.0.0.1", upstream_port=9, redirect_https=True,
+        request_timeout=5, connect_timeout=2, response_timeout=2,
+        max_head_bytes=16384, max_header_count=100, connections=count,
+    )  # fmt: skip
+    looks = [0]
+
+    class Looked(AcmeProtocol):
+        @property
+        def shares_as(self) -> str | None:
+            looks[0] += 1
+            return super().shares_as
+
+    others = [Looked(settings) for _ in range(200)]
+    ours = [Looked(settings) for _ in range(51)]
+    try:
+        count.per_client = 1000  # another client's (a NAT's) many, answered, draining
+        for p in others:
+            p.connection_made(_Transport("127.0.0.2", looks))
+            p._write(b"HTTP/1.1 404 Not Found\r\n\r\n")  # its answer in its buffer still
+        assert count.by_client["127.0.0.2"] == 200
+        count.per_client = 1
+        ours[0].connection_made(_Transport("127.0.0.1", [0]))
+        looks[0] = 0
+        for p in ours[1:]:  # at its share: each refused
+            p.connection_made(_Transport("127.0.0.1", [0]))
+        assert count.by_client["127.0.0.1"] == 1 and count.refused == 50
+        assert looks[0] == 0  # the other client's connections were not looked at
+    finally:
+        for p in [*others, *ours]:
+            p.connection_lost(None)

@@ -869,6 +869,36 @@ async def test_remove_fleet_s_add_again_restores_its_admin_state_and_pinned_maxc
         await ws.close()
 
 
+async def test_remove_fleet_s_add_again_said_twice_keeps_the_admin_state_in_force(
+    deployment: Deployment,
+):
+    """A drain the fleets file did not record (it was gone then), a removal
+    (a call keeps the fleet draining), then a forced one: its command to add
+    the fleet again said the state the file had at the load (READY: calls to it
+    at once), not the DRAIN in force when it was removed."""
+    d = deployment
+    calls = [await d.call() for _ in range(2)]
+    assert len([ws for ws in calls if fleet_of(ws) == "b"]) == 1
+    text = d.fleets_file.read_text()
+    d.fleets_file.unlink()
+    code, out, err = await d.cli("drain", "b")
+    assert code == 0 and "not saved to the fleets file" in out, out + err
+    d.fleets_file.write_text(text)
+    code, out, err = await d.cli("remove-fleet", "b")
+    assert code == 0 and d.fleet("b").removing, out + err
+    code, out, err = await d.cli("remove-fleet", "b", "--force")
+    assert code == 0, err
+    (again,) = [
+        line.removeprefix("to add it again: ")
+        for line in out.splitlines()
+        if line.startswith("to add it again: ")
+    ]
+    assert " --admin drain " in again + " ", again
+    await eventually(lambda: d.ingress.balancer.get("b") is None)
+    for ws in calls:
+        await ws.close()
+
+
 async def test_remove_fleet_s_add_again_of_a_ready_fleet_at_the_default_stays_unpinned(
     deployment: Deployment,
 ):

@@ -418,6 +418,45 @@ async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_br
         await server.close()
 
 
+async def test_a_fleet_forgotten_while_granted_to_a_call_that_gave_up_leaves_the_reports():
+    """The grant came, and the fleet's forget with it, but the call gave up before
+    it took the slot (its task cancelled: its client went): the slot given back
+    was the fleet's last, so its record goes as at a release (it lingered in
+    every report of this worker's, a removed fleet's name with it)."""
+    task: asyncio.Task[RemoteLease] | None = None
+
+    class Client(SlotClient):
+        def data_received(self, data: bytes) -> None:
+            if b'"granted"' not in data:
+                super().data_received(data)
+                return
+            # The forget read in the same chunk as the grant, then the call
+            # gives up before it ran on with its slot.
+            super().data_received(data + encode({"op": "forget-fleet", "fleet": "a"}))
+            assert task is not None
+            task.cancel()
+
+    server = SlotServer(_slots(), view=(view := HostView()))
+    ours, theirs = socket.socketpair()
+    await server.adopt(ours)
+    w = await Client.connect(sock=theirs, pid=11, generation=1, answer_timeout=5)
+    w.reporter = WorkerReporter(Registry(), lambda: w.fleets.values(), {})
+    try:
+        task = asyncio.create_task(w.lease())
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the lease was taken: the test did not give it up")
+        assert "a" not in w.fleets
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert [key for key in view.totals().counters if "a" in key[1:2]] == []
+    finally:
+        w.close()
+        await server.close()
+
+
 async def test_a_worker_that_does_not_say_it_forgets_is_not_sent_forget_fleet():
     """An older worker does not know the op (some releases cut the channel at an
     op they do not know): only a worker whose hello says "forgets" is told."""

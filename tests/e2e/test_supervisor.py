@@ -1502,6 +1502,65 @@ async def test_an_admin_socket_directory_that_cannot_be_made_again_says_what_doe
         await service.finish()
 
 
+# Supervisor.keep_admin_socket on the admin socket of this process, its
+# directory then closed to it (mode 0): prints what it said, and the inode at
+# the path before and after.
+_CLOSED_ADMIN_DIRECTORY_CHILD = """
+import asyncio, os, sys
+from pathlib import Path
+from types import SimpleNamespace
+from fleet_ingress.ops.admin_server import bind_admin_socket, socket_file_id
+from fleet_ingress.service.supervisor import Supervisor
+
+async def main(path):
+    sock = bind_admin_socket(path)
+    before = os.stat(path).st_ino
+    fake = SimpleNamespace(
+        admin_socket=path, _admin_sock=sock, stopping=False, _web=None,
+        _admin_socket_id=socket_file_id(path), _admin_socket_trouble=None,
+    )
+    fake._admin_socket_troubled = lambda p, t: Supervisor._admin_socket_troubled(fake, p, t)
+    os.chmod(path.parent, 0)
+    try:
+        await Supervisor.keep_admin_socket(fake)
+    finally:
+        os.chmod(path.parent, 0o755)
+    print(fake._admin_socket_trouble)
+    print(before, os.stat(path).st_ino)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+def test_an_admin_socket_whose_directory_is_closed_is_not_said_removed(tmp_path: Path) -> None:
+    """The admin socket's directory closed to the service's user (its mode
+    changed): its file cannot be looked at, but it is there. Said "its file was
+    removed and [Errno 13] Permission denied", which sent the operator looking
+    for who removed it: now it says what happened, and leaves the file alone.
+    As root without its permission-check capabilities (the service's user)."""
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
+    path = tmp_path / "run" / "admin.sock"
+    done = subprocess.run(
+        [
+            *("setpriv", "--bounding-set", "-dac_override,-dac_read_search"),
+            *(sys.executable, "-c", _CLOSED_ADMIN_DIRECTORY_CHILD, str(path)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.returncode == 0, done.stderr
+    said, inodes = done.stdout.splitlines()
+    assert said == (
+        "its file cannot be looked at (Permission denied): a directory on its way is "
+        "closed to this process now (its mode or owner changed?); the file is left as "
+        "it is, and looked at again each second"
+    ), said
+    before, after = inodes.split()
+    assert before == after
+
+
 async def test_a_refused_reload_stays_in_stat_and_systemds_status_until_one_applies(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

@@ -247,3 +247,33 @@ async def test_run_serves_a_leaf_only_certificate_but_warns_at_start_and_reload(
 
 def leaf_issuer_pem(leaf: trustme.LeafCert) -> str:
     return leaf.cert_chain_pems[1].bytes().decode()
+
+
+async def test_run_warns_of_two_fleets_at_one_address_at_start_and_reload(
+    start_ingress: StartIngress, tls_files: TLSFiles, tmp_path: Path, caplog
+) -> None:
+    """The one-process mode (`run` without workers) says what the supervisor
+    and `check` say of a fleet at 127.0.0.1 in another spelling (0x7f.0.0.1):
+    one host, two maxconn budgets. It said nothing, at start or reload."""
+    caplog.set_level(logging.WARNING, logger="fleet_ingress.server")
+    lines = ["http://0x7f.0.0.1:18443 name=hex", "http://127.0.0.1:18443 name=plain"]
+
+    def said() -> list[str]:
+        return [
+            r.fields["detail"]  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.getMessage() == "fleets file: an address in another spelling"
+        ]
+
+    ingress = await start_ingress(lines)
+    at_start = said()
+    assert len(at_start) == 2, at_start
+    assert "'0x7f.0.0.1' is the IPv4 address 127.0.0.1 to every resolver" in at_start[0]
+    assert at_start[1].startswith("fleets 'hex' (http://0x7f.0.0.1:18443) and 'plain'")
+    caplog.clear()
+    (tmp_path / "fleets.txt").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "ingress.toml"
+    config.write_text(_config_text(tls_files, ingress))
+    changes = await ingress.reload(config)
+    assert said() == at_start
+    assert f"warning: {at_start[1]}" in changes, changes

@@ -3,8 +3,10 @@ supervisor will run it, before anything is handed over (service/upgrade.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +45,26 @@ async def test_the_same_release_passes_the_format_check_and_reaches_check(tmp_pa
     assert said.startswith(f"the configuration does not pass `fleet-ingress check -c {config}`")
     assert "the installed code itself imports" in said and "pip install" not in said
     assert upgrade.TRIAL_CODE_IMPORTED not in said
+
+
+async def test_a_trial_that_answered_during_a_stall_is_read_not_timed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process stopped (a paused VM, the loop blocked here) past the
+    trial's timeout while the trial ran and answered: its answer, waiting in
+    the pipe, is read, not "did not finish its trial run within 1s" (a plain
+    timeout fired first, on the loop's first turn). The trial answers fast
+    here: the state format check comes before the imports."""
+    monkeypatch.setattr(upgrade, "STATE_VERSION", upgrade.STATE_VERSION + 1)
+    config = tmp_path / "ingress.toml"
+    config.write_text("")
+    trial = asyncio.create_task(upgrade.trial_run(config, timeout=1.0))
+    await asyncio.sleep(0.2)  # started, its timeout running
+    time.sleep(5.0)  # noqa: ASYNC251 - the loop does not run, as if stopped
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await trial
+    said = str(failed.value)
+    assert said.startswith("the installed release keeps"), said
 
 
 async def _trial_of_a_broken_copy(

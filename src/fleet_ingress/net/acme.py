@@ -92,8 +92,9 @@ class AcmeConnections:
     # The open ones, oldest first.
     members: dict[AcmeProtocol, None] = field(default_factory=dict)
     # Answered but for what is still in their buffer (a large answer, a slow
-    # reader): in their client's share until `admit` finds it gone.
-    draining: dict[AcmeProtocol, None] = field(default_factory=dict)
+    # reader): in their client's share until `admit` finds it gone. By client:
+    # `admit` looks at that client's alone.
+    draining: dict[str, dict[AcmeProtocol, None]] = field(default_factory=dict)
     # Challenges forwarded to acme.upstream, by CHALLENGE_OUTCOMES.
     challenges: Counter[str] = field(default_factory=Counter)
 
@@ -129,15 +130,19 @@ class AcmeConnections:
         self.by_client[key] -= 1
         if self.by_client[key] <= 0:
             del self.by_client[key]
-        self.draining.pop(protocol, None)
+        if (its := self.draining.get(key)) is not None:
+            its.pop(protocol, None)
+            if not its:
+                del self.draining[key]
 
     def _unshare_answered(self, key: str) -> None:
         """The client's answered connections whose answer left our buffer after
         their `_write` (a large one, a slow reader) out of its share now. Only
-        those are looked at: a flood from one address past its share, a look at
-        each connect, would look at every connection open."""
-        for p in list(self.draining):
-            if p.shares_as == key and p.answered:
+        that client's are looked at: a flood from one address past its share,
+        a look at each connect, would look at every connection open (or every
+        one draining, any client's)."""
+        for p in list(self.draining.get(key, ())):
+            if p.answered:
                 p.leave_share()
 
     def _oldest_evictable(self) -> AcmeProtocol | None:
@@ -541,7 +546,7 @@ class AcmeProtocol(asyncio.Protocol):
         if self.answered:  # out of our buffer whole
             self.leave_share()
         elif (count := self.settings.connections) is not None and self._sharing is not None:
-            count.draining[self] = None  # `admit` looks again
+            count.draining.setdefault(self._sharing, {})[self] = None  # `admit` looks again
         if self._timer is not None:
             self._timer.cancel()
         self._timer = asyncio.get_running_loop().call_later(ACME_LINGER_SECONDS, self._end_linger)

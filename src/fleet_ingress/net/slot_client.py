@@ -241,15 +241,20 @@ class SlotClient(asyncio.Protocol):
     def _give_up(self, lease_id: int, future: asyncio.Future[FleetState]) -> None:
         self._over(lease_id)
         if future.done() and not future.cancelled() and future.exception() is None:
-            future.result().active -= 1  # granted, never used: ours no more
+            self._given_back(future.result())  # granted, never used: ours no more
         self._write({"op": "release", "id": lease_id})
 
     def _release(self, lease: RemoteLease) -> None:
-        lease.fleet.active -= 1
-        if lease.fleet.active == 0 and lease.fleet.name in self._forget_when_idle:
-            self._forget_fleet(lease.fleet.name)
+        self._given_back(lease.fleet)
         self._over(lease.id)
         self._write({"op": "release", "id": lease.id})
+
+    def _given_back(self, fleet: FleetState) -> None:
+        """A slot held on `fleet` is given back (released, or granted to a call
+        that gave up): a fleet forgotten meanwhile is dropped with its last."""
+        fleet.active -= 1
+        if fleet.active == 0 and fleet.name in self._forget_when_idle:
+            self._forget_fleet(fleet.name)
 
     def _answered(self, lease_id: int, at: float) -> None:
         self._in_flight.discard(lease_id)

@@ -132,6 +132,11 @@ class FleetOps:
     # unless the fleet is listed again by then).
     forgotten: Callable[[str], None] | None = None
     _gone: dict[str, asyncio.Event] = field(default_factory=dict)
+    # What a fleet removed here, draining still, was when removed (its admin
+    # state in force, its maxconn pinned): a removal again says the command to
+    # add it back as it was then. Its spec says the file as last loaded (a
+    # drain the file could not record is not in it, nor in its line, gone).
+    _removed_as: dict[str, tuple[FleetState, Admin, bool]] = field(default_factory=dict)
     # Writes of the fleets file so far: a reload that read the file while one
     # was made reads it again (service.ingress.read_reload_settled).
     file_writes: int = 0
@@ -481,7 +486,12 @@ class FleetOps:
         if new_text is not None:
             self._check_lists_the_running(new_text, but=fleet)
             pinned = maxconn_pinned(text, name)
+        was = self._removed_as.get(name)
+        if fleet.removing and was is not None and was[0] is fleet:
+            admin, pinned = was[1], was[2]  # removed here before: as it was then
         backup = self._persist(new_text) if new_text is not None else None
+        if not fleet.removing:
+            self._removed_as[name] = (fleet, admin, pinned)
         gone_now = self.fleets.remove(fleet)
         gone = self._gone.setdefault(name, asyncio.Event())
         closed = unreachable = 0
@@ -560,6 +570,8 @@ class FleetOps:
         if self.poller is not None:
             self.poller.stop_probing(fleet)
         asyncio.get_running_loop().create_task(self._forget(fleet))
+        if (removed := self._removed_as.get(fleet.name)) is not None and removed[0] is fleet:
+            del self._removed_as[fleet.name]
         if (gone := self._gone.pop(fleet.name, None)) is not None:
             gone.set()
         log.info("fleet gone", extra=fields(fleet=fleet.name))

@@ -12,12 +12,16 @@ import socket
 import ssl
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
+from fleet_ingress.config.fleets_file import (
+    FleetsFileError,
+    load_fleets_file,
+    same_host_warnings,
+)
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -308,6 +312,7 @@ class Ingress:
                 "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
             )
         if not self.worker:
+            warn_same_host(fleet.spec for fleet in self.balancer.fleets)
             warn_about_chain(self.config)
         listen = self.config.listen
         loop = asyncio.get_running_loop()
@@ -526,6 +531,7 @@ class Ingress:
         self.dispatcher.fall = _passive_fall(config, probed=self.poller is not None)
         if not self.worker:
             notes += self.apply_fleets(specs, config)
+            notes += warn_same_host(specs)  # said at each reload, as check says it
         if self.poller is not None:
             await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         self.dispatcher.wake()
@@ -862,3 +868,15 @@ def _passive_fall(config: IngressConfig, *, probed: bool) -> int:
     """Refused calls in a row that take a fleet DOWN (`FleetState.call_unreachable`):
     `fleets.fall` where probes run to bring it back, else 0 (not observed)."""
     return config.fleets.fall if probed else 0
+
+
+def warn_same_host(specs: Iterable[FleetSpec], logger: logging.Logger = log) -> list[str]:
+    """Log each fleet at an IPv4 address in another spelling (0x7f.0.0.1), or
+    beside the same address, at start and reload, as `check` says it
+    (fleets_file.same_host_warnings); returns the reload's notes of them. The
+    supervisor's and the one-process mode's words (the latter said nothing)."""
+    notes = []
+    for same in same_host_warnings(specs):
+        logger.warning("fleets file: an address in another spelling", extra=fields(detail=same))
+        notes.append(f"warning: {same}")
+    return notes

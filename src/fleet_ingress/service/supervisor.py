@@ -60,7 +60,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.fleets_file import same_host_warnings
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
@@ -148,6 +147,7 @@ from fleet_ingress.service.ingress import (
     listener_notes,
     probe_settings,
     read_reload_settled,
+    warn_same_host,
 )
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
 from fleet_ingress.service.lifecycle import (
@@ -473,8 +473,7 @@ class Supervisor:
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
             _warn_unverified()
-        for same in same_host_warnings(fleet.spec for fleet in self.balancer.fleets):
-            _warn_same_host(same)
+        warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
@@ -611,6 +610,17 @@ class Supervisor:
                 )
             else:
                 self._admin_socket_trouble = None
+            return
+        if (unseen := _not_looked_at(path)) is not None:
+            # Not gone, for all this process knows: a directory on the way it
+            # may no longer enter (its mode changed). Said "its file was
+            # removed" and tried to make it, which failed the same way.
+            self._admin_socket_troubled(
+                path,
+                f"its file cannot be looked at ({unseen}): a directory on its way "
+                "is closed to this process now (its mode or owner changed?); the "
+                "file is left as it is, and looked at again each second",
+            )
             return
         directory_gone = not path.parent.is_dir()
         try:
@@ -1741,9 +1751,7 @@ class Supervisor:
         for fleet in plan.added:
             self.poller.start(fleet)
         notes += plan.notes
-        for same in same_host_warnings(specs):  # said at each reload, as check says it
-            _warn_same_host(same)
-            notes.append(f"warning: {same}")
+        notes += warn_same_host(specs, log)  # said at each reload, as check says it
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -1883,6 +1891,18 @@ class Supervisor:
                 worker.proc.kill()
 
 
+def _not_looked_at(path: Path) -> str | None:
+    """Why `path` cannot be looked at (stat fails other than for its absence),
+    or None: it is there, or gone."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
+
+
 def _admin_directory_not_made(path: Path, exc: OSError) -> str:
     """Why the admin socket's directory, removed, is not made again, and what
     makes it: bind_admin_socket's own words ask for another listen.admin_socket,
@@ -1898,12 +1918,6 @@ def _admin_directory_not_made(path: Path, exc: OSError) -> str:
         "(ProtectSystem=strict), so a directory made by hand does not do. Calls go "
         "on meanwhile, and `systemctl reload` (SIGHUP) works"
     )
-
-
-def _warn_same_host(warning: str) -> None:
-    """A fleet at an IPv4 address in another spelling (0x7f.0.0.1), or beside
-    the same address: `check` says it too (fleets_file.same_host_warnings)."""
-    log.warning("fleets file: an address in another spelling", extra=fields(detail=warning))
 
 
 def _warn_unverified() -> None:
@@ -2158,13 +2172,19 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     for sock in supervisor.handed.values():
         sock.close()
     supervisor.handed.clear()
-    await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
     # Workers of the previous image this one had not taken up (it failed first)
     # are its children all the same: waited for too, or systemd would kill them,
     # and their calls, as this process exits (the review of session 26).
     # Patient: workers stopped with this process (a paused VM) past the
     # deadline close their calls (1001) first; killed at once, they were cut.
+    # Asked from the start, while the adopted workers are waited for too: a
+    # stall then, made after, went unseen (the others killed on its first ask).
     kill_at = PatientDeadline(deadline, _CHILDREN_EVERY, _STALL_GRACE)
+    asking = asyncio.create_task(_keep_asking(kill_at))
+    try:
+        await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
+    finally:
+        asking.cancel()
     while left := children_running():
         if kill_at.passed():
             for pid in left:
@@ -2172,6 +2192,13 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             break
+        await asyncio.sleep(_CHILDREN_EVERY)
+
+
+async def _keep_asking(deadline: PatientDeadline) -> None:
+    """Ask `deadline` every _CHILDREN_EVERY, so that it sees a stall meanwhile."""
+    while True:
+        deadline.passed()
         await asyncio.sleep(_CHILDREN_EVERY)
 
 

@@ -48,7 +48,7 @@ from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.json_in_turns import dumps_in_turns
-from fleet_ingress.net.late_timers import PatientDeadline
+from fleet_ingress.net.late_timers import PatientDeadline, patient_timeout
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
@@ -168,7 +168,9 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
         env=env,
     )
     try:
-        async with asyncio.timeout(timeout):
+        # Patient (net.late_timers): a trial that answered during a stall of
+        # this process is read, not said to have run out of time.
+        async with patient_timeout(timeout):
             output, _ = await proc.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):

@@ -306,8 +306,10 @@ class Worker:
         # Drained: what it counted goes into the host's totals as its channel ends.
         self.client.send_report(final=True)
         self.client.close()
+        # Patient (net.late_timers): after a stall the channel's close, its final
+        # report flushed, is read before the wait is given up.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(1.0):
+            async with patient_timeout(1.0):
                 await self.client.lost
 
 
