@@ -1142,3 +1142,17 @@ async def simulated_fleets(
     finally:
         for sim in sims:
             await sim.stop()
+
+
+def process_state(pid: int) -> str:
+    """Its state letter in /proc (T: stopped, Z: a zombie), as ps shows it."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0]
+
+
+async def until_stopped(*pids: int, timeout: float = 5.0) -> None:
+    """Until the kernel has stopped every one of `pids` (state T, after a
+    SIGSTOP): a frame or signal sent before then may wake its loop first."""
+    async with asyncio.timeout(timeout):
+        while any(process_state(pid) != "T" for pid in pids):
+            await asyncio.sleep(0.01)

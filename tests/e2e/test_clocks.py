@@ -38,6 +38,7 @@ from tests.support import (
     fleets_up_or_finished,
     free_ports,
     masked_close,
+    until_stopped,
     workers_of,
     write_run_home,
 )
@@ -139,26 +140,13 @@ class Streaming:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rpartition(")")[2].split()[0]
-
-
-async def _stopped(pid: int) -> None:
-    """Until the kernel has stopped `pid` (state T): a frame sent before then
-    may wake its loop first."""
-    async with asyncio.timeout(5):
-        while _state(pid) != "T":
-            await asyncio.sleep(0.01)
-
-
 async def _answer_held_by_stopped_supervisor(worker: int, supervisor: int, seconds: float) -> None:
     """The supervisor stopped for `seconds` and the (stopped) worker resumed
     meanwhile: what the worker answers to what waited in its channel waits in
     turn, unread, in the stopped supervisor's, past the supervisor's own timer."""
     os.kill(supervisor, signal.SIGSTOP)
     try:
-        await _stopped(supervisor)
+        await until_stopped(supervisor)
         os.kill(worker, signal.SIGCONT)
         await asyncio.sleep(seconds)
     finally:
@@ -200,7 +188,7 @@ async def test_calls_streaming_through_a_stopped_worker_are_not_ended_as_carrier
         await asyncio.sleep(0.3)
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             sending.set()
             await asyncio.sleep(2.5)
         finally:
@@ -282,7 +270,7 @@ async def test_a_fleets_answer_that_came_while_the_worker_was_stopped_is_taken(
                     await asyncio.sleep(0.005)
             os.kill(worker, signal.SIGSTOP)
             try:
-                await _stopped(worker)
+                await until_stopped(worker)
                 await asyncio.sleep(2.5)
             finally:
                 os.kill(worker, signal.SIGCONT)
@@ -319,7 +307,7 @@ async def test_a_probe_under_way_as_the_supervisor_stops_is_not_held_against_its
             await asyncio.sleep(0.7)
             os.kill(service.proc.pid, signal.SIGSTOP)
             try:
-                await _stopped(service.proc.pid)
+                await until_stopped(service.proc.pid)
                 await asyncio.sleep(2.5)
             finally:
                 os.kill(service.proc.pid, signal.SIGCONT)
@@ -442,7 +430,7 @@ async def test_a_fleet_connection_made_while_the_worker_was_stopped_is_taken(
                 await asyncio.sleep(0.005)
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             stopped_at = asyncio.get_running_loop().time()
             door.let_go()
             await asyncio.sleep(2.5)
@@ -498,7 +486,7 @@ async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_qu
         await asyncio.sleep(0.2)
         os.kill(service.proc.pid, signal.SIGSTOP)
         try:
-            await _stopped(service.proc.pid)
+            await until_stopped(service.proc.pid)
             await asyncio.sleep(0.5)
             await calls.pop().close()  # its slot's release waits in the channel
             await asyncio.sleep(2.0)
@@ -537,7 +525,7 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
         await service.fleets_up()
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             reload = asyncio.ensure_future(admin_command(service, "reload"))
             await asyncio.sleep(1.0)  # the reload asked: it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 10.5)
@@ -614,7 +602,7 @@ async def test_a_tls_close_through_a_stop_longer_than_its_timeout_delivers_what_
         await asyncio.sleep(0.3)  # the kernel's buffers full: it waits in epoll_wait
         os.kill(child.pid, signal.SIGSTOP)
         try:
-            await _stopped(child.pid)
+            await until_stopped(child.pid)
             stopped_at = time.monotonic()
             before, end = await asyncio.to_thread(read, stopped_at + 0.5)  # the kernel's
             assert end == "waiting" and 0 < before < size, (before, end)
@@ -655,7 +643,7 @@ async def test_a_call_hung_up_while_its_worker_was_stopped_past_the_drains_end_i
         await asyncio.sleep(0.3)
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             hanging_up = asyncio.ensure_future(calls[0].close())
             await asyncio.sleep(2.7)  # the drain's end is 1 s behind
         finally:
@@ -691,7 +679,7 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
         await service.fleets_up()
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             os.kill(supervisor, signal.SIGUSR2)
             async with asyncio.timeout(30):  # the new image listens (0.9 s after the exec here)
                 while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
@@ -740,8 +728,7 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
         for pid in (supervisor, worker):
             os.kill(pid, signal.SIGSTOP)
         try:
-            await _stopped(supervisor)
-            await _stopped(worker)
+            await until_stopped(supervisor, worker)
             await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
         finally:
             for pid in (worker, supervisor):
@@ -805,7 +792,7 @@ async def test_certbots_answer_that_came_while_the_worker_was_stopped_is_relayed
                 await asyncio.sleep(0.005)
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             if late == "connect":
                 door.let_go()
             await asyncio.sleep(2.5)
@@ -871,7 +858,7 @@ async def test_a_call_closed_by_a_forced_removal_through_a_stopped_worker_gets_i
         # Its reply waits GOODBYE_REPLY_WAIT (0.5 s): the worker is stopped within it.
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             writer.write(masked_close(1001))
             await asyncio.sleep(2.5)
         finally:
@@ -908,7 +895,7 @@ async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wai
         took = calls[0].response.headers["X-Fleet"]
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             removing = asyncio.ensure_future(
                 admin_command(service, "remove-fleet", took, "--force")
             )
@@ -970,7 +957,7 @@ async def test_a_frame_finished_while_the_worker_was_stopped_is_followed_by_its_
         await asyncio.sleep(0.05)  # the worker idle in epoll_wait, its timers pending
         os.kill(worker, signal.SIGSTOP)
         try:
-            await _stopped(worker)
+            await until_stopped(worker)
             writer.write(frame[500:] + masked_close(1001))
             await asyncio.sleep(2.5)
         finally:
@@ -1015,8 +1002,7 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
         for pid in (supervisor, worker):
             os.kill(pid, signal.SIGSTOP)
         try:
-            await _stopped(supervisor)
-            await _stopped(worker)
+            await until_stopped(supervisor, worker)
             await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
         finally:
             for pid in (worker, supervisor):
@@ -1070,9 +1056,9 @@ async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped
         # the replacement's hello and `serving` come while it is stopped.
         os.kill(new[0], signal.SIGSTOP)
         try:
-            await _stopped(new[0])
+            await until_stopped(new[0])
             os.kill(supervisor, signal.SIGSTOP)
-            await _stopped(supervisor)
+            await until_stopped(supervisor)
         finally:
             os.kill(new[0], signal.SIGCONT)
         try:

@@ -45,6 +45,7 @@ from tests.support import (
     free_port,
     metric_samples,
     offer_session,
+    process_state,
     worker_channel_copy,
     workers_of,
     write_leaf_cert,
@@ -1969,8 +1970,7 @@ async def test_a_worker_that_cannot_be_started_is_tried_again(
 def _alive(pid: int) -> bool:
     """Running (a zombie, exited but not yet reaped by its parent, is not)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
+        return process_state(pid) != "Z"
     except OSError:
         return False
 
@@ -2127,7 +2127,7 @@ async def test_a_dead_workers_channel_end_that_came_while_the_supervisor_was_sto
             await eventually(lambda: not os.path.exists(f"/proc/{old['pid']}"), 10)
             await asyncio.sleep(0.1)
             os.kill(service.proc.pid, signal.SIGSTOP)
-            await eventually(lambda: _state_of(service.proc.pid) == "T", 5)
+            await eventually(lambda: process_state(service.proc.pid) == "T", 5)
         finally:
             copy.close()  # the channel ends now, unread by the stopped supervisor
         try:
@@ -2144,11 +2144,6 @@ async def test_a_dead_workers_channel_end_that_came_while_the_supervisor_was_sto
     finally:
         await close_calls(calls)
         await service.finish()
-
-
-def _state_of(pid: int) -> str:
-    """Its state letter in /proc (T: stopped), as ps shows it."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 def _lost_channel_lines(service: RunningIngress) -> list[dict[str, Any]]:

@@ -57,6 +57,7 @@ from tests.support import (
     metric_samples,
     run_cli,
     simulated_fleets,
+    until_stopped,
     workers_of,
     write_leaf_cert,
     write_run_home,
@@ -3277,11 +3278,6 @@ async def test_a_file_being_rewritten_at_the_exec_is_read_again_not_fatal(
         await service.finish()
 
 
-def _state_of(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rpartition(")")[2].split()[0]
-
-
 @pytest.mark.alone
 @pytest.mark.timeout(90)
 async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_calls_1001(
@@ -3316,9 +3312,7 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
         for pid in (supervisor, worker):
             os.kill(pid, signal.SIGSTOP)
         try:
-            async with asyncio.timeout(5):
-                while {_state_of(supervisor), _state_of(worker)} != {"T"}:
-                    await asyncio.sleep(0.01)
+            await until_stopped(supervisor, worker)
             await asyncio.sleep(2 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
         finally:
             for pid in (worker, supervisor):
