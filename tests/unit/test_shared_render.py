@@ -208,3 +208,55 @@ async def test_stats_json_in_turns_is_json_dumps_byte_for_byte_and_lets_the_loop
     assert text == json.dumps(picture)
     assert turns >= 500 // ENTRIES_PER_TURN + 1
     assert await dumps_in_turns({}) == json.dumps({})
+
+
+async def test_the_probes_histogram_is_read_a_few_fleets_at_a_time_between_turns():
+    """At 500 fleets the probes' histogram is 6,500 samples: made in one piece
+    it held the supervisor's loop 8-10 ms of a scrape (the scale audit of
+    session 34). It is made a few fleets at a time, the loop let run between:
+    a probe ended during the render shows for a fleet read after it, and a
+    fleet removed meanwhile is left out; the text is generate_latest's."""
+    from fleet_ingress.ops.metrics import FleetChecks
+
+    registry = CollectorRegistry()
+    checks = FleetChecks(registry)
+    names = [f"f{i:03}" for i in range(500)]
+    for name in names:
+        checks.check_observed(name, 0.003)
+    turns = 0
+    rendering = True
+
+    async def probing() -> None:
+        nonlocal turns
+        while rendering:
+            turns += 1
+            if turns == 2:  # the render's first turn
+                checks.check_observed("f499", 0.2)  # read last
+                checks.fleet_removed("f498")
+            await asyncio.sleep(0)
+
+    prober = asyncio.create_task(probing())
+    await asyncio.sleep(0)
+    text = await generate_in_turns(registry)
+    rendering = False
+    await prober
+    assert text == generate_latest(registry)
+    lines = text.decode().splitlines()
+    assert 'fleet_ingress_fleet_check_duration_seconds_count{fleet="f499"} 2.0' in lines
+    assert 'fleet_ingress_fleet_check_duration_seconds_count{fleet="f497"} 1.0' in lines
+    assert not any('fleet="f498"' in line for line in lines)
+    assert sum(line.startswith("# HELP") for line in lines) == 1
+    assert turns >= 500 * 13 // SAMPLES_PER_TURN
+
+
+async def test_the_probes_histogram_of_no_fleet_is_its_header_alone():
+    from fleet_ingress.ops.metrics import FleetChecks
+
+    registry = CollectorRegistry()
+    FleetChecks(registry)
+    text = await generate_in_turns(registry)
+    assert text == generate_latest(registry)
+    assert text.decode().splitlines() == [
+        "# HELP fleet_ingress_fleet_check_duration_seconds Duration of health probes.",
+        "# TYPE fleet_ingress_fleet_check_duration_seconds histogram",
+    ]

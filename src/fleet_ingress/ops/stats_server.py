@@ -17,6 +17,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from fleet_ingress.net.json_in_turns import dumps_in_turns
+from fleet_ingress.ops.metrics import FamilyInPieces
 from fleet_ingress.ops.stats_page import render_stats_page
 
 T = TypeVar("T")
@@ -49,6 +50,9 @@ async def generate_in_turns(registry: CollectorRegistry) -> bytes:
     after the one before it (`stats_app`'s `shown` comes after them all)."""
     parts: list[bytes] = []
     for family in registry.collect():
+        if isinstance(family, FamilyInPieces):
+            parts.append(await _pieces_in_turns(family))
+            continue
         samples = family.samples
         if len(samples) <= SAMPLES_PER_TURN or family.type not in _SPLITTABLE:
             parts.append(generate_latest(_Families([family])))
@@ -62,6 +66,26 @@ async def generate_in_turns(registry: CollectorRegistry) -> bytes:
                 parts.append(text if start == 0 else text.split(b"\n", 2)[2])
                 await asyncio.sleep(0)
         await asyncio.sleep(0)
+    return b"".join(parts)
+
+
+async def _pieces_in_turns(family: FamilyInPieces) -> bytes:
+    """A family made a piece at a time (`metrics.FamilyInPieces`), written as
+    generate_latest writes it whole, the loop let run after each piece."""
+    parts: list[bytes] = []
+    for samples in family.pieces():
+        piece = Metric(family.name, family.documentation, family.type, family.unit)
+        piece.samples = samples
+        text = generate_latest(_Families([piece]))
+        # Past the first piece, the family's "# HELP" and "# TYPE" lines are written already.
+        parts.append(text.split(b"\n", 2)[2] if parts else text)
+        await asyncio.sleep(0)
+    if not parts:  # no sample: the header alone
+        parts.append(
+            generate_latest(
+                _Families([Metric(family.name, family.documentation, family.type, family.unit)])
+            )
+        )
     return b"".join(parts)
 
 
