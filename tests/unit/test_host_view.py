@@ -268,3 +268,29 @@ def test_what_is_kept_of_workers_gone_is_bounded_however_many_go():
     assert again._gone_ids == set(again._gone) == set(view._gone)
     assert not again.report(report(last, 1, 2, 9, started=float(last)), now=3)
     assert again.totals().counter(*KEY) == 3 * kept
+
+
+def test_counts_read_quickly_take_and_refuse_what_they_did():
+    """`Counts.from_wire` checks each entry by a quicker test first (the
+    supervisor reads 4,000 of them a report at 500 fleets): what it takes and
+    what it refuses, and the words it refuses with, are as before."""
+
+    def read(counters):
+        return Counts.from_wire({"counters": counters, "gauges": []})
+
+    taken = read([["a", "f1", 2], ["a", "f1", 3], ["b", 0], ["c", 2**63 - 1]])
+    assert taken.counters == {("a", "f1"): 5, ("b",): 0, ("c",): 2**63 - 1}
+    assert all(type(part) is str for key in taken.counters for part in key)
+    for bad, words in [
+        ([["a", True]], "a count must be a whole number from 0 to 2**63, not True"),
+        ([["a", 1.0]], "not 1.0"),
+        ([["a", 2**63]], f"not {2**63}"),
+        ([["a", -1]], "not -1"),
+        ([["a", None, 1]], "a key is strings, not ['a', None]"),
+        # A key and a count both wrong: the key is named, as before.
+        ([["a", 7, -1]], "a key is strings, not ['a', 7]"),
+        ([["a", ["f"], 1]], "a key is strings"),
+    ]:
+        with pytest.raises(ReportError) as refused:
+            read(bad)
+        assert words in str(refused.value)
