@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 
@@ -126,7 +127,8 @@ def admin_app(
     async def stat(request: web.Request) -> web.Response:
         if refresh is not None:
             await refresh()
-        return web.json_response(snapshot())
+        # Encoded in turns (json.dumps's text): 300 KB at 500 fleets, 3-5 ms in one piece.
+        return web.json_response(text=await dumps_in_turns(snapshot()))
 
     async def set_state(request: web.Request) -> web.Response:
         body = await _json_body(request)

@@ -6,6 +6,7 @@ It refreshes itself; it has no script and loads nothing from elsewhere.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from html import escape
 from typing import Any
@@ -28,6 +29,8 @@ from fleet_ingress.ops.fleet_display import (
 from fleet_ingress.ops.reload_outcome import reload_warning
 
 REFRESH_SECONDS = 2
+# Fleets' rows made between two turns of the loop (render_stats_page_in_turns).
+ROWS_PER_TURN = 100
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1d2330;background:#f6f7f9}
@@ -140,34 +143,51 @@ def _acme_row(fe: dict[str, Any]) -> str:
     )
 
 
+def _fleet_row(f: dict[str, Any]) -> str:
+    health = shown_health(f)
+    reported, estimated = shown_free(f)
+    check = f["last_check"] or "no probe yet"
+    age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
+    check_cls = "l fail" if f["last_check_passed"] is False else "l"
+    if not probed(f):  # MAINT: what its last probe said is stale
+        check, age, check_cls = "not probed (MAINT)", "", "l"
+    return (
+        "<tr>"
+        f'<td class="l"><b>{escape(f["name"])}</b><br>'
+        f'<span class="muted">{escape(f["url"])}</span></td>'
+        f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
+        f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}"
+        f"{'' if admin_saved(f) else _NOT_SAVED}</td>"
+        f"<td>{f['active']}/{f['maxconn']}</td>"
+        + _cell(reported)
+        + _cell(estimated)
+        + f'<td class="{check_cls}">{escape(check)}'
+        f'<span class="muted">{escape(age)}</span></td>'
+        + _cell(f["calls_total"])
+        + _cell(f["responses_429"])
+        + _cell(f["retries"])
+        + _cell(f["check_failures"])
+        + "</tr>"
+    )
+
+
 def render_stats_page(snap: dict[str, Any]) -> str:
-    rows = []
-    for f in snap["fleets"]:
-        health = shown_health(f)
-        reported, estimated = shown_free(f)
-        check = f["last_check"] or "no probe yet"
-        age = "" if f["last_check_age_s"] is None else f" {f['last_check_age_s']}s ago"
-        check_cls = "l fail" if f["last_check_passed"] is False else "l"
-        if not probed(f):  # MAINT: what its last probe said is stale
-            check, age, check_cls = "not probed (MAINT)", "", "l"
-        rows.append(
-            "<tr>"
-            f'<td class="l"><b>{escape(f["name"])}</b><br>'
-            f'<span class="muted">{escape(f["url"])}</span></td>'
-            f"<td>{_badge(health)}</td><td>{_badge(f['admin'])}"
-            f"{'<br><span class=muted>removing</span>' if f['removing'] else ''}"
-            f"{'' if admin_saved(f) else _NOT_SAVED}</td>"
-            f"<td>{f['active']}/{f['maxconn']}</td>"
-            + _cell(reported)
-            + _cell(estimated)
-            + f'<td class="{check_cls}">{escape(check)}'
-            f'<span class="muted">{escape(age)}</span></td>'
-            + _cell(f["calls_total"])
-            + _cell(f["responses_429"])
-            + _cell(f["retries"])
-            + _cell(f["check_failures"])
-            + "</tr>"
-        )
+    return _page(snap, [_fleet_row(f) for f in snap["fleets"]])
+
+
+async def render_stats_page_in_turns(snap: dict[str, Any]) -> str:
+    """render_stats_page(snap), the same text, the loop let run after each
+    ROWS_PER_TURN fleets' rows: at 500 fleets the page took 3 ms of the
+    supervisor's loop in one piece (the scale audit of session 34)."""
+    fleets = snap["fleets"]
+    rows: list[str] = []
+    for start in range(0, len(fleets), ROWS_PER_TURN):
+        rows.extend(_fleet_row(f) for f in fleets[start : start + ROWS_PER_TURN])
+        await asyncio.sleep(0)
+    return _page(snap, rows)
+
+
+def _page(snap: dict[str, Any], rows: list[str]) -> str:
     fe = snap["frontend"]
     requests = ", ".join(
         f"{escape(route)} " + " ".join(f"{code}:{n}" for code, n in codes.items())
