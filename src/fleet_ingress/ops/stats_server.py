@@ -46,8 +46,9 @@ async def generate_in_turns(registry: CollectorRegistry) -> bytes:
     work: done in one piece it held the supervisor's loop, which leases every
     new call its slot, 105-190 ms a scrape, and leases waited up to 90-360 ms
     (the scale audit of session 32; session 33's figures). Each family's
-    values are read in one piece, as before; a family may be read a few turns
-    after the one before it (`stats_app`'s `shown` comes after them all)."""
+    values are read in one piece, as before, but a `metrics.FamilyInPieces`'s
+    (the probes' histogram), read a piece at a time; a family may be read a
+    few turns after the one before it (`stats_app`'s `shown` comes after them all)."""
     parts: list[bytes] = []
     for family in registry.collect():
         if isinstance(family, FamilyInPieces):
