@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -1156,3 +1157,28 @@ async def until_stopped(*pids: int, timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while any(process_state(pid) != "T" for pid in pids):
             await asyncio.sleep(0.01)
+
+
+async def stopped_together(seconds: float, *pids: int) -> None:
+    """Stop `pids` (SIGSTOP, in that order: a VM paused), wait until the kernel
+    has stopped them all, `seconds` more, then continue them together (in the
+    reverse order), whatever happened meanwhile."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await until_stopped(*pids)
+        await asyncio.sleep(seconds)
+    finally:
+        for pid in reversed(pids):
+            os.kill(pid, signal.SIGCONT)
+
+
+def drain_outcome(
+    events: list[dict[str, Any]], call: Any
+) -> tuple[int, int | None, dict[str, Any]]:
+    """What a stop did to a call (its carrier side `call`, a websockets
+    connection): the workers killed after the drain, its close code, and each
+    call's end reason by bot."""
+    killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
+    ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
+    return len(killed), call.close_code, ended

@@ -34,10 +34,12 @@ from tests.support import (
     admin_command,
     break_worker_channel,
     close_calls,
+    drain_outcome,
     echo,
     fleets_up_or_finished,
     free_ports,
     masked_close,
+    stopped_together,
     until_stopped,
     workers_of,
     write_run_home,
@@ -725,22 +727,13 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
         service.proc.send_signal(signal.SIGTERM)
         await service.wait_for("STOPPING=1", timeout=3)
         await asyncio.sleep(0.3)
-        for pid in (supervisor, worker):
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            await until_stopped(supervisor, worker)
-            await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
-        finally:
-            for pid in (worker, supervisor):
-                os.kill(pid, signal.SIGCONT)
+        await stopped_together(1 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
         async with asyncio.timeout(15):
             await service.proc.wait()
             with contextlib.suppress(ConnectionClosed):
                 await calls[0].recv()
         events = service.log()
-        killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
-        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
-        said = (len(killed), calls[0].close_code, ended)
+        said = drain_outcome(events, calls[0])
         assert said == (0, 1001, {"kept": "drain"}), said
     finally:
         await close_calls(calls)
@@ -999,14 +992,7 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
         async with asyncio.timeout(5):
             while not [e for e in service.log() if "broke the protocol" in e["event"]]:
                 await asyncio.sleep(0.02)
-        for pid in (supervisor, worker):
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            await until_stopped(supervisor, worker)
-            await asyncio.sleep(1 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
-        finally:
-            for pid in (worker, supervisor):
-                os.kill(pid, signal.SIGCONT)
+        await stopped_together(1 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
         async with asyncio.timeout(15):
             with contextlib.suppress(ConnectionClosed):
                 await calls[0].recv()

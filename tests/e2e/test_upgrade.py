@@ -51,13 +51,14 @@ from tests.support import (
     admin_command,
     break_worker_channel,
     close_calls,
+    drain_outcome,
     echo,
     eventually,
     fill_unread_channel,
     metric_samples,
     run_cli,
     simulated_fleets,
-    until_stopped,
+    stopped_together,
     workers_of,
     write_leaf_cert,
     write_run_home,
@@ -3309,14 +3310,7 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
             while not [e for e in service.log() if e.get("level") == "critical"]:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        for pid in (supervisor, worker):
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            await until_stopped(supervisor, worker)
-            await asyncio.sleep(2 + 5 + 0.5)  # past timeouts.drain + STOP_GRACE
-        finally:
-            for pid in (worker, supervisor):
-                os.kill(pid, signal.SIGCONT)
+        await stopped_together(2 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
         async with asyncio.timeout(20):
             await service.proc.wait()
             with contextlib.suppress(ConnectionClosed):
@@ -3324,9 +3318,7 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
         events = service.log()
         (critical,) = [e for e in events if e.get("level") == "critical"]
         assert "re-execution" in critical["event"], critical
-        killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
-        ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
-        said = (len(killed), calls[0].close_code, ended)
+        said = drain_outcome(events, calls[0])
         assert said == (0, 1001, {"kept": "drain"}), said
     finally:
         await close_calls(calls)

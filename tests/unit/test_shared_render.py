@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -99,23 +101,38 @@ class _ManyFleets(Collector):
         yield InfoMetricFamily("x_build", "Build.", value={"version": "1"})
 
 
-async def test_metrics_rendered_in_turns_are_generate_latest_byte_for_byte_and_let_the_loop_run():
-    registry = CollectorRegistry()
-    registry.register(_ManyFleets())
+_T = TypeVar("_T")
+
+
+async def _counting_turns(
+    work: Awaitable[_T], each_turn: Callable[[int], None] = int
+) -> tuple[_T, int]:
+    """`work` awaited while another task counts the loop's turns (calling
+    `each_turn` with each count): what it gave, and how often it let the
+    loop run."""
     turns = 0
-    rendering = True
+    running = True
 
     async def other_work() -> None:
         nonlocal turns
-        while rendering:
+        while running:
             turns += 1
+            each_turn(turns)
             await asyncio.sleep(0)
 
     others = asyncio.create_task(other_work())
     await asyncio.sleep(0)
-    text = await generate_in_turns(registry)
-    rendering = False
-    await others
+    try:
+        return await work, turns
+    finally:
+        running = False
+        await others
+
+
+async def test_metrics_rendered_in_turns_are_generate_latest_byte_for_byte_and_let_the_loop_run():
+    registry = CollectorRegistry()
+    registry.register(_ManyFleets())
+    text, turns = await _counting_turns(generate_in_turns(registry))
     assert text == generate_latest(registry)
     # The gauge and the counter are 600 lines, the histogram 2,400: each is
     # written SAMPLES_PER_TURN lines at a time, the loop let run after each.
@@ -191,20 +208,7 @@ async def test_stats_json_in_turns_is_json_dumps_byte_for_byte_and_lets_the_loop
         "short": [1, 2],
         "upgrade": None,
     }
-    turns = 0
-    rendering = True
-
-    async def other_work() -> None:
-        nonlocal turns
-        while rendering:
-            turns += 1
-            await asyncio.sleep(0)
-
-    others = asyncio.create_task(other_work())
-    await asyncio.sleep(0)
-    text = await dumps_in_turns(picture)
-    rendering = False
-    await others
+    text, turns = await _counting_turns(dumps_in_turns(picture))
     assert text == json.dumps(picture)
     assert turns >= 500 // ENTRIES_PER_TURN + 1
     assert await dumps_in_turns({}) == json.dumps({})
@@ -223,23 +227,13 @@ async def test_the_probes_histogram_is_read_a_few_fleets_at_a_time_between_turns
     names = [f"f{i:03}" for i in range(500)]
     for name in names:
         checks.check_observed(name, 0.003)
-    turns = 0
-    rendering = True
 
-    async def probing() -> None:
-        nonlocal turns
-        while rendering:
-            turns += 1
-            if turns == 2:  # the render's first turn
-                checks.check_observed("f499", 0.2)  # read last
-                checks.fleet_removed("f498")
-            await asyncio.sleep(0)
+    def probing(turn: int) -> None:
+        if turn == 2:  # the render's first turn
+            checks.check_observed("f499", 0.2)  # read last
+            checks.fleet_removed("f498")
 
-    prober = asyncio.create_task(probing())
-    await asyncio.sleep(0)
-    text = await generate_in_turns(registry)
-    rendering = False
-    await prober
+    text, turns = await _counting_turns(generate_in_turns(registry), probing)
     assert text == generate_latest(registry)
     lines = text.decode().splitlines()
     assert 'fleet_ingress_fleet_check_duration_seconds_count{fleet="f499"} 2.0' in lines
