@@ -953,13 +953,14 @@ async def test_what_a_client_sends_after_its_answer_past_the_bound_is_cut_at_onc
         writer.close()
 
 
-async def test_an_answer_its_client_does_not_read_is_cut_at_the_end_of_the_linger(
-    start_ingress: StartIngress,
-):
-    """A client that reads nothing: our answer waits in the transport's buffer,
-    and a close() would wait for it for ever (the connection counted open, the
-    worker's exit waiting for it). At ACME_LINGER_SECONDS it is aborted."""
-    body = b"k" * (MAX_ACME_RESPONSE - 1024)
+# Near MAX_ACME_RESPONSE (relayed whole), more than a socket takes at once.
+BIG_ANSWER_BODY = b"k" * (MAX_ACME_RESPONSE - 1024)
+
+
+async def _big_answer_responder() -> asyncio.Server:
+    """A certbot stand-in on loopback answering every request with 200 and
+    BIG_ANSWER_BODY: more than the kernel takes at once."""
+    body = BIG_ANSWER_BODY
 
     async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
@@ -967,7 +968,16 @@ async def test_an_answer_its_client_does_not_read_is_cut_at_the_end_of_the_linge
         await writer.drain()
         writer.close()
 
-    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    return await asyncio.start_server(big_answer, "127.0.0.1", 0)
+
+
+async def test_an_answer_its_client_does_not_read_is_cut_at_the_end_of_the_linger(
+    start_ingress: StartIngress,
+):
+    """A client that reads nothing: our answer waits in the transport's buffer,
+    and a close() would wait for it for ever (the connection counted open, the
+    worker's exit waiting for it). At ACME_LINGER_SECONDS it is aborted."""
+    responder = await _big_answer_responder()
     client = socket.socket()
     try:
         ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
@@ -1136,15 +1146,7 @@ async def test_an_answer_that_left_our_buffer_after_its_write_leaves_the_share_t
     has left the transport's buffer: until then it counts against its client's
     share; after, the client's next connection is let in (not reset at accept
     for the rest of the lingering close)."""
-    body = b"k" * (MAX_ACME_RESPONSE - 1024)
-
-    async def big_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
-
-    responder = await asyncio.start_server(big_answer, "127.0.0.1", 0)
+    responder = await _big_answer_responder()
     kept = []
     try:
         ingress = await _ingress(start_ingress, responder.sockets[0].getsockname()[1])
@@ -1170,7 +1172,7 @@ async def test_an_answer_that_left_our_buffer_after_its_write_leaves_the_share_t
         assert held.shares_as == "127.0.0.1"  # not answered yet: in its share
         writer.transport.resume_reading()
         async with asyncio.timeout(ACME_LINGER_SECONDS / 2):
-            assert (await reader.read(-1)).endswith(body)  # all of it, then our FIN
+            assert (await reader.read(-1)).endswith(BIG_ANSWER_BODY)  # all of it, then our FIN
         again = await asyncio.open_connection(*ingress.acme_address)
         kept.append(again[1])
         again[1].write(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
