@@ -20,7 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from fleet_ingress.net.json_in_turns import ENTRIES_PER_TURN, dumps_in_turns
+from fleet_ingress.ops.json_in_turns import ENTRIES_PER_TURN, dumps_in_turns
 from fleet_ingress.ops.stats_server import SAMPLES_PER_TURN, SharedRender, generate_in_turns
 
 

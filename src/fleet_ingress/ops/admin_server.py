@@ -27,9 +27,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fleet_ingress.config.settings import not_a_socket
-from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
+from fleet_ingress.ops.json_in_turns import dumps_in_turns
 
 SOCKET_MODE = 0o660
 

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from fleet_ingress.net.json_in_turns import dumps_in_turns
+from fleet_ingress.ops.json_in_turns import dumps_in_turns
 from fleet_ingress.ops.metrics import FamilyInPieces
 from fleet_ingress.ops.stats_page import render_stats_page_in_turns
 

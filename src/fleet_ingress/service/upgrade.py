@@ -47,10 +47,10 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
 from fleet_ingress.core.health import Health
-from fleet_ingress.net.json_in_turns import dumps_in_turns
 from fleet_ingress.net.late_timers import PatientDeadline, patient_timeout
 from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
+from fleet_ingress.ops.json_in_turns import dumps_in_turns
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 
 # After a re-execution, the new image reads the config, the fleets file and the
