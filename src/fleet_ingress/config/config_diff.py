@@ -26,13 +26,6 @@ NOTHING_CHANGED = (
     "nothing changed: the configuration, the fleets file and the certificate read "
     "again are those in force"
 )
-# A reload that read the certificate served, in files that changed (an
-# intermediate added or dropped, the key file written anew): new handshakes get
-# what was read, so "nothing changed" would be wrong.
-CHAIN_CHANGED = (
-    "the same certificate, its files changed (its chain or key): new handshakes get them "
-    "as read now"
-)
 # A long value (a route list, a CA bundle's path) is cut to this in the note.
 SHOWN_CHARACTERS = 60
 

@@ -94,6 +94,32 @@ def kept_over_restart(
     return renewal_problem(on_disk, served, now) or chain
 
 
+# A reload that read the certificate served, in files that changed (an
+# intermediate added or dropped, the key file written anew): new handshakes get
+# what was read, so "nothing changed" would be wrong.
+CHAIN_CHANGED = (
+    "the same certificate, its files changed (its chain or key): new handshakes get them "
+    "as read now"
+)
+
+
+def reload_note(
+    new: LeafFacts | None,
+    serving: LeafFacts | None,
+    new_files: object,
+    serving_files: object,
+) -> str | None:
+    """What a reload says of the certificate: `change_note`, or CHAIN_CHANGED
+    when the same certificate came in files (`new_files`, as read: a
+    CarrierPem) other than those served; None when nothing changed or none is
+    served yet (`serving_files` None)."""
+    if note := change_note(new, serving):
+        return note
+    if serving_files is not None and new_files != serving_files:
+        return CHAIN_CHANGED
+    return None
+
+
 def change_note(new: LeafFacts | None, serving: LeafFacts | None) -> str | None:
     """What a reload that applies `new` says of the certificate, None when it is the
     one in use: after a renewal `fleet-ingress reload` and the journal say so, with

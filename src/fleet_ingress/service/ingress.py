@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
+from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.fleets_file import (
     FleetsFileError,
     load_fleets_file,
@@ -26,7 +26,7 @@ from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSect
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_machine import EndReason
-from fleet_ingress.core.certificate_change import LeafFacts, change_note, renewal_problem
+from fleet_ingress.core.certificate_change import LeafFacts, reload_note, renewal_problem
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -505,10 +505,10 @@ class Ingress:
         notes = [] if self.worker else listener_notes(self.bound_listen, config)
         if not self.worker and (settings := settings_changed(self.config, config)):
             notes.append(f"applied: {settings}")
-        if not self.worker and (certificate := change_note(leaf, self.serving_leaf)):
+        if not self.worker and (
+            certificate := reload_note(leaf, self.serving_leaf, pem, self.serving_pem)
+        ):
             notes.append(certificate)
-        elif not self.worker and self.serving_pem is not None and pem != self.serving_pem:
-            notes.append(CHAIN_CHANGED)
         # New handshakes get a new context, live TLS sessions keep theirs. A new one,
         # not load_cert_chain into the old: OpenSSL keeps one certificate per key type,
         # so a renewal from ECDSA to RSA would leave the old ECDSA one served; and no

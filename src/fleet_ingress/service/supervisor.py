@@ -59,11 +59,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import CHAIN_CHANGED, NOTHING_CHANGED, settings_changed
+from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.settings import IngressConfig, config_to_json
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import change_note
+from fleet_ingress.core.certificate_change import reload_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -1725,10 +1725,8 @@ class Supervisor:
         notes = listener_notes(self.bound_listen, config) + self._pending_notes(config)
         if settings := settings_changed(self.config, config):
             notes.append(f"applied: {settings}")
-        if certificate := change_note(leaf, self.serving_leaf):
+        if certificate := reload_note(leaf, self.serving_leaf, pem, self.serving_pem):
             notes.append(certificate)
-        elif self.serving_pem is not None and pem != self.serving_pem:
-            notes.append(CHAIN_CHANGED)
         verified = self.config.fleets.verify
         new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
         if new_keys:
