@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
 from fleet_ingress.ops.metrics import FamilyInPieces
@@ -51,30 +52,27 @@ async def generate_in_turns(registry: CollectorRegistry) -> bytes:
     few turns after the one before it (`stats_app`'s `shown` comes after them all)."""
     parts: list[bytes] = []
     for family in registry.collect():
-        if isinstance(family, FamilyInPieces):
-            parts.append(await _pieces_in_turns(family))
-            continue
-        samples = family.samples
-        if len(samples) <= SAMPLES_PER_TURN or family.type not in _SPLITTABLE:
+        if isinstance(family, FamilyInPieces):  # its samples not read whole
+            parts.append(await _written_in_turns(family, family.pieces()))
+        elif len(family.samples) <= SAMPLES_PER_TURN or family.type not in _SPLITTABLE:
             parts.append(generate_latest(_Families([family])))
         else:
-            for start in range(0, len(samples), SAMPLES_PER_TURN):
-                piece = Metric(family.name, family.documentation, family.type, family.unit)
-                piece.samples = samples[start : start + SAMPLES_PER_TURN]
-                text = generate_latest(_Families([piece]))
-                # Past the first piece, the family's "# HELP" and "# TYPE" lines
-                # are written already.
-                parts.append(text if start == 0 else text.split(b"\n", 2)[2])
-                await asyncio.sleep(0)
+            samples = family.samples
+            slices = (
+                samples[start : start + SAMPLES_PER_TURN]
+                for start in range(0, len(samples), SAMPLES_PER_TURN)
+            )
+            parts.append(await _written_in_turns(family, slices))
         await asyncio.sleep(0)
     return b"".join(parts)
 
 
-async def _pieces_in_turns(family: FamilyInPieces) -> bytes:
-    """A family made a piece at a time (`metrics.FamilyInPieces`), written as
-    generate_latest writes it whole, the loop let run after each piece."""
+async def _written_in_turns(family: Metric, pieces: Iterable[list[Sample]]) -> bytes:
+    """`family` written as generate_latest writes it whole, from its samples
+    given a piece at a time (each piece made, then written, then the loop let
+    run); with no piece, its header alone."""
     parts: list[bytes] = []
-    for samples in family.pieces():
+    for samples in pieces:
         piece = Metric(family.name, family.documentation, family.type, family.unit)
         piece.samples = samples
         text = generate_latest(_Families([piece]))
