@@ -225,10 +225,8 @@ class CrashSnapshot:
         closed by it)."""
         if not self._notifier.enabled:
             return
-        self._sequence += 1
-        sequence = self._sequence
-        data = state_to_json({"sequence": sequence, "written_monotonic": time.monotonic(), **state})
-        self._write(sequence, data)
+        sequence, stamped = self._stamped(state)
+        self._write(sequence, state_to_json(stamped))
 
     async def write_in_turns(self, take: Callable[[], Mapping[str, Any]]) -> None:
         """`write(take())`, the state taken in one piece and encoded in turns
@@ -239,12 +237,17 @@ class CrashSnapshot:
         showed (session 33)."""
         if not self._notifier.enabled:
             return
-        self._sequence += 1
-        sequence = self._sequence
-        state = {"sequence": sequence, "written_monotonic": time.monotonic(), **take()}
-        data = await state_to_json_in_turns(state)
+        sequence, stamped = self._stamped(take())
+        data = await state_to_json_in_turns(stamped)
         if sequence > self._landed:
             self._write(sequence, data)
+
+    def _stamped(self, state: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """`state` numbered, as taken now: its sequence, and it with its
+        sequence and time first."""
+        self._sequence += 1
+        stamped = {"sequence": self._sequence, "written_monotonic": time.monotonic(), **state}
+        return self._sequence, stamped
 
     def _write(self, sequence: int, data: bytes) -> None:
         first = not self._fds

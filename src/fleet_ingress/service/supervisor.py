@@ -1566,8 +1566,7 @@ class Supervisor:
         try:
             self.snapshots.write(self.upgrade.crash_snapshot())
         except Exception:
-            count_unexpected_error()
-            log.exception("the supervisor's state could not be written for its successor")
+            _snapshot_failed()
 
     async def write_snapshot_in_turns(self) -> None:
         """`write_snapshot`, the state taken at once and encoded in turns: after
@@ -1578,8 +1577,7 @@ class Supervisor:
         try:
             await self.snapshots.write_in_turns(self.upgrade.crash_snapshot)
         except Exception:
-            count_unexpected_error()
-            log.exception("the supervisor's state could not be written for its successor")
+            _snapshot_failed()
 
     def snapshot(self) -> dict[str, Any]:
         picture = host_snapshot(
@@ -2191,6 +2189,12 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
                     os.kill(pid, signal.SIGKILL)
             break
         await asyncio.sleep(_CHILDREN_EVERY)
+
+
+def _snapshot_failed() -> None:
+    """A crash snapshot not written (a bug): logged and counted, never raised."""
+    count_unexpected_error()
+    log.exception("the supervisor's state could not be written for its successor")
 
 
 async def _keep_asking(deadline: PatientDeadline) -> None:
