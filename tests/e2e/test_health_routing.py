@@ -264,9 +264,9 @@ async def test_a_fleet_answering_429_while_its_probes_say_room_is_said_full_once
     after each probe. Before, "fleet full" and "fleet has room" alternated at
     every probe (twice a second here); now "fleet full" once, and "fleet has
     room" once the 429s stopped for ROOM_HOLD, with how many were answered."""
-    from fleet_ingress.core import full_said
+    from fleet_ingress.core import full_log
 
-    monkeypatch.setattr(full_said, "ROOM_HOLD", 1.5)
+    monkeypatch.setattr(full_log, "ROOM_HOLD", 1.5)
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     a, b = sim_fleets
     a.capacity, a.available_override = 0, 1000
@@ -307,9 +307,9 @@ async def test_the_room_line_counts_every_429_of_calls_in_flight_at_once(
     """Calls sent to a fleet together, each answered 429: only the first is
     news to its estimate, and "fleet has room" said answered_429=1 whatever
     the number it answered (the operator read 1 refusal for a burst of them)."""
-    from fleet_ingress.core import full_said
+    from fleet_ingress.core import full_log
 
-    monkeypatch.setattr(full_said, "ROOM_HOLD", 0.5)
+    monkeypatch.setattr(full_log, "ROOM_HOLD", 0.5)
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     a, b = sim_fleets
     a.capacity, a.available_override = 0, 1000

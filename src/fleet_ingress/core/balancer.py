@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from fleet_ingress.core.fleet_spec import Admin, FleetSpec
-from fleet_ingress.core.full_said import FullSaid
+from fleet_ingress.core.full_log import FullLog
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import ProbeResult
 
@@ -70,7 +70,7 @@ class FleetState:
     _probe_overtaken: bool = False  # a 429 came while that probe was out: its number is older
     capacity_aware: bool = True
     # When its FULL and room were last said (logged once per real change).
-    full_said: FullSaid = field(default_factory=FullSaid)
+    full_log: FullLog = field(default_factory=FullLog)
     # Health checking (kept here so stats read one record per fleet).
     health_streak: int = 0  # consecutive probes pushing toward a change
     last_probe: ProbeResult | None = None

@@ -132,10 +132,10 @@ def take_as_full(fleet: FleetState) -> None:
     when that is news (here, or in the supervisor for a worker's call)."""
     fleet.call_connected()  # it answered: it takes connections
     # Said once a FULL: a fleet that answers 429 while its probes say room is
-    # FULL again after every probe (`FullSaid`).
+    # FULL again after every probe (`FullLog`).
     # Every 429 counted in the FULL said ("fleet has room" answered_429), news or not.
     news = fleet.said_full()
-    if fleet.full_said.answered_429_now(time.monotonic(), news=news):
+    if fleet.full_log.answered_429_now(time.monotonic(), news=news):
         log.info(
             "fleet full: it answered a call 429; no new call goes there until its next probe",
             extra=fields(fleet=fleet.name),

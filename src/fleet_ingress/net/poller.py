@@ -443,8 +443,8 @@ class HealthPoller:
                 ),
             )
         now = time.monotonic()
-        if (said := fleet.full_said.probed(fleet.full, now)) is not None:
-            episode = fleet.full_said.episode(now) if said == "fleet has room" else {}
+        if (said := fleet.full_log.probed(fleet.full, now)) is not None:
+            episode = fleet.full_log.episode(now) if said == "fleet has room" else {}
             log.info(
                 said,
                 extra=fields(

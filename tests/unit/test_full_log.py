@@ -1,12 +1,12 @@
-"""FullSaid: a fleet's FULL and room said once per real change, fed with `now`."""
+"""FullLog: a fleet's FULL and room said once per real change, fed with `now`."""
 
 from __future__ import annotations
 
-from fleet_ingress.core.full_said import ROOM_HOLD, FullSaid
+from fleet_ingress.core.full_log import ROOM_HOLD, FullLog
 
 
 def test_a_429_full_flipped_by_every_probe_is_said_once_then_room_after_the_hold():
-    said = FullSaid()
+    said = FullLog()
     assert said.answered_429_now(0.0)
     lines = []
     for i in range(1, 20):  # a probe saying room, then a 429, twice a second
@@ -23,7 +23,7 @@ def test_a_429_full_flipped_by_every_probe_is_said_once_then_room_after_the_hold
 
 
 def test_a_full_that_only_probes_said_ends_at_once():
-    said = FullSaid()
+    said = FullLog()
     assert said.probed(True, 1.0) == "fleet full"
     assert said.probed(True, 2.0) is None
     assert said.probed(False, 3.0) == "fleet has room"
@@ -32,7 +32,7 @@ def test_a_full_that_only_probes_said_ends_at_once():
 
 
 def test_a_429_while_probes_say_full_holds_its_room_line():
-    said = FullSaid()
+    said = FullLog()
     assert said.probed(True, 0.0) == "fleet full"
     assert not said.answered_429_now(0.5)  # FULL said already: counted
     assert said.probed(False, 1.0) is None
@@ -40,10 +40,10 @@ def test_a_429_while_probes_say_full_holds_its_room_line():
     assert said.episode(1.0 + ROOM_HOLD)["answered_429"] == 1
 
 
-def test_a_429_that_is_no_news_is_counted_in_the_full_said_and_begins_none():
-    said = FullSaid()
+def test_a_429_that_is_no_news_is_counted_in_the_full_log_and_begins_none():
+    said = FullLog()
     assert said.answered_429_now(0.0, news=False) is False  # no FULL said: nothing
-    assert said.answered_429 == 0 and not said.said_full
+    assert said.answered_429 == 0 and not said.logged_full
     assert said.answered_429_now(1.0) is True
     assert said.answered_429_now(1.1, news=False) is False
     assert said.answered_429_now(1.2, news=False) is False

@@ -22,8 +22,8 @@ began is said to have ended."""
 
 
 @dataclass(slots=True)
-class FullSaid:
-    said_full: bool = False
+class FullLog:
+    logged_full: bool = False
     since: float = 0.0  # when the FULL said last began
     by_429: bool = False  # a 429 began it, or came during it
     answered_429: int = 0  # 429s answered during it (news to the estimate or not)
@@ -35,16 +35,16 @@ class FullSaid:
         no news (calls sent together, answered 429 after the first) is counted
         in the FULL said, and begins none."""
         if not news:
-            if self.said_full:
+            if self.logged_full:
                 self.answered_429 += 1
                 self.room_since, self.by_429 = None, True
             return False
         self.answered_429 += 1
         self.room_since = None
         self.by_429 = True
-        if self.said_full:
+        if self.logged_full:
             return False
-        self.said_full, self.since, self.answered_429 = True, now, 1
+        self.logged_full, self.since, self.answered_429 = True, now, 1
         return True
 
     def probed(self, full: bool, now: float) -> str | None:
@@ -52,18 +52,18 @@ class FullSaid:
         "fleet has room", or None when neither is news."""
         if full:
             self.room_since = None
-            if self.said_full:
+            if self.logged_full:
                 return None
-            self.said_full, self.since, self.by_429, self.answered_429 = True, now, False, 0
+            self.logged_full, self.since, self.by_429, self.answered_429 = True, now, False, 0
             return "fleet full"
-        if not self.said_full:
+        if not self.logged_full:
             return None
         if self.by_429:
             if self.room_since is None:
                 self.room_since = now
             if now - self.room_since < ROOM_HOLD:
                 return None
-        self.said_full, self.room_since = False, None
+        self.logged_full, self.room_since = False, None
         return "fleet has room"
 
     def episode(self, now: float) -> dict[str, float | int]:
