@@ -25,12 +25,14 @@ LOOKUP_THREADS = 16
 Resolve = Callable[[str, int], Iterable[Address]]
 
 
-def resolve(host: str, port: int) -> set[Address]:
+def resolve(host: str, port: int) -> frozenset[Address]:
     """The addresses the ingress would connect to for `host`."""
-    return {
-        address_of(sockaddr)
-        for _, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    }
+    return addresses_of(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+
+
+def addresses_of(infos: Iterable[tuple[Any, ...]]) -> frozenset[Address]:
+    """getaddrinfo's answers (sync or the loop's) as fleets compare them."""
+    return frozenset(address_of(info[4]) for info in infos)
 
 
 def address_of(sockaddr: tuple[Any, ...]) -> Address:

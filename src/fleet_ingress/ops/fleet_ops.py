@@ -23,7 +23,7 @@ from fleet_ingress.config.atomic import backup_of, write_atomically
 from fleet_ingress.config.fleet_lookup import (
     LOOKUP_BUDGET,
     Address,
-    address_of,
+    addresses_of,
     literal_addresses,
     shared_warnings,
 )
@@ -446,8 +446,9 @@ class FleetOps:
         async def addresses(fleet: FleetSpec) -> frozenset[Address]:
             if (literal := literal_addresses(fleet)) is not None:
                 return literal
-            infos = await loop.getaddrinfo(fleet.host, fleet.port, type=socket.SOCK_STREAM)
-            return frozenset(address_of(info[4]) for info in infos)
+            return addresses_of(
+                await loop.getaddrinfo(fleet.host, fleet.port, type=socket.SOCK_STREAM)
+            )
 
         lookups = {fleet.name: asyncio.ensure_future(addresses(fleet)) for fleet in fleets}
         _, late = await asyncio.wait(lookups.values(), timeout=LOOKUP_BUDGET)
