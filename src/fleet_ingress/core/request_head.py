@@ -348,13 +348,20 @@ def _checked_request(
 
 
 def _valid_host(host: bytes) -> bool:
+    return _host_match(host) is not None
+
+
+def _host_match(host: bytes) -> re.Match[bytes] | None:
+    """`host` as host[:port] (the port in group 1), None when it is not one
+    or its port is past 65535."""
     match = _HOST.fullmatch(host)
     if match is None:
-        return False
+        return None
     # Compared by length first: int() refuses more than 4,300 digits with a ValueError,
     # which a stranger's Host could otherwise raise out of the parse.
     port = (match.group(1) or b"").lstrip(b"0")
-    return len(port) <= len(b"%d" % _MAX_PORT) and int(port or b"0") <= _MAX_PORT
+    valid = len(port) <= len(b"%d" % _MAX_PORT) and int(port or b"0") <= _MAX_PORT
+    return match if valid else None
 
 
 def _origin_form(target: bytes, headers: list[Header]) -> bytes:
@@ -388,8 +395,8 @@ def _same_authority(scheme: bytes, a: bytes, b: bytes) -> bool:
 
 
 def _authority_key(authority: bytes, default_port: int) -> tuple[object, int]:
-    match = _HOST.fullmatch(authority)
-    if match is None or not _valid_host(authority):  # compared as text, as before
+    match = _host_match(authority)
+    if match is None:  # compared as text, as before
         return authority.lower(), -1
     host, port = authority, default_port
     if match.group(1) is not None:
