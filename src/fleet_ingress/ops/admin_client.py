@@ -158,6 +158,22 @@ def _why(exc: BaseException) -> str:
     return getattr(os_error, "strerror", None) or str(os_error)
 
 
+def _answer_or_exit_code(
+    socket_path: Path, method: str, path: str, payload: dict[str, Any] | None
+) -> dict[str, Any] | int:
+    """The ingress's answer, or, said on stderr, the exit code of why there is
+    none to use: 2 not reached, 1 refused (an HTTP error)."""
+    try:
+        status, body = asyncio.run(admin_request(socket_path, method, path, payload))
+    except AdminUnreachable as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    if status >= 400:
+        print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    return body
+
+
 def run_admin(
     socket_path: Path,
     method: str,
@@ -168,14 +184,9 @@ def run_admin(
     as_json: bool = False,
 ) -> int:
     out = out or sys.stdout
-    try:
-        status, body = asyncio.run(admin_request(socket_path, method, path, payload))
-    except AdminUnreachable as exc:
-        print(f"fleet-ingress: {exc}", file=sys.stderr)
-        return 2
-    if status >= 400:
-        print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
-        return 1
+    body = _answer_or_exit_code(socket_path, method, path, payload)
+    if isinstance(body, int):
+        return body
     if _lacks_our_fields(path, body):
         print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
         return 2
@@ -200,16 +211,9 @@ def run_add_fleet(socket_path: Path, payload: dict[str, Any], *, out: TextIO | N
     command asking the old supervisor). Refused then, nothing changed. The
     pre-check probe is sent twice."""
     if payload.get("admin") and not payload.get("dry_run"):
-        try:
-            status, body = asyncio.run(
-                admin_request(socket_path, "POST", "/fleets", {**payload, "dry_run": True})
-            )
-        except AdminUnreachable as exc:
-            print(f"fleet-ingress: {exc}", file=sys.stderr)
-            return 2
-        if status >= 400:
-            print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
-            return 1
+        body = _answer_or_exit_code(socket_path, "POST", "/fleets", {**payload, "dry_run": True})
+        if isinstance(body, int):
+            return body
         if not _lacks_our_fields("/fleets", body) and "admin_state" not in body:
             print(
                 f"fleet-ingress: the running ingress is of a release before `add-fleet "
