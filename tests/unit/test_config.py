@@ -656,3 +656,27 @@ def test_a_byte_order_mark_first_is_dropped_as_the_fleets_file_drops_it(tmp_path
     assert caught.value.problems == [
         f"{path}: fleets.maxconn: '32' is a string; write a whole number, unquoted"
     ]
+
+
+def test_a_tcp_user_timeout_the_kernel_cannot_take_is_refused(tmp_path: Path) -> None:
+    """TCP_USER_TIMEOUT is a C int of milliseconds: above 2147483 seconds
+    setsockopt raised TypeError (not OSError) at every accept and every fleet
+    connection, so every call failed, while check passed (the config audit of
+    session 35). Refused here, naming the bound; the bound itself is taken
+    and set on a real socket."""
+    import socket
+
+    from fleet_ingress.net.liveness import TcpLiveness
+
+    path = write(tmp_path, "[timeouts]\ntcp_user_timeout = 2147484\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: timeouts.tcp_user_timeout: must be at most 2147483 seconds (got 2147484); "
+        "0 leaves the kernel's default"
+    ]
+    edge = load_config(write(tmp_path, "[timeouts]\ntcp_user_timeout = 2147483\n"))
+    with socket.socket() as sock:
+        TcpLiveness(user_timeout=edge.timeouts.tcp_user_timeout).apply(sock)
+        got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert got == 2147483000

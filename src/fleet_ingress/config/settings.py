@@ -72,6 +72,10 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 OffOrSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # 0 turns it off
 # The kernel counts keepalive times in whole seconds, 1 to 32767.
 KeepaliveSeconds = Annotated[float, Field(ge=0, le=32767, allow_inf_nan=False)]
+# TCP_USER_TIMEOUT is a C int of milliseconds: above this, setsockopt raises
+# TypeError at every accept and fleet connection (0 leaves the kernel's default).
+MAX_USER_TIMEOUT = (2**31 - 1) // 1000
+UserTimeoutSeconds = Annotated[float, Field(ge=0, le=MAX_USER_TIMEOUT, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
@@ -261,7 +265,7 @@ class TimeoutsSection(_Section):
     upgrade_drain: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
     carrier_silence: OffOrSeconds = 30.0
     fleet_silence: OffOrSeconds = 0.0
-    tcp_user_timeout: OffOrSeconds = 20.0
+    tcp_user_timeout: UserTimeoutSeconds = 20.0
     keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
     keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
 
@@ -688,7 +692,8 @@ def _describe(error: Any, source: str) -> str:
     elif error["type"] in _BOUNDS and (ctx := error.get("ctx")):
         bound, words = _BOUNDS[error["type"]]
         edge = ctx[bound]
-        edge = f"{edge:g}" if isinstance(edge, int | float) else edge
+        if isinstance(edge, int | float):  # whole: no exponent (2147483, not 2.14748e+06)
+            edge = f"{int(edge)}" if float(edge).is_integer() else f"{edge:g}"
         problem = f"must be {words} {edge}{_unit(dotted)} (got {error['input']!r})"
         if dotted in _ZERO_MEANS:
             problem += f"; {_ZERO_MEANS[dotted]}"
