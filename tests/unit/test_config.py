@@ -680,3 +680,24 @@ def test_a_tcp_user_timeout_the_kernel_cannot_take_is_refused(tmp_path: Path) ->
         TcpLiveness(user_timeout=edge.timeouts.tcp_user_timeout).apply(sock)
         got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
     assert got == 2147483000
+
+
+def test_a_section_written_twice_in_two_cases_is_refused_not_half_lost(tmp_path: Path) -> None:
+    """Section names are read without regard to case ([Fleets] is [fleets]),
+    so a file with both kept one table and dropped the other's keys without a
+    word: here maxconn = 8 was 16 (the config audit of session 35). A quoted
+    number under [Fleets] was taken too, where under [fleets] it is refused."""
+    path = write(tmp_path, "[Fleets]\nfall = 3\n[fleets]\nmaxconn = 8\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: [Fleets] and [fleets] are one section (its name is read without regard "
+        "to case), and the keys of one would be lost; put them all under [fleets]"
+    ]
+    assert load_config(write(tmp_path, "[Fleets]\nmaxconn = 8\n")).fleets.maxconn == 8
+    path = write(tmp_path, '[Fleets]\nmaxconn = "8"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: fleets.maxconn: '8' is a string; write a whole number, unquoted"
+    ]

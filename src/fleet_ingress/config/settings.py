@@ -593,7 +593,8 @@ def _toml_kind(annotation: Any) -> tuple[tuple[type, ...], str] | None:
 def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
     """{"section.key": the problem's line} for values of the wrong TOML type."""
     problems = {}
-    for section, values in data.items():
+    for written, values in data.items():
+        section = written.lower()  # [Fleets] is read as [fleets]
         field = IngressConfig.model_fields.get(section)
         if field is None or not isinstance(values, dict):
             continue  # pydantic names these
@@ -612,6 +613,22 @@ def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
     return problems
 
 
+def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
+    """[Fleets] is read as [fleets] (pydantic-settings ignores a name's case), so
+    a file with both kept one table and lost the other's keys without a word."""
+    spellings: dict[str, list[str]] = {}
+    for written in data:
+        if written.lower() in IngressConfig.model_fields:
+            spellings.setdefault(written.lower(), []).append(written)
+    return [
+        f"{source}: {' and '.join(f'[{name}]' for name in written)} are one section (its "
+        "name is read without regard to case), and the keys of one would be lost; put them "
+        f"all under [{section}]"
+        for section, written in spellings.items()
+        if len(written) > 1
+    ]
+
+
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     if problems := _unknown_env_sections():
         raise ConfigError(problems)
@@ -622,6 +639,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass  # reported below, as pydantic-settings reads the file
     wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)
+    twice = _sections_in_two_cases(toml_data, source) + _sections_in_two_cases(data, source)
     token = _LOAD.set(load)
     try:
         config = IngressConfig(**data)
@@ -629,7 +647,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         others = [_describe(error, source) for error in exc.errors()]
         # A key with a wrong type is named once, by the clearer of the two messages.
         others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
-        raise ConfigError([*wrong_types.values(), *others]) from None
+        raise ConfigError([*twice, *wrong_types.values(), *others]) from None
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -641,8 +659,8 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         raise ConfigError([_env_not_json(exc) or f"{source}: {exc}"]) from None
     finally:
         _LOAD.reset(token)
-    if wrong_types:
-        raise ConfigError(list(wrong_types.values()))
+    if twice or wrong_types:
+        raise ConfigError([*twice, *wrong_types.values()])
     return config
 
 
