@@ -701,3 +701,26 @@ def test_a_section_written_twice_in_two_cases_is_refused_not_half_lost(tmp_path:
     assert caught.value.problems == [
         f"{path}: fleets.maxconn: '8' is a string; write a whole number, unquoted"
     ]
+
+
+def test_a_link_to_nothing_or_a_special_file_is_not_called_missing(tmp_path: Path) -> None:
+    """`check -c` of a symlink whose target is gone (a release directory
+    removed), or of a FIFO (`-c <(envsubst < ingress.toml.in)`), said "no such
+    file" of a path `ls` shows (the config audit of session 35)."""
+    link = tmp_path / "ingress.toml"
+    link.symlink_to(tmp_path / "releases" / "ingress.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(link)
+    assert caught.value.problems == [
+        f"{link}: cannot read the configuration file: it is a symbolic link to "
+        f"{tmp_path / 'releases' / 'ingress.toml'}, which is not there; point the link at "
+        "the TOML file, or give that file with -c"
+    ]
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as caught:
+        load_config(fifo)
+    assert caught.value.problems == [
+        f"{fifo}: cannot read the configuration file: it is a pipe, not a regular file "
+        "(it is read more than once); write the configuration to a file and give that"
+    ]

@@ -514,8 +514,27 @@ def load_config(path: Path | None) -> IngressConfig:
                     f"give the TOML file itself, e.g. -c {path / 'ingress.toml'}"
                 ]
             )
-        raise ConfigError([f"{path}: cannot read the configuration file: no such file"])
+        raise ConfigError([f"{path}: cannot read the configuration file: {_not_there(path)}"])
     return _build({}, _Load(toml_file=path, base_dir=path.parent), str(path))
+
+
+def _not_there(path: Path) -> str:
+    """Why `path`, not a directory, is no configuration file: "no such file"
+    was said of a link to nothing and of a pipe (`-c <(...)`) alike."""
+    if path.is_symlink() and not path.exists():
+        return (
+            f"it is a symbolic link to {os.readlink(path)}, which is not there; point the "
+            "link at the TOML file, or give that file with -c"
+        )
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "no such file"
+    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return (
+        f"it is {kind}, not a regular file (it is read more than once); write the "
+        "configuration to a file and give that"
+    )
 
 
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> IngressConfig:
