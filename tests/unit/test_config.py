@@ -724,3 +724,19 @@ def test_a_link_to_nothing_or_a_special_file_is_not_called_missing(tmp_path: Pat
         f"{fifo}: cannot read the configuration file: it is a pipe, not a regular file "
         "(it is read more than once); write the configuration to a file and give that"
     ]
+
+
+def test_a_byte_not_utf8_is_named_by_its_line_as_the_fleets_file_names_it(
+    tmp_path: Path,
+) -> None:
+    """A Latin-1 "é" in a comment: the fleets file says which line and byte;
+    the configuration file said only "it is not UTF-8 text" (the config audit
+    of session 35)."""
+    path = tmp_path / "ingress.toml"
+    path.write_bytes(b"[fleets]\nmaxconn = 8\n# caf\xe9 du coin\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: cannot read the configuration file: line 3 is not UTF-8 text (byte 0xe9); "
+        "save the file as UTF-8 text"
+    ]

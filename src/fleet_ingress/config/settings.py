@@ -537,6 +537,15 @@ def _not_there(path: Path) -> str:
     )
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    """Which line, and the byte, as the fleets file says it."""
+    data = bytes(exc.object)
+    line = data.count(b"\n", 0, exc.start) + 1
+    return (
+        f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8 text"
+    )
+
+
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> IngressConfig:
     """Build a config in code with the same validation, path resolution and env overrides."""
     return _build(data, _Load(base_dir=base_dir), "configuration")
@@ -670,7 +679,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        reason = exc.strerror if isinstance(exc, OSError) else _not_utf8(exc)
         if isinstance(exc, PermissionError):
             reason = _NOT_OURS
         raise ConfigError([f"{source}: cannot read the configuration file: {reason}"]) from None
