@@ -740,3 +740,31 @@ def test_a_byte_not_utf8_is_named_by_its_line_as_the_fleets_file_names_it(
         f"{path}: cannot read the configuration file: line 3 is not UTF-8 text (byte 0xe9); "
         "save the file as UTF-8 text"
     ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        (
+            "[process]\nworker_hang_timeout = inf\n",
+            "process.worker_hang_timeout: Input should be a finite number (got inf); "
+            "0 never kills a hung worker",
+        ),
+        (
+            "[timeouts]\nupgrade_drain = inf\n",
+            "timeouts.upgrade_drain: Input should be a finite number (got inf); 0 keeps the "
+            "old generation's calls until they end",
+        ),
+    ],
+)
+def test_infinity_for_never_is_refused_naming_the_0_that_means_it(
+    tmp_path: Path, toml: str, line: str
+) -> None:
+    """`worker_hang_timeout = inf` was taken: the supervisor's picture then
+    carried Infinity, which JSON does not have (/stats.json: a browser's
+    JSON.parse refuses it), and `stat` said "killed and replaced once silent
+    infs" (the config audit of session 35). 0 is how these keys say never."""
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: {line}"]

@@ -353,7 +353,7 @@ class ProcessSection(_Section):
     # replaced, as one that died; shown "unresponsive" after two unanswered.
     # 0: never killed; else at least 5 s (a shorter stall is not a hang). Read
     # at start: a reload notes a change, an upgrade applies it.
-    worker_hang_timeout: float = Field(60.0, ge=0)
+    worker_hang_timeout: float = Field(60.0, ge=0, allow_inf_nan=False)
 
     @field_validator("worker_hang_timeout")
     @classmethod
@@ -747,6 +747,8 @@ def _describe(error: Any, source: str) -> str:
         problem = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":  # our own messages already quote the value
             problem += f" (got {error['input']!r})"
+        if error["type"] == "finite_number" and dotted in _ZERO_MEANS:  # inf meant "never"
+            problem += f"; {_ZERO_MEANS[dotted]}"
     problem += _env_hint(loc)
     return f"{source}: {dotted}: {problem}" if dotted else f"{source}: {problem}"
 
