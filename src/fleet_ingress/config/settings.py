@@ -591,6 +591,47 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def environment_values(path: Path | None) -> list[str]:
+    """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
+    words: the variable, and the file's value it hides where the file sets the
+    key too. The environment wins without a word otherwise: a value left in the
+    unit's Environment= outlives every edit of the file (the config audit of
+    session 35). Only variables naming a section (the others are refused)."""
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = tomllib.loads(read_config_text(path))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            loaded = {}  # reported by load_config
+        file_data = {name.lower(): value for name, value in loaded.items()}
+    lines = []
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] not in IngressConfig.model_fields:
+            continue
+        dotted = ".".join(parts)
+        line = f"{dotted} = {os.environ[name]!r} from environment variable {name}, not the file"
+        written: Any = file_data
+        for part in parts:
+            written = written.get(part) if isinstance(written, dict) else None
+        if written is not None:
+            line += (
+                f"'s {_toml_text(written)}: the environment wins; unset it where it is set "
+                "(`systemctl show fleet-ingress -p Environment`, the unit's Environment= or "
+                "a drop-in) to have the file's"
+            )
+        lines.append(line)
+    return lines
+
+
+def _toml_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 # What a TOML value must be for a field of each Python type. pydantic would turn
 # "no" into False or "32" into 32; a config file says what it means, so a quoted
 # number or a word for a boolean is a mistake to point out. (The environment stays
