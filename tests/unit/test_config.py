@@ -768,3 +768,15 @@ def test_infinity_for_never_is_refused_naming_the_0_that_means_it(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [f"{path}: {line}"]
+
+
+def test_a_variable_one_level_too_deep_is_named_as_the_environments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FLEET_INGRESS_TIMEOUTS__CONNECT__MS=3000 makes timeouts.connect a table:
+    the problem was said without the variable, as if in the file, where no
+    such line is (the config audit of session 35)."""
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__CONNECT__MS", "3000")
+    (line,) = problems({})
+    assert line.startswith("configuration: timeouts.connect: ")
+    assert line.endswith(" (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT__MS)")

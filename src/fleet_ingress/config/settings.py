@@ -839,9 +839,12 @@ def _env_not_json(exc: SettingsError) -> str | None:
 
 
 def _env_hint(loc: tuple[str | int, ...]) -> str:
-    set_names = {name.upper() for name in os.environ}
+    set_names = sorted(name.upper() for name in os.environ)
     for depth in (2, 1):
         name = ENV_PREFIX + "__".join(str(p) for p in loc[:depth]).upper()
-        if len(loc) >= depth and name in set_names:
+        # A variable naming a level below the key (..._CONNECT__MS) made it a table.
+        deeper = [other for other in set_names if other.startswith(name + "__")]
+        if len(loc) >= depth and (name in set_names or (depth == 2 and deeper)):
+            name = name if name in set_names else deeper[0]
             return f" (from environment variable {name if name.isprintable() else ascii(name)})"
     return ""
