@@ -780,3 +780,34 @@ def test_a_variable_one_level_too_deep_is_named_as_the_environments(
     (line,) = problems({})
     assert line.startswith("configuration: timeouts.connect: ")
     assert line.endswith(" (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT__MS)")
+
+
+def test_a_section_or_variable_in_capitals_is_read_alike_by_the_lenient_readers(
+    tmp_path: Path,
+) -> None:
+    """`run` reads [Listen] as [listen], and fleet_ingress_listen__stats as
+    FLEET_INGRESS_LISTEN__STATS (pydantic-settings ignores the case); the
+    admin commands' socket finder and `check --live` (keepalived's track
+    script) read exact names, so they asked the default socket and stats
+    port, and the track script judged a healthy ingress dead (the config
+    audit of session 35)."""
+    from fleet_ingress.cli import _admin_socket_leniently
+    from fleet_ingress.ops.live_check import live_settings
+
+    path = write(
+        tmp_path,
+        '[Listen]\nadmin_socket = "a.sock"\nstats = "127.0.0.1:9404"\n[ROUTES]\nhealth = "/up"\n',
+    )
+    config = load_config(path)
+    assert (config.listen.admin_socket, config.listen.stats) == (
+        str(tmp_path / "a.sock"),
+        "127.0.0.1:9404",
+    )
+    assert _admin_socket_leniently(path) == config.listen.admin_socket
+    live = live_settings(path, environ={"fleet_ingress_listen__wss": "127.0.0.1:8443"})
+    assert (live.admin_socket, live.stats, live.health, live.wss) == (
+        config.listen.admin_socket,
+        "127.0.0.1:9404",
+        "/up",
+        "127.0.0.1:8443",
+    )
