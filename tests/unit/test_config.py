@@ -811,3 +811,16 @@ def test_a_section_or_variable_in_capitals_is_read_alike_by_the_lenient_readers(
         "/up",
         "127.0.0.1:8443",
     )
+
+
+def test_a_duration_with_a_unit_from_the_environment_is_said_as_the_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In the file, connect = "30s" is told to be a number of seconds; from
+    the environment it was pydantic's "unable to parse string as a number"
+    (the config audit of session 35)."""
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__CONNECT", "30s")
+    assert problems({}) == [
+        "configuration: timeouts.connect: '30s' is not a number; write a number of seconds, "
+        "e.g. 10 (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT)"
+    ]

@@ -776,6 +776,8 @@ def _describe(error: Any, source: str) -> str:
         dotted = ascii(dotted)[1:-1]
     if error["type"] == "extra_forbidden":
         problem = f"unknown key '{dotted}'{_did_you_mean(loc)}"
+    elif error["type"] == "float_parsing" and _unit(dotted):  # "30s" from the environment
+        problem = f"{error['input']!r} is not a number; write a number of seconds, e.g. 10"
     elif error["type"] in _BOUNDS and (ctx := error.get("ctx")):
         bound, words = _BOUNDS[error["type"]]
         edge = ctx[bound]
