@@ -611,8 +611,9 @@ def environment_values(path: Path | None) -> list[str]:
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if parts[0] not in IngressConfig.model_fields:
             continue
-        dotted = ".".join(parts)
-        line = f"{dotted} = {os.environ[name]!r} from environment variable {name}, not the file"
+        # repr and ascii: a control character must not act where this is printed.
+        dotted, shown = ascii(".".join(parts))[1:-1], ascii(name)[1:-1]
+        line = f"{dotted} = {os.environ[name]!r} from environment variable {shown}, not the file"
         written: Any = file_data
         for part in parts:
             written = written.get(part) if isinstance(written, dict) else None
