@@ -360,7 +360,9 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
     from fleet_ingress.config.settings import ENV_PREFIX, read_config_text
     from fleet_ingress.ops.admin_client import DEFAULT_ADMIN_SOCKET
 
-    override = os.environ.get(f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET")
+    # Names in any case, as `run` (pydantic-settings) reads them.
+    wanted = f"{ENV_PREFIX}LISTEN__ADMIN_SOCKET"
+    override = next((v for k, v in os.environ.items() if k.upper() == wanted), None)
     if override is not None:
         # Relative to the file's directory, as `run` (load_config) takes it: not
         # to this command's working directory, which asked another socket.
@@ -369,7 +371,7 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
         data = tomllib.loads(read_config_text(config_path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
-    listen = data.get("listen")
+    listen = {name.lower(): table for name, table in data.items()}.get("listen")  # [Listen] too
     value = listen.get("admin_socket") if isinstance(listen, dict) else None
     if value is None:
         return str(DEFAULT_ADMIN_SOCKET)

@@ -203,6 +203,30 @@ def test_verify_false_warns_but_passes(deployment: Path) -> None:
     assert output.splitlines()[1].startswith("OK: 1 fleet,")
 
 
+def test_a_value_from_the_environment_is_named_where_the_file_says_otherwise(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Environment= line left in the unit wins over the file without a word:
+    an operator raised fleets.maxconn in the file, check said OK, the reload
+    applied nothing, and calls went on being queued at 4 (the config audit of
+    session 35). check names the variable, the file's value it hides, and
+    where to unset it; a value the file does not set is named too."""
+    append(deployment, "[fleets]\nmaxconn = 32\n")
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "4")
+    monkeypatch.setenv("FLEET_INGRESS_LOG__LEVEL", "debug")
+    assert load_config(deployment).fleets.maxconn == 4
+    assert check_configuration(deployment) == [
+        f"{WARNING}{deployment}: fleets.maxconn = '4' from environment variable "
+        "FLEET_INGRESS_FLEETS__MAXCONN, not the file's 32: the environment wins; unset it "
+        "where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
+        "Environment= or a drop-in) to have the file's",
+        f"{WARNING}{deployment}: log.level = 'debug' from environment variable "
+        "FLEET_INGRESS_LOG__LEVEL, not the file",
+    ]
+    status, output = run(deployment)
+    assert status == 0 and output.splitlines()[-1].startswith("OK: 1 fleet,")
+
+
 def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None:
     leaf = ca.issue_cert("calls.example.com", not_after=datetime.now(UTC) + timedelta(days=3))
     write_certbot_files(deployment.parent, leaf)

@@ -764,3 +764,30 @@ async def test_add_fleet_admin_is_refused_by_a_supervisor_that_would_add_it_read
     # Only the dry run reached it; without --admin, nothing is asked first.
     assert [a.get("dry_run") for a in asked] == [True, False]
     assert ready.returncode == 0
+
+
+async def test_the_ready_line_names_the_values_the_environment_sets(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """A real `run` with FLEET_INGRESS_TIMEOUTS__QUEUE set over the file's
+    queue = 3: its start logged nothing of it, so a value left in a unit's
+    Environment= (or a container's) outlived every edit of the file unseen
+    (the config audit of session 35). Its "ready" line names it."""
+    from tests.support import RunningIngress
+
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    )
+    try:
+        (ready,) = [entry for entry in service.log() if entry.get("event") == "ready"]
+        assert ready["environment"] == [
+            "timeouts.queue = '7' from environment variable FLEET_INGRESS_TIMEOUTS__QUEUE, "
+            "not the file's 3: the environment wins; unset it where it is set (`systemctl "
+            "show fleet-ingress -p Environment`, the unit's Environment= or a drop-in) to "
+            "have the file's"
+        ], ready
+    finally:
+        await service.finish()

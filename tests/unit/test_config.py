@@ -656,3 +656,171 @@ def test_a_byte_order_mark_first_is_dropped_as_the_fleets_file_drops_it(tmp_path
     assert caught.value.problems == [
         f"{path}: fleets.maxconn: '32' is a string; write a whole number, unquoted"
     ]
+
+
+def test_a_tcp_user_timeout_the_kernel_cannot_take_is_refused(tmp_path: Path) -> None:
+    """TCP_USER_TIMEOUT is a C int of milliseconds: above 2147483 seconds
+    setsockopt raised TypeError (not OSError) at every accept and every fleet
+    connection, so every call failed, while check passed (the config audit of
+    session 35). Refused here, naming the bound; the bound itself is taken
+    and set on a real socket."""
+    import socket
+
+    from fleet_ingress.net.liveness import TcpLiveness
+
+    path = write(tmp_path, "[timeouts]\ntcp_user_timeout = 2147484\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: timeouts.tcp_user_timeout: must be at most 2147483 seconds (got 2147484); "
+        "0 leaves the kernel's default"
+    ]
+    edge = load_config(write(tmp_path, "[timeouts]\ntcp_user_timeout = 2147483\n"))
+    with socket.socket() as sock:
+        TcpLiveness(user_timeout=edge.timeouts.tcp_user_timeout).apply(sock)
+        got = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert got == 2147483000
+
+
+def test_a_section_written_twice_in_two_cases_is_refused_not_half_lost(tmp_path: Path) -> None:
+    """Section names are read without regard to case ([Fleets] is [fleets]),
+    so a file with both kept one table and dropped the other's keys without a
+    word: here maxconn = 8 was 16 (the config audit of session 35). A quoted
+    number under [Fleets] was taken too, where under [fleets] it is refused."""
+    path = write(tmp_path, "[Fleets]\nfall = 3\n[fleets]\nmaxconn = 8\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: [Fleets] and [fleets] are one section (its name is read without regard "
+        "to case), and the keys of one would be lost; put them all under [fleets]"
+    ]
+    assert load_config(write(tmp_path, "[Fleets]\nmaxconn = 8\n")).fleets.maxconn == 8
+    path = write(tmp_path, '[Fleets]\nmaxconn = "8"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: fleets.maxconn: '8' is a string; write a whole number, unquoted"
+    ]
+
+
+def test_a_link_to_nothing_or_a_special_file_is_not_called_missing(tmp_path: Path) -> None:
+    """`check -c` of a symlink whose target is gone (a release directory
+    removed), or of a FIFO (`-c <(envsubst < ingress.toml.in)`), said "no such
+    file" of a path `ls` shows (the config audit of session 35)."""
+    link = tmp_path / "ingress.toml"
+    link.symlink_to(tmp_path / "releases" / "ingress.toml")
+    with pytest.raises(ConfigError) as caught:
+        load_config(link)
+    assert caught.value.problems == [
+        f"{link}: cannot read the configuration file: it is a symbolic link to "
+        f"{tmp_path / 'releases' / 'ingress.toml'}, which is not there; point the link at "
+        "the TOML file, or give that file with -c"
+    ]
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as caught:
+        load_config(fifo)
+    assert caught.value.problems == [
+        f"{fifo}: cannot read the configuration file: it is a pipe, not a regular file "
+        "(it is read more than once); write the configuration to a file and give that"
+    ]
+
+
+def test_a_byte_not_utf8_is_named_by_its_line_as_the_fleets_file_names_it(
+    tmp_path: Path,
+) -> None:
+    """A Latin-1 "é" in a comment: the fleets file says which line and byte;
+    the configuration file said only "it is not UTF-8 text" (the config audit
+    of session 35)."""
+    path = tmp_path / "ingress.toml"
+    path.write_bytes(b"[fleets]\nmaxconn = 8\n# caf\xe9 du coin\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f"{path}: cannot read the configuration file: line 3 is not UTF-8 text (byte 0xe9); "
+        "save the file as UTF-8 text"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("toml", "line"),
+    [
+        (
+            "[process]\nworker_hang_timeout = inf\n",
+            "process.worker_hang_timeout: Input should be a finite number (got inf); "
+            "0 never kills a hung worker",
+        ),
+        (
+            "[timeouts]\nupgrade_drain = inf\n",
+            "timeouts.upgrade_drain: Input should be a finite number (got inf); 0 keeps the "
+            "old generation's calls until they end",
+        ),
+    ],
+)
+def test_infinity_for_never_is_refused_naming_the_0_that_means_it(
+    tmp_path: Path, toml: str, line: str
+) -> None:
+    """`worker_hang_timeout = inf` was taken: the supervisor's picture then
+    carried Infinity, which JSON does not have (/stats.json: a browser's
+    JSON.parse refuses it), and `stat` said "killed and replaced once silent
+    infs" (the config audit of session 35). 0 is how these keys say never."""
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [f"{path}: {line}"]
+
+
+def test_a_variable_one_level_too_deep_is_named_as_the_environments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FLEET_INGRESS_TIMEOUTS__CONNECT__MS=3000 makes timeouts.connect a table:
+    the problem was said without the variable, as if in the file, where no
+    such line is (the config audit of session 35)."""
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__CONNECT__MS", "3000")
+    (line,) = problems({})
+    assert line.startswith("configuration: timeouts.connect: ")
+    assert line.endswith(" (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT__MS)")
+
+
+def test_a_section_or_variable_in_capitals_is_read_alike_by_the_lenient_readers(
+    tmp_path: Path,
+) -> None:
+    """`run` reads [Listen] as [listen], and fleet_ingress_listen__stats as
+    FLEET_INGRESS_LISTEN__STATS (pydantic-settings ignores the case); the
+    admin commands' socket finder and `check --live` (keepalived's track
+    script) read exact names, so they asked the default socket and stats
+    port, and the track script judged a healthy ingress dead (the config
+    audit of session 35)."""
+    from fleet_ingress.cli import _admin_socket_leniently
+    from fleet_ingress.ops.live_check import live_settings
+
+    path = write(
+        tmp_path,
+        '[Listen]\nadmin_socket = "a.sock"\nstats = "127.0.0.1:9404"\n[ROUTES]\nhealth = "/up"\n',
+    )
+    config = load_config(path)
+    assert (config.listen.admin_socket, config.listen.stats) == (
+        str(tmp_path / "a.sock"),
+        "127.0.0.1:9404",
+    )
+    assert _admin_socket_leniently(path) == config.listen.admin_socket
+    live = live_settings(path, environ={"fleet_ingress_listen__wss": "127.0.0.1:8443"})
+    assert (live.admin_socket, live.stats, live.health, live.wss) == (
+        config.listen.admin_socket,
+        "127.0.0.1:9404",
+        "/up",
+        "127.0.0.1:8443",
+    )
+
+
+def test_a_duration_with_a_unit_from_the_environment_is_said_as_the_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In the file, connect = "30s" is told to be a number of seconds; from
+    the environment it was pydantic's "unable to parse string as a number"
+    (the config audit of session 35)."""
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__CONNECT", "30s")
+    assert problems({}) == [
+        "configuration: timeouts.connect: '30s' is not a number; write a number of seconds, "
+        "e.g. 10 (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT)"
+    ]

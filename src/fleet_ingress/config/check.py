@@ -18,7 +18,12 @@ from fleet_ingress.config.fleets_file import (
     load_fleets_file,
     same_host_warnings,
 )
-from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
+from fleet_ingress.config.settings import (
+    ConfigError,
+    IngressConfig,
+    environment_values,
+    load_config,
+)
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
 from fleet_ingress.core.fleet_spec import FleetSpec
@@ -210,6 +215,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
             "prefer fleets.ca_file for a private CA"
         )
     lines += [f"{WARNING}{path}: {doubt}" for doubt in doubtful_settings(config)]
+    lines += [f"{WARNING}{path}: {value}" for value in environment_values(path)]
     return config, fleets, lines
 
 

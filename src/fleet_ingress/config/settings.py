@@ -72,6 +72,10 @@ Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 OffOrSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # 0 turns it off
 # The kernel counts keepalive times in whole seconds, 1 to 32767.
 KeepaliveSeconds = Annotated[float, Field(ge=0, le=32767, allow_inf_nan=False)]
+# TCP_USER_TIMEOUT is a C int of milliseconds: above this, setsockopt raises
+# TypeError at every accept and fleet connection (0 leaves the kernel's default).
+MAX_USER_TIMEOUT = (2**31 - 1) // 1000
+UserTimeoutSeconds = Annotated[float, Field(ge=0, le=MAX_USER_TIMEOUT, allow_inf_nan=False)]
 
 
 class _Section(BaseModel):
@@ -261,7 +265,7 @@ class TimeoutsSection(_Section):
     upgrade_drain: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
     carrier_silence: OffOrSeconds = 30.0
     fleet_silence: OffOrSeconds = 0.0
-    tcp_user_timeout: OffOrSeconds = 20.0
+    tcp_user_timeout: UserTimeoutSeconds = 20.0
     keepalive_idle: KeepaliveSeconds = 10.0  # 0 turns keepalive off
     keepalive_interval: Annotated[float, Field(ge=1, le=32767, allow_inf_nan=False)] = 5.0
 
@@ -349,7 +353,7 @@ class ProcessSection(_Section):
     # replaced, as one that died; shown "unresponsive" after two unanswered.
     # 0: never killed; else at least 5 s (a shorter stall is not a hang). Read
     # at start: a reload notes a change, an upgrade applies it.
-    worker_hang_timeout: float = Field(60.0, ge=0)
+    worker_hang_timeout: float = Field(60.0, ge=0, allow_inf_nan=False)
 
     @field_validator("worker_hang_timeout")
     @classmethod
@@ -510,8 +514,36 @@ def load_config(path: Path | None) -> IngressConfig:
                     f"give the TOML file itself, e.g. -c {path / 'ingress.toml'}"
                 ]
             )
-        raise ConfigError([f"{path}: cannot read the configuration file: no such file"])
+        raise ConfigError([f"{path}: cannot read the configuration file: {_not_there(path)}"])
     return _build({}, _Load(toml_file=path, base_dir=path.parent), str(path))
+
+
+def _not_there(path: Path) -> str:
+    """Why `path`, not a directory, is no configuration file: "no such file"
+    was said of a link to nothing and of a pipe (`-c <(...)`) alike."""
+    if path.is_symlink() and not path.exists():
+        return (
+            f"it is a symbolic link to {os.readlink(path)}, which is not there; point the "
+            "link at the TOML file, or give that file with -c"
+        )
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "no such file"
+    kind = "a pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return (
+        f"it is {kind}, not a regular file (it is read more than once); write the "
+        "configuration to a file and give that"
+    )
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    """Which line, and the byte, as the fleets file says it."""
+    data = bytes(exc.object)
+    line = data.count(b"\n", 0, exc.start) + 1
+    return (
+        f"line {line} is not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8 text"
+    )
 
 
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> IngressConfig:
@@ -559,6 +591,48 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def environment_values(path: Path | None) -> list[str]:
+    """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
+    words: the variable, and the file's value it hides where the file sets the
+    key too. The environment wins without a word otherwise: a value left in the
+    unit's Environment= outlives every edit of the file (the config audit of
+    session 35). Only variables naming a section (the others are refused)."""
+    file_data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = tomllib.loads(read_config_text(path))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            loaded = {}  # reported by load_config
+        file_data = {name.lower(): value for name, value in loaded.items()}
+    lines = []
+    for name in sorted(os.environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if parts[0] not in IngressConfig.model_fields:
+            continue
+        # repr and ascii: a control character must not act where this is printed.
+        dotted, shown = ascii(".".join(parts))[1:-1], ascii(name)[1:-1]
+        line = f"{dotted} = {os.environ[name]!r} from environment variable {shown}, not the file"
+        written: Any = file_data
+        for part in parts:
+            written = written.get(part) if isinstance(written, dict) else None
+        if written is not None:
+            line += (
+                f"'s {_toml_text(written)}: the environment wins; unset it where it is set "
+                "(`systemctl show fleet-ingress -p Environment`, the unit's Environment= or "
+                "a drop-in) to have the file's"
+            )
+        lines.append(line)
+    return lines
+
+
+def _toml_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 # What a TOML value must be for a field of each Python type. pydantic would turn
 # "no" into False or "32" into 32; a config file says what it means, so a quoted
 # number or a word for a boolean is a mistake to point out. (The environment stays
@@ -589,7 +663,8 @@ def _toml_kind(annotation: Any) -> tuple[tuple[type, ...], str] | None:
 def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
     """{"section.key": the problem's line} for values of the wrong TOML type."""
     problems = {}
-    for section, values in data.items():
+    for written, values in data.items():
+        section = written.lower()  # [Fleets] is read as [fleets]
         field = IngressConfig.model_fields.get(section)
         if field is None or not isinstance(values, dict):
             continue  # pydantic names these
@@ -608,6 +683,22 @@ def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
     return problems
 
 
+def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
+    """[Fleets] is read as [fleets] (pydantic-settings ignores a name's case), so
+    a file with both kept one table and lost the other's keys without a word."""
+    spellings: dict[str, list[str]] = {}
+    for written in data:
+        if written.lower() in IngressConfig.model_fields:
+            spellings.setdefault(written.lower(), []).append(written)
+    return [
+        f"{source}: {' and '.join(f'[{name}]' for name in written)} are one section (its "
+        "name is read without regard to case), and the keys of one would be lost; put them "
+        f"all under [{section}]"
+        for section, written in spellings.items()
+        if len(written) > 1
+    ]
+
+
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     if problems := _unknown_env_sections():
         raise ConfigError(problems)
@@ -618,6 +709,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass  # reported below, as pydantic-settings reads the file
     wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)
+    twice = _sections_in_two_cases(toml_data, source) + _sections_in_two_cases(data, source)
     token = _LOAD.set(load)
     try:
         config = IngressConfig(**data)
@@ -625,11 +717,11 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         others = [_describe(error, source) for error in exc.errors()]
         # A key with a wrong type is named once, by the clearer of the two messages.
         others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
-        raise ConfigError([*wrong_types.values(), *others]) from None
+        raise ConfigError([*twice, *wrong_types.values(), *others]) from None
     except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
         raise ConfigError([f"{source}: TOML syntax error: {exc}"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        reason = exc.strerror if isinstance(exc, OSError) else _not_utf8(exc)
         if isinstance(exc, PermissionError):
             reason = _NOT_OURS
         raise ConfigError([f"{source}: cannot read the configuration file: {reason}"]) from None
@@ -637,8 +729,8 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
         raise ConfigError([_env_not_json(exc) or f"{source}: {exc}"]) from None
     finally:
         _LOAD.reset(token)
-    if wrong_types:
-        raise ConfigError(list(wrong_types.values()))
+    if twice or wrong_types:
+        raise ConfigError([*twice, *wrong_types.values()])
     return config
 
 
@@ -685,10 +777,13 @@ def _describe(error: Any, source: str) -> str:
         dotted = ascii(dotted)[1:-1]
     if error["type"] == "extra_forbidden":
         problem = f"unknown key '{dotted}'{_did_you_mean(loc)}"
+    elif error["type"] == "float_parsing" and _unit(dotted):  # "30s" from the environment
+        problem = f"{error['input']!r} is not a number; write a number of seconds, e.g. 10"
     elif error["type"] in _BOUNDS and (ctx := error.get("ctx")):
         bound, words = _BOUNDS[error["type"]]
         edge = ctx[bound]
-        edge = f"{edge:g}" if isinstance(edge, int | float) else edge
+        if isinstance(edge, int | float):  # whole: no exponent (2147483, not 2.14748e+06)
+            edge = f"{int(edge)}" if float(edge).is_integer() else f"{edge:g}"
         problem = f"must be {words} {edge}{_unit(dotted)} (got {error['input']!r})"
         if dotted in _ZERO_MEANS:
             problem += f"; {_ZERO_MEANS[dotted]}"
@@ -696,6 +791,8 @@ def _describe(error: Any, source: str) -> str:
         problem = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":  # our own messages already quote the value
             problem += f" (got {error['input']!r})"
+        if error["type"] == "finite_number" and dotted in _ZERO_MEANS:  # inf meant "never"
+            problem += f"; {_ZERO_MEANS[dotted]}"
     problem += _env_hint(loc)
     return f"{source}: {dotted}: {problem}" if dotted else f"{source}: {problem}"
 
@@ -745,9 +842,12 @@ def _env_not_json(exc: SettingsError) -> str | None:
 
 
 def _env_hint(loc: tuple[str | int, ...]) -> str:
-    set_names = {name.upper() for name in os.environ}
+    set_names = sorted(name.upper() for name in os.environ)
     for depth in (2, 1):
         name = ENV_PREFIX + "__".join(str(p) for p in loc[:depth]).upper()
-        if len(loc) >= depth and name in set_names:
+        # A variable naming a level below the key (..._CONNECT__MS) made it a table.
+        deeper = [other for other in set_names if other.startswith(name + "__")]
+        if len(loc) >= depth and (name in set_names or (depth == 2 and deeper)):
+            name = name if name in set_names else deeper[0]
             return f" (from environment variable {name if name.isprintable() else ascii(name)})"
     return ""

@@ -91,11 +91,14 @@ def live_settings(path: Path, environ: dict[str, str] | None = None) -> LiveSett
         raise LiveConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise LiveConfigError(f"{path}: not valid TOML: {exc}") from None
+    # Section and variable names in any case, as `run` (pydantic-settings) reads them.
+    sections = {name.lower(): table for name, table in data.items()}
+    variables = {name.upper(): value for name, value in environ.items()}
     values: dict[str, str] = {}
     for (section, key), default in DEFAULTS.items():
-        table = data.get(section, {})
+        table = sections.get(section, {})
         value = table.get(key, default) if isinstance(table, dict) else default
-        value = environ.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}", value)
+        value = variables.get(f"{ENV_PREFIX}{section.upper()}__{key.upper()}", value)
         if not isinstance(value, str):
             raise LiveConfigError(f"{path}: {section}.{key}: {value!r} is not a quoted string")
         values[key] = value

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.settings import IngressConfig, config_to_json
+from fleet_ingress.config.settings import IngressConfig, config_to_json, environment_values
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import reload_note
@@ -2085,7 +2085,10 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     gc.collect()
     gc.freeze()
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
-    log.info("ready", extra=fields(status=supervisor.status_line()))
+    # What the environment sets, over the file: unseen, a value left in the
+    # unit's Environment= outlived every edit of the file (as `check` says).
+    from_env = {"environment": env} if (env := environment_values(supervisor.config_path)) else {}
+    log.info("ready", extra=fields(status=supervisor.status_line(), **from_env))
 
     def reloader_failed() -> None:
         # Whoever asked is told, and systemd hears the reload is over.
