@@ -316,7 +316,20 @@ async def test_a_fifth_call_queues_until_a_slot_frees_or_times_out(
             b"2\r\nhi\r\n0\r\n\r\n",
             200,
         ),
-        (b"POST /unknown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi", 400),
+        # No route, with a body or not: 404, as HAProxy's `deny_status 404` answered. The
+        # short POST routes are POSTs with a body (it was 400 "a request with a body is
+        # not served", which sent a misrouted client looking at its JSON).
+        (b"POST /unknown HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi", 404),
+        (
+            b"POST /livekit/dispatch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            404,
+        ),
+        (
+            b"POST /attach HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\n{}\r\n0\r\n\r\n",
+            404,
+        ),
         (
             b"GET /ws/x HTTP/1.0\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
             400,

@@ -301,13 +301,18 @@ def test_a_head_request_is_answered_without_a_body_whatever_the_status(path, ans
     )
 
 
+NO_ROUTE = "no such route on this ingress"
+
+
 @pytest.mark.parametrize(
     ("request_line", "body_lines", "answer"),
     [
         # SPEC 2: the health route answers any method, a POST with its body too.
         ("POST /haproxy-health HTTP/1.1", "Content-Length: 2", Answer(200, "ok")),
         ("PUT /haproxy-health HTTP/1.0", "Transfer-Encoding: chunked", Answer(200, "ok")),
-        ("POST /nope HTTP/1.1", "Content-Length: 2", Answer(400, BODY_REFUSED)),
+        # No route is 404 with a body too (SPEC 2's table: /attach, /livekit/* are POSTs).
+        ("POST /nope HTTP/1.1", "Content-Length: 2", Answer(404, NO_ROUTE)),
+        ("POST /attach HTTP/1.1", "Transfer-Encoding: chunked", Answer(404, NO_ROUTE)),
         ("GET /ws/bot HTTP/1.1", "Content-Length: 5", Answer(400, BODY_REFUSED)),
         ("GET /ws/bot HTTP/1.1", "Content-Length: 0", None),  # no body: a call
     ],
