@@ -15,8 +15,9 @@ same invariants. No sockets.
   control character but HTAB inside a line, that h11 as the fleet's server and
   the ingress's own check both read back to the same method, target and
   route, with the carrier's headers but the documented rewrites (SPEC 3.2:
-  Host replaced, X-Forwarded-* set; RFC 9110 7.6.1: hop-by-hop dropped; and
-  the underscore spellings of those names dropped).
+  Host replaced, X-Forwarded-* set, a carrier's other X-Forwarded-* dropped;
+  RFC 9110 7.6.1: hop-by-hop dropped; and the underscore spellings of those
+  names dropped).
 """
 
 from __future__ import annotations
@@ -180,6 +181,10 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     def is_dropped(name: bytes) -> bool:
         lower = name.lower()
         if lower in named or lower in dropped:
+            return True
+        # The X-Forwarded-* family is the ingress's to say (any spelling); the carrier's
+        # X-Forwarded-For chain is kept in ours (checked below).
+        if lower.replace(b"_", b"-").startswith(b"x-forwarded-"):
             return True
         return b"_" in lower and lower.replace(b"_", b"-") in underscore_dropped
 

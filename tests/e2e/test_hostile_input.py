@@ -488,6 +488,7 @@ _NAMES = [
     b"x-forwarded-for", b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Sec-WebSocket-Key",
     b"Sec-WebSocket-Protocol", b"X-Trace", b"Expect", b"Cookie", b"X_Forwarded_For",
     b"x_forwarded-host", b"Transfer_Encoding", b"Keep_Alive", b"X_Trace", b"Content_Length",
+    b"X-Forwarded-Port", b"x-forwarded-prefix", b"X_Forwarded_Ssl", b"X-Forwardedness",
 ]  # fmt: skip
 _VALUE_PIECES = [
     b"a", b"websocket", b"Upgrade", b"keep-alive", b"close", b"X-Trace", b"te", b"cookie",
