@@ -34,7 +34,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 with atheris.instrument_imports():
-    from tests.head_oracle import ROUTER, check_accepted, check_verdicts
+    from tests.head_oracle import ROUTER, check_accepted, check_hostless, check_verdicts
 
     from fleet_ingress.core.request_head import RequestRefused
 
@@ -88,6 +88,7 @@ def build(data: bytes) -> tuple[bytes, list[int], int, int]:
 def test_one_input(data: bytes) -> None:
     raw, cuts, limit, max_lines = build(data)
     verdict = check_verdicts(raw, cuts, limit, max_lines)
+    check_hostless(raw, limit, max_lines)
     if verdict is None or isinstance(verdict, RequestRefused):
         return
     ROUTER.route(verdict.path.decode("latin-1"))

@@ -15,8 +15,9 @@ same invariants. No sockets.
   control character but HTAB inside a line, that h11 as the fleet's server and
   the ingress's own check both read back to the same method, target and
   route, with the carrier's headers but the documented rewrites (SPEC 3.2:
-  Host replaced, X-Forwarded-* set; RFC 9110 7.6.1: hop-by-hop dropped; and
-  the underscore spellings of those names dropped).
+  Host replaced, X-Forwarded-* set, a carrier's other X-Forwarded-* dropped;
+  RFC 9110 7.6.1: hop-by-hop dropped; and the underscore spellings of those
+  names dropped).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fleet_ingress.core.fleet_exchange import FleetExchange
 from fleet_ingress.core.forwarding import fleet_request_headers
 from fleet_ingress.core.request_head import (
     DEFAULT_MAX_HEADER_COUNT,
+    HOSTLESS,
     MAX_LEADING_EMPTY_LINES,
     RequestHead,
     RequestHeadReader,
@@ -131,6 +133,47 @@ def check_verdicts(
     return whole
 
 
+def check_hostless(data: bytes, limit: int, max_lines: int = DEFAULT_MAX_HEADER_COUNT) -> None:
+    """The carrier listener's parse (`refuse_hostless=False`, for the health route
+    answers HAProxy's hostless check) reads a head as the strict parse does, but
+    for an HTTP/1.1 head without Host: that one it may read, Host-less, a call
+    machine's to refuse (`host_missing`), or refuse as well."""
+    try:
+        taken = RequestHeadReader(limit, max_lines).take(data)
+    except RequestRefused:
+        return
+    if taken is None:
+        return
+    raw, trailing = taken
+    strict: RequestHead | RequestRefused
+    lenient: RequestHead | RequestRefused
+    try:
+        strict = parse_request_head(raw, trailing, refuse_body=False)
+    except RequestRefused as refused:
+        strict = refused
+    try:
+        lenient = parse_request_head(raw, trailing, refuse_body=False, refuse_hostless=False)
+    except RequestRefused as refused:
+        lenient = refused
+    if isinstance(strict, RequestHead):
+        assert isinstance(lenient, RequestHead), lenient
+        assert (lenient.method, lenient.target, lenient.headers, lenient.http_version) == (
+            strict.method,
+            strict.target,
+            strict.headers,
+            strict.http_version,
+        )
+        assert not lenient.host_missing
+    elif strict.reason != "malformed request: " + HOSTLESS:
+        assert isinstance(lenient, RequestRefused), (strict.reason, lenient)
+        assert (lenient.status, lenient.reason) == (strict.status, strict.reason)
+    elif isinstance(lenient, RequestRefused):
+        assert lenient.status == 400, lenient.status
+    else:
+        assert lenient.host_missing and lenient.http_version == b"1.1", lenient
+        assert not lenient.get_all(b"host") and lenient.trailing == trailing
+
+
 def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
     out: dict[bytes, list[bytes]] = {}
     for name, value in headers:
@@ -180,6 +223,10 @@ def check_forwarded(head: RequestHead, max_head_bytes: int) -> bytes:
     def is_dropped(name: bytes) -> bool:
         lower = name.lower()
         if lower in named or lower in dropped:
+            return True
+        # The X-Forwarded-* family is the ingress's to say (any spelling); the carrier's
+        # X-Forwarded-For chain is kept in ours (checked below).
+        if lower.replace(b"_", b"-").startswith(b"x-forwarded-"):
             return True
         return b"_" in lower and lower.replace(b"_", b"-") in underscore_dropped
 

@@ -51,6 +51,13 @@ async def test_a_carriers_address_and_scheme_claims_do_not_reach_the_fleet(
         claims = (
             b"X-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=http;host=evil\r\n"
             b"HTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+            # The rest of the X-Forwarded-* family: what a fleet's framework reads as the
+            # ingress's word beside our X-Forwarded-Proto and -Host (Werkzeug's ProxyFix,
+            # Rack, Spring: "https://calls.test:80/attach/..."). 6.6.6.6 in the chain is the
+            # carrier's to claim (SPEC 3.2: ours is appended).
+            b"X-Forwarded-Port: 6666\r\nX-Forwarded-Prefix: /attach\r\nX-Forwarded-Ssl: off\r\n"
+            b"X-Forwarded-Scheme: http\r\nx-forwarded-server: evil\r\nX_Forwarded_Port: 6666\r\n"
+            b"X-Forwarded-For: 6.6.6.7\r\n"
         )
         request = CALL.replace(b"Upgrade: websocket\r\n", b"Upgrade: websocket, h2c\r\n" + claims)
         got = await raw_exchange(ingress, tls_files, request)
@@ -63,6 +70,13 @@ async def test_a_carriers_address_and_scheme_claims_do_not_reach_the_fleet(
     assert b"upgrade: websocket" in lines
     assert b"6.6.6.6" not in head and b"h2c" not in head, head
     assert not any(line.startswith((b"forwarded:", b"http2-settings:")) for line in lines)
+    assert b"6666" not in head and b"/attach" not in head and b"evil" not in head, head
+    forwarded = [line for line in lines if line.replace(b"_", b"-").startswith(b"x-forwarded-")]
+    assert forwarded == [
+        b"x-forwarded-for: 6.6.6.7, 127.0.0.1",
+        b"x-forwarded-proto: https",
+        b"x-forwarded-host: calls.test",
+    ], forwarded
 
 
 async def test_an_upgrade_without_a_websocket_key_is_refused_before_any_fleet(

@@ -301,13 +301,46 @@ def test_a_head_request_is_answered_without_a_body_whatever_the_status(path, ans
     )
 
 
+NO_ROUTE = "no such route on this ingress"
+
+
+@pytest.mark.parametrize(
+    ("request_line", "answer"),
+    [
+        # HAProxy's own check (`option httpchk GET /haproxy-health HTTP/1.1`) has no Host.
+        ("GET /haproxy-health HTTP/1.1", Answer(200, "ok")),
+        ("GET /ws/bot HTTP/1.1", Answer(400, "malformed request: Missing mandatory Host: header")),
+        ("GET /nope HTTP/1.1", Answer(400, "malformed request: Missing mandatory Host: header")),
+    ],
+)
+def test_a_head_without_host_is_answered_on_the_health_route_only(request_line, answer):
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    raw = f"{request_line}\r\n{upgrade}\r\n".encode()
+    pb, _ = new_call()
+    assert (
+        pb
+        << StartTimer(Timer.REQUEST, REQUEST_S)
+        >> HeadComplete()
+        << CancelTimer(Timer.REQUEST)
+        << ParseHead()
+        >> HeadParsed(parse_request_head(raw, refuse_body=False, refuse_hostless=False))
+        << answer
+        << CloseSide(Side.CARRIER)
+    )
+
+
 @pytest.mark.parametrize(
     ("request_line", "body_lines", "answer"),
     [
         # SPEC 2: the health route answers any method, a POST with its body too.
         ("POST /haproxy-health HTTP/1.1", "Content-Length: 2", Answer(200, "ok")),
         ("PUT /haproxy-health HTTP/1.0", "Transfer-Encoding: chunked", Answer(200, "ok")),
-        ("POST /nope HTTP/1.1", "Content-Length: 2", Answer(400, BODY_REFUSED)),
+        # No route is 404 with a body too (SPEC 2's table: /attach, /livekit/* are POSTs).
+        ("POST /nope HTTP/1.1", "Content-Length: 2", Answer(404, NO_ROUTE)),
+        ("POST /attach HTTP/1.1", "Transfer-Encoding: chunked", Answer(404, NO_ROUTE)),
         ("GET /ws/bot HTTP/1.1", "Content-Length: 5", Answer(400, BODY_REFUSED)),
         ("GET /ws/bot HTTP/1.1", "Content-Length: 0", None),  # no body: a call
     ],

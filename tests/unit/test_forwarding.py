@@ -77,6 +77,28 @@ def test_a_carriers_claims_of_its_address_and_scheme_are_replaced_or_dropped():
     assert b"6.6.6" not in b"".join(v for _, v in headers)
 
 
+def test_a_carriers_other_x_forwarded_fields_are_dropped_and_its_chain_kept():
+    # A fleet's framework reads the whole family as the ingress's word: a carrier's
+    # X-Forwarded-Port beside our X-Forwarded-Proto made https://calls.test:80/ URLs.
+    extra = (
+        b"X-Forwarded-Port: 80\r\nX-Forwarded-Prefix: /attach\r\nX-Forwarded-Ssl: off\r\n"
+        b"x-forwarded-scheme: http\r\nX-FORWARDED-SERVER: evil\r\nX_Forwarded_Port: 80\r\n"
+        b"X-Forwarded-Client-Cert: Hash=1\r\nX-Forwarded-For: 198.51.100.1\r\n"
+        b"X-Forwardedness: kept\r\nX-Original-Forwarded-For: kept\r\n"
+    )
+    headers = fleet_request_headers(_head(extra), fleet_host="f", client_ip="10.0.0.7")
+    family = [
+        (k, v) for k, v in headers if k.lower().replace(b"_", b"-").startswith(b"x-forwarded-")
+    ]
+    assert family == [
+        (b"X-Forwarded-For", b"198.51.100.1, 10.0.0.7"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"calls.example.com"),
+    ]
+    h = _as_dict(headers)
+    assert h[b"x-forwardedness"] == [b"kept"] and h[b"x-original-forwarded-for"] == [b"kept"]
+
+
 def test_only_the_websocket_upgrade_is_asked_of_the_fleet():
     # "h2c" beside "websocket" would let a fleet that honours it switch to HTTP/2,
     # whose requests (any path) the ingress never sees.

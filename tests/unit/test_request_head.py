@@ -204,6 +204,38 @@ def test_a_body_is_left_to_the_caller_when_it_routes_first():
         )
 
 
+# HAProxy 2.6's `option httpchk GET /haproxy-health HTTP/1.1`, byte for byte.
+HAPROXY_CHECK = b"GET /haproxy-health HTTP/1.1\r\nconnection: close\r\n\r\n"
+
+
+def test_an_http_1_1_head_without_host_is_left_to_the_caller_when_it_routes_first():
+    # RFC 9112 3.2 has it 400, but the health route answers HAProxy's own check.
+    assert _refusal(HAPROXY_CHECK).reason == "malformed request: Missing mandatory Host: header"
+    head = parse_request_head(HAPROXY_CHECK, b"x", refuse_hostless=False)
+    assert (head.method, head.target, head.http_version) == (b"GET", b"/haproxy-health", b"1.1")
+    assert head.headers == [(b"connection", b"close")] and head.trailing == b"x"
+    assert head.host_missing and head.host == b""
+    assert not parse_request_head(UPGRADE).host_missing
+    assert not parse_request_head(b"GET / HTTP/1.0\r\n\r\n").host_missing
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (b"GET /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "Content-Length"),
+        (b"GET /x HTTP/1.1\r\nX: a\x01b\r\n\r\n", "control character"),
+        (b"GET /ws/../x HTTP/1.1\r\n\r\n", "'..' segments"),
+        (b"GET * HTTP/1.1\r\n\r\n", "origin-form"),
+        (b"GET https://calls.test/haproxy-health HTTP/1.1\r\n\r\n", "differs from Host"),
+        (b"GET /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "Transfer-Encoding"),
+        (b"GET /x HTTP/1.1\r\nX : a\r\n\r\n", "illegal header line"),
+    ],
+)
+def test_a_head_without_host_gets_every_other_check(raw, said):
+    with pytest.raises(RequestRefused, match=said):
+        parse_request_head(raw, refuse_body=False, refuse_hostless=False)
+
+
 def test_bare_lf_is_refused_before_the_head_ends():
     reader = RequestHeadReader(16384)
     with pytest.raises(RequestRefused) as info:

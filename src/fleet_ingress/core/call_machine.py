@@ -30,7 +30,7 @@ from typing import ClassVar, TypeAlias
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin
-from fleet_ingress.core.request_head import BODY_REFUSED, RequestHead
+from fleet_ingress.core.request_head import BODY_REFUSED, HOSTLESS, RequestHead
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
 from fleet_ingress.core.routing import Route, RouteKind, Router
 from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
@@ -434,10 +434,15 @@ def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
         # Like HAProxy's monitor-uri: any method, any version gets 200, a body too
         # (a monitor's POST). Its answer closes the connection: the body is not read.
         return 200, "ok"
-    if head.has_body:  # parsed with refuse_body=False: refused here, after the health route
-        return 400, BODY_REFUSED
+    if head.host_missing:  # read for the health route (HAProxy's own check sends no Host)
+        return 400, f"malformed request: {HOSTLESS}"
     if route.kind is RouteKind.NOT_FOUND:
+        # With a body or not (SPEC 2's table, HAProxy's deny_status 404): /attach and
+        # /livekit/* are POSTs with one, and a 400 for it sent a misrouted client
+        # looking at its JSON. The body is not read: the answer closes the connection.
         return 404, "no such route on this ingress"
+    if head.has_body:  # parsed with refuse_body=False: refused here, on a call route
+        return 400, BODY_REFUSED
     if head.http_version != b"1.1":
         return 400, "a call is a WebSocket upgrade, which needs HTTP/1.1"
     if not head.is_websocket_upgrade:

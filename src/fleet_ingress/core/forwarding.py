@@ -53,13 +53,23 @@ _NOT_FORWARDED = _HOP_BY_HOP | _REPLACED | _BODYLESS
 # header we set, drop or judge the head by could stand in for ours: it is
 # dropped too. (Content-Length itself is forwarded: only "0" gets this far.)
 _UNDERSCORE_DROPPED = _NOT_FORWARDED | {b"content-length"}
+# The X-Forwarded-* family is the proxy's word on the carrier's connection to it:
+# beside ours (For, Proto, Host), a fleet's framework reads -Port, -Prefix, -Ssl,
+# -Scheme... as ours too (Werkzeug's ProxyFix, Rack, Spring), and a carrier's
+# "X-Forwarded-Port: 80" and "-Prefix: /attach" next to ours made a request's URL
+# under ProxyFix "https://calls.test:80/attach/ws/bot". A carrier's are dropped,
+# any spelling; its X-Forwarded-For chain is kept, ours appended (SPEC 3.2).
+_FORWARDED_FAMILY = b"x-forwarded-"
 
 
 def _is_dropped(name: bytes, named_by_connection: set[bytes]) -> bool:
     lower = name.lower()
     if lower in _NOT_FORWARDED or lower in named_by_connection:
         return True
-    return b"_" in lower and lower.replace(b"_", b"-") in _UNDERSCORE_DROPPED
+    dashed = lower.replace(b"_", b"-")
+    if dashed.startswith(_FORWARDED_FAMILY):
+        return True
+    return dashed != lower and dashed in _UNDERSCORE_DROPPED
 
 
 def fleet_request_headers(

@@ -133,6 +133,12 @@ class RequestHead:
         return self.get(b"host") or b""
 
     @property
+    def host_missing(self) -> bool:
+        """An HTTP/1.1 head without Host (RFC 9112 3.2: 400), read for the health
+        route only (`parse_request_head(refuse_hostless=False)`)."""
+        return self.http_version == b"1.1" and not self.get_all(b"host")
+
+    @property
     def is_websocket_upgrade(self) -> bool:
         return (
             self.method == b"GET"
@@ -170,6 +176,11 @@ class RequestHead:
 
 DEFAULT_MAX_HEADER_COUNT = 100
 BODY_REFUSED = "a request with a body is not served"
+# What h11 says of an HTTP/1.1 head without Host (RFC 9112 3.2: a server MUST
+# answer it 400). HAProxy's own check sends one (`option httpchk GET
+# /haproxy-health HTTP/1.1`: no Host), and HAProxy answered it: so does the
+# health route; every other route refuses it (the call machine).
+HOSTLESS = "Missing mandatory Host: header"
 
 
 class RequestHeadReader:
@@ -281,53 +292,84 @@ def _what_h11_said(exc: h11.RemoteProtocolError) -> str:
 
 
 def parse_request_head(
-    raw: bytes, trailing: bytes = b"", *, refuse_body: bool = True
+    raw: bytes, trailing: bytes = b"", *, refuse_body: bool = True, refuse_hostless: bool = True
 ) -> RequestHead:
     """Parse one complete head (ending in CRLF CRLF) or raise `RequestRefused`.
 
-    A head that says a body follows is refused unless `refuse_body` is False: the
-    carrier listener routes first, for its health route answers any request (SPEC
-    2), and the call machine refuses the rest (`RequestHead.has_body`)."""
+    A head that says a body follows is refused unless `refuse_body` is False, and
+    an HTTP/1.1 head without Host unless `refuse_hostless` is False: the carrier
+    listener routes first, for its health route answers any request (SPEC 2), and
+    the call machine refuses the rest (`RequestHead.has_body`, `.host_missing`)."""
     crlfs = raw.count(b"\r\n")
     if raw.count(b"\n") != crlfs or raw.count(b"\r") != crlfs:
         raise RequestRefused(400, "malformed request: line ending without CR")
     if _OBS_FOLD.search(raw):
         raise RequestRefused(400, "malformed request: folded header line")
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(raw) + 1)
-    conn.receive_data(raw)
     try:
-        event = conn.next_event()
+        read = _h11_request(raw)
     except h11.RemoteProtocolError as exc:
-        raise RequestRefused(400, f"malformed request: {_what_h11_said(exc)}") from None
-    if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
-        raise RequestRefused(400, "malformed request")
+        said = _what_h11_said(exc)
+        if refuse_hostless or said != HOSTLESS:
+            raise RequestRefused(400, f"malformed request: {said}") from None
+        read = _hostless_request(raw)
     try:
-        return _checked_request(event, raw, trailing, refuse_body)
+        return _checked_request(read, raw, trailing, refuse_body)
     except RequestRefused as refused:
-        refused.head_only = event.method == b"HEAD"
+        refused.head_only = read.method == b"HEAD"
         raise
 
 
-def _checked_request(
-    event: h11.Request, raw: bytes, trailing: bytes, refuse_body: bool
-) -> RequestHead:
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """What h11 read of a request line and its header lines."""
+
+    method: bytes
+    target: bytes
+    headers: list[Header]
+    http_version: bytes
+
+
+def _h11_request(raw: bytes) -> _Read:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(raw) + 1)
+    conn.receive_data(raw)
+    event = conn.next_event()
+    if not isinstance(event, h11.Request):  # pragma: no cover - h11 yields a Request here
+        raise RequestRefused(400, "malformed request")
+    headers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
+    return _Read(bytes(event.method), bytes(event.target), headers, bytes(event.http_version))
+
+
+def _hostless_request(raw: bytes) -> _Read:
+    """What h11 reads of an HTTP/1.1 head it refused for having no Host alone: the
+    head with an empty Host line after its request line, that line then dropped."""
+    line_end = raw.index(b"\r\n") + 2
+    try:
+        read = _h11_request(raw[:line_end] + b"Host: \r\n" + raw[line_end:])
+    except h11.RemoteProtocolError as exc:
+        raise RequestRefused(400, f"malformed request: {_what_h11_said(exc)}") from None
+    stand_in, *headers = read.headers
+    assert stand_in == (b"Host", b""), read.headers
+    return _Read(read.method, read.target, headers, read.http_version)
+
+
+def _checked_request(read: _Read, raw: bytes, trailing: bytes, refuse_body: bool) -> RequestHead:
     """The head h11 read, once it passes the checks h11 does not make."""
     # HTTP/1.0 is read (monitors still probe /haproxy-health with it, and port 80
     # redirects it); a call needs HTTP/1.1, which the call route checks.
-    if event.http_version not in (b"1.1", b"1.0"):
+    if read.http_version not in (b"1.1", b"1.0"):
         raise RequestRefused(400, "only HTTP/1.1 requests are served (and 1.0 for probes)")
-    headers = [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]
-    target = bytes(event.target)
+    headers = read.headers
+    target = read.target
     if not target.startswith(b"/"):
         target = _origin_form(target, headers)
     if any(b in target for b in (b"#", b"\\")):
         raise RequestRefused(400, "request target has characters a path cannot hold")
     head = RequestHead(
-        method=event.method,
+        method=read.method,
         target=target,
         headers=headers,
         trailing=trailing,
-        http_version=bytes(event.http_version),
+        http_version=read.http_version,
     )
     lowered = raw.lower()
     if (at := lowered.find(_CONTENT_LENGTH_LINE)) >= 0:

@@ -615,8 +615,9 @@ class CarrierProtocol(_Side):
             return  # the carrier left, or the ingress is stopping
         raw, self._raw_head = self._raw_head, b""
         try:
-            # A body is the call machine's to refuse: the health route answers one.
-            head = parse_request_head(raw, refuse_body=False)
+            # A body, or an HTTP/1.1 head without Host, is the call machine's to
+            # refuse: the health route answers them.
+            head = parse_request_head(raw, refuse_body=False, refuse_hostless=False)
         except RequestRefused as refused:
             # What the log line can name of a head that did not parse: its first line.
             self.target = logged_first_line(raw)
