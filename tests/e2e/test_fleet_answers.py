@@ -309,3 +309,29 @@ async def test_an_answer_ending_in_a_later_read_is_relayed_to_its_end_only(
         assert await raw_exchange(ingress, tls_files, CALL) == relayed
     finally:
         await fleet.stop()
+
+
+async def test_a_fleet_answer_that_stalls_before_its_end_is_cut_and_logged_so(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked 429 whose last chunk never comes, on a kept-alive connection:
+    the carrier gets what came, cut at timeouts.response, and the access line
+    says the answer was cut, not only "refused" (the odd-fleet audit of
+    session 35)."""
+    import logging
+
+    from tests.support import access_entries
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    started = b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbusy\r\n"
+    fleet = await RawFleet(tls_files.fleet_server_context(), _in_writes(started)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")], timeouts={"response": 1})
+        assert await raw_exchange(ingress, tls_files, CALL) == started
+        await asyncio.sleep(0.2)  # the fleet side's close, then the line
+        (entry,) = access_entries(caplog)
+        assert (entry["status"], entry["end_reason"]) == (429, "refused"), entry
+        said = "the fleet's answer stalled before its end: cut after 1s without a byte"
+        assert entry["detail"] == said, entry
+    finally:
+        await fleet.stop()
