@@ -38,6 +38,7 @@ from tests.support import (
     eventually,
     never_answer,
     read_head,
+    switching_then,
     wss_url,
 )
 
@@ -205,6 +206,51 @@ async def test_a_carrier_that_resets_mid_call_is_logged_as_its_reset_not_an_erro
         assert ingress.registry.ended[("good", "carrier_reset")] == 1
     finally:
         await good.stop()
+
+
+def _last_frame_and_reset(port: int, ctx: ssl.SSLContext) -> bytes:
+    """A carrier (blocking TLS) that sends its upgrade, reads the 101, then
+    its last frame and at once a TCP reset: both reach the ingress together."""
+    with ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
+    ) as tls:
+        tls.sendall(UPGRADE.format(path="/ws/bot").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += tls.recv(4096)
+        mask, payload = b"\x01\x02\x03\x04", b"audio" * 10
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        tls.sendall(b"\x82" + bytes([0x80 | len(payload)]) + mask + masked)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return head
+
+
+async def test_a_carrier_whose_last_frame_and_reset_arrive_together_is_ended_by_its_reset(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """uvloop stops polling a socket after an error event (libuv's POLLERR),
+    calling its reader once more: a frame and the reset that came with it
+    were read as the frame alone, and nothing was read again. The call, its
+    fleet slot and its bot (silent, listening) were held until
+    carrier_silence, and logged `carrier_silent` (30 s at the default; the
+    odd-fleet audit of session 35). asyncio's loop saw the reset at once."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+
+    async def listening(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)  # a bot that says nothing while the caller talks
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), switching_then(listening)).start()
+    try:
+        ingress = await start_ingress([fleet.line("quiet")], timeouts={"carrier_silence": 8})
+        port = ingress.wss_address[1]
+        head = await asyncio.to_thread(_last_frame_and_reset, port, tls_files.client_context())
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        await eventually(lambda: bool(access_entries(caplog)), timeout=12)
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "carrier_reset", entry
+        assert entry["bytes_from_carrier"] == 56 and entry["duration_s"] < 5, entry
+    finally:
+        await fleet.stop()
 
 
 async def test_fleet_stalling_before_its_answer_times_out_and_the_call_lands_elsewhere(

@@ -137,6 +137,65 @@ async def test_a_fleets_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(
     assert got == SWITCHING + b"\x81\x02\n\n", got
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ],
+    ids=["100", "103", "100-102"],
+)
+async def test_a_fleets_interim_answers_before_its_101_do_not_reach_the_carrier(
+    start_ingress: StartIngress, tls_files: TLSFiles, interim: bytes
+) -> None:
+    """A fleet's unasked-for 1xx before its 101 (a 100 Continue, a 103 Early
+    Hints from a framework or a proxy in front of the bot) was relayed: the
+    carrier's WebSocket client read it as the answer and refused the call
+    ("HTTP 100"), while the access log said 101 (the odd-fleet audit of
+    session 35). The carrier gets the 101, and the call works."""
+    from websockets.asyncio.client import connect
+
+    from tests.support import read_frame, switching_then, wss_url
+
+    async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, said = await read_frame(reader)
+        writer.write(b"\x81" + bytes([len(said)]) + said)
+        await writer.drain()
+        await read_frame(reader)  # the carrier's close
+        writer.write(b"\x88\x02\x03\xe8")
+        await writer.drain()
+
+    async def interim_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(interim)
+        await switching_then(echo_once)(reader, writer)
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), interim_first).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+        got = await raw_exchange_first_bytes(ingress, tls_files)
+        assert got.startswith(SWITCHING), got
+    finally:
+        await fleet.stop()
+
+
+async def raw_exchange_first_bytes(ingress: object, tls_files: TLSFiles) -> bytes:
+    """What a raw carrier reads first for its upgrade: the head it is answered."""
+    host, port = ingress.wss_address  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+    )
+    try:
+        writer.write(CALL)
+        async with asyncio.timeout(5):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
 async def test_a_carriers_expectation_of_a_body_does_not_reach_the_fleet(
     start_ingress: StartIngress, tls_files: TLSFiles
 ) -> None:
@@ -262,5 +321,31 @@ async def test_an_answer_ending_in_a_later_read_is_relayed_to_its_end_only(
     try:
         ingress = await start_ingress([fleet.line("raw")])
         assert await raw_exchange(ingress, tls_files, CALL) == relayed
+    finally:
+        await fleet.stop()
+
+
+async def test_a_fleet_answer_that_stalls_before_its_end_is_cut_and_logged_so(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunked 429 whose last chunk never comes, on a kept-alive connection:
+    the carrier gets what came, cut at timeouts.response, and the access line
+    says the answer was cut, not only "refused" (the odd-fleet audit of
+    session 35)."""
+    import logging
+
+    from tests.support import access_entries
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    started = b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbusy\r\n"
+    fleet = await RawFleet(tls_files.fleet_server_context(), _in_writes(started)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")], timeouts={"response": 1})
+        assert await raw_exchange(ingress, tls_files, CALL) == started
+        await asyncio.sleep(0.2)  # the fleet side's close, then the line
+        (entry,) = access_entries(caplog)
+        assert (entry["status"], entry["end_reason"]) == (429, "refused"), entry
+        said = "the fleet's answer stalled before its end: cut after 1s without a byte"
+        assert entry["detail"] == said, entry
     finally:
         await fleet.stop()

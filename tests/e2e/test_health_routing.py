@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
 import os
 import resource
@@ -742,6 +743,55 @@ async def test_a_probe_of_a_fleet_that_requires_a_client_certificate_says_it_may
             result = await probe_fleet(session, spec, settings)
         assert not result.passed
         assert "client certificate" in result.reason, result
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_health_body_the_fleet_would_compress_is_asked_for_plain_and_read(
+    tls_files: TLSFiles,
+) -> None:
+    """The probe asked for `Accept-Encoding: gzip, deflate` (aiohttp's default)
+    and read the body undecoded (`auto_decompress=False`): a fleet whose server
+    honours it (aiohttp's `enable_compression`, nginx's `gzip_types
+    application/json`) failed every probe, "body not JSON", and was taken DOWN,
+    while `curl` of the same URL showed good JSON (the odd-fleet audit of
+    session 35). It asks for the body as it is; one sent encoded all the same
+    fails saying so."""
+    asked: list[str | None] = []
+
+    async def honours(request: web.Request) -> web.Response:
+        asked.append(request.headers.get("Accept-Encoding"))
+        response = web.json_response({"fleet_available": 5, "workers": ["w"] * 40})
+        response.enable_compression()  # as the client's Accept-Encoding allows
+        return response
+
+    async def forces(_: web.Request) -> web.Response:
+        body = gzip.compress(b'{"fleet_available": 5}')
+        return web.Response(
+            body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        )
+
+    app = web.Application()
+    app.router.add_get("/health/fleet", honours)
+    app.router.add_get("/forced", forces)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls_files.fleet_server_context())
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        (spec,) = parse_fleets_text(f"https://127.0.0.1:{port} name=z", default_maxconn=16)
+        fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
+        for path in ("/health/fleet", "/forced"):
+            settings = ProbeSettings(path, "fleet_available", 1.0, 2.0, 2, 2)
+            async with health_session(fleet_ssl, settings) as session:
+                result = await probe_fleet(session, spec, settings)
+            if path == "/health/fleet":
+                assert result.passed and result.capacity == 5, result
+                assert asked == ["identity"]
+            else:
+                assert not result.passed
+                assert result.reason == "body sent with Content-Encoding: gzip, not as JSON", result
     finally:
         await runner.cleanup()
 

@@ -630,6 +630,24 @@ def test_a_fleet_closing_mid_answer_ends_the_relay():
     assert pb
 
 
+def test_a_relayed_answer_cut_for_its_stall_says_so():
+    """A fleet's answer that stalls before its end (a chunked 429 never
+    finished, a 200 with no length on a kept-alive connection) is cut by the
+    relay's watch at timeouts.response: the carrier got it cut short, and the
+    access line said only "refused" (the odd-fleet audit of session 35)."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
+    pb >> EndRequested(EndReason.TIMEOUT) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.error_text == (
+        f"the fleet's answer stalled before its end: cut after {RESPONSE_S:g}s without a byte"
+    )
+
+
 def test_an_unexpected_setup_error_answers_502_and_says_error():
     (a,) = fleets("a")
     pb, _ = new_call()

@@ -28,11 +28,12 @@ def test_101_completes_the_head_and_switches():
 
 def test_100_continue_before_101_is_skipped():
     ex = _exchange()
-    assert (
-        ex.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\n" + SWITCH)
-        is Progress.HEAD_COMPLETE
-    )
+    fed = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 OK\r\n" + SWITCH + b"\x81\x02hi"
+    assert ex.feed(fed) is Progress.HEAD_COMPLETE
     assert ex.head is not None and ex.head.status == 101
+    # Not relayed: a carrier's WebSocket client reads the first head as its answer.
+    assert ex.relayable(fed) == b"HTTP/1.1 101 OK\r\n" + SWITCH + b"\x81\x02hi"
+    assert ex.relayed_head_bytes == len(b"HTTP/1.1 101 OK\r\n" + SWITCH)
 
 
 def test_429_with_content_length_body():

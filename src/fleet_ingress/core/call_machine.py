@@ -860,6 +860,13 @@ class CallMachine:
         tunnel = self.state is State.TUNNEL
         if self.end_reason is None and event.why:
             self.error_text = event.why
+        elif self.state is State.RELAYING and event.reason is EndReason.TIMEOUT:
+            # The relay's watch: the fleet's answer stalled before its end, and
+            # the carrier gets it cut short ("refused" alone hid that).
+            self.error_text = (
+                "the fleet's answer stalled before its end: "
+                f"cut after {self.rules.response_timeout:g}s without a byte"
+            )
         self._end(event.reason)
         goodbye = self._goodbye(tunnel)
         self.state = State.CLOSING

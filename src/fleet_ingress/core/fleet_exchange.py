@@ -8,8 +8,9 @@ answer to the WebSocket handshake sent, is no answer (502); a folded header
 line has its line break replaced by spaces (section 5.2); a 101 is passed on as
 HTTP/1.1 with CRLF line ends, which a carrier's WebSocket client requires (a
 fleet's bare LF, or an `HTTP/1.0 101`, is read as section 2.2 allows and
-written as it should have been); bytes after the end of an answer are not the
-answer's (`relayable`).
+written as it should have been), and alone, without the 1xx answers that came
+before it, which such a client takes for its answer; bytes after the end of an
+answer are not the answer's (`relayable`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 # A line end without its CR (RFC 9112 2.2: a recipient MAY read it as one).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-# A status line (at the head's start, or after a 100's) of a 101 as HTTP/1.0.
+# A status line (at the head's start, or after a 1xx head's end) of a 101 as HTTP/1.0.
 _STATUS_101_HTTP_1_0 = re.compile(rb"(?:\A|(?<=\r\n))HTTP/1\.0 101(?= |\r\n)")
+# Where a head that follows an interim (1xx) head starts, line ends made CRLF.
+_NEXT_HEAD = re.compile(rb"(?<=\r\n\r\n)HTTP/")
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -207,6 +210,14 @@ class FleetExchange:
             lines = [m.start() for m in _STATUS_101_HTTP_1_0.finditer(fixed)]
             if lines:
                 fixed = fixed[: lines[-1]] + b"HTTP/1.1" + fixed[lines[-1] + 8 :]
+            # A 1xx before the 101 (a 100 Continue, a 103 Early Hints) is not
+            # passed on: a carrier's WebSocket client reads the first head as its
+            # answer and refused the call ("HTTP 100") while the access log said
+            # 101 (the odd-fleet audit of session 35). The carrier sent no
+            # Expect to the fleet (`request_head`), so it asked for none.
+            heads = [m.start() for m in _NEXT_HEAD.finditer(fixed)]
+            if heads:
+                fixed = fixed[heads[-1] :]
             if fixed != given:
                 self.unfolded_head = fixed
         self.head = head

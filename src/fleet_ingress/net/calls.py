@@ -46,6 +46,9 @@ class Side(Protocol):
     def close(self) -> None: ...
     def abort(self) -> None: ...
     def buffered_bytes(self) -> int: ...
+    def read_if_ended(self) -> None:
+        """Read now if the connection has ended unseen (`TLSConnection.read_if_ended`)."""
+
     def unlink(self) -> None:
         """Drop the references to the peer and the transport (an ended call)."""
 
@@ -142,6 +145,14 @@ class Call:
 
     def watch_silence(self, limits: SilenceLimits, now: float) -> None:
         self.quiet = QuietWatch.start(limits, self.bytes_from_carrier, self.bytes_to_carrier, now)
+
+    def read_ended_sides(self) -> None:
+        """Read each side whose connection has ended without a read to tell
+        (uvloop's poll stopped by an error event): its loss ends the call as
+        a loss, with its reason, rather than as a silence later."""
+        for side in (self.carrier, self.fleet_side):
+            if side is not None:
+                side.read_if_ended()
 
     def check_silence(self, now: float, stalled: float = 0.0) -> tuple[EndReason, str] | None:
         """Why the sweep should end this call now (and the detail), if it should
@@ -380,6 +391,7 @@ class SilenceSweep:
         try:
             for call in list(self.registry.calls):
                 try:
+                    call.read_ended_sides()
                     ending = call.check_silence(now, stalled)
                     if ending is not None:
                         call.end(*ending)

@@ -106,7 +106,15 @@ async def probe_fleet(
             async with session.get(
                 url,
                 allow_redirects=False,
-                headers={"Host": spec.host_header, "Accept": "application/json"},
+                # The body as it is: aiohttp asks for "gzip, deflate" by default, and
+                # a body so compressed (a fleet's nginx with `gzip_types
+                # application/json`) is not decoded here (auto_decompress=False: a
+                # probe inflates no bomb), so it read as "not JSON", the fleet DOWN.
+                headers={
+                    "Host": spec.host_header,
+                    "Accept": "application/json",
+                    "Accept-Encoding": "identity",
+                },
                 server_hostname=spec.tls_name if spec.scheme == "https" else None,
             ) as response:
                 # read(n) returns what has arrived so far: a body flushed in
@@ -116,7 +124,14 @@ async def probe_fleet(
                     body += chunk
                     if len(body) > MAX_HEALTH_BODY:
                         break
-                verdict = judge_health_response(response.status, bytes(body), settings.capacity_key)
+                encoding = response.headers.get("Content-Encoding", "identity").strip()
+                if response.status == 200 and encoding.lower() != "identity":
+                    said = f"Content-Encoding: {encoding[:40]}"
+                    verdict = failed(f"body sent with {said}, not as JSON")
+                else:
+                    verdict = judge_health_response(
+                        response.status, bytes(body), settings.capacity_key
+                    )
                 connector = session.connector
                 not_after = getattr(connector, "certificate_not_after", None)
                 return dataclasses.replace(verdict, certificate_not_after=not_after)

@@ -345,6 +345,11 @@ class _Side(asyncio.BufferedProtocol):
         t = self.transport
         return 0 if t is None or self.lost else t.get_write_buffer_size()
 
+    def read_if_ended(self) -> None:
+        t = self.transport
+        if isinstance(t, TLSConnection) and not self.lost:
+            t.read_if_ended()
+
     def unlink(self) -> None:
         self.peer = self.peer_side = self.transport = None
 

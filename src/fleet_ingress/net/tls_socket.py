@@ -709,6 +709,22 @@ class TLSConnection:
     def _peer_moved(self) -> bool:
         return peer_moved(self._sock, took=self._out is not None, sent=True)
 
+    def read_if_ended(self) -> None:
+        """Read now if TCP says the connection has ended (a reset, a timeout)
+        while it waits for a read. uvloop stops polling a socket after an error
+        event (libuv's POLLERR), calling its reader once more: a peer's last
+        bytes and the reset that came with them were read as the bytes alone,
+        and nothing was read again, the connection left open for good (a call
+        held until carrier_silence, logged carrier_silent: the odd-fleet audit
+        of session 35). asyncio's loop polls on, and reads the error. The
+        silence sweep calls this for each side of a call: one getsockopt, which
+        unlike SO_ERROR consumes nothing the read needs."""
+        if self._state is not _OPEN or self._paused or self._eof or self._handler is None:
+            return
+        info = _tcp_info(self._sock)
+        if info and info[:1] != _TCP_ESTABLISHED:
+            self._on_readable()
+
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
         if self._state is _HANDSHAKE and self._hs_done is not None:
