@@ -974,6 +974,32 @@ async def test_a_stop_draining_calls_does_not_read_as_workers_missing(
         await service.finish()
 
 
+async def test_reloads_in_a_row_say_no_worker_reloaded_late_that_its_round_counted(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """SIGHUP after SIGHUP, each waited for (READY=1): every round says all
+    workers reloaded, and none is then said to have reloaded "after the
+    others". When two answers were read a loop turn apart, the round saw the
+    second worker's reload done (listed as reloaded) before that task's own
+    done callback ran, which found the round over and logged the same reload
+    again as late: 8 of 100 reloads in the longevity soak of session 35."""
+    service = await RunningIngress.start(tls_files, _lines(two_fleets), workers=4, check_timeout=5)
+    try:
+        await service.fleets_up()
+        for _ in range(40):
+            ready = service.seen("READY=1")
+            service.proc.send_signal(signal.SIGHUP)
+            await service.wait_for("READY=1", ready + 1, timeout=20)
+        await asyncio.sleep(0.5)
+        events = [e for e in service.log() if "reload" in e["event"]]
+        rounds = [e for e in events if e["event"] == "workers reloaded"]
+        assert len(rounds) == 40 and all(r["failed"] == {} for r in rounds), rounds
+        late = [e for e in events if e["event"] == "worker reloaded, after the others"]
+        assert late == [], late
+    finally:
+        await service.finish()
+
+
 async def test_a_worker_that_reloads_after_its_round_is_said_to_have_reloaded(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:
