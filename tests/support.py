@@ -820,9 +820,11 @@ class RunningIngress(IngressOnLoopback):
         check_interval: float = 0.2,
         env: dict[str, str] | None = None,
         stderr: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RunningIngress:
         """`stderr`: a descriptor for its stderr instead of home/stderr.log
-        (`log()` then reads nothing)."""
+        (`log()` then reads nothing); `preexec_fn`: run in the child before
+        the exec (e.g. to join a cgroup, as systemd starts it in the unit's)."""
         import tempfile
 
         for attempt in range(PORT_TAKEN_ATTEMPTS):
@@ -839,7 +841,9 @@ class RunningIngress(IngressOnLoopback):
                 check_interval=check_interval,
             )
             try:
-                return await cls.launch(home, port, stats_port, env=env, stderr=stderr)
+                return await cls.launch(
+                    home, port, stats_port, env=env, stderr=stderr, preexec_fn=preexec_fn
+                )
             except AssertionError as exc:
                 # The ports were free when chosen, then released for the ingress
                 # to bind: another process on the host (a test's connection, a
@@ -858,6 +862,7 @@ class RunningIngress(IngressOnLoopback):
         *,
         env: dict[str, str] | None = None,
         stderr: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RunningIngress:
         """`fleet-ingress run -c home/ingress.toml` (the files written), its
         notify socket read; returned once it said READY=1."""
@@ -873,6 +878,7 @@ class RunningIngress(IngressOnLoopback):
             str(home / "ingress.toml"),
             env={**os.environ, "NOTIFY_SOCKET": str(home / "notify.sock"), **(env or {})},
             stderr=(home / "stderr.log").open("wb") if stderr is None else stderr,
+            preexec_fn=preexec_fn,
         )
         service = cls(proc, home, port, stats_port, [], notify)
         asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)
