@@ -128,6 +128,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     worker_only |= {"fleet_ingress_slots_reclaimed_total", "fleet_ingress_workers_retired_total"}
     worker_only.add("fleet_ingress_supervisor_task_failures_total")
     worker_only.add("fleet_ingress_supervisor_deaths_total")
+    worker_only.add("fleet_ingress_supervisor_oom_kills_total")
     assert set(host) - worker_only == set(one_process)
     for name, samples in one_process.items():
         if not name.startswith("process_"):

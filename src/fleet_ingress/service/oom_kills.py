@@ -108,7 +108,7 @@ def _under(mount: Mount, path: str) -> str | None:
     root = mount.root.rstrip("/")
     if path != root and not path.startswith(root + "/"):
         return None
-    return mount.point.rstrip("/") + path[len(root) :]
+    return (mount.point.rstrip("/") + path[len(root) :]).rstrip("/") or "/"
 
 
 @dataclass(frozen=True)
@@ -133,18 +133,22 @@ HOST_COUNTER = OomCounter("/proc/vmstat", "the whole host (/proc/vmstat)")
 def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
     """The files to try, best first: the cgroup v2 memory.events of this
     process's cgroup (the unit's, its workers' and any process it started
-    counted with it), its cgroup v1 memory.oom_control (that group alone),
-    then the host's count (any process on the host: a weaker sign)."""
+    counted with it), then of each group above it, its cgroup v1
+    memory.oom_control (that group alone), then the host's count (any
+    process on the host: a weaker sign)."""
     v2_path, v1_path = cgroup_paths(proc_cgroup)
     v2_mount, v1_mount = memory_mounts(mountinfo)
     found = []
     if v2_path is not None and v2_mount is not None:
-        if (where := _under(v2_mount, v2_path)) is not None:
-            found.append(
-                OomCounter(
-                    f"{where}/memory.events", f"memory cgroup {v2_path} (cgroup v2 memory.events)"
+        # Its own group's first; an ancestor's (its count is its descendants'
+        # too) where the memory controller is not enabled on the group itself.
+        for path in _and_ancestors(v2_path):
+            if (where := _under(v2_mount, path)) is not None:
+                found.append(
+                    OomCounter(
+                        f"{where}/memory.events", f"memory cgroup {path} (cgroup v2 memory.events)"
+                    )
                 )
-            )
     if v1_path is not None and v1_mount is not None:
         if (where := _under(v1_mount, v1_path)) is not None:
             found.append(
@@ -154,6 +158,16 @@ def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
                 )
             )
     return [*found, HOST_COUNTER]
+
+
+def _and_ancestors(path: str) -> list[str]:
+    """`path` and the groups above it up to "/": a cgroup namespace's root
+    (a container's) has a memory.events, the host's root none (not read)."""
+    paths = []
+    while path not in ("", "/"):
+        paths.append(path)
+        path = path.rpartition("/")[0]
+    return [*paths, "/"]
 
 
 def find_oom_counter(pid: int | str = "self") -> OomCounter | None:

@@ -973,7 +973,7 @@ class Supervisor:
         return None if self.oom_counter is None else self.oom_counter.read()
 
     def look_for_oom_kills(self) -> None:
-        """Every second (`_look_for_oom_kills`): OOM kills counted since are
+        """Every second (`_write_snapshots`): OOM kills counted since are
         kept for the SIGKILL deaths read next, for OOM_CREDIT_S."""
         self.oom_kills.seen(self._oom_count(), time.monotonic())
 
@@ -2170,9 +2170,6 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(
             kept_running(ADMIN_SOCKET, lambda: _keep_admin_socket(supervisor), failures)
         ),
-        loop.create_task(
-            kept_running(OOM_KILLS, lambda: _look_for_oom_kills(supervisor), failures)
-        ),
         # As a worker does: the slot requests, reports and probes of every call
         # on the host churn this heap too, and glibc kept what they freed (its
         # RSS climbed with the calls, nothing leaking: the leak audit of session 33).
@@ -2295,7 +2292,6 @@ RELOADER = "reloader"
 REPORT_PULLER = "report puller"
 STATE_SNAPSHOTS = "state snapshots"
 ADMIN_SOCKET = "admin socket"
-OOM_KILLS = "OOM kill count"
 BACKGROUND_TASKS = (
     WATCHDOG_PINGS,
     SYSTEMD_STATUS,
@@ -2303,10 +2299,7 @@ BACKGROUND_TASKS = (
     REPORT_PULLER,
     STATE_SNAPSHOTS,
     ADMIN_SOCKET,
-    OOM_KILLS,
 )
-# How often the supervisor reads the kernel's count of OOM kills (`service.oom_kills`).
-OOM_LOOK_EVERY = 1.0
 # How often the supervisor looks that its admin socket's file is still there.
 ADMIN_SOCKET_LOOK_EVERY = 1.0
 
@@ -2389,15 +2382,13 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
     process systemd starts should this one die (`service.fd_store`). Encoded
     in turns: the loop leases every new call its slot meanwhile."""
     while True:
+        # The kernel's count of OOM kills, read as often: a SIGKILL death read
+        # next is weighed against it, and a supervisor started after this one
+        # died compares its own with the one the snapshot carries.
+        supervisor.look_for_oom_kills()
         if supervisor.snapshots is not None:
             await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)
-
-
-async def _look_for_oom_kills(supervisor: Supervisor) -> None:
-    while True:
-        await asyncio.sleep(OOM_LOOK_EVERY)
-        supervisor.look_for_oom_kills()
 
 
 async def _keep_admin_socket(supervisor: Supervisor) -> None:
