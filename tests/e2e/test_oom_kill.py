@@ -221,11 +221,12 @@ async def test_a_worker_oom_killed_is_said_so_and_told_from_a_kill_9(
         await fleets_up_or_finished(service)
         (victim,) = (await service.stats())["workers"]
         assert victim["pid"] in memory_cgroup.pids()
+        used = memory_cgroup.usage()
         took = await _squeeze(service, tls_files, memory_cgroup, calls)
         version = "v2" if memory_cgroup.v2 else "v1"
         print(
-            f"\n{len(calls)} calls opened before the OOM kill ({version} memory cgroup, "
-            f"{HEADROOM >> 20} MiB over its use), {took:.1f} s"
+            f"\n{len(calls)} calls opened before the OOM kill ({version} memory cgroup "
+            f"using {used / 2**20:.0f} MiB serving, limit {HEADROOM >> 20} MiB over), {took:.1f} s"
         )
         assert service.proc.returncode is None, "the OOM killer took the supervisor"
 
