@@ -19,15 +19,14 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from fleet_ingress.service.oom_kills import count_in, memory_mounts
 from fleet_ingress.service.supervisor import OOM_KILLED_WORKER
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
+    MemoryCgroup,
     RunningIngress,
     TLSFiles,
     admin_command,
@@ -38,109 +37,10 @@ from tests.support import (
 
 pytestmark = pytest.mark.uvloop_only
 
-# Named for the session that wrote it: a group left behind by a killed run is
-# traced to this file (`rmdir` removes one whose processes are gone).
-CGROUP_PREFIX = "oom35-"
 # Above what the group uses once serving: what the calls opened next run past.
 HEADROOM = 4 << 20
 MAX_CALLS = 400
 SQUEEZE_FOR = 60.0
-
-
-class MemoryCgroup:
-    """A memory cgroup of its own: v2 (memory.max, memory.events) or v1
-    (memory.limit_in_bytes, memory.oom_control)."""
-
-    def __init__(self, path: Path, v2: bool) -> None:
-        self.path = path
-        self.v2 = v2
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        if os.geteuid() != 0:
-            return "not root: cannot make a memory cgroup"
-        if cls._v2_parent() is None and cls._v1_parent() is None:
-            return (
-                "no memory controller to use: neither in the cgroup v2 hierarchy's root "
-                "(cgroup.subtree_control) nor mounted as cgroup v1"
-            )
-        return None
-
-    @staticmethod
-    def _mounts() -> tuple[Path | None, Path | None]:
-        v2, v1 = memory_mounts(Path("/proc/self/mountinfo").read_text())
-        return (
-            None if v2 is None else Path(v2.point),
-            None if v1 is None else Path(v1.point),
-        )
-
-    @classmethod
-    def _v2_parent(cls) -> Path | None:
-        root = cls._mounts()[0]
-        if root is None or not (root / "cgroup.subtree_control").exists():
-            return None
-        if "memory" in (root / "cgroup.subtree_control").read_text().split():
-            return root
-        with contextlib.suppress(OSError):  # a root of a namespace with processes refuses
-            (root / "cgroup.subtree_control").write_text("+memory")
-            return root
-        return None
-
-    @classmethod
-    def _v1_parent(cls) -> Path | None:
-        root = cls._mounts()[1]
-        return root if root is not None and (root / "memory.oom_control").exists() else None
-
-    @classmethod
-    def make(cls) -> MemoryCgroup:
-        v2_parent = cls._v2_parent()
-        parent = v2_parent or cls._v1_parent()
-        assert parent is not None
-        path = parent / f"{CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-        path.mkdir()
-        return cls(path, v2=v2_parent is not None)
-
-    def join(self) -> None:
-        """Move the calling process in (a `preexec_fn`: the child before its exec)."""
-        (self.path / "cgroup.procs").write_text(str(os.getpid()))
-
-    def usage(self) -> int:
-        return int(
-            (self.path / ("memory.current" if self.v2 else "memory.usage_in_bytes")).read_text()
-        )
-
-    def limit(self, limit: int | None) -> None:
-        if self.v2:
-            (self.path / "memory.max").write_text("max" if limit is None else str(limit))
-        else:
-            (self.path / "memory.limit_in_bytes").write_text("-1" if limit is None else str(limit))
-
-    def oom_kills(self) -> int:
-        name = "memory.events" if self.v2 else "memory.oom_control"
-        return count_in((self.path / name).read_text()) or 0
-
-    def pids(self) -> list[int]:
-        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-
-    def remove(self) -> None:
-        """Its processes killed (a test's, all of them), then the group."""
-        with contextlib.suppress(OSError):
-            self.limit(None)
-        deadline = time.monotonic() + 5
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                for pid in self.pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
 
 
 @pytest.fixture
