@@ -169,6 +169,8 @@ class Upgradable(Protocol):
 
     def status_line(self) -> str: ...
 
+    def look_for_oom_kills(self) -> None: ...
+
     def respawns_due(self) -> list[float]: ...
 
     def sockets_to_keep(self) -> dict[str, socket.socket]: ...
@@ -275,6 +277,12 @@ class UpgradeSequence:
         self.crash_restart = bool(carried.get("crash_restart"))
         if self.crash_restart:
             self._say_if_oom_killed(carried)
+        elif supervisor.oom_counter is not None:
+            if carried.get("oom_kill_counter") == supervisor.oom_counter.path:
+                # An exec: an OOM kill counted meanwhile is a worker's, whose
+                # death this image reads (its parent still).
+                supervisor.oom_kills = OomKills(last=carried.get("oom_kill_count"))
+                supervisor.look_for_oom_kills()
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
             carried.get("fleet_checks"), {f.name for f in supervisor.balancer.fleets}
