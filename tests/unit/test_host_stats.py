@@ -308,6 +308,26 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
     assert line in render_stats_page(snap)
 
 
+def test_oom_kills_are_shown_in_stat_and_the_page_with_what_to_change():
+    """A worker or a supervisor the kernel's OOM killer took: said so, with the
+    limit to raise, in stat and on the page (before session 35: `killed 1`, as
+    for a kill -9, and nothing of a supervisor's death)."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"killed": 1}, 1
+    snap["supervisor_oom_kills"] = 0
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "OOM" not in shown
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"oom": 1, "killed": 1}, 3
+    snap["supervisor_oom_kills"] = 2
+    for shown in (format_stat_table(snap), render_stats_page(snap).replace("&#x27;", "'")):
+        assert "workers replaced since start: killed 1, oom 1;" in shown
+        assert "oom: killed by the kernel's OOM killer" in shown
+        assert "the supervisor was killed by the kernel's OOM killer 2 times" in shown
+        assert "MemoryMax=" in shown
+
+
 def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
     """The last upgrade's state as the supervisor's snapshot has it: a line while
     it failed, whoever began it, and while the next is under way; none once one is done."""
