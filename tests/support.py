@@ -38,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.service.oom_kills import count_in, memory_mounts
 from fleet_ingress.sim import SimulatedFleet
 
 # A carrier's WebSocket upgrade, as raw bytes (format with path=...).
@@ -820,9 +821,11 @@ class RunningIngress(IngressOnLoopback):
         check_interval: float = 0.2,
         env: dict[str, str] | None = None,
         stderr: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RunningIngress:
         """`stderr`: a descriptor for its stderr instead of home/stderr.log
-        (`log()` then reads nothing)."""
+        (`log()` then reads nothing); `preexec_fn`: run in the child before
+        the exec (e.g. to join a cgroup, as systemd starts it in the unit's)."""
         import tempfile
 
         for attempt in range(PORT_TAKEN_ATTEMPTS):
@@ -839,7 +842,9 @@ class RunningIngress(IngressOnLoopback):
                 check_interval=check_interval,
             )
             try:
-                return await cls.launch(home, port, stats_port, env=env, stderr=stderr)
+                return await cls.launch(
+                    home, port, stats_port, env=env, stderr=stderr, preexec_fn=preexec_fn
+                )
             except AssertionError as exc:
                 # The ports were free when chosen, then released for the ingress
                 # to bind: another process on the host (a test's connection, a
@@ -858,6 +863,7 @@ class RunningIngress(IngressOnLoopback):
         *,
         env: dict[str, str] | None = None,
         stderr: int | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RunningIngress:
         """`fleet-ingress run -c home/ingress.toml` (the files written), its
         notify socket read; returned once it said READY=1."""
@@ -873,6 +879,7 @@ class RunningIngress(IngressOnLoopback):
             str(home / "ingress.toml"),
             env={**os.environ, "NOTIFY_SOCKET": str(home / "notify.sock"), **(env or {})},
             stderr=(home / "stderr.log").open("wb") if stderr is None else stderr,
+            preexec_fn=preexec_fn,
         )
         service = cls(proc, home, port, stats_port, [], notify)
         asyncio.get_running_loop().add_reader(notify.fileno(), service._on_datagram)
@@ -1182,3 +1189,113 @@ def drain_outcome(
     killed = [e for e in events if e["event"] == "worker still running after the drain: killed"]
     ended = {e["bot_id"]: e["end_reason"] for e in events if e["event"] == "call ended"}
     return len(killed), call.close_code, ended
+
+
+# Named for the session that wrote it: a group left behind by a killed run is
+# traced to MemoryCgroup (`rmdir` removes one whose processes are gone).
+CGROUP_PREFIX = "oom35-"
+
+
+class MemoryCgroup:
+    """A memory cgroup a test made (`make`, removed after) or one it limits
+    (a unit's: `MemoryCgroup(path, v2=True, made=False)`, its limit lifted
+    after): v2 (memory.max, memory.events) or v1 (memory.limit_in_bytes,
+    memory.oom_control). For tests/e2e/test_oom_kill.py and test_under_systemd.py."""
+
+    def __init__(self, path: Path, v2: bool, *, made: bool = True) -> None:
+        self.path = path
+        self.v2 = v2
+        self.made = made
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if os.geteuid() != 0:
+            return "not root: cannot make a memory cgroup"
+        if cls._v2_parent() is None and cls._v1_parent() is None:
+            return (
+                "no memory controller to use: neither in the cgroup v2 hierarchy's root "
+                "(cgroup.subtree_control) nor mounted as cgroup v1"
+            )
+        return None
+
+    @staticmethod
+    def _mounts() -> tuple[Path | None, Path | None]:
+        v2, v1 = memory_mounts(Path("/proc/self/mountinfo").read_text())
+        return (
+            None if v2 is None else Path(v2.point),
+            None if v1 is None else Path(v1.point),
+        )
+
+    @classmethod
+    def _v2_parent(cls) -> Path | None:
+        root = cls._mounts()[0]
+        if root is None or not (root / "cgroup.subtree_control").exists():
+            return None
+        if "memory" in (root / "cgroup.subtree_control").read_text().split():
+            return root
+        with contextlib.suppress(OSError):  # a root of a namespace with processes refuses
+            (root / "cgroup.subtree_control").write_text("+memory")
+            return root
+        return None
+
+    @classmethod
+    def _v1_parent(cls) -> Path | None:
+        root = cls._mounts()[1]
+        return root if root is not None and (root / "memory.oom_control").exists() else None
+
+    @classmethod
+    def make(cls, *, v1: bool = False) -> MemoryCgroup:
+        """Under the v2 root where its memory controller is, else (or `v1`) v1's."""
+        v2_parent = None if v1 else cls._v2_parent()
+        parent = v2_parent or cls._v1_parent()
+        assert parent is not None
+        path = parent / f"{CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+        path.mkdir()
+        return cls(path, v2=v2_parent is not None)
+
+    def join(self) -> None:
+        """Move the calling process in (a `preexec_fn`: the child before its exec)."""
+        self.add(os.getpid())
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def usage(self) -> int:
+        return int(
+            (self.path / ("memory.current" if self.v2 else "memory.usage_in_bytes")).read_text()
+        )
+
+    def limit(self, limit: int | None) -> None:
+        if self.v2:
+            (self.path / "memory.max").write_text("max" if limit is None else str(limit))
+        else:
+            (self.path / "memory.limit_in_bytes").write_text("-1" if limit is None else str(limit))
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        return count_in((self.path / name).read_text()) or 0
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def remove(self) -> None:
+        """Its processes killed (a test's, all of them), then the group."""
+        with contextlib.suppress(OSError):
+            self.limit(None)
+        if not self.made:
+            return
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                for pid in self.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

@@ -174,6 +174,7 @@ async def test_host_counters_are_the_sums_through_a_sigkill_and_a_clean_exit(sup
         (("reason", "exited"),): 0,
         (("reason", "hung"),): 0,
         (("reason", "killed"),): 1,
+        (("reason", "oom"),): 0,
         (("reason", "unknown"),): 0,
     }
     snap = await s.get("/stats.json")

@@ -41,6 +41,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests import systemd_box
 from tests.support import (
     IngressOnLoopback,
+    MemoryCgroup,
     TLSFiles,
     break_worker_channel,
     close_calls,
@@ -409,6 +410,7 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
         assert len(said) == 1
         assert sorted(systemd.host_pid(pid) for pid, _ in said[0]["workers"]) == workers
         assert _deaths(await unit.metrics()) == 1
+        assert _supervisor_oom_kills(await unit.metrics()) == 0  # an operator's kill
         # A worker taken up, killed now with calls (the OOM killer): systemd's
         # child, its exit status unknown here, the calls it held counted lost.
         # Before (the second review of session 28): its channel's end came
@@ -438,6 +440,86 @@ async def test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_
     state = unit.show("ActiveState", "Result")
     assert state == {"ActiveState": "inactive", "Result": "success"}, state
     assert systemd.processes(NAME) == []
+
+
+def _supervisor_oom_kills(exposition: str) -> float:
+    return metric_samples(exposition)["fleet_ingress_supervisor_oom_kills_total"][()]
+
+
+def _limited_group(systemd: systemd_box.PrivateSystemd) -> MemoryCgroup:
+    """The unit's own cgroup where systemd's tree has the memory controller
+    (cgroup v2: its memory.max, as MemoryMax= sets it); else a v1 memory
+    group made for the test. Skipped where neither, unless CI=true."""
+    unit_group = systemd.cgroup / "system.slice" / NAME
+    if (unit_group / "memory.max").exists():
+        return MemoryCgroup(unit_group, v2=True, made=False)
+    why = MemoryCgroup.unavailable()
+    if why is None and MemoryCgroup._v1_parent() is None:
+        why = "the unit's cgroup has no memory.max and there is no cgroup v1 memory controller"
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}; CI (root, Debian) must run the supervisor OOM-kill test")
+        pytest.skip(f"{why} (CI unset)")
+    return MemoryCgroup.make(v1=True)
+
+
+def _make_the_oom_killers_first_choice(pid: int) -> None:
+    # Raised, not lowered: that needs CAP_SYS_RESOURCE, which a test may not have.
+    Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+
+
+async def test_a_supervisor_oom_killed_is_said_so_by_the_one_started_again(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """The kernel's OOM killer takes the supervisor (the unit at its memory
+    limit; here made its first choice, over the workers' +500, as a
+    supervisor far bigger than its workers would be): systemd
+    starts it again, and the new one, whose count of OOM kills rose since its
+    predecessor's last snapshot, says it was the OOM killer and what to change,
+    and counts it (fleet_ingress_supervisor_oom_kills_total, `stat`). The calls
+    go on. A kill -9 counts a death alone
+    (test_a_supervisor_killed_outright_is_started_again_and_takes_up_every_call)."""
+    unit = await install(systemd, tls_files, fleet)
+    group = _limited_group(systemd)
+    calls = [await a_call(unit, tls_files) for _ in range(2)]
+    try:
+        supervisor = unit.main_pid()
+        assert _supervisor_oom_kills(await unit.metrics()) == 0
+        _make_the_oom_killers_first_choice(supervisor)
+        if group.made:  # v1: the supervisor alone (the unit's count is the host's there)
+            group.add(supervisor)
+        group.limit(group.usage() + (1 << 20))
+        try:
+            # What it answers takes memory: scraped until the kernel kills it.
+            async with asyncio.timeout(30):
+                for _ in range(2000):
+                    if group.oom_kills():
+                        break
+                    with contextlib.suppress(aiohttp.ClientError, OSError):
+                        await unit.metrics()
+                        await unit.stats()
+                while not group.oom_kills():
+                    await asyncio.sleep(0.005)
+        finally:
+            group.limit(None)
+        await unit.until(ActiveState="active", NRestarts="1")
+        assert unit.main_pid() != supervisor
+        async with asyncio.timeout(10):
+            while not [e for e in unit.log() if "OOM killer" in e["event"]]:
+                await asyncio.sleep(0.1)
+        (said,) = [e for e in unit.log() if "OOM killer" in e["event"]]
+        assert said["event"].startswith("the previous supervisor was killed by the kernel's OOM")
+        assert "MemoryMax=" in said["event"] and said["oom_kills"] >= 1
+        metrics = await unit.metrics()
+        assert _deaths(metrics) == 1
+        assert _supervisor_oom_kills(metrics) == 1
+        code, out = unit.cli("stat")
+        assert code == 0 and "the supervisor was killed by the kernel's OOM killer once" in out
+        for n, call in enumerate(calls):
+            await echo(call, f"after {n}")
+    finally:
+        await close_calls(calls)
+        group.remove()
 
 
 async def test_a_supervisor_killed_outright_comes_back_serving_what_it_ran_not_the_files(

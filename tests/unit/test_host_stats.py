@@ -128,6 +128,7 @@ def test_host_metrics_are_the_one_process_names_and_labels_with_the_workers_summ
     worker_only |= {"fleet_ingress_slots_reclaimed_total", "fleet_ingress_workers_retired_total"}
     worker_only.add("fleet_ingress_supervisor_task_failures_total")
     worker_only.add("fleet_ingress_supervisor_deaths_total")
+    worker_only.add("fleet_ingress_supervisor_oom_kills_total")
     assert set(host) - worker_only == set(one_process)
     for name, samples in one_process.items():
         if not name.startswith("process_"):
@@ -305,6 +306,26 @@ def test_workers_replaced_and_the_calls_they_took_are_shown_in_stat_and_the_page
     line = "2 calls lost with workers that died since start (none replaced"
     assert line in format_stat_table(snap)
     assert line in render_stats_page(snap)
+
+
+def test_oom_kills_are_shown_in_stat_and_the_page_with_what_to_change():
+    """A worker or a supervisor the kernel's OOM killer took: said so, with the
+    limit to raise, in stat and on the page (before session 35: `killed 1`, as
+    for a kill -9, and nothing of a supervisor's death)."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"killed": 1}, 1
+    snap["supervisor_oom_kills"] = 0
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "OOM" not in shown
+    snap["worker_restarts"], snap["worker_calls_lost"] = {"oom": 1, "killed": 1}, 3
+    snap["supervisor_oom_kills"] = 2
+    for shown in (format_stat_table(snap), render_stats_page(snap).replace("&#x27;", "'")):
+        assert "workers replaced since start: killed 1, oom 1;" in shown
+        assert "oom: killed by the kernel's OOM killer" in shown
+        assert "the supervisor was killed by the kernel's OOM killer 2 times" in shown
+        assert "MemoryMax=" in shown
 
 
 def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():

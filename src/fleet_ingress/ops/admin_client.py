@@ -26,6 +26,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    supervisor_oom_killed,
     upgrade_failed,
     workers_missing,
     workers_replaced,
@@ -419,6 +420,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(missing)
         if (upgrade := upgrade_failed(snap)) is not None:
             lines.append(upgrade)
+        if (oom := supervisor_oom_killed(snap)) is not None:
+            lines.append(oom)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)
     if (refused := certificate_refused(snap)) is not None:

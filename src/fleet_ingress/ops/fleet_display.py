@@ -285,4 +285,25 @@ def workers_replaced(snap: dict[str, Any]) -> str | None:
             "generation not serving, e.g. an upgrade's old one as it drained)"
         )
     why = ", ".join(f"{reason} {n}" for reason, n in sorted(restarts.items()) if n)
-    return f"workers replaced since start: {why}; {calls} lost with workers that died"
+    line = f"workers replaced since start: {why}; {calls} lost with workers that died"
+    if restarts.get("oom"):
+        line += (
+            "; oom: killed by the kernel's OOM killer, the service's memory limit "
+            "(MemoryMax=) or the host's ran out: raise it, or carry fewer calls here "
+            "(limits.max_connections, maxconn); `journalctl -k | grep -i oom`"
+        )
+    return line
+
+
+def supervisor_oom_killed(snap: dict[str, Any]) -> str | None:
+    """One line once the OOM killer took a supervisor of this host (carried
+    from each supervisor to the next); None before."""
+    killed = snap.get("supervisor_oom_kills") or 0
+    if not killed:
+        return None
+    times = "once" if killed == 1 else f"{killed} times"
+    return (
+        f"the supervisor was killed by the kernel's OOM killer {times} (started again by "
+        "systemd, it took up the workers and their calls): the service's memory limit "
+        "(MemoryMax=) or the host's ran out; raise it, or carry fewer calls here"
+    )

@@ -69,7 +69,7 @@ __all__ = [
 # asks afresh): the pace at which a hung worker is found.
 PULL_EVERY = 5.0
 # fleet_ingress_worker_restarts_total{reason}: the supervisor's _restart_reason and hung.
-RESTART_REASONS = ("crashed", "exited", "hung", "killed", "unknown")
+RESTART_REASONS = ("crashed", "exited", "hung", "killed", "oom", "unknown")
 # How long a scrape waits for the workers' answers; a worker busy past it is
 # shown with its last report (its age is in the row and in a metric).
 SCRAPE_WAIT = 0.5
@@ -274,6 +274,7 @@ class HostMetrics:
         fleets_gone: Callable[[], Collection[str]] = frozenset,
         upgrade_failed: Callable[[], bool | None] = lambda: None,
         supervisor_deaths: Callable[[], int] = lambda: 0,
+        supervisor_oom_kills: Callable[[], int] = lambda: 0,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -289,7 +290,8 @@ class HostMetrics:
         reported after they leave); `upgrade_failed`: whether the last upgrade
         failed (None: none since the supervisor started, or carried to it);
         `supervisor_deaths`: supervisors that died and were started again by
-        systemd, taking up their workers (carried from each to the next)."""
+        systemd, taking up their workers (carried from each to the next);
+        `supervisor_oom_kills`: of those, the ones the kernel's OOM killer took."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -310,7 +312,9 @@ class HostMetrics:
                 certificate_file_not_after, certificate_file_refused, certificate_chain_doubted
             )
         )
-        self.prometheus.register(_SupervisorFailuresCollector(task_failures, supervisor_deaths))
+        self.prometheus.register(
+            _SupervisorFailuresCollector(task_failures, supervisor_deaths, supervisor_oom_kills)
+        )
         self.prometheus.register(_UpgradeCollector(upgrade_failed))
 
 
@@ -335,10 +339,14 @@ class _SupervisorFailuresCollector(Collector):
     each carried from one supervisor to the next."""
 
     def __init__(
-        self, failures: Callable[[], Mapping[str, int]], deaths: Callable[[], int]
+        self,
+        failures: Callable[[], Mapping[str, int]],
+        deaths: Callable[[], int],
+        oom_kills: Callable[[], int] = lambda: 0,
     ) -> None:
         self.failures = failures
         self.deaths = deaths
+        self.oom_kills = oom_kills
 
     def collect(self) -> Iterator[Metric]:
         counter = CounterMetricFamily(
@@ -356,6 +364,15 @@ class _SupervisorFailuresCollector(Collector):
             "and was started again by systemd, taking up its workers and their calls: "
             "meanwhile new calls waited for it. Carried from each supervisor to the next.",
             self.deaths(),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_supervisor_oom_kills",
+            "Of fleet_ingress_supervisor_deaths_total, the deaths the kernel's OOM killer "
+            "caused, as far as its count of OOM kills in the service's memory cgroup (or "
+            "the host's) says: it rose within the second before. The service's memory "
+            "limit (MemoryMax=) or the host's ran out, and the supervisor went although "
+            "each worker asks to be taken first. Carried from each supervisor to the next.",
+            self.oom_kills(),
         )
 
 
@@ -470,7 +487,10 @@ class _WorkersCollector(Collector):
         )
         restarts = CounterMetricFamily(
             f"{PREFIX}_worker_restarts",
-            "Worker processes replaced after they died, by why.",
+            "Worker processes replaced after they died, by why: oom (killed by the kernel's "
+            "OOM killer: the service's MemoryMax= or the host's memory ran out), killed (a "
+            "SIGKILL the kernel did not count as an OOM kill: an operator's kill -9), "
+            "crashed, exited, hung, unknown.",
             labels=["reason"],
         )
         # Every reason from the start, 0 until it happens: a panel or rate() needs a series.

@@ -22,6 +22,7 @@ from fleet_ingress.ops.fleet_display import (
     probed,
     shown_free,
     shown_health,
+    supervisor_oom_killed,
     upgrade_failed,
     workers_missing,
     workers_replaced,
@@ -87,6 +88,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     replaced = workers_replaced(snap)
     missing = workers_missing(snap)
     upgrade = upgrade_failed(snap)
+    oom = supervisor_oom_killed(snap)
     rows = []
     for w in workers:
         started = (
@@ -117,6 +119,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
         + (f'<p class="stopping" id="upgrade-failed">{escape(upgrade)}</p>\n' if upgrade else "")
+        + (f'<p class="stopping" id="supervisor-oom">{escape(oom)}</p>\n' if oom else "")
     )
 
 

@@ -159,6 +159,7 @@ from fleet_ingress.service.lifecycle import (
     trim_heap,
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
+from fleet_ingress.service.oom_kills import OomKills, find_oom_counter
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import children_running, process_state
@@ -207,6 +208,16 @@ LOST_CHANNEL_CONFIRM = 0.5
 QUICK_DEATH = 5.0
 RESPAWN_DELAY_FIRST = 0.1
 RESPAWN_DELAY_MAX = 10.0
+# A worker the kernel's OOM killer took: what ran out, and what the operator
+# can change (docs/INSTALL.md, "Memory"). The kernel's own lines name the
+# limit hit (a cgroup's: "memory: usage ... limit ...", or the host's).
+OOM_KILLED_WORKER = (
+    "worker killed by the kernel's OOM killer: its calls are lost; a new worker replaces "
+    "it. The service's memory limit (the unit's MemoryMax=) or the host's memory ran out: "
+    "raise MemoryMax= (`systemctl edit fleet-ingress`) or give the host memory, or carry "
+    "fewer calls on this host (limits.max_connections, the fleets' maxconn); "
+    "`journalctl -k | grep -i -A20 oom` says which limit and what each process held"
+)
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 # A fleet gone from the set is forgotten by the workers this long after (its
 # counters then start from 0 if it is listed again): one listed again sooner,
@@ -327,6 +338,14 @@ class Supervisor:
         self.calls_lost_total = 0  # the calls they took with them
         # Supervisors before this one that died, taken up (the fd store): carried.
         self.supervisor_deaths = 0
+        # Of those, the ones the kernel's OOM killer took, as far as its count says.
+        self.supervisor_oom_kills = 0
+        # Where the kernel counts OOM kills for this service (its memory cgroup,
+        # else the host), read every second and at each SIGKILL death: a worker
+        # OOM-killed is told from one killed by an operator (`service.oom_kills`).
+        self.oom_counter = find_oom_counter()
+        self.oom_kills = OomKills()
+        self.look_for_oom_kills()
         # Background tasks of this process that failed (kept running: kept_running).
         self.task_failures = TaskFailures(BACKGROUND_TASKS)
         self._say_if_failed = say_if_failed(self.task_failures)  # for each `_keep` task
@@ -339,6 +358,7 @@ class Supervisor:
             calls_lost=lambda: self.calls_lost_total,
             task_failures=lambda: self.task_failures.by_task,
             supervisor_deaths=lambda: self.supervisor_deaths,
+            supervisor_oom_kills=lambda: self.supervisor_oom_kills,
             fleets_gone=lambda: self.forgetting.pending,
             upgrade_failed=self._last_upgrade_failed,
             workers=self.workers_figures,
@@ -949,8 +969,27 @@ class Supervisor:
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
 
+    def _oom_count(self) -> int | None:
+        return None if self.oom_counter is None else self.oom_counter.read()
+
+    def look_for_oom_kills(self) -> None:
+        """Every second (`_write_snapshots`): OOM kills counted since are
+        kept for the SIGKILL deaths read next, for OOM_CREDIT_S."""
+        self.oom_kills.seen(self._oom_count(), time.monotonic())
+
+    def _oom_killed(self, worker: WorkerProcess, code: int | None) -> bool:
+        """Whether `worker`, dead of SIGKILL, was the OOM killer's rather than
+        an operator's (a `kill -9` is counted nowhere) or this supervisor's own."""
+        if code != -signal.SIGKILL or worker.hung or worker.killed_here:
+            return False
+        if not worker.exit_status_known:
+            return False
+        return self.oom_kills.claim(self._oom_count(), time.monotonic())
+
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
+        # Read at once: the count is the kernel's, kept for OOM_CREDIT_S.
+        worker.oom_killed = self._oom_killed(worker, code)
         # Its channel closes with it: let the coordinator count what it held.
         with contextlib.suppress(TimeoutError):
             async with patient_timeout(1.0):  # its channel's end, read after a stall
@@ -1014,7 +1053,9 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code)),
             )
             return
-        self.restarts["hung" if worker.hung else _restart_reason(code, known)] += 1
+        self.restarts[
+            "hung" if worker.hung else "oom" if worker.oom_killed else _restart_reason(code, known)
+        ] += 1
         if drained:
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
@@ -1037,6 +1078,8 @@ class Supervisor:
                 "worker replaces it",
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
+        elif worker.oom_killed:
+            log.error(OOM_KILLED_WORKER, extra=fields(**self._oom_fields(worker, code)))
         else:
             log.error(
                 "worker whose slot channel was lost exited: the calls it had then are "
@@ -1047,11 +1090,19 @@ class Supervisor:
             )
         self._replace(worker)
 
+    def _oom_fields(self, worker: WorkerProcess, code: int | None) -> dict[str, object]:
+        return {
+            **_exit_fields(worker, code),
+            "lived_s": _lived_s(worker),
+            "oom_kills_counted_in": None if self.oom_counter is None else self.oom_counter.covers,
+        }
+
     def _log_lost_calls(self, worker: WorkerProcess, code: int | None) -> None:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        status, now, now_monotonic = _exit_status(code), time.time(), time.monotonic()
+        status = _exit_status(code, oom=worker.oom_killed)
+        now, now_monotonic = time.time(), time.monotonic()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
                 call,
@@ -1519,6 +1570,7 @@ class Supervisor:
                 else "old-generation worker still running after the drain: killed",
                 extra=fields(pid=worker.pid, generation=worker.generation),
             )
+            worker.killed_here = True
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
 
@@ -1596,6 +1648,7 @@ class Supervisor:
         )
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
+        picture["supervisor_oom_kills"] = self.supervisor_oom_kills
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()
@@ -1887,6 +1940,7 @@ class Supervisor:
 
     def kill_workers(self) -> None:
         for worker in self.workers.values():
+            worker.killed_here = True
             with contextlib.suppress(ProcessLookupError):
                 worker.proc.kill()
 
@@ -1971,8 +2025,9 @@ def _running(pid: int) -> bool:
 
 
 def _restart_reason(code: int | None, known: bool = True) -> str:
-    """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: OOM
-    killer, an operator), crashed (a non-zero exit), exited (0, unasked),
+    """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: an
+    operator's; an OOM kill is "oom", said by its caller), crashed (a
+    non-zero exit), exited (0, unasked),
     unknown (taken up after a supervisor died, and not killed by this one:
     systemd read its status); and hung (killed by the supervisor itself:
     `_worker_silent`), said by its caller."""
@@ -1989,7 +2044,7 @@ def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
     return {
         "pid": worker.pid,
         "generation": worker.generation,
-        "exit_status": _exit_status(code)
+        "exit_status": _exit_status(code, oom=worker.oom_killed)
         if known or (code is not None and code < 0)
         else "unknown (taken up after a supervisor died: systemd read it)",
         "calls_lost": worker.calls_lost,
@@ -2000,9 +2055,11 @@ def _lived_s(worker: WorkerProcess) -> float:
     return round(time.monotonic() - worker.started_at, 1)
 
 
-def _exit_status(code: int | None) -> str:
+def _exit_status(code: int | None, *, oom: bool = False) -> str:
     if code is None:
         return "running"
+    if oom:
+        return "killed by SIGKILL from the kernel's OOM killer"
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
@@ -2332,6 +2389,10 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
     process systemd starts should this one die (`service.fd_store`). Encoded
     in turns: the loop leases every new call its slot meanwhile."""
     while True:
+        # The kernel's count of OOM kills, read as often: a SIGKILL death read
+        # next is weighed against it, and a supervisor started after this one
+        # died compares its own with the one the snapshot carries.
+        supervisor.look_for_oom_kills()
         if supervisor.snapshots is not None:
             await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)

@@ -62,6 +62,7 @@ from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.kept_running import TaskFailures
 from fleet_ingress.service.lifecycle import FIRST_PROBE_WAIT
 from fleet_ingress.service.listen_fds import reexec, worker_key
+from fleet_ingress.service.oom_kills import OomCounter, OomKills, rose_since
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -157,6 +158,9 @@ class Upgradable(Protocol):
     task_failures: TaskFailures
     calls_lost_total: int
     supervisor_deaths: int
+    supervisor_oom_kills: int
+    oom_counter: OomCounter | None
+    oom_kills: OomKills
     quick_deaths: int
     start_notes: list[str]  # what this image's start serves other than the files hold
 
@@ -164,6 +168,8 @@ class Upgradable(Protocol):
     def host_calls(self) -> int: ...
 
     def status_line(self) -> str: ...
+
+    def look_for_oom_kills(self) -> None: ...
 
     def respawns_due(self) -> list[float]: ...
 
@@ -267,6 +273,16 @@ class UpgradeSequence:
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
         supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
+        supervisor.supervisor_oom_kills = int(carried.get("supervisor_oom_kills", 0))
+        self.crash_restart = bool(carried.get("crash_restart"))
+        if self.crash_restart:
+            self._say_if_oom_killed(carried)
+        elif supervisor.oom_counter is not None:
+            if carried.get("oom_kill_counter") == supervisor.oom_counter.path:
+                # An exec: an OOM kill counted meanwhile is a worker's, whose
+                # death this image reads (its parent still).
+                supervisor.oom_kills = OomKills(last=carried.get("oom_kill_count"))
+                supervisor.look_for_oom_kills()
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
             carried.get("fleet_checks"), {f.name for f in supervisor.balancer.fleets}
@@ -277,7 +293,6 @@ class UpgradeSequence:
         self.web.carry_counts(carried.get("operator_connections"))
         if carried["bound_listen"] is not None:  # None after a crash: as configured
             supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
-        self.crash_restart = bool(carried.get("crash_restart"))
         if self.crash_restart and isinstance(carried.get("last_reload"), dict):
             supervisor.last_reload = carried["last_reload"]
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
@@ -286,6 +301,32 @@ class UpgradeSequence:
         self._carried_workers = {int(w["pid"]): w for w in carried["workers"]}
         # (From a release that did not carry it: none; a line cut there is skipped.)
         self._carried_unread = unread_from_json(carried.get("unread"))
+
+    def _say_if_oom_killed(self, carried: dict[str, Any]) -> None:
+        """The supervisor before this one died: the OOM killer's, most likely,
+        when the kernel counted an OOM kill in this service's memory cgroup
+        since its last snapshot (a second at most before it died; a worker it
+        had not read dead yet would show as a death of its own). Not known
+        (said nothing) when the count was not read, or read elsewhere."""
+        supervisor = self.supervisor
+        counter = supervisor.oom_counter
+        if counter is None or carried.get("oom_kill_counter") != counter.path:
+            return
+        rose = rose_since(carried.get("oom_kill_count"), supervisor.oom_kills.last)
+        if not rose:
+            return
+        supervisor.supervisor_oom_kills += 1
+        log.error(
+            "the previous supervisor was killed by the kernel's OOM killer, most likely (the "
+            "OOM kills counted rose since its last snapshot, a second before it died): "
+            "the service's memory limit (the unit's MemoryMax=) or the host's memory ran "
+            "out, and the kernel took the supervisor although each worker asks to be taken "
+            "first (oom_score_adj raised by 500). Raise MemoryMax= (`systemctl edit "
+            "fleet-ingress`) or give the host memory, or carry fewer calls on this host "
+            "(limits.max_connections, the fleets' maxconn); `journalctl -k | grep -i -A20 "
+            "oom` says which limit and what each process held",
+            extra=fields(oom_kills=rose, oom_kills_counted_in=counter.covers),
+        )
 
     @property
     def latest(self) -> dict[str, Any] | None:
@@ -566,6 +607,14 @@ class UpgradeSequence:
             "unexpected_errors": unexpected_errors(),
             "calls_lost_total": supervisor.calls_lost_total,
             "supervisor_deaths": supervisor.supervisor_deaths,
+            "supervisor_oom_kills": supervisor.supervisor_oom_kills,
+            # The count of OOM kills as this image last read it, and where: the
+            # next supervisor, should this one die, tells from it whether the
+            # OOM killer took it (`_say_if_oom_killed`).
+            "oom_kill_count": supervisor.oom_kills.last,
+            "oom_kill_counter": None
+            if supervisor.oom_counter is None
+            else supervisor.oom_counter.path,
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,

@@ -47,6 +47,9 @@ class WorkerProcess:
     drain_told: float | None = None
     cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
     hung: bool = False  # killed by the supervisor: it answered no report request for a minute
+    # Killed by the supervisor otherwise (its drain's end, a failed start).
+    killed_here: bool = False
+    oom_killed: bool = False  # died of SIGKILL as the kernel counted an OOM kill (`oom_kills`)
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,227 @@
+"""Which SIGKILL was the kernel's OOM killer's: a worker (or the supervisor
+before this one) killed for want of memory ends as one killed by an
+operator's `kill -9` does, and only the kernel's count tells them apart.
+
+The kernel counts each OOM kill before it sends the SIGKILL ("task reaper
+must see this", mm/oom_kill.c), whether the host ran out or a memory cgroup
+hit its limit: in the victim's memory cgroup (cgroup v2 `memory.events`,
+`oom_kill`, counted in each ancestor too; cgroup v1 `memory.oom_control`,
+`oom_kill`, that group alone) and for the whole host (`/proc/vmstat`,
+`oom_kill`). The supervisor reads the count of its own memory cgroup (under
+systemd: the unit's, which its workers share), or the host's where no
+memory cgroup can be read, every second and at each SIGKILL death; a rise
+seen within OOM_CREDIT_S before such a death names the OOM killer.
+
+Everything here but `find_oom_counter` and `OomCounter.read` is I/O-free:
+text in, answers out (tests/unit/test_oom_kills.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "OOM_CREDIT_S",
+    "OomCounter",
+    "OomKills",
+    "cgroup_paths",
+    "count_in",
+    "counter_candidates",
+    "find_oom_counter",
+    "memory_mounts",
+]
+
+# How long a rise of the count stays unclaimed for a SIGKILL death: the kill is
+# counted a moment before the signal, the death read within a second of it (a
+# busy supervisor loop: a few). Longer, and a rise for some other process of
+# the group (a `check` run by ExecReload) could name an operator's kill -9
+# later on; shorter, and a stalled loop could miss its own worker's.
+OOM_CREDIT_S = 30.0
+
+
+def count_in(text: str, key: str = "oom_kill") -> int | None:
+    """The value of `key` in a "name value" file (memory.events,
+    memory.oom_control, /proc/vmstat); None when it has none (a kernel before
+    4.13 has no oom_kill)."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """From /proc/PID/cgroup: (its cgroup v2 path, its cgroup v1 memory
+    controller's path), each None where the host has no such hierarchy."""
+    v2 = v1_memory = None
+    for line in proc_cgroup.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        number, controllers, path = parts
+        if number == "0" and controllers == "":
+            v2 = path
+        elif "memory" in controllers.split(","):
+            v1_memory = path
+    return v2, v1_memory
+
+
+@dataclass(frozen=True)
+class Mount:
+    root: str  # the cgroup path the mount shows as its top (a cgroup namespace's, or /)
+    point: str  # where it is mounted
+
+
+def memory_mounts(mountinfo: str) -> tuple[Mount | None, Mount | None]:
+    """From /proc/self/mountinfo: (the cgroup2 mount, the cgroup v1 mount
+    of the memory controller); None for either not mounted."""
+    v2 = v1_memory = None
+    for line in mountinfo.splitlines():
+        fields, sep, tail = line.partition(" - ")
+        parts, after = fields.split(), tail.split()
+        if not sep or len(parts) < 5 or len(after) < 3:
+            continue
+        mount = Mount(_unescape(parts[3]), _unescape(parts[4]))
+        if after[0] == "cgroup2" and v2 is None:
+            v2 = mount
+        elif after[0] == "cgroup" and "memory" in after[2].split(",") and v1_memory is None:
+            v1_memory = mount
+    return v2, v1_memory
+
+
+def _unescape(text: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as octal escapes.
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        text = text.replace(escaped, plain)
+    return text
+
+
+def _under(mount: Mount, path: str) -> str | None:
+    """Where cgroup `path` is in the file system under `mount`; None when the
+    mount does not show it (a cgroup outside the namespace's root)."""
+    root = mount.root.rstrip("/")
+    if path != root and not path.startswith(root + "/"):
+        return None
+    return (mount.point.rstrip("/") + path[len(root) :]).rstrip("/") or "/"
+
+
+@dataclass(frozen=True)
+class OomCounter:
+    """A file whose `oom_kill` counts the OOM kills a SIGKILL death is
+    weighed against, and what it covers, as the log says it."""
+
+    path: str
+    covers: str
+
+    def read(self) -> int | None:
+        try:
+            with open(self.path, encoding="ascii") as f:
+                return count_in(f.read())
+        except (OSError, ValueError):
+            return None
+
+
+HOST_COUNTER = OomCounter("/proc/vmstat", "the whole host (/proc/vmstat)")
+
+
+def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
+    """The files to try, best first: the cgroup v2 memory.events of this
+    process's cgroup (the unit's, its workers' and any process it started
+    counted with it), then of each group above it, its cgroup v1
+    memory.oom_control (that group alone), then the host's count (any
+    process on the host: a weaker sign)."""
+    v2_path, v1_path = cgroup_paths(proc_cgroup)
+    v2_mount, v1_mount = memory_mounts(mountinfo)
+    found = []
+    if v2_path is not None and v2_mount is not None:
+        # Its own group's first; an ancestor's (its count is its descendants'
+        # too) where the memory controller is not enabled on the group itself.
+        for path in _and_ancestors(v2_path):
+            if (where := _under(v2_mount, path)) is not None:
+                found.append(
+                    OomCounter(
+                        f"{where}/memory.events", f"memory cgroup {path} (cgroup v2 memory.events)"
+                    )
+                )
+    if v1_path is not None and v1_mount is not None:
+        if (where := _under(v1_mount, v1_path)) is not None:
+            found.append(
+                OomCounter(
+                    f"{where}/memory.oom_control",
+                    f"memory cgroup {v1_path} (cgroup v1 memory.oom_control)",
+                )
+            )
+    return [*found, HOST_COUNTER]
+
+
+def _and_ancestors(path: str) -> list[str]:
+    """`path` and the groups above it up to "/": a cgroup namespace's root
+    (a container's) has a memory.events, the host's root none (not read)."""
+    paths = []
+    while path not in ("", "/"):
+        paths.append(path)
+        path = path.rpartition("/")[0]
+    return [*paths, "/"]
+
+
+def find_oom_counter(pid: int | str = "self") -> OomCounter | None:
+    """The first of `counter_candidates` for process `pid` that reads; None
+    when none does (not Linux, or a kernel without the count)."""
+    try:
+        proc_cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+        mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
+    except OSError:
+        proc_cgroup = mountinfo = ""
+    for counter in counter_candidates(proc_cgroup, mountinfo):
+        if os.path.exists(counter.path) and counter.read() is not None:
+            return counter
+    return None
+
+
+@dataclass
+class OomKills:
+    """The OOM kills counted and not yet claimed by a SIGKILL death, each
+    with when it was first seen. Fed the count as read (`seen`); a death by
+    SIGKILL asks `claim`. `last`: the count read last (None: never read),
+    which a supervisor started after this one died compares its own with."""
+
+    last: int | None = None
+    credit_s: float = OOM_CREDIT_S
+    _unclaimed: deque[float] = field(default_factory=deque)
+
+    def seen(self, count: int | None, now: float) -> int:
+        """The count read at `now`; returns the kills new since the last read."""
+        if count is None:
+            return 0
+        new = 0 if self.last is None else max(0, count - self.last)
+        # A count that went down is another group's (the counter file moved): start again.
+        self.last = count
+        self._unclaimed.extend([now] * new)
+        while self._unclaimed and now - self._unclaimed[0] > self.credit_s:
+            self._unclaimed.popleft()
+        return new
+
+    def claim(self, count: int | None, now: float) -> bool:
+        """Whether a SIGKILL death read at `now` (the count as read then) was
+        the OOM killer's: a kill counted since OOM_CREDIT_S ago and not yet
+        claimed by another death (two workers killed at once: two kills)."""
+        self.seen(count, now)
+        if not self._unclaimed:
+            return False
+        self._unclaimed.popleft()
+        return True
+
+
+def rose_since(carried: object, count: int | None) -> int:
+    """OOM kills counted since a supervisor that died last read `carried`
+    (its snapshot's, written every second): the next one's sign that the
+    OOM killer took it. 0 when either is not known."""
+    if not isinstance(carried, int) or count is None:
+        return 0
+    return max(0, count - carried)

@@ -1,0 +1,171 @@
+"""A worker killed by the kernel's OOM killer, told from one killed by an
+operator's `kill -9` (service/oom_kills.py): real processes in a real memory
+cgroup made for the test (cgroup v2 where the host has its memory controller
+there, else v1), whose limit the worker's calls run past.
+
+The supervisor and its workers start in that cgroup, as systemd starts them
+in the unit's; once serving, the limit is set a little above what they use,
+and calls are opened until the OOM killer takes a process of the group: a
+worker, which asks to be taken first (`worker._prefer_for_oom_kill`). The
+limit is lifted at once, so its replacement starts freely. Bounded: 400
+calls, 60 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from fleet_ingress.service.supervisor import OOM_KILLED_WORKER
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import (
+    MemoryCgroup,
+    RunningIngress,
+    TLSFiles,
+    admin_command,
+    close_calls,
+    fleets_up_or_finished,
+    metric_samples,
+)
+
+pytestmark = pytest.mark.uvloop_only
+
+# Above what the group uses once serving: what the calls opened next run past.
+HEADROOM = 4 << 20
+MAX_CALLS = 400
+SQUEEZE_FOR = 60.0
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[MemoryCgroup]:
+    why = MemoryCgroup.unavailable()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}; CI (root, Debian) must run the OOM-kill test")
+        pytest.skip(f"{why} (CI unset)")
+    group = MemoryCgroup.make()
+    try:
+        yield group
+    finally:
+        group.remove()
+
+
+@pytest.fixture
+async def big_fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
+    sim = SimulatedFleet(
+        name="a", capacity=MAX_CALLS + 10, ssl_context=tls_files.fleet_server_context()
+    )
+    sim.available_override = 10_000
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+async def _squeeze(
+    service: RunningIngress, tls_files: TLSFiles, group: MemoryCgroup, calls: list[ClientConnection]
+) -> float:
+    """Calls opened, with the group's limit just above its use, until the
+    kernel counts an OOM kill there; the limit lifted at once (the worker's
+    replacement starts in the group). Returns how long it took."""
+    started = time.monotonic()
+    group.limit(group.usage() + HEADROOM)
+    lifted = asyncio.Event()
+
+    async def lift_on_kill() -> None:
+        while not group.oom_kills():
+            await asyncio.sleep(0.005)
+        group.limit(None)
+        lifted.set()
+
+    watcher = asyncio.create_task(lift_on_kill())
+    try:
+        async with asyncio.timeout(SQUEEZE_FOR):
+            for i in range(MAX_CALLS):
+                if lifted.is_set():
+                    break
+                with contextlib.suppress(Exception):  # refused, reset: the squeeze
+                    calls.append(
+                        await connect(
+                            service.url(f"/ws/bot-{i}"),
+                            ssl=tls_files.client_context(),
+                            open_timeout=5,
+                            max_size=None,
+                        )
+                    )
+            await lifted.wait()
+    finally:
+        watcher.cancel()
+        group.limit(None)
+    return time.monotonic() - started
+
+
+async def test_a_worker_oom_killed_is_said_so_and_told_from_a_kill_9(
+    tls_files: TLSFiles, big_fleet: SimulatedFleet, memory_cgroup: MemoryCgroup
+) -> None:
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{big_fleet.url} name=a maxconn={MAX_CALLS + 10}"],
+        workers=1,
+        check_timeout=5,
+        preexec_fn=memory_cgroup.join,
+    )
+    calls: list[ClientConnection] = []
+    try:
+        await fleets_up_or_finished(service)
+        (victim,) = (await service.stats())["workers"]
+        assert victim["pid"] in memory_cgroup.pids()
+        used = memory_cgroup.usage()
+        took = await _squeeze(service, tls_files, memory_cgroup, calls)
+        version = "v2" if memory_cgroup.v2 else "v1"
+        print(
+            f"\n{len(calls)} calls opened before the OOM kill ({version} memory cgroup "
+            f"using {used / 2**20:.0f} MiB serving, limit {HEADROOM >> 20} MiB over), {took:.1f} s"
+        )
+        assert service.proc.returncode is None, "the OOM killer took the supervisor"
+
+        async def replaced() -> dict:
+            while True:
+                rows = (await service.stats())["workers"]
+                if rows and all(r["pid"] != victim["pid"] for r in rows):
+                    return rows[0]
+                await asyncio.sleep(0.05)
+
+        async with asyncio.timeout(20):
+            new = await replaced()
+        killed = [e for e in service.log() if e["event"] == OOM_KILLED_WORKER]
+        assert [e["pid"] for e in killed] == [victim["pid"]], service.log_tail()
+        assert killed[0]["exit_status"] == "killed by SIGKILL from the kernel's OOM killer"
+        assert memory_cgroup.path.name in killed[0]["oom_kills_counted_in"]
+        assert not [e for e in service.log() if e["event"].startswith("worker died")]
+        # Each call lost with it says how in its access line.
+        lost = [e for e in service.log() if e.get("worker_pid") == victim["pid"]]
+        assert lost and all("the kernel's OOM killer" in e["detail"] for e in lost)
+        restarts = metric_samples(await service.metrics())["fleet_ingress_worker_restarts_total"]
+        assert restarts[(("reason", "oom"),)] == 1
+        assert restarts[(("reason", "killed"),)] == 0
+        code, out = await admin_command(service, "stat")
+        assert code == 0 and "oom 1" in out and "OOM killer" in out, out
+
+        # An operator's kill -9 of its replacement: a kill, not the OOM killer's.
+        await close_calls(calls)
+        os.kill(new["pid"], signal.SIGKILL)
+        async with asyncio.timeout(20):
+            while True:
+                counted = metric_samples(await service.metrics())
+                if counted["fleet_ingress_worker_restarts_total"][(("reason", "killed"),)]:
+                    break
+                await asyncio.sleep(0.05)
+        assert counted["fleet_ingress_worker_restarts_total"][(("reason", "oom"),)] == 1
+        died = [e for e in service.log() if e["event"].startswith("worker died")]
+        assert [(e["pid"], e["exit_status"]) for e in died] == [(new["pid"], "killed by SIGKILL")]
+        assert (await service.stats())["worker_restarts"] == {"oom": 1, "killed": 1}
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -1,0 +1,176 @@
+"""Where the kernel's count of OOM kills is read, and which SIGKILL death it
+names (service/oom_kills.py): the files' text in, answers out, no I/O
+(tests/e2e/test_oom_kill.py has a real OOM kill)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet_ingress.service.oom_kills import (
+    HOST_COUNTER,
+    OOM_CREDIT_S,
+    Mount,
+    OomKills,
+    cgroup_paths,
+    count_in,
+    counter_candidates,
+    memory_mounts,
+    rose_since,
+)
+
+V2_EVENTS = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n"
+V1_OOM_CONTROL = "oom_kill_disable 0\nunder_oom 0\noom_kill 7\n"
+VMSTAT = "nr_free_pages 4902\noom_kill 41\nnuma_hit 1\n"
+
+# A systemd host on cgroup v2 alone (Debian 11 and later).
+UNIFIED_CGROUP = "0::/system.slice/fleet-ingress.service\n"
+UNIFIED_MOUNTS = (
+    "25 31 0:22 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 "
+    "cgroup2 rw,nsdelegate,memory_recursiveprot\n"
+    "26 31 0:23 / /proc rw,nosuid,nodev,noexec,relatime shared:10 - proc proc rw\n"
+)
+# Hybrid (this project's test machine): v1 controllers, an empty v2 tree beside them.
+HYBRID_CGROUP = (
+    "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/4043\n3:cpuset:/\n1:cpu,cpuacct:/\n0::/\n"
+)
+HYBRID_MOUNTS = (
+    "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+    "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+    "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    "40 31 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "count"),
+    [
+        (V2_EVENTS, "oom_kill", 2),  # not oom (3), nor oom_group_kill
+        (V1_OOM_CONTROL, "oom_kill", 7),
+        (VMSTAT, "oom_kill", 41),
+        ("oom_kill_disable 0\nunder_oom 0\n", "oom_kill", None),  # before Linux 4.13
+        ("oom_kill many\n", "oom_kill", None),
+        ("", "oom_kill", None),
+    ],
+)
+def test_the_count_is_the_line_named_so(text: str, key: str, count: int | None) -> None:
+    assert count_in(text, key) == count
+
+
+@pytest.mark.parametrize(
+    ("proc_cgroup", "paths"),
+    [
+        (UNIFIED_CGROUP, ("/system.slice/fleet-ingress.service", None)),
+        (HYBRID_CGROUP, ("/", "/process_api/4043")),
+        ("5:memory,hugetlb:/x\n", (None, "/x")),  # v1 alone, controllers comounted
+        ("3:cpu:/\n", (None, None)),
+        ("", (None, None)),
+    ],
+)
+def test_the_cgroup_paths_of_a_process(
+    proc_cgroup: str, paths: tuple[str | None, str | None]
+) -> None:
+    assert cgroup_paths(proc_cgroup) == paths
+
+
+def test_the_mounts_of_cgroup2_and_of_v1_memory() -> None:
+    assert memory_mounts(UNIFIED_MOUNTS) == (Mount("/", "/sys/fs/cgroup"), None)
+    assert memory_mounts(HYBRID_MOUNTS) == (
+        Mount("/", "/sys/fs/cgroup/unified"),
+        Mount("/", "/sys/fs/cgroup/memory"),
+    )
+    escaped = "40 31 0:37 /a\\040b /mnt/c\\040g rw - cgroup2 cgroup2 rw\n"
+    assert memory_mounts(escaped) == (Mount("/a b", "/mnt/c g"), None)
+    assert memory_mounts("garbage\n\n1 2 3\n") == (None, None)
+
+
+def test_on_cgroup_v2_the_units_memory_events_first_then_its_ancestors_then_the_host() -> None:
+    candidates = counter_candidates(UNIFIED_CGROUP, UNIFIED_MOUNTS)
+    assert [c.path for c in candidates] == [
+        "/sys/fs/cgroup/system.slice/fleet-ingress.service/memory.events",
+        "/sys/fs/cgroup/system.slice/memory.events",
+        "/sys/fs/cgroup/memory.events",  # a container's namespace root has one; a host's not
+        "/proc/vmstat",
+    ]
+    assert "/system.slice/fleet-ingress.service" in candidates[0].covers
+    assert candidates[-1] == HOST_COUNTER
+
+
+def test_on_a_hybrid_host_the_v1_memory_group_then_the_host() -> None:
+    # The v2 tree has no memory controller there: its memory.events are not
+    # there to read (find_oom_counter passes over a file that is not there).
+    candidates = counter_candidates(HYBRID_CGROUP, HYBRID_MOUNTS)
+    assert [c.path for c in candidates] == [
+        "/sys/fs/cgroup/unified/memory.events",
+        "/sys/fs/cgroup/memory/process_api/4043/memory.oom_control",
+        "/proc/vmstat",
+    ]
+    assert "cgroup v1" in candidates[1].covers
+
+
+def test_a_cgroup_namespace_shows_paths_under_its_root() -> None:
+    mounts = "25 31 0:22 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    inside = counter_candidates("0::/kubepods/pod1/c1\n", mounts)
+    assert inside[0].path == "/sys/fs/cgroup/c1/memory.events"
+    # A group the mount does not show: the host's count alone.
+    assert counter_candidates("0::/elsewhere\n", mounts) == [HOST_COUNTER]
+
+
+def test_no_cgroup_at_all_leaves_the_hosts_count() -> None:
+    assert counter_candidates("", "") == [HOST_COUNTER]
+
+
+def test_a_sigkill_death_is_the_oom_killers_when_the_count_rose() -> None:
+    kills = OomKills()
+    kills.seen(5, now=0.0)  # the count as the supervisor started: none of its own
+    assert not kills.claim(5, now=10.0)  # an operator's kill -9: counted nowhere
+    assert kills.claim(6, now=11.0)  # the OOM killer's
+    assert not kills.claim(6, now=12.0)  # claimed once only
+    assert kills.last == 6
+
+
+def test_two_workers_killed_at_once_are_both_the_oom_killers() -> None:
+    kills = OomKills(last=0)
+    kills.seen(2, now=1.0)  # read every second, before either death is read
+    assert kills.claim(2, now=1.2)
+    assert kills.claim(2, now=1.3)
+    assert not kills.claim(2, now=1.4)
+
+
+def test_a_rise_unclaimed_for_long_names_no_later_kill() -> None:
+    # An OOM kill of another process of the group (a `check` the unit ran):
+    # an operator's kill -9 a minute later is not the OOM killer's.
+    kills = OomKills(last=0)
+    kills.seen(1, now=0.0)
+    kills.seen(1, now=OOM_CREDIT_S / 2)
+    assert not kills.claim(1, now=OOM_CREDIT_S + 1)
+    # Within it: claimed (a busy supervisor reads a death a few seconds late).
+    kills.seen(2, now=100.0)
+    assert kills.claim(2, now=100.0 + OOM_CREDIT_S - 1)
+
+
+def test_an_unreadable_count_names_nothing_and_keeps_what_was_seen() -> None:
+    kills = OomKills()
+    assert kills.seen(None, now=0.0) == 0 and kills.last is None
+    kills.seen(3, now=1.0)
+    assert not kills.claim(None, now=2.0)  # first read: a baseline, not kills
+    kills.seen(4, now=3.0)
+    assert kills.claim(None, now=4.0)  # what the last good read found
+    assert kills.seen(1, now=5.0) == 0  # the count went down (another file): from there
+    assert kills.seen(2, now=6.0) == 1
+
+
+@pytest.mark.parametrize(
+    ("carried", "now", "rose"),
+    [
+        (3, 4, 1),  # the previous supervisor's last snapshot read 3
+        (3, 3, 0),  # a kill -9, a crash, the watchdog
+        (None, 4, 0),  # it read none
+        (3, None, 0),  # this one reads none
+        ("3", 4, 0),  # not a count
+        (9, 4, 0),  # another file's count
+    ],
+)
+def test_a_supervisor_that_died_was_oom_killed_when_the_count_rose_since(
+    carried: object, now: int | None, rose: int
+) -> None:
+    assert rose_since(carried, now) == rose
