@@ -14,6 +14,7 @@ ends the call at once rather than after HALF_CLOSED_GRACE."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -483,6 +484,52 @@ async def test_a_call_whose_carrier_reads_nothing_is_cut_at_stop_after_its_close
         (line,) = access_entries(caplog)
         assert line["end_reason"] == "drain", line
         assert await asyncio.wait_for(fleet_closed, 5)
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("replies_after", [None, 0.3])
+async def test_a_carrier_told_goodbye_has_half_a_second_to_reply_before_its_tls_close(
+    start_ingress: StartIngress, tls_files: TLSFiles, replies_after: float | None
+):
+    """The drain's end tells the carrier 1001 and waits GOODBYE_REPLY_WAIT
+    (0.5 s) for its reply: one that replies 0.3 s later is let go at its
+    reply, with close_notify (a client library reports a clean close, not
+    1006); one that never replies is let go 0.5 s after, not held longer."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(-1), 10)  # says nothing, not even its reply
+
+    fleet = await RawFleet(None, switching_then(silent)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
+        async with asyncio.timeout(5):
+            assert await read_frame(reader) == (8, b"\x03\xe9ingress draining")
+        told = time.monotonic()
+        if replies_after is not None:
+            # Nothing, not even the TLS close, before the reply.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(replies_after):
+                    await reader.read(1)
+            writer.write(masked_close(1001))
+        began = time.monotonic()
+        async with asyncio.timeout(10):
+            assert await reader.read(-1) == b""  # close_notify: a reset would raise
+        held = time.monotonic() - began
+        since_told = time.monotonic() - told
+        if replies_after is None:
+            assert 0.4 <= held < 1.5, held
+        else:
+            assert held < 0.25, held  # let go at its reply
+            assert since_told < 1.0, since_told
+        await asyncio.wait_for(stopping, 10)
     finally:
         if writer is not None:
             writer.close()
