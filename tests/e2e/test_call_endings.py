@@ -534,3 +534,59 @@ async def test_a_carrier_told_goodbye_has_half_a_second_to_reply_before_its_tls_
         if writer is not None:
             writer.close()
         await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reads_after", [3.5, 14.0])
+async def test_a_plain_fleet_that_reads_late_gets_what_was_sent_it_within_the_close_flush(
+    start_ingress: StartIngress, tls_files: TLSFiles, reads_after: float
+):
+    """A plain fleet that stops reading (a bot held a few seconds) while the
+    carrier says its last 60 kB and hangs up: the fleet's side is closed with
+    most of it still in the ingress's buffer, and waits for the fleet
+    CLOSE_FLUSH_TIMEOUT (10 s). Reading again 3.5 s later, the fleet gets
+    every byte, then a FIN; 14 s later, the ingress has given up
+    on it: what it still held is dropped, its descriptor not held longer."""
+    frame = _frame(b"c" * 4000, masked=True)
+    sent = frame * 15  # 60 kB: what the kernel does not take is under WRITE_HIGH_WATER
+    ended = asyncio.get_running_loop().create_future()
+
+    async def held_bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.pause_reading()  # reads nothing (held) ...
+        await asyncio.sleep(reads_after)
+        writer.transport.resume_reading()  # ... then everything
+        got = bytearray()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(65536):
+                    got.extend(chunk)
+        ended.set_result(bytes(got))
+
+    fleet = await RawFleet(None, switching_then(held_bot)).start()
+    assert fleet._server is not None
+    for listening in fleet._server.sockets:  # its window small from the SYN on
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        (call,) = ingress.registry.calls
+        assert call.fleet_side is not None and call.fleet_side.transport is not None
+        # The kernel takes 4 KiB of it (loopback's autotuned 4 MiB would take it all).
+        fleet_socket = call.fleet_side.transport.get_extra_info("socket")
+        fleet_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.write(sent)
+        await eventually(lambda: ingress.registry.buffered_bytes() > 24000)
+        writer.close()  # the carrier hangs up: close_notify, FIN
+        got = await asyncio.wait_for(ended, reads_after + 10)
+        if reads_after < 10:
+            assert got == sent, len(got)  # then its FIN, as the carrier's
+        else:
+            assert len(got) < len(sent), len(got)  # what it held is dropped
+            assert sent.startswith(got)
+        assert not ingress.registry.calls
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
