@@ -174,11 +174,13 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
     direction is at a boundary, gets its close frame at once (masked)."""
     frame = _frame(b"m" * 3000, masked=False)
     fleet_heard = asyncio.get_running_loop().create_future()
+    fleet_told: list[float] = []  # when the fleet read the goodbye: the drain's end
 
     async def mid_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(frame[:1000])
         await writer.drain()
         heard = await reader.read(8)  # what the ingress sends the fleet: its close frame
+        fleet_told.append(time.monotonic())
         if finished_after is not None:
             await asyncio.sleep(finished_after)
             writer.write(frame[1000:])
@@ -196,11 +198,14 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
         heard = await asyncio.wait_for(fleet_heard, 5)
         assert heard[:2] == b"\x88\x92" and len(heard) == 8  # masked, 18 bytes of payload
         rest = await _rest(reader)
+        waited = time.monotonic() - fleet_told[0]
         writer.close()
         if finished_after is not None:
             assert rest == frame[1000:] + b"\x88\x12\x03\xe9ingress draining"
         else:
             assert rest == b""  # no close frame inside the frame under way
+            # Let go GOODBYE_BOUNDARY_WAIT (0.2 s) after, not held for a boundary.
+            assert waited < 1.0, waited
         await stopping
     finally:
         await fleet.stop()
