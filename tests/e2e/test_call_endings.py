@@ -595,3 +595,50 @@ async def test_a_plain_fleet_that_reads_late_gets_what_was_sent_it_within_the_cl
         if writer is not None:
             writer.close()
         await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("replies_after", [2.0, None])
+async def test_a_carrier_has_five_seconds_to_reply_to_a_bot_that_hung_up_and_finished(
+    start_ingress: StartIngress, tls_files: TLSFiles, replies_after: float | None
+):
+    """The bot hangs up and half-closes (HALF_CLOSED): the carrier's reply is
+    waited for HALF_CLOSED_GRACE (5 s). One that replies 2 s later has its
+    reply relayed whole to the bot and is let go at once; one that never
+    replies is let go after 5 s, its call not held longer (its slot with it)."""
+    fleet_got = bytearray()
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x88\x02\x03\xe8")
+        writer.write_eof()  # nothing more from the bot; it reads on for the reply
+        await writer.drain()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(15):
+                while chunk := await reader.read(4096):
+                    fleet_got.extend(chunk)
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        await read_head(reader)
+        async with asyncio.timeout(5):
+            assert await read_frame(reader) == (8, b"\x03\xe8")
+        began = time.monotonic()
+        if replies_after is not None:
+            await asyncio.sleep(replies_after)
+            assert ingress.registry.calls  # still waiting for the reply
+            writer.write(masked_close())
+        held = await _held(reader)
+        since = time.monotonic() - began
+        if replies_after is None:
+            assert 4.5 <= held < 7.0, held
+        else:
+            assert held < 0.5 and since < 3.0, (held, since)
+            await eventually(lambda: bytes(fleet_got) == masked_close())
+        await eventually(lambda: not ingress.registry.calls)
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
