@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
@@ -269,3 +271,36 @@ async def test_a_workers_final_report_waits_for_a_supervisor_that_reads_again_wi
     took, drained = await _stop_with_the_channel_unread(worker, 0.5)
     assert drained
     assert took < 1.0, took  # let go as soon as its channel flushed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("apart", [1.5, 6.5])
+async def test_a_second_stop_signal_cuts_the_calls_only_past_five_seconds(
+    start_worker: Callable[..., Any], tls_files: TLSFiles, apart: float
+) -> None:
+    """A stop signal to the whole group (Ctrl-C, `systemctl kill`) reaches a
+    worker directly and, through the supervisor, again, over 1 s later on a
+    loaded host: within SAME_SIGNAL_WITHIN (5 s) that is one stop, its calls
+    drained, not cut. A person's second Ctrl-C after that cuts them."""
+    worker = await start_worker()
+    async with connect(
+        f"wss://127.0.0.1:{worker.port}/ws/bot-1", ssl=tls_files.client_context(), open_timeout=10
+    ) as ws:
+        await ws.send("ping")
+        async with asyncio.timeout(5):
+            assert await ws.recv() == "ping"
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(apart)
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        if apart < 5:
+            await ws.send("still there")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "still there"  # drained (timeouts.drain 30 s)
+            assert worker.proc.returncode is None
+        else:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    await ws.recv()
+            async with asyncio.timeout(10):
+                await worker.proc.wait()
