@@ -29,6 +29,7 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
+    UPGRADE,
     RawFleet,
     StartIngress,
     TLSFiles,
@@ -641,4 +642,74 @@ async def test_a_carrier_has_five_seconds_to_reply_to_a_bot_that_hung_up_and_fin
     finally:
         if writer is not None:
             writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reads_after", [3.5, 14.0])
+async def test_a_carrier_that_reads_late_gets_the_bots_last_words_within_the_close_flush(
+    start_ingress: StartIngress, tls_files: TLSFiles, reads_after: float
+):
+    """The carrier reads nothing for a while (a phone's stack held) as the bot
+    says its last 60 kB and closes its connection: the carrier's TLS side is
+    closed with most of it in the ingress's buffer, and waits for the carrier
+    CLOSE_FLUSH_TIMEOUT and tls_socket.CLOSE_TIMEOUT (10 s each). Reading
+    again 3.5 s later, it gets every byte and close_notify; 14 s later, the
+    ingress has given up on it: what it held is dropped."""
+    frame = _frame(b"b" * 4000, masked=False)
+    said = frame * 15
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the carrier's socket is set up meanwhile
+        writer.write(said)
+        await writer.drain()
+        writer.close()  # no close frame: passed on as it is
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # its window small from the SYN
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        tls = tls_files.client_context().wrap_socket(
+            raw,
+            server_hostname="localhost",
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,  # a FIN without close_notify raises
+        )
+
+        def upgrade() -> bytes:
+            tls.settimeout(5)
+            tls.connect((host, port))
+            tls.do_handshake()
+            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += tls.recv(1)
+            return head
+
+        assert await asyncio.to_thread(upgrade) == SWITCHING
+        (call,) = ingress.registry.calls
+        # The kernel takes 4 KiB of it (loopback's autotuned 4 MiB would take it all).
+        carrier_socket = call.carrier.transport.get_extra_info("socket")
+        carrier_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.sleep(reads_after)  # the bot closes 0.5 s in
+
+        def read_all() -> tuple[bytes, str]:
+            got = b""
+            try:
+                while chunk := tls.recv(65536):
+                    got += chunk
+            except (OSError, ssl.SSLError) as exc:
+                return got, type(exc).__name__
+            return got, "close_notify"
+
+        got, how = await asyncio.to_thread(read_all)
+        if reads_after < 10:
+            assert (how, got == said) == ("close_notify", True), (how, len(got))
+        else:
+            assert how != "close_notify" and len(got) < len(said), (how, len(got))
+            assert said.startswith(got)
+    finally:
+        raw.close()
         await fleet.stop()
