@@ -14,6 +14,7 @@ ends the call at once rather than after HALF_CLOSED_GRACE."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -28,6 +29,7 @@ from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
+    UPGRADE,
     RawFleet,
     StartIngress,
     TLSFiles,
@@ -173,11 +175,13 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
     direction is at a boundary, gets its close frame at once (masked)."""
     frame = _frame(b"m" * 3000, masked=False)
     fleet_heard = asyncio.get_running_loop().create_future()
+    fleet_told: list[float] = []  # when the fleet read the goodbye: the drain's end
 
     async def mid_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(frame[:1000])
         await writer.drain()
         heard = await reader.read(8)  # what the ingress sends the fleet: its close frame
+        fleet_told.append(time.monotonic())
         if finished_after is not None:
             await asyncio.sleep(finished_after)
             writer.write(frame[1000:])
@@ -195,11 +199,14 @@ async def test_the_close_frame_waits_for_the_frame_under_way_and_never_cuts_into
         heard = await asyncio.wait_for(fleet_heard, 5)
         assert heard[:2] == b"\x88\x92" and len(heard) == 8  # masked, 18 bytes of payload
         rest = await _rest(reader)
+        waited = time.monotonic() - fleet_told[0]
         writer.close()
         if finished_after is not None:
             assert rest == frame[1000:] + b"\x88\x12\x03\xe9ingress draining"
         else:
             assert rest == b""  # no close frame inside the frame under way
+            # Let go GOODBYE_BOUNDARY_WAIT (0.2 s) after, not held for a boundary.
+            assert waited < 1.0, waited
         await stopping
     finally:
         await fleet.stop()
@@ -486,4 +493,223 @@ async def test_a_call_whose_carrier_reads_nothing_is_cut_at_stop_after_its_close
     finally:
         if writer is not None:
             writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("replies_after", [None, 0.3])
+async def test_a_carrier_told_goodbye_has_half_a_second_to_reply_before_its_tls_close(
+    start_ingress: StartIngress, tls_files: TLSFiles, replies_after: float | None
+):
+    """The drain's end tells the carrier 1001 and waits GOODBYE_REPLY_WAIT
+    (0.5 s) for its reply: one that replies 0.3 s later is let go at its
+    reply, with close_notify (a client library reports a clean close, not
+    1006); one that never replies is let go 0.5 s after, not held longer."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(-1), 10)  # says nothing, not even its reply
+
+    fleet = await RawFleet(None, switching_then(silent)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.1))
+        async with asyncio.timeout(5):
+            assert await read_frame(reader) == (8, b"\x03\xe9ingress draining")
+        told = time.monotonic()
+        if replies_after is not None:
+            # Nothing, not even the TLS close, before the reply.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(replies_after):
+                    await reader.read(1)
+            writer.write(masked_close(1001))
+        began = time.monotonic()
+        async with asyncio.timeout(10):
+            assert await reader.read(-1) == b""  # close_notify: a reset would raise
+        held = time.monotonic() - began
+        since_told = time.monotonic() - told
+        if replies_after is None:
+            assert 0.4 <= held < 1.5, held
+        else:
+            assert held < 0.25, held  # let go at its reply
+            assert since_told < 1.0, since_told
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reads_after", [3.5, 14.0])
+async def test_a_plain_fleet_that_reads_late_gets_what_was_sent_it_within_the_close_flush(
+    start_ingress: StartIngress, tls_files: TLSFiles, reads_after: float
+):
+    """A plain fleet that stops reading (a bot held a few seconds) while the
+    carrier says its last 60 kB and hangs up: the fleet's side is closed with
+    most of it still in the ingress's buffer, and waits for the fleet
+    CLOSE_FLUSH_TIMEOUT (10 s). Reading again 3.5 s later, the fleet gets
+    every byte, then a FIN; 14 s later, the ingress has given up
+    on it: what it still held is dropped, its descriptor not held longer."""
+    frame = _frame(b"c" * 4000, masked=True)
+    sent = frame * 15  # 60 kB: what the kernel does not take is under WRITE_HIGH_WATER
+    ended = asyncio.get_running_loop().create_future()
+
+    async def held_bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.pause_reading()  # reads nothing (held) ...
+        await asyncio.sleep(reads_after)
+        writer.transport.resume_reading()  # ... then everything
+        got = bytearray()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(5):
+                while chunk := await reader.read(65536):
+                    got.extend(chunk)
+        ended.set_result(bytes(got))
+
+    fleet = await RawFleet(None, switching_then(held_bot)).start()
+    assert fleet._server is not None
+    for listening in fleet._server.sockets:  # its window small from the SYN on
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        (call,) = ingress.registry.calls
+        assert call.fleet_side is not None and call.fleet_side.transport is not None
+        # The kernel takes 4 KiB of it (loopback's autotuned 4 MiB would take it all).
+        fleet_socket = call.fleet_side.transport.get_extra_info("socket")
+        fleet_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        writer.write(sent)
+        await eventually(lambda: ingress.registry.buffered_bytes() > 24000)
+        writer.close()  # the carrier hangs up: close_notify, FIN
+        got = await asyncio.wait_for(ended, reads_after + 10)
+        if reads_after < 10:
+            assert got == sent, len(got)  # then its FIN, as the carrier's
+        else:
+            assert len(got) < len(sent), len(got)  # what it held is dropped
+            assert sent.startswith(got)
+        assert not ingress.registry.calls
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("replies_after", [2.0, None])
+async def test_a_carrier_has_five_seconds_to_reply_to_a_bot_that_hung_up_and_finished(
+    start_ingress: StartIngress, tls_files: TLSFiles, replies_after: float | None
+):
+    """The bot hangs up and half-closes (HALF_CLOSED): the carrier's reply is
+    waited for HALF_CLOSED_GRACE (5 s). One that replies 2 s later has its
+    reply relayed whole to the bot and is let go at once; one that never
+    replies is let go after 5 s, its call not held longer (its slot with it)."""
+    fleet_got = bytearray()
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x88\x02\x03\xe8")
+        writer.write_eof()  # nothing more from the bot; it reads on for the reply
+        await writer.drain()
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(15):
+                while chunk := await reader.read(4096):
+                    fleet_got.extend(chunk)
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        await read_head(reader)
+        async with asyncio.timeout(5):
+            assert await read_frame(reader) == (8, b"\x03\xe8")
+        began = time.monotonic()
+        if replies_after is not None:
+            await asyncio.sleep(replies_after)
+            assert ingress.registry.calls  # still waiting for the reply
+            writer.write(masked_close())
+        held = await _held(reader)
+        since = time.monotonic() - began
+        if replies_after is None:
+            assert 4.5 <= held < 7.0, held
+        else:
+            assert held < 0.5 and since < 3.0, (held, since)
+            await eventually(lambda: bytes(fleet_got) == masked_close())
+        await eventually(lambda: not ingress.registry.calls)
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reads_after", [3.5, 14.0])
+async def test_a_carrier_that_reads_late_gets_the_bots_last_words_within_the_close_flush(
+    start_ingress: StartIngress, tls_files: TLSFiles, reads_after: float
+):
+    """The carrier reads nothing for a while (a phone's stack held) as the bot
+    says its last 60 kB and closes its connection: the carrier's TLS side is
+    closed with most of it in the ingress's buffer, and waits for the carrier
+    CLOSE_FLUSH_TIMEOUT and tls_socket.CLOSE_TIMEOUT (10 s each). Reading
+    again 3.5 s later, it gets every byte and close_notify; 14 s later, the
+    ingress has given up on it: what it held is dropped."""
+    frame = _frame(b"b" * 4000, masked=False)
+    said = frame * 15
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the carrier's socket is set up meanwhile
+        writer.write(said)
+        await writer.drain()
+        writer.close()  # no close frame: passed on as it is
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # its window small from the SYN
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+        tls = tls_files.client_context().wrap_socket(
+            raw,
+            server_hostname="localhost",
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=False,  # a FIN without close_notify raises
+        )
+
+        def upgrade() -> bytes:
+            tls.settimeout(5)
+            tls.connect((host, port))
+            tls.do_handshake()
+            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += tls.recv(1)
+            return head
+
+        assert await asyncio.to_thread(upgrade) == SWITCHING
+        (call,) = ingress.registry.calls
+        # The kernel takes 4 KiB of it (loopback's autotuned 4 MiB would take it all).
+        carrier_socket = call.carrier.transport.get_extra_info("socket")
+        carrier_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await asyncio.sleep(reads_after)  # the bot closes 0.5 s in
+
+        def read_all() -> tuple[bytes, str]:
+            got = b""
+            try:
+                while chunk := tls.recv(65536):
+                    got += chunk
+            except (OSError, ssl.SSLError) as exc:
+                return got, type(exc).__name__
+            return got, "close_notify"
+
+        got, how = await asyncio.to_thread(read_all)
+        if reads_after < 10:
+            assert (how, got == said) == ("close_notify", True), (how, len(got))
+        else:
+            assert how != "close_notify" and len(got) < len(said), (how, len(got))
+            assert said.startswith(got)
+    finally:
+        raw.close()
         await fleet.stop()

@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
@@ -66,6 +69,7 @@ async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]
         wait: bool = True,
         env: dict[str, str] | None = None,
         fds: tuple[int, ...] = (),
+        channel_sndbuf: int | None = None,
     ) -> LoneWorker:
         fleet = SimulatedFleet(name="a", capacity=4, ssl_context=tls_files.fleet_server_context())
         await fleet.start()
@@ -81,6 +85,8 @@ async def start_worker(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Any]]
         server.on_join.append(lambda key, pid, generation: [server.send(key, m) for m in at_hello])
         listener = bind_tcp("127.0.0.1", port)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if channel_sndbuf is not None:  # what the worker's end holds in the kernel
+            theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, channel_sndbuf)
         socks = {"listen.wss": listener, COORDINATOR: theirs}
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -212,3 +218,89 @@ async def test_a_worker_that_cannot_read_the_supervisors_ticket_keys_seals_ticke
         assert said[0]["problem"], said
     for worker in sharing:
         assert not [e for e in worker.log() if "ticket keys" in e["event"]], worker.log()
+
+
+async def _stop_with_the_channel_unread(
+    worker: LoneWorker, read_again_after: float | None
+) -> tuple[float, bool]:
+    """The coordinator reads nothing of the worker's channel, asks for reports
+    enough to fill it, then says stop; it reads again `read_again_after` s
+    later (None: not until the worker has exited). Returns how long the
+    worker took to exit, and whether its final report was read."""
+    channel = worker.server._channels[worker.key]
+    assert channel.transport is not None
+    channel.transport.pause_reading()
+    for _ in range(64):  # answered unread: the kernel's share full, the rest in the worker
+        worker.server.send(worker.key, {"op": "report"})
+    await asyncio.sleep(0.5)
+    began = time.monotonic()
+    worker.server.send(worker.key, {"op": "stop", "id": 1})
+    if read_again_after is not None:
+        await asyncio.sleep(read_again_after)
+        channel.transport.resume_reading()
+    async with asyncio.timeout(30):
+        code = await worker.proc.wait()
+    took = time.monotonic() - began
+    assert code == 0, worker.log()[-5:]
+    if read_again_after is None:
+        channel.transport.resume_reading()
+    await asyncio.sleep(0.3)  # what the kernel held, read
+    return took, channel.drained
+
+
+async def test_a_worker_exits_about_a_second_after_its_drain_when_the_supervisor_reads_nothing(
+    start_worker: Callable[..., Any],
+) -> None:
+    """Drained, the worker sends its final report and waits for its channel to
+    flush, CHANNEL_FLUSH_WAIT (1 s) at most: a supervisor that reads nothing (stopped,
+    its loop held) does not hold the exit of a worker that is done."""
+    worker = await start_worker(channel_sndbuf=4096)
+    took, drained = await _stop_with_the_channel_unread(worker, None)
+    assert 0.9 <= took < 3.0, took  # 1 s: not cut short, not held longer
+    assert not drained  # what it could not write in time is lost with it
+
+
+async def test_a_workers_final_report_waits_for_a_supervisor_that_reads_again_within_its_wait(
+    start_worker: Callable[..., Any],
+) -> None:
+    """The supervisor reads again 0.5 s into the worker's 1 s wait: the final report,
+    queued in the worker behind what filled the channel, reaches it (the
+    worker's counts go into the host's totals, its calls are not taken for
+    lost with it)."""
+    worker = await start_worker(channel_sndbuf=4096)
+    took, drained = await _stop_with_the_channel_unread(worker, 0.5)
+    assert drained
+    assert took < 1.0, took  # let go as soon as its channel flushed
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("apart", [1.5, 6.5])
+async def test_a_second_stop_signal_cuts_the_calls_only_past_five_seconds(
+    start_worker: Callable[..., Any], tls_files: TLSFiles, apart: float
+) -> None:
+    """A stop signal to the whole group (Ctrl-C, `systemctl kill`) reaches a
+    worker directly and, through the supervisor, again, over 1 s later on a
+    loaded host: within SAME_SIGNAL_WITHIN (5 s) that is one stop, its calls
+    drained, not cut. A person's second Ctrl-C after that cuts them."""
+    worker = await start_worker()
+    async with connect(
+        f"wss://127.0.0.1:{worker.port}/ws/bot-1", ssl=tls_files.client_context(), open_timeout=10
+    ) as ws:
+        await ws.send("ping")
+        async with asyncio.timeout(5):
+            assert await ws.recv() == "ping"
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(apart)
+        worker.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        if apart < 5:
+            await ws.send("still there")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "still there"  # drained (timeouts.drain 30 s)
+            assert worker.proc.returncode is None
+        else:
+            with pytest.raises(ConnectionClosed):
+                async with asyncio.timeout(5):
+                    await ws.recv()
+            async with asyncio.timeout(10):
+                await worker.proc.wait()

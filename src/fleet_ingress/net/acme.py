@@ -367,11 +367,6 @@ class AcmeProtocol(asyncio.Protocol):
         t = self.transport
         return self._done and not self._lingering and t is not None and not t.is_closing()
 
-    @property
-    def shares_as(self) -> str | None:
-        """The `client_key` whose share it counts against (None: none, or no longer)."""
-        return self._sharing
-
     def leave_share(self) -> None:
         """Out of its client's share (once: answered, evicted or lost)."""
         count, key = self.settings.connections, self._sharing

@@ -120,6 +120,12 @@ REEXEC_ALLOWANCE = 10.0 + REEXEC_READ_PATIENCE
 # loaded host the supervisor's came over 1 s after (a test run beside other
 # suites, session 24), so a person's second Ctrl-C must wait this long to cut.
 SAME_SIGNAL_WITHIN = 5.0
+# Drained, the worker waits this long at most for its channel, its final report
+# in it, to flush: a supervisor that reads nothing (stopped, its loop held)
+# does not hold its exit longer. One that reads again within it gets the final
+# report; after it, what the kernel did not take is lost with the process, and
+# the worker's counts with it.
+CHANNEL_FLUSH_WAIT = 1.0
 
 
 def answer_timeout(config: IngressConfig) -> float:
@@ -309,7 +315,7 @@ class Worker:
         # Patient (net.late_timers): after a stall the channel's close, its final
         # report flushed, is read before the wait is given up.
         with contextlib.suppress(TimeoutError):
-            async with patient_timeout(1.0):
+            async with patient_timeout(CHANNEL_FLUSH_WAIT):
                 await self.client.lost
 
 
