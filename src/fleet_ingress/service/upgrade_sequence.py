@@ -616,8 +616,11 @@ class UpgradeSequence:
             "worker_oom_kills": supervisor.worker_oom_kills,
             # The count of OOM kills as this image last read it, and where: the
             # next supervisor, should this one die, tells from it whether the
-            # OOM killer took it (`_say_if_oom_killed`).
-            "oom_kill_count": supervisor.oom_kills.last,
+            # OOM killer took it (`_say_if_oom_killed`). An exec's, less the
+            # kills not claimed yet: a worker's death the next image reads.
+            "oom_kill_count": supervisor.oom_kills.carried()
+            if handover
+            else supervisor.oom_kills.last,
             "oom_kill_counter": None
             if supervisor.oom_counter is None
             else supervisor.oom_counter.path,
