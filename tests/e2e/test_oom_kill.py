@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -150,6 +151,9 @@ async def test_a_worker_oom_killed_is_said_so_and_told_from_a_kill_9(
         restarts = metric_samples(await service.metrics())["fleet_ingress_worker_restarts_total"]
         assert restarts[(("reason", "oom"),)] == 1
         assert restarts[(("reason", "killed"),)] == 0
+        assert (
+            metric_samples(await service.metrics())["fleet_ingress_worker_oom_kills_total"][()] == 1
+        )
         code, out = await admin_command(service, "stat")
         assert code == 0 and "oom 1" in out and "OOM killer" in out, out
 
@@ -166,6 +170,64 @@ async def test_a_worker_oom_killed_is_said_so_and_told_from_a_kill_9(
         died = [e for e in service.log() if e["event"].startswith("worker died")]
         assert [(e["pid"], e["exit_status"]) for e in died] == [(new["pid"], "killed by SIGKILL")]
         assert (await service.stats())["worker_restarts"] == {"oom": 1, "killed": 1}
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+def _make_the_oom_killers_first_choice(pid: int) -> None:
+    Path(f"/proc/{pid}/oom_score_adj").write_text("1000")  # raised: no capability needed
+
+
+async def test_an_old_generation_worker_oom_killed_in_an_upgrade_is_counted(
+    tls_files: TLSFiles, big_fleet: SimulatedFleet, memory_cgroup: MemoryCgroup
+) -> None:
+    """An upgrade is when a memory limit bites (two generations of workers
+    side by side: docs/INSTALL.md, Memory), and the old generation, holding
+    the calls, is the larger: the OOM killer's likely choice. Such a worker is
+    not replaced, so not in fleet_ingress_worker_restarts_total; it is counted
+    in fleet_ingress_worker_oom_kills_total (FleetIngressOOMKilled reads it)
+    and `stat` says it. Before (the review of session 35): only its line's
+    exit_status said it; no counter rose, the alert stayed silent."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{big_fleet.url} name=a maxconn={MAX_CALLS + 10}"],
+        workers=1,
+        check_timeout=5,
+        env={"FLEET_INGRESS_TIMEOUTS__UPGRADE_DRAIN": "0"},  # the old one keeps its call
+        preexec_fn=memory_cgroup.join,
+    )
+    calls: list[ClientConnection] = []
+    try:
+        await fleets_up_or_finished(service)
+        (old,) = (await service.stats())["workers"]
+        calls.append(
+            await connect(service.url("/ws/kept"), ssl=tls_files.client_context(), open_timeout=5)
+        )
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=2, timeout=60)
+        assert old["pid"] in memory_cgroup.pids()
+        # The old generation the kernel's first choice, as the larger would be.
+        _make_the_oom_killers_first_choice(old["pid"])
+        await _squeeze(service, tls_files, memory_cgroup, calls)
+        assert service.proc.returncode is None, "the OOM killer took the supervisor"
+        async with asyncio.timeout(20):
+            while not [e for e in service.log() if e["event"] == "old-generation worker exited"]:
+                await asyncio.sleep(0.05)
+        (exited,) = [e for e in service.log() if e["event"] == "old-generation worker exited"]
+        assert exited["pid"] == old["pid"]
+        assert exited["exit_status"] == "killed by SIGKILL from the kernel's OOM killer"
+        counted = metric_samples(await service.metrics())
+        assert counted["fleet_ingress_worker_oom_kills_total"][()] == 1
+        assert counted["fleet_ingress_worker_restarts_total"][(("reason", "oom"),)] == 0
+        code, out = await admin_command(service, "stat")
+        assert code == 0 and "1 worker killed by the kernel's OOM killer" in out, out
+        # Carried over the next upgrade (an exec), as every counter is.
+        await close_calls(calls)
+        os.kill(service.proc.pid, signal.SIGUSR2)
+        await service.wait_for("READY=1", count=3, timeout=60)
+        counted = metric_samples(await service.metrics())
+        assert counted["fleet_ingress_worker_oom_kills_total"][()] == 1
     finally:
         await close_calls(calls)
         await service.finish()

@@ -28,6 +28,7 @@ from fleet_ingress.config.settings import ListenSection, load_config
 from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem, new_ticket_keys, read_pem
+from fleet_ingress.service import supervisor as supervisor_module
 from fleet_ingress.service.carrier_certificate import read_carrier_pem, ticket_keys_drawn_for
 from fleet_ingress.service.fd_store import (
     CrashSnapshot,
@@ -36,6 +37,7 @@ from fleet_ingress.service.fd_store import (
     store_ticket_keys,
     ticket_keys_taken_up,
 )
+from fleet_ingress.service.oom_kills import OomCounter
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.upgrade import (
@@ -717,3 +719,32 @@ def test_a_move_that_would_clash_with_the_workers_taken_up_is_kept_where_bound(c
         assert "listen.wss" not in taken
     channel.close()
     other_end.close()
+
+
+async def test_an_oom_kill_seen_before_an_exec_is_the_next_images_to_claim(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker OOM-killed just before an upgrade's exec: the old image read
+    the kernel's count risen (its snapshot tick), the exec came before it read
+    the worker's death, which the new image reads (the worker is still its
+    child). The new image must see that kill as its own to claim; before (the
+    review of session 35) it started from the count the old one had read and
+    called the death an operator's kill -9 (`reason="killed"`)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    events = tmp_path / "memory.events"  # the kernel's count, as a memory cgroup has it
+    counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    events.write_text("oom 5\noom_kill 5\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    events.write_text("oom 6\noom_kill 6\n")  # a worker OOM-killed...
+    old.look_for_oom_kills()  # ...seen by the old image, its death not read yet
+    carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert new.oom_kills.claim(counter.read(), time.monotonic())
+    # One kill, one claim: a kill -9 after it is not the OOM killer's.
+    assert not new.oom_kills.claim(counter.read(), time.monotonic())
+    # A crash snapshot carries the count as read: a kill seen and not claimed
+    # there is a worker's, not the next supervisor's sign of its own OOM kill.
+    assert old.upgrade.crash_snapshot()["oom_kill_count"] == 6

@@ -326,6 +326,11 @@ def test_oom_kills_are_shown_in_stat_and_the_page_with_what_to_change():
         assert "oom: killed by the kernel's OOM killer" in shown
         assert "the supervisor was killed by the kernel's OOM killer 2 times" in shown
         assert "MemoryMax=" in shown
+        assert "not replaced" not in shown  # each OOM-killed worker was
+    # One more not replaced (an upgrade's old generation draining): said too.
+    snap["worker_oom_kills"] = 2
+    for shown in (format_stat_table(snap), render_stats_page(snap).replace("&#x27;", "'")):
+        assert "1 worker killed by the kernel's OOM killer and not replaced" in shown
 
 
 def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():

@@ -29,6 +29,7 @@ from fleet_ingress.ops.fleet_display import (
     supervisor_oom_killed,
     upgrade_failed,
     workers_missing,
+    workers_oom_killed_not_replaced,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -421,6 +422,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         if (upgrade := upgrade_failed(snap)) is not None:
             lines.append(upgrade)
         if (oom := supervisor_oom_killed(snap)) is not None:
+            lines.append(oom)
+        if (oom := workers_oom_killed_not_replaced(snap)) is not None:
             lines.append(oom)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)

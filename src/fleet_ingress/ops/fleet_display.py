@@ -307,3 +307,22 @@ def supervisor_oom_killed(snap: dict[str, Any]) -> str | None:
         "systemd, it took up the workers and their calls): the service's memory limit "
         "(MemoryMax=) or the host's ran out; raise it, or carry fewer calls here"
     )
+
+
+def workers_oom_killed_not_replaced(snap: dict[str, Any]) -> str | None:
+    """One line once the OOM killer took a worker that was not replaced (an
+    upgrade's old generation draining, its new one starting, or one of a
+    supervisor stopping: not in `worker_restarts`); None before. An upgrade
+    runs two generations side by side: the likeliest moment for a limit."""
+    restarts = snap.get("worker_restarts") or {}
+    killed = (snap.get("worker_oom_kills") or 0) - (restarts.get("oom") or 0)
+    if killed <= 0:
+        return None
+    workers = "1 worker" if killed == 1 else f"{killed} workers"
+    return (
+        f"{workers} killed by the kernel's OOM killer and not replaced (of an upgrade's "
+        "old generation draining or new one starting, or while stopping: two generations "
+        "side by side take about twice the memory): the service's memory limit "
+        "(MemoryMax=) or the host's ran out; raise it, or carry fewer calls here; "
+        "`journalctl -k | grep -i oom`"
+    )

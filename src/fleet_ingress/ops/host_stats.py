@@ -275,6 +275,7 @@ class HostMetrics:
         upgrade_failed: Callable[[], bool | None] = lambda: None,
         supervisor_deaths: Callable[[], int] = lambda: 0,
         supervisor_oom_kills: Callable[[], int] = lambda: 0,
+        worker_oom_kills: Callable[[], int] = lambda: 0,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -291,7 +292,10 @@ class HostMetrics:
         failed (None: none since the supervisor started, or carried to it);
         `supervisor_deaths`: supervisors that died and were started again by
         systemd, taking up their workers (carried from each to the next);
-        `supervisor_oom_kills`: of those, the ones the kernel's OOM killer took."""
+        `supervisor_oom_kills`: of those, the ones the kernel's OOM killer took;
+        `worker_oom_kills`: workers the kernel's OOM killer took, whatever their
+        generation (an upgrade's old one draining is not replaced: not in
+        `restarts`)."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         _ProcessCollector(registry=self.prometheus)
         self.checks = FleetChecks(self.prometheus)
@@ -306,7 +310,9 @@ class HostMetrics:
                 ended_of_gone=fleets_gone,
             )
         )
-        self.prometheus.register(_WorkersCollector(slots, view, restarts, calls_lost, workers))
+        self.prometheus.register(
+            _WorkersCollector(slots, view, restarts, calls_lost, workers, worker_oom_kills)
+        )
         self.prometheus.register(
             _CertificateFileCollector(
                 certificate_file_not_after, certificate_file_refused, certificate_chain_doubted
@@ -369,7 +375,8 @@ class _SupervisorFailuresCollector(Collector):
             f"{PREFIX}_supervisor_oom_kills",
             "Of fleet_ingress_supervisor_deaths_total, the deaths the kernel's OOM killer "
             "caused, as far as its count of OOM kills in the service's memory cgroup (or "
-            "the host's) says: it rose within the second before. The service's memory "
+            "the host's) says: it rose between the dead one's last snapshot, a second before "
+            "it died at most, and the next one's start. The service's memory "
             "limit (MemoryMax=) or the host's ran out, and the supervisor went although "
             "each worker asks to be taken first. Carried from each supervisor to the next.",
             self.oom_kills(),
@@ -432,12 +439,14 @@ class _WorkersCollector(Collector):
         restarts: Callable[[], Mapping[str, int]],
         calls_lost: Callable[[], int],
         workers: Callable[[], tuple[int, int]],
+        oom_kills: Callable[[], int] = lambda: 0,
     ) -> None:
         self.slots = slots
         self.view = view
         self.restarts = restarts
         self.calls_lost = calls_lost
         self.workers = workers
+        self.oom_kills = oom_kills
 
     def collect(self) -> Iterator[Metric]:
         labels = ["pid", "generation"]
@@ -498,6 +507,16 @@ class _WorkersCollector(Collector):
         for reason in sorted({*RESTART_REASONS, *counted}):
             restarts.add_metric([reason], counted.get(reason, 0))
         yield restarts
+        yield CounterMetricFamily(
+            f"{PREFIX}_worker_oom_kills",
+            "Worker processes the kernel's OOM killer killed (the service's MemoryMax= or "
+            "the host's memory ran out), whatever their generation: those replaced "
+            '(fleet_ingress_worker_restarts_total{reason="oom"}) and those not, an '
+            "upgrade's old generation draining (the likelier victim: two generations run "
+            "side by side, the old one holding the calls) or new one starting, or a "
+            "worker of a supervisor stopping.",
+            value=self.oom_kills(),
+        )
         yield CounterMetricFamily(
             f"{PREFIX}_worker_calls_lost",
             "Calls cut because their worker process died (killed or crashed; or, its slot "

@@ -25,6 +25,7 @@ from fleet_ingress.ops.fleet_display import (
     supervisor_oom_killed,
     upgrade_failed,
     workers_missing,
+    workers_oom_killed_not_replaced,
     workers_replaced,
 )
 from fleet_ingress.ops.reload_outcome import reload_warning
@@ -89,6 +90,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     missing = workers_missing(snap)
     upgrade = upgrade_failed(snap)
     oom = supervisor_oom_killed(snap)
+    oom_workers = workers_oom_killed_not_replaced(snap)
     rows = []
     for w in workers:
         started = (
@@ -120,6 +122,11 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
         + (f'<p class="stopping" id="upgrade-failed">{escape(upgrade)}</p>\n' if upgrade else "")
         + (f'<p class="stopping" id="supervisor-oom">{escape(oom)}</p>\n' if oom else "")
+        + (
+            f'<p class="stopping" id="workers-oom">{escape(oom_workers)}</p>\n'
+            if oom_workers
+            else ""
+        )
     )
 
 

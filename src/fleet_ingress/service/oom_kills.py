@@ -207,6 +207,12 @@ class OomKills:
             self._unclaimed.popleft()
         return new
 
+    def carried(self) -> int | None:
+        """The count an exec's next image starts from: the last read, less the
+        kills seen and not claimed yet (a worker's whose death the next image
+        reads), which it then sees again as new."""
+        return None if self.last is None else self.last - len(self._unclaimed)
+
     def claim(self, count: int | None, now: float) -> bool:
         """Whether a SIGKILL death read at `now` (the count as read then) was
         the OOM killer's: a kill counted since OOM_CREDIT_S ago and not yet

@@ -340,6 +340,9 @@ class Supervisor:
         self.supervisor_deaths = 0
         # Of those, the ones the kernel's OOM killer took, as far as its count says.
         self.supervisor_oom_kills = 0
+        # Workers the OOM killer took, replaced or not (an upgrade's old
+        # generation draining is not): carried.
+        self.worker_oom_kills = 0
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
@@ -359,6 +362,7 @@ class Supervisor:
             task_failures=lambda: self.task_failures.by_task,
             supervisor_deaths=lambda: self.supervisor_deaths,
             supervisor_oom_kills=lambda: self.supervisor_oom_kills,
+            worker_oom_kills=lambda: self.worker_oom_kills,
             fleets_gone=lambda: self.forgetting.pending,
             upgrade_failed=self._last_upgrade_failed,
             workers=self.workers_figures,
@@ -990,6 +994,9 @@ class Supervisor:
         code = await worker.proc.wait()
         # Read at once: the count is the kernel's, kept for OOM_CREDIT_S.
         worker.oom_killed = self._oom_killed(worker, code)
+        # Whatever its generation: an old one draining in an upgrade, when two
+        # generations take memory, is not replaced nor in `restarts`.
+        self.worker_oom_kills += worker.oom_killed
         # Its channel closes with it: let the coordinator count what it held.
         with contextlib.suppress(TimeoutError):
             async with patient_timeout(1.0):  # its channel's end, read after a stall
@@ -1649,6 +1656,7 @@ class Supervisor:
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
         picture["supervisor_oom_kills"] = self.supervisor_oom_kills
+        picture["worker_oom_kills"] = self.worker_oom_kills
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
         picture["workers_serving"] = self.serving_workers()

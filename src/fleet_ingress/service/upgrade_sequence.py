@@ -159,6 +159,7 @@ class Upgradable(Protocol):
     calls_lost_total: int
     supervisor_deaths: int
     supervisor_oom_kills: int
+    worker_oom_kills: int
     oom_counter: OomCounter | None
     oom_kills: OomKills
     quick_deaths: int
@@ -274,6 +275,10 @@ class UpgradeSequence:
         # (From a release that did not carry it: counted from here.)
         supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
         supervisor.supervisor_oom_kills = int(carried.get("supervisor_oom_kills", 0))
+        # (From a release that did not carry it: those replaced, at least.)
+        supervisor.worker_oom_kills = int(
+            carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
+        )
         self.crash_restart = bool(carried.get("crash_restart"))
         if self.crash_restart:
             self._say_if_oom_killed(carried)
@@ -608,10 +613,14 @@ class UpgradeSequence:
             "calls_lost_total": supervisor.calls_lost_total,
             "supervisor_deaths": supervisor.supervisor_deaths,
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
+            "worker_oom_kills": supervisor.worker_oom_kills,
             # The count of OOM kills as this image last read it, and where: the
             # next supervisor, should this one die, tells from it whether the
-            # OOM killer took it (`_say_if_oom_killed`).
-            "oom_kill_count": supervisor.oom_kills.last,
+            # OOM killer took it (`_say_if_oom_killed`). An exec's, less the
+            # kills not claimed yet: a worker's death the next image reads.
+            "oom_kill_count": supervisor.oom_kills.carried()
+            if handover
+            else supervisor.oom_kills.last,
             "oom_kill_counter": None
             if supervisor.oom_counter is None
             else supervisor.oom_counter.path,
