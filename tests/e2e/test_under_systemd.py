@@ -468,6 +468,7 @@ def _make_the_oom_killers_first_choice(pid: int) -> None:
     Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
 
 
+@pytest.mark.alone  # an OOM kill others' supervisors count too (tests/e2e/test_oom_kill.py)
 async def test_a_supervisor_oom_killed_is_said_so_by_the_one_started_again(
     systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
 ) -> None:

@@ -748,3 +748,34 @@ async def test_an_oom_kill_seen_before_an_exec_is_the_next_images_to_claim(
     # A crash snapshot carries the count as read: a kill seen and not claimed
     # there is a worker's, not the next supervisor's sign of its own OOM kill.
     assert old.upgrade.crash_snapshot()["oom_kill_count"] == 6
+
+
+async def test_a_worker_the_supervisor_kills_is_never_taken_for_the_oom_killers(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every SIGKILL the supervisor sends goes through `WorkerProcess.kill`,
+    which marks it its own: with an OOM kill counted and not yet claimed, the
+    death of a worker it killed (its stop's backstop, a failed upgrade's new
+    worker: each sent `proc.kill()` unmarked before, the review of session 35)
+    is not the OOM killer's, and the kill is left for the death that is."""
+    from fleet_ingress.service.worker_process import WorkerProcess
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    events = tmp_path / "memory.events"
+    counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    events.write_text("oom 1\noom_kill 1\n")
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    events.write_text("oom 2\noom_kill 2\n")  # another process of the unit OOM-killed
+    supervisor.look_for_oom_kills()
+    proc = await asyncio.create_subprocess_exec("sleep", "30")
+    worker = WorkerProcess(proc, generation=1, key=1)
+    worker.kill()
+    code = await asyncio.wait_for(proc.wait(), 5)
+    assert code == -9 and worker.killed_here
+    assert not supervisor._oom_killed(worker, code)
+    # The kill counted is still there for a death that was the OOM killer's.
+    assert supervisor.oom_kills.claim(counter.read(), time.monotonic())
+    worker.kill()  # a second kill of a process gone raises nothing

@@ -945,8 +945,7 @@ class Supervisor:
                 "worker hung: killed",
                 extra=fields(pid=worker.pid, generation=worker.generation, silent_s=silent_s),
             )
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
+            worker.kill()
 
     def _worker_left(self, worker: WorkerProcess, row: WorkerRow | None) -> None:
         key = worker.key
@@ -1308,8 +1307,7 @@ class Supervisor:
             "start: killed as hung, and replaced in turn; its own lines say where it stopped",
             extra=fields(pid=worker.pid, generation=worker.generation, waited_s=self.hang_timeout),
         )
-        with contextlib.suppress(ProcessLookupError):
-            worker.proc.kill()
+        worker.kill()
 
     async def _spawn_retrying(self, generation: int, delay: float) -> WorkerProcess | None:
         while True:
@@ -1577,9 +1575,7 @@ class Supervisor:
                 else "old-generation worker still running after the drain: killed",
                 extra=fields(pid=worker.pid, generation=worker.generation),
             )
-            worker.killed_here = True
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
+            worker.kill()
 
     # -- what it shows -----------------------------------------------------------
 
@@ -1925,8 +1921,7 @@ class Supervisor:
                     "worker still running after the drain: killed",
                     extra=fields(pid=worker.pid, generation=worker.generation),
                 )
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.kill()
+                worker.kill()
             await asyncio.gather(*(w.proc.wait() for w in list(self.workers.values())))
         for _ in range(3):  # the watchers log each exit
             await asyncio.sleep(0)
@@ -1948,9 +1943,7 @@ class Supervisor:
 
     def kill_workers(self) -> None:
         for worker in self.workers.values():
-            worker.killed_here = True
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
+            worker.kill()
 
 
 def _not_looked_at(path: Path) -> str | None:

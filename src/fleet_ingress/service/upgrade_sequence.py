@@ -23,7 +23,6 @@ fleets' part of the state, a worker process adopted from the previous image.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -947,8 +946,7 @@ class UpgradeSequence:
                     # generation's do.
                     supervisor.retire(worker)
                     continue
-                with contextlib.suppress(ProcessLookupError):
-                    worker.proc.kill()
+                worker.kill()
             self._upgrade_failed(
                 status,
                 f"the new generation's workers cannot start: {exc}; the running generation "

@@ -8,6 +8,7 @@ the previous image started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -47,13 +48,21 @@ class WorkerProcess:
     drain_told: float | None = None
     cpu: int | None = None  # the CPU it runs on (process.cpu_affinity = "auto")
     hung: bool = False  # killed by the supervisor: it answered no report request for a minute
-    # Killed by the supervisor otherwise (its drain's end, a failed start).
+    # Killed by the supervisor (`kill`: hung, its drain's end, a failed start, a stop).
     killed_here: bool = False
     oom_killed: bool = False  # died of SIGKILL as the kernel counted an OOM kill (`oom_kills`)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL from the supervisor, marked as its own (`killed_here`): its
+        death is never taken for the kernel's OOM killer's, whatever the count
+        of OOM kills says (`Supervisor._oom_killed`)."""
+        self.killed_here = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
     @functools.cached_property
     def process_start(self) -> int | None:
