@@ -290,6 +290,11 @@ def test_a_short_lived_certificate_not_valid_yet_says_both(
         ("[retry]\nretry_on = [429]\n", ['retry.retry_on lacks "conn-failure"', "add to it"]),
         ("[timeouts]\nconnect = 3000\n", ["timeouts.connect = 3000 seconds", "milliseconds?"]),
         ("[timeouts]\nresponse = 5000\n", ["timeouts.response = 5000 seconds"]),
+        # 20000 meant 20 s: 5.5 hours before a dead carrier's call is noticed.
+        (
+            "[timeouts]\ntcp_user_timeout = 20000\n",
+            ["timeouts.tcp_user_timeout = 20000 seconds", "milliseconds?"],
+        ),
         (
             "[fleets]\ncheck_interval = 1.0\ncheck_timeout = 5.0\n",
             ["fleets.check_timeout (5 s) is longer than fleets.check_interval (1 s)"],

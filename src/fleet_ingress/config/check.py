@@ -242,6 +242,8 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
         ("timeouts.response", t.response),
         ("timeouts.request", t.request),
         ("timeouts.queue", t.queue),
+        # A dead peer's unacknowledged data waits this long: 20000 is 5.5 hours.
+        ("timeouts.tcp_user_timeout", t.tcp_user_timeout),
         ("fleets.check_interval", f.check_interval),
         ("fleets.check_timeout", f.check_timeout),
     ):
