@@ -824,3 +824,21 @@ def test_a_duration_with_a_unit_from_the_environment_is_said_as_the_files(
         "configuration: timeouts.connect: '30s' is not a number; write a number of seconds, "
         "e.g. 10 (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT)"
     ]
+
+
+def test_one_variable_set_in_two_cases_is_refused_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic-settings reads variable names without regard to case, so
+    FLEET_INGRESS_FLEETS__MAXCONN=8 and fleet_ingress_fleets__maxconn=32 both
+    set was one of them, whichever the environment listed last, without a word
+    (the config audit of session 35). The same value twice decides nothing."""
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "8")
+    monkeypatch.setenv("fleet_ingress_fleets__maxconn", "32")
+    assert problems({}) == [
+        "environment: FLEET_INGRESS_FLEETS__MAXCONN='8' and fleet_ingress_fleets__maxconn='32' "
+        "are one variable (its name is read without regard to case), and which one is taken "
+        "is left to chance; unset all but one"
+    ]
+    monkeypatch.setenv("fleet_ingress_fleets__maxconn", "8")
+    assert config_from_dict({}).fleets.maxconn == 8

@@ -591,6 +591,25 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def _variables_in_two_cases() -> list[str]:
+    """pydantic-settings reads a variable's name without regard to case, so
+    FLEET_INGRESS_FLEETS__MAXCONN and fleet_ingress_fleets__maxconn both set
+    were one of them, whichever the environment listed last, without a word.
+    Refused when their values differ (the same value decides nothing)."""
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            spellings.setdefault(name.upper(), []).append(name)
+    return [
+        "environment: "
+        + " and ".join(f"{ascii(name)[1:-1]}={os.environ[name]!r}" for name in names)
+        + " are one variable (its name is read without regard to case), and which one is "
+        "taken is left to chance; unset all but one"
+        for names in spellings.values()
+        if len({os.environ[name] for name in names}) > 1
+    ]
+
+
 def environment_values(path: Path | None) -> list[str]:
     """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
     words: the variable, and the file's value it hides where the file sets the
@@ -700,7 +719,7 @@ def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
 
 
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
-    if problems := _unknown_env_sections():
+    if problems := _variables_in_two_cases() + _unknown_env_sections():
         raise ConfigError(problems)
     toml_data: dict[str, Any] = {}
     if load.toml_file is not None:
