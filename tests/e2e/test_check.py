@@ -316,6 +316,24 @@ def test_a_valid_setting_that_is_likely_a_mistake_is_named_and_passes(
     assert run(deployment)[0] == 0
 
 
+def test_workers_far_past_the_cpus_are_named_and_pass(deployment: Path) -> None:
+    """process.workers = 64 on a host of 2 CPUs passed without a word: the
+    workers past the CPUs share them, each its own Python process's memory
+    and a channel the supervisor serves, for no more calls (the bounds audit
+    of session 35). Twice the CPUs is left alone (a deliberate overcommit)."""
+    cpus = len(os.sched_getaffinity(0))
+    base = deployment.read_text()
+    deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus}\n")
+    assert check_configuration(deployment) == []
+    deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus + 1}\n")
+    assert check_configuration(deployment) == [
+        f"{WARNING}{deployment}: process.workers = {2 * cpus + 1} is more than twice the "
+        f"{cpus} CPUs this process may run on: the workers past them share those CPUs, each "
+        'costing its memory, for no more calls; "auto" is one per CPU'
+    ]
+    assert run(deployment)[0] == 0
+
+
 def test_the_defaults_raise_no_doubt(deployment: Path) -> None:
     retry = '[retry]\nretry_on = ["conn-failure", "empty-response", "response-timeout", 429]\n'
     deployment.write_text(deployment.read_text() + "\n" + retry)

@@ -369,6 +369,11 @@ def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
         ("limits", "max_header_count", "100"),
         ("limits", "max_queue", -1),
         ("limits", "max_connections", 0),
+        # Past what a real host could want: a typo's extra zeros (the bounds audit).
+        ("limits", "max_connections", 1_048_577),
+        ("limits", "max_header_bytes", 1_048_577),
+        ("fleets", "maxconn", 1_000_001),
+        ("process", "workers", 1025),
         ("log", "level", "verbose"),
         ("log", "format", "xml"),
         ("process", "workers", 0),
@@ -392,6 +397,9 @@ def test_bad_value_is_named(section: str, key: str, value: object) -> None:
         ("retry", {"retries": 0, "retry_on": []}),
         ("process", {"workers": 1}),
         ("process", {"workers": "auto"}),
+        ("process", {"workers": 1024}),
+        ("limits", {"max_connections": 1_048_576, "max_header_bytes": 1_048_576}),
+        ("fleets", {"maxconn": 1_000_000}),
     ],
 )
 def test_edge_values_are_accepted(section: str, value: dict[str, Any]) -> None:
@@ -842,3 +850,20 @@ def test_one_variable_set_in_two_cases_is_refused_naming_both(
     ]
     monkeypatch.setenv("fleet_ingress_fleets__maxconn", "8")
     assert config_from_dict({}).fleets.maxconn == 8
+
+
+def test_workers_past_any_host_are_refused_naming_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process.workers = 100000 was taken: the supervisor would fork that many
+    Python processes (the bounds audit of session 35). From the environment too."""
+    path = write(tmp_path, "[process]\nworkers = 100000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f'{path}: process.workers: must be at most 1024 (got 100000); write "auto" for '
+        "one per CPU this process may run on"
+    ]
+    monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKERS", "5000")
+    (line,) = problems({})
+    assert line.startswith("configuration: process.workers: must be at most 1024 (got 5000)")

@@ -255,6 +255,13 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             f"({f.check_interval:g} s): a fleet that answers slowly is probed less often than "
             "the interval says, and found DOWN later"
         )
+    workers, cpus = config.process.workers, len(os.sched_getaffinity(0))
+    if isinstance(workers, int) and workers > 2 * cpus:
+        doubts.append(
+            f"process.workers = {workers} is more than twice the {cpus} CPUs this process "
+            "may run on: the workers past them share those CPUs, each costing its memory, "
+            'for no more calls; "auto" is one per CPU'
+        )
     if t.drain + 5 > UNIT_STOP_TIMEOUT:
         doubts.append(
             f"timeouts.drain = {t.drain:g} s: with the shipped unit, systemd kills the calls "

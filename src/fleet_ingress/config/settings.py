@@ -41,6 +41,7 @@ from pydantic_settings.exceptions import SettingsError
 
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.fleet_spec import MAX_MAXCONN
 
 ENV_PREFIX = "FLEET_INGRESS_"
 RETRY_WORDS = ("conn-failure", "empty-response", "junk-response", "response-timeout")
@@ -76,6 +77,21 @@ KeepaliveSeconds = Annotated[float, Field(ge=0, le=32767, allow_inf_nan=False)]
 # TypeError at every accept and fleet connection (0 leaves the kernel's default).
 MAX_USER_TIMEOUT = (2**31 - 1) // 1000
 UserTimeoutSeconds = Annotated[float, Field(ge=0, le=MAX_USER_TIMEOUT, allow_inf_nan=False)]
+# Bounds past anything a real host could want: a value above one is a typo's
+# extra zeros, refused at check, start, reload and add-fleet alike (the bounds
+# audit of session 35; before, process.workers = 100000 was taken, to be forked).
+# A fleet's calls (fleets.maxconn, the fleets file's maxconn=): MAX_MAXCONN.
+# Per worker: a call holds two descriptors, and the kernel's default fs.nr_open
+# (1048576) holds one process to half this many calls; one event loop never
+# carries a million.
+MAX_CONNECTIONS = 1_048_576
+# A call's head is about 10 lines; each connection still sending its head may
+# buffer this much, limits.max_connections of them a worker (10000 x 1 MiB, 10 GiB).
+MAX_HEADER_BYTES = 1_048_576
+# HAProxy, which this replaces, stops at 1024 threads (16 groups of 64); each
+# worker here is a Python process of its own with its memory and a channel the
+# supervisor serves. "auto" follows the CPUs whatever their number.
+MAX_WORKERS = 1024
 
 
 class _Section(BaseModel):
@@ -193,7 +209,7 @@ class RoutesSection(_Section):
 
 class FleetsSection(_Section):
     file: Path = Path("fleets.txt")
-    maxconn: int = Field(16, ge=1)
+    maxconn: int = Field(16, ge=1, le=MAX_MAXCONN)
     verify: bool = True
     ca_file: Path | None = None
     health_path: str = "/health/fleet"
@@ -293,12 +309,12 @@ def drain_from_wire(value: Any) -> float | None:
 
 
 class LimitsSection(_Section):
-    max_header_bytes: int = Field(16384, ge=1024)
+    max_header_bytes: int = Field(16384, ge=1024, le=MAX_HEADER_BYTES)
     # HAProxy's order (it refuses more than 101). Each line costs the event loop a
     # parse every live call waits on; a call's head has about 10.
     max_header_count: int = Field(100, ge=16, le=1000)
     max_queue: int = Field(256, ge=0)
-    max_connections: int = Field(10000, ge=1)
+    max_connections: int = Field(10000, ge=1, le=MAX_CONNECTIONS)
     keepalive_probes: int = Field(3, ge=1, le=127)
     # When new connections use more than this share of a core, a worker with live
     # calls spaces its accepts (core/accept_pacing.py): they wait, calls keep the CPU.
@@ -332,6 +348,11 @@ def _workers(value: Any) -> Any:
         raise ValueError(
             f'{value!r} is not a number of workers; write "auto" (one per CPU this '
             "process may run on) or a whole number of at least 1"
+        )
+    if value > MAX_WORKERS:
+        raise ValueError(
+            f'must be at most {MAX_WORKERS} (got {value!r}); write "auto" for one per CPU '
+            "this process may run on"
         )
     return value
 
