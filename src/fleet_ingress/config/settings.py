@@ -1,6 +1,7 @@
 """Configuration: a TOML file, overridden by FLEET_INGRESS_<SECTION>__<KEY> variables.
 
-Every problem is reported at once, each as `<file>: <section.key>: <problem>`, so an
+Every problem is reported at once, each as `<file> line <N>: <section.key>: <problem>`
+(`<file>: <section.key>: <problem>` where no line of the file holds the key), so an
 operator fixes a broken file in one pass rather than one error per reload attempt.
 """
 
@@ -39,6 +40,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from fleet_ingress.config.key_lines import key_line
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.fleet_spec import MAX_MAXCONN
@@ -700,7 +702,7 @@ def _toml_kind(annotation: Any) -> tuple[tuple[type, ...], str] | None:
     return _TOML_KINDS.get(origin or annotation)
 
 
-def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
+def _toml_type_problems(data: dict[str, Any], source: str, text: str = "") -> dict[str, str]:
     """{"section.key": the problem's line} for values of the wrong TOML type."""
     problems = {}
     for written, values in data.items():
@@ -719,7 +721,8 @@ def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
             shown = str(value).lower() if isinstance(value, bool) else repr(value)
             dotted = f"{section}.{key}"
             write = "a number of seconds, unquoted, e.g. 10" if _unit(dotted) else kind[1]
-            problems[dotted] = f"{source}: {dotted}: {shown} is {what}; write {write}"
+            where = _where(source, text, (written, key))
+            problems[dotted] = f"{where}: {dotted}: {shown} is {what}; write {write}"
     return problems
 
 
@@ -743,18 +746,20 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     if problems := _variables_in_two_cases() + _unknown_env_sections():
         raise ConfigError(problems)
     toml_data: dict[str, Any] = {}
+    text = ""  # the file's, for the line of each key a problem names
     if load.toml_file is not None:
         try:
-            toml_data = tomllib.loads(read_config_text(load.toml_file))
+            text = read_config_text(load.toml_file)
+            toml_data = tomllib.loads(text)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass  # reported below, as pydantic-settings reads the file
-    wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)
+    wrong_types = _toml_type_problems(toml_data, source, text) | _toml_type_problems(data, source)
     twice = _sections_in_two_cases(toml_data, source) + _sections_in_two_cases(data, source)
     token = _LOAD.set(load)
     try:
         config = IngressConfig(**data)
     except ValidationError as exc:
-        others = [_describe(error, source) for error in exc.errors()]
+        others = [_describe(error, source, text) for error in exc.errors()]
         # A key with a wrong type is named once, by the clearer of the two messages.
         others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
         raise ConfigError([*twice, *wrong_types.values(), *others]) from None
@@ -810,7 +815,14 @@ def _unit(dotted: str) -> str:
     return " seconds" if dotted in _seconds_keys() else ""
 
 
-def _describe(error: Any, source: str) -> str:
+def _where(source: str, text: str, loc: tuple[str | int, ...]) -> str:
+    """`source`, and the line of the file's text that writes the key at `loc`
+    where one does: `ingress.toml line 12`, as the fleets file's problems say."""
+    line = key_line(text, loc) if text else None
+    return source if line is None else f"{source} line {line}"
+
+
+def _describe(error: Any, source: str, text: str = "") -> str:
     loc: tuple[str | int, ...] = error["loc"]
     dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if not dotted.isprintable():  # an unknown key's name is the file's text: no escapes shown raw
@@ -833,8 +845,11 @@ def _describe(error: Any, source: str) -> str:
             problem += f" (got {error['input']!r})"
         if error["type"] == "finite_number" and dotted in _ZERO_MEANS:  # inf meant "never"
             problem += f"; {_ZERO_MEANS[dotted]}"
-    problem += _env_hint(loc)
-    return f"{source}: {dotted}: {problem}" if dotted else f"{source}: {problem}"
+    hint = _env_hint(loc)
+    problem += hint
+    # From the environment, the variable is named: no line of the file holds it.
+    where = source if hint else _where(source, text, loc)
+    return f"{where}: {dotted}: {problem}" if dotted else f"{where}: {problem}"
 
 
 def _did_you_mean(loc: tuple[str | int, ...]) -> str:
