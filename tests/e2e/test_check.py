@@ -146,19 +146,22 @@ def admin_socket_under_a_file(path: Path) -> None:
 
 
 BREAKAGES = [
-    (unknown_key, "{config}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?"),
+    (
+        unknown_key,
+        "{config} line 7: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?",
+    ),
     (
         wrong_type,
-        "{config}: timeouts.connect: 'soon' is a string; write a number of seconds, unquoted, "
-        "e.g. 10",
+        "{config} line 7: timeouts.connect: 'soon' is a string; write a number of seconds, "
+        "unquoted, e.g. 10",
     ),
     (
         missing_cert,
-        "{config}: tls.cert: cannot read {dir}/fullchain.pem: No such file or directory",
+        "{config} line 4: tls.cert: cannot read {dir}/fullchain.pem: No such file or directory",
     ),
     (
         mismatched_key,
-        "{config}: tls.cert, tls.key: certificate {dir}/fullchain.pem and key "
+        "{config} line 4: tls.cert, tls.key: certificate {dir}/fullchain.pem and key "
         "{dir}/privkey.pem do not match",
     ),
     (
@@ -168,12 +171,12 @@ BREAKAGES = [
     (no_fleets, "{dir}/fleets.txt: no fleets listed"),
     (missing_fleets_file, "{dir}/fleets.txt: cannot read the fleets file"),
     (cert_unset, "{config}: tls.cert: not set"),
-    (missing_ca_file, "{config}: fleets.ca_file: CA file {dir}/fleet-ca.pem cannot be used"),
-    (bad_listener, "{config}: listen.stats: address '127.0.0.1' has no port"),
+    (missing_ca_file, "{config} line 7: fleets.ca_file: CA file {dir}/fleet-ca.pem cannot be used"),
+    (bad_listener, "{config} line 2: listen.stats: address '127.0.0.1' has no port"),
     (
         admin_socket_under_a_file,
-        "{config}: listen.admin_socket = '{dir}/fleets.txt/admin.sock': {dir}/fleets.txt is a "
-        "file where its directory goes",
+        "{config} line 2: listen.admin_socket = '{dir}/fleets.txt/admin.sock': {dir}/fleets.txt "
+        "is a file where its directory goes",
     ),
 ]
 
@@ -196,7 +199,7 @@ def test_check_rejects_and_names_the_problem(
 def test_verify_false_warns_but_passes(deployment: Path) -> None:
     append(deployment, "[fleets]\nverify = false\n")
     (line,) = check_configuration(deployment)
-    assert line.startswith(f"{WARNING}{deployment}: fleets.verify = false")
+    assert line.startswith(f"{WARNING}{deployment} line 7: fleets.verify = false")
     status, output = run(deployment)
     assert status == 0
     assert output.splitlines()[0] == line
@@ -231,7 +234,7 @@ def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None
     leaf = ca.issue_cert("calls.example.com", not_after=datetime.now(UTC) + timedelta(days=3))
     write_certbot_files(deployment.parent, leaf)
     (line,) = check_configuration(deployment)
-    assert line.startswith(f"{WARNING}{deployment}: tls.cert: ")
+    assert line.startswith(f"{WARNING}{deployment} line 4: tls.cert: ")
     assert "expires in" in line
     assert run(deployment)[0] == 0
 
@@ -250,8 +253,8 @@ def test_an_expired_certificate_warns_saying_when_and_the_fix(
     (line,) = check_configuration(deployment)
     when = (now - timedelta(2)).strftime("%Y-%m-%d %H:%M:%S UTC")
     assert line.startswith(
-        f"{WARNING}{deployment}: tls.cert: {deployment.parent}/fullchain.pem expired on {when}: "
-        "every carrier's handshake fails with it; renew it (`certbot renew`"
+        f"{WARNING}{deployment} line 4: tls.cert: {deployment.parent}/fullchain.pem expired on "
+        f"{when}: every carrier's handshake fails with it; renew it (`certbot renew`"
     ), line
     assert line.endswith("then `systemctl reload fleet-ingress`")
     assert run(deployment)[0] == 0
@@ -266,7 +269,7 @@ def test_a_certificate_not_valid_yet_warns_naming_the_clock(
     leaf = ca.issue_cert("calls.example.com", not_before=start, not_after=start + timedelta(90))
     write_certbot_files(deployment.parent, leaf)
     (line,) = check_configuration(deployment)
-    assert line.startswith(f"{WARNING}{deployment}: tls.cert: ")
+    assert line.startswith(f"{WARNING}{deployment} line 4: tls.cert: ")
     assert "is not valid until" in line and "clock" in line
     assert run(deployment)[0] == 0
 
@@ -290,6 +293,11 @@ def test_a_short_lived_certificate_not_valid_yet_says_both(
         ("[retry]\nretry_on = [429]\n", ['retry.retry_on lacks "conn-failure"', "add to it"]),
         ("[timeouts]\nconnect = 3000\n", ["timeouts.connect = 3000 seconds", "milliseconds?"]),
         ("[timeouts]\nresponse = 5000\n", ["timeouts.response = 5000 seconds"]),
+        # 20000 meant 20 s: 5.5 hours before a dead carrier's call is noticed.
+        (
+            "[timeouts]\ntcp_user_timeout = 20000\n",
+            ["timeouts.tcp_user_timeout = 20000 seconds", "milliseconds?"],
+        ),
         (
             "[fleets]\ncheck_interval = 1.0\ncheck_timeout = 5.0\n",
             ["fleets.check_timeout (5 s) is longer than fleets.check_interval (1 s)"],
@@ -305,9 +313,27 @@ def test_a_valid_setting_that_is_likely_a_mistake_is_named_and_passes(
     seconds are meant made every timeout 1,000 times too long."""
     deployment.write_text(deployment.read_text() + "\n" + section)
     (line,) = check_configuration(deployment)
-    assert line.startswith(f"{WARNING}{deployment}: ")
+    assert line.startswith(f"{WARNING}{deployment} line ")  # of the key it names
     for name in names:
         assert name in line, line
+    assert run(deployment)[0] == 0
+
+
+def test_workers_far_past_the_cpus_are_named_and_pass(deployment: Path) -> None:
+    """process.workers = 64 on a host of 2 CPUs passed without a word: the
+    workers past the CPUs share them, each its own Python process's memory
+    and a channel the supervisor serves, for no more calls (the bounds audit
+    of session 35). Twice the CPUs is left alone (a deliberate overcommit)."""
+    cpus = len(os.sched_getaffinity(0))
+    base = deployment.read_text()
+    deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus}\n")
+    assert check_configuration(deployment) == []
+    deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus + 1}\n")
+    assert check_configuration(deployment) == [
+        f"{WARNING}{deployment} line 8: process.workers = {2 * cpus + 1} is more than twice the "
+        f"{cpus} CPUs this process may run on: the workers past them share those CPUs, each "
+        'costing its memory, for no more calls; "auto" is one per CPU'
+    ]
     assert run(deployment)[0] == 0
 
 
@@ -319,9 +345,16 @@ def test_the_defaults_raise_no_doubt(deployment: Path) -> None:
 
 def test_example_config_only_lacks_its_certificate_files() -> None:
     placeholder = "/etc/letsencrypt/live/__INGRESS_DOMAIN__"
+    at = {
+        line.partition(" = ")[0]: number
+        for number, line in enumerate(EXAMPLE.read_text().splitlines(), start=1)
+        if line.startswith(("cert = ", "key = "))
+    }
     assert check_configuration(EXAMPLE) == [
-        f"{EXAMPLE}: tls.cert: cannot read {placeholder}/fullchain.pem: No such file or directory",
-        f"{EXAMPLE}: tls.key: cannot read {placeholder}/privkey.pem: No such file or directory",
+        f"{EXAMPLE} line {at['cert']}: tls.cert: cannot read {placeholder}/fullchain.pem: No "
+        "such file or directory",
+        f"{EXAMPLE} line {at['key']}: tls.key: cannot read {placeholder}/privkey.pem: No such "
+        "file or directory",
     ]
 
 
@@ -363,7 +396,7 @@ def test_certbots_cert_pem_is_refused_naming_fullchain_pem(deployment: Path) -> 
     line = only_problem(deployment)
     directory = deployment.parent
     assert line.startswith(
-        f"{deployment}: tls.cert: {directory}/cert.pem holds the server's certificate alone"
+        f"{deployment} line 4: tls.cert: {directory}/cert.pem holds the server's certificate alone"
     )
     assert "is not in the system trust store" in line
     assert f"With certbot, use {directory}/fullchain.pem, not cert.pem" in line
@@ -390,7 +423,7 @@ def test_a_chain_in_the_wrong_order_is_named_so_not_a_key_mismatch(deployment: P
     use_tls(deployment, "reversed.pem")
     line = only_problem(deployment)
     assert line.startswith(
-        f"{deployment}: tls.cert, tls.key: certificate {directory}/reversed.pem has its "
+        f"{deployment} line 4: tls.cert, tls.key: certificate {directory}/reversed.pem has its "
         f"certificates in the wrong order: the key {directory}/privkey.pem belongs to "
         "certificate 2 of 2"
     )
@@ -407,7 +440,9 @@ def test_intermediates_out_of_order_are_named(deployment: Path, ca: trustme.CA) 
     leaf.private_key_pem.write_to_path(directory / "privkey.pem")
     use_tls(deployment, "shuffled.pem")
     line = only_problem(deployment)
-    assert line.startswith(f"{deployment}: tls.cert: {directory}/shuffled.pem is not in order: ")
+    assert line.startswith(
+        f"{deployment} line 4: tls.cert: {directory}/shuffled.pem is not in order: "
+    )
     assert "certificate 2 (" in line and "did not issue certificate 1 (" in line
     # In order it passes: the same three certificates are a good chain.
     (directory / "shuffled.pem").write_bytes(leaf_pem + sub_pem + ca_pem)
@@ -421,7 +456,7 @@ def test_a_missing_intermediate_between_two_is_named(deployment: Path, ca: trust
     (directory / "fullchain.pem").write_bytes(leaf_pem + sub_pem)
     leaf.private_key_pem.write_to_path(directory / "privkey.pem")
     line = only_problem(deployment)
-    assert line.startswith(f"{deployment}: tls.cert: {directory}/fullchain.pem stops at ")
+    assert line.startswith(f"{deployment} line 4: tls.cert: {directory}/fullchain.pem stops at ")
     assert "an intermediate certificate is missing" in line
 
 
@@ -467,12 +502,12 @@ def test_a_chain_ending_at_an_untrusted_root_is_named(deployment: Path) -> None:
 def test_an_unreadable_tls_ca_file_is_named(deployment: Path) -> None:
     use_tls(deployment, "fullchain.pem", ca_file="nope.pem")
     assert only_problem(deployment) == (
-        f"{deployment}: tls.ca_file: cannot read {deployment.parent}/nope.pem: "
+        f"{deployment} line 6: tls.ca_file: cannot read {deployment.parent}/nope.pem: "
         "No such file or directory"
     )
     (deployment.parent / "nope.pem").write_text("not a certificate\n")
     assert only_problem(deployment).startswith(
-        f"{deployment}: tls.ca_file: CA file {deployment.parent}/nope.pem cannot be used: "
+        f"{deployment} line 6: tls.ca_file: CA file {deployment.parent}/nope.pem cannot be used: "
         "it holds no PEM certificate"
     )
 
@@ -664,7 +699,8 @@ def test_an_admin_socket_directory_this_user_cannot_write_is_a_warning(
     assert done.returncode == 0, done.stdout + done.stderr
     what = f"its directory {socket_path.parent} in {closed}" if missing else f"it in {closed}"
     assert (
-        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"{WARNING}{deployment} line 2: listen.admin_socket = '{socket_path}': this user "
+        "(root) "
         f"cannot create {what}, so `run` as this user fails" in done.stdout
     ), done.stdout
     assert done.stdout.splitlines()[-1].startswith("OK: 1 fleet")
@@ -686,7 +722,8 @@ def test_an_admin_socket_under_a_directory_this_user_cannot_search_is_a_warning(
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stdout + done.stderr
     assert (
-        f"{WARNING}{deployment}: listen.admin_socket = '{socket_path}': this user (root) "
+        f"{WARNING}{deployment} line 2: listen.admin_socket = '{socket_path}': this user "
+        "(root) "
         f"cannot enter {closed}, on the way to {socket_path.parent}, so `run` as this user fails"
         in done.stdout
     ), done.stdout
@@ -732,8 +769,9 @@ def test_a_fleets_file_directory_this_user_cannot_write_is_a_warning(
     done = _check_without_dac_override(deployment)
     assert done.returncode == 0, done.stdout + done.stderr
     shown = deployment.parent / ("fleets.txt" if linked else "closed/fleets.txt")
+    where = deployment if linked else f"{deployment} line 7"  # the default: on no line
     assert (
-        f"{WARNING}{deployment}: fleets.file {shown}: this user (root) cannot write in "
+        f"{WARNING}{where}: fleets.file {shown}: this user (root) cannot write in "
         f"{closed}, so `add-fleet` and `remove-fleet` are refused, and `drain`, `maint` and "
         "`ready` apply but are not saved (a restart forgets them)" in done.stdout
     ), done.stdout
@@ -916,8 +954,10 @@ async def test_check_names_a_listen_address_no_interface_has_and_leaves_a_runnin
         # the start must not refuse a reload (a certificate renewal's) while the
         # socket bound at the start serves on.
         assert code == 0, said
+        at = elsewhere.read_text().splitlines().index(f'wss = "192.0.2.1:{service.port}"') + 1
         assert (
-            f"warning: {elsewhere}: listen.wss = '192.0.2.1:{service.port}': cannot listen: "
+            f"warning: {elsewhere} line {at}: listen.wss = '192.0.2.1:{service.port}': cannot "
+            "listen: "
             "Cannot assign requested address; no interface of this machine has that address "
             "(`ip addr` lists them): give one it has, or 0.0.0.0 / [::] for all"
         ) in said, said

@@ -552,6 +552,10 @@ async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deploy
         assert code == 1 and "holds a space or '#'" in err, err
     code, _, err = await d.cli("add-fleet", c.url, "--name", "bad!name")
     assert code == 1 and "add-fleet: 'name=bad!name' is not a valid name" in err, err
+    # A maxconn no host could carry (a typo's zeros) is refused as the fleets file's is.
+    code, _, err = await d.cli("add-fleet", c.url, "--name", "big", "--maxconn", "1000001")
+    assert code == 1
+    assert "add-fleet: 'maxconn=1000001' is not a valid maxconn; give N from 1 to 1000000" in err
     code, _, err = await d.cli("add-fleet", "")  # was: not enough values to unpack
     assert code == 1 and "add-fleet needs the fleet's URL, e.g. https://" in err, err
 

@@ -171,7 +171,7 @@ def test_a_bound_or_a_unit_is_said_in_an_operators_words(
     path = write(tmp_path, toml)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.problems == [f"{path}: {line}"]
+    assert caught.value.problems == [f"{path} line 2: {line}"]
 
 
 @pytest.mark.parametrize(
@@ -201,10 +201,10 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path: Path) -> None:
         load_config(path)
     assert sorted(caught.value.problems) == sorted(
         [
-            f"{path}: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?",
-            f"{path}: maxconn: unknown key 'maxconn'; did you mean 'fleets.maxconn'?",
-            f"{path}: fleet: unknown key 'fleet'; did you mean 'fleets'?",
-            f"{path}: limits.foo: unknown key 'limits.foo'",
+            f"{path} line 3: fleets.maxcon: unknown key 'fleets.maxcon'; did you mean 'maxconn'?",
+            f"{path} line 1: maxconn: unknown key 'maxconn'; did you mean 'fleets.maxconn'?",
+            f"{path} line 4: fleet: unknown key 'fleet'; did you mean 'fleets'?",
+            f"{path} line 6: limits.foo: unknown key 'limits.foo'",
         ]
     )
 
@@ -216,7 +216,7 @@ def test_an_unknown_keys_control_characters_are_shown_escaped(tmp_path: Path) ->
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [
-        f"{path}: limits.k\\x1b[8mHIDDEN\\x1b[0m\\nline2: "
+        f"{path} line 2: limits.k\\x1b[8mHIDDEN\\x1b[0m\\nline2: "
         "unknown key 'limits.k\\x1b[8mHIDDEN\\x1b[0m\\nline2'"
     ]
 
@@ -230,9 +230,9 @@ def test_a_key_written_under_the_wrong_section_names_the_right_one(tmp_path: Pat
         load_config(path)
     assert sorted(caught.value.problems) == sorted(
         [
-            f"{path}: timeouts.keepalive_probes: unknown key 'timeouts.keepalive_probes'; "
-            "did you mean 'limits.keepalive_probes'?",
-            f"{path}: limits.tcp_user_timeout: unknown key 'limits.tcp_user_timeout'; "
+            f"{path} line 2: timeouts.keepalive_probes: unknown key "
+            "'timeouts.keepalive_probes'; did you mean 'limits.keepalive_probes'?",
+            f"{path} line 4: limits.tcp_user_timeout: unknown key 'limits.tcp_user_timeout'; "
             "did you mean 'timeouts.tcp_user_timeout'?",
         ]
     )
@@ -243,8 +243,8 @@ def test_wrong_type_names_the_key_and_value(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [
-        f"{path}: fleets.maxconn: 'lots' is a string; write a whole number, unquoted",
-        f"{path}: log.access: 'maybe' is a string; write true or false",
+        f"{path} line 2: fleets.maxconn: 'lots' is a string; write a whole number, unquoted",
+        f"{path} line 4: log.access: 'maybe' is a string; write true or false",
     ]
 
 
@@ -266,7 +266,7 @@ def test_values_of_the_wrong_toml_type_are_refused(tmp_path: Path, toml: str, li
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     (problem,) = caught.value.problems
-    assert problem.startswith(f"{path}: {line}")
+    assert problem.startswith(f"{path} line 2: {line}")
 
 
 def test_a_wrong_type_and_other_problems_are_reported_together(tmp_path: Path) -> None:
@@ -274,7 +274,9 @@ def test_a_wrong_type_and_other_problems_are_reported_together(tmp_path: Path) -
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     lines = caught.value.problems
-    assert lines[0] == f"{path}: fleets.maxconn: 'lots' is a string; write a whole number, unquoted"
+    assert lines[0] == (
+        f"{path} line 2: fleets.maxconn: 'lots' is a string; write a whole number, unquoted"
+    )
     assert any("fleets.maxcon: unknown key" in line for line in lines[1:]), lines
     assert len(lines) == 2  # an int for a float key (check_interval = 1) is fine
 
@@ -369,6 +371,11 @@ def test_retry_on_refuses_what_it_cannot_do(item: object) -> None:
         ("limits", "max_header_count", "100"),
         ("limits", "max_queue", -1),
         ("limits", "max_connections", 0),
+        # Past what a real host could want: a typo's extra zeros (the bounds audit).
+        ("limits", "max_connections", 1_048_577),
+        ("limits", "max_header_bytes", 1_048_577),
+        ("fleets", "maxconn", 1_000_001),
+        ("process", "workers", 1025),
         ("log", "level", "verbose"),
         ("log", "format", "xml"),
         ("process", "workers", 0),
@@ -392,6 +399,9 @@ def test_bad_value_is_named(section: str, key: str, value: object) -> None:
         ("retry", {"retries": 0, "retry_on": []}),
         ("process", {"workers": 1}),
         ("process", {"workers": "auto"}),
+        ("process", {"workers": 1024}),
+        ("limits", {"max_connections": 1_048_576, "max_header_bytes": 1_048_576}),
+        ("fleets", {"maxconn": 1_000_000}),
     ],
 )
 def test_edge_values_are_accepted(section: str, value: dict[str, Any]) -> None:
@@ -654,7 +664,7 @@ def test_a_byte_order_mark_first_is_dropped_as_the_fleets_file_drops_it(tmp_path
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [
-        f"{path}: fleets.maxconn: '32' is a string; write a whole number, unquoted"
+        f"{path} line 2: fleets.maxconn: '32' is a string; write a whole number, unquoted"
     ]
 
 
@@ -672,7 +682,8 @@ def test_a_tcp_user_timeout_the_kernel_cannot_take_is_refused(tmp_path: Path) ->
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [
-        f"{path}: timeouts.tcp_user_timeout: must be at most 2147483 seconds (got 2147484); "
+        f"{path} line 2: timeouts.tcp_user_timeout: must be at most 2147483 seconds (got "
+        "2147484); "
         "0 leaves the kernel's default"
     ]
     edge = load_config(write(tmp_path, "[timeouts]\ntcp_user_timeout = 2147483\n"))
@@ -699,7 +710,7 @@ def test_a_section_written_twice_in_two_cases_is_refused_not_half_lost(tmp_path:
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.problems == [
-        f"{path}: fleets.maxconn: '8' is a string; write a whole number, unquoted"
+        f"{path} line 2: fleets.maxconn: '8' is a string; write a whole number, unquoted"
     ]
 
 
@@ -767,7 +778,7 @@ def test_infinity_for_never_is_refused_naming_the_0_that_means_it(
     path = write(tmp_path, toml)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.problems == [f"{path}: {line}"]
+    assert caught.value.problems == [f"{path} line 2: {line}"]
 
 
 def test_a_variable_one_level_too_deep_is_named_as_the_environments(
@@ -824,3 +835,71 @@ def test_a_duration_with_a_unit_from_the_environment_is_said_as_the_files(
         "configuration: timeouts.connect: '30s' is not a number; write a number of seconds, "
         "e.g. 10 (from environment variable FLEET_INGRESS_TIMEOUTS__CONNECT)"
     ]
+
+
+def test_one_variable_set_in_two_cases_is_refused_naming_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pydantic-settings reads variable names without regard to case, so
+    FLEET_INGRESS_FLEETS__MAXCONN=8 and fleet_ingress_fleets__maxconn=32 both
+    set was one of them, whichever the environment listed last, without a word
+    (the config audit of session 35). The same value twice decides nothing."""
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "8")
+    monkeypatch.setenv("fleet_ingress_fleets__maxconn", "32")
+    assert problems({}) == [
+        "environment: FLEET_INGRESS_FLEETS__MAXCONN='8' and fleet_ingress_fleets__maxconn='32' "
+        "are one variable (its name is read without regard to case), and which one is taken "
+        "is left to chance; unset all but one"
+    ]
+    monkeypatch.setenv("fleet_ingress_fleets__maxconn", "8")
+    assert config_from_dict({}).fleets.maxconn == 8
+
+
+def test_workers_past_any_host_are_refused_naming_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process.workers = 100000 was taken: the supervisor would fork that many
+    Python processes (the bounds audit of session 35). From the environment too."""
+    path = write(tmp_path, "[process]\nworkers = 100000\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.problems == [
+        f'{path} line 2: process.workers: must be at most 1024 (got 100000); write "auto" for '
+        "one per CPU this process may run on"
+    ]
+    monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKERS", "5000")
+    (line,) = problems({})
+    assert line.startswith("configuration: process.workers: must be at most 1024 (got 5000)")
+
+
+def test_a_problem_in_the_file_names_the_line_of_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleets file's problems name their line; the configuration file's
+    named the key alone, to be searched for in a file of 180 lines, under a
+    header or as a dotted key (the config audit of session 35). From the
+    environment, the variable is named instead: no line of the file holds it."""
+    path = write(
+        tmp_path,
+        'fleets.maxconn = 0\n[limits]\nnotes = """\nmax_queue = 0\n"""\nmax_queue = -1\n'
+        '[ timeouts ]\n"connect" = -1\n[fleet]\n[Log]\naccess = "no"\n',
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert sorted(caught.value.problems) == sorted(
+        [
+            f"{path} line 11: log.access: 'no' is a string; write true or false",
+            f"{path} line 1: fleets.maxconn: must be at least 1 (got 0)",
+            f"{path} line 3: limits.notes: unknown key 'limits.notes'",
+            f"{path} line 6: limits.max_queue: must be at least 0 (got -1)",
+            f"{path} line 8: timeouts.connect: must be more than 0 seconds (got -1)",
+            f"{path} line 9: fleet: unknown key 'fleet'; did you mean 'fleets'?",
+        ]
+    )
+    monkeypatch.setenv("FLEET_INGRESS_LIMITS__MAX_QUEUE", "-2")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert (
+        f"{path}: limits.max_queue: must be at least 0 (got '-2') (from environment variable "
+        "FLEET_INGRESS_LIMITS__MAX_QUEUE)"
+    ) in caught.value.problems

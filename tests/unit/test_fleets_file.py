@@ -299,14 +299,26 @@ def test_a_maxconn_of_thousands_of_digits_and_a_token_of_100_kb_are_named_briefl
         parse(f"https://a\nhttps://b maxconn={digits}\nhttps://c {'x' * 100_000}\n")
     first, second = str(caught.value).splitlines()
     assert first.startswith("fleets.txt line 2: 'maxconn=999")
-    assert first.endswith("...' is not a valid maxconn; give N of 18 digits at most")
+    assert first.endswith("...' is not a valid maxconn; give N from 1 to 1000000")
     assert second.startswith("fleets.txt line 3: 'xxx")
     assert second.endswith(
         "...' is not an option; the options are name=NAME, maxconn=N and admin=drain|maint"
     )
     assert len(first) < 500 and len(second) < 500
-    (spec,) = parse(f"https://a maxconn={'9' * 18}")
-    assert spec.maxconn == 10**18 - 1
+    (spec,) = parse("https://a maxconn=1000000")
+    assert spec.maxconn == 1_000_000
+
+
+def test_a_maxconn_no_host_could_carry_is_refused_as_the_configurations_is() -> None:
+    """maxconn=100000000 was taken (any 18 digits were): more calls to one fleet
+    than an ingress host's source ports could open to it (64,512 per fleet
+    address), a typo's extra zeros rather than a wish (the bounds audit of
+    session 35). add-fleet's --maxconn is read through this line too."""
+    with pytest.raises(FleetsFileError) as caught:
+        parse("https://a maxconn=1000001\n")
+    assert str(caught.value) == (
+        "fleets.txt line 1: 'maxconn=1000001' is not a valid maxconn; give N from 1 to 1000000"
+    )
 
 
 def test_a_name_as_long_as_a_default_one_can_be_is_taken() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import socket
 import sys
 import time
@@ -18,11 +19,14 @@ from fleet_ingress.config.fleets_file import (
     load_fleets_file,
     same_host_warnings,
 )
+from fleet_ingress.config.key_lines import key_lines
 from fleet_ingress.config.settings import (
+    ENV_PREFIX,
     ConfigError,
     IngressConfig,
     environment_values,
     load_config,
+    read_config_text,
 )
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
@@ -88,7 +92,8 @@ def run_check(
         # why, or serves a chain carriers may fail to verify, warning (as `run`
         # always has: a restart that failed here took every call down).
         source = str(path)
-        if loading := _certificate_load_problems(config, source):
+        # As `_check` said them: with the line of the key each names.
+        if loading := _with_key_lines(_certificate_load_problems(config, source), path):
             if set(problems) <= set(loading):
                 print(
                     "check: the carrier certificate above cannot be served; left to the "
@@ -97,7 +102,9 @@ def run_check(
                     file=out,
                 )
                 return 0
-        elif (chain := _certificate_chain_problems(config, source)) and set(problems) <= set(chain):
+        elif (
+            chain := _with_key_lines(_certificate_chain_problems(config, source), path)
+        ) and set(problems) <= set(chain):
             print(
                 "check: carriers may fail to verify the carrier certificate above; left "
                 "to the start: after a restart it serves the one it served before (systemd "
@@ -215,8 +222,35 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
             "prefer fleets.ca_file for a private CA"
         )
     lines += [f"{WARNING}{path}: {doubt}" for doubt in doubtful_settings(config)]
+    lines = _with_key_lines(lines, path)
     lines += [f"{WARNING}{path}: {value}" for value in environment_values(path)]
     return config, fleets, lines
+
+
+def _with_key_lines(lines: list[str], path: Path) -> list[str]:
+    """Each finding of the configuration file that names a key first
+    (`ingress.toml: tls.cert: ...`) with the line of the file that writes it
+    (`ingress.toml line 7: tls.cert: ...`), as load_config's problems and the
+    fleets file's name theirs. Not where the environment sets the key: the
+    file's line is not the value judged."""
+    try:
+        text = read_config_text(path)
+    except (OSError, UnicodeDecodeError):
+        return lines
+    named = re.compile(rf"(?:{re.escape(WARNING)})?{re.escape(str(path))}: (\w+)\.(\w+)(?=[:, =])")
+    written = key_lines(text)
+    in_environment = {name.upper() for name in os.environ}
+    placed = []
+    for line in lines:
+        found = named.match(line)
+        section, key = found.groups() if found else ("", "")
+        at = written.get((section.lower(), key))  # the key itself, not its section's line
+        if found is None or at is None or f"{ENV_PREFIX}{section}__{key}".upper() in in_environment:
+            placed.append(line)
+            continue
+        start = found.start(1) - 2  # the ": " after the path
+        placed.append(f"{line[:start]} line {at}{line[start:]}")
+    return placed
 
 
 # Timeouts above this many seconds were likely written in milliseconds.
@@ -242,6 +276,8 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
         ("timeouts.response", t.response),
         ("timeouts.request", t.request),
         ("timeouts.queue", t.queue),
+        # A dead peer's unacknowledged data waits this long: 20000 is 5.5 hours.
+        ("timeouts.tcp_user_timeout", t.tcp_user_timeout),
         ("fleets.check_interval", f.check_interval),
         ("fleets.check_timeout", f.check_timeout),
     ):
@@ -252,6 +288,13 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             f"fleets.check_timeout ({f.check_timeout:g} s) is longer than fleets.check_interval "
             f"({f.check_interval:g} s): a fleet that answers slowly is probed less often than "
             "the interval says, and found DOWN later"
+        )
+    workers, cpus = config.process.workers, len(os.sched_getaffinity(0))
+    if isinstance(workers, int) and workers > 2 * cpus:
+        doubts.append(
+            f"process.workers = {workers} is more than twice the {cpus} CPUs this process "
+            "may run on: the workers past them share those CPUs, each costing its memory, "
+            'for no more calls; "auto" is one per CPU'
         )
     if t.drain + 5 > UNIT_STOP_TIMEOUT:
         doubts.append(

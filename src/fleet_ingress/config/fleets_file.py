@@ -23,7 +23,7 @@ from fleet_ingress.core.addresses import (
     same_host_key,
     split_hostport,
 )
-from fleet_ingress.core.fleet_spec import Admin, FleetSpec
+from fleet_ingress.core.fleet_spec import MAX_MAXCONN, Admin, FleetSpec
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _URL_FORM = "write it as https://HOST[:PORT]"
@@ -179,13 +179,14 @@ def _parse_line(tokens: list[str], default_maxconn: int) -> tuple[FleetSpec, str
                     token, "is not an admin state; write admin=drain or admin=maint, or drop it"
                 ) from None
         else:
-            if value.isascii() and value.isdigit() and len(value) > 18:
-                # More digits than int() reads (4,300) raised a bare ValueError:
-                # `check` printed a traceback, a reload logged one, naming no line.
-                raise _BadToken(token, "is not a valid maxconn; give N of 18 digits at most")
-            if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or not value.strip("0"):
                 raise _BadToken(token, "is not a valid maxconn; write maxconn=N with N >= 1")
-            maxconn = int(value)
+            # More digits than int() reads (4,300) raised a bare ValueError:
+            # `check` printed a traceback, a reload logged one, naming no line.
+            digits = value.lstrip("0")
+            if len(digits) > len(str(MAX_MAXCONN)) or int(digits) > MAX_MAXCONN:
+                raise _BadToken(token, f"is not a valid maxconn; give N from 1 to {MAX_MAXCONN}")
+            maxconn = int(digits)
     spec = FleetSpec(
         parts.url, name, parts.scheme, parts.host, parts.port, parts.host_header, maxconn, admin
     )

@@ -441,7 +441,7 @@ def check_deployment(config_path: Path) -> DeploymentCheck:
 
     lines = check_configuration(config_path)
     missing: list[Path] = []
-    expected: set[str] = set()
+    expected: list[re.Pattern[str]] = []
     try:
         tls = load_config(config_path).tls
     except ConfigError:
@@ -450,13 +450,19 @@ def check_deployment(config_path: Path) -> DeploymentCheck:
         for key, path in (("tls.cert", tls.cert), ("tls.key", tls.key)):
             if path is not None and _missing(path):
                 missing.append(path)
-                # The line check.py writes for a file it cannot open.
-                expected.add(f"{config_path}: {key}: cannot read {path}: ")
+                # The line check.py writes for a file it cannot open (the
+                # line of the file that sets the key, where one does).
+                expected.append(
+                    re.compile(
+                        rf"{re.escape(str(config_path))}(?: line \d+)?: {re.escape(key)}: "
+                        rf"cannot read {re.escape(str(path))}: "
+                    )
+                )
     problems, warnings = [], []
     for line in lines:
         if line.startswith(WARNING):
             warnings.append(line)
-        elif not any(line.startswith(prefix) for prefix in expected):
+        elif not any(pattern.match(line) for pattern in expected):
             problems.append(line)
     return DeploymentCheck(problems, missing, warnings)
 

@@ -1,6 +1,7 @@
 """Configuration: a TOML file, overridden by FLEET_INGRESS_<SECTION>__<KEY> variables.
 
-Every problem is reported at once, each as `<file>: <section.key>: <problem>`, so an
+Every problem is reported at once, each as `<file> line <N>: <section.key>: <problem>`
+(`<file>: <section.key>: <problem>` where no line of the file holds the key), so an
 operator fixes a broken file in one pass rather than one error per reload attempt.
 """
 
@@ -39,8 +40,10 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from fleet_ingress.config.key_lines import key_line
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import parse_hostport
+from fleet_ingress.core.fleet_spec import MAX_MAXCONN
 
 ENV_PREFIX = "FLEET_INGRESS_"
 RETRY_WORDS = ("conn-failure", "empty-response", "junk-response", "response-timeout")
@@ -76,6 +79,21 @@ KeepaliveSeconds = Annotated[float, Field(ge=0, le=32767, allow_inf_nan=False)]
 # TypeError at every accept and fleet connection (0 leaves the kernel's default).
 MAX_USER_TIMEOUT = (2**31 - 1) // 1000
 UserTimeoutSeconds = Annotated[float, Field(ge=0, le=MAX_USER_TIMEOUT, allow_inf_nan=False)]
+# Bounds past anything a real host could want: a value above one is a typo's
+# extra zeros, refused at check, start, reload and add-fleet alike (the bounds
+# audit of session 35; before, process.workers = 100000 was taken, to be forked).
+# A fleet's calls (fleets.maxconn, the fleets file's maxconn=): MAX_MAXCONN.
+# Per worker: a call holds two descriptors, and the kernel's default fs.nr_open
+# (1048576) holds one process to half this many calls; one event loop never
+# carries a million.
+MAX_CONNECTIONS = 1_048_576
+# A call's head is about 10 lines; each connection still sending its head may
+# buffer this much, limits.max_connections of them a worker (10000 x 1 MiB, 10 GiB).
+MAX_HEADER_BYTES = 1_048_576
+# HAProxy, which this replaces, stops at 1024 threads (16 groups of 64); each
+# worker here is a Python process of its own with its memory and a channel the
+# supervisor serves. "auto" follows the CPUs whatever their number.
+MAX_WORKERS = 1024
 
 
 class _Section(BaseModel):
@@ -193,7 +211,7 @@ class RoutesSection(_Section):
 
 class FleetsSection(_Section):
     file: Path = Path("fleets.txt")
-    maxconn: int = Field(16, ge=1)
+    maxconn: int = Field(16, ge=1, le=MAX_MAXCONN)
     verify: bool = True
     ca_file: Path | None = None
     health_path: str = "/health/fleet"
@@ -293,12 +311,12 @@ def drain_from_wire(value: Any) -> float | None:
 
 
 class LimitsSection(_Section):
-    max_header_bytes: int = Field(16384, ge=1024)
+    max_header_bytes: int = Field(16384, ge=1024, le=MAX_HEADER_BYTES)
     # HAProxy's order (it refuses more than 101). Each line costs the event loop a
     # parse every live call waits on; a call's head has about 10.
     max_header_count: int = Field(100, ge=16, le=1000)
     max_queue: int = Field(256, ge=0)
-    max_connections: int = Field(10000, ge=1)
+    max_connections: int = Field(10000, ge=1, le=MAX_CONNECTIONS)
     keepalive_probes: int = Field(3, ge=1, le=127)
     # When new connections use more than this share of a core, a worker with live
     # calls spaces its accepts (core/accept_pacing.py): they wait, calls keep the CPU.
@@ -332,6 +350,11 @@ def _workers(value: Any) -> Any:
         raise ValueError(
             f'{value!r} is not a number of workers; write "auto" (one per CPU this '
             "process may run on) or a whole number of at least 1"
+        )
+    if value > MAX_WORKERS:
+        raise ValueError(
+            f'must be at most {MAX_WORKERS} (got {value!r}); write "auto" for one per CPU '
+            "this process may run on"
         )
     return value
 
@@ -591,6 +614,25 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def _variables_in_two_cases() -> list[str]:
+    """pydantic-settings reads a variable's name without regard to case, so
+    FLEET_INGRESS_FLEETS__MAXCONN and fleet_ingress_fleets__maxconn both set
+    were one of them, whichever the environment listed last, without a word.
+    Refused when their values differ (the same value decides nothing)."""
+    spellings: dict[str, list[str]] = {}
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            spellings.setdefault(name.upper(), []).append(name)
+    return [
+        "environment: "
+        + " and ".join(f"{ascii(name)[1:-1]}={os.environ[name]!r}" for name in names)
+        + " are one variable (its name is read without regard to case), and which one is "
+        "taken is left to chance; unset all but one"
+        for names in spellings.values()
+        if len({os.environ[name] for name in names}) > 1
+    ]
+
+
 def environment_values(path: Path | None) -> list[str]:
     """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
     words: the variable, and the file's value it hides where the file sets the
@@ -660,7 +702,7 @@ def _toml_kind(annotation: Any) -> tuple[tuple[type, ...], str] | None:
     return _TOML_KINDS.get(origin or annotation)
 
 
-def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
+def _toml_type_problems(data: dict[str, Any], source: str, text: str = "") -> dict[str, str]:
     """{"section.key": the problem's line} for values of the wrong TOML type."""
     problems = {}
     for written, values in data.items():
@@ -679,7 +721,8 @@ def _toml_type_problems(data: dict[str, Any], source: str) -> dict[str, str]:
             shown = str(value).lower() if isinstance(value, bool) else repr(value)
             dotted = f"{section}.{key}"
             write = "a number of seconds, unquoted, e.g. 10" if _unit(dotted) else kind[1]
-            problems[dotted] = f"{source}: {dotted}: {shown} is {what}; write {write}"
+            where = _where(source, text, (written, key))
+            problems[dotted] = f"{where}: {dotted}: {shown} is {what}; write {write}"
     return problems
 
 
@@ -700,21 +743,23 @@ def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
 
 
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
-    if problems := _unknown_env_sections():
+    if problems := _variables_in_two_cases() + _unknown_env_sections():
         raise ConfigError(problems)
     toml_data: dict[str, Any] = {}
+    text = ""  # the file's, for the line of each key a problem names
     if load.toml_file is not None:
         try:
-            toml_data = tomllib.loads(read_config_text(load.toml_file))
+            text = read_config_text(load.toml_file)
+            toml_data = tomllib.loads(text)
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             pass  # reported below, as pydantic-settings reads the file
-    wrong_types = _toml_type_problems(toml_data, source) | _toml_type_problems(data, source)
+    wrong_types = _toml_type_problems(toml_data, source, text) | _toml_type_problems(data, source)
     twice = _sections_in_two_cases(toml_data, source) + _sections_in_two_cases(data, source)
     token = _LOAD.set(load)
     try:
         config = IngressConfig(**data)
     except ValidationError as exc:
-        others = [_describe(error, source) for error in exc.errors()]
+        others = [_describe(error, source, text) for error in exc.errors()]
         # A key with a wrong type is named once, by the clearer of the two messages.
         others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
         raise ConfigError([*twice, *wrong_types.values(), *others]) from None
@@ -770,7 +815,14 @@ def _unit(dotted: str) -> str:
     return " seconds" if dotted in _seconds_keys() else ""
 
 
-def _describe(error: Any, source: str) -> str:
+def _where(source: str, text: str, loc: tuple[str | int, ...]) -> str:
+    """`source`, and the line of the file's text that writes the key at `loc`
+    where one does: `ingress.toml line 12`, as the fleets file's problems say."""
+    line = key_line(text, loc) if text else None
+    return source if line is None else f"{source} line {line}"
+
+
+def _describe(error: Any, source: str, text: str = "") -> str:
     loc: tuple[str | int, ...] = error["loc"]
     dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if not dotted.isprintable():  # an unknown key's name is the file's text: no escapes shown raw
@@ -793,8 +845,11 @@ def _describe(error: Any, source: str) -> str:
             problem += f" (got {error['input']!r})"
         if error["type"] == "finite_number" and dotted in _ZERO_MEANS:  # inf meant "never"
             problem += f"; {_ZERO_MEANS[dotted]}"
-    problem += _env_hint(loc)
-    return f"{source}: {dotted}: {problem}" if dotted else f"{source}: {problem}"
+    hint = _env_hint(loc)
+    problem += hint
+    # From the environment, the variable is named: no line of the file holds it.
+    where = source if hint else _where(source, text, loc)
+    return f"{where}: {dotted}: {problem}" if dotted else f"{where}: {problem}"
 
 
 def _did_you_mean(loc: tuple[str | int, ...]) -> str:

@@ -7,6 +7,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+# The most calls one fleet is given at once (fleets.maxconn, maxconn=): an
+# ingress host opens at most 64,512 connections to one fleet address from one
+# source address (its source ports); a million is 15 addresses' worth. More is a
+# typo's extra zeros (the bounds audit of session 35: 18 digits were taken).
+MAX_MAXCONN = 1_000_000
+
 
 class Admin(enum.Enum):
     """An operator's admin state of a fleet (SPEC 7)."""
