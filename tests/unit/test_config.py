@@ -903,3 +903,26 @@ def test_a_problem_in_the_file_names_the_line_of_its_key(
         f"{path}: limits.max_queue: must be at least 0 (got '-2') (from environment variable "
         "FLEET_INGRESS_LIMITS__MAX_QUEUE)"
     ) in caught.value.problems
+
+
+def test_a_supervisor_of_a_release_that_took_an_infinite_hang_timeout_hands_it_over(
+    tmp_path: Path,
+) -> None:
+    """Releases before session 35 took `process.worker_hang_timeout = inf`
+    (never) and hand it to each worker they start as JSON's Infinity (their
+    config_to_json, byte for byte). A worker of this release started by such a
+    supervisor (a replacement while the venv holds this release, before the
+    `upgrade`) refused it and exited, again at each respawn: the host served
+    with a worker fewer. Handed over, it reads as its 0 (never: the same);
+    written in the file it is still refused."""
+    from fleet_ingress.config.settings import config_from_json
+
+    old_release_wrote = (
+        f'{{"fleets": {{"file": "{tmp_path / "fleets.txt"}"}}, '
+        '"process": {"worker_hang_timeout": Infinity}}'
+    )
+    handed = config_from_json(old_release_wrote, base_dir=tmp_path)
+    assert handed.process.worker_hang_timeout == 0
+    assert handed.fleets.file == tmp_path / "fleets.txt"
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, "[process]\nworker_hang_timeout = inf\n"))

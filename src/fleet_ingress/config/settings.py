@@ -593,6 +593,13 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
         raise ConfigError([f"{source}: not JSON: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: not a JSON object"])
+    # Releases before session 35 took worker_hang_timeout = inf (never) and hand
+    # it as Infinity: read as its 0, or a worker of this release that such a
+    # supervisor starts (a replacement while the venv holds this one) refuses
+    # it and exits, again at every respawn (the review of session 35).
+    process = data.get("process")
+    if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
+        data["process"] = {**process, "worker_hang_timeout": 0.0}
     return _build(data, _Load(base_dir=base_dir), source)
 
 
