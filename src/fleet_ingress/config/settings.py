@@ -667,10 +667,15 @@ def environment_values(path: Path | None) -> list[str]:
         for part in parts:
             written = written.get(part) if isinstance(written, dict) else None
         if written is not None:
+            # Then a restart: a reload, or an upgrade's exec, keeps the
+            # environment the service started with (a reload after unsetting it
+            # applied the variable still, and this check, given the unit's new
+            # environment, said nothing of it).
             line += (
                 f"'s {_toml_text(written)}: the environment wins; unset it where it is set "
                 "(`systemctl show fleet-ingress -p Environment`, the unit's Environment= or "
-                "a drop-in) to have the file's"
+                "a drop-in), then restart the service to have the file's (a reload or an "
+                "upgrade keeps the environment it started with)"
             )
         lines.append(line)
     return lines
