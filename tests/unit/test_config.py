@@ -926,3 +926,35 @@ def test_a_supervisor_of_a_release_that_took_an_infinite_hang_timeout_hands_it_o
     assert handed.fleets.file == tmp_path / "fleets.txt"
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, "[process]\nworker_hang_timeout = inf\n"))
+
+
+def test_a_table_from_the_environment_names_only_the_file_values_it_hides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table from the environment (JSON) is merged key by key with the
+    file's, as `run` reads them: the file's keys it does not set stay in
+    force. check and the ready line said the whole of the file's table was
+    hidden ("not the file's {'/ws/': 30.0}: the environment wins", in
+    Python's spelling) while the file's /ws/ = 30 served on (the review of
+    session 35). Only what the variable does set over the file is named."""
+    from fleet_ingress.config.settings import environment_values
+
+    path = write(
+        tmp_path,
+        '[routes]\nhealth = "/up"\ncarrier_silence = {"/ws/" = 30}\n',
+    )
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__CARRIER_SILENCE", '{"/exotel/": 60}')
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES", '{"health": "/ok", "carrier_silence": {"/ws/": 5}}')
+    config = load_config(path)
+    assert config.routes.carrier_silence == {"/ws/": 5, "/exotel/": 60}
+    assert config.routes.health == "/ok"
+    routes, silence = environment_values(path)
+    assert routes.startswith(
+        """routes = '{"health": "/ok", "carrier_silence": {"/ws/": 5}}' from environment """
+        """variable FLEET_INGRESS_ROUTES, not the file's {health = '/up', carrier_silence = """
+        """{'/ws/' = 30}}: the environment wins; """
+    ), routes
+    assert silence == (
+        """routes.carrier_silence = '{"/exotel/": 60}' from environment variable """
+        "FLEET_INGRESS_ROUTES__CARRIER_SILENCE, not the file"
+    )

@@ -666,6 +666,11 @@ def environment_values(path: Path | None) -> list[str]:
         written: Any = file_data
         for part in parts:
             written = written.get(part) if isinstance(written, dict) else None
+        try:
+            setting: Any = json.loads(os.environ[name])
+        except ValueError:
+            setting = os.environ[name]
+        written = _hidden(written, setting)
         if written is not None:
             # Then a restart: a reload, or an upgrade's exec, keeps the
             # environment the service started with (a reload after unsetting it
@@ -681,9 +686,34 @@ def environment_values(path: Path | None) -> list[str]:
     return lines
 
 
+def _hidden(written: Any, setting: Any) -> Any:
+    """What of the file's `written` the environment's `setting` hides: a table
+    (JSON) is merged key by key with the file's, as `run` reads them, so the
+    file's keys it does not set stay in force; None when nothing is hidden."""
+    if not (isinstance(written, dict) and isinstance(setting, dict)):
+        return written
+    hidden = {}
+    for key, value in written.items():
+        if key in setting and (under := _hidden(value, setting[key])) is not None:
+            hidden[key] = under
+    return hidden or None
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _toml_text(value: Any) -> str:
+    """`value` as the file writes it (an inline table, not Python's dict)."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict):
+        pairs = (
+            f"{key if _BARE_KEY.fullmatch(key) else repr(key)} = {_toml_text(item)}"
+            for key, item in value.items()
+        )
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_text(item) for item in value) + "]"
     return repr(value) if isinstance(value, str) else str(value)
 
 
