@@ -222,7 +222,8 @@ def test_a_value_from_the_environment_is_named_where_the_file_says_otherwise(
         f"{WARNING}{deployment}: fleets.maxconn = '4' from environment variable "
         "FLEET_INGRESS_FLEETS__MAXCONN, not the file's 32: the environment wins; unset it "
         "where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
-        "Environment= or a drop-in) to have the file's",
+        "Environment= or a drop-in), then restart the service to have the file's (a reload "
+        "or an upgrade keeps the environment it started with)",
         f"{WARNING}{deployment}: log.level = 'debug' from environment variable "
         "FLEET_INGRESS_LOG__LEVEL, not the file",
     ]

@@ -786,8 +786,29 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
         assert ready["environment"] == [
             "timeouts.queue = '7' from environment variable FLEET_INGRESS_TIMEOUTS__QUEUE, "
             "not the file's 3: the environment wins; unset it where it is set (`systemctl "
-            "show fleet-ingress -p Environment`, the unit's Environment= or a drop-in) to "
-            "have the file's"
+            "show fleet-ingress -p Environment`, the unit's Environment= or a drop-in), then "
+            "restart the service to have the file's (a reload or an upgrade keeps the "
+            "environment it started with)"
         ], ready
+        # Why a restart: the variable unset in the unit (daemon-reload), the
+        # unit's ExecReload check runs without it and says nothing, while the
+        # reload that follows still applies it (the review of session 35).
+        config = service.home / "ingress.toml"
+        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
+        assert "\nqueue = 5\n" in edited
+        config.write_text(edited)
+        checking = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "fleet_ingress", "check", "-c", str(config)),
+            stdout=asyncio.subprocess.PIPE,
+            env={k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")},
+        )
+        said = (await asyncio.wait_for(checking.communicate(), 60))[0].decode()
+        assert checking.returncode == 0 and "environment" not in said, said
+        ready_count = service.seen("READY=1")
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", ready_count + 1, timeout=20)
+        (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
+        assert "timeouts.queue" not in reloaded["changes"], reloaded  # 7 still, not 5
     finally:
         await service.finish()

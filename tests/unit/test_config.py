@@ -903,3 +903,58 @@ def test_a_problem_in_the_file_names_the_line_of_its_key(
         f"{path}: limits.max_queue: must be at least 0 (got '-2') (from environment variable "
         "FLEET_INGRESS_LIMITS__MAX_QUEUE)"
     ) in caught.value.problems
+
+
+def test_a_supervisor_of_a_release_that_took_an_infinite_hang_timeout_hands_it_over(
+    tmp_path: Path,
+) -> None:
+    """Releases before session 35 took `process.worker_hang_timeout = inf`
+    (never) and hand it to each worker they start as JSON's Infinity (their
+    config_to_json, byte for byte). A worker of this release started by such a
+    supervisor (a replacement while the venv holds this release, before the
+    `upgrade`) refused it and exited, again at each respawn: the host served
+    with a worker fewer. Handed over, it reads as its 0 (never: the same);
+    written in the file it is still refused."""
+    from fleet_ingress.config.settings import config_from_json
+
+    old_release_wrote = (
+        f'{{"fleets": {{"file": "{tmp_path / "fleets.txt"}"}}, '
+        '"process": {"worker_hang_timeout": Infinity}}'
+    )
+    handed = config_from_json(old_release_wrote, base_dir=tmp_path)
+    assert handed.process.worker_hang_timeout == 0
+    assert handed.fleets.file == tmp_path / "fleets.txt"
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, "[process]\nworker_hang_timeout = inf\n"))
+
+
+def test_a_table_from_the_environment_names_only_the_file_values_it_hides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table from the environment (JSON) is merged key by key with the
+    file's, as `run` reads them: the file's keys it does not set stay in
+    force. check and the ready line said the whole of the file's table was
+    hidden ("not the file's {'/ws/': 30.0}: the environment wins", in
+    Python's spelling) while the file's /ws/ = 30 served on (the review of
+    session 35). Only what the variable does set over the file is named."""
+    from fleet_ingress.config.settings import environment_values
+
+    path = write(
+        tmp_path,
+        '[routes]\nhealth = "/up"\ncarrier_silence = {"/ws/" = 30}\n',
+    )
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES__CARRIER_SILENCE", '{"/exotel/": 60}')
+    monkeypatch.setenv("FLEET_INGRESS_ROUTES", '{"health": "/ok", "carrier_silence": {"/ws/": 5}}')
+    config = load_config(path)
+    assert config.routes.carrier_silence == {"/ws/": 5, "/exotel/": 60}
+    assert config.routes.health == "/ok"
+    routes, silence = environment_values(path)
+    assert routes.startswith(
+        """routes = '{"health": "/ok", "carrier_silence": {"/ws/": 5}}' from environment """
+        """variable FLEET_INGRESS_ROUTES, not the file's {health = '/up', carrier_silence = """
+        """{'/ws/' = 30}}: the environment wins; """
+    ), routes
+    assert silence == (
+        """routes.carrier_silence = '{"/exotel/": 60}' from environment variable """
+        "FLEET_INGRESS_ROUTES__CARRIER_SILENCE, not the file"
+    )

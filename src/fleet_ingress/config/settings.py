@@ -593,6 +593,13 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
         raise ConfigError([f"{source}: not JSON: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: not a JSON object"])
+    # Releases before session 35 took worker_hang_timeout = inf (never) and hand
+    # it as Infinity: read as its 0, or a worker of this release that such a
+    # supervisor starts (a replacement while the venv holds this one) refuses
+    # it and exits, again at every respawn (the review of session 35).
+    process = data.get("process")
+    if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
+        data["process"] = {**process, "worker_hang_timeout": 0.0}
     return _build(data, _Load(base_dir=base_dir), source)
 
 
@@ -659,19 +666,54 @@ def environment_values(path: Path | None) -> list[str]:
         written: Any = file_data
         for part in parts:
             written = written.get(part) if isinstance(written, dict) else None
+        try:
+            setting: Any = json.loads(os.environ[name])
+        except ValueError:
+            setting = os.environ[name]
+        written = _hidden(written, setting)
         if written is not None:
+            # Then a restart: a reload, or an upgrade's exec, keeps the
+            # environment the service started with (a reload after unsetting it
+            # applied the variable still, and this check, given the unit's new
+            # environment, said nothing of it).
             line += (
                 f"'s {_toml_text(written)}: the environment wins; unset it where it is set "
                 "(`systemctl show fleet-ingress -p Environment`, the unit's Environment= or "
-                "a drop-in) to have the file's"
+                "a drop-in), then restart the service to have the file's (a reload or an "
+                "upgrade keeps the environment it started with)"
             )
         lines.append(line)
     return lines
 
 
+def _hidden(written: Any, setting: Any) -> Any:
+    """What of the file's `written` the environment's `setting` hides: a table
+    (JSON) is merged key by key with the file's, as `run` reads them, so the
+    file's keys it does not set stay in force; None when nothing is hidden."""
+    if not (isinstance(written, dict) and isinstance(setting, dict)):
+        return written
+    hidden = {}
+    for key, value in written.items():
+        if key in setting and (under := _hidden(value, setting[key])) is not None:
+            hidden[key] = under
+    return hidden or None
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _toml_text(value: Any) -> str:
+    """`value` as the file writes it (an inline table, not Python's dict)."""
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, dict):
+        pairs = (
+            f"{key if _BARE_KEY.fullmatch(key) else repr(key)} = {_toml_text(item)}"
+            for key, item in value.items()
+        )
+        return "{" + ", ".join(pairs) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_text(item) for item in value) + "]"
     return repr(value) if isinstance(value, str) else str(value)
 
 
