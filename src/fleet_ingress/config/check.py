@@ -102,9 +102,9 @@ def run_check(
                     file=out,
                 )
                 return 0
-        elif (
-            chain := _with_key_lines(_certificate_chain_problems(config, source), path)
-        ) and set(problems) <= set(chain):
+        elif (chain := _with_key_lines(_certificate_chain_problems(config, source), path)) and set(
+            problems
+        ) <= set(chain):
             print(
                 "check: carriers may fail to verify the carrier certificate above; left "
                 "to the start: after a restart it serves the one it served before (systemd "
