@@ -14,6 +14,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import ssl
 import stat as stat_module
 import subprocess
@@ -1103,6 +1104,13 @@ async def test_replacement_workers_serve_port_80_as_bound_at_start_whatever_a_re
     started after it accepted nothing on the socket the supervisor still holds,
     and every :80 connection hung unanswered."""
     acme_port = await free_port()
+    # Where :80 must refuse, the port is held, bound and not listening: a port
+    # merely chosen free was taken by another test's listener meanwhile, and
+    # answered ("DID NOT RAISE ConnectionRefusedError"). Held, a worker that
+    # bound :80 itself would fail as before ("worker cannot serve").
+    placeholder = None if bound_at_start else socket.socket()
+    if placeholder is not None:
+        placeholder.bind(("127.0.0.1", acme_port))
     home = Path(tempfile.mkdtemp(prefix="fi-run-"))
     port, stats_port = await write_run_home(
         tls_files, home, _lines(two_fleets), workers=2, check_timeout=5
@@ -1153,6 +1161,8 @@ async def test_replacement_workers_serve_port_80_as_bound_at_start_whatever_a_re
                     await port_80()
     finally:
         await service.finish()
+        if placeholder is not None:
+            placeholder.close()
 
 
 async def _replaced_all(service: RunningIngress, gone: set[int]) -> list[dict[str, Any]]:
