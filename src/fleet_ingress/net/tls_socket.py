@@ -309,10 +309,30 @@ class TLSConnection:
         (core/accept_pacing.py). The loop is given other callbacks while metered,
         so a call's hot path pays nothing for it."""
         self._meter = meter
-        if self._reader_on:
-            self._loop.add_reader(self._fd, self._read_callback())  # replaces the callback
+        if self._reader_on:  # replaces the callback
+            self._register(self._loop.add_reader, self._loop.remove_reader, self._read_callback())
         if self._writer_on:
-            self._loop.add_writer(self._fd, self._write_callback())
+            self._register(self._loop.add_writer, self._loop.remove_writer, self._write_callback())
+
+    def _register(
+        self,
+        add: Callable[[int, Callable[[], None]], object],
+        remove: Callable[[int], object],
+        callback: Callable[[], None],
+    ) -> None:
+        """`add(fd, callback)`; where uvloop refuses it for the descriptor's poll it
+        closed after an error event and keeps ("unable to perform operation on
+        <UVPoll closed=True>; the handler is closed", uvloop issue 552: the peer's
+        last bytes and its reset read as the bytes alone, see `read_if_ended`),
+        that poll is dropped and a new one made, which reports the error. The
+        call linked with such a carrier raised it, half linked, and was held."""
+        try:
+            add(self._fd, callback)
+        except RuntimeError:
+            if self._loop.is_closed():
+                raise
+            remove(self._fd)
+            add(self._fd, callback)
 
     def _read_callback(self) -> Callable[[], None]:
         return self._on_readable if self._meter is None else self._on_readable_metered
@@ -897,13 +917,13 @@ class TLSConnection:
         ):
             self._reader_on = reading
             if reading:
-                loop.add_reader(fd, self._read_callback())
+                self._register(loop.add_reader, loop.remove_reader, self._read_callback())
             else:
                 loop.remove_reader(fd)
         if writing != self._writer_on:
             self._writer_on = writing
             if writing:
-                loop.add_writer(fd, self._write_callback())
+                self._register(loop.add_writer, loop.remove_writer, self._write_callback())
             else:
                 loop.remove_writer(fd)
 
