@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -208,9 +209,10 @@ async def test_a_carrier_that_resets_mid_call_is_logged_as_its_reset_not_an_erro
         await good.stop()
 
 
-def _last_frame_and_reset(port: int, ctx: ssl.SSLContext) -> bytes:
+def _last_frames_and_reset(port: int, ctx: ssl.SSLContext, frames: int = 1) -> bytes:
     """A carrier (blocking TLS) that sends its upgrade, reads the 101, then
-    its last frame and at once a TCP reset: both reach the ingress together."""
+    its last frames (56 bytes each, a TLS record each, corked into one TCP
+    segment) and at once a TCP reset: all reach the ingress together."""
     with ctx.wrap_socket(
         socket.create_connection(("127.0.0.1", port)), server_hostname="localhost"
     ) as tls:
@@ -220,20 +222,27 @@ def _last_frame_and_reset(port: int, ctx: ssl.SSLContext) -> bytes:
             head += tls.recv(4096)
         mask, payload = b"\x01\x02\x03\x04", b"audio" * 10
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        tls.sendall(b"\x82" + bytes([0x80 | len(payload)]) + mask + masked)
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for _ in range(frames):
+            tls.sendall(b"\x82" + bytes([0x80 | len(payload)]) + mask + masked)
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     return head
 
 
+@pytest.mark.parametrize("frames", [1, 6])
 async def test_a_carrier_whose_last_frame_and_reset_arrive_together_is_ended_by_its_reset(
-    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog, frames: int
 ):
     """uvloop stops polling a socket after an error event (libuv's POLLERR),
     calling its reader once more: a frame and the reset that came with it
     were read as the frame alone, and nothing was read again. The call, its
     fleet slot and its bot (silent, listening) were held until
     carrier_silence, and logged `carrier_silent` (30 s at the default; the
-    odd-fleet audit of session 35). asyncio's loop saw the reset at once."""
+    odd-fleet audit of session 35). asyncio's loop saw the reset at once.
+    Six frames, six TLS records: the sweep read one a pass, the carrier never
+    silent, and the call was held six passes (12.5 s here; the review of
+    session 35)."""
     caplog.set_level(logging.INFO, logger="fleet_ingress.access")
 
     async def listening(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -243,12 +252,14 @@ async def test_a_carrier_whose_last_frame_and_reset_arrive_together_is_ended_by_
     try:
         ingress = await start_ingress([fleet.line("quiet")], timeouts={"carrier_silence": 8})
         port = ingress.wss_address[1]
-        head = await asyncio.to_thread(_last_frame_and_reset, port, tls_files.client_context())
+        head = await asyncio.to_thread(
+            _last_frames_and_reset, port, tls_files.client_context(), frames
+        )
         assert head.startswith(b"HTTP/1.1 101 "), head
         await eventually(lambda: bool(access_entries(caplog)), timeout=12)
         (entry,) = access_entries(caplog)
         assert entry["end_reason"] == "carrier_reset", entry
-        assert entry["bytes_from_carrier"] == 56 and entry["duration_s"] < 5, entry
+        assert entry["bytes_from_carrier"] == 56 * frames and entry["duration_s"] < 5, entry
     finally:
         await fleet.stop()
 

@@ -306,8 +306,9 @@ def _in_writes(*parts: bytes):
             b"HTTP/1.1 503 S\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
         ),
         (
+            # The 100 is not relayed (a WebSocket client reads it as the answer).
             [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nokZZ"],
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nok",
         ),
     ],
     ids=["length", "chunked-trailer", "after-100"],
@@ -349,3 +350,43 @@ async def test_a_fleet_answer_that_stalls_before_its_end_is_cut_and_logged_so(
         assert entry["detail"] == said, entry
     finally:
         await fleet.stop()
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ],
+    ids=["100", "103", "100-102"],
+)
+async def test_a_fleets_interim_answers_before_its_refusal_do_not_reach_the_carrier(
+    start_ingress: StartIngress, tls_files: TLSFiles, interim: bytes, caplog
+) -> None:
+    """As before a 101: a fleet's unasked-for 1xx before its 429 was relayed, and
+    the carrier's WebSocket client read it as the answer ("HTTP 100": not the
+    429 its retry and back-off look for) while the access log said 429 (the
+    review of session 35). The carrier gets the 429 alone, its body whole."""
+    import logging
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    from tests.support import access_entries, eventually, wss_url
+
+    refusal = b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 4\r\n\r\nbusy"
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    fleet = await RawFleet(tls_files.fleet_server_context(), answer(interim + refusal)).start()
+    try:
+        ingress = await start_ingress([fleet.line("raw")])
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(wss_url(ingress), ssl=tls_files.client_context()):
+                pass
+        assert refused.value.response.status_code == 429, refused.value
+        got = await raw_exchange(ingress, tls_files, CALL)
+    finally:
+        await fleet.stop()
+    assert got == refusal, got
+    await eventually(lambda: len(access_entries(caplog)) == 2)
+    assert [e["status"] for e in access_entries(caplog)] == [429, 429]

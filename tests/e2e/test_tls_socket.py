@@ -899,6 +899,39 @@ async def test_a_bare_fin_is_an_unclean_end(
     assert peer.eof and peer.conn.peer_ended_cleanly is False and peer.exc is None
 
 
+async def test_last_records_and_a_reset_together_are_read_to_the_reset_and_registering_again_works(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """uvloop closes a descriptor's poll after an error event (libuv's POLLERR),
+    calling its reader once: of three records and the reset that came with them,
+    one was read, and nothing more. Registering again (a carrier's call linked:
+    `meter(None)`) raised "the handler is closed" (uvloop issue 552), the call
+    left half linked. The sweep's `read_if_ended` reads the rest and the reset
+    (the review of session 35). asyncio's loop reads on by itself."""
+    from fleet_ingress.net.cpu_meter import CpuMeter
+
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    peer.conn.meter(CpuMeter())  # a carrier's connection until its call is linked
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(3):
+        conn.write(b"x" * 50)  # a TLS record each, one TCP segment
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: len(peer.data) >= 50)
+    await asyncio.sleep(0.1)
+    peer.conn.meter(None)  # raised RuntimeError on uvloop
+    await asyncio.sleep(0.05)
+    peer.conn.read_if_ended()  # as the silence sweep does
+    await eventually(lambda: peer.lost)
+    assert bytes(peer.data) == b"x" * 150
+    assert isinstance(peer.exc, ConnectionResetError), peer.exc
+
+
 async def test_a_key_update_mid_stream_with_a_full_socket(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:

@@ -280,7 +280,9 @@ async def test_bytes_to_the_carrier_count_what_follows_the_fleets_head_in_its_fi
     pump = await pump_with_fleet(answer_in_one_write)
     reader, writer = await pump.carrier()
     writer.write(UPGRADE.format(path="/ws/bot-1").encode())
-    assert await asyncio.wait_for(reader.read(-1), 5) == answer + after_head
+    # The answer's own head: a 1xx before it is not relayed (the review of session 35).
+    head = answer[answer.rindex(b"HTTP/1.1 ") :]
+    assert await asyncio.wait_for(reader.read(-1), 5) == head + after_head
     await eventually(lambda: not pump.ctx.registry.calls)
     assert pump.ctx.registry.ended_bytes_to_carrier == len(after_head)
     writer.close()

@@ -36,6 +36,30 @@ def test_100_continue_before_101_is_skipped():
     assert ex.relayed_head_bytes == len(b"HTTP/1.1 101 OK\r\n" + SWITCH)
 
 
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.js>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\n\nHTTP/1.1 102 Processing\r\n\r\n",
+    ],
+    ids=["103", "bare-lf-100-102"],
+)
+def test_1xx_before_a_refusal_is_not_relayed(interim: bytes):
+    """As before a 101 (the review of session 35): the carrier's WebSocket
+    client reads the first head as its answer, and was told 103 for a 429."""
+    answer = b"HTTP/1.1 429 Busy\nContent-Length: 4\n\nbusy"
+    ex = _exchange()
+    fed = b""
+    for part in (interim, answer[:20], answer[20:]):  # the head's end in a later read
+        fed += part
+        progress = ex.feed(part)
+    assert progress is Progress.HEAD_COMPLETE and ex.head is not None
+    assert ex.head.status == 429 and ex.advance() is Progress.BODY_COMPLETE
+    # A refusal's head is relayed as the fleet wrote it (bare LFs too), alone.
+    assert ex.relayable(fed) == answer
+    assert ex.relayed_head_bytes == len(answer) - 4
+
+
 def test_429_with_content_length_body():
     ex = _exchange()
     assert ex.feed(b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 4\r\n\r\nab") is (

@@ -8,9 +8,9 @@ answer to the WebSocket handshake sent, is no answer (502); a folded header
 line has its line break replaced by spaces (section 5.2); a 101 is passed on as
 HTTP/1.1 with CRLF line ends, which a carrier's WebSocket client requires (a
 fleet's bare LF, or an `HTTP/1.0 101`, is read as section 2.2 allows and
-written as it should have been), and alone, without the 1xx answers that came
-before it, which such a client takes for its answer; bytes after the end of an
-answer are not the answer's (`relayable`).
+written as it should have been); an answer, a 101 or not, is passed on alone,
+without the 1xx answers that came before it, which such a client takes for its
+answer; bytes after the end of an answer are not the answer's (`relayable`).
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 # A line end without its CR (RFC 9112 2.2: a recipient MAY read it as one).
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-# A status line (at the head's start, or after a 1xx head's end) of a 101 as HTTP/1.0.
-_STATUS_101_HTTP_1_0 = re.compile(rb"(?:\A|(?<=\r\n))HTTP/1\.0 101(?= |\r\n)")
-# Where a head that follows an interim (1xx) head starts, line ends made CRLF.
-_NEXT_HEAD = re.compile(rb"(?<=\r\n\r\n)HTTP/")
+# The status line of a 101 as HTTP/1.0 (the head's first: any 1xx before it is dropped).
+_STATUS_101_HTTP_1_0 = re.compile(rb"HTTP/1\.0 101(?= |\r\n)")
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -94,6 +92,8 @@ class FleetExchange:
         self.unfolded_head: bytes | None = None
         # Bytes fed after the end of a non-101 answer: not the answer's.
         self.surplus = 0
+        # Of the bytes fed, the 1xx answers before the answer (not relayed).
+        self._interim_bytes = 0
         # The body broke off (closed before its Content-Length, a chunk cut):
         # `advance` says BODY_COMPLETE all the same, the end of what there is.
         self.cut_short = False
@@ -160,7 +160,9 @@ class FleetExchange:
                     self._check_switch(list(event.headers))
                     self._head_done(ResponseHead(101, switched=True))
                     return Progress.HEAD_COMPLETE
-                continue  # 100 Continue and friends: wait for the real answer
+                # 100 Continue and friends: wait for the real answer.
+                self._interim_bytes = self._fed - len(self._conn.trailing_data[0])
+                continue
             if isinstance(event, h11.Response):
                 self._head_done(ResponseHead(event.status_code, switched=False))
                 return Progress.HEAD_COMPLETE
@@ -203,21 +205,19 @@ class FleetExchange:
             self.unfolded_head = _FOLD.sub(
                 lambda fold: b" " * len(fold[0]), bytes(raw[:head_bytes])
             )
-        if head.switched:
+        if head.switched or self._interim_bytes:
             given = self.unfolded_head or bytes(raw[:head_bytes])
-            # The 101's status line is the last one in the head (a 100 may come first).
-            fixed = _BARE_LF.sub(b"\r\n", given)
-            lines = [m.start() for m in _STATUS_101_HTTP_1_0.finditer(fixed)]
-            if lines:
-                fixed = fixed[: lines[-1]] + b"HTTP/1.1" + fixed[lines[-1] + 8 :]
-            # A 1xx before the 101 (a 100 Continue, a 103 Early Hints) is not
+            # A 1xx before the answer (a 100 Continue, a 103 Early Hints) is not
             # passed on: a carrier's WebSocket client reads the first head as its
-            # answer and refused the call ("HTTP 100") while the access log said
-            # 101 (the odd-fleet audit of session 35). The carrier sent no
-            # Expect to the fleet (`request_head`), so it asked for none.
-            heads = [m.start() for m in _NEXT_HEAD.finditer(fixed)]
-            if heads:
-                fixed = fixed[heads[-1] :]
+            # answer, and refused a call ("HTTP 100") while the access log said
+            # 101 (the odd-fleet audit of session 35), or was told 100 for a 429
+            # its retry and back-off look for (the review of session 35). The
+            # carrier sent no Expect to the fleet (`request_head`): it asked for none.
+            fixed = given[self._interim_bytes :]
+            if head.switched:
+                fixed = _BARE_LF.sub(b"\r\n", fixed)
+                if _STATUS_101_HTTP_1_0.match(fixed):
+                    fixed = b"HTTP/1.1" + fixed[8:]
             if fixed != given:
                 self.unfolded_head = fixed
         self.head = head

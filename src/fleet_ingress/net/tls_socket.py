@@ -114,6 +114,9 @@ READ_BUFFER_SIZE = 64 * 1024
 _READ_BUFFER = memoryview(bytearray(READ_BUFFER_SIZE))
 # Reads per readable callback at most, so one busy connection cannot hold the loop.
 MAX_READS_PER_WAKE = 16
+# Loop turns of reads a silence sweep pass gives a connection TCP says has
+# ended (`TLSConnection.read_if_ended`): a read each, as a poll would.
+ENDED_READS_PER_PASS = 4096
 # Flow control: the high-water mark of net/proxy.py's transports; writing resumes
 # once the buffer has drained (a write that could not finish keeps its bytes).
 WRITE_HIGH_WATER = 64 * 1024
@@ -306,10 +309,30 @@ class TLSConnection:
         (core/accept_pacing.py). The loop is given other callbacks while metered,
         so a call's hot path pays nothing for it."""
         self._meter = meter
-        if self._reader_on:
-            self._loop.add_reader(self._fd, self._read_callback())  # replaces the callback
+        if self._reader_on:  # replaces the callback
+            self._register(self._loop.add_reader, self._loop.remove_reader, self._read_callback())
         if self._writer_on:
-            self._loop.add_writer(self._fd, self._write_callback())
+            self._register(self._loop.add_writer, self._loop.remove_writer, self._write_callback())
+
+    def _register(
+        self,
+        add: Callable[[int, Callable[[], None]], object],
+        remove: Callable[[int], object],
+        callback: Callable[[], None],
+    ) -> None:
+        """`add(fd, callback)`; where uvloop refuses it for the descriptor's poll it
+        closed after an error event and keeps ("unable to perform operation on
+        <UVPoll closed=True>; the handler is closed", uvloop issue 552: the peer's
+        last bytes and its reset read as the bytes alone, see `read_if_ended`),
+        that poll is dropped and a new one made, which reports the error. The
+        call linked with such a carrier raised it, half linked, and was held."""
+        try:
+            add(self._fd, callback)
+        except RuntimeError:
+            if self._loop.is_closed():
+                raise
+            remove(self._fd)
+            add(self._fd, callback)
 
     def _read_callback(self) -> Callable[[], None]:
         return self._on_readable if self._meter is None else self._on_readable_metered
@@ -718,12 +741,38 @@ class TLSConnection:
         held until carrier_silence, logged carrier_silent: the odd-fleet audit
         of session 35). asyncio's loop polls on, and reads the error. The
         silence sweep calls this for each side of a call: one getsockopt, which
-        unlike SO_ERROR consumes nothing the read needs."""
-        if self._state is not _OPEN or self._paused or self._eof or self._handler is None:
+        unlike SO_ERROR consumes nothing the read needs. What the connection
+        holds is read to its end, a read a loop turn as the poll would
+        (`_read_ended`): one read a pass took a record a pass, and a carrier
+        whose last frames came as several records was held a pass each, never
+        silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s)."""
+        if not self._reading_wanted():
             return
         info = _tcp_info(self._sock)
         if info and info[:1] != _TCP_ESTABLISHED:
-            self._on_readable()
+            self._read_ended(ENDED_READS_PER_PASS)
+
+    def _reading_wanted(self) -> bool:
+        return (
+            self._state is _OPEN
+            and not self._paused
+            and not self._eof
+            and not self._want_write_for_read
+            and self._handler is not None
+        )
+
+    def _read_ended(self, turns: int) -> None:
+        """A read, and another on the next loop turn (at most `turns` in all),
+        until the connection TCP says has ended is read to its end (the reset
+        or the FIN read), or stops being read (paused: flow control; the next
+        pass goes on). Each read makes way: after a FIN or a reset the socket
+        has data, an end or an error to give, never nothing; the bound is for
+        a connection that would not end, to cost a pass no more than this."""
+        if not self._reading_wanted():
+            return
+        self._on_readable()
+        if turns > 1 and self._reading_wanted():
+            self._loop.call_soon(self._read_ended, turns - 1)
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
@@ -868,13 +917,13 @@ class TLSConnection:
         ):
             self._reader_on = reading
             if reading:
-                loop.add_reader(fd, self._read_callback())
+                self._register(loop.add_reader, loop.remove_reader, self._read_callback())
             else:
                 loop.remove_reader(fd)
         if writing != self._writer_on:
             self._writer_on = writing
             if writing:
-                loop.add_writer(fd, self._write_callback())
+                self._register(loop.add_writer, loop.remove_writer, self._write_callback())
             else:
                 loop.remove_writer(fd)
 
