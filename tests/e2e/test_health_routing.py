@@ -771,9 +771,17 @@ async def test_a_health_body_the_fleet_would_compress_is_asked_for_plain_and_rea
             body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
         )
 
+    async def empty_encoding(_: web.Request) -> web.Response:
+        # An empty header names no coding (RFC 9110 8.4: the body as it is).
+        body = b'{"fleet_available": 3}'
+        return web.Response(
+            body=body, headers={"Content-Type": "application/json", "Content-Encoding": ""}
+        )
+
     app = web.Application()
     app.router.add_get("/health/fleet", honours)
     app.router.add_get("/forced", forces)
+    app.router.add_get("/empty", empty_encoding)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls_files.fleet_server_context())
@@ -782,13 +790,15 @@ async def test_a_health_body_the_fleet_would_compress_is_asked_for_plain_and_rea
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         (spec,) = parse_fleets_text(f"https://127.0.0.1:{port} name=z", default_maxconn=16)
         fleet_ssl = fleet_ssl_context(verify=True, ca_file=tls_files.ca_pem)
-        for path in ("/health/fleet", "/forced"):
+        for path in ("/health/fleet", "/forced", "/empty"):
             settings = ProbeSettings(path, "fleet_available", 1.0, 2.0, 2, 2)
             async with health_session(fleet_ssl, settings) as session:
                 result = await probe_fleet(session, spec, settings)
             if path == "/health/fleet":
                 assert result.passed and result.capacity == 5, result
                 assert asked == ["identity"]
+            elif path == "/empty":
+                assert result.passed and result.capacity == 3, result
             else:
                 assert not result.passed
                 assert result.reason == "body sent with Content-Encoding: gzip, not as JSON", result

@@ -124,8 +124,10 @@ async def probe_fleet(
                     body += chunk
                     if len(body) > MAX_HEALTH_BODY:
                         break
-                encoding = response.headers.get("Content-Encoding", "identity").strip()
-                if response.status == 200 and encoding.lower() != "identity":
+                # Absent, empty or "identity": the body as it is (an empty
+                # header names no coding).
+                encoding = response.headers.get("Content-Encoding", "").strip()
+                if response.status == 200 and encoding.lower() not in ("", "identity"):
                     said = f"Content-Encoding: {encoding[:40]}"
                     verdict = failed(f"body sent with {said}, not as JSON")
                 else:
