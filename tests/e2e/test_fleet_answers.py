@@ -346,7 +346,7 @@ async def test_a_fleet_answer_that_stalls_before_its_end_is_cut_and_logged_so(
         await asyncio.sleep(0.2)  # the fleet side's close, then the line
         (entry,) = access_entries(caplog)
         assert (entry["status"], entry["end_reason"]) == (429, "refused"), entry
-        said = "the fleet's answer stalled before its end: cut after 1s without a byte"
+        said = "the fleet's answer stalled before its end: cut, no byte for timeouts.response (1s)"
         assert entry["detail"] == said, entry
     finally:
         await fleet.stop()

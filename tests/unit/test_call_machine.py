@@ -644,7 +644,8 @@ def test_a_relayed_answer_cut_for_its_stall_says_so():
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
     assert pb
     assert machine.error_text == (
-        f"the fleet's answer stalled before its end: cut after {RESPONSE_S:g}s without a byte"
+        "the fleet's answer stalled before its end: "
+        f"cut, no byte for timeouts.response ({RESPONSE_S:g}s)"
     )
 
 

@@ -865,7 +865,7 @@ class CallMachine:
             # the carrier gets it cut short ("refused" alone hid that).
             self.error_text = (
                 "the fleet's answer stalled before its end: "
-                f"cut after {self.rules.response_timeout:g}s without a byte"
+                f"cut, no byte for timeouts.response ({self.rules.response_timeout:g}s)"
             )
         self._end(event.reason)
         goodbye = self._goodbye(tunnel)
