@@ -600,7 +600,26 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     process = data.get("process")
     if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
         data["process"] = {**process, "worker_hang_timeout": 0.0}
+    # Likewise the upper bounds of session 35, which such releases did not
+    # have: a value past one, handed over, reads as the bound (past what a
+    # worker or a host carries anyway), not a refusal at every respawn.
+    for (section, key), bound in _BOUNDED_SINCE_35.items():
+        table = data.get(section)
+        if isinstance(table, dict):
+            value = table.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                data[section] = {**table, key: bound}
     return _build(data, _Load(base_dir=base_dir), source)
+
+
+# The upper bounds the bounds audit of session 35 set on values any number of
+# which older releases took (config_from_json).
+_BOUNDED_SINCE_35 = {
+    ("limits", "max_connections"): MAX_CONNECTIONS,
+    ("limits", "max_header_bytes"): MAX_HEADER_BYTES,
+    ("fleets", "maxconn"): MAX_MAXCONN,
+    ("process", "workers"): MAX_WORKERS,
+}
 
 
 def _unknown_env_sections() -> list[str]:
