@@ -231,6 +231,26 @@ def test_a_value_from_the_environment_is_named_where_the_file_says_otherwise(
     assert status == 0 and output.splitlines()[-1].startswith("OK: 1 fleet,")
 
 
+def test_a_finding_of_a_value_from_a_table_in_the_environment_names_no_line_of_the_file(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLEET_INGRESS_TIMEOUTS='{"connect": 200}' sets timeouts.connect as
+    FLEET_INGRESS_TIMEOUTS__CONNECT=200 does: its warning named the line of
+    the file's `connect = 5` (`ingress.toml line 8: timeouts.connect = 200
+    seconds`), a line that says otherwise. The file's keys the table does not
+    set keep their line."""
+    append(deployment, "[timeouts]\nqueue = 3\nconnect = 5\nrequest = 150\n")
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS", '{"connect": 200}')
+    assert load_config(deployment).timeouts.connect == 200
+    found = check_configuration(deployment)
+    assert found[:2] == [
+        f"{WARNING}{deployment}: timeouts.connect = 200 seconds: seconds were meant, "
+        "not milliseconds?",
+        f"{WARNING}{deployment} line 9: timeouts.request = 150 seconds: seconds were meant, "
+        "not milliseconds?",
+    ], found
+
+
 def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None:
     leaf = ca.issue_cert("calls.example.com", not_after=datetime.now(UTC) + timedelta(days=3))
     write_certbot_files(deployment.parent, leaf)

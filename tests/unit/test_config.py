@@ -928,6 +928,62 @@ def test_a_supervisor_of_a_release_that_took_an_infinite_hang_timeout_hands_it_o
         load_config(write(tmp_path, "[process]\nworker_hang_timeout = inf\n"))
 
 
+def test_a_supervisor_of_a_release_without_the_upper_bounds_hands_its_values_over(
+    tmp_path: Path,
+) -> None:
+    """Releases before the bounds audit of session 35 took any number for
+    limits.max_connections, limits.max_header_bytes, fleets.maxconn and
+    process.workers, and hand it to each worker they start. A worker of this
+    release started by such a supervisor (a replacement while the venv holds
+    this release, before the `upgrade`; or a reload it is handed) refused it
+    and exited, again at each respawn, as for the Infinity above. Handed over,
+    each reads as its bound (past what a worker or a host carries); written
+    in the file, each is still refused."""
+    from fleet_ingress.config.settings import config_from_json
+
+    old_release_wrote = (
+        '{"limits": {"max_connections": 2000000, "max_header_bytes": 4194304}, '
+        '"fleets": {"maxconn": 99999999}, "process": {"workers": 2048}}'
+    )
+    handed = config_from_json(old_release_wrote, base_dir=tmp_path)
+    assert handed.limits.max_connections == 1_048_576
+    assert handed.limits.max_header_bytes == 1_048_576
+    assert handed.fleets.maxconn == 1_000_000
+    assert handed.process.workers == 1024
+    # Within the bounds, handed as they are.
+    within = config_from_json('{"fleets": {"maxconn": 64}}', base_dir=tmp_path)
+    assert within.fleets.maxconn == 64
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, "[limits]\nmax_connections = 2000000\n"))
+
+
+def test_a_handed_configuration_is_not_judged_again_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handed configuration already holds what the environment set (the
+    supervisor read it with the same environment, which its workers inherit).
+    Applied again, a value an older release took from a variable
+    (FLEET_INGRESS_PROCESS__WORKER_HANG_TIMEOUT=inf, a maxconn past the bound),
+    or one variable in two cases, was refused by a worker of this release
+    started by such a supervisor, at every respawn, whatever the JSON said."""
+    from fleet_ingress.config.settings import config_from_json
+
+    monkeypatch.setenv("FLEET_INGRESS_PROCESS__WORKER_HANG_TIMEOUT", "inf")
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "5000000")
+    monkeypatch.setenv("FLEET_INGRESS_LOG__LEVEL", "debug")
+    monkeypatch.setenv("fleet_ingress_log__level", "warning")
+    old_release_wrote = (
+        '{"fleets": {"maxconn": 5000000}, "log": {"level": "debug"}, '
+        '"process": {"worker_hang_timeout": Infinity}}'
+    )
+    handed = config_from_json(old_release_wrote, base_dir=tmp_path)
+    assert handed.process.worker_hang_timeout == 0
+    assert handed.fleets.maxconn == 1_000_000
+    assert handed.log.level == "debug"  # as the supervisor ran it
+    with pytest.raises(ConfigError):  # read from the environment, refused as before
+        load_config(None)
+
+
 def test_a_table_from_the_environment_names_only_the_file_values_it_hides(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -309,6 +309,25 @@ def test_a_maxconn_of_thousands_of_digits_and_a_token_of_100_kb_are_named_briefl
     assert spec.maxconn == 1_000_000
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_a_comment_holding_a_unicode_line_separator_stays_a_comment(separator: str) -> None:
+    """A line ends at LF (CRLF) only, as an editor and `grep -n` show it:
+    str.splitlines() also ended one at U+2028, U+2029 and U+0085 (pasted from
+    a web page or a chat), so the rest of a comment was read as a fleet's line:
+    a fleet commented out was served, and every line below named one too low."""
+    text = f"# retired:{separator}https://old.example\nhttps://a.example\r\nhttps://a.example\n"
+    with pytest.raises(FleetsFileError) as caught:
+        parse(text)
+    assert str(caught.value).startswith("fleets.txt line 3: 'https://a.example' ")
+    (spec,) = parse(f"# retired:{separator}https://old.example\nhttps://a.example\r\n")
+    assert spec.name == "a.example"
+    # A lone CR (old Mac files) still ends a line, as it did.
+    assert [s.name for s in parse("https://a.example\rhttps://b.example\r")] == [
+        "a.example",
+        "b.example",
+    ]
+
+
 def test_a_maxconn_no_host_could_carry_is_refused_as_the_configurations_is() -> None:
     """maxconn=100000000 was taken (any 18 digits were): more calls to one fleet
     than an ingress host's source ports could open to it (64,512 per fleet

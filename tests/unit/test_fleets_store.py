@@ -225,3 +225,18 @@ def test_a_write_removes_the_temp_files_of_writers_killed_mid_write(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["fleets.txt", alive.name, other.name]
     )
+
+
+def test_an_edit_reads_lines_as_the_fleets_file_does() -> None:
+    """A comment holding U+2028 is one line, as parse_fleets_text reads it:
+    the edit's own split (str.splitlines) took the comment's rest for a
+    fleet's line, and remove-fleet of a fleet commented out cut the comment
+    in two rather than saying it is not listed."""
+    text = "# retired:\u2028https://old.example\nhttps://a.example\n"
+    with pytest.raises(FleetNotListed):
+        text_without_fleet(text, "old.example", default_maxconn=16)
+    drained = text_with_admin_state(text, "a.example", Admin.DRAIN, default_maxconn=16)
+    assert drained == "# retired:\u2028https://old.example\nhttps://a.example admin=drain\n"
+    assert text_without_fleet(text, "a.example", default_maxconn=16) == (
+        "# retired:\u2028https://old.example\n"
+    )

@@ -1,5 +1,7 @@
 """The line of a configuration key, found from the file's text (config.key_lines)."""
 
+import pytest
+
 from fleet_ingress.config.key_lines import key_line
 
 TEXT = '''\
@@ -54,3 +56,19 @@ def test_text_it_cannot_read_ends_the_search_without_an_error() -> None:
     assert key_line(text, ("fleets", "fall")) == 1
     assert key_line('a = "x\\"y" # "\nb = 2\n', ("b",)) == 2
     assert key_line("a = '''x\n'''''\nb = 2\n", ("b",)) == 3
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+def test_only_a_newline_ends_a_line_as_toml_counts_them(separator: str) -> None:
+    """TOML ends a line at LF (CRLF) only: U+2028, U+2029 and U+0085 are
+    characters a comment or a string may hold (pasted from a web page), and
+    tomllib's own line numbers count none of them. str.splitlines() ended a
+    line at each: every key below was named one line too low, and a comment's
+    rest could pass for a key."""
+    text = f"# copied from the wiki:{separator}\n[fleets]\nmaxconn = 0\n"
+    assert key_line(text, ("fleets", "maxconn")) == 3
+    text = f'[routes]\nnotes = "a{separator}b"\n[fleets]\nmaxconn = 0\n'
+    assert key_line(text, ("fleets", "maxconn")) == 4
+    text = f"# see{separator}maxconn = 1\n[fleets]\r\nmaxconn = 0\r\n"
+    assert key_line(text, ("maxconn",)) is None
+    assert key_line(text, ("fleets", "maxconn")) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import re
 import socket
@@ -239,18 +240,36 @@ def _with_key_lines(lines: list[str], path: Path) -> list[str]:
         return lines
     named = re.compile(rf"(?:{re.escape(WARNING)})?{re.escape(str(path))}: (\w+)\.(\w+)(?=[:, =])")
     written = key_lines(text)
-    in_environment = {name.upper() for name in os.environ}
     placed = []
     for line in lines:
         found = named.match(line)
         section, key = found.groups() if found else ("", "")
         at = written.get((section.lower(), key))  # the key itself, not its section's line
-        if found is None or at is None or f"{ENV_PREFIX}{section}__{key}".upper() in in_environment:
+        if found is None or at is None or _from_environment(section, key):
             placed.append(line)
             continue
         start = found.start(1) - 2  # the ": " after the path
         placed.append(f"{line[:start]} line {at}{line[start:]}")
     return placed
+
+
+def _from_environment(section: str, key: str) -> bool:
+    """Whether a variable sets `section.key`: its own, one below it, or its
+    section's table (JSON) holding the key, as `run` merges them."""
+    name = f"{ENV_PREFIX}{section}__{key}".upper()
+    table = f"{ENV_PREFIX}{section}".upper()
+    for variable, value in os.environ.items():
+        upper = variable.upper()
+        if upper == name or upper.startswith(name + "__"):
+            return True
+        if upper == table:
+            try:
+                setting = json.loads(value)
+            except ValueError:
+                return True  # refused as the configuration is read; no line either way
+            if not isinstance(setting, dict) or key in setting:
+                return True
+    return False
 
 
 # Timeouts above this many seconds were likely written in milliseconds.

@@ -26,6 +26,8 @@ from fleet_ingress.core.addresses import (
 from fleet_ingress.core.fleet_spec import MAX_MAXCONN, Admin, FleetSpec
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# What ends a line of the fleets file (not str.splitlines(): see parse_fleets_text).
+LINE_END = re.compile(r"\r\n|\r|\n")
 _URL_FORM = "write it as https://HOST[:PORT]"
 # A name is typed in admin commands and shown in metrics labels: no spaces, and no
 # leading '-' so it is never mistaken for a command-line option. The default name
@@ -59,7 +61,10 @@ def parse_fleets_text(
     # The line each host and port is on, and that line's fleet (None: refused itself).
     endpoint_lines: dict[tuple[str, int], tuple[int, FleetSpec | None]] = {}
     # A byte-order mark, as some Windows editors save UTF-8: not part of line 1's URL.
-    for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+    # At LF, CRLF or CR, as editors and grep -n count: str.splitlines() also
+    # ends a line at U+2028, U+2029 and U+0085, and read the rest of a comment
+    # holding one as a fleet.
+    for lineno, line in enumerate(LINE_END.split(text.removeprefix("\ufeff")), start=1):
         tokens = line.split("#", 1)[0].split()
         if not tokens:
             continue

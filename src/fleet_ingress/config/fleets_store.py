@@ -8,6 +8,7 @@ then replaces the file, keeping the old one as `NAME.bak`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from fleet_ingress.config.fleets_file import (
@@ -75,7 +76,8 @@ def _edit_fleet_line(
     parse_fleets_text(text, default_maxconn=default_maxconn, source=source)
     out: list[str] = []
     found = False
-    for line in text.splitlines(keepends=True):
+    # Lines as parse_fleets_text counts them (LINE_END), each with its end.
+    for line in re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z", text):
         specs = parse_fleets_text(line, default_maxconn=default_maxconn)
         if specs and specs[0].name == name:
             found = True

@@ -24,7 +24,10 @@ def key_lines(text: str) -> dict[tuple[str, ...], int]:
     lines: dict[tuple[str, ...], int] = {}
     table: tuple[str, ...] = ()
     scanner = _Scanner()
-    for lineno, line in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):
+    # Split at LF alone, as TOML and tomllib count lines: str.splitlines() also
+    # ends one at U+2028, U+2029 and U+0085, which a comment or string may hold.
+    for lineno, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if scanner.continues:  # inside a multi-line string or array: no key here
             scanner.scan(line)
             continue

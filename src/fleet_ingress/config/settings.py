@@ -400,6 +400,9 @@ class ProcessSection(_Section):
 class _Load:
     toml_file: Path | None = None
     base_dir: Path | None = None
+    # False: a configuration handed over (config_from_json), which holds what
+    # the environment set already: not judged by the environment again.
+    environment: bool = True
 
 
 # pydantic-settings builds sources inside the constructor, with no argument to carry the
@@ -434,7 +437,10 @@ class IngressConfig(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Earlier wins: the environment overrides what the file (or caller's dict) says.
-        toml_file = _LOAD.get().toml_file
+        load = _LOAD.get()
+        if not load.environment:
+            return (init_settings,)
+        toml_file = load.toml_file
         if toml_file is None:
             return env_settings, init_settings
         return env_settings, init_settings, _TomlFile(settings_cls, toml_file)
@@ -585,7 +591,8 @@ def config_to_json(config: IngressConfig) -> str:
 
 def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     """`config_to_json`'s configuration, validated again (ConfigError if not),
-    the environment's overrides applied as to the file it was loaded from."""
+    as the supervisor read it: the environment's values in it already (the
+    worker inherits the same environment), not applied again."""
     source = "the configuration handed over by the supervisor"
     try:
         data = json.loads(text)
@@ -600,7 +607,30 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     process = data.get("process")
     if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
         data["process"] = {**process, "worker_hang_timeout": 0.0}
-    return _build(data, _Load(base_dir=base_dir), source)
+    # Likewise the upper bounds of session 35, which such releases did not
+    # have: a value past one, handed over, reads as the bound (past what a
+    # worker or a host carries anyway), not a refusal at every respawn.
+    for (section, key), bound in _BOUNDED_SINCE_35.items():
+        table = data.get(section)
+        if isinstance(table, dict):
+            value = table.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
+                data[section] = {**table, key: bound}
+    # Nor is the environment applied again: a value an older release took from
+    # a variable (FLEET_INGRESS_PROCESS__WORKER_HANG_TIMEOUT=inf, a maxconn past
+    # the bound), or one variable in two cases, refused by this release, made
+    # such a worker exit at every respawn whatever the JSON said.
+    return _build(data, _Load(base_dir=base_dir, environment=False), source)
+
+
+# The upper bounds the bounds audit of session 35 set on values any number of
+# which older releases took (config_from_json).
+_BOUNDED_SINCE_35 = {
+    ("limits", "max_connections"): MAX_CONNECTIONS,
+    ("limits", "max_header_bytes"): MAX_HEADER_BYTES,
+    ("fleets", "maxconn"): MAX_MAXCONN,
+    ("process", "workers"): MAX_WORKERS,
+}
 
 
 def _unknown_env_sections() -> list[str]:
@@ -785,7 +815,7 @@ def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
 
 
 def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
-    if problems := _variables_in_two_cases() + _unknown_env_sections():
+    if load.environment and (problems := _variables_in_two_cases() + _unknown_env_sections()):
         raise ConfigError(problems)
     toml_data: dict[str, Any] = {}
     text = ""  # the file's, for the line of each key a problem names
@@ -801,7 +831,7 @@ def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
     try:
         config = IngressConfig(**data)
     except ValidationError as exc:
-        others = [_describe(error, source, text) for error in exc.errors()]
+        others = [_describe(error, source, text, load.environment) for error in exc.errors()]
         # A key with a wrong type is named once, by the clearer of the two messages.
         others = [line for line in others if not any(f": {key}: " in line for key in wrong_types)]
         raise ConfigError([*twice, *wrong_types.values(), *others]) from None
@@ -864,7 +894,7 @@ def _where(source: str, text: str, loc: tuple[str | int, ...]) -> str:
     return source if line is None else f"{source} line {line}"
 
 
-def _describe(error: Any, source: str, text: str = "") -> str:
+def _describe(error: Any, source: str, text: str = "", environment: bool = True) -> str:
     loc: tuple[str | int, ...] = error["loc"]
     dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     if not dotted.isprintable():  # an unknown key's name is the file's text: no escapes shown raw
@@ -887,7 +917,7 @@ def _describe(error: Any, source: str, text: str = "") -> str:
             problem += f" (got {error['input']!r})"
         if error["type"] == "finite_number" and dotted in _ZERO_MEANS:  # inf meant "never"
             problem += f"; {_ZERO_MEANS[dotted]}"
-    hint = _env_hint(loc)
+    hint = _env_hint(loc) if environment else ""
     problem += hint
     # From the environment, the variable is named: no line of the file holds it.
     where = source if hint else _where(source, text, loc)
