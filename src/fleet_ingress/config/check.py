@@ -274,6 +274,9 @@ def _from_environment(section: str, key: str) -> bool:
 
 # Timeouts above this many seconds were likely written in milliseconds.
 MILLISECONDS_LIKELY = 100.0
+# timeouts.tcp_user_timeout's: minutes are a fair choice there (a carrier's
+# call held through a link down that long), 20000 (20 s in ms) is not.
+USER_TIMEOUT_MILLISECONDS_LIKELY = 1000.0
 # The shipped unit's TimeoutStopSec: systemd kills what still drains after it.
 UNIT_STOP_TIMEOUT = 330.0
 
@@ -290,17 +293,18 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             '["conn-failure", "empty-response", "response-timeout"]: add to it)'
         )
     t, f = config.timeouts, config.fleets
-    for key, value in (
-        ("timeouts.connect", t.connect),
-        ("timeouts.response", t.response),
-        ("timeouts.request", t.request),
-        ("timeouts.queue", t.queue),
+    ms_likely = MILLISECONDS_LIKELY
+    for key, value, likely in (
+        ("timeouts.connect", t.connect, ms_likely),
+        ("timeouts.response", t.response, ms_likely),
+        ("timeouts.request", t.request, ms_likely),
+        ("timeouts.queue", t.queue, ms_likely),
         # A dead peer's unacknowledged data waits this long: 20000 is 5.5 hours.
-        ("timeouts.tcp_user_timeout", t.tcp_user_timeout),
-        ("fleets.check_interval", f.check_interval),
-        ("fleets.check_timeout", f.check_timeout),
+        ("timeouts.tcp_user_timeout", t.tcp_user_timeout, USER_TIMEOUT_MILLISECONDS_LIKELY),
+        ("fleets.check_interval", f.check_interval, ms_likely),
+        ("fleets.check_timeout", f.check_timeout, ms_likely),
     ):
-        if value >= MILLISECONDS_LIKELY:
+        if value >= likely:
             doubts.append(f"{key} = {value:g} seconds: seconds were meant, not milliseconds?")
     if f.check_timeout > f.check_interval:
         doubts.append(
