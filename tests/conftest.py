@@ -44,8 +44,26 @@ def _tmp_path_too_long_for_sockets() -> bool:
     return len(os.fsencode(longest)) > 107
 
 
+def _compile_the_package() -> None:
+    """Write fleet_ingress's compiled files (__pycache__, ignored by git and by
+    release.code_digest). An editable install has none, and where
+    PYTHONDONTWRITEBYTECODE is set (these machines) no import writes them: each
+    process the tests start (a supervisor, each worker, a trial run, the
+    re-executed image, the CLI) compiled every module from source, 0.15 s of
+    a core each. compileall writes them whatever that variable says; an import
+    still checks each against its source (mtime and size), so a module edited
+    since, or planted in a copy, is compiled again, as before."""
+    import compileall
+
+    import fleet_ingress
+
+    compileall.compile_dir(os.path.dirname(fleet_ingress.__file__), quiet=1)
+
+
 @pytest.hookimpl(tryfirst=True)  # before tmpdir's reads the option
 def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # once, in xdist's controller
+        _compile_the_package()
     if config.option.basetemp is None and not hasattr(config, "workerinput"):
         if _tmp_path_too_long_for_sockets():
             config.option.basetemp = tempfile.mkdtemp(prefix="fi-pytest-", dir="/tmp")

@@ -39,6 +39,12 @@ from fleet_ingress.sim import SimulatedFleet, run_call
 from tests.support import TLSFiles, eventually, wss_url
 
 CLI = [sys.executable, "-m", "fleet_ingress"]
+# What these tests check is what an admin command or the CLI says and what it
+# writes: the commands are processes of their own (each 0.3-0.5 s to start,
+# most of these tests' time) and the admin socket's answers are the same text
+# on either loop, so they run once, on uvloop (`run`'s loop). The tests where
+# calls stream, end or wait on timers meanwhile keep both loops.
+CLI_TEXT = pytest.mark.uvloop_only
 
 
 @dataclass
@@ -185,6 +191,7 @@ async def test_drain_sends_new_calls_elsewhere_and_keeps_established_ones(
     assert d.fleet("a").reported_available == 32
 
 
+@CLI_TEXT
 async def test_admin_states_are_saved_in_the_fleets_file_and_hold_across_a_restart(
     deployment: Deployment,
 ):
@@ -241,6 +248,7 @@ async def test_a_reload_that_takes_a_fleet_out_of_maint_has_it_judged_afresh(
     await ws.close()
 
 
+@CLI_TEXT
 async def test_an_admin_state_that_cannot_be_saved_still_applies_and_says_so(
     deployment: Deployment,
 ):
@@ -283,6 +291,7 @@ async def test_a_live_state_the_file_does_not_record_is_kept_by_a_reload(
     assert d.fleet("a").admin is Admin.DRAIN
 
 
+@CLI_TEXT
 async def test_an_unsaved_admin_state_is_saved_by_the_next_write_that_succeeds(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ):
@@ -334,6 +343,7 @@ async def _unsaved_as_shown(d: Deployment) -> set[str]:
     return in_json
 
 
+@CLI_TEXT
 async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     deployment: Deployment, tmp_path: Path
 ):
@@ -356,6 +366,7 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
     assert b"cannot reach the admin socket" in err_b and b"Is fleet-ingress running?" in err_b
 
 
+@CLI_TEXT
 async def test_an_admin_connection_closed_before_its_answer_is_said_plainly(tmp_path: Path):
     """The ingress closes the connection after reading the request (an upgrade
     cut it): the CLI says so and what to check, not a ServerDisconnectedError
@@ -386,6 +397,7 @@ async def test_an_admin_connection_closed_before_its_answer_is_said_plainly(tmp_
     assert "fleet-ingress stat" in text
 
 
+@CLI_TEXT
 async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is_broken(
     deployment: Deployment,
 ):
@@ -403,6 +415,7 @@ async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is
     assert code == 2 and "TOML syntax error" in err and "--admin-socket" in err
 
 
+@CLI_TEXT
 async def test_a_relative_admin_socket_from_the_environment_is_the_one_the_ingress_uses(
     deployment: Deployment, tmp_path: Path
 ):
@@ -429,6 +442,7 @@ async def test_a_relative_admin_socket_from_the_environment_is_the_one_the_ingre
     assert f"using its admin socket {d.home / 'admin.sock'}" in err.decode()
 
 
+@CLI_TEXT
 async def test_stat_prints_a_table_and_json(deployment: Deployment):
     ws = await deployment.call()
     code, out, _ = await deployment.cli("stat")
@@ -481,6 +495,7 @@ async def test_the_stats_page_says_port_80_is_not_listening_when_listen_acme_is_
 # -- 3. add-fleet ----------------------------------------------------------------------
 
 
+@CLI_TEXT
 async def test_add_fleet_precheck_dry_run_persist_and_restart(deployment: Deployment):
     d = deployment
     before = d.fleets_file.read_bytes()
@@ -796,6 +811,7 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
         await ws.close()
 
 
+@CLI_TEXT
 async def test_remove_fleet_s_add_again_pasted_reaches_the_same_ingress(deployment: Deployment):
     """The command remove-fleet prints to add the fleet again, pasted as it is,
     asks the ingress the removal asked. It named no socket: with the admin
@@ -838,6 +854,7 @@ async def _paste(command: str) -> tuple[int, str]:
     return proc.returncode, out.decode() + err.decode()
 
 
+@CLI_TEXT
 @pytest.mark.parametrize("state", ["drain", "maint"])
 async def test_remove_fleet_s_add_again_restores_its_admin_state_and_pinned_maxconn(
     deployment: Deployment, state: str
@@ -873,6 +890,7 @@ async def test_remove_fleet_s_add_again_restores_its_admin_state_and_pinned_maxc
         await ws.close()
 
 
+@CLI_TEXT
 async def test_remove_fleet_s_add_again_said_twice_keeps_the_admin_state_in_force(
     deployment: Deployment,
 ):
@@ -903,6 +921,7 @@ async def test_remove_fleet_s_add_again_said_twice_keeps_the_admin_state_in_forc
         await ws.close()
 
 
+@CLI_TEXT
 async def test_remove_fleet_s_add_again_of_a_ready_fleet_at_the_default_stays_unpinned(
     deployment: Deployment,
 ):
@@ -914,6 +933,7 @@ async def test_remove_fleet_s_add_again_of_a_ready_fleet_at_the_default_stays_un
     assert f"\nto add it again: {again}\n" in out
 
 
+@CLI_TEXT
 async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(
     deployment: Deployment,
 ):
@@ -940,6 +960,7 @@ async def test_a_deleted_fleets_file_is_said_to_be_gone_and_where_its_copy_is(
     assert not d.fleets_file.exists()  # nothing wrote a file listing only some fleets
 
 
+@CLI_TEXT
 async def test_the_last_fleet_cannot_be_removed_and_a_reload_to_no_fleets_is_refused(
     deployment: Deployment,
 ):
