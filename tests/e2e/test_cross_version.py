@@ -339,3 +339,59 @@ async def test_an_upgrade_from_a_file_this_release_refuses_says_so_and_the_old_s
         _assert_no_loss(await load.results())
     finally:
         await service.finish()
+
+
+@pytest.mark.parametrize("direction", ["upgrade", "rollback"])
+async def test_a_supervisor_killed_before_the_upgrade_comes_back_as_the_installed_release(
+    systemd: systemd_box.PrivateSystemd,  # noqa: F811 (the fixture)
+    tls_files: TLSFiles,
+    fleet: SimulatedFleet,  # noqa: F811 (the fixture)
+    releases: tuple[Path, Path],
+    tmp_path: Path,
+    direction: str,
+) -> None:
+    """Under systemd: the other release installed, no `upgrade` yet, and the
+    supervisor killed outright (the OOM killer). systemd starts the installed
+    release, which reads the other's snapshot from the fd store and takes up
+    its serving workers with their calls; an `upgrade` then replaces them."""
+    old, new = releases
+    first, then = (old, new) if direction == "upgrade" else (new, old)
+    live = tmp_path / "live"
+    _install(live, first)
+    started = time.monotonic()
+    unit = await install(systemd, tls_files, fleet, pythonpath=live)
+    calls = [await a_call(unit, tls_files) for _ in range(2)]
+    try:
+        workers = {r["pid"] for r in (await unit.stats())["workers"]}
+        for n, call in enumerate(calls):
+            await echo(call, f"before {n}")
+        _install(live, then)
+        await asyncio.sleep(1.5)  # a snapshot of the calls (written every second)
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(30, ActiveState="active", NRestarts="1")
+        calls.append(await a_call(unit, tls_files))
+        for n, call in enumerate(calls):
+            await echo(call, f"after {n}")
+        assert _deaths(await unit.metrics()) == 1
+        assert len(unit.started_again()) == 1
+        stats = await unit.stats()
+        assert {r["pid"] for r in stats["workers"]} == workers, stats["workers"]
+        assert sum(f["active"] for f in stats["fleets"]) == 3, stats["fleets"]
+        code, shown = await asyncio.to_thread(unit.cli, "stat")
+        assert code == 0, shown
+        code, said = await asyncio.to_thread(unit.cli, "upgrade", timeout=120)
+        assert code == 0, said + unit.log_tail()
+        calls.append(await a_call(unit, tls_files))
+        for n, call in enumerate(calls):
+            await echo(call, f"upgraded {n}")
+        await close_calls(calls[:3])
+        async with asyncio.timeout(20):
+            while {r["generation"] for r in (await unit.stats())["workers"]} != {2}:
+                await asyncio.sleep(0.2)
+        stats = await unit.stats()
+        assert sum(f["active"] for f in stats["fleets"]) == 1, stats["fleets"]
+        errors = [e for e in unit.log() if e.get("level") in ("error", "critical")]
+        assert not errors, errors
+        print(f"crash before an upgrade ({direction}): {time.monotonic() - started:.1f}s")
+    finally:
+        await close_calls(calls)
