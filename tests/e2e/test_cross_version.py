@@ -221,20 +221,31 @@ async def test_a_worker_of_the_installed_release_started_by_a_supervisor_of_the_
         while not await serving():
             assert time.monotonic() < deadline, service.log_tail(3000)
             await asyncio.sleep(0.2)
-        # Its calls: many, so both workers take some.
+        replacement = {r["pid"] for r in (await service.stats())["workers"]} - {rows[1]["pid"]}
+        # Calls held until the replacement has some (both workers accept from
+        # one listening socket: whichever is first), 40 at most.
         load = Load(service, tls_files, lambda: sum(sim.active_calls for sim in fleets))
-        await load.start_long(10, duration=1.0)
+        for i in range(40):
+            load.long.append(load.call(f"long-{i}", duration=4.0))
+            await asyncio.sleep(0.1)
+            rows_now = (await service.stats())["workers"]
+            if any(r["calls"] for r in rows_now if r["pid"] in replacement):
+                break
         results = await load.results()
         _assert_no_loss(results)
         ended = {e["process"] for e in service.log() if e.get("event") == "call ended"}
-        assert len(ended) == 2
+        assert replacement <= ended, (replacement, ended)
         # Its reports read by the supervisor: every call counted once.
         async with asyncio.timeout(10):
             while (figures := await _counted(service)) != (len(results),) * 2:
                 assert all(n <= len(results) for n in figures), figures
                 await asyncio.sleep(0.2)
-        code, _, err = await _cli(service, live, "stat")
+        code, shown, err = await _cli(service, live, "stat")
         assert code == 0, err
+        # Which code each runs: the replacement the installed release's.
+        pids = {str(r["pid"]) for r in (await service.stats())["workers"]}
+        codes = {w[-1] for w in map(str.split, shown.splitlines()) if w and w[0] in pids}
+        assert len(codes) == 2, shown
         errors = [
             e
             for e in service.log()
