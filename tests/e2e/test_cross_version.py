@@ -406,3 +406,44 @@ async def test_a_supervisor_killed_before_the_upgrade_comes_back_as_the_installe
         print(f"crash before an upgrade ({direction}): {time.monotonic() - started:.1f}s")
     finally:
         await close_calls(calls)
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["worker_hang_timeout = inf", "\n[limits]\nmax_connections = 2000000"],
+)
+async def test_a_supervisor_killed_before_the_upgrade_comes_back_on_a_file_it_refuses(
+    systemd: systemd_box.PrivateSystemd,  # noqa: F811 (the fixture)
+    tls_files: TLSFiles,
+    fleet: SimulatedFleet,  # noqa: F811 (the fixture)
+    releases: tuple[Path, Path],
+    tmp_path: Path,
+    written: str,
+) -> None:
+    """The release before took a value this one refuses; this one installed,
+    no `upgrade` yet, and the supervisor killed outright: the one systemd
+    starts (this release) takes up the workers and serves what its predecessor
+    ran (its snapshot), as for a file broken on disk, until the file is fixed.
+    Before (the cross-version audit of session 35), a limit above this
+    release's bounds made the snapshot's configuration unreadable: it could
+    not start, and systemd started it again until its start limit."""
+    old, new = releases
+    live = tmp_path / "live"
+    _install(live, old)
+    started = time.monotonic()
+    unit = await install(systemd, tls_files, fleet, pythonpath=live, process=written)
+    call = await a_call(unit, tls_files)
+    try:
+        await echo(call, "before")
+        _install(live, new)
+        await asyncio.sleep(1.5)  # a snapshot of the call (written every second)
+        systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+        await unit.until(30, ActiveState="active", NRestarts="1")
+        await echo(call, "after the restart")
+        fresh = await a_call(unit, tls_files)
+        await echo(fresh, "a new call")
+        await close_calls([fresh])
+        assert len(unit.started_again()) == 1
+        print(f"crash on a file refused ({written!r}): {time.monotonic() - started:.1f}s")
+    finally:
+        await close_calls([call])
