@@ -97,10 +97,14 @@ async def _cli(service: RunningIngress, live: Path, *args: str) -> tuple[int, st
 
 
 async def _start(
-    live: Path, tls_files: TLSFiles, fleets: list[SimulatedFleet], extra: str = ""
+    live: Path,
+    tls_files: TLSFiles,
+    fleets: list[SimulatedFleet],
+    extra: str = "",
+    env: dict[str, str] | None = None,
 ) -> RunningIngress:
     lines = [f"{sim.url} name={sim.name} maxconn=300" for sim in fleets]
-    env = {"PYTHONPATH": str(live), **PATIENT_PROBES}
+    env = {"PYTHONPATH": str(live), **PATIENT_PROBES, **(env or {})}
     return await RunningIngress.start(tls_files, lines, workers=2, drain=15, env=env, extra=extra)
 
 
@@ -204,7 +208,12 @@ async def test_a_worker_of_the_installed_release_started_by_a_supervisor_of_the_
     live = tmp_path / "live"
     _install(live, first)
     extra = "\n[limits]\nmax_connections = 2000000\nmax_header_bytes = 2000000\n"
-    service = await _start(live, tls_files, fleets, extra=extra if first is old else "")
+    # ... and one variable in two cases (the release before took one of them).
+    env = {"FLEET_INGRESS_LIMITS__MAX_QUEUE": "200", "fleet_ingress_limits__max_queue": "300"}
+    if first is old:
+        service = await _start(live, tls_files, fleets, extra=extra, env=env)
+    else:
+        service = await _start(live, tls_files, fleets)
     started = time.monotonic()
     try:
         rows = (await service.stats())["workers"]

@@ -991,3 +991,26 @@ def test_a_supervisor_of_a_release_before_the_upper_bounds_hands_its_limits_over
     assert handed.fleets.file == tmp_path / "fleets.txt"
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, f"[{section}]\n{key} = {written}\n"))
+
+
+def test_a_variable_in_two_cases_a_release_before_took_does_not_refuse_what_it_hands_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Releases before session 35 took one variable set in two cases (one of
+    them, as the environment listed them), and hand their configuration to
+    each worker they start, with that environment. A worker of this release
+    started by such a supervisor (a replacement while the venv holds this
+    release) refused it and exited at every respawn; so did the reading of
+    the snapshot a supervisor started after a crash serves. Handed over, the
+    environment's value is taken as the supervisor took it; read from the
+    file, refused."""
+    from fleet_ingress.config.settings import config_from_json
+
+    monkeypatch.setenv("FLEET_INGRESS_LIMITS__MAX_QUEUE", "5")
+    monkeypatch.setenv("fleet_ingress_limits__max_queue", "6")
+    handed = config_from_json(
+        json.dumps({"fleets": {"file": str(tmp_path / "fleets.txt")}}), base_dir=tmp_path
+    )
+    assert handed.limits.max_queue in (5, 6)
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, "[limits]\nmax_queue = 3\n"))

@@ -600,7 +600,7 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     process = data.get("process")
     if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
         data["process"] = {**process, "worker_hang_timeout": 0.0}
-    return _build(_within_bounds(data), _Load(base_dir=base_dir), source)
+    return _build(_within_bounds(data), _Load(base_dir=base_dir), source, handed=True)
 
 
 # The upper bounds of session 35, and the values they refuse in the file: a
@@ -812,8 +812,17 @@ def _sections_in_two_cases(data: dict[str, Any], source: str) -> list[str]:
     ]
 
 
-def _build(data: dict[str, Any], load: _Load, source: str) -> IngressConfig:
-    if problems := _variables_in_two_cases() + _unknown_env_sections():
+def _build(
+    data: dict[str, Any], load: _Load, source: str, *, handed: bool = False
+) -> IngressConfig:
+    # Handed over (`config_from_json`), a variable in two cases is not refused:
+    # the supervisor, of a release before session 35, took one of them, and
+    # its worker, given its environment in the same order, takes the same. A
+    # worker of this release it started (a replacement while the venv holds
+    # this release) refused it and exited at every respawn, and a supervisor
+    # started after a crash could not read its predecessor's snapshot.
+    two_cases = [] if handed else _variables_in_two_cases()
+    if problems := two_cases + _unknown_env_sections():
         raise ConfigError(problems)
     toml_data: dict[str, Any] = {}
     text = ""  # the file's, for the line of each key a problem names
