@@ -419,7 +419,12 @@ async def test_a_supervisor_killed_before_the_upgrade_comes_back_as_the_installe
 
 @pytest.mark.parametrize(
     "written",
-    ["worker_hang_timeout = inf", "\n[limits]\nmax_connections = 2000000"],
+    [
+        "worker_hang_timeout = inf",
+        "\n[limits]\nmax_connections = 2000000",
+        # One variable in two cases (not the file's): the unit's environment.
+        "Environment=FLEET_INGRESS_LIMITS__MAX_QUEUE=200 fleet_ingress_limits__max_queue=300",
+    ],
 )
 async def test_a_supervisor_killed_before_the_upgrade_comes_back_on_a_file_it_refuses(
     systemd: systemd_box.PrivateSystemd,  # noqa: F811 (the fixture)
@@ -440,7 +445,15 @@ async def test_a_supervisor_killed_before_the_upgrade_comes_back_on_a_file_it_re
     live = tmp_path / "live"
     _install(live, old)
     started = time.monotonic()
-    unit = await install(systemd, tls_files, fleet, pythonpath=live, process=written)
+    in_env = written.startswith("Environment=")
+    unit = await install(
+        systemd,
+        tls_files,
+        fleet,
+        pythonpath=live,
+        process="" if in_env else written,
+        service=(written,) if in_env else (),
+    )
     call = await a_call(unit, tls_files)
     try:
         await echo(call, "before")
