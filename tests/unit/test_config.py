@@ -1,3 +1,4 @@
+import json
 import math
 import os
 from pathlib import Path
@@ -1014,3 +1015,58 @@ def test_a_table_from_the_environment_names_only_the_file_values_it_hides(
         """routes.carrier_silence = '{"/exotel/": 60}' from environment variable """
         "FLEET_INGRESS_ROUTES__CARRIER_SILENCE, not the file"
     )
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "written", "read"),
+    [
+        ("limits", "max_connections", 2_000_000, 1_048_576),
+        ("limits", "max_header_bytes", 2_000_000, 1_048_576),
+        ("process", "workers", 5000, 1024),
+        ("fleets", "maxconn", 10**7, 1_000_000),
+        ("timeouts", "tcp_user_timeout", 3_000_000.0, 2_147_483),
+    ],
+)
+def test_a_supervisor_of_a_release_before_the_upper_bounds_hands_its_limits_over(
+    tmp_path: Path, section: str, key: str, written: float, read: float
+) -> None:
+    """Releases before session 35 took limits above this one's bounds (a
+    maxconn of ten million meant "no limit") and hand them to each worker they
+    start. A worker of this release started by such a supervisor (a
+    replacement while the venv holds this release, before the `upgrade`)
+    refused them and exited at every respawn: the host served with a worker
+    fewer. Handed over, each reads as its bound; written in the file, refused.
+    (End to end: test_cross_version, with the release before's own code.)"""
+    from fleet_ingress.config.settings import config_from_json
+
+    old_release_wrote = json.dumps(
+        {"fleets": {"file": str(tmp_path / "fleets.txt")}, section: {key: written}}
+    )
+    handed = config_from_json(old_release_wrote, base_dir=tmp_path)
+    assert getattr(getattr(handed, section), key) == read
+    assert handed.fleets.file == tmp_path / "fleets.txt"
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, f"[{section}]\n{key} = {written}\n"))
+
+
+def test_a_variable_in_two_cases_a_release_before_took_does_not_refuse_what_it_hands_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Releases before session 35 took one variable set in two cases (one of
+    them, as the environment listed them), and hand their configuration to
+    each worker they start, with that environment. A worker of this release
+    started by such a supervisor (a replacement while the venv holds this
+    release) refused it and exited at every respawn; so did the reading of
+    the snapshot a supervisor started after a crash serves. Handed over, the
+    environment's value is taken as the supervisor took it; read from the
+    file, refused."""
+    from fleet_ingress.config.settings import config_from_json
+
+    monkeypatch.setenv("FLEET_INGRESS_LIMITS__MAX_QUEUE", "5")
+    monkeypatch.setenv("fleet_ingress_limits__max_queue", "6")
+    # What the supervisor took (one of the two) is in what it hands over.
+    took = {"fleets": {"file": str(tmp_path / "fleets.txt")}, "limits": {"max_queue": 6}}
+    handed = config_from_json(json.dumps(took), base_dir=tmp_path)
+    assert handed.limits.max_queue == 6
+    with pytest.raises(ConfigError):
+        load_config(write(tmp_path, "[limits]\nmax_queue = 3\n"))

@@ -607,30 +607,40 @@ def config_from_json(text: str, *, base_dir: Path) -> IngressConfig:
     process = data.get("process")
     if isinstance(process, dict) and process.get("worker_hang_timeout") == math.inf:
         data["process"] = {**process, "worker_hang_timeout": 0.0}
-    # Likewise the upper bounds of session 35, which such releases did not
-    # have: a value past one, handed over, reads as the bound (past what a
-    # worker or a host carries anyway), not a refusal at every respawn.
-    for (section, key), bound in _BOUNDED_SINCE_35.items():
-        table = data.get(section)
-        if isinstance(table, dict):
-            value = table.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value > bound:
-                data[section] = {**table, key: bound}
-    # Nor is the environment applied again: a value an older release took from
+    # Past a bound of this release: read as the bound (`_within_bounds`). The
+    # environment is not applied again: a value an older release took from
     # a variable (FLEET_INGRESS_PROCESS__WORKER_HANG_TIMEOUT=inf, a maxconn past
     # the bound), or one variable in two cases, refused by this release, made
     # such a worker exit at every respawn whatever the JSON said.
-    return _build(data, _Load(base_dir=base_dir, environment=False), source)
+    return _build(_within_bounds(data), _Load(base_dir=base_dir, environment=False), source)
 
 
-# The upper bounds the bounds audit of session 35 set on values any number of
-# which older releases took (config_from_json).
-_BOUNDED_SINCE_35 = {
+# The upper bounds of session 35, and the values they refuse in the file: a
+# supervisor of an earlier release took them (written to mean "no limit": a
+# maxconn of ten million), and hands them to each worker it starts. A worker of
+# this release (a replacement while the venv holds it, before the `upgrade`)
+# refused them and exited, again at every respawn: the host served with a
+# worker fewer (the cross-version audit of session 35). Handed over, each is
+# read as its bound, past anything a host carries; the file's is still refused.
+_HANDED_BOUNDS: dict[tuple[str, str], int | float] = {
+    ("process", "workers"): MAX_WORKERS,
     ("limits", "max_connections"): MAX_CONNECTIONS,
     ("limits", "max_header_bytes"): MAX_HEADER_BYTES,
     ("fleets", "maxconn"): MAX_MAXCONN,
-    ("process", "workers"): MAX_WORKERS,
+    # Above it, setsockopt raised TypeError at every accept of that release.
+    ("timeouts", "tcp_user_timeout"): MAX_USER_TIMEOUT,
 }
+
+
+def _within_bounds(data: dict[str, Any]) -> dict[str, Any]:
+    for (section, key), bound in _HANDED_BOUNDS.items():
+        values = data.get(section)
+        if not isinstance(values, dict):
+            continue
+        value = values.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > bound:
+            data[section] = {**values, key: bound}
+    return data
 
 
 def _unknown_env_sections() -> list[str]:
