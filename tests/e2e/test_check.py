@@ -269,6 +269,28 @@ def test_kubernetes_service_variables_start_and_are_said_not_read(
         load_config(deployment)
 
 
+def test_an_environment_line_escapes_the_variables_name_and_value(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name is read without regard to case, and Unicode's lower case of the
+    Kelvin sign is k: FLEET_INGRESS_FLEETS__CAPACITY_\u212aEY sets
+    fleets.capacity_key. check printed such a name as it was, and a control
+    character in a name not read acted in the terminal or the journal: both
+    are escaped, as the value is (1098afe had no test)."""
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__CAPACITY_\u212aEY", "free\x1b[2J")
+    monkeypatch.setenv("FLEET_INGRESS_LOG\x1b[31m", "debug")
+    assert load_config(deployment).fleets.capacity_key == "free\x1b[2J"
+    lines = check_configuration(deployment)
+    assert lines == [
+        f"{WARNING}{deployment}: fleets.capacity_key = 'free\\x1b[2J' from environment "
+        "variable FLEET_INGRESS_FLEETS__CAPACITY_\\u212aEY, not the file",
+        f"{WARNING}environment: FLEET_INGRESS_LOG\\x1b[31m is not read: a setting is "
+        "FLEET_INGRESS_<SECTION>__<KEY>, two underscores before the key, e.g. "
+        "FLEET_INGRESS_FLEETS__MAXCONN",
+    ]
+    assert all(line.isascii() and line.isprintable() for line in lines)
+
+
 def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None:
     leaf = ca.issue_cert("calls.example.com", not_after=datetime.now(UTC) + timedelta(days=3))
     write_certbot_files(deployment.parent, leaf)
