@@ -343,6 +343,8 @@ class Supervisor:
         # Workers the OOM killer took, replaced or not (an upgrade's old
         # generation draining is not): carried.
         self.worker_oom_kills = 0
+        # [descriptor limit, descriptors needed] when short (cli), carried over an exec.
+        self.descriptors_short: list[int] | None = None
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
