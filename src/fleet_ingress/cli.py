@@ -475,10 +475,15 @@ def _admin(args: argparse.Namespace) -> int:
     return run_admin(socket_path, "DELETE", f"/fleets/{quote(args.name, safe='')}{query}", None)
 
 
-def _raise_descriptor_limit(max_connections: int, *, acme: bool, warn: bool = True) -> None:
+def _raise_descriptor_limit(
+    max_connections: int, *, acme: bool, warn: bool = True, said: Any = None
+) -> list[int] | None:
     """Use every descriptor the hard limit allows: a call holds two (carrier and
     fleet), and running out silently drops new carriers at accept. `warn`: the
-    supervisor says it once for its workers, which inherit its limit."""
+    supervisor says it once for its workers, which inherit its limit. Returns
+    [limit, needed] when the limit is short; `said`, what the image before an
+    upgrade's exec returned: the same shortfall is not said again (it was, at
+    every upgrade, for a limit no upgrade changes)."""
     import logging
     import resource
 
@@ -497,7 +502,9 @@ def _raise_descriptor_limit(max_connections: int, *, acme: bool, warn: bool = Tr
     # Both sides of each call, the worker's own, and what the :80 listener may hold.
     acme_descriptors = ACME_DESCRIPTORS if acme else 0
     needed = 2 * max_connections + DESCRIPTORS_KEPT + acme_descriptors
-    if warn and soft != resource.RLIM_INFINITY and soft < needed:
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    if warn and said != [soft, needed]:
         allowed = connections_within(soft, max_connections, acme_connections=acme_descriptors)
         logging.getLogger("fleet_ingress.server").warning(
             "descriptor limit below what limits.max_connections needs: each worker refuses "
@@ -509,6 +516,7 @@ def _raise_descriptor_limit(max_connections: int, *, acme: bool, warn: bool = Tr
                 max_connections_allowed=allowed,
             ),
         )
+    return [soft, needed]
 
 
 def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]
@@ -762,7 +770,11 @@ def _run(config_path: Path) -> int:
         traceback.print_exc()
         drain_children(handed, config.timeouts.drain)
         return 1
-    _raise_descriptor_limit(config.limits.max_connections, acme=bool(config.listen.acme))
+    supervisor.descriptors_short = _raise_descriptor_limit(
+        config.limits.max_connections,
+        acme=bool(config.listen.acme),
+        said=None if carried is None or after_crash else carried.get("descriptors_short"),
+    )
     try:
         return event_loop.run(run_supervisor(supervisor))
     except WorkerStartError as exc:

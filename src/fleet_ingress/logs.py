@@ -122,12 +122,18 @@ def _logfmt_value(value: object) -> str:
     else quoted with escapes, so a value with spaces (a refused request's
     first line) cannot add fields of its own to the line. An address (a host
     and a port) is host:port ([v6]:port), another list its items joined by ',',
-    not Python's reprs."""
+    not Python's reprs; a list with a ',' (or nothing) in an item is a JSON array,
+    where ',' joined the ready line's `environment` sentences, themselves with
+    commas, into one that no reader could split."""
     if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):
         host = str(value[0])
         text = f"[{host}]:{value[1]}" if ":" in host else f"{host}:{value[1]}"
     elif isinstance(value, list | tuple):
-        text = ",".join(str(item) for item in value)
+        items = [str(item) for item in value]
+        if any("," in item or not item for item in items):
+            text = json.dumps(items)
+        else:
+            text = ",".join(items)
     elif isinstance(value, bool):
         text = "true" if value else "false"  # as the JSON lines write it
     else:

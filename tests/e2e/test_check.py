@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from fleet_ingress.config.check import WARNING, check_configuration, run_check
-from fleet_ingress.config.settings import IngressConfig, load_config
+from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ingress.toml"
 GOOD_TOML = """\
@@ -249,6 +249,66 @@ def test_a_finding_of_a_value_from_a_table_in_the_environment_names_no_line_of_t
         f"{WARNING}{deployment} line 9: timeouts.request = 150 seconds: seconds were meant, "
         "not milliseconds?",
     ], found
+
+
+def test_kubernetes_service_variables_start_and_are_said_not_read(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes sets FLEET_INGRESS_SERVICE_HOST and its kin in every pod for a
+    Service named fleet-ingress: they were refused as "not a section" and the
+    ingress would not start. Not ours (no `__`): check says them not read, as a
+    one-underscore typo, while a FLEET_INGRESS_<SECTION>__<KEY> typo is refused still."""
+    kubernetes = {
+        "FLEET_INGRESS_SERVICE_HOST": "10.96.0.12",
+        "FLEET_INGRESS_SERVICE_PORT": "443",
+        "FLEET_INGRESS_SERVICE_PORT_WSS": "443",
+        "FLEET_INGRESS_PORT": "tcp://10.96.0.12:443",
+        "FLEET_INGRESS_PORT_443_TCP": "tcp://10.96.0.12:443",
+        "FLEET_INGRESS_PORT_443_TCP_PROTO": "tcp",
+        "FLEET_INGRESS_PORT_443_TCP_PORT": "443",
+        "FLEET_INGRESS_PORT_443_TCP_ADDR": "10.96.0.12",
+    }
+    for name, value in kubernetes.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS_MAXCONN", "4")  # one underscore: not read
+    assert load_config(deployment).fleets.maxconn == IngressConfig().fleets.maxconn
+    assert check_configuration(deployment) == [
+        f"{WARNING}environment: FLEET_INGRESS_FLEETS_MAXCONN is not read: a setting is "
+        "FLEET_INGRESS_<SECTION>__<KEY>, two underscores before the key, e.g. "
+        "FLEET_INGRESS_FLEETS__MAXCONN",
+        *(
+            f"{WARNING}environment: {name} is not read (Kubernetes sets it for a Service "
+            "named fleet-ingress)"
+            for name in sorted(kubernetes)
+        ),
+    ]
+    status, output = run(deployment)
+    assert status == 0 and output.splitlines()[-1].startswith("OK: 1 fleet,")
+    monkeypatch.setenv("FLEET_INGRESS_SERVICE__HOST", "10.96.0.12")  # our shape: refused
+    with pytest.raises(ConfigError, match="'service' is not a section"):
+        load_config(deployment)
+
+
+def test_an_environment_line_escapes_the_variables_name_and_value(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name is read without regard to case, and Unicode's lower case of the
+    Kelvin sign is k: FLEET_INGRESS_FLEETS__CAPACITY_\u212aEY sets
+    fleets.capacity_key. check printed such a name as it was, and a control
+    character in a name not read acted in the terminal or the journal: both
+    are escaped, as the value is (1098afe had no test)."""
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__CAPACITY_\u212aEY", "free\x1b[2J")
+    monkeypatch.setenv("FLEET_INGRESS_LOG\x1b[31m", "debug")
+    assert load_config(deployment).fleets.capacity_key == "free\x1b[2J"
+    lines = check_configuration(deployment)
+    assert lines == [
+        f"{WARNING}{deployment}: fleets.capacity_key = 'free\\x1b[2J' from environment "
+        "variable FLEET_INGRESS_FLEETS__CAPACITY_\\u212aEY, not the file",
+        f"{WARNING}environment: FLEET_INGRESS_LOG\\x1b[31m is not read: a setting is "
+        "FLEET_INGRESS_<SECTION>__<KEY>, two underscores before the key, e.g. "
+        "FLEET_INGRESS_FLEETS__MAXCONN",
+    ]
+    assert all(line.isascii() and line.isprintable() for line in lines)
 
 
 def test_certificate_near_expiry_warns(deployment: Path, ca: trustme.CA) -> None:

@@ -178,6 +178,29 @@ def test_a_surviving_placeholder_refuses_naming_it_and_the_file(tmp_path: Path) 
     assert not out.exists()
 
 
+def test_a_templates_fleets_section_in_capitals_sets_the_default_maxconn(tmp_path: Path) -> None:
+    """load_config reads [Fleets] as [fleets]; init read only [fleets], so with a
+    template's [Fleets] maxconn = 8 a --fleet at maxconn=16 (init's default) was
+    written without its maxconn= and served at 8, and one at 8 was written with it."""
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    toml = (PACKAGED_DIR / "ingress.toml").read_text()
+    toml = toml.replace("[fleets]\n", "[Fleets]\n", 1).replace(
+        "\nmaxconn = 16\n", "\nmaxconn = 8\n"
+    )
+    assert "[Fleets]\n" in toml and "[fleets]" not in toml and "\nmaxconn = 8\n" in toml
+    (templates / "ingress.toml").write_text(toml)
+    shutil.copy(PACKAGED_DIR / "fleets.txt", templates / "fleets.txt")
+    out = tmp_path / "etc"
+    fleets = ["https://fleet1.example.com maxconn=16", "https://fleet2.example.com maxconn=8"]
+    render_deployment(DOMAIN, fleets, out, template_dir=templates)
+    text = (out / "fleets.txt").read_text()
+    assert "https://fleet1.example.com maxconn=16\n" in text
+    assert "https://fleet2.example.com\n" in text
+    specs = parse_fleets_text(text, default_maxconn=8)
+    assert [s.maxconn for s in specs] == [16, 8]
+
+
 def test_a_placeholder_brought_in_by_a_fleet_name_is_refused_too(tmp_path: Path) -> None:
     with pytest.raises(InitError, match=r"fleets\.txt: placeholder __X__ would survive"):
         render_deployment(DOMAIN, ["https://fleet1.example.com name=a__X__"], tmp_path)

@@ -20,6 +20,7 @@ from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.core.host_view import Counts, HostView, WorkerReport
+from fleet_ingress.logs import _FIELDS
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import (
     ANSWERS_FLUSH,
@@ -541,6 +542,32 @@ async def test_a_worker_that_exits_during_the_exec_is_read_before_it_is_written_
         ended = view.totals().counter("calls_ended", "carrier closed")
         assert (ended, server.slots.reclaimed_total) == ((12, 0) if final else (10, 2))
         assert server.slots.workers == []
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize("final", [True, False])
+async def test_an_idle_worker_gone_before_its_state_is_said_to_leave(final, caplog):
+    """An upgrade's old generation, idle, ends as soon as the new image starts:
+    its channel, kept over the exec, closed before its "state", with no row in
+    the table (it held nothing). It left without "worker left the slot
+    coordinator" (13 of 60 old-generation exits in the longevity run of session
+    35; each had its "old-generation worker exited"). Said, nothing reclaimed."""
+    caplog.set_level("INFO", logger="fleet_ingress")
+    server = _next_image(4)
+    ours, theirs = socket.socketpair()
+    if final:
+        theirs.sendall(_report_line(4242, 3, seq=6, final=True))
+    theirs.close()  # exited
+    try:
+        await server.adopt(ours, restoring=True, worker=(4242, 2), held_before=[])
+        await eventually(lambda: not server._channels)
+        (left,) = [
+            r for r in caplog.records if r.getMessage() == "worker left the slot coordinator"
+        ]
+        said = getattr(left, _FIELDS)
+        assert (said["pid"], said["generation"], said["slots_reclaimed"]) == (4242, 2, 0)
+        assert server.slots.reclaimed_total == 0 and server.slots.workers == []
     finally:
         await server.close()
 

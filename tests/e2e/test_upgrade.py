@@ -3361,3 +3361,49 @@ async def test_an_admin_socket_made_again_is_the_one_an_upgrade_hands_on(
         assert not [e for e in service.log() if e["event"].startswith("admin socket unreachable")]
     finally:
         await service.finish()
+
+
+def _low_descriptor_limit() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+@pytest.mark.uvloop_only
+async def test_the_descriptor_limit_is_said_short_once_not_at_every_upgrade(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """LimitNOFILE=1024 under limits.max_connections = 1000: the start says the
+    limit is short. Each upgrade's exec said it again, word for word, for a
+    limit no upgrade changes (30 upgrades, 30 warnings: the longevity run of
+    session 35). Said again only when what it says changes: an upgrade that
+    takes a new max_connections from the file."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        extra="\n[limits]\nmax_connections = 1000\n",
+        preexec_fn=_low_descriptor_limit,
+    )
+
+    def said() -> list[dict[str, Any]]:
+        return [
+            e for e in service.log() if e.get("event", "").startswith("descriptor limit below what")
+        ]
+
+    try:
+        assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000)]
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        await eventually(lambda: [e for e in service.log() if e.get("event") == "ready"][1:])
+        assert len(said()) == 1
+        config = service.home / "ingress.toml"
+        config.write_text(
+            config.read_text().replace("max_connections = 1000", "max_connections = 900")
+        )
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        await eventually(lambda: [e for e in service.log() if e.get("event") == "ready"][2:])
+        assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000), (1024, 900)]
+    finally:
+        await service.finish()

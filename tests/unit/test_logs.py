@@ -172,6 +172,26 @@ def test_a_text_line_writes_values_as_an_operator_reads_them(caplog):
     assert line.endswith("test.text: listening address=[::1]:9443 draining=false pids=3,4")
 
 
+def test_a_text_line_keeps_list_items_with_commas_apart(caplog):
+    """The ready line's `environment` is a list of sentences with commas in
+    them: joined by ',' two read as one, or as five (the review of session 35).
+    Such a list is a JSON array, read back item for item; a plain one stays a,b."""
+    caplog.set_level(logging.INFO, logger="test.text")
+    environment = [
+        "log.level = 'debug' from environment variable FLEET_INGRESS_LOG__LEVEL, not the file",
+        "timeouts.queue = '7' from environment variable FLEET_INGRESS_TIMEOUTS__QUEUE, "
+        "not the file's 3: the environment wins",
+    ]
+    logging.getLogger("test.text").info(
+        "ready", extra=fields(status="ok", environment=environment, pids=[3, 4], names=["", "a"])
+    )
+    tail = TextFormatter().format(caplog.records[-1]).split(" ready ", 1)[1]
+    read = dict(_logfmt_pairs(tail))
+    assert json.loads(read["environment"]) == environment
+    assert json.loads(read["names"]) == ["", "a"]
+    assert read["pids"] == "3,4"
+
+
 def _logfmt_pairs(text: str):
     """A logfmt reader: key=bare or key="quoted with JSON escapes"."""
     decoder = json.JSONDecoder()

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from types import SimpleNamespace
 
@@ -214,3 +215,32 @@ async def test_a_removed_fleets_calls_are_all_aborted_even_when_ending_one_raise
     assert [c.aborted for c in calls] == [True, True]
     # The supervisor is told how many it closed, all the same: remove-fleet prints it.
     assert sent == [{"op": "fleet-closed", "id": 7, "closed": 2}]
+
+
+async def test_the_ready_line_reads_the_configuration_file_off_the_loop(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After READY=1 the supervisor's loop answers its workers' slot requests:
+    the ready line's environment field read the file on it, so a file slow to
+    read (here a FIFO no one writes yet; a stalled mount) held every slot
+    request. Read in a thread, as a reload reads it: the loop runs meanwhile."""
+    from fleet_ingress.service.supervisor import _log_ready
+
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__QUEUE", "7")
+    config = tmp_path / "ingress.toml"
+    os.mkfifo(config)
+    supervisor = SimpleNamespace(config_path=config, status_line=lambda: "1 worker")
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    # Opening the FIFO for writing, a second from now, lets the reader's open return.
+    writer = threading.Timer(1.0, config.write_text, ("[timeouts]\nqueue = 3\n",))
+    writer.start()
+    try:
+        ready = asyncio.create_task(_log_ready(supervisor))  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)  # the loop is free: this sleep ends before the read
+        assert not ready.done()
+        await asyncio.wait_for(ready, 5)
+    finally:
+        writer.join(5)
+    (record,) = [r for r in caplog.records if r.getMessage() == "ready"]
+    (line,) = getattr(record, _FIELDS)["environment"]
+    assert line.startswith("timeouts.queue = '7' from environment variable") and "file's 3" in line

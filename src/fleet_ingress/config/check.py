@@ -28,6 +28,7 @@ from fleet_ingress.config.settings import (
     environment_values,
     load_config,
     read_config_text,
+    unread_variables,
 )
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
 from fleet_ingress.core.certificate_change import CLOCK_SKEW
@@ -225,6 +226,7 @@ def _check(path: Path) -> tuple[IngressConfig | None, list[FleetSpec], list[str]
     lines += [f"{WARNING}{path}: {doubt}" for doubt in doubtful_settings(config)]
     lines = _with_key_lines(lines, path)
     lines += [f"{WARNING}{path}: {value}" for value in environment_values(path)]
+    lines += [f"{WARNING}{line}" for line in unread_variables()]
     return config, fleets, lines
 
 

@@ -704,9 +704,13 @@ def _refuse_unknown_placeholders(templates: dict[str, tuple[str, str]]) -> None:
 
 def _default_maxconn(config_text: str, source: str) -> int:
     try:
-        fleets = tomllib.loads(config_text).get("fleets", {})
+        data = tomllib.loads(config_text)
     except tomllib.TOMLDecodeError as exc:
         raise InitError(f"{source}: TOML syntax error: {exc}; nothing was written") from None
+    # [Fleets] is [fleets], as load_config reads it: a [Fleets] maxconn = 8 was
+    # missed, so a --fleet at 16 was written without its maxconn= and served at 8.
+    # (Two spellings of the section are load_config's to refuse, at the check.)
+    fleets = next((v for k, v in data.items() if k.lower() == "fleets"), {})
     maxconn = fleets.get("maxconn", DEFAULT_MAXCONN) if isinstance(fleets, dict) else None
     if not isinstance(maxconn, int) or isinstance(maxconn, bool) or maxconn < 1:
         raise InitError(f"{source}: fleets.maxconn must be an integer >= 1 (got {maxconn!r})")

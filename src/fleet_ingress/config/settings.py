@@ -643,13 +643,25 @@ def _within_bounds(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+# The variables Kubernetes sets in each pod for a Service named fleet-ingress (the
+# Service's name upper-cased, `-` made `_`): FLEET_INGRESS_SERVICE_HOST,
+# FLEET_INGRESS_SERVICE_PORT[_<PORT NAME>], FLEET_INGRESS_PORT and
+# FLEET_INGRESS_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR].
+_KUBERNETES_SERVICE = re.compile(
+    r"(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
 def _unknown_env_sections() -> list[str]:
     """pydantic-settings reads only the variables that name a field, so a misspelled
-    section (FLEET_INGRESS_FLEET__MAXCONN) would be ignored without a word."""
+    section (FLEET_INGRESS_FLEET__MAXCONN) would be ignored without a word. Only
+    names of our shape, with a `__`: the others are no setting of ours (Kubernetes'
+    FLEET_INGRESS_SERVICE_HOST for a Service named fleet-ingress stopped the start),
+    said by `unread_variables`."""
     sections = IngressConfig.model_fields
     problems = []
     for name in sorted(os.environ):
-        if not name.upper().startswith(ENV_PREFIX):
+        if not name.upper().startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
             continue
         section = name[len(ENV_PREFIX) :].partition("__")[0].lower()
         if section not in sections:
@@ -659,6 +671,33 @@ def _unknown_env_sections() -> list[str]:
                 f"{ENV_PREFIX}FLEETS__MAXCONN)"
             )
     return problems
+
+
+def unread_variables() -> list[str]:
+    """The FLEET_INGRESS_ variables that are no setting: no section named and no
+    `__`, so not refused (Kubernetes sets FLEET_INGRESS_SERVICE_HOST and its kin
+    for a Service named fleet-ingress), but said, as a one-underscore typo
+    (FLEET_INGRESS_FLEETS_MAXCONN) is one of these too."""
+    lines = []
+    for name in sorted(os.environ):
+        rest = name[len(ENV_PREFIX) :]
+        if not name.upper().startswith(ENV_PREFIX) or "__" in rest:
+            continue
+        if rest.lower() in IngressConfig.model_fields:
+            continue
+        shown = ascii(name)[1:-1]
+        if name.startswith(ENV_PREFIX) and _KUBERNETES_SERVICE.fullmatch(rest):
+            lines.append(
+                f"environment: {shown} is not read (Kubernetes sets it for a Service named "
+                "fleet-ingress)"
+            )
+        else:
+            lines.append(
+                f"environment: {shown} is not read: a setting is "
+                f"{ENV_PREFIX}<SECTION>__<KEY>, two underscores before the key, e.g. "
+                f"{ENV_PREFIX}FLEETS__MAXCONN"
+            )
+    return lines
 
 
 def _variables_in_two_cases() -> list[str]:

@@ -905,6 +905,21 @@ class SlotServer:
                     fleets=held,
                 ),
             )
+        elif channel.pid is not None:
+            # Kept over an exec and gone before its "state", holding nothing
+            # (an upgrade's old generation, idle, ends at once): it had no row,
+            # and left without its line (13 of 60 old-generation exits in the
+            # longevity run of session 35). Nothing to give back.
+            log.info(
+                "worker left the slot coordinator",
+                extra=fields(
+                    channel=channel.key,
+                    pid=channel.pid,
+                    generation=channel.generation,
+                    slots_reclaimed=0,
+                    fleets={},
+                ),
+            )
         for hook in self.on_leave:
             hook(channel.key, row)
         self._send(answers)

@@ -498,7 +498,8 @@ class _WorkersCollector(Collector):
             f"{PREFIX}_worker_restarts",
             "Worker processes replaced after they died, by why: oom (killed by the kernel's "
             "OOM killer: the service's MemoryMax= or the host's memory ran out), killed (a "
-            "SIGKILL the kernel did not count as an OOM kill: an operator's kill -9), "
+            "SIGKILL the kernel did not count as an OOM kill: an operator's kill -9, or a "
+            "userspace OOM killer's, systemd-oomd or earlyoom), "
             "crashed, exited, hung, unknown.",
             labels=["reason"],
         )

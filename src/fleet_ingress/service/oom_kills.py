@@ -1,6 +1,8 @@
 """Which SIGKILL was the kernel's OOM killer's: a worker (or the supervisor
 before this one) killed for want of memory ends as one killed by an
-operator's `kill -9` does, and only the kernel's count tells them apart.
+operator's `kill -9` does, and only the kernel's count tells them apart. (A
+userspace OOM killer, systemd-oomd or earlyoom, kills with SIGKILL too and the
+kernel counts none of its kills: they are `killed`, as a `kill -9` is.)
 
 The kernel counts each OOM kill before it sends the SIGKILL ("task reaper
 must see this", mm/oom_kill.c), whether the host ran out or a memory cgroup

@@ -343,6 +343,8 @@ class Supervisor:
         # Workers the OOM killer took, replaced or not (an upgrade's old
         # generation draining is not): carried.
         self.worker_oom_kills = 0
+        # [descriptor limit, descriptors needed] when short (cli), carried over an exec.
+        self.descriptors_short: list[int] | None = None
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
@@ -2147,10 +2149,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     gc.collect()
     gc.freeze()
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
-    # What the environment sets, over the file: unseen, a value left in the
-    # unit's Environment= outlived every edit of the file (as `check` says).
-    from_env = {"environment": env} if (env := environment_values(supervisor.config_path)) else {}
-    log.info("ready", extra=fields(status=supervisor.status_line(), **from_env))
+    await _log_ready(supervisor)
 
     def reloader_failed() -> None:
         # Whoever asked is told, and systemd hears the reload is over.
@@ -2197,6 +2196,16 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     log.info("stopped")
     notifier.close()
     return 0
+
+
+async def _log_ready(supervisor: Supervisor) -> None:
+    """The "ready" line. What the environment sets, over the file: unseen, a
+    value left in the unit's Environment= outlived every edit of the file (as
+    `check` says). The file is read off the loop, as a reload reads it: after
+    READY=1 the workers' slot requests are this loop's to answer."""
+    env = await asyncio.to_thread(environment_values, supervisor.config_path)
+    from_env = {"environment": env} if env else {}
+    log.info("ready", extra=fields(status=supervisor.status_line(), **from_env))
 
 
 async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier) -> None:

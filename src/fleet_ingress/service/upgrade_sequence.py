@@ -613,6 +613,9 @@ class UpgradeSequence:
             "supervisor_deaths": supervisor.supervisor_deaths,
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
             "worker_oom_kills": supervisor.worker_oom_kills,
+            # The descriptor limit's shortfall this image said (or its
+            # predecessor): the next image says it again only if it changed.
+            "descriptors_short": supervisor.descriptors_short,
             # The count of OOM kills as this image last read it, and where: the
             # next supervisor, should this one die, tells from it whether the
             # OOM killer took it (`_say_if_oom_killed`). An exec's, less the
