@@ -580,7 +580,8 @@ class Supervisor:
             for due in self.upgrade.take_carried_respawns():
                 self.schedule_respawn(max(0.0, due - now))
         else:
-            count = self.worker_target = self.config.process.worker_count()
+            count, because = self.config.process.workers_from()
+            self.worker_target = count
             started = [await self.spawn(self.generation) for _ in range(count)]
             await self.wait_serving(started)
             log.info(
@@ -589,6 +590,7 @@ class Supervisor:
                     workers=[w.pid for w in started],
                     generation=self.generation,
                     configured=self.config.process.workers,
+                    count=because,
                 ),
             )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).

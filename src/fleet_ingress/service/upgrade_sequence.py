@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import (
     ConfigError,
@@ -1006,7 +1007,7 @@ def start_batch() -> int:
     were 0.1-1.1 s late at worst (p99 66-346 ms), a batch at a time 58-157 ms
     (p99 23-57 ms), and the upgrade no longer (7-10 s). The old worker carrying
     the call, idle but for its frames, waited 16-54 ms for a CPU either way."""
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus().count  # a CPUQuota= of 200% on 64 CPUs: 2 at once
 
 
 def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:
