@@ -5,13 +5,15 @@ for one CPU's worth of time (64 on a 64-CPU host for CPUQuota=200%)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import CpuCgroup, RunningIngress, TLSFiles
+from tests.support import CpuCgroup, RunningIngress, TLSFiles, admin_command
 
 ONE_CPU_US = 100_000
 
@@ -49,10 +51,35 @@ async def test_auto_workers_follow_the_cgroups_cpu_quota(
         preexec_fn=one_cpu_cgroup.join,
     )
     try:
-        rows = (await service.stats())["workers"]
+        stats = await service.stats()
+        rows = stats["workers"]
         assert len(rows) == 1, f"{len(rows)} workers for one CPU's worth of time ({cpus} CPUs)"
         assert rows[0]["pid"] in one_cpu_cgroup.pids()
         (serving,) = [line for line in service.log() if line.get("event") == "workers serving"]
         assert serving["count"] == f"1 (CPUQuota 100% of {cpus} CPUs)"
+        assert stats["workers_from"] == serving["count"]
+        code, printed = await asyncio.wait_for(admin_command(service, "stat"), 30)
+        assert code == 0 and f"workers wanted: {serving['count']}\n" in printed, printed
+        # `check` judges process.workers against the same figure: 3 is past twice one CPU.
+        toml = service.home / "ingress-3.toml"
+        text = (service.home / "ingress.toml").read_text()
+        assert 'workers = "auto"' in text
+        toml.write_text(text.replace('workers = "auto"', "workers = 3"))
+        check = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "check",
+            "-c",
+            str(toml),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=one_cpu_cgroup.join,
+        )
+        out = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
+        assert (
+            "process.workers = 3 is more than twice the 1 CPUs this process may run on "
+            f"(CPUQuota 100% of {cpus} CPUs)" in out
+        ), out
     finally:
         await service.finish()

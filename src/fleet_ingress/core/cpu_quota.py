@@ -145,16 +145,18 @@ class AutoWorkers:
     """process.workers = "auto" resolved, and why (for the start log and stat)."""
 
     count: int
-    because: str
+    quota: str | None = None  # "CPUQuota 200% of 64 CPUs" when the quota set the count
+
+    @property
+    def because(self) -> str:
+        """ "2 (CPUQuota 200% of 64 CPUs)", "8 (the CPUs of its affinity mask)"."""
+        return f"{self.count} ({self.quota or 'the CPUs of its affinity mask'})"
 
 
 def auto_workers(affinity: int, quota: CpuQuota | None) -> AutoWorkers:
     """One worker per CPU it may run on: the affinity mask's, fewer when the
     cgroup's quota allows less time than those CPUs have."""
     affinity = max(1, affinity)
-    cpus = "CPU" if affinity == 1 else "CPUs"
     if quota is not None and quota.cpus < affinity:
-        return AutoWorkers(
-            quota.cpus, f"{quota.cpus} (CPUQuota {quota.percent:g}% of {affinity} {cpus})"
-        )
-    return AutoWorkers(affinity, f"{affinity} (the {cpus} of its affinity mask)")
+        return AutoWorkers(quota.cpus, f"CPUQuota {quota.percent:g}% of {affinity} CPUs")
+    return AutoWorkers(affinity)

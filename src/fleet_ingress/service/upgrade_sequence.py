@@ -136,6 +136,7 @@ class Upgradable(Protocol):
     config_path: Path
     generation: int
     worker_target: int  # workers the serving generation should have
+    workers_from: str  # where that count came from ("2 (CPUQuota 200% of 64 CPUs)")
     started_at: float
     stopping: bool
     stop_asked: asyncio.Event
@@ -249,8 +250,11 @@ class UpgradeSequence:
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
         supervisor.generation = int(carried["generation"])
         # (From a release that did not carry it: as configured now.)
-        supervisor.worker_target = int(
-            carried.get("worker_target") or supervisor.config.process.worker_count()
+        count, because = supervisor.config.process.workers_from()
+        supervisor.worker_target = int(carried.get("worker_target") or count)
+        supervisor.workers_from = str(
+            carried.get("workers_from")
+            or (because if supervisor.worker_target == count else supervisor.worker_target)
         )
         supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
@@ -632,6 +636,7 @@ class UpgradeSequence:
             "upgrades": list(self.statuses.values()),
             "forgetting": supervisor.forgetting.to_json(),
             "worker_target": supervisor.worker_target,
+            "workers_from": supervisor.workers_from,
             "quick_deaths": supervisor.quick_deaths,
             # What this image runs, as checked: the next image's, should it not
             # read the files (changed since the trial run), rather than exit and,
@@ -924,12 +929,15 @@ class UpgradeSequence:
         new_generation = supervisor.generation + 1
         # As the configuration says now: an upgrade is where a changed
         # process.workers takes effect (a reload only notes it).
-        count = supervisor.config.process.worker_count()
+        count, because = supervisor.config.process.workers_from()
         if count != supervisor.worker_target:
             log.info(
                 "upgrade: process.workers changed: the new generation has a different count",
                 extra=fields(
-                    upgrade=status["id"], workers_before=supervisor.worker_target, workers=count
+                    upgrade=status["id"],
+                    workers_before=supervisor.worker_target,
+                    workers=count,
+                    count=because,
                 ),
             )
         candidates: list[WorkerProcess] = []
@@ -961,6 +969,7 @@ class UpgradeSequence:
             worker.candidate = False
         supervisor.generation = new_generation
         supervisor.worker_target = len(candidates)
+        supervisor.workers_from = because
         for worker in old:
             supervisor.retire(worker)
         status.update(
