@@ -367,7 +367,9 @@ MIN_HANG_TIMEOUT = 5.0
 class ProcessSection(_Section):
     # SPEC 13: one supervisor and this many worker processes serving carriers.
     workers: Annotated[Literal["auto"] | int, BeforeValidator(_workers)] = "auto"
-    # "auto": each worker runs on one CPU of its own (of this process's affinity
+    # "auto": one per CPU of its affinity mask, fewer under its cgroup's CPU quota
+    # (config.cpus, core.cpu_quota; worker_count).
+    # cpu_affinity "auto": each worker runs on one CPU of its own (of this process's affinity
     # mask, round-robin past one each), as HAProxy's cpu-map and nginx's
     # worker_cpu_affinity do; "off": where the kernel puts it. Measured on 2 CPUs
     # with 2 workers: 8 % less CPU per relayed message pinned (bench/README).
