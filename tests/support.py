@@ -1194,6 +1194,7 @@ def drain_outcome(
 # Named for the session that wrote it: a group left behind by a killed run is
 # traced to MemoryCgroup (`rmdir` removes one whose processes are gone).
 CGROUP_PREFIX = "oom35-"
+CPU_CGROUP_PREFIX = "cpuquota35-"
 
 
 class MemoryCgroup:
@@ -1299,3 +1300,118 @@ class MemoryCgroup:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def _cpu_mounts() -> tuple[Path | None, Path | None]:
+    """(the cgroup2 mount, the cgroup v1 mount with the cpu controller)."""
+    v2 = v1 = None
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts, after = fields.split(), tail.split()
+        if len(parts) < 5 or len(after) < 3:
+            continue
+        if after[0] == "cgroup2" and v2 is None:
+            v2 = Path(parts[4])
+        elif after[0] == "cgroup" and "cpu" in after[2].split(",") and v1 is None:
+            v1 = Path(parts[4])
+    return v2, v1
+
+
+class CpuCgroup:
+    """A cpu cgroup a test made with a CPU quota (systemd's CPUQuota=), removed
+    after: v1 (cpu.cfs_quota_us, cpu.cfs_period_us) where the cpu controller is
+    mounted as v1, else v2 (cpu.max) where the v2 root delegates it. For
+    tests/e2e/test_cpu_quota.py."""
+
+    def __init__(self, path: Path, v2: bool) -> None:
+        self.path = path
+        self.v2 = v2
+
+    @staticmethod
+    def _v2_parent() -> Path | None:
+        root = _cpu_mounts()[0]
+        control = None if root is None else root / "cgroup.subtree_control"
+        if root is None or control is None or not control.exists():
+            return None
+        if "cpu" in control.read_text().split():
+            return root
+        with contextlib.suppress(OSError):  # a root of a namespace with processes refuses
+            control.write_text("+cpu")
+            return root
+        return None
+
+    @staticmethod
+    def _v1_parent() -> Path | None:
+        root = _cpu_mounts()[1]
+        return root if root is not None and (root / "cpu.cfs_quota_us").exists() else None
+
+    @classmethod
+    def has_controller(cls) -> bool:
+        """A cpu controller mounted (v1) or available in v2's root."""
+        v2, v1 = _cpu_mounts()
+        if v1 is not None:
+            return True
+        return v2 is not None and "cpu" in _text(v2 / "cgroup.controllers").split()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if os.geteuid() != 0:
+            return "not root: cannot make a cpu cgroup"
+        if cls._v1_parent() is None and cls._v2_parent() is None:
+            return (
+                "no cpu controller to use: neither mounted as cgroup v1 nor in the cgroup "
+                "v2 hierarchy's root (cgroup.subtree_control)"
+            )
+        return None
+
+    @classmethod
+    def make(cls, quota_us: int, period_us: int = 100_000) -> CpuCgroup:
+        """Under v1's cpu hierarchy where it is mounted, else v2's root."""
+        v1_parent = cls._v1_parent()
+        parent = v1_parent or cls._v2_parent()
+        assert parent is not None
+        path = parent / f"{CPU_CGROUP_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+        path.mkdir()
+        group = cls(path, v2=v1_parent is None)
+        try:
+            if group.v2:
+                (path / "cpu.max").write_text(f"{quota_us} {period_us}")
+            else:
+                (path / "cpu.cfs_period_us").write_text(str(period_us))
+                (path / "cpu.cfs_quota_us").write_text(str(quota_us))
+        except BaseException:
+            path.rmdir()
+            raise
+        return group
+
+    def join(self) -> None:
+        """Move the calling process in (a `preexec_fn`: the child before its exec)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def pids(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def remove(self) -> None:
+        """Its processes killed (a test's, all of them), then the group; bounded."""
+        deadline = time.monotonic() + 5
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                for pid in self.pids():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

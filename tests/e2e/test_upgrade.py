@@ -513,6 +513,7 @@ async def test_a_changed_worker_count_takes_effect_at_the_next_upgrade(
         assert sorted(r["generation"] for r in rows if r["state"] == "serving") == [2, 2], rows
         said = [e for e in service.log() if "process.workers changed" in e["event"]]
         assert [(e["workers_before"], e["workers"]) for e in said] == [(1, 2)]
+        assert (await service.stats())["workers_from"] == "2 (process.workers)"  # stat's line
     finally:
         await service.finish()
 

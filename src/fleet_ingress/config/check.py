@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from fleet_ingress.config.check_report import WARNING
+from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.fleet_lookup import shared_address_warnings
 from fleet_ingress.config.fleets_file import (
     FleetsFileError,
@@ -314,11 +315,13 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             f"({f.check_interval:g} s): a fleet that answers slowly is probed less often than "
             "the interval says, and found DOWN later"
         )
-    workers, cpus = config.process.workers, len(os.sched_getaffinity(0))
-    if isinstance(workers, int) and workers > 2 * cpus:
+    workers, cpus = config.process.workers, usable_cpus()
+    if isinstance(workers, int) and workers > 2 * cpus.count:
         doubts.append(
-            f"process.workers = {workers} is more than twice the {cpus} CPUs this process "
-            "may run on: the workers past them share those CPUs, each costing its memory, "
+            f"process.workers = {workers} is more than twice the {cpus.count} CPUs this "
+            "process may run on"
+            + (f" ({cpus.quota})" if cpus.quota else "")
+            + ": the workers past them share those CPUs, each costing its memory, "
             'for no more calls; "auto" is one per CPU'
         )
     if t.drain + 5 > UNIT_STOP_TIMEOUT:

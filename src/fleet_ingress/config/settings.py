@@ -40,6 +40,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
+from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.key_lines import key_line
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
 from fleet_ingress.core.addresses import parse_hostport
@@ -366,7 +367,9 @@ MIN_HANG_TIMEOUT = 5.0
 class ProcessSection(_Section):
     # SPEC 13: one supervisor and this many worker processes serving carriers.
     workers: Annotated[Literal["auto"] | int, BeforeValidator(_workers)] = "auto"
-    # "auto": each worker runs on one CPU of its own (of this process's affinity
+    # "auto": one per CPU of its affinity mask, fewer under its cgroup's CPU quota
+    # (config.cpus, core.cpu_quota; worker_count).
+    # cpu_affinity "auto": each worker runs on one CPU of its own (of this process's affinity
     # mask, round-robin past one each), as HAProxy's cpu-map and nginx's
     # worker_cpu_affinity do; "off": where the kernel puts it. Measured on 2 CPUs
     # with 2 workers: 8 % less CPU per relayed message pinned (bench/README).
@@ -390,10 +393,17 @@ class ProcessSection(_Section):
 
     def worker_count(self) -> int:
         """How many workers to run: "auto" is the CPUs in this process's affinity
-        mask (what taskset, cpusets and systemd's CPUAffinity= allow), not the host's."""
+        mask (what taskset, cpusets and systemd's CPUAffinity= allow), not the host's,
+        fewer when its cgroup's CPU quota (CPUQuota=) allows less time than those."""
+        return self.workers_from()[0]
+
+    def workers_from(self) -> tuple[int, str]:
+        """How many workers to run, and where the number came from (the start
+        log and stat): "2 (CPUQuota 200% of 64 CPUs)", "3 (process.workers)"."""
         if self.workers == "auto":
-            return max(1, len(os.sched_getaffinity(0)))
-        return int(self.workers)
+            auto = usable_cpus()
+            return auto.count, auto.because
+        return int(self.workers), f"{self.workers} (process.workers)"
 
 
 @dataclass(frozen=True)

@@ -414,6 +414,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     )
     workers = snap.get("workers")
     if workers is not None:
+        if snap.get("workers_from"):  # process.workers as resolved at start or upgrade
+            lines.append(f"workers wanted: {snap['workers_from']}")
         lines.append(_workers_lines(workers))
         if (replaced := workers_replaced(snap)) is not None:
             lines.append(replaced)

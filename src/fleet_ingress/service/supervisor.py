@@ -333,6 +333,8 @@ class Supervisor:
         # Workers the serving generation should have (process.workers when it
         # started: a reload does not change it).
         self.worker_target = 0
+        # Where worker_target came from, for stat: "2 (CPUQuota 200% of 64 CPUs)".
+        self.workers_from = ""
         self.stopping = False
         self.restarts: Counter[str] = Counter()  # workers replaced, by why
         self.calls_lost_total = 0  # the calls they took with them
@@ -582,7 +584,8 @@ class Supervisor:
             for due in self.upgrade.take_carried_respawns():
                 self.schedule_respawn(max(0.0, due - now))
         else:
-            count = self.worker_target = self.config.process.worker_count()
+            count, because = self.config.process.workers_from()
+            self.worker_target, self.workers_from = count, because
             started = [await self.spawn(self.generation) for _ in range(count)]
             await self.wait_serving(started)
             log.info(
@@ -591,6 +594,7 @@ class Supervisor:
                     workers=[w.pid for w in started],
                     generation=self.generation,
                     configured=self.config.process.workers,
+                    count=because,
                 ),
             )
         # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
@@ -1657,6 +1661,7 @@ class Supervisor:
         picture["worker_oom_kills"] = self.worker_oom_kills
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
+        picture["workers_from"] = self.workers_from
         picture["workers_serving"] = self.serving_workers()
         picture["workers_unresponsive"] = self.unresponsive_workers()
         picture["worker_hang_timeout"] = self.hang_timeout
@@ -1855,10 +1860,13 @@ class Supervisor:
                 "process.worker_hang_timeout changed: takes effect at the next "
                 "`fleet-ingress upgrade` or restart"
             )
-        if process.worker_count() != self.worker_target:
+        count, because = process.workers_from()
+        if count != self.worker_target:
+            # Also with "auto" unchanged: the unit's CPUQuota= or affinity changed.
             notes.append(
-                "process.workers changed: takes effect at the next `fleet-ingress upgrade` "
-                "(its new generation) or restart"
+                f"process.workers changed: takes effect at the next `fleet-ingress upgrade` "
+                f"(its new generation) or restart: {because}, not the "
+                f"{self.worker_target} serving"
             )
         if process.cpu_affinity != self.cpu_affinity:
             notes.append(

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import (
     ConfigError,
@@ -135,6 +136,7 @@ class Upgradable(Protocol):
     config_path: Path
     generation: int
     worker_target: int  # workers the serving generation should have
+    workers_from: str  # where that count came from ("2 (CPUQuota 200% of 64 CPUs)")
     started_at: float
     stopping: bool
     stop_asked: asyncio.Event
@@ -248,8 +250,11 @@ class UpgradeSequence:
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
         supervisor.generation = int(carried["generation"])
         # (From a release that did not carry it: as configured now.)
-        supervisor.worker_target = int(
-            carried.get("worker_target") or supervisor.config.process.worker_count()
+        count, because = supervisor.config.process.workers_from()
+        supervisor.worker_target = int(carried.get("worker_target") or count)
+        supervisor.workers_from = str(
+            carried.get("workers_from")
+            or (because if supervisor.worker_target == count else supervisor.worker_target)
         )
         supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
@@ -634,6 +639,7 @@ class UpgradeSequence:
             "upgrades": list(self.statuses.values()),
             "forgetting": supervisor.forgetting.to_json(),
             "worker_target": supervisor.worker_target,
+            "workers_from": supervisor.workers_from,
             "quick_deaths": supervisor.quick_deaths,
             # What this image runs, as checked: the next image's, should it not
             # read the files (changed since the trial run), rather than exit and,
@@ -926,12 +932,15 @@ class UpgradeSequence:
         new_generation = supervisor.generation + 1
         # As the configuration says now: an upgrade is where a changed
         # process.workers takes effect (a reload only notes it).
-        count = supervisor.config.process.worker_count()
+        count, because = supervisor.config.process.workers_from()
         if count != supervisor.worker_target:
             log.info(
                 "upgrade: process.workers changed: the new generation has a different count",
                 extra=fields(
-                    upgrade=status["id"], workers_before=supervisor.worker_target, workers=count
+                    upgrade=status["id"],
+                    workers_before=supervisor.worker_target,
+                    workers=count,
+                    count=because,
                 ),
             )
         candidates: list[WorkerProcess] = []
@@ -963,6 +972,7 @@ class UpgradeSequence:
             worker.candidate = False
         supervisor.generation = new_generation
         supervisor.worker_target = len(candidates)
+        supervisor.workers_from = because
         for worker in old:
             supervisor.retire(worker)
         status.update(
@@ -1009,7 +1019,7 @@ def start_batch() -> int:
     were 0.1-1.1 s late at worst (p99 66-346 ms), a batch at a time 58-157 ms
     (p99 23-57 ms), and the upgrade no longer (7-10 s). The old worker carrying
     the call, idle but for its frames, waited 16-54 ms for a CPU either way."""
-    return max(1, len(os.sched_getaffinity(0)))
+    return usable_cpus().count  # a CPUQuota= of 200% on 64 CPUs: 2 at once
 
 
 def _adopted_process(pid: int, carried: dict[str, Any]) -> AdoptedProcess:

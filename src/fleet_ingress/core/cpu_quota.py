@@ -1,0 +1,162 @@
+"""The CPU quota of a process's cgroup (systemd's CPUQuota=, a container's
+--cpus), I/O-free: the caller hands over /proc/self/cgroup, /proc/self/mountinfo
+and a reader of the cgroup files. process.workers = "auto" takes
+ceil(quota / period) of it, never more than the affinity mask, as Go's
+automaxprocs and the JDK's container support do: 64 workers sharing two CPUs'
+worth of time each cost a Python process's memory for no more calls.
+
+v2: cpu.max ("200000 100000", "max 100000"); v1: cpu.cfs_quota_us (-1: none)
+and cpu.cfs_period_us of the hierarchy the cpu controller is mounted on; a
+hybrid host has the controller in one of them only, and both are read. A quota
+on a parent holds its children too: the smallest along the path counts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Reads a cgroup file by its absolute path; None when it is not there (or not readable).
+Reader = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class CpuQuota:
+    quota: int  # microseconds of CPU time a period
+    period: int  # microseconds
+    cgroup: str  # the directory whose limit it is
+
+    @property
+    def cpus(self) -> int:
+        """The CPUs' worth of time it allows, rounded up, at least 1."""
+        return max(1, math.ceil(self.quota / self.period))
+
+    @property
+    def percent(self) -> float:
+        """As systemd's CPUQuota= writes it (200 for two CPUs)."""
+        return self.quota * 100 / self.period
+
+
+@dataclass(frozen=True)
+class _Mount:
+    root: str  # the cgroup shown at the mount point
+    point: str
+
+
+def _unescape(text: str) -> str:
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        text = text.replace(escaped, plain)
+    return text
+
+
+def _cpu_mounts(mountinfo: str) -> tuple[_Mount | None, _Mount | None]:
+    """(the cgroup2 mount, the v1 mount with the cpu controller)."""
+    v2 = v1 = None
+    for line in mountinfo.splitlines():
+        fields, sep, tail = line.partition(" - ")
+        parts, after = fields.split(), tail.split()
+        if not sep or len(parts) < 5 or len(after) < 3:
+            continue
+        mount = _Mount(_unescape(parts[3]), _unescape(parts[4]))
+        if after[0] == "cgroup2" and v2 is None:
+            v2 = mount
+        elif after[0] == "cgroup" and "cpu" in after[2].split(",") and v1 is None:
+            v1 = mount
+    return v2, v1
+
+
+def _cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
+    """From /proc/self/cgroup: (the v2 path, the path in v1's cpu hierarchy)."""
+    v2 = v1 = None
+    for line in proc_cgroup.splitlines():
+        hierarchy, sep, rest = line.partition(":")
+        controllers, sep2, path = rest.partition(":")
+        if not sep or not sep2:
+            continue
+        if hierarchy == "0" and controllers == "":
+            v2 = path
+        elif "cpu" in controllers.split(","):
+            v1 = path
+    return v2, v1
+
+
+def _directories(mount: _Mount, path: str) -> list[str]:
+    """The directories from the cgroup's own up to the mount point; none
+    when the mount does not show it (a cgroup outside the namespace's root)."""
+    root = mount.root.rstrip("/")
+    if path != root and not path.startswith(root + "/"):
+        return []
+    point = mount.point.rstrip("/")
+    below = [part for part in path[len(root) :].split("/") if part]
+    return ["/".join([point, *below[:depth]]) or "/" for depth in range(len(below), -1, -1)]
+
+
+def _int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _v2_quota(directory: str, read: Reader) -> CpuQuota | None:
+    text = read(directory + "/cpu.max")
+    if text is None:
+        return None
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    quota, period = _int(parts[0]), _int(parts[1])
+    if quota is None or period is None or quota <= 0 or period <= 0:
+        return None
+    return CpuQuota(quota, period, directory)
+
+
+def _v1_quota(directory: str, read: Reader) -> CpuQuota | None:
+    quota = _int(read(directory + "/cpu.cfs_quota_us"))
+    period = _int(read(directory + "/cpu.cfs_period_us"))
+    if quota is None or period is None or quota <= 0 or period <= 0:  # -1: no quota
+        return None
+    return CpuQuota(quota, period, directory)
+
+
+def cpu_quota(proc_cgroup: str, mountinfo: str, read: Reader) -> CpuQuota | None:
+    """The tightest CPU quota on this process's cgroup and its parents, in
+    either hierarchy; None when there is none (or none can be read)."""
+    v2_mount, v1_mount = _cpu_mounts(mountinfo)
+    v2_path, v1_path = _cgroup_paths(proc_cgroup)
+    found: list[CpuQuota] = []
+    for mount, path, one in (
+        (v2_mount, v2_path, _v2_quota),
+        (v1_mount, v1_path, _v1_quota),
+    ):
+        if mount is None or path is None:
+            continue
+        for directory in _directories(mount, path):
+            if (quota := one(directory, read)) is not None:
+                found.append(quota)
+    # The smallest share of time, not the smallest ceil: 150% is tighter than 190%.
+    return min(found, key=lambda q: q.quota / q.period, default=None)
+
+
+@dataclass(frozen=True)
+class AutoWorkers:
+    """process.workers = "auto" resolved, and why (for the start log and stat)."""
+
+    count: int
+    quota: str | None = None  # "CPUQuota 200% of 64 CPUs" when the quota set the count
+
+    @property
+    def because(self) -> str:
+        """ "2 (CPUQuota 200% of 64 CPUs)", "8 (the CPUs of its affinity mask)"."""
+        return f"{self.count} ({self.quota or 'the CPUs of its affinity mask'})"
+
+
+def auto_workers(affinity: int, quota: CpuQuota | None) -> AutoWorkers:
+    """One worker per CPU it may run on: the affinity mask's, fewer when the
+    cgroup's quota allows less time than those CPUs have."""
+    affinity = max(1, affinity)
+    if quota is not None and quota.cpus < affinity:
+        return AutoWorkers(quota.cpus, f"CPUQuota {quota.percent:g}% of {affinity} CPUs")
+    return AutoWorkers(affinity)

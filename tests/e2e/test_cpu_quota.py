@@ -1,0 +1,85 @@
+"""process.workers = "auto" under a CPU quota (systemd's CPUQuota=): a cpu
+cgroup made for the test, the ingress started in it, the workers it forks
+counted. On main it read the affinity mask only: 2 workers on this 2-CPU host
+for one CPU's worth of time (64 on a 64-CPU host for CPUQuota=200%)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import CpuCgroup, RunningIngress, TLSFiles, admin_command
+
+ONE_CPU_US = 100_000
+
+
+@pytest.fixture
+def one_cpu_cgroup() -> Iterator[CpuCgroup]:
+    """A cpu cgroup with one CPU's worth of time (CPUQuota=100%), removed after."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU in the affinity mask: a quota of one CPU lowers nothing")
+    if not CpuCgroup.has_controller():
+        pytest.skip("no cpu controller on this host (neither v1 nor in v2's root)")
+    try:
+        why = CpuCgroup.unavailable()
+        if why is not None:
+            raise OSError(why)
+        group = CpuCgroup.make(ONE_CPU_US)
+    except OSError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the host has a cpu controller but no cpu cgroup could be made: {exc}")
+        pytest.skip(f"no cpu cgroup could be made: {exc} (CI unset)")
+    try:
+        yield group
+    finally:
+        group.remove()
+
+
+async def test_auto_workers_follow_the_cgroups_cpu_quota(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet, one_cpu_cgroup: CpuCgroup
+) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers="auto",
+        preexec_fn=one_cpu_cgroup.join,
+    )
+    try:
+        stats = await service.stats()
+        rows = stats["workers"]
+        assert len(rows) == 1, f"{len(rows)} workers for one CPU's worth of time ({cpus} CPUs)"
+        assert rows[0]["pid"] in one_cpu_cgroup.pids()
+        (serving,) = [line for line in service.log() if line.get("event") == "workers serving"]
+        assert serving["count"] == f"1 (CPUQuota 100% of {cpus} CPUs)"
+        assert stats["workers_from"] == serving["count"]
+        code, printed = await asyncio.wait_for(admin_command(service, "stat"), 30)
+        assert code == 0 and f"workers wanted: {serving['count']}\n" in printed, printed
+        # `check` judges process.workers against the same figure: 3 is past twice one CPU.
+        toml = service.home / "ingress-3.toml"
+        text = (service.home / "ingress.toml").read_text()
+        assert 'workers = "auto"' in text
+        toml.write_text(text.replace('workers = "auto"', "workers = 3"))
+        check = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fleet_ingress",
+            "check",
+            "-c",
+            str(toml),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=one_cpu_cgroup.join,
+        )
+        out = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
+        assert (
+            "process.workers = 3 is more than twice the 1 CPUs this process may run on "
+            f"(CPUQuota 100% of {cpus} CPUs)" in out
+        ), out
+    finally:
+        await service.finish()
