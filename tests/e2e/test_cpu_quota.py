@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -40,6 +41,7 @@ def one_cpu_cgroup() -> Iterator[CpuCgroup]:
         group.remove()
 
 
+@pytest.mark.uvloop_only  # processes of their own: the test's loop changes nothing here
 async def test_auto_workers_follow_the_cgroups_cpu_quota(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet, one_cpu_cgroup: CpuCgroup
 ) -> None:
@@ -78,8 +80,45 @@ async def test_auto_workers_follow_the_cgroups_cpu_quota(
         )
         out = (await asyncio.wait_for(check.communicate(), 60))[0].decode()
         assert (
-            "process.workers = 3 is more than twice the 1 CPUs this process may run on "
+            "process.workers = 3 is more than twice the 1 CPU this process may run on "
             f"(CPUQuota 100% of {cpus} CPUs)" in out
         ), out
+    finally:
+        await service.finish()
+
+
+@pytest.mark.uvloop_only
+async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_an_upgrade(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet, one_cpu_cgroup: CpuCgroup
+) -> None:
+    """`systemctl set-property CPUQuota=` on a running service: a reload says
+    "auto" counts anew (process.workers, "auto" in the file before and after,
+    did not change: on main it said it had) and changes nothing; the next
+    upgrade's generation has the new count, and stat says where it came from."""
+    cpus = len(os.sched_getaffinity(0))
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers="auto",
+        preexec_fn=one_cpu_cgroup.join,
+    )
+    try:
+        assert len((await service.stats())["workers"]) == 1
+        one_cpu_cgroup.set_quota(None)  # the quota lifted: every CPU of the mask
+        service.proc.send_signal(signal.SIGHUP)
+        await service.wait_for("READY=1", count=2)
+        (reloaded,) = [e for e in service.log() if e["event"] == "reloaded"]
+        changes = reloaded["changes"]
+        assert 'process.workers = "auto" counts anew: takes effect at the next' in changes
+        assert f"{cpus} (the CPUs of its affinity mask), not the 1 serving" in changes
+        assert "process.workers changed" not in changes, changes
+        stats = await service.stats()
+        assert len(stats["workers"]) == 1 and stats["workers_wanted"] == 1  # nothing acted on it
+        code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 150)
+        assert code == 0, said
+        stats = await service.stats()
+        serving = [r for r in stats["workers"] if r["state"] == "serving"]
+        assert sorted(r["generation"] for r in serving) == [2] * cpus, stats["workers"]
+        assert stats["workers_from"] == f"{cpus} (the CPUs of its affinity mask)"
     finally:
         await service.finish()

@@ -1862,9 +1862,15 @@ class Supervisor:
             )
         count, because = process.workers_from()
         if count != self.worker_target:
-            # Also with "auto" unchanged: the unit's CPUQuota= or affinity changed.
+            # "auto" in the file before and now: the unit's CPUQuota= or affinity
+            # changed, not process.workers (an operator would look for an edit).
+            what = (
+                'process.workers = "auto" counts anew'
+                if process.workers == "auto" == self.config.process.workers
+                else "process.workers changed"
+            )
             notes.append(
-                f"process.workers changed: takes effect at the next `fleet-ingress upgrade` "
+                f"{what}: takes effect at the next `fleet-ingress upgrade` "
                 f"(its new generation) or restart: {because}, not the "
                 f"{self.worker_target} serving"
             )
