@@ -9,12 +9,27 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from fleet_ingress.config import settings
+from fleet_ingress.config.cpus import usable_cpus
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.cpu_quota import AutoWorkers
+from fleet_ingress.service.supervisor import Supervisor, run_supervisor
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import CpuCgroup, RunningIngress, TLSFiles, admin_command
+from tests.support import (
+    CpuCgroup,
+    RunningIngress,
+    TLSFiles,
+    admin_command,
+    eventually,
+    write_run_home,
+)
 
 ONE_CPU_US = 100_000
 
@@ -122,3 +137,42 @@ async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_
         assert stats["workers_from"] == f"{cpus} (the CPUs of its affinity mask)"
     finally:
         await service.finish()
+
+
+@pytest.mark.uvloop_only
+async def test_a_reload_counts_auto_off_the_supervisors_loop(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload counts "auto" anew (its note of a changed quota): that reads
+    /proc/self/mountinfo, 30-40 ms on a host of 3000 mounts (a Kubernetes
+    node), during which the loop answered no worker's slot request. It is read
+    off the loop (a real `run_supervisor` in this process, its worker a process)."""
+    counted_on: list[bool] = []  # True: on the loop's thread
+
+    def recording() -> AutoWorkers:
+        counted_on.append(threading.current_thread() is threading.main_thread())
+        return usable_cpus()
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers="auto")
+    config = load_config(tmp_path / "ingress.toml")
+    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    monkeypatch.chdir(tmp_path)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    supervisor = Supervisor(config, fleets, tmp_path / "ingress.toml")
+    running = asyncio.ensure_future(run_supervisor(supervisor))
+    try:
+        await eventually(
+            lambda: 0 < supervisor.worker_target == supervisor.serving_workers() or running.done(),
+            timeout=30,
+        )
+        assert not running.done(), running.exception()
+        monkeypatch.setattr(settings, "usable_cpus", recording)
+        await asyncio.wait_for(supervisor.reload(), 30)
+        assert counted_on == [False]
+    finally:
+        supervisor.stop_asked.set()
+        try:
+            await asyncio.wait_for(running, 30)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            await supervisor.close()
