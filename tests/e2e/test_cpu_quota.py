@@ -19,7 +19,7 @@ from fleet_ingress.config import settings
 from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
-from fleet_ingress.core.cpu_quota import AutoWorkers
+from fleet_ingress.core.cpu_quota import AutoWorkers, CpuQuota, auto_workers
 from fleet_ingress.service.supervisor import Supervisor, run_supervisor
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
@@ -119,13 +119,15 @@ async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_
     )
     try:
         assert len((await service.stats())["workers"]) == 1
-        one_cpu_cgroup.set_quota(None)  # the quota lifted: every CPU of the mask
+        # Two CPUs' worth (not lifted: 64 workers on a 64-CPU host): 2 workers.
+        one_cpu_cgroup.set_quota(2 * ONE_CPU_US)
+        two = auto_workers(cpus, CpuQuota(2 * ONE_CPU_US, ONE_CPU_US, "")).because
         service.proc.send_signal(signal.SIGHUP)
         await service.wait_for("READY=1", count=2)
         (reloaded,) = [e for e in service.log() if e["event"] == "reloaded"]
         changes = reloaded["changes"]
         assert 'process.workers = "auto" counts anew: takes effect at the next' in changes
-        assert f"{cpus} (the CPUs of its affinity mask), not the 1 serving" in changes
+        assert f"{two}, not the 1 serving" in changes
         assert "process.workers changed" not in changes, changes
         stats = await service.stats()
         assert len(stats["workers"]) == 1 and stats["workers_wanted"] == 1  # nothing acted on it
@@ -133,8 +135,8 @@ async def test_a_quota_changed_under_a_running_service_is_noted_then_applied_by_
         assert code == 0, said
         stats = await service.stats()
         serving = [r for r in stats["workers"] if r["state"] == "serving"]
-        assert sorted(r["generation"] for r in serving) == [2] * cpus, stats["workers"]
-        assert stats["workers_from"] == f"{cpus} (the CPUs of its affinity mask)"
+        assert sorted(r["generation"] for r in serving) == [2, 2], stats["workers"]
+        assert stats["workers_from"] == two
     finally:
         await service.finish()
 
