@@ -1388,6 +1388,13 @@ class CpuCgroup:
         """Move the calling process in (a `preexec_fn`: the child before its exec)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
+    def set_quota(self, quota_us: int | None, period_us: int = 100_000) -> None:
+        """A new quota for the group (`systemctl set-property CPUQuota=`); None: none."""
+        if self.v2:
+            (self.path / "cpu.max").write_text(f"{quota_us or 'max'} {period_us}")
+        else:
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota_us or -1))
+
     def pids(self) -> list[int]:
         return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
 

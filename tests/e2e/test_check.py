@@ -11,6 +11,7 @@ import pytest
 import trustme
 
 from fleet_ingress.config.check import WARNING, check_configuration, run_check
+from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.settings import ConfigError, IngressConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "ingress.toml"
@@ -416,15 +417,17 @@ def test_workers_far_past_the_cpus_are_named_and_pass(deployment: Path) -> None:
     workers past the CPUs share them, each its own Python process's memory
     and a channel the supervisor serves, for no more calls (the bounds audit
     of session 35). Twice the CPUs is left alone (a deliberate overcommit)."""
-    cpus = len(os.sched_getaffinity(0))
+    usable = usable_cpus()  # the affinity mask's, fewer under a CPU quota (a CI container's)
+    cpus = usable.count
     base = deployment.read_text()
     deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus}\n")
     assert check_configuration(deployment) == []
     deployment.write_text(base + f"\n[process]\nworkers = {2 * cpus + 1}\n")
+    quota = f" ({usable.quota})" if usable.quota else ""
     assert check_configuration(deployment) == [
         f"{WARNING}{deployment} line 8: process.workers = {2 * cpus + 1} is more than twice the "
-        f"{cpus} CPUs this process may run on: the workers past them share those CPUs, each "
-        'costing its memory, for no more calls; "auto" is one per CPU'
+        f"{cpus} CPU{'' if cpus == 1 else 's'} this process may run on{quota}: the workers past "
+        'them share those CPUs, each costing its memory, for no more calls; "auto" is one per CPU'
     ]
     assert run(deployment)[0] == 0
 

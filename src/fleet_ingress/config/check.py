@@ -318,8 +318,8 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
     workers, cpus = config.process.workers, usable_cpus()
     if isinstance(workers, int) and workers > 2 * cpus.count:
         doubts.append(
-            f"process.workers = {workers} is more than twice the {cpus.count} CPUs this "
-            "process may run on"
+            f"process.workers = {workers} is more than twice the {cpus.count} "
+            f"CPU{'' if cpus.count == 1 else 's'} this process may run on"
             + (f" ({cpus.quota})" if cpus.quota else "")
             + ": the workers past them share those CPUs, each costing its memory, "
             'for no more calls; "auto" is one per CPU'

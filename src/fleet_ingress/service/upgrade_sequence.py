@@ -932,7 +932,8 @@ class UpgradeSequence:
         new_generation = supervisor.generation + 1
         # As the configuration says now: an upgrade is where a changed
         # process.workers takes effect (a reload only notes it).
-        count, because = supervisor.config.process.workers_from()
+        # Off the loop: "auto" and the batches read the cgroup's quota (mountinfo).
+        (count, because), batch = await asyncio.to_thread(_workers_and_batch, supervisor.config)
         if count != supervisor.worker_target:
             log.info(
                 "upgrade: process.workers changed: the new generation has a different count",
@@ -944,7 +945,6 @@ class UpgradeSequence:
                 ),
             )
         candidates: list[WorkerProcess] = []
-        batch = start_batch()
         try:
             for index in range(count):
                 if index and index % batch == 0:  # the previous batch serves first
@@ -1008,6 +1008,10 @@ class UpgradeSequence:
         if retire_by is not None:
             worker.retire_by = float(retire_by)
         self.supervisor.arm_backstop(worker)
+
+
+def _workers_and_batch(config: IngressConfig) -> tuple[tuple[int, str], int]:
+    return config.process.workers_from(), start_batch()
 
 
 def start_batch() -> int:
