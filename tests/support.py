@@ -35,10 +35,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from fleet_ingress.core.cgroups import mounts
 from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.service.ingress import Ingress
-from fleet_ingress.service.oom_kills import count_in, memory_mounts
+from fleet_ingress.service.oom_kills import count_in
 from fleet_ingress.sim import SimulatedFleet
 
 # A carrier's WebSocket upgrade, as raw bytes (format with path=...).
@@ -1221,7 +1222,7 @@ class MemoryCgroup:
 
     @staticmethod
     def _mounts() -> tuple[Path | None, Path | None]:
-        v2, v1 = memory_mounts(Path("/proc/self/mountinfo").read_text())
+        v2, v1 = mounts(Path("/proc/self/mountinfo").read_text(), "memory")
         return (
             None if v2 is None else Path(v2.point),
             None if v1 is None else Path(v1.point),
@@ -1304,17 +1305,8 @@ class MemoryCgroup:
 
 def _cpu_mounts() -> tuple[Path | None, Path | None]:
     """(the cgroup2 mount, the cgroup v1 mount with the cpu controller)."""
-    v2 = v1 = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, tail = line.partition(" - ")
-        parts, after = fields.split(), tail.split()
-        if len(parts) < 5 or len(after) < 3:
-            continue
-        if after[0] == "cgroup2" and v2 is None:
-            v2 = Path(parts[4])
-        elif after[0] == "cgroup" and "cpu" in after[2].split(",") and v1 is None:
-            v1 = Path(parts[4])
-    return v2, v1
+    v2, v1 = mounts(Path("/proc/self/mountinfo").read_text(), "cpu")
+    return (None if v2 is None else Path(v2.point), None if v1 is None else Path(v1.point))
 
 
 class CpuCgroup:

@@ -9,12 +9,9 @@ import pytest
 from fleet_ingress.service.oom_kills import (
     HOST_COUNTER,
     OOM_CREDIT_S,
-    Mount,
     OomKills,
-    cgroup_paths,
     count_in,
     counter_candidates,
-    memory_mounts,
     rose_since,
 )
 
@@ -54,33 +51,6 @@ HYBRID_MOUNTS = (
 )
 def test_the_count_is_the_line_named_so(text: str, key: str, count: int | None) -> None:
     assert count_in(text, key) == count
-
-
-@pytest.mark.parametrize(
-    ("proc_cgroup", "paths"),
-    [
-        (UNIFIED_CGROUP, ("/system.slice/fleet-ingress.service", None)),
-        (HYBRID_CGROUP, ("/", "/process_api/4043")),
-        ("5:memory,hugetlb:/x\n", (None, "/x")),  # v1 alone, controllers comounted
-        ("3:cpu:/\n", (None, None)),
-        ("", (None, None)),
-    ],
-)
-def test_the_cgroup_paths_of_a_process(
-    proc_cgroup: str, paths: tuple[str | None, str | None]
-) -> None:
-    assert cgroup_paths(proc_cgroup) == paths
-
-
-def test_the_mounts_of_cgroup2_and_of_v1_memory() -> None:
-    assert memory_mounts(UNIFIED_MOUNTS) == (Mount("/", "/sys/fs/cgroup"), None)
-    assert memory_mounts(HYBRID_MOUNTS) == (
-        Mount("/", "/sys/fs/cgroup/unified"),
-        Mount("/", "/sys/fs/cgroup/memory"),
-    )
-    escaped = "40 31 0:37 /a\\040b /mnt/c\\040g rw - cgroup2 cgroup2 rw\n"
-    assert memory_mounts(escaped) == (Mount("/a b", "/mnt/c g"), None)
-    assert memory_mounts("garbage\n\n1 2 3\n") == (None, None)
 
 
 def test_on_cgroup_v2_the_units_memory_events_first_then_its_ancestors_then_the_host() -> None:

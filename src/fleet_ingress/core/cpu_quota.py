@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fleet_ingress.core.cgroups import cgroup_paths, directories_up, mounts
+
 # Reads a cgroup file by its absolute path; None when it is not there (or not readable).
 Reader = Callable[[str], "str | None"]
 
@@ -35,60 +37,6 @@ class CpuQuota:
     def percent(self) -> float:
         """As systemd's CPUQuota= writes it (200 for two CPUs)."""
         return self.quota * 100 / self.period
-
-
-@dataclass(frozen=True)
-class _Mount:
-    root: str  # the cgroup shown at the mount point
-    point: str
-
-
-def _unescape(text: str) -> str:
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        text = text.replace(escaped, plain)
-    return text
-
-
-def _cpu_mounts(mountinfo: str) -> tuple[_Mount | None, _Mount | None]:
-    """(the cgroup2 mount, the v1 mount with the cpu controller)."""
-    v2 = v1 = None
-    for line in mountinfo.splitlines():
-        fields, sep, tail = line.partition(" - ")
-        parts, after = fields.split(), tail.split()
-        if not sep or len(parts) < 5 or len(after) < 3:
-            continue
-        mount = _Mount(_unescape(parts[3]), _unescape(parts[4]))
-        if after[0] == "cgroup2" and v2 is None:
-            v2 = mount
-        elif after[0] == "cgroup" and "cpu" in after[2].split(",") and v1 is None:
-            v1 = mount
-    return v2, v1
-
-
-def _cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
-    """From /proc/self/cgroup: (the v2 path, the path in v1's cpu hierarchy)."""
-    v2 = v1 = None
-    for line in proc_cgroup.splitlines():
-        hierarchy, sep, rest = line.partition(":")
-        controllers, sep2, path = rest.partition(":")
-        if not sep or not sep2:
-            continue
-        if hierarchy == "0" and controllers == "":
-            v2 = path
-        elif "cpu" in controllers.split(","):
-            v1 = path
-    return v2, v1
-
-
-def _directories(mount: _Mount, path: str) -> list[str]:
-    """The directories from the cgroup's own up to the mount point; none
-    when the mount does not show it (a cgroup outside the namespace's root)."""
-    root = mount.root.rstrip("/")
-    if path != root and not path.startswith(root + "/"):
-        return []
-    point = mount.point.rstrip("/")
-    below = [part for part in path[len(root) :].split("/") if part]
-    return ["/".join([point, *below[:depth]]) or "/" for depth in range(len(below), -1, -1)]
 
 
 def _int(text: str | None) -> int | None:
@@ -124,8 +72,8 @@ def _v1_quota(directory: str, read: Reader) -> CpuQuota | None:
 def cpu_quota(proc_cgroup: str, mountinfo: str, read: Reader) -> CpuQuota | None:
     """The tightest CPU quota on this process's cgroup and its parents, in
     either hierarchy; None when there is none (or none can be read)."""
-    v2_mount, v1_mount = _cpu_mounts(mountinfo)
-    v2_path, v1_path = _cgroup_paths(proc_cgroup)
+    v2_mount, v1_mount = mounts(mountinfo, "cpu")
+    v2_path, v1_path = cgroup_paths(proc_cgroup, "cpu")
     found: list[CpuQuota] = []
     for mount, path, one in (
         (v2_mount, v2_path, _v2_quota),
@@ -133,7 +81,7 @@ def cpu_quota(proc_cgroup: str, mountinfo: str, read: Reader) -> CpuQuota | None
     ):
         if mount is None or path is None:
             continue
-        for directory in _directories(mount, path):
+        for directory in directories_up(mount, path):
             if (quota := one(directory, read)) is not None:
                 found.append(quota)
     # The smallest share of time, not the smallest ceil: 150% is tighter than 190%.

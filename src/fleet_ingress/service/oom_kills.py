@@ -25,15 +25,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet_ingress.core.cgroups import cgroup_paths, directory, mounts
+
 __all__ = [
     "OOM_CREDIT_S",
     "OomCounter",
     "OomKills",
-    "cgroup_paths",
     "count_in",
     "counter_candidates",
     "find_oom_counter",
-    "memory_mounts",
 ]
 
 # How long a rise of the count stays unclaimed for a SIGKILL death: the kill is
@@ -56,61 +56,6 @@ def count_in(text: str, key: str = "oom_kill") -> int | None:
             except ValueError:
                 return None
     return None
-
-
-def cgroup_paths(proc_cgroup: str) -> tuple[str | None, str | None]:
-    """From /proc/PID/cgroup: (its cgroup v2 path, its cgroup v1 memory
-    controller's path), each None where the host has no such hierarchy."""
-    v2 = v1_memory = None
-    for line in proc_cgroup.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        number, controllers, path = parts
-        if number == "0" and controllers == "":
-            v2 = path
-        elif "memory" in controllers.split(","):
-            v1_memory = path
-    return v2, v1_memory
-
-
-@dataclass(frozen=True)
-class Mount:
-    root: str  # the cgroup path the mount shows as its top (a cgroup namespace's, or /)
-    point: str  # where it is mounted
-
-
-def memory_mounts(mountinfo: str) -> tuple[Mount | None, Mount | None]:
-    """From /proc/self/mountinfo: (the cgroup2 mount, the cgroup v1 mount
-    of the memory controller); None for either not mounted."""
-    v2 = v1_memory = None
-    for line in mountinfo.splitlines():
-        fields, sep, tail = line.partition(" - ")
-        parts, after = fields.split(), tail.split()
-        if not sep or len(parts) < 5 or len(after) < 3:
-            continue
-        mount = Mount(_unescape(parts[3]), _unescape(parts[4]))
-        if after[0] == "cgroup2" and v2 is None:
-            v2 = mount
-        elif after[0] == "cgroup" and "memory" in after[2].split(",") and v1_memory is None:
-            v1_memory = mount
-    return v2, v1_memory
-
-
-def _unescape(text: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes.
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        text = text.replace(escaped, plain)
-    return text
-
-
-def _under(mount: Mount, path: str) -> str | None:
-    """Where cgroup `path` is in the file system under `mount`; None when the
-    mount does not show it (a cgroup outside the namespace's root)."""
-    root = mount.root.rstrip("/")
-    if path != root and not path.startswith(root + "/"):
-        return None
-    return (mount.point.rstrip("/") + path[len(root) :]).rstrip("/") or "/"
 
 
 @dataclass(frozen=True)
@@ -138,21 +83,21 @@ def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
     counted with it), then of each group above it, its cgroup v1
     memory.oom_control (that group alone), then the host's count (any
     process on the host: a weaker sign)."""
-    v2_path, v1_path = cgroup_paths(proc_cgroup)
-    v2_mount, v1_mount = memory_mounts(mountinfo)
+    v2_path, v1_path = cgroup_paths(proc_cgroup, "memory")
+    v2_mount, v1_mount = mounts(mountinfo, "memory")
     found = []
     if v2_path is not None and v2_mount is not None:
         # Its own group's first; an ancestor's (its count is its descendants'
         # too) where the memory controller is not enabled on the group itself.
         for path in _and_ancestors(v2_path):
-            if (where := _under(v2_mount, path)) is not None:
+            if (where := directory(v2_mount, path)) is not None:
                 found.append(
                     OomCounter(
                         f"{where}/memory.events", f"memory cgroup {path} (cgroup v2 memory.events)"
                     )
                 )
     if v1_path is not None and v1_mount is not None:
-        if (where := _under(v1_mount, v1_path)) is not None:
+        if (where := directory(v1_mount, v1_path)) is not None:
             found.append(
                 OomCounter(
                     f"{where}/memory.oom_control",

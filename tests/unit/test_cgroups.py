@@ -1,0 +1,66 @@
+"""Where a process's cgroups are (core/cgroups.py): /proc/PID/cgroup and
+/proc/PID/mountinfo's text in, mounts, paths and directories out, for the
+memory controller (the OOM kills' count) and the cpu controller (the CPU
+quota) alike."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet_ingress.core.cgroups import Mount, cgroup_paths, directories_up, directory, mounts
+from tests.unit.test_oom_kills import HYBRID_CGROUP, HYBRID_MOUNTS, UNIFIED_CGROUP, UNIFIED_MOUNTS
+
+
+@pytest.mark.parametrize(
+    ("proc_cgroup", "paths"),
+    [
+        (UNIFIED_CGROUP, ("/system.slice/fleet-ingress.service", None)),
+        (HYBRID_CGROUP, ("/", "/process_api/4043")),
+        ("5:memory,hugetlb:/x\n", (None, "/x")),  # v1 alone, controllers comounted
+        ("3:cpu:/\n", (None, None)),
+        ("", (None, None)),
+    ],
+)
+def test_the_cgroup_paths_of_a_process(
+    proc_cgroup: str, paths: tuple[str | None, str | None]
+) -> None:
+    assert cgroup_paths(proc_cgroup, "memory") == paths
+
+
+def test_the_mounts_of_cgroup2_and_of_v1_memory() -> None:
+    assert mounts(UNIFIED_MOUNTS, "memory") == (Mount("/", "/sys/fs/cgroup"), None)
+    assert mounts(HYBRID_MOUNTS, "memory") == (
+        Mount("/", "/sys/fs/cgroup/unified"),
+        Mount("/", "/sys/fs/cgroup/memory"),
+    )
+    escaped = "40 31 0:37 /a\\040b /mnt/c\\040g rw - cgroup2 cgroup2 rw\n"
+    assert mounts(escaped, "memory") == (Mount("/a b", "/mnt/c g"), None)
+    assert mounts("garbage\n\n1 2 3\n", "memory") == (None, None)
+
+
+def test_the_cpu_controllers_v1_mount_and_path_are_its_own() -> None:
+    assert mounts(HYBRID_MOUNTS, "cpu") == (
+        Mount("/", "/sys/fs/cgroup/unified"),
+        Mount("/", "/sys/fs/cgroup/cpu"),
+    )
+    assert cgroup_paths(HYBRID_CGROUP, "cpu") == ("/", "/")
+    assert cgroup_paths("1:cpu,cpuacct:/a/b\n", "cpu") == (None, "/a/b")
+    assert cgroup_paths("1:cpuacct:/a/b\n", "cpu") == (None, None)  # not "cpu" itself
+
+
+def test_a_path_and_its_directories_as_the_mount_shows_them() -> None:
+    host = Mount("/", "/sys/fs/cgroup")
+    assert directory(host, "/system.slice/x.service") == "/sys/fs/cgroup/system.slice/x.service"
+    assert directory(host, "/") == "/sys/fs/cgroup"
+    assert directories_up(host, "/a/b") == [
+        "/sys/fs/cgroup/a/b",
+        "/sys/fs/cgroup/a",
+        "/sys/fs/cgroup",
+    ]
+    namespace = Mount("/kubepods/pod1", "/sys/fs/cgroup")
+    assert directory(namespace, "/kubepods/pod1/c1") == "/sys/fs/cgroup/c1"
+    assert directories_up(namespace, "/kubepods/pod1/c1") == ["/sys/fs/cgroup/c1", "/sys/fs/cgroup"]
+    # Outside the namespace's root, or a name that only begins like it: not shown.
+    assert directory(namespace, "/elsewhere") is None
+    assert directory(namespace, "/kubepods/pod10") is None
+    assert directories_up(namespace, "/kubepods/pod10/c") == []
