@@ -1192,6 +1192,26 @@ def drain_outcome(
     return len(killed), call.close_code, ended
 
 
+def _kill_all_and_remove(group: Path) -> None:
+    """Kill every process of cgroup `group` (a test's, all of them), then
+    remove it; bounded at 5 s (a process killed leaves the group as it is reaped)."""
+    deadline = time.monotonic() + 5
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            for pid in (group / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 # Named for the session that wrote it: a group left behind by a killed run is
 # traced to MemoryCgroup (`rmdir` removes one whose processes are gone).
 CGROUP_PREFIX = "oom35-"
@@ -1286,21 +1306,7 @@ class MemoryCgroup:
             self.limit(None)
         if not self.made:
             return
-        deadline = time.monotonic() + 5
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                for pid in self.pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        _kill_all_and_remove(self.path)
 
 
 def _cpu_mounts() -> tuple[Path | None, Path | None]:
@@ -1392,21 +1398,7 @@ class CpuCgroup:
 
     def remove(self) -> None:
         """Its processes killed (a test's, all of them), then the group; bounded."""
-        deadline = time.monotonic() + 5
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                for pid in self.pids():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-            try:
-                self.path.rmdir()
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        _kill_all_and_remove(self.path)
 
 
 def _text(path: Path) -> str:
