@@ -258,7 +258,8 @@ def test_kubernetes_service_variables_start_and_are_said_not_read(
     """Kubernetes sets FLEET_INGRESS_SERVICE_HOST and its kin in every pod for a
     Service named fleet-ingress: they were refused as "not a section" and the
     ingress would not start. Not ours (no `__`): check says them not read, as a
-    one-underscore typo, while a FLEET_INGRESS_<SECTION>__<KEY> typo is refused still."""
+    typo naming no key, while a FLEET_INGRESS_<SECTION>__<KEY> typo is refused still
+    (and FLEET_INGRESS_FLEETS_MAXCONN, a key after one `_`: test_config)."""
     kubernetes = {
         "FLEET_INGRESS_SERVICE_HOST": "10.96.0.12",
         "FLEET_INGRESS_SERVICE_PORT": "443",
@@ -271,10 +272,10 @@ def test_kubernetes_service_variables_start_and_are_said_not_read(
     }
     for name, value in kubernetes.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("FLEET_INGRESS_FLEETS_MAXCONN", "4")  # one underscore: not read
+    monkeypatch.setenv("FLEET_INGRESS_FLEET_MAXCONN", "4")  # names no key: not read
     assert load_config(deployment).fleets.maxconn == IngressConfig().fleets.maxconn
     assert check_configuration(deployment) == [
-        f"{WARNING}environment: FLEET_INGRESS_FLEETS_MAXCONN is not read: a setting is "
+        f"{WARNING}environment: FLEET_INGRESS_FLEET_MAXCONN is not read: a setting is "
         "FLEET_INGRESS_<SECTION>__<KEY>, two underscores before the key, e.g. "
         "FLEET_INGRESS_FLEETS__MAXCONN",
         *(

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import TLSFiles, free_port
+from tests.support import TLSFiles, eventually, free_port
 
 CLI = [sys.executable, "-m", "fleet_ingress"]
 
@@ -782,6 +782,8 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
         env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
     )
     try:
+        # Logged after READY=1 (its file read in a thread): waited for, not raced.
+        await eventually(lambda: any(e.get("event") == "ready" for e in service.log()))
         (ready,) = [entry for entry in service.log() if entry.get("event") == "ready"]
         assert ready["environment"] == [
             "timeouts.queue = '7' from environment variable FLEET_INGRESS_TIMEOUTS__QUEUE, "

@@ -127,6 +127,34 @@ def test_an_env_variable_naming_no_section_is_an_error_not_ignored(
     assert "maxcon" in "\n".join(problems({}))
 
 
+def test_a_sections_key_after_one_underscore_is_an_error_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FLEET_INGRESS_FLEETS_MAXCONN (one `_` before the key) was refused as "not a
+    section"; since Kubernetes' FLEET_INGRESS_SERVICE_HOST and kin were let
+    through, `run` served the file's maxconn without a word (check alone warned,
+    and nothing runs check in a pod). A section's real key is no Kubernetes
+    name: refused again, naming the spelling that sets it, in any case."""
+    path = write(tmp_path, "[fleets]\nmaxconn = 8\n")
+    for name, fix in [
+        ("FLEET_INGRESS_FLEETS_MAXCONN", "FLEET_INGRESS_FLEETS__MAXCONN"),
+        ("fleet_ingress_timeouts_tcp_user_timeout", "FLEET_INGRESS_TIMEOUTS__TCP_USER_TIMEOUT"),
+    ]:
+        monkeypatch.setenv(name, "32")
+        with pytest.raises(ConfigError) as refused:
+            load_config(path)
+        assert refused.value.problems == [
+            f"environment: {name}: one underscore before the key, so it sets nothing; write {fix}"
+        ]
+        monkeypatch.delenv(name)
+    # Kubernetes' names, and one naming no key, are not settings: not refused.
+    monkeypatch.setenv("FLEET_INGRESS_SERVICE_HOST", "10.96.0.12")
+    monkeypatch.setenv("FLEET_INGRESS_PORT_443_TCP_PORT", "443")
+    # A Service named fleet-ingress-fleets:
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS_SERVICE_HOST", "10.96.0.13")
+    assert load_config(path).fleets.maxconn == 8
+
+
 def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "0")
     assert problems({}) == [

@@ -233,6 +233,9 @@ async def test_the_ready_line_reads_the_configuration_file_off_the_loop(
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     # Opening the FIFO for writing, a second from now, lets the reader's open return.
     writer = threading.Timer(1.0, config.write_text, ("[timeouts]\nqueue = 3\n",))
+    # Daemon: were the FIFO never read (the code broken), its open would block
+    # for ever and the test run hang at exit, not fail.
+    writer.daemon = True
     writer.start()
     try:
         ready = asyncio.create_task(_log_ready(supervisor))  # type: ignore[arg-type]

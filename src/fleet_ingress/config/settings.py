@@ -665,13 +665,25 @@ _KUBERNETES_SERVICE = re.compile(
 def _unknown_env_sections() -> list[str]:
     """pydantic-settings reads only the variables that name a field, so a misspelled
     section (FLEET_INGRESS_FLEET__MAXCONN) would be ignored without a word. Only
-    names of our shape, with a `__`: the others are no setting of ours (Kubernetes'
+    names of our shape, with a `__`, or a section's key after a single `_`
+    (FLEET_INGRESS_FLEETS_MAXCONN): the others are no setting of ours (Kubernetes'
     FLEET_INGRESS_SERVICE_HOST for a Service named fleet-ingress stopped the start),
     said by `unread_variables`."""
     sections = IngressConfig.model_fields
     problems = []
     for name in sorted(os.environ):
-        if not name.upper().startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        if "__" not in name[len(ENV_PREFIX) :]:
+            if (key := _one_underscore_key(name)) is not None:
+                # FLEET_INGRESS_FLEETS_MAXCONN: ours, one `_` short (it was refused
+                # as "not a section" until Kubernetes' names were let through,
+                # then served at the file's value without a word but check's).
+                # No Kubernetes name is one: theirs end in _HOST, _PORT and kin.
+                problems.append(
+                    f"environment: {ascii(name)[1:-1]}: one underscore before the key, so it "
+                    f"sets nothing; write {ENV_PREFIX}{key[0].upper()}__{key[1].upper()}"
+                )
             continue
         section = name[len(ENV_PREFIX) :].partition("__")[0].lower()
         if section not in sections:
@@ -683,18 +695,32 @@ def _unknown_env_sections() -> list[str]:
     return problems
 
 
+def _one_underscore_key(name: str) -> tuple[str, str] | None:
+    """(section, key) when `name` is FLEET_INGRESS_<SECTION>_<KEY> of a real
+    section and key (any case), a `__` written `_`; else None."""
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section, field in IngressConfig.model_fields.items():
+        model = field.annotation
+        if rest.startswith(section + "_") and isinstance(model, type):
+            key = rest[len(section) + 1 :]
+            if key in getattr(model, "model_fields", {}):
+                return section, key
+    return None
+
+
 def unread_variables() -> list[str]:
     """The FLEET_INGRESS_ variables that are no setting: no section named and no
     `__`, so not refused (Kubernetes sets FLEET_INGRESS_SERVICE_HOST and its kin
-    for a Service named fleet-ingress), but said, as a one-underscore typo
-    (FLEET_INGRESS_FLEETS_MAXCONN) is one of these too."""
+    for a Service named fleet-ingress), but said, as a typo that names no key
+    (FLEET_INGRESS_FLEET_MAXCONN) is one of these too. FLEET_INGRESS_FLEETS_MAXCONN,
+    a section's key after one `_`, is refused (`_unknown_env_sections`)."""
     lines = []
     for name in sorted(os.environ):
         rest = name[len(ENV_PREFIX) :]
         if not name.upper().startswith(ENV_PREFIX) or "__" in rest:
             continue
-        if rest.lower() in IngressConfig.model_fields:
-            continue
+        if rest.lower() in IngressConfig.model_fields or _one_underscore_key(name):
+            continue  # a section's table, or refused (`_unknown_env_sections`)
         shown = ascii(name)[1:-1]
         if name.startswith(ENV_PREFIX) and _KUBERNETES_SERVICE.fullmatch(rest):
             lines.append(

@@ -2167,7 +2167,9 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     gc.collect()
     gc.freeze()
     notifier.notify("READY=1", f"STATUS={supervisor.status_line()}", f"MAINPID={os.getpid()}")
-    await _log_ready(supervisor)
+    # Not awaited: a file slow to read (a stalled mount) held back the tasks
+    # below, the watchdog's pings among them (WatchdogSec= then aborted it).
+    ready_line = loop.create_task(_log_ready(supervisor))
 
     def reloader_failed() -> None:
         # Whoever asked is told, and systemd hears the reload is over.
@@ -2201,7 +2203,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(trim_heap()),
     ]
     await stop.wait()
-    for task in background:
+    for task in [*background, ready_line]:
         task.cancel()
     supervisor.snapshots = None  # a stop: nothing to take up but the certificate served
     _keep_certificate_for_next_start(supervisor, snapshots)

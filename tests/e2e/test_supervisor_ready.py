@@ -1,0 +1,79 @@
+"""The "ready" line's file read (its `environment` field) holds back none of the
+supervisor's duties after READY=1: a real `run_supervisor` in this process,
+its worker a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+
+from fleet_ingress.config.fleets_file import load_fleets_file
+from fleet_ingress.config.settings import load_config
+from fleet_ingress.service import supervisor as supervisor_module
+from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.supervisor import Supervisor, run_supervisor
+from tests.support import TLSFiles, eventually, write_run_home
+
+
+class _Recorded(Notifier):
+    """systemd's side: what the supervisor tells it, one message a list."""
+
+    def __init__(self) -> None:
+        super().__init__({"WATCHDOG_USEC": "2000000"})  # WatchdogSec=2: a ping a second
+        self.sent: list[tuple[str, ...]] = []
+
+    def notify(self, *lines: str) -> None:
+        self.sent.append(lines)
+
+
+async def test_a_stalled_read_for_the_ready_line_holds_back_no_watchdog_ping(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch
+) -> None:
+    """The ready line reads the configuration file in a thread (13cf33e), but
+    the supervisor awaited it before it started its tasks: the watchdog's
+    pings, the admin socket, reloads, snapshots. A file slow to read (a stalled
+    mount) went unpinged past WatchdogSec=, and systemd aborted the supervisor.
+    The line waits for its read alone."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1, drain=1)
+    config = load_config(tmp_path / "ingress.toml")
+    fleets = load_fleets_file(config.fleets.file, default_maxconn=config.fleets.maxconn)
+    read_may_end = threading.Event()
+    reads: list[Path] = []
+
+    def stalled_read(path: Path) -> list[str]:
+        reads.append(path)
+        read_may_end.wait(30)
+        return []
+
+    monkeypatch.setattr(supervisor_module, "environment_values", stalled_read)
+    monkeypatch.chdir(tmp_path)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    notifier = _Recorded()
+    supervisor = Supervisor(config, fleets, tmp_path / "ingress.toml")
+    running = asyncio.ensure_future(run_supervisor(supervisor, notifier))
+
+    def after_ready() -> list[tuple[str, ...]]:
+        ready = [n for n, lines in enumerate(notifier.sent) if "READY=1" in lines]
+        return notifier.sent[ready[0] + 1 :] if ready else []
+
+    try:
+        await eventually(lambda: reads or running.done(), timeout=20)
+        assert not running.done(), running.exception()
+        # The read stalls on: systemd hears from the supervisor all the same.
+        await eventually(
+            lambda: any("WATCHDOG=1" in lines for lines in after_ready()) or running.done(),
+            timeout=5,
+        )
+        assert not running.done(), running.exception()
+        assert any("WATCHDOG=1" in lines for lines in after_ready()), notifier.sent
+        assert not read_may_end.is_set()
+    finally:
+        read_may_end.set()
+        supervisor.stop_asked.set()
+        try:
+            await asyncio.wait_for(running, 30)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            await supervisor.close()
