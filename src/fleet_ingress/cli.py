@@ -484,39 +484,20 @@ def _raise_descriptor_limit(
     [limit, needed] when the limit is short; `said`, what the image before an
     upgrade's exec returned: the same shortfall is not said again (it was, at
     every upgrade, for a limit no upgrade changes)."""
-    import logging
     import resource
 
-    from fleet_ingress.logs import fields
+    from fleet_ingress.net.descriptors import descriptors_short, say_descriptors_short
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
         except (ValueError, OSError):
             pass
-    from fleet_ingress.net.acme import ACME_DESCRIPTORS
-    from fleet_ingress.net.listener import DESCRIPTORS_KEPT, connections_within
-
-    # Both sides of each call, the worker's own, and what the :80 listener may hold.
-    acme_descriptors = ACME_DESCRIPTORS if acme else 0
-    needed = 2 * max_connections + DESCRIPTORS_KEPT + acme_descriptors
-    if soft == resource.RLIM_INFINITY or soft >= needed:
-        return None
-    if warn and said != [soft, needed]:
-        allowed = connections_within(soft, max_connections, acme_connections=acme_descriptors)
-        logging.getLogger("fleet_ingress.server").warning(
-            "descriptor limit below what limits.max_connections needs: each worker refuses "
-            "carriers past max_connections_allowed; raise LimitNOFILE (systemd) or ulimit -n",
-            extra=fields(
-                nofile=soft,
-                needed=needed,
-                max_connections=max_connections,
-                max_connections_allowed=allowed,
-            ),
-        )
-    return [soft, needed]
+    short = descriptors_short(max_connections, acme=acme)
+    if short is not None and warn and said != short:
+        say_descriptors_short(short, max_connections, acme=acme)
+    return short
 
 
 def _worker_config(config_path: Path):  # type: ignore[no-untyped-def]

@@ -3408,3 +3408,43 @@ async def test_the_descriptor_limit_is_said_short_once_not_at_every_upgrade(
         assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000), (1024, 900)]
     finally:
         await service.finish()
+
+
+@pytest.mark.uvloop_only
+async def test_a_reload_that_asks_more_calls_than_the_descriptor_limit_holds_says_so_once(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """LimitNOFILE=1024: limits.max_connections = 100 fits, and a reload to
+    1000 made each worker cap at what the limit holds without a word until
+    the next start (the leftovers' review of session 35). The reload says it
+    as the start does, and in its answer; a reload that asks the same again
+    does not repeat it."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        extra="\n[limits]\nmax_connections = 100\n",
+        preexec_fn=_low_descriptor_limit,
+    )
+
+    def said() -> list[dict[str, Any]]:
+        return [
+            e for e in service.log() if e.get("event", "").startswith("descriptor limit below what")
+        ]
+
+    try:
+        assert said() == []
+        config = service.home / "ingress.toml"
+        config.write_text(
+            config.read_text().replace("max_connections = 100", "max_connections = 1000")
+        )
+        code, printed = await admin_command(service, "reload")
+        assert code == 0, printed
+        assert "limits.max_connections = 1000: the descriptor limit (1024) holds" in printed
+        assert "raise LimitNOFILE" in printed
+        assert [(e["nofile"], e["max_connections"]) for e in said()] == [(1024, 1000)]
+        code, printed = await admin_command(service, "reload")
+        assert code == 0 and "descriptor limit" not in printed, printed
+        assert len(said()) == 1
+    finally:
+        await service.finish()

@@ -72,6 +72,7 @@ from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.descriptors import calls_allowed, descriptors_short, say_descriptors_short
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import (
     PatientDeadline,
@@ -1777,6 +1778,23 @@ class Supervisor:
         self.write_snapshot()  # what a crash restart serves: this one
         return changes
 
+    def _descriptors_said_short(self, config: IngressConfig) -> str | None:
+        """A reload that asks more calls than the descriptor limit holds says
+        so, as the start does, once for each [limit, needed] (the workers cap
+        at what the limit holds: before, without a word until the next start)."""
+        max_connections = config.limits.max_connections
+        acme = bool(self.bound_listen.acme)  # :80 as bound at start
+        short = descriptors_short(max_connections, acme=acme)
+        said, self.descriptors_short = self.descriptors_short, short
+        if short is None or short == said:
+            return None
+        say_descriptors_short(short, max_connections, acme=acme)
+        allowed = calls_allowed(short, max_connections, acme=acme)
+        return (
+            f"limits.max_connections = {max_connections}: the descriptor limit ({short[0]}) "
+            f"holds {allowed} calls a worker; raise LimitNOFILE (systemd) to carry them"
+        )
+
     async def _reload(self) -> str:
         try:
             # Off the loop, which answers the workers' slot requests meanwhile:
@@ -1805,6 +1823,8 @@ class Supervisor:
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
+        if short := self._descriptors_said_short(config):
+            notes.append(short)
         if new_keys:  # before any worker is told: a crash from here takes them up
             self._store_ticket_keys()
         self.slots.queue_timeout = config.timeouts.queue
