@@ -779,3 +779,81 @@ async def test_a_worker_the_supervisor_kills_is_never_taken_for_the_oom_killers(
     # The kill counted is still there for a death that was the OOM killer's.
     assert supervisor.oom_kills.claim(counter.read(), time.monotonic())
     worker.kill()  # a second kill of a process gone raises nothing
+
+
+class _EmulatedStore:
+    """systemd's fd store as far as the supervisor's messages go: FDSTORE=1
+    keeps a copy of each descriptor under its name, FDSTOREREMOVE=1 closes
+    the copies under that name (as systemd does; it also drops a stored
+    socket that hangs up, which a channel cut by the supervisor never does:
+    its worker's end is open)."""
+
+    def __init__(self, receiver: socket.socket) -> None:
+        self.receiver = receiver
+        self.kept: dict[str, list[int]] = {}
+
+    def read(self) -> dict[str, list[int]]:
+        for message, fds in _stored(self.receiver):
+            lines = dict(line.split("=", 1) for line in message.split("\n"))
+            name = lines["FDNAME"]
+            if lines.get("FDSTORE") == "1":
+                self.kept.setdefault(name, []).extend(fds)
+            elif lines.get("FDSTOREREMOVE") == "1":
+                for fd in self.kept.pop(name, []):
+                    os.close(fd)
+        return self.kept
+
+    def close(self) -> None:
+        for fds in self.kept.values():
+            for fd in fds:
+                os.close(fd)
+        self.kept = {}
+
+
+def _sees_end(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(4096) == b""
+    except BlockingIOError:
+        return False
+
+
+async def test_a_channel_cut_before_adopt_returns_leaves_the_store_though_its_worker_held_nothing(
+    tls_files: TLSFiles, tmp_path: Path, notify_socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's channel kept over an exec (an upgrade's, or handed back by
+    systemd after a crash) that breaks the protocol in what it sent during the
+    exec is cut as the new image serves it, before `adopt()` returns. Holding
+    nothing, it has no row to name it by: its copy in systemd's fd store was
+    left there (FDSTOREREMOVE skipped), held its channel open, and the worker
+    never saw it end: it took calls on a channel nobody reads (each refused
+    after answer_timeout) and never drained (the fd-store audit of session 35).
+    Taken out of the store, the worker sees the end and drains."""
+    receiver, notifier = notify_socket
+    store = _EmulatedStore(receiver)
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    ours, theirs = socket.socketpair()  # theirs: the worker's end (this process: it runs)
+    name = f"worker.{os.getpid()}.1"
+    notifier.store_fd(name, ours.fileno())  # as the image before the exec stored it
+    assert list(store.read()) == [name]
+    carried = Supervisor(config, specs, tmp_path / "ingress.toml").upgrade._state_for_exec()
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", handed={name: ours}, carried=carried)
+    new.notifier = notifier
+    monkeypatch.setattr(new, "schedule_respawn", lambda delay: None)  # no real replacement
+    # Sent during the exec: a "state" the protocol cannot mean (no generation).
+    theirs.sendall(b'{"op": "state", "pid": 1}\n')
+    theirs.setblocking(False)
+    try:
+        await new.upgrade.adopt_workers(new.handed)
+        (worker,) = new.workers.values()
+        assert worker.left.is_set()  # the supervisor took it as gone
+        store.read()
+        assert name not in store.kept
+        assert _sees_end(theirs)  # so the worker drains
+    finally:
+        await new.close()
+        for adopted in new.workers.values():
+            adopted.proc._close()  # type: ignore[attr-defined]
+        store.close()
+        theirs.close()

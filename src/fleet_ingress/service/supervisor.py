@@ -866,23 +866,30 @@ class Supervisor:
         for event in self._early.pop(worker.key, ()):
             getattr(worker, event).set()
         if worker.key in self._left_early:
+            self._unstore_channel(worker)
             self._worker_left(worker, self._left_early.pop(worker.key))
 
     def _left(self, key: int, row: WorkerRow | None) -> None:
         worker = self.workers.get(key)
-        if self.notifier is not None:
-            # Ended on purpose (a protocol break, a cut) or by the worker: the
-            # fd store's copy must not keep it open (`fd_store`).
-            named = worker if worker is not None else row
-            if named is not None:
-                self.notifier.remove_fd(channel_key(named.pid, named.generation))
         if worker is None:
             # Its channel ended before adopt() returned (no WorkerProcess yet):
             # a worker kept over an exec that died meanwhile must still count
-            # what it held.
+            # what it held. Taken out of the fd store once adopt() names it
+            # (`_said_early`): a row names it only if it held slots, and one
+            # that held none kept its copy there (the fd-store audit of session 35).
             self._left_early[key] = row
             return
+        self._unstore_channel(worker)
         self._worker_left(worker, row)
+
+    def _unstore_channel(self, worker: WorkerProcess) -> None:
+        """Its channel ended, on purpose (a protocol break, a cut) or by the
+        worker: the fd store's copy must not keep it open (`fd_store`), or a
+        worker cut here never sees the end and never drains. By the name it
+        was stored under: the pid and generation it was started or handed
+        over as, not what it said of itself."""
+        if self.notifier is not None:
+            self.notifier.remove_fd(channel_key(worker.pid, worker.generation))
 
     def confirm_channel_lost_later(self, worker: WorkerProcess) -> None:
         """Its channel has just ended: LOST_CHANNEL_CONFIRM from now, if it
