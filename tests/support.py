@@ -729,7 +729,10 @@ class IngressOnLoopback:
         while (now := path.stat().st_size) != size and time.monotonic() < deadline:
             size = now
             time.sleep(0.02)
-        lines = path.read_text().splitlines()
+        text = path.read_text()
+        # A line still being written (a process writing as it is read, past the
+        # second waited): whole lines only, the last one read at the next call.
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -241,7 +241,7 @@ async def test_a_host_name_with_two_addresses_is_listened_on_at_one_with_a_warni
     checked = _check(netlab, ns, config)
     assert checked.returncode == 0, checked.stdout
     assert (
-        f"warning: {config}: listen.wss = 'calls.test:8443': calls.test has several "
+        f"warning: {config} line 2: listen.wss = 'calls.test:8443': calls.test has several "
         "addresses: listening on 127.0.0.5:8443 only, not on [fd00::5]; give [::]:8443 for "
         "both families on one socket, or one address\n"
     ) in checked.stdout
@@ -262,7 +262,7 @@ async def test_a_zone_no_interface_has_is_named_by_check_and_by_run(
     )
     checked = _check(netlab, ns, config)
     assert checked.returncode == 1
-    assert f"{config}: {problem}\n" in checked.stdout
+    assert f"{config} line 4: {problem}\n" in checked.stdout
     async with _Run(netlab, ns, config) as run:
         assert await run.exited() == 1
         assert f"fleet-ingress: cannot start: {problem}\n" in run.text
