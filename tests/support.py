@@ -152,14 +152,21 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> flo
 
 
 async def run_cli(
-    service: RunningIngress, *args: str, timeout: float = 20, installed: bool = False
+    service: RunningIngress,
+    *args: str,
+    timeout: float = 20,
+    installed: bool = False,
+    pythonpath: Path | None = None,
 ) -> tuple[int, str, str]:
     """`fleet-ingress ARGS --admin-socket ...` against `service`: its exit code,
     stdout and stderr. `installed`: from the installed package, whatever
-    PYTHONPATH the service runs from (as an operator's shell has it)."""
+    PYTHONPATH the service runs from (as an operator's shell has it);
+    `pythonpath`: from the release in that directory."""
     env = None
     if installed:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    elif pythonpath is not None:
+        env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

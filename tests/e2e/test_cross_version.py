@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -38,6 +37,7 @@ from tests.support import (
     echo,
     eventually,
     metric_samples,
+    run_cli,
     simulated_fleets,
 )
 
@@ -92,21 +92,7 @@ def _install(live: Path, release: Path) -> None:
 
 async def _cli(service: RunningIngress, live: Path, *args: str) -> tuple[int, str, str]:
     """`fleet-ingress ARGS` of the release installed in `live`, as the operator runs it."""
-    env = {**os.environ, "PYTHONPATH": str(live)}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "fleet_ingress",
-        *args,
-        "--admin-socket",
-        str(service.home / "admin.sock"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli(service, *args, timeout=120, pythonpath=live)
 
 
 async def _start(
