@@ -25,7 +25,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet_ingress.core.cgroups import cgroup_paths, directory, mounts
+from fleet_ingress.config.cgroup_files import find_directory, in_initial_cgroup_namespace
+from fleet_ingress.core.cgroups import (
+    Mount,
+    cgroup_paths,
+    directories_from,
+    directory,
+    hidden,
+    mounts,
+)
+from fleet_ingress.core.cpu_quota import Finder
 
 __all__ = [
     "OOM_CREDIT_S",
@@ -61,10 +70,14 @@ def count_in(text: str, key: str = "oom_kill") -> int | None:
 @dataclass(frozen=True)
 class OomCounter:
     """A file whose `oom_kill` counts the OOM kills a SIGKILL death is
-    weighed against, and what it covers, as the log says it."""
+    weighed against, and what it covers, as the log says it. `broad`: it
+    counts the kills of processes outside the service too (the host's count,
+    a v2 group above the service's, the v1 root memory group), so a rise says
+    only that the death was *possibly* the OOM killer's."""
 
     path: str
     covers: str
+    broad: bool = False
 
     def read(self) -> int | None:
         try:
@@ -74,47 +87,92 @@ class OomCounter:
             return None
 
 
-HOST_COUNTER = OomCounter("/proc/vmstat", "the whole host (/proc/vmstat)")
+HOST_COUNTER = OomCounter(
+    "/proc/vmstat", "the whole host (/proc/vmstat: any process's OOM kill)", broad=True
+)
 
 
-def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
+def _host_counter(unseen: list[str]) -> OomCounter:
+    if not unseen:
+        return HOST_COUNTER
+    return OomCounter(
+        HOST_COUNTER.path,
+        "the whole host (/proc/vmstat: any process's OOM kill; this service's memory "
+        f"cgroup could not be read: {'; '.join(unseen)})",
+        broad=True,
+    )
+
+
+def _name(mount: Mount, where: str) -> str:
+    return "/" + where[len(mount.point.rstrip("/")) :].strip("/")
+
+
+def counter_candidates(
+    proc_cgroup: str,
+    mountinfo: str,
+    find: Finder | None = None,
+    initial_namespace: bool = True,
+) -> list[OomCounter]:
     """The files to try, best first: the cgroup v2 memory.events of this
     process's cgroup (the unit's, its workers' and any process it started
-    counted with it), then of each group above it, its cgroup v1
-    memory.oom_control (that group alone), then the host's count (any
-    process on the host: a weaker sign)."""
+    counted with it), then of each group above it (broad: their other
+    groups' kills too), its cgroup v1 memory.oom_control (that group alone;
+    broad for the host's root group, which holds every process not put in
+    one), then the host's count (any process on the host: broad).
+    `find`: where a cgroup is under a mount, or why not (`core.cgroups.hidden`
+    by default; config.cgroup_files.find_directory looks for it);
+    `initial_namespace`: this process's cgroup namespace is the host's."""
     v2_path, v1_path = cgroup_paths(proc_cgroup, "memory")
     v2_mount, v1_mount = mounts(mountinfo, "memory")
-    found = []
+    find = find or _by_name
+    found: list[OomCounter] = []
+    unseen: list[str] = []
     if v2_path is not None and v2_mount is not None:
-        # Its own group's first; an ancestor's (its count is its descendants'
-        # too) where the memory controller is not enabled on the group itself.
-        for path in _and_ancestors(v2_path):
-            if (where := directory(v2_mount, path)) is not None:
+        where, why = find(v2_mount, v2_path)
+        if where is None:
+            if why is not None:
+                unseen.append(why)
+        else:
+            # Its own group's first; an ancestor's (its count is its descendants'
+            # too) where the memory controller is not enabled on the group itself.
+            for depth, each in enumerate(directories_from(v2_mount, where)):
+                by_name = not depth and where == directory(v2_mount, v2_path)
+                name = v2_path if by_name else _name(v2_mount, each)
                 found.append(
                     OomCounter(
-                        f"{where}/memory.events", f"memory cgroup {path} (cgroup v2 memory.events)"
+                        f"{each}/memory.events",
+                        f"memory cgroup {name} (cgroup v2 memory.events)"
+                        if not depth
+                        else f"memory cgroup {name} (cgroup v2 memory.events of a group above "
+                        "this service's: its other groups' OOM kills too)",
+                        broad=depth > 0,
                     )
                 )
     if v1_path is not None and v1_mount is not None:
-        if (where := directory(v1_mount, v1_path)) is not None:
+        where, why = find(v1_mount, v1_path)
+        if where is None:
+            if why is not None:
+                unseen.append(why)
+        else:
+            root = initial_namespace and where.rstrip("/") == v1_mount.point.rstrip("/")
             found.append(
                 OomCounter(
                     f"{where}/memory.oom_control",
-                    f"memory cgroup {v1_path} (cgroup v1 memory.oom_control)",
+                    f"memory cgroup {v1_path} (cgroup v1 memory.oom_control"
+                    + (
+                        ", the host's root group: every process not in a group of its own)"
+                        if root
+                        else ")"
+                    ),
+                    broad=root,
                 )
             )
-    return [*found, HOST_COUNTER]
+    return [*found, _host_counter(unseen)]
 
 
-def _and_ancestors(path: str) -> list[str]:
-    """`path` and the groups above it up to "/": a cgroup namespace's root
-    (a container's) has a memory.events, the host's root none (not read)."""
-    paths = []
-    while path not in ("", "/"):
-        paths.append(path)
-        path = path.rpartition("/")[0]
-    return [*paths, "/"]
+def _by_name(mount: Mount, path: str) -> tuple[str | None, str | None]:
+    where = directory(mount, path)
+    return (where, None) if where is not None else (None, hidden(mount, path))
 
 
 def find_oom_counter(pid: int | str = "self") -> OomCounter | None:
@@ -125,7 +183,14 @@ def find_oom_counter(pid: int | str = "self") -> OomCounter | None:
         mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
     except OSError:
         proc_cgroup = mountinfo = ""
-    for counter in counter_candidates(proc_cgroup, mountinfo):
+    owner = os.getpid() if pid == "self" else int(pid)
+    candidates = counter_candidates(
+        proc_cgroup,
+        mountinfo,
+        lambda mount, path: find_directory(mount, path, "memory", owner),
+        in_initial_cgroup_namespace(),
+    )
+    for counter in candidates:
         if os.path.exists(counter.path) and counter.read() is not None:
             return counter
     return None

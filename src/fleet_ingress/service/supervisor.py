@@ -219,6 +219,17 @@ OOM_KILLED_WORKER = (
     "fewer calls on this host (limits.max_connections, the fleets' maxconn); "
     "`journalctl -k | grep -i -A20 oom` says which limit and what each process held"
 )
+# The same, where the kernel's count of OOM kills covers processes outside the
+# service (the whole host's /proc/vmstat, a group above the service's, the v1
+# root memory group): an operator's kill -9 within OOM_CREDIT_S of any OOM kill
+# there reads the same (INSTALL.md, Memory: which hosts count where).
+OOM_POSSIBLY_KILLED_WORKER = (
+    "worker killed by SIGKILL, possibly by the kernel's OOM killer (an OOM kill was "
+    "counted where other processes' are counted too, oom_kills_counted_in; an "
+    "operator's kill -9 reads the same): its calls are lost; a new worker replaces it. "
+    "`journalctl -k | grep -i 'killed process'` says whether this pid was the OOM "
+    "killer's; if so, the service's memory limit or the host's memory ran out"
+)
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 # A fleet gone from the set is forgotten by the workers this long after (its
 # counters then start from 0 if it is listed again): one listed again sooner,
@@ -1007,6 +1018,9 @@ class Supervisor:
         code = await worker.proc.wait()
         # Read at once: the count is the kernel's, kept for OOM_CREDIT_S.
         worker.oom_killed = self._oom_killed(worker, code)
+        worker.oom_possibly = (
+            worker.oom_killed and self.oom_counter is not None and (self.oom_counter.broad)
+        )
         # Whatever its generation: an old one draining in an upgrade, when two
         # generations take memory, is not replaced nor in `restarts`.
         self.worker_oom_kills += worker.oom_killed
@@ -1099,7 +1113,10 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         elif worker.oom_killed:
-            log.error(OOM_KILLED_WORKER, extra=fields(**self._oom_fields(worker, code)))
+            log.error(
+                OOM_POSSIBLY_KILLED_WORKER if worker.oom_possibly else OOM_KILLED_WORKER,
+                extra=fields(**self._oom_fields(worker, code)),
+            )
         else:
             log.error(
                 "worker whose slot channel was lost exited: the calls it had then are "
@@ -1121,7 +1138,7 @@ class Supervisor:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        status = _exit_status(code, oom=worker.oom_killed)
+        status = _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
         now, now_monotonic = time.time(), time.monotonic()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
@@ -1667,6 +1684,12 @@ class Supervisor:
         picture["worker_restarts"] = dict(self.restarts)
         picture["supervisor_oom_kills"] = self.supervisor_oom_kills
         picture["worker_oom_kills"] = self.worker_oom_kills
+        # Where the OOM kills are counted, when that counts other processes' too.
+        picture["oom_kills_broad"] = (
+            None
+            if self.oom_counter is None or not self.oom_counter.broad
+            else self.oom_counter.covers
+        )
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
         picture["workers_from"] = self.workers_from
@@ -2092,7 +2115,7 @@ def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
     return {
         "pid": worker.pid,
         "generation": worker.generation,
-        "exit_status": _exit_status(code, oom=worker.oom_killed)
+        "exit_status": _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
         if known or (code is not None and code < 0)
         else "unknown (taken up after a supervisor died: systemd read it)",
         "calls_lost": worker.calls_lost,
@@ -2103,9 +2126,11 @@ def _lived_s(worker: WorkerProcess) -> float:
     return round(time.monotonic() - worker.started_at, 1)
 
 
-def _exit_status(code: int | None, *, oom: bool = False) -> str:
+def _exit_status(code: int | None, *, oom: bool = False, possibly: bool = False) -> str:
     if code is None:
         return "running"
+    if oom and possibly:
+        return "killed by SIGKILL, possibly from the kernel's OOM killer"
     if oom:
         return "killed by SIGKILL from the kernel's OOM killer"
     if code < 0:

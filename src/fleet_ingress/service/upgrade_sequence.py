@@ -326,9 +326,17 @@ class UpgradeSequence:
             return
         supervisor.supervisor_oom_kills += 1
         log.error(
-            "the previous supervisor was killed by the kernel's OOM killer, most likely (the "
-            "OOM kills counted rose since its last snapshot, a second before it died): "
-            "the service's memory limit (the unit's MemoryMax=) or the host's memory ran "
+            (
+                "the previous supervisor died, possibly by the kernel's OOM killer (an OOM "
+                "kill was counted since its last snapshot, a second before it died, where "
+                "other processes' are counted too: oom_kills_counted_in; `journalctl -k | "
+                "grep -i 'killed process'` names the pid killed). If so: "
+                if counter.broad
+                else "the previous supervisor was killed by the kernel's OOM killer, most "
+                "likely (the OOM kills counted rose since its last snapshot, a second before "
+                "it died): "
+            )
+            + "the service's memory limit (the unit's MemoryMax=) or the host's memory ran "
             "out, and the kernel took the supervisor although each worker asks to be taken "
             "first (oom_score_adj raised by 500). Raise MemoryMax= (`systemctl edit "
             "fleet-ingress`) or give the host memory, or carry fewer calls on this host "
