@@ -9,8 +9,12 @@ OOM_CREDIT_S of it.
   /proc/vmstat without a word: the kill -9 read as the OOM killer's
   (restarts {"oom": 1}). Its group found by its pid: "killed".
 - With no memory cgroup to read at all (a mount namespace without the memory
-  hierarchy), the host's count is all there is: the kill -9 is "possibly"
-  the OOM killer's, said so, not asserted.
+  hierarchy), the host's count is all there is: where the kernel's log can be
+  read (root, the host's pid namespace) it names the pid the OOM killer took,
+  and the kill -9 is "killed" (on main "oom"); where it cannot (no
+  CAP_SYSLOG), the kill -9 is "possibly" the OOM killer's, said so, not
+  asserted (on main asserted). A worker truly OOM-killed there is named by
+  the kernel's log.
 - The CPU quota behind such a namespace: "auto" counted every CPU on main.
 """
 
@@ -28,20 +32,26 @@ import pytest
 
 from fleet_ingress.service.supervisor import OOM_KILLED_WORKER, OOM_POSSIBLY_KILLED_WORKER
 from fleet_ingress.sim import SimulatedFleet
+from tests.e2e import test_oom_kill
 from tests.support import (
     CpuCgroup,
     MemoryCgroup,
     RunningIngress,
     TLSFiles,
     admin_command,
+    close_calls,
     metric_samples,
 )
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 
+big_fleet = test_oom_kill.big_fleet  # the fleet of MAX_CALLS a worker is squeezed with
+MAX_CALLS = test_oom_kill.MAX_CALLS
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 MS_REC, MS_PRIVATE, MNT_DETACH = 0x4000, 1 << 18, 2
+PR_CAPBSET_DROP, CAP_SYS_ADMIN, CAP_SYSLOG = 24, 21, 34
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -62,7 +72,8 @@ def _in_cgroup_namespace(join: Callable[[], None]) -> Callable[[], None]:
 
 
 def _without_memory_hierarchy() -> None:
-    """A preexec_fn: a mount namespace without the memory controller's mounts."""
+    """A preexec_fn: a mount namespace without the memory controller's mounts
+    (the cgroup v2 tree too)."""
     _unshare(CLONE_NEWNS)
     if _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
@@ -75,6 +86,17 @@ def _without_memory_hierarchy() -> None:
         ]
     for point in points:
         _libc.umount2(point.encode(), MNT_DETACH)
+
+
+def _without_kernel_log() -> None:
+    """A preexec_fn: `_without_memory_hierarchy`, and no CAP_SYSLOG (nor
+    CAP_SYS_ADMIN, which the kernel still takes for it) after the exec: the
+    kernel's log cannot be read (kernel.dmesg_restrict = 1), as under the
+    shipped unit (User=, ProtectKernelLogs=)."""
+    _without_memory_hierarchy()
+    for cap in (CAP_SYSLOG, CAP_SYS_ADMIN):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
 @pytest.fixture
@@ -135,6 +157,74 @@ async def test_a_kill_9_beside_an_oom_kill_elsewhere_in_a_cgroup_namespace(
         await service.finish()
 
 
+def _kernel_log_readable() -> bool:
+    try:
+        os.close(os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK))
+    except OSError:
+        return False
+    return os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC
+
+
+async def test_a_kill_9_where_only_the_hosts_count_is_read_is_named_by_the_kernels_log(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet, groups: list[MemoryCgroup]
+) -> None:
+    if not _kernel_log_readable():
+        pytest.skip("the kernel's log (/dev/kmsg) cannot be read here")
+    other = MemoryCgroup.make(v1=True)
+    groups.append(other)
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        preexec_fn=_without_memory_hierarchy,
+    )
+    try:
+        _oom_kill_elsewhere(other)
+        stats = await _kill_9_a_worker(service)
+        assert stats["worker_restarts"] == {"killed": 1}, service.log_tail()
+        assert not [e for e in service.log() if "OOM killer" in e["event"]]
+        code, out = await admin_command(service, "stat")
+        assert code == 0 and "OOM kills read from" not in out, out
+    finally:
+        await service.finish()
+
+
+async def test_a_worker_oom_killed_where_only_the_hosts_count_is_read_is_named_so(
+    tls_files: TLSFiles, big_fleet: SimulatedFleet, groups: list[MemoryCgroup]
+) -> None:
+    if not _kernel_log_readable():
+        pytest.skip("the kernel's log (/dev/kmsg) cannot be read here")
+    group = MemoryCgroup.make(v1=True)
+    groups.append(group)
+
+    def preexec() -> None:
+        group.join()
+        _without_memory_hierarchy()
+
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{big_fleet.url} name=a maxconn={MAX_CALLS + 10}"],
+        workers=1,
+        check_timeout=5,
+        preexec_fn=preexec,
+    )
+    calls: list = []
+    try:
+        (victim,) = (await service.stats())["workers"]
+        await test_oom_kill._squeeze(service, tls_files, group, calls)
+        async with asyncio.timeout(20):
+            while not sum((await service.stats())["worker_restarts"].values()):
+                await asyncio.sleep(0.05)
+        killed = [e for e in service.log() if "OOM killer" in e["event"]]
+        assert [(e["event"], e["pid"]) for e in killed] == [(OOM_KILLED_WORKER, victim["pid"])]
+        assert killed[0]["oom_kill_logged"] is True
+        assert "/proc/vmstat" in killed[0]["oom_kills_counted_in"]
+        assert (await service.stats())["worker_restarts"] == {"oom": 1}
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
 async def test_a_kill_9_where_only_the_hosts_count_is_read_is_possibly_the_oom_killers(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet, groups: list[MemoryCgroup]
 ) -> None:
@@ -144,7 +234,7 @@ async def test_a_kill_9_where_only_the_hosts_count_is_read_is_possibly_the_oom_k
         tls_files,
         [f"{roomy_fleet.url} name=a"],
         workers=1,
-        preexec_fn=_without_memory_hierarchy,
+        preexec_fn=_without_kernel_log,
     )
     try:
         _oom_kill_elsewhere(other)
@@ -157,6 +247,7 @@ async def test_a_kill_9_where_only_the_hosts_count_is_read_is_possibly_the_oom_k
         assert OOM_KILLED_WORKER not in [e["event"] for e in service.log()]
         assert said[0]["exit_status"] == "killed by SIGKILL, possibly from the kernel's OOM killer"
         assert "/proc/vmstat" in said[0]["oom_kills_counted_in"]
+        assert said[0]["oom_kill_logged"] is False
         code, out = await admin_command(service, "stat")
         assert code == 0 and "OOM kills read from the whole host (/proc/vmstat" in out, out
         assert metric_samples(await service.metrics())["fleet_ingress_worker_oom_kills_total"][()]

@@ -12,6 +12,7 @@ from fleet_ingress.service.oom_kills import (
     OomKills,
     count_in,
     counter_candidates,
+    kmsg_record,
     rose_since,
 )
 
@@ -189,3 +190,30 @@ def test_a_supervisor_that_died_was_oom_killed_when_the_count_rose_since(
     carried: object, now: int | None, rose: int
 ) -> None:
     assert rose_since(carried, now) == rose
+
+
+@pytest.mark.parametrize(
+    ("record", "parsed"),
+    [
+        (
+            "3,3413,44403863398,-;Memory cgroup out of memory: Killed process 17964 (python) "
+            "total-vm:141940kB, anon-rss:34360kB, UID:0 pgtables:176kB oom_score_adj:1000\n",
+            (3413, 17964),
+        ),
+        # Host-wide, and a kernel before 5.1's wording after "Kill process ... or sacrifice child".
+        ("3,7,1,-;Out of memory: Killed process 42 (fleet-ingress) total-vm:1kB\n", (7, 42)),
+        ("3,8,1,-;Killed process 43 (python3) total-vm:1kB, anon-rss:0kB\n", (8, 43)),
+        # Not a kill: the reaper's line after it, the choice before it, another message.
+        ("6,9,1,-;oom_reaper: reaped process 42 (python), now anon-rss:0kB\n", (9, None)),
+        (
+            "3,10,1,-;Out of memory: Kill process 42 (python) score 900 or sacrifice child\n",
+            (10, None),
+        ),
+        ("6,11,1,-;eth0: link up\n SUBSYSTEM=net\n", (11, None)),
+        ("not a record", None),
+    ],
+)
+def test_the_kernels_log_names_the_pid_an_oom_kill_killed(
+    record: str, parsed: tuple[int, int | None] | None
+) -> None:
+    assert kmsg_record(record) == parsed

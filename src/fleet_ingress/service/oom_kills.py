@@ -14,13 +14,24 @@ systemd: the unit's, which its workers share), or the host's where no
 memory cgroup can be read, every second and at each SIGKILL death; a rise
 seen within OOM_CREDIT_S before such a death names the OOM killer.
 
-Everything here but `find_oom_counter` and `OomCounter.read` is I/O-free:
-text in, answers out (tests/unit/test_oom_kills.py).
+Where the count takes in other processes' kills (`OomCounter.broad`), a rise
+says only "possibly". The kernel's own record names the pid: each OOM kill
+logs "Killed process PID (name) ..." (mm/oom_kill.c, just after the SIGKILL is
+sent), which /dev/kmsg gives to a reader with CAP_SYSLOG (root; not the
+shipped unit's user, nor under its ProtectKernelLogs=) in the host's pid
+namespace (the pid logged is the host's). Where it can be read (`KernelLog`),
+a SIGKILL death is the OOM killer's when that record names its pid, whatever
+the count says.
+
+Everything here but `find_oom_counter`, `OomCounter.read` and `KernelLog` is
+I/O-free: text in, answers out (tests/unit/test_oom_kills.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +49,13 @@ from fleet_ingress.core.cpu_quota import Finder
 
 __all__ = [
     "OOM_CREDIT_S",
+    "KernelLog",
     "OomCounter",
     "OomKills",
     "count_in",
     "counter_candidates",
     "find_oom_counter",
+    "kmsg_record",
 ]
 
 # How long a rise of the count stays unclaimed for a SIGKILL death: the kill is
@@ -225,6 +238,11 @@ class OomKills:
         reads), which it then sees again as new."""
         return None if self.last is None else self.last - len(self._unclaimed)
 
+    def pending(self, count: int | None, now: float) -> int:
+        """The kills counted and not claimed yet (the count read at `now`)."""
+        self.seen(count, now)
+        return len(self._unclaimed)
+
     def claim(self, count: int | None, now: float) -> bool:
         """Whether a SIGKILL death read at `now` (the count as read then) was
         the OOM killer's: a kill counted since OOM_CREDIT_S ago and not yet
@@ -243,3 +261,116 @@ def rose_since(carried: object, count: int | None) -> int:
     if not isinstance(carried, int) or count is None:
         return 0
     return max(0, count - carried)
+
+
+# "3,3413,44403863398,-;Memory cgroup out of memory: Killed process 17964 (python) ..."
+_KILLED = re.compile(r"\bKilled process (\d+) \(")
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the host's pid namespace (include/linux/proc_ns.h)
+# Records read at most at a time (a kernel log flooded by something else: read on next time).
+KMSG_READS = 5000
+
+
+def kmsg_record(record: str) -> tuple[int, int | None] | None:
+    """A /dev/kmsg record's sequence number, and the pid an OOM kill it
+    logs killed (None: another message); None for no record."""
+    head, sep, message = record.partition(";")
+    fields_ = head.split(",")
+    if not sep or len(fields_) < 2:
+        return None
+    try:
+        seq = int(fields_[1])
+    except ValueError:
+        return None
+    killed = _KILLED.search(message.partition("\n")[0])
+    return seq, None if killed is None else int(killed.group(1))
+
+
+class KernelLog:
+    """The kernel's log of OOM kills by pid (/dev/kmsg), read from where this
+    image started (or the one before it stopped reading: `rewind`); `usable`
+    False where it cannot be read (not root, no CAP_SYSLOG, another pid
+    namespace, not Linux). `complete` False for OOM_CREDIT_S once records
+    were lost before being read (the ring overwritten, or gone by a rewind):
+    then the count decides, as without it."""
+
+    def __init__(self, path: str = "/dev/kmsg") -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.last_seq: int | None = None  # the last record read (carried over an exec)
+        self._gap_at: float | None = None  # when records were last found lost
+        self._killed: dict[int, float] = {}  # pid: when its record was read
+        try:
+            if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
+                return  # the pids it logs are the host's: not this namespace's
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.close()
+            return
+        # Read through to the end, its kills left (before this start): the last
+        # record's number is where the next image (an exec's, after a crash) reads on.
+        self.read(0.0, KMSG_READS * 20, note=False)
+
+    @property
+    def usable(self) -> bool:
+        return self.fd is not None
+
+    @property
+    def complete(self) -> bool:
+        """No record lost in the last OOM_CREDIT_S (the ring overwritten
+        before it was read): a kill then may be one not read."""
+        return self._gap_at is None or time.monotonic() - self._gap_at > OOM_CREDIT_S
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
+
+    def rewind(self, after_seq: object, now: float) -> None:
+        """Read again from the record after `after_seq` (the image before
+        this one's last: an exec's, a crash snapshot's), so that an OOM kill
+        logged meanwhile is seen; not complete if the ring lost some since."""
+        if self.fd is None or not isinstance(after_seq, int):
+            return
+        try:
+            os.lseek(self.fd, 0, os.SEEK_SET)  # the oldest record the ring holds
+        except OSError:
+            return
+        self.last_seq = after_seq
+        self.read(now)
+
+    def read(self, now: float, most: int = KMSG_READS, *, note: bool = True) -> None:
+        """The records logged since the last read: each OOM kill's pid kept
+        for OOM_CREDIT_S."""
+        if self.fd is None:
+            return
+        for _ in range(most):
+            try:
+                data = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten before this read
+                if note:
+                    self._gap_at = time.monotonic()
+                continue
+            except OSError:
+                self.close()
+                break
+            record = kmsg_record(data.decode("utf-8", "replace"))
+            if record is None:
+                continue
+            seq, pid = record
+            if self.last_seq is not None and seq <= self.last_seq:
+                continue  # read before (a rewind)
+            if note and self.last_seq is not None and seq > self.last_seq + 1:
+                self._gap_at = time.monotonic()
+            self.last_seq = seq
+            if pid is not None and note:
+                self._killed[pid] = now
+        for pid, when in list(self._killed.items()):
+            if now - when > OOM_CREDIT_S:
+                del self._killed[pid]
+
+    def killed(self, pid: int, now: float) -> bool:
+        """Whether the kernel logged an OOM kill of `pid` (read now), once."""
+        self.read(now)
+        return self._killed.pop(pid, None) is not None
