@@ -26,10 +26,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from fleet_ingress.service.oom_kills import KernelLog
 from fleet_ingress.service.supervisor import OOM_KILLED_WORKER, OOM_POSSIBLY_KILLED_WORKER
 from fleet_ingress.sim import SimulatedFleet
 from tests.e2e import test_oom_kill
@@ -278,3 +280,37 @@ def test_the_cpu_quota_behind_a_cgroup_namespace_counts() -> None:
         assert done.stdout.strip() == f"1 (CPUQuota 100% of {cpus} CPUs)", done
     finally:
         group.remove()
+
+
+def test_the_kernels_log_is_read_on_from_where_the_image_before_left_it() -> None:
+    """An OOM kill logged between one image's last read and the next one's
+    start (an upgrade's exec, a supervisor's crash) is read by the next, from
+    the sequence number carried (`kmsg_seq`); one starting afresh reads from
+    the end and does not see it."""
+    if not _kernel_log_readable():
+        pytest.skip("the kernel's log (/dev/kmsg) cannot be read here")
+    why = MemoryCgroup.unavailable()
+    if why is not None:
+        pytest.skip(why)
+    before = KernelLog()
+    carried = before.last_seq
+    before.close()
+    group = MemoryCgroup.make(v1=True)
+    try:
+        group.limit(32 << 20)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "b = b'x' * (256 << 20)"], preexec_fn=group.join
+        )
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        group.remove()
+    now = time.monotonic()
+    afresh, next_image = KernelLog(), KernelLog()
+    next_image.rewind(carried, now)
+    try:
+        assert not afresh.killed(proc.pid, now)
+        assert next_image.killed(proc.pid, now) and next_image.complete
+        assert not next_image.killed(proc.pid, now)  # once
+    finally:
+        afresh.close()
+        next_image.close()

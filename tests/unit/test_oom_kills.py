@@ -211,6 +211,8 @@ def test_a_supervisor_that_died_was_oom_killed_when_the_count_rose_since(
         ),
         ("6,11,1,-;eth0: link up\n SUBSYSTEM=net\n", (11, None)),
         ("not a record", None),
+        # Written by a process (facility user, 1: prefix 8 and up), not the kernel's.
+        ("12,12,1,-;Killed process 44 (python3) total-vm:1kB\n", (12, None)),
     ],
 )
 def test_the_kernels_log_names_the_pid_an_oom_kill_killed(

@@ -278,9 +278,11 @@ def kmsg_record(record: str) -> tuple[int, int | None] | None:
     if not sep or len(fields_) < 2:
         return None
     try:
-        seq = int(fields_[1])
+        prefix, seq = int(fields_[0]), int(fields_[1])
     except ValueError:
         return None
+    if prefix >> 3:  # not the kernel's facility: a line a process wrote (`echo > /dev/kmsg`)
+        return seq, None
     killed = _KILLED.search(message.partition("\n")[0])
     return seq, None if killed is None else int(killed.group(1))
 
