@@ -7,7 +7,8 @@ OOM_CREDIT_S of it.
 - In a cgroup namespace of its own over the host's cgroupfs (mountinfo's root
   "/.."), the supervisor found no memory cgroup on main and read the host's
   /proc/vmstat without a word: the kill -9 read as the OOM killer's
-  (restarts {"oom": 1}). Its group found by its pid: "killed".
+  (restarts {"oom": 1}). Its group found by its pid: "killed" (the kernel's
+  log made unreadable there, so that the count found decides).
 - With no memory cgroup to read at all (a mount namespace without the memory
   hierarchy), the host's count is all there is: where the kernel's log can be
   read (root, the host's pid namespace) it names the pid the OOM killer took,
@@ -62,13 +63,19 @@ def _unshare(flags: int) -> None:
         raise OSError(ctypes.get_errno(), "unshare")
 
 
-def _in_cgroup_namespace(join: Callable[[], None]) -> Callable[[], None]:
+def _in_cgroup_namespace(
+    join: Callable[[], None], *, kernel_log: bool = True
+) -> Callable[[], None]:
     """A preexec_fn: into the group, then a cgroup namespace rooted there,
-    the host's cgroupfs left mounted (a container with the host's /sys/fs/cgroup)."""
+    the host's cgroupfs left mounted (a container with the host's
+    /sys/fs/cgroup); without `kernel_log`, the kernel's log not readable
+    (`_drop_kernel_log`): the count alone decides."""
 
     def preexec() -> None:
         join()
         _unshare(CLONE_NEWCGROUP)
+        if not kernel_log:
+            _drop_kernel_log()
 
     return preexec
 
@@ -96,6 +103,10 @@ def _without_kernel_log() -> None:
     kernel's log cannot be read (kernel.dmesg_restrict = 1), as under the
     shipped unit (User=, ProtectKernelLogs=)."""
     _without_memory_hierarchy()
+    _drop_kernel_log()
+
+
+def _drop_kernel_log() -> None:
     for cap in (CAP_SYSLOG, CAP_SYS_ADMIN):
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
@@ -145,7 +156,8 @@ async def test_a_kill_9_beside_an_oom_kill_elsewhere_in_a_cgroup_namespace(
         tls_files,
         [f"{roomy_fleet.url} name=a"],
         workers=1,
-        preexec_fn=_in_cgroup_namespace(service_group.join),
+        # The kernel's log unread: the service's own group's count decides, found.
+        preexec_fn=_in_cgroup_namespace(service_group.join, kernel_log=False),
     )
     try:
         assert service.proc.pid in service_group.pids()

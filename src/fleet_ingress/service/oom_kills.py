@@ -168,10 +168,11 @@ def counter_candidates(
                 unseen.append(why)
         else:
             root = initial_namespace and where.rstrip("/") == v1_mount.point.rstrip("/")
+            name = v1_path if where == directory(v1_mount, v1_path) else _name(v1_mount, where)
             found.append(
                 OomCounter(
                     f"{where}/memory.oom_control",
-                    f"memory cgroup {v1_path} (cgroup v1 memory.oom_control"
+                    f"memory cgroup {name} (cgroup v1 memory.oom_control"
                     + (
                         ", the host's root group: every process not in a group of its own)"
                         if root
