@@ -1224,8 +1224,9 @@ def _kill_all_and_remove(group: Path) -> None:
 
 # Named for the session that wrote it: a group left behind by a killed run is
 # traced to MemoryCgroup (`rmdir` removes one whose processes are gone).
-CGROUP_PREFIX = "oom35-"
-CPU_CGROUP_PREFIX = "cpuquota35-"
+# TESTS_CGROUP_PREFIX: one name for both (a session told to name its groups so).
+CGROUP_PREFIX = os.environ.get("TESTS_CGROUP_PREFIX", "oom35-")
+CPU_CGROUP_PREFIX = os.environ.get("TESTS_CGROUP_PREFIX", "cpuquota35-")
 
 
 class MemoryCgroup:

@@ -413,6 +413,26 @@ def test_a_user_timeout_of_minutes_is_not_taken_for_milliseconds(deployment: Pat
     assert "timeouts.tcp_user_timeout = 1000 seconds" in line and "milliseconds?" in line
 
 
+def test_auto_workers_whose_cpu_quota_cannot_be_read_are_named(
+    deployment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cgroup namespace over the host's cgroupfs whose groups could not be
+    found (config/cgroup_files.py): "auto" counts the affinity mask's CPUs, a
+    quota there unseen; said, not taken for none (on main: nothing said)."""
+    from fleet_ingress.config import check
+    from fleet_ingress.core.cpu_quota import AutoWorkers
+
+    why = "a cgroup namespace over a cgroupfs mounted outside it: ..."
+    monkeypatch.setattr(check, "usable_cpus", lambda: AutoWorkers(2, None, why))
+    base = deployment.read_text()
+    deployment.write_text(base + "\n[process]\nworkers = 4\n")
+    assert check_configuration(deployment) == []  # a number: no quota needed
+    deployment.write_text(base + '\n[process]\nworkers = "auto"\n')
+    (line,) = check_configuration(deployment)
+    assert f"could not be read ({why})" in line and "counts the 2 CPUs" in line, line
+    assert run(deployment)[0] == 0
+
+
 def test_workers_far_past_the_cpus_are_named_and_pass(deployment: Path) -> None:
     """process.workers = 64 on a host of 2 CPUs passed without a word: the
     workers past the CPUs share them, each its own Python process's memory

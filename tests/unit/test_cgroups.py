@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_ingress.core.cgroups import Mount, cgroup_paths, directories_up, directory, mounts
+from fleet_ingress.core.cgroups import (
+    Mount,
+    above_namespace,
+    cgroup_paths,
+    directories_from,
+    directories_up,
+    directory,
+    hidden,
+    locate,
+    mounts,
+)
 from tests.unit.test_oom_kills import HYBRID_CGROUP, HYBRID_MOUNTS, UNIFIED_CGROUP, UNIFIED_MOUNTS
 
 
@@ -64,3 +74,39 @@ def test_a_path_and_its_directories_as_the_mount_shows_them() -> None:
     assert directory(namespace, "/elsewhere") is None
     assert directory(namespace, "/kubepods/pod10") is None
     assert directories_up(namespace, "/kubepods/pod10/c") == []
+
+
+def test_a_mount_from_outside_the_namespace_is_told_and_its_groups_found_by_pid() -> None:
+    # The host's /sys/fs/cgroup/memory bound into a container whose cgroup
+    # namespace is /docker/c1: its mountinfo root is "/../..", its path "/".
+    mount = Mount("/../..", "/sys/fs/cgroup/memory")
+    assert directory(mount, "/") is None
+    assert above_namespace(mount, "/") == (2, [])
+    assert above_namespace(mount, "/sub") == (2, ["sub"])
+    why = hidden(mount, "/")
+    assert why is not None and "cgroup namespace over a cgroupfs mounted outside it" in why
+    tree = {
+        "/sys/fs/cgroup/memory": ["docker", "system.slice"],
+        "/sys/fs/cgroup/memory/docker": ["c1", "c2"],
+        "/sys/fs/cgroup/memory/system.slice": ["a.service"],
+    }
+    procs = {
+        "/sys/fs/cgroup/memory/docker/c1/cgroup.procs": "1\n7\n",
+        "/sys/fs/cgroup/memory/docker/c2/cgroup.procs": "3\n",
+        "/sys/fs/cgroup/memory/system.slice/a.service/cgroup.procs": "70\n",
+    }
+    found = locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get)
+    assert found == "/sys/fs/cgroup/memory/docker/c1"
+    assert locate(mount, "/", 8, lambda d: tree.get(d, []), procs.get) is None
+    assert locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get, limit=2) is None
+    assert directories_from(mount, found) == [
+        "/sys/fs/cgroup/memory/docker/c1",
+        "/sys/fs/cgroup/memory/docker",
+        "/sys/fs/cgroup/memory",
+    ]
+    # Shown by name (the process moved out of its namespace, the mount higher still): found.
+    assert directory(Mount("/../..", "/m"), "/../../x") == "/m/x"
+    assert above_namespace(Mount("/../..", "/m"), "/../../x") is None
+    # A sibling's subtree: neither shown nor above.
+    assert above_namespace(Mount("/../other", "/m"), "/") is None
+    assert "is not under" in (hidden(Mount("/../other", "/m"), "/") or "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleet_ingress.core.cpu_quota import CpuQuota, auto_workers, cpu_quota
+from fleet_ingress.core.cpu_quota import CpuQuota, auto_workers, cpu_quota, cpu_quota_found
 
 V2_ONLY = "30 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
 V1 = (
@@ -123,3 +123,22 @@ def test_auto_workers_never_past_the_affinity_mask_and_says_why() -> None:
     assert auto_workers(8, None).because == "8 (the CPUs of its affinity mask)"
     assert auto_workers(64, CpuQuota(10000, 100000, "/x")).count == 1  # 10%: at least 1
     assert auto_workers(0, None).count == 1
+
+
+def test_a_quota_behind_a_cgroup_namespace_is_said_not_known() -> None:
+    # The host's v1 cpu hierarchy bound into a container with its own cgroup
+    # namespace: on main no quota (every CPU of the mask) and no word of why.
+    mountinfo = "32 31 0:29 /.. /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+    files = {
+        "/sys/fs/cgroup/cpu/oom36-c/cpu.cfs_quota_us": "100000\n",
+        "/sys/fs/cgroup/cpu/oom36-c/cpu.cfs_period_us": "100000\n",
+    }
+    quota, why = cpu_quota_found("1:cpu:/\n", mountinfo, files.get)
+    assert quota is None and why is not None and "cgroup namespace" in why
+    auto = auto_workers(8, quota, why)
+    assert auto.count == 8 and "its CPU quota, if any, could not be read" in auto.because
+    # Found (config.cgroup_files looks for it by pid): the quota counts.
+    quota, why = cpu_quota_found(
+        "1:cpu:/\n", mountinfo, files.get, lambda mount, path: ("/sys/fs/cgroup/cpu/oom36-c", None)
+    )
+    assert why is None and quota is not None and auto_workers(8, quota).count == 1

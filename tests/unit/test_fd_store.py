@@ -775,10 +775,79 @@ async def test_a_worker_the_supervisor_kills_is_never_taken_for_the_oom_killers(
     worker.kill()
     code = await asyncio.wait_for(proc.wait(), 5)
     assert code == -9 and worker.killed_here
-    assert not supervisor._oom_killed(worker, code)
+    assert not await supervisor._oom_killed(worker, code)
     # The kill counted is still there for a death that was the OOM killer's.
     assert supervisor.oom_kills.claim(counter.read(), time.monotonic())
     worker.kill()  # a second kill of a process gone raises nothing
+
+
+class _KernelLogSaying:
+    """The kernel's log (/dev/kmsg) as `Supervisor._oom_killed` reads it: the
+    pids it logged OOM kills of."""
+
+    usable = complete = True
+
+    def __init__(self) -> None:
+        self.logged: set[int] = set()
+        self.last_seq = None
+
+    def read(self, now: float) -> None:
+        pass
+
+    def rewind(self, after_seq: object, now: float) -> None:
+        pass
+
+    def killed(self, pid: int, now: float) -> bool:
+        if pid in self.logged:
+            self.logged.discard(pid)
+            return True
+        return False
+
+
+async def test_where_the_kernels_log_is_read_it_names_the_oom_killers_deaths(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The count is the whole host's (/proc/vmstat: broad): another process's
+    OOM kill, then an operator's kill -9 of a worker, within OOM_CREDIT_S. By
+    the count alone (main) the kill -9 was the OOM killer's; the kernel's
+    log, which names the pid it killed, says it was not. A worker it names
+    is, without doubt."""
+    from fleet_ingress.service.worker_process import WorkerProcess
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    vmstat = tmp_path / "vmstat"
+    counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    kernel_log = _KernelLogSaying()
+    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: kernel_log)
+    vmstat.write_text("oom_kill 1\n")
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    vmstat.write_text("oom_kill 2\n")  # a process elsewhere on the host
+    supervisor.look_for_oom_kills()
+
+    async def sigkilled() -> tuple[WorkerProcess, int]:
+        proc = await asyncio.create_subprocess_exec("sleep", "30")
+        worker = WorkerProcess(proc, generation=1, key=proc.pid)
+        proc.kill()  # an operator's kill -9 (not `worker.kill()`: not the supervisor's own)
+        return worker, await asyncio.wait_for(proc.wait(), 5)
+
+    worker, code = await sigkilled()
+    assert not await supervisor._oom_killed(worker, code)
+    assert not worker.oom_possibly
+    # One the kernel logged: the OOM killer's, named so (not "possibly").
+    worker, code = await sigkilled()
+    vmstat.write_text("oom_kill 3\n")
+    kernel_log.logged.add(worker.pid)
+    assert await supervisor._oom_killed(worker, code)
+    assert worker.oom_logged and not worker.oom_possibly
+    # Without the log (not root, the unit's ProtectKernelLogs=): possibly.
+    kernel_log.usable = False
+    worker, code = await sigkilled()
+    vmstat.write_text("oom_kill 4\n")
+    assert await supervisor._oom_killed(worker, code)
+    assert worker.oom_possibly and not worker.oom_logged
 
 
 class _EmulatedStore:

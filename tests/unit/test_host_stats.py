@@ -333,6 +333,23 @@ def test_oom_kills_are_shown_in_stat_and_the_page_with_what_to_change():
         assert "1 worker killed by the kernel's OOM killer and not replaced" in shown
 
 
+def test_oom_kills_read_from_a_count_of_others_too_are_said_possibly():
+    """Where the supervisor reads the host's count (no memory cgroup of its
+    own, and no kernel log to name the pid), stat and the page say that an
+    `oom` there is only possibly the OOM killer's."""
+    slots = HostSlots(balancer(), queue_timeout=3, max_queue=8)
+    slots.join("k", pid=55, generation=1)
+    snap = host_snapshot(slots, HostView(), started_at=0.0)
+    snap["worker_restarts"], snap["worker_calls_lost"] = {}, 0
+    snap["oom_kills_broad"] = None
+    for shown in (format_stat_table(snap), render_stats_page(snap)):
+        assert "OOM kills read from" not in shown
+    snap["oom_kills_broad"] = "the whole host (/proc/vmstat: any process's OOM kill)"
+    for shown in (format_stat_table(snap), render_stats_page(snap).replace("&#x27;", "'")):
+        assert "OOM kills read from the whole host (/proc/vmstat" in shown
+        assert "'possibly the OOM killer'" in shown and "kill -9" in shown
+
+
 def test_a_failed_upgrade_is_shown_in_stat_and_the_page_until_one_succeeds():
     """The last upgrade's state as the supervisor's snapshot has it: a line while
     it failed, whoever began it, and while the next is under way; none once one is done."""

@@ -12,6 +12,7 @@ from fleet_ingress.service.oom_kills import (
     OomKills,
     count_in,
     counter_candidates,
+    kmsg_record,
     rose_since,
 )
 
@@ -81,8 +82,53 @@ def test_a_cgroup_namespace_shows_paths_under_its_root() -> None:
     mounts = "25 31 0:22 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
     inside = counter_candidates("0::/kubepods/pod1/c1\n", mounts)
     assert inside[0].path == "/sys/fs/cgroup/c1/memory.events"
-    # A group the mount does not show: the host's count alone.
-    assert counter_candidates("0::/elsewhere\n", mounts) == [HOST_COUNTER]
+    # A group the mount does not show: the host's count alone, and why.
+    (host,) = counter_candidates("0::/elsewhere\n", mounts)
+    assert host.path == HOST_COUNTER.path and host.broad
+    assert "could not be read: its cgroup /elsewhere is not under" in host.covers
+
+
+# This host's v1 memory hierarchy bound into a container with a cgroup
+# namespace of its own (`unshare -C` there: mountinfo's root "/..").
+NAMESPACED_CGROUP = "4:memory:/\n0::/\n"
+NAMESPACED_MOUNTS = (
+    "35 31 0:32 /.. /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_a_cgroup_namespace_over_the_hosts_cgroupfs_is_said_not_taken_for_the_host() -> None:
+    # On main: the host's /proc/vmstat, as if no memory cgroup were there, said nowhere.
+    candidates = counter_candidates(NAMESPACED_CGROUP, NAMESPACED_MOUNTS)
+    assert candidates[-1].path == "/proc/vmstat" and candidates[-1].broad
+    assert "a cgroup namespace over a cgroupfs mounted outside it" in candidates[-1].covers
+    # Found (config.cgroup_files.find_directory looks for it by pid): its own group, narrow.
+    found = counter_candidates(
+        NAMESPACED_CGROUP,
+        NAMESPACED_MOUNTS,
+        lambda mount, path: (
+            ("/sys/fs/cgroup/memory/oom36-x", None)
+            if mount.point.endswith("memory")
+            else ("/sys/fs/cgroup/unified", None)
+        ),
+    )
+    assert found[1].path == "/sys/fs/cgroup/memory/oom36-x/memory.oom_control"
+    assert not found[1].broad
+
+
+def test_which_counts_are_broad() -> None:
+    v2 = counter_candidates(UNIFIED_CGROUP, UNIFIED_MOUNTS)
+    # The unit's own group: its processes alone; those above and the host: others' too.
+    assert [c.broad for c in v2] == [False, True, True, True]
+    assert "its other groups' OOM kills too" in v2[1].covers
+    assert not counter_candidates(HYBRID_CGROUP, HYBRID_MOUNTS)[1].broad
+    # The v1 root memory group (a v1 host's service without MemoryAccounting=):
+    # every process not in a group of its own; a container's namespace root is its own.
+    in_root = HYBRID_CGROUP.replace("4:memory:/process_api/4043", "4:memory:/")
+    root = counter_candidates(in_root, HYBRID_MOUNTS)[1]
+    assert root.path == "/sys/fs/cgroup/memory/memory.oom_control" and root.broad
+    assert "the host's root group" in root.covers
+    assert not counter_candidates(in_root, HYBRID_MOUNTS, initial_namespace=False)[1].broad
 
 
 def test_no_cgroup_at_all_leaves_the_hosts_count() -> None:
@@ -144,3 +190,32 @@ def test_a_supervisor_that_died_was_oom_killed_when_the_count_rose_since(
     carried: object, now: int | None, rose: int
 ) -> None:
     assert rose_since(carried, now) == rose
+
+
+@pytest.mark.parametrize(
+    ("record", "parsed"),
+    [
+        (
+            "3,3413,44403863398,-;Memory cgroup out of memory: Killed process 17964 (python) "
+            "total-vm:141940kB, anon-rss:34360kB, UID:0 pgtables:176kB oom_score_adj:1000\n",
+            (3413, 17964),
+        ),
+        # Host-wide, and a kernel before 5.1's wording after "Kill process ... or sacrifice child".
+        ("3,7,1,-;Out of memory: Killed process 42 (fleet-ingress) total-vm:1kB\n", (7, 42)),
+        ("3,8,1,-;Killed process 43 (python3) total-vm:1kB, anon-rss:0kB\n", (8, 43)),
+        # Not a kill: the reaper's line after it, the choice before it, another message.
+        ("6,9,1,-;oom_reaper: reaped process 42 (python), now anon-rss:0kB\n", (9, None)),
+        (
+            "3,10,1,-;Out of memory: Kill process 42 (python) score 900 or sacrifice child\n",
+            (10, None),
+        ),
+        ("6,11,1,-;eth0: link up\n SUBSYSTEM=net\n", (11, None)),
+        ("not a record", None),
+        # Written by a process (facility user, 1: prefix 8 and up), not the kernel's.
+        ("12,12,1,-;Killed process 44 (python3) total-vm:1kB\n", (12, None)),
+    ],
+)
+def test_the_kernels_log_names_the_pid_an_oom_kill_killed(
+    record: str, parsed: tuple[int, int | None] | None
+) -> None:
+    assert kmsg_record(record) == parsed

@@ -324,6 +324,14 @@ def doubtful_settings(config: IngressConfig) -> list[str]:
             + ": the workers past them share those CPUs, each costing its memory, "
             'for no more calls; "auto" is one per CPU'
         )
+    if cpus.unseen and workers == "auto":
+        doubts.append(
+            f"the CPU quota of this process's cgroup could not be read ({cpus.unseen}): "
+            f'process.workers = "auto" counts the {cpus.count} CPU'
+            f"{'' if cpus.count == 1 else 's'} of the affinity mask as if there were none; "
+            "mount the cgroupfs from inside the namespace (a container's own "
+            "/sys/fs/cgroup) or set process.workers"
+        )
     if t.drain + 5 > UNIT_STOP_TIMEOUT:
         doubts.append(
             f"timeouts.drain = {t.drain:g} s: with the shipped unit, systemd kills the calls "

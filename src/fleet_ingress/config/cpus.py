@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from fleet_ingress.core.cpu_quota import AutoWorkers, CpuQuota, auto_workers, cpu_quota
+from fleet_ingress.config.cgroup_files import find_directory
+from fleet_ingress.core.cpu_quota import AutoWorkers, CpuQuota, auto_workers, cpu_quota_found
 
 
 def _read(path: str) -> str | None:
@@ -20,10 +21,18 @@ def _read(path: str) -> str | None:
 def own_cpu_quota() -> CpuQuota | None:
     """This process's cgroup's quota (the tightest along its path); None
     where there is none or /proc cannot be read."""
+    return own_cpu_quota_found()[0]
+
+
+def own_cpu_quota_found() -> tuple[CpuQuota | None, str | None]:
+    """`own_cpu_quota`, and why its cgroup's files could not be found (a
+    cgroup namespace over the host's cgroupfs), if so."""
     proc_cgroup, mountinfo = _read_all("/proc/self/cgroup"), _read_all("/proc/self/mountinfo")
     if proc_cgroup is None or mountinfo is None:
-        return None
-    return cpu_quota(proc_cgroup, mountinfo, _read)
+        return None, None
+    return cpu_quota_found(
+        proc_cgroup, mountinfo, _read, lambda mount, path: find_directory(mount, path, "cpu")
+    )
 
 
 def _read_all(path: str) -> str | None:
@@ -37,4 +46,4 @@ def _read_all(path: str) -> str | None:
 def usable_cpus() -> AutoWorkers:
     """How many CPUs' worth this process may use, and why ("2 (CPUQuota 200%
     of 64 CPUs)")."""
-    return auto_workers(len(os.sched_getaffinity(0)), own_cpu_quota())
+    return auto_workers(len(os.sched_getaffinity(0)), *own_cpu_quota_found())

@@ -16,10 +16,24 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleet_ingress.core.cgroups import cgroup_paths, directories_up, mounts
+from fleet_ingress.core.cgroups import (
+    Mount,
+    cgroup_paths,
+    directories_from,
+    directory,
+    hidden,
+    mounts,
+)
 
 # Reads a cgroup file by its absolute path; None when it is not there (or not readable).
 Reader = Callable[[str], "str | None"]
+# Where a cgroup is under a mount: (its directory, None), or (None, why it is not found).
+Finder = Callable[[Mount, str], "tuple[str | None, str | None]"]
+
+
+def _by_name(mount: Mount, path: str) -> tuple[str | None, str | None]:
+    where = directory(mount, path)
+    return (where, None) if where is not None else (None, hidden(mount, path))
 
 
 @dataclass(frozen=True)
@@ -72,20 +86,36 @@ def _v1_quota(directory: str, read: Reader) -> CpuQuota | None:
 def cpu_quota(proc_cgroup: str, mountinfo: str, read: Reader) -> CpuQuota | None:
     """The tightest CPU quota on this process's cgroup and its parents, in
     either hierarchy; None when there is none (or none can be read)."""
+    return cpu_quota_found(proc_cgroup, mountinfo, read)[0]
+
+
+def cpu_quota_found(
+    proc_cgroup: str, mountinfo: str, read: Reader, find: Finder = _by_name
+) -> tuple[CpuQuota | None, str | None]:
+    """`cpu_quota`, and why the cgroup's files could not be read where the
+    cgroup holding the cpu controller was not found (`core.cgroups.hidden`):
+    then a quota there is not known, not none."""
     v2_mount, v1_mount = mounts(mountinfo, "cpu")
     v2_path, v1_path = cgroup_paths(proc_cgroup, "cpu")
     found: list[CpuQuota] = []
+    unseen: list[str] = []
     for mount, path, one in (
         (v2_mount, v2_path, _v2_quota),
         (v1_mount, v1_path, _v1_quota),
     ):
         if mount is None or path is None:
             continue
-        for directory in directories_up(mount, path):
-            if (quota := one(directory, read)) is not None:
+        where, why = find(mount, path)
+        if where is None:
+            if why is not None:
+                unseen.append(why)
+            continue
+        for each in directories_from(mount, where):
+            if (quota := one(each, read)) is not None:
                 found.append(quota)
     # The smallest share of time, not the smallest ceil: 150% is tighter than 190%.
-    return min(found, key=lambda q: q.quota / q.period, default=None)
+    tightest = min(found, key=lambda q: q.quota / q.period, default=None)
+    return tightest, "; ".join(unseen) or None
 
 
 @dataclass(frozen=True)
@@ -94,17 +124,22 @@ class AutoWorkers:
 
     count: int
     quota: str | None = None  # "CPUQuota 200% of 64 CPUs" when the quota set the count
+    # Why the cgroup's CPU quota could not be read (its cgroup not found): said, not taken for none.
+    unseen: str | None = None
 
     @property
     def because(self) -> str:
         """ "2 (CPUQuota 200% of 64 CPUs)", "8 (the CPUs of its affinity mask)"."""
-        return f"{self.count} ({self.quota or 'the CPUs of its affinity mask'})"
+        why = self.quota or "the CPUs of its affinity mask"
+        if self.unseen:
+            why += f"; its CPU quota, if any, could not be read: {self.unseen}"
+        return f"{self.count} ({why})"
 
 
-def auto_workers(affinity: int, quota: CpuQuota | None) -> AutoWorkers:
+def auto_workers(affinity: int, quota: CpuQuota | None, unseen: str | None = None) -> AutoWorkers:
     """One worker per CPU it may run on: the affinity mask's, fewer when the
     cgroup's quota allows less time than those CPUs have."""
     affinity = max(1, affinity)
     if quota is not None and quota.cpus < affinity:
-        return AutoWorkers(quota.cpus, f"CPUQuota {quota.percent:g}% of {affinity} CPUs")
-    return AutoWorkers(affinity)
+        return AutoWorkers(quota.cpus, f"CPUQuota {quota.percent:g}% of {affinity} CPUs", unseen)
+    return AutoWorkers(affinity, None, unseen)

@@ -23,6 +23,7 @@ from fleet_ingress.ops.fleet_display import (
     certificate_served_refused,
     edits_not_applied,
     fleets_summary,
+    oom_count_broad,
     probed,
     shown_free,
     shown_health,
@@ -426,6 +427,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         if (oom := supervisor_oom_killed(snap)) is not None:
             lines.append(oom)
         if (oom := workers_oom_killed_not_replaced(snap)) is not None:
+            lines.append(oom)
+        if (oom := oom_count_broad(snap)) is not None:
             lines.append(oom)
     if (waiting := certificate_not_served(snap)) is not None:
         lines.append(waiting)

@@ -295,6 +295,21 @@ def workers_replaced(snap: dict[str, Any]) -> str | None:
     return line
 
 
+def oom_count_broad(snap: dict[str, Any]) -> str | None:
+    """One line where the supervisor reads the OOM kills from a count that
+    takes in other processes' (the whole host's, a group above the service's):
+    a SIGKILL death then is only *possibly* the OOM killer's; None where the
+    count is the service's own."""
+    covers = snap.get("oom_kills_broad")
+    if not covers:
+        return None
+    return (
+        f"OOM kills read from {covers}: a worker's SIGKILL death within 30 s of any OOM "
+        "kill there reads 'possibly the OOM killer' (restarts oom), an operator's kill -9 "
+        "too; run the service in a memory cgroup of its own (the shipped unit) to tell them apart"
+    )
+
+
 def supervisor_oom_killed(snap: dict[str, Any]) -> str | None:
     """One line once the OOM killer took a supervisor of this host (carried
     from each supervisor to the next); None before."""

@@ -19,6 +19,7 @@ from fleet_ingress.ops.fleet_display import (
     certificate_served_refused,
     edits_not_applied,
     fleets_summary,
+    oom_count_broad,
     probed,
     shown_free,
     shown_health,
@@ -91,6 +92,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     upgrade = upgrade_failed(snap)
     oom = supervisor_oom_killed(snap)
     oom_workers = workers_oom_killed_not_replaced(snap)
+    oom_broad = oom_count_broad(snap)
     rows = []
     for w in workers:
         started = (
@@ -127,6 +129,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
             if oom_workers
             else ""
         )
+        + (f'<div class="muted" id="oom-count">{escape(oom_broad)}</div>\n' if oom_broad else "")
     )
 
 

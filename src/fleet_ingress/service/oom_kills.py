@@ -14,26 +14,48 @@ systemd: the unit's, which its workers share), or the host's where no
 memory cgroup can be read, every second and at each SIGKILL death; a rise
 seen within OOM_CREDIT_S before such a death names the OOM killer.
 
-Everything here but `find_oom_counter` and `OomCounter.read` is I/O-free:
-text in, answers out (tests/unit/test_oom_kills.py).
+Where the count takes in other processes' kills (`OomCounter.broad`), a rise
+says only "possibly". The kernel's own record names the pid: each OOM kill
+logs "Killed process PID (name) ..." (mm/oom_kill.c, just after the SIGKILL is
+sent), which /dev/kmsg gives to a reader with CAP_SYSLOG (root; not the
+shipped unit's user, nor under its ProtectKernelLogs=) in the host's pid
+namespace (the pid logged is the host's). Where it can be read (`KernelLog`),
+a SIGKILL death is the OOM killer's when that record names its pid, whatever
+the count says.
+
+Everything here but `find_oom_counter`, `OomCounter.read` and `KernelLog` is
+I/O-free: text in, answers out (tests/unit/test_oom_kills.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet_ingress.core.cgroups import cgroup_paths, directory, mounts
+from fleet_ingress.config.cgroup_files import find_directory, in_initial_cgroup_namespace
+from fleet_ingress.core.cgroups import (
+    Mount,
+    cgroup_paths,
+    directories_from,
+    directory,
+    hidden,
+    mounts,
+)
+from fleet_ingress.core.cpu_quota import Finder
 
 __all__ = [
     "OOM_CREDIT_S",
+    "KernelLog",
     "OomCounter",
     "OomKills",
     "count_in",
     "counter_candidates",
     "find_oom_counter",
+    "kmsg_record",
 ]
 
 # How long a rise of the count stays unclaimed for a SIGKILL death: the kill is
@@ -61,10 +83,14 @@ def count_in(text: str, key: str = "oom_kill") -> int | None:
 @dataclass(frozen=True)
 class OomCounter:
     """A file whose `oom_kill` counts the OOM kills a SIGKILL death is
-    weighed against, and what it covers, as the log says it."""
+    weighed against, and what it covers, as the log says it. `broad`: it
+    counts the kills of processes outside the service too (the host's count,
+    a v2 group above the service's, the v1 root memory group), so a rise says
+    only that the death was *possibly* the OOM killer's."""
 
     path: str
     covers: str
+    broad: bool = False
 
     def read(self) -> int | None:
         try:
@@ -74,47 +100,93 @@ class OomCounter:
             return None
 
 
-HOST_COUNTER = OomCounter("/proc/vmstat", "the whole host (/proc/vmstat)")
+HOST_COUNTER = OomCounter(
+    "/proc/vmstat", "the whole host (/proc/vmstat: any process's OOM kill)", broad=True
+)
 
 
-def counter_candidates(proc_cgroup: str, mountinfo: str) -> list[OomCounter]:
+def _host_counter(unseen: list[str]) -> OomCounter:
+    if not unseen:
+        return HOST_COUNTER
+    return OomCounter(
+        HOST_COUNTER.path,
+        "the whole host (/proc/vmstat: any process's OOM kill; this service's memory "
+        f"cgroup could not be read: {'; '.join(unseen)})",
+        broad=True,
+    )
+
+
+def _name(mount: Mount, where: str) -> str:
+    return "/" + where[len(mount.point.rstrip("/")) :].strip("/")
+
+
+def counter_candidates(
+    proc_cgroup: str,
+    mountinfo: str,
+    find: Finder | None = None,
+    initial_namespace: bool = True,
+) -> list[OomCounter]:
     """The files to try, best first: the cgroup v2 memory.events of this
     process's cgroup (the unit's, its workers' and any process it started
-    counted with it), then of each group above it, its cgroup v1
-    memory.oom_control (that group alone), then the host's count (any
-    process on the host: a weaker sign)."""
+    counted with it), then of each group above it (broad: their other
+    groups' kills too), its cgroup v1 memory.oom_control (that group alone;
+    broad for the host's root group, which holds every process not put in
+    one), then the host's count (any process on the host: broad).
+    `find`: where a cgroup is under a mount, or why not (`core.cgroups.hidden`
+    by default; config.cgroup_files.find_directory looks for it);
+    `initial_namespace`: this process's cgroup namespace is the host's."""
     v2_path, v1_path = cgroup_paths(proc_cgroup, "memory")
     v2_mount, v1_mount = mounts(mountinfo, "memory")
-    found = []
+    find = find or _by_name
+    found: list[OomCounter] = []
+    unseen: list[str] = []
     if v2_path is not None and v2_mount is not None:
-        # Its own group's first; an ancestor's (its count is its descendants'
-        # too) where the memory controller is not enabled on the group itself.
-        for path in _and_ancestors(v2_path):
-            if (where := directory(v2_mount, path)) is not None:
+        where, why = find(v2_mount, v2_path)
+        if where is None:
+            if why is not None:
+                unseen.append(why)
+        else:
+            # Its own group's first; an ancestor's (its count is its descendants'
+            # too) where the memory controller is not enabled on the group itself.
+            for depth, each in enumerate(directories_from(v2_mount, where)):
+                by_name = not depth and where == directory(v2_mount, v2_path)
+                name = v2_path if by_name else _name(v2_mount, each)
                 found.append(
                     OomCounter(
-                        f"{where}/memory.events", f"memory cgroup {path} (cgroup v2 memory.events)"
+                        f"{each}/memory.events",
+                        f"memory cgroup {name} (cgroup v2 memory.events)"
+                        if not depth
+                        else f"memory cgroup {name} (cgroup v2 memory.events of a group above "
+                        "this service's: its other groups' OOM kills too)",
+                        broad=depth > 0,
                     )
                 )
     if v1_path is not None and v1_mount is not None:
-        if (where := directory(v1_mount, v1_path)) is not None:
+        where, why = find(v1_mount, v1_path)
+        if where is None:
+            if why is not None:
+                unseen.append(why)
+        else:
+            root = initial_namespace and where.rstrip("/") == v1_mount.point.rstrip("/")
+            name = v1_path if where == directory(v1_mount, v1_path) else _name(v1_mount, where)
             found.append(
                 OomCounter(
                     f"{where}/memory.oom_control",
-                    f"memory cgroup {v1_path} (cgroup v1 memory.oom_control)",
+                    f"memory cgroup {name} (cgroup v1 memory.oom_control"
+                    + (
+                        ", the host's root group: every process not in a group of its own)"
+                        if root
+                        else ")"
+                    ),
+                    broad=root,
                 )
             )
-    return [*found, HOST_COUNTER]
+    return [*found, _host_counter(unseen)]
 
 
-def _and_ancestors(path: str) -> list[str]:
-    """`path` and the groups above it up to "/": a cgroup namespace's root
-    (a container's) has a memory.events, the host's root none (not read)."""
-    paths = []
-    while path not in ("", "/"):
-        paths.append(path)
-        path = path.rpartition("/")[0]
-    return [*paths, "/"]
+def _by_name(mount: Mount, path: str) -> tuple[str | None, str | None]:
+    where = directory(mount, path)
+    return (where, None) if where is not None else (None, hidden(mount, path))
 
 
 def find_oom_counter(pid: int | str = "self") -> OomCounter | None:
@@ -125,7 +197,14 @@ def find_oom_counter(pid: int | str = "self") -> OomCounter | None:
         mountinfo = Path(f"/proc/{pid}/mountinfo").read_text()
     except OSError:
         proc_cgroup = mountinfo = ""
-    for counter in counter_candidates(proc_cgroup, mountinfo):
+    owner = os.getpid() if pid == "self" else int(pid)
+    candidates = counter_candidates(
+        proc_cgroup,
+        mountinfo,
+        lambda mount, path: find_directory(mount, path, "memory", owner),
+        in_initial_cgroup_namespace(),
+    )
+    for counter in candidates:
         if os.path.exists(counter.path) and counter.read() is not None:
             return counter
     return None
@@ -160,6 +239,11 @@ class OomKills:
         reads), which it then sees again as new."""
         return None if self.last is None else self.last - len(self._unclaimed)
 
+    def pending(self, count: int | None, now: float) -> int:
+        """The kills counted and not claimed yet (the count read at `now`)."""
+        self.seen(count, now)
+        return len(self._unclaimed)
+
     def claim(self, count: int | None, now: float) -> bool:
         """Whether a SIGKILL death read at `now` (the count as read then) was
         the OOM killer's: a kill counted since OOM_CREDIT_S ago and not yet
@@ -178,3 +262,118 @@ def rose_since(carried: object, count: int | None) -> int:
     if not isinstance(carried, int) or count is None:
         return 0
     return max(0, count - carried)
+
+
+# "3,3413,44403863398,-;Memory cgroup out of memory: Killed process 17964 (python) ..."
+_KILLED = re.compile(r"\bKilled process (\d+) \(")
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the host's pid namespace (include/linux/proc_ns.h)
+# Records read at most at a time (a kernel log flooded by something else: read on next time).
+KMSG_READS = 5000
+
+
+def kmsg_record(record: str) -> tuple[int, int | None] | None:
+    """A /dev/kmsg record's sequence number, and the pid an OOM kill it
+    logs killed (None: another message); None for no record."""
+    head, sep, message = record.partition(";")
+    fields_ = head.split(",")
+    if not sep or len(fields_) < 2:
+        return None
+    try:
+        prefix, seq = int(fields_[0]), int(fields_[1])
+    except ValueError:
+        return None
+    if prefix >> 3:  # not the kernel's facility: a line a process wrote (`echo > /dev/kmsg`)
+        return seq, None
+    killed = _KILLED.search(message.partition("\n")[0])
+    return seq, None if killed is None else int(killed.group(1))
+
+
+class KernelLog:
+    """The kernel's log of OOM kills by pid (/dev/kmsg), read from where this
+    image started (or the one before it stopped reading: `rewind`); `usable`
+    False where it cannot be read (not root, no CAP_SYSLOG, another pid
+    namespace, not Linux). `complete` False for OOM_CREDIT_S once records
+    were lost before being read (the ring overwritten, or gone by a rewind):
+    then the count decides, as without it."""
+
+    def __init__(self, path: str = "/dev/kmsg") -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.last_seq: int | None = None  # the last record read (carried over an exec)
+        self._gap_at: float | None = None  # when records were last found lost
+        self._killed: dict[int, float] = {}  # pid: when its record was read
+        try:
+            if os.stat("/proc/self/ns/pid").st_ino != PROC_PID_INIT_INO:
+                return  # the pids it logs are the host's: not this namespace's
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self.close()
+            return
+        # Read through to the end, its kills left (before this start): the last
+        # record's number is where the next image (an exec's, after a crash) reads on.
+        self.read(0.0, KMSG_READS * 20, note=False)
+
+    @property
+    def usable(self) -> bool:
+        return self.fd is not None
+
+    @property
+    def complete(self) -> bool:
+        """No record lost in the last OOM_CREDIT_S (the ring overwritten
+        before it was read): a kill then may be one not read."""
+        return self._gap_at is None or time.monotonic() - self._gap_at > OOM_CREDIT_S
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        self.fd = None
+
+    def rewind(self, after_seq: object, now: float) -> None:
+        """Read again from the record after `after_seq` (the image before
+        this one's last: an exec's, a crash snapshot's), so that an OOM kill
+        logged meanwhile is seen; not complete if the ring lost some since."""
+        if self.fd is None or not isinstance(after_seq, int):
+            return
+        try:
+            os.lseek(self.fd, 0, os.SEEK_SET)  # the oldest record the ring holds
+        except OSError:
+            return
+        self.last_seq = after_seq
+        self.read(now)
+
+    def read(self, now: float, most: int = KMSG_READS, *, note: bool = True) -> None:
+        """The records logged since the last read: each OOM kill's pid kept
+        for OOM_CREDIT_S."""
+        if self.fd is None:
+            return
+        for _ in range(most):
+            try:
+                data = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records overwritten before this read
+                if note:
+                    self._gap_at = time.monotonic()
+                continue
+            except OSError:
+                self.close()
+                break
+            record = kmsg_record(data.decode("utf-8", "replace"))
+            if record is None:
+                continue
+            seq, pid = record
+            if self.last_seq is not None and seq <= self.last_seq:
+                continue  # read before (a rewind)
+            if note and self.last_seq is not None and seq > self.last_seq + 1:
+                self._gap_at = time.monotonic()
+            self.last_seq = seq
+            if pid is not None and note:
+                self._killed[pid] = now
+        for pid, when in list(self._killed.items()):
+            if now - when > OOM_CREDIT_S:
+                del self._killed[pid]
+
+    def killed(self, pid: int, now: float) -> bool:
+        """Whether the kernel logged an OOM kill of `pid` (read now), once."""
+        self.read(now)
+        return self._killed.pop(pid, None) is not None

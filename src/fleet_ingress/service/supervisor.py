@@ -160,7 +160,7 @@ from fleet_ingress.service.lifecycle import (
     trim_heap,
 )
 from fleet_ingress.service.listen_fds import COORDINATOR, handover_env, pass_fds
-from fleet_ingress.service.oom_kills import OomKills, find_oom_counter
+from fleet_ingress.service.oom_kills import KernelLog, OomKills, find_oom_counter
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import children_running, process_state
@@ -219,6 +219,20 @@ OOM_KILLED_WORKER = (
     "fewer calls on this host (limits.max_connections, the fleets' maxconn); "
     "`journalctl -k | grep -i -A20 oom` says which limit and what each process held"
 )
+# The same, where the kernel's count of OOM kills covers processes outside the
+# service (the whole host's /proc/vmstat, a group above the service's, the v1
+# root memory group): an operator's kill -9 within OOM_CREDIT_S of any OOM kill
+# there reads the same (INSTALL.md, Memory: which hosts count where).
+OOM_POSSIBLY_KILLED_WORKER = (
+    "worker killed by SIGKILL, possibly by the kernel's OOM killer (an OOM kill was "
+    "counted where other processes' are counted too, oom_kills_counted_in; an "
+    "operator's kill -9 reads the same): its calls are lost; a new worker replaces it. "
+    "`journalctl -k | grep -i 'killed process'` says whether this pid was the OOM "
+    "killer's; if so, the service's memory limit or the host's memory ran out"
+)
+# How long a SIGKILL death waits for the kernel's "Killed process PID" record
+# once the count rose: logged just after the signal is sent, read within it.
+KERNEL_LOG_WAIT = 0.5
 # The environment a worker must not inherit: only the main PID speaks to systemd.
 # A fleet gone from the set is forgotten by the workers this long after (its
 # counters then start from 0 if it is listed again): one listed again sooner,
@@ -353,6 +367,9 @@ class Supervisor:
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
         self.oom_counter = find_oom_counter()
         self.oom_kills = OomKills()
+        # The kernel's log of whom it OOM-killed, by pid, where it can be read:
+        # what decides, over a count that takes in other processes' kills.
+        self.kernel_log = KernelLog()
         self.look_for_oom_kills()
         # Background tasks of this process that failed (kept running: kept_running).
         self.task_failures = TaskFailures(BACKGROUND_TASKS)
@@ -992,21 +1009,45 @@ class Supervisor:
     def look_for_oom_kills(self) -> None:
         """Every second (`_write_snapshots`): OOM kills counted since are
         kept for the SIGKILL deaths read next, for OOM_CREDIT_S."""
-        self.oom_kills.seen(self._oom_count(), time.monotonic())
+        now = time.monotonic()
+        self.oom_kills.seen(self._oom_count(), now)
+        self.kernel_log.read(now)
 
-    def _oom_killed(self, worker: WorkerProcess, code: int | None) -> bool:
+    async def _oom_killed(self, worker: WorkerProcess, code: int | None) -> bool:
         """Whether `worker`, dead of SIGKILL, was the OOM killer's rather than
-        an operator's (a `kill -9` is counted nowhere) or this supervisor's own."""
+        an operator's (a `kill -9` is counted nowhere) or this supervisor's own.
+        Where the kernel's log can be read, its record of the pid decides; else
+        the count (`worker.oom_possibly` where it takes in other processes')."""
         if code != -signal.SIGKILL or worker.hung or worker.killed_here:
             return False
         if not worker.exit_status_known:
             return False
+        log_ = self.kernel_log
+        if log_.usable and log_.complete:
+            if log_.killed(worker.pid, time.monotonic()):
+                self.oom_kills.claim(self._oom_count(), time.monotonic())
+                worker.oom_logged = True
+                return True
+            if not self.oom_kills.pending(self._oom_count(), time.monotonic()):
+                return False  # counted before the SIGKILL is sent: none, no OOM kill
+            # Counted, and logged just after the signal: a moment for the record.
+            deadline = time.monotonic() + KERNEL_LOG_WAIT
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                if log_.killed(worker.pid, time.monotonic()):
+                    self.oom_kills.claim(self._oom_count(), time.monotonic())
+                    worker.oom_logged = True
+                    return True
+            if log_.complete:
+                return False  # another process's OOM kill
+        worker.oom_possibly = self.oom_counter is not None and self.oom_counter.broad
         return self.oom_kills.claim(self._oom_count(), time.monotonic())
 
     async def _watch(self, worker: WorkerProcess) -> None:
         code = await worker.proc.wait()
         # Read at once: the count is the kernel's, kept for OOM_CREDIT_S.
-        worker.oom_killed = self._oom_killed(worker, code)
+        worker.oom_killed = await self._oom_killed(worker, code)
+        worker.oom_possibly = worker.oom_possibly and worker.oom_killed
         # Whatever its generation: an old one draining in an upgrade, when two
         # generations take memory, is not replaced nor in `restarts`.
         self.worker_oom_kills += worker.oom_killed
@@ -1099,7 +1140,10 @@ class Supervisor:
                 extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
             )
         elif worker.oom_killed:
-            log.error(OOM_KILLED_WORKER, extra=fields(**self._oom_fields(worker, code)))
+            log.error(
+                OOM_POSSIBLY_KILLED_WORKER if worker.oom_possibly else OOM_KILLED_WORKER,
+                extra=fields(**self._oom_fields(worker, code)),
+            )
         else:
             log.error(
                 "worker whose slot channel was lost exited: the calls it had then are "
@@ -1115,13 +1159,15 @@ class Supervisor:
             **_exit_fields(worker, code),
             "lived_s": _lived_s(worker),
             "oom_kills_counted_in": None if self.oom_counter is None else self.oom_counter.covers,
+            # Named by the kernel's own record of the pid (/dev/kmsg), not by a count alone.
+            "oom_kill_logged": worker.oom_logged,
         }
 
     def _log_lost_calls(self, worker: WorkerProcess, code: int | None) -> None:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        status = _exit_status(code, oom=worker.oom_killed)
+        status = _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
         now, now_monotonic = time.time(), time.monotonic()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
@@ -1667,6 +1713,15 @@ class Supervisor:
         picture["worker_restarts"] = dict(self.restarts)
         picture["supervisor_oom_kills"] = self.supervisor_oom_kills
         picture["worker_oom_kills"] = self.worker_oom_kills
+        # Where the OOM kills are counted, when that counts other processes' too.
+        # (None where the kernel's log names the pids killed: it decides there.)
+        picture["oom_kills_broad"] = (
+            None
+            if self.oom_counter is None
+            or not self.oom_counter.broad
+            or (self.kernel_log.usable and self.kernel_log.complete)
+            else self.oom_counter.covers
+        )
         picture["worker_calls_lost"] = self.calls_lost_total
         picture["workers_wanted"] = self.worker_target
         picture["workers_from"] = self.workers_from
@@ -2092,7 +2147,7 @@ def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
     return {
         "pid": worker.pid,
         "generation": worker.generation,
-        "exit_status": _exit_status(code, oom=worker.oom_killed)
+        "exit_status": _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
         if known or (code is not None and code < 0)
         else "unknown (taken up after a supervisor died: systemd read it)",
         "calls_lost": worker.calls_lost,
@@ -2103,9 +2158,11 @@ def _lived_s(worker: WorkerProcess) -> float:
     return round(time.monotonic() - worker.started_at, 1)
 
 
-def _exit_status(code: int | None, *, oom: bool = False) -> str:
+def _exit_status(code: int | None, *, oom: bool = False, possibly: bool = False) -> str:
     if code is None:
         return "running"
+    if oom and possibly:
+        return "killed by SIGKILL, possibly from the kernel's OOM killer"
     if oom:
         return "killed by SIGKILL from the kernel's OOM killer"
     if code < 0:

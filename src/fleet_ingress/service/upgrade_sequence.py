@@ -284,6 +284,9 @@ class UpgradeSequence:
             carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
         )
         self.crash_restart = bool(carried.get("crash_restart"))
+        # The kernel's log read on from where the image before this one left it:
+        # an OOM kill logged meanwhile (its own, a worker's) is read here.
+        supervisor.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
         if self.crash_restart:
             self._say_if_oom_killed(carried)
         elif supervisor.oom_counter is not None:
@@ -319,22 +322,45 @@ class UpgradeSequence:
         (said nothing) when the count was not read, or read elsewhere."""
         supervisor = self.supervisor
         counter = supervisor.oom_counter
+        kernel_log, pid = supervisor.kernel_log, carried.get("supervisor_pid")
+        logged = isinstance(pid, int) and kernel_log.killed(pid, time.monotonic())
+        if (
+            not logged
+            and kernel_log.complete
+            and kernel_log.last_seq is not None
+            and (isinstance(pid, int) and carried.get("kmsg_seq") is not None)
+        ):
+            return  # the kernel's log, read since its last snapshot, names it not
         if counter is None or carried.get("oom_kill_counter") != counter.path:
-            return
+            if not logged:
+                return
         rose = rose_since(carried.get("oom_kill_count"), supervisor.oom_kills.last)
-        if not rose:
+        if not rose and not logged:
             return
+        broad = counter is not None and counter.broad and not logged
         supervisor.supervisor_oom_kills += 1
         log.error(
-            "the previous supervisor was killed by the kernel's OOM killer, most likely (the "
-            "OOM kills counted rose since its last snapshot, a second before it died): "
-            "the service's memory limit (the unit's MemoryMax=) or the host's memory ran "
+            (
+                "the previous supervisor died, possibly by the kernel's OOM killer (an OOM "
+                "kill was counted since its last snapshot, a second before it died, where "
+                "other processes' are counted too: oom_kills_counted_in; `journalctl -k | "
+                "grep -i 'killed process'` names the pid killed). If so: "
+                if broad
+                else "the previous supervisor was killed by the kernel's OOM killer, most "
+                "likely (the OOM kills counted rose since its last snapshot, a second before "
+                "it died): "
+            )
+            + "the service's memory limit (the unit's MemoryMax=) or the host's memory ran "
             "out, and the kernel took the supervisor although each worker asks to be taken "
             "first (oom_score_adj raised by 500). Raise MemoryMax= (`systemctl edit "
             "fleet-ingress`) or give the host memory, or carry fewer calls on this host "
             "(limits.max_connections, the fleets' maxconn); `journalctl -k | grep -i -A20 "
             "oom` says which limit and what each process held",
-            extra=fields(oom_kills=rose, oom_kills_counted_in=counter.covers),
+            extra=fields(
+                oom_kills=rose,
+                oom_kills_counted_in=None if counter is None else counter.covers,
+                oom_kill_logged=logged,
+            ),
         )
 
     @property
@@ -628,6 +654,11 @@ class UpgradeSequence:
             "oom_kill_count": supervisor.oom_kills.carried()
             if handover
             else supervisor.oom_kills.last,
+            # The kernel's log read up to here (/dev/kmsg's sequence number), and
+            # this process's pid: the next image reads on from there, a
+            # supervisor started after this one died looks for its pid's OOM kill.
+            "kmsg_seq": supervisor.kernel_log.last_seq,
+            "supervisor_pid": os.getpid(),
             "oom_kill_counter": None
             if supervisor.oom_counter is None
             else supervisor.oom_counter.path,

@@ -51,6 +51,10 @@ class WorkerProcess:
     # Killed by the supervisor (`kill`: hung, its drain's end, a failed start, a stop).
     killed_here: bool = False
     oom_killed: bool = False  # died of SIGKILL as the kernel counted an OOM kill (`oom_kills`)
+    # ...counted where other processes' kills are counted too (`OomCounter.broad`): possibly.
+    oom_possibly: bool = False
+    # ...named by the kernel's own record of its pid (/dev/kmsg): no doubt.
+    oom_logged: bool = False
 
     @property
     def pid(self) -> int:
