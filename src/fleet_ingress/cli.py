@@ -161,6 +161,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "list every live call on the host, oldest first, like HAProxy's 'show sess': "
         "id, worker, carrier, route, bot, fleet, state, age, bytes, quiet",
     )
+    calls.description = (
+        "One row per live call on the host (every worker; both generations during an "
+        "upgrade), oldest first: id (PID-N: worker pid and call_id, as its access line "
+        "says), generation, age, state (waiting for a slot / connecting / tunnel / closing), "
+        "fleet, bot, carrier address, route, bytes each way, and how long each side has "
+        "sent nothing (quiet c/f, at the silence sweep's resolution). Filters combine."
+    )
     calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
     calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
     calls.add_argument("--bot", metavar="ID", help="only this bot id's calls")
@@ -174,6 +181,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "end-call",
         "end one live call as remove-fleet --force would (both sides told 1001 "
         "'ended by operator'); its access line says end_reason admin",
+    )
+    end.description = (
+        "End one live call as remove-fleet --force ends one: in the tunnel both sides get "
+        "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
+        "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
+        "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id."
     )
     end.add_argument("id", help="the call's id as `fleet-ingress calls` lists it: PID-N")
     end.add_argument(

@@ -103,6 +103,7 @@ def _row(pid: int, n: int, age: float, **more: Any) -> dict[str, Any]:
         "generation": 1,
         "call_id": n,
         "age_s": age,
+        "started_monotonic": 10_000.0 - age,
         "state": "tunnel",
         "fleet": "a",
         "bot_id": f"bot-{n}",
@@ -116,9 +117,16 @@ def _row(pid: int, n: int, age: float, **more: Any) -> dict[str, Any]:
     }
 
 
-def test_rows_of_every_worker_are_oldest_first_ties_by_id():
-    rows = [_row(2, 1, 5.0), _row(1, 9, 300.0), _row(1, 3, 5.0), _row(2, 2, 4000.0)]
-    assert [r["id"] for r in oldest_first(rows)] == ["2-2", "1-9", "1-3", "2-1"]
+def test_rows_of_every_worker_are_oldest_first_by_the_host_s_clock():
+    # Ages read a moment apart by each worker (2-1's a little later) do not
+    # decide: when each call began, on the one monotonic clock, does.
+    rows = [
+        _row(2, 1, 5.1, started_monotonic=1000.0),
+        _row(1, 9, 300.0, started_monotonic=705.0),
+        _row(1, 3, 5.0, started_monotonic=1000.05),
+        _row(2, 2, 4000.0, started_monotonic=-2995.0),
+    ]
+    assert [r["id"] for r in oldest_first(rows)] == ["2-2", "1-9", "2-1", "1-3"]
 
 
 @pytest.mark.parametrize(
