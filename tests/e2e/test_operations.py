@@ -812,6 +812,29 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
 
 
 @CLI_TEXT
+async def test_calls_asked_of_an_ingress_before_them_says_to_upgrade(tmp_path: Path):
+    """An ingress of an earlier release has no /calls: aiohttp's own 404, said
+    as what it is, not "404: Not Found"."""
+    from aiohttp import web
+
+    app = web.Application()  # no route: as the admin app of a release before `calls`
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = tmp_path / "admin.sock"
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        for args in (["calls"], ["end-call", "1-1"]):
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *args, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 1, err
+            assert "a release before `calls`" in err.decode() and "upgrade" in err.decode()
+    finally:
+        await runner.cleanup()
+
+
+@CLI_TEXT
 async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog):
     """An ingress run as one process lists its own calls and ends one (the
     supervisor's workers: tests/e2e/test_live_calls.py)."""

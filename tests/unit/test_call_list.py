@@ -193,6 +193,15 @@ def test_the_table_is_aligned_oldest_first_with_a_count_line():
     assert "fleet-ingress end-call ID" in lines[6]
 
 
+def test_a_long_bot_id_is_cut_in_the_table_only():
+    answer = {
+        "calls": [_row(1, 1, 5.0, bot_id="b" * 256)],
+        "workers": [{"pid": 1, "answered": True}],
+    }
+    (row,) = [line for line in format_calls_table(answer).splitlines() if line.startswith("1-1")]
+    assert row.split()[5] == "b" * 31 + "~"
+
+
 def test_no_call_is_a_count_line_alone():
     answer = {"calls": [], "filter": {}, "workers": [{"pid": 1, "answered": True}]}
     assert format_calls_table(answer) == "0 calls (1 worker); oldest first"

@@ -208,13 +208,34 @@ def run_admin(
     return 0
 
 
+def _before_calls(socket_path: Path, method: str, path: str) -> dict[str, Any] | int:
+    """The answer to a `calls` / `end-call` request, or its exit code (said);
+    aiohttp's own 404 (no such route): an ingress of a release before them."""
+    try:
+        status, body = asyncio.run(admin_request(socket_path, method, path, None))
+    except AdminUnreachable as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    if status in (404, 405) and body.get("error") in ("404: Not Found", "405: Method Not Allowed"):
+        print(
+            "fleet-ingress: the running ingress is of a release before `calls` and "
+            "`end-call`: `fleet-ingress upgrade` first (its calls are kept)",
+            file=sys.stderr,
+        )
+        return 1
+    if status >= 400:
+        print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    return body
+
+
 def run_calls(
     socket_path: Path, query: str, *, as_json: bool = False, out: TextIO | None = None
 ) -> int:
     """`fleet-ingress calls`: every live call on the host, oldest first."""
     out = out or sys.stdout
     path = "/calls" + (f"?{query}" if query else "")
-    body = _answer_or_exit_code(socket_path, "GET", path, None)
+    body = _before_calls(socket_path, "GET", path)
     if isinstance(body, int):
         return body
     if not isinstance(body.get("calls"), list):
@@ -231,7 +252,7 @@ def run_end_call(socket_path: Path, call_id: str, reason: str, *, out: TextIO | 
     path = f"/calls/{quote(call_id, safe='')}" + (
         f"?{urlencode({'reason': reason})}" if reason else ""
     )
-    body = _answer_or_exit_code(socket_path, "DELETE", path, None)
+    body = _before_calls(socket_path, "DELETE", path)
     if isinstance(body, int):
         return body
     if not isinstance(body.get("ended"), dict):

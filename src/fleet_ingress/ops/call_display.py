@@ -57,6 +57,15 @@ def _quiet(row: dict[str, Any]) -> str:
     return f"{shown_age(carrier)}/{shown_age(fleet)}"
 
 
+# A bot id (256 characters at most) is cut to this in the table, ending "~", so
+# that one long id does not push every column off the screen (--json has it whole).
+SHOWN_BOT = 32
+
+
+def _bot(bot_id: str) -> str:
+    return bot_id if len(bot_id) <= SHOWN_BOT else bot_id[: SHOWN_BOT - 1] + "~"
+
+
 def _row(row: dict[str, Any]) -> tuple[str, ...]:
     return (
         str(row["id"]),
@@ -64,7 +73,7 @@ def _row(row: dict[str, Any]) -> tuple[str, ...]:
         shown_age(row.get("age_s")),
         str(row.get("state") or "-"),
         str(row.get("fleet") or "-"),
-        str(row.get("bot_id") or "-"),
+        _bot(str(row.get("bot_id") or "-")),
         str(row.get("client_ip") or "-"),
         str(row.get("route") or "-"),
         shown_bytes(row.get("bytes_from_carrier")),
