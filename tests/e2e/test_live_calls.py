@@ -71,7 +71,7 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         old = await _open(service, tls_files, "old-0")
         calls.append(old)
         await echo(old, "hello")  # 5 bytes each way
-        await asyncio.sleep(3)
+        await asyncio.sleep(1)
         await service.open_on_every_worker(tls_files, calls, 4, bot="new")
         workers = {r["pid"] for r in (await service.stats())["workers"]}
         assert len(workers) == 2
@@ -82,7 +82,7 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         assert len(rows) == len(calls)
         assert {r["pid"] for r in rows} == workers
         assert {w["pid"] for w in listing["workers"] if w["answered"]} == workers
-        assert rows[0]["bot_id"] == "old-0" and rows[0]["age_s"] >= 3
+        assert rows[0]["bot_id"] == "old-0" and rows[0]["age_s"] >= 1
         assert rows[0]["bytes_from_carrier"] > 0 and rows[0]["bytes_to_carrier"] > 0
         ages = [r["age_s"] for r in rows]
         assert ages == sorted(ages, reverse=True)
