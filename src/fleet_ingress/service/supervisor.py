@@ -193,7 +193,7 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
-# `calls`: a worker reads its calls a part a turn (10,000: 20 turns), answered
+# `calls`: a worker reads its calls a part a turn (10,000: 100 turns), answered
 # within this or named as not answering. Below the CLI's READ_TIMEOUT (10 s).
 LIST_ANSWER_WAIT = 5.0
 # `end-call`: the worker answers once the call is gone (END_CALL_WAIT at most).

@@ -286,7 +286,7 @@ class Worker:
 
     async def list_calls(self, ask: Any, wanted: CallFilter) -> None:
         """`fleet-ingress calls`: this worker's calls, a part a turn (one line
-        of some 100 KB each, not one of megabytes encoded in one piece)."""
+        of some 36 KB each, not one of megabytes encoded in one piece)."""
         pid, generation = os.getpid(), self.client.generation
         try:
             async for rows in list_calls_in_turns(self.ingress.registry, wanted, pid, generation):
