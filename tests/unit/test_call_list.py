@@ -266,3 +266,19 @@ async def test_a_listing_reads_its_calls_a_part_a_turn_and_skips_those_ended_mea
     assert {r["bot_id"] for r in listed} == {"bot-1"} and len(listed) == 3
     assert {r["pid"] for r in listed} == {4242} and {r["generation"] for r in listed} == {3}
     assert all(r["state"] == "tunnel" and r["carrier_quiet_s"] is None for r in listed)
+
+
+def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():
+    """A retry waits for its next slot: the fleet it tried (its last lease)
+    is not the one it is on, for the row and for --fleet alike."""
+    from types import SimpleNamespace
+
+    machine = CallMachine(None, State.LEASING)  # type: ignore[arg-type]
+    call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    call.lease = SimpleNamespace(fleet=SimpleNamespace(name="a"), held=False)  # type: ignore[assignment]
+    now = time.monotonic()
+    assert call.listed(now, 1, 1)["fleet"] is None
+    machine.state = State.CONNECTING
+    assert call.listed(now, 1, 1)["fleet"] == "a"
+    machine.state = State.CLOSING  # ended: the fleet it was on, its slot given back or not
+    assert call.listed(now, 1, 1)["fleet"] == "a"

@@ -210,6 +210,12 @@ class Call:
             "started_monotonic": self.started_mono,
         }
 
+    def listed_fleet(self, state: str) -> str | None:
+        """The fleet a listing shows: none while the call waits for a slot (a
+        retry's wait: the fleet it tried last is not the one it is on)."""
+        fleet = self.fleet
+        return None if fleet is None or state == "waiting" else fleet.name
+
     def listed(self, now: float, pid: int, generation: int) -> dict[str, Any]:
         """The call's row in `fleet-ingress calls` (`now`: monotonic).
 
@@ -225,7 +231,8 @@ class Call:
             carrier_quiet = 0.0 if moved else round(max(0.0, now - quiet.carrier_moved), 1)
             moved = self.bytes_to_carrier != quiet.to_carrier
             fleet_quiet = 0.0 if moved else round(max(0.0, now - quiet.fleet_moved), 1)
-        fleet = self.fleet
+        state = shown_state(None if self.machine is None else self.machine.state)
+        fleet = self.listed_fleet(state)
         return {
             "id": host_call_id(pid, self.id),
             "pid": pid,
@@ -237,8 +244,8 @@ class Call:
             "client_ip": self.client_ip,
             "route": self.route,
             "bot_id": self.bot_id[:LOGGED_BOT_ID],
-            "fleet": fleet.name if fleet is not None else None,
-            "state": shown_state(None if self.machine is None else self.machine.state),
+            "fleet": fleet,
+            "state": state,
             "bytes_from_carrier": self.bytes_from_carrier,
             "bytes_to_carrier": self.bytes_to_carrier,
             "carrier_quiet_s": carrier_quiet,
@@ -388,9 +395,9 @@ async def list_calls_in_turns(
         for call in calls[start : start + LIST_TURN]:
             if call not in registry.calls:
                 continue
-            fleet = call.fleet
+            machine = call.machine
             if wanted.keeps(
-                fleet.name if fleet is not None else None,
+                call.listed_fleet(shown_state(None if machine is None else machine.state)),
                 call.bot_id[:LOGGED_BOT_ID],
                 now - call.started_mono,
             ):
