@@ -75,6 +75,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _age(text: str) -> float:
+    from fleet_ingress.core.call_list import FilterError, parse_longer_than
+
+    try:
+        return parse_longer_than(text)
+    except FilterError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("longer_than ")) from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fleet-ingress",
@@ -147,6 +156,42 @@ def _build_parser() -> argparse.ArgumentParser:
     remove = admin_command("remove-fleet", "drain a fleet, remove it once idle, persist")
     remove.add_argument("name", type=_fleet_name, help="the fleet's name")
     remove.add_argument("--force", action="store_true", help="close its calls now")
+    calls = admin_command(
+        "calls",
+        "list every live call on the host, oldest first, like HAProxy's 'show sess': "
+        "id, worker, carrier, route, bot, fleet, state, age, bytes, quiet",
+    )
+    calls.description = (
+        "One row per live call on the host (every worker; both generations during an "
+        "upgrade), oldest first: id (PID-N: worker pid and call_id, as its access line "
+        "says), generation, age, state (waiting for a slot / connecting / tunnel / closing), "
+        "fleet, bot, carrier address, route, bytes each way, and how long each side has "
+        "sent nothing (quiet c/f, at the silence sweep's resolution). Filters combine."
+    )
+    calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
+    calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
+    calls.add_argument("--bot", metavar="ID", help="only this bot id's calls")
+    calls.add_argument(
+        "--longer-than",
+        type=_age,
+        metavar="SECONDS",
+        help="only calls older than this",
+    )
+    end = admin_command(
+        "end-call",
+        "end one live call as remove-fleet --force would (both sides told 1001 "
+        "'ended by operator'); its access line says end_reason admin",
+    )
+    end.description = (
+        "End one live call as remove-fleet --force ends one: in the tunnel both sides get "
+        "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
+        "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
+        "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id."
+    )
+    end.add_argument("id", help="the call's id as `fleet-ingress calls` lists it: PID-N")
+    end.add_argument(
+        "--reason", default="", help="why, for its access line's detail (200 characters at most)"
+    )
     admin_command(
         "reload",
         "reload the configuration, fleets file and certificate as SIGHUP does, and say "
@@ -346,6 +391,8 @@ ADMIN_COMMANDS = {
     "remove-fleet",
     "reload",
     "upgrade",
+    "calls",
+    "end-call",
 }
 
 
@@ -443,6 +490,16 @@ def _admin(args: argparse.Namespace) -> int:
         socket_path = Path(configured)
     if args.command == "stat":
         return run_admin(socket_path, "GET", "/stat", None, as_json=args.json)
+    if args.command == "calls":
+        from fleet_ingress.core.call_list import CallFilter
+        from fleet_ingress.ops.admin_client import run_calls
+
+        wanted = CallFilter(fleet=args.fleet, bot=args.bot, longer_than=args.longer_than)
+        return run_calls(socket_path, wanted.to_query(), as_json=args.json)
+    if args.command == "end-call":
+        from fleet_ingress.ops.admin_client import run_end_call
+
+        return run_end_call(socket_path, args.id, args.reason)
     if args.command == "upgrade":
         from fleet_ingress.ops.admin_client import run_upgrade
 

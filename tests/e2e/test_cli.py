@@ -620,6 +620,8 @@ async def test_another_programs_socket_is_named_not_shown_a_traceback(
             ["remove-fleet", "a"],
             ["reload"],
             ["upgrade"],
+            ["calls"],
+            ["end-call", "1-1"],
         ):
             proc = await asyncio.create_subprocess_exec(
                 *CLI, *command, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE

@@ -812,6 +812,61 @@ async def test_remove_fleet_force_closes_its_calls(deployment: Deployment, caplo
 
 
 @CLI_TEXT
+async def test_calls_asked_of_an_ingress_before_them_says_to_upgrade(tmp_path: Path):
+    """An ingress of an earlier release has no /calls: aiohttp's own 404, said
+    as what it is, not "404: Not Found"."""
+    from aiohttp import web
+
+    app = web.Application()  # no route: as the admin app of a release before `calls`
+    runner = web.AppRunner(app)
+    await runner.setup()
+    path = tmp_path / "admin.sock"
+    await web.UnixSite(runner, str(path)).start()
+    try:
+        for args in (["calls"], ["end-call", "1-1"]):
+            proc = await asyncio.create_subprocess_exec(
+                *CLI, *args, "--admin-socket", str(path), stderr=asyncio.subprocess.PIPE
+            )
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 1, err
+            assert "a release before `calls`" in err.decode() and "upgrade" in err.decode()
+    finally:
+        await runner.cleanup()
+
+
+@CLI_TEXT
+async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog):
+    """An ingress run as one process lists its own calls and ends one (the
+    supervisor's workers: tests/e2e/test_live_calls.py)."""
+    d = deployment
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    calls = [await d.call("/ws/first"), await d.call("/ws/second")]
+    try:
+        code, out, err = await d.cli("calls", "--json")
+        assert code == 0, err
+        rows = json.loads(out)["calls"]
+        assert [r["bot_id"] for r in rows] == ["first", "second"]
+        assert {(r["pid"], r["generation"]) for r in rows} == {(os.getpid(), 1)}
+        assert [r["fleet"] for r in rows] == [fleet_of(ws) for ws in calls]
+        code, out, err = await d.cli("end-call", rows[0]["id"], "--reason", "test")
+        assert code == 0, err
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(3):
+                await calls[0].recv()
+        assert calls[0].close_code == 1001
+        await calls[1].send("still")
+        async with asyncio.timeout(3):
+            assert await calls[1].recv() == "still"
+        (ended,) = [e for e in _access_entries(caplog) if e["end_reason"] == "admin"]
+        assert (ended["call_id"], ended["detail"]) == (rows[0]["call_id"], "test")
+        code, out, err = await d.cli("end-call", rows[0]["id"])
+        assert code == 1 and f"no live call {rows[0]['id']}" in err, err
+    finally:
+        for ws in calls:
+            await ws.close()
+
+
+@CLI_TEXT
 async def test_remove_fleet_s_add_again_pasted_reaches_the_same_ingress(deployment: Deployment):
     """The command remove-fleet prints to add the fleet again, pasted as it is,
     asks the ingress the removal asked. It named no socket: with the admin

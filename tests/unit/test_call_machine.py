@@ -964,6 +964,11 @@ def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
             CloseSide(Side.CARRIER, Goodbye(1001, "fleet removed")),
             CloseSide(Side.FLEET, Goodbye(1001, "fleet removed")),
         ),
+        (  # fleet-ingress end-call
+            EndReason.ADMIN,
+            CloseSide(Side.CARRIER, Goodbye(1001, "ended by operator")),
+            CloseSide(Side.FLEET, Goodbye(1001, "ended by operator")),
+        ),
     ],
 )
 def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason, first, then):
@@ -1000,6 +1005,16 @@ def test_a_call_still_queued_when_the_drain_ends_is_answered_503():
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.DRAIN)
     assert pb
     assert (machine.status, machine.answer_text) == (503, "the ingress is stopping")
+
+
+def test_a_queued_call_an_operator_ends_is_answered_503_saying_so():
+    """`fleet-ingress end-call` on a call waiting for a slot: the carrier is
+    answered, as every refusal is, and told by whom."""
+    pb, _ = new_call()
+    up_to_slot(pb) >> EndRequested(EndReason.ADMIN, "stuck") << CancelSlotWait()
+    pb << Answer(503, "the call was ended by an operator") << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.ADMIN)
+    assert pb
 
 
 # Races (docs/RELIABILITY.md, tests/e2e/test_fleet_change_races.py) ----------

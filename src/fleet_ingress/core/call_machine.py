@@ -51,6 +51,7 @@ class EndReason(enum.Enum):
     FLEET_RESET = "fleet_reset"
     DRAIN = "drain"  # shutdown drain time ran out
     REMOVED = "removed"  # fleet removed with --force
+    ADMIN = "admin"  # ended by an operator (`fleet-ingress end-call`)
     REFUSED = "refused"  # answered without a tunnel (429 relayed, 503, ...)
     ERROR = "error"
 
@@ -406,6 +407,7 @@ _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLE
 GOODBYES = {
     EndReason.DRAIN: Goodbye(GOING_AWAY, "ingress draining"),
     EndReason.REMOVED: Goodbye(GOING_AWAY, "fleet removed"),
+    EndReason.ADMIN: Goodbye(GOING_AWAY, "ended by operator"),
     EndReason.TIMEOUT: Goodbye(GOING_AWAY, "tunnel idle"),
     EndReason.CARRIER_SILENT: Goodbye(GOING_AWAY, "carrier silent"),
     EndReason.CARRIER_LOST: Goodbye(GOING_AWAY, "carrier lost"),
@@ -424,6 +426,7 @@ _ABORTED_CARRIER = frozenset({EndReason.CARRIER_SILENT, EndReason.CARRIER_LOST})
 _SETUP_END_ANSWER = {
     EndReason.DRAIN: "the ingress is stopping",
     EndReason.REMOVED: "the call's fleet was removed",
+    EndReason.ADMIN: "the call was ended by an operator",
 }
 _ABORTED_FLEET = frozenset({EndReason.FLEET_SILENT, EndReason.FLEET_LOST})
 

@@ -9,24 +9,36 @@ forced removal), and `SilenceSweep` the one timer that looks for silent calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fleet_ingress.core.call_list import CallFilter, host_call_id, shown_state
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
 from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.late_timers import patient_timeout
 
-__all__ = ["Call", "CallHook", "CarrierSide", "Registry", "Side", "SilenceSweep"]
+__all__ = [
+    "Call",
+    "CallHook",
+    "CarrierSide",
+    "Registry",
+    "Side",
+    "SilenceSweep",
+    "end_call",
+    "list_calls_in_turns",
+]
 
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
@@ -198,6 +210,48 @@ class Call:
             "started_monotonic": self.started_mono,
         }
 
+    def listed_fleet(self, state: str) -> str | None:
+        """The fleet a listing shows: none while the call waits for a slot (a
+        retry's wait: the fleet it tried last is not the one it is on)."""
+        fleet = self.fleet
+        return None if fleet is None or state == "waiting" else fleet.name
+
+    def listed(self, now: float, pid: int, generation: int) -> dict[str, Any]:
+        """The call's row in `fleet-ingress calls` (`now`: monotonic).
+
+        `carrier_quiet_s` / `fleet_quiet_s`: how long at least that side has
+        sent nothing, as the silence sweep last saw it (its resolution, a
+        quarter of the shortest silence limit: 0 when its bytes moved since
+        that pass); None before the tunnel (the sweep watches linked calls).
+        Read, not kept: the relay's hot path stamps no time per read."""
+        quiet = self.quiet
+        carrier_quiet = fleet_quiet = None
+        if quiet is not None:
+            moved = self.bytes_from_carrier != quiet.from_carrier
+            carrier_quiet = 0.0 if moved else round(max(0.0, now - quiet.carrier_moved), 1)
+            moved = self.bytes_to_carrier != quiet.to_carrier
+            fleet_quiet = 0.0 if moved else round(max(0.0, now - quiet.fleet_moved), 1)
+        state = shown_state(None if self.machine is None else self.machine.state)
+        fleet = self.listed_fleet(state)
+        return {
+            "id": host_call_id(pid, self.id),
+            "pid": pid,
+            "generation": generation,
+            "call_id": self.id,
+            "started": self.described["started"],  # built once (strftime: 3 us)
+            "started_monotonic": self.started_mono,  # the host's order (CLOCK_MONOTONIC)
+            "age_s": round(now - self.started_mono, 1),
+            "client_ip": self.client_ip,
+            "route": self.route,
+            "bot_id": self.bot_id[:LOGGED_BOT_ID],
+            "fleet": fleet,
+            "state": state,
+            "bytes_from_carrier": self.bytes_from_carrier,
+            "bytes_to_carrier": self.bytes_to_carrier,
+            "carrier_quiet_s": carrier_quiet,
+            "fleet_quiet_s": fleet_quiet,
+        }
+
     def access_record(self) -> dict[str, Any]:
         return {
             **self.identity(),
@@ -316,6 +370,66 @@ class Registry:
         carriers = sum(conn.buffered_bytes() for conn in self.connections)
         fleets = sum(c.fleet_side.buffered_bytes() for c in self.calls if c.fleet_side)
         return carriers + fleets
+
+
+# `end-call`: the call's sockets take a moment to close (remove-fleet --force's
+# wait, `ops.fleet_ops.FORCED_REMOVAL_WAIT`); what is still up then is aborted.
+END_CALL_WAIT = 2.0
+# Calls a listing reads in one turn of the loop, their rows and the line that
+# sends them (`Worker.list_calls`): 9-25 us of CPU a call on a loaded 2-core
+# host, so a turn holds the loop 0.9 ms (2.7 at most of 300 turns measured);
+# 10,000 calls are 100 turns. At 500 a turn, a turn held it 8-22 ms (session 36).
+LIST_TURN = 100
+
+
+async def list_calls_in_turns(
+    registry: Registry, wanted: CallFilter, pid: int, generation: int
+) -> AsyncIterator[list[dict[str, Any]]]:
+    """The rows of `registry`'s calls that `wanted` keeps, LIST_TURN calls a
+    turn (the calls carried on meanwhile: one ended since is left out, one
+    begun since is not listed)."""
+    calls = list(registry.calls)
+    for start in range(0, len(calls), LIST_TURN):
+        now = time.monotonic()
+        rows = []
+        for call in calls[start : start + LIST_TURN]:
+            if call not in registry.calls:
+                continue
+            machine = call.machine
+            if wanted.keeps(
+                call.listed_fleet(shown_state(None if machine is None else machine.state)),
+                call.bot_id[:LOGGED_BOT_ID],
+                now - call.started_mono,
+            ):
+                rows.append(call.listed(now, pid, generation))
+        yield rows
+        if start + LIST_TURN < len(calls):
+            await asyncio.sleep(0)
+
+
+async def end_call(
+    registry: Registry, call_id: int, why: str, pid: int, generation: int
+) -> dict[str, Any] | None:
+    """`fleet-ingress end-call`: the call ends as a forced removal ends one
+    (each side open told 1001 `ended by operator`, then its TLS close; a call
+    not linked yet answered 503), its access line's end_reason `admin` and
+    detail `why`; one whose side does not close within END_CALL_WAIT is
+    aborted, so that its fleet slot comes back. Its row as it ended; None
+    when this registry holds no call `call_id` (ended, or never)."""
+    call = next((c for c in registry.calls if c.id == call_id), None)
+    if call is None:
+        return None
+    now = time.monotonic()
+    row = call.listed(now, pid, generation)
+    call.end(EndReason.ADMIN, why)
+    with contextlib.suppress(TimeoutError):
+        async with patient_timeout(END_CALL_WAIT):
+            while call in registry.calls:  # noqa: ASYNC110 - no event per call; 2 s at most
+                await asyncio.sleep(0.05)
+    if call in registry.calls:
+        call.abort()
+        row["aborted"] = True
+    return row
 
 
 class SilenceSweep:

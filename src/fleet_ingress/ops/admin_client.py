@@ -1,5 +1,5 @@
 """The CLI side of the admin socket: `stat`, `drain`/`ready`/`maint`,
-`add-fleet`, `remove-fleet`. Each prints a clear line and exits non-zero when
+`add-fleet`, `remove-fleet`, `calls`, `end-call`. Each prints a clear line and exits non-zero when
 the ingress is not running or refuses the change."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.ops.call_display import describe_ended, format_calls_table
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
     certificate_chain_doubted,
@@ -204,6 +206,60 @@ def run_admin(
         print(format_stat_table(body), file=out)
     else:
         print(describe_result(body), file=out)
+    return 0
+
+
+def _before_calls(socket_path: Path, method: str, path: str) -> dict[str, Any] | int:
+    """The answer to a `calls` / `end-call` request, or its exit code (said);
+    aiohttp's own 404 (no such route): an ingress of a release before them."""
+    try:
+        status, body = asyncio.run(admin_request(socket_path, method, path, None))
+    except AdminUnreachable as exc:
+        print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    if status in (404, 405) and body.get("error") in ("404: Not Found", "405: Method Not Allowed"):
+        print(
+            "fleet-ingress: the running ingress is of a release before `calls` and "
+            "`end-call`: `fleet-ingress upgrade` first (its calls are kept)",
+            file=sys.stderr,
+        )
+        return 1
+    if status >= 400:
+        print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    return body
+
+
+def run_calls(
+    socket_path: Path, query: str, *, as_json: bool = False, out: TextIO | None = None
+) -> int:
+    """`fleet-ingress calls`: every live call on the host, oldest first."""
+    out = out or sys.stdout
+    path = "/calls" + (f"?{query}" if query else "")
+    body = _before_calls(socket_path, "GET", path)
+    if isinstance(body, int):
+        return body
+    if not isinstance(body.get("calls"), list):
+        print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
+        return 2
+    print(json.dumps(body, indent=2) if as_json else format_calls_table(body), file=out)
+    return 0
+
+
+def run_end_call(socket_path: Path, call_id: str, reason: str, *, out: TextIO | None = None) -> int:
+    """`fleet-ingress end-call ID`: exit 0 once it has ended, 1 when no live
+    call has that id (the ingress's message names it), 2 not reached."""
+    out = out or sys.stdout
+    path = f"/calls/{quote(call_id, safe='')}" + (
+        f"?{urlencode({'reason': reason})}" if reason else ""
+    )
+    body = _before_calls(socket_path, "DELETE", path)
+    if isinstance(body, int):
+        return body
+    if not isinstance(body.get("ended"), dict):
+        print(f"fleet-ingress: {_not_ours(socket_path, _WITHOUT_OUR_FIELDS)}", file=sys.stderr)
+        return 2
+    print(describe_ended(body), file=out)
     return 0
 
 

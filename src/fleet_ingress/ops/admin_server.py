@@ -8,6 +8,9 @@
                                       when done: last_reload's {"result", "error", ...}
     POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
     GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
+    GET    /calls?fleet=&bot=&longer_than=   every live call on the host, oldest first:
+                                      {"calls": [row, ...], "filter", "workers", ...}
+    DELETE /calls/{id}?reason=TEXT    end that call (PID-N), end_reason admin: {"ended": row}
 
 Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 """
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.core.call_list import CallFilter, FilterError
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
@@ -34,6 +38,19 @@ from fleet_ingress.ops.json_in_turns import dumps_in_turns
 SOCKET_MODE = 0o660
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Calls(Protocol):
+    """The live calls, narrowly: list them, end one (a supervisor asks its
+    workers; one process reads its own registry)."""
+
+    async def list_calls(self, wanted: CallFilter) -> dict[str, Any]: ...
+
+    async def end_call(self, text: str, why: str) -> dict[str, Any]: ...  # FleetChangeError
+
+
+# An operator's reason for end-call, as its access line keeps it (characters).
+MAX_END_REASON = 200
 
 
 class Upgrades(Protocol):
@@ -83,6 +100,7 @@ def admin_app(
     changes_wait: Callable[[], Awaitable[object]] | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     changed: Callable[[], None] | None = None,
+    calls: Calls | None = None,
 ) -> web.Application:
     """`snapshot` is what `stat` answers (the same as /stats.json); `ops` makes the
     changes. `refresh` is awaited before a `stat` (a supervisor's workers' counts).
@@ -91,7 +109,7 @@ def admin_app(
     an upgrade's re-execution). `reload`: the supervisor's, answering with the
     outcome; None in one process. `changed`: called once a fleet change is
     over, made or refused, before it is answered (a supervisor's snapshot for
-    its successor)."""
+    its successor). `calls`: the live calls (`fleet-ingress calls`, `end-call`)."""
 
     async def ready_for_changes() -> None:
         if changes_wait is not None:
@@ -177,7 +195,31 @@ def admin_app(
             change_over()
         return web.json_response(result)
 
+    def live_calls() -> Calls:
+        if calls is None:
+            raise FleetChangeError(409, "this ingress does not list its calls")
+        return calls
+
+    async def list_calls(request: web.Request) -> web.Response:
+        try:
+            wanted = CallFilter.from_query(request.query)
+        except FilterError as exc:
+            raise FleetChangeError(400, str(exc)) from None
+        answer = await live_calls().list_calls(wanted)
+        # 10,000 calls are some 3 MB of JSON: encoded in turns.
+        return web.json_response(text=await dumps_in_turns(answer))
+
+    async def end_one(request: web.Request) -> web.Response:
+        why = request.query.get("reason", "").strip()
+        if len(why) > MAX_END_REASON:
+            raise FleetChangeError(
+                400, f"the reason is {len(why)} characters long; {MAX_END_REASON} at most"
+            )
+        return web.json_response(await live_calls().end_call(request.match_info["id"], why))
+
     app = web.Application(middlewares=[_errors])
+    app.router.add_get("/calls", list_calls)
+    app.router.add_delete("/calls/{id}", end_one)
     app.router.add_get("/stat", stat)
     app.router.add_post("/fleets/{name}/state", set_state)
     app.router.add_post("/fleets", add)

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import resource
 import socket
 import ssl
@@ -25,6 +26,13 @@ from fleet_ingress.config.fleets_file import (
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.call_list import (
+    CallFilter,
+    CallIdError,
+    no_such_call,
+    oldest_first,
+    parse_call_id,
+)
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.core.certificate_change import LeafFacts, reload_note, renewal_problem
 from fleet_ingress.core.fleet_set import FleetSet
@@ -41,7 +49,7 @@ from fleet_ingress.net.acme import (
     AcmeProtocol,
     AcmeSettings,
 )
-from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import patient_timeout, wait_patiently
@@ -69,7 +77,7 @@ from fleet_ingress.net.tls import (
     leaf_facts_of,
     read_pem,
 )
-from fleet_ingress.ops.fleet_ops import FleetOps
+from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
 from fleet_ingress.ops.snapshot import snapshot
@@ -360,7 +368,10 @@ class Ingress:
             path = Path(listen.admin_socket)
             sock = bind_admin_socket(path)
             await self._web.serve(
-                admin_app(self.ops, self.snapshot), web.SockSite, listener="admin", sock=sock
+                admin_app(self.ops, self.snapshot, calls=self),
+                web.SockSite,
+                listener="admin",
+                sock=sock,
             )
             self.admin_socket = path
             self._admin_socket_id = socket_file_id(path)
@@ -388,6 +399,31 @@ class Ingress:
         host, port = parse_hostport(address, what=f"listen.{key}")
         with bind_errors_named(key, address):
             return bind_tcp(host, port)
+
+    async def list_calls(self, wanted: CallFilter) -> dict[str, Any]:
+        """`fleet-ingress calls` of an ingress run as one process (generation 1)."""
+        rows: list[dict[str, Any]] = []
+        async for part in list_calls_in_turns(self.registry, wanted, os.getpid(), 1):
+            rows.extend(part)
+        pid = os.getpid()
+        return {
+            "calls": oldest_first(rows),
+            "filter": wanted.to_wire(),
+            "workers": [{"pid": pid, "generation": 1, "answered": True, "calls": len(rows)}],
+            "channel_lost": [],
+        }
+
+    async def end_call(self, text: str, why: str) -> dict[str, Any]:
+        try:
+            pid, number = parse_call_id(text)
+        except CallIdError as exc:
+            raise FleetChangeError(400, str(exc)) from None
+        if pid != os.getpid():
+            raise FleetChangeError(404, no_such_call(text, f"this ingress is pid {os.getpid()}"))
+        row = await end_call(self.registry, number, why, pid, 1)
+        if row is None:
+            raise FleetChangeError(404, no_such_call(text, "it has ended, or never was"))
+        return {"ended": row, "reason": why}
 
     def snapshot(self) -> dict[str, Any]:
         return snapshot(

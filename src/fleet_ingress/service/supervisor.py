@@ -63,6 +63,13 @@ from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.settings import IngressConfig, config_to_json, environment_values
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.call_list import (
+    CallFilter,
+    CallIdError,
+    no_such_call,
+    oldest_first,
+    parse_call_id,
+)
 from fleet_ingress.core.certificate_change import reload_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
@@ -71,7 +78,7 @@ from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerR
 from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import configure_logging, fields, flush_lines
-from fleet_ingress.net.calls import Registry
+from fleet_ingress.net.calls import END_CALL_WAIT, Registry
 from fleet_ingress.net.descriptors import calls_allowed, descriptors_short, say_descriptors_short
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import (
@@ -186,6 +193,11 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
+# `calls`: a worker reads its calls a part a turn (10,000: 100 turns), answered
+# within this or named as not answering. Below the CLI's READ_TIMEOUT (10 s).
+LIST_ANSWER_WAIT = 5.0
+# `end-call`: the worker answers once the call is gone (END_CALL_WAIT at most).
+END_ANSWER_WAIT = END_CALL_WAIT + 3.0
 # After the drain and the workers' own closing time (STOP_GRACE, from
 # service.ingress: the worker keeps its waits within it), whatever worker is
 # left is killed.
@@ -416,6 +428,8 @@ class Supervisor:
         self.server.handlers["reloaded"] = self._answered
         self.server.handlers["stopping"] = self._answered
         self.server.handlers["fleet-closed"] = self._answered
+        self.server.handlers["calls-listed"] = self._calls_listed
+        self.server.handlers["call-ended"] = self._answered
         self.server.handlers["serving"] = self._serving
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
@@ -444,6 +458,8 @@ class Supervisor:
         self._generation_settled.set()
         self._asks = itertools.count(1)
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
+        # `calls`: the parts of each worker's answer read so far, by (key, ask).
+        self._listed: dict[tuple[int, int], list[Any]] = {}
         # Reload rounds begun; the one under way (its tasks by worker pid), awaited by READY=1.
         self._reload_rounds = 0
         self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
@@ -574,6 +590,7 @@ class Supervisor:
                     changes_wait=self.upgrade.wait_table_restored,
                     reload=self.reload_and_wait,
                     changed=self.write_snapshot,
+                    calls=self,
                 ),
                 admin_sock,
                 listener="admin",
@@ -1572,6 +1589,81 @@ class Supervisor:
                 extra=fields(fleet=name, pids=silent, waited_s=CLOSE_ANSWER_WAIT),
             )
         return ClosedElsewhere(closed, unreachable, silent, died)
+
+    # -- calls: list them, end one (`fleet-ingress calls`, `end-call`) ------------
+
+    def _calls_listed(self, key: int, message: dict[str, Any]) -> None:
+        """A part of a worker's `list-calls` answer; the last ("more": false)
+        answers it with every part's rows."""
+        ask = (key, message.get("id", -1))
+        if ask not in self._answers:  # too late: that listing is over
+            return
+        rows = message.get("calls")
+        parts = self._listed.setdefault(ask, [])
+        if isinstance(rows, list):
+            parts.extend(rows)
+        if not message.get("more"):
+            del self._listed[ask]
+            self._answered(key, {**message, "calls": parts})
+
+    async def list_calls(self, wanted: CallFilter) -> dict[str, Any]:
+        """Every worker's calls that `wanted` keeps (both generations during
+        an upgrade), oldest first; the workers that did not answer within
+        LIST_ANSWER_WAIT are named (a worker of a release before `calls`
+        does not, nor one stopped or hung), their calls not listed."""
+        generations = {w.pid: w.generation for w in self.workers.values()}
+        try:
+            answers = await self.ask_workers(
+                "list-calls", LIST_ANSWER_WAIT, filter=wanted.to_wire()
+            )
+        finally:
+            for ask in [k for k in self._listed if k not in self._answers]:
+                del self._listed[ask]
+        rows: list[dict[str, Any]] = []
+        workers = []
+        for pid, answer in sorted(answers.items()):
+            listed = answer.get("calls")
+            answered = isinstance(listed, list)
+            if answered:
+                rows.extend(row for row in listed if isinstance(row, dict))
+            workers.append(
+                {
+                    "pid": pid,
+                    "generation": generations.get(pid),
+                    "answered": answered,
+                    "calls": len(listed) if answered else None,
+                }
+            )
+            await asyncio.sleep(0)
+        return {
+            "calls": oldest_first(rows),
+            "filter": wanted.to_wire(),
+            "workers": workers,
+            "channel_lost": [w.pid for w in self.workers.values() if w.channel_lost],
+        }
+
+    async def end_call(self, text: str, why: str) -> dict[str, Any]:
+        """End the call `text` (PID-N) in its worker; FleetChangeError 404 when no
+        worker holds it, naming it and how to list the live calls."""
+        try:
+            pid, number = parse_call_id(text)
+        except CallIdError as exc:
+            raise FleetChangeError(400, str(exc)) from None
+        worker = next(
+            (w for w in self.workers.values() if w.pid == pid and not w.left.is_set()), None
+        )
+        if worker is None:
+            raise FleetChangeError(
+                404, no_such_call(text, f"no worker of this ingress is pid {pid}")
+            )
+        answer = await self._ask_one(worker, "end-call", END_ANSWER_WAIT, call=number, why=why)
+        if "call" not in answer:
+            raise FleetChangeError(
+                504, f"call {text}: its worker (pid {pid}) did not answer: {answer.get('error')}"
+            )
+        if not isinstance(answer["call"], dict):
+            raise FleetChangeError(404, no_such_call(text, "it has ended, or never was"))
+        return {"ended": answer["call"], "reason": why}
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
 

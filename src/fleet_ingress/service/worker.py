@@ -42,6 +42,15 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      "closed": n} once they are gone (n: how many it
                                      closed; without an id, from a supervisor of an older
                                      release, not answered)
+    {"op": "list-calls", "id": N, "filter": {"fleet"?, "bot"?, "longer_than"?}}
+                                     `fleet-ingress calls`: answered {"op": "calls-listed",
+                                     "id": N, "calls": [row, ...], "more": true} a part at a
+                                     time (`net.calls.LIST_TURN` calls read a turn), the
+                                     last part "more": false
+    {"op": "end-call", "id": N, "call": 17, "why": "..."}   `fleet-ingress end-call`: end
+                                     that call (end_reason admin); answered once it is
+                                     gone {"op": "call-ended", "id": N, "call": row}, row
+                                     null when it holds no such call
 
 and the worker says `{"op": "serving"}` once it accepts carriers (an upgrade
 waits for that from every new worker before the old generation stops).
@@ -70,8 +79,10 @@ from fleet_ingress.config.settings import (
     config_from_json,
     drain_from_wire,
 )
+from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
+from fleet_ingress.net.calls import end_call, list_calls_in_turns
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.net.slot_client import SlotClient
@@ -167,6 +178,12 @@ class Worker:
         client.handlers["stop"] = self._on_stop
         client.handlers["close-fleet"] = lambda m: self._spawn(
             self.close_fleet(str(m["fleet"]), m.get("id"))
+        )
+        client.handlers["list-calls"] = lambda m: self._spawn(
+            self.list_calls(m.get("id"), CallFilter.from_wire(m.get("filter")))
+        )
+        client.handlers["end-call"] = lambda m: self._spawn(
+            self.end_call(m.get("id"), m.get("call"), m.get("why"))
         )
 
     def _spawn(self, coro: Any) -> None:
@@ -266,6 +283,30 @@ class Worker:
         finally:
             if ask is not None:  # also when ending one raised: all were closed
                 self.client.send({"op": "fleet-closed", "id": ask, "closed": len(calls)})
+
+    async def list_calls(self, ask: Any, wanted: CallFilter) -> None:
+        """`fleet-ingress calls`: this worker's calls, a part a turn (one line
+        of some 36 KB each, not one of megabytes encoded in one piece)."""
+        pid, generation = os.getpid(), self.client.generation
+        try:
+            async for rows in list_calls_in_turns(self.ingress.registry, wanted, pid, generation):
+                self.client.send({"op": "calls-listed", "id": ask, "calls": rows, "more": True})
+        finally:  # also when a row failed (a bug): the supervisor is not left waiting
+            self.client.send({"op": "calls-listed", "id": ask, "calls": [], "more": False})
+
+    async def end_call(self, ask: Any, call_id: Any, why: Any) -> None:
+        row = None
+        try:
+            if type(call_id) is int:
+                row = await end_call(
+                    self.ingress.registry,
+                    call_id,
+                    str(why or ""),
+                    os.getpid(),
+                    self.client.generation,
+                )
+        finally:
+            self.client.send({"op": "call-ended", "id": ask, "call": row})
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

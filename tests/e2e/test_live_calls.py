@@ -1,0 +1,174 @@
+"""`fleet-ingress calls` and `end-call` (HAProxy's `show sess` and `shutdown
+session`): real processes (a supervisor, two workers, an upgrade's second
+generation), real TLS, fleets on loopback, the CLI as an operator runs it.
+
+One ingress for the whole file: each step is a CLI process (0.3-0.5 s) and
+the upgrade a few seconds; a fresh ingress each would double that."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import (
+    RunningIngress,
+    TLSFiles,
+    close_calls,
+    echo,
+    eventually,
+    fleets_up_or_finished,
+    run_cli,
+)
+
+pytestmark = pytest.mark.uvloop_only
+
+
+@pytest.fixture
+async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
+    sims = []
+    for name in "ab":
+        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
+        sim.available_override = 1000
+        await sim.start()
+        sims.append(sim)
+    yield sims
+    for sim in sims:
+        await sim.stop()
+
+
+async def _calls(service: RunningIngress, *args: str) -> dict[str, Any]:
+    code, out, err = await run_cli(service, "calls", "--json", *args)
+    assert code == 0, err
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+async def _open(service: RunningIngress, tls_files: TLSFiles, bot: str) -> ClientConnection:
+    return await connect(service.url(f"/ws/{bot}"), ssl=tls_files.client_context(), open_timeout=15)
+
+
+def _ended(service: RunningIngress) -> list[dict[str, Any]]:
+    return [e for e in service.log() if e.get("event") == "call ended"]
+
+
+async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    a, b = two_fleets
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name} maxconn=16" for s in two_fleets], check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    calls: list[ClientConnection] = []
+    try:
+        old = await _open(service, tls_files, "old-0")
+        calls.append(old)
+        await echo(old, "hello")  # 5 bytes each way
+        await asyncio.sleep(1)
+        await service.open_on_every_worker(tls_files, calls, 4, bot="new")
+        workers = {r["pid"] for r in (await service.stats())["workers"]}
+        assert len(workers) == 2
+
+        # -- every call, from both workers, oldest first -------------------------
+        listing = await _calls(service)
+        rows = listing["calls"]
+        assert len(rows) == len(calls)
+        assert {r["pid"] for r in rows} == workers
+        assert {w["pid"] for w in listing["workers"] if w["answered"]} == workers
+        assert rows[0]["bot_id"] == "old-0" and rows[0]["age_s"] >= 1
+        assert rows[0]["bytes_from_carrier"] > 0 and rows[0]["bytes_to_carrier"] > 0
+        ages = [r["age_s"] for r in rows]
+        assert ages == sorted(ages, reverse=True)
+        assert {r["bot_id"] for r in rows[1:]} == {f"new-{i}" for i in range(len(calls) - 1)}
+        assert {r["state"] for r in rows} == {"tunnel"}
+        assert {r["route"] for r in rows} == {"/ws/"}
+        assert {r["client_ip"] for r in rows} == {"127.0.0.1"}
+        assert {r["generation"] for r in rows} == {1}
+        assert [r["id"] for r in rows] == [f"{r['pid']}-{r['call_id']}" for r in rows]
+        on = {s.name: sum(r["fleet"] == s.name for r in rows) for s in two_fleets}
+        assert on == {"a": a.active_calls, "b": b.active_calls}
+
+        # -- filters ----------------------------------------------------------------
+        # Calls only age: a call older than the threshold in the listing before
+        # is in this one, and each in it is older than the threshold as read.
+        # (Which new call is past it depends on how long this CLI took to start.)
+        halfway = (rows[0]["age_s"] + max(r["age_s"] for r in rows[1:])) / 2
+        longer = (await _calls(service, "--longer-than", f"{halfway:.1f}"))["calls"]
+        assert {r["id"] for r in rows if r["age_s"] > halfway} <= {r["id"] for r in longer}
+        assert longer[0]["id"] == rows[0]["id"]
+        assert all(r["age_s"] >= round(halfway, 1) for r in longer), (halfway, longer)
+        assert (await _calls(service, "--longer-than", "3600"))["calls"] == []
+        fleet = rows[0]["fleet"]
+        by_fleet = (await _calls(service, "--fleet", fleet))["calls"]
+        assert {r["id"] for r in by_fleet} == {r["id"] for r in rows if r["fleet"] == fleet}
+        assert (await _calls(service, "--bot", "nobody"))["calls"] == []
+
+        # -- the text an operator reads ------------------------------------------
+        code, out, err = await run_cli(service, "calls")
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0].split()[:4] == ["id", "gen", "age", "state"]
+        assert lines[1].split()[0] == rows[0]["id"]
+        assert f"{len(calls)} calls (2 workers); oldest first" in out
+
+        # -- end-call: that call, no other ----------------------------------------
+        victim = next(r for r in rows[1:] if r["pid"] != rows[0]["pid"])
+        victim_ws = next(
+            ws
+            for ws in calls
+            if ws.request is not None and ws.request.path.endswith(victim["bot_id"])
+        )
+        victim_sim = a if victim["fleet"] == "a" else b
+        before = victim_sim.active_calls
+        code, out, err = await run_cli(
+            service, "end-call", victim["id"], "--reason", "stuck, ticket 42"
+        )
+        assert code == 0, err
+        assert f"ended call {victim['id']}" in out and "bot " + victim["bot_id"] in out
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                await victim_ws.recv()
+        assert (victim_ws.close_code, victim_ws.close_reason) == (1001, "ended by operator")
+        others = [ws for ws in calls if ws is not victim_ws]
+        for ws in others:
+            await echo(ws)  # every other call's frames flow on
+        await eventually(lambda: victim_sim.active_calls == before - 1, 5)
+        await eventually(lambda: any(e.get("end_reason") == "admin" for e in _ended(service)), 5)
+        (line,) = [e for e in _ended(service) if e.get("end_reason") == "admin"]
+        assert (line["process"], line["call_id"]) == (victim["pid"], victim["call_id"])
+        assert line["bot_id"] == victim["bot_id"] and line["detail"] == "stuck, ticket 42"
+        async with asyncio.timeout(5):  # its fleet slot is back
+            while sum(f["active"] for f in (await service.stats())["fleets"]) != len(others):
+                await asyncio.sleep(0.1)
+        after = await _calls(service)
+        assert {r["id"] for r in after["calls"]} == {r["id"] for r in rows} - {victim["id"]}
+
+        # -- an id no live call has: exit 1, named, and how to list them ----------
+        for gone in (victim["id"], "1-1", "not-an-id"):  # its worker's; no worker's; no id
+            code, out, err = await run_cli(service, "end-call", gone)
+            assert code == 1, (gone, out, err)
+            assert repr(gone) in err or gone in err, err
+            assert "fleet-ingress calls" in err, err
+
+        # -- an upgrade: both generations' calls are listed ------------------------
+        calls.remove(victim_ws)
+        code, out, err = await run_cli(service, "upgrade", timeout=150, installed=True)
+        assert code == 0, out + err
+        started = time.monotonic()
+        calls.append(await _open(service, tls_files, "after-upgrade"))
+        listing = await _calls(service)
+        gens = {r["bot_id"]: r["generation"] for r in listing["calls"]}
+        assert gens["after-upgrade"] == 2 and gens["old-0"] == 1, gens
+        assert len(gens) == len(calls)
+        assert listing["calls"][0]["bot_id"] == "old-0"
+        assert time.monotonic() - started < 10
+    finally:
+        await close_calls(calls)
+        await service.finish()

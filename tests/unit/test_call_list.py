@@ -1,0 +1,284 @@
+"""`fleet-ingress calls` / `end-call`: the filter, the ids, the order, the
+text, and the listing in turns, without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from fleet_ingress.core.call_list import (
+    CallFilter,
+    CallIdError,
+    FilterError,
+    oldest_first,
+    parse_call_id,
+    shown_state,
+)
+from fleet_ingress.core.call_machine import CallMachine, EndReason, State
+from fleet_ingress.net import calls as calls_module
+from fleet_ingress.net.calls import Call, Registry, list_calls_in_turns
+from fleet_ingress.ops.call_display import (
+    describe_ended,
+    format_calls_table,
+    shown_age,
+    shown_bytes,
+)
+
+
+def test_every_machine_state_reads_as_one_of_four_words():
+    assert {shown_state(s) for s in State} == {"waiting", "connecting", "tunnel", "closing"}
+    assert shown_state(State.LEASING) == "waiting"
+    assert shown_state(State.AWAITING) == "connecting"
+    assert shown_state(State.TUNNEL) == "tunnel"
+    assert shown_state(State.HALF_CLOSED) == "closing"
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({}, CallFilter()),
+        ({"fleet": "a"}, CallFilter(fleet="a")),
+        ({"bot": "b-1", "longer_than": "90"}, CallFilter(bot="b-1", longer_than=90.0)),
+        ({"fleet": ""}, CallFilter()),
+        ({"longer_than": "0"}, CallFilter(longer_than=0.0)),
+    ],
+)
+def test_a_query_is_read_as_its_filter(query, expected):
+    assert CallFilter.from_query(query) == expected
+    assert CallFilter.from_wire(expected.to_wire()) == expected
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ({"flet": "a"}, "unknown filter 'flet'"),
+        ({"longer_than": "soon"}, "longer_than 'soon' is not a number"),
+        ({"longer_than": "-1"}, "is not a number of seconds"),
+        ({"longer_than": "nan"}, "is not a number of seconds"),
+        ({"longer_than": "1e9"}, "is not a number of seconds"),
+    ],
+)
+def test_a_filter_that_means_nothing_is_refused_naming_it(query, said):
+    with pytest.raises(FilterError, match=said):
+        CallFilter.from_query(query)
+
+
+def test_odd_filter_fields_on_the_wire_are_no_filter():
+    assert CallFilter.from_wire(None) == CallFilter()
+    assert CallFilter.from_wire({"fleet": 3, "longer_than": "x"}) == CallFilter()
+    assert CallFilter.from_wire({"longer_than": float("inf")}) == CallFilter()
+
+
+def test_all_given_filters_must_hold():
+    f = CallFilter(fleet="a", bot="b", longer_than=60)
+    assert f.keeps("a", "b", 61)
+    assert not f.keeps("a", "b", 60)  # longer than: strictly
+    assert not f.keeps("x", "b", 61)
+    assert not f.keeps("a", "x", 61)
+    assert not CallFilter(fleet="a").keeps(None, "b", 1)  # no fleet yet: not on a
+    assert CallFilter().keeps(None, "", 0)
+
+
+@pytest.mark.parametrize("text", ["4242-17", " 4242-17 "])
+def test_a_call_id_is_its_worker_s_pid_and_its_number(text):
+    assert parse_call_id(text) == (4242, 17)
+
+
+@pytest.mark.parametrize(
+    "text", ["17", "4242", "4242-", "-17", "a-1", "1-b", "0-1", "1-0", "1-2-3"]
+)
+def test_anything_else_is_refused_saying_the_form(text):
+    with pytest.raises(CallIdError, match="PID-N") as caught:
+        parse_call_id(text)
+    assert repr(text) in str(caught.value)
+
+
+def _row(pid: int, n: int, age: float, **more: Any) -> dict[str, Any]:
+    return {
+        "id": f"{pid}-{n}",
+        "pid": pid,
+        "generation": 1,
+        "call_id": n,
+        "age_s": age,
+        "started_monotonic": 10_000.0 - age,
+        "state": "tunnel",
+        "fleet": "a",
+        "bot_id": f"bot-{n}",
+        "client_ip": "192.0.2.7",
+        "route": "/ws/",
+        "bytes_from_carrier": 1536,
+        "bytes_to_carrier": 3 * 1024 * 1024,
+        "carrier_quiet_s": 0.0,
+        "fleet_quiet_s": 12.5,
+        **more,
+    }
+
+
+def test_rows_of_every_worker_are_oldest_first_by_the_host_s_clock():
+    # Ages read a moment apart by each worker (2-1's a little later) do not
+    # decide: when each call began, on the one monotonic clock, does.
+    rows = [
+        _row(2, 1, 5.1, started_monotonic=1000.0),
+        _row(1, 9, 300.0, started_monotonic=705.0),
+        _row(1, 3, 5.0, started_monotonic=1000.05),
+        _row(2, 2, 4000.0, started_monotonic=-2995.0),
+    ]
+    assert [r["id"] for r in oldest_first(rows)] == ["2-2", "1-9", "2-1", "1-3"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(None, "-"), (0.4, "0s"), (59.9, "59s"), (60, "1m00s"), (3599, "59m59s"), (3600, "1h00m")],
+)
+def test_an_age_reads_to_the_unit_that_matters(seconds, shown):
+    assert shown_age(seconds) == shown
+    assert shown_age(2 * 86400 + 4 * 3600) == "2d04h"
+
+
+def test_bytes_read_in_binary_units():
+    assert [shown_bytes(n) for n in (None, 0, 1023, 1536, 3 * 1024**2, 5 * 1024**4)] == [
+        "-",
+        "0B",
+        "1023B",
+        "1.5KiB",
+        "3.0MiB",
+        "5120.0GiB",
+    ]
+
+
+def test_the_table_is_aligned_oldest_first_with_a_count_line():
+    answer = {
+        "calls": [
+            _row(4242, 7, 3725.0, bot_id="a-long-bot-name"),
+            _row(
+                4243,
+                12,
+                2.0,
+                generation=2,
+                state="waiting",
+                fleet=None,
+                carrier_quiet_s=None,
+                fleet_quiet_s=None,
+            ),
+        ],
+        "filter": {"fleet": "a"},
+        "workers": [
+            {"pid": 4242, "generation": 1, "answered": True, "calls": 1},
+            {"pid": 4243, "generation": 2, "answered": True, "calls": 1},
+            {"pid": 4244, "generation": 2, "answered": False, "calls": None},
+        ],
+        "channel_lost": [4245],
+    }
+    lines = format_calls_table(answer).splitlines()
+    header, first, second = lines[:3]
+    assert header.split() == [
+        "id", "gen", "age", "state", "fleet", "bot", "carrier", "route",
+        "from", "carrier", "to", "carrier", "quiet", "c/f",
+    ]  # fmt: skip
+    # Aligned: each column starts where its header does.
+    for column in ("age", "state", "fleet", "bot", "carrier", "route"):
+        at = header.index(column)
+        assert first[at - 1] == " " and first[at] != " ", column
+        assert second[at - 1] == " " and second[at] != " ", column
+    assert first.split()[:6] == ["4242-7", "1", "1h02m", "tunnel", "a", "a-long-bot-name"]
+    assert "1.5KiB" in first and "3.0MiB" in first and first.endswith("0s/12s")
+    assert second.split()[:5] == ["4243-12", "2", "2s", "waiting", "-"]
+    assert second.endswith("  -")
+    assert lines[3] == "2 calls on fleet a (2 workers, generations 1, 2); oldest first"
+    assert "NOT LISTED: the calls of worker 4244, which did not answer" in lines[4]
+    assert "NOT LISTED: the calls of worker 4245, whose channel" in lines[5]
+    assert "fleet-ingress end-call ID" in lines[6]
+
+
+def test_a_long_bot_id_is_cut_in_the_table_only():
+    answer = {
+        "calls": [_row(1, 1, 5.0, bot_id="b" * 256)],
+        "workers": [{"pid": 1, "answered": True}],
+    }
+    (row,) = [line for line in format_calls_table(answer).splitlines() if line.startswith("1-1")]
+    assert row.split()[5] == "b" * 31 + "~"
+
+
+def test_no_call_is_a_count_line_alone():
+    answer = {"calls": [], "filter": {}, "workers": [{"pid": 1, "answered": True}]}
+    assert format_calls_table(answer) == "0 calls (1 worker); oldest first"
+
+
+def test_an_ended_call_is_said_with_who_it_was_and_why():
+    said = describe_ended({"ended": _row(4242, 7, 65.0), "reason": "stuck"})
+    assert said.startswith(
+        "ended call 4242-7 (bot bot-7 on fleet a, from 192.0.2.7, tunnel, up 1m05s)"
+    )
+    assert "end_reason admin, reason: stuck" in said
+    aborted = describe_ended({"ended": _row(4242, 7, 65.0, aborted=True), "reason": ""})
+    assert "aborted" in aborted and "reason" not in aborted.split("admin")[1]
+
+
+class _Carrier:
+    bytes_received = 0
+    lost = False
+    reading_paused = False
+    call = None
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[EndReason, str]] = []
+
+    def request_end(self, reason: EndReason, why: str = "") -> None:
+        self.ended.append((reason, why))
+
+
+async def test_a_listing_reads_its_calls_a_part_a_turn_and_skips_those_ended_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(calls_module, "LIST_TURN", 3)
+    registry = Registry()
+    now = time.monotonic()
+    made = []
+    for i in range(8):
+        machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]  # rules not read
+        call = Call(_Carrier(), "192.0.2.1", "/ws/", f"bot-{i % 2}", machine=machine)  # type: ignore[arg-type]
+        call.started_mono = now - i
+        registry.add_call(call)
+        made.append(call)
+    parts = []
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counter = asyncio.ensure_future(count_turns())
+    await asyncio.sleep(0)
+    in_order = list(registry.calls)  # the order the listing reads them in
+    async for rows in list_calls_in_turns(registry, CallFilter(bot="bot-1"), 4242, 3):
+        parts.append(rows)
+        if len(parts) == 1:  # the last bot-1 call ends between turns: not listed
+            registry.calls.discard([c for c in in_order if c.bot_id == "bot-1"][-1])
+    counter.cancel()
+    turns_between = turns
+    assert len(parts) == 3 and turns_between >= 2  # 8 calls, 3 a turn: the loop ran between
+    listed = [r for part in parts for r in part]
+    assert {r["bot_id"] for r in listed} == {"bot-1"} and len(listed) == 3
+    assert {r["pid"] for r in listed} == {4242} and {r["generation"] for r in listed} == {3}
+    assert all(r["state"] == "tunnel" and r["carrier_quiet_s"] is None for r in listed)
+
+
+def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():
+    """A retry waits for its next slot: the fleet it tried (its last lease)
+    is not the one it is on, for the row and for --fleet alike."""
+    from types import SimpleNamespace
+
+    machine = CallMachine(None, State.LEASING)  # type: ignore[arg-type]
+    call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    call.lease = SimpleNamespace(fleet=SimpleNamespace(name="a"), held=False)  # type: ignore[assignment]
+    now = time.monotonic()
+    assert call.listed(now, 1, 1)["fleet"] is None
+    machine.state = State.CONNECTING
+    assert call.listed(now, 1, 1)["fleet"] == "a"
+    machine.state = State.CLOSING  # ended: the fleet it was on, its slot given back or not
+    assert call.listed(now, 1, 1)["fleet"] == "a"
