@@ -387,10 +387,8 @@ class TLSConnection:
         head, held until timeouts.request. asyncio's loop polls on, and reads
         the reset. One getsockopt a read event until the call is linked (a
         few a call), none after: the silence sweep watches a tunnel."""
-        if self._reading_wanted():
-            info = _tcp_info(self._sock)
-            if info and info[:1] != _TCP_ESTABLISHED:
-                self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
+        if self._reading_wanted() and not _tcp_established(self._sock):
+            self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
 
     def _on_writable_metered(self) -> None:
         self._metered(self._on_writable)
@@ -797,8 +795,7 @@ class TLSConnection:
         silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s)."""
         if not self._reading_wanted():
             return
-        info = _tcp_info(self._sock)
-        if info and info[:1] != _TCP_ESTABLISHED:
+        if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
 
     def _reading_wanted(self) -> bool:
@@ -862,6 +859,8 @@ class TLSConnection:
         self._finish(None)
 
     def _drain_after_close_notify(self) -> None:
+        if self._state is not _SHUTDOWN:  # a read on after the bound, ended meanwhile
+            return
         below_tls = self._drain_below_tls
         for _ in range(MAX_READS_PER_WAKE):
             try:
@@ -876,6 +875,12 @@ class TLSConnection:
             except OSError:
                 break
         else:
+            # The bound, more maybe to read. On uvloop, after an error event (the
+            # peer's records and its reset together), no read event tells it:
+            # twenty records and a reset held the close until CLOSE_TIMEOUT
+            # (10 s; session 36). Read on if TCP says the peer has ended.
+            if not _tcp_established(self._sock):
+                self._loop.call_soon(self._drain_after_close_notify)
             return
         self._finish(None)
 
@@ -1266,6 +1271,13 @@ def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
         # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
         return PeerStoppedReading()
     return exc
+
+
+def _tcp_established(sock: ssl.SSLSocket) -> bool:
+    """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
+    peer's reset or FIN, nor after a timeout."""
+    info = _tcp_info(sock)
+    return not info or info[:1] == _TCP_ESTABLISHED
 
 
 def _tcp_info(sock: ssl.SSLSocket) -> bytes:
