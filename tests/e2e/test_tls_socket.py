@@ -1872,3 +1872,29 @@ def test_a_peer_that_stopped_reading_but_still_sends_is_told_from_one_gone(
 ) -> None:
     assert tls_socket._stopped_reading(info, 20_000) is stopped_reading
     assert tls_socket._stopped_reading(info, 0) is False  # no user timeout: not ours to say
+
+
+async def test_a_peer_that_sends_many_records_and_resets_while_close_notify_waits_is_let_go(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """Closing, close_notify sent, the peer's answer awaited: what the peer sends
+    meanwhile is read and dropped, MAX_READS_PER_WAKE records a read event.
+    Twenty records and a reset together: on uvloop (its poll stopped by the
+    error event, the reader called once) sixteen were read, the rest and the
+    reset never, and the connection was held until CLOSE_TIMEOUT (10 s). asyncio
+    polls on and reads the reset."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    sock = conn.ssl_socket
+    started = time.monotonic()
+    peer.conn.close()  # close_notify sent; its answer awaited
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(tls_socket.MAX_READS_PER_WAKE + 4):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: peer.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
+    assert time.monotonic() - started < 2

@@ -875,7 +875,9 @@ class CarrierProtocol(_Side):
         call.fleet_side = fleet_side
         self._head = None  # no further attempt: the head need not be kept
         if isinstance(self.transport, TLSConnection):
-            self.transport.meter(None)  # a call now: its frames are not a new connection's work
+            # A call now: its frames are not a new connection's work, and its
+            # reads are the hot path (the silence sweep finds a dead poll).
+            self.transport.linked()
         ctx.registry.count_request(self.machine.route_label, command.status)
         now = time.monotonic()
         if call.lease is not None and call.lease.held:
@@ -1171,6 +1173,8 @@ class FleetProtocol(_Side):
         self.peer_side = carrier
         self.peer = self.peer_writer(carrier.transport)
         carrier.peer_side = self
+        if isinstance(self.transport, TLSConnection):
+            self.transport.linked()  # its reads are the hot path from now on
         # A body may follow the head in what was read: how far it goes first.
         # (Everything pending was fed: the head's read links the answer at once.)
         progress = exchange.advance() if relaying else None

@@ -80,6 +80,12 @@ What a socket BIO asks of its driver (each pinned by tests/e2e/test_tls_socket.p
   is a poll handle closed and opened, seven system calls, and a call paused and
   resumed its sides three times before its first frame (a churned call's
   system calls, session 32).
+- uvloop stops polling a descriptor after an error event (libuv's POLLERR),
+  calling its reader once: a peer's last bytes and the reset that came with
+  them are read as the bytes alone (a record a read), and the reset is never
+  read. Until a call is linked each read event's read is followed by a look
+  at TCP (``_read_watched``), and the call's link looks once (``linked``);
+  after it, the silence sweep looks (``read_if_ended``). asyncio's loop polls on.
 """
 
 from __future__ import annotations
@@ -221,6 +227,7 @@ class TLSConnection:
         "_reader_on",
         "_renegotiating",
         "_renegotiation_timeout",
+        "_setting_up",
         "_shutdown_wants_write",
         "_sock",
         "_ssl",
@@ -300,6 +307,9 @@ class TLSConnection:
         self._high_water = high_water
         self._max_buffer = max_buffer
         self._meter: CpuMeter | None = None  # counts this connection's work (meter())
+        # Until its call is linked (`linked`): a read event's read is followed by
+        # a look at TCP, for a reset that came with the bytes read (`_read_watched`).
+        self._setting_up = True
 
     def meter(self, meter: CpuMeter | None) -> None:
         """Count the CPU of this connection's I/O callbacks in `meter` (None: stop).
@@ -309,6 +319,22 @@ class TLSConnection:
         (core/accept_pacing.py). The loop is given other callbacks while metered,
         so a call's hot path pays nothing for it."""
         self._meter = meter
+        self._callbacks_changed()
+
+    def linked(self) -> None:
+        """Its call is linked (a tunnel, or a fleet's answer relayed): no more
+        meter, and read events are read as they come, with no look at TCP
+        after them (the hot path); from now on the silence sweep's
+        `read_if_ended` finds a reset a dead poll hid. One look now, on the
+        next loop turn (both sides resumed by then): the fleet's head read
+        with a reset behind it, reading paused until the link, is ended at
+        once rather than a sweep pass later."""
+        self._meter = None
+        self._setting_up = False
+        self._callbacks_changed()
+        self._loop.call_soon(self.read_if_ended)
+
+    def _callbacks_changed(self) -> None:
         if self._reader_on:  # replaces the callback
             self._register(self._loop.add_reader, self._loop.remove_reader, self._read_callback())
         if self._writer_on:
@@ -335,13 +361,34 @@ class TLSConnection:
             add(self._fd, callback)
 
     def _read_callback(self) -> Callable[[], None]:
-        return self._on_readable if self._meter is None else self._on_readable_metered
+        if self._meter is None and not self._setting_up:
+            return self._on_readable
+        return self._on_readable_watched
 
     def _write_callback(self) -> Callable[[], None]:
         return self._on_writable if self._meter is None else self._on_writable_metered
 
-    def _on_readable_metered(self) -> None:
+    def _on_readable_watched(self) -> None:
+        """A read event of a connection being set up (metered, or not linked)."""
         self._metered(self._on_readable)
+        if self._setting_up:
+            self._read_watched()
+
+    def _read_watched(self) -> None:
+        """After a read event's read while the call is set up: read on if TCP says
+        the connection has ended (a reset, a FIN) and the read left it unread.
+        uvloop stops polling a descriptor after an error event (libuv's POLLERR),
+        calling its reader this once: a peer's last bytes and the reset that came
+        with them were read as the bytes alone (a read a record, a record a
+        wake), the reset never (session 36): a fleet's part of a head, read,
+        then a wait for timeouts.response and a retry as a timeout (504); a
+        carrier's head, sent on to a fleet, the call held until the fleet's
+        answer failed to reach it; a carrier's last handshake flight with its
+        head, held until timeouts.request. asyncio's loop polls on, and reads
+        the reset. One getsockopt a read event until the call is linked (a
+        few a call), none after: the silence sweep watches a tunnel."""
+        if self._reading_wanted() and not _tcp_established(self._sock):
+            self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
 
     def _on_writable_metered(self) -> None:
         self._metered(self._on_writable)
@@ -748,8 +795,7 @@ class TLSConnection:
         silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s)."""
         if not self._reading_wanted():
             return
-        info = _tcp_info(self._sock)
-        if info and info[:1] != _TCP_ESTABLISHED:
+        if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
 
     def _reading_wanted(self) -> bool:
@@ -813,6 +859,8 @@ class TLSConnection:
         self._finish(None)
 
     def _drain_after_close_notify(self) -> None:
+        if self._state is not _SHUTDOWN:  # a read on after the bound, ended meanwhile
+            return
         below_tls = self._drain_below_tls
         for _ in range(MAX_READS_PER_WAKE):
             try:
@@ -827,6 +875,12 @@ class TLSConnection:
             except OSError:
                 break
         else:
+            # The bound, more maybe to read. On uvloop, after an error event (the
+            # peer's records and its reset together), no read event tells it:
+            # twenty records and a reset held the close until CLOSE_TIMEOUT
+            # (10 s; session 36). Read on if TCP says the peer has ended.
+            if not _tcp_established(self._sock):
+                self._loop.call_soon(self._drain_after_close_notify)
             return
         self._finish(None)
 
@@ -1217,6 +1271,13 @@ def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
         # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
         return PeerStoppedReading()
     return exc
+
+
+def _tcp_established(sock: ssl.SSLSocket) -> bool:
+    """Whether TCP has the connection ESTABLISHED (or cannot say): not after the
+    peer's reset or FIN, nor after a timeout."""
+    info = _tcp_info(sock)
+    return not info or info[:1] == _TCP_ESTABLISHED
 
 
 def _tcp_info(sock: ssl.SSLSocket) -> bytes:

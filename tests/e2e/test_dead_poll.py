@@ -1,0 +1,244 @@
+"""A peer's reset that comes with its last bytes, before a call is linked.
+
+uvloop stops polling a descriptor after an error event (libuv's POLLERR),
+calling its reader once: a peer's last bytes and the reset right behind them
+were read as the bytes alone (one TLS record, one read a wake), and the
+reset was never read (a "dead poll"). Session 35 fixed the tunnel (the
+silence sweep, `TLSConnection.read_if_ended`); these are the phases before
+it: the carrier's handshake and head, the fleet's answer. Each peer here
+sends and resets in one loop callback, so both are on the ingress's socket
+before it polls. Run on both loops (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import ssl
+import struct
+import time
+
+import pytest
+
+from fleet_ingress.core.fleet_exchange import websocket_accept
+from tests.support import (
+    UPGRADE,
+    RawFleet,
+    StartIngress,
+    TLSFiles,
+    access_entries,
+    eventually,
+    never_answer,
+    read_head,
+)
+
+
+def switching_then_at_once(react_after):
+    """`switching_then`, its 101 written and `react_after` run in one callback
+    (no drain between: the 101 goes out at once, the socket being empty)."""
+
+    async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+        assert key is not None
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + websocket_accept(key[1])
+            + b"\r\n\r\n"
+        )
+        await react_after(reader, writer)
+
+    return react
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER {1, 0}: a TCP reset, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_a_fleet_that_sends_part_of_its_answer_then_resets_is_seen_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A fleet that sends part of its response head and resets closed before a
+    complete head (SPEC 5, empty-response): retried, then 502 after the
+    attempts. On uvloop the part was read and the reset not: each attempt sat
+    out timeouts.response, then 504 (a retry policy's response-timeout)."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+
+    async def part_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        sock = writer.get_extra_info("socket")
+        writer.write(b"HTTP/1.1 101 Switching")  # sent at once: the socket is empty
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), part_then_reset).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("resets")], timeouts={"response": 2}, retry={"retries": 1}
+        )
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        started = time.monotonic()
+        writer.write(UPGRADE.format(path="/ws/bot").encode())
+        async with asyncio.timeout(8):
+            head = await read_head(reader)
+        took = time.monotonic() - started
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 502 "), head
+        assert took < 1.5, took
+        assert fleet.connections == 2
+        await eventually(lambda: bool(access_entries(caplog)))
+        (entry,) = access_entries(caplog)
+        assert entry["status"] == 502 and entry["attempts"] == 2, entry
+    finally:
+        await fleet.stop()
+
+
+async def test_a_carrier_whose_head_and_reset_come_together_ends_before_its_fleet_answers(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A carrier that sends its upgrade and resets: the call ends, its slot
+    given back, without waiting for the fleet (here one that never answers).
+    On uvloop the head was read and the reset not: the head went on to the
+    fleet and the call waited for timeouts.response (then retried, as if the
+    fleet had failed), a slot and a bot held for nothing."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    fleet = await RawFleet(tls_files.fleet_server_context(), never_answer).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("quiet")], timeouts={"response": 4}, retry={"retries": 0}
+        )
+        port = ingress.wss_address[1]
+        ctx = tls_files.client_context()
+
+        def handshake() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", port))
+            return ctx.wrap_socket(raw, server_hostname="localhost")
+
+        tls = await asyncio.to_thread(handshake)
+        started = time.monotonic()
+        # The head and the reset in one callback of the ingress's own loop:
+        # both are on its socket before it polls.
+        tls.sendall(UPGRADE.format(path="/ws/bot").encode())
+        _reset(tls)
+        await eventually(lambda: bool(access_entries(caplog)), timeout=8)
+        took = time.monotonic() - started
+        (entry,) = access_entries(caplog)
+        # Its head not yet parsed: no slot taken, no fleet connected.
+        assert entry["end_reason"] == "carrier_reset" and entry["attempts"] == 0, entry
+        assert took < 1.5, (took, entry)
+        assert fleet.connections == 0
+        assert not ingress.registry.calls and not ingress.registry.connections
+    finally:
+        await fleet.stop()
+
+
+class _BioClient:
+    """A TLS client on memory BIOs over a non-blocking socket: what it sends
+    is held until the test sends it, so that its last flight, a head and a
+    reset can go in one callback of the ingress's own loop."""
+
+    def __init__(self, ctx: ssl.SSLContext, sock: socket.socket) -> None:
+        self.sock = sock
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+
+    async def handshake_but_the_last_flight(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                self.tls.do_handshake()
+                return  # its Finished is in `outgoing`, unsent
+            except ssl.SSLWantReadError:
+                pass
+            if self.outgoing.pending:
+                await loop.sock_sendall(self.sock, self.outgoing.read())
+            data = await loop.sock_recv(self.sock, 65536)
+            assert data, "the ingress closed during the handshake"
+            self.incoming.write(data)
+
+
+async def _connected(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return sock
+
+
+@pytest.mark.parametrize("shape", ["part of a hello", "last flight and a head"])
+async def test_a_carrier_that_resets_during_its_handshake_is_released_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, shape: str
+):
+    """A carrier that resets during its handshake: released at once, and counted
+    as a failed handshake (its last flight with a head: the handshake done,
+    then its loss, no call). On uvloop the reader was called once for the
+    bytes and the reset; the reset went unread and the connection was held
+    until timeouts.request."""
+    ingress = await start_ingress([], timeouts={"request": 6})
+    registry = ingress.registry
+    port = ingress.wss_address[1]
+    client = _BioClient(tls_files.client_context(), await _connected(port))
+    await eventually(lambda: registry.handshaking == 1)
+    if shape == "part of a hello":
+        try:
+            client.tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = client.outgoing.read()
+        sent = client.sock.send(hello[: len(hello) // 2])
+        assert sent == len(hello) // 2
+    else:
+        await client.handshake_but_the_last_flight()
+        client.tls.write(b"GET /ws/bot HTTP/1.1\r\n")
+        flight = client.outgoing.read()
+        assert client.sock.send(flight) == len(flight)
+    started = time.monotonic()
+    _reset(client.sock)
+    await eventually(lambda: registry.handshaking == 0 and not registry.connections, timeout=8)
+    took = time.monotonic() - started
+    assert took < 1.5, took
+    # Part of a hello is a failed handshake; a last flight read is a handshake
+    # done, and a connection lost before its head (no call, no access line).
+    assert registry.tls_handshake_failures == (1 if shape == "part of a hello" else 0)
+
+
+async def test_a_fleet_whose_101_and_reset_come_together_ends_the_call_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The fleet's whole 101 and its reset: the head read, the fleet's reading
+    paused until the link, the reset unread on uvloop, the call held (the
+    carrier told nothing) until the silence sweep's next pass (about 7 s at
+    carrier_silence 30). Now `linked` looks once: ended at once, fleet_reset."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # in the callback that wrote the 101
+
+    fleet = await RawFleet(tls_files.fleet_server_context(), switching_then_at_once(reset)).start()
+    try:
+        ingress = await start_ingress([fleet.line("resets")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        started = time.monotonic()
+        writer.write(UPGRADE.format(path="/ws/bot").encode())
+        async with asyncio.timeout(5):
+            head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        await eventually(lambda: bool(access_entries(caplog)), timeout=10)
+        took = time.monotonic() - started
+        writer.close()
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "fleet_reset", entry
+        assert took < 1.5, (took, entry)
+    finally:
+        await fleet.stop()
