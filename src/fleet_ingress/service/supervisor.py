@@ -43,6 +43,7 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import itertools
@@ -272,9 +273,12 @@ class Supervisor:
         # connection. Drawn anew with each certificate served (`_reload`), so
         # that no session resumes into the certificate it replaced; in memory
         # only (handed in memfds and on the channel, never in a snapshot or a
-        # file): the next image, an upgrade's, draws its own. Kept in systemd's
-        # fd store too (`fd_store.store_ticket_keys`): a supervisor started
-        # again after this one died takes them up (`take_up_ticket_keys`).
+        # file): the next image, an upgrade's, is handed them in the exec's
+        # state (a memfd read once, `ticket_keys_for_exec`) and takes them when
+        # it serves the same certificate and [tls] (`take_over_ticket_keys`).
+        # Kept in systemd's fd store too (`fd_store.store_ticket_keys`): a
+        # supervisor started again after this one died takes them up
+        # (`take_up_ticket_keys`).
         self.ticket_keys = new_ticket_keys()
         self._ticket_keys_stored = False  # the store has them already (taken up)
         # What this start serves other than what the files hold, said once more
@@ -475,6 +479,34 @@ class Supervisor:
             return
         self.ticket_keys = keys
         self._ticket_keys_stored = True
+
+    def ticket_keys_for_exec(self) -> str:
+        """The session ticket keys and what they were drawn for, for the exec's
+        state (`take_over_ticket_keys`): the keys are drawn anew whenever what
+        the digest covers changes (`_reload`), so the digest of what is served
+        now is the one they were drawn for."""
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        return base64.b64encode(self.ticket_keys + drawn_for).decode()
+
+    def take_over_ticket_keys(self, carried: object) -> None:
+        """After an upgrade's exec: the session ticket keys the previous image's
+        workers seal tickets with (`ticket_keys_for_exec`), taken when they were
+        drawn for the certificate, key and [tls] this image serves, so that a
+        carrier's session from before the upgrade resumes on the new generation
+        (each carrier's first connection after an upgrade was a full handshake,
+        the leftovers of session 36). Not carried (an older release), or drawn
+        for another certificate (one renewed on disk before the upgrade, which
+        no session from before may resume into): the keys drawn at this start."""
+        if not isinstance(carried, str):
+            return
+        try:
+            stored = base64.b64decode(carried, validate=True)
+        except ValueError:
+            return
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        keys, _ = ticket_keys_taken_up(stored, drawn_for)
+        if keys is not None:
+            self.ticket_keys = keys
 
     def _store_ticket_keys(self) -> None:
         """The session ticket keys in systemd's fd store, with what they were
