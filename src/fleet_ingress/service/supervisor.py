@@ -141,7 +141,7 @@ from fleet_ingress.service.fd_store import (
     store_ticket_keys,
     ticket_keys_taken_up,
 )
-from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
+from fleet_ingress.service.files_on_disk import FilesOnDisk, served_early, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     STOP_GRACE,
@@ -1742,7 +1742,10 @@ class Supervisor:
                 else ""
             )
             + (
-                "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
+                "; THIS HOST'S CLOCK READS BEFORE THE CERTIFICATE SERVED IS VALID: see "
+                "`fleet-ingress stat`"
+                if served_early(self.serving_leaf)
+                else "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
                 if served_refused(self.serving_leaf) is not None
                 else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
                 if self.files.certificate_refused(self.serving_leaf) is not None
