@@ -61,7 +61,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.settings import IngressConfig, config_to_json, environment_values
+from fleet_ingress.config.settings import (
+    IngressConfig,
+    config_to_json,
+    environment_values,
+    unread_variables_said_by_run,
+)
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import reload_note
@@ -1881,6 +1886,7 @@ class Supervisor:
             self.poller.start(fleet)
         notes += plan.notes
         notes += warn_same_host(specs, log)  # said at each reload, as check says it
+        notes += unread_variables_said_by_run()  # and so are these
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -2287,6 +2293,8 @@ async def _log_ready(supervisor: Supervisor) -> None:
     READY=1 the workers' slot requests are this loop's to answer."""
     env = await asyncio.to_thread(environment_values, supervisor.config_path)
     from_env = {"environment": env} if env else {}
+    if unread := unread_variables_said_by_run():
+        log.warning("environment variables that set nothing", extra=fields(variables=unread))
     log.info("ready", extra=fields(status=supervisor.status_line(), **from_env))
 
 
