@@ -3,8 +3,9 @@ close frame of the ingress's own (1001 going away for a drain, a forced
 removal, an idle tunnel, a carrier gone; 1011 for a fleet gone), sent at a
 frame boundary and its reply waited for, so that real client libraries
 (websockets, aiohttp) report a clean close with the reason rather than 1006,
-the same as a network failure (the endings audit of session 25). A side that
-closes its connection itself without a close frame is passed on as it was.
+the same as a network failure (the endings audit of session 25). So is a
+fleet that closes its connection without one (1011 `fleet closed`); a
+carrier that does is passed on to the fleet as it was.
 
 Who hung up is the side whose close frame came first, wherever it was in a
 read (beside a media frame, right behind the carrier's head, with the
@@ -119,34 +120,83 @@ async def test_an_aiohttp_carrier_sees_a_clean_1001_at_a_drain(
     await eventually(lambda: ws_fleet.peer_close_codes == [1001])
 
 
-async def test_a_fleet_reset_is_a_1011_to_the_carrier_a_fleet_closing_itself_is_passed_on(
-    start_ingress: StartIngress, tls_files: TLSFiles
+async def test_a_fleet_reset_or_closing_without_a_close_frame_is_a_1011_to_the_carrier(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
 ):
+    """A fleet gone without a close frame, by an RST or a FIN (right after its
+    101, or after a message: a bot process that exited), is a 1011 with the
+    reason to the carrier, sent between two frames. The FIN was passed on as
+    it was: the carrier saw 1006, which carriers log as a network failure,
+    and which of the two a crashed bot gave was down to whether its socket
+    held unread bytes (leftovers of session 36)."""
+
     async def reset(reader, writer):
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # an RST
 
     async def close_without_frame(reader, writer):
-        writer.close()  # a FIN, no close frame: how this fleet chose to end
+        writer.close()  # a FIN, no close frame
+
+    async def say_then_close(reader, writer):
+        writer.write(b"\x81\x05hello")  # a whole text frame, then a FIN
+        await writer.drain()
+        writer.close()
 
     fleets = [
         await RawFleet(None, switching_then(reset)).start(),
         await RawFleet(None, switching_then(close_without_frame)).start(),
+        await RawFleet(None, switching_then(say_then_close)).start(),
     ]
+    expected = [(1011, "fleet reset"), (1011, "fleet closed"), (1011, "fleet closed")]
     try:
-        for fleet, expected in zip(fleets, [(1011, "fleet reset"), None], strict=True):
+        for n, (fleet, said) in enumerate(zip(fleets, expected, strict=True), start=1):
             ingress = await start_ingress([fleet.line("a")])
+            caplog.set_level(logging.INFO, logger="fleet_ingress.access")
             async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
-                with pytest.raises((ConnectionClosedError, ConnectionClosedOK)) as info:
+                if fleet is fleets[2]:
+                    assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+                with pytest.raises(ConnectionClosedError) as info:
                     async with asyncio.timeout(5):
                         await ws.recv()
             rcvd = info.value.rcvd
-            assert (None if rcvd is None else (rcvd.code, rcvd.reason)) == expected
+            assert (None if rcvd is None else (rcvd.code, rcvd.reason)) == said
+            assert info.value.rcvd_then_sent is True  # its reply was waited for
             await ingress.stop(drain_timeout=0)
+            # The access line's end_reason is as before: who ended the call.
+            await eventually(lambda: len(access_entries(caplog)) == n)  # noqa: B023
+            ended = access_entries(caplog)[-1]["end_reason"]
+            assert ended == ("fleet_reset" if said[1] == "fleet reset" else "fleet closed")
     finally:
         for fleet in fleets:
             await fleet.stop()
+
+
+async def test_a_fleet_closing_mid_frame_gets_the_carrier_no_close_frame_inside_it(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A fleet that closes (a FIN) with a frame half sent: nothing is added
+    inside the frame; the carrier gets the bytes relayed, then the TLS close
+    (GOODBYE_BOUNDARY_WAIT after), as before."""
+    frame = _frame(b"m" * 3000, masked=False)
+
+    async def close_mid_frame(reader, writer):
+        writer.write(frame[:1000])
+        await writer.drain()
+        writer.close()
+
+    fleet = await RawFleet(None, switching_then(close_mid_frame)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        reader, writer = await raw_carrier(ingress, tls_files)
+        assert await read_head(reader) == SWITCHING
+        assert await reader.readexactly(1000) == frame[:1000]
+        rest = await _rest(reader)
+        writer.close()
+        assert rest == b""
+        await ingress.stop(drain_timeout=0)
+    finally:
+        await fleet.stop()
 
 
 async def _rest(reader: asyncio.StreamReader) -> bytes:
@@ -693,7 +743,7 @@ async def _a_carrier_reads_late(
         await asyncio.sleep(0.5)  # the carrier's socket is set up meanwhile
         writer.write(said)
         await writer.drain()
-        writer.close()  # no close frame: passed on as it is
+        writer.close()  # no close frame: the ingress's 1011 follows the last frame
 
     fleet = await RawFleet(None, switching_then(bot)).start()
     raw = socket.socket()
@@ -736,7 +786,8 @@ async def _a_carrier_reads_late(
 
         got, how = await asyncio.to_thread(read_all)
         if reads_after < 10:
-            assert (how, got == said) == ("close_notify", True), (how, len(got))
+            goodbye = b"\x88\x0e\x03\xf3fleet closed"
+            assert (how, got == said + goodbye) == ("close_notify", True), (how, len(got))
         else:
             assert how != "close_notify" and len(got) < len(said), (how, len(got))
             assert said.startswith(got)

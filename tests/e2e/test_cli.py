@@ -816,3 +816,45 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
         assert "timeouts.queue" not in reloaded["changes"], reloaded  # 7 still, not 5
     finally:
         await service.finish()
+
+
+async def test_run_says_the_variables_that_set_nothing_at_its_start_and_at_each_reload(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """A real `run` with FLEET_INGRESS_FLEET_MAXCONN (a section misspelt, one
+    `_` short: it names no key) and Kubernetes' FLEET_INGRESS_SERVICE_HOST:
+    only `check` said the first sets nothing; `run` served the file's maxconn
+    without a word (leftovers of session 36). It starts, warns of it with the
+    fix, and each reload's answer says it again; Kubernetes' stays quiet."""
+    from tests.support import RunningIngress, admin_command
+
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={
+            "FLEET_INGRESS_FLEET_MAXCONN": "4",
+            "FLEET_INGRESS_SERVICE_HOST": "10.96.0.12",
+            "FLEET_INGRESS_SERVICE_PORT": "443",
+        },
+    )
+    fix = (
+        "FLEET_INGRESS_FLEET_MAXCONN is not read: a setting is "
+        "FLEET_INGRESS_<SECTION>__<KEY>, two underscores before the key, e.g. "
+        "FLEET_INGRESS_FLEETS__MAXCONN"
+    )
+    try:
+        await eventually(lambda: any(e.get("event") == "ready" for e in service.log()))
+        said = [e for e in service.log() if "FLEET_INGRESS_FLEET_MAXCONN" in str(e)]
+        assert len(said) == 1 and said[0]["level"] == "warning", said
+        assert said[0]["event"] == "environment variables that set nothing", said
+        (line,) = said[0]["variables"]
+        assert line.startswith(f"environment: {fix}") and "then restart" in line, line
+        assert not [e for e in service.log() if "SERVICE_HOST" in str(e)]
+        code, printed = await admin_command(service, "reload")
+        assert code == 0 and fix in printed, printed
+        assert "SERVICE_HOST" not in printed, printed
+        (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
+        assert fix in reloaded["changes"], reloaded
+    finally:
+        await service.finish()

@@ -56,6 +56,7 @@ from tests.support import (
     eventually,
     fill_unread_channel,
     metric_samples,
+    offer_session,
     run_cli,
     simulated_fleets,
     stopped_together,
@@ -325,6 +326,64 @@ async def test_carriers_offering_tls_sessions_connect_across_renewals_and_an_upg
         assert code == 0, out + err
         await reconnect_all(new, resumable=True)
         assert resumed > 0  # sessions do resume between those (on the worker that issued them)
+        front = (await service.stats())["frontend"]
+        assert front["tls_handshake_failures"] == 0, front
+    finally:
+        await service.finish()
+
+
+async def test_a_carriers_session_resumes_on_the_new_generation_after_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """An upgrade that changes no certificate nor [tls] setting hands the new
+    image the session ticket keys the old one's workers sealed tickets with
+    (in the exec's state): a carrier's session (TLS 1.3 ticket, TLS 1.2
+    ticket) from before the upgrade resumes on the new generation. Before
+    (leftovers of session 36) the new image drew new keys: every carrier's
+    first connection after an upgrade was a full handshake. One that serves
+    a certificate renewed on disk meanwhile draws new ones."""
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name}" for s in fleets], workers=2, env=PATIENT_PROBES
+    )
+    try:
+        await service.fleets_up()
+        serial = await service.peer_serial(tls_files)
+        carriers = [tls_files.client_context(), tls_files.client_context()]
+        carriers[1].maximum_version = ssl.TLSVersion.TLSv1_2
+        pids = [r["pid"] for r in await _rows(service)]
+        offered = [
+            await asyncio.to_thread(offer_session, service.port, ctx, None, pids)
+            for ctx in carriers
+        ]
+        for i, ctx in enumerate(carriers):  # resumed before the upgrade, on either worker
+            for attempt in range(4):
+                got = await asyncio.to_thread(
+                    offer_session, service.port, ctx, offered[i].session, pids
+                )
+                assert got.answer == b"HTTP/1.1 200" and got.resumed, (i, attempt, got)
+                offered[i] = got
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, out + err
+        new = [r["pid"] for r in await _rows(service) if r["generation"] == 2]
+        assert len(new) == 2, await _rows(service)
+        for i, ctx in enumerate(carriers):
+            for attempt in range(6):
+                got = await asyncio.to_thread(
+                    offer_session, service.port, ctx, offered[i].session, new
+                )
+                assert got.answer == b"HTTP/1.1 200" and got.serial == serial, got
+                assert got.holder in new, (got.holder, new)
+                assert got.resumed, (i, attempt, got.holder)
+                offered[i] = got
+        # A certificate renewed on disk, not reloaded, then an upgrade: the new
+        # image serves it, and no session from before resumes into it.
+        renewed = write_leaf_cert(tls_files.ca, service.home)
+        code, out, err = await _upgrade_command(service)
+        assert code == 0, out + err
+        new = [r["pid"] for r in await _rows(service) if r["generation"] == 3]
+        for i, ctx in enumerate(carriers):
+            got = await asyncio.to_thread(offer_session, service.port, ctx, offered[i].session, new)
+            assert got.serial == renewed and not got.resumed, (i, got)
         front = (await service.stats())["frontend"]
         assert front["tls_handshake_failures"] == 0, front
     finally:

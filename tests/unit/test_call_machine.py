@@ -752,7 +752,7 @@ def test_a_connection_that_leaves_before_its_head_is_a_call_logs_nothing(stage):
     ("frames", "first_lost", "reason"),
     [
         # A normal close: whoever asks, the fleet (the server) ends TCP first.
-        ([], "fleet", EndReason.FLEET_CLOSED),
+        ([], "fleet", EndReason.FLEET_CLOSED),  # none asked: told 1011
         ([Side.CARRIER], "fleet", EndReason.CARRIER_CLOSED),
         ([Side.FLEET], "fleet", EndReason.FLEET_CLOSED),
         ([Side.FLEET], "carrier", EndReason.FLEET_CLOSED),
@@ -768,7 +768,9 @@ def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
     for side in frames:
         pb >> CloseFrameSeen(side)
     if first_lost == "fleet":
-        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER)
+        # No close frame either way: the fleet's FIN is a 1011 to the carrier.
+        goodbye = None if frames else Goodbye(1011, "fleet closed")
+        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER, goodbye)
         pb >> CarrierLost(Lost.CLOSED)
     else:
         pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
@@ -880,8 +882,9 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
 @pytest.mark.parametrize(
     ("side", "how", "reason", "goodbye"),
     [
-        # A side that closed its connection itself: the other's end is as it was.
-        ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED, None),
+        # A fleet that closed its connection without a close frame: a 1011 too
+        # (the carrier saw 1006, a network failure to its logs).
+        ("fleet", Lost.CLOSED, EndReason.FLEET_CLOSED, Goodbye(1011, "fleet closed")),
         ("fleet", Lost.GONE, EndReason.FLEET_LOST, Goodbye(1011, "fleet lost")),
         ("fleet", Lost.RESET, EndReason.FLEET_RESET, Goodbye(1011, "fleet reset")),
         ("fleet", Lost.ERROR, EndReason.ERROR, Goodbye(1011, "call error")),
@@ -1077,8 +1080,9 @@ def test_race_calls_cut_at_stop_are_each_logged_even_if_the_fleet_never_reads_th
 def test_race_a_fleet_that_closes_right_after_its_101_closes_the_carrier():
     (a,) = fleets("a")
     pb, _ = new_call()
-    in_tunnel(pb, a) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER)
-    pb >> CloseFrameSeen(Side.CARRIER)  # late news while closing: ignored
+    in_tunnel(pb, a) >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb << CloseSide(Side.CARRIER, Goodbye(1011, "fleet closed"))
+    pb >> CloseFrameSeen(Side.CARRIER)  # its reply, while closing: nothing more to do
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.FLEET_CLOSED)
     assert pb
 

@@ -568,9 +568,12 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
     warnings = []
     if time.time() < leaf.not_before - CLOCK_SKEW:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_before))
+        clock = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         warnings.append(
-            f"{WARNING}{source}: tls.cert: {cert} is not valid until {when}: carriers "
-            "will refuse it until then (is this host's clock right?)"
+            f"{WARNING}{source}: tls.cert: {cert} is not valid until {when} and this "
+            f"host's clock reads {clock}: carriers will refuse it until then, unless this "
+            "clock is behind (NTP not synced yet: check it with `timedatectl`, "
+            "`chronyc tracking`)"
         )
     days_left = (leaf.not_after - time.time()) / 86400
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(leaf.not_after))

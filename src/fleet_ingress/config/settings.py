@@ -708,12 +708,13 @@ def _one_underscore_key(name: str) -> tuple[str, str] | None:
     return None
 
 
-def unread_variables() -> list[str]:
+def unread_variables(*, kubernetes: bool = True) -> list[str]:
     """The FLEET_INGRESS_ variables that are no setting: no section named and no
     `__`, so not refused (Kubernetes sets FLEET_INGRESS_SERVICE_HOST and its kin
     for a Service named fleet-ingress), but said, as a typo that names no key
     (FLEET_INGRESS_FLEET_MAXCONN) is one of these too. FLEET_INGRESS_FLEETS_MAXCONN,
-    a section's key after one `_`, is refused (`_unknown_env_sections`)."""
+    a section's key after one `_`, is refused (`_unknown_env_sections`).
+    `kubernetes` False: Kubernetes' left out (`run` says the others)."""
     lines = []
     for name in sorted(os.environ):
         rest = name[len(ENV_PREFIX) :]
@@ -723,6 +724,8 @@ def unread_variables() -> list[str]:
             continue  # a section's table, or refused (`_unknown_env_sections`)
         shown = ascii(name)[1:-1]
         if name.startswith(ENV_PREFIX) and _KUBERNETES_SERVICE.fullmatch(rest):
+            if not kubernetes:
+                continue
             lines.append(
                 f"environment: {shown} is not read (Kubernetes sets it for a Service named "
                 "fleet-ingress)"
@@ -734,6 +737,19 @@ def unread_variables() -> list[str]:
                 f"{ENV_PREFIX}FLEETS__MAXCONN"
             )
     return lines
+
+
+def unread_variables_said_by_run() -> list[str]:
+    """`unread_variables` but Kubernetes', as `run` says them at its start and
+    at each reload: only `check` did, and a value meant for a setting
+    (FLEET_INGRESS_FLEET_MAXCONN) left the file's in force without a word in
+    the journal. The fix needs a restart: the process keeps its environment."""
+    return [
+        f"{line}; fix it where it is set (`systemctl show fleet-ingress -p Environment`, "
+        "the unit's Environment= or a drop-in), then restart the service (a reload or an "
+        "upgrade keeps the environment it started with)"
+        for line in unread_variables(kubernetes=False)
+    ]
 
 
 def _variables_in_two_cases() -> list[str]:

@@ -400,10 +400,14 @@ _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLE
 # What a side still open is told, by why a tunnel ended, when no side sent a
 # close frame: 1001 (going away) for the ingress's own ends and for a carrier
 # gone, 1011 (an error) for a fleet gone or failing, the reason a few words a
-# bot's or a carrier's log shows. A side that closed its connection itself
-# without a close frame (CARRIER_CLOSED, FLEET_CLOSED) chose how to end: the
-# other gets that end as it was (a TLS close), as before; and nothing is added
-# once a side has sent a close frame: the other's reply is relayed.
+# bot's or a carrier's log shows. A fleet that closed its connection without
+# a close frame (FLEET_CLOSED: a bot process that exited, whose socket the
+# kernel ends with a FIN, or with an RST when it held unread bytes) is a 1011
+# too: passed on as a bare TLS close, the carrier saw 1006 and logged a network
+# failure, and the same crash read as either by chance (leftovers of session
+# 36). A carrier that did (CARRIER_CLOSED) is passed on to the fleet as it was.
+# Nothing is added once a side has sent a close frame: the other's reply is
+# relayed; nor inside a frame (`CloseSide`: at a boundary, or none).
 GOODBYES = {
     EndReason.DRAIN: Goodbye(GOING_AWAY, "ingress draining"),
     EndReason.REMOVED: Goodbye(GOING_AWAY, "fleet removed"),
@@ -415,6 +419,7 @@ GOODBYES = {
     EndReason.FLEET_SILENT: Goodbye(INTERNAL_ERROR, "fleet silent"),
     EndReason.FLEET_LOST: Goodbye(INTERNAL_ERROR, "fleet lost"),
     EndReason.FLEET_RESET: Goodbye(INTERNAL_ERROR, "fleet reset"),
+    EndReason.FLEET_CLOSED: Goodbye(INTERNAL_ERROR, "fleet closed"),
     EndReason.ERROR: Goodbye(INTERNAL_ERROR, "call error"),
 }
 _OTHER = {Side.CARRIER: Side.FLEET, Side.FLEET: Side.CARRIER}

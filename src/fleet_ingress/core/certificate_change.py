@@ -70,12 +70,31 @@ def out_of_date(leaf: LeafFacts, now: float) -> str | None:
     beyond CLOCK_SKEW), or None."""
     if now < leaf.not_before - CLOCK_SKEW:
         return (
-            f"is not valid until {_utc(leaf.not_before)}: carriers would refuse it "
-            "(is this host's clock right?)"
+            f"is not valid until {_utc(leaf.not_before)} and this host's clock reads "
+            f"{_utc(now)}: carriers would refuse it, unless this clock is behind (check "
+            "it: `timedatectl`, `chronyc tracking`)"
         )
     if now > leaf.not_after:
         return f"expired on {_utc(leaf.not_after)}"
     return None
+
+
+def clock_before(leaf: LeafFacts, now: float) -> str | None:
+    """What is known of a certificate served whose notBefore this host's clock
+    reads before (beyond CLOCK_SKEW), or None. A clock behind (a boot before
+    chrony syncs) looks the same from here as a certificate issued for later:
+    carriers with a right clock accept the first, refuse the second. CAs do
+    not issue certificates for later (they backdate notBefore), so the clock is
+    the first thing to check; `stat` said "refused by carriers" and "put a good
+    certificate in place" of one they accepted (leftovers of session 36)."""
+    if now >= leaf.not_before - CLOCK_SKEW:
+        return None
+    return (
+        f"is valid from {_utc(leaf.not_before)}, and this host's clock reads {_utc(now)}: "
+        "carriers with a right clock accept it if this host's clock is behind (NTP not "
+        "synced yet: check it with `timedatectl`, `chronyc tracking`); if the clock is "
+        "right, the certificate is issued for later and every carrier refuses it until then"
+    )
 
 
 def kept_over_restart(

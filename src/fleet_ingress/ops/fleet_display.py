@@ -100,9 +100,15 @@ def certificate_refused(snap: dict[str, Any]) -> str | None:
 
 def certificate_served_refused(snap: dict[str, Any]) -> str | None:
     """One line while the certificate served is one carriers refuse (expired
-    while served, or not valid yet: a start took it from the files)."""
+    while served), or one this host's clock reads before the notBefore of (a
+    start took it from the files): what is known, not that carriers refuse it."""
     if not (problem := snap.get("certificate_served_refused")):
         return None
+    if snap.get("certificate_served_early"):  # the clock here, or the certificate
+        return (
+            f"THIS HOST'S CLOCK READS BEFORE THE CERTIFICATE SERVED IS VALID: it {problem}: "
+            "then put a good certificate in place, and `systemctl reload fleet-ingress`"
+        )
     return (
         f"CERTIFICATE SERVED IS REFUSED BY CARRIERS: it {problem}; every new call's "
         "handshake fails: put a good certificate in place, then `systemctl reload "

@@ -29,6 +29,7 @@ from fleet_ingress.config.fleets_file import FleetsFileError, load_fleets_file
 from fleet_ingress.config.settings import ConfigError, IngressConfig, TLSSection, load_config
 from fleet_ingress.core.certificate_change import (
     LeafFacts,
+    clock_before,
     out_of_date,
     renewal_problem,
     renewal_waiting,
@@ -53,9 +54,19 @@ FileState = tuple[int, int, int, int]  # inode, mtime (ns), size, ctime (ns)
 
 
 def served_refused(serving: LeafFacts | None) -> str | None:
-    """Why carriers refuse the certificate served now (it expired while served,
-    or a start took it from the files not valid yet), or None."""
-    return None if serving is None else out_of_date(serving, time.time())
+    """Why carriers refuse the certificate served now (it expired while served),
+    or what is known of it when this host's clock reads before its notBefore
+    (a start took it from the files: `served_early`), or None."""
+    if serving is None:
+        return None
+    now = time.time()
+    return clock_before(serving, now) or out_of_date(serving, now)
+
+
+def served_early(serving: LeafFacts | None) -> bool:
+    """Whether this host's clock reads before the notBefore of the certificate
+    served (`clock_before`): carriers with a right clock may well accept it."""
+    return serving is not None and clock_before(serving, time.time()) is not None
 
 
 class FilesOnDisk:
@@ -172,6 +183,7 @@ class FilesOnDisk:
                 "refused": refused,
             },
             "certificate_served_refused": served_refused(serving),
+            "certificate_served_early": served_early(serving),
             "certificate_served_chain": None
             if self.served_chain is None
             else f"tls.cert {self.served_chain}",

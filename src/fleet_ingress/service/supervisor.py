@@ -43,6 +43,7 @@ for the host), the admin socket and the stats listener, signals and sd_notify.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import itertools
@@ -60,7 +61,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.settings import IngressConfig, config_to_json, environment_values
+from fleet_ingress.config.settings import (
+    IngressConfig,
+    config_to_json,
+    environment_values,
+    unread_variables_said_by_run,
+)
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.call_list import (
@@ -147,7 +153,7 @@ from fleet_ingress.service.fd_store import (
     store_ticket_keys,
     ticket_keys_taken_up,
 )
-from fleet_ingress.service.files_on_disk import FilesOnDisk, served_refused
+from fleet_ingress.service.files_on_disk import FilesOnDisk, served_early, served_refused
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     STOP_GRACE,
@@ -298,9 +304,12 @@ class Supervisor:
         # connection. Drawn anew with each certificate served (`_reload`), so
         # that no session resumes into the certificate it replaced; in memory
         # only (handed in memfds and on the channel, never in a snapshot or a
-        # file): the next image, an upgrade's, draws its own. Kept in systemd's
-        # fd store too (`fd_store.store_ticket_keys`): a supervisor started
-        # again after this one died takes them up (`take_up_ticket_keys`).
+        # file): the next image, an upgrade's, is handed them in the exec's
+        # state (a memfd read once, `ticket_keys_for_exec`) and takes them when
+        # it serves the same certificate and [tls] (`take_over_ticket_keys`).
+        # Kept in systemd's fd store too (`fd_store.store_ticket_keys`): a
+        # supervisor started again after this one died takes them up
+        # (`take_up_ticket_keys`).
         self.ticket_keys = new_ticket_keys()
         self._ticket_keys_stored = False  # the store has them already (taken up)
         # What this start serves other than what the files hold, said once more
@@ -508,6 +517,34 @@ class Supervisor:
             return
         self.ticket_keys = keys
         self._ticket_keys_stored = True
+
+    def ticket_keys_for_exec(self) -> str:
+        """The session ticket keys and what they were drawn for, for the exec's
+        state (`take_over_ticket_keys`): the keys are drawn anew whenever what
+        the digest covers changes (`_reload`), so the digest of what is served
+        now is the one they were drawn for."""
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        return base64.b64encode(self.ticket_keys + drawn_for).decode()
+
+    def take_over_ticket_keys(self, carried: object) -> None:
+        """After an upgrade's exec: the session ticket keys the previous image's
+        workers seal tickets with (`ticket_keys_for_exec`), taken when they were
+        drawn for the certificate, key and [tls] this image serves, so that a
+        carrier's session from before the upgrade resumes on the new generation
+        (each carrier's first connection after an upgrade was a full handshake,
+        the leftovers of session 36). Not carried (an older release), or drawn
+        for another certificate (one renewed on disk before the upgrade, which
+        no session from before may resume into): the keys drawn at this start."""
+        if not isinstance(carried, str):
+            return
+        try:
+            stored = base64.b64decode(carried, validate=True)
+        except ValueError:
+            return
+        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
+        keys, _ = ticket_keys_taken_up(stored, drawn_for)
+        if keys is not None:
+            self.ticket_keys = keys
 
     def _store_ticket_keys(self) -> None:
         """The session ticket keys in systemd's fd store, with what they were
@@ -1857,7 +1894,10 @@ class Supervisor:
                 else ""
             )
             + (
-                "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
+                "; THIS HOST'S CLOCK READS BEFORE THE CERTIFICATE SERVED IS VALID: see "
+                "`fleet-ingress stat`"
+                if served_early(self.serving_leaf)
+                else "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
                 if served_refused(self.serving_leaf) is not None
                 else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
                 if self.files.certificate_refused(self.serving_leaf) is not None
@@ -1993,6 +2033,7 @@ class Supervisor:
             self.poller.start(fleet)
         notes += plan.notes
         notes += warn_same_host(specs, log)  # said at each reload, as check says it
+        notes += unread_variables_said_by_run()  # and so are these
         await self.poller.reconfigure(fleet_ssl, probe_settings(config))
         if verified and not config.fleets.verify:
             _warn_unverified()
@@ -2401,6 +2442,8 @@ async def _log_ready(supervisor: Supervisor) -> None:
     READY=1 the workers' slot requests are this loop's to answer."""
     env = await asyncio.to_thread(environment_values, supervisor.config_path)
     from_env = {"environment": env} if env else {}
+    if unread := unread_variables_said_by_run():
+        log.warning("environment variables that set nothing", extra=fields(variables=unread))
     log.info("ready", extra=fields(status=supervisor.status_line(), **from_env))
 
 

@@ -173,6 +173,10 @@ class Upgradable(Protocol):
 
     def look_for_oom_kills(self) -> None: ...
 
+    def ticket_keys_for_exec(self) -> str: ...
+
+    def take_over_ticket_keys(self, carried: object) -> None: ...
+
     def respawns_due(self) -> list[float]: ...
 
     def sockets_to_keep(self) -> dict[str, socket.socket]: ...
@@ -287,6 +291,8 @@ class UpgradeSequence:
         # The kernel's log read on from where the image before this one left it:
         # an OOM kill logged meanwhile (its own, a worker's) is read here.
         supervisor.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
+        if not self.crash_restart:  # (after a crash: the fd store's, cli)
+            supervisor.take_over_ticket_keys(carried.get("ticket_keys"))
         if self.crash_restart:
             self._say_if_oom_killed(carried)
         elif supervisor.oom_counter is not None:
@@ -688,6 +694,10 @@ class UpgradeSequence:
             # read first by the next image (built in `_reexec`, the handover's
             # step: nothing is read in between).
             "unread": unread_to_json(supervisor.server.unread()) if handover else {},
+            # The keys this image's workers seal session tickets with: the next
+            # image's, when it serves the same certificate. An exec's alone (a
+            # memfd read once): never in the crash snapshot, the fd store has them.
+            **({"ticket_keys": supervisor.ticket_keys_for_exec()} if handover else {}),
             "workers": [
                 {
                     "pid": w.pid,
