@@ -316,7 +316,8 @@ class Supervisor:
         # Why the last try to start a replacement worker failed (None: it did not).
         self.spawn_error: str | None = None
         self.workers_not_reloaded: dict[int, object] = {}  # by the last reload applied here
-        self.reload_in_hand: ReloadAsked = None  # the one _reload_on_signal is doing
+        # The asks the reload round under way answers (`_reload_on_signal`).
+        self.reload_in_hand: list[ReloadAsked] = []
         self.reloads: Counter[str] = Counter()
         # process.worker_hang_timeout as read at start (the report puller's pace).
         self.hang_timeout = config.process.worker_hang_timeout
@@ -1728,8 +1729,10 @@ class Supervisor:
         return None if self.serving_leaf is None else self.serving_leaf.not_after
 
     async def reload_and_wait(self) -> dict[str, Any]:
-        """`fleet-ingress reload`: a reload asked as SIGHUP asks it (in turn with
-        them, RELOADING=1 and READY=1 to systemd), and how it went."""
+        """`fleet-ingress reload`: a reload asked as SIGHUP asks it (RELOADING=1
+        and READY=1 to systemd), and how it went: the outcome of the first round
+        that begins after it was asked (one under way may have read the files
+        before the caller's edit), shared with every ask that round answers."""
         if self.stopping or self.stop_asked.is_set():
             raise FleetChangeError(409, "the ingress is stopping: nothing is reloaded")
         asked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -1763,7 +1766,7 @@ class Supervisor:
         outcome = {**reload_outcome(why), "result": "failed"}
         _tell(self.reload_in_hand, outcome)
         while not self.reloads_asked.empty():
-            _tell(self.reloads_asked.get_nowait(), outcome)
+            _tell([self.reloads_asked.get_nowait()], outcome)
 
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
@@ -2377,19 +2380,28 @@ def _exit_now(supervisor: Supervisor) -> None:
 async def _reload_on_signal(
     supervisor: Supervisor, reloads: asyncio.Queue[ReloadAsked], notifier: Notifier
 ) -> None:
-    """Each reload asked (SIGHUP, `fleet-ingress reload`), one at a time, in order;
-    who asked with a future is told how it went (`reload_outcome`'s dict)."""
+    """The reloads asked (SIGHUP, `fleet-ingress reload`), one round at a time:
+    every ask waiting when a round begins is answered by that round, which reads
+    the files after each of them was asked; one that comes while a round runs
+    waits for the next (its edit may have come after the round's read). A burst
+    (a configuration tool's SIGHUP per file it changed, 100 at once) is two
+    rounds, not one each (30-50 ms each, and as many RELOADING=1), the last
+    change never lost. Who asked with a future is told how its round went
+    (`reload_outcome`'s dict)."""
     config_path = supervisor.config_path
     logging_in_use = (supervisor.config.log.level, supervisor.config.log.format)
     while True:
-        asked = supervisor.reload_in_hand = await reloads.get()
+        asked = [await reloads.get()]
+        while not reloads.empty():
+            asked.append(reloads.get_nowait())
+        supervisor.reload_in_hand = asked
         notifier.notify("RELOADING=1", monotonic_usec())
         try:
             summary = await supervisor.reload()
         except ReloadRefused as exc:
             log.error(
                 "reload refused: the running configuration stays",
-                extra=fields(config=str(config_path), error=str(exc)),
+                extra=fields(config=str(config_path), error=str(exc), asked=len(asked)),
             )
             notifier.notify(
                 "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
@@ -2406,14 +2418,17 @@ async def _reload_on_signal(
         if (log_config.level, log_config.format) != logging_in_use:
             logging_in_use = (log_config.level, log_config.format)
             configure_logging(*logging_in_use, pid=True)
-        log.info("reloaded", extra=fields(config=str(config_path), changes=summary))
+        log.info(
+            "reloaded", extra=fields(config=str(config_path), changes=summary, asked=len(asked))
+        )
         notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
         _tell(asked, supervisor.last_reload)
 
 
-def _tell(asked: ReloadAsked, outcome: dict[str, Any] | None) -> None:
-    if asked is not None and not asked.done():  # its asker may have gone
-        asked.set_result(outcome or reload_outcome("no outcome recorded"))
+def _tell(asked: list[ReloadAsked], outcome: dict[str, Any] | None) -> None:
+    for one in asked:
+        if one is not None and not one.done():  # its asker may have gone
+            one.set_result(outcome or reload_outcome("no outcome recorded"))
 
 
 async def _ping_watchdog(notifier: Notifier) -> None:
