@@ -60,7 +60,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
-from fleet_ingress.config.settings import IngressConfig, config_to_json, environment_values
+from fleet_ingress.config.settings import (
+    IngressConfig,
+    config_to_json,
+    edits_hidden,
+    environment_values,
+    file_settings,
+)
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import reload_note
@@ -325,6 +331,11 @@ class Supervisor:
         # a replacement too (a reload notes a change, as of process.workers).
         self.cpu_affinity = config.process.cpu_affinity
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
+        # The configuration file as the configuration in force was read (its
+        # start, the last reload applied): what a reload's edits are told
+        # against, where the environment hides them (`edits_hidden`).
+        self.file_read: dict[str, Any] = {}
+        self.edits_hidden: list[str] = []  # by the last reload applied
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
         # Each a SIGHUP (None) or `fleet-ingress reload` (a future for its outcome).
@@ -495,6 +506,7 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.file_read = await asyncio.to_thread(file_settings, self.config_path)
         if not self._ticket_keys_stored:  # before any worker is handed them
             self._store_ticket_keys()
             self._ticket_keys_stored = True
@@ -1781,6 +1793,8 @@ class Supervisor:
         finally:
             self.reloading = False
         self.last_reload = reload_outcome(None, changes)
+        if self.edits_hidden:  # `stat` says them, as the reload's answer does
+            self.last_reload["edits_hidden"] = self.edits_hidden
         if self.workers_not_reloaded:  # `fleet-ingress reload` must not say it all applied
             self.last_reload["workers_failed"] = {
                 str(pid): str(error) for pid, error in self.workers_not_reloaded.items()
@@ -1816,6 +1830,8 @@ class Supervisor:
         except ReloadRefused:
             self.reloads["refused"] += 1
             raise
+        # Read again, not with the configuration: a few ms for a few lines.
+        file_now = await asyncio.to_thread(file_settings, self.config_path)
         # "auto" counted anew off the loop: /proc/self/mountinfo is read for
         # the cgroup's quota, 30-40 ms on a host of 3000 mounts (a Kubernetes node).
         workers = await asyncio.to_thread(config.process.workers_from)
@@ -1824,6 +1840,14 @@ class Supervisor:
             notes.append(f"applied: {settings}")
         if certificate := reload_note(leaf, self.serving_leaf, pem, self.serving_pem):
             notes.append(certificate)
+        self.edits_hidden = edits_hidden(self.file_read, file_now)
+        self.file_read = file_now
+        for hidden in self.edits_hidden:
+            log.warning(
+                "a file edit is not applied: the environment sets its key",
+                extra=fields(note=hidden),
+            )
+        notes += self.edits_hidden
         verified = self.config.fleets.verify
         new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
         if new_keys:

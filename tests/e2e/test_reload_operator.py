@@ -88,3 +88,50 @@ async def test_reload_callers_during_a_round_get_a_round_that_read_their_edit(
         assert sum(r.get("asked", 1) for r in rounds) == 21, rounds
     finally:
         await service.finish()
+
+
+async def test_a_reload_names_a_file_edit_the_environment_hides(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """The file's queue = 3 edited to 5 and reloaded, FLEET_INGRESS_TIMEOUTS__QUEUE=7
+    in the service's environment: the reload said "nothing changed" and
+    succeeded, the edit never served. Its answer, its journal line, the last
+    reload in /stats.json and `stat` name the key, the variable and the fix; a
+    reload after, with no edit, says nothing of it."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    )
+    try:
+        config = service.home / "ingress.toml"
+        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
+        assert "\nqueue = 5\n" in edited
+        config.write_text(edited)
+        code, said = await admin_command(service, "reload")
+        note = (
+            "timeouts.queue: the file's edit (3 -> 5) is not applied: environment variable "
+            "FLEET_INGRESS_TIMEOUTS__QUEUE='7' sets it, and the environment wins; unset it "
+            "where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
+            "Environment= or a drop-in), then restart the service to have the file's (a "
+            "reload or an upgrade keeps the environment it started with)"
+        )
+        assert code == 0 and note in said, said
+        (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
+        assert note in reloaded["changes"], reloaded
+        assert any(e.get("level") == "warning" and e.get("note") == note for e in service.log()), (
+            service.log_tail()
+        )
+        last = (await service.stats())["last_reload"]
+        assert last["result"] == "applied" and last["edits_hidden"] == [note], last
+        code, shown = await admin_command(service, "stat")
+        assert code == 0 and f"): {note}" in shown and "EDITS NOT APPLIED (reload " in shown
+        # Said once, for the edit: a reload with nothing edited says nothing of it.
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and "timeouts.queue" not in said, said
+        assert "edits_hidden" not in (await service.stats())["last_reload"]
+        code, shown = await admin_command(service, "stat")
+        assert "EDITS NOT APPLIED" not in shown, shown
+    finally:
+        await service.finish()
