@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,3 +137,93 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
         assert "EDITS NOT APPLIED" not in shown, shown
     finally:
         await service.finish()
+
+
+async def _check(config: Path, env: dict[str, str]) -> tuple[int, str]:
+    """`fleet-ingress check -c config` with `env` as its only FLEET_INGRESS_ variables."""
+    own = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEET_INGRESS_")}
+    checking = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "fleet_ingress", "check", "-c", str(config)),
+        stdout=asyncio.subprocess.PIPE,
+        env={**own, **env},
+    )
+    out = (await asyncio.wait_for(checking.communicate(), 60))[0].decode()
+    assert checking.returncode is not None
+    return checking.returncode, out
+
+
+async def test_check_says_where_the_running_services_environment_differs_from_its_own(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """`check` run from a shell reads the shell's environment: with
+    FLEET_INGRESS_TIMEOUTS__QUEUE=7 in the service's (the unit's Environment=)
+    it said the file's queue = 3 was fine and nothing of the 7 served; as the
+    unit's ExecReload after the variable was taken out of the unit, the same.
+    It asks the service over its admin socket and says each difference."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    )
+    config = service.home / "ingress.toml"
+    where = f"admin socket {service.home / 'admin.sock'}"
+    service_is = f"the running service (pid {service.proc.pid}, {where})"
+    fix = (
+        "the service keeps the environment it started with over a reload or an upgrade: set "
+        "it in the unit (`systemctl show fleet-ingress -p Environment`, its Environment= or a "
+        "drop-in), then restart the service"
+    )
+    try:
+        code, said = await _check(config, {})
+        assert code == 0, said
+        assert (
+            f"warning: environment: {service_is} has FLEET_INGRESS_TIMEOUTS__QUEUE='7' in its "
+            "environment, this check's has not: the service serves that value over the "
+            f"file's, whatever this check said of the file; {fix}\n"
+        ) in said, said
+        code, said = await _check(config, {"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"})
+        assert code == 0 and "running service" not in said, said
+        code, said = await _check(
+            config, {"FLEET_INGRESS_TIMEOUTS__QUEUE": "9", "FLEET_INGRESS_LOG__LEVEL": "debug"}
+        )
+        assert code == 0, said
+        assert (
+            f"warning: environment: this check's environment has FLEET_INGRESS_LOG__LEVEL="
+            f"'debug', {service_is}'s has not: the service serves the file's value, not the "
+            f"one this check judged; {fix}\n"
+        ) in said, said
+        assert (
+            "warning: environment: FLEET_INGRESS_TIMEOUTS__QUEUE is '9' in this check's "
+            f"environment but '7' in {service_is}'s: the service serves '7'; {fix}\n"
+        ) in said, said
+    finally:
+        await service.finish()
+
+
+async def test_check_is_not_held_by_an_admin_socket_that_never_answers(tmp_path: Path) -> None:
+    """The unit's ExecReload runs check: a service whose admin socket accepts
+    and never answers (its loop stalled) costs check 2 s at most, and it says
+    nothing of the environment it could not learn."""
+    from fleet_ingress.config.settings import config_from_dict
+    from fleet_ingress.ops.service_environment import ASK_TIMEOUT, service_environment_lines
+
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    sock = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(never_answer, path=str(sock))
+    try:
+        config = config_from_dict({"listen": {"admin_socket": str(sock)}}, base_dir=tmp_path)
+        started = time.monotonic()
+        lines = await asyncio.to_thread(service_environment_lines, config)
+        took = time.monotonic() - started
+        assert lines == [] and held, lines
+        assert ASK_TIMEOUT <= took < ASK_TIMEOUT + 1.5, took
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()

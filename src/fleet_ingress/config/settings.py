@@ -786,6 +786,13 @@ def _environment_settings() -> list[tuple[str, list[str], Any]]:
     return found
 
 
+def environment_settings() -> dict[str, str]:
+    """The FLEET_INGRESS_ variables of this process read as settings (naming a
+    section), by name: what the admin socket's GET /environment answers, for
+    `check` to tell where its own environment differs from the service's."""
+    return {name: os.environ[name] for name, _, _ in _environment_settings()}
+
+
 def _written(file_data: dict[str, Any], parts: list[str], setting: Any) -> Any:
     """What of the file's value at `parts` the environment's `setting` hides."""
     written: Any = file_data

@@ -8,6 +8,8 @@
                                       when done: last_reload's {"result", "error", ...}
     POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
     GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
+    GET    /environment               {"pid", "environment": {NAME: value}}: the
+                                      FLEET_INGRESS_ settings of its environment
 
 Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 """
@@ -26,7 +28,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.config.settings import environment_settings, not_a_socket
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
@@ -177,6 +179,12 @@ def admin_app(
             change_over()
         return web.json_response(result)
 
+    async def environment(request: web.Request) -> web.Response:
+        # The one it started with: a reload or an upgrade's exec keeps it, and
+        # `check` run from a shell (or as the unit's ExecReload after a
+        # daemon-reload) has another.
+        return web.json_response({"pid": os.getpid(), "environment": environment_settings()})
+
     app = web.Application(middlewares=[_errors])
     app.router.add_get("/stat", stat)
     app.router.add_post("/fleets/{name}/state", set_state)
@@ -185,6 +193,7 @@ def admin_app(
     app.router.add_post("/reload", do_reload)
     app.router.add_post("/upgrade", begin_upgrade)
     app.router.add_get("/upgrade", upgrade_status)
+    app.router.add_get("/environment", environment)
     return app
 
 
