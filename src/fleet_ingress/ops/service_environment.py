@@ -8,8 +8,11 @@ service served over the file's 32 (session 36)."""
 
 from __future__ import annotations
 
-import asyncio
+import http.client
+import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ from fleet_ingress.config.settings import IngressConfig, environment_settings, n
 # Bounded: the unit's ExecReload runs check, and a service whose admin socket
 # does not answer must not hold the reload.
 ASK_TIMEOUT = 2.0
+# An answer past this is no answer of ours (a few hundred bytes).
+MAX_ANSWER = 1 << 20
 
 # How the service's environment is changed, and why a restart.
 _FIX = (
@@ -35,24 +40,42 @@ def service_environment_lines(config: IngressConfig) -> list[str]:
     where = config.listen.admin_socket
     if not where or not os.path.exists(where) or not_a_socket(Path(where)) is not None:
         return []
-    # Here, not at the top: aiohttp's import is for a check that asks.
-    from fleet_ingress.ops.admin_client import AdminUnreachable
-
     try:
-        status, body = asyncio.run(_ask(Path(where)))
-    except (AdminUnreachable, TimeoutError, OSError):
+        status, body = _ask(where)
+    except (OSError, ValueError, http.client.HTTPException):  # none in time, not ours, not JSON
         return []
-    theirs = body.get("environment")
+    theirs = body.get("environment") if isinstance(body, dict) else None
     if status != 200 or not isinstance(theirs, dict):
         return []  # a release before GET /environment answers 404
     return differences(environment_settings(), theirs, body.get("pid"), where)
 
 
-async def _ask(socket_path: Path) -> tuple[int, dict[str, Any]]:
-    from fleet_ingress.ops.admin_client import admin_request
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("ingress", timeout=ASK_TIMEOUT)
+        self.unix_path = path
 
-    async with asyncio.timeout(ASK_TIMEOUT):
-        return await admin_request(socket_path, "GET", "/environment")
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(ASK_TIMEOUT)
+        self.sock.connect(self.unix_path)
+
+
+def _ask(where: str) -> tuple[int, Any]:
+    """GET /environment, blocking, within ASK_TIMEOUT (http.client, not
+    aiohttp: its import alone was a third of a second of every check). Each
+    read is bounded; the answer is a few hundred bytes, in one or two."""
+    connection = _UnixHTTP(where)
+    deadline = time.monotonic() + ASK_TIMEOUT
+    try:
+        connection.request("GET", "/environment")
+        response = connection.getresponse()
+        body = response.read(MAX_ANSWER)
+        if time.monotonic() > deadline:
+            raise TimeoutError("no answer in time")
+        return response.status, json.loads(body)
+    finally:
+        connection.close()
 
 
 def differences(ours: dict[str, str], theirs: dict[str, Any], pid: object, where: str) -> list[str]:
