@@ -368,7 +368,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.config is None:
             print("fleet-ingress check: -c CONFIG is required (or --body FILE)", file=sys.stderr)
             return 2
-        return run_check(args.config, probe=args.probe, before_start=args.before_start)
+        from fleet_ingress.ops.service_environment import service_environment_lines
+
+        return run_check(
+            args.config,
+            probe=args.probe,
+            before_start=args.before_start,
+            running=service_environment_lines,
+        )
     if args.command == "init":
         from fleet_ingress.config.init_deploy import main_init
 

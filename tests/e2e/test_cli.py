@@ -795,8 +795,10 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
             "environment it started with)"
         ], ready
         # Why a restart: the variable unset in the unit (daemon-reload), the
-        # unit's ExecReload check runs without it and says nothing, while the
-        # reload that follows still applies it (the review of session 35).
+        # unit's ExecReload check runs without it, while the reload that
+        # follows still applies it (the review of session 35). That check
+        # says nothing of its own environment, but asks the service's
+        # (tests/e2e/test_reload_operator.py).
         config = service.home / "ingress.toml"
         edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
         assert "\nqueue = 5\n" in edited
@@ -808,12 +810,15 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
             env={k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")},
         )
         said = (await asyncio.wait_for(checking.communicate(), 60))[0].decode()
-        assert checking.returncode == 0 and "environment" not in said, said
+        assert checking.returncode == 0 and "from environment variable" not in said, said
+        assert "the running service (pid" in said and "TIMEOUTS__QUEUE='7' in its" in said
         ready_count = service.seen("READY=1")
         service.proc.send_signal(signal.SIGHUP)
         await service.wait_for("READY=1", ready_count + 1, timeout=20)
         (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
-        assert "timeouts.queue" not in reloaded["changes"], reloaded  # 7 still, not 5
+        # 7 still, not 5, and said so (tests/e2e/test_reload_operator.py).
+        assert "timeouts.queue 3 -> 5" not in reloaded["changes"], reloaded
+        assert "timeouts.queue: the file's edit (3 -> 5) is not applied" in reloaded["changes"]
     finally:
         await service.finish()
 

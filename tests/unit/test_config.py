@@ -1098,3 +1098,32 @@ def test_a_variable_in_two_cases_a_release_before_took_does_not_refuse_what_it_h
     assert handed.limits.max_queue == 6
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, "[limits]\nmax_queue = 3\n"))
+
+
+def test_a_file_edit_is_said_hidden_only_where_the_environment_sets_the_key_edited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a reload says of an edit the environment hides (`edits_hidden`):
+    a key the variable sets, edited or newly written, is named with the
+    variable; a key of a JSON table's section it does not set is the file's
+    (applied), and a key the edit removed or left alone is not said."""
+    from fleet_ingress.config.settings import edits_hidden, file_settings
+
+    monkeypatch.setenv("FLEET_INGRESS_FLEETS__MAXCONN", "16")
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS", '{"connect": 2}')
+    before = file_settings(write(tmp_path, "[fleets]\nmaxconn = 8\n[timeouts]\nqueue = 3\n"))
+    after = file_settings(
+        write(tmp_path, "[Fleets]\nmaxconn = 32\n[timeouts]\nqueue = 4\nconnect = 9\n")
+    )
+    maxconn, connect = edits_hidden(before, after)
+    assert maxconn.startswith(
+        "fleets.maxconn: the file's edit (8 -> 32) is not applied: environment variable "
+        "FLEET_INGRESS_FLEETS__MAXCONN='16' sets it, and the environment wins; unset it "
+    ), maxconn
+    assert maxconn.endswith("(a reload or an upgrade keeps the environment it started with)")
+    assert connect.startswith(
+        "timeouts: the file's edit (not set -> {connect = 9}) is not applied: environment "
+        """variable FLEET_INGRESS_TIMEOUTS='{"connect": 2}' sets it"""
+    ), connect
+    assert edits_hidden(after, after) == []
+    assert edits_hidden(after, before | {"fleets": {}}) == []  # removed: the file's own say

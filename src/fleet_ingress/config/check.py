@@ -10,6 +10,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -55,7 +56,12 @@ def check_configuration(path: Path) -> list[str]:
 
 
 def run_check(
-    path: Path, out: TextIO | None = None, *, probe: bool = False, before_start: bool = False
+    path: Path,
+    out: TextIO | None = None,
+    *,
+    probe: bool = False,
+    before_start: bool = False,
+    running: Callable[[IngressConfig], list[str]] | None = None,
 ) -> int:
     """Print the findings (to stdout by default) and return the exit status: 0 OK, 1 not.
 
@@ -67,9 +73,15 @@ def run_check(
     started now takes them up with what its predecessor ran, not the files
     (service/fd_store.py): problems in the files are said, and do not keep it
     from starting (before, a crash with a broken edit on disk failed every
-    restart, and the unit, every new call refused)."""
+    restart, and the unit, every new call refused).
+
+    `running`: what the running service says against this configuration
+    (ops.service_environment: where its environment differs from this
+    one's), warnings; not before a start, when none runs."""
     out = out or sys.stdout
     config, fleets, lines = _check(path)
+    if running is not None and config is not None and not before_start:
+        lines += [f"{WARNING}{line}" for line in running(config)]
     if config is not None and fleets and not before_start:
         # Not before a start: a start waits on no resolver (network-online.target
         # may come before DNS answers). Before a reload, LOOKUP_BUDGET at most.

@@ -771,49 +771,102 @@ def _variables_in_two_cases() -> list[str]:
     ]
 
 
-def environment_values(path: Path | None) -> list[str]:
-    """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
-    words: the variable, and the file's value it hides where the file sets the
-    key too. The environment wins without a word otherwise: a value left in the
-    unit's Environment= outlives every edit of the file (the config audit of
-    session 35). Only variables naming a section (the others are refused)."""
-    file_data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = tomllib.loads(read_config_text(path))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            loaded = {}  # reported by load_config
-        file_data = {name.lower(): value for name, value in loaded.items()}
-    lines = []
+def file_settings(path: Path | None) -> dict[str, Any]:
+    """The file's tables as TOML reads them, sections lower-cased as `run`
+    reads them; {} when it cannot be read (`load_config` says why)."""
+    if path is None:
+        return {}
+    try:
+        loaded = tomllib.loads(read_config_text(path))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    return {name.lower(): value for name, value in loaded.items()}
+
+
+def _environment_settings() -> list[tuple[str, list[str], Any]]:
+    """Each FLEET_INGRESS_<SECTION>__<KEY> variable naming a section (the
+    others are refused): its name, its path of keys, its value as read (JSON
+    where it is JSON, as pydantic-settings reads it)."""
+    found = []
     for name in sorted(os.environ):
         if not name.upper().startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         if parts[0] not in IngressConfig.model_fields:
             continue
-        # repr and ascii: a control character must not act where this is printed.
-        dotted, shown = ascii(".".join(parts))[1:-1], ascii(name)[1:-1]
-        line = f"{dotted} = {os.environ[name]!r} from environment variable {shown}, not the file"
-        written: Any = file_data
-        for part in parts:
-            written = written.get(part) if isinstance(written, dict) else None
         try:
             setting: Any = json.loads(os.environ[name])
         except ValueError:
             setting = os.environ[name]
-        written = _hidden(written, setting)
+        found.append((name, parts, setting))
+    return found
+
+
+def environment_settings() -> dict[str, str]:
+    """The FLEET_INGRESS_ variables of this process read as settings (naming a
+    section), by name: what the admin socket's GET /environment answers, for
+    `check` to tell where its own environment differs from the service's."""
+    return {name: os.environ[name] for name, _, _ in _environment_settings()}
+
+
+def _written(file_data: dict[str, Any], parts: list[str], setting: Any) -> Any:
+    """What of the file's value at `parts` the environment's `setting` hides."""
+    written: Any = file_data
+    for part in parts:
+        written = written.get(part) if isinstance(written, dict) else None
+    return _hidden(written, setting)
+
+
+# Where a variable hiding the file's value is to be changed, and why a restart.
+_UNSET_AND_RESTART = (
+    "unset it where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
+    "Environment= or a drop-in), then restart the service to have the file's (a reload or "
+    "an upgrade keeps the environment it started with)"
+)
+
+
+def environment_values(path: Path | None) -> list[str]:
+    """Each key a FLEET_INGRESS_<SECTION>__<KEY> variable sets, in an operator's
+    words: the variable, and the file's value it hides where the file sets the
+    key too. The environment wins without a word otherwise: a value left in the
+    unit's Environment= outlives every edit of the file (the config audit of
+    session 35). Only variables naming a section (the others are refused)."""
+    file_data = file_settings(path)
+    lines = []
+    for name, parts, setting in _environment_settings():
+        # repr and ascii: a control character must not act where this is printed.
+        dotted, shown = ascii(".".join(parts))[1:-1], ascii(name)[1:-1]
+        line = f"{dotted} = {os.environ[name]!r} from environment variable {shown}, not the file"
+        written = _written(file_data, parts, setting)
         if written is not None:
             # Then a restart: a reload, or an upgrade's exec, keeps the
             # environment the service started with (a reload after unsetting it
             # applied the variable still, and this check, given the unit's new
             # environment, said nothing of it).
-            line += (
-                f"'s {_toml_text(written)}: the environment wins; unset it where it is set "
-                "(`systemctl show fleet-ingress -p Environment`, the unit's Environment= or "
-                "a drop-in), then restart the service to have the file's (a reload or an "
-                "upgrade keeps the environment it started with)"
-            )
+            line += f"'s {_toml_text(written)}: the environment wins; {_UNSET_AND_RESTART}"
         lines.append(line)
+    return lines
+
+
+def edits_hidden(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Each key whose value in the file changed from `before` to `after`
+    (`file_settings` of the file as the running configuration was read, and
+    as a reload reads it now) while a variable of this process's environment
+    sets it: the edit is not applied, and a reload said nothing of it (an
+    operator edited fleets.maxconn, reloaded, and FLEET_INGRESS_FLEETS__MAXCONN
+    in the unit still won). A key the edit removed from the file is not said."""
+    lines = []
+    for name, parts, setting in _environment_settings():
+        was, now = _written(before, parts, setting), _written(after, parts, setting)
+        if now is None or was == now:
+            continue
+        dotted, shown = ascii(".".join(parts))[1:-1], ascii(name)[1:-1]
+        was_said = "not set" if was is None else _toml_text(was)
+        lines.append(
+            f"{dotted}: the file's edit ({was_said} -> {_toml_text(now)}) is not applied: "
+            f"environment variable {shown}={os.environ[name]!r} sets it, and the environment "
+            f"wins; {_UNSET_AND_RESTART}"
+        )
     return lines
 
 

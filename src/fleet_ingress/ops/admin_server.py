@@ -11,6 +11,8 @@
     GET    /calls?fleet=&bot=&longer_than=   every live call on the host, oldest first:
                                       {"calls": [row, ...], "filter", "workers", ...}
     DELETE /calls/{id}?reason=TEXT    end that call (PID-N), end_reason admin: {"ended": row}
+    GET    /environment               {"pid", "environment": {NAME: value}}: the
+                                      FLEET_INGRESS_ settings of its environment
 
 Errors answer a JSON `{"error": "..."}` that names the thing and the fix.
 """
@@ -29,7 +31,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.config.settings import environment_settings, not_a_socket
 from fleet_ingress.core.call_list import CallFilter, FilterError
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -217,6 +219,12 @@ def admin_app(
             )
         return web.json_response(await live_calls().end_call(request.match_info["id"], why))
 
+    async def environment(request: web.Request) -> web.Response:
+        # The one it started with: a reload or an upgrade's exec keeps it, and
+        # `check` run from a shell (or as the unit's ExecReload after a
+        # daemon-reload) has another.
+        return web.json_response({"pid": os.getpid(), "environment": environment_settings()})
+
     app = web.Application(middlewares=[_errors])
     app.router.add_get("/calls", list_calls)
     app.router.add_delete("/calls/{id}", end_one)
@@ -227,6 +235,7 @@ def admin_app(
     app.router.add_post("/reload", do_reload)
     app.router.add_post("/upgrade", begin_upgrade)
     app.router.add_get("/upgrade", upgrade_status)
+    app.router.add_get("/environment", environment)
     return app
 
 

@@ -44,3 +44,14 @@ def reload_warning(snap: dict[str, Any]) -> str | None:
         f"LAST RELOAD REFUSED ({when}): {last['error']}; the previous configuration "
         "still serves: fix it, then reload again"
     )
+
+
+def edits_hidden_warning(snap: dict[str, Any]) -> str | None:
+    """One line for `stat` and the stats page while the last reload applied
+    found file edits the environment hides (`last_reload["edits_hidden"]`):
+    the reload's answer and its journal line scroll away, the edit stays unserved."""
+    last = snap.get("last_reload")
+    if last is None or was_refused(last) or not last.get("edits_hidden"):
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
+    return f"EDITS NOT APPLIED (reload {when}): " + "; ".join(last["edits_hidden"])
