@@ -5,7 +5,8 @@ memory BIO -> plaintext -> memory BIO -> socket, and each connection holds
 buffers of its own. Here OpenSSL reads and writes the socket itself, as
 HAProxy does: a relayed record is one ``recv_into`` into a buffer shared by
 every connection and one ``send``; CPython sets ``SSL_MODE_RELEASE_BUFFERS`` on
-every context, so an idle connection holds no record buffers.
+every context, and a read that wants more gives back what that mode keeps
+(`TLSConnection._release_buffers`), so an idle connection holds no record buffers.
 
 One :class:`TLSConnection` per socket, no task per connection: the loop calls
 ``_on_readable`` / ``_on_writable``; the connection calls its handler
