@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import gc
 import hashlib
 import itertools
 import os
@@ -1155,6 +1156,109 @@ async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
         conn.abort()
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "safe"),
+    [
+        ((3, 0, 0, 13, 0), False),
+        ((3, 0, 0, 14, 0), True),
+        ((3, 1, 0, 5, 0), False),
+        ((3, 1, 0, 6, 0), True),
+        ((3, 2, 0, 1, 0), False),
+        ((3, 3, 0, 0, 0), False),
+        ((3, 3, 0, 1, 0), True),
+        ((3, 4, 0, 0, 0), True),
+        ((1, 1, 1, 23, 15), False),
+    ],
+)
+def test_record_buffers_are_freed_only_where_openssl_refuses_a_record_under_way(
+    version: tuple[int, int, int, int, int], safe: bool
+) -> None:
+    """CVE-2024-4741: SSL_free_buffers freed a partly read record before these."""
+    assert tls_socket._free_buffers_safe(version) is safe
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        )
+    ]
+
+
+def _malloced() -> int:
+    """Bytes glibc's malloc has handed out and not had back (OpenSSL's included)."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc's mallinfo2 (2.33 or later)")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def test_a_session_ticket_read_after_our_write_leaves_no_record_buffer_held(
+    tls_files: TLSFiles,
+) -> None:
+    """A fleet's NewSessionTickets come a round trip after its handshake: on a
+    real network after our head. OpenSSL sets its 16 KiB write buffer up to
+    read one and, SSL_MODE_RELEASE_BUFFERS notwithstanding, kept it until our
+    next write: a held call its carrier was silent on kept it for its life
+    (memory per call, issue 13). Measured over a few connections: the malloc'd
+    bytes a ticket and a first answer leave each one with."""
+    loop = asyncio.get_running_loop()
+    fleet_ctx = tls_files.fleet_server_context()
+    fleet_ctx.num_tickets = 0  # none with the handshake: each is sent below, after our write
+    LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
+    peers = []
+    for _ in range(12):
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(listener))
+        connecting = loop.create_task(
+            connect(
+                "127.0.0.1",
+                listener.getsockname()[1],
+                tls_files.client_context(),
+                server_hostname="localhost",
+                timeout=5,
+            )
+        )
+        raw, _ = await accepted
+        listener.close()
+        raw.setblocking(False)
+        fleet, outgoing = await _memory_bio_peer(raw, fleet_ctx, server_side=True)
+        conn = await connecting
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"GET")  # our head, sent before the fleet's tickets come
+        peers.append((raw, fleet, outgoing, conn, handler))
+    await asyncio.sleep(0.1)
+    try:
+        gc.collect()
+        before = _malloced()
+        for raw, fleet, outgoing, _, _ in peers:
+            for _ in range(2):  # OpenSSL's default, each a record of its own
+                assert LIBSSL.SSL_new_session_ticket(ssl_pointer(fleet)) == 1  # type: ignore[arg-type]
+                fleet.do_handshake()
+            fleet.write(b"101")
+            await loop.sock_sendall(raw, outgoing.read())
+        await eventually(lambda: all(h.data == b"101" for *_, h in peers))
+        # The stand-in fleet's own buffers (a ticket sent keeps one too) are not
+        # the layer's: given back first.
+        LIBSSL.SSL_free_buffers.argtypes = [ctypes.c_void_p]
+        for _, fleet, *_ in peers:
+            assert LIBSSL.SSL_free_buffers(ssl_pointer(fleet)) == 1  # type: ignore[arg-type]
+        gc.collect()
+        per_connection = (_malloced() - before) / len(peers)
+        # A ticket's session is about 1-2 KiB; the write buffer alone is 16.5 KiB.
+        assert per_connection < 8 * 1024, f"{per_connection:.0f} bytes a connection"
+        assert all(conn.get_write_buffer_size() == 0 and not h.lost for *_, conn, h in peers)
+    finally:
+        for raw, _, _, conn, _ in peers:
+            conn.abort()
+            raw.close()
 
 
 class _FleetThread:

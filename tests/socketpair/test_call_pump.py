@@ -13,6 +13,7 @@ import contextlib
 import gc
 import socket
 import ssl
+import sys
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -193,6 +194,8 @@ async def test_a_held_tunnel_keeps_none_of_its_set_up_state(pump_with_fleet):
     assert call.fleet_side in _reachable(call.carrier)  # the walk does reach the fleet side
     for gone in (h11.Connection, RequestHeadReader, FleetExchange, ResponseHead, Link):
         assert gone not in kept, gone.__name__
+    # No timer runs in a tunnel, and none leaves its dict's table behind.
+    assert sys.getsizeof(call.carrier._timers) == sys.getsizeof({})
     writer.close()
     await eventually(lambda: not pump.ctx.registry.calls)
 

@@ -993,14 +993,23 @@ class CarrierProtocol(_Side):
         )
 
     def _timer_fired(self, timer: Timer) -> None:
-        self._timers.pop(timer, None)
+        self._forget_timer(timer)
         self.feed(TimerFired(timer))
 
     def _cancel_timer(self, command: Command) -> None:
         assert isinstance(command, CancelTimer)
-        handle = self._timers.pop(command.timer, None)
+        handle = self._forget_timer(command.timer)
         if handle is not None:
             handle.cancel()
+
+    def _forget_timer(self, timer: Timer) -> PatientTimer | None:
+        """Take `timer` out. Emptied, the dict is made anew: a call holds no
+        timer in its tunnel, and a dict keeps the table its entries had (160
+        bytes a held call, memory per call: issue 13)."""
+        handle = self._timers.pop(timer, None)
+        if not self._timers:
+            self._timers = {}
+        return handle
 
     def _call_ended(self, command: Command) -> None:
         """Both sides are gone: access log, out of the registry."""

@@ -5,7 +5,8 @@ memory BIO -> plaintext -> memory BIO -> socket, and each connection holds
 buffers of its own. Here OpenSSL reads and writes the socket itself, as
 HAProxy does: a relayed record is one ``recv_into`` into a buffer shared by
 every connection and one ``send``; CPython sets ``SSL_MODE_RELEASE_BUFFERS`` on
-every context, so an idle connection holds no record buffers.
+every context, and a read that wants more gives back what that mode keeps
+(`TLSConnection._release_buffers`), so an idle connection holds no record buffers.
 
 One :class:`TLSConnection` per socket, no task per connection: the loop calls
 ``_on_readable`` / ``_on_writable``; the connection calls its handler
@@ -100,7 +101,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
@@ -695,6 +696,7 @@ class TLSConnection:
             try:
                 n = sslobj.read(size, buf)
             except ssl.SSLWantReadError:
+                self._release_buffers()
                 return
             except ssl.SSLWantWriteError:
                 # OpenSSL must write before it can read on (a key update's answer):
@@ -731,6 +733,20 @@ class TLSConnection:
                 return
         if sslobj.pending():
             self._loop.call_soon(self._on_readable)
+
+    def _release_buffers(self) -> None:
+        """After a read that wanted more: give OpenSSL's record buffers back.
+        SSL_MODE_RELEASE_BUFFERS frees them only as a write is sent and as
+        application data is read whole; a read that takes a post-handshake
+        message (a fleet's NewSessionTicket, a KeyUpdate: a WantRead with
+        AUTO_RETRY cleared) sets the 16 KiB write buffer up and keeps it until
+        the next write, and one that finds nothing keeps the read buffer. A
+        fleet's tickets come a round trip after its handshake, after our head
+        on a real network: a call its carrier was silent on held 16.5 KiB more
+        for as long as it lasted (memory per call: issue 13). OpenSSL frees
+        nothing that holds a record under way (and says so)."""
+        if self._out is None and self._renegotiating is None and self._ssl is not None:
+            _free_buffers(self._ssl)
 
     def _peer_ended(self, *, clean: bool) -> None:
         self._eof = True
@@ -1036,6 +1052,7 @@ class _LibSSL(NamedTuple):
     in_init: Any  # SSL_in_init(SSL *)
     get_ctx: Any  # SSL_get_SSL_CTX(SSL *)
     ctrl: Any  # SSL_ctrl(SSL *, int, long, void *)
+    free_buffers: Any  # SSL_free_buffers(SSL *)
 
 
 # SSL_ctrl's command and the mode bit (openssl/ssl.h).
@@ -1056,6 +1073,7 @@ def _libssl() -> _LibSSL | None:
             libssl.SSL_in_init,
             libssl.SSL_get_SSL_CTX,
             libssl.SSL_ctrl,
+            libssl.SSL_free_buffers,
         )
     except (OSError, AttributeError, ImportError):
         return None
@@ -1065,7 +1083,39 @@ def _libssl() -> _LibSSL | None:
     calls.get_ctx.restype, calls.get_ctx.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
     calls.ctrl.restype = ctypes.c_long
     calls.ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    calls.free_buffers.restype, calls.free_buffers.argtypes = ctypes.c_int, [ctypes.c_void_p]
     return calls
+
+
+# Before these releases SSL_free_buffers freed a read buffer that still held a
+# record partly read (CVE-2024-4741, a use after free): not called there. A
+# distribution's patched build that still says an older number goes without.
+_FREE_BUFFERS_FIXED_IN = {0: 14, 1: 6, 2: 2, 3: 1}  # OpenSSL 3.minor: the patch release
+
+
+def _free_buffers_safe(version: tuple[int, int, int, int, int]) -> bool:
+    """Whether this OpenSSL's SSL_free_buffers (`ssl.OPENSSL_VERSION_INFO`: 3.x
+    reads (3, minor, 0, patch, status)) refuses a buffer a record is under way in."""
+    major, minor, _fix, patch, _status = version
+    if major != 3:
+        return major > 3
+    return patch >= _FREE_BUFFERS_FIXED_IN.get(minor, 0)
+
+
+@functools.cache
+def _free_buffers_call() -> Callable[[int], int] | None:
+    calls = _libssl()
+    if calls is None or not _free_buffers_safe(ssl.OPENSSL_VERSION_INFO):
+        return None
+    return cast(Callable[[int], int], calls.free_buffers)
+
+
+def _free_buffers(pointer: int) -> None:
+    """SSL_free_buffers: OpenSSL's record buffers, freed if no record is under
+    way in them (it refuses otherwise); allocated again as they are needed."""
+    free = _free_buffers_call()
+    if free is not None:
+        free(pointer)
 
 
 def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
