@@ -40,8 +40,8 @@ from tests.support import (
     free_ports,
     masked_close,
     stopped_together,
+    until_asked,
     until_stopped,
-    worker_channel_copy,
     workers_of,
     write_run_home,
 )
@@ -154,21 +154,6 @@ async def _answer_held_by_stopped_supervisor(worker: int, supervisor: int, secon
         await asyncio.sleep(seconds)
     finally:
         os.kill(supervisor, signal.SIGCONT)
-
-
-async def _until_asked(worker: int, op: str) -> None:
-    """Until the supervisor's `op` waits unread in (stopped) `worker`'s slot
-    channel: read with MSG_PEEK from a copy of the worker's end, nothing taken
-    (a fixed second's sleep before; this is milliseconds)."""
-    wanted = b'{"op":"' + op.encode() + b'"'
-    with worker_channel_copy(worker) as channel:
-        channel.setblocking(False)
-        async with asyncio.timeout(10):
-            while True:
-                with contextlib.suppress(BlockingIOError):
-                    if wanted in channel.recv(1 << 20, socket.MSG_PEEK):
-                        return
-                await asyncio.sleep(0.01)
 
 
 @pytest.mark.timeout(60)
@@ -545,7 +530,7 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
         try:
             await until_stopped(worker)
             reload = asyncio.ensure_future(admin_command(service, "reload"))
-            await _until_asked(worker, "reload")  # it waits in the worker's channel
+            await until_asked(worker, "reload")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 10.5)
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -702,7 +687,7 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
             async with asyncio.timeout(30):  # the new image listens (0.9 s after the exec here)
                 while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
                     await asyncio.sleep(0.02)
-            await _until_asked(worker, "sync")  # it waits in the worker's channel
+            await until_asked(worker, "sync")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 5.5)
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -908,7 +893,7 @@ async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wai
             removing = asyncio.ensure_future(
                 admin_command(service, "remove-fleet", took, "--force")
             )
-            await _until_asked(worker, "close-fleet")  # it waits in the worker's channel
+            await until_asked(worker, "close-fleet")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 4.5)
         finally:
             os.kill(worker, signal.SIGCONT)

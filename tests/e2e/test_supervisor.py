@@ -49,6 +49,7 @@ from tests.support import (
     metric_samples,
     offer_session,
     process_state,
+    until_asked,
     until_stopped,
     worker_channel_copy,
     workers_of,
@@ -2714,9 +2715,10 @@ async def test_a_worker_killed_during_a_reload_does_not_fail_it(
         os.kill(victim["pid"], signal.SIGSTOP)  # it will not answer the reload
         reload = asyncio.ensure_future(admin_command(service, "reload"))
         # Asked, waiting for its answer: the round waits RELOAD_ANSWER_TIMEOUT
-        # (10 s) for it; 1 s was too short for the round to begin in a CI run
-        # under load (the victim killed first was never asked).
-        await asyncio.sleep(3.0)
+        # (10 s) for it. Waited for in its channel: a fixed 1 s was too short
+        # for the round to begin in a CI run under load (the victim killed
+        # first was never asked), and 3 s was 3 s on a quiet host.
+        await until_asked(victim["pid"], "reload")
         os.kill(victim["pid"], signal.SIGKILL)
         code, printed = await reload
         assert code == 0, printed
