@@ -993,6 +993,24 @@ def worker_channel_copy(pid: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+async def until_asked(worker: int, op: str, timeout: float = 10.0) -> None:
+    """Until the supervisor's `op` waits unread in `worker`'s slot channel (a
+    stopped worker's, or one whose loop has not read it yet): read with
+    MSG_PEEK from a copy of the worker's end, nothing taken. Where a test
+    slept a fixed while for the supervisor to send it: too long on a quiet
+    host, too short on a loaded one (close-fleet was sent 2.6 s after the
+    command began in a run beside other suites)."""
+    wanted = b'{"op":"' + op.encode() + b'"'
+    with worker_channel_copy(worker) as channel:
+        channel.setblocking(False)
+        async with asyncio.timeout(timeout):
+            while True:
+                with contextlib.suppress(BlockingIOError):
+                    if wanted in channel.recv(1 << 20, socket.MSG_PEEK):
+                        return
+                await asyncio.sleep(0.01)
+
+
 def fill_unread_channel(server: SlotServer, key: int) -> bytes:
     """Send channel `key`, whose worker end nobody reads, ops of a later
     version until `server`'s transport holds some unwritten (a worker not

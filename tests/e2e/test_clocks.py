@@ -40,6 +40,7 @@ from tests.support import (
     free_ports,
     masked_close,
     stopped_together,
+    until_asked,
     until_stopped,
     workers_of,
     write_run_home,
@@ -529,7 +530,7 @@ async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_e
         try:
             await until_stopped(worker)
             reload = asyncio.ensure_future(admin_command(service, "reload"))
-            await asyncio.sleep(1.0)  # the reload asked: it waits in the worker's channel
+            await until_asked(worker, "reload")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 10.5)
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -686,7 +687,7 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
             async with asyncio.timeout(30):  # the new image listens (0.9 s after the exec here)
                 while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
                     await asyncio.sleep(0.02)
-            await asyncio.sleep(1.0)  # it has asked "sync": the ask waits in the worker's channel
+            await until_asked(worker, "sync")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 5.5)
         finally:
             os.kill(worker, signal.SIGCONT)
@@ -892,7 +893,7 @@ async def test_a_forced_removal_through_a_supervisor_stopped_past_its_answer_wai
             removing = asyncio.ensure_future(
                 admin_command(service, "remove-fleet", took, "--force")
             )
-            await asyncio.sleep(1.0)  # close-fleet asked: it waits in the worker's channel
+            await until_asked(worker, "close-fleet")  # it waits in the worker's channel
             await _answer_held_by_stopped_supervisor(worker, supervisor, 4.5)
         finally:
             os.kill(worker, signal.SIGCONT)

@@ -20,7 +20,6 @@ import pytest
 
 from fleet_ingress.net import tcp_connect
 from fleet_ingress.net.tcp_connect import (
-    CONNECT_STAGGER,
     AddrInfo,
     first_connected,
     interleaved,
@@ -77,7 +76,10 @@ async def test_an_address_that_drops_connections_costs_one_stagger_not_the_timeo
         took = time.monotonic() - started
         try:
             assert sock.getpeername() == ("127.0.0.1", alive)
-            assert took >= CONNECT_STAGGER * 0.8  # the second began after one stagger
+            # The second began after one stagger, RFC 8305's recommended 250 ms
+            # (not the constant read back: a tenth of it, 25 ms, passed so, every
+            # call to a name with a slow first address connecting twice at once).
+            assert 0.24 <= took < 1.0, took  # (uvloop's timers are to the ms)
         finally:
             sock.close()
 
