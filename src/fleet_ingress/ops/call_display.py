@@ -150,7 +150,16 @@ def describe_ended(answer: dict[str, Any]) -> str:
         else "both sides closed"
     )
     reason = f", reason: {answer['reason']}" if answer.get("reason") else ""
+    ended_as = row.get("end_reason")  # None: a worker of a release before it says
+    if ended_as not in (None, "admin"):
+        # It was ending already (a side hung up, a drain): its own reason stands.
+        said = (
+            f"it was ending already: its access line says end_reason {ended_as}, "
+            "not admin (the reason given is not logged)"
+        )
+    else:
+        said = "its access line says end_reason admin" + reason
     return (
         f"ended call {row['id']} ({what}, from {row.get('client_ip')}, {row.get('state')}, "
-        f"up {shown_age(row.get('age_s'))}): {how}; its access line says end_reason admin" + reason
+        f"up {shown_age(row.get('age_s'))}): {how}; {said}"
     )
