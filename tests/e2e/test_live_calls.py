@@ -84,8 +84,11 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         assert {w["pid"] for w in listing["workers"] if w["answered"]} == workers
         assert rows[0]["bot_id"] == "old-0" and rows[0]["age_s"] >= 1
         assert rows[0]["bytes_from_carrier"] > 0 and rows[0]["bytes_to_carrier"] > 0
-        ages = [r["age_s"] for r in rows]
-        assert ages == sorted(ages, reverse=True)
+        # Oldest first by when each began on the host's one clock; not by
+        # `age_s`, which each worker reads at its own moment (two calls begun
+        # a few ms apart on two workers may read in either order).
+        starts = [r["started_monotonic"] for r in rows]
+        assert starts == sorted(starts)
         assert {r["bot_id"] for r in rows[1:]} == {f"new-{i}" for i in range(len(calls) - 1)}
         assert {r["state"] for r in rows} == {"tunnel"}
         assert {r["route"] for r in rows} == {"/ws/"}
