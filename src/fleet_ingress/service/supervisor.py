@@ -1653,6 +1653,15 @@ class Supervisor:
             (w for w in self.workers.values() if w.pid == pid and not w.left.is_set()), None
         )
         if worker is None:
+            if any(w.pid == pid and w.channel_lost for w in self.workers.values()):
+                # It runs on, its calls with it, but it cannot be told: "no such
+                # worker" would send the operator looking for another process.
+                raise FleetChangeError(
+                    409,
+                    f"call {text}: its worker (pid {pid}) lost its channel to the "
+                    "supervisor and cannot be told to end a call; its calls go on until "
+                    "they end or its drain does (`fleet-ingress calls` names it NOT LISTED)",
+                )
             raise FleetChangeError(
                 404, no_such_call(text, f"no worker of this ingress is pid {pid}")
             )
