@@ -116,7 +116,17 @@ def format_calls_table(answer: dict[str, Any]) -> str:
     if not answer["calls"]:
         lines = []
     lines.append(_count_line(answer))
-    silent = [w["pid"] for w in answer.get("workers") or [] if not w.get("answered")]
+    workers = answer.get("workers") or []
+    before = [w["pid"] for w in workers if w.get("release_before_calls")]
+    silent = [
+        w["pid"] for w in workers if not w.get("answered") and not w.get("release_before_calls")
+    ]
+    if before:
+        lines.append(
+            f"NOT LISTED: the calls of worker{'' if len(before) == 1 else 's'} "
+            f"{', '.join(str(p) for p in before)}, of a release before `calls` (an "
+            "upgrade's old generation: it drains on)"
+        )
     if silent:
         lines.append(
             f"NOT LISTED: the calls of worker{'' if len(silent) == 1 else 's'} "
