@@ -7,6 +7,7 @@ venv holds the new code before the `upgrade`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect
 
 import fleet_ingress
 from fleet_ingress.sim import SimulatedFleet
@@ -468,3 +470,49 @@ async def test_a_supervisor_killed_before_the_upgrade_comes_back_on_a_file_it_re
         print(f"crash on a file refused ({written!r}): {time.monotonic() - started:.1f}s")
     finally:
         await close_calls([call])
+
+
+async def test_calls_during_an_upgrade_from_the_release_before_names_its_workers_at_once(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet], releases: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An upgrade from a release before `calls`: its old generation ignores
+    "list-calls" and "end-call". The supervisor knows them from their state
+    (no "lists_calls") and names them at once, as of that release, rather
+    than waiting LIST_ANSWER_WAIT (5 s) on every listing of their drain and
+    saying "did not answer (stopped, hung ...)"; end-call of one of their
+    calls says why it cannot, at once, not a 504 after 5 s."""
+    old, new = releases
+    live = tmp_path / "live"
+    _install(live, old)
+    service = await _start(live, tls_files, fleets)
+    calls = []
+    try:
+        calls.append(
+            await connect(
+                service.url("/ws/held-over"), ssl=tls_files.client_context(), open_timeout=15
+            )
+        )
+        before = {r["pid"]: r["calls"] for r in (await service.stats())["workers"]}
+        holder = next(pid for pid, n in before.items() if n)
+        _install(live, new)
+        code, out, err = await _cli(service, live, "upgrade")
+        assert code == 0, (out, err)
+        started = time.monotonic()
+        code, out, err = await _cli(service, live, "calls", "--json")
+        took = time.monotonic() - started
+        assert code == 0, err
+        listing = json.loads(out)
+        named = {w["pid"]: w for w in listing["workers"]}
+        assert named[holder].get("release_before_calls") is True, listing
+        assert [w for w in listing["workers"] if w["answered"]], listing  # generation 2's
+        assert took < 3, took  # the CLI's start and the new workers' answers, no 5 s wait
+        code, out, err = await _cli(service, live, "calls")
+        assert code == 0 and f"{holder}, of a release before `calls`" in out, out
+        started = time.monotonic()
+        code, out, err = await _cli(service, live, "end-call", f"{holder}-1")
+        assert code == 1 and "runs a release before `end-call`" in err, (out, err)
+        assert time.monotonic() - started < 3
+        await echo(calls[0])  # the old generation's call goes on
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -21,6 +21,7 @@ from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    break_worker_channel,
     close_calls,
     echo,
     eventually,
@@ -84,8 +85,11 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         assert {w["pid"] for w in listing["workers"] if w["answered"]} == workers
         assert rows[0]["bot_id"] == "old-0" and rows[0]["age_s"] >= 1
         assert rows[0]["bytes_from_carrier"] > 0 and rows[0]["bytes_to_carrier"] > 0
-        ages = [r["age_s"] for r in rows]
-        assert ages == sorted(ages, reverse=True)
+        # Oldest first by when each began on the host's one clock; not by
+        # `age_s`, which each worker reads at its own moment (two calls begun
+        # a few ms apart on two workers may read in either order).
+        starts = [r["started_monotonic"] for r in rows]
+        assert starts == sorted(starts)
         assert {r["bot_id"] for r in rows[1:]} == {f"new-{i}" for i in range(len(calls) - 1)}
         assert {r["state"] for r in rows} == {"tunnel"}
         assert {r["route"] for r in rows} == {"/ws/"}
@@ -169,6 +173,43 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         assert len(gens) == len(calls)
         assert listing["calls"][0]["bot_id"] == "old-0"
         assert time.monotonic() - started < 10
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+async def test_end_call_of_a_worker_whose_channel_was_lost_says_so(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """A worker whose slot channel was lost runs on with its calls but cannot
+    be told: end-call of one of them says that, not "no worker of this
+    ingress is pid N" (which sent the operator looking for another process),
+    and the call goes on."""
+    a = two_fleets[0]
+    service = await RunningIngress.start(
+        tls_files, [f"{a.url} name=a maxconn=4"], workers=1, check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await _open(service, tls_files, "kept"))
+        (row,) = (await _calls(service))["calls"]
+        break_worker_channel(row["pid"])
+
+        def lost() -> bool:
+            return any(
+                e["event"].startswith("worker's slot channel was lost while it runs")
+                for e in service.log()
+            )
+
+        await eventually(lost, 10)
+        listing = await _calls(service)
+        assert listing["channel_lost"] == [row["pid"]] and listing["calls"] == []
+        code, out, err = await run_cli(service, "end-call", row["id"])
+        assert code == 1, (out, err)
+        assert f"pid {row['pid']}) lost its channel" in err, err
+        assert "no worker of this ingress" not in err, err
+        await echo(calls[0])  # the call goes on
     finally:
         await close_calls(calls)
         await service.finish()

@@ -282,3 +282,45 @@ def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():
     assert call.listed(now, 1, 1)["fleet"] == "a"
     machine.state = State.CLOSING  # ended: the fleet it was on, its slot given back or not
     assert call.listed(now, 1, 1)["fleet"] == "a"
+
+
+class _EndingCarrier(_Carrier):
+    """A carrier side whose end request reaches its call's machine as the
+    proxy's does: the first reason stands (`CallMachine._end`)."""
+
+    def __init__(self, machine: CallMachine) -> None:
+        super().__init__()
+        self.machine = machine
+
+    def request_end(self, reason: EndReason, why: str = "") -> None:
+        super().request_end(reason, why)
+        if self.machine.end_reason is None:
+            self.machine.end_reason = reason
+
+
+@pytest.mark.parametrize(
+    ("ending_as", "logged"),
+    [(None, "admin"), (EndReason.CARRIER_CLOSED, "carrier closed")],
+)
+async def test_end_call_answers_the_end_reason_its_access_line_says(ending_as, logged):
+    """A call already ending when end-call reaches it (its carrier hung up,
+    the fleet's reply awaited) keeps its own reason, as its access line does:
+    the answer and the CLI's line say that one, not `admin`."""
+    from fleet_ingress.net.calls import end_call
+
+    registry = Registry()
+    machine = CallMachine(None, State.TUNNEL if ending_as is None else State.CLOSING)  # type: ignore[arg-type]
+    machine.end_reason = ending_as
+    call = Call(_EndingCarrier(machine), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    registry.add_call(call)
+    # Its sides close a moment after (the proxy's work): out of the registry.
+    asyncio.get_running_loop().call_later(0.1, registry.remove_call, call)
+    row = await end_call(registry, call.id, "ticket 9", 4242, 1)
+    assert row is not None and not row.get("aborted")
+    assert row["end_reason"] == logged
+    assert registry.ended == {("", logged): 1}  # what its access line and counts say
+    said = describe_ended({"ended": row, "reason": "ticket 9"})
+    if logged == "admin":
+        assert said.endswith("its access line says end_reason admin, reason: ticket 9")
+    else:
+        assert "end_reason carrier closed" in said and "end_reason admin" not in said

@@ -414,8 +414,10 @@ async def end_call(
     (each side open told 1001 `ended by operator`, then its TLS close; a call
     not linked yet answered 503), its access line's end_reason `admin` and
     detail `why`; one whose side does not close within END_CALL_WAIT is
-    aborted, so that its fleet slot comes back. Its row as it ended; None
-    when this registry holds no call `call_id` (ended, or never)."""
+    aborted, so that its fleet slot comes back. Its row as it ended, with the
+    `end_reason` its access line says (`admin`, or the call's own when it was
+    ending already); None when this registry holds no call `call_id` (ended,
+    or never)."""
     call = next((c for c in registry.calls if c.id == call_id), None)
     if call is None:
         return None
@@ -429,6 +431,11 @@ async def end_call(
     if call in registry.calls:
         call.abort()
         row["aborted"] = True
+    # The first reason given stands (`CallMachine`): a call already ending (a
+    # side hung up, a drain, a silence) keeps its own, and its access line says
+    # that one, not `admin`: the answer says which.
+    reason = call.end_reason
+    row["end_reason"] = None if reason is None else reason.value
     return row
 
 

@@ -322,6 +322,7 @@ class SlotClient(asyncio.Protocol):
                 "generation": self.generation,
                 "answers": True,
                 "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
+                "lists_calls": True,  # it answers "list-calls" and "end-call"
             }
         )
         held, self._held_back = self._held_back, None
@@ -453,6 +454,7 @@ class SlotClient(asyncio.Protocol):
             "generation": self.generation,
             "answers": True,  # it says when fleets answer its calls ("answered")
             "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
+            "lists_calls": True,  # it answers "list-calls" and "end-call"
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),
             "waiting": [

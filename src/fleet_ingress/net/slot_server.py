@@ -119,6 +119,9 @@ class _Channel(asyncio.Protocol):
         # It drops a fleet's record when told ("forgets" in its hello or state):
         # an older worker does not know the op (some releases cut the channel).
         self.forgets = False
+        # It answers "list-calls" and "end-call" ("lists_calls" in its hello or
+        # state): an older worker ignores them, and would be waited for in vain.
+        self.lists_calls = False
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
         self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
@@ -256,6 +259,18 @@ class SlotServer:
             return False
         channel.send(message)
         return True
+
+    def of_a_release_before_calls(self, key: int) -> bool:
+        """Worker `key` has said (hello, or its state after an exec) that it
+        does not answer "list-calls" / "end-call": a release before them. One
+        not heard from yet (no channel, or restoring) is not said to be."""
+        channel = self._channels.get(key)
+        return (
+            channel is not None
+            and channel.joined
+            and not channel.restoring
+            and not channel.lists_calls
+        )
 
     def forget_fleet(self, name: str) -> None:
         """The fleet `name` has left the set: every worker that knows the op
@@ -648,6 +663,7 @@ class SlotServer:
             self.slots.join(channel.key, pid=pid, generation=generation, tells_answers=answers)
             channel.joined = True
             channel.forgets = message.get("forgets") is True
+            channel.lists_calls = message.get("lists_calls") is True
             channel.pid, channel.generation = pid, generation
             log.info(
                 "worker joined the slot coordinator",
@@ -788,6 +804,7 @@ class SlotServer:
             in_flight=in_flight,
         )
         channel.forgets = message.get("forgets") is True
+        channel.lists_calls = message.get("lists_calls") is True
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
         # come during the exec, unread).

@@ -4,10 +4,12 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 `net.slot_client`; both ends frame with `LineDecoder` and `encode`. Messages:
 
     worker -> coordinator
-      {"op": "hello", "pid": 1234, "generation": 1, "answers": true, "forgets": true}
-                                                           first, once ("answers": it sends
+      {"op": "hello", "pid": 1234, "generation": 1, "answers": true, "forgets": true,
+       "lists_calls": true}                                first, once ("answers": it sends
                                                            "answered"; "forgets": it knows
-                                                           "forget-fleet")
+                                                           "forget-fleet"; "lists_calls": it
+                                                           answers "list-calls", "end-call";
+                                                           also in its "state")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
        "call": {"call_id": 3, "bot_id": "b", ...}}         who the call is (`Call.described`:
                                                            access fields, "started_at",
@@ -33,7 +35,8 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
     service.worker lists them): reload / reloaded, stop / stopping, close-fleet /
-    fleet-closed
+    fleet-closed, list-calls / calls-listed, end-call / call-ended (the last two
+    not sent to a worker whose hello or state lacks "lists_calls")
     ("reload" carries "config", which a worker of an older release ignores)
     coordinator -> worker   {"op": "forget-fleet", "fleet": "a"}   the fleet left the set
                                                            (supervisor.FORGET_AFTER ago): the

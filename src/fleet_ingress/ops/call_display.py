@@ -116,7 +116,17 @@ def format_calls_table(answer: dict[str, Any]) -> str:
     if not answer["calls"]:
         lines = []
     lines.append(_count_line(answer))
-    silent = [w["pid"] for w in answer.get("workers") or [] if not w.get("answered")]
+    workers = answer.get("workers") or []
+    before = [w["pid"] for w in workers if w.get("release_before_calls")]
+    silent = [
+        w["pid"] for w in workers if not w.get("answered") and not w.get("release_before_calls")
+    ]
+    if before:
+        lines.append(
+            f"NOT LISTED: the calls of worker{'' if len(before) == 1 else 's'} "
+            f"{', '.join(str(p) for p in before)}, of a release before `calls` (an "
+            "upgrade's old generation: it drains on)"
+        )
     if silent:
         lines.append(
             f"NOT LISTED: the calls of worker{'' if len(silent) == 1 else 's'} "
@@ -150,7 +160,16 @@ def describe_ended(answer: dict[str, Any]) -> str:
         else "both sides closed"
     )
     reason = f", reason: {answer['reason']}" if answer.get("reason") else ""
+    ended_as = row.get("end_reason")  # None: a worker of a release before it says
+    if ended_as not in (None, "admin"):
+        # It was ending already (a side hung up, a drain): its own reason stands.
+        said = (
+            f"it was ending already: its access line says end_reason {ended_as}, "
+            "not admin (the reason given is not logged)"
+        )
+    else:
+        said = "its access line says end_reason admin" + reason
     return (
         f"ended call {row['id']} ({what}, from {row.get('client_ip')}, {row.get('state')}, "
-        f"up {shown_age(row.get('age_s'))}): {how}; its access line says end_reason admin" + reason
+        f"up {shown_age(row.get('age_s'))}): {how}; {said}"
     )

@@ -55,7 +55,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1461,15 +1461,22 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def ask_workers(self, op: str, timeout: float, **more: Any) -> dict[int, dict[str, Any]]:
-        """Send `op` (with the fields `more`) to every live worker; their
-        answers by pid (a worker that did not answer in time:
-        `{"ok": False, "error": ...}`)."""
+    async def ask_workers(
+        self,
+        op: str,
+        timeout: float,
+        *,
+        leave_out: Callable[[WorkerProcess], bool] | None = None,
+        **more: Any,
+    ) -> dict[int, dict[str, Any]]:
+        """Send `op` (with the fields `more`) to every live worker (but those
+        `leave_out` names); their answers by pid (a worker that did not answer
+        in time: `{"ok": False, "error": ...}`)."""
         ask = next(self._asks)
         asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
         loop = asyncio.get_running_loop()
         for key, worker in list(self.workers.items()):
-            if worker.left.is_set():
+            if worker.left.is_set() or (leave_out is not None and leave_out(worker)):
                 continue
             future = self._answers[(key, ask)] = loop.create_future()
             if self.server.send(key, {"op": op, "id": ask, **more}):
@@ -1658,9 +1665,19 @@ class Supervisor:
         LIST_ANSWER_WAIT are named (a worker of a release before `calls`
         does not, nor one stopped or hung), their calls not listed."""
         generations = {w.pid: w.generation for w in self.workers.values()}
+        # A worker of a release before `calls` ignores the op: named at once,
+        # not waited for (LIST_ANSWER_WAIT on every listing of an upgrade's drain).
+        before = sorted(
+            w.pid
+            for w in self.workers.values()
+            if not w.left.is_set() and self.server.of_a_release_before_calls(w.key)
+        )
         try:
             answers = await self.ask_workers(
-                "list-calls", LIST_ANSWER_WAIT, filter=wanted.to_wire()
+                "list-calls",
+                LIST_ANSWER_WAIT,
+                leave_out=lambda w: self.server.of_a_release_before_calls(w.key),
+                filter=wanted.to_wire(),
             )
         finally:
             for ask in [k for k in self._listed if k not in self._answers]:
@@ -1681,6 +1698,16 @@ class Supervisor:
                 }
             )
             await asyncio.sleep(0)
+        workers.extend(
+            {
+                "pid": pid,
+                "generation": generations.get(pid),
+                "answered": False,
+                "calls": None,
+                "release_before_calls": True,
+            }
+            for pid in before
+        )
         return {
             "calls": oldest_first(rows),
             "filter": wanted.to_wire(),
@@ -1699,8 +1726,24 @@ class Supervisor:
             (w for w in self.workers.values() if w.pid == pid and not w.left.is_set()), None
         )
         if worker is None:
+            if any(w.pid == pid and w.channel_lost for w in self.workers.values()):
+                # It runs on, its calls with it, but it cannot be told: "no such
+                # worker" would send the operator looking for another process.
+                raise FleetChangeError(
+                    409,
+                    f"call {text}: its worker (pid {pid}) lost its channel to the "
+                    "supervisor and cannot be told to end a call; its calls go on until "
+                    "they end or its drain does (`fleet-ingress calls` names it NOT LISTED)",
+                )
             raise FleetChangeError(
                 404, no_such_call(text, f"no worker of this ingress is pid {pid}")
+            )
+        if self.server.of_a_release_before_calls(worker.key):
+            raise FleetChangeError(
+                409,
+                f"call {text}: its worker (pid {pid}, generation {worker.generation}) runs a "
+                "release before `end-call` (an upgrade's old generation) and cannot end one "
+                "call; its calls go on until they end or its drain does",
             )
         answer = await self._ask_one(worker, "end-call", END_ANSWER_WAIT, call=number, why=why)
         if "call" not in answer:
