@@ -926,3 +926,35 @@ async def test_a_channel_cut_before_adopt_returns_leaves_the_store_though_its_wo
             adopted.proc._close()  # type: ignore[attr-defined]
         store.close()
         theirs.close()
+
+
+async def test_a_supervisor_the_kernels_log_names_is_said_killed_by_it(
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The supervisor started again after a death finds its predecessor's pid
+    in the kernel's log (`Killed process PID`): it says so, not "most likely
+    (the OOM kills counted rose ...)" with a count that did not rise."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    vmstat = tmp_path / "vmstat"
+    counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    kernel_log = _KernelLogSaying()
+    kernel_log.last_seq = 7
+    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: kernel_log)
+    vmstat.write_text("oom_kill 1\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
+    carried.update(crash_restart=True, supervisor_pid=4_194_311, oom_kill_counter="/elsewhere")
+    kernel_log.logged.add(4_194_311)  # its OOM kill, logged after its last snapshot
+    with caplog.at_level(logging.ERROR, logger="fleet_ingress.lifecycle"):
+        new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert new.supervisor_oom_kills == 1
+    (said,) = [r for r in caplog.records if "OOM killer" in r.getMessage()]
+    assert said.fields["oom_kill_logged"] is True  # type: ignore[attr-defined]
+    assert "the kernel's log names its pid" in said.getMessage()
+    assert "most likely" not in said.getMessage()
