@@ -337,8 +337,14 @@ class KernelLog:
         this one's last: an exec's, a crash snapshot's), so that an OOM kill
         logged meanwhile is seen; not complete if the ring lost some since.
         Read through to the end at once: the records before `after_seq` come
-        first, and a crash's check for its predecessor's kill reads next."""
-        if self.fd is None or not isinstance(after_seq, int):
+        first, and a crash's check for its predecessor's kill reads next.
+        None (a release that read no log, or could not): what was logged
+        before this image opened it went unnoted, a kill the count carried
+        over with it among them; not complete, the count decides meanwhile."""
+        if self.fd is None:
+            return
+        if not isinstance(after_seq, int):
+            self._gap_at = time.monotonic()
             return
         try:
             os.lseek(self.fd, 0, os.SEEK_SET)  # the oldest record the ring holds
