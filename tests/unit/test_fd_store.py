@@ -926,3 +926,72 @@ async def test_a_channel_cut_before_adopt_returns_leaves_the_store_though_its_wo
             adopted.proc._close()  # type: ignore[attr-defined]
         store.close()
         theirs.close()
+
+
+async def test_a_supervisor_the_kernels_log_names_is_said_killed_by_it(
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The supervisor started again after a death finds its predecessor's pid
+    in the kernel's log (`Killed process PID`): it says so, not "most likely
+    (the OOM kills counted rose ...)" with a count that did not rise."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    vmstat = tmp_path / "vmstat"
+    counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    kernel_log = _KernelLogSaying()
+    kernel_log.last_seq = 7
+    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: kernel_log)
+    vmstat.write_text("oom_kill 1\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
+    carried.update(crash_restart=True, supervisor_pid=4_194_311, oom_kill_counter="/elsewhere")
+    kernel_log.logged.add(4_194_311)  # its OOM kill, logged after its last snapshot
+    with caplog.at_level(logging.ERROR, logger="fleet_ingress.lifecycle"):
+        new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert new.supervisor_oom_kills == 1
+    (said,) = [r for r in caplog.records if "OOM killer" in r.getMessage()]
+    assert said.fields["oom_kill_logged"] is True  # type: ignore[attr-defined]
+    assert "the kernel's log names its pid" in said.getMessage()
+    assert "most likely" not in said.getMessage()
+
+
+async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_over_is_named(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade from a release that read no kernel log (before session 36;
+    or not root there): a worker OOM-killed just before the exec was counted
+    by the old image, and its record logged before the new image opened the
+    log, which reads what was there as its past. Its death, read by the new
+    image, is the count's to name: on main the log, which never noted the
+    record, said `killed` (after waiting 0.5 s for it)."""
+    from fleet_ingress.service import oom_kills
+    from fleet_ingress.service.worker_process import WorkerProcess
+    from tests.unit.test_oom_kills import _Kmsg
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    events = tmp_path / "memory.events"
+    counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    kmsg = _Kmsg(["6,SEQ,1,-;eth0: link up\n"] * 3)
+    monkeypatch.setattr(oom_kills, "os", kmsg)  # /dev/kmsg, readable (root)
+    events.write_text("oom 5\noom_kill 5\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    proc = await asyncio.create_subprocess_exec("sleep", "30")
+    events.write_text("oom 6\noom_kill 6\n")  # the worker OOM-killed...
+    kmsg.log(f"3,SEQ,2,-;Memory cgroup out of memory: Killed process {proc.pid} (python)\n")
+    old.look_for_oom_kills()  # ...counted by the old image, its death not read yet
+    carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
+    for field in ("kmsg_seq", "supervisor_pid"):  # what the release before did not carry
+        del carried[field]
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    worker = WorkerProcess(proc, generation=1, key=proc.pid)
+    proc.kill()  # (the OOM killer's SIGKILL, sent before the exec)
+    code = await asyncio.wait_for(proc.wait(), 5)
+    assert await new._oom_killed(worker, code)

@@ -4,11 +4,16 @@ names (service/oom_kills.py): the files' text in, answers out, no I/O
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from fleet_ingress.service import oom_kills
 from fleet_ingress.service.oom_kills import (
     HOST_COUNTER,
     OOM_CREDIT_S,
+    PROC_PID_INIT_INO,
+    KernelLog,
     OomKills,
     count_in,
     counter_candidates,
@@ -219,3 +224,63 @@ def test_the_kernels_log_names_the_pid_an_oom_kill_killed(
     record: str, parsed: tuple[int, int | None] | None
 ) -> None:
     assert kmsg_record(record) == parsed
+
+
+class _Kmsg:
+    """/dev/kmsg as `KernelLog` reads it, in place of the `os` functions it
+    calls: a ring of records by sequence number, each read one record from
+    the reader's position; BlockingIOError at the end, BrokenPipeError (and
+    the position moved to the oldest) where the record there was overwritten;
+    SEEK_SET to the oldest record the ring still holds."""
+
+    O_RDONLY = O_NONBLOCK = O_CLOEXEC = 0
+    SEEK_SET = 0
+
+    def __init__(self, records: list[str], first_seq: int = 0) -> None:
+        self.ring = list(records)
+        self.first = self.position = first_seq
+
+    def log(self, text: str) -> None:
+        self.ring.append(text)
+
+    def stat(self, path: str) -> SimpleNamespace:
+        return SimpleNamespace(st_ino=PROC_PID_INIT_INO)
+
+    def open(self, path: str, flags: int) -> int:
+        return 99
+
+    def close(self, fd: int) -> None:
+        pass
+
+    def lseek(self, fd: int, offset: int, whence: int) -> int:
+        self.position = self.first
+        return 0
+
+    def read(self, fd: int, size: int) -> bytes:
+        if self.position >= self.first + len(self.ring):
+            raise BlockingIOError
+        if self.position < self.first:
+            self.position = self.first
+            raise BrokenPipeError
+        seq, self.position = self.position, self.position + 1
+        return self.ring[seq - self.first].replace("SEQ", str(seq)).encode()
+
+
+def test_a_supervisor_oom_kill_is_read_past_a_full_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor started again after a death reads the kernel's log on from
+    the sequence number its predecessor's last snapshot carried (`rewind`),
+    then looks for that one's pid (`_say_if_oom_killed`), at once. The ring
+    before that number is read through first, from its oldest record: a 1 MiB
+    ring (CONFIG_LOG_BUF_SHIFT=20) holds 10,000 records and more, and two
+    reads of KMSG_READS stopped short of the kill (its record unread, the
+    death said to be none of the OOM killer's, the log being complete)."""
+    kmsg = _Kmsg(["6,SEQ,1,-;eth0: link up\n"] * 12_000, first_seq=40_000)
+    monkeypatch.setattr(oom_kills, "os", kmsg)
+    carried = KernelLog().last_seq  # the previous supervisor's last snapshot
+    assert carried == 51_999
+    for _ in range(300):  # its OOM kill's report (the task dump), then the kill
+        kmsg.log("4,SEQ,2,-;[  17964]     0 17964    35485     8590   big   0  1000 python\n")
+    kmsg.log("3,SEQ,3,-;Memory cgroup out of memory: Killed process 17964 (python) total-vm:1kB\n")
+    started_again = KernelLog()
+    started_again.rewind(carried, 100.0)
+    assert started_again.killed(17964, 100.0) and started_again.complete

@@ -269,6 +269,10 @@ _KILLED = re.compile(r"\bKilled process (\d+) \(")
 PROC_PID_INIT_INO = 0xEFFFFFFC  # the host's pid namespace (include/linux/proc_ns.h)
 # Records read at most at a time (a kernel log flooded by something else: read on next time).
 KMSG_READS = 5000
+# ...when the whole ring is read through (at start, and from its oldest record
+# on a `rewind`): a 1 MiB ring holds 10,000 records and more, a 16 MiB one
+# about 100,000 (3-4 us each: a third of a second at most, once).
+KMSG_RING_READS = KMSG_READS * 20
 
 
 def kmsg_record(record: str) -> tuple[int, int | None] | None:
@@ -311,7 +315,7 @@ class KernelLog:
             return
         # Read through to the end, its kills left (before this start): the last
         # record's number is where the next image (an exec's, after a crash) reads on.
-        self.read(0.0, KMSG_READS * 20, note=False)
+        self.read(0.0, KMSG_RING_READS, note=False)
 
     @property
     def usable(self) -> bool:
@@ -331,15 +335,23 @@ class KernelLog:
     def rewind(self, after_seq: object, now: float) -> None:
         """Read again from the record after `after_seq` (the image before
         this one's last: an exec's, a crash snapshot's), so that an OOM kill
-        logged meanwhile is seen; not complete if the ring lost some since."""
-        if self.fd is None or not isinstance(after_seq, int):
+        logged meanwhile is seen; not complete if the ring lost some since.
+        Read through to the end at once: the records before `after_seq` come
+        first, and a crash's check for its predecessor's kill reads next.
+        None (a release that read no log, or could not): what was logged
+        before this image opened it went unnoted, a kill the count carried
+        over with it among them; not complete, the count decides meanwhile."""
+        if self.fd is None:
+            return
+        if not isinstance(after_seq, int):
+            self._gap_at = time.monotonic()
             return
         try:
             os.lseek(self.fd, 0, os.SEEK_SET)  # the oldest record the ring holds
         except OSError:
             return
         self.last_seq = after_seq
-        self.read(now)
+        self.read(now, KMSG_RING_READS)
 
     def read(self, now: float, most: int = KMSG_READS, *, note: bool = True) -> None:
         """The records logged since the last read: each OOM kill's pid kept

@@ -352,6 +352,9 @@ class UpgradeSequence:
                 "other processes' are counted too: oom_kills_counted_in; `journalctl -k | "
                 "grep -i 'killed process'` names the pid killed). If so: "
                 if broad
+                else "the previous supervisor was killed by the kernel's OOM killer (the "
+                "kernel's log names its pid, `journalctl -k | grep -i 'killed process'`): "
+                if logged
                 else "the previous supervisor was killed by the kernel's OOM killer, most "
                 "likely (the OOM kills counted rose since its last snapshot, a second before "
                 "it died): "
