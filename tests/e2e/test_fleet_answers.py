@@ -210,6 +210,21 @@ async def test_a_101_that_does_not_answer_the_key_is_a_502_not_a_call(
     assert b"\x81\x02hi" not in got and fleet.connections == 1
 
 
+async def test_a_fleets_101_reaches_the_carrier_byte_for_byte(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """Its names' case and order, repeated fields, spacing inside values and
+    obs-text, the subprotocol and extensions the fleet chose: as sent."""
+    given = (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: audio.v2\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
+        b"Set-Cookie: a=b; Path=/\r\nSet-Cookie: c=d\r\nX-Spaced: a   b\r\nX-Obs: caf\xe9\r\n\r\n"
+    )
+    got, _ = await _through(start_ingress, tls_files, given + b"\x81\x02hi")
+    assert got == given + b"\x81\x02hi", got
+
+
 @pytest.mark.parametrize("mangle", ["bare-lf", "http/1.0"])
 async def test_a_fleets_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(
     start_ingress: StartIngress, tls_files: TLSFiles, mangle: str
