@@ -217,7 +217,8 @@ async def test_a_fleets_101_reaches_the_carrier_byte_for_byte(
     obs-text, the subprotocol and extensions the fleet chose: as sent."""
     given = (
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: upgrade\r\n"
-        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\nSec-WebSocket-Protocol: audio.v2\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: audio.v2\r\n"
         b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
         b"Set-Cookie: a=b; Path=/\r\nSet-Cookie: c=d\r\nX-Spaced: a   b\r\nX-Obs: caf\xe9\r\n\r\n"
     )
