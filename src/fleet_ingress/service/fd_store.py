@@ -58,6 +58,15 @@ audit of session 34). Missing, cut short or of another size, or drawn for
 another certificate: new ones, said (`ticket_keys_taken_up`). A stop takes
 them out of the store; a start that takes up no worker draws its own.
 
+systemd answers no FDSTORE=1, and past FileDescriptorStoreMax= it closes what
+it is sent, saying so in its journal alone: the supervisor counts what it keeps
+there (`Notifier.kept`: what systemd handed back, carried over an exec, stored
+since) against the limit (`read_store_max`) and says a store full (log, stat,
+`fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
+before the next message; should a name be there twice meanwhile, the newest is
+used (systemd hands the store back newest first; the snapshots go by the time
+they were written).
+
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
 (the workers drain).
