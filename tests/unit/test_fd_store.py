@@ -975,3 +975,21 @@ def test_what_systemd_keeps_is_counted_against_its_limit_and_a_full_store_said(t
         store.close()
         receiver.close()
         notifier.close()
+
+
+def test_a_unit_that_keeps_nothing_is_not_said_full(tmp_path, caplog):
+    """FileDescriptorStoreMax=0 is the operator's choice (the supervisor's death
+    then takes its workers' slots with it): no warning at each store."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "0"})
+    a, b = socket.socketpair()
+    try:
+        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+            notifier.store_fd("worker.1.1", a.fileno())
+        assert notifier.not_kept == 0 and "full" not in caplog.text
+    finally:
+        for sock in (a, b, receiver):
+            sock.close()
+        notifier.close()

@@ -301,8 +301,8 @@ def fd_store_short(snap: dict[str, Any]) -> str | None:
     systemd."""
     store = snap.get("fd_store") or {}
     kept, limit, not_kept = store.get("kept"), store.get("max"), store.get("not_kept") or 0
-    if not not_kept and (limit is None or kept is None or kept < limit):
-        return None
+    if limit == 0 or (not not_kept and (limit is None or kept is None or kept < limit)):
+        return None  # (FileDescriptorStoreMax=0: the operator's choice to keep nothing)
     lost = f", {not_kept} not kept since this supervisor started" if not_kept else ""
     return (
         f"systemd's fd store is full ({kept} of FileDescriptorStoreMax={limit} kept{lost}): "

@@ -91,7 +91,8 @@ class Notifier:
         identity = (stat.st_dev, stat.st_ino)
         copies = self.kept.get(name, [])
         already = any(identity in kept for kept in self.kept.values())
-        full = not already and self.store_max is not None and self.kept_count >= self.store_max
+        # (FileDescriptorStoreMax=0: the operator's choice to keep nothing; not said.)
+        full = not already and bool(self.store_max) and self.kept_count >= (self.store_max or 0)
         if not self._send_fds(f"FDSTORE=1\nFDNAME={name}".encode(), [fd]) or already:
             return
         if full:
