@@ -45,9 +45,33 @@ SET_BY_INGRESS = {b"host", b"connection", b"upgrade", b"x-real-ip"} | {
     b"x-forwarded-" + x for x in (b"for", b"proto", b"host")
 }
 # A carrier's claims the fleet must not read as the ingress's: dropped, never
-# replaced (RFC 7239 Forwarded; an h2c upgrade's settings); and an expectation
+# replaced (RFC 7239 Forwarded; an h2c upgrade's settings; below); and an expectation
 # of a body a call does not have (a fleet's 100 Continue would precede its 101).
-DROPPED = {b"forwarded", b"http2-settings", b"expect"}
+DROPPED = {b"forwarded", b"http2-settings", b"expect"} | {
+    # ...and a carrier's other claims of its address, scheme, host or original URL
+    # (nginx realip, Tornado's xheaders, IIS URL Rewrite: the one proxy's word).
+    b"x-client-ip",
+    b"true-client-ip",
+    b"cf-connecting-ip",
+    b"cf-connecting-ipv6",
+    b"fastly-client-ip",
+    b"x-cluster-client-ip",
+    b"x-proxyuser-ip",
+    b"client-ip",
+    b"x-original-forwarded-for",
+    b"forwarded-for",
+    b"x-forwarded",
+    b"x-originating-ip",
+    b"x-remote-ip",
+    b"x-remote-addr",
+    b"x-scheme",
+    b"x-url-scheme",
+    b"front-end-https",
+    b"x-original-host",
+    b"x-host",
+    b"x-original-url",
+    b"x-rewrite-url",
+}
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",

@@ -591,6 +591,7 @@ def _take_up_after_crash(
 
     sockets = stored.sockets
     moved = drop_moved_listeners(sockets, config.listen, Notifier())
+    stored.kept = [(name, kept) for name, kept in stored.kept if name not in moved]
     snapshot = stored.snapshot
     carried = crash_state(sockets, config.process.worker_count(), snapshot)
     log = logging.getLogger("fleet_ingress.lifecycle")
@@ -680,7 +681,8 @@ def _run(config_path: Path) -> int:
     # and files being written meanwhile do not keep it from starting.
     # Only with workers taken up: after a stop (a `systemctl restart` keeps the
     # store) or when they died with it, this is a start like any other.
-    stored = taken_from_store() if not handed and carried is None else HandedBack()
+    from_store = not handed and carried is None
+    stored = taken_from_store() if from_store else HandedBack()
     ran = None
     if stored.snapshot is not None and any(worker_key(name) for name in stored.sockets):
         ran = running_from_json(stored.snapshot, base_dir=config_path.absolute().parent)
@@ -793,6 +795,10 @@ def _run(config_path: Path) -> int:
         supervisor = Supervisor(
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
+        if from_store:  # all systemd keeps is what it handed back
+            supervisor.fd_store_kept = {}
+            for name, kept in stored.kept:
+                supervisor.fd_store_kept.setdefault(name, []).append(kept)
         if after_crash:  # its workers seal tickets with the dead supervisor's keys
             supervisor.take_up_ticket_keys(stored.ticket_keys)
         if kept_because is not None:

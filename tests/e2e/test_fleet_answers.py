@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from websockets.asyncio.client import connect
 
 from tests.support import (
     SWITCHING,
@@ -15,9 +16,12 @@ from tests.support import (
     RawFleet,
     StartIngress,
     TLSFiles,
+    WsFleet,
     answer,
+    echo,
     raw_exchange,
     read_head,
+    wss_url,
 )
 
 CALL = UPGRADE.format(path="/ws/bot").encode()
@@ -79,6 +83,90 @@ async def test_a_carriers_address_and_scheme_claims_do_not_reach_the_fleet(
     ], forwarded
 
 
+# A carrier's other claims of its address, scheme, host or original URL: each is read
+# as the one proxy's word by some framework or module told to trust it (nginx realip,
+# Tornado's xheaders, IIS URL Rewrite, Symfony before 5, request-ip-style lookups).
+CLAIMS = [
+    ("X-Client-IP", "6.6.6.1"),
+    ("True-Client-IP", "6.6.6.2"),
+    ("CF-Connecting-IP", "6.6.6.3"),
+    ("X-Original-URL", "/attach"),
+    ("X-Rewrite-URL", "/livekit/dispatch"),
+    ("X-Original-Forwarded-For", "6.6.6.4"),
+    ("X-ProxyUser-Ip", "6.6.6.5"),
+    ("Client-IP", "6.6.6.6"),
+    ("X-Cluster-Client-IP", "6.6.6.7"),
+    ("Fastly-Client-IP", "6.6.6.8"),
+    ("X-Scheme", "http"),
+    ("Front-End-Https", "off"),
+    ("X-Original-Host", "evil.test"),
+    ("X_Client_IP", "6.6.6.9"),  # HTTP_X_CLIENT_IP to a WSGI fleet, as the dashed name
+]
+# What a carrier legitimately sends, passed on as it came, in its order and case.
+KEPT = [
+    ("X-Twilio-Signature", "c2lnbmF0dXJl"),
+    ("X-Exotel-CallSid", "a1b2c3"),
+    ("Cookie", "session=abc; lang=en"),
+    ("Authorization", "Bearer t0ken"),
+    ("Via", "1.1 carrier-edge"),
+    ("X-Forwarded-For", "198.51.100.7"),  # the carrier's chain; ours is appended
+]
+
+
+async def test_the_fleet_gets_the_carriers_head_less_its_claims_and_plus_the_ingresss_own(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A websockets carrier through the ingress to a websockets fleet: the fleet's
+    head is exactly the carrier's, its claims dropped, the handshake end to end (the
+    subprotocol and permessage-deflate chosen by the fleet), ours set."""
+    fleet = await WsFleet(tls_files.fleet_server_context(), subprotocols=["audio.v2"]).start()
+    fleet_port = fleet.port
+    try:
+        ingress = await start_ingress([fleet.line("ws")])
+        async with connect(
+            wss_url(ingress, "/ws/bot?sid=1&x=%2F%20"),
+            ssl=tls_files.client_context(),
+            additional_headers=CLAIMS + KEPT,
+            subprotocols=["audio.v1", "audio.v2"],  # type: ignore[list-item]
+        ) as ws:
+            await echo(ws)
+            assert ws.subprotocol == "audio.v2"
+            assert ws.response is not None and "permessage-deflate" in (
+                ws.response.headers.get("Sec-WebSocket-Extensions") or ""
+            )
+            sent = list(ws.request.headers.raw_items()) if ws.request else []
+    finally:
+        await fleet.stop()
+    (request,) = fleet.requests
+    assert request.path == "/ws/bot?sid=1&x=%2F%20"
+    got = list(request.headers.raw_items())
+    claimed = {name.lower() for name, _ in CLAIMS}
+    carriers = [
+        (k, v)
+        for k, v in sent
+        if k.lower() not in claimed | {"host", "upgrade", "connection", "x-forwarded-for"}
+    ]
+    host, port = ingress.wss_address
+    assert got == [
+        ("Host", f"127.0.0.1:{fleet_port}"),
+        *carriers,
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("X-Forwarded-For", "198.51.100.7, 127.0.0.1"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", f"{host}:{port}"),
+        ("X-Real-IP", "127.0.0.1"),
+    ], got
+    assert [k for k, _ in carriers if k.startswith(("Sec-WebSocket-", "X-Tw", "Via"))] == [
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Extensions",
+        "Sec-WebSocket-Protocol",
+        "X-Twilio-Signature",
+        "Via",
+    ], carriers
+
+
 async def test_an_upgrade_without_a_websocket_key_is_refused_before_any_fleet(
     start_ingress: StartIngress, tls_files: TLSFiles
 ) -> None:
@@ -120,6 +208,22 @@ async def test_a_101_that_does_not_answer_the_key_is_a_502_not_a_call(
     got, fleet = await _through(start_ingress, tls_files, wrong + b"\x81\x02hi")
     assert got.startswith(b"HTTP/1.1 502 "), got
     assert b"\x81\x02hi" not in got and fleet.connections == 1
+
+
+async def test_a_fleets_101_reaches_the_carrier_byte_for_byte(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """Its names' case and order, repeated fields, spacing inside values and
+    obs-text, the subprotocol and extensions the fleet chose: as sent."""
+    given = (
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"
+        b"Sec-WebSocket-Protocol: audio.v2\r\n"
+        b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n"
+        b"Set-Cookie: a=b; Path=/\r\nSet-Cookie: c=d\r\nX-Spaced: a   b\r\nX-Obs: caf\xe9\r\n\r\n"
+    )
+    got, _ = await _through(start_ingress, tls_files, given + b"\x81\x02hi")
+    assert got == given + b"\x81\x02hi", got
 
 
 @pytest.mark.parametrize("mangle", ["bare-lf", "http/1.0"])

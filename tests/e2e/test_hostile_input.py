@@ -202,6 +202,11 @@ SMUGGLING = [
     pytest.param(upgrade(target=b"/ws/%2E./attach"), id="enc-mixed-dot-dot"),
     pytest.param(upgrade(target=b"/ws/.%2E/attach"), id="mixed-enc-dot-dot"),
     pytest.param(upgrade(target=b"/ws/bot-1/%2e"), id="enc-dot-at-end"),
+    # ...and with path parameters: a servlet container (Tomcat, Jetty) drops them
+    # from a segment before it resolves dot segments ("/ws/..;/attach" is /attach).
+    pytest.param(upgrade(target=b"/ws/..;/attach"), id="dot-dot-params"),
+    pytest.param(upgrade(target=b"/ws/x/..;v=1/..;/livekit/dispatch"), id="dot-dot-params-2"),
+    pytest.param(upgrade(target=b"/ws/.;/bot-1"), id="dot-params"),
     pytest.param(upgrade(target=b"/ws/x/..%2fattach"), id="enc-slash"),
     pytest.param(upgrade(target=b"/ws/x%2F..%2Fattach"), id="enc-slash-upper"),
     pytest.param(upgrade(target=b"/ws/bot%00.php"), id="enc-nul-in-path"),

@@ -1419,3 +1419,59 @@ async def test_a_stop_that_outlasts_timeoutstopsec_leaves_no_worker_running(
                 await asyncio.sleep(0.1)
     finally:
         await close_calls([call])
+
+
+async def test_a_full_fd_store_is_said_in_the_log_stat_and_metrics(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """Past FileDescriptorStoreMax= systemd keeps nothing more and says so in its
+    journal alone (FDSTORE=1 has no answer): a supervisor that died then took
+    down the calls of a worker whose channel was not kept, with nothing said
+    before. Its count, read against the unit's limit (`systemctl show`: systemd
+    252 sets no $FDSTORE), is what systemd says it keeps; the rest is said."""
+    unit = await install(systemd, tls_files, fleet, service=("FileDescriptorStoreMax=4",))
+    async with asyncio.timeout(15):
+        while not ((await unit.stats()).get("fd_store") or {}).get("not_kept"):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # the snapshots' first write, the ticket keys: all sent
+    store = (await unit.stats())["fd_store"]
+    assert store["max"] == 4 and store["kept"] == 4, store
+    assert unit.show("NFileDescriptorStore") == {"NFileDescriptorStore": "4"}
+    samples = metric_samples(await unit.metrics())
+    assert samples["fleet_ingress_fd_store_descriptors"][()] == 4
+    assert samples["fleet_ingress_fd_store_max"][()] == 4
+    assert samples["fleet_ingress_fd_store_not_kept_total"][()] == store["not_kept"]
+    said = [line for line in unit.log() if line["event"].startswith("systemd's fd store is full")]
+    assert len(said) == store["not_kept"], said
+    code, out = await asyncio.to_thread(unit.cli, "stat")
+    assert code == 0 and "systemd's fd store is full (4 of FileDescriptorStoreMax=4" in out, out
+
+
+async def test_the_fd_store_count_is_systemds_over_an_upgrade_and_a_crash(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """What the supervisor counts as kept is what systemd says it keeps
+    (NFileDescriptorStore), as it starts, after an upgrade's exec (carried over
+    it) and after a crash (what systemd handed back)."""
+    unit = await install(systemd, tls_files, fleet)
+
+    async def counted_as_systemd(timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            store = (await unit.stats()).get("fd_store") or {}
+            shown = int(unit.show("NFileDescriptorStore")["NFileDescriptorStore"])
+            if store.get("kept") == shown and store.get("max") == 1024:
+                return shown
+            assert time.monotonic() < deadline, f"{store} vs {shown}"
+            await asyncio.sleep(0.3)
+
+    # Two listeners, two state memfds, the ticket keys, a channel per worker.
+    assert await counted_as_systemd() == 7
+    code, said = await asyncio.to_thread(unit.cli, "upgrade", timeout=150)
+    assert code == 0, said + unit.log_tail()
+    assert await counted_as_systemd() >= 7
+    supervisor = unit.main_pid()
+    systemd.systemctl("kill", "-s", "KILL", "--kill-who=main", NAME)
+    await unit.until(timeout=30, ActiveState="active", NRestarts="1")
+    assert unit.main_pid() not in (0, supervisor)
+    assert await counted_as_systemd() >= 7

@@ -995,3 +995,139 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     proc.kill()  # (the OOM killer's SIGKILL, sent before the exec)
     code = await asyncio.wait_for(proc.wait(), 5)
     assert await new._oom_killed(worker, code)
+
+
+def test_an_earlier_images_snapshot_left_by_a_lost_remove_is_not_taken_over_the_newer():
+    """Each image numbers its snapshots from 1. An upgrade's exec (or a crash's
+    restart) whose FDSTOREREMOVE of state.N was lost to a full notify socket
+    left the earlier image's memfds beside the new ones, with a higher sequence
+    (a day's: 86,400): that one was taken up after a crash, its fleets, admin
+    states and counts from before the newer image's changes. The one written
+    last is (the host's monotonic clock)."""
+    now = time.monotonic()
+    earlier = {"version": STATE_VERSION, "sequence": 86_400, "generation": 3}
+    newer = {"version": STATE_VERSION, "sequence": 4, "generation": 4}
+    seen = _child(
+        "ours",
+        json.dumps({**earlier, "written_monotonic": now - 60}),
+        json.dumps({**newer, "written_monotonic": now - 1}),
+    )
+    assert seen["snapshot"]["generation"] == 4, seen["snapshot"]
+    # An older release's snapshots, unstamped: by sequence, as before.
+    assert _child("ours", json.dumps(earlier), json.dumps(newer))["snapshot"]["sequence"] == 86_400
+
+
+def _fill(notifier: Notifier) -> int:
+    """The receiver's queue filled (bounded): the datagrams sent."""
+    sock = notifier._socket()
+    for sent in range(100_000):
+        try:
+            sock.sendto(b"X=1", notifier.address)
+        except BlockingIOError:
+            return sent
+    raise AssertionError("the notify socket never filled")
+
+
+def _drain(receiver: socket.socket) -> None:
+    for _ in range(100_000):
+        try:
+            receiver.recv(64)
+        except BlockingIOError:
+            return
+
+
+def test_a_remove_lost_to_a_full_notify_socket_is_sent_before_the_next_message(
+    notify_socket, caplog
+):
+    """A channel the supervisor cuts must leave the store, or the copy there holds
+    it open and the worker never sees it end (session 35). Lost to a full notify
+    socket, the remove was never sent again; it goes before the next message."""
+    receiver, notifier = notify_socket
+    store = _EmulatedStore(receiver)
+    a, b = socket.socketpair()
+    notifier.store_fd("worker.7.1", a.fileno())
+    assert list(store.read()) == ["worker.7.1"]
+    _fill(notifier)
+    with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+        notifier.remove_fd("worker.7.1")
+    _drain(receiver)
+    notifier.notify("WATCHDOG=1")
+    got = [message for message, _ in _stored(receiver)]
+    assert got == ["FDSTOREREMOVE=1\nFDNAME=worker.7.1", "WATCHDOG=1"]
+    assert "cannot take a descriptor out of systemd's fd store: sent again" in caplog.text
+    assert notifier.kept == {}
+    a.close()
+    b.close()
+    store.close()
+
+
+def test_a_store_after_a_lost_remove_of_its_name_is_not_taken_out_by_it(notify_socket):
+    """The name stored again before the lost remove was sent: sent after the
+    store, the remove would take the new copy too. It goes first."""
+    receiver, notifier = notify_socket
+    old, new = os.memfd_create("old"), os.memfd_create("new")
+    notifier.store_fd("tls.tickets", old)
+    _fill(notifier)
+    notifier.remove_fd("tls.tickets")
+    _drain(receiver)
+    notifier.store_fd("tls.tickets", new)  # the remove goes first
+    got = [message for message, _ in _stored(receiver)]
+    assert got == ["FDSTOREREMOVE=1\nFDNAME=tls.tickets", "FDSTORE=1\nFDNAME=tls.tickets"]
+    assert notifier.kept_count == 1
+    os.close(old)
+    os.close(new)
+
+
+def test_what_systemd_keeps_is_counted_against_its_limit_and_a_full_store_said(tmp_path, caplog):
+    """systemd answers no FDSTORE=1: past FileDescriptorStoreMax= it closes what
+    it was sent and says so in its journal alone. The supervisor counts what it
+    keeps there (a descriptor sent again under its name not twice, as systemd
+    does not) and says a store full: log, stat, metrics."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "3"})
+    store = _EmulatedStore(receiver)
+    listener = socket.create_server(("127.0.0.1", 0))
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        notifier.store_fd("listen.wss", listener.fileno())
+        notifier.store_fd("listen.wss", listener.fileno())  # the same socket: kept once
+        notifier.store_fd("worker.1.1", pairs[0][0].fileno())
+        assert (notifier.kept_count, notifier.not_kept) == (2, 0)
+        notifier.store_fd("worker.2.1", pairs[1][0].fileno())
+        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+            notifier.store_fd("worker.3.1", pairs[2][0].fileno())
+        assert (notifier.kept_count, notifier.not_kept) == (3, 1)
+        assert "systemd's fd store is full" in caplog.text
+        (said,) = [r for r in caplog.records if "fd store is full" in r.getMessage()]
+        assert said.fields["name"] == "worker.3.1" and said.fields["max"] == 3  # type: ignore[attr-defined]
+        notifier.remove_fd("worker.1.1")  # a worker gone: room again
+        assert notifier.kept_count == 2
+        store.read()
+    finally:
+        listener.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+        store.close()
+        receiver.close()
+        notifier.close()
+
+
+def test_a_unit_that_keeps_nothing_is_not_said_full(tmp_path, caplog):
+    """FileDescriptorStoreMax=0 is the operator's choice (the supervisor's death
+    then takes its workers' slots with it): no warning at each store."""
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "0"})
+    a, b = socket.socketpair()
+    try:
+        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+            notifier.store_fd("worker.1.1", a.fileno())
+        assert notifier.not_kept == 0 and "full" not in caplog.text
+    finally:
+        for sock in (a, b, receiver):
+            sock.close()
+        notifier.close()

@@ -47,7 +47,42 @@ _REPLACED = frozenset(
 # `100 Continue` before its 101, which the ingress relays (RFC 9110 15.2) and
 # strict WebSocket clients fail the call on (the carrier-edge audit of session 30).
 _BODYLESS = frozenset({b"expect"})
-_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED | _BODYLESS
+# Other claims of the client's address, scheme or original URL, which frameworks
+# and modules read as a trusted proxy's word when told to: a carrier's would pass
+# for ours (the one proxy in front of the fleet), so none reaches the fleet. The
+# address: nginx's realip (real_ip_header is any name), request-ip/Express-style
+# lookups, Akamai/Cloudflare/Fastly/GCLB names, Tornado's xheaders (X-Scheme);
+# the scheme: X-Scheme, X-Url-Scheme, Front-End-Https (gunicorn/Tornado, paste,
+# IIS); the host and URL: X-Original-Host, X-Host, X-Original-URL and X-Rewrite-URL
+# (IIS's URL Rewrite and Symfony before 5 routed by them: CVE-2018-14773). The
+# carrier's Via is kept: a record of its hops, which no framework reads an
+# address, scheme or path from (HAProxy passes it too and adds none).
+_CLAIMS = frozenset(
+    {
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"cf-connecting-ipv6",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-proxyuser-ip",
+        b"client-ip",
+        b"x-original-forwarded-for",
+        b"forwarded-for",
+        b"x-forwarded",
+        b"x-originating-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-scheme",
+        b"x-url-scheme",
+        b"front-end-https",
+        b"x-original-host",
+        b"x-host",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | _REPLACED | _BODYLESS | _CLAIMS
 # A fleet behind WSGI/CGI reads "X_Forwarded_For" and "X-Forwarded-For" as the
 # same variable (HTTP_X_FORWARDED_FOR), so a carrier's underscore spelling of a
 # header we set, drop or judge the head by could stand in for ours: it is
@@ -76,7 +111,7 @@ def fleet_request_headers(
     head: RequestHead, *, fleet_host: str, client_ip: str, proto: str = "https"
 ) -> list[Header]:
     """Headers for the fleet: the carrier's, with Host, X-Forwarded-* and
-    X-Real-IP set."""
+    X-Real-IP set, and its other claims of its address, scheme or URL dropped."""
     named_by_connection = head.tokens(b"connection")
     headers: list[Header] = [(b"Host", fleet_host.encode("ascii"))]
     for name, value in head.headers:

@@ -66,8 +66,11 @@ _HANDSHAKE_FIELDS = {
 MAX_LEADING_EMPTY_LINES = 8
 # "." or ".." as a path segment, literally or percent-encoded: a fleet's
 # nginx normalizes them, so "/ws/../attach" would reach a route the ingress
-# refuses. Nothing legitimate on a call route needs them.
-_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:/|$)", re.IGNORECASE)
+# refuses. Nothing legitimate on a call route needs them. With path parameters
+# too ("..;", "..;x=1"): a Java servlet container (Tomcat, Jetty: a Spring
+# fleet) drops a segment's parameters before it resolves dot segments, so
+# "/ws/..;/attach" was forwarded and served as /attach.
+_DOT_SEGMENT = re.compile(rb"/(?:\.|%2e){1,2}(?:;[^/]*)?(?:/|$)", re.IGNORECASE)
 # nginx decodes %2F before it resolves dot segments, so "/ws/x/..%2fattach"
 # reaches /attach. Encoded '/', '\\' and '.' have no business in a call path,
 # nor have encoded control characters: "%00" truncates a path in C code and

@@ -24,6 +24,7 @@ from fleet_ingress.ops.fleet_display import (
     certificate_refused,
     certificate_served_refused,
     edits_not_applied,
+    fd_store_short,
     fleets_summary,
     oom_count_broad,
     probed,
@@ -482,6 +483,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             lines.append(upgrade)
         if (oom := supervisor_oom_killed(snap)) is not None:
             lines.append(oom)
+        if (short := fd_store_short(snap)) is not None:
+            lines.append(short)
         if (oom := workers_oom_killed_not_replaced(snap)) is not None:
             lines.append(oom)
         if (oom := oom_count_broad(snap)) is not None:

@@ -316,6 +316,22 @@ def oom_count_broad(snap: dict[str, Any]) -> str | None:
     )
 
 
+def fd_store_short(snap: dict[str, Any]) -> str | None:
+    """One line once systemd's fd store is full (FileDescriptorStoreMax=), or
+    would not keep a descriptor of this supervisor's; None before, or without
+    systemd."""
+    store = snap.get("fd_store") or {}
+    kept, limit, not_kept = store.get("kept"), store.get("max"), store.get("not_kept") or 0
+    if limit == 0 or (not not_kept and (limit is None or kept is None or kept < limit)):
+        return None  # (FileDescriptorStoreMax=0: the operator's choice to keep nothing)
+    lost = f", {not_kept} not kept since this supervisor started" if not_kept else ""
+    return (
+        f"systemd's fd store is full ({kept} of FileDescriptorStoreMax={limit} kept{lost}): "
+        "should the supervisor die, the calls of a worker whose channel is not kept end with "
+        "it; raise FileDescriptorStoreMax= in the unit"
+    )
+
+
 def supervisor_oom_killed(snap: dict[str, Any]) -> str | None:
     """One line once the OOM killer took a supervisor of this host (carried
     from each supervisor to the next); None before."""

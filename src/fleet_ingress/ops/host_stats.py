@@ -276,6 +276,7 @@ class HostMetrics:
         supervisor_deaths: Callable[[], int] = lambda: 0,
         supervisor_oom_kills: Callable[[], int] = lambda: 0,
         worker_oom_kills: Callable[[], int] = lambda: 0,
+        fd_store: Callable[[], Mapping[str, Any] | None] = lambda: None,
     ) -> None:
         """`restarts`: workers replaced, by why (e.g. {"crashed": 2, "killed": 1});
         `calls_lost`: the calls those workers took with them; `workers`: the
@@ -322,6 +323,38 @@ class HostMetrics:
             _SupervisorFailuresCollector(task_failures, supervisor_deaths, supervisor_oom_kills)
         )
         self.prometheus.register(_UpgradeCollector(upgrade_failed))
+        self.prometheus.register(_FdStoreCollector(fd_store))
+
+
+class _FdStoreCollector(Collector):
+    """systemd's fd store, as far as the supervisor can count it: systemd answers
+    no FDSTORE=1, and says only in its journal what it could not keep."""
+
+    def __init__(self, store: Callable[[], Mapping[str, Any] | None]) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        store = self.store()
+        if store is None:  # not under systemd
+            return
+        yield GaugeMetricFamily(
+            f"{PREFIX}_fd_store_descriptors",
+            "Descriptors systemd's fd store keeps for the supervisor (listeners, a channel "
+            "per worker, its state): handed back should it die. Counted by the supervisor.",
+            value=store["kept"],
+        )
+        if store.get("max") is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_fd_store_max",
+                "The unit's FileDescriptorStoreMax=: past it, systemd keeps nothing more.",
+                value=store["max"],
+            )
+        yield CounterMetricFamily(
+            f"{PREFIX}_fd_store_not_kept",
+            "Descriptors systemd would not keep since this supervisor started, its store "
+            "full: should the supervisor die, what they served ends (a worker's calls).",
+            value=store["not_kept"],
+        )
 
 
 class _UpgradeCollector(Collector):

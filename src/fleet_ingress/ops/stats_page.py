@@ -18,6 +18,7 @@ from fleet_ingress.ops.fleet_display import (
     certificate_refused,
     certificate_served_refused,
     edits_not_applied,
+    fd_store_short,
     fleets_summary,
     oom_count_broad,
     probed,
@@ -93,6 +94,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
     missing = workers_missing(snap)
     upgrade = upgrade_failed(snap)
     oom = supervisor_oom_killed(snap)
+    fd_store = fd_store_short(snap)
     oom_workers = workers_oom_killed_not_replaced(snap)
     oom_broad = oom_count_broad(snap)
     rows = []
@@ -126,6 +128,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
         + (f'<p class="stopping" id="upgrade-failed">{escape(upgrade)}</p>\n' if upgrade else "")
         + (f'<p class="stopping" id="supervisor-oom">{escape(oom)}</p>\n' if oom else "")
+        + (f'<p class="stopping" id="fd-store">{escape(fd_store)}</p>\n' if fd_store else "")
         + (
             f'<p class="stopping" id="workers-oom">{escape(oom_workers)}</p>\n'
             if oom_workers

@@ -58,6 +58,15 @@ audit of session 34). Missing, cut short or of another size, or drawn for
 another certificate: new ones, said (`ticket_keys_taken_up`). A stop takes
 them out of the store; a start that takes up no worker draws its own.
 
+systemd answers no FDSTORE=1, and past FileDescriptorStoreMax= it closes what
+it is sent, saying so in its journal alone: the supervisor counts what it keeps
+there (`Notifier.kept`: what systemd handed back, carried over an exec, stored
+since) against the limit (`read_store_max`) and says a store full (log, stat,
+`fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
+before the next message; should a name be there twice meanwhile, the newest is
+used (systemd hands the store back newest first; the snapshots go by the time
+they were written).
+
 Without systemd, or with a unit whose FileDescriptorStoreMax= is 0, nothing is
 kept and a supervisor that dies takes its workers' slots with it as before
 (the workers drain).
@@ -70,9 +79,11 @@ import ipaddress
 import logging
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fleet_ingress.config.settings import ListenSection
@@ -104,6 +115,9 @@ SNAPSHOT_EVERY = 1.0
 # for (`carrier_certificate.ticket_keys_drawn_for`, a SHA-256 digest).
 TICKET_KEYS_NAME = "tls.tickets"
 STORED_TICKET_KEYS_BYTES = TICKET_KEYS_BYTES + 32
+# Seconds `systemctl show` has to say the unit's FileDescriptorStoreMax= (read
+# once, as the supervisor starts, where $FDSTORE does not say it).
+STORE_MAX_READ = 3.0
 
 
 @dataclass
@@ -121,6 +135,9 @@ class HandedBack:
     # What was handed back and not used, why: said once logging is set up
     # (`say_unused`), which it is not yet when the store is read.
     unused: list[dict[str, str]] = field(default_factory=list)
+    # Everything handed back, by name and (st_dev, st_ino): systemd keeps it
+    # until removed, used or not (`Notifier.kept`: counted against its limit).
+    kept: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
 
     def say_unused(self) -> None:
         for what in self.unused:
@@ -146,6 +163,11 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
     for n in range(int(count)):
         fd = SD_LISTEN_FDS_START + n
         name = names[n] if n < len(names) else ""
+        try:
+            stat = os.fstat(fd)
+            handed.kept.append((name or "stored", (stat.st_dev, stat.st_ino)))
+        except OSError:
+            pass
         if name in SNAPSHOT_NAMES:
             try:
                 if (snapshot := _read_snapshot(fd)) is not None:
@@ -176,7 +198,12 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
             handed.unused.append({"key": name, "error": str(exc)})
             _close(fd)
     if snapshots:
-        newest = max(snapshots, key=lambda snapshot: snapshot["sequence"])
+        # The one written last, by the host's monotonic clock, then by sequence:
+        # each image numbers its own from 1, and a remove lost to a full notify
+        # socket leaves an earlier image's (or a dead one's) memfds there beside
+        # the new ones, most often with a higher sequence: its state was taken
+        # up in place of the newer (fleets, admin states and counts gone back).
+        newest = max(snapshots, key=_written_order)
         if not newest.get("stopped"):
             handed.snapshot = newest
         else:  # a stop's: nothing to take up but the certificate it served
@@ -185,6 +212,51 @@ def taken_from_store(environ: MutableMapping[str, str] | None = None) -> HandedB
             except ValueError as exc:
                 handed.unused.append({"key": "state", "error": str(exc)[:200]})
     return handed
+
+
+def _written_order(snapshot: Mapping[str, Any]) -> tuple[float, int]:
+    written = snapshot.get("written_monotonic")
+    when = float(written) if isinstance(written, int | float) else float("-inf")
+    return when, snapshot["sequence"]
+
+
+def read_store_max(
+    environ: Mapping[str, str] | None = None, timeout: float = STORE_MAX_READ
+) -> int | None:
+    """The unit's FileDescriptorStoreMax=: $FDSTORE where systemd sets it (254
+    and later), else `systemctl show` of the unit this process runs in (its
+    cgroup's name); None when neither says. Blocking: run in a thread."""
+    env = os.environ if environ is None else environ
+    if (given := env.get("FDSTORE", "")).isdigit():
+        return int(given)
+    unit = _own_unit()
+    if unit is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["systemctl", "show", "--property=FileDescriptorStoreMax", "--value", unit],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    value = done.stdout.strip()
+    return int(value) if done.returncode == 0 and value.isdigit() else None
+
+
+def _own_unit() -> str | None:
+    """The service this process runs in, by its cgroup ("0::/system.slice/x.service")."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        for part in reversed(line.rpartition(":")[2].split("/")):
+            if part.endswith(".service"):
+                return part
+    return None
 
 
 def _read_snapshot(fd: int) -> dict[str, Any] | None:

@@ -30,6 +30,20 @@ class Notifier:
         self._warned = False
         self.dropped = 0  # messages the receiver had no room for
         self.watchdog_interval = _watchdog_interval(env)
+        # What systemd's fd store keeps of this process's, as far as it can
+        # know (systemd answers no FDSTORE=1): each name's descriptors, by
+        # (st_dev, st_ino), as systemd tells one already kept (`same_fd`). A
+        # name twice: a remove lost before a store (the newest is used).
+        self.kept: dict[str, list[tuple[int, int]]] = {}
+        # FileDescriptorStoreMax=: $FDSTORE (systemd 254 and later sets it), or
+        # `systemctl show` (`fd_store.read_store_max`); None: not known.
+        self.store_max = _digits(env.get("FDSTORE"))
+        # Descriptors systemd would not keep, its store full (it says so in its
+        # journal alone, and closes them).
+        self.not_kept = 0
+        # Removes the notify socket had no room for, sent before the next message
+        # (a channel's copy kept would hold it open: its worker never sees it end).
+        self._owed: dict[str, None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +58,7 @@ class Notifier:
             # systemd (and `systemctl`) hear of it; briefly, for a stderr nobody reads.
             flush_lines(STATE_CHANGE_FLUSH_WAIT)
         message = "\n".join(line.replace("\n", " ") for line in lines).encode("utf-8")
+        self._pay_owed()
         try:
             self._socket().sendto(message, self.address)
         except BlockingIOError:
@@ -63,16 +78,77 @@ class Notifier:
     def store_fd(self, name: str, fd: int) -> None:
         """Keep a duplicate of `fd` in systemd's fd store under `name` (the unit's
         FileDescriptorStoreMax=): handed back to the next main process should
-        this one die (`service.fd_store`). Never raises."""
-        self._send_fds(f"FDSTORE=1\nFDNAME={name}".encode(), [fd])
-
-    def remove_fd(self, name: str) -> None:
-        """Drop what the fd store keeps under `name` (FDSTOREREMOVE=1)."""
-        self._send_fds(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), [])
-
-    def _send_fds(self, message: bytes, fds: list[int]) -> None:
+        this one die (`service.fd_store`). Never raises. A store full (the
+        count kept against FileDescriptorStoreMax=) is said: systemd closes
+        what it cannot keep, and says so in its journal only."""
         if not self.address:
             return
+        self._pay_owed()
+        try:
+            stat = os.fstat(fd)
+        except OSError:
+            return
+        identity = (stat.st_dev, stat.st_ino)
+        copies = self.kept.get(name, [])
+        already = any(identity in kept for kept in self.kept.values())
+        # (FileDescriptorStoreMax=0: the operator's choice to keep nothing; not said.)
+        full = not already and bool(self.store_max) and self.kept_count >= (self.store_max or 0)
+        if not self._send_fds(f"FDSTORE=1\nFDNAME={name}".encode(), [fd]) or already:
+            return
+        if full:
+            self.not_kept += 1
+            log.warning(
+                "systemd's fd store is full: a descriptor was not kept, and a crash of the "
+                "supervisor now ends what it serves (a worker's calls, a listener); raise "
+                "FileDescriptorStoreMax= in the unit",
+                extra=fields(
+                    name=name, kept=self.kept_count, max=self.store_max, not_kept=self.not_kept
+                ),
+            )
+            return
+        # Stored after a remove lost: that remove would take this one too.
+        self._owed.pop(name, None)
+        self.kept[name] = [*copies, identity]
+
+    def seed(self, name: str, fd: int) -> None:
+        """What systemd handed this process from its store (`LISTEN_FDS`): kept
+        there until removed."""
+        try:
+            stat = os.fstat(fd)
+        except OSError:
+            return
+        self.kept.setdefault(name, []).append((stat.st_dev, stat.st_ino))
+
+    @property
+    def kept_count(self) -> int:
+        return sum(len(copies) for copies in self.kept.values())
+
+    def remove_fd(self, name: str) -> None:
+        """Drop what the fd store keeps under `name` (FDSTOREREMOVE=1). Lost to
+        a full notify socket, it is sent again before the next message."""
+        if not self.address:
+            return
+        self._pay_owed()
+        self._owed.pop(name, None)
+        if self._send_fds(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), []):
+            self.kept.pop(name, None)
+        else:
+            self._owed[name] = None
+
+    def _pay_owed(self) -> None:
+        """Send the removes lost before, in order, while the socket takes them."""
+        for name in list(self._owed):
+            message = f"FDSTOREREMOVE=1\nFDNAME={name}".encode()
+            try:
+                self._socket().sendmsg([message], [], 0, self.address)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass  # said when it was lost
+            del self._owed[name]
+            self.kept.pop(name, None)
+
+    def _send_fds(self, message: bytes, fds: list[int]) -> bool:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         try:
             self._socket().sendmsg([message], rights, 0, self.address)
@@ -80,9 +156,13 @@ class Notifier:
             self.dropped += isinstance(exc, BlockingIOError)
             log.warning(
                 "cannot keep a descriptor in systemd's fd store: a crash of this process "
-                "would end what it serves",
+                "would end what it serves"
+                if fds
+                else "cannot take a descriptor out of systemd's fd store: sent again later",
                 extra=fields(message=message.decode(), error=str(exc)),
             )
+            return False
+        return True
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
@@ -102,6 +182,10 @@ class Notifier:
 def monotonic_usec() -> str:
     """The `MONOTONIC_USEC=` line systemd wants beside `RELOADING=1`."""
     return f"MONOTONIC_USEC={int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)}"
+
+
+def _digits(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
 
 
 def _watchdog_interval(env: Mapping[str, str]) -> float | None:

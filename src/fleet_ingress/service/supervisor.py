@@ -150,8 +150,10 @@ from fleet_ingress.service.carrier_certificate import (
 )
 from fleet_ingress.service.fd_store import (
     SNAPSHOT_EVERY,
+    STORE_MAX_READ,
     TICKET_KEYS_NAME,
     CrashSnapshot,
+    read_store_max,
     store_ticket_keys,
     ticket_keys_taken_up,
 )
@@ -393,6 +395,9 @@ class Supervisor:
         self.worker_oom_kills = 0
         # [descriptor limit, descriptors needed] when short (cli), carried over an exec.
         self.descriptors_short: list[int] | None = None
+        # What systemd's fd store held for this process as it started (handed
+        # back by systemd, or carried over an exec): `Notifier.kept`'s start.
+        self.fd_store_kept: dict[str, list[tuple[int, int]]] = {}
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
@@ -416,6 +421,7 @@ class Supervisor:
             supervisor_deaths=lambda: self.supervisor_deaths,
             supervisor_oom_kills=lambda: self.supervisor_oom_kills,
             worker_oom_kills=lambda: self.worker_oom_kills,
+            fd_store=self.fd_store_picture,
             fleets_gone=lambda: self.forgetting.pending,
             upgrade_failed=self._last_upgrade_failed,
             workers=self.workers_figures,
@@ -500,6 +506,19 @@ class Supervisor:
         self.upgrade = UpgradeSequence(
             self, self._web, carried=carried, starts_settle=starts_settle
         )
+
+    def fd_store_picture(self) -> dict[str, Any] | None:
+        """What systemd's fd store keeps of this process's, against the unit's
+        FileDescriptorStoreMax= (None: not known), and what it would not keep;
+        None without systemd's notify socket."""
+        notifier = getattr(self, "notifier", None)  # a snapshot taken as it is built
+        if notifier is None or not notifier.enabled:
+            return None
+        return {
+            "kept": notifier.kept_count,
+            "max": notifier.store_max,
+            "not_kept": notifier.not_kept,
+        }
 
     def store_fd(self, name: str, sock: socket.socket) -> None:
         """Keep `sock` in systemd's fd store: a supervisor started again after
@@ -1895,6 +1914,7 @@ class Supervisor:
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
         picture["supervisor_oom_kills"] = self.supervisor_oom_kills
+        picture["fd_store"] = self.fd_store_picture()
         picture["worker_oom_kills"] = self.worker_oom_kills
         # Where the OOM kills are counted, when that counts other processes' too.
         # (None where the kernel's log names the pids killed: it decides there.)
@@ -2408,6 +2428,11 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
     supervisor.notifier = notifier
+    for name, kept in supervisor.fd_store_kept.items():
+        notifier.kept.setdefault(name, []).extend(kept)
+    if notifier.enabled and notifier.store_max is None:
+        # Before anything is stored: systemd says nothing of what it cannot keep.
+        notifier.store_max = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)

@@ -282,6 +282,11 @@ class UpgradeSequence:
         supervisor.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
         supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
+        # (From a release that did not carry it: counted from what is stored from here.)
+        supervisor.fd_store_kept = {
+            str(name): [(int(dev), int(ino)) for dev, ino in copies]
+            for name, copies in dict(carried.get("fd_store_kept") or {}).items()
+        }
         supervisor.supervisor_oom_kills = int(carried.get("supervisor_oom_kills", 0))
         # (From a release that did not carry it: those replaced, at least.)
         supervisor.worker_oom_kills = int(
@@ -651,6 +656,14 @@ class UpgradeSequence:
             "unexpected_errors": unexpected_errors(),
             "calls_lost_total": supervisor.calls_lost_total,
             "supervisor_deaths": supervisor.supervisor_deaths,
+            # What systemd's fd store keeps of this host's (by name, st_dev and
+            # st_ino): the next image counts on from it against the unit's limit.
+            "fd_store_kept": {
+                name: [list(kept) for kept in copies]
+                for name, copies in (
+                    supervisor.notifier.kept if supervisor.notifier is not None else {}
+                ).items()
+            },
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
             "worker_oom_kills": supervisor.worker_oom_kills,
             # The descriptor limit's shortfall this image said (or its
