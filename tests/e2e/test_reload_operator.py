@@ -102,8 +102,11 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
     """The file's queue = 3 edited to 5 and reloaded, FLEET_INGRESS_TIMEOUTS__QUEUE=7
     in the service's environment: the reload said "nothing changed" and
     succeeded, the edit never served. Its answer, its journal line, the last
-    reload in /stats.json and `stat` name the key, the variable and the fix; a
-    reload after, with no edit, says nothing of it."""
+    reload in /stats.json and `stat` name the key, the variable and the fix. A
+    reload after, with no edit (certbot's, or the operator's again), says it
+    again: told against the last reload, it said "nothing changed" and `stat`
+    dropped the line, the edit still not served. The file's value put back
+    (the one read at the start) says nothing."""
     service = await RunningIngress.start(
         tls_files,
         [f"{roomy_fleet.url} name=a"],
@@ -133,7 +136,14 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
         assert last["result"] == "applied" and last["edits_hidden"] == [note], last
         code, shown = await admin_command(service, "stat")
         assert code == 0 and f"): {note}" in shown and "EDITS NOT APPLIED (reload " in shown
-        # Said once, for the edit: a reload with nothing edited says nothing of it.
+        # Said while it stands: a reload with nothing edited says it again.
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and note in said, said
+        assert (await service.stats())["last_reload"]["edits_hidden"] == [note]
+        code, shown = await admin_command(service, "stat")
+        assert code == 0 and f"): {note}" in shown, shown
+        # The start's value back in the file: nothing hidden to say.
+        config.write_text(edited.replace("\nqueue = 5\n", "\nqueue = 3\n"))
         code, said = await admin_command(service, "reload")
         assert code == 0 and "timeouts.queue" not in said, said
         assert "edits_hidden" not in (await service.stats())["last_reload"]

@@ -850,7 +850,7 @@ def environment_values(path: Path | None) -> list[str]:
 
 def edits_hidden(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Each key whose value in the file changed from `before` to `after`
-    (`file_settings` of the file as the running configuration was read, and
+    (`file_settings` of the file as the service read it at its start, and
     as a reload reads it now) while a variable of this process's environment
     sets it: the edit is not applied, and a reload said nothing of it (an
     operator edited fleets.maxconn, reloaded, and FLEET_INGRESS_FLEETS__MAXCONN
