@@ -102,8 +102,11 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
     """The file's queue = 3 edited to 5 and reloaded, FLEET_INGRESS_TIMEOUTS__QUEUE=7
     in the service's environment: the reload said "nothing changed" and
     succeeded, the edit never served. Its answer, its journal line, the last
-    reload in /stats.json and `stat` name the key, the variable and the fix; a
-    reload after, with no edit, says nothing of it."""
+    reload in /stats.json and `stat` name the key, the variable and the fix. A
+    reload after, with no edit (certbot's, or the operator's again), says it
+    again: told against the last reload, it said "nothing changed" and `stat`
+    dropped the line, the edit still not served. The file's value put back
+    (the one read at the start) says nothing."""
     service = await RunningIngress.start(
         tls_files,
         [f"{roomy_fleet.url} name=a"],
@@ -133,7 +136,14 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
         assert last["result"] == "applied" and last["edits_hidden"] == [note], last
         code, shown = await admin_command(service, "stat")
         assert code == 0 and f"): {note}" in shown and "EDITS NOT APPLIED (reload " in shown
-        # Said once, for the edit: a reload with nothing edited says nothing of it.
+        # Said while it stands: a reload with nothing edited says it again.
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and note in said, said
+        assert (await service.stats())["last_reload"]["edits_hidden"] == [note]
+        code, shown = await admin_command(service, "stat")
+        assert code == 0 and f"): {note}" in shown, shown
+        # The start's value back in the file: nothing hidden to say.
+        config.write_text(edited.replace("\nqueue = 5\n", "\nqueue = 3\n"))
         code, said = await admin_command(service, "reload")
         assert code == 0 and "timeouts.queue" not in said, said
         assert "edits_hidden" not in (await service.stats())["last_reload"]
@@ -231,3 +241,46 @@ async def test_check_is_not_held_by_an_admin_socket_that_never_answers(tmp_path:
         for writer in held:
             writer.close()
         server.close()
+
+
+async def test_check_is_not_held_by_an_admin_socket_that_answers_a_byte_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """A socket at the admin socket's path that answers, but a byte every
+    0.3 s (another program's, a stalled peer): each read came within the 2 s,
+    so check, the unit's ExecReload, was held for as long as the bytes came
+    (12 s and more measured). ASK_TIMEOUT bounds the whole ask."""
+    from fleet_ingress.config.settings import config_from_dict
+    from fleet_ingress.ops.service_environment import ASK_TIMEOUT, service_environment_lines
+
+    sent: list[int] = []
+    handlers: list[asyncio.Task[Any]] = []
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handlers.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 40:  # 40 bytes, 12 s
+                writer.write(bytes([byte]))
+                sent.append(byte)
+                await asyncio.sleep(0.3)
+        finally:
+            writer.close()
+
+    sock = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(trickle, path=str(sock))
+    try:
+        config = config_from_dict({"listen": {"admin_socket": str(sock)}}, base_dir=tmp_path)
+        started = time.monotonic()
+        lines = await asyncio.wait_for(
+            asyncio.to_thread(service_environment_lines, config), ASK_TIMEOUT + 20
+        )
+        took = time.monotonic() - started
+        assert lines == [] and sent, lines
+        assert took < ASK_TIMEOUT + 1.5, took
+    finally:
+        for handler in handlers:
+            handler.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        server.close()
+        await server.wait_closed()

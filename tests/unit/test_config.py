@@ -1127,3 +1127,37 @@ def test_a_file_edit_is_said_hidden_only_where_the_environment_sets_the_key_edit
     ), connect
     assert edits_hidden(after, after) == []
     assert edits_hidden(after, before | {"fleets": {}}) == []  # removed: the file's own say
+
+
+def test_kubernetes_variables_of_another_fleet_ingress_service_are_not_said_by_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Service named fleet-ingress-metrics beside fleet-ingress (a scrape
+    Service) gets FLEET_INGRESS_METRICS_SERVICE_HOST and its kin in every pod
+    of the namespace: `run` said them at its start and in every reload's
+    answer as typos to fix and restart for, while Kubernetes' own
+    FLEET_INGRESS_SERVICE_HOST was quiet. Kubernetes' too, by the Service's
+    name; a typo naming no key is said still."""
+    from fleet_ingress.config.settings import unread_variables, unread_variables_said_by_run
+
+    for name in [n for n in os.environ if n.upper().startswith("FLEET_INGRESS_")]:
+        monkeypatch.delenv(name)
+    kubernetes = {
+        "FLEET_INGRESS_METRICS_SERVICE_HOST": "10.96.0.14",
+        "FLEET_INGRESS_METRICS_SERVICE_PORT": "8404",
+        "FLEET_INGRESS_METRICS_SERVICE_PORT_HTTP": "8404",
+        "FLEET_INGRESS_METRICS_PORT": "tcp://10.96.0.14:8404",
+        "FLEET_INGRESS_METRICS_PORT_8404_TCP_ADDR": "10.96.0.14",
+        "FLEET_INGRESS_BLUE_2_SERVICE_HOST": "10.96.0.15",  # fleet-ingress-blue-2
+    }
+    for name, value in kubernetes.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FLEET_INGRESS_FLEET_MAXCONN", "4")  # names no key
+    (typo,) = unread_variables_said_by_run()
+    assert typo.startswith("environment: FLEET_INGRESS_FLEET_MAXCONN is not read: "), typo
+    said = [line for line in unread_variables() if line != typo.split("; fix it")[0]]
+    assert said == [
+        f"environment: {name} is not read (Kubernetes sets it for a Service named "
+        + ("fleet-ingress-blue-2)" if "BLUE" in name else "fleet-ingress-metrics)")
+        for name in sorted(kubernetes)
+    ], said

@@ -656,10 +656,23 @@ def _within_bounds(data: dict[str, Any]) -> dict[str, Any]:
 # The variables Kubernetes sets in each pod for a Service named fleet-ingress (the
 # Service's name upper-cased, `-` made `_`): FLEET_INGRESS_SERVICE_HOST,
 # FLEET_INGRESS_SERVICE_PORT[_<PORT NAME>], FLEET_INGRESS_PORT and
-# FLEET_INGRESS_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR].
+# FLEET_INGRESS_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]; and for one named
+# fleet-ingress-<NAME> (a scrape Service beside it): FLEET_INGRESS_<NAME>_SERVICE_HOST...
 _KUBERNETES_SERVICE = re.compile(
     r"(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)"
 )
+_KUBERNETES_OTHER_SERVICE = re.compile(r"([A-Z0-9_]+?)_" + _KUBERNETES_SERVICE.pattern)
+
+
+def _kubernetes_service(rest: str) -> str | None:
+    """The Service a FLEET_INGRESS_<rest> variable is Kubernetes' for, or
+    None: fleet-ingress's own first (FLEET_INGRESS_PORT_443_TCP_PORT is its
+    port's, not a Service fleet-ingress-port-443-tcp's)."""
+    if _KUBERNETES_SERVICE.fullmatch(rest):
+        return "fleet-ingress"
+    if other := _KUBERNETES_OTHER_SERVICE.fullmatch(rest):
+        return "fleet-ingress-" + other[1].lower().replace("_", "-")
+    return None
 
 
 def _unknown_env_sections() -> list[str]:
@@ -723,12 +736,12 @@ def unread_variables(*, kubernetes: bool = True) -> list[str]:
         if rest.lower() in IngressConfig.model_fields or _one_underscore_key(name):
             continue  # a section's table, or refused (`_unknown_env_sections`)
         shown = ascii(name)[1:-1]
-        if name.startswith(ENV_PREFIX) and _KUBERNETES_SERVICE.fullmatch(rest):
+        if name.startswith(ENV_PREFIX) and (service := _kubernetes_service(rest)):
             if not kubernetes:
                 continue
             lines.append(
                 f"environment: {shown} is not read (Kubernetes sets it for a Service named "
-                "fleet-ingress)"
+                f"{service})"
             )
         else:
             lines.append(
@@ -850,7 +863,7 @@ def environment_values(path: Path | None) -> list[str]:
 
 def edits_hidden(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Each key whose value in the file changed from `before` to `after`
-    (`file_settings` of the file as the running configuration was read, and
+    (`file_settings` of the file as the service read it at its start, and
     as a reload reads it now) while a variable of this process's environment
     sets it: the edit is not applied, and a reload said nothing of it (an
     operator edited fleets.maxconn, reloaded, and FLEET_INGRESS_FLEETS__MAXCONN

@@ -50,29 +50,53 @@ def service_environment_lines(config: IngressConfig) -> list[str]:
     return differences(environment_settings(), theirs, body.get("pid"), where)
 
 
+class _ByDeadline(socket.socket):
+    """A socket whose every wait ends by `deadline` (time.monotonic()): a
+    timeout alone bounds each read, and a peer that sends a byte at a time
+    held check (the unit's ExecReload) for as long as the bytes came."""
+
+    deadline = 0.0
+
+    def _left(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no answer in time")
+        self.settimeout(left)
+
+    def connect(self, address: Any) -> None:
+        self._left()
+        super().connect(address)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._left()
+        super().sendall(data, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._left()
+        return super().recv_into(buffer, nbytes, flags)
+
+
 class _UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, deadline: float) -> None:
         super().__init__("ingress", timeout=ASK_TIMEOUT)
         self.unix_path = path
+        self.deadline = deadline
 
     def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(ASK_TIMEOUT)
-        self.sock.connect(self.unix_path)
+        sock = _ByDeadline(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.deadline = self.deadline
+        self.sock = sock
+        sock.connect(self.unix_path)
 
 
 def _ask(where: str) -> tuple[int, Any]:
-    """GET /environment, blocking, within ASK_TIMEOUT (http.client, not
-    aiohttp: its import alone was a third of a second of every check). Each
-    read is bounded; the answer is a few hundred bytes, in one or two."""
-    connection = _UnixHTTP(where)
-    deadline = time.monotonic() + ASK_TIMEOUT
+    """GET /environment, blocking, all of it within ASK_TIMEOUT (http.client,
+    not aiohttp: its import alone was a third of a second of every check)."""
+    connection = _UnixHTTP(where, time.monotonic() + ASK_TIMEOUT)
     try:
         connection.request("GET", "/environment")
         response = connection.getresponse()
         body = response.read(MAX_ANSWER)
-        if time.monotonic() > deadline:
-            raise TimeoutError("no answer in time")
         return response.status, json.loads(body)
     finally:
         connection.close()

@@ -366,9 +366,13 @@ class Supervisor:
         # a replacement too (a reload notes a change, as of process.workers).
         self.cpu_affinity = config.process.cpu_affinity
         self.last_reload: dict[str, Any] | None = None  # shown by stat while it was refused
-        # The configuration file as the configuration in force was read (its
-        # start, the last reload applied): what a reload's edits are told
-        # against, where the environment hides them (`edits_hidden`).
+        # The configuration file as this image read it when it started, with
+        # the environment it keeps: what a reload's edits are told against,
+        # where the environment hides them (`edits_hidden`). Not the last
+        # reload's: an edit still hidden is said again at each reload, as
+        # `_pending_notes` says a change still pending (told against the last
+        # reload, a second reload said "nothing changed" and `stat` dropped
+        # its EDITS NOT APPLIED line, the edit still not served).
         self.file_read: dict[str, Any] = {}
         self.edits_hidden: list[str] = []  # by the last reload applied
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
@@ -2089,7 +2093,6 @@ class Supervisor:
         if certificate := reload_note(leaf, self.serving_leaf, pem, self.serving_pem):
             notes.append(certificate)
         self.edits_hidden = edits_hidden(self.file_read, file_now)
-        self.file_read = file_now
         for hidden in self.edits_hidden:
             log.warning(
                 "a file edit is not applied: the environment sets its key",
