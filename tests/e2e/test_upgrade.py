@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_client import SlotClient
@@ -2757,6 +2759,61 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         # Its CPU goes over too: a replacement started later takes another.
         assert [w.cpu for w in new.workers.values()] == [1]
         assert new.upgrade._state_for_exec()["workers"][0]["cpu"] == 1
+    finally:
+        worker.close()
+        if new is not None:
+            await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker still streaming its calls to a listing the previous image asked
+    for (`list-calls`, answered a part a turn) when the supervisor re-executed:
+    its parts come to the new image, whose own first listing is under way. Its
+    answer ids began at 1 in each image, so the old listing's last part ended
+    the new one with the old rows, the worker's answer to it dropped (the
+    review of session 36); they begin anywhere now, and the new listing has its
+    own answer."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))
+    worker = await SlotClient.connect(sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5)
+    asked: list[Any] = []
+    worker.handlers["list-calls"] = lambda m: asked.append(m.get("id"))
+    new: Supervisor | None = None
+    try:
+        await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
+        stale, fresh = {"id": "old-row", "started_monotonic": 1.0}, {
+            "id": "new-row",
+            "started_monotonic": 2.0,
+        }
+        # The old image's ask as its `list_calls` sends it (its workers table
+        # is not this test's: the channel alone is).
+        (channel,) = old.server._channels.values()
+        listing = asyncio.ensure_future(
+            old._ask_one(SimpleNamespace(key=channel.key), "list-calls", 5, filter={})  # type: ignore[arg-type]
+        )
+        await eventually(lambda: len(asked) == 1)
+        worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": True})
+        fd = state_fd(old.upgrade._state_for_exec())
+        kept = old.server.handover()
+        listing.cancel()  # the old image is gone: its exec
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        assert carried is not None
+        carried["workers"] = _carried_with(tmp_path, pid=os.getpid())["workers"]
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new.upgrade.adopt_workers(new.handed)
+        listing = asyncio.ensure_future(new.list_calls(CallFilter()))
+        await eventually(lambda: len(asked) == 2)
+        # The rest of the old listing, then the worker's answer to the new one.
+        worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": False})
+        worker.send({"op": "calls-listed", "id": asked[1], "calls": [fresh], "more": False})
+        answer = await asyncio.wait_for(listing, 5)
+        assert [row["id"] for row in answer["calls"]] == ["new-row"], (asked, answer)
+        assert asked[0] != asked[1]
     finally:
         worker.close()
         if new is not None:

@@ -274,6 +274,12 @@ class WorkerStartError(RuntimeError):
         self.error_logged = error_logged
 
 
+def first_ask_id() -> int:
+    """Where an image's ask ids begin: anywhere in 2**31 (one of a previous
+    image's few asks still answered is 1 in some hundreds of millions)."""
+    return int.from_bytes(os.urandom(4), "big") % 2**31 + 1
+
+
 class Supervisor:
     def __init__(
         self,
@@ -473,7 +479,13 @@ class Supervisor:
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
         self._generation_settled.set()
-        self._asks = itertools.count(1)
+        # Ids of the asks to workers, whose answers are matched by (channel, id):
+        # drawn anew by each image. Counted from 1 in each, a listing the previous
+        # image asked for, still streaming its parts over the exec, was taken for
+        # the new image's first ask (the review of session 36). Drawn, not carried
+        # in the exec's state: a supervisor started again after one died (systemd)
+        # takes the workers up with no state from it.
+        self._asks = itertools.count(first_ask_id())
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
         # `calls`: the parts of each worker's answer read so far, by (key, ask).
         self._listed: dict[tuple[int, int], list[Any]] = {}
