@@ -2786,10 +2786,8 @@ async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
     new: Supervisor | None = None
     try:
         await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
-        stale, fresh = {"id": "old-row", "started_monotonic": 1.0}, {
-            "id": "new-row",
-            "started_monotonic": 2.0,
-        }
+        stale = {"id": "old-row", "started_monotonic": 1.0}
+        fresh = {"id": "new-row", "started_monotonic": 2.0}
         # The old image's ask as its `list_calls` sends it (its workers table
         # is not this test's: the channel alone is).
         (channel,) = old.server._channels.values()
