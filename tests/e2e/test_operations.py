@@ -849,6 +849,15 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
         assert [r["bot_id"] for r in rows] == ["first", "second"]
         assert {(r["pid"], r["generation"]) for r in rows} == {(os.getpid(), 1)}
         assert [r["fleet"] for r in rows] == [fleet_of(ws) for ws in calls]
+        # Its pid and number alone, or with another process's tag: refused, the call kept.
+        bare = f"{os.getpid()}-{rows[0]['call_id']}"
+        with pytest.raises(FleetChangeError, match="give its whole id") as refused:
+            await d.ingress.end_call(bare, "")
+        assert refused.value.status == 400
+        other = "zzzz" if not rows[0]["id"].endswith("zzzz") else "yyyy"
+        with pytest.raises(FleetChangeError, match="the process it ran in is gone") as refused:
+            await d.ingress.end_call(f"{bare}-{other}", "")
+        assert refused.value.status == 404
         code, out, err = await d.cli("end-call", rows[0]["id"], "--reason", "test")
         assert code == 0, err
         with pytest.raises(ConnectionClosed):
@@ -860,6 +869,7 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
             assert await calls[1].recv() == "still"
         (ended,) = [e for e in _access_entries(caplog) if e["end_reason"] == "admin"]
         assert (ended["call_id"], ended["detail"]) == (rows[0]["call_id"], "test")
+        assert ended["call"] == rows[0]["id"]
         code, out, err = await d.cli("end-call", rows[0]["id"])
         assert code == 1 and f"no live call {rows[0]['id']}" in err, err
     finally:

@@ -2819,6 +2819,65 @@ async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
         await old.close()
 
 
+async def test_end_call_knows_a_worker_s_tag_over_the_exec_and_refuses_another_s(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker says its tag in its hello and, to the image after an exec, in its
+    state: `end-call` of an id with another tag (a process gone whose pid came
+    back) is refused without asking it, 404 saying the process is gone and how
+    that pid's calls are named now; `PID-N` alone asks for the whole id; the
+    whole id is asked of the worker with its tag (the review of session 36)."""
+    from fleet_ingress.ops.fleet_ops import FleetChangeError
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))
+    pid = os.getpid()
+    worker = await SlotClient.connect(
+        sock=theirs, pid=pid, generation=1, answer_timeout=5, hello=False
+    )
+    worker.tag = "k3f9"
+    asked: list[dict[str, Any]] = []
+
+    def end_call(message: dict[str, Any]) -> None:
+        asked.append(message)
+        worker.send({"op": "call-ended", "id": message["id"], "call": None})
+
+    worker.handlers["end-call"] = end_call
+    worker.say_hello()
+    new: Supervisor | None = None
+    try:
+        (channel,) = old.server._channels.values()
+        await eventually(lambda: old.server.call_tag(channel.key) == "k3f9")
+        fd = state_fd(old.upgrade._state_for_exec())
+        kept = old.server.handover()
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        assert carried is not None
+        carried["workers"] = _carried_with(tmp_path, pid=pid)["workers"]
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new.upgrade.adopt_workers(new.handed)
+        (key,) = new.server._channels
+        assert new.server.call_tag(key) == "k3f9"  # from its state
+        with pytest.raises(FleetChangeError) as refused:
+            await new.end_call(f"{pid}-3-zzzz", "")
+        assert refused.value.status == 404
+        assert f"no live call {pid}-3-zzzz: the process it ran in is gone" in refused.value.message
+        assert f"its calls are named {pid}-N-k3f9" in refused.value.message
+        with pytest.raises(FleetChangeError, match="give its whole id, PID-N-TAG") as refused:
+            await new.end_call(f"{pid}-3", "")
+        assert refused.value.status == 400
+        assert asked == []  # neither asked of the worker
+        with pytest.raises(FleetChangeError, match="it has ended, or never was"):
+            await new.end_call(f"{pid}-3-K3F9", "")  # typed in capitals: the same
+        assert [(m["call"], m["tag"]) for m in asked] == [(3, "k3f9")]
+    finally:
+        worker.close()
+        if new is not None:
+            await _close_adopting(new)
+        await old.close()
+
+
 async def _close_adopting(new: Supervisor) -> None:
     """Close a supervisor that adopted workers in this test and each adoption's
     pidfd (the workers are this process's children, not its)."""

@@ -9,8 +9,9 @@
     POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
     GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
     GET    /calls?fleet=&bot=&longer_than=   every live call on the host, oldest first:
-                                      {"calls": [row, ...], "filter", "workers", ...}
-    DELETE /calls/{id}?reason=TEXT    end that call (PID-N), end_reason admin: {"ended": row}
+                                      {"calls": [row, ...], "filter", "workers", ...};
+                                      503 while LISTINGS_AT_ONCE are under way
+    DELETE /calls/{id}?reason=TEXT    end that call (PID-N-TAG), end_reason admin: {"ended": row}
     GET    /environment               {"pid", "environment": {NAME: value}}: the
                                       FLEET_INGRESS_ settings of its environment
 
