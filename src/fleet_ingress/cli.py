@@ -186,9 +186,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "End one live call as remove-fleet --force ends one: in the tunnel both sides get "
         "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
         "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
-        "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id."
+        "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id "
+        "(also when its tag is not its pid's worker's: the process it ran in is gone)."
     )
-    end.add_argument("id", help="the call's id as `fleet-ingress calls` lists it: PID-N")
+    end.add_argument(
+        "id",
+        help="the call's id as `fleet-ingress calls` lists it (its access line's `call`): "
+        "PID-N-TAG",
+    )
     end.add_argument(
         "--reason", default="", help="why, for its access line's detail (200 characters at most)"
     )

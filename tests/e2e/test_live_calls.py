@@ -95,7 +95,12 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         assert {r["route"] for r in rows} == {"/ws/"}
         assert {r["client_ip"] for r in rows} == {"127.0.0.1"}
         assert {r["generation"] for r in rows} == {1}
-        assert [r["id"] for r in rows] == [f"{r['pid']}-{r['call_id']}" for r in rows]
+        # PID-N-TAG: a tag a worker, 4 characters.
+        tags = {r["pid"]: r["id"].split("-")[2] for r in rows}
+        assert {len(t) for t in tags.values()} == {4}, tags
+        assert [r["id"] for r in rows] == [
+            f"{r['pid']}-{r['call_id']}-{tags[r['pid']]}" for r in rows
+        ]
         on = {s.name: sum(r["fleet"] == s.name for r in rows) for s in two_fleets}
         assert on == {"a": a.active_calls, "b": b.active_calls}
 
@@ -131,6 +136,19 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         )
         victim_sim = a if victim["fleet"] == "a" else b
         before = victim_sim.active_calls
+        # Ids that name the victim's pid and number but not its process: what an
+        # access line's `process` and `call_id` give (`PID-N`), and a listing's
+        # of a process gone whose pid came back (another tag). Refused, exit 1;
+        # on main `PID-N` cut the live call (the review of session 36).
+        bare = f"{victim['pid']}-{victim['call_id']}"
+        code, out, err = await run_cli(service, "end-call", bare)
+        assert code == 1 and f"call {bare}: give its whole id, PID-N-TAG" in err, (out, err)
+        other = "zzzz" if tags[victim["pid"]] != "zzzz" else "yyyy"
+        code, out, err = await run_cli(service, "end-call", f"{bare}-{other}")
+        assert code == 1, (out, err)
+        assert f"no live call {bare}-{other}: the process it ran in is gone" in err, err
+        assert f"its calls are named {victim['pid']}-N-{tags[victim['pid']]}" in err, err
+        await echo(victim_ws)  # untouched
         code, out, err = await run_cli(
             service, "end-call", victim["id"], "--reason", "stuck, ticket 42"
         )
@@ -147,6 +165,7 @@ async def test_calls_lists_the_host_s_calls_and_end_call_cuts_exactly_one(
         await eventually(lambda: any(e.get("end_reason") == "admin" for e in _ended(service)), 5)
         (line,) = [e for e in _ended(service) if e.get("end_reason") == "admin"]
         assert (line["process"], line["call_id"]) == (victim["pid"], victim["call_id"])
+        assert line["call"] == victim["id"]  # the id end-call takes, whole
         assert line["bot_id"] == victim["bot_id"] and line["detail"] == "stuck, ticket 42"
         async with asyncio.timeout(5):  # its fleet slot is back
             while sum(f["active"] for f in (await service.stats())["fleets"]) != len(others):

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -848,6 +849,15 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
         assert [r["bot_id"] for r in rows] == ["first", "second"]
         assert {(r["pid"], r["generation"]) for r in rows} == {(os.getpid(), 1)}
         assert [r["fleet"] for r in rows] == [fleet_of(ws) for ws in calls]
+        # Its pid and number alone, or with another process's tag: refused, the call kept.
+        bare = f"{os.getpid()}-{rows[0]['call_id']}"
+        with pytest.raises(FleetChangeError, match="give its whole id") as refused:
+            await d.ingress.end_call(bare, "")
+        assert refused.value.status == 400
+        other = "zzzz" if not rows[0]["id"].endswith("zzzz") else "yyyy"
+        with pytest.raises(FleetChangeError, match="the process it ran in is gone") as refused:
+            await d.ingress.end_call(f"{bare}-{other}", "")
+        assert refused.value.status == 404
         code, out, err = await d.cli("end-call", rows[0]["id"], "--reason", "test")
         assert code == 0, err
         with pytest.raises(ConnectionClosed):
@@ -859,6 +869,7 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
             assert await calls[1].recv() == "still"
         (ended,) = [e for e in _access_entries(caplog) if e["end_reason"] == "admin"]
         assert (ended["call_id"], ended["detail"]) == (rows[0]["call_id"], "test")
+        assert ended["call"] == rows[0]["id"]
         code, out, err = await d.cli("end-call", rows[0]["id"])
         assert code == 1 and f"no live call {rows[0]['id']}" in err, err
     finally:
@@ -1293,3 +1304,92 @@ def test_a_stop_removes_the_admin_socket_only_while_it_is_its_own(tmp_path: Path
     finally:
         first.close()
         second.close()
+
+
+class _ManyCalls:
+    """`Calls` with 10,000 rows as workers list them (some 3 MB of JSON)."""
+
+    def __init__(self) -> None:
+        self.listed = 0
+        row = {
+            "pid": 4242,
+            "generation": 1,
+            "started": "2026-12-06T05:00:00Z",
+            "age_s": 61.5,
+            "client_ip": "198.51.100.7",
+            "route": "/ws/",
+            "bot_id": "bot-7f3a-" + "x" * 40,
+            "fleet": "fleet2",
+            "state": "tunnel",
+            "bytes_from_carrier": 52_300_000,
+            "bytes_to_carrier": 55_000_000,
+            "carrier_quiet_s": 0.0,
+            "fleet_quiet_s": 41.0,
+        }
+        self.rows = [
+            {**row, "id": f"4242-{n}", "call_id": n, "started_monotonic": float(n)}
+            for n in range(1, 10_001)
+        ]
+
+    async def list_calls(self, wanted: Any) -> dict[str, Any]:
+        self.listed += 1
+        return {"calls": self.rows, "filter": {}, "workers": [], "channel_lost": []}
+
+    async def end_call(self, text: str, why: str) -> dict[str, Any]:
+        raise AssertionError("not asked")
+
+
+async def test_a_calls_listing_nobody_reads_is_cut_and_at_most_two_are_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The review of session 36: a client that sent `GET /calls` and never read
+    the answer held 4-11 MB of the supervisor for 10,000 calls, for good (five
+    held 57 MB). Two listings at most are under way: a third is answered 503
+    saying so; an answer not read within LISTING_WRITE_TIMEOUT is cut, and the
+    next listing is answered in full."""
+    from fleet_ingress.ops import admin_server
+    from fleet_ingress.ops.admin_client import admin_request
+    from fleet_ingress.ops.web_sites import WebSites
+
+    monkeypatch.setattr(admin_server, "LISTING_WRITE_TIMEOUT", 1.0, raising=False)  # on main: none
+    calls = _ManyCalls()
+    path = tmp_path / "admin.sock"
+    sites = WebSites()
+    app = admin_server.admin_app(None, dict, calls=calls)  # type: ignore[arg-type]
+    await sites.serve_kept(app, bind_admin_socket(path))
+    unread = []
+    try:
+        for _ in range(2):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(str(path))
+            sock.sendall(b"GET /calls HTTP/1.1\r\nHost: admin\r\n\r\n")
+            unread.append(sock)
+        await eventually(lambda: calls.listed == 2)
+        began = time.monotonic()
+        status, body = await admin_request(path, "GET", "/calls")
+        assert status == 503, (status, str(body)[:200])
+        assert "2 listings of the calls are under way already" in body["error"]
+        assert "try again" in body["error"]
+
+        def read_to_end(sock: socket.socket) -> int:
+            sock.settimeout(5)
+            got = 0
+            while chunk := sock.recv(1 << 16):
+                got += len(chunk)
+            return got
+
+        # Unread past the deadline: cut, the end comes before the 3 MB.
+        said = lambda: [r for r in caplog.records if "did not read its answer" in r.getMessage()]  # noqa: E731
+        await eventually(lambda: len(said()) == 2, timeout=5)
+        assert time.monotonic() - began >= 0.8
+        for sock in unread:
+            got = await asyncio.to_thread(read_to_end, sock)
+            assert 0 < got < 3_000_000, got
+        status, body = await admin_request(path, "GET", "/calls")
+        assert status == 200 and len(body["calls"]) == 10_000
+        assert len(said()) == 2
+    finally:
+        for sock in unread:
+            sock.close()
+        await sites.close()

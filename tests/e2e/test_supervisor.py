@@ -2605,6 +2605,11 @@ async def test_each_call_lost_with_a_killed_worker_has_its_access_line(
             assert "killed by SIGKILL; the call was up" in line["detail"]
             assert 1.0 <= line["duration_s"] < 30
         assert lines["lost-a"]["call_id"] != lines["lost-b"]["call_id"]
+        # Its id as `calls` listed it: the worker's pid and tag (its own lines'),
+        # where `process` is the supervisor's.
+        tag = lines["ended-first"]["call"].split("-")[2]
+        for bot in ("lost-a", "lost-b"):
+            assert lines[bot]["call"] == f"{worker['pid']}-{lines[bot]['call_id']}-{tag}"
         died = [e for e in service.log() if e.get("event", "").startswith("worker died")]
         assert [e["calls_lost"] for e in died] == [2]
     finally:

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -32,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
 from fleet_ingress.net.slot_client import SlotClient
@@ -2757,6 +2759,118 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         # Its CPU goes over too: a replacement started later takes another.
         assert [w.cpu for w in new.workers.values()] == [1]
         assert new.upgrade._state_for_exec()["workers"][0]["cpu"] == 1
+    finally:
+        worker.close()
+        if new is not None:
+            await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker still streaming its calls to a listing the previous image asked
+    for (`list-calls`, answered a part a turn) when the supervisor re-executed:
+    its parts come to the new image, whose own first listing is under way. Its
+    answer ids began at 1 in each image, so the old listing's last part ended
+    the new one with the old rows, the worker's answer to it dropped (the
+    review of session 36); they begin anywhere now, and the new listing has its
+    own answer."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))
+    worker = await SlotClient.connect(sock=theirs, pid=os.getpid(), generation=1, answer_timeout=5)
+    asked: list[Any] = []
+    worker.handlers["list-calls"] = lambda m: asked.append(m.get("id"))
+    new: Supervisor | None = None
+    try:
+        await eventually(lambda: [r.pid for r in old.slots.workers] == [os.getpid()])
+        stale = {"id": "old-row", "started_monotonic": 1.0}
+        fresh = {"id": "new-row", "started_monotonic": 2.0}
+        # The old image's ask as its `list_calls` sends it (its workers table
+        # is not this test's: the channel alone is).
+        (channel,) = old.server._channels.values()
+        listing = asyncio.ensure_future(
+            old._ask_one(SimpleNamespace(key=channel.key), "list-calls", 5, filter={})  # type: ignore[arg-type]
+        )
+        await eventually(lambda: len(asked) == 1)
+        worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": True})
+        fd = state_fd(old.upgrade._state_for_exec())
+        kept = old.server.handover()
+        listing.cancel()  # the old image is gone: its exec
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        assert carried is not None
+        carried["workers"] = _carried_with(tmp_path, pid=os.getpid())["workers"]
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new.upgrade.adopt_workers(new.handed)
+        listing = asyncio.ensure_future(new.list_calls(CallFilter()))
+        await eventually(lambda: len(asked) == 2)
+        # The rest of the old listing, then the worker's answer to the new one.
+        worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": False})
+        worker.send({"op": "calls-listed", "id": asked[1], "calls": [fresh], "more": False})
+        answer = await asyncio.wait_for(listing, 5)
+        assert [row["id"] for row in answer["calls"]] == ["new-row"], (asked, answer)
+        assert asked[0] != asked[1]
+    finally:
+        worker.close()
+        if new is not None:
+            await _close_adopting(new)
+        await old.close()
+
+
+async def test_end_call_knows_a_worker_s_tag_over_the_exec_and_refuses_another_s(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """A worker says its tag in its hello and, to the image after an exec, in its
+    state: `end-call` of an id with another tag (a process gone whose pid came
+    back) is refused without asking it, 404 saying the process is gone and how
+    that pid's calls are named now; `PID-N` alone asks for the whole id; the
+    whole id is asked of the worker with its tag (the review of session 36)."""
+    from fleet_ingress.ops.fleet_ops import FleetChangeError
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=a"], workers=1)
+    old = _supervisor(tmp_path)
+    ours, theirs = socket.socketpair()
+    await old.server.adopt(ours, worker=(os.getpid(), 1))
+    pid = os.getpid()
+    worker = await SlotClient.connect(
+        sock=theirs, pid=pid, generation=1, answer_timeout=5, hello=False
+    )
+    worker.tag = "k3f9"
+    asked: list[dict[str, Any]] = []
+
+    def end_call(message: dict[str, Any]) -> None:
+        asked.append(message)
+        worker.send({"op": "call-ended", "id": message["id"], "call": None})
+
+    worker.handlers["end-call"] = end_call
+    worker.say_hello()
+    new: Supervisor | None = None
+    try:
+        (channel,) = old.server._channels.values()
+        await eventually(lambda: old.server.call_tag(channel.key) == "k3f9")
+        fd = state_fd(old.upgrade._state_for_exec())
+        kept = old.server.handover()
+        carried = take_state({UPGRADE_STATE: str(fd)})
+        assert carried is not None
+        carried["workers"] = _carried_with(tmp_path, pid=pid)["workers"]
+        new = _supervisor(tmp_path, handed=kept, carried=carried)
+        await new.upgrade.adopt_workers(new.handed)
+        (key,) = new.server._channels
+        assert new.server.call_tag(key) == "k3f9"  # from its state
+        with pytest.raises(FleetChangeError) as refused:
+            await new.end_call(f"{pid}-3-zzzz", "")
+        assert refused.value.status == 404
+        assert f"no live call {pid}-3-zzzz: the process it ran in is gone" in refused.value.message
+        assert f"its calls are named {pid}-N-k3f9" in refused.value.message
+        with pytest.raises(FleetChangeError, match="give its whole id, PID-N-TAG") as refused:
+            await new.end_call(f"{pid}-3", "")
+        assert refused.value.status == 400
+        assert asked == []  # neither asked of the worker
+        with pytest.raises(FleetChangeError, match="it has ended, or never was"):
+            await new.end_call(f"{pid}-3-K3F9", "")  # typed in capitals: the same
+        assert [(m["call"], m["tag"]) for m in asked] == [(3, "k3f9")]
     finally:
         worker.close()
         if new is not None:

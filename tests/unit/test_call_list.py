@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 
 from fleet_ingress.core.call_list import (
+    TAG_LENGTH,
     CallFilter,
     CallIdError,
     FilterError,
+    host_call_id,
+    new_process_tag,
     oldest_first,
     parse_call_id,
     shown_state,
@@ -82,16 +85,29 @@ def test_all_given_filters_must_hold():
     assert CallFilter().keeps(None, "", 0)
 
 
-@pytest.mark.parametrize("text", ["4242-17", " 4242-17 "])
-def test_a_call_id_is_its_worker_s_pid_and_its_number(text):
-    assert parse_call_id(text) == (4242, 17)
+@pytest.mark.parametrize(
+    ("text", "tag"),
+    [("4242-17-k3f9", "k3f9"), (" 4242-17-K3F9 ", "k3f9"), ("4242-17", None), ("4242-17 ", None)],
+)
+def test_a_call_id_is_its_worker_s_pid_its_number_and_its_worker_s_tag(text, tag):
+    assert parse_call_id(text) == (4242, 17, tag)
+
+
+def test_a_process_tag_is_short_typeable_and_round_trips():
+    tag = new_process_tag(bytes(range(200, 204)))
+    assert len(tag) == TAG_LENGTH and tag.isalnum() and tag == tag.lower()
+    assert not set(tag) & set("ilou")
+    assert parse_call_id(host_call_id(4242, 17, tag)) == (4242, 17, tag)
+    assert host_call_id(4242, 17, None) == "4242-17"
+    assert len({new_process_tag(bytes([b, 0, 0, 0])) for b in range(256)}) == 32
 
 
 @pytest.mark.parametrize(
-    "text", ["17", "4242", "4242-", "-17", "a-1", "1-b", "0-1", "1-0", "1-2-3"]
+    "text",
+    ["17", "4242", "4242-", "-17", "a-1", "1-b", "0-1", "1-0", "1-2-3x9", "1-2-k3f", "1-2-k3fi"],
 )
 def test_anything_else_is_refused_saying_the_form(text):
-    with pytest.raises(CallIdError, match="PID-N") as caught:
+    with pytest.raises(CallIdError, match="PID-N-TAG") as caught:
         parse_call_id(text)
     assert repr(text) in str(caught.value)
 

@@ -6,6 +6,7 @@ from fleet_ingress.core.lost_calls import lost_call_record
 
 SAID = {
     "call_id": 7,
+    "call": "4321-7-k3f9",
     "started": "2026-12-04T10:00:00Z",
     "client_ip": "198.51.100.7",
     "route": "/ws/",
@@ -28,6 +29,7 @@ def test_an_answered_call_has_every_access_field_and_says_how_its_worker_ended()
     line = record({**SAID, "fleet": "a", "status": 101})
     assert line == {
         "call_id": 7,
+        "call": "4321-7-k3f9",  # the id `calls` listed, whole
         "started": "2026-12-04T10:00:00Z",
         "client_ip": "198.51.100.7",
         "route": "/ws/",

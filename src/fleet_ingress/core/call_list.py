@@ -4,8 +4,13 @@ call's host-wide id, and the order of the rows. No I/O.
 
 A call's id in a worker (`Call.id`, the access line's `call_id`) counts from 1
 in each process, so two workers have a call 17 each: on the host a call is
-named `PID-N`, its worker's pid and that number, which its access line holds
-too (`pid`, `call_id`).
+named `PID-N-TAG`, its worker's pid, that number and the worker's tag, drawn
+at random when the process starts; its access line says it whole (`call`).
+Without the tag, `PID-N` copied from an old listing or log line named another
+live call once the pid had come back (a container restarted, a pid wrap), and
+`end-call` cut that one (the review of session 36): with it, a call of a
+process gone is refused as such. 4 characters of 32 (no i, l, o, u): one pid
+come back with the same tag is 1 in 1,048,576.
 """
 
 from __future__ import annotations
@@ -14,19 +19,24 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleet_ingress.core.call_machine import State
 
 __all__ = [
+    "TAG_LENGTH",
     "CallFilter",
+    "CallId",
     "CallIdError",
     "FilterError",
     "host_call_id",
+    "new_process_tag",
     "no_such_call",
     "oldest_first",
     "parse_call_id",
+    "process_gone",
     "shown_state",
+    "whole_id_wanted",
 ]
 
 # What an operator reads of a call machine's state: four words, not twelve.
@@ -146,19 +156,59 @@ def parse_longer_than(text: str) -> float:
     return value
 
 
-def host_call_id(pid: int, call_id: int) -> str:
-    return f"{pid}-{call_id}"
+TAG_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford's: none read as another
+TAG_LENGTH = 4
 
 
-def parse_call_id(text: str) -> tuple[int, int]:
-    """`PID-N` as (pid, N); CallIdError says the form."""
-    pid, sep, number = text.strip().partition("-")
-    if sep and pid.isdecimal() and number.isdecimal() and int(pid) > 0 and int(number) > 0:
-        return int(pid), int(number)
+def new_process_tag(random: bytes) -> str:
+    """A process's tag from TAG_LENGTH random bytes."""
+    return "".join(TAG_ALPHABET[b % 32] for b in random[:TAG_LENGTH])
+
+
+def host_call_id(pid: int, call_id: int, tag: str | None) -> str:
+    """`PID-N-TAG` (`PID-N` for a process with no tag: a release before them)."""
+    return f"{pid}-{call_id}" if tag is None else f"{pid}-{call_id}-{tag}"
+
+
+class CallId(NamedTuple):
+    pid: int
+    number: int
+    tag: str | None  # None: `PID-N`, said without its tag
+
+
+def parse_call_id(text: str) -> CallId:
+    """`PID-N-TAG` (or `PID-N`); CallIdError says the form."""
+    parts = text.strip().lower().split("-")
+    if 2 <= len(parts) <= 3:
+        pid, number = parts[0], parts[1]
+        tag = parts[2] if len(parts) == 3 else None
+        if (
+            pid.isdecimal()
+            and number.isdecimal()
+            and int(pid) > 0
+            and int(number) > 0
+            and (tag is None or (len(tag) == TAG_LENGTH and set(tag) <= set(TAG_ALPHABET)))
+        ):
+            return CallId(int(pid), int(number), tag)
     raise CallIdError(
-        f"{text!r} is not a call id: a call is named PID-N (its worker's pid and its "
-        "call_id, as `fleet-ingress calls` lists it and its access line says), e.g. 4242-17"
+        f"{text!r} is not a call id: a call is named PID-N-TAG (its worker's pid, its "
+        "call_id and its worker's tag), as `fleet-ingress calls` lists it and its access "
+        "line's `call` says, e.g. 4242-17-k3f9"
     )
+
+
+def whole_id_wanted(text: str) -> str:
+    """The refusal of a `PID-N` given without its tag, where the process has one."""
+    return (
+        f"call {text}: give its whole id, PID-N-TAG, as `fleet-ingress calls` lists it "
+        "(or its access line's `call`): PID-N alone may name another call, once the pid "
+        "of a process gone has come back (a restart, a pid wrap)"
+    )
+
+
+def process_gone(text: str, why: str) -> str:
+    """`end-call`'s refusal for an id of a process no longer there."""
+    return no_such_call(text, f"the process it ran in is gone ({why})")
 
 
 def no_such_call(text: str, why: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 # The fields of `Call.access_record`, in its order: a lost call's line has each.
 _ACCESS_FIELDS = (
     "call_id",
+    "call",
     "started",
     "client_ip",
     "route",
@@ -33,7 +34,7 @@ _ACCESS_FIELDS = (
 )
 # What a worker says of a call (`Call.identity` and its start), taken as given
 # when it is a plain value: a line is never built from a nested object.
-_SAID = ("call_id", "started", "client_ip", "route", "bot_id")
+_SAID = ("call_id", "call", "started", "client_ip", "route", "bot_id")
 _MAX_TEXT = 256  # a field's text, at most (the worker bounds the bot id already)
 
 

@@ -14,13 +14,20 @@ import functools
 import itertools
 import logging
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fleet_ingress.core.call_list import CallFilter, host_call_id, shown_state
+from fleet_ingress.core.call_list import (
+    TAG_LENGTH,
+    CallFilter,
+    host_call_id,
+    new_process_tag,
+    shown_state,
+)
 from fleet_ingress.core.call_machine import CallMachine, EndReason
 from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, SilencePolicy
 from fleet_ingress.logs import fields
@@ -38,6 +45,7 @@ __all__ = [
     "SilenceSweep",
     "end_call",
     "list_calls_in_turns",
+    "process_tag",
 ]
 
 if TYPE_CHECKING:
@@ -89,6 +97,19 @@ _SILENCE_WHY = {
 }
 
 _ids = itertools.count(1)
+# This process's tag (`core.call_list`), by the pid it was drawn in: a process
+# forked from this one draws its own.
+_tags: dict[int, str] = {}
+
+
+def process_tag() -> str:
+    """The tag of this process's call ids (`PID-N-TAG`), drawn at its first use."""
+    pid = os.getpid()
+    tag = _tags.get(pid)
+    if tag is None:
+        _tags.clear()
+        tag = _tags[pid] = new_process_tag(os.urandom(TAG_LENGTH))
+    return tag
 
 
 @dataclass(eq=False)
@@ -191,6 +212,10 @@ class Call:
         with its worker (`SlotServer.take_calls`)."""
         return {
             "call_id": self.id,
+            # Its id on the host, as `fleet-ingress calls` lists it and `end-call`
+            # takes it: `process` and `call_id` alone name another call once
+            # the pid has come back.
+            "call": host_call_id(os.getpid(), self.id, process_tag()),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
             "client_ip": self.client_ip,
             "route": self.route,
@@ -234,7 +259,7 @@ class Call:
         state = shown_state(None if self.machine is None else self.machine.state)
         fleet = self.listed_fleet(state)
         return {
-            "id": host_call_id(pid, self.id),
+            "id": host_call_id(pid, self.id, process_tag()),
             "pid": pid,
             "generation": generation,
             "call_id": self.id,

@@ -129,6 +129,9 @@ class SlotClient(asyncio.Protocol):
         worker whose handlers are in place. What comes meanwhile is held, up
         to `HELD_BEFORE_HELLO` messages (more breaks the channel)."""
         self.pid = pid
+        # The tag of this worker's call ids (`net.calls.process_tag`), said in its
+        # hello and state: the supervisor refuses an id of another process's.
+        self.tag: str | None = None
         self._hello_on_connect = hello
         self._held_back: list[dict[str, Any]] | None = None if hello else []  # until "hello"
         self.generation = generation
@@ -323,6 +326,7 @@ class SlotClient(asyncio.Protocol):
                 "answers": True,
                 "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
                 "lists_calls": True,  # it answers "list-calls" and "end-call"
+                **({"tag": self.tag} if self.tag is not None else {}),
             }
         )
         held, self._held_back = self._held_back, None
@@ -455,6 +459,7 @@ class SlotClient(asyncio.Protocol):
             "answers": True,  # it says when fleets answer its calls ("answered")
             "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
             "lists_calls": True,  # it answers "list-calls" and "end-call"
+            **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),
             "waiting": [

@@ -81,6 +81,12 @@ class HandoverError(OSError):
     """`handover` could not keep every channel; none was handed over."""
 
 
+def _tag_said(message: dict[str, Any]) -> str:
+    """A hello's or state's "tag", "" when none (or not a tag: no id has it)."""
+    tag = message.get("tag")
+    return tag if isinstance(tag, str) and 0 < len(tag) <= 16 else ""
+
+
 class _Channel(asyncio.Protocol):
     def __init__(
         self,
@@ -122,6 +128,9 @@ class _Channel(asyncio.Protocol):
         # It answers "list-calls" and "end-call" ("lists_calls" in its hello or
         # state): an older worker ignores them, and would be waited for in vain.
         self.lists_calls = False
+        # The tag of its call ids ("tag" in its hello or state): None until it
+        # has said, "" when it said none (a build before tags: ids `PID-N`).
+        self.tag: str | None = None
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
         self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
@@ -271,6 +280,13 @@ class SlotServer:
             and not channel.restoring
             and not channel.lists_calls
         )
+
+    def call_tag(self, key: int) -> str | None:
+        """The tag worker `key` names its calls with (`PID-N-TAG`); "" when it said
+        none (a build before tags); None when not heard from yet (no channel,
+        or kept over the exec, its state unread)."""
+        channel = self._channels.get(key)
+        return None if channel is None or channel.restoring else channel.tag
 
     def forget_fleet(self, name: str) -> None:
         """The fleet `name` has left the set: every worker that knows the op
@@ -664,6 +680,7 @@ class SlotServer:
             channel.joined = True
             channel.forgets = message.get("forgets") is True
             channel.lists_calls = message.get("lists_calls") is True
+            channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
                 "worker joined the slot coordinator",
@@ -805,6 +822,7 @@ class SlotServer:
         )
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
+        channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
         # come during the exec, unread).

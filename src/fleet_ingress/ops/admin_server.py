@@ -9,8 +9,9 @@
     POST   /upgrade                   start an upgrade (a supervisor only): 202 {"id", ...}
     GET    /upgrade                   {"pid", "generation", "upgrades": [...]}: the outcome
     GET    /calls?fleet=&bot=&longer_than=   every live call on the host, oldest first:
-                                      {"calls": [row, ...], "filter", "workers", ...}
-    DELETE /calls/{id}?reason=TEXT    end that call (PID-N), end_reason admin: {"ended": row}
+                                      {"calls": [row, ...], "filter", "workers", ...};
+                                      503 while LISTINGS_AT_ONCE are under way
+    DELETE /calls/{id}?reason=TEXT    end that call (PID-N-TAG), end_reason admin: {"ended": row}
     GET    /environment               {"pid", "environment": {NAME: value}}: the
                                       FLEET_INGRESS_ settings of its environment
 
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,11 +35,14 @@ from aiohttp import web
 
 from fleet_ingress.config.settings import environment_settings, not_a_socket
 from fleet_ingress.core.call_list import CallFilter, FilterError
+from fleet_ingress.logs import fields
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
 
 SOCKET_MODE = 0o660
+
+log = logging.getLogger("fleet_ingress.server")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,6 +58,15 @@ class Calls(Protocol):
 
 # An operator's reason for end-call, as its access line keeps it (characters).
 MAX_END_REASON = 200
+# `GET /calls`: 10,000 calls are 3 MB of JSON, and the listing held 4-11 MB of
+# the process (rows, text, the socket's buffer) until its client read it: one
+# that never did (a stuck script, a CLI stopped with ^Z) held it for good, and
+# five such held 57 MB of the supervisor (the review of session 36). At most
+# LISTINGS_AT_ONCE are gathered or written at once (the next one is answered
+# 503, saying so), and an answer not read within LISTING_WRITE_TIMEOUT of the
+# start of its sending is cut (the connection closed), its memory given back.
+LISTINGS_AT_ONCE = 2
+LISTING_WRITE_TIMEOUT = 10.0  # the CLI's whole request waits as long (READ_TIMEOUT)
 
 
 class Upgrades(Protocol):
@@ -91,6 +105,33 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise FleetChangeError(400, "the request body must be a JSON object")
     return body
+
+
+async def _send_within(
+    request: web.Request, response: web.Response, timeout: float, what: str
+) -> None:
+    """Write `response` whole, or close the connection when its client has not
+    read it within `timeout`: the socket's buffer and the body go with it.
+    Returned to aiohttp then, the response is not written again (its write of
+    the closed connection ends the request, unlogged)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await response.prepare(request)
+            await response.write_eof()
+    except ConnectionError:  # the client went away: nobody to answer
+        pass
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        body = response.body
+        log.warning(
+            "admin: a client did not read its answer in time: its connection was closed",
+            extra=fields(
+                answer=what,
+                waited_s=timeout,
+                bytes=len(body) if isinstance(body, bytes) else None,
+            ),
+        )
 
 
 def admin_app(
@@ -202,14 +243,30 @@ def admin_app(
             raise FleetChangeError(409, "this ingress does not list its calls")
         return calls
 
-    async def list_calls(request: web.Request) -> web.Response:
+    listings = 0  # under way: gathered or being written (LISTINGS_AT_ONCE)
+
+    async def list_calls(request: web.Request) -> web.StreamResponse:
+        nonlocal listings
         try:
             wanted = CallFilter.from_query(request.query)
         except FilterError as exc:
             raise FleetChangeError(400, str(exc)) from None
-        answer = await live_calls().list_calls(wanted)
-        # 10,000 calls are some 3 MB of JSON: encoded in turns.
-        return web.json_response(text=await dumps_in_turns(answer))
+        source = live_calls()
+        if listings >= LISTINGS_AT_ONCE:
+            raise FleetChangeError(
+                503,
+                f"{listings} listings of the calls are under way already (other `fleet-ingress "
+                "calls`, or clients that have not read their answers, cut "
+                f"{LISTING_WRITE_TIMEOUT:g} s after it was sent); try again in a few seconds",
+            )
+        listings += 1
+        try:
+            # 10,000 calls are some 3 MB of JSON: encoded in turns.
+            response = web.json_response(text=await dumps_in_turns(await source.list_calls(wanted)))
+            await _send_within(request, response, LISTING_WRITE_TIMEOUT, "its calls listing")
+            return response
+        finally:
+            listings -= 1
 
     async def end_one(request: web.Request) -> web.Response:
         why = request.query.get("reason", "").strip()

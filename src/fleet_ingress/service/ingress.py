@@ -32,6 +32,8 @@ from fleet_ingress.core.call_list import (
     no_such_call,
     oldest_first,
     parse_call_id,
+    process_gone,
+    whole_id_wanted,
 )
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.core.certificate_change import LeafFacts, reload_note, renewal_problem
@@ -49,7 +51,7 @@ from fleet_ingress.net.acme import (
     AcmeProtocol,
     AcmeSettings,
 )
-from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns
+from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns, process_tag
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import patient_timeout, wait_patiently
@@ -415,11 +417,23 @@ class Ingress:
 
     async def end_call(self, text: str, why: str) -> dict[str, Any]:
         try:
-            pid, number = parse_call_id(text)
+            pid, number, tag = parse_call_id(text)
         except CallIdError as exc:
             raise FleetChangeError(400, str(exc)) from None
         if pid != os.getpid():
-            raise FleetChangeError(404, no_such_call(text, f"this ingress is pid {os.getpid()}"))
+            said = f"this ingress is pid {os.getpid()}"
+            raise FleetChangeError(
+                404, no_such_call(text, said) if tag is None else process_gone(text, said)
+            )
+        if tag is None:
+            raise FleetChangeError(400, whole_id_wanted(text))
+        if tag != process_tag():
+            raise FleetChangeError(
+                404,
+                process_gone(
+                    text, f"pid {pid} is now another ingress: its calls are {pid}-N-{process_tag()}"
+                ),
+            )
         row = await end_call(self.registry, number, why, pid, 1)
         if row is None:
             raise FleetChangeError(404, no_such_call(text, "it has ended, or never was"))

@@ -77,6 +77,8 @@ from fleet_ingress.core.call_list import (
     no_such_call,
     oldest_first,
     parse_call_id,
+    process_gone,
+    whole_id_wanted,
 )
 from fleet_ingress.core.certificate_change import reload_note
 from fleet_ingress.core.fleet_set import FleetSet
@@ -276,6 +278,12 @@ class WorkerStartError(RuntimeError):
     def __init__(self, message: str, *, error_logged: bool = False) -> None:
         super().__init__(message)
         self.error_logged = error_logged
+
+
+def first_ask_id() -> int:
+    """Where an image's ask ids begin: anywhere in 2**31 (one of a previous
+    image's few asks still answered is 1 in some hundreds of millions)."""
+    return int.from_bytes(os.urandom(4), "big") % 2**31 + 1
 
 
 class Supervisor:
@@ -485,7 +493,13 @@ class Supervisor:
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
         self._generation_settled.set()
-        self._asks = itertools.count(1)
+        # Ids of the asks to workers, whose answers are matched by (channel, id):
+        # drawn anew by each image. Counted from 1 in each, a listing the previous
+        # image asked for, still streaming its parts over the exec, was taken for
+        # the new image's first ask (the review of session 36). Drawn, not carried
+        # in the exec's state: a supervisor started again after one died (systemd)
+        # takes the workers up with no state from it.
+        self._asks = itertools.count(first_ask_id())
         self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
         # `calls`: the parts of each worker's answer read so far, by (key, ask).
         self._listed: dict[tuple[int, int], list[Any]] = {}
@@ -1741,10 +1755,14 @@ class Supervisor:
         }
 
     async def end_call(self, text: str, why: str) -> dict[str, Any]:
-        """End the call `text` (PID-N) in its worker; FleetChangeError 404 when no
-        worker holds it, naming it and how to list the live calls."""
+        """End the call `text` (PID-N-TAG) in its worker; FleetChangeError 404 when
+        no worker holds it, naming it and how to list the live calls, or when
+        the tag is not its worker's: the process that call ran in is gone, its
+        pid come back. `PID-N` alone only for a worker that names its calls so
+        (a build before tags): for one with a tag it may be a call of a process
+        gone (an old listing, an access line's `process` and `call_id`)."""
         try:
-            pid, number = parse_call_id(text)
+            pid, number, tag = parse_call_id(text)
         except CallIdError as exc:
             raise FleetChangeError(400, str(exc)) from None
         worker = next(
@@ -1761,7 +1779,10 @@ class Supervisor:
                     "they end or its drain does (`fleet-ingress calls` names it NOT LISTED)",
                 )
             raise FleetChangeError(
-                404, no_such_call(text, f"no worker of this ingress is pid {pid}")
+                404,
+                no_such_call(text, f"no worker of this ingress is pid {pid}")
+                if tag is None
+                else process_gone(text, f"no worker of this ingress is pid {pid}"),
             )
         if self.server.of_a_release_before_calls(worker.key):
             raise FleetChangeError(
@@ -1770,14 +1791,37 @@ class Supervisor:
                 "release before `end-call` (an upgrade's old generation) and cannot end one "
                 "call; its calls go on until they end or its drain does",
             )
-        answer = await self._ask_one(worker, "end-call", END_ANSWER_WAIT, call=number, why=why)
+        its = self.server.call_tag(worker.key)  # None: not heard yet (the worker checks)
+        if tag is None and its != "":
+            raise FleetChangeError(400, whole_id_wanted(text))
+        if tag is not None and its is not None and tag != its:
+            raise FleetChangeError(404, self._another_worker(text, worker, its))
+        answer = await self._ask_one(
+            worker, "end-call", END_ANSWER_WAIT, call=number, why=why, tag=tag
+        )
         if "call" not in answer:
             raise FleetChangeError(
                 504, f"call {text}: its worker (pid {pid}) did not answer: {answer.get('error')}"
             )
         if not isinstance(answer["call"], dict):
+            its = answer.get("tag")
+            if isinstance(its, str) and its != tag:
+                raise FleetChangeError(404, self._another_worker(text, worker, its))
             raise FleetChangeError(404, no_such_call(text, "it has ended, or never was"))
         return {"ended": answer["call"], "reason": why}
+
+    @staticmethod
+    def _another_worker(text: str, worker: WorkerProcess, its: str) -> str:
+        named = (
+            f"its calls are named {worker.pid}-N-{its}"
+            if its
+            else f"it names its calls {worker.pid}-N"
+        )
+        return process_gone(
+            text,
+            f"pid {worker.pid} is now another worker of this ingress, generation "
+            f"{worker.generation}: {named}",
+        )
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
 

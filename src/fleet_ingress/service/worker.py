@@ -47,10 +47,12 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
                                      "id": N, "calls": [row, ...], "more": true} a part at a
                                      time (`net.calls.LIST_TURN` calls read a turn), the
                                      last part "more": false
-    {"op": "end-call", "id": N, "call": 17, "why": "..."}   `fleet-ingress end-call`: end
-                                     that call (end_reason admin); answered once it is
-                                     gone {"op": "call-ended", "id": N, "call": row}, row
-                                     null when it holds no such call
+    {"op": "end-call", "id": N, "call": 17, "why": "...", "tag": "k3f9"}   `fleet-ingress
+                                     end-call`: end that call (end_reason admin); answered
+                                     once it is gone {"op": "call-ended", "id": N, "call":
+                                     row}, row null when it holds no such call, or when
+                                     "tag" (the id's; null: none given) is not this
+                                     process's (then with its own "tag")
 
 and the worker says `{"op": "serving"}` once it accepts carriers (an upgrade
 waits for that from every new worker before the old generation stops).
@@ -82,7 +84,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
-from fleet_ingress.net.calls import end_call, list_calls_in_turns
+from fleet_ingress.net.calls import end_call, list_calls_in_turns, process_tag
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.net.slot_client import SlotClient
@@ -183,7 +185,7 @@ class Worker:
             self.list_calls(m.get("id"), CallFilter.from_wire(m.get("filter")))
         )
         client.handlers["end-call"] = lambda m: self._spawn(
-            self.end_call(m.get("id"), m.get("call"), m.get("why"))
+            self.end_call(m.get("id"), m.get("call"), m.get("why"), m.get("tag", ...))
         )
 
     def _spawn(self, coro: Any) -> None:
@@ -294,8 +296,15 @@ class Worker:
         finally:  # also when a row failed (a bug): the supervisor is not left waiting
             self.client.send({"op": "calls-listed", "id": ask, "calls": [], "more": False})
 
-    async def end_call(self, ask: Any, call_id: Any, why: Any) -> None:
-        row = None
+    async def end_call(self, ask: Any, call_id: Any, why: Any, tag: Any) -> None:
+        """`tag`: the id's, as the supervisor read it (None: `PID-N` alone; `...`:
+        a supervisor of a release before tags, which says none)."""
+        row: dict[str, Any] | None = None
+        if tag is not ... and tag != process_tag():
+            # Not this process's call (a pid come back): the supervisor did not
+            # know this worker's tag yet (kept over its exec, its state unread).
+            self.client.send({"op": "call-ended", "id": ask, "call": None, "tag": process_tag()})
+            return
         try:
             if type(call_id) is int:
                 row = await end_call(
@@ -376,6 +385,7 @@ async def serve(
         answer_timeout=answer_timeout(config),
         hello=False,
     )
+    client.tag = process_tag()
     worker = Worker(config, config_path, client, listeners, pem, ticket_keys)
     # Only now: the supervisor may say `stop` as soon as it reads our hello,
     # and an op with no handler yet would be ignored (an unknown op).
