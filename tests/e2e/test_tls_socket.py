@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import uvloop
@@ -1179,6 +1180,41 @@ def test_record_buffers_are_freed_only_where_openssl_refuses_a_record_under_way(
     assert tls_socket._free_buffers_safe(version) is safe
 
 
+@pytest.fixture
+def openssl_says(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """openssl_says(version, libssl=None): `ssl.OPENSSL_VERSION_INFO` (and the
+    layer's OpenSSL calls) as another build's, its SSL_free_buffers decided anew."""
+
+    def says(version: tuple[int, int, int, int, int], libssl: Any = None) -> None:
+        monkeypatch.setattr(ssl, "OPENSSL_VERSION_INFO", version)
+        if libssl is not None:
+            monkeypatch.setattr(tls_socket, "_libssl", lambda: libssl)
+        tls_socket._free_buffers_call.cache_clear()
+
+    yield says
+    monkeypatch.undo()
+    tls_socket._free_buffers_call.cache_clear()
+
+
+def test_a_build_patched_under_its_older_number_has_its_record_buffers_freed(
+    openssl_says: Callable[..., None],
+) -> None:
+    """Ubuntu 24.04's OpenSSL says 3.0.13 (22.04's 3.0.2, RHEL 9.4's 3.0.7) and
+    has CVE-2024-4741's fix: the number cannot tell it, OpenSSL's own answer
+    does (this build refuses to free where a record's header is read and its
+    body has not come). By the number alone such a build held 16.5 KiB more a
+    held call. One that frees there (an unpatched build: a stand-in's answer,
+    this machine's OpenSSL is patched) is not called."""
+    real = tls_socket._libssl()
+    assert real is not None
+    openssl_says((3, 0, 0, 13, 0))
+    assert tls_socket._free_buffers_call() is real.free_buffers
+    openssl_says((3, 0, 0, 13, 0), real._replace(free_buffers=lambda pointer: 1))
+    assert tls_socket._free_buffers_call() is None
+    openssl_says((3, 0, 0, 14, 0), real._replace(free_buffers=lambda pointer: 1))
+    assert tls_socket._free_buffers_call() is not None  # a fixed release is not asked
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_size_t)
@@ -1198,15 +1234,23 @@ def _malloced() -> int:
     return int(info.uordblks + info.hblkhd)
 
 
+@pytest.mark.parametrize("labelled", [None, (3, 0, 0, 13, 0)], ids=["as-built", "says-3.0.13"])
 async def test_a_session_ticket_read_after_our_write_leaves_no_record_buffer_held(
     tls_files: TLSFiles,
+    labelled: tuple[int, int, int, int, int] | None,
+    openssl_says: Callable[..., None],
 ) -> None:
     """A fleet's NewSessionTickets come a round trip after its handshake: on a
     real network after our head. OpenSSL sets its 16 KiB write buffer up to
     read one and, SSL_MODE_RELEASE_BUFFERS notwithstanding, kept it until our
     next write: a held call its carrier was silent on kept it for its life
     (memory per call, issue 13). Measured over a few connections: the malloc'd
-    bytes a ticket and a first answer leave each one with."""
+    bytes a ticket and a first answer leave each one with. `labelled`: this
+    OpenSSL as a distribution's patched build that says an older number."""
+    if labelled is not None:
+        openssl_says(labelled)
+    if labelled is None and tls_socket._free_buffers_call() is None:
+        pytest.skip(f"{ssl.OPENSSL_VERSION} frees a record under way (CVE-2024-4741): not called")
     loop = asyncio.get_running_loop()
     fleet_ctx = tls_files.fleet_server_context()
     fleet_ctx.num_tickets = 0  # none with the handshake: each is sent below, after our write

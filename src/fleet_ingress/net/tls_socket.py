@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import ctypes
 import enum
 import errno
@@ -740,7 +741,8 @@ class TLSConnection:
         application data is read whole; a read that takes a post-handshake
         message (a fleet's NewSessionTicket, a KeyUpdate: a WantRead with
         AUTO_RETRY cleared) sets the 16 KiB write buffer up and keeps it until
-        the next write, and one that finds nothing keeps the read buffer. A
+        the next write (the read buffer OpenSSL gives back itself as that read
+        finds nothing more: ssl3_read_n, measured, session 36 review). A
         fleet's tickets come a round trip after its handshake, after our head
         on a real network: a call its carrier was silent on held 16.5 KiB more
         for as long as it lasted (memory per call: issue 13). OpenSSL frees
@@ -1088,9 +1090,12 @@ def _libssl() -> _LibSSL | None:
 
 
 # Before these releases SSL_free_buffers freed a read buffer that still held a
-# record partly read (CVE-2024-4741, a use after free): not called there. A
-# distribution's patched build that still says an older number goes without.
+# record partly read (CVE-2024-4741, a use after free): not called there unless
+# OpenSSL is seen to refuse (`_refuses_a_record_under_way`): a distribution's
+# patched build says its older number (Ubuntu 24.04's 3.0.13, 22.04's 3.0.2).
 _FREE_BUFFERS_FIXED_IN = {0: 14, 1: 6, 2: 2, 3: 1}  # OpenSSL 3.minor: the patch release
+# A TLS 1.2 handshake record's header (type 22, version 3.3, 64 bytes to come).
+_A_RECORD_HEADER = b"\x16\x03\x03\x00\x40"
 
 
 def _free_buffers_safe(version: tuple[int, int, int, int, int]) -> bool:
@@ -1105,9 +1110,34 @@ def _free_buffers_safe(version: tuple[int, int, int, int, int]) -> bool:
 @functools.cache
 def _free_buffers_call() -> Callable[[int], int] | None:
     calls = _libssl()
-    if calls is None or not _free_buffers_safe(ssl.OPENSSL_VERSION_INFO):
+    if calls is None:
         return None
-    return cast(Callable[[int], int], calls.free_buffers)
+    free = cast(Callable[[int], int], calls.free_buffers)
+    if _free_buffers_safe(ssl.OPENSSL_VERSION_INFO) or _refuses_a_record_under_way(free):
+        return free
+    return None
+
+
+def _refuses_a_record_under_way(free: Callable[[int], int]) -> bool:
+    """Whether this OpenSSL's SSL_free_buffers (`free`) refuses where
+    CVE-2024-4741 freed: a record's header read, its body not come (the read
+    buffer the record points into, nothing left in it). Asked of a client's SSL
+    on memory BIOs, sent that header after its ClientHello; freed unread (an
+    unpatched build frees the buffer, and nothing reads from it again)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming = ssl.MemoryBIO()
+    probe = ctx.wrap_bio(incoming, ssl.MemoryBIO())
+    try:
+        for received in (b"", _A_RECORD_HEADER):
+            incoming.write(received)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                probe.do_handshake()
+    except (ssl.SSLError, OSError):
+        return False
+    pointer = _openssl_ssl(probe)  # type: ignore[arg-type]  # an SSLObject has both
+    return pointer is not None and free(pointer) == 0
 
 
 def _free_buffers(pointer: int) -> None:
