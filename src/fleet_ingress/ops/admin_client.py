@@ -164,16 +164,29 @@ def _why(exc: BaseException) -> str:
     return getattr(os_error, "strerror", None) or str(os_error)
 
 
+# aiohttp's own answers where no route is: an ingress of a release before it.
+_NO_SUCH_ROUTE = ("404: Not Found", "405: Method Not Allowed")
+
+
 def _answer_or_exit_code(
-    socket_path: Path, method: str, path: str, payload: dict[str, Any] | None
+    socket_path: Path,
+    method: str,
+    path: str,
+    payload: dict[str, Any] | None,
+    *,
+    too_old: str | None = None,
 ) -> dict[str, Any] | int:
     """The ingress's answer, or, said on stderr, the exit code of why there is
-    none to use: 2 not reached, 1 refused (an HTTP error)."""
+    none to use: 2 not reached, 1 refused (an HTTP error; `too_old` said when
+    the route is not there at all: a release before it)."""
     try:
         status, body = asyncio.run(admin_request(socket_path, method, path, payload))
     except AdminUnreachable as exc:
         print(f"fleet-ingress: {exc}", file=sys.stderr)
         return 2
+    if too_old is not None and status in (404, 405) and body.get("error") in _NO_SUCH_ROUTE:
+        print(f"fleet-ingress: {too_old}", file=sys.stderr)
+        return 1
     if status >= 400:
         print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
         return 1
@@ -211,24 +224,15 @@ def run_admin(
 
 
 def _before_calls(socket_path: Path, method: str, path: str) -> dict[str, Any] | int:
-    """The answer to a `calls` / `end-call` request, or its exit code (said);
-    aiohttp's own 404 (no such route): an ingress of a release before them."""
-    try:
-        status, body = asyncio.run(admin_request(socket_path, method, path, None))
-    except AdminUnreachable as exc:
-        print(f"fleet-ingress: {exc}", file=sys.stderr)
-        return 2
-    if status in (404, 405) and body.get("error") in ("404: Not Found", "405: Method Not Allowed"):
-        print(
-            "fleet-ingress: the running ingress is of a release before `calls` and "
-            "`end-call`: `fleet-ingress upgrade` first (its calls are kept)",
-            file=sys.stderr,
-        )
-        return 1
-    if status >= 400:
-        print(f"fleet-ingress: {body.get('error', body)}", file=sys.stderr)
-        return 1
-    return body
+    """The answer to a `calls` / `end-call` request, or its exit code (said)."""
+    return _answer_or_exit_code(
+        socket_path,
+        method,
+        path,
+        None,
+        too_old="the running ingress is of a release before `calls` and "
+        "`end-call`: `fleet-ingress upgrade` first (its calls are kept)",
+    )
 
 
 def run_calls(
