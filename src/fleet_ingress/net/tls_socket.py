@@ -816,8 +816,18 @@ class TLSConnection:
         holds is read to its end, a read a loop turn as the poll would
         (`_read_ended`): one read a pass took a record a pass, and a carrier
         whose last frames came as several records was held a pass each, never
-        silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s)."""
+        silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s). A
+        connection paused (flow control) that TCP says has ended is read on at
+        its resume: its poll may be stopped, and the next pass may find it
+        paused again."""
         if not self._reading_wanted():
+            if (
+                self._paused
+                and self._state is _OPEN
+                and not self._eof
+                and not _tcp_established(self._sock)
+            ):
+                self._read_on_at_resume = True
             return
         if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
