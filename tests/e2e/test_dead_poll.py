@@ -242,3 +242,103 @@ async def test_a_fleet_whose_101_and_reset_come_together_ends_the_call_at_once(
         assert took < 1.5, (took, entry)
     finally:
         await fleet.stop()
+
+
+class _BioFleet:
+    """A TLS fleet on memory BIOs over non-blocking sockets, on the test's own
+    loop: what it writes after the carrier's head (`answer`, a list of
+    plaintext writes, a TLS record each) is sent in one `send` and reset in
+    the same callback, so that all of it and the reset are on the ingress's
+    socket before it polls."""
+
+    def __init__(self, ctx: ssl.SSLContext, answer) -> None:
+        self.ctx, self.answer = ctx, answer
+        self.listening = socket.create_server(("127.0.0.1", 0))
+        self.listening.setblocking(False)
+        self.port = self.listening.getsockname()[1]
+        self.task = asyncio.create_task(self._serve())
+
+    def line(self, name: str) -> str:
+        return f"https://127.0.0.1:{self.port} name={name}"
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        self.listening.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock, _ = await loop.sock_accept(self.listening)
+        # At once, as asyncio's transports send: Nagle's algorithm would hold
+        # the answer behind the unacknowledged session tickets, and the reset
+        # drop it unsent.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = self.ctx.wrap_bio(incoming, outgoing, server_side=True)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            try:
+                head += tls.read(65536)  # the handshake first
+                continue
+            except ssl.SSLWantReadError:
+                pass
+            if outgoing.pending:
+                await loop.sock_sendall(sock, outgoing.read())
+            data = await loop.sock_recv(sock, 65536)
+            assert data, "the ingress closed before its head"
+            incoming.write(data)
+        if outgoing.pending:  # session tickets, say
+            await loop.sock_sendall(sock, outgoing.read())
+        for part in self.answer(head):
+            tls.write(part)
+        records = outgoing.read()
+        assert sock.send(records) == len(records)
+        _reset(sock)
+
+
+async def test_a_fleets_answer_and_frames_that_come_with_its_reset_all_reach_the_carrier(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The fleet's 101, its first frames (a TLS record each, more than a read
+    event reads) and its reset, together, its session tickets just before:
+    the carrier gets the 101 and every frame, then the call ends fleet_reset.
+    What the fleet sent before it reset is relayed, as asyncio's loop always
+    did. On uvloop before the set-up reads (session 36) its one read event took
+    a ticket and nothing more: the answer went unread, the attempt failed
+    after timeouts.response as a response-timeout and the carrier got none
+    of it."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    frames = [b"\x81\x04" + b"f%03d" % i for i in range(40)]
+
+    def answer(head: bytes) -> list[bytes]:
+        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+        assert key is not None
+        switching = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + websocket_accept(key[1])
+            + b"\r\n\r\n"
+        )
+        return [switching, *frames]
+
+    fleet = _BioFleet(tls_files.fleet_server_context(), answer)
+    try:
+        ingress = await start_ingress([fleet.line("resets")])
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        started = time.monotonic()
+        writer.write(UPGRADE.format(path="/ws/bot").encode())
+        async with asyncio.timeout(5):
+            head = await read_head(reader)
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            got = await reader.readexactly(sum(map(len, frames)))
+        assert got == b"".join(frames)
+        await eventually(lambda: bool(access_entries(caplog)), timeout=10)
+        took = time.monotonic() - started
+        writer.close()
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "fleet_reset", entry
+        assert took < 1.5, (took, entry)
+    finally:
+        await fleet.stop()

@@ -2046,3 +2046,77 @@ async def test_a_peer_that_sends_many_records_and_resets_while_close_notify_wait
     conn.abort()  # the reset, right behind them
     await eventually(lambda: peer.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
     assert time.monotonic() - started < 2
+
+
+async def test_a_read_on_to_a_reset_that_a_pause_stopped_goes_on_at_the_resume(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A linked connection's peer sends six records and resets together; the
+    silence sweep's pass reads on to the end (`read_if_ended`), and the
+    handler pauses reading on the way (its peer's buffer full). At the resume
+    the read on goes on: the rest and the reset are read at once. On uvloop
+    (its poll stopped by the error event, the reader called once) nothing was
+    read after the resume until the next sweep pass, a pass a pause, the
+    call held meanwhile; asyncio polls on."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    peer.conn.linked()  # a call's: no look after its reads
+
+    def pause_at_the_second(handler: Recorder) -> None:
+        if len(handler.data) >= 100:
+            handler.on_data = None
+            handler.conn.pause_reading()
+
+    peer.on_data = pause_at_the_second
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(6):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await asyncio.sleep(0.1)
+    peer.conn.read_if_ended()  # the sweep's pass
+    await eventually(lambda: len(peer.data) >= 100)
+    assert not peer.lost  # paused before the reset
+    peer.conn.resume_reading()
+    await eventually(lambda: peer.lost, timeout=2)
+    assert bytes(peer.data) == b"x" * 300
+
+
+async def test_a_connection_paused_when_its_reset_came_is_read_on_at_the_resume(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A linked connection's peer sends six records and resets together, and
+    the handler pauses reading at the first (its peer's buffer full): the
+    silence sweep's pass finds it paused, and TCP ended. At the resume it is
+    read on to the reset. On uvloop (the reader called once, for the first
+    record) nothing was read after the resume until a pass found it not
+    paused."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    peer.conn.linked()  # a call's: no look after its reads
+
+    def pause_at_the_first(handler: Recorder) -> None:
+        handler.on_data = None
+        handler.conn.pause_reading()
+
+    peer.on_data = pause_at_the_first
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(6):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: len(peer.data) >= 50)
+    await asyncio.sleep(0.1)
+    peer.conn.read_if_ended()  # the sweep's pass, the side paused
+    assert not peer.lost
+    peer.conn.resume_reading()
+    await eventually(lambda: peer.lost, timeout=2)
+    assert bytes(peer.data) == b"x" * 300

@@ -226,6 +226,7 @@ class TLSConnection:
         "_out",
         "_partial",
         "_paused",
+        "_read_on_at_resume",
         "_reader_on",
         "_renegotiating",
         "_renegotiation_timeout",
@@ -289,6 +290,9 @@ class TLSConnection:
         # Written after _out could not finish; sent once it has.
         self._more = bytearray()
         self._paused = False  # pause_reading()
+        # A read on to the end TCP says has come (`_read_ended`) was stopped by
+        # pause_reading: resume_reading takes it up again.
+        self._read_on_at_resume = False
         self._eof = False  # the peer ended (no more reads)
         # After the peer ended: True for its close_notify, False for a bare TCP FIN.
         self.peer_ended_cleanly: bool | None = None
@@ -563,8 +567,12 @@ class TLSConnection:
                 self._sync_io()
                 # Bytes OpenSSL already decrypted make no poll event: read them now.
                 # Held writes wait for a read (a postponed renegotiation may have
-                # nothing to poll for): read now too.
-                if self._sslobj.pending() or self._held:
+                # nothing to poll for): read now too. A read on to an end that
+                # the pause stopped goes on: no poll event may come for it.
+                if self._read_on_at_resume:
+                    self._read_on_at_resume = False
+                    self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
+                elif self._sslobj.pending() or self._held:
                     self._loop.call_soon(self._on_readable)
 
     def write(self, data: Buffer) -> None:
@@ -810,8 +818,18 @@ class TLSConnection:
         holds is read to its end, a read a loop turn as the poll would
         (`_read_ended`): one read a pass took a record a pass, and a carrier
         whose last frames came as several records was held a pass each, never
-        silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s)."""
+        silent (6 records: 12 s at a 2 s pass, 30 s at the default 5 s). A
+        connection paused (flow control) that TCP says has ended is read on at
+        its resume: its poll may be stopped, and the next pass may find it
+        paused again."""
         if not self._reading_wanted():
+            if (
+                self._paused
+                and self._state is _OPEN
+                and not self._eof
+                and not _tcp_established(self._sock)
+            ):
+                self._read_on_at_resume = True
             return
         if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
@@ -828,15 +846,22 @@ class TLSConnection:
     def _read_ended(self, turns: int) -> None:
         """A read, and another on the next loop turn (at most `turns` in all),
         until the connection TCP says has ended is read to its end (the reset
-        or the FIN read), or stops being read (paused: flow control; the next
-        pass goes on). Each read makes way: after a FIN or a reset the socket
-        has data, an end or an error to give, never nothing; the bound is for
-        a connection that would not end, to cost a pass no more than this."""
+        or the FIN read), or stops being read (paused: flow control; it goes
+        on at resume_reading, for on uvloop no read event may come after the
+        error event that stopped its poll: the rest and the reset were read a
+        sweep pass later, a pass a pause). Each read makes way: after a FIN or
+        a reset the socket has data, an end or an error to give, never
+        nothing; the bound is for a connection that would not end, to cost a
+        pass no more than this."""
         if not self._reading_wanted():
+            self._read_on_at_resume = self._paused
             return
         self._on_readable()
-        if turns > 1 and self._reading_wanted():
-            self._loop.call_soon(self._read_ended, turns - 1)
+        if self._reading_wanted():
+            if turns > 1:
+                self._loop.call_soon(self._read_ended, turns - 1)
+        else:
+            self._read_on_at_resume = self._paused
 
     def abort(self) -> None:
         """Close now, without close_notify; what is buffered is lost."""
