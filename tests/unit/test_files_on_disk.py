@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -22,6 +24,7 @@ from fleet_ingress.ops.fleet_display import (
     certificate_refused,
     certificate_served_refused,
 )
+from fleet_ingress.service import files_on_disk
 from fleet_ingress.service.files_on_disk import FilesOnDisk, file_state
 
 DAY = 86400.0
@@ -367,3 +370,46 @@ async def test_a_chain_in_doubt_is_refused_over_a_served_certificate_out_of_date
     assert refused is not None and "holds the server's certificate alone" in refused
     assert "serves on" not in refused  # the one served is refused by carriers itself
     assert certificate_not_served(snap) is None  # no "reload loads it"
+
+
+async def test_a_look_anew_reads_the_files_again_after_a_look_that_read_them_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a reload's answer waits for (`look_anew`): a look under way when
+    the reload read the files (the status line's, every 10 s, or a scrape's)
+    had read them before; a scrape after it waited for that look alone and said
+    the files as they were before the reload. Here a look is held once it
+    has tried the old key with the certificate, the key is replaced by another
+    certificate's, and the look anew says they do not match (a plain `look`
+    waits for the one held and says nothing)."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("calls.example.com")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(_chain(leaf))
+    leaf.private_key_pem.write_to_path(key)
+    config = IngressConfig.model_validate(
+        {"tls": {"cert": str(cert), "key": str(key)}, "fleets": {"file": str(tmp_path / "f")}}
+    )
+    serving = leaf_facts(cert)
+    held, may_go = threading.Event(), threading.Event()
+    tries_key = files_on_disk.server_ssl_context
+
+    def held_key_check(*args: Any) -> Any:  # in the look's thread
+        tried = tries_key(*args)
+        held.set()
+        may_go.wait(10)
+        return tried
+
+    monkeypatch.setattr(files_on_disk, "server_ssl_context", held_key_check)
+    files = FilesOnDisk(tmp_path / "ingress.toml")
+    try:
+        files.look_soon(config, [], 0)
+        assert await asyncio.to_thread(held.wait, 10)  # under way, the old key tried
+        _rewrite(key, ca.issue_cert("calls.example.com").private_key_pem.bytes())
+        asyncio.get_running_loop().call_later(0.2, may_go.set)
+        async with asyncio.timeout(10):
+            await files.look_anew(config, [], 0)
+        assert "do not match" in (files.certificate_refused(serving) or "")
+    finally:
+        may_go.set()
+        files.close()

@@ -6,7 +6,9 @@ anywhere). The supervisor looks before each `stat` and scrape.
 Every file is looked at off the loop, the stat(2) too (a hung mount must not
 hold every call's slot lease), read again only once it changed, and waited for
 LOOK_WAIT at most: a look held up goes on alone, what was seen before is shown
-meanwhile, and no second look starts beside it. A file that is not a regular
+meanwhile, and no second look starts beside it. A reload's answer waits longer
+(RELOAD_LOOK_WAIT) for a look begun after its read: what `stat` and a scrape
+say after it is what that reload read, or newer. A file that is not a regular
 one is not read (a FIFO would wait for a writer: a stat waited for good on one
 in this session's first test run).
 """
@@ -35,6 +37,7 @@ from fleet_ingress.core.certificate_change import (
     renewal_waiting,
 )
 from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.net.late_timers import wait_patiently
 from fleet_ingress.net.tls import (
     CarrierPem,
     TLSSetupError,
@@ -49,6 +52,11 @@ log = logging.getLogger("fleet_ingress.lifecycle")  # the supervisor's
 
 # A stat or scrape waits this long at most for a look (seconds).
 LOOK_WAIT = 0.5
+# A reload's answer waits this long at most for a look begun after its read
+# (`FilesOnDisk.look_anew`): a look takes 7-61 ms beside two CPU burners (load
+# average 10, measured), but outlasted LOOK_WAIT in a supervisor on a host at
+# load average 9 (session 36); one held up longer (a hung mount) goes on alone.
+RELOAD_LOOK_WAIT = 5.0
 
 FileState = tuple[int, int, int, int]  # inode, mtime (ns), size, ctime (ns)
 
@@ -106,6 +114,32 @@ class FilesOnDisk:
         self.look_soon(config, fleets, ran, serving)
         assert self._looking is not None
         await asyncio.wait({self._looking}, timeout=LOOK_WAIT)
+
+    async def look_anew(
+        self,
+        config: IngressConfig,
+        fleets: Sequence[FleetSpec],
+        ran: object,
+        serving: CarrierPem | None = None,
+        *,
+        wait: float = RELOAD_LOOK_WAIT,
+    ) -> None:
+        """`look`, by a look that begins now (after a reload read the files),
+        waited for `wait` at most: a look under way may have read them before,
+        and one a scrape starts may outlast LOOK_WAIT; either way the scrape
+        after a reload said what the files held before it, or nothing (the
+        session 36 test run at load average 9: `certificate_file` null right
+        after `reload` said the key did not match). A look under way is waited
+        for first: no second starts beside it."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + wait
+        if self._looking is not None and not self._looking.done():
+            await wait_patiently({self._looking}, wait)
+            if not self._looking.done():
+                return
+        self.look_soon(config, fleets, ran, serving)
+        assert self._looking is not None
+        await wait_patiently({self._looking}, max(0.0, until - loop.time()))
 
     def look_soon(
         self,

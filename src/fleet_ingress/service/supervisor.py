@@ -1916,6 +1916,12 @@ class Supervisor:
         against what runs (`FilesOnDisk.look`, bounded by its LOOK_WAIT)."""
         await self.files.look(self.config, *self._running_for_look())
 
+    async def look_after_reload(self) -> None:
+        """Before a reload is answered (its log line, `fleet-ingress reload`,
+        READY=1): the files looked at anew against what runs now, so that `stat`
+        and /stats.json after it say what it read (`FilesOnDisk.look_anew`)."""
+        await self.files.look_anew(self.config, *self._running_for_look())
+
     def look_at_files_soon(self) -> None:
         """`look_at_files`, not waited for (for systemd's status line)."""
         self.files.look_soon(self.config, *self._running_for_look())
@@ -2085,6 +2091,7 @@ class Supervisor:
         except ReloadRefused as exc:
             self.last_reload = reload_outcome(str(exc))
             self.write_snapshot()  # what a crash restart serves: still the previous one
+            await self.look_after_reload()
             raise
         finally:
             self.reloading = False
@@ -2096,6 +2103,7 @@ class Supervisor:
                 str(pid): str(error) for pid, error in self.workers_not_reloaded.items()
             }
         self.write_snapshot()  # what a crash restart serves: this one
+        await self.look_after_reload()
         return changes
 
     def _descriptors_said_short(self, config: IngressConfig) -> str | None:
