@@ -221,17 +221,24 @@ def _written_order(snapshot: Mapping[str, Any]) -> tuple[float, int]:
 
 
 def read_store_max(
-    environ: Mapping[str, str] | None = None, timeout: float = STORE_MAX_READ
+    environ: Mapping[str, str] | None = None,
+    timeout: float = STORE_MAX_READ,
+    *,
+    now: bool = False,
 ) -> int | None:
     """The unit's FileDescriptorStoreMax=: $FDSTORE where systemd sets it (254
     and later), else `systemctl show` of the unit this process runs in (its
-    cgroup's name); None when neither says. Blocking: run in a thread."""
+    cgroup's name); None when neither says. `now`: `systemctl show` first, as
+    the limit is now: a `systemctl edit` (its daemon-reload) raises it for the
+    running unit at once, and $FDSTORE stays what it was at the start.
+    Blocking: run in a thread."""
     env = os.environ if environ is None else environ
-    if (given := env.get("FDSTORE", "")).isdigit():
-        return int(given)
+    given = _digits(env.get("FDSTORE", ""))
+    if given is not None and not now:
+        return given
     unit = _own_unit()
     if unit is None:
-        return None
+        return given
     try:
         done = subprocess.run(
             ["systemctl", "show", "--property=FileDescriptorStoreMax", "--value", unit],
@@ -241,9 +248,13 @@ def read_store_max(
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
+        return given
     value = done.stdout.strip()
-    return int(value) if done.returncode == 0 and value.isdigit() else None
+    return int(value) if done.returncode == 0 and value.isdigit() else given
+
+
+def _digits(value: str) -> int | None:
+    return int(value) if value.isdigit() else None
 
 
 def _own_unit() -> str | None:
@@ -338,6 +349,10 @@ class CrashSnapshot:
             for name, stored in zip(SNAPSHOT_NAMES, self._fds, strict=True):
                 self._notifier.remove_fd(name)
                 self._notifier.store_fd(name, stored)
+
+    def descriptors(self) -> dict[str, int]:
+        """The memfds by the name they are stored under (none before the first write)."""
+        return dict(zip(SNAPSHOT_NAMES, self._fds, strict=True)) if self._fds else {}
 
     def stopped(self, served: CarrierPem) -> None:
         """At a stop: the state is written over with the certificate and key

@@ -536,7 +536,42 @@ class Supervisor:
             "kept": notifier.kept_count,
             "max": notifier.store_max,
             "not_kept": notifier.not_kept,
+            "unkept": len(notifier.unkept),
         }
+
+    async def recheck_fd_store(self) -> None:
+        """At each reload: the unit's FileDescriptorStoreMax= read again (a
+        `systemctl edit` raises it for the running unit at once), and what systemd
+        would not keep, still wanted (`Notifier.unkept`: listeners, workers'
+        channels, the state's memfds, the ticket keys), stored again: kept now
+        if it has room. Before, the limit read at the start stood until the
+        next start: the store was still said full once raised, and what it had
+        not kept stayed out of it."""
+        notifier = self.notifier
+        if notifier is None or not notifier.enabled:
+            return
+        limit = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ, now=True)
+        if limit is not None and limit != notifier.store_max:
+            log.info(
+                "systemd's fd store: the unit's FileDescriptorStoreMax= read again",
+                extra=fields(was=notifier.store_max, now=limit),
+            )
+            notifier.store_max = limit
+        if not notifier.unkept:
+            return
+        if TICKET_KEYS_NAME in notifier.unkept:
+            self._store_ticket_keys()  # a new memfd of the keys: the last is closed
+        wanted = {name: sock.fileno() for name, sock in self.sockets_to_keep().items()}
+        if self.snapshots is not None:
+            wanted.update(self.snapshots.descriptors())
+        for worker in list(self.workers.values()):
+            if (fd := self.server.channel_fileno(worker.key)) is not None:
+                wanted[channel_key(worker.pid, worker.generation)] = fd
+        for name in sorted(notifier.unkept):
+            if name in wanted:
+                notifier.store_fd(name, wanted[name])
+            else:  # gone meanwhile without a remove (a listener closed)
+                notifier.unkept.discard(name)
 
     def store_fd(self, name: str, sock: socket.socket) -> None:
         """Keep `sock` in systemd's fd store: a supervisor started again after
@@ -2725,6 +2760,10 @@ async def _reload_on_signal(
             asked.append(reloads.get_nowait())
         supervisor.reload_in_hand = asked
         notifier.notify("RELOADING=1", monotonic_usec())
+        try:
+            await supervisor.recheck_fd_store()
+        except Exception:  # never in the reload's way
+            log.exception("systemd's fd store could not be checked again")
         try:
             summary = await supervisor.reload()
         except ReloadRefused as exc:
