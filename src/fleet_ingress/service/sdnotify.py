@@ -141,6 +141,17 @@ class Notifier:
         else:
             self._owed[name] = None
 
+    @property
+    def owed(self) -> list[str]:
+        """The names whose remove is still to be sent (carried over an exec)."""
+        return list(self._owed)
+
+    def owe_removes(self, names: list[str]) -> None:
+        """Removes an earlier image of this process could not send: sent before
+        the next message, as its own."""
+        for name in names:
+            self._owed.setdefault(name, None)
+
     def _pay_owed(self) -> None:
         """Send the removes lost before, in order, while the socket takes them."""
         for name in list(self._owed):

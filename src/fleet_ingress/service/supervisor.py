@@ -410,6 +410,12 @@ class Supervisor:
         # What systemd's fd store held for this process as it started (handed
         # back by systemd, or carried over an exec): `Notifier.kept`'s start.
         self.fd_store_kept: dict[str, list[tuple[int, int]]] = {}
+        # Carried over an exec with it (`take_up_fd_store`): the count of what
+        # systemd would not keep (over a crash too), what of it is still wanted
+        # there, and the removes the notify socket had no room for.
+        self.fd_store_not_kept = 0
+        self.fd_store_unkept: set[str] = set()
+        self.fd_store_owed: list[str] = []
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
@@ -538,6 +544,17 @@ class Supervisor:
             "not_kept": notifier.not_kept,
             "unkept": len(notifier.unkept),
         }
+
+    def take_up_fd_store(self, notifier: Notifier) -> None:
+        """What the previous image (or the dead supervisor, or systemd) left of
+        the fd store, taken up by this image's `notifier`: before, over an
+        exec, the count of what was not kept went back to 0 and a remove lost
+        just before it was never sent (the copy held a cut worker's channel open)."""
+        for name, kept in self.fd_store_kept.items():
+            notifier.kept.setdefault(name, []).extend(kept)
+        notifier.not_kept += self.fd_store_not_kept
+        notifier.unkept |= self.fd_store_unkept
+        notifier.owe_removes(self.fd_store_owed)
 
     async def recheck_fd_store(self) -> None:
         """At each reload: the unit's FileDescriptorStoreMax= read again (a
@@ -2510,8 +2527,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
     supervisor.notifier = notifier
-    for name, kept in supervisor.fd_store_kept.items():
-        notifier.kept.setdefault(name, []).extend(kept)
+    supervisor.take_up_fd_store(notifier)
     if notifier.enabled and notifier.store_max is None:
         # Before anything is stored: systemd says nothing of what it cannot keep.
         notifier.store_max = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ)
