@@ -1177,3 +1177,43 @@ async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
         for notifier in notifiers:
             notifier.close()
         receiver.close()
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "limit"),
+    [
+        ("0::/system.slice/fleet-ingress.service\n", 1024),
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/fleet-ingress.service\n", 64),
+        ("0::/system.slice/gone.service\n", None),
+    ],
+    ids=["system", "user", "not-loaded"],
+)
+def test_the_store_limit_is_asked_of_the_manager_the_unit_runs_under(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroup: str, limit: int | None
+) -> None:
+    """systemd 252 sets no $FDSTORE: `systemctl show` says the limit. A unit of a
+    user's manager was asked of the system's, which shows a unit it has not
+    loaded with the defaults: FileDescriptorStoreMax=0, read as the operator's
+    choice to keep nothing, and a full store was never said."""
+    from fleet_ingress.service import fd_store as fd_store_module
+
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    # As systemd answers: the system's manager has fleet-ingress.service loaded
+    # (1024), a user's has its own (64); a unit not loaded shows the defaults.
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        "  *--user*fleet-ingress.service) max=64; state=loaded ;;\n"
+        "  *--user*) max=0; state=not-found ;;\n"
+        "  *user@*|*gone.service) max=0; state=not-found ;;\n"
+        "  *fleet-ingress.service) max=1024; state=loaded ;;\n"
+        "esac\n"
+        'case "$*" in *--value*) echo "$max" ;; *) printf "LoadState=%s\\nFileDescriptor'
+        'StoreMax=%s\\n" "$state" "$max" ;; esac\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    (tmp_path / "cgroup").write_text(cgroup)
+    monkeypatch.setattr(fd_store_module, "Path", lambda _: tmp_path / "cgroup")
+    assert fd_store_module.read_store_max({}) == limit

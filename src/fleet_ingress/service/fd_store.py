@@ -236,12 +236,13 @@ def read_store_max(
     given = _digits(env.get("FDSTORE", ""))
     if given is not None and not now:
         return given
-    unit = _own_unit()
-    if unit is None:
+    own = _own_unit()
+    if own is None:
         return given
+    unit, manager = own
     try:
         done = subprocess.run(
-            ["systemctl", "show", "--property=FileDescriptorStoreMax", "--value", unit],
+            ["systemctl", *manager, "show", "--property=LoadState,FileDescriptorStoreMax", unit],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -249,24 +250,33 @@ def read_store_max(
         )
     except (OSError, subprocess.SubprocessError):
         return given
-    value = done.stdout.strip()
-    return int(value) if done.returncode == 0 and value.isdigit() else given
+    said = {key: value for key, _, value in (n.partition("=") for n in done.stdout.splitlines())}
+    # A unit its manager has not loaded (asked of another manager than the one
+    # it runs under) is shown with the defaults: FileDescriptorStoreMax=0.
+    value = said.get("FileDescriptorStoreMax", "")
+    if done.returncode != 0 or said.get("LoadState") != "loaded" or not value.isdigit():
+        return given
+    return int(value)
 
 
 def _digits(value: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
-def _own_unit() -> str | None:
-    """The service this process runs in, by its cgroup ("0::/system.slice/x.service")."""
+def _own_unit() -> tuple[str, tuple[str, ...]] | None:
+    """The service this process runs in, by its cgroup ("0::/system.slice/x.service"),
+    and systemctl's option for its manager: ("--user",) for a unit of a user's
+    manager ("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service")."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        for part in reversed(line.rpartition(":")[2].split("/")):
-            if part.endswith(".service"):
-                return part
+        parts = line.rpartition(":")[2].split("/")
+        for at in range(len(parts) - 1, -1, -1):
+            if parts[at].endswith(".service"):
+                user = any(part.startswith("user@") for part in parts[:at])
+                return parts[at], ("--user",) if user else ()
     return None
 
 
