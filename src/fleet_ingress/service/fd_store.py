@@ -61,8 +61,9 @@ them out of the store; a start that takes up no worker draws its own.
 systemd answers no FDSTORE=1, and past FileDescriptorStoreMax= it closes what
 it is sent, saying so in its journal alone: the supervisor counts what it keeps
 there (`Notifier.kept`: what systemd handed back, carried over an exec, stored
-since) against the limit (`read_store_max`) and says a store full (log, stat,
-`fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
+since) against the limit (`read_store_max`, read again at each reload, which
+stores again what was not kept: `Supervisor.recheck_fd_store`) and says a store
+full (log, stat, `fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
 before the next message; should a name be there twice meanwhile, the newest is
 used (systemd hands the store back newest first; the snapshots go by the time
 they were written).
