@@ -27,6 +27,11 @@ from tests.support import (
 CALL = UPGRADE.format(path="/ws/bot").encode()
 
 
+# What a carrier gets after the fleet's last whole frame when the fleet closes
+# without a close frame (a FIN): a 1011 'fleet closed' (core/call_machine.py).
+FLEET_CLOSED = b"\x88\x0e\x03\xf3fleet closed"
+
+
 async def _through(
     start_ingress: StartIngress, tls_files: TLSFiles, fleet_says: bytes, request: bytes = CALL
 ) -> tuple[bytes, RawFleet]:
@@ -223,7 +228,7 @@ async def test_a_fleets_101_reaches_the_carrier_byte_for_byte(
         b"Set-Cookie: a=b; Path=/\r\nSet-Cookie: c=d\r\nX-Spaced: a   b\r\nX-Obs: caf\xe9\r\n\r\n"
     )
     got, _ = await _through(start_ingress, tls_files, given + b"\x81\x02hi")
-    assert got == given + b"\x81\x02hi", got
+    assert got == given + b"\x81\x02hi" + FLEET_CLOSED, got
 
 
 @pytest.mark.parametrize("mangle", ["bare-lf", "http/1.0"])
@@ -238,7 +243,7 @@ async def test_a_fleets_101_reaches_the_carrier_as_http_1_1_with_crlf_line_ends(
     if mangle == "http/1.0":
         given = given.replace(b"HTTP/1.1 101", b"HTTP/1.0 101")
     got, _ = await _through(start_ingress, tls_files, given + b"\x81\x02\n\n")
-    assert got == SWITCHING + b"\x81\x02\n\n", got
+    assert got == SWITCHING + b"\x81\x02\n\n" + FLEET_CLOSED, got
 
 
 @pytest.mark.parametrize(

@@ -1475,3 +1475,31 @@ async def test_the_fd_store_count_is_systemds_over_an_upgrade_and_a_crash(
     await unit.until(timeout=30, ActiveState="active", NRestarts="1")
     assert unit.main_pid() not in (0, supervisor)
     assert await counted_as_systemd() >= 7
+
+
+async def test_a_raised_fd_store_limit_is_read_at_a_reload_and_what_was_not_kept_stored(
+    systemd: systemd_box.PrivateSystemd, tls_files: TLSFiles, fleet: SimulatedFleet
+) -> None:
+    """`systemctl edit` (its daemon-reload) raises FileDescriptorStoreMax= for the
+    running unit at once. The supervisor read it once, at its start: the store
+    was said full still, and the workers' channels systemd had not kept stayed
+    out of it (their calls ended with a supervisor that died), until a restart,
+    which drains every call. A reload reads it again and stores what was not kept."""
+    unit = await install(systemd, tls_files, fleet, service=("FileDescriptorStoreMax=4",))
+    async with asyncio.timeout(15):
+        while not ((await unit.stats()).get("fd_store") or {}).get("not_kept"):
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.5)  # the snapshots' first write, the ticket keys: all sent
+    assert unit.show("NFileDescriptorStore") == {"NFileDescriptorStore": "4"}
+    (systemd.units / f"{NAME}.d" / "zz-raised.conf").write_text(
+        "[Service]\nFileDescriptorStoreMax=16\n"
+    )
+    systemd.systemctl("daemon-reload")
+    reloaded = await asyncio.to_thread(systemd.systemctl, "reload", NAME, check=False)
+    assert reloaded.returncode == 0, reloaded.stderr + unit.log_tail()
+    # Two listeners, two state memfds, the ticket keys, a channel per worker.
+    store = (await unit.stats())["fd_store"]
+    assert store["max"] == 16 and store["kept"] == 7 and store["unkept"] == 0, store
+    assert unit.show("NFileDescriptorStore") == {"NFileDescriptorStore": "7"}
+    code, out = await asyncio.to_thread(unit.cli, "stat")
+    assert code == 0 and "fd store is full" not in out, out

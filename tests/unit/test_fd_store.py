@@ -1131,3 +1131,89 @@ def test_a_unit_that_keeps_nothing_is_not_said_full(tmp_path, caplog):
         for sock in (a, b, receiver):
             sock.close()
         notifier.close()
+
+
+async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Over an upgrade's exec the count of what systemd would not keep went back
+    to 0 (a counter a scraper saw, carried by every other), what of it is still
+    wanted was forgotten, and a remove lost to a full notify socket just before
+    it was never sent: the copy held a cut worker's channel open. After a crash,
+    the count goes on; the rest was the dead one's."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.setblocking(False)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "1"}
+    pairs = [socket.socketpair() for _ in range(2)]
+    notifiers = [Notifier(env) for _ in range(3)]
+    try:
+        old = Supervisor(config, specs, tmp_path / "ingress.toml")
+        old.notifier = notifiers[0]
+        old.notifier.store_fd("worker.1.1", pairs[0][0].fileno())
+        old.notifier.store_fd("worker.2.1", pairs[1][0].fileno())  # full: not kept
+        _fill(old.notifier)
+        old.notifier.remove_fd("worker.1.1")  # cut on purpose, its remove lost
+        _drain(receiver)
+        carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
+        new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+        new.take_up_fd_store(notifiers[1])
+        assert (notifiers[1].not_kept, notifiers[1].unkept) == (1, {"worker.2.1"})
+        notifiers[1].notify("WATCHDOG=1")
+        got = [message for message, _ in _stored(receiver)]
+        assert got == ["FDSTOREREMOVE=1\nFDNAME=worker.1.1", "WATCHDOG=1"], got
+        crashed = crash_state({"worker.9.1": pairs[0][0]}, 1, old.upgrade.crash_snapshot())
+        assert crashed is not None
+        after = Supervisor(config, specs, tmp_path / "ingress.toml", carried=crashed)
+        after.take_up_fd_store(notifiers[2])
+        assert (notifiers[2].not_kept, notifiers[2].unkept, notifiers[2].owed) == (1, set(), [])
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        for notifier in notifiers:
+            notifier.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "limit"),
+    [
+        ("0::/system.slice/fleet-ingress.service\n", 1024),
+        ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/fleet-ingress.service\n", 64),
+        ("0::/system.slice/gone.service\n", None),
+    ],
+    ids=["system", "user", "not-loaded"],
+)
+def test_the_store_limit_is_asked_of_the_manager_the_unit_runs_under(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cgroup: str, limit: int | None
+) -> None:
+    """systemd 252 sets no $FDSTORE: `systemctl show` says the limit. A unit of a
+    user's manager was asked of the system's, which shows a unit it has not
+    loaded with the defaults: FileDescriptorStoreMax=0, read as the operator's
+    choice to keep nothing, and a full store was never said."""
+    from fleet_ingress.service import fd_store as fd_store_module
+
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    # As systemd answers: the system's manager has fleet-ingress.service loaded
+    # (1024), a user's has its own (64); a unit not loaded shows the defaults.
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in\n'
+        "  *--user*fleet-ingress.service) max=64; state=loaded ;;\n"
+        "  *--user*) max=0; state=not-found ;;\n"
+        "  *user@*|*gone.service) max=0; state=not-found ;;\n"
+        "  *fleet-ingress.service) max=1024; state=loaded ;;\n"
+        "esac\n"
+        'case "$*" in *--value*) echo "$max" ;; *) printf "LoadState=%s\\nFileDescriptor'
+        'StoreMax=%s\\n" "$state" "$max" ;; esac\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    (tmp_path / "cgroup").write_text(cgroup)
+    monkeypatch.setattr(fd_store_module, "Path", lambda _: tmp_path / "cgroup")
+    assert fd_store_module.read_store_max({}) == limit

@@ -269,6 +269,15 @@ class SlotServer:
         channel.send(message)
         return True
 
+    def channel_fileno(self, key: int) -> int | None:
+        """The descriptor of worker `key`'s channel, this end (None: none now), to
+        store again in systemd's fd store once it has room (`Notifier.unkept`)."""
+        channel = self._channels.get(key)
+        if channel is None or channel.transport is None:
+            return None
+        sock = channel.transport.get_extra_info("socket")
+        return None if sock is None else sock.fileno()
+
     def of_a_release_before_calls(self, key: int) -> bool:
         """Worker `key` has said (hello, or its state after an exec) that it
         does not answer "list-calls" / "end-call": a release before them. One

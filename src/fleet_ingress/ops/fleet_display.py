@@ -321,14 +321,17 @@ def fd_store_short(snap: dict[str, Any]) -> str | None:
     would not keep a descriptor of this supervisor's; None before, or without
     systemd."""
     store = snap.get("fd_store") or {}
-    kept, limit, not_kept = store.get("kept"), store.get("max"), store.get("not_kept") or 0
-    if limit == 0 or (not not_kept and (limit is None or kept is None or kept < limit)):
+    kept, limit = store.get("kept"), store.get("max")
+    # Not kept and still wanted there (an image before "unkept": all it refused).
+    unkept = store.get("unkept", store.get("not_kept")) or 0
+    if limit == 0 or (not unkept and (limit is None or kept is None or kept < limit)):
         return None  # (FileDescriptorStoreMax=0: the operator's choice to keep nothing)
-    lost = f", {not_kept} not kept since this supervisor started" if not_kept else ""
+    lost = f", {unkept} not kept" if unkept else ""
     return (
         f"systemd's fd store is full ({kept} of FileDescriptorStoreMax={limit} kept{lost}): "
         "should the supervisor die, the calls of a worker whose channel is not kept end with "
-        "it; raise FileDescriptorStoreMax= in the unit"
+        "it; raise FileDescriptorStoreMax= (systemctl edit), then systemctl reload: what "
+        "was not kept is stored again"
     )
 
 

@@ -61,8 +61,9 @@ them out of the store; a start that takes up no worker draws its own.
 systemd answers no FDSTORE=1, and past FileDescriptorStoreMax= it closes what
 it is sent, saying so in its journal alone: the supervisor counts what it keeps
 there (`Notifier.kept`: what systemd handed back, carried over an exec, stored
-since) against the limit (`read_store_max`) and says a store full (log, stat,
-`fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
+since) against the limit (`read_store_max`, read again at each reload, which
+stores again what was not kept: `Supervisor.recheck_fd_store`) and says a store
+full (log, stat, `fleet_ingress_fd_store_*`). A remove the notify socket had no room for is sent
 before the next message; should a name be there twice meanwhile, the newest is
 used (systemd hands the store back newest first; the snapshots go by the time
 they were written).
@@ -221,41 +222,62 @@ def _written_order(snapshot: Mapping[str, Any]) -> tuple[float, int]:
 
 
 def read_store_max(
-    environ: Mapping[str, str] | None = None, timeout: float = STORE_MAX_READ
+    environ: Mapping[str, str] | None = None,
+    timeout: float = STORE_MAX_READ,
+    *,
+    now: bool = False,
 ) -> int | None:
     """The unit's FileDescriptorStoreMax=: $FDSTORE where systemd sets it (254
     and later), else `systemctl show` of the unit this process runs in (its
-    cgroup's name); None when neither says. Blocking: run in a thread."""
+    cgroup's name); None when neither says. `now`: `systemctl show` first, as
+    the limit is now: a `systemctl edit` (its daemon-reload) raises it for the
+    running unit at once, and $FDSTORE stays what it was at the start.
+    Blocking: run in a thread."""
     env = os.environ if environ is None else environ
-    if (given := env.get("FDSTORE", "")).isdigit():
-        return int(given)
-    unit = _own_unit()
-    if unit is None:
-        return None
+    given = _digits(env.get("FDSTORE", ""))
+    if given is not None and not now:
+        return given
+    own = _own_unit()
+    if own is None:
+        return given
+    unit, manager = own
     try:
         done = subprocess.run(
-            ["systemctl", "show", "--property=FileDescriptorStoreMax", "--value", unit],
+            ["systemctl", *manager, "show", "--property=LoadState,FileDescriptorStoreMax", unit],
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return None
-    value = done.stdout.strip()
-    return int(value) if done.returncode == 0 and value.isdigit() else None
+        return given
+    said = {key: value for key, _, value in (n.partition("=") for n in done.stdout.splitlines())}
+    # A unit its manager has not loaded (asked of another manager than the one
+    # it runs under) is shown with the defaults: FileDescriptorStoreMax=0.
+    value = said.get("FileDescriptorStoreMax", "")
+    if done.returncode != 0 or said.get("LoadState") != "loaded" or not value.isdigit():
+        return given
+    return int(value)
 
 
-def _own_unit() -> str | None:
-    """The service this process runs in, by its cgroup ("0::/system.slice/x.service")."""
+def _digits(value: str) -> int | None:
+    return int(value) if value.isdigit() else None
+
+
+def _own_unit() -> tuple[str, tuple[str, ...]] | None:
+    """The service this process runs in, by its cgroup ("0::/system.slice/x.service"),
+    and systemctl's option for its manager: ("--user",) for a unit of a user's
+    manager ("/user.slice/user-1000.slice/user@1000.service/app.slice/x.service")."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
         return None
     for line in lines:
-        for part in reversed(line.rpartition(":")[2].split("/")):
-            if part.endswith(".service"):
-                return part
+        parts = line.rpartition(":")[2].split("/")
+        for at in range(len(parts) - 1, -1, -1):
+            if parts[at].endswith(".service"):
+                user = any(part.startswith("user@") for part in parts[:at])
+                return parts[at], ("--user",) if user else ()
     return None
 
 
@@ -338,6 +360,10 @@ class CrashSnapshot:
             for name, stored in zip(SNAPSHOT_NAMES, self._fds, strict=True):
                 self._notifier.remove_fd(name)
                 self._notifier.store_fd(name, stored)
+
+    def descriptors(self) -> dict[str, int]:
+        """The memfds by the name they are stored under (none before the first write)."""
+        return dict(zip(SNAPSHOT_NAMES, self._fds, strict=True)) if self._fds else {}
 
     def stopped(self, served: CarrierPem) -> None:
         """At a stop: the state is written over with the certificate and key

@@ -41,6 +41,9 @@ class Notifier:
         # Descriptors systemd would not keep, its store full (it says so in its
         # journal alone, and closes them).
         self.not_kept = 0
+        # The names whose descriptor systemd would not keep and that are still
+        # wanted there (stored again once it has room: `Supervisor.recheck_fd_store`).
+        self.unkept: set[str] = set()
         # Removes the notify socket had no room for, sent before the next message
         # (a channel's copy kept would hold it open: its worker never sees it end).
         self._owed: dict[str, None] = {}
@@ -97,6 +100,7 @@ class Notifier:
             return
         if full:
             self.not_kept += 1
+            self.unkept.add(name)
             log.warning(
                 "systemd's fd store is full: a descriptor was not kept, and a crash of the "
                 "supervisor now ends what it serves (a worker's calls, a listener); raise "
@@ -108,6 +112,7 @@ class Notifier:
             return
         # Stored after a remove lost: that remove would take this one too.
         self._owed.pop(name, None)
+        self.unkept.discard(name)
         self.kept[name] = [*copies, identity]
 
     def seed(self, name: str, fd: int) -> None:
@@ -130,10 +135,22 @@ class Notifier:
             return
         self._pay_owed()
         self._owed.pop(name, None)
+        self.unkept.discard(name)  # no longer wanted there
         if self._send_fds(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), []):
             self.kept.pop(name, None)
         else:
             self._owed[name] = None
+
+    @property
+    def owed(self) -> list[str]:
+        """The names whose remove is still to be sent (carried over an exec)."""
+        return list(self._owed)
+
+    def owe_removes(self, names: list[str]) -> None:
+        """Removes an earlier image of this process could not send: sent before
+        the next message, as its own."""
+        for name in names:
+            self._owed.setdefault(name, None)
 
     def _pay_owed(self) -> None:
         """Send the removes lost before, in order, while the socket takes them."""

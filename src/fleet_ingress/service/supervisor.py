@@ -410,6 +410,12 @@ class Supervisor:
         # What systemd's fd store held for this process as it started (handed
         # back by systemd, or carried over an exec): `Notifier.kept`'s start.
         self.fd_store_kept: dict[str, list[tuple[int, int]]] = {}
+        # Carried over an exec with it (`take_up_fd_store`): the count of what
+        # systemd would not keep (over a crash too), what of it is still wanted
+        # there, and the removes the notify socket had no room for.
+        self.fd_store_not_kept = 0
+        self.fd_store_unkept: set[str] = set()
+        self.fd_store_owed: list[str] = []
         # Where the kernel counts OOM kills for this service (its memory cgroup,
         # else the host), read every second and at each SIGKILL death: a worker
         # OOM-killed is told from one killed by an operator (`service.oom_kills`).
@@ -536,7 +542,53 @@ class Supervisor:
             "kept": notifier.kept_count,
             "max": notifier.store_max,
             "not_kept": notifier.not_kept,
+            "unkept": len(notifier.unkept),
         }
+
+    def take_up_fd_store(self, notifier: Notifier) -> None:
+        """What the previous image (or the dead supervisor, or systemd) left of
+        the fd store, taken up by this image's `notifier`: before, over an
+        exec, the count of what was not kept went back to 0 and a remove lost
+        just before it was never sent (the copy held a cut worker's channel open)."""
+        for name, kept in self.fd_store_kept.items():
+            notifier.kept.setdefault(name, []).extend(kept)
+        notifier.not_kept += self.fd_store_not_kept
+        notifier.unkept |= self.fd_store_unkept
+        notifier.owe_removes(self.fd_store_owed)
+
+    async def recheck_fd_store(self) -> None:
+        """At each reload: the unit's FileDescriptorStoreMax= read again (a
+        `systemctl edit` raises it for the running unit at once), and what systemd
+        would not keep, still wanted (`Notifier.unkept`: listeners, workers'
+        channels, the state's memfds, the ticket keys), stored again: kept now
+        if it has room. Before, the limit read at the start stood until the
+        next start: the store was still said full once raised, and what it had
+        not kept stayed out of it."""
+        notifier = self.notifier
+        if notifier is None or not notifier.enabled:
+            return
+        limit = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ, now=True)
+        if limit is not None and limit != notifier.store_max:
+            log.info(
+                "systemd's fd store: the unit's FileDescriptorStoreMax= read again",
+                extra=fields(was=notifier.store_max, now=limit),
+            )
+            notifier.store_max = limit
+        if not notifier.unkept:
+            return
+        if TICKET_KEYS_NAME in notifier.unkept:
+            self._store_ticket_keys()  # a new memfd of the keys: the last is closed
+        wanted = {name: sock.fileno() for name, sock in self.sockets_to_keep().items()}
+        if self.snapshots is not None:
+            wanted.update(self.snapshots.descriptors())
+        for worker in list(self.workers.values()):
+            if (fd := self.server.channel_fileno(worker.key)) is not None:
+                wanted[channel_key(worker.pid, worker.generation)] = fd
+        for name in sorted(notifier.unkept):
+            if name in wanted:
+                notifier.store_fd(name, wanted[name])
+            else:  # gone meanwhile without a remove (a listener closed)
+                notifier.unkept.discard(name)
 
     def store_fd(self, name: str, sock: socket.socket) -> None:
         """Keep `sock` in systemd's fd store: a supervisor started again after
@@ -2483,8 +2535,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
     supervisor.notifier = notifier
-    for name, kept in supervisor.fd_store_kept.items():
-        notifier.kept.setdefault(name, []).extend(kept)
+    supervisor.take_up_fd_store(notifier)
     if notifier.enabled and notifier.store_max is None:
         # Before anything is stored: systemd says nothing of what it cannot keep.
         notifier.store_max = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ)
@@ -2733,6 +2784,10 @@ async def _reload_on_signal(
             asked.append(reloads.get_nowait())
         supervisor.reload_in_hand = asked
         notifier.notify("RELOADING=1", monotonic_usec())
+        try:
+            await supervisor.recheck_fd_store()
+        except Exception:  # never in the reload's way
+            log.exception("systemd's fd store could not be checked again")
         try:
             summary = await supervisor.reload()
         except ReloadRefused as exc:

@@ -293,6 +293,11 @@ class UpgradeSequence:
             carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
         )
         self.crash_restart = bool(carried.get("crash_restart"))
+        # (From a release that did not carry them: counted from here.)
+        supervisor.fd_store_not_kept = int(carried.get("fd_store_not_kept", 0))
+        if not self.crash_restart:  # after a crash, the store holds what it handed back
+            supervisor.fd_store_unkept = {str(n) for n in carried.get("fd_store_unkept") or []}
+            supervisor.fd_store_owed = [str(n) for n in carried.get("fd_store_owed") or []]
         # The kernel's log read on from where the image before this one left it:
         # an OOM kill logged meanwhile (its own, a worker's) is read here.
         supervisor.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
@@ -628,6 +633,7 @@ class UpgradeSequence:
     def _state_for_exec(self, *, handover: bool = True) -> dict[str, Any]:
         """What the next image needs that no socket carries (`_take_carried`)."""
         supervisor = self.supervisor
+        notifier = supervisor.notifier
         rows = {row.worker: row for row in supervisor.slots.workers}
         # A fleet an `add-fleet` is still bringing up (not in the fleets file
         # yet) is not one a supervisor started after a crash should serve: the
@@ -660,10 +666,13 @@ class UpgradeSequence:
             # st_ino): the next image counts on from it against the unit's limit.
             "fd_store_kept": {
                 name: [list(kept) for kept in copies]
-                for name, copies in (
-                    supervisor.notifier.kept if supervisor.notifier is not None else {}
-                ).items()
+                for name, copies in (notifier.kept if notifier is not None else {}).items()
             },
+            # Counted on by the next image (a counter), and, over an exec alone,
+            # what systemd would not keep and the removes still to send.
+            "fd_store_not_kept": notifier.not_kept if notifier is not None else 0,
+            "fd_store_unkept": sorted(notifier.unkept) if notifier is not None else [],
+            "fd_store_owed": notifier.owed if notifier is not None else [],
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
             "worker_oom_kills": supervisor.worker_oom_kills,
             # The descriptor limit's shortfall this image said (or its
