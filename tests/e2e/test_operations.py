@@ -1309,7 +1309,7 @@ def test_a_stop_removes_the_admin_socket_only_while_it_is_its_own(tmp_path: Path
 class _ManyCalls:
     """`Calls` with 10,000 rows as workers list them (some 3 MB of JSON)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int = 10_000) -> None:
         self.listed = 0
         row = {
             "pid": 4242,
@@ -1328,7 +1328,7 @@ class _ManyCalls:
         }
         self.rows = [
             {**row, "id": f"4242-{n}", "call_id": n, "started_monotonic": float(n)}
-            for n in range(1, 10_001)
+            for n in range(1, count + 1)
         ]
 
     async def list_calls(self, wanted: Any) -> dict[str, Any]:
@@ -1392,4 +1392,50 @@ async def test_a_calls_listing_nobody_reads_is_cut_and_at_most_two_are_held(
     finally:
         for sock in unread:
             sock.close()
+        await sites.close()
+
+
+async def test_a_calls_listing_read_slowly_but_steadily_is_answered_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The review of session 36 (review36g): the listing's write deadline ran
+    from the start of its sending, for the whole answer, and a client reading
+    all along but slower than 3 MB in 10 s (`curl --unix-socket` into an ssh
+    pipe of some 2 Mbit/s) had its answer cut. The deadline is one of no
+    progress, as nginx's send_timeout: cut only once the client has read
+    nothing for LISTING_WRITE_TIMEOUT."""
+    from fleet_ingress.ops import admin_server
+    from fleet_ingress.ops.web_sites import WebSites
+
+    monkeypatch.setattr(admin_server, "LISTING_WRITE_TIMEOUT", 1.0)
+    calls = _ManyCalls(3_000)  # some 1.2 MB
+    path = tmp_path / "admin.sock"
+    sites = WebSites()
+    app = admin_server.admin_app(None, dict, calls=calls)  # type: ignore[arg-type]
+    await sites.serve_kept(app, bind_admin_socket(path))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        sock.sendall(b"GET /calls HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+
+        def read_slowly() -> tuple[bytes, float]:
+            """32 KiB each 0.08 s (400 KB/s), to the end: some 2.5 s in all."""
+            sock.settimeout(5)
+            got = bytearray()
+            began = time.monotonic()
+            while chunk := sock.recv(32 * 1024):
+                got += chunk
+                time.sleep(0.08)
+            return bytes(got), time.monotonic() - began
+
+        got, took = await asyncio.to_thread(read_slowly)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        (length,) = re.findall(rb"(?im)^content-length: *(\d+)", head)
+        assert len(body) == int(length), f"cut after {took:.1f}s: {len(body)} of {int(length)}"
+        assert len(json.loads(body)["calls"]) == 3_000
+        assert took > 1.5, took  # read for longer than the deadline
+        assert not [r for r in caplog.records if "did not read its answer" in r.getMessage()]
+    finally:
+        sock.close()
         await sites.close()
