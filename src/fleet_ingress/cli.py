@@ -187,7 +187,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
         "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
         "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id "
-        "(also when its tag is not its pid's worker's: the process it ran in is gone)."
+        "(also when its tag is not its pid's worker's: the process it ran in is gone, or "
+        "it is another host's call)."
     )
     end.add_argument(
         "id",

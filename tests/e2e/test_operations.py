@@ -858,6 +858,7 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
         with pytest.raises(FleetChangeError, match="the process it ran in is gone") as refused:
             await d.ingress.end_call(f"{bare}-{other}", "")
         assert refused.value.status == 404
+        assert "or it is another host's call" in refused.value.message
         code, out, err = await d.cli("end-call", rows[0]["id"], "--reason", "test")
         assert code == 0, err
         with pytest.raises(ConnectionClosed):
