@@ -368,6 +368,37 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
 
 
 @CLI_TEXT
+async def test_a_read_cut_before_its_answer_was_whole_is_not_said_a_change(tmp_path: Path):
+    """A `calls` listing cut before the CLI read it whole (review36g): the CLI
+    stopped with ^Z past the listing's deadline, the ingress cut it; resumed,
+    it said "the ingress ... stopped, or an upgrade re-executed it ...
+    Whether the change was made: `fleet-ingress stat`", of a read that
+    changed nothing, and not that it was itself the one not reading."""
+    from fleet_ingress.ops.admin_client import AdminUnreachable, admin_request
+
+    path = tmp_path / "admin.sock"
+
+    async def answer_part_then_hang_up(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000)
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_unix_server(answer_part_then_hang_up, path=str(path))
+    try:
+        with pytest.raises(AdminUnreachable) as cut:
+            await admin_request(path, "GET", "/calls")
+    finally:
+        server.close()
+    text = str(cut.value)
+    assert "before its answer to GET /calls was read whole" in text, text
+    assert "this command was itself stopped" in text and "run it again" in text, text
+    assert "Whether the change was made" not in text, text
+
+
+@CLI_TEXT
 async def test_an_admin_connection_closed_before_its_answer_is_said_plainly(tmp_path: Path):
     """The ingress closes the connection after reading the request (an upgrade
     cut it): the CLI says so and what to check, not a ServerDisconnectedError
