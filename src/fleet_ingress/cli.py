@@ -163,10 +163,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     calls.description = (
         "One row per live call on the host (every worker; both generations during an "
-        "upgrade), oldest first: id (PID-N: worker pid and call_id, as its access line "
-        "says), generation, age, state (waiting for a slot / connecting / tunnel / closing), "
-        "fleet, bot, carrier address, route, bytes each way, and how long each side has "
-        "sent nothing (quiet c/f, at the silence sweep's resolution). Filters combine."
+        "upgrade), oldest first: id (PID-N-TAG: worker pid, call_id and the worker's tag, "
+        "as its access line's `call` says), generation, age, state (waiting for a slot / "
+        "connecting / tunnel / closing), fleet, bot, carrier address, route, bytes each "
+        "way, and how long each side has sent nothing (quiet c/f, at the silence sweep's "
+        "resolution). Filters combine."
     )
     calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
     calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
