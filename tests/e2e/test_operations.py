@@ -1440,7 +1440,7 @@ async def test_a_calls_listing_read_slowly_but_steadily_is_answered_whole(
     from fleet_ingress.ops.web_sites import WebSites
 
     monkeypatch.setattr(admin_server, "LISTING_WRITE_TIMEOUT", 1.0)
-    calls = _ManyCalls(3_000)  # some 1.2 MB
+    calls = _ManyCalls(6_000)  # some 2.4 MB
     path = tmp_path / "admin.sock"
     sites = WebSites()
     app = admin_server.admin_app(None, dict, calls=calls)  # type: ignore[arg-type]
@@ -1451,11 +1451,12 @@ async def test_a_calls_listing_read_slowly_but_steadily_is_answered_whole(
         sock.sendall(b"GET /calls HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
 
         def read_slowly() -> tuple[bytes, float]:
-            """32 KiB each 0.08 s (400 KB/s), to the end: some 2.5 s in all."""
+            """64 KiB each 0.08 s (800 KB/s; one under 250 KB/s is cut at this
+            deadline, measured), to the end: some 3 s in all."""
             sock.settimeout(5)
             got = bytearray()
             began = time.monotonic()
-            while chunk := sock.recv(32 * 1024):
+            while chunk := sock.recv(64 * 1024):
                 got += chunk
                 time.sleep(0.08)
             return bytes(got), time.monotonic() - began
@@ -1465,8 +1466,8 @@ async def test_a_calls_listing_read_slowly_but_steadily_is_answered_whole(
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
         (length,) = re.findall(rb"(?im)^content-length: *(\d+)", head)
         assert len(body) == int(length), f"cut after {took:.1f}s: {len(body)} of {int(length)}"
-        assert len(json.loads(body)["calls"]) == 3_000
-        assert took > 1.5, took  # read for longer than the deadline
+        assert len(json.loads(body)["calls"]) == 6_000
+        assert took > 2.0, took  # read for twice the deadline and more
         assert not [r for r in caplog.records if "did not read its answer" in r.getMessage()]
     finally:
         sock.close()
