@@ -163,10 +163,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     calls.description = (
         "One row per live call on the host (every worker; both generations during an "
-        "upgrade), oldest first: id (PID-N: worker pid and call_id, as its access line "
-        "says), generation, age, state (waiting for a slot / connecting / tunnel / closing), "
-        "fleet, bot, carrier address, route, bytes each way, and how long each side has "
-        "sent nothing (quiet c/f, at the silence sweep's resolution). Filters combine."
+        "upgrade), oldest first: id (PID-N-TAG: worker pid, call_id and the worker's tag, "
+        "as its access line's `call` says), generation, age, state (waiting for a slot / "
+        "connecting / tunnel / closing), fleet, bot, carrier address, route, bytes each "
+        "way, and how long each side has sent nothing (quiet c/f, at the silence sweep's "
+        "resolution). Filters combine."
     )
     calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
     calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
@@ -187,7 +188,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
         "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
         "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id "
-        "(also when its tag is not its pid's worker's: the process it ran in is gone)."
+        "(also when its tag is not its pid's worker's: the process it ran in is gone, or "
+        "it is another host's call)."
     )
     end.add_argument(
         "id",

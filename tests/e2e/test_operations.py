@@ -368,6 +368,37 @@ async def test_admin_commands_name_unknown_fleets_and_a_missing_ingress(
 
 
 @CLI_TEXT
+async def test_a_read_cut_before_its_answer_was_whole_is_not_said_a_change(tmp_path: Path):
+    """A `calls` listing cut before the CLI read it whole (review36g): the CLI
+    stopped with ^Z past the listing's deadline, the ingress cut it; resumed,
+    it said "the ingress ... stopped, or an upgrade re-executed it ...
+    Whether the change was made: `fleet-ingress stat`", of a read that
+    changed nothing, and not that it was itself the one not reading."""
+    from fleet_ingress.ops.admin_client import AdminUnreachable, admin_request
+
+    path = tmp_path / "admin.sock"
+
+    async def answer_part_then_hang_up(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"{" * 1000)
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_unix_server(answer_part_then_hang_up, path=str(path))
+    try:
+        with pytest.raises(AdminUnreachable) as cut:
+            await admin_request(path, "GET", "/calls")
+    finally:
+        server.close()
+    text = str(cut.value)
+    assert "before its answer to GET /calls was read whole" in text, text
+    assert "this command was itself stopped" in text and "run it again" in text, text
+    assert "Whether the change was made" not in text, text
+
+
+@CLI_TEXT
 async def test_an_admin_connection_closed_before_its_answer_is_said_plainly(tmp_path: Path):
     """The ingress closes the connection after reading the request (an upgrade
     cut it): the CLI says so and what to check, not a ServerDisconnectedError
@@ -858,6 +889,7 @@ async def test_calls_and_end_call_in_one_process(deployment: Deployment, caplog)
         with pytest.raises(FleetChangeError, match="the process it ran in is gone") as refused:
             await d.ingress.end_call(f"{bare}-{other}", "")
         assert refused.value.status == 404
+        assert "or it is another host's call" in refused.value.message
         code, out, err = await d.cli("end-call", rows[0]["id"], "--reason", "test")
         assert code == 0, err
         with pytest.raises(ConnectionClosed):
@@ -1309,7 +1341,7 @@ def test_a_stop_removes_the_admin_socket_only_while_it_is_its_own(tmp_path: Path
 class _ManyCalls:
     """`Calls` with 10,000 rows as workers list them (some 3 MB of JSON)."""
 
-    def __init__(self) -> None:
+    def __init__(self, count: int = 10_000) -> None:
         self.listed = 0
         row = {
             "pid": 4242,
@@ -1328,7 +1360,7 @@ class _ManyCalls:
         }
         self.rows = [
             {**row, "id": f"4242-{n}", "call_id": n, "started_monotonic": float(n)}
-            for n in range(1, 10_001)
+            for n in range(1, count + 1)
         ]
 
     async def list_calls(self, wanted: Any) -> dict[str, Any]:
@@ -1392,4 +1424,51 @@ async def test_a_calls_listing_nobody_reads_is_cut_and_at_most_two_are_held(
     finally:
         for sock in unread:
             sock.close()
+        await sites.close()
+
+
+async def test_a_calls_listing_read_slowly_but_steadily_is_answered_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """The review of session 36 (review36g): the listing's write deadline ran
+    from the start of its sending, for the whole answer, and a client reading
+    all along but slower than 3 MB in 10 s (`curl --unix-socket` into an ssh
+    pipe of some 2 Mbit/s) had its answer cut. The deadline is one of no
+    progress, as nginx's send_timeout: cut only once the client has read
+    nothing for LISTING_WRITE_TIMEOUT."""
+    from fleet_ingress.ops import admin_server
+    from fleet_ingress.ops.web_sites import WebSites
+
+    monkeypatch.setattr(admin_server, "LISTING_WRITE_TIMEOUT", 1.0)
+    calls = _ManyCalls(6_000)  # some 2.4 MB
+    path = tmp_path / "admin.sock"
+    sites = WebSites()
+    app = admin_server.admin_app(None, dict, calls=calls)  # type: ignore[arg-type]
+    await sites.serve_kept(app, bind_admin_socket(path))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+        sock.sendall(b"GET /calls HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+
+        def read_slowly() -> tuple[bytes, float]:
+            """64 KiB each 0.08 s (800 KB/s; one under 250 KB/s is cut at this
+            deadline, measured), to the end: some 3 s in all."""
+            sock.settimeout(5)
+            got = bytearray()
+            began = time.monotonic()
+            while chunk := sock.recv(64 * 1024):
+                got += chunk
+                time.sleep(0.08)
+            return bytes(got), time.monotonic() - began
+
+        got, took = await asyncio.to_thread(read_slowly)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        (length,) = re.findall(rb"(?im)^content-length: *(\d+)", head)
+        assert len(body) == int(length), f"cut after {took:.1f}s: {len(body)} of {int(length)}"
+        assert len(json.loads(body)["calls"]) == 6_000
+        assert took > 2.0, took  # read for twice the deadline and more
+        assert not [r for r in caplog.records if "did not read its answer" in r.getMessage()]
+    finally:
+        sock.close()
         await sites.close()

@@ -2864,6 +2864,16 @@ async def test_end_call_knows_a_worker_s_tag_over_the_exec_and_refuses_another_s
         assert refused.value.status == 404
         assert f"no live call {pid}-3-zzzz: the process it ran in is gone" in refused.value.message
         assert f"its calls are named {pid}-N-k3f9" in refused.value.message
+        # Or a live call of another host's: two hosts' containers number their
+        # workers alike, so the same pid with another tag says nothing of it
+        # (review36g: "is gone" alone sent the operator away from a live call).
+        assert "or it is another host's call" in refused.value.message
+        with pytest.raises(FleetChangeError) as refused:
+            await new.end_call(f"{pid + 1}-3-zzzz", "")  # no worker has that pid
+        assert refused.value.status == 404
+        assert "the process it ran in is gone, or it is another host's call" in (
+            refused.value.message
+        )
         with pytest.raises(FleetChangeError, match="give its whole id, PID-N-TAG") as refused:
             await new.end_call(f"{pid}-3", "")
         assert refused.value.status == 400

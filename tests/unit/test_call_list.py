@@ -340,3 +340,32 @@ async def test_end_call_answers_the_end_reason_its_access_line_says(ending_as, l
         assert said.endswith("its access line says end_reason admin, reason: ticket 9")
     else:
         assert "end_reason carrier closed" in said and "end_reason admin" not in said
+
+
+async def test_a_worker_ends_no_call_for_an_id_of_another_process_s_tag():
+    """A worker's own check of the tag (review36g: no test reached it), for
+    when the supervisor did not know its tag yet (kept over an exec, its
+    state unread): an id with another tag ends nothing and is answered with
+    this worker's tag; with its own, the call ends."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.service.worker import Worker
+
+    registry = Registry()
+    machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]
+    carrier = _EndingCarrier(machine)
+    carrier.abort = lambda: None  # type: ignore[attr-defined]  # (ended by mistake: cut)
+    call = Call(carrier, "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    registry.add_call(call)
+    sent: list[dict[str, Any]] = []
+    worker = Worker.__new__(Worker)
+    worker.client = SimpleNamespace(send=sent.append, generation=1)  # type: ignore[assignment]
+    worker.ingress = SimpleNamespace(registry=registry)  # type: ignore[assignment]
+    mine = calls_module.process_tag()
+    other = "zzzz" if mine != "zzzz" else "yyyy"
+    await worker.end_call(7, call.id, "x", other)
+    assert sent == [{"op": "call-ended", "id": 7, "call": None, "tag": mine}]
+    assert carrier.ended == [] and machine.end_reason is None  # untouched
+    asyncio.get_running_loop().call_later(0.05, registry.remove_call, call)
+    await worker.end_call(8, call.id, "x", mine)
+    assert sent[1]["id"] == 8 and sent[1]["call"]["end_reason"] == "admin", sent

@@ -207,8 +207,13 @@ def whole_id_wanted(text: str) -> str:
 
 
 def process_gone(text: str, why: str) -> str:
-    """`end-call`'s refusal for an id of a process no longer there."""
-    return no_such_call(text, f"the process it ran in is gone ({why})")
+    """`end-call`'s refusal for an id of no process here: one gone, or another
+    host's (two hosts' containers number their workers alike, so its pid may
+    be one here, with another tag): "gone" alone sent the operator away from
+    a live call (review36g)."""
+    return no_such_call(
+        text, f"the process it ran in is gone, or it is another host's call ({why})"
+    )
 
 
 def no_such_call(text: str, why: str) -> str:

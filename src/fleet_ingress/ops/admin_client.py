@@ -93,6 +93,13 @@ async def admin_request(
             f"cannot reach the admin socket {socket_path}: {_why(exc)}. {_reach_hint(exc)}"
         ) from None
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError):
+        if reading:  # a read changed nothing; and a listing not read for 10 s is cut
+            raise AdminUnreachable(
+                f"the ingress closed the admin connection before its answer to {method} "
+                f"{path} was read whole: it stopped, or an upgrade re-executed it, or this "
+                "command was itself stopped (^Z, SIGSTOP) and did not read the answer (a "
+                "`calls` listing unread for 10 s is cut). Nothing was changed: run it again"
+            ) from None
         # After the request was sent: what it did, if anything, is not known here.
         raise AdminUnreachable(
             f"the ingress closed the admin connection before answering {method} {path}: "

@@ -431,7 +431,7 @@ class Ingress:
             raise FleetChangeError(
                 404,
                 process_gone(
-                    text, f"pid {pid} is now another ingress: its calls are {pid}-N-{process_tag()}"
+                    text, f"pid {pid} here is an ingress whose calls are {pid}-N-{process_tag()}"
                 ),
             )
         row = await end_call(self.registry, number, why, pid, 1)

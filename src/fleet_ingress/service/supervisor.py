@@ -1871,8 +1871,7 @@ class Supervisor:
         )
         return process_gone(
             text,
-            f"pid {worker.pid} is now another worker of this ingress, generation "
-            f"{worker.generation}: {named}",
+            f"pid {worker.pid} here is a worker of generation {worker.generation}: {named}",
         )
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
