@@ -104,7 +104,8 @@ class Notifier:
             log.warning(
                 "systemd's fd store is full: a descriptor was not kept, and a crash of the "
                 "supervisor now ends what it serves (a worker's calls, a listener); raise "
-                "FileDescriptorStoreMax= in the unit",
+                "FileDescriptorStoreMax= in the unit, `systemctl daemon-reload`, then "
+                "`systemctl reload fleet-ingress` (it stores again what was not kept)",
                 extra=fields(
                     name=name, kept=self.kept_count, max=self.store_max, not_kept=self.not_kept
                 ),
