@@ -159,7 +159,7 @@ def _build_parser() -> argparse.ArgumentParser:
     calls = admin_command(
         "calls",
         "list every live call on the host, oldest first, like HAProxy's 'show sess': "
-        "id, worker, carrier, route, bot, fleet, state, age, bytes, quiet",
+        "id, generation, age, state, fleet, bot, carrier, route, bytes, quiet",
     )
     calls.description = (
         "One row per live call on the host (every worker; both generations during an "
