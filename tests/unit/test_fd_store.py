@@ -997,6 +997,73 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     assert await new._oom_killed(worker, code)
 
 
+async def test_auto_workers_are_counted_off_the_loop_at_start(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process.workers = "auto" at a start: the CPU quota's group, behind a
+    cgroup namespace over the host's cgroupfs, is looked for through up to
+    5000 groups' cgroup.procs (0.2-0.5 s), read off the loop that serves the
+    admin and stats sockets and the first probes meanwhile (on main: on it)."""
+    from fleet_ingress.config import settings
+    from fleet_ingress.core.cpu_quota import AutoWorkers
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers="auto")
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    on_loop: list[bool] = []
+
+    class Counted(Exception):
+        pass
+
+    def usable_cpus() -> AutoWorkers:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        raise Counted  # no worker started: what is asserted is where this ran
+
+    monkeypatch.setattr(settings, "usable_cpus", usable_cpus)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    try:
+        with pytest.raises(Counted):
+            await supervisor.start()
+    finally:
+        await supervisor.close()
+    assert on_loop == [False]
+
+
+async def test_an_exec_carrying_its_worker_count_does_not_count_auto_again(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next image of an upgrade's exec takes the serving generation's
+    count as carried: "auto" is not counted again (a walk of up to 5000
+    groups behind a cgroup namespace over the host's cgroupfs, while no
+    supervisor answers); on main it was, its answer unused."""
+    from fleet_ingress.config import settings
+    from fleet_ingress.core.cpu_quota import AutoWorkers
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers="auto")
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    counted: list[int] = []
+
+    def usable_cpus() -> AutoWorkers:
+        counted.append(1)
+        return AutoWorkers(3)
+
+    monkeypatch.setattr(settings, "usable_cpus", usable_cpus)
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    old.worker_target, old.workers_from = 2, "2 (CPUQuota 200% of 64 CPUs)"
+    carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert (new.worker_target, new.workers_from) == (2, "2 (CPUQuota 200% of 64 CPUs)")
+    assert counted == []
+    del carried["workers_from"]  # a release that did not carry it: counted
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert (new.worker_target, counted) == (2, [1])
+
+
 def test_an_earlier_images_snapshot_left_by_a_lost_remove_is_not_taken_over_the_newer():
     """Each image numbers its snapshots from 1. An upgrade's exec (or a crash's
     restart) whose FDSTOREREMOVE of state.N was lost to a full notify socket

@@ -756,7 +756,11 @@ class Supervisor:
             for due in self.upgrade.take_carried_respawns():
                 self.schedule_respawn(max(0.0, due - now))
         else:
-            count, because = self.config.process.workers_from()
+            # "auto" off the loop, which serves the admin and stats sockets and the
+            # first probes meanwhile: behind a cgroup namespace over the host's
+            # cgroupfs the CPU quota's group is looked for through up to 5000
+            # groups' cgroup.procs (core.cgroups.locate: 0.2-0.5 s measured).
+            count, because = await asyncio.to_thread(self.config.process.workers_from)
             self.worker_target, self.workers_from = count, because
             started = [await self.spawn(self.generation) for _ in range(count)]
             await self.wait_serving(started)

@@ -253,13 +253,19 @@ class UpgradeSequence:
             )
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
         supervisor.generation = int(carried["generation"])
-        # (From a release that did not carry it: as configured now.)
-        count, because = supervisor.config.process.workers_from()
-        supervisor.worker_target = int(carried.get("worker_target") or count)
-        supervisor.workers_from = str(
-            carried.get("workers_from")
-            or (because if supervisor.worker_target == count else supervisor.worker_target)
-        )
+        # (From a release that did not carry it: as configured now. Counted
+        # only then: "auto" behind a cgroup namespace over the host's cgroupfs
+        # reads up to 5000 groups (0.2-0.5 s) while no supervisor answers.)
+        if carried.get("worker_target") and carried.get("workers_from"):
+            supervisor.worker_target = int(carried["worker_target"])
+            supervisor.workers_from = str(carried["workers_from"])
+        else:
+            count, because = supervisor.config.process.workers_from()
+            supervisor.worker_target = int(carried.get("worker_target") or count)
+            supervisor.workers_from = str(
+                carried.get("workers_from")
+                or (because if supervisor.worker_target == count else supervisor.worker_target)
+            )
         supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         if "started_monotonic" in carried:
