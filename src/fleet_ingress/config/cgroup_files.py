@@ -44,9 +44,7 @@ def find_directory(
     top = read(mount.point.rstrip("/") + "/cgroup.controllers")
     if top is not None and controller not in top.split():
         return None, None
-    found, too_many = locate(
-        mount, path, os.getpid() if pid is None else pid, subdirectories, read
-    )
+    found, too_many = locate(mount, path, os.getpid() if pid is None else pid, subdirectories, read)
     if found is not None:
         return found, None
     why = hidden(mount, path)
