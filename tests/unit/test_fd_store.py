@@ -960,6 +960,63 @@ async def test_a_supervisor_the_kernels_log_names_is_said_killed_by_it(
     assert "most likely" not in said.getMessage()
 
 
+async def test_a_supervisor_possibly_oom_killed_is_said_possibly_by_stat_over_exec_and_crash(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal says "died, possibly by the kernel's OOM killer" where the
+    count takes in other processes' (the host's /proc/vmstat, the kernel's
+    log unread): stat and the page say "possibly" too, from this supervisor
+    on and from the next ones (an exec's, a crash's), where on main they said
+    "was killed by the kernel's OOM killer once". A handover from a release
+    that did not carry which it was: as that one said it, "killed"."""
+    from fleet_ingress.ops.admin_client import format_stat_table
+    from fleet_ingress.ops.stats_page import render_stats_page
+    from fleet_ingress.service.oom_kills import KernelLog
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    vmstat = tmp_path / "vmstat"
+    counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: KernelLog(str(tmp_path / "none")))
+    vmstat.write_text("oom_kill 1\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
+    carried.update(crash_restart=True)
+    vmstat.write_text("oom_kill 2\n")  # counted after its last snapshot: it died
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert new.supervisor_oom_kills == 1
+
+    def said(supervisor: Supervisor) -> list[str]:
+        snap = supervisor.snapshot()
+        page = render_stats_page(snap).replace("&#x27;", "'").replace("&#x60;", "`")
+        return [format_stat_table(snap), page]
+
+    for shown in said(new):
+        assert "the supervisor died, possibly by the kernel's OOM killer, once" in shown
+        assert "was killed by the kernel's OOM killer" not in shown
+    after_exec = json.loads(json.dumps(new.upgrade._state_for_exec()))
+    after_crash = json.loads(json.dumps(new.upgrade.crash_snapshot()))
+    after_crash.update(crash_restart=True)
+    for carried_on in (after_exec, after_crash):
+        for shown in said(Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried_on)):
+            assert "the supervisor died, possibly by the kernel's OOM killer, once" in shown
+    # A second one, by the service's own count (a v2 memory.events): "killed", 1 of 2 possibly.
+    events = tmp_path / "memory.events"
+    own = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: own)
+    events.write_text("oom_kill 3\n")
+    after_crash["oom_kill_counter"], after_crash["oom_kill_count"] = str(events), 2
+    third = Supervisor(config, specs, tmp_path / "ingress.toml", carried=after_crash)
+    for shown in said(third):
+        assert "the supervisor was killed by the kernel's OOM killer 2 times" in shown
+        assert "(1 of them possibly: " in shown
+    del after_exec["supervisor_oom_kills_possibly"]  # the release before: "killed"
+    for shown in said(Supervisor(config, specs, tmp_path / "ingress.toml", carried=after_exec)):
+        assert "the supervisor was killed by the kernel's OOM killer once" in shown
+
+
 async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_over_is_named(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

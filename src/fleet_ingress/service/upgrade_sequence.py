@@ -294,6 +294,11 @@ class UpgradeSequence:
             for name, copies in dict(carried.get("fd_store_kept") or {}).items()
         }
         supervisor.supervisor_oom_kills = int(carried.get("supervisor_oom_kills", 0))
+        # (From a release that did not carry it: none. A release before session
+        # 36 said none "possibly"; one that could and did not carry it is gone.)
+        supervisor.supervisor_oom_kills_possibly = min(
+            int(carried.get("supervisor_oom_kills_possibly", 0)), supervisor.supervisor_oom_kills
+        )
         # (From a release that did not carry it: those replaced, at least.)
         supervisor.worker_oom_kills = int(
             carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
@@ -361,6 +366,7 @@ class UpgradeSequence:
             return
         broad = counter is not None and counter.broad and not logged
         supervisor.supervisor_oom_kills += 1
+        supervisor.supervisor_oom_kills_possibly += broad
         log.error(
             (
                 "the previous supervisor died, possibly by the kernel's OOM killer (an OOM "
@@ -680,6 +686,8 @@ class UpgradeSequence:
             "fd_store_unkept": sorted(notifier.unkept) if notifier is not None else [],
             "fd_store_owed": notifier.owed if notifier is not None else [],
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
+            # Of those, said "possibly" (stat and the page say so too).
+            "supervisor_oom_kills_possibly": supervisor.supervisor_oom_kills_possibly,
             "worker_oom_kills": supervisor.worker_oom_kills,
             # The descriptor limit's shortfall this image said (or its
             # predecessor): the next image says it again only if it changed.
