@@ -5,6 +5,10 @@ quota) alike."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from fleet_ingress.core.cgroups import (
@@ -95,10 +99,12 @@ def test_a_mount_from_outside_the_namespace_is_told_and_its_groups_found_by_pid(
         "/sys/fs/cgroup/memory/docker/c2/cgroup.procs": "3\n",
         "/sys/fs/cgroup/memory/system.slice/a.service/cgroup.procs": "70\n",
     }
-    found = locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get)
+    found, _ = locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get)
     assert found == "/sys/fs/cgroup/memory/docker/c1"
-    assert locate(mount, "/", 8, lambda d: tree.get(d, []), procs.get) is None
-    assert locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get, limit=2) is None
+    assert locate(mount, "/", 8, lambda d: tree.get(d, []), procs.get) == (None, None)
+    over, why = locate(mount, "/", 7, lambda d: tree.get(d, []), procs.get, limit=2)
+    assert over is None and why is not None and "the limit reached" in why
+    assert found is not None
     assert directories_from(mount, found) == [
         "/sys/fs/cgroup/memory/docker/c1",
         "/sys/fs/cgroup/memory/docker",
@@ -110,3 +116,30 @@ def test_a_mount_from_outside_the_namespace_is_told_and_its_groups_found_by_pid(
     # A sibling's subtree: neither shown nor above.
     assert above_namespace(Mount("/../other", "/m"), "/") is None
     assert "is not under" in (hidden(Mount("/../other", "/m"), "/") or "")
+
+
+def test_a_walk_past_the_limit_says_the_limit_was_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More groups that deep than `locate` reads: not looked for, and the
+    reason check, stat's workers wanted and the OOM log's
+    oom_kills_counted_in give says the limit was reached (on main it said
+    only that the groups between are not named, as if none held the pid)."""
+    from fleet_ingress.config import cgroup_files
+    from fleet_ingress.core import cgroups
+
+    for pod in ("docker/c1", "docker/c2", "docker/c3", "system.slice/a.service"):
+        (tmp_path / pod).mkdir(parents=True)
+    (tmp_path / "docker/c1/cgroup.procs").write_text("1\n7\n")
+    mount = Mount("/../..", str(tmp_path))
+    where, why = cgroup_files.find_directory(mount, "/", "memory", pid=7)
+    assert (where, why) == (str(tmp_path / "docker/c1"), None)
+    monkeypatch.setattr(cgroup_files, "locate", _limited(cgroups.locate, 3))
+    where, why = cgroup_files.find_directory(mount, "/", "memory", pid=7)
+    assert where is None and why is not None
+    assert "cgroup namespace over a cgroupfs mounted outside it" in why
+    assert "4 groups 2 levels below" in why and "the limit reached" in why
+
+
+def _limited(locate_: Callable[..., Any], limit: int) -> Callable[..., Any]:
+    return lambda *args: locate_(*args, limit=limit)

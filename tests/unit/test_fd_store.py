@@ -960,6 +960,63 @@ async def test_a_supervisor_the_kernels_log_names_is_said_killed_by_it(
     assert "most likely" not in said.getMessage()
 
 
+async def test_a_supervisor_possibly_oom_killed_is_said_possibly_by_stat_over_exec_and_crash(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal says "died, possibly by the kernel's OOM killer" where the
+    count takes in other processes' (the host's /proc/vmstat, the kernel's
+    log unread): stat and the page say "possibly" too, from this supervisor
+    on and from the next ones (an exec's, a crash's), where on main they said
+    "was killed by the kernel's OOM killer once". A handover from a release
+    that did not carry which it was: as that one said it, "killed"."""
+    from fleet_ingress.ops.admin_client import format_stat_table
+    from fleet_ingress.ops.stats_page import render_stats_page
+    from fleet_ingress.service.oom_kills import KernelLog
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    vmstat = tmp_path / "vmstat"
+    counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: KernelLog(str(tmp_path / "none")))
+    vmstat.write_text("oom_kill 1\n")
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
+    carried.update(crash_restart=True)
+    vmstat.write_text("oom_kill 2\n")  # counted after its last snapshot: it died
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert new.supervisor_oom_kills == 1
+
+    def said(supervisor: Supervisor) -> list[str]:
+        snap = supervisor.snapshot()
+        page = render_stats_page(snap).replace("&#x27;", "'").replace("&#x60;", "`")
+        return [format_stat_table(snap), page]
+
+    for shown in said(new):
+        assert "the supervisor died, possibly by the kernel's OOM killer, once" in shown
+        assert "was killed by the kernel's OOM killer" not in shown
+    after_exec = json.loads(json.dumps(new.upgrade._state_for_exec()))
+    after_crash = json.loads(json.dumps(new.upgrade.crash_snapshot()))
+    after_crash.update(crash_restart=True)
+    for carried_on in (after_exec, after_crash):
+        for shown in said(Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried_on)):
+            assert "the supervisor died, possibly by the kernel's OOM killer, once" in shown
+    # A second one, by the service's own count (a v2 memory.events): "killed", 1 of 2 possibly.
+    events = tmp_path / "memory.events"
+    own = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: own)
+    events.write_text("oom_kill 3\n")
+    after_crash["oom_kill_counter"], after_crash["oom_kill_count"] = str(events), 2
+    third = Supervisor(config, specs, tmp_path / "ingress.toml", carried=after_crash)
+    for shown in said(third):
+        assert "the supervisor was killed by the kernel's OOM killer 2 times" in shown
+        assert "(1 of them possibly: " in shown
+    del after_exec["supervisor_oom_kills_possibly"]  # the release before: "killed"
+    for shown in said(Supervisor(config, specs, tmp_path / "ingress.toml", carried=after_exec)):
+        assert "the supervisor was killed by the kernel's OOM killer once" in shown
+
+
 async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_over_is_named(
     tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -995,6 +1052,73 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     proc.kill()  # (the OOM killer's SIGKILL, sent before the exec)
     code = await asyncio.wait_for(proc.wait(), 5)
     assert await new._oom_killed(worker, code)
+
+
+async def test_auto_workers_are_counted_off_the_loop_at_start(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process.workers = "auto" at a start: the CPU quota's group, behind a
+    cgroup namespace over the host's cgroupfs, is looked for through up to
+    5000 groups' cgroup.procs (0.2-0.5 s), read off the loop that serves the
+    admin and stats sockets and the first probes meanwhile (on main: on it)."""
+    from fleet_ingress.config import settings
+    from fleet_ingress.core.cpu_quota import AutoWorkers
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers="auto")
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    on_loop: list[bool] = []
+
+    class Counted(Exception):
+        pass
+
+    def usable_cpus() -> AutoWorkers:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        raise Counted  # no worker started: what is asserted is where this ran
+
+    monkeypatch.setattr(settings, "usable_cpus", usable_cpus)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    try:
+        with pytest.raises(Counted):
+            await supervisor.start()
+    finally:
+        await supervisor.close()
+    assert on_loop == [False]
+
+
+async def test_an_exec_carrying_its_worker_count_does_not_count_auto_again(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next image of an upgrade's exec takes the serving generation's
+    count as carried: "auto" is not counted again (a walk of up to 5000
+    groups behind a cgroup namespace over the host's cgroupfs, while no
+    supervisor answers); on main it was, its answer unused."""
+    from fleet_ingress.config import settings
+    from fleet_ingress.core.cpu_quota import AutoWorkers
+
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers="auto")
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    counted: list[int] = []
+
+    def usable_cpus() -> AutoWorkers:
+        counted.append(1)
+        return AutoWorkers(3)
+
+    monkeypatch.setattr(settings, "usable_cpus", usable_cpus)
+    old = Supervisor(config, specs, tmp_path / "ingress.toml")
+    old.worker_target, old.workers_from = 2, "2 (CPUQuota 200% of 64 CPUs)"
+    carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert (new.worker_target, new.workers_from) == (2, "2 (CPUQuota 200% of 64 CPUs)")
+    assert counted == []
+    del carried["workers_from"]  # a release that did not carry it: counted
+    new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert (new.worker_target, counted) == (2, [1])
 
 
 def test_an_earlier_images_snapshot_left_by_a_lost_remove_is_not_taken_over_the_newer():

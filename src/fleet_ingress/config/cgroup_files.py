@@ -44,10 +44,11 @@ def find_directory(
     top = read(mount.point.rstrip("/") + "/cgroup.controllers")
     if top is not None and controller not in top.split():
         return None, None
-    found = locate(mount, path, os.getpid() if pid is None else pid, subdirectories, read)
+    found, too_many = locate(mount, path, os.getpid() if pid is None else pid, subdirectories, read)
     if found is not None:
         return found, None
-    return None, hidden(mount, path)
+    why = hidden(mount, path)
+    return None, why if too_many is None or why is None else f"{why}; {too_many}"
 
 
 def in_initial_cgroup_namespace() -> bool:

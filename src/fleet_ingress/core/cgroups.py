@@ -139,27 +139,32 @@ def locate(
     subdirectories: Callable[[str], list[str]],
     read: Callable[[str], str | None],
     limit: int = LOCATE_LIMIT,
-) -> str | None:
+) -> tuple[str | None, str | None]:
     """Where `path` is under a mount whose top is above its namespace's root
-    (`above_namespace`): the one directory that deep whose group `path`
-    holds process `pid` (as this process's pid namespace numbers it); None
-    when none, more than one, or more than `limit` groups to look through."""
+    (`above_namespace`): (the one directory that deep whose group `path`
+    holds process `pid` (as this process's pid namespace numbers it), None);
+    (None, None) when none or more than one does; (None, why) when more than
+    `limit` groups were to be looked through (not looked for: said so)."""
     found = above_namespace(mount, path)
     if found is None:
-        return None
+        return None, None
     up, below = found
     level = [mount.point.rstrip("/")]
-    for _ in range(up):
+    for depth in range(1, up + 1):
         level = [f"{where}/{name}" for where in level for name in subdirectories(where or "/")]
         if len(level) > limit:
-            return None
+            return None, (
+                f"not looked for by this process's pid: {len(level)} groups {depth} "
+                f"level{'s' if depth > 1 else ''} below {mount.point}, more than the "
+                f"{limit} read at most (the limit reached)"
+            )
     matches = []
     for where in level:
         candidate = "/".join([where, *below])
         procs = read(candidate + "/cgroup.procs")
         if procs is not None and str(pid) in procs.split():
             matches.append(candidate)
-    return matches[0] if len(matches) == 1 else None
+    return (matches[0] if len(matches) == 1 else None), None
 
 
 def directories_from(mount: Mount, where: str) -> list[str]:

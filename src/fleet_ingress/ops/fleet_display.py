@@ -337,16 +337,32 @@ def fd_store_short(snap: dict[str, Any]) -> str | None:
 
 def supervisor_oom_killed(snap: dict[str, Any]) -> str | None:
     """One line once the OOM killer took a supervisor of this host (carried
-    from each supervisor to the next); None before."""
+    from each supervisor to the next); None before. "possibly", as the
+    journal said it, for the deaths told by a count that takes in other
+    processes' kills (`supervisor_oom_kills_possibly`)."""
     killed = snap.get("supervisor_oom_kills") or 0
     if not killed:
         return None
+    possibly = min(snap.get("supervisor_oom_kills_possibly") or 0, killed)
     times = "once" if killed == 1 else f"{killed} times"
-    return (
-        f"the supervisor was killed by the kernel's OOM killer {times} (started again by "
-        "systemd, it took up the workers and their calls): the service's memory limit "
-        "(MemoryMax=) or the host's ran out; raise it, or carry fewer calls here"
+    took_up = "(started again by systemd, it took up the workers and their calls)"
+    fix = (
+        "the service's memory limit (MemoryMax=) or the host's ran out; raise it, or carry "
+        "fewer calls here"
     )
+    broad = (
+        "an OOM kill was counted, a second before it died, where other processes' are "
+        "counted too; `journalctl -k | grep -i 'killed process'` names the pid killed"
+    )
+    if possibly == killed:
+        return (
+            f"the supervisor died, possibly by the kernel's OOM killer, {times} {took_up}: "
+            f"{broad}; if so, {fix}"
+        )
+    line = f"the supervisor was killed by the kernel's OOM killer {times} {took_up}"
+    if possibly:
+        line += f" ({possibly} of them possibly: {broad})"
+    return f"{line}: {fix}"
 
 
 def workers_oom_killed_not_replaced(snap: dict[str, Any]) -> str | None:

@@ -400,8 +400,11 @@ class Supervisor:
         self.calls_lost_total = 0  # the calls they took with them
         # Supervisors before this one that died, taken up (the fd store): carried.
         self.supervisor_deaths = 0
-        # Of those, the ones the kernel's OOM killer took, as far as its count says.
+        # Of those, the ones the kernel's OOM killer took, as far as its count says;
+        # of these, the ones said "possibly" (a count that takes in other
+        # processes', the kernel's log unread): carried, so stat says it as the log did.
         self.supervisor_oom_kills = 0
+        self.supervisor_oom_kills_possibly = 0
         # Workers the OOM killer took, replaced or not (an upgrade's old
         # generation draining is not): carried.
         self.worker_oom_kills = 0
@@ -756,7 +759,11 @@ class Supervisor:
             for due in self.upgrade.take_carried_respawns():
                 self.schedule_respawn(max(0.0, due - now))
         else:
-            count, because = self.config.process.workers_from()
+            # "auto" off the loop, which serves the admin and stats sockets and the
+            # first probes meanwhile: behind a cgroup namespace over the host's
+            # cgroupfs the CPU quota's group is looked for through up to 5000
+            # groups' cgroup.procs (core.cgroups.locate: 0.2-0.5 s measured).
+            count, because = await asyncio.to_thread(self.config.process.workers_from)
             self.worker_target, self.workers_from = count, because
             started = [await self.spawn(self.generation) for _ in range(count)]
             await self.wait_serving(started)
@@ -2019,6 +2026,7 @@ class Supervisor:
         self._say_drain_ends(picture["workers"])
         picture["worker_restarts"] = dict(self.restarts)
         picture["supervisor_oom_kills"] = self.supervisor_oom_kills
+        picture["supervisor_oom_kills_possibly"] = self.supervisor_oom_kills_possibly
         picture["fd_store"] = self.fd_store_picture()
         picture["worker_oom_kills"] = self.worker_oom_kills
         # Where the OOM kills are counted, when that counts other processes' too.

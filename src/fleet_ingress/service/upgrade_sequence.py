@@ -253,13 +253,19 @@ class UpgradeSequence:
             )
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
         supervisor.generation = int(carried["generation"])
-        # (From a release that did not carry it: as configured now.)
-        count, because = supervisor.config.process.workers_from()
-        supervisor.worker_target = int(carried.get("worker_target") or count)
-        supervisor.workers_from = str(
-            carried.get("workers_from")
-            or (because if supervisor.worker_target == count else supervisor.worker_target)
-        )
+        # (From a release that did not carry it: as configured now. Counted
+        # only then: "auto" behind a cgroup namespace over the host's cgroupfs
+        # reads up to 5000 groups (0.2-0.5 s) while no supervisor answers.)
+        if carried.get("worker_target") and carried.get("workers_from"):
+            supervisor.worker_target = int(carried["worker_target"])
+            supervisor.workers_from = str(carried["workers_from"])
+        else:
+            count, because = supervisor.config.process.workers_from()
+            supervisor.worker_target = int(carried.get("worker_target") or count)
+            supervisor.workers_from = str(
+                carried.get("workers_from")
+                or (because if supervisor.worker_target == count else supervisor.worker_target)
+            )
         supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         if "started_monotonic" in carried:
@@ -288,6 +294,11 @@ class UpgradeSequence:
             for name, copies in dict(carried.get("fd_store_kept") or {}).items()
         }
         supervisor.supervisor_oom_kills = int(carried.get("supervisor_oom_kills", 0))
+        # (From a release that did not carry it: none. A release before session
+        # 36 said none "possibly"; one that could and did not carry it is gone.)
+        supervisor.supervisor_oom_kills_possibly = min(
+            int(carried.get("supervisor_oom_kills_possibly", 0)), supervisor.supervisor_oom_kills
+        )
         # (From a release that did not carry it: those replaced, at least.)
         supervisor.worker_oom_kills = int(
             carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
@@ -355,6 +366,7 @@ class UpgradeSequence:
             return
         broad = counter is not None and counter.broad and not logged
         supervisor.supervisor_oom_kills += 1
+        supervisor.supervisor_oom_kills_possibly += broad
         log.error(
             (
                 "the previous supervisor died, possibly by the kernel's OOM killer (an OOM "
@@ -674,6 +686,8 @@ class UpgradeSequence:
             "fd_store_unkept": sorted(notifier.unkept) if notifier is not None else [],
             "fd_store_owed": notifier.owed if notifier is not None else [],
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
+            # Of those, said "possibly" (stat and the page say so too).
+            "supervisor_oom_kills_possibly": supervisor.supervisor_oom_kills_possibly,
             "worker_oom_kills": supervisor.worker_oom_kills,
             # The descriptor limit's shortfall this image said (or its
             # predecessor): the next image says it again only if it changed.
