@@ -116,15 +116,6 @@ class Notifier:
         self.unkept.discard(name)
         self.kept[name] = [*copies, identity]
 
-    def seed(self, name: str, fd: int) -> None:
-        """What systemd handed this process from its store (`LISTEN_FDS`): kept
-        there until removed."""
-        try:
-            stat = os.fstat(fd)
-        except OSError:
-            return
-        self.kept.setdefault(name, []).append((stat.st_dev, stat.st_ino))
-
     @property
     def kept_count(self) -> int:
         return sum(len(copies) for copies in self.kept.values())
