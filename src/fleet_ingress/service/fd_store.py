@@ -139,6 +139,9 @@ class HandedBack:
     # Everything handed back, by name and (st_dev, st_ino): systemd keeps it
     # until removed, used or not (`Notifier.kept`: counted against its limit).
     kept: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    # Removes sent as it was taken up (a listener moved: `drop_moved_listeners`)
+    # that the notify socket had no room for: the supervisor's notifier owes them.
+    owed: list[str] = field(default_factory=list)
 
     def say_unused(self) -> None:
         for what in self.unused:
