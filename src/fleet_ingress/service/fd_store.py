@@ -117,7 +117,8 @@ SNAPSHOT_EVERY = 1.0
 TICKET_KEYS_NAME = "tls.tickets"
 STORED_TICKET_KEYS_BYTES = TICKET_KEYS_BYTES + 32
 # Seconds `systemctl show` has to say the unit's FileDescriptorStoreMax= (read
-# once, as the supervisor starts, where $FDSTORE does not say it).
+# in the background as the supervisor starts, where $FDSTORE does not say it,
+# and at each reload).
 STORE_MAX_READ = 3.0
 
 
