@@ -597,8 +597,17 @@ def _take_up_after_crash(
     from fleet_ingress.service.sdnotify import Notifier
 
     sockets = stored.sockets
-    moved = drop_moved_listeners(sockets, config.listen, Notifier())
-    stored.kept = [(name, kept) for name, kept in stored.kept if name not in moved]
+    notifier = Notifier()
+    moved = drop_moved_listeners(sockets, config.listen, notifier)
+    # A remove lost to a full notify socket left the moved listener's copy in the
+    # store: still counted, and sent by the supervisor's notifier before its first
+    # message (it was dropped with this one: the old address stayed bound, held
+    # by systemd, until a stop).
+    stored.owed = notifier.owed
+    notifier.close()
+    stored.kept = [
+        (name, kept) for name, kept in stored.kept if name not in moved or name in stored.owed
+    ]
     snapshot = stored.snapshot
     carried = crash_state(sockets, config.process.worker_count(), snapshot)
     log = logging.getLogger("fleet_ingress.lifecycle")
@@ -806,6 +815,7 @@ def _run(config_path: Path) -> int:
             supervisor.fd_store_kept = {}
             for name, kept in stored.kept:
                 supervisor.fd_store_kept.setdefault(name, []).append(kept)
+            supervisor.fd_store_owed = list(stored.owed)
         if after_crash:  # its workers seal tickets with the dead supervisor's keys
             supervisor.take_up_ticket_keys(stored.ticket_keys)
         if kept_because is not None:

@@ -1341,3 +1341,97 @@ def test_the_store_limit_is_asked_of_the_manager_the_unit_runs_under(
     (tmp_path / "cgroup").write_text(cgroup)
     monkeypatch.setattr(fd_store_module, "Path", lambda _: tmp_path / "cgroup")
     assert fd_store_module.read_store_max({}) == limit
+
+
+def test_a_moved_listeners_remove_lost_to_a_full_notify_socket_is_sent_by_the_supervisor(
+    tmp_path, monkeypatch
+):
+    """After a crash, a listener the configuration moved is taken out of the
+    store through a notifier of its own: its remove lost to a full notify socket
+    went with it, and systemd kept the old copy (the old address bound, held by
+    systemd with nobody accepting, until a stop; counted against the limit
+    but not by the supervisor). Now the supervisor's notifier owes it, and it
+    stays counted until sent."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.cli import _take_up_after_crash
+    from fleet_ingress.service.fd_store import HandedBack
+
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    stats = socket.create_server(("127.0.0.1", 0))
+    stat = os.fstat(stats.fileno())
+    stored = HandedBack(
+        sockets={"listen.stats": stats}, kept=[("listen.stats", (stat.st_dev, stat.st_ino))]
+    )
+    config = SimpleNamespace(
+        listen=ListenSection(wss="127.0.0.1:1", acme="", stats="127.0.0.2:1", admin_socket=""),
+        process=SimpleNamespace(worker_count=lambda: 1),
+    )
+    filler = Notifier({"NOTIFY_SOCKET": path})
+    try:
+        _fill(filler)
+        sockets, carried = _take_up_after_crash(stored, config, False)
+        assert (sockets, carried) == ({}, None) and stats.fileno() == -1
+        assert stored.kept == [("listen.stats", (stat.st_dev, stat.st_ino))]  # still there
+        assert getattr(stored, "owed", []) == ["listen.stats"]
+        _drain(receiver)
+        supervisors = Notifier({"NOTIFY_SOCKET": path})
+        supervisors.kept = {"listen.stats": [(stat.st_dev, stat.st_ino)]}
+        supervisors.owe_removes(stored.owed)
+        supervisors.notify("WATCHDOG=1")
+        got = [message for message, _ in _stored(receiver)]
+        assert got == ["FDSTOREREMOVE=1\nFDNAME=listen.stats", "WATCHDOG=1"], got
+        assert supervisors.kept_count == 0
+        supervisors.close()
+    finally:
+        filler.close()
+        receiver.close()
+
+
+def test_what_was_stored_before_the_limit_was_known_is_set_against_it(tmp_path, caplog):
+    """FileDescriptorStoreMax= read in the background (`systemctl show`) as the
+    supervisor starts: what was stored meanwhile is counted, then set against
+    the limit once known as systemd did, in the order stored (what it handed
+    back first, a remove freeing its room): past it, not kept, and said."""
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.setblocking(False)
+    pairs = [socket.socketpair() for _ in range(4)]
+    socks = [a for a, _ in pairs]
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        handed = os.fstat(socks[0].fileno())
+        notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
+        notifier.awaiting_limit = True
+        notifier.store_fd("worker.1.1", socks[1].fileno())
+        notifier.store_fd("worker.2.1", socks[2].fileno())
+        notifier.remove_fd("worker.1.1")  # room again, before the next
+        notifier.store_fd("worker.3.1", socks[3].fileno())
+        assert (notifier.kept_count, notifier.not_kept) == (3, 0)
+        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+            notifier.limit_known(2)
+        assert notifier.store_max == 2
+        assert sorted(notifier.kept) == ["listen.wss", "worker.2.1"]
+        assert (notifier.not_kept, notifier.unkept) == (1, {"worker.3.1"})
+        assert [r.name for r in caplog.records if "not kept" in r.getMessage()] == [
+            "fleet_ingress.systemd"
+        ]
+        # Known: a store past it is said as it is made; nothing is kept for later.
+        assert not notifier.awaiting_limit and notifier._stored_unknown == []
+        zero = Notifier({"NOTIFY_SOCKET": path})
+        zero.awaiting_limit = True
+        zero.store_fd("worker.1.1", socks[1].fileno())
+        zero.limit_known(0)  # the operator's choice to keep nothing: not said
+        assert (zero.store_max, zero.not_kept) == (0, 0)
+        notifier.close()
+        zero.close()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        receiver.close()

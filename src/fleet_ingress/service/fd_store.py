@@ -117,7 +117,8 @@ SNAPSHOT_EVERY = 1.0
 TICKET_KEYS_NAME = "tls.tickets"
 STORED_TICKET_KEYS_BYTES = TICKET_KEYS_BYTES + 32
 # Seconds `systemctl show` has to say the unit's FileDescriptorStoreMax= (read
-# once, as the supervisor starts, where $FDSTORE does not say it).
+# in the background as the supervisor starts, where $FDSTORE does not say it,
+# and at each reload).
 STORE_MAX_READ = 3.0
 
 
@@ -139,6 +140,9 @@ class HandedBack:
     # Everything handed back, by name and (st_dev, st_ino): systemd keeps it
     # until removed, used or not (`Notifier.kept`: counted against its limit).
     kept: list[tuple[str, tuple[int, int]]] = field(default_factory=list)
+    # Removes sent as it was taken up (a listener moved: `drop_moved_listeners`)
+    # that the notify socket had no room for: the supervisor's notifier owes them.
+    owed: list[str] = field(default_factory=list)
 
     def say_unused(self) -> None:
         for what in self.unused:

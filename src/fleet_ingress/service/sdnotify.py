@@ -44,6 +44,11 @@ class Notifier:
         # The names whose descriptor systemd would not keep and that are still
         # wanted there (stored again once it has room: `Supervisor.recheck_fd_store`).
         self.unkept: set[str] = set()
+        # True while `systemctl show` is asked for the limit (in the background,
+        # as the supervisor starts): what is stored meanwhile is counted, and set
+        # against the limit once it is known (`limit_known`).
+        self.awaiting_limit = False
+        self._stored_unknown: list[tuple[str, tuple[int, int]]] = []
         # Removes the notify socket had no room for, sent before the next message
         # (a channel's copy kept would hold it open: its worker never sees it end).
         self._owed: dict[str, None] = {}
@@ -99,31 +104,49 @@ class Notifier:
         if not self._send_fds(f"FDSTORE=1\nFDNAME={name}".encode(), [fd]) or already:
             return
         if full:
-            self.not_kept += 1
-            self.unkept.add(name)
-            log.warning(
-                "systemd's fd store is full: a descriptor was not kept, and a crash of the "
-                "supervisor now ends what it serves (a worker's calls, a listener); raise "
-                "FileDescriptorStoreMax= in the unit, `systemctl daemon-reload`, then "
-                "`systemctl reload fleet-ingress` (it stores again what was not kept)",
-                extra=fields(
-                    name=name, kept=self.kept_count, max=self.store_max, not_kept=self.not_kept
-                ),
-            )
+            self._not_kept(name)
             return
         # Stored after a remove lost: that remove would take this one too.
         self._owed.pop(name, None)
         self.unkept.discard(name)
         self.kept[name] = [*copies, identity]
+        if self.store_max is None and self.awaiting_limit:
+            self._stored_unknown.append((name, identity))
 
-    def seed(self, name: str, fd: int) -> None:
-        """What systemd handed this process from its store (`LISTEN_FDS`): kept
-        there until removed."""
-        try:
-            stat = os.fstat(fd)
-        except OSError:
+    def limit_known(self, limit: int | None) -> None:
+        """FileDescriptorStoreMax= as read (None: not known), with what was
+        stored while it was asked for set against it: systemd kept what came
+        while its store had room (what is kept now, in the order stored), and
+        closed the rest, said here as a store found full would have been."""
+        self.awaiting_limit = False
+        stored, self._stored_unknown = self._stored_unknown, []
+        if limit is None:
             return
-        self.kept.setdefault(name, []).append((stat.st_dev, stat.st_ino))
+        self.store_max = limit
+        if not limit:  # the operator's choice to keep nothing: not said
+            return
+        order = [(name, kept) for name, copies in self.kept.items() for kept in copies]
+        past = set(order[limit:])
+        for name, identity in stored:
+            if (name, identity) not in past or identity not in self.kept.get(name, []):
+                continue
+            self.kept[name].remove(identity)
+            if not self.kept[name]:
+                del self.kept[name]
+            self._not_kept(name)
+
+    def _not_kept(self, name: str) -> None:
+        self.not_kept += 1
+        self.unkept.add(name)
+        log.warning(
+            "systemd's fd store is full: a descriptor was not kept, and a crash of the "
+            "supervisor now ends what it serves (a worker's calls, a listener); raise "
+            "FileDescriptorStoreMax= in the unit, `systemctl daemon-reload`, then "
+            "`systemctl reload fleet-ingress` (it stores again what was not kept)",
+            extra=fields(
+                name=name, kept=self.kept_count, max=self.store_max, not_kept=self.not_kept
+            ),
+        )
 
     @property
     def kept_count(self) -> int:

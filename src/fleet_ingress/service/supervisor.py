@@ -576,6 +576,8 @@ class Supervisor:
                 "systemd's fd store: the unit's FileDescriptorStoreMax= read again",
                 extra=fields(was=notifier.store_max, now=limit),
             )
+            if notifier.store_max is None:  # the start's read still under way
+                notifier.limit_known(limit)
             notifier.store_max = limit
         if not notifier.unkept:
             return
@@ -2543,15 +2545,19 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
 
     supervisor.notifier = notifier
     supervisor.take_up_fd_store(notifier)
-    if notifier.enabled and notifier.store_max is None:
-        # Before anything is stored: systemd says nothing of what it cannot keep.
-        notifier.store_max = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade_signal)
     for sig in IGNORED_SIGNALS:
         loop.add_signal_handler(sig, say_signal_ignored, sig)
+    limit_read: asyncio.Task[None] | None = None
+    if notifier.enabled and notifier.store_max is None:
+        # Asked in the background: a hung D-Bus held the start up to STORE_MAX_READ
+        # (signals unhandled, after a crash the workers' slot requests unanswered).
+        # What is stored meanwhile is set against the limit once known.
+        notifier.awaiting_limit = True
+        limit_read = loop.create_task(_read_store_limit(notifier))
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
     await _threads_without_held_signals(loop)
@@ -2579,6 +2585,8 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
                 await supervisor.wait_workers(STOP_GRACE)
         finally:
             watchdog.cancel()
+            if limit_read is not None:
+                limit_read.cancel()
         # Its workers are gone: the next start (Restart=) reads the files, but
         # keeps the certificate served over one a reload would refuse.
         supervisor.snapshots = None
@@ -2626,7 +2634,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         loop.create_task(trim_heap()),
     ]
     await stop.wait()
-    for task in [*background, ready_line]:
+    for task in [*background, ready_line, *([limit_read] if limit_read else [])]:
         task.cancel()
     supervisor.snapshots = None  # a stop: nothing to take up but the certificate served
     _keep_certificate_for_next_start(supervisor, snapshots)
@@ -2639,6 +2647,18 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     log.info("stopped")
     notifier.close()
     return 0
+
+
+async def _read_store_limit(notifier: Notifier) -> None:
+    """The unit's FileDescriptorStoreMax= (`read_store_max`), as the supervisor
+    starts, where $FDSTORE does not say it; a reload's read (`recheck_fd_store`)
+    that came first stands."""
+    try:
+        limit = await asyncio.to_thread(read_store_max, timeout=STORE_MAX_READ)
+    except Exception:
+        log.exception("reading the unit's FileDescriptorStoreMax= failed")
+        limit = None
+    notifier.limit_known(limit if notifier.store_max is None else None)
 
 
 async def _log_ready(supervisor: Supervisor) -> None:
