@@ -10,9 +10,11 @@ the alert a refused client gets), reads, flow control, close.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import ctypes
 import errno
+import fcntl
 import gc
 import hashlib
 import itertools
@@ -23,6 +25,7 @@ import socket
 import ssl
 import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -2120,3 +2123,59 @@ async def test_a_connection_paused_when_its_reset_came_is_read_on_at_the_resume(
     peer.conn.resume_reading()
     await eventually(lambda: peer.lost, timeout=2)
     assert bytes(peer.data) == b"x" * 300
+
+
+async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_its_renegotiation_through_is_let_go(  # noqa: E501
+    tls_files: TLSFiles,
+) -> None:
+    """Closing while a write waits for the fleet's renegotiation: the close
+    reads on (`_read_through_handshake`, what comes dropped), MAX_READS_PER_WAKE
+    records a read event. The fleet sends twenty records and resets together:
+    on uvloop (its poll stopped by the error event, the reader called once)
+    sixteen were read, the rest and the reset never, and the close was held
+    until the renegotiation's timeout or CLOSE_TIMEOUT. asyncio polls on."""
+
+    go, reset = threading.Event(), threading.Event()
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        while not tls.recv(65536):
+            pass  # "first"
+        LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+        tls.do_handshake()  # the HelloRequest; the ClientHello is never read
+        tls.sendall(b"f")
+        assert go.wait(5)
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for _ in range(tls_socket.MAX_READS_PER_WAKE + 4):
+            tls.sendall(b"x" * 50)  # a TLS record each
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        unacked = array.array("i", [1])
+        deadline = time.monotonic() + 5
+        while unacked[0] and time.monotonic() < deadline:  # all there before the reset
+            fcntl.ioctl(tls.fileno(), termios.TIOCOUTQ, unacked)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()  # the reset, right behind them
+        reset.set()
+
+    fleet = _FleetThread(tls_files, serve, small_window=False)
+    try:
+        conn = await fleet.connect(tls_files, timeout=8)  # the renegotiation's timeout
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: b"f" in handler.data)  # read after the HelloRequest
+        conn.write(b"last")
+        assert conn._held  # waits for the renegotiation
+        conn.close()
+        await asyncio.sleep(0.05)  # the hold's own read (on the next turn) done
+        started = time.monotonic()
+        go.set()
+        # The loop held until the reset is in: the records and it make one event.
+        assert reset.wait(5)
+        deadline = time.monotonic() + 5
+        while tls_socket._tcp_established(conn.ssl_socket) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        await eventually(lambda: handler.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
+        assert time.monotonic() - started < 2
+        await fleet.ended()
+    finally:
+        fleet.close()

@@ -946,6 +946,15 @@ class TLSConnection:
             except OSError:
                 self._finish(None)
                 return
+        else:
+            # The bound, more maybe to read: as the close's drain does
+            # (`_drain_after_close_notify`), read on if TCP says the peer has
+            # ended. On uvloop no read event comes after the error event:
+            # twenty records and a reset held the close until the
+            # renegotiation's timeout (session 36). As a read event would: the
+            # handshake done meanwhile, the close_notify's drain reads it.
+            if not _tcp_established(self._sock):
+                self._loop.call_soon(self._on_readable)
         self._release()
         if self._held and self._state is _CLOSING:
             self._sync_io()
