@@ -2173,7 +2173,7 @@ async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_it
         assert reset.wait(5)
         deadline = time.monotonic() + 5
         while tls_socket._tcp_established(conn.ssl_socket) and time.monotonic() < deadline:
-            time.sleep(0.001)
+            time.sleep(0.001)  # noqa: ASYNC251 (the loop held on purpose)
         await eventually(lambda: handler.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
         assert time.monotonic() - started < 2
         await fleet.ended()
