@@ -36,6 +36,7 @@ import pytest
 import uvloop
 
 from fleet_ingress.net import tls_socket
+from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.tls import server_ssl_context
 from fleet_ingress.net.tls_socket import (
     Acceptor,
@@ -2179,3 +2180,47 @@ async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_it
         await fleet.ended()
     finally:
         fleet.close()
+
+
+async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A carrier being set up is metered (its CPU paces the accepts,
+    core/accept_pacing.py): a flood's connections that send their head as many
+    small records and reset cost it each read. On uvloop the read event's
+    read takes one record and the reads on to the reset (`_read_ended`) ran
+    outside the meter: all but the first record's CPU went uncounted, where
+    asyncio's read events counted each."""
+
+    class Watched(CpuMeter):
+        __slots__ = ("inside",)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside = False
+
+        def run(self, work: Callable[..., Any], *args: object) -> Any:
+            self.inside = True
+            try:
+                return super().run(work, *args)
+            finally:
+                self.inside = False
+
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    meter = Watched()
+    peer.conn.meter(meter)  # being set up: not linked
+    unmetered: list[int] = []
+    peer.on_data = lambda h: None if meter.inside else unmetered.append(len(h.data))
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(20):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: peer.lost, timeout=2)
+    assert bytes(peer.data) == b"x" * 1000
+    assert unmetered == []

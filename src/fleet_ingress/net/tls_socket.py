@@ -856,7 +856,10 @@ class TLSConnection:
         if not self._reading_wanted():
             self._read_on_at_resume = self._paused
             return
-        self._on_readable()
+        # Metered as the read event it stands for: a carrier being set up
+        # that sends its head as many records and resets had all but the
+        # first read outside the meter, its CPU not pacing the accepts.
+        self._metered(self._on_readable)
         if self._reading_wanted():
             if turns > 1:
                 self._loop.call_soon(self._read_ended, turns - 1)
