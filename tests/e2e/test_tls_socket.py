@@ -2182,6 +2182,23 @@ async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_it
         fleet.close()
 
 
+class _WatchedMeter(CpuMeter):
+    """A meter that says whether it is counting now."""
+
+    __slots__ = ("inside",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = False
+
+    def run(self, work: Callable[..., Any], *args: object) -> Any:
+        self.inside = True
+        try:
+            return super().run(work, *args)
+        finally:
+            self.inside = False
+
+
 async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
     tls_files: TLSFiles, server: Callable[..., Server]
 ) -> None:
@@ -2192,25 +2209,11 @@ async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
     outside the meter: all but the first record's CPU went uncounted, where
     asyncio's read events counted each."""
 
-    class Watched(CpuMeter):
-        __slots__ = ("inside",)
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.inside = False
-
-        def run(self, work: Callable[..., Any], *args: object) -> Any:
-            self.inside = True
-            try:
-                return super().run(work, *args)
-            finally:
-                self.inside = False
-
     srv = server()
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.handlers) == 1)
     peer = srv.handlers[0]
-    meter = Watched()
+    meter = _WatchedMeter()
     peer.conn.meter(meter)  # being set up: not linked
     unmetered: list[int] = []
     peer.on_data = lambda h: None if meter.inside else unmetered.append(len(h.data))
@@ -2224,3 +2227,38 @@ async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
     await eventually(lambda: peer.lost, timeout=2)
     assert bytes(peer.data) == b"x" * 1000
     assert unmetered == []
+
+
+async def test_the_close_notify_drains_reads_on_to_a_reset_are_metered(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A carrier refused while being set up (its answer sent, close_notify
+    awaited) is metered to its close: what it sends meanwhile is read and
+    dropped, MAX_READS_PER_WAKE records a read event, and at the bound with
+    TCP ended read on a loop turn later (0a23a98). Those reads on ran outside
+    the meter: forty records and a reset, all but the first sixteen
+    uncounted."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    meter = _WatchedMeter()
+    peer.conn.meter(meter)
+    drains: list[bool] = []
+    drain = TLSConnection._drain_after_close_notify
+
+    def watched(self: TLSConnection) -> None:
+        drains.append(meter.inside)
+        drain(self)
+
+    monkeypatch.setattr(TLSConnection, "_drain_after_close_notify", watched)
+    peer.conn.close()  # close_notify sent; its answer awaited
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(2 * tls_socket.MAX_READS_PER_WAKE + 8):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: peer.lost, timeout=2)
+    assert len(drains) >= 3 and all(drains), drains

@@ -925,8 +925,10 @@ class TLSConnection:
             # peer's records and its reset together), no read event tells it:
             # twenty records and a reset held the close until CLOSE_TIMEOUT
             # (10 s; session 36). Read on if TCP says the peer has ended.
+            # Metered as the read event it stands for (a carrier refused while
+            # set up is a flood's cost to its close).
             if not _tcp_established(self._sock):
-                self._loop.call_soon(self._drain_after_close_notify)
+                self._loop.call_soon(self._metered, self._drain_after_close_notify)
             return
         self._finish(None)
 
@@ -957,7 +959,7 @@ class TLSConnection:
             # renegotiation's timeout (session 36). As a read event would: the
             # handshake done meanwhile, the close_notify's drain reads it.
             if not _tcp_established(self._sock):
-                self._loop.call_soon(self._on_readable)
+                self._loop.call_soon(self._metered, self._on_readable)
         self._release()
         if self._held and self._state is _CLOSING:
             self._sync_io()
