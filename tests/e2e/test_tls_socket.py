@@ -10,9 +10,11 @@ the alert a refused client gets), reads, flow control, close.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import ctypes
 import errno
+import fcntl
 import gc
 import hashlib
 import itertools
@@ -23,6 +25,7 @@ import socket
 import ssl
 import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +36,7 @@ import pytest
 import uvloop
 
 from fleet_ingress.net import tls_socket
+from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.tls import server_ssl_context
 from fleet_ingress.net.tls_socket import (
     Acceptor,
@@ -2120,3 +2124,141 @@ async def test_a_connection_paused_when_its_reset_came_is_read_on_at_the_resume(
     peer.conn.resume_reading()
     await eventually(lambda: peer.lost, timeout=2)
     assert bytes(peer.data) == b"x" * 300
+
+
+async def test_a_fleet_that_sends_many_records_and_resets_while_a_close_reads_its_renegotiation_through_is_let_go(  # noqa: E501
+    tls_files: TLSFiles,
+) -> None:
+    """Closing while a write waits for the fleet's renegotiation: the close
+    reads on (`_read_through_handshake`, what comes dropped), MAX_READS_PER_WAKE
+    records a read event. The fleet sends twenty records and resets together:
+    on uvloop (its poll stopped by the error event, the reader called once)
+    sixteen were read, the rest and the reset never, and the close was held
+    until the renegotiation's timeout or CLOSE_TIMEOUT. asyncio polls on."""
+
+    go, reset = threading.Event(), threading.Event()
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        while not tls.recv(65536):
+            pass  # "first"
+        LIBSSL.SSL_renegotiate(ssl_pointer(tls))
+        tls.do_handshake()  # the HelloRequest; the ClientHello is never read
+        tls.sendall(b"f")
+        assert go.wait(5)
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        for _ in range(tls_socket.MAX_READS_PER_WAKE + 4):
+            tls.sendall(b"x" * 50)  # a TLS record each
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        unacked = array.array("i", [1])
+        deadline = time.monotonic() + 5
+        while unacked[0] and time.monotonic() < deadline:  # all there before the reset
+            fcntl.ioctl(tls.fileno(), termios.TIOCOUTQ, unacked)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        tls.close()  # the reset, right behind them
+        reset.set()
+
+    fleet = _FleetThread(tls_files, serve, small_window=False)
+    try:
+        conn = await fleet.connect(tls_files, timeout=8)  # the renegotiation's timeout
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"first")
+        await eventually(lambda: b"f" in handler.data)  # read after the HelloRequest
+        conn.write(b"last")
+        assert conn._held  # waits for the renegotiation
+        conn.close()
+        await asyncio.sleep(0.05)  # the hold's own read (on the next turn) done
+        started = time.monotonic()
+        go.set()
+        # The loop held until the reset is in: the records and it make one event.
+        assert reset.wait(5)
+        deadline = time.monotonic() + 5
+        while tls_socket._tcp_established(conn.ssl_socket) and time.monotonic() < deadline:
+            time.sleep(0.001)  # noqa: ASYNC251 (the loop held on purpose)
+        await eventually(lambda: handler.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
+        assert time.monotonic() - started < 2
+        await fleet.ended()
+    finally:
+        fleet.close()
+
+
+class _WatchedMeter(CpuMeter):
+    """A meter that says whether it is counting now."""
+
+    __slots__ = ("inside",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = False
+
+    def run(self, work: Callable[..., Any], *args: object) -> Any:
+        self.inside = True
+        try:
+            return super().run(work, *args)
+        finally:
+            self.inside = False
+
+
+async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
+    tls_files: TLSFiles, server: Callable[..., Server]
+) -> None:
+    """A carrier being set up is metered (its CPU paces the accepts,
+    core/accept_pacing.py): a flood's connections that send their head as many
+    small records and reset cost it each read. On uvloop the read event's
+    read takes one record and the reads on to the reset (`_read_ended`) ran
+    outside the meter: all but the first record's CPU went uncounted, where
+    asyncio's read events counted each."""
+
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    meter = _WatchedMeter()
+    peer.conn.meter(meter)  # being set up: not linked
+    unmetered: list[int] = []
+    peer.on_data = lambda h: None if meter.inside else unmetered.append(len(h.data))
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(20):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: peer.lost, timeout=2)
+    assert bytes(peer.data) == b"x" * 1000
+    assert unmetered == []
+
+
+async def test_the_close_notify_drains_reads_on_to_a_reset_are_metered(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A carrier refused while being set up (its answer sent, close_notify
+    awaited) is metered to its close: what it sends meanwhile is read and
+    dropped, MAX_READS_PER_WAKE records a read event, and at the bound with
+    TCP ended read on a loop turn later (0a23a98). Those reads on ran outside
+    the meter: forty records and a reset, all but the first sixteen
+    uncounted."""
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    meter = _WatchedMeter()
+    peer.conn.meter(meter)
+    drains: list[bool] = []
+    drain = TLSConnection._drain_after_close_notify
+
+    def watched(self: TLSConnection) -> None:
+        drains.append(meter.inside)
+        drain(self)
+
+    monkeypatch.setattr(TLSConnection, "_drain_after_close_notify", watched)
+    peer.conn.close()  # close_notify sent; its answer awaited
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(2 * tls_socket.MAX_READS_PER_WAKE + 8):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()  # the reset, right behind them
+    await eventually(lambda: peer.lost, timeout=2)
+    assert len(drains) >= 3 and all(drains), drains

@@ -856,7 +856,10 @@ class TLSConnection:
         if not self._reading_wanted():
             self._read_on_at_resume = self._paused
             return
-        self._on_readable()
+        # Metered as the read event it stands for: a carrier being set up
+        # that sends its head as many records and resets had all but the
+        # first read outside the meter, its CPU not pacing the accepts.
+        self._metered(self._on_readable)
         if self._reading_wanted():
             if turns > 1:
                 self._loop.call_soon(self._read_ended, turns - 1)
@@ -922,8 +925,10 @@ class TLSConnection:
             # peer's records and its reset together), no read event tells it:
             # twenty records and a reset held the close until CLOSE_TIMEOUT
             # (10 s; session 36). Read on if TCP says the peer has ended.
+            # Metered as the read event it stands for (a carrier refused while
+            # set up is a flood's cost to its close).
             if not _tcp_established(self._sock):
-                self._loop.call_soon(self._drain_after_close_notify)
+                self._loop.call_soon(self._metered, self._drain_after_close_notify)
             return
         self._finish(None)
 
@@ -946,6 +951,15 @@ class TLSConnection:
             except OSError:
                 self._finish(None)
                 return
+        else:
+            # The bound, more maybe to read: as the close's drain does
+            # (`_drain_after_close_notify`), read on if TCP says the peer has
+            # ended. On uvloop no read event comes after the error event:
+            # twenty records and a reset held the close until the
+            # renegotiation's timeout (session 36). As a read event would: the
+            # handshake done meanwhile, the close_notify's drain reads it.
+            if not _tcp_established(self._sock):
+                self._loop.call_soon(self._metered, self._on_readable)
         self._release()
         if self._held and self._state is _CLOSING:
             self._sync_io()
