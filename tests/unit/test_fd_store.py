@@ -1408,16 +1408,16 @@ def test_what_was_stored_before_the_limit_was_known_is_set_against_it(tmp_path, 
         handed = os.fstat(socks[0].fileno())
         notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
         notifier.awaiting_limit = True
-        notifier.store_fd("worker.1.1", socks[1].fileno())
-        notifier.store_fd("worker.2.1", socks[2].fileno())
+        notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2
+        notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: refused as it came
         notifier.remove_fd("worker.1.1")  # room again, before the next
-        notifier.store_fd("worker.3.1", socks[3].fileno())
+        notifier.store_fd("worker.3.1", socks[3].fileno())  # 2 of 2: kept
         assert (notifier.kept_count, notifier.not_kept) == (3, 0)
         with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
             notifier.limit_known(2)
         assert notifier.store_max == 2
-        assert sorted(notifier.kept) == ["listen.wss", "worker.2.1"]
-        assert (notifier.not_kept, notifier.unkept) == (1, {"worker.3.1"})
+        assert sorted(notifier.kept) == ["listen.wss", "worker.3.1"]
+        assert (notifier.not_kept, notifier.unkept) == (1, {"worker.2.1"})
         assert [r.name for r in caplog.records if "not kept" in r.getMessage()] == [
             "fleet_ingress.systemd"
         ]
@@ -1430,6 +1430,40 @@ def test_what_was_stored_before_the_limit_was_known_is_set_against_it(tmp_path, 
         assert (zero.store_max, zero.not_kept) == (0, 0)
         notifier.close()
         zero.close()
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        receiver.close()
+
+
+def test_a_store_refused_before_the_limit_was_known_stays_refused_after_a_remove(tmp_path, caplog):
+    """systemd refuses a store past FileDescriptorStoreMax= as it comes: a
+    remove sent after it (a worker gone) frees room for the next store, not for
+    the one already closed. Set against the limit by where it stood once the
+    limit was known, that store was counted as kept: the count past what
+    systemd held, nothing said, and it never stored again at a reload."""
+    path = str(tmp_path / "notify.sock")
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(path)
+    receiver.setblocking(False)
+    pairs = [socket.socketpair() for _ in range(3)]
+    socks = [a for a, _ in pairs]
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        handed = os.fstat(socks[0].fileno())
+        notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
+        notifier.awaiting_limit = True
+        notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2: kept
+        notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: closed by systemd
+        notifier.remove_fd("worker.1.1")  # after it: room for the next, not for it
+        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+            notifier.limit_known(2)
+        assert sorted(notifier.kept) == ["listen.wss"]
+        assert (notifier.kept_count, notifier.not_kept) == (1, 1)
+        assert notifier.unkept == {"worker.2.1"}  # stored again at the next reload
+        assert [r for r in caplog.records if "not kept" in r.getMessage()]
+        notifier.close()
     finally:
         for a, b in pairs:
             a.close()

@@ -48,7 +48,12 @@ class Notifier:
         # as the supervisor starts): what is stored meanwhile is counted, and set
         # against the limit once it is known (`limit_known`).
         self.awaiting_limit = False
-        self._stored_unknown: list[tuple[str, tuple[int, int]]] = []
+        # Meanwhile, in the order sent: what was kept when the first came, then
+        # each store (name, identity) and each remove (name, None): replayed
+        # against the limit as systemd took them (a remove after a store it
+        # refused does not make that store kept).
+        self._kept_before: list[tuple[str, tuple[int, int]]] | None = None
+        self._stored_unknown: list[tuple[str, tuple[int, int] | None]] = []
         # Removes the notify socket had no room for, sent before the next message
         # (a channel's copy kept would hold it open: its worker never sees it end).
         self._owed: dict[str, None] = {}
@@ -110,25 +115,46 @@ class Notifier:
         self._owed.pop(name, None)
         self.unkept.discard(name)
         self.kept[name] = [*copies, identity]
-        if self.store_max is None and self.awaiting_limit:
-            self._stored_unknown.append((name, identity))
+        self._meanwhile(name, identity)
+
+    def _meanwhile(self, name: str, identity: tuple[int, int] | None) -> None:
+        """A store (identity) or remove (None) sent while the limit is asked for."""
+        if self.store_max is not None or not self.awaiting_limit:
+            return
+        if self._kept_before is None:
+            self._kept_before = [(n, kept) for n, copies in self.kept.items() for kept in copies]
+            if identity is not None:  # this store is already counted in
+                self._kept_before.remove((name, identity))
+        self._stored_unknown.append((name, identity))
 
     def limit_known(self, limit: int | None) -> None:
         """FileDescriptorStoreMax= as read (None: not known), with what was
-        stored while it was asked for set against it: systemd kept what came
-        while its store had room (what is kept now, in the order stored), and
-        closed the rest, said here as a store found full would have been."""
+        stored while it was asked for set against it: systemd's stores and
+        removes replayed in the order sent (a store kept while its store had
+        room), and what it closed dropped from the count, said as a store
+        found full would have been."""
         self.awaiting_limit = False
-        stored, self._stored_unknown = self._stored_unknown, []
+        events, self._stored_unknown = self._stored_unknown, []
+        before, self._kept_before = self._kept_before or [], None
         if limit is None:
             return
         self.store_max = limit
         if not limit:  # the operator's choice to keep nothing: not said
             return
-        order = [(name, kept) for name, copies in self.kept.items() for kept in copies]
-        past = set(order[limit:])
-        for name, identity in stored:
-            if (name, identity) not in past or identity not in self.kept.get(name, []):
+        held = list(before)
+        refused: list[tuple[str, tuple[int, int]]] = []
+        for name, identity in events:
+            if identity is None:
+                held = [(n, kept) for n, kept in held if n != name]
+                refused = [(n, kept) for n, kept in refused if n != name]
+            elif any(identity == kept for _, kept in held):
+                continue
+            elif len(held) >= limit:
+                refused.append((name, identity))
+            else:
+                held.append((name, identity))
+        for name, identity in refused:
+            if identity not in self.kept.get(name, []):
                 continue
             self.kept[name].remove(identity)
             if not self.kept[name]:
@@ -162,6 +188,7 @@ class Notifier:
         self.unkept.discard(name)  # no longer wanted there
         if self._send_fds(f"FDSTOREREMOVE=1\nFDNAME={name}".encode(), []):
             self.kept.pop(name, None)
+            self._meanwhile(name, None)
         else:
             self._owed[name] = None
 
@@ -188,6 +215,7 @@ class Notifier:
                 pass  # said when it was lost
             del self._owed[name]
             self.kept.pop(name, None)
+            self._meanwhile(name, None)
 
     def _send_fds(self, message: bytes, fds: list[int]) -> bool:
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []

@@ -160,6 +160,7 @@ class Upgradable(Protocol):
     calls_lost_total: int
     supervisor_deaths: int
     supervisor_oom_kills: int
+    supervisor_oom_kills_possibly: int
     worker_oom_kills: int
     oom_counter: OomCounter | None
     oom_kills: OomKills
