@@ -313,10 +313,14 @@ async def test_reload_exits_1_when_a_worker_did_not_reload_or_it_failed(tmp_path
     assert codes == [1, 1, 0]
 
 
-async def test_reload_asks_another_way_only_when_nothing_was_sent(tmp_path: Path) -> None:
+async def test_reload_asks_another_way_only_when_nothing_was_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The SIGHUP fallback is for a socket nothing listens on; a request that
     reached the ingress and lost its answer is never asked again (a second
-    reload), its outcome left to `stat` (exit 2)."""
+    reload), its outcome left to `stat` (exit 2). An upgrade's exec cuts a
+    reload still waiting (WEB_QUIESCE): it is said that the new image runs it,
+    not "run the command again if it was not", `stat` showing no reload yet."""
     from fleet_ingress.ops.admin_client import run_reload
 
     asked: list[str] = []
@@ -336,10 +340,14 @@ async def test_reload_asks_another_way_only_when_nothing_was_sent(tmp_path: Path
     path = tmp_path / "admin.sock"
     server = await asyncio.start_unix_server(read_then_hang_up, str(path))
     try:
+        capsys.readouterr()
         assert await asyncio.to_thread(run_reload, path, not_reached=fallback) == 2
     finally:
         server.close()
     assert asked == ["sighup"]  # not asked a second time
+    said = capsys.readouterr().err
+    assert "an upgrade re-executed it (a reload asked before the exec is run by the new " in said
+    assert "run the command again" not in said, said
 
 
 def test_the_ipv6_wildcard_however_written_takes_ipv4_carriers_too():

@@ -153,6 +153,34 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
         await service.finish()
 
 
+async def test_a_file_edit_the_environment_hides_is_said_after_an_upgrade(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """The file's queue = 3 edited to 5 under FLEET_INGRESS_TIMEOUTS__QUEUE=7,
+    then an upgrade: the new image told edits against the file as it read it
+    at its own start (queue = 5), and every reload after said nothing of the
+    edit, never served. The file as the service first read it goes over the
+    exec: the reload after the upgrade says the edit, as before it."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    )
+    try:
+        config = service.home / "ingress.toml"
+        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
+        assert "\nqueue = 5\n" in edited
+        config.write_text(edited)
+        code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 60)
+        assert code == 0, said
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and "timeouts.queue: the file's edit (3 -> 5) is not applied" in said, said
+        assert (await service.stats())["last_reload"]["edits_hidden"], said
+    finally:
+        await service.finish()
+
+
 async def _check(config: Path, env: dict[str, str]) -> tuple[int, str]:
     """`fleet-ingress check -c config` with `env` as its only FLEET_INGRESS_ variables."""
     own = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLEET_INGRESS_")}

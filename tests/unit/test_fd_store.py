@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 
 from fleet_ingress.config.fleets_file import load_fleets_file
-from fleet_ingress.config.settings import ListenSection, load_config
+from fleet_ingress.config.settings import (
+    ListenSection,
+    edits_hidden,
+    file_settings,
+    load_config,
+    settings_of_text,
+)
 from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem, new_ticket_keys, read_pem
@@ -584,6 +590,41 @@ async def test_a_snapshot_written_before_the_workers_are_taken_up_still_knows_th
     by_pid = {w["pid"]: w for w in again["workers"]}
     assert by_pid[20]["retire_by"] == 60.0 and by_pid[20]["held"] == ["c"]
     assert by_pid[os.getpid()]["channel_lost"] and by_pid[os.getpid()]["held"] == ["c"]
+    a.close()
+    b.close()
+
+
+async def test_a_supervisor_started_after_a_crash_tells_hidden_edits_against_the_first_read(
+    tls_files: TLSFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file as the service first read it is in the crash snapshot: the
+    supervisor started after a crash tells a reload's hidden edits against it,
+    not against the file as it reads it at its own start (queue = 5, edited
+    before the crash under FLEET_INGRESS_TIMEOUTS__QUEUE: never said again)."""
+    await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
+    path = tmp_path / "ingress.toml"
+    config = load_config(path)
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__QUEUE", "7")
+    old = Supervisor(config, specs, path)
+    old.file_read_text = path.read_text()  # as its start read it (queue = 3)
+    assert "\nqueue = 3\n" in old.file_read_text
+    path.write_text(old.file_read_text.replace("\nqueue = 3\n", "\nqueue = 5\n"))
+    a, b = socket.socketpair()
+    written = json.loads(state_to_json({"sequence": 4, **old.upgrade.crash_snapshot()}))
+    carried = crash_state({"worker.20.1": a}, worker_target=1, snapshot=written)
+    assert carried is not None
+    new = Supervisor(config, specs, path, carried=carried)
+    assert new.file_read_carried and new.file_read_text == old.file_read_text
+    hidden = edits_hidden(settings_of_text(new.file_read_text), file_settings(path))
+    assert [h.split(" is not applied")[0] for h in hidden] == [
+        "timeouts.queue: the file's edit (3 -> 5)"
+    ], hidden
+    # A release that did not carry it: the file as read at this start.
+    del written["file_read_text"]
+    carried = crash_state({"worker.20.1": a}, worker_target=1, snapshot=written)
+    assert carried is not None
+    assert not Supervisor(config, specs, path, carried=carried).file_read_carried
     a.close()
     b.close()
 

@@ -784,16 +784,31 @@ def _variables_in_two_cases() -> list[str]:
     ]
 
 
+def file_text(path: Path | None) -> str | None:
+    """The file's text (`read_config_text`); None when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return read_config_text(path)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def settings_of_text(text: str | None) -> dict[str, Any]:
+    """`file_settings` of a file's text as `file_text` read it."""
+    if text is None:
+        return {}
+    try:
+        loaded = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return {}
+    return {name.lower(): value for name, value in loaded.items()}
+
+
 def file_settings(path: Path | None) -> dict[str, Any]:
     """The file's tables as TOML reads them, sections lower-cased as `run`
     reads them; {} when it cannot be read (`load_config` says why)."""
-    if path is None:
-        return {}
-    try:
-        loaded = tomllib.loads(read_config_text(path))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-    return {name.lower(): value for name, value in loaded.items()}
+    return settings_of_text(file_text(path))
 
 
 def _environment_settings() -> list[tuple[str, list[str], Any]]:
@@ -863,7 +878,8 @@ def environment_values(path: Path | None) -> list[str]:
 
 def edits_hidden(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """Each key whose value in the file changed from `before` to `after`
-    (`file_settings` of the file as the service read it at its start, and
+    (`file_settings` of the file as the service first read it, its start
+    before any upgrade or crash since (`Supervisor.file_read_text`), and
     as a reload reads it now) while a variable of this process's environment
     sets it: the edit is not applied, and a reload said nothing of it (an
     operator edited fleets.maxconn, reloaded, and FLEET_INGRESS_FLEETS__MAXCONN

@@ -56,6 +56,11 @@ class AdminNotReached(AdminUnreachable):
     """Nothing was sent: the socket is not there, or nothing accepts on it."""
 
 
+class AdminCut(AdminUnreachable):
+    """A change was asked and the connection closed before its answer: the
+    ingress stopped, or an upgrade re-executed it meanwhile."""
+
+
 async def admin_request(
     socket_path: Path, method: str, path: str, payload: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
@@ -101,7 +106,7 @@ async def admin_request(
                 "`calls` listing unread for 10 s is cut). Nothing was changed: run it again"
             ) from None
         # After the request was sent: what it did, if anything, is not known here.
-        raise AdminUnreachable(
+        raise AdminCut(
             f"the ingress closed the admin connection before answering {method} {path}: "
             "it stopped, or an upgrade re-executed it while the request ran (a request "
             "still running after 10 s is cut then). Whether the change was made: "
@@ -316,6 +321,21 @@ def run_reload(
         if not_reached is not None and (code := not_reached()) is not None:
             return code
         print(f"fleet-ingress: {exc}", file=sys.stderr)
+        return 2
+    except AdminCut:
+        # An upgrade's exec cuts a reload still waiting after WEB_QUIESCE (10 s):
+        # the reload goes over the exec (`reload_pending`) and the new image runs
+        # it. "Run the command again if it was not" sent the operator to a `stat`
+        # that, before the new image's round, shows no reload at all. Exit 2:
+        # the outcome is not known here (0 would tell certbot's hook a certificate
+        # the new image may refuse was applied; 1 that it was refused).
+        print(
+            "fleet-ingress: the ingress closed the admin connection before answering the "
+            "reload: an upgrade re-executed it (a reload asked before the exec is run by the "
+            "new image: `fleet-ingress stat` shows its outcome as the last reload once it "
+            "ran), or it stopped (`systemctl status fleet-ingress`)",
+            file=sys.stderr,
+        )
         return 2
     except AdminUnreachable as exc:  # asked, the outcome not known: never asked again
         print(f"fleet-ingress: {exc}", file=sys.stderr)

@@ -67,6 +67,8 @@ from fleet_ingress.config.settings import (
     edits_hidden,
     environment_values,
     file_settings,
+    file_text,
+    settings_of_text,
     unread_variables_said_by_run,
 )
 from fleet_ingress.core.addresses import parse_hostport
@@ -381,7 +383,14 @@ class Supervisor:
         # `_pending_notes` says a change still pending (told against the last
         # reload, a second reload said "nothing changed" and `stat` dropped
         # its EDITS NOT APPLIED line, the edit still not served).
+        # Its text is carried over an exec and in the crash snapshot (None
+        # where the file could not be read): the new image tells edits against
+        # the file as the service first read it, not as it read it at its own
+        # start (an edit hidden before an upgrade or a crash was never said
+        # again). From a release that did not carry it: read at this start.
         self.file_read: dict[str, Any] = {}
+        self.file_read_text: str | None = None
+        self.file_read_carried = False  # by the image before (`UpgradeSequence`)
         self.edits_hidden: list[str] = []  # by the last reload applied
         # SIGHUPs not acted on yet (run_supervisor's reloader takes them), and
         # one under way: either goes over an exec as a reload the new image does.
@@ -668,7 +677,9 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.file_read = await asyncio.to_thread(file_settings, self.config_path)
+        if not self.file_read_carried:
+            self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
+        self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
         if not self._ticket_keys_stored:  # before any worker is handed them
             self._store_ticket_keys()
             self._ticket_keys_stored = True

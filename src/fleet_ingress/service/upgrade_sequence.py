@@ -151,6 +151,8 @@ class Upgradable(Protocol):
     workers: dict[int, WorkerProcess]
     reloads: Counter[str]
     last_reload: dict[str, Any] | None  # its outcome (`reload_outcome`), None before any
+    file_read_text: str | None  # the configuration file as the service first read it
+    file_read_carried: bool
     reloading: bool
     reloads_asked: asyncio.Queue[ReloadAsked]
     serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
@@ -333,6 +335,11 @@ class UpgradeSequence:
         self.web.carry_counts(carried.get("operator_connections"))
         if carried["bound_listen"] is not None:  # None after a crash: as configured
             supervisor.bound_listen = ListenSection.model_validate(carried["bound_listen"])
+        # (From a release that did not carry it: the file as read at this start.)
+        if "file_read_text" in carried:
+            text = carried["file_read_text"]
+            supervisor.file_read_text = text if isinstance(text, str) else None
+            supervisor.file_read_carried = True
         if self.crash_restart and isinstance(carried.get("last_reload"), dict):
             supervisor.last_reload = carried["last_reload"]
         self.statuses = {u["id"]: u for u in carried["upgrades"]}
@@ -667,6 +674,11 @@ class UpgradeSequence:
             # Shown again only after a crash, which applies no file: after an exec
             # the new image runs the files as they are (its trial checked them).
             "last_reload": supervisor.last_reload,
+            # The configuration file as the service first read it: what a
+            # reload's hidden edits are told against (`edits_hidden`), this
+            # image's start or the one before it. A release that does not
+            # know it ignores it (a rollback: it reads the file at its start).
+            "file_read_text": supervisor.file_read_text,
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
             "restarts": dict(supervisor.restarts),
             "task_failures": dict(supervisor.task_failures.by_task),
