@@ -158,6 +158,23 @@ def netlab() -> Iterator[NetLab]:
 
 
 @pytest.fixture
+async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
+    """TLS fleets "a" and "b", each with 16 workers: past 16 concurrent calls a
+    fleet answers 429, so one call too many shows. Each reports plenty of room,
+    so that only maxconn (not the capacity estimate) can hold the host to 16 a
+    fleet."""
+    sims = []
+    for name in "ab":
+        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
+        sim.available_override = 1000
+        await sim.start()
+        sims.append(sim)
+    yield sims
+    for sim in sims:
+        await sim.stop()
+
+
+@pytest.fixture
 async def roomy_fleet(tls_files: TLSFiles) -> AsyncIterator[SimulatedFleet]:
     """One TLS fleet named "a" with room for 16 calls and 1000 said free in its
     health answer: past the ingress's own limits only the ingress can refuse a

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -30,19 +29,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.uvloop_only
-
-
-@pytest.fixture
-async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
-    sims = []
-    for name in "ab":
-        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
-        sim.available_override = 1000
-        await sim.start()
-        sims.append(sim)
-    yield sims
-    for sim in sims:
-        await sim.stop()
 
 
 async def _calls(service: RunningIngress, *args: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -60,22 +59,6 @@ from tests.support import (
 # One process tree per test (the event loop is its own), waited on more than worked:
 # README's command runs these tests two at a time.
 pytestmark = pytest.mark.uvloop_only
-
-
-@pytest.fixture
-async def two_fleets(tls_files: TLSFiles) -> AsyncIterator[list[SimulatedFleet]]:
-    sims = []
-    for name in "ab":
-        # 16 workers each: past 16 concurrent calls the fleet answers 429, so one
-        # call too many shows. It reports plenty of room, so that only maxconn
-        # (not the capacity estimate) can hold the host to 16 a fleet.
-        sim = SimulatedFleet(name=name, capacity=16, ssl_context=tls_files.fleet_server_context())
-        sim.available_override = 1000
-        await sim.start()
-        sims.append(sim)
-    yield sims
-    for sim in sims:
-        await sim.stop()
 
 
 def _lines(sims: list[SimulatedFleet]) -> list[str]:
