@@ -221,9 +221,20 @@ async def test_an_old_generation_worker_oom_killed_in_an_upgrade_is_counted(
         (exited,) = [e for e in service.log() if e["event"] == "old-generation worker exited"]
         assert exited["pid"] == old["pid"]
         assert exited["exit_status"] == "killed by SIGKILL from the kernel's OOM killer"
+        # The kernel may take the new generation's worker too before the limit
+        # is lifted (a kill frees what the reaper can; the calls' socket memory
+        # stays charged until the process has exited): then it is replaced, and
+        # counted as well. What the kernel counted in the group is what must be
+        # counted here, each worker once (the supervisor is not among them).
+        async with asyncio.timeout(20):
+            while len(_oom_killed_workers(service)) < memory_cgroup.oom_kills():
+                await asyncio.sleep(0.05)
+        killed = _oom_killed_workers(service)
+        assert old["pid"] in killed and len(set(killed)) == len(killed) == memory_cgroup.oom_kills()
         counted = metric_samples(await service.metrics())
-        assert counted["fleet_ingress_worker_oom_kills_total"][()] == 1
-        assert counted["fleet_ingress_worker_restarts_total"][(("reason", "oom"),)] == 0
+        assert counted["fleet_ingress_worker_oom_kills_total"][()] == len(killed)
+        replaced = len(killed) - 1  # the new generation's, if the kernel took it too
+        assert counted["fleet_ingress_worker_restarts_total"][(("reason", "oom"),)] == replaced
         code, out = await admin_command(service, "stat")
         assert code == 0 and "1 worker killed by the kernel's OOM killer" in out, out
         # Carried over the next upgrade (an exec), as every counter is.
@@ -231,7 +242,21 @@ async def test_an_old_generation_worker_oom_killed_in_an_upgrade_is_counted(
         os.kill(service.proc.pid, signal.SIGUSR2)
         await service.wait_for("READY=1", count=3, timeout=60)
         counted = metric_samples(await service.metrics())
-        assert counted["fleet_ingress_worker_oom_kills_total"][()] == 1
+        assert counted["fleet_ingress_worker_oom_kills_total"][()] == len(killed)
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+def _oom_killed_workers(service: RunningIngress) -> list[int]:
+    """The pids of the workers the service logged as the OOM killer's, an old
+    generation's exit or a worker replaced."""
+    return [
+        e["pid"]
+        for e in service.log()
+        if e["event"] == OOM_KILLED_WORKER
+        or (
+            e["event"] == "old-generation worker exited"
+            and e.get("exit_status") == "killed by SIGKILL from the kernel's OOM killer"
+        )
+    ]
