@@ -376,7 +376,7 @@ class _StateCollector(Collector):
             return family
 
         def states(
-            name: str, doc: str, every: Iterable[Enum], now: Callable[[FleetState], Enum]
+            name: str, doc: str, every: Iterable[Enum], now: Callable[[FleetState], Enum | None]
         ) -> Metric:
             family = GaugeMetricFamily(f"{PREFIX}_fleet_{name}", doc, labels=["fleet", "state"])
             for f in fleets:
@@ -384,6 +384,16 @@ class _StateCollector(Collector):
                 for state in every:
                     family.add_metric([f.name, state.value], 1 if current is state else 0)
             return family
+
+        def probed(f: FleetState) -> bool:
+            # A fleet in MAINT is not probed (SPEC 7): what its last probe said
+            # before MAINT is stale, as `stat`, /stats and `check --live` show
+            # it (ops.fleet_display.probed). Rendered UP, its host stopped for
+            # the work MAINT was for counted as a fleet UP: with every other
+            # fleet DOWN, FleetIngressAllFleetsDown could not fire and the
+            # dashboard's "Fleets UP" read 1 while every call got 503 (the
+            # views audit of session 37). /stats.json keeps the figures.
+            return f.admin is not Admin.MAINT
 
         def responses() -> Metric:
             family = CounterMetricFamily(
@@ -409,14 +419,15 @@ class _StateCollector(Collector):
 
         yield gauge(
             "up",
-            "1 when the fleet's health is UP (probes pass).",
-            lambda f: 1 if f.health is Health.UP else 0,
+            "1 when the fleet's health is UP (probes pass); 0 in MAINT (not probed).",
+            lambda f: 1 if f.health is Health.UP and probed(f) else 0,
         )
         yield states(
             "health_state",
-            "1 for the fleet's current health state (INIT, UP, DOWN), else 0.",
+            "1 for the fleet's current health state (INIT, UP, DOWN), else 0; "
+            "all 0 in MAINT (not probed: not known).",
             Health,
-            lambda f: f.health,
+            lambda f: f.health if probed(f) else None,
         )
         yield states(
             "admin_state",
@@ -438,7 +449,7 @@ class _StateCollector(Collector):
         yield gauge(
             "full",
             "1 when the fleet's own capacity report says no worker is free.",
-            lambda f: 1 if f.full else 0,
+            lambda f: 1 if f.full and probed(f) else 0,
         )
         yield gauge(
             "active_calls", "Calls (and call attempts) open on the fleet.", lambda f: f.active
@@ -448,13 +459,13 @@ class _StateCollector(Collector):
         )
         yield gauge(
             "reported_available",
-            "Free workers the last passing probe reported.",
-            lambda f: as_float(f.reported_available),
+            "Free workers the last passing probe reported (none in MAINT: stale).",
+            lambda f: as_float(f.reported_available) if probed(f) else None,
         )
         yield gauge(
             "estimated_available",
-            "Reported free workers less calls opened since that probe.",
-            lambda f: as_float(f.estimated_available),
+            "Reported free workers less calls opened since that probe (none in MAINT).",
+            lambda f: as_float(f.estimated_available) if probed(f) else None,
         )
         yield gauge(
             "last_check_timestamp_seconds",

@@ -1,0 +1,96 @@
+"""The operator's views agree with each other and with what happens (the
+brief: an operator sees and steers everything without reading code): `stat`,
+/stats, /stats.json, /metrics as a real Prometheus scrapes it. A supervisor,
+two workers, real TLS, simulated fleets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.e2e.test_deploy_monitoring import JOB, load_alert_rules, prometheus_scraping
+from tests.support import (
+    RunningIngress,
+    TLSFiles,
+    fleets_up_or_finished,
+    metric_samples,
+    run_cli,
+)
+
+pytestmark = pytest.mark.uvloop_only
+
+
+async def test_a_fleet_in_maint_is_not_counted_up_by_metrics_as_stat_does_not(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet], tmp_path: Path
+) -> None:
+    """A fleet in MAINT is not probed: `stat`, /stats and `check --live` show
+    its health as not known ("-"). /metrics said fleet_up 1 and health UP
+    from its last probe before MAINT, for as long as it stays there: with its
+    host stopped for the work MAINT was for and the other fleet DOWN, every
+    new call got 503 at once, `stat` said no fleet UP, and Prometheus counted
+    one fleet UP: FleetIngressAllFleetsDown (sum of fleet_up == 0) could not
+    fire, the dashboard's "Fleets UP" read 1, and FleetIngressCapacityExhausted
+    added the stale free count in."""
+    a, b = two_fleets
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name} maxconn=16" for s in two_fleets], check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    try:
+        code, out, err = await run_cli(service, "maint", "a")
+        assert code == 0, out + err
+        await a.stop()  # the work MAINT was for
+        b.health_status = 500
+
+        async def health() -> dict[str, str]:
+            return {f["name"]: f["health"] for f in (await service.stats())["fleets"]}
+
+        async with asyncio.timeout(10):  # fleets.fall probes, 0.2 s apart
+            while (await health())["b"] != "DOWN":
+                await asyncio.sleep(0.1)
+        # What really happens: no fleet takes a call, not even after a queue wait.
+        with pytest.raises(InvalidStatus) as refused:
+            await connect(service.url("/ws/bot-1"), ssl=tls_files.client_context(), open_timeout=15)
+        assert refused.value.response.status_code == 503
+
+        code, out, err = await run_cli(service, "stat")
+        assert code == 0, err
+        assert "fleets: 2 (1 DOWN, 1 not probed (MAINT))" in out, out
+        (row_a,) = [line for line in out.splitlines() if line.split()[:1] == ["a"]]
+        assert row_a.split()[1:3] == ["-", "MAINT"], row_a
+
+        samples = metric_samples(await service.metrics())
+        up = {dict(k)["fleet"]: v for k, v in samples["fleet_ingress_fleet_up"].items()}
+        assert up == {"a": 0.0, "b": 0.0}, up
+        health = {
+            dict(k)["state"]: v
+            for k, v in samples["fleet_ingress_fleet_health_state"].items()
+            if dict(k)["fleet"] == "a"
+        }
+        assert health.get("UP") != 1.0, health
+        free = {
+            dict(k)["fleet"] for k in samples.get("fleet_ingress_fleet_estimated_available", {})
+        }
+        assert "a" not in free, samples.get("fleet_ingress_fleet_estimated_available")
+
+        # As a real Prometheus scrapes it: FleetIngressAllFleetsDown's expression
+        # (its `for: 1m` aside) has an answer.
+        target = SimpleNamespace(stats_address=("127.0.0.1", service.stats_port))
+        async with prometheus_scraping(target, tmp_path) as prometheus:  # type: ignore[arg-type]
+            (all_down,) = [
+                r["expr"] for r in load_alert_rules() if r["alert"] == "FleetIngressAllFleetsDown"
+            ]
+            async with asyncio.timeout(20):
+                while not await prometheus.query(f'up{{job="{JOB}"}} == 1'):
+                    await asyncio.sleep(0.2)
+            result = await prometheus.query(all_down)
+            assert result, json.dumps(await prometheus.query("fleet_ingress_fleet_up"))
+    finally:
+        await service.finish()
