@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.sim import SimulatedFleet
@@ -19,6 +21,9 @@ from tests.e2e.test_deploy_monitoring import JOB, load_alert_rules, prometheus_s
 from tests.support import (
     RunningIngress,
     TLSFiles,
+    close_calls,
+    echo,
+    eventually,
     fleets_up_or_finished,
     metric_samples,
     run_cli,
@@ -93,4 +98,59 @@ async def test_a_fleet_in_maint_is_not_counted_up_by_metrics_as_stat_does_not(
             result = await prometheus.query(all_down)
             assert result, json.dumps(await prometheus.query("fleet_ingress_fleet_up"))
     finally:
+        await service.finish()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs service/supervisor.py (being split by another helper): in "
+    "Supervisor._log_lost_calls, `self.view.retired.add(lost_call_counts(record), "
+    "gauges=False)` (ops.metrics) in place of its calls_ended += 1",
+)
+async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogram(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Every tunneled call that ends is in fleet_ingress_call_duration_seconds
+    ("Duration of tunneled calls, 101 to end"), as in calls_ended_total and
+    the access log (a line each, with its duration_s). The calls a SIGKILLed
+    worker took with it were counted ended (reason error) and logged, but
+    not observed: after one worker of two was killed holding half the calls,
+    the dashboard's call-duration panels and its mean left them out."""
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name} maxconn=16" for s in two_fleets], check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    calls: list[ClientConnection] = []
+    try:
+        await service.open_on_every_worker(tls_files, calls, 6)
+        for ws in calls:
+            await echo(ws)
+        await asyncio.sleep(1.2)  # past the histogram's first bound (1 s)
+        victim = (await service.stats())["workers"][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def lost_logged() -> bool:
+            return any(
+                e.get("end_reason") == "error" and e.get("worker_pid") == victim["pid"]
+                for e in service.log()
+            )
+
+        await eventually(lost_logged, 10)
+        await close_calls(calls)
+        async with asyncio.timeout(10):
+            while (await service.stats())["frontend"]["active_calls"]:
+                await asyncio.sleep(0.1)
+
+        ended = [e for e in service.log() if e.get("event") == "call ended"]
+        assert len(ended) == len(calls)
+        lost = [e for e in ended if e["end_reason"] == "error"]
+        assert len(lost) == victim["calls"] > 0 and all(e["duration_s"] >= 1 for e in lost)
+
+        samples = metric_samples(await service.metrics())
+        assert sum(samples["fleet_ingress_calls_ended_total"].values()) == len(calls)
+        count = samples["fleet_ingress_call_duration_seconds_count"][()]
+        under_one_s = samples["fleet_ingress_call_duration_seconds_bucket"][(("le", "1.0"),)]
+        assert (count, under_one_s) == (len(calls), 0), (count, under_one_s, len(lost))
+    finally:
+        await close_calls(calls)
         await service.finish()

@@ -127,3 +127,23 @@ def test_its_duration_is_by_the_monotonic_clock_where_the_worker_said_its_start_
             now_monotonic=512.0,
         )
         assert line["duration_s"] == 30.0, bad
+
+
+def test_a_lost_tunneled_call_counts_ended_and_its_duration_a_waiting_one_ended_only() -> None:
+    """`ops.metrics.lost_call_counts`: what the supervisor adds to the host's
+    counts for each lost call, rendered as a worker's own calls are."""
+    from fleet_ingress.ops.local_counts import CALL_DURATION
+    from fleet_ingress.ops.metrics import HISTOGRAMS, histogram_families, lost_call_counts
+
+    up = lost_call_counts(record({**SAID, "fleet": "a", "status": 101}))
+    assert dict(up.counters) == {("calls_ended", "a", "error"): 1}
+    histo = up.histograms[CALL_DURATION]
+    assert histo.bounds == HISTOGRAMS[CALL_DURATION][1] and histo.sum == 62.5
+    below = dict(zip(histo.bounds, histo.cumulative, strict=False))
+    assert (below[60], below[120], histo.count) == (0, 1, 1)
+    (family,) = list(histogram_families(up))
+    assert family.name == "fleet_ingress_call_duration_seconds"
+
+    waiting = lost_call_counts(record(SAID))  # no fleet, no 101: no duration of a call
+    assert dict(waiting.counters) == {("calls_ended", "", "error"): 1}
+    assert waiting.histograms == {}

@@ -33,7 +33,7 @@ from fleet_ingress import __version__
 from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
-from fleet_ingress.core.host_view import Counts, Key
+from fleet_ingress.core.host_view import Counts, Histo, Key
 from fleet_ingress.logs import LINES_HELD, lines_dropped
 from fleet_ingress.net.acme import CHALLENGE_OUTCOMES
 from fleet_ingress.net.calls import Call, Registry
@@ -208,6 +208,31 @@ def histogram_families(counts: Counts) -> Iterator[Metric]:
         buckets.append(("+Inf", float(histo.count)))
         family.add_metric([], buckets, histo.sum)
         yield family
+
+
+def lost_call_counts(record: Mapping[str, Any]) -> Counts:
+    """What a call lost with its worker adds to the host's counts, from its
+    access line (`core.lost_calls.lost_call_record`): ended, by fleet and
+    reason, as a worker counts each call it ends; and, a tunneled one (status
+    101), its duration in the call-duration histogram, as a worker observes
+    each tunneled call that ends (from its start: the worker that knew its
+    101's moment is gone). Before, the supervisor counted the first alone:
+    the histogram left out every call lost with a worker (the views audit of
+    session 37). The supervisor adds it to its retired counts."""
+    counts = Counts()
+    counts.counters[("calls_ended", record.get("fleet") or "", record["end_reason"])] += 1
+    duration = record.get("duration_s")
+    if (
+        record.get("status") == 101
+        and isinstance(duration, int | float)
+        and not isinstance(duration, bool)
+        and math.isfinite(duration)
+        and duration >= 0
+    ):
+        bounds = tuple(float(b) for b in HISTOGRAMS[CALL_DURATION][1])
+        cumulative = (*(1 if duration <= b else 0 for b in bounds), 1)
+        counts.histograms[CALL_DURATION] = Histo(bounds, cumulative, float(duration))
+    return counts
 
 
 def _count_as_float(n: int) -> float:
