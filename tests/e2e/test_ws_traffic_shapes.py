@@ -8,6 +8,7 @@ handshakes of every order, passed untouched."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -291,6 +292,47 @@ async def test_code_points_split_across_tls_records_and_fragments(
             text = "\U0001f600\u0915" * 60001
             await ws.send(text)
             assert sha(await ws.recv()) == sha(text)
+
+
+async def test_a_tts_burst_of_compressed_silence_from_a_plain_fleet_keeps_the_goodbye(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A bot sends 10 s of text-to-speech at once (Twilio-style JSON media
+    messages of silence) over a plain http:// fleet connection with
+    permessage-deflate agreed: a few bytes a frame, hundreds a read. The
+    frames stay tracked, so a drain still tells the carrier 1001. Before, the
+    tracker gave up on that direction for the rest of the call and the
+    carrier got no close frame (1006)."""
+    silence = base64.b64encode(b"\xff" * 160).decode()
+    media = json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": silence}})
+
+    async def bot(ws) -> None:
+        await ws.recv()
+        for _ in range(500):
+            await ws.send(media)
+        await ws.send("end")
+        with contextlib.suppress(ConnectionClosed):
+            await ws.wait_closed()
+
+    server = await serve(bot, "127.0.0.1", 0)  # plain, deflate on (websockets' default)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        ingress = await start_ingress([f"http://127.0.0.1:{port} name=a"])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
+            await ws.send("start")
+            async with asyncio.timeout(10):
+                while await ws.recv() != "end":
+                    pass
+            stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.2))
+            with pytest.raises(ConnectionClosed) as info:
+                async with asyncio.timeout(5):
+                    await ws.recv()
+            await stopping
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (1001, "ingress draining")
+    finally:
+        server.close()
 
 
 # -- 3. control frames during bulk, flow control ------------------------------------------
