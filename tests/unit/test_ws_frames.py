@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-from fleet_ingress.core.ws_frames import FrameTracker, close_frame, max_frames
+from fleet_ingress.core.ws_frames import SPARE_FRAMES, FrameTracker, close_frame, max_frames
 
 
 def _frame(n: int, masked: bool, opcode: int = 0x82) -> bytes:
@@ -47,12 +47,13 @@ def test_boundaries_are_found_whatever_the_reads(seed: int) -> None:
             assert tracker.at_boundary == (pos in bounds)
 
 
-def test_a_read_of_many_tiny_frames_stops_the_tracking_for_good() -> None:
-    """Media frames are hundreds of bytes; a read of 8-byte frames would make
-    the header walk the dearest part of relaying it."""
+def test_a_flood_of_tiny_frames_stops_the_tracking_for_good() -> None:
+    """Media frames are hundreds of bytes; reads of 8-byte frames, read after
+    read, would make the header walk the dearest part of relaying them."""
     tiny = _frame(6, masked=False) * 2048  # 16 KiB of 8-byte frames
     tracker = FrameTracker()
-    tracker.feed(tiny)
+    for _ in range(3):  # a burst's spare, then no more
+        tracker.feed(tiny)
     assert tracker.gave_up and not tracker.at_boundary
     tracker.feed(_frame(300, masked=False))
     assert tracker.gave_up and tracker.boundary_in(b"\x82\x00") == -1
@@ -62,6 +63,27 @@ def test_a_read_of_many_tiny_frames_stops_the_tracking_for_good() -> None:
     tracker = FrameTracker()
     tracker.feed(media)
     assert tracker.at_boundary
+
+
+def test_a_burst_of_tiny_frames_is_walked_and_the_spare_comes_back() -> None:
+    """A bot's text-to-speech burst through a plain fleet connection: hundreds
+    of frames a read, a few bytes each once permessage-deflate has compressed
+    silence. Walked from the spare, which ordinary reads then refill."""
+    burst = _frame(7, masked=False) * 500 + _frame(20, masked=False)[:1]  # a header split
+    tracker = FrameTracker()
+    tracker.feed(burst)
+    assert not tracker.gave_up and tracker.partial
+    assert tracker.spare < SPARE_FRAMES
+    tracker.feed(_frame(20, masked=False)[1:] + _frame(300, masked=False) * 3)
+    assert tracker.at_boundary
+    for _ in range(100):
+        tracker.feed(_frame(300, masked=False) * 2)
+    assert tracker.spare == SPARE_FRAMES and tracker.at_boundary
+    for _ in range(20):  # a burst a second for 20 s, media between: never given up
+        tracker.feed(_frame(7, masked=False) * 500)
+        for _ in range(50):
+            tracker.feed(_frame(160, masked=False) + _frame(160, masked=False))
+    assert not tracker.gave_up and tracker.at_boundary
 
 
 def test_close_frames_toward_each_side() -> None:

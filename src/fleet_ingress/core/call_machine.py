@@ -774,7 +774,17 @@ class CallMachine:
             self.hung_up_by = _HUNG_UP_BY[event.side]
             self.reply_due_from = _OTHER[event.side]
         elif event.side is self.reply_due_from:
+            # The close handshake is done, both frames relayed whole: nothing
+            # may follow either way (RFC 6455 5.5.1), so both sides are closed
+            # now, as the fleet (the server) would close TCP. Left to the
+            # sides, a fleet that kept its TCP open after its reply, with a
+            # carrier waiting for the server's close (7.1.1), held the call
+            # and its fleet slot until carrier_silence (30 s), logged
+            # "carrier_silent" (the WebSocket shapes check of session 37).
             self.reply_due_from = None
+            self._end(self.hung_up_by)
+            self.state = State.CLOSING
+            self._emit(CloseSide(Side.CARRIER), CloseSide(Side.FLEET))
 
     def _side_finished(self, event: Event) -> None:
         """A side that sent its close frame and then finished sending (TLS

@@ -15,8 +15,14 @@ header split across reads.
 Cost: a read inside a frame's payload is one comparison; a read that holds
 frame starts walks their headers (about 0.25 us each). A stream of tiny
 frames would make that walk the dearest part of a read, so past
-`max_frames(n)` frame starts in one read of n bytes the tracker gives up for
-good: that direction then ends without a close frame, as before.
+`max_frames(n)` frame starts in one read of n bytes the tracker draws on a
+spare of SPARE_FRAMES (refilled by the reads walked under their allowance),
+and once that is spent it gives up for good: that direction then ends without
+a close frame, as before. The spare is for a burst: a bot's text-to-speech
+sent faster than real time through a plain (http://) fleet connection, whose
+reads hold hundreds of frames, each a few bytes once permessage-deflate has
+compressed silence (the WebSocket shapes check of session 37: 500 such frames
+made the tracker give up, and a drain's carrier got no 1001).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ INTERNAL_ERROR = 1011
 # may hold a thousand of them).
 FRAMES_PER_READ = 64
 BYTES_PER_FRAME = 64
+# Frame starts a direction may walk past its reads' allowances, for a burst;
+# the unused allowance of a read walked puts some back (at most this many).
+# About 1 ms of header walk, once.
+SPARE_FRAMES = 4096
 GAVE_UP = 1 << 62  # `need` once given up: every later read takes the first branch
 # A close frame's payload: the code (2 bytes) and at most 123 bytes of reason.
 MAX_REASON = 123
@@ -48,11 +58,12 @@ def max_frames(n: int) -> int:
 
 
 class FrameTracker:
-    __slots__ = ("closed", "need", "partial")
+    __slots__ = ("closed", "need", "partial", "spare")
 
     def __init__(self) -> None:
         self.need = 0  # bytes left in the frame under way (rest of header + payload)
         self.partial = b""  # a header's first bytes, split across reads
+        self.spare = SPARE_FRAMES  # frame starts walkable past a read's allowance
         # A close frame started this way (nothing may follow it, the ingress's
         # own neither), seen wherever it was in a read. Whole once the tracker
         # is back at a boundary: then the call machine hears of it
@@ -110,21 +121,27 @@ class FrameTracker:
         return None if end < 0 else end - skip
 
     def _walk(self, data: Buffer, pos: int, n: int) -> None:
-        frames, limit = 0, max_frames(n)
+        allowance = max_frames(n)
+        spare = self.spare
+        frames, limit = 0, allowance + spare
         while pos < n:
             frames += 1
             if frames > limit:
-                self.need, self.partial = GAVE_UP, b""
+                self.need, self.partial, self.spare = GAVE_UP, b"", 0
                 return
             end = _frame_end(data, pos)
             if end < 0:
                 self.partial = bytes(data[pos:n])
                 self.need = 0
-                return
+                break
             if data[pos] == _CLOSE_FIRST_BYTE:
                 self.closed = True
             pos = end
-        self.need = pos - n
+        else:
+            self.need = pos - n
+        if frames > allowance or spare < SPARE_FRAMES:  # drawn on, or refilled
+            spare += allowance - frames
+            self.spare = spare if spare < SPARE_FRAMES else SPARE_FRAMES
 
 
 def _frame_end(data: Buffer, pos: int) -> int:
