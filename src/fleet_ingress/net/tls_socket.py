@@ -834,6 +834,11 @@ class TLSConnection:
         if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
 
+    def peer_has_ended(self) -> bool:
+        """Whether TCP says the peer has ended (a reset, a FIN, a timeout) while
+        this connection is open and has not read that end: one getsockopt."""
+        return self._state is _OPEN and not self._eof and not _tcp_established(self._sock)
+
     def _reading_wanted(self) -> bool:
         return (
             self._state is _OPEN
