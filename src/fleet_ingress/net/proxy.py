@@ -818,6 +818,7 @@ class CarrierProtocol(_Side):
                     server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
                     underway=underway,
+                    meter=ctx.registry.new_connection_cpu,
                 )
                 serve(conn, fleet_side)
             else:
