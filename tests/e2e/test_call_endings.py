@@ -4,8 +4,8 @@ removal, an idle tunnel, a carrier gone; 1011 for a fleet gone), sent at a
 frame boundary and its reply waited for, so that real client libraries
 (websockets, aiohttp) report a clean close with the reason rather than 1006,
 the same as a network failure (the endings audit of session 25). So is a
-fleet that closes its connection without one (1011 `fleet closed`); a
-carrier that does is passed on to the fleet as it was.
+side that closes its connection without one: a fleet (1011 `fleet closed`),
+a carrier (1001 `carrier closed`, session 37).
 
 Who hung up is the side whose close frame came first, wherever it was in a
 read (beside a media frame, right behind the carrier's head, with the
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -170,6 +171,56 @@ async def test_a_fleet_reset_or_closing_without_a_close_frame_is_a_1011_to_the_c
     finally:
         for fleet in fleets:
             await fleet.stop()
+
+
+def _masked_text(text: bytes) -> bytes:
+    mask = b"\x09\x08\x07\x06"
+    assert len(text) < 126
+    return (
+        bytes((0x81, 0x80 | len(text))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    )
+
+
+@pytest.mark.parametrize("how", ["close_notify and FIN", "bare FIN", "FIN mid-frame"])
+async def test_a_carrier_closing_without_a_close_frame_is_a_1001_to_the_bot(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog, how: str
+):
+    """A carrier that closes its connection without a WebSocket close frame
+    (its TLS close and a FIN, or a FIN alone) after a message: the bot, a
+    websockets server, is sent 1001 'carrier closed' (masked: the ingress is
+    its client) and ends cleanly. Passed on as a bare TLS close, the bot saw
+    1006 (ConnectionClosedError, "no close frame received or sent"), an
+    abnormal end to bot frameworks' logs, the same as a network failure
+    between the ingress and the fleet. Mid-frame, nothing is added inside the
+    frame: the bot gets a bare close, as before. The access line is as before:
+    'carrier closed'."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    reader, writer = await raw_carrier(ingress, tls_files)
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+    writer.write(_masked_text(b"hello"))
+    assert await asyncio.wait_for(read_frame(reader), 5) == (1, b"hello")
+    if how == "FIN mid-frame":
+        writer.write(_masked_text(b"half of a frame")[:9])
+        await writer.drain()
+        await asyncio.sleep(0.1)  # relayed to the bot before the FIN
+    if how == "close_notify and FIN":
+        writer.close()
+    else:
+        fd = writer.transport.get_extra_info("socket").fileno()
+        with socket.socket(fileno=os.dup(fd)) as raw:  # below TLS: no close_notify
+            raw.shutdown(socket.SHUT_WR)
+    await eventually(lambda: ws_fleet.active == 0 and not ingress.registry.calls, timeout=5)
+    writer.close()
+    if how == "FIN mid-frame":
+        assert ws_fleet.peer_close_codes == [1006]
+    else:
+        assert (ws_fleet.peer_close_codes, ws_fleet.peer_close_reasons) == (
+            [1001],
+            ["carrier closed"],
+        )
+    await eventually(lambda: bool(access_entries(caplog)))
+    assert access_entries(caplog)[0]["end_reason"] == "carrier closed"
 
 
 async def test_a_fleet_closing_mid_frame_gets_the_carrier_no_close_frame_inside_it(
@@ -652,7 +703,14 @@ async def _a_plain_fleet_reads_late(
         writer.close()  # the carrier hangs up: close_notify, FIN
         got = await asyncio.wait_for(ended, reads_after + 10)
         if reads_after < 10:
-            assert got == sent, len(got)  # then its FIN, as the carrier's
+            # Then the ingress's 1001 (the carrier sent no close frame), masked
+            # (the ingress is the bot's client), and its FIN.
+            assert got[: len(sent)] == sent, len(got)
+            goodbye = got[len(sent) :]
+            said = b"\x03\xe9carrier closed"
+            assert goodbye[:2] == bytes((0x88, 0x80 | len(said))) and len(goodbye) == 6 + len(said)
+            mask = goodbye[2:6]
+            assert bytes(b ^ mask[i % 4] for i, b in enumerate(goodbye[6:])) == said
         else:
             assert len(got) < len(sent), len(got)  # what it held is dropped
             assert sent.startswith(got)

@@ -342,3 +342,99 @@ async def test_a_fleets_answer_and_frames_that_come_with_its_reset_all_reach_the
         assert took < 1.5, (took, entry)
     finally:
         await fleet.stop()
+
+
+def _masked_frames(total: int, size: int = 4000) -> bytes:
+    """Masked binary frames (a carrier's, a client's) of `size` bytes of
+    payload each, `total` bytes of payload at least."""
+    mask = b"\x01\x02\x03\x04"
+    frame = b"\x82\xfe" + size.to_bytes(2, "big") + mask + bytes(size)  # zeros, masked: the mask
+    return frame * -(-total // size)
+
+
+async def test_a_carrier_that_resets_while_its_early_frames_wait_at_the_bound_ends_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """A carrier that sends its upgrade and more early frames than a call keeps
+    before its 101 (MAX_EARLY_BYTES, 64 KiB), then resets: the call ends
+    carrier_reset within EARLY_LOOK_EVERY, its slot given back, without
+    waiting for the fleet (here one that never answers). Its reading stopped
+    at the bound, nothing read its reset, on both loops, until the link: the
+    call held its slot and the fleet's connection for timeouts.response, then
+    was logged the fleet's 504, 'the fleet did not answer in time' (a
+    response-timeout: retried on another fleet where retries are left)."""
+    from fleet_ingress.net.proxy import MAX_EARLY_BYTES
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    fleet = await RawFleet(tls_files.fleet_server_context(), never_answer).start()
+    try:
+        ingress = await start_ingress(
+            [fleet.line("quiet")], timeouts={"response": 4}, retry={"retries": 0}
+        )
+        port = ingress.wss_address[1]
+        ctx = tls_files.client_context()
+
+        def handshake() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", port))
+            return ctx.wrap_socket(raw, server_hostname="localhost")
+
+        tls = await asyncio.to_thread(handshake)
+        sent = UPGRADE.format(path="/ws/bot").encode() + _masked_frames(MAX_EARLY_BYTES + 8000)
+        await asyncio.to_thread(tls.sendall, sent)
+        await eventually(lambda: bool(ingress.registry.calls))
+        await asyncio.sleep(0.3)  # the ingress has read what it keeps, and stopped
+        started = time.monotonic()
+        _reset(tls)
+        await eventually(lambda: bool(access_entries(caplog)), timeout=8)
+        took = time.monotonic() - started
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "carrier_reset", entry
+        assert took < 1.5, (took, entry)
+        await eventually(lambda: not ingress.registry.calls and not ingress.registry.connections)
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("answer", ["403 with a body", "429", "body to the close"])
+async def test_a_fleets_refusal_and_reset_that_come_together_reach_the_carrier_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog, answer: str
+):
+    """A fleet that answers other than 101 (SPEC 3: relayed as it is, 429
+    untouched) and resets with it: the carrier gets the answer whole and the
+    call ends at once, not at the relay's silence watch."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    body = b"".join(b"no room for you, %04d\n" % i for i in range(1200))  # 26 KB: records
+    if answer == "403 with a body":
+        parts = [b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(body)]
+        parts += [body[i : i + 500] for i in range(0, len(body), 500)]
+    elif answer == "429":
+        parts = [b"HTTP/1.1 429 Too Many Requests\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"]
+    else:
+        parts = [b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\n\r\n"]
+        parts += [body[i : i + 500] for i in range(0, len(body), 500)]
+    expected = b"".join(parts)
+
+    fleet = _BioFleet(tls_files.fleet_server_context(), lambda head: parts)
+    try:
+        ingress = await start_ingress([fleet.line("refuses")], timeouts={"response": 4})
+        host, port = ingress.wss_address
+        reader, writer = await asyncio.open_connection(
+            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        )
+        started = time.monotonic()
+        writer.write(UPGRADE.format(path="/ws/bot").encode())
+        async with asyncio.timeout(8):
+            got = await reader.read(-1)
+        took = time.monotonic() - started
+        writer.close()
+        if answer == "body to the close":
+            # Its end is the fleet's reset: what came before it, whole.
+            assert got == expected, (len(got), len(expected))
+        else:
+            assert got == expected, got[:200]
+        await eventually(lambda: bool(access_entries(caplog)), timeout=8)
+        (entry,) = access_entries(caplog)
+        assert entry["status"] == int(expected[9:12]), entry
+        assert took < 1.5, (took, entry)
+    finally:
+        await fleet.stop()

@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp.client_proto
 import pytest
@@ -31,12 +32,15 @@ from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.core.health import Health
 from fleet_ingress.core.probe import MAX_HEALTH_BODY
+from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.proxy import (
     MAX_BUFFERED_PER_CALL,
     MAX_EARLY_BYTES,
     MAX_READ_CHUNK,
     WRITE_HIGH_WATER,
+    FleetProtocol,
 )
+from fleet_ingress.net.tls_socket import TLSConnection
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     SWITCHING,
@@ -47,8 +51,10 @@ from tests.support import (
     WsFleet,
     eventually,
     free_port,
+    raw_carrier,
     raw_exchange,
     read_head,
+    switching_then,
     workers_of,
     wss_url,
 )
@@ -276,6 +282,81 @@ async def test_new_connections_cpu_counts_handshakes_and_heads_not_a_calls_frame
             assert meter.spent == after_set_up  # 300 frames each way: nothing
             await _burst(ingress, tls_files, 5)
             assert meter.spent > after_set_up
+    finally:
+        await fleet.stop()
+
+
+class _WatchedMeter(CpuMeter):
+    """A meter that says whether it is counting now."""
+
+    __slots__ = ("inside",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside = False
+
+    def run(self, work: Callable[..., Any], *args: object) -> Any:
+        self.inside = True
+        try:
+            return super().run(work, *args)
+        finally:
+            self.inside = False
+
+
+@pytest.mark.parametrize("answer", ["403", "101"])
+async def test_a_calls_fleet_connection_counts_as_new_connection_cpu_until_the_link(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: str,
+):
+    """A call's set-up is its fleet connection's too: the TLS handshake with
+    the fleet (after its first step, made as the connect starts) and the reads
+    of the fleet's answer count toward accept pacing. Before (session 37)
+    they ran outside the meter: a flood of upgrades to bot ids a fleet
+    refuses (403, relayed), or of calls hung up at their 101, cost a worker
+    3.5-4.3 ms of loop CPU a connection here and counted 1.0-1.1 (27-29 %):
+    paced at limits.new_connection_share 0.3 only past the whole core."""
+    meter = _WatchedMeter()
+    steps: list[bool] = []  # the fleet connection's handshake steps: metered?
+    reads: list[bool] = []  # the fleet's answer read before the link: metered?
+    handshake_step = TLSConnection._handshake_step
+    fleet_data = FleetProtocol.data_received
+
+    def step(self: TLSConnection) -> None:
+        if not self.ssl_socket.server_side:
+            steps.append(meter.inside)
+        handshake_step(self)
+
+    def data_received(self: FleetProtocol, data: Any) -> None:
+        if self.peer is None:
+            reads.append(meter.inside)
+        fleet_data(self, data)
+
+    monkeypatch.setattr(TLSConnection, "_handshake_step", step)
+    monkeypatch.setattr(FleetProtocol, "data_received", data_received)
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+        await writer.drain()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    react = refuse if answer == "403" else switching_then(hold)
+    fleet = await RawFleet(tls_files.fleet_server_context(), react).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        ingress.registry.new_connection_cpu = meter  # read at each accept and connect
+        reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot")
+        async with asyncio.timeout(5):
+            head = await read_head(reader)
+        writer.close()
+        assert head.startswith(f"HTTP/1.1 {answer} ".encode()), head
+        assert len(steps) >= 2 and reads, (steps, reads)
+        assert steps[1:] == [True] * (len(steps) - 1), steps
+        assert reads == [True] * len(reads), reads
     finally:
         await fleet.stop()
 

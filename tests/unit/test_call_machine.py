@@ -219,7 +219,7 @@ def test_a_call_from_its_head_to_its_end():
     assert (
         in_tunnel(pb, a)
         >> CarrierLost(Lost.CLOSED)
-        << CloseSide(Side.FLEET)
+        << CloseSide(Side.FLEET, Goodbye(1001, "carrier closed"))  # no close frame: 1001 to the bot
         >> FleetLost(Lost.CLOSED)
         << ReleaseSlot()
         << CallEnded(EndReason.CARRIER_CLOSED)
@@ -700,7 +700,11 @@ def _leaves_relaying(pb: Playbook, a: FleetState) -> Playbook:
 
 
 def _leaves_tunnel(pb: Playbook, a: FleetState) -> Playbook:
-    pb = in_tunnel(pb, a) >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    pb = (
+        in_tunnel(pb, a)
+        >> CarrierLost(Lost.CLOSED)
+        << CloseSide(Side.FLEET, Goodbye(1001, "carrier closed"))
+    )
     return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
 
 
@@ -771,7 +775,9 @@ def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER, goodbye)
         pb >> CarrierLost(Lost.CLOSED)
     else:
-        pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+        # No close frame either way: the carrier's FIN is a 1001 to the bot.
+        goodbye = None if frames else Goodbye(1001, "carrier closed")
+        pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET, goodbye)
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb << CallEnded(reason)
     assert pb
@@ -861,7 +867,8 @@ def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frame
         pb >> CloseFrameSeen(side)
     pb >> SideFinished(Side.CARRIER)
     assert pb and machine.state is State.TUNNEL
-    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    goodbye = None if frames else Goodbye(1001, "carrier closed")  # none either way: 1001
+    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET, goodbye)
     pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb << CallEnded(_CLOSED_BY[frames[0]] if frames else EndReason.CARRIER_CLOSED)
     assert pb
@@ -905,14 +912,15 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
         ("fleet", Lost.GONE, EndReason.FLEET_LOST, Goodbye(1011, "fleet lost")),
         ("fleet", Lost.RESET, EndReason.FLEET_RESET, Goodbye(1011, "fleet reset")),
         ("fleet", Lost.ERROR, EndReason.ERROR, Goodbye(1011, "call error")),
+        # A carrier that did: a 1001 (the bot saw 1006, an abnormal end).
+        ("carrier", Lost.CLOSED, EndReason.CARRIER_CLOSED, Goodbye(1001, "carrier closed")),
         ("carrier", Lost.GONE, EndReason.CARRIER_LOST, Goodbye(1001, "carrier lost")),
         ("carrier", Lost.RESET, EndReason.CARRIER_RESET, Goodbye(1001, "carrier reset")),
         ("carrier", Lost.ERROR, EndReason.ERROR, Goodbye(1011, "call error")),
     ],
 )
 def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason, goodbye):
-    """The side still open is told why with a close frame (`goodbye`), unless the
-    side gone closed its connection itself."""
+    """The side still open is told why with a close frame (`goodbye`)."""
     (a,) = fleets("a")
     pb, machine = new_call()
     in_tunnel(pb, a)

@@ -9,10 +9,11 @@ accept and a bounded parse per turn, `net/head_queue.py`): what the calls
 wait on is the processor.
 
 So while a worker has live calls and its new connections (accepting, TLS
-handshakes, heads, refusals, closes: `Registry.new_connection_cpu`, not the
-calls' frames) used more than `share` of a core over the last window, it
-spaces its accepts: a pause after each, doubling from `first_pause` up to
-`max_pause`, halving per window once they use less. New connections wait in
+handshakes, heads, a call's fleet connection until the link, refusals,
+closes: `Registry.new_connection_cpu`, not the calls' frames) used more
+than `share` of a core over the last window, it spaces its accepts: a
+pause after each, doubling from `first_pause` up to `max_pause`, halving
+per window once they use less. New connections wait in
 the kernel's backlog (a flood that waits for its answers slows down with
 them); none is refused for it. Connections that cost little (a TCP connect
 and close, a health check) barely count, and calls' own CPU not at all: a

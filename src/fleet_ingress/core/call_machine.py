@@ -405,7 +405,12 @@ _HUNG_UP_BY = {Side.CARRIER: EndReason.CARRIER_CLOSED, Side.FLEET: EndReason.FLE
 # kernel ends with a FIN, or with an RST when it held unread bytes) is a 1011
 # too: passed on as a bare TLS close, the carrier saw 1006 and logged a network
 # failure, and the same crash read as either by chance (leftovers of session
-# 36). A carrier that did (CARRIER_CLOSED) is passed on to the fleet as it was.
+# 36). A carrier that did (CARRIER_CLOSED: a FIN, with or without its TLS
+# close) is a 1001 'carrier closed' to the bot, as its reset already was: the
+# bot cannot see the carrier's TCP (the ingress ends TLS), and a bare close
+# read as 1006 to it (websockets: ConnectionClosedError, "no close frame
+# received or sent"), an abnormal end in a bot framework's log, the same as a
+# failure of the network between the ingress and the fleet (session 37).
 # Nothing is added once a side has sent a close frame: the other's reply is
 # relayed; nor inside a frame (`CloseSide`: at a boundary, or none).
 GOODBYES = {
@@ -416,6 +421,7 @@ GOODBYES = {
     EndReason.CARRIER_SILENT: Goodbye(GOING_AWAY, "carrier silent"),
     EndReason.CARRIER_LOST: Goodbye(GOING_AWAY, "carrier lost"),
     EndReason.CARRIER_RESET: Goodbye(GOING_AWAY, "carrier reset"),
+    EndReason.CARRIER_CLOSED: Goodbye(GOING_AWAY, "carrier closed"),
     EndReason.FLEET_SILENT: Goodbye(INTERNAL_ERROR, "fleet silent"),
     EndReason.FLEET_LOST: Goodbye(INTERNAL_ERROR, "fleet lost"),
     EndReason.FLEET_RESET: Goodbye(INTERNAL_ERROR, "fleet reset"),

@@ -137,6 +137,10 @@ WRITE_LOW_WATER = 16 * 1024
 # Bytes a side may send before the other side is linked (a carrier's first
 # frames before the fleet's 101, a fleet's first frames before we relay it).
 MAX_EARLY_BYTES = 64 * 1024
+# A carrier whose reading stopped at MAX_EARLY_BYTES before its call is linked
+# is looked at this often (one getsockopt) for an end TCP has seen and no read
+# will (`CarrierProtocol._look_while_kept`).
+EARLY_LOOK_EVERY = 0.5
 # The most a transport delivers in one read (a plain asyncio transport reads
 # 256 KiB at most here; a TLSConnection one record, 16 KiB); one read may land
 # on a buffer just under the mark.
@@ -472,6 +476,9 @@ class CarrierProtocol(_Side):
         )
         self._raw_head = b""
         self._early = bytearray()
+        # The look at a carrier not read at the early bound (`_look_while_kept`);
+        # False once it has ended: what it sends is read and dropped.
+        self._early_look: asyncio.Handle | bool | None = None
         # Put off after a stall: an answer waiting unread goes first (late_timers).
         self._timers: dict[Timer, PatientTimer] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
@@ -516,9 +523,10 @@ class CarrierProtocol(_Side):
         elif state in _EARLY_BYTES_KEPT:
             # Kept reading while a fleet is found, so a carrier that hangs up
             # is noticed at once; what it sends early waits, within a bound.
-            self._early += data
-            if len(self._early) >= MAX_EARLY_BYTES:
-                self.pause_reading()
+            if self._early_look is not False:  # False: it has ended, read to its end
+                self._early += data
+                if len(self._early) >= MAX_EARLY_BYTES:
+                    self._early_bound_reached()
         # Otherwise (answering, closing): bytes are dropped; reading goes on
         # only to see the carrier leave.
 
@@ -535,6 +543,7 @@ class CarrierProtocol(_Side):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        self._stop_early_look()
         self.ctx.registry.connections.discard(self)
         self.feed(CarrierLost(*_lost(exc)))
         if self.call is None:
@@ -611,8 +620,46 @@ class CarrierProtocol(_Side):
         self._raw_head, trailing = taken
         self._early += trailing
         if len(self._early) >= MAX_EARLY_BYTES:
-            self.pause_reading()
+            self._early_bound_reached()
         self.feed(HeadComplete())
+
+    def _early_bound_reached(self) -> None:
+        """Its early bytes at the bound: stop reading the carrier until the link,
+        and look at TCP meanwhile (`_look_while_kept`)."""
+        self.pause_reading()
+        if self._early_look is None and isinstance(self.transport, TLSConnection):
+            self._early_look = asyncio.get_running_loop().call_soon(self._look_while_kept)
+
+    def _look_while_kept(self) -> None:
+        """A carrier not read (its early bytes at the bound) until its call is
+        linked, which TCP says has ended (a reset, a FIN): nothing it sent can
+        reach a bot now (a call ends at its carrier's end before the link), so
+        what it holds is read to its end and dropped, and the call ends as the
+        carrier did, its slot given back. Not read, its end waited for the
+        fleet's answer: a fleet slow to answer held the slot for
+        timeouts.response, and the call was logged the fleet's 504 (a
+        response-timeout, retried on another fleet), on both loops. First on
+        the turn after the pause (the reset read with the bytes), then every
+        EARLY_LOOK_EVERY (a reset after them: no read event comes for it, the
+        reading stopped)."""
+        self._early_look = None
+        t = self.transport
+        if (
+            not isinstance(t, TLSConnection)
+            or not self.reading_paused
+            or self.peer is not None
+            or self.machine.state not in _EARLY_BYTES_KEPT
+        ):
+            return
+        if not t.peer_has_ended():
+            self._early_look = asyncio.get_running_loop().call_later(
+                EARLY_LOOK_EVERY, self._look_while_kept
+            )
+            return
+        self._early_look = False
+        self._early.clear()
+        self.resume_reading()
+        t.read_if_ended()  # its poll may have stopped (uvloop): read on now
 
     def _parse_head(self) -> None:
         t = self.transport
@@ -771,6 +818,7 @@ class CarrierProtocol(_Side):
                     server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
                     underway=underway,
+                    meter=ctx.registry.new_connection_cpu,
                 )
                 serve(conn, fleet_side)
             else:
@@ -868,8 +916,15 @@ class CarrierProtocol(_Side):
         else:
             log.warning(CONNECT_OUT_OF_RESOURCES, extra=fields(**values))
 
+    def _stop_early_look(self) -> None:
+        look = self._early_look
+        if isinstance(look, asyncio.Handle):
+            look.cancel()
+            self._early_look = None
+
     def _link(self, command: Command) -> None:
         assert isinstance(command, Link)
+        self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
@@ -902,6 +957,7 @@ class CarrierProtocol(_Side):
 
     def _relay(self, command: Command) -> None:
         assert isinstance(command, Relay)
+        self._stop_early_look()
         call, fleet_side, ctx = self.call, self.fleet_side, self.ctx
         assert call is not None and fleet_side is not None
         call.fleet_side = fleet_side
@@ -1030,6 +1086,7 @@ class CarrierProtocol(_Side):
     def unlink(self) -> None:
         super().unlink()
         self.fleet_side = None
+        self._stop_early_look()
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()

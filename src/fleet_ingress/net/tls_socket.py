@@ -834,6 +834,11 @@ class TLSConnection:
         if not _tcp_established(self._sock):
             self._read_ended(ENDED_READS_PER_PASS)
 
+    def peer_has_ended(self) -> bool:
+        """Whether TCP says the peer has ended (a reset, a FIN, a timeout) while
+        this connection is open and has not read that end: one getsockopt."""
+        return self._state is _OPEN and not self._eof and not _tcp_established(self._sock)
+
     def _reading_wanted(self) -> bool:
         return (
             self._state is _OPEN
@@ -1261,6 +1266,7 @@ async def connect(
     timeout: float,
     session: ssl.SSLSession | None = None,
     underway: Underway | None = None,
+    meter: CpuMeter | None = None,
     **kw: int,
 ) -> TLSConnection:
     """TCP connect (``tcp_connect.open_tcp``: the addresses staggered) and the client
@@ -1275,7 +1281,10 @@ async def connect(
     connection to the same server, with the same context, offered for
     resumption (the server may decline: a full handshake then). No caller in
     src/: offering sessions to the fleets was measured and reverted (191d77b:
-    +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it."""
+    +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it.
+    ``meter``: where the connection's I/O callbacks are counted from its
+    handshake on (`TLSConnection.meter`): a call's fleet connection, until the
+    link (accept pacing)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(None if underway is not None else timeout):
         sock = await open_tcp(host, port, underway)  # each address, staggered (RFC 8305)
@@ -1292,6 +1301,8 @@ async def connect(
             sock.close()
             raise
         conn = TLSConnection(loop, ssock, **kw)
+        if meter is not None:
+            conn.meter(meter)  # its handshake, until its call is linked (`linked`)
         if underway is None:
             await conn.handshake(timeout)  # the outer timeout is the one that counts
             return conn
