@@ -18,12 +18,14 @@ import logging
 import os
 import random
 import resource
+import select
 import shutil
 import signal
 import socket
 import ssl
 import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -1093,3 +1095,64 @@ async def _after_the_storm(
         assert await ws.recv() == "after the storm"
     assert len(fleet.requests) == 1
     await fleet.stop()
+
+
+def _client_hellos(tls_files: TLSFiles, count: int) -> list[bytes]:
+    """`count` ClientHellos (each its own key share), as a carrier's first flight."""
+    ctx = tls_files.client_context()
+    hellos = []
+    for _ in range(count):
+        outgoing = ssl.MemoryBIO()
+        tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hellos.append(outgoing.read())
+    return hellos
+
+
+async def test_client_hellos_arriving_together_are_answered_over_many_loop_turns(
+    start_ingress: StartIngress, tls_files: TLSFiles, teapot: RawFleet
+):
+    """A burst of carriers that connect, are accepted (one a loop turn), and then
+    send their ClientHellos together: each answer (key exchange, the
+    certificate's signature) is 0.3-0.7 ms of the worker's CPU. Answered as
+    their reads came, all of them ran in one loop turn, which every live call's
+    next frame waited for: 300 such carriers held the calls of a worker of
+    `fleet-ingress run` 100-250 ms (hostile37: 159 answers, 45 ms of CPU, in
+    one turn). They wait their turn in the head queue's budget instead."""
+    count = 100
+    ingress = await start_ingress([teapot.line("teapot")])
+    host, port = ingress.wss_address
+    hellos = _client_hellos(tls_files, count)
+    socks = [socket.create_connection((host, port)) for _ in range(count)]
+    try:
+        # Accepted, each in its handshake, waiting for its ClientHello.
+        await eventually(lambda: ingress.registry.handshaking == count)
+        for sock, hello in zip(socks, hellos, strict=True):
+            sock.sendall(hello)
+        # The CPU of each loop turn (the thread's: a loaded host's waits for a
+        # processor are not the loop's), while the ClientHellos are answered.
+        loop = asyncio.get_running_loop()
+        turns: list[float] = []
+        done = loop.create_future()
+        last = time.thread_time()
+
+        def tick() -> None:
+            nonlocal last
+            now = time.thread_time()
+            turns.append(now - last)
+            last = now
+            if len(turns) < 5000 and not done.done():
+                loop.call_soon(tick)
+            elif not done.done():
+                done.set_result(None)
+
+        loop.call_soon(tick)
+        await asyncio.wait_for(done, 30)
+        # Every one answered (its ServerHello in its socket), none dropped.
+        await eventually(lambda: len(select.select(socks, [], [], 0)[0]) == count)
+        assert {sock.recv(1) for sock in socks} == {b"\x16"}  # a handshake record
+        assert max(turns) < 0.01, f"one loop turn took {max(turns) * 1000:.0f} ms of CPU"
+    finally:
+        for sock in socks:
+            sock.close()

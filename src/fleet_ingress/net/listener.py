@@ -302,6 +302,7 @@ class CarrierListener:
             conn.close()
             return
         tls.meter(registry.new_connection_cpu)  # until its call is linked: a flood's cost
+        tls.steps_in(ctx.heads)  # a burst's ClientHellos answered over many loop turns
         registry.handshaking += 1
         self._handshakes.add(tls)
         # A handshake that never completes is a request that never came. A failed
