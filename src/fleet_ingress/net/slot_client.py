@@ -266,9 +266,7 @@ class SlotClient(asyncio.Protocol):
         self._in_flight.discard(lease_id)
         self._answers.append([lease_id, at])
         if self._answers_timer is None:
-            self._answers_timer = self._loop.call_later(
-                ANSWERS_FLUSH, self._write_answers
-            )
+            self._answers_timer = self._loop.call_later(ANSWERS_FLUSH, self._write_answers)
 
     def _write_answers(self) -> None:
         self._answers_timer = None
@@ -288,9 +286,7 @@ class SlotClient(asyncio.Protocol):
         """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
         every count until then)."""
         if self._report_timer is None and self.reporter is not None and self.connected:
-            self._report_timer = self._loop.call_later(
-                REPORT_AFTER_COUNT, self._report_now
-            )
+            self._report_timer = self._loop.call_later(REPORT_AFTER_COUNT, self._report_now)
 
     def _report_now(self) -> None:
         self._report_timer = None
