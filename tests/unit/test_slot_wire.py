@@ -1,5 +1,7 @@
 """The slot coordinator's framing: one JSON object a line, bounded."""
 
+import json
+
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
@@ -77,3 +79,19 @@ def test_a_fleet_spec_round_trips():
     assert spec_from_wire(spec_to_wire(spec)) == spec
     with pytest.raises(WireError, match="not a fleet"):
         spec_from_wire({"name": "x"})
+
+
+def test_the_bytes_are_those_of_json_both_ways():
+    """The encoder and decoder are made once (session 37), not per message:
+    the wire stays what `json.dumps(separators=(",", ":"))` wrote and
+    `json.loads` read, so that either end meets an older release's."""
+    message = {"op": "acquire", "id": 7, "avoid": [], "call": {"bot_id": "b\u00e9\U0001f600"}}
+    assert encode(message) == json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    lines = [
+        b' {"op": "a", "x": "\\ud800"} \n',
+        '{"op":"b\u00e9"}\n'.encode(),
+        b'{"op":"\xed\xa0\x80"}\n',
+    ]
+    assert LineDecoder().feed(b"".join(lines)) == [json.loads(line) for line in lines]
+    with pytest.raises(WireError, match="not JSON"):
+        LineDecoder().feed(b'{"op":"\xff"}\n')

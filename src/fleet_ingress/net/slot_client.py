@@ -139,7 +139,10 @@ class SlotClient(asyncio.Protocol):
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
         # Fleets forgotten while a slot there was held: dropped at its release.
         self._forget_when_idle: set[str] = set()
-        self.lost = asyncio.get_running_loop().create_future()  # set when the channel closes
+        # Kept: CPython 3.11's get_running_loop() asks the kernel for the pid
+        # each time (a getpid a call, bench/README "system calls per call").
+        self._loop = asyncio.get_running_loop()
+        self.lost = self._loop.create_future()  # set when the channel closes
         self._transport: asyncio.Transport | None = None
         self._decoder = LineDecoder()
         self._ids = itertools.count(1)
@@ -206,7 +209,7 @@ class SlotClient(asyncio.Protocol):
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
-        future: asyncio.Future[FleetState] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[FleetState] = self._loop.create_future()
         self._pending[lease_id] = future
         self._asked[lease_id] = (list(avoid), time.monotonic())
         asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
@@ -216,7 +219,7 @@ class SlotClient(asyncio.Protocol):
         self._write(asking)
         # Put off after a stall (net.late_timers): a grant waiting unread in the
         # channel is taken before the wait is given up.
-        timer = PatientTimer(asyncio.get_running_loop(), self.answer_timeout, _no_answer, future)
+        timer = PatientTimer(self._loop, self.answer_timeout, _no_answer, future)
         try:
             fleet = await future
         except TimeoutError:
@@ -263,9 +266,7 @@ class SlotClient(asyncio.Protocol):
         self._in_flight.discard(lease_id)
         self._answers.append([lease_id, at])
         if self._answers_timer is None:
-            self._answers_timer = asyncio.get_running_loop().call_later(
-                ANSWERS_FLUSH, self._write_answers
-            )
+            self._answers_timer = self._loop.call_later(ANSWERS_FLUSH, self._write_answers)
 
     def _write_answers(self) -> None:
         self._answers_timer = None
@@ -285,9 +286,7 @@ class SlotClient(asyncio.Protocol):
         """A count moved: send a report within `REPORT_AFTER_COUNT` (one for
         every count until then)."""
         if self._report_timer is None and self.reporter is not None and self.connected:
-            self._report_timer = asyncio.get_running_loop().call_later(
-                REPORT_AFTER_COUNT, self._report_now
-            )
+            self._report_timer = self._loop.call_later(REPORT_AFTER_COUNT, self._report_now)
 
     def _report_now(self) -> None:
         self._report_timer = None

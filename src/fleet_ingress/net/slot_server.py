@@ -101,6 +101,8 @@ class _Channel(asyncio.Protocol):
     ) -> None:
         self.server = server
         self.key = key
+        # Kept: CPython 3.11's get_running_loop() asks the kernel for the pid each time.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         # `unread`: the head of a line the previous reader of this socket had read.
         self.decoder = LineDecoder(unread, limit=MAX_WORKER_LINE)
@@ -701,7 +703,7 @@ class SlotServer:
         if op == "acquire":
             lease = field(message, "id", int)
             avoid = field(message, "avoid", list) if "avoid" in message else []
-            now = asyncio.get_running_loop().time()
+            now = channel.loop.time()
             try:
                 answer = self.slots.acquire(channel.key, lease, [str(a) for a in avoid], now)
             except SlotProtocolError as exc:
