@@ -1061,6 +1061,37 @@ async def _memory_bio_peer(
     return peer, outgoing
 
 
+async def _client_to_memory_bio_fleet(
+    tls_files: TLSFiles, fleet_ctx: ssl.SSLContext
+) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO, TLSConnection]:
+    """The layer's client connected to a fleet on memory BIOs (`_memory_bio_peer`,
+    server side): the fleet's raw socket, its TLS object and outgoing BIO, and
+    the client's TLSConnection, handshake done. The caller closes `raw`."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(listener))
+        connecting = loop.create_task(
+            connect(
+                "127.0.0.1",
+                listener.getsockname()[1],
+                tls_files.client_context(),
+                server_hostname="localhost",
+                timeout=5,
+            )
+        )
+        raw, _ = await accepted
+    raw.setblocking(False)
+    try:
+        fleet, outgoing = await _memory_bio_peer(raw, fleet_ctx, server_side=True)
+        conn = await connecting
+    except BaseException:
+        connecting.cancel()
+        raw.close()
+        raise
+    return raw, fleet, outgoing, conn
+
+
 class _CountReadable:
     """Counts the readable callbacks of the TLSConnections made while it is on."""
 
@@ -1120,26 +1151,10 @@ async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
     """The same from a fleet: a TLS 1.3 server may send NewSessionTickets at will."""
     counting = _CountReadable(monkeypatch)
     loop = asyncio.get_running_loop()
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    accepted = loop.create_task(loop.sock_accept(listener))
-    connecting = loop.create_task(
-        connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
+    raw, fleet, outgoing, conn = await _client_to_memory_bio_fleet(
+        tls_files, tls_files.fleet_server_context()
     )
-    raw, _ = await accepted
-    listener.close()
-    raw.setblocking(False)
     try:
-        fleet, outgoing = await _memory_bio_peer(
-            raw, tls_files.fleet_server_context(), server_side=True
-        )
-        conn = await connecting
         handler = Recorder(conn)
         conn.start(handler)
         LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
@@ -1261,23 +1276,7 @@ async def test_a_session_ticket_read_after_our_write_leaves_no_record_buffer_hel
     LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
     peers = []
     for _ in range(12):
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        accepted = loop.create_task(loop.sock_accept(listener))
-        connecting = loop.create_task(
-            connect(
-                "127.0.0.1",
-                listener.getsockname()[1],
-                tls_files.client_context(),
-                server_hostname="localhost",
-                timeout=5,
-            )
-        )
-        raw, _ = await accepted
-        listener.close()
-        raw.setblocking(False)
-        fleet, outgoing = await _memory_bio_peer(raw, fleet_ctx, server_side=True)
-        conn = await connecting
+        raw, fleet, outgoing, conn = await _client_to_memory_bio_fleet(tls_files, fleet_ctx)
         handler = Recorder(conn)
         conn.start(handler)
         conn.write(b"GET")  # our head, sent before the fleet's tickets come
