@@ -965,10 +965,11 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         assert fds_peak >= fds_before + n
         assert {p.status for p in probes} == {408}
         # Each closed at the timeout: within 3 s after it, or on a loaded host
-        # the pilot's time (a batch of 1,000 opened together times out
-        # together; its closes take a loaded worker seconds: up to 4.3 s late,
-        # the pilot 8.9 s, at load 14).
-        late = max(3.0, pilot_s)
+        # half as long again as the pilot took (a batch of 1,000 opened
+        # together times out together, and its closes take a loaded worker
+        # seconds: the last 3.7, 3.8 and 4.3 s late where the pilot took 4.5,
+        # 4.9 and 8.9 s).
+        late = max(3.0, 1.5 * pilot_s)
         assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + late
         assert stats["frontend"]["connections"] == 0
         assert stats["frontend"]["requests"]["-"] == {"408": n}
