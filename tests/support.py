@@ -309,23 +309,28 @@ async def raw_carrier(
     return reader, writer
 
 
-def switching_then(react_after, *, with_101: bytes = b"", line_end: bytes = b"\r\n"):
-    """A raw fleet's reaction: answer the upgrade 101 (for the carrier's own
-    key), with `with_101` in the same write and its lines ended by `line_end`
-    (a bare LF: a fleet that writes them so), then do `react_after`."""
+def switching_101(head: bytes, line_end: bytes = b"\r\n") -> bytes:
+    """A fleet's whole 101 to the upgrade `head` (for the carrier's own key),
+    its lines ended by `line_end` (a bare LF: a fleet that writes them so)."""
     from fleet_ingress.core.fleet_exchange import websocket_accept
 
+    key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
+    assert key is not None
+    lines = [
+        b"HTTP/1.1 101 Switching Protocols",
+        b"Upgrade: websocket",
+        b"Connection: Upgrade",
+        b"Sec-WebSocket-Accept: " + websocket_accept(key[1]),
+    ]
+    return line_end.join(lines) + line_end * 2
+
+
+def switching_then(react_after, *, with_101: bytes = b"", line_end: bytes = b"\r\n"):
+    """A raw fleet's reaction: answer the upgrade 101 (`switching_101`), with
+    `with_101` in the same write, then do `react_after`."""
+
     async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await read_head(reader)
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        lines = [
-            b"HTTP/1.1 101 Switching Protocols",
-            b"Upgrade: websocket",
-            b"Connection: Upgrade",
-            b"Sec-WebSocket-Accept: " + websocket_accept(key[1]),
-        ]
-        writer.write(line_end.join(lines) + line_end * 2 + with_101)
+        writer.write(switching_101(await read_head(reader), line_end) + with_101)
         await writer.drain()
         await react_after(reader, writer)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import ssl
 import struct
@@ -21,7 +20,6 @@ import time
 
 import pytest
 
-from fleet_ingress.core.fleet_exchange import websocket_accept
 from tests.support import (
     UPGRADE,
     RawFleet,
@@ -30,7 +28,9 @@ from tests.support import (
     access_entries,
     eventually,
     never_answer,
+    raw_carrier,
     read_head,
+    switching_101,
 )
 
 
@@ -39,18 +39,31 @@ def switching_then_at_once(react_after):
     (no drain between: the 101 goes out at once, the socket being empty)."""
 
     async def react(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await read_head(reader)
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-            + websocket_accept(key[1])
-            + b"\r\n\r\n"
-        )
+        writer.write(switching_101(await read_head(reader)))
         await react_after(reader, writer)
 
     return react
+
+
+async def _a_call_ended_by_the_fleets_reset_at_once(
+    ingress, tls_files: TLSFiles, caplog, *, frames: bytes = b""
+) -> None:
+    """A carrier's call through `ingress` to a fleet that answers and resets:
+    the carrier gets the 101 and `frames` (all of them, in order), then the
+    call's one access line says fleet_reset, within 1.5 s of the upgrade."""
+    reader, writer = await raw_carrier(ingress, tls_files, "/ws/bot")
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        head = await read_head(reader)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        got = await reader.readexactly(len(frames))
+    assert got == frames
+    await eventually(lambda: bool(access_entries(caplog)), timeout=10)
+    took = time.monotonic() - started
+    writer.close()
+    (entry,) = access_entries(caplog)
+    assert entry["end_reason"] == "fleet_reset", entry
+    assert took < 1.5, (took, entry)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -225,21 +238,7 @@ async def test_a_fleet_whose_101_and_reset_come_together_ends_the_call_at_once(
     fleet = await RawFleet(tls_files.fleet_server_context(), switching_then_at_once(reset)).start()
     try:
         ingress = await start_ingress([fleet.line("resets")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
-        )
-        started = time.monotonic()
-        writer.write(UPGRADE.format(path="/ws/bot").encode())
-        async with asyncio.timeout(5):
-            head = await read_head(reader)
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        await eventually(lambda: bool(access_entries(caplog)), timeout=10)
-        took = time.monotonic() - started
-        writer.close()
-        (entry,) = access_entries(caplog)
-        assert entry["end_reason"] == "fleet_reset", entry
-        assert took < 1.5, (took, entry)
+        await _a_call_ended_by_the_fleets_reset_at_once(ingress, tls_files, caplog)
     finally:
         await fleet.stop()
 
@@ -310,36 +309,14 @@ async def test_a_fleets_answer_and_frames_that_come_with_its_reset_all_reach_the
     frames = [b"\x81\x04" + b"f%03d" % i for i in range(40)]
 
     def answer(head: bytes) -> list[bytes]:
-        key = re.search(rb"(?i)\r\nsec-websocket-key: *([^\r]+)", head)
-        assert key is not None
-        switching = (
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
-            + websocket_accept(key[1])
-            + b"\r\n\r\n"
-        )
-        return [switching, *frames]
+        return [switching_101(head), *frames]
 
     fleet = _BioFleet(tls_files.fleet_server_context(), answer)
     try:
         ingress = await start_ingress([fleet.line("resets")])
-        host, port = ingress.wss_address
-        reader, writer = await asyncio.open_connection(
-            host, port, ssl=tls_files.client_context(), server_hostname="localhost"
+        await _a_call_ended_by_the_fleets_reset_at_once(
+            ingress, tls_files, caplog, frames=b"".join(frames)
         )
-        started = time.monotonic()
-        writer.write(UPGRADE.format(path="/ws/bot").encode())
-        async with asyncio.timeout(5):
-            head = await read_head(reader)
-            assert head.startswith(b"HTTP/1.1 101 "), head
-            got = await reader.readexactly(sum(map(len, frames)))
-        assert got == b"".join(frames)
-        await eventually(lambda: bool(access_entries(caplog)), timeout=10)
-        took = time.monotonic() - started
-        writer.close()
-        (entry,) = access_entries(caplog)
-        assert entry["end_reason"] == "fleet_reset", entry
-        assert took < 1.5, (took, entry)
     finally:
         await fleet.stop()
 

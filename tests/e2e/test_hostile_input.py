@@ -827,12 +827,20 @@ uvloop.run(main())
 
 @pytest.mark.uvloop_only
 @pytest.mark.alone  # 10,000 handshakes take both cores for 8-12 s, within the request timeout
+@pytest.mark.timeout(360)  # 35 s alone; on a loaded host 3-4 times the opening (up to 90 s)
 async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_timeout(
     tls_files: TLSFiles,
 ):
     """The ingress as a real process (its fds apart from the client's)."""
     raise_fd_limit(10_500)
-    n, request_timeout = 10_000, 20.0  # opening takes 8-12 s on 2 cores: all are held at once
+    # Opening takes 8-12 s on 2 cores alone: all are held at once within 20 s.
+    # On a loaded host it took 77 s (two CPU hogs beside the test, other work
+    # on the host): the first closed at the timeout long before the last was
+    # open. A pilot of 1,000 measures this host's pace now, and the request
+    # timeout is set past the opening it projects (the service started anew),
+    # up to 180 s: past that (1,000 took 10-20 s on a host at load 12-16) the host
+    # cannot hold 10,000 at once in the test's time, and says so by a skip.
+    n, pilot, request_timeout, longest = 10_000, 1_000, 20.0, 180
     home = Path(tempfile.mkdtemp(prefix="fi-idle-"))
     tls_files.fleet_cert.private_key_and_cert_chain_pem.write_to_path(home / "fleet.pem")
     fleet = await asyncio.create_subprocess_exec(
@@ -841,26 +849,61 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
     assert fleet.stdout is not None
     fleet_url = (await fleet.stdout.readline()).decode().strip()
     assert fleet_url.startswith("https://"), "the fleet process did not start"
-    port, stats_port = await free_ports(2)
     (home / "fleets.txt").write_text(f"{fleet_url} name=a\n")
-    (home / "ingress.toml").write_text(
-        _service_config(tls_files, port, stats_port, request_timeout)
-    )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "fleet_ingress", "run", "-c", str(home / "ingress.toml")
-    )
     loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(10):
+    proc: asyncio.subprocess.Process | None = None
+
+    async def start(timeout: float) -> tuple[asyncio.subprocess.Process, int, int]:
+        port, stats_port = await free_ports(2)
+        (home / "ingress.toml").write_text(_service_config(tls_files, port, stats_port, timeout))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleet_ingress", "run", "-c", str(home / "ingress.toml")
+        )
+        async with asyncio.timeout(30):
             while True:
                 try:
                     stats = await _stats(stats_port)
                     workers = len(os.sched_getaffinity(0))  # process.workers = "auto"
                     if stats["fleets"][0]["health"] == "UP" and len(stats["workers"]) == workers:
-                        break
+                        return proc, port, stats_port
                 except (OSError, ValueError, KeyError, IndexError):
                     pass
                 await asyncio.sleep(0.1)
+
+    async def stop(proc: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(10):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    try:
+        proc, port, stats_port = await start(request_timeout)
+        started = loop.time()
+        probes, errors = await open_probes(
+            pilot, pilot, port, Probe, ssl_context=tls_files.client_context()
+        )
+        pilot_s = loop.time() - started
+        assert errors == [] and len(probes) == pilot
+        for probe in probes:
+            probe.transport.close()  # type: ignore[union-attr]
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(p.done for p in probes))
+        # Half as long again as the projected opening (which the pilot's pace
+        # over-projected by 16% quiet, 32% loaded), and at least the 20 s it
+        # was: a fresh service (its counts and descriptors the test's alone).
+        request_timeout = max(request_timeout, round(1.5 * pilot_s * n / pilot))
+        await stop(proc)
+        if request_timeout > longest:
+            pytest.skip(
+                f"this host opened {pilot} TLS connections in {pilot_s:.1f}s: {n} would take "
+                f"about {pilot_s * n / pilot:.0f}s, too loaded to hold them all at once"
+            )
+        assert proc.returncode == 0
+        proc, port, stats_port = await start(request_timeout)
         # The supervisor and its workers: the connections are held in the workers.
         pids = [proc.pid, *(w["pid"] for w in (await _stats(stats_port))["workers"])]
 
@@ -879,15 +922,18 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         # All held at once, and the service still serves a real call.
         early = [p for p in probes if p.closed is not None]
         assert not early, (
-            f"{len(early)} closed before all {n} were open ({opening_s:.1f}s): "
+            f"{len(early)} closed before all {n} were open ({opening_s:.1f}s; the pilot's "
+            f"{pilot} {pilot_s:.1f}s, the request timeout {request_timeout}s): "
             f"{early[0].received[:40]!r} after {early[0].closed - early[0].opened:.2f}s"
         )
         # The host's count is the workers' reports summed: a worker busy with the
         # last handshakes may answer a scrape's pull late (its previous report
         # then stands: 9,947 and 9,976 of 10,000 read at once in two runs).
+        # Waited for up to half the time left before the first is closed (at
+        # least 5 s): on a loaded host the workers' reports come slower too.
         counted = 0
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(max(5.0, (request_timeout - opening_s) / 2)):
                 while (counted := (await _stats(stats_port))["frontend"]["connections"]) != n:
                     await asyncio.sleep(0.2)
         assert counted == n
@@ -911,7 +957,8 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
                 await asyncio.sleep(0.1)
         stats = await _stats(stats_port)
         print(
-            f"\n10k idle: opened {n} TLS in {opening_s:.2f}s ({n / opening_s:.0f}/s); "
+            f"\n10k idle: pilot {pilot} in {pilot_s:.2f}s, request timeout {request_timeout}s; "
+            f"opened {n} TLS in {opening_s:.2f}s ({n / opening_s:.0f}/s); "
             f"ingress fds {fds_before} -> {fds_peak} -> {fds_after}; closed after "
             f"{lived[0]:.2f}..{lived[-1]:.2f}s (p50 {lived[n // 2]:.2f}), "
             f"all gone {closing_s:.1f}s after the first connect; fleet probes failed: "
@@ -919,25 +966,25 @@ async def test_10000_idle_tls_connections_are_held_then_closed_at_the_request_ti
         )
         assert fds_peak >= fds_before + n
         assert {p.status for p in probes} == {408}
-        assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + 3.0
+        # Each closed at the timeout: within 3 s after it, or on a loaded host
+        # half as long again as the pilot took (a batch of 1,000 opened
+        # together times out together, and its closes take a loaded worker
+        # seconds: the last 3.7, 3.8 and 4.3 s late where the pilot took 4.5,
+        # 4.9 and 8.9 s).
+        late = max(3.0, 1.5 * pilot_s)
+        assert request_timeout - 0.05 <= lived[0] and lived[-1] <= request_timeout + late
         assert stats["frontend"]["connections"] == 0
         assert stats["frontend"]["requests"]["-"] == {"408": n}
         assert proc.returncode is None
         assert stats["fleets"][0]["calls_total"] == 1
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(10):
-                await proc.wait()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop(proc)
         with contextlib.suppress(ProcessLookupError):
             fleet.kill()
         await fleet.wait()
         shutil.rmtree(home, ignore_errors=True)
-    assert proc.returncode == 0
+    assert proc is not None and proc.returncode == 0
 
 
 # -- 4. random bytes instead of TLS, and after it ------------------------------------------

@@ -147,6 +147,19 @@ async def _kill_9_a_worker(service: RunningIngress) -> dict:
             await asyncio.sleep(0.05)
 
 
+async def _a_kill_9_beside_an_oom_kill_elsewhere_is_said_killed(
+    service: RunningIngress, other: MemoryCgroup
+) -> None:
+    """An OOM kill in `other`, then an operator's kill -9 of the service's
+    worker: a restart "killed", no word of the OOM killer in the log or stat."""
+    _oom_kill_elsewhere(other)
+    stats = await _kill_9_a_worker(service)
+    assert stats["worker_restarts"] == {"killed": 1}, service.log_tail()
+    assert not [e for e in service.log() if "OOM killer" in e["event"]]
+    code, out = await admin_command(service, "stat")
+    assert code == 0 and "OOM kills read from" not in out, out
+
+
 async def test_a_kill_9_beside_an_oom_kill_elsewhere_in_a_cgroup_namespace(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet, groups: list[MemoryCgroup]
 ) -> None:
@@ -161,12 +174,7 @@ async def test_a_kill_9_beside_an_oom_kill_elsewhere_in_a_cgroup_namespace(
     )
     try:
         assert service.proc.pid in service_group.pids()
-        _oom_kill_elsewhere(other)
-        stats = await _kill_9_a_worker(service)
-        assert stats["worker_restarts"] == {"killed": 1}, service.log_tail()
-        assert not [e for e in service.log() if "OOM killer" in e["event"]]
-        code, out = await admin_command(service, "stat")
-        assert code == 0 and "OOM kills read from" not in out, out
+        await _a_kill_9_beside_an_oom_kill_elsewhere_is_said_killed(service, other)
     finally:
         await service.finish()
 
@@ -193,12 +201,7 @@ async def test_a_kill_9_where_only_the_hosts_count_is_read_is_named_by_the_kerne
         preexec_fn=_without_memory_hierarchy,
     )
     try:
-        _oom_kill_elsewhere(other)
-        stats = await _kill_9_a_worker(service)
-        assert stats["worker_restarts"] == {"killed": 1}, service.log_tail()
-        assert not [e for e in service.log() if "OOM killer" in e["event"]]
-        code, out = await admin_command(service, "stat")
-        assert code == 0 and "OOM kills read from" not in out, out
+        await _a_kill_9_beside_an_oom_kill_elsewhere_is_said_killed(service, other)
     finally:
         await service.finish()
 

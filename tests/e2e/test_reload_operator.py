@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,31 @@ async def test_reload_callers_during_a_round_get_a_round_that_read_their_edit(
         await service.finish()
 
 
-async def test_a_reload_names_a_file_edit_the_environment_hides(
+@pytest.fixture
+async def queue_edit_hidden(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> AsyncIterator[tuple[RunningIngress, Path, str]]:
+    """A service started under FLEET_INGRESS_TIMEOUTS__QUEUE=7, its file's
+    queue = 3 edited to 5 (not yet reloaded): the service, its file, the
+    file's edited text."""
+    service = await RunningIngress.start(
+        tls_files,
+        [f"{roomy_fleet.url} name=a"],
+        workers=1,
+        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    )
+    try:
+        config = service.home / "ingress.toml"
+        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
+        assert "\nqueue = 5\n" in edited
+        config.write_text(edited)
+        yield service, config, edited
+    finally:
+        await service.finish()
+
+
+async def test_a_reload_names_a_file_edit_the_environment_hides(
+    queue_edit_hidden: tuple[RunningIngress, Path, str],
 ) -> None:
     """The file's queue = 3 edited to 5 and reloaded, FLEET_INGRESS_TIMEOUTS__QUEUE=7
     in the service's environment: the reload said "nothing changed" and
@@ -107,78 +131,54 @@ async def test_a_reload_names_a_file_edit_the_environment_hides(
     again: told against the last reload, it said "nothing changed" and `stat`
     dropped the line, the edit still not served. The file's value put back
     (the one read at the start) says nothing."""
-    service = await RunningIngress.start(
-        tls_files,
-        [f"{roomy_fleet.url} name=a"],
-        workers=1,
-        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
+    service, config, edited = queue_edit_hidden
+    code, said = await admin_command(service, "reload")
+    note = (
+        "timeouts.queue: the file's edit (3 -> 5) is not applied: environment variable "
+        "FLEET_INGRESS_TIMEOUTS__QUEUE='7' sets it, and the environment wins; unset it "
+        "where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
+        "Environment= or a drop-in), then restart the service to have the file's (a "
+        "reload or an upgrade keeps the environment it started with)"
     )
-    try:
-        config = service.home / "ingress.toml"
-        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
-        assert "\nqueue = 5\n" in edited
-        config.write_text(edited)
-        code, said = await admin_command(service, "reload")
-        note = (
-            "timeouts.queue: the file's edit (3 -> 5) is not applied: environment variable "
-            "FLEET_INGRESS_TIMEOUTS__QUEUE='7' sets it, and the environment wins; unset it "
-            "where it is set (`systemctl show fleet-ingress -p Environment`, the unit's "
-            "Environment= or a drop-in), then restart the service to have the file's (a "
-            "reload or an upgrade keeps the environment it started with)"
-        )
-        assert code == 0 and note in said, said
-        (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
-        assert note in reloaded["changes"], reloaded
-        assert any(e.get("level") == "warning" and e.get("note") == note for e in service.log()), (
-            service.log_tail()
-        )
-        last = (await service.stats())["last_reload"]
-        assert last["result"] == "applied" and last["edits_hidden"] == [note], last
-        code, shown = await admin_command(service, "stat")
-        assert code == 0 and f"): {note}" in shown and "EDITS NOT APPLIED (reload " in shown
-        # Said while it stands: a reload with nothing edited says it again.
-        code, said = await admin_command(service, "reload")
-        assert code == 0 and note in said, said
-        assert (await service.stats())["last_reload"]["edits_hidden"] == [note]
-        code, shown = await admin_command(service, "stat")
-        assert code == 0 and f"): {note}" in shown, shown
-        # The start's value back in the file: nothing hidden to say.
-        config.write_text(edited.replace("\nqueue = 5\n", "\nqueue = 3\n"))
-        code, said = await admin_command(service, "reload")
-        assert code == 0 and "timeouts.queue" not in said, said
-        assert "edits_hidden" not in (await service.stats())["last_reload"]
-        code, shown = await admin_command(service, "stat")
-        assert "EDITS NOT APPLIED" not in shown, shown
-    finally:
-        await service.finish()
+    assert code == 0 and note in said, said
+    (reloaded,) = [e for e in service.log() if e.get("event") == "reloaded"]
+    assert note in reloaded["changes"], reloaded
+    assert any(e.get("level") == "warning" and e.get("note") == note for e in service.log()), (
+        service.log_tail()
+    )
+    last = (await service.stats())["last_reload"]
+    assert last["result"] == "applied" and last["edits_hidden"] == [note], last
+    code, shown = await admin_command(service, "stat")
+    assert code == 0 and f"): {note}" in shown and "EDITS NOT APPLIED (reload " in shown
+    # Said while it stands: a reload with nothing edited says it again.
+    code, said = await admin_command(service, "reload")
+    assert code == 0 and note in said, said
+    assert (await service.stats())["last_reload"]["edits_hidden"] == [note]
+    code, shown = await admin_command(service, "stat")
+    assert code == 0 and f"): {note}" in shown, shown
+    # The start's value back in the file: nothing hidden to say.
+    config.write_text(edited.replace("\nqueue = 5\n", "\nqueue = 3\n"))
+    code, said = await admin_command(service, "reload")
+    assert code == 0 and "timeouts.queue" not in said, said
+    assert "edits_hidden" not in (await service.stats())["last_reload"]
+    code, shown = await admin_command(service, "stat")
+    assert "EDITS NOT APPLIED" not in shown, shown
 
 
 async def test_a_file_edit_the_environment_hides_is_said_after_an_upgrade(
-    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+    queue_edit_hidden: tuple[RunningIngress, Path, str],
 ) -> None:
     """The file's queue = 3 edited to 5 under FLEET_INGRESS_TIMEOUTS__QUEUE=7,
     then an upgrade: the new image told edits against the file as it read it
     at its own start (queue = 5), and every reload after said nothing of the
     edit, never served. The file as the service first read it goes over the
     exec: the reload after the upgrade says the edit, as before it."""
-    service = await RunningIngress.start(
-        tls_files,
-        [f"{roomy_fleet.url} name=a"],
-        workers=1,
-        env={"FLEET_INGRESS_TIMEOUTS__QUEUE": "7"},
-    )
-    try:
-        config = service.home / "ingress.toml"
-        edited = config.read_text().replace("\nqueue = 3\n", "\nqueue = 5\n")
-        assert "\nqueue = 5\n" in edited
-        config.write_text(edited)
-        code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 60)
-        assert code == 0, said
-        code, said = await admin_command(service, "reload")
-        assert code == 0 and "timeouts.queue: the file's edit (3 -> 5) is not applied" in said, said
-        assert (await service.stats())["last_reload"]["edits_hidden"], said
-    finally:
-        await service.finish()
+    service, _, _ = queue_edit_hidden
+    code, said = await asyncio.wait_for(admin_command(service, "upgrade"), 60)
+    assert code == 0, said
+    code, said = await admin_command(service, "reload")
+    assert code == 0 and "timeouts.queue: the file's edit (3 -> 5) is not applied" in said, said
+    assert (await service.stats())["last_reload"]["edits_hidden"], said
 
 
 async def _check(config: Path, env: dict[str, str]) -> tuple[int, str]:

@@ -486,6 +486,18 @@ async def server(tls_files: TLSFiles) -> AsyncIterator[Callable[..., Server]]:
         s.close()
 
 
+def _records_then_reset(conn: TLSConnection, count: int) -> None:
+    """`count` TLS records of 50 bytes (b"x") from `conn`, corked into as few
+    segments as they fit, and a TCP reset right behind them (SO_LINGER 0)."""
+    sock = conn.ssl_socket
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    for _ in range(count):
+        conn.write(b"x" * 50)  # a TLS record each
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.abort()
+
+
 async def _client(
     tls_files: TLSFiles, port: int, *, ctx: ssl.SSLContext | None = None, name: str = "calls.test"
 ) -> tuple[TLSConnection, Recorder]:
@@ -921,13 +933,7 @@ async def test_last_records_and_a_reset_together_are_read_to_the_reset_and_regis
     await eventually(lambda: len(srv.handlers) == 1)
     peer = srv.handlers[0]
     peer.conn.meter(CpuMeter())  # a carrier's connection until its call is linked
-    sock = conn.ssl_socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(3):
-        conn.write(b"x" * 50)  # a TLS record each, one TCP segment
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, 3)
     await eventually(lambda: len(peer.data) >= 50)
     await asyncio.sleep(0.1)
     peer.conn.meter(None)  # raised RuntimeError on uvloop
@@ -1061,6 +1067,37 @@ async def _memory_bio_peer(
     return peer, outgoing
 
 
+async def _client_to_memory_bio_fleet(
+    tls_files: TLSFiles, fleet_ctx: ssl.SSLContext
+) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO, TLSConnection]:
+    """The layer's client connected to a fleet on memory BIOs (`_memory_bio_peer`,
+    server side): the fleet's raw socket, its TLS object and outgoing BIO, and
+    the client's TLSConnection, handshake done. The caller closes `raw`."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        accepted = loop.create_task(loop.sock_accept(listener))
+        connecting = loop.create_task(
+            connect(
+                "127.0.0.1",
+                listener.getsockname()[1],
+                tls_files.client_context(),
+                server_hostname="localhost",
+                timeout=5,
+            )
+        )
+        raw, _ = await accepted
+    raw.setblocking(False)
+    try:
+        fleet, outgoing = await _memory_bio_peer(raw, fleet_ctx, server_side=True)
+        conn = await connecting
+    except BaseException:
+        connecting.cancel()
+        raw.close()
+        raise
+    return raw, fleet, outgoing, conn
+
+
 class _CountReadable:
     """Counts the readable callbacks of the TLSConnections made while it is on."""
 
@@ -1120,26 +1157,10 @@ async def test_a_flood_of_session_tickets_is_read_one_a_loop_turn(
     """The same from a fleet: a TLS 1.3 server may send NewSessionTickets at will."""
     counting = _CountReadable(monkeypatch)
     loop = asyncio.get_running_loop()
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    accepted = loop.create_task(loop.sock_accept(listener))
-    connecting = loop.create_task(
-        connect(
-            "127.0.0.1",
-            listener.getsockname()[1],
-            tls_files.client_context(),
-            server_hostname="localhost",
-            timeout=5,
-        )
+    raw, fleet, outgoing, conn = await _client_to_memory_bio_fleet(
+        tls_files, tls_files.fleet_server_context()
     )
-    raw, _ = await accepted
-    listener.close()
-    raw.setblocking(False)
     try:
-        fleet, outgoing = await _memory_bio_peer(
-            raw, tls_files.fleet_server_context(), server_side=True
-        )
-        conn = await connecting
         handler = Recorder(conn)
         conn.start(handler)
         LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
@@ -1261,23 +1282,7 @@ async def test_a_session_ticket_read_after_our_write_leaves_no_record_buffer_hel
     LIBSSL.SSL_new_session_ticket.argtypes = [ctypes.c_void_p]
     peers = []
     for _ in range(12):
-        listener = socket.create_server(("127.0.0.1", 0))
-        listener.setblocking(False)
-        accepted = loop.create_task(loop.sock_accept(listener))
-        connecting = loop.create_task(
-            connect(
-                "127.0.0.1",
-                listener.getsockname()[1],
-                tls_files.client_context(),
-                server_hostname="localhost",
-                timeout=5,
-            )
-        )
-        raw, _ = await accepted
-        listener.close()
-        raw.setblocking(False)
-        fleet, outgoing = await _memory_bio_peer(raw, fleet_ctx, server_side=True)
-        conn = await connecting
+        raw, fleet, outgoing, conn = await _client_to_memory_bio_fleet(tls_files, fleet_ctx)
         handler = Recorder(conn)
         conn.start(handler)
         conn.write(b"GET")  # our head, sent before the fleet's tickets come
@@ -2039,15 +2044,9 @@ async def test_a_peer_that_sends_many_records_and_resets_while_close_notify_wait
     conn, _ = await _client(tls_files, srv.port)
     await eventually(lambda: len(srv.handlers) == 1)
     peer = srv.handlers[0]
-    sock = conn.ssl_socket
     started = time.monotonic()
     peer.conn.close()  # close_notify sent; its answer awaited
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(tls_socket.MAX_READS_PER_WAKE + 4):
-        conn.write(b"x" * 50)  # a TLS record each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, tls_socket.MAX_READS_PER_WAKE + 4)
     await eventually(lambda: peer.lost, timeout=tls_socket.CLOSE_TIMEOUT + 2)
     assert time.monotonic() - started < 2
 
@@ -2074,13 +2073,7 @@ async def test_a_read_on_to_a_reset_that_a_pause_stopped_goes_on_at_the_resume(
             handler.conn.pause_reading()
 
     peer.on_data = pause_at_the_second
-    sock = conn.ssl_socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(6):
-        conn.write(b"x" * 50)  # a TLS record each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, 6)
     await asyncio.sleep(0.1)
     peer.conn.read_if_ended()  # the sweep's pass
     await eventually(lambda: len(peer.data) >= 100)
@@ -2110,13 +2103,7 @@ async def test_a_connection_paused_when_its_reset_came_is_read_on_at_the_resume(
         handler.conn.pause_reading()
 
     peer.on_data = pause_at_the_first
-    sock = conn.ssl_socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(6):
-        conn.write(b"x" * 50)  # a TLS record each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, 6)
     await eventually(lambda: len(peer.data) >= 50)
     await asyncio.sleep(0.1)
     peer.conn.read_if_ended()  # the sweep's pass, the side paused
@@ -2217,13 +2204,7 @@ async def test_the_reads_on_to_a_reset_of_a_connection_being_set_up_are_metered(
     peer.conn.meter(meter)  # being set up: not linked
     unmetered: list[int] = []
     peer.on_data = lambda h: None if meter.inside else unmetered.append(len(h.data))
-    sock = conn.ssl_socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(20):
-        conn.write(b"x" * 50)  # a TLS record each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, 20)
     await eventually(lambda: peer.lost, timeout=2)
     assert bytes(peer.data) == b"x" * 1000
     assert unmetered == []
@@ -2253,12 +2234,6 @@ async def test_the_close_notify_drains_reads_on_to_a_reset_are_metered(
 
     monkeypatch.setattr(TLSConnection, "_drain_after_close_notify", watched)
     peer.conn.close()  # close_notify sent; its answer awaited
-    sock = conn.ssl_socket
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    for _ in range(2 * tls_socket.MAX_READS_PER_WAKE + 8):
-        conn.write(b"x" * 50)  # a TLS record each
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.abort()  # the reset, right behind them
+    _records_then_reset(conn, 2 * tls_socket.MAX_READS_PER_WAKE + 8)
     await eventually(lambda: peer.lost, timeout=2)
     assert len(drains) >= 3 and all(drains), drains

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +141,41 @@ def test_the_newest_snapshot_read_whole_is_taken_and_its_descriptors_closed():
 
 
 @pytest.fixture
-def notify_socket(tmp_path) -> Iterator[tuple[socket.socket, Notifier]]:
+def notify_receiver(tmp_path) -> Iterator[tuple[socket.socket, str]]:
     """A notify socket as systemd's (non-blocking: `_stored` reads what was
-    sent so far), and a Notifier that sends to it."""
+    sent so far), and its path (NOTIFY_SOCKET)."""
+    path = str(tmp_path / "notify.sock")
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
+    receiver.bind(path)
     receiver.setblocking(False)
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
-    yield receiver, notifier
+    yield receiver, path
     receiver.close()
+
+
+@pytest.fixture
+def notify_socket(notify_receiver) -> Iterator[tuple[socket.socket, Notifier]]:
+    """`notify_receiver`, and a Notifier that sends to it."""
+    receiver, path = notify_receiver
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    yield receiver, notifier
     notifier.close()
+
+
+@pytest.fixture
+def socket_ends() -> Iterator[Callable[[int], list[socket.socket]]]:
+    """socket_ends(n): one end each of `n` new socket pairs (descriptors to
+    store), both ends closed after the test."""
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+
+    def make(n: int) -> list[socket.socket]:
+        made = [socket.socketpair() for _ in range(n)]
+        pairs.extend(made)
+        return [a for a, _ in made]
+
+    yield make
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 def _stored(receiver: socket.socket) -> list[tuple[str, list[int]]]:
@@ -1243,26 +1268,26 @@ def test_a_store_after_a_lost_remove_of_its_name_is_not_taken_out_by_it(notify_s
     os.close(new)
 
 
-def test_what_systemd_keeps_is_counted_against_its_limit_and_a_full_store_said(tmp_path, caplog):
+def test_what_systemd_keeps_is_counted_against_its_limit_and_a_full_store_said(
+    notify_receiver, socket_ends, caplog
+):
     """systemd answers no FDSTORE=1: past FileDescriptorStoreMax= it closes what
     it was sent and says so in its journal alone. The supervisor counts what it
     keeps there (a descriptor sent again under its name not twice, as systemd
     does not) and says a store full: log, stat, metrics."""
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
-    receiver.setblocking(False)
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "3"})
+    receiver, path = notify_receiver
+    notifier = Notifier({"NOTIFY_SOCKET": path, "FDSTORE": "3"})
     store = _EmulatedStore(receiver)
     listener = socket.create_server(("127.0.0.1", 0))
-    pairs = [socket.socketpair() for _ in range(3)]
+    socks = socket_ends(3)
     try:
         notifier.store_fd("listen.wss", listener.fileno())
         notifier.store_fd("listen.wss", listener.fileno())  # the same socket: kept once
-        notifier.store_fd("worker.1.1", pairs[0][0].fileno())
+        notifier.store_fd("worker.1.1", socks[0].fileno())
         assert (notifier.kept_count, notifier.not_kept) == (2, 0)
-        notifier.store_fd("worker.2.1", pairs[1][0].fileno())
+        notifier.store_fd("worker.2.1", socks[1].fileno())
         with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
-            notifier.store_fd("worker.3.1", pairs[2][0].fileno())
+            notifier.store_fd("worker.3.1", socks[2].fileno())
         assert (notifier.kept_count, notifier.not_kept) == (3, 1)
         assert "systemd's fd store is full" in caplog.text
         (said,) = [r for r in caplog.records if "fd store is full" in r.getMessage()]
@@ -1272,34 +1297,25 @@ def test_what_systemd_keeps_is_counted_against_its_limit_and_a_full_store_said(t
         store.read()
     finally:
         listener.close()
-        for a, b in pairs:
-            a.close()
-            b.close()
         store.close()
-        receiver.close()
         notifier.close()
 
 
-def test_a_unit_that_keeps_nothing_is_not_said_full(tmp_path, caplog):
+def test_a_unit_that_keeps_nothing_is_not_said_full(notify_receiver, socket_ends, caplog):
     """FileDescriptorStoreMax=0 is the operator's choice (the supervisor's death
     then takes its workers' slots with it): no warning at each store."""
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
-    receiver.setblocking(False)
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "0"})
-    a, b = socket.socketpair()
+    _, path = notify_receiver
+    notifier = Notifier({"NOTIFY_SOCKET": path, "FDSTORE": "0"})
     try:
         with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
-            notifier.store_fd("worker.1.1", a.fileno())
+            notifier.store_fd("worker.1.1", socket_ends(1)[0].fileno())
         assert notifier.not_kept == 0 and "full" not in caplog.text
     finally:
-        for sock in (a, b, receiver):
-            sock.close()
         notifier.close()
 
 
 async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
-    tls_files: TLSFiles, tmp_path: Path
+    tls_files: TLSFiles, tmp_path: Path, notify_receiver, socket_ends
 ) -> None:
     """Over an upgrade's exec the count of what systemd would not keep went back
     to 0 (a counter a scraper saw, carried by every other), what of it is still
@@ -1309,17 +1325,15 @@ async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
     await write_run_home(tls_files, tmp_path, ["https://127.0.0.1:9 name=c"], workers=1)
     config = load_config(tmp_path / "ingress.toml")
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(tmp_path / "notify.sock"))
-    receiver.setblocking(False)
-    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "FDSTORE": "1"}
-    pairs = [socket.socketpair() for _ in range(2)]
+    receiver, path = notify_receiver
+    env = {"NOTIFY_SOCKET": path, "FDSTORE": "1"}
+    socks = socket_ends(2)
     notifiers = [Notifier(env) for _ in range(3)]
     try:
         old = Supervisor(config, specs, tmp_path / "ingress.toml")
         old.notifier = notifiers[0]
-        old.notifier.store_fd("worker.1.1", pairs[0][0].fileno())
-        old.notifier.store_fd("worker.2.1", pairs[1][0].fileno())  # full: not kept
+        old.notifier.store_fd("worker.1.1", socks[0].fileno())
+        old.notifier.store_fd("worker.2.1", socks[1].fileno())  # full: not kept
         _fill(old.notifier)
         old.notifier.remove_fd("worker.1.1")  # cut on purpose, its remove lost
         _drain(receiver)
@@ -1330,18 +1344,14 @@ async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
         notifiers[1].notify("WATCHDOG=1")
         got = [message for message, _ in _stored(receiver)]
         assert got == ["FDSTOREREMOVE=1\nFDNAME=worker.1.1", "WATCHDOG=1"], got
-        crashed = crash_state({"worker.9.1": pairs[0][0]}, 1, old.upgrade.crash_snapshot())
+        crashed = crash_state({"worker.9.1": socks[0]}, 1, old.upgrade.crash_snapshot())
         assert crashed is not None
         after = Supervisor(config, specs, tmp_path / "ingress.toml", carried=crashed)
         after.take_up_fd_store(notifiers[2])
         assert (notifiers[2].not_kept, notifiers[2].unkept, notifiers[2].owed) == (1, set(), [])
     finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
         for notifier in notifiers:
             notifier.close()
-        receiver.close()
 
 
 @pytest.mark.parametrize(
@@ -1385,7 +1395,7 @@ def test_the_store_limit_is_asked_of_the_manager_the_unit_runs_under(
 
 
 def test_a_moved_listeners_remove_lost_to_a_full_notify_socket_is_sent_by_the_supervisor(
-    tmp_path, monkeypatch
+    notify_receiver, monkeypatch
 ):
     """After a crash, a listener the configuration moved is taken out of the
     store through a notifier of its own: its remove lost to a full notify socket
@@ -1398,10 +1408,7 @@ def test_a_moved_listeners_remove_lost_to_a_full_notify_socket_is_sent_by_the_su
     from fleet_ingress.cli import _take_up_after_crash
     from fleet_ingress.service.fd_store import HandedBack
 
-    path = str(tmp_path / "notify.sock")
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(path)
-    receiver.setblocking(False)
+    receiver, path = notify_receiver
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     stats = socket.create_server(("127.0.0.1", 0))
     stat = os.fstat(stats.fileno())
@@ -1430,83 +1437,66 @@ def test_a_moved_listeners_remove_lost_to_a_full_notify_socket_is_sent_by_the_su
         supervisors.close()
     finally:
         filler.close()
-        receiver.close()
 
 
-def test_what_was_stored_before_the_limit_was_known_is_set_against_it(tmp_path, caplog):
+def test_what_was_stored_before_the_limit_was_known_is_set_against_it(
+    notify_receiver, socket_ends, caplog
+):
     """FileDescriptorStoreMax= read in the background (`systemctl show`) as the
     supervisor starts: what was stored meanwhile is counted, then set against
     the limit once known as systemd did, in the order stored (what it handed
     back first, a remove freeing its room): past it, not kept, and said."""
-    path = str(tmp_path / "notify.sock")
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(path)
-    receiver.setblocking(False)
-    pairs = [socket.socketpair() for _ in range(4)]
-    socks = [a for a, _ in pairs]
-    try:
-        notifier = Notifier({"NOTIFY_SOCKET": path})
-        handed = os.fstat(socks[0].fileno())
-        notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
-        notifier.awaiting_limit = True
-        notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2
-        notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: refused as it came
-        notifier.remove_fd("worker.1.1")  # room again, before the next
-        notifier.store_fd("worker.3.1", socks[3].fileno())  # 2 of 2: kept
-        assert (notifier.kept_count, notifier.not_kept) == (3, 0)
-        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
-            notifier.limit_known(2)
-        assert notifier.store_max == 2
-        assert sorted(notifier.kept) == ["listen.wss", "worker.3.1"]
-        assert (notifier.not_kept, notifier.unkept) == (1, {"worker.2.1"})
-        assert [r.name for r in caplog.records if "not kept" in r.getMessage()] == [
-            "fleet_ingress.systemd"
-        ]
-        # Known: a store past it is said as it is made; nothing is kept for later.
-        assert not notifier.awaiting_limit and notifier._stored_unknown == []
-        zero = Notifier({"NOTIFY_SOCKET": path})
-        zero.awaiting_limit = True
-        zero.store_fd("worker.1.1", socks[1].fileno())
-        zero.limit_known(0)  # the operator's choice to keep nothing: not said
-        assert (zero.store_max, zero.not_kept) == (0, 0)
-        notifier.close()
-        zero.close()
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-        receiver.close()
+    _, path = notify_receiver
+    socks = socket_ends(4)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    handed = os.fstat(socks[0].fileno())
+    notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
+    notifier.awaiting_limit = True
+    notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2
+    notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: refused as it came
+    notifier.remove_fd("worker.1.1")  # room again, before the next
+    notifier.store_fd("worker.3.1", socks[3].fileno())  # 2 of 2: kept
+    assert (notifier.kept_count, notifier.not_kept) == (3, 0)
+    with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+        notifier.limit_known(2)
+    assert notifier.store_max == 2
+    assert sorted(notifier.kept) == ["listen.wss", "worker.3.1"]
+    assert (notifier.not_kept, notifier.unkept) == (1, {"worker.2.1"})
+    assert [r.name for r in caplog.records if "not kept" in r.getMessage()] == [
+        "fleet_ingress.systemd"
+    ]
+    # Known: a store past it is said as it is made; nothing is kept for later.
+    assert not notifier.awaiting_limit and notifier._stored_unknown == []
+    zero = Notifier({"NOTIFY_SOCKET": path})
+    zero.awaiting_limit = True
+    zero.store_fd("worker.1.1", socks[1].fileno())
+    zero.limit_known(0)  # the operator's choice to keep nothing: not said
+    assert (zero.store_max, zero.not_kept) == (0, 0)
+    notifier.close()
+    zero.close()
 
 
-def test_a_store_refused_before_the_limit_was_known_stays_refused_after_a_remove(tmp_path, caplog):
+def test_a_store_refused_before_the_limit_was_known_stays_refused_after_a_remove(
+    notify_receiver, socket_ends, caplog
+):
     """systemd refuses a store past FileDescriptorStoreMax= as it comes: a
     remove sent after it (a worker gone) frees room for the next store, not for
     the one already closed. Set against the limit by where it stood once the
     limit was known, that store was counted as kept: the count past what
     systemd held, nothing said, and it never stored again at a reload."""
-    path = str(tmp_path / "notify.sock")
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(path)
-    receiver.setblocking(False)
-    pairs = [socket.socketpair() for _ in range(3)]
-    socks = [a for a, _ in pairs]
-    try:
-        notifier = Notifier({"NOTIFY_SOCKET": path})
-        handed = os.fstat(socks[0].fileno())
-        notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
-        notifier.awaiting_limit = True
-        notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2: kept
-        notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: closed by systemd
-        notifier.remove_fd("worker.1.1")  # after it: room for the next, not for it
-        with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
-            notifier.limit_known(2)
-        assert sorted(notifier.kept) == ["listen.wss"]
-        assert (notifier.kept_count, notifier.not_kept) == (1, 1)
-        assert notifier.unkept == {"worker.2.1"}  # stored again at the next reload
-        assert [r for r in caplog.records if "not kept" in r.getMessage()]
-        notifier.close()
-    finally:
-        for a, b in pairs:
-            a.close()
-            b.close()
-        receiver.close()
+    _, path = notify_receiver
+    socks = socket_ends(3)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+    handed = os.fstat(socks[0].fileno())
+    notifier.kept = {"listen.wss": [(handed.st_dev, handed.st_ino)]}
+    notifier.awaiting_limit = True
+    notifier.store_fd("worker.1.1", socks[1].fileno())  # 2 of 2: kept
+    notifier.store_fd("worker.2.1", socks[2].fileno())  # 3 of 2: closed by systemd
+    notifier.remove_fd("worker.1.1")  # after it: room for the next, not for it
+    with caplog.at_level(logging.WARNING, "fleet_ingress.systemd"):
+        notifier.limit_known(2)
+    assert sorted(notifier.kept) == ["listen.wss"]
+    assert (notifier.kept_count, notifier.not_kept) == (1, 1)
+    assert notifier.unkept == {"worker.2.1"}  # stored again at the next reload
+    assert [r for r in caplog.records if "not kept" in r.getMessage()]
+    notifier.close()
