@@ -335,6 +335,50 @@ async def test_a_tts_burst_of_compressed_silence_from_a_plain_fleet_keeps_the_go
         server.close()
 
 
+async def test_a_bot_speaking_in_many_tts_bursts_from_a_plain_fleet_keeps_the_goodbye(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """Twenty such bursts of 500 messages, real-time media between them (a
+    message every 20 ms: a frame a read): the spare the bursts draw on comes
+    back between them, and a drain still tells the carrier 1001. Before
+    (review37a), only reads that held several frames refilled it: the media
+    between bursts put nothing back, the tracker gave up after about a dozen
+    bursts and the carrier got no close frame (1006), both loops."""
+    silence = base64.b64encode(b"\xff" * 160).decode()
+    media = json.dumps({"event": "media", "streamSid": "MZ1", "media": {"payload": silence}})
+
+    async def bot(ws) -> None:
+        await ws.recv()
+        for _ in range(20):
+            for _ in range(500):
+                await ws.send(media)
+            for _ in range(10):
+                await asyncio.sleep(0.02)
+                await ws.send(media)
+        await ws.send("end")
+        with contextlib.suppress(ConnectionClosed):
+            await ws.wait_closed()
+
+    server = await serve(bot, "127.0.0.1", 0)  # plain, deflate on (websockets' default)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        ingress = await start_ingress([f"http://127.0.0.1:{port} name=a"])
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("start")
+            async with asyncio.timeout(30):
+                while await ws.recv() != "end":
+                    pass
+            stopping = asyncio.ensure_future(ingress.stop(drain_timeout=0.2))
+            with pytest.raises(ConnectionClosed) as info:
+                async with asyncio.timeout(5):
+                    await ws.recv()
+            await stopping
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (1001, "ingress draining")
+    finally:
+        server.close()
+
+
 # -- 3. control frames during bulk, flow control ------------------------------------------
 
 

@@ -86,6 +86,38 @@ def test_a_burst_of_tiny_frames_is_walked_and_the_spare_comes_back() -> None:
     assert not tracker.gave_up and tracker.at_boundary
 
 
+def test_the_spare_comes_back_from_reads_of_one_frame_and_of_a_payload() -> None:
+    """A bot's media through a plain fleet: a frame a read (the common read,
+    not walked), or a long frame's payload read by read, between bursts of
+    tiny frames. Before, only reads walked refilled the spare: a burst of 500
+    a second (about 360 past its read's allowance) gave up at the twelfth,
+    and a drain's carrier then got no 1001 (review37a)."""
+    tracker = FrameTracker()
+    for _ in range(40):  # a burst a second for 40 s, media a frame a read between
+        tracker.feed(_frame(7, masked=False) * 500)
+        for _ in range(50):
+            tracker.feed(_frame(120, masked=False))
+    assert not tracker.gave_up and tracker.spare == SPARE_FRAMES
+    long = _frame(60000, masked=False)
+    for _ in range(40):  # the same, the media one long frame read in parts
+        tracker.feed(_frame(7, masked=False) * 500)
+        for i in range(0, len(long), 16384):
+            tracker.feed(long[i : i + 16384])
+    assert not tracker.gave_up and tracker.at_boundary
+
+
+def test_a_flood_between_single_frames_still_gives_up() -> None:
+    """Earned back a read's allowance at a time, a flood of tiny frames read
+    after read between reads of one frame still spends the spare: the walk
+    stays within the reads' allowances and one spare."""
+    tiny = _frame(6, masked=False) * 2048  # 16 KiB of 8-byte frames
+    tracker = FrameTracker()
+    for _ in range(4):
+        tracker.feed(tiny)
+        tracker.feed(_frame(300, masked=False))
+    assert tracker.gave_up and tracker.spare == 0
+
+
 def test_close_frames_toward_each_side() -> None:
     assert close_frame(1001, "ingress draining", None) == b"\x88\x12\x03\xe9ingress draining"
     masked = close_frame(1011, "fleet lost", b"\x0a\x0b\x0c\x0d")

@@ -16,7 +16,7 @@ Cost: a read inside a frame's payload is one comparison; a read that holds
 frame starts walks their headers (about 0.25 us each). A stream of tiny
 frames would make that walk the dearest part of a read, so past
 `max_frames(n)` frame starts in one read of n bytes the tracker draws on a
-spare of SPARE_FRAMES (refilled by the reads walked under their allowance),
+spare of SPARE_FRAMES (refilled by what each read leaves of its allowance),
 and once that is spent it gives up for good: that direction then ends without
 a close frame, as before. The spare is for a burst: a bot's text-to-speech
 sent faster than real time through a plain (http://) fleet connection, whose
@@ -45,8 +45,8 @@ INTERNAL_ERROR = 1011
 FRAMES_PER_READ = 64
 BYTES_PER_FRAME = 64
 # Frame starts a direction may walk past its reads' allowances, for a burst;
-# the unused allowance of a read walked puts some back (at most this many).
-# About 1 ms of header walk, once.
+# the unused allowance of every read puts some back (at most this many):
+# about 1 ms of header walk past the reads' allowances, at most, at a time.
 SPARE_FRAMES = 4096
 GAVE_UP = 1 << 62  # `need` once given up: every later read takes the first branch
 # A close frame's payload: the code (2 bytes) and at most 123 bytes of reason.
@@ -84,7 +84,10 @@ class FrameTracker:
         n = len(data)
         need = self.need
         if need >= n:  # inside a frame's payload (or given up)
-            self.need = need - n if need < GAVE_UP else need
+            if need < GAVE_UP:
+                self.need = need - n
+                if self.spare < SPARE_FRAMES:  # no frame start: its allowance unused
+                    self._refill(max_frames(n))
             return
         if self.partial:
             end = self._end_of_split_header(data)
@@ -98,6 +101,8 @@ class FrameTracker:
         elif need == 0 and _frame_end(data, 0) == n:  # one whole frame, the common read
             if data[0] == _CLOSE_FIRST_BYTE:
                 self.closed = True
+            if self.spare < SPARE_FRAMES:
+                self._refill(max_frames(n) - 1)
             return
         self._walk(data, need, n)
 
@@ -140,8 +145,17 @@ class FrameTracker:
         else:
             self.need = pos - n
         if frames > allowance or spare < SPARE_FRAMES:  # drawn on, or refilled
-            spare += allowance - frames
-            self.spare = spare if spare < SPARE_FRAMES else SPARE_FRAMES
+            self._refill(allowance - frames)
+
+    def _refill(self, unused: int) -> None:
+        """What a read left of its allowance goes back to the spare (a read
+        past it draws: `unused` < 0), at most SPARE_FRAMES. Every read earns
+        it, the common ones too (one whole frame; inside a payload): refilled
+        only by the reads walked, a bot's media, a frame a read, put nothing
+        back, and a call's twelfth burst of 500 tiny frames gave up (review37a).
+        So the walk stays within every read's allowance plus one spare."""
+        spare = self.spare + unused
+        self.spare = spare if spare < SPARE_FRAMES else SPARE_FRAMES
 
 
 def _frame_end(data: Buffer, pos: int) -> int:
