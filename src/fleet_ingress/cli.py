@@ -673,7 +673,8 @@ def _run(config_path: Path) -> int:
     )
     from fleet_ingress.service.fd_store import HandedBack, taken_from_store
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt, worker_key
-    from fleet_ingress.service.supervisor import Supervisor, WorkerStartError, run_supervisor
+    from fleet_ingress.service.supervisor import Supervisor, WorkerStartError
+    from fleet_ingress.service.supervisor_process import run_supervisor
     from fleet_ingress.service.upgrade import (
         REEXEC_READ_EVERY,
         REEXEC_READ_PATIENCE,

@@ -20,7 +20,8 @@ from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
 from fleet_ingress.core.cpu_quota import AutoWorkers, CpuQuota, auto_workers
-from fleet_ingress.service.supervisor import Supervisor, run_supervisor
+from fleet_ingress.service.supervisor import Supervisor
+from fleet_ingress.service.supervisor_process import run_supervisor
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     CpuCgroup,

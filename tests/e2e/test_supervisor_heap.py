@@ -11,7 +11,8 @@ from pathlib import Path
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
 from fleet_ingress.service import glibc_malloc
-from fleet_ingress.service.supervisor import Supervisor, run_supervisor
+from fleet_ingress.service.supervisor import Supervisor
+from fleet_ingress.service.supervisor_process import run_supervisor
 from tests.support import TLSFiles, eventually, write_run_home
 
 

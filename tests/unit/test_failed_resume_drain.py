@@ -1,4 +1,4 @@
-"""service.supervisor._drain_after_failed_resume's kill of the children it did
+"""service.supervisor_process._drain_after_failed_resume's kill of the children it did
 not take up, with a real child process and a stall (the loop blocked, as a
 SIGSTOP or a paused VM leaves it) while the adopted workers are waited for."""
 
@@ -9,7 +9,7 @@ import signal
 import time
 from types import SimpleNamespace
 
-from fleet_ingress.service import supervisor as supervisor_module
+from fleet_ingress.service import supervisor_process as supervisor_module
 from fleet_ingress.service.sdnotify import Notifier
 
 

@@ -15,7 +15,7 @@ import pytest
 from fleet_ingress.service import kept_running as kr
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.supervisor import _keep_systemd_informed
+from fleet_ingress.service.supervisor_process import _keep_systemd_informed
 
 
 async def test_a_task_that_raises_is_said_counted_and_started_again(monkeypatch, caplog):
@@ -113,8 +113,8 @@ async def test_the_watchdog_is_pinged_though_the_status_line_cannot_be_made(
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(path))
     receiver.setblocking(False)
-    monkeypatch.setattr("fleet_ingress.service.supervisor.WATCHDOG_PING_EVERY", 0.02)
-    monkeypatch.setattr("fleet_ingress.service.supervisor.STATUS_EVERY", 0.0)
+    monkeypatch.setattr("fleet_ingress.service.supervisor_process.WATCHDOG_PING_EVERY", 0.02)
+    monkeypatch.setattr("fleet_ingress.service.supervisor_process.STATUS_EVERY", 0.0)
     notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "30000000"})
 
     class Broken:

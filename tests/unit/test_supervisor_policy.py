@@ -92,7 +92,7 @@ async def test_the_watchdog_hears_from_the_supervisor_often_not_at_half_of_watch
     (the pressure audit of session 16). Pinged every WATCHDOG_PING_EVERY, it
     takes a stall of WatchdogSec; STATUS= stays every STATUS_EVERY."""
 
-    from fleet_ingress.service import supervisor as module
+    from fleet_ingress.service import supervisor_process as module
 
     class Heard:
         watchdog_interval = 15.0  # WatchdogSec=30
@@ -224,7 +224,7 @@ async def test_the_ready_line_reads_the_configuration_file_off_the_loop(
     the ready line's environment field read the file on it, so a file slow to
     read (here a FIFO no one writes yet; a stalled mount) held every slot
     request. Read in a thread, as a reload reads it: the loop runs meanwhile."""
-    from fleet_ingress.service.supervisor import _log_ready
+    from fleet_ingress.service.supervisor_process import _log_ready
 
     monkeypatch.setenv("FLEET_INGRESS_TIMEOUTS__QUEUE", "7")
     config = tmp_path / "ingress.toml"
