@@ -2792,7 +2792,7 @@ async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
         # is not this test's: the channel alone is).
         (channel,) = old.server._channels.values()
         listing = asyncio.ensure_future(
-            old._ask_one(SimpleNamespace(key=channel.key), "list-calls", 5, filter={})  # type: ignore[arg-type]
+            old.asks.ask_one(SimpleNamespace(key=channel.key), "list-calls", 5, filter={})  # type: ignore[arg-type]
         )
         await eventually(lambda: len(asked) == 1)
         worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": True})
@@ -2804,7 +2804,7 @@ async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
         carried["workers"] = _carried_with(tmp_path, pid=os.getpid())["workers"]
         new = _supervisor(tmp_path, handed=kept, carried=carried)
         await new.upgrade.adopt_workers(new.handed)
-        listing = asyncio.ensure_future(new.list_calls(CallFilter()))
+        listing = asyncio.ensure_future(new.calls.list_calls(CallFilter()))
         await eventually(lambda: len(asked) == 2)
         # The rest of the old listing, then the worker's answer to the new one.
         worker.send({"op": "calls-listed", "id": asked[0], "calls": [stale], "more": False})
@@ -2860,7 +2860,7 @@ async def test_end_call_knows_a_worker_s_tag_over_the_exec_and_refuses_another_s
         (key,) = new.server._channels
         assert new.server.call_tag(key) == "k3f9"  # from its state
         with pytest.raises(FleetChangeError) as refused:
-            await new.end_call(f"{pid}-3-zzzz", "")
+            await new.calls.end_call(f"{pid}-3-zzzz", "")
         assert refused.value.status == 404
         assert f"no live call {pid}-3-zzzz: the process it ran in is gone" in refused.value.message
         assert f"its calls are named {pid}-N-k3f9" in refused.value.message
@@ -2869,17 +2869,17 @@ async def test_end_call_knows_a_worker_s_tag_over_the_exec_and_refuses_another_s
         # (review36g: "is gone" alone sent the operator away from a live call).
         assert "or it is another host's call" in refused.value.message
         with pytest.raises(FleetChangeError) as refused:
-            await new.end_call(f"{pid + 1}-3-zzzz", "")  # no worker has that pid
+            await new.calls.end_call(f"{pid + 1}-3-zzzz", "")  # no worker has that pid
         assert refused.value.status == 404
         assert "the process it ran in is gone, or it is another host's call" in (
             refused.value.message
         )
         with pytest.raises(FleetChangeError, match="give its whole id, PID-N-TAG") as refused:
-            await new.end_call(f"{pid}-3", "")
+            await new.calls.end_call(f"{pid}-3", "")
         assert refused.value.status == 400
         assert asked == []  # neither asked of the worker
         with pytest.raises(FleetChangeError, match="it has ended, or never was"):
-            await new.end_call(f"{pid}-3-K3F9", "")  # typed in capitals: the same
+            await new.calls.end_call(f"{pid}-3-K3F9", "")  # typed in capitals: the same
         assert [(m["call"], m["tag"]) for m in asked] == [(3, "k3f9")]
     finally:
         worker.close()

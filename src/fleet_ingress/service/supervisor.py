@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -57,7 +56,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -73,15 +72,6 @@ from fleet_ingress.config.settings import (
 )
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.call_list import (
-    CallFilter,
-    CallIdError,
-    no_such_call,
-    oldest_first,
-    parse_call_id,
-    process_gone,
-    whole_id_wanted,
-)
 from fleet_ingress.core.certificate_change import reload_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
@@ -90,7 +80,7 @@ from fleet_ingress.core.host_slots import UNRESPONSIVE_PULLS, HostSlots, WorkerR
 from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.core.lost_calls import lost_call_record
 from fleet_ingress.logs import fields
-from fleet_ingress.net.calls import END_CALL_WAIT, Registry
+from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.descriptors import calls_allowed, descriptors_short, say_descriptors_short
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
@@ -165,6 +155,8 @@ from fleet_ingress.service.oom_kills import KernelLog, OomKills, find_oom_counte
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import process_state
 from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
+from fleet_ingress.service.worker_asks import WorkerAsks
+from fleet_ingress.service.worker_calls import WorkerCalls
 from fleet_ingress.service.worker_process import WorkerProcess
 
 _T = TypeVar("_T")
@@ -186,11 +178,6 @@ RELOAD_ANSWER_TIMEOUT = 10.0
 RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
-# `calls`: a worker reads its calls a part a turn (10,000: 100 turns), answered
-# within this or named as not answering. Below the CLI's READ_TIMEOUT (10 s).
-LIST_ANSWER_WAIT = 5.0
-# `end-call`: the worker answers once the call is gone (END_CALL_WAIT at most).
-END_ANSWER_WAIT = END_CALL_WAIT + 3.0
 # After the drain and the workers' own closing time (STOP_GRACE, from
 # service.ingress: the worker keeps its waits within it), whatever worker is
 # left is killed.
@@ -274,12 +261,6 @@ class WorkerStartError(RuntimeError):
     def __init__(self, message: str, *, error_logged: bool = False) -> None:
         super().__init__(message)
         self.error_logged = error_logged
-
-
-def first_ask_id() -> int:
-    """Where an image's ask ids begin: anywhere in 2**31 (one of a previous
-    image's few asks still answered is 1 in some hundreds of millions)."""
-    return int.from_bytes(os.urandom(4), "big") % 2**31 + 1
 
 
 class Supervisor:
@@ -471,14 +452,16 @@ class Supervisor:
             forgotten=self.forgetting.gone,
         )
         self.slots.on_release.append(self.ops.reap)
+        self.asks = WorkerAsks(self.server, self.workers)  # the ops sent them, answered
+        self.calls = WorkerCalls(self.asks, self.server, self.workers)  # `calls`, `end-call`
         self.server.on_join.append(self._joined)
         self.server.on_leave.append(self._left)
         self.server.keeps_slots = self._still_running
-        self.server.handlers["reloaded"] = self._answered
-        self.server.handlers["stopping"] = self._answered
-        self.server.handlers["fleet-closed"] = self._answered
-        self.server.handlers["calls-listed"] = self._calls_listed
-        self.server.handlers["call-ended"] = self._answered
+        self.server.handlers["reloaded"] = self.asks.answered
+        self.server.handlers["stopping"] = self.asks.answered
+        self.server.handlers["fleet-closed"] = self.asks.answered
+        self.server.handlers["calls-listed"] = self.calls.calls_listed
+        self.server.handlers["call-ended"] = self.asks.answered
         self.server.handlers["serving"] = self._serving
         self.bound_listen = config.listen
         self.listeners: dict[str, socket.socket] = {}  # by config key: listen.wss, listen.acme
@@ -505,16 +488,6 @@ class Supervisor:
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
         self._generation_settled.set()
-        # Ids of the asks to workers, whose answers are matched by (channel, id):
-        # drawn anew by each image. Counted from 1 in each, a listing the previous
-        # image asked for, still streaming its parts over the exec, was taken for
-        # the new image's first ask (the review of session 36). Drawn, not carried
-        # in the exec's state: a supervisor started again after one died (systemd)
-        # takes the workers up with no state from it.
-        self._asks = itertools.count(first_ask_id())
-        self._answers: dict[tuple[int, int], asyncio.Future[dict[str, Any]]] = {}
-        # `calls`: the parts of each worker's answer read so far, by (key, ask).
-        self._listed: dict[tuple[int, int], list[Any]] = {}
         # Reload rounds begun; the one under way (its tasks by worker pid), awaited by READY=1.
         self._reload_rounds = 0
         self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
@@ -737,7 +710,7 @@ class Supervisor:
                     changes_wait=self.upgrade.wait_table_restored,
                     reload=self.reload_and_wait,
                     changed=self.write_snapshot,
-                    calls=self,
+                    calls=self.calls,
                 ),
                 admin_sock,
                 listener="admin",
@@ -1163,11 +1136,7 @@ class Supervisor:
                 worker.retire_by = by
                 self.arm_backstop(worker)
             self.confirm_channel_lost_later(worker)
-        for (asked, _), future in list(self._answers.items()):
-            if asked == key and not future.done():
-                # Nothing to reload: it serves nothing now, and its replacement
-                # reads the files as they are (not a worker left on old ones).
-                future.set_result({"ok": False, "error": "the worker is gone", "gone": True})
+        self.asks.worker_gone(key)
         # Its channel is how it gets slots: without it the worker only drains.
         self._replace(worker)
 
@@ -1566,59 +1535,6 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def ask_workers(
-        self,
-        op: str,
-        timeout: float,
-        *,
-        leave_out: Callable[[WorkerProcess], bool] | None = None,
-        **more: Any,
-    ) -> dict[int, dict[str, Any]]:
-        """Send `op` (with the fields `more`) to every live worker (but those
-        `leave_out` names); their answers by pid (a worker that did not answer
-        in time: `{"ok": False, "error": ...}`)."""
-        ask = next(self._asks)
-        asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        loop = asyncio.get_running_loop()
-        for key, worker in list(self.workers.items()):
-            if worker.left.is_set() or (leave_out is not None and leave_out(worker)):
-                continue
-            future = self._answers[(key, ask)] = loop.create_future()
-            if self.server.send(key, {"op": op, "id": ask, **more}):
-                asked[worker.pid] = future
-            else:
-                del self._answers[(key, ask)]
-        try:
-            # Patient: answers that came while the supervisor was stopped are
-            # read before a worker is said not to have answered.
-            await wait_patiently(asked.values(), timeout)
-        finally:
-            for answer_key in [k for k in self._answers if k[1] == ask]:
-                del self._answers[answer_key]
-        return {
-            pid: future.result()
-            if future.done()
-            else {"ok": False, "error": f"no answer within {timeout:g}s"}
-            for pid, future in asked.items()
-        }
-
-    async def _ask_one(
-        self, worker: WorkerProcess, op: str, timeout: float, **more: Any
-    ) -> dict[str, Any]:
-        """Send `op` (with the fields `more`) to one worker; its answer, or
-        `{"ok": False, "error": ...}`."""
-        ask, key = next(self._asks), worker.key
-        future = self._answers[(key, ask)] = asyncio.get_running_loop().create_future()
-        try:
-            if not self.server.send(key, {"op": op, "id": ask, **more}):
-                return {"ok": False, "error": "the worker is gone", "unknown": True, "gone": True}
-            async with patient_timeout(timeout):  # an answer come during a stall: read first
-                return await future
-        except TimeoutError:
-            return {"ok": False, "error": f"no answer within {timeout:g}s", "unknown": True}
-        finally:
-            self._answers.pop((key, ask), None)
-
     async def _reload_workers(self) -> dict[int, dict[str, Any]]:
         """Every worker reloads, one still starting once it serves; their
         answers by pid, within RELOAD_ANSWER_TIMEOUT (one that has not
@@ -1696,7 +1612,7 @@ class Supervisor:
         # it was read (an editor's second save), and a worker reading it again
         # would serve another configuration than the host's.
         # And the certificate and key checked here, not the files read again.
-        return await self._ask_one(
+        return await self.asks.ask_one(
             worker,
             "reload",
             RELOAD_LATE_WAIT,
@@ -1704,11 +1620,6 @@ class Supervisor:
             pem=pem_to_json(self.serving_pem),
             ticket_keys=ticket_keys_to_json(self.ticket_keys),
         )
-
-    def _answered(self, key: int, message: dict[str, Any]) -> None:
-        future = self._answers.get((key, message.get("id", -1)))
-        if future is not None and not future.done():
-            future.set_result(message)
 
     def _forget_fleet(self, name: str) -> None:
         """A fleet left the set FORGET_AFTER ago and is not back (`forgetting`):
@@ -1735,7 +1646,7 @@ class Supervisor:
             for fleet in row.held.values()
             if fleet.name == name
         )
-        answers = await self.ask_workers("close-fleet", CLOSE_ANSWER_WAIT, fleet=name)
+        answers = await self.asks.ask_workers("close-fleet", CLOSE_ANSWER_WAIT, fleet=name)
         said = {pid: a.get("closed") for pid, a in answers.items()}
         counts = {pid: n for pid, n in said.items() if type(n) is int and n >= 0}
         closed = sum(counts.values())
@@ -1747,146 +1658,6 @@ class Supervisor:
                 extra=fields(fleet=name, pids=silent, waited_s=CLOSE_ANSWER_WAIT),
             )
         return ClosedElsewhere(closed, unreachable, silent, died)
-
-    # -- calls: list them, end one (`fleet-ingress calls`, `end-call`) ------------
-
-    def _calls_listed(self, key: int, message: dict[str, Any]) -> None:
-        """A part of a worker's `list-calls` answer; the last ("more": false)
-        answers it with every part's rows."""
-        ask = (key, message.get("id", -1))
-        if ask not in self._answers:  # too late: that listing is over
-            return
-        rows = message.get("calls")
-        parts = self._listed.setdefault(ask, [])
-        if isinstance(rows, list):
-            parts.extend(rows)
-        if not message.get("more"):
-            del self._listed[ask]
-            self._answered(key, {**message, "calls": parts})
-
-    async def list_calls(self, wanted: CallFilter) -> dict[str, Any]:
-        """Every worker's calls that `wanted` keeps (both generations during
-        an upgrade), oldest first; the workers that did not answer within
-        LIST_ANSWER_WAIT are named (a worker of a release before `calls`
-        does not, nor one stopped or hung), their calls not listed."""
-        generations = {w.pid: w.generation for w in self.workers.values()}
-        # A worker of a release before `calls` ignores the op: named at once,
-        # not waited for (LIST_ANSWER_WAIT on every listing of an upgrade's drain).
-        before = sorted(
-            w.pid
-            for w in self.workers.values()
-            if not w.left.is_set() and self.server.of_a_release_before_calls(w.key)
-        )
-        try:
-            answers = await self.ask_workers(
-                "list-calls",
-                LIST_ANSWER_WAIT,
-                leave_out=lambda w: self.server.of_a_release_before_calls(w.key),
-                filter=wanted.to_wire(),
-            )
-        finally:
-            for ask in [k for k in self._listed if k not in self._answers]:
-                del self._listed[ask]
-        rows: list[dict[str, Any]] = []
-        workers = []
-        for pid, answer in sorted(answers.items()):
-            listed = answer.get("calls")
-            answered = isinstance(listed, list)
-            if answered:
-                rows.extend(row for row in listed if isinstance(row, dict))
-            workers.append(
-                {
-                    "pid": pid,
-                    "generation": generations.get(pid),
-                    "answered": answered,
-                    "calls": len(listed) if answered else None,
-                }
-            )
-            await asyncio.sleep(0)
-        workers.extend(
-            {
-                "pid": pid,
-                "generation": generations.get(pid),
-                "answered": False,
-                "calls": None,
-                "release_before_calls": True,
-            }
-            for pid in before
-        )
-        return {
-            "calls": oldest_first(rows),
-            "filter": wanted.to_wire(),
-            "workers": workers,
-            "channel_lost": [w.pid for w in self.workers.values() if w.channel_lost],
-        }
-
-    async def end_call(self, text: str, why: str) -> dict[str, Any]:
-        """End the call `text` (PID-N-TAG) in its worker; FleetChangeError 404 when
-        no worker holds it, naming it and how to list the live calls, or when
-        the tag is not its worker's: the process that call ran in is gone, its
-        pid come back. `PID-N` alone only for a worker that names its calls so
-        (a build before tags): for one with a tag it may be a call of a process
-        gone (an old listing, an access line's `process` and `call_id`)."""
-        try:
-            pid, number, tag = parse_call_id(text)
-        except CallIdError as exc:
-            raise FleetChangeError(400, str(exc)) from None
-        worker = next(
-            (w for w in self.workers.values() if w.pid == pid and not w.left.is_set()), None
-        )
-        if worker is None:
-            if any(w.pid == pid and w.channel_lost for w in self.workers.values()):
-                # It runs on, its calls with it, but it cannot be told: "no such
-                # worker" would send the operator looking for another process.
-                raise FleetChangeError(
-                    409,
-                    f"call {text}: its worker (pid {pid}) lost its channel to the "
-                    "supervisor and cannot be told to end a call; its calls go on until "
-                    "they end or its drain does (`fleet-ingress calls` names it NOT LISTED)",
-                )
-            raise FleetChangeError(
-                404,
-                no_such_call(text, f"no worker of this ingress is pid {pid}")
-                if tag is None
-                else process_gone(text, f"no worker of this ingress is pid {pid}"),
-            )
-        if self.server.of_a_release_before_calls(worker.key):
-            raise FleetChangeError(
-                409,
-                f"call {text}: its worker (pid {pid}, generation {worker.generation}) runs a "
-                "release before `end-call` (an upgrade's old generation) and cannot end one "
-                "call; its calls go on until they end or its drain does",
-            )
-        its = self.server.call_tag(worker.key)  # None: not heard yet (the worker checks)
-        if tag is None and its != "":
-            raise FleetChangeError(400, whole_id_wanted(text))
-        if tag is not None and its is not None and tag != its:
-            raise FleetChangeError(404, self._another_worker(text, worker, its))
-        answer = await self._ask_one(
-            worker, "end-call", END_ANSWER_WAIT, call=number, why=why, tag=tag
-        )
-        if "call" not in answer:
-            raise FleetChangeError(
-                504, f"call {text}: its worker (pid {pid}) did not answer: {answer.get('error')}"
-            )
-        if not isinstance(answer["call"], dict):
-            its = answer.get("tag")
-            if isinstance(its, str) and its != tag:
-                raise FleetChangeError(404, self._another_worker(text, worker, its))
-            raise FleetChangeError(404, no_such_call(text, "it has ended, or never was"))
-        return {"ended": answer["call"], "reason": why}
-
-    @staticmethod
-    def _another_worker(text: str, worker: WorkerProcess, its: str) -> str:
-        named = (
-            f"its calls are named {worker.pid}-N-{its}"
-            if its
-            else f"it names its calls {worker.pid}-N"
-        )
-        return process_gone(
-            text,
-            f"pid {worker.pid} here is a worker of generation {worker.generation}: {named}",
-        )
 
     # -- retiring workers (an upgrade's old generation) -----------------------------
 
@@ -1900,7 +1671,7 @@ class Supervisor:
         drain = self.config.timeouts.upgrade_drain
         if worker.drain_told is None:  # told again (a later upgrade): its first drain holds
             worker.drain_told = self.config.timeouts.old_generation_drain()
-        stop = {"op": "stop", "id": next(self._asks), "upgrade": True}
+        stop = {"op": "stop", "id": self.asks.next_id(), "upgrade": True}
         if drain is not None:
             stop["drain"] = drain
         if not self.server.send(worker.key, stop):
@@ -2317,7 +2088,7 @@ class Supervisor:
         for worker in list(self.workers.values()):
             self._stop_if_starting(worker)
             self._stop_without_channel(worker)
-        await self.ask_workers("stop", STOP_ANSWER_TIMEOUT)
+        await self.asks.ask_workers("stop", STOP_ANSWER_TIMEOUT)
         for sock in self.listeners.values():
             # shutdown() stops the socket listening in every process that holds
             # it, a worker that did not answer included; close() only drops ours.
