@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from fleet_ingress.service.supervisor import OOM_KILLED_WORKER
+from fleet_ingress.service.oom_verdict import OOM_KILLED_WORKER
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     MemoryCgroup,

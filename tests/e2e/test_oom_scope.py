@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from fleet_ingress.service.oom_kills import KernelLog
-from fleet_ingress.service.supervisor import OOM_KILLED_WORKER, OOM_POSSIBLY_KILLED_WORKER
+from fleet_ingress.service.oom_verdict import OOM_KILLED_WORKER, OOM_POSSIBLY_KILLED_WORKER
 from fleet_ingress.sim import SimulatedFleet
 from tests.e2e import test_oom_kill
 from tests.support import (

@@ -34,7 +34,7 @@ from fleet_ingress.config.settings import (
 from fleet_ingress.core.addresses import format_hostport
 from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem, new_ticket_keys, read_pem
-from fleet_ingress.service import supervisor as supervisor_module
+from fleet_ingress.service import oom_verdict as oom_verdict_module
 from fleet_ingress.service.carrier_certificate import read_carrier_pem, ticket_keys_drawn_for
 from fleet_ingress.service.fd_store import (
     CrashSnapshot,
@@ -801,16 +801,16 @@ async def test_an_oom_kill_seen_before_an_exec_is_the_next_images_to_claim(
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     events = tmp_path / "memory.events"  # the kernel's count, as a memory cgroup has it
     counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
     events.write_text("oom 5\noom_kill 5\n")
     old = Supervisor(config, specs, tmp_path / "ingress.toml")
     events.write_text("oom 6\noom_kill 6\n")  # a worker OOM-killed...
-    old.look_for_oom_kills()  # ...seen by the old image, its death not read yet
+    old.oom_verdict.look_for_oom_kills()  # ...seen by the old image, its death not read yet
     carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
     new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
-    assert new.oom_kills.claim(counter.read(), time.monotonic())
+    assert new.oom_verdict.oom_kills.claim(counter.read(), time.monotonic())
     # One kill, one claim: a kill -9 after it is not the OOM killer's.
-    assert not new.oom_kills.claim(counter.read(), time.monotonic())
+    assert not new.oom_verdict.oom_kills.claim(counter.read(), time.monotonic())
     # A crash snapshot carries the count as read: a kill seen and not claimed
     # there is a worker's, not the next supervisor's sign of its own OOM kill.
     assert old.upgrade.crash_snapshot()["oom_kill_count"] == 6
@@ -831,24 +831,24 @@ async def test_a_worker_the_supervisor_kills_is_never_taken_for_the_oom_killers(
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     events = tmp_path / "memory.events"
     counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
     events.write_text("oom 1\noom_kill 1\n")
     supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
     events.write_text("oom 2\noom_kill 2\n")  # another process of the unit OOM-killed
-    supervisor.look_for_oom_kills()
+    supervisor.oom_verdict.look_for_oom_kills()
     proc = await asyncio.create_subprocess_exec("sleep", "30")
     worker = WorkerProcess(proc, generation=1, key=1)
     worker.kill()
     code = await asyncio.wait_for(proc.wait(), 5)
     assert code == -9 and worker.killed_here
-    assert not await supervisor._oom_killed(worker, code)
+    assert not await supervisor.oom_verdict.oom_killed(worker, code)
     # The kill counted is still there for a death that was the OOM killer's.
-    assert supervisor.oom_kills.claim(counter.read(), time.monotonic())
+    assert supervisor.oom_verdict.oom_kills.claim(counter.read(), time.monotonic())
     worker.kill()  # a second kill of a process gone raises nothing
 
 
 class _KernelLogSaying:
-    """The kernel's log (/dev/kmsg) as `Supervisor._oom_killed` reads it: the
+    """The kernel's log (/dev/kmsg) as `OomVerdict.oom_killed` reads it: the
     pids it logged OOM kills of."""
 
     usable = complete = True
@@ -885,13 +885,13 @@ async def test_where_the_kernels_log_is_read_it_names_the_oom_killers_deaths(
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     vmstat = tmp_path / "vmstat"
     counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
     kernel_log = _KernelLogSaying()
-    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: kernel_log)
+    monkeypatch.setattr(oom_verdict_module, "KernelLog", lambda: kernel_log)
     vmstat.write_text("oom_kill 1\n")
     supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
     vmstat.write_text("oom_kill 2\n")  # a process elsewhere on the host
-    supervisor.look_for_oom_kills()
+    supervisor.oom_verdict.look_for_oom_kills()
 
     async def sigkilled() -> tuple[WorkerProcess, int]:
         proc = await asyncio.create_subprocess_exec("sleep", "30")
@@ -900,19 +900,19 @@ async def test_where_the_kernels_log_is_read_it_names_the_oom_killers_deaths(
         return worker, await asyncio.wait_for(proc.wait(), 5)
 
     worker, code = await sigkilled()
-    assert not await supervisor._oom_killed(worker, code)
+    assert not await supervisor.oom_verdict.oom_killed(worker, code)
     assert not worker.oom_possibly
     # One the kernel logged: the OOM killer's, named so (not "possibly").
     worker, code = await sigkilled()
     vmstat.write_text("oom_kill 3\n")
     kernel_log.logged.add(worker.pid)
-    assert await supervisor._oom_killed(worker, code)
+    assert await supervisor.oom_verdict.oom_killed(worker, code)
     assert worker.oom_logged and not worker.oom_possibly
     # Without the log (not root, the unit's ProtectKernelLogs=): possibly.
     kernel_log.usable = False
     worker, code = await sigkilled()
     vmstat.write_text("oom_kill 4\n")
-    assert await supervisor._oom_killed(worker, code)
+    assert await supervisor.oom_verdict.oom_killed(worker, code)
     assert worker.oom_possibly and not worker.oom_logged
 
 
@@ -1008,10 +1008,10 @@ async def test_a_supervisor_the_kernels_log_names_is_said_killed_by_it(
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     vmstat = tmp_path / "vmstat"
     counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
     kernel_log = _KernelLogSaying()
     kernel_log.last_seq = 7
-    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: kernel_log)
+    monkeypatch.setattr(oom_verdict_module, "KernelLog", lambda: kernel_log)
     vmstat.write_text("oom_kill 1\n")
     old = Supervisor(config, specs, tmp_path / "ingress.toml")
     carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
@@ -1044,8 +1044,8 @@ async def test_a_supervisor_possibly_oom_killed_is_said_possibly_by_stat_over_ex
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     vmstat = tmp_path / "vmstat"
     counter = OomCounter(str(vmstat), "the whole host (/proc/vmstat)", broad=True)
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
-    monkeypatch.setattr(supervisor_module, "KernelLog", lambda: KernelLog(str(tmp_path / "none")))
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "KernelLog", lambda: KernelLog(str(tmp_path / "none")))
     vmstat.write_text("oom_kill 1\n")
     old = Supervisor(config, specs, tmp_path / "ingress.toml")
     carried = json.loads(json.dumps(old.upgrade.crash_snapshot()))
@@ -1071,7 +1071,7 @@ async def test_a_supervisor_possibly_oom_killed_is_said_possibly_by_stat_over_ex
     # A second one, by the service's own count (a v2 memory.events): "killed", 1 of 2 possibly.
     events = tmp_path / "memory.events"
     own = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: own)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: own)
     events.write_text("oom_kill 3\n")
     after_crash["oom_kill_counter"], after_crash["oom_kill_count"] = str(events), 2
     third = Supervisor(config, specs, tmp_path / "ingress.toml", carried=after_crash)
@@ -1101,7 +1101,7 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
     events = tmp_path / "memory.events"
     counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
-    monkeypatch.setattr(supervisor_module, "find_oom_counter", lambda: counter)
+    monkeypatch.setattr(oom_verdict_module, "find_oom_counter", lambda: counter)
     kmsg = _Kmsg(["6,SEQ,1,-;eth0: link up\n"] * 3)
     monkeypatch.setattr(oom_kills, "os", kmsg)  # /dev/kmsg, readable (root)
     events.write_text("oom 5\noom_kill 5\n")
@@ -1109,7 +1109,7 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     proc = await asyncio.create_subprocess_exec("sleep", "30")
     events.write_text("oom 6\noom_kill 6\n")  # the worker OOM-killed...
     kmsg.log(f"3,SEQ,2,-;Memory cgroup out of memory: Killed process {proc.pid} (python)\n")
-    old.look_for_oom_kills()  # ...counted by the old image, its death not read yet
+    old.oom_verdict.look_for_oom_kills()  # ...counted by the old image, its death not read yet
     carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
     for field in ("kmsg_seq", "supervisor_pid"):  # what the release before did not carry
         del carried[field]
@@ -1117,7 +1117,7 @@ async def test_a_worker_oom_killed_as_a_release_without_the_kernels_log_hands_ov
     worker = WorkerProcess(proc, generation=1, key=proc.pid)
     proc.kill()  # (the OOM killer's SIGKILL, sent before the exec)
     code = await asyncio.wait_for(proc.wait(), 5)
-    assert await new._oom_killed(worker, code)
+    assert await new.oom_verdict.oom_killed(worker, code)
 
 
 async def test_auto_workers_are_counted_off_the_loop_at_start(

@@ -405,7 +405,7 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
         # The kernel's count of OOM kills, read as often: a SIGKILL death read
         # next is weighed against it, and a supervisor started after this one
         # died compares its own with the one the snapshot carries.
-        supervisor.look_for_oom_kills()
+        supervisor.oom_verdict.look_for_oom_kills()
         if supervisor.snapshots is not None:
             await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)

@@ -62,7 +62,8 @@ from fleet_ingress.service.carrier_certificate import certificate_not_taken
 from fleet_ingress.service.kept_running import TaskFailures
 from fleet_ingress.service.lifecycle import FIRST_PROBE_WAIT
 from fleet_ingress.service.listen_fds import reexec, worker_key
-from fleet_ingress.service.oom_kills import OomCounter, OomKills, rose_since
+from fleet_ingress.service.oom_kills import OomKills, rose_since
+from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.upgrade import (
@@ -164,8 +165,7 @@ class Upgradable(Protocol):
     supervisor_oom_kills: int
     supervisor_oom_kills_possibly: int
     worker_oom_kills: int
-    oom_counter: OomCounter | None
-    oom_kills: OomKills
+    oom_verdict: OomVerdict  # the kernel's OOM kills as read, and each SIGKILL death's verdict
     quick_deaths: int
     start_notes: list[str]  # what this image's start serves other than the files hold
 
@@ -173,8 +173,6 @@ class Upgradable(Protocol):
     def host_calls(self) -> int: ...
 
     def status_line(self) -> str: ...
-
-    def look_for_oom_kills(self) -> None: ...
 
     def ticket_keys_for_exec(self) -> str: ...
 
@@ -314,17 +312,17 @@ class UpgradeSequence:
             supervisor.fd_store_owed = [str(n) for n in carried.get("fd_store_owed") or []]
         # The kernel's log read on from where the image before this one left it:
         # an OOM kill logged meanwhile (its own, a worker's) is read here.
-        supervisor.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
+        supervisor.oom_verdict.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
         if not self.crash_restart:  # (after a crash: the fd store's, cli)
             supervisor.take_over_ticket_keys(carried.get("ticket_keys"))
         if self.crash_restart:
             self._say_if_oom_killed(carried)
-        elif supervisor.oom_counter is not None:
-            if carried.get("oom_kill_counter") == supervisor.oom_counter.path:
+        elif supervisor.oom_verdict.oom_counter is not None:
+            if carried.get("oom_kill_counter") == supervisor.oom_verdict.oom_counter.path:
                 # An exec: an OOM kill counted meanwhile is a worker's, whose
                 # death this image reads (its parent still).
-                supervisor.oom_kills = OomKills(last=carried.get("oom_kill_count"))
-                supervisor.look_for_oom_kills()
+                supervisor.oom_verdict.oom_kills = OomKills(last=carried.get("oom_kill_count"))
+                supervisor.oom_verdict.look_for_oom_kills()
         # (From a release that did not carry it: counted from here.)
         supervisor.metrics.checks.restore(
             carried.get("fleet_checks"), {f.name for f in supervisor.balancer.fleets}
@@ -356,8 +354,8 @@ class UpgradeSequence:
         had not read dead yet would show as a death of its own). Not known
         (said nothing) when the count was not read, or read elsewhere."""
         supervisor = self.supervisor
-        counter = supervisor.oom_counter
-        kernel_log, pid = supervisor.kernel_log, carried.get("supervisor_pid")
+        counter = supervisor.oom_verdict.oom_counter
+        kernel_log, pid = supervisor.oom_verdict.kernel_log, carried.get("supervisor_pid")
         logged = isinstance(pid, int) and kernel_log.killed(pid, time.monotonic())
         if (
             not logged
@@ -369,7 +367,7 @@ class UpgradeSequence:
         if counter is None or carried.get("oom_kill_counter") != counter.path:
             if not logged:
                 return
-        rose = rose_since(carried.get("oom_kill_count"), supervisor.oom_kills.last)
+        rose = rose_since(carried.get("oom_kill_count"), supervisor.oom_verdict.oom_kills.last)
         if not rose and not logged:
             return
         broad = counter is not None and counter.broad and not logged
@@ -709,17 +707,17 @@ class UpgradeSequence:
             # next supervisor, should this one die, tells from it whether the
             # OOM killer took it (`_say_if_oom_killed`). An exec's, less the
             # kills not claimed yet: a worker's death the next image reads.
-            "oom_kill_count": supervisor.oom_kills.carried()
+            "oom_kill_count": supervisor.oom_verdict.oom_kills.carried()
             if handover
-            else supervisor.oom_kills.last,
+            else supervisor.oom_verdict.oom_kills.last,
             # The kernel's log read up to here (/dev/kmsg's sequence number), and
             # this process's pid: the next image reads on from there, a
             # supervisor started after this one died looks for its pid's OOM kill.
-            "kmsg_seq": supervisor.kernel_log.last_seq,
+            "kmsg_seq": supervisor.oom_verdict.kernel_log.last_seq,
             "supervisor_pid": os.getpid(),
             "oom_kill_counter": None
-            if supervisor.oom_counter is None
-            else supervisor.oom_counter.path,
+            if supervisor.oom_verdict.oom_counter is None
+            else supervisor.oom_verdict.oom_counter.path,
             "fleet_checks": supervisor.metrics.checks.to_json(),
             "queue_timeouts": supervisor.slots.queue_timeouts,
             "reclaimed_total": supervisor.slots.reclaimed_total,
