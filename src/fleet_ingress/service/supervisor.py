@@ -156,12 +156,13 @@ from fleet_ingress.service.oom_verdict import (
     OOM_POSSIBLY_KILLED_WORKER,
     OomVerdict,
 )
+from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.upgrade import process_state
 from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
-from fleet_ingress.service.worker_process import WorkerProcess
+from fleet_ingress.service.worker_process import WORKER_START_TIMEOUT, WorkerProcess
 
 _T = TypeVar("_T")
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -169,17 +170,6 @@ server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was 
 # Where the workers write each call's line: a call lost with its worker gets its line here.
 access_log = logging.getLogger("fleet_ingress.access")
 
-# Every worker must have joined the coordinator within this at start, or `run` fails.
-WORKER_START_TIMEOUT = 30.0
-# A worker's answer to `reload` (it reads the certificate itself).
-RELOAD_ANSWER_TIMEOUT = 10.0
-# How long a worker's own reload is waited for past its round (which waits
-# RELOAD_ANSWER_TIMEOUT): its outcome, late, is logged then. Waited for as long
-# as that, a worker stopped for a while (SIGSTOP, a swapped-out host) that
-# reloaded once it ran again was logged a second time as not reloaded, its
-# answer dropped (the channel audit of session 24). One that hangs is killed
-# (process.worker_hang_timeout) and answers "gone" first.
-RELOAD_LATE_WAIT = 300.0
 # A worker's answer to `stop`: it closes its listeners at once.
 STOP_ANSWER_TIMEOUT = 1.0
 # After the drain and the workers' own closing time (STOP_GRACE, from
@@ -425,6 +415,8 @@ class Supervisor:
         self.slots.on_release.append(self.ops.reap)
         self.asks = WorkerAsks(self.server, self.workers)  # the ops sent them, answered
         self.calls = WorkerCalls(self.asks, self.server, self.workers)  # `calls`, `end-call`
+        # The workers' side of each reload: told the configuration applied here.
+        self.reload_rounds = ReloadRounds(self.asks, self.workers, self._keep, self._reload_told)
         self.server.on_join.append(self._joined)
         self.server.on_leave.append(self._left)
         self.server.keeps_slots = self._still_running
@@ -459,9 +451,6 @@ class Supervisor:
         # whichever generation serves by then, if it is short of workers.
         self._generation_settled = asyncio.Event()
         self._generation_settled.set()
-        # Reload rounds begun; the one under way (its tasks by worker pid), awaited by READY=1.
-        self._reload_rounds = 0
-        self._reload_round: dict[int, asyncio.Task[dict[str, Any]]] | None = None
         self._watchers: set[asyncio.Task[Any]] = set()
         self._web = WebSites()
         self.metrics.prometheus.register(OperatorConnectionsCollector(self._web))
@@ -853,7 +842,7 @@ class Supervisor:
     async def _start_worker(
         self, generation: int, *, candidate: bool, cpu: int | None
     ) -> WorkerProcess:
-        rounds = self._reload_rounds  # it reads the configuration from now on
+        rounds = self.reload_rounds.begun  # it reads the configuration from now on
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         socks = {**self.listeners, COORDINATOR: theirs}
         env = handover_env(socks)
@@ -908,11 +897,9 @@ class Supervisor:
         worker = WorkerProcess(proc, generation, key, candidate=candidate, cpu=cpu)
         self.add_worker(worker)
         self.store_fd(channel_key(proc.pid, generation), ours)
-        if rounds != self._reload_rounds:
+        if rounds != self.reload_rounds.begun:
             # Started before a reload round that did not see it: told too.
-            reloading = self._start_reload(worker)
-            if self._reload_round is not None:
-                self._reload_round[worker.pid] = reloading
+            self.reload_rounds.tell_late(worker)
         return worker
 
     def _cpu_for(self, generation: int) -> int | None:
@@ -1466,33 +1453,6 @@ class Supervisor:
 
     # -- asking workers ----------------------------------------------------------
 
-    async def _reload_workers(self) -> dict[int, dict[str, Any]]:
-        """Every worker reloads, one still starting once it serves; their
-        answers by pid, within RELOAD_ANSWER_TIMEOUT (one that has not
-        answered by then still reloads when it can, its outcome logged then)."""
-        self._reload_rounds += 1
-        tasks = self._reload_round = {}
-        for worker in list(self.workers.values()):
-            if not worker.left.is_set():
-                tasks[worker.pid] = self._start_reload(worker)
-        # Patient: a supervisor stopped through the round (SIGSTOP, a paused VM)
-        # reads the answers waiting for it before its timeout ends the round;
-        # they were logged "a worker did not reload", then "reloaded, after".
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with patient_timeout(RELOAD_ANSWER_TIMEOUT):
-                    # `tasks` may grow meanwhile: a worker whose start began before this round.
-                    while pending := [t for t in tasks.values() if not t.done()]:
-                        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._reload_round = None
-        late = {
-            "ok": False,
-            "error": f"no answer within {RELOAD_ANSWER_TIMEOUT:g}s; it reloads when it can",
-            "unknown": True,  # not a refusal: its outcome is logged when it comes
-        }
-        return {pid: t.result() if t.done() else late for pid, t in tasks.items()}
-
     def _keep(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """A task of the supervisor's own: held until done (the loop keeps weak
         references), cancelled at exit."""
@@ -1502,55 +1462,17 @@ class Supervisor:
         task.add_done_callback(self._say_if_failed)
         return task
 
-    def _start_reload(self, worker: WorkerProcess) -> asyncio.Task[dict[str, Any]]:
-        return self._keep(self._reload_said_if_late(worker))
-
-    async def _reload_said_if_late(self, worker: WorkerProcess) -> dict[str, Any]:
-        """`_reload_worker`, its outcome logged here when no round counts it:
-        its round was over (READY=1 sent) as it ended, or it had none. Told
-        as the task ends, before any round can read it done: told in a done
-        callback, one queued behind the round's wake-up (two answers read a
-        loop turn apart) found the round over when the round had counted it,
-        and a reload listed in "workers reloaded" was said again "after the
-        others" (the longevity soak of session 35: 8 of 100 reloads)."""
-        answer = await self._reload_worker(worker)
-        if asyncio.current_task() not in (self._reload_round or {}).values():
-            if answer.get("ok"):
-                log.info("worker reloaded, after the others", extra=fields(pid=worker.pid))
-            else:
-                _log_not_reloaded(worker.pid, answer.get("error"))
-        return answer
-
-    async def _reload_worker(self, worker: WorkerProcess) -> dict[str, Any]:
-        if not worker.serving.is_set():
-            # Not before: it may not listen to its channel yet.
-            waits = {
-                asyncio.ensure_future(worker.serving.wait()),
-                asyncio.ensure_future(worker.left.wait()),
-            }
-            try:
-                # Patient: its `serving` come during a stall is read first.
-                await wait_patiently(
-                    waits, WORKER_START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                for wait in waits:
-                    wait.cancel()
-            if worker.left.is_set() or not worker.serving.is_set():
-                # Its replacement runs this configuration and certificate.
-                return {"ok": False, "error": "the worker did not start", "unknown": True}
-        # The configuration applied here, not the file: it may have changed since
-        # it was read (an editor's second save), and a worker reading it again
-        # would serve another configuration than the host's.
-        # And the certificate and key checked here, not the files read again.
-        return await self.asks.ask_one(
-            worker,
-            "reload",
-            RELOAD_LATE_WAIT,
-            config=config_to_json(self.config),
-            pem=pem_to_json(self.serving_pem),
-            ticket_keys=ticket_keys_to_json(self.ticket_keys),
-        )
+    def _reload_told(self) -> dict[str, Any]:
+        """What a worker's `reload` carries. The configuration applied here, not
+        the file: it may have changed since it was read (an editor's second
+        save), and a worker reading it again would serve another configuration
+        than the host's. And the certificate and key checked here, not the
+        files read again."""
+        return {
+            "config": config_to_json(self.config),
+            "pem": pem_to_json(self.serving_pem),
+            "ticket_keys": ticket_keys_to_json(self.ticket_keys),
+        }
 
     def _forget_fleet(self, name: str) -> None:
         """A fleet left the set FORGET_AFTER ago and is not back (`forgetting`):
@@ -1943,7 +1865,7 @@ class Supervisor:
         if verified and not config.fleets.verify:
             _warn_unverified()
         self.server.wake()
-        answers = await self._reload_workers()
+        answers = await self.reload_rounds.reload_workers()
         gone = sorted(pid for pid, a in answers.items() if a.get("gone"))
         failed = {
             pid: a.get("error")
@@ -1958,7 +1880,7 @@ class Supervisor:
             if not a.get("ok") and not a.get("unknown") and not a.get("gone")
         }
         for pid, error in failed.items():
-            _log_not_reloaded(pid, error)
+            log_not_reloaded(pid, error)
             notes.append(f"worker {pid} did not reload: {error}")
         log.info(
             "workers reloaded",
@@ -2120,14 +2042,6 @@ def _warn_unverified() -> None:
     log.warning(
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
-    )
-
-
-def _log_not_reloaded(pid: int, error: object) -> None:
-    log.error(
-        "a worker did not reload: it serves with its previous certificate and "
-        "settings; see its log line (pid) for why",
-        extra=fields(pid=pid, error=error),
     )
 
 

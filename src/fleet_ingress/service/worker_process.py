@@ -16,6 +16,9 @@ from typing import Any
 
 from fleet_ingress.service.upgrade import AdoptedProcess, process_start
 
+# Every worker must have joined the coordinator within this at start, or `run` fails.
+WORKER_START_TIMEOUT = 30.0
+
 
 @dataclass(eq=False)
 class WorkerProcess:
