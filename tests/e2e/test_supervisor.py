@@ -1535,30 +1535,27 @@ async def test_an_admin_socket_directory_that_cannot_be_made_again_says_what_doe
         await service.finish()
 
 
-# Supervisor.keep_admin_socket on the admin socket of this process, its
+# KeptAdminSocket.keep_admin_socket on the admin socket of this process, its
 # directory then closed to it (mode 0): prints what it said, and the inode at
 # the path before and after.
 _CLOSED_ADMIN_DIRECTORY_CHILD = """
 import asyncio, os, sys
 from pathlib import Path
-from types import SimpleNamespace
-from fleet_ingress.ops.admin_server import bind_admin_socket, socket_file_id
-from fleet_ingress.service.supervisor import Supervisor
+from fleet_ingress.ops.admin_server import bind_admin_socket
+from fleet_ingress.service.admin_socket import KeptAdminSocket
 
 async def main(path):
     sock = bind_admin_socket(path)
     before = os.stat(path).st_ino
-    fake = SimpleNamespace(
-        admin_socket=path, _admin_sock=sock, stopping=False, _web=None,
-        _admin_socket_id=socket_file_id(path), _admin_socket_trouble=None,
-    )
-    fake._admin_socket_troubled = lambda p, t: Supervisor._admin_socket_troubled(fake, p, t)
+    kept = KeptAdminSocket(None)  # its web sites are not reached
+    kept.serving(sock)
+    kept.served_at(path)
     os.chmod(path.parent, 0)
     try:
-        await Supervisor.keep_admin_socket(fake)
+        await kept.keep_admin_socket(stopping=False)
     finally:
         os.chmod(path.parent, 0o755)
-    print(fake._admin_socket_trouble)
+    print(kept._admin_socket_trouble)
     print(before, os.stat(path).st_ino)
 
 asyncio.run(main(Path(sys.argv[1])))

@@ -3301,7 +3301,7 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
 
     admin = tmp_path / "admin.sock"
     sock = bind_admin_socket(admin)
-    supervisor._admin_sock = sock
+    supervisor.kept_admin_socket.serving(sock)
     app = admin_app(
         supervisor.ops, supervisor.snapshot, refresh=slow_refresh, upgrade=supervisor.upgrade
     )

@@ -91,8 +91,6 @@ from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context, held_pem, memfd
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
-    remove_own_socket,
-    socket_file_id,
 )
 from fleet_ingress.ops.fleet_ops import (
     CLOSE_ANSWER_WAIT,
@@ -119,6 +117,7 @@ from fleet_ingress.ops.reload_outcome import (
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
 from fleet_ingress.release import code_digest
+from fleet_ingress.service.admin_socket import KeptAdminSocket
 from fleet_ingress.service.carrier_certificate import (
     SERVING_PEM_ENV,
     SERVING_TICKET_KEYS_ENV,
@@ -455,11 +454,8 @@ class Supervisor:
         self._web = WebSites()
         self.metrics.prometheus.register(OperatorConnectionsCollector(self._web))
         self.stats_address: tuple[str, int] | None = None
-        self.admin_socket: Path | None = None
-        self._admin_socket_id: tuple[int, int] | None = None
         self._stats_sock: socket.socket | None = None
-        self._admin_sock: socket.socket | None = None
-        self._admin_socket_trouble: str | None = None  # said once (`keep_admin_socket`)
+        self.kept_admin_socket = KeptAdminSocket(self._web)
         self._puller: asyncio.Task[None] | None = None
         self.notifier: Notifier | None = None  # run_supervisor's: an upgrade says RELOADING=1
         # Its state for a supervisor started after its death (run_supervisor's).
@@ -660,7 +656,7 @@ class Supervisor:
             admin_sock = self.handed.pop("listen.admin_socket", None)
             if admin_sock is None:
                 admin_sock = bind_admin_socket(path)
-            self._admin_sock = admin_sock
+            self.kept_admin_socket.serving(admin_sock)
             await self._web.serve_kept(
                 admin_app(
                     self.ops,
@@ -675,8 +671,7 @@ class Supervisor:
                 admin_sock,
                 listener="admin",
             )
-            self.admin_socket = path
-            self._admin_socket_id = socket_file_id(path)
+            self.kept_admin_socket.served_at(path)
             server_log.info(
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
@@ -733,80 +728,9 @@ class Supervisor:
         socks: dict[str, socket.socket] = dict(self.listeners)
         if self._stats_sock is not None:
             socks["listen.stats"] = self._stats_sock
-        if self._admin_sock is not None:
-            socks["listen.admin_socket"] = self._admin_sock
+        if self.kept_admin_socket.sock is not None:
+            socks["listen.admin_socket"] = self.kept_admin_socket.sock
         return socks
-
-    async def keep_admin_socket(self) -> None:
-        """The admin socket made again at its path once its file is gone (an
-        operator's rm, systemd-tmpfiles; its directory too, where this process
-        can make it: not /run/fleet-ingress under the shipped unit, said so): a Unix
-        socket whose file is gone cannot be connected to, and `stat`, drain,
-        add-fleet and upgrade said "Is fleet-ingress running?" until a restart
-        (the resources audit of session 34). Connections open go on. Another
-        file put at the path is never replaced: said once, as is a socket that
-        cannot be made (tried again each time)."""
-        path, old = self.admin_socket, self._admin_sock
-        if path is None or old is None or self.stopping:
-            return
-        found = socket_file_id(path)
-        if found is not None:
-            if found != self._admin_socket_id:
-                self._admin_socket_troubled(
-                    path,
-                    "another file is at its path now: it is left alone, and the "
-                    "ingress cannot be reached there until that file is removed",
-                )
-            else:
-                self._admin_socket_trouble = None
-            return
-        if (unseen := _not_looked_at(path)) is not None:
-            # Not gone, for all this process knows: a directory on the way it
-            # may no longer enter (its mode changed). Said "its file was
-            # removed" and tried to make it, which failed the same way.
-            self._admin_socket_troubled(
-                path,
-                f"its file cannot be looked at ({unseen}): a directory on its way "
-                "is closed to this process now (its mode or owner changed?); the "
-                "file is left as it is, and looked at again each second",
-            )
-            return
-        directory_gone = not path.parent.is_dir()
-        try:
-            new = bind_admin_socket(path)
-        except OSError as exc:
-            if directory_gone and not path.parent.is_dir():
-                self._admin_socket_troubled(path, _admin_directory_not_made(path, exc))
-            else:
-                self._admin_socket_troubled(path, f"its file was removed and {exc}")
-            return
-        try:
-            await self._web.serve_kept_on(old, new)
-        except BaseException as exc:
-            new.close()
-            with contextlib.suppress(OSError):
-                path.unlink()  # ours, unserved: made again next time
-            if not isinstance(exc, Exception):
-                raise
-            self._admin_socket_troubled(path, f"its file was removed and {exc}")
-            return
-        self._admin_sock, self._admin_socket_id = new, socket_file_id(path)
-        old.close()
-        self._admin_socket_trouble = None
-        log.warning(
-            "admin socket removed while running (rm, systemd-tmpfiles, its directory "
-            "removed): made again",
-            extra=fields(path=str(path)),
-        )
-
-    def _admin_socket_troubled(self, path: Path, trouble: str) -> None:
-        if trouble != self._admin_socket_trouble:
-            self._admin_socket_trouble = trouble
-            log.error(
-                "admin socket unreachable: fleet-ingress stat, drain, add-fleet and "
-                "upgrade cannot reach this ingress",
-                extra=fields(path=str(path), why=trouble),
-            )
 
     async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess:
         """Start a worker of `generation`: its process, its channel served, in
@@ -1993,11 +1917,10 @@ class Supervisor:
             self._puller.cancel()
         await self.poller.close()
         await self._web.close()
-        for sock in (self._stats_sock, self._admin_sock):
+        for sock in (self._stats_sock, self.kept_admin_socket.sock):
             if sock is not None:
                 sock.close()
-        if self.admin_socket is not None:
-            remove_own_socket(self.admin_socket, self._admin_socket_id)
+        self.kept_admin_socket.remove_own()
         await self.server.close()
         self.files.close()
         for task in list(self._watchers):
@@ -2006,35 +1929,6 @@ class Supervisor:
     def kill_workers(self) -> None:
         for worker in self.workers.values():
             worker.kill()
-
-
-def _not_looked_at(path: Path) -> str | None:
-    """Why `path` cannot be looked at (stat fails other than for its absence),
-    or None: it is there, or gone."""
-    try:
-        os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        return os.strerror(exc.errno) if exc.errno else str(exc)
-    return None
-
-
-def _admin_directory_not_made(path: Path, exc: OSError) -> str:
-    """Why the admin socket's directory, removed, is not made again, and what
-    makes it: bind_admin_socket's own words ask for another listen.admin_socket,
-    which fixes nothing here. Under the shipped unit (User=fleet-ingress,
-    ProtectSystem=strict) /run is read-only to the service: its
-    RuntimeDirectory= was the one place it could write there, and is gone
-    (the review of session 34)."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return (
-        f"its directory {path.parent} was removed, and this process cannot make it "
-        f"again ({reason}): `systemctl restart fleet-ingress` makes it (the calls "
-        "drain first); under the shipped unit /run is read-only to the service "
-        "(ProtectSystem=strict), so a directory made by hand does not do. Calls go "
-        "on meanwhile, and `systemctl reload` (SIGHUP) works"
-    )
 
 
 def _warn_unverified() -> None:

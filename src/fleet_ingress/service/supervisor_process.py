@@ -412,10 +412,10 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
 
 
 async def _keep_admin_socket(supervisor: Supervisor) -> None:
-    """`Supervisor.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
+    """`KeptAdminSocket.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
     while True:
         await asyncio.sleep(ADMIN_SOCKET_LOOK_EVERY)
-        await supervisor.keep_admin_socket()
+        await supervisor.kept_admin_socket.keep_admin_socket(supervisor.stopping)
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:
