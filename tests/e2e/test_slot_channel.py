@@ -1141,13 +1141,13 @@ async def test_a_channel_whose_hello_named_pid_0_still_gives_its_slots_back(host
     """Review (session 7): the supervisor's `keeps_slots` (`_still_running`)
     asks `os.waitid(P_PID, channel.pid, ...)` with the pid the worker *said*
     in its hello; for pid 0 (or negative) waitid raises EINVAL, an OSError
-    that `_running` does not catch (only ChildProcessError). It escapes
+    that `child_running` does not catch (only ChildProcessError). It escapes
     `_gone` (connection_lost): `slots.leave` and `on_leave` never run, the
     slots stay counted for ever and the waiter never gets one."""
-    from fleet_ingress.service.supervisor import _running
+    from fleet_ingress.service.worker_exits import child_running
 
     h = host(maxconn=1)
-    h.server.keeps_slots = lambda key, pid: _running(pid)
+    h.server.keeps_slots = lambda key, pid: child_running(pid)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     await h.server.adopt(ours)
     bad = await SlotClient.connect(sock=theirs, pid=0, generation=1, answer_timeout=5)

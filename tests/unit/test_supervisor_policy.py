@@ -14,13 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from fleet_ingress.logs import _FIELDS
-from fleet_ingress.service.supervisor import (
-    RESPAWN_DELAY_MAX,
-    _exit_status,
-    pick_cpu,
-    respawn_delay,
-)
+from fleet_ingress.service.supervisor import RESPAWN_DELAY_MAX, pick_cpu, respawn_delay
 from fleet_ingress.service.worker import _pin_to, _say_pinned
+from fleet_ingress.service.worker_exits import exit_status
 
 
 @pytest.mark.parametrize(
@@ -44,7 +40,7 @@ def test_a_lone_crash_is_replaced_at_once_a_crash_loop_ever_slower(
     ],
 )
 def test_exit_status_names_the_signal(code: int | None, said: str) -> None:
-    assert _exit_status(code) == said
+    assert exit_status(code) == said
 
 
 @pytest.mark.parametrize(
@@ -131,7 +127,7 @@ def test_a_worker_not_our_child_runs_while_its_process_is_there():
     store are systemd's children, not ours: whether one still runs (its slots
     kept while it drains without its channel) is read from /proc."""
 
-    from fleet_ingress.service.supervisor import _running
+    from fleet_ingress.service.worker_exits import child_running
 
     # A grandchild: its parent (the shell) exits, so it is not ours either.
     done = subprocess.run(
@@ -148,15 +144,15 @@ def test_a_worker_not_our_child_runs_while_its_process_is_there():
     try:
         with pytest.raises(ChildProcessError):
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        assert _running(pid)
+        assert child_running(pid)
     finally:
         os.kill(pid, 9)
     for _ in range(200):  # reaped by whoever adopted it (init, a subreaper)
-        if not _running(pid):
+        if not child_running(pid):
             break
         time.sleep(0.01)
-    assert not _running(pid)
-    assert not _running(0)
+    assert not child_running(pid)
+    assert not child_running(0)
 
 
 async def test_a_workers_one_off_task_that_raises_is_said_and_counted(caplog):

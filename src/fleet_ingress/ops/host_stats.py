@@ -68,7 +68,7 @@ __all__ = [
 # sends one within slot_client.REPORT_AFTER_COUNT of counting, and a scrape
 # asks afresh): the pace at which a hung worker is found.
 PULL_EVERY = 5.0
-# fleet_ingress_worker_restarts_total{reason}: the supervisor's _restart_reason and hung.
+# fleet_ingress_worker_restarts_total{reason}: service.worker_exits.restart_reason and hung.
 RESTART_REASONS = ("crashed", "exited", "hung", "killed", "oom", "unknown")
 # How long a scrape waits for the workers' answers; a worker busy past it is
 # shown with its last report (its age is in the row and in a metric).

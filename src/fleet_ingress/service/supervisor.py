@@ -157,10 +157,16 @@ from fleet_ingress.service.oom_verdict import (
 )
 from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.upgrade import process_state
 from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
+from fleet_ingress.service.worker_exits import (
+    child_running,
+    exit_fields,
+    exit_status,
+    lived_s,
+    restart_reason,
+)
 from fleet_ingress.service.worker_process import WORKER_START_TIMEOUT, WorkerProcess
 
 _T = TypeVar("_T")
@@ -860,7 +866,7 @@ class Supervisor:
                 continue
             if exited in done:
                 raise WorkerStartError(
-                    f"worker {worker.pid} exited at start ({_exit_status(exited.result())})",
+                    f"worker {worker.pid} exited at start ({exit_status(exited.result())})",
                     error_logged=True,
                 )
             raise WorkerStartError(
@@ -874,7 +880,7 @@ class Supervisor:
             if worker.proc.returncode is not None or worker.left.is_set():
                 raise WorkerStartError(
                     f"worker {worker.pid} exited just after it began serving "
-                    f"({_exit_status(worker.proc.returncode)})",
+                    f"({exit_status(worker.proc.returncode)})",
                     error_logged=True,
                 )
 
@@ -939,7 +945,7 @@ class Supervisor:
     def _channel_lost(self, worker: WorkerProcess) -> None:
         """Its channel closed a while ago and it still runs: not a death but a
         channel lost (cut by either end); said once, and its exit said so."""
-        if worker.proc.returncode is not None or not _running(worker.pid):
+        if worker.proc.returncode is not None or not child_running(worker.pid):
             return  # it died: its exit is logged and counted as a death
         worker.channel_lost = True
         log.error(
@@ -966,7 +972,7 @@ class Supervisor:
             if worker.proc.returncode is not None:
                 return False
             pid = worker.pid  # the process we know, not the pid its channel claimed
-        return _running(pid)
+        return child_running(pid)
 
     @property
     def _pull_every(self) -> float:
@@ -1081,7 +1087,7 @@ class Supervisor:
             log.log(
                 logging.INFO if code == 0 and not worker.calls_lost else logging.ERROR,
                 "old-generation worker exited" if worker.retiring else "new worker exited",
-                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+                extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
             return
         if self.stopping:
@@ -1090,23 +1096,23 @@ class Supervisor:
             log.log(
                 logging.INFO if clean and not worker.calls_lost else logging.ERROR,
                 "worker exited",
-                extra=fields(**_exit_fields(worker, code)),
+                extra=fields(**exit_fields(worker, code)),
             )
             return
         self.restarts[
-            "hung" if worker.hung else "oom" if worker.oom_killed else _restart_reason(code, known)
+            "hung" if worker.hung else "oom" if worker.oom_killed else restart_reason(code, known)
         ] += 1
         if drained:
             log.warning(
                 "worker whose slot channel was lost finished its calls and exited: "
                 "its slots came back; a new worker replaced it",
-                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+                extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
         elif not known and not worker.calls_lost and not worker.channel_lost:
             log.warning(
                 "worker exited holding no call (how it ended is systemd's to know: it "
                 "was taken up after a supervisor died); a new worker replaces it",
-                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+                extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
         elif code == 0 and not worker.calls_lost and known:
             # Not a death: stopped on its own (a SIGTERM sent to it alone), it
@@ -1116,7 +1122,7 @@ class Supervisor:
                 "supervisor?): it drained its calls and exited cleanly; calls still up "
                 "at its drain's end were cut, each logged with end_reason drain; a new "
                 "worker replaces it",
-                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+                extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
         elif worker.oom_killed:
             log.error(
@@ -1129,14 +1135,14 @@ class Supervisor:
                 "counted lost, its slots came back; a new worker replaced it"
                 if worker.channel_lost
                 else "worker died: its calls are lost; a new worker replaces it",
-                extra=fields(**_exit_fields(worker, code), lived_s=_lived_s(worker)),
+                extra=fields(**exit_fields(worker, code), lived_s=lived_s(worker)),
             )
         self._replace(worker)
 
     def _oom_fields(self, worker: WorkerProcess, code: int | None) -> dict[str, object]:
         return {
-            **_exit_fields(worker, code),
-            "lived_s": _lived_s(worker),
+            **exit_fields(worker, code),
+            "lived_s": lived_s(worker),
             "oom_kills_counted_in": self.oom_verdict.counted_in(),
             # Named by the kernel's own record of the pid (/dev/kmsg), not by a count alone.
             "oom_kill_logged": worker.oom_logged,
@@ -1146,7 +1152,7 @@ class Supervisor:
         """An access line for each call `worker` took with it (SPEC 12: one
         line per call), and each counted ended: it could not do either."""
         calls, worker.calls_at_leave = worker.calls_at_leave, {}
-        status = _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
+        status = exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
         now, now_monotonic = time.time(), time.monotonic()
         for _, call in sorted(calls.items()):
             record = lost_call_record(
@@ -1954,68 +1960,6 @@ def respawn_delay(quick_deaths: int) -> float:
     if quick_deaths <= 1:
         return 0.0
     return float(min(RESPAWN_DELAY_FIRST * 2 ** (quick_deaths - 2), RESPAWN_DELAY_MAX))
-
-
-def _running(pid: int) -> bool:
-    """Whether child `pid` still runs: not exited (a zombie not reaped yet
-    has; the exit status is left for its watcher to read), nor reaped."""
-    if pid <= 0:  # a channel that claimed no real pid: nothing to wait for
-        return False
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
-    except ChildProcessError:
-        # Not our child: reaped already, or a worker taken up after the previous
-        # supervisor died (`fd_store`), whose parent is systemd now: alive while
-        # its process is there and not a zombie.
-        state = process_state(pid)
-        return state is not None and state[0] != "Z"
-    except OSError:
-        return False
-
-
-def _restart_reason(code: int | None, known: bool = True) -> str:
-    """`fleet_ingress_worker_restarts_total{reason}`: killed (a signal: an
-    operator's; an OOM kill is "oom", said by its caller), crashed (a
-    non-zero exit), exited (0, unasked),
-    unknown (taken up after a supervisor died, and not killed by this one:
-    systemd read its status); and hung (killed by the supervisor itself:
-    `_worker_silent`), said by its caller."""
-    if code is not None and code < 0:
-        return "killed"
-    if not known:
-        return "unknown"
-    return "crashed" if code else "exited"
-
-
-def _exit_fields(worker: WorkerProcess, code: int | None) -> dict[str, object]:
-    """What every line about a worker's exit says."""
-    known = worker.exit_status_known
-    return {
-        "pid": worker.pid,
-        "generation": worker.generation,
-        "exit_status": _exit_status(code, oom=worker.oom_killed, possibly=worker.oom_possibly)
-        if known or (code is not None and code < 0)
-        else "unknown (taken up after a supervisor died: systemd read it)",
-        "calls_lost": worker.calls_lost,
-    }
-
-
-def _lived_s(worker: WorkerProcess) -> float:
-    return round(time.monotonic() - worker.started_at, 1)
-
-
-def _exit_status(code: int | None, *, oom: bool = False, possibly: bool = False) -> str:
-    if code is None:
-        return "running"
-    if oom and possibly:
-        return "killed by SIGKILL, possibly from the kernel's OOM killer"
-    if oom:
-        return "killed by SIGKILL from the kernel's OOM killer"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-        return f"killed by signal {-code}"
-    return f"exit {code}"
 
 
 def _snapshot_failed() -> None:
