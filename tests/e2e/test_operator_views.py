@@ -101,12 +101,6 @@ async def test_a_fleet_in_maint_is_not_counted_up_by_metrics_as_stat_does_not(
         await service.finish()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs service/supervisor.py (being split by another helper): in "
-    "Supervisor._log_lost_calls, `self.view.retired.add(lost_call_counts(record), "
-    "gauges=False)` (ops.metrics) in place of its calls_ended += 1",
-)
 async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogram(
     tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
 ) -> None:

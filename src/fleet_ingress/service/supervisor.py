@@ -108,6 +108,7 @@ from fleet_ingress.ops.host_stats import (
     with_drain_end,
 )
 from fleet_ingress.ops.local_counts import fold_fleets_gone
+from fleet_ingress.ops.metrics import lost_call_counts
 from fleet_ingress.ops.reload_outcome import (
     REFUSED_RELOAD_STATUS,
     ReloadAsked,
@@ -1167,8 +1168,11 @@ class Supervisor:
             # the worker counts each call it ends: before, a call lost with its
             # worker was in worker_calls_lost alone, and the calls ended by reason
             # came up short of the calls made (the accounting audit of session 31).
-            ended = ("calls_ended", record["fleet"] or "", record["end_reason"])
-            self.view.retired.counters[ended] += 1
+            # A tunneled one's duration too (fleet_ingress_call_duration_seconds),
+            # as a worker observes each tunneled call that ends: before, the
+            # histogram left out every call lost with its worker (the views audit
+            # of session 37).
+            self.view.retired.add(lost_call_counts(record), gauges=False)
             if self.config.log.access:
                 access_log.info("call ended", extra=fields(**record))
 
