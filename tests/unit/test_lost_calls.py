@@ -147,3 +147,31 @@ def test_a_lost_tunneled_call_counts_ended_and_its_duration_a_waiting_one_ended_
     waiting = lost_call_counts(record(SAID))  # no fleet, no 101: no duration of a call
     assert dict(waiting.counters) == {("calls_ended", "", "error"): 1}
     assert waiting.histograms == {}
+
+
+def test_lost_calls_land_in_the_buckets_a_worker_would_put_them_in() -> None:
+    """Summed over many lost calls, `lost_call_counts` gives the histogram a
+    worker's prometheus_client Histogram gives for the same durations: on a
+    bound (le is inclusive), just past it, past the last bound (+Inf alone),
+    zero; the count and the sum. The supervisor adds these to its retired
+    counts, merged with its workers' on their shared bounds."""
+    from prometheus_client import CollectorRegistry
+
+    from fleet_ingress.core.host_view import Counts
+    from fleet_ingress.ops.local_counts import CALL_DURATION, histo_of
+    from fleet_ingress.ops.metrics import _histogram, lost_call_counts
+
+    durations = [0.0, 0.5, 1.0, 1.001, 5.0, 59.999, 60.0, 60.001, 7200.0, 7200.001, 86_400.0]
+    worker = _histogram(CALL_DURATION, CollectorRegistry())
+    lost = Counts()
+    for duration in durations:
+        worker.observe(duration)
+        lost.add(
+            lost_call_counts(
+                {"fleet": "a", "status": 101, "duration_s": duration, "end_reason": "error"}
+            ),
+            gauges=False,
+        )
+    assert lost.histograms[CALL_DURATION] == histo_of(worker)
+    assert lost.histograms[CALL_DURATION].count == len(durations)
+    assert lost.counter("calls_ended", "a", "error") == len(durations)
