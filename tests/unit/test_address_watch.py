@@ -155,3 +155,65 @@ def test_if_inet6_lines() -> None:
         "\n"
     )
     assert parse_if_inet6(text) == {ipaddress.IPv6Address("::1"), VIP6}
+
+
+class _Transport:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.host, 443) if name == "sockname" else default
+
+
+class _Carrier:
+    def __init__(self, host: str) -> None:
+        self.transport = _Transport(host)
+        self.ended: list[tuple[object, str]] = []
+
+    def request_end(self, reason: object, why: str = "") -> None:
+        self.ended.append((reason, why))
+
+
+async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_moved_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleet_ingress.core.call_machine import EndReason
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    host = {VIP, OWN}
+    reads: list[int] = []
+    events = [True]  # the kernel's word at each look, popped; then silence
+
+    def read() -> set[object]:
+        reads.append(1)
+        return set(host)
+
+    monkeypatch.setattr(host_addresses, "read_host_addresses", read)
+    monkeypatch.setattr(
+        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+    )
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    try:
+        calls = [Call(_Carrier(a), "192.0.2.1", "/ws/", "b") for a in (str(VIP), str(OWN))]  # type: ignore[arg-type]
+        loopback = Call(_Carrier("127.0.0.1"), "127.0.0.1", "/ws/", "b")  # type: ignore[arg-type]
+        sweep.call_linked(loopback)
+        assert sweep._timer is None  # a loopback call cannot move: no timer
+        for call in calls:
+            registry.add_call(call)
+            sweep.call_linked(call)
+        for _ in range(3):
+            sweep.look()
+        assert len(reads) == 1  # the first look only: nothing changed since
+        host.discard(VIP)
+        events.append(True)
+        sweep.look()  # seen missing
+        assert len(reads) == 2 and not calls[0].carrier.ended  # type: ignore[attr-defined]
+        sweep.watch._missing_since[VIP] -= GRACE  # as if a look a grace later
+        sweep.look()  # missing again, no event between: ended
+        [(reason, why)] = calls[0].carrier.ended  # type: ignore[attr-defined]
+        assert reason is EndReason.CARRIER_LOST and str(VIP) in why
+        assert calls[1].carrier.ended == []  # type: ignore[attr-defined]
+    finally:
+        sweep.stop()

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from fleet_ingress.core.address_watch import (
@@ -153,6 +154,7 @@ class AddressSweep:
         self._host: set[Address] | None = None  # the last read (None: never read)
         self._timer: asyncio.TimerHandle | None = None
         self._on: dict[Call, Address] = {}  # linked calls on an address that could go
+        self._used: Counter[Address] = Counter()  # how many of them on each
         registry.on_call_linked.append(self.call_linked)
         registry.on_call_ended.append(self.call_ended)
 
@@ -161,6 +163,7 @@ class AddressSweep:
         if address is None:
             return
         self._on[call] = address
+        self._used[address] += 1
         if self._timer is None:
             if self._events is None:
                 self._events = AddressEvents()
@@ -168,7 +171,14 @@ class AddressSweep:
             self._timer = asyncio.get_running_loop().call_later(self.period, self.look)
 
     def call_ended(self, call: Call) -> None:
-        self._on.pop(call, None)
+        address = self._on.pop(call, None)
+        if address is not None:
+            self._forget(address)
+
+    def _forget(self, address: Address) -> None:
+        self._used[address] -= 1
+        if self._used[address] <= 0:
+            del self._used[address]
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -198,8 +208,6 @@ class AddressSweep:
 
     def _look(self) -> None:
         self.looks += 1
-        for call in [c for c in self._on if c not in self.registry.calls]:
-            del self._on[call]
         if not self._on:
             return
         events = self._events
@@ -210,7 +218,7 @@ class AddressSweep:
             self.reads += 1
         now = time.monotonic()
         # Without the kernel's word (no netlink), each look reads and stands alone.
-        gone = self.watch.look(self._host, self._on.values(), now, changed and events.listening)
+        gone = self.watch.look(self._host, self._used.keys(), now, changed and events.listening)
         for address in gone:
             why = gone_detail(address, self.watch.missing_for(address, now))
             calls = [c for c, a in self._on.items() if a == address]
@@ -220,6 +228,7 @@ class AddressSweep:
             )
             for call in calls:
                 del self._on[call]
+                self._forget(address)
                 call.end(EndReason.CARRIER_LOST, why)
 
 
