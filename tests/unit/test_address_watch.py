@@ -53,17 +53,25 @@ TRANSCRIPTS = {
         (2.0, {OWN}, {VIP, OWN}, [VIP]),
     ],
     "back within the grace: kept, and the clock starts afresh": [
-        (0.0, {OWN}, {VIP}, []),
+        (0.0, {VIP, OWN}, {VIP}, []),
+        (0.5, {OWN}, {VIP}, []),
         (0.9, {VIP, OWN}, {VIP}, []),
         (1.5, {OWN}, {VIP}, []),
         (2.4, {OWN}, {VIP}, []),
         (2.5, {OWN}, {VIP}, [VIP]),
     ],
     "no call on it any more: forgotten": [
-        (0.0, {OWN}, {VIP}, []),
+        (0.0, {VIP, OWN}, {VIP}, []),
+        (0.2, {OWN}, {VIP}, []),
         (0.5, {OWN}, set(), []),
-        (1.2, {OWN}, {VIP}, []),  # a new call: its own grace
+        (0.8, {VIP, OWN}, {VIP}, []),  # a new call: its own grace
+        (1.2, {OWN}, {VIP}, []),
         (2.2, {OWN}, {VIP}, [VIP]),
+    ],
+    "never seen on this host (an AnyIP route, a transparent socket): never ended": [
+        (0.0, {OWN}, {VIP}, []),
+        (1.0, {OWN}, {VIP}, []),
+        (5.0, set(), {VIP, OWN}, []),
     ],
     "both families, each its own clock": [
         (0.0, {VIP, VIP6}, {VIP, VIP6}, []),
@@ -73,9 +81,10 @@ TRANSCRIPTS = {
         (2.0, set(), {VIP, VIP6}, [VIP, VIP6]),
     ],
     "said again at each look while its calls stay": [
-        (0.0, set(), {VIP}, []),
-        (1.0, set(), {VIP}, [VIP]),
-        (2.0, set(), {VIP}, [VIP]),
+        (0.0, {VIP}, {VIP}, []),
+        (0.5, set(), {VIP}, []),
+        (1.5, set(), {VIP}, [VIP]),
+        (2.5, set(), {VIP}, [VIP]),
     ],
 }
 
@@ -91,6 +100,7 @@ def test_a_change_between_two_looks_that_both_miss_it_starts_the_clock_again() -
     # Removed, put back and removed again between two looks: the second look
     # sees it missing, as the first did, but the kernel said addresses changed.
     watch = AddressWatch()
+    assert watch.look({VIP, OWN}, {VIP}, -1.0) == []
     assert watch.look({OWN}, {VIP}, 0.0, changed=True) == []
     assert watch.look({OWN}, {VIP}, 1.0, changed=True) == []
     assert watch.missing_for(VIP, 1.5) == pytest.approx(0.5)
@@ -100,6 +110,7 @@ def test_a_change_between_two_looks_that_both_miss_it_starts_the_clock_again() -
 def test_pending_while_an_address_is_missing() -> None:
     watch = AddressWatch()
     assert not watch.pending
+    watch.look({VIP, OWN}, {VIP}, -1.0)
     watch.look({OWN}, {VIP}, 0.0)
     assert watch.pending and watch.missing_for(VIP, 0.7) == pytest.approx(0.7)
     watch.look({OWN, VIP}, {VIP}, 0.8)

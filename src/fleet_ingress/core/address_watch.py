@@ -26,6 +26,13 @@ change between them. What it does not spare: an address away longer that comes
 back to this host (both hosts in FAULT for seconds, then this one taking it
 back): its calls could have lived, but with `nopreempt` that happens only when
 every fleet was DOWN on both hosts, when those calls had no fleet anyway.
+
+Only an address seen among the host's at a look while calls were on it can go
+missing: one never seen there is not this reading's to judge (an AnyIP route
+such as `ip route add local 192.0.2.0/24 dev lo`, whose addresses are no /32
+entry; a transparent socket's; a table that could not be read), and its calls
+are left to the TCP timeouts, as before. Without that, such a host would end
+every call a second or two after it linked.
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ class AddressWatch:
     def __init__(self, grace: float = GRACE) -> None:
         self.grace = grace
         self._missing_since: dict[Address, float] = {}
+        # Addresses calls are on that a look found on this host: only those can go.
+        self._seen: set[Address] = set()
 
     @property
     def pending(self) -> bool:
@@ -99,12 +108,13 @@ class AddressWatch:
         at two looks with no change between is what ends calls."""
         present = frozenset(host)
         used = frozenset(used)
+        self._seen = (self._seen | (used & present)) & used
         for address in [a for a in self._missing_since if a in present or a not in used]:
             del self._missing_since[address]
         if changed:
             self._missing_since.clear()
         gone = []
-        for address in used - present:
+        for address in (used - present) & self._seen:
             since = self._missing_since.setdefault(address, now)
             if now - since >= self.grace:
                 gone.append(address)
