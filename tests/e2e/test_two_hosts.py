@@ -19,7 +19,9 @@ machine and fails under CI (CI set), where all three are there.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import datetime
 import json
 import os
 import re
@@ -39,6 +41,7 @@ import pytest
 import trustme
 
 from fleet_ingress.config.init_deploy import add_init_arguments, keepalived_binary, main_init
+from fleet_ingress.core.address_watch import CHECK_PERIOD
 
 ROLES = Path(__file__).resolve().parent / "netns_roles.py"
 VIP, PREFIX = "192.0.2.10", 24
@@ -57,6 +60,11 @@ LIVE_WAIT = 40
 # interval (3 x advert_int + skew, about 3.6 s), after which a host that would preempt
 # has done so.
 HOLD = 6.0
+# Long calls on the active host when its keepalived stops, and how soon after the
+# stop it must have ended them: keepalived removes the address at once, the
+# grace (1 s) and a look (1 s) follow, with room for a loaded host.
+HELD = 4
+ENDED_BUDGET = 5.0
 LIFETIME = 150  # no helper process outlives this, whatever happens to the test
 NS_PREFIX = "fik"  # fleet-ingress keepalived test
 
@@ -411,10 +419,21 @@ def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
     assert lab.holder() == "b", lab.logs()
     assert failed_since(carrier, t) == [], lab.logs()  # nothing was cut or refused meanwhile
 
-    # 3. keepalived stops on the active host (b): a takes the address.
-    t = time.monotonic()
+    # 3. keepalived stops on the active host (b): a takes the address. The calls
+    # b holds are cut (a resets their packets); b ends them once the address has
+    # left it for a second, freeing their fleet workers for the redials (before:
+    # at tcp_user_timeout, 20 s; the pair audit of session 37).
+    holding = [*helper, "hold", f"wss://{VIP}", str(ca_file), str(HELD), str(LIFETIME)]
+    held = lab.start("held", "carrier", holding, read_lines=True)
+    until(lab, "the held calls are up", lambda: len(_held(held, "up")) == HELD, 15)
+    time.sleep(CHECK_PERIOD + 0.3)  # b's look has seen the address (one never seen is not judged)
+    t, wall = time.monotonic(), time.time()
     lab.stop(keepalived["b"])
     until(lab, f"host a holds {VIP}", lambda: lab.holder() == "a", 10)
+    until(lab, "b ends the held calls", lambda: len(_ended_on(ingress["b"], VIP)) == HELD, 8)
+    freed = max(_ended_on(ingress["b"], VIP)) - wall
+    assert freed <= ENDED_BUDGET, (freed, lab.logs())
+    print(f"keepalived stopped: the old host ended its {HELD} cut calls {freed:.1f} s after")
     until(lab, "a new call succeeds", lambda: first_success_after(carrier, t) is not None, 10)
     recovered = first_success_after(carrier, t)
     assert recovered is not None and recovered - t <= FAILOVER_BUDGET, (recovered, t, lab.logs())
@@ -427,6 +446,28 @@ def test_the_address_moves_when_the_active_host_fails_and_stays_when_it_returns(
     time.sleep(HOLD)
     assert lab.holder() == "a", lab.logs()
     assert failed_since(carrier, t) == [], lab.logs()
+
+
+def _held(held: Proc, what: str) -> list[float]:
+    return [line[what] for line in map(json.loads, list(held.lines)) if what in line]
+
+
+def _ended_on(ingress: Proc, address: str, bots: str = "held-") -> list[float]:
+    """When (wall clock) the host's calls of `bots` ended for having lost `address`
+    (a short call in flight at the move may be among them too)."""
+    ended = []
+    for text in ingress.log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            line = json.loads(text)
+            detail = line.get("detail") or ""
+            if (
+                line.get("end_reason") == "carrier_lost"
+                and f"address {address} " in detail
+                and str(line.get("bot_id")).startswith(bots)
+            ):
+                stamp = datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+                ended.append(stamp.timestamp())
+    return ended
 
 
 def _backups(keepalived: Proc) -> int:

@@ -54,6 +54,7 @@ from fleet_ingress.net.acme import (
 from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns, process_tag
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
+from fleet_ingress.net.host_addresses import AddressSweep
 from fleet_ingress.net.late_timers import patient_timeout, wait_patiently
 from fleet_ingress.net.listener import (
     CarrierListener,
@@ -178,6 +179,8 @@ class Ingress:
             fall=_passive_fall(config, probed=health_checks),
         )
         self.registry = Registry()
+        # Calls on an address that moved to another host (a failover) end soon after.
+        self.address_sweep = AddressSweep(self.registry)
         self.refusals = RateLimitedLog(
             refused_log,
             REFUSED_LINES_PER_SECOND,
@@ -764,6 +767,7 @@ class Ingress:
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
             await asyncio.sleep(0)
         self.registry.sweep.stop()
+        self.address_sweep.stop()
         if self.poller is not None:
             await self.poller.close()
         if self._web is not None:

@@ -1,0 +1,242 @@
+"""This host's addresses, and the timer that ends calls on one it lost.
+
+A call whose address moved to another host (a keepalived failover, SPEC 14)
+is ended `carrier_lost` once the address has been missing for
+`core.address_watch.GRACE`, so that its fleet worker and bot are free for the
+carrier's redial through the other host (`core.address_watch` says why, and
+which number). Here is the reading and the timer:
+
+- The addresses come from /proc (no subprocess): the LOCAL /32 entries of
+  /proc/net/fib_trie for IPv4, /proc/net/if_inet6 for IPv6, in this process's
+  network namespace. A bind() test would not do: keepalived set-ups often set
+  net.ipv4.ip_nonlocal_bind, under which binding an address the host lacks works.
+- They are read only when they may have changed: a netlink socket subscribed
+  to the kernel's address events (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) is
+  drained at each look, without blocking; a look with no event and no address
+  missing reads nothing. Without netlink (a sandbox refusing it) every look reads.
+- The timer runs once every CHECK_PERIOD while linked calls are on an address
+  that could go (not loopback), and stops when none is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from fleet_ingress.core.address_watch import (
+    CHECK_PERIOD,
+    Address,
+    AddressWatch,
+    call_address,
+    gone_detail,
+)
+from fleet_ingress.core.call_machine import EndReason
+from fleet_ingress.logs import fields
+from fleet_ingress.net.event_loop import count_unexpected_error
+
+if TYPE_CHECKING:
+    from fleet_ingress.net.calls import Call, Registry
+
+log = logging.getLogger("fleet_ingress.proxy")
+
+FIB_TRIE = "/proc/net/fib_trie"
+IF_INET6 = "/proc/net/if_inet6"
+# <linux/rtnetlink.h>: the multicast groups of address changes.
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+def parse_fib_trie(text: str) -> set[ipaddress.IPv4Address]:
+    """The IPv4 addresses of this host: each `|-- ADDR` leaf followed by a
+    `/32 host LOCAL` entry (the local table's; the main table's routes and
+    broadcast entries are not)."""
+    found: set[ipaddress.IPv4Address] = set()
+    leaf = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|-- "):
+            leaf = stripped[4:]
+        elif stripped == "/32 host LOCAL" and leaf:
+            with contextlib.suppress(ValueError):
+                found.add(ipaddress.IPv4Address(leaf))
+    return found
+
+
+def parse_if_inet6(text: str) -> set[ipaddress.IPv6Address]:
+    """The IPv6 addresses of this host: the first field of each line, 32 hex digits."""
+    found: set[ipaddress.IPv6Address] = set()
+    for line in text.splitlines():
+        word = line.split(maxsplit=1)[0] if line.strip() else ""
+        if len(word) == 32:
+            with contextlib.suppress(ValueError):
+                found.add(ipaddress.IPv6Address(int(word, 16)))
+    return found
+
+
+def read_host_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address]:
+    """This host's addresses, both families (a file missing: none of that family)."""
+    found: set[Address] = set()
+    for path, parse in ((fib_trie, parse_fib_trie), (if_inet6, parse_if_inet6)):
+        try:
+            with open(path, encoding="ascii", errors="replace") as f:
+                found |= parse(f.read())  # type: ignore[operator]
+        except OSError:
+            pass
+    return found
+
+
+class AddressEvents:
+    """The kernel's word that an address was added or removed, drained when
+    asked (`changed`); None of a socket: no word to be had, always changed."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        except (OSError, AttributeError):
+            return
+        try:
+            sock.setblocking(False)
+            sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        except OSError:
+            sock.close()
+            return
+        self._sock = sock
+
+    @property
+    def listening(self) -> bool:
+        return self._sock is not None
+
+    def changed(self) -> bool:
+        """Whether an address event came since the last call (all read now)."""
+        sock = self._sock
+        if sock is None:
+            return True
+        seen = False
+        while True:
+            try:
+                if not sock.recv(65536):
+                    return True
+            except BlockingIOError:
+                return seen
+            except OSError:  # ENOBUFS: events were lost, so something changed
+                return True
+            seen = True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class AddressSweep:
+    """One timer for the worker: ends the linked calls whose local address
+    has been missing from this host for the grace (`core.address_watch`)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        watch: AddressWatch | None = None,
+        period: float = CHECK_PERIOD,
+    ) -> None:
+        self.registry = registry
+        self.watch = watch or AddressWatch()
+        self.period = period
+        self.looks = 0  # looks taken
+        self.reads = 0  # of them, those that read the addresses
+        self._events: AddressEvents | None = None
+        self._host: set[Address] | None = None  # the last read (None: never read)
+        self._timer: asyncio.TimerHandle | None = None
+        self._on: dict[Call, Address] = {}  # linked calls on an address that could go
+        self._used: Counter[Address] = Counter()  # how many of them on each
+        registry.on_call_linked.append(self.call_linked)
+        registry.on_call_ended.append(self.call_ended)
+
+    def call_linked(self, call: Call) -> None:
+        address = _local_address(call)
+        if address is None:
+            return
+        self._on[call] = address
+        self._used[address] += 1
+        if self._timer is None:
+            if self._events is None:
+                self._events = AddressEvents()
+                self._host = None
+            self._timer = asyncio.get_running_loop().call_later(self.period, self.look)
+
+    def call_ended(self, call: Call) -> None:
+        address = self._on.pop(call, None)
+        if address is not None:
+            self._forget(address)
+
+    def _forget(self, address: Address) -> None:
+        self._used[address] -= 1
+        if self._used[address] <= 0:
+            del self._used[address]
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def look(self) -> None:
+        self._timer = None
+        try:
+            self._look()
+        except Exception as exc:  # a bug must not end the watch, nor cut calls
+            count_unexpected_error()
+            log.error(
+                "address check failed: calls are kept and checked again; a bug, report it",
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+        if self._on:
+            self._timer = asyncio.get_running_loop().call_later(self.period, self.look)
+        elif self._events is not None:
+            # No call to watch: no socket either (events queued meanwhile are
+            # not wanted; the next watch reads the addresses afresh).
+            self._events.close()
+            self._events = None
+
+    def _look(self) -> None:
+        self.looks += 1
+        if not self._on:
+            return
+        events = self._events
+        assert events is not None
+        changed = events.changed()
+        if changed or self._host is None or self.watch.pending:
+            self._host = read_host_addresses()
+            self.reads += 1
+        now = time.monotonic()
+        # Without the kernel's word (no netlink), each look reads and stands alone.
+        gone = self.watch.look(self._host, self._used.keys(), now, changed and events.listening)
+        for address in gone:
+            why = gone_detail(address, self.watch.missing_for(address, now))
+            calls = [c for c, a in self._on.items() if a == address]
+            log.warning(
+                "calls ended: their address left this host",
+                extra=fields(address=str(address), calls=len(calls)),
+            )
+            for call in calls:
+                del self._on[call]
+                self._forget(address)
+                call.end(EndReason.CARRIER_LOST, why)
+
+
+def _local_address(call: Call) -> Address | None:
+    transport = getattr(call.carrier, "transport", None)
+    if transport is None:
+        return None
+    sockname = transport.get_extra_info("sockname")
+    if not sockname:
+        return None
+    return call_address(str(sockname[0]))

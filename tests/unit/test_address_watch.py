@@ -1,0 +1,230 @@
+"""core.address_watch: when calls on an address this host lost are ended; and
+net.host_addresses' reading of /proc."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from fleet_ingress.core.address_watch import GRACE, AddressWatch, call_address, gone_detail
+from fleet_ingress.net.host_addresses import parse_fib_trie, parse_if_inet6
+
+VIP = ipaddress.ip_address("192.0.2.10")
+OWN = ipaddress.ip_address("192.0.2.11")
+VIP6 = ipaddress.ip_address("2001:db8::10")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("192.0.2.10", VIP),
+        ("::ffff:192.0.2.10", VIP),  # a dual-stack [::] listener's IPv4 carrier
+        ("2001:db8::10", VIP6),
+        ("fe80::1%eth0", ipaddress.ip_address("fe80::1")),
+        ("127.0.0.1", None),
+        ("127.3.4.5", None),
+        ("::1", None),
+        ("::ffff:127.0.0.1", None),
+        ("0.0.0.0", None),
+        ("not an address", None),
+    ],
+)
+def test_the_address_a_call_is_on(text: str, expected: object) -> None:
+    assert call_address(text) == expected
+
+
+def test_grace_lets_redials_find_their_worker_within_the_queue_wait() -> None:
+    # A call ends by GRACE + one check period after its address left; the other
+    # host's next probe (1 s) sees the worker free; a redial waits 3 s.
+    assert GRACE + 1.0 + 1.0 <= 3.0
+
+
+# Each row: (now, host addresses at that look, addresses in use, expected gone).
+TRANSCRIPTS = {
+    "present: nothing ends": [
+        (0.0, {VIP, OWN}, {VIP}, []),
+        (1.0, {VIP, OWN}, {VIP}, []),
+    ],
+    "missing for the grace: its calls end, the others' not": [
+        (0.0, {VIP, OWN}, {VIP, OWN}, []),
+        (1.0, {OWN}, {VIP, OWN}, []),
+        (1.5, {OWN}, {VIP, OWN}, []),
+        (2.0, {OWN}, {VIP, OWN}, [VIP]),
+    ],
+    "back within the grace: kept, and the clock starts afresh": [
+        (0.0, {VIP, OWN}, {VIP}, []),
+        (0.5, {OWN}, {VIP}, []),
+        (0.9, {VIP, OWN}, {VIP}, []),
+        (1.5, {OWN}, {VIP}, []),
+        (2.4, {OWN}, {VIP}, []),
+        (2.5, {OWN}, {VIP}, [VIP]),
+    ],
+    "no call on it any more: forgotten": [
+        (0.0, {VIP, OWN}, {VIP}, []),
+        (0.2, {OWN}, {VIP}, []),
+        (0.5, {OWN}, set(), []),
+        (0.8, {VIP, OWN}, {VIP}, []),  # a new call: its own grace
+        (1.2, {OWN}, {VIP}, []),
+        (2.2, {OWN}, {VIP}, [VIP]),
+    ],
+    "never seen on this host (an AnyIP route, a transparent socket): never ended": [
+        (0.0, {OWN}, {VIP}, []),
+        (1.0, {OWN}, {VIP}, []),
+        (5.0, set(), {VIP, OWN}, []),
+    ],
+    "both families, each its own clock": [
+        (0.0, {VIP, VIP6}, {VIP, VIP6}, []),
+        (0.5, {VIP6}, {VIP, VIP6}, []),
+        (1.0, set(), {VIP, VIP6}, []),
+        (1.5, set(), {VIP, VIP6}, [VIP]),
+        (2.0, set(), {VIP, VIP6}, [VIP, VIP6]),
+    ],
+    "said again at each look while its calls stay": [
+        (0.0, {VIP}, {VIP}, []),
+        (0.5, set(), {VIP}, []),
+        (1.5, set(), {VIP}, [VIP]),
+        (2.5, set(), {VIP}, [VIP]),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_transcripts(name: str) -> None:
+    watch = AddressWatch()
+    for now, host, used, expected in TRANSCRIPTS[name]:
+        assert watch.look(host, used, now) == expected, (name, now)
+
+
+def test_a_change_between_two_looks_that_both_miss_it_starts_the_clock_again() -> None:
+    # Removed, put back and removed again between two looks: the second look
+    # sees it missing, as the first did, but the kernel said addresses changed.
+    watch = AddressWatch()
+    assert watch.look({VIP, OWN}, {VIP}, -1.0) == []
+    assert watch.look({OWN}, {VIP}, 0.0, changed=True) == []
+    assert watch.look({OWN}, {VIP}, 1.0, changed=True) == []
+    assert watch.missing_for(VIP, 1.5) == pytest.approx(0.5)
+    assert watch.look({OWN}, {VIP}, 2.0) == [VIP]  # no change since: gone for good
+
+
+def test_pending_while_an_address_is_missing() -> None:
+    watch = AddressWatch()
+    assert not watch.pending
+    watch.look({VIP, OWN}, {VIP}, -1.0)
+    watch.look({OWN}, {VIP}, 0.0)
+    assert watch.pending and watch.missing_for(VIP, 0.7) == pytest.approx(0.7)
+    watch.look({OWN, VIP}, {VIP}, 0.8)
+    assert not watch.pending and watch.missing_for(VIP, 5.0) == 0.0
+
+
+def test_the_detail_names_the_address_and_the_failover() -> None:
+    text = gone_detail(VIP, 1.04)
+    assert "192.0.2.10" in text and "1.0s" in text and "failover" in text
+
+
+FIB_TRIE = """\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 127.0.0.0/8 2 0 2
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+        |-- 127.255.255.255
+           /32 link BROADCAST
+     +-- 192.0.2.0/24 2 0 2
+        |-- 192.0.2.0
+           /24 link UNICAST
+        |-- 192.0.2.10
+           /32 host LOCAL
+        |-- 192.0.2.11
+           /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+Local:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 192.0.2.11
+        /32 host LOCAL
+"""
+
+
+def test_fib_trie_local_entries() -> None:
+    assert parse_fib_trie(FIB_TRIE) == {
+        ipaddress.IPv4Address("127.0.0.1"),
+        VIP,
+        OWN,
+    }
+
+
+def test_if_inet6_lines() -> None:
+    text = (
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "20010db8000000000000000000000010 02 40 00 80     eth0\n"
+        "\n"
+    )
+    assert parse_if_inet6(text) == {ipaddress.IPv6Address("::1"), VIP6}
+
+
+class _Transport:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return (self.host, 443) if name == "sockname" else default
+
+
+class _Carrier:
+    def __init__(self, host: str) -> None:
+        self.transport = _Transport(host)
+        self.ended: list[tuple[object, str]] = []
+
+    def request_end(self, reason: object, why: str = "") -> None:
+        self.ended.append((reason, why))
+
+
+async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_moved_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fleet_ingress.core.call_machine import EndReason
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    host = {VIP, OWN}
+    reads: list[int] = []
+    events = [True]  # the kernel's word at each look, popped; then silence
+
+    def read() -> set[object]:
+        reads.append(1)
+        return set(host)
+
+    monkeypatch.setattr(host_addresses, "read_host_addresses", read)
+    monkeypatch.setattr(
+        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+    )
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    try:
+        calls = [Call(_Carrier(a), "192.0.2.1", "/ws/", "b") for a in (str(VIP), str(OWN))]  # type: ignore[arg-type]
+        loopback = Call(_Carrier("127.0.0.1"), "127.0.0.1", "/ws/", "b")  # type: ignore[arg-type]
+        sweep.call_linked(loopback)
+        assert sweep._timer is None  # a loopback call cannot move: no timer
+        for call in calls:
+            registry.add_call(call)
+            sweep.call_linked(call)
+        for _ in range(3):
+            sweep.look()
+        assert len(reads) == 1  # the first look only: nothing changed since
+        host.discard(VIP)
+        events.append(True)
+        sweep.look()  # seen missing
+        assert len(reads) == 2 and not calls[0].carrier.ended  # type: ignore[attr-defined]
+        sweep.watch._missing_since[VIP] -= GRACE  # as if a look a grace later
+        sweep.look()  # missing again, no event between: ended
+        [(reason, why)] = calls[0].carrier.ended  # type: ignore[attr-defined]
+        assert reason is EndReason.CARRIER_LOST and str(VIP) in why
+        assert calls[1].carrier.ended == []  # type: ignore[attr-defined]
+    finally:
+        sweep.stop()
