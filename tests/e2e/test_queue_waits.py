@@ -88,6 +88,7 @@ async def test_five_calls_on_a_fleet_of_maxconn_2_say_how_long_each_waited_for_a
         lines = {e["bot_id"]: e for e in access_entries(caplog) if e.get("route") == "/ws/"}
         assert [lines[f"at-once-{i}"]["queued_ms"] for i in range(2)] == [0, 0]
         waited = [lines[f"waited-{i}"]["queued_ms"] for i in range(3)]
+        print(f"queued_ms {waited}, slots freed after {[round(ms, 1) for ms in expected_ms]} ms")
         for got, want in zip(waited, expected_ms, strict=True):
             assert want - 5 <= got <= want + SLACK_MS, (waited, expected_ms)
         # The wait is part of the handshake, and told apart from it.
@@ -208,6 +209,7 @@ async def test_a_hosts_queue_waits_are_summed_over_workers_and_outlive_a_worker_
         lines = ended()
         assert [lines[f"at-once-{i}"]["queued_ms"] for i in range(2)] == [0, 0]
         waited = [lines[f"waited-{i}"]["queued_ms"] for i in range(3)]
+        print(f"host queued_ms {waited}, freed after {[round(ms, 1) for ms in expected_ms]} ms")
         # The stats' queue_length polls (0.02 s apart) may see a call a little
         # after it entered: the measured wait may start a poll earlier.
         for got, want in zip(waited, expected_ms, strict=True):
