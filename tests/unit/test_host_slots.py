@@ -774,3 +774,24 @@ def test_an_account_with_a_lease_twice_after_a_take_back_changes_nothing():
     assert _table(slots) == before
     slots.leave("w1")
     _play(slots, [("active", {"a": 0, "b": 0})])
+
+
+def test_an_answer_from_the_queue_says_so_and_one_at_once_does_not():
+    """The worker times a wait from its ask; the table says which answers
+    came from the queue (a grant at `wake`, a refusal at `expire` or when no
+    fleet is left up), so that a call answered at once is not counted as
+    having waited the channel's round trip (the queue audit of session 37)."""
+    slots = _slots(maxconn=1)
+    at_once = [slots.acquire("w1", lease, [], now=0.0) for lease in (1, 2)]
+    assert [type(a).__name__ for a in at_once] == ["Granted", "Granted"]
+    assert not any(a.queued for a in at_once if a is not None)
+    assert slots.acquire("w2", 1, [], now=0.0) is None  # waits
+    assert slots.acquire("w2", 2, [], now=0.5) is None  # waits
+    (granted,) = slots.release("w1", 1)
+    assert isinstance(granted, Granted) and granted.queued and granted.lease == 1
+    (expired,) = slots.expire(now=TIMEOUT + 0.5)
+    assert expired.reason == EXPIRED[1:] and expired.queued
+    for f in slots.balancer.fleets:
+        f.health = Health.DOWN
+    refused = slots.acquire("w1", 3, [], now=5.0)  # no fleet up: at once
+    assert refused is not None and not isinstance(refused, Granted) and not refused.queued

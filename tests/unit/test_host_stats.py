@@ -881,3 +881,39 @@ def test_an_unresponsive_worker_is_not_counted_serving_and_is_named():
     assert "never killed (process.worker_hang_timeout = 0)" in format_stat_table(snap)
     snap["workers_wanted"] = 3  # one unresponsive, one gone
     assert "; a replacement is being started" in format_stat_table(snap)
+
+
+def test_calls_ended_by_why_are_in_stat_and_the_page_where_the_fleets_totals_are():
+    """/stats.json and /metrics alone said why calls ended (removed, admin,
+    error, refused...): `stat` and /stats now say it beside each fleet's
+    total, the hang-ups left out there (most calls end so), and every reason
+    for the host on a line of its own (the queue audit of session 37)."""
+    fleets = balancer().fleets
+    registry = Registry()
+    registry.ended[("a", "carrier closed")] += 40
+    registry.ended[("a", "fleet closed")] += 2
+    registry.ended[("a", "removed")] += 3
+    registry.ended[("a", "error")] += 1
+    registry.ended[("a", "carrier_silent")] += 1
+    registry.ended[("b", "carrier closed")] += 7
+    registry.ended[("", "refused")] += 4  # no fleet answered (503 from the queue)
+    snap = snapshot(Balancer(FleetSet(fleets)), registry, _no_queue(), started_at=0.0)
+    table = format_stat_table(snap)
+    header, *lines = table.splitlines()
+    assert header.split()[5:7] == ["total", "ended"]
+    rows = {line.split()[0]: line.split() for line in lines[:2]}
+    assert rows["a"][6] == "removed:3,carrier_silent:1,error:1", table
+    assert rows["b"][6] == "-", table
+    assert (
+        "calls ended: carrier closed 47, refused 4, removed 3, fleet closed 2, "
+        "carrier_silent 1, error 1"
+    ) in lines, table
+    page = render_stats_page(snap)
+    a_row = page[page.index("<b>a</b>") :].split("</tr>")[0]
+    assert '<td class="l">removed:3, carrier_silent:1, error:1</td>' in a_row, a_row
+    b_row = page[page.index("<b>b</b>") :].split("</tr>")[0]
+    assert '<td class="l">-</td>' in b_row
+    assert (
+        '<td class="l">calls ended</td><td class="l">carrier closed 47, refused 4, removed 3, '
+        "fleet closed 2, carrier_silent 1, error 1</td>"
+    ) in page

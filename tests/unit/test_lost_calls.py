@@ -37,6 +37,7 @@ def test_an_answered_call_has_every_access_field_and_says_how_its_worker_ended()
         "fleet": "a",
         "status": 101,
         "attempts": None,
+        "queued_ms": None,  # the worker knew it
         "handshake_ms": None,
         "duration_s": 62.5,
         "bytes_from_carrier": None,

@@ -30,7 +30,12 @@ from typing import ClassVar, TypeAlias
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import Admin
-from fleet_ingress.core.request_head import BODY_REFUSED, HOSTLESS, RequestHead
+from fleet_ingress.core.request_head import (
+    BODY_REFUSED,
+    HOSTLESS,
+    WEBSOCKET_VERSION,
+    RequestHead,
+)
 from fleet_ingress.core.retry import GIVE_UP_ANSWER, Failure, RetryPolicy, local_give_up_answer
 from fleet_ingress.core.routing import Route, RouteKind, Router
 from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
@@ -229,11 +234,13 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Answer(Command):
-    """Write a local answer to the carrier (then `CloseSide(CARRIER)` follows)."""
+    """Write a local answer to the carrier (then `CloseSide(CARRIER)` follows),
+    with `headers` besides its own (a 426's Upgrade and Sec-WebSocket-Version)."""
 
     status: int
     text: str
     head_only: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,8 +449,18 @@ _SETUP_END_ANSWER = {
 _ABORTED_FLEET = frozenset({EndReason.FLEET_SILENT, EndReason.FLEET_LOST})
 
 
-def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
-    """What the ingress answers `head` itself (status, text), or None for a call."""
+# RFC 6455 4.2.2: a version not understood gets 426 and the versions that are;
+# RFC 9110 15.5.22: a 426 names the protocol in Upgrade (and so in Connection, 7.8).
+_VERSION_HEADERS = (
+    ("Upgrade", "websocket"),
+    ("Sec-WebSocket-Version", WEBSOCKET_VERSION.decode()),
+)
+
+
+def _local_answer(
+    head: RequestHead, route: Route
+) -> tuple[int, str] | tuple[int, str, tuple[tuple[str, str], ...]] | None:
+    """What the ingress answers `head` itself (status, text[, headers]), or None for a call."""
     if route.kind is RouteKind.HEALTH:
         # Like HAProxy's monitor-uri: any method, any version gets 200, a body too
         # (a monitor's POST). Its answer closes the connection: the body is not read.
@@ -464,6 +481,16 @@ def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
     if head.websocket_key is None:
         # RFC 6455 4.1; the fleet's 101 is checked against this key.
         return 400, "a WebSocket upgrade needs one Sec-WebSocket-Key of 16 bytes in base64"
+    if not head.websocket_version_13:
+        # Forwarded, the fleet refused it with its own 400 (or 426): a fleet
+        # connection spent and a call counted refused against that fleet.
+        said = head.get_all(b"sec-websocket-version")
+        return (
+            426,
+            "a WebSocket upgrade needs Sec-WebSocket-Version: 13"
+            + (f" (it said {_said(said)})" if said else " (it said none)"),
+            _VERSION_HEADERS,
+        )
     if (named := head.handshake_field_named_by_connection) is not None:
         # Forwarded, the fleet would get the upgrade without it (core/forwarding.py
         # drops what Connection names) and refuse it, or choose without it.
@@ -473,6 +500,12 @@ def _local_answer(head: RequestHead, route: Route) -> tuple[int, str] | None:
             " must carry to the fleet",
         )
     return None
+
+
+def _said(values: list[bytes]) -> str:
+    """A carrier's header values, quoted briefly for a one-line answer."""
+    text = ", ".join(v.decode("latin-1") for v in values)
+    return repr(text[:40] + ("..." if len(text) > 40 else ""))
 
 
 @dataclass(eq=False, slots=True)
@@ -533,13 +566,20 @@ class CallMachine:
             self.slot_held = False
             self._emit(ReleaseSlot())
 
-    def _answer(self, status: int, text: str, *, head_only: bool = False) -> None:
+    def _answer(
+        self,
+        status: int,
+        text: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        *,
+        head_only: bool = False,
+    ) -> None:
         self.state = State.ANSWERING
         self.status = status
         self.answer_text = text
         if self.is_call:
             self._end(EndReason.REFUSED)
-        self._emit(Answer(status, text, head_only), CloseSide(Side.CARRIER))
+        self._emit(Answer(status, text, head_only, headers), CloseSide(Side.CARRIER))
 
     def _take_slot(self) -> None:
         self.state = State.LEASING

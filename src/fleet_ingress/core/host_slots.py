@@ -60,6 +60,9 @@ class Granted:
     worker: WorkerKey
     lease: int
     fleet: FleetState
+    # From the queue (`wake`): the call waited for room; its worker measures how
+    # long (the access line's queued_ms, fleet_ingress_queue_wait_seconds).
+    queued: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class Refused:
     worker: WorkerKey
     lease: int
     reason: str
+    queued: bool = field(default=False, compare=False)  # after a wait in the queue
 
 
 Answer = Granted | Refused
@@ -303,7 +307,7 @@ class HostSlots:
         if len(self._queue) > bound:
             waiters = list(self._queue)
             self._queue = deque(waiters[:bound])
-            answers += [Refused(w.worker, w.lease, reason) for w in waiters[bound:]]
+            answers += [Refused(w.worker, w.lease, reason, queued=True) for w in waiters[bound:]]
         return answers
 
     @property
@@ -402,12 +406,18 @@ class HostSlots:
             pick = self.balancer.pick(waiter.avoid)
             if pick.verdict is Verdict.NO_FLEET_UP:
                 self._queue.popleft()
-                answers.append(Refused(waiter.worker, waiter.lease, self.balancer.none_up_reason()))
+                answers.append(
+                    Refused(
+                        waiter.worker, waiter.lease, self.balancer.none_up_reason(), queued=True
+                    )
+                )
                 continue
             if pick.fleet is None:
                 break
             self._queue.popleft()
-            answers.append(self._grant(self._rows[waiter.worker], waiter.lease, pick.fleet))
+            answers.append(
+                self._grant(self._rows[waiter.worker], waiter.lease, pick.fleet, queued=True)
+            )
         return answers
 
     def expire(self, now: float) -> list[Answer]:
@@ -424,7 +434,7 @@ class HostSlots:
             if waiter.deadline <= now:
                 self.queue_timeouts += 1
                 reason = queue_timeout_reason(self.queue_timeout)
-                answers.append(Refused(waiter.worker, waiter.lease, reason))
+                answers.append(Refused(waiter.worker, waiter.lease, reason, queued=True))
             else:
                 kept.append(waiter)
         self._queue = kept
@@ -437,11 +447,13 @@ class HostSlots:
             return None
         return min((w.deadline for w in self._queue), default=None)
 
-    def _grant(self, row: WorkerRow, lease: int, fleet: FleetState) -> Granted:
+    def _grant(
+        self, row: WorkerRow, lease: int, fleet: FleetState, *, queued: bool = False
+    ) -> Granted:
         self.balancer.open(fleet, (row.worker, lease) if row.tells_answers else None)
         row.held[lease] = fleet
         row.granted_total += 1
-        return Granted(row.worker, lease, fleet)
+        return Granted(row.worker, lease, fleet, queued=queued)
 
     def _close(self, fleet: FleetState, key: tuple[WorkerKey, int]) -> None:
         self.balancer.close(fleet, key)

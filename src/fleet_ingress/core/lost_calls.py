@@ -5,7 +5,7 @@ kernel's OOM killer, a crash, SIGKILL at a drain's end) writes none for the
 calls it carried: the supervisor writes them instead, from what the worker
 said of each call as it asked for its fleet slot (`Call.identity`, "call" in
 the slot request), with the fields of every access line. What only the
-worker knew (bytes relayed, attempts, handshake time) is null; `end_reason`
+worker knew (bytes relayed, attempts, queue wait, handshake time) is null; `end_reason`
 is `error` and `detail` says which worker ended how.
 """
 
@@ -25,6 +25,7 @@ _ACCESS_FIELDS = (
     "fleet",
     "status",
     "attempts",
+    "queued_ms",
     "handshake_ms",
     "duration_s",
     "bytes_from_carrier",

@@ -61,6 +61,8 @@ _HANDSHAKE_FIELDS = {
     b"sec-websocket-protocol": "Sec-WebSocket-Protocol",
     b"sec-websocket-extensions": "Sec-WebSocket-Extensions",
 }
+# RFC 6455 4.1, 4.2.2: the WebSocket version a handshake asks for, the one there is.
+WEBSOCKET_VERSION = b"13"
 # RFC 9112 2.2: a server SHOULD ignore at least one empty line (CRLF) before the
 # request line (clients that end a body with an extra CRLF). A few, not a stream.
 MAX_LEADING_EMPTY_LINES = 8
@@ -160,6 +162,14 @@ class RequestHead:
             return None
         key = keys[0].strip(b" \t")
         return key if _WEBSOCKET_KEY.fullmatch(key) else None
+
+    @property
+    def websocket_version_13(self) -> bool:
+        """Whether the upgrade asks for WebSocket version 13, the only one
+        (RFC 6455 4.1: every browser and carrier library since 2011; older
+        drafts said 7 or 8). Its one Sec-WebSocket-Version, "13"."""
+        versions = self.get_all(b"sec-websocket-version")
+        return len(versions) == 1 and versions[0].strip(b" \t") == WEBSOCKET_VERSION
 
     @property
     def handshake_field_named_by_connection(self) -> str | None:

@@ -126,6 +126,9 @@ class Call:
     lease: HeldSlot | None = None  # the last attempt's slot (held while `lease.held`)
     fleet_side: Side | None = None
     handshake_ms: float | None = None  # head received -> 101 relayed
+    # Of which waiting in the queue for a fleet slot (every attempt's wait,
+    # a refusal's after its wait too): 0 for a call that never waited.
+    queued_ms: float = 0.0
     tunnel_since: float | None = None
     ended_mono: float | None = None
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
@@ -283,6 +286,7 @@ class Call:
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
             "attempts": self.attempts,
+            "queued_ms": round(self.queued_ms, 1),
             "handshake_ms": None if self.handshake_ms is None else round(self.handshake_ms, 1),
             "duration_s": round((self.ended_mono or time.monotonic()) - self.started_mono, 3),
             "bytes_from_carrier": self.bytes_from_carrier,
@@ -323,6 +327,8 @@ class Registry:
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
+    # Who wants to hear of a call handed a slot after a wait in the queue (seconds).
+    on_slot_waited: list[Callable[[float], None]] = field(default_factory=list)
     # Who wants to hear that a count moved (a connection, a request answered, a
     # call ended, a handshake failed, a connection refused): a worker sends its
     # report soon after (a crash then loses what was counted since, about a second).
@@ -340,6 +346,14 @@ class Registry:
         """A count moved: tell whoever sends them on (`on_counted`)."""
         for hook in self.on_counted:
             hook()
+
+    def slot_waited(self, call: Call, seconds: float, *, granted: bool) -> None:
+        """`call` waited `seconds` in the queue, then was handed a slot
+        (`granted`) or refused (a queue timeout: counted by the slot queue)."""
+        call.queued_ms += seconds * 1000
+        if granted:
+            for hook in self.on_slot_waited:
+                hook(seconds)
 
     def call_linked(self, call: Call) -> None:
         for hook in self.on_call_linked:

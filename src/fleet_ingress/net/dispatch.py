@@ -23,11 +23,13 @@ log = logging.getLogger("fleet_ingress.slots")
 
 
 class NoFleetAvailable(Exception):
-    """Answer 503: `reason` says why (no fleet up, queue full, queue timeout)."""
+    """Answer 503: `reason` says why (no fleet up, queue full, queue timeout).
+    `queued_s`: how long the call waited in the queue first (0: refused at once)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, queued_s: float = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.queued_s = queued_s
 
 
 class HeldSlot(Protocol):
@@ -38,6 +40,11 @@ class HeldSlot(Protocol):
 
     @property
     def held(self) -> bool: ...
+
+    @property
+    def queued_s(self) -> float:
+        """Seconds it waited in the queue before it was handed over (0: at once)."""
+        ...
 
     def release(self) -> None: ...
 
@@ -83,12 +90,13 @@ class _Grant:
     """A slot taken on `fleet`: its key while the call is in flight (`Balancer.open`)."""
 
     fleet: FleetState
+    queued_s: float = 0.0  # how long it waited in the queue (0: taken at once)
 
 
 class Lease:
     """A slot taken on a fleet for one call attempt; `release()` is idempotent."""
 
-    __slots__ = ("_dispatcher", "_grant", "fleet")
+    __slots__ = ("_dispatcher", "_grant", "fleet", "queued_s")
 
     def __init__(
         self, dispatcher: Dispatcher, fleet: FleetState, grant: _Grant | None = None
@@ -96,6 +104,7 @@ class Lease:
         """`grant`: its key in the fleet's calls in flight (`Dispatcher.lease`)."""
         self.fleet = fleet
         self._grant = grant
+        self.queued_s = 0.0 if grant is None else grant.queued_s
         self._dispatcher: Dispatcher | None = dispatcher
 
     @property
@@ -220,8 +229,14 @@ class Dispatcher:
         # Patient: a release that came during a stall (a call's end, unread)
         # is read before the waiter is refused (as the host's queue: slot_server).
         timer = PatientTimer(loop, self.queue_timeout, self._expire, waiter)
+        since = time.monotonic()
         try:
-            return await waiter.future
+            grant = await waiter.future
+            grant.queued_s = max(0.0, time.monotonic() - since)
+            return grant
+        except NoFleetAvailable as exc:
+            exc.queued_s = max(0.0, time.monotonic() - since)
+            raise
         except asyncio.CancelledError:
             # Cancelled (the carrier left) after a slot was handed over: give it back.
             fut = waiter.future

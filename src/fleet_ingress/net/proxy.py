@@ -716,7 +716,9 @@ class CarrierProtocol(_Side):
                 )
         t = self.transport
         if t is not None and not t.is_closing():
-            t.write(local_response(status, command.text, head_only=head_only))
+            t.write(
+                local_response(status, command.text, head_only=head_only, headers=command.headers)
+            )
 
     def _parse_head_later(self, command: Command) -> None:
         self.ctx.heads.add(self._parse_head)
@@ -740,6 +742,8 @@ class CarrierProtocol(_Side):
             )
         except NoFleetAvailable as exc:
             self._task = None
+            if exc.queued_s > 0 and self.call is not None:
+                self.ctx.registry.slot_waited(self.call, exc.queued_s, granted=False)
             self.feed(SlotRefused(exc.reason))
             return
         except Exception as exc:
@@ -749,6 +753,8 @@ class CarrierProtocol(_Side):
         self._task = None
         assert self.call is not None
         self.call.lease = lease
+        if lease.queued_s > 0:
+            self.ctx.registry.slot_waited(self.call, lease.queued_s, granted=True)
         self.feed(SlotGranted(lease.fleet))
 
     def _cancel_slot_wait(self, command: Command) -> None:

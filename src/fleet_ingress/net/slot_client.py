@@ -79,11 +79,16 @@ def _no_answer(future: asyncio.Future[FleetState]) -> None:
 class RemoteLease:
     """A slot held through the coordinator; `release()` is idempotent."""
 
-    __slots__ = ("_client", "fleet", "id")
+    __slots__ = ("_client", "fleet", "id", "queued_s")
 
-    def __init__(self, client: SlotClient, lease_id: int, fleet: FleetState) -> None:
+    def __init__(
+        self, client: SlotClient, lease_id: int, fleet: FleetState, queued_s: float = 0.0
+    ) -> None:
+        """`queued_s`: how long it waited for the coordinator's queue to hand it
+        over (0: granted at once)."""
         self.id = lease_id
         self.fleet = fleet
+        self.queued_s = queued_s
         self._client: SlotClient | None = client
 
     @property
@@ -148,6 +153,9 @@ class SlotClient(asyncio.Protocol):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[FleetState]] = {}
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
+        # Seconds a lease granted from the coordinator's queue waited there, until
+        # `lease` hands it over (the wait from its ask: this worker's own clock).
+        self._queued: dict[int, float] = {}
         self._held: dict[int, str] = {}  # lease id -> fleet name
         # What each open lease's call is ("call" in its "acquire"), told again in
         # "state": a supervisor started after one died knows it from there alone.
@@ -232,13 +240,14 @@ class SlotClient(asyncio.Protocol):
             raise
         finally:
             timer.cancel()
-        return RemoteLease(self, lease_id, fleet)
+        return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
 
     def _over(self, lease_id: int) -> asyncio.Future[FleetState] | None:
         """Lease `lease_id` is over (given up, released, refused, granted after
         it was given up): what was asked, what is held and who its call is are
         forgotten. Returns its future if it was still waited for."""
         self._asked.pop(lease_id, None)
+        self._queued.pop(lease_id, None)
         self._calls.pop(lease_id, None)
         self._held.pop(lease_id, None)
         self._in_flight.discard(lease_id)
@@ -399,6 +408,7 @@ class SlotClient(asyncio.Protocol):
         self._cancel_report_soon()
         pending, self._pending = self._pending, {}
         self._asked.clear()
+        self._queued.clear()
         self._calls.clear()
         for future in pending.values():
             if not future.done():
@@ -436,16 +446,24 @@ class SlotClient(asyncio.Protocol):
                 self._over(lease_id)
                 return  # given up on: its release is already on the wire
             del self._pending[lease_id]
-            self._asked.pop(lease_id, None)
+            asked = self._asked.pop(lease_id, None)
+            if message.get("queued") is True and asked is not None:
+                self._queued[lease_id] = max(0.0, time.monotonic() - asked[1])
             fleet.active += 1
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
             self._in_flight.add(lease_id)
             future.set_result(fleet)
         else:  # "refused"
+            asked = self._asked.get(lease_id)
             future = self._over(lease_id)
             if future is not None and not future.done():
-                future.set_exception(NoFleetAvailable(field(message, "reason", str)))
+                queued = 0.0
+                if message.get("queued") is True and asked is not None:
+                    queued = max(0.0, time.monotonic() - asked[1])
+                future.set_exception(
+                    NoFleetAvailable(field(message, "reason", str), queued_s=queued)
+                )
 
     def _state(self) -> dict[str, Any]:
         """What this worker holds and waits for: the truth the coordinator's

@@ -1007,11 +1007,16 @@ class SlotServer:
             channel = self._channels.get(answer.worker)  # type: ignore[call-overload]
             if channel is None:
                 continue
+            # "queued": the answer came from the queue, after a wait (the worker
+            # times it; a worker before it ignores the key).
             if isinstance(answer, Granted):
-                channel.send(self._granted(channel, answer.lease, answer.fleet))
+                message = self._granted(channel, answer.lease, answer.fleet)
             else:
                 self._forget_call(channel.key, answer.lease)
-                channel.send({"op": "refused", "id": answer.lease, "reason": answer.reason})
+                message = {"op": "refused", "id": answer.lease, "reason": answer.reason}
+            if answer.queued:
+                message["queued"] = True
+            channel.send(message)
         self._arm()
 
     @staticmethod

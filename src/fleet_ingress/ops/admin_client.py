@@ -19,15 +19,18 @@ from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.call_display import describe_ended, format_calls_table
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    calls_ended_summary,
     certificate_chain_doubted,
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
     edits_not_applied,
+    ended_otherwise,
     fd_store_short,
     fleets_summary,
     oom_count_broad,
     probed,
+    queue_waits,
     shown_free,
     shown_health,
     supervisor_oom_killed,
@@ -450,6 +453,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         "cur/max",
         "free",
         "total",
+        "ended",
         "429",
         "retries",
         "chkfail",
@@ -469,6 +473,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
                 f"{f['active']}/{f['maxconn']}",
                 free,
                 str(f["calls_total"]),
+                ended_otherwise(f),
                 str(f["responses_429"]),
                 str(f["retries"]),
                 str(f["check_failures"]),
@@ -485,14 +490,16 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     lines.append(fleets_summary(snap["fleets"]))
     lines.append(
         f"frontend: {_calls(fe['active_calls'])}, {fe['connections']} connections, "
-        f"queue {fe['queue_length']} ({fe['queue_timeouts']} timed out)"
+        f"queue {fe['queue_length']} ({queue_waits(fe)}; {fe['queue_timeouts']} timed out)"
         + ("   * = being removed" if any(f["removing"] for f in snap["fleets"]) else "")
     )
+    lines.append(calls_ended_summary(fe))
     if not all(admin_saved(f) for f in snap["fleets"]):
         lines.append(
             "! = admin state not saved in the fleets file (a restart would not keep it): "
             "the next drain, ready, maint, add-fleet or remove-fleet that can write it saves it"
         )
+    lines.append("ended = calls ended other than by a hang-up (carrier or fleet closed), by why")
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
         + (

@@ -45,6 +45,45 @@ def _free(count: int | None) -> str:
     return f"{FREE_SHOWN_UP_TO}+" if count > FREE_SHOWN_UP_TO else str(count)
 
 
+# How a call ends when nothing went wrong: a side hung up. The fleet table's
+# "ended" cell shows the other reasons (a removal, an operator, an error, a
+# refusal...); every reason is in the calls-ended line, /stats.json and /metrics.
+HUNG_UP = frozenset({"carrier closed", "fleet closed"})
+
+
+def _by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(((k, n) for k, n in counts.items() if n), key=lambda e: (-e[1], e[0]))
+
+
+def ended_otherwise(row: dict[str, Any]) -> str:
+    """A fleet's calls ended other than by a hang-up, by why, most first, one
+    word ("removed:5,error:2"; "-" for none): `stat`'s columns split on spaces."""
+    ended = row.get("calls_ended") or {}  # a release before the key: none said
+    shown = _by_count({k: n for k, n in ended.items() if k not in HUNG_UP})
+    return ",".join(f"{reason.replace(' ', '_')}:{n}" for reason, n in shown) or "-"
+
+
+def calls_ended_summary(frontend: dict[str, Any]) -> str:
+    """Every call ended since the start, by why (every fleet's and those no
+    fleet answered), most first."""
+    shown = _by_count(frontend.get("calls_ended") or {})
+    if not shown:
+        return "calls ended: none yet"
+    return "calls ended: " + ", ".join(f"{reason} {n}" for reason, n in shown)
+
+
+def queue_waits(frontend: dict[str, Any]) -> str:
+    """The calls handed a slot after a wait in the queue, and how long they
+    waited on average: "calls wait for a slot" told from "fleets are slow to
+    answer" (the access line's handshake_ms has both; its queued_ms the wait)."""
+    waits = frontend.get("queue_waits")
+    if waits is None:  # a running ingress older than the key
+        return "waits not counted"
+    if not waits:
+        return "none waited"
+    return f"{waits} waited for a slot, {frontend['queue_wait_s'] / waits:.2f}s on average"
+
+
 def fleets_summary(fleets: list[dict[str, Any]]) -> str:
     """One line counting the fleets by what `stat` shows for each: at a few
     hundred fleets the table alone does not say how many are DOWN."""

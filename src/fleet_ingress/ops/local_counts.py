@@ -19,6 +19,7 @@ from fleet_ingress.net.calls import Registry
 HANDSHAKE = ("handshake_duration_seconds",)
 CALL_DURATION = ("call_duration_seconds",)
 LOOP_LAG = ("event_loop_lag_seconds",)
+QUEUE_WAIT = ("queue_wait_seconds",)
 
 # Counter families labelled by fleet first (fleet "" in calls_ended: no fleet answered).
 FLEET_FAMILIES = frozenset(

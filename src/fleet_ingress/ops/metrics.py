@@ -39,7 +39,13 @@ from fleet_ingress.net.acme import CHALLENGE_OUTCOMES
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.event_loop import unexpected_errors
-from fleet_ingress.ops.local_counts import CALL_DURATION, HANDSHAKE, LOOP_LAG, local_counts
+from fleet_ingress.ops.local_counts import (
+    CALL_DURATION,
+    HANDSHAKE,
+    LOOP_LAG,
+    QUEUE_WAIT,
+    local_counts,
+)
 from fleet_ingress.release import code_digest
 
 PREFIX = "fleet_ingress"
@@ -66,6 +72,15 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
     CALL_DURATION: (
         "Duration of tunneled calls, 101 to end.",
         (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+    ),
+    # SPEC 4's queue (timeouts.queue, 3 s by default): what tells "calls wait for a
+    # slot" from "fleets are slow to answer" (the handshake above includes the
+    # wait). Its count: the waits that ended with a slot; those that ended in a
+    # 503 are fleet_ingress_queue_timeouts_total.
+    QUEUE_WAIT: (
+        "Time calls waited in the queue for a fleet slot, each wait that ended with "
+        "a slot (a call not queued is not observed).",
+        (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30),
     ),
     # Carriers stream 20 ms frames: lag of a few ms is audible jitter.
     LOOP_LAG: (
@@ -267,11 +282,13 @@ class IngressMetrics:
         self.call_seconds = _histogram(CALL_DURATION, self.prometheus)
         self.checks = FleetChecks(self.prometheus)
         self.loop_lag_seconds = _histogram(LOOP_LAG, self.prometheus)
+        self.queue_wait_seconds = _histogram(QUEUE_WAIT, self.prometheus)
         # What a worker reports of its histograms (`ops.host_stats.WorkerReporter`).
         self.histograms: dict[Key, Histogram] = {
             HANDSHAKE: self.handshake_seconds,
             CALL_DURATION: self.call_seconds,
             LOOP_LAG: self.loop_lag_seconds,
+            QUEUE_WAIT: self.queue_wait_seconds,
         }
         self.prometheus.register(
             _StateCollector(
@@ -284,6 +301,7 @@ class IngressMetrics:
         )
         registry.on_call_linked.append(self._call_linked)
         registry.on_call_ended.append(self._call_ended)
+        registry.on_slot_waited.append(self.queue_wait_seconds.observe)
 
     def _call_linked(self, call: Call) -> None:
         if call.handshake_ms is not None:

@@ -12,15 +12,15 @@ ingress) or the sum over a host's workers (`ops.host_stats.host_snapshot`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fleet_ingress import __version__
 from fleet_ingress.core.balancer import Balancer, FleetState
-from fleet_ingress.core.host_view import Counts
+from fleet_ingress.core.host_view import Counts, Key
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
-from fleet_ingress.ops.local_counts import local_counts
+from fleet_ingress.ops.local_counts import QUEUE_WAIT, Observed, local_counts
 from fleet_ingress.release import code_digest
 
 
@@ -113,6 +113,10 @@ def render(
         for reason, n in reasons.items():
             ended[reason] = ended.get(reason, 0) + n
     gauges = counts.gauges
+    # The calls handed a slot after a wait in the queue, and their waits' sum
+    # (fleet_ingress_queue_wait_seconds: its count and sum; none before a
+    # release that kept it).
+    waited = counts.histograms.get(QUEUE_WAIT)
     snap: dict[str, Any] = {
         "version": __version__,
         "code": code_digest(),  # this process's (the supervisor's); each worker's in its row
@@ -137,6 +141,8 @@ def render(
             "active_calls": gauges.get(("active_calls",), 0),
             "queue_length": queue_length,
             "queue_timeouts": queue_timeouts,
+            "queue_waits": 0 if waited is None else waited.count,
+            "queue_wait_s": 0.0 if waited is None else round(waited.sum, 3),
             "requests": requests,
             "bytes_from_carrier": counts.counter("bytes_from_carrier"),
             "bytes_to_carrier": counts.counter("bytes_to_carrier"),
@@ -159,12 +165,14 @@ def snapshot(
     stopping: bool = False,
     last_reload: dict[str, Any] | None = None,
     acme_listening: bool = True,
+    histograms: Mapping[Key, Observed] | None = None,
 ) -> dict[str, Any]:
-    """The one-process ingress: everything from this process."""
+    """The one-process ingress: everything from this process (`histograms`:
+    its per-call histograms, `IngressMetrics.histograms`)."""
     fleets = balancer.fleets
     return render(
         fleets,
-        local_counts(registry, fleets),
+        local_counts(registry, fleets, histograms),
         queue_length=dispatcher.queue_length,
         queue_timeouts=dispatcher.queue_timeouts,
         started_at=started_at,

@@ -13,15 +13,18 @@ from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
     admin_saved,
+    calls_ended_summary,
     certificate_chain_doubted,
     certificate_not_served,
     certificate_refused,
     certificate_served_refused,
     edits_not_applied,
+    ended_otherwise,
     fd_store_short,
     fleets_summary,
     oom_count_broad,
     probed,
+    queue_waits,
     shown_free,
     shown_health,
     supervisor_oom_killed,
@@ -182,6 +185,7 @@ def _fleet_row(f: dict[str, Any]) -> str:
         + f'<td class="{check_cls}">{escape(check)}'
         f'<span class="muted">{escape(age)}</span></td>'
         + _cell(f["calls_total"])
+        + _cell(ended_otherwise(f).replace(",", ", "), "l")
         + _cell(f["responses_429"])
         + _cell(f["retries"])
         + _cell(f["check_failures"])
@@ -211,6 +215,7 @@ def _page(snap: dict[str, Any], rows: list[str]) -> str:
         f"{escape(route)} " + " ".join(f"{code}:{n}" for code, n in codes.items())
         for route, codes in fe["requests"].items()
     )
+    ended = escape(calls_ended_summary(fe).removeprefix("calls ended: "))
     not_after = snap.get("certificate_not_after")
     cert = (
         "-"
@@ -231,8 +236,10 @@ refreshes every {REFRESH_SECONDS}s</div>
 <table id="fleets">
 <tr><th class="l">fleet</th><th>health</th><th>admin</th><th>calls/maxconn</th>
 <th>reported free</th><th>estimated free</th><th class="l">last check</th>
-<th>calls total</th><th>429s</th><th>retries</th><th>check failures</th></tr>
-{"".join(rows) or '<tr><td class="l" colspan="11">no fleets configured</td></tr>'}
+<th>calls total</th>
+<th class="l" title="calls ended other than by a hang-up (carrier or fleet closed), by why">
+ended, not hung up</th><th>429s</th><th>retries</th><th>check failures</th></tr>
+{"".join(rows) or '<tr><td class="l" colspan="12">no fleets configured</td></tr>'}
 </table>
 <div class="muted" id="fleets-summary">{escape(fleets_summary(snap["fleets"]))}</div>
 <table id="frontend">
@@ -242,7 +249,8 @@ refreshes every {REFRESH_SECONDS}s</div>
  <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
 {_acme_row(fe)}
 <tr><td class="l">queue</td><td class="l">{fe["queue_length"]} waiting,
- {fe["queue_timeouts"]} timed out</td></tr>
+ {escape(queue_waits(fe))}, {fe["queue_timeouts"]} timed out</td></tr>
+<tr><td class="l">calls ended</td><td class="l">{ended}</td></tr>
 <tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>
 <tr><td class="l">bytes relayed</td><td class="l">{fe["bytes_from_carrier"]} from carriers,
  {fe["bytes_to_carrier"]} to carriers</td></tr>

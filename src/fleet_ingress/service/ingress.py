@@ -453,6 +453,7 @@ class Ingress:
             stopping=self.stopping,
             last_reload=self.last_reload,
             acme_listening=self._acme is not None,
+            histograms=self.metrics.histograms,
         )
 
     @property
