@@ -66,7 +66,7 @@ class WorkerProcess:
     def kill(self) -> None:
         """SIGKILL from the supervisor, marked as its own (`killed_here`): its
         death is never taken for the kernel's OOM killer's, whatever the count
-        of OOM kills says (`Supervisor._oom_killed`)."""
+        of OOM kills says (`OomVerdict.oom_killed`)."""
         self.killed_here = True
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
