@@ -70,7 +70,7 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
         (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     ),
     CALL_DURATION: (
-        "Duration of tunneled calls, 101 to end.",
+        "Duration of tunneled calls, 101 to end (one lost with its worker: from its start).",
         (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
     ),
     # SPEC 4's queue (timeouts.queue, 3 s by default): what tells "calls wait for a
