@@ -229,6 +229,7 @@ def test_alert_rules_fire_on_synthetic_series() -> None:
         "FleetIngressAcmeConnectionsRefused",
         "FleetIngressAcmeConnectionsEvicted",
         "FleetIngressFdStoreFull",
+        "FleetIngressCallsWaitForSlots",
     } <= firing
     result = promtool("test", "rules", ALERTS_TEST.name)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1268,3 +1268,58 @@ async def test_a_waiter_that_waited_through_a_reexecution_past_its_deadline_is_r
         assert errors == []
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(
+    ("said", "wait"),
+    [
+        ({}, None),  # a supervisor of a release before "queued": the wait is not known
+        ({"queued": False}, 0.0),  # this release's, granted at once
+        ({"queued": True}, 0.3),  # this release's, from its queue
+    ],
+)
+async def test_a_grant_from_a_supervisor_that_does_not_say_queued_has_no_wait_known(said, wait):
+    """A worker of this release under a supervisor of the release before (the
+    venv holds the new code before `upgrade`: a worker replaced then runs it)
+    is granted a slot after a 0.3 s wait in that supervisor's queue, which says
+    nothing of it: its access line's queued_ms must not say 0 ("did not wait"),
+    but that the wait is not known (null). This release's supervisor says
+    "queued" in every grant, false at once."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = await SlotClient.connect(sock=theirs, pid=1, generation=1, answer_timeout=5)
+    loop = asyncio.get_running_loop()
+    ours.setblocking(False)
+    try:
+        leasing = asyncio.ensure_future(client.lease())
+        heard = b""
+        async with asyncio.timeout(5):
+            while b'"acquire"' not in heard:
+                heard += await loop.sock_recv(ours, 65536)
+        await asyncio.sleep(0.3)  # in the coordinator's queue
+        (spec,) = parse_fleets_text("https://a.test name=a", default_maxconn=2)
+        await loop.sock_sendall(
+            ours,
+            encode({"op": "granted", "id": 1, "fleet": "a", "spec": spec_to_wire(spec), **said}),
+        )
+        lease = await asyncio.wait_for(leasing, 5)
+        if wait is None:
+            assert lease.queued_s is None
+        else:
+            assert lease.queued_s == pytest.approx(wait, abs=0.1 if wait else 0)
+    finally:
+        client.close()
+        ours.close()
+
+
+async def test_every_answer_of_this_releases_coordinator_says_whether_it_came_from_the_queue(host):
+    """The worker tells "no wait" from "not said" (a supervisor before the key)."""
+    h = host(maxconn=1, queue_timeout=5.0)
+    w1 = await h.worker()
+    first = await w1.lease()
+    second = await w1.lease(avoid=[first.fleet.name])
+    assert (first.queued_s, second.queued_s) == (0.0, 0.0)
+    waiting = asyncio.ensure_future(w1.lease())
+    await asyncio.sleep(0.2)
+    first.release()
+    third = await asyncio.wait_for(waiting, 2)
+    assert 0.15 <= third.queued_s < 2.0

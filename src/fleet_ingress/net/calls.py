@@ -127,8 +127,9 @@ class Call:
     fleet_side: Side | None = None
     handshake_ms: float | None = None  # head received -> 101 relayed
     # Of which waiting in the queue for a fleet slot (every attempt's wait,
-    # a refusal's after its wait too): 0 for a call that never waited.
-    queued_ms: float = 0.0
+    # a refusal's after its wait too): 0 for a call that never waited; None once
+    # an attempt's wait is not known (a supervisor of a release before it said).
+    queued_ms: float | None = 0.0
     tunnel_since: float | None = None
     ended_mono: float | None = None
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
@@ -286,7 +287,7 @@ class Call:
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
             "attempts": self.attempts,
-            "queued_ms": round(self.queued_ms, 1),
+            "queued_ms": None if self.queued_ms is None else round(self.queued_ms, 1),
             "handshake_ms": None if self.handshake_ms is None else round(self.handshake_ms, 1),
             "duration_s": round((self.ended_mono or time.monotonic()) - self.started_mono, 3),
             "bytes_from_carrier": self.bytes_from_carrier,
@@ -347,9 +348,13 @@ class Registry:
         for hook in self.on_counted:
             hook()
 
-    def slot_waited(self, call: Call, seconds: float, *, granted: bool) -> None:
+    def slot_waited(self, call: Call, seconds: float | None, *, granted: bool) -> None:
         """`call` waited `seconds` in the queue, then was handed a slot
-        (`granted`) or refused (a queue timeout: counted by the slot queue)."""
+        (`granted`) or refused (a queue timeout: counted by the slot queue).
+        None: a wait not known (its access line says null, not a part of it)."""
+        if seconds is None or call.queued_ms is None:
+            call.queued_ms = None
+            return
         call.queued_ms += seconds * 1000
         if granted:
             for hook in self.on_slot_waited:

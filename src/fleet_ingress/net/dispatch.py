@@ -24,9 +24,10 @@ log = logging.getLogger("fleet_ingress.slots")
 
 class NoFleetAvailable(Exception):
     """Answer 503: `reason` says why (no fleet up, queue full, queue timeout).
-    `queued_s`: how long the call waited in the queue first (0: refused at once)."""
+    `queued_s`: how long the call waited in the queue first (0: refused at once;
+    None: not known, a supervisor of a release before it said)."""
 
-    def __init__(self, reason: str, *, queued_s: float = 0.0) -> None:
+    def __init__(self, reason: str, *, queued_s: float | None = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
         self.queued_s = queued_s
@@ -42,8 +43,9 @@ class HeldSlot(Protocol):
     def held(self) -> bool: ...
 
     @property
-    def queued_s(self) -> float:
-        """Seconds it waited in the queue before it was handed over (0: at once)."""
+    def queued_s(self) -> float | None:
+        """Seconds it waited in the queue before it was handed over (0: at once;
+        None: not known, a supervisor of a release before it said)."""
         ...
 
     def release(self) -> None: ...

@@ -742,7 +742,7 @@ class CarrierProtocol(_Side):
             )
         except NoFleetAvailable as exc:
             self._task = None
-            if exc.queued_s > 0 and self.call is not None:
+            if exc.queued_s != 0 and self.call is not None:
                 self.ctx.registry.slot_waited(self.call, exc.queued_s, granted=False)
             self.feed(SlotRefused(exc.reason))
             return
@@ -753,7 +753,7 @@ class CarrierProtocol(_Side):
         self._task = None
         assert self.call is not None
         self.call.lease = lease
-        if lease.queued_s > 0:
+        if lease.queued_s != 0:
             self.ctx.registry.slot_waited(self.call, lease.queued_s, granted=True)
         self.feed(SlotGranted(lease.fleet))
 

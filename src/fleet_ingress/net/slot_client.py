@@ -76,16 +76,29 @@ def _no_answer(future: asyncio.Future[FleetState]) -> None:
         future.set_exception(TimeoutError())
 
 
+def _waited(message: dict[str, Any], asked: tuple[list[str], float] | None) -> float | None:
+    """How long an answer's lease waited in the coordinator's queue, timed from
+    its ask on this worker's clock: 0 when it says it came at once ("queued":
+    false), None when it does not say (a supervisor of a release before the
+    key: a wait there is not known, and 0 would say there was none)."""
+    queued = message.get("queued")
+    if queued is True and asked is not None:
+        return max(0.0, time.monotonic() - asked[1])
+    if queued is False:
+        return 0.0
+    return None
+
+
 class RemoteLease:
     """A slot held through the coordinator; `release()` is idempotent."""
 
     __slots__ = ("_client", "fleet", "id", "queued_s")
 
     def __init__(
-        self, client: SlotClient, lease_id: int, fleet: FleetState, queued_s: float = 0.0
+        self, client: SlotClient, lease_id: int, fleet: FleetState, queued_s: float | None = 0.0
     ) -> None:
         """`queued_s`: how long it waited for the coordinator's queue to hand it
-        over (0: granted at once)."""
+        over (0: granted at once; None: not known, a supervisor before "queued")."""
         self.id = lease_id
         self.fleet = fleet
         self.queued_s = queued_s
@@ -155,7 +168,8 @@ class SlotClient(asyncio.Protocol):
         self._asked: dict[int, tuple[list[str], float]] = {}  # pending: avoid, since
         # Seconds a lease granted from the coordinator's queue waited there, until
         # `lease` hands it over (the wait from its ask: this worker's own clock).
-        self._queued: dict[int, float] = {}
+        # None: not known (a supervisor of a release before "queued" said nothing).
+        self._queued: dict[int, float | None] = {}
         self._held: dict[int, str] = {}  # lease id -> fleet name
         # What each open lease's call is ("call" in its "acquire"), told again in
         # "state": a supervisor started after one died knows it from there alone.
@@ -447,8 +461,7 @@ class SlotClient(asyncio.Protocol):
                 return  # given up on: its release is already on the wire
             del self._pending[lease_id]
             asked = self._asked.pop(lease_id, None)
-            if message.get("queued") is True and asked is not None:
-                self._queued[lease_id] = max(0.0, time.monotonic() - asked[1])
+            self._queued[lease_id] = _waited(message, asked)
             fleet.active += 1
             fleet.opened_total += 1
             self._held[lease_id] = fleet.name
@@ -458,11 +471,10 @@ class SlotClient(asyncio.Protocol):
             asked = self._asked.get(lease_id)
             future = self._over(lease_id)
             if future is not None and not future.done():
-                queued = 0.0
-                if message.get("queued") is True and asked is not None:
-                    queued = max(0.0, time.monotonic() - asked[1])
                 future.set_exception(
-                    NoFleetAvailable(field(message, "reason", str), queued_s=queued)
+                    NoFleetAvailable(
+                        field(message, "reason", str), queued_s=_waited(message, asked)
+                    )
                 )
 
     def _state(self) -> dict[str, Any]:

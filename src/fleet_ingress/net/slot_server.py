@@ -709,7 +709,8 @@ class SlotServer:
             except SlotProtocolError as exc:
                 # A worker bug: refuse this one call, keep the worker's other calls.
                 log.error("slot request refused", extra=fields(channel=channel.key, error=str(exc)))
-                channel.send({"op": "refused", "id": lease, "reason": f"internal error: {exc}"})
+                reason = f"internal error: {exc}"
+                channel.send({"op": "refused", "id": lease, "reason": reason, "queued": False})
                 return
             if isinstance(call := message.get("call"), dict):
                 self._calls.setdefault(channel.key, {})[lease] = call
@@ -1007,15 +1008,15 @@ class SlotServer:
             channel = self._channels.get(answer.worker)  # type: ignore[call-overload]
             if channel is None:
                 continue
-            # "queued": the answer came from the queue, after a wait (the worker
-            # times it; a worker before it ignores the key).
+            # "queued": whether the answer came from the queue, after a wait (the
+            # worker times it; a worker before it ignores the key). Said false too:
+            # a worker tells "at once" from a supervisor before the key (not known).
             if isinstance(answer, Granted):
                 message = self._granted(channel, answer.lease, answer.fleet)
             else:
                 self._forget_call(channel.key, answer.lease)
                 message = {"op": "refused", "id": answer.lease, "reason": answer.reason}
-            if answer.queued:
-                message["queued"] = True
+            message["queued"] = answer.queued
             channel.send(message)
         self._arm()
 

@@ -33,6 +33,9 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
       {"op": "granted", "id": 7, "fleet": "a", "spec": {...}}   "spec" when the worker
                                                                  has not seen it yet
       {"op": "refused", "id": 7, "reason": "no fleet is up"}    answer 503 with it
+      both with "queued": true (the answer came from the queue: the worker times the
+      wait from its ask) or false (at once); a supervisor before the key says neither,
+      and the worker's access line says queued_ms null (the wait not known), not 0
 
     the supervisor's own messages (`SlotServer.handlers`, `SlotClient.handlers`;
     service.worker lists them): reload / reloaded, stop / stopping, close-fleet /
