@@ -113,6 +113,7 @@ from fleet_ingress.ops.reload_outcome import (
     REFUSED_RELOAD_STATUS,
     ReloadAsked,
     reload_outcome,
+    tell,
     was_refused,
 )
 from fleet_ingress.ops.stats_server import stats_app
@@ -1696,9 +1697,9 @@ class Supervisor:
         """At stop: every `fleet-ingress reload` still waiting is told, rather than
         holding its admin request (and the supervisor's exit) until it times out."""
         outcome = {**reload_outcome(why), "result": "failed"}
-        _tell(self.reload_in_hand, outcome)
+        tell(self.reload_in_hand, outcome)
         while not self.reloads_asked.empty():
-            _tell([self.reloads_asked.get_nowait()], outcome)
+            tell([self.reloads_asked.get_nowait()], outcome)
 
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
@@ -1970,9 +1971,3 @@ def _snapshot_failed() -> None:
     """A crash snapshot not written (a bug): logged and counted, never raised."""
     count_unexpected_error()
     log.exception("the supervisor's state could not be written for its successor")
-
-
-def _tell(asked: list[ReloadAsked], outcome: dict[str, Any] | None) -> None:
-    for one in asked:
-        if one is not None and not one.done():  # its asker may have gone
-            one.set_result(outcome or reload_outcome("no outcome recorded"))
