@@ -100,7 +100,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
     supervisor.notifier = notifier
-    supervisor.take_up_fd_store(notifier)
+    supervisor.store_taken_up.take_up_fd_store(notifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
