@@ -102,18 +102,14 @@ from fleet_ingress.ops.host_stats import (
     PULL_EVERY,
     SCRAPE_WAIT,
     HostMetrics,
-    host_snapshot,
     pull_reports,
-    with_drain_end,
 )
 from fleet_ingress.ops.local_counts import fold_fleets_gone
 from fleet_ingress.ops.metrics import lost_call_counts
 from fleet_ingress.ops.reload_outcome import (
-    REFUSED_RELOAD_STATUS,
     ReloadAsked,
     reload_outcome,
     tell,
-    was_refused,
 )
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
@@ -136,7 +132,8 @@ from fleet_ingress.service.fd_store import (
     CrashSnapshot,
     read_store_max,
 )
-from fleet_ingress.service.files_on_disk import FilesOnDisk, served_early, served_refused
+from fleet_ingress.service.files_on_disk import FilesOnDisk
+from fleet_ingress.service.host_picture import last_upgrade_failed, snapshot_of, status_line_of
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     STOP_GRACE,
@@ -381,7 +378,7 @@ class Supervisor:
             # a snapshot taken as it is built: no notifier yet
             fd_store=lambda: fd_store_picture(getattr(self, "notifier", None)),
             fleets_gone=lambda: self.forgetting.pending,
-            upgrade_failed=self._last_upgrade_failed,
+            upgrade_failed=lambda: last_upgrade_failed(self),
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
             certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
@@ -1151,44 +1148,6 @@ class Supervisor:
         restart while calls drain)."""
         return self.serving_workers(), 0 if self.stopping else self.worker_target
 
-    def _workers_said(self) -> str:
-        """The status line's workers: those of the generation serving, and an
-        older one's draining apart (counted in, they read as capacity the host
-        does not have: 4 workers while 2 serve after an upgrade; the accounting
-        audit of session 31). An upgrade's new generation while it starts
-        (candidates) is said apart too: counted as an older one draining, it
-        read as capacity leaving when it is coming (the review of session 31);
-        one a failed upgrade retired, as of a failed upgrade."""
-        alive = [
-            w
-            for w in self.workers.values()
-            if w.generation != self.generation and w.proc.returncode is None
-        ]
-        older = sum(1 for w in alive if w.generation < self.generation)
-        starting = sum(1 for w in alive if w.generation > self.generation and w.candidate)
-        failed = sum(1 for w in alive if w.generation > self.generation and not w.candidate)
-        parts = [
-            f"+{n} {what}"
-            for n, what in (
-                (older, "of an older generation draining"),
-                (starting, "of the next generation starting"),
-                (failed, "of a failed upgrade's generation draining"),
-            )
-            if n
-        ]
-        said = f"{self.serving_workers()} workers"
-        return said + (f" ({', '.join(parts)})" if parts else "")
-
-    def _last_upgrade_failed(self) -> bool | None:
-        """For fleet_ingress_upgrade_failed: the last upgrade finished (one under
-        way changes nothing until it ends: read as the latest, it went to 0
-        while the next was checked and the alert resolved; the review of session
-        31); None before any (and while __init__ builds: the registry describes
-        its collectors at once)."""
-        sequence = getattr(self, "upgrade", None)
-        last = None if sequence is None else sequence.last_finished
-        return None if last is None else last["state"] == "failed"
-
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
         return self.worker_target - len(self._running_workers()) - self._starting
@@ -1476,80 +1435,12 @@ class Supervisor:
             _snapshot_failed()
 
     def snapshot(self) -> dict[str, Any]:
-        picture = host_snapshot(
-            self.slots,
-            self.view,
-            started_at=self.started_at,
-            certificate_not_after=self.certificate_not_after,
-            capacity_key=self.config.fleets.capacity_key,
-            stopping=self.stopping,
-            last_reload=self.last_reload,
-            acme_listening="listen.acme" in self.listeners,
-        )
-        self._say_drain_ends(picture["workers"])
-        picture["worker_restarts"] = dict(self.restarts)
-        picture["supervisor_oom_kills"] = self.supervisor_oom_kills
-        picture["supervisor_oom_kills_possibly"] = self.supervisor_oom_kills_possibly
-        picture["fd_store"] = fd_store_picture(getattr(self, "notifier", None))
-        picture["worker_oom_kills"] = self.worker_oom_kills
-        # Where the OOM kills are counted, when that counts other processes' too.
-        # (None where the kernel's log names the pids killed: it decides there.)
-        picture["oom_kills_broad"] = self.oom_verdict.broad()
-        picture["worker_calls_lost"] = self.calls_lost_total
-        picture["workers_wanted"] = self.worker_target
-        picture["workers_from"] = self.workers_from
-        picture["workers_serving"] = self.serving_workers()
-        picture["workers_unresponsive"] = self.unresponsive_workers()
-        picture["worker_hang_timeout"] = self.hang_timeout
-        picture["workers_dying_at_start"] = self.quick_deaths
-        picture["worker_start_error"] = self.spawn_error
-        picture.update(self.files.picture(self.serving_leaf))
-        picture["generation"] = self.generation
-        picture["upgrade"] = self.upgrade.latest
-        picture["upgrade_last_finished"] = self.upgrade.last_finished
-        return picture
-
-    def _say_drain_ends(self, rows: list[dict[str, Any]]) -> None:
-        """When each draining worker closes the calls still up there: its
-        backstop less STOP_GRACE (the worker's own drain ends then). Not while
-        stopping: every worker then drains for timeouts.drain (STOPPING says)."""
-        if self.stopping:
-            return
-        draining = {w.pid: w for w in self.workers.values() if w.retiring or w.channel_lost}
-        now = time.monotonic()
-        for row in rows:
-            if (worker := draining.get(row["pid"])) is None:
-                continue
-            by = worker.retire_by
-            with_drain_end(row, None if by is None else by - STOP_GRACE - now)
+        """What `stat` and the stats listener show (`service.host_picture`)."""
+        return snapshot_of(self)
 
     def status_line(self) -> str:
-        fleets = self.balancer.fleets
-        up = sum(1 for f in fleets if f.health is Health.UP)
-        eligible = sum(1 for f in fleets if f.up and f.has_room)
-        return (
-            f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
-            f"{eligible} taking calls, queue {self.slots.queue_length}, "
-            f"{self._workers_said()}, generation {self.generation}"
-            + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
-            + (
-                "; LAST UPGRADE FAILED: see `fleet-ingress stat`"
-                if self._last_upgrade_failed()
-                else ""
-            )
-            + (
-                "; THIS HOST'S CLOCK READS BEFORE THE CERTIFICATE SERVED IS VALID: see "
-                "`fleet-ingress stat`"
-                if served_early(self.serving_leaf)
-                else "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
-                if served_refused(self.serving_leaf) is not None
-                else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
-                if self.files.certificate_refused(self.serving_leaf) is not None
-                else "; CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE: see `fleet-ingress stat`"
-                if self.files.served_chain is not None
-                else ""
-            )
-        )
+        """systemd's STATUS= line (`service.host_picture`)."""
+        return status_line_of(self)
 
     # -- reload and stop ---------------------------------------------------------
 
