@@ -813,12 +813,14 @@ def _run(config_path: Path) -> int:
             config, fleets, config_path, handed=handed, carried=carried, pem=pem
         )
         if from_store:  # all systemd keeps is what it handed back
-            supervisor.fd_store_kept = {}
+            supervisor.store_taken_up.fd_store_kept = {}
             for name, kept in stored.kept:
-                supervisor.fd_store_kept.setdefault(name, []).append(kept)
-            supervisor.fd_store_owed = list(stored.owed)
+                supervisor.store_taken_up.fd_store_kept.setdefault(name, []).append(kept)
+            supervisor.store_taken_up.fd_store_owed = list(stored.owed)
         if after_crash:  # its workers seal tickets with the dead supervisor's keys
-            supervisor.take_up_ticket_keys(stored.ticket_keys)
+            supervisor.tickets.take_up_ticket_keys(
+                stored.ticket_keys, supervisor.config, supervisor.serving_pem
+            )
         if kept_because is not None:
             supervisor.say_certificate_kept(kept_because)
         if unread_files is not None:

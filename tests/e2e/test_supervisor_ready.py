@@ -14,6 +14,7 @@ from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
 from fleet_ingress.service import supervisor_process as supervisor_module
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.store_keeping import fd_store_picture
 from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.supervisor_process import run_supervisor
 from tests.support import TLSFiles, eventually, write_run_home
@@ -115,13 +116,13 @@ async def test_a_hung_read_of_the_fd_store_limit_holds_back_no_start(
         )
         assert not running.done(), running.exception()
         assert any("READY=1" in lines for lines in notifier.sent), notifier.sent
-        picture = supervisor.fd_store_picture()
+        picture = fd_store_picture(supervisor.notifier)
         assert picture is not None and picture["max"] is None, picture
         stored = picture["kept"]
         assert stored > 2 and picture["not_kept"] == 0, picture  # listeners, channel, state
         read_may_end.set()
         await eventually(lambda: notifier.store_max == 2, timeout=5)
-        after = supervisor.fd_store_picture()
+        after = fd_store_picture(supervisor.notifier)
         assert after == {"kept": 2, "max": 2, "not_kept": stored - 2, "unkept": stored - 2}, after
     finally:
         read_may_end.set()

@@ -442,12 +442,14 @@ async def test_a_supervisor_started_after_a_crash_takes_up_the_keys_drawn_for_wh
     def taken_up(stored: bytes | None) -> tuple[bytes, bytes, list[dict[str, Any]]]:
         """(the keys drawn at its start, the keys it serves, what it warned)."""
         supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
-        drawn = supervisor.ticket_keys
+        drawn = supervisor.tickets.ticket_keys
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="fleet_ingress.lifecycle"):
-            supervisor.take_up_ticket_keys(stored)
+            supervisor.tickets.take_up_ticket_keys(
+                stored, supervisor.config, supervisor.serving_pem
+            )
         said = [r.fields for r in caplog.records if "ticket keys" in r.getMessage()]  # type: ignore[attr-defined]
-        return drawn, supervisor.ticket_keys, said
+        return drawn, supervisor.tickets.ticket_keys, said
 
     drawn, serving, said = taken_up(keys + ticket_keys_drawn_for(config, pem))
     assert serving == keys != drawn and said == []
@@ -1339,7 +1341,7 @@ async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
         _drain(receiver)
         carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
         new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
-        new.take_up_fd_store(notifiers[1])
+        new.store_taken_up.take_up_fd_store(notifiers[1])
         assert (notifiers[1].not_kept, notifiers[1].unkept) == (1, {"worker.2.1"})
         notifiers[1].notify("WATCHDOG=1")
         got = [message for message, _ in _stored(receiver)]
@@ -1347,7 +1349,7 @@ async def test_what_the_store_would_not_keep_and_a_lost_remove_go_over_an_exec(
         crashed = crash_state({"worker.9.1": socks[0]}, 1, old.upgrade.crash_snapshot())
         assert crashed is not None
         after = Supervisor(config, specs, tmp_path / "ingress.toml", carried=crashed)
-        after.take_up_fd_store(notifiers[2])
+        after.store_taken_up.take_up_fd_store(notifiers[2])
         assert (notifiers[2].not_kept, notifiers[2].unkept, notifiers[2].owed) == (1, set(), [])
     finally:
         for notifier in notifiers:

@@ -25,6 +25,14 @@ def reload_outcome(error: str | None, changes: str | None = None) -> dict[str, A
     }
 
 
+def tell(asked: list[ReloadAsked], outcome: dict[str, Any] | None) -> None:
+    """Answer each reload asked that still waits (a SIGHUP's None has no one to
+    answer) with `outcome`, or with none recorded."""
+    for one in asked:
+        if one is not None and not one.done():  # its asker may have gone
+            one.set_result(outcome or reload_outcome("no outcome recorded"))
+
+
 # Added to systemd's STATUS= line while the last reload was refused: the line is
 # rewritten every few seconds, and the refusal must not scroll away with it.
 REFUSED_RELOAD_STATUS = "; LAST RELOAD REFUSED: see `fleet-ingress stat` or the journal"

@@ -46,7 +46,6 @@ the background tasks) is `service.supervisor_process`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import math
@@ -103,17 +102,14 @@ from fleet_ingress.ops.host_stats import (
     PULL_EVERY,
     SCRAPE_WAIT,
     HostMetrics,
-    host_snapshot,
     pull_reports,
-    with_drain_end,
 )
 from fleet_ingress.ops.local_counts import fold_fleets_gone
 from fleet_ingress.ops.metrics import lost_call_counts
 from fleet_ingress.ops.reload_outcome import (
-    REFUSED_RELOAD_STATUS,
     ReloadAsked,
     reload_outcome,
-    was_refused,
+    tell,
 )
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
@@ -127,7 +123,6 @@ from fleet_ingress.service.carrier_certificate import (
     read_carrier_pem,
     serves_alike,
     serving_leaf,
-    ticket_keys_drawn_for,
     ticket_keys_to_json,
     warn_about_chain,
 )
@@ -136,10 +131,9 @@ from fleet_ingress.service.fd_store import (
     TICKET_KEYS_NAME,
     CrashSnapshot,
     read_store_max,
-    store_ticket_keys,
-    ticket_keys_taken_up,
 )
-from fleet_ingress.service.files_on_disk import FilesOnDisk, served_early, served_refused
+from fleet_ingress.service.files_on_disk import FilesOnDisk
+from fleet_ingress.service.host_picture import last_upgrade_failed, snapshot_of, status_line_of
 from fleet_ingress.service.ingress import (
     RUNNING_CONFIG_ENV,
     STOP_GRACE,
@@ -158,6 +152,11 @@ from fleet_ingress.service.oom_verdict import (
 )
 from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.store_keeping import (
+    SessionTicketKeys,
+    StoreTakenUp,
+    fd_store_picture,
+)
 from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
@@ -264,19 +263,9 @@ class Supervisor:
             pem = read_carrier_pem(config)
         carrier_ssl_context(config, pem)
         self.serving_pem = pem  # the certificate and key served now, as checked
-        # The keys every worker of this image seals its session tickets with:
-        # a carrier's ticket resumes on whichever worker accepts its next
-        # connection. Drawn anew with each certificate served (`_reload`), so
-        # that no session resumes into the certificate it replaced; in memory
-        # only (handed in memfds and on the channel, never in a snapshot or a
-        # file): the next image, an upgrade's, is handed them in the exec's
-        # state (a memfd read once, `ticket_keys_for_exec`) and takes them when
-        # it serves the same certificate and [tls] (`take_over_ticket_keys`).
-        # Kept in systemd's fd store too (`fd_store.store_ticket_keys`): a
-        # supervisor started again after this one died takes them up
-        # (`take_up_ticket_keys`).
-        self.ticket_keys = new_ticket_keys()
-        self._ticket_keys_stored = False  # the store has them already (taken up)
+        # The keys every worker of this image seals its session tickets with
+        # (`service.store_keeping`).
+        self.tickets = SessionTicketKeys()
         # What this start serves other than what the files hold, said once more
         # by the upgrade that re-executed into it (`upgrade` prints it).
         self.start_notes: list[str] = []
@@ -368,15 +357,8 @@ class Supervisor:
         self.worker_oom_kills = 0
         # [descriptor limit, descriptors needed] when short (cli), carried over an exec.
         self.descriptors_short: list[int] | None = None
-        # What systemd's fd store held for this process as it started (handed
-        # back by systemd, or carried over an exec): `Notifier.kept`'s start.
-        self.fd_store_kept: dict[str, list[tuple[int, int]]] = {}
-        # Carried over an exec with it (`take_up_fd_store`): the count of what
-        # systemd would not keep (over a crash too), what of it is still wanted
-        # there, and the removes the notify socket had no room for.
-        self.fd_store_not_kept = 0
-        self.fd_store_unkept: set[str] = set()
-        self.fd_store_owed: list[str] = []
+        # What the image before this one left of systemd's fd store, until taken up.
+        self.store_taken_up = StoreTakenUp()
         # Whether a worker dead of SIGKILL was the kernel's OOM killer's (`service.oom_verdict`).
         self.oom_verdict = OomVerdict()
         # Background tasks of this process that failed (kept running: kept_running).
@@ -393,9 +375,10 @@ class Supervisor:
             supervisor_deaths=lambda: self.supervisor_deaths,
             supervisor_oom_kills=lambda: self.supervisor_oom_kills,
             worker_oom_kills=lambda: self.worker_oom_kills,
-            fd_store=self.fd_store_picture,
+            # a snapshot taken as it is built: no notifier yet
+            fd_store=lambda: fd_store_picture(getattr(self, "notifier", None)),
             fleets_gone=lambda: self.forgetting.pending,
-            upgrade_failed=self._last_upgrade_failed,
+            upgrade_failed=lambda: last_upgrade_failed(self),
             workers=self.workers_figures,
             certificate_file_not_after=lambda: self.files.certificate_not_after,
             certificate_file_refused=lambda: self.files.certificate_file_refused(self.serving_leaf),
@@ -473,31 +456,6 @@ class Supervisor:
             self, self._web, carried=carried, starts_settle=starts_settle
         )
 
-    def fd_store_picture(self) -> dict[str, Any] | None:
-        """What systemd's fd store keeps of this process's, against the unit's
-        FileDescriptorStoreMax= (None: not known), and what it would not keep;
-        None without systemd's notify socket."""
-        notifier = getattr(self, "notifier", None)  # a snapshot taken as it is built
-        if notifier is None or not notifier.enabled:
-            return None
-        return {
-            "kept": notifier.kept_count,
-            "max": notifier.store_max,
-            "not_kept": notifier.not_kept,
-            "unkept": len(notifier.unkept),
-        }
-
-    def take_up_fd_store(self, notifier: Notifier) -> None:
-        """What the previous image (or the dead supervisor, or systemd) left of
-        the fd store, taken up by this image's `notifier`: before, over an
-        exec, the count of what was not kept went back to 0 and a remove lost
-        just before it was never sent (the copy held a cut worker's channel open)."""
-        for name, kept in self.fd_store_kept.items():
-            notifier.kept.setdefault(name, []).extend(kept)
-        notifier.not_kept += self.fd_store_not_kept
-        notifier.unkept |= self.fd_store_unkept
-        notifier.owe_removes(self.fd_store_owed)
-
     async def recheck_fd_store(self) -> None:
         """At each reload: the unit's FileDescriptorStoreMax= read again (a
         `systemctl edit` raises it for the running unit at once), and what systemd
@@ -521,7 +479,8 @@ class Supervisor:
         if not notifier.unkept:
             return
         if TICKET_KEYS_NAME in notifier.unkept:
-            self._store_ticket_keys()  # a new memfd of the keys: the last is closed
+            # a new memfd of the keys: the last is closed
+            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
         wanted = {name: sock.fileno() for name, sock in self.sockets_to_keep().items()}
         if self.snapshots is not None:
             wanted.update(self.snapshots.descriptors())
@@ -540,79 +499,15 @@ class Supervisor:
         if self.notifier is not None:
             self.notifier.store_fd(name, sock.fileno())
 
-    def take_up_ticket_keys(self, stored: bytes | None) -> None:
-        """After a crash, its workers taken up: the session ticket keys the
-        dead supervisor kept in systemd's fd store (`stored`, as read; None:
-        none was), so that the workers taken up and those started from now on
-        seal and open each other's tickets. When they cannot (missing, cut
-        short, drawn for another certificate than the one served), the keys
-        drawn at this start serve, and that is said."""
-        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
-        keys, why = ticket_keys_taken_up(stored, drawn_for)
-        if keys is None:
-            log.warning(
-                "the session ticket keys in systemd's fd store are not taken up: new ones "
-                "drawn, so a carrier's session from a worker taken up does not resume on a "
-                "worker started now (a full handshake) until the next reload hands every "
-                "worker the new ones",
-                extra=fields(key=TICKET_KEYS_NAME, problem=why),
-            )
-            return
-        self.ticket_keys = keys
-        self._ticket_keys_stored = True
-
-    def ticket_keys_for_exec(self) -> str:
-        """The session ticket keys and what they were drawn for, for the exec's
-        state (`take_over_ticket_keys`): the keys are drawn anew whenever what
-        the digest covers changes (`_reload`), so the digest of what is served
-        now is the one they were drawn for."""
-        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
-        return base64.b64encode(self.ticket_keys + drawn_for).decode()
-
-    def take_over_ticket_keys(self, carried: object) -> None:
-        """After an upgrade's exec: the session ticket keys the previous image's
-        workers seal tickets with (`ticket_keys_for_exec`), taken when they were
-        drawn for the certificate, key and [tls] this image serves, so that a
-        carrier's session from before the upgrade resumes on the new generation
-        (each carrier's first connection after an upgrade was a full handshake,
-        the leftovers of session 36). Not carried (an older release), or drawn
-        for another certificate (one renewed on disk before the upgrade, which
-        no session from before may resume into): the keys drawn at this start."""
-        if not isinstance(carried, str):
-            return
-        try:
-            stored = base64.b64decode(carried, validate=True)
-        except ValueError:
-            return
-        drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
-        keys, _ = ticket_keys_taken_up(stored, drawn_for)
-        if keys is not None:
-            self.ticket_keys = keys
-
-    def _store_ticket_keys(self) -> None:
-        """The session ticket keys in systemd's fd store, with what they were
-        drawn for (`fd_store.store_ticket_keys`). Never raises."""
-        if self.notifier is None:
-            return
-        try:
-            drawn_for = ticket_keys_drawn_for(self.config, self.serving_pem)
-            store_ticket_keys(self.notifier, self.ticket_keys, drawn_for)
-        except OSError as exc:
-            log.warning(
-                "the session ticket keys could not be kept in systemd's fd store: should the "
-                "supervisor die, the one started again draws new ones",
-                extra=fields(key=TICKET_KEYS_NAME, error=str(exc)),
-            )
-
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
         if not self.file_read_carried:
             self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
         self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
-        if not self._ticket_keys_stored:  # before any worker is handed them
-            self._store_ticket_keys()
-            self._ticket_keys_stored = True
+        if not self.tickets.ticket_keys_stored:  # before any worker is handed them
+            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
+            self.tickets.ticket_keys_stored = True
         for fleet in self.balancer.fleets:
             self.poller.start(fleet)
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
@@ -791,7 +686,7 @@ class Supervisor:
             # now, the bytes checked here, from sealed memfds of its own.
             pem_fds = held_pem(self.serving_pem)
             env[SERVING_PEM_ENV] = ",".join(map(str, pem_fds))
-            pem_fds += (memfd_of(self.ticket_keys, "fleet-ingress tls ticket keys"),)
+            pem_fds += (memfd_of(self.tickets.ticket_keys, "fleet-ingress tls ticket keys"),)
             env[SERVING_TICKET_KEYS_ENV] = str(pem_fds[-1])
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -1253,44 +1148,6 @@ class Supervisor:
         restart while calls drain)."""
         return self.serving_workers(), 0 if self.stopping else self.worker_target
 
-    def _workers_said(self) -> str:
-        """The status line's workers: those of the generation serving, and an
-        older one's draining apart (counted in, they read as capacity the host
-        does not have: 4 workers while 2 serve after an upgrade; the accounting
-        audit of session 31). An upgrade's new generation while it starts
-        (candidates) is said apart too: counted as an older one draining, it
-        read as capacity leaving when it is coming (the review of session 31);
-        one a failed upgrade retired, as of a failed upgrade."""
-        alive = [
-            w
-            for w in self.workers.values()
-            if w.generation != self.generation and w.proc.returncode is None
-        ]
-        older = sum(1 for w in alive if w.generation < self.generation)
-        starting = sum(1 for w in alive if w.generation > self.generation and w.candidate)
-        failed = sum(1 for w in alive if w.generation > self.generation and not w.candidate)
-        parts = [
-            f"+{n} {what}"
-            for n, what in (
-                (older, "of an older generation draining"),
-                (starting, "of the next generation starting"),
-                (failed, "of a failed upgrade's generation draining"),
-            )
-            if n
-        ]
-        said = f"{self.serving_workers()} workers"
-        return said + (f" ({', '.join(parts)})" if parts else "")
-
-    def _last_upgrade_failed(self) -> bool | None:
-        """For fleet_ingress_upgrade_failed: the last upgrade finished (one under
-        way changes nothing until it ends: read as the latest, it went to 0
-        while the next was checked and the alert resolved; the review of session
-        31); None before any (and while __init__ builds: the registry describes
-        its collectors at once)."""
-        sequence = getattr(self, "upgrade", None)
-        last = None if sequence is None else sequence.last_finished
-        return None if last is None else last["state"] == "failed"
-
     def _short_of_workers(self) -> int:
         """How many workers the serving generation lacks (being started counts)."""
         return self.worker_target - len(self._running_workers()) - self._starting
@@ -1405,7 +1262,7 @@ class Supervisor:
         return {
             "config": config_to_json(self.config),
             "pem": pem_to_json(self.serving_pem),
-            "ticket_keys": ticket_keys_to_json(self.ticket_keys),
+            "ticket_keys": ticket_keys_to_json(self.tickets.ticket_keys),
         }
 
     def _forget_fleet(self, name: str) -> None:
@@ -1578,80 +1435,12 @@ class Supervisor:
             _snapshot_failed()
 
     def snapshot(self) -> dict[str, Any]:
-        picture = host_snapshot(
-            self.slots,
-            self.view,
-            started_at=self.started_at,
-            certificate_not_after=self.certificate_not_after,
-            capacity_key=self.config.fleets.capacity_key,
-            stopping=self.stopping,
-            last_reload=self.last_reload,
-            acme_listening="listen.acme" in self.listeners,
-        )
-        self._say_drain_ends(picture["workers"])
-        picture["worker_restarts"] = dict(self.restarts)
-        picture["supervisor_oom_kills"] = self.supervisor_oom_kills
-        picture["supervisor_oom_kills_possibly"] = self.supervisor_oom_kills_possibly
-        picture["fd_store"] = self.fd_store_picture()
-        picture["worker_oom_kills"] = self.worker_oom_kills
-        # Where the OOM kills are counted, when that counts other processes' too.
-        # (None where the kernel's log names the pids killed: it decides there.)
-        picture["oom_kills_broad"] = self.oom_verdict.broad()
-        picture["worker_calls_lost"] = self.calls_lost_total
-        picture["workers_wanted"] = self.worker_target
-        picture["workers_from"] = self.workers_from
-        picture["workers_serving"] = self.serving_workers()
-        picture["workers_unresponsive"] = self.unresponsive_workers()
-        picture["worker_hang_timeout"] = self.hang_timeout
-        picture["workers_dying_at_start"] = self.quick_deaths
-        picture["worker_start_error"] = self.spawn_error
-        picture.update(self.files.picture(self.serving_leaf))
-        picture["generation"] = self.generation
-        picture["upgrade"] = self.upgrade.latest
-        picture["upgrade_last_finished"] = self.upgrade.last_finished
-        return picture
-
-    def _say_drain_ends(self, rows: list[dict[str, Any]]) -> None:
-        """When each draining worker closes the calls still up there: its
-        backstop less STOP_GRACE (the worker's own drain ends then). Not while
-        stopping: every worker then drains for timeouts.drain (STOPPING says)."""
-        if self.stopping:
-            return
-        draining = {w.pid: w for w in self.workers.values() if w.retiring or w.channel_lost}
-        now = time.monotonic()
-        for row in rows:
-            if (worker := draining.get(row["pid"])) is None:
-                continue
-            by = worker.retire_by
-            with_drain_end(row, None if by is None else by - STOP_GRACE - now)
+        """What `stat` and the stats listener show (`service.host_picture`)."""
+        return snapshot_of(self)
 
     def status_line(self) -> str:
-        fleets = self.balancer.fleets
-        up = sum(1 for f in fleets if f.health is Health.UP)
-        eligible = sum(1 for f in fleets if f.up and f.has_room)
-        return (
-            f"{self.host_calls} calls, {up}/{len(fleets)} fleets up, "
-            f"{eligible} taking calls, queue {self.slots.queue_length}, "
-            f"{self._workers_said()}, generation {self.generation}"
-            + (REFUSED_RELOAD_STATUS if was_refused(self.last_reload) else "")
-            + (
-                "; LAST UPGRADE FAILED: see `fleet-ingress stat`"
-                if self._last_upgrade_failed()
-                else ""
-            )
-            + (
-                "; THIS HOST'S CLOCK READS BEFORE THE CERTIFICATE SERVED IS VALID: see "
-                "`fleet-ingress stat`"
-                if served_early(self.serving_leaf)
-                else "; CERTIFICATE SERVED IS REFUSED BY CARRIERS: see `fleet-ingress stat`"
-                if served_refused(self.serving_leaf) is not None
-                else "; CERTIFICATE ON DISK REFUSED: see `fleet-ingress stat`"
-                if self.files.certificate_refused(self.serving_leaf) is not None
-                else "; CARRIERS MAY FAIL TO VERIFY THE CERTIFICATE: see `fleet-ingress stat`"
-                if self.files.served_chain is not None
-                else ""
-            )
-        )
+        """systemd's STATUS= line (`service.host_picture`)."""
+        return status_line_of(self)
 
     # -- reload and stop ---------------------------------------------------------
 
@@ -1696,9 +1485,9 @@ class Supervisor:
         """At stop: every `fleet-ingress reload` still waiting is told, rather than
         holding its admin request (and the supervisor's exit) until it times out."""
         outcome = {**reload_outcome(why), "result": "failed"}
-        _tell(self.reload_in_hand, outcome)
+        tell(self.reload_in_hand, outcome)
         while not self.reloads_asked.empty():
-            _tell([self.reloads_asked.get_nowait()], outcome)
+            tell([self.reloads_asked.get_nowait()], outcome)
 
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
@@ -1774,14 +1563,14 @@ class Supervisor:
         if new_keys:
             # Workers build a new carrier context: tickets sealed before must not
             # resume into it (a renewal for a key that leaked).
-            self.ticket_keys = new_ticket_keys()
+            self.tickets.ticket_keys = new_ticket_keys()
         self.config = config
         self.serving_leaf = leaf
         self.serving_pem = pem  # what workers started from now on get
         if short := self._descriptors_said_short(config):
             notes.append(short)
         if new_keys:  # before any worker is told: a crash from here takes them up
-            self._store_ticket_keys()
+            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
         self.slots.queue_timeout = config.timeouts.queue
         self.slots.max_queue = config.limits.max_queue
         self.slots.fall = config.fleets.fall
@@ -1970,9 +1759,3 @@ def _snapshot_failed() -> None:
     """A crash snapshot not written (a bug): logged and counted, never raised."""
     count_unexpected_error()
     log.exception("the supervisor's state could not be written for its successor")
-
-
-def _tell(asked: list[ReloadAsked], outcome: dict[str, Any] | None) -> None:
-    for one in asked:
-        if one is not None and not one.done():  # its asker may have gone
-            one.set_result(outcome or reload_outcome("no outcome recorded"))

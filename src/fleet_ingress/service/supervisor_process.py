@@ -22,7 +22,7 @@ from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import PatientDeadline
 from fleet_ingress.ops.fleet_ops import FleetChangeError
-from fleet_ingress.ops.reload_outcome import ReloadAsked, reload_outcome
+from fleet_ingress.ops.reload_outcome import ReloadAsked, reload_outcome, tell
 from fleet_ingress.release import code_digest
 from fleet_ingress.service.fd_store import (
     SNAPSHOT_EVERY,
@@ -51,7 +51,6 @@ from fleet_ingress.service.supervisor import (
     SYSTEMD_STATUS,
     WATCHDOG_PINGS,
     Supervisor,
-    _tell,
 )
 from fleet_ingress.service.upgrade import children_running
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
@@ -101,7 +100,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning("SIGUSR2 ignored", extra=fields(reason=exc.message))
 
     supervisor.notifier = notifier
-    supervisor.take_up_fd_store(notifier)
+    supervisor.store_taken_up.take_up_fd_store(notifier)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
@@ -162,7 +161,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     def reloader_failed() -> None:
         # Whoever asked is told, and systemd hears the reload is over.
         outcome = reload_outcome("the reload failed: a bug, logged as 'supervisor task failed'")
-        _tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
+        tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
         notifier.notify("READY=1", "STATUS=reload failed; see the log")
 
     background = [
@@ -353,13 +352,13 @@ async def _reload_on_signal(
             notifier.notify(
                 "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
             )
-            _tell(asked, supervisor.last_reload)
+            tell(asked, supervisor.last_reload)
             continue
         except Exception:  # a bug must not take the service down
             log.exception("reload failed", extra=fields(config=str(config_path)))
             notifier.notify("READY=1", "STATUS=reload failed; see the log")
             outcome = reload_outcome("the reload failed: a bug, logged as 'reload failed'")
-            _tell(asked, {**outcome, "result": "failed"})
+            tell(asked, {**outcome, "result": "failed"})
             continue
         log_config = supervisor.config.log
         if (log_config.level, log_config.format) != logging_in_use:
@@ -369,7 +368,7 @@ async def _reload_on_signal(
             "reloaded", extra=fields(config=str(config_path), changes=summary, asked=len(asked))
         )
         notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
-        _tell(asked, supervisor.last_reload)
+        tell(asked, supervisor.last_reload)
 
 
 async def _ping_watchdog(notifier: Notifier) -> None:

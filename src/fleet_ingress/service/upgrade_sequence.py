@@ -66,6 +66,7 @@ from fleet_ingress.service.oom_kills import OomKills, rose_since
 from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
+from fleet_ingress.service.store_keeping import SessionTicketKeys, StoreTakenUp
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
     AdoptedProcess,
@@ -166,6 +167,8 @@ class Upgradable(Protocol):
     supervisor_oom_kills_possibly: int
     worker_oom_kills: int
     oom_verdict: OomVerdict  # the kernel's OOM kills as read, and each SIGKILL death's verdict
+    tickets: SessionTicketKeys  # the session ticket keys its workers seal tickets with
+    store_taken_up: StoreTakenUp  # what the image before left of systemd's fd store
     quick_deaths: int
     start_notes: list[str]  # what this image's start serves other than the files hold
 
@@ -173,10 +176,6 @@ class Upgradable(Protocol):
     def host_calls(self) -> int: ...
 
     def status_line(self) -> str: ...
-
-    def ticket_keys_for_exec(self) -> str: ...
-
-    def take_over_ticket_keys(self, carried: object) -> None: ...
 
     def respawns_due(self) -> list[float]: ...
 
@@ -290,7 +289,7 @@ class UpgradeSequence:
         # (From a release that did not carry it: counted from here.)
         supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
         # (From a release that did not carry it: counted from what is stored from here.)
-        supervisor.fd_store_kept = {
+        supervisor.store_taken_up.fd_store_kept = {
             str(name): [(int(dev), int(ino)) for dev, ino in copies]
             for name, copies in dict(carried.get("fd_store_kept") or {}).items()
         }
@@ -306,15 +305,21 @@ class UpgradeSequence:
         )
         self.crash_restart = bool(carried.get("crash_restart"))
         # (From a release that did not carry them: counted from here.)
-        supervisor.fd_store_not_kept = int(carried.get("fd_store_not_kept", 0))
+        supervisor.store_taken_up.fd_store_not_kept = int(carried.get("fd_store_not_kept", 0))
         if not self.crash_restart:  # after a crash, the store holds what it handed back
-            supervisor.fd_store_unkept = {str(n) for n in carried.get("fd_store_unkept") or []}
-            supervisor.fd_store_owed = [str(n) for n in carried.get("fd_store_owed") or []]
+            supervisor.store_taken_up.fd_store_unkept = {
+                str(n) for n in carried.get("fd_store_unkept") or []
+            }
+            supervisor.store_taken_up.fd_store_owed = [
+                str(n) for n in carried.get("fd_store_owed") or []
+            ]
         # The kernel's log read on from where the image before this one left it:
         # an OOM kill logged meanwhile (its own, a worker's) is read here.
         supervisor.oom_verdict.kernel_log.rewind(carried.get("kmsg_seq"), time.monotonic())
         if not self.crash_restart:  # (after a crash: the fd store's, cli)
-            supervisor.take_over_ticket_keys(carried.get("ticket_keys"))
+            supervisor.tickets.take_over_ticket_keys(
+                carried.get("ticket_keys"), supervisor.config, supervisor.serving_pem
+            )
         if self.crash_restart:
             self._say_if_oom_killed(carried)
         elif supervisor.oom_verdict.oom_counter is not None:
@@ -747,7 +752,15 @@ class UpgradeSequence:
             # The keys this image's workers seal session tickets with: the next
             # image's, when it serves the same certificate. An exec's alone (a
             # memfd read once): never in the crash snapshot, the fd store has them.
-            **({"ticket_keys": supervisor.ticket_keys_for_exec()} if handover else {}),
+            **(
+                {
+                    "ticket_keys": supervisor.tickets.ticket_keys_for_exec(
+                        supervisor.config, supervisor.serving_pem
+                    )
+                }
+                if handover
+                else {}
+            ),
             "workers": [
                 {
                     "pid": w.pid,
