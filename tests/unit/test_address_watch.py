@@ -228,3 +228,62 @@ async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_mov
         assert calls[1].carrier.ended == []  # type: ignore[attr-defined]
     finally:
         sweep.stop()
+
+
+async def test_a_look_that_cannot_read_the_tables_ends_no_call(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    # Out of file descriptors (a flood, a leak elsewhere), open() fails with
+    # EMFILE: that is no word on the host's addresses, not "it has none". Two
+    # such looks after an address event must not end every call on the host.
+    import functools
+    import os
+    import pathlib
+    import resource
+
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    assert isinstance(tmp_path, pathlib.Path)
+    fib, inet6 = tmp_path / "fib_trie", tmp_path / "if_inet6"
+    fib.write_text(FIB_TRIE)
+    inet6.write_text("20010db8000000000000000000000010 02 40 00 80     eth0\n")
+    monkeypatch.setattr(
+        host_addresses,
+        "read_host_addresses",
+        functools.partial(host_addresses.read_host_addresses, str(fib), str(inet6)),
+    )
+    events = [True, True]  # the first look; an address event during the exhaustion; then silence
+    monkeypatch.setattr(
+        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+    )
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds: list[int] = []
+    try:
+        calls = [Call(_Carrier(a), "192.0.2.1", "/ws/", "b") for a in (str(VIP), str(VIP6))]  # type: ignore[arg-type]
+        for call in calls:
+            registry.add_call(call)
+            sweep.call_linked(call)
+        sweep.look()  # both seen on the host
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+        try:
+            while True:
+                fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        for _ in range(3):
+            sweep.watch._missing_since = {a: t - GRACE for a, t in sweep.watch._missing_since.items()}
+            sweep.look()
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        assert [c.carrier.ended for c in calls] == [[], []]  # type: ignore[attr-defined]
+        sweep.look()  # tables readable again, both there
+        assert not sweep.watch.pending
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        sweep.stop()

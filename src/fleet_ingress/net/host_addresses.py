@@ -79,15 +79,22 @@ def parse_if_inet6(text: str) -> set[ipaddress.IPv6Address]:
     return found
 
 
-def read_host_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address]:
-    """This host's addresses, both families (a file missing: none of that family)."""
+def read_host_addresses(
+    fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6
+) -> set[Address] | None:
+    """This host's addresses, both families (a file missing: none of that
+    family, as with IPv6 disabled); None when a table could not be read
+    (EMFILE, ENFILE, ENOMEM, ...): that says nothing of the addresses, and
+    taken for "none" it would end every call on the host two looks later."""
     found: set[Address] = set()
     for path, parse in ((fib_trie, parse_fib_trie), (if_inet6, parse_if_inet6)):
         try:
             with open(path, encoding="ascii", errors="replace") as f:
                 found |= parse(f.read())  # type: ignore[operator]
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError:
+            return None
     return found
 
 
@@ -152,6 +159,7 @@ class AddressSweep:
         self.reads = 0  # of them, those that read the addresses
         self._events: AddressEvents | None = None
         self._host: set[Address] | None = None  # the last read (None: never read)
+        self._unread = False  # the last read failed: the next look reads, as after an event
         self._timer: asyncio.TimerHandle | None = None
         self._on: dict[Call, Address] = {}  # linked calls on an address that could go
         self._used: Counter[Address] = Counter()  # how many of them on each
@@ -212,10 +220,17 @@ class AddressSweep:
             return
         events = self._events
         assert events is not None
-        changed = events.changed()
+        changed = events.changed() or self._unread
         if changed or self._host is None or self.watch.pending:
-            self._host = read_host_addresses()
             self.reads += 1
+            host = read_host_addresses()
+            if host is None:
+                # No word this look: judge nothing, read again at the next,
+                # which starts the clocks afresh (unseen changes meanwhile).
+                self._unread = True
+                log.warning("address check: the host's tables could not be read; calls kept")
+                return
+            self._host, self._unread = host, False
         now = time.monotonic()
         # Without the kernel's word (no netlink), each look reads and stands alone.
         gone = self.watch.look(self._host, self._used.keys(), now, changed and events.listening)
