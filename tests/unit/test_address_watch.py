@@ -274,7 +274,9 @@ async def test_a_look_that_cannot_read_the_tables_ends_no_call(
         except OSError:
             pass
         for _ in range(3):
-            sweep.watch._missing_since = {a: t - GRACE for a, t in sweep.watch._missing_since.items()}
+            sweep.watch._missing_since = {
+                a: t - GRACE for a, t in sweep.watch._missing_since.items()
+            }
             sweep.look()
         for fd in fds:
             os.close(fd)

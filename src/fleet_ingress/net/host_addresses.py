@@ -79,9 +79,7 @@ def parse_if_inet6(text: str) -> set[ipaddress.IPv6Address]:
     return found
 
 
-def read_host_addresses(
-    fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6
-) -> set[Address] | None:
+def read_host_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address] | None:
     """This host's addresses, both families (a file missing: none of that
     family, as with IPv6 disabled); None when a table could not be read
     (EMFILE, ENFILE, ENOMEM, ...): that says nothing of the addresses, and
