@@ -246,12 +246,13 @@ async def test_a_look_that_cannot_read_the_tables_ends_no_call(
 
     assert isinstance(tmp_path, pathlib.Path)
     fib, inet6 = tmp_path / "fib_trie", tmp_path / "if_inet6"
+    real_read = host_addresses.read_host_addresses  # netlink first, then /proc
     fib.write_text(FIB_TRIE)
     inet6.write_text("20010db8000000000000000000000010 02 40 00 80     eth0\n")
     monkeypatch.setattr(
         host_addresses,
         "read_host_addresses",
-        functools.partial(host_addresses.read_host_addresses, str(fib), str(inet6)),
+        functools.partial(host_addresses.read_proc_addresses, str(fib), str(inet6)),
     )
     events = [True, True]  # the first look; an address event during the exhaustion; then silence
     monkeypatch.setattr(
@@ -278,9 +279,11 @@ async def test_a_look_that_cannot_read_the_tables_ends_no_call(
                 a: t - GRACE for a, t in sweep.watch._missing_since.items()
             }
             sweep.look()
+        assert real_read() is None
         for fd in fds:
             os.close(fd)
         fds.clear()
+        assert real_read() is not None
         assert [c.carrier.ended for c in calls] == [[], []]  # type: ignore[attr-defined]
         sweep.look()  # tables readable again, both there
         assert not sweep.watch.pending

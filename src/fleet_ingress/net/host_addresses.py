@@ -6,9 +6,11 @@ is ended `carrier_lost` once the address has been missing for
 carrier's redial through the other host (`core.address_watch` says why, and
 which number). Here is the reading and the timer:
 
-- The addresses come from /proc (no subprocess): the LOCAL /32 entries of
-  /proc/net/fib_trie for IPv4, /proc/net/if_inet6 for IPv6, in this process's
-  network namespace. A bind() test would not do: keepalived set-ups often set
+- The addresses come from the kernel's list of them (a netlink RTM_GETADDR
+  dump; no subprocess), in this process's network namespace; without netlink,
+  from /proc: the LOCAL /32 entries of /proc/net/fib_trie for IPv4 (which
+  lists every route too: seconds to read with a full routing table),
+  /proc/net/if_inet6 for IPv6. A bind() test would not do: keepalived set-ups often set
   net.ipv4.ip_nonlocal_bind, under which binding an address the host lacks works.
 - They are read only when they may have changed: a netlink socket subscribed
   to the kernel's address events (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) is
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
+import struct
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -50,6 +54,13 @@ IF_INET6 = "/proc/net/if_inet6"
 # <linux/rtnetlink.h>: the multicast groups of address changes.
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
+# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>: an address dump.
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWADDR, RTM_GETADDR = 20, 22
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+# Seconds a dump may take before the look gives up on it (it takes well under a millisecond).
+NETLINK_TIMEOUT = 0.5
 
 
 def parse_fib_trie(text: str) -> set[ipaddress.IPv4Address]:
@@ -79,11 +90,77 @@ def parse_if_inet6(text: str) -> set[ipaddress.IPv6Address]:
     return found
 
 
-def read_host_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address] | None:
-    """This host's addresses, both families (a file missing: none of that
-    family, as with IPv6 disabled); None when a table could not be read
+def read_host_addresses() -> set[Address] | None:
+    """This host's addresses, both families: the kernel's list of them over
+    netlink (RTM_GETADDR), its cost that of the addresses alone; without
+    netlink, /proc (`read_proc_addresses`). None when they could not be read."""
+    try:
+        return netlink_addresses()
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+            return None
+    return read_proc_addresses()
+
+
+def netlink_addresses() -> set[Address]:
+    """The addresses of a netlink RTM_GETADDR dump (IFA_LOCAL, else IFA_ADDRESS:
+    on a point-to-point link IFA_ADDRESS is the peer's). OSError when refused."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(NETLINK_TIMEOUT)
+        sock.bind((0, 0))
+        request = struct.pack("=LHHLL", 16 + 8, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        sock.send(request + struct.pack("=BBBBL", socket.AF_UNSPEC, 0, 0, 0, 0))
+        found: set[Address] = set()
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError(errno.EIO, "netlink: end of the dump unseen")
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = struct.unpack_from("=LHHLL", data, offset)
+                if length < 16:
+                    raise OSError(errno.EIO, "netlink: a message shorter than its header")
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=l", data, offset + 16)
+                    raise OSError(-code or errno.EIO, "netlink: RTM_GETADDR refused")
+                if kind == RTM_NEWADDR:
+                    address = _ifaddr(data[offset + 16 : offset + length])
+                    if address is not None:
+                        found.add(address)
+                offset += (length + 3) & ~3
+
+
+def _ifaddr(body: bytes) -> Address | None:
+    """The address of one RTM_NEWADDR message's body (ifaddrmsg, attributes)."""
+    if len(body) < 8:
+        return None
+    size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(body[0])
+    if size is None:
+        return None
+    attributes: dict[int, bytes] = {}
+    offset = 8
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            break
+        attributes[kind] = body[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    if raw is None or len(raw) != size:
+        return None
+    return ipaddress.ip_address(raw)
+
+
+def read_proc_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address] | None:
+    """This host's addresses from /proc, both families (a file missing: none
+    of that family, as with IPv6 disabled); None when a table could not be read
     (EMFILE, ENFILE, ENOMEM, ...): that says nothing of the addresses, and
-    taken for "none" it would end every call on the host two looks later."""
+    taken for "none" it would end every call on the host two looks later.
+    /proc/net/fib_trie lists every route too: with a full table (100,000
+    routes) a read takes seconds, the worker's loop stopped meanwhile; hence
+    netlink first."""
     found: set[Address] = set()
     for path, parse in ((fib_trie, parse_fib_trie), (if_inet6, parse_if_inet6)):
         try:
