@@ -292,3 +292,27 @@ async def test_a_look_that_cannot_read_the_tables_ends_no_call(
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         sweep.stop()
+
+
+async def test_a_bug_in_the_watch_as_a_call_links_does_not_reach_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Registry.call_linked runs as net.proxy links the call: what a hook raises
+    # there ends the call ("call command failed"). The watch's must not.
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    def broken(call: object) -> object:
+        raise TypeError("a sockname of a shape not foreseen")
+
+    monkeypatch.setattr(host_addresses, "_local_address", broken)
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    try:
+        call = Call(_Carrier(str(VIP)), "192.0.2.1", "/ws/", "b")  # type: ignore[arg-type]
+        registry.add_call(call)
+        registry.call_linked(call)  # raised TypeError on main
+        assert sweep._on == {} and sweep._timer is None
+        assert call in registry.calls and call.carrier.ended == []  # type: ignore[attr-defined]
+    finally:
+        sweep.stop()

@@ -242,6 +242,15 @@ class AddressSweep:
         registry.on_call_ended.append(self.call_ended)
 
     def call_linked(self, call: Call) -> None:
+        # Called as the call links (net.proxy): anything raised here would end
+        # the call as a failed command. A bug leaves the call unwatched instead.
+        try:
+            self._call_linked(call)
+        except Exception as exc:
+            self._on.pop(call, None)
+            _bug("address watch: a call could not be watched; it is kept, unwatched", exc)
+
+    def _call_linked(self, call: Call) -> None:
         address = _local_address(call)
         if address is None:
             return
@@ -320,6 +329,11 @@ class AddressSweep:
                 del self._on[call]
                 self._forget(address)
                 call.end(EndReason.CARRIER_LOST, why)
+
+
+def _bug(message: str, exc: Exception) -> None:
+    count_unexpected_error()
+    log.error(f"{message}; a bug, report it", exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def _local_address(call: Call) -> Address | None:
