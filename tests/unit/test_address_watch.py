@@ -107,6 +107,16 @@ def test_a_change_between_two_looks_that_both_miss_it_starts_the_clock_again() -
     assert watch.look({OWN}, {VIP}, 2.0) == [VIP]  # no change since: gone for good
 
 
+def test_a_change_of_other_addresses_leaves_the_clock_running() -> None:
+    # The kernel named the addresses that changed: only theirs start again.
+    watch = AddressWatch()
+    assert watch.look({VIP, OWN}, {VIP, OWN}, -1.0) == []
+    assert watch.look(set(), {VIP, OWN}, 0.0, changed={VIP, OWN}) == []
+    assert watch.look(set(), {VIP, OWN}, 1.0, changed={VIP6}) == [VIP, OWN]
+    assert watch.look(set(), {VIP, OWN}, 1.5, changed={OWN}) == [VIP]
+    assert watch.look(set(), {VIP, OWN}, 2.5, changed=set()) == [VIP, OWN]
+
+
 def test_pending_while_an_address_is_missing() -> None:
     watch = AddressWatch()
     assert not watch.pending
@@ -202,7 +212,9 @@ async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_mov
 
     monkeypatch.setattr(host_addresses, "read_host_addresses", read)
     monkeypatch.setattr(
-        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+        host_addresses.AddressEvents,
+        "changes",
+        lambda self: None if (events.pop(0) if events else False) else set(),
     )
     registry = Registry()
     sweep = host_addresses.AddressSweep(registry, period=3600)
@@ -256,7 +268,9 @@ async def test_a_look_that_cannot_read_the_tables_ends_no_call(
     )
     events = [True, True]  # the first look; an address event during the exhaustion; then silence
     monkeypatch.setattr(
-        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+        host_addresses.AddressEvents,
+        "changes",
+        lambda self: None if (events.pop(0) if events else False) else set(),
     )
     registry = Registry()
     sweep = host_addresses.AddressSweep(registry, period=3600)

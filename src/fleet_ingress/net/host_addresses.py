@@ -56,7 +56,7 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
 # <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>: an address dump.
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-RTM_NEWADDR, RTM_GETADDR = 20, 22
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 # Seconds a dump may take before the look gives up on it (it takes well under a millisecond).
@@ -132,6 +132,23 @@ def netlink_addresses() -> set[Address]:
                 offset += (length + 3) & ~3
 
 
+def _named_in(data: bytes, named: set[Address]) -> bool:
+    """Add the addresses of the RTM_NEWADDR and RTM_DELADDR messages of one
+    netlink datagram to `named`; False when one cannot be read."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=LH", data, offset)
+        if length < 16:
+            return False
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            address = _ifaddr(data[offset + 16 : offset + length])
+            if address is None:
+                return False
+            named.add(address)
+        offset += (length + 3) & ~3
+    return True
+
+
 def _ifaddr(body: bytes) -> Address | None:
     """The address of one RTM_NEWADDR message's body (ifaddrmsg, attributes)."""
     if len(body) < 8:
@@ -197,19 +214,26 @@ class AddressEvents:
 
     def changed(self) -> bool:
         """Whether an address event came since the last call (all read now)."""
+        named = self.changes()
+        return named is None or bool(named)
+
+    def changes(self) -> set[Address] | None:
+        """The addresses the events since the last call named (all read now):
+        empty when none came; None when what changed is not known (no socket,
+        events lost to a full buffer, one not understood)."""
         sock = self._sock
         if sock is None:
-            return True
-        seen = False
+            return None
+        named: set[Address] = set()
         while True:
             try:
-                if not sock.recv(65536):
-                    return True
+                data = sock.recv(65536)
             except BlockingIOError:
-                return seen
-            except OSError:  # ENOBUFS: events were lost, so something changed
-                return True
-            seen = True
+                return named
+            except OSError:  # ENOBUFS: events were lost, so anything may have changed
+                return None
+            if not data or not _named_in(data, named):
+                return None
 
     def close(self) -> None:
         if self._sock is not None:
@@ -304,7 +328,9 @@ class AddressSweep:
             return
         events = self._events
         assert events is not None
-        changed = events.changed() or self._unread
+        named = events.changes()
+        unread_before = self._unread
+        changed = named is None or bool(named) or unread_before
         if changed or self._host is None or self.watch.pending:
             self.reads += 1
             host = read_host_addresses()
@@ -317,7 +343,14 @@ class AddressSweep:
             self._host, self._unread = host, False
         now = time.monotonic()
         # Without the kernel's word (no netlink), each look reads and stands alone.
-        gone = self.watch.look(self._host, self._used.keys(), now, changed and events.listening)
+        # Only the addresses the events named can have come and gone unseen:
+        # other addresses' events (a container's veth, a privacy address
+        # renewed) restart no clock, else a steady trickle of them would keep
+        # every moved address's calls alive until the TCP timeouts.
+        restart: bool | set[Address] = (
+            False if not events.listening else True if named is None or unread_before else named
+        )
+        gone = self.watch.look(self._host, self._used.keys(), now, restart)
         for address in gone:
             why = gone_detail(address, self.watch.missing_for(address, now))
             calls = [c for c, a in self._on.items() if a == address]
