@@ -271,7 +271,8 @@ class AddressSweep:
         try:
             self._call_linked(call)
         except Exception as exc:
-            self._on.pop(call, None)
+            if call in self._on:
+                self._forget(self._on.pop(call))
             _bug("address watch: a call could not be watched; it is kept, unwatched", exc)
 
     def _call_linked(self, call: Call) -> None:
