@@ -107,6 +107,16 @@ def test_a_change_between_two_looks_that_both_miss_it_starts_the_clock_again() -
     assert watch.look({OWN}, {VIP}, 2.0) == [VIP]  # no change since: gone for good
 
 
+def test_a_change_of_other_addresses_leaves_the_clock_running() -> None:
+    # The kernel named the addresses that changed: only theirs start again.
+    watch = AddressWatch()
+    assert watch.look({VIP, OWN}, {VIP, OWN}, -1.0) == []
+    assert watch.look(set(), {VIP, OWN}, 0.0, changed={VIP, OWN}) == []
+    assert watch.look(set(), {VIP, OWN}, 1.0, changed={VIP6}) == [VIP, OWN]
+    assert watch.look(set(), {VIP, OWN}, 1.5, changed={OWN}) == [VIP]
+    assert watch.look(set(), {VIP, OWN}, 2.5, changed=set()) == [VIP, OWN]
+
+
 def test_pending_while_an_address_is_missing() -> None:
     watch = AddressWatch()
     assert not watch.pending
@@ -202,7 +212,9 @@ async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_mov
 
     monkeypatch.setattr(host_addresses, "read_host_addresses", read)
     monkeypatch.setattr(
-        host_addresses.AddressEvents, "changed", lambda self: events.pop(0) if events else False
+        host_addresses.AddressEvents,
+        "changes",
+        lambda self: None if (events.pop(0) if events else False) else set(),
     )
     registry = Registry()
     sweep = host_addresses.AddressSweep(registry, period=3600)
@@ -226,5 +238,95 @@ async def test_the_sweep_reads_only_after_an_address_event_and_ends_only_the_mov
         [(reason, why)] = calls[0].carrier.ended  # type: ignore[attr-defined]
         assert reason is EndReason.CARRIER_LOST and str(VIP) in why
         assert calls[1].carrier.ended == []  # type: ignore[attr-defined]
+    finally:
+        sweep.stop()
+
+
+async def test_a_look_that_cannot_read_the_tables_ends_no_call(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    # Out of file descriptors (a flood, a leak elsewhere), open() fails with
+    # EMFILE: that is no word on the host's addresses, not "it has none". Two
+    # such looks after an address event must not end every call on the host.
+    import functools
+    import os
+    import pathlib
+    import resource
+
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    assert isinstance(tmp_path, pathlib.Path)
+    fib, inet6 = tmp_path / "fib_trie", tmp_path / "if_inet6"
+    real_read = host_addresses.read_host_addresses  # netlink first, then /proc
+    fib.write_text(FIB_TRIE)
+    inet6.write_text("20010db8000000000000000000000010 02 40 00 80     eth0\n")
+    monkeypatch.setattr(
+        host_addresses,
+        "read_host_addresses",
+        functools.partial(host_addresses.read_proc_addresses, str(fib), str(inet6)),
+    )
+    events = [True, True]  # the first look; an address event during the exhaustion; then silence
+    monkeypatch.setattr(
+        host_addresses.AddressEvents,
+        "changes",
+        lambda self: None if (events.pop(0) if events else False) else set(),
+    )
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds: list[int] = []
+    try:
+        calls = [Call(_Carrier(a), "192.0.2.1", "/ws/", "b") for a in (str(VIP), str(VIP6))]  # type: ignore[arg-type]
+        for call in calls:
+            registry.add_call(call)
+            sweep.call_linked(call)
+        sweep.look()  # both seen on the host
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+        try:
+            while True:
+                fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        for _ in range(3):
+            sweep.watch._missing_since = {
+                a: t - GRACE for a, t in sweep.watch._missing_since.items()
+            }
+            sweep.look()
+        assert real_read() is None
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+        assert real_read() is not None
+        assert [c.carrier.ended for c in calls] == [[], []]  # type: ignore[attr-defined]
+        sweep.look()  # tables readable again, both there
+        assert not sweep.watch.pending
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        sweep.stop()
+
+
+async def test_a_bug_in_the_watch_as_a_call_links_does_not_reach_the_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Registry.call_linked runs as net.proxy links the call: what a hook raises
+    # there ends the call ("call command failed"). The watch's must not.
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    def broken(call: object) -> object:
+        raise TypeError("a sockname of a shape not foreseen")
+
+    monkeypatch.setattr(host_addresses, "_local_address", broken)
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=3600)
+    try:
+        call = Call(_Carrier(str(VIP)), "192.0.2.1", "/ws/", "b")  # type: ignore[arg-type]
+        registry.add_call(call)
+        registry.call_linked(call)  # raised TypeError on main
+        assert sweep._on == {} and sweep._timer is None
+        assert call in registry.calls and call.carrier.ended == []  # type: ignore[attr-defined]
     finally:
         sweep.stop()

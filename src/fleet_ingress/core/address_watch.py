@@ -38,7 +38,7 @@ every call a second or two after it linked.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 # Seconds an address may be missing before its calls end (see above).
 GRACE = 1.0
@@ -97,7 +97,7 @@ class AddressWatch:
         host: Iterable[Address],
         used: Iterable[Address],
         now: float,
-        changed: bool = False,
+        changed: bool | Collection[Address] = False,
     ) -> list[Address]:
         """The host's addresses now and the addresses calls are on: those of
         `used` missing for `grace` or more, their calls to end. An address
@@ -105,14 +105,18 @@ class AddressWatch:
         host's addresses changed since the last look (the kernel said so): an
         address missing then and now may have been back in between, unseen
         (a flap faster than the looks), so its clock starts again now: missing
-        at two looks with no change between is what ends calls."""
+        at two looks with no change between is what ends calls. A collection:
+        the addresses the kernel said changed, only their clocks start again."""
         present = frozenset(host)
         used = frozenset(used)
         self._seen = (self._seen | (used & present)) & used
         for address in [a for a in self._missing_since if a in present or a not in used]:
             del self._missing_since[address]
-        if changed:
+        if changed is True:
             self._missing_since.clear()
+        elif changed:
+            for address in changed:
+                self._missing_since.pop(address, None)
         gone = []
         for address in (used - present) & self._seen:
             since = self._missing_since.setdefault(address, now)

@@ -6,9 +6,11 @@ is ended `carrier_lost` once the address has been missing for
 carrier's redial through the other host (`core.address_watch` says why, and
 which number). Here is the reading and the timer:
 
-- The addresses come from /proc (no subprocess): the LOCAL /32 entries of
-  /proc/net/fib_trie for IPv4, /proc/net/if_inet6 for IPv6, in this process's
-  network namespace. A bind() test would not do: keepalived set-ups often set
+- The addresses come from the kernel's list of them (a netlink RTM_GETADDR
+  dump; no subprocess), in this process's network namespace; without netlink,
+  from /proc: the LOCAL /32 entries of /proc/net/fib_trie for IPv4 (which
+  lists every route too: seconds to read with a full routing table),
+  /proc/net/if_inet6 for IPv6. A bind() test would not do: keepalived set-ups often set
   net.ipv4.ip_nonlocal_bind, under which binding an address the host lacks works.
 - They are read only when they may have changed: a netlink socket subscribed
   to the kernel's address events (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) is
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
+import struct
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -50,6 +54,13 @@ IF_INET6 = "/proc/net/if_inet6"
 # <linux/rtnetlink.h>: the multicast groups of address changes.
 RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV6_IFADDR = 0x100
+# <linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_addr.h>: an address dump.
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+# Seconds a dump may take before the look gives up on it (it takes well under a millisecond).
+NETLINK_TIMEOUT = 0.5
 
 
 def parse_fib_trie(text: str) -> set[ipaddress.IPv4Address]:
@@ -79,15 +90,103 @@ def parse_if_inet6(text: str) -> set[ipaddress.IPv6Address]:
     return found
 
 
-def read_host_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address]:
-    """This host's addresses, both families (a file missing: none of that family)."""
+def read_host_addresses() -> set[Address] | None:
+    """This host's addresses, both families: the kernel's list of them over
+    netlink (RTM_GETADDR), its cost that of the addresses alone; without
+    netlink, /proc (`read_proc_addresses`). None when they could not be read."""
+    try:
+        return netlink_addresses()
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+            return None
+    return read_proc_addresses()
+
+
+def netlink_addresses() -> set[Address]:
+    """The addresses of a netlink RTM_GETADDR dump (IFA_LOCAL, else IFA_ADDRESS:
+    on a point-to-point link IFA_ADDRESS is the peer's). OSError when refused."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(NETLINK_TIMEOUT)
+        sock.bind((0, 0))
+        request = struct.pack("=LHHLL", 16 + 8, RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+        sock.send(request + struct.pack("=BBBBL", socket.AF_UNSPEC, 0, 0, 0, 0))
+        found: set[Address] = set()
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise OSError(errno.EIO, "netlink: end of the dump unseen")
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _flags, _seq, _pid = struct.unpack_from("=LHHLL", data, offset)
+                if length < 16:
+                    raise OSError(errno.EIO, "netlink: a message shorter than its header")
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=l", data, offset + 16)
+                    raise OSError(-code or errno.EIO, "netlink: RTM_GETADDR refused")
+                if kind == RTM_NEWADDR:
+                    address = _ifaddr(data[offset + 16 : offset + length])
+                    if address is not None:
+                        found.add(address)
+                offset += (length + 3) & ~3
+
+
+def _named_in(data: bytes, named: set[Address]) -> bool:
+    """Add the addresses of the RTM_NEWADDR and RTM_DELADDR messages of one
+    netlink datagram to `named`; False when one cannot be read."""
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=LH", data, offset)
+        if length < 16:
+            return False
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            address = _ifaddr(data[offset + 16 : offset + length])
+            if address is None:
+                return False
+            named.add(address)
+        offset += (length + 3) & ~3
+    return True
+
+
+def _ifaddr(body: bytes) -> Address | None:
+    """The address of one RTM_NEWADDR message's body (ifaddrmsg, attributes)."""
+    if len(body) < 8:
+        return None
+    size = {socket.AF_INET: 4, socket.AF_INET6: 16}.get(body[0])
+    if size is None:
+        return None
+    attributes: dict[int, bytes] = {}
+    offset = 8
+    while offset + 4 <= len(body):
+        length, kind = struct.unpack_from("=HH", body, offset)
+        if length < 4:
+            break
+        attributes[kind] = body[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    raw = attributes.get(IFA_LOCAL) or attributes.get(IFA_ADDRESS)
+    if raw is None or len(raw) != size:
+        return None
+    return ipaddress.ip_address(raw)
+
+
+def read_proc_addresses(fib_trie: str = FIB_TRIE, if_inet6: str = IF_INET6) -> set[Address] | None:
+    """This host's addresses from /proc, both families (a file missing: none
+    of that family, as with IPv6 disabled); None when a table could not be read
+    (EMFILE, ENFILE, ENOMEM, ...): that says nothing of the addresses, and
+    taken for "none" it would end every call on the host two looks later.
+    /proc/net/fib_trie lists every route too: with a full table (100,000
+    routes) a read takes seconds, the worker's loop stopped meanwhile; hence
+    netlink first."""
     found: set[Address] = set()
     for path, parse in ((fib_trie, parse_fib_trie), (if_inet6, parse_if_inet6)):
         try:
             with open(path, encoding="ascii", errors="replace") as f:
                 found |= parse(f.read())  # type: ignore[operator]
-        except OSError:
+        except FileNotFoundError:
             pass
+        except OSError:
+            return None
     return found
 
 
@@ -115,19 +214,26 @@ class AddressEvents:
 
     def changed(self) -> bool:
         """Whether an address event came since the last call (all read now)."""
+        named = self.changes()
+        return named is None or bool(named)
+
+    def changes(self) -> set[Address] | None:
+        """The addresses the events since the last call named (all read now):
+        empty when none came; None when what changed is not known (no socket,
+        events lost to a full buffer, one not understood)."""
         sock = self._sock
         if sock is None:
-            return True
-        seen = False
+            return None
+        named: set[Address] = set()
         while True:
             try:
-                if not sock.recv(65536):
-                    return True
+                data = sock.recv(65536)
             except BlockingIOError:
-                return seen
-            except OSError:  # ENOBUFS: events were lost, so something changed
-                return True
-            seen = True
+                return named
+            except OSError:  # ENOBUFS: events were lost, so anything may have changed
+                return None
+            if not data or not _named_in(data, named):
+                return None
 
     def close(self) -> None:
         if self._sock is not None:
@@ -152,6 +258,7 @@ class AddressSweep:
         self.reads = 0  # of them, those that read the addresses
         self._events: AddressEvents | None = None
         self._host: set[Address] | None = None  # the last read (None: never read)
+        self._unread = False  # the last read failed: the next look reads, as after an event
         self._timer: asyncio.TimerHandle | None = None
         self._on: dict[Call, Address] = {}  # linked calls on an address that could go
         self._used: Counter[Address] = Counter()  # how many of them on each
@@ -159,6 +266,16 @@ class AddressSweep:
         registry.on_call_ended.append(self.call_ended)
 
     def call_linked(self, call: Call) -> None:
+        # Called as the call links (net.proxy): anything raised here would end
+        # the call as a failed command. A bug leaves the call unwatched instead.
+        try:
+            self._call_linked(call)
+        except Exception as exc:
+            if call in self._on:
+                self._forget(self._on.pop(call))
+            _bug("address watch: a call could not be watched; it is kept, unwatched", exc)
+
+    def _call_linked(self, call: Call) -> None:
         address = _local_address(call)
         if address is None:
             return
@@ -212,13 +329,29 @@ class AddressSweep:
             return
         events = self._events
         assert events is not None
-        changed = events.changed()
+        named = events.changes()
+        unread_before = self._unread
+        changed = named is None or bool(named) or unread_before
         if changed or self._host is None or self.watch.pending:
-            self._host = read_host_addresses()
             self.reads += 1
+            host = read_host_addresses()
+            if host is None:
+                # No word this look: judge nothing, read again at the next,
+                # which starts the clocks afresh (unseen changes meanwhile).
+                self._unread = True
+                log.warning("address check: the host's tables could not be read; calls kept")
+                return
+            self._host, self._unread = host, False
         now = time.monotonic()
         # Without the kernel's word (no netlink), each look reads and stands alone.
-        gone = self.watch.look(self._host, self._used.keys(), now, changed and events.listening)
+        # Only the addresses the events named can have come and gone unseen:
+        # other addresses' events (a container's veth, a privacy address
+        # renewed) restart no clock, else a steady trickle of them would keep
+        # every moved address's calls alive until the TCP timeouts.
+        restart: bool | set[Address] = (
+            False if not events.listening else True if named is None or unread_before else named
+        )
+        gone = self.watch.look(self._host, self._used.keys(), now, restart)
         for address in gone:
             why = gone_detail(address, self.watch.missing_for(address, now))
             calls = [c for c, a in self._on.items() if a == address]
@@ -230,6 +363,11 @@ class AddressSweep:
                 del self._on[call]
                 self._forget(address)
                 call.end(EndReason.CARRIER_LOST, why)
+
+
+def _bug(message: str, exc: Exception) -> None:
+    count_unexpected_error()
+    log.error(f"{message}; a bug, report it", exc_info=(type(exc), exc, exc.__traceback__))
 
 
 def _local_address(call: Call) -> Address | None:
