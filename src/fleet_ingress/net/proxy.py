@@ -39,6 +39,7 @@ from typing import cast
 
 from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.call_machine import (
+    GOODBYE_REPLY_WAIT,
     AbortSide,
     Answer,
     CallEnded,
@@ -161,9 +162,8 @@ CLOSE_FLUSH_TIMEOUT = 10.0
 # `goodbye`) is sent it at the next frame boundary of what is relayed to it:
 # one still mid-frame this long after is closed without it, as before.
 GOODBYE_BOUNDARY_WAIT = 0.2
-# Then its close reply is waited for, this long at most, before the TLS close:
-# a client that gets close_notify before it could reply reports 1006 (aiohttp).
-GOODBYE_REPLY_WAIT = 0.5
+# Then its close reply is waited for, GOODBYE_REPLY_WAIT at most (the call
+# machine's), before the TLS close.
 # One read buffer for every plain asyncio transport in the process (http://
 # fleets): the loop reads into it and each read is copied out at once. TLS sides
 # read into tls_socket's own shared buffer.
