@@ -1152,6 +1152,18 @@ class FleetProtocol(_Side):
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
+        pump = self.pump
+        if pump is not None and not isinstance(self.transport, TLSConnection):
+            # A plain (http://) fleet's answer, read before the link, is the
+            # call's set-up, counted as a TLS fleet connection meters its own
+            # (`connect`'s meter): accept pacing's new-connection CPU.
+            pump.ctx.registry.new_connection_cpu.run(self._read_answer, data)
+        else:
+            self._read_answer(data)
+
+    def _read_answer(self, data: Buffer) -> None:
+        """The fleet's bytes before the link: its answer's head, and what
+        comes with it, held until the link."""
         self._pending += data
         if self._head_read or self.pump is None:
             # Head read, not linked yet: hold what came with it, read no more.
