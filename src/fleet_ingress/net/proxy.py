@@ -940,9 +940,20 @@ class CarrierProtocol(_Side):
         call.handshake_ms = (now - self._received_at) * 1000
         call.tunnel_since = now
         fleet_side.link(self, relaying=False)
+        self.tracker = FrameTracker()  # the carrier's first frame starts here
+        if self._early_look is False:
+            # The carrier has ended, its early bytes dropped and what it sent
+            # after them being read to its end and dropped (`_look_while_kept`):
+            # none is relayed, its end ends the call. Linked (before, the review
+            # of session 37), what was left of it went to the bot from wherever
+            # the dropped reads had stopped, inside a frame.
+            if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+                self.resume_reading()
+            ctx.registry.sweep.watch_tunnel(call, ctx.silence)
+            ctx.registry.call_linked(call)
+            return
         early = bytes(self._early)
         self._early.clear()
-        self.tracker = FrameTracker()  # the carrier's first frame starts here
         if early:
             self.bytes_received += len(early)
             fleet_side.transport.write(early)
@@ -992,7 +1003,9 @@ class CarrierProtocol(_Side):
             or tracker is None
             or tracker.gave_up
             or (tracker.closed and tracker.at_boundary)  # its close frame, whole: nothing follows
-            or source.peer is None
+            # Not relayed (a carrier that ended before its link): nothing of it
+            # was sent, its tracker stands where it began.
+            or (source.peer is None and not tracker.at_boundary)
             or t is None
             or side.lost
             or t.is_closing()
