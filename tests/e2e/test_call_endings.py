@@ -964,3 +964,27 @@ async def test_an_end_asked_between_a_bots_close_frame_and_the_reply_waits_for_t
         if writer is not None:
             writer.close()
         await fleet.stop()
+
+
+async def test_a_carriers_close_frame_with_a_broken_peers_bytes_behind_it_is_heard(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """A broken carrier whose close frame comes with a frame's first byte
+    behind it, in one TLS record (nothing may follow a close frame: RFC 6455
+    5.5.1): the close is heard at its last byte, so the bot's reply ends the
+    call at once and the access line says the carrier hung up. Before (the
+    review of session 37) it was heard only at a frame boundary, never here:
+    the bot's reply read as the bot hanging up, logged 'fleet closed'."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    reader, writer = await raw_carrier(ingress, tls_files)
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+    writer.write(_masked_text(b"hello"))
+    assert await asyncio.wait_for(read_frame(reader), 5) == (1, b"hello")
+    writer.write(masked_close(1000) + b"\x82")  # one record
+    assert await asyncio.wait_for(read_frame(reader), 5) == (8, b"\x03\xe8")  # the reply
+    held = await _held(reader)
+    writer.close()
+    assert held < 1.0, held
+    await eventually(lambda: bool(access_entries(caplog)))
+    assert access_entries(caplog)[0]["end_reason"] == "carrier closed"

@@ -322,7 +322,7 @@ class _Side(asyncio.BufferedProtocol):
         if tracker is None or tracker.need >= GAVE_UP:
             if not _is_close_frame(data, masked=self._masked):
                 return
-        elif not tracker.closed or tracker.need or tracker.partial:
+        elif not tracker.close_whole:
             return  # no close frame (a message's bytes), or not all of it yet
         self.close_heard = True
         self.say_close_frame()
@@ -1002,7 +1002,7 @@ class CarrierProtocol(_Side):
             source is None
             or tracker is None
             or tracker.gave_up
-            or (tracker.closed and tracker.at_boundary)  # its close frame, whole: nothing follows
+            or tracker.close_whole  # its close frame, whole: nothing follows
             # Not relayed (a carrier that ended before its link): nothing of it
             # was sent, its tracker stands where it began.
             or (source.peer is None and not tracker.at_boundary)
