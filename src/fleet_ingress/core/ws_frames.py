@@ -100,8 +100,6 @@ class FrameTracker:
                 if self.spare < SPARE_FRAMES:  # no frame start: its allowance unused
                     self._refill(max_frames(n))
             return
-        if self.closed == CLOSE_STARTED:  # a close frame under way: it ends in this read
-            self.closed = CLOSE_WHOLE
         if self.partial:
             end = self._end_of_split_header(data)
             if end is None:
@@ -117,6 +115,8 @@ class FrameTracker:
             if self.spare < SPARE_FRAMES:
                 self._refill(max_frames(n) - 1)
             return
+        elif self.closed == CLOSE_STARTED:  # the close frame under way ends in this read
+            self.closed = CLOSE_WHOLE
         self._walk(data, need, n)
 
     def boundary_in(self, data: Buffer) -> int:
