@@ -28,6 +28,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
+from fleet_ingress.net.calls import end_call
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
@@ -852,3 +853,138 @@ async def _a_carrier_reads_late(
     finally:
         raw.close()
         await fleet.stop()
+
+
+async def _end_the_call(ingress, how: str) -> asyncio.Future:
+    """Ask the call's end as a drain's end or `fleet-ingress end-call` does;
+    returns once the machine has it (the end reason is written at the ask)."""
+    (call,) = ingress.registry.calls
+    if how == "drain":
+        asked = asyncio.ensure_future(ingress.stop(drain_timeout=0))
+    else:
+        asked = asyncio.ensure_future(
+            end_call(ingress.registry, call.id, "ticket 9", os.getpid(), 1)
+        )
+    await eventually(lambda: call.end_reason is not None)
+    return asked
+
+
+@pytest.mark.parametrize("fleet_tls", [True, False], ids=["https", "http"])
+@pytest.mark.parametrize("how", ["drain", "end-call"])
+async def test_an_end_asked_between_a_carriers_close_frame_and_the_reply_waits_for_the_reply(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog, how: str, fleet_tls: bool
+):
+    """The carrier hangs up (a websockets client's close) and a drain's end or
+    an operator's end-call comes before the bot's reply: the reply still
+    reaches the carrier (GOODBYE_REPLY_WAIT at most), which ends cleanly, and
+    the access line says who hung up. Before (review of session 37): both
+    sides were closed at once with nothing more sent (a close frame had been
+    seen): the carrier got no reply (1006) and the line said 'drain' / 'admin'."""
+    heard = asyncio.Event()
+    go = asyncio.Event()
+    fleet_got: list[tuple[int, bytes]] = []
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        fleet_got.append(await asyncio.wait_for(read_frame(reader), 5))
+        heard.set()
+        await asyncio.wait_for(go.wait(), 5)
+        writer.write(b"\x88\x0a\x03\xe8bot done")  # the reply, 0.1 s after the ask
+        await writer.drain()
+        await asyncio.wait_for(reader.read(-1), 5)
+
+    context = tls_files.fleet_server_context() if fleet_tls else None
+    fleet = await RawFleet(context, switching_then(bot)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        ws = await connect(wss_url(ingress), ssl=tls_files.client_context())
+        closing = asyncio.ensure_future(ws.close(1000, "carrier done"))
+        await asyncio.wait_for(heard.wait(), 5)
+        assert fleet_got == [(8, b"\x03\xe8carrier done")]
+        asked = await _end_the_call(ingress, how)
+        await asyncio.sleep(0.1)
+        go.set()
+        await asyncio.wait_for(closing, 5)
+        rcvd = ws.protocol.close_rcvd
+        assert rcvd is not None, ws.close_code  # 1006 without the reply
+        assert (rcvd.code, rcvd.reason, ws.close_code) == (1000, "bot done", 1000)
+        row = await asyncio.wait_for(asked, 5)
+        if how == "end-call":
+            assert row["end_reason"] == "carrier closed" and "aborted" not in row
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "carrier closed"
+    finally:
+        await fleet.stop()
+
+
+@pytest.mark.parametrize("replies", [True, False], ids=["replies", "never-replies"])
+async def test_an_end_asked_between_a_bots_close_frame_and_the_reply_waits_for_the_reply(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog, replies: bool
+):
+    """The mirror: the bot hangs up, the drain's end comes before the
+    carrier's reply, which reaches the bot whole; the carrier gets its TLS
+    close right after. A carrier that never replies is let go
+    GOODBYE_REPLY_WAIT (0.5 s) after the ask, not held longer."""
+    fleet_got = bytearray()
+    fleet_done = asyncio.get_running_loop().create_future()
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"\x88\x0a\x03\xe8bot done")
+        await writer.drain()
+        while chunk := await asyncio.wait_for(reader.read(4096), 5):
+            fleet_got.extend(chunk)
+        fleet_done.set_result(True)
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+        reader, writer = await raw_carrier(ingress, tls_files)
+        await read_head(reader)
+        assert await asyncio.wait_for(read_frame(reader), 5) == (8, b"\x03\xe8bot done")
+        asked = await _end_the_call(ingress, "drain")
+        began = time.monotonic()
+        if replies:
+            await asyncio.sleep(0.1)
+            writer.write(masked_close())
+        async with asyncio.timeout(5):
+            assert await reader.read(-1) == b""  # close_notify: a reset would raise
+        held = time.monotonic() - began
+        await asyncio.wait_for(fleet_done, 5)
+        assert bytes(fleet_got) == (masked_close() if replies else b"")
+        if replies:
+            assert held < 0.4, held  # let go at its reply
+        else:
+            assert 0.4 <= held < 1.5, held  # GOODBYE_REPLY_WAIT
+        await asyncio.wait_for(asked, 5)
+        await eventually(lambda: bool(access_entries(caplog)))
+        assert access_entries(caplog)[0]["end_reason"] == "fleet closed"
+    finally:
+        if writer is not None:
+            writer.close()
+        await fleet.stop()
+
+
+async def test_a_carriers_close_frame_with_a_broken_peers_bytes_behind_it_is_heard(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """A broken carrier whose close frame comes with a frame's first byte
+    behind it, in one TLS record (nothing may follow a close frame: RFC 6455
+    5.5.1): the close is heard at its last byte, so the bot's reply ends the
+    call at once and the access line says the carrier hung up. Before (the
+    review of session 37) it was heard only at a frame boundary, never here:
+    the bot's reply read as the bot hanging up, logged 'fleet closed'."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    reader, writer = await raw_carrier(ingress, tls_files)
+    assert (await read_head(reader)).startswith(b"HTTP/1.1 101 ")
+    writer.write(_masked_text(b"hello"))
+    assert await asyncio.wait_for(read_frame(reader), 5) == (1, b"hello")
+    writer.write(masked_close(1000) + b"\x82")  # one record
+    assert await asyncio.wait_for(read_frame(reader), 5) == (8, b"\x03\xe8")  # the reply
+    held = await _held(reader)
+    writer.close()
+    assert held < 1.0, held
+    await eventually(lambda: bool(access_entries(caplog)))
+    assert access_entries(caplog)[0]["end_reason"] == "carrier closed"

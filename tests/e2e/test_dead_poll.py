@@ -415,3 +415,77 @@ async def test_a_fleets_refusal_and_reset_that_come_together_reach_the_carrier_a
         assert took < 1.5, (took, entry)
     finally:
         await fleet.stop()
+
+
+async def test_a_carrier_ended_at_the_bound_whose_fleet_answers_as_its_rest_is_read_relays_none(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog
+):
+    """The same carrier ending with a FIN while its early frames wait at the
+    bound: what it sent past the bound is read and dropped a record a loop
+    turn. A fleet whose 101 comes in those turns must not be relayed the rest
+    from the middle of a frame (the records dropped before the link cut the
+    frames anywhere): the bot gets nothing of the carrier's, then 1001
+    'carrier closed', a clean close. Before (the review of session 37): the
+    link relayed the rest, the bot read a frame from a dropped frame's middle."""
+    from fleet_ingress.net.proxy import MAX_EARLY_BYTES
+
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    got = bytearray()
+    fleet_done = asyncio.get_running_loop().create_future()
+    carrier_ended = asyncio.Event()
+
+    async def answer_as_the_rest_is_read(reader, writer) -> None:
+        head = await read_head(reader)
+        await asyncio.wait_for(carrier_ended.wait(), 5)
+        writer.write(switching_101(head))
+        await writer.drain()
+        try:
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                got.extend(chunk)
+        except ConnectionError as exc:  # a reset: the call's end is its own
+            fleet_done.set_result(exc)
+        else:
+            fleet_done.set_result(None)
+
+    fleet = await RawFleet(None, answer_as_the_rest_is_read).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        port = ingress.wss_address[1]
+        ctx = tls_files.client_context()
+
+        def handshake() -> ssl.SSLSocket:
+            raw = socket.create_connection(("127.0.0.1", port))
+            return ctx.wrap_socket(raw, server_hostname="localhost")
+
+        tls = await asyncio.to_thread(handshake)
+        early = _masked_frames(MAX_EARLY_BYTES + 1_500_000)
+        await asyncio.to_thread(
+            tls.sendall, UPGRADE.format(path="/ws/bot").encode() + early[:MAX_EARLY_BYTES]
+        )
+        await eventually(lambda: bool(ingress.registry.calls))
+        (call,) = ingress.registry.calls
+        await eventually(lambda: call.carrier.reading_paused)  # at the bound
+        # 1.5 MB more, all on the ingress's socket (its buffer made to hold
+        # them) with the FIN behind: read and dropped a 16 KiB record a turn.
+        sock = call.carrier.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        await asyncio.to_thread(tls.sendall, early[MAX_EARLY_BYTES:])
+        tls.shutdown(socket.SHUT_WR)  # a FIN (no close_notify)
+        async with asyncio.timeout(3):
+            while call.carrier._early_look is not False:  # the look found it ended
+                await asyncio.sleep(0)
+        carrier_ended.set()  # the 101 now, the rest still being read
+        reset = await asyncio.wait_for(fleet_done, 5)
+        tls.close()
+        # Linked (the fleet's connection closed, not reset as a dropped attempt's).
+        assert reset is None, reset
+        # Nothing of the carrier's: the ingress's own 1001 alone, masked.
+        assert len(got) < 200, (len(got), bytes(got[:16]).hex())
+        assert got[:2] == b"\x88\x90", bytes(got[:16]).hex()
+        payload = bytes(b ^ got[2 + (i & 3)] for i, b in enumerate(got[6:]))
+        assert payload == b"\x03\xe9carrier closed", payload
+        await eventually(lambda: bool(access_entries(caplog)))
+        (entry,) = access_entries(caplog)
+        assert entry["end_reason"] == "carrier closed", entry
+    finally:
+        await fleet.stop()

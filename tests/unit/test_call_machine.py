@@ -17,6 +17,7 @@ import pytest
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.call_machine import (
+    GOODBYE_REPLY_WAIT,
     HALF_CLOSED_GRACE,
     AbortSide,
     Answer,
@@ -879,7 +880,9 @@ def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frame
     [
         (FleetLost(Lost.RESET), [ReleaseSlot(), CloseSide(Side.CARRIER)]),
         (CarrierLost(Lost.RESET), [CloseSide(Side.FLEET)]),
-        (EndRequested(EndReason.DRAIN), [CloseSide(Side.CARRIER), CloseSide(Side.FLEET)]),
+        # The pump's own failure (an end asked of the ingress, a drain's, waits
+        # for the reply instead: test_an_end_asked_while_a_close_reply_is_due_...).
+        (EndRequested(EndReason.ERROR), [CloseSide(Side.CARRIER), CloseSide(Side.FLEET)]),
         (
             EndRequested(EndReason.FLEET_SILENT),
             [AbortSide(Side.FLEET), CloseSide(Side.CARRIER)],  # the silent side first
@@ -901,6 +904,70 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
         pb << command
     assert pb and machine.state is State.CLOSING
     assert machine.end_reason is EndReason.CARRIER_CLOSED
+
+
+@pytest.mark.parametrize(
+    "reason", [EndReason.DRAIN, EndReason.ADMIN, EndReason.REMOVED, EndReason.TIMEOUT]
+)
+@pytest.mark.parametrize("side", [Side.CARRIER, Side.FLEET])
+@pytest.mark.parametrize("finished", [False, True], ids=["open", "half-closed"])
+def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_ups(
+    side, reason, finished
+):
+    """A drain's end, an operator's end-call, a forced removal or the idle
+    timer between a side's close frame and the other's reply: nothing is
+    closed until the reply is relayed, the replying side ends, or
+    GOODBYE_REPLY_WAIT passes (in place of what is left of
+    HALF_CLOSED_GRACE), and the call is the hung-up side's. Before (the review
+    of session 37): both sides were closed at once with nothing sent (a close
+    frame was seen), the reply lost (1006 at the side that hung up), the call
+    logged as the ask's ('drain', 'admin'). Asked again meanwhile, it waits
+    GOODBYE_REPLY_WAIT from that ask."""
+    (a,) = fleets("a")
+    for ending in ("reply", "reply side ends", "timer", "asked again"):
+        pb, machine = new_call()
+        in_tunnel(pb, a)
+        pb >> CloseFrameSeen(side)
+        if finished:
+            pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+        pb >> EndRequested(reason, "ticket 9")
+        if finished:
+            pb << CancelTimer(Timer.HALF_CLOSED)
+        pb << StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT)
+        assert pb and machine.state is State.HALF_CLOSED, ending  # nothing closed yet
+        assert machine.end_reason is _CLOSED_BY[side] and machine.error_text is None
+        if ending == "reply":
+            pb >> CloseFrameSeen(_other(side))
+            pb << CancelTimer(Timer.HALF_CLOSED)
+        elif ending == "reply side ends":
+            pb >> SideFinished(_other(side)) << CancelTimer(Timer.HALF_CLOSED)
+        elif ending == "timer":
+            pb >> TimerFired(Timer.HALF_CLOSED)
+        else:
+            pb >> EndRequested(EndReason.DRAIN) << CancelTimer(Timer.HALF_CLOSED)
+            pb << StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT)
+            pb >> TimerFired(Timer.HALF_CLOSED)
+        pb << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+        pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
+        assert pb, ending
+
+
+@pytest.mark.parametrize(
+    ("reason", "first", "then"),
+    [
+        (EndReason.ERROR, CloseSide(Side.CARRIER), CloseSide(Side.FLEET)),
+        # The side whose reply is due is gone: nothing to wait for.
+        (EndReason.FLEET_SILENT, AbortSide(Side.FLEET), CloseSide(Side.CARRIER)),
+        (EndReason.FLEET_LOST, AbortSide(Side.FLEET), CloseSide(Side.CARRIER)),
+    ],
+)
+def test_an_end_that_waits_for_no_reply_closes_at_once_after_a_close_frame(reason, first, then):
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a) >> CloseFrameSeen(Side.CARRIER)
+    pb >> EndRequested(reason) << first << then
+    assert pb and machine.state is State.CLOSING
 
 
 @pytest.mark.parametrize(

@@ -188,3 +188,35 @@ def test_only_fin_and_opcode_8_with_no_rsv_bit_is_a_close_frame() -> None:
     tracker = FrameTracker()
     tracker.feed(b"x" * 65536)
     assert not tracker.closed
+
+
+@pytest.mark.parametrize(
+    "after",
+    [b"\x82", b"\x82\xfe\x10", b"\x82\x85\x01\x02\x03\x04xy", b"\x81\x05hello\x82"],
+    ids=["a header's first byte", "a header cut", "a frame cut", "a frame and a byte"],
+)
+def test_a_close_frame_is_whole_at_its_last_byte_whatever_a_broken_peer_sends_after_it(after):
+    """Nothing may follow a close frame (RFC 6455 5.5.1); a broken peer's
+    bytes after it in the same read (or the next) leave the tracker off a
+    boundary, yet the close frame is whole. Before (the review of session
+    37) it was heard only at a boundary: not at all, had the peer sent no more."""
+    close = b"\x88\x82\x01\x02\x03\x04\x02\xea"
+    media = _frame(200, masked=True)
+    for reads in (
+        [media + close + after],  # one read
+        [media + close[:3], close[3:] + after],  # the close split, its end with the junk
+        [media + close[:6], close[6:], after],  # its end alone, then the junk
+        [close + after[:1], after[1:]],
+    ):
+        tracker = FrameTracker()
+        for i, read in enumerate(reads):
+            if not read:
+                continue
+            tracker.feed(read)
+            if i == 0 and len(reads) > 1 and close not in read:
+                assert tracker.closed and not tracker.close_whole, reads
+        assert tracker.close_whole, reads
+    # Not whole before its last byte, whatever came before it.
+    tracker = FrameTracker()
+    tracker.feed(media + close[:-1])
+    assert tracker.closed and not tracker.close_whole

@@ -9,7 +9,8 @@ accept and a bounded parse per turn, `net/head_queue.py`): what the calls
 wait on is the processor.
 
 So while a worker has live calls and its new connections (accepting, TLS
-handshakes, heads, a call's fleet connection until the link, refusals,
+handshakes, heads, a call's fleet connection until the link (an https
+fleet's handshake, either scheme's answer), refusals,
 closes: `Registry.new_connection_cpu`, not the calls' frames) used more
 than `share` of a core over the last window, it spaces its accepts: a
 pause after each, doubling from `first_pause` up to `max_pause`, halving

@@ -69,7 +69,10 @@ class State(enum.Enum):
     AWAITING = "awaiting"  # the head sent; waiting for the fleet's answer (the response timer)
     TUNNEL = "tunnel"  # 101 relayed: the two sides are linked
     # A side sent its WebSocket close frame, then all it will (its TLS
-    # close_notify, a FIN): the other's close reply still reaches it (a timer runs).
+    # close_notify, a FIN): the other's close reply still reaches it (a timer
+    # runs). So too when the ingress is asked to end a call whose close reply
+    # is due (a drain, an operator, a removal, an idle tunnel): for
+    # GOODBYE_REPLY_WAIT at most.
     HALF_CLOSED = "half_closed"
     RELAYING = "relaying"  # a fleet's non-101 answer is being passed through
     ANSWERING = "answering"  # a local answer written; the carrier is being closed
@@ -101,6 +104,11 @@ class Timer(enum.Enum):
 HALF_CLOSED_GRACE = 5.0
 """Seconds a tunnel stays open, one way, after a side has finished sending:
 time for the other side's close reply, which follows at once when it follows."""
+GOODBYE_REPLY_WAIT = 0.5
+"""Seconds a side's close reply is waited for once the ingress ends the call:
+the reply to the ingress's own close frame (net/proxy.py), or to the other
+side's, due when the end was asked. A client that gets close_notify before it
+could reply reports 1006 (aiohttp, websockets)."""
 
 
 # Events ---------------------------------------------------------------------
@@ -440,6 +448,12 @@ _SILENT = {Side.CARRIER: EndReason.CARRIER_SILENT, Side.FLEET: EndReason.FLEET_S
 # Ended from outside, a side that will read no close of ours (silent, or it
 # stopped reading: the sweep's CARRIER_LOST / FLEET_LOST): aborted, not closed.
 _ABORTED_CARRIER = frozenset({EndReason.CARRIER_SILENT, EndReason.CARRIER_LOST})
+# Ends asked of the ingress itself while a side's close reply is due: the
+# reply is waited for (GOODBYE_REPLY_WAIT at most) and the call is the hung-up
+# side's. A side gone or silent (the sweep's) has no reply to wait for.
+_REPLY_WAITED_FOR = frozenset(
+    {EndReason.DRAIN, EndReason.REMOVED, EndReason.ADMIN, EndReason.TIMEOUT}
+)
 # The 503's text to a carrier whose call is ended before its fleet answered.
 _SETUP_END_ANSWER = {
     EndReason.DRAIN: "the ingress is stopping",
@@ -885,6 +899,26 @@ class CallMachine:
         self._emit(CancelTimer(Timer.HALF_CLOSED))
         self._end_requested_linked(event)
 
+    def _wait_for_the_reply(self, event: EndRequested) -> bool:
+        """An end asked of the ingress (`_REPLY_WAITED_FOR`) while a side's
+        close reply is due: the call is the side's that hung up, and the reply
+        is waited for as in HALF_CLOSED, GOODBYE_REPLY_WAIT at most from the
+        ask (in HALF_CLOSED already, in place of what is left of its grace).
+        Closed at once (before), the side that hung up never got the reply
+        (1006 to websockets), and the access line said 'drain' or 'admin'
+        (the review of session 37)."""
+        if (
+            self.state not in (State.TUNNEL, State.HALF_CLOSED)
+            or self.reply_due_from is None
+            or self.hung_up_by is None
+            or event.reason not in _REPLY_WAITED_FOR
+        ):
+            return False
+        self._end(self.hung_up_by)
+        self.state = State.HALF_CLOSED
+        self._emit(StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT))
+        return True
+
     def _carrier_lost_linked(self, event: Event) -> None:
         assert isinstance(event, CarrierLost)
         tunnel = self.state is State.TUNNEL
@@ -921,6 +955,8 @@ class CallMachine:
         bytes flushed, TLS close_notify, then TCP), so a bot or a carrier hears at
         once that the call is over."""
         assert isinstance(event, EndRequested)
+        if self._wait_for_the_reply(event):
+            return
         tunnel = self.state is State.TUNNEL
         if self.end_reason is None and event.why:
             self.error_text = event.why

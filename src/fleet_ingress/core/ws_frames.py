@@ -49,6 +49,9 @@ BYTES_PER_FRAME = 64
 # about 1 ms of header walk past the reads' allowances, at most, at a time.
 SPARE_FRAMES = 4096
 GAVE_UP = 1 << 62  # `need` once given up: every later read takes the first branch
+# `FrameTracker.closed`: a close frame started (its header seen), or read whole.
+CLOSE_STARTED = 1
+CLOSE_WHOLE = 2
 # A close frame's payload: the code (2 bytes) and at most 123 bytes of reason.
 MAX_REASON = 123
 
@@ -65,15 +68,23 @@ class FrameTracker:
         self.partial = b""  # a header's first bytes, split across reads
         self.spare = SPARE_FRAMES  # frame starts walkable past a read's allowance
         # A close frame started this way (nothing may follow it, the ingress's
-        # own neither), seen wherever it was in a read. Whole once the tracker
-        # is back at a boundary: then the call machine hears of it
-        # (CloseFrameSeen, net/proxy.py _Side.close_frame_read).
-        self.closed = False
+        # own neither), seen wherever it was in a read: 0, CLOSE_STARTED, or
+        # CLOSE_WHOLE once its last byte is read. Then the call machine hears
+        # of it (CloseFrameSeen, net/proxy.py _Side.close_frame_read), whatever
+        # a broken peer sent after it in the same read (a frame's first bytes:
+        # before, such a close went unheard until that frame was whole).
+        self.closed = 0
 
     @property
     def at_boundary(self) -> bool:
         """The next byte relayed starts a frame."""
         return self.need == 0 and not self.partial
+
+    @property
+    def close_whole(self) -> bool:
+        """A close frame was read to its last byte."""
+        closed = self.closed
+        return closed == CLOSE_WHOLE or (closed != 0 and self.need == 0 and not self.partial)
 
     @property
     def gave_up(self) -> bool:
@@ -95,15 +106,17 @@ class FrameTracker:
                 self.partial += bytes(data)
                 return
             if self.partial[0] == _CLOSE_FIRST_BYTE:
-                self.closed = True
+                self.closed = CLOSE_WHOLE if end <= n else CLOSE_STARTED
             self.partial = b""
             need = end
         elif need == 0 and _frame_end(data, 0) == n:  # one whole frame, the common read
             if data[0] == _CLOSE_FIRST_BYTE:
-                self.closed = True
+                self.closed = CLOSE_WHOLE
             if self.spare < SPARE_FRAMES:
                 self._refill(max_frames(n) - 1)
             return
+        elif self.closed == CLOSE_STARTED:  # the close frame under way ends in this read
+            self.closed = CLOSE_WHOLE
         self._walk(data, need, n)
 
     def boundary_in(self, data: Buffer) -> int:
@@ -140,7 +153,10 @@ class FrameTracker:
                 self.need = 0
                 break
             if data[pos] == _CLOSE_FIRST_BYTE:
-                self.closed = True
+                if end <= n:
+                    self.closed = CLOSE_WHOLE
+                elif self.closed != CLOSE_WHOLE:  # a broken peer's second: the first stands
+                    self.closed = CLOSE_STARTED
             pos = end
         else:
             self.need = pos - n

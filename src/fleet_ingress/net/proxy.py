@@ -39,6 +39,7 @@ from typing import cast
 
 from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.call_machine import (
+    GOODBYE_REPLY_WAIT,
     AbortSide,
     Answer,
     CallEnded,
@@ -161,9 +162,8 @@ CLOSE_FLUSH_TIMEOUT = 10.0
 # `goodbye`) is sent it at the next frame boundary of what is relayed to it:
 # one still mid-frame this long after is closed without it, as before.
 GOODBYE_BOUNDARY_WAIT = 0.2
-# Then its close reply is waited for, this long at most, before the TLS close:
-# a client that gets close_notify before it could reply reports 1006 (aiohttp).
-GOODBYE_REPLY_WAIT = 0.5
+# Then its close reply is waited for, GOODBYE_REPLY_WAIT at most (the call
+# machine's), before the TLS close.
 # One read buffer for every plain asyncio transport in the process (http://
 # fleets): the loop reads into it and each read is copied out at once. TLS sides
 # read into tls_socket's own shared buffer.
@@ -322,7 +322,7 @@ class _Side(asyncio.BufferedProtocol):
         if tracker is None or tracker.need >= GAVE_UP:
             if not _is_close_frame(data, masked=self._masked):
                 return
-        elif not tracker.closed or tracker.need or tracker.partial:
+        elif not tracker.close_whole:
             return  # no close frame (a message's bytes), or not all of it yet
         self.close_heard = True
         self.say_close_frame()
@@ -946,9 +946,20 @@ class CarrierProtocol(_Side):
         call.handshake_ms = (now - self._received_at) * 1000
         call.tunnel_since = now
         fleet_side.link(self, relaying=False)
+        self.tracker = FrameTracker()  # the carrier's first frame starts here
+        if self._early_look is False:
+            # The carrier has ended, its early bytes dropped and what it sent
+            # after them being read to its end and dropped (`_look_while_kept`):
+            # none is relayed, its end ends the call. Linked (before, the review
+            # of session 37), what was left of it went to the bot from wherever
+            # the dropped reads had stopped, inside a frame.
+            if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
+                self.resume_reading()
+            ctx.registry.sweep.watch_tunnel(call, ctx.silence)
+            ctx.registry.call_linked(call)
+            return
         early = bytes(self._early)
         self._early.clear()
-        self.tracker = FrameTracker()  # the carrier's first frame starts here
         if early:
             self.bytes_received += len(early)
             fleet_side.transport.write(early)
@@ -997,8 +1008,10 @@ class CarrierProtocol(_Side):
             source is None
             or tracker is None
             or tracker.gave_up
-            or (tracker.closed and tracker.at_boundary)  # its close frame, whole: nothing follows
-            or source.peer is None
+            or tracker.close_whole  # its close frame, whole: nothing follows
+            # Not relayed (a carrier that ended before its link): nothing of it
+            # was sent, its tracker stands where it began.
+            or (source.peer is None and not tracker.at_boundary)
             or t is None
             or side.lost
             or t.is_closing()
@@ -1158,6 +1171,18 @@ class FleetProtocol(_Side):
             if len(data) <= _MAX_CLOSE_FRAME and data[0] == _CLOSE_FRAME_FIRST_BYTE:
                 self.close_frame_read(data)
             return
+        pump = self.pump
+        if pump is not None and not isinstance(self.transport, TLSConnection):
+            # A plain (http://) fleet's answer, read before the link, is the
+            # call's set-up, counted as a TLS fleet connection meters its own
+            # (`connect`'s meter): accept pacing's new-connection CPU.
+            pump.ctx.registry.new_connection_cpu.run(self._read_answer, data)
+        else:
+            self._read_answer(data)
+
+    def _read_answer(self, data: Buffer) -> None:
+        """The fleet's bytes before the link: its answer's head, and what
+        comes with it, held until the link."""
         self._pending += data
         if self._head_read or self.pump is None:
             # Head read, not linked yet: hold what came with it, read no more.
