@@ -135,6 +135,9 @@ async def test_a_carrier_whose_head_and_reset_come_together_ends_before_its_flee
             return ctx.wrap_socket(raw, server_hostname="localhost")
 
         tls = await asyncio.to_thread(handshake)
+        # The ingress's side of the handshake done too (its last step may wait a
+        # loop turn in the head queue: a reset before it is a failed handshake).
+        await eventually(lambda: bool(ingress.registry.connections), timeout=5)
         started = time.monotonic()
         # The head and the reset in one callback of the ingress's own loop:
         # both are on its socket before it polls.
