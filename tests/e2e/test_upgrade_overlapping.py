@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import struct
 import sys
@@ -24,7 +25,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.e2e.test_upgrade import PATIENT_PROBES, _handshake_failures
+from tests.e2e.test_upgrade import PATIENT_PROBES, _copy_package, _handshake_failures
 from tests.support import (
     RunningIngress,
     TLSFiles,
@@ -243,7 +244,8 @@ def _generations(listing: dict[str, Any]) -> dict[int, int]:
     of = {w["pid"]: w["generation"] for w in listing["workers"]}
     counts: dict[int, int] = {}
     for call in listing["calls"]:
-        gen = of[call["pid"]] if "pid" in call else call.get("generation")
+        gen = of[call["pid"]]
+        assert call["generation"] == gen, (call, of)  # the worker's word and the supervisor's
         counts[gen] = counts.get(gen, 0) + 1
     return counts
 
@@ -331,8 +333,8 @@ async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
         corrupt = sum(r.corrupt for r in results)
         frames = sum(r.sent for r in results)
         print(
-            f"\nramp {ramp:.1f}s; {len(results)} calls, {frames} frames each way; upgrade 1 {first_took:.2f}s, "
-            f"upgrade 2 {second_took:.2f}s; calls listed before upgrade 2 "
+            f"\nramp {ramp:.1f}s; {len(results)} calls, {frames} frames each way; "
+            f"upgrade 1 {first_took:.2f}s, upgrade 2 {second_took:.2f}s; calls listed before upgrade 2 "
             f"{_generations(mid)}, after {_generations(during)}; workers {by_gen}; "
             f"{watch.scrapes} scrapes; failed {len(failed)} lost {lost} reordered {reordered} "
             f"corrupt {corrupt}; counter decreases {len(watch.decreases)}"
@@ -368,3 +370,269 @@ async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
 
 def _signal(service: RunningIngress, sig: signal.Signals) -> None:
     service.proc.send_signal(sig)
+
+
+@dataclass
+class Traffic:
+    """`n` calls streaming until `end()`, new 0.4 s calls every 50 ms (200 at most)."""
+
+    service: RunningIngress
+    tls_files: TLSFiles
+    calls: dict[str, asyncio.Task[Streamed]] = field(default_factory=dict)
+    _end: asyncio.Event = field(default_factory=asyncio.Event)
+    _arriving: asyncio.Task[None] | None = None
+
+    def call(self, bot: str, duration: float, held: bool = False) -> None:
+        until = self._end if held else None
+        self.calls[bot] = asyncio.get_running_loop().create_task(
+            stream_call(self.service, self.tls_files, bot, duration, until)
+        )
+
+    async def start(self, n: int, prefix: str = "long") -> None:
+        for i in range(n):
+            self.call(f"{prefix}-{i}", 90.0, held=True)
+            await asyncio.sleep(EVERY)
+        await until_open(self.service, n, timeout=30)
+
+        async def arrive() -> None:
+            for i in range(200):
+                if self._end.is_set():
+                    return
+                self.call(f"new-{i}", 0.4)
+                await asyncio.sleep(0.05)
+
+        if self._arriving is None:
+            self._arriving = asyncio.get_running_loop().create_task(arrive())
+
+    async def end(self) -> list[Streamed]:
+        self._end.set()
+        if self._arriving is not None:
+            await self._arriving
+        async with asyncio.timeout(100):
+            return list(await asyncio.gather(*self.calls.values()))
+
+    async def cancel(self) -> None:
+        self._end.set()
+        for t in [*self.calls.values(), *([self._arriving] if self._arriving else [])]:
+            t.cancel()
+        await asyncio.gather(*self.calls.values(), return_exceptions=True)
+
+
+def _assert_streamed(results: list[Streamed], *, cut: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    """Nothing failed, lost or reordered but the calls named in `cut`."""
+    failed = [(r.bot, r.error) for r in results if r.error and r.bot not in cut]
+    lost = sum(r.lost for r in results if r.bot not in cut)
+    reordered = sum(r.out_of_order for r in results)
+    corrupt = sum(r.corrupt for r in results)
+    said = (
+        f"{len(results)} calls, {sum(r.sent for r in results)} frames; failed {len(failed)}, "
+        f"lost {lost}, reordered {reordered}, corrupt {corrupt}"
+    )
+    assert not failed, f"{said}: {failed[:5]}"
+    assert (lost, reordered, corrupt) == (0, 0, 0), said
+    return said
+
+
+def _upgrade(service: RunningIngress) -> asyncio.Task[tuple[int, str, str]]:
+    return asyncio.get_running_loop().create_task(
+        run_cli(service, "upgrade", timeout=60, installed=True)
+    )
+
+
+def _set_maxconn(service: RunningIngress, maxconn: int) -> None:
+    path = service.home / "fleets.txt"
+    path.write_text(re.sub(r"maxconn=\d+", f"maxconn={maxconn}", path.read_text()))
+
+
+async def _maxconns(service: RunningIngress) -> set[int]:
+    return {f["maxconn"] for f in (await service.stats())["fleets"]}
+
+
+@pytest.mark.parametrize("first", ["sighup", "upgrade"])
+async def test_an_upgrade_and_a_sighup_reload_overlapping_lose_nothing_and_both_apply(
+    tls_files: TLSFiles, fleets: list[str], first: str, tmp_path: Path
+) -> None:
+    """A SIGHUP (fleets at maxconn 250 in the file) and `upgrade`, either
+    first, the other sent while it runs: the upgrade succeeds (or says it
+    was refused, and a second one succeeds), the reload is applied on the
+    generation serving after, and the calls through both lose nothing."""
+    src = _copy_package(tmp_path)
+    # Each workers' reload round takes 2 s more: a reload still under way.
+    marks = tmp_path / "reloads"
+    rounds = src / "fleet_ingress" / "service" / "reload_rounds.py"
+    anchor = "        self._reload_rounds += 1\n"
+    text = rounds.read_text()
+    assert text.count(anchor) == 1
+    rounds.write_text(
+        text.replace(
+            anchor,
+            anchor
+            + f"        open({str(marks)!r}, 'a').write('round\\n')\n"
+            + "        await __import__('asyncio').sleep(2.0)\n",
+        )
+    )
+    env = {"PYTHONPATH": str(src), **PATIENT_PROBES}
+    service = await RunningIngress.start(tls_files, fleets, workers=3, drain=60, env=env)
+    traffic = Traffic(service, tls_files)
+    stderr_log = service.home / "stderr.log"
+    try:
+        await traffic.start(30)
+        _set_maxconn(service, 250)
+        if first == "sighup":
+            service.proc.send_signal(signal.SIGHUP)
+            await eventually(marks.exists, timeout=10)  # the round under way
+            upgrading = _upgrade(service)
+        else:
+            upgrading = _upgrade(service)
+            await eventually(
+                lambda: "trial run of the installed code" in stderr_log.read_text(), timeout=20
+            )
+            service.proc.send_signal(signal.SIGHUP)
+        code, out, err = await upgrading
+        tries = 1
+        if code != 0:
+            print(f"\nfirst upgrade said {code}: {out}{err}")
+            await asyncio.sleep(1.0)
+            code, out, err = await _upgrade(service)
+            tries = 2
+        assert code == 0, (out, err)
+        assert "generation 2 serves" in out, out
+        await asyncio.sleep(1.0)
+        maxconns = await _maxconns(service)
+        rows = (await service.stats())["workers"]
+        results = await traffic.end()
+        said = _assert_streamed(results)
+        assert await _handshake_failures(service) == 0
+        events = [
+            e["event"]
+            for e in service.log()
+            if "reload" in e.get("event", "") or "upgrade" in e.get("event", "")
+        ]
+        print(f"\n{first} first: {said}; upgrade tries {tries}; maxconn after {maxconns}")
+        print("  " + "\n  ".join(events[:20]))
+        assert maxconns == {250}, maxconns
+        assert {r["generation"] for r in rows} == {1, 2}, rows
+    finally:
+        await traffic.cancel()
+        await service.finish()
+
+
+async def test_an_upgrade_into_an_install_whose_worker_calls_module_fails_to_import(
+    tls_files: TLSFiles, fleets: list[str], tmp_path: Path
+) -> None:
+    """An ImportError planted in service/worker_calls.py (one of the modules
+    the supervisor was split into) of the install the service runs from:
+    `upgrade` exits 1 naming the error and the file, generation 1 serves on,
+    untouched, its calls lose nothing."""
+    src = _copy_package(tmp_path)
+    env = {"PYTHONPATH": str(src), **PATIENT_PROBES}
+    service = await RunningIngress.start(tls_files, fleets, workers=3, drain=30, env=env)
+    traffic = Traffic(service, tls_files)
+    try:
+        before = [(r["pid"], r["generation"]) for r in (await service.stats())["workers"]]
+        broken = src / "fleet_ingress" / "service" / "worker_calls.py"
+        future = "from __future__ import annotations\n"
+        text = broken.read_text()
+        assert text.count(future) == 1
+        planted = "from fleet_ingress.core.call_list import NoSuchName37\n"
+        broken.write_text(text.replace(future, future + planted))
+        await traffic.start(30)
+        started = time.monotonic()
+        code, out, err = await run_cli(service, "upgrade", timeout=60, installed=True)
+        took = time.monotonic() - started
+        await asyncio.sleep(0.5)
+        results = await traffic.end()
+        said = _assert_streamed(results)
+        print(f"\nbroken install: upgrade exit {code} in {took:.1f}s; {said}\n{err}")
+        assert code == 1, (out, err)
+        assert "upgrade abandoned, generation 1 serves on" in err, err
+        assert "ImportError" in err and "NoSuchName37" in err, err
+        assert "worker_calls" in err, err
+        after = [(r["pid"], r["generation"]) for r in (await service.stats())["workers"]]
+        assert after == before
+        assert not [e for e in service.log() if "re-executing" in e.get("event", "")]
+        assert service.proc.returncode is None
+        assert await _handshake_failures(service) == 0
+        one = await stream_call(service, tls_files, "after", 0.4)
+        assert one.error is None and one.lost == 0
+    finally:
+        await traffic.cancel()
+        await service.finish()
+
+
+async def test_end_call_and_remove_fleet_force_on_an_old_generation_during_its_drain(
+    tls_files: TLSFiles, fleets: list[str]
+) -> None:
+    """After an upgrade, with generation 1 draining 30 calls: `end-call` of one
+    of its calls ends that call only; `remove-fleet b --force` closes b's
+    calls on both generations and leaves a's streaming, nothing lost there;
+    generation 1 then exits once its last call ends."""
+    service = await RunningIngress.start(tls_files, fleets, workers=3, drain=60, env=PATIENT_PROBES)
+    traffic = Traffic(service, tls_files)
+    try:
+        gen1 = {r["pid"] for r in (await service.stats())["workers"]}
+        t0 = time.monotonic()
+        await traffic.start(30)
+        t1 = time.monotonic()
+        code, out, err = await run_cli(service, "upgrade", timeout=60, installed=True)
+        assert code == 0, (out, err)
+        print(f"\n30 calls open in {t1 - t0:.1f}s, upgrade {time.monotonic() - t1:.1f}s")
+        for i in range(10):
+            traffic.call(f"two-{i}", 90.0, held=True)
+            await asyncio.sleep(EVERY)
+        await until_open(service, 40, timeout=20)
+        listing = await _calls(service)
+        old = [
+            c for c in listing["calls"] if c["generation"] == 1 and c["bot_id"].startswith("long")
+        ]
+        assert len(old) == 30, _generations(listing)
+        victim = old[0]
+        code, printed, err = await run_cli(service, "end-call", victim["id"])
+        assert code == 0, (printed, err)
+        victim_result = await asyncio.wait_for(traffic.calls[victim["bot_id"]], 10)
+        on_b = {  # the held calls on b (a short one listed may end by itself before)
+            c["bot_id"]
+            for c in (await _calls(service))["calls"]
+            if c["fleet"] == "b" and not c["bot_id"].startswith("new-")
+        }
+        gens_b = {c["generation"] for c in (await _calls(service))["calls"] if c["fleet"] == "b"}
+        t0 = time.monotonic()
+        code, printed, err = await run_cli(service, "remove-fleet", "b", "--force")
+        print(f"\nremove-fleet --force took {time.monotonic() - t0:.1f}s: {printed}{err}")
+        assert code == 0, (printed, err)
+        await asyncio.sleep(1.0)
+        left = await _calls(service)
+        results = await traffic.end()
+        # b's calls listed before the removal, and short ones that came since.
+        removed = {
+            r.bot for r in results if r.close_code == 1001 and "fleet removed" in str(r.error)
+        }
+        ended = {e["bot_id"]: e for e in service.log() if e.get("event") == "call ended"}
+        assert on_b <= removed, {r.bot: (r.error, r.close_code) for r in results if r.bot in on_b}
+        assert all(ended[bot]["fleet"] == "b" for bot in removed)
+        cut = removed | {victim["bot_id"]}
+        print(f"\nremoved: ended {sorted({ended[b]['end_reason'] for b in removed})}")
+        said = _assert_streamed(results, cut=cut)
+        cut_results = {r.bot: r for r in results if r.bot in on_b}
+        print(
+            f"\nend-call {victim['id']}: carrier saw {victim_result.close_code} "
+            f"{victim_result.error}; remove-fleet --force b: {len(on_b)} calls on b "
+            f"(generations {gens_b}), closes {sorted({r.close_code for r in cut_results.values()})}; "
+            f"listed after: {len(left['calls'])} on {sorted({c['fleet'] for c in left['calls']})}; "
+            f"others: {said}"
+        )
+        assert victim_result.error is not None  # its carrier was closed, not by itself
+        assert all(r.error is not None for r in cut_results.values())
+        assert not [c for c in left["calls"] if c["fleet"] == "b"], left["calls"]
+        assert {1, 2} <= gens_b
+        assert ended[victim["bot_id"]]["process"] in gen1
+
+        def exits() -> list[dict[str, Any]]:
+            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
+
+        await eventually(lambda: len(exits()) == 3, timeout=20)
+        assert sorted(e["pid"] for e in exits()) == sorted(gen1)
+        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits()), exits()
+    finally:
+        await traffic.cancel()
+        await service.finish()
