@@ -334,7 +334,8 @@ async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
         frames = sum(r.sent for r in results)
         print(
             f"\nramp {ramp:.1f}s; {len(results)} calls, {frames} frames each way; "
-            f"upgrade 1 {first_took:.2f}s, upgrade 2 {second_took:.2f}s; calls listed before upgrade 2 "
+            f"upgrade 1 {first_took:.2f}s, upgrade 2 {second_took:.2f}s; "
+            "calls listed before upgrade 2 "
             f"{_generations(mid)}, after {_generations(during)}; workers {by_gen}; "
             f"{watch.scrapes} scrapes; failed {len(failed)} lost {lost} reordered {reordered} "
             f"corrupt {corrupt}; counter decreases {len(watch.decreases)}"
@@ -511,6 +512,12 @@ async def test_an_upgrade_and_a_sighup_reload_overlapping_lose_nothing_and_both_
         print(f"\n{first} first: {said}; upgrade tries {tries}; maxconn after {maxconns}")
         print("  " + "\n  ".join(events[:20]))
         assert maxconns == {250}, maxconns
+        # systemd is not told READY=1 while the upgrade is under way: the first
+        # READY=1 after the upgrade's RELOADING=1 is the new image's (MAINPID=).
+        told = service.messages
+        began = next(i for i, m in enumerate(told) if "STATUS=upgrading" in m)
+        first_ready = next(m for m in told[began:] if "READY=1" in m.splitlines())
+        assert "MAINPID=" in first_ready, told[began:]
         assert {r["generation"] for r in rows} == {1, 2}, rows
     finally:
         await traffic.cancel()
@@ -617,7 +624,8 @@ async def test_end_call_and_remove_fleet_force_on_an_old_generation_during_its_d
         print(
             f"\nend-call {victim['id']}: carrier saw {victim_result.close_code} "
             f"{victim_result.error}; remove-fleet --force b: {len(on_b)} calls on b "
-            f"(generations {gens_b}), closes {sorted({r.close_code for r in cut_results.values()})}; "
+            f"(generations {gens_b}), "
+            f"closes {sorted({r.close_code for r in cut_results.values()})}; "
             f"listed after: {len(left['calls'])} on {sorted({c['fleet'] for c in left['calls']})}; "
             f"others: {said}"
         )
