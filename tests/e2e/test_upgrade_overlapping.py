@@ -250,6 +250,9 @@ def _generations(listing: dict[str, Any]) -> dict[int, int]:
     return counts
 
 
+# ~60 s on a shared 2-core host: 190+ carriers at 50 frames a second each way
+# take the CPUs (the carriers fall behind their 20 ms clock; nothing is lost).
+@pytest.mark.alone
 async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
     tls_files: TLSFiles, fleets: list[str]
 ) -> None:
