@@ -285,7 +285,7 @@ async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
         watch.start()
         ramp = time.monotonic()
         for i in range(150):
-            call(f"g1-{i}", 60.0, end_long)
+            call(f"g1-{i}", 120.0, end_long)
             await asyncio.sleep(EVERY)
         ramp = time.monotonic() - ramp
         await until_open(service, 150, timeout=60)
@@ -297,7 +297,7 @@ async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
         assert code == 0, (out, err)
         assert "generation 2 serves" in out, out
         for i in range(40):
-            call(f"g2-{i}", 60.0, end_long)
+            call(f"g2-{i}", 120.0, end_long)
             await asyncio.sleep(EVERY)
         with contextlib.suppress(TimeoutError):
             await until_open(service, 190, timeout=max(0.1, 5.0 - (time.monotonic() - first_at)))
