@@ -461,7 +461,7 @@ async def test_an_upgrade_and_a_sighup_reload_overlapping_lose_nothing_and_both_
     was refused, and a second one succeeds), the reload is applied on the
     generation serving after, and the calls through both lose nothing."""
     src = _copy_package(tmp_path)
-    # Each workers' reload round takes 2 s more: a reload still under way.
+    # Each workers' reload round takes 4 s more: a reload still under way...
     marks = tmp_path / "reloads"
     rounds = src / "fleet_ingress" / "service" / "reload_rounds.py"
     anchor = "        self._reload_rounds += 1\n"
@@ -472,8 +472,17 @@ async def test_an_upgrade_and_a_sighup_reload_overlapping_lose_nothing_and_both_
             anchor,
             anchor
             + f"        open({str(marks)!r}, 'a').write('round\\n')\n"
-            + "        await __import__('asyncio').sleep(2.0)\n",
+            + "        await __import__('asyncio').sleep(4.0)\n",
         )
+    )
+    # ... and the upgrade waits 6 s between its trial run and the exec: the
+    # reload's round ends while the upgrade is under way, in either order.
+    sequence = src / "fleet_ingress" / "service" / "upgrade_sequence.py"
+    anchor = '''        """From the trial run passed to the exec, or why not."""\n'''
+    text = sequence.read_text()
+    assert text.count(anchor) == 1
+    sequence.write_text(
+        text.replace(anchor, anchor + "        await __import__('asyncio').sleep(6.0)\n")
     )
     env = {"PYTHONPATH": str(src), **PATIENT_PROBES}
     service = await RunningIngress.start(tls_files, fleets, workers=3, drain=60, env=env)
