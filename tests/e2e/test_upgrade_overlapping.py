@@ -1,10 +1,15 @@
 """An independent end-to-end check of #14's upgrade promise (session 37), in
-shapes tests/e2e/test_upgrade.py does not take: three workers, 20 ms
-binary frames each way with sequence numbers checked for order, two
-upgrades 5 s apart (the second while the first's old generation drains),
-upgrades and SIGHUP reloads overlapping, a broken install whose fault is in
+shapes tests/e2e/test_upgrade.py does not take: 20 ms binary frames each
+way with sequence numbers checked for order, upgrades and SIGHUP reloads
+overlapping, a broken install whose fault is in
 one of the supervisor's new modules, and the operator's end-call and
-remove-fleet --force on an old generation during its drain."""
+remove-fleet --force on an old generation during its drain.
+
+Two upgrades 5 s apart under 150 such calls on 3 workers (three generations
+side by side) were checked too, in session 37 (upgrade37: 354 calls, 462,332
+frames each way, nothing lost or reordered, no counter going down in 43
+scrapes), and not kept here: about a minute of both CPUs, which CI's time
+cannot carry."""
 
 from __future__ import annotations
 
@@ -30,7 +35,6 @@ from tests.support import (
     RunningIngress,
     TLSFiles,
     eventually,
-    metric_samples,
     run_cli,
 )
 
@@ -182,57 +186,6 @@ async def stream_call(
 
 
 @dataclass
-class Watch:
-    """/metrics every 0.2 s (a counter that goes down is noted), /stats.json's
-    workers and generations every 0.5 s."""
-
-    service: RunningIngress
-    decreases: list[str] = field(default_factory=list)
-    scrapes: int = 0
-    generations_seen: list[tuple[float, dict[int, str]]] = field(default_factory=list)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._metrics()), loop.create_task(self._stats())]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-
-    async def _metrics(self) -> None:
-        last: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for _ in range(600):  # 2 min at most
-            if self._stop.is_set():
-                return
-            m = metric_samples(await self.service.metrics())
-            self.scrapes += 1
-            for name, samples in m.items():
-                if not (name.endswith(("_total", "_count", "_sum")) or "_bucket" in name):
-                    continue
-                for labels, value in samples.items():
-                    before = last.get((name, labels))
-                    if before is not None and value < before:
-                        self.decreases.append(f"{name}{dict(labels)}: {before} -> {value}")
-                    last[(name, labels)] = value
-            await asyncio.sleep(0.2)
-
-    async def _stats(self) -> None:
-        started = time.monotonic()
-        for _ in range(240):
-            if self._stop.is_set():
-                return
-            rows = (await self.service.stats())["workers"]
-            self.generations_seen.append(
-                (
-                    time.monotonic() - started,
-                    {r["pid"]: f"g{r['generation']} {r['state']}" for r in rows},
-                )
-            )
-            await asyncio.sleep(0.5)
-
-
 async def _calls(service: RunningIngress) -> dict[str, Any]:
     code, out, err = await run_cli(service, "calls", "--json")
     assert code == 0, err
@@ -252,126 +205,6 @@ def _generations(listing: dict[str, Any]) -> dict[int, int]:
 
 # ~60 s on a shared 2-core host: 190+ carriers at 50 frames a second each way
 # take the CPUs (the carriers fall behind their 20 ms clock; nothing is lost).
-@pytest.mark.alone
-async def test_two_upgrades_5s_apart_under_20ms_frames_lose_nothing(
-    tls_files: TLSFiles, fleets: list[str]
-) -> None:
-    """150 long calls on generation 1, 40 on generation 2, new short calls
-    every 20 ms throughout; `upgrade` twice, 5 s apart: three generations at
-    once, nothing refused, lost or reordered, every old call ended by its
-    carrier, every old worker gone by itself with exit 0."""
-    service = await RunningIngress.start(tls_files, fleets, workers=3, drain=60, env=PATIENT_PROBES)
-    loop = asyncio.get_running_loop()
-    watch = Watch(service)
-    calls: dict[str, asyncio.Task[Streamed]] = {}
-    stop_arrivals = asyncio.Event()
-
-    end_long = asyncio.Event()
-
-    def call(bot: str, duration: float, until: asyncio.Event | None = None) -> None:
-        calls[bot] = loop.create_task(stream_call(service, tls_files, bot, duration, until))
-
-    async def arrive() -> None:
-        for i in range(800):  # 16 s at most
-            if stop_arrivals.is_set():
-                return
-            call(f"new-{i}", 0.4)
-            await asyncio.sleep(EVERY)
-
-    arriving: asyncio.Task[None] | None = None
-    try:
-        gen1 = {r["pid"] for r in (await service.stats())["workers"]}
-        assert len(gen1) == 3
-        watch.start()
-        ramp = time.monotonic()
-        for i in range(150):
-            call(f"g1-{i}", 120.0, end_long)
-            await asyncio.sleep(EVERY)
-        ramp = time.monotonic() - ramp
-        await until_open(service, 150, timeout=60)
-        arriving = loop.create_task(arrive())
-        first_at = time.monotonic()
-        first = loop.create_task(run_cli(service, "upgrade", timeout=60, installed=True))
-        code, out, err = await first
-        first_took = time.monotonic() - first_at
-        assert code == 0, (out, err)
-        assert "generation 2 serves" in out, out
-        for i in range(40):
-            call(f"g2-{i}", 120.0, end_long)
-            await asyncio.sleep(EVERY)
-        with contextlib.suppress(TimeoutError):
-            await until_open(service, 190, timeout=max(0.1, 5.0 - (time.monotonic() - first_at)))
-        await asyncio.sleep(max(0.0, 5.0 - (time.monotonic() - first_at)))
-        mid = await _calls(service)
-        second_at = time.monotonic()
-        code, out, err = await run_cli(service, "upgrade", timeout=60, installed=True)
-        second_took = time.monotonic() - second_at
-        assert code == 0, (out, err)
-        assert "generation 3 serves" in out, out
-        during = await _calls(service)
-        rc, stat_out, stat_err = await run_cli(service, "stat")
-        assert rc == 0, stat_err
-        rows = (await service.stats())["workers"]
-        by_gen: dict[int, set[int]] = {}
-        for r in rows:
-            by_gen.setdefault(r["generation"], set()).add(r["pid"])
-        await asyncio.sleep(1.0)
-        end_long.set()
-        stop_arrivals.set()
-        await arriving
-        async with asyncio.timeout(60):
-            results = await asyncio.gather(*calls.values())
-        await asyncio.sleep(0.5)
-
-        def exits() -> list[dict[str, Any]]:
-            return [e for e in service.log() if e.get("event") == "old-generation worker exited"]
-
-        await eventually(lambda: len(exits()) == 6, timeout=30)
-        await asyncio.sleep(0.6)  # a scrape or two after the last exit
-        await watch.stop()
-
-        failed = [(r.bot, r.error) for r in results if r.error]
-        lost = sum(r.lost for r in results)
-        reordered = sum(r.out_of_order for r in results)
-        corrupt = sum(r.corrupt for r in results)
-        frames = sum(r.sent for r in results)
-        print(
-            f"\nramp {ramp:.1f}s; {len(results)} calls, {frames} frames each way; "
-            f"upgrade 1 {first_took:.2f}s, upgrade 2 {second_took:.2f}s; "
-            "calls listed before upgrade 2 "
-            f"{_generations(mid)}, after {_generations(during)}; workers {by_gen}; "
-            f"{watch.scrapes} scrapes; failed {len(failed)} lost {lost} reordered {reordered} "
-            f"corrupt {corrupt}; counter decreases {len(watch.decreases)}"
-        )
-        print(stat_out)
-        assert not failed, f"{len(failed)} of {len(results)} failed: {failed[:5]}"
-        assert (lost, reordered, corrupt) == (0, 0, 0)
-        assert await _handshake_failures(service) == 0
-        assert not watch.decreases, watch.decreases[:10]
-        # Three generations at once, each listed, then only the third.
-        assert sorted(by_gen) == [1, 2, 3] and by_gen[1] == gen1, by_gen
-        assert {1, 2, 3} <= set(_generations(during)), _generations(during)
-        assert all(f" {g} " in stat_out or f"generation {g}" in stat_out for g in (1, 2, 3))
-        ended = {e["bot_id"]: e for e in service.log() if e.get("event") == "call ended"}
-        for prefix, pids in (("g1-", by_gen[1]), ("g2-", by_gen[2])):
-            mine = [e for bot, e in ended.items() if bot.startswith(prefix)]
-            assert mine and all(e["process"] in pids for e in mine), prefix
-            assert {e["end_reason"] for e in mine} == {"carrier closed"}, prefix
-        assert sorted(e["pid"] for e in exits()) == sorted(by_gen[1] | by_gen[2])
-        assert all(e["exit_status"] == "exit 0" and e["calls_lost"] == 0 for e in exits())
-        assert {r["generation"] for r in (await service.stats())["workers"]} == {3}
-    finally:
-        stop_arrivals.set()
-        if arriving is not None:
-            await arriving
-        for t in calls.values():
-            t.cancel()
-        await asyncio.gather(*calls.values(), return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await watch.stop()
-        await service.finish()
-
-
 def _signal(service: RunningIngress, sig: signal.Signals) -> None:
     service.proc.send_signal(sig)
 
