@@ -185,7 +185,6 @@ async def stream_call(
     return result
 
 
-@dataclass
 async def _calls(service: RunningIngress) -> dict[str, Any]:
     code, out, err = await run_cli(service, "calls", "--json")
     assert code == 0, err
