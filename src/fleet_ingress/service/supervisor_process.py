@@ -53,7 +53,7 @@ from fleet_ingress.service.supervisor import (
     Supervisor,
 )
 from fleet_ingress.service.upgrade import children_running
-from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
+from fleet_ingress.service.upgrade_sequence import FINISHED, HELD_OVER_EXEC
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -349,14 +349,16 @@ async def _reload_on_signal(
                 "reload refused: the running configuration stays",
                 extra=fields(config=str(config_path), error=str(exc), asked=len(asked)),
             )
-            notifier.notify(
-                "READY=1", f"STATUS=reload refused ({exc}); still serving the previous config"
+            _ready_unless_upgrading(
+                supervisor,
+                notifier,
+                f"STATUS=reload refused ({exc}); still serving the previous config",
             )
             tell(asked, supervisor.last_reload)
             continue
         except Exception:  # a bug must not take the service down
             log.exception("reload failed", extra=fields(config=str(config_path)))
-            notifier.notify("READY=1", "STATUS=reload failed; see the log")
+            _ready_unless_upgrading(supervisor, notifier, "STATUS=reload failed; see the log")
             outcome = reload_outcome("the reload failed: a bug, logged as 'reload failed'")
             tell(asked, {**outcome, "result": "failed"})
             continue
@@ -367,8 +369,20 @@ async def _reload_on_signal(
         log.info(
             "reloaded", extra=fields(config=str(config_path), changes=summary, asked=len(asked))
         )
-        notifier.notify("READY=1", f"STATUS={supervisor.status_line()}")
+        _ready_unless_upgrading(supervisor, notifier, f"STATUS={supervisor.status_line()}")
         tell(asked, supervisor.last_reload)
+
+
+def _ready_unless_upgrading(supervisor: Supervisor, notifier: Notifier, status: str) -> None:
+    """READY=1 once a reload's round is over, but not while an upgrade is under
+    way (its RELOADING=1 said, before or during the round): systemd would read
+    the upgrade as over, and its STATUS lose "upgrading"; the upgrade's own
+    READY=1 (the new image's, or the one said when it is abandoned) ends both."""
+    latest = supervisor.upgrade.latest
+    if latest is not None and latest["state"] not in FINISHED:
+        notifier.notify(f"{status} (an upgrade is under way)")
+        return
+    notifier.notify("READY=1", status)
 
 
 async def _ping_watchdog(notifier: Notifier) -> None:
