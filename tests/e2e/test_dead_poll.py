@@ -475,7 +475,7 @@ async def test_a_carrier_ended_at_the_bound_whose_fleet_answers_as_its_rest_is_r
         await asyncio.to_thread(tls.sendall, early[MAX_EARLY_BYTES:])
         tls.shutdown(socket.SHUT_WR)  # a FIN (no close_notify)
         async with asyncio.timeout(3):
-            while call.carrier._early_look is not False:  # the look found it ended
+            while not call.carrier._ended_at_bound:  # the look found it ended
                 await asyncio.sleep(0)
         carrier_ended.set()  # the 101 now, the rest still being read
         reset = await asyncio.wait_for(fleet_done, 5)

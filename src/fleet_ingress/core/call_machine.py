@@ -240,6 +240,10 @@ class Command:
     __slots__ = ()
 
 
+# A local answer's headers besides its own: (name, value) pairs.
+AnswerHeaders: TypeAlias = tuple[tuple[str, str], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Answer(Command):
     """Write a local answer to the carrier (then `CloseSide(CARRIER)` follows),
@@ -248,7 +252,7 @@ class Answer(Command):
     status: int
     text: str
     head_only: bool = False
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: AnswerHeaders = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,7 +477,7 @@ _VERSION_HEADERS = (
 
 def _local_answer(
     head: RequestHead, route: Route
-) -> tuple[int, str] | tuple[int, str, tuple[tuple[str, str], ...]] | None:
+) -> tuple[int, str] | tuple[int, str, AnswerHeaders] | None:
     """What the ingress answers `head` itself (status, text[, headers]), or None for a call."""
     if route.kind is RouteKind.HEALTH:
         # Like HAProxy's monitor-uri: any method, any version gets 200, a body too
@@ -584,7 +588,7 @@ class CallMachine:
         self,
         status: int,
         text: str,
-        headers: tuple[tuple[str, str], ...] = (),
+        headers: AnswerHeaders = (),
         *,
         head_only: bool = False,
     ) -> None:

@@ -31,6 +31,7 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from fleet_ingress.core.address_watch import (
@@ -115,38 +116,46 @@ def netlink_addresses() -> set[Address]:
             data = sock.recv(1 << 16)
             if not data:
                 raise OSError(errno.EIO, "netlink: end of the dump unseen")
-            offset = 0
-            while offset + 16 <= len(data):
-                length, kind, _flags, _seq, _pid = struct.unpack_from("=LHHLL", data, offset)
-                if length < 16:
-                    raise OSError(errno.EIO, "netlink: a message shorter than its header")
-                if kind == NLMSG_DONE:
-                    return found
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=l", data, offset + 16)
-                    raise OSError(-code or errno.EIO, "netlink: RTM_GETADDR refused")
-                if kind == RTM_NEWADDR:
-                    address = _ifaddr(data[offset + 16 : offset + length])
-                    if address is not None:
-                        found.add(address)
-                offset += (length + 3) & ~3
+            try:
+                for kind, body in _messages(data):
+                    if kind == NLMSG_DONE:
+                        return found
+                    if kind == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=l", body)
+                        raise OSError(-code or errno.EIO, "netlink: RTM_GETADDR refused")
+                    if kind == RTM_NEWADDR:
+                        address = _ifaddr(body)
+                        if address is not None:
+                            found.add(address)
+            except ValueError as exc:
+                raise OSError(errno.EIO, f"netlink: {exc}") from None
 
 
 def _named_in(data: bytes, named: set[Address]) -> bool:
     """Add the addresses of the RTM_NEWADDR and RTM_DELADDR messages of one
     netlink datagram to `named`; False when one cannot be read."""
+    try:
+        for kind, body in _messages(data):
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                address = _ifaddr(body)
+                if address is None:
+                    return False
+                named.add(address)
+    except ValueError:
+        return False
+    return True
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The netlink messages of one datagram: each one's type and body (what
+    follows its 16-byte header). ValueError for a message shorter than its header."""
     offset = 0
     while offset + 16 <= len(data):
         length, kind = struct.unpack_from("=LH", data, offset)
         if length < 16:
-            return False
-        if kind in (RTM_NEWADDR, RTM_DELADDR):
-            address = _ifaddr(data[offset + 16 : offset + length])
-            if address is None:
-                return False
-            named.add(address)
+            raise ValueError("a message shorter than its header")
+        yield kind, data[offset + 16 : offset + length]
         offset += (length + 3) & ~3
-    return True
 
 
 def _ifaddr(body: bytes) -> Address | None:

@@ -476,9 +476,11 @@ class CarrierProtocol(_Side):
         )
         self._raw_head = b""
         self._early = bytearray()
-        # The look at a carrier not read at the early bound (`_look_while_kept`);
-        # False once it has ended: what it sends is read and dropped.
-        self._early_look: asyncio.Handle | bool | None = None
+        # The look at a carrier not read at the early bound (`_look_while_kept`),
+        # while one is scheduled.
+        self._early_look: asyncio.Handle | None = None
+        # That look found it ended: what it sends is read to its end and dropped.
+        self._ended_at_bound = False
         # Put off after a stall: an answer waiting unread goes first (late_timers).
         self._timers: dict[Timer, PatientTimer] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
@@ -523,7 +525,7 @@ class CarrierProtocol(_Side):
         elif state in _EARLY_BYTES_KEPT:
             # Kept reading while a fleet is found, so a carrier that hangs up
             # is noticed at once; what it sends early waits, within a bound.
-            if self._early_look is not False:  # False: it has ended, read to its end
+            if not self._ended_at_bound:
                 self._early += data
                 if len(self._early) >= MAX_EARLY_BYTES:
                     self._early_bound_reached()
@@ -627,7 +629,11 @@ class CarrierProtocol(_Side):
         """Its early bytes at the bound: stop reading the carrier until the link,
         and look at TCP meanwhile (`_look_while_kept`)."""
         self.pause_reading()
-        if self._early_look is None and isinstance(self.transport, TLSConnection):
+        if (
+            self._early_look is None
+            and not self._ended_at_bound
+            and isinstance(self.transport, TLSConnection)
+        ):
             self._early_look = asyncio.get_running_loop().call_soon(self._look_while_kept)
 
     def _look_while_kept(self) -> None:
@@ -656,7 +662,7 @@ class CarrierProtocol(_Side):
                 EARLY_LOOK_EVERY, self._look_while_kept
             )
             return
-        self._early_look = False
+        self._ended_at_bound = True
         self._early.clear()
         self.resume_reading()
         t.read_if_ended()  # its poll may have stopped (uvloop): read on now
@@ -923,9 +929,8 @@ class CarrierProtocol(_Side):
             log.warning(CONNECT_OUT_OF_RESOURCES, extra=fields(**values))
 
     def _stop_early_look(self) -> None:
-        look = self._early_look
-        if isinstance(look, asyncio.Handle):
-            look.cancel()
+        if self._early_look is not None:
+            self._early_look.cancel()
             self._early_look = None
 
     def _link(self, command: Command) -> None:
@@ -947,7 +952,7 @@ class CarrierProtocol(_Side):
         call.tunnel_since = now
         fleet_side.link(self, relaying=False)
         self.tracker = FrameTracker()  # the carrier's first frame starts here
-        if self._early_look is False:
+        if self._ended_at_bound:
             # The carrier has ended, its early bytes dropped and what it sent
             # after them being read to its end and dropped (`_look_while_kept`):
             # none is relayed, its end ends the call. Linked (before, the review
