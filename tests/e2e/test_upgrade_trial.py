@@ -14,6 +14,7 @@ import pytest
 
 import fleet_ingress
 from fleet_ingress.service import upgrade
+from tests.support import TLSFiles, write_leaf_cert, write_run_home
 
 
 async def test_a_release_with_another_state_format_is_refused_before_the_exec(
@@ -200,3 +201,59 @@ async def test_checks_problems_are_shown_before_its_warnings_run_out_the_lines(
     for problem in problems:  # the fleets file, tls.cert and tls.key
         assert problem in said, said
     assert "check failed: 3 problem(s)" in said
+
+
+async def _home_whose_renewal_cannot_serve(tls_files: TLSFiles, home: Path, how: str) -> Path:
+    """A configuration `check` passes but for the certificate on disk: a renewal
+    whose key is another certificate's ("key"), or written intermediate first
+    ("order"): what certbot's live/ files are after a renewal gone wrong."""
+    await write_run_home(tls_files, home, ["https://127.0.0.1:9 name=a"])
+    if how == "key":
+        other = tls_files.ca.issue_cert("localhost")
+        (home / "key.pem").write_bytes(other.private_key_pem.bytes())
+    else:
+        pems = (home / "cert.pem").read_bytes()
+        leaf = tls_files.ca.create_child_ca().issue_cert("127.0.0.1", "localhost")
+        (home / "cert.pem").write_bytes(b"".join(b.bytes() for b in reversed(leaf.cert_chain_pems)))
+        (home / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+        assert pems != (home / "cert.pem").read_bytes()
+    return home / "ingress.toml"
+
+
+@pytest.mark.parametrize("how", ["key", "order"])
+async def test_an_upgrade_refused_for_the_certificate_on_disk_does_not_say_a_restart_fails(
+    tls_files: TLSFiles, tmp_path: Path, how: str
+) -> None:
+    """A renewal that cannot serve (certbot's deploy hook failed: its reload was
+    refused) fails the trial's `check`, so the upgrade is refused. It said "Until
+    then a restart would start the installed code and fail the same way": false
+    for the certificate alone, which the unit's `check --before-start` leaves to
+    the start and which a restart serves on the one in use over (systemd keeps
+    it; the renewal audit of session 38). An operator told so held off a restart
+    that works, or, believing the service could not start, went to roll back a
+    sound release. Now the refusal says what a restart and a stop then a start
+    each do, and to put a good certificate in place and reload."""
+    config = await _home_whose_renewal_cannot_serve(tls_files, tmp_path, how)
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    assert failed.value.cause == "files"
+    assert "tls.cert" in said  # check's own words, naming the files
+    assert "fail the same way" not in said, said
+    assert "a restart serves on the certificate in use" in said, said
+    assert "a stop then a start" in said and "put a good certificate in place" in said, said
+    assert "then run `fleet-ingress upgrade` again" in said
+
+
+async def test_an_upgrade_refused_for_the_configuration_still_says_a_restart_fails(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The certificate fine, a key misspelt: a restart would fail the same way."""
+    config = await _home_whose_renewal_cannot_serve(tls_files, tmp_path, "key")
+    write_leaf_cert(tls_files.ca, tmp_path)  # a good certificate again
+    config.write_text(config.read_text().replace("drain = 30", "drian = 30"))
+    with pytest.raises(upgrade.TrialFailed) as failed:
+        await upgrade.trial_run(config, timeout=60)
+    said = str(failed.value)
+    assert "timeouts.drian" in said and "fail the same way" in said, said
+    assert "certificate in use" not in said, said

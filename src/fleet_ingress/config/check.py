@@ -106,20 +106,16 @@ def run_check(
         # reload refuses such files; with none kept, it refuses to start, saying
         # why, or serves a chain carriers may fail to verify, warning (as `run`
         # always has: a restart that failed here took every call down).
-        source = str(path)
-        # As `_check` said them: with the line of the key each names.
-        if loading := _with_key_lines(_certificate_load_problems(config, source), path):
-            if set(problems) <= set(loading):
-                print(
-                    "check: the carrier certificate above cannot be served; left to the "
-                    "start: after a restart it serves the one it served before (systemd "
-                    "keeps it), otherwise it refuses to start, saying why; fix the files",
-                    file=out,
-                )
-                return 0
-        elif (chain := _with_key_lines(_certificate_chain_problems(config, source), path)) and set(
-            problems
-        ) <= set(chain):
+        alone = _certificate_alone(config, path, problems)
+        if alone == CERTIFICATE_CANNOT_LOAD:
+            print(
+                "check: the carrier certificate above cannot be served; left to the "
+                "start: after a restart it serves the one it served before (systemd "
+                "keeps it), otherwise it refuses to start, saying why; fix the files",
+                file=out,
+            )
+            return 0
+        if alone == CERTIFICATE_CHAIN_DOUBTED:
             print(
                 "check: carriers may fail to verify the carrier certificate above; left "
                 "to the start: after a restart it serves the one it served before (systemd "
@@ -142,6 +138,38 @@ def run_check(
     plural = "" if len(fleets) == 1 else "s"
     print(f"OK: {len(fleets)} fleet{plural}, listening on {_listeners(config)}", file=out)
     return 0
+
+
+# What `certificate_alone` finds: every problem is why the carrier certificate
+# cannot be served, or why carriers may fail to verify its chain.
+CERTIFICATE_CANNOT_LOAD = "cannot load"
+CERTIFICATE_CHAIN_DOUBTED = "chain doubted"
+
+
+def certificate_alone(path: Path, problems: list[str]) -> str | None:
+    """Whether `problems` (what `check -c path` printed, warnings left out) are
+    the carrier certificate's alone: CERTIFICATE_CANNOT_LOAD, _CHAIN_DOUBTED,
+    or None (another problem too, or the configuration does not load). What a
+    start leaves to the supervisor (`check --before-start`), which serves on
+    the certificate it served before over such files."""
+    try:
+        config = load_config(path)
+    except ConfigError:
+        return None
+    return _certificate_alone(config, path, problems)
+
+
+def _certificate_alone(config: IngressConfig, path: Path, problems: list[str]) -> str | None:
+    if not problems:
+        return None
+    source = str(path)
+    # As `_check` said them: with the line of the key each names.
+    if loading := _with_key_lines(_certificate_load_problems(config, source), path):
+        return CERTIFICATE_CANNOT_LOAD if set(problems) <= set(loading) else None
+    chain = _with_key_lines(_certificate_chain_problems(config, source), path)
+    if chain and set(problems) <= set(chain):
+        return CERTIFICATE_CHAIN_DOUBTED
+    return None
 
 
 def workers_left_in_unit() -> list[int]:

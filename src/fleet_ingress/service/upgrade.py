@@ -37,7 +37,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.check_report import shortened
+from fleet_ingress.config.check import (
+    CERTIFICATE_CANNOT_LOAD,
+    CERTIFICATE_CHAIN_DOUBTED,
+    certificate_alone,
+)
+from fleet_ingress.config.check_report import WARNING, shortened
 from fleet_ingress.config.settings import (
     ConfigError,
     IngressConfig,
@@ -198,6 +203,32 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
     crashed = any(line.startswith("Traceback") for line in lines)
     if proc.returncode != 0 and imported and not crashed:
         tail = shortened(lines, TRIAL_OUTPUT_LINES, config_path)
+        problems = [
+            line
+            for line in lines
+            if not line.startswith((WARNING, "check failed:")) and not line.startswith("OK:")
+        ]
+        # The certificate alone (a renewal gone wrong): a restart serves on the one
+        # in use over it, as the unit's `check --before-start` leaves it to the start.
+        # Said "a restart would fail the same way" before (the renewal audit of
+        # session 38).
+        alone = await asyncio.to_thread(certificate_alone, config_path, problems)
+        then = {
+            CERTIFICATE_CANNOT_LOAD: "refuses to start with these files",
+            CERTIFICATE_CHAIN_DOUBTED: "serves this one, which carriers may fail to verify",
+        }.get(alone or "")
+        if then is not None:
+            raise TrialFailed(
+                f"the configuration does not pass `fleet-ingress check -c {config_path}` with "
+                f"the installed code (exit {proc.returncode}):\n{tail}\n"
+                "the installed code is sound, the carrier certificate on disk is not: put a "
+                "good certificate in place and reload (`systemctl reload fleet-ingress`), "
+                "then run `fleet-ingress upgrade` again (nothing was handed over; the "
+                "running generation serves on, with the certificate in use). Until then a "
+                "restart serves on the certificate in use (systemd keeps it), but a stop then "
+                f"a start, or a reboot, {then}",
+                cause="files",
+            )
         raise TrialFailed(
             f"the configuration does not pass `fleet-ingress check -c {config_path}` with "
             f"the installed code (exit {proc.returncode}):\n{tail}\n"
