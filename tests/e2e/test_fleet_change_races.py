@@ -92,8 +92,8 @@ async def test_the_only_fleet_moved_while_it_carries_a_call_takes_calls_there_on
             notes = reload_with(ingress, new.line("a"))
             assert notes == [
                 "fleet a removed: draining 1 calls",
-                "fleet a: still draining its old address; joins at the new one when its "
-                "last call there ends",
+                "fleet a: still draining its old address; joins at the new one "
+                f"(https://127.0.0.1:{new.port}, maxconn 16, READY) when its last call there ends",
             ]
         await eventually(
             lambda: (f := ingress.balancer.get("a")) is not None and f.spec.port == new.port

@@ -218,21 +218,43 @@ CASES = {
         ],
         said=[
             "fleet a removed: draining 1 calls",
-            "fleet a: still draining its old address; joins at the new one when its last "
-            "call there ends",
+            "fleet a: still draining its old address; joins at the new one "
+            "(https://fleet.test:3, maxconn 16, READY) when its last call there ends",
             "picked b@2",
             "gone a@1",
             "start probing a@3",
         ],
         members=["b@2 listed READY UP", "a@3 listed READY INIT"],
     ),
+    # The renewal audit of session 38: a maxconn (or admin) edit of a fleet waiting to
+    # join at its new address was said as the same "still draining" line each reload,
+    # the edit nowhere; `stat` shows the old record (its maxconn) until the join.
+    "an edit of a fleet waiting at its new address is said, and is what joins": Case(
+        start=("a@1", "b@2"),
+        steps=[
+            call("a"),
+            reload("a@3", "b@2"),
+            reload("a@3 maxconn=5 admin=drain", "b@2"),
+            end("a@1"),
+        ],
+        said=[
+            "fleet a removed: draining 1 calls",
+            "fleet a: still draining its old address; joins at the new one "
+            "(https://fleet.test:3, maxconn 16, READY) when its last call there ends",
+            "fleet a: still draining its old address; joins at the new one "
+            "(https://fleet.test:3, maxconn 5, DRAIN) when its last call there ends",
+            "gone a@1",
+            "start probing a@3",
+        ],
+        members=["b@2 listed READY UP", "a@3 listed DRAIN INIT"],
+    ),
     "a move taken back by the next reload before the old address drains: nothing joins": Case(
         start=("a@1", "b@2"),
         steps=[call("a"), reload("a@3", "b@2"), reload("b@2"), end("a@1")],
         said=[
             "fleet a removed: draining 1 calls",
-            "fleet a: still draining its old address; joins at the new one when its last "
-            "call there ends",
+            "fleet a: still draining its old address; joins at the new one "
+            "(https://fleet.test:3, maxconn 16, READY) when its last call there ends",
             "gone a@1",
         ],
         members=["b@2 listed READY UP"],
@@ -261,8 +283,8 @@ CASES = {
         steps=[call("a"), remove("a"), reload("a@3", "b@2")],
         said=[
             "draining a@1: 1 calls",
-            "fleet a: still draining its old address; joins at the new one when its last "
-            "call there ends",
+            "fleet a: still draining its old address; joins at the new one "
+            "(https://fleet.test:3, maxconn 16, READY) when its last call there ends",
         ],
         members=["a@1 draining DRAIN UP 1 calls", "b@2 listed READY UP"],
     ),

@@ -310,9 +310,12 @@ class FleetSet:
                 self._waiting[spec.name] = FleetState(
                     spec, health=health, admin=spec.admin, capacity_aware=capacity_aware
                 )
+                # With what it joins: an edit of it meanwhile (maxconn, admin) is
+                # said, where `stat` shows the old record until the join.
                 plan.notes.append(
                     f"fleet {spec.name}: still draining its old address; joins at the new "
-                    "one when its last call there ends"
+                    f"one ({spec.url}, maxconn {spec.maxconn}, {spec.admin.value}) when its "
+                    "last call there ends"
                 )
                 continue
             fleet = FleetState(spec, health=health, admin=spec.admin, capacity_aware=capacity_aware)
