@@ -768,6 +768,35 @@ def test_before_start_leaves_a_certificate_that_cannot_load_to_the_start(
     assert run_check(deployment, out, before_start=True) == 1
 
 
+def test_a_certbot_link_to_a_renewal_gone_from_archive_names_the_missing_file(
+    deployment: Path,
+) -> None:
+    """certbot's live/ files are symlinks into archive/: one left pointing at a
+    file that is gone (archive/ restored from an older backup, cleaned by hand)
+    read "cannot read .../live/.../fullchain.pem: No such file or directory",
+    though `ls` lists that file, and said no fix (the renewal audit of session
+    38). Now it names the link's target that is missing, and what to do."""
+    home = deployment.parent
+    live, archive = home / "live" / "calls.example.com", home / "archive" / "calls.example.com"
+    archive.mkdir(parents=True)
+    live.mkdir(parents=True)
+    os.replace(home / "privkey.pem", archive / "privkey2.pem")
+    (live / "privkey.pem").symlink_to("../../archive/calls.example.com/privkey2.pem")
+    (live / "fullchain.pem").symlink_to("../../archive/calls.example.com/fullchain2.pem")
+    config = deployment.read_text()
+    for name in ("fullchain.pem", "privkey.pem"):
+        assert f'"{name}"' in config
+        config = config.replace(f'"{name}"', f'"live/calls.example.com/{name}"')
+    deployment.write_text(config)
+    code, out = run(deployment)
+    assert code == 1, out
+    (line,) = [line for line in out.splitlines() if "tls.cert" in line]
+    assert f"{live / 'fullchain.pem'}" in line, line
+    assert f"a link to {archive / 'fullchain2.pem'}, which does not exist" in line, line
+    assert "certbot" in line and "reload" in line, line
+    assert "tls.key" not in out, out  # the key's link is whole
+
+
 def test_before_start_leaves_a_chain_carriers_may_not_verify_to_the_start(
     deployment: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
 ) -> None:

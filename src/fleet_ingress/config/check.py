@@ -564,6 +564,19 @@ def _certificate_load_problems(config: IngressConfig, source: str) -> list[str]:
                 if reason == "Permission denied"
                 else ""
             )
+            if (gone := _dangling_link_target(file)) is not None:
+                # certbot's live/ links into archive/: `ls` lists the link, so "No
+                # such file" of it misled (the renewal audit of session 38).
+                again = (
+                    f"`certbot renew --cert-name {file.parent.name} --force-renewal`"
+                    if file.parent.parent.name == "live"
+                    else "`certbot renew --force-renewal`"
+                )
+                reason = (
+                    f"a link to {gone}, which does not exist (certbot's live/ files link "
+                    f"into its archive/): put that file back, or have certbot issue it again "
+                    f"({again}), then reload"
+                )
             problems.append(f"{source}: {name}: cannot read {file}: {reason}{fix}")
     cert, key = config.tls.cert, config.tls.key
     if problems or cert is None or key is None:
@@ -633,6 +646,14 @@ def _check_certificate(config: IngressConfig, source: str) -> list[str]:
             f"{until}); is renewal working? `certbot renew --dry-run` says"
         )
     return warnings
+
+
+def _dangling_link_target(path: Path) -> Path | None:
+    """The missing file a symlink at `path` (through any links) points to; None
+    when `path` is no symlink or its target exists."""
+    if not path.is_symlink() or path.exists():
+        return None
+    return Path(os.path.realpath(path))
 
 
 def _unreadable(path: Path) -> str | None:
