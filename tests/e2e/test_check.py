@@ -797,6 +797,46 @@ def test_a_certbot_link_to_a_renewal_gone_from_archive_names_the_missing_file(
     assert "tls.key" not in out, out  # the key's link is whole
 
 
+def test_certbot_links_into_two_renewals_are_named_with_the_fix(
+    deployment: Path, ca: trustme.CA
+) -> None:
+    """live/fullchain.pem a link to renewal 3, live/privkey.pem to renewal 2 (a
+    link put back by hand, a swap caught half way): "do not match" named the
+    two links and no fix (the renewal audit of session 38). Now it says which
+    renewal each links to and to link both to one; a plain key of another
+    certificate says to put the certificate's own key in place."""
+    home = deployment.parent
+    live, archive = home / "live" / "calls.example.com", home / "archive" / "calls.example.com"
+    archive.mkdir(parents=True)
+    live.mkdir(parents=True)
+    os.replace(home / "privkey.pem", archive / "privkey2.pem")
+    os.replace(home / "fullchain.pem", archive / "fullchain2.pem")
+    renewal = ca.issue_cert("calls.example.com")
+    renewal.private_key_pem.write_to_path(archive / "privkey3.pem")
+    for blob in renewal.cert_chain_pems:
+        blob.write_to_path(archive / "fullchain3.pem", append=True)
+    (live / "privkey.pem").symlink_to("../../archive/calls.example.com/privkey2.pem")
+    (live / "fullchain.pem").symlink_to("../../archive/calls.example.com/fullchain3.pem")
+    config = deployment.read_text()
+    for name in ("fullchain.pem", "privkey.pem"):
+        config = config.replace(f'"{name}"', f'"live/calls.example.com/{name}"')
+    deployment.write_text(config)
+    code, out = run(deployment)
+    assert code == 1, out
+    assert (
+        "do not match: the key is not the one the certificate was issued for; they are links "
+        "to two renewals (fullchain.pem to fullchain3.pem, privkey.pem to privkey2.pem): link "
+        "both to the files of one renewal, then reload"
+    ) in out, out
+    (live / "privkey.pem").unlink()
+    ca.issue_cert("calls.example.com").private_key_pem.write_to_path(archive / "privkey3.pem")
+    (live / "privkey.pem").symlink_to("../../archive/calls.example.com/privkey3.pem")
+    code, out = run(deployment)
+    assert code == 1, out
+    assert "put the key issued with this certificate in place, then reload" in out, out
+    assert "one N" in out and "two renewals" not in out, out
+
+
 def test_before_start_leaves_a_chain_carriers_may_not_verify_to_the_start(
     deployment: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
 ) -> None:

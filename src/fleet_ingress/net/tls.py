@@ -111,7 +111,7 @@ def server_ssl_context(
             if misordered := _misordered(cert, key, key_name):
                 raise TLSSetupError(f"certificate {cert_name} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
-            problem += _key_types(cert, key)
+            problem += _key_types(cert, key) + _key_fix(cert, key)
         elif isinstance(exc, ssl.SSLError):
             problem = f"cannot be read: {_pem_problem(cert, key, cert_name, key_name)}"
         else:
@@ -143,6 +143,31 @@ def _key_types(cert: Path, key: Path) -> str:
         return ""
     theirs, mine = _key_type(leaf.public_key()), _key_type(private.public_key())
     return "" if theirs == mine else f" (the certificate's key is {theirs}, this key is {mine})"
+
+
+def _key_fix(cert: Path, key: Path) -> str:
+    """What to do about a key that is not the certificate's, naming certbot's
+    renewals when the two are links to files of two of them (live/fullchain.pem
+    to fullchain8.pem, live/privkey.pem to privkey7.pem: a link put back by hand,
+    a swap caught half way). The renewal audit of session 38: no fix was said."""
+    fix = "; put the key issued with this certificate in place, then reload"
+    if not (cert.is_symlink() and key.is_symlink()):
+        return fix
+    theirs, mine = Path(os.path.realpath(cert)).name, Path(os.path.realpath(key)).name
+    cert_n, key_n = _renewal_number(theirs), _renewal_number(mine)
+    if cert_n is None or key_n is None or cert_n == key_n:
+        return fix + " (certbot: privkeyN.pem of the renewal of fullchainN.pem, one N)"
+    return (
+        f"; they are links to two renewals ({cert.name} to {theirs}, {key.name} to {mine}): "
+        "link both to the files of one renewal, then reload"
+    )
+
+
+def _renewal_number(name: str) -> str | None:
+    """certbot's archive/ name its number: fullchain8.pem -> "8"."""
+    stem = name.removesuffix(".pem")
+    digits = stem[len(stem.rstrip("0123456789")) :]
+    return digits or None
 
 
 def _key_type(public: Any) -> str:
