@@ -150,6 +150,24 @@ async def _send_within(
     return response
 
 
+def _no_such_fleet(ops: FleetOps, wanted: CallFilter, listing: dict[str, Any]) -> None:
+    """`calls --fleet NAME` of a fleet the host does not have: refused as
+    drain, maint and remove-fleet refuse that name (404, the fleets named).
+    It answered "0 calls on fleet f1x", exit 0, to an operator asking whether
+    a fleet still carries calls (the operator-input audit of session 38).
+    Not while a call lists it (a fleet removed, its calls going on), nor
+    while a worker did not answer (its calls are not in the listing)."""
+    if wanted.fleet is None or listing.get("calls") or ops.fleets.get(wanted.fleet) is not None:
+        return
+    if not all(worker.get("answered") for worker in listing.get("workers") or []):
+        return
+    known = ", ".join(fleet.name for fleet in ops.fleets.fleets) or "none"
+    raise FleetChangeError(
+        404,
+        f"no fleet named {wanted.fleet!r} (fleets: {known}); `fleet-ingress stat` lists them",
+    )
+
+
 def admin_app(
     ops: FleetOps,
     snapshot: Callable[[], dict[str, Any]],
@@ -277,8 +295,10 @@ def admin_app(
             )
         listings += 1
         try:
+            listing = await source.list_calls(wanted)
+            _no_such_fleet(ops, wanted, listing)
             # 10,000 calls are some 3 MB of JSON: encoded in turns.
-            body = (await dumps_in_turns(await source.list_calls(wanted))).encode()
+            body = (await dumps_in_turns(listing)).encode()
             return await _send_within(request, body, LISTING_WRITE_TIMEOUT, "its calls listing")
         finally:
             listings -= 1
