@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fleet_ingress.config.settings import environment_settings, not_a_socket
-from fleet_ingress.core.call_list import CallFilter, FilterError
+from fleet_ingress.core.call_list import MAX_END_REASON, CallFilter, FilterError
 from fleet_ingress.logs import fields
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -56,8 +56,6 @@ class Calls(Protocol):
     async def end_call(self, text: str, why: str) -> dict[str, Any]: ...  # FleetChangeError
 
 
-# An operator's reason for end-call, as its access line keeps it (characters).
-MAX_END_REASON = 200
 # `GET /calls`: 10,000 calls are 3 MB of JSON, and the listing held 4-11 MB of
 # the process (rows, text, the socket's buffer) until its client read it: one
 # that never did (a stuck script, a CLI stopped with ^Z) held it for good, and
