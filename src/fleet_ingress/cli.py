@@ -476,16 +476,47 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
         # to this command's working directory, which asked another socket.
         return str(config_path.absolute().parent / Path(override).expanduser()) if override else ""
     try:
-        data = tomllib.loads(read_config_text(config_path))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = read_config_text(config_path)
+    except (OSError, UnicodeDecodeError):
         return None
-    listen = {name.lower(): table for name, table in data.items()}.get("listen")  # [Listen] too
-    value = listen.get("admin_socket") if isinstance(listen, dict) else None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # An edit with a syntax error (a reload just refused it): stat and drain
+        # are needed most then, and the file's listen.admin_socket, above the
+        # error, is read alone (the operator-input audit of session 38).
+        if (value := _admin_socket_line(text)) is None:
+            return None  # not written above the error: which socket is not known
+    else:
+        listen = {name.lower(): table for name, table in data.items()}.get("listen")
+        value = listen.get("admin_socket") if isinstance(listen, dict) else None  # [Listen] too
     if value is None:
         return str(DEFAULT_ADMIN_SOCKET)
     if not isinstance(value, str):
         return None
     return str(config_path.absolute().parent / Path(value).expanduser()) if value else ""
+
+
+def _admin_socket_line(text: str) -> object:
+    """listen.admin_socket as the line that writes it says, in a file tomllib
+    cannot read as a whole; None when no line before the error writes it."""
+    import tomllib
+
+    from fleet_ingress.config.key_lines import key_lines
+
+    line = key_lines(text).get(("listen", "admin_socket"))
+    if line is None:
+        return None
+    try:
+        value: object = tomllib.loads(text.removeprefix("\ufeff").split("\n")[line - 1])
+    except tomllib.TOMLDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    if "admin_socket" in value:  # under [listen]
+        return value["admin_socket"]
+    listen = {name.lower(): table for name, table in value.items()}.get("listen")
+    return listen.get("admin_socket") if isinstance(listen, dict) else None  # listen.admin_socket
 
 
 def _sighup_under_systemd() -> int | None:
