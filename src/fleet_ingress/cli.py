@@ -37,10 +37,53 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+# What the admin socket reads of a request's line (aiohttp's limit, 8190 bytes):
+# past it a fleet name, a bot id, a call id or a reason was answered "Got more
+# than 8190 bytes when reading: bytearray(b'/fleets/aaaa...')" (the
+# operator-input audit of session 38). Each is refused here, by its own bound.
+_MAX_CALL_ID = 64  # PID-N-TAG: some 20 characters
+_MAX_BOT = 2048  # a bot id is a path segment of a request head (limits.max_header_bytes)
+
+
 def _fleet_name(text: str) -> str:
+    from fleet_ingress.config.fleets_file import MAX_NAME
+
     if not text:
         raise argparse.ArgumentTypeError(
             "a fleet's name cannot be empty; `fleet-ingress stat` lists the fleets"
+        )
+    if len(text) > MAX_NAME:
+        raise argparse.ArgumentTypeError(
+            f"no fleet has a name of {len(text)} characters (one is {MAX_NAME} at most); "
+            "`fleet-ingress stat` lists the fleets"
+        )
+    return text
+
+
+def _bot_id(text: str) -> str:
+    if len(text) > _MAX_BOT:
+        raise argparse.ArgumentTypeError(
+            f"a bot id of {len(text)} characters is more than --bot asks for ({_MAX_BOT} "
+            "at most); `fleet-ingress calls --json` lists every call with its whole bot id"
+        )
+    return text
+
+
+def _call_id(text: str) -> str:
+    if len(text) > _MAX_CALL_ID:
+        raise argparse.ArgumentTypeError(
+            f"{text[:20]!r}... ({len(text)} characters) is not a call id: a call is named "
+            "PID-N-TAG, as `fleet-ingress calls` lists it, e.g. 4242-17-k3f9"
+        )
+    return text
+
+
+def _end_reason(text: str) -> str:
+    from fleet_ingress.core.call_list import MAX_END_REASON
+
+    if len(text.strip()) > MAX_END_REASON:
+        raise argparse.ArgumentTypeError(
+            f"the reason is {len(text.strip())} characters long; {MAX_END_REASON} at most"
         )
     return text
 
@@ -171,7 +214,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
     calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
-    calls.add_argument("--bot", metavar="ID", help="only this bot id's calls")
+    calls.add_argument("--bot", type=_bot_id, metavar="ID", help="only this bot id's calls")
     calls.add_argument(
         "--longer-than",
         type=_age,
@@ -193,11 +236,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     end.add_argument(
         "id",
+        type=_call_id,
         help="the call's id as `fleet-ingress calls` lists it (its access line's `call`): "
         "PID-N-TAG",
     )
     end.add_argument(
-        "--reason", default="", help="why, for its access line's detail (200 characters at most)"
+        "--reason",
+        type=_end_reason,
+        default="",
+        help="why, for its access line's detail (200 characters at most)",
     )
     admin_command(
         "reload",
@@ -429,16 +476,47 @@ def _admin_socket_leniently(config_path: Path) -> str | None:
         # to this command's working directory, which asked another socket.
         return str(config_path.absolute().parent / Path(override).expanduser()) if override else ""
     try:
-        data = tomllib.loads(read_config_text(config_path))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text = read_config_text(config_path)
+    except (OSError, UnicodeDecodeError):
         return None
-    listen = {name.lower(): table for name, table in data.items()}.get("listen")  # [Listen] too
-    value = listen.get("admin_socket") if isinstance(listen, dict) else None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        # An edit with a syntax error (a reload just refused it): stat and drain
+        # are needed most then, and the file's listen.admin_socket, above the
+        # error, is read alone (the operator-input audit of session 38).
+        if (value := _admin_socket_line(text)) is None:
+            return None  # not written above the error: which socket is not known
+    else:
+        listen = {name.lower(): table for name, table in data.items()}.get("listen")
+        value = listen.get("admin_socket") if isinstance(listen, dict) else None  # [Listen] too
     if value is None:
         return str(DEFAULT_ADMIN_SOCKET)
     if not isinstance(value, str):
         return None
     return str(config_path.absolute().parent / Path(value).expanduser()) if value else ""
+
+
+def _admin_socket_line(text: str) -> object:
+    """listen.admin_socket as the line that writes it says, in a file tomllib
+    cannot read as a whole; None when no line before the error writes it."""
+    import tomllib
+
+    from fleet_ingress.config.key_lines import key_lines
+
+    line = key_lines(text).get(("listen", "admin_socket"))
+    if line is None:
+        return None
+    try:
+        value: object = tomllib.loads(text.removeprefix("\ufeff").split("\n")[line - 1])
+    except tomllib.TOMLDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    if "admin_socket" in value:  # under [listen]
+        return value["admin_socket"]
+    listen = {name.lower(): table for name, table in value.items()}.get("listen")
+    return listen.get("admin_socket") if isinstance(listen, dict) else None  # listen.admin_socket
 
 
 def _sighup_under_systemd() -> int | None:

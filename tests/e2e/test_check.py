@@ -34,12 +34,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(autouse=True)
 def no_lookups(monkeypatch: pytest.MonkeyPatch) -> None:
     """check looks the fleets' names up (fleet_lookup): in this process, every
-    name fails at once, so that no test here waits on, or reads a warning of, a
-    resolver that is slow or missing. The `check` commands run as processes
-    below meet the real one."""
+    name resolves at once to no address, so that no test here waits on, or
+    reads a warning of, a resolver that is slow or missing (a name that does
+    not resolve is said: test_a_fleet_name_that_does_not_resolve_is_a_warning).
+    The `check` commands run as processes below meet the real one."""
 
     def unknown(host: str, port: int) -> set[tuple[str, int, int]]:
-        raise OSError(f"{host}: not looked up in tests")
+        return set()
 
     monkeypatch.setattr("fleet_ingress.config.fleet_lookup.resolve", unknown)
 
@@ -1003,6 +1004,27 @@ def test_a_fleet_at_another_fleets_address_under_a_name_is_a_warning_naming_both
         "where it holds 16: the rest answered 429) and two probes: list it once; if they "
         "are distinct hosts behind one address (routed by TLS SNI), nothing is wrong"
     ) in done.stdout.splitlines(), done.stdout
+    assert done.stdout.splitlines()[-1].startswith("OK: 2 fleets")
+
+
+def test_a_fleet_name_that_does_not_resolve_is_a_warning(deployment: Path) -> None:
+    """A typo in a fleet's name (RFC 6761's .invalid never resolves): check
+    looked it up, said OK, and the fleet then never came UP. A warning naming
+    the fleet, the resolver's words and the fix; check passes (a resolver down
+    for a moment must not refuse the unit's reload)."""
+    fleets = deployment.parent / "fleets.txt"
+    fleets.write_text("http://fleet1.typo.invalid:18101 name=f1\nhttp://127.0.0.1:18102\n")
+    done, _ = _check_cli(deployment)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if "does not resolve" in line]
+    assert line.startswith(
+        f"{WARNING}{fleets}: fleet 'f1' (http://fleet1.typo.invalid:18101): its name "
+        "fleet1.typo.invalid does not resolve ("
+    ), done.stdout
+    assert line.endswith(
+        "): the ingress cannot connect to it, so it stays DOWN and gets no call; check the "
+        "name, its DNS record and this host's resolver, or give the fleet's address"
+    ), done.stdout
     assert done.stdout.splitlines()[-1].startswith("OK: 2 fleets")
 
 

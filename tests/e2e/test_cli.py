@@ -443,6 +443,53 @@ def test_mistyped_arguments_are_refused_naming_them(argv: list[str], said: str) 
     assert "Traceback" not in done.stderr
 
 
+_LONG = "a" * 10_000
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["drain", _LONG], "argument name: no fleet has a name of 10000 characters (one is 259 "),
+        (["remove-fleet", _LONG], "argument name: no fleet has a name of 10000 characters"),
+        (["calls", "--fleet", _LONG], "argument --fleet: no fleet has a name of 10000 characters"),
+        (["calls", "--bot", _LONG], "argument --bot: a bot id of 10000 characters is more than"),
+        (["end-call", _LONG], "argument id: 'aaaaaaaaaaaaaaaaaaaa'... (10000 characters) is not "),
+        (
+            ["end-call", "4242-17-k3f9", "--reason", _LONG],
+            "argument --reason: the reason is 10000 characters long; 200 at most",
+        ),
+    ],
+)
+async def test_an_argument_past_what_the_admin_socket_reads_is_refused_naming_it(
+    tmp_path: Path, argv: list[str], said: str
+) -> None:
+    """A fleet name, bot id, call id or reason of 10,000 characters (a paste
+    gone wrong) reached the admin socket's HTTP parser, and the operator read
+    "Got more than 8190 bytes when reading: bytearray(b'/fleets/aaaa...')."
+    (the operator-input audit of session 38). Refused by the command, naming
+    the argument and its bound; the running ingress is not asked."""
+    from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
+    from fleet_ingress.ops.web_sites import WebSites
+
+    path = tmp_path / "admin.sock"
+    sites = WebSites()
+    await sites.serve_kept(admin_app(None, dict), bind_admin_socket(path))  # type: ignore[arg-type]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI,
+            *argv,
+            "--admin-socket",
+            str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        await sites.close()
+    assert (proc.returncode, out) == (2, b"") and said in err.decode(), err.decode()[-600:]
+    assert b"Got more than" not in err and b"Traceback" not in err
+
+
 async def test_ctrl_c_while_an_upgrade_is_asked_says_it_goes_on_without_a_traceback(
     tmp_path: Path,
 ) -> None:

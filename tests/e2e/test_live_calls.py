@@ -218,3 +218,40 @@ async def test_end_call_of_a_worker_whose_channel_was_lost_says_so(
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_calls_of_a_fleet_the_host_does_not_have_is_refused_naming_the_fleets(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """`calls --fleet f1x` (a typo) answered "0 calls on fleet f1x", exit 0:
+    to an operator asking whether a fleet still carries calls before a
+    `remove-fleet --force` or a host's reboot, a wrong answer. Refused as
+    drain and remove-fleet refuse the name, naming the fleets; a fleet of the
+    host with no call is still "0 calls", exit 0."""
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name}" for s in two_fleets], workers=1, check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    calls: list[ClientConnection] = []
+    try:
+        calls.append(await _open(service, tls_files, "bot-1"))
+        await echo(calls[0])
+        fleet = (await _calls(service))["calls"][0]["fleet"]
+        idle = "b" if fleet == "a" else "a"
+
+        code, out, err = await run_cli(service, "calls", "--fleet", f"{fleet}x")
+        assert (code, out) == (1, ""), (code, out, err)
+        assert err == (
+            f"fleet-ingress: no fleet named '{fleet}x' (fleets: a, b); `fleet-ingress stat` "
+            "lists them\n"
+        )
+        code, out, err = await run_cli(service, "calls", "--fleet", idle)
+        assert code == 0, err
+        assert f"0 calls on fleet {idle} (1 worker); oldest first" in out
+        assert [r["bot_id"] for r in (await _calls(service, "--fleet", fleet))["calls"]] == [
+            "bot-1"
+        ]
+        await echo(calls[0])  # asked about, untouched
+    finally:
+        await close_calls(calls)
+        await service.finish()

@@ -446,6 +446,16 @@ async def test_admin_commands_still_reach_the_ingress_when_the_config_on_disk_is
     assert "has problems (`fleet-ingress check -c" in err and str(d.home / "admin.sock") in err
     code, out, err = await d.cli("drain", "a")
     assert code == 0 and "READY -> DRAIN" in out, err
+    # A syntax error below [listen] (an edit a reload just refused): its
+    # admin_socket line is read alone. Before, "pass the running ingress's
+    # socket with --admin-socket" (the operator-input audit of session 38).
+    d.config_file.write_text(good + "\n[fleets.extra\nmaxconn = 3\n")
+    code, out, err = await d.cli("stat")
+    assert code == 0, err
+    assert out.splitlines()[1].split()[:3] == ["a", "UP", "DRAIN"]
+    assert "has problems (`fleet-ingress check -c" in err and str(d.home / "admin.sock") in err
+    code, out, err = await d.cli("ready", "a")
+    assert code == 0 and "DRAIN -> READY" in out, err
     d.config_file.write_text("[listen\n")  # not even TOML: say how to reach it instead
     code, _, err = await d.cli("stat")
     assert code == 2 and "TOML syntax error" in err and "--admin-socket" in err

@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from websockets.asyncio.client import connect
 
 from fleet_ingress.ops.admin_client import admin_request
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, admin_command
+from tests.support import RunningIngress, TLSFiles, admin_command, echo, free_port
 
 pytestmark = pytest.mark.uvloop_only  # the ingress is a process of its own
 
@@ -312,3 +314,54 @@ async def test_check_is_not_held_by_an_admin_socket_that_answers_a_byte_at_a_tim
         await asyncio.gather(*handlers, return_exceptions=True)
         server.close()
         await server.wait_closed()
+
+
+async def test_stat_says_a_listener_a_reload_could_not_move_until_a_restart(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """listen.wss edited and reloaded: the reload applies, says the listener
+    moves only at a restart, and the ingress serves on where it started. Its
+    answer and journal line scroll away; stat and the stats page said nothing
+    while `check --live` (keepalived's track script) failed on the address
+    configured. Said while it stands, with the reload's time; gone once the
+    file says the address bound again. A live call is untouched throughout."""
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    config = service.home / "ingress.toml"
+    start = config.read_text()
+    try:
+        await service.fleets_up()
+        call = await connect(service.url(), ssl=tls_files.client_context(), open_timeout=15)
+        await echo(call)
+        moved = start.replace(f"127.0.0.1:{service.port}", f"127.0.0.1:{await free_port()}")
+        assert moved != start and "\nqueue = 3\n" in moved
+        config.write_text(moved)
+        code, said = await admin_command(service, "reload")
+        note = (
+            "listen.wss changed: takes effect at the next restart; until then calls come on "
+            "the address bound, and `check --live` (keepalived's check) reads the one "
+            "configured and fails"
+        )
+        assert code == 0 and note in said, said
+        code, shown = await admin_command(service, "stat")
+        (line,) = [line for line in shown.splitlines() if line.startswith("RESTART NEEDED")]
+        assert line.startswith("RESTART NEEDED (reload ") and line.endswith(f" UTC): {note}")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as page:
+                assert 'id="restart-needed"' in await page.text()
+        # A reload of another edit says it still (each compares with the start's).
+        config.write_text(moved.replace("queue = 3", "queue = 4"))
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and note in said, said
+        code, shown = await admin_command(service, "stat")
+        assert f" UTC): {note}" in shown, shown
+        await echo(call)
+        # The address bound written back: nothing to say.
+        config.write_text(start)
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and "listen.wss" not in said, said
+        code, shown = await admin_command(service, "stat")
+        assert "RESTART NEEDED" not in shown, shown
+        await echo(call)
+        await call.close()
+    finally:
+        await service.finish()

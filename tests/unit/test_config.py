@@ -669,6 +669,42 @@ def test_an_environment_list_not_written_as_json_names_the_variable(
     assert "routes.proxy" in line and "written there as JSON" in line
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [
+        (
+            "FLEET_INGRESS_RETRY__RETRY_ON",
+            "429",
+            "configuration: retry.retry_on: Input should be a valid list (got 429) (from "
+            "environment variable FLEET_INGRESS_RETRY__RETRY_ON); a list is written there as "
+            'JSON, e.g. \'["conn-failure", "empty-response", "response-timeout"]\'',
+        ),
+        (
+            "FLEET_INGRESS_ROUTES__PROXY",
+            '"/ws/"',
+            "configuration: routes.proxy: Input should be a valid list (got '/ws/') (from "
+            "environment variable FLEET_INGRESS_ROUTES__PROXY); a list is written there as "
+            'JSON, e.g. \'["/ws/", "/exotel/"]\'',
+        ),
+        (
+            "FLEET_INGRESS_ROUTES__CARRIER_SILENCE",
+            "60",
+            "configuration: routes.carrier_silence: Input should be a valid dictionary (got "
+            "60) (from environment variable FLEET_INGRESS_ROUTES__CARRIER_SILENCE); a table "
+            "is written there as JSON, e.g. '{\"/exotel/\": 60}'",
+        ),
+    ],
+)
+def test_an_environment_value_that_is_json_but_no_list_says_how_to_write_one(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, said: str
+) -> None:
+    """FLEET_INGRESS_RETRY__RETRY_ON=429 (meant: retry on 429 too) is JSON, so
+    read, and refused as "Input should be a valid list (got 429)", with nothing
+    of how a list is written in a variable (the operator-input audit of session 38)."""
+    monkeypatch.setenv(name, value)
+    assert problems({}) == [said]
+
+
 def test_a_section_s_key_written_below_another_header_says_where_it_went() -> None:
     (line,) = problems({"log": {"fleets": {"maxconn": 3}}})
     assert "unknown key 'log.fleets'; a key written below [log] is in it" in line

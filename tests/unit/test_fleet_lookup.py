@@ -60,9 +60,22 @@ def test_a_name_at_another_fleets_address_is_named_with_both_fleets_and_the_fix(
 
 def test_names_at_one_address_are_named_and_others_not() -> None:
     text = "https://fleet-a.test\nhttps://fleet-b.test\nhttps://fleet-c.test\nhttps://nx.test"
-    (warning,) = shared_address_warnings(fleets(text), lookup=fake)
+    warning, nx = shared_address_warnings(fleets(text), lookup=fake)
     assert warning.startswith("fleets 'fleet-a.test' (https://fleet-a.test) and 'fleet-b.test'")
     assert "one address, 192.0.2.10:443" in warning
+    assert nx.startswith("fleet 'nx.test' (https://nx.test): its name nx.test does not resolve")
+
+
+def test_a_name_that_does_not_resolve_is_named_with_the_resolvers_words_and_the_fix() -> None:
+    """check looked every name up, and of one the resolver refuses said
+    nothing: OK, and the fleet never came UP (`check --probe` alone said why)."""
+    text = "https://fleet-a.test\nhttps://fleet-typo.test:8443 name=b\nhttps://192.0.2.9 name=c"
+    assert shared_address_warnings(fleets(text), lookup=fake) == [
+        "fleet 'b' (https://fleet-typo.test:8443): its name fleet-typo.test does not resolve "
+        "(Name or service not known): the ingress cannot connect to it, so it stays DOWN and "
+        "gets no call; check the name, its DNS record and this host's resolver, or give the "
+        "fleet's address"
+    ]
 
 
 def test_another_port_or_two_literals_are_not_said_here() -> None:

@@ -42,10 +42,14 @@ def address_of(sockaddr: tuple[Any, ...]) -> Address:
 
 
 def look_up(
-    targets: list[tuple[str, int]], budget: float, lookup: Resolve | None = None
+    targets: list[tuple[str, int]],
+    budget: float,
+    lookup: Resolve | None = None,
+    failures: dict[tuple[str, int], str] | None = None,
 ) -> dict[tuple[str, int], frozenset[Address] | None]:
-    """Each target's addresses (None: its lookup failed); a target not
-    answered within `budget` seconds is left out."""
+    """Each target's addresses (None: its lookup failed, and why in
+    `failures` when given); a target not answered within `budget` seconds
+    is left out."""
     lookup = lookup or resolve
     answers: dict[tuple[str, int], frozenset[Address] | None] = {}
     if not targets:
@@ -62,12 +66,16 @@ def look_up(
                 target = pending.get_nowait()
             except queue.Empty:
                 return
+            why = ""
             try:
                 got: frozenset[Address] | None = frozenset(lookup(*target))
-            except (OSError, UnicodeError, ValueError):
+            except (OSError, UnicodeError, ValueError) as exc:
                 got = None
+                why = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
             with lock:
                 answers[target] = got
+                if got is None and failures is not None:
+                    failures[target] = why
                 if len(answers) == len(targets):
                     done.set()
 
@@ -85,7 +93,8 @@ def shared_address_warnings(
     looking their names up; pairs of literals are said without a lookup
     (fleets_file.same_host_warnings), not here again."""
     names = [(spec.host, spec.port) for spec in fleets if not _literal(spec)]
-    answers = look_up(list(dict.fromkeys(names)), budget, lookup)
+    failures: dict[tuple[str, int], str] = {}
+    answers = look_up(list(dict.fromkeys(names)), budget, lookup, failures)
     addresses: dict[str, frozenset[Address]] = {}
     for spec in fleets:
         if (literal := literal_addresses(spec)) is not None:
@@ -93,6 +102,18 @@ def shared_address_warnings(
         elif got := answers.get((spec.host, spec.port)):
             addresses[spec.name] = got
     warnings = shared_warnings(fleets, addresses)
+    # A name the resolver refuses (NXDOMAIN, a typo): check said OK, and the
+    # fleet then never came UP, `check --probe` and stat alone saying why (the
+    # operator-input audit of session 38). A warning: a resolver down for a
+    # moment must not refuse the unit's reload.
+    for spec in fleets:
+        if (why := failures.get((spec.host, spec.port))) is not None:
+            warnings.append(
+                f"fleet {spec.name!r} ({spec.url}): its name {spec.host} does not resolve "
+                f"({why}): the ingress cannot connect to it, so it stays DOWN and gets no "
+                "call; check the name, its DNS record and this host's resolver, or give "
+                "the fleet's address"
+            )
     unanswered = sorted(
         {spec.name for spec in fleets if (spec.host, spec.port) in names}
         - {spec.name for spec in fleets if (spec.host, spec.port) in answers}

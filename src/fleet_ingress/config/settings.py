@@ -1102,9 +1102,28 @@ def _describe(error: Any, source: str, text: str = "", environment: bool = True)
             problem += f"; {_ZERO_MEANS[dotted]}"
     hint = _env_hint(loc) if environment else ""
     problem += hint
+    if hint and error["type"] in ("list_type", "dict_type"):
+        # FLEET_INGRESS_RETRY__RETRY_ON=429: JSON, but not the list it must be
+        # ("Input should be a valid list (got 429)", nothing of how to write one).
+        problem += f"; {_json_example(loc, error['type'])}"
     # From the environment, the variable is named: no line of the file holds it.
     where = source if hint else _where(source, text, loc)
     return f"{where}: {dotted}: {problem}" if dotted else f"{where}: {problem}"
+
+
+def _json_example(loc: tuple[str | int, ...], kind: str) -> str:
+    """How a variable writes the list or table at `loc`: as JSON (as
+    pydantic-settings reads it), the key's default for a list."""
+    if kind == "dict_type":
+        return "a table is written there as JSON, e.g. '{\"/exotel/\": 60}'"
+    example = '["a", "b"]'
+    section = IngressConfig.model_fields.get(str(loc[0])) if loc else None
+    model = section.annotation if section is not None else None
+    if len(loc) == 2 and isinstance(model, type) and issubclass(model, BaseModel):
+        field = model.model_fields.get(str(loc[1]))
+        if field is not None and field.default_factory is not None:
+            example = json.dumps(field.default_factory())
+    return f"a list is written there as JSON, e.g. '{example}'"
 
 
 def _did_you_mean(loc: tuple[str | int, ...]) -> str:

@@ -23,6 +23,9 @@ from typing import Any, NamedTuple
 
 from fleet_ingress.core.call_machine import State
 
+# An operator's reason for end-call, as its access line keeps it (characters).
+MAX_END_REASON = 200
+
 __all__ = [
     "TAG_LENGTH",
     "CallFilter",

@@ -39,7 +39,11 @@ from fleet_ingress.ops.fleet_display import (
     workers_oom_killed_not_replaced,
     workers_replaced,
 )
-from fleet_ingress.ops.reload_outcome import edits_hidden_warning, reload_warning
+from fleet_ingress.ops.reload_outcome import (
+    edits_hidden_warning,
+    listeners_not_moved,
+    reload_warning,
+)
 
 DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
 # add-fleet waits for the new fleet to read UP; leave it time to.
@@ -544,6 +548,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
         lines.append(warning)
     if (hidden := edits_hidden_warning(snap)) is not None:
         lines.append(hidden)
+    if (moved := listeners_not_moved(snap)) is not None:
+        lines.append(moved)
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from fleet_ingress.config.settings import environment_settings, not_a_socket
-from fleet_ingress.core.call_list import CallFilter, FilterError
+from fleet_ingress.core.call_list import MAX_END_REASON, CallFilter, FilterError
 from fleet_ingress.logs import fields
 from fleet_ingress.net.listener import ListenError
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
@@ -56,8 +56,6 @@ class Calls(Protocol):
     async def end_call(self, text: str, why: str) -> dict[str, Any]: ...  # FleetChangeError
 
 
-# An operator's reason for end-call, as its access line keeps it (characters).
-MAX_END_REASON = 200
 # `GET /calls`: 10,000 calls are 3 MB of JSON, and the listing held 4-11 MB of
 # the process (rows, text, the socket's buffer) until its client read it: one
 # that never did (a stuck script, a CLI stopped with ^Z) held it for good, and
@@ -148,6 +146,24 @@ async def _send_within(
             extra=fields(answer=what, waited_s=timeout, bytes=len(body)),
         )
     return response
+
+
+def _no_such_fleet(ops: FleetOps, wanted: CallFilter, listing: dict[str, Any]) -> None:
+    """`calls --fleet NAME` of a fleet the host does not have: refused as
+    drain, maint and remove-fleet refuse that name (404, the fleets named).
+    It answered "0 calls on fleet f1x", exit 0, to an operator asking whether
+    a fleet still carries calls (the operator-input audit of session 38).
+    Not while a call lists it (a fleet removed, its calls going on), nor
+    while a worker did not answer (its calls are not in the listing)."""
+    if wanted.fleet is None or listing.get("calls") or ops.fleets.get(wanted.fleet) is not None:
+        return
+    if not all(worker.get("answered") for worker in listing.get("workers") or []):
+        return
+    known = ", ".join(fleet.name for fleet in ops.fleets.fleets) or "none"
+    raise FleetChangeError(
+        404,
+        f"no fleet named {wanted.fleet!r} (fleets: {known}); `fleet-ingress stat` lists them",
+    )
 
 
 def admin_app(
@@ -277,8 +293,10 @@ def admin_app(
             )
         listings += 1
         try:
+            listing = await source.list_calls(wanted)
+            _no_such_fleet(ops, wanted, listing)
             # 10,000 calls are some 3 MB of JSON: encoded in turns.
-            body = (await dumps_in_turns(await source.list_calls(wanted))).encode()
+            body = (await dumps_in_turns(listing)).encode()
             return await _send_within(request, body, LISTING_WRITE_TIMEOUT, "its calls listing")
         finally:
             listings -= 1

@@ -6,6 +6,7 @@ CLI's `stat` formats it too."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
@@ -63,3 +64,32 @@ def edits_hidden_warning(snap: dict[str, Any]) -> str | None:
         return None
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
     return f"EDITS NOT APPLIED (reload {when}): " + "; ".join(last["edits_hidden"])
+
+
+# What a reload says of a listener its file moved (service.ingress.listener_notes):
+# the socket bound at start serves on until a restart.
+LISTENER_NOT_MOVED = "changed: takes effect at the next restart"
+WSS_NOT_MOVED = (
+    "; until then calls come on the address bound, and `check --live` "
+    "(keepalived's check) reads the one configured and fails"
+)
+_LISTENER_NOTE = re.compile(
+    r"listen\.\w+ " + re.escape(LISTENER_NOT_MOVED) + f"(?:{re.escape(WSS_NOT_MOVED)})?"
+)
+
+
+def listeners_not_moved(snap: dict[str, Any]) -> str | None:
+    """One line for `stat` and the stats page while the last reload applied
+    a file whose listen.* differs from what was bound at start: the reload's
+    answer and its journal line scroll away, and stat said nothing while the
+    ingress listened elsewhere than its file says and `check --live` (the
+    track script of keepalived) failed (the operator-input audit of session 38).
+    Each reload compares with the start's, so the last one says it all."""
+    last = snap.get("last_reload")
+    if last is None or was_refused(last) or not isinstance(last.get("changes"), str):
+        return None
+    notes = _LISTENER_NOTE.findall(last["changes"])
+    if not notes:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
+    return f"RESTART NEEDED (reload {when}): " + "; ".join(notes)

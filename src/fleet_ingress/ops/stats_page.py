@@ -33,7 +33,11 @@ from fleet_ingress.ops.fleet_display import (
     workers_oom_killed_not_replaced,
     workers_replaced,
 )
-from fleet_ingress.ops.reload_outcome import edits_hidden_warning, reload_warning
+from fleet_ingress.ops.reload_outcome import (
+    edits_hidden_warning,
+    listeners_not_moved,
+    reload_warning,
+)
 
 REFRESH_SECONDS = 2
 # Fleets' rows made between two turns of the loop (render_stats_page_in_turns).
@@ -85,6 +89,8 @@ def _refused_reload(snap: dict[str, Any]) -> str:
         shown += f'<p class="muted" id="edits">{escape(edited)}</p>'
     if (hidden := edits_hidden_warning(snap)) is not None:
         shown += f'<p class="stopping" id="edits-hidden">{escape(hidden)}</p>'
+    if (moved := listeners_not_moved(snap)) is not None:
+        shown += f'<p class="stopping" id="restart-needed">{escape(moved)}</p>'
     return shown
 
 

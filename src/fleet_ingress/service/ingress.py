@@ -82,7 +82,13 @@ from fleet_ingress.net.tls import (
 )
 from fleet_ingress.ops.fleet_ops import FleetChangeError, FleetOps
 from fleet_ingress.ops.metrics import IngressMetrics
-from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, reload_outcome, was_refused
+from fleet_ingress.ops.reload_outcome import (
+    LISTENER_NOT_MOVED,
+    REFUSED_RELOAD_STATUS,
+    WSS_NOT_MOVED,
+    reload_outcome,
+    was_refused,
+)
 from fleet_ingress.ops.snapshot import snapshot
 from fleet_ingress.service.carrier_certificate import (
     carrier_ssl_context,
@@ -891,13 +897,7 @@ def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
         listening, wanted = getattr(bound, key), getattr(config.listen, key)
         if listening != wanted:
             notes.append(
-                f"listen.{key} changed: takes effect at the next restart"
-                + (
-                    "; until then calls come on the address bound, and `check --live` "
-                    "(keepalived's check) reads the one configured and fails"
-                    if key == "wss"
-                    else ""
-                )
+                f"listen.{key} {LISTENER_NOT_MOVED}" + (WSS_NOT_MOVED if key == "wss" else "")
             )
             log.warning(
                 "listener not moved by a reload: restart to apply",
