@@ -49,7 +49,9 @@ from tests.support import (
 # handshake within timeouts.request, 10 s, counted and asserted 0 here; the
 # upgrade's trial run within 90 s; carrier_silence, 30 s), the product answers
 # as it should and the test reads that as a failure (seen at load 15-24).
-pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
+# The suite's 120 s is less than the upgrade alone may take on a loaded host
+# (UPGRADE_WAIT): 300 s, these tests' own bound.
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone, pytest.mark.timeout(300)]
 
 FRAME = 160  # 20 ms of 8 kHz mu-law
 EVERY = 0.020
