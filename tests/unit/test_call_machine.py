@@ -921,8 +921,9 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
     HALF_CLOSED_GRACE), and the call is the hung-up side's. Before (the review
     of session 37): both sides were closed at once with nothing sent (a close
     frame was seen), the reply lost (1006 at the side that hung up), the call
-    logged as the ask's ('drain', 'admin'). Asked again meanwhile, it waits
-    GOODBYE_REPLY_WAIT from that ask."""
+    logged as the ask's ('drain', 'admin'). Asked again meanwhile (a second
+    `end-call`, a drain's end), the first ask's wait stands: restarted, each
+    ask held the call GOODBYE_REPLY_WAIT more (session 38)."""
     (a,) = fleets("a")
     for ending in ("reply", "reply side ends", "timer", "asked again"):
         pb, machine = new_call()
@@ -944,8 +945,10 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
         elif ending == "timer":
             pb >> TimerFired(Timer.HALF_CLOSED)
         else:
-            pb >> EndRequested(EndReason.DRAIN) << CancelTimer(Timer.HALF_CLOSED)
-            pb << StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT)
+            # The first ask's wait stands: nothing said, the timer not restarted.
+            pb >> EndRequested(EndReason.DRAIN)
+            pb >> EndRequested(EndReason.ADMIN, "ticket 10")
+            assert pb and machine.state is State.HALF_CLOSED, ending
             pb >> TimerFired(Timer.HALF_CLOSED)
         pb << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()

@@ -15,7 +15,7 @@ import pytest
 from fleet_ingress.service import kept_running as kr
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.supervisor_process import _keep_systemd_informed
+from fleet_ingress.service.supervisor_process import _keep_systemd_informed, _reloader_failed
 
 
 async def test_a_task_that_raises_is_said_counted_and_started_again(monkeypatch, caplog):
@@ -141,3 +141,51 @@ async def test_the_watchdog_is_pinged_though_the_status_line_cannot_be_made(
             break
     receiver.close()
     assert got.count(b"WATCHDOG=1") >= 3, got
+
+
+@pytest.mark.parametrize("upgrade_state", [None, "trial run", "done"])
+async def test_a_reload_task_that_crashes_says_ready_only_when_no_upgrade_is_under_way(
+    tmp_path: Path, upgrade_state: str | None
+):
+    """The reload task (`_reload_on_signal`) raising: its asker is told the
+    reload failed, and systemd hears READY=1 as after any round, but not while
+    an upgrade is under way (its RELOADING=1 would read as over, and the
+    upgrade's STATUS lose "upgrading"): only the STATUS= then."""
+    path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    asked: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+
+    class Upgrade:
+        latest = None if upgrade_state is None else {"state": upgrade_state}
+
+    class Supervisor:
+        upgrade = Upgrade()
+        reload_in_hand = [asked]
+
+    async def crashing() -> None:
+        raise RuntimeError("a bug in the reload task")
+
+    reloader = asyncio.ensure_future(
+        kept_running(
+            "reloads",
+            crashing,
+            TaskFailures(),
+            after_failure=lambda: _reloader_failed(Supervisor(), notifier),  # type: ignore[arg-type]
+        )
+    )
+    try:
+        outcome = await asyncio.wait_for(asked, 5)
+    finally:
+        reloader.cancel()
+        notifier.close()
+    said = receiver.recv(400).decode().splitlines()
+    receiver.close()
+    assert outcome["result"] == "failed"
+    if upgrade_state == "trial run":
+        assert "READY=1" not in said, said
+        assert said == ["STATUS=reload failed; see the log (an upgrade is under way)"]
+    else:
+        assert said == ["READY=1", "STATUS=reload failed; see the log"]

@@ -549,6 +549,9 @@ class CallMachine:
     hung_up_by: EndReason | None = None  # whose WebSocket close frame came first
     # The side whose close frame answers the first one, until it is relayed.
     reply_due_from: Side | None = None
+    # An end asked of the ingress waits for that reply (GOODBYE_REPLY_WAIT):
+    # the first ask's wait, which a second ask does not restart.
+    reply_waited_for: bool = False
     end_reason: EndReason | None = None
     # What the event being fed brings; None between events.
     _out: Commands | None = field(default=None, repr=False)
@@ -900,6 +903,8 @@ class CallMachine:
             # written to it is flushed, not reset away.
             self._close_both()
             return
+        if self.reply_waited_for and event.reason in _REPLY_WAITED_FOR:
+            return  # asked again (a second end-call, a drain's end): the first wait stands
         self._emit(CancelTimer(Timer.HALF_CLOSED))
         self._end_requested_linked(event)
 
@@ -907,7 +912,8 @@ class CallMachine:
         """An end asked of the ingress (`_REPLY_WAITED_FOR`) while a side's
         close reply is due: the call is the side's that hung up, and the reply
         is waited for as in HALF_CLOSED, GOODBYE_REPLY_WAIT at most from the
-        ask (in HALF_CLOSED already, in place of what is left of its grace).
+        first ask (a second does not restart it; in HALF_CLOSED already, in
+        place of what is left of its grace).
         Closed at once (before), the side that hung up never got the reply
         (1006 to websockets), and the access line said 'drain' or 'admin'
         (the review of session 37)."""
@@ -920,6 +926,7 @@ class CallMachine:
             return False
         self._end(self.hung_up_by)
         self.state = State.HALF_CLOSED
+        self.reply_waited_for = True
         self._emit(StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT))
         return True
 

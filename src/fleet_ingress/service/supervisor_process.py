@@ -159,10 +159,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     ready_line = loop.create_task(_log_ready(supervisor))
 
     def reloader_failed() -> None:
-        # Whoever asked is told, and systemd hears the reload is over.
-        outcome = reload_outcome("the reload failed: a bug, logged as 'supervisor task failed'")
-        tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
-        notifier.notify("READY=1", "STATUS=reload failed; see the log")
+        _reloader_failed(supervisor, notifier)
 
     background = [
         loop.create_task(
@@ -371,6 +368,16 @@ async def _reload_on_signal(
         )
         _ready_unless_upgrading(supervisor, notifier, f"STATUS={supervisor.status_line()}")
         tell(asked, supervisor.last_reload)
+
+
+def _reloader_failed(supervisor: Supervisor, notifier: Notifier) -> None:
+    """The reload task crashed: whoever asked is told, and systemd hears the
+    reload is over as after any round: no READY=1 while an upgrade is under
+    way (`_ready_unless_upgrading`); before, a crash mid-upgrade told systemd
+    the upgrade's RELOADING=1 was over."""
+    outcome = reload_outcome("the reload failed: a bug, logged as 'supervisor task failed'")
+    tell(supervisor.reload_in_hand, {**outcome, "result": "failed"})
+    _ready_unless_upgrading(supervisor, notifier, "STATUS=reload failed; see the log")
 
 
 def _ready_unless_upgrading(supervisor: Supervisor, notifier: Notifier, status: str) -> None:
