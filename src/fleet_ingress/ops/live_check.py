@@ -34,10 +34,10 @@ It also keeps pydantic out of a command that starts every second.
 
 Cheap, since it starts every second on both hosts: blocking sockets under one
 deadline, one thread a question, and a few lines of HTTP/1.1 client (the answers
-are the ingress's own); no asyncio, h11, pathlib or the CLI's parser, which cost
-four fifths of its CPU time (the pair audit of session 38: 0.16 s of CPU a run
-before, measured in bench/README.md). `fleet_ingress.entry` takes the command's
-words without argparse.
+are the ingress's own); no asyncio, h11, pathlib, CA store or the CLI's parser,
+which cost two thirds of its CPU time (the pair audit of session 38: 130 to 155 ms
+of CPU a run before, about 50 after; docs/INSTALL.md section 10, "What the check
+costs"). `fleet_ingress.entry` takes the command's words without argparse.
 
 Reads only: no file is written and nothing in the ingress changes.
 """
