@@ -622,3 +622,76 @@ def test_the_console_script_takes_only_the_live_check_s_words(
     words: list[str], config: str | None
 ) -> None:
     assert live_config(words) == config
+
+
+SNAPSHOT = b'{"state": "serving", "fleets": [{"name": "a", "health": "UP", "admin": "READY"}]}'
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        # What a server may send for the same snapshot: the check reads each whole.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(SNAPSHOT), SNAPSHOT), None),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10;x=y\r\n%s\r\n%x\r\n%s\r\n0\r\nTrailer: t\r\n\r\n"
+            % (SNAPSHOT[:16], len(SNAPSHOT) - 16, SNAPSHOT[16:]),
+            None,
+        ),
+        (b"HTTP/1.0 200 OK\r\n\r\n%s" % SNAPSHOT, None),  # to the end of the connection
+        (b"HTTP/1.1 200\r\ncontent-length:  %d \r\n\r\n%s" % (len(SNAPSHOT), SNAPSHOT), None),
+        # And what it may not.
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP answer: status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "not an HTTP answer: header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{}", "closed 498 bytes early"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n{}", "Content-Length b'x'"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size b'zz'"),
+        (b"HTTP/1.1 200 OK\r\nContent", "closed in the head"),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", "/stats.json answered 503"),
+        (b"HTTP/1.1 200 OK\r\n\r\n[1]", "/stats.json is not a JSON object"),
+        (b"", "closed the connection without an answer"),
+    ],
+)
+async def test_the_snapshot_answer_is_read_as_http_1_1(
+    tls_files: TLSFiles, tmp_path: Path, answer: bytes, says: str | None
+) -> None:
+    """The check's own HTTP/1.1 client (h11 is not imported: the pair audit of
+    session 38) reads what a server may send and names what it cannot read."""
+
+    async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tls_files.ingress_cert, tls_files.ingress_key)
+
+    async def health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    servers = [
+        await asyncio.start_server(stats, "127.0.0.1", 0),
+        await asyncio.start_server(health, "127.0.0.1", 0, ssl=tls),
+    ]
+    stats_port, wss_port = (s.sockets[0].getsockname()[1] for s in servers)
+    try:
+        path = write_config(
+            tmp_path / "ingress.toml",
+            tls_files,
+            wss=f"127.0.0.1:{wss_port}",
+            stats=f"127.0.0.1:{stats_port}",
+        )
+        ok, line = await live(path)
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+    if says is None:
+        assert ok and line.endswith("1 of 1 fleets UP (a)"), line
+    else:
+        assert not ok and says in line, line
+        assert line.startswith(f"not live: stats 127.0.0.1:{stats_port}"), line
