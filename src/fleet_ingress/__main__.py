@@ -1,9 +1,5 @@
 import sys
 
-from fleet_ingress.service.process_start import first_steps
+from fleet_ingress.entry import main
 
-first_steps(sys.argv[1] if len(sys.argv) > 1 else "")  # before the CLI's imports, on purpose
-
-from fleet_ingress.cli import main  # noqa: E402
-
-raise SystemExit(main())
+raise SystemExit(main(sys.argv[1:]))

@@ -5,6 +5,8 @@ health route and has a fleet UP and READY; one line saying why otherwise."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import json
 import os
 import ssl
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 
 from fleet_ingress.config.settings import load_config
 from fleet_ingress.core.balancer import Admin
+from fleet_ingress.entry import live_config
 from fleet_ingress.ops.live_check import (
     LiveSettings,
     is_this_hosts,
@@ -487,3 +490,208 @@ async def test_a_stopping_ingress_is_said_stopping_not_asked_if_it_runs(
         f"not live: wss {wss}: Connection refused: the ingress is stopping (draining): it "
         "refuses new calls"
     ), line
+
+
+def write_leaf(
+    tls_files: TLSFiles, home: Path, not_before: datetime.datetime, not_after: datetime.datetime
+) -> dict[str, str]:
+    """A leaf for 127.0.0.1 with these dates, as a [tls] section naming it."""
+    leaf = tls_files.ca.issue_cert(
+        "127.0.0.1", "localhost", not_before=not_before, not_after=not_after
+    )
+    cert, key = home / "leaf.pem", home / "leaf.key"
+    cert.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    leaf.private_key_pem.write_to_path(key)
+    return {"cert": str(cert), "key": str(key)}
+
+
+def serial_of(tls: dict[str, str]) -> str:
+    from cryptography import x509
+
+    return f"{x509.load_pem_x509_certificate(Path(tls['cert']).read_bytes()).serial_number:X}"
+
+
+@pytest.mark.parametrize("dates", ["expired", "not yet valid"])
+async def test_a_certificate_carriers_refuse_for_its_dates_is_not_live(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path,
+    dates: str,
+) -> None:  # fmt: skip
+    """A host serving an expired certificate fails every carrier's handshake (they
+    verify it) while its own check passed (it does not verify: loopback is not the
+    name on it), so keepalived kept the address there instead of on the peer
+    (the pair audit of session 38). It names the certificate and the date."""
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0, tzinfo=None)
+    if dates == "expired":
+        start, end = now - datetime.timedelta(days=90), now - datetime.timedelta(hours=1)
+        said = f"expired {end:%Y-%m-%d %H:%M:%S} UTC"
+    else:  # a clock set back, or a certificate issued ahead
+        start, end = now + datetime.timedelta(days=1), now + datetime.timedelta(days=90)
+        said = f"is not valid before {start:%Y-%m-%d %H:%M:%S} UTC"
+    tls = write_leaf(tls_files, tmp_path, start, end)
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"}, tls=tls)
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    # What a carrier meets there: its handshake fails.
+    host, port = ingress.wss_address
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await asyncio.open_connection(host, port, ssl=tls_files.client_context())
+    ok, line = await live(path)
+    assert not ok
+    assert line == (
+        f"not live: wss {host}:{port}: serves a certificate that {said} "
+        f"(serial {serial_of(tls)}), which every carrier refuses: renew it and reload "
+        "(docs/INSTALL.md section 6)"
+    ), line
+
+
+async def test_a_certificate_that_expires_soon_still_serves(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Moving the address cuts every call on this host; a certificate that still
+    serves every carrier is the expiry alert's business, not a reason to."""
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+    tls = write_leaf(
+        tls_files, tmp_path, now - datetime.timedelta(days=89), now + datetime.timedelta(hours=1)
+    )
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"}, tls=tls)
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    ok, line = await live(path)
+    assert ok, line
+
+
+# Imported by keepalived's track script each second (`fleet-ingress check -c
+# CONFIG --live`): each of these cost it CPU time on both hosts of a pair
+# (asyncio and h11 a sixth of it, the CLI's parser and its imports a third).
+HEAVY = ("asyncio", "h11", "argparse", "pydantic", "cryptography", "pathlib", "fleet_ingress.cli")
+
+
+async def test_the_console_script_checks_live_without_the_heavy_imports(
+    start_ingress: StartIngress, sim: SimulatedFleet, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The entry point `pip` writes as bin/fleet-ingress, run as keepalived runs it:
+    the same line as the CLI, on far fewer imports (the pair audit of session 38:
+    0.13 to 0.16 s of CPU a run before, about 0.05 s after)."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "fleet-ingress"]
+    module, _, function = script.value.partition(":")
+    ingress = await start_ingress([f"{sim.url} name=a"], listen={"stats": "127.0.0.1:0"})
+    path = config_for(ingress, tmp_path / "ingress.toml", tls_files)
+    code = (
+        "import sys, json\n"
+        f"sys.argv = ['fleet-ingress', 'check', '-c', {str(path)!r}, '--live']\n"
+        f"from {module} import {function} as main\n"
+        "code = main()\n"
+        "print(json.dumps([code, sorted(sys.modules)]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, env=env, stdout=subprocess.PIPE, cwd=tmp_path
+    )
+    out, _ = await proc.communicate()
+    line, answer = out.decode().splitlines()
+    code, modules = json.loads(answer)
+    host, port = ingress.wss_address
+    assert (code, line) == (
+        0,
+        f"live: wss {host}:{port} answers /haproxy-health; 1 of 1 fleets UP (a)",
+    )
+    assert [m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY] == []
+
+
+@pytest.mark.parametrize(
+    ("words", "config"),
+    [
+        (["check", "-c", "/etc/i.toml", "--live"], "/etc/i.toml"),  # as init writes it
+        (["check", "--live", "--config", "i.toml"], "i.toml"),
+        (["check", "--config=i.toml", "--live"], "i.toml"),
+        # Everything else is the CLI's to answer (or refuse).
+        (["check", "-c", "i.toml"], None),
+        (["check", "--live"], None),
+        (["check", "-c", "i.toml", "--live", "--probe"], None),
+        (["check", "-c", "i.toml", "--live", "--live"], None),
+        (["check", "-c", "--live"], None),
+        (["check", "-c", "a", "-c", "b", "--live"], None),
+        (["check", "--live", "-c"], None),
+        (["check", "-ci.toml", "--live"], None),
+        (["stat", "-c", "i.toml", "--live"], None),
+        (["check", "-c", "i.toml", "--live", "-h"], None),
+        ([], None),
+    ],
+)
+def test_the_console_script_takes_only_the_live_check_s_words(
+    words: list[str], config: str | None
+) -> None:
+    assert live_config(words) == config
+
+
+SNAPSHOT = b'{"state": "serving", "fleets": [{"name": "a", "health": "UP", "admin": "READY"}]}'
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        # What a server may send for the same snapshot: the check reads each whole.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(SNAPSHOT), SNAPSHOT), None),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"10;x=y\r\n%s\r\n%x\r\n%s\r\n0\r\nTrailer: t\r\n\r\n"
+            % (SNAPSHOT[:16], len(SNAPSHOT) - 16, SNAPSHOT[16:]),
+            None,
+        ),
+        (b"HTTP/1.0 200 OK\r\n\r\n%s" % SNAPSHOT, None),  # to the end of the connection
+        (b"HTTP/1.1 200\r\ncontent-length:  %d \r\n\r\n%s" % (len(SNAPSHOT), SNAPSHOT), None),
+        # And what it may not.
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "not an HTTP answer: status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "not an HTTP answer: header line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{}", "closed 498 bytes early"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n{}", "Content-Length b'x'"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size b'zz'"),
+        (b"HTTP/1.1 200 OK\r\nContent", "closed in the head"),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n", "/stats.json answered 503"),
+        (b"HTTP/1.1 200 OK\r\n\r\n[1]", "/stats.json is not a JSON object"),
+        (b"", "closed the connection without an answer"),
+    ],
+)
+async def test_the_snapshot_answer_is_read_as_http_1_1(
+    tls_files: TLSFiles, tmp_path: Path, answer: bytes, says: str | None
+) -> None:
+    """The check's own HTTP/1.1 client (h11 is not imported: the pair audit of
+    session 38) reads what a server may send and names what it cannot read."""
+
+    async def stats(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tls_files.ingress_cert, tls_files.ingress_key)
+
+    async def health(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    servers = [
+        await asyncio.start_server(stats, "127.0.0.1", 0),
+        await asyncio.start_server(health, "127.0.0.1", 0, ssl=tls),
+    ]
+    stats_port, wss_port = (s.sockets[0].getsockname()[1] for s in servers)
+    try:
+        path = write_config(
+            tmp_path / "ingress.toml",
+            tls_files,
+            wss=f"127.0.0.1:{wss_port}",
+            stats=f"127.0.0.1:{stats_port}",
+        )
+        ok, line = await live(path)
+    finally:
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+    if says is None:
+        assert ok and line.endswith("1 of 1 fleets UP (a)"), line
+    else:
+        assert not ok and says in line, line
+        assert line.startswith(f"not live: stats 127.0.0.1:{stats_port}"), line

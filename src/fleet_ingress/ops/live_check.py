@@ -12,10 +12,14 @@ one-second interval (a check that hangs must read as a failure, not stall the
 next one):
 
 - the carrier listener (`listen.wss`; a wildcard is reached on loopback): a real
-  TLS handshake, then the health route. The certificate is not verified: it names
-  the carrier-facing host, not the loopback address this connects to, and what is
-  asked is whether this process serves, not whether carriers trust it (`check`
-  without `--live` checks the certificate).
+  TLS handshake, then the health route. The certificate is not verified against a
+  name or a CA: it names the carrier-facing host, not the loopback address this
+  connects to (`check` without `--live` checks the files). Its dates are: a
+  certificate served past its expiry (or before its start) fails every carrier's
+  handshake, so the host is not fit, and the peer, serving a valid one, may take
+  the address (docs/INSTALL.md section 10 says when that helps and when not). One
+  that expires soon still serves every carrier: that is the expiry alert's, not a
+  reason to move the address and cut the calls on it.
 - the fleets, from the running ingress's own snapshot: `/stats.json` on the stats
   listener, which is read-only by design, so keepalived's script user needs no
   right to change anything; only when `listen.stats` is disabled, `/stat` over the
@@ -28,27 +32,32 @@ not yet reloaded, does not make the running ingress any less fit, and a full
 validation would let one typo pushed to both hosts take the address off both.
 It also keeps pydantic out of a command that starts every second.
 
+Cheap, since it starts every second on both hosts: blocking sockets under one
+deadline, one thread a question, and a few lines of HTTP/1.1 client (the answers
+are the ingress's own); no asyncio, h11, pathlib, CA store or the CLI's parser,
+which cost two thirds of its CPU time (the pair audit of session 38: 130 to 155 ms
+of CPU a run before, about 50 after; docs/INSTALL.md section 10, "What the check
+costs"). `fleet_ingress.entry` takes the command's words without argparse.
+
 Reads only: no file is written and nothing in the ingress changes.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import sys
+import threading
+import time
 import tomllib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
-
-import h11
+from typing import Any, NamedTuple, TextIO
 
 from fleet_ingress.core.addresses import format_hostport, parse_hostport
-from fleet_ingress.ops.fleet_display import NOT_PROBED
+from fleet_ingress.core.served_certificate import certificate_facts
 
 # The whole check, network included, within this: keepalived starts it every second,
 # and the interpreter's start-up comes on top.
@@ -66,8 +75,7 @@ DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class LiveSettings:
+class LiveSettings(NamedTuple):
     """What the check needs to know of the configuration, nothing more."""
 
     wss: str
@@ -80,13 +88,16 @@ class LiveConfigError(Exception):
     """The keys the check needs cannot be read; the message is one line."""
 
 
-def live_settings(path: Path, environ: dict[str, str] | None = None) -> LiveSettings:
+def live_settings(
+    path: str | os.PathLike[str], environ: dict[str, str] | None = None
+) -> LiveSettings:
     """The four keys, from the file and FLEET_INGRESS_<SECTION>__<KEY> overrides."""
     environ = dict(os.environ) if environ is None else environ
     try:
         # A byte-order mark dropped as config.settings.read_config_text drops it
         # (not imported: this runs each second, on few imports).
-        data = tomllib.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
+        with open(path, encoding="utf-8") as file:
+            data = tomllib.loads(file.read().removeprefix("\ufeff"))
     except OSError as exc:
         raise LiveConfigError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -109,8 +120,9 @@ def live_settings(path: Path, environ: dict[str, str] | None = None) -> LiveSett
             except ValueError as exc:
                 raise LiveConfigError(f"{path}: {exc}") from None
     admin = values["admin_socket"]
-    if admin and not Path(admin).is_absolute():
-        admin = str(path.parent.absolute() / admin)  # relative to the file, as settings does
+    if admin and not os.path.isabs(admin):
+        # Relative to the file, as settings does (pathlib not imported: see above).
+        admin = os.path.join(os.path.abspath(os.path.dirname(path)), admin)
     return LiveSettings(values["wss"], values["stats"], admin, values["health"])
 
 
@@ -147,8 +159,11 @@ class _HungUp(Exception):
     """The listener closed the connection before any answer."""
 
 
-@dataclass(frozen=True)
-class LiveResult:
+class _NotHTTP(Exception):
+    """What came back is not an HTTP/1.1 answer; the message says how."""
+
+
+class LiveResult(NamedTuple):
     live: bool
     line: str
 
@@ -209,11 +224,16 @@ def is_this_hosts(host: str) -> bool:
     if address.is_loopback:
         return True
     try:
-        fib = Path("/proc/net/fib_trie").read_text()
-        inet6 = Path("/proc/net/if_inet6").read_text() if address.version == 6 else ""
+        fib = _read("/proc/net/fib_trie")
+        inet6 = _read("/proc/net/if_inet6") if address.version == 6 else ""
     except OSError:
         return True
     return str(address) in local_addresses(fib, inet6)
+
+
+def _read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
 
 
 def judge_fleets(snapshot: dict[str, Any]) -> tuple[bool, str]:
@@ -241,7 +261,10 @@ def judge_fleets(snapshot: dict[str, Any]) -> tuple[bool, str]:
 
 
 def _fleet_state(fleet: dict[str, Any]) -> str:
-    # MAINT: not probed, its last health stale (as `stat` shows it: ops.fleet_display).
+    # MAINT: not probed, its last health stale (as `stat` shows it). Imported here,
+    # on the failing path only.
+    from fleet_ingress.ops.fleet_display import NOT_PROBED
+
     health = NOT_PROBED if fleet.get("admin") == "MAINT" else fleet.get("health")
     state = f"{fleet.get('name')} {health}"
     if fleet.get("admin") != "READY":
@@ -250,7 +273,7 @@ def _fleet_state(fleet: dict[str, Any]) -> str:
 
 
 def run_live_check(
-    config_path: Path, out: TextIO | None = None, *, timeout: float = LIVE_TIMEOUT
+    config_path: str | os.PathLike[str], out: TextIO | None = None, *, timeout: float = LIVE_TIMEOUT
 ) -> int:
     """Print one line and return 0 (live) or 1 (not live)."""
     out = out or sys.stdout
@@ -259,18 +282,56 @@ def run_live_check(
     return 0 if result.live else 1
 
 
-def live_check(config_path: Path, *, timeout: float = LIVE_TIMEOUT) -> LiveResult:
+def live_check(config_path: str | os.PathLike[str], *, timeout: float = LIVE_TIMEOUT) -> LiveResult:
     try:
         config = live_settings(config_path)
     except LiveConfigError as exc:
         return LiveResult(False, f"not live: {exc}")
-    return asyncio.run(_live(config, timeout))
+    return _live(config, timeout)
 
 
-async def _live(config: LiveSettings, timeout: float) -> LiveResult:
-    health = _bounded(_health_route(config), timeout, f"wss {_shown(config.wss)}")
-    fleets = _bounded(_snapshot(config), timeout, _snapshot_source(config))
-    answers = await asyncio.gather(health, fleets, return_exceptions=True)
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """For the next blocking step; TimeoutError once none is left."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return left
+
+
+class _Asked(threading.Thread):
+    """One question in a thread of its own: its answer, or the exception it raised."""
+
+    def __init__(self, ask: Any, what: str, deadline: _Deadline) -> None:
+        super().__init__(daemon=True)  # a name lookup that hangs does not hold the exit
+        self.ask, self.what, self.deadline = ask, what, deadline
+        self.answer: Any = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.answer = _bounded(self.ask, self.deadline, self.what)
+        except BaseException as exc:  # handed to the main thread, which raises the unknown
+            self.answer = exc
+
+    def result(self) -> Any:
+        # Every socket step is bounded by the deadline; a lookup is not: a little past it,
+        # a question still out is as late as any.
+        self.join(max(0.0, self.deadline.at - time.monotonic()) + 0.05)
+        if self.is_alive():
+            return NotLive(f"{self.what}: no answer within {self.deadline.seconds:g} s")
+        return self.answer
+
+
+def _live(config: LiveSettings, timeout: float) -> LiveResult:
+    deadline = _Deadline(timeout)
+    health = _Asked(lambda: _health_route(config, deadline), f"wss {_shown(config.wss)}", deadline)
+    fleets = _Asked(lambda: _snapshot(config, deadline), _snapshot_source(config), deadline)
+    answers = [health.result(), fleets.result()]
     reasons = [str(a) for a in answers if isinstance(a, NotLive)]
     refused = [a for a in answers if isinstance(a, _Refused)]
     if len(refused) == 1 and len(reasons) == 1 and refused[0].key in ("wss", "stats"):
@@ -296,22 +357,21 @@ async def _live(config: LiveSettings, timeout: float) -> LiveResult:
     return LiveResult(False, "not live: " + "; ".join(reasons))
 
 
-async def _bounded(work: Any, timeout: float, what: str) -> Any:
+def _bounded(ask: Any, deadline: _Deadline, what: str) -> Any:
     try:
-        return await asyncio.wait_for(work, timeout)
-    except TimeoutError:
-        raise NotLive(f"{what}: no answer within {timeout:g} s") from None
+        return ask()
+    except TimeoutError:  # socket.timeout too
+        raise NotLive(f"{what}: no answer within {deadline.seconds:g} s") from None
     except ssl.SSLError as exc:
         raise NotLive(f"{what}: TLS handshake failed: {exc.reason or exc}") from None
     except OSError as exc:
-        # asyncio words a refused connect "Connect call failed (addr)": say it plainly.
         why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
         if isinstance(exc, ConnectionRefusedError):
             raise _Refused(what, why) from None
         raise NotLive(f"{what}: {why}") from None
     except _HungUp:
         raise NotLive(f"{what}: closed the connection without an answer") from None
-    except h11.ProtocolError as exc:
+    except _NotHTTP as exc:
         raise NotLive(f"{what}: not an HTTP answer: {exc}") from None
 
 
@@ -327,12 +387,20 @@ def _snapshot_source(config: LiveSettings) -> str:
     return "fleets"
 
 
-async def _health_route(config: LiveSettings) -> None:
-    host, port = local_target(config.wss)
-    context = ssl.create_default_context()
-    # Loopback is not the name on the certificate; the handshake itself is the test.
+def _client_context() -> ssl.SSLContext:
+    # Not ssl.create_default_context(): it loads the system's CA store (a third of
+    # the check's CPU once the imports were cut), and nothing here is verified by it.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    # Loopback is not the name on the certificate; the handshake itself is the test,
+    # and the certificate's dates (_health_route).
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+def _health_route(config: LiveSettings, deadline: _Deadline) -> None:
+    host, port = local_target(config.wss)
     if not is_this_hosts(host):
         # listen.wss naming the shared address itself (bound with ip_nonlocal_bind):
         # on the backup host the other host would answer, and this one look fit.
@@ -340,13 +408,35 @@ async def _health_route(config: LiveSettings) -> None:
             f"wss {format_hostport(host, port)}: not an address of this host now, so "
             'another host would answer; listen on a wildcard, listen.wss = "0.0.0.0:443"'
         )
-    reader, writer = await asyncio.open_connection(host, port, ssl=context)
-    status, body = await _get(reader, writer, _host_header(host, port), config.health)
+    with socket.create_connection((host, port), timeout=deadline.left()) as plain:
+        plain.settimeout(deadline.left())
+        with _client_context().wrap_socket(plain, do_handshake_on_connect=False) as tls:
+            tls.do_handshake()
+            _judge_certificate(tls.getpeercert(binary_form=True), host, port)
+            request = _request(_host_header(host, port), config.health)
+            status, body = _get(tls, deadline, request)
     if status != 200:
         shown = body[:60].decode("utf-8", "replace").strip()
         raise NotLive(
             f"wss {format_hostport(host, port)}: {config.health} answered {status}"
             + (f" {shown!r}" if shown else "")
+        )
+
+
+def _judge_certificate(der: bytes | None, host: str, port: int) -> None:
+    """A certificate that carriers refuse for its dates: this host cannot take a call."""
+    where = f"wss {format_hostport(host, port)}"
+    if not der:
+        raise NotLive(f"{where}: served no certificate")
+    try:
+        facts = certificate_facts(der)
+    except ValueError as exc:
+        raise NotLive(f"{where}: the certificate served is {exc}") from None
+    problem = facts.problem(time.time())
+    if problem:
+        raise NotLive(
+            f"{where}: serves a certificate that {problem} ({facts.name()}), which every "
+            "carrier refuses: renew it and reload (docs/INSTALL.md section 6)"
         )
 
 
@@ -356,16 +446,20 @@ def _host_header(host: str, port: int) -> str:
     return format_hostport(host.partition("%")[0], port)
 
 
-async def _snapshot(listen: LiveSettings) -> dict[str, Any]:
+def _snapshot(listen: LiveSettings, deadline: _Deadline) -> dict[str, Any]:
     if listen.stats:
         host, port = local_target(listen.stats)
-        reader, writer = await asyncio.open_connection(host, port)
         where, path = f"stats {format_hostport(host, port)}", "/stats.json"
-        status, body = await _get(reader, writer, _host_header(host, port), path)
+        request = _request(_host_header(host, port), path)
+        with socket.create_connection((host, port), timeout=deadline.left()) as sock:
+            status, body = _get(sock, deadline, request)
     elif listen.admin_socket:
-        reader, writer = await asyncio.open_unix_connection(listen.admin_socket)
         where, path = f"admin socket {listen.admin_socket}", "/stat"
-        status, body = await _get(reader, writer, "ingress", path)
+        request = _request("ingress", path)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(deadline.left())
+            sock.connect(listen.admin_socket)
+            status, body = _get(sock, deadline, request)
     else:
         raise NotLive(
             "listen.stats and listen.admin_socket are both disabled: the live check reads "
@@ -382,35 +476,110 @@ async def _snapshot(listen: LiveSettings) -> dict[str, Any]:
     return snapshot
 
 
-async def _get(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, path: str
-) -> tuple[int, bytes]:
-    """One GET on a fresh connection, closed after: (status, body)."""
-    conn = h11.Connection(h11.CLIENT)
-    try:
-        request = h11.Request(
-            method="GET",
-            target=path,
-            headers=[("Host", host), ("Connection", "close"), ("User-Agent", "fleet-ingress")],
-        )
-        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
-        await writer.drain()
-        status, body, size = 0, bytearray(), 0
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(65536)
-                if not data and not status:
+# A request target and Host as RFC 9112 lets them be written: visible ASCII.
+_VISIBLE = re.compile(r"[!-~]+")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: [^\r\n]*)?")
+
+
+def _request(host: str, path: str) -> bytes:
+    if not _VISIBLE.fullmatch(path) or not _VISIBLE.fullmatch(host):
+        raise _NotHTTP(f"{host}{path!r} cannot be asked: not a request target")
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+        "User-Agent: fleet-ingress\r\n\r\n"
+    ).encode("ascii")
+
+
+def _get(sock: socket.socket, deadline: _Deadline, request: bytes) -> tuple[int, bytes]:
+    """One GET on a fresh connection (closed by the caller): (status, body)."""
+    sock.settimeout(deadline.left())
+    sock.sendall(request)
+    answer = _Answer(sock, deadline)
+    head = answer.head()
+    lines = head.split(b"\r\n")
+    matched = _STATUS_LINE.fullmatch(lines[0])
+    if matched is None:
+        raise _NotHTTP(f"status line {bytes(lines[0][:40])!r}")
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise _NotHTTP(f"header line {bytes(line[:40])!r}")
+        name = name.lower()
+        value = value.strip()
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    status = int(matched.group(1))
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        return status, answer.chunked()
+    if (length := headers.get(b"content-length")) is not None:
+        if not length.isdigit():
+            raise _NotHTTP(f"Content-Length {bytes(length[:20])!r}")
+        return status, answer.exactly(int(length))
+    return status, answer.to_the_end()
+
+
+class _Answer:
+    """The bytes of one answer as they arrive, each read under the deadline,
+    MAX_ANSWER_BYTES in all."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        self.sock, self.deadline = sock, deadline
+        self.data = bytearray()
+        self.size = 0
+        self.ended = False
+
+    def _more(self) -> bool:
+        if self.ended:
+            return False
+        self.sock.settimeout(self.deadline.left())
+        data = self.sock.recv(65536)
+        if not data:
+            self.ended = True
+            return False
+        self.size += len(data)
+        if self.size > MAX_ANSWER_BYTES:
+            raise NotLive(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        self.data += data
+        return True
+
+    def head(self) -> bytes:
+        while (end := self.data.find(b"\r\n\r\n")) < 0:
+            if not self._more():
+                if not self.size:
                     raise _HungUp
-                size += len(data)
-                if size > MAX_ANSWER_BYTES:
-                    raise NotLive(f"{host}{path}: answer larger than {MAX_ANSWER_BYTES} bytes")
-                conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                return status, bytes(body)
-    finally:
-        writer.close()
+                raise _NotHTTP("the connection closed in the head")
+        head = bytes(self.data[:end])
+        del self.data[: end + 4]
+        return head
+
+    def exactly(self, length: int) -> bytes:
+        while len(self.data) < length:
+            if not self._more():
+                raise _NotHTTP(f"the connection closed {length - len(self.data)} bytes early")
+        return bytes(self.data[:length])
+
+    def to_the_end(self) -> bytes:
+        while self._more():
+            pass
+        return bytes(self.data)
+
+    def _line(self) -> bytes:
+        while (end := self.data.find(b"\r\n")) < 0:
+            if not self._more():
+                raise _NotHTTP("the connection closed in a chunk")
+        line = bytes(self.data[:end])
+        del self.data[: end + 2]
+        return line
+
+    def chunked(self) -> bytes:
+        body = bytearray()
+        while True:
+            size_text = self._line().partition(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _NotHTTP(f"chunk size {size_text[:20]!r}") from None
+            if size == 0:
+                return bytes(body)  # trailers, if any, are not read: the answer is whole
+            body += self.exactly(size + 2)[:size]
+            del self.data[: size + 2]
