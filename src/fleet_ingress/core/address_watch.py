@@ -37,6 +37,7 @@ every call a second or two after it linked.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Collection, Iterable
 
@@ -48,6 +49,9 @@ CHECK_PERIOD = 1.0
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# Asked of every call's local address: the host's few addresses, parsed once each
+# (the answers are immutable).
+@functools.lru_cache(maxsize=256)
 def call_address(text: str) -> Address | None:
     """The address a call's carrier connection is on (its getsockname host),
     as the host lists it, or None when it cannot move away: loopback,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -169,6 +170,8 @@ def format_hostport(host: str, port: int | None) -> str:
     return shown if port is None else f"{shown}:{port}"
 
 
+# Asked of a fleet's host at every call's connect: a few fleets, parsed once each.
+@functools.lru_cache(maxsize=1024)
 def ip_literal_version(host: str) -> int | None:
     """4 or 6 for an IP literal that needs no lookup; None for a name.
 

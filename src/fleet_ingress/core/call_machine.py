@@ -41,6 +41,14 @@ from fleet_ingress.core.routing import Route, RouteKind, Router
 from fleet_ingress.core.ws_frames import GOING_AWAY, INTERNAL_ERROR
 
 
+class _Key(enum.Enum):
+    """An enum a call looks up by, about twenty times a call (the machine's
+    state, its timers, a side): hashed by identity, as members compare, not by
+    Enum's own __hash__, a Python function (hash of the member's name) a lookup."""
+
+    __hash__ = object.__hash__
+
+
 class EndReason(enum.Enum):
     CARRIER_CLOSED = "carrier closed"
     FLEET_CLOSED = "fleet closed"
@@ -61,7 +69,7 @@ class EndReason(enum.Enum):
     ERROR = "error"
 
 
-class State(enum.Enum):
+class State(_Key):
     HEAD = "head"  # reading the request head (the request timer runs)
     PARSING = "parsing"  # the head is complete, queued for its parse
     LEASING = "leasing"  # a call: waiting for a fleet slot
@@ -80,7 +88,7 @@ class State(enum.Enum):
     ENDED = "ended"
 
 
-class Side(enum.Enum):
+class Side(_Key):
     CARRIER = "carrier"
     FLEET = "fleet"
 
@@ -94,7 +102,7 @@ class Lost(enum.Enum):
     ERROR = "error"  # another error (a bad TLS record...)
 
 
-class Timer(enum.Enum):
+class Timer(_Key):
     REQUEST = "request"  # timeouts.request: the head must be complete by then
     CONNECT = "connect"  # timeouts.connect: one attempt's TCP (+TLS) connection
     RESPONSE = "response"  # timeouts.response: the fleet's answer head

@@ -1,0 +1,226 @@
+"""Instructions per churned call, counted (callgrind), not timed: for a shared host.
+
+Runs ``bench/one_process_ingress.py`` (the worker's ``Ingress``, its slot table
+in-process: no supervisor, no lease round trip) under ``valgrind
+--tool=callgrind``, a simulated fleet in its own process (not counted), and
+pushes N churned twilio-like TLS calls through it from this process: WAVE calls
+at a time, each upgraded, MESSAGES frames sent one by one (each after the last
+one's echo, so every run relays the same frames), then closed (1000). Health
+probes are set 600 s apart, so no probe falls inside the counted calls. Run
+twice (N=50 and N=250), the difference over 200 is what a call costs; startup,
+the first calls' lazy work and the shutdown cancel out::
+
+    python -m bench.call_instructions --out /tmp/ci            # N=50 and N=250
+    python -m bench.call_instructions --calls 50 250 --out DIR --variant-pythonpath /tmp/base/src
+
+Prints instructions per call in total and by function group (callgrind_annotate
+--inclusive=yes: the Python functions of fleet_ingress, the interpreter, OpenSSL,
+the kernel's side is not counted). Each call's start to its end is bounded
+(30 s a step), the whole run by ``--max-seconds``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.harness.carrier import FramePool, Recorder, open_call
+from bench.harness.children import HOST, REPO, child_env, free_port, log
+from bench.harness.targets import Settings, render_ingress
+from bench.harness.tlsfiles import TLSFiles
+
+STEP = 30.0  # seconds any one step of a call may take under callgrind
+WARMUP = 5  # calls before the counted ones (lazy imports, first-time paths): in both runs
+
+
+async def one_call(
+    rec: Recorder, pool: FramePool, port: int, ctx, index: int, messages: int
+) -> None:
+    call = await open_call(rec, pool, (HOST, port), f"/ws/bench-{index}", ctx, index * 7, STEP)
+    if call is None:
+        raise RuntimeError(f"call {index} failed: {rec.errors}")
+    for i in range(messages):
+        call.drained = asyncio.Event()
+        j = (index * 7 + i) % len(pool.wire)
+        call.outstanding.append((time.monotonic(), pool.payload[j]))
+        assert call.transport is not None
+        call.transport.write(pool.wire[j])
+        async with asyncio.timeout(STEP):
+            await call.drained.wait()
+    await call.finish(STEP, STEP)
+    if call.failed or not call.close_received:
+        raise RuntimeError(f"call {index} did not end cleanly: {rec.errors}")
+
+
+async def push(port: int, tls: TLSFiles, calls: int, wave: int, messages: int) -> Recorder:
+    rec = Recorder()
+    pool = FramePool.build("twilio-like")
+    ctx = tls.carrier_context()
+    for start in range(0, calls, wave):
+        await asyncio.gather(
+            *(
+                one_call(rec, pool, port, ctx, i, messages)
+                for i in range(start, min(calls, start + wave))
+            )
+        )
+    return rec
+
+
+def wait_port(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
+    """One run under callgrind with ``calls`` counted calls; the callgrind file."""
+    work = out / f"n{calls}"
+    shutil.rmtree(work, ignore_errors=True)  # TLSFiles.write appends to its files
+    work.mkdir(parents=True)
+    tls = TLSFiles.write(work)
+    env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
+    fleet = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.harness.fleets",
+            "--tls",
+            str(work),
+            "--name",
+            "fleet-a",
+            "--capacity",
+            "1000",
+        ],
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+    )
+    proc = None
+    try:
+        assert fleet.stdout is not None
+        fleet_port = json.loads(fleet.stdout.readline())["port"]
+        port = free_port()
+        settings = Settings(maxconn=1000, check_interval=600.0, check_timeout=5.0, fall=1, rise=1)
+        config = render_ingress(settings, tls, port, [fleet_port], work)
+        cg = work / "callgrind.out"
+        argv = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={cg}",
+            sys.executable,
+            str(REPO / "bench" / "one_process_ingress.py"),
+            "-c",
+            str(config),
+        ]
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=work,
+            stdout=(work / "stdout.log").open("wb"),
+            stderr=(work / "stderr.log").open("wb"),
+        )
+        deadline = time.monotonic() + args.max_seconds
+        wait_port(port, deadline)
+        asyncio.run(push(port, tls, WARMUP, 1, args.messages))
+        t0 = time.monotonic()
+        asyncio.run(
+            asyncio.wait_for(
+                push(port, tls, calls, args.wave, args.messages),
+                max(1.0, deadline - time.monotonic()),
+            )
+        )
+        log(f"n={calls}: {calls} calls in {time.monotonic() - t0:.0f} s under callgrind")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        return cg
+    finally:
+        for p in (proc, fleet):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _annotate(cg: Path, inclusive: bool) -> list[tuple[int, str]]:
+    text = subprocess.run(
+        [
+            "callgrind_annotate",
+            f"--inclusive={'yes' if inclusive else 'no'}",
+            "--threshold=100",
+            str(cg),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = []
+    for line in text.splitlines():
+        if m := re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(\S.*)$", line):
+            rows.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
+    return rows
+
+
+def totals(cg: Path) -> dict[str, int]:
+    """Inclusive instructions per function (callgrind_annotate --inclusive=yes), and
+    each shared object's own (exclusive) instructions as ``[object]``."""
+    out: dict[str, int] = {}
+    for n, name in _annotate(cg, inclusive=True):
+        out[name] = n
+    for n, name in _annotate(cg, inclusive=False):
+        if name == "PROGRAM TOTALS":
+            continue
+        obj = name.rpartition(" [")[2].rstrip("]").rpartition("/")[2] if " [" in name else "???"
+        key = f"self in [{obj}]"
+        out[key] = out.get(key, 0) + n
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, nargs=2, default=[50, 250], metavar=("N1", "N2"))
+    p.add_argument("--wave", type=int, default=5, help="calls up at once")
+    p.add_argument("--messages", type=int, default=4, help="frames relayed each way a call")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variant-pythonpath", help="src of the code to count (default: this tree)")
+    p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")
+    p.add_argument("--top", type=int, default=40)
+    args = p.parse_args(argv)
+    n1, n2 = args.calls
+    files = [count(n, args.out, args) for n in (n1, n2)]
+    a, b = (totals(f) for f in files)
+    per = {k: (b.get(k, 0) - a.get(k, 0)) / (n2 - n1) for k in set(a) | set(b)}
+    total = per.pop("PROGRAM TOTALS", 0.0)
+    print(
+        f"instructions per call: {total:,.0f}  (N={n1}: {a.get('PROGRAM TOTALS', 0):,}, "
+        f"N={n2}: {b.get('PROGRAM TOTALS', 0):,})"
+    )
+    print("by shared object, own instructions per call:")
+    for name, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        if name.startswith("self in [") and abs(v) >= 1000:
+            print(f"{v:14,.0f}  {name[8:]}")
+    print(f"top {args.top} functions, inclusive, per call:")
+    functions = [kv for kv in per.items() if not kv[0].startswith("self in [")]
+    for name, v in sorted(functions, key=lambda kv: -kv[1])[: args.top]:
+        print(f"{v:14,.0f}  {name}")
+    (args.out / "per_call.json").write_text(
+        json.dumps({"total": total, "functions": per}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    sys.exit(main())
