@@ -23,6 +23,7 @@ from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
 from fleet_ingress.ops.local_counts import REMOVED_FLEETS
+from fleet_ingress.ops.snapshot import render
 from fleet_ingress.ops.stats_server import stats_app
 from tests.support import eventually, metric_samples
 
@@ -413,6 +414,47 @@ async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_br
         again = await asyncio.wait_for(w.lease(), 2.0)
         assert again.fleet.name == "a" and again.fleet.spec.url == "https://a.test"
         again.release()
+    finally:
+        w.close()
+        await server.close()
+
+
+async def test_a_fleet_forgotten_keeps_its_lifetime_totals_in_the_removed_fleets_row():
+    """A fleet removed leaves the fleets' rows; its calls, answers and retries
+    are in the removed fleets' row (`removed_fleets`), so the rows add up to
+    the frontend's totals. They stay there as the supervisor forgets it and
+    each worker drops its record: before, only its ended calls were kept
+    (under "(removed)"), its calls and 429s went from every row."""
+    server = SlotServer(_slots(), view=(view := HostView()))
+    w = await _worker(server, 11)
+    registry = Registry()
+    w.reporter = WorkerReporter(
+        registry, lambda: w.fleets.values(), {}, forgotten=lambda: w.forgotten
+    )
+
+    def removed_row() -> dict:
+        # Rendered with no fleet in the set: "a" has left it.
+        return render([], view.totals(), queue_length=0, queue_timeouts=0, started_at=0.0)[
+            "removed_fleets"
+        ]
+
+    try:
+        lease = await w.lease()
+        fleet = lease.fleet
+        fleet.calls_total += 2
+        fleet.responses.update({101: 2, 429: 3})
+        fleet.retries += 1
+        registry.ended[("a", "refused")] += 3
+        lease.release()
+        assert await server.collect_reports(timeout=2.0) == 0
+        before = removed_row()
+        assert before["calls_total"] == 2 and before["responses_429"] == 3, before
+        assert before["retries"] == 1 and before["calls_ended"] == {"refused": 3}, before
+        server.forget_fleet("a")
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert "a" not in w.fleets
+        assert [key for key in view.totals().counters if "a" in key[1:2]] == []
+        assert removed_row() == before
     finally:
         w.close()
         await server.close()

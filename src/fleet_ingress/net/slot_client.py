@@ -34,6 +34,7 @@ import itertools
 import logging
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from typing import Any, cast
 
@@ -157,6 +158,12 @@ class SlotClient(asyncio.Protocol):
         self.fleets: dict[str, FleetState] = {}  # this worker's records, by name
         # Fleets forgotten while a slot there was held: dropped at its release.
         self._forget_when_idle: set[str] = set()
+        # The call counters of the fleets forgotten, summed (not by name: the
+        # report grew with every fleet ever named): ("calls",), ("responses",
+        # code), ("retries",), ("redispatches",). Reported under
+        # `ops.local_counts.REMOVED_FLEETS`, so that a fleet's lifetime totals
+        # stay in the host's "removed fleets" row once it is forgotten.
+        self.forgotten: Counter[tuple[str, ...]] = Counter()
         # Kept: CPython 3.11's get_running_loop() asks the kernel for the pid
         # each time (a getpid a call, bench/README "system calls per call").
         self._loop = asyncio.get_running_loop()
@@ -543,6 +550,12 @@ class SlotClient(asyncio.Protocol):
             return
         self._forget_when_idle.discard(name)
         del self.fleets[name]
+        kept = self.forgotten
+        kept[("calls",)] += fleet.calls_total
+        for code, n in fleet.responses.items():
+            kept[("responses", str(code))] += n
+        kept[("retries",)] += fleet.retries
+        kept[("redispatches",)] += fleet.redispatches
         self.report_soon()
 
     def _fleet(self, name: str, spec: Any) -> FleetState:

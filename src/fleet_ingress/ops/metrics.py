@@ -522,10 +522,14 @@ class _StateCollector(Collector):
             "clock with this host's).",
             check_age,
         )
+        # MAINT: not probed, so what its last probe saw is stale (a certificate
+        # renewed during the work MAINT was for still read as the old one, and
+        # FleetIngressFleetCertificateExpiringSoon kept firing on it).
         yield gauge(
             "certificate_expiry_timestamp_seconds",
-            "When the certificate the fleet served to its last probe expires (https, verified).",
-            lambda f: f.certificate_not_after,
+            "When the certificate the fleet served to its last probe expires (https, "
+            "verified); none in MAINT (not probed: stale).",
+            lambda f: f.certificate_not_after if probed(f) else None,
         )
         yield counter(
             "calls", "Calls tunneled to the fleet.", lambda f: counts.counter("fleet_calls", f.name)

@@ -169,6 +169,7 @@ class Worker:
             lambda: client.fleets.values(),
             self.ingress.metrics.histograms,
             draining=self.stop.is_set,
+            forgotten=lambda: client.forgotten,
         )
         self.ingress.registry.on_counted.append(client.report_soon)
         client.live = lambda: bool(self.ingress.registry.calls)
