@@ -125,6 +125,7 @@ async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogra
         for ws in calls:
             await echo(ws)
         await asyncio.sleep(1.2)  # past the histogram's first bound (1 s)
+        # A scrape asks each worker's report: its calls' bytes with it.
         victim = (await service.stats())["workers"][0]
         os.kill(victim["pid"], signal.SIGKILL)
 
@@ -144,6 +145,14 @@ async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogra
         assert len(ended) == len(calls)
         lost = [e for e in ended if e["end_reason"] == "error"]
         assert len(lost) == victim["calls"] > 0 and all(e["duration_s"] >= 1 for e in lost)
+        # Their bytes as the worker's last report said them, at least (each
+        # call echoed "ping" once before that report): before, null. Their
+        # time in the histogram runs from their 101, not their start.
+        for e in lost:
+            assert e["bytes_at_least"] is True, e
+            assert e["bytes_from_carrier"] >= 10 and e["bytes_to_carrier"] >= 6, e
+            assert "bytes at least" in e["detail"], e
+            assert 1 <= e["tunnel_s"] < e["duration_s"], e
 
         samples = metric_samples(await service.metrics())
         assert sum(samples["fleet_ingress_calls_ended_total"].values()) == len(calls)
@@ -164,7 +173,7 @@ async def test_stat_says_whose_refusal_and_keeps_a_removed_fleets_totals(
     removed: its row, its calls and 429s went from `stat` and the page, so
     the fleets' 429 column no longer added up to the 429s answered (the
     requests by code in /metrics). Now a "(removed)" row keeps them."""
-    a, b = two_fleets
+    a = two_fleets[0]
     a.capacity = 0  # every call request: 429
     service = await RunningIngress.start(
         tls_files, [f"{s.url} name={s.name} maxconn=16" for s in two_fleets], check_timeout=5
@@ -197,7 +206,9 @@ async def test_stat_says_whose_refusal_and_keeps_a_removed_fleets_totals(
                 await asyncio.sleep(0.1)
         code, out, err = await run_cli(service, "stat")
         assert code == 0, err
-        (removed,) = [line.split() for line in out.splitlines() if line.startswith("(removed) ")]
+        (removed,) = [
+            line.split() for line in out.splitlines() if line.split()[:2] == ["(removed)", "-"]
+        ]
         # fleet health admin cur/max free total ended 429 retries chkfail last-check
         assert removed[5:8] == ["0", "refused:3", "3"], out
         snap = await service.stats()

@@ -142,6 +142,17 @@ class WorkerReporter:
         }
 
 
+def calls_bytes(registry: Registry) -> list[list[int]]:
+    """[[lease id, bytes from the carrier, bytes to it], ...] of the calls
+    holding a slot through the coordinator (`SlotClient.calls_bytes`)."""
+    said = []
+    for call in registry.calls:
+        lease_id = getattr(call.lease, "id", None)
+        if type(lease_id) is int:
+            said.append([lease_id, call.bytes_from_carrier, call.bytes_to_carrier])
+    return said
+
+
 async def pull_reports(
     server: SlotServer,
     every: float = PULL_EVERY,

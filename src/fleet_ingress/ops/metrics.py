@@ -70,7 +70,7 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
         (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     ),
     CALL_DURATION: (
-        "Duration of tunneled calls, 101 to end (one lost with its worker: from its start).",
+        "Duration of tunneled calls, 101 to end (one lost with its worker: to its worker's end).",
         (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
     ),
     # SPEC 4's queue (timeouts.queue, 3 s by default): what tells "calls wait for a
@@ -236,7 +236,9 @@ def lost_call_counts(record: Mapping[str, Any]) -> Counts:
     session 37). The supervisor adds it to its retired counts."""
     counts = Counts()
     counts.counters[("calls_ended", record.get("fleet") or "", record["end_reason"])] += 1
-    duration = record.get("duration_s")
+    # From its 101 where the worker told it ("answered"), as a worker observes
+    # each call it ends; else from its start (a supervisor before the key).
+    duration = record.get("tunnel_s", record.get("duration_s"))
     if (
         record.get("status") == 101
         and isinstance(duration, int | float)
