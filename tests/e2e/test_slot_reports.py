@@ -460,6 +460,38 @@ async def test_a_fleet_forgotten_keeps_its_lifetime_totals_in_the_removed_fleets
         await server.close()
 
 
+async def test_an_asked_report_carries_each_held_calls_bytes_to_the_supervisors_record():
+    """The supervisor keeps who each open call is for the line it writes if
+    the worker dies with it; an asked report now adds the call's bytes (and
+    what it cannot read as a lease and two counts is left out, the channel
+    kept). Reports sent unasked (within a second of a count) carry none."""
+    server = SlotServer(_slots(), view=HostView())
+    w = await _worker(server, 11)
+    w.reporter = _reporter([1])
+    sizes = [[0, 0]]
+    try:
+        lease = await w.lease(call={"call_id": 1, "bot_id": "b"})
+        w.calls_bytes = lambda: [
+            [lease.id, *sizes[0]],
+            [lease.id + 1, 9, 9],  # no such lease
+            ["x", 1, 2],
+            [lease.id, -1],
+            7,
+        ]
+        sizes[0] = [1200, 800]
+        assert await server.collect_reports(timeout=2.0) == 0
+        ((key, call),) = [(k, c) for k in server._calls for c in server.calls_of(k).values()]
+        assert (call["bytes_from_carrier"], call["bytes_to_carrier"]) == (1200, 800)
+        sizes[0] = [1500, -3]  # not a count: the last good one stands
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert server.calls_of(key)[lease.id]["bytes_from_carrier"] == 1200
+        assert len(server.slots.workers) == 1  # the channel kept
+        lease.release()
+    finally:
+        w.close()
+        await server.close()
+
+
 async def test_a_fleet_forgotten_while_granted_to_a_call_that_gave_up_leaves_the_reports():
     """The grant came, and the fleet's forget with it, but the call gave up before
     it took the slot (its task cancelled: its client went): the slot given back
