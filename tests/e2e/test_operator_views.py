@@ -213,7 +213,12 @@ async def test_stat_says_whose_refusal_and_keeps_a_removed_fleets_totals(
         assert removed[5:8] == ["0", "refused:3", "3"], out
         snap = await service.stats()
         rows = [*snap["fleets"], snap["removed_fleets"]]
-        answered = metric_samples(await service.metrics())["fleet_ingress_requests_total"]
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_calls_refused_total"] == {
+            (("by", "fleet"), ("code", "429")): 3.0,
+            (("by", "ingress"), ("code", "503")): 2.0,
+        }
+        answered = samples["fleet_ingress_requests_total"]
         assert (
             sum(r["responses_429"] for r in rows)
             == answered[(("code", "429"), ("route", "/ws/"))]

@@ -665,6 +665,17 @@ class _StateCollector(Collector):
             if not fleet or fleet in fleets:
                 ended.add_metric([fleet, reason], n)
         yield ended
+        refused = CounterMetricFamily(
+            f"{PREFIX}_calls_refused",
+            "Calls answered without a tunnel (calls_ended reason refused), by whose answer "
+            "the carrier got (by: fleet, its own passed through, e.g. a 429; ingress, its "
+            "own: a 503 of the queue or of no fleet up, a 502/503/504 once attempts ran "
+            "out, counted ended on the fleet tried last) and status.",
+            labels=["by", "code"],
+        )
+        for (who, status), n in counts.family("calls_refused", 2):
+            refused.add_metric([who, status], n)
+        yield refused
         yield CounterMetricFamily(
             f"{PREFIX}_log_lines_dropped",
             "Log lines dropped because stderr (journald) was not read in time, or "
