@@ -225,9 +225,11 @@ async def test_stat_says_whose_refusal_and_keeps_a_removed_fleets_totals(
             == 3
         )
         page = await _page(service)
-        assert (
-            'id="removed-fleets"' in page and "<td>3</td>" in page.split('id="removed-fleets"')[1]
-        )
+        removed_row = page.split('id="removed-fleets"')[1].split("</tr>")[0]
+        cells = removed_row.split("<td")[1:]
+        # As the header's 12 columns: calls total 0, ended refused 3, 429s 3.
+        assert len(cells) == 12, cells
+        assert cells[7:10] == [">0</td>", ' class="l">refused:3</td>', ">3</td>"], cells
     finally:
         await service.finish()
 

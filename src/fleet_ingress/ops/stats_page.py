@@ -206,7 +206,7 @@ def _removed_row(snap: dict[str, Any]) -> str:
         '<tr id="removed-fleets">'
         f'<td class="l" title="{escape(REMOVED_NOTE)}"><b>{escape(REMOVED_ROW)}</b><br>'
         '<span class="muted">fleets removed since the start</span></td>'
-        + _cell(None) * 5
+        + _cell(None) * 6  # health, admin, calls/maxconn, free (2), last check
         + _cell(gone["calls_total"])
         + _cell(ended_otherwise(gone).replace(",", ", "), "l")
         + _cell(gone["responses_429"])
