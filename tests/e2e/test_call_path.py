@@ -155,6 +155,9 @@ async def test_429_reaches_the_carrier_byte_for_byte_and_no_other_fleet_is_tried
     assert got == FLEET_429
     assert busy.connections == 1
     assert spare.requests == []
+    # Counted as the fleet's own answer, passed through (stat: whose refusal).
+    await eventually(lambda: sum(ingress.registry.refused.values()) == 1)
+    assert dict(ingress.registry.refused) == {("fleet", "429"): 1}
     await busy.stop()
 
 
@@ -222,6 +225,12 @@ async def test_fleets_closing_without_answer_are_retried_then_502(
     assert got.startswith(b"HTTP/1.1 502 ")
     # 1 attempt + 3 retries, redispatched: both fleets tried, 4 connections in all.
     assert [f.connections for f in fleets] == [2, 2]
+    # The ingress's own answer, though the call is counted ended on the fleet
+    # it tried last: "refused" on that fleet's row is not the fleet's word.
+    await eventually(lambda: sum(ingress.registry.refused.values()) == 1)
+    assert dict(ingress.registry.refused) == {("ingress", "502"): 1}
+    ((fleet, reason),) = ingress.registry.ended
+    assert fleet in ("a", "b") and reason == "refused"
     for f in fleets:
         await f.stop()
 

@@ -84,6 +84,11 @@ async def test_a_fleet_in_maint_is_not_counted_up_by_metrics_as_stat_does_not(
             dict(k)["fleet"] for k in samples.get("fleet_ingress_fleet_estimated_available", {})
         }
         assert "a" not in free, samples.get("fleet_ingress_fleet_estimated_available")
+        # Nor the certificate its last probe saw (a renewal during the work MAINT
+        # was for read as the old one, FleetIngressFleetCertificateExpiringSoon
+        # kept firing on it); b's, probed (over TLS, its health 500), stays.
+        expiry = samples.get("fleet_ingress_fleet_certificate_expiry_timestamp_seconds", {})
+        assert {dict(k)["fleet"] for k in expiry} == {"b"}, expiry
 
         # As a real Prometheus scrapes it: FleetIngressAllFleetsDown's expression
         # (its `for: 1m` aside) has an answer.
@@ -120,6 +125,7 @@ async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogra
         for ws in calls:
             await echo(ws)
         await asyncio.sleep(1.2)  # past the histogram's first bound (1 s)
+        # A scrape asks each worker's report: its calls' bytes with it.
         victim = (await service.stats())["workers"][0]
         os.kill(victim["pid"], signal.SIGKILL)
 
@@ -139,6 +145,14 @@ async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogra
         assert len(ended) == len(calls)
         lost = [e for e in ended if e["end_reason"] == "error"]
         assert len(lost) == victim["calls"] > 0 and all(e["duration_s"] >= 1 for e in lost)
+        # Their bytes as the worker's last report said them, at least (each
+        # call echoed "ping" once before that report): before, null. Their
+        # time in the histogram runs from their 101, not their start.
+        for e in lost:
+            assert e["bytes_at_least"] is True, e
+            assert e["bytes_from_carrier"] >= 10 and e["bytes_to_carrier"] >= 6, e
+            assert "bytes at least" in e["detail"], e
+            assert 1 <= e["tunnel_s"] < e["duration_s"], e
 
         samples = metric_samples(await service.metrics())
         assert sum(samples["fleet_ingress_calls_ended_total"].values()) == len(calls)
@@ -148,3 +162,81 @@ async def test_calls_lost_with_a_killed_worker_are_in_the_call_duration_histogra
     finally:
         await close_calls(calls)
         await service.finish()
+
+
+async def test_stat_says_whose_refusal_and_keeps_a_removed_fleets_totals(
+    tls_files: TLSFiles, two_fleets: list[SimulatedFleet]
+) -> None:
+    """Fleet a answers 429 (full), passed through; then no fleet takes calls
+    and the ingress answers 503 itself. `stat` said "refused 5" for both
+    alike: whose refusal only the fleet label in /metrics told. Then a is
+    removed: its row, its calls and 429s went from `stat` and the page, so
+    the fleets' 429 column no longer added up to the 429s answered (the
+    requests by code in /metrics). Now a "(removed)" row keeps them."""
+    a = two_fleets[0]
+    a.capacity = 0  # every call request: 429
+    service = await RunningIngress.start(
+        tls_files, [f"{s.url} name={s.name} maxconn=16" for s in two_fleets], check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    try:
+        assert (await run_cli(service, "drain", "b"))[0] == 0
+        for status, count in ((429, 3), (503, 2)):
+            for _ in range(count):
+                with pytest.raises(InvalidStatus) as refused:
+                    await connect(service.url(), ssl=tls_files.client_context(), open_timeout=15)
+                assert refused.value.response.status_code == status
+            assert (await run_cli(service, "drain", "a"))[0] == 0
+        code, out, err = await run_cli(service, "stat")
+        assert code == 0, err
+        assert (
+            "refused 5 (fleets' own answers passed through 3: 429 3; the ingress's own 2: 503 2)"
+            in out
+        ), out
+        assert (await service.stats())["frontend"]["calls_refused"] == {
+            "fleet": {"429": 3},
+            "ingress": {"503": 2},
+        }
+
+        assert (await run_cli(service, "ready", "b"))[0] == 0
+        code, out, err = await run_cli(service, "remove-fleet", "a")
+        assert code == 0, out + err
+        async with asyncio.timeout(10):
+            while len((await service.stats())["fleets"]) != 1:
+                await asyncio.sleep(0.1)
+        code, out, err = await run_cli(service, "stat")
+        assert code == 0, err
+        (removed,) = [
+            line.split() for line in out.splitlines() if line.split()[:2] == ["(removed)", "-"]
+        ]
+        # fleet health admin cur/max free total ended 429 retries chkfail last-check
+        assert removed[5:8] == ["0", "refused:3", "3"], out
+        snap = await service.stats()
+        rows = [*snap["fleets"], snap["removed_fleets"]]
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_calls_refused_total"] == {
+            (("by", "fleet"), ("code", "429")): 3.0,
+            (("by", "ingress"), ("code", "503")): 2.0,
+        }
+        answered = samples["fleet_ingress_requests_total"]
+        assert (
+            sum(r["responses_429"] for r in rows)
+            == answered[(("code", "429"), ("route", "/ws/"))]
+            == 3
+        )
+        page = await _page(service)
+        removed_row = page.split('id="removed-fleets"')[1].split("</tr>")[0]
+        cells = removed_row.split("<td")[1:]
+        # As the header's 12 columns: calls total 0, ended refused 3, 429s 3.
+        assert len(cells) == 12, cells
+        assert cells[7:10] == [">0</td>", ' class="l">refused:3</td>', ">3</td>"], cells
+    finally:
+        await service.finish()
+
+
+async def _page(service: RunningIngress) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as r:
+            return await r.text()

@@ -23,6 +23,7 @@ from fleet_ingress.net.slot_server import SlotServer
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.host_stats import HostMetrics, WorkerReporter, host_snapshot
 from fleet_ingress.ops.local_counts import REMOVED_FLEETS
+from fleet_ingress.ops.snapshot import render
 from fleet_ingress.ops.stats_server import stats_app
 from tests.support import eventually, metric_samples
 
@@ -413,6 +414,79 @@ async def test_a_fleet_forgotten_leaves_the_workers_reports_and_a_later_grant_br
         again = await asyncio.wait_for(w.lease(), 2.0)
         assert again.fleet.name == "a" and again.fleet.spec.url == "https://a.test"
         again.release()
+    finally:
+        w.close()
+        await server.close()
+
+
+async def test_a_fleet_forgotten_keeps_its_lifetime_totals_in_the_removed_fleets_row():
+    """A fleet removed leaves the fleets' rows; its calls, answers and retries
+    are in the removed fleets' row (`removed_fleets`), so the rows add up to
+    the frontend's totals. They stay there as the supervisor forgets it and
+    each worker drops its record: before, only its ended calls were kept
+    (under "(removed)"), its calls and 429s went from every row."""
+    server = SlotServer(_slots(), view=(view := HostView()))
+    w = await _worker(server, 11)
+    registry = Registry()
+    w.reporter = WorkerReporter(
+        registry, lambda: w.fleets.values(), {}, forgotten=lambda: w.forgotten
+    )
+
+    def removed_row() -> dict:
+        # Rendered with no fleet in the set: "a" has left it.
+        return render([], view.totals(), queue_length=0, queue_timeouts=0, started_at=0.0)[
+            "removed_fleets"
+        ]
+
+    try:
+        lease = await w.lease()
+        fleet = lease.fleet
+        fleet.calls_total += 2
+        fleet.responses.update({101: 2, 429: 3})
+        fleet.retries += 1
+        registry.ended[("a", "refused")] += 3
+        lease.release()
+        assert await server.collect_reports(timeout=2.0) == 0
+        before = removed_row()
+        assert before["calls_total"] == 2 and before["responses_429"] == 3, before
+        assert before["retries"] == 1 and before["calls_ended"] == {"refused": 3}, before
+        server.forget_fleet("a")
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert "a" not in w.fleets
+        assert [key for key in view.totals().counters if "a" in key[1:2]] == []
+        assert removed_row() == before
+    finally:
+        w.close()
+        await server.close()
+
+
+async def test_an_asked_report_carries_each_held_calls_bytes_to_the_supervisors_record():
+    """The supervisor keeps who each open call is for the line it writes if
+    the worker dies with it; an asked report now adds the call's bytes (and
+    what it cannot read as a lease and two counts is left out, the channel
+    kept). Reports sent unasked (within a second of a count) carry none."""
+    server = SlotServer(_slots(), view=HostView())
+    w = await _worker(server, 11)
+    w.reporter = _reporter([1])
+    sizes = [[0, 0]]
+    try:
+        lease = await w.lease(call={"call_id": 1, "bot_id": "b"})
+        w.calls_bytes = lambda: [
+            [lease.id, *sizes[0]],
+            [lease.id + 1, 9, 9],  # no such lease
+            ["x", 1, 2],
+            [lease.id, -1],
+            7,
+        ]
+        sizes[0] = [1200, 800]
+        assert await server.collect_reports(timeout=2.0) == 0
+        ((key, call),) = [(k, c) for k in server._calls for c in server.calls_of(k).values()]
+        assert (call["bytes_from_carrier"], call["bytes_to_carrier"]) == (1200, 800)
+        sizes[0] = [1500, -3]  # not a count: the last good one stands
+        assert await server.collect_reports(timeout=2.0) == 0
+        assert server.calls_of(key)[lease.id]["bytes_from_carrier"] == 1200
+        assert len(server.slots.workers) == 1  # the channel kept
+        lease.release()
     finally:
         w.close()
         await server.close()

@@ -294,3 +294,17 @@ def test_calls_that_cannot_connect_are_not_observed_where_no_probe_runs():
     for _ in range(5):
         assert not a.call_unreachable(0, 1.0)
     assert a.health is Health.UP and a.call_failures == 0 and not a.fresh_probe
+
+
+def test_a_fleet_leaving_maint_keeps_nothing_its_last_probe_before_said():
+    """MAINT stops the probes: leaving it, the fleet starts over as one just
+    added, its certificate's expiry too (until its next probe reads it)."""
+    fleet = _balancer().fleets[0]
+    fleet.health, fleet.reported_available, fleet.certificate_not_after = Health.UP, 5, 1e9
+    fleet.set_admin(Admin.MAINT)
+    fleet.set_admin(Admin.READY)
+    assert (fleet.health, fleet.reported_available, fleet.certificate_not_after) == (
+        Health.INIT,
+        None,
+        None,
+    )

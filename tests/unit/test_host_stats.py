@@ -540,7 +540,10 @@ def test_a_workers_report_names_only_the_fleets_it_has_its_ended_calls_all_kept(
     assert {dict(labels)["fleet"] for labels in ended_metric} == {"a", ""}
 
 
-def test_the_counts_of_workers_gone_keep_a_removed_fleets_ended_calls_only():
+def test_the_counts_of_workers_gone_keep_a_removed_fleets_counts_under_removed():
+    """Folded, not dropped: the removed fleets' row (`removed_fleets`) keeps a
+    fleet's lifetime totals once it is forgotten; dropped, its calls and 429s
+    went from every view but the frontend's totals."""
     counts = Counts()
     c = counts.counters
     c[("fleet_calls", "a")] = 5
@@ -556,6 +559,10 @@ def test_the_counts_of_workers_gone_keep_a_removed_fleets_ended_calls_only():
         fold_fleets_gone(counts, {"a"})
         assert dict(c) == {
             ("fleet_calls", "a"): 5,
+            ("fleet_calls", REMOVED_FLEETS): 7,
+            ("fleet_responses", REMOVED_FLEETS, "101"): 7,
+            ("fleet_retries", REMOVED_FLEETS): 1,
+            ("fleet_redispatches", REMOVED_FLEETS): 1,
             ("calls_ended", REMOVED_FLEETS, "drain"): 14,
             ("calls_ended", "", "error"): 2,
             ("requests", "/ws/", "101"): 12,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fleet_ingress.core.lost_calls import lost_call_record
+from fleet_ingress.ops.local_counts import CALL_DURATION
+from fleet_ingress.ops.metrics import lost_call_counts
 
 SAID = {
     "call_id": 7,
@@ -176,3 +178,55 @@ def test_lost_calls_land_in_the_buckets_a_worker_would_put_them_in() -> None:
     assert lost.histograms[CALL_DURATION] == histo_of(worker)
     assert lost.histograms[CALL_DURATION].count == len(durations)
     assert lost.counter("calls_ended", "a", "error") == len(durations)
+
+
+def test_bytes_its_worker_last_reported_are_said_at_least_with_their_age() -> None:
+    said = {
+        **SAID,
+        "fleet": "a",
+        "status": 101,
+        "started_monotonic": 500.0,
+        "answered_monotonic": 500.25,
+        "bytes_from_carrier": 48_000,
+        "bytes_to_carrier": 47_500,
+        "bytes_reported_monotonic": 558.0,
+    }
+    line = lost_call_record(
+        said,
+        worker_pid=4321,
+        generation=2,
+        exit_status="killed by SIGKILL",
+        now=1_062.5,
+        now_monotonic=560.5,
+    )
+    assert (line["bytes_from_carrier"], line["bytes_to_carrier"]) == (48_000, 47_500)
+    assert line["bytes_at_least"] is True
+    assert line["detail"].endswith(
+        "(bytes at least, as its worker's last report said them, 2.5s before it ended)"
+    )
+    # The access line's duration from the call's start, as every one; the
+    # histogram's ("101 to end") from its 101.
+    assert (line["duration_s"], line["tunnel_s"]) == (60.5, 60.25)
+    assert lost_call_counts(line).histograms[CALL_DURATION].sum == 60.25
+
+
+def test_bytes_or_a_101_moment_not_plain_numbers_are_not_taken() -> None:
+    for bad in (-1, 1.5, True, "12", None, [3]):
+        said = {
+            **SAID,
+            "status": 101,
+            "fleet": "a",
+            "bytes_from_carrier": bad,
+            "bytes_to_carrier": 5,
+            "answered_monotonic": bad if bad != 1.5 else 10**9,
+        }
+        line = lost_call_record(
+            said,
+            worker_pid=1,
+            generation=1,
+            exit_status="exit 1",
+            now=1_062.5,
+            now_monotonic=600.0,
+        )
+        assert line["bytes_from_carrier"] is None and "bytes_at_least" not in line, bad
+        assert "tunnel_s" not in line and line["detail"].endswith("(bytes not known)"), bad

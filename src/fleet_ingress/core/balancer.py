@@ -103,6 +103,7 @@ class FleetState:
         if self.admin is Admin.MAINT and admin is not Admin.MAINT:
             self.health, self.health_streak = Health.INIT, 0
             self.reported_available = None
+            self.certificate_not_after = None  # seen by a probe before MAINT: stale
         self.admin = admin
 
     @property

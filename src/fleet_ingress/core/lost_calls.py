@@ -4,9 +4,15 @@ A worker writes each call's line when the call ends. A worker that dies (the
 kernel's OOM killer, a crash, SIGKILL at a drain's end) writes none for the
 calls it carried: the supervisor writes them instead, from what the worker
 said of each call as it asked for its fleet slot (`Call.identity`, "call" in
-the slot request), with the fields of every access line. What only the
-worker knew (bytes relayed, attempts, queue wait, handshake time) is null; `end_reason`
-is `error` and `detail` says which worker ended how.
+the slot request), with the fields of every access line. Its bytes are those
+the worker's last asked report said (`call_bytes`, every few seconds): at
+least that many were relayed (`bytes_at_least` true, `detail` says how old);
+null when no report said them. What only the worker knew (attempts, queue
+wait, handshake time) is null; `end_reason` is `error` and `detail` says
+which worker ended how. A tunneled call's `tunnel_s` is from its 101 (as
+the worker told it) to its worker's end: what the call-duration histogram
+observes ("101 to end"), where `duration_s` runs from its start as on
+every access line.
 """
 
 from __future__ import annotations
@@ -95,6 +101,29 @@ def lost_call_record(
             record["duration_s"] = round(max(0.0, now - started_at), 3)
         if record["started"] is None:
             record["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at))
+    said_at = call.get("answered_monotonic")
+    if (
+        record["status"] == 101
+        and now_monotonic is not None
+        and isinstance(said_at, int | float)
+        and not isinstance(said_at, bool)
+        and 0 <= said_at <= now_monotonic
+    ):
+        record["tunnel_s"] = round(now_monotonic - said_at, 3)
+    bytes_known = ""
+    sizes = (call.get("bytes_from_carrier"), call.get("bytes_to_carrier"))
+    if all(type(n) is int and n >= 0 for n in sizes):
+        record["bytes_from_carrier"], record["bytes_to_carrier"] = sizes
+        record["bytes_at_least"] = True
+        reported = call.get("bytes_reported_monotonic")
+        ago = (
+            f", {now_monotonic - reported:.1f}s before it ended"
+            if now_monotonic is not None
+            and isinstance(reported, int | float)
+            and 0 <= reported <= now_monotonic
+            else ""
+        )
+        bytes_known = f"bytes at least, as its worker's last report said them{ago}"
     record["end_reason"] = "error"
     if record["status"] == 101:
         state = "the call was up"
@@ -107,7 +136,7 @@ def lost_call_record(
         state = "the call waited for a fleet slot"
     record["detail"] = (
         f"its worker (pid {worker_pid}, generation {generation}) ended: {exit_status}; "
-        f"{state} and was lost with it (bytes not known)"
+        f"{state} and was lost with it ({bytes_known or 'bytes not known'})"
     )
     record["worker_pid"] = worker_pid
     return record

@@ -303,6 +303,10 @@ class Call:
 
 CallHook = Callable[[Call], None]
 
+# Whose answer a call refused got (`Registry.refused`).
+REFUSED_BY_FLEET = "fleet"
+REFUSED_BY_INGRESS = "ingress"
+
 
 @dataclass
 class Registry:
@@ -325,6 +329,13 @@ class Registry:
     ended_bytes_to_carrier: int = 0
     # Calls ended, by (fleet, end reason); fleet "" for a call no fleet answered.
     ended: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # Of those ended "refused" (answered without a tunnel), whose answer the
+    # carrier got, by (REFUSED_BY_FLEET or REFUSED_BY_INGRESS, status): the
+    # fleet's own, passed through (a 429), or the ingress's (the 503 of a queue
+    # timeout or of no fleet up, a 502/503/504 once attempts ran out, a 400).
+    # "refused 40" alone (and the fleet label, which a give-up after attempts
+    # on a fleet has too) did not say whose refusal.
+    refused: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Who wants to hear of calls linked to a fleet (101 relayed) and calls ended.
     on_call_linked: list[CallHook] = field(default_factory=list)
     on_call_ended: list[CallHook] = field(default_factory=list)
@@ -387,6 +398,11 @@ class Registry:
         fleet = call.fleet
         reason = call.end_reason.value if call.end_reason else "unknown"
         self.ended[(fleet.name if fleet else "", reason)] += 1
+        if call.end_reason is EndReason.REFUSED:
+            machine = call.machine
+            own = machine is None or machine.answer_text is not None
+            who = REFUSED_BY_INGRESS if own else REFUSED_BY_FLEET
+            self.refused[(who, str(call.status))] += 1
         if not self.calls:
             self._no_calls.set()
         for hook in self.on_call_ended:

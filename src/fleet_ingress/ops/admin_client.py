@@ -18,6 +18,8 @@ import aiohttp
 from fleet_ingress.config.settings import not_a_socket
 from fleet_ingress.ops.call_display import describe_ended, format_calls_table
 from fleet_ingress.ops.fleet_display import (
+    REMOVED_NOTE,
+    REMOVED_ROW,
     admin_saved,
     calls_ended_summary,
     certificate_chain_doubted,
@@ -31,6 +33,7 @@ from fleet_ingress.ops.fleet_display import (
     oom_count_broad,
     probed,
     queue_waits,
+    removed_shown,
     shown_free,
     shown_health,
     supervisor_oom_killed,
@@ -485,6 +488,22 @@ def format_stat_table(snap: dict[str, Any]) -> str:
                 (f["last_check"] or "-") + age if probed(f) else "-",
             )
         )
+    if (gone := removed_shown(snap)) is not None:
+        rows.append(
+            (
+                REMOVED_ROW,
+                "-",
+                "-",
+                "-",
+                "-",
+                str(gone["calls_total"]),
+                ended_otherwise(gone),
+                str(gone["responses_429"]),
+                str(gone["retries"]),
+                "-",
+                "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
@@ -504,6 +523,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
             "the next drain, ready, maint, add-fleet or remove-fleet that can write it saves it"
         )
     lines.append("ended = calls ended other than by a hang-up (carrier or fleet closed), by why")
+    if removed_shown(snap) is not None:
+        lines.append(REMOVED_NOTE)
     lines.append(
         "free = reported by the fleet's last probe / estimated now (reported - calls since)"
         + (

@@ -63,13 +63,61 @@ def ended_otherwise(row: dict[str, Any]) -> str:
     return ",".join(f"{reason.replace(' ', '_')}:{n}" for reason, n in shown) or "-"
 
 
+# The removed fleets' row's name in `stat` and on the page: no fleet can be
+# named so (config.fleets_file's names start with a letter, a digit or "[").
+REMOVED_ROW = "(removed)"
+REMOVED_NOTE = (
+    "(removed) = every fleet removed since the start, its lifetime totals summed (their "
+    "per-fleet series have left /metrics; the frontend's totals keep them)"
+)
+
+
+def removed_shown(snap: dict[str, Any]) -> dict[str, Any] | None:
+    """The removed fleets' row of a snapshot when it has a count (None: none,
+    or a release before the key)."""
+    row = snap.get("removed_fleets")
+    if not row or not any(
+        row.get(k) for k in ("calls_total", "responses", "retries", "redispatches", "calls_ended")
+    ):
+        return None
+    return row
+
+
 def calls_ended_summary(frontend: dict[str, Any]) -> str:
     """Every call ended since the start, by why (every fleet's and those no
-    fleet answered), most first."""
+    fleet answered), most first; "refused" says whose answer the carrier got."""
     shown = _by_count(frontend.get("calls_ended") or {})
     if not shown:
         return "calls ended: none yet"
-    return "calls ended: " + ", ".join(f"{reason} {n}" for reason, n in shown)
+    return "calls ended: " + ", ".join(
+        f"{reason} {n}" + (refused_by(frontend, n) if reason == "refused" else "")
+        for reason, n in shown
+    )
+
+
+def refused_by(frontend: dict[str, Any], refused: int) -> str:
+    """Whose answer the `refused` calls got, by status: " (fleets' own answers
+    passed through 3: 429 3; the ingress's own 2: 503 2)". The fleet label of
+    a refused call does not tell it: a 503 once every attempt on a fleet failed
+    is the ingress's answer, counted on that fleet. "" from a release before
+    the split (`calls_refused`)."""
+    split = frontend.get("calls_refused")
+    if not split:
+        return ""
+    parts = []
+    for who, label in (
+        ("fleet", "fleets' own answers passed through"),
+        ("ingress", "the ingress's own"),
+    ):
+        by_status = split.get(who) or {}
+        total = sum(by_status.values())
+        if total:
+            codes = " ".join(f"{code} {n}" for code, n in _by_count(by_status))
+            parts.append(f"{label} {total}: {codes}")
+    told = sum(sum((split.get(who) or {}).values()) for who in ("fleet", "ingress"))
+    if refused > told and parts:  # workers of an earlier release count no split
+        parts.append(f"{refused - told} not told apart")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def queue_waits(frontend: dict[str, Any]) -> str:

@@ -49,7 +49,12 @@ from fleet_ingress.logs import lines_dropped
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.event_loop import unexpected_errors
 from fleet_ingress.net.slot_server import SlotServer
-from fleet_ingress.ops.local_counts import Observed, fold_ended_of_fleets_gone, local_counts
+from fleet_ingress.ops.local_counts import (
+    Observed,
+    add_forgotten,
+    fold_ended_of_fleets_gone,
+    local_counts,
+)
 from fleet_ingress.ops.metrics import PREFIX, FleetChecks, _ProcessCollector, _StateCollector
 from fleet_ingress.ops.snapshot import render
 from fleet_ingress.release import code_digest
@@ -103,8 +108,12 @@ class WorkerReporter:
         histograms: Mapping[Key, Observed],
         *,
         draining: Callable[[], bool] = lambda: False,
+        forgotten: Callable[[], Mapping[tuple[str, ...], int]] = dict,
     ) -> None:
+        """`forgotten`: the call counters of the fleets this worker has
+        forgotten, summed (`SlotClient.forgotten`)."""
         self.registry = registry
+        self.forgotten = forgotten
         self.fleets = fleets
         self.histograms = histograms
         self.draining = draining
@@ -120,6 +129,7 @@ class WorkerReporter:
         # count under REMOVED_FLEETS: the report names only the fleets it has.
         fold_ended_of_fleets_gone(self.registry, {fleet.name for fleet in fleets})
         counts = local_counts(self.registry, fleets, self.histograms)
+        add_forgotten(counts, self.forgotten())
         counts.counters[("log_lines_dropped",)] = lines_dropped()
         counts.counters[("unexpected_errors",)] = unexpected_errors()
         return {
@@ -130,6 +140,17 @@ class WorkerReporter:
             "process": process,
             "counts": counts.to_wire(),
         }
+
+
+def calls_bytes(registry: Registry) -> list[list[int]]:
+    """[[lease id, bytes from the carrier, bytes to it], ...] of the calls
+    holding a slot through the coordinator (`SlotClient.calls_bytes`)."""
+    said = []
+    for call in registry.calls:
+        lease_id = getattr(call.lease, "id", None)
+        if type(lease_id) is int:
+            said.append([lease_id, call.bytes_from_carrier, call.bytes_to_carrier])
+    return said
 
 
 async def pull_reports(

@@ -107,6 +107,8 @@ def local_counts(
     c[("bytes_to_carrier",)] = to_carrier
     for (fleet_name, reason), n in registry.ended.items():
         c[("calls_ended", fleet_name, reason)] = n
+    for (who, status), n in registry.refused.items():
+        c[("calls_refused", who, status)] = n
     g = counts.gauges
     g[("connections",)] = len(registry.connections)
     g[("handshaking",)] = registry.handshaking
@@ -124,10 +126,21 @@ def fold_ended_of_fleets_gone(registry: Registry, kept: Collection[str]) -> None
         ended[(REMOVED_FLEETS, key[1])] += n
 
 
+def add_forgotten(counts: Counts, forgotten: Mapping[tuple[str, ...], int]) -> None:
+    """A worker's call counters of the fleets it has forgotten, summed
+    (`SlotClient.forgotten`), into `counts` under REMOVED_FLEETS."""
+    c = counts.counters
+    for (what, *labels), n in forgotten.items():
+        if n:
+            c[(f"fleet_{what}", REMOVED_FLEETS, *labels)] += n
+
+
 def fold_fleets_gone(counts: Counts, kept: Collection[str]) -> None:
     """The same for counts summed already (the supervisor's of workers gone):
-    the calls ended on fleets not in `kept` under REMOVED_FLEETS, their other
-    counters dropped (no page shows a fleet out of the set)."""
+    the counters of fleets not in `kept` (calls ended, tunneled, answers,
+    retries) under REMOVED_FLEETS. Dropped, a fleet's lifetime totals left
+    the host's "removed fleets" row as it was forgotten, while the frontend's
+    (requests, calls ended) kept them."""
     c = counts.counters
     gone = [
         key
@@ -139,5 +152,4 @@ def fold_fleets_gone(counts: Counts, kept: Collection[str]) -> None:
     ]
     for key in gone:
         n = c.pop(key)
-        if key[0] == "calls_ended":
-            c[("calls_ended", REMOVED_FLEETS, *key[2:])] += n
+        c[(key[0], REMOVED_FLEETS, *key[2:])] += n

@@ -70,7 +70,7 @@ HISTOGRAMS: dict[Key, tuple[str, tuple[float, ...]]] = {
         (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     ),
     CALL_DURATION: (
-        "Duration of tunneled calls, 101 to end (one lost with its worker: from its start).",
+        "Duration of tunneled calls, 101 to end (one lost with its worker: to its worker's end).",
         (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
     ),
     # SPEC 4's queue (timeouts.queue, 3 s by default): what tells "calls wait for a
@@ -236,7 +236,9 @@ def lost_call_counts(record: Mapping[str, Any]) -> Counts:
     session 37). The supervisor adds it to its retired counts."""
     counts = Counts()
     counts.counters[("calls_ended", record.get("fleet") or "", record["end_reason"])] += 1
-    duration = record.get("duration_s")
+    # From its 101 where the worker told it ("answered"), as a worker observes
+    # each call it ends; else from its start (a supervisor before the key).
+    duration = record.get("tunnel_s", record.get("duration_s"))
     if (
         record.get("status") == 101
         and isinstance(duration, int | float)
@@ -522,10 +524,14 @@ class _StateCollector(Collector):
             "clock with this host's).",
             check_age,
         )
+        # MAINT: not probed, so what its last probe saw is stale (a certificate
+        # renewed during the work MAINT was for still read as the old one, and
+        # FleetIngressFleetCertificateExpiringSoon kept firing on it).
         yield gauge(
             "certificate_expiry_timestamp_seconds",
-            "When the certificate the fleet served to its last probe expires (https, verified).",
-            lambda f: f.certificate_not_after,
+            "When the certificate the fleet served to its last probe expires (https, "
+            "verified); none in MAINT (not probed: stale).",
+            lambda f: f.certificate_not_after if probed(f) else None,
         )
         yield counter(
             "calls", "Calls tunneled to the fleet.", lambda f: counts.counter("fleet_calls", f.name)
@@ -659,6 +665,17 @@ class _StateCollector(Collector):
             if not fleet or fleet in fleets:
                 ended.add_metric([fleet, reason], n)
         yield ended
+        refused = CounterMetricFamily(
+            f"{PREFIX}_calls_refused",
+            "Calls answered without a tunnel (calls_ended reason refused), by whose answer "
+            "the carrier got (by: fleet, its own passed through, e.g. a 429; ingress, its "
+            "own: a 503 of the queue or of no fleet up, a 502/503/504 once attempts ran "
+            "out, counted ended on the fleet tried last) and status.",
+            labels=["by", "code"],
+        )
+        for (who, status), n in counts.family("calls_refused", 2):
+            refused.add_metric([who, status], n)
+        yield refused
         yield CounterMetricFamily(
             f"{PREFIX}_log_lines_dropped",
             "Log lines dropped because stderr (journald) was not read in time, or "

@@ -84,6 +84,43 @@ def fleet_row(
     }
 
 
+def removed_fleets_row(
+    present: set[str],
+    counts: Counts,
+    responses_of: dict[str, dict[str, int]],
+    ended_of: dict[str, dict[str, int]],
+) -> dict[str, Any]:
+    """The lifetime call counters of every fleet no longer in the set, summed:
+    those removed but not forgotten yet (by name in the counts) and those
+    forgotten (under REMOVED_FLEETS). Without it the fleets' rows stopped
+    adding up to the frontend's totals (requests by code, calls ended) as a
+    fleet was removed, and a removed fleet's 429s and calls were in no row."""
+
+    def gone(name: str) -> bool:
+        return name not in present and name != ""
+
+    responses: dict[str, int] = {}
+    ended: dict[str, int] = {}
+    for grouped, into in ((responses_of, responses), (ended_of, ended)):
+        for name, by_label in grouped.items():
+            if gone(name):
+                for label, n in by_label.items():
+                    into[label] = into.get(label, 0) + n
+
+    totals = dict.fromkeys(("fleet_calls", "fleet_retries", "fleet_redispatches"), 0)
+    for key, n in counts.counters.items():  # one pass, unsorted: 500 fleets' keys
+        if len(key) == 2 and key[0] in totals and gone(key[1]):
+            totals[key[0]] += n
+    return {
+        "calls_total": totals["fleet_calls"],
+        "responses": dict(sorted(responses.items(), key=lambda e: (len(e[0]), e[0]))),
+        "responses_429": responses.get("429", 0),
+        "retries": totals["fleet_retries"],
+        "redispatches": totals["fleet_redispatches"],
+        "calls_ended": dict(sorted(ended.items())),
+    }
+
+
 def render(
     fleets: Iterable[FleetState],
     counts: Counts,
@@ -103,6 +140,7 @@ def render(
     `last_reload`: the outcome of the last reload (`reload_outcome`), None before any.
     `acme_listening`: whether the :80 listener is open (listen.acme at the start)."""
     now = time.time()
+    fleets = list(fleets)
     requests: dict[str, dict[str, int]] = {}
     for (route, status), n in counts.family("requests", 2):
         requests.setdefault(route, {})[status] = n
@@ -112,6 +150,12 @@ def render(
     for reasons in ended_of.values():
         for reason, n in reasons.items():
             ended[reason] = ended.get(reason, 0) + n
+    # Of the calls ended "refused", whose answer the carrier got, by status:
+    # the fleet's own passed through, or the ingress's (`Registry.refused`;
+    # none from workers of a release before it).
+    refused: dict[str, dict[str, int]] = {"fleet": {}, "ingress": {}}
+    for (who, status), n in counts.family("calls_refused", 2):
+        refused.setdefault(who, {})[status] = n
     gauges = counts.gauges
     # The calls handed a slot after a wait in the queue, and their waits' sum
     # (fleet_ingress_queue_wait_seconds: its count and sum; none before a
@@ -138,6 +182,7 @@ def render(
             "acme_refused_connections": counts.counter("acme_refused_connections"),
             "acme_evicted_connections": counts.counter("acme_evicted_connections"),
             "calls_ended": dict(sorted(ended.items())),
+            "calls_refused": refused,
             "active_calls": gauges.get(("active_calls",), 0),
             "queue_length": queue_length,
             "queue_timeouts": queue_timeouts,
@@ -148,6 +193,9 @@ def render(
             "bytes_to_carrier": counts.counter("bytes_to_carrier"),
         },
         "fleets": [fleet_row(f, capacity_key, counts, responses_of, ended_of) for f in fleets],
+        "removed_fleets": removed_fleets_row(
+            {f.name for f in fleets}, counts, responses_of, ended_of
+        ),
     }
     if workers is not None:
         snap["workers"] = list(workers)

@@ -12,6 +12,8 @@ from html import escape
 from typing import Any
 
 from fleet_ingress.ops.fleet_display import (
+    REMOVED_NOTE,
+    REMOVED_ROW,
     admin_saved,
     calls_ended_summary,
     certificate_chain_doubted,
@@ -25,6 +27,7 @@ from fleet_ingress.ops.fleet_display import (
     oom_count_broad,
     probed,
     queue_waits,
+    removed_shown,
     shown_free,
     shown_health,
     supervisor_oom_killed,
@@ -199,6 +202,26 @@ def _fleet_row(f: dict[str, Any]) -> str:
     )
 
 
+def _removed_row(snap: dict[str, Any]) -> str:
+    """Every fleet removed since the start, its lifetime totals summed: the
+    fleets' rows add up to the frontend's totals."""
+    gone = removed_shown(snap)
+    if gone is None:
+        return ""
+    return (
+        '<tr id="removed-fleets">'
+        f'<td class="l" title="{escape(REMOVED_NOTE)}"><b>{escape(REMOVED_ROW)}</b><br>'
+        '<span class="muted">fleets removed since the start</span></td>'
+        + _cell(None) * 6  # health, admin, calls/maxconn, free (2), last check
+        + _cell(gone["calls_total"])
+        + _cell(ended_otherwise(gone).replace(",", ", "), "l")
+        + _cell(gone["responses_429"])
+        + _cell(gone["retries"])
+        + _cell(None)
+        + "</tr>"
+    )
+
+
 def render_stats_page(snap: dict[str, Any]) -> str:
     return _page(snap, [_fleet_row(f) for f in snap["fleets"]])
 
@@ -246,7 +269,7 @@ refreshes every {REFRESH_SECONDS}s</div>
 <th class="l" title="calls ended other than by a hang-up (carrier or fleet closed), by why">
 ended, not hung up</th><th>429s</th><th>retries</th><th>check failures</th></tr>
 {"".join(rows) or '<tr><td class="l" colspan="12">no fleets configured</td></tr>'}
-</table>
+{_removed_row(snap)}</table>
 <div class="muted" id="fleets-summary">{escape(fleets_summary(snap["fleets"]))}</div>
 <table id="frontend">
 <tr><th class="l">frontend</th><th class="l"></th></tr>
@@ -259,7 +282,8 @@ ended, not hung up</th><th>429s</th><th>retries</th><th>check failures</th></tr>
 <tr><td class="l">calls ended</td><td class="l">{ended}</td></tr>
 <tr><td class="l">requests</td><td class="l">{requests or "-"}</td></tr>
 <tr><td class="l">bytes relayed</td><td class="l">{fe["bytes_from_carrier"]} from carriers,
- {fe["bytes_to_carrier"]} to carriers</td></tr>
+ {fe["bytes_to_carrier"]} to carriers <span class="muted">(a fleet's answer passed through
+ counts, the ingress's own answers do not)</span></td></tr>
 <tr><td class="l">certificate expires</td><td class="l">{escape(cert)}</td></tr>
 </table>
 {_workers_table(snap)}<div class="muted">/stats.json and /metrics hold the same data.</div>

@@ -90,7 +90,7 @@ from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.fleet_ops import FORCED_ABORT_WAIT, FORCED_REMOVAL_WAIT
-from fleet_ingress.ops.host_stats import WorkerReporter
+from fleet_ingress.ops.host_stats import WorkerReporter, calls_bytes
 from fleet_ingress.release import code_digest
 from fleet_ingress.service import glibc_malloc
 from fleet_ingress.service.carrier_certificate import (
@@ -169,7 +169,9 @@ class Worker:
             lambda: client.fleets.values(),
             self.ingress.metrics.histograms,
             draining=self.stop.is_set,
+            forgotten=lambda: client.forgotten,
         )
+        client.calls_bytes = lambda: calls_bytes(self.ingress.registry)
         self.ingress.registry.on_counted.append(client.report_soon)
         client.live = lambda: bool(self.ingress.registry.calls)
         self._tasks: set[asyncio.Task[Any]] = set()
