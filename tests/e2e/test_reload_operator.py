@@ -365,3 +365,45 @@ async def test_stat_says_a_listener_a_reload_could_not_move_until_a_restart(
         await call.close()
     finally:
         await service.finish()
+
+
+async def test_restart_needed_stands_through_a_refused_reload(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """listen.wss moved by an applied reload, then a reload refused (a botched
+    edit): the ingress still runs the moved address's configuration on the
+    socket bound at start, and `check --live` still fails, so stat still says
+    RESTART NEEDED. It said nothing once the last reload was a refused one
+    (the line read only the last reload's answer)."""
+    service = await RunningIngress.start(tls_files, [f"{roomy_fleet.url} name=a"], workers=1)
+    config = service.home / "ingress.toml"
+    start = config.read_text()
+    try:
+        await service.fleets_up()
+        call = await connect(service.url(), ssl=tls_files.client_context(), open_timeout=15)
+        await echo(call)
+        moved = start.replace(f"127.0.0.1:{service.port}", f"127.0.0.1:{await free_port()}")
+        assert moved != start
+        config.write_text(moved)
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and "listen.wss changed" in said, said
+        config.write_text(moved + "\n[limits\n")  # a syntax error: refused
+        code, said = await admin_command(service, "reload")
+        assert code != 0, said
+        code, shown = await admin_command(service, "stat")
+        assert "RELOAD REFUSED" in shown or "refused" in shown, shown
+        (line,) = [line for line in shown.splitlines() if line.startswith("RESTART NEEDED")]
+        assert "listen.wss changed: takes effect at the next restart" in line, line
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{service.stats_port}/stats") as page:
+                assert 'id="restart-needed"' in await page.text()
+        # The address bound written back and reloaded: nothing to say.
+        config.write_text(start)
+        code, said = await admin_command(service, "reload")
+        assert code == 0, said
+        code, shown = await admin_command(service, "stat")
+        assert "RESTART NEEDED" not in shown, shown
+        await echo(call)
+        await call.close()
+    finally:
+        await service.finish()

@@ -57,6 +57,7 @@ from tests.support import (
     echo,
     eventually,
     fill_unread_channel,
+    free_port,
     metric_samples,
     offer_session,
     run_cli,
@@ -575,6 +576,36 @@ async def test_a_changed_worker_count_takes_effect_at_the_next_upgrade(
         said = [e for e in service.log() if "process.workers changed" in e["event"]]
         assert [(e["workers_before"], e["workers"]) for e in said] == [(1, 2)]
         assert (await service.stats())["workers_from"] == "2 (process.workers)"  # stat's line
+    finally:
+        await service.finish()
+
+
+async def test_restart_needed_is_still_said_after_an_upgrade(
+    tls_files: TLSFiles, fleets: list[SimulatedFleet]
+) -> None:
+    """listen.wss moved by a reload: an upgrade keeps the socket bound at start
+    (its new image takes it over), so the listener is still not where the file
+    says and stat still says RESTART NEEDED. It said nothing after the upgrade:
+    the line read the last reload's answer, which an upgrade does not carry
+    (the review of session 38)."""
+    lines = [f"{sim.url} name={sim.name}" for sim in fleets]
+    service = await RunningIngress.start(tls_files, lines, workers=1, env=PATIENT_PROBES)
+    try:
+        config = service.home / "ingress.toml"
+        moved = config.read_text().replace(
+            f"127.0.0.1:{service.port}", f"127.0.0.1:{await free_port()}"
+        )
+        config.write_text(moved)
+        code, said = await admin_command(service, "reload")
+        assert code == 0 and "listen.wss changed" in said, said
+        code, _, err = await _upgrade_command(service)
+        assert code == 0, err
+        code, shown = await admin_command(service, "stat")
+        (line,) = [line for line in shown.splitlines() if line.startswith("RESTART NEEDED")]
+        assert "listen.wss changed: takes effect at the next restart" in line, line
+        call = await connect(service.url(), ssl=tls_files.client_context(), open_timeout=15)
+        await echo(call)  # on the address bound at start, still
+        await call.close()
     finally:
         await service.finish()
 

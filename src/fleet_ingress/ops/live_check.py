@@ -163,6 +163,10 @@ class _NotHTTP(Exception):
     """What came back is not an HTTP/1.1 answer; the message says how."""
 
 
+class _TooLarge(Exception):
+    """The answer passed MAX_ANSWER_BYTES (named with its listener by _bounded)."""
+
+
 class LiveResult(NamedTuple):
     live: bool
     line: str
@@ -373,6 +377,8 @@ def _bounded(ask: Any, deadline: _Deadline, what: str) -> Any:
         raise NotLive(f"{what}: closed the connection without an answer") from None
     except _NotHTTP as exc:
         raise NotLive(f"{what}: not an HTTP answer: {exc}") from None
+    except _TooLarge:
+        raise NotLive(f"{what}: answer larger than {MAX_ANSWER_BYTES} bytes") from None
 
 
 def _shown(address: str) -> str:
@@ -538,7 +544,7 @@ class _Answer:
             return False
         self.size += len(data)
         if self.size > MAX_ANSWER_BYTES:
-            raise NotLive(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+            raise _TooLarge
         self.data += data
         return True
 

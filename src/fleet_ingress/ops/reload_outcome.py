@@ -84,12 +84,22 @@ def listeners_not_moved(snap: dict[str, Any]) -> str | None:
     answer and its journal line scroll away, and stat said nothing while the
     ingress listened elsewhere than its file says and `check --live` (the
     track script of keepalived) failed (the operator-input audit of session 38).
-    Each reload compares with the start's, so the last one says it all."""
+    Read from the snapshot's `listeners_not_moved` (the bound listeners against
+    the configuration running): the last reload's answer alone lost it once a
+    reload was refused after (a botched edit), and after an upgrade, which keeps
+    the sockets bound but not the last reload. The reload's time is said when the
+    last reload applied the file. (A snapshot without the key, an ingress of an
+    earlier release: its last reload's answer, as then.)"""
     last = snap.get("last_reload")
-    if last is None or was_refused(last) or not isinstance(last.get("changes"), str):
-        return None
-    notes = _LISTENER_NOTE.findall(last["changes"])
+    applied = last if isinstance(last, dict) and not was_refused(last) else None
+    notes = snap.get("listeners_not_moved")
+    if not isinstance(notes, list):
+        changes = None if applied is None else applied.get("changes")
+        notes = _LISTENER_NOTE.findall(changes) if isinstance(changes, str) else []
     if not notes:
         return None
-    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(last["time"]))
-    return f"RESTART NEEDED (reload {when}): " + "; ".join(notes)
+    said = "; ".join(str(note) for note in notes)
+    if applied is None or not isinstance(applied.get("time"), int | float):
+        return f"RESTART NEEDED: {said}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(applied["time"]))
+    return f"RESTART NEEDED (reload {when}): {said}"

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from typing import Any, Protocol
 
-from fleet_ingress.config.settings import IngressConfig
+from fleet_ingress.config.settings import IngressConfig, ListenSection
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.certificate_change import LeafFacts
 from fleet_ingress.core.health import Health
@@ -20,7 +20,7 @@ from fleet_ingress.core.host_view import HostView
 from fleet_ingress.ops.host_stats import host_snapshot, with_drain_end
 from fleet_ingress.ops.reload_outcome import REFUSED_RELOAD_STATUS, was_refused
 from fleet_ingress.service.files_on_disk import FilesOnDisk, served_early, served_refused
-from fleet_ingress.service.ingress import STOP_GRACE
+from fleet_ingress.service.ingress import STOP_GRACE, listeners_not_moved_notes
 from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import fd_store_picture
@@ -46,6 +46,7 @@ class Pictured(Protocol):
     quick_deaths: int
     spawn_error: str | None
     listeners: dict[str, socket.socket]
+    bound_listen: ListenSection
     last_reload: dict[str, Any] | None
     serving_leaf: LeafFacts | None
     restarts: Counter[str]
@@ -101,6 +102,9 @@ def snapshot_of(supervisor: Pictured) -> dict[str, Any]:
     picture["generation"] = supervisor.generation
     picture["upgrade"] = supervisor.upgrade.latest
     picture["upgrade_last_finished"] = supervisor.upgrade.last_finished
+    picture["listeners_not_moved"] = listeners_not_moved_notes(
+        supervisor.bound_listen, supervisor.config
+    )
     return picture
 
 

@@ -449,7 +449,7 @@ class Ingress:
         return {"ended": row, "reason": why}
 
     def snapshot(self) -> dict[str, Any]:
-        return snapshot(
+        snap = snapshot(
             self.balancer,
             self.registry,
             self.dispatcher,
@@ -461,6 +461,9 @@ class Ingress:
             acme_listening=self._acme is not None,
             histograms=self.metrics.histograms,
         )
+        if not self.worker:  # a worker's listeners are its supervisor's
+            snap["listeners_not_moved"] = listeners_not_moved_notes(self.bound_listen, self.config)
+        return snap
 
     @property
     def wss_address(self) -> tuple[str, int]:
@@ -889,21 +892,32 @@ def read_reload(
 RUNNING_CONFIG_ENV = "INGRESS_RUNNING_CONFIG"
 
 
+_LISTEN_KEYS = ("wss", "acme", "stats", "admin_socket")
+
+
 def listener_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
     """Listeners stay bound where they were bound at start: compared with that,
     not with the last reload, so that putting an address back says nothing."""
-    notes = []
-    for key in ("wss", "acme", "stats", "admin_socket"):
+    for key in _LISTEN_KEYS:
         listening, wanted = getattr(bound, key), getattr(config.listen, key)
         if listening != wanted:
-            notes.append(
-                f"listen.{key} {LISTENER_NOT_MOVED}" + (WSS_NOT_MOVED if key == "wss" else "")
-            )
             log.warning(
                 "listener not moved by a reload: restart to apply",
                 extra=fields(key=f"listen.{key}", listening=listening, configured=wanted),
             )
-    return notes
+    return listeners_not_moved_notes(bound, config)
+
+
+def listeners_not_moved_notes(bound: ListenSection, config: IngressConfig) -> list[str]:
+    """listener_notes without its log lines, for every snapshot (`stat`'s RESTART
+    NEEDED): from the state, not from the last reload's answer, which a reload
+    refused after (a botched edit) replaced, and an upgrade does not carry, while
+    the listener stayed where it was bound (the review of session 38)."""
+    return [
+        f"listen.{key} {LISTENER_NOT_MOVED}" + (WSS_NOT_MOVED if key == "wss" else "")
+        for key in _LISTEN_KEYS
+        if getattr(bound, key) != getattr(config.listen, key)
+    ]
 
 
 def probe_settings(config: IngressConfig) -> ProbeSettings:
