@@ -152,11 +152,8 @@ from fleet_ingress.service.oom_verdict import (
 )
 from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
-from fleet_ingress.service.store_keeping import (
-    SessionTicketKeys,
-    StoreTakenUp,
-    fd_store_picture,
-)
+from fleet_ingress.service.store_keeping import StoreTakenUp, fd_store_picture
+from fleet_ingress.service.ticket_keys import SessionTicketKeys
 from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
@@ -264,7 +261,7 @@ class Supervisor:
         carrier_ssl_context(config, pem)
         self.serving_pem = pem  # the certificate and key served now, as checked
         # The keys every worker of this image seals its session tickets with
-        # (`service.store_keeping`).
+        # (`service.ticket_keys`).
         self.tickets = SessionTicketKeys()
         # What this start serves other than what the files hold, said once more
         # by the upgrade that re-executed into it (`upgrade` prints it).

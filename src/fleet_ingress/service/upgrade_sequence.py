@@ -66,7 +66,8 @@ from fleet_ingress.service.oom_kills import OomKills, rose_since
 from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
-from fleet_ingress.service.store_keeping import SessionTicketKeys, StoreTakenUp
+from fleet_ingress.service.store_keeping import StoreTakenUp
+from fleet_ingress.service.ticket_keys import SessionTicketKeys
 from fleet_ingress.service.upgrade import (
     UPGRADE_STATE,
     AdoptedProcess,
