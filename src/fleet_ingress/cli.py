@@ -760,7 +760,7 @@ def _run(config_path: Path) -> int:
     )
     from fleet_ingress.service.fd_store import HandedBack, taken_from_store
     from fleet_ingress.service.listen_fds import ListenFdsError, adopt, worker_key
-    from fleet_ingress.service.supervisor import Supervisor, WorkerStartError
+    from fleet_ingress.service.supervisor import Supervisor
     from fleet_ingress.service.supervisor_process import run_supervisor
     from fleet_ingress.service.upgrade import (
         REEXEC_READ_EVERY,
@@ -770,6 +770,7 @@ def _run(config_path: Path) -> int:
         served_pem,
         take_state,
     )
+    from fleet_ingress.service.worker_pool import WorkerStartError
 
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:

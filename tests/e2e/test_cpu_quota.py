@@ -165,7 +165,10 @@ async def test_a_reload_counts_auto_off_the_supervisors_loop(
     running = asyncio.ensure_future(run_supervisor(supervisor))
     try:
         await eventually(
-            lambda: 0 < supervisor.worker_target == supervisor.serving_workers() or running.done(),
+            lambda: (
+                0 < supervisor.pool.worker_target == supervisor.pool.serving_workers()
+                or running.done()
+            ),
             timeout=30,
         )
         assert not running.done(), running.exception()

@@ -62,14 +62,14 @@ async def test_the_status_line_does_not_call_an_upgrades_new_workers_old(
     supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
     procs = [await asyncio.create_subprocess_exec("sleep", "30") for _ in range(3)]
     try:
-        new = supervisor.generation + 1
-        supervisor.workers[9001] = WorkerProcess(procs[0], new, 9001, candidate=True)
-        supervisor.workers[9002] = WorkerProcess(procs[1], new, 9002, candidate=True)
+        new = supervisor.pool.generation + 1
+        supervisor.pool.workers[9001] = WorkerProcess(procs[0], new, 9001, candidate=True)
+        supervisor.pool.workers[9002] = WorkerProcess(procs[1], new, 9002, candidate=True)
         line = supervisor.status_line()
         assert "older generation" not in line, line
         assert "(+2 of the next generation starting)" in line, line
-        old = WorkerProcess(procs[2], supervisor.generation - 1, 9003, retiring=True)
-        supervisor.workers[9003] = old
+        old = WorkerProcess(procs[2], supervisor.pool.generation - 1, 9003, retiring=True)
+        supervisor.pool.workers[9003] = old
         line = supervisor.status_line()
         assert "(+1 of an older generation draining, +2 of the next generation starting)" in (
             line

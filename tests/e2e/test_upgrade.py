@@ -42,9 +42,10 @@ from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_display import upgrade_failed
 from fleet_ingress.release import code_digest
-from fleet_ingress.service.supervisor import LOST_CHANNEL_CONFIRM, Supervisor
+from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
+from fleet_ingress.service.worker_pool import LOST_CHANNEL_CONFIRM
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 from tests.support import (
@@ -1776,7 +1777,7 @@ async def test_a_certificate_cut_at_the_exec_leaves_the_new_image_serving_the_ca
 
 # Raised here, the new image fails as it takes up the carried state, before it
 # has a supervisor.
-_NO_SUPERVISOR_YET = '        supervisor.restarts.update(carried["restarts"])\n'
+_NO_SUPERVISOR_YET = '        supervisor.pool.restarts.update(carried["restarts"])\n'
 
 
 @pytest.mark.parametrize(
@@ -1999,7 +2000,7 @@ async def test_an_upgrade_out_of_descriptors_half_way_is_abandoned_whole(
 def _slow_replacements(src: Path, seconds: float) -> None:
     """The copied supervisor waits `seconds` before replacing any dead worker
     (as its crash-loop backoff does): a replacement is pending for that long."""
-    path = src / "fleet_ingress" / "service" / "supervisor.py"
+    path = src / "fleet_ingress" / "service" / "worker_pool.py"
     path.write_text(
         path.read_text() + f"\n\ndef respawn_delay(quick_deaths):\n    return {seconds}\n"
     )
@@ -2554,11 +2555,11 @@ def _plant_lines(
     code: list[str],
     *,
     after: bool = False,
-    module: str = "service/supervisor.py",
+    module: str = "service/worker_pool.py",
 ) -> None:
     """Plant `code` (lines, indented as a block of their own) before (or
     after) the one line holding `anchor` in the copied package's `module`
-    (the supervisor's by default), at its indent."""
+    (the workers' pool's by default), at its indent."""
     path = src / "fleet_ingress" / module
     lines = path.read_text().splitlines(keepends=True)
     (at,) = [i for i, line in enumerate(lines) if anchor in line]
@@ -2576,8 +2577,8 @@ def _pause_until_trial_passed(src: Path, anchor: str, when: str) -> None:
         src,
         anchor,
         [
-            f"if ({when}) and not self.upgrade.resumed:",
-            "    while not getattr(self.upgrade, '_trial_passed', False):",
+            f"if ({when}) and not self.supervisor.upgrade.resumed:",
+            "    while not getattr(self.supervisor.upgrade, '_trial_passed', False):",
             "        await asyncio.sleep(0.01)",
             "    await asyncio.sleep(1.2)",
         ],
@@ -2650,7 +2651,7 @@ async def test_a_worker_reaped_just_before_the_exec_is_counted_with_its_real_exi
     _plant_lines(
         src,
         "def _still_running(self, key: int, pid: int) -> bool:",
-        ["    if not self.upgrade.resumed:", f"        return {channel_first}"],
+        ["    if not self.supervisor.upgrade.resumed:", f"        return {channel_first}"],
         after=True,
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)
@@ -2719,7 +2720,7 @@ async def test_a_worker_reaped_with_its_channel_unread_at_the_exec_is_counted_wi
         [
             "for channel in list(self.supervisor.server._channels.values()):",
             "    channel.transport.pause_reading()",
-            "(victim,) = self.supervisor.workers.values()",
+            "(victim,) = self.supervisor.pool.workers.values()",
             "victim.proc.kill()",
             "while victim.proc.returncode is None:",
             "    await asyncio.sleep(0.01)",
@@ -2788,7 +2789,7 @@ async def test_a_line_a_worker_was_sending_at_the_exec_goes_over_in_the_state(
         assert [(r.pid, r.calls) for r in new.slots.workers] == [(os.getpid(), 0)]
         assert not worker.lost.done()
         # Its CPU goes over too: a replacement started later takes another.
-        assert [w.cpu for w in new.workers.values()] == [1]
+        assert [w.cpu for w in new.pool.workers.values()] == [1]
         assert new.upgrade._state_for_exec()["workers"][0]["cpu"] == 1
     finally:
         worker.close()
@@ -2923,7 +2924,7 @@ async def _close_adopting(new: Supervisor) -> None:
     """Close a supervisor that adopted workers in this test and each adoption's
     pidfd (the workers are this process's children, not its)."""
     await new.close()
-    for adopted in new.workers.values():
+    for adopted in new.pool.workers.values():
         assert isinstance(adopted.proc, AdoptedProcess)
         adopted.proc._close()
 
@@ -2960,12 +2961,12 @@ async def test_a_worker_exiting_at_the_exec_is_one_of_the_new_images_workers(
     new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=child.pid))
     try:
         await new.upgrade.adopt_workers({})
-        (worker,) = new.workers.values()
+        (worker,) = new.pool.workers.values()
         assert worker.pid == child.pid and worker.left.is_set()
         assert [w["pid"] for w in new.upgrade._state_for_exec()["workers"]] == [child.pid]
-        await new.wait_workers(0.2)  # as a stop does, after its drain
+        await new.pool.wait_workers(0.2)  # as a stop does, after its drain
         assert worker.proc.returncode == -signal.SIGKILL
-        assert not new.workers
+        assert not new.pool.workers
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
@@ -2986,7 +2987,7 @@ async def test_a_channel_lost_worker_holding_nothing_keeps_its_kill_deadline_ove
     new = _supervisor(tmp_path, carried=carried)
     try:
         await new.upgrade.adopt_workers({})
-        (worker,) = new.workers.values()
+        (worker,) = new.pool.workers.values()
         assert worker.channel_lost and worker.retire_by == deadline
         assert not new.slots.workers  # it held nothing: no row
         (again,) = new.upgrade._state_for_exec()["workers"]
@@ -3015,8 +3016,8 @@ async def test_a_channel_lost_worker_reaped_clean_just_before_the_exec_loses_no_
     new = _supervisor(tmp_path, carried=carried)
     try:
         await new.upgrade.adopt_workers({})
-        await eventually(lambda: not new.workers)  # its exit counted
-        assert (new.calls_lost_total, dict(new.restarts)) == (0, {"exited": 1})
+        await eventually(lambda: not new.pool.workers)  # its exit counted
+        assert (new.pool.calls_lost_total, dict(new.pool.restarts)) == (0, {"exited": 1})
         assert [f.active for f in new.balancer.fleets] == [0]  # nothing kept for it
     finally:
         await new.close()
@@ -3035,9 +3036,9 @@ async def test_a_worker_whose_channel_came_over_is_not_watched_twice_once_reaped
     new = _supervisor(tmp_path, carried=_carried_with(tmp_path, pid=2**22 + 9, exit_code=1))
     try:
         new.upgrade._watch_channelless(adopted={2**22 + 9})  # its channel came over; reaped since
-        assert not new.workers
+        assert not new.pool.workers
         await asyncio.sleep(0.05)
-        assert dict(new.restarts) == {}  # counted by its own watcher alone (none here)
+        assert dict(new.pool.restarts) == {}  # counted by its own watcher alone (none here)
     finally:
         await new.close()
 
@@ -3097,7 +3098,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
     ours, theirs = socket.socketpair()
     await supervisor.server.adopt(ours, worker=(4242, 1))
     worker = await SlotClient.connect(sock=theirs, pid=4242, generation=1, answer_timeout=5)
-    starting = asyncio.create_task(supervisor.spawn(1))
+    starting = asyncio.create_task(supervisor.pool.spawn(1))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     waits: list[float] = []
 
@@ -3112,7 +3113,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
 
     asking = asyncio.ensure_future(stat_all_along())
     try:
-        await eventually(lambda: supervisor._spawns == 1)
+        await eventually(lambda: supervisor.pool._spawns == 1)
         async with asyncio.timeout(40):  # the trial run: a second or a few
             code = await _await_upgrade(admin, sys.stdout)
         asking.cancel()
@@ -3128,15 +3129,15 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
         assert (reexecs, handovers) == ([], [])
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # handled again
         assert not set(HELD_OVER_EXEC) & mask
-        assert not starting.done() and supervisor._spawns == 1  # left to finish
+        assert not starting.done() and supervisor.pool._spawns == 1  # left to finish
         # The coordinator reads and grants as before; the channel never closed.
         assert (await worker.lease()).fleet.name == "a"
         assert not worker.lost.done() and not supervisor.slots.paused
         # Once the start has ended, an upgrade may go on again (here: to the guard).
         never.set()
         await starting
-        assert supervisor._spawns == 0
-        assert await supervisor.starts_settled(0.3)
+        assert supervisor.pool._spawns == 0
+        assert await supervisor.pool.starts_settled(0.3)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # whatever happened: not this test's
         asking.cancel()
@@ -3350,7 +3351,7 @@ async def test_a_stop_while_the_upgrade_quiets_the_listeners_leaves_none_accepti
         # Quiet: the stop comes (run_supervisor: the workers exit at once having
         # no calls, then close()).
         supervisor.stop_asked.set()
-        supervisor.stopping = True
+        supervisor.pool.stopping = True
         began = time.monotonic()
         await asyncio.wait_for(supervisor.close(), 30)
         assert time.monotonic() - began < 15  # WEB_QUIESCE at most, not 60 s more
@@ -3384,7 +3385,7 @@ async def test_a_worker_whose_channel_ended_just_before_the_exec_is_confirmed_lo
     new = _supervisor(tmp_path, carried=carried)
     try:
         await new.upgrade.adopt_workers({})
-        (worker,) = new.workers.values()
+        (worker,) = new.pool.workers.values()
         assert not worker.channel_lost
         assert [(r.pid, r.calls, r.channel_lost) for r in new.slots.workers] == [
             (child.pid, 1, True)
@@ -3436,8 +3437,8 @@ async def test_a_worker_draining_at_once_after_its_channel_was_cut_is_no_death_o
     new = _supervisor(tmp_path, carried=carried)
     try:
         await new.upgrade.adopt_workers({})
-        await eventually(lambda: not new.workers, 5)
-        assert new.calls_lost_total == 0
+        await eventually(lambda: not new.pool.workers, 5)
+        assert new.pool.calls_lost_total == 0
         said = [r.getMessage() for r in caplog.records if r.name.startswith("fleet_ingress")]
         assert not [m for m in said if m.startswith("worker died")]
     finally:

@@ -42,7 +42,7 @@ async def test_children_not_taken_up_get_their_grace_after_a_stall_during_the_wa
         config=SimpleNamespace(timeouts=SimpleNamespace(drain=0.3)),
         stop_accepting=stop_accepting,
         handed={},
-        wait_workers=wait_workers,
+        pool=SimpleNamespace(wait_workers=wait_workers),
     )
     try:
         async with asyncio.timeout(10):

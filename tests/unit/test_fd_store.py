@@ -983,14 +983,14 @@ async def test_a_channel_cut_before_adopt_returns_leaves_the_store_though_its_wo
     theirs.setblocking(False)
     try:
         await new.upgrade.adopt_workers(new.handed)
-        (worker,) = new.workers.values()
+        (worker,) = new.pool.workers.values()
         assert worker.left.is_set()  # the supervisor took it as gone
         store.read()
         assert name not in store.kept
         assert _sees_end(theirs)  # so the worker drains
     finally:
         await new.close()
-        for adopted in new.workers.values():
+        for adopted in new.pool.workers.values():
             adopted.proc._close()  # type: ignore[attr-defined]
         store.close()
         theirs.close()
@@ -1179,14 +1179,14 @@ async def test_an_exec_carrying_its_worker_count_does_not_count_auto_again(
 
     monkeypatch.setattr(settings, "usable_cpus", usable_cpus)
     old = Supervisor(config, specs, tmp_path / "ingress.toml")
-    old.worker_target, old.workers_from = 2, "2 (CPUQuota 200% of 64 CPUs)"
+    old.pool.worker_target, old.pool.workers_from = 2, "2 (CPUQuota 200% of 64 CPUs)"
     carried = json.loads(json.dumps(old.upgrade._state_for_exec()))
     new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
-    assert (new.worker_target, new.workers_from) == (2, "2 (CPUQuota 200% of 64 CPUs)")
+    assert (new.pool.worker_target, new.pool.workers_from) == (2, "2 (CPUQuota 200% of 64 CPUs)")
     assert counted == []
     del carried["workers_from"]  # a release that did not carry it: counted
     new = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
-    assert (new.worker_target, counted) == (2, [1])
+    assert (new.pool.worker_target, counted) == (2, [1])
 
 
 def test_an_earlier_images_snapshot_left_by_a_lost_remove_is_not_taken_over_the_newer():

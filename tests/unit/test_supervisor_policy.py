@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from fleet_ingress.logs import _FIELDS
-from fleet_ingress.service.supervisor import RESPAWN_DELAY_MAX, pick_cpu, respawn_delay
 from fleet_ingress.service.worker import _pin_to, _say_pinned
 from fleet_ingress.service.worker_exits import exit_status
+from fleet_ingress.service.worker_pool import RESPAWN_DELAY_MAX, pick_cpu, respawn_delay
 
 
 @pytest.mark.parametrize(

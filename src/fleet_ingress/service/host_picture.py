@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections import Counter
 from typing import Any, Protocol
 
 from fleet_ingress.config.settings import IngressConfig, ListenSection
@@ -25,7 +24,7 @@ from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import fd_store_picture
 from fleet_ingress.service.upgrade_sequence import UpgradeSequence
-from fleet_ingress.service.worker_process import WorkerProcess
+from fleet_ingress.service.worker_pool import WorkerPool
 
 
 class Pictured(Protocol):
@@ -37,23 +36,13 @@ class Pictured(Protocol):
     view: HostView
     files: FilesOnDisk
     started_at: float
-    stopping: bool
-    generation: int
-    workers: dict[int, WorkerProcess]
-    worker_target: int
-    workers_from: str
-    hang_timeout: float
-    quick_deaths: int
-    spawn_error: str | None
+    pool: WorkerPool
     listeners: dict[str, socket.socket]
     bound_listen: ListenSection
     last_reload: dict[str, Any] | None
     serving_leaf: LeafFacts | None
-    restarts: Counter[str]
-    calls_lost_total: int
     supervisor_oom_kills: int
     supervisor_oom_kills_possibly: int
-    worker_oom_kills: int
     oom_verdict: OomVerdict
     notifier: Notifier | None
     upgrade: UpgradeSequence
@@ -64,10 +53,6 @@ class Pictured(Protocol):
     @property
     def certificate_not_after(self) -> float | None: ...
 
-    def serving_workers(self) -> int: ...
-
-    def unresponsive_workers(self) -> list[int]: ...
-
 
 def snapshot_of(supervisor: Pictured) -> dict[str, Any]:
     """What `stat`, /stats.json and the stats page show of the host (`ops.snapshot`)."""
@@ -77,29 +62,29 @@ def snapshot_of(supervisor: Pictured) -> dict[str, Any]:
         started_at=supervisor.started_at,
         certificate_not_after=supervisor.certificate_not_after,
         capacity_key=supervisor.config.fleets.capacity_key,
-        stopping=supervisor.stopping,
+        stopping=supervisor.pool.stopping,
         last_reload=supervisor.last_reload,
         acme_listening="listen.acme" in supervisor.listeners,
     )
     _say_drain_ends(supervisor, picture["workers"])
-    picture["worker_restarts"] = dict(supervisor.restarts)
+    picture["worker_restarts"] = dict(supervisor.pool.restarts)
     picture["supervisor_oom_kills"] = supervisor.supervisor_oom_kills
     picture["supervisor_oom_kills_possibly"] = supervisor.supervisor_oom_kills_possibly
     picture["fd_store"] = fd_store_picture(getattr(supervisor, "notifier", None))
-    picture["worker_oom_kills"] = supervisor.worker_oom_kills
+    picture["worker_oom_kills"] = supervisor.pool.worker_oom_kills
     # Where the OOM kills are counted, when that counts other processes' too.
     # (None where the kernel's log names the pids killed: it decides there.)
     picture["oom_kills_broad"] = supervisor.oom_verdict.broad()
-    picture["worker_calls_lost"] = supervisor.calls_lost_total
-    picture["workers_wanted"] = supervisor.worker_target
-    picture["workers_from"] = supervisor.workers_from
-    picture["workers_serving"] = supervisor.serving_workers()
-    picture["workers_unresponsive"] = supervisor.unresponsive_workers()
-    picture["worker_hang_timeout"] = supervisor.hang_timeout
-    picture["workers_dying_at_start"] = supervisor.quick_deaths
-    picture["worker_start_error"] = supervisor.spawn_error
+    picture["worker_calls_lost"] = supervisor.pool.calls_lost_total
+    picture["workers_wanted"] = supervisor.pool.worker_target
+    picture["workers_from"] = supervisor.pool.workers_from
+    picture["workers_serving"] = supervisor.pool.serving_workers()
+    picture["workers_unresponsive"] = supervisor.pool.unresponsive_workers()
+    picture["worker_hang_timeout"] = supervisor.pool.hang_timeout
+    picture["workers_dying_at_start"] = supervisor.pool.quick_deaths
+    picture["worker_start_error"] = supervisor.pool.spawn_error
     picture.update(supervisor.files.picture(supervisor.serving_leaf))
-    picture["generation"] = supervisor.generation
+    picture["generation"] = supervisor.pool.generation
     picture["upgrade"] = supervisor.upgrade.latest
     picture["upgrade_last_finished"] = supervisor.upgrade.last_finished
     picture["listeners_not_moved"] = listeners_not_moved_notes(
@@ -112,9 +97,9 @@ def _say_drain_ends(supervisor: Pictured, rows: list[dict[str, Any]]) -> None:
     """When each draining worker closes the calls still up there: its
     backstop less STOP_GRACE (the worker's own drain ends then). Not while
     stopping: every worker then drains for timeouts.drain (STOPPING says)."""
-    if supervisor.stopping:
+    if supervisor.pool.stopping:
         return
-    draining = {w.pid: w for w in supervisor.workers.values() if w.retiring or w.channel_lost}
+    draining = {w.pid: w for w in supervisor.pool.workers.values() if w.retiring or w.channel_lost}
     now = time.monotonic()
     for row in rows:
         if (worker := draining.get(row["pid"])) is None:
@@ -131,7 +116,7 @@ def status_line_of(supervisor: Pictured) -> str:
     return (
         f"{supervisor.host_calls} calls, {up}/{len(fleets)} fleets up, "
         f"{eligible} taking calls, queue {supervisor.slots.queue_length}, "
-        f"{_workers_said(supervisor)}, generation {supervisor.generation}"
+        f"{_workers_said(supervisor)}, generation {supervisor.pool.generation}"
         + (REFUSED_RELOAD_STATUS if was_refused(supervisor.last_reload) else "")
         + (
             "; LAST UPGRADE FAILED: see `fleet-ingress stat`"
@@ -163,12 +148,12 @@ def _workers_said(supervisor: Pictured) -> str:
     one a failed upgrade retired, as of a failed upgrade."""
     alive = [
         w
-        for w in supervisor.workers.values()
-        if w.generation != supervisor.generation and w.proc.returncode is None
+        for w in supervisor.pool.workers.values()
+        if w.generation != supervisor.pool.generation and w.proc.returncode is None
     ]
-    older = sum(1 for w in alive if w.generation < supervisor.generation)
-    starting = sum(1 for w in alive if w.generation > supervisor.generation and w.candidate)
-    failed = sum(1 for w in alive if w.generation > supervisor.generation and not w.candidate)
+    older = sum(1 for w in alive if w.generation < supervisor.pool.generation)
+    starting = sum(1 for w in alive if w.generation > supervisor.pool.generation and w.candidate)
+    failed = sum(1 for w in alive if w.generation > supervisor.pool.generation and not w.candidate)
     parts = [
         f"+{n} {what}"
         for n, what in (
@@ -178,7 +163,7 @@ def _workers_said(supervisor: Pictured) -> str:
         )
         if n
     ]
-    said = f"{supervisor.serving_workers()} workers"
+    said = f"{supervisor.pool.serving_workers()} workers"
     return said + (f" ({', '.join(parts)})" if parts else "")
 
 

@@ -44,7 +44,6 @@ from fleet_ingress.service.lifecycle import (
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.supervisor import (
-    _STALL_GRACE,
     ADMIN_SOCKET,
     RELOADER,
     STATE_SNAPSHOTS,
@@ -54,6 +53,7 @@ from fleet_ingress.service.supervisor import (
 )
 from fleet_ingress.service.upgrade import children_running
 from fleet_ingress.service.upgrade_sequence import FINISHED, HELD_OVER_EXEC
+from fleet_ingress.service.worker_pool import _STALL_GRACE
 
 log = logging.getLogger("fleet_ingress.lifecycle")
 
@@ -78,7 +78,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
             log.warning(
                 "second signal: closing every call and exiting", extra=fields(signal=signum)
             )
-            supervisor.cut()
+            supervisor.pool.cut()
             loop.call_later(SECOND_SIGNAL_GRACE, _exit_now, supervisor)
             return
         log.info("stopping: no new connections, draining calls", extra=fields(signal=signum))
@@ -130,15 +130,15 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     try:
         await supervisor.start()
     except BaseException:
-        supervisor.stopping = True
+        supervisor.pool.stopping = True
         try:
             if supervisor.upgrade.resumed:
                 # The watchdog pinged on: systemd 252 still enforces it after
                 # STOPPING=1 in a reload's state, and the drain lasts minutes.
                 await _drain_after_failed_resume(supervisor, notifier)
             else:
-                supervisor.kill_workers()
-                await supervisor.wait_workers(STOP_GRACE)
+                supervisor.pool.kill_workers()
+                await supervisor.pool.wait_workers(STOP_GRACE)
         finally:
             watchdog.cancel()
             if limit_read is not None:
@@ -195,7 +195,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
     await supervisor.stop_accepting()
     notifier.notify("STOPPING=1", f"STATUS=draining: {supervisor.status_line()}")
     drain = supervisor.config.timeouts.drain
-    await supervisor.wait_workers(drain + STOP_GRACE)
+    await supervisor.pool.wait_workers(drain + STOP_GRACE)
     await supervisor.close()
     log.info("stopped")
     notifier.close()
@@ -270,7 +270,7 @@ async def _drain_after_failed_resume(supervisor: Supervisor, notifier: Notifier)
     kill_at = PatientDeadline(deadline, _CHILDREN_EVERY, _STALL_GRACE)
     asking = asyncio.create_task(_keep_asking(kill_at))
     try:
-        await supervisor.wait_workers(max(0.0, deadline - time.monotonic()))
+        await supervisor.pool.wait_workers(max(0.0, deadline - time.monotonic()))
     finally:
         asking.cancel()
     while left := children_running():
@@ -311,7 +311,7 @@ async def _threads_without_held_signals(loop: asyncio.AbstractEventLoop) -> None
 
 
 def _exit_now(supervisor: Supervisor) -> None:
-    supervisor.kill_workers()
+    supervisor.pool.kill_workers()
     flush_lines(EXIT_FLUSH_WAIT)
     os._exit(0)
 
@@ -435,7 +435,7 @@ async def _keep_admin_socket(supervisor: Supervisor) -> None:
     """`KeptAdminSocket.keep_admin_socket` every ADMIN_SOCKET_LOOK_EVERY."""
     while True:
         await asyncio.sleep(ADMIN_SOCKET_LOOK_EVERY)
-        await supervisor.kept_admin_socket.keep_admin_socket(supervisor.stopping)
+        await supervisor.kept_admin_socket.keep_admin_socket(supervisor.pool.stopping)
 
 
 async def _keep_systemd_informed(supervisor: Supervisor, notifier: Notifier) -> None:

@@ -13,8 +13,9 @@ under way are kept). A new generation that cannot start is stopped and the
 old one never stopped accepting. READY=1; the outcome is kept (over the exec
 too) for `upgrade` to read on the admin socket.
 
-`UpgradeSequence` is the supervisor's (`service.supervisor`: it starts,
-watches, replaces and retires the workers, the sequence asks it to);
+`UpgradeSequence` is the supervisor's (`service.supervisor`; its workers'
+pool, `service.worker_pool`, starts, watches, replaces and retires the
+workers, the sequence asks it to);
 `Upgradable` is what the sequence needs of it. `service.upgrade` holds the
 pieces that are no step of the sequence: the trial run, the memfd and the
 fleets' part of the state, a worker process adopted from the previous image.
@@ -31,7 +32,6 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +82,7 @@ from fleet_ingress.service.upgrade import (
     unread_from_json,
     unread_to_json,
 )
+from fleet_ingress.service.worker_pool import WorkerPool
 from fleet_ingress.service.worker_process import WorkerProcess
 
 log = logging.getLogger("fleet_ingress.lifecycle")
@@ -132,16 +133,13 @@ class _ExecFailed(Exception):
 
 class Upgradable(Protocol):
     """The supervisor as its upgrade sees it (`service.supervisor.Supervisor`):
-    the state that goes over the exec, and the workers' lifecycle that the
-    sequence drives."""
+    the state that goes over the exec, and the workers' lives that the
+    sequence drives (`pool`)."""
 
     config: IngressConfig
     config_path: Path
-    generation: int
-    worker_target: int  # workers the serving generation should have
-    workers_from: str  # where that count came from ("2 (CPUQuota 200% of 64 CPUs)")
+    pool: WorkerPool  # the workers, the generation serving and its count, stopping
     started_at: float
-    stopping: bool
     stop_asked: asyncio.Event
     notifier: Notifier | None
     bound_listen: ListenSection
@@ -151,7 +149,6 @@ class Upgradable(Protocol):
     slots: HostSlots
     view: HostView
     server: SlotServer
-    workers: dict[int, WorkerProcess]
     reloads: Counter[str]
     last_reload: dict[str, Any] | None  # its outcome (`reload_outcome`), None before any
     file_read_text: str | None  # the configuration file as the service first read it
@@ -160,17 +157,13 @@ class Upgradable(Protocol):
     reloads_asked: asyncio.Queue[ReloadAsked]
     serving_leaf: LeafFacts | None  # the certificate served now, as reloads judge it
     serving_pem: CarrierPem  # its chain and key, as checked
-    restarts: Counter[str]
     task_failures: TaskFailures
-    calls_lost_total: int
     supervisor_deaths: int
     supervisor_oom_kills: int
     supervisor_oom_kills_possibly: int
-    worker_oom_kills: int
     oom_verdict: OomVerdict  # the kernel's OOM kills as read, and each SIGKILL death's verdict
     tickets: SessionTicketKeys  # the session ticket keys its workers seal tickets with
     store_taken_up: StoreTakenUp  # what the image before left of systemd's fd store
-    quick_deaths: int
     start_notes: list[str]  # what this image's start serves other than the files hold
 
     @property
@@ -178,27 +171,9 @@ class Upgradable(Protocol):
 
     def status_line(self) -> str: ...
 
-    def respawns_due(self) -> list[float]: ...
-
     def sockets_to_keep(self) -> dict[str, socket.socket]: ...
 
-    async def starts_settled(self, timeout: float) -> bool: ...
-
-    async def spawn(self, generation: int, *, candidate: bool = False) -> WorkerProcess: ...
-
-    async def wait_serving(
-        self, workers: Sequence[WorkerProcess], *, settle: float = 0.0
-    ) -> None: ...
-
-    def add_worker(self, worker: WorkerProcess) -> None: ...
-
     def write_snapshot(self) -> None: ...
-
-    def retire(self, worker: WorkerProcess) -> None: ...
-
-    def arm_backstop(self, worker: WorkerProcess) -> None: ...
-
-    def confirm_channel_lost_later(self, worker: WorkerProcess) -> None: ...
 
 
 class UpgradeSequence:
@@ -253,21 +228,25 @@ class UpgradeSequence:
                 spec, capacity_aware=supervisor.config.fleets.capacity_aware
             )
         restore_fleets(supervisor.balancer.fleets, carried["fleets"])
-        supervisor.generation = int(carried["generation"])
+        supervisor.pool.generation = int(carried["generation"])
         # (From a release that did not carry it: as configured now. Counted
         # only then: "auto" behind a cgroup namespace over the host's cgroupfs
         # reads up to 5000 groups (0.2-0.5 s) while no supervisor answers.)
         if carried.get("worker_target") and carried.get("workers_from"):
-            supervisor.worker_target = int(carried["worker_target"])
-            supervisor.workers_from = str(carried["workers_from"])
+            supervisor.pool.worker_target = int(carried["worker_target"])
+            supervisor.pool.workers_from = str(carried["workers_from"])
         else:
             count, because = supervisor.config.process.workers_from()
-            supervisor.worker_target = int(carried.get("worker_target") or count)
-            supervisor.workers_from = str(
+            supervisor.pool.worker_target = int(carried.get("worker_target") or count)
+            supervisor.pool.workers_from = str(
                 carried.get("workers_from")
-                or (because if supervisor.worker_target == count else supervisor.worker_target)
+                or (
+                    because
+                    if supervisor.pool.worker_target == count
+                    else supervisor.pool.worker_target
+                )
             )
-        supervisor.quick_deaths = int(carried.get("quick_deaths", 0))
+        supervisor.pool.quick_deaths = int(carried.get("quick_deaths", 0))
         self._carried_respawns = [float(due) for due in carried.get("respawns", [])]
         if "started_monotonic" in carried:
             supervisor.started_at = float(carried["started_monotonic"])
@@ -277,7 +256,7 @@ class UpgradeSequence:
         if carried.get("reload_pending"):
             log.info("a reload asked during the upgrade: done once this image serves")
             supervisor.reloads_asked.put_nowait(None)
-        supervisor.restarts.update(carried["restarts"])
+        supervisor.pool.restarts.update(carried["restarts"])
         # (From a release that did not carry them: counted from here.)
         for task, count in dict(carried.get("task_failures") or {}).items():
             supervisor.task_failures.by_task[str(task)] += int(count)
@@ -286,7 +265,7 @@ class UpgradeSequence:
         supervisor.view.retired.counters[("log_lines_dropped",)] += dropped
         unexpected = int(carried.get("unexpected_errors", 0))
         supervisor.view.retired.counters[("unexpected_errors",)] += unexpected
-        supervisor.calls_lost_total = int(carried["calls_lost_total"])
+        supervisor.pool.calls_lost_total = int(carried["calls_lost_total"])
         # (From a release that did not carry it: counted from here.)
         supervisor.supervisor_deaths = int(carried.get("supervisor_deaths", 0))
         # (From a release that did not carry it: counted from what is stored from here.)
@@ -301,8 +280,8 @@ class UpgradeSequence:
             int(carried.get("supervisor_oom_kills_possibly", 0)), supervisor.supervisor_oom_kills
         )
         # (From a release that did not carry it: those replaced, at least.)
-        supervisor.worker_oom_kills = int(
-            carried.get("worker_oom_kills", supervisor.restarts.get("oom", 0))
+        supervisor.pool.worker_oom_kills = int(
+            carried.get("worker_oom_kills", supervisor.pool.restarts.get("oom", 0))
         )
         self.crash_restart = bool(carried.get("crash_restart"))
         # (From a release that did not carry them: counted from here.)
@@ -430,7 +409,7 @@ class UpgradeSequence:
         """Start an upgrade in the background (`upgrade` on the admin socket,
         or SIGUSR2); its status, whose `id` `upgrade_status` answers for.
         Refused (FleetChangeError 409) while stopping or upgrading."""
-        if self.supervisor.stopping or self.supervisor.stop_asked.is_set():
+        if self.supervisor.pool.stopping or self.supervisor.stop_asked.is_set():
             raise FleetChangeError(409, "the ingress is stopping: nothing to upgrade")
         # Under way: in this image (its task), or carried over the exec and not
         # finished yet (the new image starts its workers).
@@ -446,7 +425,7 @@ class UpgradeSequence:
             "source": source,
             "state": "checking",
             "pid": os.getpid(),
-            "from_generation": self.supervisor.generation,
+            "from_generation": self.supervisor.pool.generation,
             "from_code": code_digest(),
             "generation": None,
             "started": time.time(),
@@ -473,7 +452,7 @@ class UpgradeSequence:
         """What `upgrade` polls: this process, its generation, recent upgrades."""
         return {
             "pid": os.getpid(),
-            "generation": self.supervisor.generation,
+            "generation": self.supervisor.pool.generation,
             "code": code_digest(),
             "upgrades": list(self.statuses.values()),
         }
@@ -516,7 +495,7 @@ class UpgradeSequence:
     async def _after_trial(self, status: dict[str, Any], checked: str) -> None:
         """From the trial run passed to the exec, or why not."""
         supervisor = self.supervisor
-        if supervisor.stopping:
+        if supervisor.pool.stopping:
             self._upgrade_failed(
                 status, "the ingress began stopping during the trial run", cause="service"
             )
@@ -550,7 +529,7 @@ class UpgradeSequence:
         await supervisor.server.flushed(HANDOVER_FLUSH)
         # A worker being started is waited for before the web sites go quiet
         # (again just before the exec: one may begin meanwhile).
-        if not await supervisor.starts_settled(self.starts_settle):
+        if not await supervisor.pool.starts_settled(self.starts_settle):
             self._starts_not_settled(status)
             return
         # The stats and admin listeners stop accepting (what comes now waits in
@@ -579,12 +558,12 @@ class UpgradeSequence:
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_OVER_EXEC)
         try:
             await asyncio.sleep(SIGNALS_SETTLE)
-            if not await self.supervisor.starts_settled(self.starts_settle):
+            if not await self.supervisor.pool.starts_settled(self.starts_settle):
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._starts_not_settled(status)
                 return
             # Nothing awaited from here to the exec: no start can begin meanwhile.
-            if self.supervisor.stopping or self.supervisor.stop_asked.is_set():
+            if self.supervisor.pool.stopping or self.supervisor.stop_asked.is_set():
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
                 self._upgrade_failed(
                     status,
@@ -638,7 +617,9 @@ class UpgradeSequence:
             status["cause"] = cause
         log.error(
             "upgrade abandoned: the running generation serves on",
-            extra=fields(upgrade=status["id"], generation=self.supervisor.generation, error=error),
+            extra=fields(
+                upgrade=status["id"], generation=self.supervisor.pool.generation, error=error
+            ),
         )
         self._notify("READY=1", f"STATUS=upgrade abandoned; {self.supervisor.status_line()}")
 
@@ -668,7 +649,7 @@ class UpgradeSequence:
             if handover or f.membership is not Membership.ADDING
         ]
         return {
-            "generation": supervisor.generation,
+            "generation": supervisor.pool.generation,
             # The wall clock's start for a release that reads only that (a downgrade).
             "started_at": time.time() - (time.monotonic() - supervisor.started_at),
             "started_monotonic": supervisor.started_at,
@@ -684,12 +665,12 @@ class UpgradeSequence:
             # know it ignores it (a rollback: it reads the file at its start).
             "file_read_text": supervisor.file_read_text,
             "reload_pending": supervisor.reloading or not supervisor.reloads_asked.empty(),
-            "restarts": dict(supervisor.restarts),
+            "restarts": dict(supervisor.pool.restarts),
             "task_failures": dict(supervisor.task_failures.by_task),
             # The lines still waiting are lost with this image (the exec).
             "log_lines_dropped": lines_dropped() + (lines_waiting() if handover else 0),
             "unexpected_errors": unexpected_errors(),
-            "calls_lost_total": supervisor.calls_lost_total,
+            "calls_lost_total": supervisor.pool.calls_lost_total,
             "supervisor_deaths": supervisor.supervisor_deaths,
             # What systemd's fd store keeps of this host's (by name, st_dev and
             # st_ino): the next image counts on from it against the unit's limit.
@@ -705,7 +686,7 @@ class UpgradeSequence:
             "supervisor_oom_kills": supervisor.supervisor_oom_kills,
             # Of those, said "possibly" (stat and the page say so too).
             "supervisor_oom_kills_possibly": supervisor.supervisor_oom_kills_possibly,
-            "worker_oom_kills": supervisor.worker_oom_kills,
+            "worker_oom_kills": supervisor.pool.worker_oom_kills,
             # The descriptor limit's shortfall this image said (or its
             # predecessor): the next image says it again only if it changed.
             "descriptors_short": supervisor.descriptors_short,
@@ -731,9 +712,9 @@ class UpgradeSequence:
             "bound_listen": supervisor.bound_listen.model_dump(),
             "upgrades": list(self.statuses.values()),
             "forgetting": supervisor.forgetting.to_json(),
-            "worker_target": supervisor.worker_target,
-            "workers_from": supervisor.workers_from,
-            "quick_deaths": supervisor.quick_deaths,
+            "worker_target": supervisor.pool.worker_target,
+            "workers_from": supervisor.pool.workers_from,
+            "quick_deaths": supervisor.pool.quick_deaths,
             # What this image runs, as checked: the next image's, should it not
             # read the files (changed since the trial run), rather than exit and,
             # as the unit's main process, take every call on the host with it.
@@ -745,7 +726,7 @@ class UpgradeSequence:
             # Replacements not started yet (a worker started but not joined yet
             # goes over with its channel, as the others; one being started is
             # waited for before the exec: `starts_settled`).
-            "respawns": supervisor.respawns_due(),
+            "respawns": supervisor.pool.respawns_due(),
             # Of each channel handed over, what was read of a line not yet whole:
             # read first by the next image (built in `_reexec`, the handover's
             # step: nothing is read in between).
@@ -795,7 +776,7 @@ class UpgradeSequence:
                     "calls": _calls_to_json(supervisor.server.calls_of(w.key)) if handover else {},
                     "calls_at_leave": _calls_to_json(w.calls_at_leave),
                 }
-                for w in supervisor.workers.values()
+                for w in supervisor.pool.workers.values()
             ]
             # A crash snapshot while the workers are being taken up: those not
             # yet, as the previous process carried them.
@@ -812,7 +793,7 @@ class UpgradeSequence:
         meanwhile had the next supervisor forget a worker whose channel was lost
         (its calls counted against no fleet) and the others' retirement (the
         review of session 34)."""
-        taken = {w.pid for w in self.supervisor.workers.values()}
+        taken = {w.pid for w in self.supervisor.pool.workers.values()}
         return [
             {**carried, "calls": {}}
             for pid, carried in self._carried_workers.items()
@@ -863,7 +844,7 @@ class UpgradeSequence:
         in this image, the table rebuilt from the workers as the new image would
         (their slots counted meanwhile: nothing given back, nothing reaped)."""
         await self.supervisor.server.take_back(kept, RESTORE_TIMEOUT)
-        for worker in self.supervisor.workers.values():
+        for worker in self.supervisor.pool.workers.values():
             if channel_key(worker.pid, worker.generation) in kept:
                 # Its hello and "serving" may have been read by nobody: its
                 # "state" stands for them, as in the new image (adopt_workers).
@@ -911,7 +892,7 @@ class UpgradeSequence:
                 self._arm_carried_backstop(worker, carried)
             worker.joined.set()
             worker.serving.set()
-            supervisor.add_worker(worker)
+            supervisor.pool.add_worker(worker)
         # By the pids adopted, not by `workers`: one whose channel came over
         # may have exited and been reaped already (its watcher runs meanwhile).
         self._watch_channelless(adopted)
@@ -928,7 +909,7 @@ class UpgradeSequence:
             supervisor.ops.reap(fleet)
         self.table_restored.set()
         # A worker slow to answer is still one: its stats stay its own.
-        workers = supervisor.workers
+        workers = supervisor.pool.workers
         present = {(w.pid, w.generation) for w in workers.values() if not w.left.is_set()}
         retired = supervisor.view.retire_absent(present)
         log.info(
@@ -956,14 +937,14 @@ class UpgradeSequence:
         supervisor = self.supervisor
         await supervisor.server.collect_reports(RESTORE_TIMEOUT)
         draining = {(r.pid, r.generation) for r in supervisor.view.live if r.draining}
-        for worker in list(supervisor.workers.values()):
+        for worker in list(supervisor.pool.workers.values()):
             if worker.retiring or worker.left.is_set():
                 continue
-            if worker.generation < supervisor.generation:
-                supervisor.retire(worker)
+            if worker.generation < supervisor.pool.generation:
+                supervisor.pool.retire(worker)
             elif (worker.pid, worker.generation) in draining:
-                supervisor.retire(worker)
-                supervisor.schedule_respawn(0.0)
+                supervisor.pool.retire(worker)
+                supervisor.pool.schedule_respawn(0.0)
 
     def _watch_channelless(self, adopted: set[int]) -> None:
         """Workers of the previous image whose channel did not come over: it
@@ -1006,8 +987,8 @@ class UpgradeSequence:
                     slots.leave(worker.key, keep_held=True)
                 self._arm_carried_backstop(worker, carried)
                 if not worker.channel_lost:  # its channel ended just before the exec
-                    self.supervisor.confirm_channel_lost_later(worker)
-            self.supervisor.add_worker(worker)
+                    self.supervisor.pool.confirm_channel_lost_later(worker)
+            self.supervisor.pool.add_worker(worker)
 
     async def wait_table_restored(self) -> None:
         """Before an operator's fleet change (drain, maint, ready, add, remove):
@@ -1034,17 +1015,17 @@ class UpgradeSequence:
             )
             return
         status["state"] = "starting workers"
-        new_generation = supervisor.generation + 1
+        new_generation = supervisor.pool.generation + 1
         # As the configuration says now: an upgrade is where a changed
         # process.workers takes effect (a reload only notes it).
         # Off the loop: "auto" and the batches read the cgroup's quota (mountinfo).
         (count, because), batch = await asyncio.to_thread(_workers_and_batch, supervisor.config)
-        if count != supervisor.worker_target:
+        if count != supervisor.pool.worker_target:
             log.info(
                 "upgrade: process.workers changed: the new generation has a different count",
                 extra=fields(
                     upgrade=status["id"],
-                    workers_before=supervisor.worker_target,
+                    workers_before=supervisor.pool.worker_target,
                     workers=count,
                     count=because,
                 ),
@@ -1053,33 +1034,33 @@ class UpgradeSequence:
         try:
             for index in range(count):
                 if index and index % batch == 0:  # the previous batch serves first
-                    await supervisor.wait_serving(candidates[index - batch :])
-                candidates.append(await supervisor.spawn(new_generation, candidate=True))
-            await supervisor.wait_serving(candidates, settle=SERVING_SETTLE)
+                    await supervisor.pool.wait_serving(candidates[index - batch :])
+                candidates.append(await supervisor.pool.spawn(new_generation, candidate=True))
+            await supervisor.pool.wait_serving(candidates, settle=SERVING_SETTLE)
         except Exception as exc:  # whatever stops the new generation, the old serves on
             for worker in candidates:
                 if worker.serving.is_set() and worker.proc.returncode is None:
                     # It may hold calls already: they end on their own, as an old
                     # generation's do.
-                    supervisor.retire(worker)
+                    supervisor.pool.retire(worker)
                     continue
                 worker.kill()
             self._upgrade_failed(
                 status,
                 f"the new generation's workers cannot start: {exc}; the running generation "
-                f"{supervisor.generation} serves on. Fix the cause (see the service's log; "
+                f"{supervisor.pool.generation} serves on. Fix the cause (see the service's log; "
                 f"`fleet-ingress check -c {supervisor.config_path}`), then run `fleet-ingress "
                 "upgrade` again",
             )
             return
-        old = [w for w in supervisor.workers.values() if w.generation < new_generation]
+        old = [w for w in supervisor.pool.workers.values() if w.generation < new_generation]
         for worker in candidates:
             worker.candidate = False
-        supervisor.generation = new_generation
-        supervisor.worker_target = len(candidates)
-        supervisor.workers_from = because
+        supervisor.pool.generation = new_generation
+        supervisor.pool.worker_target = len(candidates)
+        supervisor.pool.workers_from = because
         for worker in old:
-            supervisor.retire(worker)
+            supervisor.pool.retire(worker)
         status.update(
             state="done",
             generation=new_generation,
@@ -1112,7 +1093,7 @@ class UpgradeSequence:
         retire_by = carried.get("retire_by")
         if retire_by is not None:
             worker.retire_by = float(retire_by)
-        self.supervisor.arm_backstop(worker)
+        self.supervisor.pool.arm_backstop(worker)
 
 
 def _workers_and_batch(config: IngressConfig) -> tuple[tuple[int, str], int]:

@@ -1,4 +1,4 @@
-"""How a worker's exit reads (`service.supervisor` watches each worker):
+"""How a worker's exit reads (`service.worker_pool` watches each worker):
 whether a child still runs, its exit status said, the fields every line
 about its exit carries, and the reason its restart is counted under."""
 
@@ -36,7 +36,7 @@ def restart_reason(code: int | None, known: bool = True) -> str:
     non-zero exit), exited (0, unasked),
     unknown (taken up after a supervisor died, and not killed by this one:
     systemd read its status); and hung (killed by the supervisor itself:
-    `_worker_silent`), said by its caller."""
+    `WorkerPool.worker_silent`), said by its caller."""
     if code is not None and code < 0:
         return "killed"
     if not known:

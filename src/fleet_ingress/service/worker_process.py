@@ -1,6 +1,6 @@
 """The supervisor's record of one worker process: what it is (its process,
 generation, channel key, CPU) and where it is in its life (joined, serving,
-left, retiring). Kept by the workers' lifecycle (`service.supervisor`), and
+left, retiring). Kept by the workers' pool (`service.worker_pool`), and
 made by the upgrade's sequence (`service.upgrade_sequence`) for the workers
 the previous image started.
 """
