@@ -3088,7 +3088,7 @@ async def test_an_exec_waiting_for_a_worker_start_that_never_ends_gives_up_handi
     async def start_worker(generation: int, *, candidate: bool, cpu: int | None) -> Any:
         await never.wait()
 
-    monkeypatch.setattr(supervisor, "_start_worker", start_worker)
+    monkeypatch.setattr(supervisor.pool, "_start_worker", start_worker)
     admin = tmp_path / "admin.sock"
     app = admin_app(
         supervisor.ops, supervisor.snapshot, refresh=supervisor.refresh, upgrade=supervisor.upgrade

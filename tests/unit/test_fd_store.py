@@ -977,7 +977,7 @@ async def test_a_channel_cut_before_adopt_returns_leaves_the_store_though_its_wo
     carried = Supervisor(config, specs, tmp_path / "ingress.toml").upgrade._state_for_exec()
     new = Supervisor(config, specs, tmp_path / "ingress.toml", handed={name: ours}, carried=carried)
     new.notifier = notifier
-    monkeypatch.setattr(new, "schedule_respawn", lambda delay: None)  # no real replacement
+    monkeypatch.setattr(new.pool, "schedule_respawn", lambda delay: None)  # no real replacement
     # Sent during the exec: a "state" the protocol cannot mean (no generation).
     theirs.sendall(b'{"op": "state", "pid": 1}\n')
     theirs.setblocking(False)

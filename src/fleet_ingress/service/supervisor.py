@@ -141,8 +141,6 @@ from fleet_ingress.service.worker_process import WorkerProcess
 _T = TypeVar("_T")
 log = logging.getLogger("fleet_ingress.lifecycle")
 server_log = logging.getLogger("fleet_ingress.server")  # where "listening" was always said
-# Where the workers write each call's line: a call lost with its worker gets its line here.
-access_log = logging.getLogger("fleet_ingress.access")
 
 # A fleet gone from the set is forgotten by the workers this long after (its
 # counters then start from 0 if it is listed again): one listed again sooner,
