@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from fleet_ingress.config.fleets_file import parse_fleets_text
 from tests.support import (
     SWITCHING,
     UPGRADE,
@@ -159,6 +160,43 @@ async def test_429_reaches_the_carrier_byte_for_byte_and_no_other_fleet_is_tried
     await eventually(lambda: sum(ingress.registry.refused.values()) == 1)
     assert dict(ingress.registry.refused) == {("fleet", "429"): 1}
     await busy.stop()
+
+
+async def test_a_removed_fleets_totals_stay_in_the_removed_row_in_one_process(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleets
+):
+    """The one-process ingress (`demo`) drops a removed fleet's record as it
+    leaves the set: its calls, answers and retries went with it, while the
+    (removed) row, which says "its lifetime totals summed", still showed its
+    calls ended. Its 429 and its tunneled call were in no row (the workers'
+    `SlotClient.forgotten` keeps them; the one process had nothing like it)."""
+    busy = await RawFleet(tls_files.fleet_server_context(), answer(FLEET_429)).start()
+    a, b = ws_fleets
+    ingress = await start_ingress([busy.line("busy")])
+
+    def reload(*lines: str) -> None:
+        specs = parse_fleets_text("\n".join(lines), default_maxconn=16)
+        ingress.apply_fleets(specs, ingress.config)
+
+    try:
+        got = await raw_exchange(ingress, tls_files, UPGRADE.format(path="/ws/bot").encode())
+        assert got == FLEET_429
+        await eventually(lambda: sum(ingress.registry.ended.values()) == 1)
+        reload(a.line("a"))
+        async with connect(wss_url(ingress), ssl=tls_files.client_context()) as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+        await eventually(lambda: sum(ingress.registry.ended.values()) == 2)
+        reload(b.line("b"))
+        snap = ingress.snapshot()
+        assert [f["name"] for f in snap["fleets"]] == ["b"]
+        removed = snap["removed_fleets"]
+        assert removed["calls_ended"] == {"carrier closed": 1, "refused": 1}, removed
+        assert removed["calls_total"] == 1, removed
+        assert removed["responses"] == {"101": 1, "429": 1}, removed
+        assert removed["responses_429"] == 1, removed
+    finally:
+        await busy.stop()
 
 
 async def test_a_status_listed_in_retry_on_is_retried_elsewhere(

@@ -421,6 +421,22 @@ CASES = {
         said=["fleet a: admin MAINT -> READY", "picked b@2"],
         members=["a@1 listed READY INIT", "b@2 listed READY UP"],
     ),
+    # review38b: removed (remove-fleet, or a reload without it) while in MAINT with
+    # calls, it drains, out of MAINT: what its last probe before MAINT said is
+    # stale there too (stat and /metrics showed UP, its free count and its
+    # certificate's expiry again, until its next probe).
+    "a fleet removed from MAINT drains judged afresh": Case(
+        start=("a@1", "b@2"),
+        steps=[call("a"), admin("a", "maint"), remove("a")],
+        said=["draining a@1: 1 calls"],
+        members=["a@1 draining DRAIN INIT 1 calls", "b@2 listed READY UP"],
+    ),
+    "a fleet a reload removes from MAINT drains judged afresh": Case(
+        start=("a@1", "b@2"),
+        steps=[call("a"), reload("a@1 admin=maint", "b@2"), reload("b@2")],
+        said=["fleet a: admin READY -> MAINT", "fleet a removed: draining 1 calls"],
+        members=["a@1 draining DRAIN INIT 1 calls", "b@2 listed READY UP"],
+    ),
 }
 
 
@@ -521,3 +537,22 @@ def test_a_reload_plan_names_each_record_it_changed():
     assert [ref(f) for f in plan.changed] == ["b@2", "f@7"]
     assert [ref(f) for f in plan.added] == ["e@6"]
     assert [f.capacity_aware for f in fleets.fleets] == [False] * 5
+
+
+def test_a_fleet_removed_from_maint_keeps_no_certificate_expiry_its_last_probe_saw():
+    """The certificate's expiry a probe read before MAINT is stale once the fleet
+    leaves MAINT, by a removal too (it drains, probed again: its next probe
+    reads it): FleetIngressFleetCertificateExpiringSoon fired again on it."""
+    fleets = FleetSet.from_specs(specs("a@1", "b@2"), health=Health.UP)
+    a = fleets.get("a")
+    assert a is not None
+    Balancer(fleets).open(a)
+    a.reported_available, a.certificate_not_after = 5, 1e9
+    fleets.set_admin(a, Admin.MAINT)
+    assert not fleets.remove(a)
+    assert (a.admin, a.health, a.reported_available, a.certificate_not_after) == (
+        Admin.DRAIN,
+        Health.INIT,
+        None,
+        None,
+    )

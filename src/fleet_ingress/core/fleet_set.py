@@ -208,7 +208,9 @@ class FleetSet:
         """Drain `fleet`: no new call goes to it, it goes at its last call. True when it
         has gone already (it carried none)."""
         self._move(fleet, Move.REMOVE)
-        fleet.admin = Admin.DRAIN
+        # Through set_admin: out of MAINT, what its last probe before it said is
+        # stale (health, free count, certificate's expiry), as at any leaving.
+        fleet.set_admin(Admin.DRAIN)
         return self.reap(fleet)
 
     def reap(self, fleet: FleetState) -> bool:

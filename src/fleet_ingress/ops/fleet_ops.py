@@ -14,6 +14,7 @@ import logging
 import os
 import shlex
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +54,7 @@ from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.late_timers import patient_timeout
+from fleet_ingress.ops.local_counts import count_forgotten
 from fleet_ingress.ops.metrics import FleetChecks
 
 if TYPE_CHECKING:  # a worker runs no poller, and does not import aiohttp for it
@@ -140,6 +142,11 @@ class FleetOps:
     # Writes of the fleets file so far: a reload that read the file while one
     # was made reads it again (service.ingress.read_reload_settled).
     file_writes: int = 0
+    # The call counters of the records dropped as their fleets left the set,
+    # summed (`ops.local_counts.count_forgotten`): the one-process ingress's
+    # "(removed)" row and series. Its records are where its calls are counted
+    # (a worker counts on `SlotClient.fleets`, which keeps its own).
+    forgotten_counts: Counter[tuple[str, ...]] = field(default_factory=Counter)
 
     @property
     def fleets_file(self) -> Path:
@@ -577,6 +584,7 @@ class FleetOps:
             gone.set()
         log.info("fleet gone", extra=fields(fleet=fleet.name))
         moved = self.fleets.join_waiting(fleet.name)
+        self._keep_counts(fleet)
         if moved is not None:  # a reload moved it while it carried calls
             if self.poller is not None:
                 self.poller.start(moved)
@@ -585,8 +593,17 @@ class FleetOps:
                 extra=fields(fleet=moved.name, url=moved.spec.url),
             )
 
+    def _keep_counts(self, fleet: FleetState) -> None:
+        """A record left the set: its lifetime counts stay in the host's totals
+        (the "(removed)" row) when no record of its name is in the set now.
+        Dropped with it before, the one-process ingress's removed row showed
+        the fleet's calls ended but none of its calls, answers or retries."""
+        if self.fleets.get(fleet.name) is None:
+            count_forgotten(self.forgotten_counts, fleet)
+
     async def _drop(self, fleet: FleetState) -> None:
         self.fleets.roll_back(fleet)
+        self._keep_counts(fleet)
         await self._forget(fleet)
 
     async def _forget(self, fleet: FleetState) -> None:

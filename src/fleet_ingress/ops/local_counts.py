@@ -8,6 +8,7 @@ workers through the same functions (`ops.snapshot`, `ops.metrics`).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
@@ -75,9 +76,11 @@ def local_counts(
     registry: Registry | None,
     fleets: Iterable[FleetState],
     histograms: Mapping[Key, Observed] | None = None,
+    forgotten: Mapping[tuple[str, ...], int] | None = None,
 ) -> Counts:
     """The counts of this process: its registry (frontend; None: none), the
-    call counters of its fleet records, and its histograms."""
+    call counters of its fleet records, those of the records it has dropped
+    (`forgotten`, summed: under REMOVED_FLEETS), and its histograms."""
     counts = Counts()
     c = counts.counters
     for fleet in fleets:
@@ -86,6 +89,8 @@ def local_counts(
             c[("fleet_responses", fleet.name, str(code))] = n
         c[("fleet_retries", fleet.name)] = fleet.retries
         c[("fleet_redispatches", fleet.name)] = fleet.redispatches
+    if forgotten:
+        add_forgotten(counts, forgotten)
     for key, histogram in (histograms or {}).items():
         counts.histograms[key] = histo_of(histogram)
     if registry is None:
@@ -124,6 +129,21 @@ def fold_ended_of_fleets_gone(registry: Registry, kept: Collection[str]) -> None
     for key in [k for k in ended if k[0] not in kept and k[0] not in ("", REMOVED_FLEETS)]:
         n = ended.pop(key)
         ended[(REMOVED_FLEETS, key[1])] += n
+
+
+def count_forgotten(kept: Counter[tuple[str, ...]], fleet: FleetState) -> None:
+    """Add the call counters of `fleet`, whose record is dropped, to `kept`
+    (the shape `add_forgotten` reads: `SlotClient.forgotten`, and the
+    one-process ingress's `FleetOps.forgotten_counts`)."""
+    if fleet.calls_total:
+        kept[("calls",)] += fleet.calls_total
+    for code, n in fleet.responses.items():
+        if n:
+            kept[("responses", str(code))] += n
+    if fleet.retries:
+        kept[("retries",)] += fleet.retries
+    if fleet.redispatches:
+        kept[("redispatches",)] += fleet.redispatches
 
 
 def add_forgotten(counts: Counts, forgotten: Mapping[tuple[str, ...], int]) -> None:

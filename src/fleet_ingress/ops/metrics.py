@@ -276,7 +276,10 @@ class IngressMetrics:
         *,
         certificate_not_after: Callable[[], float | None] = lambda: None,
         reloads: Callable[[], Mapping[str, int]] = dict,
+        forgotten: Callable[[], Mapping[tuple[str, ...], int]] = dict,
     ) -> None:
+        """`forgotten`: the call counters of the fleet records dropped as their
+        fleets left the set, summed (`FleetOps.forgotten_counts`)."""
         self.prometheus = CollectorRegistry(auto_describe=True)
         # Memory, descriptors, CPU, start time: restarts and fd leaks show here.
         _ProcessCollector(registry=self.prometheus)
@@ -295,7 +298,7 @@ class IngressMetrics:
         self.prometheus.register(
             _StateCollector(
                 lambda: balancer.fleets,
-                lambda: local_counts(registry, balancer.fleets),
+                lambda: local_counts(registry, balancer.fleets, forgotten=forgotten()),
                 lambda: (dispatcher.queue_length, dispatcher.queue_timeouts),
                 certificate_not_after,
                 reloads,

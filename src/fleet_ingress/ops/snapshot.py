@@ -214,13 +214,15 @@ def snapshot(
     last_reload: dict[str, Any] | None = None,
     acme_listening: bool = True,
     histograms: Mapping[Key, Observed] | None = None,
+    forgotten: Mapping[tuple[str, ...], int] | None = None,
 ) -> dict[str, Any]:
     """The one-process ingress: everything from this process (`histograms`:
-    its per-call histograms, `IngressMetrics.histograms`)."""
+    its per-call histograms, `IngressMetrics.histograms`; `forgotten`: the
+    counters of the fleet records it has dropped, `FleetOps.forgotten_counts`)."""
     fleets = balancer.fleets
     return render(
         fleets,
-        local_counts(registry, fleets, histograms),
+        local_counts(registry, fleets, histograms, forgotten),
         queue_length=dispatcher.queue_length,
         queue_timeouts=dispatcher.queue_timeouts,
         started_at=started_at,

@@ -230,12 +230,16 @@ class Ingress:
         # of the unit) would otherwise race their reads off the loop, and the
         # older files could be applied last.
         self._reload_lock = asyncio.Lock()
+        # The call counters of the fleet records dropped as their fleets left
+        # the set, summed: the "(removed)" row's (`FleetOps.forgotten_counts`).
+        self.fleets_forgotten: Counter[tuple[str, ...]] = Counter()
         self.metrics = IngressMetrics(
             self.balancer,
             self.registry,
             self.dispatcher,
             certificate_not_after=lambda: self.certificate_not_after,
             reloads=lambda: self.reloads,
+            forgotten=lambda: self.fleets_forgotten,
         )
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag_observed)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
@@ -264,6 +268,7 @@ class Ingress:
             self.poller,
             settings=lambda: self.config.fleets,
             checks=self.metrics.checks,
+            forgotten_counts=self.fleets_forgotten,
         )
         self.dispatcher.on_release.append(self.ops.reap)
         self.ctx = self._proxy_context(config, fleet_ssl)
@@ -460,6 +465,7 @@ class Ingress:
             last_reload=self.last_reload,
             acme_listening=self._acme is not None,
             histograms=self.metrics.histograms,
+            forgotten=self.fleets_forgotten,
         )
         if not self.worker:  # a worker's listeners are its supervisor's
             snap["listeners_not_moved"] = listeners_not_moved_notes(self.bound_listen, self.config)
