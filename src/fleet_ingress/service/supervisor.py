@@ -573,7 +573,8 @@ class Supervisor:
     def _forget_fleet(self, name: str) -> None:
         """A fleet left the set FORGET_AFTER ago and is not back (`forgetting`):
         the workers drop their records of it, and the counts of workers gone
-        keep its ended calls only (under `REMOVED_FLEETS`): by name, both grew
+        keep its counters (calls ended, tunneled, answers, retries) under
+        `REMOVED_FLEETS`, the (removed) row of stat and /stats: by name, both grew
         with every fleet ever named. Another fleet gone and not forgotten yet
         keeps its own: its calls_ended series are shown until then, and folded
         with this one's they went down (the review of session 31)."""
