@@ -1124,6 +1124,7 @@ def test_a_resolver_that_never_answers_holds_check_for_its_budget_only(
     assert took < 20, took
 
 
+@pytest.mark.uvloop_only  # the ingress and check run in processes of their own
 async def test_check_names_a_listen_address_no_interface_has_and_leaves_a_running_one_be(
     tls_files, roomy_fleet
 ) -> None:

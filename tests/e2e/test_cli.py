@@ -93,6 +93,7 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, tls_files: TLSFi
     assert done.returncode == 0
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_run_serves_calls_and_exits_0_on_sigterm(tmp_path: Path, tls_files: TLSFiles):
     async with SimulatedFleet(name="a", ssl_context=tls_files.fleet_server_context()) as fleet:
         port = await free_port()
@@ -490,6 +491,7 @@ async def test_an_argument_past_what_the_admin_socket_reads_is_refused_naming_it
     assert b"Got more than" not in err and b"Traceback" not in err
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_ctrl_c_while_an_upgrade_is_asked_says_it_goes_on_without_a_traceback(
     tmp_path: Path,
 ) -> None:
@@ -728,6 +730,7 @@ def test_run_names_the_admin_socket_it_cannot_make_and_why(
     assert hint in done.stderr and "[Errno" not in done.stderr, done.stderr
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_a_reload_that_changes_nothing_says_so_and_what_it_read(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:
@@ -752,6 +755,7 @@ async def test_a_reload_that_changes_nothing_says_so_and_what_it_read(
         await service.finish()
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_a_reload_of_the_same_certificate_with_another_chain_does_not_say_nothing_changed(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:
@@ -773,6 +777,7 @@ async def test_a_reload_of_the_same_certificate_with_another_chain_does_not_say_
         await service.finish()
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_add_fleet_admin_is_refused_by_a_supervisor_that_would_add_it_ready(
     tmp_path: Path,
 ) -> None:
@@ -823,6 +828,7 @@ async def test_add_fleet_admin_is_refused_by_a_supervisor_that_would_add_it_read
     assert ready.returncode == 0
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_the_ready_line_names_the_values_the_environment_sets(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:
@@ -878,6 +884,7 @@ async def test_the_ready_line_names_the_values_the_environment_sets(
         await service.finish()
 
 
+@pytest.mark.uvloop_only  # the ingress and the CLI run in processes of their own
 async def test_run_says_the_variables_that_set_nothing_at_its_start_and_at_each_reload(
     tls_files: TLSFiles, roomy_fleet: SimulatedFleet
 ) -> None:
