@@ -43,6 +43,7 @@ from pydantic_settings.exceptions import SettingsError
 from fleet_ingress.config.cpus import usable_cpus
 from fleet_ingress.config.key_lines import key_line
 from fleet_ingress.config.read_hints import PERMISSION_DENIED
+from fleet_ingress.config.unix_socket import not_a_socket
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.fleet_spec import MAX_MAXCONN
 
@@ -505,23 +506,6 @@ def read_config_text(path: Path) -> str:
     syntax error: Invalid statement (at line 1, column 1)", before any character
     an editor shows (the CLI audit of session 32)."""
     return path.read_text(encoding="utf-8").removeprefix("\ufeff")
-
-
-def not_a_socket(path: Path) -> str | None:
-    """What is at `path` (a link followed) if it is there and is not a Unix
-    socket ("a regular file", "a directory", ...); None if nothing is there or a
-    socket is (a link to one too, as connecting to it works)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:  # nothing there, or not ours to look at (its connect says so)
-        return None
-    if stat.S_ISSOCK(mode):
-        return None
-    if stat.S_ISREG(mode):
-        return "a regular file"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    return "a special file"
 
 
 def _absolute(path: Path | None, base: Path) -> Path | None:

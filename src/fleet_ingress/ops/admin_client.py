@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode
 
 import aiohttp
 
-from fleet_ingress.config.settings import not_a_socket
+from fleet_ingress.config.unix_socket import not_a_socket
 from fleet_ingress.ops.call_display import describe_ended, format_calls_table
 from fleet_ingress.ops.fleet_display import (
     REMOVED_NOTE,

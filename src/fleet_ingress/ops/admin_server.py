@@ -33,7 +33,8 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from fleet_ingress.config.settings import environment_settings, not_a_socket
+from fleet_ingress.config.settings import environment_settings
+from fleet_ingress.config.unix_socket import not_a_socket
 from fleet_ingress.core.call_list import MAX_END_REASON, CallFilter, FilterError
 from fleet_ingress.logs import fields
 from fleet_ingress.net.listener import ListenError

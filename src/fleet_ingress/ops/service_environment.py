@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.settings import IngressConfig, environment_settings, not_a_socket
+from fleet_ingress.config.settings import IngressConfig, environment_settings
+from fleet_ingress.config.unix_socket import not_a_socket
 
 # Bounded: the unit's ExecReload runs check, and a service whose admin socket
 # does not answer must not hold the reload.
