@@ -37,11 +37,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from fleet_ingress.config.check import (
-    CERTIFICATE_CANNOT_LOAD,
-    CERTIFICATE_CHAIN_DOUBTED,
-    certificate_alone,
-)
 from fleet_ingress.config.check_report import WARNING, shortened
 from fleet_ingress.config.settings import (
     ConfigError,
@@ -212,6 +207,14 @@ async def trial_run(config_path: Path, *, timeout: float = TRIAL_TIMEOUT) -> str
         # in use over it, as the unit's `check --before-start` leaves it to the start.
         # Said "a restart would fail the same way" before (the renewal audit of
         # session 38).
+        # Imported here: workers import this module (REEXEC_READ_PATIENCE) and must
+        # not load aiohttp, which config.check brings (its probes).
+        from fleet_ingress.config.check import (
+            CERTIFICATE_CANNOT_LOAD,
+            CERTIFICATE_CHAIN_DOUBTED,
+            certificate_alone,
+        )
+
         alone = await asyncio.to_thread(certificate_alone, config_path, problems)
         then = {
             CERTIFICATE_CANNOT_LOAD: "refuses to start with these files",
