@@ -1,0 +1,187 @@
+"""TLS session resumption towards the fleets (net/fleet_sessions.py): real TLS
+(trustme), real websockets fleets and carriers on loopback; what the fleet's
+server side says of each handshake (`SSLObject.session_reused`)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import ssl
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import ServerConnection
+
+from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.net import fleet_sessions, tls_socket
+from fleet_ingress.service.ingress import Ingress
+from tests.support import LIBSSL, StartIngress, TLSFiles, WsFleet, echo, ssl_ctx_pointer, wss_url
+
+# SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, keys) (openssl/ssl.h)
+_SET_TICKET_KEYS = 59
+
+
+class ResumptionFleet(WsFleet):
+    """A websockets fleet that says, for each connection, whether its
+    handshake resumed a session."""
+
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+        super().__init__(ssl_context)
+        self.reused: list[bool] = []
+
+    def _record(self, connection: ServerConnection, request: Any) -> None:
+        super()._record(connection, request)
+        self.reused.append(connection.transport.get_extra_info("ssl_object").session_reused)
+
+
+def rotate_ticket_keys(ctx: ssl.SSLContext) -> None:
+    keys = ctypes.create_string_buffer(os.urandom(80), 80)
+    assert LIBSSL.SSL_CTX_ctrl(ssl_ctx_pointer(ctx), _SET_TICKET_KEYS, 80, keys) == 1
+
+
+async def one_call(ingress: Ingress, tls_files: TLSFiles, path: str = "/ws/bot-1") -> None:
+    async with ws_connect(wss_url(ingress, path), ssl=tls_files.client_context()) as ws:
+        await echo(ws)
+
+
+def kept_of(ingress: Ingress, name: str = "a") -> fleet_sessions.KeptSession | None:
+    (fleet,) = [f for f in ingress.balancer.fleets if f.name == name]
+    kept = fleet.tls_session
+    assert kept is None or isinstance(kept, fleet_sessions.KeptSession)
+    return kept
+
+
+@pytest.fixture
+async def fleet(tls_files: TLSFiles):  # type: ignore[no-untyped-def]
+    f = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    yield f
+    await f.stop()
+
+
+def test_the_openssl_session_calls_are_reached() -> None:
+    """What fleet_sessions relies on: libssl's session calls found through
+    CPython's _ssl, and the SSL under an SSLSocket (`_openssl_ssl`, pinned in
+    test_tls_socket); without them nothing is kept (full handshakes)."""
+    assert tls_socket.session_calls() is not None
+
+
+async def test_the_second_call_to_a_fleet_resumes_its_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    for i in range(3):
+        await one_call(ingress, tls_files, f"/ws/bot-{i}")
+    assert fleet.reused == [False, True, True]
+    assert kept_of(ingress) is not None
+
+
+async def test_a_fleet_that_rotates_its_ticket_keys_gets_a_full_handshake(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.ssl_context is not None
+    rotate_ticket_keys(fleet.ssl_context)  # the ticket kept can no longer be opened
+    await one_call(ingress, tls_files)  # declined: a full handshake, the call served
+    await one_call(ingress, tls_files)  # the new ticket, from that handshake
+    assert fleet.reused == [False, True, False, True]
+
+
+async def test_a_fleet_that_gives_no_tickets_gets_full_handshakes(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    ctx = tls_files.fleet_server_context()
+    ctx.num_tickets = 0
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        for _ in range(3):
+            await one_call(ingress, tls_files)
+        assert fleet.reused == [False, False, False]
+        assert kept_of(ingress) is None
+    finally:
+        await fleet.stop()
+
+
+async def test_no_session_is_offered_where_the_ssl_cannot_be_reached(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tls_socket, "_openssl_ssl", lambda sock: None)
+    ingress = await start_ingress([fleet.line("a")])
+    for _ in range(2):
+        await one_call(ingress, tls_files)
+    assert fleet.reused == [False, False]
+    assert kept_of(ingress) is None
+
+
+async def test_a_reload_that_changes_the_fleet_ca_drops_the_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, tmp_path: Path
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, True]
+    # The same CA and one more: the fleet is still trusted, under a new context.
+    ca_file = tmp_path / "cas.pem"
+    ca_file.write_bytes(tls_files.ca_pem.read_bytes() + _another_ca_pem())
+    data = ingress.config
+    fleets_file = tmp_path / "fleets.txt"
+    fleets_file.write_text(fleet.line("a") + "\n")
+    config = config_from_dict(
+        {
+            "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
+            "tls": {
+                "cert": str(data.tls.cert),
+                "key": str(data.tls.key),
+                "ca_file": str(tls_files.ca_pem),
+            },
+            "fleets": {"ca_file": str(ca_file), "file": str(fleets_file)},
+            "log": {"access": True},
+        }
+    )
+    config_path = tmp_path / "ingress.toml"
+    config_path.write_text("")  # not read: the configuration is given
+    await ingress.reload(config_path, config=config)
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, True, False, True]
+
+
+def _another_ca_pem() -> bytes:
+    import trustme
+
+    return trustme.CA().cert_pem.bytes()
+
+
+async def test_a_removed_fleet_holds_no_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a"), other.line("b")])
+        for i in range(6):  # round robin: both fleets, each resumed
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert True in fleet.reused and True in other.reused
+        kept = kept_of(ingress, "b")
+        assert kept is not None
+        gone = weakref.ref(kept)
+        del kept
+        ingress.apply_fleets(
+            [s for s in (f.spec for f in ingress.balancer.fleets) if s.name == "a"], ingress.config
+        )
+        for _ in range(50):
+            gc.collect()
+            if gone() is None:
+                break
+            await __import__("asyncio").sleep(0.05)
+        assert gone() is None
+    finally:
+        await other.stop()
