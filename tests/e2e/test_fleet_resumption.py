@@ -4,6 +4,8 @@ server side says of each handshake (`SSLObject.session_reused`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import gc
 import os
@@ -13,13 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 
+from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.net import fleet_sessions, tls_socket
 from fleet_ingress.service.ingress import Ingress
-from tests.support import LIBSSL, StartIngress, TLSFiles, WsFleet, echo, ssl_ctx_pointer, wss_url
+from fleet_ingress.sim.fleet import SimulatedFleet
+from tests.support import (
+    LIBSSL,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    echo,
+    eventually,
+    ssl_ctx_pointer,
+    wss_url,
+)
 
 # SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, keys) (openssl/ssl.h)
 _SET_TICKET_KEYS = 59
@@ -181,7 +196,129 @@ async def test_a_removed_fleet_holds_no_session(
             gc.collect()
             if gone() is None:
                 break
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         assert gone() is None
     finally:
         await other.stop()
+
+
+class ProbedFleet(SimulatedFleet):
+    """A simulated fleet that says, for each health probe and each call,
+    whether its connection's handshake resumed a session; it closes each
+    probe's connection, so that every probe makes a new one."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.probe_reused: list[bool] = []
+        self.call_reused: list[bool] = []
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.probe_reused.append(request.transport.get_extra_info("ssl_object").session_reused)
+        response = await super()._health(request)
+        response.force_close()
+        return response
+
+    async def _call(self, request: web.Request) -> web.StreamResponse:
+        self.call_reused.append(request.transport.get_extra_info("ssl_object").session_reused)
+        return await super()._call(request)
+
+
+async def test_health_probes_make_full_handshakes_while_calls_resume(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A fleet whose certificate goes bad is found by the probes: their
+    connections never offer the calls' session (the certificate checked each
+    time), whatever the calls do."""
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        ingress = await start_ingress(
+            [f"{fleet.url} name=a"],
+            health_checks=True,
+            fleets={"check_interval": 0.1, "check_timeout": 1.0, "fall": 3, "rise": 1},
+        )
+        assert ingress.poller is not None
+        assert await ingress.poller.wait_first_probes(timeout=5)
+        for i in range(3):
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        probes = len(fleet.probe_reused)
+        await eventually(lambda: len(fleet.probe_reused) >= probes + 3)
+    assert fleet.call_reused == [False, True, True]
+    assert len(fleet.probe_reused) >= 4 and not any(fleet.probe_reused)
+
+
+async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSFiles) -> None:
+    """The session kept and offered (SSL_get1_session, SSL_set_session,
+    SSL_SESSION_free) is balanced: 2,000 resumed connections, each keeping
+    its newest session as a call's link does, grow the process by far less
+    than one session (~1 KiB and up) a connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x")  # after the tickets
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls_files.fleet_server_context())
+    port = server.sockets[0].getsockname()[1]
+    spec = parse_fleets_text(f"https://127.0.0.1:{port} name=a", default_maxconn=10)[0]
+    fleet = FleetState(spec)
+    ctx = tls_files.client_context()
+    reused = 0
+
+    async def one() -> None:
+        nonlocal reused
+        offered = fleet_sessions.offer(fleet, ctx)
+        conn = await tls_socket.connect(
+            "127.0.0.1",
+            port,
+            ctx,
+            server_hostname="127.0.0.1",
+            timeout=10,
+            kept_session=None if offered is None else offered.pointer,
+        )
+        got = asyncio.get_running_loop().create_future()
+
+        class Handler:
+            def data_received(self, data: memoryview) -> None:
+                if not got.done():
+                    got.set_result(bytes(data))
+
+            def eof_received(self) -> bool:
+                return False
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                if not got.done():
+                    got.set_exception(exc or ConnectionError())
+
+            def pause_writing(self) -> None: ...
+            def resume_writing(self) -> None: ...
+
+        conn.start(Handler())  # type: ignore[arg-type]
+        assert await got == b"x"
+        reused += fleet_sessions.resumed(conn)
+        fleet_sessions.keep(fleet, spec, conn)
+        conn.close()
+
+    try:
+        async with asyncio.timeout(120):
+            for _ in range(300):
+                await one()
+            gc.collect()
+            before = _rss_kib()
+            for _ in range(2000):
+                await one()
+            gc.collect()
+            grown = _rss_kib() - before
+    finally:
+        server.close()
+    print(f"RSS grown {grown} KiB over 2,000 resumed connections; {reused} resumed")
+    assert reused >= 2250, reused
+    assert grown < 600, f"{grown} KiB over 2,000 connections"
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
