@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
@@ -322,3 +323,41 @@ def _rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+async def test_a_session_past_its_lifetime_is_not_offered(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    ctx = tls_files.fleet_server_context()
+    LIBSSL.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    LIBSSL.SSL_CTX_set_timeout(ssl_ctx_pointer(ctx), 1)  # the tickets' lifetime: 1 s
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        await one_call(ingress, tls_files)
+        (state,) = ingress.balancer.fleets
+        assert fleet_sessions.offer(state, ingress.ctx.fleet_ssl) is not None
+        await asyncio.sleep(2.1)  # the session's time is counted in whole seconds
+        assert fleet_sessions.offer(state, ingress.ctx.fleet_ssl) is None
+        assert state.tls_session is None  # dropped, not only passed over
+        await one_call(ingress, tls_files)
+        assert fleet.reused == [False, False]
+    finally:
+        await fleet.stop()
+
+
+async def test_a_failed_connection_drops_the_session_it_was_offered(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    fleet = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    port = fleet.port
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+    finally:
+        await fleet.stop()
+    with pytest.raises(InvalidStatus):  # 503: the fleet refused the connection
+        await one_call(ingress, tls_files)
+    assert kept_of(ingress) is None
+    assert port  # the fleet is not started again: nothing would tell it from a new one

@@ -47,7 +47,12 @@ class KeptSession:
         self.pointer = pointer
         self.address = address  # host, port, SNI
         self.context = weakref.ref(context)
-        self.expires = calls.get_time(pointer) + calls.get_timeout(pointer)
+        # Its lifetime: the client's own timeout (OpenSSL's 7,200 s under
+        # CPython), or the ticket's lifetime hint if the fleet gave a shorter one.
+        lifetime = calls.get_timeout(pointer)
+        if (hint := calls.lifetime_hint(pointer)) > 0:
+            lifetime = min(lifetime, hint)
+        self.expires = calls.get_time(pointer) + lifetime
 
     def __del__(self) -> None:
         calls = session_calls()

@@ -1266,6 +1266,7 @@ class SessionCalls(NamedTuple):
     is_resumable: Any  # SSL_SESSION_is_resumable(const SSL_SESSION *)
     get_time: Any  # SSL_SESSION_get_time(const SSL_SESSION *): seconds, when made
     get_timeout: Any  # SSL_SESSION_get_timeout(const SSL_SESSION *): its lifetime, s
+    lifetime_hint: Any  # SSL_SESSION_get_ticket_lifetime_hint(const SSL_SESSION *): s
     session_reused: Any  # SSL_session_reused(const SSL *)
 
 
@@ -1287,6 +1288,7 @@ def session_calls() -> SessionCalls | None:
             libssl.SSL_SESSION_is_resumable,
             libssl.SSL_SESSION_get_time,
             libssl.SSL_SESSION_get_timeout,
+            libssl.SSL_SESSION_get_ticket_lifetime_hint,
             libssl.SSL_session_reused,
         )
     except (OSError, AttributeError, ImportError):
@@ -1299,6 +1301,7 @@ def session_calls() -> SessionCalls | None:
         one.restype, one.argtypes = ctypes.c_int, [p]
     for one in (calls.get_time, calls.get_timeout):
         one.restype, one.argtypes = ctypes.c_long, [p]
+    calls.lifetime_hint.restype, calls.lifetime_hint.argtypes = ctypes.c_ulong, [p]
     return calls
 
 
