@@ -93,7 +93,7 @@ class FleetState:
     redispatches: int = 0  # ...and that went to another fleet
     # The TLS session its calls' connections offer it (net/fleet_sessions.py;
     # opaque here): dropped with this record.
-    tls_session: object | None = None
+    tls_session: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:

@@ -54,6 +54,12 @@ class KeptSession:
             lifetime = min(lifetime, hint)
         self.expires = calls.get_time(pointer) + lifetime
 
+    def __copy__(self) -> KeptSession:
+        return self  # one reference, freed once
+
+    def __deepcopy__(self, memo: object) -> KeptSession:
+        return self
+
     def __del__(self) -> None:
         calls = session_calls()
         if calls is not None and self.pointer:
