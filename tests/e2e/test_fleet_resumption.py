@@ -361,3 +361,25 @@ async def test_a_failed_connection_drops_the_session_it_was_offered(
         await one_call(ingress, tls_files)
     assert kept_of(ingress) is None
     assert port  # the fleet is not started again: nothing would tell it from a new one
+
+
+async def test_a_worker_resumes_its_fleet_sessions(tls_files: TLSFiles) -> None:
+    """`run` with a worker: the worker's record of the fleet (the slot
+    client's) keeps the session, and the supervisor's probes stay full
+    handshakes."""
+    from tests.support import RunningIngress
+
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=1)
+        try:
+            await service.fleets_up()
+            for i in range(3):
+                async with ws_connect(
+                    service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
+                ) as ws:
+                    await echo(ws)
+        finally:
+            await service.finish()
+    assert fleet.call_reused == [False, True, True]
+    assert fleet.probe_reused and not any(fleet.probe_reused)
