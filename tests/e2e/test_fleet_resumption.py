@@ -34,6 +34,7 @@ from tests.support import (
     echo,
     eventually,
     ssl_ctx_pointer,
+    tls12_server_context,
     wss_url,
 )
 
@@ -383,3 +384,16 @@ async def test_a_worker_resumes_its_fleet_sessions(tls_files: TLSFiles) -> None:
             await service.finish()
     assert fleet.call_reused == [False, True, True]
     assert fleet.probe_reused and not any(fleet.probe_reused)
+
+
+async def test_a_tls12_fleet_resumes_from_its_ticket(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    fleet = await ResumptionFleet(tls12_server_context(tls_files)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        for i in range(3):
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert fleet.reused == [False, True, True]
+    finally:
+        await fleet.stop()
