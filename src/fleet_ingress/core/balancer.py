@@ -91,6 +91,9 @@ class FleetState:
     responses: Counter[int] = field(default_factory=Counter)  # fleet answers by status
     retries: int = 0  # failed attempts here that were tried again
     redispatches: int = 0  # ...and that went to another fleet
+    # The TLS session its calls' connections offer it (net/fleet_sessions.py;
+    # opaque here): dropped with this record.
+    tls_session: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from fleet_ingress.core.addresses import peer_ip
+from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.call_machine import (
     GOODBYE_REPLY_WAIT,
     AbortSide,
@@ -105,6 +106,7 @@ from fleet_ingress.core.routing import Router
 from fleet_ingress.core.silence import SilenceLimits, SilencePolicy
 from fleet_ingress.core.ws_frames import GAVE_UP, FrameTracker, close_frame
 from fleet_ingress.logs import RateLimitedLog, fields
+from fleet_ingress.net import fleet_sessions
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
@@ -485,6 +487,8 @@ class CarrierProtocol(_Side):
         self._timers: dict[Timer, PatientTimer] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
         self._underway: Underway | None = None
+        # The fleet of the current attempt (its TLS session kept at the link).
+        self._fleet: tuple[FleetState, FleetSpec] | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
         self._received_at = 0.0
@@ -802,33 +806,39 @@ class CarrierProtocol(_Side):
         )
         fleet_side = FleetProtocol(self, exchange)
         self.fleet_side = fleet_side
+        self._fleet = (command.fleet, spec)
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
         self._task = asyncio.get_running_loop().create_task(
-            self._connect(fleet_side, spec, underway)
+            self._connect(fleet_side, command.fleet, underway)
         )
 
     async def _connect(
-        self, fleet_side: FleetProtocol, spec: FleetSpec, underway: Underway
+        self, fleet_side: FleetProtocol, fleet: FleetState, underway: Underway
     ) -> None:
         """The connection alone: its timer is the machine's (`timeouts.connect`,
         TCP and TLS together; told by `underway` whether the fleet answered,
         after a stall), and the fleet side reports itself connected
         (`connection_made`)."""
         ctx = self.ctx
+        spec = fleet.spec
+        offered = None
         try:
             if spec.scheme == "https":
                 # SNI and the certificate's name are the fleet URL's host (an
                 # IPv6 zone left out: spec.tls_name); the
                 # context checks them (fleets.verify, fleets.ca_file). No timer
                 # of its own: the machine's bounds it (`timeout` bounds a
-                # renegotiation of the connection).
+                # renegotiation of the connection). The fleet's kept session
+                # offered (net/fleet_sessions.py): declined, a full handshake.
+                offered = fleet_sessions.offer(fleet, ctx.fleet_ssl)
                 conn = await connect(
                     spec.host,
                     spec.port,
                     ctx.fleet_ssl,
                     server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
+                    kept_session=None if offered is None else offered.pointer,
                     underway=underway,
                     meter=ctx.registry.new_connection_cpu,
                 )
@@ -842,6 +852,7 @@ class CarrierProtocol(_Side):
                     sock.close()
                     raise
         except (OSError, ssl.SSLError) as exc:
+            fleet_sessions.failed(fleet, offered)
             if self._task is asyncio.current_task():
                 self._task = None
                 if isinstance(exc, socket.gaierror):
@@ -940,6 +951,9 @@ class CarrierProtocol(_Side):
         assert call is not None and fleet_side is not None and fleet_side.transport is not None
         call.fleet_side = fleet_side
         self._head = None  # no further attempt: the head need not be kept
+        attempted, self._fleet = self._fleet, None
+        if attempted is not None and isinstance(fleet_side.transport, TLSConnection):
+            fleet_sessions.keep(*attempted, fleet_side.transport)
         if isinstance(self.transport, TLSConnection):
             # A call now: its frames are not a new connection's work, and its
             # reads are the hot path (the silence sweep finds a dead poll).

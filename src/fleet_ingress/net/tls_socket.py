@@ -425,6 +425,11 @@ class TLSConnection:
         """For version(), cipher(), selected_alpn_protocol(), getpeercert()."""
         return self._sock
 
+    @property
+    def ssl_pointer(self) -> int | None:
+        """OpenSSL's SSL under this connection (None: not to be had)."""
+        return self._ssl
+
     # What the call pump uses of an asyncio transport, with the same names, so
     # its protocols serve either (plain-TCP fleets stay on asyncio transports).
 
@@ -1249,6 +1254,57 @@ def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
     return int(pointer)
 
 
+class SessionCalls(NamedTuple):
+    """OpenSSL's session calls, for a fleet's session kept and offered without
+    CPython's copy (net/fleet_sessions.py): `SSLSocket.session`'s setter and
+    getter copy it through DER, its certificate parsed again each time."""
+
+    set_session: Any  # SSL_set_session(SSL *, SSL_SESSION *): takes its own reference
+    get1_session: Any  # SSL_get1_session(SSL *): a reference for the caller
+    free: Any  # SSL_SESSION_free(SSL_SESSION *)
+    has_ticket: Any  # SSL_SESSION_has_ticket(const SSL_SESSION *)
+    is_resumable: Any  # SSL_SESSION_is_resumable(const SSL_SESSION *)
+    get_time: Any  # SSL_SESSION_get_time(const SSL_SESSION *): seconds, when made
+    get_timeout: Any  # SSL_SESSION_get_timeout(const SSL_SESSION *): its lifetime, s
+    lifetime_hint: Any  # SSL_SESSION_get_ticket_lifetime_hint(const SSL_SESSION *): s
+    session_reused: Any  # SSL_session_reused(const SSL *)
+
+
+@functools.cache
+def session_calls() -> SessionCalls | None:
+    """The calls above, looked up once per process (None: not to be had, and
+    no session is kept: every fleet handshake a full one, as before)."""
+    if _libssl() is None:
+        return None
+    try:
+        import _ssl
+
+        libssl = ctypes.CDLL(_ssl.__file__)
+        calls = SessionCalls(
+            libssl.SSL_set_session,
+            libssl.SSL_get1_session,
+            libssl.SSL_SESSION_free,
+            libssl.SSL_SESSION_has_ticket,
+            libssl.SSL_SESSION_is_resumable,
+            libssl.SSL_SESSION_get_time,
+            libssl.SSL_SESSION_get_timeout,
+            libssl.SSL_SESSION_get_ticket_lifetime_hint,
+            libssl.SSL_session_reused,
+        )
+    except (OSError, AttributeError, ImportError):
+        return None
+    p = ctypes.c_void_p
+    calls.set_session.restype, calls.set_session.argtypes = ctypes.c_int, [p, p]
+    calls.get1_session.restype, calls.get1_session.argtypes = p, [p]
+    calls.free.restype, calls.free.argtypes = None, [p]
+    for one in (calls.has_ticket, calls.is_resumable, calls.session_reused):
+        one.restype, one.argtypes = ctypes.c_int, [p]
+    for one in (calls.get_time, calls.get_timeout):
+        one.restype, one.argtypes = ctypes.c_long, [p]
+    calls.lifetime_hint.restype, calls.lifetime_hint.argtypes = ctypes.c_ulong, [p]
+    return calls
+
+
 def _one_message_per_read(pointer: int) -> None:
     """SSL_read returns after each post-handshake message (module docstring)."""
     calls = _libssl()
@@ -1302,6 +1358,7 @@ async def connect(
     server_hostname: str | None,
     timeout: float,
     session: ssl.SSLSession | None = None,
+    kept_session: int | None = None,
     underway: Underway | None = None,
     meter: CpuMeter | None = None,
     **kw: int,
@@ -1316,9 +1373,11 @@ async def connect(
     ``server_hostname`` is sent as SNI and checked against the certificate
     (if the context checks hostnames). ``session``: a session of an earlier
     connection to the same server, with the same context, offered for
-    resumption (the server may decline: a full handshake then). No caller in
-    src/: offering sessions to the fleets was measured and reverted (191d77b:
-    +7 KiB per held call, +0.5 ms per call); the bench's BARE_BIO_REUSE uses it.
+    resumption (the server may decline: a full handshake then), through
+    CPython's setter, which copies it (the bench's BARE_BIO_REUSE uses it).
+    ``kept_session``: an OpenSSL SSL_SESSION (net/fleet_sessions.py) offered
+    the same way, set on the SSL itself (SSL_set_session takes a reference of
+    its own: no copy); not offered where that SSL cannot be reached.
     ``meter``: where the connection's I/O callbacks are counted from its
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
     link (accept pacing)."""
@@ -1338,6 +1397,10 @@ async def connect(
             sock.close()
             raise
         conn = TLSConnection(loop, ssock, **kw)
+        if kept_session is not None and conn._ssl is not None:
+            calls = session_calls()
+            if calls is not None:
+                calls.set_session(conn._ssl, kept_session)
         if meter is not None:
             conn.meter(meter)  # its handshake, until its call is linked (`linked`)
         if underway is None:

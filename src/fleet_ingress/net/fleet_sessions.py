@@ -1,0 +1,129 @@
+"""A TLS session kept per fleet and offered to its next connections (resumption).
+
+HAProxy resumes its servers' sessions by default; so does this, towards TLS
+fleets: each fleet keeps the newest session with a ticket that a handshake to
+it (full or resumed) left, taken at a call's link, and offers it to the
+fleet's next connections. A fleet that declines (its ticket keys rotated, a
+restart, resumption off) gets a full handshake, its certificate checked as
+always; the health probes' own connections never offer one (aiohttp's, a full
+handshake each time), so a fleet whose certificate goes bad is still found.
+
+The session is OpenSSL's own SSL_SESSION, taken with SSL_get1_session and
+offered with SSL_set_session on the SSL (`tls_socket.session_calls`): both
+take references, nothing is copied. CPython's `SSLSocket.session` copies the
+session through DER at each get and set, its certificate parsed again (1.6 M
+instructions a call, bench/README, Session 38), and each connection then held
+a certificate of its own (191d77b's +7 KiB per held call).
+
+Kept on the fleet's own record (`FleetState.tls_session`, opaque to core):
+gone with it when the fleet leaves the set. Dropped when the fleet's address
+or SNI is no longer the session's, when the fleet context (fleets.verify,
+fleets.ca_file: a new one at each reload) is not the one it was made under,
+when its lifetime has ended, and when a connection it was offered to fails.
+Where OpenSSL's SSL cannot be reached nothing is kept (full handshakes).
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+import weakref
+
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.fleet_spec import FleetSpec
+from fleet_ingress.net.tls_socket import TLSConnection, session_calls
+
+
+class KeptSession:
+    """One reference to an SSL_SESSION, freed with this object."""
+
+    __slots__ = ("__weakref__", "address", "context", "expires", "pointer")
+
+    def __init__(
+        self, pointer: int, address: tuple[str, int, str | None], context: ssl.SSLContext
+    ) -> None:
+        calls = session_calls()
+        assert calls is not None
+        self.pointer = pointer
+        self.address = address  # host, port, SNI
+        self.context = weakref.ref(context)
+        # Its lifetime: the client's own timeout (OpenSSL's 7,200 s under
+        # CPython), or the ticket's lifetime hint if the fleet gave a shorter one.
+        lifetime = calls.get_timeout(pointer)
+        if (hint := calls.lifetime_hint(pointer)) > 0:
+            lifetime = min(lifetime, hint)
+        self.expires = calls.get_time(pointer) + lifetime
+
+    def __copy__(self) -> KeptSession:
+        return self  # one reference, freed once
+
+    def __deepcopy__(self, memo: object) -> KeptSession:
+        return self
+
+    def __del__(self) -> None:
+        calls = session_calls()
+        if calls is not None and self.pointer:
+            calls.free(self.pointer)
+            self.pointer = 0
+
+
+def _address(spec: FleetSpec) -> tuple[str, int, str | None]:
+    return (spec.host, spec.port, spec.tls_name)
+
+
+def offer(fleet: FleetState, context: ssl.SSLContext) -> KeptSession | None:
+    """The fleet's kept session, if it is still good for a connection to it
+    under `context` now (one that is not is dropped)."""
+    kept = fleet.tls_session
+    if kept is None:
+        return None
+    assert isinstance(kept, KeptSession)
+    if (
+        kept.context() is not context
+        or kept.address != _address(fleet.spec)
+        or kept.expires <= time.time()
+    ):
+        fleet.tls_session = None
+        return None
+    return kept
+
+
+def keep(fleet: FleetState, spec: FleetSpec, conn: TLSConnection) -> None:
+    """The session of `conn` (a connection to the fleet as `spec` said, under
+    its own context; handshake done) kept as the fleet's, if it has a ticket
+    and can be resumed."""
+    calls = session_calls()
+    pointer = conn.ssl_pointer
+    if calls is None or pointer is None:
+        return
+    kept = fleet.tls_session
+    context = conn.ssl_socket.context
+    address = _address(spec)
+    session = calls.get1_session(pointer)
+    if not session:
+        return
+    if (
+        isinstance(kept, KeptSession)
+        and kept.pointer == session
+        and kept.context() is context
+        and kept.address == address
+    ):
+        calls.free(session)  # the one kept already (resumed, no new ticket)
+        return
+    if not (calls.has_ticket(session) and calls.is_resumable(session)):
+        calls.free(session)
+        return
+    fleet.tls_session = KeptSession(session, address, context)
+
+
+def failed(fleet: FleetState, offered: KeptSession | None) -> None:
+    """A connection `offered` the fleet's session failed: not offered again."""
+    if offered is not None and fleet.tls_session is offered:
+        fleet.tls_session = None
+
+
+def resumed(conn: TLSConnection) -> bool:
+    """Whether the connection's handshake resumed a session."""
+    calls = session_calls()
+    pointer = conn.ssl_pointer
+    return calls is not None and pointer is not None and bool(calls.session_reused(pointer))

@@ -1,0 +1,399 @@
+"""TLS session resumption towards the fleets (net/fleet_sessions.py): real TLS
+(trustme), real websockets fleets and carriers on loopback; what the fleet's
+server side says of each handshake (`SSLObject.session_reused`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import gc
+import os
+import ssl
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import InvalidStatus
+
+from fleet_ingress.config.fleets_file import parse_fleets_text
+from fleet_ingress.config.settings import config_from_dict
+from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.net import fleet_sessions, tls_socket
+from fleet_ingress.service.ingress import Ingress
+from fleet_ingress.sim.fleet import SimulatedFleet
+from tests.support import (
+    LIBSSL,
+    StartIngress,
+    TLSFiles,
+    WsFleet,
+    echo,
+    eventually,
+    ssl_ctx_pointer,
+    tls12_server_context,
+    wss_url,
+)
+
+# SSL_CTX_ctrl(ctx, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, 80, keys) (openssl/ssl.h)
+_SET_TICKET_KEYS = 59
+
+
+class ResumptionFleet(WsFleet):
+    """A websockets fleet that says, for each connection, whether its
+    handshake resumed a session."""
+
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+        super().__init__(ssl_context)
+        self.reused: list[bool] = []
+
+    def _record(self, connection: ServerConnection, request: Any) -> None:
+        super()._record(connection, request)
+        self.reused.append(connection.transport.get_extra_info("ssl_object").session_reused)
+
+
+def rotate_ticket_keys(ctx: ssl.SSLContext) -> None:
+    keys = ctypes.create_string_buffer(os.urandom(80), 80)
+    assert LIBSSL.SSL_CTX_ctrl(ssl_ctx_pointer(ctx), _SET_TICKET_KEYS, 80, keys) == 1
+
+
+async def one_call(ingress: Ingress, tls_files: TLSFiles, path: str = "/ws/bot-1") -> None:
+    async with ws_connect(wss_url(ingress, path), ssl=tls_files.client_context()) as ws:
+        await echo(ws)
+
+
+def kept_of(ingress: Ingress, name: str = "a") -> fleet_sessions.KeptSession | None:
+    (fleet,) = [f for f in ingress.balancer.fleets if f.name == name]
+    kept = fleet.tls_session
+    assert kept is None or isinstance(kept, fleet_sessions.KeptSession)
+    return kept
+
+
+@pytest.fixture
+async def fleet(tls_files: TLSFiles):  # type: ignore[no-untyped-def]
+    f = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    yield f
+    await f.stop()
+
+
+def test_the_openssl_session_calls_are_reached() -> None:
+    """What fleet_sessions relies on: libssl's session calls found through
+    CPython's _ssl, and the SSL under an SSLSocket (`_openssl_ssl`, pinned in
+    test_tls_socket); without them nothing is kept (full handshakes)."""
+    assert tls_socket.session_calls() is not None
+
+
+async def test_the_second_call_to_a_fleet_resumes_its_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    for i in range(3):
+        await one_call(ingress, tls_files, f"/ws/bot-{i}")
+    assert fleet.reused == [False, True, True]
+    assert kept_of(ingress) is not None
+
+
+async def test_a_fleet_that_rotates_its_ticket_keys_gets_a_full_handshake(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.ssl_context is not None
+    rotate_ticket_keys(fleet.ssl_context)  # the ticket kept can no longer be opened
+    await one_call(ingress, tls_files)  # declined: a full handshake, the call served
+    await one_call(ingress, tls_files)  # the new ticket, from that handshake
+    assert fleet.reused == [False, True, False, True]
+
+
+async def test_a_fleet_that_gives_no_tickets_gets_full_handshakes(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    ctx = tls_files.fleet_server_context()
+    ctx.num_tickets = 0
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        for _ in range(3):
+            await one_call(ingress, tls_files)
+        assert fleet.reused == [False, False, False]
+        assert kept_of(ingress) is None
+    finally:
+        await fleet.stop()
+
+
+async def test_no_session_is_offered_where_the_ssl_cannot_be_reached(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tls_socket, "_openssl_ssl", lambda sock: None)
+    ingress = await start_ingress([fleet.line("a")])
+    for _ in range(2):
+        await one_call(ingress, tls_files)
+    assert fleet.reused == [False, False]
+    assert kept_of(ingress) is None
+
+
+async def test_a_reload_that_changes_the_fleet_ca_drops_the_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, tmp_path: Path
+) -> None:
+    ingress = await start_ingress([fleet.line("a")])
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, True]
+    # The same CA and one more: the fleet is still trusted, under a new context.
+    ca_file = tmp_path / "cas.pem"
+    ca_file.write_bytes(tls_files.ca_pem.read_bytes() + _another_ca_pem())
+    data = ingress.config
+    fleets_file = tmp_path / "fleets.txt"
+    fleets_file.write_text(fleet.line("a") + "\n")
+    config = config_from_dict(
+        {
+            "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
+            "tls": {
+                "cert": str(data.tls.cert),
+                "key": str(data.tls.key),
+                "ca_file": str(tls_files.ca_pem),
+            },
+            "fleets": {"ca_file": str(ca_file), "file": str(fleets_file)},
+            "log": {"access": True},
+        }
+    )
+    config_path = tmp_path / "ingress.toml"
+    config_path.write_text("")  # not read: the configuration is given
+    await ingress.reload(config_path, config=config)
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, True, False, True]
+
+
+def _another_ca_pem() -> bytes:
+    import trustme
+
+    return trustme.CA().cert_pem.bytes()
+
+
+async def test_a_removed_fleet_holds_no_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a"), other.line("b")])
+        for i in range(6):  # round robin: both fleets, each resumed
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert True in fleet.reused and True in other.reused
+        kept = kept_of(ingress, "b")
+        assert kept is not None
+        gone = weakref.ref(kept)
+        del kept
+        ingress.apply_fleets(
+            [s for s in (f.spec for f in ingress.balancer.fleets) if s.name == "a"], ingress.config
+        )
+        for _ in range(50):
+            gc.collect()
+            if gone() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert gone() is None
+    finally:
+        await other.stop()
+
+
+class ProbedFleet(SimulatedFleet):
+    """A simulated fleet that says, for each health probe and each call,
+    whether its connection's handshake resumed a session; it closes each
+    probe's connection, so that every probe makes a new one."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.probe_reused: list[bool] = []
+        self.call_reused: list[bool] = []
+
+    async def _health(self, request: web.Request) -> web.Response:
+        self.probe_reused.append(request.transport.get_extra_info("ssl_object").session_reused)
+        response = await super()._health(request)
+        response.force_close()
+        return response
+
+    async def _call(self, request: web.Request) -> web.StreamResponse:
+        self.call_reused.append(request.transport.get_extra_info("ssl_object").session_reused)
+        return await super()._call(request)
+
+
+async def test_health_probes_make_full_handshakes_while_calls_resume(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A fleet whose certificate goes bad is found by the probes: their
+    connections never offer the calls' session (the certificate checked each
+    time), whatever the calls do."""
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        ingress = await start_ingress(
+            [f"{fleet.url} name=a"],
+            health_checks=True,
+            fleets={"check_interval": 0.1, "check_timeout": 1.0, "fall": 3, "rise": 1},
+        )
+        assert ingress.poller is not None
+        assert await ingress.poller.wait_first_probes(timeout=5)
+        for i in range(3):
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        probes = len(fleet.probe_reused)
+        await eventually(lambda: len(fleet.probe_reused) >= probes + 3)
+    assert fleet.call_reused == [False, True, True]
+    assert len(fleet.probe_reused) >= 4 and not any(fleet.probe_reused)
+
+
+async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSFiles) -> None:
+    """The session kept and offered (SSL_get1_session, SSL_set_session,
+    SSL_SESSION_free) is balanced: 2,000 resumed connections, each keeping
+    its newest session as a call's link does, grow the process by far less
+    than one session (~1 KiB and up) a connection."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x")  # after the tickets
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls_files.fleet_server_context())
+    port = server.sockets[0].getsockname()[1]
+    spec = parse_fleets_text(f"https://127.0.0.1:{port} name=a", default_maxconn=10)[0]
+    fleet = FleetState(spec)
+    ctx = tls_files.client_context()
+    reused = 0
+
+    async def one() -> None:
+        nonlocal reused
+        offered = fleet_sessions.offer(fleet, ctx)
+        conn = await tls_socket.connect(
+            "127.0.0.1",
+            port,
+            ctx,
+            server_hostname="127.0.0.1",
+            timeout=10,
+            kept_session=None if offered is None else offered.pointer,
+        )
+        got = asyncio.get_running_loop().create_future()
+
+        class Handler:
+            def data_received(self, data: memoryview) -> None:
+                if not got.done():
+                    got.set_result(bytes(data))
+
+            def eof_received(self) -> bool:
+                return False
+
+            def connection_lost(self, exc: BaseException | None) -> None:
+                if not got.done():
+                    got.set_exception(exc or ConnectionError())
+
+            def pause_writing(self) -> None: ...
+            def resume_writing(self) -> None: ...
+
+        conn.start(Handler())  # type: ignore[arg-type]
+        assert await got == b"x"
+        reused += fleet_sessions.resumed(conn)
+        fleet_sessions.keep(fleet, spec, conn)
+        conn.close()
+
+    try:
+        async with asyncio.timeout(120):
+            for _ in range(300):
+                await one()
+            gc.collect()
+            before = _rss_kib()
+            for _ in range(2000):
+                await one()
+            gc.collect()
+            grown = _rss_kib() - before
+    finally:
+        server.close()
+    print(f"RSS grown {grown} KiB over 2,000 resumed connections; {reused} resumed")
+    assert reused >= 2250, reused
+    assert grown < 600, f"{grown} KiB over 2,000 connections"
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_session_past_its_lifetime_is_not_offered(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    ctx = tls_files.fleet_server_context()
+    LIBSSL.SSL_CTX_set_timeout.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    LIBSSL.SSL_CTX_set_timeout(ssl_ctx_pointer(ctx), 1)  # the tickets' lifetime: 1 s
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        await one_call(ingress, tls_files)
+        (state,) = ingress.balancer.fleets
+        assert fleet_sessions.offer(state, ingress.ctx.fleet_ssl) is not None
+        await asyncio.sleep(2.1)  # the session's time is counted in whole seconds
+        assert fleet_sessions.offer(state, ingress.ctx.fleet_ssl) is None
+        assert state.tls_session is None  # dropped, not only passed over
+        await one_call(ingress, tls_files)
+        assert fleet.reused == [False, False]
+    finally:
+        await fleet.stop()
+
+
+async def test_a_failed_connection_drops_the_session_it_was_offered(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    fleet = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    port = fleet.port
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+    finally:
+        await fleet.stop()
+    with pytest.raises(InvalidStatus):  # 503: the fleet refused the connection
+        await one_call(ingress, tls_files)
+    assert kept_of(ingress) is None
+    assert port  # the fleet is not started again: nothing would tell it from a new one
+
+
+async def test_a_worker_resumes_its_fleet_sessions(tls_files: TLSFiles) -> None:
+    """`run` with a worker: the worker's record of the fleet (the slot
+    client's) keeps the session, and the supervisor's probes stay full
+    handshakes."""
+    from tests.support import RunningIngress
+
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=1)
+        try:
+            await service.fleets_up()
+            for i in range(3):
+                async with ws_connect(
+                    service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
+                ) as ws:
+                    await echo(ws)
+        finally:
+            await service.finish()
+    assert fleet.call_reused == [False, True, True]
+    assert fleet.probe_reused and not any(fleet.probe_reused)
+
+
+async def test_a_tls12_fleet_resumes_from_its_ticket(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    fleet = await ResumptionFleet(tls12_server_context(tls_files)).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        for i in range(3):
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert fleet.reused == [False, True, True]
+    finally:
+        await fleet.stop()
