@@ -80,6 +80,15 @@ def releases(tmp_path: Path) -> tuple[Path, Path]:
             )
         pytest.skip(f"no {OLD_RELEASE} in this checkout: {why} (CI unset)")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+    # The venv's `fleet-ingress` script (what the unit and `Unit.cli` run) is
+    # this release's, `fleet_ingress.entry:main` since 369ef6c; the release
+    # before's script ran `fleet_ingress.cli:main` (its pyproject.toml), as pip
+    # installing it writes. Without this the unit's ExecStartPre failed with
+    # "No module named 'fleet_ingress.entry'" wherever the old release was
+    # installed.
+    entry = old / "src" / "fleet_ingress" / "entry.py"
+    if not entry.exists():
+        entry.write_text("from fleet_ingress.cli import main  # its console script's\n")
     new = tmp_path / "new"
     shutil.copytree(Path(fleet_ingress.__file__).parent, new / "fleet_ingress")
     return old / "src", new
