@@ -594,6 +594,58 @@ class NetLab:
         self.made.clear()
 
 
+@contextlib.asynccontextmanager
+async def netns_ingress(
+    netlab: NetLab, ns: str, config: Path, log: list[dict[str, Any]], stats: tuple[str, int]
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A real `python -m fleet_ingress run -c CONFIG` inside namespace `ns`
+    (the environment's FLEET_INGRESS_ variables left out: only the file
+    counts), its JSON log lines appended to `log` as they come; entered once
+    every fleet its /stats.json (`stats`, inside `ns`) lists is UP (within
+    15 s, or AssertionError if it exits first); killed on the way out."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
+    proc = await asyncio.create_subprocess_exec(
+        *netlab.exec_argv(ns, sys.executable, "-m", "fleet_ingress", "run"),
+        "-c",
+        str(config),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+
+    async def read_log() -> None:
+        assert proc.stderr is not None
+        while line := await proc.stderr.readline():
+            with contextlib.suppress(ValueError):
+                log.append(json.loads(line))
+
+    reader = asyncio.get_running_loop().create_task(read_log())
+    try:
+
+        async def up() -> None:
+            while True:
+                with contextlib.suppress(OSError, ValueError):
+                    answer = json.loads(await netlab.http_get(ns, *stats, "/stats.json"))
+                    health = [f["health"] for f in answer["fleets"]]
+                    if health and set(health) == {"UP"}:
+                        return
+                if proc.returncode is not None:
+                    raise AssertionError(f"ingress exited {proc.returncode}: {log}")
+                await asyncio.sleep(0.1)
+
+        async with asyncio.timeout(15):
+            await up()
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await proc.wait()
+        reader.cancel()
+
+
 def netns_unavailable() -> str | None:
     """Why namespaces cannot be made here, or None."""
     if os.geteuid() != 0:

@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import ssl
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import NetLab, TLSFiles, eventually
+from tests.support import NetLab, TLSFiles, eventually, netns_ingress
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(100)]
 
@@ -143,49 +142,16 @@ async def running_lab(netlab: NetLab, tls_files: TLSFiles, tmp_path: Path) -> As
         f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
         f'[fleets]\nfile = "fleets.txt"\nca_file = "{tls_files.ca_pem}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
-    proc = await asyncio.create_subprocess_exec(
-        *netlab.exec_argv(ns["ingress"], sys.executable, "-m", "fleet_ingress", "run"),
-        "-c",
-        str(config),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
     lab = Lab(netlab, ns, fleets, tls_files)
-
-    async def read_log() -> None:
-        assert proc.stderr is not None
-        while line := await proc.stderr.readline():
-            with contextlib.suppress(ValueError):
-                lab.log.append(json.loads(line))
-
-    reader = asyncio.get_running_loop().create_task(read_log())
     try:
-
-        async def both_up() -> None:
-            while True:
-                with contextlib.suppress(OSError, ValueError):
-                    if set((await lab.health()).values()) == {"UP"}:
-                        return
-                if proc.returncode is not None:
-                    raise AssertionError(f"ingress exited {proc.returncode}: {lab.log}")
-                await asyncio.sleep(0.1)
-
-        async with asyncio.timeout(15):
-            await both_up()
-        yield lab
+        async with netns_ingress(netlab, ns["ingress"], config, lab.log, STATS):
+            try:
+                yield lab
+            finally:
+                for caller in lab.callers:
+                    if caller.task is not None:
+                        caller.task.cancel()
     finally:
-        for caller in lab.callers:
-            if caller.task is not None:
-                caller.task.cancel()
-        if proc.returncode is None:
-            proc.kill()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):
-                await proc.wait()
-        reader.cancel()
         for fleet in fleets.values():
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(3):
