@@ -866,6 +866,9 @@ class CarrierProtocol(_Side):
                     self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
             return
         except asyncio.CancelledError:
+            # Ended by the connect timer (or the carrier gone): a fleet that
+            # hangs on a resumed handshake is not offered the session again.
+            fleet_sessions.failed(fleet, offered)
             raise
         except Exception as exc:
             if self._task is asyncio.current_task():
