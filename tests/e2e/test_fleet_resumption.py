@@ -488,3 +488,25 @@ async def test_a_connection_that_times_out_offered_the_session_drops_it(
         assert fleet.reused == [False, False]
     finally:
         await relay.stop()
+
+
+async def test_two_workers_each_resume_their_own_session(tls_files: TLSFiles) -> None:
+    """`run` with 2 workers: each keeps a session of its own (at most one
+    full handshake each), the calls served, the probes full handshakes."""
+    from tests.support import RunningIngress
+
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=2)
+        try:
+            await service.fleets_up()
+            for i in range(8):
+                async with ws_connect(
+                    service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
+                ) as ws:
+                    await echo(ws)
+        finally:
+            await service.finish()
+    assert len(fleet.call_reused) == 8
+    assert fleet.call_reused.count(False) <= 2, fleet.call_reused
+    assert fleet.probe_reused and not any(fleet.probe_reused)
