@@ -510,3 +510,33 @@ async def test_two_workers_each_resume_their_own_session(tls_files: TLSFiles) ->
     assert len(fleet.call_reused) == 8
     assert fleet.call_reused.count(False) <= 2, fleet.call_reused
     assert fleet.probe_reused and not any(fleet.probe_reused)
+
+
+async def test_a_call_connects_to_the_fleet_spec_it_was_sent_to(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fleet's spec changed in place (a worker's grant of the fleet moved,
+    read in the same loop turn) after a call's ConnectFleet and before its
+    connection starts: the call goes where its request's head (Host) and its
+    slot were made for, as before resumption (it read the spec again)."""
+    from fleet_ingress.core.call_machine import ConnectFleet
+    from fleet_ingress.net import proxy
+
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        moved = parse_fleets_text(other.line("a"), default_maxconn=10)[0]
+        connect_fleet = proxy.CarrierProtocol._connect_fleet
+
+        def then_moved(self: proxy.CarrierProtocol, command: Any) -> None:
+            connect_fleet(self, command)
+            command.fleet.spec = moved  # the connection's task not started yet
+
+        monkeypatch.setitem(proxy._COMMANDS, ConnectFleet, then_moved)
+        await one_call(ingress, tls_files)
+        assert len(fleet.requests) == 1 and not other.requests
+    finally:
+        await other.stop()

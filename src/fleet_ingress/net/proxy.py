@@ -810,18 +810,17 @@ class CarrierProtocol(_Side):
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
         self._task = asyncio.get_running_loop().create_task(
-            self._connect(fleet_side, command.fleet, underway)
+            self._connect(fleet_side, command.fleet, spec, underway)
         )
 
     async def _connect(
-        self, fleet_side: FleetProtocol, fleet: FleetState, underway: Underway
+        self, fleet_side: FleetProtocol, fleet: FleetState, spec: FleetSpec, underway: Underway
     ) -> None:
         """The connection alone: its timer is the machine's (`timeouts.connect`,
         TCP and TLS together; told by `underway` whether the fleet answered,
         after a stall), and the fleet side reports itself connected
         (`connection_made`)."""
         ctx = self.ctx
-        spec = fleet.spec
         offered = None
         try:
             if spec.scheme == "https":
@@ -831,7 +830,7 @@ class CarrierProtocol(_Side):
                 # of its own: the machine's bounds it (`timeout` bounds a
                 # renegotiation of the connection). The fleet's kept session
                 # offered (net/fleet_sessions.py): declined, a full handshake.
-                offered = fleet_sessions.offer(fleet, ctx.fleet_ssl)
+                offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
                 conn = await connect(
                     spec.host,
                     spec.port,
