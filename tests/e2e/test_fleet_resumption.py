@@ -397,3 +397,146 @@ async def test_a_tls12_fleet_resumes_from_its_ticket(
         assert fleet.reused == [False, True, True]
     finally:
         await fleet.stop()
+
+
+def _offers_a_ticket(hello: bytes) -> bool:
+    """Whether a ClientHello record offers a session: a pre_shared_key (41,
+    TLS 1.3) or a session_ticket (35, TLS 1.2) extension that is not empty."""
+    body = hello[5 + 4 :]  # the record's header, the handshake's type and length
+    at = 2 + 32  # client_version, random
+    at += 1 + body[at]  # session_id
+    at += 2 + int.from_bytes(body[at : at + 2], "big")  # cipher_suites
+    at += 1 + body[at]  # compression_methods
+    end = at + 2 + int.from_bytes(body[at : at + 2], "big")
+    at += 2
+    while at + 4 <= end:
+        kind = int.from_bytes(body[at : at + 2], "big")
+        size = int.from_bytes(body[at + 2 : at + 4], "big")
+        if kind == 41 or (kind == 35 and size > 0):
+            return True
+        at += 4 + size
+    return False
+
+
+class StallsResumption:
+    """A TCP relay in front of a fleet that, once told, never answers a
+    ClientHello offering a session (the connection held, nothing sent):
+    a fleet, or a middlebox before it, that hangs on resumption."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stall = False
+        self.stalled = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readexactly(5)
+            hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
+            if self.stall and _offers_a_ticket(hello):
+                self.stalled += 1
+                await reader.read()  # until the ingress gives up
+                return
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+            up_writer.write(hello)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_connection_that_times_out_offered_the_session_drops_it(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    """A fleet that hangs on a resumed handshake (the connect timer ends it)
+    gets full handshakes after: the session is not offered again (before, it
+    was kept, and every call to the fleet timed out until its lifetime ended)."""
+    relay = StallsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress(
+            [f"https://127.0.0.1:{port} name=a"],
+            retry={"retries": 0},
+            timeouts={"connect": 0.5},
+        )
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        relay.stall = True
+        with pytest.raises(InvalidStatus):  # the connect timer's answer
+            await one_call(ingress, tls_files)
+        assert relay.stalled == 1
+        assert kept_of(ingress) is None
+        await one_call(ingress, tls_files)  # a full handshake, served
+        assert relay.stalled == 1
+        assert fleet.reused == [False, False]
+    finally:
+        await relay.stop()
+
+
+async def test_two_workers_each_resume_their_own_session(tls_files: TLSFiles) -> None:
+    """`run` with 2 workers: each keeps a session of its own (at most one
+    full handshake each), the calls served, the probes full handshakes."""
+    from tests.support import RunningIngress
+
+    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=2)
+        try:
+            await service.fleets_up()
+            for i in range(8):
+                async with ws_connect(
+                    service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
+                ) as ws:
+                    await echo(ws)
+        finally:
+            await service.finish()
+    assert len(fleet.call_reused) == 8
+    assert fleet.call_reused.count(False) <= 2, fleet.call_reused
+    assert fleet.probe_reused and not any(fleet.probe_reused)
+
+
+async def test_a_call_connects_to_the_fleet_spec_it_was_sent_to(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fleet's spec changed in place (a worker's grant of the fleet moved,
+    read in the same loop turn) after a call's ConnectFleet and before its
+    connection starts: the call goes where its request's head (Host) and its
+    slot were made for, as before resumption (it read the spec again)."""
+    from fleet_ingress.core.call_machine import ConnectFleet
+    from fleet_ingress.net import proxy
+
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        moved = parse_fleets_text(other.line("a"), default_maxconn=10)[0]
+        connect_fleet = proxy.CarrierProtocol._connect_fleet
+
+        def then_moved(self: proxy.CarrierProtocol, command: Any) -> None:
+            connect_fleet(self, command)
+            command.fleet.spec = moved  # the connection's task not started yet
+
+        monkeypatch.setitem(proxy._COMMANDS, ConnectFleet, then_moved)
+        await one_call(ingress, tls_files)
+        assert len(fleet.requests) == 1 and not other.requests
+    finally:
+        await other.stop()

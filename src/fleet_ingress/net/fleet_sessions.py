@@ -71,16 +71,19 @@ def _address(spec: FleetSpec) -> tuple[str, int, str | None]:
     return (spec.host, spec.port, spec.tls_name)
 
 
-def offer(fleet: FleetState, context: ssl.SSLContext) -> KeptSession | None:
+def offer(
+    fleet: FleetState, context: ssl.SSLContext, spec: FleetSpec | None = None
+) -> KeptSession | None:
     """The fleet's kept session, if it is still good for a connection to it
-    under `context` now (one that is not is dropped)."""
+    (as `spec` says, by default the fleet's own) under `context` now (one
+    that is not is dropped)."""
     kept = fleet.tls_session
     if kept is None:
         return None
     assert isinstance(kept, KeptSession)
     if (
         kept.context() is not context
-        or kept.address != _address(fleet.spec)
+        or kept.address != _address(fleet.spec if spec is None else spec)
         or kept.expires <= time.time()
     ):
         fleet.tls_session = None

@@ -810,18 +810,17 @@ class CarrierProtocol(_Side):
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
         self._task = asyncio.get_running_loop().create_task(
-            self._connect(fleet_side, command.fleet, underway)
+            self._connect(fleet_side, command.fleet, spec, underway)
         )
 
     async def _connect(
-        self, fleet_side: FleetProtocol, fleet: FleetState, underway: Underway
+        self, fleet_side: FleetProtocol, fleet: FleetState, spec: FleetSpec, underway: Underway
     ) -> None:
         """The connection alone: its timer is the machine's (`timeouts.connect`,
         TCP and TLS together; told by `underway` whether the fleet answered,
         after a stall), and the fleet side reports itself connected
         (`connection_made`)."""
         ctx = self.ctx
-        spec = fleet.spec
         offered = None
         try:
             if spec.scheme == "https":
@@ -831,7 +830,7 @@ class CarrierProtocol(_Side):
                 # of its own: the machine's bounds it (`timeout` bounds a
                 # renegotiation of the connection). The fleet's kept session
                 # offered (net/fleet_sessions.py): declined, a full handshake.
-                offered = fleet_sessions.offer(fleet, ctx.fleet_ssl)
+                offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
                 conn = await connect(
                     spec.host,
                     spec.port,
@@ -866,6 +865,9 @@ class CarrierProtocol(_Side):
                     self.feed(FleetConnectFailed(detail, local=_this_hosts_failure(exc)))
             return
         except asyncio.CancelledError:
+            # Ended by the connect timer (or the carrier gone): a fleet that
+            # hangs on a resumed handshake is not offered the session again.
+            fleet_sessions.failed(fleet, offered)
             raise
         except Exception as exc:
             if self._task is asyncio.current_task():
