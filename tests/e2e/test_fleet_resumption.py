@@ -277,7 +277,7 @@ async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSF
             ctx,
             server_hostname="127.0.0.1",
             timeout=10,
-            kept_session=None if offered is None else offered.pointer,
+            kept_session=offered,
         )
         got = asyncio.get_running_loop().create_future()
 

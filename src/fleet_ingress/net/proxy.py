@@ -837,7 +837,7 @@ class CarrierProtocol(_Side):
                     ctx.fleet_ssl,
                     server_hostname=spec.tls_name,
                     timeout=ctx.connect_timeout,
-                    kept_session=None if offered is None else offered.pointer,
+                    kept_session=offered,
                     underway=underway,
                     meter=ctx.registry.new_connection_cpu,
                 )

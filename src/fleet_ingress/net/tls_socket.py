@@ -152,6 +152,15 @@ class _SSLObject(Protocol):
     def do_handshake(self) -> None: ...
 
 
+class HeldSession(Protocol):
+    """A reference to an OpenSSL SSL_SESSION held by its owner for as long as the
+    owner lives (`fleet_sessions.KeptSession`): `connect` keeps the owner, so the
+    session cannot be freed while the connection waits for its TCP connect."""
+
+    @property
+    def pointer(self) -> int: ...
+
+
 class TLSHandler(Protocol):
     """What a connection calls; the call pump implements it (one per side)."""
 
@@ -1358,7 +1367,7 @@ async def connect(
     server_hostname: str | None,
     timeout: float,
     session: ssl.SSLSession | None = None,
-    kept_session: int | None = None,
+    kept_session: HeldSession | None = None,
     underway: Underway | None = None,
     meter: CpuMeter | None = None,
     **kw: int,
@@ -1377,7 +1386,9 @@ async def connect(
     CPython's setter, which copies it (the bench's BARE_BIO_REUSE uses it).
     ``kept_session``: an OpenSSL SSL_SESSION (net/fleet_sessions.py) offered
     the same way, set on the SSL itself (SSL_set_session takes a reference of
-    its own: no copy); not offered where that SSL cannot be reached.
+    its own: no copy); not offered where that SSL cannot be reached. Its owner
+    is held here until then: a bare pointer whose owner went during the TCP
+    connect was a use after free (review38c).
     ``meter``: where the connection's I/O callbacks are counted from its
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
     link (accept pacing)."""
@@ -1400,7 +1411,7 @@ async def connect(
         if kept_session is not None and conn._ssl is not None:
             calls = session_calls()
             if calls is not None:
-                calls.set_session(conn._ssl, kept_session)
+                calls.set_session(conn._ssl, kept_session.pointer)
         if meter is not None:
             conn.meter(meter)  # its handshake, until its call is linked (`linked`)
         if underway is None:
