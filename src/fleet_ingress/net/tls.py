@@ -111,7 +111,8 @@ def server_ssl_context(
             if misordered := _misordered(cert, key, key_name):
                 raise TLSSetupError(f"certificate {cert_name} {misordered}") from None
             problem = "do not match: the key is not the one the certificate was issued for"
-            problem += _key_types(cert, key) + _key_fix(cert, key)
+            # The files named: `cert` and `key` may be /proc/self/fd links (from_bytes).
+            problem += _key_types(cert, key) + _key_fix(Path(cert_name), Path(key_name))
         elif isinstance(exc, ssl.SSLError):
             problem = f"cannot be read: {_pem_problem(cert, key, cert_name, key_name)}"
         else:
