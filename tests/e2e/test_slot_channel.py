@@ -170,7 +170,7 @@ async def test_a_closed_channel_gives_back_every_slot_and_a_waiter_gets_one(host
 
 async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(host):
     """Each slot request says who its call is ("call"): kept while the lease
-    is open (held or queued), with status 101 once its fleet answered; gone
+    is open (held or queued), with status 101 and its moment once its fleet answered; gone
     with a release or a refusal; what was open when the channel ended is
     given once (the supervisor's lines for calls lost with a worker)."""
     h = host(maxconn=1, queue_timeout=0.3)
@@ -185,7 +185,8 @@ async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(h
     with pytest.raises(NoFleetAvailable):  # both fleets full: queued, then refused
         await w1.lease(call=said(3))
     released.release()
-    up.fleet_answered(asyncio.get_running_loop().time())
+    answered_at = asyncio.get_running_loop().time()
+    up.fleet_answered(answered_at)
     await eventually(lambda: h.server.calls_of(key).get(up.id, {}).get("status") == 101)
     waiting = asyncio.create_task(w1.lease(call=said(4)))  # b is free again: granted
     blocked = asyncio.create_task(w1.lease(call=said(5)))  # queued
@@ -195,7 +196,8 @@ async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(h
     await eventually(lambda: not h.slots.workers)
     lost = h.server.take_calls(key)
     assert sorted(c["call_id"] for c in lost.values()) == [1, 4, 5]
-    assert lost[up.id] == {**said(1), "status": 101}
+    # With its 101's moment, which a lost call's duration is observed from (views38).
+    assert lost[up.id] == {**said(1), "status": 101, "answered_monotonic": answered_at}
     assert h.server.take_calls(key) == {}
     assert h.server.calls_of(key) == {}
     for task in (waiting, blocked):
