@@ -364,24 +364,31 @@ async def test_a_failed_connection_drops_the_session_it_was_offered(
     assert port  # the fleet is not started again: nothing would tell it from a new one
 
 
-async def test_a_worker_resumes_its_fleet_sessions(tls_files: TLSFiles) -> None:
-    """`run` with a worker: the worker's record of the fleet (the slot
-    client's) keeps the session, and the supervisor's probes stay full
-    handshakes."""
+async def _calls_through_run(tls_files: TLSFiles, *, workers: int, calls: int) -> ProbedFleet:
+    """`calls` echoed calls one after another through `run` with `workers`
+    workers in front of one TLS fleet; the fleet, for what it saw."""
     from tests.support import RunningIngress
 
     fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
     async with fleet:
-        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=1)
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=workers)
         try:
             await service.fleets_up()
-            for i in range(3):
+            for i in range(calls):
                 async with ws_connect(
                     service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
                 ) as ws:
                     await echo(ws)
         finally:
             await service.finish()
+    return fleet
+
+
+async def test_a_worker_resumes_its_fleet_sessions(tls_files: TLSFiles) -> None:
+    """`run` with a worker: the worker's record of the fleet (the slot
+    client's) keeps the session, and the supervisor's probes stay full
+    handshakes."""
+    fleet = await _calls_through_run(tls_files, workers=1, calls=3)
     assert fleet.call_reused == [False, True, True]
     assert fleet.probe_reused and not any(fleet.probe_reused)
 
@@ -493,20 +500,7 @@ async def test_a_connection_that_times_out_offered_the_session_drops_it(
 async def test_two_workers_each_resume_their_own_session(tls_files: TLSFiles) -> None:
     """`run` with 2 workers: each keeps a session of its own (at most one
     full handshake each), the calls served, the probes full handshakes."""
-    from tests.support import RunningIngress
-
-    fleet = ProbedFleet(name="a", capacity=16, ssl_context=tls_files.fleet_server_context())
-    async with fleet:
-        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=2)
-        try:
-            await service.fleets_up()
-            for i in range(8):
-                async with ws_connect(
-                    service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
-                ) as ws:
-                    await echo(ws)
-        finally:
-            await service.finish()
+    fleet = await _calls_through_run(tls_files, workers=2, calls=8)
     assert len(fleet.call_reused) == 8
     assert fleet.call_reused.count(False) <= 2, fleet.call_reused
     assert fleet.probe_reused and not any(fleet.probe_reused)
