@@ -594,6 +594,39 @@ class NetLab:
         self.made.clear()
 
 
+@dataclass
+class Caller:
+    """A carrier's call in the netns tests: a frame every 20 ms, the fleet's echoes counted."""
+
+    bot: str
+    echoes: int = 0
+    closed_at: float | None = None
+    task: asyncio.Task[None] | None = None
+
+
+async def stream_call(ws: Any, caller: Caller) -> None:
+    """Send `caller`'s frames (a sequence number and 316 bytes, every 20 ms) and
+    count the echoes until the connection ends; its end's moment kept."""
+
+    async def send() -> None:
+        seq = 0
+        while True:
+            seq += 1
+            await ws.send(seq.to_bytes(4, "big") + bytes(316))
+            await asyncio.sleep(0.02)
+
+    sender = asyncio.get_running_loop().create_task(send())
+    try:
+        async for _ in ws:
+            caller.echoes += 1
+    except (ConnectionClosed, OSError):
+        pass
+    finally:
+        caller.closed_at = time.monotonic()
+        sender.cancel()
+        ws.transport.abort()
+
+
 @contextlib.asynccontextmanager
 async def netns_ingress(
     netlab: NetLab, ns: str, config: Path, log: list[dict[str, Any]], stats: tuple[str, int]

@@ -28,11 +28,11 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.core.address_watch import CHECK_PERIOD, GRACE
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import NetLab, TLSFiles, eventually, netns_ingress
+from tests.support import Caller, NetLab, TLSFiles, eventually, netns_ingress, stream_call
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(90)]
 
@@ -43,14 +43,6 @@ FLEET = "192.0.2.66"
 FLEET_PORT = 8443
 MAXCONN = 4
 STATS = ("127.0.0.1", 8404)
-
-
-@dataclass
-class Caller:
-    bot: str
-    echoes: int = 0
-    closed_at: float | None = None
-    task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -74,7 +66,7 @@ class Lab:
             open_timeout=open_timeout,
         )
         self.callers.append(caller)
-        caller.task = asyncio.get_running_loop().create_task(_stream(ws, caller))
+        caller.task = asyncio.get_running_loop().create_task(stream_call(ws, caller))
         await eventually(lambda: caller.echoes >= 5, timeout=5)
         return caller
 
@@ -83,26 +75,6 @@ class Lab:
 
     def address(self, verb: str, address: str) -> None:
         self.net.ip("-n", self.ns["ingress"], "addr", verb, f"{address}/26", "dev", "to-carrier")
-
-
-async def _stream(ws: Any, caller: Caller) -> None:
-    async def send() -> None:
-        seq = 0
-        while True:
-            seq += 1
-            await ws.send(seq.to_bytes(4, "big") + bytes(316))
-            await asyncio.sleep(0.02)
-
-    sender = asyncio.get_running_loop().create_task(send())
-    try:
-        async for _ in ws:
-            caller.echoes += 1
-    except (ConnectionClosed, OSError):
-        pass
-    finally:
-        caller.closed_at = time.monotonic()
-        sender.cancel()
-        ws.transport.abort()
 
 
 @contextlib.asynccontextmanager

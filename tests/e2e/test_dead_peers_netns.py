@@ -28,11 +28,10 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import NetLab, TLSFiles, eventually, netns_ingress
+from tests.support import Caller, NetLab, TLSFiles, eventually, netns_ingress, stream_call
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(100)]
 
@@ -42,16 +41,6 @@ FLEET_PORT = 8443
 STATS = ("127.0.0.1", 8404)  # inside the ingress's namespace
 # The issue's bound, with the default configuration.
 WITHIN = 30.0
-
-
-@dataclass
-class Caller:
-    """A carrier's call: a frame every 20 ms, the fleet's echoes counted."""
-
-    bot: str
-    echoes: int = 0
-    closed_at: float | None = None
-    task: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -82,7 +71,7 @@ class Lab:
             close_timeout=1,
             open_timeout=5,
         )
-        caller.task = asyncio.get_running_loop().create_task(_stream(ws, caller))
+        caller.task = asyncio.get_running_loop().create_task(stream_call(ws, caller))
         await eventually(lambda: caller.echoes >= 5, timeout=5)
         return caller
 
@@ -93,26 +82,6 @@ class Lab:
             for e in self.log
             if e.get("logger") == "fleet_ingress.access"
         }
-
-
-async def _stream(ws: Any, caller: Caller) -> None:
-    async def send() -> None:
-        seq = 0
-        while True:
-            seq += 1
-            await ws.send(seq.to_bytes(4, "big") + bytes(316))
-            await asyncio.sleep(0.02)
-
-    sender = asyncio.get_running_loop().create_task(send())
-    try:
-        async for _ in ws:
-            caller.echoes += 1
-    except (ConnectionClosed, OSError):
-        pass
-    finally:
-        caller.closed_at = time.monotonic()
-        sender.cancel()
-        ws.transport.abort()
 
 
 @contextlib.asynccontextmanager
