@@ -425,15 +425,21 @@ def _offers_a_ticket(hello: bytes) -> bool:
     return False
 
 
-class StallsResumption:
-    """A TCP relay in front of a fleet that, once told, never answers a
-    ClientHello offering a session (the connection held, nothing sent):
-    a fleet, or a middlebox before it, that hangs on resumption."""
+# A fatal handshake_failure alert in a TLS record (RFC 8446 6; B.2).
+_HANDSHAKE_FAILURE_ALERT = bytes([21, 3, 3, 0, 2, 2, 40])
+
+
+class GuardsResumption:
+    """A TCP relay in front of a fleet that, once told (`answer`), answers a
+    ClientHello offering a session its own way, as a fleet (or a middlebox
+    before it) that will not resume may: "stall" never answers (the
+    connection held, nothing sent), "alert" sends a fatal handshake_failure
+    alert and closes, "close" closes at once. Any other ClientHello is relayed."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.stall = False
-        self.stalled = 0
+        self.answer: str | None = None
+        self.answered = 0  # ClientHellos offering a session answered `answer`'s way
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -448,9 +454,13 @@ class StallsResumption:
         try:
             head = await reader.readexactly(5)
             hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
-            if self.stall and _offers_a_ticket(hello):
-                self.stalled += 1
-                await reader.read()  # until the ingress gives up
+            if self.answer is not None and _offers_a_ticket(hello):
+                self.answered += 1
+                if self.answer == "stall":
+                    await reader.read()  # until the ingress gives up
+                elif self.answer == "alert":
+                    writer.write(_HANDSHAKE_FAILURE_ALERT)
+                    await writer.drain()
                 return
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
             up_writer.write(hello)
@@ -475,7 +485,7 @@ async def test_a_connection_that_times_out_offered_the_session_drops_it(
     """A fleet that hangs on a resumed handshake (the connect timer ends it)
     gets full handshakes after: the session is not offered again (before, it
     was kept, and every call to the fleet timed out until its lifetime ended)."""
-    relay = StallsResumption(fleet.port)
+    relay = GuardsResumption(fleet.port)
     port = await relay.start()
     try:
         ingress = await start_ingress(
@@ -485,13 +495,13 @@ async def test_a_connection_that_times_out_offered_the_session_drops_it(
         )
         await one_call(ingress, tls_files)
         assert kept_of(ingress) is not None
-        relay.stall = True
+        relay.answer = "stall"
         with pytest.raises(InvalidStatus):  # the connect timer's answer
             await one_call(ingress, tls_files)
-        assert relay.stalled == 1
+        assert relay.answered == 1
         assert kept_of(ingress) is None
         await one_call(ingress, tls_files)  # a full handshake, served
-        assert relay.stalled == 1
+        assert relay.answered == 1
         assert fleet.reused == [False, False]
     finally:
         await relay.stop()
@@ -534,3 +544,68 @@ async def test_a_call_connects_to_the_fleet_spec_it_was_sent_to(
         assert len(fleet.requests) == 1 and not other.requests
     finally:
         await other.stop()
+
+
+@pytest.mark.parametrize("answer", ["alert", "close"])
+async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, answer: str
+) -> None:
+    """A fleet that answers the session offered with an alert, or by closing,
+    gets the call on a connection made again at once without it: with
+    retries 0 the carrier is not answered 503 for our optimisation, the
+    refusal is no failed attempt and tells nothing of the fleet's health,
+    and the new session is kept (before, the call failed: one 503 a worker
+    a fleet, and a passive health failure)."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        first = kept_of(ingress)
+        assert first is not None
+        relay.answer = answer
+        await one_call(ingress, tls_files)  # refused, then a full handshake: served
+        assert relay.answered == 1
+        assert fleet.reused == [False, False]
+        (state,) = ingress.balancer.fleets
+        assert (state.call_failures, state.fresh_probe, state.retries) == (0, False, 0)
+        assert state.responses[101] == 2
+        second = kept_of(ingress)
+        assert second is not None and second is not first
+        relay.answer = None
+        await one_call(ingress, tls_files)  # the new session, resumed
+        assert fleet.reused == [False, False, True]
+    finally:
+        await relay.stop()
+
+
+async def test_an_openssl_fleet_that_fails_on_resumption_gets_the_call_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A real OpenSSL fleet that fails a resumption with an alert: a TLS 1.2
+    server with no session id context that starts asking for client
+    certificates (optional) answers a ticket with a fatal internal_error
+    (ssl_get_prev_session: "session id context uninitialized"), as an nginx
+    with ssl_verify_client optional and no session context does. With
+    retries 0 the call is served on a full handshake made again at once."""
+    ctx = tls12_server_context(tls_files)
+    LIBSSL.SSL_CTX_set_session_id_context.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    assert LIBSSL.SSL_CTX_set_session_id_context(ssl_ctx_pointer(ctx), b"", 0) == 1
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        await one_call(ingress, tls_files)
+        assert fleet.reused == [False, True]
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=_another_ca_pem().decode())
+        await one_call(ingress, tls_files)  # the ticket refused, a full handshake: served
+        (state,) = ingress.balancer.fleets
+        assert (state.call_failures, state.retries) == (0, 0)
+        assert fleet.reused == [False, True, False]
+    finally:
+        await fleet.stop()

@@ -21,17 +21,28 @@ or SNI is no longer the session's, when the fleet context (fleets.verify,
 fleets.ca_file: a new one at each reload) is not the one it was made under,
 when its lifetime has ended, and when a connection it was offered to fails.
 Where OpenSSL's SSL cannot be reached nothing is kept (full handshakes).
+
+A fleet meant to decline a session fails the handshake instead, at times (an
+alert: OpenSSL's "session id context uninitialized" when it asks for client
+certificates with no session context; a close: a middlebox that drops a
+ClientHello with a pre_shared_key): the call's connection is made again at
+once without the session (`refused`; net/proxy.py), within the same connect
+timer, no failed attempt and nothing said of the fleet's health.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 import weakref
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.net.tls_socket import TLSConnection, session_calls
+from fleet_ingress.logs import fields
+from fleet_ingress.net.tls_socket import SessionRefused, TLSConnection, session_calls
+
+log = logging.getLogger("fleet_ingress.proxy")
 
 
 class KeptSession:
@@ -123,6 +134,17 @@ def failed(fleet: FleetState, offered: KeptSession | None) -> None:
     """A connection `offered` the fleet's session failed: not offered again."""
     if offered is not None and fleet.tls_session is offered:
         fleet.tls_session = None
+
+
+def refused(fleet: FleetState, offered: KeptSession | None, exc: SessionRefused) -> None:
+    """The fleet failed the handshake of a connection `offered` its session
+    (`SessionRefused`): not offered again; said once a session (each worker's
+    own), the fleet's name and its answer."""
+    failed(fleet, offered)
+    log.info(
+        "fleet refused the TLS session offered: connecting again without it",
+        extra=fields(fleet=fleet.name, error=str(exc.__cause__ or exc)),
+    )
 
 
 def resumed(conn: TLSConnection) -> bool:

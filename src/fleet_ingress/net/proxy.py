@@ -113,7 +113,7 @@ from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
 from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, Underway, open_tcp, out_of_resources
-from fleet_ingress.net.tls_socket import Buffer, TLSConnection, connect
+from fleet_ingress.net.tls_socket import Buffer, SessionRefused, TLSConnection, connect
 
 log = logging.getLogger("fleet_ingress.proxy")
 access_log = logging.getLogger("fleet_ingress.access")
@@ -829,18 +829,17 @@ class CarrierProtocol(_Side):
                 # context checks them (fleets.verify, fleets.ca_file). No timer
                 # of its own: the machine's bounds it (`timeout` bounds a
                 # renegotiation of the connection). The fleet's kept session
-                # offered (net/fleet_sessions.py): declined, a full handshake.
+                # offered (net/fleet_sessions.py): declined, a full handshake;
+                # refused (an alert, a close), dropped and connected again at
+                # once without it, within the same timer: the fleet's answer
+                # to our optimisation is no failed attempt, and not its health.
                 offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
-                conn = await connect(
-                    spec.host,
-                    spec.port,
-                    ctx.fleet_ssl,
-                    server_hostname=spec.tls_name,
-                    timeout=ctx.connect_timeout,
-                    kept_session=offered,
-                    underway=underway,
-                    meter=ctx.registry.new_connection_cpu,
-                )
+                try:
+                    conn = await self._connect_tls(spec, underway, offered)
+                except SessionRefused as exc:
+                    fleet_sessions.refused(fleet, offered, exc)
+                    offered = None
+                    conn = await self._connect_tls(spec, underway, None)
                 serve(conn, fleet_side)
             else:
                 loop = asyncio.get_running_loop()
@@ -877,6 +876,21 @@ class CarrierProtocol(_Side):
         if self._task is asyncio.current_task():
             self._task = None
             self._underway = None
+
+    async def _connect_tls(
+        self, spec: FleetSpec, underway: Underway, offered: fleet_sessions.KeptSession | None
+    ) -> TLSConnection:
+        ctx = self.ctx
+        return await connect(
+            spec.host,
+            spec.port,
+            ctx.fleet_ssl,
+            server_hostname=spec.tls_name,
+            timeout=ctx.connect_timeout,
+            kept_session=offered,
+            underway=underway,
+            meter=ctx.registry.new_connection_cpu,
+        )
 
     def _setup_failed(self, exc: Exception) -> None:
         call_id = None if self.call is None else self.call.id

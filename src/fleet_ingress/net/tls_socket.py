@@ -188,6 +188,16 @@ class HandshakeTimeout(TimeoutError):
     pass
 
 
+class SessionRefused(ConnectionError):
+    """The handshake of a connection offered a kept session (`connect`'s
+    ``kept_session``) failed on the peer's side: an alert, or the connection
+    closed or reset, after the TCP connect. A server that will not resume is
+    meant to decline (a full handshake); some fail instead (OpenSSL's
+    "session id context uninitialized", a middlebox that drops a ClientHello
+    with a pre_shared_key), and a connection made again without the session
+    may well succeed. `__cause__` is the handshake's own error."""
+
+
 class WriteBufferFull(OSError):
     """A handler kept writing past MAX_WRITE_BUFFER: it ignored pause_writing."""
 
@@ -1388,7 +1398,9 @@ async def connect(
     the same way, set on the SSL itself (SSL_set_session takes a reference of
     its own: no copy); not offered where that SSL cannot be reached. Its owner
     is held here until then: a bare pointer whose owner went during the TCP
-    connect was a use after free (review38c).
+    connect was a use after free (review38c). A handshake that fails on the
+    peer's side with it offered raises `SessionRefused` (the caller may
+    connect again without it).
     ``meter``: where the connection's I/O callbacks are counted from its
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
     link (accept pacing)."""
@@ -1408,21 +1420,35 @@ async def connect(
             sock.close()
             raise
         conn = TLSConnection(loop, ssock, **kw)
+        offered = False
         if kept_session is not None and conn._ssl is not None:
             calls = session_calls()
             if calls is not None:
-                calls.set_session(conn._ssl, kept_session.pointer)
+                offered = calls.set_session(conn._ssl, kept_session.pointer) == 1
         if meter is not None:
             conn.meter(meter)  # its handshake, until its call is linked (`linked`)
-        if underway is None:
-            await conn.handshake(timeout)  # the outer timeout is the one that counts
-            return conn
-        underway.handshaking(ssock)
         try:
-            await conn.handshake(timeout, timed=False)
-        finally:
-            underway.handshaking(ssock, False)
+            if underway is None:
+                await conn.handshake(timeout)  # the outer timeout is the one that counts
+                return conn
+            underway.handshaking(ssock)
+            try:
+                await conn.handshake(timeout, timed=False)
+            finally:
+                underway.handshaking(ssock, False)
+        except (ssl.SSLError, OSError) as exc:
+            if offered and _refused_by_peer(exc):
+                raise SessionRefused(f"the TLS session offered was refused: {exc}") from exc
+            raise
     return conn
+
+
+def _refused_by_peer(exc: BaseException) -> bool:
+    """Whether a client handshake's error is the peer's doing (an alert, its
+    close or reset): not this side's check of its certificate, not a timeout."""
+    if isinstance(exc, ssl.SSLCertVerificationError | TimeoutError):
+        return False
+    return isinstance(exc, ssl.SSLError | ConnectionError)
 
 
 class Acceptor:
