@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import datetime
 import gc
 import os
 import ssl
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -299,7 +301,7 @@ async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSF
         conn.start(Handler())  # type: ignore[arg-type]
         assert await got == b"x"
         reused += fleet_sessions.resumed(conn)
-        fleet_sessions.keep(fleet, spec, conn)
+        fleet_sessions.keep(fleet, spec, conn, offered)
         conn.close()
 
     try:
@@ -609,3 +611,97 @@ async def test_an_openssl_fleet_that_fails_on_resumption_gets_the_call_at_once(
         assert fleet.reused == [False, True, False]
     finally:
         await fleet.stop()
+
+
+async def _calls_every(
+    ingress: Ingress, tls_files: TLSFiles, seconds: float, every: float = 0.2
+) -> list[tuple[float, bool]]:
+    """Calls one after another, `every` apart, for `seconds`: when each was
+    made (seconds from the first) and whether it was served."""
+    made: list[tuple[float, bool]] = []
+    start = time.monotonic()
+    i = 0
+    while (at := time.monotonic() - start) < seconds:
+        try:
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+            made.append((at, True))
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 503
+            made.append((at, False))
+        i += 1
+        await asyncio.sleep(every)
+    return made
+
+
+async def test_a_fleet_that_puts_on_another_cas_certificate_gets_no_call_after_the_check_age(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fleet that puts on a certificate of a CA the ingress does not trust,
+    its ticket keys kept (a certificate loaded again in place), resumes every
+    call on the session kept, each resumed handshake's new ticket a new
+    lifetime: its certificate is checked again on a full handshake once the
+    check the session rests on is CHECKED_WITHIN old (1 s here), and the
+    calls are refused from then on (before, every call resumed, as long as
+    calls came: 21 of 21 over 4.8 s; session 38 said at most the session's
+    lifetime)."""
+    monkeypatch.setattr(fleet_sessions, "CHECKED_WITHIN", 1.0, raising=False)
+    ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+    checked = time.monotonic()
+    await one_call(ingress, tls_files)
+    assert fleet.ssl_context is not None
+    import trustme
+
+    trustme.CA().issue_cert("127.0.0.1", "localhost").configure_cert(fleet.ssl_context)
+    made = await _calls_every(ingress, tls_files, 2.5 - (time.monotonic() - checked))
+    served = [at for at, ok in made if ok]
+    assert served and all(ok for _, ok in made[: len(served)]), made  # then refused
+    assert len(served) < len(made), made
+    assert kept_of(ingress) is None
+    assert all(fleet.reused[1:]), fleet.reused  # every call served resumed
+
+
+async def test_a_session_is_not_offered_past_its_certificates_expiry(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A fleet whose certificate expires while calls resume its session: the
+    calls made after its notAfter are refused, as a new handshake is
+    (before, they resumed: 28 of 28 over 10 s, the certificate expired at
+    4 s)."""
+    ctx = tls_files.fleet_server_context()
+    expires = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    expires += datetime.timedelta(seconds=3)
+    tls_files.ca.issue_cert("127.0.0.1", "localhost", not_after=expires).configure_cert(ctx)
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        start = time.time()
+        made = await _calls_every(ingress, tls_files, expires.timestamp() - start + 1.5)
+        before = [ok for at, ok in made if start + at < expires.timestamp() - 0.5]
+        after = [ok for at, ok in made if start + at > expires.timestamp() + 0.5]
+        assert before and all(before), made
+        assert after and not any(after), made
+        assert kept_of(ingress) is None
+    finally:
+        await fleet.stop()
+
+
+async def test_a_resumed_session_keeps_the_check_it_rests_on(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls that resume the fleet's session all the while get a full
+    handshake once the certificate check is CHECKED_WITHIN old (1 s here),
+    then resume its session again: each resumed handshake's new ticket
+    does not make the check new."""
+    monkeypatch.setattr(fleet_sessions, "CHECKED_WITHIN", 1.0, raising=False)
+    ingress = await start_ingress([fleet.line("a")])
+    made = await _calls_every(ingress, tls_files, 2.3, every=0.25)
+    assert all(ok for _, ok in made), made
+    full = [i for i, reused in enumerate(fleet.reused) if not reused]
+    assert len(full) in (2, 3), fleet.reused  # at 0 s, then about each second
+    assert fleet.reused[full[1] + 1]  # the new session resumed

@@ -15,6 +15,19 @@ session through DER at each get and set, its certificate parsed again (1.6 M
 instructions a call, bench/README, Session 38), and each connection then held
 a certificate of its own (191d77b's +7 KiB per held call).
 
+A session rests on the certificate check of the full handshake it came from,
+and a resumed handshake checks nothing; yet each resumed handshake's new
+ticket starts a new lifetime, so a fleet taking calls all the time never had
+its certificate checked again on calls' connections (session 39 measured
+fleets with a 2 s session lifetime resumed for 5.6 s on end, 14 calls; one
+that put on another CA's certificate, or whose certificate expired, took
+every call on resumed sessions, as long as calls came). So a session is
+offered for at most CHECKED_WITHIN after that check, as long as the health
+probes' connection lives (net/poller.py: RECONNECT_EVERY), and never past
+the certificate's notAfter: a fleet that a new handshake would refuse gets
+no new call on a kept session after at most that long (its probes take it
+DOWN about as soon: RECONNECT_EVERY, then `fall` probes).
+
 Kept on the fleet's own record (`FleetState.tls_session`, opaque to core):
 gone with it when the fleet leaves the set. Dropped when the fleet's address
 or SNI is no longer the session's, when the fleet context (fleets.verify,
@@ -44,14 +57,33 @@ from fleet_ingress.net.tls_socket import SessionRefused, TLSConnection, session_
 
 log = logging.getLogger("fleet_ingress.proxy")
 
+# Seconds (monotonic) a session is offered after the full handshake whose
+# certificate check it rests on: one full handshake a fleet a minute in each
+# worker (about 3.5 M instructions, bench/README Session 38), the probes' pace.
+CHECKED_WITHIN = 60.0
+
 
 class KeptSession:
     """One reference to an SSL_SESSION, freed with this object."""
 
-    __slots__ = ("__weakref__", "address", "context", "expires", "pointer")
+    __slots__ = (
+        "__weakref__",
+        "address",
+        "checked_at",
+        "context",
+        "expires",
+        "not_after",
+        "pointer",
+    )
 
     def __init__(
-        self, pointer: int, address: tuple[str, int, str | None], context: ssl.SSLContext
+        self,
+        pointer: int,
+        address: tuple[str, int, str | None],
+        context: ssl.SSLContext,
+        *,
+        checked_at: float,
+        not_after: float | None,
     ) -> None:
         calls = session_calls()
         assert calls is not None
@@ -64,6 +96,10 @@ class KeptSession:
         if (hint := calls.lifetime_hint(pointer)) > 0:
             lifetime = min(lifetime, hint)
         self.expires = calls.get_time(pointer) + lifetime
+        # The full handshake's certificate check (monotonic), and the
+        # certificate's notAfter (wall clock; None: not checked, fleets.verify off).
+        self.checked_at = checked_at
+        self.not_after = not_after
 
     def __copy__(self) -> KeptSession:
         return self  # one reference, freed once
@@ -92,20 +128,26 @@ def offer(
     if kept is None:
         return None
     assert isinstance(kept, KeptSession)
+    now = time.time()
     if (
         kept.context() is not context
         or kept.address != _address(fleet.spec if spec is None else spec)
-        or kept.expires <= time.time()
+        or kept.expires <= now
+        or time.monotonic() - kept.checked_at >= CHECKED_WITHIN
+        or (kept.not_after is not None and kept.not_after <= now)
     ):
         fleet.tls_session = None
         return None
     return kept
 
 
-def keep(fleet: FleetState, spec: FleetSpec, conn: TLSConnection) -> None:
+def keep(
+    fleet: FleetState, spec: FleetSpec, conn: TLSConnection, offered: KeptSession | None
+) -> None:
     """The session of `conn` (a connection to the fleet as `spec` said, under
-    its own context; handshake done) kept as the fleet's, if it has a ticket
-    and can be resumed."""
+    its own context, `offered` that session; handshake done) kept as the
+    fleet's, if it has a ticket and can be resumed. Resumed, it rests on the
+    certificate check `offered` rested on; a full handshake's is now."""
     calls = session_calls()
     pointer = conn.ssl_pointer
     if calls is None or pointer is None:
@@ -127,7 +169,31 @@ def keep(fleet: FleetState, spec: FleetSpec, conn: TLSConnection) -> None:
     if not (calls.has_ticket(session) and calls.is_resumable(session)):
         calls.free(session)
         return
-    fleet.tls_session = KeptSession(session, address, context)
+    if not calls.session_reused(pointer):
+        checked_at, not_after = time.monotonic(), _not_after(conn)
+    elif offered is not None:
+        checked_at, not_after = offered.checked_at, offered.not_after
+    else:  # resumed a session it was not offered: no check known
+        calls.free(session)
+        return
+    fleet.tls_session = KeptSession(
+        session, address, context, checked_at=checked_at, not_after=not_after
+    )
+
+
+def _not_after(conn: TLSConnection) -> float | None:
+    """The notAfter of the certificate a full handshake checked (None when the
+    context checks none, fleets.verify off: `getpeercert` says nothing)."""
+    try:
+        said = conn.ssl_socket.getpeercert().get("notAfter")
+    except (AttributeError, ValueError, ssl.SSLError):
+        return None
+    if not isinstance(said, str):
+        return None
+    try:
+        return float(ssl.cert_time_to_seconds(said))
+    except ValueError:
+        return None
 
 
 def failed(fleet: FleetState, offered: KeptSession | None) -> None:

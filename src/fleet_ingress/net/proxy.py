@@ -487,8 +487,9 @@ class CarrierProtocol(_Side):
         self._timers: dict[Timer, PatientTimer] = {}
         # The fleet connection's sockets while it connects (`_connect_fleet`).
         self._underway: Underway | None = None
-        # The fleet of the current attempt (its TLS session kept at the link).
-        self._fleet: tuple[FleetState, FleetSpec] | None = None
+        # The fleet of the current attempt (its TLS session kept at the link),
+        # and the session its connection was offered, once connected.
+        self._fleet: tuple[FleetState, FleetSpec, fleet_sessions.KeptSession | None] | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
         self._received_at = 0.0
@@ -806,7 +807,7 @@ class CarrierProtocol(_Side):
         )
         fleet_side = FleetProtocol(self, exchange)
         self.fleet_side = fleet_side
-        self._fleet = (command.fleet, spec)
+        self._fleet = (command.fleet, spec, None)
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
         self._task = asyncio.get_running_loop().create_task(
@@ -876,6 +877,8 @@ class CarrierProtocol(_Side):
         if self._task is asyncio.current_task():
             self._task = None
             self._underway = None
+            if offered is not None:  # what the session kept at the link rests on
+                self._fleet = (fleet, spec, offered)
 
     async def _connect_tls(
         self, spec: FleetSpec, underway: Underway, offered: fleet_sessions.KeptSession | None
@@ -969,7 +972,8 @@ class CarrierProtocol(_Side):
         self._head = None  # no further attempt: the head need not be kept
         attempted, self._fleet = self._fleet, None
         if attempted is not None and isinstance(fleet_side.transport, TLSConnection):
-            fleet_sessions.keep(*attempted, fleet_side.transport)
+            fleet, spec, offered = attempted
+            fleet_sessions.keep(fleet, spec, fleet_side.transport, offered)
         if isinstance(self.transport, TLSConnection):
             # A call now: its frames are not a new connection's work, and its
             # reads are the hot path (the silence sweep finds a dead poll).
