@@ -705,3 +705,50 @@ async def test_a_resumed_session_keeps_the_check_it_rests_on(
     full = [i for i, reused in enumerate(fleet.reused) if not reused]
     assert len(full) in (2, 3), fleet.reused  # at 0 s, then about each second
     assert fleet.reused[full[1] + 1]  # the new session resumed
+
+
+async def test_a_reload_drops_the_session_in_each_worker(tls_files: TLSFiles) -> None:
+    """`run` with 2 workers: each worker keeps a session of its own (its first
+    call a full handshake, its others resumed), and a reload (SIGHUP) drops
+    both: each worker's first call after it is a full handshake again (a
+    reload makes each worker a new fleet context). Which worker took a call:
+    its access line's process."""
+    import signal
+
+    from tests.support import RunningIngress
+
+    fleet = ProbedFleet(name="a", capacity=64, ssl_context=tls_files.fleet_server_context())
+    async with fleet:
+        service = await RunningIngress.start(tls_files, [f"{fleet.url} name=a"], workers=2)
+        try:
+            await service.fleets_up()
+
+            async def calls(first: int, count: int) -> None:
+                for i in range(first, first + count):
+                    async with ws_connect(
+                        service.url(f"/ws/bot-{i}"), ssl=tls_files.client_context()
+                    ) as ws:
+                        await echo(ws)
+
+            await calls(0, 12)
+            service.proc.send_signal(signal.SIGHUP)
+            await service.wait_for("READY=1", count=2)
+            await calls(12, 12)
+            await eventually(lambda: len(_ended_by(service)) == 24)
+            by_bot = _ended_by(service)
+        finally:
+            await service.finish()
+    # The fleet saw the calls in their order (each answered before the next).
+    assert len(fleet.call_reused) == 24
+    workers = [by_bot[f"bot-{i}"] for i in range(24)]
+    for phase in (range(12), range(12, 24)):
+        seen = {workers[i] for i in phase}
+        assert len(seen) == 2, workers  # both workers took calls
+        for worker in seen:
+            reused = [fleet.call_reused[i] for i in phase if workers[i] == worker]
+            assert reused[0] is False and all(reused[1:]), (workers, fleet.call_reused)
+
+
+def _ended_by(service: Any) -> dict[str, int]:
+    """The process (worker) of each call's access line, by the call's bot."""
+    return {e["bot_id"]: e["process"] for e in service.log() if e.get("event") == "call ended"}
