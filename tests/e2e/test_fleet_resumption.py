@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidStatus
@@ -35,6 +36,7 @@ from tests.support import (
     WsFleet,
     echo,
     eventually,
+    metric_samples,
     ssl_ctx_pointer,
     tls12_server_context,
     wss_url,
@@ -577,6 +579,12 @@ async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
         relay.answer = None
         await one_call(ingress, tls_files)  # the new session, resumed
         assert fleet.reused == [False, False, True]
+        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+        assert samples["fleet_ingress_fleet_tls_handshakes_total"] == {
+            (("kind", "full"),): 2.0,
+            (("kind", "resumed"),): 1.0,
+        }
+        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
     finally:
         await relay.stop()
 
@@ -736,11 +744,16 @@ async def test_a_reload_drops_the_session_in_each_worker(tls_files: TLSFiles) ->
             await calls(12, 12)
             await eventually(lambda: len(_ended_by(service)) == 24)
             by_bot = _ended_by(service)
+            # The host's count, the workers' summed: each worker's first call
+            # before and after the reload a full handshake.
+            samples = metric_samples(await service.metrics())
+            handshakes = samples["fleet_ingress_fleet_tls_handshakes_total"]
         finally:
             await service.finish()
     # The fleet saw the calls in their order (each answered before the next).
     assert len(fleet.call_reused) == 24
     workers = [by_bot[f"bot-{i}"] for i in range(24)]
+    assert handshakes == {(("kind", "full"),): 4.0, (("kind", "resumed"),): 20.0}
     for phase in (range(12), range(12, 24)):
         seen = {workers[i] for i in phase}
         assert len(seen) == 2, workers  # both workers took calls

@@ -317,6 +317,11 @@ class Registry:
     connections_total: int = 0  # carriers through their TLS handshake
     handshaking: int = 0  # accepted, TLS handshake under way
     tls_handshake_failures: int = 0
+    # Calls' TLS handshakes to the fleets, by kind ("full": the certificate
+    # checked; "resumed": a kept session, net/fleet_sessions.py), and the kept
+    # sessions a fleet failed a handshake on rather than declining them.
+    fleet_tls_handshakes: Counter[str] = field(default_factory=Counter)
+    fleet_tls_sessions_refused: int = 0
     refused_connections: int = 0  # over limits.max_connections: reset at accept
     accept_failures: int = 0  # accept() failed for lack of descriptors or memory
     accepts_paused_ms: int = 0  # accept pacing: live calls came first (whole ms: counts are)

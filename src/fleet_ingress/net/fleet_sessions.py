@@ -57,6 +57,9 @@ from fleet_ingress.net.tls_socket import SessionRefused, TLSConnection, session_
 
 log = logging.getLogger("fleet_ingress.proxy")
 
+# What `resumed` tells of a handshake (the kinds Registry.fleet_tls_handshakes counts).
+FLEET_HANDSHAKE_KINDS = ("full", "resumed")
+
 # Seconds (monotonic) a session is offered after the full handshake whose
 # certificate check it rests on: one full handshake a fleet a minute in each
 # worker (about 3.5 M instructions, bench/README Session 38), the probes' pace.

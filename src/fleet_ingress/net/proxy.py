@@ -839,8 +839,11 @@ class CarrierProtocol(_Side):
                     conn = await self._connect_tls(spec, underway, offered)
                 except SessionRefused as exc:
                     fleet_sessions.refused(fleet, offered, exc)
+                    ctx.registry.fleet_tls_sessions_refused += 1
                     offered = None
                     conn = await self._connect_tls(spec, underway, None)
+                resumed = offered is not None and fleet_sessions.resumed(conn)
+                ctx.registry.fleet_tls_handshakes["resumed" if resumed else "full"] += 1
                 serve(conn, fleet_side)
             else:
                 loop = asyncio.get_running_loop()

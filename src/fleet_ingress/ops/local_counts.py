@@ -97,6 +97,9 @@ def local_counts(
         return counts
     c[("connections_total",)] = registry.connections_total
     c[("tls_handshake_failures",)] = registry.tls_handshake_failures
+    for kind, n in registry.fleet_tls_handshakes.items():
+        c[("fleet_tls_handshakes", kind)] = n
+    c[("fleet_tls_sessions_refused",)] = registry.fleet_tls_sessions_refused
     c[("refused_connections",)] = registry.refused_connections
     c[("accept_failures",)] = registry.accept_failures
     c[("acme_refused_connections",)] = registry.acme.refused

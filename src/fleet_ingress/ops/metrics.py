@@ -39,6 +39,7 @@ from fleet_ingress.net.acme import CHALLENGE_OUTCOMES
 from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import SlotQueue
 from fleet_ingress.net.event_loop import unexpected_errors
+from fleet_ingress.net.fleet_sessions import FLEET_HANDSHAKE_KINDS
 from fleet_ingress.ops.local_counts import (
     CALL_DURATION,
     HANDSHAKE,
@@ -569,6 +570,23 @@ class _StateCollector(Collector):
             f"{PREFIX}_tls_handshake_failures",
             "Carrier TLS handshakes that failed.",
             value=counts.counter("tls_handshake_failures"),
+        )
+        handshakes = CounterMetricFamily(
+            f"{PREFIX}_fleet_tls_handshakes",
+            "TLS handshakes of calls' connections to the fleets, by kind: full (the fleet's"
+            " certificate checked) or resumed (the fleet's kept session; a session is"
+            " offered at most a minute after the full handshake it rests on).",
+            labels=["kind"],
+        )
+        seen_kinds = dict(counts.family("fleet_tls_handshakes", 1))
+        for kind in FLEET_HANDSHAKE_KINDS:  # each from 0: increase() sees the first one
+            handshakes.add_metric([kind], seen_kinds.get((kind,), 0))
+        yield handshakes
+        yield CounterMetricFamily(
+            f"{PREFIX}_fleet_tls_sessions_refused",
+            "Kept TLS sessions a fleet failed the handshake on (an alert, a close) instead of"
+            " declining them: the call's connection was made again at once without it.",
+            value=counts.counter("fleet_tls_sessions_refused"),
         )
         yield GaugeMetricFamily(
             f"{PREFIX}_acme_connections",
