@@ -444,6 +444,7 @@ class GuardsResumption:
         self.port = port
         self.answer: str | None = None
         self.answered = 0  # ClientHellos offering a session answered `answer`'s way
+        self.connections = 0  # taken
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -455,6 +456,7 @@ class GuardsResumption:
         self._server.close()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             head = await reader.readexactly(5)
             hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
@@ -765,3 +767,38 @@ async def test_a_reload_drops_the_session_in_each_worker(tls_files: TLSFiles) ->
 def _ended_by(service: Any) -> dict[str, int]:
     """The process (worker) of each call's access line, by the call's bot."""
     return {e["bot_id"]: e["process"] for e in service.log() if e.get("event") == "call ended"}
+
+
+async def test_a_certificate_refused_with_a_session_offered_is_one_attempt(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """A fleet restarted with another CA's certificate (new ticket keys):
+    the session offered is declined and the full handshake's certificate
+    check fails. That is this side's refusal, not the fleet's refusal of the
+    session: one connection, the call answered 503 (retries 0) and the session
+    dropped, not a second connection made at once without it."""
+    first = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    relay = GuardsResumption(first.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+    finally:
+        await first.stop()
+    import trustme
+
+    ctx = tls_files.fleet_server_context()
+    trustme.CA().issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    restarted = await ResumptionFleet(ctx).start()
+    relay.port = restarted.port
+    try:
+        taken = relay.connections
+        with pytest.raises(InvalidStatus):
+            await one_call(ingress, tls_files)
+        assert relay.connections == taken + 1
+        assert kept_of(ingress) is None
+        assert not restarted.reused  # no call got through
+    finally:
+        await relay.stop()
+        await restarted.stop()
