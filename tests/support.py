@@ -474,11 +474,17 @@ def need_ipv6_loopback() -> None:
 _CLONE_NEWNET = 0x40000000
 
 
+def netns_prefix() -> str:
+    """What the namespaces a test makes are named with, before the pid:
+    `FI_TEST_NETNS_PREFIX` (a run that must name its own), else "fi"."""
+    return os.environ.get("FI_TEST_NETNS_PREFIX", "fi")
+
+
 class NetLab:
     """Network namespaces made (and removed) by one test; names carry the pid."""
 
     def __init__(self) -> None:
-        self.prefix = f"fi{os.getpid()}"
+        self.prefix = f"{netns_prefix()}{os.getpid()}"
         self.made: list[str] = []
 
     def ip(self, *args: str) -> None:
@@ -602,17 +608,20 @@ class Caller:
     echoes: int = 0
     closed_at: float | None = None
     task: asyncio.Task[None] | None = None
+    sending: bool = True  # False: the carrier holds its frames (a call on hold), still connected
 
 
 async def stream_call(ws: Any, caller: Caller) -> None:
-    """Send `caller`'s frames (a sequence number and 316 bytes, every 20 ms) and
-    count the echoes until the connection ends; its end's moment kept."""
+    """Send `caller`'s frames (a sequence number and 316 bytes, every 20 ms,
+    while `caller.sending`) and count what the fleet sends (its echoes, a
+    talking bot's audio) until the connection ends; its end's moment kept."""
 
     async def send() -> None:
         seq = 0
         while True:
-            seq += 1
-            await ws.send(seq.to_bytes(4, "big") + bytes(316))
+            if caller.sending:
+                seq += 1
+                await ws.send(seq.to_bytes(4, "big") + bytes(316))
             await asyncio.sleep(0.02)
 
     sender = asyncio.get_running_loop().create_task(send())
@@ -634,8 +643,9 @@ async def netns_ingress(
     """A real `python -m fleet_ingress run -c CONFIG` inside namespace `ns`
     (the environment's FLEET_INGRESS_ variables left out: only the file
     counts), its JSON log lines appended to `log` as they come; entered once
-    every fleet its /stats.json (`stats`, inside `ns`) lists is UP (within
-    15 s, or AssertionError if it exits first); killed on the way out."""
+    every fleet its /stats.json (`stats`, inside `ns`) lists is UP and it has
+    logged "ready" (its workers serving), within 15 s, or AssertionError if
+    it exits first; killed on the way out."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
     proc = await asyncio.create_subprocess_exec(
         *netlab.exec_argv(ns, sys.executable, "-m", "fleet_ingress", "run"),
@@ -656,12 +666,21 @@ async def netns_ingress(
     reader = asyncio.get_running_loop().create_task(read_log())
     try:
 
+        def ready() -> bool:
+            # The supervisor's /stats.json says UP before its workers accept
+            # (3.3 s later, measured under load): a test's first call waited
+            # in the backlog meanwhile, most of its 5 s open_timeout.
+            return any(
+                e.get("logger") == "fleet_ingress.lifecycle" and e.get("event") == "ready"
+                for e in log
+            )
+
         async def up() -> None:
             while True:
                 with contextlib.suppress(OSError, ValueError):
                     answer = json.loads(await netlab.http_get(ns, *stats, "/stats.json"))
                     health = [f["health"] for f in answer["fleets"]]
-                    if health and set(health) == {"UP"}:
+                    if health and set(health) == {"UP"} and ready():
                         return
                 if proc.returncode is not None:
                     raise AssertionError(f"ingress exited {proc.returncode}: {log}")
@@ -685,7 +704,7 @@ def netns_unavailable() -> str | None:
         return "network namespaces need root"
     if shutil.which("ip") is None:
         return "no `ip` command (iproute2)"
-    probe = f"fi{os.getpid()}-probe"
+    probe = f"{netns_prefix()}{os.getpid()}-probe"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"

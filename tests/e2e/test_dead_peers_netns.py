@@ -85,7 +85,16 @@ class Lab:
 
 
 @contextlib.asynccontextmanager
-async def running_lab(netlab: NetLab, tls_files: TLSFiles, tmp_path: Path) -> AsyncIterator[Lab]:
+async def running_lab(
+    netlab: NetLab,
+    tls_files: TLSFiles,
+    tmp_path: Path,
+    *,
+    talk_bytes: int = 0,
+    config_tail: str = "",
+) -> AsyncIterator[Lab]:
+    """`talk_bytes`: each bot's own audio every 20 ms (`SimulatedFleet.talk_bytes`);
+    `config_tail`: TOML sections after the lab's own (none of these)."""
     ns = {role: netlab.namespace(role) for role in ("ingress", "carrier", "a", "b")}
     netlab.link(ns["ingress"], "to-carrier", f"{INGRESS}/30", ns["carrier"], "eth0", "192.0.2.1/30")
     netlab.link(ns["ingress"], "to-a", "192.0.2.5/30", ns["a"], "eth0", "192.0.2.6/30")
@@ -98,6 +107,7 @@ async def running_lab(netlab: NetLab, tls_files: TLSFiles, tmp_path: Path) -> As
         fleet_cert.configure_cert(ctx)
         sock = netlab.listen(ns[name], address, FLEET_PORT)
         fleets[name] = SimulatedFleet(name=name, host=address, ssl_context=ctx, sock=sock)
+        fleets[name].talk_bytes = talk_bytes
         await fleets[name].start()
 
     (tmp_path / "fleets.txt").write_text(
@@ -109,7 +119,7 @@ async def running_lab(netlab: NetLab, tls_files: TLSFiles, tmp_path: Path) -> As
         f'[listen]\nwss = "{INGRESS}:443"\nacme = ""\nstats = "{STATS[0]}:{STATS[1]}"\n'
         f'admin_socket = ""\n'
         f'[tls]\ncert = "{tls_files.ingress_cert}"\nkey = "{tls_files.ingress_key}"\n'
-        f'[fleets]\nfile = "fleets.txt"\nca_file = "{tls_files.ca_pem}"\n'
+        f'[fleets]\nfile = "fleets.txt"\nca_file = "{tls_files.ca_pem}"\n' + config_tail
     )
     lab = Lab(netlab, ns, fleets, tls_files)
     try:
@@ -272,3 +282,91 @@ async def test_a_carrier_link_blackout_shorter_than_the_user_timeout_loses_no_ca
         assert all(c.closed_at is None for c in callers)
         assert lab.ended() == {}, lab.ended()
         assert (await lab.stats())["frontend"]["active_calls"] == len(callers)
+
+
+# -- 4. a carrier vanishes while its bot talks: the audio queued to it ------------------
+
+
+async def test_a_carrier_that_vanishes_while_its_bot_talks_is_ended_with_its_slot_freed(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The bot's audio (1.6 KB every 20 ms, a TTS stream) keeps coming after
+    the carrier's link is blackholed (dropped on arrival at both ends, no
+    FIN, no RST): the ingress's send buffer toward the carrier fills and the
+    bot is held back by flow control. The TCP user timeout (20 s) ends it:
+    `carrier_lost`, the bot's connection closed, the slot free. Test 1's bots
+    only echo, so nothing is queued to its carriers once the link is down.
+    (The dead39 audit: 3 calls ended at 20.8 s, about 210 KB relayed to each;
+    with `timeouts.tcp_user_timeout = 0` they end `carrier_silent` at 30-35 s.)"""
+    async with running_lab(netlab, tls_files, tmp_path, talk_bytes=1600) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(2)]
+        # The bots' audio is flowing: far more comes back than the echoes.
+        await eventually(lambda: all(c.echoes >= 100 for c in callers), timeout=5)
+        fleets = lab.fleets.values()
+
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["carrier"], "eth0")
+        netlab.drop_arriving(lab.ns["ingress"], "to-carrier")
+        try:
+            await eventually(lambda: sum(f.active_calls for f in fleets) == 0, timeout=WITHIN)
+            took = time.monotonic() - dropped_at
+            await eventually(lambda: len(lab.ended()) == 2, timeout=5)
+            assert set(lab.ended().values()) == {"carrier_lost"}, lab.ended()
+            stats = await lab.stats()
+            assert stats["frontend"]["active_calls"] == 0
+            assert [f["active"] for f in stats["fleets"]] == [0, 0]  # the slots are free
+            relayed = [
+                e["bytes_to_carrier"] for e in lab.log if e.get("logger") == "fleet_ingress.access"
+            ]
+            # Flow control held the bots back, but their audio was flowing: at
+            # 80 KB/s each, more than a second's worth was relayed toward the carrier.
+            assert min(relayed) > 100_000, relayed
+        finally:
+            netlab.stop_dropping(lab.ns["carrier"])
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(f"carrier blackholed, bots talking: 2 calls ended, slots free in {took:.1f} s")
+
+
+# -- 5. a fleet host vanishes while its calls are on hold: keepalive finds it -----------
+
+
+async def test_a_fleet_host_that_vanishes_while_its_calls_are_on_hold_is_found_by_keepalive(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Nothing in flight either way (carriers on hold, bots quiet, carrier
+    silence off for the route, as for a carrier that holds without media):
+    neither the user timeout nor a silence limit can see fleet a's host go
+    (its link blackholed at both ends). TCP keepalive does: 10 s idle, then
+    probes; with the user timeout set, Linux ends it 20 s after a was last
+    heard: `fleet_lost`, the carrier closed, the slot free. The calls on b,
+    as quiet, are kept. (The dead39 audit: ended 19.4 s after the drop; with
+    `timeouts.keepalive_idle = 0` nothing ended.)"""
+    tail = '[routes]\ncarrier_silence = { "/ws/" = 0 }\n'
+    async with running_lab(netlab, tls_files, tmp_path, config_tail=tail) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(4)]
+        on_a = {r.path.rsplit("/", 1)[1] for r in lab.fleets["a"].requests}
+        lost = [c for c in callers if c.bot in on_a]
+        kept = [c for c in callers if c.bot not in on_a]
+        assert lost and kept, on_a
+        for caller in callers:
+            caller.sending = False
+        # Quiet both ways: the last echoes are in.
+        counts = [c.echoes for c in callers]
+        await asyncio.sleep(0.5)
+        assert [c.echoes for c in callers] == counts
+
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["a"], "eth0")
+        netlab.drop_arriving(lab.ns["ingress"], "to-a")
+        try:
+            await eventually(lambda: all(c.closed_at for c in lost), timeout=WITHIN)
+            took = max(c.closed_at or 0 for c in lost) - dropped_at
+            await eventually(lambda: len(lab.ended()) == len(lost), timeout=5)
+            assert lab.ended() == {c.bot: "fleet_lost" for c in lost}
+            assert all(c.closed_at is None for c in kept)
+            stats = await lab.stats()
+            assert {f["name"]: f["active"] for f in stats["fleets"]} == {"a": 0, "b": len(kept)}
+        finally:
+            netlab.stop_dropping(lab.ns["a"])
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(f"fleet host blackholed, calls on hold: its {len(lost)} calls ended in {took:.1f} s")

@@ -13,7 +13,9 @@ a bot talking back, and records what it saw so tests can assert on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import ssl
 from collections.abc import Sequence
@@ -81,6 +83,10 @@ class SimulatedFleet:
         # Seconds a call request waits before the fleet takes it (counts it, or
         # answers 429): a bot slow to start; its health meanwhile leaves it out.
         self.call_delay: float = 0.0
+        # Bytes each call's bot sends on its own every 20 ms besides its echoes
+        # (a bot speaking: its audio flows whatever the carrier sends), 0 for
+        # none. Random bytes, so that permessage-deflate does not shrink them.
+        self.talk_bytes: int = 0
 
         # What happened.
         self.requests: list[SeenRequest] = []
@@ -199,9 +205,12 @@ class SimulatedFleet:
         self.active_calls += 1
         self.peak_calls = max(self.peak_calls, self.active_calls)
         self._calls.add(ws)
+        talker: asyncio.Task[None] | None = None
         try:
             await ws.prepare(request)  # 400 here if it is not a WebSocket upgrade
             self.calls_total += 1
+            if self.talk_bytes > 0:
+                talker = asyncio.get_running_loop().create_task(self._talk(ws))
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
                     code = _close_request(msg.data)
@@ -212,9 +221,18 @@ class SimulatedFleet:
                 elif msg.type == WSMsgType.BINARY:
                     await ws.send_bytes(msg.data)
         finally:
+            if talker is not None:
+                talker.cancel()
             self._calls.discard(ws)
             self.active_calls -= 1
         return ws
+
+    async def _talk(self, ws: web.WebSocketResponse) -> None:
+        """The bot's own audio: `talk_bytes` every 20 ms until the call ends."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not ws.closed:
+                await ws.send_bytes(os.urandom(self.talk_bytes))
+                await asyncio.sleep(0.02)
 
 
 class _Connections:
