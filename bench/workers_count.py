@@ -338,8 +338,14 @@ def one_run(tool: str, workers: int, out: Path, a: argparse.Namespace) -> dict:
                 p.wait()
 
 
-def callgrind_totals(work: Path, pid: int) -> list[int]:
-    """Instructions of each dump of ``pid`` in order (dumps .1, .2, ...)."""
+# The event loop's parts, inclusive (callgrind_annotate), counted apart: timer
+# callbacks (the clock's work: reports, sweeps, the lag probe) and loop turns.
+LOOP_PARTS = {"uv__run_timers": "in_timers", "uv__io_poll": "in_io"}
+
+
+def callgrind_totals(work: Path, pid: int) -> list[dict[str, int]]:
+    """Each dump of ``pid`` in order (dumps .1, .2, ...): its instructions, and
+    those in timer callbacks and in I/O callbacks (``LOOP_PARTS``)."""
     out = []
     for n in range(1, 100):
         f = work / f"callgrind.out.{pid}.{n}"
@@ -347,13 +353,24 @@ def callgrind_totals(work: Path, pid: int) -> list[int]:
             break
         text = f.read_text(errors="replace")
         m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
-        out.append(int(m.group(1)) if m else 0)
+        row = {"instructions": int(m.group(1)) if m else 0}
+        annotated = subprocess.run(
+            ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(f)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for fn, key in LOOP_PARTS.items():
+            m = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*:{fn} ", annotated, re.M)
+            row[key] = int(m.group(1).replace(",", "")) if m else 0
+        row["not_in_timers"] = row["instructions"] - row["in_timers"]
+        out.append(row)
     return out
 
 
 def figures(run: Run, a: argparse.Namespace) -> dict:
-    """Per phase and role: instructions / system calls / context switches, the
-    idle rate, and the per-call and per-message figures."""
+    """Each phase's length, calls and messages, and each role's counts in it:
+    instructions (callgrind), system calls (perf), context switches."""
     roles = run.marks[-1].roles
     for m in run.marks:
         roles = {**m.roles, **roles}
@@ -372,7 +389,7 @@ def figures(run: Run, a: argparse.Namespace) -> dict:
             if cg:
                 # dump n (1-based) ends mark n-1's phase (mark 0, "start", is dump 1)
                 dumps = cg.get(pid, [])
-                d["instructions"] = dumps[i] if i < len(dumps) else 0
+                d.update(dumps[i] if i < len(dumps) else {"instructions": 0})
             if run.counted:
                 c = run.counted[i - 1].get(pid, {})
                 d["syscalls"] = c.get("raw_syscalls:sys_enter", 0)
@@ -438,9 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     for w in a.workers:
         results[w] = one_run(a.tool, w, a.out, a)
         (a.out / f"{a.tool}-w{w}.json").write_text(json.dumps(results[w], indent=1))
-    keys = {"callgrind": ["instructions"], "perf": ["syscalls", "perf_ctxt", "migrations"]}.get(
-        a.tool, []
-    )
+    keys = {
+        "callgrind": ["instructions", "not_in_timers", "in_timers"],
+        "perf": ["syscalls", "perf_ctxt", "migrations"],
+    }.get(a.tool, [])
     keys += ["ctxt_vol", "ctxt_invol"]
     summary = {}
     for key in keys:
