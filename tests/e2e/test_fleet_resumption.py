@@ -9,8 +9,11 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import logging
 import os
+import socket
 import ssl
+import struct
 import time
 import weakref
 from pathlib import Path
@@ -438,11 +441,15 @@ class GuardsResumption:
     ClientHello offering a session its own way, as a fleet (or a middlebox
     before it) that will not resume may: "stall" never answers (the
     connection held, nothing sent), "alert" sends a fatal handshake_failure
-    alert and closes, "close" closes at once. Any other ClientHello is relayed."""
+    alert and closes, "close" closes at once, "reset" resets, "http" answers
+    as a plain-HTTP server would. Any other ClientHello is relayed; with
+    `every`, every ClientHello is answered that way (a fleet gone bad: not
+    the session's doing)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.answer: str | None = None
+        self.every = False
         self.answered = 0  # ClientHellos offering a session answered `answer`'s way
         self.connections = 0  # taken
         self._server: asyncio.Server | None = None
@@ -460,13 +467,22 @@ class GuardsResumption:
         try:
             head = await reader.readexactly(5)
             hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
-            if self.answer is not None and _offers_a_ticket(hello):
+            if self.answer is not None and (self.every or _offers_a_ticket(hello)):
                 self.answered += 1
                 if self.answer == "stall":
                     await reader.read()  # until the ingress gives up
                 elif self.answer == "alert":
                     writer.write(_HANDSHAKE_FAILURE_ALERT)
                     await writer.drain()
+                elif self.answer == "http":
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                elif self.answer == "reset":
+                    linger = struct.pack("ii", 1, 0)
+                    writer.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, linger
+                    )
+                    writer.transport.abort()
                 return
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
             up_writer.write(hello)
@@ -587,6 +603,45 @@ async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
             (("kind", "resumed"),): 1.0,
         }
         assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize(("answer", "connections"), [("close", 3), ("reset", 3), ("http", 2)])
+async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_session(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+    connections: int,
+) -> None:
+    """A fleet with a session kept that then fails every connection (down
+    behind a proxy that closes, resetting, plain HTTP on its TLS port) fails
+    the calls' attempts as it did before resumption (503, retries 0), and is
+    not said to refuse a session: no journal line, no count. A close or a
+    reset cannot be told from a refusal at once: the first call made again
+    without the session (3 connections for 2 calls); a plain-HTTP answer is
+    not a refusal (2). Before, both said and counted a refusal, and the
+    plain-HTTP fleet took the connection made again too."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        relay.answer, relay.every = answer, True
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as failed:
+                await one_call(ingress, tls_files)
+            assert failed.value.response.status_code == 503
+        assert relay.answered == connections
+        assert kept_of(ingress) is None
+        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+        assert not said, said
+        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
     finally:
         await relay.stop()
 

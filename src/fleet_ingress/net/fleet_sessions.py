@@ -207,11 +207,11 @@ def failed(fleet: FleetState, offered: KeptSession | None) -> None:
 
 def refused(fleet: FleetState, offered: KeptSession | None, exc: SessionRefused) -> None:
     """The fleet failed the handshake of a connection `offered` its session
-    (`SessionRefused`): not offered again; said once a session (each worker's
-    own), the fleet's name and its answer."""
-    failed(fleet, offered)
+    (`SessionRefused`; dropped then, `failed`), and the one made again without
+    it got through (a fleet that fails that one too, down or resetting, is not
+    said to refuse a session): said, the fleet's name and its answer."""
     log.info(
-        "fleet refused the TLS session offered: connecting again without it",
+        "fleet refused the TLS session offered: connected again without it",
         extra=fields(fleet=fleet.name, error=str(exc.__cause__ or exc)),
     )
 
