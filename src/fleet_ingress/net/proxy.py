@@ -841,10 +841,10 @@ class CarrierProtocol(_Side):
                 try:
                     conn = await self._connect_tls(spec, underway, offered)
                 except SessionRefused as exc:
-                    refused, offered = offered, None
-                    fleet_sessions.failed(fleet, refused)
+                    fleet_sessions.failed(fleet, offered)
+                    offered = None
                     conn = await self._connect_tls(spec, underway, None)
-                    fleet_sessions.refused(fleet, refused, exc)
+                    fleet_sessions.refused(fleet, exc)
                     ctx.registry.fleet_tls_sessions_refused += 1
                 resumed = offered is not None and fleet_sessions.resumed(conn)
                 ctx.registry.fleet_tls_handshakes["resumed" if resumed else "full"] += 1
