@@ -9,8 +9,11 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import logging
 import os
+import socket
 import ssl
+import struct
 import time
 import weakref
 from pathlib import Path
@@ -72,8 +75,8 @@ async def one_call(ingress: Ingress, tls_files: TLSFiles, path: str = "/ws/bot-1
 def kept_of(ingress: Ingress, name: str = "a") -> fleet_sessions.KeptSession | None:
     (fleet,) = [f for f in ingress.balancer.fleets if f.name == name]
     kept = fleet.tls_session
-    assert kept is None or isinstance(kept, fleet_sessions.KeptSession)
-    return kept
+    # None, a KeptSession, or a fleet_sessions.Refusing (none kept for a while).
+    return kept if isinstance(kept, fleet_sessions.KeptSession) else None
 
 
 @pytest.fixture
@@ -438,11 +441,15 @@ class GuardsResumption:
     ClientHello offering a session its own way, as a fleet (or a middlebox
     before it) that will not resume may: "stall" never answers (the
     connection held, nothing sent), "alert" sends a fatal handshake_failure
-    alert and closes, "close" closes at once. Any other ClientHello is relayed."""
+    alert and closes, "close" closes at once, "reset" resets, "http" answers
+    as a plain-HTTP server would. Any other ClientHello is relayed; with
+    `every`, every ClientHello is answered that way (a fleet gone bad: not
+    the session's doing)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.answer: str | None = None
+        self.every = False
         self.answered = 0  # ClientHellos offering a session answered `answer`'s way
         self.connections = 0  # taken
         self._server: asyncio.Server | None = None
@@ -460,13 +467,22 @@ class GuardsResumption:
         try:
             head = await reader.readexactly(5)
             hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
-            if self.answer is not None and _offers_a_ticket(hello):
+            if self.answer is not None and (self.every or _offers_a_ticket(hello)):
                 self.answered += 1
                 if self.answer == "stall":
                     await reader.read()  # until the ingress gives up
                 elif self.answer == "alert":
                     writer.write(_HANDSHAKE_FAILURE_ALERT)
                     await writer.drain()
+                elif self.answer == "http":
+                    writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    await writer.drain()
+                elif self.answer == "reset":
+                    linger = struct.pack("ii", 1, 0)
+                    writer.get_extra_info("socket").setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, linger
+                    )
+                    writer.transport.abort()
                 return
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
             up_writer.write(hello)
@@ -554,21 +570,25 @@ async def test_a_call_connects_to_the_fleet_spec_it_was_sent_to(
 
 @pytest.mark.parametrize("answer", ["alert", "close"])
 async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
-    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, answer: str
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: str,
 ) -> None:
     """A fleet that answers the session offered with an alert, or by closing,
     gets the call on a connection made again at once without it: with
     retries 0 the carrier is not answered 503 for our optimisation, the
-    refusal is no failed attempt and tells nothing of the fleet's health,
-    and the new session is kept (before, the call failed: one 503 a worker
-    a fleet, and a passive health failure)."""
+    refusal is no failed attempt and tells nothing of the fleet's health
+    (before, the call failed: one 503 a worker a fleet, and a passive health
+    failure). No session is kept for it for REFUSED_FOR after, then one is."""
     relay = GuardsResumption(fleet.port)
     port = await relay.start()
     try:
+        monkeypatch.setattr(fleet_sessions, "REFUSED_FOR", 1.0, raising=False)
         ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
         await one_call(ingress, tls_files)
-        first = kept_of(ingress)
-        assert first is not None
+        assert kept_of(ingress) is not None
         relay.answer = answer
         await one_call(ingress, tls_files)  # refused, then a full handshake: served
         assert relay.answered == 1
@@ -576,17 +596,60 @@ async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
         (state,) = ingress.balancer.fleets
         assert (state.call_failures, state.fresh_probe, state.retries) == (0, False, 0)
         assert state.responses[101] == 2
-        second = kept_of(ingress)
-        assert second is not None and second is not first
+        assert kept_of(ingress) is None  # refusing: none kept
         relay.answer = None
-        await one_call(ingress, tls_files)  # the new session, resumed
-        assert fleet.reused == [False, False, True]
+        await one_call(ingress, tls_files)  # none offered: a full handshake
+        assert fleet.reused == [False, False, False]
+        assert relay.answered == 1
         samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
         assert samples["fleet_ingress_fleet_tls_handshakes_total"] == {
-            (("kind", "full"),): 2.0,
-            (("kind", "resumed"),): 1.0,
+            (("kind", "full"),): 3.0,
+            (("kind", "resumed"),): 0.0,
         }
         assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
+        await asyncio.sleep(1.1)  # REFUSED_FOR over
+        await one_call(ingress, tls_files)  # kept again
+        await one_call(ingress, tls_files)
+        assert fleet.reused == [False, False, False, False, True]
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize(("answer", "connections"), [("close", 3), ("reset", 3), ("http", 2)])
+async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_session(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+    connections: int,
+) -> None:
+    """A fleet with a session kept that then fails every connection (down
+    behind a proxy that closes, resetting, plain HTTP on its TLS port) fails
+    the calls' attempts as it did before resumption (503, retries 0), and is
+    not said to refuse a session: no journal line, no count. A close or a
+    reset cannot be told from a refusal at once: the first call made again
+    without the session (3 connections for 2 calls); a plain-HTTP answer is
+    not a refusal (2). Before, both said and counted a refusal, and the
+    plain-HTTP fleet took the connection made again too."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        relay.answer, relay.every = answer, True
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        for _ in range(2):
+            with pytest.raises(InvalidStatus) as failed:
+                await one_call(ingress, tls_files)
+            assert failed.value.response.status_code == 503
+        assert relay.answered == connections
+        assert kept_of(ingress) is None
+        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+        assert not said, said
+        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
     finally:
         await relay.stop()
 
@@ -621,6 +684,68 @@ async def test_an_openssl_fleet_that_fails_on_resumption_gets_the_call_at_once(
         assert fleet.reused == [False, True, False]
     finally:
         await fleet.stop()
+
+
+async def test_an_openssl_fleet_that_fails_every_resumption_is_kept_no_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OpenSSL fleet above fails every resumption: after its first refusal
+    no session is kept for it (REFUSED_FOR), so each call is one full
+    handshake, and it is said once. Before, each call's full handshake kept a
+    new session, the next call was offered it, refused, and made again: 6
+    calls, 6 refusals (12 connections) and 6 journal lines."""
+    ctx = tls12_server_context(tls_files)
+    LIBSSL.SSL_CTX_set_session_id_context.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    assert LIBSSL.SSL_CTX_set_session_id_context(ssl_ctx_pointer(ctx), b"", 0) == 1
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # from the start: every ticket refused
+    ctx.load_verify_locations(cadata=_another_ca_pem().decode())
+    fleet = await ResumptionFleet(ctx).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        for i in range(7):
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert fleet.reused == [False] * 7
+        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
+        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].__dict__["fields"]["fleet"] == "a"
+    finally:
+        await fleet.stop()
+
+
+async def test_a_refusal_of_calls_offered_the_session_together_is_said_once(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Calls offered the fleet's session together, each refused (an alert):
+    each served on a connection made again, each refusal counted, one journal
+    line (before, one a session, and each refused call's full handshake kept
+    a new one that the next calls were offered: 4 lines for 20 calls)."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a maxconn=40"])
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        relay.answer = "alert"
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        await asyncio.gather(*(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(20)))
+        assert relay.answered >= 2  # offered together (the loop's turns: 3 to 5 of 20)
+        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+        assert len(said) == 1, said
+        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+        refused = samples["fleet_ingress_fleet_tls_sessions_refused_total"]
+        assert refused == {(): float(relay.answered)}
+    finally:
+        await relay.stop()
 
 
 async def _calls_every(

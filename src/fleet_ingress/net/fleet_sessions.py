@@ -40,7 +40,11 @@ alert: OpenSSL's "session id context uninitialized" when it asks for client
 certificates with no session context; a close: a middlebox that drops a
 ClientHello with a pre_shared_key): the call's connection is made again at
 once without the session (`refused`; net/proxy.py), within the same connect
-timer, no failed attempt and nothing said of the fleet's health.
+timer, no failed attempt and nothing said of the fleet's health. Such a fleet
+most often fails every resumption (a setting of its server), so it is kept no
+session for REFUSED_FOR after (`Refusing` on its record): kept one at once,
+every call to it was offered the full handshake's new session, refused, and
+made again (10 calls, 20 connections and 10 journal lines, review39a).
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ FLEET_HANDSHAKE_KINDS = ("full", "resumed")
 # certificate check it rests on: one full handshake a fleet a minute in each
 # worker (about 3.5 M instructions, bench/README Session 38), the probes' pace.
 CHECKED_WITHIN = 60.0
+
+# Seconds (monotonic) a fleet that refused a session is kept none after: its
+# calls' handshakes full, one connection each; then a session is kept again
+# (a fleet whose server was set right resumes; one that refuses again is said
+# again, once).
+REFUSED_FOR = 600.0
 
 
 class KeptSession:
@@ -117,6 +127,16 @@ class KeptSession:
             self.pointer = 0
 
 
+class Refusing:
+    """On a fleet's record in place of a session: it refused one (`refused`);
+    none is kept for it until `until` (monotonic)."""
+
+    __slots__ = ("until",)
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+
 def _address(spec: FleetSpec) -> tuple[str, int, str | None]:
     return (spec.host, spec.port, spec.tls_name)
 
@@ -128,7 +148,7 @@ def offer(
     (as `spec` says, by default the fleet's own) under `context` now (one
     that is not is dropped)."""
     kept = fleet.tls_session
-    if kept is None:
+    if kept is None or isinstance(kept, Refusing):
         return None
     assert isinstance(kept, KeptSession)
     now = time.time()
@@ -150,12 +170,15 @@ def keep(
     """The session of `conn` (a connection to the fleet as `spec` said, under
     its own context, `offered` that session; handshake done) kept as the
     fleet's, if it has a ticket and can be resumed. Resumed, it rests on the
-    certificate check `offered` rested on; a full handshake's is now."""
+    certificate check `offered` rested on; a full handshake's is now. None
+    while the fleet is `Refusing`."""
     calls = session_calls()
     pointer = conn.ssl_pointer
     if calls is None or pointer is None:
         return
     kept = fleet.tls_session
+    if isinstance(kept, Refusing) and time.monotonic() < kept.until:
+        return
     context = conn.ssl_socket.context
     address = _address(spec)
     session = calls.get1_session(pointer)
@@ -205,14 +228,23 @@ def failed(fleet: FleetState, offered: KeptSession | None) -> None:
         fleet.tls_session = None
 
 
-def refused(fleet: FleetState, offered: KeptSession | None, exc: SessionRefused) -> None:
-    """The fleet failed the handshake of a connection `offered` its session
-    (`SessionRefused`): not offered again; said once a session (each worker's
-    own), the fleet's name and its answer."""
-    failed(fleet, offered)
+def refused(fleet: FleetState, exc: SessionRefused) -> None:
+    """The fleet failed the handshake of a connection offered its session
+    (`SessionRefused`; dropped then, `failed`), and the one made again without
+    it got through (a fleet that fails that one too, down or resetting, is not
+    said to refuse a session): none kept for REFUSED_FOR; said once then (the
+    calls offered it together were each refused), the fleet's name and its
+    answer (each worker's own)."""
+    now = time.monotonic()
+    if isinstance(kept := fleet.tls_session, Refusing) and now < kept.until:
+        return
+    fleet.tls_session = Refusing(now + REFUSED_FOR)
     log.info(
-        "fleet refused the TLS session offered: connecting again without it",
-        extra=fields(fleet=fleet.name, error=str(exc.__cause__ or exc)),
+        "fleet refused the TLS session offered: connected again without it;"
+        " its calls make full handshakes for a while",
+        extra=fields(
+            fleet=fleet.name, error=str(exc.__cause__ or exc), full_handshakes_for_s=REFUSED_FOR
+        ),
     )
 
 

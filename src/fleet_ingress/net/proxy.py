@@ -834,14 +834,18 @@ class CarrierProtocol(_Side):
                 # refused (an alert, a close), dropped and connected again at
                 # once without it, within the same timer: the fleet's answer
                 # to our optimisation is no failed attempt, and not its health.
+                # Said a refusal once that connection gets through: a fleet
+                # that fails it too (down, resetting, overloaded) failed the
+                # attempt, as any connection's failure does.
                 offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
                 try:
                     conn = await self._connect_tls(spec, underway, offered)
                 except SessionRefused as exc:
-                    fleet_sessions.refused(fleet, offered, exc)
-                    ctx.registry.fleet_tls_sessions_refused += 1
+                    fleet_sessions.failed(fleet, offered)
                     offered = None
                     conn = await self._connect_tls(spec, underway, None)
+                    fleet_sessions.refused(fleet, exc)
+                    ctx.registry.fleet_tls_sessions_refused += 1
                 resumed = offered is not None and fleet_sessions.resumed(conn)
                 ctx.registry.fleet_tls_handshakes["resumed" if resumed else "full"] += 1
                 serve(conn, fleet_side)

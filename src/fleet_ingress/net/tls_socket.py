@@ -1443,12 +1443,23 @@ async def connect(
     return conn
 
 
+# OpenSSL's reasons for an alert the peer sent (SSL_AD_REASON_OFFSET + its
+# code: "sslv3 alert handshake failure", "tlsv1 unrecognized name", ...).
+_PEER_ALERT = ("SSLV3_ALERT_", "TLSV1_", "TLSV13_ALERT_")
+
+
 def _refused_by_peer(exc: BaseException) -> bool:
     """Whether a client handshake's error is the peer's doing (an alert, its
-    close or reset): not this side's check of its certificate, not a timeout."""
+    close or reset): not this side's check of its certificate, not a timeout,
+    not this side's reading of an answer that is not TLS (a plain-HTTP fleet
+    on the TLS port: "wrong version number"), nor another check of its own."""
     if isinstance(exc, ssl.SSLCertVerificationError | TimeoutError):
         return False
-    return isinstance(exc, ssl.SSLError | ConnectionError)
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return True  # its close
+    if isinstance(exc, ssl.SSLError):
+        return (exc.reason or "").startswith(_PEER_ALERT)
+    return isinstance(exc, ConnectionError)
 
 
 class Acceptor:

@@ -584,8 +584,9 @@ class _StateCollector(Collector):
         yield handshakes
         yield CounterMetricFamily(
             f"{PREFIX}_fleet_tls_sessions_refused",
-            "Kept TLS sessions a fleet failed the handshake on (an alert, a close) instead of"
-            " declining them: the call's connection was made again at once without it.",
+            "Calls' connections offered a kept TLS session that a fleet failed the handshake"
+            " on (an alert, a close) instead of declining it, the connection made again at once"
+            " without it getting through; the fleet is then kept no session for 10 minutes.",
             value=counts.counter("fleet_tls_sessions_refused"),
         )
         yield GaugeMetricFamily(
