@@ -15,7 +15,8 @@ Each phase settles ``--settle`` seconds, then two windows of ``--seconds``:
 
 1. /proc only (nothing attached): wake-ups a second (``/proc/PID/task/*/schedstat``'s
    third field, the times a thread was put on a CPU, summed over threads; and
-   the voluntary context switches of ``/proc/PID/task/*/status``), per thread name;
+   the voluntary context switches of ``/proc/PID/task/*/status``), the main
+   thread's apart from the others' (libuv's pool, the executor);
 2. ``strace -f -c -p PID``: system calls a second, ``epoll_wait`` returns among them.
 
 Counts, so a shared host does not skew them (strace slows the process, not
@@ -25,6 +26,15 @@ counted here: ``perf stat -e instructions`` is not supported in this VM; use
 valgrind --tool=callgrind on a process for that.
 
     .venv/bin/python -m bench.idle_wakeups --seconds 10 --json /tmp/idle.json
+
+Calls on 127.0.0.1 are never watched by the worker's address sweep (a loopback
+address cannot move to another host). To count it too, run inside a network
+namespace of your own with a documentation address on its loopback device::
+
+    ip netns add idle-bench && ip -n idle-bench link set lo up
+    ip -n idle-bench addr add 192.0.2.10/32 dev lo
+    ip netns exec idle-bench .venv/bin/python -m bench.idle_wakeups --address 192.0.2.10
+    ip netns del idle-bench
 
 Every phase is bounded: calls opened once, at most ``--calls`` of them, and the
 run ends after the three phases (about 3 x (settle + 2 x seconds) plus start-up).
@@ -47,7 +57,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .harness import procfs
+from .harness import procfs, targets
 from .harness.carrier import FramePool, LeanCall, Recorder, client_frame, open_call
 from .harness.children import Children, log, python_module
 from .harness.targets import Settings, start_target
@@ -85,7 +95,7 @@ async def proc_window(pids: dict[str, int], seconds: float) -> dict[str, dict[st
             _, r0, v0 = before[role].get(tid, (name, 0, 0))
             runs += r - r0
             vol += v - v0
-            by_name[name] += r - r0
+            by_name["main thread" if tid == pids[role] else f"other: {name}"] += r - r0
         out[role] = {
             "wakeups_per_s": round(runs / seconds, 1),
             "voluntary_switches_per_s": round(vol / seconds, 1),
@@ -138,7 +148,7 @@ async def strace_window(
         out[role] = {
             "syscalls_per_s": round(total / seconds, 1),
             "epoll_waits_per_s": round(epoll / seconds, 1),
-            "top_per_s": {n: round(c / seconds, 1) for n, c in counts.most_common(8)},
+            "top_per_s": {n: round(c / seconds, 1) for n, c in counts.most_common()},
         }
     return out
 
@@ -172,7 +182,23 @@ async def ping_calls(calls: list[LeanCall], every: float, stop: asyncio.Event) -
                     await stop.wait()
 
 
+def _listening_everywhere() -> None:
+    """The ingress's config rendered with ``wss`` on 0.0.0.0 (its port kept), so that
+    calls can come to an address other than 127.0.0.1 (``--address``)."""
+    render = targets.render_ingress
+
+    def render_everywhere(*a: Any, **kw: Any) -> Path:
+        config = render(*a, **kw)
+        text = re.sub(r'^wss = "127\.0\.0\.1:', 'wss = "0.0.0.0:', config.read_text(), flags=re.M)
+        config.write_text(text)
+        return config
+
+    targets.render_ingress = render_everywhere  # type: ignore[assignment]
+
+
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    if args.address:
+        _listening_everywhere()
     home = Path(tempfile.mkdtemp(prefix="idle-wakeups-", dir=args.dir))
     tls = TLSFiles.write(home)
     children = Children()
@@ -192,6 +218,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         pool = replace(FramePool.build("binary"), interval=1.0)
         rec = Recorder()
         ctx = tls.carrier_context()
+        call_url = target.urls[0]
+        if args.address:  # the ingress listens on every address (`_listening_everywhere`)
+            call_url = (args.address, target.urls[0][1])
+            ctx.check_hostname = False  # its certificate names 127.0.0.1; the chain is checked
         stop_pings = asyncio.Event()
         pinger: asyncio.Task[None] | None = None
         for phase in PHASES:
@@ -199,13 +229,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
                 for start in range(0, args.calls, 20):
                     opened = await asyncio.gather(
                         *(
-                            open_call(rec, pool, target.urls[0], f"/ws/idle{i}", ctx, i, 10.0)
+                            open_call(rec, pool, call_url, f"/ws/idle{i}", ctx, i, 10.0)
                             for i in range(start, min(args.calls, start + 20))
                         )
                     )
                     calls += [c for c in opened if c is not None]
                 log(f"{len(calls)} calls up ({rec.failed} failed)")
-                pinger = asyncio.create_task(ping_calls(calls, args.ping_every, stop_pings))
+                if args.ping_every > 0:
+                    pinger = asyncio.create_task(ping_calls(calls, args.ping_every, stop_pings))
             elif phase == "stream":
                 stop_pings.set()
                 if pinger is not None:
@@ -261,13 +292,26 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seconds", type=float, default=10.0, help="each window (two a phase)")
     p.add_argument("--settle", type=float, default=5.0, help="before each phase's windows")
-    p.add_argument("--ping-every", type=float, default=10.0, help="a held call's ping")
+    p.add_argument(
+        "--ping-every",
+        type=float,
+        default=10.0,
+        help="a held call's ping; 0: none (the held windows end before carrier_silence, 30 s, "
+        "would end the calls, with --settle and --seconds at most 8 and 10)",
+    )
     p.add_argument("--timeline", type=Path, help="strace -f -tt of each process and phase here")
     p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument(
+        "--address",
+        help="calls to this address of the host (the ingress listening on all): "
+        "not loopback, whose calls the address sweep never watches",
+    )
     p.add_argument("--dir", type=Path, help="the run files under here (removed after)")
     args = p.parse_args()
     if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 120:
         p.error("--calls 1..2000, --seconds 1..120: every run is bounded")
+    if args.ping_every <= 0 and args.settle + 2 * args.seconds > 28:
+        p.error("--ping-every 0: --settle + 2 x --seconds over 28 s: carrier_silence ends calls")
     import uvloop
 
     results = uvloop.run(measure(args))
