@@ -158,7 +158,7 @@ async def start_fleets(children: Children, tls_dir: Path, count: int, capacity: 
     for i in range(count):
         proc = await children.spawn(
             python_module("bench.harness.fleets", "--tls", str(tls_dir), "--name",
-                          f"fleet-{'ab'[i]}", "--capacity", str(capacity)),
+                          f"fleet-{i}", "--capacity", str(capacity)),
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
@@ -208,7 +208,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": vars(args) | {"timeline": str(timeline)}}
     calls: list[LeanCall] = []
     try:
-        fleet_ports = await start_fleets(children, home, 2, args.calls + 50)
+        fleet_ports = await start_fleets(children, home, args.fleets, args.calls + 50)
         settings = Settings(maxconn=args.calls, ingress_workers=args.workers)
         target = await start_target("ingress", children, tls, settings, fleet_ports, home)
         assert target.pid is not None
@@ -290,6 +290,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--fleets", type=int, default=2, help="simulated fleets, a process each")
     p.add_argument("--seconds", type=float, default=10.0, help="each window (two a phase)")
     p.add_argument("--settle", type=float, default=5.0, help="before each phase's windows")
     p.add_argument(
@@ -308,8 +309,8 @@ def main() -> None:
     )
     p.add_argument("--dir", type=Path, help="the run files under here (removed after)")
     args = p.parse_args()
-    if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 120:
-        p.error("--calls 1..2000, --seconds 1..120: every run is bounded")
+    if not 1 <= args.calls <= 2000 or not 1 <= args.seconds <= 120 or not 1 <= args.fleets <= 8:
+        p.error("--calls 1..2000, --seconds 1..120, --fleets 1..8: every run is bounded")
     if args.ping_every <= 0 and args.settle + 2 * args.seconds > 28:
         p.error("--ping-every 0: --settle + 2 x --seconds over 28 s: carrier_silence ends calls")
     import uvloop
