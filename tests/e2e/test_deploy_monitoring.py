@@ -29,7 +29,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import StartIngress, TLSFiles, wss_url
+from tests.support import StartIngress, TLSFiles, eventually, wss_url
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -503,26 +503,42 @@ async def test_dashboard_and_alerts_read_only_metrics_the_ingress_exports(
     assert missing == [], "metrics the ingress does not export:\n" + "\n".join(missing)
 
 
-async def test_event_loop_lag_is_exported_while_the_ingress_runs(
+async def test_event_loop_lag_is_exported_while_a_carrier_is_connected(
     start_ingress: StartIngress, tls_files: TLSFiles
 ):
+    """The lag is sampled while a carrier is connected, and the probe rests (no
+    timer: the idle worker's only wake-up but its report) while none is."""
     ingress = await start_ingress(
         ["https://127.0.0.1:9 name=unused"], listen={"stats": "127.0.0.1:0"}
     )
     assert ingress.loop_lag.running
-    time.sleep(0.6)  # noqa: ASYNC251 - the loop held on purpose: the next probe fires late
-    async with asyncio.timeout(5):
-        while True:
-            families = {f.name: f for f in text_string_to_metric_families(await scrape(ingress))}
-            lag = families["fleet_ingress_event_loop_lag_seconds"]
-            counts = {
-                s.labels.get("le"): s.value for s in lag.samples if s.name.endswith("_bucket")
-            }
-            if counts["+Inf"] >= 1:
-                break
-            await asyncio.sleep(0.1)
-    # Late by at least the hold less the longest wait between probes (1.5 x 0.2 s).
-    assert counts["+Inf"] > counts["0.25"]
+    await eventually(lambda: ingress.loop_lag.resting)
+    host, port = ingress.wss_address
+    # A carrier through its handshake, its request not sent yet (timeouts.request, 10 s).
+    _, writer = await asyncio.open_connection(
+        host, port, ssl=tls_files.client_context(), server_hostname=host
+    )
+    try:
+        await eventually(lambda: not ingress.loop_lag.resting)
+        time.sleep(0.6)  # noqa: ASYNC251 - the loop held on purpose: the next probe fires late
+        async with asyncio.timeout(5):
+            while True:
+                families = {
+                    f.name: f for f in text_string_to_metric_families(await scrape(ingress))
+                }
+                lag = families["fleet_ingress_event_loop_lag_seconds"]
+                counts = {
+                    s.labels.get("le"): s.value for s in lag.samples if s.name.endswith("_bucket")
+                }
+                if counts["+Inf"] >= 1:
+                    break
+                await asyncio.sleep(0.1)
+        # Late by at least the hold less the longest wait between probes (1.5 x 0.2 s).
+        assert counts["+Inf"] > counts["0.25"]
+    finally:
+        writer.close()
+    # The carrier gone, the probe's next firing finds nothing busy and rests.
+    await eventually(lambda: not ingress.registry.connections and ingress.loop_lag.resting)
     await ingress.stop(drain_timeout=0)
     assert not ingress.loop_lag.running
 

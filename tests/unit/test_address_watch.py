@@ -330,3 +330,77 @@ async def test_a_bug_in_the_watch_as_a_call_links_does_not_reach_the_call(
         assert call in registry.calls and call.carrier.ended == []  # type: ignore[attr-defined]
     finally:
         sweep.stop()
+
+
+async def test_a_sweep_with_nothing_missing_waits_for_the_kernels_word(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While no address is missing, the sweep sets no timer (a look a second woke
+    every worker holding calls, to read nothing): the events socket's readability
+    brings the next look, a period after the last at the soonest however many
+    events come; an address gone still ends its calls a grace later."""
+    import asyncio
+    import socket
+    import time
+
+    from fleet_ingress.core.call_machine import EndReason
+    from fleet_ingress.net import host_addresses
+    from fleet_ingress.net.calls import Call, Registry
+
+    host = {VIP, OWN}
+    monkeypatch.setattr(host_addresses, "read_host_addresses", lambda: set(host))
+    kernel, ours = socket.socketpair()  # the kernel's side writes "events" to ours
+    ours.setblocking(False)
+
+    def listen(self: host_addresses.AddressEvents) -> None:
+        self._sock = ours
+
+    def changes(self: host_addresses.AddressEvents) -> set[object] | None:
+        came = False
+        while True:
+            try:
+                came = bool(ours.recv(4096)) or came
+            except BlockingIOError:
+                return {VIP} if came else set()
+
+    monkeypatch.setattr(host_addresses.AddressEvents, "__init__", listen)
+    monkeypatch.setattr(host_addresses.AddressEvents, "changes", changes)
+    period = 0.05
+    registry = Registry()
+    sweep = host_addresses.AddressSweep(registry, period=period)
+    try:
+        call = Call(_Carrier(str(VIP)), "192.0.2.1", "/ws/", "b")  # type: ignore[arg-type]
+        registry.add_call(call)
+        sweep.call_linked(call)
+        async with asyncio.timeout(5):
+            while sweep.looks < 1:  # the first look reads the addresses
+                await asyncio.sleep(0.01)
+        looks = sweep.looks
+        await asyncio.sleep(6 * period)
+        assert sweep.looks == looks and sweep._timer is None  # nothing to do: no look
+        # A storm of events other addresses' (VIP on the host still): a look a period.
+        started = time.monotonic()
+        for _ in range(30):
+            kernel.send(b"x")
+            await asyncio.sleep(period / 5)
+        storm = time.monotonic() - started
+        assert 1 <= sweep.looks - looks <= storm / period + 2
+        await asyncio.sleep(2 * period)
+        assert call.carrier.ended == []  # type: ignore[attr-defined]
+        looks = sweep.looks
+        await asyncio.sleep(4 * period)
+        assert sweep.looks == looks  # quiet again
+        host.discard(VIP)  # the address leaves, the kernel says so
+        left = time.monotonic()
+        kernel.send(b"x")
+        async with asyncio.timeout(5):
+            while not call.carrier.ended:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+        took = time.monotonic() - left
+        [(reason, _)] = call.carrier.ended  # type: ignore[attr-defined]
+        assert reason is EndReason.CARRIER_LOST
+        assert GRACE <= took <= GRACE + 3 * period + 0.5, took
+    finally:
+        sweep.stop()
+        kernel.close()
+        ours.close()

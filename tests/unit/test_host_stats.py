@@ -924,3 +924,64 @@ def test_calls_ended_by_why_are_in_stat_and_the_page_where_the_fleets_totals_are
         '<td class="l">calls ended</td><td class="l">carrier closed 47, refused 4, removed 3, '
         "fleet closed 2, carrier_silent 1, error 1</td>"
     ) in page
+
+
+def _in_a_child(code: str) -> str:
+    import subprocess
+    import sys
+    import textwrap
+
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_a_worker_out_of_descriptors_still_reports_its_cpu_and_memory():
+    """A worker's report (every second while it holds calls) reads /proc/self/stat
+    on the descriptor opened at its first read, not a new one each time (nine
+    system calls, and /proc/stat's nine more for a boot time no report used):
+    out of descriptors (EMFILE), when the counts matter most, its process
+    figures still go (before: none). In a child, whose limit is its own."""
+    out = _in_a_child(
+        """
+        import os, resource
+        from fleet_ingress.net.calls import Registry
+        from fleet_ingress.ops.host_stats import WorkerReporter
+        reporter = WorkerReporter(Registry(), lambda: [], {})
+        first = reporter()["process"]
+        used = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own, closed
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used, hard))
+        try:
+            os.close(os.open("/dev/null", os.O_RDONLY))
+            print("a descriptor could still be opened")
+        except OSError:
+            later = reporter()["process"]
+            print(bool(later) and later["cpu_seconds"] >= first["cpu_seconds"]
+                  and later["resident_bytes"] > 0)
+        """
+    )
+    assert out == "True"
+
+
+def test_a_forked_child_reports_its_own_process_figures():
+    """The descriptor a parent opened names the parent: a child forked after
+    its first report reads its own /proc/self/stat."""
+    out = _in_a_child(
+        """
+        import os
+        from fleet_ingress.ops import host_stats
+        host_stats._process_figures()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            mine = host_stats._OwnStat.read().split()[0].decode()
+            os.write(w, f"{mine == str(os.getpid())}".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(os.read(r, 20).decode())
+        """
+    )
+    assert out == "True"

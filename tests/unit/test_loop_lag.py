@@ -112,3 +112,35 @@ def test_what_reaches_the_loops_handler_uncaught_is_counted_but_uvloops_closed_t
         assert event_loop.unexpected_errors() == before + 1
     finally:
         loop.close()
+
+
+async def test_a_probe_rests_while_nothing_is_busy_and_a_wake_sets_it_again():
+    """An idle worker's loop lag is felt by no call: with `busy` false the probe
+    sets no timer (it woke an idle worker five times a second), and `wake` (a
+    connection counted) brings it back, sampling as before."""
+    lags: list[float] = []
+    busy = False
+    probe = LoopLagProbe(lags.append, interval=0.01, busy=lambda: busy)
+    probe.start()
+    assert probe.running and probe.resting  # nothing busy at the start: no timer
+    await asyncio.sleep(0.05)
+    assert lags == []
+    busy = True
+    probe.wake()
+    assert not probe.resting
+    await asyncio.sleep(0.06)
+    assert len(lags) >= 2
+    busy = False
+    await asyncio.sleep(0.03)  # the next firing looks, and rests
+    assert probe.resting
+    seen = len(lags)
+    await asyncio.sleep(0.05)
+    assert len(lags) == seen
+    probe.wake()  # woken while nothing is busy: one sample, then rest again
+    await asyncio.sleep(0.05)
+    assert len(lags) == seen + 1 and probe.resting
+    probe.stop()
+    probe.wake()  # a stopped probe stays stopped
+    assert not probe.running and probe.resting is False
+    await asyncio.sleep(0.03)
+    assert len(lags) == seen + 1

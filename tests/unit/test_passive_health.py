@@ -263,3 +263,48 @@ async def test_a_start_of_hundreds_of_fleets_spreads_every_first_probe_over_the_
         await asyncio.sleep(0)
         assert windows == [pytest.approx(module.SPREAD_PER_FLEET)]
         await poller.close()
+
+
+async def test_probes_due_within_a_turn_of_the_grid_leave_together_on_schedule(monkeypatch):
+    """Each fleet's probe went at its own instant, every fleet a wake-up of the
+    supervisor each interval (two fleets: two, 16: sixteen). Probes now leave
+    at the turns of a PROBE_TURN grid on the loop's clock, those due within one
+    step together; each fleet keeps its own schedule, an interval apart."""
+    import asyncio
+    import itertools
+    import math
+
+    from fleet_ingress.net import poller as module
+
+    sent: dict[str, list[float]] = {}
+
+    async def probe(session, spec, settings):
+        sent.setdefault(spec.host, []).append(asyncio.get_running_loop().time())
+        return ProbeResult(passed=True, reason="ok", capacity=5)
+
+    monkeypatch.setattr(module, "probe_fleet", probe)
+    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(10))
+    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+    interval = 0.25
+    settings = ProbeSettings("/health/fleet", "fleet_available", interval, 0.2, fall=2, rise=1)
+    poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
+    for fleet in balancer.fleets:
+        poller.start(fleet)
+    await asyncio.sleep(5 * interval + 0.1)
+    await poller.close()
+    # After each fleet's first probe (a start slowed by a loaded host sends the
+    # first ones at once, in one turn, whatever the code).
+    every = sorted(t for times in sent.values() for t in times[1:])
+    assert len(sent) == 10 and len(every) >= 20
+    # Loop turns the probes left in: sends less than 1 ms apart share one. The 10
+    # fleets' spread (30 ms) covers two or three turns of the grid a round; at
+    # their own instants (before) about eight.
+    turns = 1 + sum(1 for a, b in itertools.pairwise(every) if b - a > 0.001)
+    rounds = len(every) / 10
+    assert turns <= 3 * math.ceil(rounds) + 1, (turns, rounds, every)
+    # Each fleet every interval on average (the grid puts a probe off, never drifts
+    # it), after its first (a start slowed by a loaded host is caught up, fixed rate).
+    for times in sent.values():
+        times = times[1:]
+        mean = (times[-1] - times[0]) / (len(times) - 1)
+        assert abs(mean - interval) <= module.PROBE_TURN, times

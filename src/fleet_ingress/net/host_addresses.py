@@ -16,8 +16,16 @@ which number). Here is the reading and the timer:
   to the kernel's address events (RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR) is
   drained at each look, without blocking; a look with no event and no address
   missing reads nothing. Without netlink (a sandbox refusing it) every look reads.
-- The timer runs once every CHECK_PERIOD while linked calls are on an address
-  that could go (not loopback), and stops when none is.
+- While linked calls are on an address that could go (not loopback), a look
+  comes every CHECK_PERIOD as long as one has something to do: the first read,
+  an address missing (its grace running), a read that failed, no netlink. Else
+  the sweep waits for the kernel's word: the events socket's readability sets
+  the next look, no sooner than CHECK_PERIOD after the last one (a storm of
+  events costs a look a period, as before). A look with no event and nothing
+  missing did nothing but wake the worker, every second of every call's life
+  (the idle audit of session 39). An address gone is still seen by the look
+  after its event, at most CHECK_PERIOD later, and its calls end between GRACE
+  and GRACE + CHECK_PERIOD after it left, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import struct
 import time
@@ -221,6 +230,10 @@ class AddressEvents:
     def listening(self) -> bool:
         return self._sock is not None
 
+    def fileno(self) -> int | None:
+        """The socket the events come on, for the loop to watch (None: none)."""
+        return None if self._sock is None else self._sock.fileno()
+
     def changed(self) -> bool:
         """Whether an address event came since the last call (all read now)."""
         named = self.changes()
@@ -269,6 +282,9 @@ class AddressSweep:
         self._host: set[Address] | None = None  # the last read (None: never read)
         self._unread = False  # the last read failed: the next look reads, as after an event
         self._timer: asyncio.TimerHandle | None = None
+        # The loop watching the events socket for the next look, and its descriptor.
+        self._watched: tuple[asyncio.AbstractEventLoop, int] | None = None
+        self._looked_at = -math.inf  # loop time of the last look
         self._on: dict[Call, Address] = {}  # linked calls on an address that could go
         self._used: Counter[Address] = Counter()  # how many of them on each
         registry.on_call_linked.append(self.call_linked)
@@ -290,7 +306,7 @@ class AddressSweep:
             return
         self._on[call] = address
         self._used[address] += 1
-        if self._timer is None:
+        if self._timer is None and self._watched is None:
             if self._events is None:
                 self._events = AddressEvents()
                 self._host = None
@@ -310,12 +326,45 @@ class AddressSweep:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._unwatch()
         if self._events is not None:
             self._events.close()
             self._events = None
 
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self._watched[0].remove_reader(self._watched[1])
+            self._watched = None
+
+    def _next_look(self) -> None:
+        """After a look, with calls to watch: the next one in a period when it
+        has something to do, else at the kernel's word (`_woken`)."""
+        loop = asyncio.get_running_loop()
+        events = self._events
+        fd = None if events is None else events.fileno()
+        idle = not (self._host is None or self._unread or self.watch.pending)
+        if fd is not None and idle:
+            if self._watched is None:
+                loop.add_reader(fd, self._woken)
+                self._watched = (loop, fd)
+            return
+        self._unwatch()
+        self._timer = loop.call_later(self.period, self.look)
+
+    def _woken(self) -> None:
+        """An address event is there to read: a look, a period after the last
+        one at the soonest (the look reads the events; watched no more meanwhile)."""
+        self._unwatch()
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, self._looked_at + self.period - loop.time())
+            self._timer = loop.call_later(wait, self.look)
+
     def look(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = None
+        self._looked_at = asyncio.get_running_loop().time()
         try:
             self._look()
         except Exception as exc:  # a bug must not end the watch, nor cut calls
@@ -325,8 +374,9 @@ class AddressSweep:
                 exc_info=(type(exc), exc, exc.__traceback__),
             )
         if self._on:
-            self._timer = asyncio.get_running_loop().call_later(self.period, self.look)
+            self._next_look()
         elif self._events is not None:
+            self._unwatch()
             # No call to watch: no socket either (events queued meanwhile are
             # not wanted; the next watch reads the addresses afresh).
             self._events.close()

@@ -88,13 +88,43 @@ def _boot_time() -> float:
         return next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
 
 
-def _process_figures() -> tuple[float, dict[str, float]]:
-    """(start time, {cpu_seconds, resident_bytes}) of this process, from /proc."""
-    with open("/proc/self/stat", "rb") as f:
-        parts = f.read().rpartition(b")")[2].split()
-    started = float(parts[19]) / _TICKS + _boot_time()
+class _OwnStat:
+    """/proc/self/stat, opened at the first read and read again with one pread:
+    a worker reads it for each report (every second while it holds calls), and
+    opening it each time took nine system calls, and /proc/stat's boot time
+    nine more, read again for a start time no report used (the idle audit of
+    session 39). A worker out of descriptors (EMFILE) still reports its CPU
+    and memory. A forked child opens its own (the inherited one names its parent)."""
+
+    fd: int | None = None
+
+    @classmethod
+    def read(cls) -> bytes:
+        if cls.fd is None:
+            cls.fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(cls.fd, 4096, 0)
+
+    @classmethod
+    def forget(cls) -> None:
+        if cls.fd is not None:
+            os.close(cls.fd)  # the child's copy
+            cls.fd = None
+
+
+os.register_at_fork(after_in_child=_OwnStat.forget)
+
+
+def _process_start() -> float:
+    """When this process started (seconds since the epoch), from /proc."""
+    parts = _OwnStat.read().rpartition(b")")[2].split()
+    return float(parts[19]) / _TICKS + _boot_time()
+
+
+def _process_figures() -> dict[str, float]:
+    """{cpu_seconds, resident_bytes} of this process, from /proc/self/stat."""
+    parts = _OwnStat.read().rpartition(b")")[2].split()
     cpu = (float(parts[11]) + float(parts[12])) / _TICKS
-    return started, {"cpu_seconds": cpu, "resident_bytes": float(parts[21]) * _PAGE}
+    return {"cpu_seconds": cpu, "resident_bytes": float(parts[21]) * _PAGE}
 
 
 class WorkerReporter:
@@ -117,11 +147,11 @@ class WorkerReporter:
         self.fleets = fleets
         self.histograms = histograms
         self.draining = draining
-        self.started = _process_figures()[0]
+        self.started = _process_start()
 
     def __call__(self) -> dict[str, Any]:
         try:
-            _, process = _process_figures()
+            process = _process_figures()
         except OSError:  # out of descriptors (EMFILE): the counts matter most then
             process = {}
         fleets = list(self.fleets())

@@ -241,7 +241,15 @@ class Ingress:
             reloads=lambda: self.reloads,
             forgotten=lambda: self.fleets_forgotten,
         )
-        self.loop_lag = LoopLagProbe(self.metrics.loop_lag_observed)
+        # Sampled while a carrier is connected (or its handshake under way):
+        # an idle worker's loop lag is felt by no call, and its timer would be
+        # the worker's only wake-up but the report's. A connection counted wakes it.
+        registry = self.registry
+        self.loop_lag = LoopLagProbe(
+            self.metrics.loop_lag_observed,
+            busy=lambda: bool(registry.connections or registry.calls or registry.handshaking > 0),
+        )
+        registry.on_counted.append(self.loop_lag.wake)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
         self.bound_listen = config.listen  # a reload cannot move listeners
         self._drain_cut = asyncio.Event()
