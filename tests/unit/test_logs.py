@@ -356,6 +356,44 @@ def test_each_event_suppressed_is_counted_under_its_own_name(caplog):
     ]
 
 
+def test_a_line_looks_up_nothing_it_does_not_write():
+    """Once logging is set up, a record is made without its caller's file and
+    line (logging's findCaller walks the stack), its thread, its process's pid
+    and name: neither formatter writes them, and an access line a call paid
+    for them, about 45 Python lines and a getpid (session 39). The line is what
+    it was, its "process" the formatter's own (a subprocess: logging's
+    switches are the process's)."""
+    script = """
+import json, logging, os
+from fleet_ingress.logs import configure_logging, fields, flush_lines
+configure_logging("info", "json", pid=True)
+seen = []
+logger = logging.getLogger("fleet_ingress.access")
+logger.addFilter(lambda record: seen.append(record) or True)
+logger.info("call ended", extra=fields(call_id=7, status=101))
+flush_lines()
+r = seen[0]
+print(json.dumps([r.lineno, r.funcName, r.thread, r.threadName, r.process, r.processName,
+                  os.getpid()]))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    lineno, func, thread, thread_name, process, process_name, pid = json.loads(done.stdout)
+    assert (lineno, thread, thread_name, process, process_name) == (0, None, None, None, None)
+    assert func is None or func == "(unknown function)"
+    (line,) = [json.loads(one) for one in done.stderr.splitlines()]
+    assert {k: v for k, v in line.items() if k != "time"} == {
+        "level": "info",
+        "logger": "fleet_ingress.access",
+        "event": "call ended",
+        "process": pid,
+        "call_id": 7,
+        "status": 101,
+    }
+
+
 def test_python_s_own_complaints_go_through_the_writer_as_log_lines():
     """A warning, an exception in a thread and one that cannot be raised (in a
     __del__) were printed to stderr from the thread they happened on, around the
