@@ -75,6 +75,10 @@ class Lab:
         await eventually(lambda: caller.echoes >= 5, timeout=5)
         return caller
 
+    def access(self) -> list[dict]:
+        """The ingress's access lines."""
+        return [e for e in self.log if e.get("logger") == "fleet_ingress.access"]
+
     def ended(self) -> dict[str, str]:
         """bot id -> end reason, from the ingress's access log."""
         return {
@@ -312,6 +316,11 @@ async def test_a_carrier_that_vanishes_while_its_bot_talks_is_ended_with_its_slo
             took = time.monotonic() - dropped_at
             await eventually(lambda: len(lab.ended()) == 2, timeout=5)
             assert set(lab.ended().values()) == {"carrier_lost"}, lab.ended()
+            # The access line says which option fired, and its figure.
+            assert {e["detail"] for e in lab.access()} == {
+                "carrier: TCP user timeout: what was sent to it went unacknowledged "
+                "for 20s (timeouts.tcp_user_timeout)"
+            }
             stats = await lab.stats()
             assert stats["frontend"]["active_calls"] == 0
             assert [f["active"] for f in stats["fleets"]] == [0, 0]  # the slots are free
@@ -363,6 +372,11 @@ async def test_a_fleet_host_that_vanishes_while_its_calls_are_on_hold_is_found_b
             took = max(c.closed_at or 0 for c in lost) - dropped_at
             await eventually(lambda: len(lab.ended()) == len(lost), timeout=5)
             assert lab.ended() == {c.bot: "fleet_lost" for c in lost}
+            assert {e["detail"] for e in lab.access()} == {
+                "fleet: TCP keepalive: nothing in flight, no answer to its probes "
+                "(timeouts.keepalive_idle 10s, then every 5s), given up 20s after it was "
+                "last heard (timeouts.tcp_user_timeout)"
+            }
             assert all(c.closed_at is None for c in kept)
             stats = await lab.stats()
             assert {f["name"]: f["active"] for f in stats["fleets"]} == {"a": 0, "b": len(kept)}

@@ -14,6 +14,7 @@ import gc
 import socket
 import ssl
 import sys
+import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -503,3 +504,73 @@ async def test_a_route_lookup_that_raises_closes_the_connection(pump_with_fleet,
     finally:
         writer.close()
     await eventually(lambda: not pump.ctx.registry.connections, timeout=1.0)
+
+
+# The bound: the limit, a sweep, a hold (and the test's own look, after the next
+# hold). Measured: 1.06 s and 3.05 s; before, 2.7-3.3 s and not ended in 6 s.
+@pytest.mark.parametrize(("held", "bound"), [(0.5, 1.0 * 1.25 + 0.5 + 0.45), (1.5, 4.5)])
+async def test_a_loop_held_in_turns_keeps_the_silence_limit_and_spares_a_streaming_carrier(
+    pump_with_fleet, held, bound
+):
+    """Two calls with carrier_silence 1 s, their bots talking, on a worker
+    whose loop is held `held` seconds at a time (a heavy relay, a host with no
+    CPU to spare), reading its sockets in between: the muted carrier is ended
+    within 1.25 x its limit and a hold, the streaming one goes on, even where
+    a hold is longer than the limit (its audio waits unread in the kernel).
+    Before, each late sweep pass counted its lateness as no one's silence: the
+    muted call went on for 2.7-3.3 s with 0.5 s holds, and was not ended in
+    6 s with 1.5 s holds."""
+
+    async def bot_talking(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await read_head(reader)
+        writer.write(SWITCHING)
+        with contextlib.suppress(OSError):
+            while not reader.at_eof():
+                writer.write(b"b" * 1600)
+                await writer.drain()
+                await asyncio.sleep(0.02)
+
+    pump = await pump_with_fleet(bot_talking, SilencePolicy(tunnel=60.0, carrier=1.0))
+    loop = asyncio.get_running_loop()
+    carriers = []
+    for name in ("muted", "streaming"):
+        reader, writer = await pump.carrier()
+        writer.write(UPGRADE.format(path=f"/ws/{name}").encode())
+        await asyncio.wait_for(reader.readexactly(len(SWITCHING)), 5)
+        carriers.append((reader, writer))
+    muted, streaming = sorted(pump.ctx.registry.calls, key=lambda call: call.bot_id)
+
+    async def carrier(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, talks: bool):
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):  # it reads what it is sent
+                if talks:  # and talks, or says nothing
+                    writer.write(b"c" * 320)
+
+    tasks = [
+        loop.create_task(carrier(*carriers[0], talks=False)),
+        loop.create_task(carrier(*carriers[1], talks=True)),
+    ]
+    started = loop.time()
+    holding = True
+
+    def hold() -> None:  # the loop held, then 50 ms of it free; for 6 s at most
+        time.sleep(held)
+        if holding and loop.time() - started < 6:
+            loop.call_later(0.05, hold)
+
+    loop.call_soon(hold)
+    try:
+        while muted.end_reason is None and loop.time() - started < 6:
+            await asyncio.sleep(0.05)
+        took = loop.time() - started
+        await asyncio.sleep(0.5)
+    finally:
+        holding = False
+        for task in tasks:
+            task.cancel()
+    assert muted.end_reason is EndReason.CARRIER_SILENT, (muted.end_reason, took)
+    assert muted.bytes_to_carrier > 0  # its bot talked
+    assert took < bound, took
+    assert streaming.end_reason is None and streaming.bytes_from_carrier > 0
+    for _, writer in carriers:
+        writer.transport.abort()

@@ -8,7 +8,7 @@ import ssl
 
 import pytest
 
-from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness, peer_gone
+from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness, gave_no_answer, peer_gone
 
 
 class Recorder:
@@ -17,6 +17,9 @@ class Recorder:
 
     def setsockopt(self, level: int, name: int, value: int) -> None:
         self.options[(level, name)] = value
+
+    def getsockopt(self, level: int, name: int) -> int:
+        return self.options.get((level, name), 0)  # unset: 0, as a socket says
 
 
 TCP, SOL = socket.IPPROTO_TCP, socket.SOL_SOCKET
@@ -81,3 +84,50 @@ def test_a_refused_option_is_not_fatal() -> None:
 )
 def test_which_failures_mean_the_peer_vanished(exc: BaseException | None, gone: bool) -> None:
     assert peer_gone(exc) is gone
+
+
+def _tcp_info(retransmits: int = 0, probes: int = 0, backoff: int = 0) -> bytes:
+    """The head of a failed socket's TCP_INFO (state TCP_CLOSE)."""
+    return bytes([7, 0, retransmits, probes, backoff]) + bytes(227)
+
+
+@pytest.mark.parametrize(
+    ("liveness", "info", "window_closed", "why"),
+    [
+        # Data retransmitted, unacknowledged: the user timeout, its figure.
+        (
+            TcpLiveness(),
+            _tcp_info(retransmits=6, backoff=6),
+            False,
+            "TCP user timeout: what was sent to it went unacknowledged for 20s "
+            "(timeouts.tcp_user_timeout)",
+        ),
+        # Window probes into a window the peer closed: the user timeout too.
+        (TcpLiveness(user_timeout=7.5), _tcp_info(probes=1), True, "TCP user timeout: "),
+        # Keepalive probes alone, nothing in flight: keepalive, ended by the user timeout.
+        (
+            TcpLiveness(),
+            _tcp_info(probes=2),
+            False,
+            "TCP keepalive: nothing in flight, no answer to its probes (timeouts.keepalive_idle "
+            "10s, then every 5s), given up 20s after it was last heard (timeouts.tcp_user_timeout)",
+        ),
+        # ... and without a user timeout, by its probes.
+        (
+            TcpLiveness(user_timeout=0.0, keepalive_probes=4),
+            _tcp_info(probes=4),
+            False,
+            "TCP keepalive: nothing in flight, no answer to its probes (timeouts.keepalive_idle "
+            "10s, then every 5s), given up after 4 probes (limits.keepalive_probes)",
+        ),
+        (TcpLiveness(), b"", False, "the peer stopped answering (TCP)"),
+    ],
+)
+def test_a_connection_the_kernel_gave_up_says_which_option_and_its_figure(
+    liveness, info, window_closed, why
+) -> None:
+    sock = Recorder()
+    liveness.apply(sock)
+    gone = gave_no_answer(info, sock, window_closed)
+    assert str(gone.strerror).startswith(why), gone.strerror
+    assert peer_gone(gone)  # still a side gone: carrier_lost / fleet_lost

@@ -72,29 +72,6 @@ def test_idle_counts_from_the_last_byte_either_way():
     assert watch.check(5, 0, 14.0) is Silence.IDLE
 
 
-def test_a_stall_of_this_process_is_no_ones_silence():
-    """The sweep ran `stalled` seconds late (the worker stopped, a VM paused):
-    the peers' bytes of that time are unread, not missing. Silence on either
-    side of the stall still counts, each rule's."""
-    watch = QuietWatch.start(DEFAULT, 0, 0, now=0.0)
-    assert watch.check(100, 90, 7.5) is None
-    # Stopped from about 8 s to 68 s: the first sweep after it sees nothing new.
-    assert watch.check(100, 90, 68.0, stalled=60.5) is None
-    assert watch.check(150, 90, 75.5) is None  # what waited is read: streaming
-    # A carrier silent from 7.5 s, through a 20 s stall: ended once its 30 s
-    # outside the stall are up, not at the first sweep after the stall.
-    watch = QuietWatch.start(DEFAULT, 0, 0, now=0.0)
-    assert watch.check(100, 90, 7.5) is None
-    assert watch.check(100, 90, 35.0, stalled=20.0) is None
-    assert watch.check(100, 90, 37.4) is None
-    assert watch.check(100, 90, 57.5) is Silence.CARRIER
-    # The idle rule alike: nothing either way for 5 s outside a 100 s stall.
-    watch = QuietWatch.start(IDLE_ONLY, 0, 0, now=0.0)
-    assert watch.check(0, 0, 101.0, stalled=100.0) is None
-    assert watch.check(0, 0, 104.9) is None
-    assert watch.check(0, 0, 105.0) is Silence.IDLE
-
-
 @pytest.mark.parametrize(
     ("limits", "period"),
     [

@@ -130,21 +130,14 @@ class QuietWatch:
         *,
         carrier_held: bool = False,
         fleet_held: bool = False,
-        stalled: float = 0.0,
     ) -> Silence | None:
         """What has gone silent for its limit by `now`, if anything.
 
         `carrier_held`: the carrier is not being read (flow control: the fleet
         is not taking its bytes), so its silence is not its own. The idle rule
         counts bytes alone, held or not, as `timeouts.tunnel` always has.
-        `stalled`: seconds before `now` this process did not run (stopped, a VM
-        paused, its loop held): what the peers sent meanwhile waits unread in
-        the kernel, so that time is no one's silence, the idle rule's included."""
-        if stalled > 0:
-            self.carrier_moved = min(now, self.carrier_moved + stalled)
-            self.fleet_moved = min(now, self.fleet_moved + stalled)
-            self.carrier_since = min(now, self.carrier_since + stalled)
-            self.fleet_since = min(now, self.fleet_since + stalled)
+        The counts must be read after the sockets were: a pass run late, before
+        its loop read what waited in the kernel, is not a verdict (`SilenceSweep`)."""
         if from_carrier != self.from_carrier:
             self.from_carrier, self.carrier_moved = from_carrier, now
         if to_carrier != self.to_carrier:

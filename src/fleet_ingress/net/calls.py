@@ -34,7 +34,7 @@ from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.event_loop import count_unexpected_error
-from fleet_ingress.net.late_timers import patient_timeout
+from fleet_ingress.net.late_timers import AFTER_STALL, STALL, patient_timeout
 
 __all__ = [
     "Call",
@@ -191,9 +191,8 @@ class Call:
             if side is not None:
                 side.read_if_ended()
 
-    def check_silence(self, now: float, stalled: float = 0.0) -> tuple[EndReason, str] | None:
-        """Why the sweep should end this call now (and the detail), if it should
-        (`stalled`: seconds before `now` this process did not run)."""
+    def check_silence(self, now: float) -> tuple[EndReason, str] | None:
+        """Why the sweep should end this call now (and the detail), if it should."""
         quiet = self.quiet
         if quiet is None:
             return None
@@ -204,7 +203,6 @@ class Call:
             now,
             carrier_held=self.carrier.reading_paused,
             fleet_held=fleet_side is not None and fleet_side.reading_paused,
-            stalled=stalled,
         )
         if silence is None:
             return None
@@ -565,16 +563,28 @@ class SilenceSweep:
                 self._timer.cancel()
             self._timer, self._due = loop.call_at(due, self.sweep), due
 
-    def sweep(self) -> None:
-        # Run late by as long as this process did not run (SIGSTOP, a debugger,
-        # a VM paused while CLOCK_MONOTONIC went on): a loop resumed runs its due
-        # timers before it reads its sockets, where the peers' bytes of that
-        # time wait. Before, every call was ended `carrier_silent` at once after
-        # a stop longer than carrier_silence, its audio unread (the clock audit
-        # of session 32): that time is not counted as silence.
+    def sweep(self, after_a_read: bool = False) -> None:
+        # A pass run late may come before its loop has read its sockets: a loop
+        # resumed from a stop (SIGSTOP, a debugger, a VM paused while
+        # CLOCK_MONOTONIC went on) runs its due timers first, with the peers'
+        # bytes of that time unread in the kernel (every call was ended
+        # `carrier_silent` after a stop longer than carrier_silence: the clock
+        # audit of session 32). Such a pass ends nothing: the pass right after
+        # it, which the loop's read of its sockets precedes, looks again, and
+        # decides whatever its own lateness (a host too busy to run one on
+        # time still has its calls checked): `late_timers`' STALL and
+        # AFTER_STALL, as the set-up timeouts. Before, a late pass counted its
+        # lateness as no one's silence, whether the process had been stopped
+        # or its loop busy running and reading: a busy worker's carrier_silence
+        # 5 ended silent calls at 7.3-7.5 s (the dead-peer audit of session
+        # 39), past the 1.25 x the sweep promises.
+        loop = asyncio.get_running_loop()
         due = self._due
         self._timer, self._due = None, math.inf
-        stalled = max(0.0, asyncio.get_running_loop().time() - due) if due < math.inf else 0.0
+        if not after_a_read and due < math.inf and loop.time() - due > STALL:
+            due = loop.time() + AFTER_STALL
+            self._timer, self._due = loop.call_at(due, self.sweep, True), due
+            return
         now = time.monotonic()
         period = math.inf
         failed: list[tuple[Call, BaseException]] = []
@@ -582,7 +592,7 @@ class SilenceSweep:
             for call in list(self.registry.calls):
                 try:
                     call.read_ended_sides()
-                    ending = call.check_silence(now, stalled)
+                    ending = call.check_silence(now)
                     if ending is not None:
                         call.end(*ending)
                         continue

@@ -100,6 +100,57 @@ class PeerStoppedReading(TimeoutError):
         )
 
 
+class PeerGaveNoAnswer(TimeoutError):
+    """The kernel gave a connection up (ETIMEDOUT), and which of its options
+    did, with the figure set on the socket: the access line's detail for a
+    `carrier_lost` / `fleet_lost` that said nothing of why (the dead-peer
+    audit of session 39: an operator could not tell a peer that took no data
+    from one that went quiet and answered no keepalive probe)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(errno.ETIMEDOUT, why)
+
+
+# struct tcp_info (linux/tcp.h): tcpi_retransmits, tcpi_probes, tcpi_backoff.
+_TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
+
+
+def gave_no_answer(info: bytes, sock: Any, window_closed: bool = False) -> PeerGaveNoAnswer:
+    """Which option ended a connection whose peer stopped answering, from its
+    TCP_INFO once failed (`window_closed`: its window was closed on bytes of
+    ours): data retransmitted or probed into a closed window is the user
+    timeout's; keepalive probes alone, keepalive's (ended by the user timeout
+    when one is set, else after its probes)."""
+    user_timeout = _option(sock, socket.IPPROTO_TCP, "TCP_USER_TIMEOUT") / 1000
+    data_out = len(info) > _TCPI_BACKOFF and bool(info[_TCPI_RETRANSMITS] or info[_TCPI_BACKOFF])
+    if window_closed or data_out:
+        return PeerGaveNoAnswer(
+            f"TCP user timeout: what was sent to it went unacknowledged for "
+            f"{user_timeout:g}s (timeouts.tcp_user_timeout)"
+        )
+    if len(info) > _TCPI_PROBES and info[_TCPI_PROBES]:
+        idle = _option(sock, socket.IPPROTO_TCP, "TCP_KEEPIDLE")
+        interval = _option(sock, socket.IPPROTO_TCP, "TCP_KEEPINTVL")
+        ended = (
+            f"{user_timeout:g}s after it was last heard (timeouts.tcp_user_timeout)"
+            if user_timeout > 0
+            else f"after {_option(sock, socket.IPPROTO_TCP, 'TCP_KEEPCNT')} probes "
+            "(limits.keepalive_probes)"
+        )
+        return PeerGaveNoAnswer(
+            f"TCP keepalive: nothing in flight, no answer to its probes (timeouts.keepalive_idle "
+            f"{idle}s, then every {interval}s), given up {ended}"
+        )
+    return PeerGaveNoAnswer("the peer stopped answering (TCP)")
+
+
+def _option(sock: Any, level: int, name: str) -> int:
+    try:
+        return int(sock.getsockopt(level, getattr(socket, name)))
+    except (OSError, AttributeError, TypeError, ValueError):
+        return 0
+
+
 def peer_gone(exc: BaseException | None) -> bool:
     """Whether a connection failed because its peer vanished (no FIN, no RST)."""
     return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS

@@ -111,7 +111,12 @@ from fleet_ingress.net.calls import Call, Registry
 from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
-from fleet_ingress.net.liveness import PeerStoppedReading, TcpLiveness, peer_gone
+from fleet_ingress.net.liveness import (
+    PeerGaveNoAnswer,
+    PeerStoppedReading,
+    TcpLiveness,
+    peer_gone,
+)
 from fleet_ingress.net.tcp_connect import HOST_WIDE_FIXES, Underway, open_tcp, out_of_resources
 from fleet_ingress.net.tls_socket import Buffer, SessionRefused, TLSConnection, connect
 
@@ -1411,7 +1416,7 @@ def _lost(exc: Exception | None) -> tuple[Lost, str]:
     renegotiation refused) or a peer that stopped reading, what failed: the
     access line's detail."""
     how = _lost_kind(exc)
-    if isinstance(exc, PeerStoppedReading):
+    if isinstance(exc, (PeerStoppedReading, PeerGaveNoAnswer)):
         return how, str(exc.strerror)
     if how is not Lost.ERROR or exc is None:
         return how, ""

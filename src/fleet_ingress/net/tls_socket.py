@@ -106,7 +106,7 @@ from typing import Any, NamedTuple, Protocol, cast
 
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
-from fleet_ingress.net.liveness import PeerStoppedReading
+from fleet_ingress.net.liveness import PeerStoppedReading, gave_no_answer
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
 
 # The codec `ssl` encodes a fleet's server_hostname with, looked up (its module
@@ -1545,9 +1545,12 @@ class Acceptor:
 def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
     if isinstance(exc, ssl.SSLEOFError) and exc.reason is None:
         return _socket_failure(sock) or exc
-    if exc.errno == errno.ETIMEDOUT and _stopped_reading(_tcp_info(sock), _user_timeout_ms(sock)):
+    if exc.errno == errno.ETIMEDOUT:
         # The socket's own ETIMEDOUT (a write; Python 3.13's reads, gh-115627).
-        return PeerStoppedReading()
+        info = _tcp_info(sock)
+        if _stopped_reading(info, _user_timeout_ms(sock)):
+            return PeerStoppedReading()
+        return gave_no_answer(info, sock, _window_closed_on_unsent(info))
     return exc
 
 
@@ -1584,7 +1587,7 @@ def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
     if _stopped_reading(info, _user_timeout_ms(sock)):
         return PeerStoppedReading()
     if peer_stopped_answering(info):
-        return TimeoutError(errno.ETIMEDOUT, "the peer stopped answering (TCP)")
+        return gave_no_answer(info, sock, _window_closed_on_unsent(info))
     return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
 
 
