@@ -1164,6 +1164,18 @@ async def test_sigusr2_upgrades_and_maxconn_holds_across_generations(
                 and e.get("source") == "SIGUSR2"
                 for e in service.log()
             )
+            # The new image says how long no slot was granted, and where it went.
+            (granted,) = [
+                e
+                for e in service.log()
+                if e.get("event") == "upgrade: slots granted again after the re-execution"
+            ]
+            steps = granted["steps_s"]
+            assert granted["process"] == pid and 0 < granted["since_exec_s"] < 60
+            assert steps["total"] == granted["since_exec_s"]
+            assert list(steps)[:2] == ["python started", "imports"]
+            assert list(steps)[-2:] == ["workers answered", "total"]
+            assert abs(sum(steps.values()) - 2 * steps["total"]) < 0.02  # the steps add up
         finally:
             await load.stop()
             await service.finish()

@@ -128,6 +128,7 @@ from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_i
 from fleet_ingress.service.oom_verdict import (
     OomVerdict,
 )
+from fleet_ingress.service.reexec_steps import step_done
 from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import StoreTakenUp, fd_store_picture
@@ -411,6 +412,7 @@ class Supervisor:
         if not self.file_read_carried:
             self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
         self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
+        step_done("settings read")
         if not self.tickets.ticket_keys_stored:  # before any worker is handed them
             self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
             self.tickets.ticket_keys_stored = True
@@ -421,6 +423,7 @@ class Supervisor:
             _warn_unverified()
         warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
+        step_done("probes started, warnings")
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
         listen = self.bound_listen if self.handed else self.config.listen
@@ -456,6 +459,7 @@ class Supervisor:
             await self._web.serve_kept(app, sock, listener="stats")
             sock_name = sock.getsockname()
             self.stats_address = (sock_name[0], sock_name[1])
+            step_done("stats site")
             server_log.info(
                 "listening", extra=fields(listener="stats", address=self.stats_address, note=kept)
             )
@@ -484,6 +488,7 @@ class Supervisor:
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
         if self.upgrade.resumed:
+            step_done("listeners served")
             self.pool.generation_settled.clear()
             try:
                 await self.upgrade.adopt_workers(self.handed)
