@@ -125,6 +125,7 @@ from fleet_ingress.service.ingress import (
     warn_same_host,
 )
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
+from fleet_ingress.service.listen_fds import worker_key
 from fleet_ingress.service.oom_verdict import (
     OomVerdict,
 )
@@ -133,7 +134,7 @@ from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import StoreTakenUp, fd_store_picture
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
-from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
+from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence, close_unused
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
 from fleet_ingress.service.worker_pool import WorkerPool
@@ -409,6 +410,14 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
+        # After an upgrade's exec, no call waiting in a worker for a slot is
+        # answered until the slot table is rebuilt: that comes first, before
+        # the probes, the warnings and the stats and admin sites (their
+        # requests wait in the backlog meanwhile, as over the exec). After a
+        # crash the first probes come first (`adopt_workers` waits for them).
+        restore_first = self.upgrade.resumed and not self.upgrade.crash_restart
+        if restore_first:
+            await self._restore_slot_table()
         if not self.file_read_carried:
             self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
         self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
@@ -491,7 +500,10 @@ class Supervisor:
             step_done("listeners served")
             self.pool.generation_settled.clear()
             try:
-                await self.upgrade.adopt_workers(self.handed)
+                if restore_first:  # none but a listener no longer configured
+                    close_unused(self.handed)
+                else:
+                    await self.upgrade.adopt_workers(self.handed)
                 self.handed = {}
                 # What this image runs, before its generation starts: until now
                 # the store has the previous image's (another certificate,
@@ -534,6 +546,23 @@ class Supervisor:
                 self.task_failures,
             )
         )
+
+    async def _restore_slot_table(self) -> None:
+        """After an upgrade's exec, first: every kept worker channel served
+        again and the slot table rebuilt from what the workers hold
+        (`UpgradeSequence.adopt_workers`); the table grants from then on. The
+        listeners and the stats and admin sockets stay in `handed` for the
+        rest of `start`."""
+        channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
+        for name in channels:
+            del self.handed[name]
+        self.pool.generation_settled.clear()
+        try:
+            await self.upgrade.adopt_workers(channels)
+        except BaseException:
+            self.pool.generation_settled.set()
+            self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
+            raise
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image

@@ -869,8 +869,7 @@ class UpgradeSequence:
         for name, sock in kept.items():
             ids = worker_key(name)
             if ids is None:
-                log.warning("inherited socket not used", extra=fields(key=name))
-                sock.close()
+                close_unused({name: sock})
                 continue
             pid, generation = ids
             adopted.add(pid)
@@ -1113,6 +1112,14 @@ class UpgradeSequence:
         if retire_by is not None:
             worker.retire_by = float(retire_by)
         self.supervisor.pool.arm_backstop(worker)
+
+
+def close_unused(kept: dict[str, socket.socket]) -> None:
+    """Sockets the previous image kept that this one has no use for (a
+    listener no longer configured): closed, each said."""
+    for name, sock in kept.items():
+        log.warning("inherited socket not used", extra=fields(key=name))
+        sock.close()
 
 
 def _workers_and_batch(config: IngressConfig) -> tuple[tuple[int, str], int]:
