@@ -741,9 +741,10 @@ def _key_named(exc: Exception, config_path: Path, keys: str) -> Exception:
 
 
 def _run(config_path: Path) -> int:
-    from fleet_ingress.service.reexec_steps import step_done
+    from fleet_ingress.service.reexec_steps import collector_off_over_exec, step_done
 
     step_done("python started")  # after an upgrade's exec: the interpreter, cli's imports
+    collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
     import signal
 
     from fleet_ingress.net import event_loop

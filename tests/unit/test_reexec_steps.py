@@ -47,3 +47,21 @@ def test_a_step_is_marked_now_by_default(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(reexec_steps.time, "monotonic", lambda: 42.0)
     step_done("imports")
     assert steps_since(41.0, 43.0) == {"imports": 1.0, "total": 2.0}
+
+
+def test_the_collector_is_off_after_an_exec_alone_and_its_passes_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    monkeypatch.delenv(reexec_steps.UPGRADE_STATE, raising=False)
+    assert not reexec_steps.collector_off_over_exec() and gc.isenabled()
+    gc.collect()
+    assert reexec_steps.collector_passes() == 1  # a full pass
+    monkeypatch.setenv(reexec_steps.UPGRADE_STATE, "7")
+    try:
+        assert reexec_steps.collector_off_over_exec() and not gc.isenabled()
+        _ = [[] for _ in range(20_000)]  # would take several passes
+        assert reexec_steps.collector_passes() == 0
+    finally:
+        gc.enable()

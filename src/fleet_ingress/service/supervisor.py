@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import time
@@ -563,6 +564,8 @@ class Supervisor:
             self.pool.generation_settled.set()
             self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
             raise
+        finally:
+            gc.enable()  # off since the exec (`reexec_steps.collector_off_over_exec`)
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image

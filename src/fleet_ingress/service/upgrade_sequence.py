@@ -65,7 +65,12 @@ from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.oom_kills import OomKills, rose_since
 from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
-from fleet_ingress.service.reexec_steps import EXEC_AT, step_done, steps_since
+from fleet_ingress.service.reexec_steps import (
+    EXEC_AT,
+    collector_passes,
+    step_done,
+    steps_since,
+)
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.store_keeping import StoreTakenUp
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
@@ -918,6 +923,7 @@ class UpgradeSequence:
                 extra=fields(
                     since_exec_s=None if self._exec_at is None else round(now - self._exec_at, 3),
                     steps_s=steps_since(self._exec_at, now),
+                    collector_passes=collector_passes(),
                 ),
             )
         if self.crash_restart:
