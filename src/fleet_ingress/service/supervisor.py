@@ -412,13 +412,81 @@ class Supervisor:
 
     async def start(self) -> None:
         # After an upgrade's exec, no call waiting in a worker for a slot is
-        # answered until the slot table is rebuilt: that comes first, before
-        # the probes, the warnings and the stats and admin sites (their
-        # requests wait in the backlog meanwhile, as over the exec). After a
-        # crash the first probes come first (`adopt_workers` waits for them).
-        restore_first = self.upgrade.resumed and not self.upgrade.crash_restart
-        if restore_first:
-            await self._restore_slot_table()
+        # answered until the slot table is rebuilt: it is rebuilt beside the
+        # rest of the start (the workers answer while the settings are read,
+        # the probes begin and the stats and admin sites are served), not
+        # after it; and a worker slow to answer holds none of that back.
+        # After a crash the first probes come first (`adopt_workers` waits).
+        restoring: asyncio.Task[None] | None = None
+        if self.upgrade.resumed and not self.upgrade.crash_restart:
+            channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
+            for name in channels:
+                del self.handed[name]
+            restoring = asyncio.get_running_loop().create_task(
+                self._restore_slot_table(channels), name="restore slot table"
+            )
+        try:
+            await self._serve_operators()
+        except BaseException:
+            if restoring is not None:  # never left paused, nor its task unawaited
+                restoring.cancel()
+                await asyncio.gather(restoring, return_exceptions=True)
+            raise
+        if self.upgrade.resumed:
+            step_done("listeners served")
+            self.pool.generation_settled.clear()
+            try:
+                if restoring is not None:
+                    await restoring
+                    close_unused(self.handed)  # none but a listener no longer configured
+                else:
+                    await self.upgrade.adopt_workers(self.handed)
+                self.handed = {}
+                # What this image runs, before its generation starts: until now
+                # the store has the previous image's (another certificate,
+                # another configuration: what a crash from here would serve).
+                self.write_snapshot()
+                await self.upgrade.finish_upgrade()
+            finally:
+                self.pool.generation_settled.set()
+                self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
+            # Replacements the previous image had not started yet (a worker
+            # died shortly before the exec): due as they were.
+            now = time.monotonic()
+            for due in self.upgrade.take_carried_respawns():
+                self.pool.schedule_respawn(max(0.0, due - now))
+        else:
+            # "auto" off the loop, which serves the admin and stats sockets and the
+            # first probes meanwhile: behind a cgroup namespace over the host's
+            # cgroupfs the CPU quota's group is looked for through up to 5000
+            # groups' cgroup.procs (core.cgroups.locate: 0.2-0.5 s measured).
+            count, because = await asyncio.to_thread(self.config.process.workers_from)
+            self.pool.worker_target, self.pool.workers_from = count, because
+            started = [await self.pool.spawn(self.pool.generation) for _ in range(count)]
+            await self.pool.wait_serving(started)
+            log.info(
+                "workers serving",
+                extra=fields(
+                    workers=[w.pid for w in started],
+                    generation=self.pool.generation,
+                    configured=self.config.process.workers,
+                    count=because,
+                ),
+            )
+        # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
+        self._puller = asyncio.get_running_loop().create_task(
+            kept_running(
+                REPORT_PULLER,
+                lambda: pull_reports(
+                    self.server, every=self._pull_every, on_silent=self.pool.worker_silent
+                ),
+                self.task_failures,
+            )
+        )
+
+    async def _serve_operators(self) -> None:
+        """`start`'s first part: the settings as read, the probes, the warnings,
+        the listeners and the stats and admin sites."""
         if not self.file_read_carried:
             self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
         self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
@@ -497,66 +565,11 @@ class Supervisor:
             server_log.info(
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
-        if self.upgrade.resumed:
-            step_done("listeners served")
-            self.pool.generation_settled.clear()
-            try:
-                if restore_first:  # none but a listener no longer configured
-                    close_unused(self.handed)
-                else:
-                    await self.upgrade.adopt_workers(self.handed)
-                self.handed = {}
-                # What this image runs, before its generation starts: until now
-                # the store has the previous image's (another certificate,
-                # another configuration: what a crash from here would serve).
-                self.write_snapshot()
-                await self.upgrade.finish_upgrade()
-            finally:
-                self.pool.generation_settled.set()
-                self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
-            # Replacements the previous image had not started yet (a worker
-            # died shortly before the exec): due as they were.
-            now = time.monotonic()
-            for due in self.upgrade.take_carried_respawns():
-                self.pool.schedule_respawn(max(0.0, due - now))
-        else:
-            # "auto" off the loop, which serves the admin and stats sockets and the
-            # first probes meanwhile: behind a cgroup namespace over the host's
-            # cgroupfs the CPU quota's group is looked for through up to 5000
-            # groups' cgroup.procs (core.cgroups.locate: 0.2-0.5 s measured).
-            count, because = await asyncio.to_thread(self.config.process.workers_from)
-            self.pool.worker_target, self.pool.workers_from = count, because
-            started = [await self.pool.spawn(self.pool.generation) for _ in range(count)]
-            await self.pool.wait_serving(started)
-            log.info(
-                "workers serving",
-                extra=fields(
-                    workers=[w.pid for w in started],
-                    generation=self.pool.generation,
-                    configured=self.config.process.workers,
-                    count=because,
-                ),
-            )
-        # Bounds what a worker's crash loses of its counts (a scrape asks afresh too).
-        self._puller = asyncio.get_running_loop().create_task(
-            kept_running(
-                REPORT_PULLER,
-                lambda: pull_reports(
-                    self.server, every=self._pull_every, on_silent=self.pool.worker_silent
-                ),
-                self.task_failures,
-            )
-        )
 
-    async def _restore_slot_table(self) -> None:
-        """After an upgrade's exec, first: every kept worker channel served
-        again and the slot table rebuilt from what the workers hold
-        (`UpgradeSequence.adopt_workers`); the table grants from then on. The
-        listeners and the stats and admin sockets stay in `handed` for the
-        rest of `start`."""
-        channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
-        for name in channels:
-            del self.handed[name]
+    async def _restore_slot_table(self, channels: dict[str, socket.socket]) -> None:
+        """After an upgrade's exec: every kept worker channel served again and
+        the slot table rebuilt from what the workers hold
+        (`UpgradeSequence.adopt_workers`); the table grants from then on."""
         self.pool.generation_settled.clear()
         try:
             await self.upgrade.adopt_workers(channels)
