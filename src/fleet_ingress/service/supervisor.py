@@ -574,6 +574,10 @@ class Supervisor:
         try:
             await self.upgrade.adopt_workers(channels)
         except BaseException:
+            # Handed back, as they were before the restore ran beside the rest:
+            # a failed resume's drain closes them, and a worker not taken up
+            # yet sees its channel end and drains on its own.
+            self.handed.update(channels)
             self.pool.generation_settled.set()
             self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
             raise
