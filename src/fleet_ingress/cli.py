@@ -741,6 +741,10 @@ def _key_named(exc: Exception, config_path: Path, keys: str) -> Exception:
 
 
 def _run(config_path: Path) -> int:
+    from fleet_ingress.service.reexec_steps import collector_off_over_exec, step_done
+
+    step_done("python started")  # after an upgrade's exec: the interpreter, cli's imports
+    collector_off_over_exec()  # until the slot table grants again (Supervisor.start)
     import signal
 
     from fleet_ingress.net import event_loop
@@ -772,6 +776,7 @@ def _run(config_path: Path) -> int:
     )
     from fleet_ingress.service.worker_pool import WorkerStartError
 
+    step_done("imports")
     unreadable = (ConfigError, FleetsFileError, TLSSetupError, ValueError)
     try:
         # After an upgrade's re-execution: the previous image's sockets and state.
@@ -864,6 +869,7 @@ def _run(config_path: Path) -> int:
                 )
             retrying = True
             time.sleep(REEXEC_READ_EVERY)
+    step_done("files read")
     # The files were read: a certificate there that a reload would refuse (expired,
     # not valid yet, for other names) does not replace the one served before.
     if ran is None and unread_files is None and kept_because is None and before is not None:
@@ -929,6 +935,7 @@ def _run(config_path: Path) -> int:
         traceback.print_exc()
         drain_children(handed, config.timeouts.drain)
         return 1
+    step_done("supervisor built")
     supervisor.descriptors_short = _raise_descriptor_limit(
         config.limits.max_connections,
         acme=bool(config.listen.acme),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import time
@@ -125,14 +126,16 @@ from fleet_ingress.service.ingress import (
     warn_same_host,
 )
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
+from fleet_ingress.service.listen_fds import worker_key
 from fleet_ingress.service.oom_verdict import (
     OomVerdict,
 )
+from fleet_ingress.service.reexec_steps import step_done
 from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import StoreTakenUp, fd_store_picture
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
-from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence
+from fleet_ingress.service.upgrade_sequence import STARTS_SETTLE, UpgradeSequence, close_unused
 from fleet_ingress.service.worker_asks import WorkerAsks
 from fleet_ingress.service.worker_calls import WorkerCalls
 from fleet_ingress.service.worker_pool import WorkerPool
@@ -408,85 +411,36 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
 
     async def start(self) -> None:
-        if not self.file_read_carried:
-            self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
-        self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
-        if not self.tickets.ticket_keys_stored:  # before any worker is handed them
-            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
-            self.tickets.ticket_keys_stored = True
-        for fleet in self.balancer.fleets:
-            self.poller.start(fleet)
-        self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
-        if not self.config.fleets.verify:
-            _warn_unverified()
-        warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
-        warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
-        # After a re-execution the sockets are the previous image's, never closed;
-        # they stay where they were bound (a changed listen.* waits for a restart).
-        listen = self.bound_listen if self.handed else self.config.listen
-        kept = "kept over the upgrade" if self.handed else None
-        for key, address in (("wss", listen.wss), ("acme", listen.acme)):
-            if not address:
-                continue
-            sock = self.handed.pop(f"listen.{key}", None)
-            if sock is None:
-                host, port = parse_hostport(address, what=f"listen.{key}")
-                with bind_errors_named(key, address):
-                    sock = bind_tcp(host, port)
-                self.store_fd(f"listen.{key}", sock)
-            self.listeners[f"listen.{key}"] = sock
-            name = sock.getsockname()
-            server_log.info(
-                "listening", extra=fields(listener=key, address=(name[0], name[1]), note=kept)
+        # After an upgrade's exec, no call waiting in a worker for a slot is
+        # answered until the slot table is rebuilt: it is rebuilt beside the
+        # rest of the start (the workers answer while the settings are read,
+        # the probes begin and the stats and admin sites are served), not
+        # after it; and a worker slow to answer holds none of that back.
+        # After a crash the first probes come first (`adopt_workers` waits).
+        restoring: asyncio.Task[None] | None = None
+        if self.upgrade.resumed and not self.upgrade.crash_restart:
+            channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
+            for name in channels:
+                del self.handed[name]
+            restoring = asyncio.get_running_loop().create_task(
+                self._restore_slot_table(channels), name="restore slot table"
             )
-        if listen.stats:
-            sock = self.handed.pop("listen.stats", None)
-            if sock is None:
-                host, port = parse_hostport(listen.stats, what="listen.stats")
-                with bind_errors_named("stats", listen.stats):
-                    sock = bind_tcp(host, port, backlog=128)
-                self.store_fd("listen.stats", sock)
-            self._stats_sock = sock
-            app = stats_app(
-                self.snapshot,
-                self.metrics.prometheus,
-                refresh=self.fresh_counts,
-                shown=self.write_snapshot_in_turns,
-            )
-            await self._web.serve_kept(app, sock, listener="stats")
-            sock_name = sock.getsockname()
-            self.stats_address = (sock_name[0], sock_name[1])
-            server_log.info(
-                "listening", extra=fields(listener="stats", address=self.stats_address, note=kept)
-            )
-        if listen.admin_socket:
-            path = Path(listen.admin_socket)
-            admin_sock = self.handed.pop("listen.admin_socket", None)
-            if admin_sock is None:
-                admin_sock = bind_admin_socket(path)
-            self.kept_admin_socket.serving(admin_sock)
-            await self._web.serve_kept(
-                admin_app(
-                    self.ops,
-                    self.snapshot,
-                    refresh=self.refresh,
-                    upgrade=self.upgrade,
-                    changes_wait=self.upgrade.wait_table_restored,
-                    reload=self.reload_and_wait,
-                    changed=self.write_snapshot,
-                    calls=self.calls,
-                ),
-                admin_sock,
-                listener="admin",
-            )
-            self.kept_admin_socket.served_at(path)
-            server_log.info(
-                "listening", extra=fields(listener="admin", address=str(path), note=kept)
-            )
+        try:
+            await self._serve_operators()
+        except BaseException:
+            if restoring is not None:  # never left paused, nor its task unawaited
+                restoring.cancel()
+                await asyncio.gather(restoring, return_exceptions=True)
+            raise
         if self.upgrade.resumed:
+            step_done("listeners served")
             self.pool.generation_settled.clear()
             try:
-                await self.upgrade.adopt_workers(self.handed)
+                if restoring is not None:
+                    await restoring
+                    close_unused(self.handed)  # none but a listener no longer configured
+                else:
+                    await self.upgrade.adopt_workers(self.handed)
                 self.handed = {}
                 # What this image runs, before its generation starts: until now
                 # the store has the previous image's (another certificate,
@@ -529,6 +483,106 @@ class Supervisor:
                 self.task_failures,
             )
         )
+
+    async def _serve_operators(self) -> None:
+        """`start`'s first part: the settings as read, the probes, the warnings,
+        the listeners and the stats and admin sites."""
+        if not self.file_read_carried:
+            self.file_read_text = await asyncio.to_thread(file_text, self.config_path)
+        self.file_read = await asyncio.to_thread(settings_of_text, self.file_read_text)
+        step_done("settings read")
+        if not self.tickets.ticket_keys_stored:  # before any worker is handed them
+            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
+            self.tickets.ticket_keys_stored = True
+        for fleet in self.balancer.fleets:
+            self.poller.start(fleet)
+        self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
+        if not self.config.fleets.verify:
+            _warn_unverified()
+        warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
+        warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
+        step_done("probes started, warnings")
+        # After a re-execution the sockets are the previous image's, never closed;
+        # they stay where they were bound (a changed listen.* waits for a restart).
+        listen = self.bound_listen if self.handed else self.config.listen
+        kept = "kept over the upgrade" if self.handed else None
+        for key, address in (("wss", listen.wss), ("acme", listen.acme)):
+            if not address:
+                continue
+            sock = self.handed.pop(f"listen.{key}", None)
+            if sock is None:
+                host, port = parse_hostport(address, what=f"listen.{key}")
+                with bind_errors_named(key, address):
+                    sock = bind_tcp(host, port)
+                self.store_fd(f"listen.{key}", sock)
+            self.listeners[f"listen.{key}"] = sock
+            name = sock.getsockname()
+            server_log.info(
+                "listening", extra=fields(listener=key, address=(name[0], name[1]), note=kept)
+            )
+        if listen.stats:
+            sock = self.handed.pop("listen.stats", None)
+            if sock is None:
+                host, port = parse_hostport(listen.stats, what="listen.stats")
+                with bind_errors_named("stats", listen.stats):
+                    sock = bind_tcp(host, port, backlog=128)
+                self.store_fd("listen.stats", sock)
+            self._stats_sock = sock
+            app = stats_app(
+                self.snapshot,
+                self.metrics.prometheus,
+                refresh=self.fresh_counts,
+                shown=self.write_snapshot_in_turns,
+            )
+            await self._web.serve_kept(app, sock, listener="stats")
+            sock_name = sock.getsockname()
+            self.stats_address = (sock_name[0], sock_name[1])
+            step_done("stats site")
+            server_log.info(
+                "listening", extra=fields(listener="stats", address=self.stats_address, note=kept)
+            )
+        if listen.admin_socket:
+            path = Path(listen.admin_socket)
+            admin_sock = self.handed.pop("listen.admin_socket", None)
+            if admin_sock is None:
+                admin_sock = bind_admin_socket(path)
+            self.kept_admin_socket.serving(admin_sock)
+            await self._web.serve_kept(
+                admin_app(
+                    self.ops,
+                    self.snapshot,
+                    refresh=self.refresh,
+                    upgrade=self.upgrade,
+                    changes_wait=self.upgrade.wait_table_restored,
+                    reload=self.reload_and_wait,
+                    changed=self.write_snapshot,
+                    calls=self.calls,
+                ),
+                admin_sock,
+                listener="admin",
+            )
+            self.kept_admin_socket.served_at(path)
+            server_log.info(
+                "listening", extra=fields(listener="admin", address=str(path), note=kept)
+            )
+
+    async def _restore_slot_table(self, channels: dict[str, socket.socket]) -> None:
+        """After an upgrade's exec: every kept worker channel served again and
+        the slot table rebuilt from what the workers hold
+        (`UpgradeSequence.adopt_workers`); the table grants from then on."""
+        self.pool.generation_settled.clear()
+        try:
+            await self.upgrade.adopt_workers(channels)
+        except BaseException:
+            # Handed back, as they were before the restore ran beside the rest:
+            # a failed resume's drain closes them, and a worker not taken up
+            # yet sees its channel end and drains on its own.
+            self.handed.update(channels)
+            self.pool.generation_settled.set()
+            self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
+            raise
+        finally:
+            gc.enable()  # off since the exec (`reexec_steps.collector_off_over_exec`)
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image

@@ -42,6 +42,7 @@ from fleet_ingress.service.lifecycle import (
     trim_heap,
 )
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
+from fleet_ingress.service.reexec_steps import step_done
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.supervisor import (
     ADMIN_SOCKET,
@@ -116,8 +117,10 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         limit_read = loop.create_task(_read_store_limit(notifier))
     # Blocked by the previous image over its exec (an upgrade): handled from now
     # on. Before the workers start, who would inherit the mask.
+    step_done("event loop")
     await _threads_without_held_signals(loop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_OVER_EXEC)
+    step_done("thread pool")
     # Starting can take a while (after an upgrade's exec: restoring the slot
     # table, a new generation, first probes): systemd's watchdog must not fire
     # meanwhile, or it kills every worker, the old generation's included.
@@ -126,6 +129,7 @@ async def run_supervisor(supervisor: Supervisor, notifier: Notifier | None = Non
         kept_running(WATCHDOG_PINGS, lambda: _ping_watchdog(notifier), failures)
     )
     code_digest()  # read now, not on the loop that answers slots (the first scrape's)
+    step_done("code digest")
     supervisor.snapshots = snapshots = CrashSnapshot(notifier)
     try:
         await supervisor.start()

@@ -52,6 +52,9 @@ from fleet_ingress.net.slot_wire import WireError, spec_from_wire, spec_to_wire
 from fleet_ingress.net.tls import CarrierPem
 from fleet_ingress.ops.json_in_turns import dumps_in_turns
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
+from fleet_ingress.service.reexec_steps import UPGRADE_STATE
+
+__all__ = ["UPGRADE_STATE"]  # the name the state's descriptor is passed under, said here too
 
 # After a re-execution, the new image reads the config, the fleets file and the
 # certificates again every REEXEC_READ_EVERY seconds for REEXEC_READ_PATIENCE
@@ -60,7 +63,6 @@ from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 REEXEC_READ_PATIENCE = 10.0
 REEXEC_READ_EVERY = 0.2
 
-UPGRADE_STATE = "FLEET_INGRESS_UPGRADE_STATE"
 STATE_VERSION = 1
 # Importing the whole package and checking the config takes about a second of
 # CPU; niced (TRIAL_NICE) on a host whose cores are busy it gets a tenth of

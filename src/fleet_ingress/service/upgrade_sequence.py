@@ -65,6 +65,12 @@ from fleet_ingress.service.listen_fds import reexec, worker_key
 from fleet_ingress.service.oom_kills import OomKills, rose_since
 from fleet_ingress.service.oom_verdict import OomVerdict
 from fleet_ingress.service.process_start import IGNORED_SIGNALS
+from fleet_ingress.service.reexec_steps import (
+    EXEC_AT,
+    collector_passes,
+    step_done,
+    steps_since,
+)
 from fleet_ingress.service.sdnotify import Notifier, monotonic_usec
 from fleet_ingress.service.store_keeping import StoreTakenUp
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
@@ -214,6 +220,8 @@ class UpgradeSequence:
         self._carried_workers: dict[int, dict[str, Any]] = {}
         self._carried_unread: dict[str, bytes] = {}  # by channel name: SlotServer.unread
         self._carried_respawns: list[float] = []
+        # When the previous image stopped reading its workers (None: not carried).
+        self._exec_at: float | None = None
         self._running_json = RunningJson()  # written every second (crash_snapshot)
         if carried is not None:
             self._take_carried(carried)
@@ -223,6 +231,8 @@ class UpgradeSequence:
         Its "view" is read by the supervisor itself, whose coordinator is built
         on it before this runs."""
         supervisor = self.supervisor
+        if isinstance(exec_at := carried.get(EXEC_AT), (int, float)):
+            self._exec_at = float(exec_at)
         for spec in removing_specs(carried["fleets"]):  # out of the file, calls still on it
             supervisor.fleet_set.carry_removing(
                 spec, capacity_aware=supervisor.config.fleets.capacity_aware
@@ -813,7 +823,9 @@ class UpgradeSequence:
         self.supervisor.write_snapshot()
         # No await from the state to the handover (this is no coroutine): the
         # channels' unread bytes it carries are the ones handed over.
-        fd = state_fd(self._state_for_exec())
+        state = self._state_for_exec()
+        state[EXEC_AT] = time.monotonic()  # the hand-over below is microseconds after
+        fd = state_fd(state)
         socks = self.supervisor.sockets_to_keep()
         config_path = str(self.supervisor.config_path)
         argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", config_path]
@@ -862,8 +874,7 @@ class UpgradeSequence:
         for name, sock in kept.items():
             ids = worker_key(name)
             if ids is None:
-                log.warning("inherited socket not used", extra=fields(key=name))
-                sock.close()
+                close_unused({name: sock})
                 continue
             pid, generation = ids
             adopted.add(pid)
@@ -897,11 +908,24 @@ class UpgradeSequence:
         # may have exited and been reaped already (its watcher runs meanwhile).
         self._watch_channelless(adopted)
         self._carried_workers = {}  # every one is a worker here now (`_workers_not_taken_up`)
+        step_done("channels adopted")
         if self.crash_restart:
             # No fleet's health came over: a call queued meanwhile waits for the
             # first probes (slots paused) rather than be answered 503.
             await supervisor.poller.wait_first_probes(timeout=FIRST_PROBE_WAIT)
         silent = await supervisor.server.finish_restore(RESTORE_TIMEOUT)
+        now = time.monotonic()
+        step_done("workers answered", now)
+        if not self.crash_restart:
+            # How long no call waiting for a slot was answered, and where it went.
+            log.info(
+                "upgrade: slots granted again after the re-execution",
+                extra=fields(
+                    since_exec_s=None if self._exec_at is None else round(now - self._exec_at, 3),
+                    steps_s=steps_since(self._exec_at, now),
+                    collector_passes=collector_passes(),
+                ),
+            )
         if self.crash_restart:
             await self._retire_after_crash()
         # A fleet being removed whose calls all ended over the exec goes now.
@@ -1094,6 +1118,14 @@ class UpgradeSequence:
         if retire_by is not None:
             worker.retire_by = float(retire_by)
         self.supervisor.pool.arm_backstop(worker)
+
+
+def close_unused(kept: dict[str, socket.socket]) -> None:
+    """Sockets the previous image kept that this one has no use for (a
+    listener no longer configured): closed, each said."""
+    for name, sock in kept.items():
+        log.warning("inherited socket not used", extra=fields(key=name))
+        sock.close()
 
 
 def _workers_and_batch(config: IngressConfig) -> tuple[tuple[int, str], int]:
