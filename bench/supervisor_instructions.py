@@ -173,6 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True)
     tls = TLSFiles.write(work)
     env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
+    compile_variant(args)
     fleets, ports = [], []
     for name in ("fleet-a", "fleet-b"):
         fleet = subprocess.Popen(
@@ -218,7 +219,9 @@ def run(args: argparse.Namespace) -> dict:
         drain_notify(notify)
         log(f"supervisor {proc.pid} ready")
         asyncio.run(paced(port, tls, WARMUP, 1.0, args))
-        time.sleep(2.0)
+        # Past the first of every periodic task (report pulls, STATUS=, the fd
+        # store's snapshot): what each imports the first time is not counted.
+        time.sleep(args.settle)
         windows = []
         length = args.seconds + args.call_seconds + SETTLE
         idle = [0.0] * args.idle_windows if args.idle else []
@@ -324,6 +327,45 @@ def summarize(result: dict, args: argparse.Namespace) -> None:
             print(f"{v:14,.0f}{unit}  {name[:160]}")
 
 
+def compile_variant(args: argparse.Namespace) -> None:
+    """A variant's src compiled first (as pip installs it): otherwise the first
+    window to import a module lazily counts its compilation (tens of millions)."""
+    if args.variant_pythonpath:
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", args.variant_pythonpath],
+            check=True,
+            capture_output=True,
+        )
+
+
+def lease_counts(args: argparse.Namespace) -> int:
+    """The lease alone, without the background: ``bench.slot_rtt``'s coordinator
+    (`SlotServer` + `HostSlots` in one process, under callgrind; its worker
+    native, `SlotClient`, each request with its call and the fleet's answer
+    told) at two turn counts; the difference over the turns is a lease's."""
+    work = args.out
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
+    compile_variant(args)
+    totals = []
+    for n in args.lease_turns:
+        cg = work / f"callgrind.out.{n}"
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}"]
+        argv += [sys.executable, "-m", "bench.slot_rtt", "--iterations", str(n)]
+        argv += ["--gap", str(args.lease_gap), "--like-a-call", "--no-dispatcher"]
+        argv += ["--seconds", "600"]
+        subprocess.run(argv, env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
+        totals.append(callgrind_counts(cg))
+    (n1, n2), ((a, fa), (b, fb)) = args.lease_turns, totals
+    per_lease = (b - a) / (n2 - n1)
+    print(f"coordinator instructions a lease: {per_lease:,.0f} (N={n1}: {a:,}, N={n2}: {b:,})")
+    per = {k: (fb.get(k, 0) - fa.get(k, 0)) / (n2 - n1) for k in set(fa) | set(fb)}
+    for name, v in sorted(per.items(), key=lambda kv: -kv[1])[: args.top]:
+        print(f"{v:12,.0f}  {name[:160]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -343,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=12.5, help="calls start over this long")
     p.add_argument("--call-seconds", type=float, default=1.0, help="each call held this long")
     p.add_argument("--messages", type=int, default=4, help="frames echoed a call")
-    p.add_argument("--repeat", type=int, default=1, help="rounds of the three windows")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the busy windows")
+    p.add_argument(
+        "--settle", type=float, default=12.0, help="seconds from the warm-up to the first window"
+    )
     p.add_argument("--native", action="store_true", help="no valgrind: /proc CPU time only")
     p.add_argument(
         "--strace",
@@ -353,7 +398,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--variant-pythonpath", help="src of the code to count (default: this tree)")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument(
+        "--lease-turns",
+        type=int,
+        nargs=2,
+        metavar=("N1", "N2"),
+        help="count the lease alone (bench.slot_rtt) at these two turn counts, nothing else",
+    )
+    p.add_argument(
+        "--lease-gap", type=float, default=0.005, help="with --lease-turns: slot_rtt's --gap"
+    )
     args = p.parse_args(argv)
+    if args.lease_turns:
+        return lease_counts(args)
     result = run(args)
     strip = [{k: v for k, v in w.items() if k != "functions"} for w in result["windows"]]
     (args.out / "windows.json").write_text(json.dumps({**result, "windows": strip}, indent=1))
