@@ -59,7 +59,20 @@ def _summary(turns_ns: list[int]) -> dict[str, float]:
     }
 
 
-async def _turns(source, iterations: int, seconds: float, gap: float = 0.0) -> list[int]:
+# Who a call is, as the call path describes it in its slot request (`Call.described`).
+CALL = {
+    "call_id": "4242-17-k3f9",
+    "bot_id": "bench-bot",
+    "path": "/ws/bench-17",
+    "carrier_address": "127.0.0.1:51234",
+    "started_at": "2026-12-06T13:00:00.000Z",
+    "started_monotonic": 5012.25,
+}
+
+
+async def _turns(
+    source, iterations: int, seconds: float, gap: float = 0.0, like_a_call: bool = False
+) -> list[int]:
     for _ in range(WARMUP if not gap else WARMUP // 10):
         (await source.lease()).release()
     turns: list[int] = []
@@ -67,7 +80,13 @@ async def _turns(source, iterations: int, seconds: float, gap: float = 0.0) -> l
     clock = time.perf_counter_ns
     for _ in range(iterations):
         t0 = clock()
-        lease = await source.lease()
+        if like_a_call:
+            # As the call path: who the call is with the request, the fleet's
+            # answer told (it rides with the release, or goes within 0.2 s).
+            lease = await source.lease(call=CALL)
+            lease.fleet_answered(time.monotonic())
+        else:
+            lease = await source.lease()
         if gap:
             await asyncio.sleep(gap)
         lease.release()
@@ -79,11 +98,11 @@ async def _turns(source, iterations: int, seconds: float, gap: float = 0.0) -> l
     return turns
 
 
-async def _worker(fd: int, iterations: int, seconds: float, gap: float) -> None:
+async def _worker(fd: int, iterations: int, seconds: float, gap: float, like_a_call: bool) -> None:
     client = await SlotClient.connect(
         sock=socket.socket(fileno=fd), pid=os.getpid(), generation=1, answer_timeout=5.0
     )
-    turns = await _turns(client, iterations, seconds, gap)
+    turns = await _turns(client, iterations, seconds, gap, like_a_call)
     # The last release must be read before we leave, or it counts as a crash.
     (await client.lease()).release()
     print(json.dumps(turns))
@@ -102,6 +121,7 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
         cmd = [sys.executable, "-m", "bench.slot_rtt", "--child-fd", str(theirs.fileno())]
         cmd += ["--iterations", str(args.iterations), "--seconds", str(args.seconds)]
         cmd += ["--loop", args.loop, "--gap", str(args.gap)]
+        cmd += ["--like-a-call"] if args.like_a_call else []
         children.append(
             await asyncio.create_subprocess_exec(
                 *cmd, pass_fds=[theirs.fileno()], stdout=subprocess.PIPE
@@ -116,8 +136,10 @@ async def _coordinator(args: argparse.Namespace) -> dict[str, object]:
     per_worker = [_summary(json.loads(out)) for out, _ in outputs]
     warmup = WARMUP if not args.gap else WARMUP // 10
     turns = sum(w["n"] + warmup + 1 for w in per_worker)
-    inproc = Dispatcher(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
-    local = _summary(await _turns(inproc, args.iterations, args.seconds))
+    local = None
+    if not args.no_dispatcher:
+        inproc = Dispatcher(Balancer(FleetSet.from_specs(specs)), queue_timeout=3.0, max_queue=256)
+        local = _summary(await _turns(inproc, args.iterations, args.seconds))
     await server.close()
     return {
         "loop": args.loop,
@@ -140,11 +162,22 @@ def main() -> None:
     parser.add_argument(
         "--gap", type=float, default=0.0, help="seconds a lease is held, and between turns"
     )
+    parser.add_argument(
+        "--like-a-call",
+        action="store_true",
+        help="each request says who its call is, and the fleet's answer is told (as calls do)",
+    )
+    parser.add_argument(
+        "--no-dispatcher",
+        action="store_true",
+        help="no in-process Dispatcher turns after (this process's count is the coordinator's "
+        "alone: `valgrind --tool=callgrind python -m bench.slot_rtt ...` at two --iterations)",
+    )
     parser.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     run = uvloop.run if args.loop == "uvloop" else asyncio.run
     if args.child_fd is not None:
-        run(_worker(args.child_fd, args.iterations, args.seconds, args.gap))
+        run(_worker(args.child_fd, args.iterations, args.seconds, args.gap, args.like_a_call))
         return
     print(json.dumps(run(_coordinator(args)), indent=1))
 

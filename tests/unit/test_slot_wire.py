@@ -37,6 +37,11 @@ def test_lines_are_split_wherever_the_reads_cut_them(chunks, messages):
         (b"not json\n", "not JSON"),
         (b"[1, 2]\n", "not a message"),
         (b'{"id": 1}\n', "not a message"),
+        # What follows a whole object is refused as json.loads refuses it (the
+        # decoder's quick path reads the object alone, session 39).
+        (b'{"op": "a"} x\n', "not JSON"),
+        (b'{"op": "a"}{"op": "b"}\n', "not JSON"),
+        (b"\n", "not JSON"),
         (b"x" * (MAX_LINE + 1), "longer than"),
         # Within the line's limit, nested past the interpreter's: a protocol
         # error, not a crash of the channel's reader (the channel audit).
@@ -85,7 +90,13 @@ def test_the_bytes_are_those_of_json_both_ways():
     """The encoder and decoder are made once (session 37), not per message:
     the wire stays what `json.dumps(separators=(",", ":"))` wrote and
     `json.loads` read, so that either end meets an older release's."""
-    message = {"op": "acquire", "id": 7, "avoid": [], "call": {"bot_id": "b\u00e9\U0001f600"}}
+    message = {
+        "op": "acquire",
+        "id": 7,
+        "avoid": [],
+        "call": {"bot_id": "b\u00e9\U0001f600", "at": 5012.25, "n": None, "ok": True},
+        "odd": [float("inf"), -0.0, 1e300, {"k": {}}],
+    }
     assert encode(message) == json.dumps(message, separators=(",", ":")).encode() + b"\n"
     lines = [
         b' {"op": "a", "x": "\\ud800"} \n',

@@ -317,23 +317,33 @@ class Balancer:
     def pick(self, avoid: Collection[str] = ()) -> Pick:
         """The eligible fleet with the fewest active calls, preferring fleets
         not in `avoid` (already tried for this call); ties go round-robin."""
+        # One pass (a pick per slot the host grants: the supervisor's own work
+        # per call, bench/supervisor_instructions.py): of the UP fleets with
+        # room, the least (tried already, active calls, place after the
+        # round-robin cursor): fresh before tried, then fewest calls, then the
+        # next in turn.
         fleets = self.fleets
-        up = [f for f in fleets if f.up]
-        if not up:
+        n = len(fleets)
+        any_up = False
+        chosen: FleetState | None = None
+        chosen_at = 0
+        best: tuple[bool, int, int] | None = None
+        for i, f in enumerate(fleets):
+            if not f.up:
+                continue
+            any_up = True
+            if not f.has_room:
+                continue
+            key = (f.name in avoid, f.active, (i - self._next) % n)
+            if best is None or key < best:
+                chosen, chosen_at, best = f, i, key
+        if chosen is None:
+            if any_up:
+                return Pick(Verdict.NO_CAPACITY)
             # A fleet not yet probed (just started, just added) may be UP in a
             # moment: worth queueing for, not a reason to refuse at once.
             return Pick(Verdict.NO_CAPACITY if self.starting else Verdict.NO_FLEET_UP)
-        eligible = [f for f in up if f.has_room]
-        if not eligible:
-            return Pick(Verdict.NO_CAPACITY)
-        fresh = [f for f in eligible if f.name not in avoid]
-        candidates = fresh or eligible
-        least = min(f.active for f in candidates)
-        tied = [f for f in candidates if f.active == least]
-        n = len(fleets)
-        position = {id(f): i for i, f in enumerate(fleets)}
-        chosen = min(tied, key=lambda f: (position[id(f)] - self._next) % n)
-        self._next = (position[id(chosen)] + 1) % n
+        self._next = (chosen_at + 1) % n
         return Pick(Verdict.PICKED, chosen)
 
     def open(self, fleet: FleetState, lease: Hashable | None = None) -> None:

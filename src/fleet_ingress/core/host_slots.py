@@ -343,7 +343,9 @@ class HostSlots:
         (Refused), or None: it waits in the queue until `wake` or `expire`
         answers it."""
         row = self.row(worker)
-        if lease in row.held or any(w.worker == worker and w.lease == lease for w in self._queue):
+        if lease in row.held or (
+            self._queue and any(w.worker == worker and w.lease == lease for w in self._queue)
+        ):
             raise SlotProtocolError(f"worker {worker!r} reused lease id {lease} while it is open")
         # While paused it queues whatever the fleets and the queue's bound say:
         # the count is not complete, so whether a fleet has room is not known.
@@ -443,9 +445,9 @@ class HostSlots:
     def next_deadline(self) -> float | None:
         """When `expire` has something to do next (the caller's one timer);
         None while paused (`resume` answers what it can, then this is due)."""
-        if self.paused:
+        if self.paused or not self._queue:
             return None
-        return min((w.deadline for w in self._queue), default=None)
+        return min(w.deadline for w in self._queue)
 
     def _grant(
         self, row: WorkerRow, lease: int, fleet: FleetState, *, queued: bool = False

@@ -1051,7 +1051,8 @@ class SlotServer:
     @staticmethod
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:
         message: dict[str, Any] = {"op": "granted", "id": lease, "fleet": fleet.name}
-        if channel.sent_specs.get(fleet.name) != fleet.spec:
+        sent = channel.sent_specs.get(fleet.name)
+        if sent is not fleet.spec and sent != fleet.spec:  # (a dataclass's == builds tuples)
             channel.sent_specs[fleet.name] = fleet.spec
             message["spec"] = spec_to_wire(fleet.spec)
         return message

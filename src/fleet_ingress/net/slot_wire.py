@@ -156,10 +156,33 @@ class UnknownOps:
 # microbenchmark of session 37).
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _DECODER = json.JSONDecoder()
+# The C coders themselves, made once too: `JSONEncoder.encode` builds its C
+# encoder and a float formatter per message, `JSONDecoder.decode` matches a
+# whitespace pattern before and after (the supervisor's instructions per call,
+# bench/supervisor_instructions.py). Without circular-reference marks: every
+# message is a tree this code builds. The same bytes out, the same objects in.
+_C_ENCODE = (
+    None
+    if json.encoder.c_make_encoder is None
+    else json.encoder.c_make_encoder(
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ":",
+        ",",
+        False,
+        False,
+        True,
+    )
+)
+_SCAN = _DECODER.scan_once
 
 
 def encode(message: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(message).encode() + b"\n"
+    if _C_ENCODE is None:
+        return _ENCODER.encode(message).encode() + b"\n"
+    return "".join(_C_ENCODE(message, 0)).encode() + b"\n"
 
 
 class LineDecoder:
@@ -206,7 +229,14 @@ class LineDecoder:
 def _decode(line: bytes) -> dict[str, Any]:
     try:
         # surrogatepass: as json.loads reads bytes.
-        message = _DECODER.decode(line.decode("utf-8", "surrogatepass"))
+        text = line.decode("utf-8", "surrogatepass")
+        try:
+            message, end = _SCAN(text, 0)
+        except StopIteration:
+            end = -1
+        if end != len(text):
+            # Whitespace around it, or not JSON: as `json.loads` takes or refuses it.
+            message = _DECODER.decode(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise WireError(f"not JSON: {line[:80]!r}") from exc
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
