@@ -253,6 +253,18 @@ def lost_call_counts(record: Mapping[str, Any]) -> Counts:
     return counts
 
 
+def _counted_from_zero(
+    counts: Counts, name: str, doc: str, label: str, values: Iterable[str]
+) -> CounterMetricFamily:
+    """The counter `name` by its one `label`, every one of `values` from 0 (so
+    that Prometheus's increase() sees the first count of each)."""
+    family = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=[label])
+    seen = dict(counts.family(name, 1))
+    for value in values:
+        family.add_metric([value], seen.get((value,), 0))
+    return family
+
+
 def _count_as_float(n: int) -> float:
     """A fleet's reported count as a sample: SPEC 4 sets it no upper bound, and
     an integer past a float's range (a fleet's bug: 10**400) would fail the
@@ -571,17 +583,15 @@ class _StateCollector(Collector):
             "Carrier TLS handshakes that failed.",
             value=counts.counter("tls_handshake_failures"),
         )
-        handshakes = CounterMetricFamily(
-            f"{PREFIX}_fleet_tls_handshakes",
+        yield _counted_from_zero(
+            counts,
+            "fleet_tls_handshakes",
             "TLS handshakes of calls' connections to the fleets, by kind: full (the fleet's"
             " certificate checked) or resumed (the fleet's kept session; a session is"
             " offered at most a minute after the full handshake it rests on).",
-            labels=["kind"],
+            "kind",
+            FLEET_HANDSHAKE_KINDS,
         )
-        seen_kinds = dict(counts.family("fleet_tls_handshakes", 1))
-        for kind in FLEET_HANDSHAKE_KINDS:  # each from 0: increase() sees the first one
-            handshakes.add_metric([kind], seen_kinds.get((kind,), 0))
-        yield handshakes
         yield CounterMetricFamily(
             f"{PREFIX}_fleet_tls_sessions_refused",
             "Calls' connections offered a kept TLS session that a fleet failed the handshake"
@@ -606,18 +616,16 @@ class _StateCollector(Collector):
             " 256 a worker were open (a flood from many addresses).",
             value=counts.counter("acme_evicted_connections"),
         )
-        challenges = CounterMetricFamily(
-            f"{PREFIX}_acme_challenges",
+        yield _counted_from_zero(
+            counts,
+            "acme_challenges",
             "ACME challenges forwarded from :80 to acme.upstream (certbot), by outcome: relayed"
             " (certbot answered), refused (nothing listens: normal between renewals),"
             " not_served (closed unanswered: certbot's way for a token it does not serve),"
             " failed (no connection or no usable answer in time: never normal).",
-            labels=["outcome"],
+            "outcome",
+            CHALLENGE_OUTCOMES,
         )
-        seen = dict(counts.family("acme_challenges", 1))
-        for outcome in CHALLENGE_OUTCOMES:  # each from 0: increase() sees the first one
-            challenges.add_metric([outcome], seen.get((outcome,), 0))
-        yield challenges
         yield CounterMetricFamily(
             f"{PREFIX}_refused_connections",
             "Carrier connections reset at accept: limits.max_connections was reached.",
