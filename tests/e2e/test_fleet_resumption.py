@@ -156,9 +156,20 @@ async def test_a_reload_that_changes_the_fleet_ca_drops_the_session(
     # The same CA and one more: the fleet is still trusted, under a new context.
     ca_file = tmp_path / "cas.pem"
     ca_file.write_bytes(tls_files.ca_pem.read_bytes() + _another_ca_pem())
+    await _reload(ingress, tls_files, tmp_path, fleet.line("a"), ca_file)
+    await one_call(ingress, tls_files)
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, True, False, True]
+
+
+async def _reload(
+    ingress: Ingress, tls_files: TLSFiles, tmp_path: Path, line: str, ca_file: Path | None = None
+) -> None:
+    """The ingress reloaded with `line` its fleets and `ca_file` its fleets'
+    CA file (by default the test CA)."""
     data = ingress.config
     fleets_file = tmp_path / "fleets.txt"
-    fleets_file.write_text(fleet.line("a") + "\n")
+    fleets_file.write_text(line + "\n")
     config = config_from_dict(
         {
             "listen": {"wss": "127.0.0.1:0", "acme": "", "stats": "", "admin_socket": ""},
@@ -167,16 +178,13 @@ async def test_a_reload_that_changes_the_fleet_ca_drops_the_session(
                 "key": str(data.tls.key),
                 "ca_file": str(tls_files.ca_pem),
             },
-            "fleets": {"ca_file": str(ca_file), "file": str(fleets_file)},
+            "fleets": {"ca_file": str(ca_file or tls_files.ca_pem), "file": str(fleets_file)},
             "log": {"access": True},
         }
     )
     config_path = tmp_path / "ingress.toml"
     config_path.write_text("")  # not read: the configuration is given
     await ingress.reload(config_path, config=config)
-    await one_call(ingress, tls_files)
-    await one_call(ingress, tls_files)
-    assert fleet.reused == [False, True, False, True]
 
 
 def _another_ca_pem() -> bytes:
@@ -305,8 +313,9 @@ async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSF
 
         conn.start(Handler())  # type: ignore[arg-type]
         assert await got == b"x"
-        reused += fleet_sessions.resumed(conn)
-        fleet_sessions.keep(fleet, spec, conn, offered)
+        resumed = fleet_sessions.resumed(conn)
+        reused += resumed
+        fleet_sessions.keep(fleet, spec, conn, offered if resumed else None)
         conn.close()
 
     try:
@@ -451,6 +460,7 @@ class GuardsResumption:
         self.answer: str | None = None
         self.every = False
         self.answered = 0  # ClientHellos offering a session answered `answer`'s way
+        self.offered = 0  # ClientHellos offering a session
         self.connections = 0  # taken
         self._server: asyncio.Server | None = None
 
@@ -467,7 +477,9 @@ class GuardsResumption:
         try:
             head = await reader.readexactly(5)
             hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
-            if self.answer is not None and (self.every or _offers_a_ticket(hello)):
+            offers = _offers_a_ticket(hello)
+            self.offered += offers
+            if self.answer is not None and (self.every or offers):
                 self.answered += 1
                 if self.answer == "stall":
                     await reader.read()  # until the ingress gives up
@@ -927,3 +939,67 @@ async def test_a_certificate_refused_with_a_session_offered_is_one_attempt(
     finally:
         await relay.stop()
         await restarted.stop()
+
+
+@pytest.mark.parametrize("answer", ["close", "reset"])
+async def test_calls_offered_the_session_together_to_a_fleet_failing_every_connection(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, answer: str
+) -> None:
+    """10 calls at once to a fleet with a session kept that then closes (or
+    resets) every connection: the calls whose connections were offered the
+    session fail as they would have without it, one connection each and one
+    more (the first made again without the session, to tell a refusal from a
+    fleet gone bad; the others wait for its answer), each a failed attempt
+    (503, retries 0). Before, each call offered the session made a second
+    connection, none of them counted against retries or health (15 to 20
+    connections)."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    try:
+        ingress = await start_ingress(
+            [f"https://127.0.0.1:{port} name=a maxconn=40"], retry={"retries": 0}
+        )
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        taken, offered = relay.connections, relay.offered
+        relay.answer, relay.every = answer, True
+        got = await asyncio.gather(
+            *(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(10)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(g, InvalidStatus) for g in got), got
+        assert {g.response.status_code for g in got if isinstance(g, InvalidStatus)} == {503}
+        assert relay.offered - offered >= 2  # offered together
+        assert relay.connections - taken == 11
+    finally:
+        await relay.stop()
+
+
+async def test_a_reload_ends_a_fleets_refusal(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, tmp_path: Path
+) -> None:
+    """A fleet that refused the session is kept none (REFUSED_FOR, 600 s)
+    under the fleet context it refused under: a reload (its fix may be the
+    fleet's settings or the CA file; each reload a new fleet context) ends
+    that, and the fleet's next full handshake is kept and offered. Before,
+    the mark outlasted the reload for its 10 minutes."""
+    relay = GuardsResumption(fleet.port)
+    port = await relay.start()
+    line = f"https://127.0.0.1:{port} name=a"
+    try:
+        ingress = await start_ingress([line], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        relay.answer = "alert"
+        await one_call(ingress, tls_files)  # refused, made again: served
+        assert relay.answered == 1
+        await one_call(ingress, tls_files)  # refusing: none offered, none kept
+        assert kept_of(ingress) is None and relay.answered == 1
+        await _reload(ingress, tls_files, tmp_path, line)
+        relay.answer = None
+        await one_call(ingress, tls_files)  # a full handshake, kept
+        assert kept_of(ingress) is not None
+        await one_call(ingress, tls_files)  # offered: resumed
+        assert relay.answered == 1
+        assert fleet.reused == [False, False, False, False, True]
+    finally:
+        await relay.stop()

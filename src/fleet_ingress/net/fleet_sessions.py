@@ -39,20 +39,32 @@ A fleet meant to decline a session fails the handshake instead, at times (an
 alert: OpenSSL's "session id context uninitialized" when it asks for client
 certificates with no session context; a close: a middlebox that drops a
 ClientHello with a pre_shared_key): the call's connection is made again at
-once without the session (`refused`; net/proxy.py), within the same connect
-timer, no failed attempt and nothing said of the fleet's health. Such a fleet
-most often fails every resumption (a setting of its server), so it is kept no
-session for REFUSED_FOR after (`Refusing` on its record): kept one at once,
+once without the session (`connect_again`; net/proxy.py), within the same
+connect timer, no failed attempt and nothing said of the fleet's health. A
+close or a reset cannot be told from a fleet gone bad, so a refusal is proven
+once a session (`KeptSession.proof`): the first call whose connection offered
+it failed makes the connection again, and the calls offered it together wait
+for that one: through, each is made again; failed too, each fails as any
+connection that fails (one connection each, its attempt counted against
+`retries` and passive health). Before (review39), each made a second
+connection, not counted: 10 calls at once to a fleet closing every
+connection, 15 to 20 connections. Such a fleet most often fails every
+resumption (a setting of its server), so it is kept no session for
+REFUSED_FOR after (`Refusing` on its record), under the fleet context and
+address it refused under: a reload (a new fleet context each time) or a new
+address ends it, as the operator's fix may be either. Kept one at once,
 every call to it was offered the full handshake's new session, refused, and
 made again (10 calls, 20 connections and 10 journal lines, review39a).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
@@ -87,6 +99,7 @@ class KeptSession:
         "expires",
         "not_after",
         "pointer",
+        "proof",
     )
 
     def __init__(
@@ -113,6 +126,10 @@ class KeptSession:
         # certificate's notAfter (wall clock; None: not checked, fleets.verify off).
         self.checked_at = checked_at
         self.not_after = not_after
+        # Whether a fleet that failed a connection offered this session
+        # refuses it (`connect_again`): None until one failed, then what the
+        # connection made again without it said (True: through).
+        self.proof: asyncio.Future[bool | None] | None = None
 
     def __copy__(self) -> KeptSession:
         return self  # one reference, freed once
@@ -128,13 +145,26 @@ class KeptSession:
 
 
 class Refusing:
-    """On a fleet's record in place of a session: it refused one (`refused`);
-    none is kept for it until `until` (monotonic)."""
+    """On a fleet's record in place of a session: it refused one (`refused`)
+    under the fleet context and at the address (host, port, SNI) of the
+    connection that refused it; none is kept for it under those until `until`
+    (monotonic)."""
 
-    __slots__ = ("until",)
+    __slots__ = ("address", "context", "until")
 
-    def __init__(self, until: float) -> None:
+    def __init__(
+        self, until: float, context: ssl.SSLContext, address: tuple[str, int, str | None]
+    ) -> None:
         self.until = until
+        self.context = weakref.ref(context)
+        self.address = address
+
+    def holds(self, context: ssl.SSLContext, address: tuple[str, int, str | None]) -> bool:
+        """Whether a session of a connection under `context` to `address` is
+        kept none now."""
+        return (
+            time.monotonic() < self.until and self.context() is context and self.address == address
+        )
 
 
 def _address(spec: FleetSpec) -> tuple[str, int, str | None]:
@@ -165,22 +195,23 @@ def offer(
 
 
 def keep(
-    fleet: FleetState, spec: FleetSpec, conn: TLSConnection, offered: KeptSession | None
+    fleet: FleetState, spec: FleetSpec, conn: TLSConnection, resumed: KeptSession | None
 ) -> None:
     """The session of `conn` (a connection to the fleet as `spec` said, under
-    its own context, `offered` that session; handshake done) kept as the
-    fleet's, if it has a ticket and can be resumed. Resumed, it rests on the
-    certificate check `offered` rested on; a full handshake's is now. None
-    while the fleet is `Refusing`."""
+    its own context; handshake done) kept as the fleet's, if it has a ticket
+    and can be resumed. `resumed`: the session its handshake resumed (the
+    caller asked `resumed`, once a call), whose certificate check the new one
+    rests on; None, a full handshake: its check is now. None kept while the
+    fleet is `Refusing` under that context and address."""
     calls = session_calls()
     pointer = conn.ssl_pointer
     if calls is None or pointer is None:
         return
     kept = fleet.tls_session
-    if isinstance(kept, Refusing) and time.monotonic() < kept.until:
-        return
     context = conn.ssl_socket.context
     address = _address(spec)
+    if isinstance(kept, Refusing) and kept.holds(context, address):
+        return
     session = calls.get1_session(pointer)
     if not session:
         return
@@ -195,13 +226,10 @@ def keep(
     if not (calls.has_ticket(session) and calls.is_resumable(session)):
         calls.free(session)
         return
-    if not calls.session_reused(pointer):
+    if resumed is None:
         checked_at, not_after = time.monotonic(), _not_after(conn)
-    elif offered is not None:
-        checked_at, not_after = offered.checked_at, offered.not_after
-    else:  # resumed a session it was not offered: no check known
-        calls.free(session)
-        return
+    else:
+        checked_at, not_after = resumed.checked_at, resumed.not_after
     fleet.tls_session = KeptSession(
         session, address, context, checked_at=checked_at, not_after=not_after
     )
@@ -228,17 +256,60 @@ def failed(fleet: FleetState, offered: KeptSession | None) -> None:
         fleet.tls_session = None
 
 
-def refused(fleet: FleetState, exc: SessionRefused) -> None:
-    """The fleet failed the handshake of a connection offered its session
-    (`SessionRefused`; dropped then, `failed`), and the one made again without
-    it got through (a fleet that fails that one too, down or resetting, is not
-    said to refuse a session): none kept for REFUSED_FOR; said once then (the
-    calls offered it together were each refused), the fleet's name and its
-    answer (each worker's own)."""
-    now = time.monotonic()
-    if isinstance(kept := fleet.tls_session, Refusing) and now < kept.until:
+async def connect_again(
+    fleet: FleetState,
+    spec: FleetSpec,
+    offered: KeptSession,
+    exc: SessionRefused,
+    connect: Callable[[], Awaitable[TLSConnection]],
+) -> TLSConnection:
+    """After a connection offered the fleet's session `offered` failed its
+    handshake on the fleet's side (`exc`): the connection made again without
+    it (`connect`), if the fleet is found to refuse the session; else `exc`'s
+    own error raised, the attempt failed as any connection that fails.
+
+    The first such failure of `offered` finds out (its `proof`): its
+    connection made again is through, a refusal (`refused`, said then); fails
+    too, a fleet failing connections (down, closing, resetting), that one's
+    error raised. Calls offered it together that fail the same way wait for
+    that answer (within their own connect timers), and so make one connection
+    more only if it is a refusal. Raises what `connect` raises."""
+    failed(fleet, offered)
+    while (proof := offered.proof) is not None:
+        verdict = await asyncio.shield(proof)
+        if verdict is None:
+            continue  # the one finding out ended first (its call gone): find out here
+        if not verdict:
+            cause = exc.__cause__
+            raise cause if isinstance(cause, OSError) else exc
+        conn = await connect()
+        refused(fleet, spec, conn, exc)
+        return conn
+    proof = offered.proof = asyncio.get_running_loop().create_future()
+    try:
+        conn = await connect()
+    except OSError:  # ssl.SSLError too
+        proof.set_result(False)
+        raise
+    except BaseException:
+        offered.proof = None
+        proof.set_result(None)
+        raise
+    proof.set_result(True)
+    refused(fleet, spec, conn, exc)
+    return conn
+
+
+def refused(fleet: FleetState, spec: FleetSpec, conn: TLSConnection, exc: SessionRefused) -> None:
+    """The fleet refused a session (`connect_again`; `conn`: the connection
+    made again without it, through): none kept for REFUSED_FOR under that
+    connection's context and address; said once then (the calls offered it
+    together were each refused), the fleet's name and its answer (each
+    worker's own)."""
+    context, address = conn.ssl_socket.context, _address(spec)
+    if isinstance(kept := fleet.tls_session, Refusing) and kept.holds(context, address):
         return
-    fleet.tls_session = Refusing(now + REFUSED_FOR)
+    fleet.tls_session = Refusing(time.monotonic() + REFUSED_FOR, context, address)
     log.info(
         "fleet refused the TLS session offered: connected again without it;"
         " its calls make full handshakes for a while",

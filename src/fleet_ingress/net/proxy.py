@@ -493,7 +493,7 @@ class CarrierProtocol(_Side):
         # The fleet connection's sockets while it connects (`_connect_fleet`).
         self._underway: Underway | None = None
         # The fleet of the current attempt (its TLS session kept at the link),
-        # and the session its connection was offered, once connected.
+        # and the session its connection resumed, once connected.
         self._fleet: tuple[FleetState, FleetSpec, fleet_sessions.KeptSession | None] | None = None
         self._task: asyncio.Task[None] | None = None  # waiting for a slot, or connecting
         self._head: RequestHead | None = None
@@ -839,20 +839,24 @@ class CarrierProtocol(_Side):
                 # refused (an alert, a close), dropped and connected again at
                 # once without it, within the same timer: the fleet's answer
                 # to our optimisation is no failed attempt, and not its health.
-                # Said a refusal once that connection gets through: a fleet
-                # that fails it too (down, resetting, overloaded) failed the
-                # attempt, as any connection's failure does.
+                # A refusal once such a connection gets through
+                # (`connect_again`, the calls refused together waiting for the
+                # first's): a fleet that fails it too (down, resetting,
+                # overloaded) failed the attempt, as any connection's failure
+                # does.
                 offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
                 try:
                     conn = await self._connect_tls(spec, underway, offered)
                 except SessionRefused as exc:
-                    fleet_sessions.failed(fleet, offered)
-                    offered = None
-                    conn = await self._connect_tls(spec, underway, None)
-                    fleet_sessions.refused(fleet, exc)
+                    assert offered is not None
+                    refused, offered = offered, None
+                    conn = await fleet_sessions.connect_again(
+                        fleet, spec, refused, exc, lambda: self._connect_tls(spec, underway, None)
+                    )
                     ctx.registry.fleet_tls_sessions_refused += 1
-                resumed = offered is not None and fleet_sessions.resumed(conn)
-                ctx.registry.fleet_tls_handshakes["resumed" if resumed else "full"] += 1
+                if offered is not None and not fleet_sessions.resumed(conn):
+                    offered = None  # declined: a full handshake
+                ctx.registry.fleet_tls_handshakes["full" if offered is None else "resumed"] += 1
                 serve(conn, fleet_side)
             else:
                 loop = asyncio.get_running_loop()
@@ -889,7 +893,7 @@ class CarrierProtocol(_Side):
         if self._task is asyncio.current_task():
             self._task = None
             self._underway = None
-            if offered is not None:  # what the session kept at the link rests on
+            if offered is not None:  # resumed: what the session kept at the link rests on
                 self._fleet = (fleet, spec, offered)
 
     async def _connect_tls(
