@@ -975,6 +975,48 @@ async def test_calls_offered_the_session_together_to_a_fleet_failing_every_conne
         await relay.stop()
 
 
+class AnswersResumedBadly(ResumptionFleet):
+    """A fleet that, once told (`answer`), answers each call whose handshake
+    resumed its way: "close" closes before any answer, "503" answers 503."""
+
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+        super().__init__(ssl_context)
+        self.answer: str | None = None
+
+    def _record(self, connection: ServerConnection, request: Any) -> Any:
+        super()._record(connection, request)
+        if self.answer is None or not self.reused[-1]:
+            return None
+        if self.answer == "close":
+            connection.transport.abort()
+        return connection.respond(503, "down\n")
+
+
+@pytest.mark.parametrize("answer", ["close", "503"])
+async def test_a_resumed_connection_failing_before_its_101_drops_the_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, answer: str
+) -> None:
+    """A fleet that completes the resumed handshake, then closes before its
+    answer (or answers 503): the call fails (retries 0), and the session is
+    not offered again, so the next call makes a full handshake (served here).
+    Before, the session was kept: every call resumed and failed the same way
+    until CHECKED_WITHIN."""
+    fleet = await AnswersResumedBadly(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
+        await one_call(ingress, tls_files)
+        assert kept_of(ingress) is not None
+        fleet.answer = answer
+        with pytest.raises(InvalidStatus) as failed:
+            await one_call(ingress, tls_files)
+        assert failed.value.response.status_code in (502, 503)
+        assert kept_of(ingress) is None
+        await one_call(ingress, tls_files)  # a full handshake: served
+        assert fleet.reused == [False, True, False]
+    finally:
+        await fleet.stop()
+
+
 async def test_a_reload_ends_a_fleets_refusal(
     start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, tmp_path: Path
 ) -> None:

@@ -55,6 +55,11 @@ address it refused under: a reload (a new fleet context each time) or a new
 address ends it, as the operator's fix may be either. Kept one at once,
 every call to it was offered the full handshake's new session, refused, and
 made again (10 calls, 20 connections and 10 journal lines, review39a).
+
+A connection that resumed the session and then fails before its 101 (closed,
+reset, no head in time, garbage, a 5xx) drops it too (`failed`, from
+net/proxy.py): its next call makes a full handshake (before, the session was
+offered until CHECKED_WITHIN, each call failing the same way).
 """
 
 from __future__ import annotations
@@ -251,7 +256,8 @@ def _not_after(conn: TLSConnection) -> float | None:
 
 
 def failed(fleet: FleetState, offered: KeptSession | None) -> None:
-    """A connection `offered` the fleet's session failed: not offered again."""
+    """A connection `offered` the fleet's session failed (or, resumed, its
+    attempt did before its 101): not offered again."""
     if offered is not None and fleet.tls_session is offered:
         fleet.tls_session = None
 

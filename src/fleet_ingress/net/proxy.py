@@ -927,12 +927,23 @@ class CarrierProtocol(_Side):
         fleet_side.transport.write(fleet_side.exchange.request_bytes)
 
     def _drop_fleet(self, command: Command) -> None:
+        self._resumed_attempt_failed()
         self._cancel_task()
         self._underway = None
         fleet_side, self.fleet_side = self.fleet_side, None
         if fleet_side is not None:
             fleet_side.pump = None  # nothing more from this attempt reaches the machine
             fleet_side.abort()
+
+    def _resumed_attempt_failed(self) -> None:
+        """This attempt's connection resumed its fleet's TLS session and is
+        given up before its 101 (closed, reset, garbage, no head in time, a
+        5xx; or its carrier gone, one full handshake more): the session is not
+        offered again (net/fleet_sessions.py)."""
+        attempted, self._fleet = self._fleet, None
+        if attempted is not None:
+            fleet, _, resumed = attempted
+            fleet_sessions.failed(fleet, resumed)
 
     def _cancel_task(self) -> None:
         task, self._task = self._task, None
@@ -1034,6 +1045,8 @@ class CarrierProtocol(_Side):
         assert call is not None and fleet_side is not None
         call.fleet_side = fleet_side
         self._head = None
+        if command.status >= 500:
+            self._resumed_attempt_failed()
         ctx.registry.count_request(self.machine.route_label, command.status)
         self._early.clear()
         # A fleet that stalls in the middle of its answer must not
