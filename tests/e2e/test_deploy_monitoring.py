@@ -338,6 +338,8 @@ DASHBOARD_MUST_SHOW = {
     "fleet_ingress_call_duration_seconds_bucket",
     "fleet_ingress_relayed_bytes_total",
     "fleet_ingress_fleet_check_duration_seconds_bucket",
+    "fleet_ingress_fleet_tls_handshakes_total",
+    "fleet_ingress_fleet_tls_sessions_refused_total",
     "fleet_ingress_certificate_expiry_timestamp_seconds",
     "fleet_ingress_workers",
     "fleet_ingress_worker_calls",
