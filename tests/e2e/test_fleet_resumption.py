@@ -79,6 +79,17 @@ def kept_of(ingress: Ingress, name: str = "a") -> fleet_sessions.KeptSession | N
     return kept if isinstance(kept, fleet_sessions.KeptSession) else None
 
 
+async def with_a_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, line: str, **settings: Any
+) -> Ingress:
+    """An ingress in front of the fleet of `line` (`settings` its own), with
+    that fleet's session kept: one call made."""
+    ingress = await start_ingress([line], **settings)
+    await one_call(ingress, tls_files)
+    assert kept_of(ingress) is not None
+    return ingress
+
+
 @pytest.fixture
 async def fleet(tls_files: TLSFiles):  # type: ignore[no-untyped-def]
     f = await ResumptionFleet(tls_files.fleet_server_context()).start()
@@ -369,9 +380,9 @@ async def test_a_failed_connection_drops_the_session_it_was_offered(
     fleet = await ResumptionFleet(tls_files.fleet_server_context()).start()
     port = fleet.port
     try:
-        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
+        ingress = await with_a_session(
+            start_ingress, tls_files, fleet.line("a"), retry={"retries": 0}
+        )
     finally:
         await fleet.stop()
     with pytest.raises(InvalidStatus):  # 503: the fleet refused the connection
@@ -468,6 +479,12 @@ class GuardsResumption:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
 
+    def line(self, name: str, extra: str = "") -> str:
+        """A fleets-file line for the fleet behind this relay, through it."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"https://127.0.0.1:{port} name={name} {extra}".strip()
+
     async def stop(self) -> None:
         assert self._server is not None
         self._server.close()
@@ -513,32 +530,39 @@ class GuardsResumption:
             writer.close()
 
 
+@pytest.fixture
+async def relay(fleet: ResumptionFleet):  # type: ignore[no-untyped-def]
+    """A GuardsResumption relay in front of `fleet`, started."""
+    r = GuardsResumption(fleet.port)
+    await r.start()
+    yield r
+    await r.stop()
+
+
 async def test_a_connection_that_times_out_offered_the_session_drops_it(
-    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
 ) -> None:
     """A fleet that hangs on a resumed handshake (the connect timer ends it)
     gets full handshakes after: the session is not offered again (before, it
     was kept, and every call to the fleet timed out until its lifetime ended)."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    try:
-        ingress = await start_ingress(
-            [f"https://127.0.0.1:{port} name=a"],
-            retry={"retries": 0},
-            timeouts={"connect": 0.5},
-        )
+    ingress = await with_a_session(
+        start_ingress,
+        tls_files,
+        relay.line("a"),
+        retry={"retries": 0},
+        timeouts={"connect": 0.5},
+    )
+    relay.answer = "stall"
+    with pytest.raises(InvalidStatus):  # the connect timer's answer
         await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
-        relay.answer = "stall"
-        with pytest.raises(InvalidStatus):  # the connect timer's answer
-            await one_call(ingress, tls_files)
-        assert relay.answered == 1
-        assert kept_of(ingress) is None
-        await one_call(ingress, tls_files)  # a full handshake, served
-        assert relay.answered == 1
-        assert fleet.reused == [False, False]
-    finally:
-        await relay.stop()
+    assert relay.answered == 1
+    assert kept_of(ingress) is None
+    await one_call(ingress, tls_files)  # a full handshake, served
+    assert relay.answered == 1
+    assert fleet.reused == [False, False]
 
 
 async def test_two_workers_each_resume_their_own_session(tls_files: TLSFiles) -> None:
@@ -585,6 +609,7 @@ async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
     start_ingress: StartIngress,
     tls_files: TLSFiles,
     fleet: ResumptionFleet,
+    relay: GuardsResumption,
     monkeypatch: pytest.MonkeyPatch,
     answer: str,
 ) -> None:
@@ -594,37 +619,30 @@ async def test_a_fleet_that_refuses_the_session_offered_gets_the_call_at_once(
     refusal is no failed attempt and tells nothing of the fleet's health
     (before, the call failed: one 503 a worker a fleet, and a passive health
     failure). No session is kept for it for REFUSED_FOR after, then one is."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    try:
-        monkeypatch.setattr(fleet_sessions, "REFUSED_FOR", 1.0, raising=False)
-        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
-        relay.answer = answer
-        await one_call(ingress, tls_files)  # refused, then a full handshake: served
-        assert relay.answered == 1
-        assert fleet.reused == [False, False]
-        (state,) = ingress.balancer.fleets
-        assert (state.call_failures, state.fresh_probe, state.retries) == (0, False, 0)
-        assert state.responses[101] == 2
-        assert kept_of(ingress) is None  # refusing: none kept
-        relay.answer = None
-        await one_call(ingress, tls_files)  # none offered: a full handshake
-        assert fleet.reused == [False, False, False]
-        assert relay.answered == 1
-        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
-        assert samples["fleet_ingress_fleet_tls_handshakes_total"] == {
-            (("kind", "full"),): 3.0,
-            (("kind", "resumed"),): 0.0,
-        }
-        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
-        await asyncio.sleep(1.1)  # REFUSED_FOR over
-        await one_call(ingress, tls_files)  # kept again
-        await one_call(ingress, tls_files)
-        assert fleet.reused == [False, False, False, False, True]
-    finally:
-        await relay.stop()
+    monkeypatch.setattr(fleet_sessions, "REFUSED_FOR", 1.0, raising=False)
+    ingress = await with_a_session(start_ingress, tls_files, relay.line("a"), retry={"retries": 0})
+    relay.answer = answer
+    await one_call(ingress, tls_files)  # refused, then a full handshake: served
+    assert relay.answered == 1
+    assert fleet.reused == [False, False]
+    (state,) = ingress.balancer.fleets
+    assert (state.call_failures, state.fresh_probe, state.retries) == (0, False, 0)
+    assert state.responses[101] == 2
+    assert kept_of(ingress) is None  # refusing: none kept
+    relay.answer = None
+    await one_call(ingress, tls_files)  # none offered: a full handshake
+    assert fleet.reused == [False, False, False]
+    assert relay.answered == 1
+    samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+    assert samples["fleet_ingress_fleet_tls_handshakes_total"] == {
+        (("kind", "full"),): 3.0,
+        (("kind", "resumed"),): 0.0,
+    }
+    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
+    await asyncio.sleep(1.1)  # REFUSED_FOR over
+    await one_call(ingress, tls_files)  # kept again
+    await one_call(ingress, tls_files)
+    assert fleet.reused == [False, False, False, False, True]
 
 
 @pytest.mark.parametrize(("answer", "connections"), [("close", 3), ("reset", 3), ("http", 2)])
@@ -632,6 +650,7 @@ async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_ses
     start_ingress: StartIngress,
     tls_files: TLSFiles,
     fleet: ResumptionFleet,
+    relay: GuardsResumption,
     caplog: pytest.LogCaptureFixture,
     answer: str,
     connections: int,
@@ -644,26 +663,19 @@ async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_ses
     without the session (3 connections for 2 calls); a plain-HTTP answer is
     not a refusal (2). Before, both said and counted a refusal, and the
     plain-HTTP fleet took the connection made again too."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    try:
-        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
-        relay.answer, relay.every = answer, True
-        caplog.set_level(logging.INFO, logger="fleet_ingress")
-        for _ in range(2):
-            with pytest.raises(InvalidStatus) as failed:
-                await one_call(ingress, tls_files)
-            assert failed.value.response.status_code == 503
-        assert relay.answered == connections
-        assert kept_of(ingress) is None
-        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
-        assert not said, said
-        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
-        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
-    finally:
-        await relay.stop()
+    ingress = await with_a_session(start_ingress, tls_files, relay.line("a"), retry={"retries": 0})
+    relay.answer, relay.every = answer, True
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    for _ in range(2):
+        with pytest.raises(InvalidStatus) as failed:
+            await one_call(ingress, tls_files)
+        assert failed.value.response.status_code == 503
+    assert relay.answered == connections
+    assert kept_of(ingress) is None
+    said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+    assert not said, said
+    samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
 
 
 async def test_an_openssl_fleet_that_fails_on_resumption_gets_the_call_at_once(
@@ -735,29 +747,23 @@ async def test_a_refusal_of_calls_offered_the_session_together_is_said_once(
     start_ingress: StartIngress,
     tls_files: TLSFiles,
     fleet: ResumptionFleet,
+    relay: GuardsResumption,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Calls offered the fleet's session together, each refused (an alert):
     each served on a connection made again, each refusal counted, one journal
     line (before, one a session, and each refused call's full handshake kept
     a new one that the next calls were offered: 4 lines for 20 calls)."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    try:
-        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a maxconn=40"])
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
-        relay.answer = "alert"
-        caplog.set_level(logging.INFO, logger="fleet_ingress")
-        await asyncio.gather(*(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(20)))
-        assert relay.answered >= 2  # offered together (the loop's turns: 3 to 5 of 20)
-        said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
-        assert len(said) == 1, said
-        samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
-        refused = samples["fleet_ingress_fleet_tls_sessions_refused_total"]
-        assert refused == {(): float(relay.answered)}
-    finally:
-        await relay.stop()
+    ingress = await with_a_session(start_ingress, tls_files, relay.line("a", "maxconn=40"))
+    relay.answer = "alert"
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    await asyncio.gather(*(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(20)))
+    assert relay.answered >= 2  # offered together (the loop's turns: 3 to 5 of 20)
+    said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
+    assert len(said) == 1, said
+    samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+    refused = samples["fleet_ingress_fleet_tls_sessions_refused_total"]
+    assert refused == {(): float(relay.answered)}
 
 
 async def _calls_every(
@@ -916,11 +922,11 @@ async def test_a_certificate_refused_with_a_session_offered_is_one_attempt(
     dropped, not a second connection made at once without it."""
     first = await ResumptionFleet(tls_files.fleet_server_context()).start()
     relay = GuardsResumption(first.port)
-    port = await relay.start()
+    await relay.start()
     try:
-        ingress = await start_ingress([f"https://127.0.0.1:{port} name=a"], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
+        ingress = await with_a_session(
+            start_ingress, tls_files, relay.line("a"), retry={"retries": 0}
+        )
     finally:
         await first.stop()
     import trustme
@@ -943,7 +949,11 @@ async def test_a_certificate_refused_with_a_session_offered_is_one_attempt(
 
 @pytest.mark.parametrize("answer", ["close", "reset"])
 async def test_calls_offered_the_session_together_to_a_fleet_failing_every_connection(
-    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, answer: str
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
+    answer: str,
 ) -> None:
     """10 calls at once to a fleet with a session kept that then closes (or
     resets) every connection: the calls whose connections were offered the
@@ -953,26 +963,19 @@ async def test_calls_offered_the_session_together_to_a_fleet_failing_every_conne
     (503, retries 0). Before, each call offered the session made a second
     connection, none of them counted against retries or health (15 to 20
     connections)."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    try:
-        ingress = await start_ingress(
-            [f"https://127.0.0.1:{port} name=a maxconn=40"], retry={"retries": 0}
-        )
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
-        taken, offered = relay.connections, relay.offered
-        relay.answer, relay.every = answer, True
-        got = await asyncio.gather(
-            *(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(10)),
-            return_exceptions=True,
-        )
-        assert all(isinstance(g, InvalidStatus) for g in got), got
-        assert {g.response.status_code for g in got if isinstance(g, InvalidStatus)} == {503}
-        assert relay.offered - offered >= 2  # offered together
-        assert relay.connections - taken == 11
-    finally:
-        await relay.stop()
+    ingress = await with_a_session(
+        start_ingress, tls_files, relay.line("a", "maxconn=40"), retry={"retries": 0}
+    )
+    taken, offered = relay.connections, relay.offered
+    relay.answer, relay.every = answer, True
+    got = await asyncio.gather(
+        *(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(g, InvalidStatus) for g in got), got
+    assert {g.response.status_code for g in got if isinstance(g, InvalidStatus)} == {503}
+    assert relay.offered - offered >= 2  # offered together
+    assert relay.connections - taken == 11
 
 
 class AnswersResumedBadly(ResumptionFleet):
@@ -1003,9 +1006,9 @@ async def test_a_resumed_connection_failing_before_its_101_drops_the_session(
     until CHECKED_WITHIN."""
     fleet = await AnswersResumedBadly(tls_files.fleet_server_context()).start()
     try:
-        ingress = await start_ingress([fleet.line("a")], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        assert kept_of(ingress) is not None
+        ingress = await with_a_session(
+            start_ingress, tls_files, fleet.line("a"), retry={"retries": 0}
+        )
         fleet.answer = answer
         with pytest.raises(InvalidStatus) as failed:
             await one_call(ingress, tls_files)
@@ -1018,30 +1021,29 @@ async def test_a_resumed_connection_failing_before_its_101_drops_the_session(
 
 
 async def test_a_reload_ends_a_fleets_refusal(
-    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet, tmp_path: Path
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
+    tmp_path: Path,
 ) -> None:
     """A fleet that refused the session is kept none (REFUSED_FOR, 600 s)
     under the fleet context it refused under: a reload (its fix may be the
     fleet's settings or the CA file; each reload a new fleet context) ends
     that, and the fleet's next full handshake is kept and offered. Before,
     the mark outlasted the reload for its 10 minutes."""
-    relay = GuardsResumption(fleet.port)
-    port = await relay.start()
-    line = f"https://127.0.0.1:{port} name=a"
-    try:
-        ingress = await start_ingress([line], retry={"retries": 0})
-        await one_call(ingress, tls_files)
-        relay.answer = "alert"
-        await one_call(ingress, tls_files)  # refused, made again: served
-        assert relay.answered == 1
-        await one_call(ingress, tls_files)  # refusing: none offered, none kept
-        assert kept_of(ingress) is None and relay.answered == 1
-        await _reload(ingress, tls_files, tmp_path, line)
-        relay.answer = None
-        await one_call(ingress, tls_files)  # a full handshake, kept
-        assert kept_of(ingress) is not None
-        await one_call(ingress, tls_files)  # offered: resumed
-        assert relay.answered == 1
-        assert fleet.reused == [False, False, False, False, True]
-    finally:
-        await relay.stop()
+    line = relay.line("a")
+    ingress = await start_ingress([line], retry={"retries": 0})
+    await one_call(ingress, tls_files)
+    relay.answer = "alert"
+    await one_call(ingress, tls_files)  # refused, made again: served
+    assert relay.answered == 1
+    await one_call(ingress, tls_files)  # refusing: none offered, none kept
+    assert kept_of(ingress) is None and relay.answered == 1
+    await _reload(ingress, tls_files, tmp_path, line)
+    relay.answer = None
+    await one_call(ingress, tls_files)  # a full handshake, kept
+    assert kept_of(ingress) is not None
+    await one_call(ingress, tls_files)  # offered: resumed
+    assert relay.answered == 1
+    assert fleet.reused == [False, False, False, False, True]
