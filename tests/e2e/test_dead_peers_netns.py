@@ -388,3 +388,87 @@ async def test_a_fleet_host_that_vanishes_while_its_calls_are_on_hold_is_found_b
             netlab.stop_dropping(lab.ns["a"])
             netlab.stop_dropping(lab.ns["ingress"])
         print(f"fleet host blackholed, calls on hold: its {len(lost)} calls ended in {took:.1f} s")
+
+
+# -- 6. a one-way loss: the peer that still receives is told, with a reset -----------
+
+
+async def test_a_fleet_whose_packets_stop_arriving_is_reset_when_its_calls_end(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Only fleet a's packets to the ingress are lost (dropped as they arrive
+    at the ingress); the ingress's still reach a. The ingress ends a's calls
+    `fleet_lost` at the user timeout (20 s); the kernel's own timeout would
+    drop the connection without a word, and a's bots, which still receive,
+    would run on for its 15 minutes of retransmissions (the dead39 audit: past
+    80 s), holding a's capacity. The ingress resets it: a's bots hear of it
+    within a second of the call's end. The calls on b go on."""
+    async with running_lab(netlab, tls_files, tmp_path) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(4)]
+        on_a = {r.path.rsplit("/", 1)[1] for r in lab.fleets["a"].requests}
+        lost = [c for c in callers if c.bot in on_a]
+        kept = [c for c in callers if c.bot not in on_a]
+        assert lost and kept, on_a
+        fleet_a = lab.fleets["a"]
+        assert fleet_a.active_calls == len(lost)
+
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["ingress"], "to-a")  # a -> ingress only
+        try:
+            await eventually(lambda: len(lab.ended()) == len(lost), timeout=WITHIN)
+            ended = time.monotonic() - dropped_at
+            # Without the reset: a's bots still up 80 s on.
+            await eventually(lambda: fleet_a.active_calls == 0, timeout=1.0)
+            told = time.monotonic() - dropped_at
+            assert lab.ended() == {c.bot: "fleet_lost" for c in lost}
+            assert {e["detail"] for e in lab.access()} == {
+                "fleet: TCP user timeout: what was sent to it went unacknowledged "
+                "for 20s (timeouts.tcp_user_timeout)"
+            }
+            assert ended > 19.5, ended  # not before the user timeout
+            assert all(c.closed_at is not None for c in lost)
+            assert all(c.closed_at is None for c in kept)
+            stats = await lab.stats()
+            assert {f["name"]: f["active"] for f in stats["fleets"]} == {"a": 0, "b": len(kept)}
+        finally:
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(
+            f"fleet a one-way loss: its calls ended in {ended:.1f} s, its bots told in {told:.1f} s"
+        )
+
+
+async def test_a_carrier_whose_packets_stop_arriving_is_reset_when_its_calls_end(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Only the carrier's packets to the ingress are lost: nothing of its
+    calls reaches the bots, so nothing more comes back: what was in flight at
+    the drop (or keepalive's probes) goes unanswered, `carrier_lost` at the
+    user timeout, 20 s after the carrier was last heard. The carrier, which still
+    receives, is told with a reset within a second (before, nothing: its
+    kernel retransmits for 15 minutes, a caller left on a dead line)."""
+    async with running_lab(netlab, tls_files, tmp_path) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(2)]
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["ingress"], "to-carrier")  # carrier -> ingress only
+        try:
+            await eventually(lambda: len(lab.ended()) == len(callers), timeout=WITHIN)
+            ended = time.monotonic() - dropped_at
+            await eventually(lambda: all(c.closed_at for c in callers), timeout=1.0)
+            told = max(c.closed_at or 0 for c in callers) - dropped_at
+            assert set(lab.ended().values()) == {"carrier_lost"}, lab.ended()
+            # The echoes in flight at the drop retransmitted unanswered (the user
+            # timeout), or, all acknowledged just before, keepalive's probes.
+            assert {e["detail"] for e in lab.access()} <= {
+                "carrier: TCP user timeout: what was sent to it went unacknowledged "
+                "for 20s (timeouts.tcp_user_timeout)",
+                "carrier: TCP keepalive: nothing in flight, no answer to its probes "
+                "(timeouts.keepalive_idle 10s, then every 5s), given up 20s after it was "
+                "last heard (timeouts.tcp_user_timeout)",
+            }
+            assert ended > 19.5, ended
+            assert sum(f.active_calls for f in lab.fleets.values()) == 0
+        finally:
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(
+            f"carrier one-way loss: calls ended in {ended:.1f} s, the carrier told in {told:.1f} s"
+        )
