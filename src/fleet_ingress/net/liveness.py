@@ -84,7 +84,9 @@ class TcpLiveness:
         object); a refusal is logged, never fatal: the call works without them."""
         try:
             if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                kernel_timeout = _ms(self.user_timeout + BACKSTOP)  # the ingress's own comes first
+                # The ingress's own give-up comes first; a C int of ms at most
+                # (the largest timeouts.tcp_user_timeout, less than BACKSTOP under it).
+                kernel_timeout = min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, kernel_timeout)
             if self.keepalive_idle > 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -231,6 +233,9 @@ def _option(sock: Any, level: int, name: str) -> int:
 def peer_gone(exc: BaseException | None) -> bool:
     """Whether a connection failed because its peer vanished (no FIN, no RST)."""
     return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS
+
+
+_MAX_INT_MS = 2**31 - 1  # TCP_USER_TIMEOUT is a C int
 
 
 def _ms(seconds: float) -> int:
