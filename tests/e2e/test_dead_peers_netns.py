@@ -96,9 +96,11 @@ async def running_lab(
     *,
     talk_bytes: int = 0,
     config_tail: str = "",
+    scheme: str = "https",
 ) -> AsyncIterator[Lab]:
     """`talk_bytes`: each bot's own audio every 20 ms (`SimulatedFleet.talk_bytes`);
-    `config_tail`: TOML sections after the lab's own (none of these)."""
+    `config_tail`: TOML sections after the lab's own (none of these); `scheme`:
+    the fleets' ("http": plain TCP)."""
     ns = {role: netlab.namespace(role) for role in ("ingress", "carrier", "a", "b")}
     netlab.link(ns["ingress"], "to-carrier", f"{INGRESS}/30", ns["carrier"], "eth0", "192.0.2.1/30")
     netlab.link(ns["ingress"], "to-a", "192.0.2.5/30", ns["a"], "eth0", "192.0.2.6/30")
@@ -107,15 +109,17 @@ async def running_lab(
     fleet_cert = tls_files.ca.issue_cert(*FLEET_ADDRESSES.values())
     fleets: dict[str, SimulatedFleet] = {}
     for name, address in FLEET_ADDRESSES.items():
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        fleet_cert.configure_cert(ctx)
+        ctx: ssl.SSLContext | None = None
+        if scheme == "https":
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            fleet_cert.configure_cert(ctx)
         sock = netlab.listen(ns[name], address, FLEET_PORT)
         fleets[name] = SimulatedFleet(name=name, host=address, ssl_context=ctx, sock=sock)
         fleets[name].talk_bytes = talk_bytes
         await fleets[name].start()
 
     (tmp_path / "fleets.txt").write_text(
-        "".join(f"https://{a}:{FLEET_PORT} name={n}\n" for n, a in FLEET_ADDRESSES.items())
+        "".join(f"{scheme}://{a}:{FLEET_PORT} name={n}\n" for n, a in FLEET_ADDRESSES.items())
     )
     config = tmp_path / "ingress.toml"
     # Only where things are: every timeout and liveness setting is the default.
@@ -388,3 +392,95 @@ async def test_a_fleet_host_that_vanishes_while_its_calls_are_on_hold_is_found_b
             netlab.stop_dropping(lab.ns["a"])
             netlab.stop_dropping(lab.ns["ingress"])
         print(f"fleet host blackholed, calls on hold: its {len(lost)} calls ended in {took:.1f} s")
+
+
+# -- 6. a one-way loss: the peer that still receives is told, with a reset -----------
+
+# Seconds after the access line by which the peer has had the reset.
+TOLD_WITHIN = 3.0
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+async def test_a_fleet_whose_packets_stop_arriving_is_reset_when_its_calls_end(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path, scheme: str
+) -> None:
+    """Only fleet a's packets to the ingress are lost (dropped as they arrive
+    at the ingress); the ingress's still reach a. The ingress ends a's calls
+    `fleet_lost` at the user timeout (20 s); the kernel's own timeout would
+    drop the connection without a word, and a's bots, which still receive,
+    would run on for its 15 minutes of retransmissions (the dead39 audit: past
+    80 s), holding a's capacity. The ingress resets it: a's bots hear of it
+    within a second of the call's end. The calls on b go on. A plain-TCP
+    fleet's access line says which option fired as a TLS one's does (before,
+    nothing: no TCP_INFO was read on that side)."""
+    async with running_lab(netlab, tls_files, tmp_path, scheme=scheme) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(4)]
+        on_a = {r.path.rsplit("/", 1)[1] for r in lab.fleets["a"].requests}
+        lost = [c for c in callers if c.bot in on_a]
+        kept = [c for c in callers if c.bot not in on_a]
+        assert lost and kept, on_a
+        fleet_a = lab.fleets["a"]
+        assert fleet_a.active_calls == len(lost)
+
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["ingress"], "to-a")  # a -> ingress only
+        try:
+            await eventually(lambda: len(lab.ended()) == len(lost), timeout=WITHIN)
+            ended = time.monotonic() - dropped_at
+            # Without the reset: a's bots still up 80 s on. Told well within a
+            # second (the access line comes through a pipe after the reset); 3 s
+            # for a host as loaded as a test run makes it (load 15 on 2 cores).
+            await eventually(lambda: fleet_a.active_calls == 0, timeout=TOLD_WITHIN)
+            told = time.monotonic() - dropped_at
+            assert lab.ended() == {c.bot: "fleet_lost" for c in lost}
+            assert {e["detail"] for e in lab.access()} == {
+                "fleet: TCP user timeout: what was sent to it went unacknowledged "
+                "for 20s (timeouts.tcp_user_timeout)"
+            }
+            assert ended > 19.5, ended  # not before the user timeout
+            assert all(c.closed_at is not None for c in lost)
+            assert all(c.closed_at is None for c in kept)
+            stats = await lab.stats()
+            assert {f["name"]: f["active"] for f in stats["fleets"]} == {"a": 0, "b": len(kept)}
+        finally:
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(
+            f"fleet a one-way loss: its calls ended in {ended:.1f} s, its bots told in {told:.1f} s"
+        )
+
+
+async def test_a_carrier_whose_packets_stop_arriving_is_reset_when_its_calls_end(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """Only the carrier's packets to the ingress are lost: nothing of its
+    calls reaches the bots, so nothing more comes back: what was in flight at
+    the drop (or keepalive's probes) goes unanswered, `carrier_lost` at the
+    user timeout, 20 s after the carrier was last heard. The carrier, which still
+    receives, is told with a reset within a second (before, nothing: its
+    kernel retransmits for 15 minutes, a caller left on a dead line)."""
+    async with running_lab(netlab, tls_files, tmp_path) as lab:
+        callers = [await lab.call(f"caller-{i}") for i in range(2)]
+        dropped_at = time.monotonic()
+        netlab.drop_arriving(lab.ns["ingress"], "to-carrier")  # carrier -> ingress only
+        try:
+            await eventually(lambda: len(lab.ended()) == len(callers), timeout=WITHIN)
+            ended = time.monotonic() - dropped_at
+            await eventually(lambda: all(c.closed_at for c in callers), timeout=TOLD_WITHIN)
+            told = max(c.closed_at or 0 for c in callers) - dropped_at
+            assert set(lab.ended().values()) == {"carrier_lost"}, lab.ended()
+            # The echoes in flight at the drop retransmitted unanswered (the user
+            # timeout), or, all acknowledged just before, keepalive's probes.
+            assert {e["detail"] for e in lab.access()} <= {
+                "carrier: TCP user timeout: what was sent to it went unacknowledged "
+                "for 20s (timeouts.tcp_user_timeout)",
+                "carrier: TCP keepalive: nothing in flight, no answer to its probes "
+                "(timeouts.keepalive_idle 10s, then every 5s), given up 20s after it was "
+                "last heard (timeouts.tcp_user_timeout)",
+            }
+            assert ended > 19.5, ended
+            assert sum(f.active_calls for f in lab.fleets.values()) == 0
+        finally:
+            netlab.stop_dropping(lab.ns["ingress"])
+        print(
+            f"carrier one-way loss: calls ended in {ended:.1f} s, the carrier told in {told:.1f} s"
+        )

@@ -823,12 +823,28 @@ def test_a_side_that_half_closes_after_its_close_frame_still_gets_the_reply(side
     in_tunnel(pb, a)
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    _slot_freed_if_the_bot_is_done(pb, side)
     assert pb and machine.state is State.HALF_CLOSED  # nothing closed: the reply may come
     pb >> CloseFrameSeen(_other(side))  # the reply, relayed: nothing more to wait for
     pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
-    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb >> FleetLost(Lost.CLOSED)
+    _slot_freed_unless_it_was(pb, side)
     pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
     assert pb
+
+
+def _slot_freed_if_the_bot_is_done(pb, side: Side) -> None:
+    """A fleet that finished after its close frame (the bot hung up and is
+    done) gives its slot back at once (SPEC 4: the slot is the fleet's
+    capacity): held the grace before (5.2 s after a carrier vanished, the
+    dead-peer audit of session 39)."""
+    if side is Side.FLEET:
+        pb << ReleaseSlot()
+
+
+def _slot_freed_unless_it_was(pb, side: Side) -> None:
+    if side is not Side.FLEET:
+        pb << ReleaseSlot()
 
 
 @pytest.mark.parametrize("side", [Side.CARRIER, Side.FLEET])
@@ -839,10 +855,12 @@ def test_a_half_closed_call_ends_when_the_other_side_ends_or_the_grace_passes(si
     in_tunnel(pb, a)
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    _slot_freed_if_the_bot_is_done(pb, side)
     pb >> CloseFrameSeen(side)  # a second frame from the same side: still waiting
     pb >> SideFinished(_other(side))
     pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
-    pb >> CarrierLost(Lost.CLOSED) >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+    pb >> CarrierLost(Lost.CLOSED) >> FleetLost(Lost.CLOSED)
+    _slot_freed_unless_it_was(pb, side)
     pb << CallEnded(_CLOSED_BY[side])
     assert pb
     # Nothing comes back: the grace passes, both are closed.
@@ -850,8 +868,11 @@ def test_a_half_closed_call_ends_when_the_other_side_ends_or_the_grace_passes(si
     in_tunnel(pb, a)
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    _slot_freed_if_the_bot_is_done(pb, side)
     pb >> TimerFired(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
-    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() >> CarrierLost(Lost.CLOSED)
+    pb >> FleetLost(Lost.CLOSED)
+    _slot_freed_unless_it_was(pb, side)
+    pb >> CarrierLost(Lost.CLOSED)
     pb << CallEnded(_CLOSED_BY[side])
     assert pb
 
@@ -931,6 +952,7 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
         pb >> CloseFrameSeen(side)
         if finished:
             pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+            _slot_freed_if_the_bot_is_done(pb, side)
         pb >> EndRequested(reason, "ticket 9")
         if finished:
             pb << CancelTimer(Timer.HALF_CLOSED)
@@ -951,7 +973,11 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
             assert pb and machine.state is State.HALF_CLOSED, ending
             pb >> TimerFired(Timer.HALF_CLOSED)
         pb << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
-        pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
+        pb >> FleetLost(Lost.CLOSED)
+        if not finished:
+            pb << ReleaseSlot()
+        else:
+            _slot_freed_unless_it_was(pb, side)
         pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
         assert pb, ending
 

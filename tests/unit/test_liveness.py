@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import errno
+import math
 import socket
 import ssl
+import struct
 
 import pytest
 
-from fleet_ingress.net.liveness import TCP_RTO_MAX_MS, TcpLiveness, gave_no_answer, peer_gone
+from fleet_ingress.net.liveness import (
+    QUIET_LOOK_AGAIN,
+    TCP_RTO_MAX_MS,
+    TCPI_LAST_DATA_RECV,
+    TcpLiveness,
+    gave_no_answer,
+    given_up_in,
+    peer_gone,
+)
 
 
 class Recorder:
@@ -29,7 +39,9 @@ def test_defaults_set_user_timeout_and_short_keepalive() -> None:
     sock = Recorder()
     TcpLiveness().apply(sock)
     assert sock.options == {
-        (TCP, socket.TCP_USER_TIMEOUT): 20_000,  # milliseconds
+        # Milliseconds, BACKSTOP past the 20 s: by then the ingress has given
+        # the connection up itself, with a reset (net/dead_peers.py).
+        (TCP, socket.TCP_USER_TIMEOUT): 21_000,
         (SOL, socket.SO_KEEPALIVE): 1,
         (TCP, socket.TCP_KEEPIDLE): 10,
         (TCP, socket.TCP_KEEPINTVL): 5,
@@ -52,7 +64,7 @@ def test_an_rto_cap_only_with_a_user_timeout_and_a_kernel_refusing_it_keeps_the_
 
     old = OldKernel()
     TcpLiveness().apply(old)
-    assert old.options[(TCP, socket.TCP_USER_TIMEOUT)] == 20_000
+    assert old.options[(TCP, socket.TCP_USER_TIMEOUT)] == 21_000
     assert old.options[(TCP, socket.TCP_KEEPCNT)] == 3
 
 
@@ -131,3 +143,53 @@ def test_a_connection_the_kernel_gave_up_says_which_option_and_its_figure(
     gone = gave_no_answer(info, sock, window_closed)
     assert str(gone.strerror).startswith(why), gone.strerror
     assert peer_gone(gone)  # still a side gone: carrier_lost / fleet_lost
+
+
+def _live_info(
+    *, heard_ms: int, last_ack_ms: int | None = None, state: int = 1, **counts: int
+) -> bytes:
+    """A live socket's TCP_INFO: its state (1 ESTABLISHED), probe counts, and
+    how long ago data and an ACK were last received (ms)."""
+    info = bytearray(_tcp_info(**counts))
+    info[0] = state
+    ack = heard_ms if last_ack_ms is None else last_ack_ms
+    struct.pack_into("=II", info, TCPI_LAST_DATA_RECV, heard_ms, ack)
+    return bytes(info)
+
+
+@pytest.mark.parametrize(
+    ("info", "due_in"),
+    [
+        # Retransmitting, nothing heard for the user timeout: given up now,
+        # with the reset the kernel's own timeout would not send.
+        (_live_info(heard_ms=20_000, retransmits=5, backoff=5), 0.0),
+        (_live_info(heard_ms=20_300, probes=2), 0.0),  # keepalive probes unanswered
+        (_live_info(heard_ms=21_000, state=8, retransmits=1), 0.0),  # CLOSE_WAIT: still sending
+        # Heard 14 s ago (a blackout that may heal): looked at again in 6 s.
+        (_live_info(heard_ms=14_000, retransmits=4), 6.0),
+        # Data long ago, an ACK lately: heard (the kernel counts either).
+        (_live_info(heard_ms=60_000, last_ack_ms=3_000, retransmits=1), 17.0),
+        # Quiet past the timeout, nothing unanswered (keepalive off): not yet.
+        (_live_info(heard_ms=90_000), QUIET_LOOK_AGAIN),
+        # Closing or closed (FIN_WAIT1 4, CLOSE 7): the kernel's own end follows.
+        (_live_info(heard_ms=30_000, state=4, retransmits=3), math.inf),
+        (_live_info(heard_ms=30_000, state=7, retransmits=3), math.inf),
+        (b"", math.inf),  # no TCP_INFO (not Linux, not TCP)
+    ],
+)
+def test_when_the_ingress_gives_up_a_peer_that_stopped_answering(
+    info: bytes, due_in: float
+) -> None:
+    assert given_up_in(info, 20.0) == pytest.approx(due_in)
+
+
+def test_no_user_timeout_no_give_up() -> None:
+    assert given_up_in(_live_info(heard_ms=900_000, retransmits=9), 0.0) == math.inf
+
+
+def test_the_detail_of_a_give_up_says_the_configured_timeout_not_the_kernels() -> None:
+    sock = Recorder()
+    TcpLiveness(user_timeout=7.5).apply(sock)
+    assert sock.getsockopt(TCP, socket.TCP_USER_TIMEOUT) == 8_500  # BACKSTOP later
+    gone = gave_no_answer(_live_info(heard_ms=7_600, retransmits=3), sock)
+    assert "unacknowledged for 7.5s" in str(gone.strerror), gone.strerror

@@ -873,6 +873,13 @@ class CallMachine:
         self._end(self._lost_reason(event.side, Lost.CLOSED))
         self.state = State.HALF_CLOSED
         self._emit(StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE))
+        if event.side is Side.FLEET:
+            # The bot hung up and is done (its close frame, then its FIN or
+            # close_notify): the fleet's capacity is free now (SPEC 4), not
+            # when the carrier's reply comes or the grace passes. After its
+            # carrier vanished, its slot was held the whole grace (5.2 s, the
+            # dead-peer audit of session 39).
+            self._release_slot()
 
     # Half-closed: one side has finished sending ----------------------------
 

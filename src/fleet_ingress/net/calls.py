@@ -33,6 +33,7 @@ from fleet_ingress.core.silence import QuietWatch, Silence, SilenceLimits, Silen
 from fleet_ingress.logs import fields
 from fleet_ingress.net.acme import AcmeConnections
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.dead_peers import DeadPeerWatch
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.late_timers import AFTER_STALL, STALL, patient_timeout
 
@@ -51,6 +52,7 @@ __all__ = [
 if TYPE_CHECKING:
     from fleet_ingress.core.balancer import FleetState
     from fleet_ingress.net.dispatch import HeldSlot
+    from fleet_ingress.net.liveness import PeerGaveNoAnswer
 
 log = logging.getLogger("fleet_ingress.proxy")
 
@@ -71,6 +73,12 @@ class Side(Protocol):
 
     def unlink(self) -> None:
         """Drop the references to the peer and the transport (an ended call)."""
+
+    def tcp_socket(self) -> Any:
+        """The connection's socket (or a transport's socket-like object), None once lost."""
+
+    def give_up(self, why: PeerGaveNoAnswer) -> None:
+        """Cut the connection with a reset: its peer stopped answering (`net.dead_peers`)."""
 
 
 class CarrierSide(Side, Protocol):
@@ -349,9 +357,12 @@ class Registry:
     # report soon after (a crash then loses what was counted since, about a second).
     on_counted: list[Callable[[], None]] = field(default_factory=list)
     sweep: SilenceSweep = field(init=False)
+    # The peers that stopped answering, given up with a reset (net/dead_peers.py).
+    dead_peers: DeadPeerWatch = field(init=False)
 
     def __post_init__(self) -> None:
         self.sweep = SilenceSweep(self)
+        self.dead_peers = DeadPeerWatch(lambda: self.calls)
 
     def count_request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1

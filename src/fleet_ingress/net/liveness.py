@@ -25,6 +25,16 @@ never. Two options shorten that to seconds:
   at the user timeout.
 
 Linux options: where the platform lacks one it is left unset.
+
+A connection the kernel gives up on is gone without a word in either
+direction: Linux sends no reset when the user timeout or keepalive ends it.
+After a one-way loss (the peer's packets lost on the way here, ours still
+reaching it) the peer is never told: a fleet's bot went on, holding the
+fleet's capacity, for the kernel's 15 minutes of retransmissions (the
+dead-peer audit of session 39). So the ingress gives such a connection up
+itself, at the user timeout, with a reset that reaches a peer whose receive
+path works (`net.dead_peers`, from TCP_INFO: `given_up_in`), and the kernel's
+own user timeout is set `BACKSTOP` later, for a loop too late to look.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +56,11 @@ log = logging.getLogger("fleet_ingress.liveness")
 RTO_MAX = 2.0
 # <linux/tcp.h>; Python 3.11's socket module has no name for it.
 TCP_RTO_MAX_MS = 44
+# Seconds the kernel's TCP_USER_TIMEOUT is set past `user_timeout`: by then the
+# ingress has given the connection up itself, with a reset (`given_up_in`).
+BACKSTOP = 1.0
+# SO_LINGER on with 0 s (struct linger): close() resets the connection.
+RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 # The errors a connection fails with when its peer vanished without a word:
 # the user timeout or keepalive ran out (ETIMEDOUT), or, when ICMP or a dead
@@ -68,7 +84,10 @@ class TcpLiveness:
         object); a refusal is logged, never fatal: the call works without them."""
         try:
             if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, _ms(self.user_timeout))
+                # The ingress's own give-up comes first; a C int of ms at most
+                # (the largest timeouts.tcp_user_timeout, less than BACKSTOP under it).
+                kernel_timeout = min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, kernel_timeout)
             if self.keepalive_idle > 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 for name, value in (
@@ -111,8 +130,66 @@ class PeerGaveNoAnswer(TimeoutError):
         super().__init__(errno.ETIMEDOUT, why)
 
 
-# struct tcp_info (linux/tcp.h): tcpi_retransmits, tcpi_probes, tcpi_backoff.
-_TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
+# struct tcp_info (linux/tcp.h): the offsets of what the ingress reads, here
+# alone (net/tls_socket.py reads a failed socket's with them too).
+TCPI_STATE = 0  # u8, include/net/tcp_states.h
+TCPI_RETRANSMITS, TCPI_PROBES, TCPI_BACKOFF = 2, 3, 4  # u8 each
+TCPI_LAST_DATA_RECV = 52  # u32, ms since
+TCPI_LAST_ACK_RECV = 56  # u32, ms since
+TCPI_NOTSENT_BYTES = 144  # u32
+TCPI_SND_WND = 228  # u32, Linux 5.19 and later
+TCP_INFO_READ = TCPI_SND_WND + 4  # the bytes asked for
+TCP_ESTABLISHED = 1
+TCP_CLOSE_WAIT = 8  # the peer's FIN read, our side still sending
+# Seconds before a peer quiet past the user timeout with nothing of ours
+# unanswered is looked at again (`given_up_in`).
+QUIET_LOOK_AGAIN = 1.0
+
+
+def read_tcp_info(sock: Any) -> bytes:
+    """The socket's TCP_INFO (as much as `TCP_INFO_READ` of it); b"" where
+    there is none (closed, not TCP, not Linux)."""
+    try:
+        return bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_READ))
+    except (OSError, AttributeError, TypeError, ValueError):
+        return b""
+
+
+def probes_out(info: bytes) -> bool:
+    """Retransmissions, keepalive or window probes unanswered, or backed off."""
+    return len(info) > TCPI_BACKOFF and bool(
+        info[TCPI_RETRANSMITS] or info[TCPI_PROBES] or info[TCPI_BACKOFF]
+    )
+
+
+def given_up_in(info: bytes, user_timeout: float) -> float:
+    """Seconds until the ingress gives a connection up, from its TCP_INFO: 0 now,
+    inf never (nothing to say, or no user timeout). Now when, as the kernel
+    would at its user timeout, the peer was last heard (data or an ACK)
+    `user_timeout` ago and something of ours is unanswered (a retransmission,
+    a keepalive or window probe); until then, the time left, however it goes
+    meanwhile: a peer heard again is looked at again no sooner. Pure: the
+    watch (`net.dead_peers`) reads the socket."""
+    if user_timeout <= 0 or len(info) < TCPI_LAST_ACK_RECV + 4:
+        return float("inf")
+    if info[TCPI_STATE] not in (TCP_ESTABLISHED, TCP_CLOSE_WAIT):
+        return float("inf")  # closing or closed: the kernel's own end follows
+    last_data, last_ack = struct.unpack_from("=II", info, TCPI_LAST_DATA_RECV)
+    left = user_timeout - min(last_data, last_ack) / 1000
+    if left > 0:
+        return left
+    # Heard from that long ago but nothing unanswered (keepalive off, or its
+    # probe not out yet): due once something goes out unanswered.
+    return 0.0 if probes_out(info) else QUIET_LOOK_AGAIN
+
+
+def window_closed_on_unsent(info: bytes) -> bool:
+    """The peer's window is closed on bytes of ours still to send."""
+    if len(info) < TCP_INFO_READ:
+        return False
+    (notsent,) = struct.unpack_from("=I", info, TCPI_NOTSENT_BYTES)
+    (snd_wnd,) = struct.unpack_from("=I", info, TCPI_SND_WND)
+    return snd_wnd == 0 and notsent > 0
 
 
 def gave_no_answer(info: bytes, sock: Any, window_closed: bool = False) -> PeerGaveNoAnswer:
@@ -121,14 +198,16 @@ def gave_no_answer(info: bytes, sock: Any, window_closed: bool = False) -> PeerG
     ours): data retransmitted or probed into a closed window is the user
     timeout's; keepalive probes alone, keepalive's (ended by the user timeout
     when one is set, else after its probes)."""
-    user_timeout = _option(sock, socket.IPPROTO_TCP, "TCP_USER_TIMEOUT") / 1000
-    data_out = len(info) > _TCPI_BACKOFF and bool(info[_TCPI_RETRANSMITS] or info[_TCPI_BACKOFF])
+    # The configured figure: the kernel's is BACKSTOP past it (`apply`).
+    kernel_timeout = _option(sock, socket.IPPROTO_TCP, "TCP_USER_TIMEOUT") / 1000
+    user_timeout = max(0.0, kernel_timeout - BACKSTOP) if kernel_timeout else 0.0
+    data_out = len(info) > TCPI_BACKOFF and bool(info[TCPI_RETRANSMITS] or info[TCPI_BACKOFF])
     if window_closed or data_out:
         return PeerGaveNoAnswer(
             f"TCP user timeout: what was sent to it went unacknowledged for "
             f"{user_timeout:g}s (timeouts.tcp_user_timeout)"
         )
-    if len(info) > _TCPI_PROBES and info[_TCPI_PROBES]:
+    if len(info) > TCPI_PROBES and info[TCPI_PROBES]:
         idle = _option(sock, socket.IPPROTO_TCP, "TCP_KEEPIDLE")
         interval = _option(sock, socket.IPPROTO_TCP, "TCP_KEEPINTVL")
         ended = (
@@ -154,6 +233,9 @@ def _option(sock: Any, level: int, name: str) -> int:
 def peer_gone(exc: BaseException | None) -> bool:
     """Whether a connection failed because its peer vanished (no FIN, no RST)."""
     return isinstance(exc, OSError) and exc.errno in _GONE_ERRNOS
+
+
+_MAX_INT_MS = 2**31 - 1  # TCP_USER_TIMEOUT is a C int
 
 
 def _ms(seconds: float) -> int:

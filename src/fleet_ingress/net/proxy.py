@@ -27,6 +27,7 @@ reader's and exchange's buffers, a TLSConnection's unfinished write).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -35,7 +36,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.balancer import FleetState
@@ -112,6 +113,7 @@ from fleet_ingress.net.dispatch import HeldSlot, NoFleetAvailable, SlotSource
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
 from fleet_ingress.net.liveness import (
+    RESET_ON_CLOSE,
     PeerGaveNoAnswer,
     PeerStoppedReading,
     TcpLiveness,
@@ -232,6 +234,7 @@ class _Side(asyncio.BufferedProtocol):
     peer_side: _Side | None = None
     bytes_received = 0
     lost = False
+    given_up: PeerGaveNoAnswer | None = None  # cut for a peer that stopped answering
     reading_paused = False  # by flow control (the peer's buffer is full)
     _abort_timer: PatientTimer | None = None
     # Where frames begin in what this side reads, once a tunnel (core.ws_frames).
@@ -302,6 +305,24 @@ class _Side(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.abort()
+
+    def tcp_socket(self) -> Any:
+        t = self.transport
+        return None if t is None or self.lost else t.get_extra_info("socket")
+
+    def give_up(self, why: PeerGaveNoAnswer) -> None:
+        """Its peer stopped answering (`net.dead_peers`): cut the connection
+        with a reset (SO_LINGER 0), which a peer whose receive path still works
+        gets (the kernel's own user timeout would drop it without a word); the
+        side is lost as by that timeout, `why` the access line's detail."""
+        t = self.transport
+        if t is None or self.lost:
+            return
+        sock = t.get_extra_info("socket")
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
+        self.given_up = why
+        t.abort()
 
     def write_goodbye(self, frame: bytes) -> None:
         """Write the close frame (at a frame boundary), then close once the
@@ -557,7 +578,7 @@ class CarrierProtocol(_Side):
         super().connection_lost(exc)
         self._stop_early_look()
         self.ctx.registry.connections.discard(self)
-        self.feed(CarrierLost(*_lost(exc)))
+        self.feed(CarrierLost(*_lost(exc or self.given_up)))
         if self.call is None:
             # Protocol, transport, TLS state and timers point at each other: left
             # as cycles, every refused connection waits for the cyclic collector, whose
@@ -1022,6 +1043,7 @@ class CarrierProtocol(_Side):
             if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
                 self.resume_reading()
             ctx.registry.sweep.watch_tunnel(call, ctx.silence)
+            ctx.registry.dead_peers.watch(ctx.liveness.user_timeout)
             ctx.registry.call_linked(call)
             return
         early = bytes(self._early)
@@ -1036,6 +1058,7 @@ class CarrierProtocol(_Side):
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         ctx.registry.sweep.watch_tunnel(call, ctx.silence)
+        ctx.registry.dead_peers.watch(ctx.liveness.user_timeout)
         ctx.registry.call_linked(call)
 
     def _relay(self, command: Command) -> None:
@@ -1320,7 +1343,7 @@ class FleetProtocol(_Side):
             return
         if self.exchange is not None and self.peer_side is not None:  # relaying an answer
             self._relay_progress(Progress.BODY_COMPLETE)
-        pump.feed(FleetLost(*_lost(exc)))
+        pump.feed(FleetLost(*_lost(exc or self.given_up)))
 
     def link(self, carrier: CarrierProtocol, *, relaying: bool) -> None:
         """Relay everything the fleet sent so far and what it sends from now on.

@@ -106,7 +106,15 @@ from typing import Any, NamedTuple, Protocol, cast
 
 from fleet_ingress.net.cpu_meter import CpuMeter
 from fleet_ingress.net.late_timers import PatientTimer, peer_moved
-from fleet_ingress.net.liveness import PeerStoppedReading, gave_no_answer
+from fleet_ingress.net.liveness import (
+    TCP_ESTABLISHED,
+    TCPI_LAST_DATA_RECV,
+    PeerStoppedReading,
+    gave_no_answer,
+    probes_out,
+    read_tcp_info,
+    window_closed_on_unsent,
+)
 from fleet_ingress.net.tcp_connect import Underway, open_tcp
 
 # The codec `ssl` encodes a fleet's server_hostname with, looked up (its module
@@ -1550,7 +1558,7 @@ def _with_errno(exc: OSError, sock: ssl.SSLSocket) -> OSError:
         info = _tcp_info(sock)
         if _stopped_reading(info, _user_timeout_ms(sock)):
             return PeerStoppedReading()
-        return gave_no_answer(info, sock, _window_closed_on_unsent(info))
+        return gave_no_answer(info, sock, window_closed_on_unsent(info))
     return exc
 
 
@@ -1562,10 +1570,7 @@ def _tcp_established(sock: ssl.SSLSocket) -> bool:
 
 
 def _tcp_info(sock: ssl.SSLSocket) -> bytes:
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_READ)
-    except (OSError, AttributeError):
-        return b""
+    return read_tcp_info(sock)
 
 
 def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
@@ -1587,17 +1592,12 @@ def _socket_failure(sock: ssl.SSLSocket) -> OSError | None:
     if _stopped_reading(info, _user_timeout_ms(sock)):
         return PeerStoppedReading()
     if peer_stopped_answering(info):
-        return gave_no_answer(info, sock, _window_closed_on_unsent(info))
+        return gave_no_answer(info, sock, window_closed_on_unsent(info))
     return ConnectionResetError(errno.ECONNRESET, "connection reset by peer")
 
 
-# struct tcp_info (linux/tcp.h): offsets of what peer_stopped_answering reads.
-_TCPI_RETRANSMITS, _TCPI_PROBES, _TCPI_BACKOFF = 2, 3, 4
-_TCPI_LAST_DATA_RECV = 52  # u32, ms since
-_TCPI_NOTSENT_BYTES = 144  # u32
-_TCPI_SND_WND = 228  # u32, Linux 5.19 and later
-_TCP_INFO_READ = _TCPI_SND_WND + 4
-_TCP_ESTABLISHED = b"\x01"  # tcpi_state, the first byte (include/net/tcp_states.h)
+# tcpi_state, the first byte of struct tcp_info (its offsets: net/liveness.py).
+_TCP_ESTABLISHED = bytes([TCP_ESTABLISHED])
 
 
 def peer_stopped_answering(info: bytes) -> bool:
@@ -1610,22 +1610,7 @@ def peer_stopped_answering(info: bytes) -> bool:
     still gives up at TCP_USER_TIMEOUT (the pair audit of session 12 saw that taken
     for a reset; the lossy-link audit of session 32 found one probe still counted
     out at the end, so the counts alone cannot tell it). None of these: a reset."""
-    return _probes_out(info) or _window_closed_on_unsent(info)
-
-
-def _probes_out(info: bytes) -> bool:
-    """Retransmissions, keepalive or window probes unanswered, or backed off."""
-    return len(info) >= _TCPI_BACKOFF + 1 and bool(
-        info[_TCPI_RETRANSMITS] or info[_TCPI_PROBES] or info[_TCPI_BACKOFF]
-    )
-
-
-def _window_closed_on_unsent(info: bytes) -> bool:
-    if len(info) < _TCP_INFO_READ:
-        return False
-    (notsent,) = struct.unpack_from("=I", info, _TCPI_NOTSENT_BYTES)
-    (snd_wnd,) = struct.unpack_from("=I", info, _TCPI_SND_WND)
-    return snd_wnd == 0 and notsent > 0
+    return probes_out(info) or window_closed_on_unsent(info)
 
 
 def _stopped_reading(info: bytes, user_timeout_ms: int) -> bool:
@@ -1636,9 +1621,9 @@ def _stopped_reading(info: bytes, user_timeout_ms: int) -> bool:
     outstanding at the end and an acknowledged window probe does not count as
     heard, both measured); its data does. A peer that stopped sending as well
     cannot be told from one gone, and is not said to be."""
-    if not _window_closed_on_unsent(info) or user_timeout_ms <= 0:
+    if not window_closed_on_unsent(info) or user_timeout_ms <= 0:
         return False
-    (last_data_recv,) = struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)
+    (last_data_recv,) = struct.unpack_from("=I", info, TCPI_LAST_DATA_RECV)
     return last_data_recv * 2 < user_timeout_ms
 
 

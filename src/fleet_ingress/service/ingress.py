@@ -791,6 +791,7 @@ class Ingress:
         for _ in range(3):  # abort's connection_lost callbacks run on the next turns
             await asyncio.sleep(0)
         self.registry.sweep.stop()
+        self.registry.dead_peers.stop()
         self.address_sweep.stop()
         if self.poller is not None:
             await self.poller.close()
