@@ -26,7 +26,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.core.addresses import format_hostport, peer_ip
@@ -187,6 +187,7 @@ class CarrierListener:
         self.context = context  # read per connection: a reload swaps it
         self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
         self._acceptor: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()
         self._handshakes: set[TLSConnection] = set()
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
@@ -204,8 +205,11 @@ class CarrierListener:
         # instead of all in one turn that every live call would wait for. The
         # listening socket's readiness is level-triggered: the rest of the backlog
         # wakes the next turn.
+        # Kept for each connection's TLS: CPython 3.11's get_running_loop is a
+        # getpid system call.
+        self._loop = asyncio.get_running_loop()
         self._acceptor = Acceptor(
-            asyncio.get_running_loop(),
+            self._loop,
             self.sock,
             self._accepted,
             per_wake=1,
@@ -294,7 +298,9 @@ class CarrierListener:
         # within seconds instead of holding a fleet slot for minutes.
         ctx.liveness.apply(conn)
         try:
-            tls = wrap_accepted(asyncio.get_running_loop(), conn, self.server_ssl())
+            tls = wrap_accepted(
+                cast(asyncio.AbstractEventLoop, self._loop), conn, self.server_ssl()
+            )
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
             registry.counted()

@@ -65,20 +65,27 @@ class Underway:
         return bool(poller.poll(0))
 
 
-async def open_tcp(host: str, port: int, underway: Underway | None = None) -> socket.socket:
+async def open_tcp(
+    host: str,
+    port: int,
+    underway: Underway | None = None,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> socket.socket:
     """A connected non-blocking socket to `host`:`port`, with TCP_NODELAY (each
     write is whole messages); the OSError of the last address tried if none
     takes it (one this host cannot use gives way to another's answer:
     `_says_more`). Bounded by the caller's timeout. `underway`: told of each
-    socket while it connects."""
-    loop = asyncio.get_running_loop()
+    socket while it connects. `loop`: the running loop, where the caller has
+    it (CPython 3.11's get_running_loop is a getpid system call)."""
+    loop = loop or asyncio.get_running_loop()
     infos = literal_addrinfo(host, port) or await loop.getaddrinfo(
         host, port, type=socket.SOCK_STREAM
     )
     if not infos:
         raise OSError(f"no address for {host}:{port}")
     if len(infos) == 1:  # a fleet at an IP literal, most often: nothing to race
-        sock = await _connect_one(infos[0], underway)
+        sock = await _connect_one(infos[0], underway, loop)
     else:
         sock = await first_connected(interleaved(infos), underway)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -185,14 +192,18 @@ def _says_more(new: OSError, kept: OSError | None) -> bool:
     return kept.errno == errno.EADDRNOTAVAIL
 
 
-async def _connect_one(info: AddrInfo, underway: Underway | None = None) -> socket.socket:
+async def _connect_one(
+    info: AddrInfo,
+    underway: Underway | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> socket.socket:
     family, type_, proto, _, address = info
     sock = socket.socket(family, type_, proto)
     if underway is not None:
         underway.connecting(sock)
     try:
         sock.setblocking(False)
-        await connect_socket(sock, address)
+        await connect_socket(sock, address, loop)
     except BaseException:
         sock.close()
         raise
@@ -202,7 +213,9 @@ async def _connect_one(info: AddrInfo, underway: Underway | None = None) -> sock
     return sock
 
 
-async def connect_socket(sock: socket.socket, address: Any) -> None:
+async def connect_socket(
+    sock: socket.socket, address: Any, loop: asyncio.AbstractEventLoop | None = None
+) -> None:
     """Connect non-blocking `sock` to a resolved `address`, waiting on the loop's
     writer callback. Not the loop's sock_connect: uvloop's resolves even a
     numeric address again through getaddrinfo in libuv's thread pool (it asks
@@ -215,7 +228,7 @@ async def connect_socket(sock: socket.socket, address: Any) -> None:
         return
     except (BlockingIOError, InterruptedError):
         pass
-    loop = asyncio.get_running_loop()
+    loop = loop or asyncio.get_running_loop()
     writable = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))

@@ -1405,8 +1405,10 @@ async def connect(
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
     link (accept pacing)."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None if underway is not None else timeout):
-        sock = await open_tcp(host, port, underway)  # each address, staggered (RFC 8305)
+    # With `underway` no timer here: asyncio.timeout() asks for the running loop
+    # twice (CPython 3.11: a getpid system call each).
+    async with _NO_TIMEOUT if underway is not None else asyncio.timeout(timeout):
+        sock = await open_tcp(host, port, underway, loop=loop)  # each address, staggered
         try:
             ssock = ctx.wrap_socket(
                 sock,
@@ -1442,6 +1444,8 @@ async def connect(
             raise
     return conn
 
+
+_NO_TIMEOUT = contextlib.nullcontext()
 
 # OpenSSL's reasons for an alert the peer sent (SSL_AD_REASON_OFFSET + its
 # code: "sslv3 alert handshake failure", "tlsv1 unrecognized name", ...).
