@@ -1392,11 +1392,18 @@ def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[
 
 
 def wrap_accepted(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SSLContext, **kw: int
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    nodelay: bool = True,
+    **kw: int,
 ) -> TLSConnection:
-    """The server side of an accepted TCP socket (handshake not started)."""
+    """The server side of an accepted TCP socket (handshake not started).
+    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener)."""
     sock.setblocking(False)
-    _nodelay(sock)
+    if nodelay:
+        _nodelay(sock)
     ssock = ctx.wrap_socket(
         sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
     )
