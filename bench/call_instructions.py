@@ -13,6 +13,11 @@ the first calls' lazy work and the shutdown cancel out::
     python -m bench.call_instructions --out /tmp/ci            # N=50 and N=250
     python -m bench.call_instructions --calls 50 250 --out DIR --variant-pythonpath /tmp/base/src
 
+``--counter strace`` counts system calls instead, by name (``strace -f -c``; the
+same calls, the difference over N2-N1)::
+
+    python -m bench.call_instructions --counter strace --calls 20 120 --out /tmp/cs
+
 ``--target haproxy`` counts HAProxy the same way (``haproxy -db``, the config
 ``bench/harness/targets.py`` renders for the side-by-side runs): the same calls,
 the same fleet, one process, one thread.
@@ -122,8 +127,11 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
         # a busy host it took more than 5 s now and then, the fleet down, every call
         # 503. Its time bounds no call.
         settings = Settings(maxconn=1000, check_interval=600.0, check_timeout=60.0, fall=1, rise=1)
-        cg = work / "callgrind.out"
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}"]
+        cg = work / ("strace.out" if args.counter == "strace" else "callgrind.out")
+        if args.counter == "strace":
+            argv = ["strace", "-f", "-c", "-o", str(cg)]
+        else:
+            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}"]
         if args.target == "haproxy":
             binary = haproxy_binary()
             if binary is None:
@@ -156,8 +164,8 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
                 max(1.0, deadline - time.monotonic()),
             )
         )
-        log(f"n={calls}: {calls} calls in {time.monotonic() - t0:.0f} s under callgrind")
-        proc.send_signal(signal.SIGTERM)
+        log(f"n={calls}: {calls} calls in {time.monotonic() - t0:.0f} s under {args.counter}")
+        stop_counted(proc, args.counter)
         proc.wait(timeout=120)
         return cg
     finally:
@@ -165,6 +173,16 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def stop_counted(proc: subprocess.Popen[bytes], counter: str) -> None:
+    """SIGTERM to the process counted: strace ignores it itself while it traces
+    a command (a run waited for ever), so under strace its child is sent it."""
+    pid = proc.pid
+    if counter == "strace":
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pid = int(children[0]) if children else pid
+    os.kill(pid, signal.SIGTERM)
 
 
 def _annotate(cg: Path, inclusive: bool) -> list[tuple[int, str]]:
@@ -201,6 +219,36 @@ def totals(cg: Path) -> dict[str, int]:
     return out
 
 
+_STRACE_ROW = re.compile(
+    r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(?P<calls>\d+)\s+(?:\d+\s+)?(?P<name>\w+)\s*$"
+)
+
+
+def syscalls(out: Path) -> dict[str, int]:
+    """``strace -c``'s summary: calls by system call name (``total``: all of them)."""
+    counts: dict[str, int] = {}
+    for line in out.read_text().splitlines():
+        if m := _STRACE_ROW.match(line):
+            counts[m.group("name")] = int(m.group("calls"))
+    return counts
+
+
+def print_syscalls(files: list[Path], n1: int, n2: int, out: Path) -> None:
+    a, b = (syscalls(f) for f in files)
+    per = {k: (b.get(k, 0) - a.get(k, 0)) / (n2 - n1) for k in set(a) | set(b)}
+    total = per.pop("total", 0.0)
+    print(
+        f"system calls per call: {total:.1f}"
+        f"  (N={n1}: {a.get('total', 0)}, N={n2}: {b.get('total', 0)})"
+    )
+    for name, v in sorted(per.items(), key=lambda kv: -kv[1]):
+        if abs(v) >= 0.05:
+            print(f"{v:8.2f}  {name}")
+    (out / "syscalls_per_call.json").write_text(
+        json.dumps({"total": total, "calls": per}, indent=1)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, nargs=2, default=[50, 250], metavar=("N1", "N2"))
@@ -211,9 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=("ingress", "haproxy"), default="ingress")
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound of one run")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument(
+        "--counter",
+        choices=("callgrind", "strace"),
+        default="callgrind",
+        help="what counts: instructions (callgrind) or system calls by name (strace -f -c)",
+    )
     args = p.parse_args(argv)
     n1, n2 = args.calls
     files = [count(n, args.out, args) for n in (n1, n2)]
+    if args.counter == "strace":
+        print_syscalls(files, n1, n2, args.out)
+        return 0
     a, b = (totals(f) for f in files)
     per = {k: (b.get(k, 0) - a.get(k, 0)) / (n2 - n1) for k in set(a) | set(b)}
     total = per.pop("PROGRAM TOTALS", 0.0)

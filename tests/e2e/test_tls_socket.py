@@ -548,6 +548,98 @@ async def test_a_session_from_an_earlier_connection_is_offered_and_resumed(
         c.abort()
 
 
+class _InterestLog:
+    """The running loop as `asyncio.get_running_loop` answers it to the code
+    under test: its reader and writer registrations, by descriptor, passed on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.interest: dict[int, set[str]] = {}
+        self.emptied: dict[int, int] = {}  # times a descriptor's last interest went
+
+    def _set(self, fd: int, kind: str, on: bool) -> None:
+        kinds = self.interest.setdefault(fd, set())
+        had = bool(kinds)
+        (kinds.add if on else kinds.discard)(kind)
+        if had and not kinds:
+            self.emptied[fd] = self.emptied.get(fd, 0) + 1
+
+    def add_reader(self, fd: int, callback: Callable[[], object]) -> None:
+        self.loop.add_reader(fd, callback)
+        self._set(fd, "r", True)
+
+    def remove_reader(self, fd: int) -> bool:
+        self._set(fd, "r", False)
+        return self.loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callable[[], object]) -> None:
+        self.loop.add_writer(fd, callback)
+        self._set(fd, "w", True)
+
+    def remove_writer(self, fd: int) -> bool:
+        self._set(fd, "w", False)
+        return self.loop.remove_writer(fd)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.loop, name)
+
+
+async def test_a_fleet_connection_keeps_its_descriptors_poll_from_the_tcp_connect_to_the_handshake(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TCP connect waits on a writer; the handshake then reads. With uvloop,
+    removing a descriptor's only interest closes its poll handle and the next
+    registration opens a new one (six system calls: a fleet connection's,
+    every churned call, session 40): the connect's writer is taken over by the
+    connection and removed once its reader holds the poll. The descriptor's
+    interest goes once, at the close; what the server sends is read."""
+    srv = server(echo=True)
+    log = _InterestLog(asyncio.get_running_loop())
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: log)
+    conn = await connect(
+        "127.0.0.1", srv.port, tls_files.client_context(), server_hostname="calls.test", timeout=5
+    )
+    fd = conn.ssl_socket.fileno()
+    handler = Recorder(conn)
+    conn.start(handler)
+    conn.write(b"ping")
+    await eventually(lambda: bytes(handler.data) == b"ping")
+    assert log.interest[fd] == {"r"}  # the connect's writer gone, the reader on
+    assert log.emptied.get(fd, 0) == 0
+    conn.abort()
+    assert log.emptied[fd] == 1 and not log.interest[fd]
+    assert not log.loop.remove_writer(fd) and not log.loop.remove_reader(fd)
+
+
+async def test_a_connect_that_fails_leaves_no_writer_behind(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused TCP connect and a refused handshake: the writer the connect
+    registered is gone before the socket is closed."""
+    log = _InterestLog(asyncio.get_running_loop())
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: log)
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        await connect("127.0.0.1", port, tls_files.client_context(), server_hostname="x", timeout=5)
+    plain = socket.create_server(("127.0.0.1", 0))  # accepts, then closes: not TLS
+    try:
+        loop = log.loop
+        loop.add_reader(plain.fileno(), lambda: plain.accept()[0].close())
+        with pytest.raises((ssl.SSLError, OSError)):
+            await connect(
+                "127.0.0.1",
+                plain.getsockname()[1],
+                tls_files.client_context(),
+                server_hostname="x",
+                timeout=5,
+            )
+        loop.remove_reader(plain.fileno())
+    finally:
+        plain.close()
+    assert log.interest and all(not kinds for kinds in log.interest.values())
+
+
 @pytest.mark.parametrize(
     ("listen", "address"),
     [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("127.0.0.1", "localhost")],
@@ -750,6 +842,85 @@ async def test_a_pause_ends_without_unregistering_unless_a_read_event_comes_mean
     finally:
         client.abort()
         server.abort()
+
+
+class _HeldSteps:
+    """A handshake step queue (`TLSConnection.steps_in`) that runs each step on
+    the next loop turn, or holds them all while `holding`."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.held: list[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        if self.holding:
+            self.held.append(step)
+        else:
+            asyncio.get_running_loop().call_soon(step)
+
+    def release(self) -> None:
+        self.holding = False
+        held, self.held = self.held, []
+        for step in held:
+            asyncio.get_running_loop().call_soon(step)
+
+
+async def test_a_handshake_step_waiting_in_its_queue_keeps_the_reader_unless_read_again(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A carrier's handshake steps wait in the head queue (`steps_in`). Its
+    reader unregistered while each waited, a churned call's carrier had its
+    uvloop poll handle closed and opened again for each of its two flights
+    (seven system calls each, session 40): a step run on the next loop turn
+    keeps it. One held longer (a burst) has its reader unregistered at the
+    next read event, once: no busy loop while it waits; the step, run, reads
+    and registers again, and the handshake finishes."""
+    counting_callbacks = _CountReadable(monkeypatch)
+    loop = asyncio.get_running_loop()
+    for hold in (False, True):
+        client_sock, server_sock = _tcp_pair()
+        client_sock.setblocking(False)
+        server = wrap_accepted(loop, server_sock, _server_ctx(tls_files))
+        counting = _CountingLoop(loop)
+        server._loop = counting  # type: ignore[assignment]
+        steps = _HeldSteps()
+        steps.holding = hold
+        server.steps_in(steps)
+        done: list[BaseException | None] = []
+
+        def finished(exc: BaseException | None, server: TLSConnection = server) -> None:
+            done.append(exc)  # noqa: B023
+            if exc is None:  # as the listener does: a read event after it is wanted
+                server.start(Recorder(server))
+
+        server.start_handshake(5, finished)
+        client = TLSConnection(
+            loop,
+            tls_files.client_context().wrap_socket(
+                client_sock,
+                server_hostname="calls.test",
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=False,
+            ),
+        )
+        try:
+            shaking = asyncio.ensure_future(client.handshake(5))
+            if hold:
+                await eventually(lambda: counting.removed == 1)  # noqa: B023
+                assert len(steps.held) == 1
+                counting_callbacks.calls = 0
+                await asyncio.sleep(0.1)
+                assert counting_callbacks.calls == 0  # unregistered: no read events
+                steps.release()
+            await shaking
+            await eventually(lambda: done == [None])  # noqa: B023
+            if hold:
+                assert (counting.added, counting.removed) == (2, 1)
+            else:
+                assert (counting.added, counting.removed) == (1, 0)
+        finally:
+            client.abort()
+            server.abort()
 
 
 async def test_flow_control_pauses_the_writer_bounds_its_buffer_and_keeps_the_order(

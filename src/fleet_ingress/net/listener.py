@@ -26,12 +26,13 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from fleet_ingress.core.accept_pacing import AcceptPacer
 from fleet_ingress.core.addresses import format_hostport, peer_ip
 from fleet_ingress.logs import fields
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.liveness import TcpLiveness
 from fleet_ingress.net.proxy import CarrierProtocol, ProxyContext, serve
 from fleet_ingress.net.tls_socket import Acceptor, HandshakeTimeout, TLSConnection, wrap_accepted
 
@@ -187,6 +188,9 @@ class CarrierListener:
         self.context = context  # read per connection: a reload swaps it
         self.server_ssl = server_ssl  # the same: a reload builds a new TLS context
         self._acceptor: Acceptor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # start()
+        # The liveness options set on the listening socket (`_take`).
+        self._listener_liveness: TcpLiveness | None = None
         self._handshakes: set[TLSConnection] = set()
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
@@ -204,8 +208,11 @@ class CarrierListener:
         # instead of all in one turn that every live call would wait for. The
         # listening socket's readiness is level-triggered: the rest of the backlog
         # wakes the next turn.
+        # Kept for each connection's TLS: CPython 3.11's get_running_loop is a
+        # getpid system call.
+        self._loop = asyncio.get_running_loop()
         self._acceptor = Acceptor(
-            asyncio.get_running_loop(),
+            self._loop,
             self.sock,
             self._accepted,
             per_wake=1,
@@ -291,10 +298,26 @@ class CarrierListener:
             _reset(conn)
             return
         # Before TLS: a carrier that vanishes mid-call (no FIN) fails its socket
-        # within seconds instead of holding a fleet slot for minutes.
-        ctx.liveness.apply(conn)
+        # within seconds instead of holding a fleet slot for minutes. Set on the
+        # listening socket, the options (and TCP_NODELAY) are what the
+        # connections it accepts inherit: set on each only when it has not
+        # (taken before the listener had them).
+        liveness = ctx.liveness
+        if liveness is not self._listener_liveness:
+            self._listener_liveness = liveness
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            liveness.set_on_listener(self.sock)
+        inherited = liveness.inherited_by(conn)
+        if not inherited:
+            liveness.apply(conn)
         try:
-            tls = wrap_accepted(asyncio.get_running_loop(), conn, self.server_ssl())
+            tls = wrap_accepted(
+                cast(asyncio.AbstractEventLoop, self._loop),
+                conn,
+                self.server_ssl(),
+                nodelay=not inherited,
+            )
         except OSError as exc:  # the socket died under us
             registry.tls_handshake_failures += 1
             registry.counted()

@@ -84,10 +84,7 @@ class TcpLiveness:
         object); a refusal is logged, never fatal: the call works without them."""
         try:
             if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                # The ingress's own give-up comes first; a C int of ms at most
-                # (the largest timeouts.tcp_user_timeout, less than BACKSTOP under it).
-                kernel_timeout = min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, kernel_timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._kernel_ms())
             if self.keepalive_idle > 0:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 for name, value in (
@@ -105,6 +102,43 @@ class TcpLiveness:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, _ms(RTO_MAX))
             except OSError as exc:  # before Linux 6.15: blackouts past ~12 s end calls
                 log.debug("tcp rto max not set", extra=fields(error=repr(exc)))
+
+    def _kernel_ms(self) -> int:
+        """The kernel's TCP_USER_TIMEOUT: the ingress's own give-up comes first
+        (`BACKSTOP`); a C int of ms at most (the largest timeouts.tcp_user_timeout,
+        less than BACKSTOP under it)."""
+        return min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
+
+    def set_on_listener(self, sock: Any) -> None:
+        """Set the options on a listening socket, those turned off too (after a
+        reload): Linux copies a listener's socket and TCP options to each
+        connection it accepts from then on (pinned by
+        tests/e2e/test_listener_options.py), which then needs none set of its
+        own: six system calls a carrier (session 40). A connection the kernel
+        took before (in the backlog as the worker started, or as a reload
+        changed them) is told by `inherited_by`."""
+        try:
+            if hasattr(socket, "TCP_USER_TIMEOUT") and self.user_timeout <= 0:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+            if self.keepalive_idle <= 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0)
+        except OSError as exc:
+            log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
+        self.apply(sock)
+
+    def inherited_by(self, sock: Any) -> bool:
+        """Whether an accepted socket has these options from its listener
+        (`set_on_listener`): its user timeout as set, or (none set) its
+        keepalive on; one getsockopt. False when both are off (nothing tells)."""
+        try:
+            if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+                ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+                return bool(ms == self._kernel_ms())
+            if self.keepalive_idle > 0:
+                return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
+        except OSError:
+            pass
+        return False
 
 
 class PeerStoppedReading(TimeoutError):

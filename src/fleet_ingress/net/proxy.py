@@ -243,9 +243,14 @@ class _Side(asyncio.BufferedProtocol):
     close_heard = False  # this side's close frame was reported to the machine
     _masked = False  # whether this side's frames are masked (a client's)
     _reply_timer: PatientTimer | None = None
+    # The loop, looked up once a call (the carrier's connection_made), not at
+    # each timer: CPython 3.11's get_running_loop makes a getpid system call.
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports duck-type asyncio.Transport without subclassing it.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
 
@@ -296,7 +301,7 @@ class _Side(asyncio.BufferedProtocol):
             # its time to read is not cut; one that read nothing is cut at once.
             sock = t.get_extra_info("socket")
             self._abort_timer = PatientTimer(
-                asyncio.get_running_loop(),
+                self._running_loop(),
                 CLOSE_FLUSH_TIMEOUT,
                 t.abort,
                 answered=lambda: peer_moved(sock),
@@ -324,6 +329,12 @@ class _Side(asyncio.BufferedProtocol):
         self.given_up = why
         t.abort()
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def write_goodbye(self, frame: bytes) -> None:
         """Write the close frame (at a frame boundary), then close once the
         side's close reply is read or GOODBYE_REPLY_WAIT has passed."""
@@ -333,7 +344,7 @@ class _Side(asyncio.BufferedProtocol):
         if frame:  # b"": the other side's own close frame was relayed whole
             t.write(frame)
         # Patient: a reply that came during a stall is read before the close.
-        self._reply_timer = PatientTimer(asyncio.get_running_loop(), GOODBYE_REPLY_WAIT, self.close)
+        self._reply_timer = PatientTimer(self._running_loop(), GOODBYE_REPLY_WAIT, self.close)
 
     def close_frame_read(self, data: Buffer) -> None:
         """A read that holds a close frame, or may be one (rare: the hot path
@@ -665,7 +676,7 @@ class CarrierProtocol(_Side):
             and not self._ended_at_bound
             and isinstance(self.transport, TLSConnection)
         ):
-            self._early_look = asyncio.get_running_loop().call_soon(self._look_while_kept)
+            self._early_look = self._running_loop().call_soon(self._look_while_kept)
 
     def _look_while_kept(self) -> None:
         """A carrier not read (its early bytes at the bound) until its call is
@@ -689,7 +700,7 @@ class CarrierProtocol(_Side):
         ):
             return
         if not t.peer_has_ended():
-            self._early_look = asyncio.get_running_loop().call_later(
+            self._early_look = self._running_loop().call_later(
                 EARLY_LOOK_EVERY, self._look_while_kept
             )
             return
@@ -769,7 +780,7 @@ class CarrierProtocol(_Side):
 
     def _take_slot(self, command: Command) -> None:
         assert isinstance(command, TakeSlot)
-        self._task = asyncio.get_running_loop().create_task(self._lease(command.avoid))
+        self._task = self._running_loop().create_task(self._lease(command.avoid))
 
     async def _lease(self, avoid: tuple[str, ...]) -> None:
         try:
@@ -836,7 +847,7 @@ class CarrierProtocol(_Side):
         self._fleet = (command.fleet, spec, None)
         # What the connect timer (StartTimer, next) asks after a stall.
         self._underway = underway = Underway()
-        self._task = asyncio.get_running_loop().create_task(
+        self._task = self._running_loop().create_task(
             self._connect(fleet_side, command.fleet, spec, underway)
         )
 
@@ -880,8 +891,8 @@ class CarrierProtocol(_Side):
                 ctx.registry.fleet_tls_handshakes["full" if offered is None else "resumed"] += 1
                 serve(conn, fleet_side)
             else:
-                loop = asyncio.get_running_loop()
-                sock = await open_tcp(spec.host, spec.port, underway)  # each address, staggered
+                loop = self._running_loop()
+                sock = await open_tcp(spec.host, spec.port, underway, loop=loop)  # staggered
                 try:
                     await loop.create_connection(lambda: fleet_side, sock=sock)
                 except BaseException:
@@ -889,7 +900,7 @@ class CarrierProtocol(_Side):
                     raise
         except (OSError, ssl.SSLError) as exc:
             fleet_sessions.failed(fleet, offered)
-            if self._task is asyncio.current_task():
+            if self._task is asyncio.current_task(self._loop):
                 self._task = None
                 if isinstance(exc, socket.gaierror):
                     why = exc.strerror or str(exc)
@@ -907,11 +918,11 @@ class CarrierProtocol(_Side):
             fleet_sessions.failed(fleet, offered)
             raise
         except Exception as exc:
-            if self._task is asyncio.current_task():
+            if self._task is asyncio.current_task(self._loop):
                 self._task = None
                 self._setup_failed(exc)
             return
-        if self._task is asyncio.current_task():
+        if self._task is asyncio.current_task(self._loop):
             self._task = None
             self._underway = None
             if offered is not None:  # resumed: what the session kept at the link rests on
@@ -1130,9 +1141,7 @@ class CarrierProtocol(_Side):
         source.peer = cast(asyncio.Transport, writer)
         # Patient: the end of the frame, come during a stall, is read first
         # (given up on then, the frame was cut short and no close frame sent).
-        writer.timer = PatientTimer(
-            asyncio.get_running_loop(), GOODBYE_BOUNDARY_WAIT, writer.give_up
-        )
+        writer.timer = PatientTimer(self._running_loop(), GOODBYE_BOUNDARY_WAIT, writer.give_up)
         return True
 
     def _abort_side(self, command: Command) -> None:
@@ -1151,7 +1160,7 @@ class CarrierProtocol(_Side):
         underway = self._underway if command.timer is Timer.CONNECT else None
         answered = None if underway is None else underway.answered
         self._timers[command.timer] = PatientTimer(
-            asyncio.get_running_loop(),
+            self._running_loop(),
             command.seconds,
             self._timer_fired,
             command.timer,
@@ -1231,6 +1240,7 @@ class FleetProtocol(_Side):
     def __init__(self, pump: CarrierProtocol, exchange: FleetExchange) -> None:
         # None once the attempt is dropped: a late word from it goes nowhere.
         self.pump: CarrierProtocol | None = pump
+        self._loop = pump._loop
         # Read for the fleet's head, then, once linked, for a relayed (non-101)
         # answer until it ends; None in a tunnel and after a relayed answer: so
         # linked with an exchange is relaying an answer.

@@ -65,24 +65,51 @@ class Underway:
         return bool(poller.poll(0))
 
 
-async def open_tcp(host: str, port: int, underway: Underway | None = None) -> socket.socket:
+async def open_tcp(
+    host: str,
+    port: int,
+    underway: Underway | None = None,
+    *,
+    loop: asyncio.AbstractEventLoop | None = None,
+    keep_writer: bool = False,
+) -> socket.socket:
     """A connected non-blocking socket to `host`:`port`, with TCP_NODELAY (each
     write is whole messages); the OSError of the last address tried if none
     takes it (one this host cannot use gives way to another's answer:
     `_says_more`). Bounded by the caller's timeout. `underway`: told of each
-    socket while it connects."""
-    loop = asyncio.get_running_loop()
+    socket while it connects. `loop`: the running loop, where the caller has
+    it (CPython 3.11's get_running_loop is a getpid system call).
+    `keep_writer`: the socket is returned with a writer still registered for
+    its descriptor (a callback that does nothing), for the caller to take over
+    or remove (`loop.remove_writer`) before anything else closes it: with
+    uvloop, removing a descriptor's only interest closes its poll handle and
+    the next registration opens a new one (six system calls), so a TLS
+    handshake that registers its reader first keeps the connect's poll
+    (`TLSConnection`'s ``writer_registered``)."""
+    loop = loop or asyncio.get_running_loop()
     infos = literal_addrinfo(host, port) or await loop.getaddrinfo(
         host, port, type=socket.SOCK_STREAM
     )
     if not infos:
         raise OSError(f"no address for {host}:{port}")
     if len(infos) == 1:  # a fleet at an IP literal, most often: nothing to race
-        sock = await _connect_one(infos[0], underway)
+        sock = await _connect_one(infos[0], underway, loop, keep_writer)
     else:
         sock = await first_connected(interleaved(infos), underway)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keep_writer:
+            loop.add_writer(sock.fileno(), _nothing)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        if keep_writer:
+            loop.remove_writer(sock.fileno())
+        sock.close()
+        raise
     return sock
+
+
+def _nothing() -> None:
+    pass
 
 
 def literal_addrinfo(host: str, port: int) -> list[AddrInfo]:
@@ -185,14 +212,19 @@ def _says_more(new: OSError, kept: OSError | None) -> bool:
     return kept.errno == errno.EADDRNOTAVAIL
 
 
-async def _connect_one(info: AddrInfo, underway: Underway | None = None) -> socket.socket:
+async def _connect_one(
+    info: AddrInfo,
+    underway: Underway | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+    keep_writer: bool = False,
+) -> socket.socket:
     family, type_, proto, _, address = info
     sock = socket.socket(family, type_, proto)
     if underway is not None:
         underway.connecting(sock)
     try:
         sock.setblocking(False)
-        await connect_socket(sock, address)
+        await connect_socket(sock, address, loop, keep_writer=keep_writer)
     except BaseException:
         sock.close()
         raise
@@ -202,29 +234,42 @@ async def _connect_one(info: AddrInfo, underway: Underway | None = None) -> sock
     return sock
 
 
-async def connect_socket(sock: socket.socket, address: Any) -> None:
+async def connect_socket(
+    sock: socket.socket,
+    address: Any,
+    loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    keep_writer: bool = False,
+) -> None:
     """Connect non-blocking `sock` to a resolved `address`, waiting on the loop's
     writer callback. Not the loop's sock_connect: uvloop's resolves even a
     numeric address again through getaddrinfo in libuv's thread pool (it asks
     without a socket type, so its shortcut for literals does not apply), where a
     resolver that hangs on one fleet's name held every connection to every
     fleet, those given by IP too (the stalled-dependencies audit of session 14:
-    a connect to 127.0.0.1 waited 9.8 s behind two hung lookups)."""
+    a connect to 127.0.0.1 waited 9.8 s behind two hung lookups).
+    `keep_writer`: connected, the descriptor's writer is left registered (see
+    `open_tcp`); on failure it never is."""
+    loop = loop or asyncio.get_running_loop()
+    fd = sock.fileno()
     try:
         sock.connect(address)
+        if keep_writer:
+            loop.add_writer(fd, _nothing)
         return
     except (BlockingIOError, InterruptedError):
         pass
-    loop = asyncio.get_running_loop()
     writable = loop.create_future()
-    fd = sock.fileno()
     loop.add_writer(fd, lambda: writable.done() or writable.set_result(None))
+    connected = False
     try:
         await writable
+        if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError
+        connected = True
     finally:
-        loop.remove_writer(fd)  # by descriptor, before any close (net/tls_socket.py)
-    if error := sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
-        raise OSError(error, os.strerror(error))  # e.g. ConnectionRefusedError
+        if not (connected and keep_writer):
+            loop.remove_writer(fd)  # by descriptor, before any close (net/tls_socket.py)
 
 
 def _abandon(trying: set[asyncio.Task[socket.socket]]) -> None:

@@ -272,6 +272,7 @@ class TLSConnection:
         "_timer",
         "_want_read_for_write",
         "_want_write_for_read",
+        "_writer_foreign",
         "_writer_on",
         "_writing_paused",
         "peer_ended_cleanly",
@@ -285,7 +286,14 @@ class TLSConnection:
         *,
         high_water: int = WRITE_HIGH_WATER,
         max_buffer: int = MAX_WRITE_BUFFER,
+        writer_registered: bool = False,
     ) -> None:
+        """``writer_registered``: the descriptor has a writer registered already
+        (its TCP connect's: `open_tcp` with ``keep_writer``), taken over here and
+        replaced or removed at the first registration: with uvloop a descriptor
+        whose last interest is removed has its poll handle closed, and a new one
+        opened for the next (six system calls: a fleet connection's connect
+        and its handshake's first read, session 40)."""
         if sock.gettimeout() != 0.0:
             raise ValueError("a TLSConnection needs a non-blocking SSLSocket")
         # ``SSLSocket.recv_into`` and ``send`` are Python wrappers (three frames
@@ -319,7 +327,11 @@ class TLSConnection:
         self._step_queued = False
         self._timer: PatientTimer | None = None  # put off after a stall (late_timers)
         self._close_timer: PatientTimer | None = None
-        self._reader_on = self._writer_on = False
+        self._reader_on = False
+        self._writer_on = writer_registered
+        # The writer registered is another's callback (writer_registered): the
+        # first registration replaces or removes it.
+        self._writer_foreign = writer_registered
         # A write OpenSSL could not finish: retried with these same bytes.
         self._out: Buffer | None = None
         # _out is partly sent (SSLWantWriteError): it goes before anything else.
@@ -380,7 +392,7 @@ class TLSConnection:
     def _callbacks_changed(self) -> None:
         if self._reader_on:  # replaces the callback
             self._register(self._loop.add_reader, self._loop.remove_reader, self._read_callback())
-        if self._writer_on:
+        if self._writer_on and not self._writer_foreign:  # a foreign one goes at _sync_io
             self._register(self._loop.add_writer, self._loop.remove_writer, self._write_callback())
 
     def _register(
@@ -540,20 +552,37 @@ class TLSConnection:
         certificate's signature), and a burst of carriers, accepted one a turn,
         whose ClientHellos then arrive together, were all answered in one loop
         turn that every live call's next frame waited for (100 of them 26 ms of
-        CPU; 300 held `run`'s calls 100-250 ms, hostile37). Unregistered for
-        reads while its step waits."""
+        CPU; 300 held `run`'s calls 100-250 ms, hostile37). Its reader stays
+        registered while its step waits, as a queue that runs it on the next
+        loop turn does before the loop polls again; a read event that comes
+        while it waits (a burst: the queue held it past a turn) unregisters it
+        until the step runs, so that a waiting handshake is no busy loop. With
+        uvloop a reader removed and added again is the descriptor's poll handle
+        closed and opened again: seven system calls, a carrier's two flights
+        each (session 40)."""
         self._steps = queue
 
     def _queue_step(self) -> None:
         if not self._step_queued:
             self._step_queued = True
-            self._sync_io()  # no read events meanwhile: the step reads
             cast("_StepQueue", self._steps).add(self._queued_step)
+        else:
+            # Read again while the step waits: no more read events until it runs
+            # (the step reads; `_handshake_step` registers again if it must).
+            self._sync_io(eager=True)
 
     def _queued_step(self) -> None:
         self._step_queued = False
         if self._state is _HANDSHAKE and self._hs_done is not None:
             self._handshake_step()
+            # The read event that queued the step may have been uvloop's last for
+            # this poll (an error event: the peer's last flight, its head and its
+            # reset together), the reader kept: once the handshake is done and
+            # its handler reads, read on if TCP says the connection has ended.
+            # (The reader removed while the step waited and added again after,
+            # a new poll said so.)
+            if self._setting_up:
+                self._read_watched()
 
     def _handshake_step(self) -> None:
         try:
@@ -1092,7 +1121,9 @@ class TLSConnection:
         if reading != self._reader_on and (
             reading
             or eager
-            or state is not _OPEN
+            # A handshake step waiting in its queue keeps the reader until a read
+            # event comes meanwhile (`_queue_step`).
+            or (state is not _OPEN and not (state is _HANDSHAKE and self._step_queued))
             # These two would make every loop turn a wake-up: unregistered now.
             or self._eof
             or self._want_write_for_read
@@ -1102,7 +1133,10 @@ class TLSConnection:
                 self._register(loop.add_reader, loop.remove_reader, self._read_callback())
             else:
                 loop.remove_reader(fd)
-        if writing != self._writer_on:
+        if writing != self._writer_on or self._writer_foreign:
+            # After the reader's registration: a writer taken over (a connect's)
+            # goes only once the reader holds the descriptor's poll.
+            self._writer_foreign = False
             self._writer_on = writing
             if writing:
                 self._register(loop.add_writer, loop.remove_writer, self._write_callback())
@@ -1366,11 +1400,18 @@ def _renegotiation_watch(sock: ssl.SSLSocket, pointer: int | None) -> Callable[[
 
 
 def wrap_accepted(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SSLContext, **kw: int
+    loop: asyncio.AbstractEventLoop,
+    sock: socket.socket,
+    ctx: ssl.SSLContext,
+    *,
+    nodelay: bool = True,
+    **kw: int,
 ) -> TLSConnection:
-    """The server side of an accepted TCP socket (handshake not started)."""
+    """The server side of an accepted TCP socket (handshake not started).
+    ``nodelay`` False: the socket has TCP_NODELAY already (from its listener)."""
     sock.setblocking(False)
-    _nodelay(sock)
+    if nodelay:
+        _nodelay(sock)
     ssock = ctx.wrap_socket(
         sock, server_side=True, do_handshake_on_connect=False, suppress_ragged_eofs=False
     )
@@ -1413,8 +1454,13 @@ async def connect(
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
     link (accept pacing)."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(None if underway is not None else timeout):
-        sock = await open_tcp(host, port, underway)  # each address, staggered (RFC 8305)
+    # With `underway` no timer here: asyncio.timeout() asks for the running loop
+    # twice (CPython 3.11: a getpid system call each).
+    async with _NO_TIMEOUT if underway is not None else asyncio.timeout(timeout):
+        # Its writer kept registered, for the connection to take over: the
+        # descriptor's poll stays open from the connect to the handshake.
+        sock = await open_tcp(host, port, underway, loop=loop, keep_writer=True)
+        fd = sock.fileno()
         try:
             ssock = ctx.wrap_socket(
                 sock,
@@ -1425,9 +1471,15 @@ async def connect(
                 session=session,
             )
         except BaseException:
+            loop.remove_writer(fd)
             sock.close()
             raise
-        conn = TLSConnection(loop, ssock, **kw)
+        try:
+            conn = TLSConnection(loop, ssock, writer_registered=True, **kw)
+        except BaseException:
+            loop.remove_writer(fd)
+            ssock.close()
+            raise
         offered = False
         if kept_session is not None and conn._ssl is not None:
             calls = session_calls()
@@ -1450,6 +1502,8 @@ async def connect(
             raise
     return conn
 
+
+_NO_TIMEOUT = contextlib.nullcontext()
 
 # OpenSSL's reasons for an alert the peer sent (SSL_AD_REASON_OFFSET + its
 # code: "sslv3 alert handshake failure", "tlsv1 unrecognized name", ...).
