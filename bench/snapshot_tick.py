@@ -7,7 +7,8 @@ is written to real memfds), then runs ``--ticks`` turns of what
 ``supervisor_process._write_snapshots`` does each second: the OOM count's
 look, then the snapshot (`CrashSnapshot.keep_up`; on a tree without it,
 `write_in_turns`, as main did), each turn after moving what moves each second
-on its own (each fleet's probe counters and times, each worker's report).
+on its own (each fleet's probe counters and times; each worker's report every
+``--report-every`` ticks).
 Under callgrind at two tick counts, the difference over the ticks is one
 second's snapshot::
 
@@ -78,8 +79,9 @@ async def ticks(args: argparse.Namespace) -> int:
             f.probes_total += 1
             f.last_probe_monotonic = time.monotonic()
             f.last_probe_seconds = 0.001 * (tick % 7 + 1)
-        for w in range(args.workers):
-            supervisor.view.report(report(100 + w, tick + 1), time.monotonic())
+        if tick % args.report_every == 0:
+            for w in range(args.workers):
+                supervisor.view.report(report(100 + w, tick + 1), time.monotonic())
         supervisor.oom_verdict.look_for_oom_kills()
         before = snapshots._landed
         await keep_up(take)
@@ -102,6 +104,12 @@ def main() -> int:
     p.add_argument("--ticks", type=int, default=20)
     p.add_argument("--fleets", type=int, default=2)
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--report-every",
+        type=int,
+        default=5,
+        help="ticks between each worker's reports: 5 idle (PULL_EVERY), 1 while calls are live",
+    )
     p.add_argument("--out", type=Path, required=True)
     return asyncio.run(ticks(p.parse_args()))
 
