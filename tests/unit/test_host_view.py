@@ -308,7 +308,9 @@ def test_the_view_taken_every_second_writes_each_report_once_and_always_the_late
     first = view.to_json(11.0)
     again = view.to_json(12.0)
     assert [e["report"] for e in again["latest"]] == [e["report"] for e in first["latest"]]
-    assert all(a["report"] is b["report"] for a, b in zip(first["latest"], again["latest"], strict=True))
+    assert all(
+        a["report"] is b["report"] for a, b in zip(first["latest"], again["latest"], strict=True)
+    )
     assert [e["age"] for e in again["latest"]] == [2.0, 2.0]
 
     def latest(data) -> dict[int, int]:
