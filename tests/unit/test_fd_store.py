@@ -32,6 +32,7 @@ from fleet_ingress.config.settings import (
     settings_of_text,
 )
 from fleet_ingress.core.addresses import format_hostport
+from fleet_ingress.core.host_view import Counts, WorkerReport
 from fleet_ingress.net.listener import bind_tcp
 from fleet_ingress.net.tls import CarrierPem, new_ticket_keys, read_pem
 from fleet_ingress.service import oom_verdict as oom_verdict_module
@@ -1502,3 +1503,117 @@ def test_a_store_refused_before_the_limit_was_known_stays_refused_after_a_remove
     assert notifier.unkept == {"worker.2.1"}  # stored again at the next reload
     assert [r for r in caplog.records if "not kept" in r.getMessage()]
     notifier.close()
+
+
+def _report(pid: int, seq: int, calls: int) -> WorkerReport:
+    """A live worker's cumulative report (`WorkerReporter`'s shape, trimmed)."""
+    counts = Counts()
+    counts.counters[("fleet_calls", "c")] = calls
+    counts.counters[("bytes_from_carrier",)] = 160 * calls
+    counts.gauges[("active_calls",)] = calls % 3
+    return WorkerReport(pid=pid, generation=1, seq=seq, started=1.7e9, counts=counts, calls=1)
+
+
+async def test_a_quiet_supervisors_snapshot_is_written_as_what_a_crash_restart_takes_up_moves(
+    tls_files: TLSFiles, tmp_path: Path, notify_socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The every-second snapshot (`CrashSnapshot.keep_up`) is encoded and
+    written when what a crash restart takes up at once moved (a fleet's
+    health, a worker leaving, an upgrade's status changed in place, the OOM
+    kills counted), and otherwise every QUIET_WRITE_EVERY: a minute of probes
+    and reports moving counters and times alone wrote nothing (main wrote it
+    60 times, 1.9 M instructions a second, session 39). What it wrote last is
+    what the supervisor started after a death takes up."""
+    from fleet_ingress.core.health import Health
+    from fleet_ingress.service import snapshot_pace
+
+    await write_run_home(
+        tls_files, tmp_path, ["https://127.0.0.1:9 name=c", "https://127.0.0.1:10 name=d"]
+    )
+    config = load_config(tmp_path / "ingress.toml")
+    specs = load_fleets_file(tmp_path / "fleets.txt", default_maxconn=config.fleets.maxconn)
+    supervisor = Supervisor(config, specs, tmp_path / "ingress.toml")
+    receiver, notifier = notify_socket
+    snapshots = CrashSnapshot(notifier)
+    take = supervisor.upgrade.crash_snapshot
+    fleet = supervisor.balancer.fleets[0]
+    fleet.health = Health.UP
+    worker = os.getpid()  # this test's process: a worker whose report is kept
+    supervisor.view.report(_report(worker, 1, 1), time.monotonic())
+    assert await snapshots.keep_up(take)  # the first: written
+    kept = {message.rpartition("=")[2]: fds[0] for message, fds in _stored(receiver) if fds}
+
+    def newest() -> dict:
+        states = [json.loads(data) for fd in kept.values() if (data := os.pread(fd, 1 << 22, 0))]
+        return max(states, key=lambda state: state["sequence"])
+
+    def a_quiet_second(second: int) -> None:
+        """What moves each second on its own: probes, their figures, reports."""
+        for f in supervisor.balancer.fleets:
+            f.probes_total += 1
+            f.last_probe_monotonic = time.monotonic()
+            f.last_probe_at = time.time()
+            f.last_probe_seconds = 0.001 * (second % 7 + 1)
+            f.reported_available = 10 + second % 3
+            supervisor.metrics.checks.check_observed(f.name, 0.002)
+        supervisor.slots.queue_timeouts += 1
+        supervisor.view.report(_report(worker, second + 2, second + 2), time.monotonic())
+
+    for second in range(60):
+        a_quiet_second(second)
+        assert not await snapshots.keep_up(take), f"written after {second + 1} quiet seconds"
+    assert newest()["sequence"] == 1
+    # Past QUIET_WRITE_EVERY since the last write: written, counters as they are now.
+    monkeypatch.setattr(snapshot_pace, "QUIET_WRITE_EVERY", 0.0)
+    assert await snapshots.keep_up(take)
+    assert newest()["queue_timeouts"] == 60
+    assert newest()["fleets"][0]["probes_total"] == fleet.probes_total == 60
+    monkeypatch.undo()
+    a_quiet_second(60)
+    assert not await snapshots.keep_up(take)
+
+    # Each of these moves what a crash restart takes up: written at the next take.
+    def health() -> None:
+        fleet.health = Health.DOWN
+
+    def upgrade_in_place() -> None:  # an upgrade's status, the same dict changed
+        status = supervisor.upgrade.statuses["u1"]
+        status["state"] = "failed"
+
+    def oom_kill() -> None:
+        supervisor.oom_verdict.oom_kills.seen((supervisor.oom_verdict.oom_kills.last or 0) + 1, 0.0)
+
+    def worker_gone() -> None:
+        supervisor.view.leave((worker, 1))
+
+    supervisor.upgrade.statuses["u1"] = {"id": "u1", "state": "running"}
+    assert await snapshots.keep_up(take)
+    for change in (health, upgrade_in_place, oom_kill, worker_gone):
+        a_quiet_second(61)
+        change()
+        assert await snapshots.keep_up(take), change.__name__
+        a_quiet_second(62)
+        assert not await snapshots.keep_up(take), change.__name__
+    written = newest()
+    assert written["upgrades"] == [{"id": "u1", "state": "failed"}]
+    assert written["view"]["retired"]["counters"] == [
+        ["bytes_from_carrier", 160 * 64],
+        ["fleet_calls", "c", 64],
+    ]
+    # A scrape's write (`write`) is the last written for the next take too.
+    a_quiet_second(63)
+    snapshots.write(take())
+    assert not await snapshots.keep_up(take)
+
+    # What the supervisor started after a death takes up: the fleet down, the
+    # worker's totals retired.
+    a, b = socket.socketpair()
+    carried = crash_state({"worker.20.1": a}, worker_target=1, snapshot=newest())
+    assert carried is not None
+    again = Supervisor(config, specs, tmp_path / "ingress.toml", carried=carried)
+    assert {f.name: f.health for f in again.balancer.fleets} == {"c": Health.DOWN, "d": Health.INIT}
+    assert again.view.retired.counters[("fleet_calls", "c")] == 64
+    a.close()
+    b.close()
+    for fd in kept.values():
+        os.close(fd)

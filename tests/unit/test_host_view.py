@@ -294,3 +294,37 @@ def test_counts_read_quickly_take_and_refuse_what_they_did():
         with pytest.raises(ReportError) as refused:
             read(bad)
         assert words in str(refused.value)
+
+
+def test_the_view_taken_every_second_writes_each_report_once_and_always_the_latest():
+    """`to_json` (the crash snapshot's, taken every second) makes a report's
+    wire form once and shares it while no newer report came (a report is read
+    every 5 s with no call live); a newer report, a new process under the same
+    pid and a worker gone are each written as they are, and what it gives
+    reads back to the same view."""
+    view = HostView()
+    view.report(report(1, 1, 1, 5), 10.0)
+    view.report(report(2, 1, 1, 7), 10.0)
+    first = view.to_json(11.0)
+    again = view.to_json(12.0)
+    assert [e["report"] for e in again["latest"]] == [e["report"] for e in first["latest"]]
+    assert all(
+        a["report"] is b["report"] for a, b in zip(first["latest"], again["latest"], strict=True)
+    )
+    assert [e["age"] for e in again["latest"]] == [2.0, 2.0]
+
+    def latest(data) -> dict[int, int]:
+        return {e["report"]["pid"]: e["report"]["seq"] for e in data["latest"]}
+
+    view.report(report(1, 1, 2, 9), 13.0)  # newer
+    view.report(report(2, 1, 1, 3, started=200.0), 13.0)  # a new process, pid 2 again
+    taken = view.to_json(13.0)
+    assert latest(taken) == {1: 2, 2: 1}
+    by_pid = {e["report"]["pid"]: e["report"] for e in taken["latest"]}
+    assert by_pid[1] == report(1, 1, 2, 9).to_wire()
+    assert by_pid[2] == report(2, 1, 1, 3, started=200.0).to_wire()
+    view.leave((1, 1))
+    taken = view.to_json(14.0)
+    assert latest(taken) == {2: 1}
+    back = HostView.from_json(json.loads(json.dumps(taken)), 14.0)
+    assert back.totals() == view.totals()

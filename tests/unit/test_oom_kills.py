@@ -14,6 +14,7 @@ from fleet_ingress.service.oom_kills import (
     OOM_CREDIT_S,
     PROC_PID_INIT_INO,
     KernelLog,
+    OomCounter,
     OomKills,
     count_in,
     counter_candidates,
@@ -284,3 +285,44 @@ def test_a_supervisor_oom_kill_is_read_past_a_full_ring(monkeypatch: pytest.Monk
     started_again = KernelLog()
     started_again.rewind(carried, 100.0)
     assert started_again.killed(17964, 100.0) and started_again.complete
+
+
+_OPENED: list[str] = []
+
+
+def _note_opens(event: str, args: tuple) -> None:
+    """The opens of _OPENED[0] to read it (os.open's mode is None; the test's
+    own writes, open(..., "w"), are not counted)."""
+    if event == "open" and _OPENED and str(args[0]) == _OPENED[0] and "w" not in str(args[1]):
+        _OPENED.append(event)
+
+
+def test_the_oom_counter_is_opened_once_and_read_afresh_each_time(tmp_path) -> None:
+    """The supervisor reads the count every second: its file is opened at the
+    first read and read again from its start (one pread; opened each time, it
+    took seven system calls a second: the idle audit of session 39). What was
+    written since is read, in place (the kernel's seq_file) or past one read's
+    length (/proc/vmstat is 5-8 KB); a file that cannot be read is None, and
+    opened afresh once it can."""
+    import sys
+
+    events = tmp_path / "memory.events"
+    counter = OomCounter(str(events), "memory cgroup /test (cgroup v2 memory.events)")
+    assert counter.read() is None  # not there yet
+    events.write_text("oom 1\noom_kill 1\n")
+    _OPENED[:] = [str(events)]
+    sys.addaudithook(_note_opens)  # (for good: a hook cannot be taken off; it checks _OPENED)
+    try:
+        for n in range(2, 12):
+            events.write_text(f"oom {n}\noom_kill {n}\n")  # in place, as the kernel's count moves
+            assert counter.read() == n
+        assert len(_OPENED) - 1 == 1, f"opened {len(_OPENED) - 1} times for 10 reads"
+    finally:
+        _OPENED.clear()
+    filler = "".join(f"nr_item_{i} {i}\n" for i in range(3000))  # past 16 KB
+    events.write_text(f"{filler}oom_kill 42\n")
+    assert len(events.read_bytes()) > 2 * 16384 and counter.read() == 42
+    counter.close()
+    events.write_text("oom_kill 7\n")
+    assert counter.read() == 7  # opened again
+    counter.close()

@@ -288,6 +288,10 @@ class HostView:
         # mirrors the deque: `report` asks it about every report read.
         self._gone: deque[tuple[WorkerId, float]] = deque(maxlen=_RETIRED_IDS_KEPT)
         self._gone_ids: set[tuple[WorkerId, float]] = set()
+        # Each live worker's last report as `to_json` wrote it, by the report
+        # it was made of: the crash snapshot takes the view every second, and
+        # a report is read every PULL_EVERY (5 s) when no call is live.
+        self._wires: dict[WorkerId, tuple[WorkerReport, dict[str, Any]]] = {}
 
     def report(self, report: WorkerReport, now: float) -> bool:
         """Take a worker's report, read at `now` (a monotonic clock that survives
@@ -363,15 +367,27 @@ class HostView:
     # -- over the supervisor's re-execution ------------------------------------
 
     def to_json(self, now: float) -> dict[str, Any]:
+        """What `from_json` reads. Its reports' parts are shared from one call
+        to the next while no newer report came: read, never changed."""
         return {
             "retired": self.retired.to_wire(),
             "retired_workers": self.retired_workers,
             "latest": [
-                {"report": report.to_wire(), "age": max(0.0, now - read_at)}
+                {"report": self._wire(report), "age": max(0.0, now - read_at)}
                 for report, read_at in self._latest.values()
             ],
             "gone": [[pid, generation, started] for (pid, generation), started in self._gone],
         }
+
+    def _wire(self, report: WorkerReport) -> dict[str, Any]:
+        """`report.to_wire()`, made once a report (its counters sorted: 40 to
+        4,000 entries a worker)."""
+        kept = self._wires.get(report.worker)
+        if kept is None or kept[0] is not report:
+            if len(self._wires) > len(self._latest):  # workers gone since
+                self._wires = {w: k for w, k in self._wires.items() if w in self._latest}
+            kept = self._wires[report.worker] = (report, report.to_wire())
+        return kept[1]
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], now: float) -> HostView:

@@ -23,9 +23,11 @@ one gone whose end another process holds) is taken out of the store
 not see it end. A channel that ends because its worker exited needs nothing:
 systemd drops a stored socket that hangs up.
 
-What the dead process knew goes in the store too (`CrashSnapshot`): every
-second, before answering each scrape or `stat` (no counter a scraper saw goes
-back), and as an operator's change is made (a reload, a fleet change, an
+What the dead process knew goes in the store too (`CrashSnapshot`): within a
+second of a change a crash restart must see, every QUIET_WRITE_EVERY (10 s)
+when only counters, probe figures and worker reports moved (`keep_up`,
+`service.snapshot_pace`), before answering each scrape or `stat` (no counter a
+scraper saw goes back), and as an operator's change is made (a reload, a fleet change, an
 upgrade's start and exec), the supervisor writes the state an upgrade's exec
 carries (fleets with their health and admin state and the ones being removed,
 the counters that must not reset, the last reload's outcome, the upgrades'
@@ -78,6 +80,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -94,6 +97,7 @@ from fleet_ingress.net.tls import TICKET_KEYS_BYTES, CarrierPem, memfd_of
 from fleet_ingress.service.carrier_certificate import pem_from_json, pem_to_json
 from fleet_ingress.service.listen_fds import ListenFdsError, inherited_socket, worker_key
 from fleet_ingress.service.sdnotify import Notifier
+from fleet_ingress.service.snapshot_pace import due, settled
 from fleet_ingress.service.upgrade import (
     process_start,
     process_state,
@@ -110,7 +114,9 @@ SD_LISTEN_FDS_START = 3
 STORED_LISTENERS = ("listen.wss", "listen.acme", "listen.stats")
 # The two memfds the supervisor's state is written to in turn (`CrashSnapshot`).
 SNAPSHOT_NAMES = ("state.0", "state.1")
-# How often the supervisor writes it: what a death loses of its counts.
+# How often the supervisor takes it, and writes it when what a crash restart
+# takes up at once moved (`CrashSnapshot.keep_up`; counters alone: every
+# snapshot_pace.QUIET_WRITE_EVERY, what a death loses of them).
 SNAPSHOT_EVERY = 1.0
 # The sealed memfd holding the session ticket keys and what they were drawn
 # for (`carrier_certificate.ticket_keys_drawn_for`, a SHA-256 digest).
@@ -301,8 +307,8 @@ def _read_snapshot(fd: int) -> dict[str, Any] | None:
 
 class CrashSnapshot:
     """The supervisor's state for the process systemd starts should it die:
-    written (every SNAPSHOT_EVERY, at each scrape and operator change:
-    `Supervisor.write_snapshot`) to two memfds kept in the fd store, in turn,
+    written (`keep_up` every SNAPSHOT_EVERY, at each scrape and operator
+    change: `Supervisor.write_snapshot`) to two memfds kept in the fd store, in turn,
     so that one cut short by the death leaves the other whole; each carries a
     sequence number, and the newer one read whole is taken up. Without
     systemd's notify socket, nothing is written."""
@@ -315,6 +321,11 @@ class CrashSnapshot:
         self._sequence = 0
         self._landed = 0  # the sequence of the last state written
         self._writes = 0  # how many were written: the memfds in turn
+        # The settled part of the last state written (`snapshot_pace.settled`),
+        # and when it was written: `keep_up` skips a state that moved only
+        # where a crash restart may be behind.
+        self._settled: bytes | None = None
+        self._written_at = -math.inf
 
     def write(self, state: Mapping[str, Any]) -> None:
         """Write `state` (the upgrade's, `UpgradeSequence.crash_snapshot`);
@@ -324,21 +335,39 @@ class CrashSnapshot:
         if not self._notifier.enabled:
             return
         sequence, stamped = self._stamped(state)
-        self._write(sequence, state_to_json(stamped))
+        self._write(sequence, state_to_json(stamped), settled(state))
 
     async def write_in_turns(self, take: Callable[[], Mapping[str, Any]]) -> None:
         """`write(take())`, the state taken in one piece and encoded in turns
-        (`state_to_json_in_turns`): every second (`SNAPSHOT_EVERY`) and after
-        each scrape. Dropped when a state taken after it was written meanwhile
+        (`state_to_json_in_turns`): after each scrape, and by `keep_up`.
+        Dropped when a state taken after it was written meanwhile
         (a scrape's, an operator change's: `Supervisor.write_snapshot`) or the
         memfds were discarded: the snapshot is never behind what a scrape
         showed (session 33)."""
         if not self._notifier.enabled:
             return
-        sequence, stamped = self._stamped(take())
+        state = take()
+        await self._write_in_turns(state, settled(state))
+
+    async def keep_up(self, take: Callable[[], Mapping[str, Any]]) -> bool:
+        """Every SNAPSHOT_EVERY: `write_in_turns`, when the state's settled
+        part moved since the last write or QUIET_WRITE_EVERY has passed since
+        it (`snapshot_pace`); else nothing is encoded. True when written."""
+        if not self._notifier.enabled:
+            return False
+        state = take()
+        now = settled(state)
+        if not due(now, self._settled, time.monotonic() - self._written_at):
+            return False
+        return await self._write_in_turns(state, now)
+
+    async def _write_in_turns(self, state: Mapping[str, Any], now: bytes | None) -> bool:
+        sequence, stamped = self._stamped(state)
         data = await state_to_json_in_turns(stamped)
-        if sequence > self._landed:
-            self._write(sequence, data)
+        if sequence <= self._landed:
+            return False
+        self._write(sequence, data, now)
+        return True
 
     def _stamped(self, state: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
         """`state` numbered, as taken now: its sequence, and it with its
@@ -347,7 +376,7 @@ class CrashSnapshot:
         stamped = {"sequence": self._sequence, "written_monotonic": time.monotonic(), **state}
         return self._sequence, stamped
 
-    def _write(self, sequence: int, data: bytes) -> None:
+    def _write(self, sequence: int, data: bytes, settled_part: bytes | None) -> None:
         first = not self._fds
         if first:
             self._fds = [
@@ -355,6 +384,7 @@ class CrashSnapshot:
             ]
         self._landed = sequence
         self._writes += 1
+        self._settled, self._written_at = settled_part, time.monotonic()
         fd = self._fds[self._writes % 2]
         os.ftruncate(fd, 0)  # cut short by a death: empty or torn, and not read
         view = memoryview(data)
@@ -384,6 +414,7 @@ class CrashSnapshot:
         when the stop's state cannot be written (`stopped`): the next start
         reads the files and keeps nothing."""
         self._landed = self._sequence  # a write in turns under way: dropped
+        self._settled = None  # written again should the store take them anew
         if self._fds:
             for name in SNAPSHOT_NAMES:
                 self._notifier.remove_fd(name)

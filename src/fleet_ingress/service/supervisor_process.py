@@ -431,7 +431,9 @@ async def _write_snapshots(supervisor: Supervisor) -> None:
         # died compares its own with the one the snapshot carries.
         supervisor.oom_verdict.look_for_oom_kills()
         if supervisor.snapshots is not None:
-            await supervisor.snapshots.write_in_turns(supervisor.upgrade.crash_snapshot)
+            # Written when what a crash restart takes up at once moved, else
+            # every QUIET_WRITE_EVERY (`CrashSnapshot.keep_up`, `snapshot_pace`).
+            await supervisor.snapshots.keep_up(supervisor.upgrade.crash_snapshot)
         await asyncio.sleep(SNAPSHOT_EVERY)
 
 
