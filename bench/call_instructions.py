@@ -35,16 +35,16 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.harness.carrier import FramePool, Recorder, open_call
-from bench.harness.children import HOST, REPO, child_env, free_port, log
+from bench.harness import callgrind
+from bench.harness.carrier import FramePool, Recorder, echoed_calls
+from bench.harness.children import HOST, REPO, free_port, log
+from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
 from bench.harness.targets import Settings, haproxy_binary, render_haproxy, render_ingress
 from bench.harness.tlsfiles import TLSFiles
 
@@ -52,86 +52,32 @@ STEP = 30.0  # seconds any one step of a call may take under callgrind
 WARMUP = 5  # calls before the counted ones (lazy imports, first-time paths): in both runs
 
 
-async def one_call(
-    rec: Recorder, pool: FramePool, port: int, ctx, index: int, messages: int
-) -> None:
-    call = await open_call(rec, pool, (HOST, port), f"/ws/bench-{index}", ctx, index * 7, STEP)
-    if call is None:
-        raise RuntimeError(f"call {index} failed: {rec.errors}")
-    for i in range(messages):
-        call.drained = asyncio.Event()
-        j = (index * 7 + i) % len(pool.wire)
-        call.outstanding.append((time.monotonic(), pool.payload[j]))
-        assert call.transport is not None
-        call.transport.write(pool.wire[j])
-        async with asyncio.timeout(STEP):
-            await call.drained.wait()
-    await call.finish(STEP, STEP)
-    if call.failed or not call.close_received:
-        raise RuntimeError(f"call {index} did not end cleanly: {rec.errors}")
-
-
 async def push(port: int, tls: TLSFiles, calls: int, wave: int, messages: int) -> Recorder:
     rec = Recorder()
-    pool = FramePool.build("twilio-like")
-    ctx = tls.carrier_context()
-    for start in range(0, calls, wave):
-        await asyncio.gather(
-            *(
-                one_call(rec, pool, port, ctx, i, messages)
-                for i in range(start, min(calls, start + wave))
-            )
-        )
+    await echoed_calls(
+        rec, FramePool.build("twilio-like"), (HOST, port), tls.carrier_context(), range(calls),
+        wave=wave, messages=messages, step=STEP,
+    )  # fmt: skip
     return rec
-
-
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((HOST, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listening on {port}")
 
 
 def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
     """One run under callgrind with ``calls`` counted calls; the callgrind file."""
-    work = out / f"n{calls}"
-    shutil.rmtree(work, ignore_errors=True)  # TLSFiles.write appends to its files
-    work.mkdir(parents=True)
+    work = fresh_dir(out / f"n{calls}")
     tls = TLSFiles.write(work)
-    env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
-    fleet = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.harness.fleets",
-            "--tls",
-            str(work),
-            "--name",
-            "fleet-a",
-            "--capacity",
-            "1000",
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
-    proc = None
-    try:
-        assert fleet.stdout is not None
-        fleet_port = json.loads(fleet.stdout.readline())["port"]
+    with Launched(work, variant_env(args.variant_pythonpath)) as launched:
+        fleet_port = launched.fleet("fleet-a")
         port = free_port()
         # The first probe, at the start, runs under callgrind (or beside it) too: on
         # a busy host it took more than 5 s now and then, the fleet down, every call
         # 503. Its time bounds no call.
         settings = Settings(maxconn=1000, check_interval=600.0, check_timeout=60.0, fall=1, rise=1)
         cg = work / ("strace.out" if args.counter == "strace" else "callgrind.out")
-        if args.counter == "strace":
-            argv = ["strace", "-f", "-c", "-o", str(cg)]
-        else:
-            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}"]
+        counter = (
+            ["strace", "-f", "-c", "-o", str(cg)]
+            if args.counter == "strace"
+            else callgrind.argv(cg)
+        )
         if args.target == "haproxy":
             binary = haproxy_binary()
             if binary is None:
@@ -142,18 +88,12 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
             # call 503); a server with none is up.
             unchecked = config.read_text().replace("default-server check ", "default-server ")
             config.write_text(unchecked)
-            argv += [binary, "-db", "-f", str(config)]
+            counted = [binary, "-db", "-f", str(config)]
         else:
             config = render_ingress(settings, tls, port, [fleet_port], work)
             one_process = REPO / "bench" / "one_process_ingress.py"
-            argv += [sys.executable, str(one_process), "-c", str(config)]
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=work,
-            stdout=(work / "stdout.log").open("wb"),
-            stderr=(work / "stderr.log").open("wb"),
-        )
+            counted = [sys.executable, str(one_process), "-c", str(config)]
+        proc = launched.start([*counter, *counted])
         deadline = time.monotonic() + args.max_seconds
         wait_port(port, deadline)
         asyncio.run(push(port, tls, WARMUP, 1, args.messages))
@@ -168,11 +108,6 @@ def count(calls: int, out: Path, args: argparse.Namespace) -> Path:
         stop_counted(proc, args.counter)
         proc.wait(timeout=120)
         return cg
-    finally:
-        for p in (proc, fleet):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def stop_counted(proc: subprocess.Popen[bytes], counter: str) -> None:
@@ -185,36 +120,16 @@ def stop_counted(proc: subprocess.Popen[bytes], counter: str) -> None:
     os.kill(pid, signal.SIGTERM)
 
 
-def _annotate(cg: Path, inclusive: bool) -> list[tuple[int, str]]:
-    text = subprocess.run(
-        [
-            "callgrind_annotate",
-            f"--inclusive={'yes' if inclusive else 'no'}",
-            "--threshold=100",
-            str(cg),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rows = []
-    for line in text.splitlines():
-        if m := re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(\S.*)$", line):
-            rows.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
-    return rows
-
-
 def totals(cg: Path) -> dict[str, int]:
     """Inclusive instructions per function (callgrind_annotate --inclusive=yes), and
     each shared object's own (exclusive) instructions as ``[object]``."""
     out: dict[str, int] = {}
-    for n, name in _annotate(cg, inclusive=True):
+    for n, name in callgrind.rows(callgrind.annotate(cg, inclusive=True)):
         out[name] = n
-    for n, name in _annotate(cg, inclusive=False):
+    for n, name in callgrind.rows(callgrind.annotate(cg, inclusive=False)):
         if name == "PROGRAM TOTALS":
             continue
-        obj = name.rpartition(" [")[2].rstrip("]").rpartition("/")[2] if " [" in name else "???"
-        key = f"self in [{obj}]"
+        key = f"self in [{callgrind.shared_object(name)}]"
         out[key] = out.get(key, 0) + n
     return out
 

@@ -57,14 +57,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .harness import procfs, targets
+from .harness import fleets, procfs, profile, targets
 from .harness.carrier import FramePool, LeanCall, Recorder, client_frame, open_call
-from .harness.children import Children, log, python_module
+from .harness.children import Children, log
 from .harness.targets import Settings, start_target
 from .harness.tlsfiles import TLSFiles
 
 PHASES = ("idle", "held", "stream")
-_STRACE_LINE = re.compile(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(?P<calls>\d+)\s+(?:\d+\s+)?(?P<name>\w+)$")
 
 
 def thread_counts(pid: int) -> dict[int, tuple[str, int, int]]:
@@ -139,10 +138,8 @@ async def strace_window(
                 if (m := re.match(r"^\d+\s+[\d:.]+\s+(\w+)\(", line)) and "resumed>" not in line
             )
         else:
-            counts = Counter()
-            for line in (home / f"{phase}-{role}.count").read_text().splitlines():
-                if (m := _STRACE_LINE.match(line)) and m.group("name") != "total":
-                    counts[m.group("name")] += int(m.group("calls"))
+            summary = profile.strace_counts(home / f"{phase}-{role}.count")
+            counts = Counter({name: row["calls"] for name, row in summary.items()})
         total = sum(counts.values())
         epoll = sum(c for n, c in counts.items() if n.startswith("epoll_"))
         out[role] = {
@@ -151,20 +148,6 @@ async def strace_window(
             "top_per_s": {n: round(c / seconds, 1) for n, c in counts.most_common()},
         }
     return out
-
-
-async def start_fleets(children: Children, tls_dir: Path, count: int, capacity: int) -> list[int]:
-    ports = []
-    for i in range(count):
-        proc = await children.spawn(
-            python_module("bench.harness.fleets", "--tls", str(tls_dir), "--name",
-                          f"fleet-{i}", "--capacity", str(capacity)),
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            ports.append(int(json.loads(await proc.stdout.readline())["port"]))
-    return ports
 
 
 async def ping_calls(calls: list[LeanCall], every: float, stop: asyncio.Event) -> None:
@@ -208,7 +191,10 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"settings": vars(args) | {"timeline": str(timeline)}}
     calls: list[LeanCall] = []
     try:
-        fleet_ports = await start_fleets(children, home, args.fleets, args.calls + 50)
+        fleet_ports = [
+            (await fleets.start(children, home, f"fleet-{i}", args.calls + 50))[1]
+            for i in range(args.fleets)
+        ]
         settings = Settings(maxconn=args.calls, ingress_workers=args.workers)
         target = await start_target("ingress", children, tls, settings, fleet_ports, home)
         assert target.pid is not None

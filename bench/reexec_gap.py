@@ -34,7 +34,6 @@ import signal
 import socket
 import ssl
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any
 from fleet_ingress.sim import SimulatedFleet
 from fleet_ingress.sim.carrier import CallResult, run_call
 
-from .harness.children import HOST, free_port
+from .harness.children import HOST, Children, free_port, python_module
 from .harness.tlsfiles import TLSFiles
 
 GRANTED_AGAIN = "upgrade: slots granted again after the re-execution"
@@ -128,12 +127,11 @@ async def one_run(args: argparse.Namespace, tls: TLSFiles, scratch: Path) -> dic
     port, stats_port = free_port(), free_port()
     config = _config(home, tls, args.workers, port, stats_port)
     log_path = home / "stderr.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEET_INGRESS_")}
+    children = Children()
     with log_path.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fleet_ingress", "run", "-c", str(config),
-            cwd=home, env=env, stderr=err,
-        )  # fmt: skip
+        proc = await children.spawn(
+            python_module("fleet_ingress", "run", "-c", str(config)), cwd=home, stderr=err
+        )
     ctx = ssl.create_default_context(cafile=str(tls.ca))
     calls: list[tuple[float, asyncio.Task[CallResult]]] = []
     try:
@@ -172,13 +170,7 @@ async def one_run(args: argparse.Namespace, tls: TLSFiles, scratch: Path) -> dic
         results = await asyncio.gather(*(t for _, t in calls))
         await _until(lambda: _said(log_path, UPGRADE_DONE) is not None, 60, "the upgrade done")
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 40)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await Children.stop(proc, 40)  # its drain is 30 s
         for fleet in fleets:
             await fleet.stop()
     granted = _said(log_path, GRANTED_AGAIN) or {}

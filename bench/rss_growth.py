@@ -17,27 +17,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import pathlib
-import socket
 import ssl
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import trustme
 import uvloop
 
 from fleet_ingress.sim import SimulatedFleet, run_call
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # ``python bench/rss_growth.py``: the harness from this tree
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+from bench.harness.children import HOST, Children, free_port
+from bench.harness.procfs import rss_kib
+from bench.harness.targets import BARE_SPLICE
+from bench.harness.tlsfiles import TLSFiles
 
 
 def rss_by_region(pid: int) -> dict[str, int]:
+    """Rss in KiB by mapping, each file apart (``procfs.rss_by_mapping`` sums files)."""
     regions: dict[str, int] = {}
     name = "anon"
     with open(f"/proc/{pid}/smaps") as smaps:
@@ -51,45 +51,36 @@ def rss_by_region(pid: int) -> dict[str, int]:
 
 
 async def measure(args: argparse.Namespace) -> None:
-    ca = trustme.CA()
-    home = pathlib.Path(tempfile.mkdtemp(prefix="rss-growth-"))
-    ca.cert_pem.write_to_path(home / "ca.pem")
-    leaf = ca.issue_cert("127.0.0.1")
-    for blob in leaf.cert_chain_pems:
-        blob.write_to_path(home / "cert.pem", append=True)
-    leaf.private_key_pem.write_to_path(home / "key.pem")
-    fleet_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    leaf.configure_cert(fleet_ssl)
-    carrier_ssl = ssl.create_default_context()
-    ca.configure_trust(carrier_ssl)
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    async with SimulatedFleet(name="a", ssl_context=fleet_ssl, capacity=1000) as fleet:
+    home = Path(tempfile.mkdtemp(prefix="rss-growth-"))
+    tls = TLSFiles.write(home)
+    carrier_ssl = ssl.create_default_context(cafile=str(tls.ca))
+    port = free_port()
+    children = Children()
+    async with SimulatedFleet(
+        name="a", ssl_context=tls.fleet_server_context(), capacity=1000
+    ) as fleet:
         if args.target == "bare":
             command = [
-                sys.executable, str(REPO / "bench" / "bare_splice.py"),
-                "--listen", f"127.0.0.1:{port}", "--cert", str(home / "cert.pem"),
-                "--key", str(home / "key.pem"), "--ca", str(home / "ca.pem"),
-                "--fleet", f"127.0.0.1:{fleet.port}",
+                sys.executable, str(BARE_SPLICE), "--listen", f"{HOST}:{port}",
+                "--cert", str(tls.server_cert), "--key", str(tls.server_key),
+                "--ca", str(tls.ca), "--fleet", f"{HOST}:{fleet.port}",
             ]  # fmt: skip
         else:
             (home / "fleets.txt").write_text(f"{fleet.url} name=a maxconn=1000\n")
             (home / "ingress.toml").write_text(
-                f'[listen]\nwss = "127.0.0.1:{port}"\nacme = ""\nstats = ""\nadmin_socket = ""\n'
-                f'[tls]\ncert = "cert.pem"\nkey = "key.pem"\n'
-                f'[fleets]\nca_file = "ca.pem"\n[log]\naccess = false\nlevel = "error"\n'
+                f'[listen]\nwss = "{HOST}:{port}"\nacme = ""\nstats = ""\nadmin_socket = ""\n'
+                f'[tls]\ncert = "{tls.server_cert}"\nkey = "{tls.server_key}"\n'
+                f'[fleets]\nca_file = "{tls.ca}"\n[log]\naccess = false\nlevel = "error"\n'
             )
             code = (
                 f"{args.prelude}\nimport sys\nfrom fleet_ingress.cli import main\n"
                 f"sys.exit(main(['run', '-c', {str(home / 'ingress.toml')!r}]))"
             )
             command = [sys.executable, "-c", code]
-        relay = await asyncio.create_subprocess_exec(*command)
+        relay = await children.spawn(command)
         try:
             await asyncio.sleep(2)
-            url = f"wss://127.0.0.1:{port}"
+            url = f"wss://{HOST}:{port}"
             stop = time.monotonic() + args.seconds
             calls = 0
 
@@ -114,8 +105,7 @@ async def measure(args: argparse.Namespace) -> None:
             for region, kib in sorted(rss_by_region(relay.pid).items(), key=lambda kv: -kv[1])[:5]:
                 print(f"  {kib:>8} KiB  {region}")
         finally:
-            relay.terminate()
-            await relay.wait()
+            await children.stop_all()
 
 
 def main() -> None:

@@ -36,7 +36,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -44,36 +43,24 @@ import sys
 import time
 from pathlib import Path
 
-from bench.harness.carrier import FramePool, Recorder, open_call
-from bench.harness.children import HOST, REPO, child_env, free_port, log
-from bench.harness.targets import Settings, notify_ready, notify_socket, render_ingress
+from bench.harness import callgrind, procfs
+from bench.harness.carrier import FramePool, Recorder, echoed_call
+from bench.harness.children import HOST, REPO, free_port, log
+from bench.harness.launch import (
+    Launched,
+    drain_notify,
+    fresh_dir,
+    variant_env,
+    wait_notified_ready,
+)
+from bench.harness.profile import strace_counts
+from bench.harness.targets import Settings, notify_socket, render_ingress
 from bench.harness.tlsfiles import TLSFiles
 
 STEP = 30.0  # seconds any one step of a call may take
 SETTLE = 1.5  # seconds after a window's last call should have ended, before its dump
 READY_SECONDS = 300.0  # fleet-ingress under callgrind imports slowly
 WARMUP = 5  # calls before the first window (first-time paths)
-
-
-async def one_call(
-    rec: Recorder, pool: FramePool, port: int, ctx, index: int, messages: int, hold: float
-) -> None:
-    started = time.monotonic()
-    call = await open_call(rec, pool, (HOST, port), f"/ws/si-{index}", ctx, index * 7, STEP)
-    if call is None:
-        raise RuntimeError(f"call {index} failed: {rec.errors}")
-    for i in range(messages):
-        call.drained = asyncio.Event()
-        j = (index * 7 + i) % len(pool.wire)
-        call.outstanding.append((time.monotonic(), pool.payload[j]))
-        assert call.transport is not None
-        call.transport.write(pool.wire[j])
-        async with asyncio.timeout(STEP):
-            await call.drained.wait()
-    await asyncio.sleep(max(0.0, hold - (time.monotonic() - started)))
-    await call.finish(STEP, STEP)
-    if call.failed or not call.close_received:
-        raise RuntimeError(f"call {index} did not end cleanly: {rec.errors}")
 
 
 async def paced(port: int, tls: TLSFiles, calls: int, seconds: float, args) -> None:
@@ -85,15 +72,17 @@ async def paced(port: int, tls: TLSFiles, calls: int, seconds: float, args) -> N
     tasks = []
     for i in range(calls):
         await asyncio.sleep(max(0.0, t0 + i * seconds / calls - time.monotonic()))
-        tasks.append(
-            asyncio.create_task(one_call(rec, pool, port, ctx, i, args.messages, args.call_seconds))
-        )
+        call = echoed_call(
+            rec, pool, (HOST, port), f"/ws/si-{i}", ctx, i * 7,
+            messages=args.messages, step=STEP, hold=args.call_seconds,
+        )  # fmt: skip
+        tasks.append(asyncio.create_task(call))
     await asyncio.gather(*tasks)
 
 
 def proc_counts(pid: int) -> dict[str, int]:
     """The supervisor's CPU ticks (utime+stime) and context switches, from /proc."""
-    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    _, stat = procfs.read_stat(pid)
     status = Path(f"/proc/{pid}/status").read_text()
     switches = {
         k: int(v)
@@ -109,95 +98,25 @@ def callgrind_counts(path: Path) -> tuple[int, dict[str, int]]:
     Frames already on the stack when the counters were zeroed (the loop's run,
     the interpreter's outer frames) show the window's whole cost as their own
     in callgrind_annotate: left out (half the total or more)."""
-    text = subprocess.run(
-        ["callgrind_annotate", "--inclusive=no", "--threshold=100", "--auto=no", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
     functions: dict[str, int] = {}
     total = 0
-    for line in text.splitlines():
-        if m := re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(\S.*)$", line):
-            n, name = int(m.group(1).replace(",", "")), m.group(2).strip()
-            if name == "PROGRAM TOTALS":
-                total = n
-            elif n < total / 2:
-                name = re.sub(r"/tmp/python-build[^ ]*?/Python-[\d.]+/", "", name)
-                functions[name] = functions.get(name, 0) + n
+    for n, name in callgrind.rows(callgrind.annotate(path, inclusive=False, auto=False)):
+        if name == "PROGRAM TOTALS":
+            total = n
+        elif n < total / 2:
+            name = re.sub(r"/tmp/python-build[^ ]*?/Python-[\d.]+/", "", name)
+            functions[name] = functions.get(name, 0) + n
     return total, functions
 
 
-def shared_object(function: str) -> str:
-    """``file:function [/path/lib.so]`` -> ``lib.so`` (``???`` when not said)."""
-    return (
-        function.rpartition(" [")[2].rstrip("]").rpartition("/")[2] if " [" in function else "???"
-    )
-
-
-def strace_total(path: Path) -> dict[str, int]:
-    """``strace -c``'s calls by system call, and their total as "total"."""
-    counts: dict[str, int] = {}
-    for line in path.read_text().splitlines():
-        cols = line.split()
-        if len(cols) >= 5 and cols[0][0].isdigit() and cols[3].isdigit():
-            counts[cols[-1]] = int(cols[3])
-    return counts
-
-
-def wait_ready(proc: subprocess.Popen, notify, deadline: float) -> None:
-    notify.settimeout(1.0)
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fleet-ingress exited ({proc.returncode}) before READY=1")
-        try:
-            if notify_ready(notify.recv(4096)):
-                return
-        except TimeoutError:
-            continue
-    raise TimeoutError("fleet-ingress did not say READY=1")
-
-
-def drain_notify(notify) -> None:
-    notify.setblocking(False)
-    try:
-        while notify.recv(4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
 def run(args: argparse.Namespace) -> dict:
-    work = args.out
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_dir(args.out)
     tls = TLSFiles.write(work)
-    env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
+    env = variant_env(args.variant_pythonpath)
     compile_variant(args)
-    fleets, ports = [], []
-    for name in ("fleet-a", "fleet-b"):
-        fleet = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.harness.fleets",
-                "--tls",
-                str(work),
-                "--name",
-                name,
-                "--capacity",
-                "1000",
-            ],
-            stdout=subprocess.PIPE,
-            env=env,
-            cwd=REPO,
-        )
-        fleets.append(fleet)
-        assert fleet.stdout is not None
-        ports.append(json.loads(fleet.stdout.readline())["port"])
-    proc = None
     notify, env["NOTIFY_SOCKET"] = notify_socket()
-    try:
+    with notify, Launched(work, env) as launched:
+        ports = [launched.fleet(name) for name in ("fleet-a", "fleet-b")]
         port = free_port()
         config = render_ingress(Settings(maxconn=1000), tls, port, ports, work)
         argv = [sys.executable, "-m", "fleet_ingress", "run", "-c", str(config)]
@@ -205,18 +124,9 @@ def run(args: argparse.Namespace) -> dict:
             # cProfile over the whole run (no windows): compare two runs' call counts.
             argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
         if not args.native:
-            cg = work / "callgrind.out"
-            argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}", *argv]
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=work,
-            stdout=(work / "stdout.log").open("wb"),
-            stderr=(work / "stderr.log").open("wb"),
-        )
-        notify.setblocking(True)
-        wait_ready(proc, notify, time.monotonic() + READY_SECONDS)
-        drain_notify(notify)
+            argv = [*callgrind.argv(work / "callgrind.out"), *argv]
+        proc = launched.start(argv)
+        wait_notified_ready(proc, notify, time.monotonic() + READY_SECONDS)
         log(f"supervisor {proc.pid} ready")
         asyncio.run(paced(port, tls, WARMUP, 1.0, args))
         # Past the first of every periodic task (report pulls, STATUS=, the fd
@@ -253,8 +163,9 @@ def run(args: argparse.Namespace) -> dict:
             if tracer is not None:
                 tracer.send_signal(signal.SIGINT)
                 tracer.wait(timeout=30)
-                window["syscalls_by_name"] = strace_total(traced)
-                window["syscalls"] = window["syscalls_by_name"].get("total", 0)
+                by_name = {n: row["calls"] for n, row in strace_counts(traced).items()}
+                window["syscalls_by_name"] = {**by_name, "total": sum(by_name.values())}
+                window["syscalls"] = window["syscalls_by_name"]["total"]
             if not args.native:
                 dumps = set(work.glob("callgrind.out*"))
                 subprocess.run(
@@ -265,15 +176,8 @@ def run(args: argparse.Namespace) -> dict:
             said = {k: v for k, v in window.items() if k != "functions"}
             log(f"window {rate}/s: {json.dumps(said)}")
             windows.append(window)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        launched.stop(proc)
         return {"length": length, "windows": windows}
-    finally:
-        notify.close()
-        for p in (proc, *fleets):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 def summarize(result: dict, args: argparse.Namespace) -> None:
@@ -318,7 +222,8 @@ def summarize(result: dict, args: argparse.Namespace) -> None:
     ):
         objects: dict[str, float] = {}
         for name, v in costs.items():
-            objects[shared_object(name)] = objects.get(shared_object(name), 0.0) + v
+            obj = callgrind.shared_object(name)
+            objects[obj] = objects.get(obj, 0.0) + v
         print(f"own instructions {what}, by shared object:")
         for name, v in sorted(objects.items(), key=lambda kv: -kv[1])[:8]:
             print(f"{v:14,.0f}{unit}  {name}")
@@ -343,16 +248,13 @@ def lease_counts(args: argparse.Namespace) -> int:
     (`SlotServer` + `HostSlots` in one process, under callgrind; its worker
     native, `SlotClient`, each request with its call and the fleet's answer
     told) at two turn counts; the difference over the turns is a lease's."""
-    work = args.out
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    env = child_env({"PYTHONPATH": args.variant_pythonpath} if args.variant_pythonpath else None)
+    work = fresh_dir(args.out)
+    env = variant_env(args.variant_pythonpath)
     compile_variant(args)
     totals = []
     for n in args.lease_turns:
         cg = work / f"callgrind.out.{n}"
-        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={cg}"]
-        argv += [sys.executable, "-m", "bench.slot_rtt", "--iterations", str(n)]
+        argv = [*callgrind.argv(cg), sys.executable, "-m", "bench.slot_rtt", "--iterations", str(n)]
         argv += ["--gap", str(args.lease_gap), "--like-a-call", "--no-dispatcher"]
         argv += ["--seconds", "600"]
         subprocess.run(argv, env=env, cwd=REPO, check=True, capture_output=True, timeout=900)

@@ -51,16 +51,16 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.call_instructions import one_call, wait_port
-from bench.harness.carrier import FramePool, LeanCall, Recorder, open_call
-from bench.harness.children import HOST, REPO, child_env, free_port, log
+from bench.harness import callgrind, procfs
+from bench.harness.carrier import FramePool, LeanCall, Recorder, echoed_calls, open_call
+from bench.harness.children import HOST, free_port, log
+from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
 from bench.harness.targets import Settings, render_ingress
 from bench.harness.tlsfiles import TLSFiles
 
@@ -115,42 +115,10 @@ class Mark:
     calls: int = 0
 
 
-def children_of(pid: int) -> list[int]:
-    out = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tasks:
-        try:
-            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except FileNotFoundError:
-            pass
-    return out
-
-
 def ingress_roles(sup: int) -> dict[int, str]:
     """pid -> role: the supervisor and its workers."""
-    roles = {sup: "supervisor"}
-    for i, w in enumerate(sorted(children_of(sup))):
-        roles[w] = f"worker-{i + 1}"
-    return roles
-
-
-def ctxt_switches(pid: int) -> tuple[int, int]:
-    vol = inv = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return (0, 0)
-    for tid in tids:
-        try:
-            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
-        except FileNotFoundError:
-            continue
-        vol += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
-        inv += int(re.search(r"^nonvoluntary_ctxt_switches:\s+(\d+)", text, re.M).group(1))
-    return (vol, inv)
+    supervisor, *workers = procfs.descendants(sup)
+    return {supervisor: "supervisor"} | {w: f"worker-{i}" for i, w in enumerate(workers, 1)}
 
 
 class Run:
@@ -208,7 +176,7 @@ class Run:
                 phase,
                 now - self.t_last,
                 {p: r for p, r in roles.items()},
-                {p: ctxt_switches(p) for p in roles},
+                {p: procfs.context_switches(p) for p in roles},
                 frames,
                 calls,
             )
@@ -220,28 +188,33 @@ async def drive(run: Run, port: int, tls: TLSFiles, a: argparse.Namespace) -> No
     ctx = tls.carrier_context()
     pool = FramePool.build("twilio-like")
     rec = Recorder()
+    url = (HOST, port)
+
+    async def churn(calls: range, wave: int) -> None:
+        await echoed_calls(rec, pool, url, ctx, calls, wave=wave, messages=a.messages, step=STEP)
+
     while True:  # a worker under valgrind takes a while to start after the listener
         try:
-            await push_calls(rec, pool, port, ctx, 0, 1, 1, a.messages)
+            await churn(range(1), 1)
             break
         except RuntimeError:
             if run.proc.poll() is not None:
                 raise RuntimeError(f"the ingress exited: see {run.work}/stderr.log") from None
             log("no call through yet: again in 1 s")
             await asyncio.sleep(1.0)
-    await push_calls(rec, pool, port, ctx, 1, WARMUP - 1, 1, a.messages)
+    await churn(range(1, WARMUP), 1)
     await asyncio.sleep(2.0)
     run.mark("start")
     await asyncio.sleep(a.idle)
     run.mark("idle")
-    await push_calls(rec, pool, port, ctx, WARMUP, a.churn, a.wave, a.messages)
+    await churn(range(WARMUP, WARMUP + a.churn), a.wave)
     run.mark("churn", frames=2 * a.churn * a.messages, calls=a.churn)
     held: list[LeanCall] = []
     base = WARMUP + a.churn
     for start in range(0, a.held, a.wave):
         opened = await asyncio.gather(
             *(
-                open_call(rec, pool, (HOST, port), f"/ws/held-{i}", ctx, i * 7, STEP)
+                open_call(rec, pool, url, f"/ws/held-{i}", ctx, i * 7, STEP)
                 for i in range(base + start, base + min(a.held, start + a.wave))
             )
         )
@@ -271,71 +244,27 @@ async def drive(run: Run, port: int, tls: TLSFiles, a: argparse.Namespace) -> No
     run.mark("close", calls=a.held)
 
 
-async def push_calls(rec, pool, port, ctx, first: int, calls: int, wave: int, messages: int):
-    for start in range(first, first + calls, wave):
-        await asyncio.gather(
-            *(
-                one_call(rec, pool, port, ctx, i, messages)
-                for i in range(start, min(first + calls, start + wave))
-            )
-        )
-
-
 def one_run(tool: str, workers: int, out: Path, a: argparse.Namespace) -> dict:
-    work = out / f"{tool}-w{workers}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = fresh_dir(out / f"{tool}-w{workers}")
     tls = TLSFiles.write(work)
-    env = child_env({"PYTHONPATH": a.variant_pythonpath} if a.variant_pythonpath else None)
-    fleet = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "bench.harness.fleets", "--tls", str(work)),
-            *("--name", "fleet-a", "--capacity", "1000"),
-        ],
-        stdout=subprocess.PIPE,
-        env=env,
-        cwd=REPO,
-    )
-    proc = None
-    try:
-        assert fleet.stdout is not None
-        fleet_port = json.loads(fleet.stdout.readline())["port"]
+    with Launched(work, variant_env(a.variant_pythonpath)) as launched:
+        fleet_port = launched.fleet("fleet-a")
         port = free_port()
         settings = Settings(maxconn=1000, ingress_workers=workers, check_interval=a.check_interval)
         config = render_ingress(settings, tls, port, [fleet_port], work)
-        ingress = [sys.executable, "-c", RUN_INGRESS, "-c", str(config)]
+        argv = [sys.executable, "-c", RUN_INGRESS, "-c", str(config)]
         if tool == "callgrind":
-            argv = [
-                "valgrind",
-                "--tool=callgrind",
-                "--trace-children=yes",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={work}/callgrind.out.%p",
-                *ingress,
-            ]
-        else:
-            argv = ingress
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=work,
-            stdout=(work / "stdout.log").open("wb"),
-            stderr=(work / "stderr.log").open("wb"),
-        )
+            options = ("--trace-children=yes", "--instr-atstart=no")
+            argv = [*callgrind.argv(f"{work}/callgrind.out.%p", *options), *argv]
+        proc = launched.start(argv)
         deadline = time.monotonic() + a.max_seconds
         wait_port(port, deadline)
         run = Run(tool, workers, work, proc)
         t0 = time.monotonic()
         asyncio.run(asyncio.wait_for(drive(run, port, tls, a), deadline - time.monotonic()))
         log(f"{tool} w{workers}: phases done in {time.monotonic() - t0:.0f} s")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        launched.stop(proc)
         return figures(run, a)
-    finally:
-        for p in (proc, fleet):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 # The event loop's parts, inclusive (callgrind_annotate), counted apart: timer
@@ -354,12 +283,7 @@ def callgrind_totals(work: Path, pid: int) -> list[dict[str, int]]:
         text = f.read_text(errors="replace")
         m = re.search(r"^(?:summary|totals):\s+(\d+)", text, re.M)
         row = {"instructions": int(m.group(1)) if m else 0}
-        annotated = subprocess.run(
-            ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(f)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        annotated = callgrind.annotate(f, inclusive=True)
         for fn, key in LOOP_PARTS.items():
             m = re.search(rf"^\s*([\d,]+) \([^)]*\)\s+\S*:{fn} ", annotated, re.M)
             row[key] = int(m.group(1).replace(",", "")) if m else 0

@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -710,6 +711,16 @@ def netns_unavailable() -> str | None:
         return f"`ip netns add` failed: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+def python_child(code: str) -> str:
+    """``code`` (dedented) run in a fresh Python, whose descriptor limit, forks and
+    /proc/self are its own; what it printed. Fails the test if it exits non-zero."""
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 class EventChild:

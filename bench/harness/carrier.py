@@ -358,3 +358,61 @@ async def open_call(
             call.transport.abort()
         return None
     return call if ok else None
+
+
+async def echoed_call(
+    rec: Recorder,
+    pool: FramePool,
+    url: tuple[str, int],
+    path: str,
+    ssl_ctx: ssl.SSLContext | None,
+    offset: int,
+    *,
+    messages: int,
+    step: float,
+    hold: float = 0.0,
+) -> None:
+    """One call for the counting scripts: ``messages`` frames from ``offset``, each sent
+    after the last one's echo (so every run relays the same frames), held ``hold``
+    seconds from its start, closed (1000). Each step bounded by ``step``; RuntimeError
+    if the call fails or does not end cleanly."""
+    started = time.monotonic()
+    call = await open_call(rec, pool, url, path, ssl_ctx, offset, step)
+    if call is None:
+        raise RuntimeError(f"call {path} failed: {rec.errors}")
+    for i in range(messages):
+        call.drained = asyncio.Event()
+        j = (offset + i) % len(pool.wire)
+        call.outstanding.append((time.monotonic(), pool.payload[j]))
+        assert call.transport is not None
+        call.transport.write(pool.wire[j])
+        async with asyncio.timeout(step):
+            await call.drained.wait()
+    if hold:
+        await asyncio.sleep(max(0.0, hold - (time.monotonic() - started)))
+    await call.finish(step, step)
+    if call.failed or not call.close_received:
+        raise RuntimeError(f"call {path} did not end cleanly: {rec.errors}")
+
+
+async def echoed_calls(
+    rec: Recorder,
+    pool: FramePool,
+    url: tuple[str, int],
+    ssl_ctx: ssl.SSLContext | None,
+    indices: range,
+    *,
+    wave: int,
+    messages: int,
+    step: float,
+) -> None:
+    """An :func:`echoed_call` for each of ``indices`` (path ``/ws/bench-I``, frames from
+    ``7 I``), ``wave`` at a time: a wave's calls all ended before the next opens."""
+    for start in range(indices.start, indices.stop, wave):
+        await asyncio.gather(
+            *(
+                echoed_call(rec, pool, url, f"/ws/bench-{i}", ssl_ctx, i * 7,
+                            messages=messages, step=step)
+                for i in range(start, min(indices.stop, start + wave))
+            )
+        )  # fmt: skip

@@ -183,11 +183,17 @@ def sleeps(pid: int, proc: Path = PROC) -> int:
     """Times the threads of a process went to sleep (voluntary context switches,
     /proc/PID/task/TID/status): for an event loop, one per wait in epoll_wait
     that found nothing ready, so each is a wake-up to come."""
-    total = 0
+    return context_switches(pid, proc)[0]
+
+
+def context_switches(pid: int, proc: Path = PROC) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of a process, summed over its
+    threads (/proc/PID/task/TID/status); (0, 0) once it is gone."""
+    voluntary = involuntary = 0
     try:
         tasks = list((proc / str(pid) / "task").iterdir())
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0
+        return (0, 0)
     for task in tasks:
         try:
             text = (task / "status").read_text()
@@ -195,8 +201,10 @@ def sleeps(pid: int, proc: Path = PROC) -> int:
             continue
         for line in text.splitlines():
             if line.startswith("voluntary_ctxt_switches:"):
-                total += int(line.split()[1])
-    return total
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return (voluntary, involuntary)
 
 
 def host_busy_seconds() -> float:

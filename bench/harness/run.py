@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import memory, procfs
+from . import fleets, memory, procfs
 from .carrier import Recorder
 from .children import REPO, Children, log, python_module
 from .generator import Generators
@@ -179,26 +178,11 @@ class Run:
 
     async def start_fleets(self) -> None:
         for name in FLEETS:
-            proc = await self.children.spawn(
-                python_module(
-                    "bench.harness.fleets",
-                    "--tls",
-                    str(self.dir),
-                    "--name",
-                    name,
-                    "--capacity",
-                    str(self.args.fleet_capacity),
-                ),
-                stdout=asyncio.subprocess.PIPE,
-                cpus=self.load_cpus,
+            proc, port = await fleets.start(
+                self.children, self.dir, name, self.args.fleet_capacity, cpus=self.load_cpus
             )
-            assert proc.stdout is not None
-            async with asyncio.timeout(20):
-                line = await proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"fleet {name} exited ({await proc.wait()}) before serving")
             self.fleet_procs.append(proc)
-            self.fleet_ports.append(int(json.loads(line)["port"]))
+            self.fleet_ports.append(port)
         log(f"fleets up on ports {self.fleet_ports} (capacity {self.args.fleet_capacity} each)")
 
     async def fleets_idle(self, timeout: float = 30.0) -> bool:

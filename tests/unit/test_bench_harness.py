@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from bench import strace_stages
 from bench.__main__ import check_targets, parse_args, parse_variants, ramp_summary
-from bench.harness import procfs, profile, report, targets
+from bench.harness import callgrind, procfs, profile, report, targets
 from bench.harness.carrier import Recorder
 from bench.harness.children import REPO
 from bench.harness.generator import Generators, Progress, call_bounds, merged_percentile
@@ -693,6 +693,14 @@ def test_the_tree_is_the_supervisor_and_every_descendant(fake_proc: Path) -> Non
     }
 
 
+def test_context_switches_are_both_kinds_summed_over_threads(tmp_path: Path) -> None:
+    # bench/workers_count.py reads both per phase; procfs.sleeps is the first.
+    _proc(tmp_path, 300, 1, (0, 0), 1000, threads={300: (2, 0), 301: (5, 0)})
+    assert procfs.context_switches(300, tmp_path) == ((7 + 2) + (7 + 5), 99 + 99)
+    assert procfs.sleeps(300, tmp_path) == (7 + 2) + (7 + 5)
+    assert procfs.context_switches(999, tmp_path) == (0, 0)
+
+
 def test_a_gone_process_counts_nothing(fake_proc: Path) -> None:
     assert procfs.tree_cpu_seconds(999, fake_proc) == 0.0
     assert procfs.tree_rss_kib(999, fake_proc) == 0
@@ -933,3 +941,24 @@ def test_a_tls_record_header_is_read_from_an_strace_line(
     line: str, expected: tuple[int, int] | None
 ) -> None:
     assert strace_stages.record_header(line) == expected
+
+
+def test_callgrind_annotate_rows_and_the_shared_object_of_each() -> None:
+    """What the counting scripts read of callgrind_annotate (valgrind 3.19's layout)."""
+    text = (
+        "Events shown:     Ir\n"
+        "--------------------------------------------------------------------------------\n"
+        "3,336,890,729 (100.0%)  PROGRAM TOTALS\n"
+        "\n"
+        "Ir                    file:function\n"
+        " 47,499,650 ( 1.42%)  ???:0x000000000029ad80 [/usr/lib/x86_64-linux-gnu/libcrypto.so.3]\n"
+        "      1,702 ( 0.00%)  ./elf/dl-lookup.c:do_lookup_x\n"
+    )
+    rows = callgrind.rows(text)
+    assert rows == [
+        (3_336_890_729, "PROGRAM TOTALS"),
+        (47_499_650, "???:0x000000000029ad80 [/usr/lib/x86_64-linux-gnu/libcrypto.so.3]"),
+        (1_702, "./elf/dl-lookup.c:do_lookup_x"),
+    ]
+    assert [callgrind.shared_object(name) for _, name in rows] == ["???", "libcrypto.so.3", "???"]
+    assert callgrind.argv("/tmp/x.%p", "--instr-atstart=no")[-1] == "--callgrind-out-file=/tmp/x.%p"

@@ -4,23 +4,12 @@ nothing of the test runner's."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 from fleet_ingress.net.cpu_wait import cpu_wait
+from tests.support import python_child
 
 pytestmark = pytest.mark.skipif(cpu_wait() is None, reason="the kernel keeps no schedstat")
-
-
-def run_child(code: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 def test_a_process_out_of_descriptors_still_reads_its_wait():
@@ -28,7 +17,7 @@ def test_a_process_out_of_descriptors_still_reads_its_wait():
     out of descriptors too (`not_judged_out_of`): its wait is read on the
     descriptor opened at the first read, not on a new one each probe (which
     failed then, and cost nine system calls a probe where one pread does)."""
-    out = run_child(
+    out = python_child(
         """
         import os, resource
         from fleet_ingress.net.cpu_wait import cpu_wait
@@ -50,7 +39,7 @@ def test_a_process_out_of_descriptors_still_reads_its_wait():
 def test_a_forked_child_reads_its_own_thread_not_its_parents():
     """The descriptor opened by the parent names the parent's thread; a child
     forked after it reads its own (between two direct reads of its own file)."""
-    out = run_child(
+    out = python_child(
         """
         import os, time
         from fleet_ingress.net.cpu_wait import cpu_wait

@@ -35,6 +35,7 @@ from fleet_ingress.ops.metrics import IngressMetrics
 from fleet_ingress.ops.reload_outcome import reload_outcome
 from fleet_ingress.ops.snapshot import snapshot
 from fleet_ingress.ops.stats_page import render_stats_page
+from tests.support import python_child
 
 FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
 
@@ -926,25 +927,13 @@ def test_calls_ended_by_why_are_in_stat_and_the_page_where_the_fleets_totals_are
     ) in page
 
 
-def _in_a_child(code: str) -> str:
-    import subprocess
-    import sys
-    import textwrap
-
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
 def test_a_worker_out_of_descriptors_still_reports_its_cpu_and_memory():
     """A worker's report (every second while it holds calls) reads /proc/self/stat
     on the descriptor opened at its first read, not a new one each time (nine
     system calls, and /proc/stat's nine more for a boot time no report used):
     out of descriptors (EMFILE), when the counts matter most, its process
     figures still go (before: none). In a child, whose limit is its own."""
-    out = _in_a_child(
+    out = python_child(
         """
         import os, resource
         from fleet_ingress.net.calls import Registry
@@ -969,7 +958,7 @@ def test_a_worker_out_of_descriptors_still_reports_its_cpu_and_memory():
 def test_a_forked_child_reports_its_own_process_figures():
     """The descriptor a parent opened names the parent: a child forked after
     its first report reads its own /proc/self/stat."""
-    out = _in_a_child(
+    out = python_child(
         """
         import os
         from fleet_ingress.ops import host_stats

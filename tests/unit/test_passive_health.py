@@ -90,6 +90,24 @@ def _fleet_and_poller():
     return balancer.fleets[0], poller
 
 
+def _probes_timed(monkeypatch, fleets: int) -> tuple[dict[str, list[float]], Balancer]:
+    """Probes that pass at once, each noted at its loop time by fleet host (``probe_fleet``
+    replaced), and a balancer of ``fleets`` fleets, f0, f1, ..."""
+    import asyncio
+
+    from fleet_ingress.net import poller as module
+
+    sent: dict[str, list[float]] = {}
+
+    async def probe(session, spec, settings):
+        sent.setdefault(spec.host, []).append(asyncio.get_running_loop().time())
+        return ProbeResult(passed=True, reason="ok", capacity=5)
+
+    monkeypatch.setattr(module, "probe_fleet", probe)
+    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(fleets))
+    return sent, Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+
+
 def test_a_pass_from_a_probe_sent_before_calls_took_the_fleet_down_is_no_verdict():
     fleet, poller = _fleet_and_poller()
     passed = ProbeResult(passed=True, reason="ok", capacity=5)
@@ -170,15 +188,7 @@ async def test_fleets_are_probed_each_at_its_own_moment_not_all_at_once(monkeypa
 
     from fleet_ingress.net import poller as module
 
-    sent: dict[str, list[float]] = {}
-
-    async def probe(session, spec, settings):
-        sent.setdefault(spec.host, []).append(asyncio.get_running_loop().time())
-        return ProbeResult(passed=True, reason="ok", capacity=5)
-
-    monkeypatch.setattr(module, "probe_fleet", probe)
-    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(40))
-    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+    sent, balancer = _probes_timed(monkeypatch, 40)
     settings = ProbeSettings("/health/fleet", "fleet_available", 0.5, 0.4, fall=2, rise=1)
     window = module.SPREAD_PER_FLEET * 40  # 0.12 s for 40 fleets
 
@@ -278,15 +288,7 @@ async def test_probes_due_within_a_turn_of_the_grid_leave_together_on_schedule(m
 
     from fleet_ingress.net import poller as module
 
-    sent: dict[str, list[float]] = {}
-
-    async def probe(session, spec, settings):
-        sent.setdefault(spec.host, []).append(asyncio.get_running_loop().time())
-        return ProbeResult(passed=True, reason="ok", capacity=5)
-
-    monkeypatch.setattr(module, "probe_fleet", probe)
-    text = "".join(f"https://f{i}.test name=f{i}\n" for i in range(10))
-    balancer = Balancer(FleetSet.from_specs(parse_fleets_text(text, default_maxconn=16)))
+    sent, balancer = _probes_timed(monkeypatch, 10)
     interval = 0.25
     settings = ProbeSettings("/health/fleet", "fleet_available", interval, 0.2, fall=2, rise=1)
     poller = HealthPoller(_Queue(), ssl.create_default_context(), settings)
