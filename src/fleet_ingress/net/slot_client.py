@@ -252,7 +252,7 @@ class SlotClient(asyncio.Protocol):
             raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
         if self._budget is not None and (name := self._budget.take(avoid)) is not None:
-            return self._grant_from_budget(lease_id, name, call)
+            return self._grant_from_budget(lease_id, name, avoid, call)
         future: asyncio.Future[FleetState] = self._loop.create_future()
         self._pending[lease_id] = future
         self._asked[lease_id] = (list(avoid), time.monotonic())
@@ -279,17 +279,24 @@ class SlotClient(asyncio.Protocol):
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
 
     def _grant_from_budget(
-        self, lease_id: int, name: str, call: dict[str, Any] | None
+        self, lease_id: int, name: str, avoid: Collection[str], call: dict[str, Any] | None
     ) -> RemoteLease:
         """Lease `lease_id` on fleet `name`, from the budget: held as a granted
-        one is (said in "state", given back with "release")."""
+        one is (said in "state", given back with "release"). Its "acquire" goes
+        all the same, marked "budget": read by the next image before this
+        worker's "state" (it reads nothing else then), it names the call, so
+        that a call lost with this worker before its "state" has its line."""
         fleet = self._fleet(name, self._budget_specs.get(name))
         fleet.active += 1
         fleet.opened_total += 1
         self._held[lease_id] = name
         self._in_flight.add(lease_id)
+        asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
+        asking["budget"] = True
         if call is not None:
+            asking["call"] = call
             self._calls[lease_id] = call
+        self._write(asking)
         self.budget_granted_total += 1
         return RemoteLease(self, lease_id, fleet, 0.0)
 

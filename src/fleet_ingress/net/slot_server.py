@@ -815,6 +815,14 @@ class SlotServer:
             return
         if op == "acquire":
             lease = field(message, "id", int)
+            if message.get("budget") is True:
+                # Granted by the worker from its budget: read before its "state"
+                # (restoring, above), never here but from a confused worker.
+                log.error(
+                    "slot request granted from a budget read outside a restore: ignored",
+                    extra=fields(channel=channel.key, pid=channel.pid, lease=lease),
+                )
+                return
             avoid = field(message, "avoid", list) if "avoid" in message else []
             now = channel.loop.time()
             try:
