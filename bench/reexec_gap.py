@@ -16,7 +16,10 @@ granted again and `--after` seconds more. Said per run:
 - each call's wait (TCP + TLS + HTTP upgrade to its 101, as the carrier
   sees it): the longest, and how many waited over 0.5 s and over 2 s;
 - the longest stretch with no 101 answered at all while calls were arriving
-  (`no_101_s`): the gap as carriers see it.
+  (`no_101_s`): the gap as carriers see it;
+- how many calls the workers granted from their grant budgets over the exec
+  (`budget_granted`, their "grant budget ended" lines): since session 40 those
+  do not wait for the new image.
 
 Then the median of each over the runs (the host is shared: single runs are
 noise). Bounded: `--arrivals` calls and `--seconds` of wall clock a run.
@@ -48,6 +51,7 @@ from .harness.tlsfiles import TLSFiles
 GRANTED_AGAIN = "upgrade: slots granted again after the re-execution"
 UPGRADE_DONE = "upgrade done: the new generation serves, the old one drains"
 ABANDONED = "upgrade abandoned: the running generation serves on"
+BUDGET_ENDED = "grant budget ended: the supervisor grants again"
 
 
 def _config(home: Path, tls: TLSFiles, workers: int, port: int, stats: int) -> Path:
@@ -194,13 +198,24 @@ async def one_run(args: argparse.Namespace, tls: TLSFiles, scratch: Path) -> dic
         "waited_over_0.5s": sum(w > 0.5 for w in waits),
         "waited_over_2s": sum(w > 2.0 for w in waits),
         "no_101_s": round(no_101, 3),
+        # Calls the workers granted from their budgets over the exec (session 40).
+        "budget_granted": sum(
+            int(e.get("granted", 0)) for e in _log(log_path) if e.get("event") == BUDGET_ENDED
+        ),
         "home": str(home),
     }
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("since_exec_s", "wait_max_s", "no_101_s", "waited_over_0.5s", "failed"):
+    for key in (
+        "since_exec_s",
+        "wait_max_s",
+        "no_101_s",
+        "waited_over_0.5s",
+        "budget_granted",
+        "failed",
+    ):
         values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
         out[key] = statistics.median(values) if values else None
     steps: dict[str, list[float]] = {}

@@ -1960,10 +1960,10 @@ os = _OutOfDescriptorsOnce(os)
 _real_handover = SlotServer.handover
 
 
-def _handover(self):
+def _handover(self, *args, **kw):
     os.handing_over = True
     try:
-        return _real_handover(self)
+        return _real_handover(self, *args, **kw)
     finally:
         os.handing_over = False
 

@@ -279,6 +279,24 @@ class HostSlots:
                 fleet.active += 1
                 row.held[-i] = fleet  # no lease id of the worker's own is negative
 
+    def count_budget(self, worker: WorkerKey, fleets: Iterable[str]) -> None:
+        """Count also, for a worker counted from the previous table (`reserve`,
+        `suspend`) that has not said what it holds yet, the grant budget it was
+        given at the hand-over (`core.slot_budget`: a fleet name a slot): it
+        may have granted calls from it since, so its count stays an upper
+        bound. Replaced with its own account at `restore`, reclaimed at `leave`.
+        Nothing for a worker not so counted."""
+        row = self._rows.get(worker)
+        if row is None or not row.reserved:
+            return
+        below = min(row.held, default=0)
+        start = below if below < 0 else 0  # under the negative ids `reserve` used
+        for i, name in enumerate(fleets, 1):
+            fleet = self.balancer.get(name)
+            if fleet is not None:
+                fleet.active += 1
+                row.held[start - i] = fleet
+
     def suspend(self, worker: WorkerKey) -> WorkerRow | None:
         """The worker's channel went over an exec that failed and is served
         again: until it says again what it holds (`restore`), what this table

@@ -15,7 +15,11 @@ its release is already on the way.
 
 After the supervisor re-executes, the channel is the same socket; the new
 image asks `sync` and this end answers with what it holds and waits for
-(`state`), from which the host's table is rebuilt.
+(`state`), from which the host's table is rebuilt. Just before the exec the
+supervisor may give this worker a grant budget ("budget", `core.slot_budget`):
+until "sync" (or the channel's end) a call is granted from it at once, as
+nobody else grants meanwhile; its lease is held like any other, said in
+"state", and given back with "release". What is left of it at "sync" is dropped.
 
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
@@ -39,6 +43,7 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.slot_budget import Budget, BudgetFleet
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import NoFleetAvailable
 from fleet_ingress.net.event_loop import count_unexpected_error
@@ -199,6 +204,11 @@ class SlotClient(asyncio.Protocol):
         self._report_timer: asyncio.TimerHandle | None = None
         self.started = time.time()
         self._unknown = UnknownOps()  # a newer supervisor's ops: logged once, ignored
+        # The grant budget the supervisor gave as it re-executes, until "sync":
+        # calls granted from it at once. The fleets' specs, as it sent them.
+        self._budget: Budget | None = None
+        self._budget_specs: dict[str, Any] = {}
+        self.budget_granted_total = 0  # calls granted from budgets over its life
 
     @classmethod
     async def connect(
@@ -241,6 +251,8 @@ class SlotClient(asyncio.Protocol):
         if not self.connected:
             raise NoFleetAvailable(COORDINATOR_GONE)
         lease_id = next(self._ids)
+        if self._budget is not None and (name := self._budget.take(avoid)) is not None:
+            return self._grant_from_budget(lease_id, name, avoid, call)
         future: asyncio.Future[FleetState] = self._loop.create_future()
         self._pending[lease_id] = future
         self._asked[lease_id] = (list(avoid), time.monotonic())
@@ -265,6 +277,54 @@ class SlotClient(asyncio.Protocol):
         finally:
             timer.cancel()
         return RemoteLease(self, lease_id, fleet, self._queued.pop(lease_id, 0.0))
+
+    def _grant_from_budget(
+        self, lease_id: int, name: str, avoid: Collection[str], call: dict[str, Any] | None
+    ) -> RemoteLease:
+        """Lease `lease_id` on fleet `name`, from the budget: held as a granted
+        one is (said in "state", given back with "release"). Its "acquire" goes
+        all the same, marked "budget": read by the next image before this
+        worker's "state" (it reads nothing else then), it names the call, so
+        that a call lost with this worker before its "state" has its line."""
+        fleet = self._fleet(name, self._budget_specs.get(name))
+        fleet.active += 1
+        fleet.opened_total += 1
+        self._held[lease_id] = name
+        self._in_flight.add(lease_id)
+        asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
+        asking["budget"] = True
+        if call is not None:
+            asking["call"] = call
+            self._calls[lease_id] = call
+        self._write(asking)
+        self.budget_granted_total += 1
+        return RemoteLease(self, lease_id, fleet, 0.0)
+
+    def _take_budget(self, message: dict[str, Any]) -> None:
+        try:
+            fleets = [
+                BudgetFleet(str(f["fleet"]), int(f["slots"]), int(f["active"]))
+                for f in field(message, "fleets", list)
+            ]
+            specs = {str(f["fleet"]): f["spec"] for f in field(message, "fleets", list)}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"'budget' message: {exc}") from exc
+        for spec in specs.values():
+            spec_from_wire(spec)  # a spec that is not one breaks the channel now, not at a call
+        self._budget, self._budget_specs = Budget(fleets), specs
+        log.info(
+            "grant budget taken: calls are granted from it until the supervisor answers again",
+            extra=fields(pid=self.pid, slots={f.name: f.left for f in fleets}),
+        )
+
+    def _end_budget(self) -> None:
+        budget, self._budget = self._budget, None
+        self._budget_specs = {}
+        if budget is not None:
+            log.info(
+                "grant budget ended: the supervisor grants again",
+                extra=fields(pid=self.pid, granted=budget.granted, dropped=budget.left),
+            )
 
     def _over(self, lease_id: int) -> asyncio.Future[FleetState] | None:
         """Lease `lease_id` is over (given up, released, refused, granted after
@@ -292,6 +352,8 @@ class SlotClient(asyncio.Protocol):
         """A slot held on `fleet` is given back (released, or granted to a call
         that gave up): a fleet forgotten meanwhile is dropped with its last."""
         fleet.active -= 1
+        if self._budget is not None:
+            self._budget.give_back(fleet.name)  # nobody else grants it meanwhile
         if fleet.active == 0 and fleet.name in self._forget_when_idle:
             self._forget_fleet(fleet.name)
 
@@ -358,6 +420,7 @@ class SlotClient(asyncio.Protocol):
                 "answers": True,
                 "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
                 "lists_calls": True,  # it answers "list-calls" and "end-call"
+                "budgets": True,  # it grants from a budget during an exec ("budget")
                 **({"tag": self.tag} if self.tag is not None else {}),
             }
         )
@@ -434,6 +497,7 @@ class SlotClient(asyncio.Protocol):
         self._asked.clear()
         self._queued.clear()
         self._calls.clear()
+        self._end_budget()
         for future in pending.values():
             if not future.done():
                 future.set_exception(NoFleetAvailable(COORDINATOR_GONE))
@@ -446,7 +510,11 @@ class SlotClient(asyncio.Protocol):
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
         if op == "sync":
+            self._end_budget()  # the supervisor counts from this "state" on
             self._write(self._state())
+            return
+        if op == "budget":
+            self._take_budget(message)
             return
         if op == "report":
             self._cancel_report_soon()  # this one carries it
@@ -508,6 +576,7 @@ class SlotClient(asyncio.Protocol):
             "answers": True,  # it says when fleets answer its calls ("answered")
             "forgets": True,  # it drops a fleet's record when told ("forget-fleet")
             "lists_calls": True,  # it answers "list-calls" and "end-call"
+            "budgets": True,  # it grants from a budget during an exec ("budget")
             **({"tag": self.tag} if self.tag is not None else {}),
             "held": [[lease, name] for lease, name in self._held.items()],
             "in_flight": sorted(self._in_flight),

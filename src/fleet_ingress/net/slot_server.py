@@ -33,16 +33,18 @@ import itertools
 import logging
 import math
 import os
+import select
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
+from fleet_ingress.core.slot_budget import share
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
 from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
@@ -68,6 +70,11 @@ def channel_key(pid: int, generation: int) -> str:
 # Read at once from a channel kept over an exec: a few reports' worth; more
 # waits for the transport.
 _WAITING_READ_MAX = 4 * 1024 * 1024
+# A budget names this many fleets at most (those with the most slots): its line
+# stays far below half a Unix socket's send buffer (some 250 bytes a fleet),
+# which the kernel writes whole or not at all (`_send_whole`).
+BUDGET_FLEETS_MAX = 100
+_REST_WAIT = 1.0
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
 
@@ -95,6 +102,7 @@ class _Channel(asyncio.Protocol):
         *,
         restoring: bool = False,
         held_before: list[str] | None = None,
+        budget_before: list[str] | None = None,
         unread: bytes = b"",
         waiting: bytes = b"",
         ended: bool = False,
@@ -120,6 +128,10 @@ class _Channel(asyncio.Protocol):
         self.restoring = restoring  # kept across a re-execution: waits for "state"
         # What the previous image's table said it held (a fleet name a slot), if known.
         self.held_before = held_before
+        # The grant budget it was given at the hand-over (a fleet name a slot):
+        # counted on top of `held_before` if it is slow to answer (it may have
+        # granted calls from it meanwhile).
+        self.budget_before = budget_before
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
         self.generation: int | None = None
@@ -130,6 +142,9 @@ class _Channel(asyncio.Protocol):
         # It answers "list-calls" and "end-call" ("lists_calls" in its hello or
         # state): an older worker ignores them, and would be waited for in vain.
         self.lists_calls = False
+        # It grants calls from a budget while the supervisor re-executes
+        # ("budgets" in its hello or state): an older worker is sent none.
+        self.budgets = False
         # The tag of its call ids ("tag" in its hello or state): None until it
         # has said, "" when it said none (a build before tags: ids `PID-N`).
         self.tag: str | None = None
@@ -219,6 +234,9 @@ class SlotServer:
         self._servers: list[asyncio.Server] = []
         self._restoring: set[int] = set()  # channels kept over an exec, not yet heard
         self._handed: dict[str, _Channel] = {}  # by `handover`'s names: for `take_back`
+        # The grant budgets `handover` sent (channel key -> a fleet name a slot):
+        # counted for a worker slow to answer after a failed exec (`take_back`).
+        self._budgets_sent: dict[int, list[str]] = {}
         self._restored = asyncio.Event()
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet and their answers): op -> handler(channel key, message).
@@ -316,6 +334,7 @@ class SlotServer:
         restoring: bool = False,
         worker: tuple[int, int] | None = None,
         held_before: list[str] | None = None,
+        budget_before: list[str] | None = None,
         key: int | None = None,
         unread: bytes = b"",
         calls: dict[int, dict[str, Any]] | None = None,
@@ -325,7 +344,9 @@ class SlotServer:
         `restoring`: a channel kept over this process's re-execution; the
         worker is asked what it holds (pause `slots` first).
         `worker` (pid, generation) and `held_before` (a fleet name per slot it
-        held in the previous image's table): counted if it is slow to answer.
+        held in the previous image's table): counted if it is slow to answer,
+        and so is `budget_before` (a fleet name a slot of the grant budget it
+        was given at the hand-over: it may have granted calls from it).
         `unread`: what the previous image had read of a line not yet whole
         (its `unread()`): read before what the socket brings, the rest of it.
         `calls`: what the previous image knew of its calls (`calls_of`), in
@@ -347,6 +368,7 @@ class SlotServer:
                 key,
                 restoring=restoring,
                 held_before=held_before,
+                budget_before=budget_before,
                 unread=unread,
                 waiting=waiting,
                 ended=ended,
@@ -392,8 +414,11 @@ class SlotServer:
         if channel is None:
             return
         held, pid = channel.held_before, channel.pid
+        budget = channel.budget_before or []
         row = self.slots.get(key)  # taken back (`take_back`): counted all along
-        kept = row.calls if row is not None else len(held or ())
+        if row is not None:
+            self.slots.count_budget(key, budget)
+        kept = row.calls if row is not None else len(held or ()) + len(budget)
         what = fields(channel=key, pid=pid, timeout=timeout, slots_kept=kept)
         if row is not None:
             log.warning(
@@ -402,7 +427,9 @@ class SlotServer:
                 extra=what,
             )
         elif held is not None and pid is not None:
-            self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
+            self.slots.reserve(
+                key, pid=pid, generation=channel.generation or 0, fleets=held + budget
+            )
             log.warning(
                 "worker has not said what it holds after the re-execution: granting "
                 "again, with the slots it held before counted until it does",
@@ -461,7 +488,81 @@ class SlotServer:
             if (pending := channel.decoder.pending)
         }
 
-    def handover(self) -> dict[str, socket.socket]:
+    def plan_budgets(self, takers: Collection[int]) -> dict[int, dict[str, int]]:
+        """Each worker's grant budget for a re-execution (`core.slot_budget`),
+        by channel key, fleet name -> slots: between the workers in `takers`
+        (the channel keys of those taking new calls) that said they grant from
+        one, joined and heard since any exec. None while the table is paused
+        (being rebuilt: its count is not complete) or a call waits in the queue."""
+        if self.slots.paused:
+            return {}
+        keys = [
+            key
+            for key, c in self._channels.items()
+            if key in takers
+            and c.joined
+            and not c.restoring
+            and c.budgets
+            and not c.drained
+            and c.transport is not None
+            and not c.transport.is_closing()
+        ]
+        return share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
+
+    def _send_budgets(
+        self,
+        budgets: dict[int, dict[str, int]],
+        handed: dict[str, _Channel],
+        kept: dict[str, socket.socket],
+    ) -> dict[int, list[str]]:
+        """Write each worker its budget ("budget") on the socket kept for the
+        exec, before this end's transport closes (its buffer is empty:
+        `handover` checked). Not written (the worker not reading), a worker
+        has none and waits as before. Returns what was sent, a fleet name a slot."""
+        sent: dict[int, list[str]] = {}
+        for name, channel in handed.items():
+            budget = budgets.get(channel.key)
+            if not budget:
+                continue
+            data = encode(self._budget_message(budget))
+            if not _send_whole(kept[name], data):
+                log.warning(
+                    "upgrade: a worker's grant budget could not be written: its calls "
+                    "wait for the new image",
+                    extra=fields(channel=channel.key, pid=channel.pid),
+                )
+                continue
+            sent[channel.key] = [fleet for fleet, n in budget.items() for _ in range(n)]
+        if sent:
+            log.info(
+                "upgrade: grant budgets sent: the workers grant calls from them until "
+                "the supervisor answers again",
+                extra=fields(
+                    workers={self._channels[k].pid: len(v) for k, v in sent.items()},
+                    slots=sum(len(v) for v in sent.values()),
+                ),
+            )
+        return sent
+
+    def _budget_message(self, budget: dict[str, int]) -> dict[str, Any]:
+        named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
+        fleets = []
+        for name, slots in named:
+            fleet = self.slots.balancer.get(name)
+            if fleet is not None:
+                fleets.append(
+                    {
+                        "fleet": name,
+                        "slots": slots,
+                        "active": fleet.active,
+                        "spec": spec_to_wire(fleet.spec),
+                    }
+                )
+        return {"op": "budget", "fleets": fleets}
+
+    def handover(
+        self, budgets: dict[int, dict[str, int]] | None = None
+    ) -> dict[str, socket.socket]:
         """Stop serving and give each worker's channel as a socket to keep
         over an exec, by key `worker.PID.GENERATION`. Nothing is read after
         this: what workers send meanwhile waits in the kernel for the next
@@ -478,7 +579,11 @@ class SlotServer:
         channel still has bytes to write (its worker is not reading; wait
         with `flushed` first). What was read of a line not yet
         whole stays with each channel (`unread`: for the exec; `take_back`
-        reads it first)."""
+        reads it first).
+
+        `budgets` (`plan_budgets`): written to each worker before anything
+        else is done with its channel: it grants calls from it until the next
+        image (or this one, `take_back`) asks it "sync"."""
         to_hand = self._to_hand_over()
         channels = list(to_hand.values())
         if unwritten := self._unwritten(channels):
@@ -510,6 +615,7 @@ class SlotServer:
                 "`fleet-ingress upgrade` again"
             ) from exc
         self._handed = handed
+        self._budgets_sent = self._send_budgets(budgets or {}, handed, kept)
         for channel in channels:
             assert channel.transport is not None
             channel.transport.pause_reading()
@@ -534,6 +640,9 @@ class SlotServer:
         Whatever happens, no kept socket is left open and the host grants again."""
         handed, self._handed = self._handed, {}
         self.slots.paused = True
+        # Each worker's, counted if it is slow to answer (it may have granted
+        # calls from it); a later hand-over sends its own.
+        budgets, self._budgets_sent = self._budgets_sent, {}
         pending = list(kept.items())
         finished = False
         try:
@@ -543,7 +652,7 @@ class SlotServer:
                 if channel is None:
                     sock.close()
                     continue
-                await self._serve_again(channel, sock)
+                await self._serve_again(channel, sock, budgets.get(channel.key))
             finished = True
         finally:
             if not finished:  # cancelled (the supervisor stopping): the rest drain
@@ -554,7 +663,9 @@ class SlotServer:
                 self._end_restore(timeout)
         return await self.finish_restore(timeout)
 
-    async def _serve_again(self, channel: _Channel, sock: socket.socket) -> None:
+    async def _serve_again(
+        self, channel: _Channel, sock: socket.socket, budget: list[str] | None
+    ) -> None:
         row = self.slots.suspend(channel.key)
         assert channel.pid is not None and channel.generation is not None
         held_before = channel.held_before  # kept over an earlier exec, still silent
@@ -568,6 +679,7 @@ class SlotServer:
                 restoring=True,
                 worker=(channel.pid, channel.generation),
                 held_before=held_before,
+                budget_before=budget,
                 key=channel.key,
                 # Nothing was read after `handover`: the line it had begun goes on.
                 unread=channel.decoder.pending,
@@ -691,6 +803,7 @@ class SlotServer:
             channel.joined = True
             channel.forgets = message.get("forgets") is True
             channel.lists_calls = message.get("lists_calls") is True
+            channel.budgets = message.get("budgets") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -702,6 +815,14 @@ class SlotServer:
             return
         if op == "acquire":
             lease = field(message, "id", int)
+            if message.get("budget") is True:
+                # Granted by the worker from its budget: read before its "state"
+                # (restoring, above), never here but from a confused worker.
+                log.error(
+                    "slot request granted from a budget read outside a restore: ignored",
+                    extra=fields(channel=channel.key, pid=channel.pid, lease=lease),
+                )
+                return
             avoid = field(message, "avoid", list) if "avoid" in message else []
             now = channel.loop.time()
             try:
@@ -862,6 +983,7 @@ class SlotServer:
         )
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
+        channel.budgets = message.get("budgets") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have
@@ -876,7 +998,7 @@ class SlotServer:
                     if lease not in in_flight and (call := calls.get(lease)) is not None:
                         call["status"] = 101
         channel.restoring, channel.joined = False, True
-        channel.held_before = None
+        channel.held_before = channel.budget_before = None
         channel.pid, channel.generation = pid, generation
         log.info(
             "worker rejoined the slot coordinator",
@@ -1075,6 +1197,27 @@ class SlotServer:
         now = max(asyncio.get_running_loop().time(), self._timer_at or 0.0)
         self._timer, self._timer_at = None, None
         self._send(self.slots.expire(now))
+
+
+def _send_whole(sock: socket.socket, data: bytes) -> bool:
+    """Write `data` (one line) on a channel's socket without waiting: True when
+    all of it went. A Unix stream socket takes a write this short (below half
+    its send buffer: `BUDGET_FLEETS_MAX`) whole or not at all; should it take
+    a part, the rest is written within `_REST_WAIT`, as a line cut short would
+    break the channel."""
+    try:
+        done = sock.send(data, socket.MSG_DONTWAIT)
+    except OSError:  # full (the worker not reading), or gone
+        return False
+    deadline = time.monotonic() + _REST_WAIT
+    while done < len(data):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [sock], [], left)[1]:
+            log.error("slot channel: a line written in part; the worker's channel breaks")
+            return False
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            done += sock.send(data[done:], socket.MSG_DONTWAIT)
+    return True
 
 
 def _take_waiting(sock: socket.socket) -> tuple[bytes, bool]:

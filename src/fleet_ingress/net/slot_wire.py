@@ -61,6 +61,18 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                              "calls": [[7, {...}], ...]}  each open lease's "call", as its
                                                           "acquire" said (an older worker
                                                           sends none)
+    just before the exec, to each worker taking calls whose hello (or state)
+    said "budgets": true (an older worker is sent none, and behaves as before):
+    coordinator -> worker   {"op": "budget", "fleets": [{"fleet": "a", "slots": 2,
+                             "active": 5, "spec": {...}}, ...]}
+    its grant budget (`core.slot_budget`): until it reads "sync" (or its
+    channel ends) the worker grants calls from it itself, leastconn among
+    its fleets ("active": the host's calls there at the hand-over), and says
+    those leases in its "state" like any other; what is left at "sync" is
+    dropped. Each such grant still sends its "acquire", with "budget": true:
+    read before the "state" (counted there, not granted), it says who the
+    call is should the worker die before its "state". The shares of a fleet
+    sum to at most its free slots.
     The worker is the truth: what it sent before "state" is already counted
     in it, so the coordinator acts on nothing before but a "report" (and a
     "state" that answered the image before). A line the old image had half

@@ -645,8 +645,12 @@ class UpgradeSequence:
         access line should it be lost: too much to write every second)."""
         return self._state_for_exec(handover=False)
 
-    def _state_for_exec(self, *, handover: bool = True) -> dict[str, Any]:
-        """What the next image needs that no socket carries (`_take_carried`)."""
+    def _state_for_exec(
+        self, *, handover: bool = True, budgets: dict[int, dict[str, int]] | None = None
+    ) -> dict[str, Any]:
+        """What the next image needs that no socket carries (`_take_carried`).
+        `budgets`: the grant budgets the hand-over gives (`plan_budgets`)."""
+        budgets = budgets or {}
         supervisor = self.supervisor
         notifier = supervisor.notifier
         rows = {row.worker: row for row in supervisor.slots.workers}
@@ -779,6 +783,9 @@ class UpgradeSequence:
                     "lost_confirmed": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
                     "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
+                    # Its grant budget (a fleet name a slot): counted on top of
+                    # "held" if it is slow to answer, as it may have granted from it.
+                    "budget": [f for f, n in budgets.get(w.key, {}).items() for _ in range(n)],
                     # process.cpu_affinity: a replacement started later takes another CPU.
                     "cpu": w.cpu,
                     # What it said of each call open on its channel, and of those
@@ -823,7 +830,15 @@ class UpgradeSequence:
         self.supervisor.write_snapshot()
         # No await from the state to the handover (this is no coroutine): the
         # channels' unread bytes it carries are the ones handed over.
-        state = self._state_for_exec()
+        # A share of each fleet's free slots for each worker taking calls: it
+        # grants them itself while nobody else can (`core.slot_budget`).
+        takers = {
+            w.key
+            for w in self.supervisor.pool.workers.values()
+            if not (w.retiring or w.candidate or w.left.is_set())
+        }
+        budgets = self.supervisor.server.plan_budgets(takers)
+        state = self._state_for_exec(budgets=budgets)
         state[EXEC_AT] = time.monotonic()  # the hand-over below is microseconds after
         fd = state_fd(state)
         socks = self.supervisor.sockets_to_keep()
@@ -832,7 +847,8 @@ class UpgradeSequence:
         # From here on nothing is read from the workers: what they send waits in
         # the kernel for the next image, which counts it through their "state".
         try:
-            kept = self.supervisor.server.handover()  # all or nothing: HandoverError (an OSError)
+            # All or nothing: HandoverError (an OSError).
+            kept = self.supervisor.server.handover(budgets)
         except OSError:
             os.close(fd)
             raise
@@ -880,11 +896,13 @@ class UpgradeSequence:
             adopted.add(pid)
             carried = self._carried_workers.get(pid, {})
             held = carried.get("held")
+            budget = carried.get("budget")  # from a release before budgets: none
             key = await supervisor.server.adopt(
                 sock,
                 restoring=True,
                 worker=(pid, generation),
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
+                budget_before=[str(n) for n in budget] if isinstance(budget, list) else None,
                 unread=self._carried_unread.pop(name, b""),
                 calls=_calls_from_json(carried.get("calls")),
             )

@@ -1,0 +1,140 @@
+"""Grant budgets: slots a worker may grant itself while the supervisor re-executes. No I/O.
+
+While the supervisor is away (an upgrade's exec: the new image's imports,
+then its table rebuilt from the workers), nobody grants slots, and a call
+that arrives waits in its worker: 0.6 s to several seconds on a loaded host
+(bench/reexec_gap.py), which a carrier with a short timeout may not wait.
+
+So at the hand-over the supervisor splits, between the workers that take
+calls, each fleet's free slots (`share`), and tells each worker its share
+(a "budget"). Until the next image (or this one, the exec failed) asks it
+what it holds ("sync"), a worker grants a call from its budget at once
+(`Budget.take`, leastconn among the fleets it has budget on, as
+`Balancer.pick`), and says those leases in its "state" like any other:
+the table rebuilt from the states counts them. A slot it gives back
+meanwhile (a call ended) is its own to grant again (`Budget.give_back`):
+nobody else grants it, and its "state" no longer names it. What is left at
+"sync" is dropped.
+
+maxconn holds host-wide at every moment: the shares of a fleet sum to at
+most its free slots when nothing else is granted (the table is not served
+from the hand-over to the rebuild), and a worker slow to say what it holds
+is counted for its share on top of what it held (`HostSlots.count_budget`),
+an upper bound like the rest of its reserve (a slot it gave back and
+granted again is in what it held).
+
+Only when nobody waits (the host's queue is empty: a budget would let a new
+call overtake one queued, and the queue is FIFO), and only on a fleet that
+`Balancer.pick` could pick now: UP and READY (not MAINT, not DRAIN), not
+being removed, with room (below maxconn and not FULL by its own word).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Sequence
+from dataclasses import dataclass
+
+from fleet_ingress.core.balancer import FleetState
+
+WorkerKey = Hashable
+
+
+def free_slots(fleet: FleetState) -> int:
+    """Calls `fleet` may take now, as `Balancer.pick` judges room: below maxconn
+    and, when the fleet reports its capacity, below its estimated free workers.
+    0 for a fleet pick would not choose (not UP and READY, being removed)."""
+    if not fleet.up or fleet.removing:
+        return 0
+    free = fleet.maxconn - fleet.active
+    estimate = fleet.estimated_available if fleet.capacity_aware else None
+    if estimate is not None:
+        free = min(free, estimate)
+    return max(0, free)
+
+
+def share(
+    fleets: Sequence[FleetState], workers: Sequence[WorkerKey], *, queue_length: int
+) -> dict[WorkerKey, dict[str, int]]:
+    """Each worker's budget, fleet name -> slots: every fleet's free slots
+    split evenly, the odd ones over turns that start one worker on per fleet
+    (so that many fleets with one free slot each spread over the workers).
+    The shares of a fleet sum to at most its free slots. Nothing at all while
+    a call waits in the queue (`queue_length`). A worker with no share is left out."""
+    budgets: dict[WorkerKey, dict[str, int]] = {}
+    if queue_length or not workers:
+        return budgets
+    n = len(workers)
+    turn = 0
+    for fleet in fleets:
+        free = free_slots(fleet)
+        if free <= 0:
+            continue
+        each, odd = divmod(free, n)
+        for i in range(n):
+            slots = each + (1 if (i - turn) % n < odd else 0)
+            if slots:
+                budgets.setdefault(workers[i], {})[fleet.name] = slots
+        turn = (turn + odd) % n
+    return budgets
+
+
+@dataclass(slots=True)
+class BudgetFleet:
+    """One fleet of a worker's budget: slots left, and the host's calls there
+    as the supervisor counted them at the hand-over plus this worker's own
+    grants since (for leastconn; other workers' grants are not known here)."""
+
+    name: str
+    left: int
+    active: int
+
+
+class Budget:
+    """A worker's budget, from "budget" to "sync": `take` a fleet for a call."""
+
+    __slots__ = ("_fleets", "_next", "granted")
+
+    def __init__(self, fleets: Sequence[BudgetFleet]) -> None:
+        self._fleets = [f for f in fleets if f.left > 0]  # `give_back` may add to them
+        self._next = 0  # round-robin cursor for ties, as Balancer's
+        self.granted = 0  # slots taken from it
+
+    @property
+    def left(self) -> int:
+        return sum(f.left for f in self._fleets)
+
+    def take(self, avoid: Collection[str] = ()) -> str | None:
+        """The fleet to grant a call on now, its slot taken from the budget:
+        the one with the fewest calls, fresh before tried (`avoid`), ties in
+        turn, as `Balancer.pick`. None when no slot is left (the call waits
+        for the supervisor, as without a budget)."""
+        fleets = self._fleets
+        n = len(fleets)
+        chosen: BudgetFleet | None = None
+        chosen_at = 0
+        best: tuple[bool, int, int] | None = None
+        for i, f in enumerate(fleets):
+            if f.left <= 0:
+                continue
+            key = (f.name in avoid, f.active, (i - self._next) % n)
+            if best is None or key < best:
+                chosen, chosen_at, best = f, i, key
+        if chosen is None:
+            return None
+        self._next = (chosen_at + 1) % n
+        chosen.left -= 1
+        chosen.active += 1
+        self.granted += 1
+        return chosen.name
+
+    def give_back(self, name: str) -> None:
+        """A slot this worker held on fleet `name` was given back (a call
+        ended, from the budget or granted before): its own again, as nobody
+        else grants it meanwhile (the supervisor counts from the worker's
+        "state", which no longer names it). Not for a fleet not in the budget
+        (judged not to take calls at the hand-over)."""
+        for f in self._fleets:
+            if f.name == name:
+                f.left += 1
+                f.active = max(0, f.active - 1)
+                return
