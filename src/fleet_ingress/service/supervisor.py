@@ -360,6 +360,10 @@ class Supervisor:
         # Its state for a supervisor started after its death (run_supervisor's).
         self.snapshots: CrashSnapshot | None = None
         self.handed = handed or {}
+        # The image before this one (an upgrade's exec) or the supervisor that
+        # died (systemd's fd store) handed over its listeners: they are served
+        # where they were bound (`bound_listen`), whatever listen.* says now.
+        self.listeners_carried = any(name.startswith("listen.") for name in self.handed)
         # Last: it puts the carried state back on what is built above.
         self.upgrade = UpgradeSequence(
             self, self._web, carried=carried, starts_settle=starts_settle
@@ -417,20 +421,22 @@ class Supervisor:
         # the probes begin and the stats and admin sites are served), not
         # after it; and a worker slow to answer holds none of that back.
         # After a crash the first probes come first (`adopt_workers` waits).
+        # `self.handed` is the start's alone: the restore is given the
+        # channels, which stay in it until they are the workers' (a failed
+        # resume's drain closes what is left there).
         restoring: asyncio.Task[None] | None = None
+        channels: dict[str, socket.socket] = {}
         if self.upgrade.resumed and not self.upgrade.crash_restart:
             channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
-            for name in channels:
-                del self.handed[name]
-            restoring = asyncio.get_running_loop().create_task(
-                self._restore_slot_table(channels), name="restore slot table"
-            )
+            restoring = self._restore_slot_table(channels)
         try:
             await self._serve_operators()
-        except BaseException:
+        except BaseException as exc:
             if restoring is not None:  # never left paused, nor its task unawaited
                 restoring.cancel()
-                await asyncio.gather(restoring, return_exceptions=True)
+                (ended,) = await asyncio.gather(restoring, return_exceptions=True)
+                if isinstance(ended, Exception):
+                    _say_restore_failed_too(exc, ended)
             raise
         if self.upgrade.resumed:
             step_done("listeners served")
@@ -438,6 +444,8 @@ class Supervisor:
             try:
                 if restoring is not None:
                     await restoring
+                    for name in channels:  # the workers' now
+                        del self.handed[name]
                     close_unused(self.handed)  # none but a listener no longer configured
                 else:
                     await self.upgrade.adopt_workers(self.handed)
@@ -504,8 +512,8 @@ class Supervisor:
         step_done("probes started, warnings")
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
-        listen = self.bound_listen if self.handed else self.config.listen
-        kept = "kept over the upgrade" if self.handed else None
+        listen = self.bound_listen if self.listeners_carried else self.config.listen
+        kept = "kept over the upgrade" if self.listeners_carried else None
         for key, address in (("wss", listen.wss), ("acme", listen.acme)):
             if not address:
                 continue
@@ -566,23 +574,32 @@ class Supervisor:
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
 
-    async def _restore_slot_table(self, channels: dict[str, socket.socket]) -> None:
+    def _restore_slot_table(self, channels: dict[str, socket.socket]) -> asyncio.Task[None]:
         """After an upgrade's exec: every kept worker channel served again and
         the slot table rebuilt from what the workers hold
-        (`UpgradeSequence.adopt_workers`); the table grants from then on."""
+        (`UpgradeSequence.adopt_workers`), in a task beside the rest of the
+        start; the table grants from then on. What its end undoes is done as
+        the task ends, however it ends (`_slot_table_restore_ended`): a task
+        cancelled before its first step runs none of its coroutine, and a
+        `finally` there would not run."""
         self.pool.generation_settled.clear()
-        try:
-            await self.upgrade.adopt_workers(channels)
-        except BaseException:
-            # Handed back, as they were before the restore ran beside the rest:
-            # a failed resume's drain closes them, and a worker not taken up
-            # yet sees its channel end and drains on its own.
-            self.handed.update(channels)
+        restoring = asyncio.get_running_loop().create_task(
+            self.upgrade.adopt_workers(channels), name="restore slot table"
+        )
+        restoring.add_done_callback(self._slot_table_restore_ended)
+        return restoring
+
+    def _slot_table_restore_ended(self, restoring: asyncio.Task[None]) -> None:
+        """The restore's task ended: the garbage collector on again (off since
+        the exec, `reexec_steps.collector_off_over_exec`); failed or
+        cancelled, nothing waits on it any longer (a change waits for
+        `table_restored`). Its channels stay in `handed` (`start`): a failed
+        resume's drain closes them, and a worker not taken up yet sees its
+        channel end and drains on its own."""
+        gc.enable()
+        if restoring.cancelled() or restoring.exception() is not None:
             self.pool.generation_settled.set()
             self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
-            raise
-        finally:
-            gc.enable()  # off since the exec (`reexec_steps.collector_off_over_exec`)
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image
@@ -978,6 +995,21 @@ def _warn_unverified() -> None:
     log.warning(
         "fleets.verify = false: fleet certificates are not checked, so anyone on the "
         "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
+    )
+
+
+def _say_restore_failed_too(error: BaseException, restore_error: Exception) -> None:
+    """The start's own part failed after an upgrade's exec (`error`, raised on
+    and logged by the drain that follows) and the slot table's restore beside
+    it failed too: its error said here, or nothing would say why the workers'
+    channels could not be taken up."""
+    log.error(
+        "after the upgrade's re-execution the workers' slot channels could not be taken up "
+        "either, beside the start's own failure (start_error): the workers drain their calls "
+        "as after that one; reinstall the release that ran, then start the service (a bug: "
+        "report it with this traceback)",
+        extra=fields(error=repr(restore_error), start_error=repr(error)),
+        exc_info=restore_error,
     )
 
 
