@@ -2936,6 +2936,41 @@ async def test_a_new_image_whose_start_and_slot_table_restore_both_fail_says_bot
         await old.close()
 
 
+async def test_a_new_image_whose_start_fails_after_the_restore_leaves_the_adopted_channels_be(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The restore took the worker's channel up, then the start's own part
+    failed (the admin socket's path held by another live listener): the
+    channel is the slot server's, not left in `handed`, which the failed
+    resume's drain closes (a socket closed under its transport)."""
+    old, new, worker, _ = await _new_image_of(tls_files, tmp_path, answering=True)
+    assert worker is not None
+    (channel,) = [name for name in new.handed if worker_key(name)]
+    admin = Path(new.config.listen.admin_socket)
+    admin.parent.mkdir(parents=True, exist_ok=True)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(admin))
+    other.listen(1)
+    serve_kept = new._web.serve_kept
+
+    async def serve_once_restored(*args: Any, **kw: Any) -> web.AppRunner:
+        await new.upgrade.table_restored.wait()  # the admin socket is bound after
+        return await serve_kept(*args, **kw)
+
+    new._web.serve_kept = serve_once_restored  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="is in use"):
+            await asyncio.wait_for(new.start(), 20)
+        assert channel not in new.handed
+        assert [w.pid for w in new.pool.workers.values()] == [os.getpid()]
+        assert not worker.lost.done()
+    finally:
+        other.close()
+        worker.close()
+        await _close_adopting(new)
+        await old.close()
+
+
 async def test_a_slot_table_restore_cancelled_before_its_first_step_still_ends_the_exec_s_holds(
     tls_files: TLSFiles, tmp_path: Path
 ) -> None:

@@ -430,7 +430,9 @@ class Supervisor:
             if restoring is not None:  # never left paused, nor its task unawaited
                 restoring.cancel()
                 (ended,) = await asyncio.gather(restoring, return_exceptions=True)
-                if isinstance(ended, Exception):
+                if ended is None:  # it was done: the channels are the workers'
+                    self._channels_adopted(channels)
+                elif isinstance(ended, Exception):
                     _say_restore_failed_too(exc, ended)
             raise
         if self.upgrade.resumed:
@@ -439,8 +441,7 @@ class Supervisor:
             try:
                 if restoring is not None:
                     await restoring
-                    for name in channels:  # the workers' now
-                        del self.handed[name]
+                    self._channels_adopted(channels)
                     close_unused(self.handed)  # none but a listener no longer configured
                 else:
                     await self.upgrade.adopt_workers(self.handed)
@@ -595,6 +596,12 @@ class Supervisor:
         if restoring.cancelled() or restoring.exception() is not None:
             self.pool.generation_settled.set()
             self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
+
+    def _channels_adopted(self, channels: dict[str, socket.socket]) -> None:
+        """The restore took up `channels`: the slot server's now, out of
+        `handed` (a failed resume's drain closes what is left there)."""
+        for name in channels:
+            del self.handed[name]
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image
