@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -33,15 +34,18 @@ from websockets.exceptions import ConnectionClosed
 import fleet_ingress
 from fleet_ingress.config.fleets_file import load_fleets_file
 from fleet_ingress.config.settings import load_config
+from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.call_list import CallFilter
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
+from fleet_ingress.net.listener import ListenError
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.slot_wire import encode
 from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format_stat_table
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_display import upgrade_failed
 from fleet_ingress.release import code_digest
+from fleet_ingress.service.listen_fds import worker_key
 from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
 from fleet_ingress.service.upgrade_sequence import HELD_OVER_EXEC
@@ -2894,6 +2898,110 @@ async def test_a_worker_silent_after_the_exec_holds_back_neither_stats_nor_admin
     finally:
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
+        theirs.close()
+        await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_new_image_whose_start_and_slot_table_restore_both_fail_says_both(
+    tls_files: TLSFiles, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the exec the restore fails (the worker's channel is a closed
+    socket: adopting it raises at once) and so does the start's own part
+    (listen.wss taken by another process). The start's error is raised on (the
+    drain logs it); the restore's was gathered and dropped: nothing said why
+    the channels could not be taken up (the review of session 39). Now it is
+    logged too, with the start's, and the outcome is the same."""
+    old, new, _, theirs = await _new_image_of(tls_files, tmp_path, answering=False)
+    (channel,) = [name for name in new.handed if worker_key(name)]
+    new.handed[channel].close()
+    host, port = parse_hostport(new.config.listen.wss, what="listen.wss")
+    taken = socket.create_server((host, port))
+    caplog.set_level(logging.ERROR, logger="fleet_ingress.lifecycle")
+    try:
+        with pytest.raises(ListenError, match="another process listens there"):
+            await asyncio.wait_for(new.start(), 20)
+        (said,) = [r for r in caplog.records if "could not be taken up" in r.getMessage()]
+        assert said.levelno == logging.ERROR and said.exc_info is not None
+        assert isinstance(said.exc_info[1], OSError)
+        assert "reinstall the release that ran" in said.getMessage()
+        assert "listen.wss" in said.fields["start_error"]  # type: ignore[attr-defined]
+        # As before: the table let go, the channel left for the drain.
+        assert new.upgrade.table_restored.is_set() and new.pool.generation_settled.is_set()
+        assert channel in new.handed and gc.isenabled()
+    finally:
+        taken.close()
+        theirs.close()
+        await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_new_image_whose_start_fails_after_the_restore_leaves_the_adopted_channels_be(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The restore took the worker's channel up, then the start's own part
+    failed (the admin socket's path held by another live listener): the
+    channel is the slot server's, not left in `handed`, which the failed
+    resume's drain closes (a socket closed under its transport)."""
+    old, new, worker, _ = await _new_image_of(tls_files, tmp_path, answering=True)
+    assert worker is not None
+    (channel,) = [name for name in new.handed if worker_key(name)]
+    admin = Path(new.config.listen.admin_socket)
+    admin.parent.mkdir(parents=True, exist_ok=True)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(admin))
+    other.listen(1)
+    serve_kept = new._web.serve_kept
+
+    async def serve_once_restored(*args: Any, **kw: Any) -> web.AppRunner:
+        await new.upgrade.table_restored.wait()  # the admin socket is bound after
+        return await serve_kept(*args, **kw)
+
+    new._web.serve_kept = serve_once_restored  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="is in use"):
+            await asyncio.wait_for(new.start(), 20)
+        assert channel not in new.handed
+        assert [w.pid for w in new.pool.workers.values()] == [os.getpid()]
+        assert not worker.lost.done()
+    finally:
+        other.close()
+        worker.close()
+        await _close_adopting(new)
+        await old.close()
+
+
+async def test_a_slot_table_restore_cancelled_before_its_first_step_still_ends_the_exec_s_holds(
+    tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The restore's task cancelled before it ran at all: a coroutine cancelled
+    before its first step runs none of its body, so a `try`/`finally` in it
+    never ran, and the garbage collector stayed off for the life of the process
+    (`collector_off_over_exec`), the worker channels were in no one's hands for
+    the drain to close. Its end is its task's (a done callback) and the
+    channels stay in `handed` until adopted: gc on, channels there, the table
+    let go."""
+    old, new, _, theirs = await _new_image_of(tls_files, tmp_path, answering=False)
+    (channel,) = [name for name in new.handed if worker_key(name)]
+    sock = new.handed[channel]
+
+    def cancel_the_restore() -> None:
+        # Scheduled before the start's first step makes the task: runs before the task's.
+        (task,) = [t for t in asyncio.all_tasks() if t.get_name() == "restore slot table"]
+        task.cancel()
+
+    gc.disable()  # as `collector_off_over_exec` leaves it after the exec
+    try:
+        starting = asyncio.ensure_future(new.start())
+        asyncio.get_running_loop().call_soon(cancel_the_restore)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(starting, 20)
+        assert gc.isenabled()
+        assert new.handed.get(channel) is sock
+        assert new.upgrade.table_restored.is_set() and new.pool.generation_settled.is_set()
+    finally:
+        gc.enable()
+        sock.close()
         theirs.close()
         await _close_adopting(new)
         await old.close()

@@ -20,7 +20,8 @@ its pool's (`service.worker_pool`, `self.pool`).
   settings (`reload` on its channel, answered `reloaded`), the configuration
   applied here sent with it (not read again from the file, which may have
   changed since); a worker still starting is told once it serves. READY=1
-  once all have answered. Calls are untouched.
+  once all have answered. Calls are untouched. The reload's steps are
+  `service.host_reload`'s.
 - SIGTERM/SIGINT: every worker stops accepting (`stop`, answered
   `stopping`), the listeners close here too, so new connections are refused;
   the workers drain their calls for `timeouts.drain`; this process exits 0
@@ -49,19 +50,14 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet_ingress.config.config_diff import NOTHING_CHANGED, settings_changed
 from fleet_ingress.config.settings import (
     IngressConfig,
     config_to_json,
-    edits_hidden,
-    file_settings,
     file_text,
     settings_of_text,
-    unread_variables_said_by_run,
 )
 from fleet_ingress.core.addresses import parse_hostport
 from fleet_ingress.core.balancer import Balancer
-from fleet_ingress.core.certificate_change import reload_note
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import FleetSpec
 from fleet_ingress.core.health import Health
@@ -69,12 +65,11 @@ from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import HostView, ReportError
 from fleet_ingress.logs import fields
 from fleet_ingress.net.calls import Registry
-from fleet_ingress.net.descriptors import calls_allowed, descriptors_short, say_descriptors_short
 from fleet_ingress.net.event_loop import count_unexpected_error
 from fleet_ingress.net.listener import bind_errors_named, bind_tcp
 from fleet_ingress.net.poller import HealthPoller
 from fleet_ingress.net.slot_server import SlotServer, channel_key
-from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context, new_ticket_keys
+from fleet_ingress.net.tls import CarrierPem, fleet_ssl_context
 from fleet_ingress.ops.admin_server import (
     admin_app,
     bind_admin_socket,
@@ -82,7 +77,6 @@ from fleet_ingress.ops.admin_server import (
 from fleet_ingress.ops.fleet_ops import (
     CLOSE_ANSWER_WAIT,
     ClosedElsewhere,
-    FleetChangeError,
     FleetOps,
     ForgetLater,
 )
@@ -95,8 +89,6 @@ from fleet_ingress.ops.host_stats import (
 from fleet_ingress.ops.local_counts import fold_fleets_gone
 from fleet_ingress.ops.reload_outcome import (
     ReloadAsked,
-    reload_outcome,
-    tell,
 )
 from fleet_ingress.ops.stats_server import stats_app
 from fleet_ingress.ops.web_sites import OperatorConnectionsCollector, WebSites
@@ -105,7 +97,6 @@ from fleet_ingress.service.carrier_certificate import (
     carrier_ssl_context,
     pem_to_json,
     read_carrier_pem,
-    serves_alike,
     serving_leaf,
     ticket_keys_to_json,
     warn_about_chain,
@@ -118,11 +109,15 @@ from fleet_ingress.service.fd_store import (
 )
 from fleet_ingress.service.files_on_disk import FilesOnDisk
 from fleet_ingress.service.host_picture import last_upgrade_failed, snapshot_of, status_line_of
+from fleet_ingress.service.host_reload import (
+    answer_pending_reloads,
+    reload_and_wait,
+    reload_host,
+    say_certificate_kept,
+    warn_unverified,
+)
 from fleet_ingress.service.ingress import (
-    ReloadRefused,
-    listener_notes,
     probe_settings,
-    read_reload_settled,
     warn_same_host,
 )
 from fleet_ingress.service.kept_running import TaskFailures, kept_running, say_if_failed
@@ -131,7 +126,7 @@ from fleet_ingress.service.oom_verdict import (
     OomVerdict,
 )
 from fleet_ingress.service.reexec_steps import step_done
-from fleet_ingress.service.reload_rounds import ReloadRounds, log_not_reloaded
+from fleet_ingress.service.reload_rounds import ReloadRounds
 from fleet_ingress.service.sdnotify import Notifier
 from fleet_ingress.service.store_keeping import StoreTakenUp, fd_store_picture
 from fleet_ingress.service.ticket_keys import SessionTicketKeys
@@ -250,9 +245,9 @@ class Supervisor:
         # the environment it keeps: what a reload's edits are told against,
         # where the environment hides them (`edits_hidden`). Not the last
         # reload's: an edit still hidden is said again at each reload, as
-        # `_pending_notes` says a change still pending (told against the last
-        # reload, a second reload said "nothing changed" and `stat` dropped
-        # its EDITS NOT APPLIED line, the edit still not served).
+        # `host_reload._pending_notes` says a change still pending (told
+        # against the last reload, a second reload said "nothing changed" and
+        # `stat` dropped its EDITS NOT APPLIED line, the edit still not served).
         # Its text is carried over an exec and in the crash snapshot (None
         # where the file could not be read): the new image tells edits against
         # the file as the service first read it, not as it read it at its own
@@ -360,6 +355,10 @@ class Supervisor:
         # Its state for a supervisor started after its death (run_supervisor's).
         self.snapshots: CrashSnapshot | None = None
         self.handed = handed or {}
+        # The image before this one (an upgrade's exec) or the supervisor that
+        # died (systemd's fd store) handed over its listeners: they are served
+        # where they were bound (`bound_listen`), whatever listen.* says now.
+        self.listeners_carried = any(name.startswith("listen.") for name in self.handed)
         # Last: it puts the carried state back on what is built above.
         self.upgrade = UpgradeSequence(
             self, self._web, carried=carried, starts_settle=starts_settle
@@ -417,20 +416,24 @@ class Supervisor:
         # the probes begin and the stats and admin sites are served), not
         # after it; and a worker slow to answer holds none of that back.
         # After a crash the first probes come first (`adopt_workers` waits).
+        # `self.handed` is the start's alone: the restore is given the
+        # channels, which stay in it until they are the workers' (a failed
+        # resume's drain closes what is left there).
         restoring: asyncio.Task[None] | None = None
+        channels: dict[str, socket.socket] = {}
         if self.upgrade.resumed and not self.upgrade.crash_restart:
             channels = {name: sock for name, sock in self.handed.items() if worker_key(name)}
-            for name in channels:
-                del self.handed[name]
-            restoring = asyncio.get_running_loop().create_task(
-                self._restore_slot_table(channels), name="restore slot table"
-            )
+            restoring = self._restore_slot_table(channels)
         try:
             await self._serve_operators()
-        except BaseException:
+        except BaseException as exc:
             if restoring is not None:  # never left paused, nor its task unawaited
                 restoring.cancel()
-                await asyncio.gather(restoring, return_exceptions=True)
+                (ended,) = await asyncio.gather(restoring, return_exceptions=True)
+                if ended is None:  # it was done: the channels are the workers'
+                    self._channels_adopted(channels)
+                elif isinstance(ended, Exception):
+                    _say_restore_failed_too(exc, ended)
             raise
         if self.upgrade.resumed:
             step_done("listeners served")
@@ -438,6 +441,7 @@ class Supervisor:
             try:
                 if restoring is not None:
                     await restoring
+                    self._channels_adopted(channels)
                     close_unused(self.handed)  # none but a listener no longer configured
                 else:
                     await self.upgrade.adopt_workers(self.handed)
@@ -498,14 +502,14 @@ class Supervisor:
             self.poller.start(fleet)
         self.forgetting.start()  # the waits the previous image carried (an upgrade, a crash)
         if not self.config.fleets.verify:
-            _warn_unverified()
+            warn_unverified()
         warn_same_host((fleet.spec for fleet in self.balancer.fleets), log)
         warn_about_chain(self.config, self.serving_pem)  # what is served: kept, maybe
         step_done("probes started, warnings")
         # After a re-execution the sockets are the previous image's, never closed;
         # they stay where they were bound (a changed listen.* waits for a restart).
-        listen = self.bound_listen if self.handed else self.config.listen
-        kept = "kept over the upgrade" if self.handed else None
+        listen = self.bound_listen if self.listeners_carried else self.config.listen
+        kept = "kept over the upgrade" if self.listeners_carried else None
         for key, address in (("wss", listen.wss), ("acme", listen.acme)):
             if not address:
                 continue
@@ -566,23 +570,38 @@ class Supervisor:
                 "listening", extra=fields(listener="admin", address=str(path), note=kept)
             )
 
-    async def _restore_slot_table(self, channels: dict[str, socket.socket]) -> None:
+    def _restore_slot_table(self, channels: dict[str, socket.socket]) -> asyncio.Task[None]:
         """After an upgrade's exec: every kept worker channel served again and
         the slot table rebuilt from what the workers hold
-        (`UpgradeSequence.adopt_workers`); the table grants from then on."""
+        (`UpgradeSequence.adopt_workers`), in a task beside the rest of the
+        start; the table grants from then on. What its end undoes is done as
+        the task ends, however it ends (`_slot_table_restore_ended`): a task
+        cancelled before its first step runs none of its coroutine, and a
+        `finally` there would not run."""
         self.pool.generation_settled.clear()
-        try:
-            await self.upgrade.adopt_workers(channels)
-        except BaseException:
-            # Handed back, as they were before the restore ran beside the rest:
-            # a failed resume's drain closes them, and a worker not taken up
-            # yet sees its channel end and drains on its own.
-            self.handed.update(channels)
+        restoring = asyncio.get_running_loop().create_task(
+            self.upgrade.adopt_workers(channels), name="restore slot table"
+        )
+        restoring.add_done_callback(self._slot_table_restore_ended)
+        return restoring
+
+    def _slot_table_restore_ended(self, restoring: asyncio.Task[None]) -> None:
+        """The restore's task ended: the garbage collector on again (off since
+        the exec, `reexec_steps.collector_off_over_exec`); failed or
+        cancelled, nothing waits on it any longer (a change waits for
+        `table_restored`). Its channels stay in `handed` (`start`): a failed
+        resume's drain closes them, and a worker not taken up yet sees its
+        channel end and drains on its own."""
+        gc.enable()
+        if restoring.cancelled() or restoring.exception() is not None:
             self.pool.generation_settled.set()
             self.upgrade.table_restored.set()  # also if adopting failed: never hang a change
-            raise
-        finally:
-            gc.enable()  # off since the exec (`reexec_steps.collector_off_over_exec`)
+
+    def _channels_adopted(self, channels: dict[str, socket.socket]) -> None:
+        """The restore took up `channels`: the slot server's now, out of
+        `handed` (a failed resume's drain closes what is left there)."""
+        for name in channels:
+            del self.handed[name]
 
     def sockets_to_keep(self) -> dict[str, socket.socket]:
         """The listeners, stats and admin sockets, by the name the next image
@@ -746,206 +765,25 @@ class Supervisor:
         return None if self.serving_leaf is None else self.serving_leaf.not_after
 
     async def reload_and_wait(self) -> dict[str, Any]:
-        """`fleet-ingress reload`: a reload asked as SIGHUP asks it (RELOADING=1
-        and READY=1 to systemd), and how it went: the outcome of the first round
-        that begins after it was asked (one under way may have read the files
-        before the caller's edit), shared with every ask that round answers."""
-        if self.pool.stopping or self.stop_asked.is_set():
-            raise FleetChangeError(409, "the ingress is stopping: nothing is reloaded")
-        asked: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.reloads_asked.put_nowait(asked)
-        return await asked
+        """`fleet-ingress reload`: a reload asked as SIGHUP asks it, and how it
+        went (`host_reload.reload_and_wait`)."""
+        return await reload_and_wait(self)
 
     def say_certificate_kept(self, problem: str) -> None:
-        """The start passed over the certificate on disk (`problem`: what
-        `carrier_certificate.kept_certificate` or `kept_over_unloadable` says of
-        it) and serves the one the previous process served (before a stop, a
-        crash or an upgrade's exec). `stat` and the gauge
-        `fleet_ingress_certificate_file_refused` say so too, until the files
-        hold one a reload takes (`FilesOnDisk.certificate_refused`)."""
-        until = self.serving_leaf.not_after if self.serving_leaf is not None else None
-        self.start_notes.append(
-            f"the certificate on disk is not served, as a reload would refuse it: {problem}; "
-            "the one served before serves on: put a good certificate in place, then "
-            "`systemctl reload fleet-ingress`"
-        )
-        log.warning(
-            "the certificate on disk is not served, as a reload would refuse it: the one "
-            "served before serves on; put a good certificate in place, then `systemctl "
-            "reload fleet-ingress` (a reboot, or a stop then a start, takes the files as "
-            "they are)",
-            extra=fields(key="tls.cert", problem=problem, served_until=until),
-        )
+        """The start serves the certificate served before, not the one on disk
+        (`host_reload.say_certificate_kept`)."""
+        say_certificate_kept(self, problem)
 
     def answer_pending_reloads(self, why: str) -> None:
-        """At stop: every `fleet-ingress reload` still waiting is told, rather than
-        holding its admin request (and the supervisor's exit) until it times out."""
-        outcome = {**reload_outcome(why), "result": "failed"}
-        tell(self.reload_in_hand, outcome)
-        while not self.reloads_asked.empty():
-            tell([self.reloads_asked.get_nowait()], outcome)
+        """At stop: every `fleet-ingress reload` still waiting is told
+        (`host_reload.answer_pending_reloads`)."""
+        answer_pending_reloads(self, why)
 
     async def reload(self) -> str:
         """Reload configuration, fleets file and certificate: here, then in every
-        worker. Raises ReloadRefused (nothing applied) when anything is invalid."""
-        self.reloading = True
-        try:
-            changes = await self._reload()
-        except ReloadRefused as exc:
-            self.last_reload = reload_outcome(str(exc))
-            self.write_snapshot()  # what a crash restart serves: still the previous one
-            await self.look_after_reload()
-            raise
-        finally:
-            self.reloading = False
-        self.last_reload = reload_outcome(None, changes)
-        if self.edits_hidden:  # `stat` says them, as the reload's answer does
-            self.last_reload["edits_hidden"] = self.edits_hidden
-        if self.workers_not_reloaded:  # `fleet-ingress reload` must not say it all applied
-            self.last_reload["workers_failed"] = {
-                str(pid): str(error) for pid, error in self.workers_not_reloaded.items()
-            }
-        self.write_snapshot()  # what a crash restart serves: this one
-        await self.look_after_reload()
-        return changes
-
-    def _descriptors_said_short(self, config: IngressConfig) -> str | None:
-        """A reload that asks more calls than the descriptor limit holds says
-        so, as the start does, once for each [limit, needed] (the workers cap
-        at what the limit holds: before, without a word until the next start)."""
-        max_connections = config.limits.max_connections
-        acme = bool(self.bound_listen.acme)  # :80 as bound at start
-        short = descriptors_short(max_connections, acme=acme)
-        said, self.descriptors_short = self.descriptors_short, short
-        if short is None or short == said:
-            return None
-        say_descriptors_short(short, max_connections, acme=acme)
-        allowed = calls_allowed(short, max_connections, acme=acme)
-        return (
-            f"limits.max_connections = {max_connections}: the descriptor limit ({short[0]}) "
-            f"holds {allowed} calls a worker; raise LimitNOFILE (systemd) to carry them"
-        )
-
-    async def _reload(self) -> str:
-        try:
-            # Off the loop, which answers the workers' slot requests meanwhile:
-            # the fleets' TLS context alone reads the system's trust store (20 ms
-            # measured), and a file on a slow disk could hold every call's lease.
-            config, specs, _, fleet_ssl, leaf, pem = await read_reload_settled(
-                self.ops, self.config_path, serving=self.serving_leaf
-            )
-        except ReloadRefused:
-            self.reloads["refused"] += 1
-            raise
-        # Read again, not with the configuration: a few ms for a few lines.
-        file_now = await asyncio.to_thread(file_settings, self.config_path)
-        # "auto" counted anew off the loop: /proc/self/mountinfo is read for
-        # the cgroup's quota, 30-40 ms on a host of 3000 mounts (a Kubernetes node).
-        workers = await asyncio.to_thread(config.process.workers_from)
-        notes = listener_notes(self.bound_listen, config) + self._pending_notes(config, workers)
-        if settings := settings_changed(self.config, config):
-            notes.append(f"applied: {settings}")
-        if certificate := reload_note(leaf, self.serving_leaf, pem, self.serving_pem):
-            notes.append(certificate)
-        self.edits_hidden = edits_hidden(self.file_read, file_now)
-        for hidden in self.edits_hidden:
-            log.warning(
-                "a file edit is not applied: the environment sets its key",
-                extra=fields(note=hidden),
-            )
-        notes += self.edits_hidden
-        verified = self.config.fleets.verify
-        new_keys = not serves_alike(self.config, self.serving_pem, config, pem)
-        if new_keys:
-            # Workers build a new carrier context: tickets sealed before must not
-            # resume into it (a renewal for a key that leaked).
-            self.tickets.ticket_keys = new_ticket_keys()
-        self.config = config
-        self.serving_leaf = leaf
-        self.serving_pem = pem  # what workers started from now on get
-        if short := self._descriptors_said_short(config):
-            notes.append(short)
-        if new_keys:  # before any worker is told: a crash from here takes them up
-            self.tickets.store_ticket_keys(self.notifier, self.config, self.serving_pem)
-        self.slots.queue_timeout = config.timeouts.queue
-        self.slots.max_queue = config.limits.max_queue
-        self.slots.fall = config.fleets.fall
-        plan = self.fleet_set.apply(
-            specs, capacity_aware=config.fleets.capacity_aware, health=Health.INIT
-        )
-        for fleet in plan.gone:
-            self.ops.gone(fleet)
-        for fleet in plan.added:
-            self.poller.start(fleet)
-        notes += plan.notes
-        notes += warn_same_host(specs, log)  # said at each reload, as check says it
-        notes += unread_variables_said_by_run()  # and so are these
-        await self.poller.reconfigure(fleet_ssl, probe_settings(config))
-        if verified and not config.fleets.verify:
-            _warn_unverified()
-        self.server.wake()
-        answers = await self.reload_rounds.reload_workers()
-        gone = sorted(pid for pid, a in answers.items() if a.get("gone"))
-        failed = {
-            pid: a.get("error")
-            for pid, a in answers.items()
-            if not a.get("ok") and not a.get("gone")
-        }
-        # What `fleet-ingress reload` fails on: a worker that answered it did not
-        # reload (it serves its previous files), not one whose outcome is not known.
-        self.workers_not_reloaded = {
-            pid: a.get("error")
-            for pid, a in answers.items()
-            if not a.get("ok") and not a.get("unknown") and not a.get("gone")
-        }
-        for pid, error in failed.items():
-            log_not_reloaded(pid, error)
-            notes.append(f"worker {pid} did not reload: {error}")
-        log.info(
-            "workers reloaded",
-            extra=fields(
-                workers=sorted(set(answers) - set(failed) - set(gone)), failed=failed, gone=gone
-            ),
-        )
-        self.reloads["applied"] += 1
-        await asyncio.to_thread(warn_about_chain, config, self.serving_pem)
-        return "; ".join(notes) or NOTHING_CHANGED
-
-    def _pending_notes(self, config: IngressConfig, workers: tuple[int, str]) -> list[str]:
-        """What of `config` a reload does not apply: compared with the values
-        in force (as this image read them when it started, `run` or an
-        upgrade's exec; for process.workers, the serving generation's count),
-        not with the last reload, so that a change still pending is said again
-        and putting the running value back says nothing. `workers`: its
-        `workers_from()`, read off the loop."""
-        process = config.process
-        notes = []
-        if process.worker_hang_timeout != self.pool.hang_timeout:
-            notes.append(
-                "process.worker_hang_timeout changed: takes effect at the next "
-                "`fleet-ingress upgrade` or restart"
-            )
-        count, because = workers
-        if count != self.pool.worker_target:
-            # "auto" in the file before and now: the unit's CPUQuota= or affinity
-            # changed, not process.workers (an operator would look for an edit).
-            what = (
-                'process.workers = "auto" counts anew'
-                if process.workers == "auto" == self.config.process.workers
-                else "process.workers changed"
-            )
-            notes.append(
-                f"{what}: takes effect at the next `fleet-ingress upgrade` "
-                f"(its new generation) or restart: {because}, not the "
-                f"{self.pool.worker_target} serving"
-            )
-        if process.cpu_affinity != self.pool.cpu_affinity:
-            notes.append(
-                "process.cpu_affinity changed: takes effect at the next `fleet-ingress "
-                "upgrade` (its new generation) or restart; a worker started meanwhile "
-                "to replace one runs as the others do"
-            )
-        return notes
+        worker (`host_reload.reload_host`). Raises ReloadRefused (nothing
+        applied) when anything is invalid."""
+        return await reload_host(self)
 
     async def stop_accepting(self) -> None:
         """Workers close their listeners, then this process its own: from then
@@ -973,11 +811,18 @@ class Supervisor:
             task.cancel()
 
 
-def _warn_unverified() -> None:
-    """fleets.verify = false, at start and when a reload turns it off."""
-    log.warning(
-        "fleets.verify = false: fleet certificates are not checked, so anyone on the "
-        "path to a fleet can read and alter calls; prefer fleets.ca_file for a private CA"
+def _say_restore_failed_too(error: BaseException, restore_error: Exception) -> None:
+    """The start's own part failed after an upgrade's exec (`error`, raised on
+    and logged by the drain that follows) and the slot table's restore beside
+    it failed too: its error said here, or nothing would say why the workers'
+    channels could not be taken up."""
+    log.error(
+        "after the upgrade's re-execution the workers' slot channels could not be taken up "
+        "either, beside the start's own failure (start_error): the workers drain their calls "
+        "as after that one; reinstall the release that ran, then start the service (a bug: "
+        "report it with this traceback)",
+        extra=fields(error=repr(restore_error), start_error=repr(error)),
+        exc_info=restore_error,
     )
 
 
