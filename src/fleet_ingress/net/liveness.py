@@ -109,14 +109,17 @@ class TcpLiveness:
         less than BACKSTOP under it)."""
         return min(_ms(self.user_timeout + BACKSTOP), _MAX_INT_MS)
 
-    def set_on_listener(self, sock: Any) -> None:
+    def set_on_listener(self, sock: Any) -> int:
         """Set the options on a listening socket, those turned off too (after a
         reload): Linux copies a listener's socket and TCP options to each
         connection it accepts from then on (pinned by
         tests/e2e/test_listener_options.py), which then needs none set of its
-        own: six system calls a carrier (session 40). A connection the kernel
-        took before (in the backlog as the worker started, or as a reload
-        changed them) is told by `inherited_by`."""
+        own: six system calls a carrier (session 40). What it returns is how
+        many connections the kernel had taken already (in the backlog as the
+        worker started, or as a reload changed them): those have the options
+        from before and are to be set as before (`inherited_by` tells by the
+        user timeout alone: one a reload changed only keepalive of, or turned
+        the user timeout off in, passed for inherited)."""
         try:
             if hasattr(socket, "TCP_USER_TIMEOUT") and self.user_timeout <= 0:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
@@ -125,6 +128,7 @@ class TcpLiveness:
         except OSError as exc:
             log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
         self.apply(sock)
+        return queued_on_listener(sock)
 
     def inherited_by(self, sock: Any) -> bool:
         """Whether an accepted socket has these options from its listener
@@ -194,6 +198,16 @@ def read_tcp_info(sock: Any) -> bytes:
         return bytes(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_READ))
     except (OSError, AttributeError, TypeError, ValueError):
         return b""
+
+
+def queued_on_listener(sock: Any) -> int:
+    """Connections a listening socket's kernel has taken and not yet handed to
+    accept() (its TCP_INFO's tcpi_unacked is the accept queue's length); 0 where
+    it cannot tell."""
+    info = read_tcp_info(sock)
+    if len(info) < TCPI_UNACKED + 4:
+        return 0
+    return int(struct.unpack_from("=I", info, TCPI_UNACKED)[0])
 
 
 def probes_out(info: bytes) -> bool:
