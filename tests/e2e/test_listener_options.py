@@ -86,3 +86,32 @@ def test_options_turned_off_on_the_listener_are_off_on_what_it_accepts_next() ->
         finally:
             client.close()
             accepted.close()
+
+
+def test_a_reload_tells_how_many_were_taken_before_the_listener_had_the_new_options() -> None:
+    """A reload that changes keepalive alone (or turns the user timeout off):
+    a carrier the kernel took before the listener was told keeps the old
+    options, and its user timeout (all `inherited_by` reads) passes it for
+    inherited: keepalive_idle 10 s where 30 s was configured. The listener sets
+    the options on as many as `set_on_listener` says were queued (and on the
+    one it just accepted). On main it returns None; the queued one kept 10 s."""
+    old, new = TcpLiveness(keepalive_idle=10), TcpLiveness(keepalive_idle=30)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        old.set_on_listener(listener)
+        queued = [socket.create_connection(listener.getsockname()) for _ in range(2)]
+        taken: list[socket.socket] = []
+        try:
+            assert new.set_on_listener(listener) == 2  # the reload's first accept
+            taken.append(listener.accept()[0])
+            assert new.set_on_listener(listener) == 1  # one still queued
+            taken.append(listener.accept()[0])
+            for before in taken:
+                assert before.getsockopt(TCP, socket.TCP_KEEPIDLE) == 10  # the old options
+                assert new.inherited_by(before)  # why a count is needed: it cannot tell
+            client, accepted = _accepted(listener)
+            with client, accepted:
+                assert accepted.getsockopt(TCP, socket.TCP_KEEPIDLE) == 30
+                assert new.set_on_listener(listener) == 0
+        finally:
+            for s in queued + taken:
+                s.close()

@@ -58,13 +58,19 @@ class FakeCall:
 
 
 def _passes(
-    watch: DeadPeerWatch, clock: list[float], seconds: float, sides: list[FakeSide]
+    watch: DeadPeerWatch,
+    clock: list[float],
+    seconds: float,
+    sides: list[FakeSide],
+    user_timeouts: dict[int, float] | None = None,
 ) -> None:
     """Passes every PERIOD for `seconds` of a stand-in clock; the carrier sends
-    all along (its count moves each pass), the fleet nothing."""
+    all along (its count moves each pass), the fleet nothing. The calls
+    watched with `user_timeouts` (call id: seconds; call 1 at 20 s)."""
 
     async def run() -> None:
-        watch.watch(20.0)
+        for call_id, user_timeout in (user_timeouts or {1: 20.0}).items():
+            watch.watch(user_timeout, call_id)
         steps = round(seconds / dead_peers.PERIOD)
         for _ in range(steps):
             clock[0] += dead_peers.PERIOD
@@ -109,3 +115,25 @@ def test_a_quiet_side_whose_peer_still_answers_is_read_once_a_user_timeout_or_so
     watch.stop()
     # Quiet from 0.5 s; read at 20 s, then not before 16 s less a pass later.
     assert fleet.sock.reads == 2 and fleet.why is None
+
+
+def test_a_reload_leaves_each_call_under_the_user_timeout_it_entered_its_tunnel_with() -> None:
+    """SPEC 11: a reload never touches an established call. Its sockets keep the
+    options they were given; the watch gives each call up at its own figure:
+    call 1 at 60 s (taken before a reload to 20 s) is not given up 20.1 s into
+    its fleet's silence, call 2 (at 20 s, after the reload) is; call 3 (taken
+    after a reload to 0, kernel timeout off) is never looked at, and does not
+    stop the watch over the others. On main one figure, the last call's, for
+    all: call 1 given up at 20 s; with call 3 last, nothing watched at all."""
+    clock = [0.0]
+    sides = [FakeSide(Sock(heard_ms=0)) for _ in range(6)]
+    for side in sides:
+        side.sock.heard_ms = 20_100  # every side's peer silent 20.1 s, data out
+    calls = [FakeCall(sides[0], sides[1], id=1), FakeCall(sides[2], sides[3], id=2)]
+    calls.append(FakeCall(sides[4], sides[5], id=3))
+    watch = DeadPeerWatch(lambda: calls, clock=lambda: clock[0])
+    _passes(watch, clock, 21.0, sides, {1: 60.0, 2: 20.0, 3: 0.0})
+    watch.stop()
+    assert sides[1].why is None and sides[1].sock.reads == 0  # its 60 s not near
+    assert sides[3].why is not None  # given up at its 20 s
+    assert sides[5].why is None and sides[5].sock.reads == 0

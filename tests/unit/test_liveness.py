@@ -14,6 +14,10 @@ from fleet_ingress.net.liveness import (
     QUIET_LOOK_AGAIN,
     TCP_RTO_MAX_MS,
     TCPI_LAST_DATA_RECV,
+    TCPI_LAST_DATA_SENT,
+    TCPI_RTO,
+    TCPI_RTT,
+    TCPI_UNACKED,
     TcpLiveness,
     gave_no_answer,
     given_up_in,
@@ -181,6 +185,48 @@ def test_when_the_ingress_gives_up_a_peer_that_stopped_answering(
     info: bytes, due_in: float
 ) -> None:
     assert given_up_in(info, 20.0) == pytest.approx(due_in)
+
+
+def _sending_info(*, heard_ms: int, retransmits: int, unacked: int = 1) -> bytes:
+    """A live socket retransmitting `unacked` segments into a blackout on a
+    short path (round trip 100 us, first wait 0.2 s, capped at 2 s as
+    `RTO_MAX`), its last retransmission 0.5 s ago, the peer last heard
+    `heard_ms` ago."""
+    info = bytearray(_live_info(heard_ms=heard_ms, retransmits=retransmits, backoff=retransmits))
+    rto_us = min(200_000 << retransmits, 2_000_000)
+    struct.pack_into("=I", info, TCPI_RTO, rto_us)
+    struct.pack_into("=I", info, TCPI_UNACKED, unacked)
+    struct.pack_into("=I", info, TCPI_LAST_DATA_SENT, 500)
+    struct.pack_into("=I", info, TCPI_RTT, 100)
+    return bytes(info)
+
+
+@pytest.mark.parametrize(
+    ("info", "due_in"),
+    [
+        # A call on hold, heard by keepalive 8 s before a blackout, something
+        # sent as it began: a tail loss probe (0.2 s with one segment out), 6
+        # retransmissions 0.2, 0.4, 0.8, 1.6, 2, 2 s apart, the last 0.5 s ago:
+        # 7.7 s of the kernel's 21 s (the user timeout and BACKSTOP); heard
+        # 20.5 s ago. On main given up now, 12 s into a blackout the docs say
+        # is ridden out up to about 18 s.
+        (_sending_info(heard_ms=20_500, retransmits=6), 20.0 - 7.7),
+        # Several segments out: no allowance for the probe's delayed ACK.
+        (_sending_info(heard_ms=20_500, retransmits=6, unacked=4), 20.0 - 7.5),
+        # The data out that long too (11 retransmissions: 17.7 s; 13: 21.7 s).
+        (_sending_info(heard_ms=29_000, retransmits=11), 20.0 - 17.7),
+        (_sending_info(heard_ms=29_000, retransmits=13), 0.0),
+        # Streaming into the blackout: the peer last heard after the data out
+        # was first sent, the later of the two rules.
+        (_sending_info(heard_ms=7_000, retransmits=6), 13.0),
+    ],
+)
+def test_data_out_is_given_up_the_user_timeout_after_it_was_first_sent(
+    info: bytes, due_in: float
+) -> None:
+    """The kernel counts data's user timeout from its first send, not from when
+    the peer was last heard (a keepalive answer up to keepalive_idle before)."""
+    assert given_up_in(info, 20.0) == pytest.approx(due_in, abs=0.002)
 
 
 def test_no_user_timeout_no_give_up() -> None:

@@ -87,14 +87,22 @@ class DeadPeerWatch:
     ) -> None:
         self._calls = calls
         self._clock = clock
-        self.user_timeout = 0.0
+        # Each call's user timeout, by call id, as it was when it entered its
+        # tunnel: its sockets' options (the kernel's, BACKSTOP later) are set
+        # then, and a reload leaves an established call alone (SPEC 11). One
+        # figure for all (the last call's) gave calls taken before a reload
+        # that lowered it up early, and left those before one that raised it
+        # or turned it off (0) to the kernel's end without a reset.
+        self._user_timeouts: dict[int, float] = {}
         self._heard: dict[Side, _Heard] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def watch(self, user_timeout: float) -> None:
-        """A call is in its tunnel, under `user_timeout` (0: none given up)."""
-        self.user_timeout = user_timeout
-        if user_timeout > 0 and self._timer is None:
+    def watch(self, user_timeout: float, call_id: int) -> None:
+        """Call `call_id` is in its tunnel, under `user_timeout` (0: not given up)."""
+        if user_timeout <= 0:
+            return  # none kept: a call unknown to the watch is not given up
+        self._user_timeouts[call_id] = user_timeout
+        if self._timer is None:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(PERIOD, self.sweep)
 
@@ -103,14 +111,19 @@ class DeadPeerWatch:
             self._timer.cancel()
         self._timer = None
         self._heard.clear()
+        self._user_timeouts.clear()
 
     def sweep(self) -> None:
         self._timer = None
-        user_timeout = self.user_timeout
         now = self._clock()
         heard: dict[Side, _Heard] = {}
+        user_timeouts: dict[int, float] = {}
         for call in list(self._calls()):
             if not call.in_tunnel:
+                continue
+            user_timeout = self._user_timeouts.get(call.id, 0.0)
+            user_timeouts[call.id] = user_timeout
+            if user_timeout <= 0:
                 continue
             for side in (call.carrier, call.fleet_side):
                 if side is None or side.lost:
@@ -126,7 +139,8 @@ class DeadPeerWatch:
                 except Exception:  # a bug must not stop the watch over every call
                     log.exception("dead peer check failed", extra=fields(call_id=call.id))
         self._heard = heard
-        if heard and user_timeout > 0:
+        self._user_timeouts = user_timeouts
+        if heard:
             self._timer = asyncio.get_running_loop().call_later(PERIOD, self.sweep)
 
     @staticmethod

@@ -191,6 +191,9 @@ class CarrierListener:
         self._loop: asyncio.AbstractEventLoop | None = None  # start()
         # The liveness options set on the listening socket (`_take`).
         self._listener_liveness: TcpLiveness | None = None
+        # Connections accepted next that the kernel took before the listener
+        # had the options (`TcpLiveness.set_on_listener`).
+        self._taken_before_options = 0
         self._handshakes: set[TLSConnection] = set()
         self._cutting = False  # close() is aborting the handshakes under way
         self._retry_in = ACCEPT_RETRY_FIRST
@@ -307,8 +310,14 @@ class CarrierListener:
             self._listener_liveness = liveness
             with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            liveness.set_on_listener(self.sock)
-        inherited = liveness.inherited_by(conn)
+            # This one and those queued behind it were taken with the options
+            # from before: set on each, whatever its user timeout says.
+            self._taken_before_options = 1 + liveness.set_on_listener(self.sock)
+        if self._taken_before_options:
+            self._taken_before_options -= 1
+            inherited = False
+        else:
+            inherited = liveness.inherited_by(conn)
         if not inherited:
             liveness.apply(conn)
         try:

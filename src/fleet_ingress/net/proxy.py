@@ -1054,7 +1054,7 @@ class CarrierProtocol(_Side):
             if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
                 self.resume_reading()
             ctx.registry.sweep.watch_tunnel(call, ctx.silence)
-            ctx.registry.dead_peers.watch(ctx.liveness.user_timeout)
+            ctx.registry.dead_peers.watch(ctx.liveness.user_timeout, call.id)
             ctx.registry.call_linked(call)
             return
         early = bytes(self._early)
@@ -1069,7 +1069,7 @@ class CarrierProtocol(_Side):
         if fleet_side.transport.get_write_buffer_size() < WRITE_HIGH_WATER:
             self.resume_reading()
         ctx.registry.sweep.watch_tunnel(call, ctx.silence)
-        ctx.registry.dead_peers.watch(ctx.liveness.user_timeout)
+        ctx.registry.dead_peers.watch(ctx.liveness.user_timeout, call.id)
         ctx.registry.call_linked(call)
 
     def _relay(self, command: Command) -> None:
