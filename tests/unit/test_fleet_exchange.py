@@ -1,7 +1,9 @@
 """Reading a fleet's answer (no sockets): where the head and body end."""
 
+import gc
 import random
 import sys
+import weakref
 
 import h11
 import pytest
@@ -415,3 +417,17 @@ def test_fleets_odd_answers_get_h11s_verdict_whoever_reads_them(seed: int):
         expected = _outcome(_h11_only(headers), bytes(data), cuts)
         ex = FleetExchange(b"GET", b"/ws/x", headers, max_head_bytes=200)
         assert _outcome(ex, bytes(data), cuts) == expected, (bytes(data), cuts)
+
+
+def test_an_exchange_given_up_mid_head_is_freed_without_the_cycle_collector():
+    """A call given up before its fleet's head ended (a timeout, a close) lets go
+    of its exchange at once: httptools' parser holds no reference back to it."""
+    ex = _handshake()
+    assert ex.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: web") is Progress.NEED_DATA
+    gone = weakref.ref(ex)
+    gc.disable()
+    try:
+        del ex
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -113,6 +113,22 @@ class ResponseHead:
     switched: bool  # 101: the connection is now a WebSocket tunnel
 
 
+class _HeadSeen:
+    """httptools' callbacks while it reads a head: its headers, and whether it ended."""
+
+    __slots__ = ("complete", "headers")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.strip(b" \t")))  # as h11 reads them
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class FleetExchange:
     def __init__(
         self, method: bytes, target: bytes, headers: list[Header], *, max_head_bytes: int
@@ -131,10 +147,9 @@ class FleetExchange:
         # while it is a plain 101 (`_PLAIN_101`); anything else, by h11 from
         # its first byte (`_to_h11`), as it always was.
         self._fast: httptools.HttpResponseParser | None = None
+        self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
         if written is not None and any(k.lower() == b"upgrade" for k, _ in headers):
-            self._fast = httptools.HttpResponseParser(self)
-        self._fast_headers: list[tuple[bytes, bytes]] = []
-        self._fast_head_read = False
+            self._fast = httptools.HttpResponseParser(self._seen)
         # What the fleet's 101 must answer: the key the carrier sent (checked
         # as it came in), when the request is a WebSocket handshake.
         key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
@@ -187,13 +202,6 @@ class FleetExchange:
         if self._raw:  # (b"" would tell h11 the fleet closed)
             conn.receive_data(bytes(self._raw))
 
-    # httptools' callbacks, while it reads.
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fast_headers.append((name.lower(), value.strip(b" \t")))  # as h11 does
-
-    def on_headers_complete(self) -> None:
-        self._fast_head_read = True
-
     def _feed_fast(self, data: bytes, fed_before: int) -> Progress:
         assert self._fast is not None and self._raw is not None
         try:
@@ -207,13 +215,13 @@ class FleetExchange:
                 self._raw, 0, head_bytes
             ):
                 self._fast = None
-                self._check_switch(self._fast_headers)
+                self._check_switch(self._seen.headers)
                 self._head_done(ResponseHead(101, switched=True), head_bytes)
                 return Progress.HEAD_COMPLETE
         except httptools.HttpParserError:
             pass
         else:
-            if not self._fast_head_read and len(self._raw) <= self.max_head_bytes:
+            if not self._seen.complete and len(self._raw) <= self.max_head_bytes:
                 return Progress.NEED_DATA
         # Not a plain 101 (or no head within the limit): h11's answer, as ever.
         self._to_h11()
