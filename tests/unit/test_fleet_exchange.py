@@ -1,5 +1,11 @@
 """Reading a fleet's answer (no sockets): where the head and body end."""
 
+import gc
+import random
+import sys
+import weakref
+
+import h11
 import pytest
 
 from fleet_ingress.core.fleet_exchange import (
@@ -299,3 +305,129 @@ def test_bytes_after_an_answers_end_are_not_relayed(answer, end):
         assert progress is Progress.BODY_COMPLETE
         assert ex.surplus == len(end)
         assert ex.relayable(fed) == answer
+
+
+def _lines_run(work) -> int:
+    lines = 0
+
+    def tracer(frame, event, arg):
+        nonlocal lines
+        lines += event == "line"
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        work()
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+def test_a_handshake_and_its_plain_101_cost_few_python_lines():
+    """Issue #13: h11 wrote the request and read its 101 in ~1,100 Python
+    lines a call (sys.settrace); written here and read by httptools, ~150."""
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+    answer += b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n"
+
+    def exchange():
+        ex = _handshake()
+        assert ex.feed(answer + b"\x81\x02hi") is Progress.HEAD_COMPLETE
+        assert ex.head is not None and ex.head.switched and ex.head_bytes == len(answer)
+        assert ex.relayable(answer + b"\x81\x02hi") == answer + b"\x81\x02hi"
+
+    exchange()  # first-time work (imports, caches) not counted
+    assert _lines_run(exchange) < 300
+
+
+def test_the_request_is_written_as_h11_writes_it():
+    headers = [
+        (b"X-First", b"a"), (b"Host", b"f"), (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"), (b"X-Empty", b""), (b"Sec-WebSocket-Key", KEY),
+    ]  # fmt: skip
+    conn = h11.Connection(h11.CLIENT)
+    h11_wrote = conn.send(h11.Request(method=b"GET", target=b"/ws/x?a=%20", headers=headers))
+    assert FleetExchange(b"GET", b"/ws/x?a=%20", headers, max_head_bytes=4096).request_bytes == (
+        h11_wrote + (conn.send(h11.EndOfMessage()) or b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        (b"/bad target", [(b"Host", b"f")]),
+        (b"/x", [(b"Host", b"f"), (b"Bad Name", b"v")]),
+        (b"/x", [(b"Host", b"f"), (b"X", b"a\r\nInjected: yes")]),
+        (b"/x", [(b"X", b"no host")]),
+    ],
+)
+def test_a_request_h11_refuses_to_write_is_still_refused(target, headers):
+    with pytest.raises(h11.LocalProtocolError):
+        FleetExchange(b"GET", target, [*headers, (b"Upgrade", b"websocket")], max_head_bytes=4096)
+
+
+def test_what_h11_normalizes_in_a_request_h11_still_writes():
+    headers = [(b"Host", b"f"), (b"Content-Length", b"0, 0"), (b"Upgrade", b"websocket")]
+    request = FleetExchange(b"GET", b"/x", headers, max_head_bytes=4096).request_bytes
+    assert b"\r\nContent-Length: 0\r\n" in request
+
+
+def _h11_only(headers):
+    """The exchange as it was: every byte of the answer read by h11."""
+    ex = FleetExchange(b"GET", b"/ws/x", headers, max_head_bytes=200)
+    ex._to_h11()
+    return ex
+
+
+def _outcome(ex: FleetExchange, data: bytes, cuts: list[int]):
+    progress: list[object] = []
+    try:
+        at = 0
+        for cut in [*cuts, len(data)]:
+            if data[at:cut]:
+                progress.append(ex.feed(data[at:cut]))
+            at = cut
+        if ex.head is None:
+            progress.append(ex.feed_eof())
+    except ResponseError as exc:
+        progress.append(exc.kind)
+    head = ex.head and (ex.head.status, ex.head.switched)
+    relayed = ex.relayable(data) if ex.head else None
+    return progress, head, ex.head_bytes, relayed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fleets_odd_answers_get_h11s_verdict_whoever_reads_them(seed: int):
+    """Mutated 101s (and a 1xx before one, a refusal), fed whole or in pieces:
+    the same progress, verdict, head and relayed bytes as h11 alone gives."""
+    rng = random.Random(seed)
+    headers = [*HEADERS, (b"Sec-WebSocket-Key", KEY)]
+    plain = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    plain += b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n\x81\x02hi"
+    answers = [plain, b"HTTP/1.1 100 Continue\r\n\r\n" + plain, b"HTTP/1.1 429 B\r\n\r\nbusy"]
+    alphabet = b"\r\n \t:\x00\x01\x7f\x80HTTP/1.0 a,"
+    for _ in range(1500):
+        data = bytearray(rng.choice(answers))
+        for _ in range(rng.randint(0, 3)):
+            at = rng.randrange(len(data))
+            if rng.random() < 0.5:
+                data[at] = rng.choice(alphabet)
+            else:
+                data[at:at] = bytes([rng.choice(alphabet)])
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 3)))
+        expected = _outcome(_h11_only(headers), bytes(data), cuts)
+        ex = FleetExchange(b"GET", b"/ws/x", headers, max_head_bytes=200)
+        assert _outcome(ex, bytes(data), cuts) == expected, (bytes(data), cuts)
+
+
+def test_an_exchange_given_up_mid_head_is_freed_without_the_cycle_collector():
+    """A call given up before its fleet's head ended (a timeout, a close) lets go
+    of its exchange at once: httptools' parser holds no reference back to it."""
+    ex = _handshake()
+    assert ex.feed(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: web") is Progress.NEED_DATA
+    gone = weakref.ref(ex)
+    gc.disable()
+    try:
+        del ex
+        assert gone() is None
+    finally:
+        gc.enable()

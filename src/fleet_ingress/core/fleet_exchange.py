@@ -1,7 +1,20 @@
 """One request to a fleet and the reading of its answer, with no I/O.
 
-The request is serialized by h11 from parsed fields. The answer is parsed by
-h11 to learn where its head and body end; what the carrier receives is the
+The request is written here as h11 writes it, and the answer to a WebSocket
+handshake read by httptools (llhttp, C) while it is a plain 101, because h11
+did both in about 1,000 lines of Python a call, over half a million
+instructions of the ~7.6 M a churned call costs (issue #13; `bench/
+call_instructions.py`). Neither changes a verdict: a request is written here
+only when it fullmatches h11's own grammar (`_abnf`) and has nothing h11
+normalizes (Content-Length, Transfer-Encoding), else h11 writes it (and
+raises what it raised); a 101 is taken from httptools only when its head
+fullmatches h11's grammar with CRLF line ends, no fold, starting `HTTP/1.`;
+any other answer (a 1xx first, a refusal, junk, a fold, bare LFs, a head past
+the limit, a close) is handed to h11 from its first byte, which reads it as it
+always did. The request's fields are ours already: the carrier's head was
+validated (`request_head`, by h11 too) and rewritten (`forwarding`).
+
+The answer is parsed to learn where its head and body end; what the carrier receives is the
 fleet's own bytes (SPEC: relayed exactly as the fleet sent it), within what
 RFC 9112 lets a proxy pass on: a head over the limit, or a 101 that is no
 answer to the WebSocket handshake sent, is no answer (502); a folded header
@@ -22,6 +35,8 @@ import re
 from dataclasses import dataclass
 
 import h11
+import httptools
+from h11 import _abnf
 
 from fleet_ingress.core.request_head import Header, comma_tokens
 
@@ -34,6 +49,38 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # The status line of a 101 as HTTP/1.0 (the head's first: any 1xx before it is dropped).
 _STATUS_101_HTTP_1_0 = re.compile(rb"HTTP/1\.0 101(?= |\r\n)")
+# h11's own grammar (its `_abnf`), so that what is written or read here without
+# h11 is only what h11 would have written or read the same way.
+_HEADER_LINE = f"(?:{_abnf.field_name}: {_abnf.field_value}\r\n)"
+# A request head h11 would write as we do: no line of it needs h11's care (a
+# Content-Length or Transfer-Encoding it normalizes is left to it, below).
+_PLAIN_REQUEST = re.compile(
+    f"{_abnf.method} {_abnf.request_target} HTTP/1\\.1\r\n{_HEADER_LINE}*\r\n".encode()
+)
+# A 101 head h11 reads as written: CRLF line ends, no fold, HTTP/1.x.
+_HEADER_LINE_READ = f"(?:{_abnf.field_name}:{_abnf.OWS}{_abnf.field_value}{_abnf.OWS}\r\n)"
+_PLAIN_101 = re.compile(
+    f"HTTP/1\\.[01] 101(?: {_abnf.reason_phrase})?\r\n{_HEADER_LINE_READ}*\r\n".encode()
+)
+_HTTP_1 = b"HTTP/1."
+_H11_NORMALIZES = (b"content-length", b"transfer-encoding")
+
+
+def _write_request(method: bytes, target: bytes, headers: list[Header]) -> bytes | None:
+    """The request as h11 writes it (Host first), or None when only h11 should."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
+    lines += [b"%s: %s\r\n" % pair for pair in headers if pair[0].lower() == b"host"]
+    if len(lines) != 2:
+        return None  # no Host, or two: h11's error, or its way
+    lines += [b"%s: %s\r\n" % pair for pair in headers if pair[0].lower() != b"host"]
+    lines.append(b"\r\n")
+    request = b"".join(lines)
+    lowered = request.lower()
+    if any(name in lowered for name in _H11_NORMALIZES) or not _PLAIN_REQUEST.fullmatch(request):
+        return None
+    if request.count(b"\n") != len(headers) + 2:  # a CR LF inside a field: h11 refuses it
+        return None
+    return request
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -66,16 +113,43 @@ class ResponseHead:
     switched: bool  # 101: the connection is now a WebSocket tunnel
 
 
+class _HeadSeen:
+    """httptools' callbacks while it reads a head: its headers, and whether it ended."""
+
+    __slots__ = ("complete", "headers")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.strip(b" \t")))  # as h11 reads them
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
 class FleetExchange:
     def __init__(
         self, method: bytes, target: bytes, headers: list[Header], *, max_head_bytes: int
     ) -> None:
         self.max_head_bytes = max_head_bytes
-        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head_bytes)
-        request = h11.Request(method=method, target=target, headers=headers)
-        self.request_bytes = (self._conn.send(request) or b"") + (
-            self._conn.send(h11.EndOfMessage()) or b""
-        )
+        self._request = (method, target, headers)
+        self._conn: h11.Connection | None = None  # made only when h11 is needed
+        self._written = b""  # what h11 wrote of the request (see `_h11`)
+        written = _write_request(method, target, headers)
+        if written is None:
+            self.request_bytes = self._h11().send(h11.EndOfMessage()) or b""
+            self.request_bytes = self._written + self.request_bytes
+        else:
+            self.request_bytes = written
+        # A WebSocket handshake's answer is read by httptools (llhttp, in C)
+        # while it is a plain 101 (`_PLAIN_101`); anything else, by h11 from
+        # its first byte (`_to_h11`), as it always was.
+        self._fast: httptools.HttpResponseParser | None = None
+        self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
+        if written is not None and any(k.lower() == b"upgrade" for k, _ in headers):
+            self._fast = httptools.HttpResponseParser(self._seen)
         # What the fleet's 101 must answer: the key the carrier sent (checked
         # as it came in), when the request is a WebSocket handshake.
         key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
@@ -100,10 +174,57 @@ class FleetExchange:
 
     def feed(self, data: bytes) -> Progress:
         """Feed bytes from the fleet and say how far the answer got."""
+        fed_before = self._fed
         self._fed += len(data)
         if self._raw is not None:
             self._raw += data
+        if self._fast is not None:
+            return self._feed_fast(data, fed_before)
+        if self._conn is None:  # after a 101 read without h11: the tunnel's
+            return Progress.HEAD_COMPLETE
         self._conn.receive_data(data)
+        return self.advance()
+
+    def _h11(self) -> h11.Connection:
+        """h11's connection, the request sent through it (its state a client's)."""
+        method, target, headers = self._request
+        self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_head_bytes)
+        request = h11.Request(method=method, target=target, headers=headers)
+        self._written = self._conn.send(request) or b""
+        return self._conn
+
+    def _to_h11(self) -> None:
+        """Hand the answer, every byte of it so far, to h11."""
+        self._fast = None
+        conn = self._h11()
+        conn.send(h11.EndOfMessage())
+        assert self._raw is not None
+        if self._raw:  # (b"" would tell h11 the fleet closed)
+            conn.receive_data(bytes(self._raw))
+
+    def _feed_fast(self, data: bytes, fed_before: int) -> Progress:
+        assert self._fast is not None and self._raw is not None
+        try:
+            if fed_before < 7 and not _HTTP_1.startswith(self._raw[:7]):
+                # llhttp skips empty lines before a status line; h11 says junk at once.
+                raise httptools.HttpParserError("not HTTP/1")
+            self._fast.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            head_bytes = fed_before + upgrade.args[0]
+            if self._fast.get_status_code() == 101 and _PLAIN_101.fullmatch(
+                self._raw, 0, head_bytes
+            ):
+                self._fast = None
+                self._check_switch(self._seen.headers)
+                self._head_done(ResponseHead(101, switched=True), head_bytes)
+                return Progress.HEAD_COMPLETE
+        except httptools.HttpParserError:
+            pass
+        else:
+            if not self._seen.complete and len(self._raw) <= self.max_head_bytes:
+                return Progress.NEED_DATA
+        # Not a plain 101 (or no head within the limit): h11's answer, as ever.
+        self._to_h11()
         return self.advance()
 
     @property
@@ -121,6 +242,10 @@ class FleetExchange:
 
     def feed_eof(self) -> Progress:
         """The fleet closed its side."""
+        if self._fast is not None:
+            self._to_h11()
+        if self._conn is None:  # after a 101 read without h11
+            return Progress.HEAD_COMPLETE
         self._conn.receive_data(b"")
         if self.head is None:
             # SPEC 5: closed before a complete head is an empty response,
@@ -145,6 +270,10 @@ class FleetExchange:
             return Progress.BODY_COMPLETE
 
     def _advance(self) -> Progress:
+        if self._fast is not None:
+            return Progress.NEED_DATA
+        if self._conn is None:  # the 101 read without h11: nothing more to read
+            return Progress.HEAD_COMPLETE
         while True:
             event = self._conn.next_event()
             if event is h11.NEED_DATA:
@@ -158,13 +287,13 @@ class FleetExchange:
             if isinstance(event, h11.InformationalResponse):
                 if event.status_code == 101:
                     self._check_switch(list(event.headers))
-                    self._head_done(ResponseHead(101, switched=True))
+                    self._head_done(ResponseHead(101, switched=True), self._h11_read())
                     return Progress.HEAD_COMPLETE
                 # 100 Continue and friends: wait for the real answer.
-                self._interim_bytes = self._fed - len(self._conn.trailing_data[0])
+                self._interim_bytes = self._h11_read()
                 continue
             if isinstance(event, h11.Response):
-                self._head_done(ResponseHead(event.status_code, switched=False))
+                self._head_done(ResponseHead(event.status_code, switched=False), self._h11_read())
                 return Progress.HEAD_COMPLETE
             if isinstance(event, h11.EndOfMessage):
                 # What h11 has not read is past the answer (a second answer,
@@ -189,9 +318,13 @@ class FleetExchange:
                     "the fleet's 101 has no Sec-WebSocket-Accept answering the key sent",
                 )
 
-    def _head_done(self, head: ResponseHead) -> None:
-        # What h11 has not read yet follows the head: a tunnel's first bytes or a body's.
-        head_bytes = self._fed - len(self._conn.trailing_data[0])
+    def _h11_read(self) -> int:
+        """Of the bytes fed, those h11 has read: what it has not follows (a
+        tunnel's first bytes or a body's)."""
+        assert self._conn is not None
+        return self._fed - len(self._conn.trailing_data[0])
+
+    def _head_done(self, head: ResponseHead, head_bytes: int) -> None:
         if head_bytes > self.max_head_bytes:
             # h11 bounds only a head still incomplete: one read can complete a
             # larger one (up to a TLS record more).
