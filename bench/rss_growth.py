@@ -3,8 +3,10 @@
 Runs one relay as a subprocess in front of a SimulatedFleet on loopback, TLS on
 both sides, keeps ``--workers`` calls going back to back for ``--seconds``
 (each streams binary 20 ms frames for ``--call-seconds``), and prints the
-relay's VmRSS before and after, the growth per call, and where the resident
-memory sits (smaps regions). ``--target bare`` runs bench/bare_splice.py, the
+relay's VmRSS before and after (the ingress's: its supervisor's and workers'
+summed, since session 40; before, the supervisor's alone, which holds no
+call), the growth per call, and where the resident memory sits (smaps regions
+of its largest process, the worker). ``--target bare`` runs bench/bare_splice.py, the
 floor with none of our code; ``--prelude CODE`` runs Python in the ingress
 process before it starts, to switch one thing off at a time::
 
@@ -31,7 +33,7 @@ if __package__ in (None, ""):  # ``python bench/rss_growth.py``: the harness fro
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness.children import HOST, Children, free_port
-from bench.harness.procfs import rss_kib
+from bench.harness.procfs import descendants, rss_kib
 from bench.harness.targets import BARE_SPLICE
 from bench.harness.tlsfiles import TLSFiles
 
@@ -48,6 +50,17 @@ def rss_by_region(pid: int) -> dict[str, int]:
             elif parts[0] == "Rss:":
                 regions[name] = regions.get(name, 0) + int(parts[1])
     return regions
+
+
+async def host_rss_kib(pid: int) -> int:
+    """RSS in KiB of ``pid`` and every process below it: the ingress's calls are
+    held by its workers, not by the supervisor ``pid`` is."""
+    return sum(rss_kib(p) for p in descendants(pid))
+
+
+def largest(pid: int) -> int:
+    """The process below ``pid`` (or itself) with the most RSS: the worker."""
+    return max(descendants(pid), key=rss_kib)
 
 
 async def measure(args: argparse.Namespace) -> None:
@@ -93,16 +106,17 @@ async def measure(args: argparse.Namespace) -> None:
 
             workers = [asyncio.create_task(worker()) for _ in range(args.workers)]
             await asyncio.sleep(5)  # warm-up: buffers, first calls
-            before, calls_before = rss_kib(relay.pid), calls
+            before, calls_before = host_rss_kib(relay.pid), calls
             await asyncio.gather(*workers)
             await asyncio.sleep(1)
-            after = rss_kib(relay.pid)
+            after = host_rss_kib(relay.pid)
             done = max(1, calls - calls_before)
             print(
                 f"{args.target}: {done} calls, RSS {before} -> {after} KiB, "
                 f"{(after - before) / done:.1f} KiB per call"
             )
-            for region, kib in sorted(rss_by_region(relay.pid).items(), key=lambda kv: -kv[1])[:5]:
+            regions = rss_by_region(largest(relay.pid))
+            for region, kib in sorted(regions.items(), key=lambda kv: -kv[1])[:5]:
                 print(f"  {kib:>8} KiB  {region}")
         finally:
             await children.stop_all()

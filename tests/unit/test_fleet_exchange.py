@@ -431,3 +431,30 @@ def test_an_exchange_given_up_mid_head_is_freed_without_the_cycle_collector():
         assert gone() is None
     finally:
         gc.enable()
+
+
+def _plain_request() -> FleetExchange:
+    """A request that is no handshake (an ACME challenge to certbot), written by us."""
+    headers = [(b"Host", b"calls.test"), (b"Connection", b"close")]
+    return FleetExchange(b"GET", b"/.well-known/acme-challenge/t", headers, max_head_bytes=4096)
+
+
+def test_a_request_that_is_no_handshake_has_its_answer_read_by_h11():
+    """Written by us (no h11 for the request), its answer is h11's to read: the
+    first version of the 101's fast path took it for a 101 read (every ACME
+    challenge relayed as nothing, the closes not said: test_acme)."""
+    ex = _plain_request()
+    assert ex.request_bytes.startswith(b"GET /.well-known/acme-challenge/t HTTP/1.1\r\n")
+    assert ex.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\n") is Progress.HEAD_COMPLETE
+    assert ex.head is not None and (ex.head.status, ex.head.switched) == (404, False)
+    assert ex.feed(b"no") is Progress.BODY_COMPLETE
+    for partial, kind in ((b"", "empty-response"), (b"HTTP/1.1 200 O", "empty-response")):
+        cut = _plain_request()
+        if partial:
+            assert cut.feed(partial) is Progress.NEED_DATA
+        with pytest.raises(ResponseError) as info:
+            cut.feed_eof()
+        assert info.value.kind == kind
+    with pytest.raises(ResponseError) as junk:
+        _plain_request().feed(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert junk.value.kind == "junk-response"

@@ -150,6 +150,10 @@ class FleetExchange:
         self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
         if written is not None and any(k.lower() == b"upgrade" for k, _ in headers):
             self._fast = httptools.HttpResponseParser(self._seen)
+        elif written is not None:
+            # No handshake (an ACME challenge to certbot): h11 reads the answer,
+            # the request sent through it so that it reads as a client's.
+            self._h11().send(h11.EndOfMessage())
         # What the fleet's 101 must answer: the key the carrier sent (checked
         # as it came in), when the request is a WebSocket handshake.
         key = next((v for k, v in headers if k.lower() == b"sec-websocket-key"), None)
