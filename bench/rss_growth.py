@@ -52,7 +52,7 @@ def rss_by_region(pid: int) -> dict[str, int]:
     return regions
 
 
-async def host_rss_kib(pid: int) -> int:
+def host_rss_kib(pid: int) -> int:
     """RSS in KiB of ``pid`` and every process below it: the ingress's calls are
     held by its workers, not by the supervisor ``pid`` is."""
     return sum(rss_kib(p) for p in descendants(pid))
