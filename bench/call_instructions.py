@@ -34,14 +34,13 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench.harness import callgrind
+from bench.harness import callgrind, profile
 from bench.harness.carrier import FramePool, Recorder, echoed_calls
 from bench.harness.children import HOST, REPO, free_port, log
 from bench.harness.launch import Launched, fresh_dir, variant_env, wait_port
@@ -134,18 +133,10 @@ def totals(cg: Path) -> dict[str, int]:
     return out
 
 
-_STRACE_ROW = re.compile(
-    r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(?P<calls>\d+)\s+(?:\d+\s+)?(?P<name>\w+)\s*$"
-)
-
-
 def syscalls(out: Path) -> dict[str, int]:
     """``strace -c``'s summary: calls by system call name (``total``: all of them)."""
-    counts: dict[str, int] = {}
-    for line in out.read_text().splitlines():
-        if m := _STRACE_ROW.match(line):
-            counts[m.group("name")] = int(m.group("calls"))
-    return counts
+    counts = {name: row["calls"] for name, row in profile.strace_counts(out).items()}
+    return counts | {"total": sum(counts.values())}
 
 
 def print_syscalls(files: list[Path], n1: int, n2: int, out: Path) -> None:
