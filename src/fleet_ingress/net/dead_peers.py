@@ -129,8 +129,10 @@ class DeadPeerWatch:
                 if side is None or side.lost:
                     continue
                 seen = self._heard.get(side)
-                if seen is None or seen.count != side.bytes_received:
+                if seen is None:
                     seen = _Heard(side.bytes_received, now)
+                elif seen.count != side.bytes_received:  # heard since: its clock starts over
+                    seen.count, seen.since, seen.look_at = side.bytes_received, now, 0.0
                 heard[side] = seen
                 if now - seen.since < user_timeout - PERIOD or now < seen.look_at:
                     continue
