@@ -48,13 +48,22 @@ for that one: through, each is made again; failed too, each fails as any
 connection that fails (one connection each, its attempt counted against
 `retries` and passive health). Before (review39), each made a second
 connection, not counted: 10 calls at once to a fleet closing every
-connection, 15 to 20 connections. Such a fleet most often fails every
-resumption (a setting of its server), so it is kept no session for
-REFUSED_FOR after (`Refusing` on its record), under the fleet context and
-address it refused under: a reload (a new fleet context each time) or a new
-address ends it, as the operator's fix may be either. Kept one at once,
-every call to it was offered the full handshake's new session, refused, and
-made again (10 calls, 20 connections and 10 journal lines, review39a).
+connection, 15 to 20 connections. A fleet that refuses a session most
+often fails every resumption (a setting of its server), so it is kept no
+session for REFUSED_FOR after (`Refusing` on its record), under the fleet
+context and address it refused under: a reload (a new fleet context each
+time) or a new address ends it, as the operator's fix may be either. Kept
+one at once, every call to it was offered the full handshake's new session,
+refused, and made again (10 calls, 20 connections and 10 journal lines,
+review39a). What proves a refusal (`_through`): an alert to the session
+offered, a full handshake then through. A close or a reset before the
+handshake finished, then a full handshake through, is also what a fleet
+that closes or resets some of its connections does (a flaky fleet; before,
+its first such reset of a connection offered a session made its calls full
+handshakes for REFUSED_FOR): the fleet is `Suspected`, the next full
+handshake's session kept `suspect`, and a close or reset of that one too,
+none resumed in between, is a refusal (a middlebox that drops every
+ClientHello offering a session: two calls made again, then `Refusing`).
 
 A connection that resumed the session and then fails before its 101 (closed,
 reset, no head in time, garbage, a 5xx) drops it too (`failed`, from
@@ -105,6 +114,7 @@ class KeptSession:
         "not_after",
         "pointer",
         "proof",
+        "suspect",
     )
 
     def __init__(
@@ -115,6 +125,7 @@ class KeptSession:
         *,
         checked_at: float,
         not_after: float | None,
+        suspect: bool = False,
     ) -> None:
         calls = session_calls()
         assert calls is not None
@@ -135,6 +146,11 @@ class KeptSession:
         # refuses it (`connect_again`): None until one failed, then what the
         # connection made again without it said (True: through).
         self.proof: asyncio.Future[bool | None] | None = None
+        # Kept from a full handshake made after the fleet closed or reset a
+        # connection offered its session before (`Suspected`), none resumed
+        # since: a fleet that closes or resets one offered this session too
+        # refuses sessions (`connect_again`).
+        self.suspect = suspect
 
     def __copy__(self) -> KeptSession:
         return self  # one reference, freed once
@@ -172,6 +188,36 @@ class Refusing:
         )
 
 
+class Suspected:
+    """On a fleet's record in place of a session: a connection offered its
+    session was closed or reset before its handshake finished, and the one
+    made again without it got through (`connect_again`), under the fleet
+    context and at the address of that connection. That is what a fleet (or a
+    middlebox before it) that drops a ClientHello offering a session does, and
+    what a fleet that closes or resets some connections, whatever they offer,
+    does too: the session that the next full handshake leaves is kept
+    `suspect` (`keep`), and the fleet refuses sessions only if it closes or
+    resets one offered that one too, none resumed in between."""
+
+    __slots__ = ("address", "context")
+
+    def __init__(self, context: ssl.SSLContext, address: tuple[str, int, str | None]) -> None:
+        self.context = weakref.ref(context)
+        self.address = address
+
+
+def _suspected(kept: object, context: ssl.SSLContext, address: tuple[str, int, str | None]) -> bool:
+    """Whether the fleet's record `kept` says a full handshake's session kept
+    now, under `context` to `address`, is to be `suspect`."""
+    if isinstance(kept, KeptSession) and not kept.suspect:
+        return False
+    return (
+        isinstance(kept, Suspected | KeptSession)
+        and kept.context() is context
+        and kept.address == address
+    )
+
+
 def _address(spec: FleetSpec) -> tuple[str, int, str | None]:
     return (spec.host, spec.port, spec.tls_name)
 
@@ -183,9 +229,8 @@ def offer(
     (as `spec` says, by default the fleet's own) under `context` now (one
     that is not is dropped)."""
     kept = fleet.tls_session
-    if kept is None or isinstance(kept, Refusing):
-        return None
-    assert isinstance(kept, KeptSession)
+    if not isinstance(kept, KeptSession):
+        return None  # none, Refusing or Suspected
     now = time.time()
     if (
         kept.context() is not context
@@ -207,7 +252,9 @@ def keep(
     and can be resumed. `resumed`: the session its handshake resumed (the
     caller asked `resumed`, once a call), whose certificate check the new one
     rests on; None, a full handshake: its check is now. None kept while the
-    fleet is `Refusing` under that context and address."""
+    fleet is `Refusing` under that context and address. A full handshake's
+    session kept while the fleet is `Suspected` (or its session `suspect`)
+    there is `suspect`; a resumed one's is not (a resumption went through)."""
     calls = session_calls()
     pointer = conn.ssl_pointer
     if calls is None or pointer is None:
@@ -227,6 +274,8 @@ def keep(
         and kept.address == address
     ):
         calls.free(session)  # the one kept already (resumed, no new ticket)
+        if resumed is not None:
+            kept.suspect = False
         return
     if not (calls.has_ticket(session) and calls.is_resumable(session)):
         calls.free(session)
@@ -236,7 +285,12 @@ def keep(
     else:
         checked_at, not_after = resumed.checked_at, resumed.not_after
     fleet.tls_session = KeptSession(
-        session, address, context, checked_at=checked_at, not_after=not_after
+        session,
+        address,
+        context,
+        checked_at=checked_at,
+        not_after=not_after,
+        suspect=resumed is None and _suspected(kept, context, address),
     )
 
 
@@ -271,15 +325,19 @@ async def connect_again(
 ) -> TLSConnection:
     """After a connection offered the fleet's session `offered` failed its
     handshake on the fleet's side (`exc`): the connection made again without
-    it (`connect`), if the fleet is found to refuse the session; else `exc`'s
-    own error raised, the attempt failed as any connection that fails.
+    it (`connect`), if a full handshake gets through; else `exc`'s own error
+    raised, the attempt failed as any connection that fails.
 
     The first such failure of `offered` finds out (its `proof`): its
-    connection made again is through, a refusal (`refused`, said then); fails
-    too, a fleet failing connections (down, closing, resetting), that one's
-    error raised. Calls offered it together that fail the same way wait for
-    that answer (within their own connect timers), and so make one connection
-    more only if it is a refusal. Raises what `connect` raises."""
+    connection made again is through, the calls are made again; fails too, a
+    fleet failing connections (down, closing, resetting), that one's error
+    raised. Calls offered it together that fail the same way wait for that
+    answer (within their own connect timers), and so make one connection more
+    only if a full handshake gets through; the one finding out gone first (its
+    carrier left, its timer ended), the next of them finds out.
+
+    Once through, what each failure was tells whether the fleet refuses
+    sessions (`_through`). Raises what `connect` raises."""
     failed(fleet, offered)
     while (proof := offered.proof) is not None:
         verdict = await asyncio.shield(proof)
@@ -289,7 +347,7 @@ async def connect_again(
             cause = exc.__cause__
             raise cause if isinstance(cause, OSError) else exc
         conn = await connect()
-        refused(fleet, spec, conn, exc)
+        _through(fleet, spec, offered, conn, exc)
         return conn
     proof = offered.proof = asyncio.get_running_loop().create_future()
     try:
@@ -302,8 +360,48 @@ async def connect_again(
         proof.set_result(None)
         raise
     proof.set_result(True)
-    refused(fleet, spec, conn, exc)
+    _through(fleet, spec, offered, conn, exc)
     return conn
+
+
+def _through(
+    fleet: FleetState,
+    spec: FleetSpec,
+    offered: KeptSession,
+    conn: TLSConnection,
+    exc: SessionRefused,
+) -> None:
+    """A connection offered `offered` failed (`exc`) and `conn`, made again
+    without it, got through. An alert (the fleet's TLS said no to the
+    session, a full handshake yes) proves a refusal (`refused`). A close or a
+    reset before the handshake finished does not: a fleet that closes or
+    resets some connections, whatever they offer, does that too, and its
+    calls would make full handshakes for REFUSED_FOR for nothing (a flaky
+    fleet's first reset, session 40). The fleet is `Suspected` then, and
+    refuses sessions once it closes or resets a connection offered a
+    `suspect` session too (the next full handshake's, none resumed since):
+    a middlebox that drops every ClientHello offering a session, two calls
+    made again, then full handshakes."""
+    context, address = conn.ssl_socket.context, _address(spec)
+    if _alerted(exc) or offered.suspect:
+        refused(fleet, spec, conn, exc)
+        return
+    kept = fleet.tls_session
+    if not isinstance(kept, KeptSession) and not (
+        isinstance(kept, Refusing) and kept.holds(context, address)
+    ):
+        fleet.tls_session = Suspected(context, address)
+
+
+def _alerted(exc: SessionRefused) -> bool:
+    """Whether the fleet failed the handshake with a TLS alert, not by
+    closing (SSLEOFError; a close_notify, SSLZeroReturnError) or resetting
+    (ConnectionResetError) the connection: `tls_socket.connect` raises
+    SessionRefused for the peer's alerts, closes and resets alone."""
+    cause = exc.__cause__
+    return isinstance(cause, ssl.SSLError) and not isinstance(
+        cause, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    )
 
 
 def refused(fleet: FleetState, spec: FleetSpec, conn: TLSConnection, exc: SessionRefused) -> None:
