@@ -495,8 +495,7 @@ class GuardsResumption:
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            head = await reader.readexactly(5)
-            hello = head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
+            hello = await _read_hello(reader)
             offers = _offers_a_ticket(hello)
             self.offered += offers
             chosen = self.only is None or (offers and self.offered in self.only)
@@ -517,21 +516,33 @@ class GuardsResumption:
                     )
                     writer.transport.abort()
                 return
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-            up_writer.write(hello)
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(OSError):
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await self._pass_on(hello, reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
+
+    async def _pass_on(
+        self, hello: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """The connection relayed to the fleet, from its ClientHello (`hello`) on."""
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        up_writer.write(hello)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def _read_hello(reader: asyncio.StreamReader) -> bytes:
+    """The first TLS record a client sends (its ClientHello), whole."""
+    head = await reader.readexactly(5)
+    return head + await reader.readexactly(int.from_bytes(head[3:5], "big"))
 
 
 @pytest.fixture
@@ -1049,6 +1060,116 @@ async def test_calls_offered_the_session_together_to_a_fleet_failing_every_conne
     assert {g.response.status_code for g in got if isinstance(g, InvalidStatus)} == {503}
     assert relay.offered - offered >= 2  # offered together
     assert relay.connections - taken == 11
+
+
+class Hello:
+    """A ClientHello that an AsksTheTest relay holds until told (`tell`) what
+    to do with it: "relay" it to the fleet, answer it with an "alert", or
+    "stall" (nothing sent). Answered with an alert or stalled, `closed` is
+    set once the ingress has closed the connection."""
+
+    def __init__(self, offers: bool) -> None:
+        self.offers = offers  # offering a session
+        self.told: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.Event()
+
+    def tell(self, answer: str) -> None:
+        self.told.set_result(answer)
+
+
+class AsksTheTest(GuardsResumption):
+    """A GuardsResumption relay that, once `asking`, hands each connection's
+    ClientHello to the test (`hellos`, in the order they came) and answers it
+    as the test says (`Hello`)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.asking = False
+        self.hellos: asyncio.Queue[Hello] = asyncio.Queue()
+
+    async def next_hello(self) -> Hello:
+        async with asyncio.timeout(10):
+            return await self.hellos.get()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.asking:
+            await super()._relay(reader, writer)
+            return
+        try:
+            hello = await _read_hello(reader)
+            asked = Hello(_offers_a_ticket(hello))
+            self.hellos.put_nowait(asked)
+            if await asked.told == "relay":
+                await self._pass_on(hello, reader, writer)
+                return
+            if asked.told.result() == "alert":
+                writer.write(_HANDSHAKE_FAILURE_ALERT)
+                await writer.drain()
+            with contextlib.suppress(OSError):
+                await reader.read()  # until the ingress closes it
+            asked.closed.set()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_calls_waiting_on_a_refusals_proof_get_an_answer_when_its_carrier_leaves(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    """Three calls offered the fleet's session together, each answered with
+    an alert: the first's connection made again without it (the proof) is
+    held by the fleet, the other two wait for it; the first's carrier
+    leaves then (its connection made again is given up). The next of the
+    two finds out in its place: both are served, well within their connect
+    timer (5 s), on full handshakes (one connection each made again), and
+    the fleet refuses sessions. Were the proof never answered, they would
+    wait until their timers ended (503)."""
+    relay = AsksTheTest(fleet.port)
+    await relay.start()
+    try:
+        ingress = await with_a_session(
+            start_ingress,
+            tls_files,
+            relay.line("a", "maxconn=10"),
+            retry={"retries": 0},
+            timeouts={"connect": 5.0},
+        )
+        relay.asking = True
+        first = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-first"))
+        offered = [await relay.next_hello()]  # held: the others are offered the session too
+        others = [
+            asyncio.create_task(one_call(ingress, tls_files, f"/ws/bot-{i}")) for i in range(2)
+        ]
+        offered += [await relay.next_hello(), await relay.next_hello()]
+        assert all(h.offers for h in offered)
+        offered[0].tell("alert")
+        proof = await relay.next_hello()  # the first's connection made again
+        assert not proof.offers
+        proof.tell("stall")
+        for waiting in offered[1:]:
+            waiting.tell("alert")
+            async with asyncio.timeout(10):
+                await waiting.closed.wait()  # its call has the alert: waiting on the proof
+        started = time.monotonic()
+        first.cancel()  # its carrier leaves
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        async with asyncio.timeout(10):
+            await proof.closed.wait()  # the proof's connection given up
+        for _ in range(2):  # the next finds out, then the other connects again
+            again = await relay.next_hello()
+            assert not again.offers
+            again.tell("relay")
+        async with asyncio.timeout(10):
+            await asyncio.gather(*others)  # both served
+        assert time.monotonic() - started < 4.0
+        assert relay.hellos.empty()
+        assert fleet.reused[1:] == [False, False]
+        (state,) = ingress.balancer.fleets
+        assert isinstance(state.tls_session, fleet_sessions.Refusing)
+    finally:
+        await relay.stop()
 
 
 class AnswersResumedBadly(ResumptionFleet):
