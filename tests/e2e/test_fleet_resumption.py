@@ -346,6 +346,107 @@ async def test_resumed_connections_keep_no_memory_per_connection(tls_files: TLSF
     assert grown < 600, f"{grown} KiB over 2,000 connections"
 
 
+class _FirstByte:
+    """A TLSHandler that takes the peer's first bytes (`got`)."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: memoryview) -> None:
+        if not self.got.done():
+            self.got.set_result(bytes(data))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.got.done():
+            self.got.set_exception(exc or ConnectionError())
+
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+async def test_a_session_offered_is_held_by_the_connect_until_set_on_its_ssl(
+    tls_files: TLSFiles,
+) -> None:
+    """HeldSession: `tls_socket.connect` holds the owner of the session it
+    offers (a KeptSession) until the session is set on the connection's SSL
+    (SSL_set_session takes a reference of its own). The fleet's record
+    letting go of it during the TCP connect (a failed call's `failed`, a
+    reload) frees nothing under the connection: the owner lives, and the
+    handshake resumes the session. Once connected, the connection holds no
+    owner: it is freed with the record's last reference. A bare pointer was
+    a use after free (review38c). The TCP connect is held here by a listener
+    whose accept queue is full: its SYN dropped, sent again after TCP's
+    first 1 s timeout, taken then."""
+    server_ctx = tls_files.fleet_server_context()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x")  # after the tickets
+        with contextlib.suppress(OSError):
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    ctx = tls_files.client_context()
+    first = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = first.sockets[0].getsockname()[1]
+    spec = parse_fleets_text(f"https://127.0.0.1:{port} name=a", default_maxconn=10)[0]
+    fleet = FleetState(spec)
+    conn = await tls_socket.connect("127.0.0.1", port, ctx, server_hostname="127.0.0.1", timeout=10)
+    handler = _FirstByte()
+    conn.start(handler)  # type: ignore[arg-type]
+    assert await handler.got == b"x"
+    fleet_sessions.keep(fleet, spec, conn, None)
+    conn.close()
+    first.close()
+    assert isinstance(fleet.tls_session, fleet_sessions.KeptSession)
+    owner = weakref.ref(fleet.tls_session)
+
+    # The same server context (its ticket keys) behind a listener whose one
+    # place in its accept queue is taken.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    filler = socket.create_connection(listener.getsockname())
+    connecting = asyncio.create_task(
+        tls_socket.connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            ctx,
+            server_hostname="127.0.0.1",
+            timeout=10,
+            kept_session=fleet_sessions.offer(fleet, ctx),
+        )
+    )
+    second = None
+    try:
+        await asyncio.sleep(0.3)
+        assert not connecting.done()  # its SYN dropped
+        fleet.tls_session = None  # the record lets go
+        gc.collect()
+        assert owner() is not None  # held by the connect
+        # Its accept queue made longer (asyncio listens again): the SYN sent again is taken.
+        second = await asyncio.start_server(serve, sock=listener, ssl=server_ctx)
+        async with asyncio.timeout(10):
+            conn = await connecting
+        handler = _FirstByte()
+        conn.start(handler)  # type: ignore[arg-type]
+        assert await handler.got == b"x"
+        assert fleet_sessions.resumed(conn)
+        gc.collect()
+        assert owner() is None  # not held by the connection
+        conn.close()
+    finally:
+        connecting.cancel()
+        filler.close()
+        if second is not None:
+            second.close()
+        else:
+            listener.close()
+
+
 def _rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
