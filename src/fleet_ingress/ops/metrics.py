@@ -595,8 +595,9 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}_fleet_tls_sessions_refused",
             "Calls' connections offered a kept TLS session that a fleet failed the handshake"
-            " on (an alert, a close) instead of declining it, the connection made again at once"
-            " without it getting through; the fleet is then kept no session for 10 minutes.",
+            " on (an alert, a close, a reset) instead of declining it, the connection made again"
+            " at once without it getting through; after an alert (or a second close or reset,"
+            " none resumed between) the fleet is kept no session for 10 minutes.",
             value=counts.counter("fleet_tls_sessions_refused"),
         )
         yield GaugeMetricFamily(
