@@ -264,6 +264,8 @@ def keep(
     address = _address(spec)
     if isinstance(kept, Refusing) and kept.holds(context, address):
         return
+    if resumed is not None:
+        resumed.suspect = False  # a resumption of it went through
     session = calls.get1_session(pointer)
     if not session:
         return
@@ -274,8 +276,6 @@ def keep(
         and kept.address == address
     ):
         calls.free(session)  # the one kept already (resumed, no new ticket)
-        if resumed is not None:
-            kept.suspect = False
         return
     if not (calls.has_ticket(session) and calls.is_resumable(session)):
         calls.free(session)
@@ -383,10 +383,12 @@ def _through(
     a middlebox that drops every ClientHello offering a session, two calls
     made again, then full handshakes."""
     context, address = conn.ssl_socket.context, _address(spec)
-    if _alerted(exc) or offered.suspect:
+    kept = fleet.tls_session
+    # A session kept since that is not `suspect`: a call resumed one meanwhile.
+    resumed_since = isinstance(kept, KeptSession) and not kept.suspect
+    if _alerted(exc) or (offered.suspect and not resumed_since):
         refused(fleet, spec, conn, exc)
         return
-    kept = fleet.tls_session
     if not isinstance(kept, KeptSession) and not (
         isinstance(kept, Refusing) and kept.holds(context, address)
     ):
