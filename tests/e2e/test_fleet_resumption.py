@@ -1165,9 +1165,10 @@ async def test_calls_offered_the_session_together_to_a_fleet_failing_every_conne
 
 class Hello:
     """A ClientHello that an AsksTheTest relay holds until told (`tell`) what
-    to do with it: "relay" it to the fleet, answer it with an "alert", or
-    "stall" (nothing sent). Answered with an alert or stalled, `closed` is
-    set once the ingress has closed the connection."""
+    to do with it: "relay" it to the fleet, answer it with an "alert",
+    "reset" the connection, or "stall" (nothing sent). Answered with an
+    alert or stalled, `closed` is set once the ingress has closed the
+    connection."""
 
     def __init__(self, offers: bool) -> None:
         self.offers = offers  # offering a session
@@ -1202,6 +1203,13 @@ class AsksTheTest(GuardsResumption):
             self.hellos.put_nowait(asked)
             if await asked.told == "relay":
                 await self._pass_on(hello, reader, writer)
+                return
+            if asked.told.result() == "reset":
+                linger = struct.pack("ii", 1, 0)
+                writer.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, linger
+                )
+                writer.transport.abort()
                 return
             if asked.told.result() == "alert":
                 writer.write(_HANDSHAKE_FAILURE_ALERT)
@@ -1269,6 +1277,58 @@ async def test_calls_waiting_on_a_refusals_proof_get_an_answer_when_its_carrier_
         assert fleet.reused[1:] == [False, False]
         (state,) = ingress.balancer.fleets
         assert isinstance(state.tls_session, fleet_sessions.Refusing)
+    finally:
+        await relay.stop()
+
+
+async def test_a_suspect_session_resumed_by_one_call_is_no_refusal_when_another_is_reset(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    """A flaky fleet resets a connection offered its session (made again
+    without it: the session that full handshake leaves is kept `suspect`);
+    two calls are then offered that session together: one resumes it (its
+    call served), the other is reset too. A resumption went through: the
+    fleet does not refuse sessions, and the next call resumes. Were the
+    resumed session's suspicion kept, the second reset would be taken for a
+    refusal (the next call a full handshake, for REFUSED_FOR)."""
+    relay = AsksTheTest(fleet.port)
+    await relay.start()
+    try:
+        ingress = await with_a_session(
+            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
+        )
+        relay.asking = True
+        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
+        offered = await relay.next_hello()
+        assert offered.offers
+        offered.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await call
+        kept = kept_of(ingress)
+        assert kept is not None and kept.suspect
+
+        resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
+        first = await relay.next_hello()
+        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
+        second = await relay.next_hello()
+        assert first.offers and second.offers  # the suspect session, together
+        first.tell("relay")
+        async with asyncio.timeout(10):
+            await resumes
+        second.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await reset
+        relay.asking = False
+        await one_call(ingress, tls_files, "/ws/bot-after")
+        assert fleet.reused == [False, False, True, False, True]
+        (state,) = ingress.balancer.fleets
+        assert not isinstance(state.tls_session, fleet_sessions.Refusing)
     finally:
         await relay.stop()
 
