@@ -63,7 +63,10 @@ its first such reset of a connection offered a session made its calls full
 handshakes for REFUSED_FOR): the fleet is `Suspected`, the next full
 handshake's session kept `suspect`, and a close or reset of that one too,
 none resumed in between, is a refusal (a middlebox that drops every
-ClientHello offering a session: two calls made again, then `Refusing`).
+ClientHello offering a session: two calls made again, then `Refusing`). An
+OpenSSL server under Python's asyncio or uvloop closes without sending its
+alert ("session id context uninitialized" reaches the ingress as
+SSLEOFError): a close, proven so too.
 
 A connection that resumed the session and then fails before its 101 (closed,
 reset, no head in time, garbage, a 5xx) drops it too (`failed`, from
