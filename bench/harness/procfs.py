@@ -137,7 +137,7 @@ def tree_rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
     return out
 
 
-def rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
+def rss_by_mapping(pid: int | str, proc: Path = PROC) -> dict[str, int]:
     """Rss in KiB per kind of mapping (``mapping_kind``): [heap], anonymous mmaps, libssl,
     libcrypto, python, uvloop, ..."""
     out: dict[str, int] = {}
@@ -147,7 +147,7 @@ def rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
     return out
 
 
-def smaps_rss(pid: int, proc: Path = PROC) -> dict[str, int]:
+def smaps_rss(pid: int | str, proc: Path = PROC) -> dict[str, int]:
     """Rss in KiB of each mapping of a process by its name in /proc/PID/smaps: a file's
     path, [heap], [stack], [vdso], ..., or "" for an anonymous mmap; the mappings of one
     name (a library's text, data and relro) summed."""

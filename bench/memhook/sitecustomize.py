@@ -55,17 +55,16 @@ def _mallinfo2() -> dict[str, int]:
 
 
 def _rss_by_mapping() -> dict[str, int]:
-    out: dict[str, int] = {}
-    name = "?"
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=6)
-            if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
-                path = first[5].strip() if len(first) > 5 else ""
-                name = path if path.startswith("[") else ("file" if path else "anon-mmap")
-            elif line.startswith("Rss:"):
-                out[name] = out.get(name, 0) + int(line.split()[1])
-    return out
+    """``bench.harness.procfs.rss_by_mapping`` of this process, its module loaded by path
+    (this directory alone is on the target's PYTHONPATH; procfs needs only the stdlib)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "harness", "procfs.py")
+    spec = importlib.util.spec_from_file_location("_bench_procfs", path)
+    assert spec is not None and spec.loader is not None
+    procfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procfs)
+    return procfs.rss_by_mapping("self")
 
 
 def _snapshot(directory: str, name: str) -> None:

@@ -4,6 +4,7 @@ bench/results/ (still read, judged and rendered as they were written)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -800,6 +801,20 @@ def test_smaps_is_read_mapping_by_mapping_and_grouped_by_kind(tmp_path: Path) ->
 )
 def test_mapping_kinds(name: str, kind: str) -> None:
     assert procfs.mapping_kind(name) == kind
+
+
+def test_the_memory_probe_reads_mappings_as_the_harness_does() -> None:
+    # bench/memhook runs inside the target with only its own directory on the path: it
+    # loads procfs by file, so its snapshots name the same kinds as the harness's.
+    spec = importlib.util.spec_from_file_location(
+        "memhook_probe", REPO / "bench" / "memhook" / "sitecustomize.py"
+    )
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    by_kind = probe._rss_by_mapping()
+    assert by_kind.keys() == procfs.rss_by_mapping(os.getpid()).keys()
+    assert "python" in by_kind and "[heap]" in by_kind and "file" not in by_kind
 
 
 def test_smaps_rollup_is_summed_over_the_tree(fake_proc: Path) -> None:
