@@ -406,15 +406,20 @@ class Run:
 
 
 def target_env(
-    entries: list[str], memhook_dir: Path | None = None, tracemalloc: int = 0
+    entries: list[str],
+    memhook_dir: Path | None = None,
+    tracemalloc: int = 0,
+    memhook_process: str = "worker",
 ) -> dict[str, str]:
     """A Python target's extra environment: ``--ingress-env KEY=VALUE`` entries (``{repo}``
-    is the repository) and, with ``memhook_dir``, the ``bench/memhook`` probe."""
+    is the repository) and, with ``memhook_dir``, the ``bench/memhook`` probe in
+    fleet-ingress's ``memhook_process`` (worker or supervisor)."""
     env = {}
     if memhook_dir is not None:
         env["PYTHONPATH"] = str(REPO / "bench" / "memhook")
         env["BENCH_MEMHOOK_DIR"] = str(memhook_dir)
         env["BENCH_TRACEMALLOC"] = str(tracemalloc)
+        env["BENCH_MEMHOOK_PROCESS"] = memhook_process
     for item in entries:
         key, _, val = item.partition("=")
         env[key] = val.replace("{repo}", str(REPO))

@@ -806,15 +806,66 @@ def test_mapping_kinds(name: str, kind: str) -> None:
 def test_the_memory_probe_reads_mappings_as_the_harness_does() -> None:
     # bench/memhook runs inside the target with only its own directory on the path: it
     # loads procfs by file, so its snapshots name the same kinds as the harness's.
+    by_kind = _memhook_probe()._rss_by_mapping()
+    assert by_kind.keys() == procfs.rss_by_mapping(os.getpid()).keys()
+    assert "python" in by_kind and "[heap]" in by_kind and "file" not in by_kind
+
+
+def _memhook_probe() -> Any:
     spec = importlib.util.spec_from_file_location(
         "memhook_probe", REPO / "bench" / "memhook" / "sitecustomize.py"
     )
     assert spec is not None and spec.loader is not None
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
-    by_kind = probe._rss_by_mapping()
-    assert by_kind.keys() == procfs.rss_by_mapping(os.getpid()).keys()
-    assert "python" in by_kind and "[heap]" in by_kind and "file" not in by_kind
+    return probe
+
+
+@pytest.mark.parametrize(
+    ("argv", "process", "probed"),
+    [
+        (["-m", "run", "-c", "x.toml"], None, False),
+        (["-m", "worker", "-c", "x.toml"], None, True),
+        (["-m", "worker", "-c", "x.toml"], "worker", True),
+        (["-m", "run", "-c", "x.toml"], "supervisor", True),
+        (["-m", "worker", "-c", "x.toml"], "supervisor", False),
+        (["bench/bare_splice.py", "--listen", "x"], None, True),
+    ],
+)
+def test_the_memory_probe_answers_from_one_process(
+    argv: list[str], process: str | None, probed: bool
+) -> None:
+    assert _memhook_probe().probed(argv, process) is probed
+
+
+def test_memory_per_call_reads_a_trace_started_at_the_baseline(tmp_path: Path) -> None:
+    # The probe starts tracemalloc once the baseline is written: there is no
+    # baseline.snapshot, and the calls' snapshot holds what came after it.
+    import tracemalloc
+
+    from bench.harness import memory
+
+    tracemalloc.start(1)
+    try:
+        kept = [bytearray(2048) for _ in range(400)]
+        tracemalloc.take_snapshot().dump(str(tmp_path / "calls.snapshot"))
+    finally:
+        tracemalloc.stop()
+    snap = {
+        "mallinfo2": dict.fromkeys(("uordblks", "hblkhd", "arena", "fordblks"), 0),
+        "rss_kib_by_mapping": {"[heap]": 100},
+        "gc_objects_by_type": {},
+    }
+    out = memory.per_call(snap, snap, len(kept), tmp_path)
+    assert out["tracemalloc_kib_per_call"] >= 2.0
+    top = out["tracemalloc_top_sites_per_call"][0]
+    assert top["site"].endswith("test_bench_harness.py:" + str(_line_of("bytearray(2048)")))
+    assert top["kib_per_call"] >= 2.0 and top["blocks_per_call"] == 2.0  # the object and its buffer
+
+
+def _line_of(text: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line and "kept" in line)
 
 
 def test_smaps_rollup_is_summed_over_the_tree(fake_proc: Path) -> None:
