@@ -109,7 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "mallinfo2, RSS by mapping, objects by type; disturbs latency and CPU figures",
     )
     common.add_argument(
-        "--tracemalloc", type=int, default=0, metavar="FRAMES", help="with --memhook"
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="with --memhook: tracemalloc from the baseline on, FRAMES deep",
+    )
+    common.add_argument(
+        "--memhook-process",
+        choices=["worker", "supervisor"],
+        default="worker",
+        help="with --memhook: which of fleet-ingress's processes to profile",
     )
     common.add_argument("--out", type=Path, help="output directory (default bench/results/...)")
     common.add_argument("--title", help="a line saying what this run is for")
@@ -280,7 +290,9 @@ async def run_scenario(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                     log(f"round {rnd + 1}/{args.repeat}: {args.scenario} via {label(name)}")
                     hook_dir = run.dir / f"memhook-{name}-{rnd + 1}" if args.memhook else None
                     env = (
-                        target_env(args.ingress_env, hook_dir, args.tracemalloc)
+                        target_env(
+                            args.ingress_env, hook_dir, args.tracemalloc, args.memhook_process
+                        )
                         if base(name) in ("ingress", "bare")
                         else {}
                     )

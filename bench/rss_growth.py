@@ -33,23 +33,9 @@ if __package__ in (None, ""):  # ``python bench/rss_growth.py``: the harness fro
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness.children import HOST, Children, free_port
-from bench.harness.procfs import descendants, rss_kib
+from bench.harness.procfs import descendants, rss_kib, smaps_rss
 from bench.harness.targets import BARE_SPLICE
 from bench.harness.tlsfiles import TLSFiles
-
-
-def rss_by_region(pid: int) -> dict[str, int]:
-    """Rss in KiB by mapping, each file apart (``procfs.rss_by_mapping`` sums files)."""
-    regions: dict[str, int] = {}
-    name = "anon"
-    with open(f"/proc/{pid}/smaps") as smaps:
-        for line in smaps:
-            parts = line.split()
-            if "-" in parts[0] and not parts[0].endswith(":"):
-                name = parts[5] if len(parts) > 5 else "anon"
-            elif parts[0] == "Rss:":
-                regions[name] = regions.get(name, 0) + int(parts[1])
-    return regions
 
 
 def host_rss_kib(pid: int) -> int:
@@ -115,7 +101,7 @@ async def measure(args: argparse.Namespace) -> None:
                 f"{args.target}: {done} calls, RSS {before} -> {after} KiB, "
                 f"{(after - before) / done:.1f} KiB per call"
             )
-            regions = rss_by_region(largest(relay.pid))
+            regions = {k or "anon": v for k, v in smaps_rss(largest(relay.pid)).items()}
             for region, kib in sorted(regions.items(), key=lambda kv: -kv[1])[:5]:
                 print(f"  {kib:>8} KiB  {region}")
         finally:

@@ -73,12 +73,22 @@ def per_call(before: dict[str, Any], after: dict[str, Any], calls: int, director
         },
     }
     snap_a, snap_b = directory / "baseline.snapshot", directory / "calls.snapshot"
-    if snap_a.exists() and snap_b.exists():
+    if snap_b.exists():
         import tracemalloc
 
-        a = tracemalloc.Snapshot.load(str(snap_a))
         b = tracemalloc.Snapshot.load(str(snap_b))
-        filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        # Tracing starts once the baseline is written: the calls' snapshot then holds
+        # only what came after it, compared with nothing.
+        a = (
+            tracemalloc.Snapshot.load(str(snap_a))
+            if snap_a.exists()
+            else tracemalloc.Snapshot((), b.traceback_limit)
+        )
+        # Not tracemalloc's own, nor the probe's (it loads procfs for each snapshot).
+        filters = [
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, "*/memhook/sitecustomize.py", all_frames=True),
+        ]
         a, b = a.filter_traces(filters), b.filter_traces(filters)
         stats = b.compare_to(a, "lineno")
         total = sum(s.size_diff for s in stats)

@@ -103,11 +103,11 @@ def tree_rss_kib(pid: int, proc: Path = PROC) -> int:
     return sum(rss_kib(p, proc) for p in descendants(pid, proc))
 
 
-def smaps_rollup(pid: int) -> dict[str, int]:
-    """/proc/PID/smaps_rollup in KiB: Rss, Anonymous, Private_Dirty, ..."""
+def smaps_rollup(pid: int, proc: Path = PROC) -> dict[str, int]:
+    """/proc/PID/smaps_rollup in KiB: Rss, Pss, Anonymous, Private_Dirty, ..."""
     out: dict[str, int] = {}
     try:
-        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        lines = (proc / str(pid) / "smaps_rollup").read_text().splitlines()
     except (FileNotFoundError, ProcessLookupError):
         return out
     for line in lines[1:]:
@@ -115,6 +115,16 @@ def smaps_rollup(pid: int) -> dict[str, int]:
         parts = rest.split()
         if parts and parts[0].isdigit():
             out[key] = int(parts[0])
+    return out
+
+
+def tree_smaps_rollup(pid: int, proc: Path = PROC) -> dict[str, int]:
+    """``smaps_rollup`` summed over ``pid`` and its live descendants (Pss adds up to what
+    the tree holds; Rss counts a page shared by two processes twice)."""
+    out: dict[str, int] = {}
+    for p in descendants(pid, proc):
+        for key, kib in smaps_rollup(p, proc).items():
+            out[key] = out.get(key, 0) + kib
     return out
 
 
@@ -127,22 +137,61 @@ def tree_rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
     return out
 
 
-def rss_by_mapping(pid: int, proc: Path = PROC) -> dict[str, int]:
-    """Rss in KiB per kind of mapping: [heap], anonymous mmaps, [stack], files (summed)."""
+def rss_by_mapping(pid: int | str, proc: Path = PROC) -> dict[str, int]:
+    """Rss in KiB per kind of mapping (``mapping_kind``): [heap], anonymous mmaps, libssl,
+    libcrypto, python, uvloop, ..."""
+    out: dict[str, int] = {}
+    for name, kib in smaps_rss(pid, proc).items():
+        kind = mapping_kind(name)
+        out[kind] = out.get(kind, 0) + kib
+    return out
+
+
+def smaps_rss(pid: int | str, proc: Path = PROC) -> dict[str, int]:
+    """Rss in KiB of each mapping of a process by its name in /proc/PID/smaps: a file's
+    path, [heap], [stack], [vdso], ..., or "" for an anonymous mmap; the mappings of one
+    name (a library's text, data and relro) summed."""
     out: dict[str, int] = {}
     try:
         text = (proc / str(pid) / "smaps").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return out
-    name = "?"
+    name = ""
     for line in text.splitlines():
-        first = line.split(maxsplit=6)
-        if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
-            path = first[5] if len(first) > 5 else ""
-            name = path if path.startswith("[") else ("file" if path else "anon-mmap")
+        # A mapping's header: "start-end perms offset dev inode [path]"; a path may hold
+        # spaces (and " (deleted)"), so it is all that follows the inode.
+        first = line.split(maxsplit=5)
+        if len(first) >= 5 and "-" in first[0] and not first[0].endswith(":"):
+            name = first[5].strip() if len(first) > 5 else ""
         elif line.startswith("Rss:"):
             out[name] = out.get(name, 0) + int(line.split()[1])
     return out
+
+
+def mapping_kind(name: str) -> str:
+    """What a mapping named ``name`` in smaps is: "anon-mmap" (no name: glibc's large
+    blocks and secondary arenas, CPython's object arenas), "[heap]" (glibc's brk heap),
+    "[stack]" and the kernel's other bracketed names as they are, and for a file: libssl,
+    libcrypto, uvloop (its extension modules), python (the executable, libpython and the
+    standard library's extension modules), haproxy (its executable), libc, "other .so",
+    or "other file"."""
+    if not name:
+        return "anon-mmap"
+    if name.startswith("["):
+        return name
+    path = name.removesuffix(" (deleted)")
+    base = path.rsplit("/", 1)[-1]
+    if base.startswith(("libssl.so", "libcrypto.so")):
+        return base.split(".so")[0]
+    if "/uvloop/" in path:
+        return "uvloop"
+    if base.startswith(("python3", "libpython3")) or "/lib-dynload/" in path:
+        return "python"
+    if base == "haproxy":
+        return "haproxy"
+    if base.startswith("libc.so"):
+        return "libc"
+    return "other .so" if ".so" in base else "other file"
 
 
 def fd_count(pid: int, proc: Path = PROC) -> int | None:

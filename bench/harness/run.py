@@ -390,20 +390,36 @@ class Run:
     def mappings(self, target: Target) -> dict[str, int]:
         return procfs.tree_rss_by_mapping(target.pid) if target.pid else {}
 
+    def rss_by_process(self, target: Target) -> dict[str, int]:
+        """RSS KiB of each process of the target by its role (supervisor, worker N)."""
+        if not target.pid:
+            return {}
+        tree = [(p, procfs.cmdline(p)) for p in procfs.descendants(target.pid)]
+        roles = process_roles(target.kind, tree)
+        return {roles[p]: procfs.rss_kib(p) for p, _ in tree}
+
+    def rollup(self, target: Target) -> dict[str, int]:
+        return procfs.tree_smaps_rollup(target.pid) if target.pid else {}
+
     async def close(self) -> None:
         await self.children.stop_all()
 
 
 def target_env(
-    entries: list[str], memhook_dir: Path | None = None, tracemalloc: int = 0
+    entries: list[str],
+    memhook_dir: Path | None = None,
+    tracemalloc: int = 0,
+    memhook_process: str = "worker",
 ) -> dict[str, str]:
     """A Python target's extra environment: ``--ingress-env KEY=VALUE`` entries (``{repo}``
-    is the repository) and, with ``memhook_dir``, the ``bench/memhook`` probe."""
+    is the repository) and, with ``memhook_dir``, the ``bench/memhook`` probe in
+    fleet-ingress's ``memhook_process`` (worker or supervisor)."""
     env = {}
     if memhook_dir is not None:
         env["PYTHONPATH"] = str(REPO / "bench" / "memhook")
         env["BENCH_MEMHOOK_DIR"] = str(memhook_dir)
         env["BENCH_TRACEMALLOC"] = str(tracemalloc)
+        env["BENCH_MEMHOOK_PROCESS"] = memhook_process
     for item in entries:
         key, _, val = item.partition("=")
         env[key] = val.replace("{repo}", str(REPO))
@@ -427,27 +443,52 @@ async def memhook(target: Target, name: str, before: Any = None, calls: int = 0)
 @dataclass
 class Memory:
     """A target's memory with no call and with the calls up: RSS (the process tree), RSS
-    by kind of mapping and, when the target runs ``bench/memhook``, its snapshots."""
+    by kind of mapping, by process and smaps_rollup's counters and, when the target runs
+    ``bench/memhook``, its snapshots."""
 
     target: Target
     rss0: int | None
     map0: dict[str, int]
     hook: Any
+    by_process0: dict[str, int] = field(default_factory=dict)
+    rollup0: dict[str, int] = field(default_factory=dict)
     rss1: int | None = None
     map1: dict[str, int] | None = None
+    by_process1: dict[str, int] = field(default_factory=dict)
+    rollup1: dict[str, int] = field(default_factory=dict)
     calls: int = 0
 
     @classmethod
     async def baseline(cls, run: Run, target: Target) -> Memory:
         hook = await memhook(target, "baseline")
-        return cls(target, run.rss(target), run.mappings(target), hook)
+        return cls(
+            target,
+            run.rss(target),
+            run.mappings(target),
+            hook,
+            run.rss_by_process(target),
+            run.rollup(target),
+        )
 
     async def with_calls(self, run: Run, calls: int) -> None:
         self.rss1, self.map1, self.calls = run.rss(self.target), run.mappings(self.target), calls
+        self.by_process1, self.rollup1 = run.rss_by_process(self.target), run.rollup(self.target)
         self.hook = await memhook(self.target, "calls", self.hook, calls)
 
     def per_call(self) -> dict[str, Any]:
         ok = self.rss0 and self.rss1 and self.calls
+        split = (
+            {
+                "rss_kib_per_call_by_process": mapping_delta(
+                    self.by_process0, self.by_process1, self.calls
+                ),
+                "smaps_rollup_kib_per_call": mapping_delta(self.rollup0, self.rollup1, self.calls),
+                "rss_kib_by_mapping_baseline": self.map0,
+                "rss_kib_by_mapping_with_calls": self.map1,
+            }
+            if ok and self.by_process0
+            else {}
+        )
         return {
             "rss_kib_per_call": round((self.rss1 - self.rss0) / self.calls, 1)  # type: ignore[operator]
             if ok
@@ -455,6 +496,7 @@ class Memory:
             "rss_kib_per_call_by_mapping": mapping_delta(self.map0, self.map1 or {}, self.calls)
             if self.map0
             else None,
+            **split,
             "memory_profile": self.hook,
         }
 

@@ -4,9 +4,13 @@
 --ingress-env BENCH_MEMHOOK_DIR=/tmp/x`` makes Python import this module at
 start-up (``sitecustomize``) in the fleet-ingress process. Then:
 
-- ``BENCH_TRACEMALLOC=N`` starts tracemalloc with N frames (0 or unset: off;
-  tracemalloc traces PyMem_RawMalloc too, so uvloop's per-connection buffers
-  show; OpenSSL's own mallocs it cannot see);
+- ``BENCH_TRACEMALLOC=N`` starts tracemalloc with N frames once the ``baseline``
+  snapshot is written (0 or unset: off), so that what it traces is what came
+  after the baseline and the start is not slowed (traced from the start, the
+  supervisor missed the harness's 20 s for READY=1 on a busy host); it traces
+  PyMem_RawMalloc too; OpenSSL's own mallocs it cannot see;
+- ``BENCH_MEMHOOK_PROCESS=supervisor`` probes fleet-ingress's supervisor instead
+  of its worker (``--memhook-process``): what it keeps per call of the slot table;
 - a daemon thread watches ``BENCH_MEMHOOK_DIR`` for ``NAME.req``; for each it
   writes ``NAME.json`` (glibc ``mallinfo2``, RSS by mapping, live objects by
   type, tracemalloc totals) and, with tracemalloc on, ``NAME.snapshot``.
@@ -55,17 +59,16 @@ def _mallinfo2() -> dict[str, int]:
 
 
 def _rss_by_mapping() -> dict[str, int]:
-    out: dict[str, int] = {}
-    name = "?"
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=6)
-            if "-" in first[0] and len(first) >= 5 and not first[0].endswith(":"):
-                path = first[5].strip() if len(first) > 5 else ""
-                name = path if path.startswith("[") else ("file" if path else "anon-mmap")
-            elif line.startswith("Rss:"):
-                out[name] = out.get(name, 0) + int(line.split()[1])
-    return out
+    """``bench.harness.procfs.rss_by_mapping`` of this process, its module loaded by path
+    (this directory alone is on the target's PYTHONPATH; procfs needs only the stdlib)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "harness", "procfs.py")
+    spec = importlib.util.spec_from_file_location("_bench_procfs", path)
+    assert spec is not None and spec.loader is not None
+    procfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(procfs)
+    return procfs.rss_by_mapping("self")
 
 
 def _snapshot(directory: str, name: str) -> None:
@@ -95,6 +98,9 @@ def _snapshot(directory: str, name: str) -> None:
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     os.replace(tmp, os.path.join(directory, name + ".json"))
+    frames = int(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
+    if name == "baseline" and frames > 0 and not tracemalloc.is_tracing():
+        tracemalloc.start(frames)
 
 
 def _watch(directory: str) -> None:
@@ -160,23 +166,23 @@ if os.environ.get("BENCH_PATCH_BUFFERED") == "1":
     sys.meta_path.insert(0, _PatchProxy())
 
 
-def _serves_calls() -> bool:
-    """Not fleet-ingress's supervisor (``python -m fleet_ingress run``): it
-    serves no call, and its workers inherit this hook. Both watching the one
-    directory, whichever took a request answered it: a baseline from the worker
-    and the calls from the supervisor gave -9.7 KiB malloc'd a call (session 36).
-    (With more than one worker each still answers some: profile with one.)"""
+def probed(argv: list[str], process: str | None) -> bool:
+    """Whether this process is the one probed: fleet-ingress's worker (``process``
+    unset or "worker"), or its supervisor (``python -m fleet_ingress run``; argv is
+    ``["-m", "run", ...]`` at start-up, as bench starts it) with "supervisor". Not
+    both: they would watch one directory, and whichever took a request answered it
+    (a baseline from the worker and the calls from the supervisor gave -9.7 KiB
+    malloc'd a call, session 36). Any other Python target (a bare splice) counts as a
+    worker. (With more than one worker each still answers some: profile with one.)"""
+    supervisor = argv[1:2] == ["run"]
+    return supervisor if process == "supervisor" else not supervisor
+
+
+if _DIR:
     import sys
 
-    return sys.argv[1:2] != ["run"]  # ["-m", "run", ...] at start-up, as bench starts it
+    if probed(sys.argv, os.environ.get("BENCH_MEMHOOK_PROCESS")):
+        import threading
 
-
-if _DIR and _serves_calls():
-    import threading
-    import tracemalloc
-
-    _frames = int(os.environ.get("BENCH_TRACEMALLOC", "0") or 0)
-    if _frames > 0:
-        tracemalloc.start(_frames)
-    os.makedirs(_DIR, exist_ok=True)
-    threading.Thread(target=_watch, args=(_DIR,), name="bench-memhook", daemon=True).start()
+        os.makedirs(_DIR, exist_ok=True)
+        threading.Thread(target=_watch, args=(_DIR,), name="bench-memhook", daemon=True).start()

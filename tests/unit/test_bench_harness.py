@@ -4,6 +4,7 @@ bench/results/ (still read, judged and rendered as they were written)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -688,7 +689,7 @@ def test_the_tree_is_the_supervisor_and_every_descendant(fake_proc: Path) -> Non
     assert procfs.tree_sleeps(100, fake_proc) == 4 * 7 + (1 + 3 + 6 + 1) * tick
     assert procfs.tree_rss_by_mapping(100, fake_proc) == {
         "[heap]": 600,
-        "file": 50,
+        "libssl": 50,
         "anon-mmap": 40,
     }
 
@@ -707,6 +708,180 @@ def test_a_gone_process_counts_nothing(fake_proc: Path) -> None:
     assert procfs.tree_fd_count(999, fake_proc) is None
     assert procfs.thread_cpu_seconds(999, fake_proc) == {}
     assert procfs.cmdline(999, fake_proc) == []
+
+
+# An excerpt of a worker's /proc/PID/smaps as Linux 6 writes it: each mapping's header
+# then its counters; a library in several mappings, a path with a space, a deleted file.
+SMAPS = """\
+55d0a0000000-55d0a0001000 r--p 00000000 fe:01 1234    /root/.pyenv/versions/3.11.7/bin/python3.11
+Size:                  4 kB
+Rss:                   4 kB
+Pss:                   2 kB
+VmFlags: rd mr mw me dw sd
+55d0a1000000-55d0a9000000 rw-p 00000000 00:00 0                          [heap]
+Size:             131072 kB
+Rss:               34000 kB
+Private_Dirty:     34000 kB
+VmFlags: rd wr mr mw me ac sd
+7f1000000000-7f1000400000 rw-p 00000000 00:00 0 \n\
+Size:               4096 kB
+Rss:                3000 kB
+VmFlags: rd wr mr mw me ac sd
+7f1000400000-7f1000500000 rw-p 00000000 00:00 0
+Rss:                 600 kB
+7f1100000000-7f1100100000 r--p 00000000 fe:01 77 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+Rss:                1500 kB
+7f1100100000-7f1100200000 r-xp 00100000 fe:01 77 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+Rss:                1400 kB
+7f1100200000-7f1100210000 rw-p 00200000 fe:01 77 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+Rss:                  40 kB
+7f1200000000-7f1200010000 r-xp 00000000 fe:01 78 /usr/lib/x86_64-linux-gnu/libssl.so.3
+Rss:                 240 kB
+7f1300000000-7f1300010000 r-xp 00000000 fe:01 79 /w/site-packages/uvloop/loop.cpython-311.so
+Rss:                 800 kB
+7f1400000000-7f1400010000 r-xp 00000000 fe:01 80 /p/lib-dynload/_ssl.cpython-311.so
+Rss:                  60 kB
+7f1500000000-7f1500010000 r-xp 00000000 fe:01 81 /p/lib/libpython3.11.so.1.0
+Rss:                5000 kB
+7f1600000000-7f1600001000 rw-s 00000000 00:01 82 /dev/shm/a name with spaces (deleted)
+Rss:                   4 kB
+7f1700000000-7f1700010000 r-xp 00000000 fe:01 83 /usr/lib/x86_64-linux-gnu/libz.so.1.2.13
+Rss:                  88 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0                          [stack]
+Rss:                  36 kB
+"""
+
+
+def test_smaps_is_read_mapping_by_mapping_and_grouped_by_kind(tmp_path: Path) -> None:
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "smaps").write_text(SMAPS)
+    lib = "/usr/lib/x86_64-linux-gnu/"
+    assert procfs.smaps_rss(7, tmp_path) == {
+        "/root/.pyenv/versions/3.11.7/bin/python3.11": 4,
+        "[heap]": 34000,
+        "": 3600,  # two anonymous mmaps, one header with a trailing blank
+        lib + "libcrypto.so.3": 2940,
+        lib + "libssl.so.3": 240,
+        "/w/site-packages/uvloop/loop.cpython-311.so": 800,
+        "/p/lib-dynload/_ssl.cpython-311.so": 60,
+        "/p/lib/libpython3.11.so.1.0": 5000,
+        "/dev/shm/a name with spaces (deleted)": 4,
+        lib + "libz.so.1.2.13": 88,
+        "[stack]": 36,
+    }
+    assert procfs.rss_by_mapping(7, tmp_path) == {
+        "python": 5064,
+        "[heap]": 34000,
+        "anon-mmap": 3600,
+        "libcrypto": 2940,
+        "libssl": 240,
+        "uvloop": 800,
+        "other file": 4,
+        "other .so": 88,
+        "[stack]": 36,
+    }
+    assert procfs.smaps_rss(8, tmp_path) == {} == procfs.rss_by_mapping(8, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("", "anon-mmap"),
+        ("[heap]", "[heap]"),
+        ("[anon:glibc malloc]", "[anon:glibc malloc]"),
+        ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "libssl"),
+        ("/usr/lib/x86_64-linux-gnu/libcrypto.so.3", "libcrypto"),
+        ("/usr/sbin/haproxy", "haproxy"),
+        ("/usr/lib/x86_64-linux-gnu/libc.so.6", "libc"),
+        ("/usr/local/bin/python3.11", "python"),
+        ("/x/site-packages/uvloop/loop.cpython-311-x86_64-linux-gnu.so (deleted)", "uvloop"),
+        ("/usr/lib/x86_64-linux-gnu/libpcre2-8.so.0.11.2", "other .so"),
+        ("/usr/lib/locale/C.utf8/LC_CTYPE", "other file"),
+    ],
+)
+def test_mapping_kinds(name: str, kind: str) -> None:
+    assert procfs.mapping_kind(name) == kind
+
+
+def test_the_memory_probe_reads_mappings_as_the_harness_does() -> None:
+    # bench/memhook runs inside the target with only its own directory on the path: it
+    # loads procfs by file, so its snapshots name the same kinds as the harness's.
+    by_kind = _memhook_probe()._rss_by_mapping()
+    assert by_kind.keys() == procfs.rss_by_mapping(os.getpid()).keys()
+    assert "python" in by_kind and "[heap]" in by_kind and "file" not in by_kind
+
+
+def _memhook_probe() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "memhook_probe", REPO / "bench" / "memhook" / "sitecustomize.py"
+    )
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+@pytest.mark.parametrize(
+    ("argv", "process", "probed"),
+    [
+        (["-m", "run", "-c", "x.toml"], None, False),
+        (["-m", "worker", "-c", "x.toml"], None, True),
+        (["-m", "worker", "-c", "x.toml"], "worker", True),
+        (["-m", "run", "-c", "x.toml"], "supervisor", True),
+        (["-m", "worker", "-c", "x.toml"], "supervisor", False),
+        (["bench/bare_splice.py", "--listen", "x"], None, True),
+    ],
+)
+def test_the_memory_probe_answers_from_one_process(
+    argv: list[str], process: str | None, probed: bool
+) -> None:
+    assert _memhook_probe().probed(argv, process) is probed
+
+
+def test_memory_per_call_reads_a_trace_started_at_the_baseline(tmp_path: Path) -> None:
+    # The probe starts tracemalloc once the baseline is written: there is no
+    # baseline.snapshot, and the calls' snapshot holds what came after it.
+    import tracemalloc
+
+    from bench.harness import memory
+
+    tracemalloc.start(1)
+    try:
+        kept = [bytearray(2048) for _ in range(400)]
+        tracemalloc.take_snapshot().dump(str(tmp_path / "calls.snapshot"))
+    finally:
+        tracemalloc.stop()
+    snap = {
+        "mallinfo2": dict.fromkeys(("uordblks", "hblkhd", "arena", "fordblks"), 0),
+        "rss_kib_by_mapping": {"[heap]": 100},
+        "gc_objects_by_type": {},
+    }
+    out = memory.per_call(snap, snap, len(kept), tmp_path)
+    assert out["tracemalloc_kib_per_call"] >= 2.0
+    top = out["tracemalloc_top_sites_per_call"][0]
+    assert top["site"].endswith("test_bench_harness.py:" + str(_line_of("bytearray(2048)")))
+    assert top["kib_per_call"] >= 2.0 and top["blocks_per_call"] == 2.0  # the object and its buffer
+
+
+def _line_of(text: str) -> int:
+    lines = Path(__file__).read_text().splitlines()
+    return next(i for i, line in enumerate(lines, 1) if text in line and "kept" in line)
+
+
+def test_smaps_rollup_is_summed_over_the_tree(fake_proc: Path) -> None:
+    for pid, rss in ((100, 60000), (101, 62000), (102, 63000)):
+        (fake_proc / str(pid) / "smaps_rollup").write_text(
+            "55d0a0000000-7ffd00021000 ---p 00000000 00:00 0                          [rollup]\n"
+            f"Rss:            {rss} kB\nPss:            {rss // 2} kB\n"
+            "Anonymous:       1000 kB\nVmFlags: rd\n"
+        )
+    assert procfs.smaps_rollup(101, fake_proc) == {"Rss": 62000, "Pss": 31000, "Anonymous": 1000}
+    # 103 has no smaps_rollup (gone meanwhile): it counts nothing.
+    assert procfs.tree_smaps_rollup(100, fake_proc) == {
+        "Rss": 185000,
+        "Pss": 92500,
+        "Anonymous": 3000,
+    }
 
 
 def test_threads_of_one_process(tmp_path: Path) -> None:
@@ -892,6 +1067,45 @@ def test_cpu_by_process_is_summarized_and_rendered() -> None:
         for r in rnd.values():
             del r["loads"]["proxy_cores_by_process"]
     assert "cpu_by_process" not in report.summarize_rounds("churn", rounds)
+
+
+def test_memory_per_call_is_split_by_mapping_and_process_and_rendered() -> None:
+    def result(heap: float, anon: float, worker: float) -> dict[str, Any]:
+        return {
+            "rss_kib_per_call": heap + anon,
+            "rss_kib_per_call_by_mapping": {"[heap]": heap, "anon-mmap": anon},
+            "rss_kib_per_call_by_process": {"worker 1": worker, "supervisor": 0.1},
+            "smaps_rollup_kib_per_call": {"Rss": heap + anon, "Pss": 30.0, "Anonymous": 33.0},
+        }
+
+    rounds = [
+        {"ingress@w1": result(28.0, 6.0, 33.9), "haproxy@nt1": result(40.0, 0.0, 40.0)},
+        {"ingress@w1": result(29.0, 5.0, 33.9), "haproxy@nt1": result(42.0, 0.0, 42.0)},
+        {"ingress@w1": result(30.0, 7.0, 36.9), "haproxy@nt1": result(41.0, 0.0, 41.0)},
+    ]
+    for r in rounds:  # HAProxy is one process: no supervisor, no anonymous mmaps
+        hap = r["haproxy@nt1"]
+        hap["rss_kib_per_call_by_process"] = {"haproxy": hap.pop("rss_kib_per_call")}
+        del hap["rss_kib_per_call_by_mapping"]["anon-mmap"]
+    split = report.summarize_rounds("idle", rounds)["memory_per_call"]
+    assert split["ingress@w1"]["by_mapping"]["[heap]"]["median"] == 29.0
+    assert split["ingress@w1"]["by_mapping"]["anon-mmap"]["values"] == [6.0, 5.0, 7.0]
+    assert split["haproxy@nt1"]["by_process"]["haproxy"]["median"] == 41.0
+    table = "\n".join(report.memory_table(split))
+    assert "| target | [heap] | anon-mmap | by process | Pss | Anonymous |" in table
+    assert (
+        "| fleet-ingress@w1 | 29.0 (28.0-30.0) | 6.0 (5.0-7.0) | "
+        "worker 1 33.9 (33.9-36.9), supervisor 0.1 | 30.0 | 33.0 |" in table
+    )
+    assert (
+        "| HAProxy@nt1 | 41.0 (40.0-42.0) | - | haproxy 41.0 (40.0-42.0) | 30.0 | 33.0 |" in table
+    )
+    # Results written before the split have no figures by process, and no table.
+    for r in rounds:
+        for res in r.values():
+            del res["rss_kib_per_call_by_process"]
+    assert "memory_per_call" not in report.summarize_rounds("idle", rounds)
+    assert report.memory_table({}) == []
 
 
 def test_system_call_counts_are_read_from_strace_and_from_perf_stat(tmp_path: Path) -> None:
