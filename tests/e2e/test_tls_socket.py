@@ -611,6 +611,33 @@ async def test_a_fleet_connection_keeps_its_descriptors_poll_from_the_tcp_connec
     assert not log.loop.remove_writer(fd) and not log.loop.remove_reader(fd)
 
 
+async def test_a_handshake_done_in_its_first_step_keeps_the_connects_poll_for_the_reads(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet that answers before OpenSSL's first read (loopback, a near fleet)
+    has the client's handshake done in its first step, its reader never
+    registered. Removing the connect's writer then left the descriptor with no
+    interest, its uvloop poll closed, and the handler's start opened a new one
+    (six epoll_ctl and an ioctl a churned call on the bench, session 41): the
+    reader takes the poll over instead, and what the peer sends is read."""
+    log = _InterestLog(asyncio.get_running_loop())
+    with _tls_pair(tls_files) as (client, server):
+        fd = client.fileno()
+        log.add_writer(fd, lambda: None)  # the TCP connect's (`open_tcp`, keep_writer)
+        conn = TLSConnection(log, client, writer_registered=True)  # type: ignore[arg-type]
+        try:
+            await conn.handshake(5)  # done already: its first step finishes it
+            assert log.interest[fd] == {"r"}
+            handler = Recorder(conn)
+            conn.start(handler)
+            server.send(b"101")
+            await eventually(lambda: bytes(handler.data) == b"101")
+            assert log.emptied.get(fd, 0) == 0
+        finally:
+            conn.abort()
+        assert log.emptied[fd] == 1 and not log.interest[fd]
+
+
 async def test_a_connect_that_fails_leaves_no_writer_behind(
     tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:

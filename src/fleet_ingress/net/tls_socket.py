@@ -1118,6 +1118,21 @@ class TLSConnection:
         else:
             reading = writing = False
         loop, fd = self._loop, self._fd
+        if (
+            self._writer_foreign
+            and not writing
+            and state is _OPEN
+            and not self._eof
+            and not self._want_write_for_read
+        ):
+            # The handshake done in its first step (the fleet's answer came
+            # before OpenSSL's first read: loopback, a near fleet), its reader
+            # never registered and no handler yet: the reader takes the
+            # connect's poll over now, for the reads to come (unregistered at
+            # a read event it does not want, as a paused connection's). Removing
+            # the writer alone closed the poll and start() opened a new one: six
+            # epoll_ctl and an ioctl a call (session 41).
+            reading = True
         if reading != self._reader_on and (
             reading
             or eager
