@@ -2435,3 +2435,45 @@ async def test_the_close_notify_drains_reads_on_to_a_reset_are_metered(
     _records_then_reset(conn, 2 * tls_socket.MAX_READS_PER_WAKE + 8)
     await eventually(lambda: peer.lost, timeout=2)
     assert len(drains) >= 3 and all(drains), drains
+
+
+async def test_a_link_registers_nothing_and_ends_the_meter_and_the_look_at_tcp(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection being set up has its reads metered and each read event
+    followed by a look at TCP (`_read_watched`); once its call is linked,
+    neither. The link registered the reader again for the loop to call an
+    unmetered callback: an add_reader a side, about 5,000 instructions each
+    on uvloop (session 41). The reader's callback reads the connection's
+    state instead, and the link registers nothing."""
+    looks: list[int] = []
+    established = tls_socket._tcp_established
+    monkeypatch.setattr(
+        tls_socket, "_tcp_established", lambda sock: looks.append(1) or established(sock)
+    )
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    counting = _CountingLoop(peer.conn._loop)
+    peer.conn._loop = counting  # type: ignore[assignment]
+    meter = _WatchedMeter()
+    peer.conn.meter(meter)  # a carrier's, until its call is linked
+    metered: list[bool] = []
+    peer.on_data = lambda h: metered.append(meter.inside)
+    try:
+        conn.write(b"head")
+        await eventually(lambda: len(metered) == 1)
+        assert looks  # the read event's look
+        peer.conn.linked()
+        await asyncio.sleep(0.05)  # the link's own look, once
+        looked = len(looks)
+        conn.write(b"frame")
+        await eventually(lambda: len(metered) == 2)
+        await asyncio.sleep(0.05)
+        assert metered == [True, False]
+        assert len(looks) == looked
+        assert (counting.added, counting.removed) == (0, 0)
+        assert bytes(peer.data) == b"headframe"
+    finally:
+        conn.abort()
