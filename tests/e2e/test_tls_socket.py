@@ -37,6 +37,7 @@ import uvloop
 
 from fleet_ingress.net import tls_socket
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.tcp_connect import Underway
 from fleet_ingress.net.tls import server_ssl_context
 from fleet_ingress.net.tls_socket import (
     Acceptor,
@@ -2475,5 +2476,39 @@ async def test_a_link_registers_nothing_and_ends_the_meter_and_the_look_at_tcp(
         assert len(looks) == looked
         assert (counting.added, counting.removed) == (0, 0)
         assert bytes(peer.data) == b"headframe"
+    finally:
+        conn.abort()
+
+
+async def test_a_fleet_connect_given_the_loop_and_its_callers_timer_asks_for_no_loop(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython 3.11's asyncio.get_running_loop() is a getpid system call: a
+    call's fleet connect asked one (session 41). Given the loop (the call's),
+    and with the caller's own timer (`underway`), it asks none."""
+    srv = server(echo=True)
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+
+    def running_loop() -> asyncio.AbstractEventLoop:
+        asked.append(sys._getframe(1).f_globals["__name__"])
+        return loop
+
+    monkeypatch.setattr(asyncio, "get_running_loop", running_loop)
+    conn = await connect(
+        "127.0.0.1",
+        srv.port,
+        tls_files.client_context(),
+        server_hostname="calls.test",
+        timeout=5,
+        underway=Underway(),
+        loop=loop,
+    )
+    try:
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"ping")
+        await eventually(lambda: bytes(handler.data) == b"ping")
+        assert [name for name in asked if name.startswith("fleet_ingress.net.t")] == []
     finally:
         conn.abort()

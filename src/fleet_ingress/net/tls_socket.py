@@ -460,6 +460,11 @@ class TLSConnection:
     # -- what the pump sees --------------------------------------------------
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection runs on."""
+        return self._loop
+
+    @property
     def ssl_socket(self) -> ssl.SSLSocket:
         """For version(), cipher(), selected_alpn_protocol(), getpeercert()."""
         return self._sock
@@ -1472,6 +1477,7 @@ async def connect(
     kept_session: HeldSession | None = None,
     underway: Underway | None = None,
     meter: CpuMeter | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
     **kw: int,
 ) -> TLSConnection:
     """TCP connect (``tcp_connect.open_tcp``: the addresses staggered) and the client
@@ -1495,8 +1501,9 @@ async def connect(
     connect again without it).
     ``meter``: where the connection's I/O callbacks are counted from its
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
-    link (accept pacing)."""
-    loop = asyncio.get_running_loop()
+    link (accept pacing). ``loop``: the running loop, if the caller has it
+    (CPython 3.11's get_running_loop is a getpid system call)."""
+    loop = loop or asyncio.get_running_loop()
     # With `underway` no timer here: asyncio.timeout() asks for the running loop
     # twice (CPython 3.11: a getpid system call each).
     async with _NO_TIMEOUT if underway is not None else asyncio.timeout(timeout):
