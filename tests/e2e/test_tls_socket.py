@@ -37,6 +37,7 @@ import uvloop
 
 from fleet_ingress.net import tls_socket
 from fleet_ingress.net.cpu_meter import CpuMeter
+from fleet_ingress.net.tcp_connect import Underway
 from fleet_ingress.net.tls import server_ssl_context
 from fleet_ingress.net.tls_socket import (
     Acceptor,
@@ -609,6 +610,33 @@ async def test_a_fleet_connection_keeps_its_descriptors_poll_from_the_tcp_connec
     conn.abort()
     assert log.emptied[fd] == 1 and not log.interest[fd]
     assert not log.loop.remove_writer(fd) and not log.loop.remove_reader(fd)
+
+
+async def test_a_handshake_done_in_its_first_step_keeps_the_connects_poll_for_the_reads(
+    tls_files: TLSFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet that answers before OpenSSL's first read (loopback, a near fleet)
+    has the client's handshake done in its first step, its reader never
+    registered. Removing the connect's writer then left the descriptor with no
+    interest, its uvloop poll closed, and the handler's start opened a new one
+    (six epoll_ctl and an ioctl a churned call on the bench, session 41): the
+    reader takes the poll over instead, and what the peer sends is read."""
+    log = _InterestLog(asyncio.get_running_loop())
+    with _tls_pair(tls_files) as (client, server):
+        fd = client.fileno()
+        log.add_writer(fd, lambda: None)  # the TCP connect's (`open_tcp`, keep_writer)
+        conn = TLSConnection(log, client, writer_registered=True)  # type: ignore[arg-type]
+        try:
+            await conn.handshake(5)  # done already: its first step finishes it
+            assert log.interest[fd] == {"r"}
+            handler = Recorder(conn)
+            conn.start(handler)
+            server.send(b"101")
+            await eventually(lambda: bytes(handler.data) == b"101")
+            assert log.emptied.get(fd, 0) == 0
+        finally:
+            conn.abort()
+        assert log.emptied[fd] == 1 and not log.interest[fd]
 
 
 async def test_a_connect_that_fails_leaves_no_writer_behind(
@@ -2408,3 +2436,79 @@ async def test_the_close_notify_drains_reads_on_to_a_reset_are_metered(
     _records_then_reset(conn, 2 * tls_socket.MAX_READS_PER_WAKE + 8)
     await eventually(lambda: peer.lost, timeout=2)
     assert len(drains) >= 3 and all(drains), drains
+
+
+async def test_a_link_registers_nothing_and_ends_the_meter_and_the_look_at_tcp(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection being set up has its reads metered and each read event
+    followed by a look at TCP (`_read_watched`); once its call is linked,
+    neither. The link registered the reader again for the loop to call an
+    unmetered callback: an add_reader a side, about 5,000 instructions each
+    on uvloop (session 41). The reader's callback reads the connection's
+    state instead, and the link registers nothing."""
+    looks: list[int] = []
+    established = tls_socket._tcp_established
+    monkeypatch.setattr(
+        tls_socket, "_tcp_established", lambda sock: looks.append(1) or established(sock)
+    )
+    srv = server()
+    conn, _ = await _client(tls_files, srv.port)
+    await eventually(lambda: len(srv.handlers) == 1)
+    peer = srv.handlers[0]
+    counting = _CountingLoop(peer.conn._loop)
+    peer.conn._loop = counting  # type: ignore[assignment]
+    meter = _WatchedMeter()
+    peer.conn.meter(meter)  # a carrier's, until its call is linked
+    metered: list[bool] = []
+    peer.on_data = lambda h: metered.append(meter.inside)
+    try:
+        conn.write(b"head")
+        await eventually(lambda: len(metered) == 1)
+        assert looks  # the read event's look
+        peer.conn.linked()
+        await asyncio.sleep(0.05)  # the link's own look, once
+        looked = len(looks)
+        conn.write(b"frame")
+        await eventually(lambda: len(metered) == 2)
+        await asyncio.sleep(0.05)
+        assert metered == [True, False]
+        assert len(looks) == looked
+        assert (counting.added, counting.removed) == (0, 0)
+        assert bytes(peer.data) == b"headframe"
+    finally:
+        conn.abort()
+
+
+async def test_a_fleet_connect_given_the_loop_and_its_callers_timer_asks_for_no_loop(
+    tls_files: TLSFiles, server: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CPython 3.11's asyncio.get_running_loop() is a getpid system call: a
+    call's fleet connect asked one (session 41). Given the loop (the call's),
+    and with the caller's own timer (`underway`), it asks none."""
+    srv = server(echo=True)
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+
+    def running_loop() -> asyncio.AbstractEventLoop:
+        asked.append(sys._getframe(1).f_globals["__name__"])
+        return loop
+
+    monkeypatch.setattr(asyncio, "get_running_loop", running_loop)
+    conn = await connect(
+        "127.0.0.1",
+        srv.port,
+        tls_files.client_context(),
+        server_hostname="calls.test",
+        timeout=5,
+        underway=Underway(),
+        loop=loop,
+    )
+    try:
+        handler = Recorder(conn)
+        conn.start(handler)
+        conn.write(b"ping")
+        await eventually(lambda: bytes(handler.data) == b"ping")
+        assert [name for name in asked if name.startswith("fleet_ingress.net.t")] == []
+    finally:
+        conn.abort()

@@ -4,6 +4,7 @@ text, and the listing in turns, without sockets."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -369,3 +370,55 @@ async def test_a_worker_ends_no_call_for_an_id_of_another_process_s_tag():
     asyncio.get_running_loop().call_later(0.05, registry.remove_call, call)
     await worker.end_call(8, call.id, "x", mine)
     assert sent[1]["id"] == 8 and sent[1]["call"]["end_reason"] == "admin", sent
+
+
+async def test_a_calls_identity_and_silence_watch_make_no_getpid(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """os.getpid() and CPython 3.11's asyncio.get_running_loop() are each a
+    getpid system call: a churned call's identity asked two and its silence
+    watch one (session 41). The pid is kept for the process, and the watch
+    takes the loop of the pass already due (asked once, for the first call)."""
+    from fleet_ingress.core.silence import SilenceLimits
+
+    pid = os.getpid()
+    asked: list[str] = []
+    real_loop = asyncio.get_running_loop
+    monkeypatch.setattr(os, "getpid", lambda: asked.append("getpid") or pid)
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: asked.append("loop") or real_loop())
+    registry = Registry()
+    try:
+        for _ in range(3):
+            machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]
+            call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+            assert call.identity()["call"].startswith(f"{pid}-{call.id}-")
+            registry.sweep.watch(call, SilenceLimits(idle=30.0))
+        assert asked == ["loop"]
+    finally:
+        registry.sweep.stop()
+
+
+def test_a_forked_child_has_its_own_pid_and_tag_in_its_call_ids():
+    """The pid and tag kept for the process (`process_tag`) are drawn again
+    in a child forked from it: two processes never share a call id."""
+    machine = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]
+    call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
+    parent_tag = calls_module.process_tag()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child)
+        try:
+            os.write(write_end, f"{os.getpid()} {call.identity()['call']}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        said = os.read(read_end, 200).decode()
+    finally:
+        os.close(read_end)
+        os.waitpid(child, 0)
+    child_pid, child_id = said.split()
+    pid, n, tag = child_id.split("-")
+    assert (int(pid), int(n)) == (int(child_pid), call.id) and pid != str(os.getpid())
+    assert tag != parent_tag
+    assert call.identity()["call"] == f"{os.getpid()}-{call.id}-{parent_tag}"

@@ -88,3 +88,18 @@ async def test_the_parses_cpu_is_counted_in_its_meter():
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0)
+
+
+async def test_the_queue_asks_for_its_loop_once_not_each_head(monkeypatch):
+    """CPython 3.11's asyncio.get_running_loop() is a getpid system call: a
+    churned call's head and its handshake's queued step asked one each
+    (session 41). The queue keeps the loop of its first head."""
+    asked = []
+    real = asyncio.get_running_loop
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: asked.append(1) or real())
+    queue = HeadQueue(budget=0.05)
+    done = []
+    for i in range(3):
+        queue.add(lambda i=i: done.append(i))
+        await asyncio.sleep(0)  # parsed: the next head schedules a turn again
+    assert done == [0, 1, 2] and len(asked) == 1

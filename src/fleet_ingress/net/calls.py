@@ -105,18 +105,30 @@ _SILENCE_WHY = {
 }
 
 _ids = itertools.count(1)
-# This process's tag (`core.call_list`), by the pid it was drawn in: a process
-# forked from this one draws its own.
-_tags: dict[int, str] = {}
+
+
+class _Own:
+    """This process's pid and the tag of its call ids (`core.call_list`), drawn
+    at its first use; a process forked from this one has its own of both
+    (`_forked`). Kept rather than asked: os.getpid() is a system call, and a
+    call's identity asked it twice (session 41)."""
+
+    pid = os.getpid()
+    tag: str | None = None
+
+
+def _forked() -> None:
+    _Own.pid, _Own.tag = os.getpid(), None
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def process_tag() -> str:
     """The tag of this process's call ids (`PID-N-TAG`), drawn at its first use."""
-    pid = os.getpid()
-    tag = _tags.get(pid)
+    tag = _Own.tag
     if tag is None:
-        _tags.clear()
-        tag = _tags[pid] = new_process_tag(os.urandom(TAG_LENGTH))
+        tag = _Own.tag = new_process_tag(os.urandom(TAG_LENGTH))
     return tag
 
 
@@ -225,7 +237,7 @@ class Call:
             # Its id on the host, as `fleet-ingress calls` lists it and `end-call`
             # takes it: `process` and `call_id` alone name another call once
             # the pid has come back.
-            "call": host_call_id(os.getpid(), self.id, process_tag()),
+            "call": host_call_id(_Own.pid, self.id, process_tag()),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
             "client_ip": self.client_ip,
             "route": self.route,
@@ -527,6 +539,7 @@ class SilenceSweep:
         self.registry = registry
         self.policy: SilencePolicy | None = None  # the last reload's (`relimit`)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None  # _timer's, while set
         self._due = math.inf  # loop time of the next pass
         self._check_failed: set[int] = set()  # calls whose check raised (said once)
 
@@ -540,7 +553,12 @@ class SilenceSweep:
         self.watch(call, limits)
 
     def watch(self, call: Call, limits: SilenceLimits) -> None:
-        loop = asyncio.get_running_loop()
+        # The pass's loop while one is due (calls come and go: most of the
+        # time), not asked: CPython 3.11's get_running_loop is a getpid
+        # system call (one a call, session 41).
+        loop = self._timer_loop if self._timer is not None else None
+        if loop is None:
+            loop = asyncio.get_running_loop()
         call.watch_silence(limits, time.monotonic())
         self._schedule(loop, limits.sweep_period)
 
@@ -573,6 +591,7 @@ class SilenceSweep:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer, self._due = loop.call_at(due, self.sweep), due
+            self._timer_loop = loop
 
     def sweep(self, after_a_read: bool = False) -> None:
         # A pass run late may come before its loop has read its sockets: a loop
@@ -595,6 +614,7 @@ class SilenceSweep:
         if not after_a_read and due < math.inf and loop.time() - due > STALL:
             due = loop.time() + AFTER_STALL
             self._timer, self._due = loop.call_at(due, self.sweep, True), due
+            self._timer_loop = loop
             return
         now = time.monotonic()
         period = math.inf

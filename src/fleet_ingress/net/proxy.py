@@ -487,6 +487,8 @@ def serve(conn: TLSConnection, side: _Side) -> None:
     loop does for a protocol with a new transport. Started first, so a side
     that closes or aborts in `connection_made` still gets `connection_lost`."""
     conn.start(side)
+    if side._loop is None:  # the connection's, not asked (a getpid: CPython 3.11)
+        side._loop = conn.loop
     side.connection_made(cast(asyncio.Transport, conn))
 
 
@@ -941,6 +943,7 @@ class CarrierProtocol(_Side):
             kept_session=offered,
             underway=underway,
             meter=ctx.registry.new_connection_cpu,
+            loop=self._running_loop(),
         )
 
     def _setup_failed(self, exc: Exception) -> None:

@@ -242,6 +242,7 @@ class TLSConnection:
 
     __slots__ = (
         "_close_timer",
+        "_detour",
         "_drain_below_tls",
         "_eof",
         "_fd",
@@ -365,16 +366,22 @@ class TLSConnection:
         # Until its call is linked (`linked`): a read event's read is followed by
         # a look at TCP, for a reset that came with the bytes read (`_read_watched`).
         self._setting_up = True
+        # A read event takes `_read_event` (`_on_readable`): while set up,
+        # metered, or a write waits for a read. False: the hot path.
+        self._detour = True
 
     def meter(self, meter: CpuMeter | None) -> None:
         """Count the CPU of this connection's I/O callbacks in `meter` (None: stop).
 
         A carrier's connection is metered until its call is linked: its TLS
         handshake, its head and any answer and close are what a flood costs
-        (core/accept_pacing.py). The loop is given other callbacks while metered,
-        so a call's hot path pays nothing for it."""
+        (core/accept_pacing.py). The loop's callbacks stay registered: they
+        take the meter from the connection (`_on_readable`; a writer waiting
+        is registered again, `_writer_changed`), and a call's hot path pays
+        nothing for it."""
         self._meter = meter
-        self._callbacks_changed()
+        self._detour = meter is not None or self._setting_up or self._want_read_for_write
+        self._writer_changed()
 
     def linked(self) -> None:
         """Its call is linked (a tunnel, or a fleet's answer relayed): no more
@@ -383,17 +390,27 @@ class TLSConnection:
         `read_if_ended` finds a reset a dead poll hid. One look now, on the
         next loop turn (both sides resumed by then): the fleet's head read
         with a reset behind it, reading paused until the link, is ended at
-        once rather than a sweep pass later."""
+        once rather than a sweep pass later. Nothing is registered again: the
+        reader's callback reads `_detour` (it was an add_reader a side, about
+        5,000 instructions each on uvloop, session 41)."""
         self._meter = None
         self._setting_up = False
-        self._callbacks_changed()
+        self._detour = self._want_read_for_write
+        self._writer_changed()
         self._loop.call_soon(self.read_if_ended)
 
-    def _callbacks_changed(self) -> None:
-        if self._reader_on:  # replaces the callback
-            self._register(self._loop.add_reader, self._loop.remove_reader, self._read_callback())
+    def _writer_changed(self) -> None:
+        """The writer's callback for the meter now. Registered only while a write
+        waits (or the handshake or a read wants the socket writable): rarely at
+        a link, and the hot path's writable event pays no check."""
         if self._writer_on and not self._writer_foreign:  # a foreign one goes at _sync_io
             self._register(self._loop.add_writer, self._loop.remove_writer, self._write_callback())
+
+    def _write_callback(self) -> Callable[[], None]:
+        return self._on_writable if self._meter is None else self._on_writable_metered
+
+    def _on_writable_metered(self) -> None:
+        self._metered(self._on_writable)
 
     def _register(
         self,
@@ -415,20 +432,6 @@ class TLSConnection:
             remove(self._fd)
             add(self._fd, callback)
 
-    def _read_callback(self) -> Callable[[], None]:
-        if self._meter is None and not self._setting_up:
-            return self._on_readable
-        return self._on_readable_watched
-
-    def _write_callback(self) -> Callable[[], None]:
-        return self._on_writable if self._meter is None else self._on_writable_metered
-
-    def _on_readable_watched(self) -> None:
-        """A read event of a connection being set up (metered, or not linked)."""
-        self._metered(self._on_readable)
-        if self._setting_up:
-            self._read_watched()
-
     def _read_watched(self) -> None:
         """After a read event's read while the call is set up: read on if TCP says
         the connection has ended (a reset, a FIN) and the read left it unread.
@@ -445,19 +448,21 @@ class TLSConnection:
         if self._reading_wanted() and not _tcp_established(self._sock):
             self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
 
-    def _on_writable_metered(self) -> None:
-        self._metered(self._on_writable)
-
     def _metered(self, callback: Callable[[], None]) -> None:
         # The meter as the callback starts: one that links the call (meter(None))
         # still counts, the set-up being a new connection's work to its end.
         meter = self._meter
-        if meter is None:  # unmetered after the loop had picked this callback
+        if meter is None:
             callback()
         else:
             meter.run(callback)
 
     # -- what the pump sees --------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the connection runs on."""
+        return self._loop
 
     @property
     def ssl_socket(self) -> ssl.SSLSocket:
@@ -645,7 +650,7 @@ class TLSConnection:
             self._paused = True
         self._sync_io()
         if not self._paused and self._sslobj.pending():
-            self._loop.call_soon(self._on_readable)
+            self._loop.call_soon(self._read_event)
 
     def pause_reading(self) -> None:
         if not self._paused:
@@ -666,7 +671,7 @@ class TLSConnection:
                     self._read_on_at_resume = False
                     self._loop.call_soon(self._read_ended, ENDED_READS_PER_PASS)
                 elif self._sslobj.pending() or self._held:
-                    self._loop.call_soon(self._on_readable)
+                    self._loop.call_soon(self._read_event)
 
     def write(self, data: Buffer) -> None:
         """Send now if the socket takes it, else keep it (bounded) and send when writable.
@@ -693,7 +698,7 @@ class TLSConnection:
         except ssl.SSLWantWriteError:
             self._partial = True
         except ssl.SSLWantReadError:
-            self._want_read_for_write = True
+            self._want_read_for_write = self._detour = True
         except OSError as exc:  # ssl.SSLError included
             self._finish(_with_errno(exc, self._sock))
             return
@@ -720,7 +725,7 @@ class TLSConnection:
             self._timer = PatientTimer(
                 self._loop, self._renegotiation_timeout, self._renegotiation_timed_out
             )
-            self._loop.call_soon(self._on_readable)
+            self._loop.call_soon(self._read_event)
         self._sync_io()
 
     def _renegotiation_timed_out(self) -> None:
@@ -764,7 +769,7 @@ class TLSConnection:
                 self._sync_io()
                 return
             except ssl.SSLWantReadError:
-                self._want_read_for_write = True
+                self._want_read_for_write = self._detour = True
                 self._sync_io()
                 return
             except OSError as exc:
@@ -834,7 +839,7 @@ class TLSConnection:
             if n < size or not sslobj.pending():
                 return
         if sslobj.pending():
-            self._loop.call_soon(self._on_readable)
+            self._loop.call_soon(self._read_event)
 
     def _release_buffers(self) -> None:
         """After a read that wanted more: give OpenSSL's record buffers back.
@@ -957,7 +962,7 @@ class TLSConnection:
         # Metered as the read event it stands for: a carrier being set up
         # that sends its head as many records and resets had all but the
         # first read outside the meter, its CPU not pacing the accepts.
-        self._metered(self._on_readable)
+        self._metered(self._read_event)
         if self._reading_wanted():
             if turns > 1:
                 self._loop.call_soon(self._read_ended, turns - 1)
@@ -1057,7 +1062,7 @@ class TLSConnection:
             # renegotiation's timeout (session 36). As a read event would: the
             # handshake done meanwhile, the close_notify's drain reads it.
             if not _tcp_established(self._sock):
-                self._loop.call_soon(self._metered, self._on_readable)
+                self._loop.call_soon(self._metered, self._read_event)
         self._release()
         if self._held and self._state is _CLOSING:
             self._sync_io()
@@ -1118,6 +1123,21 @@ class TLSConnection:
         else:
             reading = writing = False
         loop, fd = self._loop, self._fd
+        if (
+            self._writer_foreign
+            and not writing
+            and state is _OPEN
+            and not self._eof
+            and not self._want_write_for_read
+        ):
+            # The handshake done in its first step (the fleet's answer came
+            # before OpenSSL's first read: loopback, a near fleet), its reader
+            # never registered and no handler yet: the reader takes the
+            # connect's poll over now, for the reads to come (unregistered at
+            # a read event it does not want, as a paused connection's). Removing
+            # the writer alone closed the poll and start() opened a new one: six
+            # epoll_ctl and an ioctl a call (session 41).
+            reading = True
         if reading != self._reader_on and (
             reading
             or eager
@@ -1130,7 +1150,7 @@ class TLSConnection:
         ):
             self._reader_on = reading
             if reading:
-                self._register(loop.add_reader, loop.remove_reader, self._read_callback())
+                self._register(loop.add_reader, loop.remove_reader, self._on_readable)
             else:
                 loop.remove_reader(fd)
         if writing != self._writer_on or self._writer_foreign:
@@ -1144,11 +1164,40 @@ class TLSConnection:
                 loop.remove_writer(fd)
 
     def _on_readable(self) -> None:
+        """The loop's read callback, registered as it is from the handshake to
+        the close. An open connection with nothing unusual (`_detour` False:
+        its call linked, no write waiting for a read) reads at once, in as many
+        checks as before there was a detour; anything else takes
+        `_read_event`, metered while a meter is set, and followed by a look
+        at TCP while the call is set up (`_read_watched`)."""
+        if self._state is _OPEN and not self._detour:
+            if not self._paused and not self._eof and not self._want_write_for_read:
+                self._read()
+                if self._held:
+                    self._release()
+            else:
+                self._sync_io(eager=True)  # a read event not wanted: unregister now
+            return
+        meter = self._meter
+        if meter is None:
+            self._read_event()
+        else:
+            meter.run(self._read_event)
+        if self._setting_up:
+            self._read_watched()
+
+    def _write_has_its_read(self) -> None:
+        """A write that wanted a read has one: it goes on."""
+        self._want_read_for_write = False
+        self._detour = self._meter is not None or self._setting_up
+        self._flush()
+
+    def _read_event(self) -> None:
+        """What a read event does, in any state (unmetered, no look at TCP)."""
         state = self._state
         if state is _OPEN:
             if self._want_read_for_write:
-                self._want_read_for_write = False
-                self._flush()
+                self._write_has_its_read()
                 if self._state is not _OPEN:
                     return
             if not self._paused and not self._eof and not self._want_write_for_read:
@@ -1164,8 +1213,7 @@ class TLSConnection:
                 self._queue_step()
         elif state is _CLOSING:
             if self._want_read_for_write:
-                self._want_read_for_write = False
-                self._flush()
+                self._write_has_its_read()
             elif self._held:
                 self._read_through_handshake()
         elif state is _SHUTDOWN:
@@ -1429,6 +1477,7 @@ async def connect(
     kept_session: HeldSession | None = None,
     underway: Underway | None = None,
     meter: CpuMeter | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
     **kw: int,
 ) -> TLSConnection:
     """TCP connect (``tcp_connect.open_tcp``: the addresses staggered) and the client
@@ -1452,8 +1501,9 @@ async def connect(
     connect again without it).
     ``meter``: where the connection's I/O callbacks are counted from its
     handshake on (`TLSConnection.meter`): a call's fleet connection, until the
-    link (accept pacing)."""
-    loop = asyncio.get_running_loop()
+    link (accept pacing). ``loop``: the running loop, if the caller has it
+    (CPython 3.11's get_running_loop is a getpid system call)."""
+    loop = loop or asyncio.get_running_loop()
     # With `underway` no timer here: asyncio.timeout() asks for the running loop
     # twice (CPython 3.11: a getpid system call each).
     async with _NO_TIMEOUT if underway is not None else asyncio.timeout(timeout):
