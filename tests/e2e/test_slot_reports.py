@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import aiohttp
 from aiohttp import web
@@ -14,7 +15,7 @@ from aiohttp import web
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
-from fleet_ingress.core.host_slots import HostSlots
+from fleet_ingress.core.host_slots import REPORT_OVERDUE, HostSlots
 from fleet_ingress.core.host_view import Counts, HostView
 from fleet_ingress.net import slot_client, slot_server
 from fleet_ingress.net.calls import Registry
@@ -48,6 +49,46 @@ async def _worker(server: SlotServer, pid: int, generation: int = 1) -> SlotClie
     ours, theirs = socket.socketpair()
     await server.adopt(ours)
     return await SlotClient.connect(sock=theirs, pid=pid, generation=generation, answer_timeout=5)
+
+
+async def test_a_read_waits_not_on_a_worker_yet_to_answer_and_names_it_overdue_by_then():
+    """Session 40's host-view audit: every scrape and `stat` waited the whole
+    timeout on a stopped worker. A read (`silent_too=False`) waits only on
+    workers it asked now: one yet to answer a request asked before is not
+    waited for, and is overdue once that request is REPORT_OVERDUE old; its
+    answer clears it."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    n = [3]
+    w1 = await _worker(server, 11)
+    w1.reporter = _reporter(n)
+    ours, theirs = socket.socketpair()  # joined, and answers no report (stopped)
+    await server.adopt(ours)
+    theirs.sendall(encode({"op": "hello", "pid": 13, "generation": 1}))
+    try:
+        await eventually(lambda: len(slots.workers) == 2)
+        silent = next(r for r in slots.workers if r.pid == 13)
+        # The first read asks it, and waits for it as for any worker asked now.
+        assert await server.collect_reports(timeout=0.3, silent_too=False) == 1
+        asked_at = silent.report_asked_at
+        assert asked_at is not None and not silent.report_overdue(time.monotonic())
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            started = loop.time()
+            assert await server.collect_reports(timeout=5.0, silent_too=False) == 0
+            assert loop.time() - started < 1.0  # not the 5 s
+        assert view.totals().counter("connections_total") == 3  # the others' fresh counts
+        assert silent.report_asked_at == asked_at  # asked once, not again
+        assert silent.report_overdue(asked_at + REPORT_OVERDUE)
+        # It answers: nothing outstanding, nothing overdue.
+        theirs.sendall(encode({"op": "report", "failed": "busy"}))
+        await eventually(lambda: silent.report_asked_at is None)
+        assert not silent.stuck(asked_at + 10 * REPORT_OVERDUE)
+    finally:
+        w1.close()
+        theirs.close()
+        await server.close()
 
 
 async def test_collect_reports_waits_for_every_worker_and_a_silent_one_only_so_long():

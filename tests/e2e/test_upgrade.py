@@ -3459,7 +3459,7 @@ async def test_stats_and_admin_requests_in_flight_at_the_exec_are_answered(
     _inject(
         src,
         "service/supervisor.py",
-        "        await self.server.collect_reports(SCRAPE_WAIT)\n",
+        "        await self.server.collect_reports(SCRAPE_WAIT, silent_too=False)\n",
         "        if not self.upgrade.resumed:\n            await asyncio.sleep(2.0)\n",
     )
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=5)

@@ -19,6 +19,8 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import (
     QUEUE_FULL,
     QUEUE_OFF,
+    REPORT_OVERDUE,
+    UNRESPONSIVE_PULLS,
     Answer,
     Granted,
     HostSlots,
@@ -795,3 +797,23 @@ def test_an_answer_from_the_queue_says_so_and_one_at_once_does_not():
         f.health = Health.DOWN
     refused = slots.acquire("w1", 3, [], now=5.0)  # no fleet up: at once
     assert refused is not None and not isinstance(refused, Granted) and not refused.queued
+
+
+def test_a_worker_is_stuck_once_a_report_asked_of_it_is_overdue_or_pulls_went_unanswered():
+    """The rule `stat`, /stats.json and /metrics show a worker unresponsive by
+    (session 40's host-view audit): a report asked REPORT_OVERDUE ago and
+    unread, or UNRESPONSIVE_PULLS pulls unanswered; never once its channel is
+    lost (it is asked nothing then)."""
+    row = _slots().find_row("w1")
+    assert row is not None
+    assert not row.report_overdue(100.0) and not row.stuck(100.0)  # nothing asked
+    row.report_asked_at = 100.0
+    assert not row.report_overdue(100.0 + REPORT_OVERDUE - 0.01)
+    assert row.report_overdue(100.0 + REPORT_OVERDUE) and row.stuck(100.0 + REPORT_OVERDUE)
+    row.report_asked_at = None  # its report read
+    assert not row.stuck(200.0)
+    row.silent_pulls = UNRESPONSIVE_PULLS
+    assert row.stuck(200.0) and not row.report_overdue(200.0)
+    row.report_asked_at = 100.0
+    row.channel_lost = True
+    assert not row.stuck(200.0)

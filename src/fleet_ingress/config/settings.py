@@ -377,7 +377,7 @@ class ProcessSection(_Section):
     cpu_affinity: Literal["off", "auto"] = "off"
     # A worker that answers none of the supervisor's report requests for this
     # long (its event loop stuck: every call it carries frozen) is killed and
-    # replaced, as one that died; shown "unresponsive" after two unanswered.
+    # replaced, as one that died; shown "unresponsive" once one is 2 s unanswered.
     # 0: never killed; else at least 5 s (a shorter stall is not a hang). Read
     # at start: a reload notes a change, an upgrade applies it.
     worker_hang_timeout: float = Field(60.0, ge=0, allow_inf_nan=False)

@@ -82,6 +82,14 @@ Answer = Granted | Refused
 # unanswered before it is shown unresponsive (and logged); the supervisor kills
 # it as hung once it has been so for process.worker_hang_timeout.
 UNRESPONSIVE_PULLS = 2
+# A report asked of a worker (a pull, a scrape, `stat`) and not read this long
+# after (seconds) is overdue: the worker is shown unresponsive at once, its
+# last report's counts standing, and no read waits on it. Two of the report
+# intervals of a worker holding calls (`slot_client.REPORT_AFTER_COUNT`, 1 s);
+# a healthy worker answers in milliseconds. Before, a stopped worker was shown
+# only after UNRESPONSIVE_PULLS pulls, 15-20 s, and every scrape waited 0.5 s
+# on it (session 40's host-view audit).
+REPORT_OVERDUE = 2.0
 
 
 @dataclass(slots=True)
@@ -105,10 +113,23 @@ class WorkerRow:
     # since when (monotonic, the first found unanswered), for the hang timeout.
     silent_pulls: int = 0
     silent_since: float | None = None
+    # When (monotonic) the report asked of it and not yet read was asked; None:
+    # none outstanding (`report_overdue`).
+    report_asked_at: float | None = None
 
     @property
     def unresponsive(self) -> bool:
         return self.silent_pulls >= UNRESPONSIVE_PULLS
+
+    def report_overdue(self, now: float) -> bool:
+        """A report asked of it has gone unread REPORT_OVERDUE (`now` monotonic)."""
+        asked = self.report_asked_at
+        return asked is not None and now - asked >= REPORT_OVERDUE
+
+    def stuck(self, now: float) -> bool:
+        """Shown unresponsive: silent UNRESPONSIVE_PULLS pulls, or a report
+        overdue; not once its channel is lost (it is asked nothing then)."""
+        return not self.channel_lost and (self.unresponsive or self.report_overdue(now))
 
     @property
     def calls(self) -> int:

@@ -718,17 +718,25 @@ class SlotServer:
         self._servers.append(server)
         return server
 
-    async def collect_reports(self, timeout: float) -> int:
+    async def collect_reports(self, timeout: float, *, silent_too: bool = True) -> int:
         """Ask every worker for its report and wait until each has answered, for
-        `timeout` at most (a busy worker's last report stands meanwhile).
-        Returns how many did not answer in time."""
+        `timeout` at most (a busy worker's last report stands meanwhile); not
+        `silent_too`, not for one that has yet to answer a report asked of it
+        before (a read of the host's stats: that one's last report is shown,
+        overdue once `WorkerRow.report_overdue`). Returns how many did not
+        answer in time."""
         asked: list[asyncio.Future[None]] = []
+        now = time.monotonic()
         for channel in list(self._channels.values()):
             if not channel.joined or channel.restoring:
                 continue
             if channel.asked is None or channel.asked.done():
                 channel.asked = asyncio.get_running_loop().create_future()
                 channel.send({"op": "report"})
+                if (row := self.slots.find_row(channel.key)) is not None:
+                    row.report_asked_at = now
+            elif not silent_too:
+                continue
             asked.append(channel.asked)
         if not asked:
             return 0
@@ -890,6 +898,7 @@ class SlotServer:
             channel.asked.set_result(None)
         if (row := self.slots.find_row(channel.key)) is not None:
             row.silent_pulls, row.silent_since = 0, None
+            row.report_asked_at = None
         if "failed" in message:  # alive, but could not count: its last report stands
             log.warning(
                 "worker could not build its report: its previous one stands",

@@ -52,7 +52,8 @@ DEFAULT_ADMIN_SOCKET = Path("/run/fleet-ingress/admin.sock")
 # add-fleet waits for the new fleet to read UP; leave it time to.
 REQUEST_TIMEOUT = 60.0
 # A read (stat, an upgrade's progress) is answered at once: the supervisor waits
-# at most SCRAPE_WAIT (0.5 s) for its workers' counts. Without an answer in this
+# at most SCRAPE_WAIT (0.1 s) for its workers' counts, and not for one yet to
+# answer a report asked before. Without an answer in this
 # the supervisor is stopped (SIGSTOP, a debugger), hung or starved of CPU, and
 # the operator running `stat` in an incident should hear so, not wait a minute.
 READ_TIMEOUT = 10.0
@@ -580,6 +581,8 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
     for w in workers:
         state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
+        if w.get("report_overdue"):  # its counts are that report's
+            age += ", overdue"
         rows.append(
             (
                 str(w["pid"]),

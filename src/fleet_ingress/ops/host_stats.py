@@ -75,9 +75,14 @@ __all__ = [
 PULL_EVERY = 5.0
 # fleet_ingress_worker_restarts_total{reason}: service.worker_exits.restart_reason and hung.
 RESTART_REASONS = ("crashed", "exited", "hung", "killed", "oom", "unknown")
-# How long a scrape waits for the workers' answers; a worker busy past it is
-# shown with its last report (its age is in the row and in a metric).
-SCRAPE_WAIT = 0.5
+# How long a scrape or `stat` waits for the workers' fresh counts (a healthy
+# worker answers in milliseconds); a worker busy past it is shown with its last
+# report (its age is in the row and in a metric), and one yet to answer a
+# report asked before is not waited for at all (a stopped worker slows one read
+# at most; it is shown overdue after `core.host_slots.REPORT_OVERDUE`). It was
+# 0.5 s, waited on every stopped worker: /stats.json and /metrics took 0.5 s
+# each while one was (session 40's host-view audit).
+SCRAPE_WAIT = 0.1
 
 _TICKS = float(os.sysconf("SC_CLK_TCK"))
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -222,7 +227,10 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     held = {(r.pid, r.generation): r.calls for r in slots.workers}
     # Its channel ended while it runs: it finishes its calls, its slots still counted.
     lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
-    stuck = {(r.pid, r.generation) for r in slots.workers if r.unresponsive}
+    stuck = {(r.pid, r.generation) for r in slots.workers if r.stuck(now)}
+    overdue = {
+        (r.pid, r.generation) for r in slots.workers if r.stuck(now) and r.report_overdue(now)
+    }
     rows = []
     for worker in sorted(held.keys() | reported.keys()):
         seen = reported.get(worker)
@@ -240,6 +248,9 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 ),
                 "started": None if seen is None else seen.started,
                 "last_report_age_s": None if seen is None else round(seen.last_report_age, 1),
+                # A report asked of it went unread REPORT_OVERDUE: its counts are
+                # its last report's (`last_report_age_s` old).
+                "report_overdue": worker in overdue,
                 "cpu_seconds": None if seen is None else seen.process.get("cpu_seconds"),
                 "resident_bytes": None if seen is None else seen.process.get("resident_bytes"),
                 "code": None if seen is None else seen.code,
@@ -542,6 +553,11 @@ class _WorkersCollector(Collector):
         connections = gauge("connections", "Open carrier connections of a worker (last report).")
         draining = gauge("draining", "1 when a worker has stopped accepting and finishes calls.")
         age = gauge("report_age_seconds", "Seconds since a worker's last report was read.")
+        overdue = gauge(
+            "report_overdue",
+            "1 when a report asked of a worker went unread 2 s: shown unresponsive, "
+            "its counts its last report's.",
+        )
         rss = gauge("resident_memory_bytes", "A worker's resident memory (last report).")
         cpu = CounterMetricFamily(
             f"{PREFIX}_worker_cpu_seconds", "A worker's CPU time (last report).", labels=labels
@@ -555,6 +571,7 @@ class _WorkersCollector(Collector):
                 connections.add_metric(key, row["connections"])
                 draining.add_metric(key, 1 if row["draining"] else 0)
                 age.add_metric(key, row["last_report_age_s"])
+            overdue.add_metric(key, 1 if row["report_overdue"] else 0)
             if row["resident_bytes"] is not None:
                 rss.add_metric(key, row["resident_bytes"])
             if row["cpu_seconds"] is not None:
@@ -564,7 +581,7 @@ class _WorkersCollector(Collector):
         )
         for generation, n in sorted(per_generation.items(), key=lambda e: int(e[0])):
             workers.add_metric([generation], n)
-        yield from (workers, calls, connections, draining, age, rss, cpu)
+        yield from (workers, calls, connections, draining, age, overdue, rss, cpu)
         serving, wanted = self.workers()
         yield GaugeMetricFamily(
             f"{PREFIX}_workers_serving",

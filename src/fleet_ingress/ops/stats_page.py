@@ -118,6 +118,8 @@ def _workers_table(snap: dict[str, Any]) -> str:
         )
         state = w.get("state")
         age = None if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s"
+        if age is not None and w.get("report_overdue"):  # its counts are that report's
+            age += ", overdue"
         rows.append(
             "<tr>"
             + _cell(w["pid"], "l")

@@ -702,9 +702,11 @@ class Supervisor:
 
     async def fresh_counts(self) -> None:
         """Before a scrape or `stat`: the workers' counts as of now, what the
-        certificate file holds, and edits not reloaded (each wait bounded)."""
+        certificate file holds, and edits not reloaded (each wait bounded; a
+        worker yet to answer a report asked before is not waited for: its last
+        report is shown, said overdue once it is)."""
         await self.look_at_files()
-        await self.server.collect_reports(SCRAPE_WAIT)
+        await self.server.collect_reports(SCRAPE_WAIT, silent_too=False)
 
     async def look_at_files(self) -> None:
         """What the certificate files, ingress.toml and the fleets file hold
