@@ -15,6 +15,7 @@ import ctypes
 import datetime
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -417,20 +418,51 @@ class RawFleet:
 
 
 async def free_port() -> int:
-    """A loopback port with nothing listening on it."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
+    """A loopback port with nothing listening on it (`free_ports`)."""
+    (port,) = await free_ports(1)
     return port
 
 
-async def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports with nothing listening on them: each is
-    held until all are chosen (two free_port() calls in a row can return the
-    same port, as the kernel may hand a just-freed ephemeral port out again)."""
-    held = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+# Where `free_ports` picks: below the kernel's ephemeral range (net.ipv4.
+# ip_local_port_range, 32768-60999 by default), which neither a bind to port 0
+# nor a connect() is ever given, and above the ports services are set up on.
+# A port picked by binding to port 0 and released was the kernel's to hand to
+# the next bind to port 0 on the host (every test's fleets and servers bind
+# one): a CI run lost the race between the release and the ingress's own bind
+# seconds later (a unit under systemd: "cannot listen: Address already in
+# use" at its start, test_under_systemd).
+PICKED_PORTS_FROM = 10000
+PICK_TRIES = 1000
+
+
+def _ephemeral_start() -> int:
     try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+async def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports with nothing bound to them, picked at
+    random below the ephemeral range (PICKED_PORTS_FROM): each is held until
+    all are chosen, bound without SO_REUSEADDR (so none is in TIME_WAIT either).
+    Where the ephemeral range leaves no room below it, ports the kernel picks."""
+    candidates = range(PICKED_PORTS_FROM, _ephemeral_start())
+    held: list[socket.socket] = []
+    try:
+        if len(candidates) >= 1000:
+            for port in random.sample(candidates, min(PICK_TRIES, len(candidates))):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    sock.close()
+                    continue
+                held.append(sock)
+                if len(held) == count:
+                    break
+        while len(held) < count:  # no room below the range, or none found there
+            held.append(socket.create_server(("127.0.0.1", 0)))
         return [sock.getsockname()[1] for sock in held]
     finally:
         for sock in held:
