@@ -28,3 +28,25 @@ def test_trim_gives_freed_heap_memory_back():
     after = _rss_kib()
     assert before - after > 50_000, (before, after)  # ~150 MB was freed; most returns
     assert len(kept) == 625
+
+
+def test_finding_the_c_library_starts_no_process():
+    """Imported by the supervisor, every worker and every upgrade's trial run:
+    it must not run a program (`find_library` runs `ldconfig -p`)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "spawned = []\n"
+        "sys.addaudithook(lambda event, args: spawned.append(event) "
+        "if event in ('subprocess.Popen', 'os.posix_spawn', 'os.fork', 'os.exec') else None)\n"
+        "import fleet_ingress.service.glibc_malloc as m\n"
+        "print(len(spawned), m._LIBC is not None)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    assert out[0] == "0", out
+    if platform.libc_ver()[0] == "glibc":
+        assert out[1] == "True", out

@@ -13,7 +13,6 @@ is not glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 # glibc raises the threshold when a large block is freed; after that every TLS
@@ -23,8 +22,12 @@ TRIM_EVERY = 30.0  # seconds; a trim of a few hundred MB takes milliseconds
 
 
 def _libc() -> ctypes.CDLL | None:
+    # The symbols already loaded in this process (the interpreter links its C
+    # library), not `ctypes.util.find_library("c")`: that runs `ldconfig -p`,
+    # a fork and exec at every process start (supervisor, each worker, each
+    # upgrade's trial run).
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
