@@ -1198,6 +1198,8 @@ class CarrierProtocol(_Side):
         call.quiet = None
         if ctx.access_log:
             access_log.info("call ended", extra=fields(**call.access_record()))
+        if (lease := self._held_lease()) is not None:
+            lease.call_logged()  # its worker's death now is no second line
 
     def _sides_gone(self, command: Command) -> None:
         """Both sides of the ended call are gone: forget it."""
