@@ -327,7 +327,15 @@ async def test_a_carrier_that_vanishes_while_its_bot_talks_is_ended_with_its_slo
             }
             stats = await lab.stats()
             assert stats["frontend"]["active_calls"] == 0
-            assert [f["active"] for f in stats["fleets"]] == [0, 0]  # the slots are free
+
+            async def slots() -> list[int]:
+                return [f["active"] for f in (await lab.stats())["fleets"]]
+
+            # The slots are free once the bots' sides have closed (the line
+            # comes as the call's end is settled, their close after it).
+            async with asyncio.timeout(3):
+                while await slots() != [0, 0]:
+                    await asyncio.sleep(0.1)
             relayed = [
                 e["bytes_to_carrier"] for e in lab.log if e.get("logger") == "fleet_ingress.access"
             ]
@@ -438,7 +446,8 @@ async def test_a_fleet_whose_packets_stop_arriving_is_reset_when_its_calls_end(
                 "for 20s (timeouts.tcp_user_timeout)"
             }
             assert ended > 19.5, ended  # not before the user timeout
-            assert all(c.closed_at is not None for c in lost)
+            # Told 1011, then closed: after the line, which comes as the end is settled.
+            await eventually(lambda: all(c.closed_at is not None for c in lost), timeout=3)
             assert all(c.closed_at is None for c in kept)
             stats = await lab.stats()
             assert {f["name"]: f["active"] for f in stats["fleets"]} == {"a": 0, "b": len(kept)}
@@ -483,4 +492,69 @@ async def test_a_carrier_whose_packets_stop_arriving_is_reset_when_its_calls_end
             netlab.stop_dropping(lab.ns["ingress"])
         print(
             f"carrier one-way loss: calls ended in {ended:.1f} s, the carrier told in {told:.1f} s"
+        )
+
+
+# -- 7. a bot hangs up on a carrier that has vanished: its line at once --------------
+
+# Seconds from the moment a call's end is known (its slot freed) to its access line.
+LINE_WITHIN = 2.0
+
+
+async def test_a_bot_hanging_up_on_a_vanished_carrier_is_logged_when_it_hangs_up(
+    netlab: NetLab, tls_files: TLSFiles, tmp_path: Path
+) -> None:
+    """The carrier's link is blackholed (no FIN, no RST), then its bot hangs
+    up: its close frame, no reply, then (aiohttp's close timeout, 10 s) its
+    TLS close. That is the call's end, `fleet closed`: its slot is free then,
+    and its access line comes then, its duration up to then. What is left,
+    the carrier given its half-closed grace (5 s) for a reply and its TLS
+    close flushed into the void (10 s), goes on in the background: its
+    connection still counted open meanwhile, then gone. Before (session 40's
+    note), the line came 15 s after the slot was freed, the call listed live."""
+    async with running_lab(netlab, tls_files, tmp_path) as lab:
+        dialed_at = time.monotonic()
+        await lab.call("caller-0")
+        fleet = next(f for f in lab.fleets.values() if f.active_calls)
+        netlab.drop_arriving(lab.ns["carrier"], "eth0")
+        netlab.drop_arriving(lab.ns["ingress"], "to-carrier")
+        hang_up: asyncio.Task[None] | None = None
+        try:
+            await asyncio.sleep(0.5)  # nothing in flight reaches the carrier now
+            hung_up_at = time.monotonic()
+            hang_up = asyncio.get_running_loop().create_task(fleet.close_all_calls(1000))
+
+            async def slot_freed() -> float:
+                while [f["active"] for f in (await lab.stats())["fleets"]] != [0, 0]:
+                    await asyncio.sleep(0.1)
+                return time.monotonic()
+
+            async with asyncio.timeout(WITHIN):  # aiohttp waits 10 s for the reply
+                freed_at = await slot_freed()
+            await eventually(lambda: bool(lab.ended()), timeout=LINE_WITHIN)
+            logged_at = time.monotonic()
+            assert lab.ended() == {"caller-0": "fleet closed"}
+            (line,) = lab.access()
+            # Its duration runs to its end (the slot freed), not to its sides' close.
+            assert line["duration_s"] <= freed_at - dialed_at + 0.5, line
+            stats = await lab.stats()
+            # Out of the live calls; its carrier's connection still open (closing).
+            assert stats["frontend"]["active_calls"] == 0
+            assert stats["frontend"]["connections"] == 1, stats["frontend"]
+            # Gone once its close is done, bounded: the grace, the TLS close's wait.
+            gone_by = time.monotonic() + 5.0 + 10.0 + 5.0
+            while (await lab.stats())["frontend"]["connections"] != 0:
+                assert time.monotonic() < gone_by, "the closing carrier's connection stayed"
+                await asyncio.sleep(0.5)
+            gone_at = time.monotonic()
+        finally:
+            if hang_up is not None:
+                hang_up.cancel()
+            netlab.stop_dropping(lab.ns["carrier"])
+            netlab.stop_dropping(lab.ns["ingress"])
+        assert len(lab.access()) == 1  # logged once
+        print(
+            f"bot hung up on a vanished carrier: slot freed {freed_at - hung_up_at:.1f} s "
+            f"after, its line {logged_at - freed_at:.2f} s after that, the carrier's "
+            f"connection gone {gone_at - freed_at:.1f} s after"
         )

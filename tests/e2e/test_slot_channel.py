@@ -206,6 +206,26 @@ async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(h
             await task
 
 
+async def test_a_call_logged_while_its_slot_is_held_is_no_lost_call_of_its_worker(host):
+    """A worker writes a call's access line as soon as its end is settled, its
+    fleet side possibly still closing, its slot held until then: it says so
+    ("logged"), and the coordinator forgets who the call is, so that a worker
+    dying in that moment is no second line (as lost with its worker). The
+    slot itself stays held until released."""
+    h = host(maxconn=1)
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    closing = await w1.lease(call={"call_id": 1, "bot_id": "bot-1"})
+    live = await w1.lease(call={"call_id": 2, "bot_id": "bot-2"})
+    closing.call_logged()
+    await eventually(lambda: list(h.server.calls_of(key)) == [live.id])
+    assert closing.held and sum(h.active().values()) == 2
+    closing.call_logged()  # said once: nothing more to forget
+    w1.close()
+    await eventually(lambda: not h.slots.workers)
+    assert [c["call_id"] for c in h.server.take_calls(key).values()] == [2]
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_and_a_slot_granted_meanwhile_comes_back(host):
     h = host(maxconn=1)
     w1 = await h.worker()

@@ -22,6 +22,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -927,6 +928,28 @@ async def _one_call(
         listener.close()
 
 
+class _Started:
+    """`start_ingress`, keeping the ingress it started."""
+
+    def __init__(self, start_ingress: StartIngress) -> None:
+        self.start_ingress = start_ingress
+        self.ingress: Ingress | None = None
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Ingress:
+        self.ingress = await self.start_ingress(*args, **kwargs)
+        return self.ingress
+
+    async def relayed(self, *, to_carrier: int | None = None, from_carrier: int | None = None):
+        """Once the call's sides are gone: its bytes in the totals, each way."""
+        registry = self.ingress.registry
+        await eventually(lambda: not registry.calls and not registry.closing)
+        from_total, to_total = registry.relayed_bytes()
+        if to_carrier is not None:
+            assert to_total == to_carrier
+        if from_carrier is not None:
+            assert from_total == from_carrier
+
+
 REPLY_AFTER = 0.3  # the close reply comes late enough that a close_notify is read first
 
 
@@ -950,12 +973,16 @@ async def test_a_carrier_that_half_closes_after_its_close_frame_gets_the_fleets_
         LIBSSL.SSL_shutdown(ssl_pointer(tls))  # close_notify once; reading goes on
         return _read_to_end(tls)
 
-    got, fleet_read = await _one_call(start_ingress, tls_files, fleet_act, carrier_act)
+    started = _Started(start_ingress)
+    got, fleet_read = await _one_call(started, tls_files, fleet_act, carrier_act)
     assert (got, fleet_read) == (CLOSE_1000, _masked(CLOSE_1000))
     await eventually(lambda: bool(access_entries(caplog)))
     (entry,) = access_entries(caplog)
     assert entry["end_reason"] == "carrier closed"
-    assert entry["bytes_to_carrier"] == len(CLOSE_1000)
+    # Logged as it was settled, at the carrier's close_notify: the reply,
+    # relayed after, is not in its line but in the ingress's totals.
+    assert entry["bytes_to_carrier"] == 0
+    await started.relayed(to_carrier=len(CLOSE_1000))
 
 
 async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_reply(
@@ -977,12 +1004,14 @@ async def test_a_fleet_that_half_closes_after_its_close_frame_gets_the_carriers_
         tls.sendall(_masked(CLOSE_1000))
         return got + _read_to_end(tls)
 
-    got, fleet_read = await _one_call(start_ingress, tls_files, fleet_act, carrier_act)
+    started = _Started(start_ingress)
+    got, fleet_read = await _one_call(started, tls_files, fleet_act, carrier_act)
     assert (got, fleet_read) == (CLOSE_1000, _masked(CLOSE_1000))
     await eventually(lambda: bool(access_entries(caplog)))
     (entry,) = access_entries(caplog)
     assert entry["end_reason"] == "fleet closed"
-    assert entry["bytes_from_carrier"] == len(CLOSE_1000) + 4
+    assert entry["bytes_from_carrier"] == 0  # the reply came after the line
+    await started.relayed(from_carrier=len(CLOSE_1000) + 4)
 
 
 async def test_a_plain_fleet_that_sends_its_fin_after_its_close_frame_gets_the_carriers_reply(

@@ -59,6 +59,7 @@ from fleet_ingress.core.call_machine import (
     SetupFailed,
     Side,
     SideFinished,
+    SidesGone,
     SlotGranted,
     SlotRefused,
     StartTimer,
@@ -221,9 +222,11 @@ def test_a_call_from_its_head_to_its_end():
         in_tunnel(pb, a)
         >> CarrierLost(Lost.CLOSED)
         << CloseSide(Side.FLEET, Goodbye(1001, "carrier closed"))  # no close frame: 1001 to the bot
+        # Its end is settled: its line now, not once the bot's side has closed.
+        << CallEnded(EndReason.CARRIER_CLOSED)
         >> FleetLost(Lost.CLOSED)
         << ReleaseSlot()
-        << CallEnded(EndReason.CARRIER_CLOSED)
+        << SidesGone()
     )
     assert machine.state is State.ENDED and machine.status == 101 and machine.attempt == 1
     assert (a.calls_total, a.responses[101], a.retries) == (1, 1, 0)
@@ -514,7 +517,8 @@ def test_attempts_run_out_with_the_answer_for_the_last_failure(how: str):
     up_to_slot(pb)
     fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
     fail_attempt(pb, b, 2, how) << give_up(how) << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     # The last failure is not retried.
     assert (a.retries, b.retries) == (0 if how == "local conn-failure" else 1, 0)
@@ -528,6 +532,7 @@ def test_no_fleet_left_to_retry_on_answers_for_the_failure_not_503(how: str):
     up_to_slot(pb)
     fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
     pb >> SlotRefused("no fleet is up") << give_up(how) << CloseSide(Side.CARRIER)
+    pb << CallEnded(EndReason.REFUSED)
     assert pb
 
 
@@ -547,8 +552,8 @@ def test_a_connect_this_process_lacks_descriptors_for_is_answered_at_once_not_re
     pb << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
     pb << LogAttemptFailed("a", 1, Failure.CONN_FAILURE, EMFILE, exhausted=True)
     pb << Answer(503, f"this ingress could not connect to a fleet: {EMFILE}")
-    pb << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert (a.retries, a.redispatches, a.call_failures, machine.attempt) == (0, 0, 0, 1)
     assert machine.tried == ["a"]
@@ -559,8 +564,8 @@ def test_no_slot_at_all_is_503_with_the_dispatchers_reason():
     up_to_slot(pb)
     pb >> SlotRefused("every fleet is at capacity and the queue is full")
     pb << Answer(503, "every fleet is at capacity and the queue is full")
-    pb << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert machine.attempt == 0
 
@@ -593,8 +598,9 @@ def test_a_429_is_passed_through_untouched_and_not_retried():
     attempt(up_to_slot(pb), a, 1)
     pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> FleetAnswerComplete() << CloseSide(Side.FLEET) << CloseSide(Side.CARRIER)
+    pb << CallEnded(EndReason.REFUSED)  # at the relayed answer's end, not at its head
     pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert (a.retries, a.calls_total, a.responses[429], machine.status) == (0, 0, 1, 429)
 
@@ -627,7 +633,8 @@ def test_a_fleet_closing_mid_answer_ends_the_relay():
     attempt(up_to_slot(pb), a, 1)
     pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> FleetLost(Lost.GONE) << ReleaseSlot() << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
@@ -641,8 +648,9 @@ def test_a_relayed_answer_cut_for_its_stall_says_so():
     attempt(up_to_slot(pb), a, 1)
     pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
     pb >> EndRequested(EndReason.TIMEOUT) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb << CallEnded(EndReason.REFUSED)  # its detail set: the stall
     pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert machine.error_text == (
         "the fleet's answer stalled before its end: "
@@ -657,22 +665,31 @@ def test_an_unexpected_setup_error_answers_502_and_says_error():
     pb << StartTimer(Timer.CONNECT, CONNECT_S)
     pb >> SetupFailed("boom") << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
     pb << Answer(502, "internal error while connecting the call") << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.ERROR)
+    pb << CallEnded(EndReason.ERROR)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
 # The carrier leaving at each stage: the slot goes back exactly once ---------
 
 
+_ENDED_BY_CARRIER = CallEnded(EndReason.CARRIER_CLOSED)
+
+
 def _leaves_leasing(pb: Playbook, a: FleetState) -> Playbook:
-    return up_to_slot(pb) >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
+    return up_to_slot(pb) >> CarrierLost(Lost.CLOSED) << CancelSlotWait() << _ENDED_BY_CARRIER
 
 
 def _leaves_connecting(pb: Playbook, a: FleetState) -> Playbook:
     pb = up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1)
     pb << StartTimer(Timer.CONNECT, CONNECT_S)
     return (
-        pb >> CarrierLost(Lost.CLOSED) << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+        pb
+        >> CarrierLost(Lost.CLOSED)
+        << CancelTimer(Timer.CONNECT)
+        << DropFleet()
+        << ReleaseSlot()
+        << _ENDED_BY_CARRIER
     )
 
 
@@ -684,19 +701,20 @@ def _leaves_awaiting(pb: Playbook, a: FleetState) -> Playbook:
         << CancelTimer(Timer.RESPONSE)
         << DropFleet()
         << ReleaseSlot()
+        << _ENDED_BY_CARRIER
     )
 
 
 def _leaves_retrying(pb: Playbook, a: FleetState) -> Playbook:
     """Between attempts: the slot of the failed one already went back."""
     pb = fail_attempt(up_to_slot(pb), a, 1, "conn-failure") << TakeSlot(("a",))
-    return pb >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
+    return pb >> CarrierLost(Lost.CLOSED) << CancelSlotWait() << _ENDED_BY_CARRIER
 
 
 def _leaves_relaying(pb: Playbook, a: FleetState) -> Playbook:
     pb = attempt(up_to_slot(pb), a, 1)
     pb >> FleetHead(429, False) << CancelTimer(Timer.RESPONSE) << FleetFull() << Relay(429)
-    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET)
+    pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET) << CallEnded(EndReason.REFUSED)
     return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
 
 
@@ -705,13 +723,15 @@ def _leaves_tunnel(pb: Playbook, a: FleetState) -> Playbook:
         in_tunnel(pb, a)
         >> CarrierLost(Lost.CLOSED)
         << CloseSide(Side.FLEET, Goodbye(1001, "carrier closed"))
+        << _ENDED_BY_CARRIER
     )
     return pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
 
 
 def _leaves_answering(pb: Playbook, a: FleetState) -> Playbook:
     pb = up_to_slot(pb) >> SlotRefused("no fleet is up") << Answer(503, "no fleet is up")
-    return pb << CloseSide(Side.CARRIER) >> CarrierLost(Lost.CLOSED)
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    return pb >> CarrierLost(Lost.CLOSED)
 
 
 @pytest.mark.parametrize(
@@ -729,7 +749,8 @@ def _leaves_answering(pb: Playbook, a: FleetState) -> Playbook:
 def test_the_carrier_leaving_at_each_stage_gives_the_slot_back_once(stage, script, reason):
     (a,) = fleets("a")
     pb, machine = new_call()
-    script(pb, a) << CallEnded(reason)
+    script(pb, a) << SidesGone()
+    assert [c for k, c in pb.steps if isinstance(c, CallEnded)] == [CallEnded(reason)]
     granted = sum(isinstance(e, SlotGranted) for k, e in pb.steps if k == ">>")
     released = sum(isinstance(c, ReleaseSlot) for k, c in pb.steps if k == "<<")
     assert pb
@@ -774,13 +795,13 @@ def test_close_frames_decide_who_hung_up(frames, first_lost, reason):
         # No close frame either way: the fleet's FIN is a 1011 to the carrier.
         goodbye = None if frames else Goodbye(1011, "fleet closed")
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CloseSide(Side.CARRIER, goodbye)
-        pb >> CarrierLost(Lost.CLOSED)
+        pb << CallEnded(reason) >> CarrierLost(Lost.CLOSED)
     else:
         # No close frame either way: the carrier's FIN is a 1001 to the bot.
         goodbye = None if frames else Goodbye(1001, "carrier closed")
-        pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET, goodbye)
+        pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET, goodbye) << CallEnded(reason)
         pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
-    pb << CallEnded(reason)
+    pb << SidesGone()
     assert pb
 
 
@@ -806,9 +827,10 @@ def test_a_close_handshake_done_closes_both_sides_at_once(side):
     pb >> CloseFrameSeen(side)
     assert pb and machine.state is State.TUNNEL  # the reply may take its time
     pb >> CloseFrameSeen(_other(side)) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb << CallEnded(_CLOSED_BY[side])
     assert pb and machine.state is State.CLOSING
     pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
@@ -824,12 +846,15 @@ def test_a_side_that_half_closes_after_its_close_frame_still_gets_the_reply(side
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
     _slot_freed_if_the_bot_is_done(pb, side)
+    # Its end is settled (who hung up, and that side is done): its line now,
+    # not after the grace or the TLS close of a side that may have vanished.
+    pb << CallEnded(_CLOSED_BY[side])
     assert pb and machine.state is State.HALF_CLOSED  # nothing closed: the reply may come
     pb >> CloseFrameSeen(_other(side))  # the reply, relayed: nothing more to wait for
     pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
     pb >> FleetLost(Lost.CLOSED)
     _slot_freed_unless_it_was(pb, side)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
@@ -856,12 +881,13 @@ def test_a_half_closed_call_ends_when_the_other_side_ends_or_the_grace_passes(si
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
     _slot_freed_if_the_bot_is_done(pb, side)
+    pb << CallEnded(_CLOSED_BY[side])
     pb >> CloseFrameSeen(side)  # a second frame from the same side: still waiting
     pb >> SideFinished(_other(side))
     pb << CancelTimer(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
     pb >> CarrierLost(Lost.CLOSED) >> FleetLost(Lost.CLOSED)
     _slot_freed_unless_it_was(pb, side)
-    pb << CallEnded(_CLOSED_BY[side])
+    pb << SidesGone()
     assert pb
     # Nothing comes back: the grace passes, both are closed.
     pb, _ = new_call()
@@ -869,11 +895,12 @@ def test_a_half_closed_call_ends_when_the_other_side_ends_or_the_grace_passes(si
     pb >> CloseFrameSeen(side)
     pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
     _slot_freed_if_the_bot_is_done(pb, side)
+    pb << CallEnded(_CLOSED_BY[side])
     pb >> TimerFired(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
     pb >> FleetLost(Lost.CLOSED)
     _slot_freed_unless_it_was(pb, side)
     pb >> CarrierLost(Lost.CLOSED)
-    pb << CallEnded(_CLOSED_BY[side])
+    pb << SidesGone()
     assert pb
 
 
@@ -891,8 +918,8 @@ def test_a_side_that_finishes_with_no_reply_due_is_closed_as_one_that_left(frame
     assert pb and machine.state is State.TUNNEL
     goodbye = None if frames else Goodbye(1001, "carrier closed")  # none either way: 1001
     pb >> CarrierLost(Lost.CLOSED) << CloseSide(Side.FLEET, goodbye)
-    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb << CallEnded(_CLOSED_BY[frames[0]] if frames else EndReason.CARRIER_CLOSED)
+    pb >> FleetLost(Lost.CLOSED) << ReleaseSlot() << SidesGone()
     assert pb
 
 
@@ -920,6 +947,7 @@ def test_a_half_closed_call_cut_short_stops_its_timer_and_keeps_who_hung_up(even
     in_tunnel(pb, a)
     pb >> CloseFrameSeen(Side.CARRIER)
     pb >> SideFinished(Side.CARRIER) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    pb << CallEnded(EndReason.CARRIER_CLOSED)  # once: what cuts it short says no more
     pb >> event << CancelTimer(Timer.HALF_CLOSED)
     for command in commands:
         pb << command
@@ -953,10 +981,13 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
         if finished:
             pb >> SideFinished(side) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
             _slot_freed_if_the_bot_is_done(pb, side)
+            pb << CallEnded(_CLOSED_BY[side])
         pb >> EndRequested(reason, "ticket 9")
         if finished:
             pb << CancelTimer(Timer.HALF_CLOSED)
         pb << StartTimer(Timer.HALF_CLOSED, GOODBYE_REPLY_WAIT)
+        if not finished:  # the hang-up's end, settled by the ask
+            pb << CallEnded(_CLOSED_BY[side])
         assert pb and machine.state is State.HALF_CLOSED, ending  # nothing closed yet
         assert machine.end_reason is _CLOSED_BY[side] and machine.error_text is None
         if ending == "reply":
@@ -978,7 +1009,7 @@ def test_an_end_asked_while_a_close_reply_is_due_waits_for_it_and_is_the_hang_up
             pb << ReleaseSlot()
         else:
             _slot_freed_unless_it_was(pb, side)
-        pb >> CarrierLost(Lost.CLOSED) << CallEnded(_CLOSED_BY[side])
+        pb >> CarrierLost(Lost.CLOSED) << SidesGone()
         assert pb, ending
 
 
@@ -995,7 +1026,7 @@ def test_an_end_that_waits_for_no_reply_closes_at_once_after_a_close_frame(reaso
     (a,) = fleets("a")
     pb, machine = new_call()
     in_tunnel(pb, a) >> CloseFrameSeen(Side.CARRIER)
-    pb >> EndRequested(reason) << first << then
+    pb >> EndRequested(reason) << first << then << CallEnded(reason)
     assert pb and machine.state is State.CLOSING
 
 
@@ -1023,11 +1054,12 @@ def test_a_side_lost_after_the_101_ends_the_call_and_names_it(side, how, reason,
     why = "[SSL: UNEXPECTED_RECORD] unexpected record"
     if side == "fleet":
         pb >> FleetLost(how, why) << ReleaseSlot() << CloseSide(Side.CARRIER, goodbye)
-        pb >> CarrierLost(Lost.ERROR, "the other side's, later") << CallEnded(reason)
-    else:
-        pb >> CarrierLost(how, why) << CloseSide(Side.FLEET, goodbye)
-        pb >> FleetLost(Lost.ERROR, "the other side's, later") << ReleaseSlot()
         pb << CallEnded(reason)
+        pb >> CarrierLost(Lost.ERROR, "the other side's, later") << SidesGone()
+    else:
+        pb >> CarrierLost(how, why) << CloseSide(Side.FLEET, goodbye) << CallEnded(reason)
+        pb >> FleetLost(Lost.ERROR, "the other side's, later") << ReleaseSlot()
+        pb << SidesGone()
     assert pb
     # What failed is kept for the access line when an error ended the call, or a
     # side gone that the layer said more of (a peer that stopped reading).
@@ -1040,7 +1072,8 @@ def test_an_error_after_a_hang_up_is_no_error_text():
     pb, machine = new_call()
     in_tunnel(pb, a) >> CloseFrameSeen(Side.CARRIER)
     pb >> FleetLost(Lost.ERROR, "bad record") << ReleaseSlot() << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.CARRIER_CLOSED)
+    pb << CallEnded(EndReason.CARRIER_CLOSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb and machine.error_text is None
 
 
@@ -1054,6 +1087,7 @@ def test_a_fleet_hang_up_before_the_101_is_an_empty_response():
         "a", 1, Failure.EMPTY_RESPONSE, "fleet closed before a complete response"
     )
     pb << Answer(502, "the fleet closed without answering") << CloseSide(Side.CARRIER)
+    pb << CallEnded(EndReason.REFUSED)
     assert pb
 
 
@@ -1101,9 +1135,9 @@ def test_a_call_ended_from_outside_closes_each_side_and_keeps_the_reason(reason,
     aborted."""
     (a,) = fleets("a")
     pb, _ = new_call()
-    in_tunnel(pb, a) >> EndRequested(reason) << first << then
+    in_tunnel(pb, a) >> EndRequested(reason) << first << then << CallEnded(reason)
     # What the sides say as they go does not change why the call ended.
-    pb >> CarrierLost(Lost.ERROR) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(reason)
+    pb >> CarrierLost(Lost.ERROR) >> FleetLost(Lost.CLOSED) << ReleaseSlot() << SidesGone()
     assert pb
 
 
@@ -1113,9 +1147,10 @@ def test_a_drain_during_setup_drops_the_attempt_and_keeps_the_slot_until_the_car
     attempt(up_to_slot(pb), a, 1)
     pb >> EndRequested(EndReason.DRAIN) << CancelTimer(Timer.RESPONSE) << DropFleet()
     pb << Answer(503, "the ingress is stopping") << CloseSide(Side.CARRIER)
+    pb << CallEnded(EndReason.DRAIN)  # its 503 said: logged before its carrier goes
     assert pb
     assert machine.slot_held  # a forced removal waits for this call's carrier
-    pb >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.DRAIN)
+    pb >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << SidesGone()
     assert pb
 
 
@@ -1126,7 +1161,8 @@ def test_a_call_still_queued_when_the_drain_ends_is_answered_503():
     pb, machine = new_call()
     up_to_slot(pb) >> EndRequested(EndReason.DRAIN) << CancelSlotWait()
     pb << Answer(503, "the ingress is stopping") << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.DRAIN)
+    pb << CallEnded(EndReason.DRAIN)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert (machine.status, machine.answer_text) == (503, "the ingress is stopping")
 
@@ -1137,7 +1173,8 @@ def test_a_queued_call_an_operator_ends_is_answered_503_saying_so():
     pb, _ = new_call()
     up_to_slot(pb) >> EndRequested(EndReason.ADMIN, "stuck") << CancelSlotWait()
     pb << Answer(503, "the call was ended by an operator") << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.ADMIN)
+    pb << CallEnded(EndReason.ADMIN)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
@@ -1159,7 +1196,7 @@ def test_race_a_slot_handed_over_as_the_carrier_leaves_goes_back():
     (a,) = fleets("a")
     pb, _ = new_call()
     up_to_slot(pb) >> CarrierLost(Lost.CLOSED) << CancelSlotWait()
-    pb << CallEnded(EndReason.CARRIER_CLOSED)
+    pb << CallEnded(EndReason.CARRIER_CLOSED) << SidesGone()
     pb >> SlotGranted(a) << ReleaseSlot()  # the hand-off had already happened
     assert pb
 
@@ -1177,7 +1214,8 @@ def test_race_remove_fleet_force_spares_a_call_that_only_tried_that_fleet():
     assert (machine_x.slot_held, machine_y.slot_held) == (False, True)
     y >> EndRequested(EndReason.REMOVED) << CancelTimer(Timer.RESPONSE) << DropFleet()
     y << Answer(503, "the call's fleet was removed") << CloseSide(Side.CARRIER)
-    y >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << CallEnded(EndReason.REMOVED)
+    y << CallEnded(EndReason.REMOVED)
+    y >> CarrierLost(Lost.CLOSED) << ReleaseSlot() << SidesGone()
     assert y
     assert machine_x.end_reason is None and machine_x.state is State.LEASING
 
@@ -1190,10 +1228,11 @@ def test_race_calls_cut_at_stop_are_each_logged_even_if_the_fleet_never_reads_th
     draining = Goodbye(1001, "ingress draining")
     in_tunnel(pb, a) >> EndRequested(EndReason.DRAIN)
     pb << CloseSide(Side.CARRIER, draining) << CloseSide(Side.FLEET, draining)
+    pb << CallEnded(EndReason.DRAIN)
     pb >> CarrierLost(Lost.CLOSED)  # the carrier went; the fleet's close hangs
     # A second signal: closed again, told nothing more (its close frame is sent).
     pb >> EndRequested(EndReason.DRAIN) << CloseSide(Side.FLEET)
-    pb >> FleetLost(Lost.ERROR) << ReleaseSlot() << CallEnded(EndReason.DRAIN)  # cut
+    pb >> FleetLost(Lost.ERROR) << ReleaseSlot() << SidesGone()  # cut
     assert pb
     assert machine.state is State.ENDED
 
@@ -1203,8 +1242,9 @@ def test_race_a_fleet_that_closes_right_after_its_101_closes_the_carrier():
     pb, _ = new_call()
     in_tunnel(pb, a) >> FleetLost(Lost.CLOSED) << ReleaseSlot()
     pb << CloseSide(Side.CARRIER, Goodbye(1011, "fleet closed"))
+    pb << CallEnded(EndReason.FLEET_CLOSED)
     pb >> CloseFrameSeen(Side.CARRIER)  # its reply, while closing: nothing more to do
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.FLEET_CLOSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
 
 
@@ -1213,9 +1253,63 @@ def test_race_the_silence_sweep_after_the_fleet_left_does_not_rename_the_end():
     pb, _ = new_call()
     in_tunnel(pb, a) >> FleetLost(Lost.GONE) << ReleaseSlot()
     pb << CloseSide(Side.CARRIER, Goodbye(1011, "fleet lost"))
+    pb << CallEnded(EndReason.FLEET_LOST)
     pb >> EndRequested(EndReason.CARRIER_SILENT) << AbortSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.ERROR) << CallEnded(EndReason.FLEET_LOST)
+    pb >> CarrierLost(Lost.ERROR) << SidesGone()
     assert pb
+
+
+# The access line: as soon as the end is settled ------------------------------
+
+
+def test_a_bot_hanging_up_on_a_vanished_carrier_is_logged_at_its_hang_up():
+    """The carrier vanished (no FIN, no reply: it reads nothing), then the bot
+    hung up (its close frame, then its FIN). Why the call ended is final at
+    the bot's FIN: its line comes then (CallEnded), while the carrier is given
+    the grace for a reply, then its TLS close flushed (up to 10 s for one that
+    reads nothing) in the background (SidesGone at its end). Before, the line
+    waited for both: 15 s after the hang-up (session 40's note)."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a) >> CloseFrameSeen(Side.FLEET)
+    assert pb and machine.end_reason is None  # a reply is due: not over yet
+    pb >> SideFinished(Side.FLEET) << StartTimer(Timer.HALF_CLOSED, HALF_CLOSED_GRACE)
+    pb << ReleaseSlot() << CallEnded(EndReason.FLEET_CLOSED)
+    assert pb and machine.state is State.HALF_CLOSED
+    pb >> TimerFired(Timer.HALF_CLOSED) << CloseSide(Side.CARRIER) << CloseSide(Side.FLEET)
+    pb >> FleetLost(Lost.CLOSED)  # the bot's side closes at once
+    # A drain's end meanwhile: the carrier closed again, nothing said again.
+    pb >> EndRequested(EndReason.DRAIN) << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.GONE) << SidesGone()  # its close flushed, or cut
+    assert pb and machine.state is State.ENDED
+    assert machine.end_reason is EndReason.FLEET_CLOSED
+
+
+@pytest.mark.parametrize(
+    ("ending", "reason"),
+    [
+        (CarrierLost(Lost.GONE), EndReason.CARRIER_LOST),
+        (FleetLost(Lost.RESET), EndReason.FLEET_RESET),
+        (EndRequested(EndReason.CARRIER_SILENT), EndReason.CARRIER_SILENT),
+        (EndRequested(EndReason.DRAIN), EndReason.DRAIN),
+    ],
+)
+def test_a_tunnels_line_is_said_with_the_event_that_ends_it_once(ending, reason):
+    """Whatever ends a tunnel, its line is said with that event, once: the
+    sides' own goings after it say nothing more."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    assert in_tunnel(pb, a)
+    said = machine.feed(ending)
+    assert said[-1] == CallEnded(reason)
+    assert [c for c in said if isinstance(c, CallEnded)] == [CallEnded(reason)]
+    later: list[Command] = []
+    if machine.carrier_open:
+        later += machine.feed(CarrierLost(Lost.CLOSED))
+    if machine.fleet_open:
+        later += machine.feed(FleetLost(Lost.ERROR))
+    assert not any(isinstance(c, CallEnded) for c in later)
+    assert later[-1] == SidesGone() and machine.state is State.ENDED
 
 
 # The table itself -----------------------------------------------------------

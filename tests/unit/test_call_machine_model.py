@@ -27,8 +27,10 @@ Invariants:
   task running and no slot held; ConnectFleet only holding a slot, on that
   slot's fleet, with no attempt live; SendHead, Link and Relay only on a
   connected attempt; FleetFull and FleetUnreachable only holding a slot;
-  OpenCall once; CallEnded once and only for a call; after the end, nothing
-  but ReleaseSlot; no command the pump does not know;
+  OpenCall once; CallEnded once and only for a call, then SidesGone once
+  (with it or after: its sides closing meanwhile, nothing but closing said to
+  them); after SidesGone, nothing but ReleaseSlot; no command the pump does
+  not know;
 - a running timer is one its state may fire (else the fire would raise);
 - the machine's `slot_held` is the pump's; each slot is released at most once
   (every ReleaseSlot counts: a second one for the same grant fails);
@@ -107,6 +109,7 @@ from fleet_ingress.core.call_machine import (
     SetupFailed,
     Side,
     SideFinished,
+    SidesGone,
     SlotGranted,
     SlotRefused,
     StartTimer,
@@ -176,6 +179,10 @@ class Attempt:
     answer_complete: bool = False
 
 
+# What a call logged (CallEnded) may still be told: its sides' closing.
+_CLOSING_COMMANDS = (CloseSide, AbortSide, CancelTimer, StartTimer, ReleaseSlot, SidesGone)
+
+
 class CallMachineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -210,6 +217,8 @@ class CallMachineModel(RuleBasedStateMachine):
         self.registered = False
         self.watched = False
         self.ended_calls = 0
+        self.sides_gone = 0
+        self.closing = False  # logged, its sides closing: in the registry's `closing`
         self.reason_seen: EndReason | None = None
         self._run(self.m.start())
 
@@ -220,9 +229,12 @@ class CallMachineModel(RuleBasedStateMachine):
         assert m is not None
         before = m.state
         commands = m.feed(ev)  # IllegalEvent propagates: a failure
-        if before is State.ENDED or self.ended_calls:
+        if before is State.ENDED or self.sides_gone:
             for c in commands:
                 assert isinstance(c, ReleaseSlot), f"command {c} after the call ended ({ev})"
+        elif self.ended_calls:  # logged: its sides are closing, nothing more
+            for c in commands:
+                assert isinstance(c, _CLOSING_COMMANDS), f"command {c} after the line ({ev})"
         self._run(commands)
         event(f"{before.value} --{type(ev).__name__}--> {m.state.value}")
 
@@ -285,10 +297,17 @@ class CallMachineModel(RuleBasedStateMachine):
                 self.timers.discard(c.timer)
             elif isinstance(c, CallEnded):
                 assert m.is_call, "CallEnded for a head that was no call"
+                assert c.reason is m.end_reason, "CallEnded with another reason than the call's"
                 self.ended_calls += 1
                 assert self.ended_calls == 1, "CallEnded twice"
                 self.registered = False
-                self.slot_task = False  # _call_ended cancels the task
+                self.closing = True  # a stop's end still asks it to end (every_call)
+            elif isinstance(c, SidesGone):
+                assert self.ended_calls == 1, "SidesGone before its CallEnded"
+                self.sides_gone += 1
+                assert self.sides_gone == 1, "SidesGone twice"
+                self.closing = False
+                self.slot_task = False  # _sides_gone cancels the task
             else:
                 raise AssertionError(f"unknown command {c}")
 
@@ -509,7 +528,7 @@ class CallMachineModel(RuleBasedStateMachine):
         self.timers.discard(timer)
         self.feed(TimerFired(timer))
 
-    @precondition(lambda self: self._started() and self.registered)
+    @precondition(lambda self: self._started() and (self.registered or self.closing))
     @rule(
         _gate=st.integers(0, 7),
         reason=st.sampled_from(
@@ -526,7 +545,9 @@ class CallMachineModel(RuleBasedStateMachine):
         if _gate is not None and _gate % self.rare:
             return
         if reason in (EndReason.CARRIER_SILENT, EndReason.FLEET_SILENT, EndReason.TIMEOUT):
-            if not self.watched:
+            # The sweep watches live linked calls only; one logged and closing
+            # is asked to end by a stop's end (or a forced removal) alone.
+            if not self.watched or self.closing:
                 reason = EndReason.DRAIN  # the sweep watches linked calls only
         self.feed(EndRequested(reason))
 
@@ -604,8 +625,10 @@ class CallMachineModel(RuleBasedStateMachine):
         assert not self.slot_task or not m.is_call, "ENDED with its slot task running"
         if m.is_call:
             assert self.ended_calls == 1 and m.end_reason is not None, "call ENDED unreported"
+            assert self.sides_gone == 1, "call ENDED without SidesGone"
         else:
             assert self.ended_calls == 0, "CallEnded for a head that was no call"
+            assert self.sides_gone == 0, "SidesGone for a head that was no call"
 
     def teardown(self):
         """Drive what is left to its end as the sockets would: every side goes."""

@@ -18,7 +18,9 @@ finds) stay where they are.
 
 The transition table `TRANSITIONS` says, for each state, which events are
 legal and what handles them; an event a state does not list raises
-`IllegalEvent`, naming both. The end reason is written in one place, `_end`.
+`IllegalEvent`, naming both. The end reason is written in one place, `_end`;
+the call is logged and leaves the live calls as soon as that end is settled
+(`CallEnded`), and is forgotten once its sides are gone too (`SidesGone`).
 """
 
 from __future__ import annotations
@@ -385,9 +387,22 @@ class CancelTimer(Command):
 
 @dataclass(frozen=True, slots=True)
 class CallEnded(Command):
-    """Both sides are gone: log the call and take it out of the registry."""
+    """The call's end is settled: its reason is final and all that is left is
+    to close its sides. Write its access line (its duration and bytes up to
+    now) and take it out of the live calls; `SidesGone` follows once its sides
+    are. Once a call. A half-closed call is settled: the one thing left, the
+    other side's close reply within HALF_CLOSED_GRACE, is relayed but not in
+    its line. A relayed answer is not, until its end: its bytes, its detail.
+    Before, the line waited for both sides gone: a carrier that had vanished
+    held it for the TLS close's flush (10 s), after the half-closed grace
+    (5 s) when its bot hung up (session 40's note)."""
 
     reason: EndReason
+
+
+@dataclass(frozen=True, slots=True)
+class SidesGone(Command):
+    """Both sides of an ended call are gone (after its `CallEnded`): forget it."""
 
 
 Commands: TypeAlias = list[Command]
@@ -561,6 +576,7 @@ class CallMachine:
     # the first ask's wait, which a second ask does not restart.
     reply_waited_for: bool = False
     end_reason: EndReason | None = None
+    end_said: bool = False  # CallEnded emitted (once a call)
     # What the event being fed brings; None between events.
     _out: Commands | None = field(default=None, repr=False)
 
@@ -576,6 +592,13 @@ class CallMachine:
             raise IllegalEvent(self.state, event)
         self._out = out = []
         handler(self, event)
+        if (
+            self.end_reason is not None
+            and not self.end_said
+            and self.is_call
+            and self.state in _SETTLED
+        ):
+            self._say_end()
         # Not kept: a held call's machine would keep its last commands (memory per call).
         self._out = None
         return out
@@ -584,6 +607,14 @@ class CallMachine:
     def _end(self, reason: EndReason) -> None:
         if self.end_reason is None:
             self.end_reason = reason
+
+    def _say_end(self) -> None:
+        """The line is written as soon as the end is settled (`CallEnded`):
+        checked after each event, once its handler has set all it tells (a
+        503's text comes after its reason)."""
+        assert self.end_reason is not None
+        self.end_said = True
+        self._emit(CallEnded(self.end_reason))
 
     def _emit(self, *commands: Command) -> None:
         out = self._out
@@ -621,8 +652,9 @@ class CallMachine:
             return
         self.state = State.ENDED
         if self.is_call:
-            assert self.end_reason is not None
-            self._emit(CallEnded(self.end_reason))
+            if not self.end_said:
+                self._say_end()
+            self._emit(SidesGone())
 
     def _end_lost(self, side: Side, event: CarrierLost | FleetLost) -> None:
         reason = self._lost_reason(side, event.how)
@@ -1048,6 +1080,9 @@ class CallMachine:
 
 
 _STAGE_TIMER = {State.CONNECTING: Timer.CONNECT, State.AWAITING: Timer.RESPONSE}
+# Where an end reason, once given, is the call's end (`CallEnded`): all but
+# RELAYING, whose answer goes on to its end (`FleetAnswerComplete`).
+_SETTLED = frozenset({State.HALF_CLOSED, State.ANSWERING, State.CLOSING, State.ENDED})
 
 _M = CallMachine
 _SETUP_ENDS: dict[type[Event], Callable[[CallMachine, Event], None]] = {

@@ -151,7 +151,9 @@ class Call:
     # an attempt's wait is not known (a supervisor of a release before it said).
     queued_ms: float | None = 0.0
     tunnel_since: float | None = None
-    ended_mono: float | None = None
+    ended_mono: float | None = None  # its end settled: its access line
+    # Its bytes each way as its access line said them (`Registry.remove_call`).
+    bytes_at_end: tuple[int, int] | None = None
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
     # Where the call stands, and why it ended: its machine is the one source.
     machine: CallMachine | None = None
@@ -189,7 +191,8 @@ class Call:
     def end(self, reason: EndReason, why: str = "") -> None:
         """End the call (a silent side, a drain, a forced removal): its machine
         decides how each side is closed and keeps the first reason given. The
-        call itself ends (access log, out of the registry) when both sides are gone."""
+        call itself ends (access log, out of the live calls) as soon as that
+        end is settled, its sides closing after it."""
         self.quiet = None
         self.carrier.request_end(reason, why)
 
@@ -329,7 +332,14 @@ REFUSED_BY_INGRESS = "ingress"
 @dataclass
 class Registry:
     connections: set[CarrierSide] = field(default_factory=set)
-    calls: set[Call] = field(default_factory=set)
+    calls: set[Call] = field(default_factory=set)  # live: their end not settled yet
+    # Calls ended (logged, out of `calls`) whose sides are still closing: a
+    # close frame and the TLS close flushed to a peer slow to read or gone,
+    # bounded each (net/proxy.py's CLOSE_FLUSH_TIMEOUT, tls_socket's
+    # CLOSE_TIMEOUT), or a half-closed call's grace for the other side's reply.
+    # Their carriers stay in `connections` until they are gone; what their
+    # sides hold and the slots they still hold count; a drain waits for them.
+    closing: set[Call] = field(default_factory=set)
     _no_calls: asyncio.Event = field(default_factory=asyncio.Event)
     # Frontend totals (live calls add theirs when read: see relayed_bytes()).
     connections_total: int = 0  # carriers through their TLS handshake
@@ -414,11 +424,14 @@ class Registry:
         self._no_calls.clear()
 
     def remove_call(self, call: Call) -> bool:
-        """Take a call out; False when it was already out."""
+        """The call's end is settled (its access line): out of the live calls,
+        among those closing until `forget_call`; False when it was already out."""
         if call not in self.calls:
             return False
         self.calls.discard(call)
+        self.closing.add(call)
         call.ended_mono = time.monotonic()
+        call.bytes_at_end = (call.bytes_from_carrier, call.bytes_to_carrier)
         self.ended_bytes_from_carrier += call.bytes_from_carrier
         self.ended_bytes_to_carrier += call.bytes_to_carrier
         fleet = call.fleet
@@ -429,32 +442,51 @@ class Registry:
             own = machine is None or machine.answer_text is not None
             who = REFUSED_BY_INGRESS if own else REFUSED_BY_FLEET
             self.refused[(who, str(call.status))] += 1
-        if not self.calls:
-            self._no_calls.set()
         for hook in self.on_call_ended:
             hook(call)
         self.counted()
         return True
 
+    def forget_call(self, call: Call) -> None:
+        """Both sides of an ended call are gone: what they relayed after its
+        line (a half-closed call's last reply) joins the totals."""
+        if call in self.closing:
+            self.closing.discard(call)
+            logged_from, logged_to = call.bytes_at_end or (0, 0)
+            self.ended_bytes_from_carrier += call.bytes_from_carrier - logged_from
+            self.ended_bytes_to_carrier += call.bytes_to_carrier - logged_to
+        if not self.calls and not self.closing:
+            self._no_calls.set()
+
+    def every_call(self) -> list[Call]:
+        """The live calls and the ended ones whose sides are still closing:
+        what a stop ends and cuts."""
+        return [*self.calls, *self.closing]
+
     async def wait_no_calls(self) -> None:
-        if self.calls:
+        """Until no call is live and none is closing: a drain waits for the
+        closing ones too, each bounded (CLOSE_FLUSH_TIMEOUT): a worker that
+        exits as its last call's close frame or TLS close is being flushed
+        cuts it, and a peer that reads slowly but reads got a reset, 1006."""
+        if self.calls or self.closing:
             await self._no_calls.wait()
 
     def tunnels(self) -> list[Call]:
         return [c for c in self.calls if c.in_tunnel]
 
     def calls_on(self, fleet_name: str) -> list[Call]:
-        """Calls holding a slot on the fleet now (not those that only tried it)."""
+        """Calls holding a slot on the fleet now (not those that only tried
+        it), those closing included: a forced removal waits for their slots."""
         return [
             c
-            for c in self.calls
+            for c in self.every_call()
             if c.lease is not None and c.lease.held and c.lease.fleet.name == fleet_name
         ]
 
     def buffered_bytes(self) -> int:
         """Bytes the ingress holds for all connections (flow-control bound)."""
         carriers = sum(conn.buffered_bytes() for conn in self.connections)
-        fleets = sum(c.fleet_side.buffered_bytes() for c in self.calls if c.fleet_side)
+        fleets = sum(c.fleet_side.buffered_bytes() for c in self.every_call() if c.fleet_side)
         return carriers + fleets
 
 

@@ -56,6 +56,12 @@ class HeldSlot(Protocol):
 
     def fleet_unreachable(self, *, refused: bool = True) -> None: ...
 
+    def call_logged(self) -> None:
+        """The call's access line is written (its end settled) while this slot
+        is still held (its fleet side closing): whoever would write a line for
+        the call, were its process to die with the slot, forgets it."""
+        ...
+
 
 class SlotSource(Protocol):
     """Where the call path gets its slots: this process's `Dispatcher`, or in a
@@ -127,6 +133,9 @@ class Lease:
     def fleet_said_full(self) -> None:
         """The fleet answered this call `429`: FULL until its next probe."""
         take_as_full(self.fleet)
+
+    def call_logged(self) -> None:
+        """In-process: no one else writes a line for the call."""
 
     def fleet_unreachable(self, *, refused: bool = True) -> None:
         """This call's attempt could not connect to the fleet: `refused` by it,

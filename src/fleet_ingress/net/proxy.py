@@ -82,6 +82,7 @@ from fleet_ingress.core.call_machine import (
     SetupFailed,
     Side,
     SideFinished,
+    SidesGone,
     SlotGranted,
     SlotRefused,
     StartTimer,
@@ -1190,15 +1191,25 @@ class CarrierProtocol(_Side):
         return handle
 
     def _call_ended(self, command: Command) -> None:
-        """Both sides are gone: access log, out of the registry."""
+        """The call's end is settled: its access line, out of the live calls.
+        Its sides may still be closing (a close frame flushed, the TLS close):
+        the registry keeps it among those closing until `SidesGone`."""
         call, ctx = self.call, self.ctx
         assert call is not None
-        self._cancel_task()
         if not ctx.registry.remove_call(call):
             return
         call.quiet = None
         if ctx.access_log:
             access_log.info("call ended", extra=fields(**call.access_record()))
+        if (lease := self._held_lease()) is not None:
+            lease.call_logged()  # its worker's death now is no second line
+
+    def _sides_gone(self, command: Command) -> None:
+        """Both sides of the ended call are gone: forget it."""
+        call, ctx = self.call, self.ctx
+        assert call is not None
+        self._cancel_task()
+        ctx.registry.forget_call(call)
         _break_cycles(call)
 
     def buffered_bytes(self) -> int:
@@ -1234,6 +1245,7 @@ _COMMANDS: dict[type[Command], Callable[[CarrierProtocol, Command], None]] = {
     StartTimer: CarrierProtocol._start_timer,
     CancelTimer: CarrierProtocol._cancel_timer,
     CallEnded: CarrierProtocol._call_ended,
+    SidesGone: CarrierProtocol._sides_gone,
 }
 
 

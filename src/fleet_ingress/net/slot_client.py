@@ -131,6 +131,14 @@ class RemoteLease:
         if self._client is not None:
             self._client._write({"op": "full", "id": self.id})
 
+    def call_logged(self) -> None:
+        """The call's access line is written while this slot is still held (its
+        fleet side closing): the coordinator forgets who the call is, so that
+        it writes no second line should this worker die before the release
+        (`logged`: a supervisor before it ignores the op)."""
+        if self._client is not None:
+            self._client._logged(self.id)
+
     def fleet_unreachable(self, *, refused: bool = True) -> None:
         """This call's attempt could not connect to the fleet: the coordinator
         counts it toward taking the fleet DOWN (`unreachable`: a supervisor
@@ -347,6 +355,10 @@ class SlotClient(asyncio.Protocol):
         self._given_back(lease.fleet)
         self._over(lease.id)
         self._write({"op": "release", "id": lease.id})
+
+    def _logged(self, lease_id: int) -> None:
+        if self._calls.pop(lease_id, None) is not None:
+            self._write({"op": "logged", "id": lease_id})
 
     def _given_back(self, fleet: FleetState) -> None:
         """A slot held on `fleet` is given back (released, or granted to a call

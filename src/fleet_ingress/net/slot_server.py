@@ -80,7 +80,17 @@ REPORT_REFUSED_SAID_EVERY = 60.0
 
 # What a worker may send of the slots' own (the supervisor's are `handlers`).
 _WORKER_OPS = frozenset(
-    {"hello", "acquire", "release", "answered", "full", "unreachable", "state", "report"}
+    {
+        "hello",
+        "acquire",
+        "release",
+        "answered",
+        "full",
+        "unreachable",
+        "logged",
+        "state",
+        "report",
+    }
 )
 
 
@@ -865,6 +875,10 @@ class SlotServer:
                     # lost with its worker is observed in the call-duration
                     # histogram ("101 to end") from it, not from its start.
                     call["answered_monotonic"] = at
+        elif op == "logged":
+            # The worker wrote that lease's call's access line, its slot still
+            # held while its fleet side closes: no second line if it dies now.
+            self._forget_call(channel.key, field(message, "id", int))
         elif op == "full":  # the fleet answered that lease's call 429
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             if fleet is not None:  # not if given back meanwhile: nothing to say then

@@ -247,7 +247,12 @@ class Ingress:
         registry = self.registry
         self.loop_lag = LoopLagProbe(
             self.metrics.loop_lag_observed,
-            busy=lambda: bool(registry.connections or registry.calls or registry.handshaking > 0),
+            busy=lambda: bool(
+                registry.connections
+                or registry.calls
+                or registry.closing
+                or registry.handshaking > 0
+            ),
         )
         registry.on_counted.append(self.loop_lag.wake)
         self.stopping = False  # a stop has begun: listeners closed, calls draining
@@ -770,14 +775,16 @@ class Ingress:
                     drain_s=round(by - began, 1) if by < math.inf else None,
                 ),
             )
-        for call in list(self.registry.calls):
+        # Those closing too: a half-closed one's grace is cut to the reply's wait.
+        for call in self.registry.every_call():
             call.end(EndReason.DRAIN)
-        # Each call ends (and is logged) once both its sides are gone: give the TLS
-        # close a moment, then cut what is left, so that no call goes unrecorded.
+        # Each call is logged as its end is settled, and closes after: give the
+        # TLS close a moment, then cut what is left, so that no call goes
+        # unrecorded and no socket is left to the exit.
         with contextlib.suppress(TimeoutError):
             async with patient_timeout(CLOSE_AT_STOP_TIMEOUT):
                 await self.registry.wait_no_calls()
-        for call in list(self.registry.calls):
+        for call in self.registry.every_call():
             call.abort()
         # After the calls: a challenge in flight does not hold them past the drain.
         await self._acme_settled(drain_end=by)
