@@ -52,6 +52,17 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            spec again. Sent only to a worker
                                                            whose hello (or state) said
                                                            "forgets": true
+    coordinator -> worker   {"op": "fleet-down", "fleet": "a", "leases": [7, 9]}
+                                                           the fleet went DOWN (its probes,
+                                                           or calls it refused): these leases
+                                                           of the worker's are in flight there
+                                                           (no "answered" read for them); each
+                                                           call's attempt not answered yet is
+                                                           given up and retried now, not at its
+                                                           timer (`net.fleet_down`). Sent only
+                                                           to a worker whose hello (or state)
+                                                           said "fleet_down": true; an older
+                                                           one waits for its timers as before
 
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}
