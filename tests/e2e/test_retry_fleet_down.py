@@ -14,9 +14,15 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from fleet_ingress.sim import SimulatedFleet
-from tests.support import RunningIngress, TLSFiles, echo, eventually, metric_samples
-
-pytestmark = pytest.mark.uvloop_only
+from tests.support import (
+    RunningIngress,
+    StartIngress,
+    TLSFiles,
+    echo,
+    eventually,
+    metric_samples,
+    wss_url,
+)
 
 # Far above what the retry takes: a call answered under ANSWERED_WITHIN did
 # not wait for it (before: it waited all of it, then was retried).
@@ -42,6 +48,7 @@ async def _stats_say(service: RunningIngress, want: dict[str, Any]) -> None:
             await asyncio.sleep(0.05)
 
 
+@pytest.mark.uvloop_only
 async def test_an_attempt_awaiting_a_fleet_that_goes_down_is_answered_by_another_at_once(
     tls_files: TLSFiles,
 ) -> None:
@@ -133,3 +140,43 @@ async def test_an_attempt_awaiting_a_fleet_that_goes_down_is_answered_by_another
                 with contextlib.suppress(Exception):
                     await ws.close()
             await service.finish()
+
+
+async def test_in_one_process_an_attempt_awaiting_a_fleet_that_goes_down_is_retried_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """The same where the process that probes carries the calls (its own
+    dispatcher, no supervisor): the poller's DOWN gives the attempt up."""
+    context = tls_files.fleet_server_context()
+    async with (
+        SimulatedFleet(name="a", capacity=50, ssl_context=context) as a,
+        SimulatedFleet(name="b", capacity=50, ssl_context=context) as b,
+    ):
+        b.available_override = 0  # FULL: the call goes to a
+        a.call_delay = NEVER_S
+        ingress = await start_ingress(
+            [f"{a.url} name=a", f"{b.url} name=b"],
+            health_checks=True,
+            fleets={"check_interval": CHECK_INTERVAL_S},
+            timeouts={"response": RESPONSE_S},
+        )
+        fa, fb = ingress.balancer.fleets
+        await eventually(lambda: fa.health.value == "UP" and fb.full, timeout=10)
+        began = time.monotonic()
+
+        async def open_call() -> ClientConnection:
+            return await connect(wss_url(ingress), ssl=tls_files.client_context(), open_timeout=15)
+
+        opening = asyncio.create_task(open_call())
+        await eventually(lambda: len(a.requests) == 1, timeout=5)
+        a.health_status = 503
+        b.available_override = None
+        ws = await opening
+        try:
+            took = time.monotonic() - began
+            assert took < ANSWERED_WITHIN_S, f"answered after {took:.2f}s"
+            assert ws.response is not None and ws.response.headers["X-Fleet"] == "b"
+            await echo(ws)
+            assert (fa.retries, fa.redispatches, fb.retries) == (1, 1, 0)
+        finally:
+            await ws.close()
