@@ -5,10 +5,12 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 
     worker -> coordinator
       {"op": "hello", "pid": 1234, "generation": 1, "answers": true, "forgets": true,
-       "lists_calls": true, "tag": "k3f9"}                 first, once ("answers": it sends
+       "lists_calls": true, "fleet_down": true,
+       "tag": "k3f9"}                                      first, once ("answers": it sends
                                                            "answered"; "forgets": it knows
                                                            "forget-fleet"; "lists_calls": it
                                                            answers "list-calls", "end-call";
+                                                           "fleet_down": it knows "fleet-down";
                                                            "tag": of its call ids, PID-N-TAG;
                                                            also in its "state")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
