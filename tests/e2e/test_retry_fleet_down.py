@@ -121,7 +121,7 @@ async def test_an_attempt_awaiting_a_fleet_that_goes_down_is_answered_by_another
                 ("a", 1, "fleet-down")
             ], failed
             told = [e for e in log if e.get("event", "").startswith("fleet DOWN: the workers")]
-            assert [(e["fleet"], e["attempts"]) for e in told] == [("a", 1)], told
+            assert [(e["fleet"], e["in_flight"]) for e in told] == [("a", 1)], told
 
             async def counted() -> dict[str, Any]:
                 samples = metric_samples(await service.metrics())

@@ -781,10 +781,13 @@ class SlotServer:
             channel.send({"op": "fleet-down", "fleet": fleet.name, "leases": sorted(ids)})
             told += len(ids)
         if told:
+            # `in_flight`: leases with no 101 told yet; a worker gives up those
+            # still connecting or awaiting the answer, with retries left (each
+            # says so: "fleet attempt failed", failure "fleet-down").
             log.info(
-                "fleet DOWN: the workers give up its call attempts not answered yet, "
-                "to try them again",
-                extra=fields(fleet=fleet.name, attempts=told),
+                "fleet DOWN: the workers told of its calls in flight, to try again "
+                "those not answered yet",
+                extra=fields(fleet=fleet.name, in_flight=told),
             )
 
     def wake(self) -> None:
