@@ -378,6 +378,44 @@ async def test_an_older_worker_that_does_not_tell_answers_leaves_nothing_in_flig
     theirs.close()
 
 
+async def test_a_fleet_down_is_told_to_the_workers_with_attempts_in_flight_there(host):
+    """The coordinator names to each worker its leases in flight on the fleet
+    that went DOWN (granted, no answer told): not those answered, not another
+    fleet's; and nothing to a worker whose hello does not say "fleet_down" (a
+    release before it: its attempts wait for their timers, as they did)."""
+    h = host(maxconn=8)
+    w1, w2 = await h.worker(), await h.worker()
+    told: dict[int, list[tuple[str, list[int]]]] = {1: [], 2: []}
+    w1.on_fleet_down = lambda name, leases: told[1].append((name, leases))
+    w2.on_fleet_down = lambda name, leases: told[2].append((name, leases))
+    answered, waiting, also = [await w1.lease(avoid=["b"]) for _ in range(3)]
+    on_b = await w2.lease(avoid=["a"])
+    assert [x.fleet.name for x in (answered, waiting, also, on_b)] == ["a", "a", "a", "b"]
+    answered.fleet_answered(1.0)
+    released = await w1.lease(avoid=["b"])
+    released.release()  # its release carries the answer before it
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    await h.server.adopt(ours)
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    hello = {"op": "hello", "pid": 4243, "generation": 1, "answers": True}  # no "fleet_down"
+    await loop.sock_sendall(
+        theirs, encode(hello) + encode({"op": "acquire", "id": 1, "avoid": ["b"]})
+    )
+    async with asyncio.timeout(5):
+        assert b'"granted"' in await loop.sock_recv(theirs, 65536)
+    (a,) = [f for f in h.slots.balancer.fleets if f.name == "a"]
+    await eventually(lambda: len(a.pending) == 3)  # waiting, also, the older worker's
+
+    h.server.fleet_down(a)
+    await eventually(lambda: bool(told[1]))
+    assert told == {1: [("a", sorted([waiting.id, also.id]))], 2: []}
+    await asyncio.sleep(0.1)
+    with contextlib.suppress(BlockingIOError):
+        assert b"fleet-down" not in theirs.recv(65536)
+    theirs.close()
+
+
 async def test_an_answer_whose_id_is_not_a_number_breaks_the_protocol(host, caplog):
     """The supervisor's handlers look answers up by id: `{"op": "reloaded",
     "id": [1]}` closes the channel as a protocol break, said with the worker

@@ -43,6 +43,7 @@ from fleet_ingress.core.call_machine import (
     FleetHead,
     FleetLost,
     FleetUnreachable,
+    FleetWentDown,
     Goodbye,
     HeadComplete,
     HeadParsed,
@@ -656,6 +657,113 @@ def test_a_relayed_answer_cut_for_its_stall_says_so():
         "the fleet's answer stalled before its end: "
         f"cut, no byte for timeouts.response ({RESPONSE_S:g}s)"
     )
+
+
+# An attempt whose fleet went DOWN before it answered --------------------------
+
+DOWN_AWAITING = "the fleet went DOWN before it answered: given up, tried again"
+DOWN_CONNECTING = "the fleet went DOWN before it connected: given up, tried again"
+
+
+def test_an_attempt_awaiting_a_fleet_that_went_down_is_retried_at_once():
+    """The head sent, no answer yet, and the fleet goes DOWN: the attempt is
+    given up now (not at its response timer, 5 s on) and another fleet takes
+    the call; counted a retry and a redispatch of the fleet that went DOWN."""
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetWentDown() << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed("a", 1, Failure.FLEET_DOWN, DOWN_AWAITING)
+    pb << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (a.retries, a.redispatches, b.retries, machine.attempt) == (1, 1, 0, 2)
+    assert machine.tried == ["a", "b"] and machine.status == 101
+    # Not held against the fleet's health: its probes said so already.
+    assert a.call_failures == 0
+
+
+def test_an_attempt_connecting_to_a_fleet_that_went_down_is_retried_at_once():
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1) << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> FleetWentDown() << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed("a", 1, Failure.FLEET_DOWN, DOWN_CONNECTING)
+    pb << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (a.retries, a.redispatches, machine.attempt) == (1, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("connected", "answer"),
+    [
+        (True, Answer(504, "the fleet went down before it answered")),
+        (False, Answer(503, "no fleet could be reached")),
+    ],
+)
+def test_no_fleet_to_retry_on_after_a_down_gets_what_the_timer_would_have(connected, answer):
+    """The carrier is answered at once what its timer would have brought it:
+    504 awaiting the answer (saying why), 503 connecting."""
+    (a,) = fleets("a")
+    pb, machine = new_call(retries=2)
+    if connected:
+        attempt(up_to_slot(pb), a, 1)
+        pb >> FleetWentDown() << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+        pb << LogAttemptFailed("a", 1, Failure.FLEET_DOWN, DOWN_AWAITING)
+    else:
+        up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1)
+        pb << StartTimer(Timer.CONNECT, CONNECT_S)
+        pb >> FleetWentDown() << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+        pb << LogAttemptFailed("a", 1, Failure.FLEET_DOWN, DOWN_CONNECTING)
+    pb << TakeSlot(("a",))
+    pb >> SlotRefused("no fleet is up") << answer << CloseSide(Side.CARRIER)
+    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.status == answer.status and a.retries == 1
+
+
+def test_a_down_with_no_retry_to_gain_leaves_the_attempt_waiting():
+    """Its last attempt (or a response-timeout the policy does not retry):
+    given up, it could only fail; waited for as before, the fleet may still
+    answer (a fleet DOWN keeps its calls)."""
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, "conn-failure") << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetWentDown()
+    pb >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (b.retries, machine.attempt, machine.status) == (0, 2, 101)
+
+    (c,) = fleets("c")
+    machine = CallMachine(
+        CallRules(
+            router=Router(["/ws/"], "/haproxy-health"),
+            retry=RetryPolicy(3, frozenset({"conn-failure"}), frozenset()),
+            request_timeout=REQUEST_S,
+            connect_timeout=CONNECT_S,
+            response_timeout=RESPONSE_S,
+        )
+    )
+    pb = Playbook(machine)
+    attempt(up_to_slot(pb), c, 1) >> FleetWentDown()
+    pb >> TimerFired(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed(
+        "c", 1, Failure.RESPONSE_TIMEOUT, f"no response head within {RESPONSE_S:g}s"
+    )
+    pb << Answer(504, "the fleet did not answer in time") << CloseSide(Side.CARRIER)
+    assert pb
+
+
+def test_a_fleet_down_is_not_an_event_once_the_fleet_answered():
+    """A tunnel is a live call: a fleet DOWN keeps it (SPEC 6). The pump feeds
+    the event only before the answer; fed after, the machine refuses it."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    assert in_tunnel(pb, a)
+    with pytest.raises(IllegalEvent):
+        machine.feed(FleetWentDown())
 
 
 def test_an_unexpected_setup_error_answers_502_and_says_error():

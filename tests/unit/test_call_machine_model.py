@@ -8,9 +8,10 @@ What it models: a carrier's request head (complete, refused, parsed as a call,
 the health check, a path no route has, a call route without an upgrade); the
 slot source (a grant on one of two fleets, drained or not, a refusal); a fleet
 attempt (connected, with the connect task still running or done; refused
-locally or not; its head: 101, 503, 429, 200, a 429 that says it switched;
-empty or junk answers; an answer relayed to its end); a tunnel's close frames
-and clean EOFs from either side, half-closes; either side lost (closed, gone,
+locally or not; its fleet gone DOWN before it answered; its head: 101, 503,
+429, 200, a 429 that says it switched; empty or junk answers; an answer
+relayed to its end); a tunnel's close frames and clean EOFs from either side,
+half-closes; either side lost (closed, gone,
 reset); timers firing; the outside's end requests (drain, removal, silence,
 tunnel timeout); SetupFailed from the slot or connect task; retries 0 to 2,
 with 503 and 429 retried or not. An event is fed only when the pump could feed
@@ -95,6 +96,7 @@ from fleet_ingress.core.call_machine import (
     FleetHead,
     FleetLost,
     FleetUnreachable,
+    FleetWentDown,
     HeadComplete,
     HeadParsed,
     HeadRefused,
@@ -486,6 +488,21 @@ class CallMachineModel(RuleBasedStateMachine):
             return
         self.attempt.task = False
         self.feed(FleetError(failure, "x"))
+
+    @precondition(
+        lambda self: (
+            self._attempt_phase("connecting", "connected")
+            and self.lease is not None
+            and self.lease.held
+            and self.m.state in (State.CONNECTING, State.AWAITING)
+        )
+    )
+    @rule(_gate=st.integers(0, 7))
+    def fleet_went_down(self, _gate=None):
+        # The pump feeds it for the attempt under way alone (`fleet_went_down`).
+        if _gate is not None and _gate % self.rare:
+            return
+        self.feed(FleetWentDown())
 
     @precondition(lambda self: self._attempt_phase("relaying") and not self.attempt.answer_complete)
     @rule()

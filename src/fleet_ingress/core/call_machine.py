@@ -178,6 +178,13 @@ class FleetConnectFailed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class FleetWentDown(Event):
+    """The fleet of the attempt under way went DOWN (its health checks failed
+    `fleets.fall` times, or calls it refused took it there) before it answered:
+    the attempt is given up now and retried, not waited for to its timer."""
+
+
+@dataclass(frozen=True, slots=True)
 class FleetHead(Event):
     status: int
     switched: bool
@@ -805,6 +812,36 @@ class CallMachine:
         else:
             self._answer(*self.give_up)
 
+    def _fleet_went_down(self, event: Event) -> None:
+        """Its fleet went DOWN while this attempt connects or waits for the
+        answer: given up and retried now, as it would be at its timer (a fleet
+        failing its health checks seldom answers; the carrier waited the whole
+        timeouts.response, 5 s, for the 504 and its retry). Only when the policy
+        retries the failure that wait would end in (conn-failure connecting,
+        response-timeout awaiting) with attempts left: else nothing is gained by
+        giving it up, and it is waited for as before (a fleet DOWN keeps its
+        calls, and may still answer this one). No byte has reached the carrier.
+        Counted as a retry on the fleet (a redispatch once another takes it),
+        not against its health (its probes said so already). With no other
+        fleet to take it, the carrier gets what the timer would have brought:
+        503 connecting, 504 awaiting."""
+        fleet = self.fleet
+        assert fleet is not None
+        connecting = self.state is State.CONNECTING
+        waited_for = Failure.CONN_FAILURE if connecting else Failure.RESPONSE_TIMEOUT
+        if not self.rules.retry.retry_failure(waited_for, self.attempt):
+            return
+        self.fleet_open = False
+        self._emit(CancelTimer(_STAGE_TIMER[self.state]), DropFleet())
+        self._release_slot()
+        self.give_up = GIVE_UP_ANSWER[Failure.CONN_FAILURE if connecting else Failure.FLEET_DOWN]
+        stage = "connected" if connecting else "answered"
+        detail = f"the fleet went DOWN before it {stage}: given up, tried again"
+        self._emit(LogAttemptFailed(fleet.name, self.attempt, Failure.FLEET_DOWN, detail))
+        fleet.retries += 1
+        self.retried_from = fleet
+        self._take_slot()
+
     def _fleet_head(self, event: Event) -> None:
         assert isinstance(event, FleetHead)
         fleet = self.fleet
@@ -1113,12 +1150,14 @@ CallMachine.TRANSITIONS = {
         FleetConnected: _M._fleet_connected,
         FleetConnectFailed: _M._connect_failed,
         TimerFired: _M._connect_timer,
+        FleetWentDown: _M._fleet_went_down,
         **_SETUP_ENDS,
     },
     State.AWAITING: {
         FleetHead: _M._fleet_head,
         FleetError: _M._fleet_error,
         TimerFired: _M._response_timer,
+        FleetWentDown: _M._fleet_went_down,
         **_SETUP_ENDS,
     },
     State.TUNNEL: {

@@ -17,6 +17,10 @@ class Failure(enum.Enum):
     EMPTY_RESPONSE = "empty-response"  # closed before a complete response head
     JUNK_RESPONSE = "junk-response"  # not an HTTP response
     RESPONSE_TIMEOUT = "response-timeout"  # no complete head in timeouts.response
+    # Not a retry_on word: the attempt's fleet went DOWN (its health checks, or
+    # calls it refused) before it answered, and the attempt was given up then
+    # (`FleetWentDown`), retried as the failure its wait would have ended in.
+    FLEET_DOWN = "fleet-down"
 
 
 # Status and body the carrier gets when the last attempt failed this way.
@@ -25,6 +29,9 @@ GIVE_UP_ANSWER: dict[Failure, tuple[int, str]] = {
     Failure.EMPTY_RESPONSE: (502, "the fleet closed without answering"),
     Failure.JUNK_RESPONSE: (502, "the fleet sent an invalid response"),
     Failure.RESPONSE_TIMEOUT: (504, "the fleet did not answer in time"),
+    # An attempt given up as its fleet went DOWN: answered as its response
+    # timeout would have been (a 504), saying why.
+    Failure.FLEET_DOWN: (504, "the fleet went down before it answered"),
 }
 
 

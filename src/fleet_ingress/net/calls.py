@@ -87,6 +87,10 @@ class CarrierSide(Side, Protocol):
     def request_end(self, reason: EndReason, why: str = "") -> None:
         """Tell the call's machine to end it (it decides how and why)."""
 
+    def fleet_went_down(self, lease: Any) -> None:
+        """The fleet `lease` (a `HeldSlot`) holds a slot on went DOWN: the
+        call's attempt there is given up if still under way (`FleetWentDown`)."""
+
 
 # Characters of a bot id an access line keeps.
 LOGGED_BOT_ID = 256

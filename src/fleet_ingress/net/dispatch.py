@@ -144,6 +144,8 @@ class Lease:
         if dispatcher is not None and take_as_unreachable(
             self.fleet, dispatcher.fall, refused=refused
         ):
+            for hook in dispatcher.on_down:
+                hook(self.fleet)
             dispatcher.wake()
 
 
@@ -195,6 +197,8 @@ class Dispatcher:
         self.queue_timeouts = 0  # count, for metrics
         # Hooks run after a slot is given back (e.g. reap a removed fleet gone idle).
         self.on_release: list[Callable[[FleetState], None]] = []
+        # Hooks run when calls refused by a fleet took it DOWN (`Lease.fleet_unreachable`).
+        self.on_down: list[Callable[[FleetState], None]] = []
 
     @property
     def queue_length(self) -> int:

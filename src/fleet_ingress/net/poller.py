@@ -232,10 +232,14 @@ class HealthPoller:
         settings: ProbeSettings,
         *,
         on_probe: Callable[[str, float], None] | None = None,
+        on_down: Callable[[FleetState], None] | None = None,
     ) -> None:
-        """`on_probe(fleet, seconds)` hears of every probe (for the duration histogram)."""
+        """`on_probe(fleet, seconds)` hears of every probe (for the duration histogram);
+        `on_down(fleet)` of a fleet its probes took DOWN (its call attempts not
+        answered yet are given up: `net.fleet_down`)."""
         self.dispatcher = dispatcher
         self.on_probe = on_probe
+        self.on_down = on_down
         self.fleet_ssl = fleet_ssl
         self.settings = settings
         self._loops: dict[str, asyncio.Task[None]] = {}
@@ -473,6 +477,8 @@ class HealthPoller:
                     capacity=result.capacity,
                 ),
             )
+            if fleet.health is Health.DOWN and self.on_down is not None:
+                self.on_down(fleet)
         now = time.monotonic()
         if (said := fleet.full_log.probed(fleet.full, now)) is not None:
             episode = fleet.full_log.episode(now) if said == "fleet has room" else {}

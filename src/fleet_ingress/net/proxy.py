@@ -66,6 +66,7 @@ from fleet_ingress.core.call_machine import (
     FleetHead,
     FleetLost,
     FleetUnreachable,
+    FleetWentDown,
     Goodbye,
     HeadComplete,
     HeadParsed,
@@ -495,6 +496,8 @@ def serve(conn: TLSConnection, side: _Side) -> None:
 
 # Before the 101, what a carrier sends after its head waits (bounded) for the tunnel.
 _EARLY_BYTES_KEPT = frozenset({State.PARSING, State.LEASING, State.CONNECTING, State.AWAITING})
+# An attempt on a fleet not answered yet: one its fleet going DOWN gives up.
+_ATTEMPT_UNDER_WAY = frozenset({State.CONNECTING, State.AWAITING})
 # Where a call is being set up: a failure there is answered 502 (`SetupFailed`).
 _SETUP_STATES = frozenset({State.LEASING, State.CONNECTING, State.AWAITING})
 
@@ -602,6 +605,17 @@ class CarrierProtocol(_Side):
     def request_end(self, reason: EndReason, why: str = "") -> None:
         """End the call from outside (silence sweep, drain, forced removal)."""
         self.feed(EndRequested(reason, why))
+
+    def fleet_went_down(self, lease: HeldSlot) -> None:
+        """The fleet of `lease` went DOWN (`net.fleet_down`): if that is this
+        call's attempt under way, connecting or waiting for the fleet's answer,
+        its machine gives it up (and retries). A later attempt's lease, a call
+        linked (a fleet DOWN keeps its calls) or ending: nothing."""
+        call = self.call
+        if call is None or call.lease is not lease or not lease.held:
+            return
+        if self.machine.state in _ATTEMPT_UNDER_WAY:
+            self.feed(FleetWentDown())
 
     def feed(self, event: Event) -> None:
         """Hand the machine an event and carry out its commands. An event raised

@@ -155,6 +155,9 @@ class _Channel(asyncio.Protocol):
         # It grants calls from a budget while the supervisor re-executes
         # ("budgets" in its hello or state): an older worker is sent none.
         self.budgets = False
+        # It gives up the attempts on a fleet that went DOWN when told
+        # ("fleet_down" in its hello or state): an older worker is sent none.
+        self.hears_down = False
         # The tag of its call ids ("tag" in its hello or state): None until it
         # has said, "" when it said none (a build before tags: ids `PID-N`).
         self.tag: str | None = None
@@ -777,6 +780,34 @@ class SlotServer:
                 row.silent_pulls, row.silent_since = 0, None
         return silent
 
+    def fleet_down(self, fleet: FleetState) -> None:
+        """`fleet` went DOWN (its probes, or calls it refused): every worker with
+        calls in flight there (granted, its fleet's answer not told yet) is told
+        which ("fleet-down"), and gives up those attempts not answered yet, to
+        retry them (`net.fleet_down`). A worker that has not said it knows the
+        op ("fleet_down") is sent nothing: its attempts wait for their timers."""
+        leases: dict[Any, list[int]] = {}
+        for key in fleet.pending:
+            if isinstance(key, tuple) and len(key) == 2:
+                worker, lease = key
+                leases.setdefault(worker, []).append(lease)
+        told = 0
+        for worker, ids in leases.items():
+            channel = self._channels.get(worker)
+            if channel is None or not channel.joined or not channel.hears_down:
+                continue
+            channel.send({"op": "fleet-down", "fleet": fleet.name, "leases": sorted(ids)})
+            told += len(ids)
+        if told:
+            # `in_flight`: leases with no 101 told yet; a worker gives up those
+            # still connecting or awaiting the answer, with retries left (each
+            # says so: "fleet attempt failed", failure "fleet-down").
+            log.info(
+                "fleet DOWN: the workers told of its calls in flight, to try again "
+                "those not answered yet",
+                extra=fields(fleet=fleet.name, in_flight=told),
+            )
+
     def wake(self) -> None:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
@@ -822,6 +853,7 @@ class SlotServer:
             channel.forgets = message.get("forgets") is True
             channel.lists_calls = message.get("lists_calls") is True
             channel.budgets = message.get("budgets") is True
+            channel.hears_down = message.get("fleet_down") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
             log.info(
@@ -887,6 +919,7 @@ class SlotServer:
             fleet = self.slots.fleet_of(channel.key, field(message, "id", int))
             refused = message.get("refused", True) is not False
             if fleet is not None and take_as_unreachable(fleet, self.slots.fall, refused=refused):
+                self.fleet_down(fleet)
                 self.wake()
         elif op == "state":
             # It went over two execs before it read the first "sync": it answers
@@ -1007,6 +1040,7 @@ class SlotServer:
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
         channel.budgets = message.get("budgets") is True
+        channel.hears_down = message.get("fleet_down") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
         # it says; one whose fleet has answered is up (its "answered" may have

@@ -5,10 +5,12 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
 
     worker -> coordinator
       {"op": "hello", "pid": 1234, "generation": 1, "answers": true, "forgets": true,
-       "lists_calls": true, "tag": "k3f9"}                 first, once ("answers": it sends
+       "lists_calls": true, "fleet_down": true,
+       "tag": "k3f9"}                                      first, once ("answers": it sends
                                                            "answered"; "forgets": it knows
                                                            "forget-fleet"; "lists_calls": it
                                                            answers "list-calls", "end-call";
+                                                           "fleet_down": it knows "fleet-down";
                                                            "tag": of its call ids, PID-N-TAG;
                                                            also in its "state")
       {"op": "acquire", "id": 7, "avoid": ["a"],           a slot for one call attempt;
@@ -52,6 +54,17 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
                                                            spec again. Sent only to a worker
                                                            whose hello (or state) said
                                                            "forgets": true
+    coordinator -> worker   {"op": "fleet-down", "fleet": "a", "leases": [7, 9]}
+                                                           the fleet went DOWN (its probes,
+                                                           or calls it refused): these leases
+                                                           of the worker's are in flight there
+                                                           (no "answered" read for them); each
+                                                           call's attempt not answered yet is
+                                                           given up and retried now, not at its
+                                                           timer (`net.fleet_down`). Sent only
+                                                           to a worker whose hello (or state)
+                                                           said "fleet_down": true; an older
+                                                           one waits for its timers as before
 
     after the supervisor re-executed (an upgrade), on every channel it kept:
     coordinator -> worker   {"op": "sync"}

@@ -25,7 +25,7 @@ from fleet_ingress.config.fleets_file import (
 )
 from fleet_ingress.config.settings import ConfigError, IngressConfig, ListenSection, load_config
 from fleet_ingress.core.addresses import parse_hostport
-from fleet_ingress.core.balancer import Balancer
+from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.call_list import (
     CallFilter,
     CallIdError,
@@ -53,6 +53,7 @@ from fleet_ingress.net.acme import (
 )
 from fleet_ingress.net.calls import Registry, end_call, list_calls_in_turns, process_tag
 from fleet_ingress.net.dispatch import Dispatcher, SlotSource
+from fleet_ingress.net.fleet_down import give_up_attempts
 from fleet_ingress.net.head_queue import HeadQueue
 from fleet_ingress.net.host_addresses import AddressSweep
 from fleet_ingress.net.late_timers import patient_timeout, wait_patiently
@@ -273,6 +274,7 @@ class Ingress:
                 fleet_ssl,
                 probe_settings(config),
                 on_probe=self.metrics.checks.check_observed,
+                on_down=self._fleet_went_down,
             )
         self.ops = FleetOps(
             self.fleet_set,
@@ -284,6 +286,7 @@ class Ingress:
             forgotten_counts=self.fleets_forgotten,
         )
         self.dispatcher.on_release.append(self.ops.reap)
+        self.dispatcher.on_down.append(self._fleet_went_down)
         self.ctx = self._proxy_context(config, fleet_ssl)
         self._wss: CarrierListener | None = None
         self._acme: asyncio.Server | None = None
@@ -292,6 +295,11 @@ class Ingress:
         self.stats_address: tuple[str, int] | None = None
         self.admin_socket: Path | None = None
         self._admin_socket_id: tuple[int, int] | None = None
+
+    def _fleet_went_down(self, fleet: FleetState) -> None:
+        """A fleet this process probes went DOWN: its call attempts not answered
+        yet are given up and tried again (`net.fleet_down`)."""
+        give_up_attempts(self.registry, fleet)
 
     def _proxy_context(self, config: IngressConfig, fleet_ssl: ssl.SSLContext) -> ProxyContext:
         configured = config.limits.max_connections

@@ -322,6 +322,7 @@ class Supervisor:
             fleet_ssl,
             probe_settings(config),
             on_probe=self.metrics.checks.check_observed,
+            on_down=self.server.fleet_down,
         )
         self.ops = FleetOps(
             self.fleet_set,

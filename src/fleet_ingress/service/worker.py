@@ -86,6 +86,7 @@ from fleet_ingress.core.call_machine import EndReason
 from fleet_ingress.logs import configure_logging, fields, flush_lines
 from fleet_ingress.net.calls import end_call, list_calls_in_turns, process_tag
 from fleet_ingress.net.event_loop import count_unexpected_error
+from fleet_ingress.net.fleet_down import give_up_leases
 from fleet_ingress.net.late_timers import patient_timeout
 from fleet_ingress.net.slot_client import SlotClient
 from fleet_ingress.net.tls import CarrierPem
@@ -185,6 +186,9 @@ class Worker:
         )
         client.handlers["list-calls"] = lambda m: self._spawn(
             self.list_calls(m.get("id"), CallFilter.from_wire(m.get("filter")))
+        )
+        client.on_fleet_down = lambda name, leases: give_up_leases(
+            self.ingress.registry, name, leases
         )
         client.handlers["end-call"] = lambda m: self._spawn(
             self.end_call(m.get("id"), m.get("call"), m.get("why"), m.get("tag", ...))
