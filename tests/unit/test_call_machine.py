@@ -718,7 +718,8 @@ def test_no_fleet_to_retry_on_after_a_down_gets_what_the_timer_would_have(connec
         pb << LogAttemptFailed("a", 1, Failure.FLEET_DOWN, DOWN_CONNECTING)
     pb << TakeSlot(("a",))
     pb >> SlotRefused("no fleet is up") << answer << CloseSide(Side.CARRIER)
-    pb >> CarrierLost(Lost.CLOSED) << CallEnded(EndReason.REFUSED)
+    pb << CallEnded(EndReason.REFUSED)
+    pb >> CarrierLost(Lost.CLOSED) << SidesGone()
     assert pb
     assert machine.status == answer.status and a.retries == 1
 
@@ -753,6 +754,7 @@ def test_a_down_with_no_retry_to_gain_leaves_the_attempt_waiting():
         "c", 1, Failure.RESPONSE_TIMEOUT, f"no response head within {RESPONSE_S:g}s"
     )
     pb << Answer(504, "the fleet did not answer in time") << CloseSide(Side.CARRIER)
+    pb << CallEnded(EndReason.REFUSED)
     assert pb
 
 
