@@ -29,11 +29,11 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import h11
 
 from fleet_ingress.core.h11_grammar import (
-    FIELD_CONTENT,
     FIELD_NAME,
     FIELD_VALUE,
     METHOD,
@@ -370,11 +370,8 @@ class _Read:
 # that fails late is not matched again from each earlier line.
 _PLAIN_HEAD = re.compile(
     f"(?P<method>{METHOD}) (?P<target>{REQUEST_TARGET}) HTTP/1\\.1\r\n"
-    f"(?>{FIELD_NAME}:{OWS}{FIELD_VALUE}{OWS}\r\n)*+\r\n".encode()
+    f"(?P<fields>(?>{FIELD_NAME}:{OWS}{FIELD_VALUE}{OWS}\r\n)*+)\r\n".encode()
 )
-# Its header lines, once it matched, as h11 reads each (`header_field`: the value
-# without the OWS around it): the CRLF before a line is where a name can start.
-_PLAIN_FIELD = re.compile(f"\r\n({FIELD_NAME}):{OWS}((?:{FIELD_CONTENT})?){OWS}(?=\r\n)".encode())
 # The names h11 counts (one Host, RFC 9112 3.2) or checks and rewrites (a
 # Content-Length list made one value, a Transfer-Encoding other than chunked
 # refused), as they start a line of the lowercased head: heads with the last two,
@@ -398,7 +395,14 @@ def _plain_read(raw: bytes, lowered: bytes) -> _Read | None:
         or _TRANSFER_ENCODING_LINE in lowered
     ):
         return None
-    return _Read(match["method"], match["target"], _PLAIN_FIELD.findall(raw), b"1.1")
+    # Each line matched h11's `header_field`: its name runs to the first colon (a
+    # token has none), its value is what is left without the OWS around it (a
+    # value starts and ends with a field-vchar, never SP or HTAB). Split, not
+    # matched again: a quarter of the instructions on a 16 KiB head.
+    lines = raw[match.start("fields") : match.end("fields") - 2].split(b"\r\n")
+    fields = map(bytes.partition, lines, repeat(b":"))
+    headers = [(name, value.strip(b" \t")) for name, _, value in fields]
+    return _Read(match["method"], match["target"], headers, b"1.1")
 
 
 def _h11_read(raw: bytes, refuse_hostless: bool) -> _Read:
