@@ -1,9 +1,10 @@
 """What one request head costs the event loop, end to end (no sockets).
 
 Everything the ingress does synchronously with a carrier's head before the
-first await: `RequestHeadReader.feed` (size and line limits, then h11 and our
-checks), the route, the upgrade check, the fleet's head (`fleet_request_headers`
-and `FleetExchange`, h11 serializing it). Timed with `time.perf_counter` around
+first await: `RequestHeadReader.feed` (size and line limits, then the read, by
+h11 or, for a plain head, as h11 reads it, and our checks), the route, the
+upgrade check, the fleet's head (`fleet_request_headers` and `FleetExchange`,
+h11 serializing it). Timed with `time.perf_counter` around
 that work for each head shape, many times; the median and p99 are what one such
 head holds every live call's frames for.
 

@@ -18,14 +18,23 @@ same invariants. No sockets.
   Host replaced, X-Forwarded-* set, a carrier's other X-Forwarded-* dropped;
   RFC 9110 7.6.1: hop-by-hop dropped; and the underscore spellings of those
   names dropped).
+- :func:`check_plain_read`: a head read without h11 (a plain one, see
+  `request_head._plain_read`) is read as h11 reads it: the same method,
+  target, headers and version, h11 raising nothing.
+- :func:`build_head`: the fuzz harness's generator of heads, on a request-head
+  template, driven by a fuzzer's bytes (atheris) or by a seeded
+  :class:`RandomChoices` (the parity test of the two head readers).
 """
 
 from __future__ import annotations
 
+import random
 import re
+from typing import Any, Protocol
 
 import h11
 
+from fleet_ingress.core import request_head
 from fleet_ingress.core.fleet_exchange import FleetExchange
 from fleet_ingress.core.forwarding import fleet_request_headers
 from fleet_ingress.core.request_head import (
@@ -90,6 +99,83 @@ ROUTER = Router(["/ws/", "/exotel/"], "/haproxy-health")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 Verdict = RequestHead | RequestRefused | None
+
+# The template `build_head` fills. Index 0 of each list is the valid choice: an
+# exhausted fuzzer input picks it.
+METHODS = [b"GET", b"GET", b"POST", b"HEAD", b"get", b"CONNECT"]
+PREFIXES = [
+    b"/ws/", b"/exotel/", b"/", b"/haproxy-health", b"http://f/ws/", b"*",
+    b"https://calls.test/ws/", b"http://calls.test:80/exotel/", b"https://calls.test:99999/",
+]  # fmt: skip
+SEGMENTS = [b"bot-1", b"x", b"", b".", b"..", b"%2e", b"%2f", b"..;", b"?a=/../b", b"/"]
+VERSIONS = [b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b""]
+NAMES = [
+    b"X-Trace", b"Host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade",
+    b"Keep-Alive", b"TE", b"Trailer", b"Proxy-Authorization", b"X-Forwarded-For",
+    b"X-Forwarded-Host", b"X-Forwarded-Proto", b"Sec-WebSocket-Key", b"Content_Length",
+]  # fmt: skip
+VALUES = [b"a", b"websocket", b"Upgrade", b"keep-alive, Upgrade", b"0", b"chunked", b"calls.test"]
+SEPARATORS = [b": ", b": ", b":", b" : ", b":\t"]
+EOLS = [b"\r\n"] * 6 + [b"\n", b"\r"]
+
+
+class Choices(Protocol):
+    """What `build_head` draws from: the methods of atheris' FuzzedDataProvider it uses."""
+
+    def ConsumeIntInRange(self, low: int, high: int) -> int: ...
+    def PickValueInList(self, values: list[Any]) -> Any: ...
+    def ConsumeBytes(self, count: int) -> bytes: ...
+    def remaining_bytes(self) -> int: ...
+
+
+class RandomChoices:
+    """`Choices` from a seeded `random.Random`, not a fuzzer's bytes: the same
+    heads every run, as many as asked for (the fuzzer's raw bytes and free
+    pieces are random bytes here, of its lengths)."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def ConsumeIntInRange(self, low: int, high: int) -> int:
+        return self._rng.randint(low, high)
+
+    def PickValueInList(self, values: list[Any]) -> Any:
+        return self._rng.choice(values)
+
+    def ConsumeBytes(self, count: int) -> bytes:
+        return self._rng.randbytes(count)
+
+    def remaining_bytes(self) -> int:
+        return self._rng.randint(0, 96)
+
+
+def build_head(choices: Choices) -> tuple[bytes, list[int], int, int]:
+    """(the carrier's bytes, how to cut them, the head size limit, the header-line limit)."""
+    pick = choices.PickValueInList
+    limit = pick([16384, 16384, 16384, 256])
+    max_lines = pick([100, 100, 100, 3])
+    cuts = [choices.ConsumeIntInRange(1, 64) for _ in range(choices.ConsumeIntInRange(0, 6))]
+    if choices.ConsumeIntInRange(0, 3) == 3:
+        return choices.ConsumeBytes(choices.remaining_bytes()), cuts, limit, max_lines
+
+    def piece(among: list[bytes], max_len: int = 16) -> bytes:
+        if choices.ConsumeIntInRange(0, 3) != 3:
+            return pick(among)
+        return choices.ConsumeBytes(choices.ConsumeIntInRange(0, max_len))
+
+    target = piece(PREFIXES) + b"/".join(
+        piece(SEGMENTS) for _ in range(choices.ConsumeIntInRange(1, 3))
+    )
+    # RFC 9112 2.2: empty lines before the request line are skipped, a few of them.
+    out = [b"\r\n" * pick([0, 0, 0, 1, 2, 9])]
+    out += [piece(METHODS) + b" " + target + b" " + piece(VERSIONS) + piece(EOLS)]
+    if not choices.ConsumeIntInRange(0, 3):
+        out.append(b"Host: calls.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n")
+    for _ in range(choices.ConsumeIntInRange(0, 8)):
+        out.append(piece(NAMES) + piece(SEPARATORS) + piece(VALUES, 24) + piece(EOLS))
+    out.append(b"\r\n" if choices.ConsumeIntInRange(0, 7) else piece(EOLS))
+    out.append(choices.ConsumeBytes(choices.ConsumeIntInRange(0, 16)))  # bytes after the head
+    return b"".join(out), cuts, limit, max_lines
 
 
 def judge(
@@ -196,6 +282,23 @@ def check_hostless(data: bytes, limit: int, max_lines: int = DEFAULT_MAX_HEADER_
     else:
         assert lenient.host_missing and lenient.http_version == b"1.1", lenient
         assert not lenient.get_all(b"host") and lenient.trailing == trailing
+
+
+def check_plain_read(data: bytes, limit: int, max_lines: int = DEFAULT_MAX_HEADER_COUNT) -> None:
+    """A head the fast path reads (as the reader takes it, and `data` whole) is
+    read by h11 to the same method, target, headers and version, without an
+    error: the checks after the read are the same code, so the verdict is too."""
+    raws = [data]
+    try:
+        taken = RequestHeadReader(limit, max_lines).take(data)
+    except RequestRefused:
+        taken = None
+    if taken is not None:
+        raws.append(taken[0])
+    for raw in raws:
+        plain = request_head._plain_read(raw, raw.lower())
+        if plain is not None:
+            assert request_head._h11_request(raw) == plain, raw
 
 
 def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:

@@ -39,7 +39,7 @@ from websockets.exceptions import InvalidStatus
 
 from fleet_ingress.core.request_head import RequestRefused
 from fleet_ingress.service.ingress import Ingress
-from tests.head_oracle import check_accepted, check_hostless, check_verdicts
+from tests.head_oracle import check_accepted, check_hostless, check_plain_read, check_verdicts
 from tests.property_settings import property_settings
 from tests.support import (
     RawFleet,
@@ -599,6 +599,8 @@ def test_heads_are_refused_400_431_or_forwarded_in_a_shape_that_reparses_the_sam
     verdict = check_verdicts(raw + trailing, cuts, limit, max_lines)
     # The carrier listener's parse, lenient to a missing Host only (the health route's).
     check_hostless(raw + trailing, limit, max_lines)
+    # A plain head read without h11 is read as h11 reads it (the parity of the two readers).
+    check_plain_read(raw + trailing, limit, max_lines)
     if isinstance(verdict, RequestRefused):
         event(f"refused {verdict.status}")
     elif verdict is None:

@@ -5,7 +5,7 @@ handshake read by httptools (llhttp, C) while it is a plain 101, because h11
 did both in about 1,000 lines of Python a call, over half a million
 instructions of the ~7.6 M a churned call costs (issue #13; `bench/
 call_instructions.py`). Neither changes a verdict: a request is written here
-only when it fullmatches h11's own grammar (`_abnf`) and has nothing h11
+only when it fullmatches h11's own grammar (`h11_grammar`) and has nothing h11
 normalizes (Content-Length, Transfer-Encoding), else h11 writes it (and
 raises what it raised); a 101 is taken from httptools only when its head
 fullmatches h11's grammar with CRLF line ends, no fold, starting `HTTP/1.`;
@@ -36,8 +36,15 @@ from dataclasses import dataclass
 
 import h11
 import httptools
-from h11 import _abnf
 
+from fleet_ingress.core.h11_grammar import (
+    FIELD_NAME,
+    FIELD_VALUE,
+    METHOD,
+    OWS,
+    REASON_PHRASE,
+    REQUEST_TARGET,
+)
 from fleet_ingress.core.request_head import Header, comma_tokens
 
 # RFC 6455 4.2.2: the accept value is base64(SHA-1(key + this GUID)).
@@ -49,18 +56,16 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 # The status line of a 101 as HTTP/1.0 (the head's first: any 1xx before it is dropped).
 _STATUS_101_HTTP_1_0 = re.compile(rb"HTTP/1\.0 101(?= |\r\n)")
-# h11's own grammar (its `_abnf`), so that what is written or read here without
+# h11's own grammar (`h11_grammar`), so that what is written or read here without
 # h11 is only what h11 would have written or read the same way.
-_HEADER_LINE = f"(?:{_abnf.field_name}: {_abnf.field_value}\r\n)"
+_HEADER_LINE = f"(?:{FIELD_NAME}: {FIELD_VALUE}\r\n)"
 # A request head h11 would write as we do: no line of it needs h11's care (a
 # Content-Length or Transfer-Encoding it normalizes is left to it, below).
-_PLAIN_REQUEST = re.compile(
-    f"{_abnf.method} {_abnf.request_target} HTTP/1\\.1\r\n{_HEADER_LINE}*\r\n".encode()
-)
+_PLAIN_REQUEST = re.compile(f"{METHOD} {REQUEST_TARGET} HTTP/1\\.1\r\n{_HEADER_LINE}*\r\n".encode())
 # A 101 head h11 reads as written: CRLF line ends, no fold, HTTP/1.x.
-_HEADER_LINE_READ = f"(?:{_abnf.field_name}:{_abnf.OWS}{_abnf.field_value}{_abnf.OWS}\r\n)"
+_HEADER_LINE_READ = f"(?:{FIELD_NAME}:{OWS}{FIELD_VALUE}{OWS}\r\n)"
 _PLAIN_101 = re.compile(
-    f"HTTP/1\\.[01] 101(?: {_abnf.reason_phrase})?\r\n{_HEADER_LINE_READ}*\r\n".encode()
+    f"HTTP/1\\.[01] 101(?: {REASON_PHRASE})?\r\n{_HEADER_LINE_READ}*\r\n".encode()
 )
 _HTTP_1 = b"HTTP/1."
 _H11_NORMALIZES = (b"content-length", b"transfer-encoding")
