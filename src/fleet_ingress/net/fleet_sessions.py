@@ -428,8 +428,15 @@ def refused(fleet: FleetState, spec: FleetSpec, conn: TLSConnection, exc: Sessio
     )
 
 
-def resumed(conn: TLSConnection) -> bool:
-    """Whether the connection's handshake resumed a session."""
+def resumed(conn: TLSConnection, offered: KeptSession | None = None) -> bool:
+    """Whether the connection's handshake resumed a session. `offered`, the
+    session it was offered: resumed, it is `suspect` no more, from now (its
+    handshake, not its call's link: a call offered it together and reset,
+    made again and through while this one waits for its fleet's 101, is then
+    no refusal; cleared at the link only, it was, review41)."""
     calls = session_calls()
     pointer = conn.ssl_pointer
-    return calls is not None and pointer is not None and bool(calls.session_reused(pointer))
+    through = calls is not None and pointer is not None and bool(calls.session_reused(pointer))
+    if through and offered is not None:
+        offered.suspect = False
+    return through
