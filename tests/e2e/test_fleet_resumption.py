@@ -1477,3 +1477,54 @@ async def test_a_suspect_session_resumed_before_another_calls_reset_is_no_refusa
     finally:
         await relay.stop()
         await fleet.stop()
+
+
+async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_stays_suspect(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    """A middlebox that resets every connection offered a session, calls
+    coming all the time: the suspect session's connection is reset and,
+    while it is made again, another call (offered nothing: the session was
+    dropped at the reset) makes a full handshake and is linked. Its session
+    is no resumption: kept clean, it was taken for one (`resumed_since`),
+    the second reset was no refusal, and every later call was offered a
+    session to be reset again. Two resets, none resumed between: Refusing."""
+    relay = AsksTheTest(fleet.port)
+    await relay.start()
+    try:
+        ingress = await with_a_session(
+            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
+        )
+        relay.asking = True
+        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
+        offered = await relay.next_hello()
+        assert offered.offers
+        offered.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await call
+        kept = kept_of(ingress)
+        assert kept is not None and kept.suspect
+
+        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
+        second = await relay.next_hello()
+        assert second.offers
+        second.tell("reset")
+        again = await relay.next_hello()  # made again: held while another call links
+        assert not again.offers
+        meanwhile = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-meanwhile"))
+        full = await relay.next_hello()
+        assert not full.offers
+        full.tell("relay")
+        async with asyncio.timeout(10):
+            await meanwhile
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await reset
+        (state,) = ingress.balancer.fleets
+        assert isinstance(state.tls_session, fleet_sessions.Refusing)
+        assert not any(fleet.reused)
+    finally:
+        await relay.stop()
