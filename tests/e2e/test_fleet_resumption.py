@@ -1400,3 +1400,131 @@ async def test_a_reload_ends_a_fleets_refusal(
     await one_call(ingress, tls_files)  # offered: resumed
     assert relay.answered == 1
     assert fleet.reused == [False, False, False, False, True]
+
+
+class HoldsItsAnswer(ResumptionFleet):
+    """A ResumptionFleet that holds its answer (the 101) to a request for
+    `held_path` until `release` is set; `asked` is set once that request came
+    (its handshake done: `reused` says how)."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, held_path: str) -> None:
+        super().__init__(ssl_context)
+        self.held_path = held_path
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _record(self, connection: ServerConnection, request: Any) -> None:  # type: ignore[override]
+        super()._record(connection, request)
+        if request.path == self.held_path:
+            self.asked.set()
+            await self.release.wait()
+
+
+async def test_a_suspect_session_resumed_before_another_calls_reset_is_no_refusal(
+    start_ingress: StartIngress, tls_files: TLSFiles
+) -> None:
+    """As above, in the order a real fleet gives: the call that resumes the
+    suspect session waits for its fleet's 101 (a bot's answer takes a while)
+    while the other call, reset, is made again and gets through first. The
+    resumption happened at its handshake: the reset is no refusal, and the
+    next call resumes. Cleared only at the resumed call's link, the
+    suspicion made the reset a refusal (Refusing, full handshakes for
+    REFUSED_FOR: reused ending F, F)."""
+    fleet = HoldsItsAnswer(tls_files.fleet_server_context(), "/ws/bot-resumes")
+    await fleet.start()
+    relay = AsksTheTest(fleet.port)
+    await relay.start()
+    try:
+        ingress = await with_a_session(
+            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
+        )
+        relay.asking = True
+        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
+        offered = await relay.next_hello()
+        assert offered.offers
+        offered.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await call
+        kept = kept_of(ingress)
+        assert kept is not None and kept.suspect
+
+        resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
+        first = await relay.next_hello()
+        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
+        second = await relay.next_hello()
+        assert first.offers and second.offers  # the suspect session, together
+        first.tell("relay")
+        async with asyncio.timeout(10):
+            await fleet.asked.wait()  # resumed; its 101 held
+        assert fleet.reused[-1] is True
+        second.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await reset  # served before the resumed call is linked
+        fleet.release.set()
+        async with asyncio.timeout(10):
+            await resumes
+        relay.asking = False
+        await one_call(ingress, tls_files, "/ws/bot-after")
+        (state,) = ingress.balancer.fleets
+        assert not isinstance(state.tls_session, fleet_sessions.Refusing)
+        assert fleet.reused == [False, False, True, False, True]
+    finally:
+        await relay.stop()
+        await fleet.stop()
+
+
+async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_stays_suspect(
+    start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
+) -> None:
+    """A middlebox that resets every connection offered a session, calls
+    coming all the time: the suspect session's connection is reset and,
+    while it is made again, another call (offered nothing: the session was
+    dropped at the reset) makes a full handshake and is linked. Its session
+    is no resumption: kept clean, it was taken for one (`resumed_since`),
+    the second reset was no refusal, and every later call was offered a
+    session to be reset again. Two resets, none resumed between: Refusing."""
+    relay = AsksTheTest(fleet.port)
+    await relay.start()
+    try:
+        ingress = await with_a_session(
+            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
+        )
+        relay.asking = True
+        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
+        offered = await relay.next_hello()
+        assert offered.offers
+        offered.tell("reset")
+        again = await relay.next_hello()
+        assert not again.offers
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await call
+        kept = kept_of(ingress)
+        assert kept is not None and kept.suspect
+
+        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
+        second = await relay.next_hello()
+        assert second.offers
+        second.tell("reset")
+        again = await relay.next_hello()  # made again: held while another call links
+        assert not again.offers
+        meanwhile = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-meanwhile"))
+        full = await relay.next_hello()
+        assert not full.offers
+        full.tell("relay")
+        async with asyncio.timeout(10):
+            await meanwhile
+        again.tell("relay")
+        async with asyncio.timeout(10):
+            await reset
+        (state,) = ingress.balancer.fleets
+        assert isinstance(state.tls_session, fleet_sessions.Refusing)
+        assert not any(fleet.reused)
+    finally:
+        await relay.stop()

@@ -340,13 +340,26 @@ async def connect_again(
     carrier left, its timer ended), the next of them finds out.
 
     Once through, what each failure was tells whether the fleet refuses
-    sessions (`_through`). Raises what `connect` raises."""
+    sessions (`_through`). Raises what `connect` raises.
+
+    A close or reset leaves the fleet `Suspected` at once, not with no
+    record: a full handshake's session kept while the proof is under way (a
+    call linked meanwhile) is `suspect` then, not taken for a resumption
+    (review41); the proof failing too (a fleet failing connections) takes
+    that mark back."""
     failed(fleet, offered)
+    marked = None
+    if fleet.tls_session is None and not _alerted(exc):
+        context = offered.context()
+        if context is not None:
+            marked = fleet.tls_session = Suspected(context, offered.address)
     while (proof := offered.proof) is not None:
         verdict = await asyncio.shield(proof)
         if verdict is None:
             continue  # the one finding out ended first (its call gone): find out here
         if not verdict:
+            if marked is not None and fleet.tls_session is marked:
+                fleet.tls_session = None
             cause = exc.__cause__
             raise cause if isinstance(cause, OSError) else exc
         conn = await connect()
@@ -357,6 +370,8 @@ async def connect_again(
         conn = await connect()
     except OSError:  # ssl.SSLError too
         proof.set_result(False)
+        if marked is not None and fleet.tls_session is marked:
+            fleet.tls_session = None
         raise
     except BaseException:
         offered.proof = None
@@ -428,8 +443,15 @@ def refused(fleet: FleetState, spec: FleetSpec, conn: TLSConnection, exc: Sessio
     )
 
 
-def resumed(conn: TLSConnection) -> bool:
-    """Whether the connection's handshake resumed a session."""
+def resumed(conn: TLSConnection, offered: KeptSession | None = None) -> bool:
+    """Whether the connection's handshake resumed a session. `offered`, the
+    session it was offered: resumed, it is `suspect` no more, from now (its
+    handshake, not its call's link: a call offered it together and reset,
+    made again and through while this one waits for its fleet's 101, is then
+    no refusal; cleared at the link only, it was, review41)."""
     calls = session_calls()
     pointer = conn.ssl_pointer
-    return calls is not None and pointer is not None and bool(calls.session_reused(pointer))
+    through = calls is not None and pointer is not None and bool(calls.session_reused(pointer))
+    if through and offered is not None:
+        offered.suspect = False
+    return through

@@ -903,7 +903,7 @@ class CarrierProtocol(_Side):
                         fleet, spec, refused, exc, lambda: self._connect_tls(spec, underway, None)
                     )
                     ctx.registry.fleet_tls_sessions_refused += 1
-                if offered is not None and not fleet_sessions.resumed(conn):
+                if offered is not None and not fleet_sessions.resumed(conn, offered):
                     offered = None  # declined: a full handshake
                 ctx.registry.fleet_tls_handshakes["full" if offered is None else "resumed"] += 1
                 serve(conn, fleet_side)
