@@ -513,6 +513,21 @@ class SlotServer:
         ]
         return share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
 
+    def not_counted_yet(self, key: int) -> tuple[list[str] | None, list[str]]:
+        """Of worker channel `key`, what the table does not count yet but a
+        supervisor started after this one died must (a crash snapshot's
+        "held" and "budget", a fleet name a slot): what it held before an exec,
+        while it has not said what it holds (None: not known, or counted); and
+        its grant budget, from the hand-over (`handover`) until it says what it
+        holds or is counted silent with it (`finish_restore`). Nothing then:
+        the budget is dropped at "sync", or counted in its row."""
+        if (sent := self._budgets_sent.get(key)) is not None:
+            return None, sent
+        channel = self._channels.get(key)
+        if channel is None or key not in self._restoring:
+            return None, []
+        return channel.held_before, channel.budget_before or []
+
     def _send_budgets(
         self,
         budgets: dict[int, dict[str, int]],
