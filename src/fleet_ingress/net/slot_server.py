@@ -136,6 +136,10 @@ class _Channel(asyncio.Protocol):
         # counted on top of `held_before` if it is slow to answer (it may have
         # granted calls from it meanwhile).
         self.budget_before = budget_before
+        # The calls it granted from that budget, read before its "state" (lease
+        # id -> fleet name, None from a worker that does not say it): counted
+        # as grants once its "state" is taken (`HostSlots.count_granted`).
+        self.budget_grants: dict[int, str | None] = {}
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
         self.generation: int | None = None
@@ -812,11 +816,16 @@ class SlotServer:
         if channel.restoring:
             if op == "state":
                 self._restore(channel, message)
-            elif op == "acquire" and isinstance(call := message.get("call"), dict):
-                # Counted in its "state", but only there said who the call is:
-                # kept (its "state" says whether it is still open).
+            elif op == "acquire":
                 with contextlib.suppress(WireError):
-                    self._calls.setdefault(channel.key, {})[field(message, "id", int)] = call
+                    lease = field(message, "id", int)
+                    if message.get("budget") is True:  # granted from its budget
+                        fleet = message.get("fleet")
+                        channel.budget_grants[lease] = fleet if isinstance(fleet, str) else None
+                    if isinstance(call := message.get("call"), dict):
+                        # Counted in its "state", but only there said who the call
+                        # is: kept (its "state" says whether it is still open).
+                        self._calls.setdefault(channel.key, {})[lease] = call
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
@@ -1008,6 +1017,13 @@ class SlotServer:
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
         )
+        if channel.budget_grants:
+            # Granted by the worker while nobody else granted: the host's grants
+            # and its fleets' calls opened count them now, once.
+            on = dict(held)
+            grants = channel.budget_grants.items()
+            self.slots.count_granted(channel.key, [name or on.get(lease) for lease, name in grants])
+            channel.budget_grants = {}
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
         channel.budgets = message.get("budgets") is True
