@@ -112,3 +112,39 @@ async def test_budget_grants_while_away_and_the_table_taken_back_counts_them() -
         for peer in peers:
             peer.close()
         await server.close()
+
+
+async def test_calls_granted_from_a_budget_are_counted_once_as_the_hosts_grants() -> None:
+    """A worker's grants from its budget count, once its "state" is taken
+    after the exec (here a failed one, `take_back`), as the host's grants:
+    its granted_total and the fleet's calls opened (its capacity estimate's),
+    a call that ended meanwhile too; a later "state" counts nothing again."""
+    server = _server(maxconn=4)
+    (fleet,) = server.slots.balancer.fleets
+    client: SlotClient | None = None
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        key = await server.adopt(ours)
+        client = await SlotClient.connect(sock=theirs, pid=1001, generation=1, answer_timeout=10)
+        await eventually(lambda: len(server.slots.workers) == 1)
+        held = await client.lease()
+        assert (fleet.opened_total, server.slots.get(key).granted_total) == (1, 1)
+        kept = server.handover(server.plan_budgets({key}))
+        await eventually(lambda: client._budget is not None)
+        first, second = [await asyncio.wait_for(client.lease(), 1) for _ in range(2)]
+        first.release()  # ended while away: granted all the same
+        await server.take_back(kept, timeout=5)
+        assert client._budget is None
+        row = server.slots.get(key)
+        assert row is not None and row.granted_total == 3
+        assert fleet.opened_total == 3 and fleet.active == 2
+        # Its next "state" (another exec's, taken back) counts them no more.
+        await server.take_back(server.handover(), timeout=5)
+        assert (server.slots.get(key).granted_total, fleet.opened_total) == (3, 3)
+        second.release()
+        held.release()
+        await eventually(lambda: fleet.active == 0)
+    finally:
+        if client is not None:
+            client.close()
+        await server.close()

@@ -255,6 +255,8 @@ class HostSlots:
         # What it holds counts as answered but for the leases it says are still in
         # flight (`in_flight`: a worker of an older release says none).
         row = self.join(worker, pid=pid, generation=generation, tells_answers=tells_answers)
+        if reserved is not None:  # its grants over its life go on (an exec that failed)
+            row.granted_total = reserved.granted_total
         unknown: list[str] = []
         for lease, name in held:
             fleet = self.balancer.get(name)
@@ -317,6 +319,19 @@ class HostSlots:
             if fleet is not None:
                 fleet.active += 1
                 row.held[start - i] = fleet
+
+    def count_granted(self, worker: WorkerKey, fleets: Iterable[str | None]) -> None:
+        """Count the calls `worker` granted itself from its grant budget
+        (`core.slot_budget`: a fleet name a call, None where not known) as the
+        table counts its own grants: the worker's `granted_total`, each fleet's
+        `opened_total` (its capacity estimate's calls opened since its probe).
+        Once, when its "state" is taken: their slots are in what it says it holds."""
+        row = self._rows.get(worker)
+        for name in fleets:
+            if row is not None:
+                row.granted_total += 1
+            if name is not None and (fleet := self.balancer.get(name)) is not None:
+                fleet.opened_total += 1
 
     def suspend(self, worker: WorkerKey) -> WorkerRow | None:
         """The worker's channel went over an exec that failed and is served

@@ -304,6 +304,7 @@ class SlotClient(asyncio.Protocol):
         self._in_flight.add(lease_id)
         asking: dict[str, Any] = {"op": "acquire", "id": lease_id, "avoid": list(avoid)}
         asking["budget"] = True
+        asking["fleet"] = name  # counted as the host's grant on it (`HostSlots.count_granted`)
         if call is not None:
             asking["call"] = call
             self._calls[lease_id] = call

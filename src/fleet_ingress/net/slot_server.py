@@ -70,10 +70,14 @@ def channel_key(pid: int, generation: int) -> str:
 # Read at once from a channel kept over an exec: a few reports' worth; more
 # waits for the transport.
 _WAITING_READ_MAX = 4 * 1024 * 1024
-# A budget names this many fleets at most (those with the most slots): its line
-# stays far below half a Unix socket's send buffer (some 250 bytes a fleet),
-# which the kernel writes whole or not at all (`_send_whole`).
+# A budget names this many fleets at most (those with the most slots), and
+# fewer when its line would not go in one piece (`whole_write_max`).
 BUDGET_FLEETS_MAX = 100
+# Linux writes a Unix stream socket's data in pieces of at most half its send
+# buffer less 64 bytes, and at most a page's head plus 32 KiB
+# (unix_stream_sendmsg): each piece whole or not at all, so a line no longer
+# than one piece is never cut short. 32 KiB: below the piece on every kernel.
+_WHOLE_WRITE_MAX = 32 * 1024
 _REST_WAIT = 1.0
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
@@ -142,6 +146,10 @@ class _Channel(asyncio.Protocol):
         # counted on top of `held_before` if it is slow to answer (it may have
         # granted calls from it meanwhile).
         self.budget_before = budget_before
+        # The calls it granted from that budget, read before its "state" (lease
+        # id -> fleet name, None from a worker that does not say it): counted
+        # as grants once its "state" is taken (`HostSlots.count_granted`).
+        self.budget_grants: dict[int, str | None] = {}
         self.handed_over = False  # its socket went on to the next image
         self.pid: int | None = None
         self.generation: int | None = None
@@ -522,6 +530,21 @@ class SlotServer:
         ]
         return share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
 
+    def not_counted_yet(self, key: int) -> tuple[list[str] | None, list[str]]:
+        """Of worker channel `key`, what the table does not count yet but a
+        supervisor started after this one died must (a crash snapshot's
+        "held" and "budget", a fleet name a slot): what it held before an exec,
+        while it has not said what it holds (None: not known, or counted); and
+        its grant budget, from the hand-over (`handover`) until it says what it
+        holds or is counted silent with it (`finish_restore`). Nothing then:
+        the budget is dropped at "sync", or counted in its row."""
+        if (sent := self._budgets_sent.get(key)) is not None:
+            return None, sent
+        channel = self._channels.get(key)
+        if channel is None or key not in self._restoring:
+            return None, []
+        return channel.held_before, channel.budget_before or []
+
     def _send_budgets(
         self,
         budgets: dict[int, dict[str, int]],
@@ -537,15 +560,16 @@ class SlotServer:
             budget = budgets.get(channel.key)
             if not budget:
                 continue
-            data = encode(self._budget_message(budget))
-            if not _send_whole(kept[name], data):
+            message = self._budget_message(budget, whole_write_max(kept[name]))
+            if not message["fleets"] or not _send_whole(kept[name], encode(message)):
                 log.warning(
                     "upgrade: a worker's grant budget could not be written: its calls "
                     "wait for the new image",
                     extra=fields(channel=channel.key, pid=channel.pid),
                 )
                 continue
-            sent[channel.key] = [fleet for fleet, n in budget.items() for _ in range(n)]
+            # What the line carries (fleets past the cap are not in it).
+            sent[channel.key] = [f["fleet"] for f in message["fleets"] for _ in range(f["slots"])]
         if sent:
             log.info(
                 "upgrade: grant budgets sent: the workers grant calls from them until "
@@ -557,20 +581,27 @@ class SlotServer:
             )
         return sent
 
-    def _budget_message(self, budget: dict[str, int]) -> dict[str, Any]:
+    def _budget_message(self, budget: dict[str, int], size_max: int) -> dict[str, Any]:
+        """The "budget" line for `budget`: its fleets with the most slots first,
+        BUDGET_FLEETS_MAX at most, as many as keep the line (newline and all)
+        within `size_max` bytes (`whole_write_max`)."""
         named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
-        fleets = []
+        fleets: list[dict[str, Any]] = []
+        size = len(encode({"op": "budget", "fleets": fleets}))
         for name, slots in named:
             fleet = self.slots.balancer.get(name)
-            if fleet is not None:
-                fleets.append(
-                    {
-                        "fleet": name,
-                        "slots": slots,
-                        "active": fleet.active,
-                        "spec": spec_to_wire(fleet.spec),
-                    }
-                )
+            if fleet is None:
+                continue
+            entry = {
+                "fleet": name,
+                "slots": slots,
+                "active": fleet.active,
+                "spec": spec_to_wire(fleet.spec),
+            }
+            size += len(encode(entry)) - 1 + (1 if fleets else 0)  # less "\n", plus ","
+            if size > size_max:
+                break
+            fleets.append(entry)
         return {"op": "budget", "fleets": fleets}
 
     def handover(
@@ -834,11 +865,16 @@ class SlotServer:
         if channel.restoring:
             if op == "state":
                 self._restore(channel, message)
-            elif op == "acquire" and isinstance(call := message.get("call"), dict):
-                # Counted in its "state", but only there said who the call is:
-                # kept (its "state" says whether it is still open).
+            elif op == "acquire":
                 with contextlib.suppress(WireError):
-                    self._calls.setdefault(channel.key, {})[field(message, "id", int)] = call
+                    lease = field(message, "id", int)
+                    if message.get("budget") is True:  # granted from its budget
+                        fleet = message.get("fleet")
+                        channel.budget_grants[lease] = fleet if isinstance(fleet, str) else None
+                    if isinstance(call := message.get("call"), dict):
+                        # Counted in its "state", but only there said who the call
+                        # is: kept (its "state" says whether it is still open).
+                        self._calls.setdefault(channel.key, {})[lease] = call
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
@@ -1037,6 +1073,13 @@ class SlotServer:
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
         )
+        if channel.budget_grants:
+            # Granted by the worker while nobody else granted: the host's grants
+            # and its fleets' calls opened count them now, once.
+            on = dict(held)
+            grants = channel.budget_grants.items()
+            self.slots.count_granted(channel.key, [name or on.get(lease) for lease, name in grants])
+            channel.budget_grants = {}
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
         channel.budgets = message.get("budgets") is True
@@ -1256,11 +1299,18 @@ class SlotServer:
         self._send(self.slots.expire(now))
 
 
+def whole_write_max(sock: socket.socket) -> int:
+    """The longest line the kernel writes on `sock` (a Unix stream socket) in
+    one piece, whole or not at all, whatever its peer has left unread."""
+    sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # as the kernel set it
+    return min(_WHOLE_WRITE_MAX, sndbuf // 2 - 64)
+
+
 def _send_whole(sock: socket.socket, data: bytes) -> bool:
     """Write `data` (one line) on a channel's socket without waiting: True when
-    all of it went. A Unix stream socket takes a write this short (below half
-    its send buffer: `BUDGET_FLEETS_MAX`) whole or not at all; should it take
-    a part, the rest is written within `_REST_WAIT`, as a line cut short would
+    all of it went. A Unix stream socket takes a write no longer than
+    `whole_write_max` whole or not at all; should it take a part (a longer
+    line), the rest is written within `_REST_WAIT`, as a line cut short would
     break the channel."""
     try:
         done = sock.send(data, socket.MSG_DONTWAIT)

@@ -82,9 +82,11 @@ Workers speak to the supervisor's coordinator (`net.slot_server`) through
     channel ends) the worker grants calls from it itself, leastconn among
     its fleets ("active": the host's calls there at the hand-over), and says
     those leases in its "state" like any other; what is left at "sync" is
-    dropped. Each such grant still sends its "acquire", with "budget": true:
-    read before the "state" (counted there, not granted), it says who the
-    call is should the worker die before its "state". The shares of a fleet
+    dropped. Each such grant still sends its "acquire", with "budget": true
+    and its "fleet": read before the "state" (counted there, not granted),
+    it says who the call is should the worker die before its "state", and
+    is counted as the host's grant once the "state" is taken (the worker's
+    granted_total, the fleet's opened_total). The shares of a fleet
     sum to at most its free slots.
     The worker is the truth: what it sent before "state" is already counted
     in it, so the coordinator acts on nothing before but a "report" (and a

@@ -654,6 +654,11 @@ class UpgradeSequence:
         supervisor = self.supervisor
         notifier = supervisor.notifier
         rows = {row.worker: row for row in supervisor.slots.workers}
+
+        def held_before(key: int) -> list[str] | None:
+            # A worker being asked what it holds after an exec has no row yet.
+            return supervisor.server.not_counted_yet(key)[0]
+
         # A fleet an `add-fleet` is still bringing up (not in the fleets file
         # yet) is not one a supervisor started after a crash should serve: the
         # add is lost with the process that made it (its command says so).
@@ -782,10 +787,16 @@ class UpgradeSequence:
                     # ended a moment first.
                     "lost_confirmed": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
-                    "held": [f.name for f in rows[w.key].held.values()] if w.key in rows else [],
+                    "held": [f.name for f in rows[w.key].held.values()]
+                    if w.key in rows
+                    else (held_before(w.key) or []),
                     # Its grant budget (a fleet name a slot): counted on top of
-                    # "held" if it is slow to answer, as it may have granted from it.
-                    "budget": [f for f, n in budgets.get(w.key, {}).items() for _ in range(n)],
+                    # "held" if it is slow to answer, as it may have granted from
+                    # it. A crash snapshot's: the one sent at the hand-over, or
+                    # carried over it, while the worker has not answered.
+                    "budget": [f for f, n in budgets.get(w.key, {}).items() for _ in range(n)]
+                    if handover
+                    else supervisor.server.not_counted_yet(w.key)[1],
                     # process.cpu_affinity: a replacement started later takes another CPU.
                     "cpu": w.cpu,
                     # What it said of each call open on its channel, and of those
@@ -825,9 +836,6 @@ class UpgradeSequence:
         # What was logged goes out first (bounded: a stderr nobody reads), so that
         # the lines still waiting are counted as dropped in the state carried.
         flush_lines()
-        # A crash of the new image before its own first snapshot: the next
-        # supervisor knows of this upgrade (`fd_store.crash_state`).
-        self.supervisor.write_snapshot()
         # No await from the state to the handover (this is no coroutine): the
         # channels' unread bytes it carries are the ones handed over.
         # A share of each fleet's free slots for each worker taking calls: it
@@ -853,6 +861,12 @@ class UpgradeSequence:
             os.close(fd)
             raise
         socks.update(kept)
+        # A crash of the new image before its own first snapshot: the next
+        # supervisor knows of this upgrade (`fd_store.crash_state`), and of the
+        # budgets just sent, counted for a worker slow to say what it holds
+        # (written after the hand-over: before, a crash restart under-counted
+        # such a worker by its budget; no socket read since, no await).
+        self.supervisor.write_snapshot()
         log.info(
             "upgrade: re-executing the supervisor with the installed code",
             extra=fields(
