@@ -1279,6 +1279,30 @@ async def test_calls_waiting_on_a_refusals_proof_get_an_answer_when_its_carrier_
         await relay.stop()
 
 
+async def _with_a_suspect_session(
+    start_ingress: StartIngress, tls_files: TLSFiles, relay: AsksTheTest
+) -> Ingress:
+    """An ingress in front of `relay` (asking the test from now on) whose fleet
+    reset a connection offered its session, made again without it: the session
+    that full handshake left is kept `suspect`."""
+    ingress = await with_a_session(
+        start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
+    )
+    relay.asking = True
+    call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
+    offered = await relay.next_hello()
+    assert offered.offers
+    offered.tell("reset")
+    again = await relay.next_hello()
+    assert not again.offers
+    again.tell("relay")
+    async with asyncio.timeout(10):
+        await call
+    kept = kept_of(ingress)
+    assert kept is not None and kept.suspect
+    return ingress
+
+
 async def test_a_suspect_session_resumed_by_one_call_is_no_refusal_when_another_is_reset(
     start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
 ) -> None:
@@ -1292,22 +1316,7 @@ async def test_a_suspect_session_resumed_by_one_call_is_no_refusal_when_another_
     relay = AsksTheTest(fleet.port)
     await relay.start()
     try:
-        ingress = await with_a_session(
-            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
-        )
-        relay.asking = True
-        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
-        offered = await relay.next_hello()
-        assert offered.offers
-        offered.tell("reset")
-        again = await relay.next_hello()
-        assert not again.offers
-        again.tell("relay")
-        async with asyncio.timeout(10):
-            await call
-        kept = kept_of(ingress)
-        assert kept is not None and kept.suspect
-
+        ingress = await _with_a_suspect_session(start_ingress, tls_files, relay)
         resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
         first = await relay.next_hello()
         reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
@@ -1435,22 +1444,7 @@ async def test_a_suspect_session_resumed_before_another_calls_reset_is_no_refusa
     relay = AsksTheTest(fleet.port)
     await relay.start()
     try:
-        ingress = await with_a_session(
-            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
-        )
-        relay.asking = True
-        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
-        offered = await relay.next_hello()
-        assert offered.offers
-        offered.tell("reset")
-        again = await relay.next_hello()
-        assert not again.offers
-        again.tell("relay")
-        async with asyncio.timeout(10):
-            await call
-        kept = kept_of(ingress)
-        assert kept is not None and kept.suspect
-
+        ingress = await _with_a_suspect_session(start_ingress, tls_files, relay)
         resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
         first = await relay.next_hello()
         reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
