@@ -686,6 +686,17 @@ def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+async def open_fds_settled() -> int:
+    """`open_fds()` once the test's loop has listened: uvloop (libuv) opens
+    /dev/null once a loop, at its first listening server (its reserve for
+    EMFILE), which is no descriptor left open by a call. `free_port` used to
+    make that first server itself; it no longer listens."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    server.close()
+    await server.wait_closed()
+    return open_fds()
+
+
 def raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -723,7 +734,7 @@ async def test_slowloris_1000_trickling_heads_are_closed_at_the_request_timeout(
     ingress = await start_ingress([fleet.line("a")], timeouts={"request": request_timeout})
     _, port = ingress.wss_address
     loop = asyncio.get_running_loop()
-    fds_before = open_fds()
+    fds_before = await open_fds_settled()
     stop_calls = asyncio.Event()
     calls = asyncio.create_task(real_calls_until(stop_calls, wss_url(ingress), tls_files))
 
@@ -999,7 +1010,7 @@ async def test_random_bytes_instead_of_tls_by_the_thousand(
     fleet = await WsFleet(tls_files.fleet_server_context()).start()
     ingress = await start_ingress([fleet.line("a")], timeouts={"request": 2})
     _, port = ingress.wss_address
-    fds_before = open_fds()
+    fds_before = await open_fds_settled()
     rng = random.Random(7)
 
     async def storm(payloads: list[bytes], hang_up: Callable[[], bool]) -> None:
@@ -1057,7 +1068,7 @@ async def test_tls_handshakes_cut_short_or_stalled_are_dropped_and_counted(
         [f"https://127.0.0.1:{await free_port()} name=none"], timeouts={"request": 0.5}
     )
     _, port = ingress.wss_address
-    fds_before = open_fds()
+    fds_before = await open_fds_settled()
     cut_short = iter([b"\x16\x03\x01\x02\x00" + b"\x01" * 10, b"\x80\xff\x01\x03\x01" + b"\0" * 10])
     hung_up, _ = await open_probes(
         2, 2, port, lambda: Probe(next(cut_short), hang_up=True), ssl_context=None
@@ -1107,7 +1118,7 @@ async def test_random_bytes_after_a_tls_handshake_by_the_thousand(
     fleet = await WsFleet(tls_files.fleet_server_context()).start()
     ingress = await start_ingress([fleet.line("a")], timeouts={"request": 1})
     _, port = ingress.wss_address
-    fds_before = open_fds()
+    fds_before = await open_fds_settled()
     rng = random.Random(11)
     n = 2000
     sizes = [rng.choice([1, 64, 1024, 4096, 20000]) for _ in range(n)]
