@@ -1486,22 +1486,7 @@ async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_st
     relay = AsksTheTest(fleet.port)
     await relay.start()
     try:
-        ingress = await with_a_session(
-            start_ingress, tls_files, relay.line("a", "maxconn=10"), retry={"retries": 0}
-        )
-        relay.asking = True
-        call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset"))
-        offered = await relay.next_hello()
-        assert offered.offers
-        offered.tell("reset")
-        again = await relay.next_hello()
-        assert not again.offers
-        again.tell("relay")
-        async with asyncio.timeout(10):
-            await call
-        kept = kept_of(ingress)
-        assert kept is not None and kept.suspect
-
+        ingress = await _with_a_suspect_session(start_ingress, tls_files, relay)
         reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
         second = await relay.next_hello()
         assert second.offers
