@@ -386,8 +386,8 @@ async def test_a_fleet_down_is_told_to_the_workers_with_attempts_in_flight_there
     h = host(maxconn=8)
     w1, w2 = await h.worker(), await h.worker()
     told: dict[int, list[tuple[str, list[int]]]] = {1: [], 2: []}
-    w1.on_fleet_down = lambda name, leases: told[1].append((name, leases))
-    w2.on_fleet_down = lambda name, leases: told[2].append((name, leases))
+    w1.handlers["fleet-down"] = lambda m: told[1].append((m["fleet"], m["leases"]))
+    w2.handlers["fleet-down"] = lambda m: told[2].append((m["fleet"], m["leases"]))
     answered, waiting, also = [await w1.lease(avoid=["b"]) for _ in range(3)]
     on_b = await w2.lease(avoid=["a"])
     assert [x.fleet.name for x in (answered, waiting, also, on_b)] == ["a", "a", "a", "b"]

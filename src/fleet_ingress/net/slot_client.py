@@ -200,9 +200,6 @@ class SlotClient(asyncio.Protocol):
         # The supervisor's own messages beside the slots' (reload, stop,
         # close-fleet): op -> handler(message).
         self.handlers: dict[str, Callable[[dict[str, Any]], None]] = {}
-        # Told that a fleet went DOWN ("fleet-down"): (its name, the leases in
-        # flight there), whose attempts not answered yet are given up.
-        self.on_fleet_down: Callable[[str, list[int]], None] | None = None
         # What the worker has counted, for `report` (None: nothing counted here).
         self.reporter: Callable[[], dict[str, Any]] | None = None
         # Whether calls are live: the bytes they relay move no count, so while
@@ -550,12 +547,6 @@ class SlotClient(asyncio.Protocol):
             return
         if op == "forget-fleet":
             self._forget_fleet(field(message, "fleet", str))
-            return
-        if op == "fleet-down":
-            name = field(message, "fleet", str)
-            leases = [x for x in field(message, "leases", list) if type(x) is int]
-            if self.on_fleet_down is not None:
-                self.on_fleet_down(name, leases)
             return
         if (handler := self.handlers.get(op)) is not None:
             handler(message)

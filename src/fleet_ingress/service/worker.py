@@ -187,9 +187,7 @@ class Worker:
         client.handlers["list-calls"] = lambda m: self._spawn(
             self.list_calls(m.get("id"), CallFilter.from_wire(m.get("filter")))
         )
-        client.on_fleet_down = lambda name, leases: give_up_leases(
-            self.ingress.registry, name, leases
-        )
+        client.handlers["fleet-down"] = lambda m: give_up_leases(self.ingress.registry, m)
         client.handlers["end-call"] = lambda m: self._spawn(
             self.end_call(m.get("id"), m.get("call"), m.get("why"), m.get("tag", ...))
         )
