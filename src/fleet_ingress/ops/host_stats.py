@@ -229,7 +229,7 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
     stuck = {(r.pid, r.generation) for r in slots.workers if r.stuck(now)}
     overdue = {
-        (r.pid, r.generation) for r in slots.workers if r.stuck(now) and r.report_overdue(now)
+        (r.pid, r.generation) for r in slots.workers if not r.channel_lost and r.report_overdue(now)
     }
     rows = []
     for worker in sorted(held.keys() | reported.keys()):
