@@ -416,6 +416,28 @@ async def test_a_fleet_down_is_told_to_the_workers_with_attempts_in_flight_there
     theirs.close()
 
 
+async def test_calls_refused_until_a_fleet_goes_down_tell_the_workers_of_its_attempts(host):
+    """Not its probes: calls its fleet refused took it DOWN (`unreachable`, as
+    many as `fall`). The attempts in flight there are named to their worker
+    ("fleet-down") as a probe's DOWN names them."""
+    h = host(maxconn=8)
+    w1, w2 = await h.worker(), await h.worker()
+    told: list[tuple[str, list[int]]] = []
+    w1.handlers["fleet-down"] = lambda m: told.append((m["fleet"], m["leases"]))
+    waiting = await w1.lease(avoid=["b"])
+    assert waiting.fleet.name == "a"
+    (a,) = [f for f in h.slots.balancer.fleets if f.name == "a"]
+    h.slots.fall = 2  # fleets.fall (0, the table's default: never by calls)
+    for _ in range(h.slots.fall):
+        refused = await w2.lease(avoid=["b"])
+        assert refused.fleet.name == "a"
+        refused.fleet_unreachable(refused=True)
+        refused.release()
+    await eventually(lambda: a.health is Health.DOWN)
+    await eventually(lambda: bool(told))
+    assert told == [("a", [waiting.id])]
+
+
 async def test_an_answer_whose_id_is_not_a_number_breaks_the_protocol(host, caplog):
     """The supervisor's handlers look answers up by id: `{"op": "reloaded",
     "id": [1]}` closes the channel as a protocol break, said with the worker

@@ -136,3 +136,22 @@ def test_statuses_are_retried_only_when_listed():
     assert not RetryPolicy(3, frozenset(), frozenset()).retry_status(429, 1)
     assert RetryPolicy(3, frozenset(), frozenset({429})).retry_status(429, 1)
     assert not RetryPolicy(3, frozenset(), frozenset({429})).retry_status(429, 4)
+
+
+async def test_calls_refused_until_a_fleet_goes_down_run_the_down_hooks_once():
+    """In one process, calls a fleet refused (`fall` in a row) take it DOWN, and
+    the hooks that give up its attempts in flight (`net.fleet_down`) hear of it,
+    once; a timed-out attempt is no refusal and runs none."""
+    d = _dispatcher(maxconn=4)
+    d.fall = 2
+    for fleet in d.balancer.fleets:
+        fleet.health = Health.UP
+    heard: list[str] = []
+    d.on_down.append(lambda fleet: heard.append(fleet.name))
+    leases = [await d.lease(avoid=["b"]) for _ in range(3)]
+    assert {lease.fleet.name for lease in leases} == {"a"}
+    leases[0].fleet_unreachable(refused=False)
+    leases[1].fleet_unreachable()
+    assert heard == []
+    leases[2].fleet_unreachable()
+    assert heard == ["a"] and leases[2].fleet.health is Health.DOWN
