@@ -1303,6 +1303,20 @@ async def _with_a_suspect_session(
     return ingress
 
 
+async def _two_offered_it(
+    ingress: Ingress, tls_files: TLSFiles, relay: AsksTheTest
+) -> tuple[asyncio.Task[Any], Hello, asyncio.Task[Any], Hello]:
+    """Two calls offered the suspect session together: the one to resume it
+    (/ws/bot-resumes) and the one to be reset (/ws/bot-reset-too), each with
+    its ClientHello held at the relay, in that order."""
+    resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
+    first = await relay.next_hello()
+    reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
+    second = await relay.next_hello()
+    assert first.offers and second.offers  # the suspect session, together
+    return resumes, first, reset, second
+
+
 async def test_a_suspect_session_resumed_by_one_call_is_no_refusal_when_another_is_reset(
     start_ingress: StartIngress, tls_files: TLSFiles, fleet: ResumptionFleet
 ) -> None:
@@ -1317,11 +1331,7 @@ async def test_a_suspect_session_resumed_by_one_call_is_no_refusal_when_another_
     await relay.start()
     try:
         ingress = await _with_a_suspect_session(start_ingress, tls_files, relay)
-        resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
-        first = await relay.next_hello()
-        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
-        second = await relay.next_hello()
-        assert first.offers and second.offers  # the suspect session, together
+        resumes, first, reset, second = await _two_offered_it(ingress, tls_files, relay)
         first.tell("relay")
         async with asyncio.timeout(10):
             await resumes
@@ -1445,11 +1455,7 @@ async def test_a_suspect_session_resumed_before_another_calls_reset_is_no_refusa
     await relay.start()
     try:
         ingress = await _with_a_suspect_session(start_ingress, tls_files, relay)
-        resumes = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-resumes"))
-        first = await relay.next_hello()
-        reset = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-reset-too"))
-        second = await relay.next_hello()
-        assert first.offers and second.offers  # the suspect session, together
+        resumes, first, reset, second = await _two_offered_it(ingress, tls_files, relay)
         first.tell("relay")
         async with asyncio.timeout(10):
             await fleet.asked.wait()  # resumed; its 101 held
