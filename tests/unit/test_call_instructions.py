@@ -1,0 +1,27 @@
+"""bench/call_instructions.py's split of a call's instructions: OpenSSL's own and the rest."""
+
+from __future__ import annotations
+
+from bench import call_instructions
+
+
+def test_openssl_and_the_rest_are_split_by_shared_object() -> None:
+    # Rows as `totals` makes them: inclusive per function, own per object in brackets.
+    per = {
+        "self in [libcrypto.so.3]": 4_000_000.0,
+        "self in [libssl.so.3]": 300_000.0,
+        "self in [_rust.abi3.so]": 1_000_000.0,  # callgrind's name for libcrypto's, at times
+        "self in [libpython3.11.so.1.0]": 1_400_000.0,
+        "self in [loop.cpython-311-x86_64-linux-gnu.so]": 100_000.0,
+        "self in [libc.so.6]": 500_000.0,
+        "self in [???]": 20_000.0,
+        "???:SSL_do_handshake [/usr/lib/x86_64-linux-gnu/libssl.so.3]": 5_000_000.0,
+    }
+    openssl, rest = call_instructions.openssl_and_rest(per)
+    assert openssl == 5_300_000.0
+    assert rest == 2_020_000.0  # inclusive rows are not summed again
+
+
+def test_haproxy_s_own_binary_is_the_rest() -> None:
+    per = {"self in [haproxy]": 150_000.0, "self in [libcrypto.so.3]": 7_000_000.0}
+    assert call_instructions.openssl_and_rest(per) == (7_000_000.0, 150_000.0)
