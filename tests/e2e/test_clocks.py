@@ -26,7 +26,12 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from fleet_ingress.config.settings import MIN_HANG_TIMEOUT
+from fleet_ingress.service.ingress import STOP_GRACE
+from fleet_ingress.service.reload_rounds import RELOAD_ANSWER_TIMEOUT
+from fleet_ingress.service.upgrade_sequence import RESTORE_TIMEOUT
 from fleet_ingress.sim import SimulatedFleet
+from tests.e2e.test_upgrade import SHORT_STOP_GRACE, _copy_package, _shortened
 from tests.support import (
     UPGRADE,
     RunningIngress,
@@ -50,6 +55,11 @@ from tests.support import (
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.alone]
 
 FRAME = b"\x01" * 160  # a 20 ms media frame
+# The product's waits that a test stops a process past, shortened in a copy of the
+# package the service runs from (`_shortened`): the same stop past each, sooner.
+SHORT_RELOAD_ANSWER_TIMEOUT = 3.0  # RELOAD_ANSWER_TIMEOUT: 10 s
+SHORT_RESTORE_TIMEOUT = 3.0  # RESTORE_TIMEOUT: 5 s
+SHORT_HANG_TIMEOUT = 3.0  # MIN_HANG_TIMEOUT, process.worker_hang_timeout's least: 5 s
 WALL_CLOCK_STEP = Path(__file__).parent.parent / "wall_clock_step"
 
 
@@ -506,32 +516,44 @@ async def test_a_slot_freed_while_the_supervisor_was_stopped_goes_to_the_call_qu
 
 @pytest.mark.timeout(60)
 async def test_a_reload_through_a_supervisor_stopped_past_its_answer_wait_says_each_worker_reloaded(
-    tls_files: TLSFiles, fleet: SimulatedFleet
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path
 ) -> None:
     """`fleet-ingress reload`, its worker stopped until the supervisor has sent
     it the reload and is stopped itself; the worker answers at once, and the
-    supervisor is continued 10.5 s after (RELOAD_ANSWER_TIMEOUT 10 s): the
-    answer waiting in its channel is read before the round's wait ends. The
-    round's timer ran first: the log said "a worker did not reload" (an error),
-    the reload's answer "worker N did not reload: no answer within 10s", then
-    "worker reloaded, after the others" when the answer was read."""
+    supervisor is continued 0.5 s past RELOAD_ANSWER_TIMEOUT (3 s in the copy
+    run, not 10): the answer waiting in its channel is read before the round's
+    wait ends. The round's timer ran first: the log said "a worker did not
+    reload" (an error), the reload's answer "worker N did not reload: no answer
+    within 10s", then "worker reloaded, after the others" when the answer was read."""
+    src = _copy_package(tmp_path)
+    loaded = _shortened(
+        src,
+        "service/reload_rounds.py",
+        "RELOAD_ANSWER_TIMEOUT",
+        RELOAD_ANSWER_TIMEOUT,
+        SHORT_RELOAD_ANSWER_TIMEOUT,
+    )
     service = await RunningIngress.start(
         tls_files,
         [f"{fleet.url} name=a"],
         workers=1,
         check_timeout=5,
         check_interval=5,  # the supervisor idle, waiting in epoll_wait, when stopped
+        env={"PYTHONPATH": str(src)},
     )
     (worker,) = workers_of(service.home)
     supervisor = service.proc.pid
     try:
         await service.fleets_up()
+        assert "RELOAD_ANSWER_TIMEOUT" in loaded.read_text()  # the copy runs, its wait shortened
         os.kill(worker, signal.SIGSTOP)
         try:
             await until_stopped(worker)
             reload = asyncio.ensure_future(admin_command(service, "reload"))
             await until_asked(worker, "reload")  # it waits in the worker's channel
-            await _answer_held_by_stopped_supervisor(worker, supervisor, 10.5)
+            await _answer_held_by_stopped_supervisor(
+                worker, supervisor, SHORT_RELOAD_ANSWER_TIMEOUT + 0.5
+            )
         finally:
             os.kill(worker, signal.SIGCONT)
         async with asyncio.timeout(10):
@@ -664,17 +686,30 @@ async def test_a_call_hung_up_while_its_worker_was_stopped_past_the_drains_end_i
 
 @pytest.mark.timeout(90)
 async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stopped_is_not_silent(
-    tls_files: TLSFiles, fleet: SimulatedFleet
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path
 ) -> None:
     """An upgrade with its worker stopped until the new image has asked it
     what it holds ("sync") and is stopped itself; the worker answers at once,
-    and the supervisor is continued past the restore's wait (RESTORE_TIMEOUT
-    5 s): the answer waiting in its channel is read first. The restore's timer
-    ran first: "worker has not said what it holds after the re-execution"
-    (a warning), the worker named not_answered_yet, granting resumed on the
-    slots of the table from before the exec."""
+    and the supervisor is continued 0.5 s past the restore's wait
+    (RESTORE_TIMEOUT, 3 s in the copy run, not 5): the answer waiting in its
+    channel is read first. The restore's timer ran first: "worker has not said
+    what it holds after the re-execution" (a warning), the worker named
+    not_answered_yet, granting resumed on the slots of the table from before
+    the exec."""
+    src = _copy_package(tmp_path)
+    loaded = _shortened(
+        src,
+        "service/upgrade_sequence.py",
+        "RESTORE_TIMEOUT",
+        RESTORE_TIMEOUT,
+        SHORT_RESTORE_TIMEOUT,
+    )
     service = await RunningIngress.start(
-        tls_files, [f"{fleet.url} name=a"], workers=1, check_interval=5
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        check_interval=5,
+        env={"PYTHONPATH": str(src)},
     )
     (worker,) = workers_of(service.home)
     supervisor = service.proc.pid
@@ -688,7 +723,11 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
                 while not any(e.get("note") == "kept over the upgrade" for e in service.log()):
                     await asyncio.sleep(0.02)
             await until_asked(worker, "sync")  # it waits in the worker's channel
-            await _answer_held_by_stopped_supervisor(worker, supervisor, 5.5)
+            # The new image imported the copy's upgrade_sequence, its wait shortened.
+            assert "RESTORE_TIMEOUT" in loaded.read_text()
+            await _answer_held_by_stopped_supervisor(
+                worker, supervisor, SHORT_RESTORE_TIMEOUT + 0.5
+            )
         finally:
             os.kill(worker, signal.SIGCONT)
         async with asyncio.timeout(10):
@@ -706,7 +745,7 @@ async def test_a_worker_that_answered_the_restore_while_the_new_image_was_stoppe
 
 @pytest.mark.timeout(60)
 async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_answered_1001(
-    tls_files: TLSFiles, fleet: SimulatedFleet
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path
 ) -> None:
     """SIGTERM with a call, timeouts.drain 1 s; the supervisor and its worker
     both stopped 0.3 s into the drain (a VM paused) until past the drain and
@@ -714,9 +753,17 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
     turns and it closes the call (1001, logged `drain`) in a moment; the
     supervisor's kill backstop, as late, was put off by AFTER_STALL alone and
     killed the worker first: the call cut with no close frame, its access
-    line lost (the review of session 33 on 5114b87)."""
+    line lost (the review of session 33 on 5114b87). STOP_GRACE is
+    SHORT_STOP_GRACE in the copy run (the stop as far past it, 2 s sooner)."""
+    src = _copy_package(tmp_path)
+    loaded = _shortened(src, "service/ingress.py", "STOP_GRACE", STOP_GRACE, SHORT_STOP_GRACE)
     service = await RunningIngress.start(
-        tls_files, [f"{fleet.url} name=a"], workers=1, drain=1, check_interval=5
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        drain=1,
+        check_interval=5,
+        env={"PYTHONPATH": str(src)},
     )
     (worker,) = workers_of(service.home)
     supervisor = service.proc.pid
@@ -728,7 +775,8 @@ async def test_calls_through_a_host_stopped_past_the_drain_and_its_grace_are_ans
         service.proc.send_signal(signal.SIGTERM)
         await service.wait_for("STOPPING=1", timeout=3)
         await asyncio.sleep(0.3)
-        await stopped_together(1 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
+        assert "STOP_GRACE" in loaded.read_text()  # the copy runs, its STOP_GRACE shortened
+        await stopped_together(1 + SHORT_STOP_GRACE + 0.5, supervisor, worker)  # past drain + it
         async with asyncio.timeout(15):
             await service.proc.wait()
             with contextlib.suppress(ConnectionClosed):
@@ -970,7 +1018,7 @@ async def test_a_frame_finished_while_the_worker_was_stopped_is_followed_by_its_
 
 @pytest.mark.timeout(60)
 async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its_calls_first(
-    tls_files: TLSFiles, fleet: SimulatedFleet
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path
 ) -> None:
     """A worker's slot channel cut (it drains on its own, timeouts.drain 1 s;
     the supervisor's backstop kills it drain + STOP_GRACE after), then the
@@ -978,9 +1026,17 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
     and continued together: the worker's drain ends on its first turns and it
     closes its call (1001, logged `drain`) before the backstop, put off by
     STOP_GRACE after a stall (4be37af, f6102e7), comes. Put off by AFTER_STALL
-    alone, the kill came first: the call cut with no close frame."""
+    alone, the kill came first: the call cut with no close frame. STOP_GRACE
+    is SHORT_STOP_GRACE in the copy run (the stop as far past it, 2 s sooner)."""
+    src = _copy_package(tmp_path)
+    loaded = _shortened(src, "service/ingress.py", "STOP_GRACE", STOP_GRACE, SHORT_STOP_GRACE)
     service = await RunningIngress.start(
-        tls_files, [f"{fleet.url} name=a"], workers=1, drain=1, check_interval=5
+        tls_files,
+        [f"{fleet.url} name=a"],
+        workers=1,
+        drain=1,
+        check_interval=5,
+        env={"PYTHONPATH": str(src)},
     )
     (worker,) = workers_of(service.home)
     supervisor = service.proc.pid
@@ -993,7 +1049,8 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
         async with asyncio.timeout(5):
             while not [e for e in service.log() if "broke the protocol" in e["event"]]:
                 await asyncio.sleep(0.02)
-        await stopped_together(1 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
+        assert "STOP_GRACE" in loaded.read_text()  # the copy runs, its STOP_GRACE shortened
+        await stopped_together(1 + SHORT_STOP_GRACE + 0.5, supervisor, worker)  # past drain + it
         async with asyncio.timeout(15):
             with contextlib.suppress(ConnectionClosed):
                 await calls[0].recv()
@@ -1014,26 +1071,33 @@ async def test_a_worker_without_its_channel_stopped_past_its_backstop_closes_its
 
 @pytest.mark.timeout(60)
 async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped_is_not_killed(
-    tls_files: TLSFiles, fleet: SimulatedFleet
+    tls_files: TLSFiles, fleet: SimulatedFleet, tmp_path: Path
 ) -> None:
     """A worker killed, the supervisor stopped as its replacement starts and
-    continued 6 s after (process.worker_hang_timeout 5 s); the replacement
+    continued 1 s past process.worker_hang_timeout (3 s, the copy run's
+    MIN_HANG_TIMEOUT shortened to it: 5 s the least allowed); the replacement
     said hello and `serving` meanwhile: it is read so, and serves on. The hang
     wait ran first on the loop resumed: the replacement was killed as hung,
     carriers it had taken since with it, and replaced in turn. The replacement
     is held (SIGSTOP) until the supervisor is stopped: a quick one's hello,
     read before the stop, made this test pass on that bug 3 runs in 4."""
+    src = _copy_package(tmp_path)
+    loaded = _shortened(
+        src, "config/settings.py", "MIN_HANG_TIMEOUT", MIN_HANG_TIMEOUT, SHORT_HANG_TIMEOUT
+    )
     service = await RunningIngress.start(
         tls_files,
         [f"{fleet.url} name=a"],
         workers=1,
         check_interval=5,
-        extra="worker_hang_timeout = 5",
+        extra=f"worker_hang_timeout = {SHORT_HANG_TIMEOUT}",  # refused unless the copy runs
+        env={"PYTHONPATH": str(src)},
     )
     supervisor = service.proc.pid
     calls: list[ClientConnection] = []
     try:
         await service.fleets_up()
+        assert "MIN_HANG_TIMEOUT" in loaded.read_text()  # the copy runs, its floor lowered
         (old,) = workers_of(service.home)
         os.kill(old, signal.SIGKILL)
         async with asyncio.timeout(10):
@@ -1052,7 +1116,7 @@ async def test_a_replacement_that_began_serving_while_the_supervisor_was_stopped
             joined = "worker joined the slot coordinator"
             read = [e for e in service.log() if e["event"] == joined and e.get("pid") == new[0]]
             assert not read, read  # not read before the stop: what this test is about
-            await asyncio.sleep(6.0)
+            await asyncio.sleep(SHORT_HANG_TIMEOUT + 1.0)
         finally:
             os.kill(supervisor, signal.SIGCONT)
         await asyncio.sleep(1.0)

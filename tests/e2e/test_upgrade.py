@@ -45,6 +45,7 @@ from fleet_ingress.ops.admin_client import _await_upgrade, admin_request, format
 from fleet_ingress.ops.admin_server import admin_app, bind_admin_socket
 from fleet_ingress.ops.fleet_display import upgrade_failed
 from fleet_ingress.release import code_digest
+from fleet_ingress.service.ingress import STOP_GRACE
 from fleet_ingress.service.listen_fds import worker_key
 from fleet_ingress.service.supervisor import Supervisor
 from fleet_ingress.service.upgrade import UPGRADE_STATE, AdoptedProcess, state_fd, take_state
@@ -718,6 +719,28 @@ def _shorten_read_patience(src: Path) -> None:
     upgrade_py.write_text(
         source.replace("REEXEC_READ_PATIENCE = 10.0", "REEXEC_READ_PATIENCE = 1.0")
     )
+
+
+# STOP_GRACE (5 s) in a copy whose stop a test waits out: at least what it holds,
+# CLOSE_AT_STOP_TIMEOUT (1.7 s) and EXIT_ROOM (1 s).
+SHORT_STOP_GRACE = 3.0
+
+
+def _shortened(src: Path, module: str, name: str, was: float, now: float) -> Path:
+    """The copy `src`'s constant `name` in `module` set to `now` (`was`): a
+    product's wait a test would otherwise wait out whole shortened, what it
+    pins kept (the same stop, the same margin past the wait). Every process
+    that imports the module appends `name` to the file returned: read it to
+    know the service ran the copy, not the installed package (with the wait
+    unshortened, a test's shortened stop would not reach past it)."""
+    path = src / "fleet_ingress" / module
+    line = f"\n{name} = {was!r}\n"
+    text = path.read_text()
+    assert text.count(line) == 1, f"{name} = {was!r} not found once in {module}"
+    marks = src / f"{name}.imported"
+    said = f"open({str(marks)!r}, 'a').write({name + chr(10)!r})\n"
+    path.write_text(text.replace(line, f"\n{name} = {now!r}\n{said}"))
+    return marks
 
 
 async def _start_planted(
@@ -3720,7 +3743,8 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
     STOP_GRACE at most. Both stopped 0.3 s into it (a VM paused) until past
     that, then continued together: the worker closes its call (1001, logged
     `drain`). The image's kill loop, a plain deadline, killed it on its
-    first turn: the call cut with no close frame."""
+    first turn: the call cut with no close frame. STOP_GRACE is
+    SHORT_STOP_GRACE in the copy run (the stop 2 s shorter, as far past it)."""
     src = _copy_package(tmp_path)
     _inject(
         src,
@@ -3728,6 +3752,7 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
         "        supervisor.slots.paused = True\n        adopted: set[int] = set()\n",
         "        raise RuntimeError('planted')\n",
     )
+    loaded = _shortened(src, "service/ingress.py", "STOP_GRACE", STOP_GRACE, SHORT_STOP_GRACE)
     service = await _start_planted(src, tls_files, fleets, workers=1, drain=2)
     (worker,) = workers_of(service.home)
     supervisor = service.proc.pid
@@ -3740,7 +3765,8 @@ async def test_a_failed_resume_through_a_host_stopped_past_its_drain_answers_cal
             while not [e for e in service.log() if e.get("level") == "critical"]:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
-        await stopped_together(2 + 5 + 0.5, supervisor, worker)  # past timeouts.drain + STOP_GRACE
+        assert "STOP_GRACE" in loaded.read_text()  # the copy runs, its STOP_GRACE shortened
+        await stopped_together(2 + SHORT_STOP_GRACE + 0.5, supervisor, worker)  # past drain + it
         async with asyncio.timeout(20):
             await service.proc.wait()
             with contextlib.suppress(ConnectionClosed):
