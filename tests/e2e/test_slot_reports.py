@@ -69,25 +69,80 @@ async def test_a_read_waits_not_on_a_worker_yet_to_answer_and_names_it_overdue_b
     try:
         await eventually(lambda: len(slots.workers) == 2)
         silent = next(r for r in slots.workers if r.pid == 13)
-        # The first read asks it, and waits for it as for any worker asked now.
-        assert await server.collect_reports(timeout=0.3, silent_too=False) == 1
-        asked_at = silent.report_asked_at
-        assert asked_at is not None and not silent.report_overdue(time.monotonic())
         loop = asyncio.get_running_loop()
+        # The first read asks it, and waits for it as for any worker asked now.
+        asked_at = loop.time()
+        assert await server.collect_reports(timeout=0.3, silent_too=False) == 1
+        assert not silent.report_overdue
+        asked = server._channels[silent.worker].asked
         for _ in range(3):
             started = loop.time()
             assert await server.collect_reports(timeout=5.0, silent_too=False) == 0
             assert loop.time() - started < 1.0  # not the 5 s
         assert view.totals().counter("connections_total") == 3  # the others' fresh counts
-        assert silent.report_asked_at == asked_at  # asked once, not again
-        assert silent.report_overdue(asked_at + REPORT_OVERDUE)
+        assert server._channels[silent.worker].asked is asked  # asked once, not again
+        # Overdue REPORT_OVERDUE after the first read (twice that if this loop ran
+        # over net.late_timers.STALL late then: its timer is put off).
+        await eventually(lambda: silent.report_overdue, timeout=2 * REPORT_OVERDUE + 1)
+        assert REPORT_OVERDUE <= loop.time() - asked_at < 2 * REPORT_OVERDUE + 0.5
+        assert silent.stuck
         # It answers: nothing outstanding, nothing overdue.
         theirs.sendall(encode({"op": "report", "failed": "busy"}))
-        await eventually(lambda: silent.report_asked_at is None)
-        assert not silent.stuck(asked_at + 10 * REPORT_OVERDUE)
+        await eventually(lambda: not silent.report_overdue)
+        assert not silent.stuck
     finally:
         w1.close()
         theirs.close()
+        await server.close()
+
+
+def _states(slots: HostSlots, view: HostView) -> dict[int, tuple[str, bool]]:
+    """pid -> (state, report_overdue), as /stats.json and `stat` show them."""
+    snap = host_snapshot(slots, view, started_at=0.0)
+    return {w["pid"]: (w["state"], w["report_overdue"]) for w in snap["workers"]}
+
+
+async def test_a_stall_of_the_supervisor_past_the_overdue_time_makes_no_worker_overdue():
+    """Stats41's review: overdue was judged from the clock at each read, so a
+    supervisor stopped or starved over REPORT_OVERDUE after it asked for
+    reports showed every worker overdue (`workers_serving` 0) until it had
+    read its channels, and a read (or the STATUS line) can come first: a
+    timer runs before the reads after a stall (net.late_timers). Overdue now
+    means that the worker did not answer while the supervisor could read: a
+    worker whose answer waits unread is not, nor one stopped with the
+    supervisor (a paused VM) that has yet to have its turn; one that does not
+    answer once the supervisor runs again is, REPORT_OVERDUE later. This
+    test's loop is the supervisor's; it stalls in time.sleep."""
+    view = HostView()
+    slots = _slots()
+    server = SlotServer(slots, view=view)
+    peers = {}
+    for pid in (21, 22):  # 21 answers during the stall; 22 stopped with the supervisor
+        ours, peers[pid] = socket.socketpair()
+        await server.adopt(ours)
+        peers[pid].sendall(encode({"op": "hello", "pid": pid, "generation": 1}))
+    try:
+        await eventually(lambda: len(slots.workers) == 2)
+        assert await server.collect_reports(timeout=0.05, silent_too=False) == 2
+        time.sleep(0.1)  # noqa: ASYNC251 - the supervisor's loop stalls, as if stopped
+        peers[21].sendall(encode({"op": "report", "failed": "busy"}))  # waits unread
+        time.sleep(REPORT_OVERDUE + 0.3)  # noqa: ASYNC251 - still stalled
+        stalled_until = time.monotonic()
+        # The first look after the stall, before the loop has read its channels.
+        assert _states(slots, view) == {21: (None, False), 22: (None, False)}
+        await asyncio.sleep(0.3)  # the loop runs: 21's answer read, the late timers run
+        assert _states(slots, view) == {21: (None, False), 22: (None, False)}
+        # 22 does not answer once the supervisor runs again: overdue, counted from then.
+        row = slots.find_row(2)
+        assert row is not None and row.pid == 22
+        await eventually(lambda: row.report_overdue, timeout=REPORT_OVERDUE + 1)
+        assert time.monotonic() - stalled_until >= REPORT_OVERDUE
+        assert _states(slots, view) == {21: (None, False), 22: ("unresponsive", True)}
+        peers[22].sendall(encode({"op": "report", "failed": "busy"}))
+        await eventually(lambda: not row.report_overdue)
+    finally:
+        for peer in peers.values():
+            peer.close()
         await server.close()
 
 

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from websockets.asyncio.client import ClientConnection
 
+from fleet_ingress.core.host_slots import REPORT_OVERDUE
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
     RunningIngress,
@@ -146,6 +147,71 @@ async def test_stats_answer_at_once_and_name_a_stopped_worker_overdue_its_counts
         after = await service.stats()
         assert after["frontend"]["connections_total"] == before["frontend"]["connections_total"]
         assert after["worker_restarts"] == {} and after["worker_calls_lost"] == 0
+    finally:
+        await close_calls(calls)
+        await service.finish()
+
+
+async def test_a_supervisor_stopped_past_the_overdue_time_shows_no_worker_overdue_after(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """Stats41's review: a supervisor stopped (or starved) more than
+    REPORT_OVERDUE after it asked its workers for reports showed every worker
+    overdue, `workers_serving` 0, on resuming: overdue was judged from the
+    clock, not from what the workers did while the supervisor could read. Here
+    both workers are stopped and asked (a read), the supervisor is stopped 3 s;
+    one worker is continued meanwhile and answers (its answer waits unread), the
+    other stays stopped, as if stopped with the supervisor and not yet given
+    its turn. Read at once after the supervisor continues: both serving. The
+    one still stopped is overdue REPORT_OVERDUE after the supervisor runs again."""
+    service = await RunningIngress.start(
+        tls_files, [f"{roomy_fleet.url} name=a maxconn=16"], workers=2, check_timeout=5
+    )
+    await fleets_up_or_finished(service)
+    calls: list[ClientConnection] = []
+    supervisor = service.proc.pid
+    try:
+        await service.open_on_every_worker(tls_files, calls, 4)
+        before = await service.stats()
+        answering, late = (r["pid"] for r in before["workers"])
+        stopped = {answering, late}
+        try:
+            for pid in stopped:
+                os.kill(pid, signal.SIGSTOP)
+            await until_stopped(*stopped)
+            await service.stats()  # asks both: neither answers yet
+            os.kill(supervisor, signal.SIGSTOP)
+            stopped.add(supervisor)
+            await until_stopped(supervisor)
+            os.kill(answering, signal.SIGCONT)  # answers into its channel, unread
+            stopped.discard(answering)
+            await asyncio.sleep(3.0)
+            os.kill(supervisor, signal.SIGCONT)
+            stopped.discard(supervisor)
+            resumed_at = time.monotonic()
+            stats = await service.stats()
+            # Before: [late] (or both) overdue, unresponsive, out of workers_serving.
+            assert [r["pid"] for r in stats["workers"] if r["report_overdue"]] == [], stats
+            assert stats["workers_serving"] == 2 and stats["workers_unresponsive"] == []
+            samples = metric_samples(await service.metrics())
+            assert samples["fleet_ingress_workers_serving"][()] == 2
+            # The one that stays stopped: overdue, REPORT_OVERDUE after the supervisor
+            # could read again (its first read, put off after the stall).
+            async with asyncio.timeout(OVERDUE_WITHIN):
+                while not _row(stats := await service.stats(), late)["report_overdue"]:
+                    await asyncio.sleep(0.1)
+            assert time.monotonic() - resumed_at >= REPORT_OVERDUE - 0.2, stats
+            assert not _row(stats, answering)["report_overdue"]
+            assert stats["workers_serving"] == 1 and stats["workers_unresponsive"] == [late]
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        async with asyncio.timeout(10):
+            while (row := _row(await service.stats(), late))["report_overdue"]:
+                await asyncio.sleep(0.05)
+        assert row["state"] == "serving", row
+        for ws in calls:
+            await echo(ws)
     finally:
         await close_calls(calls)
         await service.finish()

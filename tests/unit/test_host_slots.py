@@ -19,7 +19,6 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import (
     QUEUE_FULL,
     QUEUE_OFF,
-    REPORT_OVERDUE,
     UNRESPONSIVE_PULLS,
     Answer,
     Granted,
@@ -801,19 +800,19 @@ def test_an_answer_from_the_queue_says_so_and_one_at_once_does_not():
 
 def test_a_worker_is_stuck_once_a_report_asked_of_it_is_overdue_or_pulls_went_unanswered():
     """The rule `stat`, /stats.json and /metrics show a worker unresponsive by
-    (session 40's host-view audit): a report asked REPORT_OVERDUE ago and
-    unread, or UNRESPONSIVE_PULLS pulls unanswered; never once its channel is
-    lost (it is asked nothing then)."""
+    (session 40's host-view audit): a report asked of it judged overdue (the
+    slot server's timer, REPORT_OVERDUE in time the supervisor ran), or
+    UNRESPONSIVE_PULLS pulls unanswered; never once its channel is lost (it is
+    asked nothing then)."""
     row = _slots().find_row("w1")
     assert row is not None
-    assert not row.report_overdue(100.0) and not row.stuck(100.0)  # nothing asked
-    row.report_asked_at = 100.0
-    assert not row.report_overdue(100.0 + REPORT_OVERDUE - 0.01)
-    assert row.report_overdue(100.0 + REPORT_OVERDUE) and row.stuck(100.0 + REPORT_OVERDUE)
-    row.report_asked_at = None  # its report read
-    assert not row.stuck(200.0)
+    assert not row.report_overdue and not row.stuck  # nothing asked
+    row.report_overdue = True
+    assert row.stuck
+    row.report_overdue = False  # its report read
+    assert not row.stuck
     row.silent_pulls = UNRESPONSIVE_PULLS
-    assert row.stuck(200.0) and not row.report_overdue(200.0)
-    row.report_asked_at = 100.0
+    assert row.stuck and not row.report_overdue
+    row.report_overdue = True
     row.channel_lost = True
-    assert not row.stuck(200.0)
+    assert not row.stuck

@@ -18,7 +18,7 @@ from fleet_ingress.core.balancer import Balancer
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
 from fleet_ingress.core.health import Health
-from fleet_ingress.core.host_slots import REPORT_OVERDUE, HostSlots
+from fleet_ingress.core.host_slots import HostSlots
 from fleet_ingress.core.host_view import Counts, HostView, ReportError, WorkerReport
 from fleet_ingress.net.calls import Registry
 from fleet_ingress.net.dispatch import Dispatcher
@@ -237,22 +237,22 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
 
 def test_a_worker_whose_asked_report_is_overdue_is_shown_unresponsive_with_its_last_counts():
     """Session 40's host-view audit: a stopped worker was shown unresponsive
-    only after two pulls (15-20 s). A report asked and unread REPORT_OVERDUE
-    makes it so at once; its counts stay its last report's, neither dropped
-    nor counted twice."""
+    only after two pulls (15-20 s). A report asked and judged overdue (unread
+    REPORT_OVERDUE in time the supervisor ran: net.slot_server's timer) makes it
+    so at once; its counts stay its last report's, neither dropped nor counted
+    twice."""
     *_, r1 = a_worker(3, pid=101, generation=1)
     *_, r2 = a_worker(4, pid=202, generation=1)
     slots, view = host_with(r1, r2)
     before = host_snapshot(slots, view, started_at=0.0)
     row = slots.find_row(1)
     assert row is not None
-    row.report_asked_at = time.monotonic() - (REPORT_OVERDUE - 0.5)  # asked, not yet due
     snap = host_snapshot(slots, view, started_at=0.0)
     assert [(w["pid"], w["state"], w["report_overdue"]) for w in snap["workers"]] == [
         (101, "serving", False),
         (202, "serving", False),
     ]
-    row.report_asked_at = time.monotonic() - (REPORT_OVERDUE + 0.5)
+    row.report_overdue = True
     snap = host_snapshot(slots, view, started_at=0.0)
     assert [(w["pid"], w["state"], w["report_overdue"]) for w in snap["workers"]] == [
         (101, "serving", False),

@@ -83,12 +83,15 @@ Answer = Granted | Refused
 # it as hung once it has been so for process.worker_hang_timeout.
 UNRESPONSIVE_PULLS = 2
 # A report asked of a worker (a pull, a scrape, `stat`) and not read this long
-# after (seconds) is overdue: the worker is shown unresponsive at once, its
-# last report's counts standing, and no read waits on it. Two of the report
-# intervals of a worker holding calls (`slot_client.REPORT_AFTER_COUNT`, 1 s);
-# a healthy worker answers in milliseconds. Before, a stopped worker was shown
-# only after UNRESPONSIVE_PULLS pulls, 15-20 s, and every scrape waited 0.5 s
-# on it (session 40's host-view audit).
+# after (seconds), counted in time the supervisor ran, makes it overdue: shown
+# unresponsive at once, its last report's counts standing, and no read waits on
+# it. Two of the report intervals of a worker holding calls
+# (`slot_client.REPORT_AFTER_COUNT`, 1 s); a healthy worker answers in
+# milliseconds. Before, a stopped worker was shown only after UNRESPONSIVE_PULLS
+# pulls, 15-20 s, and every scrape waited 0.5 s on it (session 40's host-view
+# audit). The slot server judges it with a timer put off after a stall of its
+# own loop (`net.slot_server`): a supervisor stopped or starved past it had not
+# read the answers waiting (session 42).
 REPORT_OVERDUE = 2.0
 
 
@@ -113,23 +116,20 @@ class WorkerRow:
     # since when (monotonic, the first found unanswered), for the hang timeout.
     silent_pulls: int = 0
     silent_since: float | None = None
-    # When (monotonic) the report asked of it and not yet read was asked; None:
-    # none outstanding (`report_overdue`).
-    report_asked_at: float | None = None
+    # A report asked of it was still unread REPORT_OVERDUE after it was asked,
+    # in time the supervisor ran (set by the slot server's timer, cleared by
+    # its next report): shown unresponsive, its last report's counts standing.
+    report_overdue: bool = False
 
     @property
     def unresponsive(self) -> bool:
         return self.silent_pulls >= UNRESPONSIVE_PULLS
 
-    def report_overdue(self, now: float) -> bool:
-        """A report asked of it has gone unread REPORT_OVERDUE (`now` monotonic)."""
-        asked = self.report_asked_at
-        return asked is not None and now - asked >= REPORT_OVERDUE
-
-    def stuck(self, now: float) -> bool:
+    @property
+    def stuck(self) -> bool:
         """Shown unresponsive: silent UNRESPONSIVE_PULLS pulls, or a report
         overdue; not once its channel is lost (it is asked nothing then)."""
-        return not self.channel_lost and (self.unresponsive or self.report_overdue(now))
+        return not self.channel_lost and (self.unresponsive or self.report_overdue)
 
     @property
     def calls(self) -> int:

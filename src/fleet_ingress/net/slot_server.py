@@ -42,7 +42,14 @@ from typing import Any, cast
 
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.fleet_spec import FleetSpec
-from fleet_ingress.core.host_slots import Answer, Granted, HostSlots, SlotProtocolError, WorkerRow
+from fleet_ingress.core.host_slots import (
+    REPORT_OVERDUE,
+    Answer,
+    Granted,
+    HostSlots,
+    SlotProtocolError,
+    WorkerRow,
+)
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
 from fleet_ingress.core.slot_budget import share
 from fleet_ingress.logs import fields
@@ -170,6 +177,8 @@ class _Channel(asyncio.Protocol):
         # has said, "" when it said none (a build before tags: ids `PID-N`).
         self.tag: str | None = None
         self.asked: asyncio.Future[None] | None = None  # a report asked for, not yet read
+        # Judges that report overdue (`SlotServer._time_report`) unless it is read first.
+        self.report_timer: PatientTimer | None = None
         self.reported: tuple[int, int] | None = None  # (pid, generation) its reports name
         self.unknown = UnknownOps()  # a newer worker's ops: logged once, ignored
 
@@ -210,6 +219,9 @@ class _Channel(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.report_timer is not None:
+            self.report_timer.cancel()
+            self.report_timer = None
         spare, self._spare = self._spare, None
         try:
             if spare is not None and isinstance(exc, OSError) and not self.handed_over:
@@ -767,18 +779,16 @@ class SlotServer:
         `timeout` at most (a busy worker's last report stands meanwhile); not
         `silent_too`, not for one that has yet to answer a report asked of it
         before (a read of the host's stats: that one's last report is shown,
-        overdue once `WorkerRow.report_overdue`). Returns how many did not
-        answer in time."""
+        `WorkerRow.report_overdue` once it is, `_time_report`). Returns how
+        many did not answer in time."""
         asked: list[asyncio.Future[None]] = []
-        now = time.monotonic()
         for channel in list(self._channels.values()):
             if not channel.joined or channel.restoring:
                 continue
             if channel.asked is None or channel.asked.done():
                 channel.asked = asyncio.get_running_loop().create_future()
                 channel.send({"op": "report"})
-                if (row := self.slots.find_row(channel.key)) is not None:
-                    row.report_asked_at = now
+                self._time_report(channel)
             elif not silent_too:
                 continue
             asked.append(channel.asked)
@@ -786,6 +796,31 @@ class SlotServer:
             return 0
         _, pending = await wait_patiently(asked, timeout)
         return len(pending)
+
+    def _time_report(self, channel: _Channel) -> None:
+        """The report just asked of `channel`'s worker is judged overdue
+        REPORT_OVERDUE from now if it has not been read by then, by a timer
+        that a stall of this loop puts off by REPORT_OVERDUE (`PatientTimer`):
+        overdue says the worker did not answer while the supervisor could
+        read. Judged from the clock at each read, a supervisor stopped or
+        starved past it after asking showed every worker overdue and
+        `workers_serving` 0, their answers waiting unread in the channels, or
+        not yet sent by workers stopped with it (a paused VM); and a timer
+        comes before the reads after a stall (`net.late_timers`)."""
+        if channel.report_timer is not None:
+            channel.report_timer.cancel()
+        channel.report_timer = PatientTimer(
+            channel.loop, REPORT_OVERDUE, self._report_overdue, channel, put_off=REPORT_OVERDUE
+        )
+
+    def _report_overdue(self, channel: _Channel) -> None:
+        channel.report_timer = None
+        if self._channels.get(channel.key) is not channel:
+            return  # gone, or handed over: no longer this image's to judge
+        if channel.asked is None or channel.asked.done():
+            return
+        if (row := self.slots.find_row(channel.key)) is not None:
+            row.report_overdue = True
 
     def count_silent(self, now: float) -> list[tuple[int, int, float]]:
         """After a round of report requests: each joined worker that has not
@@ -979,9 +1014,12 @@ class SlotServer:
     def _report(self, channel: _Channel, message: dict[str, Any]) -> None:
         if channel.asked is not None and not channel.asked.done():
             channel.asked.set_result(None)
+        if channel.report_timer is not None:
+            channel.report_timer.cancel()
+            channel.report_timer = None
         if (row := self.slots.find_row(channel.key)) is not None:
             row.silent_pulls, row.silent_since = 0, None
-            row.report_asked_at = None
+            row.report_overdue = False
         if "failed" in message:  # alive, but could not count: its last report stands
             log.warning(
                 "worker could not build its report: its previous one stands",

@@ -227,9 +227,9 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
     held = {(r.pid, r.generation): r.calls for r in slots.workers}
     # Its channel ended while it runs: it finishes its calls, its slots still counted.
     lost = {(r.pid, r.generation) for r in slots.workers if r.channel_lost}
-    stuck = {(r.pid, r.generation) for r in slots.workers if r.stuck(now)}
+    stuck = {(r.pid, r.generation) for r in slots.workers if r.stuck}
     overdue = {
-        (r.pid, r.generation) for r in slots.workers if not r.channel_lost and r.report_overdue(now)
+        (r.pid, r.generation) for r in slots.workers if not r.channel_lost and r.report_overdue
     }
     rows = []
     for worker in sorted(held.keys() | reported.keys()):

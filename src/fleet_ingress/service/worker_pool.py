@@ -696,8 +696,7 @@ class WorkerPool:
         return [w for w in self._running_workers() if w.serving.is_set() and w.pid not in stuck]
 
     def _unresponsive_pids(self) -> set[int]:
-        now = time.monotonic()
-        return {row.pid for row in self.slots.workers if row.stuck(now)}
+        return {row.pid for row in self.slots.workers if row.stuck}
 
     def unresponsive_workers(self) -> list[int]:
         """Pids of the serving generation's workers that answer no report request."""
