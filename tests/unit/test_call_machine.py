@@ -52,6 +52,7 @@ from fleet_ingress.core.call_machine import (
     Link,
     LogAttemptFailed,
     Lost,
+    OfferedConnectionFailed,
     OpenCall,
     ParseHead,
     Relay,
@@ -747,6 +748,23 @@ def test_a_status_retried_with_no_slot_left_says_the_fleets_status_not_the_ingre
     pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
     assert pb
     assert machine.attempts_said() == ["a 503"]
+
+
+def test_a_connection_offered_the_session_that_failed_counts_for_health_not_as_an_attempt():
+    """The fleet failed a connection offered its kept TLS session, no refusal
+    proven, and the connection made again got through (net/fleet_sessions):
+    a refused connection for the fleet's passive health, on the slot the
+    attempt holds; the attempt goes on, its retries unused, nothing for the
+    access line's `tried`. Before (session 42) nothing was counted."""
+    a, _ = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1) << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> OfferedConnectionFailed() << FleetUnreachable(refused=True)
+    pb >> FleetConnected() << CancelTimer(Timer.CONNECT) << SendHead()
+    pb << StartTimer(Timer.RESPONSE, RESPONSE_S)
+    pb >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (machine.attempt, a.retries, machine.attempts_said()) == (1, 0, None)
 
 
 # An attempt whose fleet went DOWN before it answered --------------------------

@@ -178,6 +178,21 @@ class FleetConnectFailed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class OfferedConnectionFailed(Event):
+    """This attempt's connection, offered the fleet's kept TLS session, was
+    failed by the fleet (closed, reset, an alert) and no refusal of the
+    session was proven (net/fleet_sessions.connect_again): a failed
+    connection to the fleet, counted for its passive health as any refused
+    connection is. Not a failed attempt: the connection is made again
+    without the session within the same connect timer, to the same fleet,
+    and the call's retries are not used (SPEC 5: a retry is another attempt,
+    on a fleet not yet tried where one is eligible; this is the fleet's
+    optimisation being undone, not the call's attempt). Before (session 42)
+    it was not counted: a fleet that drops a share p of its connections was
+    seen failing p x p of its calls' connections (one made again was free)."""
+
+
+@dataclass(frozen=True, slots=True)
 class FleetWentDown(Event):
     """The fleet of the attempt under way went DOWN (its health checks failed
     `fleets.fall` times, or calls it refused took it there) before it answered:
@@ -789,6 +804,9 @@ class CallMachine:
         else:
             self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
+    def _offered_connection_failed(self, event: Event) -> None:
+        self._emit(FleetUnreachable(refused=True))
+
     def _connect_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
         if event.timer is not Timer.CONNECT:
@@ -1177,6 +1195,7 @@ CallMachine.TRANSITIONS = {
     State.CONNECTING: {
         FleetConnected: _M._fleet_connected,
         FleetConnectFailed: _M._connect_failed,
+        OfferedConnectionFailed: _M._offered_connection_failed,
         TimerFired: _M._connect_timer,
         FleetWentDown: _M._fleet_went_down,
         **_SETUP_ENDS,
