@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.health import Health
 from fleet_ingress.net import fleet_sessions, tls_socket
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim.fleet import SimulatedFleet
@@ -1537,6 +1538,43 @@ async def test_a_flaky_fleets_reset_of_a_connection_offered_its_session_is_a_fai
     assert (line["status"], line["attempts"]) == (101, 1) and "tried" not in line, line
     samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
     assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
+
+
+async def test_a_reset_that_takes_the_fleet_down_gives_the_attempt_up_and_the_line_says_so(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`fleets.fall` 1: the reset of a's connection offered its session, no
+    refusal proven, is the refused connection that takes a DOWN, as the
+    connection made again without it gets through. The attempt is given up
+    as any attempt on a fleet gone DOWN (`FleetWentDown`), that connection
+    closed unused, and the call is served by b; its access line says it
+    tried a first. Before (session 42) the reset was not counted: a stayed
+    UP and the call was a's."""
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([relay.line("a"), other.line("b")], retry={"retries": 1})
+        for i in range(2):  # round robin: a (its session kept), then b
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert kept_of(ingress, "a") is not None and len(other.reused) == 1
+        ingress.dispatcher.fall = 1  # passive health observed (as with probes)
+        relay.answer, relay.only = "reset", {relay.offered + 1}
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        await one_call(ingress, tls_files, "/ws/bot-reset")
+        assert relay.answered == 1
+        a = ingress.balancer.get("a")
+        assert a is not None and a.health is Health.DOWN
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+        (line,) = access_entries(caplog)
+        assert (line["fleet"], line["status"], line["attempts"]) == ("b", 101, 2), line
+        assert line["tried"] == ["a fleet-down", "b 101"], line
+        assert len(fleet.reused) == 1  # a's connection made again: closed, no request
+        assert len(other.reused) == 2
+    finally:
+        await other.stop()
 
 
 @pytest.fixture
