@@ -326,7 +326,10 @@ class FleetUnreachable(Command):
     """This attempt could not connect to its fleet, not for this host's own
     lack of resources: `refused` (its answer: TCP refused or reset, TLS
     failed) counts toward taking it DOWN; timed out, it asks for a probe on a
-    new connection (`FleetState.call_unreachable`). On the slot this attempt holds."""
+    new connection (`FleetState.call_unreachable`). Also for a connection of
+    an attempt that goes on: one offered the fleet's TLS session that the
+    fleet failed, no refusal proven (`OfferedConnectionFailed`). On the slot
+    this attempt holds."""
 
     refused: bool = True
 
