@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.config.settings import config_from_dict
 from fleet_ingress.core.balancer import FleetState
+from fleet_ingress.core.health import Health
 from fleet_ingress.net import fleet_sessions, tls_socket
 from fleet_ingress.service.ingress import Ingress
 from fleet_ingress.sim.fleet import SimulatedFleet
@@ -37,6 +38,7 @@ from tests.support import (
     StartIngress,
     TLSFiles,
     WsFleet,
+    access_entries,
     echo,
     eventually,
     metric_samples,
@@ -779,6 +781,7 @@ async def test_a_fleet_that_resets_some_connections_is_not_said_to_refuse_the_se
     reset made the fleet `Refusing`: every later call a full handshake for
     REFUSED_FOR (reused all False), and the journal said it refused."""
     ingress = await with_a_session(start_ingress, tls_files, relay.line("a"), retry={"retries": 0})
+    ingress.dispatcher.fall = 10  # passive health observed (as with probes), not reached
     relay.answer, relay.only = answer, {relay.offered + 1, relay.offered + 3}
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     for i in range(4):
@@ -786,10 +789,15 @@ async def test_a_fleet_that_resets_some_connections_is_not_said_to_refuse_the_se
     assert relay.answered == 2
     assert fleet.reused == [False, False, True, False, True]
     (state,) = ingress.balancer.fleets
-    assert (state.call_failures, state.retries) == (0, 0)
+    # Each reset a failed connection (since session 42; the streak ended by
+    # each call's 101): the next probe opens a new connection.
+    assert (state.call_failures, state.retries, state.fresh_probe) == (0, 0, True)
     assert kept_of(ingress) is not None
     said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
     assert not said, said
+    # No refusal proven, none counted (before session 42: 2, one a connection made again).
+    samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
 
 
 @pytest.mark.parametrize("answer", ["close", "reset"])
@@ -820,8 +828,10 @@ async def test_a_fleet_that_closes_every_connection_offered_a_session_refuses_at
     assert isinstance(state.tls_session, fleet_sessions.Refusing)
     said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
     assert len(said) == 1, said
+    # The refusal proven, by the second close: the first was no proof (since
+    # session 42 only what is proven is counted; before, 2).
     samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
-    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 2.0}
+    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
 
 
 @pytest.mark.parametrize(("answer", "connections"), [("close", 3), ("reset", 3), ("http", 2)])
@@ -843,6 +853,7 @@ async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_ses
     not a refusal (2). Before, both said and counted a refusal, and the
     plain-HTTP fleet took the connection made again too."""
     ingress = await with_a_session(start_ingress, tls_files, relay.line("a"), retry={"retries": 0})
+    ingress.dispatcher.fall = 10  # passive health observed (as with probes), not reached
     relay.answer, relay.every = answer, True
     caplog.set_level(logging.INFO, logger="fleet_ingress")
     for _ in range(2):
@@ -850,6 +861,11 @@ async def test_a_fleet_that_fails_every_connection_is_not_said_to_refuse_the_ses
             await one_call(ingress, tls_files)
         assert failed.value.response.status_code == 503
     assert relay.answered == connections
+    # Every connection the fleet failed is a failed connection, the first
+    # call's two included (before session 42, the one offered the session
+    # was free: 2 of 3).
+    (state,) = ingress.balancer.fleets
+    assert state.call_failures == connections
     assert kept_of(ingress) is None
     said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
     assert not said, said
@@ -902,7 +918,9 @@ async def test_an_openssl_fleet_that_fails_every_resumption_is_kept_no_session(
     connection without sending what OpenSSL wrote: the ingress reads
     SSLEOFError, "UNEXPECTED_EOF_WHILE_READING"), as with any fleet on
     Python's asyncio or uvloop: a close, which proves the refusal at the
-    second call made again (`fleet_sessions._through`): 2 counted."""
+    second call made again (`fleet_sessions._through`): 1 counted, the
+    refusal proven (the first close, no proof, was a failed connection;
+    before session 42, 2 counted)."""
     ctx = tls12_server_context(tls_files)
     LIBSSL.SSL_CTX_set_session_id_context.argtypes = [
         ctypes.c_void_p,
@@ -920,7 +938,7 @@ async def test_an_openssl_fleet_that_fails_every_resumption_is_kept_no_session(
             await one_call(ingress, tls_files, f"/ws/bot-{i}")
         assert fleet.reused == [False] * 7
         samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
-        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 2.0}
+        assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 1.0}
         said = [r for r in caplog.records if "refused the TLS session" in r.getMessage()]
         assert len(said) == 1, said
         assert said[0].__dict__["fields"]["fleet"] == "a"
@@ -1477,6 +1495,100 @@ async def test_a_suspect_session_resumed_before_another_calls_reset_is_no_refusa
     finally:
         await relay.stop()
         await fleet.stop()
+
+
+@pytest.mark.parametrize("answer", ["reset", "close"])
+async def test_a_flaky_fleets_reset_of_a_connection_offered_its_session_is_a_failed_connection(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    relay_answer_held: tuple[HoldsItsAnswer, GuardsResumption],
+    caplog: pytest.LogCaptureFixture,
+    answer: str,
+) -> None:
+    """A fleet resets (or closes) the next connection offered its session
+    and takes the one made again without it: that reset is no proven
+    refusal, so it is what it looks like, a connection the fleet refused,
+    counted for passive health (`call_failures` 1 while the call waits for
+    its 101, `fresh_probe`) as a refused connection with no session
+    offered is; the call is served (retries 0: not a failed attempt, its
+    line has no `tried`) and its 101 ends the streak. Before (session 42)
+    nothing was counted: a fleet dropping a share p of its connections
+    was seen failing p x p of them, and the refusal counter took it for a
+    refusal (1)."""
+    fleet, relay = relay_answer_held
+    ingress = await with_a_session(start_ingress, tls_files, relay.line("a"), retry={"retries": 0})
+    ingress.dispatcher.fall = 10  # passive health observed (as with probes), not reached
+    relay.answer, relay.only = answer, {relay.offered + 1}
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    call = asyncio.create_task(one_call(ingress, tls_files, "/ws/bot-held"))
+    try:
+        async with asyncio.timeout(10):
+            await fleet.asked.wait()  # made again, through; its 101 held
+        (state,) = ingress.balancer.fleets
+        assert relay.answered == 1 and fleet.reused[-1] is False
+        assert (state.call_failures, state.fresh_probe, state.retries) == (1, True, 0)
+        fleet.release.set()
+        async with asyncio.timeout(10):
+            await call
+    finally:
+        call.cancel()
+    assert state.call_failures == 0  # its 101: the fleet took a connection
+    await eventually(lambda: len(access_entries(caplog)) == 1)
+    (line,) = access_entries(caplog)
+    assert (line["status"], line["attempts"]) == (101, 1) and "tried" not in line, line
+    samples = metric_samples(generate_latest(ingress.metrics.prometheus).decode())
+    assert samples["fleet_ingress_fleet_tls_sessions_refused_total"] == {(): 0.0}
+
+
+async def test_a_reset_that_takes_the_fleet_down_gives_the_attempt_up_and_the_line_says_so(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`fleets.fall` 1: the reset of a's connection offered its session, no
+    refusal proven, is the refused connection that takes a DOWN, as the
+    connection made again without it gets through. The attempt is given up
+    as any attempt on a fleet gone DOWN (`FleetWentDown`), that connection
+    closed unused, and the call is served by b; its access line says it
+    tried a first. Before (session 42) the reset was not counted: a stayed
+    UP and the call was a's."""
+    other = await ResumptionFleet(tls_files.fleet_server_context()).start()
+    try:
+        ingress = await start_ingress([relay.line("a"), other.line("b")], retry={"retries": 1})
+        for i in range(2):  # round robin: a (its session kept), then b
+            await one_call(ingress, tls_files, f"/ws/bot-{i}")
+        assert kept_of(ingress, "a") is not None and len(other.reused) == 1
+        ingress.dispatcher.fall = 1  # passive health observed (as with probes)
+        relay.answer, relay.only = "reset", {relay.offered + 1}
+        caplog.set_level(logging.INFO, logger="fleet_ingress")
+        await one_call(ingress, tls_files, "/ws/bot-reset")
+        assert relay.answered == 1
+        a = ingress.balancer.get("a")
+        assert a is not None and a.health is Health.DOWN
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+        (line,) = access_entries(caplog)
+        assert (line["fleet"], line["status"], line["attempts"]) == ("b", 101, 2), line
+        assert line["tried"] == ["a fleet-down", "b 101"], line
+        assert len(fleet.reused) == 1  # a's connection made again: closed, no request
+        assert len(other.reused) == 2
+    finally:
+        await other.stop()
+
+
+@pytest.fixture
+async def relay_answer_held(tls_files: TLSFiles):  # type: ignore[no-untyped-def]
+    """A HoldsItsAnswer fleet (its answer to /ws/bot-held held) behind a
+    GuardsResumption relay, both started."""
+    fleet = HoldsItsAnswer(tls_files.fleet_server_context(), "/ws/bot-held")
+    await fleet.start()
+    relay = GuardsResumption(fleet.port)
+    await relay.start()
+    yield fleet, relay
+    fleet.release.set()  # a test that failed before its release
+    await relay.stop()
+    await fleet.stop()
 
 
 async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_stays_suspect(

@@ -52,6 +52,7 @@ from fleet_ingress.core.call_machine import (
     Link,
     LogAttemptFailed,
     Lost,
+    OfferedConnectionFailed,
     OpenCall,
     ParseHead,
     Relay,
@@ -657,6 +658,113 @@ def test_a_relayed_answer_cut_for_its_stall_says_so():
         "the fleet's answer stalled before its end: "
         f"cut, no byte for timeouts.response ({RESPONSE_S:g}s)"
     )
+
+
+# What the access line says of the fleets a call tried (`attempts_said`) ------
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_the_fleets_a_call_left_are_said_in_order_with_each_attempts_end(how: str):
+    """A call that left fleet a (any failure) and got its 101 on b: both,
+    in order, each with what its attempt ended with; the access line's
+    `fleet` names b alone."""
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, how) << TakeSlot(("a",))
+    attempt(pb, b, 2) >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert machine.attempts_said() == [f"a {FAILURES[how][2].value}", "b 101"]
+
+
+def test_a_call_answered_by_its_first_fleet_says_nothing_more():
+    """The common call: one attempt, answered (a 101, or a status relayed):
+    nothing is kept for it and its line is not made longer."""
+    (a,) = fleets("a")
+    pb, machine = new_call()
+    in_tunnel(pb, a)
+    assert pb
+    assert machine.attempts_said() is None and machine.left == ()
+    pb, machine = new_call(retries=0)
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(403, False) << CancelTimer(Timer.RESPONSE) << Relay(403)
+    assert pb
+    assert machine.attempts_said() is None
+    pb, machine = new_call()
+    up_to_slot(pb) >> SlotRefused("no fleet is up")
+    pb << Answer(503, "no fleet is up") << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.attempts_said() is None  # no attempt at all
+
+
+def test_every_attempt_of_a_call_whose_attempts_ran_out_is_said():
+    a, b = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, "conn-failure") << TakeSlot(("a",))
+    fail_attempt(pb, b, 2, "response-timeout") << give_up("response-timeout")
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.attempts_said() == ["a conn-failure", "b response-timeout"]
+    # One attempt, failed and not retried (retries 0): its failure is said,
+    # which the 503's text alone does not (refused, reset or timed out).
+    pb, machine = new_call(retries=0)
+    up_to_slot(pb)
+    fail_attempt(pb, a, 1, "connect timeout") << give_up("connect timeout")
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.attempts_said() == ["a conn-failure"]
+
+
+def test_a_status_retried_a_fleet_down_and_an_attempt_cut_short_are_said():
+    """A 503 retried (retry_on lists it), a fleet gone DOWN before it
+    answered, then the carrier gone while the third attempt connects: each
+    attempt said, the last `unanswered`."""
+    a, b, c = fleets("a", "b", "c")
+    pb, machine = new_call(retries=2, statuses=frozenset({503}))
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(503, False) << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << TakeSlot(("a",))
+    attempt(pb, b, 2)
+    pb >> FleetWentDown() << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << LogAttemptFailed("b", 2, Failure.FLEET_DOWN, DOWN_AWAITING)
+    pb << TakeSlot(("a", "b"))
+    pb >> SlotGranted(c) << ConnectFleet(c, 3) << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> CarrierLost(Lost.CLOSED) << CancelTimer(Timer.CONNECT) << DropFleet() << ReleaseSlot()
+    pb << CallEnded(EndReason.CARRIER_CLOSED) << SidesGone()
+    assert pb
+    assert machine.attempts_said() == ["a 503", "b fleet-down", "c unanswered"]
+
+
+def test_a_status_retried_with_no_slot_left_says_the_fleets_status_not_the_ingresss():
+    """a's 503 retried, then no fleet for the retry: the carrier gets the
+    ingress's 503 (`status`), and `tried` says a answered 503 itself."""
+    (a,) = fleets("a")
+    pb, machine = new_call(retries=1, statuses=frozenset({503}))
+    attempt(up_to_slot(pb), a, 1)
+    pb >> FleetHead(503, False) << CancelTimer(Timer.RESPONSE) << DropFleet() << ReleaseSlot()
+    pb << TakeSlot(("a",))
+    pb >> SlotRefused("no fleet is up") << Answer(503, "no fleet is up")
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    assert pb
+    assert machine.attempts_said() == ["a 503"]
+
+
+def test_a_connection_offered_the_session_that_failed_counts_for_health_not_as_an_attempt():
+    """The fleet failed a connection offered its kept TLS session, no refusal
+    proven, and the connection made again got through (net/fleet_sessions):
+    a refused connection for the fleet's passive health, on the slot the
+    attempt holds; the attempt goes on, its retries unused, nothing for the
+    access line's `tried`. Before (session 42) nothing was counted."""
+    a, _ = fleets("a", "b")
+    pb, machine = new_call(retries=1)
+    up_to_slot(pb) >> SlotGranted(a) << ConnectFleet(a, 1) << StartTimer(Timer.CONNECT, CONNECT_S)
+    pb >> OfferedConnectionFailed() << FleetUnreachable(refused=True)
+    pb >> FleetConnected() << CancelTimer(Timer.CONNECT) << SendHead()
+    pb << StartTimer(Timer.RESPONSE, RESPONSE_S)
+    pb >> FleetHead(101, True) << CancelTimer(Timer.RESPONSE) << Link(101)
+    assert pb
+    assert (machine.attempt, a.retries, machine.attempts_said()) == (1, 0, None)
 
 
 # An attempt whose fleet went DOWN before it answered --------------------------

@@ -178,6 +178,21 @@ class FleetConnectFailed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class OfferedConnectionFailed(Event):
+    """This attempt's connection, offered the fleet's kept TLS session, was
+    failed by the fleet (closed, reset, an alert) and no refusal of the
+    session was proven (net/fleet_sessions.connect_again): a failed
+    connection to the fleet, counted for its passive health as any refused
+    connection is. Not a failed attempt: the connection is made again
+    without the session within the same connect timer, to the same fleet,
+    and the call's retries are not used (SPEC 5: a retry is another attempt,
+    on a fleet not yet tried where one is eligible; this is the fleet's
+    optimisation being undone, not the call's attempt). Before (session 42)
+    it was not counted: a fleet that drops a share p of its connections was
+    seen failing p x p of its calls' connections (one made again was free)."""
+
+
+@dataclass(frozen=True, slots=True)
 class FleetWentDown(Event):
     """The fleet of the attempt under way went DOWN (its health checks failed
     `fleets.fall` times, or calls it refused took it there) before it answered:
@@ -311,7 +326,10 @@ class FleetUnreachable(Command):
     """This attempt could not connect to its fleet, not for this host's own
     lack of resources: `refused` (its answer: TCP refused or reset, TLS
     failed) counts toward taking it DOWN; timed out, it asks for a probe on a
-    new connection (`FleetState.call_unreachable`). On the slot this attempt holds."""
+    new connection (`FleetState.call_unreachable`). Also for a connection of
+    an attempt that goes on: one offered the fleet's TLS session that the
+    fleet failed, no refusal proven (`OfferedConnectionFailed`). On the slot
+    this attempt holds."""
 
     refused: bool = True
 
@@ -563,7 +581,12 @@ class CallMachine:
     route_label: str = "-"  # for metrics: "-" until a head is routed
     is_call: bool = False  # the head was a call route's upgrade (the call is registered)
     attempt: int = 0  # attempts made on fleets, counting from 1
-    tried: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)  # their fleets, in order
+    # What each attempt left behind ended with, in order: a failure's word
+    # (`Failure`: "conn-failure", "fleet-down", ...) or the fleet's status that
+    # was retried ("503"). A tuple: nothing is made for the call whose first
+    # attempt is its last, the common one (`attempts_said`).
+    left: tuple[str, ...] = ()
     fleet: FleetState | None = None  # the current attempt's fleet
     slot_held: bool = False
     fleet_open: bool = False  # the current attempt's fleet connection is up (until lost)
@@ -647,6 +670,26 @@ class CallMachine:
         if self.is_call:
             self._end(EndReason.REFUSED)
         self._emit(Answer(status, text, head_only, headers), CloseSide(Side.CARRIER))
+
+    def attempts_said(self) -> list[str] | None:
+        """The fleets this call tried, in order, each with what its attempt
+        ended with ("a conn-failure", "b 101"): the access line's `tried`,
+        where the call left a fleet (an attempt failed, or a status was
+        retried); None where `fleet` and `status` say it all (one attempt,
+        or none). The last attempt, not left: the fleet's status, or
+        "unanswered" (the call ended while it was under way: the carrier
+        gone, a drain, the ingress's error)."""
+        if not self.left:
+            return None
+        said = [f"{name} {end}" for name, end in zip(self.tried, self.left, strict=False)]
+        if len(self.tried) > len(self.left):
+            answered = self.status is not None and self.answer_text is None
+            said.append(f"{self.tried[-1]} {self.status if answered else 'unanswered'}")
+        return said
+
+    def _left(self, end: str) -> None:
+        """The current attempt is given up (`end`: what it ended with)."""
+        self.left += (end,)
 
     def _take_slot(self) -> None:
         self.state = State.LEASING
@@ -764,6 +807,9 @@ class CallMachine:
         else:
             self._attempt_failed(Failure.CONN_FAILURE, event.detail, fleets_fault=not event.local)
 
+    def _offered_connection_failed(self, event: Event) -> None:
+        self._emit(FleetUnreachable(refused=True))
+
     def _connect_timer(self, event: Event) -> None:
         assert isinstance(event, TimerFired)
         if event.timer is not Timer.CONNECT:
@@ -803,6 +849,7 @@ class CallMachine:
             self._emit(FleetUnreachable(refused))  # before its slot goes back
         self._release_slot()
         self.give_up = GIVE_UP_ANSWER[failure] if fleets_fault else local_give_up_answer(detail)
+        self._left(failure.value)
         self._emit(LogAttemptFailed(fleet.name, self.attempt, failure, detail, exhausted))
         if not exhausted and self.rules.retry.retry_failure(failure, self.attempt):
             if fleets_fault:  # this host's own want is no retry or redispatch of the fleet's
@@ -837,6 +884,7 @@ class CallMachine:
         self.give_up = GIVE_UP_ANSWER[Failure.CONN_FAILURE if connecting else Failure.FLEET_DOWN]
         stage = "connected" if connecting else "answered"
         detail = f"the fleet went DOWN before it {stage}: given up, tried again"
+        self._left(Failure.FLEET_DOWN.value)
         self._emit(LogAttemptFailed(fleet.name, self.attempt, Failure.FLEET_DOWN, detail))
         fleet.retries += 1
         self.retried_from = fleet
@@ -851,6 +899,7 @@ class CallMachine:
         if event.status == 429 and not event.switched:
             self._emit(FleetFull())  # before its slot may go back (a retry)
         if not event.switched and self.rules.retry.retry_status(event.status, self.attempt):
+            self._left(str(event.status))
             self.fleet_open = False
             self._emit(DropFleet())
             self._release_slot()
@@ -1149,6 +1198,7 @@ CallMachine.TRANSITIONS = {
     State.CONNECTING: {
         FleetConnected: _M._fleet_connected,
         FleetConnectFailed: _M._connect_failed,
+        OfferedConnectionFailed: _M._offered_connection_failed,
         TimerFired: _M._connect_timer,
         FleetWentDown: _M._fleet_went_down,
         **_SETUP_ENDS,

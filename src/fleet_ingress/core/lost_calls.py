@@ -21,6 +21,8 @@ import time
 from typing import Any
 
 # The fields of `Call.access_record`, in its order: a lost call's line has each.
+# Not `tried` (the fleets a call left, on a retried call's line alone): only
+# the worker knew its attempts, as `attempts`, which is null here.
 _ACCESS_FIELDS = (
     "call_id",
     "call",

@@ -307,7 +307,12 @@ class Call:
         }
 
     def access_record(self) -> dict[str, Any]:
-        return {
+        """The access line's fields (SPEC 12). `tried`, last, only on the line
+        of a call that left a fleet (`CallMachine.attempts_said`): every
+        attempt's fleet, in order, and what it ended with, where `fleet` names
+        the last alone; the common call's line is not made longer."""
+        machine = self.machine
+        record = {
             **self.identity(),
             "fleet": self.fleet.name if self.fleet else None,
             "status": self.status,
@@ -320,10 +325,11 @@ class Call:
             "end_reason": self.end_reason.value if self.end_reason else None,
             # The ingress's own answer, for a call it refused (which 503, which 502);
             # what failed, for a call a side's error ended.
-            "detail": None
-            if self.machine is None
-            else self.machine.answer_text or self.machine.error_text,
+            "detail": None if machine is None else machine.answer_text or machine.error_text,
         }
+        if machine is not None and (tried := machine.attempts_said()) is not None:
+            record["tried"] = tried
+        return record
 
 
 CallHook = Callable[[Call], None]

@@ -40,7 +40,13 @@ alert: OpenSSL's "session id context uninitialized" when it asks for client
 certificates with no session context; a close: a middlebox that drops a
 ClientHello with a pre_shared_key): the call's connection is made again at
 once without the session (`connect_again`; net/proxy.py), within the same
-connect timer, no failed attempt and nothing said of the fleet's health. A
+connect timer: no failed attempt (the call's retries are not used), and
+nothing held against the fleet's health once the refusal is proven. Until
+then the connection that failed is what it looks like, a failed connection
+to the fleet, counted for passive health as any refused connection is
+(`OfferedConnectionFailed`, since session 42: before, a connection made
+again was free, and a fleet dropping a share p of its connections was seen
+failing p x p of its calls' connections). A
 close or a reset cannot be told from a fleet gone bad, so a refusal is proven
 once a session (`KeptSession.proof`): the first call whose connection offered
 it failed makes the connection again, and the calls offered it together wait
@@ -325,11 +331,22 @@ async def connect_again(
     offered: KeptSession,
     exc: SessionRefused,
     connect: Callable[[], Awaitable[TLSConnection]],
-) -> TLSConnection:
+    failed_connection: Callable[[], None],
+) -> tuple[TLSConnection, bool]:
     """After a connection offered the fleet's session `offered` failed its
     handshake on the fleet's side (`exc`): the connection made again without
-    it (`connect`), if a full handshake gets through; else `exc`'s own error
+    it (`connect`), if a full handshake gets through, and whether that
+    proved the fleet refuses sessions (`_through`); else `exc`'s own error
     raised, the attempt failed as any connection that fails.
+
+    The connection offered the session is a failed connection to the fleet
+    unless its refusal is proven: `failed_connection` is called then (for
+    passive health), once, before the connection made again is returned or
+    its own error raised. Not for a call that waited for another's proof
+    that failed: its own error is raised, one connection, the attempt's.
+    Before (session 42) a connection made again was free: a fleet that
+    drops a share p of its connections was seen failing p x p of them,
+    and the refusals counted every connection made again that got through.
 
     The first such failure of `offered` finds out (its `proof`): its
     connection made again is through, the calls are made again; fails too, a
@@ -362,9 +379,12 @@ async def connect_again(
                 fleet.tls_session = None
             cause = exc.__cause__
             raise cause if isinstance(cause, OSError) else exc
-        conn = await connect()
-        _through(fleet, spec, offered, conn, exc)
-        return conn
+        try:
+            conn = await connect()
+        except OSError:
+            failed_connection()
+            raise
+        return conn, _made_again(fleet, spec, offered, conn, exc, failed_connection)
     proof = offered.proof = asyncio.get_running_loop().create_future()
     try:
         conn = await connect()
@@ -372,14 +392,31 @@ async def connect_again(
         proof.set_result(False)
         if marked is not None and fleet.tls_session is marked:
             fleet.tls_session = None
+        failed_connection()
         raise
     except BaseException:
         offered.proof = None
         proof.set_result(None)
         raise
     proof.set_result(True)
-    _through(fleet, spec, offered, conn, exc)
-    return conn
+    return conn, _made_again(fleet, spec, offered, conn, exc, failed_connection)
+
+
+def _made_again(
+    fleet: FleetState,
+    spec: FleetSpec,
+    offered: KeptSession,
+    conn: TLSConnection,
+    exc: SessionRefused,
+    failed_connection: Callable[[], None],
+) -> bool:
+    """`conn`, made again, got through: whether that proves a refusal of
+    `offered` (`_through`); the connection that failed is a failed one
+    (`failed_connection`) where it does not."""
+    if _through(fleet, spec, offered, conn, exc):
+        return True
+    failed_connection()
+    return False
 
 
 def _through(
@@ -388,10 +425,11 @@ def _through(
     offered: KeptSession,
     conn: TLSConnection,
     exc: SessionRefused,
-) -> None:
+) -> bool:
     """A connection offered `offered` failed (`exc`) and `conn`, made again
-    without it, got through. An alert (the fleet's TLS said no to the
-    session, a full handshake yes) proves a refusal (`refused`). A close or a
+    without it, got through: True where that proves a refusal. An alert (the
+    fleet's TLS said no to the session, a full handshake yes) proves a
+    refusal (`refused`). A close or a
     reset before the handshake finished does not: a fleet that closes or
     resets some connections, whatever they offer, does that too, and its
     calls would make full handshakes for REFUSED_FOR for nothing (a flaky
@@ -406,11 +444,12 @@ def _through(
     resumed_since = isinstance(kept, KeptSession) and not kept.suspect
     if _alerted(exc) or (offered.suspect and not resumed_since):
         refused(fleet, spec, conn, exc)
-        return
+        return True
     if not isinstance(kept, KeptSession) and not (
         isinstance(kept, Refusing) and kept.holds(context, address)
     ):
         fleet.tls_session = Suspected(context, address)
+    return False
 
 
 def _alerted(exc: SessionRefused) -> bool:

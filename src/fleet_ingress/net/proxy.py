@@ -75,6 +75,7 @@ from fleet_ingress.core.call_machine import (
     Link,
     LogAttemptFailed,
     Lost,
+    OfferedConnectionFailed,
     OpenCall,
     ParseHead,
     Relay,
@@ -892,17 +893,29 @@ class CarrierProtocol(_Side):
                 # (`connect_again`, the calls refused together waiting for the
                 # first's): a fleet that fails it too (down, resetting,
                 # overloaded) failed the attempt, as any connection's failure
-                # does.
+                # does. The connection that failed, its refusal not proven,
+                # is a failed connection to the fleet (passive health).
                 offered = fleet_sessions.offer(fleet, ctx.fleet_ssl, spec)
                 try:
                     conn = await self._connect_tls(spec, underway, offered)
                 except SessionRefused as exc:
                     assert offered is not None
                     refused, offered = offered, None
-                    conn = await fleet_sessions.connect_again(
-                        fleet, spec, refused, exc, lambda: self._connect_tls(spec, underway, None)
+                    conn, proven = await fleet_sessions.connect_again(
+                        fleet,
+                        spec,
+                        refused,
+                        exc,
+                        lambda: self._connect_tls(spec, underway, None),
+                        self._offered_connection_failed,
                     )
-                    ctx.registry.fleet_tls_sessions_refused += 1
+                    if proven:
+                        ctx.registry.fleet_tls_sessions_refused += 1
+                    if self._task is not asyncio.current_task(self._loop):
+                        # Given up as that failure took the fleet DOWN
+                        # (`FleetWentDown`): this connection is not the call's.
+                        conn.abort()
+                        return
                 if offered is not None and not fleet_sessions.resumed(conn, offered):
                     offered = None  # declined: a full handshake
                 ctx.registry.fleet_tls_handshakes["full" if offered is None else "resumed"] += 1
@@ -944,6 +957,13 @@ class CarrierProtocol(_Side):
             self._underway = None
             if offered is not None:  # resumed: what the session kept at the link rests on
                 self._fleet = (fleet, spec, offered)
+
+    def _offered_connection_failed(self) -> None:
+        """`fleet_sessions.connect_again`: this attempt's connection offered
+        the fleet's session failed, no refusal proven (its machine counts it
+        for the fleet's passive health), while the attempt is still this one's."""
+        if self._task is asyncio.current_task(self._loop):
+            self.feed(OfferedConnectionFailed())
 
     async def _connect_tls(
         self, spec: FleetSpec, underway: Underway, offered: fleet_sessions.KeptSession | None

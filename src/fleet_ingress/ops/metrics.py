@@ -594,10 +594,11 @@ class _StateCollector(Collector):
         )
         yield CounterMetricFamily(
             f"{PREFIX}_fleet_tls_sessions_refused",
-            "Calls' connections offered a kept TLS session that a fleet failed the handshake"
-            " on (an alert, a close, a reset) instead of declining it, the connection made again"
-            " at once without it getting through; after an alert (or a second close or reset,"
-            " none resumed between) the fleet is kept no session for 10 minutes.",
+            "Calls' connections offered a kept TLS session that a fleet was proven to refuse:"
+            " it failed the handshake (an alert; or a close or reset of a session kept after"
+            " one, none resumed between) and the connection made again at once without it got"
+            " through; the fleet is then kept no session for 10 minutes. A close or reset not"
+            " proven so counts as a failed connection to the fleet (passive health) instead.",
             value=counts.counter("fleet_tls_sessions_refused"),
         )
         yield GaugeMetricFamily(
