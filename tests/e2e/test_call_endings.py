@@ -1069,3 +1069,63 @@ async def test_end_call_of_a_call_still_closing_aborts_its_sides_at_once(
         assert line["end_reason"] == "carrier closed", line
     finally:
         carrier.close()
+
+
+async def test_a_carrier_that_resets_while_its_close_flushes_is_let_go_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A carrier known gone while its close is flushed waits no flush: its
+    socket's error (a reset here; the kernel's TCP user timeout, ETIMEDOUT,
+    comes the same way, an error event) ends the close at once, on both loops,
+    rather than at CLOSE_FLUSH_TIMEOUT (10 s). The carrier reads nothing as the
+    bot says its last 60 kB and closes, so the ingress holds most of it, its
+    TLS side closing; then the carrier resets. (Session 42's check of the 'dead
+    carrier's 10 s flush': a carrier given up by the dead-peer watch, the
+    kernel or the silence sweep is aborted, not closed; one that ends while
+    its close flushes is let go at its error.)"""
+    said = _frame(b"b" * 4000, masked=False) * 15
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the carrier's socket is set up meanwhile
+        writer.write(said)
+        await writer.drain()
+        writer.close()
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    tls = tls_files.client_context().wrap_socket(
+        raw, server_hostname="localhost", do_handshake_on_connect=False
+    )
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+
+        def upgrade() -> bytes:
+            tls.settimeout(5)
+            tls.connect((host, port))
+            tls.do_handshake()
+            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += tls.recv(1)
+            return head
+
+        assert await asyncio.to_thread(upgrade) == SWITCHING
+        (call,) = ingress.registry.calls
+        carrier_side = call.carrier.transport
+        carrier_side.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        reg = ingress.registry
+        await eventually(lambda: not reg.calls and len(reg.closing) == 1, timeout=5)
+        # Its 1011 written after the last frame, the reply's wait over: its TLS
+        # close is flushing what it holds.
+        await eventually(lambda: carrier_side.is_closing(), timeout=2)
+        assert carrier_side.get_write_buffer_size() > 16384
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_at = time.monotonic()
+        tls.close()
+        await eventually(lambda: not reg.closing and not reg.connections, timeout=2)
+        assert time.monotonic() - reset_at < 1.0
+    finally:
+        tls.close()
+        await fleet.stop()
