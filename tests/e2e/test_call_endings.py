@@ -1129,3 +1129,30 @@ async def test_a_carrier_that_resets_while_its_close_flushes_is_let_go_at_once(
     finally:
         tls.close()
         await fleet.stop()
+
+
+async def test_a_drain_that_waits_for_a_closing_call_says_so_at_its_end(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """A drain waits for calls still closing (its carrier hung up and reads
+    nothing, its TLS close unanswered): at its end the warning counts them
+    (`closing_calls` 1 beside `calls` 0), where it said only calls 0; then
+    the close is cut, as every call's is at the drain's end."""
+    caplog.set_level(logging.WARNING, logger="fleet_ingress.server")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    carrier = await asyncio.to_thread(
+        _deaf_carrier, ingress.wss_address, tls_files.client_context(), hang_up=True
+    )
+    try:
+        reg = ingress.registry
+        await eventually(lambda: not reg.calls and len(reg.closing) == 1)
+        began = time.monotonic()
+        await asyncio.wait_for(ingress.stop(drain_timeout=0.3), 10)
+        took = time.monotonic() - began
+        (up,) = [r for r in caplog.records if r.getMessage() == "drain time is up: closing calls"]
+        said = up.fields  # type: ignore[attr-defined]
+        assert (said["calls"], said["closing_calls"]) == (0, 1), said
+        assert not reg.closing and not reg.connections
+        assert took < 0.3 + CLOSE_AT_STOP_TIMEOUT + 2, took
+    finally:
+        carrier.close()
