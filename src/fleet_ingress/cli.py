@@ -239,7 +239,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "End one live call as remove-fleet --force ends one: in the tunnel both sides get "
         "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
         "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
-        "line says end_reason admin, detail the --reason. Exit 1 when no live call has the id "
+        "line says end_reason admin, detail the --reason. A call ended already whose "
+        "connections are still closing (stat's 'closing'; its id is its access line's "
+        "'call') is cut at once, its line unchanged. Exit 1 when no call has the id "
         "(also when its tag is not its pid's worker's: the process it ran in is gone, or "
         "it is another host's call)."
     )

@@ -28,7 +28,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK
 
-from fleet_ingress.net.calls import end_call
+from fleet_ingress.net.calls import END_CALL_WAIT, end_call
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
@@ -989,3 +989,170 @@ async def test_a_carriers_close_frame_with_a_broken_peers_bytes_behind_it_is_hea
     assert held < 1.0, held
     await eventually(lambda: bool(access_entries(caplog)))
     assert access_entries(caplog)[0]["end_reason"] == "carrier closed"
+
+
+def _deaf_carrier(
+    address: tuple[str, int], context: ssl.SSLContext, *, hang_up: bool
+) -> ssl.SSLSocket:
+    """A carrier in a call that reads nothing past the 101, not even a TLS
+    close (a phone's stack held); with `hang_up`, its close frame sent first."""
+    tls = context.wrap_socket(socket.socket(), server_hostname="localhost")
+    tls.settimeout(5)
+    tls.connect(address)
+    tls.sendall(UPGRADE.format(path="/ws/deaf-1").encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += tls.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    if hang_up:
+        tls.sendall(masked_close(1000))
+    return tls
+
+
+async def test_end_call_cuts_a_call_whose_carrier_takes_no_close_after_its_wait(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """`end-call` of a live call whose carrier reads nothing: its line comes at
+    once (end_reason admin), its carrier's TLS close waits for an answer that
+    never comes, so END_CALL_WAIT later both sides are aborted and the answer
+    says so. Since session 41 it returned at the line, said "both sides
+    closed", and the carrier's connection stayed open (10 s) with nobody
+    cutting it."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    carrier = await asyncio.to_thread(
+        _deaf_carrier, ingress.wss_address, tls_files.client_context(), hang_up=False
+    )
+    try:
+        await eventually(lambda: len(ingress.registry.calls) == 1 and ws_fleet.active == 1)
+        (call,) = ingress.registry.calls
+        began = time.monotonic()
+        row = await end_call(ingress.registry, call.id, "stuck", os.getpid(), 1)
+        took = time.monotonic() - began
+        assert row is not None and row.get("aborted") is True, row
+        assert row["end_reason"] == "admin" and not row.get("closing"), row
+        assert END_CALL_WAIT - 0.1 <= took < END_CALL_WAIT + 1.5, took
+        reg = ingress.registry
+        assert (len(reg.calls), len(reg.closing), len(reg.connections)) == (0, 0, 0)
+        (line,) = access_entries(caplog)
+        assert (line["end_reason"], line["detail"]) == ("admin", "stuck"), line
+    finally:
+        carrier.close()
+
+
+async def test_end_call_of_a_call_still_closing_aborts_its_sides_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """A carrier that hangs up and then reads nothing: the bot's reply relayed,
+    the call's end is settled (its line, `carrier closed`), and its carrier's
+    TLS close waits (CLOSE_TIMEOUT, 10 s) in `Registry.closing`. `end-call` of
+    it aborts what is left at once, its line unchanged, and says it was
+    closing; before, it answered no such call and the close could not be cut."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress.access")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    carrier = await asyncio.to_thread(
+        _deaf_carrier, ingress.wss_address, tls_files.client_context(), hang_up=True
+    )
+    try:
+        reg = ingress.registry
+        await eventually(lambda: not reg.calls and len(reg.closing) == 1)
+        (call,) = reg.closing
+        assert len(reg.connections) == 1  # its carrier, closing
+        began = time.monotonic()
+        row = await end_call(reg, call.id, "stuck", os.getpid(), 1)
+        took = time.monotonic() - began
+        assert row is not None and row.get("closing") is True and row.get("aborted") is True
+        assert row["end_reason"] == "carrier closed" and row["state"] == "closing", row
+        assert took < 0.5, took
+        await eventually(lambda: not reg.closing and not reg.connections, timeout=1)
+        (line,) = access_entries(caplog)  # one line, its own
+        assert line["end_reason"] == "carrier closed", line
+    finally:
+        carrier.close()
+
+
+async def test_a_carrier_that_resets_while_its_close_flushes_is_let_go_at_once(
+    start_ingress: StartIngress, tls_files: TLSFiles
+):
+    """A carrier known gone while its close is flushed waits no flush: its
+    socket's error (a reset here; the kernel's TCP user timeout, ETIMEDOUT,
+    comes the same way, an error event) ends the close at once, on both loops,
+    rather than at CLOSE_FLUSH_TIMEOUT (10 s). The carrier reads nothing as the
+    bot says its last 60 kB and closes, so the ingress holds most of it, its
+    TLS side closing; then the carrier resets. (Session 42's check of the 'dead
+    carrier's 10 s flush': a carrier given up by the dead-peer watch, the
+    kernel or the silence sweep is aborted, not closed; one that ends while
+    its close flushes is let go at its error.)"""
+    said = _frame(b"b" * 4000, masked=False) * 15
+
+    async def bot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.5)  # the carrier's socket is set up meanwhile
+        writer.write(said)
+        await writer.drain()
+        writer.close()
+
+    fleet = await RawFleet(None, switching_then(bot)).start()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    tls = tls_files.client_context().wrap_socket(
+        raw, server_hostname="localhost", do_handshake_on_connect=False
+    )
+    try:
+        ingress = await start_ingress([fleet.line("a")])
+        host, port = ingress.wss_address
+
+        def upgrade() -> bytes:
+            tls.settimeout(5)
+            tls.connect((host, port))
+            tls.do_handshake()
+            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += tls.recv(1)
+            return head
+
+        assert await asyncio.to_thread(upgrade) == SWITCHING
+        (call,) = ingress.registry.calls
+        carrier_side = call.carrier.transport
+        carrier_side.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        reg = ingress.registry
+        await eventually(lambda: not reg.calls and len(reg.closing) == 1, timeout=5)
+        # Its 1011 written after the last frame, the reply's wait over: its TLS
+        # close is flushing what it holds.
+        await eventually(lambda: carrier_side.is_closing(), timeout=2)
+        assert carrier_side.get_write_buffer_size() > 16384
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_at = time.monotonic()
+        tls.close()
+        await eventually(lambda: not reg.closing and not reg.connections, timeout=2)
+        assert time.monotonic() - reset_at < 1.0
+    finally:
+        tls.close()
+        await fleet.stop()
+
+
+async def test_a_drain_that_waits_for_a_closing_call_says_so_at_its_end(
+    start_ingress: StartIngress, tls_files: TLSFiles, ws_fleet: WsFleet, caplog
+):
+    """A drain waits for calls still closing (its carrier hung up and reads
+    nothing, its TLS close unanswered): at its end the warning counts them
+    (`closing_calls` 1 beside `calls` 0), where it said only calls 0; then
+    the close is cut, as every call's is at the drain's end."""
+    caplog.set_level(logging.WARNING, logger="fleet_ingress.server")
+    ingress = await start_ingress([ws_fleet.line("a")])
+    carrier = await asyncio.to_thread(
+        _deaf_carrier, ingress.wss_address, tls_files.client_context(), hang_up=True
+    )
+    try:
+        reg = ingress.registry
+        await eventually(lambda: not reg.calls and len(reg.closing) == 1)
+        began = time.monotonic()
+        await asyncio.wait_for(ingress.stop(drain_timeout=0.3), 10)
+        took = time.monotonic() - began
+        (up,) = [r for r in caplog.records if r.getMessage() == "drain time is up: closing calls"]
+        said = up.fields  # type: ignore[attr-defined]
+        assert (said["calls"], said["closing_calls"]) == (0, 1), said
+        assert not reg.closing and not reg.connections
+        assert took < 0.3 + CLOSE_AT_STOP_TIMEOUT + 2, took
+    finally:
+        carrier.close()

@@ -408,6 +408,12 @@ async def test_a_carrier_that_stops_reading_is_said_to_have_stopped_reading(
                     tls.send(FRAME)
                 await asyncio.sleep(0.5)
         await eventually(lambda: len(access_entries(caplog)) == 1, timeout=10)
+        # Known dead, it is cut, not closed: no close frame or TLS close waits
+        # a flush on it (CLOSE_FLUSH_TIMEOUT, 10 s). Gone at its line, and
+        # the call out of those closing once its bot's side has gone (told
+        # 1001, GOODBYE_REPLY_WAIT for a reply this bot never sends).
+        assert not ingress.registry.connections
+        await eventually(lambda: not ingress.registry.closing, timeout=2)
         [entry] = access_entries(caplog)
         assert entry["end_reason"] == "carrier_lost", entry
         assert entry["detail"] is not None and "stopped reading" in entry["detail"], entry

@@ -330,8 +330,10 @@ async def test_end_call_answers_the_end_reason_its_access_line_says(ending_as, l
     machine.end_reason = ending_as
     call = Call(_EndingCarrier(machine), "192.0.2.1", "/ws/", "bot", machine=machine)  # type: ignore[arg-type]
     registry.add_call(call)
-    # Its sides close a moment after (the proxy's work): out of the registry.
+    # Its end settled a moment after (its line), its sides gone after that
+    # (the proxy's work): out of the registry; end-call waits for both.
     asyncio.get_running_loop().call_later(0.1, registry.remove_call, call)
+    asyncio.get_running_loop().call_later(0.15, registry.forget_call, call)
     row = await end_call(registry, call.id, "ticket 9", 4242, 1)
     assert row is not None and not row.get("aborted")
     assert row["end_reason"] == logged
@@ -368,6 +370,7 @@ async def test_a_worker_ends_no_call_for_an_id_of_another_process_s_tag():
     assert sent == [{"op": "call-ended", "id": 7, "call": None, "tag": mine}]
     assert carrier.ended == [] and machine.end_reason is None  # untouched
     asyncio.get_running_loop().call_later(0.05, registry.remove_call, call)
+    asyncio.get_running_loop().call_later(0.1, registry.forget_call, call)
     await worker.end_call(8, call.id, "x", mine)
     assert sent[1]["id"] == 8 and sent[1]["call"]["end_reason"] == "admin", sent
 

@@ -199,7 +199,7 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
 
     table = format_stat_table(snap)
     assert "worker  gen  calls" in table
-    assert "101     1    0      0      draining" in table
+    assert "101     1    0      0      0        draining" in table
     page = render_stats_page(snap)
     assert '<table id="workers">' in page and "<td>202</td>" not in page
     assert 'port 80 (ACME, redirects)</td><td class="l">7 open' in page
@@ -219,6 +219,7 @@ def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
             "generation": 3,
             "calls": 0,
             "connections": None,
+            "closing_calls": None,
             "draining": None,
             "channel_lost": False,
             "state": None,

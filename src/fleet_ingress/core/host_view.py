@@ -276,6 +276,9 @@ class WorkerView:
     last_report_age: float  # seconds
     process: Mapping[str, float]
     code: str | None = None  # its code's digest, as it said
+    # Its calls ended whose connections are still closing (last report; 0 from
+    # a release before it said).
+    closing_calls: int = 0
 
 
 class HostView:
@@ -360,6 +363,7 @@ class HostView:
                 last_report_age=max(0.0, now - read_at),
                 process=report.process,
                 code=report.code,
+                closing_calls=report.counts.gauges.get(("closing_calls",), 0),
             )
             for report, read_at in sorted(self._latest.values(), key=lambda kept: kept[0].worker)
         ]

@@ -545,22 +545,39 @@ async def end_call(
     """`fleet-ingress end-call`: the call ends as a forced removal ends one
     (each side open told 1001 `ended by operator`, then its TLS close; a call
     not linked yet answered 503), its access line's end_reason `admin` and
-    detail `why`; one whose side does not close within END_CALL_WAIT is
+    detail `why`; one whose sides are not gone within END_CALL_WAIT is
     aborted, so that its fleet slot comes back. Its row as it ended, with the
     `end_reason` its access line says (`admin`, or the call's own when it was
-    ending already); None when this registry holds no call `call_id` (ended,
-    or never)."""
+    ending already); None when this registry holds no call `call_id` (gone,
+    or never).
+
+    A call ended already whose sides are still closing (`Registry.closing`: a
+    close frame and the TLS close flushed to a peer slow to read or gone, 10 s
+    at most each) is aborted at once, both sides: its line is written, and
+    an operator who asks is cutting a close that is stuck (`closing` and
+    `aborted` in its row)."""
     call = next((c for c in registry.calls if c.id == call_id), None)
     if call is None:
-        return None
+        closing = next((c for c in registry.closing if c.id == call_id), None)
+        if closing is None:
+            return None
+        row = closing.listed(time.monotonic(), pid, generation)
+        closing.abort()
+        row["closing"] = row["aborted"] = True
+        reason = closing.end_reason
+        row["end_reason"] = None if reason is None else reason.value
+        return row
     now = time.monotonic()
     row = call.listed(now, pid, generation)
     call.end(EndReason.ADMIN, why)
+    # Until both sides are gone, not only until its line (its end settled, at
+    # once): a side that does not take its close frame and TLS close is cut
+    # here, as before its line came at its end (session 41).
     with contextlib.suppress(TimeoutError):
         async with patient_timeout(END_CALL_WAIT):
-            while call in registry.calls:  # noqa: ASYNC110 - no event per call; 2 s at most
+            while _held(registry, call):  # noqa: ASYNC110 - no event per call; 2 s at most
                 await asyncio.sleep(0.05)
-    if call in registry.calls:
+    if _held(registry, call):
         call.abort()
         row["aborted"] = True
     # The first reason given stands (`CallMachine`): a call already ending (a
@@ -569,6 +586,11 @@ async def end_call(
     reason = call.end_reason
     row["end_reason"] = None if reason is None else reason.value
     return row
+
+
+def _held(registry: Registry, call: Call) -> bool:
+    """Whether `call` is live, or ended with a side still closing."""
+    return call in registry.calls or call in registry.closing
 
 
 class SilenceSweep:

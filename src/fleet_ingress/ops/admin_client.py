@@ -513,7 +513,7 @@ def format_stat_table(snap: dict[str, Any]) -> str:
     fe = snap["frontend"]
     lines.append(fleets_summary(snap["fleets"]))
     lines.append(
-        f"frontend: {_calls(fe['active_calls'])}, {fe['connections']} connections, "
+        f"frontend: {_calls(fe['active_calls'])}, {_closing(fe)}{fe['connections']} connections, "
         f"queue {fe['queue_length']} ({queue_waits(fe)}; {fe['queue_timeouts']} timed out)"
         + ("   * = being removed" if any(f["removing"] for f in snap["fleets"]) else "")
     )
@@ -577,7 +577,8 @@ def format_stat_table(snap: dict[str, Any]) -> str:
 
 def _workers_lines(workers: list[dict[str, Any]]) -> str:
     """A row per worker process (a supervisor's snapshot)."""
-    rows = [("worker", "gen", "calls", "conns", "state", "report", "code")]  # calls: held now
+    # calls: held now; closing: ended, connections still closing
+    rows = [("worker", "gen", "calls", "conns", "closing", "state", "report", "code")]
     for w in workers:
         state = w.get("state") or "-"  # None before its first report
         age = "-" if w["last_report_age_s"] is None else f"{w['last_report_age_s']}s ago"
@@ -589,6 +590,7 @@ def _workers_lines(workers: list[dict[str, Any]]) -> str:
                 str(w["generation"]),
                 str(w["calls"]),
                 _dash(w["connections"]),
+                _dash(w.get("closing_calls")),  # None: not reported, or a release before it
                 state,
                 age,
                 _dash(w.get("code")),  # None: not reported yet, or a release before it
@@ -635,6 +637,13 @@ def _died(pids: list[int]) -> str:
 
 def _calls(n: int) -> str:
     return "1 call" if n == 1 else f"{n} calls"
+
+
+def _closing(frontend: dict[str, Any]) -> str:
+    """The calls ended whose connections are still closing, when said (none from
+    a supervisor of a release before it): why connections stay with no call up."""
+    closing = frontend.get("closing_calls")
+    return "" if closing is None else f"{closing} closing, "
 
 
 def _dash(value: Any) -> str:

@@ -161,6 +161,15 @@ def describe_ended(answer: dict[str, Any]) -> str:
     )
     reason = f", reason: {answer['reason']}" if answer.get("reason") else ""
     ended_as = row.get("end_reason")  # None: a worker of a release before it says
+    if row.get("closing"):
+        # Ended before the ask, its line written: what was left, its sides'
+        # close (a peer slow to read or gone), is cut.
+        return (
+            f"call {row['id']} ({what}, from {row.get('client_ip')}, up "
+            f"{shown_age(row.get('age_s'))}) had ended already, its access line written "
+            f"(end_reason {ended_as or '-'}; the reason given is not logged), its "
+            "connections still closing: aborted them now"
+        )
     if ended_as not in (None, "admin"):
         # It was ending already (a side hung up, a drain): its own reason stands.
         said = (

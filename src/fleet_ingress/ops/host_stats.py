@@ -241,6 +241,7 @@ def worker_rows(slots: HostSlots, view: HostView, now: float) -> list[dict[str, 
                 "generation": worker[1],
                 "calls": held.get(worker, seen.calls if seen else 0),
                 "connections": None if seen is None else seen.connections,
+                "closing_calls": None if seen is None else seen.closing_calls,
                 "draining": draining,
                 "channel_lost": worker in lost,
                 "state": worker_state(

@@ -154,6 +154,9 @@ def local_counts(
     g[("handshaking",)] = registry.handshaking
     g[("acme_connections",)] = registry.acme.open
     g[("active_calls",)] = len(registry.tunnels())
+    # Ended (logged) calls whose sides are still closing (`Registry.closing`):
+    # why a worker holds connections, and a drain waits, with no call up.
+    g[("closing_calls",)] = len(registry.closing)
     return counts
 
 

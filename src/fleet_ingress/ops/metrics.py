@@ -660,6 +660,14 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             f"{PREFIX}_active_calls", "Calls tunneled now.", value=gauges.get(("active_calls",), 0)
         )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_closing_calls",
+            "Calls ended (their access line written) whose connections are still closing: "
+            "a close frame and the TLS close flushed to a peer slow to read or gone, 10 s "
+            "at most each. Their connections count in fleet_ingress_connections, and a "
+            "drain waits for them.",
+            value=gauges.get(("closing_calls",), 0),
+        )
         requests = CounterMetricFamily(
             f"{PREFIX}_requests", "Carrier requests by route and answer.", labels=["route", "code"]
         )

@@ -184,6 +184,10 @@ def render(
             "calls_ended": dict(sorted(ended.items())),
             "calls_refused": refused,
             "active_calls": gauges.get(("active_calls",), 0),
+            # Calls ended (their access line written) whose connections are
+            # still closing: a close frame and the TLS close flushed to a peer
+            # slow to read or gone, 10 s at most each (`Registry.closing`).
+            "closing_calls": gauges.get(("closing_calls",), 0),
             "queue_length": queue_length,
             "queue_timeouts": queue_timeouts,
             "queue_waits": 0 if waited is None else waited.count,

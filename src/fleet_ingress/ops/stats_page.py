@@ -126,6 +126,7 @@ def _workers_table(snap: dict[str, Any]) -> str:
             + _cell(w["generation"])
             + _cell(w["calls"])
             + _cell(w["connections"])
+            + _cell(w.get("closing_calls"))
             + _cell(state, "l")
             + _cell(started, "l")
             + _cell(age)
@@ -134,9 +135,11 @@ def _workers_table(snap: dict[str, Any]) -> str:
         )
     return (
         '<table id="workers">\n<tr><th class="l">worker pid</th><th>generation</th>'
-        '<th>calls</th><th>connections</th><th class="l">state</th>'
+        "<th>calls</th><th>connections</th>"
+        '<th title="calls ended whose connections are still closing">closing</th>'
+        '<th class="l">state</th>'
         '<th class="l">started (UTC)</th><th>last report</th><th class="l">code</th></tr>\n'
-        + ("".join(rows) or '<tr><td class="l" colspan="8">no workers</td></tr>')
+        + ("".join(rows) or '<tr><td class="l" colspan="9">no workers</td></tr>')
         + "\n</table>\n"
         + (f'<div class="muted" id="replaced">{escape(replaced)}</div>\n' if replaced else "")
         + (f'<p class="stopping" id="missing">{escape(missing)}</p>\n' if missing else "")
@@ -172,6 +175,16 @@ def _acme_row(fe: dict[str, Any]) -> str:
         f'{fe["acme_connections"]} open\n <span class="muted">'
         f"({fe['acme_refused_connections']} reset at accept,\n"
         f" {fe.get('acme_evicted_connections', 0)} closed for newer ones)</span></td></tr>"
+    )
+
+
+def _closing_row(fe: dict[str, Any]) -> str:
+    """The calls ended whose connections are still closing: why connections
+    stay open, and a drain waits, with no call up."""
+    return (
+        f'<tr><td class="l">calls closing</td><td class="l">{fe.get("closing_calls", 0)}'
+        '\n <span class="muted">(ended and logged; a close frame and the TLS close '
+        "flushed to a peer slow to read or gone, 10 s at most each)</span></td></tr>"
     )
 
 
@@ -276,6 +289,7 @@ ended, not hung up</th><th>429s</th><th>retries</th><th>check failures</th></tr>
 <table id="frontend">
 <tr><th class="l">frontend</th><th class="l"></th></tr>
 <tr><td class="l">active calls</td><td class="l">{fe["active_calls"]}</td></tr>
+{_closing_row(fe)}
 <tr><td class="l">open connections</td><td class="l">{fe["connections"]}
  <span class="muted">({fe["connections_total"]} since start)</span></td></tr>
 {_acme_row(fe)}

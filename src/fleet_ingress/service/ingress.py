@@ -780,6 +780,9 @@ class Ingress:
                 else "drain time is up: closing calls",
                 extra=fields(
                     calls=len(self.registry.calls),
+                    # Ended, logged, a side still closing: what the drain
+                    # waited for when `calls` is 0 (stat's `closing`).
+                    closing_calls=len(self.registry.closing),
                     drain_s=round(by - began, 1) if by < math.inf else None,
                 ),
             )

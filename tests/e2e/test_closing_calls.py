@@ -1,0 +1,133 @@
+"""Calls ended whose connections are still closing, seen and steerable.
+
+Since session 41 a call's access line is written, and the call leaves the
+live calls, as soon as its end is settled; its sides may go on closing (a
+close frame and the TLS close flushed to a peer slow to read or gone, 10 s
+at most each: `Registry.closing`). Before this, nothing counted them (only
+the connections gauge showed them: `connections 1`, `0 calls`), and
+`end-call` of one said "no live call": an operator could neither see why a
+worker held a socket (a drain waits for them) nor cut it.
+
+Here a carrier hangs up (its close frame, the bot's reply relayed) and then
+reads nothing, not even the TLS close: the ingress's close_notify waits for
+its answer (tls_socket's CLOSE_TIMEOUT, 10 s). Real `fleet-ingress run`,
+real TLS, a SimulatedFleet's bot, a raw TLS carrier, the CLI as an
+operator runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from fleet_ingress.sim import SimulatedFleet
+from tests.support import (
+    UPGRADE,
+    RunningIngress,
+    TLSFiles,
+    fleets_up_or_finished,
+    masked_close,
+    metric_samples,
+    run_cli,
+)
+
+pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(90)]
+
+# Well within the carrier's close wait (CLOSE_TIMEOUT, 10 s): what "at once" is here.
+AT_ONCE = 3.0
+
+
+def _hung_up_then_deaf(address: tuple[str, int], context: ssl.SSLContext) -> ssl.SSLSocket:
+    """A carrier in a call that sends its close frame and reads nothing more."""
+    tls = context.wrap_socket(socket.socket(), server_hostname="localhost")
+    tls.settimeout(10)
+    tls.connect(address)
+    tls.sendall(UPGRADE.format(path="/ws/deaf-1").encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += tls.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    tls.sendall(masked_close(1000))
+    return tls
+
+
+async def _closing_seen(service: RunningIngress) -> dict[str, Any]:
+    """What /stats.json, /metrics and `stat` say once the call is closing."""
+    async with asyncio.timeout(AT_ONCE):
+        while (stats := await service.stats())["frontend"].get("closing_calls") != 1:
+            await asyncio.sleep(0.05)
+    metrics = metric_samples(await service.metrics())
+    code, out, err = await run_cli(service, "stat")
+    return {"stats": stats, "metrics": metrics, "stat": (code, out, err)}
+
+
+@pytest.mark.parametrize("how", ["end-call", "carrier gone"])
+async def test_a_call_closing_is_counted_and_end_call_or_its_peer_leaving_lets_it_go(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet, how: str
+) -> None:
+    service = await RunningIngress.start(
+        tls_files, [f"{roomy_fleet.url} name=a maxconn=16"], workers=1, check_timeout=5
+    )
+    service = await fleets_up_or_finished(service)
+    carrier: ssl.SSLSocket | None = None
+    try:
+        carrier = await asyncio.to_thread(
+            _hung_up_then_deaf, ("127.0.0.1", service.port), tls_files.client_context()
+        )
+        seen = await _closing_seen(service)
+        ended_at = time.monotonic()
+        stats = seen["stats"]
+        fe = stats["frontend"]
+        # Ended and logged, out of the calls; its connection still open (closing).
+        assert (fe["active_calls"], fe["closing_calls"], fe["connections"]) == (0, 1, 1), fe
+        (worker,) = stats["workers"]
+        assert (worker["closing_calls"], worker["connections"]) == (1, 1), worker
+        assert seen["metrics"]["fleet_ingress_closing_calls"] == {(): 1.0}, seen["metrics"].get(
+            "fleet_ingress_closing_calls"
+        )
+        code, out, err = seen["stat"]
+        assert code == 0, err
+        assert "frontend: 0 calls, 1 closing, 1 connections" in out, out
+        header = next(line for line in out.splitlines() if line.startswith("worker "))
+        assert header.split()[:5] == ["worker", "gen", "calls", "conns", "closing"], header
+        row = next(line for line in out.splitlines() if line.startswith(str(worker["pid"])))
+        assert row.split()[2:5] == ["0", "1", "1"], row
+        (line,) = [e for e in service.log() if e.get("event") == "call ended"]
+        assert line["end_reason"] == "carrier closed", line
+
+        if how == "end-call":
+            # Its id from its access line: `calls` lists live calls only.
+            code, out, err = await run_cli(service, "end-call", line["call"], "--reason", "stuck")
+            assert code == 0, (out, err)
+            assert f"call {line['call']}" in out and "had ended already" in out, out
+            assert "end_reason carrier closed" in out and "aborted them now" in out, out
+        else:
+            # It leaves: a reset (SO_LINGER 0), which the ingress's wait reads.
+            carrier.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            carrier.close()
+            carrier = None
+
+        async with asyncio.timeout(AT_ONCE):
+            while (await service.stats())["frontend"]["closing_calls"] != 0:
+                await asyncio.sleep(0.05)
+        gone_after = time.monotonic() - ended_at
+        fe = (await service.stats())["frontend"]
+        assert (fe["closing_calls"], fe["connections"]) == (0, 0), fe
+        (worker,) = (await service.stats())["workers"]
+        assert worker["closing_calls"] == 0, worker
+        samples = metric_samples(await service.metrics())
+        assert samples["fleet_ingress_closing_calls"] == {(): 0.0}
+        # Logged once, at its end: the abort writes no second line.
+        assert [e["call"] for e in service.log() if e.get("event") == "call ended"] == [
+            line["call"]
+        ]
+        print(f"{how}: the closing call gone {gone_after:.2f} s after it was seen closing")
+    finally:
+        if carrier is not None:
+            carrier.close()
+        await service.finish()
