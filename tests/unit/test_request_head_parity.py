@@ -13,13 +13,20 @@ reason and `head_only` of a refusal) must be identical. No sockets.
 from __future__ import annotations
 
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from fleet_ingress.core import request_head
-from fleet_ingress.core.request_head import RequestHeadReader, RequestRefused, parse_request_head
+from fleet_ingress.core.h11_grammar import FIELD_NAME, FIELD_VALUE, OWS
+from fleet_ingress.core.request_head import (
+    CONTROLS,
+    RequestHeadReader,
+    RequestRefused,
+    parse_request_head,
+)
 from tests.head_oracle import RandomChoices, build_head
 
 # Plain call heads as carriers send them, and the shapes the fast path takes too
@@ -46,6 +53,7 @@ _LINES = [
     b" folded\r\n", b"\tfolded\r\n", b"X-Trace : a\r\n", b"X-Trace\t: a\r\n", b": a\r\n",
     b"X-Trace\r\n", b"X-Trace: a\nX-Other: b\r\n", b"X-Trace: a\rb\r\n", b"X-T: \x00\r\n",
     b"Content_Length: 5\r\n", b"Host:\r\n", b"Host: a b\r\n", b"Expect: 100-continue\r\n",
+    b"X-T: a\x0bb\r\n", b"X-T:\x0c\r\n", b"X-T: a\r\r\n", b"X-T: \n\r\n", b"X-T: a\x7f\r\n",
 ]  # fmt: skip
 _VERSIONS = [b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 ", b"HTTP/11"]
 # The callers' options: the call path's reader (`feed`), the carrier listener
@@ -205,3 +213,28 @@ def test_a_call_head_is_read_in_few_python_lines():
 
     parse()  # first-time work (imports, caches) not counted
     assert _lines_run(parse) < 200
+
+
+# h11's header line (`h11._readers`: every line of a head it reads), as bytes.
+_H11_HEADER_LINE = re.compile(f"{FIELD_NAME}:{OWS}{FIELD_VALUE}{OWS}".encode())
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_a_header_line_is_plain_when_h11s_grammar_reads_it_byte_by_byte(byte: int):
+    """`_plain_read`'s line (a name, a colon, bytes but CR, in a head with no
+    control and no LF but a CRLF's) is h11's header line, byte by byte: each
+    byte, where a value or a name may hold it, is read without h11 when h11's
+    own expression matches the line and the byte is no control (a head with a
+    control is h11's to read, then refused by the checks), and only then."""
+    b = bytes([byte])
+    lines = [
+        b"X-T: " + b, b"X-T: a" + b + b"a", b"X-T: a" + b, b"X-T:" + b + b"a",
+        b"X-T: a " + b + b" a", b"X-T: a\t" + b + b"\t", b"X" + b + b"T: a", b + b"X-T: a",
+    ]  # fmt: skip
+    for line in lines:
+        raw = PLAIN_HEADS[0].replace(b"\r\n\r\n", b"\r\n" + line + b"\r\n\r\n")
+        by_h11s_grammar = _H11_HEADER_LINE.fullmatch(line) is not None and b not in CONTROLS
+        plain = request_head._plain_read(raw, raw.lower())
+        assert (plain is not None) == by_h11s_grammar, line
+        if plain is not None:
+            assert plain == request_head._h11_request(raw), line
