@@ -117,6 +117,7 @@ class _Channel(asyncio.Protocol):
         restoring: bool = False,
         held_before: list[str] | None = None,
         budget_before: list[str] | None = None,
+        left_out_before: list[int] | None = None,
         unread: bytes = b"",
         waiting: bytes = b"",
         ended: bool = False,
@@ -146,6 +147,9 @@ class _Channel(asyncio.Protocol):
         # counted on top of `held_before` if it is slow to answer (it may have
         # granted calls from it meanwhile).
         self.budget_before = budget_before
+        # Its leases the previous image's capacity estimate left out (their call
+        # in flight when the probe behind it left): told to `HostSlots.restore`.
+        self.left_out_before = left_out_before
         # The calls it granted from that budget, read before its "state" (lease
         # id -> fleet name, None from a worker that does not say it): counted
         # as grants once its "state" is taken (`HostSlots.count_granted`).
@@ -356,6 +360,7 @@ class SlotServer:
         worker: tuple[int, int] | None = None,
         held_before: list[str] | None = None,
         budget_before: list[str] | None = None,
+        left_out_before: list[int] | None = None,
         key: int | None = None,
         unread: bytes = b"",
         calls: dict[int, dict[str, Any]] | None = None,
@@ -368,6 +373,8 @@ class SlotServer:
         held in the previous image's table): counted if it is slow to answer,
         and so is `budget_before` (a fleet name a slot of the grant budget it
         was given at the hand-over: it may have granted calls from it).
+        `left_out_before`: its lease ids the previous image's capacity
+        estimate left out (`FleetState.left_out`), left out still.
         `unread`: what the previous image had read of a line not yet whole
         (its `unread()`): read before what the socket brings, the rest of it.
         `calls`: what the previous image knew of its calls (`calls_of`), in
@@ -390,6 +397,7 @@ class SlotServer:
                 restoring=restoring,
                 held_before=held_before,
                 budget_before=budget_before,
+                left_out_before=left_out_before,
                 unread=unread,
                 waiting=waiting,
                 ended=ended,
@@ -1072,6 +1080,7 @@ class SlotServer:
             now=now,
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
+            left_out=channel.left_out_before or (),
         )
         if channel.budget_grants:
             # Granted by the worker while nobody else granted: the host's grants
@@ -1098,7 +1107,7 @@ class SlotServer:
                     if lease not in in_flight and (call := calls.get(lease)) is not None:
                         call["status"] = 101
         channel.restoring, channel.joined = False, True
-        channel.held_before = channel.budget_before = None
+        channel.held_before = channel.budget_before = channel.left_out_before = None
         channel.pid, channel.generation = pid, generation
         log.info(
             "worker rejoined the slot coordinator",
