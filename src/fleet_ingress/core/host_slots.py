@@ -333,7 +333,14 @@ class HostSlots:
         given at the hand-over (`core.slot_budget`: a fleet name a slot): it
         may have granted calls from it since, so its count stays an upper
         bound. Replaced with its own account at `restore`, reclaimed at `leave`.
-        Nothing for a worker not so counted."""
+        Nothing for a worker not so counted.
+
+        Each slot counts in flight too (`FleetState.lease_restored_in_flight`):
+        a call granted from it is in no count of calls opened (`count_granted`
+        comes with the state) and, connecting, in no fleet's number. Before, a
+        worker silent after the exec with budget calls still connecting left
+        the fleet's estimate as high as before them: the others' calls went
+        there to meet its 429 (maxconn alone held)."""
         row = self._rows.get(worker)
         if row is None or not row.reserved:
             return
@@ -344,6 +351,7 @@ class HostSlots:
             if fleet is not None:
                 fleet.active += 1
                 row.held[start - i] = fleet
+                fleet.lease_restored_in_flight((worker, start - i))
 
     def count_granted(self, worker: WorkerKey, fleets: Iterable[str | None]) -> None:
         """Count the calls `worker` granted itself from its grant budget

@@ -456,9 +456,8 @@ class SlotServer:
                 extra=what,
             )
         elif held is not None and pid is not None:
-            self.slots.reserve(
-                key, pid=pid, generation=channel.generation or 0, fleets=held + budget
-            )
+            self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
+            self.slots.count_budget(key, budget)  # its calls in flight besides
             log.warning(
                 "worker has not said what it holds after the re-execution: granting "
                 "again, with the slots it held before counted until it does",
