@@ -224,7 +224,7 @@ async def test_calls_the_fleet_answers_during_the_exec_are_not_counted_free_by_t
                 )
                 for i in range(3)
             ]
-            await asyncio.sleep(1.5)  # asked of the held supervisor: checked below
+            await asyncio.sleep(3.0)  # asked of the held supervisor: checked below
             go.touch()
             async with asyncio.timeout(90):
                 results = await asyncio.gather(*later)
