@@ -26,6 +26,7 @@ from fleet_ingress.core.host_slots import (
     SlotProtocolError,
     queue_timeout_reason,
 )
+from fleet_ingress.service.upgrade import fleets_to_json, restore_fleets
 
 TWO_FLEETS = "https://a.test name=a\nhttps://b.test name=b\n"
 TIMEOUT = 3.0
@@ -594,6 +595,80 @@ def test_a_call_still_connecting_stays_in_flight_over_an_exec_that_failed():
     assert a.pending == {("w1", 1)} and a.active == 1
     a.probe_counted(5, a.probe_sending(10.0))  # the fleet has not taken the call yet
     assert a.estimated_available == 4
+
+
+def _one_fleet_with_three_calls_left_out() -> HostSlots:
+    """Fleet a (maxconn 16, 3 workers) and worker w1's 3 calls there, still
+    connecting when a probe left: it said 3 free, which the table reads as
+    none (the 3 left out)."""
+    specs = parse_fleets_text("https://a.test name=a\n", default_maxconn=16)
+    slots = HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=TIMEOUT, max_queue=8)
+    slots.join("w1", pid=1, generation=1, tells_answers=True)
+    a = slots.balancer.get("a")
+    assert a is not None
+    a.probe_counted(3, a.probe_sending(0.0))
+    _play(slots, [("acquire", "w1", n, (), 1.0, "a") for n in (1, 2, 3)])
+    a.probe_counted(3, a.probe_sending(2.0))  # sent while the 3 connect
+    assert a.estimated_available == 0
+    return slots
+
+
+def test_calls_answered_during_the_exec_are_not_counted_free_by_the_new_image():
+    """The fleet answers the 3 calls while the supervisor re-executes: the
+    worker's "state" no longer says them in flight. The fleet's number carried
+    over the exec was sent before they were answered, so it does not count
+    them: they stay left out until a probe sent after the exec counts them.
+    Before, the new image read that number as 3 free and granted the calls
+    queued meanwhile to a full fleet (its 429; the exec audit of session 42)."""
+    old = _one_fleet_with_three_calls_left_out()
+    assert old.left_out("w1") == [1, 2, 3]  # carried in the exec's state
+    carried = fleets_to_json(old.balancer.fleets)
+    specs = parse_fleets_text("https://a.test name=a\n", default_maxconn=16)
+    new = HostSlots(Balancer(FleetSet.from_specs(specs)), queue_timeout=TIMEOUT, max_queue=8)
+    new.paused = True
+    assert restore_fleets(new.balancer.fleets, carried) == ["a"]
+    new.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a"), (2, "a"), (3, "a")],
+        waiting=[(4, (), 0.5)],
+        now=10.0,
+        tells_answers=True,
+        in_flight=set(),  # answered during the exec
+        left_out=old.left_out("w1"),
+    )
+    assert new.resume() == []  # lease 4 waits: the fleet is full
+    a = new.balancer.get("a")
+    assert a is not None and a.estimated_available == 0 and not a.pending
+    # A probe sent after the exec counts them (the fleet says 0 free); one ends.
+    a.probe_counted(0, a.probe_sending(11.0))
+    assert a.estimated_available == 0 and not a.unseen
+    _play(new, [("release", "w1", 1, [])])
+    a.probe_counted(1, a.probe_sending(12.0))
+    _play(new, [("wake", ["w1#4>a"])])
+
+
+def test_calls_answered_during_an_exec_that_failed_stay_left_out_of_the_estimate():
+    """The same over an exec that failed (`suspend`, then `restore` in the same
+    table): closing the suspended row's leases ended their marks, so the
+    number counted before the exec took the 3 answered calls for free workers."""
+    slots = _one_fleet_with_three_calls_left_out()
+    slots.paused = True
+    slots.suspend("w1")
+    slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(1, "a"), (2, "a"), (3, "a")],
+        waiting=[(4, (), 0.5)],
+        now=10.0,
+        tells_answers=True,
+        in_flight=set(),
+    )
+    assert slots.resume() == []
+    a = slots.balancer.get("a")
+    assert a is not None and a.estimated_available == 0
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,36 @@ def test_a_worker_slow_after_the_exec_counts_its_budget_until_its_state() -> Non
     assert granted.worker == "w2" and a.active == 2
 
 
+def test_a_silent_workers_budget_counts_in_flight_against_the_fleets_estimate() -> None:
+    """A worker silent after the exec may have granted its whole budget, the
+    calls still connecting: in no count of calls opened (they come with its
+    state) and in no fleet's number. Counted against maxconn alone, the
+    fleet's estimate (3 free, from before the exec) let the other worker's
+    two waiting calls through, one past the fleet's workers (its 429)."""
+    slots = _table("https://a.test name=a maxconn=10\n")
+    (a,) = slots.balancer.fleets
+    a.probe_counted(3, a.probe_sending(0.0))  # before the exec: 3 free
+    slots.paused = True
+    slots.reserve("w1", pid=1, generation=1, fleets=[])  # held nothing before the exec
+    slots.count_budget("w1", ["a", "a"])  # given two slots of a
+    slots.restore("w2", pid=2, generation=1, held=[], waiting=[(1, [], 0.1), (2, [], 0.1)], now=0.0)
+    (granted,) = slots.resume()
+    assert (granted.worker, granted.lease) == ("w2", 1) and a.estimated_available == 0
+    # Its state, late: both granted, still connecting; what it was counted goes.
+    slots.restore(
+        "w1",
+        pid=1,
+        generation=1,
+        held=[(5, "a"), (6, "a")],
+        waiting=[],
+        now=1.0,
+        tells_answers=True,
+        in_flight={5, 6},
+    )
+    assert a.active == 3 and a.pending == {("w1", 5), ("w1", 6)}
+    assert a.estimated_available == 0 and slots.wake() == []
+
+
 def test_a_budget_is_counted_only_for_a_worker_counted_from_before() -> None:
     slots = _table("https://a.test name=a maxconn=3\n")
     (a,) = slots.balancer.fleets

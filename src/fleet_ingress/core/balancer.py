@@ -178,6 +178,27 @@ class FleetState:
         if self._probing is not None:
             self._probing.add(key)
 
+    def lease_restored_unseen(self, key: Hashable) -> None:
+        """Lease `key`, carried over a re-execution, that the estimate left out
+        then (`left_out`: in flight when the probe behind it left) and whose
+        call the fleet has answered since, at a time not known here (during
+        the exec, its "answered" read by nobody): still left out of the
+        estimate from the probe counted last and from one still out, as either
+        may predate the answer. Before, the new image took the fleet's number
+        for one that counted the call: a call answered during the exec was a
+        free worker until the next probe, and the calls queued meanwhile went
+        to a full fleet and its 429 (session 41's upgrade under load). A probe
+        sent from now on counts it: it is not in flight."""
+        self.unseen.add(key)
+        if self._probing is not None:
+            self._probing.add(key)
+
+    def left_out(self, key: Hashable) -> bool:
+        """Lease `key` is left out of the estimate: the probe counted last, or
+        one still out, was sent while its call was in flight (and may have
+        missed it), and it has not ended since."""
+        return key in self.unseen or (self._probing is not None and key in self._probing)
+
     def lease_ended(self, key: Hashable) -> None:
         """Lease `key` is given back (or its holder can no longer tell): not in flight."""
         self.pending.discard(key)

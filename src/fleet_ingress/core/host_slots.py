@@ -227,6 +227,7 @@ class HostSlots:
         now: float,
         tells_answers: bool = False,
         in_flight: Collection[int] = (),
+        left_out: Collection[int] = (),
     ) -> list[str]:
         """Join a worker that was already running, with what it says it has:
         `held` (lease id, fleet name) and `waiting` (lease id, avoid-list,
@@ -234,6 +235,12 @@ class HostSlots:
         those calls exist. Returns the fleet names this table does not know
         (removed meanwhile): their calls count against no fleet. A waiter
         keeps its place by how long it has waited, and its deadline.
+
+        `in_flight`: the leases whose call its fleet has not answered yet, as
+        the worker says. `left_out`: those the previous image's estimate left
+        out (`FleetState.left_out`, carried over the exec): one answered since
+        stays left out of the number counted last (`lease_restored_unseen`).
+        A suspended row's (an exec that failed) are read from this table.
 
         All or nothing: an account it cannot mean (a lease id twice) raises
         SlotProtocolError with the table as it was, what was counted for the
@@ -252,6 +259,10 @@ class HostSlots:
             seen.add(lease)
         # Nothing below raises: the account is whole.
         self._rows.pop(worker, None)
+        if reserved is not None:  # a suspended row's leases under their own ids
+            left_out = set(left_out) | {
+                lease for lease, fleet in reserved.held.items() if fleet.left_out((worker, lease))
+            }
         # What it holds counts as answered but for the leases it says are still in
         # flight (`in_flight`: a worker of an older release says none).
         row = self.join(worker, pid=pid, generation=generation, tells_answers=tells_answers)
@@ -281,11 +292,25 @@ class HostSlots:
         # leases under the same keys, and closing one ends its in-flight mark
         # (the fuzzing of session 20: the fleet's estimate then counted a call
         # still connecting as a free worker).
+        # And a lease the estimate left out, answered during the exec, stays
+        # left out of the number counted last: that number may predate the
+        # answer (the exec audit of session 42: 3 calls in 8 met a full
+        # fleet's 429 as the new image took 3 answered calls for free workers).
         if tells_answers:
             for lease, fleet in row.held.items():
                 if lease in in_flight:
                     fleet.lease_restored_in_flight((worker, lease))
+                elif lease in left_out:
+                    fleet.lease_restored_unseen((worker, lease))
         return unknown
+
+    def left_out(self, worker: WorkerKey) -> list[int]:
+        """The lease ids of `worker` its fleets' capacity estimates leave out
+        (`FleetState.left_out`): carried over an exec, for `restore`'s `left_out`."""
+        row = self._rows.get(worker)
+        if row is None:
+            return []
+        return [lease for lease, fleet in row.held.items() if fleet.left_out((worker, lease))]
 
     def reserve(
         self, worker: WorkerKey, *, pid: int, generation: int, fleets: Iterable[str]
@@ -308,7 +333,14 @@ class HostSlots:
         given at the hand-over (`core.slot_budget`: a fleet name a slot): it
         may have granted calls from it since, so its count stays an upper
         bound. Replaced with its own account at `restore`, reclaimed at `leave`.
-        Nothing for a worker not so counted."""
+        Nothing for a worker not so counted.
+
+        Each slot counts in flight too (`FleetState.lease_restored_in_flight`):
+        a call granted from it is in no count of calls opened (`count_granted`
+        comes with the state) and, connecting, in no fleet's number. Before, a
+        worker silent after the exec with budget calls still connecting left
+        the fleet's estimate as high as before them: the others' calls went
+        there to meet its 429 (maxconn alone held)."""
         row = self._rows.get(worker)
         if row is None or not row.reserved:
             return
@@ -319,6 +351,7 @@ class HostSlots:
             if fleet is not None:
                 fleet.active += 1
                 row.held[start - i] = fleet
+                fleet.lease_restored_in_flight((worker, start - i))
 
     def count_granted(self, worker: WorkerKey, fleets: Iterable[str | None]) -> None:
         """Count the calls `worker` granted itself from its grant budget

@@ -124,6 +124,7 @@ class _Channel(asyncio.Protocol):
         restoring: bool = False,
         held_before: list[str] | None = None,
         budget_before: list[str] | None = None,
+        left_out_before: list[int] | None = None,
         unread: bytes = b"",
         waiting: bytes = b"",
         ended: bool = False,
@@ -153,6 +154,9 @@ class _Channel(asyncio.Protocol):
         # counted on top of `held_before` if it is slow to answer (it may have
         # granted calls from it meanwhile).
         self.budget_before = budget_before
+        # Its leases the previous image's capacity estimate left out (their call
+        # in flight when the probe behind it left): told to `HostSlots.restore`.
+        self.left_out_before = left_out_before
         # The calls it granted from that budget, read before its "state" (lease
         # id -> fleet name, None from a worker that does not say it): counted
         # as grants once its "state" is taken (`HostSlots.count_granted`).
@@ -368,6 +372,7 @@ class SlotServer:
         worker: tuple[int, int] | None = None,
         held_before: list[str] | None = None,
         budget_before: list[str] | None = None,
+        left_out_before: list[int] | None = None,
         key: int | None = None,
         unread: bytes = b"",
         calls: dict[int, dict[str, Any]] | None = None,
@@ -380,6 +385,8 @@ class SlotServer:
         held in the previous image's table): counted if it is slow to answer,
         and so is `budget_before` (a fleet name a slot of the grant budget it
         was given at the hand-over: it may have granted calls from it).
+        `left_out_before`: its lease ids the previous image's capacity
+        estimate left out (`FleetState.left_out`), left out still.
         `unread`: what the previous image had read of a line not yet whole
         (its `unread()`): read before what the socket brings, the rest of it.
         `calls`: what the previous image knew of its calls (`calls_of`), in
@@ -402,6 +409,7 @@ class SlotServer:
                 restoring=restoring,
                 held_before=held_before,
                 budget_before=budget_before,
+                left_out_before=left_out_before,
                 unread=unread,
                 waiting=waiting,
                 ended=ended,
@@ -460,9 +468,8 @@ class SlotServer:
                 extra=what,
             )
         elif held is not None and pid is not None:
-            self.slots.reserve(
-                key, pid=pid, generation=channel.generation or 0, fleets=held + budget
-            )
+            self.slots.reserve(key, pid=pid, generation=channel.generation or 0, fleets=held)
+            self.slots.count_budget(key, budget)  # its calls in flight besides
             log.warning(
                 "worker has not said what it holds after the re-execution: granting "
                 "again, with the slots it held before counted until it does",
@@ -1110,6 +1117,7 @@ class SlotServer:
             now=now,
             tells_answers=message.get("answers") is True,
             in_flight=in_flight,
+            left_out=channel.left_out_before or (),
         )
         if channel.budget_grants:
             # Granted by the worker while nobody else granted: the host's grants
@@ -1136,7 +1144,7 @@ class SlotServer:
                     if lease not in in_flight and (call := calls.get(lease)) is not None:
                         call["status"] = 101
         channel.restoring, channel.joined = False, True
-        channel.held_before = channel.budget_before = None
+        channel.held_before = channel.budget_before = channel.left_out_before = None
         channel.pid, channel.generation = pid, generation
         log.info(
             "worker rejoined the slot coordinator",

@@ -790,6 +790,12 @@ class UpgradeSequence:
                     "held": [f.name for f in rows[w.key].held.values()]
                     if w.key in rows
                     else (held_before(w.key) or []),
+                    # Of what it holds, the leases the fleets' capacity estimates
+                    # leave out (in flight when the probe counted last left): the
+                    # next image leaves them out still, answered during the exec
+                    # or not (`HostSlots.restore`). An exec's alone: a crash
+                    # restart carries no fleet's number.
+                    "left_out": supervisor.slots.left_out(w.key) if handover else [],
                     # Its grant budget (a fleet name a slot): counted on top of
                     # "held" if it is slow to answer, as it may have granted from
                     # it. A crash snapshot's: the one sent at the hand-over, or
@@ -911,12 +917,16 @@ class UpgradeSequence:
             carried = self._carried_workers.get(pid, {})
             held = carried.get("held")
             budget = carried.get("budget")  # from a release before budgets: none
+            left_out = carried.get("left_out")  # from a release before it: none
             key = await supervisor.server.adopt(
                 sock,
                 restoring=True,
                 worker=(pid, generation),
                 held_before=[str(name) for name in held] if isinstance(held, list) else None,
                 budget_before=[str(n) for n in budget] if isinstance(budget, list) else None,
+                left_out_before=[n for n in left_out if type(n) is int]
+                if isinstance(left_out, list)
+                else None,
                 unread=self._carried_unread.pop(name, b""),
                 calls=_calls_from_json(carried.get("calls")),
             )
