@@ -73,6 +73,11 @@ async def ticks(args: argparse.Namespace) -> int:
     snapshots = CrashSnapshot(notifier)
     keep_up = getattr(snapshots, "keep_up", snapshots.write_in_turns)
     take = supervisor.upgrade.crash_snapshot
+    for w in range(args.retired_workers):  # workers gone: their counts in `retired`
+        gone = report(1000 + w, 1)
+        gone.counts.counters[("fleet_calls", f"fleet-{w % 7}")] = w
+        supervisor.view.report(gone, time.monotonic())
+        supervisor.view.leave(gone.worker)
     written = 0
     for tick in range(args.ticks):
         for f in supervisor.balancer.fleets:
@@ -109,6 +114,12 @@ def main() -> int:
         type=int,
         default=5,
         help="ticks between each worker's reports: 5 idle (PULL_EVERY), 1 while calls are live",
+    )
+    p.add_argument(
+        "--retired-workers",
+        type=int,
+        default=0,
+        help="workers gone before the ticks (their counts in the view's retired totals)",
     )
     p.add_argument("--out", type=Path, required=True)
     return asyncio.run(ticks(p.parse_args()))

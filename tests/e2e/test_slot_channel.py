@@ -21,6 +21,7 @@ from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import HostSlots, queue_timeout_reason
 from fleet_ingress.core.host_view import Counts, HostView, WorkerReport
 from fleet_ingress.logs import _FIELDS
+from fleet_ingress.net.calls import Call
 from fleet_ingress.net.dispatch import Dispatcher, NoFleetAvailable
 from fleet_ingress.net.slot_client import (
     ANSWERS_FLUSH,
@@ -204,6 +205,21 @@ async def test_what_a_worker_said_of_each_call_is_kept_while_its_lease_is_open(h
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, NoFleetAvailable):
             await task
+
+
+async def test_who_each_call_is_is_kept_under_one_string_a_key_for_all_calls(host):
+    """The supervisor keeps who each open lease's call is (its memory a held
+    call): its keys the same strings for every call, not new ones decoded
+    from each request; what it keeps reads as the worker said it."""
+    h = host()
+    w1 = await h.worker()
+    (key,) = [row.worker for row in h.slots.workers]
+    said = [Call(None, "192.0.2.1", "/ws/", f"bot-{n}").described for n in (1, 2)]  # type: ignore[arg-type]
+    leases = [await w1.lease(call=call) for call in said]
+    kept = h.server.calls_of(key)
+    assert [kept[lease.id] for lease in leases] == said
+    first, second = (list(kept[lease.id]) for lease in leases)
+    assert all(a is b for a, b in zip(first, second, strict=True))
 
 
 async def test_a_call_logged_while_its_slot_is_held_is_no_lost_call_of_its_worker(host):

@@ -328,3 +328,51 @@ def test_the_view_taken_every_second_writes_each_report_once_and_always_the_late
     assert latest(taken) == {2: 1}
     back = HostView.from_json(json.loads(json.dumps(taken)), 14.0)
     assert back.totals() == view.totals()
+
+
+def test_the_retired_counts_are_written_again_only_when_they_changed_and_follow_every_change():
+    """`to_json` (taken every second) sorts the retired counts once, not each
+    time: the same wire while they hold the same counts, and a new one after
+    each kind of change made to them, wherever it is made (a worker retired,
+    a counter raised or added in place, a key folded under another name, a
+    histogram merged, a gauge, the whole `retired` replaced)."""
+    from fleet_ingress.ops.local_counts import fold_fleets_gone
+
+    view = HostView()
+    view.report(report(1, 1, 1, 5), 10.0)
+    view.leave((1, 1))
+    first = view.to_json(11.0)["retired"]
+    assert view.to_json(12.0)["retired"] is first
+    assert first == view.retired.to_wire()
+    histo = Histo((0.1, 1.0), (1, 2, 3), 2.5)
+
+    def raised(v: HostView) -> None:
+        v.retired.counters[KEY] += 1
+
+    def added(v: HostView) -> None:
+        v.retired.counters[("log_lines_dropped",)] += 3
+
+    def folded(v: HostView) -> None:
+        v.retired.counters[("fleet_calls", "gone-fleet")] = 4
+        v.to_json(1.0)
+        fold_fleets_gone(v.retired, {"kept"})
+
+    def merged(v: HostView) -> None:
+        v.retired.add(counts(0, histo=histo), gauges=False)
+
+    def gauge(v: HostView) -> None:
+        v.retired.gauges[("connections",)] = 1
+
+    def replaced(v: HostView) -> None:
+        v.retired = Counts.from_wire({**v.retired.to_wire(), "counters": [[*KEY, 99]]})
+
+    def retired_again(v: HostView) -> None:
+        v.report(report(2, 1, 1, 7), 13.0)
+        v.leave((2, 1))
+
+    for change in (raised, added, folded, merged, merged, gauge, replaced, retired_again):
+        before = view.to_json(13.0)["retired"]
+        change(view)
+        after = view.to_json(14.0)["retired"]
+        assert after == view.retired.to_wire() != before, change.__name__
+        assert view.to_json(15.0)["retired"] is after, change.__name__

@@ -6,12 +6,15 @@ import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.net.slot_wire import (
+    CALL_KEYS,
     MAX_LINE,
     MAX_WORKER_LINE,
     LineDecoder,
     WireError,
+    call_kept,
     encode,
     field,
+    granted_line,
     spec_from_wire,
     spec_to_wire,
 )
@@ -106,3 +109,45 @@ def test_the_bytes_are_those_of_json_both_ways():
     assert LineDecoder().feed(b"".join(lines)) == [json.loads(line) for line in lines]
     with pytest.raises(WireError, match="not JSON"):
         LineDecoder().feed(b'{"op":"\xff"}\n')
+
+
+def test_a_call_is_kept_as_said_under_one_string_a_key_for_every_call():
+    """Who a call is ("call" in a slot request, `Call.described`) is kept by
+    the supervisor while its lease is open: equal to what was decoded, its
+    known keys the same strings for every call (not new ones each decode),
+    others after them as they came; one that lacks a known key (another
+    release's) as it came, nothing added. Every key `Call.described` sends
+    is a known one."""
+    from fleet_ingress.net.calls import Call
+
+    described = Call(None, "192.0.2.1", "/ws/", "bot").described  # type: ignore[arg-type]
+    assert set(described) <= set(CALL_KEYS)
+    lines = b"".join(
+        encode({"op": "acquire", "id": n, "call": {**described, "extra": n}}) for n in (1, 2)
+    )
+    kept = [call_kept(message["call"]) for message in LineDecoder().feed(lines)]
+    for n, call in enumerate(kept, 1):
+        assert call == {**described, "extra": n}
+        assert list(call) == [*described, "extra"]
+    first, second = (list(call) for call in kept)
+    assert all(a is b for a, b in zip(first[:-1], second[:-1], strict=True))
+    assert all(key is CALL_KEYS[CALL_KEYS.index(key)] for key in first[:-1])
+    (older,) = LineDecoder().feed(encode({"op": "acquire", "call": {"call_id": 3, "x": 1}}))
+    assert call_kept(older["call"]) == {"call_id": 3, "x": 1}
+    shuffled = dict(reversed(described.items()))
+    assert call_kept(shuffled) == shuffled
+
+
+@pytest.mark.parametrize(
+    "fleet", ["a", "fleet-b.example", 'q"uote\\back', "é☎\U0001f4de", "\x00\x1f\x7f"]
+)
+@pytest.mark.parametrize("lease", [0, 7, -3, 2**63, True])
+@pytest.mark.parametrize("queued", [True, False])
+def test_a_grant_formatted_at_once_is_the_same_bytes_as_encoded(fleet, lease, queued):
+    """The supervisor's grant without a spec (`granted_line`, its one answer
+    a call) is the line `encode` writes of the same message, byte for byte,
+    and reads back as it."""
+    message = {"op": "granted", "id": lease, "fleet": fleet, "queued": queued}
+    line = granted_line(lease, fleet, queued)
+    assert line == encode(message)
+    assert LineDecoder().feed(line) == [message]

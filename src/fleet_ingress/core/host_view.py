@@ -295,6 +295,11 @@ class HostView:
         # it was made of: the crash snapshot takes the view every second, and
         # a report is read every PULL_EVERY (5 s) when no call is live.
         self._wires: dict[WorkerId, tuple[WorkerReport, dict[str, Any]]] = {}
+        # `retired` as `to_json` last wrote it, and copies of its three parts
+        # then: its counters sorted once, not every second, while nothing
+        # retires (the parts are changed in place elsewhere: `worker_pool`'s
+        # lost calls, `fold_fleets_gone`, an exec's dropped lines).
+        self._retired_wire: tuple[Counts, dict[str, Any]] | None = None
 
     def report(self, report: WorkerReport, now: float) -> bool:
         """Take a worker's report, read at `now` (a monotonic clock that survives
@@ -374,7 +379,7 @@ class HostView:
         """What `from_json` reads. Its reports' parts are shared from one call
         to the next while no newer report came: read, never changed."""
         return {
-            "retired": self.retired.to_wire(),
+            "retired": self._retired_to_wire(),
             "retired_workers": self.retired_workers,
             "latest": [
                 {"report": self._wire(report), "age": max(0.0, now - read_at)}
@@ -382,6 +387,24 @@ class HostView:
             ],
             "gone": [[pid, generation, started] for (pid, generation), started in self._gone],
         }
+
+    def _retired_to_wire(self) -> dict[str, Any]:
+        """`retired.to_wire()`, made again only when `retired` holds other
+        counts than when it was last made: compared whole with a copy (dicts
+        compared in C, a histogram by identity first: `Histo` is frozen), not
+        trusted to a mark that each place changing it would have to set."""
+        retired, kept = self.retired, self._retired_wire
+        if kept is not None:
+            seen, wire = kept
+            if (
+                dict.__eq__(retired.counters, seen.counters)
+                and dict.__eq__(retired.gauges, seen.gauges)
+                and retired.histograms == seen.histograms
+            ):
+                return wire
+        wire = retired.to_wire()
+        self._retired_wire = (retired.copy(), wire)
+        return wire
 
     def _wire(self, report: WorkerReport) -> dict[str, Any]:
         """`report.to_wire()`, made once a report (its counters sorted: 40 to

@@ -60,8 +60,10 @@ from fleet_ingress.net.slot_wire import (
     LineDecoder,
     UnknownOps,
     WireError,
+    call_kept,
     encode,
     field,
+    granted_line,
     spec_to_wire,
 )
 
@@ -254,8 +256,12 @@ class _Channel(asyncio.Protocol):
             self.data_received(rest)  # a line that is not the protocol: logged, dropped
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_line(encode(message))
+
+    def send_line(self, line: bytes) -> None:
+        """A message already encoded (`encode`, `granted_line`)."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(message))
+            self.transport.write(line)
 
 
 class SlotServer:
@@ -916,7 +922,7 @@ class SlotServer:
                     if isinstance(call := message.get("call"), dict):
                         # Counted in its "state", but only there said who the call
                         # is: kept (its "state" says whether it is still open).
-                        self._calls.setdefault(channel.key, {})[lease] = call
+                        self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
             return  # sent before the worker read "sync": counted in its "state"
         if not channel.joined:
             if op != "hello":
@@ -962,7 +968,7 @@ class SlotServer:
                 channel.send({"op": "refused", "id": lease, "reason": reason, "queued": False})
                 return
             if isinstance(call := message.get("call"), dict):
-                self._calls.setdefault(channel.key, {})[lease] = call
+                self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
             if answer is None:
                 self._arm()
             else:
@@ -1308,7 +1314,11 @@ class SlotServer:
             # worker times it; a worker before it ignores the key). Said false too:
             # a worker tells "at once" from a supervisor before the key (not known).
             if isinstance(answer, Granted):
-                message = self._granted(channel, answer.lease, answer.fleet)
+                fleet = answer.fleet
+                if channel.sent_specs.get(fleet.name) is fleet.spec:  # no spec to send
+                    channel.send_line(granted_line(answer.lease, fleet.name, answer.queued))
+                    continue
+                message = self._granted(channel, answer.lease, fleet)
             else:
                 self._forget_call(channel.key, answer.lease)
                 message = {"op": "refused", "id": answer.lease, "reason": answer.reason}

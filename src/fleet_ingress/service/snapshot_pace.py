@@ -73,6 +73,31 @@ MOVING_FLEET_KEYS = frozenset(
 MOVING_WORKER_KEYS = frozenset({"held"})
 
 
+# Top-level keys whose value is made once and shared, never changed in place,
+# until what it describes changes (`upgrade.RunningJson`: the configuration,
+# fleets and certificate run, some 300 strings): marshalled once an object.
+SHARED_KEYS = frozenset({"running"})
+
+
+class _Marshalled:
+    """The marshal bytes of the last object seen under each SHARED_KEYS key,
+    held with it (so that its identity is not another's later)."""
+
+    __slots__ = ("_by_key",)
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, tuple[Any, bytes]] = {}
+
+    def of(self, key: str, value: Any) -> bytes:
+        kept = self._by_key.get(key)
+        if kept is None or kept[0] is not value:
+            kept = self._by_key[key] = (value, marshal.dumps(value, 0))
+        return kept[1]
+
+
+_shared = _Marshalled()
+
+
 def settled(state: Mapping[str, Any]) -> bytes | None:
     """`state` (a crash snapshot's, before its sequence is stamped) less what
     moves on its own, as bytes: equal for two states a crash restart would
@@ -84,6 +109,11 @@ def settled(state: Mapping[str, Any]) -> bytes | None:
     of the certificate's text. None for a value marshal cannot write (a
     subclass of int or str): never settled, written every time."""
     kept: dict[str, Any] = {k: v for k, v in state.items() if k not in MOVING_KEYS}
+    try:
+        for key in SHARED_KEYS & kept.keys():
+            kept[key] = _shared.of(key, kept[key])
+    except ValueError:
+        return None
     if isinstance(fleets := kept.get("fleets"), list):
         kept["fleets"] = [_less(entry, MOVING_FLEET_KEYS) for entry in fleets]
     if isinstance(workers := kept.get("workers"), list):
