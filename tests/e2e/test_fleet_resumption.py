@@ -1625,3 +1625,31 @@ async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_st
         assert not any(fleet.reused)
     finally:
         await relay.stop()
+
+
+async def test_a_middlebox_resetting_calls_offered_the_session_together_does_not_take_the_fleet_down(
+    start_ingress: StartIngress,
+    tls_files: TLSFiles,
+    fleet: ResumptionFleet,
+    relay: GuardsResumption,
+) -> None:
+    """A middlebox that resets every ClientHello offering a session, and
+    calls offered the fleet's session together (a carriers' reconnect
+    burst): each connection made again without it gets through, so the
+    fleet took every connection it was sent. Their resets share one cause,
+    the session offered, found out once (its `proof`): one failed
+    connection for passive health, not one a call, and the fleet stays UP
+    (`fleets.fall` 2) with every call served. Before, each call waiting on
+    the proof counted its reset too, before any 101 ended the streak: the
+    burst took the healthy fleet DOWN (`call_failures` reached `fall`)."""
+    ingress = await with_a_session(start_ingress, tls_files, relay.line("a", "maxconn=40"))
+    ingress.dispatcher.fall = 2  # passive health observed (as with probes): the default
+    relay.answer = "reset"
+    results = await asyncio.gather(
+        *(one_call(ingress, tls_files, f"/ws/bot-{i}") for i in range(12)),
+        return_exceptions=True,
+    )
+    assert relay.answered >= 3, relay.answered  # offered together: several proofs waited on
+    (state,) = ingress.balancer.fleets
+    assert state.health is Health.UP
+    assert [r for r in results if r is not None] == []

@@ -343,7 +343,10 @@ async def connect_again(
     unless its refusal is proven: `failed_connection` is called then (for
     passive health), once, before the connection made again is returned or
     its own error raised. Not for a call that waited for another's proof
-    that failed: its own error is raised, one connection, the attempt's.
+    that failed: its own error is raised, one connection, the attempt's;
+    nor for one that waited for a proof that got through and got through
+    too: the calls offered `offered` together and failed count one failed
+    connection, the first's (a middlebox resetting a burst of them).
     Before (session 42) a connection made again was free: a fleet that
     drops a share p of its connections was seen failing p x p of them,
     and the refusals counted every connection made again that got through.
@@ -384,7 +387,11 @@ async def connect_again(
         except OSError:
             failed_connection()
             raise
-        return conn, _made_again(fleet, spec, offered, conn, exc, failed_connection)
+        # Its failure and the one finding out's share a cause, the session
+        # offered together, counted once (by that one): a middlebox resetting
+        # a burst of calls offered it is not a burst of failed connections
+        # (fall 2 took a healthy fleet DOWN before its first 101, review42b).
+        return conn, _through(fleet, spec, offered, conn, exc)
     proof = offered.proof = asyncio.get_running_loop().create_future()
     try:
         conn = await connect()
