@@ -1627,7 +1627,7 @@ async def test_a_full_handshake_kept_while_a_suspect_sessions_close_is_proven_st
         await relay.stop()
 
 
-async def test_a_middlebox_resetting_calls_offered_the_session_together_does_not_take_the_fleet_down(
+async def test_a_middlebox_resetting_calls_offered_the_session_together_keeps_the_fleet_up(
     start_ingress: StartIngress,
     tls_files: TLSFiles,
     fleet: ResumptionFleet,
