@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -305,6 +306,26 @@ async def test_the_grant_carries_the_fleet_once_and_the_worker_sees_it_ready(hos
     assert a1.fleet is a2.fleet and a1.fleet is not b1.fleet
     assert a1.fleet.spec == h.slots.balancer.fleets[0].spec
     assert a1.fleet.admin is a1.fleet.admin.READY  # the file said drain; live it is READY
+
+
+async def test_after_a_reload_that_left_a_fleet_equal_its_grants_carry_no_spec_by_identity(host):
+    """A reload sets each fleet's spec anew (`FleetSet`), equal when the file
+    did not change it: the next grant carries no spec and the channel keeps
+    the new object, so the grants after it are told spec-less by identity
+    (`granted_line`). Fails on main: the old object stayed kept, and every
+    grant of the fleet after any reload compared the specs by value."""
+    h = host(maxconn=4)
+    w1 = await h.worker()
+    first = await w1.lease()
+    a = h.slots.balancer.get(first.fleet.name)
+    assert a is not None
+    a.spec = dataclasses.replace(a.spec)  # what a reload of the same file does
+    (channel,) = h.server._channels.values()
+    second = await w1.lease()
+    while second.fleet.name != a.name:  # leastconn: the other fleet's turn first
+        second = await w1.lease()
+    assert second.fleet.spec == a.spec
+    assert channel.sent_specs[a.name] is a.spec
 
 
 @pytest.mark.parametrize("kind", ["dispatcher", "slot client"])

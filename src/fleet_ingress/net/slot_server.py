@@ -1346,9 +1346,15 @@ class SlotServer:
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:
         message: dict[str, Any] = {"op": "granted", "id": lease, "fleet": fleet.name}
         sent = channel.sent_specs.get(fleet.name)
-        if sent is not fleet.spec and sent != fleet.spec:  # (a dataclass's == builds tuples)
+        if sent is not fleet.spec:
+            # Kept by identity, equal or not: a reload sets every fleet's spec
+            # anew, equal for most (`FleetSet`), and `_send` tells a grant
+            # with no spec to send by `is`. Before, an equal one was not kept:
+            # after any reload each grant of the fleet came here, its spec
+            # compared (a dataclass's == builds tuples), not `granted_line`.
             channel.sent_specs[fleet.name] = fleet.spec
-            message["spec"] = spec_to_wire(fleet.spec)
+            if sent != fleet.spec:
+                message["spec"] = spec_to_wire(fleet.spec)
         return message
 
     def _arm(self) -> None:
