@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -307,6 +308,26 @@ async def test_the_grant_carries_the_fleet_once_and_the_worker_sees_it_ready(hos
     assert a1.fleet.admin is a1.fleet.admin.READY  # the file said drain; live it is READY
 
 
+async def test_after_a_reload_that_left_a_fleet_equal_its_grants_carry_no_spec_by_identity(host):
+    """A reload sets each fleet's spec anew (`FleetSet`), equal when the file
+    did not change it: the next grant carries no spec and the channel keeps
+    the new object, so the grants after it are told spec-less by identity
+    (`granted_line`). Fails on main: the old object stayed kept, and every
+    grant of the fleet after any reload compared the specs by value."""
+    h = host(maxconn=4)
+    w1 = await h.worker()
+    first = await w1.lease()
+    a = h.slots.balancer.get(first.fleet.name)
+    assert a is not None
+    a.spec = dataclasses.replace(a.spec)  # what a reload of the same file does
+    (channel,) = h.server._channels.values()
+    second = await w1.lease()
+    while second.fleet.name != a.name:  # leastconn: the other fleet's turn first
+        second = await w1.lease()
+    assert second.fleet.spec == a.spec
+    assert channel.sent_specs[a.name] is a.spec
+
+
 @pytest.mark.parametrize("kind", ["dispatcher", "slot client"])
 async def test_the_call_path_interface_is_the_same(host, kind):
     """What net/proxy.py uses: lease(avoid) -> .fleet / .held / .release(),
@@ -606,6 +627,82 @@ async def test_a_worker_slow_after_the_reexecution_keeps_its_slots_counted_and_m
         assert {f.name: f.active for f in slots.balancer.fleets} == {"a": 1, "b": 1}
     finally:
         slow_theirs.close()
+        await server.close()
+
+
+async def _silent_since_an_exec_with_a_call_left_out() -> tuple[SlotServer, socket.socket, int]:
+    """A re-executed coordinator (maxconn 4) whose worker 77 held lease 4 on b
+    before the exec, its call then in flight when b's last counted probe left
+    (carried: `left_out_before`), and that has not said what it holds since
+    (counted silent)."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    server = _next_image(4)
+    key = await server.adopt(
+        ours, restoring=True, worker=(77, 1), held_before=["b"], left_out_before=[4]
+    )
+    assert await server.finish_restore(0.2) == [key]
+    return server, theirs, key
+
+
+async def _state_says_lease_4_answered(server: SlotServer, theirs: socket.socket) -> None:
+    """b's number, carried from a probe sent while lease 4's call connected,
+    says 1 free; the worker's "state" says the fleet has answered it since."""
+    b = server.slots.balancer.get("b")
+    assert b is not None
+    b.probe_counted(1, b.probe_sending(time.monotonic()))
+    state = {
+        "op": "state",
+        "pid": 77,
+        "generation": 1,
+        "held": [[4, "b"]],
+        "waiting": [],
+        "answers": True,
+        "in_flight": [],
+    }
+    await asyncio.get_running_loop().sock_sendall(theirs, encode(state))
+    await eventually(lambda: [(r.calls, r.reserved) for r in server.slots.workers] == [(1, False)])
+    # Lease 4 is still left out of that number: b has no free worker.
+    assert b.estimated_available == 0
+
+
+async def test_a_call_left_out_stays_left_out_over_a_second_exec_before_its_worker_says():
+    """Two execs in a row, the worker silent in between: the second carries
+    the leases the first did (its `left_out` is the channel's while no "state"
+    was taken). Fails on main, which carried the table's alone (the silent
+    row's are `reserve`'s: none): the third image took lease 4's answered call
+    for a free worker on b, and granted a call into its 429."""
+    second, theirs, key = await _silent_since_an_exec_with_a_call_left_out()
+    third = _next_image(4)
+    try:
+        left_out = second.left_out(key)  # what the exec's state carries, before the hand-over
+        kept = second.handover()
+        assert list(kept) == ["worker.77.1"]
+        await third.adopt(
+            kept["worker.77.1"],
+            restoring=True,
+            worker=(77, 1),
+            held_before=["b"],
+            left_out_before=left_out,
+        )
+        await _state_says_lease_4_answered(third, theirs)
+    finally:
+        theirs.close()
+        await second.close()
+        await third.close()
+
+
+async def test_a_call_left_out_stays_left_out_over_an_exec_that_failed_before_its_worker_says():
+    """The same when the second exec fails (`take_back`): the channel served
+    again keeps what the first exec carried. Fails on main (`_serve_again`
+    dropped `left_out_before`)."""
+    server, theirs, key = await _silent_since_an_exec_with_a_call_left_out()
+    try:
+        kept = server.handover()
+        assert await server.take_back(kept, 0.2) == [key]
+        await _state_says_lease_4_answered(server, theirs)
+    finally:
+        theirs.close()
         await server.close()
 
 

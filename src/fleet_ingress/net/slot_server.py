@@ -570,6 +570,21 @@ class SlotServer:
             return None, []
         return channel.held_before, channel.budget_before or []
 
+    def left_out(self, key: int) -> list[int]:
+        """Of worker channel `key`'s lease ids, those the fleets' capacity
+        estimates leave out, to carry over an exec (`HostSlots.restore`'s
+        `left_out`): the table's, and, while the worker has not said what it
+        holds since an earlier exec, the ones that image carried
+        (`left_out_before`: in no row yet, the table's is `reserve`'s). Before,
+        the table's alone: a second exec before a silent worker's "state"
+        dropped them, and the third image took their answered calls for free
+        workers."""
+        ids = [lease for lease in self.slots.left_out(key) if lease >= 0]  # not `reserve`'s
+        channel = self._channels.get(key)
+        if channel is not None and channel.left_out_before:
+            ids += [lease for lease in channel.left_out_before if lease not in ids]
+        return ids
+
     def _send_budgets(
         self,
         budgets: dict[int, dict[str, int]],
@@ -749,6 +764,7 @@ class SlotServer:
                 worker=(channel.pid, channel.generation),
                 held_before=held_before,
                 budget_before=budget,
+                left_out_before=channel.left_out_before,  # the same, still silent
                 key=channel.key,
                 # Nothing was read after `handover`: the line it had begun goes on.
                 unread=channel.decoder.pending,
@@ -1330,9 +1346,15 @@ class SlotServer:
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:
         message: dict[str, Any] = {"op": "granted", "id": lease, "fleet": fleet.name}
         sent = channel.sent_specs.get(fleet.name)
-        if sent is not fleet.spec and sent != fleet.spec:  # (a dataclass's == builds tuples)
+        if sent is not fleet.spec:
+            # Kept by identity, equal or not: a reload sets every fleet's spec
+            # anew, equal for most (`FleetSet`), and `_send` tells a grant
+            # with no spec to send by `is`. Before, an equal one was not kept:
+            # after any reload each grant of the fleet came here, its spec
+            # compared (a dataclass's == builds tuples), not `granted_line`.
             channel.sent_specs[fleet.name] = fleet.spec
-            message["spec"] = spec_to_wire(fleet.spec)
+            if sent != fleet.spec:
+                message["spec"] = spec_to_wire(fleet.spec)
         return message
 
     def _arm(self) -> None:

@@ -793,9 +793,10 @@ class UpgradeSequence:
                     # Of what it holds, the leases the fleets' capacity estimates
                     # leave out (in flight when the probe counted last left): the
                     # next image leaves them out still, answered during the exec
-                    # or not (`HostSlots.restore`). An exec's alone: a crash
-                    # restart carries no fleet's number.
-                    "left_out": supervisor.slots.left_out(w.key) if handover else [],
+                    # or not (`HostSlots.restore`); a worker silent since an
+                    # earlier exec, those that one carried. An exec's alone: a
+                    # crash restart carries no fleet's number.
+                    "left_out": supervisor.server.left_out(w.key) if handover else [],
                     # Its grant budget (a fleet name a slot): counted on top of
                     # "held" if it is slow to answer, as it may have granted from
                     # it. A crash snapshot's: the one sent at the hand-over, or
