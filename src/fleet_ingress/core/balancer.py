@@ -211,15 +211,18 @@ class FleetState:
         connection kept open from before (a fleet taking no new connection, or
         serving a bad certificate on new ones) while leastconn favours this
         fleet, which holds no call: so its next probe opens a new connection,
-        and `fall` attempts in a row that the fleet `refused` (TCP refused or
-        reset, TLS failed: its own answer) take an UP fleet DOWN at once, as
-        that many failed probes would. One that timed out (`timeouts.connect`)
-        only asks for the new connection: this host's own stall (its event loop
-        blocked past the timer) looks the same, and must not take healthy
-        fleets DOWN; the probe tells. It rises again by its probes (`rise`),
-        each on a new connection while DOWN, none sent before `now` (monotonic)
-        counted (`probe_predates_down`). `fall` 0: not observed (no probe would
-        ever bring it back). True if it went DOWN now."""
+        and `fall` connections in a row that the fleet `refused` (TCP refused
+        or reset, TLS failed: its own answer) take an UP fleet DOWN at once, as
+        that many failed probes would. A connection, not an attempt: an attempt
+        whose connection offering a kept TLS session was reset and whose
+        reconnect without it failed too counts two (net/fleet_sessions.py).
+        One that timed out (`timeouts.connect`) only asks for the new
+        connection: this host's own stall (its event loop blocked past the
+        timer) looks the same, and must not take healthy fleets DOWN; the
+        probe tells. It rises again by its probes (`rise`), each on a new
+        connection while DOWN, none sent before `now` (monotonic) counted
+        (`probe_predates_down`). `fall` 0: not observed (no probe would ever
+        bring it back). True if it went DOWN now."""
         if fall < 1:
             return False
         self.fresh_probe = True
