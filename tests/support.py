@@ -298,6 +298,17 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+def upgrade_on(tls: ssl.SSLSocket, path: str) -> bytes:
+    """A blocking carrier's upgrade for `path` sent on `tls` (connected), and
+    the answer's head read byte by byte, nothing past it (what follows stays
+    in the socket for the test)."""
+    tls.sendall(UPGRADE.format(path=path).encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += tls.recv(1)
+    return head
+
+
 async def raw_carrier(
     ingress: Any, tls_files: TLSFiles, path: str = "/ws/bot-1", *, then: bytes = b""
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -32,7 +32,6 @@ from fleet_ingress.net.calls import END_CALL_WAIT, end_call
 from fleet_ingress.service.ingress import CLOSE_AT_STOP_TIMEOUT
 from tests.support import (
     SWITCHING,
-    UPGRADE,
     RawFleet,
     StartIngress,
     TLSFiles,
@@ -44,6 +43,7 @@ from tests.support import (
     read_frame,
     read_head,
     switching_then,
+    upgrade_on,
     wss_url,
 )
 
@@ -822,11 +822,7 @@ async def _a_carrier_reads_late(
             tls.settimeout(5)
             tls.connect((host, port))
             tls.do_handshake()
-            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
-            head = b""
-            while not head.endswith(b"\r\n\r\n"):
-                head += tls.recv(1)
-            return head
+            return upgrade_on(tls, "/ws/bot-1")
 
         assert await asyncio.to_thread(upgrade) == SWITCHING
         (call,) = ingress.registry.calls
@@ -999,10 +995,7 @@ def _deaf_carrier(
     tls = context.wrap_socket(socket.socket(), server_hostname="localhost")
     tls.settimeout(5)
     tls.connect(address)
-    tls.sendall(UPGRADE.format(path="/ws/deaf-1").encode())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += tls.recv(1)
+    head = upgrade_on(tls, "/ws/deaf-1")
     assert head.startswith(b"HTTP/1.1 101 "), head
     if hang_up:
         tls.sendall(masked_close(1000))
@@ -1105,11 +1098,7 @@ async def test_a_carrier_that_resets_while_its_close_flushes_is_let_go_at_once(
             tls.settimeout(5)
             tls.connect((host, port))
             tls.do_handshake()
-            tls.sendall(UPGRADE.format(path="/ws/bot-1").encode())
-            head = b""
-            while not head.endswith(b"\r\n\r\n"):
-                head += tls.recv(1)
-            return head
+            return upgrade_on(tls, "/ws/bot-1")
 
         assert await asyncio.to_thread(upgrade) == SWITCHING
         (call,) = ingress.registry.calls

@@ -27,13 +27,13 @@ import pytest
 
 from fleet_ingress.sim import SimulatedFleet
 from tests.support import (
-    UPGRADE,
     RunningIngress,
     TLSFiles,
     fleets_up_or_finished,
     masked_close,
     metric_samples,
     run_cli,
+    upgrade_on,
 )
 
 pytestmark = [pytest.mark.uvloop_only, pytest.mark.timeout(90)]
@@ -47,10 +47,7 @@ def _hung_up_then_deaf(address: tuple[str, int], context: ssl.SSLContext) -> ssl
     tls = context.wrap_socket(socket.socket(), server_hostname="localhost")
     tls.settimeout(10)
     tls.connect(address)
-    tls.sendall(UPGRADE.format(path="/ws/deaf-1").encode())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += tls.recv(1)
+    head = upgrade_on(tls, "/ws/deaf-1")
     assert head.startswith(b"HTTP/1.1 101 "), head
     tls.sendall(masked_close(1000))
     return tls

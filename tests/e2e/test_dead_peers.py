@@ -28,6 +28,7 @@ from tests.support import (
     access_entries,
     eventually,
     read_head,
+    upgrade_on,
 )
 
 FRAME = b"a" * 160  # stands for a 20 ms media frame (the ingress never parses frames)
@@ -365,10 +366,7 @@ def _carrier_that_stops_reading(address: tuple[str, int], ctx: ssl.SSLContext) -
     raw.settimeout(5)
     raw.connect(address)
     tls = ctx.wrap_socket(raw, server_hostname="localhost")
-    tls.sendall(UPGRADE.format(path="/ws/stuck").encode())
-    head = b""
-    while not head.endswith(b"\r\n\r\n"):
-        head += tls.recv(1)
+    head = upgrade_on(tls, "/ws/stuck")
     assert head.startswith(b"HTTP/1.1 101 "), head
     return tls
 
