@@ -392,7 +392,9 @@ class HostView:
         """`retired.to_wire()`, made again only when `retired` holds other
         counts than when it was last made: compared whole with a copy (dicts
         compared in C, a histogram by identity first: `Histo` is frozen), not
-        trusted to a mark that each place changing it would have to set."""
+        trusted to a mark that each place changing it would have to set.
+        `dict.__eq__`, not `Counter`'s ==, which takes a key at 0 for a key
+        missing: the wire writes that key."""
         retired, kept = self.retired, self._retired_wire
         if kept is not None:
             seen, wire = kept

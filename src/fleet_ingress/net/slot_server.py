@@ -1344,17 +1344,18 @@ class SlotServer:
 
     @staticmethod
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:
+        """A grant of `fleet`, whose spec is not the object `channel` was last
+        sent (`_send` writes the others with `granted_line`): the spec said
+        where it differs. Kept by identity, equal or not: a reload sets every
+        fleet's spec anew, equal for most (`FleetSet`), and `_send` tells a
+        grant with no spec to send by `is`. Before, an equal one was not kept:
+        after any reload each grant of the fleet came here, its spec compared
+        (a dataclass's == builds tuples), not `granted_line`."""
         message: dict[str, Any] = {"op": "granted", "id": lease, "fleet": fleet.name}
         sent = channel.sent_specs.get(fleet.name)
-        if sent is not fleet.spec:
-            # Kept by identity, equal or not: a reload sets every fleet's spec
-            # anew, equal for most (`FleetSet`), and `_send` tells a grant
-            # with no spec to send by `is`. Before, an equal one was not kept:
-            # after any reload each grant of the fleet came here, its spec
-            # compared (a dataclass's == builds tuples), not `granted_line`.
-            channel.sent_specs[fleet.name] = fleet.spec
-            if sent != fleet.spec:
-                message["spec"] = spec_to_wire(fleet.spec)
+        channel.sent_specs[fleet.name] = fleet.spec
+        if sent != fleet.spec:
+            message["spec"] = spec_to_wire(fleet.spec)
         return message
 
     def _arm(self) -> None:
