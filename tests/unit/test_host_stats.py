@@ -44,10 +44,14 @@ def balancer() -> Balancer:
     return Balancer(FleetSet.from_specs(parse_fleets_text(FLEETS, default_maxconn=16)))
 
 
-def a_worker(seq_counts: int, pid: int, generation: int, *, draining: bool = False):
+def a_worker(
+    seq_counts: int, pid: int, generation: int, *, draining: bool = False, closing: int = 0
+):
     """A worker's registry, fleet records and histograms with `seq_counts` of
-    everything, and its report as the supervisor reads it."""
+    everything (`closing` calls ended whose sides are still closing), and its
+    report as the supervisor reads it."""
     registry = Registry()
+    registry.closing = {object() for _ in range(closing)}  # type: ignore[misc]
     fleets = balancer().fleets
     # Also the one-process ingress's metrics, had it counted the same.
     metrics = IngressMetrics(
@@ -207,6 +211,22 @@ def test_host_snapshot_has_the_one_process_keys_plus_a_row_per_worker():
     assert '<td class="l">202</td>' in page
     # The one-process page and table have no workers section.
     assert "workers" not in render_stats_page(one) and "worker " not in format_stat_table(one)
+
+
+def test_calls_closing_are_the_workers_summed_and_each_ones_in_stat_and_the_page():
+    *_, r1 = a_worker(1, pid=101, generation=1, closing=2)
+    *_, r2 = a_worker(1, pid=202, generation=1)
+    slots, view = host_with(r1, r2)
+    snap = host_snapshot(slots, view, started_at=0.0)
+    assert snap["frontend"]["closing_calls"] == 2
+    assert [(w["pid"], w["closing_calls"]) for w in snap["workers"]] == [(101, 2), (202, 0)]
+    table = format_stat_table(snap)
+    assert "frontend: 0 calls, 2 closing, " in table
+    page = render_stats_page(snap)
+    assert '<td class="l">calls closing</td><td class="l">2\n' in page
+    # The workers table: pid, generation, calls, connections, then closing.
+    assert '<td class="l">101</td><td>1</td><td>0</td><td>0</td><td>2</td>' in page
+    assert '<td class="l">202</td><td>1</td><td>0</td><td>0</td><td>0</td>' in page
 
 
 def test_a_worker_that_has_joined_but_not_yet_reported_has_a_row():
