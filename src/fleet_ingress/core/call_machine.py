@@ -187,7 +187,7 @@ class OfferedConnectionFailed(Event):
     without the session within the same connect timer, to the same fleet,
     and the call's retries are not used (SPEC 5: a retry is another attempt,
     on a fleet not yet tried where one is eligible; this is the fleet's
-    optimisation being undone, not the call's attempt). Before (session 42)
+    optimisation being undone, not the call's attempt). Before session 42,
     it was not counted: a fleet that drops a share p of its connections was
     seen failing p x p of its calls' connections (one made again was free)."""
 

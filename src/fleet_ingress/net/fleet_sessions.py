@@ -347,7 +347,7 @@ async def connect_again(
     nor for one that waited for a proof that got through and got through
     too: the calls offered `offered` together and failed count one failed
     connection, the first's (a middlebox resetting a burst of them).
-    Before (session 42) a connection made again was free: a fleet that
+    Before session 42, a connection made again was free: a fleet that
     drops a share p of its connections was seen failing p x p of them,
     and the refusals counted every connection made again that got through.
 
