@@ -17,6 +17,7 @@ operator runs it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import struct
@@ -96,10 +97,31 @@ async def test_a_call_closing_is_counted_and_end_call_or_its_peer_leaving_lets_i
         assert row.split()[2:5] == ["0", "1", "1"], row
         (line,) = [e for e in service.log() if e.get("event") == "call ended"]
         assert line["end_reason"] == "carrier closed", line
+        # `calls` names it: not among the live calls, below them as closing,
+        # with the id `end-call` takes (before, it was listed nowhere).
+        code, out, err = await run_cli(service, "calls", "--json")
+        assert code == 0, err
+        listing = json.loads(out)
+        assert listing["calls"] == [], listing
+        (closing,) = listing["closing"]
+        assert (closing["id"], closing["end_reason"], closing["fleet"]) == (
+            line["call"],
+            "carrier closed",
+            "a",
+        ), closing
+        assert closing["bot_id"] == "deaf-1" and 0 <= closing["closing_s"] < 10, closing
+        assert listing["workers"][0]["closing"] == 1, listing["workers"]
+        code, out, err = await run_cli(service, "calls")
+        assert code == 0, err
+        table = out.splitlines()
+        assert table[0] == "0 calls (1 worker); oldest first", out
+        row = next(r for r in table if r.startswith(line["call"]))
+        assert row.split()[4:6] == ["carrier", "closed"], row
+        assert any(r.startswith("1 call closing: ") for r in table), out
 
         if how == "end-call":
-            # Its id from its access line: `calls` lists live calls only.
-            code, out, err = await run_cli(service, "end-call", line["call"], "--reason", "stuck")
+            # Its id as `calls` listed it (its access line's `call`).
+            code, out, err = await run_cli(service, "end-call", closing["id"], "--reason", "stuck")
             assert code == 0, (out, err)
             assert f"call {line['call']}" in out and "had ended already" in out, out
             assert "end_reason carrier closed" in out and "aborted them now" in out, out
@@ -119,6 +141,8 @@ async def test_a_call_closing_is_counted_and_end_call_or_its_peer_leaving_lets_i
         assert worker["closing_calls"] == 0, worker
         samples = metric_samples(await service.metrics())
         assert samples["fleet_ingress_closing_calls"] == {(): 0.0}
+        code, out, err = await run_cli(service, "calls", "--json")
+        assert code == 0 and json.loads(out)["closing"] == [], (out, err)
         # Logged once, at its end: the abort writes no second line.
         assert [e["call"] for e in service.log() if e.get("event") == "call ended"] == [
             line["call"]

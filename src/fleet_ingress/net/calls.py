@@ -306,6 +306,19 @@ class Call:
             "fleet_quiet_s": fleet_quiet,
         }
 
+    def listed_closing(self, now: float, pid: int, generation: int) -> dict[str, Any]:
+        """The row in `fleet-ingress calls` of a call ended whose sides are
+        still closing (`Registry.closing`): its `listed` row with
+        `closing_s`, how long since its access line (`ended_mono`), and the
+        `end_reason` that line says. Its sides are not watched for silence
+        any more: no `quiet` (None each)."""
+        row = self.listed(now, pid, generation)
+        ended = self.ended_mono
+        row["closing_s"] = None if ended is None else round(max(0.0, now - ended), 1)
+        row["end_reason"] = None if self.end_reason is None else self.end_reason.value
+        row["carrier_quiet_s"] = row["fleet_quiet_s"] = None
+        return row
+
     def access_record(self) -> dict[str, Any]:
         """The access line's fields (SPEC 12). `tried`, last, only on the line
         of a call that left a fleet (`CallMachine.attempts_said`): every
@@ -511,17 +524,26 @@ LIST_TURN = 100
 
 
 async def list_calls_in_turns(
-    registry: Registry, wanted: CallFilter, pid: int, generation: int
+    registry: Registry,
+    wanted: CallFilter,
+    pid: int,
+    generation: int,
+    *,
+    closing: bool = False,
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The rows of `registry`'s calls that `wanted` keeps, LIST_TURN calls a
     turn (the calls carried on meanwhile: one ended since is left out, one
-    begun since is not listed)."""
-    calls = list(registry.calls)
+    begun since is not listed). `closing`: the calls ended whose sides are
+    still closing instead (`Registry.closing`, `Call.listed_closing`): a
+    mass hang-up to carriers gone leaves thousands of them, 10 s each at
+    most; one gone since is left out."""
+    source = registry.closing if closing else registry.calls
+    calls = list(source)
     for start in range(0, len(calls), LIST_TURN):
         now = time.monotonic()
         rows = []
         for call in calls[start : start + LIST_TURN]:
-            if call not in registry.calls:
+            if call not in source:
                 continue
             machine = call.machine
             fleet = call.listed_fleet(shown_state(None if machine is None else machine.state))
@@ -533,7 +555,8 @@ async def list_calls_in_turns(
             if wanted.keeps(fleet, call.bot_id, age) or wanted.keeps(
                 fleet, call.bot_id[:LOGGED_BOT_ID], age
             ):
-                rows.append(call.listed(now, pid, generation))
+                listed = call.listed_closing if closing else call.listed
+                rows.append(listed(now, pid, generation))
         yield rows
         if start + LIST_TURN < len(calls):
             await asyncio.sleep(0)
@@ -561,11 +584,9 @@ async def end_call(
         closing = next((c for c in registry.closing if c.id == call_id), None)
         if closing is None:
             return None
-        row = closing.listed(time.monotonic(), pid, generation)
+        row = closing.listed_closing(time.monotonic(), pid, generation)
         closing.abort()
         row["closing"] = row["aborted"] = True
-        reason = closing.end_reason
-        row["end_reason"] = None if reason is None else reason.value
         return row
     now = time.monotonic()
     row = call.listed(now, pid, generation)
