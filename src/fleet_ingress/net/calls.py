@@ -94,6 +94,23 @@ class CarrierSide(Side, Protocol):
 
 # Characters of a bot id an access line keeps.
 LOGGED_BOT_ID = 256
+# Entries of `tried` an access line keeps: `retry.retries` has no maximum (a
+# configuration HAProxy takes, `retries 1000`, loads), and a fleet refusing
+# at once made a call of retries=1000 write 1,001 entries, some 20 KB, on one
+# line. Past this, the first ones, "+M more", and the last (`logged_tried`).
+LOGGED_TRIED = 10
+
+
+def logged_tried(said: list[str]) -> list[str]:
+    """`tried` as an access line keeps it: whole up to LOGGED_TRIED entries;
+    past that its first LOGGED_TRIED - 2, "+M more" (M: the entries left out;
+    `attempts` still counts them all), and its last, the attempt that ended
+    the call (what `fleet` and `status` are of)."""
+    if len(said) <= LOGGED_TRIED:
+        return said
+    first = LOGGED_TRIED - 2
+    return [*said[:first], f"+{len(said) - first - 1} more", said[-1]]
+
 
 _SILENCE_REASON = {
     Silence.IDLE: EndReason.TIMEOUT,
@@ -323,7 +340,8 @@ class Call:
         """The access line's fields (SPEC 12). `tried`, last, only on the line
         of a call that left a fleet (`CallMachine.attempts_said`): every
         attempt's fleet, in order, and what it ended with, where `fleet` names
-        the last alone; the common call's line is not made longer."""
+        the last alone; the common call's line is not made longer. Cut past
+        LOGGED_TRIED entries (`logged_tried`)."""
         machine = self.machine
         record = {
             **self.identity(),
@@ -341,7 +359,7 @@ class Call:
             "detail": None if machine is None else machine.answer_text or machine.error_text,
         }
         if machine is not None and (tried := machine.attempts_said()) is not None:
-            record["tried"] = tried
+            record["tried"] = logged_tried(tried)
         return record
 
 
