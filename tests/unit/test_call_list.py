@@ -412,6 +412,34 @@ async def test_a_listing_of_the_calls_closing_reads_those_still_closing_with_how
     assert [r["bot_id"] for r in live_rows] == ["bot-live"] and "closing_s" not in live_rows[0]
 
 
+def test_the_supervisor_gathers_a_worker_s_closing_parts_apart_from_its_live_ones():
+    """A worker's answer comes in parts: its live calls', then its closing
+    ones' (`closing`); the supervisor answers the listing with both, in
+    order. A worker whose parts never say `closing` (a release before it)
+    is answered with None for them, not an empty list."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.service.worker_calls import WorkerCalls
+
+    answered: list[tuple[int, dict[str, Any]]] = []
+    asks = SimpleNamespace(waiting=lambda ask: True, answered=lambda k, m: answered.append((k, m)))
+    calls = WorkerCalls(asks, None, {})  # type: ignore[arg-type]
+    parts = [
+        {"calls": [{"id": "1"}, {"id": "2"}], "more": True},
+        {"calls": [], "closing": [{"id": "3"}], "more": True},
+        {"calls": [], "closing": [{"id": "4"}], "more": True},
+        {"calls": [], "closing": [], "more": False},
+    ]
+    for part in parts:
+        calls.calls_listed(7, {"op": "calls-listed", "id": 1, **part})
+    (key, answer), *_ = answered
+    assert key == 7 and [r["id"] for r in answer["calls"]] == ["1", "2"]
+    assert [r["id"] for r in answer["closing"]] == ["3", "4"]
+    for part in ({"calls": [{"id": "5"}], "more": True}, {"calls": [], "more": False}):
+        calls.calls_listed(8, {"op": "calls-listed", "id": 2, **part})
+    assert answered[1][1]["calls"] == [{"id": "5"}] and answered[1][1]["closing"] is None
+
+
 def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():
     """A retry waits for its next slot: the fleet it tried (its last lease)
     is not the one it is on, for the row and for --fleet alike."""

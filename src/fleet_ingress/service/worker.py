@@ -45,8 +45,9 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
     {"op": "list-calls", "id": N, "filter": {"fleet"?, "bot"?, "longer_than"?}}
                                      `fleet-ingress calls`: answered {"op": "calls-listed",
                                      "id": N, "calls": [row, ...], "more": true} a part at a
-                                     time (`net.calls.LIST_TURN` calls read a turn), the
-                                     last part "more": false
+                                     time (`net.calls.LIST_TURN` calls read a turn), then
+                                     its calls closing as parts {..., "calls": [],
+                                     "closing": [row, ...]}, the last part "more": false
     {"op": "end-call", "id": N, "call": 17, "why": "...", "tag": "k3f9"}   `fleet-ingress
                                      end-call`: end that call (end_reason admin); answered
                                      once it is gone {"op": "call-ended", "id": N, "call":
