@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import struct
@@ -209,6 +210,47 @@ async def test_an_old_generation_draining_lists_its_call_closing_and_end_call_cu
                 await asyncio.sleep(0.05)
         gone_after = time.monotonic() - hung_up_at
         print(f"the old worker gone {gone_after:.1f} s after its last call hung up")
+    finally:
+        if carrier is not None:
+            carrier.close()
+        await service.finish()
+
+
+async def test_a_stopping_ingress_lists_its_calls_and_end_call_ends_one_so_the_stop_ends(
+    tls_files: TLSFiles, roomy_fleet: SimulatedFleet
+) -> None:
+    """`systemctl stop` (SIGTERM): the listeners close and the calls may
+    finish for timeouts.drain (60 here). Meanwhile `calls` lists the call that
+    holds the stop, and `end-call` of it ends it (end_reason admin, not
+    drain): the workers exit and the stop ends, well before the drain's bound."""
+    service = await RunningIngress.start(
+        tls_files, [f"{roomy_fleet.url} name=a maxconn=16"], workers=1, check_timeout=5, drain=60
+    )
+    service = await fleets_up_or_finished(service)
+    carrier: ssl.SSLSocket | None = None
+    try:
+        carrier = await asyncio.to_thread(
+            _in_a_call, ("127.0.0.1", service.port), tls_files.client_context()
+        )
+        service.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            while (await service.stats()).get("state") != "draining":
+                await asyncio.sleep(0.05)
+        listing = await _listing(service)
+        (live,) = listing["calls"]
+        assert live["bot_id"] == "deaf-1" and live["state"] == "tunnel", live
+        stopped_at = time.monotonic()
+        code, out, err = await run_cli(service, "end-call", live["id"], "--reason", "stop now")
+        assert code == 0 and "end_reason admin" in out, (out, err)
+        assert await asyncio.wait_for(service.proc.wait(), 20) == 0
+        took = time.monotonic() - stopped_at
+        (line,) = [e for e in service.log() if e.get("event") == "call ended"]
+        assert (line["call"], line["end_reason"], line["detail"]) == (
+            live["id"],
+            "admin",
+            "stop now",
+        ), line
+        print(f"the stop ended {took:.1f} s after end-call (timeouts.drain 60)")
     finally:
         if carrier is not None:
             carrier.close()
