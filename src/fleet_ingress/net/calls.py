@@ -96,8 +96,9 @@ class CarrierSide(Side, Protocol):
 LOGGED_BOT_ID = 256
 # Entries of `tried` an access line keeps: `retry.retries` has no maximum (a
 # configuration HAProxy takes, `retries 1000`, loads), and a fleet refusing
-# at once made a call of retries=1000 write 1,001 entries, some 20 KB, on one
-# line. Past this, the first ones, "+M more", and the last (`logged_tried`).
+# its connections at once, or answering a status `retry_on` lists, made a
+# call of retries=1000 write 1,001 entries, 18 KB, on one line (session 43).
+# Past this, the first ones, "+M more", and the last (`logged_tried`).
 LOGGED_TRIED = 10
 
 
