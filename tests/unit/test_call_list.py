@@ -440,6 +440,22 @@ def test_the_supervisor_gathers_a_worker_s_closing_parts_apart_from_its_live_one
     assert answered[1][1]["calls"] == [{"id": "5"}] and answered[1][1]["closing"] is None
 
 
+def test_calls_of_a_fleet_removed_whose_call_is_closing_is_no_unknown_fleet():
+    """`calls --fleet f` of a fleet the host no longer has is refused 404
+    (a typo), but not while a call of it is listed: one closing counts."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.ops.admin_server import _no_such_fleet
+    from fleet_ingress.ops.fleet_ops import FleetChangeError
+
+    ops = SimpleNamespace(fleets=SimpleNamespace(get=lambda name: None, fleets=[]))
+    workers = [{"pid": 1, "answered": True, "calls": 0, "closing": 1}]
+    closing = {"calls": [], "closing": [_closing(1, 2, 30.0, 1.0, fleet="f")], "workers": workers}
+    _no_such_fleet(ops, CallFilter(fleet="f"), closing)  # type: ignore[arg-type]
+    with pytest.raises(FleetChangeError, match="no fleet named 'f'"):
+        _no_such_fleet(ops, CallFilter(fleet="f"), {**closing, "closing": []})  # type: ignore[arg-type]
+
+
 def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():
     """A retry waits for its next slot: the fleet it tried (its last lease)
     is not the one it is on, for the row and for --fleet alike."""
