@@ -219,7 +219,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "as its access line's `call` says), generation, age, state (waiting for a slot / "
         "connecting / tunnel / closing), fleet, bot, carrier address, route, bytes each "
         "way, and how long each side has sent nothing (quiet c/f, at the silence sweep's "
-        "resolution). Filters combine."
+        "resolution). Filters combine. Then the calls ended whose connections are still "
+        "closing (stat's 'closing': a close flushed to a peer slow to read or gone, 10 s "
+        "at most each), with how long and their end_reason, for end-call ID (--json: "
+        "'closing')."
     )
     calls.add_argument("--json", action="store_true", help="the calls as JSON, for scripts")
     calls.add_argument("--fleet", type=_fleet_name, metavar="NAME", help="only this fleet's calls")
@@ -240,10 +243,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "a WebSocket close 1001 'ended by operator' then the TLS close (cut after 2 s); a "
         "call waiting for its fleet is answered 503. Its fleet slot comes back; its access "
         "line says end_reason admin, detail the --reason. A call ended already whose "
-        "connections are still closing (stat's 'closing'; its id is its access line's "
-        "'call') is cut at once, its line unchanged. Exit 1 when no call has the id "
-        "(also when its tag is not its pid's worker's: the process it ran in is gone, or "
-        "it is another host's call)."
+        "connections are still closing (stat's 'closing'; its id as `calls` lists it "
+        "below the live calls, its access line's 'call') is cut at once, its line "
+        "unchanged. Exit 1 when no call has the id (also when its tag is not its pid's "
+        "worker's: the process it ran in is gone, or it is another host's call)."
     )
     end.add_argument(
         "id",

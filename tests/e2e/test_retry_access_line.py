@@ -12,13 +12,17 @@ from websockets.asyncio.client import connect
 
 from fleet_ingress.logs import JsonFormatter, TextFormatter
 from tests.support import (
+    UPGRADE,
+    RawFleet,
     StartIngress,
     TLSFiles,
     WsFleet,
     access_entries,
+    answer,
     echo,
     eventually,
     free_port,
+    raw_exchange,
     wss_url,
 )
 
@@ -69,3 +73,29 @@ async def test_a_call_refused_by_one_fleet_then_answered_by_another_lists_both_i
     print(f"a retried call's JSON line: {len(line)} bytes, {added} of them `tried`")
     text = TextFormatter().format(record)
     assert text.endswith(' tried="a conn-failure,b 101"'), text
+
+
+async def test_a_call_retried_thirty_times_writes_ten_entries_of_tried(
+    start_ingress: StartIngress, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`retry.retries` has no maximum: a fleet answering 503 at once, which
+    `retry_on` lists, is tried 1 + retries times. The line keeps the first 8
+    of `tried`, "+M more" and the last; `attempts` says them all. Before, one
+    entry an attempt: retries=1000 wrote some 20 KB on one line."""
+    caplog.set_level(logging.INFO, logger="fleet_ingress")
+    busy = await RawFleet(
+        tls_files.fleet_server_context(),
+        answer(b"HTTP/1.1 503 S\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    ).start()
+    try:
+        ingress = await start_ingress(
+            [busy.line("busy")], retry={"retries": 30, "retry_on": ["conn-failure", 503]}
+        )
+        got = await raw_exchange(ingress, tls_files, UPGRADE.format(path="/ws/x").encode())
+        assert got.startswith(b"HTTP/1.1 503 "), got
+        await eventually(lambda: len(access_entries(caplog)) == 1)
+    finally:
+        await busy.stop()
+    (line,) = access_entries(caplog)
+    assert (line["attempts"], busy.connections) == (31, 31), line
+    assert line["tried"] == ["busy 503"] * 8 + ["+22 more", "busy 503"], line

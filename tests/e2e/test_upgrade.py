@@ -3076,6 +3076,9 @@ async def test_a_listing_the_old_image_asked_for_is_not_the_new_image_s_answer(
         answer = await asyncio.wait_for(listing, 5)
         assert [row["id"] for row in answer["calls"]] == ["new-row"], (asked, answer)
         assert asked[0] != asked[1]
+        # Its parts say no `closing` (as a worker of a release before it):
+        # none listed, and its entry says it did not say (null, not 0).
+        assert answer["closing"] == [] and answer["workers"][0]["closing"] is None, answer
     finally:
         worker.close()
         if new is not None:

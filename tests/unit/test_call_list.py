@@ -224,6 +224,92 @@ def test_no_call_is_a_count_line_alone():
     assert format_calls_table(answer) == "0 calls (1 worker); oldest first"
 
 
+def _closing(pid: int, n: int, age: float, closing_s: float, **more: Any) -> dict[str, Any]:
+    return _row(
+        pid,
+        n,
+        age,
+        state="closing",
+        closing_s=closing_s,
+        end_reason="carrier closed",
+        carrier_quiet_s=None,
+        fleet_quiet_s=None,
+        **more,
+    )
+
+
+def test_calls_closing_are_listed_below_the_live_ones_with_how_long_and_why_they_ended():
+    """`stat` says "1 closing": the listing names which call, how long it
+    has been closing and how it ended, with the id `end-call` takes; the
+    live calls' table, count line and fields are as they were."""
+    answer = {
+        "calls": [_row(4242, 7, 3725.0)],
+        "closing": [_closing(4242, 9, 65.0, 4.2), _closing(4243, 2, 8.0, 0.4, fleet=None)],
+        "filter": {},
+        "workers": [
+            {"pid": 4242, "generation": 1, "answered": True, "calls": 1, "closing": 1},
+            {"pid": 4243, "generation": 1, "answered": True, "calls": 0, "closing": 1},
+        ],
+        "channel_lost": [],
+    }
+    text = format_calls_table(answer)
+    lines = text.splitlines()
+    live = format_calls_table({**answer, "closing": []}).splitlines()
+    assert lines[: len(live)] == live  # the live calls' part unchanged
+    assert live[1].split()[:4] == ["4242-7", "1", "1h02m", "tunnel"]
+    assert live[2] == "1 call (2 workers); oldest first"
+    blank, header, first, second, count = lines[len(live) :]
+    assert blank == ""
+    assert header.split() == [
+        "id", "gen", "age", "closing", "end_reason", "fleet", "bot", "carrier", "route",
+        "from", "carrier", "to", "carrier",
+    ]  # fmt: skip
+    for column in ("age", "closing", "end_reason", "fleet", "bot"):
+        at = header.index(column)
+        assert first[at - 1] == " " and first[at] != " ", column
+        assert second[at - 1] == " " and second[at] != " ", column
+    at = header.index("end_reason")
+    assert first[at : header.index("fleet")] == "carrier closed  ", first
+    assert first[header.index("fleet") : header.index("bot")].strip() == "a", first
+    assert first.split()[:4] == ["4242-9", "1", "1m05s", "4s"]
+    assert second.split()[:4] == ["4243-2", "1", "8s", "0s"]
+    assert second[header.index("fleet") : header.index("bot")].strip() == "-", second
+    assert first.endswith("1.5KiB        3.0MiB"), first
+    assert count.startswith("2 calls closing: ended, access line written, connections still")
+    assert "`fleet-ingress end-call ID`" in count and "NOT LISTED" not in text
+
+
+def test_no_call_closing_adds_nothing_and_a_worker_that_does_not_say_is_named():
+    """No closing call: the listing as before. A worker that answered
+    without saying its closing calls (an upgrade's old generation, a release
+    before them) is named NOT LISTED; an ingress of a release before them
+    (no `closing` in its answer) has nothing said of them, as before."""
+    none = {
+        "calls": [],
+        "closing": [],
+        "filter": {},
+        "workers": [{"pid": 1, "answered": True, "calls": 0, "closing": 0}],
+    }
+    assert format_calls_table(none) == "0 calls (1 worker); oldest first"
+    old_worker = {
+        **none,
+        "closing": [_closing(1, 3, 20.0, 2.0)],
+        "workers": [
+            {"pid": 1, "generation": 2, "answered": True, "calls": 0, "closing": 1},
+            {"pid": 2, "generation": 1, "answered": True, "calls": 0, "closing": None},
+        ],
+    }
+    lines = format_calls_table(old_worker).splitlines()
+    assert lines[0] == "0 calls (2 workers, generations 1, 2); oldest first"
+    assert lines[3].split()[:5] == ["1-3", "1", "20s", "2s", "carrier"]
+    assert lines[4].startswith("1 call closing: ")
+    assert lines[5].startswith(
+        "NOT LISTED: the closing calls of worker 2, of a release before they were listed"
+    )
+    before = {"calls": [], "filter": {}, "workers": [{"pid": 1, "answered": True}]}
+    assert format_calls_table(before) == "0 calls (1 worker); oldest first"
+
+
 def test_an_ended_call_is_said_with_who_it_was_and_why():
     said = describe_ended({"ended": _row(4242, 7, 65.0), "reason": "stuck"})
     assert said.startswith(
@@ -283,6 +369,91 @@ async def test_a_listing_reads_its_calls_a_part_a_turn_and_skips_those_ended_mea
     assert {r["bot_id"] for r in listed} == {"bot-1"} and len(listed) == 3
     assert {r["pid"] for r in listed} == {4242} and {r["generation"] for r in listed} == {3}
     assert all(r["state"] == "tunnel" and r["carrier_quiet_s"] is None for r in listed)
+
+
+async def test_a_listing_of_the_calls_closing_reads_those_still_closing_with_how_long(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    """`closing=True` lists `Registry.closing` (the live calls not), in
+    turns, with the filter, each row its `listed` fields and how long it has
+    been closing, the end_reason its access line says, no quiet (not
+    watched); one gone (`forget_call`) between turns is left out."""
+    monkeypatch.setattr(calls_module, "LIST_TURN", 2)
+    registry = Registry()
+    now = time.monotonic()
+    tunnel = CallMachine(None, State.TUNNEL)  # type: ignore[arg-type]
+    live = Call(_Carrier(), "192.0.2.1", "/ws/", "bot-live", machine=tunnel)  # type: ignore[arg-type]
+    registry.add_call(live)
+    ended = []
+    for i in range(5):
+        machine = CallMachine(None, State.CLOSING)  # type: ignore[arg-type]
+        machine.end_reason = EndReason.CARRIER_CLOSED
+        call = Call(_Carrier(), "192.0.2.2", "/ws/", f"bot-{i % 2}", machine=machine)  # type: ignore[arg-type]
+        call.started_mono = now - 100 - i
+        registry.add_call(call)
+        assert registry.remove_call(call)
+        call.ended_mono = now - 3.0
+        ended.append(call)
+    parts = []
+    in_order = list(registry.closing)
+    async for rows in list_calls_in_turns(registry, CallFilter(bot="bot-0"), 4242, 2, closing=True):
+        parts.append(rows)
+        if len(parts) == 1:
+            registry.forget_call([c for c in in_order if c.bot_id == "bot-0"][-1])
+    listed = [r for part in parts for r in part]
+    assert len(parts) == 3 and len(listed) == 2, parts
+    for row in listed:
+        assert row["bot_id"] == "bot-0" and row["state"] == "closing"
+        assert row["end_reason"] == "carrier closed" and 3.0 <= row["closing_s"] < 4.0
+        assert row["carrier_quiet_s"] is None and row["fleet_quiet_s"] is None
+        assert row["id"] == host_call_id(4242, row["call_id"], calls_module.process_tag())
+    everyone = CallFilter()
+    live_rows = [r async for part in list_calls_in_turns(registry, everyone, 1, 1) for r in part]
+    assert [r["bot_id"] for r in live_rows] == ["bot-live"] and "closing_s" not in live_rows[0]
+
+
+def test_the_supervisor_gathers_a_worker_s_closing_parts_apart_from_its_live_ones():
+    """A worker's answer comes in parts: its live calls', then its closing
+    ones' (`closing`); the supervisor answers the listing with both, in
+    order. A worker whose parts never say `closing` (a release before it)
+    is answered with None for them, not an empty list."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.service.worker_calls import WorkerCalls
+
+    answered: list[tuple[int, dict[str, Any]]] = []
+    asks = SimpleNamespace(waiting=lambda ask: True, answered=lambda k, m: answered.append((k, m)))
+    calls = WorkerCalls(asks, None, {})  # type: ignore[arg-type]
+    parts = [
+        {"calls": [{"id": "1"}, {"id": "2"}], "more": True},
+        {"calls": [], "closing": [{"id": "3"}], "more": True},
+        {"calls": [], "closing": [{"id": "4"}], "more": True},
+        {"calls": [], "closing": [], "more": False},
+    ]
+    for part in parts:
+        calls.calls_listed(7, {"op": "calls-listed", "id": 1, **part})
+    (key, answer), *_ = answered
+    assert key == 7 and [r["id"] for r in answer["calls"]] == ["1", "2"]
+    assert [r["id"] for r in answer["closing"]] == ["3", "4"]
+    for part in ({"calls": [{"id": "5"}], "more": True}, {"calls": [], "more": False}):
+        calls.calls_listed(8, {"op": "calls-listed", "id": 2, **part})
+    assert answered[1][1]["calls"] == [{"id": "5"}] and answered[1][1]["closing"] is None
+
+
+def test_calls_of_a_fleet_removed_whose_call_is_closing_is_no_unknown_fleet():
+    """`calls --fleet f` of a fleet the host no longer has is refused 404
+    (a typo), but not while a call of it is listed: one closing counts."""
+    from types import SimpleNamespace
+
+    from fleet_ingress.ops.admin_server import _no_such_fleet
+    from fleet_ingress.ops.fleet_ops import FleetChangeError
+
+    ops = SimpleNamespace(fleets=SimpleNamespace(get=lambda name: None, fleets=[]))
+    workers = [{"pid": 1, "answered": True, "calls": 0, "closing": 1}]
+    closing = {"calls": [], "closing": [_closing(1, 2, 30.0, 1.0, fleet="f")], "workers": workers}
+    _no_such_fleet(ops, CallFilter(fleet="f"), closing)  # type: ignore[arg-type]
+    with pytest.raises(FleetChangeError, match="no fleet named 'f'"):
+        _no_such_fleet(ops, CallFilter(fleet="f"), {**closing, "closing": []})  # type: ignore[arg-type]
 
 
 def test_a_call_waiting_for_a_slot_is_on_no_fleet_even_after_an_attempt():

@@ -10,6 +10,7 @@ transcript at the end.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -748,6 +749,51 @@ def test_a_status_retried_with_no_slot_left_says_the_fleets_status_not_the_ingre
     pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
     assert pb
     assert machine.attempts_said() == ["a 503"]
+
+
+def test_a_call_of_a_thousand_retries_writes_a_bounded_tried_with_its_first_and_last():
+    """`retry.retries` has no maximum (HAProxy's `retries` has no small one:
+    its configs load): a fleet refusing at once made a call of retries=1000
+    write 1,001 entries (some 20 KB) in one access line. The line keeps its
+    first entries, "+M more" and the last; `attempts` counts them all."""
+    from fleet_ingress.net.calls import Call
+
+    (a,) = fleets("a")
+    retries = 1000
+    pb, machine = new_call(retries=retries)
+    up_to_slot(pb)
+    for n in range(1, retries + 1):
+        fail_attempt(pb, a, n, "conn-failure") << TakeSlot(("a",) * n)
+    fail_attempt(pb, a, retries + 1, "conn-failure") << give_up("conn-failure")
+    pb << CloseSide(Side.CARRIER) << CallEnded(EndReason.REFUSED)
+    assert pb
+    said = machine.attempts_said()
+    assert said is not None and len(said) == retries + 1  # the machine keeps them all
+
+    class _Carrier:
+        bytes_received = 0
+
+    call = Call(_Carrier(), "192.0.2.1", "/ws/", "bot-1", machine=machine)  # type: ignore[arg-type]
+    record = call.access_record()
+    assert record["attempts"] == retries + 1
+    tried = record["tried"]
+    assert len(tried) == 10, len(tried)
+    assert tried == ["a conn-failure"] * 8 + ["+992 more", "a conn-failure"], tried
+    assert len(json.dumps(tried)) < 200
+
+
+def test_a_tried_list_is_whole_up_to_its_bound_and_cut_past_it():
+    """`logged_tried`: LOGGED_TRIED entries whole; one more is cut to the
+    first LOGGED_TRIED - 2, "+M more" (M + those kept = all) and the last."""
+    from fleet_ingress.net.calls import LOGGED_TRIED, logged_tried
+
+    whole = [f"f{i} 503" for i in range(LOGGED_TRIED)]
+    assert logged_tried(whole) == whole
+    over = [*whole, "g 101"]
+    cut = logged_tried(over)
+    assert cut == [*whole[:8], "+2 more", "g 101"]
+    assert len(cut) == LOGGED_TRIED
+    assert logged_tried([]) == []
 
 
 def test_a_connection_offered_the_session_that_failed_counts_for_health_not_as_an_attempt():

@@ -94,6 +94,24 @@ class CarrierSide(Side, Protocol):
 
 # Characters of a bot id an access line keeps.
 LOGGED_BOT_ID = 256
+# Entries of `tried` an access line keeps: `retry.retries` has no maximum (a
+# configuration HAProxy takes, `retries 1000`, loads), and a fleet refusing
+# its connections at once, or answering a status `retry_on` lists, made a
+# call of retries=1000 write 1,001 entries, 18 KB, on one line (session 43).
+# Past this, the first ones, "+M more", and the last (`logged_tried`).
+LOGGED_TRIED = 10
+
+
+def logged_tried(said: list[str]) -> list[str]:
+    """`tried` as an access line keeps it: whole up to LOGGED_TRIED entries;
+    past that its first LOGGED_TRIED - 2, "+M more" (M: the entries left out;
+    `attempts` still counts them all), and its last, the attempt that ended
+    the call (what `fleet` and `status` are of)."""
+    if len(said) <= LOGGED_TRIED:
+        return said
+    first = LOGGED_TRIED - 2
+    return [*said[:first], f"+{len(said) - first - 1} more", said[-1]]
+
 
 _SILENCE_REASON = {
     Silence.IDLE: EndReason.TIMEOUT,
@@ -306,11 +324,25 @@ class Call:
             "fleet_quiet_s": fleet_quiet,
         }
 
+    def listed_closing(self, now: float, pid: int, generation: int) -> dict[str, Any]:
+        """The row in `fleet-ingress calls` of a call ended whose sides are
+        still closing (`Registry.closing`): its `listed` row with
+        `closing_s`, how long since its access line (`ended_mono`), and the
+        `end_reason` that line says. Its sides are not watched for silence
+        any more: no `quiet` (None each)."""
+        row = self.listed(now, pid, generation)
+        ended = self.ended_mono
+        row["closing_s"] = None if ended is None else round(max(0.0, now - ended), 1)
+        row["end_reason"] = None if self.end_reason is None else self.end_reason.value
+        row["carrier_quiet_s"] = row["fleet_quiet_s"] = None
+        return row
+
     def access_record(self) -> dict[str, Any]:
         """The access line's fields (SPEC 12). `tried`, last, only on the line
         of a call that left a fleet (`CallMachine.attempts_said`): every
         attempt's fleet, in order, and what it ended with, where `fleet` names
-        the last alone; the common call's line is not made longer."""
+        the last alone; the common call's line is not made longer. Cut past
+        LOGGED_TRIED entries (`logged_tried`)."""
         machine = self.machine
         record = {
             **self.identity(),
@@ -328,7 +360,7 @@ class Call:
             "detail": None if machine is None else machine.answer_text or machine.error_text,
         }
         if machine is not None and (tried := machine.attempts_said()) is not None:
-            record["tried"] = tried
+            record["tried"] = logged_tried(tried)
         return record
 
 
@@ -511,17 +543,26 @@ LIST_TURN = 100
 
 
 async def list_calls_in_turns(
-    registry: Registry, wanted: CallFilter, pid: int, generation: int
+    registry: Registry,
+    wanted: CallFilter,
+    pid: int,
+    generation: int,
+    *,
+    closing: bool = False,
 ) -> AsyncIterator[list[dict[str, Any]]]:
     """The rows of `registry`'s calls that `wanted` keeps, LIST_TURN calls a
     turn (the calls carried on meanwhile: one ended since is left out, one
-    begun since is not listed)."""
-    calls = list(registry.calls)
+    begun since is not listed). `closing`: the calls ended whose sides are
+    still closing instead (`Registry.closing`, `Call.listed_closing`): a
+    mass hang-up to carriers gone leaves thousands of them, 10 s each at
+    most; one gone since is left out."""
+    source = registry.closing if closing else registry.calls
+    calls = list(source)
     for start in range(0, len(calls), LIST_TURN):
         now = time.monotonic()
         rows = []
         for call in calls[start : start + LIST_TURN]:
-            if call not in registry.calls:
+            if call not in source:
                 continue
             machine = call.machine
             fleet = call.listed_fleet(shown_state(None if machine is None else machine.state))
@@ -533,7 +574,8 @@ async def list_calls_in_turns(
             if wanted.keeps(fleet, call.bot_id, age) or wanted.keeps(
                 fleet, call.bot_id[:LOGGED_BOT_ID], age
             ):
-                rows.append(call.listed(now, pid, generation))
+                listed = call.listed_closing if closing else call.listed
+                rows.append(listed(now, pid, generation))
         yield rows
         if start + LIST_TURN < len(calls):
             await asyncio.sleep(0)
@@ -561,11 +603,9 @@ async def end_call(
         closing = next((c for c in registry.closing if c.id == call_id), None)
         if closing is None:
             return None
-        row = closing.listed(time.monotonic(), pid, generation)
+        row = closing.listed_closing(time.monotonic(), pid, generation)
         closing.abort()
         row["closing"] = row["aborted"] = True
-        reason = closing.end_reason
-        row["end_reason"] = None if reason is None else reason.value
         return row
     now = time.monotonic()
     row = call.listed(now, pid, generation)

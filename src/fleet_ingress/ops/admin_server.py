@@ -154,9 +154,15 @@ def _no_such_fleet(ops: FleetOps, wanted: CallFilter, listing: dict[str, Any]) -
     drain, maint and remove-fleet refuse that name (404, the fleets named).
     It answered "0 calls on fleet f1x", exit 0, to an operator asking whether
     a fleet still carries calls (the operator-input audit of session 38).
-    Not while a call lists it (a fleet removed, its calls going on), nor
-    while a worker did not answer (its calls are not in the listing)."""
-    if wanted.fleet is None or listing.get("calls") or ops.fleets.get(wanted.fleet) is not None:
+    Not while a call lists it (a fleet removed, its calls going on, or
+    closing), nor while a worker did not answer (its calls are not in the
+    listing)."""
+    if (
+        wanted.fleet is None
+        or listing.get("calls")
+        or listing.get("closing")
+        or ops.fleets.get(wanted.fleet) is not None
+    ):
         return
     if not all(worker.get("answered") for worker in listing.get("workers") or []):
         return

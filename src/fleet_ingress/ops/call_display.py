@@ -21,6 +21,22 @@ _HEADER = (
     "quiet c/f",
 )
 
+# The calls ended whose connections are still closing (`closing`), below the
+# live ones: what `stat`'s `closing` counts, with their ids for `end-call`.
+_CLOSING_HEADER = (
+    "id",
+    "gen",
+    "age",
+    "closing",
+    "end_reason",
+    "fleet",
+    "bot",
+    "carrier",
+    "route",
+    "from carrier",
+    "to carrier",
+)
+
 
 def shown_age(seconds: float | None) -> str:
     """`45s`, `12m03s`, `3h07m`, `2d04h`: at a glance, to the unit that matters."""
@@ -82,6 +98,60 @@ def _row(row: dict[str, Any]) -> tuple[str, ...]:
     )
 
 
+def _closing_row(row: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        str(row["id"]),
+        str(row.get("generation") or "-"),
+        shown_age(row.get("age_s")),
+        shown_age(row.get("closing_s")),
+        str(row.get("end_reason") or "-"),
+        str(row.get("fleet") or "-"),
+        _bot(str(row.get("bot_id") or "-")),
+        str(row.get("client_ip") or "-"),
+        str(row.get("route") or "-"),
+        shown_bytes(row.get("bytes_from_carrier")),
+        shown_bytes(row.get("bytes_to_carrier")),
+    )
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns aligned, the last one not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
+        for row in rows
+    ]
+
+
+def _closing_lines(answer: dict[str, Any]) -> list[str]:
+    """The calls ended whose connections are still closing, after a blank
+    line; nothing when there is none (the listing as it was before them)."""
+    closing = answer.get("closing") or []  # absent: an ingress of a release before it
+    # Workers that answered without them: an upgrade's old generation (an
+    # ingress of a release before them says nothing of them, as before).
+    unsaid = [
+        w["pid"]
+        for w in answer.get("workers") or []
+        if "closing" in answer and w.get("answered") and w.get("closing") is None
+    ]
+    lines: list[str] = []
+    if closing:
+        lines += ["", *_aligned([_CLOSING_HEADER, *(_closing_row(row) for row in closing)])]
+        lines.append(
+            f"{len(closing)} call{'' if len(closing) == 1 else 's'} closing: ended, "
+            "access line written, connections still closing (a close frame or the TLS "
+            "close flushed to a peer slow to read or gone, 10 s at most each; `stat`'s "
+            "closing); oldest first; cut one now with `fleet-ingress end-call ID`"
+        )
+    if unsaid:
+        lines.append(
+            f"NOT LISTED: the closing calls of worker{'' if len(unsaid) == 1 else 's'} "
+            f"{', '.join(str(p) for p in unsaid)}, of a release before they were listed "
+            "(an upgrade's old generation: `stat` counts them)"
+        )
+    return lines
+
+
 def _count_line(answer: dict[str, Any]) -> str:
     calls, workers = answer["calls"], answer.get("workers") or []
     filt = answer.get("filter") or {}
@@ -106,13 +176,9 @@ def _count_line(answer: dict[str, Any]) -> str:
 
 def format_calls_table(answer: dict[str, Any]) -> str:
     """A row per live call, oldest first, columns aligned; a count line, then
-    what the listing could not see (a worker that did not answer)."""
-    rows = [_HEADER, *(_row(row) for row in answer["calls"])]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER) - 1)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1]
-        for row in rows
-    ]
+    what the listing could not see (a worker that did not answer); then the
+    calls ended whose connections are still closing (`_closing_lines`)."""
+    lines = _aligned([_HEADER, *(_row(row) for row in answer["calls"])])
     if not answer["calls"]:
         lines = []
     lines.append(_count_line(answer))
@@ -146,6 +212,7 @@ def format_calls_table(answer: dict[str, Any]) -> str:
             "(as the silence sweep last saw it; - before the tunnel); end one with "
             "`fleet-ingress end-call ID`"
         )
+    lines += _closing_lines(answer)
     return "\n".join(lines)
 
 

@@ -439,14 +439,26 @@ class Ingress:
 
     async def list_calls(self, wanted: CallFilter) -> dict[str, Any]:
         """`fleet-ingress calls` of an ingress run as one process (generation 1)."""
-        rows: list[dict[str, Any]] = []
-        async for part in list_calls_in_turns(self.registry, wanted, os.getpid(), 1):
-            rows.extend(part)
         pid = os.getpid()
+        rows: list[dict[str, Any]] = []
+        async for part in list_calls_in_turns(self.registry, wanted, pid, 1):
+            rows.extend(part)
+        closing: list[dict[str, Any]] = []
+        async for part in list_calls_in_turns(self.registry, wanted, pid, 1, closing=True):
+            closing.extend(part)
         return {
             "calls": oldest_first(rows),
+            "closing": oldest_first(closing),
             "filter": wanted.to_wire(),
-            "workers": [{"pid": pid, "generation": 1, "answered": True, "calls": len(rows)}],
+            "workers": [
+                {
+                    "pid": pid,
+                    "generation": 1,
+                    "answered": True,
+                    "calls": len(rows),
+                    "closing": len(closing),
+                }
+            ],
             "channel_lost": [],
         }
 

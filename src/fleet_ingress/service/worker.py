@@ -45,8 +45,9 @@ On its channel, beside the slots (`net.slot_wire`), the supervisor sends:
     {"op": "list-calls", "id": N, "filter": {"fleet"?, "bot"?, "longer_than"?}}
                                      `fleet-ingress calls`: answered {"op": "calls-listed",
                                      "id": N, "calls": [row, ...], "more": true} a part at a
-                                     time (`net.calls.LIST_TURN` calls read a turn), the
-                                     last part "more": false
+                                     time (`net.calls.LIST_TURN` calls read a turn), then
+                                     its calls closing as parts {..., "calls": [],
+                                     "closing": [row, ...]}, the last part "more": false
     {"op": "end-call", "id": N, "call": 17, "why": "...", "tag": "k3f9"}   `fleet-ingress
                                      end-call`: end that call (end_reason admin); answered
                                      once it is gone {"op": "call-ended", "id": N, "call":
@@ -292,13 +293,23 @@ class Worker:
 
     async def list_calls(self, ask: Any, wanted: CallFilter) -> None:
         """`fleet-ingress calls`: this worker's calls, a part a turn (one line
-        of some 36 KB each, not one of megabytes encoded in one piece)."""
+        of some 36 KB each, not one of megabytes encoded in one piece); then
+        those ended whose sides are still closing, in parts that say them as
+        `closing` (a supervisor reads a worker without that key as of a
+        release before it)."""
         pid, generation = os.getpid(), self.client.generation
+        registry = self.ingress.registry
         try:
-            async for rows in list_calls_in_turns(self.ingress.registry, wanted, pid, generation):
+            async for rows in list_calls_in_turns(registry, wanted, pid, generation):
                 self.client.send({"op": "calls-listed", "id": ask, "calls": rows, "more": True})
+            async for rows in list_calls_in_turns(registry, wanted, pid, generation, closing=True):
+                self.client.send(
+                    {"op": "calls-listed", "id": ask, "calls": [], "closing": rows, "more": True}
+                )
         finally:  # also when a row failed (a bug): the supervisor is not left waiting
-            self.client.send({"op": "calls-listed", "id": ask, "calls": [], "more": False})
+            self.client.send(
+                {"op": "calls-listed", "id": ask, "calls": [], "closing": [], "more": False}
+            )
 
     async def end_call(self, ask: Any, call_id: Any, why: Any, tag: Any) -> None:
         """`tag`: the id's, as the supervisor read it (None: `PID-N` alone; `...`:

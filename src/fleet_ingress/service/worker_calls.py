@@ -39,22 +39,30 @@ class WorkerCalls:
         self.asks = asks
         self.server = server
         self.workers = workers
-        # `calls`: the parts of each worker's answer read so far, by (key, ask).
-        self._listed: dict[tuple[int, int], list[Any]] = {}
+        # `calls`: the parts of each worker's answer read so far, by (key,
+        # ask): its live calls' rows, and its closing ones' (None until a
+        # part says `closing`: a worker of a release before it never does).
+        self._listed: dict[tuple[int, int], tuple[list[Any], list[Any] | None]] = {}
 
     def calls_listed(self, key: int, message: dict[str, Any]) -> None:
         """A part of a worker's `list-calls` answer; the last ("more": false)
-        answers it with every part's rows."""
+        answers it with every part's rows, live (`calls`) and closing."""
         ask = (key, message.get("id", -1))
         if not self.asks.waiting(ask):  # too late: that listing is over
             return
+        live, closing = self._listed.get(ask, ([], None))
         rows = message.get("calls")
-        parts = self._listed.setdefault(ask, [])
         if isinstance(rows, list):
-            parts.extend(rows)
+            live.extend(rows)
+        rows = message.get("closing")
+        if isinstance(rows, list):
+            if closing is None:
+                closing = []
+            closing.extend(rows)
+        self._listed[ask] = (live, closing)
         if not message.get("more"):
             del self._listed[ask]
-            self.asks.answered(key, {**message, "calls": parts})
+            self.asks.answered(key, {**message, "calls": live, "closing": closing})
 
     async def list_calls(self, wanted: CallFilter) -> dict[str, Any]:
         """Every worker's calls that `wanted` keeps (both generations during
@@ -80,18 +88,24 @@ class WorkerCalls:
             for ask in [k for k in self._listed if not self.asks.waiting(k)]:
                 del self._listed[ask]
         rows: list[dict[str, Any]] = []
+        closing_rows: list[dict[str, Any]] = []
         workers = []
         for pid, answer in sorted(answers.items()):
             listed = answer.get("calls")
             answered = isinstance(listed, list)
             if answered:
                 rows.extend(row for row in listed if isinstance(row, dict))
+            closing = answer.get("closing")
+            if isinstance(closing, list):
+                closing_rows.extend(row for row in closing if isinstance(row, dict))
             workers.append(
                 {
                     "pid": pid,
                     "generation": generations.get(pid),
                     "answered": answered,
                     "calls": len(listed) if answered else None,
+                    # None: not said (a release before closing calls were listed).
+                    "closing": len(closing) if isinstance(closing, list) else None,
                 }
             )
             await asyncio.sleep(0)
@@ -101,12 +115,14 @@ class WorkerCalls:
                 "generation": generations.get(pid),
                 "answered": False,
                 "calls": None,
+                "closing": None,
                 "release_before_calls": True,
             }
             for pid in before
         )
         return {
             "calls": oldest_first(rows),
+            "closing": oldest_first(closing_rows),
             "filter": wanted.to_wire(),
             "workers": workers,
             "channel_lost": [w.pid for w in self.workers.values() if w.channel_lost],
