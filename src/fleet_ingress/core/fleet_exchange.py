@@ -81,22 +81,20 @@ _H11_NORMALIZES = (b"content-length", b"transfer-encoding")
 
 
 def _write_request(method: bytes, target: bytes, headers: list[Header]) -> bytes | None:
-    """The request as h11 writes it (Host first), or None when only h11 should."""
-    lines = [b"%s %s HTTP/1.1\r\n" % (method, target)]
-    lines += [b"%s: %s\r\n" % pair for pair in headers if pair[0].lower() == b"host"]
-    if len(lines) != 2:
-        return None  # no Host, or two: h11's error, or its way
-    lines += [b"%s: %s\r\n" % pair for pair in headers if pair[0].lower() != b"host"]
-    lines.append(b"\r\n")
-    request = b"".join(lines)
+    """The request as h11 writes it, or None when only h11 should: its Host
+    not first (h11 writes it first; the ingress's own requests have it
+    there, `forwarding`), or not once (h11's error, or its way)."""
+    start = b"%s %s HTTP/1.1\r\n" % (method, target)
+    request = b"".join([start, *[b"%s: %s\r\n" % pair for pair in headers], b"\r\n"])
     lowered = request.lower()
     if (
-        any(name in lowered for name in _H11_NORMALIZES)
+        not lowered.startswith(b"host:", len(start))
+        or lowered.count(b"\r\nhost:") != 1
+        or any(name in lowered for name in _H11_NORMALIZES)
+        or request.count(b"\n") != len(headers) + 2  # a CR LF inside a field: h11 refuses it
         or not _only_crlfs(request)
         or not _PLAIN_REQUEST.fullmatch(request)
     ):
-        return None
-    if request.count(b"\n") != len(headers) + 2:  # a CR LF inside a field: h11 refuses it
         return None
     return request
 
@@ -171,7 +169,7 @@ class FleetExchange:
         # its first byte (`_to_h11`), as it always was.
         self._fast: httptools.HttpResponseParser | None = None
         self._seen = _HeadSeen()  # what httptools saw (not self: no reference cycle)
-        if written is not None and any(k.lower() == b"upgrade" for k, _ in headers):
+        if written is not None and b"\r\nupgrade:" in written.lower():
             self._fast = httptools.HttpResponseParser(self._seen)
         elif written is not None:
             # No handshake (an ACME challenge to certbot): h11 reads the answer,
