@@ -153,7 +153,7 @@ class Call:
     client_ip: str
     route: str  # the call prefix, e.g. "/ws/"
     bot_id: str
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=_ids.__next__)
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     lease: HeldSlot | None = None  # the last attempt's slot (held while `lease.held`)
@@ -170,6 +170,7 @@ class Call:
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
     # Where the call stands, and why it ended: its machine is the one source.
     machine: CallMachine | None = None
+    _described: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -262,16 +263,21 @@ class Call:
             "bot_id": self.bot_id[:LOGGED_BOT_ID],
         }
 
-    @functools.cached_property
+    @property
     def described(self) -> dict[str, Any]:
         """`identity` and its start (`started_at`; `started_monotonic` for its
         duration, which no wall-clock step moves) as its slot requests carry
-        it: built once, a retry's request sends the same."""
-        return {
-            **self.identity(),
-            "started_at": self.started_at,
-            "started_monotonic": self.started_mono,
-        }
+        it: built once, a retry's request sends the same. (Not a
+        functools.cached_property: Python 3.11's takes a lock at each first
+        access, a call's.)"""
+        described = self._described
+        if described is None:
+            described = self._described = {
+                **self.identity(),
+                "started_at": self.started_at,
+                "started_monotonic": self.started_mono,
+            }
+        return described
 
     def listed_fleet(self, state: str) -> str | None:
         """The fleet a listing shows: none while the call waits for a slot (a
