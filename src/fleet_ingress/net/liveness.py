@@ -83,11 +83,16 @@ class TcpLiveness:
     # the seconds made the kernel's units: 14 Python calls a call, session 43).
     _options: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
     _rto_max: tuple[int, int, int] | None = field(init=False, repr=False, compare=False)
+    # The kernel's user timeout as set (None: not set), which `inherited_by`
+    # looks for on each carrier accepted.
+    _user_timeout_ms: int | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         options = []
+        user_timeout_ms = None
         if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-            options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._kernel_ms()))
+            user_timeout_ms = self._kernel_ms()
+            options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms))
         if self.keepalive_idle > 0:
             options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
             for name, value in (
@@ -102,6 +107,7 @@ class TcpLiveness:
             rto_max = (socket.IPPROTO_TCP, TCP_RTO_MAX_MS, _ms(RTO_MAX))
         object.__setattr__(self, "_options", tuple(options))
         object.__setattr__(self, "_rto_max", rto_max)
+        object.__setattr__(self, "_user_timeout_ms", user_timeout_ms)
 
     def apply(self, sock: Any) -> None:
         """Set the options on a connected TCP socket (or a transport's socket-like
@@ -150,9 +156,8 @@ class TcpLiveness:
         (`set_on_listener`): its user timeout as set, or (none set) its
         keepalive on; one getsockopt. False when both are off (nothing tells)."""
         try:
-            if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-                return bool(ms == self._kernel_ms())
+            if (ms := self._user_timeout_ms) is not None:
+                return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == ms)
             if self.keepalive_idle > 0:
                 return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
         except OSError:
