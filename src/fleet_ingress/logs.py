@@ -5,8 +5,10 @@ Call sites log an event name and fields: `log.info("fleet down", extra=fields(fl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -93,6 +95,34 @@ class RateLimitedLog:
             )
 
 
+class _Own:
+    """This process's pid, kept (a process forked from this one has its own):
+    os.getpid() is a system call, asked at each line by the formatters."""
+
+    pid = os.getpid()
+
+
+def _forked() -> None:
+    _Own.pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+@functools.lru_cache(maxsize=1)
+def _utc_second(second: int) -> str:
+    """A second of the wall clock as a line's time writes it, to the second:
+    a line a call (its access line) and more, many a second; the last
+    second's text is kept (gmtime and strftime: 9k instructions a line,
+    callgrind, session 43)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+# json.dumps(..., default=str) makes a JSONEncoder and its C encoder at each
+# call (a keyword not its default): made once, the same text (session 43).
+_JSON = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, *, pid: bool = False) -> None:
         super().__init__()
@@ -100,18 +130,17 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": f"{_utc_second(math.floor(record.created))}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "event": record.getMessage(),
         }
         if self.pid:  # "process": a line's own fields may name another pid (a worker's)
-            entry["process"] = os.getpid()
+            entry["process"] = _Own.pid
         entry.update(getattr(record, _FIELDS, {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _JSON.encode(entry)
 
 
 _BARE_VALUE = re.compile(r"[!#-<>-\[\]-~]+")  # printable ASCII but space, " = and backslash
@@ -151,7 +180,7 @@ class TextFormatter(logging.Formatter):
         # A field with no value (JSON's null) is left out, not written "None".
         tail = " ".join(f"{k}={_logfmt_value(v)}" for k, v in extra.items() if v is not None)
         if self.pid:
-            tail = f"{tail} process={os.getpid()}" if tail else f"process={os.getpid()}"
+            tail = f"{tail} process={_Own.pid}" if tail else f"process={_Own.pid}"
         line = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
         line = f"{line} {tail}" if tail else line
         if record.exc_info:
@@ -383,7 +412,7 @@ def _record_only_what_lines_say() -> None:
     """No log record looks up what no line writes: its caller's file, line and
     function (logging's findCaller walks the stack, each frame's file name
     normalized), its thread, its process's pid and name. Neither formatter
-    writes them (a line's "process" is os.getpid(), asked by the formatter).
+    writes them (a line's "process" is the formatter's, kept: `_Own`).
     Logging's own switches for this (the logging HOWTO, "Optimization"): about
     45 Python lines and a getpid system call less for each line, an access
     line a call (session 39)."""

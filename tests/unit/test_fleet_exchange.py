@@ -365,6 +365,44 @@ def test_a_request_h11_refuses_to_write_is_still_refused(target, headers):
         FleetExchange(b"GET", target, [*headers, (b"Upgrade", b"websocket")], max_head_bytes=4096)
 
 
+def _h11_writes(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | str:
+    conn = h11.Connection(h11.CLIENT)
+    try:
+        wrote = conn.send(h11.Request(method=b"GET", target=target, headers=headers)) or b""
+    except h11.LocalProtocolError:
+        return "refused"
+    return wrote + (conn.send(h11.EndOfMessage()) or b"")
+
+
+def _we_write(target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes | str:
+    try:
+        return FleetExchange(b"GET", target, headers, max_head_bytes=4096).request_bytes
+    except h11.LocalProtocolError:
+        return "refused"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_requests_with_odd_values_are_written_as_h11_writes_them(seed: int):
+    """Header values with bytes at their ends and inside that h11's field_value
+    refuses or takes (SP, HTAB, NUL, VT, FF, CR, LF, controls, obs-text; empty
+    ones), Host first, later or twice: the same bytes, or the same refusal,
+    whoever writes the request."""
+    rng = random.Random(seed)
+    alphabet = b"\r\n \t:\x00\x01\x0b\x0c\x7f\x80a,"
+    for _ in range(1500):
+        headers = [(b"Host", b"f"), (b"Upgrade", b"websocket")]
+        for name in (b"X-A", b"X-B", b"Sec-WebSocket-Key"):
+            value = bytearray(rng.choice([b"", b"v", b"a b", KEY]))
+            for _ in range(rng.randint(0, 3)):
+                value.insert(rng.randint(0, len(value)), rng.choice(alphabet))
+            headers.append((name, bytes(value)))
+        if rng.random() < 0.2:  # Host elsewhere (h11 writes it first), or twice
+            host = headers.pop(0) if rng.random() < 0.5 else (b"host", b"g")
+            headers.insert(rng.randint(1, len(headers)), host)
+        target = rng.choice([b"/ws/x", b"/ws/x?a=%20"])
+        assert _we_write(target, headers) == _h11_writes(target, headers), headers
+
+
 def test_what_h11_normalizes_in_a_request_h11_still_writes():
     headers = [(b"Host", b"f"), (b"Content-Length", b"0, 0"), (b"Upgrade", b"websocket")]
     request = FleetExchange(b"GET", b"/x", headers, max_head_bytes=4096).request_bytes
@@ -404,7 +442,7 @@ def test_fleets_odd_answers_get_h11s_verdict_whoever_reads_them(seed: int):
     plain = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     plain += b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n\x81\x02hi"
     answers = [plain, b"HTTP/1.1 100 Continue\r\n\r\n" + plain, b"HTTP/1.1 429 B\r\n\r\nbusy"]
-    alphabet = b"\r\n \t:\x00\x01\x7f\x80HTTP/1.0 a,"
+    alphabet = b"\r\n \t:\x00\x01\x0b\x0c\x7f\x80HTTP/1.0 a,"
     for _ in range(1500):
         data = bytearray(rng.choice(answers))
         for _ in range(rng.randint(0, 3)):

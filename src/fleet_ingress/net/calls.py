@@ -154,6 +154,15 @@ def process_tag() -> str:
     return tag
 
 
+@functools.lru_cache(maxsize=1)
+def _utc_second(second: int) -> str:
+    """A second of the wall clock (time.time(), whole) as the access line
+    writes a call's start. Calls start many a second: the last one's text is
+    kept (gmtime and strftime cost 9k instructions a call, callgrind,
+    session 43)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second))
+
+
 @dataclass(eq=False)
 class Call:
     """One carrier request on a call route, from its head to its end."""
@@ -162,7 +171,7 @@ class Call:
     client_ip: str
     route: str  # the call prefix, e.g. "/ws/"
     bot_id: str
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = field(default_factory=_ids.__next__)
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     lease: HeldSlot | None = None  # the last attempt's slot (held while `lease.held`)
@@ -179,6 +188,7 @@ class Call:
     quiet: QuietWatch | None = None  # what the silence sweep last saw (None: not watched)
     # Where the call stands, and why it ended: its machine is the one source.
     machine: CallMachine | None = None
+    _described: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     @property
     def end_reason(self) -> EndReason | None:
@@ -263,7 +273,7 @@ class Call:
             # takes it: `process` and `call_id` alone name another call once
             # the pid has come back.
             "call": host_call_id(_Own.pid, self.id, process_tag()),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_at)),
+            "started": _utc_second(math.floor(self.started_at)),
             "client_ip": self.client_ip,
             "route": self.route,
             # Bounded, as the refused-request line's target: a 15 KB bot id in
@@ -271,16 +281,21 @@ class Call:
             "bot_id": self.bot_id[:LOGGED_BOT_ID],
         }
 
-    @functools.cached_property
+    @property
     def described(self) -> dict[str, Any]:
         """`identity` and its start (`started_at`; `started_monotonic` for its
         duration, which no wall-clock step moves) as its slot requests carry
-        it: built once, a retry's request sends the same."""
-        return {
-            **self.identity(),
-            "started_at": self.started_at,
-            "started_monotonic": self.started_mono,
-        }
+        it: built once, a retry's request sends the same. (Not a
+        functools.cached_property: Python 3.11's takes a lock at each first
+        access, a call's.)"""
+        described = self._described
+        if described is None:
+            described = self._described = {
+                **self.identity(),
+                "started_at": self.started_at,
+                "started_monotonic": self.started_mono,
+            }
+        return described
 
     def listed_fleet(self, state: str) -> str | None:
         """The fleet a listing shows: none while the call waits for a slot (a

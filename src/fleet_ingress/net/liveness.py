@@ -44,7 +44,7 @@ import logging
 import socket
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleet_ingress.logs import fields
@@ -78,28 +78,49 @@ class TcpLiveness:
     keepalive_idle: float = 10.0
     keepalive_interval: float = 5.0
     keepalive_probes: int = 3
+    # What `apply` sets, (level, option, value) in order, worked out once: a
+    # call's fleet connection is set them all (the platform's names looked up,
+    # the seconds made the kernel's units: 14 Python calls a call, session 43).
+    _options: tuple[tuple[int, int, int], ...] = field(init=False, repr=False, compare=False)
+    _rto_max: tuple[int, int, int] | None = field(init=False, repr=False, compare=False)
+    # The kernel's user timeout as set (None: not set), which `inherited_by`
+    # looks for on each carrier accepted.
+    _user_timeout_ms: int | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        options = []
+        user_timeout_ms = None
+        if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
+            user_timeout_ms = self._kernel_ms()
+            options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms))
+        if self.keepalive_idle > 0:
+            options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+            for name, value in (
+                ("TCP_KEEPIDLE", _whole_seconds(self.keepalive_idle)),
+                ("TCP_KEEPINTVL", _whole_seconds(self.keepalive_interval)),
+                ("TCP_KEEPCNT", self.keepalive_probes),
+            ):
+                if hasattr(socket, name):
+                    options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+        rto_max = None
+        if self.user_timeout > 0 and sys.platform == "linux":
+            rto_max = (socket.IPPROTO_TCP, TCP_RTO_MAX_MS, _ms(RTO_MAX))
+        object.__setattr__(self, "_options", tuple(options))
+        object.__setattr__(self, "_rto_max", rto_max)
+        object.__setattr__(self, "_user_timeout_ms", user_timeout_ms)
 
     def apply(self, sock: Any) -> None:
         """Set the options on a connected TCP socket (or a transport's socket-like
         object); a refusal is logged, never fatal: the call works without them."""
         try:
-            if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, self._kernel_ms())
-            if self.keepalive_idle > 0:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                for name, value in (
-                    ("TCP_KEEPIDLE", _whole_seconds(self.keepalive_idle)),
-                    ("TCP_KEEPINTVL", _whole_seconds(self.keepalive_interval)),
-                    ("TCP_KEEPCNT", self.keepalive_probes),
-                ):
-                    if hasattr(socket, name):
-                        sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+            for level, option, value in self._options:
+                sock.setsockopt(level, option, value)
         except OSError as exc:
             log.debug("tcp liveness options not set", extra=fields(error=repr(exc)))
             return
-        if self.user_timeout > 0 and sys.platform == "linux":
+        if self._rto_max is not None:
             try:
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, _ms(RTO_MAX))
+                sock.setsockopt(*self._rto_max)
             except OSError as exc:  # before Linux 6.15: blackouts past ~12 s end calls
                 log.debug("tcp rto max not set", extra=fields(error=repr(exc)))
 
@@ -135,9 +156,8 @@ class TcpLiveness:
         (`set_on_listener`): its user timeout as set, or (none set) its
         keepalive on; one getsockopt. False when both are off (nothing tells)."""
         try:
-            if self.user_timeout > 0 and hasattr(socket, "TCP_USER_TIMEOUT"):
-                ms = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
-                return bool(ms == self._kernel_ms())
+            if (ms := self._user_timeout_ms) is not None:
+                return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == ms)
             if self.keepalive_idle > 0:
                 return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
         except OSError:

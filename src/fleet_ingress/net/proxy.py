@@ -41,7 +41,9 @@ from typing import Any, cast
 from fleet_ingress.core.addresses import peer_ip
 from fleet_ingress.core.balancer import FleetState
 from fleet_ingress.core.call_machine import (
+    FLEET_CONNECTED,
     GOODBYE_REPLY_WAIT,
+    HEAD_COMPLETE,
     AbortSide,
     Answer,
     CallEnded,
@@ -59,7 +61,6 @@ from fleet_ingress.core.call_machine import (
     EndRequested,
     Event,
     FleetAnswerComplete,
-    FleetConnected,
     FleetConnectFailed,
     FleetError,
     FleetFull,
@@ -68,7 +69,6 @@ from fleet_ingress.core.call_machine import (
     FleetUnreachable,
     FleetWentDown,
     Goodbye,
-    HeadComplete,
     HeadParsed,
     HeadRefused,
     IllegalEvent,
@@ -683,7 +683,7 @@ class CarrierProtocol(_Side):
         self._early += trailing
         if len(self._early) >= MAX_EARLY_BYTES:
             self._early_bound_reached()
-        self.feed(HeadComplete())
+        self.feed(HEAD_COMPLETE)
 
     def _early_bound_reached(self) -> None:
         """Its early bytes at the bound: stop reading the carrier until the link,
@@ -1300,7 +1300,7 @@ class FleetProtocol(_Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.pump is not None:
-            self.pump.feed(FleetConnected())
+            self.pump.feed(FLEET_CONNECTED)
         else:  # dropped while its connection was made
             self.abort()
 
