@@ -705,8 +705,11 @@ class CallMachine:
         self.left += (end,)
 
     def _take_slot(self) -> None:
+        """Ask for a slot avoiding the fleets tried, each named once: a call
+        retried on one fleet (`retry.retries` has no maximum) would otherwise
+        send the supervisor an avoid list as long as its attempts."""
         self.state = State.LEASING
-        self._emit(TakeSlot(tuple(self.tried)))
+        self._emit(TakeSlot(tuple(dict.fromkeys(self.tried))))
 
     def _gone_if_both(self) -> None:
         """The call ends once neither side is open."""
