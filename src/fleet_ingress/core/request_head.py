@@ -180,13 +180,14 @@ class RequestHead:
 
     @property
     def host(self) -> bytes:
-        return self.get(b"host") or b""
+        hosts = self._by_name.get(b"host")
+        return hosts[0] if hosts else b""
 
     @property
     def host_missing(self) -> bool:
         """An HTTP/1.1 head without Host (RFC 9112 3.2: 400), read for the health
         route only (`parse_request_head(refuse_hostless=False)`)."""
-        return self.http_version == b"1.1" and not self._values(b"host")
+        return self.http_version == b"1.1" and b"host" not in self._by_name
 
     @property
     def is_websocket_upgrade(self) -> bool:
@@ -202,7 +203,7 @@ class RequestHead:
         """The one Sec-WebSocket-Key, when it is 16 bytes in base64 (RFC 6455
         4.1: a server answers 400 otherwise); None when there is none, several,
         or not such a key."""
-        keys = self._values(b"sec-websocket-key")
+        keys = self._by_name.get(b"sec-websocket-key", ())
         if len(keys) != 1:
             return None
         key = keys[0].strip(b" \t")
@@ -213,7 +214,7 @@ class RequestHead:
         """Whether the upgrade asks for WebSocket version 13, the only one
         (RFC 6455 4.1: every browser and carrier library since 2011; older
         drafts said 7 or 8). Its one Sec-WebSocket-Version, "13"."""
-        versions = self._values(b"sec-websocket-version")
+        versions = self._by_name.get(b"sec-websocket-version", ())
         return len(versions) == 1 and versions[0].strip(b" \t") == WEBSOCKET_VERSION
 
     @property
@@ -229,12 +230,13 @@ class RequestHead:
 
     @property
     def has_body(self) -> bool:
-        if self._values(b"transfer-encoding"):
+        by_name = self._by_name
+        if b"transfer-encoding" in by_name:
             return True
         # 1*DIGIT (RFC 9110 8.6), as h11 checked: "00" is a length of 0 too, not
         # a body (it was refused "a request with a body": the review of session 35).
-        lengths = self._values(b"content-length")
-        return bool(lengths) and any(value.strip().lstrip(b"0") for value in lengths)
+        lengths = by_name.get(b"content-length")
+        return lengths is not None and any(value.strip().lstrip(b"0") for value in lengths)
 
 
 DEFAULT_MAX_HEADER_COUNT = 100
