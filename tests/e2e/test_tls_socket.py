@@ -2027,6 +2027,37 @@ async def test_the_acceptor_waits_the_pace_it_is_given_between_accepts() -> None
         acceptor.close()
 
 
+async def test_the_acceptor_reads_the_listener_s_kind_once_not_a_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each accepted socket is a `socket.socket` of the listener's family and
+    type on the new descriptor, as `socket.accept()` makes it, without reading
+    the listener's family and type again (each an IntEnum made in Python,
+    14,000 instructions a carrier: session 43)."""
+    loop = asyncio.get_running_loop()
+    accepted: list[socket.socket] = []
+    acceptor = Acceptor(loop, socket.create_server(("127.0.0.1", 0)), accepted.append)
+    port = acceptor._listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    made: list[object] = []  # (getaddrinfo's make some: the clients are made first)
+    real = socket._intenum_converter  # type: ignore[attr-defined]
+    monkeypatch.setattr(socket, "_intenum_converter", lambda *a: made.append(a) or real(*a))
+    try:
+        await eventually(lambda: len(accepted) == 3, timeout=5)
+        assert made == []
+        monkeypatch.undo()
+        for conn, client in zip(accepted, clients, strict=True):
+            assert type(conn) is socket.socket
+            assert (conn.family, conn.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert conn.getpeername() == client.getsockname()
+    finally:
+        for conn in accepted:
+            conn.close()
+        for client in clients:
+            client.close()
+        acceptor.close()
+
+
 async def test_an_acceptor_closed_during_its_pause_never_accepts_again() -> None:
     """An upgrade's or a drain's stop while a pause runs: the listening socket is
     closed and no reader comes back when the pause would have ended."""

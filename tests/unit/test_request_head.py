@@ -498,3 +498,20 @@ def test_a_zero_length_with_leading_zeros_is_a_length_of_zero(length):
     assert not parse_request_head(raw, refuse_body=False).has_body
     assert not parse_request_head(raw.replace(length, b"0")).has_body
     assert _refusal(raw.replace(length, b"007")).reason == "a request with a body is not served"
+
+
+def test_a_header_s_tokens_are_made_once_a_head_and_cannot_be_changed(monkeypatch):
+    # A call reads Connection's tokens three times (the upgrade, the handshake
+    # fields it names, the headers forwarded): made once, shared, so frozen.
+    from fleet_ingress.core import request_head
+
+    made = []
+    real = request_head.comma_tokens
+    monkeypatch.setattr(request_head, "comma_tokens", lambda values: made.append(1) or real(values))
+    head = parse_request_head(UPGRADE)
+    connection = head.tokens(b"connection")
+    assert head.is_websocket_upgrade and head.handshake_field_named_by_connection is None
+    assert head.tokens(b"connection") is connection == {b"keep-alive", b"upgrade"}
+    assert len(made) == 2  # Connection's, Upgrade's
+    with pytest.raises(AttributeError):
+        connection.add(b"sec-websocket-key")  # type: ignore[attr-defined]

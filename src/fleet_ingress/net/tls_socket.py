@@ -1344,23 +1344,37 @@ def _free_buffers(pointer: int) -> None:
 
 
 def _openssl_ssl(sock: ssl.SSLSocket) -> int | None:
-    """The address of OpenSSL's SSL under `sock`, or None when it cannot be had.
-    PySSLSocket is PyObject_HEAD, its socket's weak reference, then SSL *ssl;
-    PySSLContext is PyObject_HEAD, then SSL_CTX *ctx: the SSL read is used only
-    when it names that SSL_CTX back."""
+    """The address of OpenSSL's SSL under `sock` (its ``_sslobj``), or None when it
+    cannot be had (`_ssl_offset`)."""
+    offset = _ssl_offset()
+    if offset is None:
+        return None
+    pointer = ctypes.c_void_p.from_address(id(sock._sslobj) + offset).value  # type: ignore[attr-defined]
+    return int(pointer) if pointer else None
+
+
+@functools.cache
+def _ssl_offset() -> int | None:
+    """Where a PySSLSocket holds OpenSSL's SSL: after PyObject_HEAD and its
+    socket's weak reference (PySSLContext holds its SSL_CTX after PyObject_HEAD).
+    Checked once a process, on a probe (a client's SSL on memory BIOs), whose SSL
+    read there must name the probe's SSL_CTX back; None when it does not (another
+    CPython's layout): no SSL is read then. Checked on each connection instead, a
+    call's two connections cost 12,000 instructions more (callgrind, session 43)."""
     calls = _libssl()
     if calls is None:
         return None
+    head = object.__basicsize__
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
     try:
-        head = object.__basicsize__
-        sslobj = sock._sslobj  # type: ignore[attr-defined]
-        pointer = ctypes.c_void_p.from_address(id(sslobj) + head + 8).value
-        ctx_pointer = ctypes.c_void_p.from_address(id(sock.context) + head).value
+        pointer = ctypes.c_void_p.from_address(id(probe._sslobj) + head + 8).value  # type: ignore[attr-defined]
+        ctx_pointer = ctypes.c_void_p.from_address(id(ctx) + head).value
         if not pointer or calls.get_ctx(pointer) != ctx_pointer:
             return None
     except (OSError, ValueError, ctypes.ArgumentError):
         return None
-    return int(pointer)
+    return head + 8
 
 
 class SessionCalls(NamedTuple):
@@ -1604,6 +1618,10 @@ class Acceptor:
         self._loop = loop
         self._listener = listener
         self._fd = listener.fileno()
+        # What each accepted socket is made as, read once: `socket.accept()` reads
+        # the listener's family and type again for every connection, each an IntEnum
+        # made in Python (14,000 instructions a carrier of its 63,000, callgrind).
+        self._family, self._type, self._proto = listener.family, listener.type, listener.proto
         self._on_accept = on_accept
         self._per_wake = per_wake or self.MAX_ACCEPTS_PER_WAKE
         self._on_error = on_error or self._pause_for
@@ -1619,14 +1637,17 @@ class Acceptor:
             if self._fd < 0:  # closed by on_accept
                 return
             try:
-                sock, _ = self._listener.accept()
+                # socket.accept() without reading the listener's kind again (its
+                # other step, blocking mode for a listener with a timeout, does
+                # nothing on this non-blocking one).
+                fd, _ = self._listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if self._pause(self._on_error(exc)):
                     return
                 continue  # ECONNABORTED and the like: that connection is gone
-            self._on_accept(sock)
+            self._on_accept(socket.socket(self._family, self._type, self._proto, fileno=fd))
             if self._pace is not None and self._pause(self._pace()):
                 return
 
