@@ -51,7 +51,7 @@ from fleet_ingress.core.host_slots import (
     WorkerRow,
 )
 from fleet_ingress.core.host_view import HostView, ReportError, WorkerReport
-from fleet_ingress.core.slot_budget import share
+from fleet_ingress.core.slot_budget import share, standing_share
 from fleet_ingress.logs import fields
 from fleet_ingress.net.dispatch import take_as_full, take_as_unreachable
 from fleet_ingress.net.late_timers import PatientTimer, patient_timeout, wait_patiently
@@ -103,6 +103,8 @@ _WORKER_OPS = frozenset(
         "logged",
         "state",
         "report",
+        "budget-taken",
+        "budget-dropped",
     }
 )
 
@@ -176,6 +178,9 @@ class _Channel(asyncio.Protocol):
         # It grants calls from a budget while the supervisor re-executes
         # ("budgets" in its hello or state): an older worker is sent none.
         self.budgets = False
+        # It takes a standing grant budget ("standing" in its hello or state,
+        # `core.slot_budget`): an older worker is sent none.
+        self.standing = False
         # It gives up the attempts on a fleet that went DOWN when told
         # ("fleet_down" in its hello or state): an older worker is sent none.
         self.hears_down = False
@@ -953,6 +958,7 @@ class SlotServer:
             channel.forgets = message.get("forgets") is True
             channel.lists_calls = message.get("lists_calls") is True
             channel.budgets = message.get("budgets") is True
+            channel.standing = message.get("standing") is True
             channel.hears_down = message.get("fleet_down") is True
             channel.tag = _tag_said(message)
             channel.pid, channel.generation = pid, generation
@@ -962,9 +968,16 @@ class SlotServer:
             )
             for hook in self.on_join:
                 hook(channel.key, pid, generation)
+            self._review_standing()
             return
         if op == "acquire":
             lease = field(message, "id", int)
+            if message.get("budget") is True and message.get("standing") is True:
+                # Granted by the worker from its standing budget: the host's grant.
+                self.slots.grant_standing(channel.key, lease, field(message, "fleet", str))
+                if isinstance(call := message.get("call"), dict):
+                    self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
+                return
             if message.get("budget") is True:
                 # Granted by the worker from its budget: read before its "state"
                 # (restoring, above), never here but from a confused worker.
@@ -987,6 +1000,7 @@ class SlotServer:
                 self._calls.setdefault(channel.key, {})[lease] = call_kept(call)
             if answer is None:
                 self._arm()
+                self._review_standing()  # a call waits: budgets are taken back
             else:
                 self._send([answer])
         elif op == "release":
@@ -1007,6 +1021,10 @@ class SlotServer:
                     # lost with its worker is observed in the call-duration
                     # histogram ("101 to end") from it, not from its start.
                     call["answered_monotonic"] = at
+        elif op == "budget-taken":  # it has its standing budget: releases go back into it
+            self.slots.standing_taken(channel.key)
+        elif op == "budget-dropped":  # what was left of it is free (after its grants)
+            self._send(self.slots.drop_standing(channel.key))
         elif op == "logged":
             # The worker wrote that lease's call's access line, its slot still
             # held while its fleet side closes: no second line if it dies now.
@@ -1151,6 +1169,7 @@ class SlotServer:
         channel.forgets = message.get("forgets") is True
         channel.lists_calls = message.get("lists_calls") is True
         channel.budgets = message.get("budgets") is True
+        channel.standing = message.get("standing") is True
         channel.hears_down = message.get("fleet_down") is True
         channel.tag = _tag_said(message)
         # The calls carried over the exec (or asked for during it) still open, as
@@ -1341,6 +1360,48 @@ class SlotServer:
             message["queued"] = answer.queued
             channel.send(message)
         self._arm()
+        self._review_standing()
+
+    def _review_standing(self) -> None:
+        """Standing budgets (`core.slot_budget`) after the table moved: taken
+        back ("budget-end") from the workers `HostSlots.end_standing` names (a
+        call waits, or a budget's fleet cannot be picked); given, while nobody
+        waits, to each worker that takes them and holds none."""
+        slots = self.slots
+        for key in slots.end_standing():
+            # Not to one being restored: its budget ended at "sync", and the
+            # table's copy ends with its "state" (`HostSlots.restore`).
+            if (channel := self._channels.get(key)) is not None and not channel.restoring:
+                channel.send({"op": "budget-end"})
+        if slots.queue_length or slots.paused:
+            return
+        takers = [
+            c
+            for c in self._channels.values()
+            if c.standing
+            and c.joined
+            and not c.restoring
+            and not c.drained
+            and c.transport is not None
+            and not c.transport.is_closing()
+        ]
+        for channel in takers:
+            row = slots.find_row(channel.key)
+            if row is None or row.standing is not None or row.channel_lost:
+                continue
+            budget = standing_share(slots.balancer.fleets, len(takers), queue_length=0)
+            named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
+            fleets = slots.give_standing(channel.key, dict(named))
+            if not fleets:
+                continue
+            # Each spec said (not kept in `sent_specs`: the worker makes its
+            # record of a fleet at its first grant there, and a grant by the
+            # supervisor before that must carry it).
+            entries = []
+            for f in fleets:
+                spec = spec_to_wire(row.standing_fleets[f.name].spec)
+                entries.append({"fleet": f.name, "slots": f.left, "active": f.active, "spec": spec})
+            channel.send({"op": "budget", "standing": True, "fleets": entries})
 
     @staticmethod
     def _granted(channel: _Channel, lease: int, fleet: FleetState) -> dict[str, Any]:

@@ -787,7 +787,11 @@ class UpgradeSequence:
                     # ended a moment first.
                     "lost_confirmed": w.channel_lost,
                     # Counted for it if it is slow to say what it holds (SlotServer.adopt).
+                    # And what is left of its standing grant budget (a worker may
+                    # grant from it until it reads the exec's budget or "sync"):
+                    # counted as held until it says what it holds.
                     "held": [f.name for f in rows[w.key].held.values()]
+                    + supervisor.slots.standing_left(w.key)
                     if w.key in rows
                     else (held_before(w.key) or []),
                     # Of what it holds, the leases the fleets' capacity estimates
