@@ -121,3 +121,29 @@ async def test_a_worker_that_does_not_say_standing_gets_no_standing_budget() -> 
     finally:
         client.close()
         await server.close()
+
+
+async def test_a_worker_that_stops_taking_calls_gives_its_budget_back_and_gets_none_again() -> None:
+    """A worker draining (a stop, an old generation after an upgrade) would hold
+    slots nobody uses: it declines (`decline_standing`), also a budget sent
+    before the supervisor read that."""
+    server = _server(maxconn=8)
+    fleet: FleetState = server.slots.balancer.fleets[0]
+    key, client = await _standing_client(server, 1003)
+    try:
+        await eventually(lambda: _taken(server, key))
+        lease = await asyncio.wait_for(client.lease(), 1)
+        client.decline_standing()
+        await eventually(lambda: fleet.standing == 0)
+        assert fleet.active == 1 and server.slots.get(key).standing is None
+        lease.release()  # the host's now: nothing goes back into a budget
+        await eventually(lambda: fleet.active == 0)
+        later = await asyncio.wait_for(client.lease(), 1)  # asked of the supervisor
+        assert fleet.active == 1 and fleet.standing == 0
+        later.release()
+        await eventually(lambda: fleet.active == 0)
+        await asyncio.sleep(0.1)
+        assert fleet.standing == 0 and server.slots.get(key).standing is None
+    finally:
+        client.close()
+        await server.close()

@@ -348,6 +348,11 @@ class SlotClient(asyncio.Protocol):
         the standing ones left free, and counts what was left of them until
         this worker's "state"."""
         standing = message.get("standing") is True
+        if standing and not self.takes_standing:
+            # Declined since it was sent (`decline_standing`): what it reserved
+            # is freed by this answer.
+            self._write({"op": "budget-dropped"})
+            return
         try:
             fleets = [
                 BudgetFleet(
@@ -376,6 +381,17 @@ class SlotClient(asyncio.Protocol):
             "grant budget taken: calls are granted from it until the supervisor answers again",
             extra=fields(pid=self.pid, slots={f.name: f.left for f in fleets}),
         )
+
+    def decline_standing(self) -> None:
+        """This worker takes no new calls (it stops, or drains after an
+        upgrade): a standing budget would hold slots nobody uses. What is left
+        of one goes back, and none is given again ("declined")."""
+        if not self.takes_standing:
+            return
+        self.takes_standing = False
+        if self._standing:
+            self._end_budget()
+        self._write({"op": "budget-dropped", "declined": True})
 
     def _end_budget(self) -> None:
         budget, self._budget = self._budget, None

@@ -1024,6 +1024,8 @@ class SlotServer:
         elif op == "budget-taken":  # it has its standing budget: releases go back into it
             self.slots.standing_taken(channel.key)
         elif op == "budget-dropped":  # what was left of it is free (after its grants)
+            if message.get("declined") is True:  # it takes no new calls: none again
+                channel.standing = False
             self._send(self.slots.drop_standing(channel.key))
         elif op == "logged":
             # The worker wrote that lease's call's access line, its slot still
