@@ -547,12 +547,16 @@ class HostSlots:
         fleet.standing -= 1
         return self._grant(row, lease, fleet)
 
-    def end_standing(self) -> list[WorkerKey]:
+    def end_standing(self, *, fleets_changed: bool = True) -> list[WorkerKey]:
         """The workers whose standing budgets must be taken back now ("budget-end"
         to each, marked sent): all while a call waits in the queue (FIFO) or
-        the table is paused; else those holding one on a fleet pick would not
-        choose (`slot_budget.standing_ends`)."""
+        the table is paused; else, if `fleets_changed` (a probe, an admin
+        change: the caller knows), those holding one on a fleet pick would not
+        choose (`slot_budget.standing_ends`). Nothing to look at otherwise: a
+        slot given back or granted changes neither."""
         everyone = bool(self._queue) or self.paused
+        if not everyone and not fleets_changed:
+            return []
         ending: list[WorkerKey] = []
         for row in self._rows.values():
             if row.standing is None or row.standing_ending:

@@ -21,6 +21,13 @@ until "sync" (or the channel's end) a call is granted from it at once, as
 nobody else grants meanwhile; its lease is held like any other, said in
 "state", and given back with "release". What is left of it at "sync" is dropped.
 
+A worker that says "standing" in its hello (INGRESS_STANDING_BUDGETS) may be
+given such a budget outside an exec too, while nobody waits host-wide
+(`core.slot_budget`, docs/WORKERS.md "Standing budgets"): its calls are granted
+from it without a round trip, the releases going back into it and "logged"
+ride its next write, and it gives it back when told ("budget-end") or as it
+stops taking calls (`decline_standing`).
+
 Stats: the coordinator asks `report`; this end answers with what `reporter`
 returns (the worker's counts: `ops.host_stats.WorkerReporter`), numbered;
 `send_report(final=True)` as the worker exits cleanly. Between asks,
@@ -76,22 +83,20 @@ ANSWERS_FLUSH = 0.2
 # sent this long after at most: one report for everything counted meanwhile,
 # none while nothing is counted.
 REPORT_AFTER_COUNT = 1.0
-# With a standing budget (`core.slot_budget`), whether the "acquire" of a call
-# granted from it waits to ride the next write (or ANSWERS_FLUSH), as its
-# release does. True: the supervisor wakes about 0.5 times a churned call
-# instead of 1.3 (bench/README, session 43); but a worker killed within
-# ANSWERS_FLUSH of a call's grant takes the call with it unnamed: the
-# supervisor writes no access line for it (SPEC: a lost call is logged). So
-# False: the "acquire" goes at once, and only what frees nothing for others
-# waits (the releases going back into the budget, "logged").
-# Whether a worker asks for standing budgets ("standing" in its hello and
-# state): off unless INGRESS_STANDING_BUDGETS is "1" (or "held": its grants'
-# "acquire"s held too, HOLD_BUDGET_GRANTS) in its environment (session 43:
-# built and tested on the slot channel, not yet through the whole suite;
-# docs/WORKERS.md "Standing budgets"). Outside FLEET_INGRESS_*, which names
-# settings.
+# Whether a worker asks for standing grant budgets ("standing" in its hello
+# and state, `core.slot_budget`): off unless INGRESS_STANDING_BUDGETS is "1"
+# or "held" in its environment (session 43: built and tested on the slot
+# channel, not yet through the whole suite; docs/WORKERS.md "Standing
+# budgets"). Outside FLEET_INGRESS_*, which names settings.
 _STANDING_ENV = os.environ.get("INGRESS_STANDING_BUDGETS", "")
 STANDING_BUDGETS = _STANDING_ENV in ("1", "held")
+# Whether the "acquire" of a call granted from a standing budget waits to ride
+# the next write (or ANSWERS_FLUSH), as a release into the budget and "logged"
+# do ("held"). Held, the supervisor wakes about 0.5 times a churned call
+# instead of 1.3 (bench/README, session 43); but a worker killed within
+# ANSWERS_FLUSH of a grant takes that call with it unnamed, and the
+# supervisor writes no access line for it (SPEC: a lost call is logged). So
+# by default ("1") it goes at once.
 HOLD_BUDGET_GRANTS = _STANDING_ENV == "held"
 
 

@@ -20,6 +20,11 @@ to answer keeps its channel: what the previous table said it held stays
 counted (`HostSlots.reserve`) until its answer comes, however late, or its
 channel closes (then it is reclaimed like any worker gone).
 
+Standing budgets (`core.slot_budget`, `_review_standing`): while nobody waits
+in the queue, each worker that said "standing" is given slots reserved in the
+table to grant calls from itself, and they are taken back ("budget-end") when
+a call must wait or a budget's fleet can no longer be picked.
+
 Stats: with a `view` (`core.host_view.HostView`), every worker's `report`
 goes into it and a worker that leaves is retired from it; `collect_reports`
 asks every worker for a fresh one and waits (bounded) for the answers.
@@ -88,6 +93,9 @@ BUDGET_FLEETS_MAX = 100
 # than one piece is never cut short. 32 KiB: below the piece on every kernel.
 _WHOLE_WRITE_MAX = 32 * 1024
 _REST_WAIT = 1.0
+# A worker given no standing budget (no fleet had room) is looked at again
+# this long after (seconds), or at the next `wake` (a probe, an admin change).
+STANDING_RETRY = 0.5
 # A worker's refused reports are said at most this often (seconds), per channel.
 REPORT_REFUSED_SAID_EVERY = 60.0
 
@@ -181,6 +189,8 @@ class _Channel(asyncio.Protocol):
         # It takes a standing grant budget ("standing" in its hello or state,
         # `core.slot_budget`): an older worker is sent none.
         self.standing = False
+        # When to look again at giving it one, none having been possible (loop time).
+        self.standing_retry_at = 0.0
         # It gives up the attempts on a fleet that went DOWN when told
         # ("fleet_down" in its hello or state): an older worker is sent none.
         self.hears_down = False
@@ -911,6 +921,7 @@ class SlotServer:
     def wake(self) -> None:
         """Room may have appeared (a probe, a fleet up, an admin change)."""
         self._send(self.slots.wake())
+        self._review_standing(fleets_changed=True)
 
     async def close(self) -> None:
         for server in self._servers:
@@ -1364,13 +1375,16 @@ class SlotServer:
         self._arm()
         self._review_standing()
 
-    def _review_standing(self) -> None:
+    def _review_standing(self, *, fleets_changed: bool = False) -> None:
         """Standing budgets (`core.slot_budget`) after the table moved: taken
         back ("budget-end") from the workers `HostSlots.end_standing` names (a
-        call waits, or a budget's fleet cannot be picked); given, while nobody
-        waits, to each worker that takes them and holds none."""
+        call waits; with `fleets_changed`, from `wake`, a budget's fleet that
+        cannot be picked); given, while nobody waits, to each worker that takes
+        them and holds none (one that got nothing, no fleet having room, is
+        tried again STANDING_RETRY later, or at the next `wake`: not at every
+        message, each look a pass over the fleets)."""
         slots = self.slots
-        for key in slots.end_standing():
+        for key in slots.end_standing(fleets_changed=fleets_changed):
             # Not to one being restored: its budget ended at "sync", and the
             # table's copy ends with its "state" (`HostSlots.restore`).
             if (channel := self._channels.get(key)) is not None and not channel.restoring:
@@ -1387,14 +1401,20 @@ class SlotServer:
             and c.transport is not None
             and not c.transport.is_closing()
         ]
+        now: float | None = None
         for channel in takers:
             row = slots.find_row(channel.key)
             if row is None or row.standing is not None or row.channel_lost:
+                continue
+            if now is None:
+                now = channel.loop.time()
+            if not fleets_changed and now < channel.standing_retry_at:
                 continue
             budget = standing_share(slots.balancer.fleets, len(takers), queue_length=0)
             named = sorted(budget.items(), key=lambda kv: -kv[1])[:BUDGET_FLEETS_MAX]
             fleets = slots.give_standing(channel.key, dict(named))
             if not fleets:
+                channel.standing_retry_at = now + STANDING_RETRY
                 continue
             # Each spec said (not kept in `sent_specs`: the worker makes its
             # record of a fleet at its first grant there, and a grant by the
