@@ -5,12 +5,15 @@ and tests/e2e/test_standing_budget_channel.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fleet_ingress.config.fleets_file import parse_fleets_text
 from fleet_ingress.core.balancer import Balancer, FleetState
 from fleet_ingress.core.fleet_set import FleetSet
 from fleet_ingress.core.fleet_spec import Admin
+from fleet_ingress.core.health import Health
 from fleet_ingress.core.host_slots import Granted, HostSlots, SlotProtocolError
 from fleet_ingress.core.slot_budget import Budget, BudgetFleet, free_slots, standing_share
 
@@ -110,12 +113,23 @@ def test_a_call_that_must_wait_takes_every_budget_back_and_the_queue_gets_them_i
     assert slots.queue_length == 0 and a.active == 4
 
 
-def test_a_budget_on_a_fleet_pick_would_not_choose_is_taken_back() -> None:
+@pytest.mark.parametrize("change", ["maint", "down", "full", "maxconn lowered"])
+def test_a_budget_on_a_fleet_pick_would_not_choose_is_taken_back(change: str) -> None:
     slots = _table("https://a.test name=a\nhttps://b.test name=b\n")
     slots.join("w1", pid=1, generation=1)
     slots.give_standing("w1", {"a": 2, "b": 2})
+    b = _fleet(slots, "b")
+    b.reported_available, b.opened_at_probe = 6, 0
     assert slots.end_standing() == []
-    _fleet(slots, "b").admin = Admin.MAINT
+    if change == "maint":
+        b.admin = Admin.MAINT
+    elif change == "down":
+        b.health = Health.DOWN
+    elif change == "full":
+        b.reported_available = 2  # its two free workers are the budget's
+    else:
+        b.spec = dataclasses.replace(b.spec, maxconn=1)
+    assert slots.end_standing(fleets_changed=False) == []  # looked at on a wake only
     assert slots.end_standing() == ["w1"]
 
 

@@ -122,8 +122,15 @@ def standing_share(
 
 def standing_ends(fleet: FleetState) -> bool:
     """A standing budget on `fleet` must be taken back: pick would not choose
-    it for a new call (DOWN, MAINT, DRAIN, being removed)."""
-    return not fleet.up or fleet.removing
+    it for a new call (DOWN, MAINT, DRAIN, being removed, FULL by its own
+    word, its reserved slots counted), or its calls and reserved slots are
+    past its maxconn (a reload lowered it)."""
+    return (
+        not fleet.up
+        or fleet.removing
+        or fleet.full
+        or fleet.active + fleet.standing > fleet.maxconn
+    )
 
 
 @dataclass(slots=True)
