@@ -62,35 +62,33 @@ async def test_an_exec_budget_comes_from_what_standing_ones_leave_and_replaces_t
         assert held.queued_s == 0.0 and client._standing
         await eventually(lambda: fleet.active == 1)
         assert fleet.standing == 3
-        # What is left of it is carried over an exec as held (`standing_left`),
-        # and the exec's budget is shared from the rest: 8 - 1 - 3, not twice.
+        # The exec's budget is shared from the rest (8 - 1 - 3 = 4, not twice)
+        # and carries what is left of the standing one (3): one budget, 7.
         assert server.slots.standing_left(key) == ["a", "a", "a"]
         budgets = server.plan_budgets({key})
-        assert budgets == {key: {"a": 4}}
+        assert budgets == {key: {"a": 4 + 3}}
         kept = server.handover(budgets)
         await eventually(lambda: client._budget is not None and not client._standing)
 
-        # Nobody reads the channel: the exec's 4 are granted, the standing
-        # budget's 3 are not (replaced), and the next call waits.
-        leases = [await asyncio.wait_for(client.lease(), 1) for _ in range(4)]
+        # Nobody reads the channel: the exec's 7 are granted, and the next
+        # call waits (the standing budget, replaced, grants nothing more).
+        leases = [await asyncio.wait_for(client.lease(), 1) for _ in range(7)]
         waiting = asyncio.create_task(client.lease())
         await asyncio.sleep(0.2)
         assert not waiting.done()
-        watch()
 
         await server.take_back(kept, timeout=5)  # the exec failed: "sync", "state"
+        watch()
+        assert fleet.active == 8 and fleet.standing == 0
+        assert not waiting.done()  # counted waiting, not granted past maxconn
+        assert client._budget is None  # "sync" ended it; none free to stand
+        held.release()
         granted = await asyncio.wait_for(waiting, 2)
         watch()
-        assert fleet.active == 6 and (client._budget is None or client._standing)  # no exec budget
-        # Granting again, nobody waiting: a standing budget again, of what is free.
-        await eventually(lambda: _taken(server, key))
-        watch()
-        assert fleet.standing == 1  # (8 - 6) // 2
-        assert most <= 8
-        for lease in [held, granted, *leases]:
+        assert fleet.active == 8 and most <= 8
+        for lease in [granted, *leases]:
             lease.release()
         await eventually(lambda: fleet.active == 0)
-        assert fleet.standing == 1  # its budget stands (up to the size it was given)
     finally:
         if waiting is not None:
             waiting.cancel()

@@ -568,7 +568,16 @@ class SlotServer:
             and c.transport is not None
             and not c.transport.is_closing()
         ]
-        return share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
+        budgets = share(self.slots.balancer.fleets, keys, queue_length=self.slots.queue_length)
+        # What is left of a worker's standing budget is its own already (reserved
+        # in this table, not in the free slots just shared): its exec budget,
+        # which replaces the standing one, carries it, so that the two are
+        # never both granted from and none of it goes unused over the exec.
+        for key in keys:
+            for name in self.slots.standing_left(key):
+                mine = budgets.setdefault(key, {})
+                mine[name] = mine.get(name, 0) + 1
+        return budgets
 
     def not_counted_yet(self, key: int) -> tuple[list[str] | None, list[str]]:
         """Of worker channel `key`, what the table does not count yet but a
